@@ -1,0 +1,72 @@
+//! Response bodies the gateway sends: a whole buffer, nothing, or an SSE stream fed by a channel.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use tokio::sync::mpsc;
+
+use crate::sse;
+
+/// A response body.
+#[derive(Debug)]
+pub enum Body {
+    /// No bytes.
+    Empty,
+    /// One buffer.
+    Full(Option<Bytes>),
+    /// Server-Sent Events: each JSON-RPC frame from the channel becomes one `message` event;
+    /// an empty frame becomes a keep-alive comment. Ends when every sender is gone.
+    Sse(mpsc::Receiver<Bytes>),
+}
+
+impl Body {
+    /// A body of one buffer.
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        Body::Full(Some(b.into()))
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Body::Empty => Poll::Ready(None),
+            Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::Sse(rx) => rx.poll_recv(cx).map(|o| {
+                o.map(|frame| {
+                    let event = if frame.is_empty() {
+                        Bytes::from_static(sse::KEEPALIVE)
+                    } else {
+                        sse::encode_message(&frame)
+                    };
+                    Ok(Frame::data(event))
+                })
+            }),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Empty => true,
+            Body::Full(b) => b.is_none(),
+            Body::Sse(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Empty => SizeHint::with_exact(0),
+            Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Body::Full(None) => SizeHint::with_exact(0),
+            Body::Sse(_) => SizeHint::default(),
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! The gateway's configuration: a raw serde model read from YAML, validated into typed settings.
+//!
+//! Validation errors name the offending field (`upstreams[1].http.url: ...`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration that failed to load or validate.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The YAML does not match the model.
+    #[error("invalid config: {0}")]
+    Syntax(String),
+    /// A field has a bad value.
+    #[error("invalid config: {field}: {reason}")]
+    Field {
+        /// Path of the field, e.g. `upstreams[0].name`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn field_err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Raw configuration as written by the operator.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Listen address, e.g. `127.0.0.1:9000`.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Client authentication.
+    #[serde(default)]
+    pub auth: RawAuth,
+    /// MCP endpoint settings.
+    #[serde(default)]
+    pub mcp: RawMcp,
+    /// The MCP servers behind the gateway.
+    #[serde(default)]
+    pub upstreams: Vec<RawUpstream>,
+    /// Logging.
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+/// Raw authentication settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// Static bearer tokens and the principal each one authenticates.
+    #[serde(default)]
+    pub tokens: Vec<RawToken>,
+    /// Serve without authentication on a non-loopback address (not recommended).
+    #[serde(default)]
+    pub allow_anonymous: bool,
+}
+
+/// One bearer token.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawToken {
+    /// Who the token identifies.
+    pub principal: String,
+    /// The token itself (prefer `token_env`).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Environment variable holding the token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
+/// Raw MCP endpoint settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMcp {
+    /// Extra allowed `Origin` values (exact match, e.g. `https://app.example.com`).
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Extra allowed `Host` values when serving on loopback.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Largest accepted request body in bytes.
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
+    /// Time allowed to receive request headers.
+    #[serde(default, with = "humantime_serde")]
+    pub header_timeout: Option<Duration>,
+    /// Time allowed to receive a request body.
+    #[serde(default, with = "humantime_serde")]
+    pub body_timeout: Option<Duration>,
+    /// Sessions idle longer than this are ended.
+    #[serde(default, with = "humantime_serde")]
+    pub session_idle_timeout: Option<Duration>,
+    /// Most sessions open at once.
+    #[serde(default)]
+    pub max_sessions: Option<usize>,
+    /// Separator between server name and tool/prompt name.
+    #[serde(default)]
+    pub name_separator: Option<String>,
+    /// `auto` (prefix only with several upstreams), `always` or `never`.
+    #[serde(default)]
+    pub prefix_names: Option<PrefixNames>,
+    /// Interval of keep-alive comments on SSE streams.
+    #[serde(default, with = "humantime_serde")]
+    pub sse_keepalive: Option<Duration>,
+}
+
+/// When tool and prompt names carry their server's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrefixNames {
+    /// Only when more than one upstream is configured.
+    #[default]
+    Auto,
+    /// Always.
+    Always,
+    /// Never (names must not collide).
+    Never,
+}
+
+/// Raw upstream definition.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// Unique name; also the tool name prefix.
+    pub name: String,
+    /// Run a local process speaking MCP over stdio.
+    #[serde(default)]
+    pub stdio: Option<RawStdio>,
+    /// Reach a server over MCP Streamable HTTP.
+    #[serde(default)]
+    pub http: Option<RawHttp>,
+    /// Deadline of one call.
+    #[serde(default, with = "humantime_serde")]
+    pub call_timeout: Option<Duration>,
+    /// Deadline of connecting and initializing.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+}
+
+/// Raw stdio transport.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStdio {
+    /// Program to run.
+    pub command: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+}
+
+/// Raw Streamable HTTP transport.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    /// Endpoint URL, e.g. `http://127.0.0.1:3001/mcp`.
+    pub url: String,
+    /// Extra request headers (e.g. `Authorization`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Raw logging settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: Option<LogFormat>,
+    /// A tracing filter such as `info` or `gatehouse=debug`.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Bearer tokens → principal; empty means no authentication.
+    pub tokens: Vec<(String, Arc<str>)>,
+    /// MCP endpoint settings.
+    pub mcp: McpSettings,
+    /// Upstream servers.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+}
+
+/// Validated MCP endpoint settings.
+#[derive(Debug, Clone)]
+pub struct McpSettings {
+    /// Extra allowed origins.
+    pub allowed_origins: Vec<String>,
+    /// Extra allowed hosts.
+    pub allowed_hosts: Vec<String>,
+    /// Body size limit.
+    pub max_body_bytes: usize,
+    /// Header read deadline.
+    pub header_timeout: Duration,
+    /// Body read deadline.
+    pub body_timeout: Duration,
+    /// Idle session lifetime.
+    pub session_idle_timeout: Duration,
+    /// Session cap.
+    pub max_sessions: usize,
+    /// Name separator.
+    pub name_separator: String,
+    /// Prefixing rule.
+    pub prefix_names: PrefixNames,
+    /// SSE keep-alive interval.
+    pub sse_keepalive: Duration,
+}
+
+/// A validated upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Unique name.
+    pub name: String,
+    /// How to reach it.
+    pub transport: Transport,
+    /// Deadline of one call.
+    pub call_timeout: Duration,
+    /// Deadline of connect + initialize.
+    pub connect_timeout: Duration,
+}
+
+/// How an upstream is reached.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// A child process speaking newline-delimited JSON-RPC.
+    Stdio {
+        /// Program.
+        command: String,
+        /// Arguments.
+        args: Vec<String>,
+        /// Extra environment.
+        env: BTreeMap<String, String>,
+        /// Working directory.
+        cwd: Option<PathBuf>,
+    },
+    /// MCP Streamable HTTP.
+    Http {
+        /// Endpoint.
+        url: http::Uri,
+        /// Extra headers.
+        headers: http::HeaderMap,
+    },
+}
+
+/// The default listen address: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9000";
+
+impl Config {
+    /// Reads and validates a YAML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_yaml(&text)
+    }
+
+    /// Parses and validates YAML text.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        raw.validate()
+    }
+
+    /// The built-in default: the example server shipped in this binary, over stdio.
+    pub fn embedded_default() -> Result<Config, ConfigError> {
+        let exe = std::env::current_exe()
+            .map_err(|e| field_err("upstreams[0].stdio.command", e.to_string()))?;
+        RawConfig {
+            upstreams: vec![RawUpstream {
+                name: "example".into(),
+                stdio: Some(RawStdio {
+                    command: exe.to_string_lossy().into_owned(),
+                    args: vec!["example-server".into()],
+                    env: BTreeMap::new(),
+                    cwd: None,
+                }),
+                http: None,
+                call_timeout: None,
+                connect_timeout: None,
+            }],
+            ..RawConfig::default()
+        }
+        .validate()
+    }
+}
+
+impl RawConfig {
+    /// Checks every field and builds the typed configuration.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let listen_text = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|e| field_err("listen", format!("{listen_text:?} is not an address like 127.0.0.1:9000 ({e})")))?;
+
+        let mut tokens = Vec::new();
+        for (i, t) in self.auth.tokens.into_iter().enumerate() {
+            let field = format!("auth.tokens[{i}]");
+            if t.principal.trim().is_empty() {
+                return Err(field_err(format!("{field}.principal"), "must not be empty"));
+            }
+            let token = match (t.token, t.token_env) {
+                (Some(tok), None) => tok,
+                (None, Some(var)) => std::env::var(&var).map_err(|_| {
+                    field_err(format!("{field}.token_env"), format!("environment variable {var} is not set"))
+                })?,
+                _ => return Err(field_err(field, "set exactly one of token or token_env")),
+            };
+            if token.len() < 16 {
+                return Err(field_err(format!("{field}.token"), "must be at least 16 characters"));
+            }
+            tokens.push((token, Arc::from(t.principal)));
+        }
+        if tokens.is_empty() && !listen.ip().is_loopback() && !self.auth.allow_anonymous {
+            return Err(field_err(
+                "auth.tokens",
+                format!("required when listen ({listen}) is not a loopback address (or set auth.allow_anonymous: true)"),
+            ));
+        }
+
+        let m = self.mcp;
+        let name_separator = m.name_separator.unwrap_or_else(|| "__".into());
+        if name_separator.is_empty() {
+            return Err(field_err("mcp.name_separator", "must not be empty"));
+        }
+        let max_body_bytes = m.max_body_bytes.unwrap_or(4 * 1024 * 1024);
+        if max_body_bytes < 1024 {
+            return Err(field_err("mcp.max_body_bytes", "must be at least 1024"));
+        }
+        for (i, o) in m.allowed_origins.iter().enumerate() {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                return Err(field_err(
+                    format!("mcp.allowed_origins[{i}]"),
+                    format!("{o:?} is not an origin like https://app.example.com"),
+                ));
+            }
+        }
+        let mcp = McpSettings {
+            allowed_origins: m.allowed_origins,
+            allowed_hosts: m.allowed_hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+            max_body_bytes,
+            header_timeout: positive("mcp.header_timeout", m.header_timeout, Duration::from_secs(10))?,
+            body_timeout: positive("mcp.body_timeout", m.body_timeout, Duration::from_secs(30))?,
+            session_idle_timeout: positive(
+                "mcp.session_idle_timeout",
+                m.session_idle_timeout,
+                Duration::from_secs(30 * 60),
+            )?,
+            max_sessions: m.max_sessions.unwrap_or(100_000).max(1),
+            prefix_names: m.prefix_names.unwrap_or_default(),
+            sse_keepalive: positive("mcp.sse_keepalive", m.sse_keepalive, Duration::from_secs(25))?,
+            name_separator,
+        };
+
+        let mut upstreams = Vec::with_capacity(self.upstreams.len());
+        for (i, u) in self.upstreams.into_iter().enumerate() {
+            let field = format!("upstreams[{i}]");
+            let valid_name = !u.name.is_empty()
+                && u.name.len() <= 64
+                && u.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !valid_name {
+                return Err(field_err(
+                    format!("{field}.name"),
+                    format!("{:?} must be 1-64 characters of [A-Za-z0-9_-]", u.name),
+                ));
+            }
+            if u.name.contains(&mcp.name_separator) {
+                return Err(field_err(
+                    format!("{field}.name"),
+                    format!("{:?} contains the name separator {:?}", u.name, mcp.name_separator),
+                ));
+            }
+            if upstreams.iter().any(|o: &UpstreamConfig| o.name == u.name) {
+                return Err(field_err(format!("{field}.name"), format!("duplicate name {:?}", u.name)));
+            }
+            let transport = match (u.stdio, u.http) {
+                (Some(s), None) => {
+                    if s.command.trim().is_empty() {
+                        return Err(field_err(format!("{field}.stdio.command"), "must not be empty"));
+                    }
+                    Transport::Stdio {
+                        command: s.command,
+                        args: s.args,
+                        env: s.env,
+                        cwd: s.cwd,
+                    }
+                }
+                (None, Some(h)) => {
+                    let url: http::Uri = h.url.parse().map_err(|e| {
+                        field_err(format!("{field}.http.url"), format!("{:?} is not a URL ({e})", h.url))
+                    })?;
+                    if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
+                        return Err(field_err(
+                            format!("{field}.http.url"),
+                            format!("{:?} must be an absolute http:// or https:// URL", h.url),
+                        ));
+                    }
+                    let mut headers = http::HeaderMap::new();
+                    for (k, v) in h.headers {
+                        let name = http::HeaderName::try_from(k.as_str()).map_err(|_| {
+                            field_err(format!("{field}.http.headers"), format!("{k:?} is not a header name"))
+                        })?;
+                        let value = http::HeaderValue::try_from(v.as_str()).map_err(|_| {
+                            field_err(format!("{field}.http.headers.{k}"), "is not a valid header value")
+                        })?;
+                        headers.insert(name, value);
+                    }
+                    Transport::Http { url, headers }
+                }
+                _ => return Err(field_err(field, "set exactly one of stdio or http")),
+            };
+            upstreams.push(UpstreamConfig {
+                call_timeout: positive(&format!("{field}.call_timeout"), u.call_timeout, Duration::from_secs(60))?,
+                connect_timeout: positive(
+                    &format!("{field}.connect_timeout"),
+                    u.connect_timeout,
+                    Duration::from_secs(30),
+                )?,
+                name: u.name,
+                transport,
+            });
+        }
+        if upstreams.is_empty() {
+            return Err(field_err("upstreams", "at least one upstream is required"));
+        }
+
+        Ok(Config {
+            listen,
+            tokens,
+            mcp,
+            upstreams,
+            log_format: self.log.format.unwrap_or_default(),
+            log_level: self.log.level.unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+fn positive(field: &str, value: Option<Duration>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        Some(d) if d.is_zero() => Err(field_err(field, "must be greater than zero")),
+        Some(d) => Ok(d),
+        None => Ok(default),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(yaml: &str) -> String {
+        Config::from_yaml(yaml).expect_err(yaml).to_string()
+    }
+
+    #[test]
+    fn full_config_parses_with_defaults() {
+        let c = Config::from_yaml(
+            r#"
+upstreams:
+  - name: everything
+    stdio: { command: node, args: [server.js, stdio] }
+  - name: remote
+    http: { url: "http://127.0.0.1:3001/mcp", headers: { x-api-key: abc } }
+    call_timeout: 5s
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(c.upstreams[1].call_timeout, Duration::from_secs(5));
+        assert_eq!(c.upstreams[0].call_timeout, Duration::from_secs(60));
+        assert_eq!(c.mcp.name_separator, "__");
+        assert!(matches!(c.upstreams[1].transport, Transport::Http { .. }));
+    }
+
+    #[test]
+    fn errors_name_the_bad_field() {
+        assert!(err("listen: nope\nupstreams: [{name: a, stdio: {command: x}}]").contains("listen:"));
+        assert!(err("upstreams: [{name: 'a b', stdio: {command: x}}]").contains("upstreams[0].name"));
+        assert!(err("upstreams: [{name: a, stdio: {command: x}}, {name: a, stdio: {command: y}}]")
+            .contains("upstreams[1].name: duplicate"));
+        assert!(err("upstreams: [{name: a}]").contains("upstreams[0]: set exactly one"));
+        assert!(err("upstreams: [{name: a, http: {url: 'ftp://x'}}]").contains("upstreams[0].http.url"));
+        assert!(err("upstreams: [{name: a, stdio: {command: x}, call_timeout: 0s}]")
+            .contains("upstreams[0].call_timeout"));
+        assert!(err("upstreams: []").contains("upstreams: at least one"));
+        assert!(err("bogus: 1\nupstreams: [{name: a, stdio: {command: x}}]").contains("bogus"));
+        assert!(err("mcp: {allowed_origins: ['example.com']}\nupstreams: [{name: a, stdio: {command: x}}]")
+            .contains("mcp.allowed_origins[0]"));
+    }
+
+    #[test]
+    fn auth_is_required_off_loopback() {
+        let e = err("listen: 0.0.0.0:9000\nupstreams: [{name: a, stdio: {command: x}}]");
+        assert!(e.contains("auth.tokens"), "{e}");
+        let ok = Config::from_yaml(
+            "listen: 0.0.0.0:9000\nauth: {tokens: [{principal: ci, token: 0123456789abcdef0}]}\nupstreams: [{name: a, stdio: {command: x}}]",
+        )
+        .unwrap();
+        assert_eq!(&*ok.tokens[0].1, "ci");
+        assert!(err("auth: {tokens: [{principal: ci, token: short}]}\nupstreams: [{name: a, stdio: {command: x}}]")
+            .contains("auth.tokens[0].token"));
+    }
+}

@@ -1,0 +1,217 @@
+//! The example MCP server shipped in the binary (`gatehouse example-server`), spoken over stdio.
+//!
+//! It gives a new user something to call through the embedded default, and tests a peer whose
+//! behaviour they control: progress, cancellation, sampling, and (with `--test-tools`) crashes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
+type Running = Arc<Mutex<HashMap<String, tokio::task::AbortHandle>>>;
+
+/// Serves MCP on stdin/stdout until stdin closes.
+pub async fn run(test_tools: bool) -> std::io::Result<()> {
+    let (out_tx, mut out_rx) = mpsc::channel::<Value>(256);
+    let writer = tokio::spawn(async move {
+        let mut stdout = tokio::io::stdout();
+        while let Some(v) = out_rx.recv().await {
+            let mut line = v.to_string();
+            line.push('\n');
+            if stdout.write_all(line.as_bytes()).await.is_err() || stdout.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let pending: Pending = Arc::default();
+    let running: Running = Arc::default();
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+            let _ = out_tx
+                .send(json!({"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"parse error"}}))
+                .await;
+            continue;
+        };
+        let id = msg.get("id").cloned();
+        match (msg.get("method").and_then(Value::as_str), id) {
+            (Some(method), Some(id)) => {
+                let method = method.to_owned();
+                let params = msg.get("params").cloned().unwrap_or(Value::Null);
+                let out = out_tx.clone();
+                let pending = pending.clone();
+                let key = id.to_string();
+                let running2 = running.clone();
+                let task = tokio::spawn(async move {
+                    let reply = match handle(&method, &params, &out, &pending, test_tools).await {
+                        Ok(result) => json!({"jsonrpc":"2.0","id":id,"result":result}),
+                        Err((code, message)) => {
+                            json!({"jsonrpc":"2.0","id":id,"error":{"code":code,"message":message}})
+                        }
+                    };
+                    running2.lock().unwrap_or_else(|e| e.into_inner()).remove(&id.to_string());
+                    let _ = out.send(reply).await;
+                });
+                running.lock().unwrap_or_else(|e| e.into_inner()).insert(key, task.abort_handle());
+            }
+            (Some("notifications/cancelled"), None) => {
+                if let Some(rid) = msg.pointer("/params/requestId")
+                    && let Some(t) = running.lock().unwrap_or_else(|e| e.into_inner()).remove(&rid.to_string())
+                {
+                    t.abort();
+                }
+            }
+            (Some(_), None) => {}
+            (None, Some(id)) => {
+                if let Some(n) = id.as_u64()
+                    && let Some(tx) = pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&n)
+                {
+                    let _ = tx.send(msg);
+                }
+            }
+            (None, None) => {}
+        }
+    }
+    drop(out_tx);
+    let _ = writer.await;
+    Ok(())
+}
+
+type Handled = Result<Value, (i64, String)>;
+
+async fn handle(method: &str, params: &Value, out: &mpsc::Sender<Value>, pending: &Pending, test_tools: bool) -> Handled {
+    match method {
+        "initialize" => {
+            let requested = params.get("protocolVersion").and_then(Value::as_str).unwrap_or("2025-11-25");
+            let version = if ["2025-11-25", "2025-06-18", "2025-03-26"].contains(&requested) {
+                requested
+            } else {
+                "2025-11-25"
+            };
+            Ok(json!({
+                "protocolVersion": version,
+                "capabilities": {"tools": {}, "prompts": {}, "resources": {}, "logging": {}},
+                "serverInfo": {"name": "gatehouse-example", "version": env!("CARGO_PKG_VERSION")},
+                "instructions": "Example server shipped with Gatehouse: try the echo and add tools."
+            }))
+        }
+        "ping" | "logging/setLevel" => Ok(json!({})),
+        "tools/list" => Ok(json!({"tools": tools(test_tools)})),
+        "tools/call" => call_tool(params, out, pending, test_tools).await,
+        "prompts/list" => Ok(json!({"prompts": [{
+            "name": "greeting",
+            "description": "A friendly greeting for someone",
+            "arguments": [{"name": "name", "description": "Who to greet", "required": true}]
+        }]})),
+        "prompts/get" => {
+            if params.get("name").and_then(Value::as_str) != Some("greeting") {
+                return Err((-32602, "unknown prompt".into()));
+            }
+            let name = params.pointer("/arguments/name").and_then(Value::as_str).unwrap_or("world");
+            Ok(json!({"messages": [{"role": "user", "content": {"type": "text", "text": format!("Say hello to {name}.")}}]}))
+        }
+        "resources/list" => Ok(json!({"resources": [{
+            "uri": "example://readme", "name": "readme", "mimeType": "text/plain",
+            "description": "What this server is"
+        }]})),
+        "resources/templates/list" => Ok(json!({"resourceTemplates": [{
+            "uriTemplate": "example://echo/{text}", "name": "echo", "mimeType": "text/plain"
+        }]})),
+        "resources/read" => {
+            let uri = params.get("uri").and_then(Value::as_str).unwrap_or("");
+            let text = if uri == "example://readme" {
+                "Gatehouse example server: tools echo and add, prompt greeting.".to_owned()
+            } else if let Some(t) = uri.strip_prefix("example://echo/") {
+                t.to_owned()
+            } else {
+                return Err((-32002, format!("resource not found: {uri}")));
+            };
+            Ok(json!({"contents": [{"uri": uri, "mimeType": "text/plain", "text": text}]}))
+        }
+        _ => Err((-32601, format!("method not found: {method}"))),
+    }
+}
+
+fn tools(test_tools: bool) -> Value {
+    let mut t = vec![
+        json!({"name": "echo", "description": "Returns its text",
+               "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}),
+        json!({"name": "add", "description": "Adds two numbers",
+               "inputSchema": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}),
+        json!({"name": "slow", "description": "Waits, reporting progress each step",
+               "inputSchema": {"type": "object", "properties": {"seconds": {"type": "number"}, "steps": {"type": "integer"}}}}),
+        json!({"name": "sample", "description": "Asks the client's model to answer a prompt (sampling)",
+               "inputSchema": {"type": "object", "properties": {"prompt": {"type": "string"}}, "required": ["prompt"]}}),
+    ];
+    if test_tools {
+        t.push(json!({"name": "crash", "description": "Exits the process mid-call",
+                      "inputSchema": {"type": "object"}}));
+    }
+    Value::Array(t)
+}
+
+fn text(s: impl Into<String>) -> Value {
+    json!({"content": [{"type": "text", "text": s.into()}]})
+}
+
+async fn call_tool(params: &Value, out: &mpsc::Sender<Value>, pending: &Pending, test_tools: bool) -> Handled {
+    let args = params.get("arguments").cloned().unwrap_or(json!({}));
+    match params.get("name").and_then(Value::as_str).unwrap_or("") {
+        "echo" => Ok(text(args.get("text").and_then(Value::as_str).unwrap_or(""))),
+        "add" => {
+            let (Some(a), Some(b)) = (args.get("a").and_then(Value::as_f64), args.get("b").and_then(Value::as_f64)) else {
+                return Err((-32602, "a and b must be numbers".into()));
+            };
+            let mut r = text(format!("{}", a + b));
+            r["structuredContent"] = json!({"sum": a + b});
+            Ok(r)
+        }
+        "slow" => {
+            let seconds = args.get("seconds").and_then(Value::as_f64).unwrap_or(1.0).clamp(0.0, 600.0);
+            let steps = args.get("steps").and_then(Value::as_u64).unwrap_or(1).clamp(1, 1000);
+            let token = params.pointer("/_meta/progressToken").cloned();
+            for i in 1..=steps {
+                tokio::time::sleep(Duration::from_secs_f64(seconds / steps as f64)).await;
+                if let Some(t) = &token {
+                    let _ = out
+                        .send(json!({"jsonrpc":"2.0","method":"notifications/progress",
+                                     "params":{"progressToken":t,"progress":i,"total":steps}}))
+                        .await;
+                }
+            }
+            Ok(text(format!("done after {seconds}s")))
+        }
+        "sample" => {
+            let prompt = args.get("prompt").and_then(Value::as_str).unwrap_or("").to_owned();
+            let (tx, rx) = oneshot::channel();
+            let id = {
+                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                let id = 1000 + p.len() as u64 + rand_suffix();
+                p.insert(id, tx);
+                id
+            };
+            let _ = out
+                .send(json!({"jsonrpc":"2.0","id":id,"method":"sampling/createMessage","params":{
+                    "messages":[{"role":"user","content":{"type":"text","text":prompt}}],"maxTokens":100}}))
+                .await;
+            let answer = rx.await.map_err(|_| (-32603, "no answer to sampling".to_owned()))?;
+            if let Some(e) = answer.get("error") {
+                return Err((-32603, format!("sampling failed: {e}")));
+            }
+            let said = answer.pointer("/result/content/text").and_then(Value::as_str).unwrap_or("");
+            Ok(text(format!("model said: {said}")))
+        }
+        "crash" if test_tools => std::process::exit(3),
+        other => Ok(json!({"content":[{"type":"text","text":format!("unknown tool: {other}")}],"isError":true})),
+    }
+}
+
+fn rand_suffix() -> u64 {
+    let mut b = [0u8; 4];
+    let _ = getrandom::fill(&mut b);
+    u64::from(u32::from_le_bytes(b))
+}

@@ -1,0 +1,85 @@
+//! The `gatehouse` command.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// Gatehouse: one MCP endpoint in front of many MCP servers.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (with no --config: the built-in example on 127.0.0.1:9000).
+    Serve {
+        /// YAML configuration file.
+        #[arg(long, short, env = "GATEHOUSE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Override the listen address.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Check a configuration file and print what it defines.
+    Check {
+        /// YAML configuration file.
+        config: PathBuf,
+    },
+    /// Run the example MCP server on stdio.
+    ExampleServer {
+        /// Also offer tools that misbehave on purpose (for tests).
+        #[arg(long)]
+        test_tools: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::ExampleServer { test_tools } => rt.block_on(gatehouse::example_server::run(test_tools))?,
+        Command::Check { config } => {
+            let c = gatehouse::Config::load(&config)?;
+            println!("ok: listen {}, {} upstream(s)", c.listen, c.upstreams.len());
+            for u in &c.upstreams {
+                println!("  {}", u.name);
+            }
+        }
+        Command::Serve { config, listen } => {
+            let mut cfg = match &config {
+                Some(path) => gatehouse::Config::load(path)?,
+                None => gatehouse::Config::embedded_default()?,
+            };
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            gatehouse::telemetry::init(cfg.log_format, &cfg.log_level);
+            rt.block_on(serve(cfg, config.is_none()))?;
+        }
+    }
+    Ok(())
+}
+
+async fn serve(cfg: gatehouse::Config, embedded: bool) -> anyhow::Result<()> {
+    let upstreams: Vec<String> = cfg.upstreams.iter().map(|u| u.name.clone()).collect();
+    let running = gatehouse::start(cfg).await.context("cannot start the gateway")?;
+    let addr = running.listening.local_addr;
+    tracing::info!(
+        %addr,
+        upstreams = ?upstreams,
+        embedded_default = embedded,
+        "gatehouse listening: MCP endpoint http://{addr}{}", gatehouse::listener::MCP_PATH
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}

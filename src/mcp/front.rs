@@ -1,0 +1,420 @@
+//! The MCP Streamable HTTP front: transport rules for POST, GET and DELETE on the MCP endpoint.
+//!
+//! Checks run in order: Host/Origin (DNS rebinding), authentication, method, media types,
+//! protocol version, body limits, JSON-RPC envelope, session. Every refusal is one
+//! [`FrontError`], turned into an HTTP status and a JSON-RPC error body in one place.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, ORIGIN, WWW_AUTHENTICATE};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use tokio::sync::mpsc;
+
+use crate::auth::{AuthError, Principal};
+use crate::body::Body;
+use crate::gateway::Gateway;
+use crate::mcp::handler::{self, Reply, SUPPORTED_VERSIONS};
+use crate::mcp::jsonrpc::{self, Kind, ParseError, code};
+use crate::mcp::session::Session;
+
+const SESSION_HEADER: &str = "mcp-session-id";
+const VERSION_HEADER: &str = "mcp-protocol-version";
+
+/// Why the front refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontError {
+    /// `Host` is not one this gateway answers to (DNS rebinding).
+    #[error("Host header {0:?} is not allowed")]
+    Host(String),
+    /// `Origin` is not allowed.
+    #[error("Origin {0:?} is not allowed")]
+    Origin(String),
+    /// Authentication failed.
+    #[error("unauthorized: {0}")]
+    Auth(#[from] AuthError),
+    /// Not POST, GET or DELETE.
+    #[error("method {0} is not allowed; use POST, GET or DELETE")]
+    Method(Method),
+    /// POST without `Content-Type: application/json`.
+    #[error("Content-Type must be application/json")]
+    ContentType,
+    /// `Accept` lacks what the response needs.
+    #[error("Accept must include {0}")]
+    Accept(&'static str),
+    /// Unsupported `MCP-Protocol-Version`.
+    #[error("unsupported MCP-Protocol-Version {0:?}; supported: {versions}", versions = SUPPORTED_VERSIONS.join(", "))]
+    Version(String),
+    /// Body over the limit.
+    #[error("request body exceeds {0} bytes")]
+    TooLarge(usize),
+    /// Body not received in time.
+    #[error("request body not received within the time limit")]
+    BodyTimeout,
+    /// Body could not be read.
+    #[error("cannot read request body: {0}")]
+    Body(String),
+    /// Not a single JSON-RPC message.
+    #[error("{0}")]
+    Parse(#[from] ParseError),
+    /// No session header on a request that needs one.
+    #[error("Mcp-Session-Id header is required")]
+    MissingSession,
+    /// Session unknown, expired or deleted.
+    #[error("session not found")]
+    UnknownSession,
+    /// Session cap reached.
+    #[error("too many sessions; try again later")]
+    TooManySessions,
+    /// A second GET stream on one session.
+    #[error("a GET stream is already open for this session")]
+    StreamOpen,
+    /// `initialize` params were malformed.
+    #[error("invalid initialize params: {0}")]
+    Initialize(String),
+}
+
+impl FrontError {
+    fn status(&self) -> StatusCode {
+        match self {
+            FrontError::Host(_) => StatusCode::MISDIRECTED_REQUEST,
+            FrontError::Origin(_) => StatusCode::FORBIDDEN,
+            FrontError::Auth(_) => StatusCode::UNAUTHORIZED,
+            FrontError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
+            FrontError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            FrontError::Accept(_) => StatusCode::NOT_ACCEPTABLE,
+            FrontError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            FrontError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            FrontError::UnknownSession => StatusCode::NOT_FOUND,
+            FrontError::TooManySessions => StatusCode::SERVICE_UNAVAILABLE,
+            FrontError::StreamOpen => StatusCode::CONFLICT,
+            FrontError::Version(_)
+            | FrontError::Body(_)
+            | FrontError::Parse(_)
+            | FrontError::MissingSession
+            | FrontError::Initialize(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn code(&self) -> i64 {
+        match self {
+            FrontError::Parse(p) => p.code(),
+            FrontError::Initialize(_) => code::INVALID_PARAMS,
+            FrontError::MissingSession | FrontError::Version(_) | FrontError::Body(_) => code::INVALID_REQUEST,
+            _ => -32000,
+        }
+    }
+
+    /// The HTTP response for this refusal, with a JSON-RPC error body.
+    pub fn into_response(self, id: Option<&[u8]>) -> Response<Body> {
+        let mut resp = json_response(self.status(), jsonrpc::error_response(id, self.code(), &self.to_string()));
+        match self {
+            FrontError::Auth(_) => {
+                resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            FrontError::Method(_) => {
+                resp.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Body::full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Body::Sse(rx));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+fn accepted() -> Response<Body> {
+    let mut r = Response::new(Body::Empty);
+    *r.status_mut() = StatusCode::ACCEPTED;
+    r
+}
+
+/// Serves the MCP endpoint.
+pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    match route(&gw, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!("refused MCP request: {e}");
+            e.into_response(None)
+        }
+    }
+}
+
+async fn route(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Result<Response<Body>, FrontError> {
+    check_host_and_origin(gw, req.headers())?;
+    let principal = gw.auth.authenticate(req.headers())?;
+    match *req.method() {
+        Method::POST => post(gw, principal, req).await,
+        Method::GET => get(gw, principal, req.headers()).await,
+        Method::DELETE => delete(gw, principal, req.headers()).await,
+        ref m => Err(FrontError::Method(m.clone())),
+    }
+}
+
+fn hostname(authority: &str) -> &str {
+    // "[::1]:9000" → "[::1]", "localhost:9000" → "localhost"
+    if authority.starts_with('[') {
+        return authority.split_inclusive(']').next().unwrap_or(authority);
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
+fn is_loopback_name(host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    host == "localhost" || host == "[::1]" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn check_host_and_origin(gw: &Gateway, headers: &HeaderMap) -> Result<(), FrontError> {
+    let mcp = &gw.config.mcp;
+    let loopback = gw.config.listen.ip().is_loopback();
+    if loopback || !mcp.allowed_hosts.is_empty() {
+        let host = headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        let name = hostname(host);
+        let ok = (loopback && is_loopback_name(name))
+            || mcp.allowed_hosts.iter().any(|h| h == &host.to_ascii_lowercase() || h == &name.to_ascii_lowercase());
+        if !ok {
+            return Err(FrontError::Host(host.to_owned()));
+        }
+    }
+    if let Some(origin) = headers.get(ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        let explicitly = mcp.allowed_origins.iter().any(|o| o.eq_ignore_ascii_case(origin));
+        let local = loopback
+            && origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"))
+                .is_some_and(|rest| is_loopback_name(hostname(rest)));
+        if !(explicitly || local) {
+            return Err(FrontError::Origin(origin.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+fn accepts(headers: &HeaderMap, media: &str) -> bool {
+    headers.get_all(ACCEPT).iter().any(|v| {
+        v.to_str().unwrap_or("").split(',').any(|part| {
+            let m = part.split(';').next().unwrap_or("").trim();
+            m.eq_ignore_ascii_case(media) || m == "*/*" || (m.ends_with("/*") && media.starts_with(&m[..m.len() - 1]))
+        })
+    })
+}
+
+fn check_version(headers: &HeaderMap) -> Result<(), FrontError> {
+    if let Some(v) = headers.get(VERSION_HEADER) {
+        let v = v.to_str().unwrap_or("");
+        if !SUPPORTED_VERSIONS.contains(&v) {
+            return Err(FrontError::Version(v.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+fn session_of(gw: &Gateway, principal: &Option<Principal>, headers: &HeaderMap) -> Result<Arc<Session>, FrontError> {
+    let id = headers
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(FrontError::MissingSession)?;
+    let session = gw.sessions.get(id).map(|s| s.clone()).ok_or(FrontError::UnknownSession)?;
+    // A session belongs to whoever opened it; to anyone else it does not exist.
+    if session.principal != *principal {
+        return Err(FrontError::UnknownSession);
+    }
+    Ok(session)
+}
+
+async fn read_body(gw: &Gateway, req: Request<hyper::body::Incoming>) -> Result<Bytes, FrontError> {
+    let limit = gw.config.mcp.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(FrontError::TooLarge(limit));
+    }
+    let collect = Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(gw.config.mcp.body_timeout, collect).await {
+        Err(_) => Err(FrontError::BodyTimeout),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(FrontError::TooLarge(limit)),
+        Ok(Err(e)) => Err(FrontError::Body(e.to_string())),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+async fn post(
+    gw: &Arc<Gateway>,
+    principal: Option<Principal>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, FrontError> {
+    let headers = req.headers();
+    let json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(FrontError::ContentType);
+    }
+    if !accepts(headers, "application/json") || !accepts(headers, "text/event-stream") {
+        return Err(FrontError::Accept("both application/json and text/event-stream"));
+    }
+    let version_check = check_version(headers);
+    let session_header = headers.contains_key(SESSION_HEADER);
+    let headers = headers.clone();
+    let body = read_body(gw, req).await?;
+    let msg = jsonrpc::parse(body)?;
+
+    if let Kind::Request { id, method, params } = &msg.kind {
+        match &**method {
+            // The version is negotiated in the body; the header is not yet meaningful.
+            "initialize" => return initialize(gw, principal, id, params.as_deref()).await,
+            // Revision 2026-07-28 probes with server/discover; answer fast so clients fall back.
+            "server/discover" if !session_header => {
+                return Ok(json_response(
+                    StatusCode::OK,
+                    jsonrpc::error_response(
+                        Some(id),
+                        code::METHOD_NOT_FOUND,
+                        "server/discover is not supported; initialize with protocol version 2025-11-25",
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    version_check?;
+    let session = session_of(gw, &principal, &headers)?;
+    let _busy = session.touch();
+    match msg.kind {
+        Kind::Request { id, method, params } => match handler::request(gw, &session, id, &method, params).await {
+            Reply::Json(frame) => Ok(json_response(StatusCode::OK, frame)),
+            Reply::Stream(rx) => Ok(sse_response(rx)),
+        },
+        Kind::Notification { method, params } => {
+            on_notification(&session, &method, params.as_deref()).await;
+            Ok(accepted())
+        }
+        Kind::Response { id, outcome } => {
+            if !session.on_client_response(&id, &outcome).await {
+                tracing::debug!(session = %session.id, "response to an unknown server request");
+            }
+            Ok(accepted())
+        }
+    }
+}
+
+async fn initialize(
+    gw: &Arc<Gateway>,
+    principal: Option<Principal>,
+    id: &Bytes,
+    params: Option<&[u8]>,
+) -> Result<Response<Body>, FrontError> {
+    if gw.sessions.len() >= gw.config.mcp.max_sessions {
+        return Err(FrontError::TooManySessions);
+    }
+    let (session, result) = handler::initialize(gw, principal, params)
+        .await
+        .map_err(FrontError::Initialize)?;
+    let mut resp = json_response(
+        StatusCode::OK,
+        jsonrpc::response(id, &jsonrpc::Outcome::Result(result)),
+    );
+    resp.headers_mut().insert(
+        SESSION_HEADER,
+        HeaderValue::from_str(&session.id).expect("session ids are header-safe"),
+    );
+    Ok(resp)
+}
+
+async fn on_notification(session: &Arc<Session>, method: &str, params: Option<&[u8]>) {
+    match method {
+        "notifications/initialized" => {}
+        "notifications/cancelled" => {
+            #[derive(serde::Deserialize)]
+            struct P<'a> {
+                #[serde(borrow, rename = "requestId")]
+                id: &'a serde_json::value::RawValue,
+            }
+            if let Some(p) = params.and_then(|p| serde_json::from_slice::<P<'_>>(p).ok()) {
+                session.cancel(p.id.get().as_bytes());
+            }
+        }
+        "notifications/roots/list_changed" => {
+            for link in session.links() {
+                link.notify(method, params).await;
+            }
+        }
+        other => tracing::debug!(session = %session.id, method = other, "ignored client notification"),
+    }
+}
+
+async fn get(gw: &Arc<Gateway>, principal: Option<Principal>, headers: &HeaderMap) -> Result<Response<Body>, FrontError> {
+    if !accepts(headers, "text/event-stream") {
+        return Err(FrontError::Accept("text/event-stream"));
+    }
+    check_version(headers)?;
+    let session = session_of(gw, &principal, headers)?;
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    if !session.open_listen_stream(tx.clone()) {
+        return Err(FrontError::StreamOpen);
+    }
+    for link in session.links() {
+        link.open_listen_stream().await;
+    }
+    // Keep-alive comments hold idle proxies open and notice a departed client.
+    let every = gw.config.mcp.sse_keepalive;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if tx.send(Bytes::new()).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(sse_response(rx))
+}
+
+async fn delete(gw: &Arc<Gateway>, principal: Option<Principal>, headers: &HeaderMap) -> Result<Response<Body>, FrontError> {
+    let session = session_of(gw, &principal, headers)?;
+    gw.end_session(&session.id);
+    let mut r = Response::new(Body::Empty);
+    *r.status_mut() = StatusCode::OK;
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_parsing() {
+        let mut h = HeaderMap::new();
+        h.insert(ACCEPT, "application/json, text/event-stream;q=0.9".parse().unwrap());
+        assert!(accepts(&h, "application/json") && accepts(&h, "text/event-stream"));
+        h.insert(ACCEPT, "text/*".parse().unwrap());
+        assert!(accepts(&h, "text/event-stream") && !accepts(&h, "application/json"));
+        h.insert(ACCEPT, "*/*".parse().unwrap());
+        assert!(accepts(&h, "application/json"));
+    }
+
+    #[test]
+    fn hostnames() {
+        assert_eq!(hostname("[::1]:9000"), "[::1]");
+        assert_eq!(hostname("localhost:9000"), "localhost");
+        assert_eq!(hostname("127.0.0.1"), "127.0.0.1");
+        assert!(is_loopback_name("127.0.0.2") && is_loopback_name("LOCALHOST") && !is_loopback_name("evil.com"));
+    }
+}

@@ -1,0 +1,528 @@
+//! MCP methods: what the gateway answers itself, what it routes to one upstream, and what it fans
+//! out to all of them and merges.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use crate::gateway::Gateway;
+use crate::mcp::jsonrpc::{self, Outcome, code};
+use crate::mcp::session::{Session, caps};
+use crate::metrics::method_label;
+use crate::upstream::{CallOpts, UpstreamError, request_progress_token};
+
+/// Protocol revisions served, newest first.
+pub const SUPPORTED_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26"];
+
+/// How a request is answered.
+pub enum Reply {
+    /// One JSON-RPC response.
+    Json(Bytes),
+    /// An SSE stream of related messages ending with the response.
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+/// A params object parsed one level deep: values stay raw.
+type Fields<'a> = BTreeMap<Cow<'a, str>, &'a RawValue>;
+
+fn fields(params: Option<&[u8]>) -> Result<Fields<'_>, String> {
+    match params {
+        None => Ok(Fields::new()),
+        Some(p) => serde_json::from_slice(p).map_err(|e| format!("params must be an object: {e}")),
+    }
+}
+
+fn string_field(f: &Fields<'_>, key: &str) -> Result<String, String> {
+    let raw = f.get(key).ok_or_else(|| format!("missing params.{key}"))?;
+    serde_json::from_str::<String>(raw.get()).map_err(|_| format!("params.{key} must be a string"))
+}
+
+fn encode_fields(f: &Fields<'_>) -> Bytes {
+    Bytes::from(serde_json::to_vec(f).unwrap_or_else(|_| b"{}".to_vec()))
+}
+
+fn json_string(s: &str) -> Box<RawValue> {
+    RawValue::from_string(serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()))
+        .unwrap_or_else(|_| RawValue::from_string("\"\"".into()).expect("valid JSON"))
+}
+
+fn invalid_params(id: &[u8], msg: &str) -> Reply {
+    Reply::Json(jsonrpc::error_response(Some(id), code::INVALID_PARAMS, msg))
+}
+
+/// Handles `initialize`: negotiates the version, connects every upstream with the client's own
+/// capabilities, and merges what they offer.
+pub async fn initialize(
+    gw: &Arc<Gateway>,
+    principal: Option<Arc<str>>,
+    params: Option<&[u8]>,
+) -> Result<(Arc<Session>, Bytes), String> {
+    let f = fields(params)?;
+    let requested = string_field(&f, "protocolVersion")?;
+    let version = SUPPORTED_VERSIONS
+        .iter()
+        .copied()
+        .find(|v| *v == requested)
+        .unwrap_or(SUPPORTED_VERSIONS[0]);
+    let client_caps = f.get("capabilities").map_or("{}", |r| r.get());
+    let client_info = f
+        .get("clientInfo")
+        .map_or(r#"{"name":"unknown","version":"0"}"#, |r| r.get());
+    let init_params = Bytes::from(format!(
+        r#"{{"protocolVersion":"{version}","capabilities":{client_caps},"clientInfo":{client_info}}}"#
+    ));
+    let session = gw.new_session(principal, version, init_params);
+    let results = futures_util::future::join_all((0..gw.servers.len()).map(|i| session.connect(i))).await;
+
+    let mut bits = 0u8;
+    let mut instructions = String::new();
+    for (i, r) in results.iter().enumerate() {
+        let name = gw.router.name(i);
+        match r {
+            Ok(b) => {
+                bits |= b;
+                if let Some(text) = session.links()[i].init_result().as_deref().and_then(instructions_of) {
+                    if !instructions.is_empty() {
+                        instructions.push_str("\n\n");
+                    }
+                    if gw.router.prefixing() {
+                        instructions.push_str(&format!("[{name}] "));
+                    }
+                    instructions.push_str(&text);
+                }
+            }
+            Err(e) => tracing::warn!(session = %session.id, upstream = name, "upstream unavailable at initialize: {e}"),
+        }
+    }
+    if bits == 0 {
+        // Nothing reachable yet: advertise the basics so the client still asks later.
+        bits = caps::TOOLS | caps::PROMPTS | caps::RESOURCES;
+    }
+    let mut c = Vec::new();
+    if bits & caps::TOOLS != 0 {
+        c.push(r#""tools":{"listChanged":true}"#);
+    }
+    if bits & caps::PROMPTS != 0 {
+        c.push(r#""prompts":{"listChanged":true}"#);
+    }
+    if bits & caps::RESOURCES != 0 {
+        c.push(r#""resources":{"subscribe":true,"listChanged":true}"#);
+    }
+    if bits & caps::LOGGING != 0 {
+        c.push(r#""logging":{}"#);
+    }
+    if bits & caps::COMPLETIONS != 0 {
+        c.push(r#""completions":{}"#);
+    }
+    let mut result = format!(
+        r#"{{"protocolVersion":"{version}","capabilities":{{{}}},"serverInfo":{{"name":"gatehouse","title":"Gatehouse MCP gateway","version":"{}"}}"#,
+        c.join(","),
+        env!("CARGO_PKG_VERSION")
+    );
+    if !instructions.is_empty() {
+        result.push_str(",\"instructions\":");
+        result.push_str(json_string(&instructions).get());
+    }
+    result.push('}');
+    Ok((session, Bytes::from(result)))
+}
+
+fn instructions_of(init_result: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct R {
+        instructions: Option<String>,
+    }
+    serde_json::from_slice::<R>(init_result).ok()?.instructions.filter(|s| !s.is_empty())
+}
+
+/// Kinds of list that fan out to every upstream.
+#[derive(Clone, Copy)]
+struct ListKind {
+    method: &'static str,
+    key: &'static str,
+    cap: u8,
+    rename: bool,
+}
+
+const TOOLS: ListKind = ListKind { method: "tools/list", key: "tools", cap: caps::TOOLS, rename: true };
+const PROMPTS: ListKind = ListKind { method: "prompts/list", key: "prompts", cap: caps::PROMPTS, rename: true };
+const RESOURCES: ListKind = ListKind { method: "resources/list", key: "resources", cap: caps::RESOURCES, rename: false };
+const TEMPLATES: ListKind = ListKind {
+    method: "resources/templates/list",
+    key: "resourceTemplates",
+    cap: caps::RESOURCES,
+    rename: false,
+};
+
+/// Handles one client request within a session.
+pub async fn request(gw: &Arc<Gateway>, session: &Arc<Session>, id: Bytes, method: &str, params: Option<Bytes>) -> Reply {
+    let started = Instant::now();
+    let label = method_label(method);
+    let single = gw.servers.len() == 1 && !gw.router.prefixing();
+    let reply = match method {
+        "ping" => Reply::Json(jsonrpc::response(&id, &Outcome::Result(Bytes::from_static(b"{}")))),
+        "tools/list" if !single => list(gw, session, &id, TOOLS, params.as_deref()).await,
+        "prompts/list" if !single => list(gw, session, &id, PROMPTS, params.as_deref()).await,
+        "resources/list" if !single => list(gw, session, &id, RESOURCES, params.as_deref()).await,
+        "resources/templates/list" if !single => list(gw, session, &id, TEMPLATES, params.as_deref()).await,
+        "tools/call" | "prompts/get" if !single => {
+            let f = match fields(params.as_deref()) {
+                Ok(f) => f,
+                Err(e) => return invalid_params(&id, &e),
+            };
+            let name = match string_field(&f, "name") {
+                Ok(n) => n,
+                Err(e) => return invalid_params(&id, &e),
+            };
+            let what = if method == "tools/call" { "tool" } else { "prompt" };
+            let Some((index, local)) = gw.router.resolve(&name) else {
+                return invalid_params(&id, &format!("unknown {what}: {name}"));
+            };
+            let mut f = f;
+            let local = json_string(local);
+            f.insert(Cow::Borrowed("name"), &local);
+            let out = encode_fields(&f);
+            forward(gw, session, index, id, label, method, Some(out)).await
+        }
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" if !single => {
+            let uri = match fields(params.as_deref()).and_then(|f| string_field(&f, "uri")) {
+                Ok(u) => u,
+                Err(e) => return invalid_params(&id, &e),
+            };
+            match resource_owner(gw, session, &uri).await {
+                Some(index) => forward(gw, session, index, id, label, method, params).await,
+                None => invalid_params(&id, &format!("no upstream serves resource {uri}")),
+            }
+        }
+        "completion/complete" if !single => complete(gw, session, id, params).await,
+        "logging/setLevel" if !single => {
+            for (i, link) in session.links().iter().enumerate() {
+                if session.connect(i).await.is_ok_and(|b| b & caps::LOGGING != 0) {
+                    let _ = link.call(method, params.as_deref(), CallOpts::default()).await;
+                }
+            }
+            Reply::Json(jsonrpc::response(&id, &Outcome::Result(Bytes::from_static(b"{}"))))
+        }
+        _ if single => forward(gw, session, 0, id, label, method, params).await,
+        _ => Reply::Json(jsonrpc::error_response(
+            Some(&id),
+            code::METHOD_NOT_FOUND,
+            &format!("method not found: {method}"),
+        )),
+    };
+    if matches!(label, "ping" | "tools/list" | "prompts/list" | "resources/list" | "resources/templates/list" | "logging/setLevel")
+        && !single
+    {
+        gw.metrics.record(label, "gateway", "ok", started.elapsed());
+    }
+    reply
+}
+
+/// Routes `completion/complete` by its `ref`: a prompt name or a resource URI.
+async fn complete(gw: &Arc<Gateway>, session: &Arc<Session>, id: Bytes, params: Option<Bytes>) -> Reply {
+    let f = match fields(params.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return invalid_params(&id, &e),
+    };
+    let Some(r) = f.get("ref") else {
+        return invalid_params(&id, "missing params.ref");
+    };
+    let mut rf: Fields<'_> = match serde_json::from_str(r.get()) {
+        Ok(v) => v,
+        Err(_) => return invalid_params(&id, "params.ref must be an object"),
+    };
+    let kind = string_field(&rf, "type").unwrap_or_default();
+    match kind.as_str() {
+        "ref/prompt" => {
+            let name = match string_field(&rf, "name") {
+                Ok(n) => n,
+                Err(_) => return invalid_params(&id, "missing params.ref.name"),
+            };
+            let Some((index, local)) = gw.router.resolve(&name) else {
+                return invalid_params(&id, &format!("unknown prompt: {name}"));
+            };
+            let local = json_string(local);
+            rf.insert(Cow::Borrowed("name"), &local);
+            let new_ref = RawValue::from_string(String::from_utf8_lossy(&encode_fields(&rf)).into_owned())
+                .expect("re-encoded object is valid JSON");
+            let mut f = f.clone();
+            f.insert(Cow::Borrowed("ref"), &new_ref);
+            let out = encode_fields(&f);
+            forward(gw, session, index, id, "completion/complete", "completion/complete", Some(out)).await
+        }
+        "ref/resource" => {
+            let uri = string_field(&rf, "uri").unwrap_or_default();
+            match resource_owner(gw, session, &uri).await {
+                Some(index) => forward(gw, session, index, id, "completion/complete", "completion/complete", params).await,
+                None => invalid_params(&id, &format!("no upstream serves resource {uri}")),
+            }
+        }
+        _ => invalid_params(&id, "params.ref.type must be ref/prompt or ref/resource"),
+    }
+}
+
+/// Finds the upstream of a resource URI, refreshing the resource lists once if it is unknown.
+async fn resource_owner(gw: &Arc<Gateway>, session: &Arc<Session>, uri: &str) -> Option<usize> {
+    if let Some(i) = gw.router.resource(uri) {
+        return Some(i);
+    }
+    for kind in [RESOURCES, TEMPLATES] {
+        let mut cursor: Option<String> = None;
+        for _ in 0..20 {
+            let params = cursor.as_ref().map(|c| format!("{{\"cursor\":{}}}", json_string(c).get()));
+            let Reply::Json(page) = list(gw, session, b"0", kind, params.as_deref().map(str::as_bytes)).await else {
+                break;
+            };
+            #[derive(Deserialize)]
+            struct Page {
+                result: Option<Next>,
+            }
+            #[derive(Deserialize)]
+            struct Next {
+                #[serde(rename = "nextCursor")]
+                next: Option<String>,
+            }
+            cursor = serde_json::from_slice::<Page>(&page).ok().and_then(|p| p.result?.next);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        if let Some(i) = gw.router.resource(uri) {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Sends a request to one upstream. Answers with plain JSON when the upstream sends nothing else
+/// first; switches to SSE as soon as a related message (progress, sampling, logging) arrives.
+async fn forward(
+    gw: &Arc<Gateway>,
+    session: &Arc<Session>,
+    index: usize,
+    id: Bytes,
+    label: &'static str,
+    method: &str,
+    params: Option<Bytes>,
+) -> Reply {
+    let started = Instant::now();
+    let server = gw.servers[index].clone();
+    let (ev_tx, mut ev_rx) = mpsc::channel::<Bytes>(64);
+    let cancel = session.track(id.clone());
+    let opts = CallOpts {
+        events: Some(ev_tx),
+        cancel: Some(cancel),
+        progress_token: params.as_deref().and_then(request_progress_token),
+    };
+    let metrics = gw.metrics.clone();
+    let session2 = session.clone();
+    let method = method.to_owned();
+    let call = async move {
+        let result = session2.links()[index].call(&method, params.as_deref(), opts).await;
+        session2.untrack(&id);
+        let (frame, outcome) = match result {
+            Ok(o @ Outcome::Result(_)) => (jsonrpc::response(&id, &o), "ok"),
+            Ok(o @ Outcome::Error(_)) => (jsonrpc::response(&id, &o), "error"),
+            Err(e) => {
+                if !matches!(e, UpstreamError::Cancelled) {
+                    tracing::warn!(upstream = %server.name, method = %method, "call failed: {e}");
+                }
+                (jsonrpc::error_response(Some(&id), e.code(), &e.to_string()), "failed")
+            }
+        };
+        metrics.record(label, server.label, outcome, started.elapsed());
+        frame
+    };
+    let mut call = Box::pin(call);
+    tokio::select! {
+        biased;
+        Some(first) = ev_rx.recv() => {
+            let (tx, rx) = mpsc::channel::<Bytes>(64);
+            tokio::spawn(async move {
+                if tx.send(first).await.is_err() {
+                    return;
+                }
+                loop {
+                    tokio::select! {
+                        biased;
+                        Some(ev) = ev_rx.recv() => {
+                            if tx.send(ev).await.is_err() {
+                                return; // client went away: dropping `call` cancels upstream
+                            }
+                        }
+                        frame = &mut call => {
+                            while let Ok(ev) = ev_rx.try_recv() {
+                                let _ = tx.send(ev).await;
+                            }
+                            let _ = tx.send(frame).await;
+                            return;
+                        }
+                    }
+                }
+            });
+            Reply::Stream(rx)
+        }
+        frame = &mut call => Reply::Json(frame),
+    }
+}
+
+/// Fans a list out to every upstream that has the capability and merges the pages.
+///
+/// The cursor handed to the client encodes each upstream's own cursor, so pagination resumes only
+/// the upstreams that have more.
+async fn list(gw: &Arc<Gateway>, session: &Arc<Session>, id: &[u8], kind: ListKind, params: Option<&[u8]>) -> Reply {
+    let f = match fields(params) {
+        Ok(f) => f,
+        Err(e) => return invalid_params(id, &e),
+    };
+    let targets: Vec<(usize, Option<String>)> = match f.get("cursor").map(|c| serde_json::from_str::<Option<String>>(c.get())) {
+        None | Some(Ok(None)) => (0..gw.servers.len()).map(|i| (i, None)).collect(),
+        Some(Ok(Some(c))) => match decode_cursor(gw, &c) {
+            Some(t) => t,
+            None => return invalid_params(id, "invalid cursor"),
+        },
+        Some(Err(_)) => return invalid_params(id, "params.cursor must be a string"),
+    };
+    let calls = targets.iter().map(|(i, cursor)| {
+        let i = *i;
+        let p = cursor.as_ref().map(|c| format!("{{\"cursor\":{}}}", json_string(c).get()));
+        async move {
+            let bits = session.connect(i).await?;
+            if bits & kind.cap == 0 {
+                return Ok(None);
+            }
+            let started = Instant::now();
+            let r = session.links()[i]
+                .call(kind.method, p.as_deref().map(str::as_bytes), CallOpts::default())
+                .await;
+            let outcome = match &r {
+                Ok(Outcome::Result(_)) => "ok",
+                Ok(Outcome::Error(_)) => "error",
+                Err(_) => "failed",
+            };
+            gw.metrics.record(kind.method, gw.servers[i].label, outcome, started.elapsed());
+            r.map(Some)
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+
+    let mut items = BytesMut::with_capacity(4096);
+    let mut next: Vec<(String, String)> = Vec::new();
+    let mut failures = Vec::new();
+    let mut answered = 0usize;
+    for ((index, _), r) in targets.iter().zip(results) {
+        let name = gw.router.name(*index);
+        let page = match r {
+            Ok(None) => {
+                answered += 1;
+                continue;
+            }
+            Ok(Some(Outcome::Result(page))) => page,
+            Ok(Some(Outcome::Error(e))) => {
+                tracing::warn!(upstream = name, method = kind.method, "list failed: {}", String::from_utf8_lossy(&e));
+                failures.push(format!("{name}: {}", String::from_utf8_lossy(&e)));
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(upstream = name, method = kind.method, "list failed: {e}");
+                failures.push(e.to_string());
+                continue;
+            }
+        };
+        match merge_page(gw, *index, kind, &page, &mut items) {
+            Ok(cursor) => {
+                answered += 1;
+                if let Some(c) = cursor {
+                    next.push((name.to_owned(), c));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(upstream = name, method = kind.method, "malformed list result: {e}");
+                failures.push(format!("{name}: malformed result"));
+            }
+        }
+    }
+    if answered == 0 && !failures.is_empty() {
+        return Reply::Json(jsonrpc::error_response(
+            Some(id),
+            code::UPSTREAM_UNAVAILABLE,
+            &format!("no upstream answered {}: {}", kind.method, failures.join("; ")),
+        ));
+    }
+    let mut out = BytesMut::with_capacity(items.len() + 64);
+    out.put_slice(b"{\"");
+    out.put_slice(kind.key.as_bytes());
+    out.put_slice(b"\":[");
+    out.put_slice(&items);
+    out.put_u8(b']');
+    if !next.is_empty() {
+        out.put_slice(b",\"nextCursor\":");
+        out.put_slice(json_string(&encode_cursor(&next)).get().as_bytes());
+    }
+    out.put_u8(b'}');
+    Reply::Json(jsonrpc::response(id, &Outcome::Result(out.freeze())))
+}
+
+/// Appends one upstream's page to `items` (comma-separated), renaming and learning routes.
+fn merge_page(gw: &Gateway, index: usize, kind: ListKind, page: &[u8], items: &mut BytesMut) -> Result<Option<String>, String> {
+    let f: Fields<'_> = serde_json::from_slice(page).map_err(|e| e.to_string())?;
+    let list: Vec<&RawValue> = match f.get(kind.key) {
+        Some(raw) => serde_json::from_str(raw.get()).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    for item in list {
+        let mut entry: Fields<'_> = serde_json::from_str(item.get()).map_err(|e| e.to_string())?;
+        let bytes = match kind.key {
+            "resources" => {
+                if let Ok(uri) = string_field(&entry, "uri") {
+                    gw.router.learn_resource(&uri, index);
+                }
+                Bytes::copy_from_slice(item.get().as_bytes())
+            }
+            "resourceTemplates" => {
+                if let Ok(t) = string_field(&entry, "uriTemplate") {
+                    gw.router.learn_template(&t, index);
+                }
+                Bytes::copy_from_slice(item.get().as_bytes())
+            }
+            _ if kind.rename && gw.router.prefixing() => {
+                let name = string_field(&entry, "name")?;
+                let public = json_string(&gw.router.public_name(index, &name));
+                entry.insert(Cow::Borrowed("name"), &public);
+                encode_fields(&entry)
+            }
+            _ => Bytes::copy_from_slice(item.get().as_bytes()),
+        };
+        if !items.is_empty() {
+            items.put_u8(b',');
+        }
+        items.put_slice(&bytes);
+    }
+    match f.get("nextCursor") {
+        Some(c) => Ok(serde_json::from_str::<Option<String>>(c.get()).map_err(|e| e.to_string())?),
+        None => Ok(None),
+    }
+}
+
+fn encode_cursor(next: &[(String, String)]) -> String {
+    let map: BTreeMap<&str, &str> = next.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&map).unwrap_or_default())
+}
+
+fn decode_cursor(gw: &Gateway, cursor: &str) -> Option<Vec<(usize, Option<String>)>> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).ok()?;
+    let map: BTreeMap<String, String> = serde_json::from_slice(&raw).ok()?;
+    if map.is_empty() {
+        return None;
+    }
+    map.into_iter()
+        .map(|(name, c)| Some((gw.router.index_of(&name)?, Some(c))))
+        .collect()
+}

@@ -1,0 +1,332 @@
+//! JSON-RPC 2.0 envelopes: parse only what routing needs, keep payloads as raw JSON bytes.
+//!
+//! A [`Message`] holds the frame it was parsed from and zero-copy slices of its
+//! `id`, `params`, `result` and `error` members, so forwarding never re-encodes them.
+
+use std::borrow::Cow;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// JSON-RPC and gateway error codes.
+pub mod code {
+    /// The body is not valid JSON.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// The JSON is not a valid JSON-RPC message.
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// No such method.
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Parameters are missing or malformed.
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// The gateway failed internally.
+    pub const INTERNAL_ERROR: i64 = -32603;
+    /// The upstream server could not be reached or failed mid-call.
+    pub const UPSTREAM_UNAVAILABLE: i64 = -32010;
+    /// The upstream server did not answer within the deadline.
+    pub const UPSTREAM_TIMEOUT: i64 = -32011;
+    /// The request was cancelled before it completed.
+    pub const REQUEST_CANCELLED: i64 = -32800;
+}
+
+/// Why a frame is not an acceptable JSON-RPC message.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// Not JSON at all.
+    #[error("parse error: {0}")]
+    Json(String),
+    /// JSON, but not a single JSON-RPC 2.0 message.
+    #[error("invalid request: {0}")]
+    Invalid(&'static str),
+}
+
+impl ParseError {
+    /// The JSON-RPC error code for this failure.
+    pub fn code(&self) -> i64 {
+        match self {
+            ParseError::Json(_) => code::PARSE_ERROR,
+            ParseError::Invalid(_) => code::INVALID_REQUEST,
+        }
+    }
+}
+
+/// What a message is, with raw slices of its members.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    /// A call that expects a response.
+    Request {
+        /// Raw JSON id (number or string).
+        id: Bytes,
+        /// Method name.
+        method: Box<str>,
+        /// Raw JSON params, if any.
+        params: Option<Bytes>,
+    },
+    /// A one-way message.
+    Notification {
+        /// Method name.
+        method: Box<str>,
+        /// Raw JSON params, if any.
+        params: Option<Bytes>,
+    },
+    /// The answer to a request.
+    Response {
+        /// Raw JSON id.
+        id: Bytes,
+        /// Raw `result` on success, raw `error` object on failure.
+        outcome: Outcome,
+    },
+}
+
+/// The outcome carried by a response: raw `result` or raw `error` object.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Raw JSON of `result`.
+    Result(Bytes),
+    /// Raw JSON of `error`.
+    Error(Bytes),
+}
+
+/// A parsed JSON-RPC message and the frame it came from.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The whole frame.
+    pub frame: Bytes,
+    /// Its classification and members.
+    pub kind: Kind,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    jsonrpc: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    params: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    result: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
+}
+
+/// Parses one JSON-RPC 2.0 message; batches and non-objects are rejected.
+pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
+    let first = frame.iter().find(|b| !b.is_ascii_whitespace());
+    match first {
+        None => return Err(ParseError::Invalid("empty body")),
+        Some(b'[') => return Err(ParseError::Invalid("JSON-RPC batches are not supported")),
+        Some(b'{') => {}
+        Some(_) => {
+            // Distinguish "valid JSON but not an object" from "not JSON".
+            return match serde_json::from_slice::<&RawValue>(&frame) {
+                Ok(_) => Err(ParseError::Invalid("a JSON-RPC message must be a JSON object")),
+                Err(e) => Err(ParseError::Json(e.to_string())),
+            };
+        }
+    }
+    let env: Envelope<'_> =
+        serde_json::from_slice(&frame).map_err(|e| ParseError::Json(e.to_string()))?;
+    if env.jsonrpc.as_deref() != Some("2.0") {
+        return Err(ParseError::Invalid("\"jsonrpc\" must be \"2.0\""));
+    }
+    let slice = |raw: &RawValue| frame.slice_ref(raw.get().as_bytes());
+    let id = env.id.map(slice);
+    if let Some(id) = &id {
+        let ok = matches!(id.first(), Some(b'"' | b'-' | b'0'..=b'9'));
+        if !ok {
+            return Err(ParseError::Invalid("\"id\" must be a string or a number"));
+        }
+    }
+    let kind = match (env.method, id, env.result, env.error) {
+        (Some(method), id, None, None) => {
+            let params = env.params.map(slice);
+            if let Some(p) = &params
+                && !matches!(p.first(), Some(b'{' | b'['))
+            {
+                return Err(ParseError::Invalid("\"params\" must be an object or an array"));
+            }
+            let method: Box<str> = method.into();
+            match id {
+                Some(id) => Kind::Request { id, method, params },
+                None => Kind::Notification { method, params },
+            }
+        }
+        (None, Some(id), Some(result), None) => Kind::Response {
+            id,
+            outcome: Outcome::Result(slice(result)),
+        },
+        (None, id, None, Some(error)) => Kind::Response {
+            id: id.unwrap_or_else(|| Bytes::from_static(b"null")),
+            outcome: Outcome::Error(slice(error)),
+        },
+        (None, _, None, None) => return Err(ParseError::Invalid("missing \"method\"")),
+        _ => {
+            return Err(ParseError::Invalid(
+                "a message must have exactly one of \"method\", \"result\" or \"error\"",
+            ));
+        }
+    };
+    Ok(Message { frame, kind })
+}
+
+impl Message {
+    /// The method name of a request or notification.
+    pub fn method(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Request { method, .. } | Kind::Notification { method, .. } => Some(method),
+            Kind::Response { .. } => None,
+        }
+    }
+}
+
+fn put_str(buf: &mut BytesMut, s: &str) {
+    // Method names and messages are short; serde_json escapes them correctly.
+    let encoded = serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+    buf.put_slice(encoded.as_bytes());
+}
+
+/// Encodes a request frame.
+pub fn request(id: &[u8], method: &str, params: Option<&[u8]>) -> Bytes {
+    let mut b = BytesMut::with_capacity(48 + method.len() + params.map_or(0, <[u8]>::len));
+    b.put_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    b.put_slice(id);
+    b.put_slice(b",\"method\":");
+    put_str(&mut b, method);
+    if let Some(p) = params {
+        b.put_slice(b",\"params\":");
+        b.put_slice(p);
+    }
+    b.put_u8(b'}');
+    b.freeze()
+}
+
+/// Encodes a notification frame.
+pub fn notification(method: &str, params: Option<&[u8]>) -> Bytes {
+    let mut b = BytesMut::with_capacity(40 + method.len() + params.map_or(0, <[u8]>::len));
+    b.put_slice(b"{\"jsonrpc\":\"2.0\",\"method\":");
+    put_str(&mut b, method);
+    if let Some(p) = params {
+        b.put_slice(b",\"params\":");
+        b.put_slice(p);
+    }
+    b.put_u8(b'}');
+    b.freeze()
+}
+
+/// Encodes a response frame carrying a raw outcome.
+pub fn response(id: &[u8], outcome: &Outcome) -> Bytes {
+    let (key, raw): (&[u8], &Bytes) = match outcome {
+        Outcome::Result(r) => (b",\"result\":", r),
+        Outcome::Error(e) => (b",\"error\":", e),
+    };
+    let mut b = BytesMut::with_capacity(32 + id.len() + raw.len());
+    b.put_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    b.put_slice(id);
+    b.put_slice(key);
+    b.put_slice(raw);
+    b.put_u8(b'}');
+    b.freeze()
+}
+
+/// Encodes a JSON-RPC error object.
+pub fn error_object(code: i64, message: &str) -> Bytes {
+    let mut b = BytesMut::with_capacity(32 + message.len());
+    b.put_slice(b"{\"code\":");
+    b.put_slice(code.to_string().as_bytes());
+    b.put_slice(b",\"message\":");
+    put_str(&mut b, message);
+    b.put_u8(b'}');
+    b.freeze()
+}
+
+/// Encodes an error response frame; `id` is `None` when the request's id is unknown.
+pub fn error_response(id: Option<&[u8]>, code: i64, message: &str) -> Bytes {
+    response(
+        id.unwrap_or(b"null"),
+        &Outcome::Error(error_object(code, message)),
+    )
+}
+
+/// Encodes a u64 as a raw JSON id.
+pub fn numeric_id(n: u64) -> Bytes {
+    Bytes::from(n.to_string())
+}
+
+/// Reads a raw JSON id back as a u64, if it is one.
+pub fn id_as_u64(id: &[u8]) -> Option<u64> {
+    std::str::from_utf8(id).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<Message, ParseError> {
+        parse(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn request_members_are_zero_copy_slices() {
+        let m = p(r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"a","arguments":{"x":[1,2]}}}"#).unwrap();
+        match m.kind {
+            Kind::Request { id, method, params } => {
+                assert_eq!(&id[..], b"7");
+                assert_eq!(&*method, "tools/call");
+                assert_eq!(&params.unwrap()[..], br#"{"name":"a","arguments":{"x":[1,2]}}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn classifies_notifications_and_responses() {
+        assert!(matches!(
+            p(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).unwrap().kind,
+            Kind::Notification { .. }
+        ));
+        assert!(matches!(
+            p(r#"{"jsonrpc":"2.0","id":"a","result":{}}"#).unwrap().kind,
+            Kind::Response { outcome: Outcome::Result(_), .. }
+        ));
+        assert!(matches!(
+            p(r#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x"}}"#).unwrap().kind,
+            Kind::Response { outcome: Outcome::Error(_), .. }
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_input_with_the_right_code() {
+        let cases = [
+            ("{not json", code::PARSE_ERROR),
+            ("", code::INVALID_REQUEST),
+            ("[{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}]", code::INVALID_REQUEST),
+            ("42", code::INVALID_REQUEST),
+            ("\"str\"", code::INVALID_REQUEST),
+            (r#"{"jsonrpc":"2.0","id":1}"#, code::INVALID_REQUEST),
+            (r#"{"id":1,"method":"ping"}"#, code::INVALID_REQUEST),
+            (r#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#, code::INVALID_REQUEST),
+            (r#"{"jsonrpc":"2.0","id":{},"method":"ping"}"#, code::INVALID_REQUEST),
+            (r#"{"jsonrpc":"2.0","id":1,"method":"x","params":3}"#, code::INVALID_REQUEST),
+            (r#"{"jsonrpc":"2.0","id":1,"method":"x","result":{}}"#, code::INVALID_REQUEST),
+        ];
+        for (input, want) in cases {
+            let err = p(input).expect_err(input);
+            assert_eq!(err.code(), want, "{input}: {err}");
+        }
+    }
+
+    #[test]
+    fn encodes_frames_that_parse_back() {
+        let f = request(b"3", "tools/call", Some(br#"{"a":"\u00e9"}"#));
+        assert!(matches!(parse(f).unwrap().kind, Kind::Request { .. }));
+        let e = error_response(Some(b"\"x\""), code::INVALID_PARAMS, "bad \"name\"");
+        let v: serde_json::Value = serde_json::from_slice(&e).unwrap();
+        assert_eq!(v["error"]["message"], "bad \"name\"");
+        assert_eq!(v["id"], "x");
+        assert_eq!(id_as_u64(b"12"), Some(12));
+        assert_eq!(id_as_u64(b"\"12\""), None);
+    }
+}

@@ -1,0 +1,7 @@
+//! The MCP layer: transport front, JSON-RPC envelopes, sessions, routing and method handling.
+
+pub mod front;
+pub mod handler;
+pub mod jsonrpc;
+pub mod router;
+pub mod session;

@@ -1,0 +1,293 @@
+//! Downstream sessions: one per `Mcp-Session-Id`, owning a [`Link`] to every upstream.
+//!
+//! The session remaps ids of server→client requests (so answers find their upstream), tracks
+//! in-flight client requests for cancellation, and routes server messages to the stream of the
+//! request they relate to, else to the client's GET stream.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
+use crate::upstream::{EventSink, Link, Server, ServerMessages};
+
+/// Capability bits an upstream advertised.
+pub mod caps {
+    /// `tools`.
+    pub const TOOLS: u8 = 1;
+    /// `prompts`.
+    pub const PROMPTS: u8 = 2;
+    /// `resources`.
+    pub const RESOURCES: u8 = 4;
+    /// `logging`.
+    pub const LOGGING: u8 = 8;
+    /// `completions`.
+    pub const COMPLETIONS: u8 = 16;
+    /// Not yet known (never connected).
+    pub const UNKNOWN: u8 = 0x80;
+}
+
+/// One client session.
+pub struct Session {
+    /// The `Mcp-Session-Id`.
+    pub id: Arc<str>,
+    /// Who opened it; later requests must come from the same principal.
+    pub principal: Option<Arc<str>>,
+    /// Negotiated protocol revision.
+    pub protocol_version: &'static str,
+    links: Box<[Link]>,
+    upstream_caps: Box<[AtomicU8]>,
+    inflight: Mutex<HashMap<Bytes, oneshot::Sender<()>>>,
+    server_requests: Mutex<HashMap<u64, (usize, Bytes)>>,
+    next_server_request: AtomicU64,
+    listen_stream: Mutex<Option<EventSink>>,
+    epoch: Instant,
+    last_active_ms: AtomicU64,
+    busy: AtomicUsize,
+}
+
+struct Sink(Weak<Session>);
+
+impl ServerMessages for Sink {
+    fn deliver(&self, index: usize, related: Option<EventSink>, msg: Message) {
+        if let Some(s) = self.0.upgrade() {
+            s.on_server_message(index, related, msg);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Session {
+    /// Creates a session with a link to every server; `init_params` is what each upstream is sent.
+    pub fn new(
+        id: Arc<str>,
+        principal: Option<Arc<str>>,
+        protocol_version: &'static str,
+        servers: &[Arc<Server>],
+        init_params: Bytes,
+        epoch: Instant,
+    ) -> Arc<Session> {
+        Arc::new_cyclic(|weak: &Weak<Session>| {
+            let sink: Arc<dyn ServerMessages> = Arc::new(Sink(weak.clone()));
+            Session {
+                id,
+                principal,
+                protocol_version,
+                links: servers
+                    .iter()
+                    .map(|s| Link::new(s.clone(), sink.clone(), init_params.clone()))
+                    .collect(),
+                upstream_caps: servers.iter().map(|_| AtomicU8::new(caps::UNKNOWN)).collect(),
+                inflight: Mutex::new(HashMap::new()),
+                server_requests: Mutex::new(HashMap::new()),
+                next_server_request: AtomicU64::new(1),
+                listen_stream: Mutex::new(None),
+                epoch,
+                last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
+                busy: AtomicUsize::new(0),
+            }
+        })
+    }
+
+    /// The links, indexed like the gateway's servers.
+    pub fn links(&self) -> &[Link] {
+        &self.links
+    }
+
+    /// Connects upstream `index` if needed and returns its capability bits.
+    pub async fn connect(&self, index: usize) -> Result<u8, crate::upstream::UpstreamError> {
+        let link = &self.links[index];
+        let before = link.generation.load(Ordering::Relaxed);
+        link.connection().await?;
+        if link.generation.load(Ordering::Relaxed) != before
+            || self.upstream_caps[index].load(Ordering::Relaxed) == caps::UNKNOWN
+        {
+            let bits = link.init_result().map_or(0, |r| capability_bits(&r));
+            self.upstream_caps[index].store(bits, Ordering::Relaxed);
+        }
+        Ok(self.upstream_caps[index].load(Ordering::Relaxed))
+    }
+
+    /// Marks activity now; the returned guard keeps the session from expiring while a request runs.
+    pub fn touch(self: &Arc<Self>) -> BusyGuard {
+        self.last_active_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        BusyGuard(self.clone())
+    }
+
+    /// True when idle for longer than `idle_ms` with nothing running and no open GET stream.
+    pub fn expired(&self, now_ms: u64, idle_ms: u64) -> bool {
+        let idle = now_ms.saturating_sub(self.last_active_ms.load(Ordering::Relaxed)) > idle_ms;
+        let listening = lock(&self.listen_stream).as_ref().is_some_and(|s| !s.is_closed());
+        idle && self.busy.load(Ordering::Relaxed) == 0 && !listening
+    }
+
+    /// Registers an in-flight client request so `notifications/cancelled` can reach it.
+    pub fn track(&self, id: Bytes) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inflight).insert(id, tx);
+        rx
+    }
+
+    /// Forgets an in-flight request.
+    pub fn untrack(&self, id: &Bytes) {
+        lock(&self.inflight).remove(id);
+    }
+
+    /// Cancels an in-flight request by its client id.
+    pub fn cancel(&self, id: &[u8]) {
+        if let Some(tx) = lock(&self.inflight).remove(id) {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Installs the client's GET stream; false if one is already open.
+    pub fn open_listen_stream(&self, sink: EventSink) -> bool {
+        let mut slot = lock(&self.listen_stream);
+        if slot.as_ref().is_some_and(|s| !s.is_closed()) {
+            return false;
+        }
+        *slot = Some(sink);
+        true
+    }
+
+    /// Relays the client's answer to a server→client request back to its upstream.
+    pub async fn on_client_response(&self, id: &[u8], outcome: &Outcome) -> bool {
+        let Some(n) = jsonrpc::id_as_u64(id) else { return false };
+        let Some((index, original)) = lock(&self.server_requests).remove(&n) else {
+            return false;
+        };
+        self.links[index].respond(&original, outcome).await;
+        true
+    }
+
+    /// Ends every upstream session.
+    pub async fn close(&self) {
+        lock(&self.listen_stream).take();
+        futures_util::future::join_all(self.links.iter().map(Link::close)).await;
+    }
+
+    fn on_server_message(self: Arc<Self>, index: usize, related: Option<EventSink>, msg: Message) {
+        match msg.kind {
+            Kind::Request { id, method, params } => {
+                let n = self.next_server_request.fetch_add(1, Ordering::Relaxed);
+                lock(&self.server_requests).insert(n, (index, id.clone()));
+                let frame = jsonrpc::request(n.to_string().as_bytes(), &method, params.as_deref());
+                if !self.push(related, frame) {
+                    lock(&self.server_requests).remove(&n);
+                    let error = jsonrpc::error_object(
+                        code::INTERNAL_ERROR,
+                        "the client has no open stream to receive this request",
+                    );
+                    tokio::spawn(async move {
+                        self.links[index].respond(&id, &Outcome::Error(error)).await;
+                    });
+                }
+            }
+            Kind::Notification { method, params } => {
+                let frame = if &*method == "notifications/cancelled" {
+                    // The server cancels one of its own requests: translate its id to ours.
+                    match params.as_deref().and_then(|p| self.downstream_id_of(index, p)) {
+                        Some(n) => jsonrpc::notification(
+                            "notifications/cancelled",
+                            Some(format!("{{\"requestId\":{n}}}").as_bytes()),
+                        ),
+                        None => return,
+                    }
+                } else {
+                    msg.frame
+                };
+                if !self.push(related, frame) {
+                    tracing::debug!(session = %self.id, %method, "dropped a notification: no client stream open");
+                }
+            }
+            Kind::Response { .. } => {}
+        }
+    }
+
+    fn downstream_id_of(&self, index: usize, params: &[u8]) -> Option<u64> {
+        #[derive(Deserialize)]
+        struct P<'a> {
+            #[serde(borrow, rename = "requestId")]
+            id: &'a serde_json::value::RawValue,
+        }
+        let p: P<'_> = serde_json::from_slice(params).ok()?;
+        let mut map = lock(&self.server_requests);
+        let n = *map
+            .iter()
+            .find(|(_, (i, orig))| *i == index && orig[..] == *p.id.get().as_bytes())?
+            .0;
+        map.remove(&n);
+        Some(n)
+    }
+
+    /// Sends a frame on the related stream, else the GET stream. Queues are bounded: a client too
+    /// slow to drain them loses messages rather than growing the gateway's memory.
+    fn push(&self, related: Option<EventSink>, frame: Bytes) -> bool {
+        if let Some(tx) = related
+            && tx.try_send(frame.clone()).is_ok()
+        {
+            return true;
+        }
+        let mut slot = lock(&self.listen_stream);
+        if let Some(tx) = slot.as_ref() {
+            if tx.is_closed() {
+                *slot = None;
+                return false;
+            }
+            return tx.try_send(frame).is_ok();
+        }
+        false
+    }
+}
+
+/// Keeps a session alive while a request runs.
+pub struct BusyGuard(Arc<Session>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        let s = &self.0;
+        s.last_active_ms
+            .store(s.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        s.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Reads the capability bits out of an `initialize` result.
+pub fn capability_bits(init_result: &[u8]) -> u8 {
+    #[derive(Deserialize, Default)]
+    struct Caps<'a> {
+        #[serde(borrow, default)]
+        tools: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow, default)]
+        prompts: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow, default)]
+        resources: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow, default)]
+        logging: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow, default)]
+        completions: Option<&'a serde_json::value::RawValue>,
+    }
+    #[derive(Deserialize)]
+    struct R<'a> {
+        #[serde(borrow, default)]
+        capabilities: Caps<'a>,
+    }
+    let Ok(r) = serde_json::from_slice::<R<'_>>(init_result) else { return 0 };
+    let c = r.capabilities;
+    let bit = |o: Option<&serde_json::value::RawValue>, b: u8| if o.is_some() { b } else { 0 };
+    bit(c.tools, caps::TOOLS)
+        | bit(c.prompts, caps::PROMPTS)
+        | bit(c.resources, caps::RESOURCES)
+        | bit(c.logging, caps::LOGGING)
+        | bit(c.completions, caps::COMPLETIONS)
+}

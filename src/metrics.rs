@@ -1,0 +1,140 @@
+//! Prometheus metrics: requests by method, server and outcome; latency; sessions; upstream health.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels of one MCP request: every value is static so recording never allocates.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// MCP method (known methods; anything else is `other`).
+    pub method: &'static str,
+    /// Upstream server name, or `gateway` for requests answered by the gateway itself.
+    pub server: &'static str,
+    /// `ok`, `error` (a JSON-RPC error from the server) or `failed` (the gateway could not complete it).
+    pub outcome: &'static str,
+}
+
+/// Labels of a latency observation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    /// MCP method.
+    pub method: &'static str,
+    /// Upstream server name.
+    pub server: &'static str,
+}
+
+/// Labels naming one upstream.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    /// Upstream server name.
+    pub server: &'static str,
+}
+
+/// Labels of an HTTP response.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    /// HTTP status code.
+    pub status: u16,
+}
+
+/// All gateway metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram>,
+    /// Open downstream sessions.
+    pub sessions: Gauge,
+    upstream_up: Family<ServerLabels, Gauge>,
+    http_responses: Family<StatusLabels, Counter>,
+}
+
+const KNOWN_METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "tools/list",
+    "tools/call",
+    "prompts/list",
+    "prompts/get",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "completion/complete",
+    "logging/setLevel",
+    "server/discover",
+];
+
+/// Maps a method to a static label value, bounding label cardinality.
+pub fn method_label(method: &str) -> &'static str {
+    KNOWN_METHODS.iter().find(|m| **m == method).copied().unwrap_or("other")
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("gatehouse");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("mcp_requests", "MCP requests by method, server and outcome", requests.clone());
+        let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ])
+        });
+        registry.register("mcp_request_duration_seconds", "MCP request latency", latency.clone());
+        let sessions = Gauge::default();
+        registry.register("sessions_active", "Open MCP sessions", sessions.clone());
+        let upstream_up = Family::<ServerLabels, Gauge>::default();
+        registry.register(
+            "upstream_up",
+            "1 when the last attempt to reach the upstream succeeded, 0 when it failed",
+            upstream_up.clone(),
+        );
+        let http_responses = Family::<StatusLabels, Counter>::default();
+        registry.register("http_responses", "HTTP responses by status", http_responses.clone());
+        Arc::new(Metrics {
+            registry,
+            requests,
+            latency,
+            sessions,
+            upstream_up,
+            http_responses,
+        })
+    }
+
+    /// Records one finished MCP request.
+    pub fn record(&self, method: &'static str, server: &'static str, outcome: &'static str, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels { method, server, outcome })
+            .inc();
+        self.latency
+            .get_or_create(&LatencyLabels { method, server })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets an upstream's health.
+    pub fn set_upstream_up(&self, server: &'static str, up: bool) {
+        self.upstream_up.get_or_create(&ServerLabels { server }).set(i64::from(up));
+    }
+
+    /// Counts an HTTP response.
+    pub fn http_response(&self, status: u16) {
+        self.http_responses.get_or_create(&StatusLabels { status }).inc();
+    }
+
+    /// Renders the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,283 @@
+//! Streamable HTTP upstream: POST per message over a pooled keep-alive client, JSON or SSE
+//! responses, the upstream's `Mcp-Session-Id`, and a GET stream for server-initiated messages.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+
+use super::{Deliver, EventSink, Server, UpstreamError};
+use crate::config::Transport;
+use crate::mcp::jsonrpc::{self, Kind, Message, Outcome};
+use crate::sse;
+
+/// Largest JSON response or SSE event accepted from an upstream.
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// The shared pooled HTTP client (http and https).
+pub type Client = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Builds the pooled client used for every HTTP upstream.
+pub fn client() -> Client {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
+        .expect("the ring provider supports the default protocol versions")
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(https)
+}
+
+const MCP_SESSION_ID: &str = "mcp-session-id";
+const MCP_PROTOCOL_VERSION: &str = "mcp-protocol-version";
+
+/// One MCP session with an HTTP server.
+pub struct Connection {
+    pub(crate) server: Arc<Server>,
+    pub(crate) next_id: AtomicU64,
+    deliver: Deliver,
+    session_id: Mutex<Option<HeaderValue>>,
+    protocol_version: Mutex<Option<HeaderValue>>,
+    listen_task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Connection {
+    /// A connection that has not yet initialized.
+    pub fn new(server: Arc<Server>, deliver: Deliver) -> Self {
+        Connection {
+            server,
+            next_id: AtomicU64::new(1),
+            deliver,
+            session_id: Mutex::new(None),
+            protocol_version: Mutex::new(None),
+            listen_task: Mutex::new(None),
+        }
+    }
+
+    /// Remembers the negotiated protocol version for the `MCP-Protocol-Version` header.
+    pub(crate) fn set_protocol_version(&self, init_result: &[u8]) {
+        #[derive(Deserialize)]
+        struct R<'a> {
+            #[serde(borrow, rename = "protocolVersion")]
+            v: Option<std::borrow::Cow<'a, str>>,
+        }
+        if let Ok(R { v: Some(v) }) = serde_json::from_slice::<R<'_>>(init_result)
+            && let Ok(h) = HeaderValue::from_str(&v)
+        {
+            *self.protocol_version.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+        }
+    }
+
+    fn request(&self, method: Method, body: Bytes, accept: &'static str) -> Result<Request<Full<Bytes>>, UpstreamError> {
+        let Transport::Http { url, headers } = &self.server.config.transport else {
+            return Err(self.server.unavailable("not an HTTP upstream"));
+        };
+        let mut req = Request::builder().method(method).uri(url.clone());
+        let h = req.headers_mut().expect("builder has no error yet");
+        h.extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+        h.insert(ACCEPT, HeaderValue::from_static(accept));
+        if !body.is_empty() {
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        if let Some(s) = self.session_id.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            h.insert(MCP_SESSION_ID, s);
+        }
+        if let Some(v) = self.protocol_version.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            h.insert(MCP_PROTOCOL_VERSION, v);
+        }
+        req.body(Full::new(body))
+            .map_err(|e| self.server.unavailable(format!("cannot build request: {e}")))
+    }
+
+    async fn post(&self, frame: Bytes) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+        let req = self.request(Method::POST, frame, "application/json, text/event-stream")?;
+        let had_session = req.headers().contains_key(MCP_SESSION_ID);
+        let resp = self
+            .server
+            .http
+            .request(req)
+            .await
+            .map_err(|e| self.server.unavailable(connect_reason(&e)))?;
+        if resp.status() == StatusCode::NOT_FOUND && had_session {
+            return Err(UpstreamError::SessionExpired {
+                server: self.server.name.clone(),
+            });
+        }
+        if let Some(s) = resp.headers().get(MCP_SESSION_ID) {
+            let mut cur = self.session_id.lock().unwrap_or_else(|e| e.into_inner());
+            if cur.is_none() {
+                *cur = Some(s.clone());
+            }
+        }
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = read_limited(resp.into_body(), 512).await.unwrap_or_default();
+            return Err(self.server.unavailable(format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            )));
+        }
+        Ok(resp)
+    }
+
+    pub(crate) async fn send(&self, frame: Bytes) -> Result<(), UpstreamError> {
+        let resp = self.post(frame).await?;
+        // 202 Accepted with no body is the norm; drain anything else.
+        let _ = read_limited(resp.into_body(), MAX_MESSAGE).await;
+        Ok(())
+    }
+
+    pub(crate) async fn exchange(&self, id: u64, frame: Bytes, events: Option<EventSink>) -> Result<Outcome, UpstreamError> {
+        let resp = self.post(frame).await?;
+        let is_sse = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !is_sse {
+            let body = read_limited(resp.into_body(), MAX_MESSAGE)
+                .await
+                .map_err(|e| self.server.unavailable(e))?;
+            let msg = jsonrpc::parse(body).map_err(|e| self.server.unavailable(format!("bad response: {e}")))?;
+            return match msg.kind {
+                Kind::Response { id: rid, outcome } if jsonrpc::id_as_u64(&rid) == Some(id) => Ok(outcome),
+                _ => Err(self.server.unavailable("response does not answer the request")),
+            };
+        }
+        let mut body = resp.into_body();
+        let mut decoder = sse::Decoder::new(MAX_MESSAGE);
+        loop {
+            while let Some(ev) = decoder.next_event().map_err(|e| self.server.unavailable(e.to_string()))? {
+                if let Some(outcome) = self.on_event(ev, Some(id), events.as_ref()) {
+                    return Ok(outcome);
+                }
+            }
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        decoder.feed(&data);
+                    }
+                }
+                Some(Err(e)) => return Err(self.server.unavailable(format!("stream broke: {e}"))),
+                None => return Err(self.server.unavailable("stream ended without a response")),
+            }
+        }
+    }
+
+    /// Handles one SSE event; returns the outcome when it answers `waiting_for`.
+    fn on_event(&self, ev: sse::Event, waiting_for: Option<u64>, events: Option<&EventSink>) -> Option<Outcome> {
+        if !(ev.event.is_empty() || ev.event == "message") || ev.data.trim_ascii().is_empty() {
+            return None;
+        }
+        let msg: Message = match jsonrpc::parse(ev.data) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(server = %self.server.name, "ignoring malformed SSE message: {e}");
+                return None;
+            }
+        };
+        match msg.kind {
+            Kind::Response { id, outcome } => {
+                if waiting_for.is_some() && jsonrpc::id_as_u64(&id) == waiting_for {
+                    return Some(outcome);
+                }
+                tracing::debug!(server = %self.server.name, "unexpected response on SSE stream");
+                None
+            }
+            _ => {
+                self.deliver.deliver(events.cloned(), msg);
+                None
+            }
+        }
+    }
+
+    /// Starts the GET stream that carries server-initiated messages, once.
+    pub(crate) fn open_listen_stream(&self, conn: Arc<super::Connection>) {
+        let mut task = self.listen_task.lock().unwrap_or_else(|e| e.into_inner());
+        if task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let handle = tokio::spawn(async move {
+            let super::Connection::Http(this) = &*conn else { return };
+            if let Err(e) = this.listen().await {
+                tracing::debug!(server = %this.server.name, "listen stream ended: {e}");
+            }
+        });
+        *task = Some(handle.abort_handle());
+    }
+
+    async fn listen(&self) -> Result<(), UpstreamError> {
+        let req = self.request(Method::GET, Bytes::new(), "text/event-stream")?;
+        let resp = self
+            .server
+            .http
+            .request(req)
+            .await
+            .map_err(|e| self.server.unavailable(connect_reason(&e)))?;
+        if !resp.status().is_success() {
+            // 405 means the server offers no such stream; that is fine.
+            return Ok(());
+        }
+        let mut body = resp.into_body();
+        let mut decoder = sse::Decoder::new(MAX_MESSAGE);
+        loop {
+            while let Some(ev) = decoder.next_event().map_err(|e| self.server.unavailable(e.to_string()))? {
+                self.on_event(ev, None, None);
+            }
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        decoder.feed(&data);
+                    }
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        if let Some(t) = self.listen_task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
+        }
+        let has_session = self.session_id.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+        if !has_session {
+            return;
+        }
+        if let Ok(req) = self.request(Method::DELETE, Bytes::new(), "application/json, text/event-stream") {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.server.http.request(req)).await;
+        }
+    }
+}
+
+fn connect_reason(e: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error;
+    let mut reason = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        src = s.source();
+    }
+    reason
+}
+
+async fn read_limited(body: hyper::body::Incoming, limit: usize) -> Result<Bytes, String> {
+    Limited::new(body, limit)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| format!("cannot read response body: {e}"))
+}

@@ -1,0 +1,505 @@
+//! Upstream MCP servers: one [`Link`] per (downstream session, upstream server), over stdio or Streamable HTTP.
+//!
+//! A link connects lazily, performs the MCP handshake with the client's own capabilities, remaps
+//! JSON-RPC ids (each connection numbers its own requests), enforces the per-call deadline and
+//! reconnects after the server exits or forgets the session.
+
+pub mod http;
+pub mod stdio;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{Transport, UpstreamConfig};
+use crate::mcp::jsonrpc::{self, Message, Outcome, code};
+use crate::metrics::Metrics;
+
+/// Frames (JSON-RPC messages) bound for one downstream stream.
+pub type EventSink = mpsc::Sender<Bytes>;
+
+/// Why an upstream call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// The server could not be reached, exited, or broke the protocol.
+    #[error("upstream '{server}' is unavailable: {reason}")]
+    Unavailable {
+        /// Upstream name.
+        server: Arc<str>,
+        /// What happened.
+        reason: String,
+    },
+    /// No answer within the deadline.
+    #[error("upstream '{server}' did not answer within {}", humantime::format_duration(*.timeout))]
+    Timeout {
+        /// Upstream name.
+        server: Arc<str>,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// The server no longer knows our session (HTTP 404); the request was not processed.
+    #[error("upstream '{server}' ended the session")]
+    SessionExpired {
+        /// Upstream name.
+        server: Arc<str>,
+    },
+    /// The client cancelled the request.
+    #[error("request cancelled")]
+    Cancelled,
+}
+
+impl UpstreamError {
+    /// The JSON-RPC error code sent to the client.
+    pub fn code(&self) -> i64 {
+        match self {
+            UpstreamError::Timeout { .. } => code::UPSTREAM_TIMEOUT,
+            UpstreamError::Cancelled => code::REQUEST_CANCELLED,
+            _ => code::UPSTREAM_UNAVAILABLE,
+        }
+    }
+}
+
+/// Receives what an upstream sends that is not a response to one of our requests.
+pub trait ServerMessages: Send + Sync + 'static {
+    /// Handles a server→client request or notification from upstream `index`; `related` is the
+    /// stream of the client request it belongs to, when known.
+    fn deliver(&self, index: usize, related: Option<EventSink>, msg: Message);
+}
+
+/// An upstream server as configured, shared by every session.
+pub struct Server {
+    /// Position in the routing table.
+    pub index: usize,
+    /// Name (also the tool prefix).
+    pub name: Arc<str>,
+    /// Name as a metrics label.
+    pub label: &'static str,
+    /// Its configuration.
+    pub config: UpstreamConfig,
+    /// Connection pool for HTTP upstreams.
+    pub http: http::Client,
+    /// Gateway metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Server {
+    /// Builds the shared server record.
+    pub fn new(index: usize, config: UpstreamConfig, http: http::Client, metrics: Arc<Metrics>) -> Self {
+        // Names come from configuration and are few; leaking gives allocation-free metric labels.
+        let label: &'static str = Box::leak(config.name.clone().into_boxed_str());
+        Server {
+            index,
+            name: Arc::from(config.name.as_str()),
+            label,
+            config,
+            http,
+            metrics,
+        }
+    }
+
+    pub(crate) fn unavailable(&self, reason: impl Into<String>) -> UpstreamError {
+        UpstreamError::Unavailable {
+            server: self.name.clone(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Per-call options.
+#[derive(Default)]
+pub struct CallOpts {
+    /// Stream for server→client messages related to this call.
+    pub events: Option<EventSink>,
+    /// Fires when the client cancels the call.
+    pub cancel: Option<oneshot::Receiver<()>>,
+    /// The call's progress token (raw JSON), used to route progress from stdio servers.
+    pub progress_token: Option<Bytes>,
+}
+
+/// A live connection to one upstream.
+pub enum Connection {
+    /// A child process.
+    Stdio(stdio::Connection),
+    /// A Streamable HTTP session.
+    Http(http::Connection),
+}
+
+impl Connection {
+    fn next_id(&self) -> u64 {
+        match self {
+            Connection::Stdio(c) => c.next_id.fetch_add(1, Ordering::Relaxed),
+            Connection::Http(c) => c.next_id.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    fn server(&self) -> &Arc<Server> {
+        match self {
+            Connection::Stdio(c) => &c.server,
+            Connection::Http(c) => &c.server,
+        }
+    }
+
+    /// Sends a request and waits for its outcome within `timeout`; cancels upstream on timeout,
+    /// client cancellation, or when the caller drops the future.
+    pub async fn request(
+        self: &Arc<Self>,
+        method: &str,
+        params: Option<&[u8]>,
+        mut opts: CallOpts,
+        timeout: Duration,
+    ) -> Result<Outcome, UpstreamError> {
+        let id = self.next_id();
+        let frame = jsonrpc::request(id.to_string().as_bytes(), method, params);
+        let mut guard = CancelOnDrop {
+            conn: Some(self.clone()),
+            id,
+        };
+        let exchange = async {
+            match &**self {
+                Connection::Stdio(c) => c.exchange(id, frame, opts.events.take(), opts.progress_token.take()).await,
+                Connection::Http(c) => c.exchange(id, frame, opts.events.take()).await,
+            }
+        };
+        let cancelled = async {
+            match opts.cancel.take() {
+                Some(rx) => {
+                    if rx.await.is_err() {
+                        std::future::pending::<()>().await
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            r = exchange => r,
+            _ = tokio::time::sleep(timeout) => Err(UpstreamError::Timeout { server: self.server().name.clone(), timeout }),
+            _ = cancelled => Err(UpstreamError::Cancelled),
+        };
+        match &result {
+            // The server answered, or will never see the request again: nothing to cancel.
+            Ok(_) | Err(UpstreamError::Unavailable { .. } | UpstreamError::SessionExpired { .. }) => {
+                guard.conn = None;
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Sends a notification.
+    pub async fn notify(&self, method: &str, params: Option<&[u8]>) -> Result<(), UpstreamError> {
+        self.send(jsonrpc::notification(method, params)).await
+    }
+
+    /// Sends a frame that expects no answer (a notification or our response to a server request).
+    pub async fn send(&self, frame: Bytes) -> Result<(), UpstreamError> {
+        match self {
+            Connection::Stdio(c) => c.send(frame).await,
+            Connection::Http(c) => c.send(frame).await,
+        }
+    }
+
+    fn is_alive(&self) -> bool {
+        match self {
+            Connection::Stdio(c) => c.is_alive(),
+            Connection::Http(_) => true,
+        }
+    }
+
+    /// Ends the upstream session: stdin closed then signals for processes, DELETE for HTTP.
+    pub async fn shutdown(&self) {
+        match self {
+            Connection::Stdio(c) => c.shutdown().await,
+            Connection::Http(c) => c.shutdown().await,
+        }
+    }
+}
+
+/// Tells the upstream a request is abandoned unless disarmed.
+struct CancelOnDrop {
+    conn: Option<Arc<Connection>>,
+    id: u64,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let params = format!("{{\"requestId\":{},\"reason\":\"cancelled by the gateway\"}}", self.id);
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = conn.notify("notifications/cancelled", Some(params.as_bytes())).await;
+                });
+            }
+        }
+    }
+}
+
+/// Requests waiting for their response on a connection whose responses arrive out of band (stdio).
+#[derive(Default)]
+pub(crate) struct Pending {
+    waiters: Mutex<HashMap<u64, Waiter>>,
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Outcome>,
+    events: Option<EventSink>,
+    progress_token: Option<Bytes>,
+}
+
+impl Pending {
+    pub(crate) fn insert(
+        &self,
+        id: u64,
+        tx: oneshot::Sender<Outcome>,
+        events: Option<EventSink>,
+        progress_token: Option<Bytes>,
+    ) {
+        self.lock().insert(id, Waiter { tx, events, progress_token });
+    }
+
+    pub(crate) fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// Completes a waiter; false when nobody waits for that id.
+    pub(crate) fn complete(&self, id: u64, outcome: Outcome) -> bool {
+        match self.lock().remove(&id) {
+            Some(w) => {
+                let _ = w.tx.send(outcome);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops every waiter, failing their requests.
+    pub(crate) fn fail_all(&self) {
+        self.lock().clear();
+    }
+
+    /// The stream a server message most likely belongs to: the request with its progress token,
+    /// else the only request in flight.
+    pub(crate) fn related(&self, msg: &Message) -> Option<EventSink> {
+        let waiters = self.lock();
+        if msg.method() == Some("notifications/progress")
+            && let jsonrpc::Kind::Notification { params: Some(p), .. } = &msg.kind
+            && let Some(token) = progress_token_of(p)
+        {
+            return waiters
+                .values()
+                .find(|w| w.progress_token.as_deref() == Some(&token[..]))
+                .and_then(|w| w.events.clone());
+        }
+        if waiters.len() == 1 {
+            return waiters.values().next().and_then(|w| w.events.clone());
+        }
+        None
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Extracts `progressToken` (raw JSON) from notification params.
+fn progress_token_of(params: &[u8]) -> Option<Bytes> {
+    #[derive(Deserialize)]
+    struct P<'a> {
+        #[serde(borrow, rename = "progressToken")]
+        token: Option<&'a serde_json::value::RawValue>,
+    }
+    let p: P<'_> = serde_json::from_slice(params).ok()?;
+    p.token.map(|t| Bytes::copy_from_slice(t.get().as_bytes()))
+}
+
+/// Extracts `_meta.progressToken` (raw JSON) from request params.
+pub fn request_progress_token(params: &[u8]) -> Option<Bytes> {
+    #[derive(Deserialize)]
+    struct Meta<'a> {
+        #[serde(borrow, rename = "progressToken")]
+        token: Option<&'a serde_json::value::RawValue>,
+    }
+    #[derive(Deserialize)]
+    struct P<'a> {
+        #[serde(borrow, rename = "_meta")]
+        meta: Option<Meta<'a>>,
+    }
+    let p: P<'_> = serde_json::from_slice(params).ok()?;
+    p.meta?.token.map(|t| Bytes::copy_from_slice(t.get().as_bytes()))
+}
+
+/// One downstream session's connection to one upstream server.
+pub struct Link {
+    server: Arc<Server>,
+    sink: Arc<dyn ServerMessages>,
+    init_params: Bytes,
+    current: Mutex<Option<Arc<Connection>>>,
+    connecting: tokio::sync::Mutex<()>,
+    init_result: Mutex<Option<Bytes>>,
+    pub(crate) generation: AtomicU64,
+}
+
+impl Link {
+    /// A link that will initialize with `init_params` (the client's capabilities and info).
+    pub fn new(server: Arc<Server>, sink: Arc<dyn ServerMessages>, init_params: Bytes) -> Self {
+        Link {
+            server,
+            sink,
+            init_params,
+            current: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            init_result: Mutex::new(None),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// The upstream this link reaches.
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
+    }
+
+    /// The upstream's last `initialize` result, once connected.
+    pub fn init_result(&self) -> Option<Bytes> {
+        self.init_result.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn live(&self) -> Option<Arc<Connection>> {
+        let cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        cur.as_ref().filter(|c| c.is_alive()).cloned()
+    }
+
+    /// The live connection, connecting and initializing first if needed.
+    pub async fn connection(&self) -> Result<Arc<Connection>, UpstreamError> {
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let _serial = self.connecting.lock().await;
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let result = tokio::time::timeout(self.server.config.connect_timeout, self.handshake()).await;
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Timeout {
+                server: self.server.name.clone(),
+                timeout: self.server.config.connect_timeout,
+            }),
+        };
+        self.server.metrics.set_upstream_up(self.server.label, result.is_ok());
+        let conn = result?;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        Ok(conn)
+    }
+
+    async fn handshake(&self) -> Result<Arc<Connection>, UpstreamError> {
+        let deliver = Deliver {
+            sink: self.sink.clone(),
+            index: self.server.index,
+        };
+        let conn = Arc::new(match &self.server.config.transport {
+            Transport::Stdio { .. } => Connection::Stdio(stdio::Connection::spawn(self.server.clone(), deliver)?),
+            Transport::Http { .. } => Connection::Http(http::Connection::new(self.server.clone(), deliver)),
+        });
+        let outcome = conn
+            .request("initialize", Some(&self.init_params), CallOpts::default(), self.server.config.connect_timeout)
+            .await;
+        let result = match outcome {
+            Ok(Outcome::Result(r)) => r,
+            Ok(Outcome::Error(e)) => {
+                conn.shutdown().await;
+                return Err(self.server.unavailable(format!(
+                    "initialize failed: {}",
+                    String::from_utf8_lossy(&e)
+                )));
+            }
+            Err(e) => {
+                conn.shutdown().await;
+                return Err(e);
+            }
+        };
+        if let Connection::Http(h) = &*conn {
+            h.set_protocol_version(&result);
+        }
+        conn.notify("notifications/initialized", None).await?;
+        *self.init_result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        Ok(conn)
+    }
+
+    /// Calls a method upstream, reconnecting once if the upstream forgot our session.
+    pub async fn call(&self, method: &str, params: Option<&[u8]>, opts: CallOpts) -> Result<Outcome, UpstreamError> {
+        let timeout = self.server.config.call_timeout;
+        let conn = self.connection().await?;
+        let events = opts.events.clone();
+        let progress_token = opts.progress_token.clone();
+        match conn.request(method, params, opts, timeout).await {
+            Err(UpstreamError::SessionExpired { .. }) => {
+                // 404 means the request was not processed: safe to retry on a new session.
+                self.forget(&conn);
+                let conn = self.connection().await?;
+                let retry = CallOpts { events, cancel: None, progress_token };
+                conn.request(method, params, retry, timeout).await
+            }
+            Err(e @ UpstreamError::Unavailable { .. }) => {
+                self.server.metrics.set_upstream_up(self.server.label, false);
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    /// Sends a notification if connected (a disconnected upstream has nothing to be told).
+    pub async fn notify(&self, method: &str, params: Option<&[u8]>) {
+        if let Some(c) = self.live() {
+            let _ = c.notify(method, params).await;
+        }
+    }
+
+    /// Relays the client's response to a server→client request.
+    pub async fn respond(&self, id: &[u8], outcome: &Outcome) {
+        if let Some(c) = self.live() {
+            let _ = c.send(jsonrpc::response(id, outcome)).await;
+        }
+    }
+
+    /// Opens the server→client stream (HTTP GET) if the transport has one.
+    pub async fn open_listen_stream(&self) {
+        if let Some(c) = self.live()
+            && let Connection::Http(h) = &*c
+        {
+            h.open_listen_stream(c.clone());
+        }
+    }
+
+    fn forget(&self, conn: &Arc<Connection>) {
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            *cur = None;
+        }
+    }
+
+    /// Ends the upstream session.
+    pub async fn close(&self) {
+        let conn = self.current.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(c) = conn {
+            c.shutdown().await;
+        }
+    }
+}
+
+/// Where a connection hands server-initiated messages.
+#[derive(Clone)]
+pub struct Deliver {
+    sink: Arc<dyn ServerMessages>,
+    index: usize,
+}
+
+impl Deliver {
+    pub(crate) fn deliver(&self, related: Option<EventSink>, msg: Message) {
+        self.sink.deliver(self.index, related, msg);
+    }
+}

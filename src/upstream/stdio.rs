@@ -1,0 +1,216 @@
+//! stdio upstream: a child process speaking newline-delimited JSON-RPC on stdin/stdout.
+//!
+//! stderr goes to the gateway's log. Shutdown closes stdin, then sends SIGTERM, then SIGKILL.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Deliver, EventSink, Pending, Server, UpstreamError};
+use crate::config::Transport;
+use crate::mcp::jsonrpc::{self, Kind, Outcome};
+
+/// Largest line accepted from a server's stdout.
+const MAX_LINE: u64 = 64 * 1024 * 1024;
+/// Grace periods between shutdown steps.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// A running stdio server.
+pub struct Connection {
+    pub(crate) server: Arc<Server>,
+    pub(crate) next_id: AtomicU64,
+    writer: std::sync::Mutex<Option<mpsc::Sender<Bytes>>>,
+    pending: Arc<Pending>,
+    alive: Arc<AtomicBool>,
+    child: tokio::sync::Mutex<Option<Child>>,
+}
+
+impl Connection {
+    /// Starts the process and its reader, writer and stderr tasks.
+    pub fn spawn(server: Arc<Server>, deliver: Deliver) -> Result<Self, UpstreamError> {
+        let Transport::Stdio { command, args, env, cwd } = &server.config.transport else {
+            return Err(server.unavailable("not a stdio upstream"));
+        };
+        let mut cmd = Command::new(command);
+        cmd.args(args)
+            .envs(env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| server.unavailable(format!("cannot start {command:?}: {e}")))?;
+        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(server.unavailable("child process has no stdio pipes"));
+        };
+        let pid = child.id();
+        tracing::debug!(server = %server.name, ?pid, "started stdio upstream");
+
+        let (tx, rx) = mpsc::channel(256);
+        let pending = Arc::new(Pending::default());
+        let alive = Arc::new(AtomicBool::new(true));
+        tokio::spawn(write_loop(stdin, rx));
+        tokio::spawn(read_loop(stdout, server.clone(), pending.clone(), alive.clone(), deliver));
+        let name = server.name.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::info!(server = %name, "stderr: {line}");
+            }
+        });
+        Ok(Connection {
+            server,
+            next_id: AtomicU64::new(1),
+            writer: std::sync::Mutex::new(Some(tx)),
+            pending,
+            alive,
+            child: tokio::sync::Mutex::new(Some(child)),
+        })
+    }
+
+    pub(crate) fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Bytes>, UpstreamError> {
+        self.writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|_| self.is_alive())
+            .ok_or_else(|| self.server.unavailable("process has exited"))
+    }
+
+    pub(crate) async fn send(&self, frame: Bytes) -> Result<(), UpstreamError> {
+        self.sender()?
+            .send(frame)
+            .await
+            .map_err(|_| self.server.unavailable("process stdin is closed"))
+    }
+
+    pub(crate) async fn exchange(
+        &self,
+        id: u64,
+        frame: Bytes,
+        events: Option<EventSink>,
+        progress_token: Option<Bytes>,
+    ) -> Result<Outcome, UpstreamError> {
+        let (tx, rx) = oneshot::channel();
+        self.pending.insert(id, tx, events, progress_token);
+        let remove = RemoveOnDrop(&self.pending, id);
+        self.send(frame).await?;
+        let out = rx.await.map_err(|_| self.server.unavailable("process exited before answering"));
+        drop(remove);
+        out
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        // Closing the channel ends the writer task, which closes the child's stdin.
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(mut child) = self.child.lock().await.take() else { return };
+        if tokio::time::timeout(GRACE, child.wait()).await.is_ok() {
+            return;
+        }
+        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            if tokio::time::timeout(GRACE, child.wait()).await.is_ok() {
+                return;
+            }
+        }
+        tracing::warn!(server = %self.server.name, "stdio upstream ignored SIGTERM; killing it");
+        let _ = child.kill().await;
+    }
+}
+
+struct RemoveOnDrop<'a>(&'a Pending, u64);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.remove(self.1);
+    }
+}
+
+async fn write_loop(stdin: ChildStdin, mut rx: mpsc::Receiver<Bytes>) {
+    let mut w = BufWriter::new(stdin);
+    while let Some(frame) = rx.recv().await {
+        if w.write_all(&frame).await.is_err() || w.write_all(b"\n").await.is_err() {
+            return;
+        }
+        // Batch whatever is already queued into one flush.
+        while let Ok(frame) = rx.try_recv() {
+            if w.write_all(&frame).await.is_err() || w.write_all(b"\n").await.is_err() {
+                return;
+            }
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+async fn read_loop(
+    stdout: ChildStdout,
+    server: Arc<Server>,
+    pending: Arc<Pending>,
+    alive: Arc<AtomicBool>,
+    deliver: Deliver,
+) {
+    let mut reader = BufReader::with_capacity(64 * 1024, stdout);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = match (&mut reader).take(MAX_LINE + 1).read_until(b'\n', &mut line).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(server = %server.name, "reading stdout failed: {e}");
+                break;
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        if line.last() != Some(&b'\n') && n as u64 > MAX_LINE {
+            tracing::error!(server = %server.name, "stdout line exceeds {MAX_LINE} bytes; dropping the connection");
+            break;
+        }
+        let trimmed = line.trim_ascii();
+        if trimmed.is_empty() {
+            continue;
+        }
+        let frame = Bytes::copy_from_slice(trimmed);
+        let msg = match jsonrpc::parse(frame) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(server = %server.name, "ignoring non-JSON-RPC output on stdout: {e}");
+                continue;
+            }
+        };
+        match &msg.kind {
+            Kind::Response { id, outcome } => {
+                let known = jsonrpc::id_as_u64(id).is_some_and(|id| pending.complete(id, outcome.clone()));
+                if !known {
+                    tracing::debug!(server = %server.name, "response to an unknown or abandoned request");
+                }
+            }
+            _ => {
+                let related = pending.related(&msg);
+                deliver.deliver(related, msg);
+            }
+        }
+    }
+    alive.store(false, Ordering::Release);
+    pending.fail_all();
+    tracing::info!(server = %server.name, "stdio upstream closed its stdout");
+}
