@@ -14,8 +14,20 @@ use tokio::sync::{mpsc, oneshot};
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
 type Running = Arc<Mutex<HashMap<String, tokio::task::AbortHandle>>>;
 
+/// How the example server behaves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Name reported by `whoami` and used in resource URIs.
+    pub name: String,
+    /// Offer tools that misbehave on purpose.
+    pub test_tools: bool,
+    /// Paginate `tools/list` with this many tools per page (0: one page).
+    pub page_size: usize,
+}
+
 /// Serves MCP on stdin/stdout until stdin closes.
-pub async fn run(test_tools: bool) -> std::io::Result<()> {
+pub async fn run(opts: Options) -> std::io::Result<()> {
+    let opts = Arc::new(opts);
     let (out_tx, mut out_rx) = mpsc::channel::<Value>(256);
     let writer = tokio::spawn(async move {
         let mut stdout = tokio::io::stdout();
@@ -46,8 +58,9 @@ pub async fn run(test_tools: bool) -> std::io::Result<()> {
                 let pending = pending.clone();
                 let key = id.to_string();
                 let running2 = running.clone();
+                let opts = opts.clone();
                 let task = tokio::spawn(async move {
-                    let reply = match handle(&method, &params, &out, &pending, test_tools).await {
+                    let reply = match handle(&method, &params, &out, &pending, &opts).await {
                         Ok(result) => json!({"jsonrpc":"2.0","id":id,"result":result}),
                         Err((code, message)) => {
                             json!({"jsonrpc":"2.0","id":id,"error":{"code":code,"message":message}})
@@ -83,7 +96,8 @@ pub async fn run(test_tools: bool) -> std::io::Result<()> {
 
 type Handled = Result<Value, (i64, String)>;
 
-async fn handle(method: &str, params: &Value, out: &mpsc::Sender<Value>, pending: &Pending, test_tools: bool) -> Handled {
+async fn handle(method: &str, params: &Value, out: &mpsc::Sender<Value>, pending: &Pending, opts: &Options) -> Handled {
+    let name = &opts.name;
     match method {
         "initialize" => {
             let requested = params.get("protocolVersion").and_then(Value::as_str).unwrap_or("2025-11-25");
@@ -100,8 +114,24 @@ async fn handle(method: &str, params: &Value, out: &mpsc::Sender<Value>, pending
             }))
         }
         "ping" | "logging/setLevel" => Ok(json!({})),
-        "tools/list" => Ok(json!({"tools": tools(test_tools)})),
-        "tools/call" => call_tool(params, out, pending, test_tools).await,
+        "tools/list" => {
+            let all = tools(opts.test_tools);
+            if opts.page_size == 0 {
+                return Ok(json!({"tools": all}));
+            }
+            let start: usize = match params.get("cursor").and_then(Value::as_str) {
+                Some(c) => c.parse().map_err(|_| (-32602, "invalid cursor".to_owned()))?,
+                None => 0,
+            };
+            let page: Vec<Value> = all.iter().skip(start).take(opts.page_size).cloned().collect();
+            let end = start + page.len();
+            let mut r = json!({"tools": page});
+            if end < all.len() {
+                r["nextCursor"] = json!(end.to_string());
+            }
+            Ok(r)
+        }
+        "tools/call" => call_tool(params, out, pending, opts).await,
         "prompts/list" => Ok(json!({"prompts": [{
             "name": "greeting",
             "description": "A friendly greeting for someone",
@@ -115,17 +145,17 @@ async fn handle(method: &str, params: &Value, out: &mpsc::Sender<Value>, pending
             Ok(json!({"messages": [{"role": "user", "content": {"type": "text", "text": format!("Say hello to {name}.")}}]}))
         }
         "resources/list" => Ok(json!({"resources": [{
-            "uri": "example://readme", "name": "readme", "mimeType": "text/plain",
+            "uri": format!("example://{name}/readme"), "name": "readme", "mimeType": "text/plain",
             "description": "What this server is"
         }]})),
         "resources/templates/list" => Ok(json!({"resourceTemplates": [{
-            "uriTemplate": "example://echo/{text}", "name": "echo", "mimeType": "text/plain"
+            "uriTemplate": format!("example://{name}/echo/{{text}}"), "name": "echo", "mimeType": "text/plain"
         }]})),
         "resources/read" => {
             let uri = params.get("uri").and_then(Value::as_str).unwrap_or("");
-            let text = if uri == "example://readme" {
+            let text = if uri == format!("example://{name}/readme") {
                 "Gatehouse example server: tools echo and add, prompt greeting.".to_owned()
-            } else if let Some(t) = uri.strip_prefix("example://echo/") {
+            } else if let Some(t) = uri.strip_prefix(&format!("example://{name}/echo/")) {
                 t.to_owned()
             } else {
                 return Err((-32002, format!("resource not found: {uri}")));
@@ -136,7 +166,7 @@ async fn handle(method: &str, params: &Value, out: &mpsc::Sender<Value>, pending
     }
 }
 
-fn tools(test_tools: bool) -> Value {
+fn tools(test_tools: bool) -> Vec<Value> {
     let mut t = vec![
         json!({"name": "echo", "description": "Returns its text",
                "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}),
@@ -144,6 +174,8 @@ fn tools(test_tools: bool) -> Value {
                "inputSchema": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}),
         json!({"name": "slow", "description": "Waits, reporting progress each step",
                "inputSchema": {"type": "object", "properties": {"seconds": {"type": "number"}, "steps": {"type": "integer"}}}}),
+        json!({"name": "whoami", "description": "Returns this server's name",
+               "inputSchema": {"type": "object"}}),
         json!({"name": "sample", "description": "Asks the client's model to answer a prompt (sampling)",
                "inputSchema": {"type": "object", "properties": {"prompt": {"type": "string"}}, "required": ["prompt"]}}),
     ];
@@ -151,14 +183,14 @@ fn tools(test_tools: bool) -> Value {
         t.push(json!({"name": "crash", "description": "Exits the process mid-call",
                       "inputSchema": {"type": "object"}}));
     }
-    Value::Array(t)
+    t
 }
 
 fn text(s: impl Into<String>) -> Value {
     json!({"content": [{"type": "text", "text": s.into()}]})
 }
 
-async fn call_tool(params: &Value, out: &mpsc::Sender<Value>, pending: &Pending, test_tools: bool) -> Handled {
+async fn call_tool(params: &Value, out: &mpsc::Sender<Value>, pending: &Pending, opts: &Options) -> Handled {
     let args = params.get("arguments").cloned().unwrap_or(json!({}));
     match params.get("name").and_then(Value::as_str).unwrap_or("") {
         "echo" => Ok(text(args.get("text").and_then(Value::as_str).unwrap_or(""))),
@@ -205,7 +237,8 @@ async fn call_tool(params: &Value, out: &mpsc::Sender<Value>, pending: &Pending,
             let said = answer.pointer("/result/content/text").and_then(Value::as_str).unwrap_or("");
             Ok(text(format!("model said: {said}")))
         }
-        "crash" if test_tools => std::process::exit(3),
+        "whoami" => Ok(text(opts.name.clone())),
+        "crash" if opts.test_tools => std::process::exit(3),
         other => Ok(json!({"content":[{"type":"text","text":format!("unknown tool: {other}")}],"isError":true})),
     }
 }

@@ -34,6 +34,12 @@ enum Command {
         /// Also offer tools that misbehave on purpose (for tests).
         #[arg(long)]
         test_tools: bool,
+        /// Name reported by the whoami tool and used in resource URIs.
+        #[arg(long, default_value = "example")]
+        name: String,
+        /// Paginate tools/list with this many tools per page.
+        #[arg(long, default_value_t = 0)]
+        page_size: usize,
     },
 }
 
@@ -41,7 +47,15 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::ExampleServer { test_tools } => rt.block_on(gatehouse::example_server::run(test_tools))?,
+        Command::ExampleServer {
+            test_tools,
+            name,
+            page_size,
+        } => rt.block_on(gatehouse::example_server::run(gatehouse::example_server::Options {
+            name,
+            test_tools,
+            page_size,
+        }))?,
         Command::Check { config } => {
             let c = gatehouse::Config::load(&config)?;
             println!("ok: listen {}, {} upstream(s)", c.listen, c.upstreams.len());

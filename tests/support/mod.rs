@@ -1,0 +1,229 @@
+//! Test support: an in-process gateway over example-server upstreams, and a small MCP HTTP client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+/// The gateway binary, which also runs the example server.
+pub const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
+
+/// YAML for an example-server upstream.
+pub fn example(name: &str, extra_args: &[&str], extra: &str) -> String {
+    let mut args = vec!["example-server".to_owned(), "--name".to_owned(), name.to_owned()];
+    args.extend(extra_args.iter().map(|s| s.to_string()));
+    format!(
+        "  - name: {name}\n    stdio: {{ command: {BIN:?}, args: {} }}\n{extra}",
+        serde_json::to_string(&args).unwrap()
+    )
+}
+
+/// A gateway serving on a free loopback port.
+pub struct TestGateway {
+    pub running: Option<gatehouse::Running>,
+    pub addr: SocketAddr,
+}
+
+impl TestGateway {
+    /// Starts a gateway: `top` is YAML before `upstreams:`, `upstreams` the list entries.
+    pub async fn start(top: &str, upstreams: &[String]) -> TestGateway {
+        let yaml = format!("listen: 127.0.0.1:0\n{top}\nupstreams:\n{}", upstreams.join(""));
+        let config = gatehouse::Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let running = gatehouse::start(config).await.expect("gateway starts");
+        let addr = running.listening.local_addr;
+        TestGateway {
+            running: Some(running),
+            addr,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/mcp", self.addr)
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.url())
+    }
+
+    pub fn gateway(&self) -> &std::sync::Arc<gatehouse::Gateway> {
+        &self.running.as_ref().unwrap().gateway
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+/// An HTTP response, fully read.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// The JSON-RPC messages in the body, whether JSON or SSE.
+    pub fn messages(&self) -> Vec<Value> {
+        let sse = self
+            .headers
+            .get("content-type")
+            .is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
+        if !sse {
+            return vec![self.json()];
+        }
+        self.body
+            .split("\n\n")
+            .filter_map(|ev| {
+                let data: Vec<&str> = ev.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+                (!data.is_empty()).then(|| serde_json::from_str(&data.join("\n")).unwrap())
+            })
+            .collect()
+    }
+
+    /// The final JSON-RPC response among the messages.
+    pub fn response(&self) -> Value {
+        self.messages()
+            .into_iter()
+            .find(|m| m.get("result").is_some() || m.get("error").is_some())
+            .unwrap_or_else(|| panic!("no response in {}", self.body))
+    }
+
+    pub fn error_code(&self) -> i64 {
+        self.json()["error"]["code"].as_i64().unwrap_or_else(|| panic!("no error code: {}", self.body))
+    }
+}
+
+/// A minimal MCP Streamable HTTP client.
+#[derive(Clone)]
+pub struct Client {
+    pub url: String,
+    pub http: HyperClient<HttpConnector, Full<Bytes>>,
+    pub session: Option<String>,
+    pub token: Option<String>,
+}
+
+impl Client {
+    pub fn new(url: String) -> Client {
+        Client {
+            url,
+            http: HyperClient::builder(TokioExecutor::new()).build_http(),
+            session: None,
+            token: None,
+        }
+    }
+
+    pub fn request(&self, method: &str, body: impl Into<Bytes>) -> http::request::Builder {
+        let mut b = Request::builder().method(method).uri(&self.url);
+        if let Some(s) = &self.session {
+            b = b.header("mcp-session-id", s);
+        }
+        if let Some(t) = &self.token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        let _ = body;
+        b
+    }
+
+    /// Sends a request built by `f` and reads the whole response.
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Resp {
+        let resp = tokio::time::timeout(Duration::from_secs(30), self.http.request(req))
+            .await
+            .expect("response within 30s")
+            .expect("HTTP request succeeds");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        Resp {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
+    /// POSTs a JSON body with the standard MCP headers.
+    pub async fn post(&self, body: impl Into<Bytes>) -> Resp {
+        let body = body.into();
+        let req = self
+            .request("POST", body.clone())
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2025-11-25")
+            .body(Full::new(body))
+            .unwrap();
+        self.send(req).await
+    }
+
+    /// Initializes a session and remembers its id.
+    pub async fn initialize(&mut self, capabilities: Value) -> Value {
+        let r = self
+            .post(
+                json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+                    "protocolVersion":"2025-11-25","capabilities":capabilities,
+                    "clientInfo":{"name":"rust-test","version":"1"}}})
+                .to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        self.session = Some(
+            r.headers
+                .get("mcp-session-id")
+                .expect("session id issued")
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+        let ok = self.post(json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string()).await;
+        assert_eq!(ok.status, 202);
+        r.json()["result"].clone()
+    }
+
+    /// Calls a method and returns its final JSON-RPC response.
+    pub async fn call(&self, id: u64, method: &str, params: Value) -> Value {
+        let r = self
+            .post(json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}).to_string())
+            .await;
+        assert_eq!(r.status, 200, "{method}: {}", r.body);
+        let resp = r.response();
+        assert_eq!(resp["id"], json!(id));
+        resp
+    }
+
+    /// Calls a tool and returns the text of its first content item.
+    pub async fn tool_text(&self, id: u64, name: &str, args: Value) -> String {
+        let r = self.call(id, "tools/call", json!({"name":name,"arguments":args})).await;
+        r["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no text result: {r}"))
+            .to_owned()
+    }
+}
+
+/// Polls `f` until it returns true or the deadline passes.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
