@@ -147,7 +147,7 @@ async fn unknown_session_is_404_and_missing_session_is_400() {
 
 #[tokio::test]
 async fn unsupported_protocol_version_is_400() {
-    let (gw, healthy) = setup().await;
+    let (_gw, healthy) = setup().await;
     let c = healthy.clone();
     let req = c
         .request("POST", Bytes::new())

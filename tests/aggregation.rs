@@ -1,0 +1,316 @@
+//! Aggregation through the gateway: merged and paginated lists, routing by name and URI,
+//! server→client requests, progress, cancellation, deadlines and upstream faults.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use support::{Client, TestGateway, eventually, example};
+
+async fn two() -> (TestGateway, Client) {
+    let gw = TestGateway::start("", &[example("a", &[], ""), example("b", &["--page-size", "2"], "")]).await;
+    let mut c = gw.client();
+    let caps = c.initialize(json!({"sampling":{}})).await;
+    assert_eq!(caps["serverInfo"]["name"], "gatehouse");
+    assert!(caps["capabilities"]["tools"].is_object());
+    (gw, c)
+}
+
+fn names(list: &Value, key: &str) -> Vec<String> {
+    list["result"][key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {key}: {list}"))
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn tools_from_every_upstream_are_merged_prefixed_and_paginated() {
+    let (_gw, c) = two().await;
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let params = match &cursor {
+            Some(cur) => json!({"cursor": cur}),
+            None => json!({}),
+        };
+        let page = c.call(pages + 1, "tools/list", params).await;
+        all.extend(names(&page, "tools"));
+        pages += 1;
+        cursor = page["result"]["nextCursor"].as_str().map(str::to_owned);
+        if cursor.is_none() {
+            break;
+        }
+        assert!(pages < 10, "pagination does not end");
+    }
+    // b pages 2 at a time over 5 tools: 3 pages; a answers everything on the first.
+    assert_eq!(pages, 3);
+    let mut sorted = all.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), all.len(), "no duplicates across pages: {all:?}");
+    for server in ["a", "b"] {
+        for tool in ["echo", "add", "slow", "whoami", "sample"] {
+            assert!(all.contains(&format!("{server}__{tool}")), "{server}__{tool} missing from {all:?}");
+        }
+    }
+    let bad = c.call(9, "tools/list", json!({"cursor":"!!not-a-cursor"})).await;
+    assert_eq!(bad["error"]["code"], -32602);
+}
+
+#[tokio::test]
+async fn calls_route_by_prefix_with_arguments_untouched() {
+    let (_gw, c) = two().await;
+    assert_eq!(c.tool_text(1, "a__whoami", json!({})).await, "a");
+    assert_eq!(c.tool_text(2, "b__whoami", json!({})).await, "b");
+    let tricky = "quotes \" backslash \\ unicode é 🦀 newline \n end";
+    assert_eq!(c.tool_text(3, "b__echo", json!({"text": tricky})).await, tricky);
+    let r = c.call(4, "tools/call", json!({"name":"a__add","arguments":{"a":2,"b":40}})).await;
+    assert_eq!(r["result"]["structuredContent"]["sum"], 42.0);
+}
+
+#[tokio::test]
+async fn prompts_and_resources_route_to_their_owner() {
+    let (_gw, c) = two().await;
+    let prompts = c.call(1, "prompts/list", json!({})).await;
+    let mut p = names(&prompts, "prompts");
+    p.sort();
+    assert_eq!(p, ["a__greeting", "b__greeting"]);
+    let got = c.call(2, "prompts/get", json!({"name":"b__greeting","arguments":{"name":"Ada"}})).await;
+    assert_eq!(got["result"]["messages"][0]["content"]["text"], "Say hello to Ada.");
+
+    // A resource read before any list: the gateway learns the owner by listing.
+    let read = c.call(3, "resources/read", json!({"uri":"example://b/readme"})).await;
+    assert_eq!(read["result"]["contents"][0]["uri"], "example://b/readme");
+    let listed = c.call(4, "resources/list", json!({})).await;
+    let uris: Vec<&str> = listed["result"]["resources"].as_array().unwrap().iter().map(|r| r["uri"].as_str().unwrap()).collect();
+    assert!(uris.contains(&"example://a/readme") && uris.contains(&"example://b/readme"), "{uris:?}");
+    // Template resources route by their literal prefix.
+    let t = c.call(5, "resources/read", json!({"uri":"example://a/echo/hello"})).await;
+    assert_eq!(t["result"]["contents"][0]["text"], "hello");
+    let missing = c.call(6, "resources/read", json!({"uri":"nobody://x"})).await;
+    assert_eq!(missing["error"]["code"], -32602);
+}
+
+#[tokio::test]
+async fn progress_streams_back_as_sse_with_the_clients_token() {
+    let (_gw, c) = two().await;
+    let r = c
+        .post(json!({"jsonrpc":"2.0","id":"call-1","method":"tools/call","params":{
+            "name":"b__slow","arguments":{"seconds":0.3,"steps":3},"_meta":{"progressToken":"tok-7"}}})
+        .to_string())
+        .await;
+    assert_eq!(r.headers["content-type"], "text/event-stream");
+    let msgs = r.messages();
+    let progress: Vec<&Value> = msgs.iter().filter(|m| m["method"] == "notifications/progress").collect();
+    assert_eq!(progress.len(), 3, "{msgs:?}");
+    assert!(progress.iter().all(|p| p["params"]["progressToken"] == "tok-7"));
+    let last = msgs.last().unwrap();
+    assert_eq!(last["id"], "call-1", "the original id comes back");
+    assert_eq!(last["result"]["content"][0]["text"], "done after 0.3s");
+}
+
+/// Reads SSE messages from a streaming response one at a time.
+struct SseReader {
+    body: hyper::body::Incoming,
+    buf: String,
+}
+
+impl SseReader {
+    async fn next(&mut self) -> Option<Value> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let ev: String = self.buf.drain(..end + 2).collect();
+                let data: Vec<&str> = ev.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+                if !data.is_empty() {
+                    return Some(serde_json::from_str(&data.join("\n")).unwrap());
+                }
+                continue;
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(10), self.body.frame()).await.ok()??.ok()?;
+            if let Ok(d) = frame.into_data() {
+                self.buf.push_str(&String::from_utf8_lossy(&d));
+            }
+        }
+    }
+}
+
+async fn stream(c: &Client, body: Value) -> SseReader {
+    let req = c
+        .request("POST", Bytes::new())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = c.http.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    SseReader {
+        body: resp.into_body(),
+        buf: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn sampling_requests_reach_the_client_and_answers_reach_the_upstream() {
+    let (_gw, c) = two().await;
+    let mut s = stream(&c, json!({"jsonrpc":"2.0","id":41,"method":"tools/call","params":{"name":"a__sample","arguments":{"prompt":"2+2?"}}})).await;
+    let req = s.next().await.expect("sampling request");
+    assert_eq!(req["method"], "sampling/createMessage");
+    assert_eq!(req["params"]["messages"][0]["content"]["text"], "2+2?");
+    let gateway_id = req["id"].clone();
+    let ack = c
+        .post(json!({"jsonrpc":"2.0","id":gateway_id,"result":{"role":"assistant","model":"m","content":{"type":"text","text":"four"}}}).to_string())
+        .await;
+    assert_eq!(ack.status, 202);
+    let done = s.next().await.expect("final response");
+    assert_eq!(done["id"], 41);
+    assert_eq!(done["result"]["content"][0]["text"], "model said: four");
+}
+
+#[tokio::test]
+async fn concurrent_calls_with_colliding_ids_do_not_mix() {
+    let (_gw, c) = two().await;
+    // Two sessions reuse the same JSON-RPC ids at the same time on the same upstreams.
+    let mut c2 = c.clone();
+    c2.initialize(json!({})).await;
+    let mut tasks = Vec::new();
+    for i in 0..20u64 {
+        let client = if i % 2 == 0 { c.clone() } else { c2.clone() };
+        tasks.push(tokio::spawn(async move {
+            let text = format!("message-{i}");
+            let server = if i % 3 == 0 { "a" } else { "b" };
+            let got = client.tool_text(i / 2, &format!("{server}__echo"), json!({"text": text})).await;
+            assert_eq!(got, text);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn cancellation_ends_the_call_and_the_session_keeps_working() {
+    let (_gw, c) = two().await;
+    let c2 = c.clone();
+    let started = Instant::now();
+    let call = tokio::spawn(async move {
+        c2.post(json!({"jsonrpc":"2.0","id":77,"method":"tools/call","params":{"name":"a__slow","arguments":{"seconds":20}}}).to_string())
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let n = c
+        .post(json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":77,"reason":"user"}}).to_string())
+        .await;
+    assert_eq!(n.status, 202);
+    let r = call.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "cancel did not end the call");
+    assert_eq!(r.response()["error"]["code"], -32800);
+    assert_eq!(c.tool_text(78, "a__echo", json!({"text":"after"})).await, "after");
+}
+
+#[tokio::test]
+async fn a_slow_upstream_hits_its_deadline_and_others_are_unaffected() {
+    let gw = TestGateway::start("", &[example("a", &[], "    call_timeout: 500ms\n"), example("b", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let started = Instant::now();
+    let r = c.call(1, "tools/call", json!({"name":"a__slow","arguments":{"seconds":10}})).await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(r["error"]["code"], -32011);
+    assert!(r["error"]["message"].as_str().unwrap().contains("'a'"), "{r}");
+    assert_eq!(c.tool_text(2, "b__echo", json!({"text":"fine"})).await, "fine");
+    assert_eq!(c.tool_text(3, "a__echo", json!({"text":"a is fine too"})).await, "a is fine too");
+}
+
+#[tokio::test]
+async fn an_upstream_that_crashes_mid_call_fails_that_call_and_is_restarted() {
+    let gw = TestGateway::start("", &[example("a", &["--test-tools"], ""), example("b", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let r = c.call(1, "tools/call", json!({"name":"a__crash","arguments":{}})).await;
+    assert_eq!(r["error"]["code"], -32010);
+    assert!(r["error"]["message"].as_str().unwrap().contains("'a'"), "{r}");
+    assert_eq!(c.tool_text(2, "b__echo", json!({"text":"b unaffected"})).await, "b unaffected");
+    assert_eq!(c.tool_text(3, "a__whoami", json!({})).await, "a", "a is respawned on the next call");
+}
+
+#[tokio::test]
+async fn a_dead_upstream_leaves_lists_to_the_healthy_ones() {
+    let dead = "  - name: dead\n    http: { url: \"http://127.0.0.1:9/mcp\" }\n    connect_timeout: 2s\n";
+    let gw = TestGateway::start("", &[example("a", &[], ""), dead.to_owned()]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let tools = names(&c.call(1, "tools/list", json!({})).await, "tools");
+    assert!(tools.contains(&"a__echo".to_owned()), "{tools:?}");
+    assert!(!tools.iter().any(|t| t.starts_with("dead__")));
+    let r = c.call(2, "tools/call", json!({"name":"dead__anything","arguments":{}})).await;
+    assert_eq!(r["error"]["code"], -32010);
+    assert!(r["error"]["message"].as_str().unwrap().contains("'dead'"), "{r}");
+    let metrics = gw.gateway().metrics.render();
+    assert!(metrics.contains("gatehouse_upstream_up{server=\"dead\"} 0"), "{metrics}");
+    assert!(metrics.contains("gatehouse_upstream_up{server=\"a\"} 1"));
+}
+
+#[tokio::test]
+async fn delete_ends_the_session() {
+    let (gw, c) = two().await;
+    assert_eq!(c.tool_text(1, "a__echo", json!({"text":"x"})).await, "x");
+    let r = c.send(c.request("DELETE", Bytes::new()).body(Full::new(Bytes::new())).unwrap()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(gw.gateway().sessions.len(), 0);
+    let r = c.post(json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}).to_string()).await;
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
+async fn idle_sessions_expire() {
+    let gw = TestGateway::start("mcp: { session_idle_timeout: 300ms }", &[example("a", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let gateway = gw.gateway().clone();
+    eventually("the idle session to expire", || {
+        let g = gateway.clone();
+        async move { g.sessions.is_empty() }
+    })
+    .await;
+    let r = c.post(json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}).to_string()).await;
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
+async fn get_opens_one_listen_stream_per_session() {
+    let (_gw, c) = two().await;
+    let get = || {
+        c.request("GET", Bytes::new())
+            .header("accept", "text/event-stream")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let first = c.http.request(get()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["content-type"], "text/event-stream");
+    let second = c.send(get()).await;
+    assert_eq!(second.status, 409);
+    drop(first);
+    let bad = c
+        .send(c.request("GET", Bytes::new()).header("accept", "application/json").body(Full::new(Bytes::new())).unwrap())
+        .await;
+    assert_eq!(bad.status, 406);
+}
+
+#[tokio::test]
+async fn server_discover_is_refused_fast_so_clients_fall_back() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let c = gw.client();
+    let r = c
+        .post(json!({"jsonrpc":"2.0","id":1,"method":"server/discover","params":{}}).to_string())
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.error_code(), -32601);
+    assert!(gw.gateway().sessions.is_empty());
+}

@@ -1,0 +1,97 @@
+//! Streamable HTTP upstreams: a gateway in front of another gateway exercises the pooled client,
+//! SSE responses, upstream session ids, DELETE propagation and transparent re-initialization.
+
+mod support;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use serde_json::json;
+use support::{TestGateway, eventually, example};
+
+async fn chain() -> (TestGateway, TestGateway) {
+    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
+    let http = format!("  - name: inner\n    http: {{ url: {:?} }}\n", inner.url());
+    let outer = TestGateway::start("", &[http, example("local", &[], "")]).await;
+    (inner, outer)
+}
+
+#[tokio::test]
+async fn tools_progress_and_sampling_cross_an_http_upstream() {
+    let (inner, outer) = chain().await;
+    let mut c = outer.client();
+    c.initialize(json!({"sampling":{}})).await;
+    assert_eq!(inner.gateway().sessions.len(), 1, "one upstream session per client session");
+
+    let tools = c.call(1, "tools/list", json!({})).await;
+    let names: Vec<&str> = tools["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"inner__echo") && names.contains(&"local__echo"), "{names:?}");
+    assert_eq!(c.tool_text(2, "inner__whoami", json!({})).await, "ex");
+
+    let r = c
+        .post(json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{
+            "name":"inner__slow","arguments":{"seconds":0.2,"steps":2},"_meta":{"progressToken":99}}})
+        .to_string())
+        .await;
+    let msgs = r.messages();
+    assert_eq!(msgs.iter().filter(|m| m["method"] == "notifications/progress" && m["params"]["progressToken"] == 99).count(), 2, "{msgs:?}");
+    assert_eq!(msgs.last().unwrap()["id"], 3);
+
+    // Sampling: inner's stdio server → inner's POST SSE stream → outer → client, and back.
+    let c2 = c.clone();
+    let call = tokio::spawn(async move {
+        c2.post(json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"inner__sample","arguments":{"prompt":"hi"}}}).to_string())
+            .await
+    });
+    // The sampling request arrives first on the POST stream; answer it by polling the gateway's map.
+    let outer_gw = outer.gateway().clone();
+    let sid = c.session.clone().unwrap();
+    eventually("the sampling request to reach the outer session", || {
+        let g = outer_gw.clone();
+        let sid = sid.clone();
+        async move { g.sessions.get(sid.as_str()).is_some() }
+    })
+    .await;
+    // Server→client ids start at 1 in each session.
+    let mut answered = false;
+    for _ in 0..200 {
+        let ack = c
+            .post(json!({"jsonrpc":"2.0","id":1,"result":{"role":"assistant","model":"m","content":{"type":"text","text":"pong"}}}).to_string())
+            .await;
+        assert_eq!(ack.status, 202);
+        if call.is_finished() {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(answered, "the sampled call never finished");
+    let r = call.await.unwrap();
+    let msgs = r.messages();
+    assert_eq!(msgs[0]["method"], "sampling/createMessage", "{msgs:?}");
+    assert_eq!(msgs.last().unwrap()["result"]["content"][0]["text"], "model said: pong");
+
+    // DELETE on the outer session ends the inner one too.
+    let d = c.send(c.request("DELETE", Bytes::new()).body(Full::new(Bytes::new())).unwrap()).await;
+    assert_eq!(d.status, 200);
+    let inner_gw = inner.gateway().clone();
+    eventually("the upstream session to be deleted", || {
+        let g = inner_gw.clone();
+        async move { g.sessions.is_empty() }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_forgotten_upstream_session_is_reinitialized_transparently() {
+    let (inner, outer) = chain().await;
+    let mut c = outer.client();
+    c.initialize(json!({})).await;
+    assert_eq!(c.tool_text(1, "inner__echo", json!({"text":"one"})).await, "one");
+    let old: Vec<String> = inner.gateway().sessions.iter().map(|s| s.key().to_string()).collect();
+    assert_eq!(old.len(), 1);
+    inner.gateway().end_session(&old[0]);
+    assert_eq!(c.tool_text(2, "inner__echo", json!({"text":"two"})).await, "two");
+    let now: Vec<String> = inner.gateway().sessions.iter().map(|s| s.key().to_string()).collect();
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0], old[0], "a new upstream session was initialized");
+}
