@@ -47,7 +47,11 @@ impl Auth {
             .or_else(|| value.strip_prefix("bearer "))
             .ok_or(AuthError::Missing)?
             .trim();
-        self.tokens.get(token).cloned().map(Some).ok_or(AuthError::Invalid)
+        self.tokens
+            .get(token)
+            .cloned()
+            .map(Some)
+            .ok_or(AuthError::Invalid)
     }
 }
 

@@ -333,9 +333,12 @@ impl RawConfig {
     /// Checks every field and builds the typed configuration.
     pub fn validate(self) -> Result<Config, ConfigError> {
         let listen_text = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-        let listen: SocketAddr = listen_text
-            .parse()
-            .map_err(|e| field_err("listen", format!("{listen_text:?} is not an address like 127.0.0.1:9000 ({e})")))?;
+        let listen: SocketAddr = listen_text.parse().map_err(|e| {
+            field_err(
+                "listen",
+                format!("{listen_text:?} is not an address like 127.0.0.1:9000 ({e})"),
+            )
+        })?;
 
         let mut tokens = Vec::new();
         for (i, t) in self.auth.tokens.into_iter().enumerate() {
@@ -346,19 +349,27 @@ impl RawConfig {
             let token = match (t.token, t.token_env) {
                 (Some(tok), None) => tok,
                 (None, Some(var)) => std::env::var(&var).map_err(|_| {
-                    field_err(format!("{field}.token_env"), format!("environment variable {var} is not set"))
+                    field_err(
+                        format!("{field}.token_env"),
+                        format!("environment variable {var} is not set"),
+                    )
                 })?,
                 _ => return Err(field_err(field, "set exactly one of token or token_env")),
             };
             if token.len() < 16 {
-                return Err(field_err(format!("{field}.token"), "must be at least 16 characters"));
+                return Err(field_err(
+                    format!("{field}.token"),
+                    "must be at least 16 characters",
+                ));
             }
             tokens.push((token, Arc::from(t.principal)));
         }
         if tokens.is_empty() && !listen.ip().is_loopback() && !self.auth.allow_anonymous {
             return Err(field_err(
                 "auth.tokens",
-                format!("required when listen ({listen}) is not a loopback address (or set auth.allow_anonymous: true)"),
+                format!(
+                    "required when listen ({listen}) is not a loopback address (or set auth.allow_anonymous: true)"
+                ),
             ));
         }
 
@@ -381,9 +392,17 @@ impl RawConfig {
         }
         let mcp = McpSettings {
             allowed_origins: m.allowed_origins,
-            allowed_hosts: m.allowed_hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+            allowed_hosts: m
+                .allowed_hosts
+                .into_iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
             max_body_bytes,
-            header_timeout: positive("mcp.header_timeout", m.header_timeout, Duration::from_secs(10))?,
+            header_timeout: positive(
+                "mcp.header_timeout",
+                m.header_timeout,
+                Duration::from_secs(10),
+            )?,
             body_timeout: positive("mcp.body_timeout", m.body_timeout, Duration::from_secs(30))?,
             session_idle_timeout: positive(
                 "mcp.session_idle_timeout",
@@ -392,7 +411,11 @@ impl RawConfig {
             )?,
             max_sessions: m.max_sessions.unwrap_or(100_000).max(1),
             prefix_names: m.prefix_names.unwrap_or_default(),
-            sse_keepalive: positive("mcp.sse_keepalive", m.sse_keepalive, Duration::from_secs(25))?,
+            sse_keepalive: positive(
+                "mcp.sse_keepalive",
+                m.sse_keepalive,
+                Duration::from_secs(25),
+            )?,
             name_separator,
         };
 
@@ -401,7 +424,9 @@ impl RawConfig {
             let field = format!("upstreams[{i}]");
             let valid_name = !u.name.is_empty()
                 && u.name.len() <= 64
-                && u.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                && u.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
             if !valid_name {
                 return Err(field_err(
                     format!("{field}.name"),
@@ -411,16 +436,25 @@ impl RawConfig {
             if u.name.contains(&mcp.name_separator) {
                 return Err(field_err(
                     format!("{field}.name"),
-                    format!("{:?} contains the name separator {:?}", u.name, mcp.name_separator),
+                    format!(
+                        "{:?} contains the name separator {:?}",
+                        u.name, mcp.name_separator
+                    ),
                 ));
             }
             if upstreams.iter().any(|o: &UpstreamConfig| o.name == u.name) {
-                return Err(field_err(format!("{field}.name"), format!("duplicate name {:?}", u.name)));
+                return Err(field_err(
+                    format!("{field}.name"),
+                    format!("duplicate name {:?}", u.name),
+                ));
             }
             let transport = match (u.stdio, u.http) {
                 (Some(s), None) => {
                     if s.command.trim().is_empty() {
-                        return Err(field_err(format!("{field}.stdio.command"), "must not be empty"));
+                        return Err(field_err(
+                            format!("{field}.stdio.command"),
+                            "must not be empty",
+                        ));
                     }
                     Transport::Stdio {
                         command: s.command,
@@ -431,7 +465,10 @@ impl RawConfig {
                 }
                 (None, Some(h)) => {
                     let url: http::Uri = h.url.parse().map_err(|e| {
-                        field_err(format!("{field}.http.url"), format!("{:?} is not a URL ({e})", h.url))
+                        field_err(
+                            format!("{field}.http.url"),
+                            format!("{:?} is not a URL ({e})", h.url),
+                        )
                     })?;
                     if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
                         return Err(field_err(
@@ -442,10 +479,16 @@ impl RawConfig {
                     let mut headers = http::HeaderMap::new();
                     for (k, v) in h.headers {
                         let name = http::HeaderName::try_from(k.as_str()).map_err(|_| {
-                            field_err(format!("{field}.http.headers"), format!("{k:?} is not a header name"))
+                            field_err(
+                                format!("{field}.http.headers"),
+                                format!("{k:?} is not a header name"),
+                            )
                         })?;
                         let value = http::HeaderValue::try_from(v.as_str()).map_err(|_| {
-                            field_err(format!("{field}.http.headers.{k}"), "is not a valid header value")
+                            field_err(
+                                format!("{field}.http.headers.{k}"),
+                                "is not a valid header value",
+                            )
                         })?;
                         headers.insert(name, value);
                     }
@@ -454,7 +497,11 @@ impl RawConfig {
                 _ => return Err(field_err(field, "set exactly one of stdio or http")),
             };
             upstreams.push(UpstreamConfig {
-                call_timeout: positive(&format!("{field}.call_timeout"), u.call_timeout, Duration::from_secs(60))?,
+                call_timeout: positive(
+                    &format!("{field}.call_timeout"),
+                    u.call_timeout,
+                    Duration::from_secs(60),
+                )?,
                 connect_timeout: positive(
                     &format!("{field}.connect_timeout"),
                     u.connect_timeout,
@@ -479,7 +526,11 @@ impl RawConfig {
     }
 }
 
-fn positive(field: &str, value: Option<Duration>, default: Duration) -> Result<Duration, ConfigError> {
+fn positive(
+    field: &str,
+    value: Option<Duration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match value {
         Some(d) if d.is_zero() => Err(field_err(field, "must be greater than zero")),
         Some(d) => Ok(d),
@@ -518,14 +569,24 @@ upstreams:
 
     #[test]
     fn errors_name_the_bad_field() {
-        assert!(err("listen: nope\nupstreams: [{name: a, stdio: {command: x}}]").contains("listen:"));
-        assert!(err("upstreams: [{name: 'a b', stdio: {command: x}}]").contains("upstreams[0].name"));
-        assert!(err("upstreams: [{name: a, stdio: {command: x}}, {name: a, stdio: {command: y}}]")
-            .contains("upstreams[1].name: duplicate"));
+        assert!(
+            err("listen: nope\nupstreams: [{name: a, stdio: {command: x}}]").contains("listen:")
+        );
+        assert!(
+            err("upstreams: [{name: 'a b', stdio: {command: x}}]").contains("upstreams[0].name")
+        );
+        assert!(
+            err("upstreams: [{name: a, stdio: {command: x}}, {name: a, stdio: {command: y}}]")
+                .contains("upstreams[1].name: duplicate")
+        );
         assert!(err("upstreams: [{name: a}]").contains("upstreams[0]: set exactly one"));
-        assert!(err("upstreams: [{name: a, http: {url: 'ftp://x'}}]").contains("upstreams[0].http.url"));
-        assert!(err("upstreams: [{name: a, stdio: {command: x}, call_timeout: 0s}]")
-            .contains("upstreams[0].call_timeout"));
+        assert!(
+            err("upstreams: [{name: a, http: {url: 'ftp://x'}}]").contains("upstreams[0].http.url")
+        );
+        assert!(
+            err("upstreams: [{name: a, stdio: {command: x}, call_timeout: 0s}]")
+                .contains("upstreams[0].call_timeout")
+        );
         assert!(err("upstreams: []").contains("upstreams: at least one"));
         assert!(err("bogus: 1\nupstreams: [{name: a, stdio: {command: x}}]").contains("bogus"));
         assert!(err("mcp: {allowed_origins: ['example.com']}\nupstreams: [{name: a, stdio: {command: x}}]")

@@ -66,14 +66,23 @@ pub async fn run(opts: Options) -> std::io::Result<()> {
                             json!({"jsonrpc":"2.0","id":id,"error":{"code":code,"message":message}})
                         }
                     };
-                    running2.lock().unwrap_or_else(|e| e.into_inner()).remove(&id.to_string());
+                    running2
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id.to_string());
                     let _ = out.send(reply).await;
                 });
-                running.lock().unwrap_or_else(|e| e.into_inner()).insert(key, task.abort_handle());
+                running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, task.abort_handle());
             }
             (Some("notifications/cancelled"), None) => {
                 if let Some(rid) = msg.pointer("/params/requestId")
-                    && let Some(t) = running.lock().unwrap_or_else(|e| e.into_inner()).remove(&rid.to_string())
+                    && let Some(t) = running
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&rid.to_string())
                 {
                     t.abort();
                 }
@@ -96,11 +105,20 @@ pub async fn run(opts: Options) -> std::io::Result<()> {
 
 type Handled = Result<Value, (i64, String)>;
 
-async fn handle(method: &str, params: &Value, out: &mpsc::Sender<Value>, pending: &Pending, opts: &Options) -> Handled {
+async fn handle(
+    method: &str,
+    params: &Value,
+    out: &mpsc::Sender<Value>,
+    pending: &Pending,
+    opts: &Options,
+) -> Handled {
     let name = &opts.name;
     match method {
         "initialize" => {
-            let requested = params.get("protocolVersion").and_then(Value::as_str).unwrap_or("2025-11-25");
+            let requested = params
+                .get("protocolVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("2025-11-25");
             let version = if ["2025-11-25", "2025-06-18", "2025-03-26"].contains(&requested) {
                 requested
             } else {
@@ -120,10 +138,17 @@ async fn handle(method: &str, params: &Value, out: &mpsc::Sender<Value>, pending
                 return Ok(json!({"tools": all}));
             }
             let start: usize = match params.get("cursor").and_then(Value::as_str) {
-                Some(c) => c.parse().map_err(|_| (-32602, "invalid cursor".to_owned()))?,
+                Some(c) => c
+                    .parse()
+                    .map_err(|_| (-32602, "invalid cursor".to_owned()))?,
                 None => 0,
             };
-            let page: Vec<Value> = all.iter().skip(start).take(opts.page_size).cloned().collect();
+            let page: Vec<Value> = all
+                .iter()
+                .skip(start)
+                .take(opts.page_size)
+                .cloned()
+                .collect();
             let end = start + page.len();
             let mut r = json!({"tools": page});
             if end < all.len() {
@@ -141,8 +166,13 @@ async fn handle(method: &str, params: &Value, out: &mpsc::Sender<Value>, pending
             if params.get("name").and_then(Value::as_str) != Some("greeting") {
                 return Err((-32602, "unknown prompt".into()));
             }
-            let name = params.pointer("/arguments/name").and_then(Value::as_str).unwrap_or("world");
-            Ok(json!({"messages": [{"role": "user", "content": {"type": "text", "text": format!("Say hello to {name}.")}}]}))
+            let name = params
+                .pointer("/arguments/name")
+                .and_then(Value::as_str)
+                .unwrap_or("world");
+            Ok(
+                json!({"messages": [{"role": "user", "content": {"type": "text", "text": format!("Say hello to {name}.")}}]}),
+            )
         }
         "resources/list" => Ok(json!({"resources": [{
             "uri": format!("example://{name}/readme"), "name": "readme", "mimeType": "text/plain",
@@ -180,8 +210,10 @@ fn tools(test_tools: bool) -> Vec<Value> {
                "inputSchema": {"type": "object", "properties": {"prompt": {"type": "string"}}, "required": ["prompt"]}}),
     ];
     if test_tools {
-        t.push(json!({"name": "crash", "description": "Exits the process mid-call",
-                      "inputSchema": {"type": "object"}}));
+        t.push(
+            json!({"name": "crash", "description": "Exits the process mid-call",
+                      "inputSchema": {"type": "object"}}),
+        );
     }
     t
 }
@@ -190,12 +222,20 @@ fn text(s: impl Into<String>) -> Value {
     json!({"content": [{"type": "text", "text": s.into()}]})
 }
 
-async fn call_tool(params: &Value, out: &mpsc::Sender<Value>, pending: &Pending, opts: &Options) -> Handled {
+async fn call_tool(
+    params: &Value,
+    out: &mpsc::Sender<Value>,
+    pending: &Pending,
+    opts: &Options,
+) -> Handled {
     let args = params.get("arguments").cloned().unwrap_or(json!({}));
     match params.get("name").and_then(Value::as_str).unwrap_or("") {
         "echo" => Ok(text(args.get("text").and_then(Value::as_str).unwrap_or(""))),
         "add" => {
-            let (Some(a), Some(b)) = (args.get("a").and_then(Value::as_f64), args.get("b").and_then(Value::as_f64)) else {
+            let (Some(a), Some(b)) = (
+                args.get("a").and_then(Value::as_f64),
+                args.get("b").and_then(Value::as_f64),
+            ) else {
                 return Err((-32602, "a and b must be numbers".into()));
             };
             let mut r = text(format!("{}", a + b));
@@ -203,8 +243,16 @@ async fn call_tool(params: &Value, out: &mpsc::Sender<Value>, pending: &Pending,
             Ok(r)
         }
         "slow" => {
-            let seconds = args.get("seconds").and_then(Value::as_f64).unwrap_or(1.0).clamp(0.0, 600.0);
-            let steps = args.get("steps").and_then(Value::as_u64).unwrap_or(1).clamp(1, 1000);
+            let seconds = args
+                .get("seconds")
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0)
+                .clamp(0.0, 600.0);
+            let steps = args
+                .get("steps")
+                .and_then(Value::as_u64)
+                .unwrap_or(1)
+                .clamp(1, 1000);
             let token = params.pointer("/_meta/progressToken").cloned();
             for i in 1..=steps {
                 tokio::time::sleep(Duration::from_secs_f64(seconds / steps as f64)).await;
@@ -218,7 +266,11 @@ async fn call_tool(params: &Value, out: &mpsc::Sender<Value>, pending: &Pending,
             Ok(text(format!("done after {seconds}s")))
         }
         "sample" => {
-            let prompt = args.get("prompt").and_then(Value::as_str).unwrap_or("").to_owned();
+            let prompt = args
+                .get("prompt")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
             let (tx, rx) = oneshot::channel();
             let id = {
                 let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -230,16 +282,23 @@ async fn call_tool(params: &Value, out: &mpsc::Sender<Value>, pending: &Pending,
                 .send(json!({"jsonrpc":"2.0","id":id,"method":"sampling/createMessage","params":{
                     "messages":[{"role":"user","content":{"type":"text","text":prompt}}],"maxTokens":100}}))
                 .await;
-            let answer = rx.await.map_err(|_| (-32603, "no answer to sampling".to_owned()))?;
+            let answer = rx
+                .await
+                .map_err(|_| (-32603, "no answer to sampling".to_owned()))?;
             if let Some(e) = answer.get("error") {
                 return Err((-32603, format!("sampling failed: {e}")));
             }
-            let said = answer.pointer("/result/content/text").and_then(Value::as_str).unwrap_or("");
+            let said = answer
+                .pointer("/result/content/text")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             Ok(text(format!("model said: {said}")))
         }
         "whoami" => Ok(text(opts.name.clone())),
         "crash" if opts.test_tools => std::process::exit(3),
-        other => Ok(json!({"content":[{"type":"text","text":format!("unknown tool: {other}")}],"isError":true})),
+        other => Ok(
+            json!({"content":[{"type":"text","text":format!("unknown tool: {other}")}],"isError":true}),
+        ),
     }
 }
 

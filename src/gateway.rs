@@ -59,11 +59,25 @@ impl Gateway {
     }
 
     /// Opens a session with a fresh, unguessable id.
-    pub fn new_session(&self, principal: Option<Principal>, version: &'static str, init_params: Bytes) -> Arc<Session> {
+    pub fn new_session(
+        &self,
+        principal: Option<Principal>,
+        version: &'static str,
+        init_params: Bytes,
+    ) -> Arc<Session> {
         let mut raw = [0u8; 24];
         getrandom::fill(&mut raw).expect("the OS random source is available");
-        let id: Arc<str> = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw).into();
-        let session = Session::new(id.clone(), principal, version, &self.servers, init_params, self.epoch);
+        let id: Arc<str> = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(raw)
+            .into();
+        let session = Session::new(
+            id.clone(),
+            principal,
+            version,
+            &self.servers,
+            init_params,
+            self.epoch,
+        );
         self.sessions.insert(id, session.clone());
         self.metrics.sessions.set(self.sessions.len() as i64);
         session
@@ -96,7 +110,8 @@ impl Gateway {
     /// Runs [`Gateway::sweep`] periodically.
     pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let gw = Arc::downgrade(self);
-        let every = (self.config.mcp.session_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        let every = (self.config.mcp.session_idle_timeout / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;

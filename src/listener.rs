@@ -55,7 +55,8 @@ pub async fn bind(gw: Arc<Gateway>) -> std::io::Result<Listening> {
             let _ = stream.set_nodelay(true);
             let gw = gw.clone();
             tokio::spawn(async move {
-                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 builder
                     .http1()
                     .timer(TokioTimer::new())
@@ -65,13 +66,20 @@ pub async fn bind(gw: Arc<Gateway>) -> std::io::Result<Listening> {
                     let gw = gw.clone();
                     async move { Ok::<_, std::convert::Infallible>(route(gw, req).await) }
                 });
-                if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+                if let Err(e) = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
                     tracing::debug!(%peer, "connection ended: {e}");
                 }
             });
         }
     });
-    Ok(Listening { local_addr, stop, task })
+    Ok(Listening {
+        local_addr,
+        stop,
+        task,
+    })
 }
 
 async fn route(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
@@ -83,7 +91,9 @@ async fn route(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Respons
             let mut r = text(StatusCode::OK, gw.metrics.render());
             r.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             r
         }
@@ -94,7 +104,8 @@ async fn route(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Respons
                 &format!("no such endpoint: {path}; the MCP endpoint is {MCP_PATH}"),
             )));
             *r.status_mut() = StatusCode::NOT_FOUND;
-            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             r
         }
     };
@@ -105,6 +116,9 @@ async fn route(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Respons
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
     let mut r = Response::new(Body::full(body));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }

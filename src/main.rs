@@ -45,17 +45,21 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
         Command::ExampleServer {
             test_tools,
             name,
             page_size,
-        } => rt.block_on(gatehouse::example_server::run(gatehouse::example_server::Options {
-            name,
-            test_tools,
-            page_size,
-        }))?,
+        } => rt.block_on(gatehouse::example_server::run(
+            gatehouse::example_server::Options {
+                name,
+                test_tools,
+                page_size,
+            },
+        ))?,
         Command::Check { config } => {
             let c = gatehouse::Config::load(&config)?;
             println!("ok: listen {}, {} upstream(s)", c.listen, c.upstreams.len());
@@ -80,7 +84,9 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(cfg: gatehouse::Config, embedded: bool) -> anyhow::Result<()> {
     let upstreams: Vec<String> = cfg.upstreams.iter().map(|u| u.name.clone()).collect();
-    let running = gatehouse::start(cfg).await.context("cannot start the gateway")?;
+    let running = gatehouse::start(cfg)
+        .await
+        .context("cannot start the gateway")?;
     let addr = running.listening.local_addr;
     tracing::info!(
         %addr,

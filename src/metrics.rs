@@ -74,7 +74,11 @@ const KNOWN_METHODS: &[&str] = &[
 
 /// Maps a method to a static label value, bounding label cardinality.
 pub fn method_label(method: &str) -> &'static str {
-    KNOWN_METHODS.iter().find(|m| **m == method).copied().unwrap_or("other")
+    KNOWN_METHODS
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
 }
 
 impl Metrics {
@@ -82,14 +86,22 @@ impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("gatehouse");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("mcp_requests", "MCP requests by method, server and outcome", requests.clone());
+        registry.register(
+            "mcp_requests",
+            "MCP requests by method, server and outcome",
+            requests.clone(),
+        );
         let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0, 30.0,
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0, 30.0,
             ])
         });
-        registry.register("mcp_request_duration_seconds", "MCP request latency", latency.clone());
+        registry.register(
+            "mcp_request_duration_seconds",
+            "MCP request latency",
+            latency.clone(),
+        );
         let sessions = Gauge::default();
         registry.register("sessions_active", "Open MCP sessions", sessions.clone());
         let upstream_up = Family::<ServerLabels, Gauge>::default();
@@ -99,7 +111,11 @@ impl Metrics {
             upstream_up.clone(),
         );
         let http_responses = Family::<StatusLabels, Counter>::default();
-        registry.register("http_responses", "HTTP responses by status", http_responses.clone());
+        registry.register(
+            "http_responses",
+            "HTTP responses by status",
+            http_responses.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -111,9 +127,19 @@ impl Metrics {
     }
 
     /// Records one finished MCP request.
-    pub fn record(&self, method: &'static str, server: &'static str, outcome: &'static str, elapsed: Duration) {
+    pub fn record(
+        &self,
+        method: &'static str,
+        server: &'static str,
+        outcome: &'static str,
+        elapsed: Duration,
+    ) {
         self.requests
-            .get_or_create(&RequestLabels { method, server, outcome })
+            .get_or_create(&RequestLabels {
+                method,
+                server,
+                outcome,
+            })
             .inc();
         self.latency
             .get_or_create(&LatencyLabels { method, server })
@@ -122,12 +148,16 @@ impl Metrics {
 
     /// Sets an upstream's health.
     pub fn set_upstream_up(&self, server: &'static str, up: bool) {
-        self.upstream_up.get_or_create(&ServerLabels { server }).set(i64::from(up));
+        self.upstream_up
+            .get_or_create(&ServerLabels { server })
+            .set(i64::from(up));
     }
 
     /// Counts an HTTP response.
     pub fn http_response(&self, status: u16) {
-        self.http_responses.get_or_create(&StatusLabels { status }).inc();
+        self.http_responses
+            .get_or_create(&StatusLabels { status })
+            .inc();
     }
 
     /// Renders the Prometheus text format.

@@ -138,7 +138,10 @@ mod tests {
         assert_eq!(d.next_event().unwrap(), None);
         d.feed(b"ta: {\"a\":1}\n\n: comment\n\ndata: x\r\ndata: y\r\n\r\n");
         let e = d.next_event().unwrap().unwrap();
-        assert_eq!((e.event.as_str(), &e.data[..], e.id.as_deref()), ("message", &b"{\"a\":1}"[..], Some("1")));
+        assert_eq!(
+            (e.event.as_str(), &e.data[..], e.id.as_deref()),
+            ("message", &b"{\"a\":1}"[..], Some("1"))
+        );
         let e = d.next_event().unwrap().unwrap();
         assert_eq!(&e.data[..], b"x\ny");
         assert_eq!(d.next_event().unwrap(), None);

@@ -11,7 +11,14 @@ use serde_json::{Value, json};
 use support::{Client, TestGateway, eventually, example};
 
 async fn two() -> (TestGateway, Client) {
-    let gw = TestGateway::start("", &[example("a", &[], ""), example("b", &["--page-size", "2"], "")]).await;
+    let gw = TestGateway::start(
+        "",
+        &[
+            example("a", &[], ""),
+            example("b", &["--page-size", "2"], ""),
+        ],
+    )
+    .await;
     let mut c = gw.client();
     let caps = c.initialize(json!({"sampling":{}})).await;
     assert_eq!(caps["serverInfo"]["name"], "gatehouse");
@@ -53,13 +60,22 @@ async fn tools_from_every_upstream_are_merged_prefixed_and_paginated() {
     let mut sorted = all.clone();
     sorted.sort();
     sorted.dedup();
-    assert_eq!(sorted.len(), all.len(), "no duplicates across pages: {all:?}");
+    assert_eq!(
+        sorted.len(),
+        all.len(),
+        "no duplicates across pages: {all:?}"
+    );
     for server in ["a", "b"] {
         for tool in ["echo", "add", "slow", "whoami", "sample"] {
-            assert!(all.contains(&format!("{server}__{tool}")), "{server}__{tool} missing from {all:?}");
+            assert!(
+                all.contains(&format!("{server}__{tool}")),
+                "{server}__{tool} missing from {all:?}"
+            );
         }
     }
-    let bad = c.call(9, "tools/list", json!({"cursor":"!!not-a-cursor"})).await;
+    let bad = c
+        .call(9, "tools/list", json!({"cursor":"!!not-a-cursor"}))
+        .await;
     assert_eq!(bad["error"]["code"], -32602);
 }
 
@@ -69,8 +85,17 @@ async fn calls_route_by_prefix_with_arguments_untouched() {
     assert_eq!(c.tool_text(1, "a__whoami", json!({})).await, "a");
     assert_eq!(c.tool_text(2, "b__whoami", json!({})).await, "b");
     let tricky = "quotes \" backslash \\ unicode é 🦀 newline \n end";
-    assert_eq!(c.tool_text(3, "b__echo", json!({"text": tricky})).await, tricky);
-    let r = c.call(4, "tools/call", json!({"name":"a__add","arguments":{"a":2,"b":40}})).await;
+    assert_eq!(
+        c.tool_text(3, "b__echo", json!({"text": tricky})).await,
+        tricky
+    );
+    let r = c
+        .call(
+            4,
+            "tools/call",
+            json!({"name":"a__add","arguments":{"a":2,"b":40}}),
+        )
+        .await;
     assert_eq!(r["result"]["structuredContent"]["sum"], 42.0);
 }
 
@@ -81,19 +106,42 @@ async fn prompts_and_resources_route_to_their_owner() {
     let mut p = names(&prompts, "prompts");
     p.sort();
     assert_eq!(p, ["a__greeting", "b__greeting"]);
-    let got = c.call(2, "prompts/get", json!({"name":"b__greeting","arguments":{"name":"Ada"}})).await;
-    assert_eq!(got["result"]["messages"][0]["content"]["text"], "Say hello to Ada.");
+    let got = c
+        .call(
+            2,
+            "prompts/get",
+            json!({"name":"b__greeting","arguments":{"name":"Ada"}}),
+        )
+        .await;
+    assert_eq!(
+        got["result"]["messages"][0]["content"]["text"],
+        "Say hello to Ada."
+    );
 
     // A resource read before any list: the gateway learns the owner by listing.
-    let read = c.call(3, "resources/read", json!({"uri":"example://b/readme"})).await;
+    let read = c
+        .call(3, "resources/read", json!({"uri":"example://b/readme"}))
+        .await;
     assert_eq!(read["result"]["contents"][0]["uri"], "example://b/readme");
     let listed = c.call(4, "resources/list", json!({})).await;
-    let uris: Vec<&str> = listed["result"]["resources"].as_array().unwrap().iter().map(|r| r["uri"].as_str().unwrap()).collect();
-    assert!(uris.contains(&"example://a/readme") && uris.contains(&"example://b/readme"), "{uris:?}");
+    let uris: Vec<&str> = listed["result"]["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["uri"].as_str().unwrap())
+        .collect();
+    assert!(
+        uris.contains(&"example://a/readme") && uris.contains(&"example://b/readme"),
+        "{uris:?}"
+    );
     // Template resources route by their literal prefix.
-    let t = c.call(5, "resources/read", json!({"uri":"example://a/echo/hello"})).await;
+    let t = c
+        .call(5, "resources/read", json!({"uri":"example://a/echo/hello"}))
+        .await;
     assert_eq!(t["result"]["contents"][0]["text"], "hello");
-    let missing = c.call(6, "resources/read", json!({"uri":"nobody://x"})).await;
+    let missing = c
+        .call(6, "resources/read", json!({"uri":"nobody://x"}))
+        .await;
     assert_eq!(missing["error"]["code"], -32602);
 }
 
@@ -107,9 +155,16 @@ async fn progress_streams_back_as_sse_with_the_clients_token() {
         .await;
     assert_eq!(r.headers["content-type"], "text/event-stream");
     let msgs = r.messages();
-    let progress: Vec<&Value> = msgs.iter().filter(|m| m["method"] == "notifications/progress").collect();
+    let progress: Vec<&Value> = msgs
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .collect();
     assert_eq!(progress.len(), 3, "{msgs:?}");
-    assert!(progress.iter().all(|p| p["params"]["progressToken"] == "tok-7"));
+    assert!(
+        progress
+            .iter()
+            .all(|p| p["params"]["progressToken"] == "tok-7")
+    );
     let last = msgs.last().unwrap();
     assert_eq!(last["id"], "call-1", "the original id comes back");
     assert_eq!(last["result"]["content"][0]["text"], "done after 0.3s");
@@ -126,13 +181,19 @@ impl SseReader {
         loop {
             if let Some(end) = self.buf.find("\n\n") {
                 let ev: String = self.buf.drain(..end + 2).collect();
-                let data: Vec<&str> = ev.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+                let data: Vec<&str> = ev
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .collect();
                 if !data.is_empty() {
                     return Some(serde_json::from_str(&data.join("\n")).unwrap());
                 }
                 continue;
             }
-            let frame = tokio::time::timeout(Duration::from_secs(10), self.body.frame()).await.ok()??.ok()?;
+            let frame = tokio::time::timeout(Duration::from_secs(10), self.body.frame())
+                .await
+                .ok()??
+                .ok()?;
             if let Ok(d) = frame.into_data() {
                 self.buf.push_str(&String::from_utf8_lossy(&d));
             }
@@ -184,7 +245,9 @@ async fn concurrent_calls_with_colliding_ids_do_not_mix() {
         tasks.push(tokio::spawn(async move {
             let text = format!("message-{i}");
             let server = if i % 3 == 0 { "a" } else { "b" };
-            let got = client.tool_text(i / 2, &format!("{server}__echo"), json!({"text": text})).await;
+            let got = client
+                .tool_text(i / 2, &format!("{server}__echo"), json!({"text": text}))
+                .await;
             assert_eq!(got, text);
         }));
     }
@@ -208,51 +271,110 @@ async fn cancellation_ends_the_call_and_the_session_keeps_working() {
         .await;
     assert_eq!(n.status, 202);
     let r = call.await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(5), "cancel did not end the call");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cancel did not end the call"
+    );
     assert_eq!(r.response()["error"]["code"], -32800);
-    assert_eq!(c.tool_text(78, "a__echo", json!({"text":"after"})).await, "after");
+    assert_eq!(
+        c.tool_text(78, "a__echo", json!({"text":"after"})).await,
+        "after"
+    );
 }
 
 #[tokio::test]
 async fn a_slow_upstream_hits_its_deadline_and_others_are_unaffected() {
-    let gw = TestGateway::start("", &[example("a", &[], "    call_timeout: 500ms\n"), example("b", &[], "")]).await;
+    let gw = TestGateway::start(
+        "",
+        &[
+            example("a", &[], "    call_timeout: 500ms\n"),
+            example("b", &[], ""),
+        ],
+    )
+    .await;
     let mut c = gw.client();
     c.initialize(json!({})).await;
     let started = Instant::now();
-    let r = c.call(1, "tools/call", json!({"name":"a__slow","arguments":{"seconds":10}})).await;
+    let r = c
+        .call(
+            1,
+            "tools/call",
+            json!({"name":"a__slow","arguments":{"seconds":10}}),
+        )
+        .await;
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(r["error"]["code"], -32011);
-    assert!(r["error"]["message"].as_str().unwrap().contains("'a'"), "{r}");
-    assert_eq!(c.tool_text(2, "b__echo", json!({"text":"fine"})).await, "fine");
-    assert_eq!(c.tool_text(3, "a__echo", json!({"text":"a is fine too"})).await, "a is fine too");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("'a'"),
+        "{r}"
+    );
+    assert_eq!(
+        c.tool_text(2, "b__echo", json!({"text":"fine"})).await,
+        "fine"
+    );
+    assert_eq!(
+        c.tool_text(3, "a__echo", json!({"text":"a is fine too"}))
+            .await,
+        "a is fine too"
+    );
 }
 
 #[tokio::test]
 async fn an_upstream_that_crashes_mid_call_fails_that_call_and_is_restarted() {
-    let gw = TestGateway::start("", &[example("a", &["--test-tools"], ""), example("b", &[], "")]).await;
+    let gw = TestGateway::start(
+        "",
+        &[example("a", &["--test-tools"], ""), example("b", &[], "")],
+    )
+    .await;
     let mut c = gw.client();
     c.initialize(json!({})).await;
-    let r = c.call(1, "tools/call", json!({"name":"a__crash","arguments":{}})).await;
+    let r = c
+        .call(1, "tools/call", json!({"name":"a__crash","arguments":{}}))
+        .await;
     assert_eq!(r["error"]["code"], -32010);
-    assert!(r["error"]["message"].as_str().unwrap().contains("'a'"), "{r}");
-    assert_eq!(c.tool_text(2, "b__echo", json!({"text":"b unaffected"})).await, "b unaffected");
-    assert_eq!(c.tool_text(3, "a__whoami", json!({})).await, "a", "a is respawned on the next call");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("'a'"),
+        "{r}"
+    );
+    assert_eq!(
+        c.tool_text(2, "b__echo", json!({"text":"b unaffected"}))
+            .await,
+        "b unaffected"
+    );
+    assert_eq!(
+        c.tool_text(3, "a__whoami", json!({})).await,
+        "a",
+        "a is respawned on the next call"
+    );
 }
 
 #[tokio::test]
 async fn a_dead_upstream_leaves_lists_to_the_healthy_ones() {
-    let dead = "  - name: dead\n    http: { url: \"http://127.0.0.1:9/mcp\" }\n    connect_timeout: 2s\n";
+    let dead =
+        "  - name: dead\n    http: { url: \"http://127.0.0.1:9/mcp\" }\n    connect_timeout: 2s\n";
     let gw = TestGateway::start("", &[example("a", &[], ""), dead.to_owned()]).await;
     let mut c = gw.client();
     c.initialize(json!({})).await;
     let tools = names(&c.call(1, "tools/list", json!({})).await, "tools");
     assert!(tools.contains(&"a__echo".to_owned()), "{tools:?}");
     assert!(!tools.iter().any(|t| t.starts_with("dead__")));
-    let r = c.call(2, "tools/call", json!({"name":"dead__anything","arguments":{}})).await;
+    let r = c
+        .call(
+            2,
+            "tools/call",
+            json!({"name":"dead__anything","arguments":{}}),
+        )
+        .await;
     assert_eq!(r["error"]["code"], -32010);
-    assert!(r["error"]["message"].as_str().unwrap().contains("'dead'"), "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("'dead'"),
+        "{r}"
+    );
     let metrics = gw.gateway().metrics.render();
-    assert!(metrics.contains("gatehouse_upstream_up{server=\"dead\"} 0"), "{metrics}");
+    assert!(
+        metrics.contains("gatehouse_upstream_up{server=\"dead\"} 0"),
+        "{metrics}"
+    );
     assert!(metrics.contains("gatehouse_upstream_up{server=\"a\"} 1"));
 }
 
@@ -260,16 +382,28 @@ async fn a_dead_upstream_leaves_lists_to_the_healthy_ones() {
 async fn delete_ends_the_session() {
     let (gw, c) = two().await;
     assert_eq!(c.tool_text(1, "a__echo", json!({"text":"x"})).await, "x");
-    let r = c.send(c.request("DELETE", Bytes::new()).body(Full::new(Bytes::new())).unwrap()).await;
+    let r = c
+        .send(
+            c.request("DELETE", Bytes::new())
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(gw.gateway().sessions.len(), 0);
-    let r = c.post(json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}).to_string()).await;
+    let r = c
+        .post(json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}).to_string())
+        .await;
     assert_eq!(r.status, 404);
 }
 
 #[tokio::test]
 async fn idle_sessions_expire() {
-    let gw = TestGateway::start("mcp: { session_idle_timeout: 300ms }", &[example("a", &[], "")]).await;
+    let gw = TestGateway::start(
+        "mcp: { session_idle_timeout: 300ms }",
+        &[example("a", &[], "")],
+    )
+    .await;
     let mut c = gw.client();
     c.initialize(json!({})).await;
     let gateway = gw.gateway().clone();
@@ -278,7 +412,9 @@ async fn idle_sessions_expire() {
         async move { g.sessions.is_empty() }
     })
     .await;
-    let r = c.post(json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}).to_string()).await;
+    let r = c
+        .post(json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}).to_string())
+        .await;
     assert_eq!(r.status, 404);
 }
 
@@ -298,7 +434,12 @@ async fn get_opens_one_listen_stream_per_session() {
     assert_eq!(second.status, 409);
     drop(first);
     let bad = c
-        .send(c.request("GET", Bytes::new()).header("accept", "application/json").body(Full::new(Bytes::new())).unwrap())
+        .send(
+            c.request("GET", Bytes::new())
+                .header("accept", "application/json")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
         .await;
     assert_eq!(bad.status, 406);
 }

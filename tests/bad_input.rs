@@ -21,19 +21,32 @@ async fn setup() -> (TestGateway, Client) {
 }
 
 async fn still_healthy(c: &Client) {
-    assert_eq!(c.tool_text(99, "a__echo", json!({"text":"still here"})).await, "still here");
+    assert_eq!(
+        c.tool_text(99, "a__echo", json!({"text":"still here"}))
+            .await,
+        "still here"
+    );
 }
 
-async fn raw_post(gw: &TestGateway, session: Option<&str>, content_type: &str, accept: Option<&str>, body: &str) -> support::Resp {
+async fn raw_post(
+    gw: &TestGateway,
+    session: Option<&str>,
+    content_type: &str,
+    accept: Option<&str>,
+    body: &str,
+) -> support::Resp {
     let c = gw.client();
-    let mut b = c.request("POST", Bytes::new()).header("content-type", content_type);
+    let mut b = c
+        .request("POST", Bytes::new())
+        .header("content-type", content_type);
     if let Some(a) = accept {
         b = b.header("accept", a);
     }
     if let Some(s) = session {
         b = b.header("mcp-session-id", s);
     }
-    c.send(b.body(Full::new(Bytes::from(body.to_owned()))).unwrap()).await
+    c.send(b.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+        .await
 }
 
 const ACCEPT: Option<&str> = Some("application/json, text/event-stream");
@@ -41,7 +54,14 @@ const ACCEPT: Option<&str> = Some("application/json, text/event-stream");
 #[tokio::test]
 async fn malformed_json_is_a_parse_error() {
     let (gw, healthy) = setup().await;
-    let r = raw_post(&gw, healthy.session.as_deref(), "application/json", ACCEPT, "{\"jsonrpc\":\"2.0\",").await;
+    let r = raw_post(
+        &gw,
+        healthy.session.as_deref(),
+        "application/json",
+        ACCEPT,
+        "{\"jsonrpc\":\"2.0\",",
+    )
+    .await;
     assert_eq!(r.status, 400);
     assert_eq!(r.error_code(), -32700);
     assert_eq!(r.json()["id"], serde_json::Value::Null);
@@ -52,10 +72,22 @@ async fn malformed_json_is_a_parse_error() {
 async fn non_object_body_is_an_invalid_request() {
     let (gw, healthy) = setup().await;
     for body in ["42", "\"text\"", "null"] {
-        let r = raw_post(&gw, healthy.session.as_deref(), "application/json", ACCEPT, body).await;
+        let r = raw_post(
+            &gw,
+            healthy.session.as_deref(),
+            "application/json",
+            ACCEPT,
+            body,
+        )
+        .await;
         assert_eq!(r.status, 400, "{body}");
         assert_eq!(r.error_code(), -32600, "{body}");
-        assert!(r.json()["error"]["message"].as_str().unwrap().contains("JSON object"));
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("JSON object")
+        );
     }
     still_healthy(&healthy).await;
 }
@@ -63,8 +95,16 @@ async fn non_object_body_is_an_invalid_request() {
 #[tokio::test]
 async fn batch_arrays_are_refused() {
     let (gw, healthy) = setup().await;
-    let body = r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"ping"}]"#;
-    let r = raw_post(&gw, healthy.session.as_deref(), "application/json", ACCEPT, body).await;
+    let body =
+        r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"ping"}]"#;
+    let r = raw_post(
+        &gw,
+        healthy.session.as_deref(),
+        "application/json",
+        ACCEPT,
+        body,
+    )
+    .await;
     assert_eq!(r.status, 400);
     assert_eq!(r.error_code(), -32600);
     assert!(r.body.contains("batch"), "{}", r.body);
@@ -74,7 +114,14 @@ async fn batch_arrays_are_refused() {
 #[tokio::test]
 async fn missing_method_is_an_invalid_request() {
     let (gw, healthy) = setup().await;
-    let r = raw_post(&gw, healthy.session.as_deref(), "application/json", ACCEPT, r#"{"jsonrpc":"2.0","id":5}"#).await;
+    let r = raw_post(
+        &gw,
+        healthy.session.as_deref(),
+        "application/json",
+        ACCEPT,
+        r#"{"jsonrpc":"2.0","id":5}"#,
+    )
+    .await;
     assert_eq!(r.status, 400);
     assert_eq!(r.error_code(), -32600);
     assert!(r.body.contains("method"), "{}", r.body);
@@ -84,7 +131,14 @@ async fn missing_method_is_an_invalid_request() {
 #[tokio::test]
 async fn wrong_content_type_is_415() {
     let (gw, healthy) = setup().await;
-    let r = raw_post(&gw, healthy.session.as_deref(), "text/plain", ACCEPT, r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).await;
+    let r = raw_post(
+        &gw,
+        healthy.session.as_deref(),
+        "text/plain",
+        ACCEPT,
+        r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
+    )
+    .await;
     assert_eq!(r.status, 415);
     assert!(r.body.contains("application/json"));
     still_healthy(&healthy).await;
@@ -94,9 +148,23 @@ async fn wrong_content_type_is_415() {
 async fn missing_accept_is_406() {
     let (gw, healthy) = setup().await;
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
-    let r = raw_post(&gw, healthy.session.as_deref(), "application/json", None, body).await;
+    let r = raw_post(
+        &gw,
+        healthy.session.as_deref(),
+        "application/json",
+        None,
+        body,
+    )
+    .await;
     assert_eq!(r.status, 406);
-    let r = raw_post(&gw, healthy.session.as_deref(), "application/json", Some("application/json"), body).await;
+    let r = raw_post(
+        &gw,
+        healthy.session.as_deref(),
+        "application/json",
+        Some("application/json"),
+        body,
+    )
+    .await;
     assert_eq!(r.status, 406, "text/event-stream must be acceptable too");
     assert!(r.body.contains("text/event-stream"));
     still_healthy(&healthy).await;
@@ -109,7 +177,14 @@ async fn oversized_body_is_413_with_or_without_content_length() {
         r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"a__echo","arguments":{{"text":"{}"}}}}}}"#,
         "x".repeat(70_000)
     );
-    let r = raw_post(&gw, healthy.session.as_deref(), "application/json", ACCEPT, &big).await;
+    let r = raw_post(
+        &gw,
+        healthy.session.as_deref(),
+        "application/json",
+        ACCEPT,
+        &big,
+    )
+    .await;
     assert_eq!(r.status, 413);
     assert!(r.body.contains("65536"), "{}", r.body);
 
@@ -121,14 +196,23 @@ async fn oversized_body_is_413_with_or_without_content_length() {
     );
     s.write_all(head.as_bytes()).await.unwrap();
     for chunk in big.as_bytes().chunks(8192) {
-        let _ = s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await;
+        let _ = s
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await;
         let _ = s.write_all(chunk).await;
         let _ = s.write_all(b"\r\n").await;
     }
     let _ = s.write_all(b"0\r\n\r\n").await;
     let mut out = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out)).await.unwrap().unwrap();
-    assert!(String::from_utf8_lossy(&out[..n]).starts_with("HTTP/1.1 413"), "{}", String::from_utf8_lossy(&out[..n]));
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out[..n]).starts_with("HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&out[..n])
+    );
     still_healthy(&healthy).await;
 }
 
@@ -136,7 +220,14 @@ async fn oversized_body_is_413_with_or_without_content_length() {
 async fn unknown_session_is_404_and_missing_session_is_400() {
     let (gw, healthy) = setup().await;
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
-    let r = raw_post(&gw, Some("no-such-session"), "application/json", ACCEPT, body).await;
+    let r = raw_post(
+        &gw,
+        Some("no-such-session"),
+        "application/json",
+        ACCEPT,
+        body,
+    )
+    .await;
     assert_eq!(r.status, 404);
     assert!(r.body.contains("session not found"));
     let r = raw_post(&gw, None, "application/json", ACCEPT, body).await;
@@ -154,11 +245,17 @@ async fn unsupported_protocol_version_is_400() {
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
         .header("mcp-protocol-version", "1999-01-01")
-        .body(Full::new(Bytes::from_static(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)))
+        .body(Full::new(Bytes::from_static(
+            br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
+        )))
         .unwrap();
     let r = c.send(req).await;
     assert_eq!(r.status, 400);
-    assert!(r.body.contains("1999-01-01") && r.body.contains("2025-11-25"), "{}", r.body);
+    assert!(
+        r.body.contains("1999-01-01") && r.body.contains("2025-11-25"),
+        "{}",
+        r.body
+    );
     still_healthy(&healthy).await;
 }
 
@@ -179,9 +276,16 @@ async fn foreign_origin_is_403_and_foreign_host_is_421() {
     assert_eq!(r.status, 403);
     assert!(r.body.contains("evil.example.com"));
     let r = c.send(with("host", "evil.example.com")).await;
-    assert_eq!(r.status, 421, "DNS rebinding: a foreign Host must not reach a loopback gateway");
+    assert_eq!(
+        r.status, 421,
+        "DNS rebinding: a foreign Host must not reach a loopback gateway"
+    );
     let r = c.send(with("origin", "http://localhost:3000")).await;
-    assert_eq!(r.status, 200, "local origins are allowed on loopback: {}", r.body);
+    assert_eq!(
+        r.status, 200,
+        "local origins are allowed on loopback: {}",
+        r.body
+    );
     assert_eq!(gw.gateway().sessions.len(), 2);
     still_healthy(&healthy).await;
 }
@@ -195,8 +299,15 @@ async fn a_body_that_never_finishes_times_out_with_408() {
     // While that request stalls, the healthy session is served.
     still_healthy(&healthy).await;
     let mut out = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out)).await.expect("answered").unwrap();
-    assert!(String::from_utf8_lossy(&out[..n]).starts_with("HTTP/1.1 408"), "{}", String::from_utf8_lossy(&out[..n]));
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out[..n]).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&out[..n])
+    );
     still_healthy(&healthy).await;
 }
 
@@ -204,7 +315,9 @@ async fn a_body_that_never_finishes_times_out_with_408() {
 async fn headers_that_never_finish_are_cut_off() {
     let (gw, healthy) = setup().await;
     let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(b"POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: ").await.unwrap();
+    s.write_all(b"POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: ")
+        .await
+        .unwrap();
     still_healthy(&healthy).await;
     let mut out = vec![0u8; 4096];
     // The server closes the connection (possibly after a 408) within the header timeout.
@@ -226,7 +339,9 @@ async fn unknown_method_and_unknown_tool_are_json_rpc_errors() {
     let (_gw, healthy) = setup().await;
     let r = healthy.call(1, "no/such", json!({})).await;
     assert_eq!(r["error"]["code"], -32601);
-    let r = healthy.call(2, "tools/call", json!({"name":"zz__echo","arguments":{}})).await;
+    let r = healthy
+        .call(2, "tools/call", json!({"name":"zz__echo","arguments":{}}))
+        .await;
     assert_eq!(r["error"]["code"], -32602);
     assert!(r["error"]["message"].as_str().unwrap().contains("zz__echo"));
     let r = healthy.call(3, "tools/call", json!({"arguments":{}})).await;
@@ -239,12 +354,25 @@ async fn unknown_method_and_unknown_tool_are_json_rpc_errors() {
 async fn wrong_http_method_is_405_and_unknown_path_is_404() {
     let (gw, healthy) = setup().await;
     let c = gw.client();
-    let r = c.send(c.request("PUT", Bytes::new()).body(Full::new(Bytes::new())).unwrap()).await;
+    let r = c
+        .send(
+            c.request("PUT", Bytes::new())
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
     assert_eq!(r.status, 405);
     assert!(r.headers.get("allow").is_some());
     let mut other = c.clone();
     other.url = format!("http://{}/nope", gw.addr);
-    let r = other.send(other.request("GET", Bytes::new()).body(Full::new(Bytes::new())).unwrap()).await;
+    let r = other
+        .send(
+            other
+                .request("GET", Bytes::new())
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
     assert_eq!(r.status, 404);
     still_healthy(&healthy).await;
 }
@@ -254,11 +382,18 @@ async fn requests_without_a_valid_token_are_401() {
     let top = "auth: { tokens: [ { principal: alice, token: alice-token-0123456789 }, { principal: bob, token: bob-token-0123456789 } ] }";
     let gw = TestGateway::start(top, &[example("a", &[], "")]).await;
     let mut anon = gw.client();
-    let r = anon.post(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).await;
+    let r = anon
+        .post(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+        .await;
     assert_eq!(r.status, 401);
     assert_eq!(r.headers.get("www-authenticate").unwrap(), "Bearer");
     anon.token = Some("wrong".into());
-    assert_eq!(anon.post(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).await.status, 401);
+    assert_eq!(
+        anon.post(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+            .await
+            .status,
+        401
+    );
 
     let mut alice = gw.client();
     alice.token = Some("alice-token-0123456789".into());
@@ -267,6 +402,11 @@ async fn requests_without_a_valid_token_are_401() {
     // Bob cannot use Alice's session even with its id.
     let mut bob = alice.clone();
     bob.token = Some("bob-token-0123456789".into());
-    assert_eq!(bob.post(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).await.status, 404);
+    assert_eq!(
+        bob.post(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+            .await
+            .status,
+        404
+    );
     gw.stop().await;
 }

@@ -20,11 +20,23 @@ async fn tools_progress_and_sampling_cross_an_http_upstream() {
     let (inner, outer) = chain().await;
     let mut c = outer.client();
     c.initialize(json!({"sampling":{}})).await;
-    assert_eq!(inner.gateway().sessions.len(), 1, "one upstream session per client session");
+    assert_eq!(
+        inner.gateway().sessions.len(),
+        1,
+        "one upstream session per client session"
+    );
 
     let tools = c.call(1, "tools/list", json!({})).await;
-    let names: Vec<&str> = tools["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
-    assert!(names.contains(&"inner__echo") && names.contains(&"local__echo"), "{names:?}");
+    let names: Vec<&str> = tools["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"inner__echo") && names.contains(&"local__echo"),
+        "{names:?}"
+    );
     assert_eq!(c.tool_text(2, "inner__whoami", json!({})).await, "ex");
 
     let r = c
@@ -33,7 +45,15 @@ async fn tools_progress_and_sampling_cross_an_http_upstream() {
         .to_string())
         .await;
     let msgs = r.messages();
-    assert_eq!(msgs.iter().filter(|m| m["method"] == "notifications/progress" && m["params"]["progressToken"] == 99).count(), 2, "{msgs:?}");
+    assert_eq!(
+        msgs.iter()
+            .filter(
+                |m| m["method"] == "notifications/progress" && m["params"]["progressToken"] == 99
+            )
+            .count(),
+        2,
+        "{msgs:?}"
+    );
     assert_eq!(msgs.last().unwrap()["id"], 3);
 
     // Sampling: inner's stdio server → inner's POST SSE stream → outer → client, and back.
@@ -68,10 +88,19 @@ async fn tools_progress_and_sampling_cross_an_http_upstream() {
     let r = call.await.unwrap();
     let msgs = r.messages();
     assert_eq!(msgs[0]["method"], "sampling/createMessage", "{msgs:?}");
-    assert_eq!(msgs.last().unwrap()["result"]["content"][0]["text"], "model said: pong");
+    assert_eq!(
+        msgs.last().unwrap()["result"]["content"][0]["text"],
+        "model said: pong"
+    );
 
     // DELETE on the outer session ends the inner one too.
-    let d = c.send(c.request("DELETE", Bytes::new()).body(Full::new(Bytes::new())).unwrap()).await;
+    let d = c
+        .send(
+            c.request("DELETE", Bytes::new())
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
     assert_eq!(d.status, 200);
     let inner_gw = inner.gateway().clone();
     eventually("the upstream session to be deleted", || {
@@ -86,12 +115,28 @@ async fn a_forgotten_upstream_session_is_reinitialized_transparently() {
     let (inner, outer) = chain().await;
     let mut c = outer.client();
     c.initialize(json!({})).await;
-    assert_eq!(c.tool_text(1, "inner__echo", json!({"text":"one"})).await, "one");
-    let old: Vec<String> = inner.gateway().sessions.iter().map(|s| s.key().to_string()).collect();
+    assert_eq!(
+        c.tool_text(1, "inner__echo", json!({"text":"one"})).await,
+        "one"
+    );
+    let old: Vec<String> = inner
+        .gateway()
+        .sessions
+        .iter()
+        .map(|s| s.key().to_string())
+        .collect();
     assert_eq!(old.len(), 1);
     inner.gateway().end_session(&old[0]);
-    assert_eq!(c.tool_text(2, "inner__echo", json!({"text":"two"})).await, "two");
-    let now: Vec<String> = inner.gateway().sessions.iter().map(|s| s.key().to_string()).collect();
+    assert_eq!(
+        c.tool_text(2, "inner__echo", json!({"text":"two"})).await,
+        "two"
+    );
+    let now: Vec<String> = inner
+        .gateway()
+        .sessions
+        .iter()
+        .map(|s| s.key().to_string())
+        .collect();
     assert_eq!(now.len(), 1);
     assert_ne!(now[0], old[0], "a new upstream session was initialized");
 }

@@ -7,7 +7,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{ACCEPT, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, ORIGIN, WWW_AUTHENTICATE};
+use http::header::{
+    ACCEPT, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, ORIGIN,
+    WWW_AUTHENTICATE,
+};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use tokio::sync::mpsc;
@@ -101,20 +104,27 @@ impl FrontError {
         match self {
             FrontError::Parse(p) => p.code(),
             FrontError::Initialize(_) => code::INVALID_PARAMS,
-            FrontError::MissingSession | FrontError::Version(_) | FrontError::Body(_) => code::INVALID_REQUEST,
+            FrontError::MissingSession | FrontError::Version(_) | FrontError::Body(_) => {
+                code::INVALID_REQUEST
+            }
             _ => -32000,
         }
     }
 
     /// The HTTP response for this refusal, with a JSON-RPC error body.
     pub fn into_response(self, id: Option<&[u8]>) -> Response<Body> {
-        let mut resp = json_response(self.status(), jsonrpc::error_response(id, self.code(), &self.to_string()));
+        let mut resp = json_response(
+            self.status(),
+            jsonrpc::error_response(id, self.code(), &self.to_string()),
+        );
         match self {
             FrontError::Auth(_) => {
-                resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                resp.headers_mut()
+                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             FrontError::Method(_) => {
-                resp.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+                resp.headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
             }
             _ => {}
         }
@@ -125,14 +135,17 @@ impl FrontError {
 fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
     let mut r = Response::new(Body::full(body));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
 fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
     let mut r = Response::new(Body::Sse(rx));
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
 }
 
@@ -153,7 +166,10 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
     }
 }
 
-async fn route(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Result<Response<Body>, FrontError> {
+async fn route(
+    gw: &Arc<Gateway>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, FrontError> {
     check_host_and_origin(gw, req.headers())?;
     let principal = gw.auth.authenticate(req.headers())?;
     match *req.method() {
@@ -174,24 +190,37 @@ fn hostname(authority: &str) -> &str {
 
 fn is_loopback_name(host: &str) -> bool {
     let host = host.to_ascii_lowercase();
-    host == "localhost" || host == "[::1]" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+    host == "localhost"
+        || host == "[::1]"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn check_host_and_origin(gw: &Gateway, headers: &HeaderMap) -> Result<(), FrontError> {
     let mcp = &gw.config.mcp;
     let loopback = gw.config.listen.ip().is_loopback();
     if loopback || !mcp.allowed_hosts.is_empty() {
-        let host = headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        let host = headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
         let name = hostname(host);
         let ok = (loopback && is_loopback_name(name))
-            || mcp.allowed_hosts.iter().any(|h| h == &host.to_ascii_lowercase() || h == &name.to_ascii_lowercase());
+            || mcp
+                .allowed_hosts
+                .iter()
+                .any(|h| h == &host.to_ascii_lowercase() || h == &name.to_ascii_lowercase());
         if !ok {
             return Err(FrontError::Host(host.to_owned()));
         }
     }
     if let Some(origin) = headers.get(ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
-        let explicitly = mcp.allowed_origins.iter().any(|o| o.eq_ignore_ascii_case(origin));
+        let explicitly = mcp
+            .allowed_origins
+            .iter()
+            .any(|o| o.eq_ignore_ascii_case(origin));
         let local = loopback
             && origin
                 .strip_prefix("http://")
@@ -208,7 +237,9 @@ fn accepts(headers: &HeaderMap, media: &str) -> bool {
     headers.get_all(ACCEPT).iter().any(|v| {
         v.to_str().unwrap_or("").split(',').any(|part| {
             let m = part.split(';').next().unwrap_or("").trim();
-            m.eq_ignore_ascii_case(media) || m == "*/*" || (m.ends_with("/*") && media.starts_with(&m[..m.len() - 1]))
+            m.eq_ignore_ascii_case(media)
+                || m == "*/*"
+                || (m.ends_with("/*") && media.starts_with(&m[..m.len() - 1]))
         })
     })
 }
@@ -223,12 +254,20 @@ fn check_version(headers: &HeaderMap) -> Result<(), FrontError> {
     Ok(())
 }
 
-fn session_of(gw: &Gateway, principal: &Option<Principal>, headers: &HeaderMap) -> Result<Arc<Session>, FrontError> {
+fn session_of(
+    gw: &Gateway,
+    principal: &Option<Principal>,
+    headers: &HeaderMap,
+) -> Result<Arc<Session>, FrontError> {
     let id = headers
         .get(SESSION_HEADER)
         .and_then(|v| v.to_str().ok())
         .ok_or(FrontError::MissingSession)?;
-    let session = gw.sessions.get(id).map(|s| s.clone()).ok_or(FrontError::UnknownSession)?;
+    let session = gw
+        .sessions
+        .get(id)
+        .map(|s| s.clone())
+        .ok_or(FrontError::UnknownSession)?;
     // A session belongs to whoever opened it; to anyone else it does not exist.
     if session.principal != *principal {
         return Err(FrontError::UnknownSession);
@@ -249,7 +288,9 @@ async fn read_body(gw: &Gateway, req: Request<hyper::body::Incoming>) -> Result<
     let collect = Limited::new(req.into_body(), limit).collect();
     match tokio::time::timeout(gw.config.mcp.body_timeout, collect).await {
         Err(_) => Err(FrontError::BodyTimeout),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(FrontError::TooLarge(limit)),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(FrontError::TooLarge(limit))
+        }
         Ok(Err(e)) => Err(FrontError::Body(e.to_string())),
         Ok(Ok(c)) => Ok(c.to_bytes()),
     }
@@ -264,12 +305,20 @@ async fn post(
     let json = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/json")
+        });
     if !json {
         return Err(FrontError::ContentType);
     }
     if !accepts(headers, "application/json") || !accepts(headers, "text/event-stream") {
-        return Err(FrontError::Accept("both application/json and text/event-stream"));
+        return Err(FrontError::Accept(
+            "both application/json and text/event-stream",
+        ));
     }
     let version_check = check_version(headers);
     let session_header = headers.contains_key(SESSION_HEADER);
@@ -299,10 +348,12 @@ async fn post(
     let session = session_of(gw, &principal, &headers)?;
     let _busy = session.touch();
     match msg.kind {
-        Kind::Request { id, method, params } => match handler::request(gw, &session, id, &method, params).await {
-            Reply::Json(frame) => Ok(json_response(StatusCode::OK, frame)),
-            Reply::Stream(rx) => Ok(sse_response(rx)),
-        },
+        Kind::Request { id, method, params } => {
+            match handler::request(gw, &session, id, &method, params).await {
+                Reply::Json(frame) => Ok(json_response(StatusCode::OK, frame)),
+                Reply::Stream(rx) => Ok(sse_response(rx)),
+            }
+        }
         Kind::Notification { method, params } => {
             on_notification(&session, &method, params.as_deref()).await;
             Ok(accepted())
@@ -357,11 +408,17 @@ async fn on_notification(session: &Arc<Session>, method: &str, params: Option<&[
                 link.notify(method, params).await;
             }
         }
-        other => tracing::debug!(session = %session.id, method = other, "ignored client notification"),
+        other => {
+            tracing::debug!(session = %session.id, method = other, "ignored client notification")
+        }
     }
 }
 
-async fn get(gw: &Arc<Gateway>, principal: Option<Principal>, headers: &HeaderMap) -> Result<Response<Body>, FrontError> {
+async fn get(
+    gw: &Arc<Gateway>,
+    principal: Option<Principal>,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, FrontError> {
     if !accepts(headers, "text/event-stream") {
         return Err(FrontError::Accept("text/event-stream"));
     }
@@ -387,7 +444,11 @@ async fn get(gw: &Arc<Gateway>, principal: Option<Principal>, headers: &HeaderMa
     Ok(sse_response(rx))
 }
 
-async fn delete(gw: &Arc<Gateway>, principal: Option<Principal>, headers: &HeaderMap) -> Result<Response<Body>, FrontError> {
+async fn delete(
+    gw: &Arc<Gateway>,
+    principal: Option<Principal>,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, FrontError> {
     let session = session_of(gw, &principal, headers)?;
     gw.end_session(&session.id);
     let mut r = Response::new(Body::Empty);
@@ -402,7 +463,10 @@ mod tests {
     #[test]
     fn accept_parsing() {
         let mut h = HeaderMap::new();
-        h.insert(ACCEPT, "application/json, text/event-stream;q=0.9".parse().unwrap());
+        h.insert(
+            ACCEPT,
+            "application/json, text/event-stream;q=0.9".parse().unwrap(),
+        );
         assert!(accepts(&h, "application/json") && accepts(&h, "text/event-stream"));
         h.insert(ACCEPT, "text/*".parse().unwrap());
         assert!(accepts(&h, "text/event-stream") && !accepts(&h, "application/json"));
@@ -415,6 +479,10 @@ mod tests {
         assert_eq!(hostname("[::1]:9000"), "[::1]");
         assert_eq!(hostname("localhost:9000"), "localhost");
         assert_eq!(hostname("127.0.0.1"), "127.0.0.1");
-        assert!(is_loopback_name("127.0.0.2") && is_loopback_name("LOCALHOST") && !is_loopback_name("evil.com"));
+        assert!(
+            is_loopback_name("127.0.0.2")
+                && is_loopback_name("LOCALHOST")
+                && !is_loopback_name("evil.com")
+        );
     }
 }

@@ -79,7 +79,8 @@ pub async fn initialize(
         r#"{{"protocolVersion":"{version}","capabilities":{client_caps},"clientInfo":{client_info}}}"#
     ));
     let session = gw.new_session(principal, version, init_params);
-    let results = futures_util::future::join_all((0..gw.servers.len()).map(|i| session.connect(i))).await;
+    let results =
+        futures_util::future::join_all((0..gw.servers.len()).map(|i| session.connect(i))).await;
 
     let mut bits = 0u8;
     let mut instructions = String::new();
@@ -88,7 +89,11 @@ pub async fn initialize(
         match r {
             Ok(b) => {
                 bits |= b;
-                if let Some(text) = session.links()[i].init_result().as_deref().and_then(instructions_of) {
+                if let Some(text) = session.links()[i]
+                    .init_result()
+                    .as_deref()
+                    .and_then(instructions_of)
+                {
                     if !instructions.is_empty() {
                         instructions.push_str("\n\n");
                     }
@@ -98,7 +103,9 @@ pub async fn initialize(
                     instructions.push_str(&text);
                 }
             }
-            Err(e) => tracing::warn!(session = %session.id, upstream = name, "upstream unavailable at initialize: {e}"),
+            Err(e) => {
+                tracing::warn!(session = %session.id, upstream = name, "upstream unavailable at initialize: {e}")
+            }
         }
     }
     if bits == 0 {
@@ -139,7 +146,10 @@ fn instructions_of(init_result: &[u8]) -> Option<String> {
     struct R {
         instructions: Option<String>,
     }
-    serde_json::from_slice::<R>(init_result).ok()?.instructions.filter(|s| !s.is_empty())
+    serde_json::from_slice::<R>(init_result)
+        .ok()?
+        .instructions
+        .filter(|s| !s.is_empty())
 }
 
 /// Kinds of list that fan out to every upstream.
@@ -151,9 +161,24 @@ struct ListKind {
     rename: bool,
 }
 
-const TOOLS: ListKind = ListKind { method: "tools/list", key: "tools", cap: caps::TOOLS, rename: true };
-const PROMPTS: ListKind = ListKind { method: "prompts/list", key: "prompts", cap: caps::PROMPTS, rename: true };
-const RESOURCES: ListKind = ListKind { method: "resources/list", key: "resources", cap: caps::RESOURCES, rename: false };
+const TOOLS: ListKind = ListKind {
+    method: "tools/list",
+    key: "tools",
+    cap: caps::TOOLS,
+    rename: true,
+};
+const PROMPTS: ListKind = ListKind {
+    method: "prompts/list",
+    key: "prompts",
+    cap: caps::PROMPTS,
+    rename: true,
+};
+const RESOURCES: ListKind = ListKind {
+    method: "resources/list",
+    key: "resources",
+    cap: caps::RESOURCES,
+    rename: false,
+};
 const TEMPLATES: ListKind = ListKind {
     method: "resources/templates/list",
     key: "resourceTemplates",
@@ -162,16 +187,27 @@ const TEMPLATES: ListKind = ListKind {
 };
 
 /// Handles one client request within a session.
-pub async fn request(gw: &Arc<Gateway>, session: &Arc<Session>, id: Bytes, method: &str, params: Option<Bytes>) -> Reply {
+pub async fn request(
+    gw: &Arc<Gateway>,
+    session: &Arc<Session>,
+    id: Bytes,
+    method: &str,
+    params: Option<Bytes>,
+) -> Reply {
     let started = Instant::now();
     let label = method_label(method);
     let single = gw.servers.len() == 1 && !gw.router.prefixing();
     let reply = match method {
-        "ping" => Reply::Json(jsonrpc::response(&id, &Outcome::Result(Bytes::from_static(b"{}")))),
+        "ping" => Reply::Json(jsonrpc::response(
+            &id,
+            &Outcome::Result(Bytes::from_static(b"{}")),
+        )),
         "tools/list" if !single => list(gw, session, &id, TOOLS, params.as_deref()).await,
         "prompts/list" if !single => list(gw, session, &id, PROMPTS, params.as_deref()).await,
         "resources/list" if !single => list(gw, session, &id, RESOURCES, params.as_deref()).await,
-        "resources/templates/list" if !single => list(gw, session, &id, TEMPLATES, params.as_deref()).await,
+        "resources/templates/list" if !single => {
+            list(gw, session, &id, TEMPLATES, params.as_deref()).await
+        }
         "tools/call" | "prompts/get" if !single => {
             let f = match fields(params.as_deref()) {
                 Ok(f) => f,
@@ -181,7 +217,11 @@ pub async fn request(gw: &Arc<Gateway>, session: &Arc<Session>, id: Bytes, metho
                 Ok(n) => n,
                 Err(e) => return invalid_params(&id, &e),
             };
-            let what = if method == "tools/call" { "tool" } else { "prompt" };
+            let what = if method == "tools/call" {
+                "tool"
+            } else {
+                "prompt"
+            };
             let Some((index, local)) = gw.router.resolve(&name) else {
                 return invalid_params(&id, &format!("unknown {what}: {name}"));
             };
@@ -204,11 +244,20 @@ pub async fn request(gw: &Arc<Gateway>, session: &Arc<Session>, id: Bytes, metho
         "completion/complete" if !single => complete(gw, session, id, params).await,
         "logging/setLevel" if !single => {
             for (i, link) in session.links().iter().enumerate() {
-                if session.connect(i).await.is_ok_and(|b| b & caps::LOGGING != 0) {
-                    let _ = link.call(method, params.as_deref(), CallOpts::default()).await;
+                if session
+                    .connect(i)
+                    .await
+                    .is_ok_and(|b| b & caps::LOGGING != 0)
+                {
+                    let _ = link
+                        .call(method, params.as_deref(), CallOpts::default())
+                        .await;
                 }
             }
-            Reply::Json(jsonrpc::response(&id, &Outcome::Result(Bytes::from_static(b"{}"))))
+            Reply::Json(jsonrpc::response(
+                &id,
+                &Outcome::Result(Bytes::from_static(b"{}")),
+            ))
         }
         _ if single => forward(gw, session, 0, id, label, method, params).await,
         _ => Reply::Json(jsonrpc::error_response(
@@ -217,8 +266,15 @@ pub async fn request(gw: &Arc<Gateway>, session: &Arc<Session>, id: Bytes, metho
             &format!("method not found: {method}"),
         )),
     };
-    if matches!(label, "ping" | "tools/list" | "prompts/list" | "resources/list" | "resources/templates/list" | "logging/setLevel")
-        && !single
+    if matches!(
+        label,
+        "ping"
+            | "tools/list"
+            | "prompts/list"
+            | "resources/list"
+            | "resources/templates/list"
+            | "logging/setLevel"
+    ) && !single
     {
         gw.metrics.record(label, "gateway", "ok", started.elapsed());
     }
@@ -226,7 +282,12 @@ pub async fn request(gw: &Arc<Gateway>, session: &Arc<Session>, id: Bytes, metho
 }
 
 /// Routes `completion/complete` by its `ref`: a prompt name or a resource URI.
-async fn complete(gw: &Arc<Gateway>, session: &Arc<Session>, id: Bytes, params: Option<Bytes>) -> Reply {
+async fn complete(
+    gw: &Arc<Gateway>,
+    session: &Arc<Session>,
+    id: Bytes,
+    params: Option<Bytes>,
+) -> Reply {
     let f = match fields(params.as_deref()) {
         Ok(f) => f,
         Err(e) => return invalid_params(&id, &e),
@@ -250,17 +311,38 @@ async fn complete(gw: &Arc<Gateway>, session: &Arc<Session>, id: Bytes, params: 
             };
             let local = json_string(local);
             rf.insert(Cow::Borrowed("name"), &local);
-            let new_ref = RawValue::from_string(String::from_utf8_lossy(&encode_fields(&rf)).into_owned())
-                .expect("re-encoded object is valid JSON");
+            let new_ref =
+                RawValue::from_string(String::from_utf8_lossy(&encode_fields(&rf)).into_owned())
+                    .expect("re-encoded object is valid JSON");
             let mut f = f.clone();
             f.insert(Cow::Borrowed("ref"), &new_ref);
             let out = encode_fields(&f);
-            forward(gw, session, index, id, "completion/complete", "completion/complete", Some(out)).await
+            forward(
+                gw,
+                session,
+                index,
+                id,
+                "completion/complete",
+                "completion/complete",
+                Some(out),
+            )
+            .await
         }
         "ref/resource" => {
             let uri = string_field(&rf, "uri").unwrap_or_default();
             match resource_owner(gw, session, &uri).await {
-                Some(index) => forward(gw, session, index, id, "completion/complete", "completion/complete", params).await,
+                Some(index) => {
+                    forward(
+                        gw,
+                        session,
+                        index,
+                        id,
+                        "completion/complete",
+                        "completion/complete",
+                        params,
+                    )
+                    .await
+                }
                 None => invalid_params(&id, &format!("no upstream serves resource {uri}")),
             }
         }
@@ -276,8 +358,18 @@ async fn resource_owner(gw: &Arc<Gateway>, session: &Arc<Session>, uri: &str) ->
     for kind in [RESOURCES, TEMPLATES] {
         let mut cursor: Option<String> = None;
         for _ in 0..20 {
-            let params = cursor.as_ref().map(|c| format!("{{\"cursor\":{}}}", json_string(c).get()));
-            let Reply::Json(page) = list(gw, session, b"0", kind, params.as_deref().map(str::as_bytes)).await else {
+            let params = cursor
+                .as_ref()
+                .map(|c| format!("{{\"cursor\":{}}}", json_string(c).get()));
+            let Reply::Json(page) = list(
+                gw,
+                session,
+                b"0",
+                kind,
+                params.as_deref().map(str::as_bytes),
+            )
+            .await
+            else {
                 break;
             };
             #[derive(Deserialize)]
@@ -289,7 +381,9 @@ async fn resource_owner(gw: &Arc<Gateway>, session: &Arc<Session>, uri: &str) ->
                 #[serde(rename = "nextCursor")]
                 next: Option<String>,
             }
-            cursor = serde_json::from_slice::<Page>(&page).ok().and_then(|p| p.result?.next);
+            cursor = serde_json::from_slice::<Page>(&page)
+                .ok()
+                .and_then(|p| p.result?.next);
             if cursor.is_none() {
                 break;
             }
@@ -325,7 +419,9 @@ async fn forward(
     let session2 = session.clone();
     let method = method.to_owned();
     let call = async move {
-        let result = session2.links()[index].call(&method, params.as_deref(), opts).await;
+        let result = session2.links()[index]
+            .call(&method, params.as_deref(), opts)
+            .await;
         session2.untrack(&id);
         let (frame, outcome) = match result {
             Ok(o @ Outcome::Result(_)) => (jsonrpc::response(&id, &o), "ok"),
@@ -334,7 +430,10 @@ async fn forward(
                 if !matches!(e, UpstreamError::Cancelled) {
                     tracing::warn!(upstream = %server.name, method = %method, "call failed: {e}");
                 }
-                (jsonrpc::error_response(Some(&id), e.code(), &e.to_string()), "failed")
+                (
+                    jsonrpc::error_response(Some(&id), e.code(), &e.to_string()),
+                    "failed",
+                )
             }
         };
         metrics.record(label, server.label, outcome, started.elapsed());
@@ -377,12 +476,21 @@ async fn forward(
 ///
 /// The cursor handed to the client encodes each upstream's own cursor, so pagination resumes only
 /// the upstreams that have more.
-async fn list(gw: &Arc<Gateway>, session: &Arc<Session>, id: &[u8], kind: ListKind, params: Option<&[u8]>) -> Reply {
+async fn list(
+    gw: &Arc<Gateway>,
+    session: &Arc<Session>,
+    id: &[u8],
+    kind: ListKind,
+    params: Option<&[u8]>,
+) -> Reply {
     let f = match fields(params) {
         Ok(f) => f,
         Err(e) => return invalid_params(id, &e),
     };
-    let targets: Vec<(usize, Option<String>)> = match f.get("cursor").map(|c| serde_json::from_str::<Option<String>>(c.get())) {
+    let targets: Vec<(usize, Option<String>)> = match f
+        .get("cursor")
+        .map(|c| serde_json::from_str::<Option<String>>(c.get()))
+    {
         None | Some(Ok(None)) => (0..gw.servers.len()).map(|i| (i, None)).collect(),
         Some(Ok(Some(c))) => match decode_cursor(gw, &c) {
             Some(t) => t,
@@ -392,7 +500,9 @@ async fn list(gw: &Arc<Gateway>, session: &Arc<Session>, id: &[u8], kind: ListKi
     };
     let calls = targets.iter().map(|(i, cursor)| {
         let i = *i;
-        let p = cursor.as_ref().map(|c| format!("{{\"cursor\":{}}}", json_string(c).get()));
+        let p = cursor
+            .as_ref()
+            .map(|c| format!("{{\"cursor\":{}}}", json_string(c).get()));
         async move {
             let bits = session.connect(i).await?;
             if bits & kind.cap == 0 {
@@ -400,14 +510,19 @@ async fn list(gw: &Arc<Gateway>, session: &Arc<Session>, id: &[u8], kind: ListKi
             }
             let started = Instant::now();
             let r = session.links()[i]
-                .call(kind.method, p.as_deref().map(str::as_bytes), CallOpts::default())
+                .call(
+                    kind.method,
+                    p.as_deref().map(str::as_bytes),
+                    CallOpts::default(),
+                )
                 .await;
             let outcome = match &r {
                 Ok(Outcome::Result(_)) => "ok",
                 Ok(Outcome::Error(_)) => "error",
                 Err(_) => "failed",
             };
-            gw.metrics.record(kind.method, gw.servers[i].label, outcome, started.elapsed());
+            gw.metrics
+                .record(kind.method, gw.servers[i].label, outcome, started.elapsed());
             r.map(Some)
         }
     });
@@ -426,7 +541,12 @@ async fn list(gw: &Arc<Gateway>, session: &Arc<Session>, id: &[u8], kind: ListKi
             }
             Ok(Some(Outcome::Result(page))) => page,
             Ok(Some(Outcome::Error(e))) => {
-                tracing::warn!(upstream = name, method = kind.method, "list failed: {}", String::from_utf8_lossy(&e));
+                tracing::warn!(
+                    upstream = name,
+                    method = kind.method,
+                    "list failed: {}",
+                    String::from_utf8_lossy(&e)
+                );
                 failures.push(format!("{name}: {}", String::from_utf8_lossy(&e)));
                 continue;
             }
@@ -444,7 +564,11 @@ async fn list(gw: &Arc<Gateway>, session: &Arc<Session>, id: &[u8], kind: ListKi
                 }
             }
             Err(e) => {
-                tracing::warn!(upstream = name, method = kind.method, "malformed list result: {e}");
+                tracing::warn!(
+                    upstream = name,
+                    method = kind.method,
+                    "malformed list result: {e}"
+                );
                 failures.push(format!("{name}: malformed result"));
             }
         }
@@ -453,7 +577,11 @@ async fn list(gw: &Arc<Gateway>, session: &Arc<Session>, id: &[u8], kind: ListKi
         return Reply::Json(jsonrpc::error_response(
             Some(id),
             code::UPSTREAM_UNAVAILABLE,
-            &format!("no upstream answered {}: {}", kind.method, failures.join("; ")),
+            &format!(
+                "no upstream answered {}: {}",
+                kind.method,
+                failures.join("; ")
+            ),
         ));
     }
     let mut out = BytesMut::with_capacity(items.len() + 64);
@@ -471,7 +599,13 @@ async fn list(gw: &Arc<Gateway>, session: &Arc<Session>, id: &[u8], kind: ListKi
 }
 
 /// Appends one upstream's page to `items` (comma-separated), renaming and learning routes.
-fn merge_page(gw: &Gateway, index: usize, kind: ListKind, page: &[u8], items: &mut BytesMut) -> Result<Option<String>, String> {
+fn merge_page(
+    gw: &Gateway,
+    index: usize,
+    kind: ListKind,
+    page: &[u8],
+    items: &mut BytesMut,
+) -> Result<Option<String>, String> {
     let f: Fields<'_> = serde_json::from_slice(page).map_err(|e| e.to_string())?;
     let list: Vec<&RawValue> = match f.get(kind.key) {
         Some(raw) => serde_json::from_str(raw.get()).map_err(|e| e.to_string())?,
@@ -513,11 +647,14 @@ fn merge_page(gw: &Gateway, index: usize, kind: ListKind, page: &[u8], items: &m
 
 fn encode_cursor(next: &[(String, String)]) -> String {
     let map: BTreeMap<&str, &str> = next.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&map).unwrap_or_default())
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(&map).unwrap_or_default())
 }
 
 fn decode_cursor(gw: &Gateway, cursor: &str) -> Option<Vec<(usize, Option<String>)>> {
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).ok()?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()?;
     let map: BTreeMap<String, String> = serde_json::from_slice(&raw).ok()?;
     if map.is_empty() {
         return None;

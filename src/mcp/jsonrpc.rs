@@ -122,7 +122,9 @@ pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
         Some(_) => {
             // Distinguish "valid JSON but not an object" from "not JSON".
             return match serde_json::from_slice::<&RawValue>(&frame) {
-                Ok(_) => Err(ParseError::Invalid("a JSON-RPC message must be a JSON object")),
+                Ok(_) => Err(ParseError::Invalid(
+                    "a JSON-RPC message must be a JSON object",
+                )),
                 Err(e) => Err(ParseError::Json(e.to_string())),
             };
         }
@@ -146,7 +148,9 @@ pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
             if let Some(p) = &params
                 && !matches!(p.first(), Some(b'{' | b'['))
             {
-                return Err(ParseError::Invalid("\"params\" must be an object or an array"));
+                return Err(ParseError::Invalid(
+                    "\"params\" must be an object or an array",
+                ));
             }
             let method: Box<str> = method.into();
             match id {
@@ -275,7 +279,10 @@ mod tests {
             Kind::Request { id, method, params } => {
                 assert_eq!(&id[..], b"7");
                 assert_eq!(&*method, "tools/call");
-                assert_eq!(&params.unwrap()[..], br#"{"name":"a","arguments":{"x":[1,2]}}"#);
+                assert_eq!(
+                    &params.unwrap()[..],
+                    br#"{"name":"a","arguments":{"x":[1,2]}}"#
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -284,16 +291,26 @@ mod tests {
     #[test]
     fn classifies_notifications_and_responses() {
         assert!(matches!(
-            p(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).unwrap().kind,
+            p(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+                .unwrap()
+                .kind,
             Kind::Notification { .. }
         ));
         assert!(matches!(
             p(r#"{"jsonrpc":"2.0","id":"a","result":{}}"#).unwrap().kind,
-            Kind::Response { outcome: Outcome::Result(_), .. }
+            Kind::Response {
+                outcome: Outcome::Result(_),
+                ..
+            }
         ));
         assert!(matches!(
-            p(r#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x"}}"#).unwrap().kind,
-            Kind::Response { outcome: Outcome::Error(_), .. }
+            p(r#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x"}}"#)
+                .unwrap()
+                .kind,
+            Kind::Response {
+                outcome: Outcome::Error(_),
+                ..
+            }
         ));
     }
 
@@ -302,15 +319,30 @@ mod tests {
         let cases = [
             ("{not json", code::PARSE_ERROR),
             ("", code::INVALID_REQUEST),
-            ("[{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}]", code::INVALID_REQUEST),
+            (
+                "[{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}]",
+                code::INVALID_REQUEST,
+            ),
             ("42", code::INVALID_REQUEST),
             ("\"str\"", code::INVALID_REQUEST),
             (r#"{"jsonrpc":"2.0","id":1}"#, code::INVALID_REQUEST),
             (r#"{"id":1,"method":"ping"}"#, code::INVALID_REQUEST),
-            (r#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#, code::INVALID_REQUEST),
-            (r#"{"jsonrpc":"2.0","id":{},"method":"ping"}"#, code::INVALID_REQUEST),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"x","params":3}"#, code::INVALID_REQUEST),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"x","result":{}}"#, code::INVALID_REQUEST),
+            (
+                r#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":{},"method":"ping"}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"x","params":3}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"x","result":{}}"#,
+                code::INVALID_REQUEST,
+            ),
         ];
         for (input, want) in cases {
             let err = p(input).expect_err(input);

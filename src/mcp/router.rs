@@ -72,7 +72,11 @@ impl Router {
     /// Splits a client-facing name into its upstream and the upstream's own name.
     pub fn resolve<'a>(&self, public: &'a str) -> Option<(usize, &'a str)> {
         if !self.prefixing {
-            return if self.names.len() == 1 { Some((0, public)) } else { None };
+            return if self.names.len() == 1 {
+                Some((0, public))
+            } else {
+                None
+            };
         }
         let (server, name) = public.split_once(self.separator.as_str())?;
         Some((self.index_of(server)?, name))
@@ -80,7 +84,8 @@ impl Router {
 
     /// Remembers that `uri` belongs to upstream `index`.
     pub fn learn_resource(&self, uri: &str, index: usize) {
-        if self.resource_owner.len() < MAX_KNOWN_RESOURCES || self.resource_owner.contains_key(uri) {
+        if self.resource_owner.len() < MAX_KNOWN_RESOURCES || self.resource_owner.contains_key(uri)
+        {
             self.resource_owner.insert(uri.into(), index);
         }
     }
@@ -91,7 +96,10 @@ impl Router {
         if prefix.is_empty() {
             return;
         }
-        let mut t = self.template_prefixes.write().unwrap_or_else(|e| e.into_inner());
+        let mut t = self
+            .template_prefixes
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         if !t.iter().any(|(p, i)| p == prefix && *i == index) && t.len() < 10_000 {
             t.push((prefix.to_owned(), index));
         }
@@ -105,7 +113,10 @@ impl Router {
         if let Some(i) = self.resource_owner.get(uri) {
             return Some(*i);
         }
-        let t = self.template_prefixes.read().unwrap_or_else(|e| e.into_inner());
+        let t = self
+            .template_prefixes
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         t.iter()
             .filter(|(p, _)| uri.starts_with(p.as_str()))
             .max_by_key(|(p, _)| p.len())
@@ -122,7 +133,11 @@ mod tests {
         let one = Router::new(vec!["a".into()], "__".into(), PrefixNames::Auto);
         assert_eq!(one.public_name(0, "echo"), "echo");
         assert_eq!(one.resolve("echo"), Some((0, "echo")));
-        let two = Router::new(vec!["a".into(), "b_c".into()], "__".into(), PrefixNames::Auto);
+        let two = Router::new(
+            vec!["a".into(), "b_c".into()],
+            "__".into(),
+            PrefixNames::Auto,
+        );
         assert_eq!(two.public_name(1, "echo"), "b_c__echo");
         assert_eq!(two.resolve("b_c__echo"), Some((1, "echo")));
         assert_eq!(two.resolve("a__x__y"), Some((0, "x__y")));

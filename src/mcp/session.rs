@@ -85,7 +85,10 @@ impl Session {
                     .iter()
                     .map(|s| Link::new(s.clone(), sink.clone(), init_params.clone()))
                     .collect(),
-                upstream_caps: servers.iter().map(|_| AtomicU8::new(caps::UNKNOWN)).collect(),
+                upstream_caps: servers
+                    .iter()
+                    .map(|_| AtomicU8::new(caps::UNKNOWN))
+                    .collect(),
                 inflight: Mutex::new(HashMap::new()),
                 server_requests: Mutex::new(HashMap::new()),
                 next_server_request: AtomicU64::new(1),
@@ -127,7 +130,9 @@ impl Session {
     /// True when idle for longer than `idle_ms` with nothing running and no open GET stream.
     pub fn expired(&self, now_ms: u64, idle_ms: u64) -> bool {
         let idle = now_ms.saturating_sub(self.last_active_ms.load(Ordering::Relaxed)) > idle_ms;
-        let listening = lock(&self.listen_stream).as_ref().is_some_and(|s| !s.is_closed());
+        let listening = lock(&self.listen_stream)
+            .as_ref()
+            .is_some_and(|s| !s.is_closed());
         idle && self.busy.load(Ordering::Relaxed) == 0 && !listening
     }
 
@@ -162,7 +167,9 @@ impl Session {
 
     /// Relays the client's answer to a server→client request back to its upstream.
     pub async fn on_client_response(&self, id: &[u8], outcome: &Outcome) -> bool {
-        let Some(n) = jsonrpc::id_as_u64(id) else { return false };
+        let Some(n) = jsonrpc::id_as_u64(id) else {
+            return false;
+        };
         let Some((index, original)) = lock(&self.server_requests).remove(&n) else {
             return false;
         };
@@ -196,7 +203,10 @@ impl Session {
             Kind::Notification { method, params } => {
                 let frame = if &*method == "notifications/cancelled" {
                     // The server cancels one of its own requests: translate its id to ours.
-                    match params.as_deref().and_then(|p| self.downstream_id_of(index, p)) {
+                    match params
+                        .as_deref()
+                        .and_then(|p| self.downstream_id_of(index, p))
+                    {
                         Some(n) => jsonrpc::notification(
                             "notifications/cancelled",
                             Some(format!("{{\"requestId\":{n}}}").as_bytes()),
@@ -282,7 +292,9 @@ pub fn capability_bits(init_result: &[u8]) -> u8 {
         #[serde(borrow, default)]
         capabilities: Caps<'a>,
     }
-    let Ok(r) = serde_json::from_slice::<R<'_>>(init_result) else { return 0 };
+    let Ok(r) = serde_json::from_slice::<R<'_>>(init_result) else {
+        return 0;
+    };
     let c = r.capabilities;
     let bit = |o: Option<&serde_json::value::RawValue>, b: u8| if o.is_some() { b } else { 0 };
     bit(c.tools, caps::TOOLS)

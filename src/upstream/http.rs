@@ -21,7 +21,8 @@ use crate::sse;
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// The shared pooled HTTP client (http and https).
-pub type Client = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type Client =
+    hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Builds the pooled client used for every HTTP upstream.
 pub fn client() -> Client {
@@ -77,11 +78,19 @@ impl Connection {
         if let Ok(R { v: Some(v) }) = serde_json::from_slice::<R<'_>>(init_result)
             && let Ok(h) = HeaderValue::from_str(&v)
         {
-            *self.protocol_version.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+            *self
+                .protocol_version
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(h);
         }
     }
 
-    fn request(&self, method: Method, body: Bytes, accept: &'static str) -> Result<Request<Full<Bytes>>, UpstreamError> {
+    fn request(
+        &self,
+        method: Method,
+        body: Bytes,
+        accept: &'static str,
+    ) -> Result<Request<Full<Bytes>>, UpstreamError> {
         let Transport::Http { url, headers } = &self.server.config.transport else {
             return Err(self.server.unavailable("not an HTTP upstream"));
         };
@@ -92,17 +101,32 @@ impl Connection {
         if !body.is_empty() {
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
-        if let Some(s) = self.session_id.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(s) = self
+            .session_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             h.insert(MCP_SESSION_ID, s);
         }
-        if let Some(v) = self.protocol_version.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(v) = self
+            .protocol_version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             h.insert(MCP_PROTOCOL_VERSION, v);
         }
-        req.body(Full::new(body))
-            .map_err(|e| self.server.unavailable(format!("cannot build request: {e}")))
+        req.body(Full::new(body)).map_err(|e| {
+            self.server
+                .unavailable(format!("cannot build request: {e}"))
+        })
     }
 
-    async fn post(&self, frame: Bytes) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+    async fn post(
+        &self,
+        frame: Bytes,
+    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
         let req = self.request(Method::POST, frame, "application/json, text/event-stream")?;
         let had_session = req.headers().contains_key(MCP_SESSION_ID);
         let resp = self
@@ -124,7 +148,9 @@ impl Connection {
         }
         if !resp.status().is_success() {
             let status = resp.status();
-            let body = read_limited(resp.into_body(), 512).await.unwrap_or_default();
+            let body = read_limited(resp.into_body(), 512)
+                .await
+                .unwrap_or_default();
             return Err(self.server.unavailable(format!(
                 "HTTP {status}: {}",
                 String::from_utf8_lossy(&body).trim()
@@ -140,7 +166,12 @@ impl Connection {
         Ok(())
     }
 
-    pub(crate) async fn exchange(&self, id: u64, frame: Bytes, events: Option<EventSink>) -> Result<Outcome, UpstreamError> {
+    pub(crate) async fn exchange(
+        &self,
+        id: u64,
+        frame: Bytes,
+        events: Option<EventSink>,
+    ) -> Result<Outcome, UpstreamError> {
         let resp = self.post(frame).await?;
         let is_sse = resp
             .headers()
@@ -151,16 +182,24 @@ impl Connection {
             let body = read_limited(resp.into_body(), MAX_MESSAGE)
                 .await
                 .map_err(|e| self.server.unavailable(e))?;
-            let msg = jsonrpc::parse(body).map_err(|e| self.server.unavailable(format!("bad response: {e}")))?;
+            let msg = jsonrpc::parse(body)
+                .map_err(|e| self.server.unavailable(format!("bad response: {e}")))?;
             return match msg.kind {
-                Kind::Response { id: rid, outcome } if jsonrpc::id_as_u64(&rid) == Some(id) => Ok(outcome),
-                _ => Err(self.server.unavailable("response does not answer the request")),
+                Kind::Response { id: rid, outcome } if jsonrpc::id_as_u64(&rid) == Some(id) => {
+                    Ok(outcome)
+                }
+                _ => Err(self
+                    .server
+                    .unavailable("response does not answer the request")),
             };
         }
         let mut body = resp.into_body();
         let mut decoder = sse::Decoder::new(MAX_MESSAGE);
         loop {
-            while let Some(ev) = decoder.next_event().map_err(|e| self.server.unavailable(e.to_string()))? {
+            while let Some(ev) = decoder
+                .next_event()
+                .map_err(|e| self.server.unavailable(e.to_string()))?
+            {
                 if let Some(outcome) = self.on_event(ev, Some(id), events.as_ref()) {
                     return Ok(outcome);
                 }
@@ -178,7 +217,12 @@ impl Connection {
     }
 
     /// Handles one SSE event; returns the outcome when it answers `waiting_for`.
-    fn on_event(&self, ev: sse::Event, waiting_for: Option<u64>, events: Option<&EventSink>) -> Option<Outcome> {
+    fn on_event(
+        &self,
+        ev: sse::Event,
+        waiting_for: Option<u64>,
+        events: Option<&EventSink>,
+    ) -> Option<Outcome> {
         if !(ev.event.is_empty() || ev.event == "message") || ev.data.trim_ascii().is_empty() {
             return None;
         }
@@ -211,7 +255,9 @@ impl Connection {
             return;
         }
         let handle = tokio::spawn(async move {
-            let super::Connection::Http(this) = &*conn else { return };
+            let super::Connection::Http(this) = &*conn else {
+                return;
+            };
             if let Err(e) = this.listen().await {
                 tracing::debug!(server = %this.server.name, "listen stream ended: {e}");
             }
@@ -234,7 +280,10 @@ impl Connection {
         let mut body = resp.into_body();
         let mut decoder = sse::Decoder::new(MAX_MESSAGE);
         loop {
-            while let Some(ev) = decoder.next_event().map_err(|e| self.server.unavailable(e.to_string()))? {
+            while let Some(ev) = decoder
+                .next_event()
+                .map_err(|e| self.server.unavailable(e.to_string()))?
+            {
                 self.on_event(ev, None, None);
             }
             match body.frame().await {
@@ -249,15 +298,32 @@ impl Connection {
     }
 
     pub(crate) async fn shutdown(&self) {
-        if let Some(t) = self.listen_task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(t) = self
+            .listen_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             t.abort();
         }
-        let has_session = self.session_id.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+        let has_session = self
+            .session_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
         if !has_session {
             return;
         }
-        if let Ok(req) = self.request(Method::DELETE, Bytes::new(), "application/json, text/event-stream") {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.server.http.request(req)).await;
+        if let Ok(req) = self.request(
+            Method::DELETE,
+            Bytes::new(),
+            "application/json, text/event-stream",
+        ) {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                self.server.http.request(req),
+            )
+            .await;
         }
     }
 }

@@ -89,7 +89,12 @@ pub struct Server {
 
 impl Server {
     /// Builds the shared server record.
-    pub fn new(index: usize, config: UpstreamConfig, http: http::Client, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        index: usize,
+        config: UpstreamConfig,
+        http: http::Client,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         // Names come from configuration and are few; leaking gives allocation-free metric labels.
         let label: &'static str = Box::leak(config.name.clone().into_boxed_str());
         Server {
@@ -161,7 +166,10 @@ impl Connection {
         };
         let exchange = async {
             match &**self {
-                Connection::Stdio(c) => c.exchange(id, frame, opts.events.take(), opts.progress_token.take()).await,
+                Connection::Stdio(c) => {
+                    c.exchange(id, frame, opts.events.take(), opts.progress_token.take())
+                        .await
+                }
                 Connection::Http(c) => c.exchange(id, frame, opts.events.take()).await,
             }
         };
@@ -182,7 +190,8 @@ impl Connection {
         };
         match &result {
             // The server answered, or will never see the request again: nothing to cancel.
-            Ok(_) | Err(UpstreamError::Unavailable { .. } | UpstreamError::SessionExpired { .. }) => {
+            Ok(_)
+            | Err(UpstreamError::Unavailable { .. } | UpstreamError::SessionExpired { .. }) => {
                 guard.conn = None;
             }
             Err(_) => {}
@@ -228,10 +237,15 @@ struct CancelOnDrop {
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            let params = format!("{{\"requestId\":{},\"reason\":\"cancelled by the gateway\"}}", self.id);
+            let params = format!(
+                "{{\"requestId\":{},\"reason\":\"cancelled by the gateway\"}}",
+                self.id
+            );
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
-                    let _ = conn.notify("notifications/cancelled", Some(params.as_bytes())).await;
+                    let _ = conn
+                        .notify("notifications/cancelled", Some(params.as_bytes()))
+                        .await;
                 });
             }
         }
@@ -258,7 +272,14 @@ impl Pending {
         events: Option<EventSink>,
         progress_token: Option<Bytes>,
     ) {
-        self.lock().insert(id, Waiter { tx, events, progress_token });
+        self.lock().insert(
+            id,
+            Waiter {
+                tx,
+                events,
+                progress_token,
+            },
+        );
     }
 
     pub(crate) fn remove(&self, id: u64) {
@@ -286,7 +307,9 @@ impl Pending {
     pub(crate) fn related(&self, msg: &Message) -> Option<EventSink> {
         let waiters = self.lock();
         if msg.method() == Some("notifications/progress")
-            && let jsonrpc::Kind::Notification { params: Some(p), .. } = &msg.kind
+            && let jsonrpc::Kind::Notification {
+                params: Some(p), ..
+            } = &msg.kind
             && let Some(token) = progress_token_of(p)
         {
             return waiters
@@ -329,7 +352,9 @@ pub fn request_progress_token(params: &[u8]) -> Option<Bytes> {
         meta: Option<Meta<'a>>,
     }
     let p: P<'_> = serde_json::from_slice(params).ok()?;
-    p.meta?.token.map(|t| Bytes::copy_from_slice(t.get().as_bytes()))
+    p.meta?
+        .token
+        .map(|t| Bytes::copy_from_slice(t.get().as_bytes()))
 }
 
 /// One downstream session's connection to one upstream server.
@@ -364,7 +389,10 @@ impl Link {
 
     /// The upstream's last `initialize` result, once connected.
     pub fn init_result(&self) -> Option<Bytes> {
-        self.init_result.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.init_result
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn live(&self) -> Option<Arc<Connection>> {
@@ -381,7 +409,8 @@ impl Link {
         if let Some(c) = self.live() {
             return Ok(c);
         }
-        let result = tokio::time::timeout(self.server.config.connect_timeout, self.handshake()).await;
+        let result =
+            tokio::time::timeout(self.server.config.connect_timeout, self.handshake()).await;
         let result = match result {
             Ok(r) => r,
             Err(_) => Err(UpstreamError::Timeout {
@@ -389,7 +418,9 @@ impl Link {
                 timeout: self.server.config.connect_timeout,
             }),
         };
-        self.server.metrics.set_upstream_up(self.server.label, result.is_ok());
+        self.server
+            .metrics
+            .set_upstream_up(self.server.label, result.is_ok());
         let conn = result?;
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         self.generation.fetch_add(1, Ordering::Relaxed);
@@ -402,11 +433,20 @@ impl Link {
             index: self.server.index,
         };
         let conn = Arc::new(match &self.server.config.transport {
-            Transport::Stdio { .. } => Connection::Stdio(stdio::Connection::spawn(self.server.clone(), deliver)?),
-            Transport::Http { .. } => Connection::Http(http::Connection::new(self.server.clone(), deliver)),
+            Transport::Stdio { .. } => {
+                Connection::Stdio(stdio::Connection::spawn(self.server.clone(), deliver)?)
+            }
+            Transport::Http { .. } => {
+                Connection::Http(http::Connection::new(self.server.clone(), deliver))
+            }
         });
         let outcome = conn
-            .request("initialize", Some(&self.init_params), CallOpts::default(), self.server.config.connect_timeout)
+            .request(
+                "initialize",
+                Some(&self.init_params),
+                CallOpts::default(),
+                self.server.config.connect_timeout,
+            )
             .await;
         let result = match outcome {
             Ok(Outcome::Result(r)) => r,
@@ -431,7 +471,12 @@ impl Link {
     }
 
     /// Calls a method upstream, reconnecting once if the upstream forgot our session.
-    pub async fn call(&self, method: &str, params: Option<&[u8]>, opts: CallOpts) -> Result<Outcome, UpstreamError> {
+    pub async fn call(
+        &self,
+        method: &str,
+        params: Option<&[u8]>,
+        opts: CallOpts,
+    ) -> Result<Outcome, UpstreamError> {
         let timeout = self.server.config.call_timeout;
         let conn = self.connection().await?;
         let events = opts.events.clone();
@@ -441,11 +486,17 @@ impl Link {
                 // 404 means the request was not processed: safe to retry on a new session.
                 self.forget(&conn);
                 let conn = self.connection().await?;
-                let retry = CallOpts { events, cancel: None, progress_token };
+                let retry = CallOpts {
+                    events,
+                    cancel: None,
+                    progress_token,
+                };
                 conn.request(method, params, retry, timeout).await
             }
             Err(e @ UpstreamError::Unavailable { .. }) => {
-                self.server.metrics.set_upstream_up(self.server.label, false);
+                self.server
+                    .metrics
+                    .set_upstream_up(self.server.label, false);
                 Err(e)
             }
             other => other,
@@ -484,7 +535,11 @@ impl Link {
 
     /// Ends the upstream session.
     pub async fn close(&self) {
-        let conn = self.current.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let conn = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(c) = conn {
             c.shutdown().await;
         }

@@ -34,7 +34,13 @@ pub struct Connection {
 impl Connection {
     /// Starts the process and its reader, writer and stderr tasks.
     pub fn spawn(server: Arc<Server>, deliver: Deliver) -> Result<Self, UpstreamError> {
-        let Transport::Stdio { command, args, env, cwd } = &server.config.transport else {
+        let Transport::Stdio {
+            command,
+            args,
+            env,
+            cwd,
+        } = &server.config.transport
+        else {
             return Err(server.unavailable("not a stdio upstream"));
         };
         let mut cmd = Command::new(command);
@@ -50,7 +56,8 @@ impl Connection {
         let mut child = cmd
             .spawn()
             .map_err(|e| server.unavailable(format!("cannot start {command:?}: {e}")))?;
-        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return Err(server.unavailable("child process has no stdio pipes"));
         };
@@ -61,7 +68,13 @@ impl Connection {
         let pending = Arc::new(Pending::default());
         let alive = Arc::new(AtomicBool::new(true));
         tokio::spawn(write_loop(stdin, rx));
-        tokio::spawn(read_loop(stdout, server.clone(), pending.clone(), alive.clone(), deliver));
+        tokio::spawn(read_loop(
+            stdout,
+            server.clone(),
+            pending.clone(),
+            alive.clone(),
+            deliver,
+        ));
         let name = server.name.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
@@ -110,7 +123,9 @@ impl Connection {
         self.pending.insert(id, tx, events, progress_token);
         let remove = RemoveOnDrop(&self.pending, id);
         self.send(frame).await?;
-        let out = rx.await.map_err(|_| self.server.unavailable("process exited before answering"));
+        let out = rx
+            .await
+            .map_err(|_| self.server.unavailable("process exited before answering"));
         drop(remove);
         out
     }
@@ -118,12 +133,17 @@ impl Connection {
     pub(crate) async fn shutdown(&self) {
         // Closing the channel ends the writer task, which closes the child's stdin.
         self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(mut child) = self.child.lock().await.take() else { return };
+        let Some(mut child) = self.child.lock().await.take() else {
+            return;
+        };
         if tokio::time::timeout(GRACE, child.wait()).await.is_ok() {
             return;
         }
         if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             if tokio::time::timeout(GRACE, child.wait()).await.is_ok() {
                 return;
             }
@@ -171,7 +191,11 @@ async fn read_loop(
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = match (&mut reader).take(MAX_LINE + 1).read_until(b'\n', &mut line).await {
+        let n = match (&mut reader)
+            .take(MAX_LINE + 1)
+            .read_until(b'\n', &mut line)
+            .await
+        {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(server = %server.name, "reading stdout failed: {e}");
@@ -199,7 +223,8 @@ async fn read_loop(
         };
         match &msg.kind {
             Kind::Response { id, outcome } => {
-                let known = jsonrpc::id_as_u64(id).is_some_and(|id| pending.complete(id, outcome.clone()));
+                let known =
+                    jsonrpc::id_as_u64(id).is_some_and(|id| pending.complete(id, outcome.clone()));
                 if !known {
                     tracing::debug!(server = %server.name, "response to an unknown or abandoned request");
                 }

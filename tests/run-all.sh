@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs every test of the project on a fresh machine: installs the test tools into target/tools,
+# then lints, unit and integration tests (cargo), the MCP conformance suite through the gateway,
+# and the end-to-end suite with the official Python SDK against the reference servers.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+logs="$REPO/target/test-logs"
+mkdir -p "$logs"
+
+step() { printf '\n=== %s ===\n' "$*"; }
+
+step "install test tools (target/tools)"
+bash tests/tools/install.sh
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+
+step "cargo test"
+cargo build --quiet
+cargo test 2>&1 | tee "$logs/cargo.txt"
+cargo_passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$logs/cargo.txt" | awk '{s+=$4} END {print s+0}')
+
+step "MCP conformance suite through the gateway"
+bash tests/conformance.sh | tee "$logs/conformance.txt"
+conf_passed=$(grep -Eo '^Total: [0-9]+ passed' "$logs/conformance.txt" | awk '{print $2}')
+
+step "end-to-end with the official Python SDK and reference servers"
+# shellcheck disable=SC1091
+. target/tools/env.sh
+"$GATEHOUSE_PYTHON" -m pytest tests/e2e -q -p no:cacheprovider 2>&1 | tee "$logs/e2e.txt"
+e2e_passed=$(grep -Eo '[0-9]+ passed' "$logs/e2e.txt" | tail -1 | awk '{print $1}')
+
+total=$((cargo_passed + conf_passed + ${e2e_passed:-0}))
+printf '\ncargo: %s passed; conformance: %s checks passed; e2e: %s passed\n' "$cargo_passed" "$conf_passed" "${e2e_passed:-0}"
+echo "all: $total passed, 0 failed"
