@@ -17,7 +17,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 
 /// YAML for an example-server upstream.
 pub fn example(name: &str, extra_args: &[&str], extra: &str) -> String {
-    let mut args = vec!["example-server".to_owned(), "--name".to_owned(), name.to_owned()];
+    let mut args = vec![
+        "example-server".to_owned(),
+        "--name".to_owned(),
+        name.to_owned(),
+    ];
     args.extend(extra_args.iter().map(|s| s.to_string()));
     format!(
         "  - name: {name}\n    stdio: {{ command: {BIN:?}, args: {} }}\n{extra}",
@@ -34,7 +38,10 @@ pub struct TestGateway {
 impl TestGateway {
     /// Starts a gateway: `top` is YAML before `upstreams:`, `upstreams` the list entries.
     pub async fn start(top: &str, upstreams: &[String]) -> TestGateway {
-        let yaml = format!("listen: 127.0.0.1:0\n{top}\nupstreams:\n{}", upstreams.join(""));
+        let yaml = format!(
+            "listen: 127.0.0.1:0\n{top}\nupstreams:\n{}",
+            upstreams.join("")
+        );
         let config = gatehouse::Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
         let running = gatehouse::start(config).await.expect("gateway starts");
         let addr = running.listening.local_addr;
@@ -88,7 +95,10 @@ impl Resp {
         self.body
             .split("\n\n")
             .filter_map(|ev| {
-                let data: Vec<&str> = ev.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+                let data: Vec<&str> = ev
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .collect();
                 (!data.is_empty()).then(|| serde_json::from_str(&data.join("\n")).unwrap())
             })
             .collect()
@@ -103,7 +113,9 @@ impl Resp {
     }
 
     pub fn error_code(&self) -> i64 {
-        self.json()["error"]["code"].as_i64().unwrap_or_else(|| panic!("no error code: {}", self.body))
+        self.json()["error"]["code"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no error code: {}", self.body))
     }
 }
 
@@ -146,7 +158,12 @@ impl Client {
             .expect("HTTP request succeeds");
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
         Resp {
             status,
             headers,
@@ -186,7 +203,9 @@ impl Client {
                 .unwrap()
                 .to_owned(),
         );
-        let ok = self.post(json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string()).await;
+        let ok = self
+            .post(json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string())
+            .await;
         assert_eq!(ok.status, 202);
         r.json()["result"].clone()
     }
@@ -204,7 +223,9 @@ impl Client {
 
     /// Calls a tool and returns the text of its first content item.
     pub async fn tool_text(&self, id: u64, name: &str, args: Value) -> String {
-        let r = self.call(id, "tools/call", json!({"name":name,"arguments":args})).await;
+        let r = self
+            .call(id, "tools/call", json!({"name":name,"arguments":args}))
+            .await;
         r["result"]["content"][0]["text"]
             .as_str()
             .unwrap_or_else(|| panic!("no text result: {r}"))
