@@ -25,6 +25,110 @@ pub struct Options {
     pub page_size: usize,
 }
 
+/// Serves MCP Streamable HTTP (JSON responses, sessions) on `addr` until the process ends.
+///
+/// Prints `LISTENING http://ADDR/mcp` on stdout once bound. Tools that talk back to the client
+/// mid-call (`sample`, progress) need stdio.
+pub async fn run_http(opts: Options, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    use http::{Method, Response, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    println!("LISTENING http://{}/mcp", listener.local_addr()?);
+    let state = Arc::new((opts, dashmap::DashSet::<String>::new()));
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let state = state.clone();
+                async move {
+                    let (opts, sessions) = &*state;
+                    let reply = |status: StatusCode, body: Vec<u8>| {
+                        let mut r = Response::new(Full::new(bytes::Bytes::from(body)));
+                        *r.status_mut() = status;
+                        r.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        r
+                    };
+                    let session = req
+                        .headers()
+                        .get("mcp-session-id")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let known = session.as_ref().is_some_and(|s| sessions.contains(s));
+                    if *req.method() == Method::DELETE {
+                        let gone = session.is_some_and(|s| sessions.remove(&s).is_some());
+                        let status = if gone {
+                            StatusCode::OK
+                        } else {
+                            StatusCode::NOT_FOUND
+                        };
+                        return Ok::<_, std::convert::Infallible>(reply(status, Vec::new()));
+                    }
+                    if *req.method() != Method::POST {
+                        return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, Vec::new()));
+                    }
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|c| c.to_bytes())
+                        .unwrap_or_default();
+                    let Ok(msg) = serde_json::from_slice::<Value>(&body) else {
+                        return Ok(reply(StatusCode::BAD_REQUEST, b"{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32700,\"message\":\"parse error\"}}".to_vec()));
+                    };
+                    let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
+                    let Some(id) = msg.get("id").filter(|_| !method.is_empty()) else {
+                        return Ok(reply(StatusCode::ACCEPTED, Vec::new()));
+                    };
+                    if method != "initialize" && !known {
+                        let status = if session.is_some() {
+                            StatusCode::NOT_FOUND
+                        } else {
+                            StatusCode::BAD_REQUEST
+                        };
+                        return Ok(reply(status, b"{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32000,\"message\":\"unknown session\"}}".to_vec()));
+                    }
+                    // No client stream in this mode: messages sent mid-call are dropped.
+                    let (out, _) = mpsc::channel(1);
+                    let params = msg.get("params").cloned().unwrap_or(Value::Null);
+                    let answer = match handle(method, &params, &out, &Pending::default(), opts)
+                        .await
+                    {
+                        Ok(result) => json!({"jsonrpc":"2.0","id":id,"result":result}),
+                        Err((code, message)) => {
+                            json!({"jsonrpc":"2.0","id":id,"error":{"code":code,"message":message}})
+                        }
+                    };
+                    let mut r = reply(
+                        StatusCode::OK,
+                        serde_json::to_vec(&answer).unwrap_or_default(),
+                    );
+                    if method == "initialize" {
+                        let mut raw = [0u8; 16];
+                        let _ = getrandom::fill(&mut raw);
+                        let sid: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+                        if let Ok(v) = http::HeaderValue::from_str(&sid) {
+                            r.headers_mut().insert("mcp-session-id", v);
+                        }
+                        sessions.insert(sid);
+                    }
+                    Ok(r)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 /// Serves MCP on stdin/stdout until stdin closes.
 pub async fn run(opts: Options) -> std::io::Result<()> {
     let opts = Arc::new(opts);
@@ -264,6 +368,9 @@ async fn call_tool(
                 }
             }
             Ok(text(format!("done after {seconds}s")))
+        }
+        "sample" if out.is_closed() => {
+            Err((-32603, "sampling needs the stdio transport".to_owned()))
         }
         "sample" => {
             let prompt = args

@@ -40,6 +40,9 @@ enum Command {
         /// Paginate tools/list with this many tools per page.
         #[arg(long, default_value_t = 0)]
         page_size: usize,
+        /// Serve Streamable HTTP on this address instead of stdio.
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
     },
 }
 
@@ -53,13 +56,18 @@ fn main() -> anyhow::Result<()> {
             test_tools,
             name,
             page_size,
-        } => rt.block_on(gatehouse::example_server::run(
-            gatehouse::example_server::Options {
+            http,
+        } => {
+            let opts = gatehouse::example_server::Options {
                 name,
                 test_tools,
                 page_size,
-            },
-        ))?,
+            };
+            match http {
+                Some(addr) => rt.block_on(gatehouse::example_server::run_http(opts, addr))?,
+                None => rt.block_on(gatehouse::example_server::run(opts))?,
+            }
+        }
         Command::Check { config } => {
             let c = gatehouse::Config::load(&config)?;
             println!("ok: listen {}, {} upstream(s)", c.listen, c.upstreams.len());

@@ -257,10 +257,9 @@ fn check_version(headers: &HeaderMap) -> Result<(), FrontError> {
 fn session_of(
     gw: &Gateway,
     principal: &Option<Principal>,
-    headers: &HeaderMap,
+    header: Option<&HeaderValue>,
 ) -> Result<Arc<Session>, FrontError> {
-    let id = headers
-        .get(SESSION_HEADER)
+    let id = header
         .and_then(|v| v.to_str().ok())
         .ok_or(FrontError::MissingSession)?;
     let session = gw
@@ -321,8 +320,7 @@ async fn post(
         ));
     }
     let version_check = check_version(headers);
-    let session_header = headers.contains_key(SESSION_HEADER);
-    let headers = headers.clone();
+    let session_header = headers.get(SESSION_HEADER).cloned();
     let body = read_body(gw, req).await?;
     let msg = jsonrpc::parse(body)?;
 
@@ -331,7 +329,7 @@ async fn post(
             // The version is negotiated in the body; the header is not yet meaningful.
             "initialize" => return initialize(gw, principal, id, params.as_deref()).await,
             // Revision 2026-07-28 probes with server/discover; answer fast so clients fall back.
-            "server/discover" if !session_header => {
+            "server/discover" if session_header.is_none() => {
                 return Ok(json_response(
                     StatusCode::OK,
                     jsonrpc::error_response(
@@ -345,7 +343,7 @@ async fn post(
         }
     }
     version_check?;
-    let session = session_of(gw, &principal, &headers)?;
+    let session = session_of(gw, &principal, session_header.as_ref())?;
     let _busy = session.touch();
     match msg.kind {
         Kind::Request { id, method, params } => {
@@ -423,7 +421,7 @@ async fn get(
         return Err(FrontError::Accept("text/event-stream"));
     }
     check_version(headers)?;
-    let session = session_of(gw, &principal, headers)?;
+    let session = session_of(gw, &principal, headers.get(SESSION_HEADER))?;
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     if !session.open_listen_stream(tx.clone()) {
         return Err(FrontError::StreamOpen);
@@ -449,7 +447,7 @@ async fn delete(
     principal: Option<Principal>,
     headers: &HeaderMap,
 ) -> Result<Response<Body>, FrontError> {
-    let session = session_of(gw, &principal, headers)?;
+    let session = session_of(gw, &principal, headers.get(SESSION_HEADER))?;
     gw.end_session(&session.id);
     let mut r = Response::new(Body::Empty);
     *r.status_mut() = StatusCode::OK;
