@@ -1,0 +1,465 @@
+//! Gateway benchmark: the cost of Gatehouse against a direct connection, measured in one run.
+//!
+//! Starts on loopback a fast upstream of our own (`gatehouse example-server`, Streamable HTTP and
+//! stdio), gateways in front of it, and a load generator; then measures each configuration in
+//! alternating rounds so drift on this noisy machine hits all of them alike.
+//!
+//! ```text
+//! cargo bench --bench gateway -- [--duration-ms 2000] [--rounds 3] [--clients 1,64]
+//!                                [--sessions 10000] [--other-url URL] [--out target/bench]
+//! ```
+//! `--other-url` adds another gateway (already running, fronting the upstream URL this program
+//! prints, or set with `--upstream-port`) measured exactly like ours.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
+
+type Http = Client<HttpConnector, Full<Bytes>>;
+
+struct Args {
+    duration: Duration,
+    rounds: usize,
+    clients: Vec<usize>,
+    sessions: usize,
+    other_url: Option<String>,
+    upstream_port: u16,
+    out: PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        duration: Duration::from_millis(2000),
+        rounds: 3,
+        clients: vec![1, 64],
+        sessions: 10_000,
+        other_url: None,
+        upstream_port: 0,
+        out: PathBuf::from("target/bench"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--duration-ms" => a.duration = Duration::from_millis(val().parse().expect("ms")),
+            "--rounds" => a.rounds = val().parse().expect("rounds"),
+            "--clients" => {
+                a.clients = val()
+                    .split(',')
+                    .map(|c| c.parse().expect("clients"))
+                    .collect()
+            }
+            "--sessions" => a.sessions = val().parse().expect("sessions"),
+            "--other-url" => a.other_url = Some(val()),
+            "--upstream-port" => a.upstream_port = val().parse().expect("port"),
+            "--out" => a.out = PathBuf::from(val()),
+            "--bench" => {}
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    a
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_upstream(port: u16) -> (Proc, String) {
+    let mut child = Command::new(BIN)
+        .args(["example-server", "--http", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("upstream starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .expect("upstream prints its URL")
+        .to_owned();
+    (Proc(child), url)
+}
+
+fn start_gateway(upstreams_yaml: &str) -> (Proc, String) {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("gatehouse-bench-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("gatehouse.yaml");
+    std::fs::write(
+        &cfg,
+        format!("listen: 127.0.0.1:{port}\nlog: {{ level: warn }}\nmcp: {{ max_sessions: 1000000 }}\nupstreams:\n{upstreams_yaml}"),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("gateway starts");
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "gateway did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Proc(child), url)
+}
+
+async fn post(
+    http: &Http,
+    url: &str,
+    session: Option<&str>,
+    body: Bytes,
+) -> (Option<String>, Bytes) {
+    let mut b = http::Request::post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream");
+    if let Some(s) = session {
+        b = b
+            .header("mcp-session-id", s)
+            .header("mcp-protocol-version", "2025-11-25");
+    }
+    let resp = http
+        .request(b.body(Full::new(body)).unwrap())
+        .await
+        .expect("request");
+    assert!(resp.status().is_success(), "HTTP {}", resp.status());
+    let sid = resp
+        .headers()
+        .get("mcp-session-id")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (sid, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+async fn open_session(http: &Http, url: &str) -> String {
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+        "protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"bench","version":"1"}}});
+    let (sid, _) = post(http, url, None, Bytes::from(init.to_string())).await;
+    let sid = sid.expect("session id");
+    post(
+        http,
+        url,
+        Some(&sid),
+        Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#),
+    )
+    .await;
+    sid
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Workload {
+    CallSmall,
+    Call64k,
+    List,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::CallSmall => "tools/call small",
+            Workload::Call64k => "tools/call 64 KiB",
+            Workload::List => "tools/list",
+        }
+    }
+
+    fn body(self, tool: &str) -> Bytes {
+        let v = match self {
+            Workload::CallSmall => {
+                json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":tool,"arguments":{"text":"hello"}}})
+            }
+            Workload::Call64k => {
+                json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":tool,"arguments":{"text":"x".repeat(65536)}}})
+            }
+            Workload::List => json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}),
+        };
+        Bytes::from(v.to_string())
+    }
+}
+
+#[derive(Default, Clone)]
+struct Sample {
+    requests: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+async fn measure(url: &str, tool: &str, w: Workload, clients: usize, duration: Duration) -> Sample {
+    let http: Http = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(clients * 2)
+        .build_http();
+    let mut sessions = Vec::new();
+    for _ in 0..clients {
+        sessions.push(open_session(&http, url).await);
+    }
+    let body = w.body(tool);
+    let stop = Arc::new(AtomicBool::new(false));
+    let warmup = Duration::from_millis(200);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for sid in sessions {
+        let (http, url, body, stop) = (http.clone(), url.to_owned(), body.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let (_, reply) = post(&http, &url, Some(&sid), body.clone()).await;
+                let us = t.elapsed().as_micros() as u32;
+                assert!(
+                    !reply.windows(8).any(|w| w == b"\"error\":"),
+                    "error reply: {}",
+                    String::from_utf8_lossy(&reply)
+                );
+                if started.elapsed() > warmup {
+                    lat.push(us);
+                    n += 1;
+                }
+            }
+            (n, lat)
+        }));
+    }
+    tokio::time::sleep(warmup + duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut s = Sample {
+        elapsed: duration,
+        ..Sample::default()
+    };
+    for t in tasks {
+        let (n, lat) = t.await.unwrap();
+        s.requests += n;
+        s.latencies_us.extend(lat);
+    }
+    s
+}
+
+fn pct(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[i])
+}
+
+struct Result_ {
+    config: String,
+    workload: &'static str,
+    clients: usize,
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+}
+
+fn summarize(config: &str, w: Workload, clients: usize, samples: &[Sample]) -> Result_ {
+    // Median throughput over rounds; latency percentiles over all rounds' observations.
+    let mut rps: Vec<f64> = samples
+        .iter()
+        .map(|s| s.requests as f64 / s.elapsed.as_secs_f64())
+        .collect();
+    rps.sort_by(f64::total_cmp);
+    let mut lat: Vec<u32> = samples
+        .iter()
+        .flat_map(|s| s.latencies_us.iter().copied())
+        .collect();
+    lat.sort_unstable();
+    Result_ {
+        config: config.to_owned(),
+        workload: w.name(),
+        clients,
+        rps: rps[rps.len() / 2],
+        p50: pct(&lat, 0.5),
+        p99: pct(&lat, 0.99),
+        p999: pct(&lat, 0.999),
+    }
+}
+
+async fn session_memory(gateway: &Proc, url: &str, sessions: usize) -> (u64, u64, f64) {
+    let idle = gateway.rss_kib();
+    let http: Http = Client::builder(TokioExecutor::new()).build_http();
+    let per_worker = sessions.div_ceil(32);
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let (http, url) = (http.clone(), url.to_owned());
+        let n = per_worker.min(sessions.saturating_sub(w * per_worker));
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..n {
+                open_session(&http, &url).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded = gateway.rss_kib();
+    let per_session = (loaded.saturating_sub(idle) * 1024) as f64 / sessions as f64;
+    (idle, loaded, per_session)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let a = args();
+    let upstream_port = if a.upstream_port == 0 {
+        free_port()
+    } else {
+        a.upstream_port
+    };
+    let (_upstream, upstream_url) = start_upstream(upstream_port);
+    println!("upstream: {upstream_url}");
+    let http_upstream =
+        |name: &str| format!("  - name: {name}\n    http: {{ url: {upstream_url:?} }}\n");
+    let stdio_upstream =
+        format!("  - name: ex\n    stdio: {{ command: {BIN:?}, args: [example-server] }}\n");
+    let (gw_http, gw_http_url) = start_gateway(&http_upstream("ex"));
+    let (_gw_stdio, gw_stdio_url) = start_gateway(&stdio_upstream);
+    let twenty: String = (0..20).map(|i| http_upstream(&format!("u{i}"))).collect();
+    let (_gw_20, gw_20_url) = start_gateway(&twenty);
+
+    // (config, url, tool name, workloads)
+    let mut configs: Vec<(String, String, String, Vec<Workload>)> = vec![
+        (
+            "direct".into(),
+            upstream_url.clone(),
+            "echo".into(),
+            vec![Workload::CallSmall, Workload::Call64k, Workload::List],
+        ),
+        (
+            "gateway→http".into(),
+            gw_http_url.clone(),
+            "echo".into(),
+            vec![Workload::CallSmall, Workload::Call64k, Workload::List],
+        ),
+        (
+            "gateway→stdio".into(),
+            gw_stdio_url,
+            "echo".into(),
+            vec![Workload::CallSmall, Workload::Call64k],
+        ),
+        (
+            "gateway→20 upstreams".into(),
+            gw_20_url,
+            "u0__echo".into(),
+            vec![Workload::List],
+        ),
+    ];
+    if let Some(other) = &a.other_url {
+        configs.push((
+            "other gateway".into(),
+            other.clone(),
+            "echo".into(),
+            vec![Workload::CallSmall, Workload::Call64k, Workload::List],
+        ));
+    }
+
+    let mut samples: BTreeMap<(usize, usize, usize), Vec<Sample>> = BTreeMap::new();
+    for round in 0..a.rounds {
+        for &clients in &a.clients {
+            for (ci, (name, url, tool, workloads)) in configs.iter().enumerate() {
+                for (wi, w) in workloads.iter().enumerate() {
+                    let s = measure(url, tool, *w, clients, a.duration).await;
+                    eprintln!(
+                        "round {round} {name:>22} {:>18} c={clients:<3} {:>9.0} req/s",
+                        w.name(),
+                        s.requests as f64 / s.elapsed.as_secs_f64()
+                    );
+                    samples.entry((clients, ci, wi)).or_default().push(s);
+                }
+            }
+        }
+    }
+
+    let mut results = Vec::new();
+    for ((clients, ci, wi), s) in &samples {
+        let (name, _, _, workloads) = &configs[*ci];
+        results.push(summarize(name, workloads[*wi], *clients, s));
+    }
+    let baseline = |r: &Result_| {
+        results
+            .iter()
+            .find(|b| b.config == "direct" && b.clients == r.clients && (b.workload == r.workload))
+            .map(|b| (b.rps, b.p50))
+    };
+
+    eprintln!("measuring memory with {} sessions…", a.sessions);
+    let (idle_kib, loaded_kib, per_session) =
+        session_memory(&gw_http, &gw_http_url, a.sessions).await;
+
+    let mut md = String::from(
+        "| configuration | workload | clients | req/s | × direct | p50 µs | p99 µs | p99.9 µs | added p50 µs |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut rows = Vec::new();
+    for r in &results {
+        let (ratio, added) = match baseline(r) {
+            Some((rps, p50)) => (r.rps / rps, r.p50 - p50),
+            None => (f64::NAN, f64::NAN),
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+            r.config, r.workload, r.clients, r.rps, ratio, r.p50, r.p99, r.p999, added
+        ));
+        rows.push(json!({"config": r.config, "workload": r.workload, "clients": r.clients, "rps": r.rps,
+            "ratio_to_direct": ratio, "p50_us": r.p50, "p99_us": r.p99, "p999_us": r.p999, "added_p50_us": added}));
+    }
+    md.push_str(&format!(
+        "\nGateway memory: RSS idle {} KiB; with {} sessions open {} KiB; **{:.0} bytes per idle session**.\n",
+        idle_kib, a.sessions, loaded_kib, per_session
+    ));
+    md.push_str(
+        "\n(tools/list over 20 upstreams is compared with tools/list on one upstream directly.)\n",
+    );
+    let report = json!({
+        "duration_ms": a.duration.as_millis() as u64, "rounds": a.rounds, "results": rows,
+        "memory": {"idle_rss_kib": idle_kib, "sessions": a.sessions, "loaded_rss_kib": loaded_kib, "bytes_per_session": per_session},
+    });
+    std::fs::create_dir_all(&a.out).unwrap();
+    std::fs::write(
+        a.out.join("gateway.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(a.out.join("gateway.md"), &md).unwrap();
+    println!("{md}");
+    println!("wrote {}/gateway.json and gateway.md", a.out.display());
+    let _: Option<Value> = None;
+}
