@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 
@@ -83,7 +83,24 @@ impl Drop for Proc {
     }
 }
 
+/// CPU time (user + system) a process has used, in microseconds.
+fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    ticks * 1_000_000 / 100 // USER_HZ is 100 on Linux
+}
+
 impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
     fn rss_kib(&self) -> u64 {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
@@ -222,9 +239,18 @@ struct Sample {
     requests: u64,
     elapsed: Duration,
     latencies_us: Vec<u32>,
+    /// CPU the measured gateway process spent, when it is ours.
+    gateway_cpu_us: Option<u64>,
 }
 
-async fn measure(url: &str, tool: &str, w: Workload, clients: usize, duration: Duration) -> Sample {
+async fn measure(
+    url: &str,
+    pid: Option<u32>,
+    tool: &str,
+    w: Workload,
+    clients: usize,
+    duration: Duration,
+) -> Sample {
     let http: Http = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(clients * 2)
         .build_http();
@@ -259,10 +285,16 @@ async fn measure(url: &str, tool: &str, w: Workload, clients: usize, duration: D
             (n, lat)
         }));
     }
-    tokio::time::sleep(warmup + duration).await;
+    tokio::time::sleep(warmup).await;
+    let cpu_before = pid.map(cpu_us);
+    tokio::time::sleep(duration).await;
+    let gateway_cpu_us = pid
+        .zip(cpu_before)
+        .map(|(p, before)| cpu_us(p).saturating_sub(before));
     stop.store(true, Ordering::Relaxed);
     let mut s = Sample {
         elapsed: duration,
+        gateway_cpu_us,
         ..Sample::default()
     };
     for t in tasks {
@@ -289,6 +321,7 @@ struct Result_ {
     p50: f64,
     p99: f64,
     p999: f64,
+    cpu_per_request_us: Option<f64>,
 }
 
 fn summarize(config: &str, w: Workload, clients: usize, samples: &[Sample]) -> Result_ {
@@ -303,7 +336,10 @@ fn summarize(config: &str, w: Workload, clients: usize, samples: &[Sample]) -> R
         .flat_map(|s| s.latencies_us.iter().copied())
         .collect();
     lat.sort_unstable();
+    let cpu: Option<u64> = samples.iter().map(|s| s.gateway_cpu_us).sum();
+    let requests: u64 = samples.iter().map(|s| s.requests).sum();
     Result_ {
+        cpu_per_request_us: cpu.map(|c| c as f64 / requests.max(1) as f64),
         config: config.to_owned(),
         workload: w.name(),
         clients,
@@ -315,8 +351,11 @@ fn summarize(config: &str, w: Workload, clients: usize, samples: &[Sample]) -> R
 }
 
 async fn session_memory(gateway: &Proc, url: &str, sessions: usize) -> (u64, u64, f64) {
-    let idle = gateway.rss_kib();
+    // Warm the allocator and the upstream pool with one session so "idle" is a serving gateway.
     let http: Http = Client::builder(TokioExecutor::new()).build_http();
+    open_session(&http, url).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle = gateway.rss_kib();
     let per_worker = sessions.div_ceil(32);
     let mut tasks = Vec::new();
     for w in 0..32 {
@@ -352,33 +391,39 @@ async fn main() {
     let stdio_upstream =
         format!("  - name: ex\n    stdio: {{ command: {BIN:?}, args: [example-server] }}\n");
     let (gw_http, gw_http_url) = start_gateway(&http_upstream("ex"));
-    let (_gw_stdio, gw_stdio_url) = start_gateway(&stdio_upstream);
+    let (gw_stdio, gw_stdio_url) = start_gateway(&stdio_upstream);
     let twenty: String = (0..20).map(|i| http_upstream(&format!("u{i}"))).collect();
-    let (_gw_20, gw_20_url) = start_gateway(&twenty);
+    let (gw_20, gw_20_url) = start_gateway(&twenty);
+    let all = vec![Workload::CallSmall, Workload::Call64k, Workload::List];
+    let calls = vec![Workload::CallSmall, Workload::Call64k];
 
-    // (config, url, tool name, workloads)
-    let mut configs: Vec<(String, String, String, Vec<Workload>)> = vec![
+    // (config, url, gateway pid, tool name, workloads)
+    let mut configs: Vec<(String, String, Option<u32>, String, Vec<Workload>)> = vec![
         (
             "direct".into(),
             upstream_url.clone(),
+            None,
             "echo".into(),
-            vec![Workload::CallSmall, Workload::Call64k, Workload::List],
+            all.clone(),
         ),
         (
             "gateway→http".into(),
-            gw_http_url.clone(),
+            gw_http_url,
+            Some(gw_http.pid()),
             "echo".into(),
-            vec![Workload::CallSmall, Workload::Call64k, Workload::List],
+            all.clone(),
         ),
         (
             "gateway→stdio".into(),
             gw_stdio_url,
+            Some(gw_stdio.pid()),
             "echo".into(),
-            vec![Workload::CallSmall, Workload::Call64k],
+            calls,
         ),
         (
             "gateway→20 upstreams".into(),
             gw_20_url,
+            Some(gw_20.pid()),
             "u0__echo".into(),
             vec![Workload::List],
         ),
@@ -387,17 +432,18 @@ async fn main() {
         configs.push((
             "other gateway".into(),
             other.clone(),
+            None,
             "echo".into(),
-            vec![Workload::CallSmall, Workload::Call64k, Workload::List],
+            all.clone(),
         ));
     }
 
     let mut samples: BTreeMap<(usize, usize, usize), Vec<Sample>> = BTreeMap::new();
     for round in 0..a.rounds {
         for &clients in &a.clients {
-            for (ci, (name, url, tool, workloads)) in configs.iter().enumerate() {
+            for (ci, (name, url, pid, tool, workloads)) in configs.iter().enumerate() {
                 for (wi, w) in workloads.iter().enumerate() {
-                    let s = measure(url, tool, *w, clients, a.duration).await;
+                    let s = measure(url, *pid, tool, *w, clients, a.duration).await;
                     eprintln!(
                         "round {round} {name:>22} {:>18} c={clients:<3} {:>9.0} req/s",
                         w.name(),
@@ -411,7 +457,7 @@ async fn main() {
 
     let mut results = Vec::new();
     for ((clients, ci, wi), s) in &samples {
-        let (name, _, _, workloads) = &configs[*ci];
+        let (name, _, _, _, workloads) = &configs[*ci];
         results.push(summarize(name, workloads[*wi], *clients, s));
     }
     let baseline = |r: &Result_| {
@@ -422,11 +468,13 @@ async fn main() {
     };
 
     eprintln!("measuring memory with {} sessions…", a.sessions);
+    drop((gw_http, gw_stdio, gw_20));
+    let (gw_mem, gw_mem_url) = start_gateway(&http_upstream("ex"));
     let (idle_kib, loaded_kib, per_session) =
-        session_memory(&gw_http, &gw_http_url, a.sessions).await;
+        session_memory(&gw_mem, &gw_mem_url, a.sessions).await;
 
     let mut md = String::from(
-        "| configuration | workload | clients | req/s | × direct | p50 µs | p99 µs | p99.9 µs | added p50 µs |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| configuration | workload | clients | req/s | × direct | p50 µs | p99 µs | p99.9 µs | added p50 µs | gateway CPU µs/req |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut rows = Vec::new();
     for r in &results {
@@ -434,12 +482,16 @@ async fn main() {
             Some((rps, p50)) => (r.rps / rps, r.p50 - p50),
             None => (f64::NAN, f64::NAN),
         };
+        let cpu = r
+            .cpu_per_request_us
+            .map_or("–".to_owned(), |c| format!("{c:.0}"));
         md.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
-            r.config, r.workload, r.clients, r.rps, ratio, r.p50, r.p99, r.p999, added
+            "| {} | {} | {} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {} |\n",
+            r.config, r.workload, r.clients, r.rps, ratio, r.p50, r.p99, r.p999, added, cpu
         ));
         rows.push(json!({"config": r.config, "workload": r.workload, "clients": r.clients, "rps": r.rps,
-            "ratio_to_direct": ratio, "p50_us": r.p50, "p99_us": r.p99, "p999_us": r.p999, "added_p50_us": added}));
+            "ratio_to_direct": ratio, "p50_us": r.p50, "p99_us": r.p99, "p999_us": r.p999, "added_p50_us": added,
+            "gateway_cpu_us_per_request": r.cpu_per_request_us}));
     }
     md.push_str(&format!(
         "\nGateway memory: RSS idle {} KiB; with {} sessions open {} KiB; **{:.0} bytes per idle session**.\n",
@@ -461,5 +513,4 @@ async fn main() {
     std::fs::write(a.out.join("gateway.md"), &md).unwrap();
     println!("{md}");
     println!("wrote {}/gateway.json and gateway.md", a.out.display());
-    let _: Option<Value> = None;
 }
