@@ -234,6 +234,34 @@ impl Workload {
     }
 }
 
+/// One configuration under test.
+struct Target {
+    name: String,
+    url: String,
+    /// The gateway process, when it is ours (for CPU accounting).
+    pid: Option<u32>,
+    tool: String,
+    workloads: Vec<Workload>,
+}
+
+impl Target {
+    fn new(
+        name: &str,
+        url: &str,
+        gateway: Option<&Proc>,
+        tool: &str,
+        workloads: &[Workload],
+    ) -> Self {
+        Target {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            pid: gateway.map(Proc::pid),
+            tool: tool.to_owned(),
+            workloads: workloads.to_vec(),
+        }
+    }
+}
+
 #[derive(Default, Clone)]
 struct Sample {
     requests: u64,
@@ -397,53 +425,35 @@ async fn main() {
     let all = vec![Workload::CallSmall, Workload::Call64k, Workload::List];
     let calls = vec![Workload::CallSmall, Workload::Call64k];
 
-    // (config, url, gateway pid, tool name, workloads)
-    let mut configs: Vec<(String, String, Option<u32>, String, Vec<Workload>)> = vec![
-        (
-            "direct".into(),
-            upstream_url.clone(),
-            None,
-            "echo".into(),
-            all.clone(),
+    let mut configs = vec![
+        Target::new("direct", &upstream_url, None, "echo", &all),
+        Target::new("gateway→http", &gw_http_url, Some(&gw_http), "echo", &all),
+        Target::new(
+            "gateway→stdio",
+            &gw_stdio_url,
+            Some(&gw_stdio),
+            "echo",
+            &calls,
         ),
-        (
-            "gateway→http".into(),
-            gw_http_url,
-            Some(gw_http.pid()),
-            "echo".into(),
-            all.clone(),
-        ),
-        (
-            "gateway→stdio".into(),
-            gw_stdio_url,
-            Some(gw_stdio.pid()),
-            "echo".into(),
-            calls,
-        ),
-        (
-            "gateway→20 upstreams".into(),
-            gw_20_url,
-            Some(gw_20.pid()),
-            "u0__echo".into(),
-            vec![Workload::List],
+        Target::new(
+            "gateway→20 upstreams",
+            &gw_20_url,
+            Some(&gw_20),
+            "u0__echo",
+            &[Workload::List],
         ),
     ];
     if let Some(other) = &a.other_url {
-        configs.push((
-            "other gateway".into(),
-            other.clone(),
-            None,
-            "echo".into(),
-            all.clone(),
-        ));
+        configs.push(Target::new("other gateway", other, None, "echo", &all));
     }
 
     let mut samples: BTreeMap<(usize, usize, usize), Vec<Sample>> = BTreeMap::new();
     for round in 0..a.rounds {
         for &clients in &a.clients {
-            for (ci, (name, url, pid, tool, workloads)) in configs.iter().enumerate() {
-                for (wi, w) in workloads.iter().enumerate() {
-                    let s = measure(url, *pid, tool, *w, clients, a.duration).await;
+            for (ci, t) in configs.iter().enumerate() {
+                let name = &t.name;
+                for (wi, w) in t.workloads.iter().enumerate() {
+                    let s = measure(&t.url, t.pid, &t.tool, *w, clients, a.duration).await;
                     eprintln!(
                         "round {round} {name:>22} {:>18} c={clients:<3} {:>9.0} req/s",
                         w.name(),
@@ -457,8 +467,8 @@ async fn main() {
 
     let mut results = Vec::new();
     for ((clients, ci, wi), s) in &samples {
-        let (name, _, _, _, workloads) = &configs[*ci];
-        results.push(summarize(name, workloads[*wi], *clients, s));
+        let t = &configs[*ci];
+        results.push(summarize(&t.name, t.workloads[*wi], *clients, s));
     }
     let baseline = |r: &Result_| {
         results
