@@ -64,6 +64,7 @@ impl Gateway {
         principal: Option<Principal>,
         version: &'static str,
         init_params: Bytes,
+        eager_listen: bool,
     ) -> Arc<Session> {
         let mut raw = [0u8; 24];
         getrandom::fill(&mut raw).expect("the OS random source is available");
@@ -76,6 +77,7 @@ impl Gateway {
             version,
             &self.servers,
             init_params,
+            eager_listen,
             self.epoch,
         );
         self.sessions.insert(id, session.clone());

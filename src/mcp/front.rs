@@ -426,9 +426,6 @@ async fn get(
     if !session.open_listen_stream(tx.clone()) {
         return Err(FrontError::StreamOpen);
     }
-    for link in session.links() {
-        link.open_listen_stream().await;
-    }
     // Keep-alive comments hold idle proxies open and notice a departed client.
     let every = gw.config.mcp.sse_keepalive;
     tokio::spawn(async move {

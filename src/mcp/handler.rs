@@ -78,7 +78,13 @@ pub async fn initialize(
     let init_params = Bytes::from(format!(
         r#"{{"protocolVersion":"{version}","capabilities":{client_caps},"clientInfo":{client_info}}}"#
     ));
-    let session = gw.new_session(principal, version, init_params);
+    // A client that offers roots gets roots/list at any time, unrelated to a call: listen for it
+    // upstream from the start instead of racing the client's own GET stream.
+    let offers_roots = f
+        .get("capabilities")
+        .and_then(|c| serde_json::from_str::<Fields<'_>>(c.get()).ok())
+        .is_some_and(|c| c.contains_key("roots"));
+    let session = gw.new_session(principal, version, init_params, offers_roots);
     let results =
         futures_util::future::join_all((0..gw.servers.len()).map(|i| session.connect(i))).await;
 

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
-use crate::upstream::{EventSink, Link, Server, ServerMessages};
+use crate::upstream::{EventSink, Link, Route, Server, ServerMessages};
 
 /// Capability bits an upstream advertised.
 pub mod caps {
@@ -45,7 +45,7 @@ pub struct Session {
     inflight: Mutex<HashMap<Bytes, oneshot::Sender<()>>>,
     server_requests: Mutex<HashMap<u64, (usize, Bytes)>>,
     next_server_request: AtomicU64,
-    listen_stream: Mutex<Option<EventSink>>,
+    listen: Mutex<Listen>,
     epoch: Instant,
     last_active_ms: AtomicU64,
     busy: AtomicUsize,
@@ -54,9 +54,9 @@ pub struct Session {
 struct Sink(Weak<Session>);
 
 impl ServerMessages for Sink {
-    fn deliver(&self, index: usize, related: Option<EventSink>, msg: Message) {
+    fn deliver(&self, index: usize, route: Route, msg: Message) {
         if let Some(s) = self.0.upgrade() {
-            s.on_server_message(index, related, msg);
+            s.on_server_message(index, route, msg);
         }
     }
 }
@@ -73,6 +73,7 @@ impl Session {
         protocol_version: &'static str,
         servers: &[Arc<Server>],
         init_params: Bytes,
+        eager_listen: bool,
         epoch: Instant,
     ) -> Arc<Session> {
         Arc::new_cyclic(|weak: &Weak<Session>| {
@@ -81,10 +82,16 @@ impl Session {
                 id,
                 principal,
                 protocol_version,
-                links: servers
-                    .iter()
-                    .map(|s| Link::new(s.clone(), sink.clone(), init_params.clone()))
-                    .collect(),
+                links: {
+                    let links: Box<[Link]> = servers
+                        .iter()
+                        .map(|s| Link::new(s.clone(), sink.clone(), init_params.clone()))
+                        .collect();
+                    if eager_listen {
+                        links.iter().for_each(Link::open_listen_stream);
+                    }
+                    links
+                },
                 upstream_caps: servers
                     .iter()
                     .map(|_| AtomicU8::new(caps::UNKNOWN))
@@ -92,7 +99,7 @@ impl Session {
                 inflight: Mutex::new(HashMap::new()),
                 server_requests: Mutex::new(HashMap::new()),
                 next_server_request: AtomicU64::new(1),
-                listen_stream: Mutex::new(None),
+                listen: Mutex::new(Listen::default()),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
                 busy: AtomicUsize::new(0),
@@ -130,9 +137,7 @@ impl Session {
     /// True when idle for longer than `idle_ms` with nothing running and no open GET stream.
     pub fn expired(&self, now_ms: u64, idle_ms: u64) -> bool {
         let idle = now_ms.saturating_sub(self.last_active_ms.load(Ordering::Relaxed)) > idle_ms;
-        let listening = lock(&self.listen_stream)
-            .as_ref()
-            .is_some_and(|s| !s.is_closed());
+        let listening = lock(&self.listen).is_open();
         idle && self.busy.load(Ordering::Relaxed) == 0 && !listening
     }
 
@@ -155,13 +160,22 @@ impl Session {
         }
     }
 
-    /// Installs the client's GET stream; false if one is already open.
+    /// Installs the client's GET stream, flushing what waited for it; false if one is open.
     pub fn open_listen_stream(&self, sink: EventSink) -> bool {
-        let mut slot = lock(&self.listen_stream);
-        if slot.as_ref().is_some_and(|s| !s.is_closed()) {
+        let mut listen = lock(&self.listen);
+        if listen.is_open() {
             return false;
         }
-        *slot = Some(sink);
+        while let Some(frame) = listen.backlog.pop_front() {
+            if sink.try_send(frame).is_err() {
+                break;
+            }
+        }
+        listen.sink = Some(sink);
+        drop(listen);
+        for link in self.links.iter() {
+            link.open_listen_stream();
+        }
         true
     }
 
@@ -179,17 +193,17 @@ impl Session {
 
     /// Ends every upstream session.
     pub async fn close(&self) {
-        lock(&self.listen_stream).take();
+        *lock(&self.listen) = Listen::default();
         futures_util::future::join_all(self.links.iter().map(Link::close)).await;
     }
 
-    fn on_server_message(self: Arc<Self>, index: usize, related: Option<EventSink>, msg: Message) {
+    fn on_server_message(self: Arc<Self>, index: usize, route: Route, msg: Message) {
         match msg.kind {
             Kind::Request { id, method, params } => {
                 let n = self.next_server_request.fetch_add(1, Ordering::Relaxed);
                 lock(&self.server_requests).insert(n, (index, id.clone()));
                 let frame = jsonrpc::request(n.to_string().as_bytes(), &method, params.as_deref());
-                if !self.push(related, frame) {
+                if !self.push(&route, frame) {
                     lock(&self.server_requests).remove(&n);
                     let error = jsonrpc::error_object(
                         code::INTERNAL_ERROR,
@@ -216,7 +230,7 @@ impl Session {
                 } else {
                     msg.frame
                 };
-                if !self.push(related, frame) {
+                if !self.push(&route, frame) {
                     tracing::debug!(session = %self.id, %method, "dropped a notification: no client stream open");
                 }
             }
@@ -240,23 +254,48 @@ impl Session {
         Some(n)
     }
 
-    /// Sends a frame on the related stream, else the GET stream. Queues are bounded: a client too
-    /// slow to drain them loses messages rather than growing the gateway's memory.
-    fn push(&self, related: Option<EventSink>, frame: Bytes) -> bool {
-        if let Some(tx) = related
+    /// Sends a frame on the related stream, else the GET stream, else a fallback stream of the
+    /// same session; before the client opens its GET stream, a few frames wait for it. Queues are
+    /// bounded: a client too slow to drain them loses messages rather than growing our memory.
+    fn push(&self, route: &Route, frame: Bytes) -> bool {
+        if let Some(tx) = &route.related
             && tx.try_send(frame.clone()).is_ok()
         {
             return true;
         }
-        let mut slot = lock(&self.listen_stream);
-        if let Some(tx) = slot.as_ref() {
-            if tx.is_closed() {
-                *slot = None;
-                return false;
+        let mut listen = lock(&self.listen);
+        if listen.is_open() {
+            if let Some(tx) = &listen.sink
+                && tx.try_send(frame.clone()).is_ok()
+            {
+                return true;
             }
-            return tx.try_send(frame).is_ok();
+        } else if route.fallback.is_none() && listen.backlog.len() < LISTEN_BACKLOG {
+            listen.sink = None;
+            listen.backlog.push_back(frame);
+            return true;
         }
-        false
+        drop(listen);
+        route
+            .fallback
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(frame).is_ok())
+    }
+}
+
+/// Frames that may wait for the client's GET stream.
+const LISTEN_BACKLOG: usize = 32;
+
+/// The client's GET stream, and what waits for it.
+#[derive(Default)]
+struct Listen {
+    sink: Option<EventSink>,
+    backlog: std::collections::VecDeque<Bytes>,
+}
+
+impl Listen {
+    fn is_open(&self) -> bool {
+        self.sink.as_ref().is_some_and(|s| !s.is_closed())
     }
 }
 

@@ -135,9 +135,21 @@ impl Connection {
             .request(req)
             .await
             .map_err(|e| self.server.unavailable(connect_reason(&e)))?;
-        if resp.status() == StatusCode::NOT_FOUND && had_session {
+        // 404 is the spec's answer to an unknown session; some servers (server-everything among
+        // them) answer 400 instead. Either way the request was not processed, so the link
+        // re-initializes and retries once; a genuine 400 then fails on the fresh session too.
+        if matches!(
+            resp.status(),
+            StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST
+        ) && had_session
+        {
+            let status = resp.status();
+            let body = read_limited(resp.into_body(), 512)
+                .await
+                .unwrap_or_default();
             return Err(UpstreamError::SessionExpired {
                 server: self.server.name.clone(),
+                detail: format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
             });
         }
         if let Some(s) = resp.headers().get(MCP_SESSION_ID) {
@@ -242,7 +254,8 @@ impl Connection {
                 None
             }
             _ => {
-                self.deliver.deliver(events.cloned(), msg);
+                self.deliver
+                    .deliver(super::Route::related(events.cloned()), msg);
                 None
             }
         }

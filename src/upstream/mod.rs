@@ -8,7 +8,7 @@ pub mod http;
 pub mod stdio;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,11 +42,14 @@ pub enum UpstreamError {
         /// The deadline.
         timeout: Duration,
     },
-    /// The server no longer knows our session (HTTP 404); the request was not processed.
-    #[error("upstream '{server}' ended the session")]
+    /// The server no longer knows our session (HTTP 404, or 400 from servers that answer so);
+    /// the request was not processed.
+    #[error("upstream '{server}' refused the session: {detail}")]
     SessionExpired {
         /// Upstream name.
         server: Arc<str>,
+        /// What the server said.
+        detail: String,
     },
     /// The client cancelled the request.
     #[error("request cancelled")]
@@ -64,11 +67,30 @@ impl UpstreamError {
     }
 }
 
+/// Which downstream streams a server message may take.
+#[derive(Default)]
+pub struct Route {
+    /// The stream of the client request the message belongs to, when known.
+    pub related: Option<EventSink>,
+    /// A stream of the same session to use when nothing better is open (a guess among calls in
+    /// flight: the client handles messages from every stream of its session alike).
+    pub fallback: Option<EventSink>,
+}
+
+impl Route {
+    /// A route to the stream of a known request.
+    pub fn related(events: Option<EventSink>) -> Self {
+        Route {
+            related: events,
+            fallback: None,
+        }
+    }
+}
+
 /// Receives what an upstream sends that is not a response to one of our requests.
 pub trait ServerMessages: Send + Sync + 'static {
-    /// Handles a server→client request or notification from upstream `index`; `related` is the
-    /// stream of the client request it belongs to, when known.
-    fn deliver(&self, index: usize, related: Option<EventSink>, msg: Message);
+    /// Handles a server→client request or notification from upstream `index`.
+    fn deliver(&self, index: usize, route: Route, msg: Message);
 }
 
 /// An upstream server as configured, shared by every session.
@@ -302,9 +324,10 @@ impl Pending {
         self.lock().clear();
     }
 
-    /// The stream a server message most likely belongs to: the request with its progress token,
-    /// else the only request in flight.
-    pub(crate) fn related(&self, msg: &Message) -> Option<EventSink> {
+    /// Where a server message most likely belongs (stdio carries no relation): the request with
+    /// its progress token, else the only request in flight; with several in flight, the newest
+    /// one is only a fallback.
+    pub(crate) fn route(&self, msg: &Message) -> Route {
         let waiters = self.lock();
         if msg.method() == Some("notifications/progress")
             && let jsonrpc::Kind::Notification {
@@ -312,15 +335,24 @@ impl Pending {
             } = &msg.kind
             && let Some(token) = progress_token_of(p)
         {
-            return waiters
-                .values()
-                .find(|w| w.progress_token.as_deref() == Some(&token[..]))
-                .and_then(|w| w.events.clone());
+            return Route::related(
+                waiters
+                    .values()
+                    .find(|w| w.progress_token.as_deref() == Some(&token[..]))
+                    .and_then(|w| w.events.clone()),
+            );
         }
         if waiters.len() == 1 {
-            return waiters.values().next().and_then(|w| w.events.clone());
+            return Route::related(waiters.values().next().and_then(|w| w.events.clone()));
         }
-        None
+        Route {
+            related: None,
+            fallback: waiters
+                .iter()
+                .filter(|(_, w)| w.events.is_some())
+                .max_by_key(|(id, _)| **id)
+                .and_then(|(_, w)| w.events.clone()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
@@ -366,6 +398,7 @@ pub struct Link {
     connecting: tokio::sync::Mutex<()>,
     init_result: Mutex<Option<Bytes>>,
     pub(crate) generation: AtomicU64,
+    listen: AtomicBool,
 }
 
 impl Link {
@@ -379,6 +412,7 @@ impl Link {
             connecting: tokio::sync::Mutex::new(()),
             init_result: Mutex::new(None),
             generation: AtomicU64::new(0),
+            listen: AtomicBool::new(false),
         }
     }
 
@@ -424,6 +458,11 @@ impl Link {
         let conn = result?;
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         self.generation.fetch_add(1, Ordering::Relaxed);
+        if self.listen.load(Ordering::Relaxed)
+            && let Connection::Http(h) = &*conn
+        {
+            h.open_listen_stream(conn.clone());
+        }
         Ok(conn)
     }
 
@@ -517,8 +556,9 @@ impl Link {
         }
     }
 
-    /// Opens the server→client stream (HTTP GET) if the transport has one.
-    pub async fn open_listen_stream(&self) {
+    /// Keeps a server→client stream (HTTP GET) open from now on, on this and later connections.
+    pub fn open_listen_stream(&self) {
+        self.listen.store(true, Ordering::Relaxed);
         if let Some(c) = self.live()
             && let Connection::Http(h) = &*c
         {
@@ -554,7 +594,7 @@ pub struct Deliver {
 }
 
 impl Deliver {
-    pub(crate) fn deliver(&self, related: Option<EventSink>, msg: Message) {
-        self.sink.deliver(self.index, related, msg);
+    pub(crate) fn deliver(&self, route: Route, msg: Message) {
+        self.sink.deliver(self.index, route, msg);
     }
 }

@@ -230,8 +230,8 @@ async fn read_loop(
                 }
             }
             _ => {
-                let related = pending.related(&msg);
-                deliver.deliver(related, msg);
+                let route = pending.route(&msg);
+                deliver.deliver(route, msg);
             }
         }
     }
