@@ -37,7 +37,9 @@ pub fn client() -> Client {
         .enable_http2()
         .wrap_connector(http);
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        // Below common server keep-alive timeouts (Node's is 5 s), so we rarely send on a
+        // connection the server is closing: a POST that loses that race cannot be retried.
+        .pool_idle_timeout(std::time::Duration::from_secs(4))
         .pool_max_idle_per_host(256)
         .build(https)
 }

@@ -132,7 +132,11 @@ impl Client {
     pub fn new(url: String) -> Client {
         Client {
             url,
-            http: HyperClient::builder(TokioExecutor::new()).build_http(),
+            // Shorter than any server idle timeout in the tests, so a pooled connection is never
+            // reused just as the gateway closes it.
+            http: HyperClient::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_millis(500))
+                .build_http(),
             session: None,
             token: None,
         }
