@@ -138,14 +138,38 @@ fn start_upstream(port: u16) -> (Proc, String) {
     (Proc(child), url)
 }
 
+/// Two policy plugins on every call: a no-op and tool-policy with ten rules that never match.
+fn two_plugins_yaml() -> Option<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/target/plugins");
+    let noop = format!("{dir}/noop.wasm");
+    let policy = format!("{dir}/tool_policy.wasm");
+    if !std::path::Path::new(&noop).exists() || !std::path::Path::new(&policy).exists() {
+        eprintln!(
+            "plugins not built (run plugins/build.sh): skipping the two-plugin configuration"
+        );
+        return None;
+    }
+    let rules: Vec<String> = (0..10)
+        .map(|i| format!("{{ tool: blocked{i}, argument: text, operator: contains, value: x{i}, action: block }}"))
+        .collect();
+    Some(format!(
+        "plugins:\n  modules:\n    - {{ name: noop, path: {noop:?} }}\n    - name: policy\n      path: {policy:?}\n      config: {{ rules: [{}], default: allow }}\n  chains:\n    - {{ name: all, plugins: [noop, policy] }}\n",
+        rules.join(", ")
+    ))
+}
+
 fn start_gateway(upstreams_yaml: &str) -> (Proc, String) {
+    start_gateway_with("", upstreams_yaml)
+}
+
+fn start_gateway_with(top: &str, upstreams_yaml: &str) -> (Proc, String) {
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("gatehouse-bench-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("gatehouse.yaml");
     std::fs::write(
         &cfg,
-        format!("listen: 127.0.0.1:{port}\nlog: {{ level: warn }}\nmcp: {{ max_sessions: 1000000 }}\nupstreams:\n{upstreams_yaml}"),
+        format!("listen: 127.0.0.1:{port}\nlog: {{ level: warn }}\nmcp: {{ max_sessions: 1000000 }}\n{top}upstreams:\n{upstreams_yaml}"),
     )
     .unwrap();
     let child = Command::new(BIN)
@@ -443,6 +467,16 @@ async fn main() {
             &[Workload::List],
         ),
     ];
+    let with_plugins = two_plugins_yaml().map(|top| start_gateway_with(&top, &http_upstream("ex")));
+    if let Some((gw, url)) = &with_plugins {
+        configs.push(Target::new(
+            "gateway→http + 2 plugins",
+            url,
+            Some(gw),
+            "echo",
+            &calls,
+        ));
+    }
     if let Some(other) = &a.other_url {
         configs.push(Target::new("other gateway", other, None, "echo", &all));
     }
@@ -478,7 +512,7 @@ async fn main() {
     };
 
     eprintln!("measuring memory with {} sessions…", a.sessions);
-    drop((gw_http, gw_stdio, gw_20));
+    drop((gw_http, gw_stdio, gw_20, with_plugins));
     let (gw_mem, gw_mem_url) = start_gateway(&http_upstream("ex"));
     let (idle_kib, loaded_kib, per_session) =
         session_memory(&gw_mem, &gw_mem_url, a.sessions).await;

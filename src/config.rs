@@ -60,6 +60,9 @@ pub struct RawConfig {
     /// Logging.
     #[serde(default)]
     pub log: RawLog,
+    /// Wasm policy plugins and the chains that run them.
+    #[serde(default)]
+    pub plugins: crate::plugins::PluginsConfig,
 }
 
 /// Raw authentication settings.
@@ -223,6 +226,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+    /// Wasm policy plugins.
+    pub plugins: crate::plugins::PluginsConfig,
 }
 
 /// Validated MCP endpoint settings.
@@ -515,7 +520,12 @@ impl RawConfig {
             return Err(field_err("upstreams", "at least one upstream is required"));
         }
 
+        self.plugins
+            .validate()
+            .map_err(|e| field_err("plugins", e.to_string()))?;
+
         Ok(Config {
+            plugins: self.plugins,
             listen,
             tokens,
             mcp,

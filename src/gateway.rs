@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::mcp::router::Router;
 use crate::mcp::session::Session;
 use crate::metrics::Metrics;
+use crate::plugins::{PluginError, Plugins};
 use crate::upstream::{Server, http};
 
 /// Everything a request may need, shared by all connections.
@@ -28,12 +29,15 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Client authentication.
     pub auth: Auth,
+    /// Policy plugins (hot-reloadable).
+    pub plugins: Arc<Plugins>,
     epoch: Instant,
 }
 
 impl Gateway {
-    /// Builds the gateway from a validated configuration.
-    pub fn new(config: Config) -> Arc<Gateway> {
+    /// Builds the gateway from a validated configuration, loading its plugins.
+    pub fn new(config: Config) -> Result<Arc<Gateway>, PluginError> {
+        let plugins = Plugins::load(&config.plugins)?;
         let metrics = Metrics::new();
         let client = http::client();
         let servers: Vec<Arc<Server>> = config
@@ -47,7 +51,8 @@ impl Gateway {
             config.mcp.name_separator.clone(),
             config.mcp.prefix_names,
         );
-        Arc::new(Gateway {
+        Ok(Arc::new(Gateway {
+            plugins,
             auth: Auth::new(&config.tokens),
             config: Arc::new(config),
             servers,
@@ -55,7 +60,7 @@ impl Gateway {
             sessions: DashMap::new(),
             metrics,
             epoch: Instant::now(),
-        })
+        }))
     }
 
     /// Opens a session with a fresh, unguessable id.
@@ -89,6 +94,7 @@ impl Gateway {
     pub fn end_session(&self, id: &str) {
         if let Some((_, session)) = self.sessions.remove(id) {
             self.metrics.sessions.set(self.sessions.len() as i64);
+            self.plugins.current().end_session(id);
             tokio::spawn(async move { session.close().await });
         }
     }

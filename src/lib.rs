@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod listener;
 pub mod mcp;
 pub mod metrics;
+pub mod plugins;
 pub mod sse;
 pub mod telemetry;
 pub mod upstream;
@@ -30,6 +31,18 @@ pub struct Running {
     /// The listener.
     pub listening: listener::Listening,
     sweeper: tokio::task::JoinHandle<()>,
+    _plugin_watcher: Option<plugins::Watcher>,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A plugin failed to load.
+    #[error(transparent)]
+    Plugins(#[from] plugins::PluginError),
+    /// The listen address could not be bound.
+    #[error("cannot listen: {0}")]
+    Listen(#[from] std::io::Error),
 }
 
 impl Running {
@@ -42,11 +55,15 @@ impl Running {
 }
 
 /// Builds the gateway and starts serving.
-pub async fn start(config: Config) -> std::io::Result<Running> {
-    let gateway = Gateway::new(config);
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let gateway = Gateway::new(config)?;
     let listening = listener::bind(gateway.clone()).await?;
     let sweeper = gateway.spawn_sweeper();
+    let interval = gateway.config.plugins.watch_interval;
+    let watcher =
+        (!gateway.config.plugins.modules.is_empty()).then(|| gateway.plugins.watch_every(interval));
     Ok(Running {
+        _plugin_watcher: watcher,
         gateway,
         listening,
         sweeper,

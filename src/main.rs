@@ -29,6 +29,11 @@ enum Command {
         /// YAML configuration file.
         config: PathBuf,
     },
+    /// Work with Wasm policy plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Run the example MCP server on stdio.
     ExampleServer {
         /// Also offer tools that misbehave on purpose (for tests).
@@ -43,6 +48,18 @@ enum Command {
         /// Serve Streamable HTTP on this address instead of stdio.
         #[arg(long)]
         http: Option<std::net::SocketAddr>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Validate a component against the plugin interface and run it once, printing the decision.
+    Check {
+        /// The plugin component (.wasm).
+        file: PathBuf,
+        /// A sample request (JSON) to run the hooks on.
+        #[arg(long)]
+        input: Option<PathBuf>,
     },
 }
 
@@ -67,6 +84,12 @@ fn main() -> anyhow::Result<()> {
                 Some(addr) => rt.block_on(gatehouse::example_server::run_http(opts, addr))?,
                 None => rt.block_on(gatehouse::example_server::run(opts))?,
             }
+        }
+        Command::Plugin {
+            command: PluginCommand::Check { file, input },
+        } => {
+            let report = gatehouse::plugins::check(&file, input.as_deref())?;
+            println!("{report}");
         }
         Command::Check { config } => {
             let c = gatehouse::Config::load(&config)?;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: installs the test tools into target/tools,
-# then lints, unit and integration tests (cargo), the MCP conformance suite through the gateway,
-# and the end-to-end suite with the official Python SDK against the reference servers.
+# builds the Wasm plugins, then lints, unit and integration tests (cargo), the MCP conformance
+# suite through the gateway, and the end-to-end suite with the official Python SDK against the
+# reference servers.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -12,6 +13,9 @@ step() { printf '\n=== %s ===\n' "$*"; }
 
 step "install test tools (target/tools)"
 bash tests/tools/install.sh
+
+step "build the Wasm plugins (target/plugins)"
+bash plugins/build.sh
 
 step "format and lints"
 cargo fmt --all -- --check

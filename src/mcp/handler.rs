@@ -14,8 +14,10 @@ use tokio::sync::mpsc;
 
 use crate::gateway::Gateway;
 use crate::mcp::jsonrpc::{self, Outcome, code};
+use crate::mcp::policy::{self, Policy};
 use crate::mcp::session::{Session, caps};
 use crate::metrics::method_label;
+use crate::plugins::Decision;
 use crate::upstream::{CallOpts, UpstreamError, request_progress_token};
 
 /// Protocol revisions served, newest first.
@@ -202,19 +204,22 @@ pub async fn request(
 ) -> Reply {
     let started = Instant::now();
     let label = method_label(method);
+    let plugins = gw.plugins.current();
+    // One upstream, names unchanged and no plugins: forward everything untouched.
     let single = gw.servers.len() == 1 && !gw.router.prefixing();
+    let direct = single && plugins.is_empty();
     let reply = match method {
         "ping" => Reply::Json(jsonrpc::response(
             &id,
             &Outcome::Result(Bytes::from_static(b"{}")),
         )),
-        "tools/list" if !single => list(gw, session, &id, TOOLS, params.as_deref()).await,
-        "prompts/list" if !single => list(gw, session, &id, PROMPTS, params.as_deref()).await,
-        "resources/list" if !single => list(gw, session, &id, RESOURCES, params.as_deref()).await,
-        "resources/templates/list" if !single => {
+        "tools/list" if !direct => list(gw, session, &id, TOOLS, params.as_deref()).await,
+        "prompts/list" if !direct => list(gw, session, &id, PROMPTS, params.as_deref()).await,
+        "resources/list" if !direct => list(gw, session, &id, RESOURCES, params.as_deref()).await,
+        "resources/templates/list" if !direct => {
             list(gw, session, &id, TEMPLATES, params.as_deref()).await
         }
-        "tools/call" | "prompts/get" if !single => {
+        "tools/call" | "prompts/get" if !direct => {
             let f = match fields(params.as_deref()) {
                 Ok(f) => f,
                 Err(e) => return invalid_params(&id, &e),
@@ -231,21 +236,61 @@ pub async fn request(
             let Some((index, local)) = gw.router.resolve(&name) else {
                 return invalid_params(&id, &format!("unknown {what}: {name}"));
             };
+            let policy = Policy::for_call(
+                &plugins,
+                session,
+                method,
+                &gw.servers[index].name,
+                Some(local),
+            );
             let mut f = f;
             let local = json_string(local);
             f.insert(Cow::Borrowed("name"), &local);
+            let rewritten;
+            if let Some(p) = &policy {
+                let arguments = f.get("arguments").map_or("{}", |a| a.get());
+                match p.on_request(arguments) {
+                    Decision::Allow => {}
+                    Decision::Deny(d) => return denied(&id, &d),
+                    Decision::Rewrite(new) => match RawValue::from_string(new) {
+                        Ok(raw) => {
+                            rewritten = raw;
+                            f.insert(Cow::Borrowed("arguments"), &rewritten);
+                        }
+                        Err(e) => {
+                            return Reply::Json(jsonrpc::error_response(
+                                Some(&id),
+                                crate::plugins::PLUGIN_FAILED,
+                                &format!("a plugin rewrote the arguments into invalid JSON: {e}"),
+                            ));
+                        }
+                    },
+                }
+            }
             let out = encode_fields(&f);
-            forward(gw, session, index, id, label, method, Some(out)).await
+            forward(gw, session, index, id, label, method, Some(out), policy).await
         }
-        "resources/read" | "resources/subscribe" | "resources/unsubscribe" if !single => {
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" if !direct => {
             let uri = match fields(params.as_deref()).and_then(|f| string_field(&f, "uri")) {
                 Ok(u) => u,
                 Err(e) => return invalid_params(&id, &e),
             };
-            match resource_owner(gw, session, &uri).await {
-                Some(index) => forward(gw, session, index, id, label, method, params).await,
-                None => invalid_params(&id, &format!("no upstream serves resource {uri}")),
+            let Some(index) = resource_owner(gw, session, &uri).await else {
+                return invalid_params(&id, &format!("no upstream serves resource {uri}"));
+            };
+            let policy = Policy::for_call(
+                &plugins,
+                session,
+                method,
+                &gw.servers[index].name,
+                Some(&uri),
+            );
+            if let Some(p) = &policy
+                && let Decision::Deny(d) = p.on_request("{}")
+            {
+                return denied(&id, &d);
             }
+            forward(gw, session, index, id, label, method, params, policy).await
         }
         "completion/complete" if !single => complete(gw, session, id, params).await,
         "logging/setLevel" if !single => {
@@ -265,7 +310,7 @@ pub async fn request(
                 &Outcome::Result(Bytes::from_static(b"{}")),
             ))
         }
-        _ if single => forward(gw, session, 0, id, label, method, params).await,
+        _ if single => forward(gw, session, 0, id, label, method, params, None).await,
         _ => Reply::Json(jsonrpc::error_response(
             Some(&id),
             code::METHOD_NOT_FOUND,
@@ -285,6 +330,10 @@ pub async fn request(
         gw.metrics.record(label, "gateway", "ok", started.elapsed());
     }
     reply
+}
+
+fn denied(id: &[u8], d: &crate::plugins::Denied) -> Reply {
+    Reply::Json(jsonrpc::error_response(Some(id), d.code, &d.to_string()))
 }
 
 /// Routes `completion/complete` by its `ref`: a prompt name or a resource URI.
@@ -331,6 +380,7 @@ async fn complete(
                 "completion/complete",
                 "completion/complete",
                 Some(out),
+                None,
             )
             .await
         }
@@ -346,6 +396,7 @@ async fn complete(
                         "completion/complete",
                         "completion/complete",
                         params,
+                        None,
                     )
                     .await
                 }
@@ -411,6 +462,7 @@ async fn forward(
     label: &'static str,
     method: &str,
     params: Option<Bytes>,
+    policy: Option<Policy>,
 ) -> Reply {
     let started = Instant::now();
     let server = gw.servers[index].clone();
@@ -430,7 +482,24 @@ async fn forward(
             .await;
         session2.untrack(&id);
         let (frame, outcome) = match result {
-            Ok(o @ Outcome::Result(_)) => (jsonrpc::response(&id, &o), "ok"),
+            Ok(Outcome::Result(r)) => match policy.as_ref().map(|p| p.on_response(&r)) {
+                None | Some(Ok(None)) => (jsonrpc::response(&id, &Outcome::Result(r)), "ok"),
+                Some(Ok(Some(new))) if serde_json::from_slice::<&RawValue>(&new).is_ok() => {
+                    (jsonrpc::response(&id, &Outcome::Result(new)), "ok")
+                }
+                Some(Ok(Some(_))) => (
+                    jsonrpc::error_response(
+                        Some(&id),
+                        crate::plugins::PLUGIN_FAILED,
+                        "a plugin rewrote the result into invalid JSON",
+                    ),
+                    "denied",
+                ),
+                Some(Err(d)) => (
+                    jsonrpc::error_response(Some(&id), d.code, &d.to_string()),
+                    "denied",
+                ),
+            },
             Ok(o @ Outcome::Error(_)) => (jsonrpc::response(&id, &o), "error"),
             Err(e) => {
                 if !matches!(e, UpstreamError::Cancelled) {
@@ -562,7 +631,7 @@ async fn list(
                 continue;
             }
         };
-        match merge_page(gw, *index, kind, &page, &mut items) {
+        match merge_page(gw, session, *index, kind, &page, &mut items) {
             Ok(cursor) => {
                 answered += 1;
                 if let Some(c) = cursor {
@@ -604,9 +673,10 @@ async fn list(
     Reply::Json(jsonrpc::response(id, &Outcome::Result(out.freeze())))
 }
 
-/// Appends one upstream's page to `items` (comma-separated), renaming and learning routes.
+/// Appends one upstream's page to `items`, hiding what the filter-list plugins hide.
 fn merge_page(
     gw: &Gateway,
+    session: &Session,
     index: usize,
     kind: ListKind,
     page: &[u8],
@@ -617,7 +687,17 @@ fn merge_page(
         Some(raw) => serde_json::from_str(raw.get()).map_err(|e| e.to_string())?,
         None => Vec::new(),
     };
-    for item in list {
+    let plugins = gw.plugins.current();
+    let shown = if plugins.is_empty() {
+        None
+    } else {
+        let server = &gw.servers[index].name;
+        Some(
+            policy::visible(&plugins, session, kind.method, server, &list)
+                .map_err(|d| d.to_string())?,
+        )
+    };
+    for (i, item) in list.into_iter().enumerate() {
         let mut entry: Fields<'_> = serde_json::from_str(item.get()).map_err(|e| e.to_string())?;
         let bytes = match kind.key {
             "resources" => {
@@ -640,6 +720,12 @@ fn merge_page(
             }
             _ => Bytes::copy_from_slice(item.get().as_bytes()),
         };
+        if shown
+            .as_ref()
+            .is_some_and(|v| !v.get(i).copied().unwrap_or(false))
+        {
+            continue;
+        }
         if !items.is_empty() {
             items.put_u8(b',');
         }

@@ -3,5 +3,6 @@
 pub mod front;
 pub mod handler;
 pub mod jsonrpc;
+pub mod policy;
 pub mod router;
 pub mod session;

@@ -280,6 +280,7 @@ def start_gateway(
     upstreams: list[dict[str, Any]],
     mcp: dict[str, Any] | None = None,
     tapdir: Path | None = None,
+    plugins: dict[str, Any] | None = None,
 ) -> Gateway:
     port = free_port()
     config: dict[str, Any] = {
@@ -288,6 +289,8 @@ def start_gateway(
         "upstreams": upstreams,
         "log": {"level": "info,gatehouse=debug"},
     }
+    if plugins:
+        config["plugins"] = plugins
     path = workdir / f"gateway-{label}.yaml"
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     proc = Proc(f"gateway:{label}", [tools.gatehouse, "serve", "--config", str(path)], workdir / f"gateway-{label}.log")

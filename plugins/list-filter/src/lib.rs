@@ -1,0 +1,212 @@
+//! `list-filter`: which tools, prompts, resources and registry entries a
+//! caller may see (and so call).
+//!
+//! ```json
+//! {"rules": [
+//!    {"principals": ["alice", "team-*"], "profiles": ["dev"], "kinds": ["tool"],
+//!     "allow": ["fs_*"], "deny": ["*delete*"],
+//!     "allow_labels": ["safe"], "deny_labels": ["destructive"]}
+//!  ],
+//!  "default": "allow"}
+//! ```
+//! A rule applies to a caller and an entry when its `principals`,
+//! `profiles`, `servers` and `kinds` match (absent: any; an anonymous
+//! caller has the empty principal, which `*` matches). Of the applicable
+//! rules, a deny (name glob or label) hides the entry; otherwise, if any of
+//! them has allow lists, the entry must match one of those allows; otherwise
+//! `default` decides.
+use gatehouse_plugin::{
+    CallContext, EntryKind, ListEntry, Plugin, export_plugin, glob, parse_config,
+};
+use serde::Deserialize;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default)]
+    rules: Vec<Rule>,
+    #[serde(default)]
+    default: Default,
+}
+
+#[derive(Deserialize, Default, PartialEq, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum Default {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rule {
+    principals: Option<Vec<String>>,
+    profiles: Option<Vec<String>>,
+    servers: Option<Vec<String>>,
+    kinds: Option<Vec<Kind>>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+    #[serde(default)]
+    allow_labels: Vec<String>,
+    #[serde(default)]
+    deny_labels: Vec<String>,
+}
+
+#[derive(Deserialize, PartialEq, Clone, Copy)]
+#[serde(rename_all = "kebab-case")]
+enum Kind {
+    Tool,
+    Prompt,
+    Resource,
+    ResourceTemplate,
+    Server,
+}
+
+fn kind_of(k: EntryKind) -> Kind {
+    match k {
+        EntryKind::Tool => Kind::Tool,
+        EntryKind::Prompt => Kind::Prompt,
+        EntryKind::Resource => Kind::Resource,
+        EntryKind::ResourceTemplate => Kind::ResourceTemplate,
+        EntryKind::Server => Kind::Server,
+    }
+}
+
+fn any_glob(patterns: &Option<Vec<String>>, value: &str) -> bool {
+    patterns
+        .as_ref()
+        .is_none_or(|ps| ps.iter().any(|p| glob::matches(p, value)))
+}
+
+impl Rule {
+    fn applies_to_caller(&self, ctx: &CallContext) -> bool {
+        any_glob(&self.principals, ctx.principal.as_deref().unwrap_or(""))
+            && any_glob(&self.profiles, ctx.profile.as_deref().unwrap_or(""))
+            && any_glob(&self.servers, &ctx.server)
+    }
+
+    fn applies_to_entry(&self, entry: &ListEntry) -> bool {
+        self.kinds
+            .as_ref()
+            .is_none_or(|ks| ks.contains(&kind_of(entry.kind)))
+    }
+
+    fn denies(&self, e: &ListEntry) -> bool {
+        self.deny.iter().any(|p| glob::matches(p, &e.name))
+            || e.labels.iter().any(|l| self.deny_labels.contains(l))
+    }
+
+    fn has_allows(&self) -> bool {
+        !self.allow.is_empty() || !self.allow_labels.is_empty()
+    }
+
+    fn allows(&self, e: &ListEntry) -> bool {
+        self.allow.iter().any(|p| glob::matches(p, &e.name))
+            || e.labels.iter().any(|l| self.allow_labels.contains(l))
+    }
+}
+
+pub struct ListFilter {
+    rules: Vec<Rule>,
+    default: Default,
+}
+
+impl ListFilter {
+    fn visible(&self, rules: &[&Rule], e: &ListEntry) -> bool {
+        let applicable = rules.iter().filter(|r| r.applies_to_entry(e));
+        let mut any_allow_list = false;
+        let mut allowed = false;
+        for r in applicable {
+            if r.denies(e) {
+                return false;
+            }
+            if r.has_allows() {
+                any_allow_list = true;
+                allowed |= r.allows(e);
+            }
+        }
+        if any_allow_list {
+            allowed
+        } else {
+            self.default == Default::Allow
+        }
+    }
+}
+
+impl Plugin for ListFilter {
+    fn init(config: &str) -> Result<Self, String> {
+        let cfg: Config = parse_config(config)?;
+        Ok(ListFilter {
+            rules: cfg.rules,
+            default: cfg.default,
+        })
+    }
+
+    fn filter_list(&mut self, ctx: &CallContext, entries: &[ListEntry]) -> Vec<bool> {
+        let rules: Vec<&Rule> = self
+            .rules
+            .iter()
+            .filter(|r| r.applies_to_caller(ctx))
+            .collect();
+        entries.iter().map(|e| self.visible(&rules, e)).collect()
+    }
+}
+
+export_plugin!(ListFilter: filter_list);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(principal: Option<&str>) -> CallContext {
+        CallContext {
+            method: "tools/list".into(),
+            server: "files".into(),
+            name: None,
+            principal: principal.map(Into::into),
+            session_id: "s".into(),
+            profile: None,
+        }
+    }
+
+    fn entry(name: &str, labels: &[&str]) -> ListEntry {
+        ListEntry {
+            kind: EntryKind::Tool,
+            name: name.into(),
+            description: None,
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn allow_deny_labels_per_principal() {
+        let mut p = ListFilter::init(
+            r#"{"rules": [
+                {"deny": ["*delete*"], "deny_labels": ["destructive"]},
+                {"principals": ["alice"], "allow": ["fs_*"]},
+                {"principals": ["bob"], "allow_labels": ["safe"]}
+            ]}"#,
+        )
+        .unwrap();
+        let entries = [
+            entry("fs_read", &[]),
+            entry("fs_delete", &[]),
+            entry("search", &["safe"]),
+            entry("wipe", &["destructive", "safe"]),
+        ];
+        assert_eq!(
+            p.filter_list(&ctx(Some("alice")), &entries),
+            [true, false, false, false]
+        );
+        assert_eq!(
+            p.filter_list(&ctx(Some("bob")), &entries),
+            [false, false, true, false]
+        );
+        assert_eq!(
+            p.filter_list(&ctx(None), &entries),
+            [true, false, true, false]
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! `tool-policy`: rules on tool-call arguments; first match wins, then a default.
+//!
+//! ```json
+//! {
+//!   "rules": [
+//!     {"tool": "fs_*", "argument": "path", "operator": "startsWith", "value": "/etc",
+//!      "action": "block", "reason": "system files are off limits"},
+//!     {"tool": "fs_read", "action": "allow"}
+//!   ],
+//!   "default": "block",
+//!   "default_reason": "tool not allowed by policy"
+//! }
+//! ```
+//!
+//! A rule matches when its `tool` / `server` globs match the call (absent:
+//! any) and, if it names an `argument`, the argument's value satisfies
+//! `operator` against `value`. Arguments are addressed with a dotted path
+//! (`options.mode`, `items.0`) or a JSON pointer (`/options/mode`).
+//! Operators: equal, notEqual, contains, notContains, startsWith, endsWith,
+//! regex (unanchored search). A string argument is compared as is; any
+//! other value by its JSON text. `contains` on an array checks its elements.
+//! A condition on a missing argument never matches.
+use gatehouse_plugin::serde_json::{self, Value};
+use gatehouse_plugin::{CallContext, Decision, Plugin, Target, export_plugin, parse_config};
+use regex::Regex;
+use serde::Deserialize;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default)]
+    rules: Vec<RuleConfig>,
+    #[serde(default)]
+    default: Action,
+    default_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleConfig {
+    tool: Option<String>,
+    server: Option<String>,
+    argument: Option<String>,
+    operator: Option<Operator>,
+    value: Option<Value>,
+    action: Action,
+    reason: Option<String>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Debug)]
+#[serde(rename_all = "lowercase")]
+enum Action {
+    #[default]
+    Allow,
+    #[serde(alias = "deny")]
+    Block,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug)]
+#[serde(rename_all = "camelCase")]
+enum Operator {
+    Equal,
+    NotEqual,
+    Contains,
+    NotContains,
+    StartsWith,
+    EndsWith,
+    Regex,
+}
+
+enum Test {
+    Text(Operator, String),
+    Regex(Regex),
+}
+
+struct Condition {
+    path: Vec<String>,
+    test: Test,
+}
+
+struct Rule {
+    target: Target,
+    condition: Option<Condition>,
+    action: Action,
+    reason: String,
+}
+
+pub struct ToolPolicy {
+    rules: Vec<Rule>,
+    default: Action,
+    default_reason: String,
+}
+
+fn text_of(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn split_path(path: &str) -> Vec<String> {
+    if let Some(pointer) = path.strip_prefix('/') {
+        pointer
+            .split('/')
+            .map(|s| s.replace("~1", "/").replace("~0", "~"))
+            .collect()
+    } else {
+        path.split('.').map(str::to_string).collect()
+    }
+}
+
+fn lookup<'a>(mut v: &'a Value, path: &[String]) -> Option<&'a Value> {
+    for key in path {
+        v = match v {
+            Value::Object(map) => map.get(key)?,
+            Value::Array(items) => items.get(key.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(v)
+}
+
+impl Condition {
+    fn holds(&self, arguments: &Value) -> bool {
+        let Some(actual) = lookup(arguments, &self.path) else {
+            return false;
+        };
+        match &self.test {
+            Test::Regex(re) => re.is_match(&text_of(actual)),
+            Test::Text(op, expected) => {
+                let contains = || match actual {
+                    Value::Array(items) => items.iter().any(|i| text_of(i) == *expected),
+                    other => text_of(other).contains(expected.as_str()),
+                };
+                let text = text_of(actual);
+                match op {
+                    Operator::Equal => text == *expected,
+                    Operator::NotEqual => text != *expected,
+                    Operator::Contains => contains(),
+                    Operator::NotContains => !contains(),
+                    Operator::StartsWith => text.starts_with(expected.as_str()),
+                    Operator::EndsWith => text.ends_with(expected.as_str()),
+                    Operator::Regex => unreachable!("regex conditions are compiled"),
+                }
+            }
+        }
+    }
+}
+
+impl ToolPolicy {
+    fn decide(&self, ctx: &CallContext, arguments: &str) -> Decision {
+        // Parse the arguments only if some applicable rule looks at them.
+        let mut parsed: Option<Value> = None;
+        for rule in &self.rules {
+            if !rule.target.matches(ctx) {
+                continue;
+            }
+            if let Some(cond) = &rule.condition {
+                let args = parsed
+                    .get_or_insert_with(|| serde_json::from_str(arguments).unwrap_or(Value::Null));
+                if !cond.holds(args) {
+                    continue;
+                }
+            }
+            return verdict(rule.action, &rule.reason);
+        }
+        verdict(self.default, &self.default_reason)
+    }
+}
+
+fn verdict(action: Action, reason: &str) -> Decision {
+    match action {
+        Action::Allow => Decision::Allow,
+        Action::Block => Decision::deny(reason),
+    }
+}
+
+impl Plugin for ToolPolicy {
+    fn init(config: &str) -> Result<Self, String> {
+        let cfg: Config = parse_config(config)?;
+        let mut rules = Vec::with_capacity(cfg.rules.len());
+        for (i, r) in cfg.rules.into_iter().enumerate() {
+            let condition = match (r.argument, r.operator) {
+                (None, None) => None,
+                (Some(argument), Some(op)) => {
+                    let value = r.value.as_ref().map(text_of).ok_or_else(|| {
+                        format!("rules[{i}]: `value` is required with `operator`")
+                    })?;
+                    let test = match op {
+                        Operator::Regex => Test::Regex(
+                            Regex::new(&value).map_err(|e| format!("rules[{i}].value: {e}"))?,
+                        ),
+                        op => Test::Text(op, value),
+                    };
+                    Some(Condition {
+                        path: split_path(&argument),
+                        test,
+                    })
+                }
+                _ => return Err(format!("rules[{i}]: `argument` and `operator` go together")),
+            };
+            rules.push(Rule {
+                target: Target {
+                    tool: r.tool,
+                    server: r.server,
+                },
+                condition,
+                action: r.action,
+                reason: r
+                    .reason
+                    .unwrap_or_else(|| format!("blocked by tool-policy rule {i}")),
+            });
+        }
+        Ok(ToolPolicy {
+            rules,
+            default: cfg.default,
+            default_reason: cfg
+                .default_reason
+                .unwrap_or_else(|| "not allowed by tool-policy".into()),
+        })
+    }
+
+    fn on_request(&mut self, ctx: &CallContext, arguments: &str) -> Decision {
+        self.decide(ctx, arguments)
+    }
+}
+
+export_plugin!(ToolPolicy: on_request);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(name: &str) -> CallContext {
+        CallContext {
+            method: "tools/call".into(),
+            server: "files".into(),
+            name: Some(name.into()),
+            principal: None,
+            session_id: "s".into(),
+            profile: None,
+        }
+    }
+
+    fn denied(d: &Decision) -> bool {
+        matches!(d, Decision::Deny(_))
+    }
+
+    #[test]
+    fn first_match_wins_then_default() {
+        let p = ToolPolicy::init(
+            r#"{"rules": [
+                {"tool": "fs_*", "argument": "path", "operator": "startsWith", "value": "/etc", "action": "block", "reason": "no /etc"},
+                {"tool": "fs_*", "action": "allow"}
+            ], "default": "block"}"#,
+        )
+        .unwrap();
+        assert!(denied(
+            &p.decide(&ctx("fs_read"), r#"{"path": "/etc/passwd"}"#)
+        ));
+        assert!(!denied(
+            &p.decide(&ctx("fs_read"), r#"{"path": "/home/a"}"#)
+        ));
+        assert!(denied(&p.decide(&ctx("shell"), "{}")));
+    }
+
+    #[test]
+    fn operators() {
+        let cases = [
+            ("equal", "x", r#"{"a": "x"}"#, true),
+            ("equal", "5", r#"{"a": 5}"#, true),
+            ("notEqual", "x", r#"{"a": "y"}"#, true),
+            ("contains", "ell", r#"{"a": "hello"}"#, true),
+            ("contains", "b", r#"{"a": ["a", "b"]}"#, true),
+            ("notContains", "z", r#"{"a": "hello"}"#, true),
+            ("startsWith", "he", r#"{"a": "hello"}"#, true),
+            ("endsWith", "lo", r#"{"a": "hello"}"#, true),
+            ("regex", "^h.*o$", r#"{"a": "hello"}"#, true),
+            ("regex", "^x", r#"{"a": "hello"}"#, false),
+            ("equal", "x", r#"{"b": "x"}"#, false),
+        ];
+        for (op, value, args, expect) in cases {
+            let cfg = format!(
+                r#"{{"rules": [{{"argument": "a", "operator": "{op}", "value": "{value}", "action": "block"}}]}}"#
+            );
+            let p = ToolPolicy::init(&cfg).unwrap();
+            assert_eq!(
+                denied(&p.decide(&ctx("t"), args)),
+                expect,
+                "{op} {value} {args}"
+            );
+        }
+    }
+
+    #[test]
+    fn nested_paths() {
+        let p = ToolPolicy::init(
+            r#"{"rules": [{"argument": "/opts/mode", "operator": "equal", "value": "rw", "action": "block"},
+                          {"argument": "items.1", "operator": "equal", "value": "bad", "action": "block"}]}"#,
+        )
+        .unwrap();
+        assert!(denied(&p.decide(&ctx("t"), r#"{"opts": {"mode": "rw"}}"#)));
+        assert!(denied(&p.decide(&ctx("t"), r#"{"items": ["ok", "bad"]}"#)));
+        assert!(!denied(&p.decide(&ctx("t"), r#"{"items": ["bad"]}"#)));
+    }
+
+    #[test]
+    fn bad_config_is_an_error() {
+        assert!(ToolPolicy::init(r#"{"rules": [{"argument": "a", "action": "block"}]}"#).is_err());
+        assert!(ToolPolicy::init(
+            r#"{"rules": [{"argument": "a", "operator": "regex", "value": "(", "action": "block"}]}"#
+        )
+        .is_err());
+        assert!(ToolPolicy::init(r#"{"rulez": []}"#).is_err());
+    }
+}

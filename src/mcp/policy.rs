@@ -1,0 +1,164 @@
+//! The policy stage: runs the Wasm plugin chains (see [`crate::plugins`]) on calls, on their
+//! results and on listings, between the router and the upstream.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::mcp::session::Session;
+use crate::plugins::{CallContext, Decision, Denied, EntryKind, ListEntry, PluginSet};
+
+/// One call as the plugins see it: method, upstream, and the name the upstream knows.
+pub struct Policy {
+    set: Arc<PluginSet>,
+    method: String,
+    server: Arc<str>,
+    name: Option<String>,
+    principal: Option<Arc<str>>,
+    session_id: Arc<str>,
+}
+
+impl Policy {
+    /// The policy for a call, or `None` when no plugin is configured (the fast path).
+    pub fn for_call(
+        set: &Arc<PluginSet>,
+        session: &Session,
+        method: &str,
+        server: &Arc<str>,
+        name: Option<&str>,
+    ) -> Option<Policy> {
+        (!set.is_empty()).then(|| Policy {
+            set: set.clone(),
+            method: method.to_owned(),
+            server: server.clone(),
+            name: name.map(str::to_owned),
+            principal: session.principal.clone(),
+            session_id: session.id.clone(),
+        })
+    }
+
+    fn ctx(&self) -> CallContext<'_> {
+        CallContext {
+            method: &self.method,
+            server: &self.server,
+            name: self.name.as_deref(),
+            principal: self.principal.as_deref(),
+            session_id: &self.session_id,
+            profile: None,
+        }
+    }
+
+    /// Runs the on-request chain over the call's arguments (raw JSON).
+    pub fn on_request(&self, arguments: &str) -> Decision {
+        self.set.on_request(&self.ctx(), arguments)
+    }
+
+    /// Runs the on-response chain: `Ok(Some(new))` when a plugin rewrote the result.
+    pub fn on_response(&self, result: &[u8]) -> Result<Option<Bytes>, Denied> {
+        let text = String::from_utf8_lossy(result);
+        match self.set.on_response(&self.ctx(), &text) {
+            Decision::Allow => Ok(None),
+            Decision::Rewrite(new) => Ok(Some(Bytes::from(new))),
+            Decision::Deny(d) => Err(d),
+        }
+    }
+}
+
+/// Which entries of one upstream's listing the caller may see.
+pub fn visible(
+    set: &PluginSet,
+    session: &Session,
+    list_method: &str,
+    server: &str,
+    items: &[&RawValue],
+) -> Result<Vec<bool>, Denied> {
+    let kind = match list_method {
+        "tools/list" => EntryKind::Tool,
+        "prompts/list" => EntryKind::Prompt,
+        "resources/list" => EntryKind::Resource,
+        _ => EntryKind::ResourceTemplate,
+    };
+    let entries: Vec<ListEntry> = items.iter().map(|i| entry(kind, i)).collect();
+    let ctx = CallContext {
+        method: list_method,
+        server,
+        name: None,
+        principal: session.principal.as_deref(),
+        session_id: &session.id,
+        profile: None,
+    };
+    set.filter_list(&ctx, &entries)
+}
+
+/// A listing item as a [`ListEntry`]: its name (URI for resources), description and labels.
+///
+/// Labels come from the tool's behaviour hints (`destructive`, `read-only`, `idempotent`,
+/// `open-world` when the hint is true) and from `_meta["gatehouse/labels"]`.
+fn entry(kind: EntryKind, item: &RawValue) -> ListEntry {
+    #[derive(Deserialize, Default)]
+    struct Item<'a> {
+        name: Option<String>,
+        uri: Option<String>,
+        #[serde(rename = "uriTemplate")]
+        uri_template: Option<String>,
+        description: Option<String>,
+        #[serde(default)]
+        annotations: BTreeMap<String, serde_json::Value>,
+        #[serde(borrow, rename = "_meta")]
+        meta: Option<BTreeMap<Cow<'a, str>, &'a RawValue>>,
+    }
+    let it: Item<'_> = serde_json::from_str(item.get()).unwrap_or_default();
+    let name = match kind {
+        EntryKind::Resource => it.uri,
+        EntryKind::ResourceTemplate => it.uri_template,
+        _ => it.name,
+    };
+    let mut labels: Vec<String> = [
+        ("destructiveHint", "destructive"),
+        ("readOnlyHint", "read-only"),
+        ("idempotentHint", "idempotent"),
+        ("openWorldHint", "open-world"),
+    ]
+    .iter()
+    .filter(|(hint, _)| it.annotations.get(*hint) == Some(&serde_json::Value::Bool(true)))
+    .map(|(_, label)| (*label).to_owned())
+    .collect();
+    if let Some(extra) = it
+        .meta
+        .as_ref()
+        .and_then(|m| m.get("gatehouse/labels"))
+        .and_then(|raw| serde_json::from_str::<Vec<String>>(raw.get()).ok())
+    {
+        labels.extend(extra);
+    }
+    ListEntry {
+        kind,
+        name: name.unwrap_or_default(),
+        description: it.description,
+        labels,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_carry_hints_and_meta_labels() {
+        let raw: Box<RawValue> = serde_json::from_str(
+            r#"{"name":"rm","description":"Deletes","annotations":{"destructiveHint":true,"readOnlyHint":false},
+                "_meta":{"gatehouse/labels":["fs"]},"inputSchema":{"type":"object"}}"#,
+        )
+        .unwrap();
+        let e = entry(EntryKind::Tool, &raw);
+        assert_eq!(e.name, "rm");
+        assert_eq!(e.description.as_deref(), Some("Deletes"));
+        assert_eq!(e.labels, ["destructive", "fs"]);
+        let r: Box<RawValue> = serde_json::from_str(r#"{"uri":"file:///a","name":"a"}"#).unwrap();
+        assert_eq!(entry(EntryKind::Resource, &r).name, "file:///a");
+    }
+}

@@ -1,0 +1,146 @@
+//! Chains: which plugins run, in which order, for which requests.
+
+use super::CallContext;
+use super::config::ChainConfig;
+
+/// A glob list; empty matches anything.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Selector(Vec<String>);
+
+impl Selector {
+    pub(crate) fn new(patterns: &[String]) -> Self {
+        Selector(patterns.to_vec())
+    }
+
+    pub(crate) fn is_any(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `value` matches (an empty selector matches even `None`).
+    pub(crate) fn matches(&self, value: Option<&str>) -> bool {
+        if self.0.is_empty() {
+            return true;
+        }
+        value.is_some_and(|v| self.0.iter().any(|p| glob(p, v)))
+    }
+}
+
+/// A resolved chain: selectors and plugin indices into the set.
+#[derive(Debug, Clone)]
+pub(crate) struct Chain {
+    pub(crate) methods: Selector,
+    pub(crate) servers: Selector,
+    pub(crate) tools: Selector,
+    pub(crate) profiles: Selector,
+    pub(crate) plugins: Vec<usize>,
+}
+
+impl Chain {
+    pub(crate) fn new(cfg: &ChainConfig, index_of: impl Fn(&str) -> usize) -> Chain {
+        Chain {
+            methods: Selector::new(&cfg.methods),
+            servers: Selector::new(&cfg.servers),
+            tools: Selector::new(&cfg.tools),
+            profiles: Selector::new(&cfg.profiles),
+            plugins: cfg.plugins.iter().map(|n| index_of(n)).collect(),
+        }
+    }
+
+    /// Whether the chain applies to the request, ignoring the `tools`
+    /// selector (listings apply it per entry).
+    pub(crate) fn matches_request(&self, ctx: &CallContext<'_>) -> bool {
+        self.methods.matches(Some(ctx.method))
+            && self.servers.matches(Some(ctx.server))
+            && self.profiles.matches(ctx.profile)
+    }
+
+    /// Whether the chain applies to the request and its named target.
+    pub(crate) fn matches_call(&self, ctx: &CallContext<'_>) -> bool {
+        self.matches_request(ctx) && self.tools.matches(ctx.name)
+    }
+}
+
+/// Glob match: `*` any run of characters, `?` one character.
+pub(crate) fn glob(pattern: &str, text: &str) -> bool {
+    if !pattern.contains(['*', '?']) {
+        return pattern == text;
+    }
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || (p[pi] != '*' && p[pi] == t[ti])) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx<'a>(
+        method: &'a str,
+        name: Option<&'a str>,
+        profile: Option<&'a str>,
+    ) -> CallContext<'a> {
+        CallContext {
+            method,
+            server: "files",
+            name,
+            principal: None,
+            session_id: "s",
+            profile,
+        }
+    }
+
+    #[test]
+    fn selectors() {
+        let chain = Chain::new(
+            &ChainConfig {
+                methods: vec!["tools/*".into()],
+                servers: vec!["files".into()],
+                tools: vec!["fs_*".into()],
+                profiles: vec!["dev".into()],
+                plugins: vec!["a".into()],
+                ..Default::default()
+            },
+            |_| 0,
+        );
+        assert!(chain.matches_call(&ctx("tools/call", Some("fs_read"), Some("dev"))));
+        assert!(!chain.matches_call(&ctx("tools/call", Some("fs_read"), None)));
+        assert!(!chain.matches_call(&ctx("tools/call", Some("shell"), Some("dev"))));
+        assert!(!chain.matches_call(&ctx("prompts/get", Some("fs_read"), Some("dev"))));
+        assert!(chain.matches_request(&ctx("tools/list", None, Some("dev"))));
+        let any = Chain::new(
+            &ChainConfig {
+                plugins: vec!["a".into()],
+                ..Default::default()
+            },
+            |_| 0,
+        );
+        assert!(any.matches_call(&ctx("initialize", None, None)));
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("*", ""));
+        assert!(glob("a*c", "abbbc"));
+        assert!(glob("a?c", "abc"));
+        assert!(!glob("a?c", "abbc"));
+        assert!(glob("*x*", "abxcd"));
+        assert!(!glob("abc", "abcd"));
+    }
+}

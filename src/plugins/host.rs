@@ -1,0 +1,632 @@
+//! Host functions: what a plugin may call (WIT imports `log`, `clock`,
+//! `state`, and a locked-down WASI), and the per-store data they work on.
+//!
+//! Lifecycle (stores, instances, deadlines) lives in `instance.rs`; this
+//! file only answers the guest's calls.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::gatehouse::plugin::{clock, log, state, types};
+use super::state::{Caller, Scope, StateStore};
+
+/// Longest log line kept from a plugin, in bytes.
+const MAX_LOG_LINE: usize = 4096;
+/// Most log lines a plugin may write in one call; the rest are dropped.
+const MAX_LOG_LINES_PER_CALL: u32 = 64;
+/// How much of the guest's stdout/stderr is kept to explain a trap.
+const OUTPUT_TAIL_BYTES: usize = 2048;
+
+/// The data of one plugin instance's store.
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    /// Memory and table bounds of this store.
+    pub(crate) limits: Limits,
+    /// The plugin's name, for logs and state keys.
+    plugin: Arc<str>,
+    store: Arc<StateStore>,
+    /// The current call's session id (empty in `init`).
+    session: String,
+    /// The current call's principal.
+    principal: Option<String>,
+    log_lines: u32,
+    /// The last bytes the guest wrote to stdout/stderr (a panic message).
+    pub(crate) output: OutputTail,
+}
+
+impl HostState {
+    pub(crate) fn new(plugin: Arc<str>, store: Arc<StateStore>, memory_limit: usize) -> Self {
+        let output = OutputTail::default();
+        // No environment, arguments, files, sockets or stdin: a plugin sees
+        // only clocks and randomness from WASI. Its stdout/stderr are kept
+        // in a small tail buffer to explain traps.
+        let wasi = WasiCtx::builder()
+            .stdout(output.clone())
+            .stderr(output.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        HostState {
+            wasi,
+            table: ResourceTable::new(),
+            limits: Limits::new(memory_limit),
+            plugin,
+            store,
+            session: String::new(),
+            principal: None,
+            log_lines: 0,
+            output,
+        }
+    }
+
+    /// Sets who the next call is for (state scopes) and resets per-call counters.
+    pub(crate) fn begin_call(&mut self, session: &str, principal: Option<&str>) {
+        self.session.clear();
+        self.session.push_str(session);
+        match (principal, &mut self.principal) {
+            (Some(p), Some(current)) => {
+                current.clear();
+                current.push_str(p);
+            }
+            (p, current) => *current = p.map(str::to_string),
+        }
+        self.log_lines = 0;
+        self.limits.denied_memory = None;
+        self.output.clear();
+    }
+
+    fn caller(&self) -> Caller<'_> {
+        Caller {
+            session: &self.session,
+            principal: self.principal.as_deref(),
+        }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// The store's resource limiter: caps linear memory at the plugin's limit
+/// and remembers a refusal, so a trap that follows is reported as "memory
+/// limit exceeded" rather than as a bare trap.
+pub(crate) struct Limits {
+    memory_limit: usize,
+    /// The size a refused `memory.grow` asked for, in this call.
+    pub(crate) denied_memory: Option<usize>,
+}
+
+/// Most table elements a plugin may have (function references).
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl Limits {
+    fn new(memory_limit: usize) -> Self {
+        Limits {
+            memory_limit,
+            denied_memory: None,
+        }
+    }
+}
+
+impl wasmtime::ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_limit {
+            self.denied_memory = Some(desired);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        256
+    }
+
+    fn memories(&self) -> usize {
+        16
+    }
+
+    fn tables(&self) -> usize {
+        64
+    }
+}
+
+// ---- gatehouse:plugin imports ----
+
+impl types::Host for HostState {}
+
+impl log::Host for HostState {
+    fn log(&mut self, level: log::Level, message: String) {
+        if self.log_lines >= MAX_LOG_LINES_PER_CALL {
+            return;
+        }
+        self.log_lines += 1;
+        let message = truncate(&message, MAX_LOG_LINE);
+        let plugin = &*self.plugin;
+        match level {
+            log::Level::Trace => tracing::trace!(target: "gatehouse::plugin", plugin, "{message}"),
+            log::Level::Debug => tracing::debug!(target: "gatehouse::plugin", plugin, "{message}"),
+            log::Level::Info => tracing::info!(target: "gatehouse::plugin", plugin, "{message}"),
+            log::Level::Warn => tracing::warn!(target: "gatehouse::plugin", plugin, "{message}"),
+            log::Level::Error => tracing::error!(target: "gatehouse::plugin", plugin, "{message}"),
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+impl clock::Host for HostState {
+    fn now_ms(&mut self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    fn monotonic_ns(&mut self) -> u64 {
+        static START: OnceLock<Instant> = OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
+}
+
+fn scope(s: state::Scope) -> Scope {
+    match s {
+        state::Scope::Session => Scope::Session,
+        state::Scope::Principal => Scope::Principal,
+        state::Scope::Global => Scope::Global,
+    }
+}
+
+impl state::Host for HostState {
+    fn get(&mut self, s: state::Scope, key: String) -> Option<String> {
+        self.store.get(&self.plugin, scope(s), self.caller(), &key)
+    }
+
+    fn set(
+        &mut self,
+        s: state::Scope,
+        key: String,
+        value: String,
+        ttl_ms: Option<u64>,
+    ) -> Result<(), String> {
+        self.store
+            .set(
+                &self.plugin,
+                scope(s),
+                self.caller(),
+                &key,
+                value,
+                ttl_ms.map(Duration::from_millis),
+            )
+            .map_err(|e| e.to_string())
+    }
+
+    fn remove(&mut self, s: state::Scope, key: String) {
+        self.store
+            .remove(&self.plugin, scope(s), self.caller(), &key)
+    }
+
+    fn incr(
+        &mut self,
+        s: state::Scope,
+        key: String,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    ) -> Result<i64, String> {
+        self.store
+            .incr(
+                &self.plugin,
+                scope(s),
+                self.caller(),
+                &key,
+                delta,
+                ttl_ms.map(Duration::from_millis),
+            )
+            .map_err(|e| e.to_string())
+    }
+}
+
+// ---- guest stdout/stderr ----
+
+/// Keeps the last [`OUTPUT_TAIL_BYTES`] a guest wrote to stdout or stderr;
+/// writing never fails, so a chatty guest cannot trap itself this way.
+#[derive(Clone, Default)]
+pub(crate) struct OutputTail(Arc<Mutex<Vec<u8>>>);
+
+impl OutputTail {
+    fn push(&self, bytes: &[u8]) {
+        let mut buf = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        buf.extend_from_slice(bytes);
+        if buf.len() > OUTPUT_TAIL_BYTES {
+            let cut = buf.len() - OUTPUT_TAIL_BYTES;
+            buf.drain(..cut);
+        }
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// The last few non-empty lines written, if any (a panic message or a
+    /// Python traceback, usually), joined with ` | `.
+    pub(crate) fn last_lines(&self) -> Option<String> {
+        let buf = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let text = String::from_utf8_lossy(&buf);
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        if lines.is_empty() {
+            return None;
+        }
+        let from = lines.len().saturating_sub(8);
+        Some(lines[from..].join(" | "))
+    }
+}
+
+impl IsTerminal for OutputTail {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for OutputTail {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for OutputTail {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for OutputTail {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(64 * 1024)
+    }
+}
+
+impl tokio::io::AsyncWrite for OutputTail {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.push(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+// ---- WASI streams and poll without a runtime ----
+//
+// wasmtime-wasi's synchronous bindings run the blocking stream and poll
+// functions through a tokio `block_on`, which panics when the caller is
+// itself a tokio task — and the gateway calls hooks from tokio tasks. A
+// plugin's only streams are the in-memory stdout/stderr tail above and an
+// empty stdin, which never need to wait, so these replacements (linked over
+// the originals) do the same work synchronously. Waiting on a pollable
+// (a sleep) is refused with a trap: a hook has a few milliseconds at most.
+
+use wasmtime_wasi::p2::bindings::sockets;
+use wasmtime_wasi::p2::bindings::sync;
+use wasmtime_wasi::p2::bindings::sync::io::{poll as sync_poll, streams as sync_streams};
+use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, DynPollable};
+
+/// Links the WASI a plugin may use: clocks, randomness, environment (empty),
+/// exit, stdio (the tail buffer), filesystem types and preopens (none),
+/// sockets (all uses denied), and streams/poll/error from the replacements
+/// below.
+pub(crate) fn add_wasi_to_linker(
+    l: &mut wasmtime::component::Linker<HostState>,
+) -> wasmtime::Result<()> {
+    use wasmtime_wasi::cli::{WasiCli, WasiCliView};
+    use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
+    use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView};
+    use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, io, random, sockets};
+    use wasmtime_wasi::random::WasiRandom;
+    use wasmtime_wasi::sockets::{WasiSockets, WasiSocketsView};
+
+    clocks::wall_clock::add_to_linker::<_, WasiClocks>(l, HostState::clocks)?;
+    clocks::monotonic_clock::add_to_linker::<_, WasiClocks>(l, HostState::clocks)?;
+    random::random::add_to_linker::<_, WasiRandom>(l, |s| s.wasi.random())?;
+    random::insecure::add_to_linker::<_, WasiRandom>(l, |s| s.wasi.random())?;
+    random::insecure_seed::add_to_linker::<_, WasiRandom>(l, |s| s.wasi.random())?;
+    cli::exit::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
+    cli::environment::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
+    cli::stdin::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
+    cli::stdout::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
+    cli::stderr::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
+    cli::terminal_input::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
+    cli::terminal_output::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
+    cli::terminal_stdin::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
+    cli::terminal_stdout::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
+    cli::terminal_stderr::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
+    filesystem::preopens::add_to_linker::<_, WasiFilesystem>(l, HostState::filesystem)?;
+    sync::filesystem::types::add_to_linker::<_, WasiFilesystem>(l, HostState::filesystem)?;
+    io::error::add_to_linker::<_, Table>(l, |s| &mut s.table)?;
+    sync_streams::add_to_linker::<_, SyncIo>(l, HostState::sync_io)?;
+    sync_poll::add_to_linker::<_, SyncIo>(l, HostState::sync_io)?;
+    // Sockets are linked (components built from Python import them) but the
+    // context allows no network use, so no socket can be created; the one
+    // entry point that would reach a tokio runtime first is replaced.
+    sockets::tcp_create_socket::add_to_linker::<_, WasiSockets>(l, HostState::sockets)?;
+    sockets::instance_network::add_to_linker::<_, WasiSockets>(l, HostState::sockets)?;
+    sockets::network::add_to_linker::<_, WasiSockets>(l, &Default::default(), HostState::sockets)?;
+    sockets::ip_name_lookup::add_to_linker::<_, WasiSockets>(l, HostState::sockets)?;
+    sync::sockets::tcp::add_to_linker::<_, WasiSockets>(l, HostState::sockets)?;
+    sync::sockets::udp::add_to_linker::<_, WasiSockets>(l, HostState::sockets)?;
+    sync::sockets::udp_create_socket::add_to_linker::<_, SyncIo>(l, HostState::sync_io)?;
+    Ok(())
+}
+
+impl sockets::network::Host for SyncIoView<'_> {
+    fn convert_error_code(
+        &mut self,
+        error: wasmtime_wasi::p2::SocketError,
+    ) -> wasmtime::Result<sockets::network::ErrorCode> {
+        error.downcast()
+    }
+
+    fn network_error_code(
+        &mut self,
+        _err: Res<wasmtime_wasi::p2::bindings::io::error::Error>,
+    ) -> wasmtime::Result<Option<sockets::network::ErrorCode>> {
+        Ok(None)
+    }
+}
+
+impl sockets::network::HostNetwork for SyncIoView<'_> {
+    fn drop(&mut self, this: Res<sockets::network::Network>) -> wasmtime::Result<()> {
+        self.0.delete(this)?;
+        Ok(())
+    }
+}
+
+impl sync::sockets::udp_create_socket::Host for SyncIoView<'_> {
+    fn create_udp_socket(
+        &mut self,
+        _family: sync::sockets::udp::IpAddressFamily,
+    ) -> wasmtime_wasi::p2::SocketResult<Res<wasmtime_wasi::p2::UdpSocket>> {
+        Err(sockets::network::ErrorCode::AccessDenied.into())
+    }
+}
+
+/// `HasData` projecting the store data to its resource table.
+struct Table;
+
+impl wasmtime::component::HasData for Table {
+    type Data<'a> = &'a mut ResourceTable;
+}
+
+/// The largest write `blocking-write-and-flush` accepts (per WASI).
+const MAX_BLOCKING_WRITE: usize = 4096;
+
+/// `HasData` for the stream/poll replacements.
+pub(crate) struct SyncIo;
+
+impl wasmtime::component::HasData for SyncIo {
+    type Data<'a> = SyncIoView<'a>;
+}
+
+/// The resource table, seen by the stream/poll replacements.
+pub(crate) struct SyncIoView<'a>(&'a mut ResourceTable);
+
+impl HostState {
+    pub(crate) fn sync_io(&mut self) -> SyncIoView<'_> {
+        SyncIoView(&mut self.table)
+    }
+}
+
+type Res<T> = wasmtime::component::Resource<T>;
+
+fn table_error(e: wasmtime::component::ResourceTableError) -> StreamError {
+    StreamError::Trap(e.into())
+}
+
+impl sync_streams::Host for SyncIoView<'_> {
+    fn convert_stream_error(
+        &mut self,
+        err: StreamError,
+    ) -> wasmtime::Result<sync_streams::StreamError> {
+        sync_streams::Host::convert_stream_error(self.0, err)
+    }
+}
+
+impl sync_streams::HostOutputStream for SyncIoView<'_> {
+    fn drop(&mut self, stream: Res<DynOutputStream>) -> wasmtime::Result<()> {
+        self.0.delete(stream)?;
+        Ok(())
+    }
+
+    fn check_write(&mut self, stream: Res<DynOutputStream>) -> StreamResult<u64> {
+        sync_streams::HostOutputStream::check_write(self.0, stream)
+    }
+
+    fn write(&mut self, stream: Res<DynOutputStream>, bytes: Vec<u8>) -> StreamResult<()> {
+        sync_streams::HostOutputStream::write(self.0, stream, bytes)
+    }
+
+    fn blocking_write_and_flush(
+        &mut self,
+        stream: Res<DynOutputStream>,
+        bytes: Vec<u8>,
+    ) -> StreamResult<()> {
+        if bytes.len() > MAX_BLOCKING_WRITE {
+            return Err(StreamError::Trap(wasmtime::Error::msg(
+                "buffer too large for blocking-write-and-flush (at most 4096 bytes)",
+            )));
+        }
+        let s = self.0.get_mut(&stream).map_err(table_error)?;
+        let mut bytes = Bytes::from(bytes);
+        while !bytes.is_empty() {
+            let permit = s.check_write()?;
+            if permit == 0 {
+                return Err(StreamError::Trap(wasmtime::Error::msg(
+                    "plugins may not wait on a stream",
+                )));
+            }
+            s.write(bytes.split_to(permit.min(bytes.len())))?;
+        }
+        s.flush()
+    }
+
+    fn flush(&mut self, stream: Res<DynOutputStream>) -> StreamResult<()> {
+        sync_streams::HostOutputStream::flush(self.0, stream)
+    }
+
+    fn blocking_flush(&mut self, stream: Res<DynOutputStream>) -> StreamResult<()> {
+        self.0.get_mut(&stream).map_err(table_error)?.flush()
+    }
+
+    fn subscribe(&mut self, stream: Res<DynOutputStream>) -> wasmtime::Result<Res<DynPollable>> {
+        sync_streams::HostOutputStream::subscribe(self.0, stream)
+    }
+
+    fn write_zeroes(&mut self, stream: Res<DynOutputStream>, len: u64) -> StreamResult<()> {
+        sync_streams::HostOutputStream::write_zeroes(self.0, stream, len)
+    }
+
+    fn blocking_write_zeroes_and_flush(
+        &mut self,
+        stream: Res<DynOutputStream>,
+        len: u64,
+    ) -> StreamResult<()> {
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        if len > MAX_BLOCKING_WRITE {
+            return Err(StreamError::Trap(wasmtime::Error::msg(
+                "too many zeroes for blocking-write-zeroes-and-flush (at most 4096)",
+            )));
+        }
+        self.blocking_write_and_flush(stream, vec![0; len])
+    }
+
+    fn splice(
+        &mut self,
+        dst: Res<DynOutputStream>,
+        src: Res<DynInputStream>,
+        len: u64,
+    ) -> StreamResult<u64> {
+        sync_streams::HostOutputStream::splice(self.0, dst, src, len)
+    }
+
+    fn blocking_splice(
+        &mut self,
+        dst: Res<DynOutputStream>,
+        src: Res<DynInputStream>,
+        len: u64,
+    ) -> StreamResult<u64> {
+        sync_streams::HostOutputStream::splice(self.0, dst, src, len)
+    }
+}
+
+impl sync_streams::HostInputStream for SyncIoView<'_> {
+    fn drop(&mut self, stream: Res<DynInputStream>) -> wasmtime::Result<()> {
+        self.0.delete(stream)?;
+        Ok(())
+    }
+
+    fn read(&mut self, stream: Res<DynInputStream>, len: u64) -> StreamResult<Vec<u8>> {
+        sync_streams::HostInputStream::read(self.0, stream, len)
+    }
+
+    // stdin is empty: a read answers at once (closed).
+    fn blocking_read(&mut self, stream: Res<DynInputStream>, len: u64) -> StreamResult<Vec<u8>> {
+        sync_streams::HostInputStream::read(self.0, stream, len)
+    }
+
+    fn skip(&mut self, stream: Res<DynInputStream>, len: u64) -> StreamResult<u64> {
+        sync_streams::HostInputStream::skip(self.0, stream, len)
+    }
+
+    fn blocking_skip(&mut self, stream: Res<DynInputStream>, len: u64) -> StreamResult<u64> {
+        sync_streams::HostInputStream::skip(self.0, stream, len)
+    }
+
+    fn subscribe(&mut self, stream: Res<DynInputStream>) -> wasmtime::Result<Res<DynPollable>> {
+        sync_streams::HostInputStream::subscribe(self.0, stream)
+    }
+}
+
+fn no_waiting() -> wasmtime::Error {
+    wasmtime::Error::msg("plugins may not block (wasi:io/poll): hooks must answer at once")
+}
+
+impl sync_poll::Host for SyncIoView<'_> {
+    fn poll(&mut self, _pollables: Vec<Res<DynPollable>>) -> wasmtime::Result<Vec<u32>> {
+        Err(no_waiting())
+    }
+}
+
+impl sync_poll::HostPollable for SyncIoView<'_> {
+    fn ready(&mut self, _pollable: Res<DynPollable>) -> wasmtime::Result<bool> {
+        Err(no_waiting())
+    }
+
+    fn block(&mut self, _pollable: Res<DynPollable>) -> wasmtime::Result<()> {
+        Err(no_waiting())
+    }
+
+    fn drop(&mut self, pollable: Res<DynPollable>) -> wasmtime::Result<()> {
+        sync_poll::HostPollable::drop(self.0, pollable)
+    }
+}

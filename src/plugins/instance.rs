@@ -1,0 +1,303 @@
+//! Plugin lifecycle: compile once, link once (`InstancePre`), keep warm
+//! instances for reuse, and run each hook call under a deadline and a
+//! memory limit. A call that fails drops its instance; the next call gets a
+//! fresh one.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use crossbeam_queue::ArrayQueue;
+use wasmtime::Store;
+use wasmtime::component::Component;
+
+use super::bindings::{self, HookSet};
+use super::config::PluginConfig;
+use super::engine::{Runtime, ticks};
+use super::error::{Fault, PluginError};
+use super::host::HostState;
+use super::metrics::PluginMetrics;
+use super::state::StateStore;
+
+/// The hooks a plugin implements (answered by its `init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Hooks {
+    /// `on-request`.
+    pub on_request: bool,
+    /// `on-response`.
+    pub on_response: bool,
+    /// `filter-list`.
+    pub filter_list: bool,
+}
+
+impl From<HookSet> for Hooks {
+    fn from(h: HookSet) -> Self {
+        Hooks {
+            on_request: h.contains(HookSet::ON_REQUEST),
+            on_response: h.contains(HookSet::ON_RESPONSE),
+            filter_list: h.contains(HookSet::FILTER_LIST),
+        }
+    }
+}
+
+/// Identity of a plugin file, to notice replacement cheaply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    pub(crate) modified: Option<SystemTime>,
+    pub(crate) len: u64,
+}
+
+impl FileStamp {
+    pub(crate) fn of(path: &std::path::Path) -> std::io::Result<FileStamp> {
+        let meta = std::fs::metadata(path)?;
+        Ok(FileStamp {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+        })
+    }
+}
+
+/// One warm instance.
+struct Warm {
+    store: Store<HostState>,
+    plugin: bindings::Plugin,
+    calls: u32,
+}
+
+/// A loaded plugin: compiled, linked, validated by one `init`.
+pub(crate) struct LoadedPlugin {
+    pub(crate) name: Arc<str>,
+    pub(crate) cfg: PluginConfig,
+    pub(crate) hooks: Hooks,
+    pub(crate) sha256: String,
+    pub(crate) stamp: Option<FileStamp>,
+    config_json: String,
+    deadline_ticks: u64,
+    init_ticks: u64,
+    pre: bindings::PluginPre<HostState>,
+    warm: ArrayQueue<Warm>,
+    state: Arc<StateStore>,
+    pub(crate) metrics: Arc<PluginMetrics>,
+    runtime: &'static Runtime,
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("name", &self.name)
+            .field("hooks", &self.hooks)
+            .field("sha256", &self.sha256)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadedPlugin {
+    /// Compiles and links the plugin, then creates its first instance
+    /// (running `init`), which is kept warm.
+    pub(crate) fn from_bytes(
+        runtime: &'static Runtime,
+        cfg: &PluginConfig,
+        bytes: &[u8],
+        stamp: Option<FileStamp>,
+        state: Arc<StateStore>,
+        metrics: Arc<PluginMetrics>,
+    ) -> Result<LoadedPlugin, PluginError> {
+        let sha256 = super::engine::sha256_hex(bytes);
+        let component = runtime
+            .compile(bytes)
+            .map_err(|message| PluginError::Compile {
+                plugin: cfg.name.clone(),
+                path: cfg.path.clone(),
+                message,
+            })?;
+        let pre = link(runtime, &component).map_err(|message| PluginError::Interface {
+            plugin: cfg.name.clone(),
+            message,
+        })?;
+        let mut plugin = LoadedPlugin {
+            name: cfg.name.as_str().into(),
+            cfg: cfg.clone(),
+            hooks: Hooks::default(),
+            sha256,
+            stamp,
+            config_json: cfg.config.to_string(),
+            deadline_ticks: ticks(cfg.deadline),
+            init_ticks: ticks(cfg.init_deadline),
+            pre,
+            warm: ArrayQueue::new(cfg.max_warm.max(1)),
+            state,
+            metrics,
+            runtime,
+        };
+        let (warm, hooks) = plugin.instantiate().map_err(|fault| PluginError::Init {
+            plugin: cfg.name.clone(),
+            fault,
+        })?;
+        plugin.hooks = hooks;
+        let _ = plugin.warm.push(warm);
+        Ok(plugin)
+    }
+
+    /// A fresh instance with `init` run, under the init deadline.
+    fn instantiate(&self) -> Result<(Warm, Hooks), Fault> {
+        let mut store = Store::new(
+            &self.runtime.engine,
+            HostState::new(
+                self.name.clone(),
+                self.state.clone(),
+                self.cfg.memory_limit.0 as usize,
+            ),
+        );
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.init_ticks);
+        store.data_mut().begin_call("", None);
+        self.metrics.instances.fetch_add(1, Ordering::Relaxed);
+        let plugin = match guard(|| self.pre.instantiate(&mut store))? {
+            Ok(p) => p,
+            Err(e) => return Err(classify(e, &store, Phase::Instantiate, &self.cfg)),
+        };
+        let init = guard(|| {
+            plugin
+                .gatehouse_plugin_hooks()
+                .call_init(&mut store, &self.config_json)
+        })?;
+        let hooks = match init {
+            Ok(Ok(set)) => Hooks::from(set),
+            Ok(Err(message)) => return Err(Fault::InitRejected(message)),
+            Err(e) => return Err(classify(e, &store, Phase::Init, &self.cfg)),
+        };
+        Ok((
+            Warm {
+                store,
+                plugin,
+                calls: 0,
+            },
+            hooks,
+        ))
+    }
+
+    /// Runs one hook call on a warm instance (or a fresh one), under the
+    /// call deadline. A failed call drops its instance.
+    pub(crate) fn call<R>(
+        &self,
+        session: &str,
+        principal: Option<&str>,
+        f: impl FnOnce(
+            &mut Store<HostState>,
+            &bindings::exports::gatehouse::plugin::hooks::Guest,
+        ) -> wasmtime::Result<R>,
+    ) -> Result<R, Fault> {
+        let mut warm = match self.warm.pop() {
+            Some(w) => w,
+            None => self.instantiate()?.0,
+        };
+        warm.store.data_mut().begin_call(session, principal);
+        warm.store.set_epoch_deadline(self.deadline_ticks);
+        let result = guard(|| f(&mut warm.store, warm.plugin.gatehouse_plugin_hooks()))?;
+        match result {
+            Ok(out) => {
+                warm.calls += 1;
+                if warm.calls < self.cfg.recycle_after {
+                    // A full queue drops the instance, freeing its slot.
+                    let _ = self.warm.push(warm);
+                }
+                Ok(out)
+            }
+            Err(e) => Err(classify(e, &warm.store, Phase::Call, &self.cfg)),
+        }
+    }
+
+    /// Instances kept warm right now.
+    pub(crate) fn warm_instances(&self) -> usize {
+        self.warm.len()
+    }
+
+    /// Whether this plugin can stand in for `cfg` unchanged (same file
+    /// contents, same settings).
+    pub(crate) fn same_as(&self, cfg: &PluginConfig, sha256: &str) -> bool {
+        self.cfg == *cfg && self.sha256 == sha256
+    }
+
+    pub(crate) fn path(&self) -> &PathBuf {
+        &self.cfg.path
+    }
+}
+
+/// Links the component against the host (WASI + gatehouse imports) and
+/// checks its exports against the `hooks` interface.
+pub(crate) fn link(
+    runtime: &Runtime,
+    component: &Component,
+) -> Result<bindings::PluginPre<HostState>, String> {
+    let instance_pre = runtime
+        .linker
+        .instantiate_pre(component)
+        .map_err(|e| format!("{e:#}"))?;
+    bindings::PluginPre::new(instance_pre).map_err(|e| format!("{e:#}"))
+}
+
+/// Runs `f`, turning a panic in a host function it reached into a fault
+/// of this call (the instance involved is dropped by the caller's `?`).
+/// Host functions are written not to panic; this keeps a bug in one of them
+/// (or in a library beneath) from unwinding into the request path.
+fn guard<R>(f: impl FnOnce() -> R) -> Result<R, Fault> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Fault::Trap(format!("host function panicked: {what}"))
+    })
+}
+
+/// What the guest was doing when an error came back.
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    /// Instantiation (start functions, memory and table setup).
+    Instantiate,
+    /// `init`.
+    Init,
+    /// A hook call.
+    Call,
+}
+
+/// Turns a wasmtime error into a [`Fault`]: the limiter's record first
+/// (a refused `memory.grow` usually ends in a trap), then the trap code;
+/// errors that are not traps are, during a call, answers the host could not
+/// lift (bad UTF-8, bad discriminants, out-of-bounds lists) and, during
+/// instantiation, resource exhaustion (pool slots).
+fn classify(
+    err: wasmtime::Error,
+    store: &Store<HostState>,
+    phase: Phase,
+    cfg: &PluginConfig,
+) -> Fault {
+    let state = store.data();
+    if let Some(asked) = state.limits.denied_memory {
+        return Fault::Memory {
+            limit: cfg.memory_limit.0 as usize,
+            asked,
+        };
+    }
+    match err.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => Fault::Deadline(match phase {
+            Phase::Call => cfg.deadline,
+            Phase::Instantiate | Phase::Init => cfg.init_deadline,
+        }),
+        Some(trap) => {
+            let mut message = trap.to_string();
+            if let Some(output) = state.output.last_lines() {
+                message.push_str(": ");
+                message.push_str(&output);
+            }
+            Fault::Trap(message)
+        }
+        None => match phase {
+            Phase::Call | Phase::Init => Fault::Malformed(format!("{err:#}")),
+            Phase::Instantiate => Fault::Unavailable(format!("{err:#}")),
+        },
+    }
+}

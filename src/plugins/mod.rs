@@ -1,0 +1,582 @@
+//! Wasm plugins on the request path: security policies and list filters as
+//! sandboxed WebAssembly components (WIT package `gatehouse:plugin` in `wit/`).
+//!
+//! # Using it from the gateway
+//!
+//! ```ignore
+//! let plugins = Plugins::load(&config.plugins)?;      // compile, link, init every plugin
+//! let _watch = plugins.watch();                       // hot reload on file change
+//!
+//! // per request (sync, a few µs per plugin):
+//! let set = plugins.current();
+//! if !set.is_empty() {
+//!     let ctx = CallContext { method: "tools/call", server: "files", name: Some("fs_read"),
+//!                             principal: Some("alice"), session_id: &sid, profile: None };
+//!     match set.on_request(&ctx, arguments_json) {
+//!         Decision::Allow => forward(arguments_json),
+//!         Decision::Rewrite(new_args) => forward(&new_args),
+//!         Decision::Deny(denied) => reply_error(denied.code, denied.to_string()),
+//!     }
+//!     // on the way back: set.on_response(&ctx, result_json) → the same three outcomes
+//!     // on tools/list and friends: set.filter_list(&ctx, &entries)? → keep entries[i] where true
+//! }
+//! // when a session ends: set.end_session(&sid)
+//! ```
+//!
+//! * [`PluginSet`] is immutable: loaded plugins plus chains. [`Plugins`]
+//!   holds the current set behind an atomic pointer ([`arc_swap`]) and swaps
+//!   in a new one on reload; calls in flight finish on the set they started on.
+//! * Chains ([`ChainConfig`]) select plugins by method, server, tool and
+//!   profile. All matching chains run, in config order; a plugin runs at most
+//!   once per hook. A deny stops the chain; a rewrite feeds the next plugin.
+//! * A call to a tool, prompt or resource (`tools/call`, `prompts/get`,
+//!   `resources/read`) first asks the filter-list plugins of the matching
+//!   listing (`tools/list`, ...) about that one entry: a hidden entry cannot
+//!   be called.
+//! * A plugin that traps, runs past its deadline, exceeds its memory limit or
+//!   answers malformed output fails only that call: the request is denied
+//!   with [`PLUGIN_FAILED`] (or, with `fail_open`, the plugin is skipped).
+//!   The instance is dropped and the next call gets a fresh one.
+//! * Hook calls are synchronous and bounded by the plugin's deadline
+//!   (default 100 ms); a healthy call takes a few microseconds on a warm
+//!   instance. Instances are reused (up to `max_warm` idle per plugin) and
+//!   recycled after `recycle_after` calls.
+//!
+//! Module map: `config` (serde types and validation), `engine` (the shared
+//! wasmtime engine, pooling allocator, epoch ticker, compile cache),
+//! `instance` (lifecycle: link, instantiate, warm pool, deadlines, fault
+//! classification), `host` (host functions: log, clock, state, WASI view),
+//! `state` (the host's key/value store), `chain` (selectors), `reload`
+//! (swapping and the file watcher), `check` (`gatehouse plugin check`).
+
+mod bindings;
+mod chain;
+mod check;
+mod config;
+mod engine;
+mod error;
+mod host;
+mod instance;
+mod metrics;
+mod reload;
+mod state;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use dashmap::DashMap;
+
+pub use check::check;
+pub use config::{ByteSize, ChainConfig, EngineConfig, PluginConfig, PluginsConfig};
+pub use error::{Fault, FaultKind, PluginError};
+pub use instance::Hooks;
+pub use metrics::{MetricsSnapshot, PluginMetrics};
+pub use reload::{Plugins, Watcher};
+pub use state::{Scope, StateError, StateStore};
+
+use chain::Chain;
+use instance::LoadedPlugin;
+
+/// (hits, misses) of the on-disk compile cache in this process.
+pub fn compile_cache_stats() -> (usize, usize) {
+    engine::cache_stats()
+}
+
+/// JSON-RPC error code of a policy denial (unless the plugin chose one).
+pub const POLICY_DENIED: i64 = -32020;
+/// JSON-RPC error code of a request denied because a plugin failed.
+pub const PLUGIN_FAILED: i64 = -32021;
+
+/// The request a hook runs for.
+#[derive(Debug, Clone, Copy)]
+pub struct CallContext<'a> {
+    /// JSON-RPC method (`tools/call`, `tools/list`, `resources/read`, ...).
+    pub method: &'a str,
+    /// The upstream server (empty when a listing fans out to several).
+    pub server: &'a str,
+    /// Tool or prompt name as the upstream knows it, or the resource URI.
+    pub name: Option<&'a str>,
+    /// The authenticated principal.
+    pub principal: Option<&'a str>,
+    /// The gateway session id.
+    pub session_id: &'a str,
+    /// The gateway profile.
+    pub profile: Option<&'a str>,
+}
+
+/// What a list entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A tool.
+    Tool,
+    /// A prompt.
+    Prompt,
+    /// A resource (name: its URI).
+    Resource,
+    /// A resource template (name: its URI template).
+    ResourceTemplate,
+    /// A server entry of a registry listing.
+    Server,
+}
+
+/// One entry of a listing, as filter-list plugins see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    /// What it is.
+    pub kind: EntryKind,
+    /// Tool/prompt name, resource URI, or registry server name.
+    pub name: String,
+    /// Its description, if any.
+    pub description: Option<String>,
+    /// Labels (annotations, tags).
+    pub labels: Vec<String>,
+}
+
+/// What the plugin chain decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Go on unchanged.
+    Allow,
+    /// Refuse the request (or the response).
+    Deny(Denied),
+    /// Go on with this JSON text instead (new arguments or new result).
+    Rewrite(String),
+}
+
+/// A refusal, naming the plugin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("denied by plugin {plugin}: {message}")]
+pub struct Denied {
+    /// The plugin that refused (or failed).
+    pub plugin: Arc<str>,
+    /// JSON-RPC error code: the plugin's own, [`POLICY_DENIED`], or
+    /// [`PLUGIN_FAILED`].
+    pub code: i64,
+    /// The reason.
+    pub message: String,
+    /// Set when the denial comes from a plugin failure, not a decision.
+    pub fault: Option<FaultKind>,
+}
+
+/// Which hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    Request,
+    Response,
+}
+
+/// State and counters that outlive a [`PluginSet`] across reloads.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    pub(crate) state: Arc<StateStore>,
+    metrics: DashMap<String, Arc<PluginMetrics>>,
+}
+
+impl Shared {
+    fn metrics_for(&self, name: &str) -> Arc<PluginMetrics> {
+        self.metrics.entry(name.to_string()).or_default().clone()
+    }
+}
+
+/// Loaded plugins and the chains that use them. Immutable; replace it as a
+/// whole (see [`Plugins`]).
+#[derive(Debug)]
+pub struct PluginSet {
+    plugins: Vec<Arc<LoadedPlugin>>,
+    chains: Vec<Chain>,
+    shared: Arc<Shared>,
+    config: PluginsConfig,
+}
+
+impl PluginSet {
+    /// Validates the config, then compiles, links and initialises every
+    /// plugin (compiled code comes from the on-disk cache when possible).
+    pub fn load(cfg: &PluginsConfig) -> Result<Arc<PluginSet>, PluginError> {
+        Self::build(cfg, Arc::default(), None).map(Arc::new)
+    }
+
+    /// A set with no plugins: every hook allows.
+    pub fn empty() -> Arc<PluginSet> {
+        Arc::new(PluginSet {
+            plugins: Vec::new(),
+            chains: Vec::new(),
+            shared: Arc::default(),
+            config: PluginsConfig::default(),
+        })
+    }
+
+    /// Builds a set, reusing plugins of `previous` whose file and settings
+    /// are unchanged (they keep their warm instances).
+    pub(crate) fn build(
+        cfg: &PluginsConfig,
+        shared: Arc<Shared>,
+        previous: Option<&PluginSet>,
+    ) -> Result<PluginSet, PluginError> {
+        cfg.validate()?;
+        let mut plugins = Vec::with_capacity(cfg.modules.len());
+        if !cfg.modules.is_empty() {
+            let runtime = engine::runtime(&cfg.engine)?;
+            for p in &cfg.modules {
+                let stamp = instance::FileStamp::of(&p.path).ok();
+                let bytes = std::fs::read(&p.path).map_err(|source| PluginError::Read {
+                    plugin: p.name.clone(),
+                    path: p.path.clone(),
+                    source,
+                })?;
+                let sha = engine::sha256_hex(&bytes);
+                let reused = previous.and_then(|prev| {
+                    prev.plugins
+                        .iter()
+                        .find(|old| old.same_as(p, &sha))
+                        .cloned()
+                });
+                let plugin = match reused {
+                    Some(old) => old,
+                    None => {
+                        let loaded = LoadedPlugin::from_bytes(
+                            runtime,
+                            p,
+                            &bytes,
+                            stamp,
+                            shared.state.clone(),
+                            shared.metrics_for(&p.name),
+                        )?;
+                        tracing::info!(
+                            plugin = %p.name,
+                            path = %p.path.display(),
+                            sha256 = %loaded.sha256,
+                            hooks = ?loaded.hooks,
+                            "plugin loaded"
+                        );
+                        Arc::new(loaded)
+                    }
+                };
+                plugins.push(plugin);
+            }
+        }
+        let index_of = |name: &str| {
+            cfg.modules
+                .iter()
+                .position(|p| p.name == name)
+                .expect("validated: chains name known plugins")
+        };
+        let chains = cfg.chains.iter().map(|c| Chain::new(c, index_of)).collect();
+        Ok(PluginSet {
+            plugins,
+            chains,
+            shared,
+            config: cfg.clone(),
+        })
+    }
+
+    /// True when no chain is configured: every hook allows (the fast path).
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty() || self.plugins.is_empty()
+    }
+
+    /// The config this set was built from.
+    pub fn config(&self) -> &PluginsConfig {
+        &self.config
+    }
+
+    /// The hooks each plugin implements, by name.
+    pub fn plugins(&self) -> Vec<(String, Hooks)> {
+        self.plugins
+            .iter()
+            .map(|p| (p.name.to_string(), p.hooks))
+            .collect()
+    }
+
+    /// Counters per plugin name (they survive reloads).
+    pub fn metrics(&self) -> Vec<(String, MetricsSnapshot)> {
+        let mut out: Vec<_> = self
+            .shared
+            .metrics
+            .iter()
+            .map(|e| (e.key().clone(), e.value().snapshot()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Idle warm instances of a plugin (for tests and introspection).
+    pub fn warm_instances(&self, plugin: &str) -> Option<usize> {
+        self.plugins
+            .iter()
+            .find(|p| &*p.name == plugin)
+            .map(|p| p.warm_instances())
+    }
+
+    /// The host state store (per-session key/value state of plugins).
+    pub fn state(&self) -> &Arc<StateStore> {
+        &self.shared.state
+    }
+
+    /// Drops the plugins' state for a session; call when it ends.
+    pub fn end_session(&self, session_id: &str) {
+        self.shared.state.end_session(session_id);
+    }
+
+    /// Runs the on-request chain. For a call to a tool, prompt or resource,
+    /// first checks that the filter-list plugins let the caller see it.
+    pub fn on_request(&self, ctx: &CallContext<'_>, arguments_json: &str) -> Decision {
+        if self.is_empty() {
+            return Decision::Allow;
+        }
+        if let Some(denied) = self.check_visible(ctx) {
+            return Decision::Deny(denied);
+        }
+        self.run_chain(Hook::Request, ctx, arguments_json)
+    }
+
+    /// Runs the on-response chain over a JSON-RPC result.
+    pub fn on_response(&self, ctx: &CallContext<'_>, result_json: &str) -> Decision {
+        if self.is_empty() {
+            return Decision::Allow;
+        }
+        self.run_chain(Hook::Response, ctx, result_json)
+    }
+
+    /// Which entries the caller may see (`true` = visible), asking every
+    /// filter-list plugin of the chains that match the listing. An entry
+    /// hidden by one plugin is not shown to the next. `Err` when a plugin
+    /// failed (fail-closed).
+    pub fn filter_list(
+        &self,
+        ctx: &CallContext<'_>,
+        entries: &[ListEntry],
+    ) -> Result<Vec<bool>, Denied> {
+        if self.is_empty() {
+            return Ok(vec![true; entries.len()]);
+        }
+        let hidden = self.hidden_by(ctx, entries)?;
+        Ok(hidden.iter().map(Option::is_none).collect())
+    }
+
+    /// For calls to a named target, the single-entry visibility check.
+    fn check_visible(&self, ctx: &CallContext<'_>) -> Option<Denied> {
+        let (list_method, kind) = match ctx.method {
+            "tools/call" => ("tools/list", EntryKind::Tool),
+            "prompts/get" => ("prompts/list", EntryKind::Prompt),
+            "resources/read" => ("resources/list", EntryKind::Resource),
+            _ => return None,
+        };
+        let name = ctx.name?;
+        let list_ctx = CallContext {
+            method: list_method,
+            name: None,
+            ..*ctx
+        };
+        let entry = ListEntry {
+            kind,
+            name: name.to_string(),
+            description: None,
+            labels: Vec::new(),
+        };
+        match self.hidden_by(&list_ctx, std::slice::from_ref(&entry)) {
+            Ok(hidden) => hidden[0].map(|i| Denied {
+                plugin: self.plugins[i].name.clone(),
+                code: POLICY_DENIED,
+                message: format!("{name} is not available to this caller"),
+                fault: None,
+            }),
+            Err(denied) => Some(denied),
+        }
+    }
+
+    /// For each entry, the plugin that hid it, if any.
+    fn hidden_by(
+        &self,
+        ctx: &CallContext<'_>,
+        entries: &[ListEntry],
+    ) -> Result<Vec<Option<usize>>, Denied> {
+        let mut hidden: Vec<Option<usize>> = vec![None; entries.len()];
+        // Plugins in order of first appearance, with the chains that bring them.
+        let mut order: Vec<(usize, Vec<&Chain>)> = Vec::new();
+        for chain in self.chains.iter().filter(|c| c.matches_request(ctx)) {
+            for &i in &chain.plugins {
+                if !self.plugins[i].hooks.filter_list {
+                    continue;
+                }
+                match order.iter_mut().find(|(j, _)| *j == i) {
+                    Some((_, chains)) => chains.push(chain),
+                    None => order.push((i, vec![chain])),
+                }
+            }
+        }
+        if order.is_empty() {
+            return Ok(hidden);
+        }
+        let wit_ctx = to_wit_ctx(ctx);
+        for (i, chains) in order {
+            let plugin = &self.plugins[i];
+            let picked: Vec<usize> = (0..entries.len())
+                .filter(|&e| hidden[e].is_none())
+                .filter(|&e| {
+                    chains
+                        .iter()
+                        .any(|c| c.tools.is_any() || c.tools.matches(Some(&entries[e].name)))
+                })
+                .collect();
+            if picked.is_empty() {
+                continue;
+            }
+            let wit_entries: Vec<bindings::ListEntry> =
+                picked.iter().map(|&e| to_wit_entry(&entries[e])).collect();
+            let started = Instant::now();
+            let result = plugin.call(ctx.session_id, ctx.principal, |store, hooks| {
+                hooks.call_filter_list(store, &wit_ctx, &wit_entries)
+            });
+            let result = result.and_then(|v| {
+                if v.len() == picked.len() {
+                    Ok(v)
+                } else {
+                    Err(Fault::Malformed(format!(
+                        "filter-list answered {} booleans for {} entries",
+                        v.len(),
+                        picked.len()
+                    )))
+                }
+            });
+            record_time(plugin, started);
+            match result {
+                Ok(visible) => {
+                    for (k, &e) in picked.iter().enumerate() {
+                        if !visible[k] {
+                            hidden[e] = Some(i);
+                        }
+                    }
+                    if visible.iter().any(|v| !v) {
+                        plugin.metrics.denials.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(fault) => {
+                    if let Some(denied) = self.fault(plugin, fault) {
+                        return Err(denied);
+                    }
+                }
+            }
+        }
+        Ok(hidden)
+    }
+
+    /// Runs the request or response chain.
+    fn run_chain(&self, hook: Hook, ctx: &CallContext<'_>, payload: &str) -> Decision {
+        let mut rewritten: Option<String> = None;
+        let mut wit_ctx: Option<bindings::CallContext> = None;
+        let mut seen: Vec<usize> = Vec::new();
+        for chain in self.chains.iter().filter(|c| c.matches_call(ctx)) {
+            for &i in &chain.plugins {
+                let plugin = &self.plugins[i];
+                let implements = match hook {
+                    Hook::Request => plugin.hooks.on_request,
+                    Hook::Response => plugin.hooks.on_response,
+                };
+                if !implements || seen.contains(&i) {
+                    continue;
+                }
+                seen.push(i);
+                let wctx = wit_ctx.get_or_insert_with(|| to_wit_ctx(ctx));
+                let input = rewritten.as_deref().unwrap_or(payload);
+                let started = Instant::now();
+                let result =
+                    plugin.call(ctx.session_id, ctx.principal, |store, hooks| match hook {
+                        Hook::Request => hooks.call_on_request(store, wctx, input),
+                        Hook::Response => hooks.call_on_response(store, wctx, input),
+                    });
+                let result = result.and_then(|d| match d {
+                    bindings::Decision::Rewrite(json) => {
+                        match serde_json::from_str::<&serde_json::value::RawValue>(&json) {
+                            Ok(_) => Ok(bindings::Decision::Rewrite(json)),
+                            Err(e) => Err(Fault::Malformed(format!(
+                                "rewrite is not a JSON document: {e}"
+                            ))),
+                        }
+                    }
+                    other => Ok(other),
+                });
+                record_time(plugin, started);
+                match result {
+                    Ok(bindings::Decision::Allow) => {}
+                    Ok(bindings::Decision::Rewrite(json)) => {
+                        plugin.metrics.rewrites.fetch_add(1, Ordering::Relaxed);
+                        rewritten = Some(json);
+                    }
+                    Ok(bindings::Decision::Deny(denial)) => {
+                        plugin.metrics.denials.fetch_add(1, Ordering::Relaxed);
+                        return Decision::Deny(Denied {
+                            plugin: plugin.name.clone(),
+                            code: denial.code.map_or(POLICY_DENIED, i64::from),
+                            message: denial.message,
+                            fault: None,
+                        });
+                    }
+                    Err(fault) => {
+                        if let Some(denied) = self.fault(plugin, fault) {
+                            return Decision::Deny(denied);
+                        }
+                    }
+                }
+            }
+        }
+        match rewritten {
+            Some(json) => Decision::Rewrite(json),
+            None => Decision::Allow,
+        }
+    }
+
+    /// Counts and logs a fault; the denial, unless the plugin is fail-open.
+    fn fault(&self, plugin: &LoadedPlugin, fault: Fault) -> Option<Denied> {
+        plugin.metrics.fault(fault.kind());
+        if plugin.cfg.fail_open {
+            plugin
+                .metrics
+                .fail_open_skips
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(plugin = %plugin.name, "plugin {fault}; skipped (fail_open)");
+            return None;
+        }
+        tracing::warn!(plugin = %plugin.name, "plugin {fault}; request denied");
+        Some(Denied {
+            plugin: plugin.name.clone(),
+            code: PLUGIN_FAILED,
+            message: format!("plugin {} {fault}", plugin.name),
+            fault: Some(fault.kind()),
+        })
+    }
+}
+
+fn record_time(plugin: &LoadedPlugin, started: Instant) {
+    plugin.metrics.calls.fetch_add(1, Ordering::Relaxed);
+    plugin
+        .metrics
+        .call_nanos
+        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+}
+
+fn to_wit_ctx(ctx: &CallContext<'_>) -> bindings::CallContext {
+    bindings::CallContext {
+        method: ctx.method.to_string(),
+        server: ctx.server.to_string(),
+        name: ctx.name.map(str::to_string),
+        principal: ctx.principal.map(str::to_string),
+        session_id: ctx.session_id.to_string(),
+        profile: ctx.profile.map(str::to_string),
+    }
+}
+
+fn to_wit_entry(e: &ListEntry) -> bindings::ListEntry {
+    bindings::ListEntry {
+        kind: match e.kind {
+            EntryKind::Tool => bindings::EntryKind::Tool,
+            EntryKind::Prompt => bindings::EntryKind::Prompt,
+            EntryKind::Resource => bindings::EntryKind::Resource,
+            EntryKind::ResourceTemplate => bindings::EntryKind::ResourceTemplate,
+            EntryKind::Server => bindings::EntryKind::Server,
+        },
+        name: e.name.clone(),
+        description: e.description.clone(),
+        labels: e.labels.clone(),
+    }
+}

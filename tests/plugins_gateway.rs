@@ -1,0 +1,216 @@
+//! Policy plugins on the gateway's request path, with real components built from `plugins/`
+//! (`plugins/build.sh` puts them in `target/plugins/`).
+
+mod support;
+
+use serde_json::json;
+use support::{TestGateway, example};
+
+fn wasm(name: &str) -> String {
+    let path = format!("{}/target/plugins/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path} is missing: run plugins/build.sh first"
+    );
+    path
+}
+
+async fn gateway(plugins: &str) -> (TestGateway, support::Client) {
+    let gw = TestGateway::start(plugins, &[example("a", &[], ""), example("b", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    (gw, c)
+}
+
+fn err(r: &serde_json::Value) -> (i64, String) {
+    (
+        r["error"]["code"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("expected an error: {r}")),
+        r["error"]["message"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn tool_policy_blocks_on_arguments_and_names_itself() {
+    let cfg = format!(
+        r#"plugins:
+  modules:
+    - name: policy
+      path: {:?}
+      config:
+        rules:
+          - {{ tool: echo, argument: text, operator: contains, value: secret, action: block, reason: "no secrets" }}
+        default: allow
+  chains:
+    - {{ name: tools, methods: ["tools/call"], plugins: [policy] }}"#,
+        wasm("tool_policy")
+    );
+    let (_gw, c) = gateway(&cfg).await;
+    let r = c
+        .call(
+            1,
+            "tools/call",
+            json!({"name":"a__echo","arguments":{"text":"my secret"}}),
+        )
+        .await;
+    let (code, msg) = err(&r);
+    assert_eq!(code, -32020);
+    assert!(
+        msg.contains("policy") && msg.contains("no secrets"),
+        "{msg}"
+    );
+    // The rule names the tool as its upstream knows it, whatever the prefix.
+    let r = c
+        .call(
+            2,
+            "tools/call",
+            json!({"name":"b__echo","arguments":{"text":"secret too"}}),
+        )
+        .await;
+    assert_eq!(err(&r).0, -32020);
+    assert_eq!(
+        c.tool_text(3, "a__echo", json!({"text":"hello"})).await,
+        "hello"
+    );
+}
+
+#[tokio::test]
+async fn redact_rewrites_results() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - {{ name: redact, path: {:?} }}\n  chains:\n    - {{ name: all, plugins: [redact] }}",
+        wasm("redact")
+    );
+    let (_gw, c) = gateway(&cfg).await;
+    let text = c
+        .tool_text(
+            1,
+            "a__echo",
+            json!({"text":"mail bob@example.com, card 4111 1111 1111 1111"}),
+        )
+        .await;
+    assert!(!text.contains("bob@example.com"), "{text}");
+    assert!(!text.contains("4111 1111 1111 1111"), "{text}");
+    assert!(text.starts_with("mail "), "{text}");
+}
+
+#[tokio::test]
+async fn list_filter_hides_tools_and_denies_calling_them() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - name: lists\n      path: {:?}\n      config: {{ rules: [ {{ deny: [\"add\"] }} ] }}\n  chains:\n    - {{ name: all, plugins: [lists] }}",
+        wasm("list_filter")
+    );
+    let (_gw, c) = gateway(&cfg).await;
+    let list = c.call(1, "tools/list", json!({})).await;
+    let names: Vec<&str> = list["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"a__echo") && names.contains(&"b__echo"),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.ends_with("__add")), "{names:?}");
+    let r = c
+        .call(
+            2,
+            "tools/call",
+            json!({"name":"a__add","arguments":{"a":1,"b":2}}),
+        )
+        .await;
+    let (code, msg) = err(&r);
+    assert_eq!(code, -32020);
+    assert!(msg.contains("lists"), "{msg}");
+}
+
+#[tokio::test]
+async fn trusted_data_blocks_sensitive_tools_after_untrusted_results() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - name: taint\n      path: {:?}\n      config: {{ untrusted: [whoami], sensitive: [add] }}\n  chains:\n    - {{ name: all, plugins: [taint] }}",
+        wasm("trusted_data")
+    );
+    let (gw, c) = gateway(&cfg).await;
+    assert_eq!(c.tool_text(1, "a__add", json!({"a":1,"b":2})).await, "3");
+    assert_eq!(c.tool_text(2, "a__whoami", json!({})).await, "a");
+    let r = c
+        .call(
+            3,
+            "tools/call",
+            json!({"name":"b__add","arguments":{"a":1,"b":2}}),
+        )
+        .await;
+    assert_eq!(err(&r).0, -32020, "the session is tainted: {r}");
+    // Another session is not tainted.
+    let mut other = gw.client();
+    other.initialize(json!({})).await;
+    assert_eq!(
+        other.tool_text(1, "a__add", json!({"a":2,"b":2})).await,
+        "4"
+    );
+}
+
+#[tokio::test]
+async fn rate_limit_counts_per_session() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - name: rl\n      path: {:?}\n      config: {{ limits: [ {{ tool: echo, calls: 2, window: 60s, per: session }} ] }}\n  chains:\n    - {{ name: all, plugins: [rl] }}",
+        wasm("rate_limit")
+    );
+    let (gw, c) = gateway(&cfg).await;
+    for i in 0..2 {
+        assert_eq!(c.tool_text(i, "a__echo", json!({"text":"x"})).await, "x");
+    }
+    let r = c
+        .call(
+            9,
+            "tools/call",
+            json!({"name":"a__echo","arguments":{"text":"x"}}),
+        )
+        .await;
+    let (code, msg) = err(&r);
+    assert_eq!(code, -32029, "the plugin's own code: {msg}");
+    assert!(msg.contains("rl") && msg.contains("rate limit"), "{msg}");
+    assert_eq!(
+        c.tool_text(10, "a__add", json!({"a":1,"b":1})).await,
+        "2",
+        "other tools are not limited"
+    );
+    let mut other = gw.client();
+    other.initialize(json!({})).await;
+    assert_eq!(
+        other.tool_text(1, "a__echo", json!({"text":"y"})).await,
+        "y"
+    );
+}
+
+#[tokio::test]
+async fn a_trapping_plugin_fails_only_its_calls() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - {{ name: trap, path: {:?}, config: {{ trigger: whoami }} }}\n  chains:\n    - {{ name: all, plugins: [trap] }}",
+        wasm("fault_trap")
+    );
+    let (_gw, c) = gateway(&cfg).await;
+    for i in 0..3 {
+        let r = c
+            .call(i, "tools/call", json!({"name":"a__whoami","arguments":{}}))
+            .await;
+        let (code, msg) = err(&r);
+        assert_eq!(code, -32021, "{msg}");
+        assert!(msg.contains("trap"), "{msg}");
+        assert_eq!(
+            c.tool_text(10 + i, "a__echo", json!({"text":"ok"})).await,
+            "ok"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_bad_plugin_config_names_the_field() {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nplugins:\n  modules: [ {{ name: p, path: {:?} }} ]\n  chains: [ {{ name: c, plugins: [nope] }} ]\nupstreams: [{{name: a, stdio: {{command: x}}}}]",
+        wasm("noop")
+    );
+    let e = gatehouse::Config::from_yaml(&yaml).unwrap_err().to_string();
+    assert!(e.contains("plugins") && e.contains("nope"), "{e}");
+}

@@ -1,0 +1,945 @@
+//! The plugin host with the real components built from `plugins/`
+//! (run `plugins/build.sh` first): each shipped plugin's behaviour, the
+//! fault plugins, deadlines, memory limits, `plugin check`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gatehouse::plugins::{
+    CallContext, Decision, Denied, EntryKind, FaultKind, ListEntry, PLUGIN_FAILED, POLICY_DENIED,
+    PluginError, PluginSet, PluginsConfig,
+};
+
+/// The folder `plugins/build.sh` writes components to.
+fn plugins_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/plugins")
+}
+
+fn wasm(name: &str) -> PathBuf {
+    let path = plugins_dir().join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: build the plugins first with `plugins/build.sh`",
+        path.display()
+    );
+    path
+}
+
+/// Loads a set from YAML; `{dir}` stands for the components folder. Every
+/// test shares one engine; its compile cache lives under target/.
+fn load(yaml: &str) -> Result<Arc<PluginSet>, PluginError> {
+    let yaml = yaml.replace("{dir}", &plugins_dir().display().to_string());
+    let mut cfg: PluginsConfig = serde_saphyr::from_str(&yaml).expect("test config parses");
+    cfg.engine.cache_dir =
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/plugin-cache-tests"));
+    for m in &cfg.modules {
+        wasm(m.path.file_stem().unwrap().to_str().unwrap());
+    }
+    PluginSet::load(&cfg)
+}
+
+fn ctx<'a>(server: &'a str, name: &'a str) -> CallContext<'a> {
+    CallContext {
+        method: "tools/call",
+        server,
+        name: Some(name),
+        principal: Some("alice"),
+        session_id: "session-1",
+        profile: None,
+    }
+}
+
+fn denied(d: Decision) -> Denied {
+    match d {
+        Decision::Deny(denied) => denied,
+        other => panic!("expected a denial, got {other:?}"),
+    }
+}
+
+fn is_allow(d: &Decision) -> bool {
+    matches!(d, Decision::Allow)
+}
+
+// ---------------------------------------------------------------- tool-policy
+
+const POLICY_CONFIG: &str = r#"
+        rules:
+          - { tool: "fs_*", argument: path, operator: startsWith, value: /etc, action: block, reason: "system files are off limits" }
+          - { tool: "fs_*", argument: path, operator: endsWith, value: .key, action: block, reason: "no key files" }
+          - { tool: "fs_*", argument: path, operator: contains, value: "..", action: block, reason: "no parent paths" }
+          - { tool: "fs_*", argument: mode, operator: notEqual, value: read, action: block, reason: "read only" }
+          - { tool: "fs_*", action: allow }
+          - { tool: http_get, argument: url, operator: regex, value: "^https://([a-z]+\\.)?example\\.com/", action: allow }
+          - { tool: http_get, action: block, reason: "only example.com" }
+          - { tool: tag, argument: tags, operator: contains, value: secret, action: block, reason: "secret tag" }
+          - { tool: tag, argument: tags, operator: notContains, value: public, action: block, reason: "must be public" }
+          - { tool: "count", argument: /options/n, operator: equal, value: 3, action: block, reason: "three is right out" }
+        default: allow
+"#;
+
+/// Compiles the Python component once before the tests that use it run
+/// in parallel (a cache miss compiles ~18 MB of wasm; later loads hit the
+/// on-disk cache).
+fn warm_python() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        load(
+            r#"
+modules: [ { name: py, path: "{dir}/tool_policy_py.wasm", memory_limit: 256MiB, init_deadline: 30s } ]
+"#,
+        )
+        .expect("python plugin compiles");
+    });
+}
+
+fn policy_set(component: &str) -> Arc<PluginSet> {
+    if component.ends_with("_py") {
+        warm_python();
+    }
+    load(&format!(
+        r#"
+modules:
+  - name: policy
+    path: "{{dir}}/{component}.wasm"
+    memory_limit: 256MiB
+    init_deadline: 30s
+    config:
+{POLICY_CONFIG}
+chains:
+  - methods: ["tools/call"]
+    plugins: [policy]
+"#
+    ))
+    .unwrap_or_else(|e| panic!("{component}: {e}"))
+}
+
+fn check_policy(set: &PluginSet, component: &str) {
+    let cases: &[(&str, &str, Option<&str>)] = &[
+        (
+            "fs_read",
+            r#"{"path": "/etc/passwd", "mode": "read"}"#,
+            Some("system files are off limits"),
+        ),
+        (
+            "fs_read",
+            r#"{"path": "/home/a/id.key", "mode": "read"}"#,
+            Some("no key files"),
+        ),
+        (
+            "fs_read",
+            r#"{"path": "/home/a/../../etc", "mode": "read"}"#,
+            Some("no parent paths"),
+        ),
+        (
+            "fs_read",
+            r#"{"path": "/home/a/notes.txt", "mode": "write"}"#,
+            Some("read only"),
+        ),
+        (
+            "fs_read",
+            r#"{"path": "/home/a/notes.txt", "mode": "read"}"#,
+            None,
+        ),
+        ("http_get", r#"{"url": "https://api.example.com/v1"}"#, None),
+        (
+            "http_get",
+            r#"{"url": "https://evil.test/"}"#,
+            Some("only example.com"),
+        ),
+        (
+            "tag",
+            r#"{"tags": ["public", "secret"]}"#,
+            Some("secret tag"),
+        ),
+        ("tag", r#"{"tags": ["internal"]}"#, Some("must be public")),
+        ("tag", r#"{"tags": ["public"]}"#, None),
+        (
+            "count",
+            r#"{"options": {"n": 3}}"#,
+            Some("three is right out"),
+        ),
+        ("count", r#"{"options": {"n": 4}}"#, None),
+        ("other", r#"{}"#, None),
+    ];
+    for (tool, args, expect) in cases {
+        let d = set.on_request(&ctx("files", tool), args);
+        match expect {
+            None => assert!(is_allow(&d), "{component}: {tool} {args}: {d:?}"),
+            Some(reason) => {
+                let denied = denied(d);
+                assert_eq!(denied.message, *reason, "{component}: {tool} {args}");
+                assert_eq!(&*denied.plugin, "policy");
+                assert_eq!(denied.code, POLICY_DENIED);
+                assert_eq!(denied.fault, None);
+            }
+        }
+    }
+    // Methods outside the chain are not seen by the plugin.
+    let list = CallContext {
+        method: "tools/list",
+        ..ctx("files", "fs_read")
+    };
+    assert!(is_allow(&set.on_request(&list, r#"{"path": "/etc"}"#)));
+}
+
+#[test]
+fn tool_policy_rust() {
+    let set = policy_set("tool_policy");
+    check_policy(&set, "tool_policy");
+}
+
+/// The same plugin written in Python (componentize-py) passes the same test.
+#[test]
+fn tool_policy_python() {
+    let set = policy_set("tool_policy_py");
+    check_policy(&set, "tool_policy_py");
+}
+
+#[test]
+fn tool_policy_default_block_and_bad_config() {
+    warm_python();
+    for component in ["tool_policy", "tool_policy_py"] {
+        let set = load(&format!(
+            r#"
+modules:
+  - name: strict
+    path: "{{dir}}/{component}.wasm"
+    memory_limit: 256MiB
+    init_deadline: 30s
+    config: {{ rules: [ {{ tool: fs_read, action: allow }} ], default: block, default_reason: "not on the list" }}
+chains: [ {{ plugins: [strict] }} ]
+"#
+        ))
+        .unwrap();
+        let d = set.on_request(&ctx("s", "fs_read"), "{}");
+        assert!(is_allow(&d), "{component}: {d:?}");
+        assert_eq!(
+            denied(set.on_request(&ctx("s", "shell"), "{}")).message,
+            "not on the list",
+            "{component}"
+        );
+
+        let err = load(&format!(
+            r#"
+modules:
+  - name: broken
+    path: "{{dir}}/{component}.wasm"
+    memory_limit: 256MiB
+    init_deadline: 30s
+    config: {{ rules: [ {{ argument: a, operator: regex, value: "(", action: block }} ] }}
+"#
+        ))
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(&err, PluginError::Init { plugin, .. } if plugin == "broken"),
+            "{component}: {text}"
+        );
+        assert!(text.contains("rules[0].value"), "{component}: {text}");
+    }
+}
+
+// --------------------------------------------------------------------- redact
+
+#[test]
+fn redact_masks_secrets_in_results() {
+    let set = load(
+        r#"
+modules:
+  - { name: redact, path: "{dir}/redact.wasm" }
+chains: [ { plugins: [redact] } ]
+"#,
+    )
+    .unwrap();
+    let result = r#"{"content":[{"type":"text","text":"key sk-live-abcdefghijklmnopqrstuvwx, mail bob@example.com, card 4111-1111-1111-1111, order 1234-5678-9012-3456"}],"structuredContent":{"token":"ghp_abcdefghijklmnopqrstuvwxyz0123456789"},"isError":false}"#;
+    let Decision::Rewrite(json) = set.on_response(&ctx("s", "t"), result) else {
+        panic!("expected a rewrite");
+    };
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        v["content"][0]["text"],
+        "key [REDACTED:api-key], mail [REDACTED:email], card [REDACTED:card], order 1234-5678-9012-3456"
+    );
+    assert_eq!(v["structuredContent"]["token"], "[REDACTED:api-key]");
+    assert_eq!(v["isError"], false);
+    // Nothing to mask: no rewrite.
+    let clean = r#"{"content":[{"type":"text","text":"all good"}]}"#;
+    assert!(is_allow(&set.on_response(&ctx("s", "t"), clean)));
+    // Requests are not touched (the plugin has no on-request hook).
+    assert!(is_allow(
+        &set.on_request(&ctx("s", "t"), r#"{"a":"bob@example.com"}"#)
+    ));
+}
+
+// --------------------------------------------------------------- trusted-data
+
+#[test]
+fn trusted_data_taints_the_session() {
+    let set = load(
+        r#"
+modules:
+  - name: trust
+    path: "{dir}/trusted_data.wasm"
+    config: { untrusted: ["fetch*", { server: web }], sensitive: ["send_email", { tool: "write_*", server: files }] }
+chains: [ { methods: ["tools/call"], plugins: [trust] } ]
+"#,
+    )
+    .unwrap();
+    let a = |name| CallContext {
+        session_id: "taint-a",
+        ..ctx("mail", name)
+    };
+    let b = |name| CallContext {
+        session_id: "taint-b",
+        ..ctx("mail", name)
+    };
+    assert!(is_allow(&set.on_request(&a("send_email"), "{}")));
+    assert!(is_allow(&set.on_response(&a("send_email"), "{}")));
+    // An untrusted result taints session a.
+    assert!(is_allow(&set.on_request(&a("fetch_url"), "{}")));
+    assert!(is_allow(
+        &set.on_response(&a("fetch_url"), r#"{"content":[]}"#)
+    ));
+    let d = denied(set.on_request(&a("send_email"), "{}"));
+    assert_eq!(&*d.plugin, "trust");
+    assert!(
+        d.message.contains("untrusted data (from mail/fetch_url)"),
+        "{}",
+        d.message
+    );
+    // Server-qualified targets.
+    let files = CallContext {
+        session_id: "taint-a",
+        ..ctx("files", "write_file")
+    };
+    assert!(set.on_request(&files, "{}") != Decision::Allow);
+    let other_server = CallContext {
+        session_id: "taint-a",
+        ..ctx("notes", "write_file")
+    };
+    assert!(is_allow(&set.on_request(&other_server, "{}")));
+    // Session b is clean; tainting by server works too.
+    assert!(is_allow(&set.on_request(&b("send_email"), "{}")));
+    let web = CallContext {
+        session_id: "taint-b",
+        ..ctx("web", "anything")
+    };
+    assert!(is_allow(&set.on_response(&web, "{}")));
+    assert!(!is_allow(&set.on_request(&b("send_email"), "{}")));
+    // Ending the session drops the taint.
+    set.end_session("taint-a");
+    assert!(is_allow(&set.on_request(&a("send_email"), "{}")));
+}
+
+// ---------------------------------------------------------------- list-filter
+
+fn entry(name: &str, labels: &[&str]) -> ListEntry {
+    ListEntry {
+        kind: EntryKind::Tool,
+        name: name.into(),
+        description: Some(format!("the {name} tool")),
+        labels: labels.iter().map(|l| l.to_string()).collect(),
+    }
+}
+
+#[test]
+fn list_filter_hides_and_blocks() {
+    let set = load(
+        r#"
+modules:
+  - name: filter
+    path: "{dir}/list_filter.wasm"
+    config:
+      rules:
+        - { deny: ["*delete*"], deny_labels: [destructive] }
+        - { principals: [alice], allow: ["fs_*"] }
+        - { principals: ["team-*"], allow_labels: [safe] }
+        - { profiles: [admin], kinds: [server], allow: ["*"] }
+        - { kinds: [server], allow: ["public-*"] }
+chains: [ { plugins: [filter] } ]
+"#,
+    )
+    .unwrap();
+    let entries = [
+        entry("fs_read", &[]),
+        entry("fs_delete", &[]),
+        entry("search", &["safe"]),
+        entry("wipe", &["destructive", "safe"]),
+    ];
+    let list = |principal| CallContext {
+        method: "tools/list",
+        name: None,
+        principal,
+        ..ctx("files", "")
+    };
+    assert_eq!(
+        set.filter_list(&list(Some("alice")), &entries).unwrap(),
+        [true, false, false, false]
+    );
+    assert_eq!(
+        set.filter_list(&list(Some("team-red")), &entries).unwrap(),
+        [false, false, true, false]
+    );
+    assert_eq!(
+        set.filter_list(&list(None), &entries).unwrap(),
+        [true, false, true, false]
+    );
+    // Registry entries, per profile.
+    let servers = [
+        ListEntry {
+            kind: EntryKind::Server,
+            ..entry("public-weather", &[])
+        },
+        ListEntry {
+            kind: EntryKind::Server,
+            ..entry("internal-db", &[])
+        },
+    ];
+    let registry = |profile| CallContext {
+        method: "registry/list",
+        profile,
+        ..list(Some("bob"))
+    };
+    assert_eq!(
+        set.filter_list(&registry(None), &servers).unwrap(),
+        [true, false]
+    );
+    assert_eq!(
+        set.filter_list(&registry(Some("admin")), &servers).unwrap(),
+        [true, true]
+    );
+    // A hidden tool cannot be called either.
+    let d = denied(set.on_request(&ctx("files", "fs_delete"), "{}"));
+    assert_eq!(&*d.plugin, "filter");
+    assert_eq!(d.code, POLICY_DENIED);
+    assert!(d.message.contains("fs_delete"), "{}", d.message);
+    assert!(is_allow(&set.on_request(&ctx("files", "fs_read"), "{}")));
+    let team = CallContext {
+        principal: Some("team-red"),
+        ..ctx("files", "fs_read")
+    };
+    assert!(!is_allow(&set.on_request(&team, "{}")));
+}
+
+#[test]
+fn chain_tools_selector_limits_what_a_filter_sees() {
+    let set = load(
+        r#"
+modules:
+  - name: hide-all
+    path: "{dir}/list_filter.wasm"
+    config: { default: deny }
+chains: [ { methods: ["tools/list"], tools: ["admin_*"], plugins: [hide-all] } ]
+"#,
+    )
+    .unwrap();
+    let list = CallContext {
+        method: "tools/list",
+        name: None,
+        ..ctx("s", "")
+    };
+    let entries = [entry("admin_reset", &[]), entry("search", &[])];
+    assert_eq!(set.filter_list(&list, &entries).unwrap(), [false, true]);
+    assert!(!is_allow(&set.on_request(&ctx("s", "admin_reset"), "{}")));
+    assert!(is_allow(&set.on_request(&ctx("s", "search"), "{}")));
+}
+
+// ----------------------------------------------------------------- rate-limit
+
+#[test]
+fn rate_limit_per_principal_and_tool() {
+    let set = load(
+        r#"
+modules:
+  - name: limit
+    path: "{dir}/rate_limit.wasm"
+    config: { limits: [ { tool: "search*", calls: 3, window: 1h }, { tool: burst, calls: 2, window: 300ms } ] }
+chains: [ { plugins: [limit] } ]
+"#,
+    )
+    .unwrap();
+    let as_ = |principal, name| CallContext {
+        principal: Some(principal),
+        ..ctx("s", name)
+    };
+    for _ in 0..3 {
+        assert!(is_allow(&set.on_request(&as_("rl-alice", "search"), "{}")));
+    }
+    let d = denied(set.on_request(&as_("rl-alice", "search"), "{}"));
+    assert_eq!(&*d.plugin, "limit");
+    assert_eq!(d.code, -32029);
+    assert!(d.message.contains("3 calls per 1h"), "{}", d.message);
+    // Another tool and another principal have their own counters; so has
+    // another session of the same principal not: the limit is per principal.
+    assert!(is_allow(
+        &set.on_request(&as_("rl-alice", "search_docs"), "{}")
+    ));
+    assert!(is_allow(&set.on_request(&as_("rl-bob", "search"), "{}")));
+    let other_session = CallContext {
+        session_id: "session-2",
+        ..as_("rl-alice", "search")
+    };
+    assert!(!is_allow(&set.on_request(&other_session, "{}")));
+    // Tools without a limit are never counted.
+    for _ in 0..10 {
+        assert!(is_allow(&set.on_request(&as_("rl-alice", "other"), "{}")));
+    }
+    // The window ends.
+    assert!(is_allow(&set.on_request(&as_("rl-carol", "burst"), "{}")));
+    assert!(is_allow(&set.on_request(&as_("rl-carol", "burst"), "{}")));
+    assert!(!is_allow(&set.on_request(&as_("rl-carol", "burst"), "{}")));
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(is_allow(&set.on_request(&as_("rl-carol", "burst"), "{}")));
+}
+
+// --------------------------------------------------------------------- faults
+
+/// Every fault plugin on its own server, plus a healthy policy on another.
+fn fault_set() -> Arc<PluginSet> {
+    load(
+        r#"
+modules:
+  - { name: trap, path: "{dir}/fault_trap.wasm" }
+  - { name: loop, path: "{dir}/fault_loop.wasm", deadline: 50ms }
+  - { name: hog, path: "{dir}/fault_oom.wasm", memory_limit: 16MiB, deadline: 5s }
+  - { name: malformed, path: "{dir}/fault_malformed.wasm" }
+  - name: policy
+    path: "{dir}/tool_policy.wasm"
+    config: { rules: [ { tool: shell, action: block, reason: "no shell" } ] }
+chains:
+  - { servers: [trap], plugins: [trap] }
+  - { servers: [loop], plugins: [loop] }
+  - { servers: [hog], plugins: [hog] }
+  - { servers: [malformed], plugins: [malformed] }
+  - { servers: [healthy], plugins: [policy] }
+"#,
+    )
+    .unwrap()
+}
+
+fn expect_fault(set: &PluginSet, server: &str, kind: FaultKind, text: &str) {
+    let started = Instant::now();
+    let d = denied(set.on_request(&ctx(server, "trigger"), "{}"));
+    assert_eq!(d.fault, Some(kind), "{server}: {d:?}");
+    assert_eq!(d.code, PLUGIN_FAILED);
+    assert_eq!(&*d.plugin, server);
+    assert!(d.message.contains(text), "{server}: {}", d.message);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{server} took {:?}",
+        started.elapsed()
+    );
+    // The same plugin keeps serving other calls (on a fresh instance).
+    assert!(
+        is_allow(&set.on_request(&ctx(server, "fine"), "{}")),
+        "{server}"
+    );
+}
+
+#[test]
+fn faults_fail_only_their_call() {
+    let set = fault_set();
+    let healthy = || {
+        assert!(is_allow(&set.on_request(&ctx("healthy", "ls"), "{}")));
+        assert_eq!(
+            denied(set.on_request(&ctx("healthy", "shell"), "{}")).message,
+            "no shell"
+        );
+    };
+    healthy();
+    expect_fault(&set, "trap", FaultKind::Trap, "trap requested by the test");
+    healthy();
+    expect_fault(&set, "loop", FaultKind::Deadline, "deadline of 50ms");
+    healthy();
+    expect_fault(
+        &set,
+        "hog",
+        FaultKind::Memory,
+        "memory limit of 16777216 bytes",
+    );
+    healthy();
+    expect_fault(
+        &set,
+        "malformed",
+        FaultKind::Malformed,
+        "not a JSON document",
+    );
+    healthy();
+    // Malformed responses and filter answers.
+    let d = denied(set.on_response(&ctx("malformed", "trigger"), "{}"));
+    assert_eq!(d.fault, Some(FaultKind::Malformed));
+    let list = CallContext {
+        method: "tools/list",
+        name: None,
+        ..ctx("malformed", "")
+    };
+    let err = set
+        .filter_list(&list, &[entry("trigger-list", &[]), entry("x", &[])])
+        .unwrap_err();
+    assert_eq!(err.fault, Some(FaultKind::Malformed));
+    assert!(
+        err.message.contains("3 booleans for 2 entries"),
+        "{}",
+        err.message
+    );
+    assert_eq!(set.filter_list(&list, &[entry("x", &[])]).unwrap(), [true]);
+    // Counted per plugin.
+    let metrics: std::collections::HashMap<_, _> = set.metrics().into_iter().collect();
+    assert_eq!(metrics["trap"].faults_trap, 1);
+    assert_eq!(metrics["loop"].faults_deadline, 1);
+    assert_eq!(metrics["hog"].faults_memory, 1);
+    assert!(metrics["malformed"].faults_malformed >= 3);
+    assert_eq!(metrics["policy"].faults(), 0);
+    assert!(
+        metrics["trap"].instances >= 2,
+        "a new instance after the trap"
+    );
+}
+
+#[test]
+fn faults_under_concurrency_do_not_leak_into_other_calls() {
+    let set = fault_set();
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let set = &set;
+            s.spawn(move || {
+                for i in 0..40 {
+                    let server = ["trap", "hog", "malformed", "loop"][(t + i) % 4];
+                    if i % 10 == 0 {
+                        let d = denied(set.on_request(&ctx(server, "trigger"), "{}"));
+                        assert!(d.fault.is_some(), "{d:?}");
+                    } else {
+                        let d = set.on_request(&ctx(server, "fine"), "{}");
+                        assert!(is_allow(&d), "{server}: {d:?}");
+                        let d = set.on_request(&ctx("healthy", "ls"), "{}");
+                        assert!(is_allow(&d), "{d:?}");
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn deadline_interrupts_a_loop_promptly() {
+    let set = load(
+        r#"
+modules: [ { name: loop, path: "{dir}/fault_loop.wasm", deadline: 30ms } ]
+chains: [ { plugins: [loop] } ]
+"#,
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let d = denied(set.on_request(&ctx("s", "trigger"), "{}"));
+        let took = started.elapsed();
+        assert_eq!(d.fault, Some(FaultKind::Deadline));
+        assert!(
+            took >= Duration::from_millis(25),
+            "interrupted too early: {took:?}"
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "interrupted too late: {took:?}"
+        );
+    }
+}
+
+#[test]
+fn memory_limit_is_per_plugin() {
+    let set = load(
+        r#"
+modules:
+  - { name: small, path: "{dir}/fault_oom.wasm", memory_limit: 8MiB, deadline: 5s }
+  - { name: large, path: "{dir}/fault_oom.wasm", memory_limit: 48MiB, deadline: 5s }
+chains:
+  - { servers: [small], plugins: [small] }
+  - { servers: [large], plugins: [large] }
+"#,
+    )
+    .unwrap();
+    let d = denied(set.on_request(&ctx("small", "trigger"), "{}"));
+    assert_eq!(d.fault, Some(FaultKind::Memory));
+    assert!(
+        d.message.contains("limit of 8388608 bytes"),
+        "{}",
+        d.message
+    );
+    let d = denied(set.on_request(&ctx("large", "trigger"), "{}"));
+    assert!(
+        d.message.contains("limit of 50331648 bytes"),
+        "{}",
+        d.message
+    );
+}
+
+#[test]
+fn fail_open_skips_a_failing_plugin() {
+    let set = load(
+        r#"
+modules:
+  - { name: trap, path: "{dir}/fault_trap.wasm", fail_open: true }
+  - name: policy
+    path: "{dir}/tool_policy.wasm"
+    config: { rules: [ { tool: shell, action: block } ] }
+chains: [ { plugins: [trap, policy] } ]
+"#,
+    )
+    .unwrap();
+    // The trap is skipped; the next plugin still decides.
+    assert!(is_allow(&set.on_request(&ctx("s", "trigger"), "{}")));
+    let shell_after_trap = set.on_response(&ctx("s", "trigger"), "{}");
+    assert!(is_allow(&shell_after_trap));
+    assert!(!is_allow(&set.on_request(&ctx("s", "shell"), "{}")));
+    let metrics: std::collections::HashMap<_, _> = set.metrics().into_iter().collect();
+    assert_eq!(metrics["trap"].fail_open_skips, 2);
+    assert_eq!(metrics["trap"].faults_trap, 2);
+}
+
+#[test]
+fn slow_init_is_bounded() {
+    // Every init is slow: loading fails with a clear error.
+    let started = Instant::now();
+    let err = load(
+        r#"
+modules:
+  - { name: sloth, path: "{dir}/fault_slow_init.wasm", init_deadline: 100ms, config: { spin_ms: 10000 } }
+"#,
+    )
+    .unwrap_err();
+    // Bounded by the init deadline, not the 10 s spin (compiling may take a while on a busy machine).
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(&err, PluginError::Init { plugin, fault } if plugin == "sloth" && fault.kind() == FaultKind::Deadline),
+        "{err}"
+    );
+    assert!(err.to_string().contains("deadline of 100ms"), "{err}");
+
+    // Only later inits are slow: the first instance serves, the next one
+    // (needed after every call here) fails its call, and only that call.
+    let set = load(
+        r#"
+modules:
+  - { name: sloth, path: "{dir}/fault_slow_init.wasm", init_deadline: 100ms, recycle_after: 1, config: { spin_ms: 10000, slow_from: 2 } }
+  - name: policy
+    path: "{dir}/tool_policy.wasm"
+    config: { rules: [ { tool: shell, action: block } ] }
+chains:
+  - { servers: [slow], plugins: [sloth] }
+  - { plugins: [policy] }
+"#,
+    )
+    .unwrap();
+    assert!(is_allow(&set.on_request(&ctx("slow", "a"), "{}")));
+    let d = denied(set.on_request(&ctx("slow", "b"), "{}"));
+    assert_eq!(d.fault, Some(FaultKind::Deadline));
+    assert_eq!(&*d.plugin, "sloth");
+    assert!(is_allow(&set.on_request(&ctx("fast", "a"), "{}")));
+    assert!(!is_allow(&set.on_request(&ctx("fast", "shell"), "{}")));
+}
+
+// ------------------------------------------------------------- chains, reuse
+
+#[test]
+fn chains_run_in_order_and_rewrites_feed_the_next_plugin() {
+    let set = load(
+        r#"
+modules:
+  - { name: redact, path: "{dir}/redact.wasm" }
+  - name: trust
+    path: "{dir}/trusted_data.wasm"
+    config: { untrusted: ["*"], sensitive: [] }
+  - { name: noop, path: "{dir}/noop.wasm" }
+chains:
+  - { name: first, plugins: [noop, redact] }
+  - { name: second, plugins: [redact, trust] }
+"#,
+    )
+    .unwrap();
+    let d = set.on_response(&ctx("s", "t"), r#"{"text":"a@b.io"}"#);
+    assert_eq!(
+        d,
+        Decision::Rewrite(r#"{"text":"[REDACTED:email]"}"#.into())
+    );
+    let metrics: std::collections::HashMap<_, _> = set.metrics().into_iter().collect();
+    assert_eq!(metrics["redact"].calls, 1, "a plugin runs once per hook");
+    assert_eq!(metrics["trust"].calls, 1);
+}
+
+#[test]
+fn warm_instances_are_reused_and_recycled() {
+    let set = load(
+        r#"
+modules:
+  - { name: allow, path: "{dir}/tool_policy.wasm", recycle_after: 50, max_warm: 2 }
+chains: [ { plugins: [allow] } ]
+"#,
+    )
+    .unwrap();
+    for _ in 0..120 {
+        assert!(is_allow(&set.on_request(&ctx("s", "t"), "{}")));
+    }
+    let m = set
+        .metrics()
+        .into_iter()
+        .find(|(n, _)| n == "allow")
+        .unwrap()
+        .1;
+    assert_eq!(m.calls, 120);
+    // The first instance, then one after each 50 calls.
+    assert_eq!(m.instances, 3);
+    assert_eq!(set.warm_instances("allow"), Some(1));
+}
+
+#[test]
+fn empty_set_allows_everything() {
+    let set = load("modules: []").unwrap();
+    assert!(set.is_empty());
+    assert!(is_allow(&set.on_request(&ctx("s", "t"), "{}")));
+    assert_eq!(
+        set.filter_list(&ctx("s", "t"), &[entry("a", &[])]).unwrap(),
+        [true]
+    );
+}
+
+#[test]
+fn loading_errors_name_the_plugin() {
+    let not_wasm = std::env::temp_dir().join("gatehouse-not-a-plugin.wasm");
+    std::fs::write(&not_wasm, b"definitely not wasm").unwrap();
+    let mut cfg = PluginsConfig::default();
+    cfg.modules
+        .push(gatehouse::plugins::PluginConfig::new("bogus", &not_wasm));
+    cfg.engine.cache_dir =
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/plugin-cache-tests"));
+    let err = PluginSet::load(&cfg).unwrap_err();
+    assert!(
+        matches!(err, PluginError::Compile { ref plugin, .. } if plugin == "bogus"),
+        "{err}"
+    );
+    // A valid component that exports nothing.
+    std::fs::write(&not_wasm, b"\0asm\x0d\0\x01\0").unwrap();
+    let err = PluginSet::load(&cfg).unwrap_err();
+    assert!(
+        matches!(err, PluginError::Interface { ref plugin, .. } if plugin == "bogus"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("gatehouse:plugin/hooks"), "{err}");
+    cfg.modules[0].path = PathBuf::from("/nonexistent/plugin.wasm");
+    let err = PluginSet::load(&cfg).unwrap_err();
+    assert!(matches!(err, PluginError::Read { .. }), "{err}");
+}
+
+#[test]
+fn compiled_plugins_come_from_the_disk_cache() {
+    let yaml = r#"
+modules: [ { name: a, path: "{dir}/list_filter.wasm" } ]
+"#;
+    load(yaml).unwrap();
+    let (hits_before, _) = gatehouse::plugins::compile_cache_stats();
+    load(yaml).unwrap();
+    let (hits_after, _) = gatehouse::plugins::compile_cache_stats();
+    assert!(
+        hits_after > hits_before,
+        "second compile should hit the cache"
+    );
+}
+
+// ---------------------------------------------------------------- plugin check
+
+#[test]
+fn plugin_check_reports_the_decision() {
+    let sample = std::env::temp_dir().join("gatehouse-check-sample.json");
+    std::fs::write(
+        &sample,
+        r#"{"config": {"rules": [{"tool": "shell", "action": "block", "reason": "no shell"}]},
+            "context": {"method": "tools/call", "server": "box", "name": "shell", "session_id": "c"},
+            "arguments": {"cmd": "rm -rf /"}}"#,
+    )
+    .unwrap();
+    let report = gatehouse::plugins::check(&wasm("tool_policy"), Some(&sample)).unwrap();
+    assert!(
+        report.contains("interface: gatehouse:plugin/plugin@0.1.0 ok"),
+        "{report}"
+    );
+    assert!(report.contains("hooks: on-request"), "{report}");
+    assert!(
+        report
+            .trim_end()
+            .ends_with("on-request (tools/call shell): deny (code -32020): no shell"),
+        "{report}"
+    );
+
+    let report = gatehouse::plugins::check(&wasm("noop"), None).unwrap();
+    assert!(
+        report.contains("hooks: on-request, on-response\n"),
+        "{report}"
+    );
+    assert!(
+        report
+            .trim_end()
+            .ends_with("on-request (tools/call example): allow"),
+        "{report}"
+    );
+
+    let filter_sample = std::env::temp_dir().join("gatehouse-check-filter.json");
+    std::fs::write(
+        &filter_sample,
+        r#"{"config": {"rules": [{"deny": ["*delete*"]}]}, "hook": "filter-list",
+            "context": {"method": "tools/list"},
+            "entries": [{"name": "read"}, {"name": "delete_all"}]}"#,
+    )
+    .unwrap();
+    let report = gatehouse::plugins::check(&wasm("list_filter"), Some(&filter_sample)).unwrap();
+    assert!(
+        report
+            .trim_end()
+            .ends_with("filter-list (tools/list): [read=visible, delete_all=hidden]"),
+        "{report}"
+    );
+
+    let trap_sample = std::env::temp_dir().join("gatehouse-check-trap.json");
+    std::fs::write(&trap_sample, r#"{"context": {"name": "trigger"}}"#).unwrap();
+    let trap = gatehouse::plugins::check(&wasm("fault_trap"), Some(&trap_sample)).unwrap();
+    assert!(trap.contains("deny (plugin fault: Trap"), "{trap}");
+
+    let not_wasm = std::env::temp_dir().join("gatehouse-check-not-wasm.wasm");
+    std::fs::write(&not_wasm, b"\0asm nope").unwrap();
+    assert!(gatehouse::plugins::check(&not_wasm, None).is_err());
+}
+
+/// The gateway calls hooks from tokio tasks: a guest that writes to stderr
+/// (a panic message), prints, or tries to block must not hit the WASI
+/// implementation's own runtime handling (which panics inside a runtime).
+#[test]
+fn hooks_run_inside_a_tokio_runtime() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let set = fault_set();
+    let py = policy_set("tool_policy_py");
+    rt.block_on(async move {
+        let task = tokio::spawn(async move {
+            let d = denied(set.on_request(&ctx("trap", "trigger"), "{}"));
+            assert_eq!(d.fault, Some(FaultKind::Trap));
+            assert!(
+                d.message.contains("trap requested by the test"),
+                "{}",
+                d.message
+            );
+            assert!(is_allow(&set.on_request(&ctx("trap", "fine"), "{}")));
+            let d = denied(py.on_request(
+                &ctx("files", "fs_read"),
+                r#"{"path": "/etc/x", "mode": "read"}"#,
+            ));
+            assert_eq!(d.message, "system files are off limits");
+        });
+        task.await.expect("hook calls inside a tokio task");
+    });
+}
