@@ -268,7 +268,7 @@ pub async fn request(
                 }
             }
             let out = encode_fields(&f);
-            forward(gw, session, index, id, label, method, Some(out), policy).await
+            forward(gw, session, index, id, method, Some(out), policy).await
         }
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" if !direct => {
             let uri = match fields(params.as_deref()).and_then(|f| string_field(&f, "uri")) {
@@ -290,7 +290,7 @@ pub async fn request(
             {
                 return denied(&id, &d);
             }
-            forward(gw, session, index, id, label, method, params, policy).await
+            forward(gw, session, index, id, method, params, policy).await
         }
         "completion/complete" if !single => complete(gw, session, id, params).await,
         "logging/setLevel" if !single => {
@@ -310,7 +310,7 @@ pub async fn request(
                 &Outcome::Result(Bytes::from_static(b"{}")),
             ))
         }
-        _ if single => forward(gw, session, 0, id, label, method, params, None).await,
+        _ if single => forward(gw, session, 0, id, method, params, None).await,
         _ => Reply::Json(jsonrpc::error_response(
             Some(&id),
             code::METHOD_NOT_FOUND,
@@ -378,7 +378,6 @@ async fn complete(
                 index,
                 id,
                 "completion/complete",
-                "completion/complete",
                 Some(out),
                 None,
             )
@@ -388,17 +387,7 @@ async fn complete(
             let uri = string_field(&rf, "uri").unwrap_or_default();
             match resource_owner(gw, session, &uri).await {
                 Some(index) => {
-                    forward(
-                        gw,
-                        session,
-                        index,
-                        id,
-                        "completion/complete",
-                        "completion/complete",
-                        params,
-                        None,
-                    )
-                    .await
+                    forward(gw, session, index, id, "completion/complete", params, None).await
                 }
                 None => invalid_params(&id, &format!("no upstream serves resource {uri}")),
             }
@@ -459,11 +448,11 @@ async fn forward(
     session: &Arc<Session>,
     index: usize,
     id: Bytes,
-    label: &'static str,
     method: &str,
     params: Option<Bytes>,
     policy: Option<Policy>,
 ) -> Reply {
+    let label = method_label(method);
     let started = Instant::now();
     let server = gw.servers[index].clone();
     let (ev_tx, mut ev_rx) = mpsc::channel::<Bytes>(64);
