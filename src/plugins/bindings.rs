@@ -6,4 +6,5 @@ wasmtime::component::bindgen!({
     world: "plugin",
 });
 
-pub use gatehouse::plugin::types::{CallContext, Decision, EntryKind, HookSet, ListEntry};
+// `self::` keeps the generated `gatehouse` module apart from this crate, also in doctests.
+pub use self::gatehouse::plugin::types::{CallContext, Decision, EntryKind, HookSet, ListEntry};
