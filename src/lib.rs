@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod listener;
 pub mod mcp;
 pub mod metrics;
+pub mod orchestrator;
 pub mod plugins;
 pub mod sse;
 pub mod telemetry;

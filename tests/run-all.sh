@@ -26,6 +26,10 @@ cargo build --quiet
 cargo test 2>&1 | tee "$logs/cargo.txt"
 cargo_passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$logs/cargo.txt" | awk '{s+=$4} END {print s+0}')
 
+step "deploy/ manifests render and validate"
+bash tests/deploy.sh | tee "$logs/deploy.txt"
+deploy_passed=$(grep -Eo '^deploy: [0-9]+ passed' "$logs/deploy.txt" | awk '{print $2}')
+
 step "MCP conformance suite through the gateway"
 bash tests/conformance.sh | tee "$logs/conformance.txt"
 conf_passed=$(grep -Eo '^Total: [0-9]+ passed' "$logs/conformance.txt" | awk '{print $2}')
@@ -36,6 +40,6 @@ step "end-to-end with the official Python SDK and reference servers"
 "$GATEHOUSE_PYTHON" -m pytest tests/e2e -q -p no:cacheprovider 2>&1 | tee "$logs/e2e.txt"
 e2e_passed=$(grep -Eo '[0-9]+ passed' "$logs/e2e.txt" | tail -1 | awk '{print $1}')
 
-total=$((cargo_passed + conf_passed + ${e2e_passed:-0}))
-printf '\ncargo: %s passed; conformance: %s checks passed; e2e: %s passed\n' "$cargo_passed" "$conf_passed" "${e2e_passed:-0}"
+total=$((cargo_passed + ${deploy_passed:-0} + conf_passed + ${e2e_passed:-0}))
+printf '\ncargo: %s passed; deploy: %s; conformance: %s checks passed; e2e: %s passed\n' "$cargo_passed" "${deploy_passed:-0}" "$conf_passed" "${e2e_passed:-0}"
 echo "all: $total passed, 0 failed"

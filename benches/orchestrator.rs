@@ -1,0 +1,307 @@
+//! Orchestrator benchmarks (`cargo bench --bench orchestrator`).
+//!
+//! 1. Local backend: time from a server definition to the first successful MCP
+//!    `tools/list` answer, for the example server built into the gateway.
+//! 2. Kubernetes backend against the fake API server (tests/fake_kube): CPU of the
+//!    orchestrator — watches, reconcile loop, status — while it manages 10 and then 200
+//!    servers: converging from nothing, idling, and repairing deleted Deployments.
+//!    The orchestrator runs alone on a dedicated single-threaded Tokio runtime, so its
+//!    thread's CPU time (/proc/.../schedstat) is its own, apart from the fake's.
+//!
+//! `ORCH_BENCH_QUICK=1` runs fewer iterations (a smoke run).
+
+#[path = "../tests/fake_kube/mod.rs"]
+mod fake_kube;
+
+use std::time::{Duration, Instant};
+
+use fake_kube::{FakeKube, Kind};
+use gatehouse::orchestrator::kubernetes::{KubeOptions, KubeRuntime};
+use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
+use gatehouse::orchestrator::spec::{McpServerSpec, ServerDef};
+use gatehouse::orchestrator::{Endpoint, Runtime};
+use serde_json::json;
+
+const GATEHOUSE: &str = env!("CARGO_BIN_EXE_gatehouse");
+
+fn quick() -> bool {
+    std::env::var_os("ORCH_BENCH_QUICK").is_some()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn local_definition_to_tools_list(iterations: usize) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(iterations);
+    for i in 0..iterations {
+        let rt = LocalRuntime::new(LocalSettings::default());
+        let def = ServerDef {
+            name: format!("bench{i}"),
+            spec: McpServerSpec {
+                command: Some(GATEHOUSE.into()),
+                args: vec!["example-server".into()],
+                ..McpServerSpec::default()
+            },
+        };
+        let t0 = Instant::now();
+        rt.apply(def.resolve().unwrap()).await.unwrap();
+        let Endpoint::Stdio(ep) = rt
+            .wait_ready(&def.name, Duration::from_secs(10))
+            .await
+            .unwrap()
+        else {
+            panic!("stdio endpoint expected");
+        };
+        let stream = ep.open().await.unwrap();
+        let mut c = fake_kube::mcp::Mcp::new(stream);
+        c.handshake().await;
+        let list = c.call(2, "tools/list", json!({})).await;
+        out.push(t0.elapsed());
+        assert!(!fake_kube::mcp::tool_names(&list).is_empty());
+        rt.shutdown().await;
+    }
+    out
+}
+
+/// CPU time (ns) a thread has run, from /proc/self/task/TID/schedstat.
+fn thread_cpu_ns(tid: &str) -> u64 {
+    let text =
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap_or_default();
+    text.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+struct OrchestratorThread {
+    handle: tokio::runtime::Handle,
+    tid: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OrchestratorThread {
+    fn start() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let link = std::fs::read_link("/proc/thread-self").unwrap();
+            let tid = link.file_name().unwrap().to_string_lossy().into_owned();
+            tx.send((rt.handle().clone(), tid)).unwrap();
+            rt.block_on(async {
+                let _ = stop_rx.await;
+            });
+        });
+        let (handle, tid) = rx.recv().unwrap();
+        OrchestratorThread {
+            handle,
+            tid,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn cpu(&self) -> Duration {
+        Duration::from_nanos(thread_cpu_ns(&self.tid))
+    }
+
+    async fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+        self.handle.spawn(f).await.unwrap()
+    }
+}
+
+impl Drop for OrchestratorThread {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits, inside the orchestrator's runtime, until it reports every server Ready.
+/// Woken by status changes only, and counting without cloning, so the wait itself
+/// adds little to the CPU measured.
+async fn all_ready(
+    orch: &OrchestratorThread,
+    rt: &std::sync::Arc<KubeRuntime>,
+    servers: usize,
+    timeout: Duration,
+) {
+    let rt = rt.clone();
+    orch.run(async move {
+        let mut changes = rt.watch_statuses();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (ready, _) = rt.ready_count();
+            if ready == servers {
+                return;
+            }
+            assert!(Instant::now() < deadline, "ready: {ready}/{servers}");
+            let _ = tokio::time::timeout(Duration::from_millis(100), changes.changed()).await;
+            // Coalesce bursts of changes.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+struct KubeFigures {
+    servers: usize,
+    converge: Duration,
+    converge_cpu: Duration,
+    idle_cpu: Duration,
+    idle_for: Duration,
+    repair_cpu: Duration,
+    repaired: usize,
+    requests: usize,
+}
+
+async fn kube_reconcile(servers: usize) -> KubeFigures {
+    const NS: &str = "bench";
+    let fake = FakeKube::start().await;
+    let orch = OrchestratorThread::start();
+    let client = {
+        let url = fake.url();
+        orch.run(async move {
+            let mut config = kube::Config::new(url.parse().unwrap());
+            config.default_namespace = NS.into();
+            kube::Client::try_from(config).unwrap()
+        })
+        .await
+    };
+    let rt = std::sync::Arc::new(
+        orch.run(async move {
+            KubeRuntime::start_with_client(
+                client,
+                NS.into(),
+                None,
+                KubeOptions {
+                    watch_mcpservers: false,
+                    ..KubeOptions::default()
+                },
+            )
+        })
+        .await,
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await; // watches listed
+    let cpu0 = orch.cpu();
+    let t0 = Instant::now();
+    {
+        let rt = rt.clone();
+        orch.run(async move {
+            for i in 0..servers {
+                let def = ServerDef {
+                    name: format!("s{i:03}"),
+                    spec: McpServerSpec {
+                        image: Some("registry.example/idle:1".into()),
+                        command: Some("sleep".into()),
+                        args: vec!["3600".into()],
+                        ..McpServerSpec::default()
+                    },
+                };
+                rt.apply(def.resolve().unwrap()).await.unwrap();
+            }
+        })
+        .await;
+    }
+    all_ready(&orch, &rt, servers, Duration::from_secs(120)).await;
+    let converge = t0.elapsed();
+    let converge_cpu = orch.cpu() - cpu0;
+
+    // Idle: nothing changes, nothing should be done.
+    let idle_for = Duration::from_secs(if quick() { 1 } else { 3 });
+    let cpu1 = orch.cpu();
+    tokio::time::sleep(idle_for).await;
+    let idle_cpu = orch.cpu() - cpu1;
+
+    // Repair: 10% of the Deployments deleted behind its back (with their Pods).
+    let repaired = (servers / 10).max(1);
+    let cpu2 = orch.cpu();
+    for i in 0..repaired {
+        fake.delete(Kind::Deployment, NS, &format!("mcp-s{i:03}"));
+    }
+    let t1 = Instant::now();
+    loop {
+        let back = (0..repaired)
+            .filter(|i| {
+                fake.get(Kind::Deployment, NS, &format!("mcp-s{i:03}"))
+                    .is_some()
+            })
+            .count();
+        if back == repaired {
+            break;
+        }
+        assert!(t1.elapsed() < Duration::from_secs(60), "repair");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    all_ready(&orch, &rt, servers, Duration::from_secs(60)).await;
+    let repair_cpu = orch.cpu() - cpu2;
+    let requests = fake.requests().len();
+    drop(rt);
+    drop(orch);
+    drop(fake);
+    KubeFigures {
+        servers,
+        converge,
+        converge_cpu,
+        idle_cpu,
+        idle_for,
+        repair_cpu,
+        repaired,
+        requests,
+    }
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let n = if quick() { 5 } else { 30 };
+        let mut times = local_definition_to_tools_list(n).await;
+        times.sort();
+        println!(
+            "local backend, definition → first tools/list (example server, {n} runs): p50 {:.1?}, p90 {:.1?}, min {:.1?}, max {:.1?}",
+            percentile(&times, 0.5),
+            percentile(&times, 0.9),
+            times[0],
+            times[times.len() - 1]
+        );
+
+        let mut figures = Vec::new();
+        for servers in [10, 200] {
+            let f = kube_reconcile(servers).await;
+            println!(
+                "kubernetes backend, {:>3} servers: converge {:>7.1?} wall, {:>7.1?} CPU ({:>6.1?}/server); idle {:?}: {:.1?} CPU; repair {} deleted Deployments: {:.1?} CPU ({:.1?}/server); {} API requests",
+                f.servers,
+                f.converge,
+                f.converge_cpu,
+                f.converge_cpu / f.servers as u32,
+                f.idle_for,
+                f.idle_cpu,
+                f.repaired,
+                f.repair_cpu,
+                f.repair_cpu / f.repaired as u32,
+                f.requests,
+            );
+            figures.push(f);
+        }
+        let (a, b) = (&figures[0], &figures[1]);
+        let per = |f: &KubeFigures| f.converge_cpu.as_secs_f64() / f.servers as f64;
+        println!(
+            "reconcile CPU per server, 200 vs 10 servers: {:.2}x (1.0 = linear in the number of servers)",
+            per(b) / per(a)
+        );
+    });
+}

@@ -1,0 +1,1213 @@
+//! The `kubernetes` backend: one Deployment (one pod) per MCP server, through kube-rs.
+//!
+//! ```text
+//! desired: Runtime::apply (config file)  ∪  McpServer resources (watched)
+//!                 │ enqueue(server)
+//! watchers ──▶ Index<Deployment|Pod|Secret|Service> ──▶ queue ──▶ worker: reconcile(server) if leader
+//!  (kube::runtime::watcher, label managed-by=gatehouse)             └▶ status(server) from its pod
+//! Lease elector ──▶ leading: bool
+//! ```
+//!
+//! - Reconcile renders the server's objects ([`objects::render`]), compares each with
+//!   the watched copy ([`objects::is_subset`]) and applies (server-side apply, field
+//!   manager `gatehouse`) only what is missing or drifted; with nothing to do it makes
+//!   no API call. Objects of servers that are no longer desired are deleted, except
+//!   children of an `McpServer`, which the garbage collector removes with it.
+//! - Owner references: children of an `McpServer` are owned by it; for config-file
+//!   servers the Deployment owns the Secret and Service. The Secret is written first
+//!   so the pod never starts without its keys.
+//! - Every replica watches and keeps statuses (it needs endpoints to serve); only the
+//!   Lease holder writes.
+
+pub mod attach;
+pub mod index;
+pub mod lease;
+pub mod objects;
+pub mod status;
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use kube::api::{Api, DeleteParams, LogParams, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
+
+use self::index::Index;
+use self::lease::{Elector, LeaseSettings};
+use super::spec::{McpServer, McpServerStatus, ResolvedServer, ServerDef, labels, object_name};
+use super::{
+    Endpoint, FailureReason, LogOptions, OrchestratorError, Phase, Result, Runtime, ServerStatus,
+    StdioEndpoint,
+};
+
+/// Environment variable: path of a kubeconfig file.
+pub const ENV_KUBECONFIG: &str = "GATEHOUSE_ORCHESTRATOR_KUBECONFIG";
+/// Environment variable: `true` to use the pod's service account (in-cluster config).
+pub const ENV_IN_CLUSTER: &str = "GATEHOUSE_ORCHESTRATOR_LOAD_KUBECONFIG_FROM_CURRENT_CLUSTER";
+/// Environment variable: the namespace servers run in.
+pub const ENV_NAMESPACE: &str = "GATEHOUSE_ORCHESTRATOR_K8S_NAMESPACE";
+/// Environment variable: `false` to turn leader election off (a single replica).
+pub const ENV_LEADER_ELECTION: &str = "GATEHOUSE_ORCHESTRATOR_LEADER_ELECTION";
+/// Environment variable: name of the leader-election Lease.
+pub const ENV_LEASE_NAME: &str = "GATEHOUSE_ORCHESTRATOR_LEASE_NAME";
+/// Environment variable: `false` to ignore `McpServer` resources.
+pub const ENV_WATCH_MCPSERVERS: &str = "GATEHOUSE_ORCHESTRATOR_WATCH_MCPSERVERS";
+/// Field manager of our server-side applies.
+pub const FIELD_MANAGER: &str = "gatehouse";
+
+/// Where the client's configuration comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// A kubeconfig file (its current context).
+    Kubeconfig(PathBuf),
+    /// The pod's service account.
+    InCluster,
+}
+
+/// Settings of the Kubernetes backend.
+#[derive(Debug, Clone)]
+pub struct KubeSettings {
+    /// Where the client's configuration comes from.
+    pub source: ConfigSource,
+    /// Namespace of the servers (default: the kubeconfig's or the pod's namespace).
+    pub namespace: Option<String>,
+    /// Leader election; `None` makes this replica always reconcile.
+    pub leader_election: Option<LeaseSettings>,
+    /// Options shared with [`KubeRuntime::start_with_client`].
+    pub options: KubeOptions,
+}
+
+/// Behaviour of the backend, independent of how the client is built.
+#[derive(Debug, Clone)]
+pub struct KubeOptions {
+    /// Also run the servers declared as `McpServer` resources.
+    pub watch_mcpservers: bool,
+    /// Re-check every server this often even without events (a safety net, not polling).
+    pub resync_every: Duration,
+    /// Delay before retrying a failed reconcile.
+    pub retry_after: Duration,
+    /// How long [`StdioEndpoint::open`] waits for the pod to be ready.
+    pub attach_timeout: Duration,
+    /// Buffer size of an attachment's stdin and stdout.
+    pub attach_buffer: usize,
+}
+
+impl Default for KubeOptions {
+    fn default() -> Self {
+        KubeOptions {
+            watch_mcpservers: true,
+            resync_every: Duration::from_secs(300),
+            retry_after: Duration::from_secs(5),
+            attach_timeout: Duration::from_secs(60),
+            attach_buffer: 256 * 1024,
+        }
+    }
+}
+
+fn truthy(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" | "" => Some(false),
+        _ => None,
+    }
+}
+
+impl KubeSettings {
+    /// Reads the settings from the process environment; `None` means "no cluster".
+    pub fn from_env() -> Result<Option<Self>> {
+        Self::from_env_with(|k| std::env::var(k).ok())
+    }
+
+    /// Reads the settings through `getenv`; `None` when neither a kubeconfig nor in-cluster loading is set.
+    pub fn from_env_with(getenv: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        let flag = |key: &str, default: bool| -> Result<bool> {
+            match getenv(key) {
+                None => Ok(default),
+                Some(v) => truthy(&v).ok_or_else(|| {
+                    OrchestratorError::Settings(format!("{key}={v:?} is not a boolean"))
+                }),
+            }
+        };
+        let kubeconfig = getenv(ENV_KUBECONFIG).filter(|p| !p.trim().is_empty());
+        let in_cluster = flag(ENV_IN_CLUSTER, false)?;
+        let source = match (kubeconfig, in_cluster) {
+            (Some(_), true) => {
+                return Err(OrchestratorError::Settings(format!(
+                    "set either {ENV_KUBECONFIG} or {ENV_IN_CLUSTER}, not both"
+                )));
+            }
+            (Some(path), false) => ConfigSource::Kubeconfig(path.into()),
+            (None, true) => ConfigSource::InCluster,
+            (None, false) => return Ok(None),
+        };
+        let namespace = getenv(ENV_NAMESPACE).filter(|n| !n.trim().is_empty());
+        if let Some(ns) = &namespace
+            && !super::spec::is_dns_label(ns, 63)
+        {
+            return Err(OrchestratorError::Settings(format!(
+                "{ENV_NAMESPACE}={ns:?} is not a namespace name"
+            )));
+        }
+        let leader_election = if flag(ENV_LEADER_ELECTION, true)? {
+            let base = getenv("POD_NAME")
+                .or_else(|| getenv("HOSTNAME"))
+                .unwrap_or_else(|| "gatehouse".into());
+            let suffix = format!(
+                "{:08x}",
+                (super::backoff::random_unit() * f64::from(u32::MAX)) as u32
+            );
+            Some(LeaseSettings::new(
+                getenv(ENV_LEASE_NAME).unwrap_or_else(|| "gatehouse-orchestrator".into()),
+                format!("{base}_{suffix}"),
+            ))
+        } else {
+            None
+        };
+        Ok(Some(KubeSettings {
+            source,
+            namespace,
+            leader_election,
+            options: KubeOptions {
+                watch_mcpservers: flag(ENV_WATCH_MCPSERVERS, true)?,
+                ..KubeOptions::default()
+            },
+        }))
+    }
+
+    /// Builds the client: kubeconfig (honouring `insecure-skip-tls-verify`) or in-cluster.
+    pub async fn client(&self) -> Result<(Client, String)> {
+        // kube's rustls setup uses the process-wide provider: make it ring (no aws-lc).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = match &self.source {
+            ConfigSource::Kubeconfig(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                    OrchestratorError::Settings(format!("kubeconfig {}: {e}", path.display()))
+                })?;
+                kube::Config::from_custom_kubeconfig(
+                    kc,
+                    &kube::config::KubeConfigOptions::default(),
+                )
+                .await
+                .map_err(|e| {
+                    OrchestratorError::Settings(format!("kubeconfig {}: {e}", path.display()))
+                })?
+            }
+            ConfigSource::InCluster => kube::Config::incluster()
+                .map_err(|e| OrchestratorError::Settings(format!("in-cluster config: {e}")))?,
+        };
+        let namespace = self
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let client = Client::try_from(config)
+            .map_err(|e| OrchestratorError::Settings(format!("kubernetes client: {e}")))?;
+        Ok((client, namespace))
+    }
+}
+
+/// Where a desired server comes from.
+#[derive(Debug, Clone, PartialEq)]
+enum Source {
+    /// [`Runtime::apply`] (the config file, the admin API).
+    Config,
+    /// An `McpServer` resource with this uid.
+    Resource { uid: String },
+}
+
+#[derive(Debug, Clone)]
+enum Desired {
+    Valid {
+        server: Box<ResolvedServer>,
+        source: Source,
+    },
+    /// An `McpServer` resource that fails validation.
+    Invalid { message: String },
+}
+
+/// Counters of the reconcile loop, for tests and benchmarks.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Servers processed by the worker.
+    pub reconciles: AtomicU64,
+    /// Objects written (server-side apply).
+    pub applies: AtomicU64,
+    /// Objects deleted.
+    pub deletes: AtomicU64,
+    /// `McpServer` status writes.
+    pub status_writes: AtomicU64,
+    /// Reconciles that failed (and were retried).
+    pub errors: AtomicU64,
+}
+
+/// A copy of [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Servers processed by the worker.
+    pub reconciles: u64,
+    /// Objects written.
+    pub applies: u64,
+    /// Objects deleted.
+    pub deletes: u64,
+    /// `McpServer` status writes.
+    pub status_writes: u64,
+    /// Failed reconciles.
+    pub errors: u64,
+}
+
+pub(crate) struct Inner {
+    client: Client,
+    ns: String,
+    options: KubeOptions,
+    desired: DashMap<String, Desired>,
+    deployments: Index<Deployment>,
+    pods: Index<Pod>,
+    secrets: Index<Secret>,
+    services: Index<Service>,
+    statuses: DashMap<String, ServerStatus>,
+    written: DashMap<String, McpServerStatus>,
+    status_changed: watch::Sender<u64>,
+    queue: mpsc::UnboundedSender<String>,
+    leading: watch::Receiver<bool>,
+    stats: Stats,
+    /// `sync` has told us the whole configuration: leftovers may be deleted.
+    config_known: AtomicBool,
+    /// Servers removed through `remove`: their leftovers may be deleted.
+    removed: DashMap<String, ()>,
+}
+
+/// Runs MCP servers as pods through the Kubernetes API.
+pub struct KubeRuntime {
+    inner: Arc<Inner>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    lease: Option<(Api<Lease>, LeaseSettings)>,
+}
+
+impl Drop for KubeRuntime {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl KubeRuntime {
+    /// Builds the client from `settings` and starts watching, electing and reconciling.
+    pub async fn start(settings: KubeSettings) -> Result<Self> {
+        let (client, ns) = settings.client().await?;
+        Ok(Self::start_with_client(
+            client,
+            ns,
+            settings.leader_election,
+            settings.options,
+        ))
+    }
+
+    /// Starts with a ready client (embedding, tests). Must run inside a Tokio runtime.
+    pub fn start_with_client(
+        client: Client,
+        namespace: String,
+        leader_election: Option<LeaseSettings>,
+        options: KubeOptions,
+    ) -> Self {
+        let (queue, queue_rx) = mpsc::unbounded_channel();
+        let (leading_tx, leading) = watch::channel(leader_election.is_none());
+        let inner = Arc::new(Inner {
+            client: client.clone(),
+            ns: namespace.clone(),
+            options: options.clone(),
+            desired: DashMap::new(),
+            deployments: Index::default(),
+            pods: Index::default(),
+            secrets: Index::default(),
+            services: Index::default(),
+            statuses: DashMap::new(),
+            written: DashMap::new(),
+            status_changed: watch::Sender::new(0),
+            queue,
+            leading,
+            stats: Stats::default(),
+            config_known: AtomicBool::new(false),
+            removed: DashMap::new(),
+        });
+        let mut tasks = Vec::new();
+        let mut synced = Vec::new();
+        macro_rules! watch_kind {
+            ($ty:ty, $field:ident) => {{
+                let (tx, rx) = watch::channel(false);
+                synced.push(rx);
+                tasks.push(tokio::spawn(watch_children::<$ty>(
+                    inner.clone(),
+                    |i: &Inner| &i.$field,
+                    tx,
+                )));
+            }};
+        }
+        watch_kind!(Deployment, deployments);
+        watch_kind!(Pod, pods);
+        watch_kind!(Secret, secrets);
+        watch_kind!(Service, services);
+        if options.watch_mcpservers {
+            tasks.push(tokio::spawn(watch_mcpservers(inner.clone())));
+        }
+        tasks.push(tokio::spawn(worker(inner.clone(), queue_rx, synced)));
+        let lease = leader_election.map(|settings| {
+            let api: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+            tasks.push(tokio::spawn(
+                Elector::new(api.clone(), settings.clone()).run(leading_tx),
+            ));
+            (api, settings)
+        });
+        // Whoever becomes the leader re-checks everything.
+        let on_lead = inner.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rx = on_lead.leading.clone();
+            loop {
+                if *rx.borrow_and_update() {
+                    on_lead.enqueue_all();
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        }));
+        let resync = inner.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(resync.options.resync_every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                resync.enqueue_all();
+            }
+        }));
+        KubeRuntime {
+            inner,
+            tasks,
+            lease,
+        }
+    }
+
+    /// Whether this replica currently holds the lease (always true without election).
+    pub fn is_leader(&self) -> bool {
+        *self.inner.leading.borrow()
+    }
+
+    /// Namespace the servers run in.
+    pub fn namespace(&self) -> &str {
+        &self.inner.ns
+    }
+
+    /// The reconcile loop's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.inner.stats;
+        StatsSnapshot {
+            reconciles: s.reconciles.load(Ordering::Relaxed),
+            applies: s.applies.load(Ordering::Relaxed),
+            deletes: s.deletes.load(Ordering::Relaxed),
+            status_writes: s.status_writes.load(Ordering::Relaxed),
+            errors: s.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Servers ready, and servers defined (cheap: for probes and metrics).
+    pub fn ready_count(&self) -> (usize, usize) {
+        let ready = self
+            .inner
+            .statuses
+            .iter()
+            .filter(|s| s.value().is_ready())
+            .count();
+        (ready, self.inner.desired.len())
+    }
+
+    /// Subscribes to status changes (the value counts changes).
+    pub fn watch_statuses(&self) -> watch::Receiver<u64> {
+        self.inner.status_changed.subscribe()
+    }
+
+    /// Stops reconciling and gives the lease up so another replica takes over at once.
+    pub async fn shutdown(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        if let Some((api, settings)) = &self.lease
+            && let Err(e) = Elector::release(api, settings).await
+        {
+            tracing::warn!("releasing the lease: {e}");
+        }
+    }
+}
+
+impl Inner {
+    fn enqueue(&self, server: impl Into<String>) {
+        let _ = self.queue.send(server.into());
+    }
+
+    fn enqueue_all(&self) {
+        let mut names: BTreeSet<String> = self.desired.iter().map(|e| e.key().clone()).collect();
+        names.extend(self.deployments.servers());
+        names.extend(self.secrets.servers());
+        names.extend(self.services.servers());
+        for n in names {
+            self.enqueue(n);
+        }
+    }
+
+    fn leading(&self) -> bool {
+        *self.leading.borrow()
+    }
+
+    fn valid(&self, name: &str) -> Option<(ResolvedServer, Source)> {
+        match self.desired.get(name).as_deref() {
+            Some(Desired::Valid { server, source }) => Some(((**server).clone(), source.clone())),
+            _ => None,
+        }
+    }
+
+    /// Applies `desired` unless the watched copy already has every field we set.
+    async fn ensure<K>(&self, index: &Index<K>, server: &str, desired: K) -> Result<Arc<K>>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + Debug
+            + Serialize
+            + DeserializeOwned
+            + Send
+            + Sync
+            + 'static,
+        K::DynamicType: Default,
+    {
+        let name = desired.name_any();
+        if let Some(observed) = index.get(server, &name) {
+            let want = serde_json::to_value(&desired).unwrap_or_default();
+            let have = serde_json::to_value(&*observed).unwrap_or_default();
+            if objects::is_subset(&want, &have) {
+                return Ok(observed);
+            }
+            tracing::info!(server, kind = %K::kind(&Default::default()), name, "drifted: re-applying");
+        }
+        let api: Api<K> = Api::namespaced(self.client.clone(), &self.ns);
+        let applied = api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&desired),
+            )
+            .await
+            .map_err(|e| {
+                OrchestratorError::kube(format!("apply {} {name}", K::kind(&Default::default())), e)
+            })?;
+        self.stats.applies.fetch_add(1, Ordering::Relaxed);
+        Ok(index
+            .upsert(applied)
+            .map(|(_, o)| o)
+            .expect("applied objects carry the server label"))
+    }
+
+    /// Deletes an object if we watch one of that name; "already gone" is success.
+    async fn delete_if_present<K>(&self, index: &Index<K>, server: &str, name: &str) -> Result<()>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + Debug
+            + DeserializeOwned
+            + Send
+            + Sync
+            + 'static,
+        K::DynamicType: Default,
+    {
+        let Some(obj) = index.get(server, name) else {
+            return Ok(());
+        };
+        drop(obj);
+        let api: Api<K> = Api::namespaced(self.client.clone(), &self.ns);
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                return Err(OrchestratorError::kube(
+                    format!("delete {} {name}", K::kind(&Default::default())),
+                    e,
+                ));
+            }
+        }
+        self.stats.deletes.fetch_add(1, Ordering::Relaxed);
+        index.remove_named(server, name);
+        Ok(())
+    }
+
+    /// Makes the cluster match the desired state of one server.
+    async fn reconcile(&self, name: &str) -> Result<()> {
+        let obj = object_name(name);
+        let Some((server, source)) = self.valid(name) else {
+            if self.desired.contains_key(name) {
+                return Ok(()); // invalid definition: leave what runs alone
+            }
+            // Not desired: remove what we created, except children of an McpServer
+            // (the garbage collector removes those with their owner). Before the
+            // configuration is known, a server without a definition may just not have
+            // been applied yet: leave it alone.
+            if !self.config_known.load(Ordering::Acquire) && !self.removed.contains_key(name) {
+                return Ok(());
+            }
+            if !self.owned_by_resource(&self.deployments, name, &obj) {
+                self.delete_if_present(&self.deployments, name, &obj)
+                    .await?;
+            }
+            if !self.owned_by_resource(&self.secrets, name, &obj) {
+                self.delete_if_present(&self.secrets, name, &obj).await?;
+            }
+            if !self.owned_by_resource(&self.services, name, &obj) {
+                self.delete_if_present(&self.services, name, &obj).await?;
+            }
+            return Ok(());
+        };
+        let resource_owner = match &source {
+            Source::Resource { uid } => Some(objects::owner_ref(
+                &McpServer::api_version(&()),
+                &McpServer::kind(&()),
+                name,
+                uid,
+            )),
+            Source::Config => None,
+        };
+        let deployment_owner = |d: &Deployment| {
+            d.metadata
+                .uid
+                .as_deref()
+                .map(|uid| objects::owner_ref("apps/v1", "Deployment", &obj, uid))
+        };
+        let known_owner = match &resource_owner {
+            Some(_) => None,
+            None => self
+                .deployments
+                .get(name, &obj)
+                .and_then(|d| deployment_owner(&d)),
+        };
+        let rendered = objects::render(
+            &server,
+            &self.ns,
+            resource_owner.as_ref(),
+            known_owner.as_ref(),
+        );
+        // The Secret first, so the pod never starts without its keys.
+        match rendered.secret {
+            Some(secret) => {
+                self.ensure(&self.secrets, name, secret).await?;
+            }
+            None => self.delete_if_present(&self.secrets, name, &obj).await?,
+        }
+        let deployment = self
+            .ensure(&self.deployments, name, rendered.deployment)
+            .await?;
+        let mut service = rendered.service;
+        if resource_owner.is_none() && known_owner.is_none() {
+            // The Deployment did not exist: now it does, it owns the Secret and Service.
+            let owner = deployment_owner(&deployment);
+            let again = objects::render(&server, &self.ns, None, owner.as_ref());
+            if let Some(secret) = again.secret {
+                self.ensure(&self.secrets, name, secret).await?;
+            }
+            service = again.service;
+        }
+        match service {
+            Some(service) => {
+                self.ensure(&self.services, name, service).await?;
+            }
+            None => self.delete_if_present(&self.services, name, &obj).await?,
+        }
+        Ok(())
+    }
+
+    fn owned_by_resource<K: Resource>(&self, index: &Index<K>, server: &str, name: &str) -> bool {
+        index.get(server, name).is_some_and(|o| {
+            o.owner_references()
+                .iter()
+                .any(|r| r.kind == McpServer::kind(&()))
+        })
+    }
+
+    /// Recomputes a server's status from its pod; returns whether it changed.
+    fn refresh_status(&self, name: &str, error: Option<&OrchestratorError>) -> bool {
+        let next = match self.desired.get(name).as_deref() {
+            None => None,
+            Some(Desired::Invalid { message }) => Some(
+                ServerStatus::new(Phase::Failed {
+                    reason: FailureReason::InvalidDefinition,
+                })
+                .with_message(message.clone()),
+            ),
+            Some(Desired::Valid { .. }) => {
+                let pods = self.pods.of(name);
+                let observed = status::observe(status::current_pod(pods.iter().map(|p| &**p)));
+                let mut st = ServerStatus::new(observed.phase);
+                st.restarts = observed.restarts;
+                st.message = observed.message;
+                if observed.pod.is_none()
+                    && self.deployments.get(name, &object_name(name)).is_none()
+                {
+                    st.message = Some("creating the Deployment".into());
+                }
+                if let Some(e) = error {
+                    st.message = Some(format!("reconcile failed: {e}"));
+                }
+                Some(st)
+            }
+        };
+        let changed = match next {
+            None => self.statuses.remove(name).is_some(),
+            Some(mut st) => match self.statuses.get_mut(name) {
+                Some(mut cur) => {
+                    if cur.phase == st.phase
+                        && cur.message == st.message
+                        && cur.restarts == st.restarts
+                    {
+                        false
+                    } else {
+                        if std::mem::discriminant(&cur.phase) == std::mem::discriminant(&st.phase) {
+                            st.since = cur.since;
+                        }
+                        *cur = st;
+                        true
+                    }
+                }
+                None => {
+                    self.statuses.insert(name.to_string(), st);
+                    true
+                }
+            },
+        };
+        if changed {
+            self.status_changed.send_modify(|g| *g += 1);
+        }
+        changed
+    }
+
+    /// Writes the status of a server defined by an `McpServer` resource (leader only).
+    async fn write_resource_status(&self, name: &str) {
+        let is_resource = matches!(
+            self.desired.get(name).as_deref(),
+            Some(Desired::Valid {
+                source: Source::Resource { .. },
+                ..
+            }) | Some(Desired::Invalid { .. })
+        );
+        if !is_resource {
+            return;
+        }
+        let Some(st) = self.statuses.get(name).map(|s| s.clone()) else {
+            return;
+        };
+        let status = McpServerStatus {
+            phase: Some(st.phase.name().to_string()),
+            message: st.message.clone(),
+            restarts: i32::try_from(st.restarts).unwrap_or(i32::MAX),
+            endpoint: self.valid(name).map(|(s, _)| self.endpoint_string(&s)),
+        };
+        if self.written.get(name).is_some_and(|w| *w == status) {
+            return;
+        }
+        let api: Api<McpServer> = Api::namespaced(self.client.clone(), &self.ns);
+        let patch = serde_json::json!({
+            "apiVersion": McpServer::api_version(&()),
+            "kind": McpServer::kind(&()),
+            "status": status,
+        });
+        match api
+            .patch_status(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                self.stats.status_writes.fetch_add(1, Ordering::Relaxed);
+                self.written.insert(name.to_string(), status);
+            }
+            Err(e) => tracing::warn!(server = name, "writing McpServer status: {e}"),
+        }
+    }
+
+    fn endpoint_string(&self, server: &ResolvedServer) -> String {
+        objects::service_url(server, &self.ns)
+            .unwrap_or_else(|| format!("attach://{}/{}", self.ns, server.object_name()))
+    }
+
+    async fn process(&self, name: &str) {
+        self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
+        let leading = self.leading();
+        let mut error = None;
+        if leading && let Err(e) = self.reconcile(name).await {
+            tracing::warn!(server = name, "reconcile failed (retrying): {e}");
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            error = Some(e);
+        }
+        self.refresh_status(name, error.as_ref());
+        if error.is_some() {
+            let queue = self.queue.clone();
+            let name = name.to_string();
+            let after = self.options.retry_after;
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = queue.send(name);
+            });
+        }
+        if leading {
+            self.write_resource_status(name).await;
+        }
+    }
+
+    fn current_pod_name(&self, name: &str) -> Option<String> {
+        let pods = self.pods.of(name);
+        status::current_pod(pods.iter().map(|p| &**p)).and_then(|p| p.metadata.name.clone())
+    }
+
+    async fn wait_ready(&self, name: &str, timeout: Duration) -> Result<String> {
+        let mut rx = self.status_changed.subscribe();
+        let wait = async {
+            loop {
+                rx.borrow_and_update();
+                if !self.desired.contains_key(name) {
+                    return Err(OrchestratorError::NotFound(name.to_string()));
+                }
+                if let Some(st) = self.statuses.get(name).map(|s| s.clone()) {
+                    match st.phase {
+                        Phase::Ready => {
+                            if let Some(pod) = self.current_pod_name(name) {
+                                return Ok(pod);
+                            }
+                        }
+                        Phase::Failed { reason } => {
+                            return Err(OrchestratorError::Failed {
+                                server: name.to_string(),
+                                reason,
+                                message: st.message,
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return Err(OrchestratorError::Removed(name.to_string()));
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => {
+                let last = self.statuses.get(name).map_or_else(
+                    || "no status yet".to_string(),
+                    |s| match &s.message {
+                        Some(m) => format!("{}: {m}", s.phase.name()),
+                        None => s.phase.name().to_string(),
+                    },
+                );
+                Err(OrchestratorError::Timeout {
+                    server: name.to_string(),
+                    waited: timeout,
+                    last,
+                })
+            }
+        }
+    }
+
+    fn endpoint(self: &Arc<Self>, name: &str) -> Result<Endpoint> {
+        let (server, _) = self
+            .valid(name)
+            .ok_or_else(|| OrchestratorError::NotFound(name.to_string()))?;
+        Ok(match objects::service_url(&server, &self.ns) {
+            Some(url) => Endpoint::Http { url },
+            None => Endpoint::Stdio(StdioEndpoint::new(Arc::new(attach::KubeAttach::new(
+                self.clone(),
+                name.to_string(),
+            )))),
+        })
+    }
+}
+
+async fn worker(
+    inner: Arc<Inner>,
+    mut rx: mpsc::UnboundedReceiver<String>,
+    synced: Vec<watch::Receiver<bool>>,
+) {
+    // Decide nothing before every watch has listed once: an empty index would look like
+    // "everything is missing".
+    for mut s in synced {
+        if s.wait_for(|v| *v).await.is_err() {
+            return;
+        }
+    }
+    inner.enqueue_all();
+    while let Some(first) = rx.recv().await {
+        let mut batch = BTreeSet::from([first]);
+        while let Ok(next) = rx.try_recv() {
+            batch.insert(next);
+        }
+        for name in batch {
+            inner.process(&name).await;
+        }
+    }
+}
+
+async fn watch_children<K>(
+    inner: Arc<Inner>,
+    index: fn(&Inner) -> &Index<K>,
+    synced: watch::Sender<bool>,
+) where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(inner.client.clone(), &inner.ns);
+    let stream = watcher::watcher(api, watcher::Config::default().labels(labels::SELECTOR))
+        .default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        let idx = index(&inner);
+        match event {
+            Ok(Event::Apply(obj)) => {
+                if let Some((server, _)) = idx.upsert(obj) {
+                    inner.enqueue(server);
+                }
+            }
+            Ok(Event::Delete(obj)) => {
+                if let Some(server) = idx.remove(&obj) {
+                    inner.enqueue(server);
+                }
+            }
+            Ok(Event::Init) => idx.begin_relist(),
+            Ok(Event::InitApply(obj)) => idx.relist_item(obj),
+            Ok(Event::InitDone) => {
+                for server in idx.finish_relist() {
+                    inner.enqueue(server);
+                }
+                synced.send_replace(true);
+            }
+            Err(e) => tracing::warn!(kind = %K::kind(&Default::default()), "watch: {e}"),
+        }
+    }
+}
+
+fn desired_from_resource(obj: &McpServer) -> Desired {
+    let def = ServerDef {
+        name: obj.name_any(),
+        spec: obj.spec.clone(),
+    };
+    match def.resolve() {
+        Ok(server) if server.spec.image.is_none() => Desired::Invalid {
+            message: "spec.image: the kubernetes backend needs an image".into(),
+        },
+        Ok(server) => Desired::Valid {
+            server: Box::new(server),
+            source: Source::Resource {
+                uid: obj.uid().unwrap_or_default(),
+            },
+        },
+        Err(e) => Desired::Invalid {
+            message: e.to_string(),
+        },
+    }
+}
+
+async fn watch_mcpservers(inner: Arc<Inner>) {
+    let api: Api<McpServer> = Api::namespaced(inner.client.clone(), &inner.ns);
+    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut relist: Option<Vec<McpServer>> = None;
+    let is_resource = |d: &Desired| {
+        matches!(
+            d,
+            Desired::Invalid { .. }
+                | Desired::Valid {
+                    source: Source::Resource { .. },
+                    ..
+                }
+        )
+    };
+    let upsert = |obj: &McpServer| {
+        let name = obj.name_any();
+        if matches!(
+            inner.desired.get(&name).as_deref(),
+            Some(Desired::Valid {
+                source: Source::Config,
+                ..
+            })
+        ) {
+            tracing::warn!(server = %name, "an McpServer resource has the name of a config-file server; the config file wins");
+            return;
+        }
+        inner
+            .desired
+            .insert(name.clone(), desired_from_resource(obj));
+        inner.enqueue(name);
+    };
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Apply(obj)) => upsert(&obj),
+            Ok(Event::Delete(obj)) => {
+                let name = obj.name_any();
+                if inner
+                    .desired
+                    .remove_if(&name, |_, d| is_resource(d))
+                    .is_some()
+                {
+                    inner.written.remove(&name);
+                    inner.enqueue(name);
+                }
+            }
+            Ok(Event::Init) => relist = Some(Vec::new()),
+            Ok(Event::InitApply(obj)) => relist.get_or_insert_with(Vec::new).push(obj),
+            Ok(Event::InitDone) => {
+                let items = relist.take().unwrap_or_default();
+                let names: BTreeSet<String> = items.iter().map(|o| o.name_any()).collect();
+                let gone: Vec<String> = inner
+                    .desired
+                    .iter()
+                    .filter(|e| is_resource(e.value()) && !names.contains(e.key()))
+                    .map(|e| e.key().clone())
+                    .collect();
+                for name in gone {
+                    inner.desired.remove(&name);
+                    inner.enqueue(name);
+                }
+                for obj in &items {
+                    upsert(obj);
+                }
+            }
+            Err(e) => tracing::debug!("watch McpServer: {e}"),
+        }
+    }
+}
+
+impl Runtime for KubeRuntime {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn apply(&self, server: ResolvedServer) -> BoxFuture<'_, Result<()>> {
+        async move {
+            if server.spec.image.is_none() {
+                return Err(OrchestratorError::Unsupported {
+                    server: server.name.clone(),
+                    backend: "kubernetes",
+                    what: "an image",
+                });
+            }
+            let name = server.name.clone();
+            self.inner.removed.remove(&name);
+            self.inner.desired.insert(
+                name.clone(),
+                Desired::Valid {
+                    server: Box::new(server),
+                    source: Source::Config,
+                },
+            );
+            self.inner.refresh_status(&name, None);
+            self.inner.enqueue(name);
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn sync(&self, servers: Vec<ResolvedServer>) -> BoxFuture<'_, Result<()>> {
+        async move {
+            if let Some(s) = servers.iter().find(|s| s.spec.image.is_none()) {
+                return Err(OrchestratorError::Unsupported {
+                    server: s.name.clone(),
+                    backend: "kubernetes",
+                    what: "an image",
+                });
+            }
+            let keep: BTreeSet<String> = servers.iter().map(|s| s.name.clone()).collect();
+            let gone: Vec<String> = self
+                .inner
+                .desired
+                .iter()
+                .filter(|e| {
+                    matches!(
+                        e.value(),
+                        Desired::Valid {
+                            source: Source::Config,
+                            ..
+                        }
+                    ) && !keep.contains(e.key())
+                })
+                .map(|e| e.key().clone())
+                .collect();
+            for name in gone {
+                self.inner.desired.remove(&name);
+                self.inner.refresh_status(&name, None);
+            }
+            for server in servers {
+                self.apply(server).await?;
+            }
+            self.inner.config_known.store(true, Ordering::Release);
+            self.inner.enqueue_all();
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn wait_ready<'a>(
+        &'a self,
+        name: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Endpoint>> {
+        async move {
+            self.inner.wait_ready(name, timeout).await?;
+            self.inner.endpoint(name)
+        }
+        .boxed()
+    }
+
+    fn endpoint<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Endpoint>> {
+        async move { self.inner.endpoint(name) }.boxed()
+    }
+
+    fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<ServerStatus>> {
+        async move {
+            if !self.inner.desired.contains_key(name) {
+                return Err(OrchestratorError::NotFound(name.to_string()));
+            }
+            self.inner.refresh_status(name, None);
+            self.inner
+                .statuses
+                .get(name)
+                .map(|s| s.clone())
+                .ok_or_else(|| OrchestratorError::NotFound(name.to_string()))
+        }
+        .boxed()
+    }
+
+    fn list(&self) -> BoxFuture<'_, Vec<(String, ServerStatus)>> {
+        async move {
+            let names: Vec<String> = self.inner.desired.iter().map(|e| e.key().clone()).collect();
+            let mut all: Vec<(String, ServerStatus)> = names
+                .into_iter()
+                .map(|n| {
+                    let st = self
+                        .inner
+                        .statuses
+                        .get(&n)
+                        .map(|s| s.clone())
+                        .unwrap_or_else(|| ServerStatus::new(Phase::Pending));
+                    (n, st)
+                })
+                .collect();
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            all
+        }
+        .boxed()
+    }
+
+    fn restart<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
+        async move {
+            if !self.inner.desired.contains_key(name) {
+                return Err(OrchestratorError::NotFound(name.to_string()));
+            }
+            let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+            for pod in self.inner.pods.of(name) {
+                let pod_name = pod.name_any();
+                match api.delete(&pod_name, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => {
+                        return Err(OrchestratorError::kube(format!("delete Pod {pod_name}"), e));
+                    }
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn logs<'a>(&'a self, name: &'a str, opts: LogOptions) -> BoxFuture<'a, Result<String>> {
+        async move {
+            if !self.inner.desired.contains_key(name) {
+                return Err(OrchestratorError::NotFound(name.to_string()));
+            }
+            let pod =
+                self.inner
+                    .current_pod_name(name)
+                    .ok_or_else(|| OrchestratorError::NoLogs {
+                        server: name.to_string(),
+                        detail: "no pod".into(),
+                    })?;
+            let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+            let params = LogParams {
+                container: Some(objects::CONTAINER.into()),
+                previous: opts.previous,
+                tail_lines: opts.tail_lines.and_then(|n| i64::try_from(n).ok()),
+                ..LogParams::default()
+            };
+            match api.logs(&pod, &params).await {
+                Ok(text) => Ok(text),
+                Err(kube::Error::Api(e)) if e.code == 400 || e.code == 404 => {
+                    Err(OrchestratorError::NoLogs {
+                        server: name.to_string(),
+                        detail: e.message,
+                    })
+                }
+                Err(e) => Err(OrchestratorError::kube(format!("logs of Pod {pod}"), e)),
+            }
+        }
+        .boxed()
+    }
+
+    fn remove<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let removed = self.inner.desired.remove(name).map(|(_, d)| d);
+            self.inner.removed.insert(name.to_string(), ());
+            let from_resource = matches!(
+                removed,
+                Some(Desired::Valid {
+                    source: Source::Resource { .. },
+                    ..
+                }) | Some(Desired::Invalid { .. })
+            );
+            let result = if from_resource {
+                let api: Api<McpServer> =
+                    Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+                api.delete(name, &DeleteParams::background())
+                    .await
+                    .map(|_| ())
+            } else {
+                let api: Api<Deployment> =
+                    Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+                api.delete(&object_name(name), &DeleteParams::background())
+                    .await
+                    .map(|_| ())
+            };
+            match result {
+                Ok(()) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(OrchestratorError::kube(format!("remove server {name}"), e)),
+            }
+            self.inner.written.remove(name);
+            self.inner.refresh_status(name, None);
+            // The leader removes leftovers the garbage collector does not own.
+            self.inner.enqueue(name);
+            Ok(())
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,732 @@
+//! The `local` backend: each server is a child process of the gateway.
+//!
+//! A supervisor task per server starts the process, restarts it with capped exponential
+//! backoff when it exits, keeps the output of the current and the previous run in
+//! bounded ring buffers, and publishes the server's status on a watch channel.
+//!
+//! - stdio servers: stdout is the MCP channel, so only stderr goes to the logs. The
+//!   endpoint attaches to the running process; a newer attachment replaces the older
+//!   one, whose reader then sees end-of-file. The process outlives attachments.
+//! - streamable-http servers: stdout and stderr go to the logs; the server is ready
+//!   once its port accepts TCP connections on 127.0.0.1.
+//!
+//! The child's environment is cleared except for [`LocalSettings::inherit_env`] plus the
+//! definition's own variables, so the gateway's secrets do not leak into servers.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::backoff::{Backoff, random_unit};
+use super::logbuf::LogBuffer;
+use super::spec::{EnvValue, ResolvedServer};
+use super::{
+    Endpoint, FailureReason, LogOptions, OrchestratorError, Phase, Result, Runtime, ServerStatus,
+    StdioConnector, StdioEndpoint, StdioStream,
+};
+
+/// Settings of the local backend.
+#[derive(Debug, Clone)]
+pub struct LocalSettings {
+    /// Delays between restarts.
+    pub backoff: Backoff,
+    /// Bytes of output kept per run (current and previous).
+    pub log_bytes: usize,
+    /// Give up (phase `Failed`) after this many exits in a row without a stable run; `None` retries forever.
+    pub max_consecutive_failures: Option<u32>,
+    /// `wait_ready` fails with `CrashLoopBackOff` after this many exits while it waits.
+    pub crashloop_after: u32,
+    /// Between stdin close, SIGTERM and SIGKILL when stopping a process.
+    pub stop_grace: Duration,
+    /// How long [`StdioEndpoint::open`] waits for a (re)starting process.
+    pub attach_timeout: Duration,
+    /// Variables of the gateway's environment passed on to every server.
+    pub inherit_env: Vec<String>,
+    /// Buffer size of an attachment's pipes.
+    pub attach_buffer: usize,
+}
+
+impl Default for LocalSettings {
+    fn default() -> Self {
+        LocalSettings {
+            backoff: Backoff::default(),
+            log_bytes: 256 * 1024,
+            max_consecutive_failures: None,
+            crashloop_after: 3,
+            stop_grace: Duration::from_secs(2),
+            attach_timeout: Duration::from_secs(30),
+            inherit_env: ["PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TZ"]
+                .map(String::from)
+                .to_vec(),
+            attach_buffer: 256 * 1024,
+        }
+    }
+}
+
+/// Runs MCP servers as child processes of the gateway.
+pub struct LocalRuntime {
+    settings: Arc<LocalSettings>,
+    servers: DashMap<String, Arc<Supervised>>,
+}
+
+impl LocalRuntime {
+    /// A runtime with no servers.
+    pub fn new(settings: LocalSettings) -> Self {
+        LocalRuntime {
+            settings: Arc::new(settings),
+            servers: DashMap::new(),
+        }
+    }
+
+    fn get(&self, name: &str) -> Result<Arc<Supervised>> {
+        self.servers
+            .get(name)
+            .map(|s| s.value().clone())
+            .ok_or_else(|| OrchestratorError::NotFound(name.to_string()))
+    }
+
+    /// Subscribes to a server's status changes.
+    pub fn watch_status(&self, name: &str) -> Result<watch::Receiver<ServerStatus>> {
+        Ok(self.get(name)?.status.subscribe())
+    }
+
+    /// Stops every server (for shutdown).
+    pub async fn shutdown(&self) {
+        let all: Vec<_> = self.servers.iter().map(|e| e.value().clone()).collect();
+        self.servers.clear();
+        futures_util::future::join_all(all.iter().map(|s| s.stop())).await;
+    }
+
+    fn endpoint_of(&self, sup: &Arc<Supervised>) -> Endpoint {
+        match sup.server.http_port_path() {
+            Some((port, path)) => Endpoint::Http {
+                url: format!("http://127.0.0.1:{port}{path}"),
+            },
+            None => Endpoint::Stdio(StdioEndpoint::new(Arc::new(LocalAttach {
+                sup: sup.clone(),
+                settings: self.settings.clone(),
+            }))),
+        }
+    }
+}
+
+impl Drop for LocalRuntime {
+    fn drop(&mut self) {
+        for s in self.servers.iter() {
+            s.stop_now();
+        }
+    }
+}
+
+impl Runtime for LocalRuntime {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    fn apply(&self, server: ResolvedServer) -> BoxFuture<'_, Result<()>> {
+        async move {
+            if server.spec.command.is_none() {
+                return Err(OrchestratorError::Unsupported {
+                    server: server.name.clone(),
+                    backend: "local",
+                    what: "a command",
+                });
+            }
+            if let Some(old) = self.servers.get(&server.name).map(|s| s.value().clone()) {
+                if old.server == server {
+                    return Ok(());
+                }
+                old.stop().await;
+            }
+            let sup = Supervised::start(server.clone(), self.settings.clone());
+            self.servers.insert(server.name, sup);
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn sync(&self, servers: Vec<ResolvedServer>) -> BoxFuture<'_, Result<()>> {
+        async move {
+            if let Some(s) = servers.iter().find(|s| s.spec.command.is_none()) {
+                return Err(OrchestratorError::Unsupported {
+                    server: s.name.clone(),
+                    backend: "local",
+                    what: "a command",
+                });
+            }
+            let keep: std::collections::BTreeSet<String> =
+                servers.iter().map(|s| s.name.clone()).collect();
+            let gone: Vec<String> = self
+                .servers
+                .iter()
+                .map(|e| e.key().clone())
+                .filter(|n| !keep.contains(n))
+                .collect();
+            for name in gone {
+                self.remove(&name).await?;
+            }
+            for server in servers {
+                self.apply(server).await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn wait_ready<'a>(
+        &'a self,
+        name: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Endpoint>> {
+        async move {
+            let sup = self.get(name)?;
+            let mut rx = sup.status.subscribe();
+            let start_restarts = rx.borrow().restarts;
+            let crashloop = self.settings.crashloop_after;
+            let wait = async {
+                loop {
+                    let st = rx.borrow_and_update().clone();
+                    match &st.phase {
+                        Phase::Ready => return Ok(()),
+                        Phase::Failed { reason } => {
+                            return Err(OrchestratorError::Failed {
+                                server: name.to_string(),
+                                reason: reason.clone(),
+                                message: st.message.clone(),
+                            });
+                        }
+                        Phase::Removed => return Err(OrchestratorError::Removed(name.into())),
+                        Phase::BackOff { .. }
+                            if st.restarts.saturating_sub(start_restarts) >= crashloop =>
+                        {
+                            return Err(OrchestratorError::Failed {
+                                server: name.to_string(),
+                                reason: FailureReason::CrashLoopBackOff,
+                                message: st.message.clone(),
+                            });
+                        }
+                        _ => {}
+                    }
+                    if rx.changed().await.is_err() {
+                        return Err(OrchestratorError::Removed(name.into()));
+                    }
+                }
+            };
+            match tokio::time::timeout(timeout, wait).await {
+                Ok(Ok(())) => Ok(self.endpoint_of(&sup)),
+                Ok(Err(e)) => Err(e),
+                Err(_) => {
+                    let st = sup.status.borrow().clone();
+                    Err(OrchestratorError::Timeout {
+                        server: name.to_string(),
+                        waited: timeout,
+                        last: describe(&st),
+                    })
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn endpoint<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Endpoint>> {
+        async move { Ok(self.endpoint_of(&self.get(name)?)) }.boxed()
+    }
+
+    fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<ServerStatus>> {
+        async move { Ok(self.get(name)?.status.borrow().clone()) }.boxed()
+    }
+
+    fn list(&self) -> BoxFuture<'_, Vec<(String, ServerStatus)>> {
+        async move {
+            let mut all: Vec<_> = self
+                .servers
+                .iter()
+                .map(|e| (e.key().clone(), e.value().status.borrow().clone()))
+                .collect();
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            all
+        }
+        .boxed()
+    }
+
+    fn restart<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
+        async move {
+            self.get(name)?.restart.notify_one();
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn logs<'a>(&'a self, name: &'a str, opts: LogOptions) -> BoxFuture<'a, Result<String>> {
+        async move {
+            let sup = self.get(name)?;
+            let logs = sup.logs.lock().unwrap_or_else(|e| e.into_inner());
+            if opts.previous {
+                logs.previous
+                    .as_ref()
+                    .map(|b| b.text(opts.tail_lines))
+                    .ok_or_else(|| OrchestratorError::NoLogs {
+                        server: name.to_string(),
+                        detail: "no previous run".into(),
+                    })
+            } else {
+                Ok(logs.current.text(opts.tail_lines))
+            }
+        }
+        .boxed()
+    }
+
+    fn remove<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
+        async move {
+            if let Some((_, sup)) = self.servers.remove(name) {
+                sup.stop().await;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+fn describe(st: &ServerStatus) -> String {
+    match &st.message {
+        Some(m) => format!("{}: {m}", st.phase.name()),
+        None => st.phase.name().to_string(),
+    }
+}
+
+/// Output of the current and the previous run.
+struct Logs {
+    current: LogBuffer,
+    previous: Option<LogBuffer>,
+}
+
+/// The I/O of a running stdio process that attachments plug into.
+struct ProcIo {
+    sink: Arc<tokio::sync::Mutex<Option<WriteHalf<DuplexStream>>>>,
+    source_tx: mpsc::Sender<ReadHalf<DuplexStream>>,
+}
+
+/// One supervised server.
+struct Supervised {
+    server: ResolvedServer,
+    status: watch::Sender<ServerStatus>,
+    logs: Mutex<Logs>,
+    io: Mutex<Option<ProcIo>>,
+    restart: Notify,
+    stop_tx: watch::Sender<bool>,
+    done: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Supervised {
+    fn start(server: ResolvedServer, settings: Arc<LocalSettings>) -> Arc<Self> {
+        let (stop_tx, _) = watch::channel(false);
+        let sup = Arc::new(Supervised {
+            server,
+            status: watch::Sender::new(ServerStatus::new(Phase::Pending)),
+            logs: Mutex::new(Logs {
+                current: LogBuffer::new(settings.log_bytes),
+                previous: None,
+            }),
+            io: Mutex::new(None),
+            restart: Notify::new(),
+            stop_tx,
+            done: Mutex::new(None),
+        });
+        let task = tokio::spawn(supervise(sup.clone(), settings));
+        *sup.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        sup
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ServerStatus)) {
+        self.status.send_modify(f);
+    }
+
+    fn stop_now(&self) {
+        self.stop_tx.send_replace(true);
+    }
+
+    async fn stop(&self) {
+        self.stop_now();
+        let task = self.done.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    fn set_io(&self, io: Option<ProcIo>) {
+        *self.io.lock().unwrap_or_else(|e| e.into_inner()) = io;
+    }
+}
+
+enum RunEnd {
+    Exited(String),
+    Restart,
+    Stop,
+}
+
+async fn supervise(sup: Arc<Supervised>, settings: Arc<LocalSettings>) {
+    let mut stop_rx = sup.stop_tx.subscribe();
+    let mut attempt: u32 = 0;
+    let mut failures: u32 = 0;
+    loop {
+        if *stop_rx.borrow() {
+            break;
+        }
+        sup.update(|s| {
+            s.set_phase(Phase::Starting);
+            s.message = None;
+        });
+        let started = Instant::now();
+        let end = match spawn(&sup, &settings) {
+            Ok(child) => run(&sup, child, &settings, &mut stop_rx).await,
+            Err(e) => {
+                let msg = format!(
+                    "cannot start {:?}: {e}",
+                    sup.server.spec.command.as_deref().unwrap_or_default()
+                );
+                tracing::warn!(server = %sup.server.name, "{msg}");
+                sup.logs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .current
+                    .push_line(msg.as_bytes());
+                sup.update(|s| {
+                    s.set_phase(Phase::Failed {
+                        reason: FailureReason::SpawnFailed,
+                    });
+                    s.message = Some(msg.clone());
+                });
+                RunEnd::Exited(msg)
+            }
+        };
+        sup.set_io(None);
+        {
+            // The run's output becomes the previous run's, as `kubectl logs --previous`.
+            let mut logs = sup.logs.lock().unwrap_or_else(|e| e.into_inner());
+            let fresh = LogBuffer::new(settings.log_bytes);
+            let mut old = std::mem::replace(&mut logs.current, fresh);
+            old.flush();
+            logs.previous = Some(old);
+        }
+        let spawn_failed = matches!(
+            sup.status.borrow().phase,
+            Phase::Failed {
+                reason: FailureReason::SpawnFailed
+            }
+        );
+        let message = match end {
+            RunEnd::Stop => break,
+            RunEnd::Restart => {
+                attempt = 0;
+                failures = 0;
+                sup.update(|s| {
+                    s.restarts += 1;
+                    s.set_phase(Phase::Pending);
+                    s.message = Some("restarted on request".into());
+                });
+                continue;
+            }
+            RunEnd::Exited(message) => message,
+        };
+        if started.elapsed() >= settings.backoff.reset_after {
+            attempt = 0;
+            failures = 0;
+        }
+        failures += 1;
+        let delay = settings.backoff.delay(attempt, random_unit());
+        attempt = attempt.saturating_add(1);
+        let give_up = settings
+            .max_consecutive_failures
+            .is_some_and(|max| failures >= max);
+        sup.update(|s| {
+            s.restarts += 1;
+            if give_up {
+                s.set_phase(Phase::Failed {
+                    reason: FailureReason::TooManyRestarts,
+                });
+                s.message = Some(format!(
+                    "{message}; gave up after {failures} exits in a row"
+                ));
+            } else if spawn_failed {
+                // Stays Failed(SpawnFailed) while it waits: the cause will not go away by itself.
+                s.message = Some(format!("{message}; retrying in {delay:.1?}"));
+            } else {
+                s.set_phase(Phase::BackOff { retry_in: delay });
+                s.message = Some(message.clone());
+            }
+        });
+        tracing::info!(server = %sup.server.name, "{message}; restart in {delay:.1?}");
+        let wait = async {
+            if give_up {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep(delay).await
+            }
+        };
+        tokio::select! {
+            _ = wait => {}
+            _ = sup.restart.notified() => { attempt = 0; failures = 0; }
+            _ = stop_rx.wait_for(|s| *s) => break,
+        }
+    }
+    sup.set_io(None);
+    sup.update(|s| {
+        s.set_phase(Phase::Removed);
+        s.message = None;
+    });
+}
+
+fn spawn(sup: &Supervised, settings: &LocalSettings) -> std::io::Result<Child> {
+    let spec = &sup.server.spec;
+    let command = spec.command.as_deref().unwrap_or_default();
+    let mut cmd = Command::new(command);
+    cmd.args(&spec.args)
+        .env_clear()
+        .stdin(if sup.server.is_stdio() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for key in &settings.inherit_env {
+        if let Some(v) = std::env::var_os(key) {
+            cmd.env(key, v);
+        }
+    }
+    let env: BTreeMap<&str, &str> = sup
+        .server
+        .env
+        .iter()
+        .map(|(k, v)| match v {
+            EnvValue::Plain(s) | EnvValue::Secret(s) => (k.as_str(), s.as_str()),
+        })
+        .collect();
+    cmd.envs(env);
+    cmd.spawn()
+}
+
+async fn run(
+    sup: &Arc<Supervised>,
+    mut child: Child,
+    settings: &LocalSettings,
+    stop_rx: &mut watch::Receiver<bool>,
+) -> RunEnd {
+    let pid = child.id();
+    tracing::debug!(server = %sup.server.name, ?pid, "started local MCP server");
+    let mut pumps = Vec::new();
+    if let Some(stderr) = child.stderr.take() {
+        pumps.push(tokio::spawn(capture(stderr, sup.clone())));
+    }
+    let http = sup.server.http_port_path();
+    match (child.stdout.take(), child.stdin.take()) {
+        (Some(stdout), Some(stdin)) if http.is_none() => {
+            let sink = Arc::new(tokio::sync::Mutex::new(None));
+            let (source_tx, source_rx) = mpsc::channel(4);
+            pumps.push(tokio::spawn(pump_stdout(stdout, sink.clone())));
+            pumps.push(tokio::spawn(pump_stdin(stdin, source_rx)));
+            sup.set_io(Some(ProcIo { sink, source_tx }));
+            sup.update(|s| s.set_phase(Phase::Ready));
+        }
+        (Some(stdout), _) => pumps.push(tokio::spawn(capture(stdout, sup.clone()))),
+        _ => {}
+    }
+    let probe = async {
+        match http {
+            Some((port, _)) => {
+                loop {
+                    if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                        .await
+                        .is_ok()
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                sup.update(|s| s.set_phase(Phase::Ready));
+                std::future::pending::<()>().await
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    let end = tokio::select! {
+        status = child.wait() => RunEnd::Exited(match status {
+            Ok(s) => format!("process exited ({s})"),
+            Err(e) => format!("process wait failed: {e}"),
+        }),
+        _ = probe => unreachable!("the probe never finishes"),
+        _ = sup.restart.notified() => RunEnd::Restart,
+        _ = stop_rx.wait_for(|s| *s) => RunEnd::Stop,
+    };
+    if !matches!(end, RunEnd::Exited(_)) {
+        sup.set_io(None);
+        terminate(&mut child, settings.stop_grace).await;
+    }
+    for p in pumps {
+        // Pumps end at EOF, which the exit brings; do not wait on grandchildren holding pipes.
+        let _ = tokio::time::timeout(Duration::from_millis(200), p).await;
+    }
+    sup.logs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .current
+        .flush();
+    end
+}
+
+/// Closes stdin, then SIGTERM, then SIGKILL, `grace` apart.
+async fn terminate(child: &mut Child, grace: Duration) {
+    drop(child.stdin.take());
+    if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+        return;
+    }
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}
+
+async fn capture(mut out: impl AsyncRead + Unpin, sup: Arc<Supervised>) {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match out.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => sup
+                .logs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .current
+                .push_bytes(&buf[..n]),
+        }
+    }
+}
+
+async fn pump_stdout(
+    mut stdout: ChildStdout,
+    sink: Arc<tokio::sync::Mutex<Option<WriteHalf<DuplexStream>>>>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stdout.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut slot = sink.lock().await;
+        if let Some(w) = slot.as_mut()
+            && w.write_all(&buf[..n]).await.is_err()
+        {
+            *slot = None;
+        }
+        // With nobody attached, output is dropped: there is no request to answer.
+    }
+    if let Some(mut w) = sink.lock().await.take() {
+        let _ = w.shutdown().await;
+    }
+}
+
+async fn pump_stdin(mut stdin: ChildStdin, mut sources: mpsc::Receiver<ReadHalf<DuplexStream>>) {
+    let mut current: Option<ReadHalf<DuplexStream>> = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            next = sources.recv() => match next {
+                Some(src) => current = Some(src),
+                None => break,
+            },
+            n = async { current.as_mut().expect("guarded").read(&mut buf).await }, if current.is_some() => {
+                match n {
+                    Ok(0) | Err(_) => current = None,
+                    Ok(n) => {
+                        if stdin.write_all(&buf[..n]).await.is_err() || stdin.flush().await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Attaches to a local stdio process.
+struct LocalAttach {
+    sup: Arc<Supervised>,
+    settings: Arc<LocalSettings>,
+}
+
+impl StdioConnector for LocalAttach {
+    fn open(&self) -> BoxFuture<'_, Result<StdioStream>> {
+        async move {
+            let name = &self.sup.server.name;
+            let mut rx = self.sup.status.subscribe();
+            let ready = async {
+                loop {
+                    {
+                        let st = rx.borrow_and_update();
+                        match &st.phase {
+                            Phase::Ready => {
+                                let io = self.sup.io.lock().unwrap_or_else(|e| e.into_inner());
+                                if let Some(io) = io.as_ref() {
+                                    return Ok((io.sink.clone(), io.source_tx.clone()));
+                                }
+                            }
+                            Phase::Removed | Phase::Failed { .. } => {
+                                return Err(OrchestratorError::NotRunning {
+                                    server: name.clone(),
+                                    detail: describe(&st),
+                                });
+                            }
+                            _ => {}
+                        }
+                    }
+                    if rx.changed().await.is_err() {
+                        return Err(OrchestratorError::Removed(name.clone()));
+                    }
+                }
+            };
+            let (sink, source_tx) = tokio::time::timeout(self.settings.attach_timeout, ready)
+                .await
+                .map_err(|_| OrchestratorError::NotRunning {
+                    server: name.clone(),
+                    detail: describe(&self.sup.status.borrow()),
+                })??;
+            let (ours, theirs) = tokio::io::duplex(self.settings.attach_buffer);
+            let (our_read, our_write) = tokio::io::split(ours);
+            *sink.lock().await = Some(our_write);
+            source_tx
+                .send(our_read)
+                .await
+                .map_err(|_| OrchestratorError::Attach {
+                    server: name.clone(),
+                    detail: "the process exited".into(),
+                })?;
+            let (reader, writer) = tokio::io::split(theirs);
+            Ok(StdioStream {
+                reader: Box::pin(reader),
+                writer: Box::pin(writer),
+            })
+        }
+        .boxed()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "local process {}",
+            self.sup.server.spec.command.as_deref().unwrap_or_default()
+        )
+    }
+}

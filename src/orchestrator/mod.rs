@@ -1,0 +1,297 @@
+//! The orchestrator: turns MCP server definitions into running servers and hands the
+//! gateway their [`Endpoint`]s.
+//!
+//! ```text
+//! ServerDef ──resolve──▶ ResolvedServer ──Runtime::apply──▶ backend
+//!                                                            ├─ local: child process, supervised (restart with backoff, logs)
+//!                                                            └─ kubernetes: Deployment + Secret (+ Service), reconcile loop, Lease
+//! Runtime::wait_ready / endpoint ──▶ Endpoint::Http { url } | Endpoint::Stdio(StdioEndpoint::open() → (reader, writer))
+//! ```
+//!
+//! Both backends implement [`Runtime`]; the upstream layer only sees [`Endpoint`]s.
+//! A stdio endpoint is one long-lived process (or pod): [`StdioEndpoint::open`] attaches
+//! a fresh reader/writer pair to it, and a newer attachment replaces the previous one
+//! (local) or shares the process (Kubernetes attach). The MCP session inside the
+//! process outlives an attachment, so the gateway should keep one attachment per
+//! server and multiplex its sessions over it.
+
+pub mod backoff;
+pub mod error;
+pub mod kubernetes;
+pub mod local;
+pub mod logbuf;
+pub mod spec;
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub use error::OrchestratorError;
+pub use spec::{McpServer, McpServerSpec, ResolvedServer, ServerDef, SpecError};
+
+/// Result of orchestrator operations.
+pub type Result<T, E = OrchestratorError> = std::result::Result<T, E>;
+
+/// A backend that runs MCP servers: local processes or Kubernetes pods.
+///
+/// Every method is idempotent where it can be: applying the same definition twice
+/// changes nothing, removing a server that is gone succeeds.
+pub trait Runtime: Send + Sync {
+    /// Backend name for logs and the admin API (`local` or `kubernetes`).
+    fn kind(&self) -> &'static str;
+
+    /// Creates or updates a server; returns once the backend has accepted it (not once ready).
+    fn apply(&self, server: ResolvedServer) -> BoxFuture<'_, Result<()>>;
+
+    /// Makes the servers defined by the configuration exactly `servers` (at start and on
+    /// every reload): applies each one and removes the others that came from `apply`.
+    ///
+    /// On Kubernetes, objects left by servers that are no longer defined (say, removed
+    /// from the config while the gateway was down) are deleted only once `sync` has run,
+    /// so a restarting gateway never tears down servers it has not been told about yet.
+    /// Servers declared as `McpServer` resources are not affected.
+    fn sync(&self, servers: Vec<ResolvedServer>) -> BoxFuture<'_, Result<()>>;
+
+    /// Waits until the server is ready and returns its endpoint; fails fast on a fatal state.
+    fn wait_ready<'a>(
+        &'a self,
+        name: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Endpoint>>;
+
+    /// The server's endpoint as of now (it may not be ready).
+    fn endpoint<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Endpoint>>;
+
+    /// The server's current status.
+    fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<ServerStatus>>;
+
+    /// Every server this runtime manages, with its status, sorted by name.
+    fn list(&self) -> BoxFuture<'_, Vec<(String, ServerStatus)>>;
+
+    /// Restarts the server's process (local) or pod (Kubernetes).
+    fn restart<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>>;
+
+    /// The server's recent output; `previous` asks for the run before the last restart.
+    fn logs<'a>(&'a self, name: &'a str, opts: LogOptions) -> BoxFuture<'a, Result<String>>;
+
+    /// Stops the server and removes everything that was created for it.
+    fn remove<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>>;
+}
+
+/// What [`Runtime::logs`] returns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogOptions {
+    /// The previous run's output (after a crash or restart).
+    pub previous: bool,
+    /// Only the last N lines.
+    pub tail_lines: Option<usize>,
+}
+
+/// How the gateway reaches a server.
+#[derive(Clone)]
+pub enum Endpoint {
+    /// A Streamable HTTP server at this URL.
+    Http {
+        /// The MCP endpoint, e.g. `http://mcp-x.ns.svc:8080/mcp`.
+        url: String,
+    },
+    /// A stdio server: open a byte stream to its stdin/stdout on demand.
+    Stdio(StdioEndpoint),
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Http { url } => f.debug_struct("Http").field("url", url).finish(),
+            Endpoint::Stdio(s) => f.debug_tuple("Stdio").field(&s.describe()).finish(),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Http { url } => f.write_str(url),
+            Endpoint::Stdio(s) => f.write_str(&s.describe()),
+        }
+    }
+}
+
+/// Opens byte streams to a stdio server; implemented by each backend.
+pub trait StdioConnector: Send + Sync {
+    /// Attaches a fresh reader/writer pair to the server's stdout/stdin.
+    fn open(&self) -> BoxFuture<'_, Result<StdioStream>>;
+    /// A short description for logs, e.g. `local process` or `pod ns/mcp-x (attach)`.
+    fn describe(&self) -> String;
+}
+
+/// A handle that opens [`StdioStream`]s to one stdio server.
+#[derive(Clone)]
+pub struct StdioEndpoint(Arc<dyn StdioConnector>);
+
+impl StdioEndpoint {
+    /// Wraps a backend's connector.
+    pub fn new(connector: Arc<dyn StdioConnector>) -> Self {
+        StdioEndpoint(connector)
+    }
+
+    /// Attaches a fresh reader/writer pair to the server's stdout/stdin.
+    pub async fn open(&self) -> Result<StdioStream> {
+        self.0.open().await
+    }
+
+    /// A short description for logs.
+    pub fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+/// One attachment to a stdio server: JSON-RPC lines go to `writer`, answers come from `reader`.
+pub struct StdioStream {
+    /// The server's stdout.
+    pub reader: Pin<Box<dyn AsyncRead + Send>>,
+    /// The server's stdin. Shutting it down ends the attachment, not the server.
+    pub writer: Pin<Box<dyn AsyncWrite + Send>>,
+}
+
+impl fmt::Debug for StdioStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StdioStream")
+    }
+}
+
+/// Where a server is in its life.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "phase", rename_all = "kebab-case")]
+pub enum Phase {
+    /// Accepted; nothing runs yet (no pod, or the process is about to start).
+    Pending,
+    /// Running but not ready yet (container starting, readiness not reached).
+    Starting,
+    /// Ready to serve.
+    Ready,
+    /// Exited; waiting before the next restart.
+    BackOff {
+        /// Time until the next attempt.
+        #[serde(with = "humantime_serde")]
+        retry_in: Duration,
+    },
+    /// Cannot become ready without a change (bad image, missing config, no node...).
+    Failed {
+        /// Why.
+        reason: FailureReason,
+    },
+    /// Stopped and removed.
+    Removed,
+}
+
+impl Phase {
+    /// A one-word name: `Pending`, `Starting`, `Ready`, `BackOff`, `Failed`, `Removed`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Starting => "Starting",
+            Phase::Ready => "Ready",
+            Phase::BackOff { .. } => "BackOff",
+            Phase::Failed { .. } => "Failed",
+            Phase::Removed => "Removed",
+        }
+    }
+}
+
+/// Why a server cannot become ready.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureReason {
+    /// The container keeps exiting (Kubernetes `CrashLoopBackOff`).
+    CrashLoopBackOff,
+    /// The image cannot be pulled (`ImagePullBackOff`, `ErrImagePull`, `InvalidImageName`).
+    ImagePull,
+    /// The container cannot be created from its spec (`CreateContainerConfigError`, e.g. a missing Secret key).
+    CreateContainerConfig,
+    /// No node can run the pod (`Unschedulable`).
+    Unschedulable,
+    /// The local process cannot be started (missing executable, permissions...).
+    SpawnFailed,
+    /// The local process exited too many times in a row.
+    TooManyRestarts,
+    /// The definition is invalid (an `McpServer` resource that fails validation).
+    InvalidDefinition,
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FailureReason::CrashLoopBackOff => "CrashLoopBackOff",
+            FailureReason::ImagePull => "ImagePullBackOff",
+            FailureReason::CreateContainerConfig => "CreateContainerConfigError",
+            FailureReason::Unschedulable => "Unschedulable",
+            FailureReason::SpawnFailed => "SpawnFailed",
+            FailureReason::TooManyRestarts => "TooManyRestarts",
+            FailureReason::InvalidDefinition => "InvalidDefinition",
+        })
+    }
+}
+
+/// A server's status as the admin API and the gateway see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServerStatus {
+    /// Where the server is in its life.
+    #[serde(flatten)]
+    pub phase: Phase,
+    /// Details: the last exit, the kubelet's message, the pod name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Restarts so far (process restarts, or the container's restart count).
+    pub restarts: u32,
+    /// When the phase last changed.
+    #[serde(with = "humantime_serde")]
+    pub since: SystemTime,
+}
+
+impl ServerStatus {
+    /// A status in `phase` since now.
+    pub fn new(phase: Phase) -> Self {
+        ServerStatus {
+            phase,
+            message: None,
+            restarts: 0,
+            since: SystemTime::now(),
+        }
+    }
+
+    /// With a message.
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = Some(message.into());
+        self
+    }
+
+    /// Whether the server is ready to serve.
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Ready
+    }
+
+    /// Changes the phase, keeping `since` when it stays the same.
+    pub fn set_phase(&mut self, phase: Phase) {
+        if std::mem::discriminant(&self.phase) != std::mem::discriminant(&phase) {
+            self.since = SystemTime::now();
+        }
+        self.phase = phase;
+    }
+}
+
+/// Picks the backend from the environment: Kubernetes when a kubeconfig or in-cluster
+/// loading is configured (see [`kubernetes::KubeSettings::from_env`]), otherwise local.
+pub async fn from_env() -> Result<Arc<dyn Runtime>> {
+    match kubernetes::KubeSettings::from_env()? {
+        Some(settings) => Ok(Arc::new(kubernetes::KubeRuntime::start(settings).await?)),
+        None => Ok(Arc::new(local::LocalRuntime::new(
+            local::LocalSettings::default(),
+        ))),
+    }
+}

@@ -1,0 +1,532 @@
+//! Server definitions: what an MCP server is, independent of where it runs.
+//!
+//! [`McpServerSpec`] is both the `spec` of the `McpServer` custom resource
+//! (`gatehouse.dev/v1alpha1`) and the body of a server entry in the config file.
+//! A [`ServerDef`] adds the name (the resource's `metadata.name` on Kubernetes).
+//! [`ServerDef::resolve`] validates a definition and reads secret values, giving the
+//! [`ResolvedServer`] that the backends consume.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every Kubernetes object name the orchestrator creates for a server.
+pub const OBJECT_PREFIX: &str = "mcp-";
+/// Longest server name: a DNS-1035 label of 63 characters, less the object prefix.
+pub const MAX_NAME_LEN: usize = 63 - OBJECT_PREFIX.len();
+/// Default MCP endpoint path of a streamable-http server.
+pub const DEFAULT_HTTP_PATH: &str = "/mcp";
+
+/// The desired state of one MCP server (the `McpServer` resource's spec).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[allow(clippy::duplicated_attributes)] // several printcolumn(type_ = "string")
+#[kube(
+    group = "gatehouse.dev",
+    version = "v1alpha1",
+    kind = "McpServer",
+    namespaced,
+    status = "McpServerStatus",
+    shortname = "mcps",
+    category = "gatehouse",
+    doc = "An MCP server run by the Gatehouse orchestrator: one Deployment (one pod) per server.",
+    printcolumn(
+        name = "Transport",
+        type_ = "string",
+        json_path = ".spec.transport.type"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct McpServerSpec {
+    /// Container image (any OCI reference); required on Kubernetes, ignored by the local backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Program to run: the container's entrypoint override, or the local executable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Arguments to the command (or to the image's entrypoint when there is no command).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// How the gateway talks to the server.
+    #[serde(default)]
+    pub transport: TransportSpec,
+    /// Environment variables, plain or secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVarSpec>,
+    /// Resource requests and limits (Kubernetes quantities such as `100m`, `128Mi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourcesSpec>,
+    /// Extra labels on the server's objects and pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Mount a service-account token in the pod (off unless asked).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub automount_service_account_token: bool,
+    /// Service account of the pod (default: the namespace's `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+}
+
+/// Transport kind and, for HTTP, where the server listens.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TransportSpec {
+    /// `stdio` (default) or `streamable-http`.
+    #[serde(rename = "type", default)]
+    pub kind: TransportKind,
+    /// Port the server listens on (streamable-http only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// MCP endpoint path (streamable-http only; default `/mcp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// The MCP transport a server speaks.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportKind {
+    /// Newline-delimited JSON-RPC on stdin/stdout.
+    #[default]
+    Stdio,
+    /// MCP Streamable HTTP.
+    StreamableHttp,
+}
+
+/// One environment variable: exactly one of `value`, `secretValue`, `secretFromEnv`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvVarSpec {
+    /// Variable name.
+    pub name: String,
+    /// Plain value (visible in the pod spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Secret value given inline (stored in the server's Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_value: Option<String>,
+    /// Secret value read from this variable of the gateway's environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_from_env: Option<String>,
+}
+
+/// Compute resources, as Kubernetes quantities.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResourcesSpec {
+    /// Requests, e.g. `cpu: 50m`, `memory: 64Mi`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, String>,
+    /// Limits, e.g. `cpu: "1"`, `memory: 256Mi`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
+}
+
+/// Observed state written by the orchestrator to the `McpServer` status subresource.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct McpServerStatus {
+    /// `Pending`, `Starting`, `Ready`, `BackOff` or `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Why the server is not ready, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Restarts of the server's container.
+    #[serde(default)]
+    pub restarts: i32,
+    /// Where the gateway reaches the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+/// A named server definition (a config-file entry, or an `McpServer` resource).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerDef {
+    /// Server name: a DNS-1035 label of at most [`MAX_NAME_LEN`] characters.
+    pub name: String,
+    /// What to run and how.
+    #[serde(flatten)]
+    pub spec: McpServerSpec,
+}
+
+/// A definition that failed validation; `field` names the part at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    /// Path of the offending field, e.g. `env[2].secretFromEnv`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl SpecError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        SpecError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Where an environment variable's value lives once resolved.
+#[derive(Clone, PartialEq, Eq)]
+pub enum EnvValue {
+    /// Inlined into the pod spec or the process environment.
+    Plain(String),
+    /// Stored in the server's Secret under the variable's name.
+    Secret(String),
+}
+
+impl std::fmt::Debug for EnvValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EnvValue::Plain(v) => f.debug_tuple("Plain").field(v).finish(),
+            EnvValue::Secret(_) => f.write_str("Secret(<redacted>)"),
+        }
+    }
+}
+
+/// A validated definition with its secret values read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolvedServer {
+    /// Server name.
+    pub name: String,
+    /// The spec as given.
+    pub spec: McpServerSpec,
+    /// Environment in declaration order.
+    pub env: Vec<(String, EnvValue)>,
+}
+
+impl ResolvedServer {
+    /// Name of the Deployment, Secret and Service on Kubernetes.
+    pub fn object_name(&self) -> String {
+        object_name(&self.name)
+    }
+
+    /// Whether the server speaks stdio.
+    pub fn is_stdio(&self) -> bool {
+        self.spec.transport.kind == TransportKind::Stdio
+    }
+
+    /// Port and path of a streamable-http server.
+    pub fn http_port_path(&self) -> Option<(u16, &str)> {
+        match self.spec.transport.kind {
+            TransportKind::Stdio => None,
+            TransportKind::StreamableHttp => Some((
+                self.spec.transport.port.unwrap_or(0),
+                self.spec
+                    .transport
+                    .path
+                    .as_deref()
+                    .unwrap_or(DEFAULT_HTTP_PATH),
+            )),
+        }
+    }
+
+    /// Secret values, keyed by variable name.
+    pub fn secret_data(&self) -> BTreeMap<String, String> {
+        self.env
+            .iter()
+            .filter_map(|(k, v)| match v {
+                EnvValue::Secret(s) => Some((k.clone(), s.clone())),
+                EnvValue::Plain(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// Kubernetes object name for a server.
+pub fn object_name(server: &str) -> String {
+    format!("{OBJECT_PREFIX}{server}")
+}
+
+/// Label keys the orchestrator sets; user labels may not use them.
+pub mod labels {
+    /// The server's name.
+    pub const SERVER: &str = "gatehouse.dev/server";
+    /// Always `gatehouse`.
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    /// Always `mcp-server`.
+    pub const NAME: &str = "app.kubernetes.io/name";
+    /// The server's name.
+    pub const INSTANCE: &str = "app.kubernetes.io/instance";
+    /// Value of [`MANAGED_BY`].
+    pub const MANAGER: &str = "gatehouse";
+    /// Label selector matching every object the orchestrator manages.
+    pub const SELECTOR: &str = "app.kubernetes.io/managed-by=gatehouse";
+}
+
+/// Whether `s` is a DNS-1035 label (lowercase alphanumerics and `-`, starting with a letter).
+pub fn is_dns_label(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && !s.ends_with('-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+fn is_env_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+}
+
+fn is_label_value(s: &str) -> bool {
+    s.len() <= 63
+        && (s.is_empty()
+            || (s.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))))
+}
+
+fn is_label_key(s: &str) -> bool {
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.')
+                .all(|part| is_dns_label(part, 63) || part.chars().all(|c| c.is_ascii_digit()))
+    });
+    prefix_ok && !name.is_empty() && is_label_value(name)
+}
+
+impl ServerDef {
+    /// Validates the definition and reads secret values from `getenv`.
+    pub fn resolve_with(
+        &self,
+        getenv: impl Fn(&str) -> Option<String>,
+    ) -> Result<ResolvedServer, SpecError> {
+        let spec = &self.spec;
+        if !is_dns_label(&self.name, MAX_NAME_LEN) {
+            return Err(SpecError::new(
+                "name",
+                format!(
+                    "{:?} must be a lowercase DNS label (a-z, 0-9, '-', starting with a letter) of at most {MAX_NAME_LEN} characters",
+                    self.name
+                ),
+            ));
+        }
+        if spec.image.is_none() && spec.command.is_none() {
+            return Err(SpecError::new(
+                "image",
+                "give an image (Kubernetes) or a command (local), or both",
+            ));
+        }
+        if let Some(image) = &spec.image
+            && (image.trim().is_empty() || image.chars().any(char::is_whitespace))
+        {
+            return Err(SpecError::new(
+                "image",
+                format!("{image:?} is not an image reference"),
+            ));
+        }
+        if spec.command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+            return Err(SpecError::new("command", "must not be empty"));
+        }
+        match spec.transport.kind {
+            TransportKind::Stdio => {
+                if spec.transport.port.is_some() || spec.transport.path.is_some() {
+                    return Err(SpecError::new(
+                        "transport",
+                        "port and path apply to streamable-http only",
+                    ));
+                }
+            }
+            TransportKind::StreamableHttp => {
+                if spec.transport.port.is_none_or(|p| p == 0) {
+                    return Err(SpecError::new(
+                        "transport.port",
+                        "a streamable-http server needs the port it listens on",
+                    ));
+                }
+                if let Some(path) = &spec.transport.path
+                    && !path.starts_with('/')
+                {
+                    return Err(SpecError::new("transport.path", "must start with '/'"));
+                }
+            }
+        }
+        let mut env = Vec::with_capacity(spec.env.len());
+        let mut seen = std::collections::HashSet::new();
+        for (i, var) in spec.env.iter().enumerate() {
+            let at = |f: &str| format!("env[{i}]{f}");
+            if !is_env_name(&var.name) {
+                return Err(SpecError::new(
+                    at(".name"),
+                    format!("{:?} is not a variable name", var.name),
+                ));
+            }
+            if !seen.insert(var.name.as_str()) {
+                return Err(SpecError::new(
+                    at(".name"),
+                    format!("{:?} is set twice", var.name),
+                ));
+            }
+            let value = match (&var.value, &var.secret_value, &var.secret_from_env) {
+                (Some(v), None, None) => EnvValue::Plain(v.clone()),
+                (None, Some(v), None) => EnvValue::Secret(v.clone()),
+                (None, None, Some(from)) => EnvValue::Secret(getenv(from).ok_or_else(|| {
+                    SpecError::new(
+                        at(".secretFromEnv"),
+                        format!("the gateway's environment has no {from:?}"),
+                    )
+                })?),
+                _ => {
+                    return Err(SpecError::new(
+                        at(""),
+                        "give exactly one of value, secretValue, secretFromEnv",
+                    ));
+                }
+            };
+            env.push((var.name.clone(), value));
+        }
+        for (k, v) in &spec.labels {
+            if !is_label_key(k) {
+                return Err(SpecError::new(
+                    format!("labels.{k}"),
+                    "not a valid label key",
+                ));
+            }
+            if !is_label_value(v) {
+                return Err(SpecError::new(
+                    format!("labels.{k}"),
+                    format!("{v:?} is not a valid label value"),
+                ));
+            }
+            if [
+                labels::SERVER,
+                labels::MANAGED_BY,
+                labels::NAME,
+                labels::INSTANCE,
+            ]
+            .contains(&k.as_str())
+            {
+                return Err(SpecError::new(
+                    format!("labels.{k}"),
+                    "reserved for the orchestrator",
+                ));
+            }
+        }
+        if let Some(res) = &spec.resources {
+            for (field, map) in [("requests", &res.requests), ("limits", &res.limits)] {
+                for (k, v) in map {
+                    if v.trim().is_empty() || v.chars().any(char::is_whitespace) {
+                        return Err(SpecError::new(
+                            format!("resources.{field}.{k}"),
+                            format!("{v:?} is not a quantity"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(ResolvedServer {
+            name: self.name.clone(),
+            spec: spec.clone(),
+            env,
+        })
+    }
+
+    /// Validates the definition and reads secret values from the process environment.
+    pub fn resolve(&self) -> Result<ResolvedServer, SpecError> {
+        self.resolve_with(|k| std::env::var(k).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(yaml: &str) -> ServerDef {
+        serde_saphyr::from_str(yaml).expect("yaml")
+    }
+
+    #[test]
+    fn parses_a_config_entry() {
+        let d = def(r#"
+name: github
+image: ghcr.io/example/github-mcp:1.2
+command: github-mcp
+args: [--stdio]
+env:
+  - { name: LOG, value: debug }
+  - { name: TOKEN, secretFromEnv: GH_TOKEN }
+resources: { limits: { memory: 128Mi } }
+labels: { team: tools }
+"#);
+        let r = d
+            .resolve_with(|k| (k == "GH_TOKEN").then(|| "s3cret".to_string()))
+            .unwrap();
+        assert_eq!(r.object_name(), "mcp-github");
+        assert!(r.is_stdio());
+        assert_eq!(r.env[0], ("LOG".into(), EnvValue::Plain("debug".into())));
+        assert_eq!(
+            r.secret_data().get("TOKEN").map(String::as_str),
+            Some("s3cret")
+        );
+        assert!(
+            !format!("{r:?}").contains("s3cret"),
+            "secrets are redacted in Debug"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_definitions_naming_the_field() {
+        let cases = [
+            ("name: Bad\ncommand: x", "name"),
+            ("name: a\n", "image"),
+            (
+                "name: a\ncommand: x\ntransport: { type: streamable-http }",
+                "transport.port",
+            ),
+            (
+                "name: a\ncommand: x\ntransport: { type: stdio, port: 1 }",
+                "transport",
+            ),
+            ("name: a\ncommand: x\nenv: [{ name: A }]", "env[0]"),
+            (
+                "name: a\ncommand: x\nenv: [{ name: A, value: x }, { name: A, value: z }]",
+                "env[1].name",
+            ),
+            (
+                "name: a\ncommand: x\nenv: [{ name: A, secretFromEnv: NOPE_NOT_SET }]",
+                "env[0].secretFromEnv",
+            ),
+            (
+                "name: a\ncommand: x\nlabels: { gatehouse.dev/server: x }",
+                "labels.gatehouse.dev/server",
+            ),
+            (
+                "name: a\ncommand: x\nlabels: { team: 'a b' }",
+                "labels.team",
+            ),
+        ];
+        for (yaml, field) in cases {
+            let err = def(yaml).resolve_with(|_| None).unwrap_err();
+            assert_eq!(err.field, field, "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn http_defaults_path() {
+        let r = def("name: h\ncommand: x\ntransport: { type: streamable-http, port: 8080 }")
+            .resolve_with(|_| None)
+            .unwrap();
+        assert_eq!(r.http_port_path(), Some((8080, "/mcp")));
+    }
+}

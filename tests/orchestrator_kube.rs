@@ -1,0 +1,902 @@
+//! The kubernetes backend end to end against the fake API server (tests/fake_kube).
+
+mod fake_kube;
+
+use fake_kube::mcp::{Mcp, tool_names};
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use fake_kube::{FakeKube, Kind};
+use gatehouse::orchestrator::kubernetes::lease::LeaseSettings;
+use gatehouse::orchestrator::kubernetes::{KubeOptions, KubeRuntime, KubeSettings};
+use gatehouse::orchestrator::spec::{
+    EnvVarSpec, McpServerSpec, ServerDef, TransportKind, TransportSpec,
+};
+use gatehouse::orchestrator::{
+    Endpoint, FailureReason, LogOptions, OrchestratorError, Phase, Runtime,
+};
+use serde_json::json;
+
+const NS: &str = "mcp";
+const GATEHOUSE: &str = env!("CARGO_BIN_EXE_gatehouse");
+
+fn options() -> KubeOptions {
+    KubeOptions {
+        watch_mcpservers: false,
+        retry_after: Duration::from_millis(200),
+        attach_timeout: Duration::from_secs(10),
+        ..KubeOptions::default()
+    }
+}
+
+fn example(name: &str, image: &str, extra_args: &[&str]) -> ServerDef {
+    let mut args = vec!["example-server".to_string(), "--name".into(), name.into()];
+    args.extend(extra_args.iter().map(|s| s.to_string()));
+    ServerDef {
+        name: name.into(),
+        spec: McpServerSpec {
+            image: Some(image.into()),
+            command: Some(GATEHOUSE.into()),
+            args,
+            env: vec![
+                EnvVarSpec {
+                    name: "GREETING".into(),
+                    value: Some("hello".into()),
+                    ..EnvVarSpec::default()
+                },
+                EnvVarSpec {
+                    name: "API_TOKEN".into(),
+                    secret_value: Some("tok-123".into()),
+                    ..EnvVarSpec::default()
+                },
+            ],
+            labels: BTreeMap::from([("team".into(), "tools".into())]),
+            ..McpServerSpec::default()
+        },
+    }
+}
+
+async fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn open(rt: &dyn Runtime, name: &str) -> Mcp {
+    match rt.endpoint(name).await.unwrap() {
+        Endpoint::Stdio(s) => Mcp::new(s.open().await.unwrap()),
+        other => panic!("expected stdio, got {other:?}"),
+    }
+}
+
+fn writes(fake: &FakeKube) -> Vec<String> {
+    fake.requests()
+        .iter()
+        .filter(|r| r.is_write())
+        .map(|r| format!("{} {}?{}", r.method, r.path, r.query))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn define_server_runs_hardened_pod_and_attach_speaks_mcp() {
+    let fake = FakeKube::start().await;
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+    let server = example("example", "ghcr.io/gatehouse/example:1", &[])
+        .resolve()
+        .unwrap();
+    rt.apply(server).await.unwrap();
+    let endpoint = rt
+        .wait_ready("example", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(matches!(endpoint, Endpoint::Stdio(_)));
+
+    // What the API server was asked: Secret first (no owner yet), the Deployment, then
+    // the Secret again owned by the Deployment. All server-side apply as `gatehouse`.
+    let base = "/api/v1/namespaces/mcp/secrets/mcp-example?&force=true&fieldManager=gatehouse";
+    let dep =
+        "/apis/apps/v1/namespaces/mcp/deployments/mcp-example?&force=true&fieldManager=gatehouse";
+    let w = writes(&fake);
+    assert_eq!(
+        w,
+        [
+            format!("PATCH {base}"),
+            format!("PATCH {dep}"),
+            format!("PATCH {base}")
+        ],
+        "{w:#?}"
+    );
+    let reqs = fake.requests();
+    let applies: Vec<_> = reqs.iter().filter(|r| r.is_write()).collect();
+    for r in &applies {
+        assert_eq!(
+            r.content_type.as_deref(),
+            Some("application/apply-patch+yaml")
+        );
+    }
+    assert!(
+        applies[0].body.as_ref().unwrap()["metadata"]
+            .get("ownerReferences")
+            .is_none()
+    );
+    let dep_obj = fake.get(Kind::Deployment, NS, "mcp-example").unwrap();
+    let dep_uid = dep_obj["metadata"]["uid"].as_str().unwrap();
+    assert_eq!(
+        applies[2].body.as_ref().unwrap()["metadata"]["ownerReferences"][0]["uid"],
+        dep_uid
+    );
+
+    // The Deployment: labels, one replica, hardened pod, secrets only by reference.
+    assert!(
+        !dep_obj.to_string().contains("tok-123"),
+        "secret value inlined: {dep_obj}"
+    );
+    let labels = &dep_obj["metadata"]["labels"];
+    assert_eq!(labels["gatehouse.dev/server"], "example");
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "gatehouse");
+    assert_eq!(labels["team"], "tools");
+    assert_eq!(dep_obj["spec"]["replicas"], 1);
+    let pod_spec = &dep_obj["spec"]["template"]["spec"];
+    assert_eq!(pod_spec["automountServiceAccountToken"], false);
+    assert_eq!(pod_spec["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod_spec["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c = &pod_spec["containers"][0];
+    assert_eq!(c["name"], "server");
+    assert_eq!(c["image"], "ghcr.io/gatehouse/example:1");
+    assert_eq!(c["command"], json!([GATEHOUSE]));
+    assert_eq!(
+        (&c["stdin"], &c["stdinOnce"], &c["tty"]),
+        (&json!(true), &json!(false), &json!(false))
+    );
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(c["env"][0], json!({"name": "GREETING", "value": "hello"}));
+    assert_eq!(
+        c["env"][1],
+        json!({"name": "API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mcp-example", "key": "API_TOKEN", "optional": false}}})
+    );
+
+    // The Secret holds the value and is owned by the Deployment.
+    let secret = fake.get(Kind::Secret, NS, "mcp-example").unwrap();
+    let token = base64::engine::general_purpose::STANDARD
+        .decode(secret["data"]["API_TOKEN"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(token, b"tok-123");
+    assert_eq!(
+        secret["metadata"]["ownerReferences"][0]["kind"],
+        "Deployment"
+    );
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], dep_uid);
+    assert!(
+        fake.get(Kind::Service, NS, "mcp-example").is_none(),
+        "no Service for stdio"
+    );
+
+    // The Pod came from the template (the fake's Deployment controller).
+    let pod = fake.pod_of(NS, "mcp-example").expect("a pod");
+    assert_eq!(pod["metadata"]["labels"]["gatehouse.dev/server"], "example");
+
+    // Attach and speak MCP with the example server running as the pod's process.
+    fake.clear_requests();
+    let mut mcp = open(&rt, "example").await;
+    let init = mcp.handshake().await;
+    assert_eq!(
+        init["result"]["serverInfo"]["name"], "gatehouse-example",
+        "{init}"
+    );
+    let list = mcp.call(2, "tools/list", json!({})).await;
+    assert!(tool_names(&list).contains(&"echo".to_string()), "{list}");
+    let who = mcp
+        .call(3, "tools/call", json!({"name": "whoami", "arguments": {}}))
+        .await;
+    assert!(who.to_string().contains("example"), "{who}");
+    let attach = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.path.ends_with("/attach"))
+        .expect("an attach request");
+    assert_eq!(
+        attach.path,
+        format!(
+            "/api/v1/namespaces/mcp/pods/{}/attach",
+            pod["metadata"]["name"].as_str().unwrap()
+        )
+    );
+    assert_eq!(attach.query, "&stdin=true&stdout=true&container=server");
+
+    // A second attachment to the same process (the first one stays usable afterwards).
+    let mut second = open(&rt, "example").await;
+    let list = second.call(10, "tools/list", json!({})).await;
+    assert!(tool_names(&list).contains(&"add".to_string()));
+    drop(second);
+
+    // Logs come from pods/log.
+    let logs = rt.logs("example", LogOptions::default()).await.unwrap();
+    assert!(logs.contains("protocolVersion"), "{logs}");
+
+    // Steady state: the reconcile loop is watch-driven, it does not poll.
+    fake.clear_requests();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| !r.query.contains("watch=true"))
+        .map(|r| r.line())
+        .collect();
+    assert!(after.is_empty(), "requests at steady state: {after:?}");
+
+    // Remove: owner references take the Secret and the Pod with the Deployment.
+    drop(mcp);
+    rt.remove("example").await.unwrap();
+    assert!(fake.get(Kind::Deployment, NS, "mcp-example").is_none());
+    assert!(fake.get(Kind::Secret, NS, "mcp-example").is_none());
+    assert!(fake.list(Kind::Pod, NS).is_empty());
+    assert!(matches!(
+        rt.status("example").await,
+        Err(OrchestratorError::NotFound(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_shows_in_status_and_restart_recovers() {
+    let fake = FakeKube::start().await;
+    fake.configure(|s| s.crash_backoff = Duration::from_secs(60));
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+    let server = example("crashy", "ghcr.io/gatehouse/example:1", &["--test-tools"])
+        .resolve()
+        .unwrap();
+    rt.apply(server).await.unwrap();
+    rt.wait_ready("crashy", Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let mut mcp = open(&rt, "crashy").await;
+    mcp.handshake().await;
+    mcp.send(json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "crash", "arguments": {}}}))
+        .await;
+    // The attachment ends with the process.
+    assert!(
+        mcp.drain(Duration::from_secs(5)).await,
+        "attachment did not end when the process exited"
+    );
+
+    // Status: CrashLoopBackOff with the exit code; the readiness wait fails fast.
+    let mut status = None;
+    for _ in 0..250 {
+        let st = rt.status("crashy").await.unwrap();
+        if matches!(st.phase, Phase::Failed { .. }) {
+            status = Some(st);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let st = status.expect("status shows the crash");
+    assert_eq!(
+        st.phase,
+        Phase::Failed {
+            reason: FailureReason::CrashLoopBackOff
+        }
+    );
+    assert!(
+        st.message.as_deref().unwrap().contains("last exit code 3"),
+        "{st:?}"
+    );
+    assert_eq!(st.restarts, 1);
+    let started = Instant::now();
+    let err = rt
+        .wait_ready("crashy", Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(1), "fails fast");
+    assert!(
+        matches!(
+            err,
+            OrchestratorError::Failed {
+                reason: FailureReason::CrashLoopBackOff,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    // The previous container's logs hold the crashed run's output.
+    let previous = rt
+        .logs(
+            "crashy",
+            LogOptions {
+                previous: true,
+                tail_lines: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(previous.contains("protocolVersion"), "{previous}");
+
+    // Restart: the pod is replaced and the server answers again.
+    let old_pod = fake.pod_of(NS, "mcp-crashy").unwrap()["metadata"]["name"].clone();
+    fake.clear_requests();
+    rt.restart("crashy").await.unwrap();
+    assert_eq!(
+        writes(&fake),
+        [format!(
+            "DELETE /api/v1/namespaces/mcp/pods/{}?",
+            old_pod.as_str().unwrap()
+        )]
+    );
+    rt.wait_ready("crashy", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let new_pod = fake.pod_of(NS, "mcp-crashy").unwrap()["metadata"]["name"].clone();
+    assert_ne!(old_pod, new_pod);
+    let mut mcp = open(&rt, "crashy").await;
+    mcp.handshake().await;
+    let list = mcp.call(2, "tools/list", json!({})).await;
+    assert!(tool_names(&list).contains(&"crash".to_string()));
+    let err = rt
+        .logs(
+            "crashy",
+            LogOptions {
+                previous: true,
+                tail_lines: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OrchestratorError::NoLogs { .. }),
+        "a fresh pod has no previous logs: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpullable_image_fails_fast_with_a_clear_reason() {
+    let fake = FakeKube::start().await;
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+    let server = example("broken", "registry.example/unpullable:404", &[])
+        .resolve()
+        .unwrap();
+    rt.apply(server).await.unwrap();
+    let started = Instant::now();
+    let err = rt
+        .wait_ready("broken", Duration::from_secs(20))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "fails fast: {:?}",
+        started.elapsed()
+    );
+    match &err {
+        OrchestratorError::Failed {
+            server,
+            reason,
+            message,
+        } => {
+            assert_eq!(server, "broken");
+            assert_eq!(*reason, FailureReason::ImagePull);
+            let m = message.as_deref().unwrap();
+            assert!(m.contains("unpullable:404"), "{m}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert!(err.to_string().contains("ImagePullBackOff"), "{err}");
+    let st = rt.status("broken").await.unwrap();
+    assert_eq!(
+        st.phase,
+        Phase::Failed {
+            reason: FailureReason::ImagePull
+        }
+    );
+
+    // An unschedulable pod fails fast too.
+    let server = example("huge", "registry.example/unschedulable:1", &[])
+        .resolve()
+        .unwrap();
+    rt.apply(server).await.unwrap();
+    let err = rt
+        .wait_ready("huge", Duration::from_secs(20))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, OrchestratorError::Failed { reason: FailureReason::Unschedulable, message: Some(m), .. } if m.contains("Insufficient memory")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emptied_secret_is_restored() {
+    let fake = FakeKube::start().await;
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+    rt.apply(
+        example("cfg", "ghcr.io/gatehouse/example:1", &[])
+            .resolve()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    rt.wait_ready("cfg", Duration::from_secs(10)).await.unwrap();
+    // Someone empties the Secret: the reconcile loop puts the key back (drift).
+    fake.patch(
+        Kind::Secret,
+        NS,
+        "mcp-cfg",
+        json!({"data": {"API_TOKEN": null}}),
+    );
+    eventually("secret restored", Duration::from_secs(5), || {
+        fake.get(Kind::Secret, NS, "mcp-cfg")
+            .filter(|s| s["data"].get("API_TOKEN").is_some())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_or_drifted_deployment_is_restored() {
+    let fake = FakeKube::start().await;
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+    rt.apply(
+        example("steady", "ghcr.io/gatehouse/example:1", &[])
+            .resolve()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    rt.wait_ready("steady", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let old_uid = fake.get(Kind::Deployment, NS, "mcp-steady").unwrap()["metadata"]["uid"].clone();
+
+    // Deleted behind our back (the garbage collector takes the Secret and Pod too).
+    fake.delete(Kind::Deployment, NS, "mcp-steady");
+    assert!(fake.get(Kind::Secret, NS, "mcp-steady").is_none());
+    let dep = eventually("deployment recreated", Duration::from_secs(5), || {
+        fake.get(Kind::Deployment, NS, "mcp-steady")
+    })
+    .await;
+    assert_ne!(dep["metadata"]["uid"], old_uid);
+    let secret = eventually("secret recreated and owned", Duration::from_secs(5), || {
+        fake.get(Kind::Secret, NS, "mcp-steady")
+            .filter(|s| s["metadata"]["ownerReferences"][0]["uid"] == dep["metadata"]["uid"])
+    })
+    .await;
+    assert!(secret["data"]["API_TOKEN"].is_string());
+    rt.wait_ready("steady", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut mcp = open(&rt, "steady").await;
+    mcp.handshake().await;
+
+    // Drift: someone changes the image; the reconcile loop puts ours back.
+    fake.patch(
+        Kind::Deployment,
+        NS,
+        "mcp-steady",
+        json!({"spec": {"template": {"spec": {"containers": [{"name": "server", "image": "evil:latest"}]}}}}),
+    );
+    eventually("image restored", Duration::from_secs(5), || {
+        fake.get(Kind::Deployment, NS, "mcp-steady").filter(|d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/gatehouse/example:1"
+                && d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] == true
+        })
+    })
+    .await;
+    rt.wait_ready("steady", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(rt.stats().errors, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_reconciles() {
+    let fake = FakeKube::start().await;
+    let lease = |id: &str| LeaseSettings {
+        lease_duration: Duration::from_millis(800),
+        renew_every: Duration::from_millis(150),
+        retry_every: Duration::from_millis(100),
+        ..LeaseSettings::new("gatehouse-orchestrator", id)
+    };
+    let a = KubeRuntime::start_with_client(
+        fake.client(NS),
+        NS.into(),
+        Some(lease("replica-a")),
+        options(),
+    );
+    let b = KubeRuntime::start_with_client(
+        fake.client(NS),
+        NS.into(),
+        Some(lease("replica-b")),
+        options(),
+    );
+    eventually("a leader", Duration::from_secs(5), || {
+        (a.is_leader() || b.is_leader()).then_some(())
+    })
+    .await;
+    // Let both run a few rounds: still exactly one leader.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(a.is_leader() ^ b.is_leader(), "exactly one leader");
+    let (leader, follower, leader_id) = if a.is_leader() {
+        (a, b, "replica-a")
+    } else {
+        (b, a, "replica-b")
+    };
+    let lease_obj = fake.get(Kind::Lease, NS, "gatehouse-orchestrator").unwrap();
+    assert_eq!(lease_obj["spec"]["holderIdentity"], leader_id);
+    assert_eq!(lease_obj["spec"]["leaseTransitions"], 0);
+
+    let server = example("shared", "ghcr.io/gatehouse/example:1", &[])
+        .resolve()
+        .unwrap();
+    leader.apply(server.clone()).await.unwrap();
+    follower.apply(server).await.unwrap();
+    leader
+        .wait_ready("shared", Duration::from_secs(10))
+        .await
+        .unwrap();
+    // The follower sees the same server through its watches, without writing.
+    follower
+        .wait_ready("shared", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(leader.stats().applies >= 2);
+    assert_eq!(follower.stats().applies, 0);
+    assert_eq!(follower.stats().deletes, 0);
+
+    // The leader steps down: the follower takes over and repairs what breaks.
+    leader.shutdown().await;
+    eventually("follower leads", Duration::from_secs(5), || {
+        follower.is_leader().then_some(())
+    })
+    .await;
+    let lease_obj = fake.get(Kind::Lease, NS, "gatehouse-orchestrator").unwrap();
+    assert_ne!(lease_obj["spec"]["holderIdentity"], leader_id);
+    assert_eq!(lease_obj["spec"]["leaseTransitions"], 1);
+    fake.delete(Kind::Deployment, NS, "mcp-shared");
+    eventually(
+        "recreated by the new leader",
+        Duration::from_secs(5),
+        || fake.get(Kind::Deployment, NS, "mcp-shared"),
+    )
+    .await;
+    assert!(follower.stats().applies >= 1);
+    // Lease writes always carry the resourceVersion they read (conflicts → 409).
+    for r in fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path.contains("/leases/"))
+    {
+        assert!(r.body.as_ref().unwrap()["metadata"]["resourceVersion"].is_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_conflict_is_a_409_not_two_leaders() {
+    let fake = FakeKube::start().await;
+    let client = fake.client(NS);
+    let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(client, NS);
+    let lease: k8s_openapi::api::coordination::v1::Lease = serde_json::from_value(json!({
+        "metadata": {"name": "l"}, "spec": {"holderIdentity": "x", "leaseDurationSeconds": 15}
+    }))
+    .unwrap();
+    let created = api.create(&Default::default(), &lease).await.unwrap();
+    let mut first = created.clone();
+    first.spec.as_mut().unwrap().holder_identity = Some("a".into());
+    api.replace("l", &Default::default(), &first).await.unwrap();
+    let mut second = created;
+    second.spec.as_mut().unwrap().holder_identity = Some("b".into());
+    let err = api
+        .replace("l", &Default::default(), &second)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 409),
+        "{err}"
+    );
+    let err = api.create(&Default::default(), &lease).await.unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 409 && e.reason == "AlreadyExists"),
+        "{err}"
+    );
+    let err = api.get("nope").await.unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref e) if e.code == 404),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubeconfig_with_insecure_skip_tls_verify_and_an_http_server() {
+    let fake = FakeKube::start_tls().await;
+    let dir = std::env::temp_dir().join(format!("gatehouse-kubeconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = fake.write_kubeconfig(&dir, "tools", "secret-token");
+    let env = BTreeMap::from([
+        (
+            "GATEHOUSE_ORCHESTRATOR_KUBECONFIG",
+            kubeconfig.display().to_string(),
+        ),
+        (
+            "GATEHOUSE_ORCHESTRATOR_LEADER_ELECTION",
+            "false".to_string(),
+        ),
+        (
+            "GATEHOUSE_ORCHESTRATOR_WATCH_MCPSERVERS",
+            "false".to_string(),
+        ),
+    ]);
+    let settings = KubeSettings::from_env_with(|k| env.get(k).cloned())
+        .unwrap()
+        .unwrap();
+    assert!(
+        settings.namespace.is_none(),
+        "namespace from the kubeconfig's context"
+    );
+    let rt = KubeRuntime::start(settings).await.unwrap();
+    assert_eq!(rt.namespace(), "tools");
+    let server = ServerDef {
+        name: "web".into(),
+        spec: McpServerSpec {
+            image: Some("ghcr.io/gatehouse/example:1".into()),
+            command: Some(GATEHOUSE.into()),
+            args: vec![
+                "example-server".into(),
+                "--http".into(),
+                "127.0.0.1:0".into(),
+            ],
+            transport: TransportSpec {
+                kind: TransportKind::StreamableHttp,
+                port: Some(8080),
+                path: None,
+            },
+            ..McpServerSpec::default()
+        },
+    };
+    rt.apply(server.resolve().unwrap()).await.unwrap();
+    let endpoint = rt.wait_ready("web", Duration::from_secs(10)).await.unwrap();
+    match endpoint {
+        Endpoint::Http { url } => assert_eq!(url, "http://mcp-web.tools.svc:8080/mcp"),
+        other => panic!("{other:?}"),
+    }
+    let svc = eventually("service", Duration::from_secs(5), || {
+        fake.get(Kind::Service, "tools", "mcp-web")
+    })
+    .await;
+    let dep = fake.get(Kind::Deployment, "tools", "mcp-web").unwrap();
+    assert_eq!(svc["spec"]["selector"]["gatehouse.dev/server"], "web");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 8080);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "mcp");
+    assert_eq!(
+        svc["metadata"]["ownerReferences"][0]["uid"],
+        dep["metadata"]["uid"]
+    );
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["ports"][0]["containerPort"], 8080);
+    assert!(c.get("stdin").is_none(), "no stdin for HTTP servers");
+    assert!(
+        fake.get(Kind::Secret, "tools", "mcp-web").is_none(),
+        "no secret values, no Secret"
+    );
+    for r in fake.requests() {
+        assert_eq!(
+            r.authorization.as_deref(),
+            Some("Bearer secret-token"),
+            "{}",
+            r.line()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcpserver_resources_are_run_owned_and_reported() {
+    let fake = FakeKube::start().await;
+    let rt = KubeRuntime::start_with_client(
+        fake.client(NS),
+        NS.into(),
+        None,
+        KubeOptions {
+            watch_mcpservers: true,
+            ..options()
+        },
+    );
+    let cr = fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": "from-crd"}, "spec": {
+            "image": "ghcr.io/gatehouse/example:1", "command": GATEHOUSE, "args": ["example-server"],
+            "env": [{"name": "TOKEN", "secretValue": "abc"}],
+        }}),
+    );
+    let cr_uid = cr["metadata"]["uid"].clone();
+    // The resource reaches the runtime through its watch.
+    let start = Instant::now();
+    while rt.status("from-crd").await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(5), "resource seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rt.wait_ready("from-crd", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let dep = fake.get(Kind::Deployment, NS, "mcp-from-crd").unwrap();
+    assert_eq!(dep["metadata"]["ownerReferences"][0]["kind"], "McpServer");
+    assert_eq!(dep["metadata"]["ownerReferences"][0]["uid"], cr_uid);
+    let secret = fake.get(Kind::Secret, NS, "mcp-from-crd").unwrap();
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], cr_uid);
+    // Status written through the status subresource.
+    let cr = eventually("status written", Duration::from_secs(5), || {
+        fake.get(Kind::McpServer, NS, "from-crd")
+            .filter(|c| c["status"]["phase"] == "Ready")
+    })
+    .await;
+    assert_eq!(cr["status"]["endpoint"], "attach://mcp/mcp-from-crd");
+    assert!(fake.requests().iter().any(|r| r.method == "PATCH"
+        && r.path == "/apis/gatehouse.dev/v1alpha1/namespaces/mcp/mcpservers/from-crd/status"));
+    let mut mcp = open(&rt, "from-crd").await;
+    mcp.handshake().await;
+    drop(mcp);
+
+    // An invalid resource is reported, not run.
+    fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": "bad"}, "spec": {"command": "x"}}),
+    );
+    let cr = eventually("invalid reported", Duration::from_secs(5), || {
+        fake.get(Kind::McpServer, NS, "bad")
+            .filter(|c| c["status"]["phase"] == "Failed")
+    })
+    .await;
+    assert!(
+        cr["status"]["message"].as_str().unwrap().contains("image"),
+        "{cr}"
+    );
+    assert!(fake.get(Kind::Deployment, NS, "mcp-bad").is_none());
+
+    // Deleting the resource removes everything through owner references.
+    fake.delete(Kind::McpServer, NS, "from-crd");
+    assert!(fake.get(Kind::Deployment, NS, "mcp-from-crd").is_none());
+    assert!(fake.get(Kind::Secret, NS, "mcp-from-crd").is_none());
+    let start = Instant::now();
+    while rt.status("from-crd").await.is_ok() {
+        assert!(start.elapsed() < Duration::from_secs(5), "server forgotten");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn settings_from_the_environment() {
+    let none = KubeSettings::from_env_with(|_| None).unwrap();
+    assert!(none.is_none(), "no cluster settings: local backend");
+    let both = BTreeMap::from([
+        ("GATEHOUSE_ORCHESTRATOR_KUBECONFIG", "/k"),
+        (
+            "GATEHOUSE_ORCHESTRATOR_LOAD_KUBECONFIG_FROM_CURRENT_CLUSTER",
+            "true",
+        ),
+    ]);
+    let err = KubeSettings::from_env_with(|k| both.get(k).map(|s| s.to_string())).unwrap_err();
+    assert!(err.to_string().contains("not both"), "{err}");
+    let in_cluster = BTreeMap::from([
+        (
+            "GATEHOUSE_ORCHESTRATOR_LOAD_KUBECONFIG_FROM_CURRENT_CLUSTER",
+            "true",
+        ),
+        ("GATEHOUSE_ORCHESTRATOR_K8S_NAMESPACE", "mcp-servers"),
+        ("POD_NAME", "gatehouse-7d9f"),
+    ]);
+    let s = KubeSettings::from_env_with(|k| in_cluster.get(k).map(|s| s.to_string()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        s.source,
+        gatehouse::orchestrator::kubernetes::ConfigSource::InCluster
+    );
+    assert_eq!(s.namespace.as_deref(), Some("mcp-servers"));
+    let lease = s.leader_election.unwrap();
+    assert!(
+        lease.identity.starts_with("gatehouse-7d9f_"),
+        "{}",
+        lease.identity
+    );
+    let bad = BTreeMap::from([(
+        "GATEHOUSE_ORCHESTRATOR_LOAD_KUBECONFIG_FROM_CURRENT_CLUSTER",
+        "maybe",
+    )]);
+    assert!(KubeSettings::from_env_with(|k| bad.get(k).map(|s| s.to_string())).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_works_over_the_older_v4_channel_protocol() {
+    let fake = FakeKube::start().await;
+    fake.configure(|s| s.attach_protocols = vec!["v4.channel.k8s.io"]);
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+    rt.apply(
+        example("old", "ghcr.io/gatehouse/example:1", &[])
+            .resolve()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    rt.wait_ready("old", Duration::from_secs(10)).await.unwrap();
+    let mut mcp = open(&rt, "old").await;
+    mcp.handshake().await;
+    let list = mcp.call(2, "tools/list", json!({})).await;
+    assert!(tool_names(&list).contains(&"echo".to_string()));
+    // No subprotocol in common: a clear error, not a hang.
+    fake.configure(|s| s.attach_protocols = vec![]);
+    let Endpoint::Stdio(ep) = rt.endpoint("old").await.unwrap() else {
+        unreachable!()
+    };
+    let err = ep.open().await.unwrap_err();
+    assert!(matches!(err, OrchestratorError::Attach { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_deletes_leftovers_only_once_it_knows_its_config() {
+    let fake = FakeKube::start().await;
+    let a = example("keep", "ghcr.io/gatehouse/example:1", &[])
+        .resolve()
+        .unwrap();
+    let b = example("drop", "ghcr.io/gatehouse/example:1", &[])
+        .resolve()
+        .unwrap();
+    {
+        let first = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+        first.sync(vec![a.clone(), b]).await.unwrap();
+        first
+            .wait_ready("keep", Duration::from_secs(10))
+            .await
+            .unwrap();
+        first
+            .wait_ready("drop", Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    // The gateway restarts; "drop" is no longer in its config.
+    let second = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        fake.get(Kind::Deployment, NS, "mcp-drop").is_some(),
+        "nothing is deleted before the config is known"
+    );
+    fake.clear_requests();
+    second.sync(vec![a]).await.unwrap();
+    eventually("leftover deleted", Duration::from_secs(5), || {
+        fake.get(Kind::Deployment, NS, "mcp-drop")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    second
+        .wait_ready("keep", Duration::from_secs(10))
+        .await
+        .unwrap();
+    // The Deployment goes (its Secret with it, through the owner reference; a delete of
+    // the Secret may race the watch and find it gone). Nothing is written for "keep".
+    let w = writes(&fake);
+    assert_eq!(
+        w[0],
+        "DELETE /apis/apps/v1/namespaces/mcp/deployments/mcp-drop?"
+    );
+    assert!(
+        w[1..]
+            .iter()
+            .all(|r| r == "DELETE /api/v1/namespaces/mcp/secrets/mcp-drop?"),
+        "{w:?}"
+    );
+    assert!(fake.get(Kind::Secret, NS, "mcp-drop").is_none());
+    assert!(fake.get(Kind::Deployment, NS, "mcp-keep").is_some());
+}

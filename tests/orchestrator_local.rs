@@ -1,0 +1,422 @@
+//! The local backend end to end: child processes, restarts with backoff, logs, endpoints.
+
+#[path = "fake_kube/mcp.rs"]
+mod mcp;
+
+use std::time::{Duration, Instant};
+
+use gatehouse::orchestrator::backoff::Backoff;
+use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
+use gatehouse::orchestrator::spec::{
+    EnvVarSpec, McpServerSpec, ServerDef, TransportKind, TransportSpec,
+};
+use gatehouse::orchestrator::{
+    Endpoint, FailureReason, LogOptions, OrchestratorError, Phase, Runtime,
+};
+use mcp::{Mcp, tool_names};
+use serde_json::json;
+
+const GATEHOUSE: &str = env!("CARGO_BIN_EXE_gatehouse");
+
+fn fast() -> LocalSettings {
+    LocalSettings {
+        backoff: Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(400),
+            factor: 2.0,
+            jitter: 0.0,
+            reset_after: Duration::from_secs(30),
+        },
+        stop_grace: Duration::from_millis(500),
+        attach_timeout: Duration::from_secs(10),
+        ..LocalSettings::default()
+    }
+}
+
+fn server(name: &str, command: &str, args: &[&str]) -> ServerDef {
+    ServerDef {
+        name: name.into(),
+        spec: McpServerSpec {
+            command: Some(command.into()),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..McpServerSpec::default()
+        },
+    }
+}
+
+async fn open(rt: &LocalRuntime, name: &str) -> Mcp {
+    match rt.endpoint(name).await.unwrap() {
+        Endpoint::Stdio(s) => Mcp::new(s.open().await.unwrap()),
+        other => panic!("expected stdio, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdio_server_serves_mcp_and_comes_back_after_a_crash() {
+    let rt = LocalRuntime::new(fast());
+    let def = server(
+        "example",
+        GATEHOUSE,
+        &["example-server", "--test-tools", "--name", "local"],
+    );
+    let t0 = Instant::now();
+    rt.apply(def.resolve().unwrap()).await.unwrap();
+    rt.wait_ready("example", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut c = open(&rt, "example").await;
+    c.handshake().await;
+    let list = c.call(2, "tools/list", json!({})).await;
+    println!("local: definition → first tools/list in {:?}", t0.elapsed());
+    assert!(tool_names(&list).contains(&"crash".to_string()));
+
+    // A newer attachment replaces the older one, whose reader sees the end.
+    let mut c2 = open(&rt, "example").await;
+    assert!(c.drain(Duration::from_secs(2)).await, "old attachment ends");
+    let who = c2
+        .call(3, "tools/call", json!({"name": "whoami", "arguments": {}}))
+        .await;
+    assert!(who.to_string().contains("local"), "{who}");
+
+    // The process crashes: BackOff, then restarted.
+    let mut states = rt.watch_status("example").unwrap();
+    c2.send(json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "crash", "arguments": {}}}))
+        .await;
+    assert!(
+        c2.drain(Duration::from_secs(5)).await,
+        "attachment ends with the process"
+    );
+    let backoff = tokio::time::timeout(
+        Duration::from_secs(5),
+        states.wait_for(|s| matches!(s.phase, Phase::BackOff { .. })),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    assert_eq!(
+        backoff.phase,
+        Phase::BackOff {
+            retry_in: Duration::from_millis(100)
+        }
+    );
+    assert_eq!(backoff.restarts, 1);
+    assert!(
+        backoff
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("exit status: 3"),
+        "{backoff:?}"
+    );
+    rt.wait_ready("example", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut c3 = open(&rt, "example").await;
+    c3.handshake().await;
+    assert!(tool_names(&c3.call(2, "tools/list", json!({})).await).contains(&"echo".to_string()));
+
+    // Restart on request: a fresh process, no backoff.
+    rt.restart("example").await.unwrap();
+    assert!(c3.drain(Duration::from_secs(5)).await);
+    rt.wait_ready("example", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut c4 = open(&rt, "example").await;
+    c4.handshake().await;
+    assert_eq!(rt.status("example").await.unwrap().restarts, 2);
+
+    rt.remove("example").await.unwrap();
+    assert!(matches!(
+        rt.status("example").await,
+        Err(OrchestratorError::NotFound(_))
+    ));
+    assert!(
+        c4.drain(Duration::from_secs(5)).await,
+        "removing stops the process"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_back_off_exponentially_up_to_the_cap() {
+    let rt = LocalRuntime::new(fast());
+    let def = server("flaky", "sh", &["-c", "echo run >&2; exit 1"]);
+    rt.apply(def.resolve().unwrap()).await.unwrap();
+    let mut states = rt.watch_status("flaky").unwrap();
+    let mut delays = Vec::new();
+    while delays.len() < 5 {
+        let st = tokio::time::timeout(
+            Duration::from_secs(5),
+            states.wait_for(|s| matches!(s.phase, Phase::BackOff { .. })),
+        )
+        .await
+        .expect("backs off")
+        .unwrap()
+        .clone();
+        if let Phase::BackOff { retry_in } = st.phase {
+            delays.push(retry_in.as_millis());
+        }
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            states.wait_for(|s| !matches!(s.phase, Phase::BackOff { .. })),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    assert_eq!(delays, [100, 200, 400, 400, 400]);
+    // A server that never gets ready: the readiness wait gives up after a few exits.
+    let mut def = server("flaky-http", "sh", &["-c", "exit 1"]);
+    def.spec.transport = TransportSpec {
+        kind: TransportKind::StreamableHttp,
+        port: Some(1),
+        path: None,
+    };
+    rt.apply(def.resolve().unwrap()).await.unwrap();
+    let err = rt
+        .wait_ready("flaky-http", Duration::from_secs(20))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            OrchestratorError::Failed {
+                reason: FailureReason::CrashLoopBackOff,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_keep_this_run_and_the_previous_one() {
+    let rt = LocalRuntime::new(LocalSettings {
+        log_bytes: 64,
+        ..fast()
+    });
+    // An HTTP-transport server: stdout and stderr both go to the logs.
+    let script = "i=0; while [ $i -lt 20 ]; do echo \"out $i\"; echo \"err $i\" >&2; i=$((i+1)); done; sleep 0.1; echo \"token=$API_TOKEN leak=$CARGO_PKG_NAME\"; sleep 0.2; exit 2";
+    let mut def = server("noisy", "sh", &["-c", script]);
+    def.spec.transport = TransportSpec {
+        kind: TransportKind::StreamableHttp,
+        port: Some(1),
+        path: None,
+    };
+    def.spec.env = vec![EnvVarSpec {
+        name: "API_TOKEN".into(),
+        secret_from_env: Some("TEST_TOKEN".into()),
+        ..EnvVarSpec::default()
+    }];
+    let resolved = def
+        .resolve_with(|k| (k == "TEST_TOKEN").then(|| "t0k".to_string()))
+        .unwrap();
+    rt.apply(resolved).await.unwrap();
+    let mut states = rt.watch_status("noisy").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), states.wait_for(|s| s.restarts >= 1))
+        .await
+        .unwrap()
+        .unwrap();
+    let previous = rt
+        .logs(
+            "noisy",
+            LogOptions {
+                previous: true,
+                tail_lines: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(previous.len() <= 64, "bounded: {previous:?}");
+    assert!(
+        previous.contains("token=t0k leak=\n"),
+        "secret passed, the gateway's env not: {previous:?}"
+    );
+    let tail = rt
+        .logs(
+            "noisy",
+            LogOptions {
+                previous: true,
+                tail_lines: Some(1),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(tail, "token=t0k leak=\n");
+    rt.shutdown().await;
+
+    // A stdio server: stdout is the MCP channel, only stderr is logged.
+    let rt = LocalRuntime::new(fast());
+    let def = server("quiet", GATEHOUSE, &["example-server"]);
+    rt.apply(def.resolve().unwrap()).await.unwrap();
+    rt.wait_ready("quiet", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut c = open(&rt, "quiet").await;
+    c.handshake().await;
+    let logs = rt.logs("quiet", LogOptions::default()).await.unwrap();
+    assert!(
+        !logs.contains("protocolVersion"),
+        "protocol traffic is not logged: {logs}"
+    );
+    let err = rt
+        .logs(
+            "quiet",
+            LogOptions {
+                previous: true,
+                tail_lines: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OrchestratorError::NoLogs { .. }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_server_is_ready_when_its_port_accepts() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let rt = LocalRuntime::new(fast());
+    let mut def = server(
+        "web",
+        GATEHOUSE,
+        &["example-server", "--http", &format!("127.0.0.1:{port}")],
+    );
+    def.spec.transport = TransportSpec {
+        kind: TransportKind::StreamableHttp,
+        port: Some(port),
+        path: None,
+    };
+    rt.apply(def.resolve().unwrap()).await.unwrap();
+    let url = match rt.wait_ready("web", Duration::from_secs(10)).await.unwrap() {
+        Endpoint::Http { url } => url,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(url, format!("http://127.0.0.1:{port}/mcp"));
+    // Speak MCP over HTTP with a raw request.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
+    .to_string();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let req = format!(
+        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("protocolVersion"), "{answer}");
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_executable_fails_fast() {
+    let rt = LocalRuntime::new(fast());
+    let def = server("ghost", "/nonexistent/mcp-server", &[]);
+    rt.apply(def.resolve().unwrap()).await.unwrap();
+    let err = rt
+        .wait_ready("ghost", Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    match err {
+        OrchestratorError::Failed {
+            reason, message, ..
+        } => {
+            assert_eq!(reason, FailureReason::SpawnFailed);
+            assert!(message.unwrap().contains("/nonexistent/mcp-server"));
+        }
+        other => panic!("{other}"),
+    }
+    let image_only = ServerDef {
+        name: "img".into(),
+        spec: McpServerSpec {
+            image: Some("ghcr.io/x/y:1".into()),
+            ..McpServerSpec::default()
+        },
+    };
+    let err = rt.apply(image_only.resolve().unwrap()).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the local backend needs a command"),
+        "{err}"
+    );
+    rt.shutdown().await;
+}
+
+/// `@modelcontextprotocol/server-everything` over stdio, when the test tools are installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_everything_over_stdio() {
+    let command = std::env::var("GATEHOUSE_EVERYTHING").ok().or_else(|| {
+        let env_sh = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/env.sh");
+        let text = std::fs::read_to_string(env_sh).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("export GATEHOUSE_EVERYTHING='"))
+            .map(|v| v.trim_end_matches('\'').to_string())
+    });
+    let Some(command) = command else {
+        println!(
+            "skipped: target/tools/env.sh not found (run tests/tools/install.sh for server-everything)"
+        );
+        return;
+    };
+    let mut parts = command.split_whitespace();
+    let program = parts.next().unwrap().to_string();
+    let args: Vec<&str> = parts.collect();
+    if !std::path::Path::new(&program).exists() {
+        println!("skipped: {program} is not installed");
+        return;
+    }
+    let rt = LocalRuntime::new(fast());
+    let t0 = Instant::now();
+    rt.apply(server("everything", &program, &args).resolve().unwrap())
+        .await
+        .unwrap();
+    rt.wait_ready("everything", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut c = open(&rt, "everything").await;
+    let init = c.handshake().await;
+    assert!(init["result"]["serverInfo"]["name"].is_string(), "{init}");
+    let list = c.call(2, "tools/list", json!({})).await;
+    println!(
+        "server-everything: definition → first tools/list in {:?}",
+        t0.elapsed()
+    );
+    let names = tool_names(&list);
+    assert!(names.iter().any(|n| n == "echo"), "{names:?}");
+    let echo = c
+        .call(
+            3,
+            "tools/call",
+            json!({"name": "echo", "arguments": {"message": "hi from gatehouse"}}),
+        )
+        .await;
+    assert!(echo.to_string().contains("hi from gatehouse"), "{echo}");
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_makes_the_configured_set_exact() {
+    let rt = LocalRuntime::new(fast());
+    let a = server("a", "sleep", &["30"]).resolve().unwrap();
+    let b = server("b", "sleep", &["30"]).resolve().unwrap();
+    rt.sync(vec![a.clone(), b]).await.unwrap();
+    rt.wait_ready("a", Duration::from_secs(5)).await.unwrap();
+    let since = rt.status("a").await.unwrap().since;
+    rt.sync(vec![a]).await.unwrap();
+    let names: Vec<String> = rt.list().await.into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["a"]);
+    let st = rt.status("a").await.unwrap();
+    assert!(
+        st.is_ready() && st.since == since,
+        "an unchanged server is left running"
+    );
+    rt.shutdown().await;
+}
