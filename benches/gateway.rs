@@ -86,13 +86,15 @@ impl Drop for Proc {
 /// CPU time (user + system) a process has used, in microseconds.
 fn cpu_us(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    // Counting from the state letter after the name: utime is the 12th field, stime the 13th.
+    let field = |i: usize| -> u64 {
+        rest.split_whitespace()
+            .nth(i)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0)
+    };
+    let ticks = field(11) + field(12);
     ticks * 1_000_000 / 100 // USER_HZ is 100 on Linux
 }
 
