@@ -480,15 +480,7 @@ impl Inner {
     /// Applies `desired` unless the watched copy already has every field we set.
     async fn ensure<K>(&self, index: &Index<K>, server: &str, desired: K) -> Result<Arc<K>>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + Debug
-            + Serialize
-            + DeserializeOwned
-            + Send
-            + Sync
-            + 'static,
-        K::DynamicType: Default,
+        K: Namespaced + Serialize,
     {
         let name = desired.name_any();
         if let Some(observed) = index.get(server, &name) {
@@ -520,14 +512,7 @@ impl Inner {
     /// Deletes an object if we watch one of that name; "already gone" is success.
     async fn delete_if_present<K>(&self, index: &Index<K>, server: &str, name: &str) -> Result<()>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + Debug
-            + DeserializeOwned
-            + Send
-            + Sync
-            + 'static,
-        K::DynamicType: Default,
+        K: Namespaced,
     {
         let Some(obj) = index.get(server, name) else {
             return Ok(());
@@ -868,14 +853,7 @@ async fn watch_children<K>(
     index: fn(&Inner) -> &Index<K>,
     synced: watch::Sender<bool>,
 ) where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + Debug
-        + DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default,
+    K: Namespaced,
 {
     let api: Api<K> = Api::namespaced(inner.client.clone(), &inner.ns);
     let stream = watcher::watcher(api, watcher::Config::default().labels(labels::SELECTOR))
@@ -1210,4 +1188,27 @@ impl Runtime for KubeRuntime {
         }
         .boxed()
     }
+}
+
+/// A namespaced API object the backend watches and deletes.
+trait Namespaced:
+    Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType: Default>
+    + Clone
+    + Debug
+    + DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Namespaced for K where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType: Default>
+        + Clone
+        + Debug
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static
+{
 }
