@@ -11,6 +11,10 @@ mkdir -p "$logs"
 
 step() { printf '\n=== %s ===\n' "$*"; }
 
+# A one-shot build gains nothing from incremental caches, which would double target/'s size.
+export CARGO_INCREMENTAL=0
+df -h "$REPO" | tail -1 | awk '{print "disk: " $4 " free on " $6}'
+
 step "install test tools (target/tools)"
 bash tests/tools/install.sh
 
