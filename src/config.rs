@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::orchestrator::{ResolvedServer, ServerDef};
+
 /// A configuration that failed to load or validate.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -63,6 +65,37 @@ pub struct RawConfig {
     /// Wasm policy plugins and the chains that run them.
     #[serde(default)]
     pub plugins: crate::plugins::PluginsConfig,
+    /// MCP servers the gateway runs itself (the orchestrator), then serves like upstreams.
+    #[serde(default)]
+    pub servers: Vec<ServerDef>,
+    /// Settings of the servers the gateway runs.
+    #[serde(default)]
+    pub orchestrator: RawOrchestrator,
+    /// The admin API (`/admin/v1/...`): off unless it has tokens.
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+/// Raw orchestrator settings (the backend itself is chosen by `GATEHOUSE_ORCHESTRATOR_*`
+/// environment variables: Kubernetes when a cluster is configured, else local processes).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOrchestrator {
+    /// Deadline for a server to become ready and finish the MCP handshake.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// Deadline of one call.
+    #[serde(default, with = "humantime_serde")]
+    pub call_timeout: Option<Duration>,
+}
+
+/// Raw admin API settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Bearer tokens accepted by the admin API (separate from client tokens).
+    #[serde(default)]
+    pub tokens: Vec<RawToken>,
 }
 
 /// Raw authentication settings.
@@ -228,6 +261,33 @@ pub struct Config {
     pub log_level: String,
     /// Wasm policy plugins.
     pub plugins: crate::plugins::PluginsConfig,
+    /// Servers the gateway runs (each is also in `upstreams`, as [`Transport::Orchestrated`]).
+    pub servers: Vec<ResolvedServer>,
+    /// Settings of orchestrated servers.
+    pub orchestrator: OrchestratorSettings,
+    /// Admin API bearer tokens → principal; empty means the admin API is off.
+    pub admin_tokens: Vec<(String, Arc<str>)>,
+}
+
+/// Validated orchestrator settings.
+#[derive(Debug, Clone)]
+pub struct OrchestratorSettings {
+    /// Ready + handshake deadline.
+    pub connect_timeout: Duration,
+    /// Call deadline.
+    pub call_timeout: Duration,
+}
+
+impl OrchestratorSettings {
+    /// The upstream entry through which the gateway serves an orchestrated server.
+    pub fn upstream(&self, name: &str) -> UpstreamConfig {
+        UpstreamConfig {
+            name: name.to_owned(),
+            transport: Transport::Orchestrated,
+            call_timeout: self.call_timeout,
+            connect_timeout: self.connect_timeout,
+        }
+    }
 }
 
 /// Validated MCP endpoint settings.
@@ -289,6 +349,8 @@ pub enum Transport {
         /// Extra headers.
         headers: http::HeaderMap,
     },
+    /// A server the orchestrator runs (from `servers`, or added through the admin API).
+    Orchestrated,
 }
 
 /// The default listen address: loopback only.
@@ -345,30 +407,8 @@ impl RawConfig {
             )
         })?;
 
-        let mut tokens = Vec::new();
-        for (i, t) in self.auth.tokens.into_iter().enumerate() {
-            let field = format!("auth.tokens[{i}]");
-            if t.principal.trim().is_empty() {
-                return Err(field_err(format!("{field}.principal"), "must not be empty"));
-            }
-            let token = match (t.token, t.token_env) {
-                (Some(tok), None) => tok,
-                (None, Some(var)) => std::env::var(&var).map_err(|_| {
-                    field_err(
-                        format!("{field}.token_env"),
-                        format!("environment variable {var} is not set"),
-                    )
-                })?,
-                _ => return Err(field_err(field, "set exactly one of token or token_env")),
-            };
-            if token.len() < 16 {
-                return Err(field_err(
-                    format!("{field}.token"),
-                    "must be at least 16 characters",
-                ));
-            }
-            tokens.push((token, Arc::from(t.principal)));
-        }
+        let tokens = bearer_tokens("auth.tokens", self.auth.tokens)?;
+        let admin_tokens = bearer_tokens("admin.tokens", self.admin.tokens)?;
         if tokens.is_empty() && !listen.ip().is_loopback() && !self.auth.allow_anonymous {
             return Err(field_err(
                 "auth.tokens",
@@ -516,8 +556,53 @@ impl RawConfig {
                 transport,
             });
         }
+        let orchestrator = OrchestratorSettings {
+            connect_timeout: positive(
+                "orchestrator.connect_timeout",
+                self.orchestrator.connect_timeout,
+                Duration::from_secs(120),
+            )?,
+            call_timeout: positive(
+                "orchestrator.call_timeout",
+                self.orchestrator.call_timeout,
+                Duration::from_secs(60),
+            )?,
+        };
+        let mut servers = Vec::with_capacity(self.servers.len());
+        for (i, def) in self.servers.into_iter().enumerate() {
+            let field = format!("servers[{i}]");
+            let resolved = def
+                .resolve()
+                .map_err(|e| field_err(format!("{field}.{}", e.field), e.message))?;
+            if upstreams
+                .iter()
+                .any(|o: &UpstreamConfig| o.name == def.name)
+            {
+                return Err(field_err(
+                    format!("{field}.name"),
+                    format!(
+                        "duplicate name {:?} (names are shared with upstreams)",
+                        def.name
+                    ),
+                ));
+            }
+            if def.name.contains(&mcp.name_separator) {
+                return Err(field_err(
+                    format!("{field}.name"),
+                    format!(
+                        "{:?} contains the name separator {:?}",
+                        def.name, mcp.name_separator
+                    ),
+                ));
+            }
+            upstreams.push(orchestrator.upstream(&def.name));
+            servers.push(resolved);
+        }
         if upstreams.is_empty() {
-            return Err(field_err("upstreams", "at least one upstream is required"));
+            return Err(field_err(
+                "upstreams",
+                "at least one upstream or server is required",
+            ));
         }
 
         self.plugins
@@ -526,6 +611,9 @@ impl RawConfig {
 
         Ok(Config {
             plugins: self.plugins,
+            servers,
+            orchestrator,
+            admin_tokens,
             listen,
             tokens,
             mcp,
@@ -534,6 +622,35 @@ impl RawConfig {
             log_level: self.log.level.unwrap_or_else(|| "info".into()),
         })
     }
+}
+
+/// Validates bearer tokens (at least 16 characters, inline or from the environment).
+fn bearer_tokens(field: &str, raw: Vec<RawToken>) -> Result<Vec<(String, Arc<str>)>, ConfigError> {
+    let mut tokens = Vec::new();
+    for (i, t) in raw.into_iter().enumerate() {
+        let field = format!("{field}[{i}]");
+        if t.principal.trim().is_empty() {
+            return Err(field_err(format!("{field}.principal"), "must not be empty"));
+        }
+        let token = match (t.token, t.token_env) {
+            (Some(tok), None) => tok,
+            (None, Some(var)) => std::env::var(&var).map_err(|_| {
+                field_err(
+                    format!("{field}.token_env"),
+                    format!("environment variable {var} is not set"),
+                )
+            })?,
+            _ => return Err(field_err(field, "set exactly one of token or token_env")),
+        };
+        if token.len() < 16 {
+            return Err(field_err(
+                format!("{field}.token"),
+                "must be at least 16 characters",
+            ));
+        }
+        tokens.push((token, Arc::from(t.principal)));
+    }
+    Ok(tokens)
 }
 
 fn positive(
@@ -598,9 +715,43 @@ upstreams:
                 .contains("upstreams[0].call_timeout")
         );
         assert!(err("upstreams: []").contains("upstreams: at least one"));
+        assert!(
+            err("servers: [{name: Bad_Name, command: x}]").contains("servers[0].name"),
+            "{}",
+            err("servers: [{name: Bad_Name, command: x}]")
+        );
+        assert!(
+            err("upstreams: [{name: a, stdio: {command: x}}]\nservers: [{name: a, command: srv}]")
+                .contains("servers[0].name: duplicate")
+        );
+        assert!(
+            err("servers: [{name: a, command: x, env: [{name: K}]}]").contains("servers[0].env[0]")
+        );
+        assert!(
+            err("servers: [{name: a, command: x}]\norchestrator: {call_timeout: 0s}")
+                .contains("orchestrator.call_timeout")
+        );
+        assert!(
+            err("servers: [{name: a, command: x}]\nadmin: {tokens: [{principal: ops, token: short}]}")
+                .contains("admin.tokens[0].token")
+        );
         assert!(err("bogus: 1\nupstreams: [{name: a, stdio: {command: x}}]").contains("bogus"));
         assert!(err("mcp: {allowed_origins: ['example.com']}\nupstreams: [{name: a, stdio: {command: x}}]")
             .contains("mcp.allowed_origins[0]"));
+    }
+
+    #[test]
+    fn servers_become_orchestrated_upstreams() {
+        let c = Config::from_yaml(
+            "servers:\n  - name: everything\n    command: node\n    args: [server.js]\norchestrator: {call_timeout: 5s}\nadmin: {tokens: [{principal: ops, token: 0123456789abcdef0}]}",
+        )
+        .unwrap();
+        assert_eq!(c.servers.len(), 1);
+        assert_eq!(c.servers[0].name, "everything");
+        assert_eq!(c.upstreams[0].name, "everything");
+        assert!(matches!(c.upstreams[0].transport, Transport::Orchestrated));
+        assert_eq!(c.upstreams[0].call_timeout, Duration::from_secs(5));
+        assert_eq!(&*c.admin_tokens[0].1, "ops");
     }
 
     #[test]

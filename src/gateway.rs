@@ -1,66 +1,181 @@
-//! The gateway's shared state: configuration, upstream servers, routing table, sessions, metrics.
+//! The gateway's shared state: configuration, upstream servers and their names (the
+//! [`Topology`]), the orchestrator, sessions, metrics.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use base64::Engine;
 use bytes::Bytes;
 use dashmap::DashMap;
 
 use crate::auth::{Auth, Principal};
-use crate::config::Config;
+use crate::config::{Config, Transport, UpstreamConfig};
 use crate::mcp::router::Router;
 use crate::mcp::session::Session;
 use crate::metrics::Metrics;
+use crate::orchestrator::{Phase, Runtime};
 use crate::plugins::{PluginError, Plugins};
+use crate::upstream::orchestrated::Orchestrated;
+use crate::upstream::shared::Shared;
 use crate::upstream::{Server, http};
+
+/// The upstream servers and their public names, as one unit. A session keeps the topology it
+/// opened with, so its names and indices never shift under it; servers added or removed later
+/// (admin API, `McpServer` resources) appear in sessions opened afterwards.
+pub struct Topology {
+    /// Upstream servers, indexed as in the router.
+    pub servers: Vec<Arc<Server>>,
+    /// Names and resource ownership.
+    pub router: Router,
+}
 
 /// Everything a request may need, shared by all connections.
 pub struct Gateway {
     /// Validated configuration.
     pub config: Arc<Config>,
-    /// Upstream servers, indexed as in the router.
-    pub servers: Vec<Arc<Server>>,
-    /// Names and resource ownership.
-    pub router: Router,
+    /// The current servers; new sessions take this one.
+    topology: ArcSwap<Topology>,
+    /// The orchestrator running `servers` (and admin-added ones), when there are any.
+    pub orchestrator: Option<Arc<dyn Runtime>>,
+    /// One shared upstream session per orchestrated stdio server, by name.
+    shared: DashMap<String, Arc<Shared>>,
+    /// Serializes topology changes.
+    changes: tokio::sync::Mutex<()>,
+    client: http::Client,
     /// Open sessions by id.
     pub sessions: DashMap<Arc<str>, Arc<Session>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Client authentication.
     pub auth: Auth,
+    /// Admin API authentication (no tokens: the admin API is off).
+    pub admin_auth: Auth,
     /// Policy plugins (hot-reloadable).
     pub plugins: Arc<Plugins>,
     epoch: Instant,
 }
 
 impl Gateway {
-    /// Builds the gateway from a validated configuration, loading its plugins.
-    pub fn new(config: Config) -> Result<Arc<Gateway>, PluginError> {
+    /// Builds the gateway from a validated configuration, loading its plugins; `orchestrator`
+    /// runs the configured `servers` (without one, they are unavailable).
+    pub fn new(
+        config: Config,
+        orchestrator: Option<Arc<dyn Runtime>>,
+    ) -> Result<Arc<Gateway>, PluginError> {
         let plugins = Plugins::load(&config.plugins)?;
-        let metrics = Metrics::new();
-        let client = http::client();
-        let servers: Vec<Arc<Server>> = config
-            .upstreams
-            .iter()
-            .enumerate()
-            .map(|(i, u)| Arc::new(Server::new(i, u.clone(), client.clone(), metrics.clone())))
-            .collect();
-        let router = Router::new(
-            config.upstreams.iter().map(|u| u.name.clone()).collect(),
-            config.mcp.name_separator.clone(),
-            config.mcp.prefix_names,
-        );
-        Ok(Arc::new(Gateway {
+        let gw = Gateway {
             plugins,
             auth: Auth::new(&config.tokens),
+            admin_auth: Auth::new(&config.admin_tokens),
+            topology: ArcSwap::from_pointee(Topology {
+                servers: Vec::new(),
+                router: Router::new(Vec::new(), String::new(), Default::default()),
+            }),
+            orchestrator,
+            shared: DashMap::new(),
+            changes: tokio::sync::Mutex::new(()),
+            client: http::client(),
             config: Arc::new(config),
-            servers,
-            router,
             sessions: DashMap::new(),
-            metrics,
+            metrics: Metrics::new(),
             epoch: Instant::now(),
-        }))
+        };
+        gw.topology
+            .store(Arc::new(gw.build(gw.config.upstreams.clone())));
+        Ok(Arc::new(gw))
+    }
+
+    /// The servers new sessions see.
+    pub fn topology(&self) -> Arc<Topology> {
+        self.topology.load_full()
+    }
+
+    fn build(&self, upstreams: Vec<UpstreamConfig>) -> Topology {
+        let router = Router::new(
+            upstreams.iter().map(|u| u.name.clone()).collect(),
+            self.config.mcp.name_separator.clone(),
+            self.config.mcp.prefix_names,
+        );
+        let servers = upstreams
+            .into_iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let orchestrated = match (&u.transport, &self.orchestrator) {
+                    (Transport::Orchestrated, Some(runtime)) => Some(Orchestrated {
+                        runtime: runtime.clone(),
+                        shared: self.shared.entry(u.name.clone()).or_default().clone(),
+                    }),
+                    _ => None,
+                };
+                let server = Server::new(i, u, self.client.clone(), self.metrics.clone());
+                Arc::new(match orchestrated {
+                    Some(o) => server.with_orchestrator(o),
+                    None => server,
+                })
+            })
+            .collect();
+        Topology { servers, router }
+    }
+
+    /// Makes the topology follow the orchestrator: the configured upstreams and servers, then
+    /// every other server it runs (added through the admin API, or `McpServer` resources),
+    /// by name. Returns whether anything changed.
+    pub async fn refresh_topology(&self) -> bool {
+        let Some(runtime) = &self.orchestrator else {
+            return false;
+        };
+        let _serial = self.changes.lock().await;
+        let mut upstreams = self.config.upstreams.clone();
+        for (name, status) in runtime.list().await {
+            if status.phase != Phase::Removed && !upstreams.iter().any(|u| u.name == name) {
+                upstreams.push(self.config.orchestrator.upstream(&name));
+            }
+        }
+        let current = self.topology.load();
+        let same = current.servers.len() == upstreams.len()
+            && current
+                .servers
+                .iter()
+                .zip(&upstreams)
+                .all(|(s, u)| *s.name == *u.name);
+        if same {
+            return false;
+        }
+        let gone: Vec<String> = current
+            .servers
+            .iter()
+            .filter(|s| !upstreams.iter().any(|u| *u.name == *s.name))
+            .map(|s| s.name.to_string())
+            .collect();
+        let names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+        tracing::info!(servers = ?names, "serving a new set of upstreams to new sessions");
+        self.topology.store(Arc::new(self.build(upstreams)));
+        for name in gone {
+            if let Some((_, shared)) = self.shared.remove(&name) {
+                shared.close().await;
+            }
+        }
+        true
+    }
+
+    /// Runs [`Gateway::refresh_topology`] every `every` (the orchestrator's list is in memory).
+    pub fn spawn_topology_refresh(
+        self: &Arc<Self>,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let gw = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match gw.upgrade() {
+                    Some(gw) => {
+                        gw.refresh_topology().await;
+                    }
+                    None => return,
+                }
+            }
+        })
     }
 
     /// Opens a session with a fresh, unguessable id.
@@ -80,7 +195,7 @@ impl Gateway {
             id.clone(),
             principal,
             version,
-            &self.servers,
+            self.topology(),
             init_params,
             eager_listen,
             self.epoch,
@@ -138,5 +253,7 @@ impl Gateway {
         self.metrics.sessions.set(0);
         let close = futures_util::future::join_all(all.iter().map(|s| s.close()));
         let _ = tokio::time::timeout(Duration::from_secs(10), close).await;
+        let shared: Vec<Arc<Shared>> = self.shared.iter().map(|s| s.value().clone()).collect();
+        futures_util::future::join_all(shared.iter().map(|s| s.close())).await;
     }
 }

@@ -3,9 +3,12 @@
 //! A request flows top-down through these modules:
 //! [`listener`] (TCP, HTTP, deadlines) → [`auth`] (bearer token → principal) →
 //! [`mcp::front`] (Streamable HTTP rules, sessions) → [`mcp::handler`] + [`mcp::router`]
-//! (which upstream, fan-out and merge) → [`upstream`] (stdio process or HTTP session).
+//! (which upstream, fan-out and merge) → [`mcp::policy`] (Wasm plugins) → [`upstream`] (stdio
+//! process, HTTP session, or a server the [`orchestrator`] runs).
+//! Beside it, [`admin`] manages the orchestrated servers.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod config;
@@ -32,6 +35,7 @@ pub struct Running {
     /// The listener.
     pub listening: listener::Listening,
     sweeper: tokio::task::JoinHandle<()>,
+    refresher: Option<tokio::task::JoinHandle<()>>,
     _plugin_watcher: Option<plugins::Watcher>,
 }
 
@@ -44,6 +48,9 @@ pub enum StartError {
     /// The listen address could not be bound.
     #[error("cannot listen: {0}")]
     Listen(#[from] std::io::Error),
+    /// The orchestrator could not start or accept the configured servers.
+    #[error("orchestrator: {0}")]
+    Orchestrator(#[from] orchestrator::OrchestratorError),
 }
 
 impl Running {
@@ -51,13 +58,49 @@ impl Running {
     pub async fn shutdown(self) {
         self.listening.stop().await;
         self.sweeper.abort();
+        if let Some(r) = &self.refresher {
+            r.abort();
+        }
         self.gateway.shutdown().await;
+        if let Some(o) = &self.gateway.orchestrator {
+            o.shutdown().await;
+        }
     }
 }
 
-/// Builds the gateway and starts serving.
+/// How often the topology is compared with the orchestrator's (in-memory) list of servers.
+const TOPOLOGY_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Builds the gateway and starts serving. The orchestrator (picked from the environment, see
+/// [`orchestrator::from_env`]) starts when the configuration defines servers or the admin API.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let gateway = Gateway::new(config)?;
+    let orchestrator = if config.servers.is_empty() && config.admin_tokens.is_empty() {
+        None
+    } else {
+        Some(orchestrator::from_env().await?)
+    };
+    start_with(config, orchestrator).await
+}
+
+/// Like [`start`], with a given orchestrator.
+pub async fn start_with(
+    config: Config,
+    orchestrator: Option<Arc<dyn orchestrator::Runtime>>,
+) -> Result<Running, StartError> {
+    if let Some(o) = &orchestrator {
+        o.sync(config.servers.clone()).await?;
+        tracing::info!(
+            backend = o.kind(),
+            servers = config.servers.len(),
+            "orchestrator started"
+        );
+    }
+    let gateway = Gateway::new(config, orchestrator)?;
+    let refresher = gateway
+        .orchestrator
+        .is_some()
+        .then(|| gateway.spawn_topology_refresh(TOPOLOGY_REFRESH));
+    gateway.refresh_topology().await;
     let listening = listener::bind(gateway.clone()).await?;
     let sweeper = gateway.spawn_sweeper();
     let interval = gateway.config.plugins.watch_interval;
@@ -68,5 +111,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         gateway,
         listening,
         sweeper,
+        refresher,
     })
 }

@@ -85,6 +85,9 @@ pub async fn bind(gw: Arc<Gateway>) -> std::io::Result<Listening> {
 async fn route(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
     let resp = match req.uri().path() {
         MCP_PATH => front::serve(gw.clone(), req).await,
+        path if path.starts_with(crate::admin::PREFIX) => {
+            crate::admin::serve(gw.clone(), req).await
+        }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
         "/metrics" => {

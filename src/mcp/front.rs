@@ -274,7 +274,11 @@ fn session_of(
     Ok(session)
 }
 
-async fn read_body(gw: &Gateway, req: Request<hyper::body::Incoming>) -> Result<Bytes, FrontError> {
+/// Reads a request body within the configured size and time limits.
+pub(crate) async fn read_body(
+    gw: &Gateway,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Bytes, FrontError> {
     let limit = gw.config.mcp.max_body_bytes;
     let declared = req
         .headers()

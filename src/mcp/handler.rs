@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use crate::gateway::Gateway;
 use crate::mcp::jsonrpc::{self, Outcome, code};
 use crate::mcp::policy::{self, Policy};
+use crate::mcp::router::Router;
 use crate::mcp::session::{Session, caps};
 use crate::metrics::method_label;
 use crate::plugins::Decision;
@@ -87,13 +88,15 @@ pub async fn initialize(
         .and_then(|c| serde_json::from_str::<Fields<'_>>(c.get()).ok())
         .is_some_and(|c| c.contains_key("roots"));
     let session = gw.new_session(principal, version, init_params, offers_roots);
-    let results =
-        futures_util::future::join_all((0..gw.servers.len()).map(|i| session.connect(i))).await;
+    let results = futures_util::future::join_all(
+        (0..session.topology().servers.len()).map(|i| session.connect(i)),
+    )
+    .await;
 
     let mut bits = 0u8;
     let mut instructions = String::new();
     for (i, r) in results.iter().enumerate() {
-        let name = gw.router.name(i);
+        let name = session.topology().router.name(i);
         match r {
             Ok(b) => {
                 bits |= b;
@@ -105,7 +108,7 @@ pub async fn initialize(
                     if !instructions.is_empty() {
                         instructions.push_str("\n\n");
                     }
-                    if gw.router.prefixing() {
+                    if session.topology().router.prefixing() {
                         instructions.push_str(&format!("[{name}] "));
                     }
                     instructions.push_str(&text);
@@ -206,7 +209,7 @@ pub async fn request(
     let label = method_label(method);
     let plugins = gw.plugins.current();
     // One upstream, names unchanged and no plugins: forward everything untouched.
-    let single = gw.servers.len() == 1 && !gw.router.prefixing();
+    let single = session.topology().servers.len() == 1 && !session.topology().router.prefixing();
     let direct = single && plugins.is_empty();
     let reply = match method {
         "ping" => Reply::Json(jsonrpc::response(
@@ -233,14 +236,14 @@ pub async fn request(
             } else {
                 "prompt"
             };
-            let Some((index, local)) = gw.router.resolve(&name) else {
+            let Some((index, local)) = session.topology().router.resolve(&name) else {
                 return invalid_params(&id, &format!("unknown {what}: {name}"));
             };
             let policy = Policy::for_call(
                 &plugins,
                 session,
                 method,
-                &gw.servers[index].name,
+                &session.topology().servers[index].name,
                 Some(local),
             );
             let mut f = f;
@@ -282,7 +285,7 @@ pub async fn request(
                 &plugins,
                 session,
                 method,
-                &gw.servers[index].name,
+                &session.topology().servers[index].name,
                 Some(&uri),
             );
             if let Some(p) = &policy
@@ -361,7 +364,7 @@ async fn complete(
                 Ok(n) => n,
                 Err(_) => return invalid_params(&id, "missing params.ref.name"),
             };
-            let Some((index, local)) = gw.router.resolve(&name) else {
+            let Some((index, local)) = session.topology().router.resolve(&name) else {
                 return invalid_params(&id, &format!("unknown prompt: {name}"));
             };
             let local = json_string(local);
@@ -398,7 +401,7 @@ async fn complete(
 
 /// Finds the upstream of a resource URI, refreshing the resource lists once if it is unknown.
 async fn resource_owner(gw: &Arc<Gateway>, session: &Arc<Session>, uri: &str) -> Option<usize> {
-    if let Some(i) = gw.router.resource(uri) {
+    if let Some(i) = session.topology().router.resource(uri) {
         return Some(i);
     }
     for kind in [RESOURCES, TEMPLATES] {
@@ -434,7 +437,7 @@ async fn resource_owner(gw: &Arc<Gateway>, session: &Arc<Session>, uri: &str) ->
                 break;
             }
         }
-        if let Some(i) = gw.router.resource(uri) {
+        if let Some(i) = session.topology().router.resource(uri) {
             return Some(i);
         }
     }
@@ -454,13 +457,14 @@ async fn forward(
 ) -> Reply {
     let label = method_label(method);
     let started = Instant::now();
-    let server = gw.servers[index].clone();
+    let server = session.topology().servers[index].clone();
     let (ev_tx, mut ev_rx) = mpsc::channel::<Bytes>(64);
     let cancel = session.track(id.clone());
     let opts = CallOpts {
         events: Some(ev_tx),
         cancel: Some(cancel),
         progress_token: params.as_deref().and_then(request_progress_token),
+        ..CallOpts::default()
     };
     let metrics = gw.metrics.clone();
     let session2 = session.clone();
@@ -555,8 +559,10 @@ async fn list(
         .get("cursor")
         .map(|c| serde_json::from_str::<Option<String>>(c.get()))
     {
-        None | Some(Ok(None)) => (0..gw.servers.len()).map(|i| (i, None)).collect(),
-        Some(Ok(Some(c))) => match decode_cursor(gw, &c) {
+        None | Some(Ok(None)) => (0..session.topology().servers.len())
+            .map(|i| (i, None))
+            .collect(),
+        Some(Ok(Some(c))) => match decode_cursor(&session.topology().router, &c) {
             Some(t) => t,
             None => return invalid_params(id, "invalid cursor"),
         },
@@ -585,8 +591,12 @@ async fn list(
                 Ok(Outcome::Error(_)) => "error",
                 Err(_) => "failed",
             };
-            gw.metrics
-                .record(kind.method, gw.servers[i].label, outcome, started.elapsed());
+            gw.metrics.record(
+                kind.method,
+                session.topology().servers[i].label,
+                outcome,
+                started.elapsed(),
+            );
             r.map(Some)
         }
     });
@@ -597,7 +607,7 @@ async fn list(
     let mut failures = Vec::new();
     let mut answered = 0usize;
     for ((index, _), r) in targets.iter().zip(results) {
-        let name = gw.router.name(*index);
+        let name = session.topology().router.name(*index);
         let page = match r {
             Ok(None) => {
                 answered += 1;
@@ -680,7 +690,7 @@ fn merge_page(
     let shown = if plugins.is_empty() {
         None
     } else {
-        let server = &gw.servers[index].name;
+        let server = &session.topology().servers[index].name;
         Some(
             policy::visible(&plugins, session, kind.method, server, &list)
                 .map_err(|d| d.to_string())?,
@@ -691,19 +701,19 @@ fn merge_page(
         let bytes = match kind.key {
             "resources" => {
                 if let Ok(uri) = string_field(&entry, "uri") {
-                    gw.router.learn_resource(&uri, index);
+                    session.topology().router.learn_resource(&uri, index);
                 }
                 Bytes::copy_from_slice(item.get().as_bytes())
             }
             "resourceTemplates" => {
                 if let Ok(t) = string_field(&entry, "uriTemplate") {
-                    gw.router.learn_template(&t, index);
+                    session.topology().router.learn_template(&t, index);
                 }
                 Bytes::copy_from_slice(item.get().as_bytes())
             }
-            _ if kind.rename && gw.router.prefixing() => {
+            _ if kind.rename && session.topology().router.prefixing() => {
                 let name = string_field(&entry, "name")?;
-                let public = json_string(&gw.router.public_name(index, &name));
+                let public = json_string(&session.topology().router.public_name(index, &name));
                 entry.insert(Cow::Borrowed("name"), &public);
                 encode_fields(&entry)
             }
@@ -732,7 +742,7 @@ fn encode_cursor(next: &[(String, String)]) -> String {
         .encode(serde_json::to_vec(&map).unwrap_or_default())
 }
 
-fn decode_cursor(gw: &Gateway, cursor: &str) -> Option<Vec<(usize, Option<String>)>> {
+fn decode_cursor(router: &Router, cursor: &str) -> Option<Vec<(usize, Option<String>)>> {
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(cursor)
         .ok()?;
@@ -741,6 +751,6 @@ fn decode_cursor(gw: &Gateway, cursor: &str) -> Option<Vec<(usize, Option<String
         return None;
     }
     map.into_iter()
-        .map(|(name, c)| Some((gw.router.index_of(&name)?, Some(c))))
+        .map(|(name, c)| Some((router.index_of(&name)?, Some(c))))
         .collect()
 }

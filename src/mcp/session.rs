@@ -13,8 +13,9 @@ use bytes::Bytes;
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
+use crate::gateway::Topology;
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
-use crate::upstream::{EventSink, Link, Route, Server, ServerMessages};
+use crate::upstream::{EventSink, Link, Route, ServerMessages};
 
 /// Capability bits an upstream advertised.
 pub mod caps {
@@ -40,6 +41,7 @@ pub struct Session {
     pub principal: Option<Arc<str>>,
     /// Negotiated protocol revision.
     pub protocol_version: &'static str,
+    topology: Arc<Topology>,
     links: Box<[Link]>,
     upstream_caps: Box<[AtomicU8]>,
     inflight: Mutex<HashMap<Bytes, oneshot::Sender<()>>>,
@@ -66,18 +68,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Session {
-    /// Creates a session with a link to every server; `init_params` is what each upstream is sent.
+    /// Creates a session with a link to every server of `topology` (which it keeps for its
+    /// lifetime); `init_params` is what each upstream is sent.
     pub fn new(
         id: Arc<str>,
         principal: Option<Arc<str>>,
         protocol_version: &'static str,
-        servers: &[Arc<Server>],
+        topology: Arc<Topology>,
         init_params: Bytes,
         eager_listen: bool,
         epoch: Instant,
     ) -> Arc<Session> {
         Arc::new_cyclic(|weak: &Weak<Session>| {
             let sink: Arc<dyn ServerMessages> = Arc::new(Sink(weak.clone()));
+            let servers = &topology.servers;
             Session {
                 id,
                 principal,
@@ -96,6 +100,7 @@ impl Session {
                     .iter()
                     .map(|_| AtomicU8::new(caps::UNKNOWN))
                     .collect(),
+                topology: topology.clone(),
                 inflight: Mutex::new(HashMap::new()),
                 server_requests: Mutex::new(HashMap::new()),
                 next_server_request: AtomicU64::new(1),
@@ -107,7 +112,12 @@ impl Session {
         })
     }
 
-    /// The links, indexed like the gateway's servers.
+    /// The servers and names this session sees (fixed when it opened).
+    pub fn topology(&self) -> &Arc<Topology> {
+        &self.topology
+    }
+
+    /// The links, indexed like the topology's servers.
     pub fn links(&self) -> &[Link] {
         &self.links
     }

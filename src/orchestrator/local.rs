@@ -131,6 +131,10 @@ impl Runtime for LocalRuntime {
         "local"
     }
 
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(LocalRuntime::shutdown(self))
+    }
+
     fn apply(&self, server: ResolvedServer) -> BoxFuture<'_, Result<()>> {
         async move {
             if server.spec.command.is_none() {

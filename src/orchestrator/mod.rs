@@ -81,6 +81,10 @@ pub trait Runtime: Send + Sync {
 
     /// Stops the server and removes everything that was created for it.
     fn remove<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>>;
+
+    /// The gateway is stopping: local processes are stopped; on Kubernetes the servers keep
+    /// running and the reconcile lease is released so another replica takes over.
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
 }
 
 /// What [`Runtime::logs`] returns.

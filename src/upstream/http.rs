@@ -13,7 +13,6 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use super::{Deliver, EventSink, Server, UpstreamError};
-use crate::config::Transport;
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome};
 use crate::sse;
 
@@ -52,18 +51,27 @@ pub struct Connection {
     pub(crate) server: Arc<Server>,
     pub(crate) next_id: AtomicU64,
     deliver: Deliver,
+    url: http::Uri,
+    headers: http::HeaderMap,
     session_id: Mutex<Option<HeaderValue>>,
     protocol_version: Mutex<Option<HeaderValue>>,
     listen_task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Connection {
-    /// A connection that has not yet initialized.
-    pub fn new(server: Arc<Server>, deliver: Deliver) -> Self {
+    /// A connection to `url` (sending `headers` with every request) that has not yet initialized.
+    pub fn new(
+        server: Arc<Server>,
+        url: http::Uri,
+        headers: http::HeaderMap,
+        deliver: Deliver,
+    ) -> Self {
         Connection {
             server,
             next_id: AtomicU64::new(1),
             deliver,
+            url,
+            headers,
             session_id: Mutex::new(None),
             protocol_version: Mutex::new(None),
             listen_task: Mutex::new(None),
@@ -93,12 +101,9 @@ impl Connection {
         body: Bytes,
         accept: &'static str,
     ) -> Result<Request<Full<Bytes>>, UpstreamError> {
-        let Transport::Http { url, headers } = &self.server.config.transport else {
-            return Err(self.server.unavailable("not an HTTP upstream"));
-        };
-        let mut req = Request::builder().method(method).uri(url.clone());
+        let mut req = Request::builder().method(method).uri(self.url.clone());
         let h = req.headers_mut().expect("builder has no error yet");
-        h.extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+        h.extend(self.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
         h.insert(ACCEPT, HeaderValue::from_static(accept));
         if !body.is_empty() {
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -5,6 +5,8 @@
 //! reconnects after the server exits or forgets the session.
 
 pub mod http;
+pub mod orchestrated;
+pub mod shared;
 pub mod stdio;
 
 use std::collections::HashMap;
@@ -68,7 +70,7 @@ impl UpstreamError {
 }
 
 /// Which downstream streams a server message may take.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Route {
     /// The stream of the client request the message belongs to, when known.
     pub related: Option<EventSink>,
@@ -107,6 +109,8 @@ pub struct Server {
     pub http: http::Client,
     /// Gateway metrics.
     pub metrics: Arc<Metrics>,
+    /// The orchestrator running this server, for [`Transport::Orchestrated`] upstreams.
+    pub orchestrated: Option<orchestrated::Orchestrated>,
 }
 
 impl Server {
@@ -117,16 +121,21 @@ impl Server {
         http: http::Client,
         metrics: Arc<Metrics>,
     ) -> Self {
-        // Names come from configuration and are few; leaking gives allocation-free metric labels.
-        let label: &'static str = Box::leak(config.name.clone().into_boxed_str());
         Server {
             index,
             name: Arc::from(config.name.as_str()),
-            label,
+            label: label_of(&config.name),
             config,
             http,
             metrics,
+            orchestrated: None,
         }
+    }
+
+    /// With the orchestrator that runs it.
+    pub fn with_orchestrator(mut self, o: orchestrated::Orchestrated) -> Self {
+        self.orchestrated = Some(o);
+        self
     }
 
     pub(crate) fn unavailable(&self, reason: impl Into<String>) -> UpstreamError {
@@ -135,6 +144,21 @@ impl Server {
             reason: reason.into(),
         }
     }
+}
+
+/// A static metrics label for a server name.
+///
+/// Names are few (configuration and admin API), so each distinct one is leaked once and
+/// reused: allocation-free labels without growing when a server is re-added.
+fn label_of(name: &str) -> &'static str {
+    static LABELS: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let mut labels = LABELS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(l) = labels.iter().find(|l| **l == name) {
+        return l;
+    }
+    let l: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    labels.push(l);
+    l
 }
 
 /// Per-call options.
@@ -146,6 +170,16 @@ pub struct CallOpts {
     pub cancel: Option<oneshot::Receiver<()>>,
     /// The call's progress token (raw JSON), used to route progress from stdio servers.
     pub progress_token: Option<Bytes>,
+    /// On a connection shared by several sessions: the calling session, and the client's own
+    /// progress token when the gateway replaced it with a unique one.
+    pub(crate) origin: Option<(Deliver, Option<Bytes>)>,
+}
+
+/// What a stdio connection remembers about a call to route the server's related messages.
+pub(crate) struct CallRoute {
+    events: Option<EventSink>,
+    progress_token: Option<Bytes>,
+    origin: Option<(Deliver, Option<Bytes>)>,
 }
 
 /// A live connection to one upstream.
@@ -189,8 +223,12 @@ impl Connection {
         let exchange = async {
             match &**self {
                 Connection::Stdio(c) => {
-                    c.exchange(id, frame, opts.events.take(), opts.progress_token.take())
-                        .await
+                    let route = CallRoute {
+                        events: opts.events.take(),
+                        progress_token: opts.progress_token.take(),
+                        origin: opts.origin.take(),
+                    };
+                    c.exchange(id, frame, route).await
                 }
                 Connection::Http(c) => c.exchange(id, frame, opts.events.take()).await,
             }
@@ -234,7 +272,7 @@ impl Connection {
         }
     }
 
-    fn is_alive(&self) -> bool {
+    pub(crate) fn is_alive(&self) -> bool {
         match self {
             Connection::Stdio(c) => c.is_alive(),
             Connection::Http(_) => true,
@@ -282,26 +320,12 @@ pub(crate) struct Pending {
 
 struct Waiter {
     tx: oneshot::Sender<Outcome>,
-    events: Option<EventSink>,
-    progress_token: Option<Bytes>,
+    route: CallRoute,
 }
 
 impl Pending {
-    pub(crate) fn insert(
-        &self,
-        id: u64,
-        tx: oneshot::Sender<Outcome>,
-        events: Option<EventSink>,
-        progress_token: Option<Bytes>,
-    ) {
-        self.lock().insert(
-            id,
-            Waiter {
-                tx,
-                events,
-                progress_token,
-            },
-        );
+    pub(crate) fn insert(&self, id: u64, tx: oneshot::Sender<Outcome>, route: CallRoute) {
+        self.lock().insert(id, Waiter { tx, route });
     }
 
     pub(crate) fn remove(&self, id: u64) {
@@ -324,40 +348,85 @@ impl Pending {
         self.lock().clear();
     }
 
-    /// Where a server message most likely belongs (stdio carries no relation): the request with
-    /// its progress token, else the only request in flight; with several in flight, the newest
-    /// one is only a fallback.
-    pub(crate) fn route(&self, msg: &Message) -> Route {
+    /// Hands a server message to where it most likely belongs (stdio carries no relation):
+    /// the request with its progress token, else the only request in flight; with several in
+    /// flight, the newest one is only a fallback stream. Messages go to `owner` (the session
+    /// owning the connection; for a shared connection, a broadcast to every session), except on a
+    /// shared connection those related to a call go to the calling session (progress under the
+    /// client's own token).
+    pub(crate) fn dispatch(&self, msg: Message, owner: &Deliver) {
         let waiters = self.lock();
-        if msg.method() == Some("notifications/progress")
-            && let jsonrpc::Kind::Notification {
+        let progress = msg.method() == Some("notifications/progress");
+        let token = match &msg.kind {
+            jsonrpc::Kind::Notification {
                 params: Some(p), ..
-            } = &msg.kind
-            && let Some(token) = progress_token_of(p)
-        {
-            return Route::related(
-                waiters
-                    .values()
-                    .find(|w| w.progress_token.as_deref() == Some(&token[..]))
-                    .and_then(|w| w.events.clone()),
-            );
+            } if progress => progress_token_of(p),
+            _ => None,
+        };
+        let related = match &token {
+            Some(token) => waiters
+                .values()
+                .find(|w| w.route.progress_token.as_deref() == Some(&token[..])),
+            None if waiters.len() == 1 => waiters.values().next(),
+            None => None,
+        };
+        if let Some(w) = related {
+            let route = Route::related(w.route.events.clone());
+            match w.route.origin.clone() {
+                Some((origin, client_token)) => {
+                    drop(waiters);
+                    let msg = match client_token {
+                        Some(t) if progress => with_progress_token(msg, &t),
+                        _ => msg,
+                    };
+                    origin.deliver(route, msg);
+                }
+                None => {
+                    drop(waiters);
+                    owner.deliver(route, msg);
+                }
+            }
+            return;
         }
-        if waiters.len() == 1 {
-            return Route::related(waiters.values().next().and_then(|w| w.events.clone()));
-        }
-        Route {
-            related: None,
-            fallback: waiters
-                .iter()
-                .filter(|(_, w)| w.events.is_some())
-                .max_by_key(|(id, _)| **id)
-                .and_then(|(_, w)| w.events.clone()),
-        }
+        let newest = waiters.iter().max_by_key(|(id, _)| **id).map(|(_, w)| w);
+        let fallback = newest
+            .filter(|w| w.route.origin.is_none())
+            .and_then(|w| w.route.events.clone());
+        drop(waiters);
+        owner.deliver(
+            Route {
+                related: None,
+                fallback,
+            },
+            msg,
+        );
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The progress notification with its `progressToken` replaced by `token` (raw JSON).
+fn with_progress_token(msg: Message, token: &[u8]) -> Message {
+    let rewritten = (|| {
+        let jsonrpc::Kind::Notification {
+            params: Some(p), ..
+        } = &msg.kind
+        else {
+            return None;
+        };
+        let mut params: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(p).ok()?;
+        params.insert("progressToken".into(), serde_json::from_slice(token).ok()?);
+        let params = serde_json::to_vec(&params).ok()?;
+        jsonrpc::parse(jsonrpc::notification(
+            "notifications/progress",
+            Some(&params),
+        ))
+        .ok()
+    })();
+    rewritten.unwrap_or(msg)
 }
 
 /// Extracts `progressToken` (raw JSON) from notification params.
@@ -390,29 +459,38 @@ pub fn request_progress_token(params: &[u8]) -> Option<Bytes> {
 }
 
 /// One downstream session's connection to one upstream server.
+///
+/// Usually the connection is the link's own upstream session. For a stdio server run by the
+/// orchestrator it is the server's one [`shared::Shared`] session, which the link joins.
 pub struct Link {
     server: Arc<Server>,
-    sink: Arc<dyn ServerMessages>,
+    deliver: Deliver,
     init_params: Bytes,
     current: Mutex<Option<Arc<Connection>>>,
     connecting: tokio::sync::Mutex<()>,
     init_result: Mutex<Option<Bytes>>,
     pub(crate) generation: AtomicU64,
     listen: AtomicBool,
+    /// Membership in a shared connection's audience, once joined.
+    shared: Mutex<Option<shared::Membership>>,
 }
 
 impl Link {
     /// A link that will initialize with `init_params` (the client's capabilities and info).
     pub fn new(server: Arc<Server>, sink: Arc<dyn ServerMessages>, init_params: Bytes) -> Self {
         Link {
+            deliver: Deliver {
+                sink,
+                index: server.index,
+            },
             server,
-            sink,
             init_params,
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             init_result: Mutex::new(None),
             generation: AtomicU64::new(0),
             listen: AtomicBool::new(false),
+            shared: Mutex::new(None),
         }
     }
 
@@ -432,6 +510,13 @@ impl Link {
     fn live(&self) -> Option<Arc<Connection>> {
         let cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         cur.as_ref().filter(|c| c.is_alive()).cloned()
+    }
+
+    fn is_shared(&self) -> bool {
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// The live connection, connecting and initializing first if needed.
@@ -467,44 +552,44 @@ impl Link {
     }
 
     async fn handshake(&self) -> Result<Arc<Connection>, UpstreamError> {
-        let deliver = Deliver {
-            sink: self.sink.clone(),
-            index: self.server.index,
-        };
-        let conn = Arc::new(match &self.server.config.transport {
-            Transport::Stdio { .. } => {
-                Connection::Stdio(stdio::Connection::spawn(self.server.clone(), deliver)?)
-            }
-            Transport::Http { .. } => {
-                Connection::Http(http::Connection::new(self.server.clone(), deliver))
+        let server = &self.server;
+        let conn = Arc::new(match &server.config.transport {
+            Transport::Stdio { .. } => Connection::Stdio(stdio::Connection::spawn(
+                server.clone(),
+                self.deliver.clone(),
+            )?),
+            Transport::Http { url, headers } => Connection::Http(http::Connection::new(
+                server.clone(),
+                url.clone(),
+                headers.clone(),
+                self.deliver.clone(),
+            )),
+            Transport::Orchestrated => {
+                let o = server
+                    .orchestrated
+                    .as_ref()
+                    .ok_or_else(|| server.unavailable("no orchestrator runs this server"))?;
+                match o.ready(server).await? {
+                    orchestrated::Ready::Http(url) => Connection::Http(http::Connection::new(
+                        server.clone(),
+                        url,
+                        ::http::HeaderMap::new(),
+                        self.deliver.clone(),
+                    )),
+                    orchestrated::Ready::Stdio(endpoint) => {
+                        let (conn, result) = o.shared.connect(server, &endpoint).await?;
+                        let mut membership = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                        if membership.is_none() {
+                            *membership = Some(o.shared.join(self.deliver.clone()));
+                        }
+                        drop(membership);
+                        *self.init_result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                        return Ok(conn);
+                    }
+                }
             }
         });
-        let outcome = conn
-            .request(
-                "initialize",
-                Some(&self.init_params),
-                CallOpts::default(),
-                self.server.config.connect_timeout,
-            )
-            .await;
-        let result = match outcome {
-            Ok(Outcome::Result(r)) => r,
-            Ok(Outcome::Error(e)) => {
-                conn.shutdown().await;
-                return Err(self.server.unavailable(format!(
-                    "initialize failed: {}",
-                    String::from_utf8_lossy(&e)
-                )));
-            }
-            Err(e) => {
-                conn.shutdown().await;
-                return Err(e);
-            }
-        };
-        if let Connection::Http(h) = &*conn {
-            h.set_protocol_version(&result);
-        }
-        conn.notify("notifications/initialized", None).await?;
+        let result = initialize(&conn, &self.init_params, server.config.connect_timeout).await?;
         *self.init_result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
         Ok(conn)
     }
@@ -514,12 +599,29 @@ impl Link {
         &self,
         method: &str,
         params: Option<&[u8]>,
-        opts: CallOpts,
+        mut opts: CallOpts,
     ) -> Result<Outcome, UpstreamError> {
         let timeout = self.server.config.call_timeout;
         let conn = self.connection().await?;
+        // Several sessions share this connection: give the call a progress token no other
+        // session uses, and remember whose call it is.
+        let rewritten;
+        let mut params = params;
+        if self.is_shared() {
+            let mut client_token = None;
+            if opts.progress_token.is_some()
+                && let Some(p) = params
+                && let Some((wire, p)) = shared::unique_progress_token(p)
+            {
+                client_token = opts.progress_token.replace(wire);
+                rewritten = p;
+                params = Some(&rewritten);
+            }
+            opts.origin = Some((self.deliver.clone(), client_token));
+        }
         let events = opts.events.clone();
         let progress_token = opts.progress_token.clone();
+        let origin = opts.origin.clone();
         match conn.request(method, params, opts, timeout).await {
             Err(UpstreamError::SessionExpired { .. }) => {
                 // 404 means the request was not processed: safe to retry on a new session.
@@ -529,6 +631,7 @@ impl Link {
                     events,
                     cancel: None,
                     progress_token,
+                    origin,
                 };
                 conn.request(method, params, retry, timeout).await
             }
@@ -573,17 +676,56 @@ impl Link {
         }
     }
 
-    /// Ends the upstream session.
+    /// Ends the upstream session (a shared one is only left: other sessions still use it).
     pub async fn close(&self) {
         let conn = self
             .current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        let membership = self.shared.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if membership.is_some() {
+            return;
+        }
         if let Some(c) = conn {
             c.shutdown().await;
         }
     }
+}
+
+/// Performs the MCP handshake on a fresh connection; returns the server's `initialize` result.
+pub(crate) async fn initialize(
+    conn: &Arc<Connection>,
+    init_params: &[u8],
+    timeout: Duration,
+) -> Result<Bytes, UpstreamError> {
+    let outcome = conn
+        .request(
+            "initialize",
+            Some(init_params),
+            CallOpts::default(),
+            timeout,
+        )
+        .await;
+    let result = match outcome {
+        Ok(Outcome::Result(r)) => r,
+        Ok(Outcome::Error(e)) => {
+            conn.shutdown().await;
+            return Err(conn.server().unavailable(format!(
+                "initialize failed: {}",
+                String::from_utf8_lossy(&e)
+            )));
+        }
+        Err(e) => {
+            conn.shutdown().await;
+            return Err(e);
+        }
+    };
+    if let Connection::Http(h) = &**conn {
+        h.set_protocol_version(&result);
+    }
+    conn.notify("notifications/initialized", None).await?;
+    Ok(result)
 }
 
 /// Where a connection hands server-initiated messages.

@@ -1,6 +1,8 @@
-//! stdio upstream: a child process speaking newline-delimited JSON-RPC on stdin/stdout.
+//! stdio upstream: newline-delimited JSON-RPC over a child process's stdin/stdout, or over an
+//! attachment to a server the orchestrator runs (a local process or a pod).
 //!
-//! stderr goes to the gateway's log. Shutdown closes stdin, then sends SIGTERM, then SIGKILL.
+//! A child's stderr goes to the gateway's log. Shutdown closes stdin, then sends SIGTERM, then
+//! SIGKILL; an attachment is only closed (the orchestrator owns the process).
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -8,11 +10,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
+use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Deliver, EventSink, Pending, Server, UpstreamError};
+use super::{CallRoute, Deliver, Pending, Server, UpstreamError};
 use crate::config::Transport;
 use crate::mcp::jsonrpc::{self, Kind, Outcome};
 
@@ -63,18 +67,6 @@ impl Connection {
         };
         let pid = child.id();
         tracing::debug!(server = %server.name, ?pid, "started stdio upstream");
-
-        let (tx, rx) = mpsc::channel(256);
-        let pending = Arc::new(Pending::default());
-        let alive = Arc::new(AtomicBool::new(true));
-        tokio::spawn(write_loop(stdin, rx));
-        tokio::spawn(read_loop(
-            stdout,
-            server.clone(),
-            pending.clone(),
-            alive.clone(),
-            deliver,
-        ));
         let name = server.name.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
@@ -82,14 +74,42 @@ impl Connection {
                 tracing::info!(server = %name, "stderr: {line}");
             }
         });
-        Ok(Connection {
+        Ok(Connection::over(
+            server,
+            stdout,
+            stdin,
+            deliver,
+            Some(child),
+        ))
+    }
+
+    /// Speaks JSON-RPC over an existing byte stream (`child` is shut down with the connection).
+    pub fn over(
+        server: Arc<Server>,
+        reader: impl AsyncRead + Send + Unpin + 'static,
+        writer: impl AsyncWrite + Send + Unpin + 'static,
+        deliver: Deliver,
+        child: Option<Child>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(256);
+        let pending = Arc::new(Pending::default());
+        let alive = Arc::new(AtomicBool::new(true));
+        tokio::spawn(write_loop(writer, rx));
+        tokio::spawn(read_loop(
+            reader,
+            server.clone(),
+            pending.clone(),
+            alive.clone(),
+            deliver,
+        ));
+        Connection {
             server,
             next_id: AtomicU64::new(1),
             writer: std::sync::Mutex::new(Some(tx)),
             pending,
             alive,
-            child: tokio::sync::Mutex::new(Some(child)),
-        })
+            child: tokio::sync::Mutex::new(child),
+        }
     }
 
     pub(crate) fn is_alive(&self) -> bool {
@@ -116,11 +136,10 @@ impl Connection {
         &self,
         id: u64,
         frame: Bytes,
-        events: Option<EventSink>,
-        progress_token: Option<Bytes>,
+        route: CallRoute,
     ) -> Result<Outcome, UpstreamError> {
         let (tx, rx) = oneshot::channel();
-        self.pending.insert(id, tx, events, progress_token);
+        self.pending.insert(id, tx, route);
         let remove = RemoveOnDrop(&self.pending, id);
         self.send(frame).await?;
         let out = rx
@@ -161,7 +180,7 @@ impl Drop for RemoveOnDrop<'_> {
     }
 }
 
-async fn write_loop(stdin: ChildStdin, mut rx: mpsc::Receiver<Bytes>) {
+async fn write_loop(stdin: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<Bytes>) {
     let mut w = BufWriter::new(stdin);
     while let Some(frame) = rx.recv().await {
         if w.write_all(&frame).await.is_err() || w.write_all(b"\n").await.is_err() {
@@ -181,7 +200,7 @@ async fn write_loop(stdin: ChildStdin, mut rx: mpsc::Receiver<Bytes>) {
 }
 
 async fn read_loop(
-    stdout: ChildStdout,
+    stdout: impl AsyncRead + Unpin,
     server: Arc<Server>,
     pending: Arc<Pending>,
     alive: Arc<AtomicBool>,
@@ -229,10 +248,7 @@ async fn read_loop(
                     tracing::debug!(server = %server.name, "response to an unknown or abandoned request");
                 }
             }
-            _ => {
-                let route = pending.route(&msg);
-                deliver.deliver(route, msg);
-            }
+            _ => pending.dispatch(msg, &deliver),
         }
     }
     alive.store(false, Ordering::Release);

@@ -292,13 +292,13 @@ pub(crate) struct Inner {
 /// Runs MCP servers as pods through the Kubernetes API.
 pub struct KubeRuntime {
     inner: Arc<Inner>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     lease: Option<(Api<Lease>, LeaseSettings)>,
 }
 
 impl Drop for KubeRuntime {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             t.abort();
         }
     }
@@ -395,7 +395,7 @@ impl KubeRuntime {
         }));
         KubeRuntime {
             inner,
-            tasks,
+            tasks: std::sync::Mutex::new(tasks),
             lease,
         }
     }
@@ -439,8 +439,9 @@ impl KubeRuntime {
     }
 
     /// Stops reconciling and gives the lease up so another replica takes over at once.
-    pub async fn shutdown(mut self) {
-        for t in self.tasks.drain(..) {
+    pub async fn shutdown(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in tasks {
             t.abort();
         }
         if let Some((api, settings)) = &self.lease
@@ -979,6 +980,10 @@ async fn watch_mcpservers(inner: Arc<Inner>) {
 impl Runtime for KubeRuntime {
     fn kind(&self) -> &'static str {
         "kubernetes"
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(KubeRuntime::shutdown(self))
     }
 
     fn apply(&self, server: ResolvedServer) -> BoxFuture<'_, Result<()>> {

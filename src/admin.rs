@@ -1,0 +1,331 @@
+//! The admin API: JSON over HTTP at `/admin/v1/`, for operators managing the servers the
+//! gateway runs.
+//!
+//! ```text
+//! GET    /admin/v1/servers                      every server with its status
+//! GET    /admin/v1/servers/{name}               one server
+//! PUT    /admin/v1/servers/{name}               add or update (body: an McpServer spec)
+//! DELETE /admin/v1/servers/{name}               stop and remove
+//! POST   /admin/v1/servers/{name}/restart       restart its process or pod
+//! GET    /admin/v1/servers/{name}/logs          recent output (?previous=true&tail=N)
+//! ```
+//!
+//! It is off unless `admin.tokens` is set, and takes only those tokens (client tokens do not
+//! open it). Servers from the config file are read-only here: they come back with the file.
+//! Added servers serve sessions opened after the change.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use crate::auth::AuthError;
+use crate::body::Body;
+use crate::gateway::Gateway;
+use crate::mcp::front::{FrontError, read_body};
+use crate::orchestrator::{
+    LogOptions, McpServerSpec, OrchestratorError, Runtime, ServerDef, ServerStatus,
+};
+
+/// Where the admin API lives.
+pub const PREFIX: &str = "/admin/v1/";
+
+/// Why an admin request failed; each maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+enum AdminError {
+    #[error("the admin API is off: set admin.tokens in the config file")]
+    Off,
+    #[error("{0}")]
+    Auth(#[from] AuthError),
+    #[error("no such admin endpoint: {0}")]
+    NoRoute(String),
+    #[error("method {method} is not allowed here (allowed: {allow})")]
+    Method { method: Method, allow: &'static str },
+    #[error("the body must be JSON (Content-Type: application/json)")]
+    ContentType,
+    #[error("{0}")]
+    Body(FrontError),
+    #[error("invalid server definition: {0}")]
+    Invalid(String),
+    #[error(
+        "server {0:?} is defined in the config file; change it there (the admin API manages the servers it added)"
+    )]
+    Configured(String),
+    #[error(transparent)]
+    Orchestrator(#[from] OrchestratorError),
+}
+
+impl AdminError {
+    fn status(&self) -> StatusCode {
+        match self {
+            AdminError::Off | AdminError::NoRoute(_) => StatusCode::NOT_FOUND,
+            AdminError::Auth(_) => StatusCode::UNAUTHORIZED,
+            AdminError::Method { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            AdminError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            AdminError::Body(FrontError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+            AdminError::Body(FrontError::BodyTimeout) => StatusCode::REQUEST_TIMEOUT,
+            AdminError::Body(_) | AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
+            AdminError::Configured(_) => StatusCode::CONFLICT,
+            AdminError::Orchestrator(e) => match e {
+                OrchestratorError::NotFound(_) | OrchestratorError::Removed(_) => {
+                    StatusCode::NOT_FOUND
+                }
+                OrchestratorError::Invalid(_) | OrchestratorError::Unsupported { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
+                OrchestratorError::WrongTransport { .. } | OrchestratorError::NotRunning { .. } => {
+                    StatusCode::CONFLICT
+                }
+                _ => StatusCode::BAD_GATEWAY,
+            },
+        }
+    }
+}
+
+/// One server as the admin API shows it.
+#[derive(Serialize)]
+struct ServerView {
+    name: String,
+    /// `config` (the config file) or `runtime` (the admin API, or an `McpServer` resource).
+    source: &'static str,
+    status: ServerStatus,
+}
+
+/// Serves one admin request.
+pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    match handle(&gw, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            let status = e.status();
+            if !matches!(
+                e,
+                AdminError::Auth(_) | AdminError::Off | AdminError::NoRoute(_)
+            ) {
+                tracing::info!(%status, "admin request refused: {e}");
+            }
+            let mut resp = json(status, &serde_json::json!({ "error": e.to_string() }));
+            match &e {
+                AdminError::Auth(_) => {
+                    resp.headers_mut()
+                        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                }
+                AdminError::Method { allow, .. } => {
+                    resp.headers_mut()
+                        .insert(ALLOW, HeaderValue::from_static(allow));
+                }
+                _ => {}
+            }
+            resp
+        }
+    }
+}
+
+async fn handle(
+    gw: &Arc<Gateway>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, AdminError> {
+    if gw.config.admin_tokens.is_empty() {
+        return Err(AdminError::Off);
+    }
+    let principal = gw.admin_auth.authenticate(req.headers())?;
+    let Some(runtime) = gw.orchestrator.clone() else {
+        return Err(AdminError::Off);
+    };
+    let path = req.uri().path().to_owned();
+    let rest = path.strip_prefix(PREFIX).unwrap_or_default();
+    let parts: Vec<&str> = rest.split('/').collect();
+    let method = req.method().clone();
+    let who = principal.as_deref().unwrap_or("-");
+    match parts.as_slice() {
+        ["servers"] | ["servers", ""] => {
+            allow(&method, &[Method::GET], "GET")?;
+            let list = runtime.list().await;
+            let servers: Vec<ServerView> = list
+                .into_iter()
+                .map(|(name, status)| view(gw, name, status))
+                .collect();
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "backend": runtime.kind(), "servers": servers }),
+            ))
+        }
+        ["servers", name] => match method {
+            Method::GET => {
+                let status = runtime.status(name).await?;
+                Ok(json(StatusCode::OK, &view(gw, name.to_string(), status)))
+            }
+            Method::PUT => {
+                let spec = spec_of(gw, req).await?;
+                put(gw, &*runtime, name, spec, who).await
+            }
+            Method::DELETE => {
+                configured_here(gw, name)?;
+                runtime.remove(name).await?;
+                gw.refresh_topology().await;
+                tracing::info!(server = %name, by = who, "server removed through the admin API");
+                Ok(empty(StatusCode::NO_CONTENT))
+            }
+            m => Err(AdminError::Method {
+                method: m,
+                allow: "GET, PUT, DELETE",
+            }),
+        },
+        ["servers", name, "restart"] => {
+            allow(&method, &[Method::POST], "POST")?;
+            runtime.restart(name).await?;
+            tracing::info!(server = %name, by = who, "server restarted through the admin API");
+            Ok(json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({ "restarting": name }),
+            ))
+        }
+        ["servers", name, "logs"] => {
+            allow(&method, &[Method::GET], "GET")?;
+            let opts = log_options(req.uri().query().unwrap_or_default())?;
+            let text = runtime.logs(name, opts).await?;
+            let mut resp = Response::new(Body::full(text));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            Ok(resp)
+        }
+        _ => Err(AdminError::NoRoute(path)),
+    }
+}
+
+async fn put(
+    gw: &Arc<Gateway>,
+    runtime: &dyn Runtime,
+    name: &str,
+    spec: McpServerSpec,
+    who: &str,
+) -> Result<Response<Body>, AdminError> {
+    configured_here(gw, name)?;
+    // An admin may run a server but not read the gateway's own environment through it.
+    if let Some((i, _)) = spec
+        .env
+        .iter()
+        .enumerate()
+        .find(|(_, e)| e.secret_from_env.is_some())
+    {
+        return Err(AdminError::Invalid(format!(
+            "env[{i}].secretFromEnv: only the config file may read the gateway's environment; send secretValue"
+        )));
+    }
+    let def = ServerDef {
+        name: name.to_owned(),
+        spec,
+    };
+    let resolved = def
+        .resolve()
+        .map_err(|e| AdminError::Invalid(e.to_string()))?;
+    let existed = runtime.status(name).await.is_ok();
+    runtime.apply(resolved).await?;
+    gw.refresh_topology().await;
+    tracing::info!(server = %name, by = who, existed, "server applied through the admin API");
+    let status = runtime.status(name).await?;
+    let code = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(json(code, &view(gw, name.to_owned(), status)))
+}
+
+async fn spec_of(
+    gw: &Gateway,
+    req: Request<hyper::body::Incoming>,
+) -> Result<McpServerSpec, AdminError> {
+    let is_json = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(AdminError::ContentType);
+    }
+    let body: Bytes = read_body(gw, req).await.map_err(AdminError::Body)?;
+    serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))
+}
+
+fn configured_here(gw: &Gateway, name: &str) -> Result<(), AdminError> {
+    if gw.config.upstreams.iter().any(|u| u.name == name) {
+        return Err(AdminError::Configured(name.to_owned()));
+    }
+    Ok(())
+}
+
+fn view(gw: &Gateway, name: String, status: ServerStatus) -> ServerView {
+    let source = if gw.config.upstreams.iter().any(|u| u.name == name) {
+        "config"
+    } else {
+        "runtime"
+    };
+    ServerView {
+        name,
+        source,
+        status,
+    }
+}
+
+fn allow(method: &Method, allowed: &[Method], allow: &'static str) -> Result<(), AdminError> {
+    if allowed.contains(method) {
+        Ok(())
+    } else {
+        Err(AdminError::Method {
+            method: method.clone(),
+            allow,
+        })
+    }
+}
+
+fn log_options(query: &str) -> Result<LogOptions, AdminError> {
+    let mut opts = LogOptions::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "previous" => {
+                opts.previous = match v {
+                    "" | "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => {
+                        return Err(AdminError::Invalid(format!(
+                            "previous={v:?}: expected true or false"
+                        )));
+                    }
+                }
+            }
+            "tail" => {
+                opts.tail_lines = Some(v.parse().map_err(|_| {
+                    AdminError::Invalid(format!("tail={v:?}: expected a number of lines"))
+                })?)
+            }
+            other => {
+                return Err(AdminError::Invalid(format!(
+                    "unknown query parameter {other:?} (expected previous, tail)"
+                )));
+            }
+        }
+    }
+    Ok(opts)
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    let mut resp = Response::new(Body::full(
+        serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()),
+    ));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    let mut resp = Response::new(Body::full(Bytes::new()));
+    *resp.status_mut() = status;
+    resp
+}

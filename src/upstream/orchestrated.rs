@@ -1,0 +1,48 @@
+//! Upstreams the orchestrator runs: wait until the server is ready, then reach its endpoint.
+//!
+//! An HTTP server is reached like any HTTP upstream (one MCP session per client session). A
+//! stdio server is one process (one pod) holding one MCP session, which every client session
+//! shares through [`Shared`].
+
+use std::sync::Arc;
+
+use super::shared::Shared;
+use super::{Server, UpstreamError};
+use crate::orchestrator::{Endpoint, Runtime, StdioEndpoint};
+
+/// How an orchestrated server is run and reached.
+#[derive(Clone)]
+pub struct Orchestrated {
+    /// The backend running it.
+    pub runtime: Arc<dyn Runtime>,
+    /// Its one upstream session, when it speaks stdio.
+    pub shared: Arc<Shared>,
+}
+
+/// A ready server's endpoint.
+pub enum Ready {
+    /// Streamable HTTP at this URL.
+    Http(http::Uri),
+    /// stdio through an attachment.
+    Stdio(StdioEndpoint),
+}
+
+impl Orchestrated {
+    /// Waits (within the server's connect timeout) until the server is ready.
+    ///
+    /// The orchestrator fails fast on fatal states (an image that cannot be pulled, a crash
+    /// loop...), and its reason becomes the client's error.
+    pub async fn ready(&self, server: &Server) -> Result<Ready, UpstreamError> {
+        // Leave part of the connect deadline for the MCP handshake, so that a slow start
+        // reports the orchestrator's last known phase rather than a bare timeout.
+        let wait = server.config.connect_timeout.mul_f32(0.9);
+        match self.runtime.wait_ready(&server.name, wait).await {
+            Ok(Endpoint::Http { url }) => url
+                .parse()
+                .map(Ready::Http)
+                .map_err(|e| server.unavailable(format!("endpoint {url:?} is not a URL: {e}"))),
+            Ok(Endpoint::Stdio(endpoint)) => Ok(Ready::Stdio(endpoint)),
+            Err(e) => Err(server.unavailable(e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! One upstream MCP session shared by every client session.
+//!
+//! A stdio server run by the orchestrator is one long-lived process (one pod) with one MCP
+//! session inside it, so client sessions cannot each have their own. The gateway initializes
+//! it once, in its own name, and multiplexes calls over it: request ids are already numbered
+//! per connection; progress tokens are replaced by unique ones and restored on the way back;
+//! what the server sends about a call goes to the session that made it; notifications that
+//! concern no call reach every session; requests that concern no call are answered by the
+//! gateway (`ping`) or refused, since no single client can be asked.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::Bytes;
+
+use super::{Connection, Deliver, Route, Server, ServerMessages, UpstreamError, initialize, stdio};
+use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
+use crate::orchestrator::StdioEndpoint;
+
+/// The sessions using a shared connection, by membership number.
+type Audience = Mutex<HashMap<u64, Deliver>>;
+
+/// The shared upstream session of one orchestrated stdio server.
+pub struct Shared {
+    current: tokio::sync::Mutex<Option<(Arc<Connection>, Bytes)>>,
+    audience: Arc<Audience>,
+    next_member: AtomicU64,
+}
+
+/// A session's place in a shared connection's audience; leaving it is dropping it.
+pub struct Membership {
+    audience: Weak<Audience>,
+    id: u64,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        if let Some(a) = self.audience.upgrade() {
+            lock(&a).remove(&self.id);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the gateway tells a shared server about itself: it relays sampling and elicitation to
+/// the client whose call asked for them.
+fn init_params() -> Bytes {
+    Bytes::from(format!(
+        r#"{{"protocolVersion":"{}","capabilities":{{"sampling":{{}},"elicitation":{{}}}},"clientInfo":{{"name":"gatehouse","version":"{}"}}}}"#,
+        crate::mcp::handler::SUPPORTED_VERSIONS[0],
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            current: tokio::sync::Mutex::new(None),
+            audience: Arc::new(Mutex::new(HashMap::new())),
+            next_member: AtomicU64::new(1),
+        }
+    }
+}
+
+impl Shared {
+    /// The live shared connection and its `initialize` result, attaching and initializing
+    /// first when there is none (first use, or the process was restarted).
+    pub async fn connect(
+        &self,
+        server: &Arc<Server>,
+        endpoint: &StdioEndpoint,
+    ) -> Result<(Arc<Connection>, Bytes), UpstreamError> {
+        let mut current = self.current.lock().await;
+        if let Some((conn, result)) = current.as_ref()
+            && conn.is_alive()
+        {
+            return Ok((conn.clone(), result.clone()));
+        }
+        if let Some((old, _)) = current.take() {
+            old.shutdown().await;
+        }
+        let stream = endpoint
+            .open()
+            .await
+            .map_err(|e| server.unavailable(format!("cannot attach: {e}")))?;
+        let broadcast = Arc::new(Broadcast {
+            audience: self.audience.clone(),
+            conn: Mutex::new(Weak::new()),
+        });
+        let deliver = Deliver {
+            sink: broadcast.clone(),
+            index: server.index,
+        };
+        let conn = Arc::new(Connection::Stdio(stdio::Connection::over(
+            server.clone(),
+            stream.reader,
+            stream.writer,
+            deliver,
+            None,
+        )));
+        *lock(&broadcast.conn) = Arc::downgrade(&conn);
+        let result = initialize(&conn, &init_params(), server.config.connect_timeout).await?;
+        tracing::info!(server = %server.name, endpoint = %endpoint.describe(), "initialized the shared session");
+        *current = Some((conn.clone(), result.clone()));
+        Ok((conn, result))
+    }
+
+    /// Adds a session to the audience of unrelated notifications.
+    pub fn join(&self, deliver: Deliver) -> Membership {
+        let id = self.next_member.fetch_add(1, Ordering::Relaxed);
+        lock(&self.audience).insert(id, deliver);
+        Membership {
+            audience: Arc::downgrade(&self.audience),
+            id,
+        }
+    }
+
+    /// Sessions currently using the connection.
+    pub fn members(&self) -> usize {
+        lock(&self.audience).len()
+    }
+
+    /// Closes the attachment (the server was removed, or the gateway stops).
+    pub async fn close(&self) {
+        if let Some((conn, _)) = self.current.lock().await.take() {
+            conn.shutdown().await;
+        }
+    }
+}
+
+/// The owner of a shared connection: hands unrelated messages to every session.
+struct Broadcast {
+    audience: Arc<Audience>,
+    conn: Mutex<Weak<Connection>>,
+}
+
+impl ServerMessages for Broadcast {
+    fn deliver(&self, _index: usize, route: Route, msg: Message) {
+        match &msg.kind {
+            Kind::Request { id, method, .. } => {
+                let outcome = if &**method == "ping" {
+                    Outcome::Result(Bytes::from_static(b"{}"))
+                } else {
+                    Outcome::Error(jsonrpc::error_object(
+                        code::INVALID_REQUEST,
+                        &format!(
+                            "{method} is not related to a client call in progress; this server is shared by every client session of the gateway, so no single client can answer it"
+                        ),
+                    ))
+                };
+                let frame = jsonrpc::response(id, &outcome);
+                if let Some(conn) = lock(&self.conn).upgrade() {
+                    tokio::spawn(async move {
+                        let _ = conn.send(frame).await;
+                    });
+                }
+            }
+            Kind::Notification { .. } => {
+                let members: Vec<Deliver> = lock(&self.audience).values().cloned().collect();
+                for m in members {
+                    m.deliver(route.clone(), msg.clone());
+                }
+            }
+            Kind::Response { .. } => {}
+        }
+    }
+}
+
+/// Gives a call a progress token no other session uses: returns the new token (raw JSON) and
+/// the params carrying it in `_meta.progressToken`.
+pub(crate) fn unique_progress_token(params: &[u8]) -> Option<(Bytes, Vec<u8>)> {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let mut p: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(params).ok()?;
+    let meta = p.get_mut("_meta")?.as_object_mut()?;
+    let token = format!("gatehouse-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let wire = Bytes::from(serde_json::to_vec(&token).ok()?);
+    meta.insert("progressToken".into(), serde_json::Value::String(token));
+    Some((wire, serde_json::to_vec(&p).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_tokens_are_made_unique_and_the_rest_is_kept() {
+        let (a, pa) =
+            unique_progress_token(br#"{"name":"x","_meta":{"progressToken":1,"k":2}}"#).unwrap();
+        let (b, _) = unique_progress_token(br#"{"_meta":{"progressToken":1}}"#).unwrap();
+        assert_ne!(a, b);
+        let v: serde_json::Value = serde_json::from_slice(&pa).unwrap();
+        assert_eq!(v["name"], "x");
+        assert_eq!(v["_meta"]["k"], 2);
+        assert_eq!(
+            serde_json::to_vec(&v["_meta"]["progressToken"]).unwrap(),
+            a.to_vec()
+        );
+        assert!(unique_progress_token(br#"{"name":"x"}"#).is_none());
+    }
+}
