@@ -318,6 +318,10 @@ fn tools(test_tools: bool) -> Vec<Value> {
             json!({"name": "crash", "description": "Exits the process mid-call",
                       "inputSchema": {"type": "object"}}),
         );
+        t.push(
+            json!({"name": "pid", "description": "Returns this process's id",
+                      "inputSchema": {"type": "object"}}),
+        );
     }
     t
 }
@@ -403,6 +407,7 @@ async fn call_tool(
         }
         "whoami" => Ok(text(opts.name.clone())),
         "crash" if opts.test_tools => std::process::exit(3),
+        "pid" if opts.test_tools => Ok(text(std::process::id().to_string())),
         other => Ok(
             json!({"content":[{"type":"text","text":format!("unknown tool: {other}")}],"isError":true}),
         ),

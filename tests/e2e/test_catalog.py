@@ -94,7 +94,7 @@ async def test_tools_list_merges_every_upstream_with_prefixes(direct: dict[str, 
     for upstream, cat in direct.items():
         assert strip(upstream, merged) == set(cat.tools), upstream
     assert len(merged) == sum(len(c.tools) for c in direct.values())
-    assert set(direct[EXAMPLE].tools) == {"echo", "add", "slow", "whoami", "sample", "crash"}
+    assert set(direct[EXAMPLE].tools) == {"echo", "add", "slow", "whoami", "sample", "crash", "pid"}
     # Everything but the name is passed through untouched.
     for upstream, local in [(EV_STDIO, "get-sum"), (EV_HTTP, "trigger-long-running-operation"), (EXAMPLE, "add")]:
         gw_tool = merged[name(upstream, local)].model_dump(exclude={"name"})

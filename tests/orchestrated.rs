@@ -1,0 +1,426 @@
+//! The gateway serving servers that its orchestrator runs (local backend), and the admin API.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use gatehouse::orchestrator::backoff::Backoff;
+use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
+use gatehouse::orchestrator::{Phase, Runtime};
+use http_body_util::Full;
+use serde_json::{Value, json};
+use support::{BIN, Client, Resp, TestGateway, eventually};
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789";
+const CLIENT_TOKEN: &str = "client-token-0123456789";
+
+fn local() -> Arc<dyn Runtime> {
+    Arc::new(LocalRuntime::new(LocalSettings {
+        backoff: Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(400),
+            factor: 2.0,
+            jitter: 0.0,
+            reset_after: Duration::from_secs(30),
+        },
+        stop_grace: Duration::from_millis(500),
+        ..LocalSettings::default()
+    }))
+}
+
+/// A gateway whose config defines `servers` (YAML list entries), with a client and an admin token.
+async fn gateway(servers: &str) -> TestGateway {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nauth: {{tokens: [{{principal: app, token: {CLIENT_TOKEN}}}]}}\nadmin: {{tokens: [{{principal: ops, token: {ADMIN_TOKEN}}}]}}\norchestrator: {{connect_timeout: 20s, call_timeout: 20s}}\nservers:\n{servers}"
+    );
+    let config = gatehouse::Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let running = gatehouse::start_with(config, Some(local()))
+        .await
+        .expect("gateway starts");
+    let addr = running.listening.local_addr;
+    TestGateway {
+        running: Some(running),
+        addr,
+    }
+}
+
+fn example_server(name: &str) -> String {
+    format!(
+        "  - name: {name}\n    command: {BIN:?}\n    args: [example-server, --name, {name}, --test-tools]\n"
+    )
+}
+
+async fn client(gw: &TestGateway) -> Client {
+    let mut c = gw.client();
+    c.token = Some(CLIENT_TOKEN.into());
+    c.initialize(json!({})).await;
+    c
+}
+
+fn tool_names(list: &Value) -> Vec<String> {
+    list["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tools: {list}"))
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// An admin API request.
+async fn admin(
+    gw: &TestGateway,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> Resp {
+    let c = Client::new(format!("http://{}{path}", gw.addr));
+    let mut req = http::Request::builder().method(method).uri(&c.url);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let body = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            Bytes::from(b.to_string())
+        }
+        None => Bytes::new(),
+    };
+    c.send(req.body(Full::new(body)).unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_share_one_orchestrated_process_which_comes_back_after_a_crash() {
+    let gw = gateway(&example_server("ex")).await;
+    let a = client(&gw).await;
+    let b = client(&gw).await;
+    let tools = tool_names(&a.call(1, "tools/list", json!({})).await);
+    assert!(
+        tools.contains(&"echo".to_owned()) && tools.contains(&"pid".to_owned()),
+        "{tools:?}"
+    );
+    assert_eq!(a.tool_text(2, "echo", json!({"text": "hi"})).await, "hi");
+
+    // One process (the orchestrator's), one MCP session inside it, shared by both clients.
+    let pid = a.tool_text(3, "pid", json!({})).await;
+    assert_eq!(b.tool_text(3, "pid", json!({})).await, pid);
+    let shared = gw.gateway().topology().servers[0]
+        .orchestrated
+        .clone()
+        .unwrap()
+        .shared;
+    assert_eq!(shared.members(), 2);
+
+    // Both use the same progress token at once: each sees only its own progress, under its token.
+    let slow = |c: Client| async move {
+        c.post(
+            json!({"jsonrpc":"2.0","id":9,"method":"tools/call","params":{
+                "name":"slow","arguments":{"seconds":0.6,"steps":3},"_meta":{"progressToken":1}}})
+            .to_string(),
+        )
+        .await
+    };
+    let (ra, rb) = tokio::join!(slow(a.clone()), slow(b.clone()));
+    for r in [ra, rb] {
+        let msgs = r.messages();
+        let progress: Vec<&Value> = msgs
+            .iter()
+            .filter(|m| m["method"] == "notifications/progress")
+            .collect();
+        assert_eq!(progress.len(), 3, "{msgs:?}");
+        assert!(
+            progress
+                .iter()
+                .all(|p| p["params"]["progressToken"] == json!(1)),
+            "{msgs:?}"
+        );
+        assert!(
+            r.response()["result"]["content"][0]["text"]
+                .as_str()
+                .unwrap()
+                .starts_with("done")
+        );
+    }
+
+    // The process crashes mid-call: the caller gets a clear error, the orchestrator restarts
+    // it, and both sessions are served by the new process.
+    let crashed = a
+        .call(4, "tools/call", json!({"name":"crash","arguments":{}}))
+        .await;
+    assert_eq!(crashed["error"]["code"], json!(-32010), "{crashed}");
+    assert!(
+        crashed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'ex'"),
+        "{crashed}"
+    );
+    let mut new_pid = String::new();
+    for attempt in 0..100 {
+        let r = b
+            .call(
+                10 + attempt,
+                "tools/call",
+                json!({"name":"pid","arguments":{}}),
+            )
+            .await;
+        if let Some(t) = r["result"]["content"][0]["text"].as_str() {
+            new_pid = t.to_owned();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !new_pid.is_empty() && new_pid != pid,
+        "restarted: {pid} → {new_pid}"
+    );
+    assert_eq!(a.tool_text(200, "pid", json!({})).await, new_pid);
+    let status = gw
+        .gateway()
+        .orchestrator
+        .as_ref()
+        .unwrap()
+        .status("ex")
+        .await
+        .unwrap();
+    assert!(status.restarts >= 1, "{status:?}");
+
+    // Ending one session leaves the shared session to the other.
+    let del = a
+        .send(
+            a.request("DELETE", "")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(del.status, 200);
+    eventually("the ended session leaves", || async {
+        shared.members() == 1
+    })
+    .await;
+    assert_eq!(
+        b.tool_text(201, "echo", json!({"text": "still here"}))
+            .await,
+        "still here"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_adds_lists_restarts_and_removes_servers() {
+    let gw = gateway(&example_server("ex")).await;
+    let before = client(&gw).await;
+
+    // Authentication: admin tokens only.
+    let r = admin(&gw, "GET", "/admin/v1/servers", None, None).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.headers["www-authenticate"], "Bearer");
+    let r = admin(&gw, "GET", "/admin/v1/servers", Some(CLIENT_TOKEN), None).await;
+    assert_eq!(r.status, 401, "a client token does not open the admin API");
+    let tok = Some(ADMIN_TOKEN);
+
+    let r = admin(&gw, "GET", "/admin/v1/servers", tok, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["backend"], "local");
+    assert_eq!(v["servers"][0]["name"], "ex");
+    assert_eq!(v["servers"][0]["source"], "config");
+
+    // Add a server.
+    let spec =
+        json!({"command": BIN, "args": ["example-server", "--name", "extra", "--test-tools"]});
+    let r = admin(
+        &gw,
+        "PUT",
+        "/admin/v1/servers/extra",
+        tok,
+        Some(spec.clone()),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["source"], "runtime");
+    let r = admin(&gw, "PUT", "/admin/v1/servers/extra", tok, Some(spec)).await;
+    assert_eq!(
+        r.status, 200,
+        "applying the same definition again: {}",
+        r.body
+    );
+    eventually("extra is ready", || async {
+        let r = admin(&gw, "GET", "/admin/v1/servers/extra", tok, None).await;
+        r.json()["status"]["phase"] == "ready"
+    })
+    .await;
+
+    // New sessions see it (names now prefixed: two servers); the older session keeps its view.
+    let after = client(&gw).await;
+    let tools = tool_names(&after.call(1, "tools/list", json!({})).await);
+    assert!(
+        tools.contains(&"extra__whoami".to_owned()) && tools.contains(&"ex__echo".to_owned()),
+        "{tools:?}"
+    );
+    assert_eq!(
+        after.tool_text(2, "extra__whoami", json!({})).await,
+        "extra"
+    );
+    let old = tool_names(&before.call(1, "tools/list", json!({})).await);
+    assert!(
+        old.contains(&"echo".to_owned()) && !old.iter().any(|t| t.contains("extra")),
+        "{old:?}"
+    );
+
+    // Restart and logs.
+    let pid = after.tool_text(3, "extra__pid", json!({})).await;
+    let r = admin(&gw, "POST", "/admin/v1/servers/extra/restart", tok, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let mut restarted = false;
+    for attempt in 0..100 {
+        let r = after
+            .call(
+                10 + attempt,
+                "tools/call",
+                json!({"name":"extra__pid","arguments":{}}),
+            )
+            .await;
+        if r["result"]["content"][0]["text"]
+            .as_str()
+            .is_some_and(|p| p != pid)
+        {
+            restarted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(restarted, "a new process serves after the restart");
+    let r = admin(&gw, "GET", "/admin/v1/servers/extra/logs?tail=5", tok, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+
+    // Bad input: each gets its own status and a message naming the problem.
+    let bad = [
+        (
+            "PUT",
+            "/admin/v1/servers/bad",
+            Some(json!({"command": BIN, "bogus": 1})),
+            400,
+            "bogus",
+        ),
+        (
+            "PUT",
+            "/admin/v1/servers/Bad_Name",
+            Some(json!({"command": BIN})),
+            400,
+            "name",
+        ),
+        (
+            "PUT",
+            "/admin/v1/servers/bad",
+            Some(json!({"command": BIN, "env": [{"name": "K", "secretFromEnv": "HOME"}]})),
+            400,
+            "env[0].secretFromEnv",
+        ),
+        (
+            "PUT",
+            "/admin/v1/servers/ex",
+            Some(json!({"command": BIN})),
+            409,
+            "config file",
+        ),
+        ("DELETE", "/admin/v1/servers/ex", None, 409, "config file"),
+        ("GET", "/admin/v1/servers/nope", None, 404, "nope"),
+        ("POST", "/admin/v1/servers/nope/restart", None, 404, "nope"),
+        (
+            "GET",
+            "/admin/v1/servers/extra/logs?tail=lots",
+            None,
+            400,
+            "tail",
+        ),
+        ("PATCH", "/admin/v1/servers/extra", None, 405, "PATCH"),
+        (
+            "GET",
+            "/admin/v1/elsewhere",
+            None,
+            404,
+            "no such admin endpoint",
+        ),
+    ];
+    for (method, path, body, status, says) in bad {
+        let r = admin(&gw, method, path, tok, body).await;
+        assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+        let msg = r.json()["error"].as_str().unwrap().to_owned();
+        assert!(msg.contains(says), "{method} {path}: {msg}");
+    }
+    let c = Client::new(format!("http://{}/admin/v1/servers/x", gw.addr));
+    let wrong_type = http::Request::builder()
+        .method("PUT")
+        .uri(&c.url)
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from("command: x")))
+        .unwrap();
+    assert_eq!(c.send(wrong_type).await.status, 415);
+
+    // Remove it: gone from the orchestrator and from new sessions; calls from sessions that
+    // still name it fail clearly.
+    let r = admin(&gw, "DELETE", "/admin/v1/servers/extra", tok, None).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(
+        admin(&gw, "GET", "/admin/v1/servers/extra", tok, None)
+            .await
+            .status,
+        404
+    );
+    let last = client(&gw).await;
+    let tools = tool_names(&last.call(1, "tools/list", json!({})).await);
+    assert!(
+        tools.contains(&"echo".to_owned()) && !tools.iter().any(|t| t.contains("extra")),
+        "{tools:?}"
+    );
+    let gone = after
+        .call(
+            500,
+            "tools/call",
+            json!({"name":"extra__whoami","arguments":{}}),
+        )
+        .await;
+    assert_eq!(gone["error"]["code"], json!(-32010), "{gone}");
+    assert_eq!(
+        after
+            .tool_text(501, "ex__echo", json!({"text": "ok"}))
+            .await,
+        "ok"
+    );
+    let list = gw.gateway().orchestrator.as_ref().unwrap().list().await;
+    assert!(
+        list.iter()
+            .all(|(n, s)| n != "extra" || s.phase == Phase::Removed),
+        "{list:?}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_is_off_without_admin_tokens() {
+    let yaml = format!("listen: 127.0.0.1:0\nservers:\n{}", example_server("ex"));
+    let config = gatehouse::Config::from_yaml(&yaml).unwrap();
+    let running = gatehouse::start_with(config, Some(local())).await.unwrap();
+    let gw = TestGateway {
+        addr: running.listening.local_addr,
+        running: Some(running),
+    };
+    let r = admin(&gw, "GET", "/admin/v1/servers", Some(ADMIN_TOKEN), None).await;
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"].as_str().unwrap().contains("admin.tokens"));
+    // The orchestrated server is served without auth on loopback.
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    assert_eq!(c.tool_text(1, "whoami", json!({})).await, "ex");
+    gw.stop().await;
+}
