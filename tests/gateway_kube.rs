@@ -1,0 +1,183 @@
+//! End to end on Kubernetes (the fake API server of tests/fake_kube): servers defined in the
+//! gateway's config become pods, and an MCP client reaches their tools through the gateway.
+
+mod fake_kube;
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fake_kube::{FakeKube, Kind};
+use gatehouse::orchestrator::kubernetes::{KubeOptions, KubeRuntime};
+use serde_json::{Value, json};
+use support::{BIN, TestGateway};
+
+const NS: &str = "mcp";
+
+fn options() -> KubeOptions {
+    KubeOptions {
+        watch_mcpservers: false,
+        retry_after: Duration::from_millis(200),
+        attach_timeout: Duration::from_secs(10),
+        ..KubeOptions::default()
+    }
+}
+
+fn server(name: &str, image: &str) -> String {
+    format!(
+        "  - name: {name}\n    image: {image}\n    command: {BIN:?}\n    args: [example-server, --name, {name}, --test-tools]\n    env:\n      - {{name: API_TOKEN, secretValue: tok-123}}\n      - {{name: GREETING, value: hello}}\n"
+    )
+}
+
+async fn gateway(fake: &FakeKube, servers: &str) -> TestGateway {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\norchestrator: {{connect_timeout: 20s, call_timeout: 20s}}\nservers:\n{servers}"
+    );
+    let config = gatehouse::Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+    let running = gatehouse::start_with(config, Some(Arc::new(rt)))
+        .await
+        .expect("gateway starts");
+    TestGateway {
+        addr: running.listening.local_addr,
+        running: Some(running),
+    }
+}
+
+fn env_of(container: &Value, name: &str) -> Value {
+    container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_servers_run_as_pods_and_clients_call_their_tools() {
+    let fake = FakeKube::start().await;
+    let gw = gateway(
+        &fake,
+        &(server("tools", "ghcr.io/gatehouse/example:1")
+            + &server("broken", "registry.example/unpullable:404")),
+    )
+    .await;
+
+    // The definition became a Deployment, a Pod and a Secret with the right fields (the
+    // reconcile loop applies them in the background).
+    let mut dep = None;
+    for _ in 0..250 {
+        dep = fake.get(Kind::Deployment, NS, "mcp-tools");
+        if dep.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dep = dep.expect("deployment created");
+    let pod_spec = &dep["spec"]["template"]["spec"];
+    let container = &pod_spec["containers"][0];
+    assert_eq!(container["image"], "ghcr.io/gatehouse/example:1");
+    assert_eq!(container["stdin"], true, "stdio servers are attached to");
+    assert_eq!(env_of(container, "GREETING")["value"], "hello");
+    assert_eq!(
+        env_of(container, "API_TOKEN")["valueFrom"]["secretKeyRef"]["name"],
+        "mcp-tools",
+        "secret values are referenced, never inlined"
+    );
+    assert!(!dep.to_string().contains("tok-123"));
+    assert_eq!(pod_spec["automountServiceAccountToken"], false);
+    let secret = fake.get(Kind::Secret, NS, "mcp-tools").expect("secret");
+    assert!(
+        secret["data"]["API_TOKEN"].is_string() || secret["stringData"]["API_TOKEN"].is_string()
+    );
+
+    // A client through the gateway: initialize reaches the pod; tools are listed and called.
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    assert!(fake.pod_of(NS, "mcp-tools").is_some());
+    let list = c.call(1, "tools/list", json!({})).await;
+    let names: Vec<&str> = list["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"tools__whoami"), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("broken__")),
+        "{names:?}"
+    );
+    assert_eq!(c.tool_text(2, "tools__whoami", json!({})).await, "tools");
+    assert_eq!(
+        c.tool_text(3, "tools__echo", json!({"text": "through a pod"}))
+            .await,
+        "through a pod"
+    );
+
+    // The image that cannot be pulled: the client's JSON-RPC error says so.
+    let r = c
+        .call(
+            4,
+            "tools/call",
+            json!({"name": "broken__whoami", "arguments": {}}),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], json!(-32010), "{r}");
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("ImagePullBackOff") && msg.contains("unpullable:404"),
+        "{msg}"
+    );
+
+    // The process crashes: the call fails clearly, the kubelet restarts the container, and
+    // calls work again through a new attachment.
+    let pid = c.tool_text(5, "tools__pid", json!({})).await;
+    let crashed = c
+        .call(
+            6,
+            "tools/call",
+            json!({"name": "tools__crash", "arguments": {}}),
+        )
+        .await;
+    assert_eq!(crashed["error"]["code"], json!(-32010), "{crashed}");
+    let mut back = None;
+    for attempt in 0..200 {
+        let r = c
+            .call(
+                100 + attempt,
+                "tools/call",
+                json!({"name": "tools__pid", "arguments": {}}),
+            )
+            .await;
+        if let Some(p) = r["result"]["content"][0]["text"].as_str() {
+            back = Some(p.to_owned());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = back.expect("calls work again after the restart");
+    assert_ne!(back, pid);
+
+    // The Deployment deleted behind our back: recreated, and calls work again.
+    fake.delete(Kind::Deployment, NS, "mcp-tools");
+    let mut ok = false;
+    for attempt in 0..200 {
+        let r = c
+            .call(
+                400 + attempt,
+                "tools/call",
+                json!({"name": "tools__whoami", "arguments": {}}),
+            )
+            .await;
+        if r["result"]["content"][0]["text"] == "tools"
+            && fake.get(Kind::Deployment, NS, "mcp-tools").is_some()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the deployment is recreated and serves again");
+    gw.stop().await;
+}
