@@ -281,6 +281,7 @@ def start_gateway(
     mcp: dict[str, Any] | None = None,
     tapdir: Path | None = None,
     plugins: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Gateway:
     port = free_port()
     config: dict[str, Any] = {
@@ -291,6 +292,7 @@ def start_gateway(
     }
     if plugins:
         config["plugins"] = plugins
+    config.update(extra or {})
     path = workdir / f"gateway-{label}.yaml"
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     proc = Proc(f"gateway:{label}", [tools.gatehouse, "serve", "--config", str(path)], workdir / f"gateway-{label}.log")
