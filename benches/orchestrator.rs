@@ -1,7 +1,9 @@
 //! Orchestrator benchmarks (`cargo bench --bench orchestrator`).
 //!
 //! 1. Local backend: time from a server definition to the first successful MCP
-//!    `tools/list` answer, for the example server built into the gateway.
+//!    `tools/list` answer, for the example server built into the gateway: straight from the
+//!    runtime (the baseline), and through the gateway (admin API `PUT`, then a client session's
+//!    `initialize` + `tools/list` on `/mcp`).
 //! 2. Kubernetes backend against the fake API server (tests/fake_kube): CPU of the
 //!    orchestrator — watches, reconcile loop, status — while it manages 10 and then 200
 //!    servers: converging from nothing, idling, and repairing deleted Deployments.
@@ -62,6 +64,76 @@ async fn local_definition_to_tools_list(iterations: usize) -> Vec<Duration> {
         assert!(!fake_kube::mcp::tool_names(&list).is_empty());
         rt.shutdown().await;
     }
+    out
+}
+
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+
+/// Definition through the admin API → first `tools/list` answered through the gateway.
+async fn gateway_definition_to_tools_list(iterations: usize) -> Vec<Duration> {
+    use http_body_util::{BodyExt, Full};
+    let config = gatehouse::Config::from_yaml(&format!(
+        "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: bench, token: {ADMIN_TOKEN}}}]}}"
+    ))
+    .unwrap();
+    let runtime: std::sync::Arc<dyn Runtime> =
+        std::sync::Arc::new(LocalRuntime::new(LocalSettings::default()));
+    let running = gatehouse::start_with(config, Some(runtime)).await.unwrap();
+    let base = format!("http://{}", running.listening.local_addr);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<bytes::Bytes>>();
+    let send = |req: http::Request<Full<bytes::Bytes>>| {
+        let client = client.clone();
+        async move {
+            let resp = client.request(req).await.unwrap();
+            let status = resp.status();
+            let session = resp.headers().get("mcp-session-id").cloned();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, session, body)
+        }
+    };
+    let mcp = |session: Option<&http::HeaderValue>, body: serde_json::Value| {
+        let mut b = http::Request::post(format!("{base}/mcp"))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2025-11-25");
+        if let Some(s) = session {
+            b = b.header("mcp-session-id", s);
+        }
+        b.body(Full::new(body.to_string().into())).unwrap()
+    };
+    let mut out = Vec::with_capacity(iterations);
+    for i in 0..iterations {
+        let name = format!("bench{i}");
+        let url = format!("{base}/admin/v1/servers/{name}");
+        let spec = json!({"command": GATEHOUSE, "args": ["example-server"]});
+        let t0 = Instant::now();
+        let put = http::Request::put(&url)
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .header("content-type", "application/json")
+            .body(Full::new(spec.to_string().into()))
+            .unwrap();
+        let (status, _, body) = send(put).await;
+        assert_eq!(status, 201, "{body:?}");
+        let init = json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
+            "protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"bench","version":"1"}}});
+        let (status, session, _) = send(mcp(None, init)).await;
+        assert_eq!(status, 200);
+        let list = json!({"jsonrpc":"2.0","id":2,"method":"tools/list"});
+        let (status, _, body) = send(mcp(session.as_ref(), list)).await;
+        out.push(t0.elapsed());
+        assert_eq!(status, 200);
+        assert!(
+            String::from_utf8_lossy(&body).contains("\"echo\""),
+            "{body:?}"
+        );
+        let delete = http::Request::delete(&url)
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap();
+        assert_eq!(send(delete).await.0, 204);
+    }
+    running.shutdown().await;
     out
 }
 
@@ -277,6 +349,16 @@ fn main() {
             percentile(&times, 0.9),
             times[0],
             times[times.len() - 1]
+        );
+        let mut through = gateway_definition_to_tools_list(n).await;
+        through.sort();
+        println!(
+            "through the gateway, admin PUT → session → first tools/list ({n} runs): p50 {:.1?}, p90 {:.1?}, min {:.1?}, max {:.1?}; p50 {:.2}x the runtime's own",
+            percentile(&through, 0.5),
+            percentile(&through, 0.9),
+            through[0],
+            through[through.len() - 1],
+            percentile(&through, 0.5).as_secs_f64() / percentile(&times, 0.5).as_secs_f64()
         );
 
         let mut figures = Vec::new();

@@ -598,10 +598,11 @@ impl RawConfig {
             upstreams.push(orchestrator.upstream(&def.name));
             servers.push(resolved);
         }
-        if upstreams.is_empty() {
+        // With the admin API on, servers may all come later.
+        if upstreams.is_empty() && admin_tokens.is_empty() {
             return Err(field_err(
                 "upstreams",
-                "at least one upstream or server is required",
+                "at least one upstream or server is required (or admin.tokens, to add servers later)",
             ));
         }
 
@@ -752,6 +753,11 @@ upstreams:
         assert!(matches!(c.upstreams[0].transport, Transport::Orchestrated));
         assert_eq!(c.upstreams[0].call_timeout, Duration::from_secs(5));
         assert_eq!(&*c.admin_tokens[0].1, "ops");
+        // With the admin API on, a gateway may start with no server at all.
+        let empty =
+            Config::from_yaml("admin: {tokens: [{principal: ops, token: 0123456789abcdef0}]}")
+                .unwrap();
+        assert!(empty.upstreams.is_empty());
     }
 
     #[test]
