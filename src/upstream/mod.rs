@@ -367,7 +367,12 @@ impl Pending {
             Some(token) => waiters
                 .values()
                 .find(|w| w.route.progress_token.as_deref() == Some(&token[..])),
-            None if waiters.len() == 1 => waiters.values().next(),
+            // A lone call in flight is the likely cause of what the server says, except for
+            // what concerns the whole session: on a shared connection that is every session.
+            None if waiters.len() == 1 => waiters
+                .values()
+                .next()
+                .filter(|w| w.route.origin.is_none() || !is_session_wide(&msg)),
             None => None,
         };
         if let Some(w) = related {
@@ -405,6 +410,19 @@ impl Pending {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Notifications about the server's state rather than about a call.
+fn is_session_wide(msg: &Message) -> bool {
+    matches!(
+        msg.method(),
+        Some(
+            "notifications/tools/list_changed"
+                | "notifications/prompts/list_changed"
+                | "notifications/resources/list_changed"
+                | "notifications/resources/updated"
+        )
+    )
 }
 
 /// The progress notification with its `progressToken` replaced by `token` (raw JSON).

@@ -185,6 +185,88 @@ pub(crate) fn unique_progress_token(params: &[u8]) -> Option<(Bytes, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::{CallRoute, Pending};
+
+    /// Records what it is handed: (index, had a related stream, method, params).
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(usize, bool, String, String)>>);
+
+    impl ServerMessages for Recorder {
+        fn deliver(&self, index: usize, route: Route, msg: Message) {
+            let params = match &msg.kind {
+                Kind::Notification { params, .. } => params
+                    .as_deref()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
+            let method = msg.method().unwrap_or_default().to_owned();
+            lock(&self.0).push((index, route.related.is_some(), method, params));
+        }
+    }
+
+    fn notification(method: &str, params: &str) -> Message {
+        jsonrpc::parse(jsonrpc::notification(method, Some(params.as_bytes()))).unwrap()
+    }
+
+    #[test]
+    fn a_shared_connection_routes_call_messages_to_the_caller_and_the_rest_to_everyone() {
+        let caller = Arc::new(Recorder::default());
+        let everyone = Arc::new(Recorder::default());
+        let owner = Deliver {
+            sink: everyone.clone(),
+            index: 0,
+        };
+        let pending = Pending::default();
+        let (events, _rx) = tokio::sync::mpsc::channel(4);
+        let (tx, _out) = tokio::sync::oneshot::channel();
+        pending.insert(
+            7,
+            tx,
+            CallRoute {
+                events: Some(events),
+                progress_token: Some(Bytes::from_static(b"\"gatehouse-1\"")),
+                origin: Some((
+                    Deliver {
+                        sink: caller.clone(),
+                        index: 3,
+                    },
+                    Some(Bytes::from_static(b"42")),
+                )),
+            },
+        );
+        pending.dispatch(
+            notification(
+                "notifications/progress",
+                r#"{"progressToken":"gatehouse-1","progress":1}"#,
+            ),
+            &owner,
+        );
+        pending.dispatch(
+            notification("notifications/message", r#"{"level":"info","data":"x"}"#),
+            &owner,
+        );
+        pending.dispatch(
+            notification("notifications/tools/list_changed", "{}"),
+            &owner,
+        );
+
+        let got = lock(&caller.0).clone();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(
+            (got[0].0, got[0].1, got[0].2.as_str()),
+            (3, true, "notifications/progress")
+        );
+        let p: serde_json::Value = serde_json::from_str(&got[0].3).unwrap();
+        assert_eq!(p["progressToken"], 42, "the client's own token is restored");
+        assert_eq!(got[1].2, "notifications/message");
+        let all = lock(&everyone.0).clone();
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert_eq!(
+            (all[0].1, all[0].2.as_str()),
+            (false, "notifications/tools/list_changed")
+        );
+    }
 
     #[test]
     fn progress_tokens_are_made_unique_and_the_rest_is_kept() {
