@@ -246,7 +246,7 @@ async def test_paginated_upstreams_list_completely(paged_gateway: Gateway) -> No
                 break
             assert pages < 10, "pagination does not end"
         base = ["echo", "add", "slow", "whoami", "sample"]
-        assert sorted(seen) == sorted([f"pa__{t}" for t in base] + [f"pb__{t}" for t in [*base, "crash"]])
+        assert sorted(seen) == sorted([f"pa__{t}" for t in base] + [f"pb__{t}" for t in [*base, "crash", "pid"]])
         assert pages == 3  # pa needs three pages of two; pb two pages of four
         r = await c.call_tool("pb__whoami", {})
         assert text_of(r) == "pb"
