@@ -12,7 +12,8 @@
 //!
 //! It is off unless `admin.tokens` is set, and takes only those tokens (client tokens do not
 //! open it). Servers from the config file are read-only here: they come back with the file.
-//! Added servers serve sessions opened after the change.
+//! Added servers serve sessions opened after the change. On Kubernetes an added server is an
+//! `McpServer` resource: it survives gateway restarts and every replica serves it.
 
 use std::sync::Arc;
 
@@ -219,11 +220,8 @@ async fn put(
         name: name.to_owned(),
         spec,
     };
-    let resolved = def
-        .resolve()
-        .map_err(|e| AdminError::Invalid(e.to_string()))?;
     let existed = runtime.status(name).await.is_ok();
-    runtime.apply(resolved).await?;
+    runtime.declare(def).await?;
     gw.refresh_topology().await;
     tracing::info!(server = %name, by = who, existed, "server applied through the admin API");
     let status = runtime.status(name).await?;

@@ -7,10 +7,14 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use fake_kube::{FakeKube, Kind};
+use gatehouse::orchestrator::Runtime;
+use gatehouse::orchestrator::kubernetes::lease::LeaseSettings;
 use gatehouse::orchestrator::kubernetes::{KubeOptions, KubeRuntime};
+use http_body_util::Full;
 use serde_json::{Value, json};
-use support::{BIN, TestGateway};
+use support::{BIN, Client, Resp, TestGateway};
 
 const NS: &str = "mcp";
 
@@ -180,4 +184,130 @@ async fn config_servers_run_as_pods_and_clients_call_their_tools() {
     }
     assert!(ok, "the deployment is recreated and serves again");
     gw.stop().await;
+}
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789";
+
+/// A gateway replica: no config servers, the admin API on, `McpServer` resources watched,
+/// leader election through the Lease as in deploy/.
+async fn replica(fake: &FakeKube, id: &str) -> (TestGateway, Arc<KubeRuntime>) {
+    let lease = LeaseSettings {
+        lease_duration: Duration::from_millis(800),
+        renew_every: Duration::from_millis(150),
+        retry_every: Duration::from_millis(100),
+        ..LeaseSettings::new("gatehouse-orchestrator", id)
+    };
+    let rt = Arc::new(KubeRuntime::start_with_client(
+        fake.client(NS),
+        NS.into(),
+        Some(lease),
+        KubeOptions {
+            watch_mcpservers: true,
+            ..options()
+        },
+    ));
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN_TOKEN}}}]}}\norchestrator: {{connect_timeout: 20s, call_timeout: 20s}}"
+    );
+    let config = gatehouse::Config::from_yaml(&yaml).unwrap();
+    let runtime: Arc<dyn Runtime> = rt.clone();
+    let running = gatehouse::start_with(config, Some(runtime)).await.unwrap();
+    let gw = TestGateway {
+        addr: running.listening.local_addr,
+        running: Some(running),
+    };
+    (gw, rt)
+}
+
+async fn admin(gw: &TestGateway, method: &str, path: &str, body: Option<Value>) -> Resp {
+    let c = Client::new(format!("http://{}{path}", gw.addr));
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(&c.url)
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"));
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    c.send(req.body(Full::new(body)).unwrap()).await
+}
+
+/// Calls `whoami` in a new session until it answers (the pod may still be starting).
+async fn whoami_eventually(gw: &TestGateway) -> String {
+    for attempt in 0..200 {
+        let mut c = gw.client();
+        c.initialize(json!({})).await;
+        let r = c
+            .call(
+                1 + attempt,
+                "tools/call",
+                json!({"name": "whoami", "arguments": {}}),
+            )
+            .await;
+        if let Some(t) = r["result"]["content"][0]["text"].as_str() {
+            return t.to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("whoami never answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_added_on_any_replica_is_durable_and_served_by_all() {
+    let fake = FakeKube::start().await;
+    let (a, rt_a) = replica(&fake, "replica-a").await;
+    let (b, rt_b) = replica(&fake, "replica-b").await;
+    let mut leading = false;
+    for _ in 0..250 {
+        leading = rt_a.is_leader() || rt_b.is_leader();
+        if leading {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(leading, "a leader is elected");
+    let (follower, leader) = if rt_a.is_leader() { (&b, &a) } else { (&a, &b) };
+
+    // Added through the follower's admin API: it becomes an McpServer resource, which the
+    // leader runs and both replicas serve.
+    let spec = json!({"image": "ghcr.io/gatehouse/example:1", "command": BIN,
+        "args": ["example-server", "--name", "dyn"]});
+    let r = admin(follower, "PUT", "/admin/v1/servers/dyn", Some(spec)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let cr = fake
+        .get(Kind::McpServer, NS, "dyn")
+        .expect("an McpServer resource");
+    assert_eq!(cr["spec"]["image"], "ghcr.io/gatehouse/example:1");
+    assert_eq!(whoami_eventually(follower).await, "dyn");
+    assert_eq!(whoami_eventually(leader).await, "dyn");
+    assert!(fake.get(Kind::Deployment, NS, "mcp-dyn").is_some());
+    let listed = admin(leader, "GET", "/admin/v1/servers", None).await.json();
+    assert_eq!(listed["servers"][0]["name"], "dyn", "{listed}");
+
+    // The definition outlives the gateways: a new one (with no config servers) serves it.
+    a.stop().await;
+    b.stop().await;
+    rt_a.shutdown().await;
+    rt_b.shutdown().await;
+    let (c, _rt_c) = replica(&fake, "replica-c").await;
+    assert_eq!(whoami_eventually(&c).await, "dyn");
+
+    // Removed through the admin API: the resource goes, and its objects with it.
+    let r = admin(&c, "DELETE", "/admin/v1/servers/dyn", None).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert!(fake.get(Kind::McpServer, NS, "dyn").is_none());
+    let mut gone = false;
+    for _ in 0..250 {
+        gone = fake.get(Kind::Deployment, NS, "mcp-dyn").is_none();
+        if gone {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "the Deployment is removed with its McpServer");
+    assert_eq!(
+        admin(&c, "GET", "/admin/v1/servers/dyn", None).await.status,
+        404
+    );
+    c.stop().await;
 }

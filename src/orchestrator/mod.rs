@@ -57,6 +57,13 @@ pub trait Runtime: Send + Sync {
     /// Servers declared as `McpServer` resources are not affected.
     fn sync(&self, servers: Vec<ResolvedServer>) -> BoxFuture<'_, Result<()>>;
 
+    /// Adds or updates a server on an operator's behalf (the admin API). Where the backend
+    /// can, the definition outlives this process and reaches every replica: an `McpServer`
+    /// resource on Kubernetes. Locally it is [`Runtime::apply`].
+    fn declare(&self, def: ServerDef) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { self.apply(def.resolve()?).await })
+    }
+
     /// Waits until the server is ready and returns its endpoint; fails fast on a fatal state.
     fn wait_ready<'a>(
         &'a self,

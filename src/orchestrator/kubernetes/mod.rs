@@ -1011,6 +1011,48 @@ impl Runtime for KubeRuntime {
         .boxed()
     }
 
+    fn declare(&self, def: ServerDef) -> BoxFuture<'_, Result<()>> {
+        async move {
+            let server = def.resolve()?;
+            if !self.inner.options.watch_mcpservers {
+                // McpServer resources are ignored here: keep the server in this replica only.
+                return self.apply(server).await;
+            }
+            if server.spec.image.is_none() {
+                return Err(OrchestratorError::Unsupported {
+                    server: server.name.clone(),
+                    backend: "kubernetes",
+                    what: "an image",
+                });
+            }
+            let api: Api<McpServer> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+            let resource = serde_json::json!({
+                "apiVersion": McpServer::api_version(&()),
+                "kind": McpServer::kind(&()),
+                "metadata": { "name": def.name },
+                "spec": def.spec,
+            });
+            let obj = api
+                .patch(
+                    &def.name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&resource),
+                )
+                .await
+                .map_err(|e| OrchestratorError::kube(format!("declare server {}", def.name), e))?;
+            // The watch brings the same object to every replica; take it now so that this
+            // replica's status and list show it at once.
+            self.inner.removed.remove(&def.name);
+            self.inner
+                .desired
+                .insert(def.name.clone(), desired_from_resource(&obj));
+            self.inner.refresh_status(&def.name, None);
+            self.inner.enqueue(def.name);
+            Ok(())
+        }
+        .boxed()
+    }
+
     fn sync(&self, servers: Vec<ResolvedServer>) -> BoxFuture<'_, Result<()>> {
         async move {
             if let Some(s) = servers.iter().find(|s| s.spec.image.is_none()) {
