@@ -2,14 +2,16 @@
 
 use super::CallContext;
 use super::config::ChainConfig;
+use wildmatch::WildMatch;
 
 /// A glob list; empty matches anything.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Selector(Vec<String>);
+pub(crate) struct Selector(Vec<WildMatch>);
 
 impl Selector {
+    /// Globs: `*` any run of characters, `?` one character, case-sensitive (compiled once).
     pub(crate) fn new(patterns: &[String]) -> Self {
-        Selector(patterns.to_vec())
+        Selector(patterns.iter().map(|p| WildMatch::new(p)).collect())
     }
 
     pub(crate) fn is_any(&self) -> bool {
@@ -21,7 +23,7 @@ impl Selector {
         if self.0.is_empty() {
             return true;
         }
-        value.is_some_and(|v| self.0.iter().any(|p| glob(p, v)))
+        value.is_some_and(|v| self.0.iter().any(|p| p.matches(v)))
     }
 }
 
@@ -60,36 +62,13 @@ impl Chain {
     }
 }
 
-/// Glob match: `*` any run of characters, `?` one character.
-pub(crate) fn glob(pattern: &str, text: &str) -> bool {
-    if !pattern.contains(['*', '?']) {
-        return pattern == text;
-    }
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti) = (0usize, 0usize);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || (p[pi] != '*' && p[pi] == t[ti])) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn glob(pattern: &str, text: &str) -> bool {
+        Selector::new(&[pattern.to_owned()]).matches(Some(text))
+    }
 
     fn ctx<'a>(
         method: &'a str,
