@@ -424,3 +424,41 @@ async fn admin_api_is_off_without_admin_tokens() {
     assert_eq!(c.tool_text(1, "whoami", json!({})).await, "ex");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrated_http_server_gives_each_session_its_own_upstream_session() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gw = gateway(&format!(
+        "  - name: web\n    command: {BIN:?}\n    args: [example-server, --name, web, --test-tools, --http, \"127.0.0.1:{port}\"]\n    transport: {{type: streamable-http, port: {port}}}\n"
+    ))
+    .await;
+    let a = client(&gw).await;
+    let b = client(&gw).await;
+    assert_eq!(a.tool_text(1, "whoami", json!({})).await, "web");
+    // One process, reached over HTTP by both sessions.
+    assert_eq!(
+        a.tool_text(2, "pid", json!({})).await,
+        b.tool_text(2, "pid", json!({})).await
+    );
+    let server = gw.gateway().topology().servers[0].clone();
+    assert_eq!(
+        server.orchestrated.as_ref().unwrap().shared.members(),
+        0,
+        "HTTP servers keep one upstream session per client session"
+    );
+    // Ending one session ends its upstream session only.
+    let del = a
+        .send(
+            a.request("DELETE", "")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(del.status, 200);
+    assert_eq!(b.tool_text(3, "echo", json!({"text": "b"})).await, "b");
+    gw.stop().await;
+}
