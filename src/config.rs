@@ -149,6 +149,9 @@ pub struct RawMcp {
     /// Most sessions open at once.
     #[serde(default)]
     pub max_sessions: Option<usize>,
+    /// Most sessions one authenticated principal may have open at once.
+    #[serde(default)]
+    pub max_sessions_per_principal: Option<usize>,
     /// Separator between server name and tool/prompt name.
     #[serde(default)]
     pub name_separator: Option<String>,
@@ -307,6 +310,8 @@ pub struct McpSettings {
     pub session_idle_timeout: Duration,
     /// Session cap.
     pub max_sessions: usize,
+    /// Session cap per authenticated principal (each session may run its own stdio servers).
+    pub max_sessions_per_principal: usize,
     /// Name separator.
     pub name_separator: String,
     /// Prefixing rule.
@@ -455,6 +460,15 @@ impl RawConfig {
                 Duration::from_secs(30 * 60),
             )?,
             max_sessions: m.max_sessions.unwrap_or(100_000).max(1),
+            max_sessions_per_principal: match m.max_sessions_per_principal {
+                Some(0) => {
+                    return Err(field_err(
+                        "mcp.max_sessions_per_principal",
+                        "must be at least 1",
+                    ));
+                }
+                n => n.unwrap_or(1_000),
+            },
             prefix_names: m.prefix_names.unwrap_or_default(),
             sse_keepalive: positive(
                 "mcp.sse_keepalive",

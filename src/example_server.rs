@@ -322,6 +322,14 @@ fn tools(test_tools: bool) -> Vec<Value> {
             json!({"name": "pid", "description": "Returns this process's id",
                       "inputSchema": {"type": "object"}}),
         );
+        t.push(
+            json!({"name": "log", "description": "Sends its text as a log message, then answers",
+                      "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}}}),
+        );
+        t.push(
+            json!({"name": "fail", "description": "Answers a JSON-RPC error carrying its text",
+                      "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}}}),
+        );
     }
     t
 }
@@ -408,6 +416,21 @@ async fn call_tool(
         "whoami" => Ok(text(opts.name.clone())),
         "crash" if opts.test_tools => std::process::exit(3),
         "pid" if opts.test_tools => Ok(text(std::process::id().to_string())),
+        "log" if opts.test_tools => {
+            let said = args.get("text").cloned().unwrap_or(json!(""));
+            let _ = out
+                .send(json!({"jsonrpc":"2.0","method":"notifications/message",
+                             "params":{"level":"info","logger":"example","data":said}}))
+                .await;
+            Ok(text("logged"))
+        }
+        "fail" if opts.test_tools => Err((
+            -32000,
+            args.get("text")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
+        )),
         other => Ok(
             json!({"content":[{"type":"text","text":format!("unknown tool: {other}")}],"isError":true}),
         ),

@@ -45,6 +45,8 @@ pub struct Gateway {
     client: http::Client,
     /// Open sessions by id.
     pub sessions: DashMap<Arc<str>, Arc<Session>>,
+    /// Open sessions per authenticated principal (bounded by `mcp.max_sessions_per_principal`).
+    sessions_per_principal: DashMap<Arc<str>, usize>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Client authentication.
@@ -78,6 +80,7 @@ impl Gateway {
             client: http::client(),
             config: Arc::new(config),
             sessions: DashMap::new(),
+            sessions_per_principal: DashMap::new(),
             metrics: Metrics::new(),
             epoch: Instant::now(),
         };
@@ -199,17 +202,38 @@ impl Gateway {
             init_params,
             eager_listen,
             self.epoch,
+            Some(crate::mcp::policy::ServerMessages::new(
+                self.plugins.clone(),
+            )),
         );
+        if let Some(p) = &session.principal {
+            *self.sessions_per_principal.entry(p.clone()).or_insert(0) += 1;
+        }
         self.sessions.insert(id, session.clone());
         self.metrics.sessions.set(self.sessions.len() as i64);
         session
+    }
+
+    /// Whether `principal` may open one more session.
+    pub fn may_open_session(&self, principal: Option<&Arc<str>>) -> bool {
+        principal.is_none_or(|p| {
+            self.sessions_per_principal.get(p).map_or(0, |n| *n)
+                < self.config.mcp.max_sessions_per_principal
+        })
     }
 
     /// Ends a session and, in the background, its upstream sessions.
     pub fn end_session(&self, id: &str) {
         if let Some((_, session)) = self.sessions.remove(id) {
             self.metrics.sessions.set(self.sessions.len() as i64);
+            if let Some(p) = &session.principal {
+                self.sessions_per_principal.remove_if_mut(p, |_, n| {
+                    *n = n.saturating_sub(1);
+                    *n == 0
+                });
+            }
             self.plugins.current().end_session(id);
+            session.end();
             tokio::spawn(async move { session.close().await });
         }
     }
@@ -250,6 +274,7 @@ impl Gateway {
     pub async fn shutdown(&self) {
         let all: Vec<Arc<Session>> = self.sessions.iter().map(|s| s.value().clone()).collect();
         self.sessions.clear();
+        self.sessions_per_principal.clear();
         self.metrics.sessions.set(0);
         let close = futures_util::future::join_all(all.iter().map(|s| s.close()));
         let _ = tokio::time::timeout(Duration::from_secs(10), close).await;

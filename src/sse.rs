@@ -13,65 +13,101 @@ pub struct Event {
     pub id: Option<String>,
 }
 
-/// An SSE stream that broke the format or a size limit.
+/// An SSE stream that broke a size limit.
 #[derive(Debug, thiserror::Error)]
-#[error("SSE event larger than {0} bytes")]
-pub struct TooLarge(pub usize);
+pub enum TooLarge {
+    /// One event exceeded the per-event limit.
+    #[error("SSE event larger than {0} bytes")]
+    Event(usize),
+    /// The stream as a whole exceeded its limit.
+    #[error("SSE stream longer than {0} bytes")]
+    Stream(u64),
+}
 
 /// Incremental SSE decoder: feed chunks, take complete events.
+///
+/// Decoding is linear in the bytes received: each byte is scanned for an event boundary once,
+/// however the stream is split into chunks (a rescan from the start of the buffer on every chunk
+/// let an upstream burn a core with one large event).
 #[derive(Debug)]
 pub struct Decoder {
     buf: BytesMut,
+    /// Bytes of `buf` already searched for a blank line.
+    scanned: usize,
     max_event: usize,
+    max_stream: u64,
+    received: u64,
 }
 
 impl Decoder {
-    /// A decoder that refuses events larger than `max_event` bytes.
+    /// A decoder that refuses events larger than `max_event` bytes (streams are unlimited).
     pub fn new(max_event: usize) -> Self {
         Decoder {
             buf: BytesMut::new(),
+            scanned: 0,
             max_event,
+            max_stream: u64::MAX,
+            received: 0,
         }
+    }
+
+    /// Also refuses a stream once it has carried more than `max_stream` bytes in all.
+    pub fn with_stream_limit(mut self, max_stream: u64) -> Self {
+        self.max_stream = max_stream;
+        self
     }
 
     /// Appends a chunk of the stream.
     pub fn feed(&mut self, chunk: &[u8]) {
+        self.received = self.received.saturating_add(chunk.len() as u64);
         self.buf.extend_from_slice(chunk);
     }
 
     /// Returns the next complete event, `Ok(None)` when more input is needed.
     pub fn next_event(&mut self) -> Result<Option<Event>, TooLarge> {
+        if self.received > self.max_stream {
+            return Err(TooLarge::Stream(self.max_stream));
+        }
         loop {
-            let Some((end, sep)) = find_blank_line(&self.buf) else {
+            let Some((end, sep)) = self.find_blank_line() else {
                 if self.buf.len() > self.max_event {
-                    return Err(TooLarge(self.max_event));
+                    return Err(TooLarge::Event(self.max_event));
                 }
                 return Ok(None);
             };
+            if end > self.max_event {
+                return Err(TooLarge::Event(self.max_event));
+            }
             let block = self.buf.split_to(end).freeze();
             self.buf.advance(sep);
+            self.scanned = 0;
             if let Some(ev) = parse_block(&block) {
                 return Ok(Some(ev));
             }
         }
     }
-}
 
-/// Finds the end of the first event block and the length of its terminator.
-fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
-    while i < buf.len() {
-        if buf[i] == b'\n' {
-            if buf.get(i + 1) == Some(&b'\n') {
-                return Some((i, 2));
-            }
-            if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
-                return Some((i, 3));
+    /// Finds the end of the first event block and the length of its terminator, resuming where
+    /// the last search stopped (two bytes back, so a terminator split across chunks is found).
+    fn find_blank_line(&mut self) -> Option<(usize, usize)> {
+        let buf = &self.buf[..];
+        let mut i = self.scanned.saturating_sub(2);
+        while let Some(off) = memchr::memchr(b'\n', &buf[i..]) {
+            let at = i + off;
+            match (buf.get(at + 1), buf.get(at + 2)) {
+                (Some(b'\n'), _) => return Some((at, 2)),
+                (Some(b'\r'), Some(b'\n')) => return Some((at, 3)),
+                // Not decidable yet: look at this newline again when more bytes arrive.
+                (None, _) | (Some(b'\r'), None) => {
+                    self.scanned = at;
+                    return None;
+                }
+                _ => i = at + 1,
             }
         }
-        i += 1;
+        self.scanned = buf.len();
+        None
     }
-    None
 }
 
 fn parse_block(block: &Bytes) -> Option<Event> {
@@ -151,7 +187,66 @@ mod tests {
     fn refuses_oversized_events() {
         let mut d = Decoder::new(8);
         d.feed(b"data: 0123456789");
-        assert!(d.next_event().is_err());
+        assert!(matches!(d.next_event(), Err(TooLarge::Event(8))));
+    }
+
+    #[test]
+    fn refuses_oversized_events_that_arrive_whole() {
+        let mut d = Decoder::new(8);
+        d.feed(b"data: 0123456789\n\n");
+        assert!(matches!(d.next_event(), Err(TooLarge::Event(8))));
+    }
+
+    #[test]
+    fn refuses_overlong_streams() {
+        let mut d = Decoder::new(64).with_stream_limit(40);
+        d.feed(b"data: 1\n\ndata: 2\n\n");
+        assert!(d.next_event().unwrap().is_some());
+        d.feed(b"data: 3\n\ndata: 4\n\ndata: 5\n\n");
+        assert!(matches!(d.next_event(), Err(TooLarge::Stream(40))));
+    }
+
+    #[test]
+    fn terminators_split_across_chunks_are_found() {
+        for split in [b"data: a\n".as_slice(), b"data: a\n\r", b"data: a"] {
+            let whole = b"data: a\n\r\n";
+            let mut d = Decoder::new(64);
+            d.feed(split);
+            assert_eq!(d.next_event().unwrap(), None);
+            d.feed(&whole[split.len()..]);
+            assert_eq!(&d.next_event().unwrap().unwrap().data[..], b"a");
+        }
+        // Byte by byte, with both terminators.
+        let stream = b"data: x\r\n\r\nid: 2\ndata: y\n\n";
+        let mut d = Decoder::new(64);
+        let mut got = Vec::new();
+        for b in stream {
+            d.feed(&[*b]);
+            while let Some(e) = d.next_event().unwrap() {
+                got.push(e.data);
+            }
+        }
+        assert_eq!(got, [&b"x"[..], &b"y"[..]]);
+    }
+
+    /// A large event fed in small chunks costs time linear in its size: the work per chunk does
+    /// not grow with what is already buffered. Counted in bytes examined, not timed.
+    #[test]
+    fn decoding_a_large_event_is_linear() {
+        let mut d = Decoder::new(64 * 1024 * 1024);
+        d.feed(b"data: ");
+        let chunk = vec![b'x'; 1024];
+        for _ in 0..16 * 1024 {
+            d.feed(&chunk);
+            assert_eq!(d.next_event().unwrap(), None);
+            // The search resumes at the end of what was already scanned.
+            assert!(d.buf.len() - d.scanned <= 2);
+        }
+        d.feed(b"\n\n");
+        assert_eq!(
+            d.next_event().unwrap().unwrap().data.len(),
+            16 * 1024 * 1024
+        );
     }
 
     #[test]

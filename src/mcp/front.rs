@@ -70,6 +70,9 @@ pub enum FrontError {
     /// Session cap reached.
     #[error("too many sessions; try again later")]
     TooManySessions,
+    /// The principal already has as many sessions as it may.
+    #[error("too many open sessions for this principal (at most {0}); end one with DELETE first")]
+    TooManySessionsForPrincipal(usize),
     /// A second GET stream on one session.
     #[error("a GET stream is already open for this session")]
     StreamOpen,
@@ -91,6 +94,7 @@ impl FrontError {
             FrontError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             FrontError::UnknownSession => StatusCode::NOT_FOUND,
             FrontError::TooManySessions => StatusCode::SERVICE_UNAVAILABLE,
+            FrontError::TooManySessionsForPrincipal(_) => StatusCode::TOO_MANY_REQUESTS,
             FrontError::StreamOpen => StatusCode::CONFLICT,
             FrontError::Version(_)
             | FrontError::Body(_)
@@ -353,6 +357,7 @@ async fn post(
         Kind::Request { id, method, params } => {
             match handler::request(gw, &session, id, &method, params).await {
                 Reply::Json(frame) => Ok(json_response(StatusCode::OK, frame)),
+                Reply::Refused(status, frame) => Ok(json_response(status, frame)),
                 Reply::Stream(rx) => Ok(sse_response(rx)),
             }
         }
@@ -377,6 +382,11 @@ async fn initialize(
 ) -> Result<Response<Body>, FrontError> {
     if gw.sessions.len() >= gw.config.mcp.max_sessions {
         return Err(FrontError::TooManySessions);
+    }
+    if !gw.may_open_session(principal.as_ref()) {
+        return Err(FrontError::TooManySessionsForPrincipal(
+            gw.config.mcp.max_sessions_per_principal,
+        ));
     }
     let (session, result) = handler::initialize(gw, principal, params)
         .await
@@ -430,14 +440,22 @@ async fn get(
     if !session.open_listen_stream(tx.clone()) {
         return Err(FrontError::StreamOpen);
     }
-    // Keep-alive comments hold idle proxies open and notice a departed client.
+    // Keep-alive comments hold idle proxies open and notice a departed client. The task ends
+    // with the session, dropping the last sender, which ends the client's stream.
     let every = gw.config.mcp.sse_keepalive;
+    let ended = session.ended();
     tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(every).await;
-            if tx.send(Bytes::new()).await.is_err() {
-                return;
+        let keepalive = async {
+            loop {
+                tokio::time::sleep(every).await;
+                if tx.send(Bytes::new()).await.is_err() {
+                    return;
+                }
             }
+        };
+        tokio::select! {
+            _ = keepalive => {}
+            _ = ended => {}
         }
     });
     Ok(sse_response(rx))

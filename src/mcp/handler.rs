@@ -18,7 +18,7 @@ use crate::mcp::policy::{self, Policy};
 use crate::mcp::router::Router;
 use crate::mcp::session::{Session, caps};
 use crate::metrics::method_label;
-use crate::plugins::Decision;
+use crate::plugins::{Decision, EntryKind};
 use crate::upstream::{CallOpts, UpstreamError, request_progress_token};
 
 /// Protocol revisions served, newest first.
@@ -28,6 +28,8 @@ pub const SUPPORTED_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-2
 pub enum Reply {
     /// One JSON-RPC response.
     Json(Bytes),
+    /// A refusal with its own HTTP status (the request was not forwarded).
+    Refused(http::StatusCode, Bytes),
     /// An SSE stream of related messages ending with the response.
     Stream(mpsc::Receiver<Bytes>),
 }
@@ -295,7 +297,7 @@ pub async fn request(
             }
             forward(gw, session, index, id, method, params, policy).await
         }
-        "completion/complete" if !single => complete(gw, session, id, params).await,
+        "completion/complete" if !direct => complete(gw, session, id, params).await,
         "logging/setLevel" if !single => {
             for (i, link) in session.links().iter().enumerate() {
                 if session
@@ -313,7 +315,23 @@ pub async fn request(
                 &Outcome::Result(Bytes::from_static(b"{}")),
             ))
         }
-        _ if single => forward(gw, session, 0, id, method, params, None).await,
+        // Pass-through to the one upstream. With plugins, every method still passes the chains
+        // (on its params, and on its result or error).
+        _ if single => {
+            let policy = Policy::for_call(
+                &plugins,
+                session,
+                method,
+                &session.topology().servers[0].name,
+                None,
+            );
+            if let Some(p) = &policy
+                && let Decision::Deny(d) = p.on_request(params_text(params.as_deref()))
+            {
+                return denied(&id, &d);
+            }
+            forward(gw, session, 0, id, method, params, policy).await
+        }
         _ => Reply::Json(jsonrpc::error_response(
             Some(&id),
             code::METHOD_NOT_FOUND,
@@ -335,8 +353,59 @@ pub async fn request(
     reply
 }
 
+/// Whether `raw` is a JSON-RPC error object (`code` integer, `message` string).
+fn is_error_object(raw: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct E<'a> {
+        #[allow(dead_code)]
+        code: i64,
+        #[serde(borrow)]
+        #[allow(dead_code)]
+        message: Cow<'a, str>,
+    }
+    serde_json::from_slice::<E<'_>>(raw).is_ok()
+}
+
+/// Params as text for the plugins (`{}` when absent; frames were validated as JSON).
+fn params_text(params: Option<&[u8]>) -> &str {
+    params
+        .and_then(|p| std::str::from_utf8(p).ok())
+        .unwrap_or("{}")
+}
+
 fn denied(id: &[u8], d: &crate::plugins::Denied) -> Reply {
     Reply::Json(jsonrpc::error_response(Some(id), d.code, &d.to_string()))
+}
+
+/// The policy of a completion of the entry `name` on upstream `index`: denied when the caller
+/// may not see it as any of `kinds`, or when the on-request chain refuses the `argument`.
+fn completion_policy(
+    gw: &Arc<Gateway>,
+    session: &Arc<Session>,
+    index: usize,
+    kinds: &[EntryKind],
+    name: &str,
+    f: &Fields<'_>,
+) -> Result<Option<Policy>, crate::plugins::Denied> {
+    let plugins = gw.plugins.current();
+    let Some(policy) = Policy::for_call(
+        &plugins,
+        session,
+        "completion/complete",
+        &session.topology().servers[index].name,
+        Some(name),
+    ) else {
+        return Ok(None);
+    };
+    if let Some(d) = kinds.iter().find_map(|k| policy.check_target(*k, name)) {
+        return Err(d);
+    }
+    let argument = f.get("argument").map_or("{}", |a| a.get());
+    match policy.on_request(argument) {
+        Decision::Deny(d) => Err(d),
+        // A completion's argument is not rewritten: it is what the user is typing.
+        Decision::Allow | Decision::Rewrite(_) => Ok(Some(policy)),
+    }
 }
 
 /// Routes `completion/complete` by its `ref`: a prompt name or a resource URI.
@@ -367,6 +436,11 @@ async fn complete(
             let Some((index, local)) = session.topology().router.resolve(&name) else {
                 return invalid_params(&id, &format!("unknown prompt: {name}"));
             };
+            let policy =
+                match completion_policy(gw, session, index, &[EntryKind::Prompt], local, &f) {
+                    Ok(p) => p,
+                    Err(d) => return denied(&id, &d),
+                };
             let local = json_string(local);
             rf.insert(Cow::Borrowed("name"), &local);
             let new_ref =
@@ -382,17 +456,31 @@ async fn complete(
                 id,
                 "completion/complete",
                 Some(out),
-                None,
+                policy,
             )
             .await
         }
         "ref/resource" => {
             let uri = string_field(&rf, "uri").unwrap_or_default();
-            match resource_owner(gw, session, &uri).await {
-                Some(index) => {
-                    forward(gw, session, index, id, "completion/complete", params, None).await
+            let Some(index) = resource_owner(gw, session, &uri).await else {
+                return invalid_params(&id, &format!("no upstream serves resource {uri}"));
+            };
+            // A template URI, or a resource's own: hidden as either, it cannot be completed.
+            let kinds = [EntryKind::ResourceTemplate, EntryKind::Resource];
+            match completion_policy(gw, session, index, &kinds, &uri, &f) {
+                Ok(policy) => {
+                    forward(
+                        gw,
+                        session,
+                        index,
+                        id,
+                        "completion/complete",
+                        params,
+                        policy,
+                    )
+                    .await
                 }
-                None => invalid_params(&id, &format!("no upstream serves resource {uri}")),
+                Err(d) => denied(&id, &d),
             }
         }
         _ => invalid_params(&id, "params.ref.type must be ref/prompt or ref/resource"),
@@ -459,10 +547,18 @@ async fn forward(
     let started = Instant::now();
     let server = session.topology().servers[index].clone();
     let (ev_tx, mut ev_rx) = mpsc::channel::<Bytes>(64);
-    let cancel = session.track(id.clone());
+    let mut inflight = match session.track(id.clone()) {
+        Ok(t) => t,
+        Err(busy) => {
+            return Reply::Refused(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                jsonrpc::error_response(Some(&id), code::TOO_BUSY, &busy.to_string()),
+            );
+        }
+    };
     let opts = CallOpts {
         events: Some(ev_tx),
-        cancel: Some(cancel),
+        cancel: inflight.cancelled.take(),
         progress_token: params.as_deref().and_then(request_progress_token),
         ..CallOpts::default()
     };
@@ -473,7 +569,7 @@ async fn forward(
         let result = session2.links()[index]
             .call(&method, params.as_deref(), opts)
             .await;
-        session2.untrack(&id);
+        drop(inflight);
         let (frame, outcome) = match result {
             Ok(Outcome::Result(r)) => match policy.as_ref().map(|p| p.on_response(&r)) {
                 None | Some(Ok(None)) => (jsonrpc::response(&id, &Outcome::Result(r)), "ok"),
@@ -493,7 +589,26 @@ async fn forward(
                     "denied",
                 ),
             },
-            Ok(o @ Outcome::Error(_)) => (jsonrpc::response(&id, &o), "error"),
+            // Error messages pass the result chains too: a redaction must not be bypassed by
+            // a server that puts the data in an error.
+            Ok(Outcome::Error(e)) => match policy.as_ref().map(|p| p.on_response(&e)) {
+                None | Some(Ok(None)) => (jsonrpc::response(&id, &Outcome::Error(e)), "error"),
+                Some(Ok(Some(new))) if is_error_object(&new) => {
+                    (jsonrpc::response(&id, &Outcome::Error(new)), "error")
+                }
+                Some(Ok(Some(_))) => (
+                    jsonrpc::error_response(
+                        Some(&id),
+                        crate::plugins::PLUGIN_FAILED,
+                        "a plugin rewrote an error into something that is not a JSON-RPC error object",
+                    ),
+                    "denied",
+                ),
+                Some(Err(d)) => (
+                    jsonrpc::error_response(Some(&id), d.code, &d.to_string()),
+                    "denied",
+                ),
+            },
             Err(e) => {
                 if !matches!(e, UpstreamError::Cancelled) {
                     tracing::warn!(upstream = %server.name, method = %method, "call failed: {e}");
@@ -512,6 +627,7 @@ async fn forward(
         biased;
         Some(first) = ev_rx.recv() => {
             let (tx, rx) = mpsc::channel::<Bytes>(64);
+            let mut ended = Box::pin(session.ended());
             tokio::spawn(async move {
                 if tx.send(first).await.is_err() {
                     return;
@@ -519,6 +635,9 @@ async fn forward(
                 loop {
                     tokio::select! {
                         biased;
+                        // The session ended: dropping `call` cancels upstream, dropping `tx`
+                        // ends the client's stream.
+                        _ = &mut ended => return,
                         Some(ev) = ev_rx.recv() => {
                             if tx.send(ev).await.is_err() {
                                 return; // client went away: dropping `call` cancels upstream
@@ -731,10 +850,20 @@ fn merge_page(
         items.put_slice(&bytes);
     }
     match f.get("nextCursor") {
-        Some(c) => Ok(serde_json::from_str::<Option<String>>(c.get()).map_err(|e| e.to_string())?),
+        Some(c) => match serde_json::from_str::<Option<String>>(c.get()) {
+            // Carried inside the gateway's own cursor: keep the one the client sees small.
+            Ok(Some(c)) if c.len() > MAX_UPSTREAM_CURSOR => Err(format!(
+                "nextCursor of {} bytes (at most {MAX_UPSTREAM_CURSOR})",
+                c.len()
+            )),
+            other => other.map_err(|e| e.to_string()),
+        },
         None => Ok(None),
     }
 }
+
+/// Longest cursor accepted from an upstream.
+const MAX_UPSTREAM_CURSOR: usize = 4096;
 
 fn encode_cursor(next: &[(String, String)]) -> String {
     let map: BTreeMap<&str, &str> = next.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

@@ -27,6 +27,8 @@ pub mod code {
     pub const UPSTREAM_TIMEOUT: i64 = -32011;
     /// The request was cancelled before it completed.
     pub const REQUEST_CANCELLED: i64 = -32800;
+    /// The session has too many requests in flight.
+    pub const TOO_BUSY: i64 = -32012;
 }
 
 /// Why a frame is not an acceptable JSON-RPC message.
@@ -100,7 +102,8 @@ pub struct Message {
 struct Envelope<'a> {
     #[serde(borrow, default)]
     jsonrpc: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    // `"id": null` must stay distinguishable from a missing id (a notification).
+    #[serde(borrow, default, deserialize_with = "present")]
     id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     method: Option<Cow<'a, str>>,
@@ -110,6 +113,53 @@ struct Envelope<'a> {
     result: Option<&'a RawValue>,
     #[serde(borrow, default)]
     error: Option<&'a RawValue>,
+}
+
+/// Deepest nesting of arrays and objects accepted in a message. Raw members are forwarded
+/// without being parsed into values, so nothing else would stop a deeply nested payload from
+/// reaching (and crashing, or stalling) an upstream or a client.
+pub const MAX_DEPTH: usize = 64;
+
+/// Whether `json` nests arrays/objects deeper than `max`. One pass; string contents are skipped
+/// with `memchr`, so long arguments cost little.
+fn nesting_exceeds(json: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                i += 1;
+                loop {
+                    let Some(off) = memchr::memchr2(b'"', b'\\', &json[i..]) else {
+                        return false; // unterminated: the parser reports it
+                    };
+                    i += off;
+                    if json[i] == b'"' {
+                        break;
+                    }
+                    i += 2; // an escape and the character it escapes
+                    if i >= json.len() {
+                        return false;
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
+/// A member that is present, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// Parses one JSON-RPC 2.0 message; batches and non-objects are rejected.
@@ -129,6 +179,11 @@ pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
             };
         }
     }
+    if nesting_exceeds(&frame, MAX_DEPTH) {
+        return Err(ParseError::Invalid(
+            "JSON nested deeper than 64 levels is not accepted",
+        ));
+    }
     let env: Envelope<'_> =
         serde_json::from_slice(&frame).map_err(|e| ParseError::Json(e.to_string()))?;
     if env.jsonrpc.as_deref() != Some("2.0") {
@@ -136,10 +191,16 @@ pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
     }
     let slice = |raw: &RawValue| frame.slice_ref(raw.get().as_bytes());
     let id = env.id.map(slice);
-    if let Some(id) = &id {
+    // Only an error response may carry `"id": null` (its request's id could not be read).
+    let null_error = env.error.is_some() && id.as_deref() == Some(b"null");
+    if let Some(id) = &id
+        && !null_error
+    {
         let ok = matches!(id.first(), Some(b'"' | b'-' | b'0'..=b'9'));
         if !ok {
-            return Err(ParseError::Invalid("\"id\" must be a string or a number"));
+            return Err(ParseError::Invalid(
+                "\"id\" must be a string or a number (a request with \"id\": null is not a notification)",
+            ));
         }
     }
     let kind = match (env.method, id, env.result, env.error) {
@@ -304,6 +365,15 @@ mod tests {
             }
         ));
         assert!(matches!(
+            p(r#"{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"x"}}"#)
+                .unwrap()
+                .kind,
+            Kind::Response {
+                outcome: Outcome::Error(_),
+                ..
+            }
+        ));
+        assert!(matches!(
             p(r#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x"}}"#)
                 .unwrap()
                 .kind,
@@ -336,6 +406,14 @@ mod tests {
                 code::INVALID_REQUEST,
             ),
             (
+                r#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":null,"result":{}}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
                 r#"{"jsonrpc":"2.0","id":1,"method":"x","params":3}"#,
                 code::INVALID_REQUEST,
             ),
@@ -348,6 +426,27 @@ mod tests {
             let err = p(input).expect_err(input);
             assert_eq!(err.code(), want, "{input}: {err}");
         }
+    }
+
+    #[test]
+    fn nesting_is_bounded_and_strings_do_not_count() {
+        let nested = |n: usize| {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"x","params":{{"a":{}1{}}}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        // The envelope and params are two levels.
+        assert!(p(&nested(MAX_DEPTH - 2)).is_ok());
+        let err = p(&nested(MAX_DEPTH - 1)).unwrap_err();
+        assert_eq!(err.code(), code::INVALID_REQUEST, "{err}");
+        let in_string = format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"x","params":{{"a":"{}\"\\{}"}}}}"#,
+            "[{".repeat(500),
+            "]".repeat(10)
+        );
+        assert!(p(&in_string).is_ok(), "brackets inside strings are text");
     }
 
     #[test]

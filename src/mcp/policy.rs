@@ -9,7 +9,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::mcp::session::Session;
+use crate::mcp::jsonrpc::{self, Kind, Message};
+use crate::mcp::session::{MessagePolicy, Session};
 use crate::plugins::{CallContext, Decision, Denied, EntryKind, ListEntry, PluginSet};
 
 /// One call as the plugins see it: method, upstream, and the name the upstream knows.
@@ -57,6 +58,11 @@ impl Policy {
         self.set.on_request(&self.ctx(), arguments)
     }
 
+    /// Denies the call when the caller may not see the `kind` entry `name` it uses.
+    pub fn check_target(&self, kind: EntryKind, name: &str) -> Option<Denied> {
+        self.set.check_target(&self.ctx(), kind, name)
+    }
+
     /// Runs the on-response chain: `Ok(Some(new))` when a plugin rewrote the result.
     pub fn on_response(&self, result: &[u8]) -> Result<Option<Bytes>, Denied> {
         let text = String::from_utf8_lossy(result);
@@ -64,6 +70,57 @@ impl Policy {
             Decision::Allow => Ok(None),
             Decision::Rewrite(new) => Ok(Some(Bytes::from(new))),
             Decision::Deny(d) => Err(d),
+        }
+    }
+}
+
+/// Runs what servers send to a client (log lines, progress, sampling and elicitation requests)
+/// through the result chains, as the method it is: a redaction that applies to results applies
+/// to a log line too. A denied message is dropped; a rewrite replaces its params.
+pub struct ServerMessages {
+    plugins: Arc<crate::plugins::Plugins>,
+}
+
+impl ServerMessages {
+    /// The stage over the gateway's (hot-reloadable) plugins.
+    pub fn new(plugins: Arc<crate::plugins::Plugins>) -> Arc<dyn MessagePolicy> {
+        Arc::new(ServerMessages { plugins })
+    }
+}
+
+impl MessagePolicy for ServerMessages {
+    fn server_message(&self, session: &Session, index: usize, msg: Message) -> Option<Message> {
+        let set = self.plugins.current();
+        if set.is_empty() {
+            return Some(msg);
+        }
+        let (method, params) = match &msg.kind {
+            Kind::Request { method, params, .. } | Kind::Notification { method, params } => {
+                (method.clone(), params.clone())
+            }
+            Kind::Response { .. } => return Some(msg),
+        };
+        let server = session.topology().servers.get(index)?.name.clone();
+        let policy = Policy::for_call(&set, session, &method, &server, None)?;
+        match policy.on_response(params.as_deref().unwrap_or(b"{}")) {
+            Ok(None) => Some(msg),
+            Ok(Some(new)) => {
+                if !new.trim_ascii_start().starts_with(b"{")
+                    || serde_json::from_slice::<&RawValue>(&new).is_err()
+                {
+                    tracing::warn!(%method, "a plugin rewrote a server message into something that is not a JSON object; dropped it");
+                    return None;
+                }
+                let frame = match &msg.kind {
+                    Kind::Request { id, .. } => jsonrpc::request(id, &method, Some(&new)),
+                    _ => jsonrpc::notification(&method, Some(&new)),
+                };
+                jsonrpc::parse(frame).ok()
+            }
+            Err(d) => {
+                tracing::debug!(%method, "a plugin withheld a server message: {d}");
+                None
+            }
         }
     }
 }

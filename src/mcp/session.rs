@@ -17,6 +17,14 @@ use crate::gateway::Topology;
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
 use crate::upstream::{EventSink, Link, Route, ServerMessages};
 
+/// The policy stage's say over what servers send to this session's client (notifications and
+/// requests): pass a message as it is, rewrite it, or drop it. Implemented above this layer
+/// (by the plugin chains) and handed in, so sessions need not know about plugins.
+pub trait MessagePolicy: Send + Sync {
+    /// `None` drops the message; `Some` is what the client receives.
+    fn server_message(&self, session: &Session, index: usize, msg: Message) -> Option<Message>;
+}
+
 /// Capability bits an upstream advertised.
 pub mod caps {
     /// `tools`.
@@ -44,13 +52,17 @@ pub struct Session {
     topology: Arc<Topology>,
     links: Box<[Link]>,
     upstream_caps: Box<[AtomicU8]>,
-    inflight: Mutex<HashMap<Bytes, oneshot::Sender<()>>>,
+    inflight: Mutex<HashMap<Bytes, (u64, oneshot::Sender<()>)>>,
+    next_ticket: AtomicU64,
     server_requests: Mutex<HashMap<u64, (usize, Bytes)>>,
     next_server_request: AtomicU64,
     listen: Mutex<Listen>,
     epoch: Instant,
     last_active_ms: AtomicU64,
     busy: AtomicUsize,
+    /// Set once the session has ended: every stream and task it owns watches it.
+    ended: tokio::sync::watch::Sender<bool>,
+    policy: Option<Arc<dyn MessagePolicy>>,
 }
 
 struct Sink(Weak<Session>);
@@ -78,6 +90,7 @@ impl Session {
         init_params: Bytes,
         eager_listen: bool,
         epoch: Instant,
+        policy: Option<Arc<dyn MessagePolicy>>,
     ) -> Arc<Session> {
         Arc::new_cyclic(|weak: &Weak<Session>| {
             let sink: Arc<dyn ServerMessages> = Arc::new(Sink(weak.clone()));
@@ -102,12 +115,15 @@ impl Session {
                     .collect(),
                 topology: topology.clone(),
                 inflight: Mutex::new(HashMap::new()),
+                next_ticket: AtomicU64::new(0),
                 server_requests: Mutex::new(HashMap::new()),
                 next_server_request: AtomicU64::new(1),
                 listen: Mutex::new(Listen::default()),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
                 busy: AtomicUsize::new(0),
+                ended: tokio::sync::watch::Sender::new(false),
+                policy,
             }
         })
     }
@@ -151,21 +167,33 @@ impl Session {
         idle && self.busy.load(Ordering::Relaxed) == 0 && !listening
     }
 
-    /// Registers an in-flight client request so `notifications/cancelled` can reach it.
-    pub fn track(&self, id: Bytes) -> oneshot::Receiver<()> {
+    /// Registers an in-flight client request so `notifications/cancelled` can reach it; the
+    /// entry goes when the returned guard drops (the call ended, or the client went away).
+    /// Refused past [`MAX_INFLIGHT`] requests at once.
+    pub fn track(self: &Arc<Self>, id: Bytes) -> Result<InFlight, TooBusy> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.inflight).insert(id, tx);
-        rx
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let mut inflight = lock(&self.inflight);
+        if inflight.len() >= MAX_INFLIGHT && !inflight.contains_key(&id) {
+            return Err(TooBusy(MAX_INFLIGHT));
+        }
+        inflight.insert(id.clone(), (ticket, tx));
+        Ok(InFlight {
+            session: self.clone(),
+            id,
+            ticket,
+            cancelled: Some(rx),
+        })
     }
 
-    /// Forgets an in-flight request.
-    pub fn untrack(&self, id: &Bytes) {
-        lock(&self.inflight).remove(id);
+    /// Client requests in flight now.
+    pub fn inflight(&self) -> usize {
+        lock(&self.inflight).len()
     }
 
     /// Cancels an in-flight request by its client id.
     pub fn cancel(&self, id: &[u8]) {
-        if let Some(tx) = lock(&self.inflight).remove(id) {
+        if let Some((_, tx)) = lock(&self.inflight).remove(id) {
             let _ = tx.send(());
         }
     }
@@ -201,23 +229,73 @@ impl Session {
         true
     }
 
-    /// Ends every upstream session.
-    pub async fn close(&self) {
+    /// Resolves once the session has ended (at once if it already has).
+    pub fn ended(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.ended.subscribe();
+        async move {
+            let _ = rx.wait_for(|ended| *ended).await;
+        }
+    }
+
+    /// Ends the session's client streams and the tasks that feed them, at once.
+    pub fn end(&self) {
+        self.ended.send_replace(true);
         *lock(&self.listen) = Listen::default();
+    }
+
+    /// Ends the session's streams, then every upstream session.
+    pub async fn close(&self) {
+        self.end();
         futures_util::future::join_all(self.links.iter().map(Link::close)).await;
     }
 
     fn on_server_message(self: Arc<Self>, index: usize, route: Route, msg: Message) {
+        let msg = match &self.policy {
+            Some(p) if !matches!(msg.kind, Kind::Response { .. }) => {
+                let request_id = match &msg.kind {
+                    Kind::Request { id, .. } => Some(id.clone()),
+                    _ => None,
+                };
+                match p.server_message(&self, index, msg) {
+                    Some(m) => m,
+                    None => {
+                        // A withheld request still gets an answer, so the server stops waiting.
+                        if let Some(id) = request_id {
+                            let error = jsonrpc::error_object(
+                                code::INVALID_REQUEST,
+                                "the gateway's policy withheld this request from the client",
+                            );
+                            tokio::spawn(async move {
+                                self.links[index].respond(&id, &Outcome::Error(error)).await;
+                            });
+                        }
+                        return;
+                    }
+                }
+            }
+            _ => msg,
+        };
         match msg.kind {
             Kind::Request { id, method, params } => {
                 let n = self.next_server_request.fetch_add(1, Ordering::Relaxed);
-                lock(&self.server_requests).insert(n, (index, id.clone()));
+                let admitted = {
+                    let mut pending = lock(&self.server_requests);
+                    let room = pending.len() < MAX_SERVER_REQUESTS;
+                    if room {
+                        pending.insert(n, (index, id.clone()));
+                    }
+                    room
+                };
                 let frame = jsonrpc::request(n.to_string().as_bytes(), &method, params.as_deref());
-                if !self.push(&route, frame) {
+                if !admitted || !self.push(&route, frame) {
                     lock(&self.server_requests).remove(&n);
                     let error = jsonrpc::error_object(
                         code::INTERNAL_ERROR,
-                        "the client has no open stream to receive this request",
+                        if admitted {
+                            "the client has no open stream to receive this request"
+                        } else {
+                            "too many requests are waiting for this client's answers"
+                        },
                     );
                     tokio::spawn(async move {
                         self.links[index].respond(&id, &Outcome::Error(error)).await;
@@ -295,6 +373,37 @@ impl Session {
 
 /// Frames that may wait for the client's GET stream.
 const LISTEN_BACKLOG: usize = 32;
+/// Client requests one session may have in flight at once.
+pub const MAX_INFLIGHT: usize = 256;
+/// Server→client requests waiting for one session's answers.
+const MAX_SERVER_REQUESTS: usize = 64;
+
+/// A session already has as many requests in flight as it may.
+#[derive(Debug, thiserror::Error)]
+#[error("too many requests in flight on this session (at most {0}); wait for some to finish")]
+pub struct TooBusy(pub usize);
+
+/// A client request in flight; forgotten when dropped.
+pub struct InFlight {
+    session: Arc<Session>,
+    id: Bytes,
+    ticket: u64,
+    /// Fires when the client cancels the request.
+    pub cancelled: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut inflight = lock(&self.session.inflight);
+        // A later request that reused the id owns the entry now.
+        if inflight
+            .get(&self.id)
+            .is_some_and(|(t, _)| *t == self.ticket)
+        {
+            inflight.remove(&self.id);
+        }
+    }
+}
 
 /// The client's GET stream, and what waits for it.
 #[derive(Default)]

@@ -356,13 +356,36 @@ impl PluginSet {
 
     /// For calls to a named target, the single-entry visibility check.
     fn check_visible(&self, ctx: &CallContext<'_>) -> Option<Denied> {
-        let (list_method, kind) = match ctx.method {
-            "tools/call" => ("tools/list", EntryKind::Tool),
-            "prompts/get" => ("prompts/list", EntryKind::Prompt),
-            "resources/read" => ("resources/list", EntryKind::Resource),
+        let kind = match ctx.method {
+            "tools/call" => EntryKind::Tool,
+            "prompts/get" => EntryKind::Prompt,
+            // A resource hidden from a caller can be neither read nor watched.
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+                EntryKind::Resource
+            }
             _ => return None,
         };
-        let name = ctx.name?;
+        self.check_target(ctx, kind, ctx.name?)
+    }
+
+    /// Whether the caller may use the `kind` entry `name`: a hidden entry is denied, whatever
+    /// method reaches it (a completion of a hidden prompt's arguments, say).
+    pub fn check_target(
+        &self,
+        ctx: &CallContext<'_>,
+        kind: EntryKind,
+        name: &str,
+    ) -> Option<Denied> {
+        if self.is_empty() {
+            return None;
+        }
+        let list_method = match kind {
+            EntryKind::Tool => "tools/list",
+            EntryKind::Prompt => "prompts/list",
+            EntryKind::Resource => "resources/list",
+            EntryKind::ResourceTemplate => "resources/templates/list",
+            EntryKind::Server => "servers/list",
+        };
         let list_ctx = CallContext {
             method: list_method,
             name: None,

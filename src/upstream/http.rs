@@ -3,6 +3,7 @@
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
@@ -18,6 +19,17 @@ use crate::sse;
 
 /// Largest JSON response or SSE event accepted from an upstream.
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// Most bytes one SSE stream may carry in all: a call's stream fails past it, the GET stream is
+/// re-opened.
+const MAX_STREAM: u64 = 256 * 1024 * 1024;
+/// A GET stream that carries nothing (not even a keep-alive comment) for this long is presumed
+/// dead (a half-open connection, a stuck proxy) and re-opened.
+const LISTEN_IDLE: Duration = Duration::from_secs(300);
+/// Longest upstream `Mcp-Session-Id` accepted.
+const MAX_SESSION_ID: usize = 1024;
+/// Waits between attempts to re-open a GET stream that failed.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// The shared pooled HTTP client (http and https).
 pub type Client =
@@ -160,6 +172,17 @@ impl Connection {
             });
         }
         if let Some(s) = resp.headers().get(MCP_SESSION_ID) {
+            // Sent back on every request: only what the specification allows (visible ASCII),
+            // of a sane length.
+            let valid = !s.is_empty()
+                && s.len() <= MAX_SESSION_ID
+                && s.as_bytes().iter().all(|b| (0x21..=0x7e).contains(b));
+            if !valid {
+                return Err(self.server.unavailable(format!(
+                    "the server sent an invalid Mcp-Session-Id ({} bytes; visible ASCII and at most {MAX_SESSION_ID} bytes expected)",
+                    s.len()
+                )));
+            }
             let mut cur = self.session_id.lock().unwrap_or_else(|e| e.into_inner());
             if cur.is_none() {
                 *cur = Some(s.clone());
@@ -213,7 +236,7 @@ impl Connection {
             };
         }
         let mut body = resp.into_body();
-        let mut decoder = sse::Decoder::new(MAX_MESSAGE);
+        let mut decoder = sse::Decoder::new(MAX_MESSAGE).with_stream_limit(MAX_STREAM);
         loop {
             while let Some(ev) = decoder
                 .next_event()
@@ -285,34 +308,68 @@ impl Connection {
         *task = Some(handle.abort_handle());
     }
 
+    /// Keeps the GET stream open: re-opens it when it ends, goes idle or grows past its limit,
+    /// backing off while the server refuses or cannot be reached.
     async fn listen(&self) -> Result<(), UpstreamError> {
+        let mut retry = LISTEN_RETRY;
+        loop {
+            let opened = tokio::time::Instant::now();
+            match self.listen_once(LISTEN_IDLE).await {
+                Ok(ListenEnd::Unsupported) => return Ok(()),
+                Ok(ListenEnd::Reopen(why)) => {
+                    tracing::debug!(server = %self.server.name, "re-opening the GET stream: {why}")
+                }
+                Err(e) => tracing::debug!(server = %self.server.name, "GET stream failed: {e}"),
+            }
+            // A stream that lived a while earns a quick re-open; one that keeps failing at once
+            // is retried ever more slowly.
+            if opened.elapsed() > LISTEN_RETRY_MAX {
+                retry = LISTEN_RETRY;
+            }
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(LISTEN_RETRY_MAX);
+        }
+    }
+
+    /// Reads one GET stream until it ends, stays silent for `idle`, or breaks a size limit.
+    async fn listen_once(&self, idle: Duration) -> Result<ListenEnd, UpstreamError> {
         let req = self.request(Method::GET, Bytes::new(), "text/event-stream")?;
-        let resp = self
-            .server
-            .http
-            .request(req)
+        let resp = tokio::time::timeout(idle, self.server.http.request(req))
             .await
+            .map_err(|_| self.server.unavailable("GET stream: no answer"))?
             .map_err(|e| self.server.unavailable(connect_reason(&e)))?;
-        if !resp.status().is_success() {
-            // 405 means the server offers no such stream; that is fine.
-            return Ok(());
+        match resp.status() {
+            s if s.is_success() => {}
+            // 405: the server offers no such stream, which is fine. 404: the session is gone;
+            // the next call re-initializes it and opens a new stream.
+            StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_FOUND => {
+                return Ok(ListenEnd::Unsupported);
+            }
+            s => return Err(self.server.unavailable(format!("GET stream: HTTP {s}"))),
         }
         let mut body = resp.into_body();
-        let mut decoder = sse::Decoder::new(MAX_MESSAGE);
+        let mut decoder = sse::Decoder::new(MAX_MESSAGE).with_stream_limit(MAX_STREAM);
         loop {
-            while let Some(ev) = decoder
-                .next_event()
-                .map_err(|e| self.server.unavailable(e.to_string()))?
-            {
-                self.on_event(ev, None, None);
+            loop {
+                match decoder.next_event() {
+                    Ok(Some(ev)) => {
+                        self.on_event(ev, None, None);
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Ok(ListenEnd::Reopen(e.to_string())),
+                }
             }
-            match body.frame().await {
-                Some(Ok(f)) => {
+            match tokio::time::timeout(idle, body.frame()).await {
+                Err(_) => return Ok(ListenEnd::Reopen(format!("silent for {idle:?}"))),
+                Ok(Some(Ok(f))) => {
                     if let Ok(data) = f.into_data() {
                         decoder.feed(&data);
                     }
                 }
-                _ => return Ok(()),
+                Ok(Some(Err(e))) => {
+                    return Err(self.server.unavailable(format!("stream broke: {e}")));
+                }
+                Ok(None) => return Ok(ListenEnd::Reopen("the server ended it".into())),
             }
         }
     }
@@ -366,4 +423,12 @@ async fn read_limited(body: hyper::body::Incoming, limit: usize) -> Result<Bytes
         .await
         .map(|c| c.to_bytes())
         .map_err(|e| format!("cannot read response body: {e}"))
+}
+
+/// How one GET stream ended without an error.
+enum ListenEnd {
+    /// The server has no GET stream for us (405) or no longer knows the session (404).
+    Unsupported,
+    /// Open a new one (the reason is logged).
+    Reopen(String),
 }

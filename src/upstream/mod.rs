@@ -369,10 +369,12 @@ impl Pending {
                 .find(|w| w.route.progress_token.as_deref() == Some(&token[..])),
             // A lone call in flight is the likely cause of what the server says, except for
             // what concerns the whole session: on a shared connection that is every session.
-            None if waiters.len() == 1 => waiters
-                .values()
-                .next()
-                .filter(|w| w.route.origin.is_none() || !is_session_wide(&msg)),
+            // On a shared connection only a server request (sampling, elicitation) is inferred
+            // this way, since the call it waits on is the only one that can be answering it; a
+            // log line may be about anything, and another principal must never see it.
+            None if waiters.len() == 1 => waiters.values().next().filter(|w| {
+                w.route.origin.is_none() || matches!(msg.kind, jsonrpc::Kind::Request { .. })
+            }),
             None => None,
         };
         if let Some(w) = related {
@@ -412,17 +414,13 @@ impl Pending {
     }
 }
 
-/// Notifications about the server's state rather than about a call.
-fn is_session_wide(msg: &Message) -> bool {
-    matches!(
-        msg.method(),
-        Some(
-            "notifications/tools/list_changed"
-                | "notifications/prompts/list_changed"
-                | "notifications/resources/list_changed"
-                | "notifications/resources/updated"
-        )
-    )
+/// The `uri` member of params (`resources/subscribe`, `notifications/resources/updated`...).
+pub(crate) fn uri_of(params: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct P {
+        uri: String,
+    }
+    serde_json::from_slice::<P>(params).ok().map(|p| p.uri)
 }
 
 /// The progress notification with its `progressToken` replaced by `token` (raw JSON).
@@ -626,6 +624,27 @@ impl Link {
         let rewritten;
         let mut params = params;
         if self.is_shared() {
+            match method {
+                // One session must not change what the shared server logs for all of them.
+                "logging/setLevel" => return Ok(Outcome::Result(Bytes::from_static(b"{}"))),
+                "resources/subscribe" | "resources/unsubscribe" => {
+                    let uri = params.and_then(uri_of).ok_or_else(|| {
+                        self.server
+                            .unavailable("resources/subscribe needs params.uri")
+                    })?;
+                    let on = method == "resources/subscribe";
+                    let forward = self
+                        .shared
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                        .map(|m| m.subscribe(&uri, on));
+                    if forward != Some(shared::Subscription::Forward) {
+                        return Ok(Outcome::Result(Bytes::from_static(b"{}")));
+                    }
+                }
+                _ => {}
+            }
             let mut client_token = None;
             if opts.progress_token.is_some()
                 && let Some(p) = params

@@ -4,11 +4,18 @@
 //! session inside it, so client sessions cannot each have their own. The gateway initializes
 //! it once, in its own name, and multiplexes calls over it: request ids are already numbered
 //! per connection; progress tokens are replaced by unique ones and restored on the way back;
-//! what the server sends about a call goes to the session that made it; notifications that
-//! concern no call reach every session; requests that concern no call are answered by the
-//! gateway (`ping`) or refused, since no single client can be asked.
+//! what the server sends about a call goes to the session that made it.
+//!
+//! Nothing one session says or receives may reach another principal through the shared
+//! process: notifications about the server's lists reach every session (they carry no caller's
+//! data); `resources/updated` reaches only the sessions subscribed to that URI (the gateway
+//! keeps the subscriptions and subscribes upstream once per URI); other notifications that
+//! cannot be attributed to a call (log lines above all) are dropped; requests that concern no
+//! call are answered by the gateway (`ping`) or refused, since no single client can be asked.
+//! `logging/setLevel` is answered by the gateway: one session must not change what the
+//! shared server logs for everyone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -18,8 +25,24 @@ use super::{Connection, Deliver, Route, Server, ServerMessages, UpstreamError, i
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
 use crate::orchestrator::StdioEndpoint;
 
-/// The sessions using a shared connection, by membership number.
-type Audience = Mutex<HashMap<u64, Deliver>>;
+/// The sessions using a shared connection, and what each subscribed to.
+type Audience = Mutex<Members>;
+
+/// Sessions by membership number, and resource subscriptions by URI.
+#[derive(Default)]
+struct Members {
+    sessions: HashMap<u64, Deliver>,
+    subscriptions: HashMap<String, HashSet<u64>>,
+}
+
+/// What a session's (un)subscription means for the upstream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Subscription {
+    /// Forward it: the first subscriber to a URI, or the last to leave it.
+    Forward,
+    /// Answer locally: the upstream's subscription is unchanged.
+    Local,
+}
 
 /// The shared upstream session of one orchestrated stdio server.
 pub struct Shared {
@@ -34,10 +57,50 @@ pub struct Membership {
     id: u64,
 }
 
+impl Membership {
+    /// Records a `resources/subscribe` (`on`) or `resources/unsubscribe` of `uri`.
+    pub fn subscribe(&self, uri: &str, on: bool) -> Subscription {
+        let Some(a) = self.audience.upgrade() else {
+            return Subscription::Local;
+        };
+        let mut m = lock(&a);
+        if on {
+            let subscribers = m.subscriptions.entry(uri.to_owned()).or_default();
+            let first = subscribers.is_empty();
+            subscribers.insert(self.id);
+            if first {
+                Subscription::Forward
+            } else {
+                Subscription::Local
+            }
+        } else {
+            let Some(subscribers) = m.subscriptions.get_mut(uri) else {
+                return Subscription::Local;
+            };
+            if !subscribers.remove(&self.id) {
+                return Subscription::Local;
+            }
+            if subscribers.is_empty() {
+                m.subscriptions.remove(uri);
+                Subscription::Forward
+            } else {
+                Subscription::Local
+            }
+        }
+    }
+}
+
 impl Drop for Membership {
     fn drop(&mut self) {
         if let Some(a) = self.audience.upgrade() {
-            lock(&a).remove(&self.id);
+            let mut m = lock(&a);
+            m.sessions.remove(&self.id);
+            // The upstream keeps a subscription nobody holds until it restarts; updates for it
+            // reach no one (there is no connection here to unsubscribe on, and it is harmless).
+            m.subscriptions.retain(|_, subscribers| {
+                subscribers.remove(&self.id);
+                !subscribers.is_empty()
+            });
         }
     }
 }
@@ -60,7 +123,7 @@ impl Default for Shared {
     fn default() -> Self {
         Shared {
             current: tokio::sync::Mutex::new(None),
-            audience: Arc::new(Mutex::new(HashMap::new())),
+            audience: Arc::new(Mutex::new(Members::default())),
             next_member: AtomicU64::new(1),
         }
     }
@@ -112,7 +175,7 @@ impl Shared {
     /// Adds a session to the audience of unrelated notifications.
     pub fn join(&self, deliver: Deliver) -> Membership {
         let id = self.next_member.fetch_add(1, Ordering::Relaxed);
-        lock(&self.audience).insert(id, deliver);
+        lock(&self.audience).sessions.insert(id, deliver);
         Membership {
             audience: Arc::downgrade(&self.audience),
             id,
@@ -121,7 +184,7 @@ impl Shared {
 
     /// Sessions currently using the connection.
     pub fn members(&self) -> usize {
-        lock(&self.audience).len()
+        lock(&self.audience).sessions.len()
     }
 
     /// Closes the attachment (the server was removed, or the gateway stops).
@@ -159,8 +222,32 @@ impl ServerMessages for Broadcast {
                     });
                 }
             }
-            Kind::Notification { .. } => {
-                let members: Vec<Deliver> = lock(&self.audience).values().cloned().collect();
+            Kind::Notification { method, params } => {
+                let members: Vec<Deliver> = {
+                    let m = lock(&self.audience);
+                    match &**method {
+                        "notifications/tools/list_changed"
+                        | "notifications/prompts/list_changed"
+                        | "notifications/resources/list_changed" => {
+                            m.sessions.values().cloned().collect()
+                        }
+                        "notifications/resources/updated" => {
+                            let uri = params.as_deref().and_then(super::uri_of);
+                            uri.and_then(|u| m.subscriptions.get(&u))
+                                .map(|ids| {
+                                    ids.iter()
+                                        .filter_map(|id| m.sessions.get(id))
+                                        .cloned()
+                                        .collect()
+                                })
+                                .unwrap_or_default()
+                        }
+                        _ => {
+                            tracing::debug!(%method, "dropped a notification of a shared server that no call explains");
+                            Vec::new()
+                        }
+                    }
+                };
                 for m in members {
                     m.deliver(route.clone(), msg.clone());
                 }
@@ -252,20 +339,88 @@ mod tests {
         );
 
         let got = lock(&caller.0).clone();
-        assert_eq!(got.len(), 2, "{got:?}");
+        // The log line is not attributable (no token; one call in flight proves nothing on a
+        // shared server): it reaches the owner, which decides (and drops it).
+        assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!(
             (got[0].0, got[0].1, got[0].2.as_str()),
             (3, true, "notifications/progress")
         );
         let p: serde_json::Value = serde_json::from_str(&got[0].3).unwrap();
         assert_eq!(p["progressToken"], 42, "the client's own token is restored");
-        assert_eq!(got[1].2, "notifications/message");
         let all = lock(&everyone.0).clone();
-        assert_eq!(all.len(), 1, "{all:?}");
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all[0].2, "notifications/message");
         assert_eq!(
-            (all[0].1, all[0].2.as_str()),
+            (all[1].1, all[1].2.as_str()),
             (false, "notifications/tools/list_changed")
         );
+    }
+
+    /// The shared connection's owner: list changes reach everyone, resource updates only the
+    /// subscribers of that URI, log lines no one.
+    #[test]
+    fn unattributed_notifications_reach_only_who_may_see_them() {
+        let shared = Shared::default();
+        let (a, b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+        let ma = shared.join(Deliver {
+            sink: a.clone(),
+            index: 0,
+        });
+        let _mb = shared.join(Deliver {
+            sink: b.clone(),
+            index: 0,
+        });
+        let owner = Broadcast {
+            audience: shared.audience.clone(),
+            conn: Mutex::new(Weak::new()),
+        };
+        assert_eq!(ma.subscribe("file:///a", true), Subscription::Forward);
+        assert_eq!(ma.subscribe("file:///a", true), Subscription::Local);
+        for (method, params) in [
+            (
+                "notifications/message",
+                r#"{"level":"info","data":"secret of a"}"#,
+            ),
+            ("notifications/resources/updated", r#"{"uri":"file:///a"}"#),
+            ("notifications/resources/updated", r#"{"uri":"file:///b"}"#),
+            ("notifications/prompts/list_changed", "{}"),
+        ] {
+            owner.deliver(0, Route::related(None), notification(method, params));
+        }
+        let methods = |r: &Recorder| -> Vec<(String, String)> {
+            lock(&r.0)
+                .iter()
+                .map(|e| (e.2.clone(), e.3.clone()))
+                .collect()
+        };
+        assert_eq!(
+            methods(&a),
+            [
+                (
+                    "notifications/resources/updated".to_owned(),
+                    r#"{"uri":"file:///a"}"#.to_owned()
+                ),
+                (
+                    "notifications/prompts/list_changed".to_owned(),
+                    "{}".to_owned()
+                )
+            ]
+        );
+        assert_eq!(
+            methods(&b),
+            [(
+                "notifications/prompts/list_changed".to_owned(),
+                "{}".to_owned()
+            )]
+        );
+        // The last subscriber leaving unsubscribes upstream; leaving the audience drops the rest.
+        assert_eq!(ma.subscribe("file:///a", false), Subscription::Forward);
+        assert_eq!(ma.subscribe("file:///a", false), Subscription::Local);
+        assert_eq!(ma.subscribe("file:///c", true), Subscription::Forward);
+        drop(ma);
+        assert!(lock(&shared.audience).subscriptions.is_empty());
+        assert_eq!(shared.members(), 1);
     }
 
     #[test]

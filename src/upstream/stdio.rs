@@ -183,12 +183,12 @@ impl Drop for RemoveOnDrop<'_> {
 async fn write_loop(stdin: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<Bytes>) {
     let mut w = BufWriter::new(stdin);
     while let Some(frame) = rx.recv().await {
-        if w.write_all(&frame).await.is_err() || w.write_all(b"\n").await.is_err() {
+        if write_line(&mut w, frame).await.is_err() {
             return;
         }
         // Batch whatever is already queued into one flush.
         while let Ok(frame) = rx.try_recv() {
-            if w.write_all(&frame).await.is_err() || w.write_all(b"\n").await.is_err() {
+            if write_line(&mut w, frame).await.is_err() {
                 return;
             }
         }
@@ -197,6 +197,30 @@ async fn write_loop(stdin: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<Bytes
         }
     }
     let _ = w.shutdown().await;
+}
+
+/// Writes one message as exactly one line, whatever bytes it holds.
+async fn write_line(w: &mut (impl AsyncWrite + Unpin), frame: Bytes) -> std::io::Result<()> {
+    w.write_all(&one_line(frame)).await?;
+    w.write_all(b"\n").await
+}
+
+/// One message, one line: the wire is newline-delimited, so a raw CR or LF inside a frame would
+/// end it early and let the rest be read as a second message that the gateway never checked
+/// (smuggled past policy, or answering another caller's request id). In valid JSON a raw CR or
+/// LF can only be whitespace between tokens (inside strings they must be escaped), so turning
+/// them into spaces keeps the message's meaning; in anything else, it still keeps it one line.
+pub(crate) fn one_line(frame: Bytes) -> Bytes {
+    if memchr::memchr2(b'\n', b'\r', &frame).is_none() {
+        return frame;
+    }
+    let mut line = frame.to_vec();
+    for b in &mut line {
+        if matches!(*b, b'\n' | b'\r') {
+            *b = b' ';
+        }
+    }
+    Bytes::from(line)
 }
 
 async fn read_loop(
@@ -254,4 +278,24 @@ async fn read_loop(
     alive.store(false, Ordering::Release);
     pending.fail_all();
     tracing::info!(server = %server.name, "stdio upstream closed its stdout");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_frame_becomes_exactly_one_line() {
+        let smuggling = Bytes::from_static(
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"echo\",\r\n\"arguments\":{\"x\":\n{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"tools/call\",\"params\":{\"name\":\"secret\"}}\n,\"text\":\"a\\nb\"}}}",
+        );
+        let line = one_line(smuggling.clone());
+        assert!(!line.contains(&b'\n') && !line.contains(&b'\r'));
+        let before: serde_json::Value = serde_json::from_slice(&smuggling).unwrap();
+        let after: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(before, after, "the message means the same");
+        // Frames without line breaks pass through without a copy.
+        let plain = Bytes::from_static(b"{\"jsonrpc\":\"2.0\",\"method\":\"x\"}");
+        assert_eq!(one_line(plain.clone()).as_ptr(), plain.as_ptr());
+    }
 }

@@ -1,0 +1,354 @@
+//! Attacks on the request path: message smuggling into line-delimited upstreams, `"id": null`,
+//! deep nesting, and streams that outlive their session. Each test also checks that the
+//! gateway keeps serving everyone else.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use gatehouse::orchestrator::Runtime;
+use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use support::{BIN, Client, TestGateway, example};
+
+/// A complete JSON-RPC request, alone on its own line, hidden inside a client message: on a
+/// newline-delimited upstream it would be read as a second message that no policy saw.
+const SMUGGLED_CRASH: &str = "\n{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"crash\",\"arguments\":{}}}\n";
+
+/// `value` with raw CR/LF whitespace between every token and the smuggled line inside.
+fn hostile(value: &Value) -> String {
+    let compact = value.to_string();
+    let spaced = compact
+        .replace("{\"", "{\r\n\"")
+        .replace("\":", "\"\n:\r\n")
+        .replace(",\"", "\n,\r\"");
+    // Put the smuggled request where a member value may go (valid JSON: it is whitespace +
+    // an object + whitespace).
+    spaced.replacen(
+        "\"smuggled\"\n:\r\n0",
+        &format!("\"smuggled\":{SMUGGLED_CRASH}"),
+        1,
+    )
+}
+
+async fn pid(c: &Client, tool: &str) -> String {
+    c.tool_text(900, tool, json!({})).await
+}
+
+async fn post_raw(c: &Client, body: String) -> Value {
+    let r = c.post(body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.response()
+}
+
+/// Every forwarded field, on a single-upstream (names pass through untouched) and a
+/// multi-upstream (names rewritten) gateway: the upstream sees one line per message, answers
+/// it, and never runs the smuggled request (its process is still the same one).
+#[tokio::test]
+async fn client_bytes_never_become_a_second_upstream_message() {
+    for upstreams in [
+        vec![example("a", &["--test-tools"], "    call_timeout: 5s\n")],
+        vec![
+            example("a", &["--test-tools"], "    call_timeout: 5s\n"),
+            example("b", &["--test-tools"], "    call_timeout: 5s\n"),
+        ],
+    ] {
+        let multi = upstreams.len() > 1;
+        let tool = |t: &str| {
+            if multi {
+                format!("a__{t}")
+            } else {
+                t.to_owned()
+            }
+        };
+        let gw = TestGateway::start("", &upstreams).await;
+        let mut c = gw.client();
+        // initialize: capabilities and clientInfo reach the upstream's own initialize.
+        let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+            "protocolVersion":"2025-11-25",
+            "capabilities":{"sampling":{},"experimental":{"smuggled":0}},
+            "clientInfo":{"name":"x\ny","version":"1","smuggled":0}}});
+        let r = c.post(hostile(&init)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        c.session = Some(r.headers["mcp-session-id"].to_str().unwrap().to_owned());
+        let before = pid(&c, &tool("pid")).await;
+
+        // tools/call, prompts/get, resources/read, a notification, and a response to a server
+        // request all carry the smuggled line.
+        let call = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{
+            "name":tool("echo"),"arguments":{"text":"one\nline","nested":{"smuggled":0}}}});
+        let resp = post_raw(&c, hostile(&call)).await;
+        assert_eq!(resp["result"]["content"][0]["text"], "one\nline", "{resp}");
+        let prompt = json!({"jsonrpc":"2.0","id":2,"method":"prompts/get","params":{
+            "name":tool("greeting"),"arguments":{"name":"ann","smuggled":0}}});
+        let resp = post_raw(&c, hostile(&prompt)).await;
+        assert!(resp.get("result").is_some(), "{resp}");
+        let read = json!({"jsonrpc":"2.0","id":3,"method":"resources/read","params":{
+            "uri":"example://a/readme","smuggled":0}});
+        let resp = post_raw(&c, hostile(&read)).await;
+        assert!(resp.get("result").is_some(), "{resp}");
+        let note = json!({"jsonrpc":"2.0","method":"notifications/roots/list_changed",
+            "params":{"smuggled":0}});
+        assert_eq!(c.post(hostile(&note)).await.status, 202);
+
+        // The process that answers is the one that started: nothing smuggled made it exit.
+        assert_eq!(pid(&c, &tool("pid")).await, before);
+        gw.stop().await;
+    }
+}
+
+/// A client's answer to a server request (sampling) also reaches the upstream as one line.
+#[tokio::test]
+async fn answers_to_server_requests_stay_one_message() {
+    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({"sampling":{}})).await;
+    let before = pid(&c, "pid").await;
+    // The sampling request comes on the call's own (SSE) response stream: read it as it arrives.
+    let call = json!({"jsonrpc":"2.0","id":5,"method":"tools/call",
+        "params":{"name":"sample","arguments":{"prompt":"hi"}}})
+    .to_string();
+    let req = c
+        .request("POST", Bytes::new())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(Full::new(Bytes::from(call)))
+        .unwrap();
+    let resp = c.http.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut answered = false;
+    let mut seen = String::new();
+    let result = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("the call's stream goes on")
+            .expect("the call's stream ends with its response")
+            .unwrap();
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen.push_str(&String::from_utf8_lossy(&data));
+        let mut done = None;
+        while let Some(end) = seen.find("\n\n") {
+            let event: String = seen.drain(..end + 2).collect();
+            let Some(line) = event.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                continue;
+            };
+            let msg: Value = serde_json::from_str(line).unwrap();
+            if msg["method"] == "sampling/createMessage" {
+                let answer = json!({"jsonrpc":"2.0","id":msg["id"],"result":{
+                    "role":"assistant","model":"m","smuggled":0,
+                    "content":{"type":"text","text":"fine"}}});
+                assert_eq!(c.post(hostile(&answer)).await.status, 202);
+                answered = true;
+            } else if msg["id"] == 5 {
+                done = Some(msg);
+            }
+        }
+        if let Some(msg) = done {
+            break msg;
+        }
+    };
+    assert!(answered);
+    assert_eq!(
+        result["result"]["content"][0]["text"], "model said: fine",
+        "{result}"
+    );
+    assert_eq!(pid(&c, "pid").await, before);
+    gw.stop().await;
+}
+
+const CLIENT_TOKEN: &str = "client-token-0123456789";
+
+/// Two sessions share one orchestrated stdio server. One smuggles requests with every id the
+/// gateway is likely to have given the other's pending call: with line smuggling, the server's
+/// answer to the forged request would complete the other caller's call.
+#[tokio::test]
+async fn a_session_cannot_answer_another_sessions_call_on_a_shared_server() {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nauth: {{tokens: [{{principal: app, token: {CLIENT_TOKEN}}}]}}\norchestrator: {{connect_timeout: 20s, call_timeout: 20s}}\nservers:\n  - name: shared\n    command: {BIN:?}\n    args: [example-server, --name, shared, --test-tools]\n"
+    );
+    let config = gatehouse::Config::from_yaml(&yaml).unwrap();
+    let runtime: Arc<dyn Runtime> = Arc::new(LocalRuntime::new(LocalSettings::default()));
+    let running = gatehouse::start_with(config, Some(runtime)).await.unwrap();
+    let addr = running.listening.local_addr;
+    let gw = TestGateway {
+        running: Some(running),
+        addr,
+    };
+    let mut victim = gw.client();
+    victim.token = Some(CLIENT_TOKEN.into());
+    victim.initialize(json!({})).await;
+    let mut attacker = gw.client();
+    attacker.token = Some(CLIENT_TOKEN.into());
+    attacker.initialize(json!({})).await;
+
+    let v = victim.clone();
+    let slow = tokio::spawn(async move { v.tool_text(1, "slow", json!({"seconds":1})).await });
+    // Wait until the victim's call is in flight upstream.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut forged = String::new();
+    for id in 1..=40 {
+        forged.push_str(&format!(
+            "\n{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"tools/call\",\"params\":{{\"name\":\"echo\",\"arguments\":{{\"text\":\"forged\"}}}}}}\n"
+        ));
+    }
+    let body = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"tools/call\",\"params\":{{\"name\":\"echo\",\"arguments\":{{\"text\":\"mine\",\"x\":[{}0]}}}}}}",
+        forged.replace("}\n", "}\n,")
+    );
+    let resp = post_raw(&attacker, body).await;
+    assert_eq!(resp["result"]["content"][0]["text"], "mine", "{resp}");
+    assert_eq!(slow.await.unwrap(), "done after 1s");
+    gw.stop().await;
+}
+
+/// `"id": null` is not a notification: it is refused, not silently accepted.
+#[tokio::test]
+async fn a_null_id_is_an_invalid_request() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let r = c
+        .post(r#"{"jsonrpc":"2.0","id":null,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"}}}"#)
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.error_code(), -32600);
+    assert!(r.body.contains("null"), "{}", r.body);
+    assert_eq!(c.tool_text(2, "echo", json!({"text":"ok"})).await, "ok");
+    gw.stop().await;
+}
+
+/// Nesting deeper than the parser's limit is refused before anything is forwarded.
+#[tokio::test]
+async fn deep_nesting_is_refused() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let deep = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"x","deep":{}1{}}}}}}}"#,
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    let r = c.post(deep).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.error_code(), -32600);
+    assert!(r.body.contains("64 levels"), "{}", r.body);
+    assert_eq!(c.tool_text(2, "echo", json!({"text":"ok"})).await, "ok");
+    gw.stop().await;
+}
+
+/// Ending a session ends its GET stream at once, however often keep-alives are due.
+#[tokio::test]
+async fn a_deleted_sessions_stream_ends() {
+    let gw = TestGateway::start("mcp: { sse_keepalive: 50ms }", &[example("a", &[], "")]).await;
+    let mut other = gw.client();
+    other.initialize(json!({})).await;
+    for round in 0..3 {
+        let mut c = gw.client();
+        c.initialize(json!({})).await;
+        let get = c
+            .request("GET", Bytes::new())
+            .header("accept", "text/event-stream")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let stream = c.http.request(get).await.unwrap();
+        assert_eq!(stream.status(), 200);
+        let drained = tokio::spawn(stream.into_body().collect());
+        let del = c
+            .request("DELETE", Bytes::new())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(c.send(del).await.status, 200);
+        tokio::time::timeout(Duration::from_secs(3), drained)
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the GET stream outlived its session"))
+            .unwrap()
+            .ok();
+        assert_eq!(
+            other.tool_text(round, "echo", json!({"text":"ok"})).await,
+            "ok"
+        );
+    }
+    gw.stop().await;
+}
+
+/// A principal's sessions are capped (each may run its own stdio servers); others are not
+/// affected, and ending one makes room.
+#[tokio::test]
+async fn sessions_per_principal_are_bounded() {
+    let gw = TestGateway::start(
+        "auth: {tokens: [{principal: alice, token: alice-token-0123456789}, {principal: bob, token: bob-token-0123456789}]}\nmcp: { max_sessions_per_principal: 2 }",
+        &[example("a", &[], "")],
+    )
+    .await;
+    let client = |token: &str| {
+        let mut c = gw.client();
+        c.token = Some(token.into());
+        c
+    };
+    let mut first = client("alice-token-0123456789");
+    first.initialize(json!({})).await;
+    client("alice-token-0123456789").initialize(json!({})).await;
+    let third = client("alice-token-0123456789")
+        .post(
+            json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+                "protocolVersion":"2025-11-25","capabilities":{},
+                "clientInfo":{"name":"t","version":"1"}}})
+            .to_string(),
+        )
+        .await;
+    assert_eq!(third.status, 429, "{}", third.body);
+    assert!(third.body.contains("at most 2"), "{}", third.body);
+    // Another principal still gets in.
+    let mut bob = client("bob-token-0123456789");
+    bob.initialize(json!({})).await;
+    assert_eq!(bob.tool_text(1, "echo", json!({"text":"ok"})).await, "ok");
+    // Ending one of alice's sessions makes room for another.
+    let del = first
+        .request("DELETE", Bytes::new())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(first.send(del).await.status, 200);
+    client("alice-token-0123456789").initialize(json!({})).await;
+    gw.stop().await;
+}
+
+/// A client that goes away mid-call leaves nothing behind in its session's in-flight table.
+#[tokio::test]
+async fn abandoned_calls_are_forgotten() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let session = gw
+        .gateway()
+        .sessions
+        .get(c.session.as_deref().unwrap())
+        .unwrap()
+        .clone();
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { c.tool_text(i, "slow", json!({"seconds":30})).await })
+        })
+        .collect();
+    support::eventually("8 calls in flight", || {
+        let n = session.inflight();
+        async move { n == 8 }
+    })
+    .await;
+    for call in calls {
+        call.abort();
+    }
+    support::eventually("the abandoned calls to be forgotten", || {
+        let n = session.inflight();
+        async move { n == 0 }
+    })
+    .await;
+    assert_eq!(c.tool_text(100, "echo", json!({"text":"ok"})).await, "ok");
+    gw.stop().await;
+}

@@ -1,0 +1,140 @@
+//! Every method is under policy: log lines and error messages pass the result chains, and a
+//! resource or prompt hidden from a caller can be neither subscribed to nor completed, on a
+//! single upstream (pass-through mode) as on several. Real plugin components from `plugins/`.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::{Client, TestGateway, example};
+
+fn wasm(name: &str) -> String {
+    let path = format!("{}/target/plugins/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path} is missing: run plugins/build.sh first"
+    );
+    path
+}
+
+/// A gateway over one upstream (`multi` false: names pass through unprefixed) or two.
+async fn gateway(plugins: &str, multi: bool) -> (TestGateway, Client, String) {
+    let mut upstreams = vec![example("a", &["--test-tools"], "")];
+    if multi {
+        upstreams.push(example("b", &["--test-tools"], ""));
+    }
+    let gw = TestGateway::start(plugins, &upstreams).await;
+    let mut c = gw.client();
+    c.initialize(json!({"sampling":{}})).await;
+    (gw, c, if multi { "a__".into() } else { String::new() })
+}
+
+const KEY: &str = "sk-live-0123456789abcdefghij";
+
+fn redact() -> String {
+    format!(
+        "plugins:\n  modules:\n    - {{ name: redact, path: {:?} }}\n  chains:\n    - {{ name: all, plugins: [redact] }}",
+        wasm("redact")
+    )
+}
+
+#[tokio::test]
+async fn log_lines_and_errors_are_redacted_like_results() {
+    for multi in [false, true] {
+        let (gw, c, prefix) = gateway(&redact(), multi).await;
+        // A log line the server sends during the call.
+        let r = c
+            .post(
+                json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{
+                    "name":format!("{prefix}log"),"arguments":{"text":format!("key {KEY}")}}})
+                .to_string(),
+            )
+            .await;
+        let messages = r.messages();
+        let log = messages
+            .iter()
+            .find(|m| m["method"] == "notifications/message")
+            .unwrap_or_else(|| panic!("multi={multi}: no log line in {}", r.body));
+        let data = log["params"]["data"].as_str().unwrap();
+        assert!(!data.contains(KEY), "multi={multi}: {data}");
+        assert!(data.starts_with("key "), "multi={multi}: {data}");
+        // An error message.
+        let r = c
+            .call(
+                2,
+                "tools/call",
+                json!({"name":format!("{prefix}fail"),"arguments":{"text":format!("bad {KEY}")}}),
+            )
+            .await;
+        let message = r["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{r}"));
+        assert!(!message.contains(KEY), "multi={multi}: {message}");
+        assert_eq!(r["error"]["code"], -32000, "multi={multi}: {r}");
+        gw.stop().await;
+    }
+}
+
+fn hide(kinds: &str, names: &str) -> String {
+    format!(
+        "plugins:\n  modules:\n    - name: lists\n      path: {:?}\n      config: {{ rules: [ {{ kinds: {kinds}, deny: {names} }} ] }}\n  chains:\n    - {{ name: all, plugins: [lists] }}",
+        wasm("list_filter")
+    )
+}
+
+fn denied(r: &Value) -> String {
+    assert_eq!(r["error"]["code"], -32020, "{r}");
+    r["error"]["message"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn hidden_resources_cannot_be_subscribed_to() {
+    for multi in [false, true] {
+        let (gw, c, _) = gateway(&hide("[resource]", "[\"example://a/*\"]"), multi).await;
+        for (i, method) in [
+            "resources/read",
+            "resources/subscribe",
+            "resources/unsubscribe",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let r = c
+                .call(i as u64, method, json!({"uri":"example://a/readme"}))
+                .await;
+            let msg = denied(&r);
+            assert!(msg.contains("lists"), "multi={multi} {method}: {msg}");
+        }
+        gw.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn hidden_prompts_cannot_be_completed() {
+    for multi in [false, true] {
+        let (gw, c, prefix) = gateway(&hide("[prompt]", "[greeting]"), multi).await;
+        let r = c
+            .call(
+                1,
+                "completion/complete",
+                json!({"ref":{"type":"ref/prompt","name":format!("{prefix}greeting")},
+                       "argument":{"name":"name","value":"a"}}),
+            )
+            .await;
+        denied(&r);
+        let r = c
+            .call(
+                2,
+                "prompts/get",
+                json!({"name":format!("{prefix}greeting"),"arguments":{"name":"x"}}),
+            )
+            .await;
+        denied(&r);
+        // Tools are not hidden: they still work.
+        assert_eq!(
+            c.tool_text(3, &format!("{prefix}echo"), json!({"text":"ok"}))
+                .await,
+            "ok"
+        );
+        gw.stop().await;
+    }
+}
