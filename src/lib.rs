@@ -19,6 +19,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod orchestrator;
 pub mod plugins;
+pub mod process;
 pub mod sse;
 pub mod telemetry;
 pub mod upstream;

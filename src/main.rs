@@ -49,6 +49,13 @@ enum Command {
         #[arg(long)]
         http: Option<std::net::SocketAddr>,
     },
+    /// Stops the gateway's servers when the gateway dies (started by `serve`; see gatehouse::process).
+    #[command(name = gatehouse::process::GUARD_SUBCOMMAND, hide = true)]
+    ProcessGuard {
+        /// Between SIGTERM and SIGKILL.
+        #[arg(long, default_value_t = 2000)]
+        grace_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -65,10 +72,16 @@ enum PluginCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::ProcessGuard { grace_ms } = cli.command {
+        // Before any runtime: the guard is a few syscalls, it needs no threads.
+        gatehouse::process::run_guard(std::time::Duration::from_millis(grace_ms));
+        return Ok(());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     match cli.command {
+        Command::ProcessGuard { .. } => unreachable!("handled above"),
         Command::ExampleServer {
             test_tools,
             name,
@@ -107,6 +120,14 @@ fn main() -> anyhow::Result<()> {
                 cfg.listen = l;
             }
             gatehouse::telemetry::init(cfg.log_format, &cfg.log_level);
+            // Servers must not outlive a gateway that is killed without a chance to stop them.
+            let exe = std::env::current_exe().context("cannot locate the gatehouse binary")?;
+            if let Err(e) = gatehouse::process::enable_guard(exe, std::time::Duration::from_secs(2))
+            {
+                tracing::error!(
+                    "cannot start the process guard; servers may outlive a killed gateway: {e}"
+                );
+            }
             rt.block_on(serve(cfg, config.is_none()))?;
         }
     }

@@ -10,10 +10,13 @@
 //! - streamable-http servers: stdout and stderr go to the logs; the server is ready
 //!   once its port accepts TCP connections on 127.0.0.1.
 //!
-//! The child's environment is cleared except for [`LocalSettings::inherit_env`] plus the
-//! definition's own variables, so the gateway's secrets do not leak into servers.
+//! The child's environment is cleared except for [`LocalSettings::inherit_env`] (nothing by
+//! default) plus the definition's own variables, so the gateway's secrets do not leak into
+//! servers; it runs in its own process group, which is what stopping it signals (see
+//! [`crate::process`]).
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +25,7 @@ use dashmap::DashMap;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::process::{ChildStdin, ChildStdout};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::backoff::{Backoff, random_unit};
@@ -32,6 +35,7 @@ use super::{
     Endpoint, FailureReason, LogOptions, OrchestratorError, Phase, Result, Runtime, ServerStatus,
     StdioConnector, StdioEndpoint, StdioStream,
 };
+use crate::process::{self, ServerProcess};
 
 /// Settings of the local backend.
 #[derive(Debug, Clone)]
@@ -63,9 +67,9 @@ impl Default for LocalSettings {
             crashloop_after: 3,
             stop_grace: Duration::from_secs(2),
             attach_timeout: Duration::from_secs(30),
-            inherit_env: ["PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TZ"]
-                .map(String::from)
-                .to_vec(),
+            // Nothing by default: a server gets a minimal PATH, its own HOME and what its
+            // definition names (see crate::process).
+            inherit_env: Vec::new(),
             attach_buffer: 256 * 1024,
         }
     }
@@ -488,43 +492,37 @@ async fn supervise(sup: Arc<Supervised>, settings: Arc<LocalSettings>) {
     });
 }
 
-fn spawn(sup: &Supervised, settings: &LocalSettings) -> std::io::Result<Child> {
+fn spawn(sup: &Supervised, settings: &LocalSettings) -> std::io::Result<ServerProcess> {
     let spec = &sup.server.spec;
     let command = spec.command.as_deref().unwrap_or_default();
-    let mut cmd = Command::new(command);
+    let inherited = settings
+        .inherit_env
+        .iter()
+        .filter_map(|key| Some((OsString::from(key), std::env::var_os(key)?)));
+    let own = sup.server.env.iter().map(|(k, v)| match v {
+        EnvValue::Plain(s) | EnvValue::Secret(s) => (OsString::from(k), OsString::from(s)),
+    });
+    // Later entries win: the definition over what the settings inherit (see crate::process).
+    let env: BTreeMap<OsString, OsString> = inherited.chain(own).collect();
+    let mut cmd = process::command(&sup.server.name, command, env);
     cmd.args(&spec.args)
-        .env_clear()
         .stdin(if sup.server.is_stdio() {
             Stdio::piped()
         } else {
             Stdio::null()
         })
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for key in &settings.inherit_env {
-        if let Some(v) = std::env::var_os(key) {
-            cmd.env(key, v);
-        }
-    }
-    let env: BTreeMap<&str, &str> = sup
-        .server
-        .env
-        .iter()
-        .map(|(k, v)| match v {
-            EnvValue::Plain(s) | EnvValue::Secret(s) => (k.as_str(), s.as_str()),
-        })
-        .collect();
-    cmd.envs(env);
-    cmd.spawn()
+        .stderr(Stdio::piped());
+    ServerProcess::spawn(&mut cmd)
 }
 
 async fn run(
     sup: &Arc<Supervised>,
-    mut child: Child,
+    mut proc: ServerProcess,
     settings: &LocalSettings,
     stop_rx: &mut watch::Receiver<bool>,
 ) -> RunEnd {
+    let child = &mut proc.child;
     let pid = child.id();
     tracing::debug!(server = %sup.server.name, ?pid, "started local MCP server");
     let mut pumps = Vec::new();
@@ -571,9 +569,13 @@ async fn run(
         _ = sup.restart.notified() => RunEnd::Restart,
         _ = stop_rx.wait_for(|s| *s) => RunEnd::Stop,
     };
-    if !matches!(end, RunEnd::Exited(_)) {
+    if matches!(end, RunEnd::Exited(_)) {
+        // The leader is gone; what it started goes with it.
+        proc.sweep();
+    } else {
         sup.set_io(None);
-        terminate(&mut child, settings.stop_grace).await;
+        // Stdin closed, then SIGTERM, then SIGKILL, to the whole group.
+        proc.stop(settings.stop_grace).await;
     }
     for p in pumps {
         // Pumps end at EOF, which the exit brings; do not wait on grandchildren holding pipes.
@@ -585,24 +587,6 @@ async fn run(
         .current
         .flush();
     end
-}
-
-/// Closes stdin, then SIGTERM, then SIGKILL, `grace` apart.
-async fn terminate(child: &mut Child, grace: Duration) {
-    drop(child.stdin.take());
-    if tokio::time::timeout(grace, child.wait()).await.is_ok() {
-        return;
-    }
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
-            return;
-        }
-    }
-    let _ = child.kill().await;
 }
 
 async fn capture(mut out: impl AsyncRead + Unpin, sup: Arc<Supervised>) {

@@ -1,8 +1,10 @@
 //! stdio upstream: newline-delimited JSON-RPC over a child process's stdin/stdout, or over an
 //! attachment to a server the orchestrator runs (a local process or a pod).
 //!
-//! A child's stderr goes to the gateway's log. Shutdown closes stdin, then sends SIGTERM, then
-//! SIGKILL; an attachment is only closed (the orchestrator owns the process).
+//! A child's stderr goes to the gateway's log. The child gets only the environment its definition
+//! names and runs in its own process group (see [`crate::process`]); shutdown closes stdin, then
+//! sends SIGTERM, then SIGKILL, to the whole group. An attachment is only closed (the
+//! orchestrator owns the process).
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -13,12 +15,12 @@ use bytes::Bytes;
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
 };
-use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{CallRoute, Deliver, Pending, Server, UpstreamError};
 use crate::config::Transport;
 use crate::mcp::jsonrpc::{self, Kind, Outcome};
+use crate::process::{self, ServerProcess, Stopped};
 
 /// Largest line accepted from a server's stdout.
 const MAX_LINE: u64 = 64 * 1024 * 1024;
@@ -32,7 +34,7 @@ pub struct Connection {
     writer: std::sync::Mutex<Option<mpsc::Sender<Bytes>>>,
     pending: Arc<Pending>,
     alive: Arc<AtomicBool>,
-    child: tokio::sync::Mutex<Option<Child>>,
+    child: tokio::sync::Mutex<Option<ServerProcess>>,
 }
 
 impl Connection {
@@ -47,19 +49,18 @@ impl Connection {
         else {
             return Err(server.unavailable("not a stdio upstream"));
         };
-        let mut cmd = Command::new(command);
+        // Only what the definition names reaches the server (see crate::process).
+        let mut cmd = process::command(&server.name, command, env);
         cmd.args(args)
-            .envs(env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .stderr(Stdio::piped());
         if let Some(dir) = cwd {
             cmd.current_dir(dir);
         }
-        let mut child = cmd
-            .spawn()
+        let mut proc = ServerProcess::spawn(&mut cmd)
             .map_err(|e| server.unavailable(format!("cannot start {command:?}: {e}")))?;
+        let child = &mut proc.child;
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
@@ -74,13 +75,7 @@ impl Connection {
                 tracing::info!(server = %name, "stderr: {line}");
             }
         });
-        Ok(Connection::over(
-            server,
-            stdout,
-            stdin,
-            deliver,
-            Some(child),
-        ))
+        Ok(Connection::over(server, stdout, stdin, deliver, Some(proc)))
     }
 
     /// Speaks JSON-RPC over an existing byte stream (`child` is shut down with the connection).
@@ -89,7 +84,7 @@ impl Connection {
         reader: impl AsyncRead + Send + Unpin + 'static,
         writer: impl AsyncWrite + Send + Unpin + 'static,
         deliver: Deliver,
-        child: Option<Child>,
+        child: Option<ServerProcess>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(256);
         let pending = Arc::new(Pending::default());
@@ -152,23 +147,12 @@ impl Connection {
     pub(crate) async fn shutdown(&self) {
         // Closing the channel ends the writer task, which closes the child's stdin.
         self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(mut child) = self.child.lock().await.take() else {
+        let Some(mut proc) = self.child.lock().await.take() else {
             return;
         };
-        if tokio::time::timeout(GRACE, child.wait()).await.is_ok() {
-            return;
+        if proc.stop(GRACE).await == Stopped::Killed {
+            tracing::warn!(server = %self.server.name, "stdio upstream ignored SIGTERM; killed it");
         }
-        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            if tokio::time::timeout(GRACE, child.wait()).await.is_ok() {
-                return;
-            }
-        }
-        tracing::warn!(server = %self.server.name, "stdio upstream ignored SIGTERM; killing it");
-        let _ = child.kill().await;
     }
 }
 

@@ -4,7 +4,8 @@
 
 Every process (server-everything over Streamable HTTP, gateways) runs in its own process group,
 and every group is killed at teardown, also when a fixture or test fails half-way or the run is
-interrupted, so nothing is left behind. The gateway's stdio upstreams share its group. When a
+interrupted, so nothing is left behind. The gateway runs each stdio upstream in a group of its
+own and stops them itself (or its process guard does, when the gateway is killed). When a
 test fails, the tail of every running process's log is attached to its report.
 
 Environment (target/tools/env.sh sets it; without it, install.sh's paths are used):

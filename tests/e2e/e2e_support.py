@@ -90,7 +90,8 @@ class Proc:
                 self.popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        # Children (the gateway's stdio upstreams) may outlive the leader: the group goes anyway.
+        # Anything else left in the group goes too. (The gateway's servers are in groups of their
+        # own: the gateway stops them, or its process guard does if the gateway was killed.)
         _killpg(pgid, signal.SIGKILL)
         try:
             self.popen.wait(timeout=5)
@@ -108,9 +109,9 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
-def group_members(pgid: int) -> list[int]:
-    """Pids of live processes in process group `pgid` (from /proc)."""
-    pids = []
+def _proc_stats() -> dict[int, tuple[str, int]]:
+    """pid -> (state, ppid) of every process (from /proc)."""
+    out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -120,9 +121,30 @@ def group_members(pgid: int) -> list[int]:
             continue
         # pid (comm) state ppid pgrp ... ; comm may contain spaces: split after the last ')'.
         fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
+        if len(fields) > 1:
+            out[int(entry)] = (fields[0], int(fields[1]))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of live processes descended from `pid`, whatever their process group (the gateway
+    runs each stdio upstream in a group of its own)."""
+    stats = _proc_stats()
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (state, ppid) in stats.items():
+            if ppid == parent and child not in found:
+                found.append(child)
+                frontier.append(child)
+    return [p for p in found if stats[p][0] != "Z"]
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (not zombies)."""
+    stats = _proc_stats()
+    return {p for p in pids if p in stats and stats[p][0] != "Z"}
 
 
 def free_port() -> int:

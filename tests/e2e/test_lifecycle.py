@@ -19,7 +19,8 @@ from e2e_support import (
     HttpEverything,
     Tools,
     example_argv,
-    group_members,
+    alive,
+    descendants,
     name,
     start_gateway,
     tapped,
@@ -54,18 +55,18 @@ def raw_call(http: httpx.Client, url: str, sid: str, tool: str, args: dict) -> h
 
 
 async def test_ending_a_session_ends_its_upstream_sessions(gateway: Gateway, everything_http: HttpEverything) -> None:
-    pgid = gateway.proc.popen.pid
-    before = set(group_members(pgid))
+    gw_pid = gateway.proc.popen.pid
+    before = set(descendants(gw_pid))
     ended = everything_http.proc.log_text().count("Received session termination request")
     tag = uuid.uuid4().hex
     async with gateway.client() as c:
         await c.call_tool(name(EXAMPLE, "echo"), {"text": "x", "e2e_tag": tag})
-        ours = set(group_members(pgid)) - before
+        ours = set(descendants(gw_pid)) - before
         # tap + server for each of the two stdio upstreams
         assert len(ours) >= 4, ours
     # The SDK sent DELETE on the way out: the session's processes go (server-everything
     # ignores stdin closing; the gateway escalates to SIGTERM after its grace period).
-    await wait_until_async(lambda: not (ours & set(group_members(pgid))), 15, "the session's processes to exit")
+    await wait_until_async(lambda: not alive(ours), 15, "the session's processes to exit")
     example = gateway.tap.find_request(EXAMPLE, "tools/call", with_tag(tag))
     assert example is not None and gateway.tap.exited(example.file)
     # ... and the HTTP upstream's session is ended with DELETE.
@@ -119,19 +120,20 @@ def test_gateway_shutdown_leaves_no_processes(tools: Tools, workdir: Path) -> No
         ],
         tapdir=tapdir,
     )
-    pgid = gw.proc.popen.pid
+    gw_pid = gw.proc.popen.pid
     try:
         with httpx.Client(timeout=10) as http:
             for _ in range(2):  # two sessions, each with its own upstream processes
                 raw_session(http, gw.url)
-        # gateway + 2 sessions x 2 stdio upstreams x (tap + server)
-        wait_until(lambda: len(group_members(pgid)) >= 9, 10, "the sessions' upstream processes")
-        os.kill(pgid, signal.SIGTERM)  # the gateway alone, not its group
+        # 2 sessions x 2 stdio upstreams x (tap + server), and the gateway's process guard
+        wait_until(lambda: len(descendants(gw_pid)) >= 9, 10, "the sessions' upstream processes")
+        procs = set(descendants(gw_pid))
+        os.kill(gw_pid, signal.SIGTERM)  # the gateway alone, not its group
         try:
             code = gw.proc.popen.wait(timeout=15)
         except subprocess.TimeoutExpired:
             pytest.fail("the gateway did not exit within 15 s of SIGTERM")
         assert code == 0
-        wait_until(lambda: not group_members(pgid), 10, "the upstream processes to be gone after shutdown")
+        wait_until(lambda: not alive(procs), 10, "the upstream processes to be gone after shutdown")
     finally:
         gw.proc.stop()
