@@ -91,9 +91,19 @@ fn homes_root() -> Result<&'static Path, String> {
                 return Ok(root);
             }
         }
-        let template = std::env::temp_dir().join("gatehouse-server-homes-XXXXXX");
-        // mkdtemp: a fresh, unguessable directory with mode 0700.
-        nix::unistd::mkdtemp(&template).map_err(|e| format!("cannot create {template:?}: {e}"))
+        // A fresh, unguessable directory with mode 0700 (creation fails if it exists).
+        let mut raw = [0u8; 12];
+        getrandom::fill(&mut raw).map_err(|e| format!("no random source: {e}"))?;
+        let suffix: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = std::env::temp_dir().join(format!("gatehouse-server-homes-{suffix}"));
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| format!("cannot create {dir:?}: {e}"))?;
+        }
+        Ok(dir)
     })
     .as_deref()
     .map_err(Clone::clone)
