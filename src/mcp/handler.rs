@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use base64::Engine;
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::future::OptionFuture;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -252,7 +253,7 @@ pub async fn request(
             let rewritten;
             if let Some(p) = &policy {
                 let arguments = f.get("arguments").map_or("{}", |a| a.get());
-                match p.on_request(arguments) {
+                match p.on_request(arguments).await {
                     Decision::Allow => {}
                     Decision::Deny(d) => return denied(&id, &d),
                     Decision::Rewrite(new) => match RawValue::from_string(new) {
@@ -289,7 +290,7 @@ pub async fn request(
                 Some(&uri),
             );
             if let Some(p) = &policy
-                && let Decision::Deny(d) = p.on_request("{}")
+                && let Decision::Deny(d) = p.on_request("{}").await
             {
                 return denied(&id, &d);
             }
@@ -475,24 +476,26 @@ async fn forward(
             .await;
         session2.untrack(&id);
         let (frame, outcome) = match result {
-            Ok(Outcome::Result(r)) => match policy.as_ref().map(|p| p.on_response(&r)) {
-                None | Some(Ok(None)) => (jsonrpc::response(&id, &Outcome::Result(r)), "ok"),
-                Some(Ok(Some(new))) if serde_json::from_slice::<&RawValue>(&new).is_ok() => {
-                    (jsonrpc::response(&id, &Outcome::Result(new)), "ok")
-                }
-                Some(Ok(Some(_))) => (
-                    jsonrpc::error_response(
-                        Some(&id),
-                        crate::plugins::PLUGIN_FAILED,
-                        "a plugin rewrote the result into invalid JSON",
+            Ok(Outcome::Result(r)) => {
+                match OptionFuture::from(policy.as_ref().map(|p| p.on_response(&r))).await {
+                    None | Some(Ok(None)) => (jsonrpc::response(&id, &Outcome::Result(r)), "ok"),
+                    Some(Ok(Some(new))) if serde_json::from_slice::<&RawValue>(&new).is_ok() => {
+                        (jsonrpc::response(&id, &Outcome::Result(new)), "ok")
+                    }
+                    Some(Ok(Some(_))) => (
+                        jsonrpc::error_response(
+                            Some(&id),
+                            crate::plugins::PLUGIN_FAILED,
+                            "a plugin rewrote the result into invalid JSON",
+                        ),
+                        "denied",
                     ),
-                    "denied",
-                ),
-                Some(Err(d)) => (
-                    jsonrpc::error_response(Some(&id), d.code, &d.to_string()),
-                    "denied",
-                ),
-            },
+                    Some(Err(d)) => (
+                        jsonrpc::error_response(Some(&id), d.code, &d.to_string()),
+                        "denied",
+                    ),
+                }
+            }
             Ok(o @ Outcome::Error(_)) => (jsonrpc::response(&id, &o), "error"),
             Err(e) => {
                 if !matches!(e, UpstreamError::Cancelled) {
@@ -630,7 +633,7 @@ async fn list(
                 continue;
             }
         };
-        match merge_page(gw, session, *index, kind, &page, &mut items) {
+        match merge_page(gw, session, *index, kind, &page, &mut items).await {
             Ok(cursor) => {
                 answered += 1;
                 if let Some(c) = cursor {
@@ -673,7 +676,7 @@ async fn list(
 }
 
 /// Appends one upstream's page to `items`, hiding what the filter-list plugins hide.
-fn merge_page(
+async fn merge_page(
     gw: &Gateway,
     session: &Session,
     index: usize,
@@ -693,6 +696,7 @@ fn merge_page(
         let server = &session.topology().servers[index].name;
         Some(
             policy::visible(&plugins, session, kind.method, server, &list)
+                .await
                 .map_err(|d| d.to_string())?,
         )
     };

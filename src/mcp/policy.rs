@@ -53,14 +53,14 @@ impl Policy {
     }
 
     /// Runs the on-request chain over the call's arguments (raw JSON).
-    pub fn on_request(&self, arguments: &str) -> Decision {
-        self.set.on_request(&self.ctx(), arguments)
+    pub async fn on_request(&self, arguments: &str) -> Decision {
+        self.set.on_request(&self.ctx(), arguments).await
     }
 
     /// Runs the on-response chain: `Ok(Some(new))` when a plugin rewrote the result.
-    pub fn on_response(&self, result: &[u8]) -> Result<Option<Bytes>, Denied> {
+    pub async fn on_response(&self, result: &[u8]) -> Result<Option<Bytes>, Denied> {
         let text = String::from_utf8_lossy(result);
-        match self.set.on_response(&self.ctx(), &text) {
+        match self.set.on_response(&self.ctx(), &text).await {
             Decision::Allow => Ok(None),
             Decision::Rewrite(new) => Ok(Some(Bytes::from(new))),
             Decision::Deny(d) => Err(d),
@@ -69,7 +69,7 @@ impl Policy {
 }
 
 /// Which entries of one upstream's listing the caller may see.
-pub fn visible(
+pub async fn visible(
     set: &PluginSet,
     session: &Session,
     list_method: &str,
@@ -91,7 +91,7 @@ pub fn visible(
         session_id: &session.id,
         profile: None,
     };
-    set.filter_list(&ctx, &entries)
+    set.filter_list(&ctx, &entries).await
 }
 
 /// A listing item as a [`ListEntry`]: its name (URI for resources), description and labels.
