@@ -5,7 +5,8 @@
 //! ```text
 //! plugins/build.sh && cargo bench --bench plugin_hook -- [--calls 20000] [--rounds 3]
 //! ```
-//! Cases: the no-op plugin (the price of crossing into wasm and back);
+//! Cases: the no-op plugin (the price of crossing into wasm and back), called
+//! blocking and awaited on a tokio runtime (as the gateway does);
 //! `tool-policy` with ten rules on a realistic tools/call (Rust, and the
 //! same plugin built from Python); a native Rust evaluation of the same ten
 //! rules (the baseline); and, for scale, a no-op call on a fresh instance
@@ -194,7 +195,7 @@ fn main() {
         };
         let native = native_policy(tool, args);
         for (which, s) in [("rust", &policy), ("python", &policy_py)] {
-            let d = s.on_request(&c, args);
+            let d = s.on_request_blocking(&c, args);
             let same = match (&d, &native) {
                 (Decision::Allow, Decision::Allow) => true,
                 (Decision::Deny(a), Decision::Deny(b)) => a.message == b.message,
@@ -203,7 +204,7 @@ fn main() {
             assert!(same, "{which} {tool} {args}: {d:?} vs native {native:?}");
         }
     }
-    assert_eq!(policy.on_request(&ctx, ARGS), Decision::Allow);
+    assert_eq!(policy.on_request_blocking(&ctx, ARGS), Decision::Allow);
 
     let mut cases = [
         Case {
@@ -215,7 +216,19 @@ fn main() {
             name: "wasm no-op plugin",
             run: {
                 let s = noop.clone();
-                Box::new(move || s.on_request(&ctx, ARGS))
+                Box::new(move || s.on_request_blocking(&ctx, ARGS))
+            },
+            samples: Vec::new(),
+        },
+        Case {
+            name: "wasm no-op, async on a tokio runtime",
+            run: {
+                let s = noop.clone();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .expect("tokio runtime");
+                Box::new(move || rt.block_on(s.on_request(&ctx, ARGS)))
             },
             samples: Vec::new(),
         },
@@ -223,7 +236,7 @@ fn main() {
             name: "wasm tool-policy, ten rules (Rust)",
             run: {
                 let s = policy.clone();
-                Box::new(move || s.on_request(&ctx, ARGS))
+                Box::new(move || s.on_request_blocking(&ctx, ARGS))
             },
             samples: Vec::new(),
         },
@@ -231,7 +244,7 @@ fn main() {
             name: "wasm tool-policy, ten rules (Python)",
             run: {
                 let s = policy_py.clone();
-                Box::new(move || s.on_request(&ctx, ARGS))
+                Box::new(move || s.on_request_blocking(&ctx, ARGS))
             },
             samples: Vec::new(),
         },
@@ -239,7 +252,7 @@ fn main() {
             name: "wasm no-op, fresh instance per call",
             run: {
                 let s = cold.clone();
-                Box::new(move || s.on_request(&ctx, ARGS))
+                Box::new(move || s.on_request_blocking(&ctx, ARGS))
             },
             samples: Vec::new(),
         },
@@ -293,7 +306,7 @@ fn main() {
             p50 / baseline_p50
         );
     }
-    let policy_p50 = percentile(&cases[2].samples, 0.5);
+    let policy_p50 = percentile(&cases[3].samples, 0.5);
     let noop_p50 = percentile(&cases[1].samples, 0.5);
     println!();
     println!(

@@ -163,7 +163,7 @@ fn check_policy(set: &PluginSet, component: &str) {
         ("other", r#"{}"#, None),
     ];
     for (tool, args, expect) in cases {
-        let d = set.on_request(&ctx("files", tool), args);
+        let d = set.on_request_blocking(&ctx("files", tool), args);
         match expect {
             None => assert!(is_allow(&d), "{component}: {tool} {args}: {d:?}"),
             Some(reason) => {
@@ -180,7 +180,9 @@ fn check_policy(set: &PluginSet, component: &str) {
         method: "tools/list",
         ..ctx("files", "fs_read")
     };
-    assert!(is_allow(&set.on_request(&list, r#"{"path": "/etc"}"#)));
+    assert!(is_allow(
+        &set.on_request_blocking(&list, r#"{"path": "/etc"}"#)
+    ));
 }
 
 #[test]
@@ -212,10 +214,10 @@ chains: [ {{ plugins: [strict] }} ]
 "#
         ))
         .unwrap();
-        let d = set.on_request(&ctx("s", "fs_read"), "{}");
+        let d = set.on_request_blocking(&ctx("s", "fs_read"), "{}");
         assert!(is_allow(&d), "{component}: {d:?}");
         assert_eq!(
-            denied(set.on_request(&ctx("s", "shell"), "{}")).message,
+            denied(set.on_request_blocking(&ctx("s", "shell"), "{}")).message,
             "not on the list",
             "{component}"
         );
@@ -253,7 +255,7 @@ chains: [ { plugins: [redact] } ]
     )
     .unwrap();
     let result = r#"{"content":[{"type":"text","text":"key sk-live-abcdefghijklmnopqrstuvwx, mail bob@example.com, card 4111-1111-1111-1111, order 1234-5678-9012-3456"}],"structuredContent":{"token":"ghp_abcdefghijklmnopqrstuvwxyz0123456789"},"isError":false}"#;
-    let Decision::Rewrite(json) = set.on_response(&ctx("s", "t"), result) else {
+    let Decision::Rewrite(json) = set.on_response_blocking(&ctx("s", "t"), result) else {
         panic!("expected a rewrite");
     };
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -265,11 +267,12 @@ chains: [ { plugins: [redact] } ]
     assert_eq!(v["isError"], false);
     // Nothing to mask: no rewrite.
     let clean = r#"{"content":[{"type":"text","text":"all good"}]}"#;
-    assert!(is_allow(&set.on_response(&ctx("s", "t"), clean)));
+    assert!(is_allow(&set.on_response_blocking(&ctx("s", "t"), clean)));
     // Requests are not touched (the plugin has no on-request hook).
-    assert!(is_allow(
-        &set.on_request(&ctx("s", "t"), r#"{"a":"bob@example.com"}"#)
-    ));
+    assert!(is_allow(&set.on_request_blocking(
+        &ctx("s", "t"),
+        r#"{"a":"bob@example.com"}"#
+    )));
 }
 
 // --------------------------------------------------------------- trusted-data
@@ -294,14 +297,14 @@ chains: [ { methods: ["tools/call"], plugins: [trust] } ]
         session_id: "taint-b",
         ..ctx("mail", name)
     };
-    assert!(is_allow(&set.on_request(&a("send_email"), "{}")));
-    assert!(is_allow(&set.on_response(&a("send_email"), "{}")));
+    assert!(is_allow(&set.on_request_blocking(&a("send_email"), "{}")));
+    assert!(is_allow(&set.on_response_blocking(&a("send_email"), "{}")));
     // An untrusted result taints session a.
-    assert!(is_allow(&set.on_request(&a("fetch_url"), "{}")));
+    assert!(is_allow(&set.on_request_blocking(&a("fetch_url"), "{}")));
     assert!(is_allow(
-        &set.on_response(&a("fetch_url"), r#"{"content":[]}"#)
+        &set.on_response_blocking(&a("fetch_url"), r#"{"content":[]}"#)
     ));
-    let d = denied(set.on_request(&a("send_email"), "{}"));
+    let d = denied(set.on_request_blocking(&a("send_email"), "{}"));
     assert_eq!(&*d.plugin, "trust");
     assert!(
         d.message.contains("untrusted data (from mail/fetch_url)"),
@@ -313,23 +316,23 @@ chains: [ { methods: ["tools/call"], plugins: [trust] } ]
         session_id: "taint-a",
         ..ctx("files", "write_file")
     };
-    assert!(set.on_request(&files, "{}") != Decision::Allow);
+    assert!(set.on_request_blocking(&files, "{}") != Decision::Allow);
     let other_server = CallContext {
         session_id: "taint-a",
         ..ctx("notes", "write_file")
     };
-    assert!(is_allow(&set.on_request(&other_server, "{}")));
+    assert!(is_allow(&set.on_request_blocking(&other_server, "{}")));
     // Session b is clean; tainting by server works too.
-    assert!(is_allow(&set.on_request(&b("send_email"), "{}")));
+    assert!(is_allow(&set.on_request_blocking(&b("send_email"), "{}")));
     let web = CallContext {
         session_id: "taint-b",
         ..ctx("web", "anything")
     };
-    assert!(is_allow(&set.on_response(&web, "{}")));
-    assert!(!is_allow(&set.on_request(&b("send_email"), "{}")));
+    assert!(is_allow(&set.on_response_blocking(&web, "{}")));
+    assert!(!is_allow(&set.on_request_blocking(&b("send_email"), "{}")));
     // Ending the session drops the taint.
     set.end_session("taint-a");
-    assert!(is_allow(&set.on_request(&a("send_email"), "{}")));
+    assert!(is_allow(&set.on_request_blocking(&a("send_email"), "{}")));
 }
 
 // ---------------------------------------------------------------- list-filter
@@ -374,15 +377,17 @@ chains: [ { plugins: [filter] } ]
         ..ctx("files", "")
     };
     assert_eq!(
-        set.filter_list(&list(Some("alice")), &entries).unwrap(),
+        set.filter_list_blocking(&list(Some("alice")), &entries)
+            .unwrap(),
         [true, false, false, false]
     );
     assert_eq!(
-        set.filter_list(&list(Some("team-red")), &entries).unwrap(),
+        set.filter_list_blocking(&list(Some("team-red")), &entries)
+            .unwrap(),
         [false, false, true, false]
     );
     assert_eq!(
-        set.filter_list(&list(None), &entries).unwrap(),
+        set.filter_list_blocking(&list(None), &entries).unwrap(),
         [true, false, true, false]
     );
     // Registry entries, per profile.
@@ -402,24 +407,27 @@ chains: [ { plugins: [filter] } ]
         ..list(Some("bob"))
     };
     assert_eq!(
-        set.filter_list(&registry(None), &servers).unwrap(),
+        set.filter_list_blocking(&registry(None), &servers).unwrap(),
         [true, false]
     );
     assert_eq!(
-        set.filter_list(&registry(Some("admin")), &servers).unwrap(),
+        set.filter_list_blocking(&registry(Some("admin")), &servers)
+            .unwrap(),
         [true, true]
     );
     // A hidden tool cannot be called either.
-    let d = denied(set.on_request(&ctx("files", "fs_delete"), "{}"));
+    let d = denied(set.on_request_blocking(&ctx("files", "fs_delete"), "{}"));
     assert_eq!(&*d.plugin, "filter");
     assert_eq!(d.code, POLICY_DENIED);
     assert!(d.message.contains("fs_delete"), "{}", d.message);
-    assert!(is_allow(&set.on_request(&ctx("files", "fs_read"), "{}")));
+    assert!(is_allow(
+        &set.on_request_blocking(&ctx("files", "fs_read"), "{}")
+    ));
     let team = CallContext {
         principal: Some("team-red"),
         ..ctx("files", "fs_read")
     };
-    assert!(!is_allow(&set.on_request(&team, "{}")));
+    assert!(!is_allow(&set.on_request_blocking(&team, "{}")));
 }
 
 #[test]
@@ -440,9 +448,16 @@ chains: [ { methods: ["tools/list"], tools: ["admin_*"], plugins: [hide-all] } ]
         ..ctx("s", "")
     };
     let entries = [entry("admin_reset", &[]), entry("search", &[])];
-    assert_eq!(set.filter_list(&list, &entries).unwrap(), [false, true]);
-    assert!(!is_allow(&set.on_request(&ctx("s", "admin_reset"), "{}")));
-    assert!(is_allow(&set.on_request(&ctx("s", "search"), "{}")));
+    assert_eq!(
+        set.filter_list_blocking(&list, &entries).unwrap(),
+        [false, true]
+    );
+    assert!(!is_allow(
+        &set.on_request_blocking(&ctx("s", "admin_reset"), "{}")
+    ));
+    assert!(is_allow(
+        &set.on_request_blocking(&ctx("s", "search"), "{}")
+    ));
 }
 
 // ----------------------------------------------------------------- rate-limit
@@ -464,33 +479,47 @@ chains: [ { plugins: [limit] } ]
         ..ctx("s", name)
     };
     for _ in 0..3 {
-        assert!(is_allow(&set.on_request(&as_("rl-alice", "search"), "{}")));
+        assert!(is_allow(
+            &set.on_request_blocking(&as_("rl-alice", "search"), "{}")
+        ));
     }
-    let d = denied(set.on_request(&as_("rl-alice", "search"), "{}"));
+    let d = denied(set.on_request_blocking(&as_("rl-alice", "search"), "{}"));
     assert_eq!(&*d.plugin, "limit");
     assert_eq!(d.code, -32029);
     assert!(d.message.contains("3 calls per 1h"), "{}", d.message);
     // Another tool and another principal have their own counters; so has
     // another session of the same principal not: the limit is per principal.
     assert!(is_allow(
-        &set.on_request(&as_("rl-alice", "search_docs"), "{}")
+        &set.on_request_blocking(&as_("rl-alice", "search_docs"), "{}")
     ));
-    assert!(is_allow(&set.on_request(&as_("rl-bob", "search"), "{}")));
+    assert!(is_allow(
+        &set.on_request_blocking(&as_("rl-bob", "search"), "{}")
+    ));
     let other_session = CallContext {
         session_id: "session-2",
         ..as_("rl-alice", "search")
     };
-    assert!(!is_allow(&set.on_request(&other_session, "{}")));
+    assert!(!is_allow(&set.on_request_blocking(&other_session, "{}")));
     // Tools without a limit are never counted.
     for _ in 0..10 {
-        assert!(is_allow(&set.on_request(&as_("rl-alice", "other"), "{}")));
+        assert!(is_allow(
+            &set.on_request_blocking(&as_("rl-alice", "other"), "{}")
+        ));
     }
     // The window ends.
-    assert!(is_allow(&set.on_request(&as_("rl-carol", "burst"), "{}")));
-    assert!(is_allow(&set.on_request(&as_("rl-carol", "burst"), "{}")));
-    assert!(!is_allow(&set.on_request(&as_("rl-carol", "burst"), "{}")));
+    assert!(is_allow(
+        &set.on_request_blocking(&as_("rl-carol", "burst"), "{}")
+    ));
+    assert!(is_allow(
+        &set.on_request_blocking(&as_("rl-carol", "burst"), "{}")
+    ));
+    assert!(!is_allow(
+        &set.on_request_blocking(&as_("rl-carol", "burst"), "{}")
+    ));
     std::thread::sleep(Duration::from_millis(400));
-    assert!(is_allow(&set.on_request(&as_("rl-carol", "burst"), "{}")));
+    assert!(is_allow(
+        &set.on_request_blocking(&as_("rl-carol", "burst"), "{}")
+    ));
 }
 
 // --------------------------------------------------------------------- faults
@@ -520,7 +549,7 @@ chains:
 
 fn expect_fault(set: &PluginSet, server: &str, kind: FaultKind, text: &str) {
     let started = Instant::now();
-    let d = denied(set.on_request(&ctx(server, "trigger"), "{}"));
+    let d = denied(set.on_request_blocking(&ctx(server, "trigger"), "{}"));
     assert_eq!(d.fault, Some(kind), "{server}: {d:?}");
     assert_eq!(d.code, PLUGIN_FAILED);
     assert_eq!(&*d.plugin, server);
@@ -532,7 +561,7 @@ fn expect_fault(set: &PluginSet, server: &str, kind: FaultKind, text: &str) {
     );
     // The same plugin keeps serving other calls (on a fresh instance).
     assert!(
-        is_allow(&set.on_request(&ctx(server, "fine"), "{}")),
+        is_allow(&set.on_request_blocking(&ctx(server, "fine"), "{}")),
         "{server}"
     );
 }
@@ -541,9 +570,11 @@ fn expect_fault(set: &PluginSet, server: &str, kind: FaultKind, text: &str) {
 fn faults_fail_only_their_call() {
     let set = fault_set();
     let healthy = || {
-        assert!(is_allow(&set.on_request(&ctx("healthy", "ls"), "{}")));
+        assert!(is_allow(
+            &set.on_request_blocking(&ctx("healthy", "ls"), "{}")
+        ));
         assert_eq!(
-            denied(set.on_request(&ctx("healthy", "shell"), "{}")).message,
+            denied(set.on_request_blocking(&ctx("healthy", "shell"), "{}")).message,
             "no shell"
         );
     };
@@ -567,7 +598,7 @@ fn faults_fail_only_their_call() {
     );
     healthy();
     // Malformed responses and filter answers.
-    let d = denied(set.on_response(&ctx("malformed", "trigger"), "{}"));
+    let d = denied(set.on_response_blocking(&ctx("malformed", "trigger"), "{}"));
     assert_eq!(d.fault, Some(FaultKind::Malformed));
     let list = CallContext {
         method: "tools/list",
@@ -575,7 +606,7 @@ fn faults_fail_only_their_call() {
         ..ctx("malformed", "")
     };
     let err = set
-        .filter_list(&list, &[entry("trigger-list", &[]), entry("x", &[])])
+        .filter_list_blocking(&list, &[entry("trigger-list", &[]), entry("x", &[])])
         .unwrap_err();
     assert_eq!(err.fault, Some(FaultKind::Malformed));
     assert!(
@@ -583,7 +614,10 @@ fn faults_fail_only_their_call() {
         "{}",
         err.message
     );
-    assert_eq!(set.filter_list(&list, &[entry("x", &[])]).unwrap(), [true]);
+    assert_eq!(
+        set.filter_list_blocking(&list, &[entry("x", &[])]).unwrap(),
+        [true]
+    );
     // Counted per plugin.
     let metrics: std::collections::HashMap<_, _> = set.metrics().into_iter().collect();
     assert_eq!(metrics["trap"].faults_trap, 1);
@@ -607,12 +641,12 @@ fn faults_under_concurrency_do_not_leak_into_other_calls() {
                 for i in 0..40 {
                     let server = ["trap", "hog", "malformed", "loop"][(t + i) % 4];
                     if i % 10 == 0 {
-                        let d = denied(set.on_request(&ctx(server, "trigger"), "{}"));
+                        let d = denied(set.on_request_blocking(&ctx(server, "trigger"), "{}"));
                         assert!(d.fault.is_some(), "{d:?}");
                     } else {
-                        let d = set.on_request(&ctx(server, "fine"), "{}");
+                        let d = set.on_request_blocking(&ctx(server, "fine"), "{}");
                         assert!(is_allow(&d), "{server}: {d:?}");
-                        let d = set.on_request(&ctx("healthy", "ls"), "{}");
+                        let d = set.on_request_blocking(&ctx("healthy", "ls"), "{}");
                         assert!(is_allow(&d), "{d:?}");
                     }
                 }
@@ -632,7 +666,7 @@ chains: [ { plugins: [loop] } ]
     .unwrap();
     for _ in 0..3 {
         let started = Instant::now();
-        let d = denied(set.on_request(&ctx("s", "trigger"), "{}"));
+        let d = denied(set.on_request_blocking(&ctx("s", "trigger"), "{}"));
         let took = started.elapsed();
         assert_eq!(d.fault, Some(FaultKind::Deadline));
         assert!(
@@ -644,6 +678,73 @@ chains: [ { plugins: [loop] } ]
             "interrupted too late: {took:?}"
         );
     }
+}
+
+/// On the async path a looping call yields to the runtime at every tick: on a one-thread
+/// runtime another task keeps running while the call spins, and the call still ends at its
+/// deadline.
+#[tokio::test(flavor = "current_thread")]
+async fn a_looping_call_yields_to_the_runtime_until_its_deadline() {
+    let set = load(
+        r#"
+modules: [ { name: loop, path: "{dir}/fault_loop.wasm", deadline: 200ms } ]
+chains: [ { plugins: [loop] } ]
+"#,
+    )
+    .unwrap();
+    let ticks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ticker = tokio::spawn({
+        let ticks = ticks.clone();
+        async move {
+            loop {
+                ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    tokio::task::yield_now().await;
+    let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
+    let d = denied(set.on_request(&ctx("s", "trigger"), "{}").await);
+    let took = started.elapsed();
+    let during = ticks.load(std::sync::atomic::Ordering::Relaxed) - before;
+    ticker.abort();
+    assert_eq!(d.fault, Some(FaultKind::Deadline));
+    assert!(
+        // Generous: other tests of this binary compile and run plugins on the same two cores.
+        took >= Duration::from_millis(200) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    // 200 ms of 5 ms sleeps: about 40 (a blocked thread would manage none).
+    assert!(
+        during >= 10,
+        "the runtime's other task ran {during} times during the call"
+    );
+}
+
+/// A call dropped while the guest runs (the client went away) drops its instance; the plugin
+/// keeps answering.
+#[tokio::test(flavor = "current_thread")]
+async fn a_call_cancelled_mid_guest_leaves_the_plugin_working() {
+    let set = load(
+        r#"
+modules: [ { name: loop, path: "{dir}/fault_loop.wasm", deadline: 5s } ]
+chains: [ { plugins: [loop] } ]
+"#,
+    )
+    .unwrap();
+    let trigger = ctx("s", "trigger");
+    let spin = set.on_request(&trigger, "{}");
+    let started = Instant::now();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), spin)
+            .await
+            .is_err(),
+        "the looping call cannot finish"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(is_allow(&set.on_request(&ctx("s", "other"), "{}").await));
+    assert_eq!(set.warm_instances("loop"), Some(1));
 }
 
 #[test]
@@ -659,14 +760,14 @@ chains:
 "#,
     )
     .unwrap();
-    let d = denied(set.on_request(&ctx("small", "trigger"), "{}"));
+    let d = denied(set.on_request_blocking(&ctx("small", "trigger"), "{}"));
     assert_eq!(d.fault, Some(FaultKind::Memory));
     assert!(
         d.message.contains("limit of 8388608 bytes"),
         "{}",
         d.message
     );
-    let d = denied(set.on_request(&ctx("large", "trigger"), "{}"));
+    let d = denied(set.on_request_blocking(&ctx("large", "trigger"), "{}"));
     assert!(
         d.message.contains("limit of 50331648 bytes"),
         "{}",
@@ -688,10 +789,14 @@ chains: [ { plugins: [trap, policy] } ]
     )
     .unwrap();
     // The trap is skipped; the next plugin still decides.
-    assert!(is_allow(&set.on_request(&ctx("s", "trigger"), "{}")));
-    let shell_after_trap = set.on_response(&ctx("s", "trigger"), "{}");
+    assert!(is_allow(
+        &set.on_request_blocking(&ctx("s", "trigger"), "{}")
+    ));
+    let shell_after_trap = set.on_response_blocking(&ctx("s", "trigger"), "{}");
     assert!(is_allow(&shell_after_trap));
-    assert!(!is_allow(&set.on_request(&ctx("s", "shell"), "{}")));
+    assert!(!is_allow(
+        &set.on_request_blocking(&ctx("s", "shell"), "{}")
+    ));
     let metrics: std::collections::HashMap<_, _> = set.metrics().into_iter().collect();
     assert_eq!(metrics["trap"].fail_open_skips, 2);
     assert_eq!(metrics["trap"].faults_trap, 2);
@@ -735,12 +840,14 @@ chains:
 "#,
     )
     .unwrap();
-    assert!(is_allow(&set.on_request(&ctx("slow", "a"), "{}")));
-    let d = denied(set.on_request(&ctx("slow", "b"), "{}"));
+    assert!(is_allow(&set.on_request_blocking(&ctx("slow", "a"), "{}")));
+    let d = denied(set.on_request_blocking(&ctx("slow", "b"), "{}"));
     assert_eq!(d.fault, Some(FaultKind::Deadline));
     assert_eq!(&*d.plugin, "sloth");
-    assert!(is_allow(&set.on_request(&ctx("fast", "a"), "{}")));
-    assert!(!is_allow(&set.on_request(&ctx("fast", "shell"), "{}")));
+    assert!(is_allow(&set.on_request_blocking(&ctx("fast", "a"), "{}")));
+    assert!(!is_allow(
+        &set.on_request_blocking(&ctx("fast", "shell"), "{}")
+    ));
 }
 
 // ------------------------------------------------------------- chains, reuse
@@ -761,7 +868,7 @@ chains:
 "#,
     )
     .unwrap();
-    let d = set.on_response(&ctx("s", "t"), r#"{"text":"a@b.io"}"#);
+    let d = set.on_response_blocking(&ctx("s", "t"), r#"{"text":"a@b.io"}"#);
     assert_eq!(
         d,
         Decision::Rewrite(r#"{"text":"[REDACTED:email]"}"#.into())
@@ -782,7 +889,7 @@ chains: [ { plugins: [allow] } ]
     )
     .unwrap();
     for _ in 0..120 {
-        assert!(is_allow(&set.on_request(&ctx("s", "t"), "{}")));
+        assert!(is_allow(&set.on_request_blocking(&ctx("s", "t"), "{}")));
     }
     let m = set
         .metrics()
@@ -800,9 +907,10 @@ chains: [ { plugins: [allow] } ]
 fn empty_set_allows_everything() {
     let set = load("modules: []").unwrap();
     assert!(set.is_empty());
-    assert!(is_allow(&set.on_request(&ctx("s", "t"), "{}")));
+    assert!(is_allow(&set.on_request_blocking(&ctx("s", "t"), "{}")));
     assert_eq!(
-        set.filter_list(&ctx("s", "t"), &[entry("a", &[])]).unwrap(),
+        set.filter_list_blocking(&ctx("s", "t"), &[entry("a", &[])])
+            .unwrap(),
         [true]
     );
 }
@@ -926,15 +1034,17 @@ fn hooks_run_inside_a_tokio_runtime() {
     let py = policy_set("tool_policy_py");
     rt.block_on(async move {
         let task = tokio::spawn(async move {
-            let d = denied(set.on_request(&ctx("trap", "trigger"), "{}"));
+            let d = denied(set.on_request_blocking(&ctx("trap", "trigger"), "{}"));
             assert_eq!(d.fault, Some(FaultKind::Trap));
             assert!(
                 d.message.contains("trap requested by the test"),
                 "{}",
                 d.message
             );
-            assert!(is_allow(&set.on_request(&ctx("trap", "fine"), "{}")));
-            let d = denied(py.on_request(
+            assert!(is_allow(
+                &set.on_request_blocking(&ctx("trap", "fine"), "{}")
+            ));
+            let d = denied(py.on_request_blocking(
                 &ctx("files", "fs_read"),
                 r#"{"path": "/etc/x", "mode": "read"}"#,
             ));

@@ -96,9 +96,9 @@ fn hot_reload_under_load_fails_no_call() {
                 while !stop.load(Ordering::Relaxed) {
                     let set = plugins.current();
                     // A healthy tool is always allowed, whatever the version.
-                    let d = set.on_request(&ctx("ls"), r#"{"path": "/"}"#);
+                    let d = set.on_request_blocking(&ctx("ls"), r#"{"path": "/"}"#);
                     assert_eq!(d, Decision::Allow, "a call failed during reload");
-                    match set.on_request(&ctx("shell"), r#"{"cmd": "id"}"#) {
+                    match set.on_request_blocking(&ctx("shell"), r#"{"cmd": "id"}"#) {
                         Decision::Allow => {}
                         Decision::Deny(d) => {
                             assert_eq!(d.fault, None, "a plugin fault during reload: {d:?}");
@@ -122,7 +122,7 @@ fn hot_reload_under_load_fails_no_call() {
     replace(&path, &std::fs::read(wasm("tool_policy")).unwrap());
     eventually("the new version to take effect", || {
         matches!(
-            plugins.current().on_request(&ctx("shell"), "{}"),
+            plugins.current().on_request_blocking(&ctx("shell"), "{}"),
             Decision::Deny(_)
         )
     });
@@ -142,7 +142,7 @@ fn hot_reload_under_load_fails_no_call() {
         "broken version swapped in"
     );
     assert!(matches!(
-        plugins.current().on_request(&ctx("shell"), "{}"),
+        plugins.current().on_request_blocking(&ctx("shell"), "{}"),
         Decision::Deny(_)
     ));
     let err = plugins.reload_changed_files();
@@ -160,7 +160,7 @@ fn hot_reload_under_load_fails_no_call() {
     // Back to a good version: picked up again.
     replace(&path, &std::fs::read(wasm("noop")).unwrap());
     eventually("the no-op version again", || {
-        plugins.current().on_request(&ctx("shell"), "{}") == Decision::Allow
+        plugins.current().on_request_blocking(&ctx("shell"), "{}") == Decision::Allow
     });
 
     stop.store(true, Ordering::Relaxed);
@@ -191,7 +191,7 @@ engine: {{ cache_dir: "{}/target/plugin-cache-tests" }}
     let cfg: PluginsConfig = serde_saphyr::from_str(&yaml).unwrap();
     let plugins = Plugins::load(&cfg).unwrap();
     assert_eq!(
-        plugins.current().on_request(&ctx("t"), "{}"),
+        plugins.current().on_request_blocking(&ctx("t"), "{}"),
         Decision::Allow
     );
 
@@ -199,7 +199,7 @@ engine: {{ cache_dir: "{}/target/plugin-cache-tests" }}
     let err = plugins.reload_changed_files().unwrap_err();
     assert!(err.to_string().contains("plugin limit"), "{err}");
     assert_eq!(
-        plugins.current().on_request(&ctx("t"), "{}"),
+        plugins.current().on_request_blocking(&ctx("t"), "{}"),
         Decision::Allow
     );
 
@@ -213,14 +213,14 @@ engine: {{ cache_dir: "{}/target/plugin-cache-tests" }}
     let before = plugins.current();
     plugins.reload(&cfg2).unwrap();
     assert!(!Arc::ptr_eq(&before, &plugins.current()));
-    let d = plugins.current().on_request(&ctx("t"), "{}");
+    let d = plugins.current().on_request_blocking(&ctx("t"), "{}");
     assert!(
         matches!(d, Decision::Deny(ref d) if d.fault.is_none()),
         "{d:?}"
     );
     // The old set still works for calls that hold it.
     assert!(matches!(
-        before.on_request(&ctx("t"), "{}"),
+        before.on_request_blocking(&ctx("t"), "{}"),
         Decision::Deny(_)
     ));
 

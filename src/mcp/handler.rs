@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use base64::Engine;
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::future::OptionFuture;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -254,7 +255,7 @@ pub async fn request(
             let rewritten;
             if let Some(p) = &policy {
                 let arguments = f.get("arguments").map_or("{}", |a| a.get());
-                match p.on_request(arguments) {
+                match p.on_request(arguments).await {
                     Decision::Allow => {}
                     Decision::Deny(d) => return denied(&id, &d),
                     Decision::Rewrite(new) => match RawValue::from_string(new) {
@@ -291,7 +292,7 @@ pub async fn request(
                 Some(&uri),
             );
             if let Some(p) = &policy
-                && let Decision::Deny(d) = p.on_request("{}")
+                && let Decision::Deny(d) = p.on_request("{}").await
             {
                 return denied(&id, &d);
             }
@@ -326,7 +327,7 @@ pub async fn request(
                 None,
             );
             if let Some(p) = &policy
-                && let Decision::Deny(d) = p.on_request(params_text(params.as_deref()))
+                && let Decision::Deny(d) = p.on_request(params_text(params.as_deref())).await
             {
                 return denied(&id, &d);
             }
@@ -379,7 +380,7 @@ fn denied(id: &[u8], d: &crate::plugins::Denied) -> Reply {
 
 /// The policy of a completion of the entry `name` on upstream `index`: denied when the caller
 /// may not see it as any of `kinds`, or when the on-request chain refuses the `argument`.
-fn completion_policy(
+async fn completion_policy(
     gw: &Arc<Gateway>,
     session: &Arc<Session>,
     index: usize,
@@ -397,11 +398,13 @@ fn completion_policy(
     ) else {
         return Ok(None);
     };
-    if let Some(d) = kinds.iter().find_map(|k| policy.check_target(*k, name)) {
-        return Err(d);
+    for kind in kinds {
+        if let Some(d) = policy.check_target(*kind, name).await {
+            return Err(d);
+        }
     }
     let argument = f.get("argument").map_or("{}", |a| a.get());
-    match policy.on_request(argument) {
+    match policy.on_request(argument).await {
         Decision::Deny(d) => Err(d),
         // A completion's argument is not rewritten: it is what the user is typing.
         Decision::Allow | Decision::Rewrite(_) => Ok(Some(policy)),
@@ -436,11 +439,19 @@ async fn complete(
             let Some((index, local)) = session.topology().router.resolve(&name) else {
                 return invalid_params(&id, &format!("unknown prompt: {name}"));
             };
-            let policy =
-                match completion_policy(gw, session, index, &[EntryKind::Prompt], local, &f) {
-                    Ok(p) => p,
-                    Err(d) => return denied(&id, &d),
-                };
+            let policy = match completion_policy(
+                gw,
+                session,
+                index,
+                &[EntryKind::Prompt],
+                local,
+                &f,
+            )
+            .await
+            {
+                Ok(p) => p,
+                Err(d) => return denied(&id, &d),
+            };
             let local = json_string(local);
             rf.insert(Cow::Borrowed("name"), &local);
             let new_ref =
@@ -467,7 +478,7 @@ async fn complete(
             };
             // A template URI, or a resource's own: hidden as either, it cannot be completed.
             let kinds = [EntryKind::ResourceTemplate, EntryKind::Resource];
-            match completion_policy(gw, session, index, &kinds, &uri, &f) {
+            match completion_policy(gw, session, index, &kinds, &uri, &f).await {
                 Ok(policy) => {
                     forward(
                         gw,
@@ -571,44 +582,48 @@ async fn forward(
             .await;
         drop(inflight);
         let (frame, outcome) = match result {
-            Ok(Outcome::Result(r)) => match policy.as_ref().map(|p| p.on_response(&r)) {
-                None | Some(Ok(None)) => (jsonrpc::response(&id, &Outcome::Result(r)), "ok"),
-                Some(Ok(Some(new))) if serde_json::from_slice::<&RawValue>(&new).is_ok() => {
-                    (jsonrpc::response(&id, &Outcome::Result(new)), "ok")
-                }
-                Some(Ok(Some(_))) => (
-                    jsonrpc::error_response(
-                        Some(&id),
-                        crate::plugins::PLUGIN_FAILED,
-                        "a plugin rewrote the result into invalid JSON",
+            Ok(Outcome::Result(r)) => {
+                match OptionFuture::from(policy.as_ref().map(|p| p.on_response(&r))).await {
+                    None | Some(Ok(None)) => (jsonrpc::response(&id, &Outcome::Result(r)), "ok"),
+                    Some(Ok(Some(new))) if serde_json::from_slice::<&RawValue>(&new).is_ok() => {
+                        (jsonrpc::response(&id, &Outcome::Result(new)), "ok")
+                    }
+                    Some(Ok(Some(_))) => (
+                        jsonrpc::error_response(
+                            Some(&id),
+                            crate::plugins::PLUGIN_FAILED,
+                            "a plugin rewrote the result into invalid JSON",
+                        ),
+                        "denied",
                     ),
-                    "denied",
-                ),
-                Some(Err(d)) => (
-                    jsonrpc::error_response(Some(&id), d.code, &d.to_string()),
-                    "denied",
-                ),
-            },
+                    Some(Err(d)) => (
+                        jsonrpc::error_response(Some(&id), d.code, &d.to_string()),
+                        "denied",
+                    ),
+                }
+            }
             // Error messages pass the result chains too: a redaction must not be bypassed by
             // a server that puts the data in an error.
-            Ok(Outcome::Error(e)) => match policy.as_ref().map(|p| p.on_response(&e)) {
-                None | Some(Ok(None)) => (jsonrpc::response(&id, &Outcome::Error(e)), "error"),
-                Some(Ok(Some(new))) if is_error_object(&new) => {
-                    (jsonrpc::response(&id, &Outcome::Error(new)), "error")
-                }
-                Some(Ok(Some(_))) => (
-                    jsonrpc::error_response(
-                        Some(&id),
-                        crate::plugins::PLUGIN_FAILED,
-                        "a plugin rewrote an error into something that is not a JSON-RPC error object",
+            Ok(Outcome::Error(e)) => {
+                match OptionFuture::from(policy.as_ref().map(|p| p.on_response(&e))).await {
+                    None | Some(Ok(None)) => (jsonrpc::response(&id, &Outcome::Error(e)), "error"),
+                    Some(Ok(Some(new))) if is_error_object(&new) => {
+                        (jsonrpc::response(&id, &Outcome::Error(new)), "error")
+                    }
+                    Some(Ok(Some(_))) => (
+                        jsonrpc::error_response(
+                            Some(&id),
+                            crate::plugins::PLUGIN_FAILED,
+                            "a plugin rewrote an error into something that is not a JSON-RPC error object",
+                        ),
+                        "denied",
                     ),
-                    "denied",
-                ),
-                Some(Err(d)) => (
-                    jsonrpc::error_response(Some(&id), d.code, &d.to_string()),
-                    "denied",
-                ),
-            },
+                    Some(Err(d)) => (
+                        jsonrpc::error_response(Some(&id), d.code, &d.to_string()),
+                        "denied",
+                    ),
+                }
+            }
             Err(e) => {
                 if !matches!(e, UpstreamError::Cancelled) {
                     tracing::warn!(upstream = %server.name, method = %method, "call failed: {e}");
@@ -749,7 +764,7 @@ async fn list(
                 continue;
             }
         };
-        match merge_page(gw, session, *index, kind, &page, &mut items) {
+        match merge_page(gw, session, *index, kind, &page, &mut items).await {
             Ok(cursor) => {
                 answered += 1;
                 if let Some(c) = cursor {
@@ -792,7 +807,7 @@ async fn list(
 }
 
 /// Appends one upstream's page to `items`, hiding what the filter-list plugins hide.
-fn merge_page(
+async fn merge_page(
     gw: &Gateway,
     session: &Session,
     index: usize,
@@ -812,6 +827,7 @@ fn merge_page(
         let server = &session.topology().servers[index].name;
         Some(
             policy::visible(&plugins, session, kind.method, server, &list)
+                .await
                 .map_err(|d| d.to_string())?,
         )
     };

@@ -9,6 +9,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use futures_util::future::BoxFuture;
+
 use crate::mcp::jsonrpc::{self, Kind, Message};
 use crate::mcp::session::{MessagePolicy, Session};
 use crate::plugins::{CallContext, Decision, Denied, EntryKind, ListEntry, PluginSet};
@@ -54,19 +56,19 @@ impl Policy {
     }
 
     /// Runs the on-request chain over the call's arguments (raw JSON).
-    pub fn on_request(&self, arguments: &str) -> Decision {
-        self.set.on_request(&self.ctx(), arguments)
+    pub async fn on_request(&self, arguments: &str) -> Decision {
+        self.set.on_request(&self.ctx(), arguments).await
     }
 
     /// Denies the call when the caller may not see the `kind` entry `name` it uses.
-    pub fn check_target(&self, kind: EntryKind, name: &str) -> Option<Denied> {
-        self.set.check_target(&self.ctx(), kind, name)
+    pub async fn check_target(&self, kind: EntryKind, name: &str) -> Option<Denied> {
+        self.set.check_target(&self.ctx(), kind, name).await
     }
 
     /// Runs the on-response chain: `Ok(Some(new))` when a plugin rewrote the result.
-    pub fn on_response(&self, result: &[u8]) -> Result<Option<Bytes>, Denied> {
+    pub async fn on_response(&self, result: &[u8]) -> Result<Option<Bytes>, Denied> {
         let text = String::from_utf8_lossy(result);
-        match self.set.on_response(&self.ctx(), &text) {
+        match self.set.on_response(&self.ctx(), &text).await {
             Decision::Allow => Ok(None),
             Decision::Rewrite(new) => Ok(Some(Bytes::from(new))),
             Decision::Deny(d) => Err(d),
@@ -89,44 +91,54 @@ impl ServerMessages {
 }
 
 impl MessagePolicy for ServerMessages {
-    fn server_message(&self, session: &Session, index: usize, msg: Message) -> Option<Message> {
-        let set = self.plugins.current();
-        if set.is_empty() {
-            return Some(msg);
-        }
-        let (method, params) = match &msg.kind {
-            Kind::Request { method, params, .. } | Kind::Notification { method, params } => {
-                (method.clone(), params.clone())
-            }
-            Kind::Response { .. } => return Some(msg),
-        };
-        let server = session.topology().servers.get(index)?.name.clone();
-        let policy = Policy::for_call(&set, session, &method, &server, None)?;
-        match policy.on_response(params.as_deref().unwrap_or(b"{}")) {
-            Ok(None) => Some(msg),
-            Ok(Some(new)) => {
-                if !new.trim_ascii_start().starts_with(b"{")
-                    || serde_json::from_slice::<&RawValue>(&new).is_err()
-                {
-                    tracing::warn!(%method, "a plugin rewrote a server message into something that is not a JSON object; dropped it");
-                    return None;
+    fn active(&self) -> bool {
+        !self.plugins.current().is_empty()
+    }
+
+    fn server_message<'a>(
+        &'a self,
+        session: &'a Session,
+        index: usize,
+        msg: Message,
+    ) -> BoxFuture<'a, Option<Message>> {
+        Box::pin(async move {
+            let set = self.plugins.current();
+            let (method, params) = match &msg.kind {
+                Kind::Request { method, params, .. } | Kind::Notification { method, params } => {
+                    (method.clone(), params.clone())
                 }
-                let frame = match &msg.kind {
-                    Kind::Request { id, .. } => jsonrpc::request(id, &method, Some(&new)),
-                    _ => jsonrpc::notification(&method, Some(&new)),
-                };
-                jsonrpc::parse(frame).ok()
+                Kind::Response { .. } => return Some(msg),
+            };
+            let server = session.topology().servers.get(index)?.name.clone();
+            let Some(policy) = Policy::for_call(&set, session, &method, &server, None) else {
+                return Some(msg);
+            };
+            match policy.on_response(params.as_deref().unwrap_or(b"{}")).await {
+                Ok(None) => Some(msg),
+                Ok(Some(new)) => {
+                    if !new.trim_ascii_start().starts_with(b"{")
+                        || serde_json::from_slice::<&RawValue>(&new).is_err()
+                    {
+                        tracing::warn!(%method, "a plugin rewrote a server message into something that is not a JSON object; dropped it");
+                        return None;
+                    }
+                    let frame = match &msg.kind {
+                        Kind::Request { id, .. } => jsonrpc::request(id, &method, Some(&new)),
+                        _ => jsonrpc::notification(&method, Some(&new)),
+                    };
+                    jsonrpc::parse(frame).ok()
+                }
+                Err(d) => {
+                    tracing::debug!(%method, "a plugin withheld a server message: {d}");
+                    None
+                }
             }
-            Err(d) => {
-                tracing::debug!(%method, "a plugin withheld a server message: {d}");
-                None
-            }
-        }
+        })
     }
 }
 
 /// Which entries of one upstream's listing the caller may see.
-pub fn visible(
+pub async fn visible(
     set: &PluginSet,
     session: &Session,
     list_method: &str,
@@ -148,7 +160,7 @@ pub fn visible(
         session_id: &session.id,
         profile: None,
     };
-    set.filter_list(&ctx, &entries)
+    set.filter_list(&ctx, &entries).await
 }
 
 /// A listing item as a [`ListEntry`]: its name (URI for resources), description and labels.

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use serde::Deserialize;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::gateway::Topology;
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
@@ -21,9 +22,19 @@ use crate::upstream::{EventSink, Link, Route, ServerMessages};
 /// requests): pass a message as it is, rewrite it, or drop it. Implemented above this layer
 /// (by the plugin chains) and handed in, so sessions need not know about plugins.
 pub trait MessagePolicy: Send + Sync {
+    /// Whether any policy applies now (else messages take the direct path).
+    fn active(&self) -> bool;
     /// `None` drops the message; `Some` is what the client receives.
-    fn server_message(&self, session: &Session, index: usize, msg: Message) -> Option<Message>;
+    fn server_message<'a>(
+        &'a self,
+        session: &'a Session,
+        index: usize,
+        msg: Message,
+    ) -> BoxFuture<'a, Option<Message>>;
 }
+
+/// Server messages waiting for the policy stage, per session (in order; bounded).
+const POLICY_QUEUE: usize = 256;
 
 /// Capability bits an upstream advertised.
 pub mod caps {
@@ -63,6 +74,10 @@ pub struct Session {
     /// Set once the session has ended: every stream and task it owns watches it.
     ended: tokio::sync::watch::Sender<bool>,
     policy: Option<Arc<dyn MessagePolicy>>,
+    /// Feeds the task that runs server messages through the policy, one at a time in arrival
+    /// order (plugin hooks are async; the upstream readers that deliver messages are not).
+    policy_queue: std::sync::OnceLock<mpsc::Sender<(usize, Route, Message)>>,
+    weak: Weak<Session>,
 }
 
 struct Sink(Weak<Session>);
@@ -124,6 +139,8 @@ impl Session {
                 busy: AtomicUsize::new(0),
                 ended: tokio::sync::watch::Sender::new(false),
                 policy,
+                policy_queue: std::sync::OnceLock::new(),
+                weak: weak.clone(),
             }
         })
     }
@@ -250,31 +267,64 @@ impl Session {
     }
 
     fn on_server_message(self: Arc<Self>, index: usize, route: Route, msg: Message) {
-        let msg = match &self.policy {
-            Some(p) if !matches!(msg.kind, Kind::Response { .. }) => {
-                let request_id = match &msg.kind {
-                    Kind::Request { id, .. } => Some(id.clone()),
-                    _ => None,
-                };
-                match p.server_message(&self, index, msg) {
-                    Some(m) => m,
-                    None => {
-                        // A withheld request still gets an answer, so the server stops waiting.
-                        if let Some(id) = request_id {
-                            let error = jsonrpc::error_object(
-                                code::INVALID_REQUEST,
-                                "the gateway's policy withheld this request from the client",
-                            );
-                            tokio::spawn(async move {
-                                self.links[index].respond(&id, &Outcome::Error(error)).await;
-                            });
-                        }
+        if matches!(msg.kind, Kind::Response { .. }) {
+            return;
+        }
+        if self.policy.as_ref().is_some_and(|p| p.active()) {
+            let queue = self.policy_queue.get_or_init(|| self.spawn_policy_task());
+            if queue.try_send((index, route, msg)).is_err() {
+                tracing::warn!(session = %self.id, "dropped a server message: the policy stage is behind");
+            }
+            return;
+        }
+        self.route_server_message(index, route, msg);
+    }
+
+    /// The task that runs this session's server messages through the policy, in order. It
+    /// holds the session weakly and ends with it.
+    fn spawn_policy_task(&self) -> mpsc::Sender<(usize, Route, Message)> {
+        let (tx, mut rx) = mpsc::channel::<(usize, Route, Message)>(POLICY_QUEUE);
+        let weak = self.weak.clone();
+        let ended = self.ended();
+        tokio::spawn(async move {
+            let work = async {
+                while let Some((index, route, msg)) = rx.recv().await {
+                    let Some(session) = weak.upgrade() else {
                         return;
+                    };
+                    let Some(policy) = session.policy.clone() else {
+                        return;
+                    };
+                    let request_id = match &msg.kind {
+                        Kind::Request { id, .. } => Some(id.clone()),
+                        _ => None,
+                    };
+                    match policy.server_message(&session, index, msg).await {
+                        Some(m) => session.route_server_message(index, route, m),
+                        // A withheld request still gets an answer, so the server stops waiting.
+                        None => {
+                            if let Some(id) = request_id {
+                                let error = jsonrpc::error_object(
+                                    code::INVALID_REQUEST,
+                                    "the gateway's policy withheld this request from the client",
+                                );
+                                session.links[index]
+                                    .respond(&id, &Outcome::Error(error))
+                                    .await;
+                            }
+                        }
                     }
                 }
+            };
+            tokio::select! {
+                _ = work => {}
+                _ = ended => {}
             }
-            _ => msg,
-        };
+        });
+        tx
+    }
+
+    fn route_server_message(self: Arc<Self>, index: usize, route: Route, msg: Message) {
         match msg.kind {
             Kind::Request { id, method, params } => {
                 let n = self.next_server_request.fetch_add(1, Ordering::Relaxed);

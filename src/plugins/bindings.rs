@@ -4,6 +4,9 @@
 wasmtime::component::bindgen!({
     path: "wit",
     world: "plugin",
+    // Exports are called with `call_async` so a long call can yield to the runtime;
+    // imports stay synchronous (they never wait).
+    exports: { default: async },
 });
 
 // `self::` keeps the generated `gatehouse` module apart from this crate, also in doctests.

@@ -173,7 +173,7 @@ pub fn check(path: &Path, input: Option<&Path>) -> Result<String, PluginError> {
             format!(
                 "on-request ({}): {}",
                 target.trim(),
-                describe(&set.on_request(&ctx, &args))
+                describe(&set.on_request_blocking(&ctx, &args))
             )
         }
         "on-response" => {
@@ -184,7 +184,7 @@ pub fn check(path: &Path, input: Option<&Path>) -> Result<String, PluginError> {
             format!(
                 "on-response ({}): {}",
                 target.trim(),
-                describe(&set.on_response(&ctx, &result))
+                describe(&set.on_response_blocking(&ctx, &result))
             )
         }
         "filter-list" => {
@@ -200,7 +200,7 @@ pub fn check(path: &Path, input: Option<&Path>) -> Result<String, PluginError> {
                     })
                 })
                 .collect::<Result<Vec<_>, PluginError>>()?;
-            match set.filter_list(&ctx, &entries) {
+            match set.filter_list_blocking(&ctx, &entries) {
                 Ok(visible) => {
                     let shown: Vec<String> = entries
                         .iter()

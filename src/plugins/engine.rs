@@ -185,8 +185,8 @@ fn make_private_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Advances the engine's epoch every [`TICK`]; a call's deadline is a
-/// number of ticks. The thread lives as long as the process.
+/// Advances the engine's epoch every [`TICK`]; at each tick a running call
+/// checks its deadline and may yield. The thread lives as long as the process.
 fn spawn_ticker(engine: Engine) {
     let spawned = std::thread::Builder::new()
         .name("gatehouse-wasm-epoch".into())
@@ -199,11 +199,6 @@ fn spawn_ticker(engine: Engine) {
     if let Err(e) = spawned {
         tracing::error!("cannot start the plugin deadline ticker: {e}");
     }
-}
-
-/// Deadline in ticks, rounded up, plus one for the tick in progress.
-pub(crate) fn ticks(d: Duration) -> u64 {
-    (d.as_nanos().div_ceil(TICK.as_nanos()) as u64).saturating_add(1)
 }
 
 /// The SHA-256 of a file's bytes, hex-encoded.

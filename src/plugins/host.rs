@@ -16,6 +16,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::gatehouse::plugin::{clock, log, state, types};
+use super::instance::{Budget, Mode};
 use super::state::{Caller, Scope, StateStore};
 
 /// Longest log line kept from a plugin, in bytes.
@@ -41,6 +42,8 @@ pub(crate) struct HostState {
     log_lines: u32,
     /// The last bytes the guest wrote to stdout/stderr (a panic message).
     pub(crate) output: OutputTail,
+    /// The running call's deadline (read by the epoch callback).
+    pub(crate) budget: Budget,
 }
 
 impl HostState {
@@ -66,6 +69,7 @@ impl HostState {
             principal: None,
             log_lines: 0,
             output,
+            budget: Budget::new(Duration::ZERO, Mode::Blocking),
         }
     }
 

@@ -2,19 +2,26 @@
 //! instances for reuse, and run each hook call under a deadline and a
 //! memory limit. A call that fails drops its instance; the next call gets a
 //! fresh one.
+//!
+//! Guest code runs on a wasmtime fiber (`call_async`): at every epoch tick
+//! (1 ms) a running call checks its deadline and, when called from the
+//! async runtime, yields to it. A plugin that spins until its deadline thus
+//! holds a runtime worker for a tick at a time, not for the whole deadline,
+//! and other connections keep being served meanwhile.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_queue::ArrayQueue;
-use wasmtime::Store;
+use futures_util::FutureExt;
 use wasmtime::component::Component;
+use wasmtime::{Store, StoreContextMut, UpdateDeadline};
 
 use super::bindings::{self, HookSet};
 use super::config::PluginConfig;
-use super::engine::{Runtime, ticks};
+use super::engine::Runtime;
 use super::error::{Fault, PluginError};
 use super::host::HostState;
 use super::metrics::PluginMetrics;
@@ -58,6 +65,71 @@ impl FileStamp {
     }
 }
 
+/// How a hook call waits: on the async runtime, or blocking its thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Polled by the tokio runtime: a long call yields to it at every tick.
+    Async,
+    /// Driven to completion on the calling thread (`block_on`): loading,
+    /// `gatehouse plugin check`, tools and tests outside a runtime. Never
+    /// yields, since tokio's yield would wait for a worker this thread may be.
+    Blocking,
+}
+
+/// The time a running call (or instantiation) may take, kept in the store
+/// for the epoch callback.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    started: Instant,
+    limit: Duration,
+    mode: Mode,
+}
+
+impl Budget {
+    pub(crate) fn new(limit: Duration, mode: Mode) -> Budget {
+        Budget {
+            started: Instant::now(),
+            limit,
+            mode,
+        }
+    }
+}
+
+/// Runs at each epoch tick while guest code runs: trap at the deadline,
+/// else yield to the runtime (async) or go on (blocking) for one more tick.
+/// The deadline is wall-clock time since the call began, waits for a worker
+/// after a yield included.
+fn on_tick(store: StoreContextMut<'_, HostState>) -> wasmtime::Result<UpdateDeadline> {
+    let budget = store.data().budget;
+    if budget.started.elapsed() >= budget.limit {
+        return Ok(UpdateDeadline::Interrupt);
+    }
+    Ok(match budget.mode {
+        // tokio's yield puts the task behind the others and lets the worker
+        // poll the I/O driver first (a plain self-wake would not).
+        Mode::Async => UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())),
+        Mode::Blocking => UpdateDeadline::Continue(1),
+    })
+}
+
+/// One hook call's input.
+pub(crate) enum HookCall<'a> {
+    /// `on-request` over the arguments.
+    Request(&'a bindings::CallContext, &'a str),
+    /// `on-response` over the result.
+    Response(&'a bindings::CallContext, &'a str),
+    /// `filter-list` over entries.
+    FilterList(&'a bindings::CallContext, &'a [bindings::ListEntry]),
+}
+
+/// One hook call's answer.
+pub(crate) enum HookAnswer {
+    /// From `on-request` or `on-response`.
+    Decision(bindings::Decision),
+    /// From `filter-list`: one boolean per entry.
+    Visible(Vec<bool>),
+}
+
 /// One warm instance.
 struct Warm {
     store: Store<HostState>,
@@ -73,8 +145,6 @@ pub(crate) struct LoadedPlugin {
     pub(crate) sha256: String,
     pub(crate) stamp: Option<FileStamp>,
     config_json: String,
-    deadline_ticks: u64,
-    init_ticks: u64,
     pre: bindings::PluginPre<HostState>,
     warm: ArrayQueue<Warm>,
     state: Arc<StateStore>,
@@ -122,25 +192,24 @@ impl LoadedPlugin {
             sha256,
             stamp,
             config_json: cfg.config.to_string(),
-            deadline_ticks: ticks(cfg.deadline),
-            init_ticks: ticks(cfg.init_deadline),
             pre,
             warm: ArrayQueue::new(cfg.max_warm.max(1)),
             state,
             metrics,
             runtime,
         };
-        let (warm, hooks) = plugin.instantiate().map_err(|fault| PluginError::Init {
-            plugin: cfg.name.clone(),
-            fault,
-        })?;
+        let (warm, hooks) = futures_executor::block_on(plugin.instantiate(Mode::Blocking))
+            .map_err(|fault| PluginError::Init {
+                plugin: cfg.name.clone(),
+                fault,
+            })?;
         plugin.hooks = hooks;
         let _ = plugin.warm.push(warm);
         Ok(plugin)
     }
 
     /// A fresh instance with `init` run, under the init deadline.
-    fn instantiate(&self) -> Result<(Warm, Hooks), Fault> {
+    async fn instantiate(&self, mode: Mode) -> Result<(Warm, Hooks), Fault> {
         let mut store = Store::new(
             &self.runtime.engine,
             HostState::new(
@@ -150,19 +219,21 @@ impl LoadedPlugin {
             ),
         );
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.init_ticks);
+        store.epoch_deadline_callback(on_tick);
+        store.set_epoch_deadline(1);
         store.data_mut().begin_call("", None);
+        store.data_mut().budget = Budget::new(self.cfg.init_deadline, mode);
         self.metrics.instances.fetch_add(1, Ordering::Relaxed);
-        let plugin = match guard(|| self.pre.instantiate(&mut store))? {
+        let plugin = match guard(self.pre.instantiate_async(&mut store)).await? {
             Ok(p) => p,
             Err(e) => return Err(classify(e, &store, Phase::Instantiate, &self.cfg)),
         };
-        let init = guard(|| {
+        let init = guard(
             plugin
                 .gatehouse_plugin_hooks()
-                .call_init(&mut store, &self.config_json)
-        })?;
+                .call_init(&mut store, &self.config_json),
+        )
+        .await?;
         let hooks = match init {
             Ok(Ok(set)) => Hooks::from(set),
             Ok(Err(message)) => return Err(Fault::InitRejected(message)),
@@ -179,23 +250,41 @@ impl LoadedPlugin {
     }
 
     /// Runs one hook call on a warm instance (or a fresh one), under the
-    /// call deadline. A failed call drops its instance.
-    pub(crate) fn call<R>(
+    /// call deadline. A failed call drops its instance, and so does a call
+    /// dropped before it finished (its future cancelled).
+    pub(crate) async fn call(
         &self,
         session: &str,
         principal: Option<&str>,
-        f: impl FnOnce(
-            &mut Store<HostState>,
-            &bindings::exports::gatehouse::plugin::hooks::Guest,
-        ) -> wasmtime::Result<R>,
-    ) -> Result<R, Fault> {
+        input: HookCall<'_>,
+        mode: Mode,
+    ) -> Result<HookAnswer, Fault> {
         let mut warm = match self.warm.pop() {
             Some(w) => w,
-            None => self.instantiate()?.0,
+            None => self.instantiate(mode).await?.0,
         };
         warm.store.data_mut().begin_call(session, principal);
-        warm.store.set_epoch_deadline(self.deadline_ticks);
-        let result = guard(|| f(&mut warm.store, warm.plugin.gatehouse_plugin_hooks()))?;
+        warm.store.data_mut().budget = Budget::new(self.cfg.deadline, mode);
+        warm.store.set_epoch_deadline(1);
+        let hooks = warm.plugin.gatehouse_plugin_hooks();
+        let store = &mut warm.store;
+        let result = guard(async move {
+            match input {
+                HookCall::Request(ctx, args) => hooks
+                    .call_on_request(store, ctx, args)
+                    .await
+                    .map(HookAnswer::Decision),
+                HookCall::Response(ctx, result) => hooks
+                    .call_on_response(store, ctx, result)
+                    .await
+                    .map(HookAnswer::Decision),
+                HookCall::FilterList(ctx, entries) => hooks
+                    .call_filter_list(store, ctx, entries)
+                    .await
+                    .map(HookAnswer::Visible),
+            }
+        })
+        .await?;
         match result {
             Ok(out) => {
                 warm.calls += 1;
@@ -242,15 +331,18 @@ pub(crate) fn link(
 /// of this call (the instance involved is dropped by the caller's `?`).
 /// Host functions are written not to panic; this keeps a bug in one of them
 /// (or in a library beneath) from unwinding into the request path.
-fn guard<R>(f: impl FnOnce() -> R) -> Result<R, Fault> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        Fault::Trap(format!("host function panicked: {what}"))
-    })
+async fn guard<R>(f: impl Future<Output = R>) -> Result<R, Fault> {
+    std::panic::AssertUnwindSafe(f)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Fault::Trap(format!("host function panicked: {what}"))
+        })
 }
 
 /// What the guest was doing when an error came back.

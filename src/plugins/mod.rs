@@ -7,18 +7,19 @@
 //! let plugins = Plugins::load(&config.plugins)?;      // compile, link, init every plugin
 //! let _watch = plugins.watch();                       // hot reload on file change
 //!
-//! // per request (sync, a few µs per plugin):
+//! // per request (async, a few µs per plugin):
 //! let set = plugins.current();
 //! if !set.is_empty() {
 //!     let ctx = CallContext { method: "tools/call", server: "files", name: Some("fs_read"),
 //!                             principal: Some("alice"), session_id: &sid, profile: None };
-//!     match set.on_request(&ctx, arguments_json) {
+//!     match set.on_request(&ctx, arguments_json).await {
 //!         Decision::Allow => forward(arguments_json),
 //!         Decision::Rewrite(new_args) => forward(&new_args),
 //!         Decision::Deny(denied) => reply_error(denied.code, denied.to_string()),
 //!     }
-//!     // on the way back: set.on_response(&ctx, result_json) → the same three outcomes
-//!     // on tools/list and friends: set.filter_list(&ctx, &entries)? → keep entries[i] where true
+//!     // on the way back: set.on_response(&ctx, result_json).await → the same three outcomes
+//!     // on tools/list and friends: set.filter_list(&ctx, &entries).await? → keep entries[i] where true
+//!     // outside a runtime (tools, tests): set.on_request_blocking(&ctx, arguments_json)
 //! }
 //! // when a session ends: set.end_session(&sid)
 //! ```
@@ -37,10 +38,12 @@
 //!   answers malformed output fails only that call: the request is denied
 //!   with [`PLUGIN_FAILED`] (or, with `fail_open`, the plugin is skipped).
 //!   The instance is dropped and the next call gets a fresh one.
-//! * Hook calls are synchronous and bounded by the plugin's deadline
-//!   (default 100 ms); a healthy call takes a few microseconds on a warm
-//!   instance. Instances are reused (up to `max_warm` idle per plugin) and
-//!   recycled after `recycle_after` calls.
+//! * Hook calls are bounded by the plugin's deadline (default 100 ms); a
+//!   healthy call takes a few microseconds on a warm instance. A longer one
+//!   yields to the async runtime every epoch tick (1 ms), so a plugin that
+//!   spins to its deadline does not hold a runtime worker meanwhile.
+//!   Instances are reused (up to `max_warm` idle per plugin) and recycled
+//!   after `recycle_after` calls.
 //!
 //! Module map: `config` (serde types and validation), `engine` (the shared
 //! wasmtime engine, pooling allocator, epoch ticker, compile cache),
@@ -76,7 +79,7 @@ pub use reload::{Plugins, Watcher};
 pub use state::{Scope, StateError, StateStore};
 
 use chain::Chain;
-use instance::LoadedPlugin;
+use instance::{HookAnswer, HookCall, LoadedPlugin, Mode};
 
 /// (hits, misses) of the on-disk compile cache in this process.
 pub fn compile_cache_stats() -> (usize, usize) {
@@ -320,42 +323,73 @@ impl PluginSet {
 
     /// Runs the on-request chain. For a call to a tool, prompt or resource,
     /// first checks that the filter-list plugins let the caller see it.
-    pub fn on_request(&self, ctx: &CallContext<'_>, arguments_json: &str) -> Decision {
-        if self.is_empty() {
-            return Decision::Allow;
-        }
-        if let Some(denied) = self.check_visible(ctx) {
-            return Decision::Deny(denied);
-        }
-        self.run_chain(Hook::Request, ctx, arguments_json)
+    pub async fn on_request(&self, ctx: &CallContext<'_>, arguments_json: &str) -> Decision {
+        self.request(ctx, arguments_json, Mode::Async).await
+    }
+
+    /// [`Self::on_request`], blocking the calling thread (not for runtime workers).
+    pub fn on_request_blocking(&self, ctx: &CallContext<'_>, arguments_json: &str) -> Decision {
+        futures_executor::block_on(self.request(ctx, arguments_json, Mode::Blocking))
     }
 
     /// Runs the on-response chain over a JSON-RPC result.
-    pub fn on_response(&self, ctx: &CallContext<'_>, result_json: &str) -> Decision {
-        if self.is_empty() {
-            return Decision::Allow;
-        }
-        self.run_chain(Hook::Response, ctx, result_json)
+    pub async fn on_response(&self, ctx: &CallContext<'_>, result_json: &str) -> Decision {
+        self.run_chain(Hook::Response, ctx, result_json, Mode::Async)
+            .await
+    }
+
+    /// [`Self::on_response`], blocking the calling thread (not for runtime workers).
+    pub fn on_response_blocking(&self, ctx: &CallContext<'_>, result_json: &str) -> Decision {
+        futures_executor::block_on(self.run_chain(Hook::Response, ctx, result_json, Mode::Blocking))
     }
 
     /// Which entries the caller may see (`true` = visible), asking every
     /// filter-list plugin of the chains that match the listing. An entry
     /// hidden by one plugin is not shown to the next. `Err` when a plugin
     /// failed (fail-closed).
-    pub fn filter_list(
+    pub async fn filter_list(
         &self,
         ctx: &CallContext<'_>,
         entries: &[ListEntry],
     ) -> Result<Vec<bool>, Denied> {
+        self.visible(ctx, entries, Mode::Async).await
+    }
+
+    /// [`Self::filter_list`], blocking the calling thread (not for runtime workers).
+    pub fn filter_list_blocking(
+        &self,
+        ctx: &CallContext<'_>,
+        entries: &[ListEntry],
+    ) -> Result<Vec<bool>, Denied> {
+        futures_executor::block_on(self.visible(ctx, entries, Mode::Blocking))
+    }
+
+    async fn request(&self, ctx: &CallContext<'_>, arguments_json: &str, mode: Mode) -> Decision {
+        if self.is_empty() {
+            return Decision::Allow;
+        }
+        if let Some(denied) = self.check_visible(ctx, mode).await {
+            return Decision::Deny(denied);
+        }
+        self.run_chain(Hook::Request, ctx, arguments_json, mode)
+            .await
+    }
+
+    async fn visible(
+        &self,
+        ctx: &CallContext<'_>,
+        entries: &[ListEntry],
+        mode: Mode,
+    ) -> Result<Vec<bool>, Denied> {
         if self.is_empty() {
             return Ok(vec![true; entries.len()]);
         }
-        let hidden = self.hidden_by(ctx, entries)?;
+        let hidden = self.hidden_by(ctx, entries, mode).await?;
         Ok(hidden.iter().map(Option::is_none).collect())
     }
 
     /// For calls to a named target, the single-entry visibility check.
-    fn check_visible(&self, ctx: &CallContext<'_>) -> Option<Denied> {
+    async fn check_visible(&self, ctx: &CallContext<'_>, mode: Mode) -> Option<Denied> {
         let kind = match ctx.method {
             "tools/call" => EntryKind::Tool,
             "prompts/get" => EntryKind::Prompt,
@@ -365,16 +399,26 @@ impl PluginSet {
             }
             _ => return None,
         };
-        self.check_target(ctx, kind, ctx.name?)
+        self.target_hidden(ctx, kind, ctx.name?, mode).await
     }
 
     /// Whether the caller may use the `kind` entry `name`: a hidden entry is denied, whatever
     /// method reaches it (a completion of a hidden prompt's arguments, say).
-    pub fn check_target(
+    pub async fn check_target(
         &self,
         ctx: &CallContext<'_>,
         kind: EntryKind,
         name: &str,
+    ) -> Option<Denied> {
+        self.target_hidden(ctx, kind, name, Mode::Async).await
+    }
+
+    async fn target_hidden(
+        &self,
+        ctx: &CallContext<'_>,
+        kind: EntryKind,
+        name: &str,
+        mode: Mode,
     ) -> Option<Denied> {
         if self.is_empty() {
             return None;
@@ -397,7 +441,10 @@ impl PluginSet {
             description: None,
             labels: Vec::new(),
         };
-        match self.hidden_by(&list_ctx, std::slice::from_ref(&entry)) {
+        match self
+            .hidden_by(&list_ctx, std::slice::from_ref(&entry), mode)
+            .await
+        {
             Ok(hidden) => hidden[0].map(|i| Denied {
                 plugin: self.plugins[i].name.clone(),
                 code: POLICY_DENIED,
@@ -409,10 +456,11 @@ impl PluginSet {
     }
 
     /// For each entry, the plugin that hid it, if any.
-    fn hidden_by(
+    async fn hidden_by(
         &self,
         ctx: &CallContext<'_>,
         entries: &[ListEntry],
+        mode: Mode,
     ) -> Result<Vec<Option<usize>>, Denied> {
         let mut hidden: Vec<Option<usize>> = vec![None; entries.len()];
         // Plugins in order of first appearance, with the chains that bring them.
@@ -448,19 +496,22 @@ impl PluginSet {
             let wit_entries: Vec<bindings::ListEntry> =
                 picked.iter().map(|&e| to_wit_entry(&entries[e])).collect();
             let started = Instant::now();
-            let result = plugin.call(ctx.session_id, ctx.principal, |store, hooks| {
-                hooks.call_filter_list(store, &wit_ctx, &wit_entries)
-            });
-            let result = result.and_then(|v| {
-                if v.len() == picked.len() {
-                    Ok(v)
-                } else {
-                    Err(Fault::Malformed(format!(
-                        "filter-list answered {} booleans for {} entries",
-                        v.len(),
-                        picked.len()
-                    )))
-                }
+            let result = plugin
+                .call(
+                    ctx.session_id,
+                    ctx.principal,
+                    HookCall::FilterList(&wit_ctx, &wit_entries),
+                    mode,
+                )
+                .await;
+            let result = result.and_then(|answer| match answer {
+                HookAnswer::Visible(v) if v.len() == picked.len() => Ok(v),
+                HookAnswer::Visible(v) => Err(Fault::Malformed(format!(
+                    "filter-list answered {} booleans for {} entries",
+                    v.len(),
+                    picked.len()
+                ))),
+                HookAnswer::Decision(_) => unreachable!("filter-list answers booleans"),
             });
             record_time(plugin, started);
             match result {
@@ -485,7 +536,16 @@ impl PluginSet {
     }
 
     /// Runs the request or response chain.
-    fn run_chain(&self, hook: Hook, ctx: &CallContext<'_>, payload: &str) -> Decision {
+    async fn run_chain(
+        &self,
+        hook: Hook,
+        ctx: &CallContext<'_>,
+        payload: &str,
+        mode: Mode,
+    ) -> Decision {
+        if self.is_empty() {
+            return Decision::Allow;
+        }
         let mut rewritten: Option<String> = None;
         let mut wit_ctx: Option<bindings::CallContext> = None;
         let mut seen: Vec<usize> = Vec::new();
@@ -503,13 +563,16 @@ impl PluginSet {
                 let wctx = wit_ctx.get_or_insert_with(|| to_wit_ctx(ctx));
                 let input = rewritten.as_deref().unwrap_or(payload);
                 let started = Instant::now();
-                let result =
-                    plugin.call(ctx.session_id, ctx.principal, |store, hooks| match hook {
-                        Hook::Request => hooks.call_on_request(store, wctx, input),
-                        Hook::Response => hooks.call_on_response(store, wctx, input),
-                    });
-                let result = result.and_then(|d| match d {
-                    bindings::Decision::Rewrite(json) => {
+                let call = match hook {
+                    Hook::Request => HookCall::Request(wctx, input),
+                    Hook::Response => HookCall::Response(wctx, input),
+                };
+                let result = plugin.call(ctx.session_id, ctx.principal, call, mode).await;
+                let result = result.and_then(|answer| match answer {
+                    HookAnswer::Visible(_) => {
+                        unreachable!("on-request/on-response answer a decision")
+                    }
+                    HookAnswer::Decision(bindings::Decision::Rewrite(json)) => {
                         match serde_json::from_str::<&serde_json::value::RawValue>(&json) {
                             Ok(_) => Ok(bindings::Decision::Rewrite(json)),
                             Err(e) => Err(Fault::Malformed(format!(
@@ -517,7 +580,7 @@ impl PluginSet {
                             ))),
                         }
                     }
-                    other => Ok(other),
+                    HookAnswer::Decision(other) => Ok(other),
                 });
                 record_time(plugin, started);
                 match result {
