@@ -47,7 +47,12 @@ async fn gateway() -> TestGateway {
 }
 
 /// An admin API request with the admin token.
-async fn admin(gw_addr: std::net::SocketAddr, method: &str, path: &str, body: Option<Value>) -> Resp {
+async fn admin(
+    gw_addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Resp {
     let c = Client::new(format!("http://{gw_addr}{path}"));
     let mut req = http::Request::builder()
         .method(method)
@@ -68,7 +73,11 @@ fn processes_with(marker: &str) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc") {
         let Ok(entry) = entry else { continue };
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         // A process may end between listing and reading: that is not a match.
@@ -202,9 +211,7 @@ async fn definitions_with_nul_bytes_or_an_internal_name_are_refused() {
     assert_eq!(r.json()["servers"], json!([]), "{}", r.body);
 
     // The config file's servers go through the same validation.
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nservers:\n  - name: gateway\n    command: {BIN:?}\n"
-    );
+    let yaml = format!("listen: 127.0.0.1:0\nservers:\n  - name: gateway\n    command: {BIN:?}\n");
     let err = gatehouse::Config::from_yaml(&yaml).unwrap_err().to_string();
     assert!(err.contains("servers[0].name"), "{err}");
     let yaml = format!(

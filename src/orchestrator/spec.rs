@@ -467,8 +467,7 @@ impl ServerDef {
         if let Some(res) = &spec.resources {
             for (field, map) in [("requests", &res.requests), ("limits", &res.limits)] {
                 for (k, v) in map {
-                    if v.trim().is_empty()
-                        || v.chars().any(|c| c.is_whitespace() || c.is_control())
+                    if v.trim().is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control())
                     {
                         return Err(SpecError::new(
                             format!("resources.{field}.{k}"),
