@@ -18,15 +18,16 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use futures_util::FutureExt;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Shared};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::process::{ChildStdin, ChildStdout};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, OwnedMutexGuard, mpsc, watch};
 
 use super::backoff::{Backoff, random_unit};
 use super::logbuf::LogBuffer;
@@ -76,9 +77,33 @@ impl Default for LocalSettings {
 }
 
 /// Runs MCP servers as child processes of the gateway.
+///
+/// Changes to one name (apply, remove, restart) run one at a time under that name's lock,
+/// and a supervisor is started and put in `servers` in one step under it: every supervisor
+/// has exactly one entry, so removing the entry's server stops everything it started.
 pub struct LocalRuntime {
     settings: Arc<LocalSettings>,
-    servers: DashMap<String, Arc<Supervised>>,
+    servers: Arc<DashMap<String, Arc<Supervised>>>,
+    /// A lock per name with a change in progress (dropped with the last holder).
+    changing: Arc<DashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Set by shutdown: no server starts after it.
+    closed: Arc<AtomicBool>,
+}
+
+/// Holds the change lock of one server name; frees the name's entry when nobody waits.
+struct ChangeLock {
+    changing: Arc<DashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    name: String,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl Drop for ChangeLock {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        // Only the map's own reference left: nobody holds or waits for this lock.
+        self.changing
+            .remove_if(&self.name, |_, m| Arc::strong_count(m) == 1);
+    }
 }
 
 impl LocalRuntime {
@@ -86,7 +111,50 @@ impl LocalRuntime {
     pub fn new(settings: LocalSettings) -> Self {
         LocalRuntime {
             settings: Arc::new(settings),
-            servers: DashMap::new(),
+            servers: Arc::new(DashMap::new()),
+            changing: Arc::new(DashMap::new()),
+            closed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Waits for the other changes to `name` to finish.
+    async fn lock(&self, name: &str) -> ChangeLock {
+        let mutex = self.changing.entry(name.to_owned()).or_default().clone();
+        let mut lock = ChangeLock {
+            changing: self.changing.clone(),
+            name: name.to_owned(),
+            guard: None,
+        };
+        lock.guard = Some(mutex.lock_owned().await);
+        lock
+    }
+
+    /// Runs a change to completion even if the caller stops waiting (a client that hangs
+    /// up mid-PUT must not leave a half-replaced server), holding the name's lock throughout.
+    async fn change<T: Send + 'static>(
+        &self,
+        name: &str,
+        f: impl FnOnce(ChangeCtx) -> BoxFuture<'static, Result<T>>,
+    ) -> Result<T> {
+        let lock = self.lock(name).await;
+        let ctx = ChangeCtx {
+            name: name.to_owned(),
+            servers: self.servers.clone(),
+            settings: self.settings.clone(),
+            closed: self.closed.clone(),
+        };
+        let work = f(ctx);
+        let task = tokio::spawn(async move {
+            let _lock = lock;
+            work.await
+        });
+        match task.await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(OrchestratorError::NotRunning {
+                server: name.to_owned(),
+                detail: "the runtime is shutting down".into(),
+            }),
         }
     }
 
@@ -102,11 +170,15 @@ impl LocalRuntime {
         Ok(self.get(name)?.status.subscribe())
     }
 
-    /// Stops every server (for shutdown).
+    /// Stops every server (for shutdown); later applies fail.
     pub async fn shutdown(&self) {
-        let all: Vec<_> = self.servers.iter().map(|e| e.value().clone()).collect();
-        self.servers.clear();
-        futures_util::future::join_all(all.iter().map(|s| s.stop())).await;
+        self.closed.store(true, Ordering::SeqCst);
+        // A change that began before `closed` holds its name's lock, so it is listed here
+        // and removed once it is done; one that begins later sees `closed`.
+        let mut names: std::collections::BTreeSet<String> =
+            self.changing.iter().map(|e| e.key().clone()).collect();
+        names.extend(self.servers.iter().map(|e| e.key().clone()));
+        futures_util::future::join_all(names.iter().map(|n| Runtime::remove(self, n))).await;
     }
 
     fn endpoint_of(&self, sup: &Arc<Supervised>) -> Endpoint {
@@ -148,15 +220,30 @@ impl Runtime for LocalRuntime {
                     what: "a command",
                 });
             }
-            if let Some(old) = self.servers.get(&server.name).map(|s| s.value().clone()) {
-                if old.server == server {
-                    return Ok(());
+            let name = server.name.clone();
+            self.change(&name, move |ctx| {
+                async move {
+                    if ctx.closed.load(Ordering::SeqCst) {
+                        return Err(OrchestratorError::NotRunning {
+                            server: ctx.name,
+                            detail: "the gateway is shutting down".into(),
+                        });
+                    }
+                    let old = ctx.servers.get(&ctx.name).map(|s| s.value().clone());
+                    if let Some(old) = old {
+                        if old.server == server && !old.stopping() {
+                            return Ok(());
+                        }
+                        // The old entry stays visible until its process is gone.
+                        old.stop().await;
+                    }
+                    let sup = Supervised::start(server, ctx.settings.clone());
+                    ctx.servers.insert(ctx.name, sup);
+                    Ok(())
                 }
-                old.stop().await;
-            }
-            let sup = Supervised::start(server.clone(), self.settings.clone());
-            self.servers.insert(server.name, sup);
-            Ok(())
+                .boxed()
+            })
+            .await
         }
         .boxed()
     }
@@ -267,6 +354,7 @@ impl Runtime for LocalRuntime {
 
     fn restart<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
         async move {
+            let _lock = self.lock(name).await;
             self.get(name)?.restart.notify_one();
             Ok(())
         }
@@ -294,13 +382,29 @@ impl Runtime for LocalRuntime {
 
     fn remove<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
         async move {
-            if let Some((_, sup)) = self.servers.remove(name) {
-                sup.stop().await;
-            }
-            Ok(())
+            self.change(name, |ctx| {
+                async move {
+                    let sup = ctx.servers.get(&ctx.name).map(|s| s.value().clone());
+                    if let Some(sup) = sup {
+                        sup.stop().await;
+                        ctx.servers.remove(&ctx.name);
+                    }
+                    Ok(())
+                }
+                .boxed()
+            })
+            .await
         }
         .boxed()
     }
+}
+
+/// What a change to one server works on, owned so that it can outlive its caller.
+struct ChangeCtx {
+    name: String,
+    servers: Arc<DashMap<String, Arc<Supervised>>>,
+    settings: Arc<LocalSettings>,
+    closed: Arc<AtomicBool>,
 }
 
 fn describe(st: &ServerStatus) -> String {
@@ -330,7 +434,8 @@ struct Supervised {
     io: Mutex<Option<ProcIo>>,
     restart: Notify,
     stop_tx: watch::Sender<bool>,
-    done: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Completes when the supervisor task has ended; every stopper awaits it.
+    done: Mutex<Option<Shared<BoxFuture<'static, ()>>>>,
 }
 
 impl Supervised {
@@ -349,7 +454,8 @@ impl Supervised {
             done: Mutex::new(None),
         });
         let task = tokio::spawn(supervise(sup.clone(), settings));
-        *sup.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        *sup.done.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(task.map(|_| ()).boxed().shared());
         sup
     }
 
@@ -361,11 +467,17 @@ impl Supervised {
         self.stop_tx.send_replace(true);
     }
 
+    fn stopping(&self) -> bool {
+        *self.stop_tx.borrow()
+    }
+
+    /// Stops the process and returns once the supervisor has ended, for every caller
+    /// (a second stopper used to return at once, before the process was gone).
     async fn stop(&self) {
         self.stop_now();
-        let task = self.done.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(task) = task {
-            let _ = task.await;
+        let done = self.done.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(done) = done {
+            done.await;
         }
     }
 

@@ -40,7 +40,9 @@ pub type Result<T, E = OrchestratorError> = std::result::Result<T, E>;
 /// A backend that runs MCP servers: local processes or Kubernetes pods.
 ///
 /// Every method is idempotent where it can be: applying the same definition twice
-/// changes nothing, removing a server that is gone succeeds.
+/// changes nothing, removing a server that is gone succeeds. Concurrent changes to one
+/// server (apply, remove, restart) take effect one after the other, so whichever comes
+/// last wins and nothing started by an earlier one outlives it.
 pub trait Runtime: Send + Sync {
     /// Backend name for logs and the admin API (`local` or `kubernetes`).
     fn kind(&self) -> &'static str;

@@ -18,6 +18,10 @@ pub const OBJECT_PREFIX: &str = "mcp-";
 pub const MAX_NAME_LEN: usize = 63 - OBJECT_PREFIX.len();
 /// Default MCP endpoint path of a streamable-http server.
 pub const DEFAULT_HTTP_PATH: &str = "/mcp";
+/// Names no server may take: `gateway` is the `server` label of the metrics of requests
+/// the gateway answers itself (see `mcp::handler`), so a server of that name would be
+/// indistinguishable from it.
+pub const RESERVED_NAMES: &[&str] = &["gateway"];
 
 /// The desired state of one MCP server (the `McpServer` resource's spec).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -276,6 +280,17 @@ pub fn is_dns_label(s: &str, max: usize) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
+/// Refuses a value with a NUL byte, which no process argument or variable can carry.
+fn no_nul(field: &str, value: Option<&str>) -> Result<(), SpecError> {
+    match value.and_then(|v| v.find('\0')) {
+        Some(at) => Err(SpecError::new(
+            field,
+            format!("contains a NUL byte (at byte {at}), which a process cannot receive"),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn is_env_name(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with(|c: char| c.is_ascii_digit())
@@ -322,6 +337,16 @@ impl ServerDef {
                 ),
             ));
         }
+        if RESERVED_NAMES.contains(&self.name.as_str()) {
+            return Err(SpecError::new(
+                "name",
+                format!(
+                    "{:?} is reserved for the gateway's own use (reserved: {})",
+                    self.name,
+                    RESERVED_NAMES.join(", ")
+                ),
+            ));
+        }
         if spec.image.is_none() && spec.command.is_none() {
             return Err(SpecError::new(
                 "image",
@@ -329,7 +354,8 @@ impl ServerDef {
             ));
         }
         if let Some(image) = &spec.image
-            && (image.trim().is_empty() || image.chars().any(char::is_whitespace))
+            && (image.trim().is_empty()
+                || image.chars().any(|c| c.is_whitespace() || c.is_control()))
         {
             return Err(SpecError::new(
                 "image",
@@ -338,6 +364,12 @@ impl ServerDef {
         }
         if spec.command.as_deref().is_some_and(|c| c.trim().is_empty()) {
             return Err(SpecError::new("command", "must not be empty"));
+        }
+        // A process cannot receive a NUL byte in its command, arguments or environment:
+        // the server would fail to start on every retry.
+        no_nul("command", spec.command.as_deref())?;
+        for (i, arg) in spec.args.iter().enumerate() {
+            no_nul(&format!("args[{i}]"), Some(arg))?;
         }
         match spec.transport.kind {
             TransportKind::Stdio => {
@@ -355,10 +387,16 @@ impl ServerDef {
                         "a streamable-http server needs the port it listens on",
                     ));
                 }
-                if let Some(path) = &spec.transport.path
-                    && !path.starts_with('/')
-                {
-                    return Err(SpecError::new("transport.path", "must start with '/'"));
+                if let Some(path) = &spec.transport.path {
+                    if !path.starts_with('/') {
+                        return Err(SpecError::new("transport.path", "must start with '/'"));
+                    }
+                    if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                        return Err(SpecError::new(
+                            "transport.path",
+                            format!("{path:?} is not a URL path"),
+                        ));
+                    }
                 }
             }
         }
@@ -378,6 +416,9 @@ impl ServerDef {
                     format!("{:?} is set twice", var.name),
                 ));
             }
+            no_nul(&at(".value"), var.value.as_deref())?;
+            no_nul(&at(".secretValue"), var.secret_value.as_deref())?;
+            no_nul(&at(".secretFromEnv"), var.secret_from_env.as_deref())?;
             let value = match (&var.value, &var.secret_value, &var.secret_from_env) {
                 (Some(v), None, None) => EnvValue::Plain(v.clone()),
                 (None, Some(v), None) => EnvValue::Secret(v.clone()),
@@ -426,7 +467,8 @@ impl ServerDef {
         if let Some(res) = &spec.resources {
             for (field, map) in [("requests", &res.requests), ("limits", &res.limits)] {
                 for (k, v) in map {
-                    if v.trim().is_empty() || v.chars().any(char::is_whitespace) {
+                    if v.trim().is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control())
+                    {
                         return Err(SpecError::new(
                             format!("resources.{field}.{k}"),
                             format!("{v:?} is not a quantity"),
@@ -515,6 +557,22 @@ labels: { team: tools }
                 "name: a\ncommand: x\nlabels: { team: 'a b' }",
                 "labels.team",
             ),
+            ("name: gateway\ncommand: x", "name"),
+            ("name: a\ncommand: \"x\\0\"", "command"),
+            ("name: a\ncommand: x\nargs: [ok, \"b\\0\"]", "args[1]"),
+            (
+                "name: a\ncommand: x\nenv: [{ name: A, value: \"\\0\" }]",
+                "env[0].value",
+            ),
+            (
+                "name: a\ncommand: x\nenv: [{ name: A, secretValue: \"s\\0\" }]",
+                "env[0].secretValue",
+            ),
+            (
+                "name: a\ncommand: x\nenv: [{ name: A, secretFromEnv: \"V\\0\" }]",
+                "env[0].secretFromEnv",
+            ),
+            ("name: a\nimage: \"i\\0\"", "image"),
         ];
         for (yaml, field) in cases {
             let err = def(yaml).resolve_with(|_| None).unwrap_err();
