@@ -66,10 +66,14 @@ pub async fn bind(gw: Arc<Gateway>) -> std::io::Result<Listening> {
             let (stream, peer) = match accepted {
                 Ok(c) => c,
                 // The peer gave up before we accepted: nothing is wrong with the listener.
-                Err(e) if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
-                ) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(retry_in = ?backoff, "accept failed: {e}");
                     tokio::select! {

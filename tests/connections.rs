@@ -17,7 +17,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// The HTTP/2 connection preface and an empty SETTINGS frame: a client that then says nothing.
-const H2_PREFACE_ONLY: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+const H2_PREFACE_ONLY: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
 
 const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#;
 
@@ -187,7 +188,10 @@ async fn connections_over_the_per_address_cap_are_closed_at_once() {
             break;
         }
     }
-    assert!(admitted, "a place freed by a closed connection was never given back");
+    assert!(
+        admitted,
+        "a place freed by a closed connection was never given back"
+    );
     gw.stop().await;
 }
 
@@ -249,7 +253,9 @@ async fn spawn_low_fd_gateway(nofile: u32, mcp: &str) -> Child {
     .unwrap();
     let mut process = tokio::process::Command::new("sh")
         .arg("-c")
-        .arg(format!("ulimit -n {nofile} && exec \"$0\" serve --config \"$1\""))
+        .arg(format!(
+            "ulimit -n {nofile} && exec \"$0\" serve --config \"$1\""
+        ))
         .arg(BIN)
         .arg(&config)
         .env("RUST_LOG", "gatehouse=info")
@@ -260,12 +266,19 @@ async fn spawn_low_fd_gateway(nofile: u32, mcp: &str) -> Child {
         .expect("sh runs");
     let mut lines = BufReader::new(process.stderr.take().unwrap()).lines();
     let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut log = Vec::new();
         while let Some(line) = lines.next_line().await.unwrap() {
+            log.push(line.clone());
             if let Some(rest) = line.split_once("MCP endpoint http://").map(|(_, r)| r) {
-                return rest.split('/').next().unwrap().parse::<SocketAddr>().unwrap();
+                return rest
+                    .split('/')
+                    .next()
+                    .unwrap()
+                    .parse::<SocketAddr>()
+                    .unwrap();
             }
         }
-        panic!("gateway exited before listening");
+        panic!("gateway exited before listening: {}", log.join("\n"));
     })
     .await
     .expect("gateway listening within 30s");
@@ -363,7 +376,8 @@ async fn two_host_headers_are_refused_with_400() {
 async fn absolute_form_targets_must_agree_with_host_and_pass_the_host_rules() {
     let gw = TestGateway::start("", &[example("a", &[], "")]).await;
     let healthy = healthy_session(&gw).await;
-    let headers = "content-type: application/json\r\naccept: application/json, text/event-stream\r\n";
+    let headers =
+        "content-type: application/json\r\naccept: application/json, text/event-stream\r\n";
 
     let r = raw_exchange(
         gw.addr,
