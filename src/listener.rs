@@ -192,20 +192,20 @@ impl Drop for InFlight {
     }
 }
 
-/// Resolves once the connection has had no request in flight for the deadline: `first` from
-/// accept until a request starts, `later` after each request.
+/// Resolves once the connection has had no request in flight for the deadline: `first` while
+/// no request has started yet (counted from accept), `later` after any request.
 async fn idle_deadline(mut busy: watch::Receiver<Busy>, first: Duration, later: Duration) {
-    let mut limit = first;
     loop {
         let Ok(seen) = busy.wait_for(|b| b.in_flight == 0).await.map(|b| b.started) else {
             return;
         };
+        // A request may have come and gone before this first looked.
+        let limit = if seen == 0 { first } else { later };
         // `started` catches a request that began and ended between two looks.
         let active = busy.wait_for(|b| b.in_flight > 0 || b.started != seen);
         if tokio::time::timeout(limit, active).await.is_err() {
             return;
         }
-        limit = later;
     }
 }
 
@@ -382,4 +382,67 @@ fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIRST: Duration = Duration::from_secs(10);
+    const LATER: Duration = Duration::from_secs(1);
+
+    async fn resolves_after(busy: watch::Receiver<Busy>) -> Duration {
+        let start = tokio::time::Instant::now();
+        idle_deadline(busy, FIRST, LATER).await;
+        start.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_no_request_gets_the_first_deadline() {
+        let (_activity, busy) = watch::channel(Busy::default());
+        assert_eq!(resolves_after(busy).await, FIRST);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_served_before_the_first_look_switches_to_the_idle_deadline() {
+        let (activity, busy) = watch::channel(Busy::default());
+        let activity = Arc::new(activity);
+        drop(InFlight::start(&activity));
+        assert_eq!(resolves_after(busy).await, LATER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_is_never_idle() {
+        let (activity, busy) = watch::channel(Busy::default());
+        let activity = Arc::new(activity);
+        let request = InFlight::start(&activity);
+        let idle = tokio::spawn(resolves_after(busy));
+        tokio::time::sleep(FIRST * 3).await;
+        assert!(!idle.is_finished());
+        drop(request);
+        assert_eq!(idle.await.unwrap(), FIRST * 3 + LATER);
+    }
+
+    #[test]
+    fn caps_per_address_and_overall() {
+        let limits = Arc::new(Limits {
+            max: 3,
+            per_ip: 2,
+            open: Mutex::new(Open::default()),
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "::ffff:10.0.0.2".parse().unwrap();
+        let a1 = limits.admit(a).unwrap();
+        let _a2 = limits.admit(a).unwrap();
+        assert!(matches!(
+            limits.admit(a),
+            Err(Refused::PerIp { count: 2, .. })
+        ));
+        let _b1 = limits.admit(b).unwrap();
+        assert!(matches!(limits.admit(b), Err(Refused::Global(3))));
+        drop(a1);
+        // The mapped IPv6 spelling is the same peer as plain IPv4.
+        let _b2 = limits.admit("10.0.0.2".parse().unwrap()).unwrap();
+        assert!(limits.admit(b).is_err());
+    }
 }
