@@ -161,6 +161,18 @@ pub struct RawMcp {
     /// Interval of keep-alive comments on SSE streams.
     #[serde(default, with = "humantime_serde")]
     pub sse_keepalive: Option<Duration>,
+    /// A connection with no request in flight is closed after this long.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_connection_timeout: Option<Duration>,
+    /// Most client connections open at once.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Most client connections open at once from one source address.
+    #[serde(default)]
+    pub max_connections_per_ip: Option<usize>,
+    /// Interval of TCP keep-alive probes and HTTP/2 PINGs, to find half-open peers.
+    #[serde(default, with = "humantime_serde")]
+    pub keepalive_interval: Option<Duration>,
 }
 
 /// When tool and prompt names carry their server's name.
@@ -318,6 +330,14 @@ pub struct McpSettings {
     pub prefix_names: PrefixNames,
     /// SSE keep-alive interval.
     pub sse_keepalive: Duration,
+    /// Lifetime of a connection with no request in flight (after its first request).
+    pub idle_connection_timeout: Duration,
+    /// Global connection cap.
+    pub max_connections: usize,
+    /// Per-source-address connection cap.
+    pub max_connections_per_ip: usize,
+    /// TCP keep-alive and HTTP/2 PING interval.
+    pub keepalive_interval: Duration,
 }
 
 /// A validated upstream.
@@ -440,7 +460,31 @@ impl RawConfig {
                 ));
             }
         }
+        let max_connections = at_least_one("mcp.max_connections", m.max_connections, 10_000)?;
+        let max_connections_per_ip = at_least_one(
+            "mcp.max_connections_per_ip",
+            m.max_connections_per_ip,
+            max_connections.min(256),
+        )?;
+        if max_connections_per_ip > max_connections {
+            return Err(field_err(
+                "mcp.max_connections_per_ip",
+                format!("{max_connections_per_ip} exceeds mcp.max_connections ({max_connections})"),
+            ));
+        }
         let mcp = McpSettings {
+            idle_connection_timeout: positive(
+                "mcp.idle_connection_timeout",
+                m.idle_connection_timeout,
+                Duration::from_secs(60),
+            )?,
+            max_connections,
+            max_connections_per_ip,
+            keepalive_interval: positive(
+                "mcp.keepalive_interval",
+                m.keepalive_interval,
+                Duration::from_secs(30),
+            )?,
             allowed_origins: m.allowed_origins,
             allowed_hosts: m
                 .allowed_hosts
@@ -680,6 +724,14 @@ fn positive(
     }
 }
 
+fn at_least_one(field: &str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match value {
+        Some(0) => Err(field_err(field, "must be at least 1")),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -753,6 +805,37 @@ upstreams:
         assert!(err("bogus: 1\nupstreams: [{name: a, stdio: {command: x}}]").contains("bogus"));
         assert!(err("mcp: {allowed_origins: ['example.com']}\nupstreams: [{name: a, stdio: {command: x}}]")
             .contains("mcp.allowed_origins[0]"));
+        let up = "upstreams: [{name: a, stdio: {command: x}}]";
+        assert!(
+            err(&format!("mcp: {{max_connections: 0}}\n{up}")).contains("mcp.max_connections:")
+        );
+        assert!(
+            err(&format!(
+                "mcp: {{max_connections: 10, max_connections_per_ip: 11}}\n{up}"
+            ))
+            .contains("mcp.max_connections_per_ip: 11 exceeds")
+        );
+        assert!(
+            err(&format!("mcp: {{idle_connection_timeout: 0s}}\n{up}"))
+                .contains("mcp.idle_connection_timeout")
+        );
+        assert!(
+            err(&format!("mcp: {{keepalive_interval: 0s}}\n{up}"))
+                .contains("mcp.keepalive_interval")
+        );
+    }
+
+    #[test]
+    fn connection_limits_default_safely() {
+        let c = Config::from_yaml("upstreams: [{name: a, stdio: {command: x}}]").unwrap();
+        assert_eq!(c.mcp.max_connections, 10_000);
+        assert_eq!(c.mcp.max_connections_per_ip, 256);
+        assert_eq!(c.mcp.idle_connection_timeout, Duration::from_secs(60));
+        let small = Config::from_yaml(
+            "mcp: {max_connections: 8}\nupstreams: [{name: a, stdio: {command: x}}]",
+        )
+        .unwrap();
+        assert_eq!(small.mcp.max_connections_per_ip, 8);
     }
 
     #[test]

@@ -1,22 +1,38 @@
-//! The listener: accepts TCP connections, applies header and body deadlines, and routes paths:
+//! The listener: accepts TCP connections, bounds how many are open (globally and per source
+//! address) and how long they may sit idle, applies header and body deadlines, and routes paths:
 //! the MCP endpoint, health probes and metrics.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::body::Body;
+use crate::config::McpSettings;
 use crate::gateway::Gateway;
 use crate::mcp::{front, jsonrpc};
 
 /// The MCP endpoint path.
 pub const MCP_PATH: &str = "/mcp";
+
+/// First and longest pause after a failed accept (EMFILE and the like): retrying at once would
+/// spin and flood the log while descriptors are exhausted.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
+/// How long an idle connection being closed may take to say goodbye (HTTP/2 GOAWAY).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long an HTTP/2 PING may go unanswered before the peer is taken for gone.
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// TCP keep-alive probes unanswered before the kernel drops the connection.
+const KEEPALIVE_RETRIES: u32 = 3;
 
 /// A running listener.
 pub struct Listening {
@@ -38,41 +54,44 @@ impl Listening {
 pub async fn bind(gw: Arc<Gateway>) -> std::io::Result<Listening> {
     let listener = TcpListener::bind(gw.config.listen).await?;
     let local_addr = listener.local_addr()?;
+    let limits = Arc::new(Limits::new(&gw.config.mcp));
     let (stop, mut stopped) = watch::channel(false);
     let task = tokio::spawn(async move {
+        let mut backoff = ACCEPT_BACKOFF.0;
         loop {
-            let (stream, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
                 _ = stopped.changed() => return,
             };
-            let _ = stream.set_nodelay(true);
-            let gw = gw.clone();
-            tokio::spawn(async move {
-                let mut builder =
-                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(gw.config.mcp.header_timeout);
-                builder.http2().timer(TokioTimer::new());
-                let service = service_fn(move |req| {
-                    let gw = gw.clone();
-                    async move { Ok::<_, std::convert::Infallible>(route(gw, req).await) }
-                });
-                if let Err(e) = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
+            let (stream, peer) = match accepted {
+                Ok(c) => c,
+                // The peer gave up before we accepted: nothing is wrong with the listener.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                    ) =>
                 {
-                    tracing::debug!(%peer, "connection ended: {e}");
+                    continue;
                 }
-            });
+                Err(e) => {
+                    tracing::warn!(retry_in = ?backoff, "accept failed: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stopped.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+                    continue;
+                }
+            };
+            backoff = ACCEPT_BACKOFF.0;
+            match limits.admit(peer.ip()) {
+                // Dropping the stream closes it now: a refused connection holds no descriptor.
+                Err(refused) => tracing::debug!(%peer, "connection refused: {refused}"),
+                Ok(admitted) => {
+                    tokio::spawn(serve_connection(gw.clone(), stream, peer, admitted));
+                }
+            }
         }
     });
     Ok(Listening {
@@ -82,8 +101,249 @@ pub async fn bind(gw: Arc<Gateway>) -> std::io::Result<Listening> {
     })
 }
 
+/// Serves one connection until the peer leaves or it sits idle too long.
+async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr, _slot: Admitted) {
+    let mcp = &gw.config.mcp;
+    configure_socket(&stream, mcp.keepalive_interval);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(mcp.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(mcp.keepalive_interval))
+        .keep_alive_timeout(PING_TIMEOUT);
+    let (activity, busy) = watch::channel(Busy::default());
+    let activity = Arc::new(activity);
+    let service = {
+        let gw = gw.clone();
+        service_fn(move |req| {
+            let in_flight = InFlight::start(&activity);
+            let gw = gw.clone();
+            async move {
+                let resp = route(gw, req).await;
+                Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
+                    body,
+                    _in_flight: in_flight,
+                }))
+            }
+        })
+    };
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    // The first request must begin within the header deadline of accept, so a connection that
+    // never sends a byte (or only the HTTP/2 preface) is not held any longer than a slow one.
+    let idle = idle_deadline(busy, mcp.header_timeout, mcp.idle_connection_timeout);
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        () = idle => {
+            tracing::debug!(%peer, "closing idle connection");
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(SHUTDOWN_GRACE, conn).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, "connection ended: {e}");
+    }
+}
+
+/// TCP keep-alive finds peers that vanished without a FIN (a half-open connection would
+/// otherwise hold its slot and descriptor until the idle deadline, or forever while streaming).
+fn configure_socket(stream: &TcpStream, keepalive: Duration) {
+    let _ = stream.set_nodelay(true);
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(keepalive)
+        .with_interval(keepalive)
+        .with_retries(KEEPALIVE_RETRIES);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&probes) {
+        tracing::debug!("cannot enable TCP keep-alive: {e}");
+    }
+}
+
+/// Requests of one connection: how many are in flight, and how many ever started.
+#[derive(Debug, Clone, Copy, Default)]
+struct Busy {
+    in_flight: usize,
+    started: u64,
+}
+
+/// One request in flight; it stays counted until its response body is dropped, so a long
+/// SSE stream keeps its connection busy.
+struct InFlight(Arc<watch::Sender<Busy>>);
+
+impl InFlight {
+    fn start(activity: &Arc<watch::Sender<Busy>>) -> InFlight {
+        activity.send_modify(|b| {
+            b.in_flight += 1;
+            b.started += 1;
+        });
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|b| b.in_flight -= 1);
+    }
+}
+
+/// Resolves once the connection has had no request in flight for the deadline: `first` while
+/// no request has started yet (counted from accept), `later` after any request.
+async fn idle_deadline(mut busy: watch::Receiver<Busy>, first: Duration, later: Duration) {
+    loop {
+        let Ok(seen) = busy.wait_for(|b| b.in_flight == 0).await.map(|b| b.started) else {
+            return;
+        };
+        // A request may have come and gone before this first looked.
+        let limit = if seen == 0 { first } else { later };
+        // `started` catches a request that began and ended between two looks.
+        let active = busy.wait_for(|b| b.in_flight > 0 || b.started != seen);
+        if tokio::time::timeout(limit, active).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] mark until hyper is done with it.
+struct Tracked {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Why a new connection was refused (it is closed at once).
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The global cap is reached.
+    #[error("{0} connections open (mcp.max_connections)")]
+    Global(usize),
+    /// The source address has its share.
+    #[error("{count} connections open from {ip} (mcp.max_connections_per_ip)")]
+    PerIp {
+        /// The source address.
+        ip: IpAddr,
+        /// Its open connections.
+        count: usize,
+    },
+}
+
+/// Open connections, counted against the global and per-address caps.
+struct Limits {
+    max: usize,
+    per_ip: usize,
+    open: Mutex<Open>,
+}
+
+#[derive(Default)]
+struct Open {
+    total: usize,
+    by_ip: HashMap<IpAddr, usize>,
+}
+
+/// A connection's place under the caps, given back when dropped.
+struct Admitted {
+    limits: Arc<Limits>,
+    ip: IpAddr,
+}
+
+impl Limits {
+    fn new(mcp: &McpSettings) -> Limits {
+        let max = match descriptor_budget() {
+            Some(budget) if budget < mcp.max_connections => {
+                tracing::warn!(
+                    configured = mcp.max_connections,
+                    budget,
+                    "mcp.max_connections exceeds what the open-file limit leaves for connections; capping it"
+                );
+                budget
+            }
+            _ => mcp.max_connections,
+        };
+        Limits {
+            max,
+            per_ip: mcp.max_connections_per_ip.min(max),
+            open: Mutex::new(Open::default()),
+        }
+    }
+
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Refused> {
+        // An IPv4 peer on a dual-stack socket is one address, however it is spelled.
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.total >= self.max {
+            return Err(Refused::Global(open.total));
+        }
+        let count = open.by_ip.entry(ip).or_default();
+        if *count >= self.per_ip {
+            return Err(Refused::PerIp { ip, count: *count });
+        }
+        *count += 1;
+        open.total += 1;
+        Ok(Admitted {
+            limits: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.total -= 1;
+        if let Some(n) = open.by_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.by_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Connections the open-file limit can hold while leaving a quarter (at least 32) of the
+/// descriptors for upstream pipes, sockets and files; `None` when the limit is unknown.
+fn descriptor_budget() -> Option<usize> {
+    let (soft, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok()?;
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+    Some(soft.saturating_sub((soft / 4).max(32)).max(1))
+}
+
 async fn route(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
-    let resp = match req.uri().path() {
+    // Two Host headers, or a target naming another host than Host, are refused on every path.
+    let resp = match front::request_authority(&req).err() {
+        Some(refused) => refused.into_response(None),
+        None => dispatch(&gw, req).await,
+    };
+    gw.metrics.http_response(resp.status().as_u16());
+    resp
+}
+
+async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    match req.uri().path() {
         MCP_PATH => front::serve(gw.clone(), req).await,
         path if path.starts_with(crate::admin::PREFIX) => {
             crate::admin::serve(gw.clone(), req).await
@@ -111,9 +371,7 @@ async fn route(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Respons
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             r
         }
-    };
-    gw.metrics.http_response(resp.status().as_u16());
-    resp
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
@@ -124,4 +382,67 @@ fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIRST: Duration = Duration::from_secs(10);
+    const LATER: Duration = Duration::from_secs(1);
+
+    async fn resolves_after(busy: watch::Receiver<Busy>) -> Duration {
+        let start = tokio::time::Instant::now();
+        idle_deadline(busy, FIRST, LATER).await;
+        start.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_no_request_gets_the_first_deadline() {
+        let (_activity, busy) = watch::channel(Busy::default());
+        assert_eq!(resolves_after(busy).await, FIRST);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_served_before_the_first_look_switches_to_the_idle_deadline() {
+        let (activity, busy) = watch::channel(Busy::default());
+        let activity = Arc::new(activity);
+        drop(InFlight::start(&activity));
+        assert_eq!(resolves_after(busy).await, LATER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_is_never_idle() {
+        let (activity, busy) = watch::channel(Busy::default());
+        let activity = Arc::new(activity);
+        let request = InFlight::start(&activity);
+        let idle = tokio::spawn(resolves_after(busy));
+        tokio::time::sleep(FIRST * 3).await;
+        assert!(!idle.is_finished());
+        drop(request);
+        assert_eq!(idle.await.unwrap(), FIRST * 3 + LATER);
+    }
+
+    #[test]
+    fn caps_per_address_and_overall() {
+        let limits = Arc::new(Limits {
+            max: 3,
+            per_ip: 2,
+            open: Mutex::new(Open::default()),
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "::ffff:10.0.0.2".parse().unwrap();
+        let a1 = limits.admit(a).unwrap();
+        let _a2 = limits.admit(a).unwrap();
+        assert!(matches!(
+            limits.admit(a),
+            Err(Refused::PerIp { count: 2, .. })
+        ));
+        let _b1 = limits.admit(b).unwrap();
+        assert!(matches!(limits.admit(b), Err(Refused::Global(3))));
+        drop(a1);
+        // The mapped IPv6 spelling is the same peer as plain IPv4.
+        let _b2 = limits.admit("10.0.0.2".parse().unwrap()).unwrap();
+        assert!(limits.admit(b).is_err());
+    }
 }

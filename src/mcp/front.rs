@@ -31,6 +31,17 @@ pub enum FrontError {
     /// `Host` is not one this gateway answers to (DNS rebinding).
     #[error("Host header {0:?} is not allowed")]
     Host(String),
+    /// More than one `Host` header: which one the request means is ambiguous.
+    #[error("request has {0} Host headers; send exactly one")]
+    DuplicateHost(usize),
+    /// An absolute-form target (or HTTP/2 `:authority`) names another host than `Host`.
+    #[error("request target authority {target:?} does not match Host header {host:?}")]
+    AuthorityMismatch {
+        /// The authority in the request target.
+        target: String,
+        /// The `Host` header.
+        host: String,
+    },
     /// `Origin` is not allowed.
     #[error("Origin {0:?} is not allowed")]
     Origin(String),
@@ -97,6 +108,8 @@ impl FrontError {
             FrontError::TooManySessionsForPrincipal(_) => StatusCode::TOO_MANY_REQUESTS,
             FrontError::StreamOpen => StatusCode::CONFLICT,
             FrontError::Version(_)
+            | FrontError::DuplicateHost(_)
+            | FrontError::AuthorityMismatch { .. }
             | FrontError::Body(_)
             | FrontError::Parse(_)
             | FrontError::MissingSession
@@ -174,13 +187,38 @@ async fn route(
     gw: &Arc<Gateway>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, FrontError> {
-    check_host_and_origin(gw, req.headers())?;
+    let authority = request_authority(&req)?;
+    check_host_and_origin(gw, authority, req.headers())?;
     let principal = gw.auth.authenticate(req.headers())?;
     match *req.method() {
         Method::POST => post(gw, principal, req).await,
         Method::GET => get(gw, principal, req.headers()).await,
         Method::DELETE => delete(gw, principal, req.headers()).await,
         ref m => Err(FrontError::Method(m.clone())),
+    }
+}
+
+/// The authority a request is addressed to, after checking the request agrees with itself.
+///
+/// An absolute-form target (`POST http://host/mcp`, HTTP/1) or an HTTP/2 `:authority` names the
+/// host in the URI; it must then equal `Host` when one is sent (RFC 9112 §3.2.2 lets the target win,
+/// RFC 9113 §8.3.1 calls a difference malformed: refusing is the strict reading of both). Two `Host`
+/// headers are refused (RFC 9112 §3.2). The authority then goes through the ordinary Host rules.
+pub fn request_authority<B>(req: &Request<B>) -> Result<Option<&str>, FrontError> {
+    let hosts = req.headers().get_all(HOST).iter().count();
+    if hosts > 1 {
+        return Err(FrontError::DuplicateHost(hosts));
+    }
+    let host = req.headers().get(HOST).map(|h| h.to_str().unwrap_or(""));
+    match (req.uri().authority(), host) {
+        (Some(target), Some(host)) if !target.as_str().eq_ignore_ascii_case(host) => {
+            Err(FrontError::AuthorityMismatch {
+                target: target.as_str().to_owned(),
+                host: host.to_owned(),
+            })
+        }
+        (Some(target), _) => Ok(Some(target.as_str())),
+        (None, host) => Ok(host),
     }
 }
 
@@ -201,14 +239,15 @@ fn is_loopback_name(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn check_host_and_origin(gw: &Gateway, headers: &HeaderMap) -> Result<(), FrontError> {
+fn check_host_and_origin(
+    gw: &Gateway,
+    authority: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<(), FrontError> {
     let mcp = &gw.config.mcp;
     let loopback = gw.config.listen.ip().is_loopback();
     if loopback || !mcp.allowed_hosts.is_empty() {
-        let host = headers
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("");
+        let host = authority.unwrap_or("");
         let name = hostname(host);
         let ok = (loopback && is_loopback_name(name))
             || mcp

@@ -1,0 +1,443 @@
+//! Connections that cannot exhaust the gateway: a deadline from accept for silent HTTP/1 and
+//! HTTP/2 connections, an idle deadline that spares SSE streams, caps per source address and
+//! overall, a gateway that keeps serving under a low open-file limit; and requests whose target
+//! is ambiguous (two Host headers, absolute form) refused with 400.
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use serde_json::json;
+use support::{BIN, Client, TestGateway, example};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// The HTTP/2 connection preface and an empty SETTINGS frame: a client that then says nothing.
+const H2_PREFACE_ONLY: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#;
+
+/// Connects from a chosen loopback source address (Linux routes all of 127/8 to lo), so a test
+/// can play several peers.
+async fn connect_from(src: Ipv4Addr, to: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(SocketAddr::new(src.into(), 0)).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+/// Whether the server closes `s` (EOF or reset) within `within`, discarding anything it sends.
+async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    tokio::time::timeout(within, async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Sends one raw HTTP/1.1 request (the caller writes the head; `connection: close` is added)
+/// and returns the whole response text.
+async fn raw_exchange(addr: SocketAddr, head: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{head}connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("response within 10s")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn healthy_session(gw: &TestGateway) -> Client {
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    c
+}
+
+async fn still_healthy(c: &Client) {
+    assert_eq!(
+        c.tool_text(99, "echo", json!({"text":"still here"})).await,
+        "still here"
+    );
+}
+
+#[tokio::test]
+async fn silent_connections_are_closed_from_accept_http1_and_http2() {
+    let gw = TestGateway::start(
+        "mcp: { header_timeout: 1s, idle_connection_timeout: 60s }",
+        &[example("a", &[], "")],
+    )
+    .await;
+    let healthy = healthy_session(&gw).await;
+    let mut silent = TcpStream::connect(gw.addr).await.unwrap();
+    let mut h2 = TcpStream::connect(gw.addr).await.unwrap();
+    h2.write_all(H2_PREFACE_ONLY).await.unwrap();
+    let started = Instant::now();
+    // Admitted, not refused: both are open a while...
+    assert!(!closed_within(&mut silent, Duration::from_millis(300)).await);
+    still_healthy(&healthy).await;
+    // ...and closed once the first request is overdue (header_timeout from accept).
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(5)).await,
+        "an HTTP/1 connection that never sends a byte is still open after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        closed_within(&mut h2, Duration::from_secs(5)).await,
+        "an HTTP/2 connection with no stream is still open after {:?}",
+        started.elapsed()
+    );
+    still_healthy(&healthy).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_close_but_sse_streams_stay() {
+    let gw = TestGateway::start(
+        "mcp: { header_timeout: 30s, idle_connection_timeout: 1s, sse_keepalive: 200ms }",
+        &[example("a", &[], "")],
+    )
+    .await;
+    let healthy = healthy_session(&gw).await;
+
+    // A keep-alive connection that served one request, then went quiet.
+    let mut kept = TcpStream::connect(gw.addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    // An SSE stream on another connection, open longer than the idle deadline.
+    let mut sse = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "GET /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\nmcp-session-id: {}\r\n\r\n",
+        healthy.session.as_deref().unwrap()
+    );
+    sse.write_all(head.as_bytes()).await.unwrap();
+    let n = sse.read(&mut buf).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+
+    // The deadline is 1 s; the margin is for a loaded CI machine.
+    let idle_since = Instant::now();
+    assert!(
+        closed_within(&mut kept, Duration::from_secs(8)).await,
+        "an idle keep-alive connection outlived idle_connection_timeout"
+    );
+    eprintln!(
+        "idle keep-alive connection closed after {:?}",
+        idle_since.elapsed()
+    );
+    // Well past the idle deadline, the stream still delivers keep-alive comments.
+    let deadline = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < deadline {
+        let n = tokio::time::timeout(Duration::from_secs(2), sse.read(&mut buf))
+            .await
+            .expect("SSE stream delivers keep-alives")
+            .unwrap();
+        assert!(n > 0, "the SSE stream was closed as idle");
+    }
+    still_healthy(&healthy).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_per_address_cap_are_closed_at_once() {
+    let gw = TestGateway::start(
+        "mcp: { header_timeout: 30s, max_connections_per_ip: 3 }",
+        &[example("a", &[], "")],
+    )
+    .await;
+    let healthy = healthy_session(&gw).await;
+    let other = Ipv4Addr::new(127, 0, 0, 2);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from(other, gw.addr).await);
+    }
+    let mut excess = connect_from(other, gw.addr).await;
+    assert!(
+        closed_within(&mut excess, Duration::from_secs(2)).await,
+        "a fourth connection from one address was kept"
+    );
+    for s in &mut held {
+        assert!(!closed_within(s, Duration::from_millis(50)).await);
+    }
+    // Other addresses are unaffected: a new client gets a session, the old one is served.
+    healthy_session(&gw).await;
+    still_healthy(&healthy).await;
+    // A freed place can be taken again.
+    drop(held.pop());
+    let mut admitted = false;
+    for _ in 0..50 {
+        let mut s = connect_from(other, gw.addr).await;
+        if !closed_within(&mut s, Duration::from_millis(200)).await {
+            admitted = true;
+            break;
+        }
+    }
+    assert!(
+        admitted,
+        "a place freed by a closed connection was never given back"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_global_cap_are_closed_until_places_free_up() {
+    let gw = TestGateway::start(
+        "mcp: { header_timeout: 1s, max_connections: 4, max_connections_per_ip: 2 }",
+        &[example("a", &[], "")],
+    )
+    .await;
+    let mut held = Vec::new();
+    for src in [2, 2, 3, 3] {
+        held.push(connect_from(Ipv4Addr::new(127, 0, 0, src), gw.addr).await);
+    }
+    let mut excess = connect_from(Ipv4Addr::new(127, 0, 0, 4), gw.addr).await;
+    assert!(
+        closed_within(&mut excess, Duration::from_millis(500)).await,
+        "a fifth connection was kept over max_connections: 4"
+    );
+    // The silent ones are cut at their deadline; then clients get in again.
+    for s in &mut held {
+        assert!(closed_within(s, Duration::from_secs(5)).await);
+    }
+    let c = healthy_session(&gw).await;
+    still_healthy(&c).await;
+    gw.stop().await;
+}
+
+/// A gateway process under `ulimit -n 128`, its address read from its log.
+struct Child {
+    process: tokio::process::Child,
+    addr: SocketAddr,
+    accept_failures: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn spawn_low_fd_gateway(nofile: u32, mcp: &str) -> Child {
+    let dir = std::env::temp_dir().join(format!(
+        "gatehouse-connections-{}-{nofile}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("gatehouse.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nmcp: {mcp}\nupstreams:\n{}",
+            example("a", &[], "")
+        ),
+    )
+    .unwrap();
+    let mut process = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n {nofile} && exec \"$0\" serve --config \"$1\""
+        ))
+        .arg(BIN)
+        .arg(&config)
+        .env("RUST_LOG", "gatehouse=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sh runs");
+    let mut lines = BufReader::new(process.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut log = Vec::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            log.push(line.clone());
+            if let Some(rest) = line.split_once("MCP endpoint http://").map(|(_, r)| r) {
+                return rest
+                    .split('/')
+                    .next()
+                    .unwrap()
+                    .parse::<SocketAddr>()
+                    .unwrap();
+            }
+        }
+        panic!("gateway exited before listening: {}", log.join("\n"));
+    })
+    .await
+    .expect("gateway listening within 30s");
+    // Keep draining the log (a full pipe would stall the gateway), counting accept failures.
+    let accept_failures = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accept_failures.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("accept failed") {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    Child {
+        process,
+        addr,
+        accept_failures,
+        _dir: TempDir(dir),
+    }
+}
+
+#[tokio::test]
+async fn under_a_low_file_limit_real_clients_get_in_while_silent_connections_are_held() {
+    let mut gw =
+        spawn_low_fd_gateway(128, "{ header_timeout: 2s, max_connections_per_ip: 16 }").await;
+    let url = format!("http://{}/mcp", gw.addr);
+    let mut healthy = Client::new(url.clone());
+    healthy.initialize(json!({})).await;
+
+    // 300 silent connections, twice what the process may open: HTTP/1 and HTTP/2 preface-only.
+    let mut flood = Vec::new();
+    for i in 0..300 {
+        let src = Ipv4Addr::new(127, 0, 0, 2 + (i % 2) as u8);
+        let mut s = connect_from(src, gw.addr).await;
+        if i % 2 == 1 {
+            let _ = s.write_all(H2_PREFACE_ONLY).await;
+        }
+        flood.push(s);
+    }
+
+    let started = Instant::now();
+    let mut fresh = Client::new(url);
+    tokio::time::timeout(Duration::from_secs(5), fresh.initialize(json!({})))
+        .await
+        .expect("a new client initializes within 5s while silent connections are held");
+    let initialized_in = started.elapsed();
+    tokio::time::timeout(Duration::from_secs(5), still_healthy(&healthy))
+        .await
+        .expect("an existing session is served while silent connections are held");
+    eprintln!("initialize under flood took {initialized_in:?}");
+
+    for s in &mut flood {
+        assert!(
+            closed_within(s, Duration::from_secs(6)).await,
+            "a silent connection outlived its deadline"
+        );
+    }
+    still_healthy(&fresh).await;
+    let failures = gw
+        .accept_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        failures, 0,
+        "the gateway ran out of descriptors ({failures} accept failures logged)"
+    );
+    let _ = gw.process.kill().await;
+}
+
+#[tokio::test]
+async fn two_host_headers_are_refused_with_400() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let healthy = healthy_session(&gw).await;
+    let r = raw_exchange(
+        gw.addr,
+        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\nhost: evil.example\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n",
+        INIT,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("2 Host headers"), "{r}");
+    // Every path, not only the MCP endpoint.
+    let r = raw_exchange(
+        gw.addr,
+        "GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nhost: 127.0.0.1\r\n",
+        "",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert_eq!(gw.gateway().sessions.len(), 1);
+    still_healthy(&healthy).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn absolute_form_targets_must_agree_with_host_and_pass_the_host_rules() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let healthy = healthy_session(&gw).await;
+    let headers =
+        "content-type: application/json\r\naccept: application/json, text/event-stream\r\n";
+
+    let r = raw_exchange(
+        gw.addr,
+        &format!("POST http://other.example/mcp HTTP/1.1\r\nhost: 127.0.0.1\r\n{headers}"),
+        INIT,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(
+        r.contains("other.example") && r.contains("does not match Host"),
+        "{r}"
+    );
+
+    // Consistent but foreign: the DNS-rebinding rule applies to the target's authority.
+    let r = raw_exchange(
+        gw.addr,
+        &format!("POST http://other.example/mcp HTTP/1.1\r\nhost: other.example\r\n{headers}"),
+        INIT,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 421"), "{r}");
+
+    // Consistent and local: served.
+    let local = gw.addr.to_string();
+    let r = raw_exchange(
+        gw.addr,
+        &format!("POST http://{local}/mcp HTTP/1.1\r\nhost: {local}\r\n{headers}"),
+        INIT,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(gw.gateway().sessions.len(), 2);
+    still_healthy(&healthy).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn http2_clients_are_served_on_loopback() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let mut c = gw.client();
+    c.http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    c.initialize(json!({})).await;
+    still_healthy(&c).await;
+    // :authority and a differing Host header disagree: refused.
+    let req = c
+        .request("POST", Bytes::new())
+        .header("host", "evil.example")
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(Full::new(Bytes::from_static(INIT.as_bytes())))
+        .unwrap();
+    let r = c.send(req).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    gw.stop().await;
+}
