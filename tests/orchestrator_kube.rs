@@ -666,8 +666,10 @@ async fn kubeconfig_with_insecure_skip_tls_verify_and_an_http_server() {
     };
     rt.apply(server.resolve().unwrap()).await.unwrap();
     let endpoint = rt.wait_ready("web", Duration::from_secs(10)).await.unwrap();
+    // The server's own pod (the fake kubelet's pods have IP 127.0.0.1), not the Service:
+    // its label selector would also pick a look-alike pod.
     match endpoint {
-        Endpoint::Http { url } => assert_eq!(url, "http://mcp-web.tools.svc:8080/mcp"),
+        Endpoint::Http { url } => assert_eq!(url, "http://127.0.0.1:8080/mcp"),
         other => panic!("{other:?}"),
     }
     let svc = eventually("service", Duration::from_secs(5), || {
