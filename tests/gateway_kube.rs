@@ -319,13 +319,31 @@ async fn the_admin_api_cannot_escalate_through_a_definition() {
     let base = json!({"image": "ghcr.io/gatehouse/example:1", "command": BIN,
         "args": ["example-server"]});
     let attacks = [
-        (json!({"serviceAccountName": "gatehouse"}), "serviceAccountName"),
-        (json!({"serviceAccountName": "kube-admin"}), "serviceAccountName"),
-        (json!({"automountServiceAccountToken": true}), "automountServiceAccountToken"),
-        (json!({"env": [{"name": "X", "secretFromEnv": "PATH"}]}), "env[0].secretFromEnv"),
-        (json!({"securityContext": {"privileged": true}}), "securityContext"),
+        (
+            json!({"serviceAccountName": "gatehouse"}),
+            "serviceAccountName",
+        ),
+        (
+            json!({"serviceAccountName": "kube-admin"}),
+            "serviceAccountName",
+        ),
+        (
+            json!({"automountServiceAccountToken": true}),
+            "automountServiceAccountToken",
+        ),
+        (
+            json!({"env": [{"name": "X", "secretFromEnv": "PATH"}]}),
+            "env[0].secretFromEnv",
+        ),
+        (
+            json!({"securityContext": {"privileged": true}}),
+            "securityContext",
+        ),
         (json!({"hostNetwork": true}), "hostNetwork"),
-        (json!({"volumes": [{"name": "root", "hostPath": {"path": "/"}}]}), "volumes"),
+        (
+            json!({"volumes": [{"name": "root", "hostPath": {"path": "/"}}]}),
+            "volumes",
+        ),
     ];
     for (extra, field) in attacks {
         let mut spec = base.clone();
@@ -346,7 +364,9 @@ async fn the_admin_api_cannot_escalate_through_a_definition() {
     assert!(sent.is_empty(), "{sent:?}");
     assert!(fake.get(Kind::McpServer, NS, "evil").is_none());
     assert_eq!(
-        admin(&gw, "GET", "/admin/v1/servers/evil", None).await.status,
+        admin(&gw, "GET", "/admin/v1/servers/evil", None)
+            .await
+            .status,
         404
     );
     gw.stop().await;

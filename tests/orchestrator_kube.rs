@@ -933,9 +933,21 @@ async fn mcpserver_resources_cannot_escalate() {
     let var = "PATH";
     let value = std::env::var(var).unwrap();
     let attacks = [
-        ("as-gateway", json!({"serviceAccountName": "gatehouse"}), "serviceAccountName"),
-        ("as-other", json!({"serviceAccountName": "ci-bot"}), "serviceAccountName"),
-        ("with-token", json!({"automountServiceAccountToken": true}), "automountServiceAccountToken"),
+        (
+            "as-gateway",
+            json!({"serviceAccountName": "gatehouse"}),
+            "serviceAccountName",
+        ),
+        (
+            "as-other",
+            json!({"serviceAccountName": "ci-bot"}),
+            "serviceAccountName",
+        ),
+        (
+            "with-token",
+            json!({"automountServiceAccountToken": true}),
+            "automountServiceAccountToken",
+        ),
         (
             "reads-env",
             json!({"env": [{"name": "STOLEN", "secretFromEnv": var}]}),
@@ -966,7 +978,9 @@ async fn mcpserver_resources_cannot_escalate() {
         assert!(start.elapsed() < Duration::from_secs(5), "resource seen");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    rt.wait_ready("fine", Duration::from_secs(10)).await.unwrap();
+    rt.wait_ready("fine", Duration::from_secs(10))
+        .await
+        .unwrap();
     for (name, _, field) in &attacks {
         let cr = eventually(&format!("{name} reported"), Duration::from_secs(5), || {
             fake.get(Kind::McpServer, NS, name)
@@ -975,7 +989,10 @@ async fn mcpserver_resources_cannot_escalate() {
         .await;
         let message = cr["status"]["message"].as_str().unwrap();
         assert!(message.starts_with(field), "{name}: {message}");
-        assert!(fake.get(Kind::Deployment, NS, &format!("mcp-{name}")).is_none());
+        assert!(
+            fake.get(Kind::Deployment, NS, &format!("mcp-{name}"))
+                .is_none()
+        );
         assert!(fake.get(Kind::Secret, NS, &format!("mcp-{name}")).is_none());
         let writes: Vec<String> = writes(&fake)
             .into_iter()
@@ -1025,9 +1042,13 @@ fn look_alike(fake: &FakeKube, real: &serde_json::Value, name: &str, owners: ser
 async fn look_alike_pods_are_never_attached_to() {
     let fake = FakeKube::start().await;
     let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
-    rt.apply(example("gh", "ghcr.io/gatehouse/example:1", &[]).resolve().unwrap())
-        .await
-        .unwrap();
+    rt.apply(
+        example("gh", "ghcr.io/gatehouse/example:1", &[])
+            .resolve()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
     rt.wait_ready("gh", Duration::from_secs(10)).await.unwrap();
     let real = fake.pod_of(NS, "mcp-gh").expect("the server's pod");
     let dep = fake.get(Kind::Deployment, NS, "mcp-gh").unwrap();
@@ -1060,7 +1081,13 @@ async fn look_alike_pods_are_never_attached_to() {
     let start = Instant::now();
     loop {
         let st = rt.status("gh").await.unwrap();
-        if st.is_ready() && st.message.as_deref().unwrap_or_default().contains(fresh_name) {
+        if st.is_ready()
+            && st
+                .message
+                .as_deref()
+                .unwrap_or_default()
+                .contains(fresh_name)
+        {
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(10), "{st:?}");
@@ -1079,6 +1106,9 @@ async fn look_alike_pods_are_never_attached_to() {
         attached,
         [format!("/api/v1/namespaces/{NS}/pods/{fresh_name}/attach")]
     );
-    assert!(sent(&fake, "mcp-gh-zzzz").is_empty(), "look-alikes untouched");
+    assert!(
+        sent(&fake, "mcp-gh-zzzz").is_empty(),
+        "look-alikes untouched"
+    );
     assert!(fake.get(Kind::Pod, NS, "mcp-gh-zzzz-1").is_some());
 }

@@ -453,7 +453,12 @@ impl ServerDef {
     /// `McpServer` resource, the admin API): it may not read the gateway's environment,
     /// which holds the gateway's own credentials.
     pub fn resolve_declared(&self) -> Result<ResolvedServer, SpecError> {
-        if let Some(i) = self.spec.env.iter().position(|e| e.secret_from_env.is_some()) {
+        if let Some(i) = self
+            .spec
+            .env
+            .iter()
+            .position(|e| e.secret_from_env.is_some())
+        {
             return Err(SpecError::new(
                 format!("env[{i}].secretFromEnv"),
                 "only the operator's config file may read the gateway's environment; use secretValue",
@@ -539,7 +544,9 @@ labels: { team: tools }
 
     #[test]
     fn declared_definitions_never_read_the_gateway_environment() {
-        let d = def("name: a\ncommand: x\nenv: [{ name: A, value: x }, { name: T, secretFromEnv: HOME }]");
+        let d = def(
+            "name: a\ncommand: x\nenv: [{ name: A, value: x }, { name: T, secretFromEnv: HOME }]",
+        );
         assert!(d.resolve().is_ok(), "the config file may");
         let err = d.resolve_declared().unwrap_err();
         assert_eq!(err.field, "env[1].secretFromEnv", "{err}");

@@ -697,8 +697,13 @@ impl Inner {
         if resource_owner.is_none() && known_owner.is_none() {
             // The Deployment did not exist: now it does, it owns the Secret and Service.
             let owner = deployment_owner(&deployment);
-            let again =
-                objects::render(&server, &self.ns, None, owner.as_ref(), &self.options.policy)?;
+            let again = objects::render(
+                &server,
+                &self.ns,
+                None,
+                owner.as_ref(),
+                &self.options.policy,
+            )?;
             if let Some(secret) = again.secret {
                 self.ensure(&self.secrets, name, secret).await?;
             }
@@ -854,7 +859,10 @@ impl Inner {
 
     fn current_pod(&self, name: &str) -> Option<Arc<Pod>> {
         let pods = self.own_pods(name);
-        let current = status::current_pod(pods.iter().map(|p| &**p))?.metadata.name.clone();
+        let current = status::current_pod(pods.iter().map(|p| &**p))?
+            .metadata
+            .name
+            .clone();
         pods.into_iter().find(|p| p.metadata.name == current)
     }
 
@@ -878,7 +886,9 @@ impl Inner {
             .replicasets
             .of(name)
             .iter()
-            .filter(|rs| controller_uid(&rs.metadata, "apps/v1", "Deployment") == Some(&deployment_uid))
+            .filter(|rs| {
+                controller_uid(&rs.metadata, "apps/v1", "Deployment") == Some(&deployment_uid)
+            })
             .filter_map(|rs| rs.metadata.uid.clone())
             .collect();
         self.pods
@@ -1096,9 +1106,10 @@ async fn watch_mcpservers(inner: Arc<Inner>) {
             tracing::warn!(server = %name, "an McpServer resource has the name of a config-file server; the config file wins");
             return;
         }
-        inner
-            .desired
-            .insert(name.clone(), desired_from_resource(obj, &inner.options.policy));
+        inner.desired.insert(
+            name.clone(),
+            desired_from_resource(obj, &inner.options.policy),
+        );
         inner.enqueue(name);
     };
     while let Some(event) = stream.next().await {
@@ -1207,12 +1218,10 @@ impl Runtime for KubeRuntime {
             // The watch brings the same object to every replica; take it now so that this
             // replica's status and list show it at once.
             self.inner.removed.remove(&def.name);
-            self.inner
-                .desired
-                .insert(
-                    def.name.clone(),
-                    desired_from_resource(&obj, &self.inner.options.policy),
-                );
+            self.inner.desired.insert(
+                def.name.clone(),
+                desired_from_resource(&obj, &self.inner.options.policy),
+            );
             self.inner.refresh_status(&def.name, None);
             self.inner.enqueue(def.name);
             Ok(())

@@ -214,7 +214,8 @@ mod tests {
             "automountServiceAccountToken"
         );
         p.allowed_accounts.insert("ci-bot".into());
-        let named = "name: a\nimage: x\nserviceAccountName: ci-bot\nautomountServiceAccountToken: true";
+        let named =
+            "name: a\nimage: x\nserviceAccountName: ci-bot\nautomountServiceAccountToken: true";
         assert_eq!(field(&p, named), "automountServiceAccountToken");
         p.allow_token_mount = true;
         assert_eq!(p.service_account(&server(named)).unwrap(), "ci-bot");
@@ -231,8 +232,14 @@ mod tests {
     fn resources_get_defaults_that_respect_what_was_given() {
         let p = PodPolicy::default();
         let (req, lim) = p.resources(&server("name: a\nimage: x"));
-        assert_eq!((req["cpu"].as_str(), req["memory"].as_str()), ("50m", "64Mi"));
-        assert_eq!((lim["cpu"].as_str(), lim["memory"].as_str()), ("1", "512Mi"));
+        assert_eq!(
+            (req["cpu"].as_str(), req["memory"].as_str()),
+            ("50m", "64Mi")
+        );
+        assert_eq!(
+            (lim["cpu"].as_str(), lim["memory"].as_str()),
+            ("1", "512Mi")
+        );
         let (req, lim) = p.resources(&server(
             "name: a\nimage: x\nresources: {requests: {memory: 2Gi}, limits: {cpu: 250m}}",
         ));
