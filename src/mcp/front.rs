@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Limited};
 use tokio::sync::mpsc;
 
 use crate::auth::{AuthError, Principal};
+use crate::config::Config;
 use crate::body::Body;
 use crate::gateway::Gateway;
 use crate::mcp::handler::{self, Reply, SUPPORTED_VERSIONS};
@@ -170,7 +171,7 @@ async fn route(
     gw: &Arc<Gateway>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, FrontError> {
-    check_host_and_origin(gw, req.headers())?;
+    check_host_and_origin(&gw.config, req.headers())?;
     let principal = gw.auth.authenticate(req.headers())?;
     match *req.method() {
         Method::POST => post(gw, principal, req).await,
@@ -197,9 +198,10 @@ fn is_loopback_name(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn check_host_and_origin(gw: &Gateway, headers: &HeaderMap) -> Result<(), FrontError> {
-    let mcp = &gw.config.mcp;
-    let loopback = gw.config.listen.ip().is_loopback();
+/// Refuses a `Host` or `Origin` this gateway does not answer to (DNS rebinding).
+pub fn check_host_and_origin(config: &Config, headers: &HeaderMap) -> Result<(), FrontError> {
+    let mcp = &config.mcp;
+    let loopback = config.listen.ip().is_loopback();
     if loopback || !mcp.allowed_hosts.is_empty() {
         let host = headers
             .get(HOST)
