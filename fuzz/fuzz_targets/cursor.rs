@@ -29,7 +29,10 @@ fuzz_target!(|input: (&str, Vec<(u8, String)>)| {
             .iter()
             .map(|(i, c)| (router().name(*i).to_owned(), c.clone().unwrap_or_default()))
             .collect();
-        assert_eq!(decode_cursor(router(), &encode_cursor(&pairs)), Some(targets));
+        assert_eq!(
+            decode_cursor(router(), &encode_cursor(&pairs)),
+            Some(targets)
+        );
     }
 
     // What the gateway hands out: each upstream's own cursor, by upstream name (last one wins).

@@ -35,12 +35,17 @@ fn public() -> &'static Config {
 fn host_of(authority: &str) -> Option<String> {
     let a: http::uri::Authority = authority.parse().ok()?;
     let port = authority.strip_prefix(a.host())?;
-    let plain = port.is_empty() || port.strip_prefix(':').is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()));
+    let plain = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()));
     plain.then(|| a.host().to_ascii_lowercase())
 }
 
 fn is_loopback(host: &str) -> bool {
-    host == "localhost" || host == "[::1]" || host.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+    host == "localhost"
+        || host == "[::1]"
+        || host.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fuzz_target!(|input: (bool, Option<&[u8]>, Option<&[u8]>)| {
@@ -67,14 +72,19 @@ fuzz_target!(|input: (bool, Option<&[u8]>, Option<&[u8]>)| {
     };
     let origin_ok = origin.is_none_or(|o| {
         if on_loopback {
-            let rest = o.strip_prefix("http://").or_else(|| o.strip_prefix("https://"));
+            let rest = o
+                .strip_prefix("http://")
+                .or_else(|| o.strip_prefix("https://"));
             rest.is_some_and(|r| host_of(r).is_some_and(|h| is_loopback(&h)))
         } else {
             o.eq_ignore_ascii_case("https://app.example.com")
         }
     });
     match verdict {
-        Ok(()) => assert!(host_ok && origin_ok, "accepted Host {host:?} Origin {origin:?}"),
+        Ok(()) => assert!(
+            host_ok && origin_ok,
+            "accepted Host {host:?} Origin {origin:?}"
+        ),
         Err(FrontError::Host(_)) => assert!(!host_ok, "refused Host {host:?}"),
         Err(FrontError::Origin(_)) => assert!(host_ok && !origin_ok, "refused Origin {origin:?}"),
         Err(e) => panic!("unexpected refusal {e}"),

@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     let m = match jsonrpc::parse(Bytes::copy_from_slice(data)) {
         Ok(m) => m,
         Err(e) => {
-            assert!(matches!(e.code(), code::PARSE_ERROR | code::INVALID_REQUEST));
+            assert!(matches!(
+                e.code(),
+                code::PARSE_ERROR | code::INVALID_REQUEST
+            ));
             assert!(!e.to_string().is_empty());
             return;
         }
