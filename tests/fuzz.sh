@@ -20,9 +20,9 @@ fi
 export PATH="$tools/bin:$PATH"
 
 # Only the stable toolchain exists here: RUSTC_BOOTSTRAP lets it take the unstable flags cargo fuzz
-# passes. No sanitizer (`-s none`): the crate forbids unsafe code, and stable ships no sanitizer
-# runtime for -Zsanitizer; libFuzzer still catches panics (overflow checks and debug assertions
-# are on), aborts, timeouts and memory blow-ups. 16 codegen units: cargo fuzz defaults to 1,
+# passes. No sanitizer (`-s none`): the crate forbids unsafe code, so AddressSanitizer would cost
+# build time for little; libFuzzer still catches panics (overflow checks and debug assertions are
+# on), aborts, timeouts and memory blow-ups. 16 codegen units: cargo fuzz defaults to 1,
 # which makes the one-off build of the whole library several times longer.
 export RUSTC_BOOTSTRAP=1 CARGO_INCREMENTAL=0 CARGO_TARGET_DIR="$REPO/target/fuzz"
 flags=(-s none --codegen-units 16)
