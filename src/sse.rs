@@ -127,13 +127,14 @@ fn parse_block(block: &Bytes) -> Option<Event> {
             None => (line, &b""[..]),
         };
         match field {
-            b"data" => {
-                let d = data.get_or_insert_with(BytesMut::new);
-                if !d.is_empty() {
+            // Lines join with "\n" even when empty: "data:\ndata:" is "\n", not "".
+            b"data" => match &mut data {
+                Some(d) => {
                     d.put_u8(b'\n');
+                    d.extend_from_slice(value);
                 }
-                d.extend_from_slice(value);
-            }
+                None => data = Some(BytesMut::from(value)),
+            },
             b"event" => event = String::from_utf8_lossy(value).into_owned(),
             b"id" => id = Some(String::from_utf8_lossy(value).into_owned()),
             _ => {}
@@ -254,5 +255,16 @@ mod tests {
         let mut d = Decoder::new(1024);
         d.feed(&encode_message(b"{\"x\":\"a\"}"));
         assert_eq!(&d.next_event().unwrap().unwrap().data[..], b"{\"x\":\"a\"}");
+    }
+
+    // Found by fuzz/fuzz_targets/sse.rs: the separator was skipped while the data was still
+    // empty, so a frame starting with a newline lost it.
+    #[test]
+    fn empty_data_lines_keep_their_newlines() {
+        let mut d = Decoder::new(1024);
+        d.feed(b"data:\ndata: \ndata: x\n\n");
+        assert_eq!(&d.next_event().unwrap().unwrap().data[..], b"\n\nx");
+        d.feed(&encode_message(b"\n{}"));
+        assert_eq!(&d.next_event().unwrap().unwrap().data[..], b"\n{}");
     }
 }

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::{AuthError, Principal};
 use crate::body::Body;
+use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::mcp::handler::{self, Reply, SUPPORTED_VERSIONS};
 use crate::mcp::jsonrpc::{self, Kind, ParseError, code};
@@ -188,7 +189,7 @@ async fn route(
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, FrontError> {
     let authority = request_authority(&req)?;
-    check_host_and_origin(gw, authority, req.headers())?;
+    check_host_and_origin(&gw.config, authority, req.headers())?;
     let principal = gw.auth.authenticate(req.headers())?;
     match *req.method() {
         Method::POST => post(gw, principal, req).await,
@@ -222,12 +223,17 @@ pub fn request_authority<B>(req: &Request<B>) -> Result<Option<&str>, FrontError
     }
 }
 
-fn hostname(authority: &str) -> &str {
-    // "[::1]:9000" → "[::1]", "localhost:9000" → "localhost"
-    if authority.starts_with('[') {
-        return authority.split_inclusive(']').next().unwrap_or(authority);
-    }
-    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+/// The host of a plain `host[:port]` authority (a `Host` header, an origin after its scheme):
+/// "[::1]:9000" → "[::1]". `None` for anything else: userinfo would hide the real host
+/// ("localhost:@evil.com" names evil.com), and a port must be digits.
+fn hostname(authority: &str) -> Option<&str> {
+    let parsed: http::uri::Authority = authority.parse().ok()?;
+    let port = authority.strip_prefix(parsed.host())?;
+    let plain = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()));
+    plain.then(|| &authority[..parsed.host().len()])
 }
 
 fn is_loopback_name(host: &str) -> bool {
@@ -239,21 +245,23 @@ fn is_loopback_name(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn check_host_and_origin(
-    gw: &Gateway,
+/// Refuses a `Host` (or request-target authority) or `Origin` this gateway does not answer to
+/// (DNS rebinding).
+pub fn check_host_and_origin(
+    config: &Config,
     authority: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<(), FrontError> {
-    let mcp = &gw.config.mcp;
-    let loopback = gw.config.listen.ip().is_loopback();
+    let mcp = &config.mcp;
+    let loopback = config.listen.ip().is_loopback();
     if loopback || !mcp.allowed_hosts.is_empty() {
         let host = authority.unwrap_or("");
         let name = hostname(host);
-        let ok = (loopback && is_loopback_name(name))
-            || mcp
-                .allowed_hosts
-                .iter()
-                .any(|h| h == &host.to_ascii_lowercase() || h == &name.to_ascii_lowercase());
+        let ok = (loopback && name.is_some_and(is_loopback_name))
+            || mcp.allowed_hosts.iter().any(|h| {
+                h == &host.to_ascii_lowercase()
+                    || name.is_some_and(|n| h == &n.to_ascii_lowercase())
+            });
         if !ok {
             return Err(FrontError::Host(host.to_owned()));
         }
@@ -268,7 +276,8 @@ fn check_host_and_origin(
             && origin
                 .strip_prefix("http://")
                 .or_else(|| origin.strip_prefix("https://"))
-                .is_some_and(|rest| is_loopback_name(hostname(rest)));
+                .and_then(hostname)
+                .is_some_and(is_loopback_name);
         if !(explicitly || local) {
             return Err(FrontError::Origin(origin.to_owned()));
         }
@@ -530,11 +539,63 @@ mod tests {
         assert!(accepts(&h, "application/json"));
     }
 
+    fn config(yaml: &str) -> Config {
+        let upstream = "upstreams: [{name: a, stdio: {command: \"true\"}}]\n";
+        Config::from_yaml(&format!("{upstream}{yaml}")).unwrap()
+    }
+
+    fn check(config: &Config, host: &str, origin: Option<&str>) -> Result<(), FrontError> {
+        let mut h = HeaderMap::new();
+        h.insert(HOST, host.parse().unwrap());
+        if let Some(o) = origin {
+            h.insert(ORIGIN, o.parse().unwrap());
+        }
+        check_host_and_origin(config, Some(host), &h)
+    }
+
+    // Found by fuzz/fuzz_targets/host_origin.rs: the text before the last colon was taken as the
+    // host, so userinfo ("localhost:@evil.com" names evil.com) or a bad port passed for loopback.
+    #[test]
+    fn host_and_origin_must_be_plain_authorities() {
+        let local = config("");
+        for host in ["localhost:9000", "127.0.0.1", "[::1]:9000", "LocalHost"] {
+            assert!(check(&local, host, None).is_ok(), "{host}");
+        }
+        for host in [
+            "localhost:@evil.com",
+            "localhost@evil.com:9000",
+            "localhost:x",
+            "[::1]evil.com",
+        ] {
+            assert!(
+                matches!(check(&local, host, None), Err(FrontError::Host(_))),
+                "{host}"
+            );
+        }
+        assert!(check(&local, "localhost", Some("http://localhost:9000")).is_ok());
+        for origin in [
+            "http://localhost:@evil.com",
+            "http://127.0.0.1:80@evil.com",
+            "http://[::1]/x",
+        ] {
+            let refused = check(&local, "localhost", Some(origin));
+            assert!(matches!(refused, Err(FrontError::Origin(_))), "{origin}");
+        }
+        let public = config(
+            "listen: 0.0.0.0:9000\nauth: {allow_anonymous: true}\nmcp: {allowed_hosts: [gw.example.com]}\n",
+        );
+        assert!(check(&public, "GW.example.com:443", None).is_ok());
+        assert!(matches!(
+            check(&public, "gw.example.com:@evil.com", None),
+            Err(FrontError::Host(_))
+        ));
+    }
+
     #[test]
     fn hostnames() {
-        assert_eq!(hostname("[::1]:9000"), "[::1]");
-        assert_eq!(hostname("localhost:9000"), "localhost");
-        assert_eq!(hostname("127.0.0.1"), "127.0.0.1");
+        assert_eq!(hostname("[::1]:9000"), Some("[::1]"));
+        assert_eq!(hostname("localhost:9000"), Some("localhost"));
+        assert_eq!(hostname("127.0.0.1"), Some("127.0.0.1"));
         assert!(
             is_loopback_name("127.0.0.2")
                 && is_loopback_name("LOCALHOST")

@@ -179,6 +179,10 @@ pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
             };
         }
     }
+    // serde_json skips unknown members without checking their UTF-8; JSON text must be UTF-8.
+    if let Err(e) = std::str::from_utf8(&frame) {
+        return Err(ParseError::Json(format!("not UTF-8: {e}")));
+    }
     if nesting_exceeds(&frame, MAX_DEPTH) {
         return Err(ParseError::Invalid(
             "JSON nested deeper than 64 levels is not accepted",
@@ -426,6 +430,15 @@ mod tests {
             let err = p(input).expect_err(input);
             assert_eq!(err.code(), want, "{input}: {err}");
         }
+    }
+
+    // Found by fuzz/fuzz_targets/jsonrpc.rs: invalid UTF-8 inside a member the envelope ignores
+    // was accepted.
+    #[test]
+    fn rejects_invalid_utf8_anywhere() {
+        let frame = b"{\"jsonrpc\":\"2.0\",\"method\":\"x\",\"extra\":{\"k\":\"\xff\xfe\"}}";
+        let err = parse(Bytes::from_static(frame)).expect_err("invalid UTF-8");
+        assert_eq!(err.code(), code::PARSE_ERROR, "{err}");
     }
 
     #[test]
