@@ -199,10 +199,12 @@ impl Gateway {
             principal,
             version,
             self.topology(),
-            init_params,
-            eager_listen,
+            crate::mcp::session::UpstreamInit {
+                params: init_params,
+                eager_listen,
+            },
             self.epoch,
-            Some(crate::mcp::policy::ServerMessages::new(
+            Some(crate::mcp::policy::ServerMessages::stage(
                 self.plugins.clone(),
             )),
         );

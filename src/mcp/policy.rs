@@ -85,7 +85,7 @@ pub struct ServerMessages {
 
 impl ServerMessages {
     /// The stage over the gateway's (hot-reloadable) plugins.
-    pub fn new(plugins: Arc<crate::plugins::Plugins>) -> Arc<dyn MessagePolicy> {
+    pub fn stage(plugins: Arc<crate::plugins::Plugins>) -> Arc<dyn MessagePolicy> {
         Arc::new(ServerMessages { plugins })
     }
 }

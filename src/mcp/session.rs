@@ -33,6 +33,15 @@ pub trait MessagePolicy: Send + Sync {
     ) -> BoxFuture<'a, Option<Message>>;
 }
 
+/// How a session's upstream sessions start.
+pub struct UpstreamInit {
+    /// The `initialize` params each upstream is sent (the client's capabilities and info).
+    pub params: Bytes,
+    /// Open the server→client streams at once (the client offers roots, which servers may
+    /// ask for at any time).
+    pub eager_listen: bool,
+}
+
 /// Server messages waiting for the policy stage, per session (in order; bounded).
 const POLICY_QUEUE: usize = 256;
 
@@ -96,17 +105,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Session {
     /// Creates a session with a link to every server of `topology` (which it keeps for its
-    /// lifetime); `init_params` is what each upstream is sent.
+    /// lifetime); `upstream.params` is what each upstream is sent.
     pub fn new(
         id: Arc<str>,
         principal: Option<Arc<str>>,
         protocol_version: &'static str,
         topology: Arc<Topology>,
-        init_params: Bytes,
-        eager_listen: bool,
+        upstream: UpstreamInit,
         epoch: Instant,
         policy: Option<Arc<dyn MessagePolicy>>,
     ) -> Arc<Session> {
+        let UpstreamInit {
+            params: init_params,
+            eager_listen,
+        } = upstream;
         Arc::new_cyclic(|weak: &Weak<Session>| {
             let sink: Arc<dyn ServerMessages> = Arc::new(Sink(weak.clone()));
             let servers = &topology.servers;
