@@ -24,6 +24,8 @@ use crate::process::{self, ServerProcess, Stopped};
 
 /// Largest line accepted from a server's stdout.
 const MAX_LINE: u64 = 64 * 1024 * 1024;
+/// Longest stderr line logged; the rest of a longer line is skipped, not buffered.
+const MAX_STDERR_LINE: usize = 8 * 1024;
 /// Grace periods between shutdown steps.
 const GRACE: Duration = Duration::from_secs(2);
 
@@ -70,9 +72,12 @@ impl Connection {
         tracing::debug!(server = %server.name, ?pid, "started stdio upstream");
         let name = server.name.clone();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                tracing::info!(server = %name, "stderr: {line}");
+            let mut reader = BufReader::new(stderr);
+            let mut line = Vec::new();
+            while let Ok(Some(cut)) = bounded_line(&mut reader, &mut line, MAX_STDERR_LINE).await {
+                let text = String::from_utf8_lossy(line.trim_ascii_end());
+                let more = if cut { " [line cut]" } else { "" };
+                tracing::info!(server = %name, "stderr: {text}{more}");
             }
         });
         Ok(Connection::over(server, stdout, stdin, deliver, Some(proc)))
@@ -161,6 +166,42 @@ struct RemoveOnDrop<'a>(&'a Pending, u64);
 impl Drop for RemoveOnDrop<'_> {
     fn drop(&mut self) {
         self.0.remove(self.1);
+    }
+}
+
+/// Reads one line into `line` (cleared first), keeping at most `max` bytes of it and skipping
+/// the rest: `Some(true)` when the line was cut, `None` at the end of the stream.
+async fn bounded_line(
+    reader: &mut (impl AsyncBufReadExt + Unpin),
+    line: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<bool>> {
+    line.clear();
+    let n = (&mut *reader)
+        .take(max as u64)
+        .read_until(b'\n', line)
+        .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\n') || n < max {
+        return Ok(Some(false));
+    }
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(Some(true));
+        }
+        match memchr::memchr(b'\n', buf) {
+            Some(at) => {
+                reader.consume(at + 1);
+                return Ok(Some(true));
+            }
+            None => {
+                let all = buf.len();
+                reader.consume(all);
+            }
+        }
     }
 }
 
@@ -267,6 +308,33 @@ async fn read_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn stderr_lines_are_bounded() {
+        let huge = vec![b'x'; 1 << 20];
+        let mut input = b"short\n".to_vec();
+        input.extend_from_slice(&huge);
+        input.extend_from_slice(b"\nafter\nlast");
+        let mut reader = BufReader::with_capacity(4096, &input[..]);
+        let mut line = Vec::new();
+        let mut got = Vec::new();
+        while let Some(cut) = bounded_line(&mut reader, &mut line, 100).await.unwrap() {
+            assert!(line.len() <= 100);
+            got.push((
+                String::from_utf8_lossy(line.trim_ascii_end()).into_owned(),
+                cut,
+            ));
+        }
+        assert_eq!(
+            got,
+            [
+                ("short".to_owned(), false),
+                ("x".repeat(100), true),
+                ("after".to_owned(), false),
+                ("last".to_owned(), false),
+            ]
+        );
+    }
 
     #[test]
     fn every_frame_becomes_exactly_one_line() {
