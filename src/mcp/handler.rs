@@ -654,8 +654,13 @@ async fn forward(
                         // ends the client's stream.
                         _ = &mut ended => return,
                         Some(ev) = ev_rx.recv() => {
-                            if tx.send(ev).await.is_err() {
-                                return; // client went away: dropping `call` cancels upstream
+                            // A client that stops reading must not keep the task past its
+                            // session's end.
+                            tokio::select! {
+                                sent = tx.send(ev) => if sent.is_err() {
+                                    return; // client went away: dropping `call` cancels upstream
+                                },
+                                _ = &mut ended => return,
                             }
                         }
                         frame = &mut call => {

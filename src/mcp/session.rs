@@ -230,6 +230,10 @@ impl Session {
     /// Installs the client's GET stream, flushing what waited for it; false if one is open.
     pub fn open_listen_stream(&self, sink: EventSink) -> bool {
         let mut listen = lock(&self.listen);
+        // Checked under the lock `end` takes after setting `ended`: no sink outlives the end.
+        if *self.ended.borrow() {
+            return false;
+        }
         if listen.is_open() {
             return false;
         }

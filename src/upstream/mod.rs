@@ -489,6 +489,8 @@ pub struct Link {
     listen: AtomicBool,
     /// Membership in a shared connection's audience, once joined.
     shared: Mutex<Option<shared::Membership>>,
+    /// Set by [`Link::close`]: the link never connects again.
+    closed: AtomicBool,
 }
 
 impl Link {
@@ -507,6 +509,7 @@ impl Link {
             generation: AtomicU64::new(0),
             listen: AtomicBool::new(false),
             shared: Mutex::new(None),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -541,6 +544,9 @@ impl Link {
             return Ok(c);
         }
         let _serial = self.connecting.lock().await;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.server.unavailable("the client session has ended"));
+        }
         if let Some(c) = self.live() {
             return Ok(c);
         }
@@ -698,6 +704,9 @@ impl Link {
 
     /// Keeps a server→client stream (HTTP GET) open from now on, on this and later connections.
     pub fn open_listen_stream(&self) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         self.listen.store(true, Ordering::Relaxed);
         if let Some(c) = self.live()
             && let Connection::Http(h) = &*c
@@ -715,6 +724,10 @@ impl Link {
 
     /// Ends the upstream session (a shared one is only left: other sessions still use it).
     pub async fn close(&self) {
+        // No new connection from now on; a handshake already under way finishes first (it
+        // holds `connecting`), so what it stores is shut down here rather than left running.
+        self.closed.store(true, Ordering::Release);
+        let _serial = self.connecting.lock().await;
         let conn = self
             .current
             .lock()
