@@ -278,6 +278,9 @@ pub(crate) struct Inner {
     secrets: Index<Secret>,
     services: Index<Service>,
     statuses: DashMap<String, ServerStatus>,
+    /// Pods deleted by the last restart of each server: until the watch has caught up, the
+    /// status still describes them, and must not be taken for the new pod's.
+    restarted: DashMap<String, Vec<String>>,
     written: DashMap<String, McpServerStatus>,
     status_changed: watch::Sender<u64>,
     queue: mpsc::UnboundedSender<String>,
@@ -335,6 +338,7 @@ impl KubeRuntime {
             secrets: Index::default(),
             services: Index::default(),
             statuses: DashMap::new(),
+            restarted: DashMap::new(),
             written: DashMap::new(),
             status_changed: watch::Sender::new(0),
             queue,
@@ -770,7 +774,14 @@ impl Inner {
                 if !self.desired.contains_key(name) {
                     return Err(OrchestratorError::NotFound(name.to_string()));
                 }
-                if let Some(st) = self.statuses.get(name).map(|s| s.clone()) {
+                let stale = self.current_pod_name(name).is_some_and(|pod| {
+                    self.restarted
+                        .get(name)
+                        .is_some_and(|gone| gone.contains(&pod))
+                });
+                if let Some(st) = self.statuses.get(name).map(|s| s.clone())
+                    && !stale
+                {
                     match st.phase {
                         Phase::Ready => {
                             if let Some(pod) = self.current_pod_name(name) {
@@ -1150,7 +1161,12 @@ impl Runtime for KubeRuntime {
                 return Err(OrchestratorError::NotFound(name.to_string()));
             }
             let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
-            for pod in self.inner.pods.of(name) {
+            let pods = self.inner.pods.of(name);
+            self.inner.restarted.insert(
+                name.to_string(),
+                pods.iter().map(|p| p.name_any()).collect(),
+            );
+            for pod in pods {
                 let pod_name = pod.name_any();
                 match api.delete(&pod_name, &DeleteParams::default()).await {
                     Ok(_) => {}
