@@ -4,16 +4,7 @@
 mod support;
 
 use serde_json::json;
-use support::{TestGateway, example};
-
-fn wasm(name: &str) -> String {
-    let path = format!("{}/target/plugins/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
-    assert!(
-        std::path::Path::new(&path).exists(),
-        "{path} is missing: run plugins/build.sh first"
-    );
-    path
-}
+use support::{TestGateway, example, wasm};
 
 async fn gateway(plugins: &str) -> (TestGateway, support::Client) {
     let gw = TestGateway::start(plugins, &[example("a", &[], ""), example("b", &[], "")]).await;

@@ -5,16 +5,7 @@
 mod support;
 
 use serde_json::{Value, json};
-use support::{Client, TestGateway, example};
-
-fn wasm(name: &str) -> String {
-    let path = format!("{}/target/plugins/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
-    assert!(
-        std::path::Path::new(&path).exists(),
-        "{path} is missing: run plugins/build.sh first"
-    );
-    path
-}
+use support::{Client, TestGateway, example, wasm};
 
 /// A gateway over one upstream (`multi` false: names pass through unprefixed) or two.
 async fn gateway(plugins: &str, multi: bool) -> (TestGateway, Client, String) {

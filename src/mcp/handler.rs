@@ -354,6 +354,45 @@ pub async fn request(
     reply
 }
 
+/// Runs an upstream's answer (result or error) through the result chains: the frame for the
+/// client and the metric outcome. A rewrite must keep the answer's shape (valid JSON for a
+/// result, a JSON-RPC error object for an error).
+async fn screen(policy: Option<&Policy>, id: &[u8], outcome: Outcome) -> (Bytes, &'static str) {
+    let (raw, label) = match &outcome {
+        Outcome::Result(r) => (r, "ok"),
+        Outcome::Error(e) => (e, "error"),
+    };
+    match OptionFuture::from(policy.map(|p| p.on_response(raw))).await {
+        None | Some(Ok(None)) => (jsonrpc::response(id, &outcome), label),
+        Some(Ok(Some(new))) => {
+            let (fits, rewritten, what) = match outcome {
+                Outcome::Result(_) => (
+                    serde_json::from_slice::<&RawValue>(&new).is_ok(),
+                    Outcome::Result(new),
+                    "a plugin rewrote the result into invalid JSON",
+                ),
+                Outcome::Error(_) => (
+                    is_error_object(&new),
+                    Outcome::Error(new),
+                    "a plugin rewrote an error into something that is not a JSON-RPC error object",
+                ),
+            };
+            if fits {
+                (jsonrpc::response(id, &rewritten), label)
+            } else {
+                (
+                    jsonrpc::error_response(Some(id), crate::plugins::PLUGIN_FAILED, what),
+                    "denied",
+                )
+            }
+        }
+        Some(Err(d)) => (
+            jsonrpc::error_response(Some(id), d.code, &d.to_string()),
+            "denied",
+        ),
+    }
+}
+
 /// Whether `raw` is a JSON-RPC error object (`code` integer, `message` string).
 fn is_error_object(raw: &[u8]) -> bool {
     #[derive(Deserialize)]
@@ -582,48 +621,9 @@ async fn forward(
             .await;
         drop(inflight);
         let (frame, outcome) = match result {
-            Ok(Outcome::Result(r)) => {
-                match OptionFuture::from(policy.as_ref().map(|p| p.on_response(&r))).await {
-                    None | Some(Ok(None)) => (jsonrpc::response(&id, &Outcome::Result(r)), "ok"),
-                    Some(Ok(Some(new))) if serde_json::from_slice::<&RawValue>(&new).is_ok() => {
-                        (jsonrpc::response(&id, &Outcome::Result(new)), "ok")
-                    }
-                    Some(Ok(Some(_))) => (
-                        jsonrpc::error_response(
-                            Some(&id),
-                            crate::plugins::PLUGIN_FAILED,
-                            "a plugin rewrote the result into invalid JSON",
-                        ),
-                        "denied",
-                    ),
-                    Some(Err(d)) => (
-                        jsonrpc::error_response(Some(&id), d.code, &d.to_string()),
-                        "denied",
-                    ),
-                }
-            }
             // Error messages pass the result chains too: a redaction must not be bypassed by
             // a server that puts the data in an error.
-            Ok(Outcome::Error(e)) => {
-                match OptionFuture::from(policy.as_ref().map(|p| p.on_response(&e))).await {
-                    None | Some(Ok(None)) => (jsonrpc::response(&id, &Outcome::Error(e)), "error"),
-                    Some(Ok(Some(new))) if is_error_object(&new) => {
-                        (jsonrpc::response(&id, &Outcome::Error(new)), "error")
-                    }
-                    Some(Ok(Some(_))) => (
-                        jsonrpc::error_response(
-                            Some(&id),
-                            crate::plugins::PLUGIN_FAILED,
-                            "a plugin rewrote an error into something that is not a JSON-RPC error object",
-                        ),
-                        "denied",
-                    ),
-                    Some(Err(d)) => (
-                        jsonrpc::error_response(Some(&id), d.code, &d.to_string()),
-                        "denied",
-                    ),
-                }
-            }
+            Ok(outcome) => screen(policy.as_ref(), &id, outcome).await,
             Err(e) => {
                 if !matches!(e, UpstreamError::Cancelled) {
                     tracing::warn!(upstream = %server.name, method = %method, "call failed: {e}");

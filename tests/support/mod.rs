@@ -29,6 +29,16 @@ pub fn example(name: &str, extra_args: &[&str], extra: &str) -> String {
     )
 }
 
+/// The path of a plugin component built by `plugins/build.sh` (into `target/plugins/`).
+pub fn wasm(name: &str) -> String {
+    let path = format!("{}/target/plugins/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path} is missing: run plugins/build.sh first"
+    );
+    path
+}
+
 /// A gateway serving on a free loopback port.
 pub struct TestGateway {
     pub running: Option<gatehouse::Running>,
