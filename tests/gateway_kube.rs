@@ -311,3 +311,63 @@ async fn a_server_added_on_any_replica_is_durable_and_served_by_all() {
     );
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_cannot_escalate_through_a_definition() {
+    let fake = FakeKube::start().await;
+    let (gw, _rt) = replica(&fake, "replica-a").await;
+    let base = json!({"image": "ghcr.io/gatehouse/example:1", "command": BIN,
+        "args": ["example-server"]});
+    let attacks = [
+        (
+            json!({"serviceAccountName": "gatehouse"}),
+            "serviceAccountName",
+        ),
+        (
+            json!({"serviceAccountName": "kube-admin"}),
+            "serviceAccountName",
+        ),
+        (
+            json!({"automountServiceAccountToken": true}),
+            "automountServiceAccountToken",
+        ),
+        (
+            json!({"env": [{"name": "X", "secretFromEnv": "PATH"}]}),
+            "env[0].secretFromEnv",
+        ),
+        (
+            json!({"securityContext": {"privileged": true}}),
+            "securityContext",
+        ),
+        (json!({"hostNetwork": true}), "hostNetwork"),
+        (
+            json!({"volumes": [{"name": "root", "hostPath": {"path": "/"}}]}),
+            "volumes",
+        ),
+    ];
+    for (extra, field) in attacks {
+        let mut spec = base.clone();
+        spec.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let r = admin(&gw, "PUT", "/admin/v1/servers/evil", Some(spec)).await;
+        assert_eq!(r.status, 400, "{extra}: {}", r.body);
+        assert!(r.body.contains(field), "{extra}: {}", r.body);
+    }
+    // Nothing was declared or run.
+    let sent: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.is_write() && (r.path.contains("evil") || r.path.contains("mcpservers")))
+        .map(|r| r.line())
+        .collect();
+    assert!(sent.is_empty(), "{sent:?}");
+    assert!(fake.get(Kind::McpServer, NS, "evil").is_none());
+    assert_eq!(
+        admin(&gw, "GET", "/admin/v1/servers/evil", None)
+            .await
+            .status,
+        404
+    );
+    gw.stop().await;
+}

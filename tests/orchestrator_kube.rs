@@ -666,8 +666,10 @@ async fn kubeconfig_with_insecure_skip_tls_verify_and_an_http_server() {
     };
     rt.apply(server.resolve().unwrap()).await.unwrap();
     let endpoint = rt.wait_ready("web", Duration::from_secs(10)).await.unwrap();
+    // The server's own pod (the fake kubelet's pods have IP 127.0.0.1), not the Service:
+    // its label selector would also pick a look-alike pod.
     match endpoint {
-        Endpoint::Http { url } => assert_eq!(url, "http://mcp-web.tools.svc:8080/mcp"),
+        Endpoint::Http { url } => assert_eq!(url, "http://127.0.0.1:8080/mcp"),
         other => panic!("{other:?}"),
     }
     let svc = eventually("service", Duration::from_secs(5), || {
@@ -899,4 +901,214 @@ async fn a_restarted_gateway_deletes_leftovers_only_once_it_knows_its_config() {
     );
     assert!(fake.get(Kind::Secret, NS, "mcp-drop").is_none());
     assert!(fake.get(Kind::Deployment, NS, "mcp-keep").is_some());
+}
+
+/// Whether any request the fake API server received mentions `needle` (path or body).
+fn sent(fake: &FakeKube, needle: &str) -> Vec<String> {
+    fake.requests()
+        .iter()
+        .filter(|r| {
+            r.path.contains(needle)
+                || r.body
+                    .as_ref()
+                    .is_some_and(|b| b.to_string().contains(needle))
+        })
+        .map(|r| r.line())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcpserver_resources_cannot_escalate() {
+    let fake = FakeKube::start().await;
+    let rt = KubeRuntime::start_with_client(
+        fake.client(NS),
+        NS.into(),
+        None,
+        KubeOptions {
+            watch_mcpservers: true,
+            ..options()
+        },
+    );
+    // A value of the gateway's own environment that a resource tries to read.
+    let var = "PATH";
+    let value = std::env::var(var).unwrap();
+    let attacks = [
+        (
+            "as-gateway",
+            json!({"serviceAccountName": "gatehouse"}),
+            "serviceAccountName",
+        ),
+        (
+            "as-other",
+            json!({"serviceAccountName": "ci-bot"}),
+            "serviceAccountName",
+        ),
+        (
+            "with-token",
+            json!({"automountServiceAccountToken": true}),
+            "automountServiceAccountToken",
+        ),
+        (
+            "reads-env",
+            json!({"env": [{"name": "STOLEN", "secretFromEnv": var}]}),
+            "env[0].secretFromEnv",
+        ),
+    ];
+    for (name, extra, _) in &attacks {
+        let mut spec = json!({"image": "ghcr.io/gatehouse/example:1", "command": GATEHOUSE,
+            "args": ["example-server"]});
+        spec.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        fake.create(
+            Kind::McpServer,
+            NS,
+            json!({"metadata": {"name": name}, "spec": spec}),
+        );
+    }
+    // A well-behaved resource after them: once it runs, the others have been judged.
+    fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": "fine"}, "spec": {"image": "ghcr.io/gatehouse/example:1",
+            "command": GATEHOUSE, "args": ["example-server"]}}),
+    );
+    let start = Instant::now();
+    while rt.status("fine").await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(5), "resource seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rt.wait_ready("fine", Duration::from_secs(10))
+        .await
+        .unwrap();
+    for (name, _, field) in &attacks {
+        let cr = eventually(&format!("{name} reported"), Duration::from_secs(5), || {
+            fake.get(Kind::McpServer, NS, name)
+                .filter(|c| c["status"]["phase"] == "Failed")
+        })
+        .await;
+        let message = cr["status"]["message"].as_str().unwrap();
+        assert!(message.starts_with(field), "{name}: {message}");
+        assert!(
+            fake.get(Kind::Deployment, NS, &format!("mcp-{name}"))
+                .is_none()
+        );
+        assert!(fake.get(Kind::Secret, NS, &format!("mcp-{name}")).is_none());
+        let writes: Vec<String> = writes(&fake)
+            .into_iter()
+            .filter(|w| w.contains(&format!("mcp-{name}")))
+            .collect();
+        assert!(writes.is_empty(), "{name}: {writes:?}");
+    }
+    assert!(
+        sent(&fake, &value).is_empty(),
+        "the gateway's {var} reached the API server"
+    );
+    // The pod that does run: the namespace's default account, no token, bounded resources.
+    let dep = fake.get(Kind::Deployment, NS, "mcp-fine").unwrap();
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "default");
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(
+        (&pod["hostNetwork"], &pod["hostPID"], &pod["hostIPC"]),
+        (&json!(false), &json!(false), &json!(false))
+    );
+    assert_eq!(
+        pod["volumes"],
+        json!([{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}])
+    );
+    assert_eq!(
+        pod["containers"][0]["resources"],
+        json!({"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}})
+    );
+}
+
+/// A pod that copies a server's labels and looks ready, created by someone else.
+fn look_alike(fake: &FakeKube, real: &serde_json::Value, name: &str, owners: serde_json::Value) {
+    fake.create(
+        Kind::Pod,
+        NS,
+        json!({
+            "metadata": {"name": name, "labels": real["metadata"]["labels"].clone(),
+                         "ownerReferences": owners},
+            "spec": real["spec"].clone(),
+            "status": {"phase": "Running", "podIP": "10.6.6.6",
+                       "conditions": [{"type": "Ready", "status": "True"}]},
+        }),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn look_alike_pods_are_never_attached_to() {
+    let fake = FakeKube::start().await;
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+    rt.apply(
+        example("gh", "ghcr.io/gatehouse/example:1", &[])
+            .resolve()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    rt.wait_ready("gh", Duration::from_secs(10)).await.unwrap();
+    let real = fake.pod_of(NS, "mcp-gh").expect("the server's pod");
+    let dep = fake.get(Kind::Deployment, NS, "mcp-gh").unwrap();
+    // Names that sort after the real pod's: the newest pod would win a label-only choice.
+    look_alike(&fake, &real, "mcp-gh-zzzz-1", json!([]));
+    look_alike(
+        &fake,
+        &real,
+        "mcp-gh-zzzz-2",
+        json!([{"apiVersion": "apps/v1", "kind": "Deployment", "name": "mcp-gh",
+                "uid": dep["metadata"]["uid"], "controller": true}]),
+    );
+    // Restart: only the server's own pod is deleted; the new one comes from its ReplicaSet.
+    fake.clear_requests();
+    rt.restart("gh").await.unwrap();
+    let deletes: Vec<String> = writes(&fake);
+    assert_eq!(
+        deletes,
+        [format!(
+            "DELETE /api/v1/namespaces/{NS}/pods/{}?",
+            real["metadata"]["name"].as_str().unwrap()
+        )]
+    );
+    let fresh = eventually("a new pod", Duration::from_secs(5), || {
+        fake.pod_of(NS, "mcp-gh")
+            .filter(|p| p["metadata"]["name"] != real["metadata"]["name"])
+    })
+    .await;
+    let fresh_name = fresh["metadata"]["name"].as_str().unwrap();
+    let start = Instant::now();
+    loop {
+        let st = rt.status("gh").await.unwrap();
+        if st.is_ready()
+            && st
+                .message
+                .as_deref()
+                .unwrap_or_default()
+                .contains(fresh_name)
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut mcp = open(&rt, "gh").await;
+    mcp.handshake().await;
+    drop(mcp);
+    let attached: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/attach"))
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        attached,
+        [format!("/api/v1/namespaces/{NS}/pods/{fresh_name}/attach")]
+    );
+    assert!(
+        sent(&fake, "mcp-gh-zzzz").is_empty(),
+        "look-alikes untouched"
+    );
+    assert!(fake.get(Kind::Pod, NS, "mcp-gh-zzzz-1").is_some());
 }

@@ -71,10 +71,12 @@ pub struct McpServerSpec {
     /// Extra labels on the server's objects and pod.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// Mount a service-account token in the pod (off unless asked).
+    /// Mount the service-account token in the pod: refused unless the operator allows token
+    /// mounting and `serviceAccountName` is one of the accounts the operator allows.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub automount_service_account_token: bool,
-    /// Service account of the pod (default: the namespace's `default`).
+    /// Service account of the pod: one the operator allows, never the gateway's own
+    /// (default: the operator's default account for servers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
 }
@@ -117,7 +119,7 @@ pub struct EnvVarSpec {
     /// Secret value given inline (stored in the server's Secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_value: Option<String>,
-    /// Secret value read from this variable of the gateway's environment.
+    /// Secret value read from this variable of the gateway's environment (config file only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_from_env: Option<String>,
 }
@@ -488,6 +490,24 @@ impl ServerDef {
     pub fn resolve(&self) -> Result<ResolvedServer, SpecError> {
         self.resolve_with(|k| std::env::var(k).ok())
     }
+
+    /// Validates a definition that does not come from the operator's config file (an
+    /// `McpServer` resource, the admin API): it may not read the gateway's environment,
+    /// which holds the gateway's own credentials.
+    pub fn resolve_declared(&self) -> Result<ResolvedServer, SpecError> {
+        if let Some(i) = self
+            .spec
+            .env
+            .iter()
+            .position(|e| e.secret_from_env.is_some())
+        {
+            return Err(SpecError::new(
+                format!("env[{i}].secretFromEnv"),
+                "only the operator's config file may read the gateway's environment; use secretValue",
+            ));
+        }
+        self.resolve_with(|_| None)
+    }
 }
 
 #[cfg(test)]
@@ -578,6 +598,16 @@ labels: { team: tools }
             let err = def(yaml).resolve_with(|_| None).unwrap_err();
             assert_eq!(err.field, field, "{yaml}: {err}");
         }
+    }
+
+    #[test]
+    fn declared_definitions_never_read_the_gateway_environment() {
+        let d = def(
+            "name: a\ncommand: x\nenv: [{ name: A, value: x }, { name: T, secretFromEnv: HOME }]",
+        );
+        assert!(d.resolve().is_ok(), "the config file may");
+        let err = d.resolve_declared().unwrap_err();
+        assert_eq!(err.field, "env[1].secretFromEnv", "{err}");
     }
 
     #[test]

@@ -13,9 +13,10 @@
 //!   the retained history, then live; 410 Gone for a version older than the history.
 //! - Garbage collection: deleting an object deletes every object whose
 //!   ownerReferences name its uid (recursively).
-//! - A Deployment controller: one Pod per Deployment from its template (owned by the
-//!   Deployment directly: there are no ReplicaSets), recreated when deleted, replaced
-//!   when the template changes.
+//! - A Deployment controller: one ReplicaSet per template (`NAME-HASH`, controller-owned by
+//!   the Deployment, labelled with the template's labels and `pod-template-hash`), the
+//!   ReplicaSets of older templates deleted (their pods with them); one Pod per current
+//!   ReplicaSet (controller-owned by it), recreated when deleted.
 //! - A kubelet ([`kubelet`]): runs each pod's `command + args` as a local process with
 //!   the container's env (secretKeyRef resolved from the Secret), reports
 //!   Running/Ready, restarts crashed containers through CrashLoopBackOff, keeps
@@ -50,6 +51,7 @@ use tokio::sync::{broadcast, mpsc};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Deployment,
+    ReplicaSet,
     Pod,
     Secret,
     Service,
@@ -61,6 +63,7 @@ impl Kind {
     fn from_plural(group_version: &str, plural: &str) -> Option<Kind> {
         Some(match (group_version, plural) {
             ("apps/v1", "deployments") => Kind::Deployment,
+            ("apps/v1", "replicasets") => Kind::ReplicaSet,
             ("v1", "pods") => Kind::Pod,
             ("v1", "secrets") => Kind::Secret,
             ("v1", "services") => Kind::Service,
@@ -73,6 +76,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Deployment => "Deployment",
+            Kind::ReplicaSet => "ReplicaSet",
             Kind::Pod => "Pod",
             Kind::Secret => "Secret",
             Kind::Service => "Service",
@@ -83,7 +87,7 @@ impl Kind {
 
     pub fn api_version(self) -> &'static str {
         match self {
-            Kind::Deployment => "apps/v1",
+            Kind::Deployment | Kind::ReplicaSet => "apps/v1",
             Kind::Pod | Kind::Secret | Kind::Service => "v1",
             Kind::Lease => "coordination.k8s.io/v1",
             Kind::McpServer => "gatehouse.dev/v1alpha1",
@@ -93,6 +97,7 @@ impl Kind {
     fn plural(self) -> &'static str {
         match self {
             Kind::Deployment => "deployments",
+            Kind::ReplicaSet => "replicasets",
             Kind::Pod => "pods",
             Kind::Secret => "secrets",
             Kind::Service => "services",
@@ -104,7 +109,7 @@ impl Kind {
     fn has_status(self) -> bool {
         matches!(
             self,
-            Kind::Deployment | Kind::Pod | Kind::Service | Kind::McpServer
+            Kind::Deployment | Kind::ReplicaSet | Kind::Pod | Kind::Service | Kind::McpServer
         )
     }
 }
@@ -648,13 +653,18 @@ impl FakeKube {
         out
     }
 
-    /// The current pod of a Deployment, if any.
+    /// The current pod of a Deployment (through its ReplicaSets), if any.
     pub fn pod_of(&self, ns: &str, deployment: &str) -> Option<Value> {
-        self.list(Kind::Pod, ns).into_iter().find(|p| {
-            p["metadata"]["ownerReferences"]
-                .as_array()
-                .is_some_and(|r| r.iter().any(|r| r["name"] == deployment))
-        })
+        let dep = self.get(Kind::Deployment, ns, deployment)?;
+        let replicasets: Vec<Value> = self
+            .list(Kind::ReplicaSet, ns)
+            .into_iter()
+            .filter(|rs| controller_uid(rs) == dep["metadata"]["uid"])
+            .map(|rs| rs["metadata"]["uid"].clone())
+            .collect();
+        self.list(Kind::Pod, ns)
+            .into_iter()
+            .find(|p| replicasets.contains(&controller_uid(p)))
     }
 
     /// Kills the process of a pod's container (as if it crashed).
@@ -697,12 +707,18 @@ pub(crate) fn controllers(shared: &Arc<Shared>, kind: Kind, ns: &str, obj: &Valu
     {
         let mut store = shared.store.lock().unwrap();
         let store = &mut *store;
+        let owner_named = |o: &Value, kind: &str| {
+            o["metadata"]["ownerReferences"]
+                .as_array()
+                .and_then(|r| r.iter().find(|r| r["kind"] == kind))
+                .and_then(|r| r["name"].as_str().map(str::to_string))
+        };
         let deployment = match kind {
             Kind::Deployment => obj["metadata"]["name"].as_str().map(str::to_string),
-            Kind::Pod => obj["metadata"]["ownerReferences"]
-                .as_array()
-                .and_then(|r| r.iter().find(|r| r["kind"] == "Deployment"))
-                .and_then(|r| r["name"].as_str().map(str::to_string)),
+            Kind::ReplicaSet => owner_named(obj, "Deployment"),
+            Kind::Pod => owner_named(obj, "ReplicaSet")
+                .and_then(|rs| store.get(Kind::ReplicaSet, ns, &rs).cloned())
+                .and_then(|rs| owner_named(&rs, "Deployment")),
             _ => None,
         };
         if let Some(dep) = deployment.and_then(|d| store.get(Kind::Deployment, ns, &d).cloned())
@@ -719,7 +735,17 @@ pub(crate) fn controllers(shared: &Arc<Shared>, kind: Kind, ns: &str, obj: &Valu
     }
 }
 
-/// One pod per Deployment from its current template; returns a pod to start.
+/// The uid of an object's controller owner (`Null` when it has none).
+pub fn controller_uid(obj: &Value) -> Value {
+    obj["metadata"]["ownerReferences"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["controller"] == true))
+        .map(|r| r["uid"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// One ReplicaSet per Deployment for its current template, one pod per ReplicaSet;
+/// returns a pod to start.
 fn sync_deployment(
     store: &mut Store,
     events: &broadcast::Sender<Arc<WatchEvent>>,
@@ -730,39 +756,54 @@ fn sync_deployment(
     let dep_uid = dep["metadata"]["uid"].clone();
     let template = dep["spec"]["template"].clone();
     let hash = format!("{:x}", fxhash(&template.to_string()));
-    let pods: Vec<Value> = store
-        .list(Kind::Pod, ns)
-        .into_iter()
-        .filter(|p| {
-            p["metadata"]["ownerReferences"]
-                .as_array()
-                .is_some_and(|r| r.iter().any(|r| r["uid"] == dep_uid))
-        })
-        .collect();
-    let mut current = false;
-    for p in &pods {
-        if p["metadata"]["labels"]["pod-template-hash"] == hash.as_str() {
-            current = true;
-        } else {
-            let n = p["metadata"]["name"].as_str().unwrap().to_string();
-            store.delete(events, Kind::Pod, ns, &n);
+    let rs_name = format!("{dep_name}-{hash}");
+    for rs in store.list(Kind::ReplicaSet, ns) {
+        if controller_uid(&rs) == dep_uid && rs["metadata"]["name"] != rs_name.as_str() {
+            let n = rs["metadata"]["name"].as_str().unwrap().to_string();
+            store.delete(events, Kind::ReplicaSet, ns, &n);
         }
     }
+    let mut labels = template["metadata"]["labels"].clone();
+    labels["pod-template-hash"] = json!(hash);
+    let rs = match store.get(Kind::ReplicaSet, ns, &rs_name).cloned() {
+        Some(rs) => rs,
+        None => store
+            .create(
+                events,
+                Kind::ReplicaSet,
+                ns,
+                json!({
+                    "metadata": {
+                        "name": rs_name,
+                        "labels": labels,
+                        "ownerReferences": [{
+                            "apiVersion": "apps/v1", "kind": "Deployment", "name": dep_name,
+                            "uid": dep_uid, "controller": true, "blockOwnerDeletion": true,
+                        }],
+                    },
+                    "spec": {"replicas": 1, "template": template},
+                }),
+            )
+            .ok()?,
+    };
+    let rs_uid = rs["metadata"]["uid"].clone();
+    let current = store
+        .list(Kind::Pod, ns)
+        .iter()
+        .any(|p| controller_uid(p) == rs_uid);
     if current {
         return None;
     }
     store.pod_counter += 1;
-    let name = format!("{dep_name}-{:05x}", store.pod_counter);
-    let mut labels = template["metadata"]["labels"].clone();
-    labels["pod-template-hash"] = json!(hash);
+    let name = format!("{rs_name}-{:05x}", store.pod_counter);
     let pod = json!({
         "metadata": {
             "name": name,
             "labels": labels,
             "annotations": template["metadata"]["annotations"].clone(),
             "ownerReferences": [{
-                "apiVersion": "apps/v1", "kind": "Deployment", "name": dep_name,
-                "uid": dep_uid, "controller": true, "blockOwnerDeletion": true,
+                "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs_name,
+                "uid": rs_uid, "controller": true, "blockOwnerDeletion": true,
             }],
         },
         "spec": template["spec"].clone(),

@@ -23,9 +23,10 @@ pub mod attach;
 pub mod index;
 pub mod lease;
 pub mod objects;
+pub mod policy;
 pub mod status;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,7 +36,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, LogParams, Patch, PatchParams};
@@ -48,7 +49,10 @@ use tokio::sync::{mpsc, watch};
 
 use self::index::Index;
 use self::lease::{Elector, LeaseSettings};
-use super::spec::{McpServer, McpServerStatus, ResolvedServer, ServerDef, labels, object_name};
+use self::policy::PodPolicy;
+use super::spec::{
+    McpServer, McpServerStatus, ResolvedServer, ServerDef, SpecError, labels, object_name,
+};
 use super::{
     Endpoint, FailureReason, LogOptions, OrchestratorError, Phase, Result, Runtime, ServerStatus,
     StdioEndpoint,
@@ -66,6 +70,20 @@ pub const ENV_LEADER_ELECTION: &str = "GATEHOUSE_ORCHESTRATOR_LEADER_ELECTION";
 pub const ENV_LEASE_NAME: &str = "GATEHOUSE_ORCHESTRATOR_LEASE_NAME";
 /// Environment variable: `false` to ignore `McpServer` resources.
 pub const ENV_WATCH_MCPSERVERS: &str = "GATEHOUSE_ORCHESTRATOR_WATCH_MCPSERVERS";
+/// Environment variable: comma-separated service accounts a server definition may name.
+pub const ENV_ALLOWED_SERVICE_ACCOUNTS: &str = "GATEHOUSE_ORCHESTRATOR_ALLOWED_SERVICE_ACCOUNTS";
+/// Environment variable: service account of server pods whose definition names none.
+pub const ENV_SERVICE_ACCOUNT: &str = "GATEHOUSE_ORCHESTRATOR_SERVICE_ACCOUNT";
+/// Environment variable: `true` to let servers running as an allowed account mount its token.
+pub const ENV_ALLOW_TOKEN_MOUNT: &str = "GATEHOUSE_ORCHESTRATOR_ALLOW_TOKEN_MOUNT";
+/// Environment variable: the gateway's own service account (never given to a server).
+pub const ENV_GATEWAY_SERVICE_ACCOUNT: &str = "GATEHOUSE_ORCHESTRATOR_GATEWAY_SERVICE_ACCOUNT";
+/// Environment variable: default requests of server pods, e.g. `cpu=50m,memory=64Mi`.
+pub const ENV_DEFAULT_REQUESTS: &str = "GATEHOUSE_ORCHESTRATOR_DEFAULT_REQUESTS";
+/// Environment variable: default limits of server pods, e.g. `cpu=1,memory=512Mi`.
+pub const ENV_DEFAULT_LIMITS: &str = "GATEHOUSE_ORCHESTRATOR_DEFAULT_LIMITS";
+/// Environment variable: `sizeLimit` of a server pod's `/tmp` emptyDir, e.g. `64Mi`.
+pub const ENV_TMP_SIZE_LIMIT: &str = "GATEHOUSE_ORCHESTRATOR_TMP_SIZE_LIMIT";
 /// Field manager of our server-side applies.
 pub const FIELD_MANAGER: &str = "gatehouse";
 
@@ -104,6 +122,8 @@ pub struct KubeOptions {
     pub attach_timeout: Duration,
     /// Buffer size of an attachment's stdin and stdout.
     pub attach_buffer: usize,
+    /// What server definitions may ask of the cluster.
+    pub policy: PodPolicy,
 }
 
 impl Default for KubeOptions {
@@ -114,6 +134,7 @@ impl Default for KubeOptions {
             retry_after: Duration::from_secs(5),
             attach_timeout: Duration::from_secs(60),
             attach_buffer: 256 * 1024,
+            policy: PodPolicy::default(),
         }
     }
 }
@@ -177,12 +198,14 @@ impl KubeSettings {
         } else {
             None
         };
+        let policy = policy_from_env(&getenv, flag(ENV_ALLOW_TOKEN_MOUNT, false)?, &source)?;
         Ok(Some(KubeSettings {
             source,
             namespace,
             leader_election,
             options: KubeOptions {
                 watch_mcpservers: flag(ENV_WATCH_MCPSERVERS, true)?,
+                policy,
                 ..KubeOptions::default()
             },
         }))
@@ -217,6 +240,73 @@ impl KubeSettings {
             .map_err(|e| OrchestratorError::Settings(format!("kubernetes client: {e}")))?;
         Ok((client, namespace))
     }
+}
+
+/// The operator's pod policy from the environment; in-cluster, the account of the
+/// gateway's own token is forbidden to servers too.
+fn policy_from_env(
+    getenv: &impl Fn(&str) -> Option<String>,
+    allow_token_mount: bool,
+    source: &ConfigSource,
+) -> Result<PodPolicy> {
+    let bad = |key: &str, v: &str, why: String| {
+        OrchestratorError::Settings(format!("{key}={v:?}: {why}"))
+    };
+    let list = |key: &str| -> Vec<String> {
+        getenv(key)
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let quantities = |key: &str, default: BTreeMap<String, String>| -> Result<_> {
+        let Some(v) = getenv(key) else {
+            return Ok(default);
+        };
+        let mut map = BTreeMap::new();
+        for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            match item.split_once('=') {
+                Some((k, q)) if !k.trim().is_empty() && !q.trim().is_empty() => {
+                    map.insert(k.trim().to_string(), q.trim().to_string());
+                }
+                _ => return Err(bad(key, &v, format!("{item:?} is not name=quantity"))),
+            }
+        }
+        Ok(map)
+    };
+    let defaults = PodPolicy::default();
+    let mut policy = PodPolicy {
+        allowed_accounts: list(ENV_ALLOWED_SERVICE_ACCOUNTS).into_iter().collect(),
+        default_account: getenv(ENV_SERVICE_ACCOUNT)
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .unwrap_or(defaults.default_account),
+        allow_token_mount,
+        forbidden_accounts: defaults.forbidden_accounts,
+        default_requests: quantities(ENV_DEFAULT_REQUESTS, defaults.default_requests)?,
+        default_limits: quantities(ENV_DEFAULT_LIMITS, defaults.default_limits)?,
+        tmp_size_limit: getenv(ENV_TMP_SIZE_LIMIT)
+            .map(|q| q.trim().to_string())
+            .filter(|q| !q.is_empty())
+            .unwrap_or(defaults.tmp_size_limit),
+    };
+    policy
+        .forbidden_accounts
+        .extend(list(ENV_GATEWAY_SERVICE_ACCOUNT));
+    if *source == ConfigSource::InCluster
+        && let Ok(token) = std::fs::read_to_string(policy::TOKEN_PATH)
+        && let Some(own) = policy::account_of_token(&token)
+    {
+        policy.forbidden_accounts.insert(own);
+    }
+    policy.validate().map_err(|why| {
+        OrchestratorError::Settings(format!(
+            "{ENV_ALLOWED_SERVICE_ACCOUNTS} / {ENV_SERVICE_ACCOUNT}: {why}"
+        ))
+    })?;
+    Ok(policy)
 }
 
 /// Where a desired server comes from.
@@ -274,6 +364,7 @@ pub(crate) struct Inner {
     options: KubeOptions,
     desired: DashMap<String, Desired>,
     deployments: Index<Deployment>,
+    replicasets: Index<ReplicaSet>,
     pods: Index<Pod>,
     secrets: Index<Secret>,
     services: Index<Service>,
@@ -334,6 +425,7 @@ impl KubeRuntime {
             options: options.clone(),
             desired: DashMap::new(),
             deployments: Index::default(),
+            replicasets: Index::default(),
             pods: Index::default(),
             secrets: Index::default(),
             services: Index::default(),
@@ -361,6 +453,7 @@ impl KubeRuntime {
             }};
         }
         watch_kind!(Deployment, deployments);
+        watch_kind!(ReplicaSet, replicasets);
         watch_kind!(Pod, pods);
         watch_kind!(Secret, secrets);
         watch_kind!(Service, services);
@@ -592,7 +685,8 @@ impl Inner {
             &self.ns,
             resource_owner.as_ref(),
             known_owner.as_ref(),
-        );
+            &self.options.policy,
+        )?;
         // The Secret first, so the pod never starts without its keys.
         match rendered.secret {
             Some(secret) => {
@@ -607,7 +701,13 @@ impl Inner {
         if resource_owner.is_none() && known_owner.is_none() {
             // The Deployment did not exist: now it does, it owns the Secret and Service.
             let owner = deployment_owner(&deployment);
-            let again = objects::render(&server, &self.ns, None, owner.as_ref());
+            let again = objects::render(
+                &server,
+                &self.ns,
+                None,
+                owner.as_ref(),
+                &self.options.policy,
+            )?;
             if let Some(secret) = again.secret {
                 self.ensure(&self.secrets, name, secret).await?;
             }
@@ -641,7 +741,7 @@ impl Inner {
                 .with_message(message.clone()),
             ),
             Some(Desired::Valid { .. }) => {
-                let pods = self.pods.of(name);
+                let pods = self.own_pods(name);
                 let observed = status::observe(status::current_pod(pods.iter().map(|p| &**p)));
                 let mut st = ServerStatus::new(observed.phase);
                 st.restarts = observed.restarts;
@@ -761,9 +861,48 @@ impl Inner {
         }
     }
 
+    fn current_pod(&self, name: &str) -> Option<Arc<Pod>> {
+        let pods = self.own_pods(name);
+        let current = status::current_pod(pods.iter().map(|p| &**p))?
+            .metadata
+            .name
+            .clone();
+        pods.into_iter().find(|p| p.metadata.name == current)
+    }
+
     fn current_pod_name(&self, name: &str) -> Option<String> {
-        let pods = self.pods.of(name);
-        status::current_pod(pods.iter().map(|p| &**p)).and_then(|p| p.metadata.name.clone())
+        self.current_pod(name).and_then(|p| p.metadata.name.clone())
+    }
+
+    /// The server's pods that its own Deployment created: each one's controller is a
+    /// ReplicaSet whose controller is the Deployment we applied (by uid). Anyone who may
+    /// create pods can copy our labels; such a pod is never attached to, reached, or
+    /// taken for the server's status.
+    fn own_pods(&self, name: &str) -> Vec<Arc<Pod>> {
+        let Some(deployment_uid) = self
+            .deployments
+            .get(name, &object_name(name))
+            .and_then(|d| d.metadata.uid.clone())
+        else {
+            return Vec::new();
+        };
+        let replicasets: BTreeSet<String> = self
+            .replicasets
+            .of(name)
+            .iter()
+            .filter(|rs| {
+                controller_uid(&rs.metadata, "apps/v1", "Deployment") == Some(&deployment_uid)
+            })
+            .filter_map(|rs| rs.metadata.uid.clone())
+            .collect();
+        self.pods
+            .of(name)
+            .into_iter()
+            .filter(|p| {
+                controller_uid(&p.metadata, "apps/v1", "ReplicaSet")
+                    .is_some_and(|uid| replicasets.contains(uid))
+            })
+            .collect()
     }
 
     async fn wait_ready(&self, name: &str, timeout: Duration) -> Result<String> {
@@ -822,16 +961,30 @@ impl Inner {
         }
     }
 
+    /// A stdio server's attachment, or an HTTP server's URL at its own pod's IP (not the
+    /// Service, whose label selector would also pick a look-alike pod).
     fn endpoint(self: &Arc<Self>, name: &str) -> Result<Endpoint> {
         let (server, _) = self
             .valid(name)
             .ok_or_else(|| OrchestratorError::NotFound(name.to_string()))?;
-        Ok(match objects::service_url(&server, &self.ns) {
-            Some(url) => Endpoint::Http { url },
-            None => Endpoint::Stdio(StdioEndpoint::new(Arc::new(attach::KubeAttach::new(
-                self.clone(),
-                name.to_string(),
-            )))),
+        let Some((port, path)) = server.http_port_path() else {
+            return Ok(Endpoint::Stdio(StdioEndpoint::new(Arc::new(
+                attach::KubeAttach::new(self.clone(), name.to_string()),
+            ))));
+        };
+        let ip = self
+            .current_pod(name)
+            .and_then(|p| p.status.as_ref()?.pod_ip.clone())
+            .ok_or_else(|| OrchestratorError::NotRunning {
+                server: name.to_string(),
+                detail: "no pod of its Deployment has an IP yet".into(),
+            })?;
+        let host = match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
+            _ => ip,
+        };
+        Ok(Endpoint::Http {
+            url: format!("http://{host}:{port}{path}"),
         })
     }
 }
@@ -897,12 +1050,31 @@ async fn watch_children<K>(
     }
 }
 
-fn desired_from_resource(obj: &McpServer) -> Desired {
+/// The uid of the controller owner of `kind`, if any.
+fn controller_uid<'a>(
+    meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    api_version: &str,
+    kind: &str,
+) -> Option<&'a String> {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true))
+        .filter(|r| r.kind == kind && r.api_version == api_version)
+        .map(|r| &r.uid)
+}
+
+/// A resource's definition: validated without the gateway's environment and against the
+/// operator's policy, so that writing an `McpServer` grants nothing the operator did not.
+fn desired_from_resource(obj: &McpServer, policy: &PodPolicy) -> Desired {
     let def = ServerDef {
         name: obj.name_any(),
         spec: obj.spec.clone(),
     };
-    match def.resolve() {
+    let checked = def
+        .resolve_declared()
+        .and_then(|s| policy.service_account(&s).map(|_| s));
+    match checked {
         Ok(server) if server.spec.image.is_none() => Desired::Invalid {
             message: "spec.image: the kubernetes backend needs an image".into(),
         },
@@ -945,9 +1117,10 @@ async fn watch_mcpservers(inner: Arc<Inner>) {
             tracing::warn!(server = %name, "an McpServer resource has the name of a config-file server; the config file wins");
             return;
         }
-        inner
-            .desired
-            .insert(name.clone(), desired_from_resource(obj));
+        inner.desired.insert(
+            name.clone(),
+            desired_from_resource(obj, &inner.options.policy),
+        );
         inner.enqueue(name);
     };
     while let Some(event) = stream.next().await {
@@ -999,6 +1172,7 @@ impl Runtime for KubeRuntime {
 
     fn apply(&self, server: ResolvedServer) -> BoxFuture<'_, Result<()>> {
         async move {
+            self.inner.options.policy.service_account(&server)?;
             if server.spec.image.is_none() {
                 return Err(OrchestratorError::Unsupported {
                     server: server.name.clone(),
@@ -1024,7 +1198,8 @@ impl Runtime for KubeRuntime {
 
     fn declare(&self, def: ServerDef) -> BoxFuture<'_, Result<()>> {
         async move {
-            let server = def.resolve()?;
+            let server = def.resolve_declared()?;
+            self.inner.options.policy.service_account(&server)?;
             if !self.inner.options.watch_mcpservers {
                 // McpServer resources are ignored here: keep the server in this replica only.
                 return self.apply(server).await;
@@ -1054,9 +1229,10 @@ impl Runtime for KubeRuntime {
             // The watch brings the same object to every replica; take it now so that this
             // replica's status and list show it at once.
             self.inner.removed.remove(&def.name);
-            self.inner
-                .desired
-                .insert(def.name.clone(), desired_from_resource(&obj));
+            self.inner.desired.insert(
+                def.name.clone(),
+                desired_from_resource(&obj, &self.inner.options.policy),
+            );
             self.inner.refresh_status(&def.name, None);
             self.inner.enqueue(def.name);
             Ok(())
@@ -1066,6 +1242,16 @@ impl Runtime for KubeRuntime {
 
     fn sync(&self, servers: Vec<ResolvedServer>) -> BoxFuture<'_, Result<()>> {
         async move {
+            for s in &servers {
+                self.inner
+                    .options
+                    .policy
+                    .service_account(s)
+                    .map_err(|e| SpecError {
+                        field: format!("servers[{}].{}", s.name, e.field),
+                        message: e.message,
+                    })?;
+            }
             if let Some(s) = servers.iter().find(|s| s.spec.image.is_none()) {
                 return Err(OrchestratorError::Unsupported {
                     server: s.name.clone(),
@@ -1161,7 +1347,7 @@ impl Runtime for KubeRuntime {
                 return Err(OrchestratorError::NotFound(name.to_string()));
             }
             let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
-            let pods = self.inner.pods.of(name);
+            let pods = self.inner.own_pods(name);
             self.inner.restarted.insert(
                 name.to_string(),
                 pods.iter().map(|p| p.name_any()).collect(),

@@ -8,15 +8,16 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret,
+    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::orchestrator::spec::{EnvValue, ResolvedServer, labels};
+use super::policy::PodPolicy;
+use crate::orchestrator::spec::{EnvValue, ResolvedServer, SpecError, labels};
 
 /// Name of the server's container in its pod.
 pub const CONTAINER: &str = "server";
@@ -82,14 +83,21 @@ fn quantities(map: &BTreeMap<String, String>) -> Option<BTreeMap<String, Quantit
 
 /// Renders the server's objects. `owner` is the `McpServer` resource (for every object)
 /// or, for servers from the config file, the Deployment (for the Secret and Service only).
+///
+/// The pod's security context, volumes and host settings are fixed here: no definition
+/// field reaches them. The service account and token come from `policy`, which refuses a
+/// definition asking for more than the operator allows.
 pub fn render(
     server: &ResolvedServer,
     namespace: &str,
     owner: Option<&OwnerReference>,
     deployment_owner: Option<&OwnerReference>,
-) -> Rendered {
+    policy: &PodPolicy,
+) -> Result<Rendered, SpecError> {
     let name = server.object_name();
     let spec = &server.spec;
+    let account = policy.service_account(server)?;
+    let (requests, limits) = policy.resources(server);
     let env: Vec<EnvVar> = server
         .env
         .iter()
@@ -137,9 +145,9 @@ pub fn render(
             period_seconds: Some(5),
             ..Default::default()
         }),
-        resources: spec.resources.as_ref().map(|r| ResourceRequirements {
-            requests: quantities(&r.requests),
-            limits: quantities(&r.limits),
+        resources: Some(ResourceRequirements {
+            requests: quantities(&requests),
+            limits: quantities(&limits),
             ..ResourceRequirements::default()
         }),
         security_context: Some(SecurityContext {
@@ -171,7 +179,10 @@ pub fn render(
     let pod_spec = PodSpec {
         containers: vec![container],
         automount_service_account_token: Some(spec.automount_service_account_token),
-        service_account_name: spec.service_account_name.clone(),
+        service_account_name: Some(account),
+        host_network: Some(false),
+        host_pid: Some(false),
+        host_ipc: Some(false),
         enable_service_links: Some(false),
         restart_policy: Some("Always".into()),
         security_context: Some(PodSecurityContext {
@@ -187,7 +198,10 @@ pub fn render(
         }),
         volumes: Some(vec![Volume {
             name: "tmp".into(),
-            empty_dir: Some(Default::default()),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: None,
+                size_limit: Some(Quantity(policy.tmp_size_limit.clone())),
+            }),
             ..Volume::default()
         }]),
         ..PodSpec::default()
@@ -252,11 +266,11 @@ pub fn render(
         }),
         status: None,
     });
-    Rendered {
+    Ok(Rendered {
         deployment,
         secret,
         service,
-    }
+    })
 }
 
 /// URL of a streamable-http server behind its Service.
@@ -321,7 +335,7 @@ mod tests {
         let s = server(
             "name: gh\nimage: ghcr.io/x/gh:1\nargs: [--stdio]\nenv: [{name: A, value: b}, {name: TOKEN, secretFromEnv: T}]\nlabels: {team: x}",
         );
-        let r = render(&s, "ns", None, None);
+        let r = render(&s, "ns", None, None, &PodPolicy::default()).unwrap();
         let pod = r
             .deployment
             .spec
@@ -364,11 +378,45 @@ mod tests {
     }
 
     #[test]
+    fn pod_security_resources_and_account_are_fixed_by_the_operator() {
+        let s = server("name: gh\nimage: x\nserviceAccountName: ci-bot");
+        assert_eq!(
+            render(&s, "ns", None, None, &PodPolicy::default())
+                .unwrap_err()
+                .field,
+            "serviceAccountName"
+        );
+        let policy = PodPolicy {
+            allowed_accounts: ["ci-bot".to_string()].into(),
+            ..PodPolicy::default()
+        };
+        let r = render(&s, "ns", None, None, &policy).unwrap();
+        let pod = serde_json::to_value(r.deployment.spec.unwrap().template.spec.unwrap()).unwrap();
+        let expected = serde_json::json!({
+            "automountServiceAccountToken": false,
+            "serviceAccountName": "ci-bot",
+            "hostNetwork": false, "hostPID": false, "hostIPC": false,
+            "securityContext": {"runAsNonRoot": true, "runAsUser": DEFAULT_UID},
+            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+            "containers": [{
+                "resources": {"requests": {"cpu": "50m", "memory": "64Mi"},
+                              "limits": {"cpu": "1", "memory": "512Mi"}},
+                "securityContext": {"privileged": false, "allowPrivilegeEscalation": false,
+                                    "runAsNonRoot": true, "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+            }],
+        });
+        assert!(is_subset(&expected, &pod), "{pod:#}");
+        assert!(pod["containers"][0]["securityContext"]["capabilities"]["add"].is_null());
+        assert!(pod.get("hostPath").is_none() && pod["volumes"].as_array().unwrap().len() == 1);
+    }
+
+    #[test]
     fn http_server_gets_a_service() {
         let s =
             server("name: web\nimage: x\ntransport: {type: streamable-http, port: 8080, path: /m}");
         let owner = owner_ref("apps/v1", "Deployment", "mcp-web", "uid-1");
-        let r = render(&s, "ns", None, Some(&owner));
+        let r = render(&s, "ns", None, Some(&owner), &PodPolicy::default()).unwrap();
         let svc = r.service.unwrap();
         assert_eq!(svc.metadata.owner_references.unwrap()[0].uid, "uid-1");
         assert!(r.deployment.metadata.owner_references.is_none());

@@ -1,0 +1,262 @@
+//! What a server definition may ask of the cluster. The operator decides, not the definition:
+//! anyone who can write an `McpServer` resource or call the admin API must not gain the
+//! gateway's service account, a token the operator did not allow, or unbounded resources.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::orchestrator::spec::{ResolvedServer, SpecError};
+
+/// Service account of the gateway in `deploy/base/serviceaccount.yaml`: never given to a server.
+pub const DEPLOYED_GATEWAY_ACCOUNT: &str = "gatehouse";
+/// Where the kubelet mounts the gateway's own token in its pod.
+pub const TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// The operator's rules for server pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodPolicy {
+    /// Accounts a definition may name in `serviceAccountName` (besides [`Self::default_account`]).
+    pub allowed_accounts: BTreeSet<String>,
+    /// Account of a pod whose definition names none.
+    pub default_account: String,
+    /// Whether a pod running as an allowed account may mount its token.
+    pub allow_token_mount: bool,
+    /// Accounts no server may run as: the gateway's own.
+    pub forbidden_accounts: BTreeSet<String>,
+    /// Requests of a resource the definition sets neither a request nor a limit for.
+    pub default_requests: BTreeMap<String, String>,
+    /// Limits of a resource the definition sets no limit for.
+    pub default_limits: BTreeMap<String, String>,
+    /// `sizeLimit` of the pod's `/tmp` emptyDir.
+    pub tmp_size_limit: String,
+}
+
+impl Default for PodPolicy {
+    fn default() -> Self {
+        PodPolicy {
+            allowed_accounts: BTreeSet::new(),
+            default_account: "default".into(),
+            allow_token_mount: false,
+            forbidden_accounts: BTreeSet::from([DEPLOYED_GATEWAY_ACCOUNT.to_string()]),
+            default_requests: BTreeMap::from([
+                ("cpu".into(), "50m".into()),
+                ("memory".into(), "64Mi".into()),
+            ]),
+            default_limits: BTreeMap::from([
+                ("cpu".into(), "1".into()),
+                ("memory".into(), "512Mi".into()),
+            ]),
+            tmp_size_limit: "64Mi".into(),
+        }
+    }
+}
+
+/// Whether `s` is a DNS subdomain (the form of a service account name).
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253
+        && !s.is_empty()
+        && s.split('.').all(|part| {
+            !part.is_empty()
+                && part.len() <= 63
+                && part.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && part.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+}
+
+/// The service account named by a token's `sub` claim (`system:serviceaccount:NS:NAME`).
+pub fn account_of_token(jwt: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = jwt.trim().split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let sub = claims.get("sub")?.as_str()?;
+    let mut parts = sub.strip_prefix("system:serviceaccount:")?.split(':');
+    let (_ns, name) = (parts.next()?, parts.next()?);
+    Some(name.to_string())
+}
+
+impl PodPolicy {
+    /// Checks the operator's own settings: an account both allowed and the gateway's is a mistake.
+    pub fn validate(&self) -> Result<(), String> {
+        for a in self.allowed_accounts.iter().chain([&self.default_account]) {
+            if !is_dns_subdomain(a) {
+                return Err(format!("{a:?} is not a service account name"));
+            }
+            if self.forbidden_accounts.contains(a) {
+                return Err(format!(
+                    "{a:?} is the gateway's own service account: servers never run as it"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The account a server's pod runs as, or why the definition may not have it.
+    pub fn service_account(&self, server: &ResolvedServer) -> Result<String, SpecError> {
+        let spec = &server.spec;
+        let err = |field: &str, message: String| SpecError {
+            field: field.into(),
+            message,
+        };
+        let account = match spec.service_account_name.as_deref() {
+            None => self.default_account.clone(),
+            Some(a) if !is_dns_subdomain(a) => {
+                return Err(err(
+                    "serviceAccountName",
+                    format!("{a:?} is not a service account name"),
+                ));
+            }
+            Some(a) if self.forbidden_accounts.contains(a) => {
+                return Err(err(
+                    "serviceAccountName",
+                    format!("{a:?} is the gateway's own service account"),
+                ));
+            }
+            Some(a) if a != self.default_account && !self.allowed_accounts.contains(a) => {
+                return Err(err(
+                    "serviceAccountName",
+                    format!(
+                        "{a:?} is not allowed by the operator (allowed: {:?})",
+                        self.allowed_accounts
+                    ),
+                ));
+            }
+            Some(a) => a.to_string(),
+        };
+        if self.forbidden_accounts.contains(&account) {
+            return Err(err(
+                "serviceAccountName",
+                format!(
+                    "the default account {account:?} is the gateway's own; name an allowed account"
+                ),
+            ));
+        }
+        if spec.automount_service_account_token
+            && !(self.allow_token_mount && self.allowed_accounts.contains(&account))
+        {
+            return Err(err(
+                "automountServiceAccountToken",
+                format!(
+                    "the operator does not allow mounting the token of {account:?} (it needs token mounting on and the account in the allowed list)"
+                ),
+            ));
+        }
+        Ok(account)
+    }
+
+    /// The definition's resources completed with the operator's defaults, so no pod is unbounded.
+    ///
+    /// Per resource: a missing limit is the definition's request when it gives one (never
+    /// below the request), else the default limit; a missing request stays missing when a
+    /// limit was given (Kubernetes then requests the limit), else it is the default request.
+    pub fn resources(
+        &self,
+        server: &ResolvedServer,
+    ) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+        let (mut requests, mut limits) = server
+            .spec
+            .resources
+            .as_ref()
+            .map(|r| (r.requests.clone(), r.limits.clone()))
+            .unwrap_or_default();
+        for (k, limit) in &self.default_limits {
+            if limits.contains_key(k) {
+                continue;
+            }
+            match requests.get(k) {
+                Some(req) => limits.insert(k.clone(), req.clone()),
+                None => {
+                    if let Some(req) = self.default_requests.get(k) {
+                        requests.insert(k.clone(), req.clone());
+                    }
+                    limits.insert(k.clone(), limit.clone())
+                }
+            };
+        }
+        (requests, limits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::orchestrator::spec::ServerDef;
+
+    fn server(yaml: &str) -> ResolvedServer {
+        serde_saphyr::from_str::<ServerDef>(yaml)
+            .unwrap()
+            .resolve_declared()
+            .unwrap()
+    }
+
+    #[test]
+    fn accounts_are_the_operators_choice() {
+        let mut p = PodPolicy::default();
+        let field = |p: &PodPolicy, yaml: &str| p.service_account(&server(yaml)).unwrap_err().field;
+        assert_eq!(
+            p.service_account(&server("name: a\nimage: x")).unwrap(),
+            "default"
+        );
+        assert_eq!(
+            field(&p, "name: a\nimage: x\nserviceAccountName: gatehouse"),
+            "serviceAccountName"
+        );
+        assert_eq!(
+            field(&p, "name: a\nimage: x\nserviceAccountName: ci-bot"),
+            "serviceAccountName"
+        );
+        assert_eq!(
+            field(&p, "name: a\nimage: x\nautomountServiceAccountToken: true"),
+            "automountServiceAccountToken"
+        );
+        p.allowed_accounts.insert("ci-bot".into());
+        let named =
+            "name: a\nimage: x\nserviceAccountName: ci-bot\nautomountServiceAccountToken: true";
+        assert_eq!(field(&p, named), "automountServiceAccountToken");
+        p.allow_token_mount = true;
+        assert_eq!(p.service_account(&server(named)).unwrap(), "ci-bot");
+        // Token mounting is for allowed accounts only, not the default one.
+        assert_eq!(
+            field(&p, "name: a\nimage: x\nautomountServiceAccountToken: true"),
+            "automountServiceAccountToken"
+        );
+        p.allowed_accounts.insert("gatehouse".into());
+        assert!(p.validate().unwrap_err().contains("gateway's own"));
+    }
+
+    #[test]
+    fn resources_get_defaults_that_respect_what_was_given() {
+        let p = PodPolicy::default();
+        let (req, lim) = p.resources(&server("name: a\nimage: x"));
+        assert_eq!(
+            (req["cpu"].as_str(), req["memory"].as_str()),
+            ("50m", "64Mi")
+        );
+        assert_eq!(
+            (lim["cpu"].as_str(), lim["memory"].as_str()),
+            ("1", "512Mi")
+        );
+        let (req, lim) = p.resources(&server(
+            "name: a\nimage: x\nresources: {requests: {memory: 2Gi}, limits: {cpu: 250m}}",
+        ));
+        assert_eq!(lim["memory"], "2Gi", "never a limit below the request");
+        assert_eq!(lim["cpu"], "250m");
+        assert!(!req.contains_key("cpu"), "Kubernetes requests the limit");
+    }
+
+    #[test]
+    fn reads_the_account_of_a_token() {
+        use base64::Engine;
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(r#"{"sub":"system:serviceaccount:gh:gatehouse-x"}"#);
+        assert_eq!(
+            account_of_token(&format!("h.{claims}.s")).as_deref(),
+            Some("gatehouse-x")
+        );
+        assert_eq!(account_of_token("garbage"), None);
+    }
+}
