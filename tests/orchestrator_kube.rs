@@ -18,6 +18,7 @@ use gatehouse::orchestrator::{
     Endpoint, FailureReason, LogOptions, OrchestratorError, Phase, Runtime,
 };
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 
 const NS: &str = "mcp";
 const GATEHOUSE: &str = env!("CARGO_BIN_EXE_gatehouse");
@@ -1111,4 +1112,46 @@ async fn look_alike_pods_are_never_attached_to() {
         "look-alikes untouched"
     );
     assert!(fake.get(Kind::Pod, NS, "mcp-gh-zzzz-1").is_some());
+}
+
+/// An attachment to a pod that is deleted behind our back ends (EOF) instead of leaving
+/// the shared connection waiting on a process that no longer exists: both when the
+/// websocket is closed while idle and when it stays half-open (a lost node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attachment_ends_when_its_pod_is_gone() {
+    for half_open in [false, true] {
+        let fake = FakeKube::start().await;
+        fake.configure(|s| s.attachments_outlive_pods = half_open);
+        let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+        rt.apply(
+            example("gone", "ghcr.io/gatehouse/example:1", &[])
+                .resolve()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        let mut mcp = open(&rt, "gone").await;
+        mcp.handshake().await;
+        let old = fake.pod_of(NS, "mcp-gone").unwrap();
+        fake.delete(Kind::Pod, NS, old["metadata"]["name"].as_str().unwrap());
+        eventually("a replacement pod", Duration::from_secs(10), || {
+            fake.pod_of(NS, "mcp-gone")
+                .filter(|p| p["metadata"]["name"] != old["metadata"]["name"])
+        })
+        .await;
+        // A write after the websocket closed fails inside kube-rs; the reader must still end.
+        let _ = mcp
+            .writer
+            .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"tools/list\"}\n")
+            .await;
+        let _ = mcp.writer.flush().await;
+        assert!(
+            mcp.drain(Duration::from_secs(10)).await,
+            "the attachment to the deleted pod ended (half_open: {half_open})"
+        );
+        // And a new attachment reaches the replacement.
+        let mut fresh = open(&rt, "gone").await;
+        let init = fresh.handshake().await;
+        assert!(init["result"]["serverInfo"].is_object(), "{init}");
+    }
 }

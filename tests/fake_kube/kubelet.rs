@@ -40,14 +40,24 @@ struct PodRuntime {
 #[derive(Default)]
 pub struct Kubelet {
     pods: HashMap<(String, String), PodRuntime>,
+    /// Output channels of deleted pods kept open (`attachments_outlive_pods`).
+    lost: Vec<broadcast::Sender<Output>>,
+    /// Whether deleted pods' attachments stay open.
+    pub keep_attachments: bool,
 }
 
 impl Kubelet {
     /// Stops a pod's process (the pod was deleted).
     pub fn stop(&mut self, ns: &str, name: &str) {
-        if let Some(rt) = self.pods.remove(&(ns.to_string(), name.to_string()))
-            && let Some(t) = rt.task
+        let Some(rt) = self.pods.remove(&(ns.to_string(), name.to_string())) else {
+            return;
+        };
+        if self.keep_attachments
+            && let Some(out) = rt.output
         {
+            self.lost.push(out);
+        }
+        if let Some(t) = rt.task {
             t.abort();
         }
     }

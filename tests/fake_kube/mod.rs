@@ -185,6 +185,9 @@ pub struct Settings {
     pub attach_protocols: Vec<&'static str>,
     /// Paths (prefixes) that answer 500, to inject API faults.
     pub fail_paths: Vec<String>,
+    /// Attach websockets stay open after their pod is deleted, as when the node holding
+    /// the pod is lost and the connection is half-open.
+    pub attachments_outlive_pods: bool,
 }
 
 impl Default for Settings {
@@ -193,6 +196,7 @@ impl Default for Settings {
             crash_backoff: Duration::from_millis(200),
             attach_protocols: vec!["v5.channel.k8s.io", "v4.channel.k8s.io"],
             fail_paths: Vec::new(),
+            attachments_outlive_pods: false,
         }
     }
 }
@@ -594,7 +598,12 @@ impl FakeKube {
 
     /// Turns a knob.
     pub fn configure(&self, f: impl FnOnce(&mut Settings)) {
-        f(&mut self.shared.settings.lock().unwrap());
+        let keep = {
+            let mut settings = self.shared.settings.lock().unwrap();
+            f(&mut settings);
+            settings.attachments_outlive_pods
+        };
+        self.shared.store.lock().unwrap().kubelet.keep_attachments = keep;
     }
 
     /// Every request so far.

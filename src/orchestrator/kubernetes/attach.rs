@@ -3,13 +3,18 @@
 //! Each [`StdioConnector::open`] attaches anew to the server's ready pod (container
 //! `server`, stdin and stdout, no tty). The container runs with `stdin: true` and
 //! `stdinOnce: false`, so closing an attachment leaves the process and its stdin open.
+//!
+//! An attachment's stdout ends (EOF) when its websocket ends for any reason (kube-rs
+//! leaves the reader pending forever when its message loop fails) and when its pod is no
+//! longer one of the server's own pods (deleted or replaced behind our back, even if the
+//! websocket to a lost node stays half-open), so the shared connection re-attaches.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::FutureExt;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, AttachParams, AttachedProcess};
 use tokio::io::{AsyncRead, ReadBuf};
@@ -33,6 +38,8 @@ impl KubeAttach {
 /// The attachment's stdout, keeping the websocket task alive while it is read.
 struct Attached<R> {
     reader: R,
+    /// Resolves when the attachment is over: the websocket ended or the pod is gone.
+    over: BoxFuture<'static, ()>,
     _process: AttachedProcess,
 }
 
@@ -42,7 +49,30 @@ impl<R: AsyncRead + Unpin> AsyncRead for Attached<R> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.reader).poll_read(cx, buf)
+        match Pin::new(&mut self.reader).poll_read(cx, buf) {
+            Poll::Pending => match self.over.poll_unpin(cx) {
+                // Nothing buffered is lost: the reader had nothing left to give.
+                Poll::Ready(()) => Poll::Ready(Ok(())),
+                Poll::Pending => Poll::Pending,
+            },
+            ready => ready,
+        }
+    }
+}
+
+/// Resolves once `pod` (by uid) is no longer one of `server`'s own pods.
+async fn pod_gone(inner: Arc<Inner>, server: String, uid: Option<String>) {
+    let mut changed = inner.refreshed.subscribe();
+    loop {
+        changed.borrow_and_update();
+        let present = uid.is_some()
+            && inner
+                .own_pods(&server)
+                .iter()
+                .any(|p| p.metadata.uid == uid);
+        if !present || changed.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -75,9 +105,22 @@ impl StdioConnector for KubeAttach {
             };
             let writer = process.stdin().ok_or_else(missing)?;
             let reader = process.stdout().ok_or_else(missing)?;
+            // The status channel resolves when the message loop ends, however it ends.
+            let ended = process.take_status().ok_or_else(missing)?;
+            let uid = self
+                .inner
+                .own_pods(&self.server)
+                .into_iter()
+                .find(|p| p.metadata.name.as_deref() == Some(pod.as_str()))
+                .and_then(|p| p.metadata.uid.clone());
+            let gone = pod_gone(self.inner.clone(), self.server.clone(), uid);
+            let over = futures_util::future::select(Box::pin(ended), Box::pin(gone))
+                .map(|_: Either<_, _>| ())
+                .boxed();
             Ok(StdioStream {
                 reader: Box::pin(Attached {
                     reader,
+                    over,
                     _process: process,
                 }),
                 writer: Box::pin(writer),

@@ -369,11 +369,17 @@ pub(crate) struct Inner {
     secrets: Index<Secret>,
     services: Index<Service>,
     statuses: DashMap<String, ServerStatus>,
+    /// The pod each server's status was read from: a status read from a pod that is no
+    /// longer the current one (the watch saw it go before the status was refreshed) is stale.
+    status_pods: DashMap<String, String>,
     /// Pods deleted by the last restart of each server: until the watch has caught up, the
     /// status still describes them, and must not be taken for the new pod's.
     restarted: DashMap<String, Vec<String>>,
     written: DashMap<String, McpServerStatus>,
     status_changed: watch::Sender<u64>,
+    /// Bumped after every status refresh, changed or not: a pod may be replaced while the
+    /// status stays the same, and waiters compare pods, not only statuses.
+    refreshed: watch::Sender<u64>,
     queue: mpsc::UnboundedSender<String>,
     leading: watch::Receiver<bool>,
     stats: Stats,
@@ -430,9 +436,11 @@ impl KubeRuntime {
             secrets: Index::default(),
             services: Index::default(),
             statuses: DashMap::new(),
+            status_pods: DashMap::new(),
             restarted: DashMap::new(),
             written: DashMap::new(),
             status_changed: watch::Sender::new(0),
+            refreshed: watch::Sender::new(0),
             queue,
             leading,
             stats: Stats::default(),
@@ -733,7 +741,10 @@ impl Inner {
     /// Recomputes a server's status from its pod; returns whether it changed.
     fn refresh_status(&self, name: &str, error: Option<&OrchestratorError>) -> bool {
         let next = match self.desired.get(name).as_deref() {
-            None => None,
+            None => {
+                self.status_pods.remove(name);
+                None
+            }
             Some(Desired::Invalid { message }) => Some(
                 ServerStatus::new(Phase::Failed {
                     reason: FailureReason::InvalidDefinition,
@@ -741,8 +752,12 @@ impl Inner {
                 .with_message(message.clone()),
             ),
             Some(Desired::Valid { .. }) => {
-                let pods = self.own_pods(name);
+                let pods = self.serving_pods(name);
                 let observed = status::observe(status::current_pod(pods.iter().map(|p| &**p)));
+                match &observed.pod {
+                    Some(pod) => self.status_pods.insert(name.to_string(), pod.clone()),
+                    None => self.status_pods.remove(name).map(|(_, p)| p),
+                };
                 let mut st = ServerStatus::new(observed.phase);
                 st.restarts = observed.restarts;
                 st.message = observed.message;
@@ -783,6 +798,7 @@ impl Inner {
         if changed {
             self.status_changed.send_modify(|g| *g += 1);
         }
+        self.refreshed.send_modify(|g| *g += 1);
         changed
     }
 
@@ -862,7 +878,7 @@ impl Inner {
     }
 
     fn current_pod(&self, name: &str) -> Option<Arc<Pod>> {
-        let pods = self.own_pods(name);
+        let pods = self.serving_pods(name);
         let current = status::current_pod(pods.iter().map(|p| &**p))?
             .metadata
             .name
@@ -905,19 +921,50 @@ impl Inner {
             .collect()
     }
 
+    /// The server's own pods that run its current definition (image, command, args). While
+    /// the reconcile loop replaces a pod of a drifted or outdated template, that pod's state
+    /// (say, a crash of someone else's image) is not the server's.
+    fn serving_pods(&self, name: &str) -> Vec<Arc<Pod>> {
+        let mut pods = self.own_pods(name);
+        if let Some(desired) = self.desired.get(name)
+            && let Desired::Valid { server, .. } = &*desired
+        {
+            let spec = &server.spec;
+            let command = spec.command.as_ref().map(|c| vec![c.clone()]);
+            pods.retain(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.containers.iter().find(|c| c.name == objects::CONTAINER))
+                    .is_some_and(|c| {
+                        c.image == spec.image
+                            && c.command == command
+                            && c.args.as_deref().unwrap_or_default() == spec.args.as_slice()
+                    })
+            });
+        }
+        pods
+    }
+
     async fn wait_ready(&self, name: &str, timeout: Duration) -> Result<String> {
-        let mut rx = self.status_changed.subscribe();
+        let mut rx = self.refreshed.subscribe();
         let wait = async {
             loop {
                 rx.borrow_and_update();
                 if !self.desired.contains_key(name) {
                     return Err(OrchestratorError::NotFound(name.to_string()));
                 }
-                let stale = self.current_pod_name(name).is_some_and(|pod| {
-                    self.restarted
-                        .get(name)
-                        .is_some_and(|gone| gone.contains(&pod))
-                });
+                let current = self.current_pod_name(name);
+                let invalid = matches!(
+                    self.desired.get(name).as_deref(),
+                    Some(Desired::Invalid { .. })
+                );
+                let read_from = self.status_pods.get(name).map(|p| p.clone());
+                let stale = (!invalid && current != read_from)
+                    || current.is_some_and(|pod| {
+                        self.restarted
+                            .get(name)
+                            .is_some_and(|gone| gone.contains(&pod))
+                    });
                 if let Some(st) = self.statuses.get(name).map(|s| s.clone())
                     && !stale
                 {
