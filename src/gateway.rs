@@ -11,24 +11,16 @@ use dashmap::DashMap;
 
 use crate::auth::{Auth, Principal};
 use crate::config::{Config, Transport, UpstreamConfig};
+use crate::mcp::handler::Services;
 use crate::mcp::router::Router;
 use crate::mcp::session::Session;
 use crate::metrics::Metrics;
 use crate::orchestrator::{Phase, Runtime};
 use crate::plugins::{PluginError, Plugins};
+use crate::topology::Topology;
 use crate::upstream::orchestrated::Orchestrated;
 use crate::upstream::shared::Shared;
 use crate::upstream::{Server, http};
-
-/// The upstream servers and their public names, as one unit. A session keeps the topology it
-/// opened with, so its names and indices never shift under it; servers added or removed later
-/// (admin API, `McpServer` resources) appear in sessions opened afterwards.
-pub struct Topology {
-    /// Upstream servers, indexed as in the router.
-    pub servers: Vec<Arc<Server>>,
-    /// Names and resource ownership.
-    pub router: Router,
-}
 
 /// Everything a request may need, shared by all connections.
 pub struct Gateway {
@@ -87,6 +79,14 @@ impl Gateway {
         gw.topology
             .store(Arc::new(gw.build(gw.config.upstreams.clone())));
         Ok(Arc::new(gw))
+    }
+
+    /// What the method handlers use: the plugins and the metrics.
+    pub fn services(&self) -> Services<'_> {
+        Services {
+            plugins: &self.plugins,
+            metrics: &self.metrics,
+        }
     }
 
     /// The servers new sessions see.

@@ -22,6 +22,7 @@ pub mod plugins;
 pub mod process;
 pub mod sse;
 pub mod telemetry;
+pub mod topology;
 pub mod upstream;
 
 use std::sync::Arc;

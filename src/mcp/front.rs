@@ -19,8 +19,9 @@ use crate::auth::{AuthError, Principal};
 use crate::body::Body;
 use crate::config::Config;
 use crate::gateway::Gateway;
-use crate::mcp::handler::{self, Reply, SUPPORTED_VERSIONS};
+use crate::mcp::handler::{self, Reply};
 use crate::mcp::jsonrpc::{self, Kind, ParseError, code};
+use crate::mcp::revision;
 use crate::mcp::session::Session;
 
 const SESSION_HEADER: &str = "mcp-session-id";
@@ -59,7 +60,7 @@ pub enum FrontError {
     #[error("Accept must include {0}")]
     Accept(&'static str),
     /// Unsupported `MCP-Protocol-Version`.
-    #[error("unsupported MCP-Protocol-Version {0:?}; supported: {versions}", versions = SUPPORTED_VERSIONS.join(", "))]
+    #[error("unsupported MCP-Protocol-Version {0:?}; supported: {versions}", versions = revision::SUPPORTED.join(", "))]
     Version(String),
     /// Body over the limit.
     #[error("request body exceeds {0} bytes")]
@@ -299,7 +300,7 @@ fn accepts(headers: &HeaderMap, media: &str) -> bool {
 fn check_version(headers: &HeaderMap) -> Result<(), FrontError> {
     if let Some(v) = headers.get(VERSION_HEADER) {
         let v = v.to_str().unwrap_or("");
-        if !SUPPORTED_VERSIONS.contains(&v) {
+        if !revision::SUPPORTED.contains(&v) {
             return Err(FrontError::Version(v.to_owned()));
         }
     }
@@ -403,7 +404,7 @@ async fn post(
     let _busy = session.touch();
     match msg.kind {
         Kind::Request { id, method, params } => {
-            match handler::request(gw, &session, id, &method, params).await {
+            match handler::request(gw.services(), &session, id, &method, params).await {
                 Reply::Json(frame) => Ok(json_response(StatusCode::OK, frame)),
                 Reply::Refused(status, frame) => Ok(json_response(status, frame)),
                 Reply::Stream(rx) => Ok(sse_response(rx)),
@@ -436,9 +437,14 @@ async fn initialize(
             gw.config.mcp.max_sessions_per_principal,
         ));
     }
-    let (session, result) = handler::initialize(gw, principal, params)
-        .await
-        .map_err(FrontError::Initialize)?;
+    let asked = handler::negotiate(params).map_err(FrontError::Initialize)?;
+    let session = gw.new_session(
+        principal,
+        asked.version,
+        asked.init_params,
+        asked.offers_roots,
+    );
+    let result = handler::initialize(&session).await;
     let mut resp = json_response(
         StatusCode::OK,
         jsonrpc::response(id, &jsonrpc::Outcome::Result(result)),

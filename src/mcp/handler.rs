@@ -13,17 +13,14 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use crate::gateway::Gateway;
 use crate::mcp::jsonrpc::{self, Outcome, code};
 use crate::mcp::policy::{self, Policy};
+use crate::mcp::revision;
 use crate::mcp::router::Router;
 use crate::mcp::session::{Session, caps};
-use crate::metrics::method_label;
-use crate::plugins::{Decision, EntryKind};
+use crate::metrics::{Metrics, method_label};
+use crate::plugins::{Decision, EntryKind, Plugins};
 use crate::upstream::{CallOpts, UpstreamError, request_progress_token};
-
-/// Protocol revisions served, newest first.
-pub const SUPPORTED_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26"];
 
 /// How a request is answered.
 pub enum Reply {
@@ -33,6 +30,15 @@ pub enum Reply {
     Refused(http::StatusCode, Bytes),
     /// An SSE stream of related messages ending with the response.
     Stream(mpsc::Receiver<Bytes>),
+}
+
+/// What the method handlers use of the gateway: its policy plugins and its metrics.
+#[derive(Clone, Copy)]
+pub struct Services<'a> {
+    /// The policy plugins (their current generation is taken per request).
+    pub plugins: &'a Plugins,
+    /// Request metrics.
+    pub metrics: &'a Arc<Metrics>,
 }
 
 /// A params object parsed one level deep: values stay raw.
@@ -63,20 +69,27 @@ fn invalid_params(id: &[u8], msg: &str) -> Reply {
     Reply::Json(jsonrpc::error_response(Some(id), code::INVALID_PARAMS, msg))
 }
 
-/// Handles `initialize`: negotiates the version, connects every upstream with the client's own
-/// capabilities, and merges what they offer.
-pub async fn initialize(
-    gw: &Arc<Gateway>,
-    principal: Option<Arc<str>>,
-    params: Option<&[u8]>,
-) -> Result<(Arc<Session>, Bytes), String> {
+/// What a client's `initialize` asks for, negotiated: the revision both speak, the params
+/// each upstream is initialized with (the client's own capabilities), and whether the client
+/// offers roots.
+pub struct Negotiated {
+    /// The protocol revision of the session.
+    pub version: &'static str,
+    /// `initialize` params for the upstreams.
+    pub init_params: Bytes,
+    /// The client offers `roots`.
+    pub offers_roots: bool,
+}
+
+/// Reads a client's `initialize` params and picks the revision.
+pub fn negotiate(params: Option<&[u8]>) -> Result<Negotiated, String> {
     let f = fields(params)?;
     let requested = string_field(&f, "protocolVersion")?;
-    let version = SUPPORTED_VERSIONS
+    let version = revision::SUPPORTED
         .iter()
         .copied()
         .find(|v| *v == requested)
-        .unwrap_or(SUPPORTED_VERSIONS[0]);
+        .unwrap_or(revision::LATEST);
     let client_caps = f.get("capabilities").map_or("{}", |r| r.get());
     let client_info = f
         .get("clientInfo")
@@ -90,7 +103,16 @@ pub async fn initialize(
         .get("capabilities")
         .and_then(|c| serde_json::from_str::<Fields<'_>>(c.get()).ok())
         .is_some_and(|c| c.contains_key("roots"));
-    let session = gw.new_session(principal, version, init_params, offers_roots);
+    Ok(Negotiated {
+        version,
+        init_params,
+        offers_roots,
+    })
+}
+
+/// Handles `initialize` of a new session: connects every upstream with the client's own
+/// capabilities, and merges what they offer into the result.
+pub async fn initialize(session: &Arc<Session>) -> Bytes {
     let results = futures_util::future::join_all(
         (0..session.topology().servers.len()).map(|i| session.connect(i)),
     )
@@ -143,7 +165,8 @@ pub async fn initialize(
         c.push(r#""completions":{}"#);
     }
     let mut result = format!(
-        r#"{{"protocolVersion":"{version}","capabilities":{{{}}},"serverInfo":{{"name":"gatehouse","title":"Gatehouse MCP gateway","version":"{}"}}"#,
+        r#"{{"protocolVersion":"{}","capabilities":{{{}}},"serverInfo":{{"name":"gatehouse","title":"Gatehouse MCP gateway","version":"{}"}}"#,
+        session.protocol_version,
         c.join(","),
         env!("CARGO_PKG_VERSION")
     );
@@ -152,7 +175,7 @@ pub async fn initialize(
         result.push_str(json_string(&instructions).get());
     }
     result.push('}');
-    Ok((session, Bytes::from(result)))
+    Bytes::from(result)
 }
 
 fn instructions_of(init_result: &[u8]) -> Option<String> {
@@ -202,7 +225,7 @@ const TEMPLATES: ListKind = ListKind {
 
 /// Handles one client request within a session.
 pub async fn request(
-    gw: &Arc<Gateway>,
+    sv: Services<'_>,
     session: &Arc<Session>,
     id: Bytes,
     method: &str,
@@ -210,7 +233,7 @@ pub async fn request(
 ) -> Reply {
     let started = Instant::now();
     let label = method_label(method);
-    let plugins = gw.plugins.current();
+    let plugins = sv.plugins.current();
     // One upstream, names unchanged and no plugins: forward everything untouched.
     let single = session.topology().servers.len() == 1 && !session.topology().router.prefixing();
     let direct = single && plugins.is_empty();
@@ -219,11 +242,11 @@ pub async fn request(
             &id,
             &Outcome::Result(Bytes::from_static(b"{}")),
         )),
-        "tools/list" if !direct => list(gw, session, &id, TOOLS, params.as_deref()).await,
-        "prompts/list" if !direct => list(gw, session, &id, PROMPTS, params.as_deref()).await,
-        "resources/list" if !direct => list(gw, session, &id, RESOURCES, params.as_deref()).await,
+        "tools/list" if !direct => list(sv, session, &id, TOOLS, params.as_deref()).await,
+        "prompts/list" if !direct => list(sv, session, &id, PROMPTS, params.as_deref()).await,
+        "resources/list" if !direct => list(sv, session, &id, RESOURCES, params.as_deref()).await,
         "resources/templates/list" if !direct => {
-            list(gw, session, &id, TEMPLATES, params.as_deref()).await
+            list(sv, session, &id, TEMPLATES, params.as_deref()).await
         }
         "tools/call" | "prompts/get" if !direct => {
             let f = match fields(params.as_deref()) {
@@ -274,14 +297,14 @@ pub async fn request(
                 }
             }
             let out = encode_fields(&f);
-            forward(gw, session, index, id, method, Some(out), policy).await
+            forward(sv, session, index, id, method, Some(out), policy).await
         }
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" if !direct => {
             let uri = match fields(params.as_deref()).and_then(|f| string_field(&f, "uri")) {
                 Ok(u) => u,
                 Err(e) => return invalid_params(&id, &e),
             };
-            let Some(index) = resource_owner(gw, session, &uri).await else {
+            let Some(index) = resource_owner(sv, session, &uri).await else {
                 return invalid_params(&id, &format!("no upstream serves resource {uri}"));
             };
             let policy = Policy::for_call(
@@ -296,9 +319,9 @@ pub async fn request(
             {
                 return denied(&id, &d);
             }
-            forward(gw, session, index, id, method, params, policy).await
+            forward(sv, session, index, id, method, params, policy).await
         }
-        "completion/complete" if !direct => complete(gw, session, id, params).await,
+        "completion/complete" if !direct => complete(sv, session, id, params).await,
         "logging/setLevel" if !single => {
             for (i, link) in session.links().iter().enumerate() {
                 if session
@@ -331,7 +354,7 @@ pub async fn request(
             {
                 return denied(&id, &d);
             }
-            forward(gw, session, 0, id, method, params, policy).await
+            forward(sv, session, 0, id, method, params, policy).await
         }
         _ => Reply::Json(jsonrpc::error_response(
             Some(&id),
@@ -349,7 +372,7 @@ pub async fn request(
             | "logging/setLevel"
     ) && !single
     {
-        gw.metrics.record(label, "gateway", "ok", started.elapsed());
+        sv.metrics.record(label, "gateway", "ok", started.elapsed());
     }
     reply
 }
@@ -420,14 +443,14 @@ fn denied(id: &[u8], d: &crate::plugins::Denied) -> Reply {
 /// The policy of a completion of the entry `name` on upstream `index`: denied when the caller
 /// may not see it as any of `kinds`, or when the on-request chain refuses the `argument`.
 async fn completion_policy(
-    gw: &Arc<Gateway>,
+    sv: Services<'_>,
     session: &Arc<Session>,
     index: usize,
     kinds: &[EntryKind],
     name: &str,
     f: &Fields<'_>,
 ) -> Result<Option<Policy>, crate::plugins::Denied> {
-    let plugins = gw.plugins.current();
+    let plugins = sv.plugins.current();
     let Some(policy) = Policy::for_call(
         &plugins,
         session,
@@ -452,7 +475,7 @@ async fn completion_policy(
 
 /// Routes `completion/complete` by its `ref`: a prompt name or a resource URI.
 async fn complete(
-    gw: &Arc<Gateway>,
+    sv: Services<'_>,
     session: &Arc<Session>,
     id: Bytes,
     params: Option<Bytes>,
@@ -479,7 +502,7 @@ async fn complete(
                 return invalid_params(&id, &format!("unknown prompt: {name}"));
             };
             let policy = match completion_policy(
-                gw,
+                sv,
                 session,
                 index,
                 &[EntryKind::Prompt],
@@ -500,7 +523,7 @@ async fn complete(
             f.insert(Cow::Borrowed("ref"), &new_ref);
             let out = encode_fields(&f);
             forward(
-                gw,
+                sv,
                 session,
                 index,
                 id,
@@ -512,15 +535,15 @@ async fn complete(
         }
         "ref/resource" => {
             let uri = string_field(&rf, "uri").unwrap_or_default();
-            let Some(index) = resource_owner(gw, session, &uri).await else {
+            let Some(index) = resource_owner(sv, session, &uri).await else {
                 return invalid_params(&id, &format!("no upstream serves resource {uri}"));
             };
             // A template URI, or a resource's own: hidden as either, it cannot be completed.
             let kinds = [EntryKind::ResourceTemplate, EntryKind::Resource];
-            match completion_policy(gw, session, index, &kinds, &uri, &f).await {
+            match completion_policy(sv, session, index, &kinds, &uri, &f).await {
                 Ok(policy) => {
                     forward(
-                        gw,
+                        sv,
                         session,
                         index,
                         id,
@@ -538,7 +561,7 @@ async fn complete(
 }
 
 /// Finds the upstream of a resource URI, refreshing the resource lists once if it is unknown.
-async fn resource_owner(gw: &Arc<Gateway>, session: &Arc<Session>, uri: &str) -> Option<usize> {
+async fn resource_owner(sv: Services<'_>, session: &Arc<Session>, uri: &str) -> Option<usize> {
     if let Some(i) = session.topology().router.resource(uri) {
         return Some(i);
     }
@@ -549,7 +572,7 @@ async fn resource_owner(gw: &Arc<Gateway>, session: &Arc<Session>, uri: &str) ->
                 .as_ref()
                 .map(|c| format!("{{\"cursor\":{}}}", json_string(c).get()));
             let Reply::Json(page) = list(
-                gw,
+                sv,
                 session,
                 b"0",
                 kind,
@@ -585,7 +608,7 @@ async fn resource_owner(gw: &Arc<Gateway>, session: &Arc<Session>, uri: &str) ->
 /// Sends a request to one upstream. Answers with plain JSON when the upstream sends nothing else
 /// first; switches to SSE as soon as a related message (progress, sampling, logging) arrives.
 async fn forward(
-    gw: &Arc<Gateway>,
+    sv: Services<'_>,
     session: &Arc<Session>,
     index: usize,
     id: Bytes,
@@ -612,7 +635,7 @@ async fn forward(
         progress_token: params.as_deref().and_then(request_progress_token),
         ..CallOpts::default()
     };
-    let metrics = gw.metrics.clone();
+    let metrics = sv.metrics.clone();
     let session2 = session.clone();
     let method = method.to_owned();
     let call = async move {
@@ -684,7 +707,7 @@ async fn forward(
 /// The cursor handed to the client encodes each upstream's own cursor, so pagination resumes only
 /// the upstreams that have more.
 async fn list(
-    gw: &Arc<Gateway>,
+    sv: Services<'_>,
     session: &Arc<Session>,
     id: &[u8],
     kind: ListKind,
@@ -730,7 +753,7 @@ async fn list(
                 Ok(Outcome::Error(_)) => "error",
                 Err(_) => "failed",
             };
-            gw.metrics.record(
+            sv.metrics.record(
                 kind.method,
                 session.topology().servers[i].label,
                 outcome,
@@ -769,7 +792,7 @@ async fn list(
                 continue;
             }
         };
-        match merge_page(gw, session, *index, kind, &page, &mut items).await {
+        match merge_page(sv, session, *index, kind, &page, &mut items).await {
             Ok(cursor) => {
                 answered += 1;
                 if let Some(c) = cursor {
@@ -813,7 +836,7 @@ async fn list(
 
 /// Appends one upstream's page to `items`, hiding what the filter-list plugins hide.
 async fn merge_page(
-    gw: &Gateway,
+    sv: Services<'_>,
     session: &Session,
     index: usize,
     kind: ListKind,
@@ -825,7 +848,7 @@ async fn merge_page(
         Some(raw) => serde_json::from_str(raw.get()).map_err(|e| e.to_string())?,
         None => Vec::new(),
     };
-    let plugins = gw.plugins.current();
+    let plugins = sv.plugins.current();
     let shown = if plugins.is_empty() {
         None
     } else {

@@ -4,5 +4,6 @@ pub mod front;
 pub mod handler;
 pub mod jsonrpc;
 pub mod policy;
+pub mod revision;
 pub mod router;
 pub mod session;

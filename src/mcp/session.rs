@@ -14,8 +14,8 @@ use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::gateway::Topology;
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
+use crate::topology::Topology;
 use crate::upstream::{EventSink, Link, Route, ServerMessages};
 
 /// The policy stage's say over what servers send to this session's client (notifications and

@@ -16,7 +16,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::gatehouse::plugin::{clock, log, state, types};
-use super::instance::{Budget, Mode};
+use super::budget::{Budget, Mode};
 use super::state::{Caller, Scope, StateStore};
 
 /// Longest log line kept from a plugin, in bytes.

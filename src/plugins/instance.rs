@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use crossbeam_queue::ArrayQueue;
 use futures_util::FutureExt;
@@ -20,6 +20,7 @@ use wasmtime::component::Component;
 use wasmtime::{Store, StoreContextMut, UpdateDeadline};
 
 use super::bindings::{self, HookSet};
+use super::budget::{Budget, Mode};
 use super::config::PluginConfig;
 use super::engine::Runtime;
 use super::error::{Fault, PluginError};
@@ -62,36 +63,6 @@ impl FileStamp {
             modified: meta.modified().ok(),
             len: meta.len(),
         })
-    }
-}
-
-/// How a hook call waits: on the async runtime, or blocking its thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mode {
-    /// Polled by the tokio runtime: a long call yields to it at every tick.
-    Async,
-    /// Driven to completion on the calling thread (`block_on`): loading,
-    /// `gatehouse plugin check`, tools and tests outside a runtime. Never
-    /// yields, since tokio's yield would wait for a worker this thread may be.
-    Blocking,
-}
-
-/// The time a running call (or instantiation) may take, kept in the store
-/// for the epoch callback.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Budget {
-    started: Instant,
-    limit: Duration,
-    mode: Mode,
-}
-
-impl Budget {
-    pub(crate) fn new(limit: Duration, mode: Mode) -> Budget {
-        Budget {
-            started: Instant::now(),
-            limit,
-            mode,
-        }
     }
 }
 

@@ -53,6 +53,7 @@
 //! (swapping and the file watcher), `check` (`gatehouse plugin check`).
 
 mod bindings;
+mod budget;
 mod chain;
 mod check;
 mod config;
@@ -78,8 +79,9 @@ pub use metrics::{MetricsSnapshot, PluginMetrics};
 pub use reload::{Plugins, Watcher};
 pub use state::{Scope, StateError, StateStore};
 
+use budget::Mode;
 use chain::Chain;
-use instance::{HookAnswer, HookCall, LoadedPlugin, Mode};
+use instance::{HookAnswer, HookCall, LoadedPlugin};
 
 /// (hits, misses) of the on-disk compile cache in this process.
 pub fn compile_cache_stats() -> (usize, usize) {

@@ -114,7 +114,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn init_params() -> Bytes {
     Bytes::from(format!(
         r#"{{"protocolVersion":"{}","capabilities":{{"sampling":{{}},"elicitation":{{}}}},"clientInfo":{{"name":"gatehouse","version":"{}"}}}}"#,
-        crate::mcp::handler::SUPPORTED_VERSIONS[0],
+        crate::mcp::revision::LATEST,
         env!("CARGO_PKG_VERSION")
     ))
 }
