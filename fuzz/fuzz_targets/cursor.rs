@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use gatehouse::config::PrefixNames;
-use gatehouse::mcp::handler::{decode_cursor, encode_cursor};
+use gatehouse::mcp::cursor::{decode_cursor, encode_cursor};
 use gatehouse::mcp::router::Router;
 use libfuzzer_sys::fuzz_target;
 

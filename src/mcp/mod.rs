@@ -1,5 +1,6 @@
 //! The MCP layer: transport front, JSON-RPC envelopes, sessions, routing and method handling.
 
+pub mod cursor;
 pub mod front;
 pub mod handler;
 pub mod jsonrpc;

@@ -1,0 +1,256 @@
+//! Lists fanned out to every upstream and merged into one page, behind one cursor.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::value::RawValue;
+
+use crate::mcp::jsonrpc::{self, Outcome, code};
+use crate::mcp::policy;
+use crate::mcp::session::{Session, caps};
+use crate::upstream::CallOpts;
+
+use super::{
+    Fields, Reply, Services, encode_fields, fields, invalid_params, json_string, string_field,
+};
+use crate::mcp::cursor::{MAX_UPSTREAM_CURSOR, decode_cursor, encode_cursor};
+
+/// Kinds of list that fan out to every upstream.
+#[derive(Clone, Copy)]
+pub(super) struct ListKind {
+    method: &'static str,
+    key: &'static str,
+    cap: u8,
+    rename: bool,
+}
+
+pub(super) const TOOLS: ListKind = ListKind {
+    method: "tools/list",
+    key: "tools",
+    cap: caps::TOOLS,
+    rename: true,
+};
+pub(super) const PROMPTS: ListKind = ListKind {
+    method: "prompts/list",
+    key: "prompts",
+    cap: caps::PROMPTS,
+    rename: true,
+};
+pub(super) const RESOURCES: ListKind = ListKind {
+    method: "resources/list",
+    key: "resources",
+    cap: caps::RESOURCES,
+    rename: false,
+};
+pub(super) const TEMPLATES: ListKind = ListKind {
+    method: "resources/templates/list",
+    key: "resourceTemplates",
+    cap: caps::RESOURCES,
+    rename: false,
+};
+
+/// Fans a list out to every upstream that has the capability and merges the pages.
+///
+/// The cursor handed to the client encodes each upstream's own cursor, so pagination resumes only
+/// the upstreams that have more.
+pub(super) async fn list(
+    sv: Services<'_>,
+    session: &Arc<Session>,
+    id: &[u8],
+    kind: ListKind,
+    params: Option<&[u8]>,
+) -> Reply {
+    let f = match fields(params) {
+        Ok(f) => f,
+        Err(e) => return invalid_params(id, &e),
+    };
+    let targets: Vec<(usize, Option<String>)> = match f
+        .get("cursor")
+        .map(|c| serde_json::from_str::<Option<String>>(c.get()))
+    {
+        None | Some(Ok(None)) => (0..session.topology().servers.len())
+            .map(|i| (i, None))
+            .collect(),
+        Some(Ok(Some(c))) => match decode_cursor(&session.topology().router, &c) {
+            Some(t) => t,
+            None => return invalid_params(id, "invalid cursor"),
+        },
+        Some(Err(_)) => return invalid_params(id, "params.cursor must be a string"),
+    };
+    let calls = targets.iter().map(|(i, cursor)| {
+        let i = *i;
+        let p = cursor
+            .as_ref()
+            .map(|c| format!("{{\"cursor\":{}}}", json_string(c).get()));
+        async move {
+            let bits = session.connect(i).await?;
+            if bits & kind.cap == 0 {
+                return Ok(None);
+            }
+            let started = Instant::now();
+            let r = session.links()[i]
+                .call(
+                    kind.method,
+                    p.as_deref().map(str::as_bytes),
+                    CallOpts::default(),
+                )
+                .await;
+            let outcome = match &r {
+                Ok(Outcome::Result(_)) => "ok",
+                Ok(Outcome::Error(_)) => "error",
+                Err(_) => "failed",
+            };
+            sv.metrics.record(
+                kind.method,
+                session.topology().servers[i].label,
+                outcome,
+                started.elapsed(),
+            );
+            r.map(Some)
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+
+    let mut items = BytesMut::with_capacity(4096);
+    let mut next: Vec<(String, String)> = Vec::new();
+    let mut failures = Vec::new();
+    let mut answered = 0usize;
+    for ((index, _), r) in targets.iter().zip(results) {
+        let name = session.topology().router.name(*index);
+        let page = match r {
+            Ok(None) => {
+                answered += 1;
+                continue;
+            }
+            Ok(Some(Outcome::Result(page))) => page,
+            Ok(Some(Outcome::Error(e))) => {
+                tracing::warn!(
+                    upstream = name,
+                    method = kind.method,
+                    "list failed: {}",
+                    String::from_utf8_lossy(&e)
+                );
+                failures.push(format!("{name}: {}", String::from_utf8_lossy(&e)));
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(upstream = name, method = kind.method, "list failed: {e}");
+                failures.push(e.to_string());
+                continue;
+            }
+        };
+        match merge_page(sv, session, *index, kind, &page, &mut items).await {
+            Ok(cursor) => {
+                answered += 1;
+                if let Some(c) = cursor {
+                    next.push((name.to_owned(), c));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    upstream = name,
+                    method = kind.method,
+                    "malformed list result: {e}"
+                );
+                failures.push(format!("{name}: malformed result"));
+            }
+        }
+    }
+    if answered == 0 && !failures.is_empty() {
+        return Reply::Json(jsonrpc::error_response(
+            Some(id),
+            code::UPSTREAM_UNAVAILABLE,
+            &format!(
+                "no upstream answered {}: {}",
+                kind.method,
+                failures.join("; ")
+            ),
+        ));
+    }
+    let mut out = BytesMut::with_capacity(items.len() + 64);
+    out.put_slice(b"{\"");
+    out.put_slice(kind.key.as_bytes());
+    out.put_slice(b"\":[");
+    out.put_slice(&items);
+    out.put_u8(b']');
+    if !next.is_empty() {
+        out.put_slice(b",\"nextCursor\":");
+        out.put_slice(json_string(&encode_cursor(&next)).get().as_bytes());
+    }
+    out.put_u8(b'}');
+    Reply::Json(jsonrpc::response(id, &Outcome::Result(out.freeze())))
+}
+
+/// Appends one upstream's page to `items`, hiding what the filter-list plugins hide.
+pub(super) async fn merge_page(
+    sv: Services<'_>,
+    session: &Session,
+    index: usize,
+    kind: ListKind,
+    page: &[u8],
+    items: &mut BytesMut,
+) -> Result<Option<String>, String> {
+    let f: Fields<'_> = serde_json::from_slice(page).map_err(|e| e.to_string())?;
+    let list: Vec<&RawValue> = match f.get(kind.key) {
+        Some(raw) => serde_json::from_str(raw.get()).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    let plugins = sv.plugins.current();
+    let shown = if plugins.is_empty() {
+        None
+    } else {
+        let server = &session.topology().servers[index].name;
+        Some(
+            policy::visible(&plugins, session, kind.method, server, &list)
+                .await
+                .map_err(|d| d.to_string())?,
+        )
+    };
+    for (i, item) in list.into_iter().enumerate() {
+        let mut entry: Fields<'_> = serde_json::from_str(item.get()).map_err(|e| e.to_string())?;
+        let bytes = match kind.key {
+            "resources" => {
+                if let Ok(uri) = string_field(&entry, "uri") {
+                    session.topology().router.learn_resource(&uri, index);
+                }
+                Bytes::copy_from_slice(item.get().as_bytes())
+            }
+            "resourceTemplates" => {
+                if let Ok(t) = string_field(&entry, "uriTemplate") {
+                    session.topology().router.learn_template(&t, index);
+                }
+                Bytes::copy_from_slice(item.get().as_bytes())
+            }
+            _ if kind.rename && session.topology().router.prefixing() => {
+                let name = string_field(&entry, "name")?;
+                let public = json_string(&session.topology().router.public_name(index, &name));
+                entry.insert(Cow::Borrowed("name"), &public);
+                encode_fields(&entry)
+            }
+            _ => Bytes::copy_from_slice(item.get().as_bytes()),
+        };
+        if shown
+            .as_ref()
+            .is_some_and(|v| !v.get(i).copied().unwrap_or(false))
+        {
+            continue;
+        }
+        if !items.is_empty() {
+            items.put_u8(b',');
+        }
+        items.put_slice(&bytes);
+    }
+    match f.get("nextCursor") {
+        Some(c) => match serde_json::from_str::<Option<String>>(c.get()) {
+            // Carried inside the gateway's own cursor: keep the one the client sees small.
+            Ok(Some(c)) if c.len() > MAX_UPSTREAM_CURSOR => Err(format!(
+                "nextCursor of {} bytes (at most {MAX_UPSTREAM_CURSOR})",
+                c.len()
+            )),
+            other => other.map_err(|e| e.to_string()),
+        },
+        None => Ok(None),
+    }
+}

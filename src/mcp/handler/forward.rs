@@ -1,0 +1,290 @@
+//! Methods routed to one upstream: the call, its policy on the way in and out, and the
+//! JSON-or-SSE answer.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use crate::mcp::jsonrpc::{self, code};
+use crate::mcp::policy::Policy;
+use crate::mcp::session::Session;
+use crate::metrics::method_label;
+use crate::plugins::{Decision, EntryKind};
+use crate::upstream::{CallOpts, UpstreamError, request_progress_token};
+
+use super::aggregate::{RESOURCES, TEMPLATES, list};
+use super::{
+    Fields, Reply, Services, denied, encode_fields, fields, invalid_params, json_string, screen,
+    string_field,
+};
+
+/// The policy of a completion of the entry `name` on upstream `index`: denied when the caller
+/// may not see it as any of `kinds`, or when the on-request chain refuses the `argument`.
+pub(super) async fn completion_policy(
+    sv: Services<'_>,
+    session: &Arc<Session>,
+    index: usize,
+    kinds: &[EntryKind],
+    name: &str,
+    f: &Fields<'_>,
+) -> Result<Option<Policy>, crate::plugins::Denied> {
+    let plugins = sv.plugins.current();
+    let Some(policy) = Policy::for_call(
+        &plugins,
+        session,
+        "completion/complete",
+        &session.topology().servers[index].name,
+        Some(name),
+    ) else {
+        return Ok(None);
+    };
+    for kind in kinds {
+        if let Some(d) = policy.check_target(*kind, name).await {
+            return Err(d);
+        }
+    }
+    let argument = f.get("argument").map_or("{}", |a| a.get());
+    match policy.on_request(argument).await {
+        Decision::Deny(d) => Err(d),
+        // A completion's argument is not rewritten: it is what the user is typing.
+        Decision::Allow | Decision::Rewrite(_) => Ok(Some(policy)),
+    }
+}
+
+/// Routes `completion/complete` by its `ref`: a prompt name or a resource URI.
+pub(super) async fn complete(
+    sv: Services<'_>,
+    session: &Arc<Session>,
+    id: Bytes,
+    params: Option<Bytes>,
+) -> Reply {
+    let f = match fields(params.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return invalid_params(&id, &e),
+    };
+    let Some(r) = f.get("ref") else {
+        return invalid_params(&id, "missing params.ref");
+    };
+    let mut rf: Fields<'_> = match serde_json::from_str(r.get()) {
+        Ok(v) => v,
+        Err(_) => return invalid_params(&id, "params.ref must be an object"),
+    };
+    let kind = string_field(&rf, "type").unwrap_or_default();
+    match kind.as_str() {
+        "ref/prompt" => {
+            let name = match string_field(&rf, "name") {
+                Ok(n) => n,
+                Err(_) => return invalid_params(&id, "missing params.ref.name"),
+            };
+            let Some((index, local)) = session.topology().router.resolve(&name) else {
+                return invalid_params(&id, &format!("unknown prompt: {name}"));
+            };
+            let policy = match completion_policy(
+                sv,
+                session,
+                index,
+                &[EntryKind::Prompt],
+                local,
+                &f,
+            )
+            .await
+            {
+                Ok(p) => p,
+                Err(d) => return denied(&id, &d),
+            };
+            let local = json_string(local);
+            rf.insert(Cow::Borrowed("name"), &local);
+            let new_ref =
+                RawValue::from_string(String::from_utf8_lossy(&encode_fields(&rf)).into_owned())
+                    .expect("re-encoded object is valid JSON");
+            let mut f = f.clone();
+            f.insert(Cow::Borrowed("ref"), &new_ref);
+            let out = encode_fields(&f);
+            forward(
+                sv,
+                session,
+                index,
+                id,
+                "completion/complete",
+                Some(out),
+                policy,
+            )
+            .await
+        }
+        "ref/resource" => {
+            let uri = string_field(&rf, "uri").unwrap_or_default();
+            let Some(index) = resource_owner(sv, session, &uri).await else {
+                return invalid_params(&id, &format!("no upstream serves resource {uri}"));
+            };
+            // A template URI, or a resource's own: hidden as either, it cannot be completed.
+            let kinds = [EntryKind::ResourceTemplate, EntryKind::Resource];
+            match completion_policy(sv, session, index, &kinds, &uri, &f).await {
+                Ok(policy) => {
+                    forward(
+                        sv,
+                        session,
+                        index,
+                        id,
+                        "completion/complete",
+                        params,
+                        policy,
+                    )
+                    .await
+                }
+                Err(d) => denied(&id, &d),
+            }
+        }
+        _ => invalid_params(&id, "params.ref.type must be ref/prompt or ref/resource"),
+    }
+}
+
+/// Finds the upstream of a resource URI, refreshing the resource lists once if it is unknown.
+pub(super) async fn resource_owner(
+    sv: Services<'_>,
+    session: &Arc<Session>,
+    uri: &str,
+) -> Option<usize> {
+    if let Some(i) = session.topology().router.resource(uri) {
+        return Some(i);
+    }
+    for kind in [RESOURCES, TEMPLATES] {
+        let mut cursor: Option<String> = None;
+        for _ in 0..20 {
+            let params = cursor
+                .as_ref()
+                .map(|c| format!("{{\"cursor\":{}}}", json_string(c).get()));
+            let Reply::Json(page) = list(
+                sv,
+                session,
+                b"0",
+                kind,
+                params.as_deref().map(str::as_bytes),
+            )
+            .await
+            else {
+                break;
+            };
+            #[derive(Deserialize)]
+            struct Page {
+                result: Option<Next>,
+            }
+            #[derive(Deserialize)]
+            struct Next {
+                #[serde(rename = "nextCursor")]
+                next: Option<String>,
+            }
+            cursor = serde_json::from_slice::<Page>(&page)
+                .ok()
+                .and_then(|p| p.result?.next);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        if let Some(i) = session.topology().router.resource(uri) {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Sends a request to one upstream. Answers with plain JSON when the upstream sends nothing else
+/// first; switches to SSE as soon as a related message (progress, sampling, logging) arrives.
+pub(super) async fn forward(
+    sv: Services<'_>,
+    session: &Arc<Session>,
+    index: usize,
+    id: Bytes,
+    method: &str,
+    params: Option<Bytes>,
+    policy: Option<Policy>,
+) -> Reply {
+    let label = method_label(method);
+    let started = Instant::now();
+    let server = session.topology().servers[index].clone();
+    let (ev_tx, mut ev_rx) = mpsc::channel::<Bytes>(64);
+    let mut inflight = match session.track(id.clone()) {
+        Ok(t) => t,
+        Err(busy) => {
+            return Reply::Refused(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                jsonrpc::error_response(Some(&id), code::TOO_BUSY, &busy.to_string()),
+            );
+        }
+    };
+    let opts = CallOpts {
+        events: Some(ev_tx),
+        cancel: inflight.cancelled.take(),
+        progress_token: params.as_deref().and_then(request_progress_token),
+        ..CallOpts::default()
+    };
+    let metrics = sv.metrics.clone();
+    let session2 = session.clone();
+    let method = method.to_owned();
+    let call = async move {
+        let result = session2.links()[index]
+            .call(&method, params.as_deref(), opts)
+            .await;
+        drop(inflight);
+        let (frame, outcome) = match result {
+            // Error messages pass the result chains too: a redaction must not be bypassed by
+            // a server that puts the data in an error.
+            Ok(outcome) => screen(policy.as_ref(), &id, outcome).await,
+            Err(e) => {
+                if !matches!(e, UpstreamError::Cancelled) {
+                    tracing::warn!(upstream = %server.name, method = %method, "call failed: {e}");
+                }
+                (
+                    jsonrpc::error_response(Some(&id), e.code(), &e.to_string()),
+                    "failed",
+                )
+            }
+        };
+        metrics.record(label, server.label, outcome, started.elapsed());
+        frame
+    };
+    let mut call = Box::pin(call);
+    tokio::select! {
+        biased;
+        Some(first) = ev_rx.recv() => {
+            let (tx, rx) = mpsc::channel::<Bytes>(64);
+            let mut ended = Box::pin(session.ended());
+            tokio::spawn(async move {
+                if tx.send(first).await.is_err() {
+                    return;
+                }
+                loop {
+                    tokio::select! {
+                        biased;
+                        // The session ended: dropping `call` cancels upstream, dropping `tx`
+                        // ends the client's stream.
+                        _ = &mut ended => return,
+                        Some(ev) = ev_rx.recv() => {
+                            // A client that stops reading must not keep the task past its
+                            // session's end.
+                            tokio::select! {
+                                sent = tx.send(ev) => if sent.is_err() {
+                                    return; // client went away: dropping `call` cancels upstream
+                                },
+                                _ = &mut ended => return,
+                            }
+                        }
+                        frame = &mut call => {
+                            while let Ok(ev) = ev_rx.try_recv() {
+                                let _ = tx.send(ev).await;
+                            }
+                            let _ = tx.send(frame).await;
+                            return;
+                        }
+                    }
+                }
+            });
+            Reply::Stream(rx)
+        }
+        frame = &mut call => Reply::Json(frame),
+    }
+}

@@ -1,0 +1,132 @@
+//! `initialize`: the revision both sides speak, every upstream connected with the client's own
+//! capabilities, and one merged answer.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::mcp::revision;
+use crate::mcp::session::{Session, caps};
+
+use super::{Fields, fields, json_string, string_field};
+
+/// What a client's `initialize` asks for, negotiated: the revision both speak, the params
+/// each upstream is initialized with (the client's own capabilities), and whether the client
+/// offers roots.
+pub struct Negotiated {
+    /// The protocol revision of the session.
+    pub version: &'static str,
+    /// `initialize` params for the upstreams.
+    pub init_params: Bytes,
+    /// The client offers `roots`.
+    pub offers_roots: bool,
+}
+
+/// Reads a client's `initialize` params and picks the revision.
+pub fn negotiate(params: Option<&[u8]>) -> Result<Negotiated, String> {
+    let f = fields(params)?;
+    let requested = string_field(&f, "protocolVersion")?;
+    let version = revision::SUPPORTED
+        .iter()
+        .copied()
+        .find(|v| *v == requested)
+        .unwrap_or(revision::LATEST);
+    let client_caps = f.get("capabilities").map_or("{}", |r| r.get());
+    let client_info = f
+        .get("clientInfo")
+        .map_or(r#"{"name":"unknown","version":"0"}"#, |r| r.get());
+    let init_params = Bytes::from(format!(
+        r#"{{"protocolVersion":"{version}","capabilities":{client_caps},"clientInfo":{client_info}}}"#
+    ));
+    // A client that offers roots gets roots/list at any time, unrelated to a call: listen for it
+    // upstream from the start instead of racing the client's own GET stream.
+    let offers_roots = f
+        .get("capabilities")
+        .and_then(|c| serde_json::from_str::<Fields<'_>>(c.get()).ok())
+        .is_some_and(|c| c.contains_key("roots"));
+    Ok(Negotiated {
+        version,
+        init_params,
+        offers_roots,
+    })
+}
+
+/// Handles `initialize` of a new session: connects every upstream with the client's own
+/// capabilities, and merges what they offer into the result.
+pub async fn initialize(session: &Arc<Session>) -> Bytes {
+    let results = futures_util::future::join_all(
+        (0..session.topology().servers.len()).map(|i| session.connect(i)),
+    )
+    .await;
+
+    let mut bits = 0u8;
+    let mut instructions = String::new();
+    for (i, r) in results.iter().enumerate() {
+        let name = session.topology().router.name(i);
+        match r {
+            Ok(b) => {
+                bits |= b;
+                if let Some(text) = session.links()[i]
+                    .init_result()
+                    .as_deref()
+                    .and_then(instructions_of)
+                {
+                    if !instructions.is_empty() {
+                        instructions.push_str("\n\n");
+                    }
+                    if session.topology().router.prefixing() {
+                        instructions.push_str(&format!("[{name}] "));
+                    }
+                    instructions.push_str(&text);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(session = %session.id, upstream = name, "upstream unavailable at initialize: {e}")
+            }
+        }
+    }
+    if bits == 0 {
+        // Nothing reachable yet: advertise the basics so the client still asks later.
+        bits = caps::TOOLS | caps::PROMPTS | caps::RESOURCES;
+    }
+    let mut c = Vec::new();
+    if bits & caps::TOOLS != 0 {
+        c.push(r#""tools":{"listChanged":true}"#);
+    }
+    if bits & caps::PROMPTS != 0 {
+        c.push(r#""prompts":{"listChanged":true}"#);
+    }
+    if bits & caps::RESOURCES != 0 {
+        c.push(r#""resources":{"subscribe":true,"listChanged":true}"#);
+    }
+    if bits & caps::LOGGING != 0 {
+        c.push(r#""logging":{}"#);
+    }
+    if bits & caps::COMPLETIONS != 0 {
+        c.push(r#""completions":{}"#);
+    }
+    let mut result = format!(
+        r#"{{"protocolVersion":"{}","capabilities":{{{}}},"serverInfo":{{"name":"gatehouse","title":"Gatehouse MCP gateway","version":"{}"}}"#,
+        session.protocol_version,
+        c.join(","),
+        env!("CARGO_PKG_VERSION")
+    );
+    if !instructions.is_empty() {
+        result.push_str(",\"instructions\":");
+        result.push_str(json_string(&instructions).get());
+    }
+    result.push('}');
+    Bytes::from(result)
+}
+
+fn instructions_of(init_result: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct R {
+        instructions: Option<String>,
+    }
+    serde_json::from_slice::<R>(init_result)
+        .ok()?
+        .instructions
+        .filter(|s| !s.is_empty())
+}

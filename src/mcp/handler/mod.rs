@@ -1,0 +1,297 @@
+//! MCP methods: what the gateway answers itself, what it routes to one upstream
+//! ([`forward`]), and what it fans out to all of them and merges ([`aggregate`]).
+//! `initialize` is in [`initialize`].
+
+mod aggregate;
+mod forward;
+mod initialize;
+
+pub use initialize::{Negotiated, initialize, negotiate};
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::future::OptionFuture;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use crate::mcp::jsonrpc::{self, Outcome, code};
+use crate::mcp::policy::Policy;
+use crate::mcp::session::{Session, caps};
+use crate::metrics::{Metrics, method_label};
+use crate::plugins::{Decision, Plugins};
+use crate::upstream::CallOpts;
+
+/// How a request is answered.
+pub enum Reply {
+    /// One JSON-RPC response.
+    Json(Bytes),
+    /// A refusal with its own HTTP status (the request was not forwarded).
+    Refused(http::StatusCode, Bytes),
+    /// An SSE stream of related messages ending with the response.
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+/// What the method handlers use of the gateway: its policy plugins and its metrics.
+#[derive(Clone, Copy)]
+pub struct Services<'a> {
+    /// The policy plugins (their current generation is taken per request).
+    pub plugins: &'a Plugins,
+    /// Request metrics.
+    pub metrics: &'a Arc<Metrics>,
+}
+
+/// A params object parsed one level deep: values stay raw.
+type Fields<'a> = BTreeMap<Cow<'a, str>, &'a RawValue>;
+
+fn fields(params: Option<&[u8]>) -> Result<Fields<'_>, String> {
+    match params {
+        None => Ok(Fields::new()),
+        Some(p) => serde_json::from_slice(p).map_err(|e| format!("params must be an object: {e}")),
+    }
+}
+
+fn string_field(f: &Fields<'_>, key: &str) -> Result<String, String> {
+    let raw = f.get(key).ok_or_else(|| format!("missing params.{key}"))?;
+    serde_json::from_str::<String>(raw.get()).map_err(|_| format!("params.{key} must be a string"))
+}
+
+fn encode_fields(f: &Fields<'_>) -> Bytes {
+    Bytes::from(serde_json::to_vec(f).unwrap_or_else(|_| b"{}".to_vec()))
+}
+
+fn json_string(s: &str) -> Box<RawValue> {
+    RawValue::from_string(serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()))
+        .unwrap_or_else(|_| RawValue::from_string("\"\"".into()).expect("valid JSON"))
+}
+
+fn invalid_params(id: &[u8], msg: &str) -> Reply {
+    Reply::Json(jsonrpc::error_response(Some(id), code::INVALID_PARAMS, msg))
+}
+
+fn denied(id: &[u8], d: &crate::plugins::Denied) -> Reply {
+    Reply::Json(jsonrpc::error_response(Some(id), d.code, &d.to_string()))
+}
+
+/// Runs an upstream's answer (result or error) through the result chains: the frame for the
+/// client and the metric outcome. A rewrite must keep the answer's shape (valid JSON for a
+/// result, a JSON-RPC error object for an error).
+async fn screen(policy: Option<&Policy>, id: &[u8], outcome: Outcome) -> (Bytes, &'static str) {
+    let (raw, label) = match &outcome {
+        Outcome::Result(r) => (r, "ok"),
+        Outcome::Error(e) => (e, "error"),
+    };
+    match OptionFuture::from(policy.map(|p| p.on_response(raw))).await {
+        None | Some(Ok(None)) => (jsonrpc::response(id, &outcome), label),
+        Some(Ok(Some(new))) => {
+            let (fits, rewritten, what) = match outcome {
+                Outcome::Result(_) => (
+                    serde_json::from_slice::<&RawValue>(&new).is_ok(),
+                    Outcome::Result(new),
+                    "a plugin rewrote the result into invalid JSON",
+                ),
+                Outcome::Error(_) => (
+                    is_error_object(&new),
+                    Outcome::Error(new),
+                    "a plugin rewrote an error into something that is not a JSON-RPC error object",
+                ),
+            };
+            if fits {
+                (jsonrpc::response(id, &rewritten), label)
+            } else {
+                (
+                    jsonrpc::error_response(Some(id), crate::plugins::PLUGIN_FAILED, what),
+                    "denied",
+                )
+            }
+        }
+        Some(Err(d)) => (
+            jsonrpc::error_response(Some(id), d.code, &d.to_string()),
+            "denied",
+        ),
+    }
+}
+
+/// Whether `raw` is a JSON-RPC error object (`code` integer, `message` string).
+fn is_error_object(raw: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct E<'a> {
+        #[allow(dead_code)]
+        code: i64,
+        #[serde(borrow)]
+        #[allow(dead_code)]
+        message: Cow<'a, str>,
+    }
+    serde_json::from_slice::<E<'_>>(raw).is_ok()
+}
+
+/// Params as text for the plugins (`{}` when absent; frames were validated as JSON).
+fn params_text(params: Option<&[u8]>) -> &str {
+    params
+        .and_then(|p| std::str::from_utf8(p).ok())
+        .unwrap_or("{}")
+}
+
+/// Handles one client request within a session.
+pub async fn request(
+    sv: Services<'_>,
+    session: &Arc<Session>,
+    id: Bytes,
+    method: &str,
+    params: Option<Bytes>,
+) -> Reply {
+    let started = Instant::now();
+    let label = method_label(method);
+    let plugins = sv.plugins.current();
+    // One upstream, names unchanged and no plugins: forward everything untouched.
+    let single = session.topology().servers.len() == 1 && !session.topology().router.prefixing();
+    let direct = single && plugins.is_empty();
+    let reply = match method {
+        "ping" => Reply::Json(jsonrpc::response(
+            &id,
+            &Outcome::Result(Bytes::from_static(b"{}")),
+        )),
+        "tools/list" if !direct => {
+            aggregate::list(sv, session, &id, aggregate::TOOLS, params.as_deref()).await
+        }
+        "prompts/list" if !direct => {
+            aggregate::list(sv, session, &id, aggregate::PROMPTS, params.as_deref()).await
+        }
+        "resources/list" if !direct => {
+            aggregate::list(sv, session, &id, aggregate::RESOURCES, params.as_deref()).await
+        }
+        "resources/templates/list" if !direct => {
+            aggregate::list(sv, session, &id, aggregate::TEMPLATES, params.as_deref()).await
+        }
+        "tools/call" | "prompts/get" if !direct => {
+            let f = match fields(params.as_deref()) {
+                Ok(f) => f,
+                Err(e) => return invalid_params(&id, &e),
+            };
+            let name = match string_field(&f, "name") {
+                Ok(n) => n,
+                Err(e) => return invalid_params(&id, &e),
+            };
+            let what = if method == "tools/call" {
+                "tool"
+            } else {
+                "prompt"
+            };
+            let Some((index, local)) = session.topology().router.resolve(&name) else {
+                return invalid_params(&id, &format!("unknown {what}: {name}"));
+            };
+            let policy = Policy::for_call(
+                &plugins,
+                session,
+                method,
+                &session.topology().servers[index].name,
+                Some(local),
+            );
+            let mut f = f;
+            let local = json_string(local);
+            f.insert(Cow::Borrowed("name"), &local);
+            let rewritten;
+            if let Some(p) = &policy {
+                let arguments = f.get("arguments").map_or("{}", |a| a.get());
+                match p.on_request(arguments).await {
+                    Decision::Allow => {}
+                    Decision::Deny(d) => return denied(&id, &d),
+                    Decision::Rewrite(new) => match RawValue::from_string(new) {
+                        Ok(raw) => {
+                            rewritten = raw;
+                            f.insert(Cow::Borrowed("arguments"), &rewritten);
+                        }
+                        Err(e) => {
+                            return Reply::Json(jsonrpc::error_response(
+                                Some(&id),
+                                crate::plugins::PLUGIN_FAILED,
+                                &format!("a plugin rewrote the arguments into invalid JSON: {e}"),
+                            ));
+                        }
+                    },
+                }
+            }
+            let out = encode_fields(&f);
+            forward::forward(sv, session, index, id, method, Some(out), policy).await
+        }
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" if !direct => {
+            let uri = match fields(params.as_deref()).and_then(|f| string_field(&f, "uri")) {
+                Ok(u) => u,
+                Err(e) => return invalid_params(&id, &e),
+            };
+            let Some(index) = forward::resource_owner(sv, session, &uri).await else {
+                return invalid_params(&id, &format!("no upstream serves resource {uri}"));
+            };
+            let policy = Policy::for_call(
+                &plugins,
+                session,
+                method,
+                &session.topology().servers[index].name,
+                Some(&uri),
+            );
+            if let Some(p) = &policy
+                && let Decision::Deny(d) = p.on_request("{}").await
+            {
+                return denied(&id, &d);
+            }
+            forward::forward(sv, session, index, id, method, params, policy).await
+        }
+        "completion/complete" if !direct => forward::complete(sv, session, id, params).await,
+        "logging/setLevel" if !single => {
+            for (i, link) in session.links().iter().enumerate() {
+                if session
+                    .connect(i)
+                    .await
+                    .is_ok_and(|b| b & caps::LOGGING != 0)
+                {
+                    let _ = link
+                        .call(method, params.as_deref(), CallOpts::default())
+                        .await;
+                }
+            }
+            Reply::Json(jsonrpc::response(
+                &id,
+                &Outcome::Result(Bytes::from_static(b"{}")),
+            ))
+        }
+        // Pass-through to the one upstream. With plugins, every method still passes the chains
+        // (on its params, and on its result or error).
+        _ if single => {
+            let policy = Policy::for_call(
+                &plugins,
+                session,
+                method,
+                &session.topology().servers[0].name,
+                None,
+            );
+            if let Some(p) = &policy
+                && let Decision::Deny(d) = p.on_request(params_text(params.as_deref())).await
+            {
+                return denied(&id, &d);
+            }
+            forward::forward(sv, session, 0, id, method, params, policy).await
+        }
+        _ => Reply::Json(jsonrpc::error_response(
+            Some(&id),
+            code::METHOD_NOT_FOUND,
+            &format!("method not found: {method}"),
+        )),
+    };
+    if matches!(
+        label,
+        "ping"
+            | "tools/list"
+            | "prompts/list"
+            | "resources/list"
+            | "resources/templates/list"
+            | "logging/setLevel"
+    ) && !single
+    {
+        sv.metrics.record(label, "gateway", "ok", started.elapsed());
+    }
+    reply
+}

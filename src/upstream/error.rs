@@ -1,0 +1,50 @@
+//! Why an upstream call failed, and the JSON-RPC error code each reason becomes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::mcp::jsonrpc::code;
+
+/// Why an upstream call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// The server could not be reached, exited, or broke the protocol.
+    #[error("upstream '{server}' is unavailable: {reason}")]
+    Unavailable {
+        /// Upstream name.
+        server: Arc<str>,
+        /// What happened.
+        reason: String,
+    },
+    /// No answer within the deadline.
+    #[error("upstream '{server}' did not answer within {}", humantime::format_duration(*.timeout))]
+    Timeout {
+        /// Upstream name.
+        server: Arc<str>,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// The server no longer knows our session (HTTP 404, or 400 from servers that answer so);
+    /// the request was not processed.
+    #[error("upstream '{server}' refused the session: {detail}")]
+    SessionExpired {
+        /// Upstream name.
+        server: Arc<str>,
+        /// What the server said.
+        detail: String,
+    },
+    /// The client cancelled the request.
+    #[error("request cancelled")]
+    Cancelled,
+}
+
+impl UpstreamError {
+    /// The JSON-RPC error code sent to the client.
+    pub fn code(&self) -> i64 {
+        match self {
+            UpstreamError::Timeout { .. } => code::UPSTREAM_TIMEOUT,
+            UpstreamError::Cancelled => code::REQUEST_CANCELLED,
+            _ => code::UPSTREAM_UNAVAILABLE,
+        }
+    }
+}

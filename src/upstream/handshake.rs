@@ -1,0 +1,45 @@
+//! The MCP handshake on a fresh upstream connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::mcp::jsonrpc::Outcome;
+
+use super::{CallOpts, Connection, UpstreamError};
+
+/// Performs the MCP handshake on a fresh connection; returns the server's `initialize` result.
+pub(crate) async fn initialize(
+    conn: &Arc<Connection>,
+    init_params: &[u8],
+    timeout: Duration,
+) -> Result<Bytes, UpstreamError> {
+    let outcome = conn
+        .request(
+            "initialize",
+            Some(init_params),
+            CallOpts::default(),
+            timeout,
+        )
+        .await;
+    let result = match outcome {
+        Ok(Outcome::Result(r)) => r,
+        Ok(Outcome::Error(e)) => {
+            conn.shutdown().await;
+            return Err(conn.server().unavailable(format!(
+                "initialize failed: {}",
+                String::from_utf8_lossy(&e)
+            )));
+        }
+        Err(e) => {
+            conn.shutdown().await;
+            return Err(e);
+        }
+    };
+    if let Connection::Http(h) = &**conn {
+        h.set_protocol_version(&result);
+    }
+    conn.notify("notifications/initialized", None).await?;
+    Ok(result)
+}

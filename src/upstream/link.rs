@@ -1,0 +1,285 @@
+//! One downstream session's connection to one upstream server.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::config::Transport;
+use crate::mcp::jsonrpc::{self, Outcome};
+
+use super::{
+    CallOpts, Connection, Deliver, Server, ServerMessages, UpstreamError, initialize, orchestrated,
+    shared, stdio, uri_of,
+};
+
+/// One downstream session's connection to one upstream server.
+///
+/// Usually the connection is the link's own upstream session. For a stdio server run by the
+/// orchestrator it is the server's one [`shared::Shared`] session, which the link joins.
+pub struct Link {
+    server: Arc<Server>,
+    deliver: Deliver,
+    init_params: Bytes,
+    current: Mutex<Option<Arc<Connection>>>,
+    connecting: tokio::sync::Mutex<()>,
+    init_result: Mutex<Option<Bytes>>,
+    pub(crate) generation: AtomicU64,
+    listen: AtomicBool,
+    /// Membership in a shared connection's audience, once joined.
+    shared: Mutex<Option<shared::Membership>>,
+    /// Set by [`Link::close`]: the link never connects again.
+    closed: AtomicBool,
+}
+
+impl Link {
+    /// A link that will initialize with `init_params` (the client's capabilities and info).
+    pub fn new(server: Arc<Server>, sink: Arc<dyn ServerMessages>, init_params: Bytes) -> Self {
+        Link {
+            deliver: Deliver {
+                sink,
+                index: server.index,
+            },
+            server,
+            init_params,
+            current: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            init_result: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            listen: AtomicBool::new(false),
+            shared: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The upstream this link reaches.
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
+    }
+
+    /// The upstream's last `initialize` result, once connected.
+    pub fn init_result(&self) -> Option<Bytes> {
+        self.init_result
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn live(&self) -> Option<Arc<Connection>> {
+        let cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        cur.as_ref().filter(|c| c.is_alive()).cloned()
+    }
+
+    fn is_shared(&self) -> bool {
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// The live connection, connecting and initializing first if needed.
+    pub async fn connection(&self) -> Result<Arc<Connection>, UpstreamError> {
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let _serial = self.connecting.lock().await;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(self.server.unavailable("the client session has ended"));
+        }
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let result =
+            tokio::time::timeout(self.server.config.connect_timeout, self.handshake()).await;
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Timeout {
+                server: self.server.name.clone(),
+                timeout: self.server.config.connect_timeout,
+            }),
+        };
+        self.server
+            .metrics
+            .set_upstream_up(self.server.label, result.is_ok());
+        let conn = result?;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        if self.listen.load(Ordering::Relaxed)
+            && let Connection::Http(h) = &*conn
+        {
+            h.open_listen_stream(conn.clone());
+        }
+        Ok(conn)
+    }
+
+    async fn handshake(&self) -> Result<Arc<Connection>, UpstreamError> {
+        let server = &self.server;
+        let conn = Arc::new(match &server.config.transport {
+            Transport::Stdio { .. } => Connection::Stdio(stdio::Connection::spawn(
+                server.clone(),
+                self.deliver.clone(),
+            )?),
+            Transport::Http { url, headers } => Connection::Http(super::http::Connection::new(
+                server.clone(),
+                url.clone(),
+                headers.clone(),
+                self.deliver.clone(),
+            )),
+            Transport::Orchestrated => {
+                let o = server
+                    .orchestrated
+                    .as_ref()
+                    .ok_or_else(|| server.unavailable("no orchestrator runs this server"))?;
+                match o.ready(server).await? {
+                    orchestrated::Ready::Http(url) => {
+                        Connection::Http(super::http::Connection::new(
+                            server.clone(),
+                            url,
+                            ::http::HeaderMap::new(),
+                            self.deliver.clone(),
+                        ))
+                    }
+                    orchestrated::Ready::Stdio(endpoint) => {
+                        let (conn, result) = o.shared.connect(server, &endpoint).await?;
+                        let mut membership = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                        if membership.is_none() {
+                            *membership = Some(o.shared.join(self.deliver.clone()));
+                        }
+                        drop(membership);
+                        *self.init_result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                        return Ok(conn);
+                    }
+                }
+            }
+        });
+        let result = initialize(&conn, &self.init_params, server.config.connect_timeout).await?;
+        *self.init_result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        Ok(conn)
+    }
+
+    /// Calls a method upstream, reconnecting once if the upstream forgot our session.
+    pub async fn call(
+        &self,
+        method: &str,
+        params: Option<&[u8]>,
+        mut opts: CallOpts,
+    ) -> Result<Outcome, UpstreamError> {
+        let timeout = self.server.config.call_timeout;
+        let conn = self.connection().await?;
+        // Several sessions share this connection: give the call a progress token no other
+        // session uses, and remember whose call it is.
+        let rewritten;
+        let mut params = params;
+        if self.is_shared() {
+            match method {
+                // One session must not change what the shared server logs for all of them.
+                "logging/setLevel" => return Ok(Outcome::Result(Bytes::from_static(b"{}"))),
+                "resources/subscribe" | "resources/unsubscribe" => {
+                    let uri = params.and_then(uri_of).ok_or_else(|| {
+                        self.server
+                            .unavailable("resources/subscribe needs params.uri")
+                    })?;
+                    let on = method == "resources/subscribe";
+                    let forward = self
+                        .shared
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                        .map(|m| m.subscribe(&uri, on));
+                    if forward != Some(shared::Subscription::Forward) {
+                        return Ok(Outcome::Result(Bytes::from_static(b"{}")));
+                    }
+                }
+                _ => {}
+            }
+            let mut client_token = None;
+            if opts.progress_token.is_some()
+                && let Some(p) = params
+                && let Some((wire, p)) = shared::unique_progress_token(p)
+            {
+                client_token = opts.progress_token.replace(wire);
+                rewritten = p;
+                params = Some(&rewritten);
+            }
+            opts.origin = Some((self.deliver.clone(), client_token));
+        }
+        let events = opts.events.clone();
+        let progress_token = opts.progress_token.clone();
+        let origin = opts.origin.clone();
+        match conn.request(method, params, opts, timeout).await {
+            Err(UpstreamError::SessionExpired { .. }) => {
+                // 404 means the request was not processed: safe to retry on a new session.
+                self.forget(&conn);
+                let conn = self.connection().await?;
+                let retry = CallOpts {
+                    events,
+                    cancel: None,
+                    progress_token,
+                    origin,
+                };
+                conn.request(method, params, retry, timeout).await
+            }
+            Err(e @ UpstreamError::Unavailable { .. }) => {
+                self.server
+                    .metrics
+                    .set_upstream_up(self.server.label, false);
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    /// Sends a notification if connected (a disconnected upstream has nothing to be told).
+    pub async fn notify(&self, method: &str, params: Option<&[u8]>) {
+        if let Some(c) = self.live() {
+            let _ = c.notify(method, params).await;
+        }
+    }
+
+    /// Relays the client's response to a server→client request.
+    pub async fn respond(&self, id: &[u8], outcome: &Outcome) {
+        if let Some(c) = self.live() {
+            let _ = c.send(jsonrpc::response(id, outcome)).await;
+        }
+    }
+
+    /// Keeps a server→client stream (HTTP GET) open from now on, on this and later connections.
+    pub fn open_listen_stream(&self) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        self.listen.store(true, Ordering::Relaxed);
+        if let Some(c) = self.live()
+            && let Connection::Http(h) = &*c
+        {
+            h.open_listen_stream(c.clone());
+        }
+    }
+
+    fn forget(&self, conn: &Arc<Connection>) {
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            *cur = None;
+        }
+    }
+
+    /// Ends the upstream session (a shared one is only left: other sessions still use it).
+    pub async fn close(&self) {
+        // No new connection from now on; a handshake already under way finishes first (it
+        // holds `connecting`), so what it stores is shut down here rather than left running.
+        self.closed.store(true, Ordering::Release);
+        let _serial = self.connecting.lock().await;
+        let conn = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let membership = self.shared.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if membership.is_some() {
+            return;
+        }
+        if let Some(c) = conn {
+            c.shutdown().await;
+        }
+    }
+}
