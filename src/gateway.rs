@@ -19,7 +19,7 @@ use crate::orchestrator::{Phase, Runtime};
 use crate::plugins::{PluginError, Plugins};
 use crate::topology::Topology;
 use crate::upstream::orchestrated::Orchestrated;
-use crate::upstream::shared::Shared;
+use crate::upstream::shared::SharedServer;
 use crate::upstream::{Server, http};
 
 /// Everything a request may need, shared by all connections.
@@ -30,8 +30,8 @@ pub struct Gateway {
     topology: ArcSwap<Topology>,
     /// The orchestrator running `servers` (and admin-added ones), when there are any.
     pub orchestrator: Option<Arc<dyn Runtime>>,
-    /// One shared upstream session per orchestrated stdio server, by name.
-    shared: DashMap<String, Arc<Shared>>,
+    /// The shared upstream sessions of each orchestrated stdio server, by name.
+    shared: DashMap<String, Arc<SharedServer>>,
     /// Serializes topology changes.
     changes: tokio::sync::Mutex<()>,
     client: http::Client,
@@ -280,7 +280,8 @@ impl Gateway {
         self.metrics.sessions.set(0);
         let close = futures_util::future::join_all(all.iter().map(|s| s.close()));
         let _ = tokio::time::timeout(Duration::from_secs(10), close).await;
-        let shared: Vec<Arc<Shared>> = self.shared.iter().map(|s| s.value().clone()).collect();
+        let shared: Vec<Arc<SharedServer>> =
+            self.shared.iter().map(|s| s.value().clone()).collect();
         futures_util::future::join_all(shared.iter().map(|s| s.close())).await;
     }
 }

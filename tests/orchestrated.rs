@@ -462,3 +462,113 @@ async fn an_orchestrated_http_server_gives_each_session_its_own_upstream_session
     assert_eq!(b.tool_text(3, "echo", json!({"text": "b"})).await, "b");
     gw.stop().await;
 }
+
+/// Whether a process with this pid exists (signal 0 probes without signalling).
+fn alive(pid: &str) -> bool {
+    let pid = nix::unistd::Pid::from_raw(pid.parse().unwrap());
+    nix::sys::signal::kill(pid, None).is_ok()
+}
+
+/// `sharing` decides who shares a stdio server's process: everyone, each principal, or each
+/// session; a principal's process and a session's process stop with their last session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharing_gives_principals_and_sessions_their_own_processes() {
+    let servers = [
+        example_server("sh"),
+        example_server("pp") + "    sharing: per-principal\n",
+        example_server("ps") + "    sharing: per-session\n",
+    ]
+    .concat();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nauth: {{tokens: [{{principal: app, token: {CLIENT_TOKEN}}}, {{principal: bob, token: bob-token-0123456789}}]}}\norchestrator: {{connect_timeout: 20s, call_timeout: 20s}}\nservers:\n{servers}"
+    );
+    let config = gatehouse::Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let running = gatehouse::start_with(config, Some(local()))
+        .await
+        .expect("gateway starts");
+    let gw = TestGateway {
+        addr: running.listening.local_addr,
+        running: Some(running),
+    };
+    let a1 = client(&gw).await;
+    let a2 = client(&gw).await;
+    let mut b1 = gw.client();
+    b1.token = Some("bob-token-0123456789".into());
+    b1.initialize(json!({})).await;
+
+    let mut pids = std::collections::HashMap::new();
+    for (who, c) in [("a1", &a1), ("a2", &a2), ("b1", &b1)] {
+        for server in ["sh", "pp", "ps"] {
+            let pid = c.tool_text(7, &format!("{server}__pid"), json!({})).await;
+            pids.insert((who, server), pid);
+        }
+    }
+    let pid = |who, server| pids[&(who, server)].clone();
+    // shared: one process for everyone.
+    assert_eq!(pid("a1", "sh"), pid("a2", "sh"));
+    assert_eq!(pid("a1", "sh"), pid("b1", "sh"));
+    // per-principal: app's two sessions share one; bob has another.
+    assert_eq!(pid("a1", "pp"), pid("a2", "pp"));
+    assert_ne!(pid("a1", "pp"), pid("b1", "pp"));
+    assert_ne!(pid("a1", "pp"), pid("a1", "sh"));
+    // per-session: each session its own.
+    assert_ne!(pid("a1", "ps"), pid("a2", "ps"));
+    assert_ne!(pid("a1", "ps"), pid("b1", "ps"));
+    // Each asks again: the same process answers (the link keeps it).
+    assert_eq!(a1.tool_text(8, "ps__pid", json!({})).await, pid("a1", "ps"));
+    assert_eq!(a2.tool_text(8, "pp__pid", json!({})).await, pid("a1", "pp"));
+
+    // a1 leaves: its own process stops; app's per-principal process stays for a2.
+    let r = a1
+        .send(
+            a1.request("DELETE", "")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let gone = pid("a1", "ps");
+    eventually("a1's per-session process stops", || {
+        let gone = gone.clone();
+        async move { !alive(&gone) }
+    })
+    .await;
+    assert!(alive(&pid("a1", "pp")));
+    assert_eq!(a2.tool_text(9, "pp__pid", json!({})).await, pid("a1", "pp"));
+    // a2 leaves too: app's per-principal process stops; bob's and the shared one run on.
+    let r = a2
+        .send(
+            a2.request("DELETE", "")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let gone = pid("a1", "pp");
+    eventually("app's per-principal process stops", || {
+        let gone = gone.clone();
+        async move { !alive(&gone) }
+    })
+    .await;
+    assert_eq!(
+        b1.tool_text(10, "pp__pid", json!({})).await,
+        pid("b1", "pp")
+    );
+    assert_eq!(
+        b1.tool_text(11, "sh__pid", json!({})).await,
+        pid("a1", "sh")
+    );
+    gw.stop().await;
+}
+
+/// `sharing` is checked where it is given: stdio only, and not on Kubernetes.
+#[test]
+fn sharing_is_refused_where_it_cannot_apply() {
+    let yaml = "listen: 127.0.0.1:0\nservers:\n  - name: web\n    command: x\n    transport: {type: streamable-http, port: 8080}\n    sharing: per-session\n";
+    let err = gatehouse::Config::from_yaml(yaml).unwrap_err().to_string();
+    assert!(err.contains("sharing"), "{err}");
+    let yaml =
+        "listen: 127.0.0.1:0\nservers:\n  - name: s\n    command: x\n    sharing: per-everyone\n";
+    let err = gatehouse::Config::from_yaml(yaml).unwrap_err().to_string();
+    assert!(err.contains("per-everyone"), "{err}");
+}

@@ -124,12 +124,19 @@ impl Session {
             let servers = &topology.servers;
             Session {
                 id,
-                principal,
+                principal: principal.clone(),
                 protocol_version,
                 links: {
                     let links: Box<[Link]> = servers
                         .iter()
-                        .map(|s| Link::new(s.clone(), sink.clone(), init_params.clone()))
+                        .map(|s| {
+                            Link::new(
+                                s.clone(),
+                                principal.clone(),
+                                sink.clone(),
+                                init_params.clone(),
+                            )
+                        })
                         .collect();
                     if eager_listen {
                         links.iter().for_each(Link::open_listen_stream);

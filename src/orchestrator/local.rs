@@ -34,7 +34,7 @@ use super::logbuf::LogBuffer;
 use super::spec::{EnvValue, ResolvedServer};
 use super::{
     Endpoint, FailureReason, LogOptions, OrchestratorError, Phase, Result, Runtime, ServerStatus,
-    StdioConnector, StdioEndpoint, StdioStream,
+    Sharing, StdioConnector, StdioEndpoint, StdioStream,
 };
 use crate::process::{self, ServerProcess};
 
@@ -818,9 +818,50 @@ impl StdioConnector for LocalAttach {
             Ok(StdioStream {
                 reader: Box::pin(reader),
                 writer: Box::pin(writer),
+                process: None,
             })
         }
         .boxed()
+    }
+
+    fn open_private(&self) -> BoxFuture<'_, Result<StdioStream>> {
+        async move {
+            let name = &self.sup.server.name;
+            if !self.sup.server.is_stdio() {
+                return Err(OrchestratorError::WrongTransport {
+                    server: name.clone(),
+                    expected: "stdio",
+                });
+            }
+            // The same command, environment and process group rules as the supervised
+            // process; its stderr joins the server's logs.
+            let mut proc =
+                spawn(&self.sup, &self.settings).map_err(|e| OrchestratorError::NotRunning {
+                    server: name.clone(),
+                    detail: format!("cannot start a private process: {e}"),
+                })?;
+            let child = &mut proc.child;
+            let (Some(stdin), Some(stdout), Some(stderr)) =
+                (child.stdin.take(), child.stdout.take(), child.stderr.take())
+            else {
+                return Err(OrchestratorError::NotRunning {
+                    server: name.clone(),
+                    detail: "the private process has no stdio pipes".into(),
+                });
+            };
+            tracing::debug!(server = %name, pid = ?child.id(), "started a private process");
+            tokio::spawn(capture(stderr, self.sup.clone()));
+            Ok(StdioStream {
+                reader: Box::pin(stdout),
+                writer: Box::pin(stdin),
+                process: Some(proc),
+            })
+        }
+        .boxed()
+    }
+
+    fn sharing(&self) -> Sharing {
+        self.sup.server.spec.sharing
     }
 
     fn describe(&self) -> String {

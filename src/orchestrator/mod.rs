@@ -32,7 +32,9 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use error::OrchestratorError;
-pub use spec::{McpServer, McpServerSpec, ResolvedServer, ServerDef, SpecError};
+pub use spec::{McpServer, McpServerSpec, ResolvedServer, ServerDef, Sharing, SpecError};
+
+use crate::process::ServerProcess;
 
 /// Result of orchestrator operations.
 pub type Result<T, E = OrchestratorError> = std::result::Result<T, E>;
@@ -139,6 +141,11 @@ impl fmt::Display for Endpoint {
 pub trait StdioConnector: Send + Sync {
     /// Attaches a fresh reader/writer pair to the server's stdout/stdin.
     fn open(&self) -> BoxFuture<'_, Result<StdioStream>>;
+    /// Starts a process of the server for one session or one principal alone (the stream
+    /// owns it: shutting the connection down stops it).
+    fn open_private(&self) -> BoxFuture<'_, Result<StdioStream>>;
+    /// Who shares the server's process.
+    fn sharing(&self) -> Sharing;
     /// A short description for logs, e.g. `local process` or `pod ns/mcp-x (attach)`.
     fn describe(&self) -> String;
 }
@@ -158,6 +165,16 @@ impl StdioEndpoint {
         self.0.open().await
     }
 
+    /// Starts a process of the server for one session or principal alone.
+    pub async fn open_private(&self) -> Result<StdioStream> {
+        self.0.open_private().await
+    }
+
+    /// Who shares the server's process.
+    pub fn sharing(&self) -> Sharing {
+        self.0.sharing()
+    }
+
     /// A short description for logs.
     pub fn describe(&self) -> String {
         self.0.describe()
@@ -170,6 +187,8 @@ pub struct StdioStream {
     pub reader: Pin<Box<dyn AsyncRead + Send>>,
     /// The server's stdin. Shutting it down ends the attachment, not the server.
     pub writer: Pin<Box<dyn AsyncWrite + Send>>,
+    /// The process, when the stream owns it (a private process).
+    pub process: Option<ServerProcess>,
 }
 
 impl fmt::Debug for StdioStream {

@@ -79,6 +79,41 @@ pub struct McpServerSpec {
     /// (default: the operator's default account for servers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+    /// Who shares a stdio server's process: every session (`shared`, default), each
+    /// principal its own (`per-principal`), or each session its own (`per-session`). The
+    /// kubernetes backend runs one pod per server and accepts only `shared`.
+    #[serde(default, skip_serializing_if = "Sharing::is_shared")]
+    pub sharing: Sharing,
+}
+
+/// Who shares one process of a stdio server.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sharing {
+    /// One process for every session (notifications that belong to no call are dropped).
+    #[default]
+    Shared,
+    /// One process per authenticated principal: principals never share a process.
+    PerPrincipal,
+    /// One process per session, initialized with that client's own capabilities.
+    PerSession,
+}
+
+impl std::fmt::Display for Sharing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Sharing::Shared => "shared",
+            Sharing::PerPrincipal => "per-principal",
+            Sharing::PerSession => "per-session",
+        })
+    }
+}
+
+impl Sharing {
+    /// Whether this is the default, `shared`.
+    pub fn is_shared(&self) -> bool {
+        *self == Sharing::Shared
+    }
 }
 
 /// Transport kind and, for HTTP, where the server listens.
@@ -383,6 +418,12 @@ impl ServerDef {
                 }
             }
             TransportKind::StreamableHttp => {
+                if !spec.sharing.is_shared() {
+                    return Err(SpecError::new(
+                        "sharing",
+                        "applies to stdio servers only (a streamable-http server keeps one MCP session per client session already)",
+                    ));
+                }
                 if spec.transport.port.is_none_or(|p| p == 0) {
                     return Err(SpecError::new(
                         "transport.port",

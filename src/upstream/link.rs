@@ -7,6 +7,7 @@ use bytes::Bytes;
 
 use crate::config::Transport;
 use crate::mcp::jsonrpc::{self, Outcome};
+use crate::orchestrator::Sharing;
 
 use super::{
     CallOpts, Connection, Deliver, Server, ServerMessages, UpstreamError, initialize, orchestrated,
@@ -19,6 +20,8 @@ use super::{
 /// orchestrator it is the server's one [`shared::Shared`] session, which the link joins.
 pub struct Link {
     server: Arc<Server>,
+    /// The session's principal: with `sharing: per-principal`, whose process to use.
+    principal: Option<Arc<str>>,
     deliver: Deliver,
     init_params: Bytes,
     current: Mutex<Option<Arc<Connection>>>,
@@ -34,8 +37,14 @@ pub struct Link {
 
 impl Link {
     /// A link that will initialize with `init_params` (the client's capabilities and info).
-    pub fn new(server: Arc<Server>, sink: Arc<dyn ServerMessages>, init_params: Bytes) -> Self {
+    pub fn new(
+        server: Arc<Server>,
+        principal: Option<Arc<str>>,
+        sink: Arc<dyn ServerMessages>,
+        init_params: Bytes,
+    ) -> Self {
         Link {
+            principal,
             deliver: Deliver {
                 sink,
                 index: server.index,
@@ -139,11 +148,31 @@ impl Link {
                             self.deliver.clone(),
                         ))
                     }
+                    orchestrated::Ready::Stdio(endpoint)
+                        if endpoint.sharing() == Sharing::PerSession =>
+                    {
+                        // A process of this session's own, initialized below with the
+                        // client's own capabilities like any stdio upstream.
+                        let stream = endpoint
+                            .open_private()
+                            .await
+                            .map_err(|e| server.unavailable(format!("cannot start: {e}")))?;
+                        Connection::Stdio(stdio::Connection::over(
+                            server.clone(),
+                            stream.reader,
+                            stream.writer,
+                            self.deliver.clone(),
+                            stream.process,
+                        ))
+                    }
                     orchestrated::Ready::Stdio(endpoint) => {
-                        let (conn, result) = o.shared.connect(server, &endpoint).await?;
+                        let sharing = endpoint.sharing();
+                        let shared = o.shared.of(sharing, self.principal.as_ref());
+                        let private = sharing == Sharing::PerPrincipal;
+                        let (conn, result) = shared.connect(server, &endpoint, private).await?;
                         let mut membership = self.shared.lock().unwrap_or_else(|e| e.into_inner());
                         if membership.is_none() {
-                            *membership = Some(o.shared.join(self.deliver.clone()));
+                            *membership = Some(shared.join(self.deliver.clone()));
                         }
                         drop(membership);
                         *self.init_result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
@@ -276,6 +305,11 @@ impl Link {
             .take();
         let membership = self.shared.lock().unwrap_or_else(|e| e.into_inner()).take();
         if membership.is_some() {
+            drop(membership);
+            // A principal's own process stops with the last session of theirs.
+            if let Some(o) = &self.server.orchestrated {
+                o.shared.release(self.principal.as_ref()).await;
+            }
             return;
         }
         if let Some(c) = conn {

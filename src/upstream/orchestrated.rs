@@ -2,11 +2,12 @@
 //!
 //! An HTTP server is reached like any HTTP upstream (one MCP session per client session). A
 //! stdio server is one process (one pod) holding one MCP session, which every client session
-//! shares through [`Shared`].
+//! shares through [`SharedServer`] (or one process per principal, or per session, as its
+//! `sharing` says).
 
 use std::sync::Arc;
 
-use super::shared::Shared;
+use super::shared::SharedServer;
 use super::{Server, UpstreamError};
 use crate::orchestrator::{Endpoint, Runtime, StdioEndpoint};
 
@@ -15,8 +16,8 @@ use crate::orchestrator::{Endpoint, Runtime, StdioEndpoint};
 pub struct Orchestrated {
     /// The backend running it.
     pub runtime: Arc<dyn Runtime>,
-    /// Its one upstream session, when it speaks stdio.
-    pub shared: Arc<Shared>,
+    /// Its shared upstream sessions, when it speaks stdio.
+    pub shared: Arc<SharedServer>,
 }
 
 /// A ready server's endpoint.

@@ -14,16 +14,21 @@
 //! call are answered by the gateway (`ping`) or refused, since no single client can be asked.
 //! `logging/setLevel` is answered by the gateway: one session must not change what the
 //! shared server logs for everyone.
+//!
+//! A server defined with `sharing: per-principal` has one such shared session per principal
+//! (a private process each, see [`SharedServer`]); `per-session` needs no sharing at all (each
+//! link starts its own process).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
+use dashmap::DashMap;
 
 use super::{Connection, Deliver, Route, Server, ServerMessages, UpstreamError, initialize, stdio};
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
-use crate::orchestrator::StdioEndpoint;
+use crate::orchestrator::{Sharing, StdioEndpoint};
 
 /// The sessions using a shared connection, and what each subscribed to.
 type Audience = Mutex<Members>;
@@ -132,10 +137,14 @@ impl Default for Shared {
 impl Shared {
     /// The live shared connection and its `initialize` result, attaching and initializing
     /// first when there is none (first use, or the process was restarted).
+    ///
+    /// `private`: the connection is to a process of its own (`per-principal`), not to the
+    /// server's one process.
     pub async fn connect(
         &self,
         server: &Arc<Server>,
         endpoint: &StdioEndpoint,
+        private: bool,
     ) -> Result<(Arc<Connection>, Bytes), UpstreamError> {
         let mut current = self.current.lock().await;
         if let Some((conn, result)) = current.as_ref()
@@ -146,10 +155,12 @@ impl Shared {
         if let Some((old, _)) = current.take() {
             old.shutdown().await;
         }
-        let stream = endpoint
-            .open()
-            .await
-            .map_err(|e| server.unavailable(format!("cannot attach: {e}")))?;
+        let stream = if private {
+            endpoint.open_private().await
+        } else {
+            endpoint.open().await
+        }
+        .map_err(|e| server.unavailable(format!("cannot attach: {e}")))?;
         let broadcast = Arc::new(Broadcast {
             audience: self.audience.clone(),
             conn: Mutex::new(Weak::new()),
@@ -163,7 +174,7 @@ impl Shared {
             stream.reader,
             stream.writer,
             deliver,
-            None,
+            stream.process,
         )));
         *lock(&broadcast.conn) = Arc::downgrade(&conn);
         let result = initialize(&conn, &init_params(), server.config.connect_timeout).await?;
@@ -191,6 +202,56 @@ impl Shared {
     pub async fn close(&self) {
         if let Some((conn, _)) = self.current.lock().await.take() {
             conn.shutdown().await;
+        }
+    }
+}
+
+/// The shared sessions of one orchestrated stdio server: one for every session (`shared`), or
+/// one per principal (`per-principal`), so that principals never share a process.
+#[derive(Default)]
+pub struct SharedServer {
+    everyone: Arc<Shared>,
+    /// By principal (the empty name for unauthenticated sessions).
+    by_principal: DashMap<Arc<str>, Arc<Shared>>,
+}
+
+impl SharedServer {
+    /// The shared session a session of `principal` uses under `sharing`.
+    pub fn of(&self, sharing: Sharing, principal: Option<&Arc<str>>) -> Arc<Shared> {
+        match sharing {
+            Sharing::PerPrincipal => self
+                .by_principal
+                .entry(principal.cloned().unwrap_or_else(|| Arc::from("")))
+                .or_default()
+                .clone(),
+            Sharing::Shared | Sharing::PerSession => self.everyone.clone(),
+        }
+    }
+
+    /// Stops `principal`'s process once no session of theirs uses it.
+    pub async fn release(&self, principal: Option<&Arc<str>>) {
+        let key: Arc<str> = principal.cloned().unwrap_or_else(|| Arc::from(""));
+        if let Some((_, shared)) = self.by_principal.remove_if(&key, |_, s| s.members() == 0) {
+            shared.close().await;
+        }
+    }
+
+    /// Sessions using the server's shared sessions, all principals together.
+    pub fn members(&self) -> usize {
+        self.everyone.members() + self.by_principal.iter().map(|e| e.members()).sum::<usize>()
+    }
+
+    /// Closes every shared session (the server was removed, or the gateway stops).
+    pub async fn close(&self) {
+        self.everyone.close().await;
+        let all: Vec<Arc<Shared>> = self
+            .by_principal
+            .iter()
+            .map(|e| e.value().clone())
+            .collect();
+        self.by_principal.clear();
+        for shared in all {
+            shared.close().await;
         }
     }
 }

@@ -12,6 +12,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Either};
@@ -21,7 +22,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 use super::Inner;
 use super::objects::CONTAINER;
-use crate::orchestrator::{OrchestratorError, Result, StdioConnector, StdioStream};
+use crate::orchestrator::{OrchestratorError, Result, Sharing, StdioConnector, StdioStream};
 
 /// Attaches to the pod of one stdio server.
 pub struct KubeAttach {
@@ -79,10 +80,6 @@ async fn pod_gone(inner: Arc<Inner>, server: String, uid: Option<String>) {
 impl StdioConnector for KubeAttach {
     fn open(&self) -> BoxFuture<'_, Result<StdioStream>> {
         async move {
-            let pod = self
-                .inner
-                .wait_ready(&self.server, self.inner.options.attach_timeout)
-                .await?;
             let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
             let params = AttachParams::default()
                 .container(CONTAINER)
@@ -92,13 +89,35 @@ impl StdioConnector for KubeAttach {
                 .tty(false)
                 .max_stdin_buf_size(self.inner.options.attach_buffer)
                 .max_stdout_buf_size(self.inner.options.attach_buffer);
-            let mut process =
-                api.attach(&pod, &params)
-                    .await
-                    .map_err(|e| OrchestratorError::Attach {
-                        server: self.server.clone(),
-                        detail: format!("pod {pod}: {e}"),
-                    })?;
+            let deadline = Instant::now() + self.inner.options.attach_timeout;
+            let (pod, mut process) = loop {
+                let mut refreshed = self.inner.refreshed.subscribe();
+                let left = deadline.saturating_duration_since(Instant::now());
+                let pod = self.inner.wait_ready(&self.server, left).await?;
+                match api.attach(&pod, &params).await {
+                    Ok(process) => break (pod, process),
+                    // Deleted after the watch last saw it: wait for the watch to catch up
+                    // (it then names the replacement), within the same deadline.
+                    Err(kube::Error::Api(e)) if e.code == 404 && Instant::now() < deadline => {
+                        let caught_up = async {
+                            while self.inner.current_pod_name(&self.server).as_deref()
+                                == Some(pod.as_str())
+                            {
+                                if refreshed.changed().await.is_err() {
+                                    break;
+                                }
+                            }
+                        };
+                        let _ = tokio::time::timeout_at(deadline.into(), caught_up).await;
+                    }
+                    Err(e) => {
+                        return Err(OrchestratorError::Attach {
+                            server: self.server.clone(),
+                            detail: format!("pod {pod}: {e}"),
+                        });
+                    }
+                }
+            };
             let missing = || OrchestratorError::Attach {
                 server: self.server.clone(),
                 detail: format!("pod {pod}: no stdin/stdout on the attachment"),
@@ -124,9 +143,26 @@ impl StdioConnector for KubeAttach {
                     _process: process,
                 }),
                 writer: Box::pin(writer),
+                process: None,
             })
         }
         .boxed()
+    }
+
+    fn open_private(&self) -> BoxFuture<'_, Result<StdioStream>> {
+        // The backend admits `sharing: shared` only (PodPolicy::admit): one pod per server.
+        async move {
+            Err(OrchestratorError::Unsupported {
+                server: self.server.clone(),
+                backend: "kubernetes",
+                what: "sharing: shared (one pod per server)",
+            })
+        }
+        .boxed()
+    }
+
+    fn sharing(&self) -> Sharing {
+        Sharing::Shared
     }
 
     fn describe(&self) -> String {

@@ -1120,7 +1120,7 @@ fn desired_from_resource(obj: &McpServer, policy: &PodPolicy) -> Desired {
     };
     let checked = def
         .resolve_declared()
-        .and_then(|s| policy.service_account(&s).map(|_| s));
+        .and_then(|s| policy.admit(&s).map(|_| s));
     match checked {
         Ok(server) if server.spec.image.is_none() => Desired::Invalid {
             message: "spec.image: the kubernetes backend needs an image".into(),
@@ -1219,7 +1219,7 @@ impl Runtime for KubeRuntime {
 
     fn apply(&self, server: ResolvedServer) -> BoxFuture<'_, Result<()>> {
         async move {
-            self.inner.options.policy.service_account(&server)?;
+            self.inner.options.policy.admit(&server)?;
             if server.spec.image.is_none() {
                 return Err(OrchestratorError::Unsupported {
                     server: server.name.clone(),
@@ -1246,7 +1246,7 @@ impl Runtime for KubeRuntime {
     fn declare(&self, def: ServerDef) -> BoxFuture<'_, Result<()>> {
         async move {
             let server = def.resolve_declared()?;
-            self.inner.options.policy.service_account(&server)?;
+            self.inner.options.policy.admit(&server)?;
             if !self.inner.options.watch_mcpservers {
                 // McpServer resources are ignored here: keep the server in this replica only.
                 return self.apply(server).await;
@@ -1290,14 +1290,10 @@ impl Runtime for KubeRuntime {
     fn sync(&self, servers: Vec<ResolvedServer>) -> BoxFuture<'_, Result<()>> {
         async move {
             for s in &servers {
-                self.inner
-                    .options
-                    .policy
-                    .service_account(s)
-                    .map_err(|e| SpecError {
-                        field: format!("servers[{}].{}", s.name, e.field),
-                        message: e.message,
-                    })?;
+                self.inner.options.policy.admit(s).map_err(|e| SpecError {
+                    field: format!("servers[{}].{}", s.name, e.field),
+                    message: e.message,
+                })?;
             }
             if let Some(s) = servers.iter().find(|s| s.spec.image.is_none()) {
                 return Err(OrchestratorError::Unsupported {

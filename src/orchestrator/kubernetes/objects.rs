@@ -96,7 +96,7 @@ pub fn render(
 ) -> Result<Rendered, SpecError> {
     let name = server.object_name();
     let spec = &server.spec;
-    let account = policy.service_account(server)?;
+    let account = policy.admit(server)?;
     let (requests, limits) = policy.resources(server);
     let env: Vec<EnvVar> = server
         .env

@@ -95,9 +95,19 @@ impl PodPolicy {
         Ok(())
     }
 
-    /// The account a server's pod runs as, or why the definition may not have it.
-    pub fn service_account(&self, server: &ResolvedServer) -> Result<String, SpecError> {
+    /// Checks a definition against what this backend and the operator allow (every
+    /// definition passes here before anything is applied); returns the account its pod runs as.
+    pub fn admit(&self, server: &ResolvedServer) -> Result<String, SpecError> {
         let spec = &server.spec;
+        if !spec.sharing.is_shared() {
+            return Err(SpecError {
+                field: "sharing".into(),
+                message: format!(
+                    "{} needs the local backend: on Kubernetes a server is one shared pod",
+                    spec.sharing
+                ),
+            });
+        }
         let err = |field: &str, message: String| SpecError {
             field: field.into(),
             message,
@@ -196,11 +206,8 @@ mod tests {
     #[test]
     fn accounts_are_the_operators_choice() {
         let mut p = PodPolicy::default();
-        let field = |p: &PodPolicy, yaml: &str| p.service_account(&server(yaml)).unwrap_err().field;
-        assert_eq!(
-            p.service_account(&server("name: a\nimage: x")).unwrap(),
-            "default"
-        );
+        let field = |p: &PodPolicy, yaml: &str| p.admit(&server(yaml)).unwrap_err().field;
+        assert_eq!(p.admit(&server("name: a\nimage: x")).unwrap(), "default");
         assert_eq!(
             field(&p, "name: a\nimage: x\nserviceAccountName: gatehouse"),
             "serviceAccountName"
@@ -218,7 +225,7 @@ mod tests {
             "name: a\nimage: x\nserviceAccountName: ci-bot\nautomountServiceAccountToken: true";
         assert_eq!(field(&p, named), "automountServiceAccountToken");
         p.allow_token_mount = true;
-        assert_eq!(p.service_account(&server(named)).unwrap(), "ci-bot");
+        assert_eq!(p.admit(&server(named)).unwrap(), "ci-bot");
         // Token mounting is for allowed accounts only, not the default one.
         assert_eq!(
             field(&p, "name: a\nimage: x\nautomountServiceAccountToken: true"),
@@ -226,6 +233,22 @@ mod tests {
         );
         p.allowed_accounts.insert("gatehouse".into());
         assert!(p.validate().unwrap_err().contains("gateway's own"));
+    }
+
+    #[test]
+    fn one_pod_per_server_means_shared_only() {
+        let p = PodPolicy::default();
+        for sharing in ["per-principal", "per-session"] {
+            let err = p
+                .admit(&server(&format!("name: a\nimage: x\nsharing: {sharing}")))
+                .unwrap_err();
+            assert_eq!(err.field, "sharing");
+            assert!(err.message.contains(sharing), "{}", err.message);
+        }
+        assert!(
+            p.admit(&server("name: a\nimage: x\nsharing: shared"))
+                .is_ok()
+        );
     }
 
     #[test]
