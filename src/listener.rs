@@ -242,9 +242,9 @@ pub enum Refused {
     #[error("{0} connections open (mcp.max_connections)")]
     Global(usize),
     /// The source address has its share.
-    #[error("{count} connections open from {ip} (mcp.max_connections_per_ip)")]
+    #[error("{count} connections open from {} (mcp.max_connections_per_ip)", source_name(*ip))]
     PerIp {
-        /// The source address.
+        /// The source: an IPv4 address, or an IPv6 /64 (its first address).
         ip: IpAddr,
         /// Its open connections.
         count: usize,
@@ -262,6 +262,23 @@ struct Limits {
 struct Open {
     total: usize,
     by_ip: HashMap<IpAddr, usize>,
+}
+
+/// The source a connection counts against: an IPv4 peer on a dual-stack socket is one
+/// address however it is spelled; an IPv6 peer is its /64, which one host usually holds
+/// whole (counting single addresses would give it 2^64 shares of the cap).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
+    }
+}
+
+fn source_name(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V6(v6) => format!("{v6}/64"),
+        v4 => v4.to_string(),
+    }
 }
 
 /// A connection's place under the caps, given back when dropped.
@@ -291,8 +308,7 @@ impl Limits {
     }
 
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Refused> {
-        // An IPv4 peer on a dual-stack socket is one address, however it is spelled.
-        let ip = ip.to_canonical();
+        let ip = source(ip);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if open.total >= self.max {
             return Err(Refused::Global(open.total));
@@ -444,5 +460,27 @@ mod tests {
         // The mapped IPv6 spelling is the same peer as plain IPv4.
         let _b2 = limits.admit("10.0.0.2".parse().unwrap()).unwrap();
         assert!(limits.admit(b).is_err());
+    }
+
+    #[test]
+    fn an_ipv6_peer_counts_as_its_slash_64() {
+        let limits = Arc::new(Limits {
+            max: 10,
+            per_ip: 2,
+            open: Mutex::new(Open::default()),
+        });
+        let _a = limits.admit("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        let _b = limits
+            .admit("2001:db8:1:2:ffff::9".parse().unwrap())
+            .unwrap();
+        let Err(err) = limits.admit("2001:db8:1:2:dead:beef:0:1".parse().unwrap()) else {
+            panic!("a third connection from the same /64 is refused");
+        };
+        assert_eq!(
+            err.to_string(),
+            "2 connections open from 2001:db8:1:2::/64 (mcp.max_connections_per_ip)"
+        );
+        // The next /64 is another source.
+        let _c = limits.admit("2001:db8:1:3::1".parse().unwrap()).unwrap();
     }
 }

@@ -416,6 +416,28 @@ async fn absolute_form_targets_must_agree_with_host_and_pass_the_host_rules() {
     .await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     assert_eq!(gw.gateway().sessions.len(), 2);
+
+    // The scheme's default port is the same authority written either way.
+    for (target, host) in [
+        ("http://127.0.0.1/mcp", "127.0.0.1:80"),
+        ("http://LOCALHOST:80/mcp", "localhost"),
+    ] {
+        let r = raw_exchange(
+            gw.addr,
+            &format!("POST {target} HTTP/1.1\r\nhost: {host}\r\n{headers}"),
+            INIT,
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{target} / {host}: {r}");
+    }
+    // Another port is another authority.
+    let r = raw_exchange(
+        gw.addr,
+        &format!("POST http://127.0.0.1/mcp HTTP/1.1\r\nhost: 127.0.0.1:8080\r\n{headers}"),
+        INIT,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     still_healthy(&healthy).await;
     gw.stop().await;
 }

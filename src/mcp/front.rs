@@ -212,8 +212,20 @@ pub fn request_authority<B>(req: &Request<B>) -> Result<Option<&str>, FrontError
         return Err(FrontError::DuplicateHost(hosts));
     }
     let host = req.headers().get(HOST).map(|h| h.to_str().unwrap_or(""));
+    // `http://h/` and `Host: h:80` name the same authority (RFC 9110 §4.2.3).
+    let default_port = match req.uri().scheme_str() {
+        Some(s) if s.eq_ignore_ascii_case("https") => ":443",
+        _ => ":80",
+    };
+    let normal = |a: &str| -> String {
+        let a = a.to_ascii_lowercase();
+        match a.strip_suffix(default_port) {
+            Some(bare) => bare.to_owned(),
+            None => a,
+        }
+    };
     match (req.uri().authority(), host) {
-        (Some(target), Some(host)) if !target.as_str().eq_ignore_ascii_case(host) => {
+        (Some(target), Some(host)) if normal(target.as_str()) != normal(host) => {
             Err(FrontError::AuthorityMismatch {
                 target: target.as_str().to_owned(),
                 host: host.to_owned(),
