@@ -87,6 +87,10 @@ pub struct RawOrchestrator {
     /// Deadline of one call.
     #[serde(default, with = "humantime_serde")]
     pub call_timeout: Option<Duration>,
+    /// Processes one server may run for single sessions (`sharing: per-session`, and
+    /// unauthenticated sessions under `per-principal`).
+    #[serde(default)]
+    pub max_private_processes: Option<usize>,
 }
 
 /// Raw admin API settings.
@@ -291,6 +295,8 @@ pub struct OrchestratorSettings {
     pub connect_timeout: Duration,
     /// Call deadline.
     pub call_timeout: Duration,
+    /// Per-server cap on processes started for single sessions.
+    pub max_private_processes: usize,
 }
 
 impl OrchestratorSettings {
@@ -624,6 +630,11 @@ impl RawConfig {
                 "orchestrator.call_timeout",
                 self.orchestrator.call_timeout,
                 Duration::from_secs(60),
+            )?,
+            max_private_processes: at_least_one(
+                "orchestrator.max_private_processes",
+                self.orchestrator.max_private_processes,
+                64,
             )?,
         };
         let mut servers = Vec::with_capacity(self.servers.len());

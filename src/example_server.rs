@@ -230,7 +230,7 @@ async fn handle(
             };
             Ok(json!({
                 "protocolVersion": version,
-                "capabilities": {"tools": {}, "prompts": {}, "resources": {}, "logging": {}},
+                "capabilities": {"tools": {"listChanged": true}, "prompts": {}, "resources": {}, "logging": {}},
                 "serverInfo": {"name": "gatehouse-example", "version": env!("CARGO_PKG_VERSION")},
                 "instructions": "Example server shipped with Gatehouse: try the echo and add tools."
             }))
@@ -330,9 +330,22 @@ fn tools(test_tools: bool) -> Vec<Value> {
             json!({"name": "fail", "description": "Answers a JSON-RPC error carrying its text",
                       "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}}}),
         );
+        t.push(
+            json!({"name": "toggle", "description": "Adds (on) or removes the tool `extra`; announces it if `notify`",
+                      "inputSchema": {"type": "object", "properties": {"on": {"type": "boolean"}, "notify": {"type": "boolean"}}}}),
+        );
+        if EXTRA.load(std::sync::atomic::Ordering::Relaxed) {
+            t.push(
+                json!({"name": "extra", "description": "Present while toggled on",
+                          "inputSchema": {"type": "object"}}),
+            );
+        }
     }
     t
 }
+
+/// Whether the test tool `extra` is listed (see the `toggle` tool).
+static EXTRA: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn text(s: impl Into<String>) -> Value {
     json!({"content": [{"type": "text", "text": s.into()}]})
@@ -423,6 +436,16 @@ async fn call_tool(
                              "params":{"level":"info","logger":"example","data":said}}))
                 .await;
             Ok(text("logged"))
+        }
+        "toggle" if opts.test_tools => {
+            let on = args.get("on").and_then(Value::as_bool).unwrap_or(false);
+            EXTRA.store(on, std::sync::atomic::Ordering::Relaxed);
+            if args.get("notify").and_then(Value::as_bool).unwrap_or(false) {
+                let _ = out
+                    .send(json!({"jsonrpc":"2.0","method":"notifications/tools/list_changed"}))
+                    .await;
+            }
+            Ok(text(if on { "on" } else { "off" }))
         }
         "fail" if opts.test_tools => Err((
             -32000,

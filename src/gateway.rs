@@ -107,7 +107,15 @@ impl Gateway {
                 let orchestrated = match (&u.transport, &self.orchestrator) {
                     (Transport::Orchestrated, Some(runtime)) => Some(Orchestrated {
                         runtime: runtime.clone(),
-                        shared: self.shared.entry(u.name.clone()).or_default().clone(),
+                        shared: self
+                            .shared
+                            .entry(u.name.clone())
+                            .or_insert_with(|| {
+                                Arc::new(SharedServer::new(
+                                    self.config.orchestrator.max_private_processes,
+                                ))
+                            })
+                            .clone(),
                     }),
                     _ => None,
                 };

@@ -455,3 +455,47 @@ async fn server_discover_is_refused_fast_so_clients_fall_back() {
     assert_eq!(r.error_code(), -32601);
     assert!(gw.gateway().sessions.is_empty());
 }
+
+/// A list whose changes the upstream promises to announce (`listChanged`) is served from the
+/// gateway's cache until the upstream announces a change; then it is fetched again.
+#[tokio::test]
+async fn announced_lists_are_cached_until_the_upstream_says_they_changed() {
+    let gw = TestGateway::start(
+        "",
+        &[
+            example("a", &["--test-tools"], ""),
+            example("b", &["--page-size", "2"], ""),
+        ],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let list = |id| {
+        let c = &c;
+        async move { names(&c.call(id, "tools/list", json!({})).await, "tools") }
+    };
+    assert!(!list(1).await.contains(&"a__extra".to_owned()));
+    // The upstream changes its list without saying so: the cached page is still served.
+    let r = c
+        .call(
+            2,
+            "tools/call",
+            json!({"name": "a__toggle", "arguments": {"on": true}}),
+        )
+        .await;
+    assert_eq!(r["result"]["content"][0]["text"], "on", "{r}");
+    assert!(!list(3).await.contains(&"a__extra".to_owned()));
+    // Now it announces the change: the next list asks it again.
+    let r = c
+        .call(
+            4,
+            "tools/call",
+            json!({"name": "a__toggle", "arguments": {"on": true, "notify": true}}),
+        )
+        .await;
+    assert_eq!(r["result"]["content"][0]["text"], "on", "{r}");
+    let after = list(5).await;
+    assert!(after.contains(&"a__extra".to_owned()), "{after:?}");
+    // Pages after the first always go upstream, and b's pages still merge in.
+    assert!(after.iter().any(|n| n.starts_with("b__")), "{after:?}");
+}

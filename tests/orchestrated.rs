@@ -572,3 +572,68 @@ fn sharing_is_refused_where_it_cannot_apply() {
     let err = gatehouse::Config::from_yaml(yaml).unwrap_err().to_string();
     assert!(err.contains("per-everyone"), "{err}");
 }
+
+/// Unauthenticated sessions have no principal to share with: under `per-principal` each gets
+/// its own process, and `orchestrator.max_private_processes` bounds how many run at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_sessions_get_their_own_processes_up_to_the_cap() {
+    let servers = example_server("pp") + "    sharing: per-principal\n";
+    let yaml = format!(
+        "listen: 127.0.0.1:0\norchestrator: {{connect_timeout: 20s, call_timeout: 20s, max_private_processes: 1}}\nservers:\n{servers}"
+    );
+    let config = gatehouse::Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let running = gatehouse::start_with(config, Some(local()))
+        .await
+        .expect("gateway starts");
+    let gw = TestGateway {
+        addr: running.listening.local_addr,
+        running: Some(running),
+    };
+    let mut first = gw.client();
+    first.initialize(json!({})).await;
+    let pid = first.tool_text(2, "whoami", json!({})).await;
+    assert_eq!(pid, "pp");
+    let mut second = gw.client();
+    second.initialize(json!({})).await;
+    let r = second
+        .call(3, "tools/call", json!({"name": "pid", "arguments": {}}))
+        .await;
+    assert_eq!(r["error"]["code"], -32010, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("orchestrator.max_private_processes"),
+        "{r}"
+    );
+    // The first session still works; once it leaves, its slot is the second's.
+    let mine = first.tool_text(4, "pid", json!({})).await;
+    let r = first
+        .send(
+            first
+                .request("DELETE", "")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // The slot frees once the first session's process has stopped.
+    let mut theirs = None;
+    for id in 5..500 {
+        let r = second
+            .call(id, "tools/call", json!({"name": "pid", "arguments": {}}))
+            .await;
+        if let Some(t) = r["result"]["content"][0]["text"].as_str() {
+            theirs = Some(t.to_owned());
+            break;
+        }
+        assert_eq!(r["error"]["code"], -32010, "{r}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let theirs = theirs.expect("the second session gets the freed slot");
+    assert_ne!(
+        mine, theirs,
+        "a process of its own, not the first session's"
+    );
+    gw.stop().await;
+}

@@ -293,6 +293,13 @@ impl Session {
         if matches!(msg.kind, Kind::Response { .. }) {
             return;
         }
+        // Before any policy: a withheld announcement must still invalidate the cache.
+        if let Kind::Notification { method, .. } = &msg.kind
+            && method.ends_with("/list_changed")
+            && let Some(link) = self.links.get(index)
+        {
+            link.list_changed(method);
+        }
         if self.policy.as_ref().is_some_and(|p| p.active()) {
             let queue = self.policy_queue.get_or_init(|| self.spawn_policy_task());
             if queue.try_send((index, route, msg)).is_err() {

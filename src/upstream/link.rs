@@ -30,9 +30,49 @@ pub struct Link {
     pub(crate) generation: AtomicU64,
     listen: AtomicBool,
     /// Membership in a shared connection's audience, once joined.
-    shared: Mutex<Option<shared::Membership>>,
+    shared: Mutex<Option<(shared::Membership, Arc<shared::Shared>)>>,
     /// Set by [`Link::close`]: the link never connects again.
     closed: AtomicBool,
+    /// First pages of the lists whose changes the upstream promises to announce.
+    lists: Mutex<ListCache>,
+    /// Held while the link's own process of an orchestrated server runs.
+    private_slot: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+/// First pages of list methods, valid for one upstream session (link generation) until the
+/// upstream announces a change (`notifications/*/list_changed`).
+#[derive(Default)]
+struct ListCache {
+    /// Bumped by every change announcement: a fetch that began before one is not kept.
+    epoch: u64,
+    pages: Vec<(&'static str, u64, Bytes)>,
+}
+
+/// The list methods a `listChanged` capability covers: (method, capability).
+const CACHED_LISTS: [(&str, &str); 4] = [
+    ("tools/list", "tools"),
+    ("prompts/list", "prompts"),
+    ("resources/list", "resources"),
+    ("resources/templates/list", "resources"),
+];
+
+/// Whether an `initialize` result promises `listChanged` for `capability`.
+fn announces_changes(init_result: &[u8], capability: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Init<'a> {
+        #[serde(borrow, default)]
+        capabilities: std::collections::HashMap<&'a str, &'a serde_json::value::RawValue>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Cap {
+        #[serde(default, rename = "listChanged")]
+        list_changed: bool,
+    }
+    serde_json::from_slice::<Init<'_>>(init_result)
+        .ok()
+        .and_then(|i| i.capabilities.get(capability).copied())
+        .and_then(|c| serde_json::from_str::<Cap>(c.get()).ok())
+        .is_some_and(|c| c.list_changed)
 }
 
 impl Link {
@@ -58,7 +98,57 @@ impl Link {
             listen: AtomicBool::new(false),
             shared: Mutex::new(None),
             closed: AtomicBool::new(false),
+            lists: Mutex::new(ListCache::default()),
+            private_slot: Mutex::new(None),
         }
+    }
+
+    /// The first page of a list (no cursor): from the cache while the upstream session that
+    /// gave it promised to announce changes and has not, else fetched (and kept if it may be).
+    pub async fn first_page(&self, method: &'static str) -> Result<Outcome, UpstreamError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let epoch = {
+            let cache = self.lists.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, _, page)) = cache
+                .pages
+                .iter()
+                .find(|(m, g, _)| *m == method && *g == generation)
+            {
+                return Ok(Outcome::Result(page.clone()));
+            }
+            cache.epoch
+        };
+        let outcome = self.call(method, None, CallOpts::default()).await?;
+        let capability = CACHED_LISTS.iter().find(|(m, _)| *m == method).map(|c| c.1);
+        if let Outcome::Result(page) = &outcome
+            && let Some(capability) = capability
+            && self.generation.load(Ordering::Acquire) == generation
+            && self
+                .init_result()
+                .is_some_and(|init| announces_changes(&init, capability))
+        {
+            let mut cache = self.lists.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.epoch == epoch {
+                cache.pages.retain(|(m, _, _)| *m != method);
+                cache.pages.push((method, generation, page.clone()));
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Forgets cached lists after `notifications/<kind>/list_changed` from the upstream.
+    pub fn list_changed(&self, notification: &str) {
+        let Some(kind) = notification
+            .strip_prefix("notifications/")
+            .and_then(|n| n.strip_suffix("/list_changed"))
+        else {
+            return;
+        };
+        let mut cache = self.lists.lock().unwrap_or_else(|e| e.into_inner());
+        cache.epoch += 1;
+        cache
+            .pages
+            .retain(|(m, _, _)| CACHED_LISTS.iter().all(|(cm, cap)| cm != m || *cap != kind));
     }
 
     /// The upstream this link reaches.
@@ -88,6 +178,26 @@ impl Link {
 
     /// The live connection, connecting and initializing first if needed.
     pub async fn connection(&self) -> Result<Arc<Connection>, UpstreamError> {
+        if let Some(o) = &self.server.orchestrated
+            && o.shared.is_closed()
+        {
+            // The server was removed: a process of this link's own stops now.
+            let own = self
+                .current
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(c) = own.filter(|_| !self.is_shared()) {
+                c.shutdown().await;
+            }
+            drop(
+                self.private_slot
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take(),
+            );
+            return Err(self.server.unavailable("the server was removed"));
+        }
         if let Some(c) = self.live() {
             return Ok(c);
         }
@@ -148,11 +258,29 @@ impl Link {
                             self.deliver.clone(),
                         ))
                     }
+                    // An unauthenticated session has no principal to share with: its own.
                     orchestrated::Ready::Stdio(endpoint)
-                        if endpoint.sharing() == Sharing::PerSession =>
+                        if endpoint.sharing() == Sharing::PerSession
+                            || (endpoint.sharing() == Sharing::PerPrincipal
+                                && self.principal.is_none()) =>
                     {
                         // A process of this session's own, initialized below with the
                         // client's own capabilities like any stdio upstream.
+                        // The last process of this link is gone (or there was none): its
+                        // slot is free before a new one is taken.
+                        drop(
+                            self.private_slot
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .take(),
+                        );
+                        let slot = o.shared.private_slot().ok_or_else(|| {
+                            server.unavailable(format!(
+                                "the server already runs {} processes for single sessions (orchestrator.max_private_processes)",
+                                o.shared.max_private()
+                            ))
+                        })?;
+                        *self.private_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(slot);
                         let stream = endpoint
                             .open_private()
                             .await
@@ -167,14 +295,25 @@ impl Link {
                     }
                     orchestrated::Ready::Stdio(endpoint) => {
                         let sharing = endpoint.sharing();
-                        let shared = o.shared.of(sharing, self.principal.as_ref());
+                        // Joined before connecting, and for the link's life: the shared
+                        // session it joined cannot be released under it.
+                        let shared = {
+                            let mut joined = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                            match &*joined {
+                                Some((_, shared)) => shared.clone(),
+                                None => {
+                                    let (membership, shared) = o.shared.join(
+                                        sharing,
+                                        self.principal.as_ref(),
+                                        self.deliver.clone(),
+                                    );
+                                    *joined = Some((membership, shared.clone()));
+                                    shared
+                                }
+                            }
+                        };
                         let private = sharing == Sharing::PerPrincipal;
                         let (conn, result) = shared.connect(server, &endpoint, private).await?;
-                        let mut membership = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-                        if membership.is_none() {
-                            *membership = Some(shared.join(self.deliver.clone()));
-                        }
-                        drop(membership);
                         *self.init_result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
                         return Ok(conn);
                     }
@@ -214,7 +353,7 @@ impl Link {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .as_ref()
-                        .map(|m| m.subscribe(&uri, on));
+                        .map(|(m, _)| m.subscribe(&uri, on));
                     if forward != Some(shared::Subscription::Forward) {
                         return Ok(Outcome::Result(Bytes::from_static(b"{}")));
                     }
@@ -315,5 +454,30 @@ impl Link {
         if let Some(c) = conn {
             c.shutdown().await;
         }
+        drop(
+            self.private_slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::announces_changes;
+
+    #[test]
+    fn only_a_declared_list_changed_allows_caching() {
+        let init = br#"{"capabilities":{"tools":{"listChanged":true},"prompts":{},"resources":{"listChanged":false,"subscribe":true}}}"#;
+        assert!(announces_changes(init, "tools"));
+        assert!(!announces_changes(init, "prompts"));
+        assert!(!announces_changes(init, "resources"));
+        assert!(!announces_changes(init, "logging"));
+        assert!(!announces_changes(
+            br#"{"capabilities":{"tools":{"listChanged":"yes"}}}"#,
+            "tools"
+        ));
+        assert!(!announces_changes(b"not json", "tools"));
     }
 }

@@ -208,30 +208,71 @@ impl Shared {
 
 /// The shared sessions of one orchestrated stdio server: one for every session (`shared`), or
 /// one per principal (`per-principal`), so that principals never share a process.
-#[derive(Default)]
 pub struct SharedServer {
     everyone: Arc<Shared>,
-    /// By principal (the empty name for unauthenticated sessions).
+    /// By principal (an unauthenticated session gets a process of its own instead).
     by_principal: DashMap<Arc<str>, Arc<Shared>>,
+    /// Processes for single sessions still allowed (`orchestrator.max_private_processes`).
+    private: Arc<tokio::sync::Semaphore>,
+    max_private: usize,
+    /// Set when the server is removed: single-session processes stop at their next use.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl SharedServer {
-    /// The shared session a session of `principal` uses under `sharing`.
-    pub fn of(&self, sharing: Sharing, principal: Option<&Arc<str>>) -> Arc<Shared> {
-        match sharing {
-            Sharing::PerPrincipal => self
-                .by_principal
-                .entry(principal.cloned().unwrap_or_else(|| Arc::from("")))
-                .or_default()
-                .clone(),
-            Sharing::Shared | Sharing::PerSession => self.everyone.clone(),
+    /// A server allowing `max_private` processes for single sessions.
+    pub fn new(max_private: usize) -> Self {
+        SharedServer {
+            everyone: Arc::default(),
+            by_principal: DashMap::new(),
+            private: Arc::new(tokio::sync::Semaphore::new(max_private)),
+            max_private,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the server was removed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// The cap on processes for single sessions.
+    pub fn max_private(&self) -> usize {
+        self.max_private
+    }
+
+    /// A slot for one more single-session process, if the cap allows.
+    pub fn private_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.private.clone().try_acquire_owned().ok()
+    }
+
+    /// Joins the shared session a session of `principal` uses under `sharing`. With
+    /// `per-principal`, joining happens under the map's entry lock, so [`Self::release`]
+    /// never removes a session someone is joining.
+    pub fn join(
+        &self,
+        sharing: Sharing,
+        principal: Option<&Arc<str>>,
+        deliver: Deliver,
+    ) -> (Membership, Arc<Shared>) {
+        match (sharing, principal) {
+            (Sharing::PerPrincipal, Some(principal)) => {
+                let entry = self.by_principal.entry(principal.clone()).or_default();
+                (entry.join(deliver), entry.clone())
+            }
+            _ => (self.everyone.join(deliver), self.everyone.clone()),
         }
     }
 
     /// Stops `principal`'s process once no session of theirs uses it.
     pub async fn release(&self, principal: Option<&Arc<str>>) {
-        let key: Arc<str> = principal.cloned().unwrap_or_else(|| Arc::from(""));
-        if let Some((_, shared)) = self.by_principal.remove_if(&key, |_, s| s.members() == 0) {
+        let Some(principal) = principal else {
+            return;
+        };
+        if let Some((_, shared)) = self
+            .by_principal
+            .remove_if(principal, |_, s| s.members() == 0)
+        {
             shared.close().await;
         }
     }
@@ -243,6 +284,7 @@ impl SharedServer {
 
     /// Closes every shared session (the server was removed, or the gateway stops).
     pub async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
         self.everyone.close().await;
         let all: Vec<Arc<Shared>> = self
             .by_principal

@@ -90,13 +90,14 @@ pub(super) async fn list(
                 return Ok(None);
             }
             let started = Instant::now();
-            let r = session.links()[i]
-                .call(
-                    kind.method,
-                    p.as_deref().map(str::as_bytes),
-                    CallOpts::default(),
-                )
-                .await;
+            let link = &session.links()[i];
+            let r = match &p {
+                None => link.first_page(kind.method).await,
+                Some(p) => {
+                    link.call(kind.method, Some(p.as_bytes()), CallOpts::default())
+                        .await
+                }
+            };
             let outcome = match &r {
                 Ok(Outcome::Result(_)) => "ok",
                 Ok(Outcome::Error(_)) => "error",

@@ -41,6 +41,8 @@ struct Attached<R> {
     reader: R,
     /// Resolves when the attachment is over: the websocket ended or the pod is gone.
     over: BoxFuture<'static, ()>,
+    /// `over` resolved (it must not be polled again).
+    ended: bool,
     _process: AttachedProcess,
 }
 
@@ -51,9 +53,14 @@ impl<R: AsyncRead + Unpin> AsyncRead for Attached<R> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         match Pin::new(&mut self.reader).poll_read(cx, buf) {
+            // Once over, EOF on every later read (the reader may stay pending forever).
+            Poll::Pending if self.ended => Poll::Ready(Ok(())),
             Poll::Pending => match self.over.poll_unpin(cx) {
                 // Nothing buffered is lost: the reader had nothing left to give.
-                Poll::Ready(()) => Poll::Ready(Ok(())),
+                Poll::Ready(()) => {
+                    self.ended = true;
+                    Poll::Ready(Ok(()))
+                }
                 Poll::Pending => Poll::Pending,
             },
             ready => ready,
@@ -140,6 +147,7 @@ impl StdioConnector for KubeAttach {
                 reader: Box::pin(Attached {
                     reader,
                     over,
+                    ended: false,
                     _process: process,
                 }),
                 writer: Box::pin(writer),

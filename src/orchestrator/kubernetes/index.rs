@@ -106,11 +106,22 @@ impl<K: Resource> Index<K> {
             .take()
             .unwrap_or_default();
         let mut touched: BTreeSet<String> = self.servers().into_iter().collect();
-        self.by_server.clear();
+        let mut fresh: BTreeMap<String, BTreeMap<String, Arc<K>>> = BTreeMap::new();
         for obj in items {
-            if let Some((server, _)) = self.upsert(obj) {
-                touched.insert(server);
+            if let Some(server) = server_of(&obj) {
+                fresh
+                    .entry(server)
+                    .or_default()
+                    .insert(obj.name_any(), Arc::new(obj));
             }
+        }
+        // Server by server, never cleared as a whole: a reader between two steps sees each
+        // server's objects either as before or as relisted, never none of them.
+        self.by_server
+            .retain(|server, _| fresh.contains_key(server));
+        for (server, objs) in fresh {
+            touched.insert(server.clone());
+            self.by_server.insert(server, objs);
         }
         touched
     }

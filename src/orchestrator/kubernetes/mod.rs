@@ -372,6 +372,8 @@ pub(crate) struct Inner {
     /// The pod each server's status was read from: a status read from a pod that is no
     /// longer the current one (the watch saw it go before the status was refreshed) is stale.
     status_pods: DashMap<String, String>,
+    /// Serializes status refreshes (see `refresh_status`).
+    refreshing: std::sync::Mutex<()>,
     /// Pods deleted by the last restart of each server: until the watch has caught up, the
     /// status still describes them, and must not be taken for the new pod's.
     restarted: DashMap<String, Vec<String>>,
@@ -437,6 +439,7 @@ impl KubeRuntime {
             services: Index::default(),
             statuses: DashMap::new(),
             status_pods: DashMap::new(),
+            refreshing: std::sync::Mutex::new(()),
             restarted: DashMap::new(),
             written: DashMap::new(),
             status_changed: watch::Sender::new(0),
@@ -740,18 +743,25 @@ impl Inner {
 
     /// Recomputes a server's status from its pod; returns whether it changed.
     fn refresh_status(&self, name: &str, error: Option<&OrchestratorError>) -> bool {
-        let next = match self.desired.get(name).as_deref() {
+        // One refresh at a time: the status and the pod it was read from are written as a
+        // pair, and a refresh computed from an older view never lands after a newer one.
+        let _one = self.refreshing.lock().unwrap_or_else(|e| e.into_inner());
+        let desired = self.desired.get(name).map(|d| match &*d {
+            Desired::Invalid { message } => Err(message.clone()),
+            Desired::Valid { .. } => Ok(()),
+        });
+        let next = match desired {
             None => {
                 self.status_pods.remove(name);
                 None
             }
-            Some(Desired::Invalid { message }) => Some(
+            Some(Err(message)) => Some(
                 ServerStatus::new(Phase::Failed {
                     reason: FailureReason::InvalidDefinition,
                 })
-                .with_message(message.clone()),
+                .with_message(message),
             ),
-            Some(Desired::Valid { .. }) => {
+            Some(Ok(())) => {
                 let pods = self.serving_pods(name);
                 let observed = status::observe(status::current_pod(pods.iter().map(|p| &**p)));
                 match &observed.pod {
@@ -895,6 +905,11 @@ impl Inner {
     /// create pods can copy our labels; such a pod is never attached to, reached, or
     /// taken for the server's status.
     fn own_pods(&self, name: &str) -> Vec<Arc<Pod>> {
+        self.pods_of(name, |_| true)
+    }
+
+    /// The server's own pods whose ReplicaSet passes `keep`.
+    fn pods_of(&self, name: &str, keep: impl Fn(&ReplicaSet) -> bool) -> Vec<Arc<Pod>> {
         let Some(deployment_uid) = self
             .deployments
             .get(name, &object_name(name))
@@ -908,6 +923,7 @@ impl Inner {
             .iter()
             .filter(|rs| {
                 controller_uid(&rs.metadata, "apps/v1", "Deployment") == Some(&deployment_uid)
+                    && keep(rs)
             })
             .filter_map(|rs| rs.metadata.uid.clone())
             .collect();
@@ -921,28 +937,34 @@ impl Inner {
             .collect()
     }
 
-    /// The server's own pods that run its current definition (image, command, args). While
-    /// the reconcile loop replaces a pod of a drifted or outdated template, that pod's state
-    /// (say, a crash of someone else's image) is not the server's.
+    /// The server's own pods made from its current definition (image, command, args of the
+    /// ReplicaSet's template: admission webhooks may rewrite a pod's image, say to a digest,
+    /// but not the template). While the reconcile loop replaces the pods of a drifted or
+    /// outdated template, their state (say, a crash of someone else's image) is not the server's.
     fn serving_pods(&self, name: &str) -> Vec<Arc<Pod>> {
-        let mut pods = self.own_pods(name);
-        if let Some(desired) = self.desired.get(name)
-            && let Desired::Valid { server, .. } = &*desired
-        {
-            let spec = &server.spec;
-            let command = spec.command.as_ref().map(|c| vec![c.clone()]);
-            pods.retain(|p| {
-                p.spec
-                    .as_ref()
-                    .and_then(|s| s.containers.iter().find(|c| c.name == objects::CONTAINER))
-                    .is_some_and(|c| {
-                        c.image == spec.image
-                            && c.command == command
-                            && c.args.as_deref().unwrap_or_default() == spec.args.as_slice()
-                    })
-            });
-        }
-        pods
+        let desired = self.desired.get(name).and_then(|d| match &*d {
+            Desired::Valid { server, .. } => Some((
+                server.spec.image.clone(),
+                server.spec.command.as_ref().map(|c| vec![c.clone()]),
+                server.spec.args.clone(),
+            )),
+            Desired::Invalid { .. } => None,
+        });
+        self.pods_of(name, |rs| {
+            let Some((image, command, args)) = &desired else {
+                return true;
+            };
+            rs.spec
+                .as_ref()
+                .and_then(|s| s.template.as_ref())
+                .and_then(|t| t.spec.as_ref())
+                .and_then(|s| s.containers.iter().find(|c| c.name == objects::CONTAINER))
+                .is_some_and(|c| {
+                    c.image == *image
+                        && c.command == *command
+                        && c.args.as_deref().unwrap_or_default() == args.as_slice()
+                })
+        })
     }
 
     async fn wait_ready(&self, name: &str, timeout: Duration) -> Result<String> {
