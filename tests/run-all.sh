@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: installs the test tools into target/tools,
 # builds the Wasm plugins, then lints, unit and integration tests (cargo), the MCP conformance
-# suite through the gateway, and the end-to-end suite with the official Python SDK against the
-# reference servers.
+# suite through the gateway, the end-to-end suite with the official Python SDK against the
+# reference servers, and a short fuzz run of the parsers.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -44,6 +44,10 @@ step "end-to-end with the official Python SDK and reference servers"
 "$GATEHOUSE_PYTHON" -m pytest tests/e2e -q -p no:cacheprovider 2>&1 | tee "$logs/e2e.txt"
 e2e_passed=$(grep -Eo '[0-9]+ passed' "$logs/e2e.txt" | tail -1 | awk '{print $1}')
 
-total=$((cargo_passed + ${deploy_passed:-0} + conf_passed + ${e2e_passed:-0}))
-printf '\ncargo: %s passed; deploy: %s; conformance: %s checks passed; e2e: %s passed\n' "$cargo_passed" "${deploy_passed:-0}" "$conf_passed" "${e2e_passed:-0}"
+step "fuzz the parsers briefly (cargo-fuzz, 5 s per target)"
+FUZZ_SECONDS=5 bash tests/fuzz.sh 2>&1 | tee "$logs/fuzz.txt"
+fuzz_passed=$(grep -Eo '^fuzz: [a-z_]+: [0-9]+ executions' "$logs/fuzz.txt" | wc -l)
+
+total=$((cargo_passed + ${deploy_passed:-0} + conf_passed + ${e2e_passed:-0} + fuzz_passed))
+printf '\ncargo: %s passed; deploy: %s; conformance: %s checks passed; e2e: %s passed; fuzz: %s targets without a crash\n' "$cargo_passed" "${deploy_passed:-0}" "$conf_passed" "${e2e_passed:-0}" "$fuzz_passed"
 echo "all: $total passed, 0 failed"
