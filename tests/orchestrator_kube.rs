@@ -566,10 +566,14 @@ async fn only_the_lease_holder_reconciles() {
     assert_eq!(lease_obj["spec"]["leaseTransitions"], 1);
     fake.delete(Kind::Deployment, NS, "mcp-shared");
     // Counted once the apply's answer is back, which can be after the object is visible.
-    eventually("recreated by the new leader", Duration::from_secs(5), || {
-        fake.get(Kind::Deployment, NS, "mcp-shared")
-            .filter(|_| follower.stats().applies >= 1)
-    })
+    eventually(
+        "recreated by the new leader",
+        Duration::from_secs(5),
+        || {
+            fake.get(Kind::Deployment, NS, "mcp-shared")
+                .filter(|_| follower.stats().applies >= 1)
+        },
+    )
     .await;
     // Lease writes always carry the resourceVersion they read (conflicts → 409).
     for r in fake

@@ -46,7 +46,7 @@ async fn tool_policy_blocks_on_arguments_and_names_itself() {
         )
         .await;
     let (code, msg) = err(&r);
-    assert_eq!(code, -32020);
+    assert_eq!(code, -32030);
     assert!(
         msg.contains("policy") && msg.contains("no secrets"),
         "{msg}"
@@ -59,7 +59,7 @@ async fn tool_policy_blocks_on_arguments_and_names_itself() {
             json!({"name":"b__echo","arguments":{"text":"secret too"}}),
         )
         .await;
-    assert_eq!(err(&r).0, -32020);
+    assert_eq!(err(&r).0, -32030);
     assert_eq!(
         c.tool_text(3, "a__echo", json!({"text":"hello"})).await,
         "hello"
@@ -112,7 +112,7 @@ async fn list_filter_hides_tools_and_denies_calling_them() {
         )
         .await;
     let (code, msg) = err(&r);
-    assert_eq!(code, -32020);
+    assert_eq!(code, -32030);
     assert!(msg.contains("lists"), "{msg}");
 }
 
@@ -132,7 +132,7 @@ async fn trusted_data_blocks_sensitive_tools_after_untrusted_results() {
             json!({"name":"b__add","arguments":{"a":1,"b":2}}),
         )
         .await;
-    assert_eq!(err(&r).0, -32020, "the session is tainted: {r}");
+    assert_eq!(err(&r).0, -32030, "the session is tainted: {r}");
     // Another session is not tainted.
     let mut other = gw.client();
     other.initialize(json!({})).await;
@@ -187,7 +187,7 @@ async fn a_trapping_plugin_fails_only_its_calls() {
             .call(i, "tools/call", json!({"name":"a__whoami","arguments":{}}))
             .await;
         let (code, msg) = err(&r);
-        assert_eq!(code, -32021, "{msg}");
+        assert_eq!(code, -32031, "{msg}");
         assert!(msg.contains("trap"), "{msg}");
         assert_eq!(
             c.tool_text(10 + i, "a__echo", json!({"text":"ok"})).await,

@@ -978,7 +978,7 @@ fn plugin_check_reports_the_decision() {
     assert!(
         report
             .trim_end()
-            .ends_with("on-request (tools/call shell): deny (code -32020): no shell"),
+            .ends_with("on-request (tools/call shell): deny (code -32030): no shell"),
         "{report}"
     );
 

@@ -66,7 +66,7 @@ async fn a_spinning_plugin_does_not_delay_other_sessions() {
                     )
                     .await;
                 // Every spinning call ends at its deadline, denied as a plugin failure.
-                assert_eq!(r["error"]["code"], json!(-32021), "{r}");
+                assert_eq!(r["error"]["code"], json!(-32031), "{r}");
                 assert!(
                     r["error"]["message"].as_str().unwrap().contains("deadline"),
                     "{r}"

@@ -73,7 +73,7 @@ fn hide(kinds: &str, names: &str) -> String {
 }
 
 fn denied(r: &Value) -> String {
-    assert_eq!(r["error"]["code"], -32020, "{r}");
+    assert_eq!(r["error"]["code"], -32030, "{r}");
     r["error"]["message"].as_str().unwrap().to_owned()
 }
 

@@ -88,10 +88,12 @@ pub fn compile_cache_stats() -> (usize, usize) {
     engine::cache_stats()
 }
 
-/// JSON-RPC error code of a policy denial (unless the plugin chose one).
-pub const POLICY_DENIED: i64 = -32020;
-/// JSON-RPC error code of a request denied because a plugin failed.
-pub const PLUGIN_FAILED: i64 = -32021;
+/// JSON-RPC error code of a policy denial (unless the plugin chose one). In the
+/// implementation-defined range, clear of the codes MCP revisions define (-32002, -32020
+/// to -32022, -32042); it was -32020 until MCP 2026-07-28 gave that code to header mismatches.
+pub const POLICY_DENIED: i64 = -32030;
+/// JSON-RPC error code of a request denied because a plugin failed (was -32021).
+pub const PLUGIN_FAILED: i64 = -32031;
 
 /// The request a hook runs for.
 #[derive(Debug, Clone, Copy)]

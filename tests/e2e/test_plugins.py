@@ -16,7 +16,7 @@ from e2e_support import EV_HTTP, EXAMPLE, Gateway, HttpEverything, Tools, exampl
 pytestmark = pytest.mark.anyio
 
 REPO = Path(__file__).resolve().parents[2]
-POLICY_DENIED = -32020
+POLICY_DENIED = -32030
 RATE_LIMITED = -32029
 
 
