@@ -165,6 +165,16 @@ fn start_gateway(upstreams_yaml: &str) -> (Proc, String) {
 }
 
 fn start_gateway_with(top: &str, upstreams_yaml: &str) -> (Proc, String) {
+    start_gateway_wrapped(top, upstreams_yaml, &[], Duration::from_secs(10))
+}
+
+/// Starts a gateway, run by `wrapper` (say, valgrind) when it is not empty.
+fn start_gateway_wrapped(
+    top: &str,
+    upstreams_yaml: &str,
+    wrapper: &[String],
+    start_within: Duration,
+) -> (Proc, String) {
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("gatehouse-bench-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -174,14 +184,22 @@ fn start_gateway_with(top: &str, upstreams_yaml: &str) -> (Proc, String) {
         format!("listen: 127.0.0.1:{port}\nlog: {{ level: warn }}\nmcp: {{ max_sessions: 1000000 }}\n{top}upstreams:\n{upstreams_yaml}"),
     )
     .unwrap();
-    let child = Command::new(BIN)
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    let child = cmd
         .args(["serve", "--config"])
         .arg(&cfg)
         .stderr(Stdio::null())
         .spawn()
         .expect("gateway starts");
     let url = format!("http://127.0.0.1:{port}/mcp");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + start_within;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "gateway did not start");
         std::thread::sleep(Duration::from_millis(20));
@@ -258,6 +276,56 @@ impl Workload {
         };
         Bytes::from(v.to_string())
     }
+}
+
+/// Instructions the gateway executes per call, counted by callgrind (repeatable where
+/// wall-clock figures are not): a gateway under valgrind answers `short` then, started again,
+/// `long` sequential calls on one session; the difference over `long - short` calls cancels
+/// start-up, the handshake and shutdown. `None` when valgrind is not installed.
+async fn instructions_per_call(
+    upstreams_yaml: &str,
+    tool: &str,
+    w: Workload,
+    short: u64,
+    long: u64,
+) -> Option<f64> {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        eprintln!("valgrind not found: skipping instruction counts");
+        return None;
+    }
+    let mut totals = Vec::new();
+    for calls in [short, long] {
+        let out =
+            std::env::temp_dir().join(format!("gatehouse-callgrind-{}-{calls}.out", free_port()));
+        let wrapper = vec![
+            "valgrind".to_owned(),
+            "--tool=callgrind".to_owned(),
+            format!("--callgrind-out-file={}", out.display()),
+        ];
+        let (mut gw, url) =
+            start_gateway_wrapped("", upstreams_yaml, &wrapper, Duration::from_secs(120));
+        let http: Http = Client::builder(TokioExecutor::new()).build_http();
+        let sid = open_session(&http, &url).await;
+        let body = w.body(tool);
+        for _ in 0..calls {
+            post(&http, &url, Some(&sid), body.clone()).await;
+        }
+        // SIGTERM: the gateway shuts down and callgrind writes its counts.
+        let pid = nix::unistd::Pid::from_raw(gw.pid() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = gw.0.wait();
+        let text = std::fs::read_to_string(&out).ok()?;
+        let _ = std::fs::remove_file(&out);
+        let total: u64 = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("summary:")
+                    .or_else(|| l.strip_prefix("totals:"))
+            })
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+        totals.push(total);
+    }
+    Some((totals[1] as f64 - totals[0] as f64) / (long - short) as f64)
 }
 
 /// One configuration under test.
@@ -513,6 +581,33 @@ async fn main() {
             .map(|b| (b.rps, b.p50))
     };
 
+    eprintln!("counting instructions per call with callgrind…");
+    let mut counts = Vec::new();
+    for (name, yaml, tool, w) in [
+        (
+            "gateway→http",
+            http_upstream("ex"),
+            "echo",
+            Workload::CallSmall,
+        ),
+        (
+            "gateway→stdio",
+            stdio_upstream.clone(),
+            "echo",
+            Workload::CallSmall,
+        ),
+        (
+            "gateway→20 upstreams",
+            twenty.clone(),
+            "u0__echo",
+            Workload::List,
+        ),
+    ] {
+        if let Some(n) = instructions_per_call(&yaml, tool, w, 100, 600).await {
+            counts.push((name, w.name(), n));
+        }
+    }
+
     eprintln!("measuring memory with {} sessions…", a.sessions);
     drop((gw_http, gw_stdio, gw_20, with_plugins));
     let (gw_mem, gw_mem_url) = start_gateway(&http_upstream("ex"));
@@ -539,6 +634,12 @@ async fn main() {
             "ratio_to_direct": ratio, "p50_us": r.p50, "p99_us": r.p99, "p999_us": r.p999, "added_p50_us": added,
             "gateway_cpu_us_per_request": r.cpu_per_request_us}));
     }
+    if !counts.is_empty() {
+        md.push_str("\n| configuration | workload | gateway instructions per call (callgrind, 600 − 100 calls, 1 client) |\n|---|---|---:|\n");
+        for (name, workload, n) in &counts {
+            md.push_str(&format!("| {name} | {workload} | {:.0} |\n", n));
+        }
+    }
     md.push_str(&format!(
         "\nGateway memory: RSS idle {} KiB; with {} sessions open {} KiB; **{:.0} bytes per idle session**.\n",
         idle_kib, a.sessions, loaded_kib, per_session
@@ -548,6 +649,7 @@ async fn main() {
     );
     let report = json!({
         "duration_ms": a.duration.as_millis() as u64, "rounds": a.rounds, "results": rows,
+        "instructions_per_call": counts.iter().map(|(c, w, n)| json!({"config": c, "workload": w, "instructions": n})).collect::<Vec<_>>(),
         "memory": {"idle_rss_kib": idle_kib, "sessions": a.sessions, "loaded_rss_kib": loaded_kib, "bytes_per_session": per_session},
     });
     std::fs::create_dir_all(&a.out).unwrap();
