@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use futures_util::future::BoxFuture;
 
 use crate::mcp::jsonrpc::{self, Kind, Message};
-use crate::mcp::session::{MessagePolicy, Session};
+use crate::mcp::session::{Caller, MessagePolicy, Session};
 use crate::plugins::{CallContext, Decision, Denied, EntryKind, ListEntry, PluginSet};
 
 /// One call as the plugins see it: method, upstream, and the name the upstream knows.
@@ -29,7 +29,7 @@ impl Policy {
     /// The policy for a call, or `None` when no plugin is configured (the fast path).
     pub fn for_call(
         set: &Arc<PluginSet>,
-        session: &Session,
+        caller: Caller<'_>,
         method: &str,
         server: &Arc<str>,
         name: Option<&str>,
@@ -39,8 +39,8 @@ impl Policy {
             method: method.to_owned(),
             server: server.clone(),
             name: name.map(str::to_owned),
-            principal: session.principal.clone(),
-            session_id: session.id.clone(),
+            principal: caller.principal.cloned(),
+            session_id: caller.session_id.clone(),
         })
     }
 
@@ -110,7 +110,8 @@ impl MessagePolicy for ServerMessages {
                 Kind::Response { .. } => return Some(msg),
             };
             let server = session.topology().servers.get(index)?.name.clone();
-            let Some(policy) = Policy::for_call(&set, session, &method, &server, None) else {
+            let Some(policy) = Policy::for_call(&set, session.caller(), &method, &server, None)
+            else {
                 return Some(msg);
             };
             match policy.on_response(params.as_deref().unwrap_or(b"{}")).await {
@@ -140,7 +141,7 @@ impl MessagePolicy for ServerMessages {
 /// Which entries of one upstream's listing the caller may see.
 pub async fn visible(
     set: &PluginSet,
-    session: &Session,
+    caller: Caller<'_>,
     list_method: &str,
     server: &str,
     items: &[&RawValue],
@@ -156,8 +157,8 @@ pub async fn visible(
         method: list_method,
         server,
         name: None,
-        principal: session.principal.as_deref(),
-        session_id: &session.id,
+        principal: caller.principal.map(|p| &**p),
+        session_id: caller.session_id,
         profile: None,
     };
     set.filter_list(&ctx, &entries).await

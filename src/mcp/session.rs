@@ -61,6 +61,15 @@ pub mod caps {
     pub const UNKNOWN: u8 = 0x80;
 }
 
+/// Who is calling, as the policy stage sees it: the principal and the session.
+#[derive(Clone, Copy)]
+pub struct Caller<'a> {
+    /// The authenticated principal, if any.
+    pub principal: Option<&'a Arc<str>>,
+    /// The session id.
+    pub session_id: &'a Arc<str>,
+}
+
 /// One client session.
 pub struct Session {
     /// The `Mcp-Session-Id`.
@@ -162,6 +171,14 @@ impl Session {
                 weak: weak.clone(),
             }
         })
+    }
+
+    /// Who calls through this session.
+    pub fn caller(&self) -> Caller<'_> {
+        Caller {
+            principal: self.principal.as_ref(),
+            session_id: &self.id,
+        }
     }
 
     /// The servers and names this session sees (fixed when it opened).

@@ -204,7 +204,7 @@ pub(super) async fn merge_page(
     } else {
         let server = &session.topology().servers[index].name;
         Some(
-            policy::visible(&plugins, session, kind.method, server, &list)
+            policy::visible(&plugins, session.caller(), kind.method, server, &list)
                 .await
                 .map_err(|d| d.to_string())?,
         )

@@ -36,7 +36,7 @@ pub(super) async fn completion_policy(
     let plugins = sv.plugins.current();
     let Some(policy) = Policy::for_call(
         &plugins,
-        session,
+        session.caller(),
         "completion/complete",
         &session.topology().servers[index].name,
         Some(name),

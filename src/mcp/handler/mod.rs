@@ -186,7 +186,7 @@ pub async fn request(
             };
             let policy = Policy::for_call(
                 &plugins,
-                session,
+                session.caller(),
                 method,
                 &session.topology().servers[index].name,
                 Some(local),
@@ -228,7 +228,7 @@ pub async fn request(
             };
             let policy = Policy::for_call(
                 &plugins,
-                session,
+                session.caller(),
                 method,
                 &session.topology().servers[index].name,
                 Some(&uri),
@@ -263,7 +263,7 @@ pub async fn request(
         _ if single => {
             let policy = Policy::for_call(
                 &plugins,
-                session,
+                session.caller(),
                 method,
                 &session.topology().servers[0].name,
                 None,
