@@ -469,6 +469,27 @@ fn alive(pid: &str) -> bool {
     nix::sys::signal::kill(pid, None).is_ok()
 }
 
+/// Waits until the process `pid` is gone.
+async fn stopped(what: &str, pid: String) {
+    eventually(what, || {
+        let pid = pid.clone();
+        async move { !alive(&pid) }
+    })
+    .await;
+}
+
+/// Ends a client's session (DELETE).
+async fn leave(c: &Client) {
+    let r = c
+        .send(
+            c.request("DELETE", "")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}
+
 /// `sharing` decides who shares a stdio server's process: everyone, each principal, or each
 /// session; a principal's process and a session's process stop with their last session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,37 +540,13 @@ async fn sharing_gives_principals_and_sessions_their_own_processes() {
     assert_eq!(a2.tool_text(8, "pp__pid", json!({})).await, pid("a1", "pp"));
 
     // a1 leaves: its own process stops; app's per-principal process stays for a2.
-    let r = a1
-        .send(
-            a1.request("DELETE", "")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    let gone = pid("a1", "ps");
-    eventually("a1's per-session process stops", || {
-        let gone = gone.clone();
-        async move { !alive(&gone) }
-    })
-    .await;
+    leave(&a1).await;
+    stopped("a1's per-session process stops", pid("a1", "ps")).await;
     assert!(alive(&pid("a1", "pp")));
     assert_eq!(a2.tool_text(9, "pp__pid", json!({})).await, pid("a1", "pp"));
     // a2 leaves too: app's per-principal process stops; bob's and the shared one run on.
-    let r = a2
-        .send(
-            a2.request("DELETE", "")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    let gone = pid("a1", "pp");
-    eventually("app's per-principal process stops", || {
-        let gone = gone.clone();
-        async move { !alive(&gone) }
-    })
-    .await;
+    leave(&a2).await;
+    stopped("app's per-principal process stops", pid("a1", "pp")).await;
     assert_eq!(
         b1.tool_text(10, "pp__pid", json!({})).await,
         pid("b1", "pp")
@@ -608,15 +605,7 @@ async fn anonymous_sessions_get_their_own_processes_up_to_the_cap() {
     );
     // The first session still works; once it leaves, its slot is the second's.
     let mine = first.tool_text(4, "pid", json!({})).await;
-    let r = first
-        .send(
-            first
-                .request("DELETE", "")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
+    leave(&first).await;
     // The slot frees once the first session's process has stopped.
     let mut theirs = None;
     for id in 5..500 {

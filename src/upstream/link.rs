@@ -190,12 +190,7 @@ impl Link {
             if let Some(c) = own.filter(|_| !self.is_shared()) {
                 c.shutdown().await;
             }
-            drop(
-                self.private_slot
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take(),
-            );
+            self.free_private_slot();
             return Err(self.server.unavailable("the server was removed"));
         }
         if let Some(c) = self.live() {
@@ -454,6 +449,11 @@ impl Link {
         if let Some(c) = conn {
             c.shutdown().await;
         }
+        self.free_private_slot();
+    }
+
+    /// Gives back the slot of the link's own process (it has stopped, or is about to).
+    fn free_private_slot(&self) {
         drop(
             self.private_slot
                 .lock()
