@@ -218,11 +218,12 @@ async fn put(
     }
     let def = ServerDef {
         name: name.to_owned(),
-        spec,
+        spec: spec.clone(),
     };
     let existed = runtime.status(name).await.is_ok();
     runtime.declare(def).await?;
     gw.refresh_topology().await;
+    gw.defined(name, spec, existed).await;
     tracing::info!(server = %name, by = who, existed, "server applied through the admin API");
     let status = runtime.status(name).await?;
     let code = if existed {

@@ -15,7 +15,7 @@ use crate::mcp::handler::Services;
 use crate::mcp::router::Router;
 use crate::mcp::session::Session;
 use crate::metrics::Metrics;
-use crate::orchestrator::{Phase, Runtime};
+use crate::orchestrator::{McpServerSpec, Phase, Runtime};
 use crate::plugins::{PluginError, Plugins};
 use crate::topology::Topology;
 use crate::upstream::orchestrated::Orchestrated;
@@ -32,6 +32,8 @@ pub struct Gateway {
     pub orchestrator: Option<Arc<dyn Runtime>>,
     /// The shared upstream sessions of each orchestrated stdio server, by name.
     shared: DashMap<String, Arc<SharedServer>>,
+    /// The last definition the admin API gave each server (to tell a change from a re-apply).
+    definitions: DashMap<String, McpServerSpec>,
     /// Serializes topology changes.
     changes: tokio::sync::Mutex<()>,
     client: http::Client,
@@ -68,6 +70,7 @@ impl Gateway {
             }),
             orchestrator,
             shared: DashMap::new(),
+            definitions: DashMap::new(),
             changes: tokio::sync::Mutex::new(()),
             client: http::client(),
             config: Arc::new(config),
@@ -163,11 +166,26 @@ impl Gateway {
         tracing::info!(servers = ?names, "serving a new set of upstreams to new sessions");
         self.topology.store(Arc::new(self.build(upstreams)));
         for name in gone {
+            self.definitions.remove(&name);
             if let Some((_, shared)) = self.shared.remove(&name) {
                 shared.close().await;
             }
         }
         true
+    }
+
+    /// A server was defined through the admin API. When the definition differs from the last
+    /// one (or the server ran before the gateway knew its definition), processes started for
+    /// single sessions or principals stop, and the next call starts them from the new one.
+    pub async fn defined(&self, name: &str, spec: McpServerSpec, existed: bool) {
+        let changed = match self.definitions.insert(name.to_owned(), spec.clone()) {
+            Some(old) => old != spec,
+            None => existed,
+        };
+        let shared = self.shared.get(name).map(|s| s.value().clone());
+        if changed && let Some(shared) = shared {
+            shared.redefine().await;
+        }
     }
 
     /// Runs [`Gateway::refresh_topology`] every `every` (the orchestrator's list is in memory).

@@ -626,3 +626,61 @@ async fn anonymous_sessions_get_their_own_processes_up_to_the_cap() {
     );
     gw.stop().await;
 }
+
+/// A server defined anew through the admin API: its single-session and per-principal
+/// processes stop, and the same sessions' next calls reach the new definition; applying the
+/// same definition again changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redefined_server_restarts_its_private_processes() {
+    let gw = gateway(&example_server("ex")).await;
+    let tok = Some(ADMIN_TOKEN);
+    let spec = |name: &str, sharing: &str| json!({"command": BIN, "args": ["example-server", "--name", name, "--test-tools"], "sharing": sharing});
+    for (server, sharing) in [("ps", "per-session"), ("pp", "per-principal")] {
+        let path = format!("/admin/v1/servers/{server}");
+        let r = admin(&gw, "PUT", &path, tok, Some(spec("one", sharing))).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let c = client(&gw).await;
+    assert_eq!(c.tool_text(2, "ps__whoami", json!({})).await, "one");
+    assert_eq!(c.tool_text(3, "pp__whoami", json!({})).await, "one");
+    let pids = (
+        c.tool_text(4, "ps__pid", json!({})).await,
+        c.tool_text(5, "pp__pid", json!({})).await,
+    );
+    // The same definition again: the same processes answer.
+    for (server, sharing) in [("ps", "per-session"), ("pp", "per-principal")] {
+        let path = format!("/admin/v1/servers/{server}");
+        let r = admin(&gw, "PUT", &path, tok, Some(spec("one", sharing))).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert_eq!(c.tool_text(6, "ps__pid", json!({})).await, pids.0);
+    assert_eq!(c.tool_text(7, "pp__pid", json!({})).await, pids.1);
+    // A new definition: the old processes stop, the session's next calls reach the new one.
+    for (server, sharing) in [("ps", "per-session"), ("pp", "per-principal")] {
+        let path = format!("/admin/v1/servers/{server}");
+        let r = admin(&gw, "PUT", &path, tok, Some(spec("two", sharing))).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // A principal's process stops at once; a session's own at the session's next call.
+    stopped("the old per-principal process stops", pids.1.clone()).await;
+    for (id, tool) in [(8, "ps__whoami"), (9, "pp__whoami")] {
+        let mut said = None;
+        for attempt in 0..200 {
+            let r = c
+                .call(
+                    id * 1000 + attempt,
+                    "tools/call",
+                    json!({"name": tool, "arguments": {}}),
+                )
+                .await;
+            if let Some(t) = r["result"]["content"][0]["text"].as_str() {
+                said = Some(t.to_owned());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(said.as_deref(), Some("two"), "{tool}");
+    }
+    stopped("the old per-session process stops", pids.0.clone()).await;
+    gw.stop().await;
+}

@@ -37,6 +37,8 @@ pub struct Link {
     lists: Mutex<ListCache>,
     /// Held while the link's own process of an orchestrated server runs.
     private_slot: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+    /// The server definition the link's own process runs (`SharedServer::definition`).
+    private_definition: AtomicU64,
 }
 
 /// First pages of list methods, valid for one upstream session (link generation) until the
@@ -100,6 +102,7 @@ impl Link {
             closed: AtomicBool::new(false),
             lists: Mutex::new(ListCache::default()),
             private_slot: Mutex::new(None),
+            private_definition: AtomicU64::new(0),
         }
     }
 
@@ -192,6 +195,23 @@ impl Link {
             }
             self.free_private_slot();
             return Err(self.server.unavailable("the server was removed"));
+        }
+        if let Some(o) = &self.server.orchestrated
+            && o.shared.definition() != self.private_definition.load(Ordering::Acquire)
+            && !self.is_shared()
+        {
+            // Redefined: a process of this link's own runs the old definition; stop it.
+            let own = self
+                .current
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(c) = own {
+                c.shutdown().await;
+            }
+            self.free_private_slot();
+            self.private_definition
+                .store(o.shared.definition(), Ordering::Release);
         }
         if let Some(c) = self.live() {
             return Ok(c);

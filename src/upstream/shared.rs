@@ -217,6 +217,8 @@ pub struct SharedServer {
     max_private: usize,
     /// Set when the server is removed: single-session processes stop at their next use.
     closed: std::sync::atomic::AtomicBool,
+    /// Bumped when the server is defined anew: older private processes stop at their next use.
+    definition: AtomicU64,
 }
 
 impl SharedServer {
@@ -228,6 +230,27 @@ impl SharedServer {
             private: Arc::new(tokio::sync::Semaphore::new(max_private)),
             max_private,
             closed: std::sync::atomic::AtomicBool::new(false),
+            definition: AtomicU64::new(0),
+        }
+    }
+
+    /// Which definition private processes started now run (see [`Self::redefine`]).
+    pub fn definition(&self) -> u64 {
+        self.definition.load(Ordering::Acquire)
+    }
+
+    /// The server was defined anew: every principal's process stops now (its sessions stay
+    /// joined and start the new definition at their next call), single-session processes at
+    /// their next use.
+    pub async fn redefine(&self) {
+        self.definition.fetch_add(1, Ordering::AcqRel);
+        let all: Vec<Arc<Shared>> = self
+            .by_principal
+            .iter()
+            .map(|e| e.value().clone())
+            .collect();
+        for shared in all {
+            shared.close().await;
         }
     }
 
