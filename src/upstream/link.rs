@@ -185,15 +185,7 @@ impl Link {
             && o.shared.is_closed()
         {
             // The server was removed: a process of this link's own stops now.
-            let own = self
-                .current
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
-            if let Some(c) = own.filter(|_| !self.is_shared()) {
-                c.shutdown().await;
-            }
-            self.free_private_slot();
+            self.stop_own_connection().await;
             return Err(self.server.unavailable("the server was removed"));
         }
         if let Some(o) = &self.server.orchestrated
@@ -201,15 +193,7 @@ impl Link {
             && !self.is_shared()
         {
             // Redefined: a process of this link's own runs the old definition; stop it.
-            let own = self
-                .current
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
-            if let Some(c) = own {
-                c.shutdown().await;
-            }
-            self.free_private_slot();
+            self.stop_own_connection().await;
             self.private_definition
                 .store(o.shared.definition(), Ordering::Release);
         }
@@ -467,6 +451,20 @@ impl Link {
             return;
         }
         if let Some(c) = conn {
+            c.shutdown().await;
+        }
+        self.free_private_slot();
+    }
+
+    /// Shuts down the link's own connection (never a shared one, which others use) and gives
+    /// back its process slot.
+    async fn stop_own_connection(&self) {
+        let own = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(c) = own.filter(|_| !self.is_shared()) {
             c.shutdown().await;
         }
         self.free_private_slot();
