@@ -38,6 +38,9 @@ EXAMPLE = "example"
 SEP = "__"
 
 START_TIMEOUT = 30.0
+# A gateway with plugins compiles them at start: the Python-built component is tens of MB, and
+# an unoptimized build of wasmtime on two busy cores has taken over 30 s for it.
+PLUGIN_START_TIMEOUT = 180.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -326,7 +329,7 @@ def start_gateway(
             return False
 
     try:
-        wait_until(healthy, START_TIMEOUT, f"gateway {label} /healthz", proc)
+        wait_until(healthy, PLUGIN_START_TIMEOUT if plugins else START_TIMEOUT, f"gateway {label} /healthz", proc)
     except BaseException:
         proc.stop()
         raise
