@@ -32,10 +32,15 @@ fn local() -> Arc<dyn Runtime> {
 
 /// A gateway whose config defines `servers` (YAML list entries), with a client and an admin token.
 async fn gateway(servers: &str) -> TestGateway {
-    let yaml = format!(
+    gateway_from(&format!(
         "listen: 127.0.0.1:0\nauth: {{tokens: [{{principal: app, token: {CLIENT_TOKEN}}}]}}\nadmin: {{tokens: [{{principal: ops, token: {ADMIN_TOKEN}}}]}}\norchestrator: {{connect_timeout: 20s, call_timeout: 20s}}\nservers:\n{servers}"
-    );
-    let config = gatehouse::Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    ))
+    .await
+}
+
+/// A gateway from a whole configuration, its servers run by the local backend.
+async fn gateway_from(yaml: &str) -> TestGateway {
+    let config = gatehouse::Config::from_yaml(yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     let running = gatehouse::start_with(config, Some(local()))
         .await
         .expect("gateway starts");
@@ -503,14 +508,7 @@ async fn sharing_gives_principals_and_sessions_their_own_processes() {
     let yaml = format!(
         "listen: 127.0.0.1:0\nauth: {{tokens: [{{principal: app, token: {CLIENT_TOKEN}}}, {{principal: bob, token: bob-token-0123456789}}]}}\norchestrator: {{connect_timeout: 20s, call_timeout: 20s}}\nservers:\n{servers}"
     );
-    let config = gatehouse::Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let running = gatehouse::start_with(config, Some(local()))
-        .await
-        .expect("gateway starts");
-    let gw = TestGateway {
-        addr: running.listening.local_addr,
-        running: Some(running),
-    };
+    let gw = gateway_from(&yaml).await;
     let a1 = client(&gw).await;
     let a2 = client(&gw).await;
     let mut b1 = gw.client();
@@ -578,14 +576,7 @@ async fn anonymous_sessions_get_their_own_processes_up_to_the_cap() {
     let yaml = format!(
         "listen: 127.0.0.1:0\norchestrator: {{connect_timeout: 20s, call_timeout: 20s, max_private_processes: 1}}\nservers:\n{servers}"
     );
-    let config = gatehouse::Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let running = gatehouse::start_with(config, Some(local()))
-        .await
-        .expect("gateway starts");
-    let gw = TestGateway {
-        addr: running.listening.local_addr,
-        running: Some(running),
-    };
+    let gw = gateway_from(&yaml).await;
     let mut first = gw.client();
     first.initialize(json!({})).await;
     let pid = first.tool_text(2, "whoami", json!({})).await;
