@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use base64::Engine;
 use bytes::Bytes;
 use dashmap::DashMap;
 
@@ -215,11 +214,7 @@ impl Gateway {
         init_params: Bytes,
         eager_listen: bool,
     ) -> Arc<Session> {
-        let mut raw = [0u8; 24];
-        getrandom::fill(&mut raw).expect("the OS random source is available");
-        let id: Arc<str> = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(raw)
-            .into();
+        let id = crate::mcp::session::new_id();
         let session = Session::new(
             id.clone(),
             principal,

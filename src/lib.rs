@@ -5,7 +5,8 @@
 //! [`mcp::front`] (Streamable HTTP rules, sessions) → [`mcp::handler`] + [`mcp::router`]
 //! (which upstream, fan-out and merge) → [`mcp::policy`] (Wasm plugins) → [`upstream`] (stdio
 //! process, HTTP session, or a server the [`orchestrator`] runs).
-//! Beside it, [`admin`] manages the orchestrated servers.
+//! Beside it, [`admin`] manages the orchestrated servers, and [`relay`] serves this replica's
+//! stdio servers to the other replicas when it leads.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod orchestrator;
 pub mod plugins;
 pub mod process;
+pub mod relay;
 pub mod sse;
 pub mod telemetry;
 pub mod topology;
@@ -36,6 +38,8 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     /// The listener.
     pub listening: listener::Listening,
+    /// The relay, when this replica serves stdio servers to the others.
+    pub relay: Option<relay::Relay>,
     sweeper: tokio::task::JoinHandle<()>,
     refresher: Option<tokio::task::JoinHandle<()>>,
     _plugin_watcher: Option<plugins::Watcher>,
@@ -59,6 +63,9 @@ impl Running {
     /// Stops accepting, ends every session and its upstreams.
     pub async fn shutdown(self) {
         self.listening.stop().await;
+        if let Some(r) = self.relay {
+            r.stop().await;
+        }
         self.sweeper.abort();
         if let Some(r) = &self.refresher {
             r.abort();
@@ -103,6 +110,10 @@ pub async fn start_with(
         .is_some()
         .then(|| gateway.spawn_topology_refresh(TOPOLOGY_REFRESH));
     gateway.refresh_topology().await;
+    let relay = match gateway.orchestrator.as_ref().and_then(|o| o.relay()) {
+        Some(access) => Some(relay::serve(gateway.clone(), access).await?),
+        None => None,
+    };
     let listening = listener::bind(gateway.clone()).await?;
     let sweeper = gateway.spawn_sweeper();
     let interval = gateway.config.plugins.watch_interval;
@@ -112,6 +123,7 @@ pub async fn start_with(
         _plugin_watcher: watcher,
         gateway,
         listening,
+        relay,
         sweeper,
         refresher,
     })

@@ -103,7 +103,7 @@ async fn config_servers_run_as_pods_and_clients_call_their_tools() {
     let list = c.call(1, "tools/list", json!({})).await;
     let names: Vec<&str> = list["result"]["tools"]
         .as_array()
-        .unwrap()
+        .unwrap_or_else(|| panic!("{list}"))
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect();
@@ -189,8 +189,17 @@ async fn config_servers_run_as_pods_and_clients_call_their_tools() {
 const ADMIN_TOKEN: &str = "admin-token-0123456789";
 
 /// A gateway replica: no config servers, the admin API on, `McpServer` resources watched,
-/// leader election through the Lease as in deploy/.
+/// leader election through the Lease and a relay for stdio servers, as in deploy/.
 async fn replica(fake: &FakeKube, id: &str) -> (TestGateway, Arc<KubeRuntime>) {
+    replica_serving(fake, id, "").await
+}
+
+/// A replica that also defines `servers` in its configuration.
+async fn replica_serving(
+    fake: &FakeKube,
+    id: &str,
+    servers: &str,
+) -> (TestGateway, Arc<KubeRuntime>) {
     let lease = LeaseSettings {
         lease_duration: Duration::from_millis(800),
         renew_every: Duration::from_millis(150),
@@ -203,12 +212,16 @@ async fn replica(fake: &FakeKube, id: &str) -> (TestGateway, Arc<KubeRuntime>) {
         Some(lease),
         KubeOptions {
             watch_mcpservers: true,
+            relay_listen: Some("127.0.0.1:0".parse().unwrap()),
             ..options()
         },
     ));
-    let yaml = format!(
+    let mut yaml = format!(
         "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN_TOKEN}}}]}}\norchestrator: {{connect_timeout: 20s, call_timeout: 20s}}"
     );
+    if !servers.is_empty() {
+        yaml = format!("{yaml}\nservers:\n{servers}");
+    }
     let config = gatehouse::Config::from_yaml(&yaml).unwrap();
     let runtime: Arc<dyn Runtime> = rt.clone();
     let running = gatehouse::start_with(config, Some(runtime)).await.unwrap();
@@ -370,4 +383,212 @@ async fn the_admin_api_cannot_escalate_through_a_definition() {
         404
     );
     gw.stop().await;
+}
+
+/// Two replicas serving the same configuration; returns them as (leader, follower).
+async fn two_replicas(fake: &FakeKube, servers: &str) -> [(TestGateway, Arc<KubeRuntime>); 2] {
+    let a = replica_serving(fake, "replica-a", servers).await;
+    let b = replica_serving(fake, "replica-b", servers).await;
+    for _ in 0..250 {
+        if a.1.is_leader() || b.1.is_leader() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(a.1.is_leader() || b.1.is_leader(), "a leader is elected");
+    if a.1.is_leader() { [a, b] } else { [b, a] }
+}
+
+/// Attach requests the fake API server has seen.
+fn attachments(fake: &FakeKube) -> usize {
+    fake.requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/attach"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_a_stdio_server_through_the_leader_and_each_call_gets_its_own_answer() {
+    let fake = FakeKube::start().await;
+    let servers = server("tools", "ghcr.io/gatehouse/example:1");
+    let [(leader, rt_leader), (follower, rt_follower)] = two_replicas(&fake, &servers).await;
+    assert_eq!(whoami_of(&leader).await, "tools");
+
+    // Concurrent calls through both replicas, several sessions each, with arguments long
+    // enough to be written in several pieces: every call gets its own answer.
+    let mut sessions = Vec::new();
+    for (gw, tag) in [(&leader, "L"), (&follower, "F")] {
+        for s in 0..3 {
+            let mut c = gw.client();
+            c.initialize(json!({})).await;
+            sessions.push((c, format!("{tag}{s}")));
+        }
+    }
+    let calls = sessions.iter().flat_map(|(c, tag)| {
+        (0..6u64).map(move |i| async move {
+            let text = format!("{tag}-{i}-{}", "x".repeat(i as usize * 3000));
+            let got = c.tool_text(10 + i, "echo", json!({"text": text})).await;
+            assert!(
+                got == text,
+                "{tag} call {i} got another call's answer: {:.24}…",
+                got
+            );
+        })
+    });
+    futures::future::join_all(calls).await;
+    assert_eq!(
+        attachments(&fake),
+        1,
+        "only the leader attaches to the pod; the follower goes through its relay"
+    );
+
+    // What the server sends about a call reaches the caller on the follower.
+    let (c, _) = &sessions[3];
+    let r = c
+        .post(
+            json!({"jsonrpc":"2.0","id":99,"method":"tools/call","params":{
+                "name":"slow","arguments":{"seconds":0.3,"steps":3},
+                "_meta":{"progressToken":"mine"}}})
+            .to_string(),
+        )
+        .await;
+    let messages = r.messages();
+    let progress: Vec<&Value> = messages
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .collect();
+    assert_eq!(progress.len(), 3, "{messages:?}");
+    assert!(
+        progress
+            .iter()
+            .all(|p| p["params"]["progressToken"] == "mine")
+    );
+    assert_eq!(
+        r.response()["result"]["content"][0]["text"],
+        "done after 0.3s"
+    );
+    // Another session of the follower saw none of it.
+    let (other, _) = &sessions[4];
+    assert_eq!(other.tool_text(100, "whoami", json!({})).await, "tools");
+
+    // The leader goes away: the follower takes the lease and attaches itself, and its open
+    // session works again (a call in between fails with -32010, never hangs).
+    leader.stop().await;
+    rt_leader.shutdown().await;
+    let mut recovered = false;
+    for i in 0..200 {
+        let r = c
+            .call(
+                200 + i,
+                "tools/call",
+                json!({"name": "echo", "arguments": {"text": "after"}}),
+            )
+            .await;
+        if r["result"]["content"][0]["text"] == "after" {
+            recovered = true;
+            break;
+        }
+        assert_eq!(r["error"]["code"], json!(-32010), "{r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        recovered,
+        "the follower serves the server after taking over"
+    );
+    assert!(rt_follower.is_leader());
+    follower.stop().await;
+}
+
+async fn whoami_of(gw: &TestGateway) -> String {
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    c.tool_text(1, "whoami", json!({})).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_answers_only_the_replicas_and_only_on_the_leader() {
+    let fake = FakeKube::start().await;
+    let servers = server("tools", "ghcr.io/gatehouse/example:1");
+    let [(leader, _rt_l), (follower, _rt_f)] = two_replicas(&fake, &servers).await;
+    assert_eq!(whoami_of(&follower).await, "tools");
+    let relay_of = |gw: &TestGateway| {
+        gw.running
+            .as_ref()
+            .unwrap()
+            .relay
+            .as_ref()
+            .unwrap()
+            .local_addr
+    };
+    let secret = fake
+        .get(Kind::Secret, NS, "gatehouse-orchestrator-relay")
+        .expect("the replicas' secret");
+    let secret = String::from_utf8(
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            secret["data"]["secret"].as_str().unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(secret.len() >= 32);
+    let init = json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
+        "protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"x","version":"1"}}})
+    .to_string();
+    let post = |addr: std::net::SocketAddr, path: &str, token: Option<&str>, body: String| {
+        let c = Client::new(format!("http://{addr}{path}"));
+        let mut req = http::Request::builder()
+            .method("POST")
+            .uri(&c.url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(Bytes::from(body))).unwrap();
+        async move { c.send(req).await }
+    };
+    let leader_relay = relay_of(&leader);
+    let r = post(leader_relay, "/relay/tools", None, init.clone()).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let wrong = format!("{}x", &secret[..secret.len() - 1]);
+    let r = post(leader_relay, "/relay/tools", Some(&wrong), init.clone()).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = post(
+        relay_of(&follower),
+        "/relay/tools",
+        Some(&secret),
+        init.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 503, "a follower never attaches: {}", r.body);
+    let r = post(leader_relay, "/relay/nope", Some(&secret), init.clone()).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = post(
+        leader_relay,
+        "/relay/tools",
+        Some(&secret),
+        "{not json".into(),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = post(
+        leader_relay,
+        "/relay/tools",
+        Some(&secret),
+        json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 404, "no session, no call: {}", r.body);
+    let r = post(leader_relay, "/relay/tools", Some(&secret), init).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.headers.contains_key("mcp-session-id"));
+    assert_eq!(
+        r.json()["result"]["serverInfo"]["name"],
+        "gatehouse-example",
+        "{}",
+        r.body
+    );
+    leader.stop().await;
+    follower.stop().await;
 }

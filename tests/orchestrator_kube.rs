@@ -547,10 +547,20 @@ async fn only_the_lease_holder_reconciles() {
         .await
         .unwrap();
     // The follower sees the same server through its watches, without writing.
-    follower
-        .wait_ready("shared", Duration::from_secs(10))
+    let start = Instant::now();
+    while !follower.status("shared").await.is_ok_and(|s| s.is_ready()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the follower sees it ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // It never attaches beside the leader: with no relay to go through, it says so.
+    let err = follower
+        .wait_ready("shared", Duration::from_secs(1))
         .await
-        .unwrap();
+        .unwrap_err();
+    assert!(err.to_string().contains("relay"), "{err}");
     assert!(leader.stats().applies >= 2);
     assert_eq!(follower.stats().applies, 0);
     assert_eq!(follower.stats().deletes, 0);

@@ -95,7 +95,7 @@ pub enum FrontError {
 }
 
 impl FrontError {
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             FrontError::Host(_) => StatusCode::MISDIRECTED_REQUEST,
             FrontError::Origin(_) => StatusCode::FORBIDDEN,
@@ -151,7 +151,7 @@ impl FrontError {
     }
 }
 
-fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
     let mut r = Response::new(Body::full(body));
     *r.status_mut() = status;
     r.headers_mut()
@@ -159,7 +159,7 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
     r
 }
 
-fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
+pub(crate) fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
     let mut r = Response::new(Body::Sse(rx));
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -168,7 +168,7 @@ fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
     r
 }
 
-fn accepted() -> Response<Body> {
+pub(crate) fn accepted() -> Response<Body> {
     let mut r = Response::new(Body::Empty);
     *r.status_mut() = StatusCode::ACCEPTED;
     r
@@ -506,10 +506,18 @@ async fn get(
     if !session.open_listen_stream(tx.clone()) {
         return Err(FrontError::StreamOpen);
     }
-    // Keep-alive comments hold idle proxies open and notice a departed client. The task ends
-    // with the session, dropping the last sender, which ends the client's stream.
-    let every = gw.config.mcp.sse_keepalive;
-    let ended = session.ended();
+    keep_alive(tx, gw.config.mcp.sse_keepalive, session.ended());
+    Ok(sse_response(rx))
+}
+
+/// Sends a keep-alive comment on a listen stream every `every` until `ended` resolves or the
+/// client is gone: comments hold idle proxies open and notice a departed client. Ending drops
+/// the task's sender, which ends the client's stream.
+pub(crate) fn keep_alive(
+    tx: mpsc::Sender<Bytes>,
+    every: std::time::Duration,
+    ended: impl Future<Output = ()> + Send + 'static,
+) {
     tokio::spawn(async move {
         let keepalive = async {
             loop {
@@ -524,7 +532,6 @@ async fn get(
             _ = ended => {}
         }
     });
-    Ok(sse_response(rx))
 }
 
 async fn delete(

@@ -70,6 +70,16 @@ pub struct Caller<'a> {
     pub session_id: &'a Arc<str>,
 }
 
+/// A fresh, unguessable session id (192 random bits, URL-safe).
+pub fn new_id() -> Arc<str> {
+    use base64::Engine;
+    let mut raw = [0u8; 24];
+    getrandom::fill(&mut raw).expect("the OS random source is available");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(raw)
+        .into()
+}
+
 /// One client session.
 pub struct Session {
     /// The `Mcp-Session-Id`.

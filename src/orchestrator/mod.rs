@@ -96,6 +96,67 @@ pub trait Runtime: Send + Sync {
     /// The gateway is stopping: local processes are stopped; on Kubernetes the servers keep
     /// running and the reconcile lease is released so another replica takes over.
     fn shutdown(&self) -> BoxFuture<'_, ()>;
+
+    /// How this replica serves its stdio servers to the other replicas, when there can be
+    /// several (Kubernetes with leader election and a relay port).
+    fn relay(&self) -> Option<Arc<RelayAccess>> {
+        None
+    }
+}
+
+/// What the gateway needs to run the relay: several replicas must not attach to one stdio
+/// pod (the kubelet merges their stdin and copies stdout to each), so only the leader
+/// attaches and the other replicas reach stdio servers through its relay.
+pub struct RelayAccess {
+    /// Where to listen.
+    pub listen: std::net::SocketAddr,
+    /// The bound address, published to the other replicas (through the Lease).
+    advertised: tokio::sync::watch::Sender<Option<String>>,
+    /// Whether this replica leads (only the leader serves the relay).
+    leading: tokio::sync::watch::Receiver<bool>,
+    /// The replicas' shared secret, once read (or created).
+    secret: tokio::sync::watch::Receiver<Option<Arc<str>>>,
+}
+
+impl RelayAccess {
+    /// Access for a replica listening on `listen`.
+    pub fn new(
+        listen: std::net::SocketAddr,
+        leading: tokio::sync::watch::Receiver<bool>,
+        secret: tokio::sync::watch::Receiver<Option<Arc<str>>>,
+    ) -> Self {
+        RelayAccess {
+            listen,
+            advertised: tokio::sync::watch::Sender::new(None),
+            leading,
+            secret,
+        }
+    }
+
+    /// The relay is bound to `addr`: other replicas will be told to use it.
+    pub fn serving(&self, addr: std::net::SocketAddr) {
+        self.advertised.send_replace(Some(format!("http://{addr}")));
+    }
+
+    /// The advertised base URL, once serving.
+    pub fn advertised(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.advertised.subscribe()
+    }
+
+    /// Whether this replica leads now.
+    pub fn is_leading(&self) -> bool {
+        *self.leading.borrow()
+    }
+
+    /// Changes of leadership.
+    pub fn leading(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.leading.clone()
+    }
+
+    /// The shared secret, when known.
+    pub fn secret(&self) -> Option<Arc<str>> {
+        self.secret.borrow().clone()
+    }
 }
 
 /// What [`Runtime::logs`] returns.
@@ -117,6 +178,14 @@ pub enum Endpoint {
     },
     /// A stdio server: open a byte stream to its stdin/stdout on demand.
     Stdio(StdioEndpoint),
+    /// A stdio server another replica (the leader) is attached to, reached through that
+    /// replica's relay as Streamable HTTP (see [`RelayAccess`]).
+    Relay {
+        /// The relay's URL for this server, e.g. `http://10.0.0.7:9091/relay/x`.
+        url: String,
+        /// The replicas' shared secret, sent as a bearer token.
+        secret: Arc<str>,
+    },
 }
 
 impl fmt::Debug for Endpoint {
@@ -124,6 +193,7 @@ impl fmt::Debug for Endpoint {
         match self {
             Endpoint::Http { url } => f.debug_struct("Http").field("url", url).finish(),
             Endpoint::Stdio(s) => f.debug_tuple("Stdio").field(&s.describe()).finish(),
+            Endpoint::Relay { url, .. } => f.debug_struct("Relay").field("url", url).finish(),
         }
     }
 }
@@ -133,6 +203,7 @@ impl fmt::Display for Endpoint {
         match self {
             Endpoint::Http { url } => f.write_str(url),
             Endpoint::Stdio(s) => f.write_str(&s.describe()),
+            Endpoint::Relay { url, .. } => write!(f, "{url} (the leader's relay)"),
         }
     }
 }

@@ -39,6 +39,9 @@ pub struct Link {
     private_slot: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
     /// The server definition the link's own process runs (`SharedServer::definition`).
     private_definition: AtomicU64,
+    /// The connection goes through the leading replica's relay: when the relay fails, the
+    /// next call asks the orchestrator again (leadership may have moved).
+    relayed: AtomicBool,
 }
 
 /// First pages of list methods, valid for one upstream session (link generation) until the
@@ -103,6 +106,7 @@ impl Link {
             lists: Mutex::new(ListCache::default()),
             private_slot: Mutex::new(None),
             private_definition: AtomicU64::new(0),
+            relayed: AtomicBool::new(false),
         }
     }
 
@@ -248,7 +252,23 @@ impl Link {
                     .orchestrated
                     .as_ref()
                     .ok_or_else(|| server.unavailable("no orchestrator runs this server"))?;
-                match o.ready(server).await? {
+                let ready = o.ready(server).await?;
+                self.relayed.store(
+                    matches!(ready, orchestrated::Ready::Relay(..)),
+                    Ordering::Release,
+                );
+                match ready {
+                    orchestrated::Ready::Relay(url, headers) => {
+                        // The leader's relay joins the shared session on our behalf; a
+                        // membership from when this replica led is left.
+                        drop(self.shared.lock().unwrap_or_else(|e| e.into_inner()).take());
+                        Connection::Http(super::http::Connection::new(
+                            server.clone(),
+                            url,
+                            headers,
+                            self.deliver.clone(),
+                        ))
+                    }
                     orchestrated::Ready::Http(url) => {
                         Connection::Http(super::http::Connection::new(
                             server.clone(),
@@ -390,6 +410,12 @@ impl Link {
                 self.server
                     .metrics
                     .set_upstream_up(self.server.label, false);
+                if self.relayed.load(Ordering::Acquire) {
+                    // The relay's replica may have stopped leading, or be gone: the next call
+                    // follows the lease to whoever leads now.
+                    self.forget(&conn);
+                    tokio::spawn(async move { conn.shutdown().await });
+                }
                 Err(e)
             }
             other => other,

@@ -26,6 +26,9 @@ pub enum Ready {
     Http(http::Uri),
     /// stdio through an attachment.
     Stdio(StdioEndpoint),
+    /// stdio through the leading replica's relay: Streamable HTTP at this URL, with these
+    /// headers (its credentials).
+    Relay(http::Uri, http::HeaderMap),
 }
 
 impl Orchestrated {
@@ -43,6 +46,17 @@ impl Orchestrated {
                 .map(Ready::Http)
                 .map_err(|e| server.unavailable(format!("endpoint {url:?} is not a URL: {e}"))),
             Ok(Endpoint::Stdio(endpoint)) => Ok(Ready::Stdio(endpoint)),
+            Ok(Endpoint::Relay { url, secret }) => {
+                let uri = url
+                    .parse()
+                    .map_err(|e| server.unavailable(format!("relay {url:?} is not a URL: {e}")))?;
+                let mut bearer = http::HeaderValue::try_from(format!("Bearer {secret}"))
+                    .map_err(|_| server.unavailable("the relay secret is not a header value"))?;
+                bearer.set_sensitive(true);
+                let mut headers = http::HeaderMap::new();
+                headers.insert(http::header::AUTHORIZATION, bearer);
+                Ok(Ready::Relay(uri, headers))
+            }
             Err(e) => Err(server.unavailable(e.to_string())),
         }
     }

@@ -206,7 +206,7 @@ pub(super) async fn forward(
     let label = method_label(method);
     let started = Instant::now();
     let server = session.topology().servers[index].clone();
-    let (ev_tx, mut ev_rx) = mpsc::channel::<Bytes>(64);
+    let (ev_tx, ev_rx) = mpsc::channel::<Bytes>(64);
     let mut inflight = match session.track(id.clone()) {
         Ok(t) => t,
         Err(busy) => {
@@ -247,44 +247,5 @@ pub(super) async fn forward(
         metrics.record(label, server.label, outcome, started.elapsed());
         frame
     };
-    let mut call = Box::pin(call);
-    tokio::select! {
-        biased;
-        Some(first) = ev_rx.recv() => {
-            let (tx, rx) = mpsc::channel::<Bytes>(64);
-            let mut ended = Box::pin(session.ended());
-            tokio::spawn(async move {
-                if tx.send(first).await.is_err() {
-                    return;
-                }
-                loop {
-                    tokio::select! {
-                        biased;
-                        // The session ended: dropping `call` cancels upstream, dropping `tx`
-                        // ends the client's stream.
-                        _ = &mut ended => return,
-                        Some(ev) = ev_rx.recv() => {
-                            // A client that stops reading must not keep the task past its
-                            // session's end.
-                            tokio::select! {
-                                sent = tx.send(ev) => if sent.is_err() {
-                                    return; // client went away: dropping `call` cancels upstream
-                                },
-                                _ = &mut ended => return,
-                            }
-                        }
-                        frame = &mut call => {
-                            while let Ok(ev) = ev_rx.try_recv() {
-                                let _ = tx.send(ev).await;
-                            }
-                            let _ = tx.send(frame).await;
-                            return;
-                        }
-                    }
-                }
-            });
-            Reply::Stream(rx)
-        }
-        frame = &mut call => Reply::Json(frame),
-    }
+    super::json_or_stream(call, ev_rx, session.ended()).await
 }

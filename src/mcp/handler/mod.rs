@@ -36,6 +36,56 @@ pub enum Reply {
     Stream(mpsc::Receiver<Bytes>),
 }
 
+/// Answers with the call's frame as JSON when it comes before any related message, or else as
+/// an SSE stream of the related messages ending with the call's frame.
+///
+/// The stream's task ends when `ended` resolves (the session is over) or the client stops
+/// listening; either way dropping `call` cancels it upstream.
+pub async fn json_or_stream(
+    call: impl Future<Output = Bytes> + Send + 'static,
+    mut events: mpsc::Receiver<Bytes>,
+    ended: impl Future<Output = ()> + Send + 'static,
+) -> Reply {
+    let mut call = Box::pin(call);
+    tokio::select! {
+        biased;
+        Some(first) = events.recv() => {
+            let (tx, rx) = mpsc::channel::<Bytes>(64);
+            let mut ended = Box::pin(ended);
+            tokio::spawn(async move {
+                if tx.send(first).await.is_err() {
+                    return;
+                }
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = &mut ended => return,
+                        Some(ev) = events.recv() => {
+                            // A client that stops reading must not keep the task past the
+                            // session's end.
+                            tokio::select! {
+                                sent = tx.send(ev) => if sent.is_err() {
+                                    return; // the client went away
+                                },
+                                _ = &mut ended => return,
+                            }
+                        }
+                        frame = &mut call => {
+                            while let Ok(ev) = events.try_recv() {
+                                let _ = tx.send(ev).await;
+                            }
+                            let _ = tx.send(frame).await;
+                            return;
+                        }
+                    }
+                }
+            });
+            Reply::Stream(rx)
+        }
+        frame = &mut call => Reply::Json(frame),
+    }
+}
+
 /// What the method handlers use of the gateway: its policy plugins and its metrics.
 #[derive(Clone, Copy)]
 pub struct Services<'a> {

@@ -8,6 +8,10 @@
 //! leaves the reader pending forever when its message loop fails) and when its pod is no
 //! longer one of the server's own pods (deleted or replaced behind our back, even if the
 //! websocket to a lost node stays half-open), so the shared connection re-attaches.
+//!
+//! Only the replica that holds the lease attaches (the kubelet merges the stdin of every
+//! attachment and copies stdout to each, so two replicas would read each other's answers):
+//! `open` refuses on any other replica, and an attachment ends when its replica stops leading.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -68,6 +72,15 @@ impl<R: AsyncRead + Unpin> AsyncRead for Attached<R> {
     }
 }
 
+/// Resolves once this replica no longer leads.
+async fn leadership_lost(inner: Arc<Inner>) {
+    let mut leading = inner.leading.clone();
+    if leading.wait_for(|l| !*l).await.is_err() && *leading.borrow() {
+        // No election (a single replica leads for good), or the runtime is shutting down.
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Resolves once `pod` (by uid) is no longer one of `server`'s own pods.
 async fn pod_gone(inner: Arc<Inner>, server: String, uid: Option<String>) {
     let mut changed = inner.refreshed.subscribe();
@@ -87,6 +100,12 @@ async fn pod_gone(inner: Arc<Inner>, server: String, uid: Option<String>) {
 impl StdioConnector for KubeAttach {
     fn open(&self) -> BoxFuture<'_, Result<StdioStream>> {
         async move {
+            if !self.inner.leading() {
+                return Err(OrchestratorError::Attach {
+                    server: self.server.clone(),
+                    detail: "this replica does not lead: only the leader attaches".into(),
+                });
+            }
             let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
             let params = AttachParams::default()
                 .container(CONTAINER)
@@ -140,9 +159,13 @@ impl StdioConnector for KubeAttach {
                 .find(|p| p.metadata.name.as_deref() == Some(pod.as_str()))
                 .and_then(|p| p.metadata.uid.clone());
             let gone = pod_gone(self.inner.clone(), self.server.clone(), uid);
-            let over = futures_util::future::select(Box::pin(ended), Box::pin(gone))
-                .map(|_: Either<_, _>| ())
-                .boxed();
+            let lost = leadership_lost(self.inner.clone());
+            let over = futures_util::future::select(
+                Box::pin(ended),
+                futures_util::future::select(Box::pin(gone), Box::pin(lost)),
+            )
+            .map(|_: Either<_, _>| ())
+            .boxed();
             Ok(StdioStream {
                 reader: Box::pin(Attached {
                     reader,

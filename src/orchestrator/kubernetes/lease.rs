@@ -5,6 +5,9 @@
 //! (so clocks need not agree); the holder renews it well within the duration. Every
 //! write carries the resourceVersion it read, so two candidates racing for the same
 //! lease get one success and one 409 Conflict.
+//!
+//! The holder also writes where its relay listens ([`RELAY_ANNOTATION`]): the other replicas
+//! reach stdio servers through it, since only the holder attaches to their pods.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +16,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
+
+/// Annotation of the Lease naming the holder's relay (its base URL).
+pub const RELAY_ANNOTATION: &str = "gatehouse.dev/relay";
 
 /// Settings of the election.
 #[derive(Debug, Clone)]
@@ -57,6 +63,10 @@ pub struct Elector {
     seen: Option<(String, Instant)>,
     /// When we last renewed successfully.
     renewed: Option<Instant>,
+    /// Our relay's base URL, written into the lease while we hold it.
+    advertise: watch::Receiver<Option<String>>,
+    /// The current holder's relay, as its lease says (none while we hold it or nobody does).
+    holder_relay: watch::Sender<Option<String>>,
 }
 
 impl Elector {
@@ -67,7 +77,39 @@ impl Elector {
             settings,
             seen: None,
             renewed: None,
+            advertise: watch::Sender::new(None).subscribe(),
+            holder_relay: watch::Sender::new(None),
         }
+    }
+
+    /// Writes `advertise` (our relay) into the lease we hold, and publishes the holder's on
+    /// `holder_relay`.
+    pub fn with_relay(
+        mut self,
+        advertise: watch::Receiver<Option<String>>,
+        holder_relay: watch::Sender<Option<String>>,
+    ) -> Self {
+        self.advertise = advertise;
+        self.holder_relay = holder_relay;
+        self
+    }
+
+    /// Our relay's annotation, on a lease we are about to write.
+    fn annotate(&self, meta: &mut ObjectMeta) {
+        let annotations = meta.annotations.get_or_insert_with(Default::default);
+        match self.advertise.borrow().clone() {
+            Some(url) => {
+                annotations.insert(RELAY_ANNOTATION.into(), url);
+            }
+            None => {
+                annotations.remove(RELAY_ANNOTATION);
+            }
+        }
+    }
+
+    fn publish_holder_relay(&self, relay: Option<String>) {
+        self.holder_relay
+            .send_if_modified(|r| std::mem::replace(r, relay.clone()) != relay);
     }
 
     fn now() -> MicroTime {
@@ -81,11 +123,13 @@ impl Elector {
     async fn round(&mut self) -> Result<Round, kube::Error> {
         let me = &self.settings.identity;
         let Some(lease) = self.api.get_opt(&self.settings.name).await? else {
+            let mut metadata = ObjectMeta {
+                name: Some(self.settings.name.clone()),
+                ..ObjectMeta::default()
+            };
+            self.annotate(&mut metadata);
             let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(self.settings.name.clone()),
-                    ..ObjectMeta::default()
-                },
+                metadata,
                 spec: Some(LeaseSpec {
                     holder_identity: Some(me.clone()),
                     lease_duration_seconds: Some(self.duration_secs()),
@@ -120,9 +164,19 @@ impl Elector {
             .is_some_and(|(_, at)| now.duration_since(*at) >= duration);
         let mine = holder.as_deref() == Some(me.as_str());
         if !mine && holder.is_some() && !expired {
+            let relay = lease
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(RELAY_ANNOTATION))
+                .cloned();
+            self.publish_holder_relay(relay);
             return Ok(Round::Following);
         }
+        // Nobody (else) holds a valid lease: there is no relay to follow until someone does.
+        self.publish_holder_relay(None);
         let mut next = lease.clone();
+        self.annotate(&mut next.metadata);
         let mut spec = spec;
         if !mine {
             spec.holder_identity = Some(me.clone());
@@ -182,7 +236,11 @@ impl Elector {
             } else {
                 self.settings.retry_every
             };
-            tokio::time::sleep(pause).await;
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                // Our relay is listening now: say where at once, not at the next renewal.
+                Ok(()) = self.advertise.changed(), if now_leading => {}
+            }
         }
     }
 

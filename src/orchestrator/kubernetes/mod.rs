@@ -54,8 +54,8 @@ use super::spec::{
     McpServer, McpServerStatus, ResolvedServer, ServerDef, SpecError, labels, object_name,
 };
 use super::{
-    Endpoint, FailureReason, LogOptions, OrchestratorError, Phase, Result, Runtime, ServerStatus,
-    StdioEndpoint,
+    Endpoint, FailureReason, LogOptions, OrchestratorError, Phase, RelayAccess, Result, Runtime,
+    ServerStatus, StdioEndpoint,
 };
 
 /// Environment variable: path of a kubeconfig file.
@@ -82,6 +82,9 @@ pub const ENV_GATEWAY_SERVICE_ACCOUNT: &str = "GATEHOUSE_ORCHESTRATOR_GATEWAY_SE
 pub const ENV_DEFAULT_REQUESTS: &str = "GATEHOUSE_ORCHESTRATOR_DEFAULT_REQUESTS";
 /// Environment variable: default limits of server pods, e.g. `cpu=1,memory=512Mi`.
 pub const ENV_DEFAULT_LIMITS: &str = "GATEHOUSE_ORCHESTRATOR_DEFAULT_LIMITS";
+/// Environment variable: port of the relay through which the other replicas reach stdio
+/// servers (on `POD_IP`); unset, replicas that do not lead cannot reach stdio servers.
+pub const ENV_RELAY_PORT: &str = "GATEHOUSE_ORCHESTRATOR_RELAY_PORT";
 /// Environment variable: `sizeLimit` of a server pod's `/tmp` emptyDir, e.g. `64Mi`.
 pub const ENV_TMP_SIZE_LIMIT: &str = "GATEHOUSE_ORCHESTRATOR_TMP_SIZE_LIMIT";
 /// Field manager of our server-side applies.
@@ -124,6 +127,9 @@ pub struct KubeOptions {
     pub attach_buffer: usize,
     /// What server definitions may ask of the cluster.
     pub policy: PodPolicy,
+    /// Where the relay listens (with leader election only): the replica that holds the
+    /// lease attaches to stdio servers and serves them to the others there.
+    pub relay_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for KubeOptions {
@@ -135,6 +141,7 @@ impl Default for KubeOptions {
             attach_timeout: Duration::from_secs(60),
             attach_buffer: 256 * 1024,
             policy: PodPolicy::default(),
+            relay_listen: None,
         }
     }
 }
@@ -199,6 +206,21 @@ impl KubeSettings {
             None
         };
         let policy = policy_from_env(&getenv, flag(ENV_ALLOW_TOKEN_MOUNT, false)?, &source)?;
+        let relay_listen = match getenv(ENV_RELAY_PORT).filter(|p| !p.trim().is_empty()) {
+            None => None,
+            Some(port) => {
+                let port: u16 = port.trim().parse().map_err(|_| {
+                    OrchestratorError::Settings(format!("{ENV_RELAY_PORT}={port:?} is not a port"))
+                })?;
+                let ip = getenv("POD_IP").unwrap_or_default();
+                let ip: std::net::IpAddr = ip.trim().parse().map_err(|_| {
+                    OrchestratorError::Settings(format!(
+                        "{ENV_RELAY_PORT} needs POD_IP (the downward API's status.podIP); POD_IP={ip:?} is not an IP address"
+                    ))
+                })?;
+                Some(std::net::SocketAddr::new(ip, port))
+            }
+        };
         Ok(Some(KubeSettings {
             source,
             namespace,
@@ -206,6 +228,7 @@ impl KubeSettings {
             options: KubeOptions {
                 watch_mcpservers: flag(ENV_WATCH_MCPSERVERS, true)?,
                 policy,
+                relay_listen,
                 ..KubeOptions::default()
             },
         }))
@@ -384,6 +407,10 @@ pub(crate) struct Inner {
     refreshed: watch::Sender<u64>,
     queue: mpsc::UnboundedSender<String>,
     leading: watch::Receiver<bool>,
+    /// The lease holder's relay, when another replica holds it.
+    holder_relay: watch::Receiver<Option<String>>,
+    /// The replicas' shared secret for the relay.
+    relay_secret: watch::Receiver<Option<Arc<str>>>,
     stats: Stats,
     /// `sync` has told us the whole configuration: leftovers may be deleted.
     config_known: AtomicBool,
@@ -396,6 +423,7 @@ pub struct KubeRuntime {
     inner: Arc<Inner>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     lease: Option<(Api<Lease>, LeaseSettings)>,
+    relay: Option<Arc<RelayAccess>>,
 }
 
 impl Drop for KubeRuntime {
@@ -427,6 +455,8 @@ impl KubeRuntime {
     ) -> Self {
         let (queue, queue_rx) = mpsc::unbounded_channel();
         let (leading_tx, leading) = watch::channel(leader_election.is_none());
+        let holder_relay = watch::Sender::new(None);
+        let relay_secret = watch::Sender::new(None);
         let inner = Arc::new(Inner {
             client: client.clone(),
             ns: namespace.clone(),
@@ -445,7 +475,9 @@ impl KubeRuntime {
             status_changed: watch::Sender::new(0),
             refreshed: watch::Sender::new(0),
             queue,
-            leading,
+            leading: leading.clone(),
+            holder_relay: holder_relay.subscribe(),
+            relay_secret: relay_secret.subscribe(),
             stats: Stats::default(),
             config_known: AtomicBool::new(false),
             removed: DashMap::new(),
@@ -472,11 +504,29 @@ impl KubeRuntime {
             tasks.push(tokio::spawn(watch_mcpservers(inner.clone())));
         }
         tasks.push(tokio::spawn(worker(inner.clone(), queue_rx, synced)));
+        let relay = match (&leader_election, options.relay_listen) {
+            (Some(settings), Some(listen)) => {
+                tasks.push(tokio::spawn(relay_secret_task(
+                    Api::namespaced(client.clone(), &namespace),
+                    format!("{}-relay", settings.name),
+                    options.retry_after,
+                    relay_secret,
+                )));
+                Some(Arc::new(RelayAccess::new(
+                    listen,
+                    leading,
+                    inner.relay_secret.clone(),
+                )))
+            }
+            _ => None,
+        };
         let lease = leader_election.map(|settings| {
             let api: Api<Lease> = Api::namespaced(client.clone(), &namespace);
-            tasks.push(tokio::spawn(
-                Elector::new(api.clone(), settings.clone()).run(leading_tx),
-            ));
+            let mut elector = Elector::new(api.clone(), settings.clone());
+            if let Some(relay) = &relay {
+                elector = elector.with_relay(relay.advertised(), holder_relay);
+            }
+            tasks.push(tokio::spawn(elector.run(leading_tx)));
             (api, settings)
         });
         // Whoever becomes the leader re-checks everything.
@@ -505,6 +555,7 @@ impl KubeRuntime {
             inner,
             tasks: std::sync::Mutex::new(tasks),
             lease,
+            relay,
         }
     }
 
@@ -1030,16 +1081,66 @@ impl Inner {
         }
     }
 
-    /// A stdio server's attachment, or an HTTP server's URL at its own pod's IP (not the
-    /// Service, whose label selector would also pick a look-alike pod).
+    /// On a replica that does not lead, waits (until `deadline`) for what reaching a stdio
+    /// server through the leader's relay takes: its address in the lease, and the secret.
+    async fn wait_for_relay(&self, name: &str, deadline: tokio::time::Instant) {
+        let stdio = self
+            .valid(name)
+            .is_some_and(|(s, _)| s.http_port_path().is_none());
+        if !stdio || self.options.relay_listen.is_none() {
+            return;
+        }
+        let (mut leading, mut holder, mut secret) = (
+            self.leading.clone(),
+            self.holder_relay.clone(),
+            self.relay_secret.clone(),
+        );
+        loop {
+            if *leading.borrow_and_update()
+                || (holder.borrow_and_update().is_some() && secret.borrow_and_update().is_some())
+            {
+                return;
+            }
+            tokio::select! {
+                Ok(()) = leading.changed() => {}
+                Ok(()) = holder.changed() => {}
+                Ok(()) = secret.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    /// A stdio server's attachment (the leader's) or the leader's relay (the other
+    /// replicas'), or an HTTP server's URL at its own pod's IP (not the Service, whose label
+    /// selector would also pick a look-alike pod).
     fn endpoint(self: &Arc<Self>, name: &str) -> Result<Endpoint> {
         let (server, _) = self
             .valid(name)
             .ok_or_else(|| OrchestratorError::NotFound(name.to_string()))?;
         let Some((port, path)) = server.http_port_path() else {
-            return Ok(Endpoint::Stdio(StdioEndpoint::new(Arc::new(
-                attach::KubeAttach::new(self.clone(), name.to_string()),
-            ))));
+            if self.leading() {
+                return Ok(Endpoint::Stdio(StdioEndpoint::new(Arc::new(
+                    attach::KubeAttach::new(self.clone(), name.to_string()),
+                ))));
+            }
+            // Never attach beside the leader: the kubelet would merge both replicas' stdin
+            // and copy the server's stdout to each.
+            let not_running = |detail: &str| OrchestratorError::NotRunning {
+                server: name.to_string(),
+                detail: detail.to_string(),
+            };
+            let leader = self.holder_relay.borrow().clone().ok_or_else(|| {
+                not_running("another replica leads and attaches to stdio servers, and its relay is not known yet (GATEHOUSE_ORCHESTRATOR_RELAY_PORT must be set on every replica)")
+            })?;
+            let secret = self
+                .relay_secret
+                .borrow()
+                .clone()
+                .ok_or_else(|| not_running("the relay secret has not been read yet"))?;
+            return Ok(Endpoint::Relay {
+                url: format!("{leader}/relay/{name}"),
+                secret,
+            });
         };
         let ip = self
             .current_pod(name)
@@ -1055,6 +1156,68 @@ impl Inner {
         Ok(Endpoint::Http {
             url: format!("http://{host}:{port}{path}"),
         })
+    }
+}
+
+/// Reads the replicas' relay secret from its Secret, creating it (32 random bytes) when no
+/// replica has yet; retries until it has it.
+async fn relay_secret_task(
+    api: Api<Secret>,
+    name: String,
+    retry_after: Duration,
+    secret: watch::Sender<Option<Arc<str>>>,
+) {
+    const KEY: &str = "secret";
+    let read = |s: &Secret| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(KEY))
+            .and_then(|v| std::str::from_utf8(&v.0).ok())
+            .filter(|v| v.len() >= 32)
+            .map(Arc::<str>::from)
+    };
+    loop {
+        let found = match api.get_opt(&name).await {
+            Ok(Some(s)) => read(&s).ok_or_else(|| {
+                format!("Secret {name} has no key {KEY:?} of at least 32 characters")
+            }),
+            Ok(None) => {
+                let mut raw = [0u8; 32];
+                getrandom::fill(&mut raw).expect("the OS random source is available");
+                let value =
+                    base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw);
+                let new = Secret {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(name.clone()),
+                        // Not `managed-by: gatehouse`: that marks servers' objects.
+                        labels: Some(BTreeMap::from([(
+                            "app.kubernetes.io/part-of".to_string(),
+                            "gatehouse".to_string(),
+                        )])),
+                        ..Default::default()
+                    },
+                    string_data: Some(BTreeMap::from([(KEY.to_string(), value.clone())])),
+                    ..Default::default()
+                };
+                match api.create(&kube::api::PostParams::default(), &new).await {
+                    Ok(_) => Ok(Arc::from(value)),
+                    // Another replica created it first: read theirs next time round.
+                    Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                    Err(e) => Err(format!("creating Secret {name}: {e}")),
+                }
+            }
+            Err(e) => Err(format!("reading Secret {name}: {e}")),
+        };
+        match found {
+            Ok(value) => {
+                secret.send_replace(Some(value));
+                return;
+            }
+            Err(why) => {
+                tracing::warn!("relay secret: {why}");
+                tokio::time::sleep(retry_after).await;
+            }
+        }
     }
 }
 
@@ -1235,6 +1398,10 @@ impl Runtime for KubeRuntime {
         "kubernetes"
     }
 
+    fn relay(&self) -> Option<Arc<RelayAccess>> {
+        self.relay.clone()
+    }
+
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(KubeRuntime::shutdown(self))
     }
@@ -1360,7 +1527,9 @@ impl Runtime for KubeRuntime {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<Endpoint>> {
         async move {
+            let deadline = tokio::time::Instant::now() + timeout;
             self.inner.wait_ready(name, timeout).await?;
+            self.inner.wait_for_relay(name, deadline).await;
             self.inner.endpoint(name)
         }
         .boxed()

@@ -1,0 +1,503 @@
+//! The relay: the leading replica serves its stdio servers to the other gateway replicas.
+//!
+//! On Kubernetes, two replicas attached to one stdio pod would read each other's answers (the
+//! kubelet merges the stdin of every attachment and copies stdout to each), so only the lease
+//! holder attaches ([`crate::orchestrator::kubernetes::attach`]) and the other replicas reach
+//! stdio servers here, as Streamable HTTP at `/relay/{server}`.
+//!
+//! Each relay session stands for one client session of another replica. It joins the server's
+//! shared session through its own [`Link`], exactly as a client session of this replica would,
+//! so what the shared server sends about one caller reaches only that caller's replica and
+//! session. Policy runs on the replica the client talks to, never twice. Every request carries
+//! the replicas' shared secret as a bearer token; a replica that does not lead refuses with
+//! 503, and the caller's next call follows the lease to the new leader.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use http::header::{ACCEPT, AUTHORIZATION, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+use crate::body::Body;
+use crate::gateway::Gateway;
+use crate::mcp::handler::{Reply, json_or_stream};
+use crate::mcp::jsonrpc::{self, Kind, Message, code};
+use crate::mcp::{front, session};
+use crate::orchestrator::RelayAccess;
+use crate::upstream::{CallOpts, Link, Route, ServerMessages, request_progress_token};
+
+/// Path prefix of the relayed servers.
+pub const PATH: &str = "/relay/";
+/// Connections served at once (other replicas hold a few each; the rest is refused).
+const MAX_CONNECTIONS: usize = 1024;
+/// Calls in flight per relay session (the other replica bounds its own sessions' calls too).
+const MAX_IN_FLIGHT: usize = 256;
+/// Messages waiting for a slow reader of a relay session's GET stream.
+const LISTEN_BUFFER: usize = 256;
+const SESSION_HEADER: &str = "mcp-session-id";
+
+/// Why the relay refused a request.
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("the relay secret is wrong or missing")]
+    Unauthorized,
+    #[error("this replica does not lead; ask the lease holder")]
+    NotLeading,
+    #[error("the relay secret is not known yet")]
+    NoSecret,
+    #[error("no orchestrated server is named {0:?}")]
+    UnknownServer(String),
+    #[error("no relay session {0:?} for this server")]
+    UnknownSession(String),
+    #[error("too many relay sessions ({0})")]
+    TooManySessions(usize),
+    #[error("too many calls in flight in this relay session ({0})")]
+    TooBusy(usize),
+    #[error("method {0} is not allowed; use POST, GET or DELETE")]
+    Method(Method),
+    #[error("Accept must include text/event-stream")]
+    Accept,
+    #[error(transparent)]
+    Front(#[from] front::FrontError),
+    #[error("not a JSON-RPC message: {0}")]
+    Parse(#[from] jsonrpc::ParseError),
+    #[error("{0}")]
+    Upstream(#[from] crate::upstream::UpstreamError),
+}
+
+impl RelayError {
+    fn status(&self) -> StatusCode {
+        match self {
+            RelayError::Unauthorized => StatusCode::UNAUTHORIZED,
+            RelayError::NotLeading | RelayError::NoSecret | RelayError::TooManySessions(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            RelayError::UnknownServer(_) | RelayError::UnknownSession(_) => StatusCode::NOT_FOUND,
+            RelayError::TooBusy(_) => StatusCode::TOO_MANY_REQUESTS,
+            RelayError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
+            RelayError::Accept => StatusCode::NOT_ACCEPTABLE,
+            RelayError::Front(e) => e.status(),
+            RelayError::Parse(_) => StatusCode::BAD_REQUEST,
+            RelayError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let code = match &self {
+            RelayError::Parse(e) => e.code(),
+            RelayError::Upstream(e) => e.code(),
+            RelayError::TooBusy(_) => code::TOO_BUSY,
+            _ => code::INVALID_REQUEST,
+        };
+        front::json_response(
+            self.status(),
+            jsonrpc::error_response(None, code, &self.to_string()),
+        )
+    }
+}
+
+/// A running relay.
+pub struct Relay {
+    /// The bound address.
+    pub local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    state: Arc<State>,
+}
+
+impl Relay {
+    /// Stops accepting, and ends every relay session.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        self.state.end_all().await;
+    }
+}
+
+struct State {
+    gw: Arc<Gateway>,
+    access: Arc<RelayAccess>,
+    sessions: DashMap<Arc<str>, Arc<RelaySession>>,
+}
+
+/// One client session of another replica, on one server.
+struct RelaySession {
+    id: Arc<str>,
+    server: Arc<str>,
+    link: Link,
+    sink: Arc<Sink>,
+    used: Mutex<Instant>,
+    in_flight: Mutex<HashMap<Bytes, oneshot::Sender<()>>>,
+    ended: watch::Sender<bool>,
+}
+
+impl RelaySession {
+    fn ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.ended.subscribe();
+        async move {
+            let _ = rx.wait_for(|e| *e).await;
+        }
+    }
+
+    async fn end(&self) {
+        self.ended.send_replace(true);
+        *lock(&self.sink.listen) = None;
+        self.link.close().await;
+    }
+}
+
+/// Where a relay session's server messages go: the stream of the call they concern, else the
+/// session's GET stream.
+#[derive(Default)]
+struct Sink {
+    listen: Mutex<Option<mpsc::Sender<Bytes>>>,
+}
+
+impl ServerMessages for Sink {
+    fn deliver(&self, _index: usize, route: Route, msg: Message) {
+        let to = route
+            .related
+            .filter(|s| !s.is_closed())
+            .or(route.fallback)
+            .or_else(|| lock(&self.listen).clone());
+        if to.is_none_or(|tx| tx.try_send(msg.frame).is_err()) {
+            tracing::debug!("relay: dropped a server message nobody listens for");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Binds `access.listen` and serves the relay until stopped.
+pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Result<Relay> {
+    let listener = TcpListener::bind(access.listen).await?;
+    let local_addr = listener.local_addr()?;
+    access.serving(local_addr);
+    let state = Arc::new(State {
+        gw,
+        access,
+        sessions: DashMap::new(),
+    });
+    let (stop, mut stopped) = watch::channel(false);
+    let task = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+            let mut leading = state.access.leading();
+            let sweep_every = (state.gw.config.mcp.session_idle_timeout / 4)
+                .clamp(Duration::from_millis(100), Duration::from_secs(30));
+            let mut sweep = tokio::time::interval(sweep_every);
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => return,
+                    _ = sweep.tick() => state.sweep(),
+                    // Sessions joined the shared sessions of a leader: they cannot outlive
+                    // its leadership (its attachments end with it).
+                    Ok(()) = leading.changed() => if !*leading.borrow_and_update() {
+                        state.end_all().await;
+                    },
+                    accepted = listener.accept() => {
+                        let Ok((stream, peer)) = accepted else { continue };
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            tracing::debug!(%peer, "relay: too many connections");
+                            continue;
+                        };
+                        let state = state.clone();
+                        tokio::spawn(async move {
+                            let _slot = slot;
+                            let _ = stream.set_nodelay(true);
+                            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                            builder
+                                .http1()
+                                .timer(TokioTimer::new())
+                                .header_read_timeout(state.gw.config.mcp.header_timeout);
+                            let service = service_fn(move |req| {
+                                let state = state.clone();
+                                async move {
+                                    Ok::<_, std::convert::Infallible>(state.handle(req).await)
+                                }
+                            });
+                            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+                                tracing::debug!(%peer, "relay connection ended: {e}");
+                            }
+                        });
+                    }
+                }
+            }
+        })
+    };
+    Ok(Relay {
+        local_addr,
+        stop,
+        task,
+        state,
+    })
+}
+
+impl State {
+    async fn handle(self: &Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        match self.route(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("relay refused a request: {e}");
+                e.into_response()
+            }
+        }
+    }
+
+    /// Compares digests, so the time taken says nothing about the secret.
+    fn authorize(&self, req: &Request<hyper::body::Incoming>) -> Result<(), RelayError> {
+        let secret = self.access.secret().ok_or(RelayError::NoSecret)?;
+        let presented = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let a = Sha256::digest(presented.as_bytes());
+        let b = Sha256::digest(secret.as_bytes());
+        let differ = a
+            .iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+        if differ != 0 {
+            return Err(RelayError::Unauthorized);
+        }
+        Ok(())
+    }
+
+    async fn route(
+        self: &Arc<Self>,
+        req: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Body>, RelayError> {
+        self.authorize(&req)?;
+        if !self.access.is_leading() {
+            return Err(RelayError::NotLeading);
+        }
+        let name = req
+            .uri()
+            .path()
+            .strip_prefix(PATH)
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+            .ok_or_else(|| RelayError::UnknownServer(req.uri().path().to_owned()))?
+            .to_owned();
+        let session = req
+            .headers()
+            .get(SESSION_HEADER)
+            .map(|s| self.session(&name, s));
+        match *req.method() {
+            Method::POST => self.post(&name, session, req).await,
+            Method::GET => {
+                let accepts = req
+                    .headers()
+                    .get_all(ACCEPT)
+                    .iter()
+                    .any(|v| v.to_str().is_ok_and(|v| v.contains("text/event-stream")));
+                if !accepts {
+                    return Err(RelayError::Accept);
+                }
+                Ok(self.listen(session.ok_or(RelayError::UnknownSession(String::new()))??))
+            }
+            Method::DELETE => {
+                let session = session.ok_or(RelayError::UnknownSession(String::new()))??;
+                self.sessions.remove(&session.id);
+                session.end().await;
+                Ok(front::accepted())
+            }
+            ref m => Err(RelayError::Method(m.clone())),
+        }
+    }
+
+    fn session(&self, server: &str, id: &HeaderValue) -> Result<Arc<RelaySession>, RelayError> {
+        let id = id.to_str().unwrap_or_default();
+        self.sessions
+            .get(id)
+            .map(|s| s.value().clone())
+            .filter(|s| *s.server == *server)
+            .ok_or_else(|| RelayError::UnknownSession(id.chars().take(64).collect()))
+    }
+
+    async fn post(
+        self: &Arc<Self>,
+        server: &str,
+        session: Option<Result<Arc<RelaySession>, RelayError>>,
+        req: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Body>, RelayError> {
+        let body = front::read_body(&self.gw, req).await?;
+        let msg = jsonrpc::parse(body)?;
+        let session = match (session, &msg.kind) {
+            (None, Kind::Request { id, method, params }) if &**method == "initialize" => {
+                return self.open(server, id, params.clone()).await;
+            }
+            (None, _) => return Err(RelayError::UnknownSession(String::new())),
+            (Some(s), _) => s?,
+        };
+        *lock(&session.used) = Instant::now();
+        match msg.kind {
+            Kind::Request { id, method, params } => self.call(&session, id, method, params).await,
+            Kind::Notification { method, params } => {
+                match &*method {
+                    "notifications/initialized" => {}
+                    "notifications/cancelled" => {
+                        #[derive(serde::Deserialize)]
+                        struct P<'a> {
+                            #[serde(borrow, rename = "requestId")]
+                            id: &'a serde_json::value::RawValue,
+                        }
+                        let cancelled = params
+                            .as_deref()
+                            .and_then(|p| serde_json::from_slice::<P<'_>>(p).ok())
+                            .and_then(|p| lock(&session.in_flight).remove(p.id.get().as_bytes()));
+                        if let Some(cancel) = cancelled {
+                            let _ = cancel.send(());
+                        }
+                    }
+                    _ => session.link.notify(&method, params.as_deref()).await,
+                }
+                Ok(front::accepted())
+            }
+            Kind::Response { id, outcome } => {
+                session.link.respond(&id, &outcome).await;
+                Ok(front::accepted())
+            }
+        }
+    }
+
+    /// `initialize`: a new relay session, joined to the server's shared session.
+    async fn open(
+        self: &Arc<Self>,
+        server: &str,
+        id: &Bytes,
+        params: Option<Bytes>,
+    ) -> Result<Response<Body>, RelayError> {
+        let max = self.gw.config.mcp.max_sessions;
+        if self.sessions.len() >= max {
+            return Err(RelayError::TooManySessions(max));
+        }
+        let upstream = self
+            .gw
+            .topology()
+            .servers
+            .iter()
+            .find(|s| *s.name == *server && s.orchestrated.is_some())
+            .cloned()
+            .ok_or_else(|| RelayError::UnknownServer(server.to_owned()))?;
+        let sink = Arc::new(Sink::default());
+        let link = Link::new(
+            upstream,
+            None,
+            sink.clone(),
+            params.unwrap_or_else(|| Bytes::from_static(b"{}")),
+        );
+        if let Err(e) = link.connection().await {
+            link.close().await;
+            return Err(e.into());
+        }
+        let result = link
+            .init_result()
+            .unwrap_or_else(|| Bytes::from_static(b"{}"));
+        let session = Arc::new(RelaySession {
+            id: session::new_id(),
+            server: Arc::from(server),
+            link,
+            sink,
+            used: Mutex::new(Instant::now()),
+            in_flight: Mutex::new(HashMap::new()),
+            ended: watch::Sender::new(false),
+        });
+        self.sessions.insert(session.id.clone(), session.clone());
+        let mut resp = front::json_response(
+            StatusCode::OK,
+            jsonrpc::response(id, &jsonrpc::Outcome::Result(result)),
+        );
+        resp.headers_mut().insert(
+            SESSION_HEADER,
+            HeaderValue::from_str(&session.id).expect("session ids are header-safe"),
+        );
+        Ok(resp)
+    }
+
+    async fn call(
+        &self,
+        session: &Arc<RelaySession>,
+        id: Bytes,
+        method: Box<str>,
+        params: Option<Bytes>,
+    ) -> Result<Response<Body>, RelayError> {
+        let (cancel_tx, cancel) = oneshot::channel();
+        {
+            let mut in_flight = lock(&session.in_flight);
+            if in_flight.len() >= MAX_IN_FLIGHT {
+                return Err(RelayError::TooBusy(MAX_IN_FLIGHT));
+            }
+            in_flight.insert(id.clone(), cancel_tx);
+        }
+        let (events, events_rx) = mpsc::channel::<Bytes>(64);
+        let opts = CallOpts {
+            events: Some(events),
+            cancel: Some(cancel),
+            progress_token: params.as_deref().and_then(request_progress_token),
+            ..CallOpts::default()
+        };
+        let call = {
+            let session = session.clone();
+            async move {
+                let outcome = session.link.call(&method, params.as_deref(), opts).await;
+                lock(&session.in_flight).remove(&id);
+                match outcome {
+                    Ok(outcome) => jsonrpc::response(&id, &outcome),
+                    Err(e) => jsonrpc::error_response(Some(&id), e.code(), &e.to_string()),
+                }
+            }
+        };
+        Ok(
+            match json_or_stream(call, events_rx, session.ended()).await {
+                Reply::Json(frame) => front::json_response(StatusCode::OK, frame),
+                Reply::Refused(status, frame) => front::json_response(status, frame),
+                Reply::Stream(rx) => front::sse_response(rx),
+            },
+        )
+    }
+
+    /// GET: the session's stream of server messages no call explains (list changes,
+    /// resource updates). A newer stream replaces an older one.
+    fn listen(&self, session: Arc<RelaySession>) -> Response<Body> {
+        let (tx, rx) = mpsc::channel::<Bytes>(LISTEN_BUFFER);
+        *lock(&session.sink.listen) = Some(tx.clone());
+        front::keep_alive(tx, self.gw.config.mcp.sse_keepalive, session.ended());
+        front::sse_response(rx)
+    }
+
+    /// Ends relay sessions unused for twice the client session idle timeout (their replica
+    /// ends its own sessions after one, and says so with DELETE unless it died).
+    fn sweep(&self) {
+        let idle = self.gw.config.mcp.session_idle_timeout * 2;
+        let expired: Vec<Arc<RelaySession>> = self
+            .sessions
+            .iter()
+            .filter(|s| lock(&s.used).elapsed() > idle)
+            .map(|s| s.value().clone())
+            .collect();
+        for s in expired {
+            self.sessions.remove(&s.id);
+            tokio::spawn(async move { s.end().await });
+        }
+    }
+
+    async fn end_all(&self) {
+        let all: Vec<Arc<RelaySession>> = self.sessions.iter().map(|s| s.value().clone()).collect();
+        self.sessions.clear();
+        futures_util::future::join_all(all.iter().map(|s| s.end())).await;
+    }
+}
