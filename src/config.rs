@@ -91,6 +91,10 @@ pub struct RawOrchestrator {
     /// unauthenticated sessions under `per-principal`).
     #[serde(default)]
     pub max_private_processes: Option<usize>,
+    /// Relay sessions the Lease holder serves to the other replicas (one per client session
+    /// of theirs per stdio server).
+    #[serde(default)]
+    pub max_relay_sessions: Option<usize>,
 }
 
 /// Raw admin API settings.
@@ -297,6 +301,8 @@ pub struct OrchestratorSettings {
     pub call_timeout: Duration,
     /// Per-server cap on processes started for single sessions.
     pub max_private_processes: usize,
+    /// Cap on relay sessions served to the other replicas.
+    pub max_relay_sessions: usize,
 }
 
 impl OrchestratorSettings {
@@ -635,6 +641,11 @@ impl RawConfig {
                 "orchestrator.max_private_processes",
                 self.orchestrator.max_private_processes,
                 64,
+            )?,
+            max_relay_sessions: at_least_one(
+                "orchestrator.max_relay_sessions",
+                self.orchestrator.max_relay_sessions,
+                4096,
             )?,
         };
         let mut servers = Vec::with_capacity(self.servers.len());

@@ -37,8 +37,11 @@ use crate::upstream::{CallOpts, Link, Route, ServerMessages, request_progress_to
 
 /// Path prefix of the relayed servers.
 pub const PATH: &str = "/relay/";
-/// Connections served at once (other replicas hold a few each; the rest is refused).
-const MAX_CONNECTIONS: usize = 1024;
+/// Connections served at once. Other replicas hold one each (HTTP/2, every session and stream
+/// multiplexed); the rest is headroom for their reconnections.
+const MAX_CONNECTIONS: usize = 256;
+/// How often an idle HTTP/2 connection is pinged, and how long a ping may go unanswered.
+const PING: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(20));
 /// Calls in flight per relay session (the other replica bounds its own sessions' calls too).
 const MAX_IN_FLIGHT: usize = 256;
 /// Messages waiting for a slow reader of a relay session's GET stream.
@@ -58,6 +61,10 @@ enum RelayError {
     UnknownServer(String),
     #[error("no relay session {0:?} for this server")]
     UnknownSession(String),
+    #[error("this request needs an Mcp-Session-Id (only initialize opens a session)")]
+    NoSession,
+    #[error("request id {0} is already in flight in this relay session")]
+    DuplicateId(String),
     #[error("too many relay sessions ({0})")]
     TooManySessions(usize),
     #[error("too many calls in flight in this relay session ({0})")]
@@ -70,7 +77,7 @@ enum RelayError {
     Front(#[from] front::FrontError),
     #[error("not a JSON-RPC message: {0}")]
     Parse(#[from] jsonrpc::ParseError),
-    #[error("{0}")]
+    #[error(transparent)]
     Upstream(#[from] crate::upstream::UpstreamError),
 }
 
@@ -82,6 +89,7 @@ impl RelayError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             RelayError::UnknownServer(_) | RelayError::UnknownSession(_) => StatusCode::NOT_FOUND,
+            RelayError::NoSession | RelayError::DuplicateId(_) => StatusCode::BAD_REQUEST,
             RelayError::TooBusy(_) => StatusCode::TOO_MANY_REQUESTS,
             RelayError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             RelayError::Accept => StatusCode::NOT_ACCEPTABLE,
@@ -95,7 +103,8 @@ impl RelayError {
         let code = match &self {
             RelayError::Parse(e) => e.code(),
             RelayError::Upstream(e) => e.code(),
-            RelayError::TooBusy(_) => code::TOO_BUSY,
+            RelayError::TooBusy(_) | RelayError::TooManySessions(_) => code::TOO_BUSY,
+            RelayError::NotLeading | RelayError::NoSecret => code::UPSTREAM_UNAVAILABLE,
             _ => code::INVALID_REQUEST,
         };
         front::json_response(
@@ -127,6 +136,8 @@ struct State {
     gw: Arc<Gateway>,
     access: Arc<RelayAccess>,
     sessions: DashMap<Arc<str>, Arc<RelaySession>>,
+    /// One permit per relay session (`orchestrator.max_relay_sessions`).
+    session_slots: Arc<Semaphore>,
 }
 
 /// One client session of another replica, on one server.
@@ -138,6 +149,20 @@ struct RelaySession {
     used: Mutex<Instant>,
     in_flight: Mutex<HashMap<Bytes, oneshot::Sender<()>>>,
     ended: watch::Sender<bool>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// A call's place in its session's in-flight table, freed however the call ends (answered,
+/// or dropped with its stream).
+struct InFlight {
+    session: Arc<RelaySession>,
+    id: Bytes,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        lock(&self.session.in_flight).remove(&self.id);
+    }
 }
 
 impl RelaySession {
@@ -152,6 +177,14 @@ impl RelaySession {
         self.ended.send_replace(true);
         *lock(&self.sink.listen) = None;
         self.link.close().await;
+    }
+
+    /// In use: a call in flight or a listen stream open (its replica's client is there).
+    fn busy(&self) -> bool {
+        !lock(&self.in_flight).is_empty()
+            || lock(&self.sink.listen)
+                .as_ref()
+                .is_some_and(|tx| !tx.is_closed())
     }
 }
 
@@ -185,6 +218,7 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
     let local_addr = listener.local_addr()?;
     access.serving(local_addr);
     let state = Arc::new(State {
+        session_slots: Arc::new(Semaphore::new(gw.config.orchestrator.max_relay_sessions)),
         gw,
         access,
         sessions: DashMap::new(),
@@ -205,7 +239,8 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
                     // Sessions joined the shared sessions of a leader: they cannot outlive
                     // its leadership (its attachments end with it).
                     Ok(()) = leading.changed() => if !*leading.borrow_and_update() {
-                        state.end_all().await;
+                        let state = state.clone();
+                        tokio::spawn(async move { state.end_all().await });
                     },
                     accepted = listener.accept() => {
                         let Ok((stream, peer)) = accepted else { continue };
@@ -222,6 +257,11 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
                                 .http1()
                                 .timer(TokioTimer::new())
                                 .header_read_timeout(state.gw.config.mcp.header_timeout);
+                            builder
+                                .http2()
+                                .timer(TokioTimer::new())
+                                .keep_alive_interval(Some(PING.0))
+                                .keep_alive_timeout(PING.1);
                             let service = service_fn(move |req| {
                                 let state = state.clone();
                                 async move {
@@ -307,10 +347,10 @@ impl State {
                 if !accepts {
                     return Err(RelayError::Accept);
                 }
-                Ok(self.listen(session.ok_or(RelayError::UnknownSession(String::new()))??))
+                Ok(self.listen(session.ok_or(RelayError::NoSession)??))
             }
             Method::DELETE => {
-                let session = session.ok_or(RelayError::UnknownSession(String::new()))??;
+                let session = session.ok_or(RelayError::NoSession)??;
                 self.sessions.remove(&session.id);
                 session.end().await;
                 Ok(front::accepted())
@@ -340,7 +380,7 @@ impl State {
             (None, Kind::Request { id, method, params }) if &**method == "initialize" => {
                 return self.open(server, id, params.clone()).await;
             }
-            (None, _) => return Err(RelayError::UnknownSession(String::new())),
+            (None, _) => return Err(RelayError::NoSession),
             (Some(s), _) => s?,
         };
         *lock(&session.used) = Instant::now();
@@ -381,10 +421,13 @@ impl State {
         id: &Bytes,
         params: Option<Bytes>,
     ) -> Result<Response<Body>, RelayError> {
-        let max = self.gw.config.mcp.max_sessions;
-        if self.sessions.len() >= max {
-            return Err(RelayError::TooManySessions(max));
-        }
+        let slot = self
+            .session_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                RelayError::TooManySessions(self.gw.config.orchestrator.max_relay_sessions)
+            })?;
         let upstream = self
             .gw
             .topology()
@@ -399,10 +442,17 @@ impl State {
             None,
             sink.clone(),
             params.unwrap_or_else(|| Bytes::from_static(b"{}")),
-        );
+        )
+        .attached_only();
         if let Err(e) = link.connection().await {
             link.close().await;
             return Err(e.into());
+        }
+        // Leadership may have moved while connecting: a session opened now would outlive
+        // the sweep that ended the others.
+        if !self.access.is_leading() {
+            link.close().await;
+            return Err(RelayError::NotLeading);
         }
         let result = link
             .init_result()
@@ -415,6 +465,7 @@ impl State {
             used: Mutex::new(Instant::now()),
             in_flight: Mutex::new(HashMap::new()),
             ended: watch::Sender::new(false),
+            _slot: slot,
         });
         self.sessions.insert(session.id.clone(), session.clone());
         let mut resp = front::json_response(
@@ -441,8 +492,17 @@ impl State {
             if in_flight.len() >= MAX_IN_FLIGHT {
                 return Err(RelayError::TooBusy(MAX_IN_FLIGHT));
             }
+            if in_flight.contains_key(&id) {
+                return Err(RelayError::DuplicateId(
+                    String::from_utf8_lossy(&id).chars().take(64).collect(),
+                ));
+            }
             in_flight.insert(id.clone(), cancel_tx);
         }
+        let tracked = InFlight {
+            session: session.clone(),
+            id: id.clone(),
+        };
         let (events, events_rx) = mpsc::channel::<Bytes>(64);
         let opts = CallOpts {
             events: Some(events),
@@ -454,7 +514,7 @@ impl State {
             let session = session.clone();
             async move {
                 let outcome = session.link.call(&method, params.as_deref(), opts).await;
-                lock(&session.in_flight).remove(&id);
+                drop(tracked);
                 match outcome {
                     Ok(outcome) => jsonrpc::response(&id, &outcome),
                     Err(e) => jsonrpc::error_response(Some(&id), e.code(), &e.to_string()),
@@ -473,20 +533,22 @@ impl State {
     /// GET: the session's stream of server messages no call explains (list changes,
     /// resource updates). A newer stream replaces an older one.
     fn listen(&self, session: Arc<RelaySession>) -> Response<Body> {
+        *lock(&session.used) = Instant::now();
         let (tx, rx) = mpsc::channel::<Bytes>(LISTEN_BUFFER);
         *lock(&session.sink.listen) = Some(tx.clone());
         front::keep_alive(tx, self.gw.config.mcp.sse_keepalive, session.ended());
         front::sse_response(rx)
     }
 
-    /// Ends relay sessions unused for twice the client session idle timeout (their replica
-    /// ends its own sessions after one, and says so with DELETE unless it died).
+    /// Ends relay sessions left idle (no call, no listen stream) for twice the client session
+    /// idle timeout: their replica ends its own sessions after one, and says so with DELETE
+    /// unless it died.
     fn sweep(&self) {
         let idle = self.gw.config.mcp.session_idle_timeout * 2;
         let expired: Vec<Arc<RelaySession>> = self
             .sessions
             .iter()
-            .filter(|s| lock(&s.used).elapsed() > idle)
+            .filter(|s| !s.busy() && lock(&s.used).elapsed() > idle)
             .map(|s| s.value().clone())
             .collect();
         for s in expired {

@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use serde_json::{Value, json};
 use support::{Client, TestGateway, eventually, example};
 
@@ -170,56 +170,10 @@ async fn progress_streams_back_as_sse_with_the_clients_token() {
     assert_eq!(last["result"]["content"][0]["text"], "done after 0.3s");
 }
 
-/// Reads SSE messages from a streaming response one at a time.
-struct SseReader {
-    body: hyper::body::Incoming,
-    buf: String,
-}
-
-impl SseReader {
-    async fn next(&mut self) -> Option<Value> {
-        loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let ev: String = self.buf.drain(..end + 2).collect();
-                let data: Vec<&str> = ev
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data: "))
-                    .collect();
-                if !data.is_empty() {
-                    return Some(serde_json::from_str(&data.join("\n")).unwrap());
-                }
-                continue;
-            }
-            let frame = tokio::time::timeout(Duration::from_secs(10), self.body.frame())
-                .await
-                .ok()??
-                .ok()?;
-            if let Ok(d) = frame.into_data() {
-                self.buf.push_str(&String::from_utf8_lossy(&d));
-            }
-        }
-    }
-}
-
-async fn stream(c: &Client, body: Value) -> SseReader {
-    let req = c
-        .request("POST", Bytes::new())
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let resp = c.http.request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    SseReader {
-        body: resp.into_body(),
-        buf: String::new(),
-    }
-}
-
 #[tokio::test]
 async fn sampling_requests_reach_the_client_and_answers_reach_the_upstream() {
     let (_gw, c) = two().await;
-    let mut s = stream(&c, json!({"jsonrpc":"2.0","id":41,"method":"tools/call","params":{"name":"a__sample","arguments":{"prompt":"2+2?"}}})).await;
+    let mut s = c.stream(json!({"jsonrpc":"2.0","id":41,"method":"tools/call","params":{"name":"a__sample","arguments":{"prompt":"2+2?"}}})).await;
     let req = s.next().await.expect("sampling request");
     assert_eq!(req["method"], "sampling/createMessage");
     assert_eq!(req["params"]["messages"][0]["content"]["text"], "2+2?");

@@ -467,6 +467,29 @@ async fn replicas_share_a_stdio_server_through_the_leader_and_each_call_gets_its
         r.response()["result"]["content"][0]["text"],
         "done after 0.3s"
     );
+    // A server request about a call through the follower reaches its client, and the
+    // client's answer reaches the server through the relay.
+    let mut asker = follower.client();
+    asker.initialize(json!({"sampling": {}})).await;
+    let mut s = asker
+        .stream(json!({"jsonrpc":"2.0","id":98,"method":"tools/call",
+            "params":{"name":"sample","arguments":{"prompt":"2+2?"}}}))
+        .await;
+    let req = s.next().await.expect("sampling request");
+    assert_eq!(req["method"], "sampling/createMessage", "{req}");
+    let ack = asker
+        .post(
+            json!({"jsonrpc":"2.0","id":req["id"],"result":{"role":"assistant","model":"m",
+                "content":{"type":"text","text":"four"}}})
+            .to_string(),
+        )
+        .await;
+    assert_eq!(ack.status, 202, "{}", ack.body);
+    let done = s.next().await.expect("final response");
+    assert_eq!(
+        done["result"]["content"][0]["text"], "model said: four",
+        "{done}"
+    );
     // Another session of the follower saw none of it.
     let (other, _) = &sessions[4];
     assert_eq!(other.tool_text(100, "whoami", json!({})).await, "tools");
@@ -579,7 +602,7 @@ async fn the_relay_answers_only_the_replicas_and_only_on_the_leader() {
         json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}).to_string(),
     )
     .await;
-    assert_eq!(r.status, 404, "no session, no call: {}", r.body);
+    assert_eq!(r.status, 400, "no session, no call: {}", r.body);
     let r = post(leader_relay, "/relay/tools", Some(&secret), init).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.headers.contains_key("mcp-session-id"));

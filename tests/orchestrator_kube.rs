@@ -1168,3 +1168,119 @@ async fn an_attachment_ends_when_its_pod_is_gone() {
         assert!(init["result"]["serverInfo"].is_object(), "{init}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_goes_only_to_a_relay_its_leader_signed() {
+    let fake = FakeKube::start().await;
+    // Someone who may write the Lease (but not read the replicas' secret) names their own
+    // address as the holder's relay.
+    let forged = |signature: &str| {
+        json!({"gatehouse.dev/relay": "http://evil.example:80",
+               "gatehouse.dev/relay-signature": signature})
+    };
+    fake.create(
+        Kind::Lease,
+        NS,
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "gatehouse-orchestrator", "annotations": forged("AAAA")},
+            "spec": {"holderIdentity": "mallory", "leaseDurationSeconds": 3600}}),
+    );
+    let lease = LeaseSettings {
+        lease_duration: Duration::from_millis(800),
+        renew_every: Duration::from_millis(150),
+        retry_every: Duration::from_millis(100),
+        ..LeaseSettings::new("gatehouse-orchestrator", "replica-a")
+    };
+    let rt = KubeRuntime::start_with_client(
+        fake.client(NS),
+        NS.into(),
+        Some(lease),
+        KubeOptions {
+            relay_listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..options()
+        },
+    );
+    rt.apply(
+        example("s", "ghcr.io/gatehouse/example:1", &[])
+            .resolve()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let secret = eventually("the relay secret", Duration::from_secs(5), || {
+        let s = fake.get(Kind::Secret, NS, "gatehouse-orchestrator-relay")?;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(s["data"]["secret"].as_str()?)
+            .ok()?;
+        String::from_utf8(raw).ok()
+    })
+    .await;
+    // Several election rounds: the follower never goes to the forged address.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!rt.is_leader());
+    let err = rt.endpoint("s").await.unwrap_err();
+    assert!(err.to_string().contains("relay"), "{err}");
+
+    // Signed with the secret, for that holder: followed.
+    let sign = |holder: &str| {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(format!("{holder}\nhttp://evil.example:80").as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    };
+    // A signature of another holder's relay does not carry over.
+    fake.patch(
+        Kind::Lease,
+        NS,
+        "gatehouse-orchestrator",
+        json!({"metadata": {"annotations": forged(&sign("someone-else"))}}),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rt.endpoint("s").await.is_err());
+    fake.patch(
+        Kind::Lease,
+        NS,
+        "gatehouse-orchestrator",
+        json!({"metadata": {"annotations": forged(&sign("mallory"))}}),
+    );
+    let start = Instant::now();
+    let url = loop {
+        if let Ok(Endpoint::Relay { url, .. }) = rt.endpoint("s").await {
+            break url;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the signed relay is followed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(url, "http://evil.example:80/relay/s");
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_renew_lets_go_before_anyone_may_take_over() {
+    let fake = FakeKube::start().await;
+    let duration = Duration::from_millis(900);
+    let lease = LeaseSettings {
+        lease_duration: duration,
+        renew_every: Duration::from_millis(150),
+        retry_every: Duration::from_millis(100),
+        ..LeaseSettings::new("gatehouse-orchestrator", "replica-a")
+    };
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), Some(lease), options());
+    eventually("leads", Duration::from_secs(5), || {
+        rt.is_leader().then_some(())
+    })
+    .await;
+    // A renewal that succeeds now is the last: the API server stops answering (a partition;
+    // the client's own timeout is minutes long).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    fake.configure(|s| s.stall_paths = vec!["/apis/coordination.k8s.io".into()]);
+    let stalled = Instant::now();
+    // Another replica may take the lease a whole duration after it last saw it change,
+    // which is no earlier than our last renewal was sent: we must have let go by then.
+    eventually("let go", duration, || (!rt.is_leader()).then_some(())).await;
+    assert!(stalled.elapsed() < duration);
+    rt.shutdown().await;
+}

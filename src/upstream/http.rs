@@ -37,6 +37,18 @@ pub type Client =
 
 /// Builds the pooled client used for every HTTP upstream.
 pub fn client() -> Client {
+    builder(false)
+}
+
+/// The client of relayed servers: HTTP/2 without TLS (prior knowledge) to the leading
+/// replica, so every session and listen stream of this replica shares one connection instead
+/// of holding one each.
+pub fn relay_client() -> &'static Client {
+    static RELAY: std::sync::OnceLock<Client> = std::sync::OnceLock::new();
+    RELAY.get_or_init(|| builder(true))
+}
+
+fn builder(http2_only: bool) -> Client {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -52,6 +64,7 @@ pub fn client() -> Client {
         // connection the server is closing: a POST that loses that race cannot be retried.
         .pool_idle_timeout(std::time::Duration::from_secs(4))
         .pool_max_idle_per_host(256)
+        .http2_only(http2_only)
         .build(https)
 }
 
@@ -63,6 +76,8 @@ pub struct Connection {
     pub(crate) server: Arc<Server>,
     pub(crate) next_id: AtomicU64,
     deliver: Deliver,
+    /// The client to send with, when not the server's pooled one.
+    client: Option<&'static Client>,
     url: http::Uri,
     headers: http::HeaderMap,
     session_id: Mutex<Option<HeaderValue>>,
@@ -79,6 +94,7 @@ impl Connection {
         deliver: Deliver,
     ) -> Self {
         Connection {
+            client: None,
             server,
             next_id: AtomicU64::new(1),
             deliver,
@@ -88,6 +104,21 @@ impl Connection {
             protocol_version: Mutex::new(None),
             listen_task: Mutex::new(None),
         }
+    }
+
+    /// Sends through `client` rather than the server's pooled one.
+    pub fn with_client(mut self, client: &'static Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    fn client(&self) -> &Client {
+        self.client.unwrap_or(&self.server.http)
+    }
+
+    /// The URL this connection posts to.
+    pub fn url(&self) -> &http::Uri {
+        &self.url
     }
 
     /// Remembers the negotiated protocol version for the `MCP-Protocol-Version` header.
@@ -149,8 +180,7 @@ impl Connection {
         let req = self.request(Method::POST, frame, "application/json, text/event-stream")?;
         let had_session = req.headers().contains_key(MCP_SESSION_ID);
         let resp = self
-            .server
-            .http
+            .client()
             .request(req)
             .await
             .map_err(|e| self.server.unavailable(connect_reason(&e)))?;
@@ -334,7 +364,7 @@ impl Connection {
     /// Reads one GET stream until it ends, stays silent for `idle`, or breaks a size limit.
     async fn listen_once(&self, idle: Duration) -> Result<ListenEnd, UpstreamError> {
         let req = self.request(Method::GET, Bytes::new(), "text/event-stream")?;
-        let resp = tokio::time::timeout(idle, self.server.http.request(req))
+        let resp = tokio::time::timeout(idle, self.client().request(req))
             .await
             .map_err(|_| self.server.unavailable("GET stream: no answer"))?
             .map_err(|e| self.server.unavailable(connect_reason(&e)))?;
@@ -398,7 +428,7 @@ impl Connection {
         ) {
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
-                self.server.http.request(req),
+                self.client().request(req),
             )
             .await;
         }

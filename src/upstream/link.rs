@@ -42,6 +42,8 @@ pub struct Link {
     /// The connection goes through the leading replica's relay: when the relay fails, the
     /// next call asks the orchestrator again (leadership may have moved).
     relayed: AtomicBool,
+    /// Never through a relay: this link is a relay's, on the replica that leads.
+    attach_only: bool,
 }
 
 /// First pages of list methods, valid for one upstream session (link generation) until the
@@ -107,7 +109,15 @@ impl Link {
             private_slot: Mutex::new(None),
             private_definition: AtomicU64::new(0),
             relayed: AtomicBool::new(false),
+            attach_only: false,
         }
+    }
+
+    /// A link that reaches a stdio server only by attaching, never through another replica's
+    /// relay (the relay's own links: a relay must not chain to another one).
+    pub fn attached_only(mut self) -> Self {
+        self.attach_only = true;
+        self
     }
 
     /// The first page of a list (no cursor): from the cache while the upstream session that
@@ -127,7 +137,11 @@ impl Link {
         };
         let outcome = self.call(method, None, CallOpts::default()).await?;
         let capability = CACHED_LISTS.iter().find(|(m, _)| *m == method).map(|c| c.1);
+        // Through a relay, change announcements reach this replica only on a listen stream,
+        // which a session may not have: nothing would invalidate the copy.
+        let relayed = self.relayed.load(Ordering::Acquire);
         if let Outcome::Result(page) = &outcome
+            && !relayed
             && let Some(capability) = capability
             && self.generation.load(Ordering::Acquire) == generation
             && self
@@ -258,16 +272,24 @@ impl Link {
                     Ordering::Release,
                 );
                 match ready {
+                    orchestrated::Ready::Relay(..) if self.attach_only => {
+                        return Err(server.unavailable(
+                            "this replica no longer leads; ask the one that holds the lease",
+                        ));
+                    }
                     orchestrated::Ready::Relay(url, headers) => {
                         // The leader's relay joins the shared session on our behalf; a
                         // membership from when this replica led is left.
                         drop(self.shared.lock().unwrap_or_else(|e| e.into_inner()).take());
-                        Connection::Http(super::http::Connection::new(
-                            server.clone(),
-                            url,
-                            headers,
-                            self.deliver.clone(),
-                        ))
+                        Connection::Http(
+                            super::http::Connection::new(
+                                server.clone(),
+                                url,
+                                headers,
+                                self.deliver.clone(),
+                            )
+                            .with_client(super::http::relay_client()),
+                        )
                     }
                     orchestrated::Ready::Http(url) => {
                         Connection::Http(super::http::Connection::new(
@@ -410,9 +432,9 @@ impl Link {
                 self.server
                     .metrics
                     .set_upstream_up(self.server.label, false);
-                if self.relayed.load(Ordering::Acquire) {
-                    // The relay's replica may have stopped leading, or be gone: the next call
-                    // follows the lease to whoever leads now.
+                if self.relayed.load(Ordering::Acquire) && self.relay_moved(&conn).await {
+                    // The relay's replica stopped leading, or is gone: the next call follows
+                    // the lease to whoever leads now.
                     self.forget(&conn);
                     tokio::spawn(async move { conn.shutdown().await });
                 }
@@ -446,6 +468,18 @@ impl Link {
             && let Connection::Http(h) = &*c
         {
             h.open_listen_stream(c.clone());
+        }
+    }
+
+    /// Whether the orchestrator now names another way to the server than `conn`'s relay (a
+    /// failed call alone says nothing: the relay session still holds the client's others).
+    async fn relay_moved(&self, conn: &Connection) -> bool {
+        let (Some(o), Connection::Http(h)) = (&self.server.orchestrated, conn) else {
+            return false;
+        };
+        match o.runtime.endpoint(&self.server.name).await {
+            Ok(crate::orchestrator::Endpoint::Relay { url, .. }) => *h.url() != *url,
+            _ => true,
         }
     }
 

@@ -185,6 +185,8 @@ pub struct Settings {
     pub attach_protocols: Vec<&'static str>,
     /// Paths (prefixes) that answer 500, to inject API faults.
     pub fail_paths: Vec<String>,
+    /// Paths (prefixes) that never answer, as behind a network partition.
+    pub stall_paths: Vec<String>,
     /// Attach websockets stay open after their pod is deleted, as when the node holding
     /// the pod is lost and the connection is half-open.
     pub attachments_outlive_pods: bool,
@@ -196,6 +198,7 @@ impl Default for Settings {
             crash_backoff: Duration::from_millis(200),
             attach_protocols: vec!["v5.channel.k8s.io", "v4.channel.k8s.io"],
             fail_paths: Vec::new(),
+            stall_paths: Vec::new(),
             attachments_outlive_pods: false,
         }
     }
@@ -874,6 +877,16 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         .any(|p| path.starts_with(p.as_str()))
     {
         return error(500, "InternalError", "injected fault");
+    }
+    let stalled = {
+        let settings = shared.settings.lock().unwrap();
+        settings
+            .stall_paths
+            .iter()
+            .any(|p| path.starts_with(p.as_str()))
+    };
+    if stalled {
+        std::future::pending::<()>().await;
     }
     let q = query_map(&query);
 

@@ -262,3 +262,54 @@ where
     }
     panic!("timed out waiting for {what}");
 }
+
+/// Reads SSE messages from a streaming response one at a time.
+pub struct SseReader {
+    body: hyper::body::Incoming,
+    buf: String,
+}
+
+impl SseReader {
+    pub async fn next(&mut self) -> Option<Value> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let ev: String = self.buf.drain(..end + 2).collect();
+                let data: Vec<&str> = ev
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .collect();
+                if !data.is_empty() {
+                    return Some(serde_json::from_str(&data.join("\n")).unwrap());
+                }
+                continue;
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(10), self.body.frame())
+                .await
+                .ok()??
+                .ok()?;
+            if let Ok(d) = frame.into_data() {
+                self.buf.push_str(&String::from_utf8_lossy(&d));
+            }
+        }
+    }
+}
+
+impl Client {
+    /// POSTs a message and returns its SSE answer, to read one message at a time (a call that
+    /// needs the client's answer mid-way).
+    pub async fn stream(&self, body: Value) -> SseReader {
+        let req = self
+            .request("POST", Bytes::new())
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2025-11-25")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let resp = self.http.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        SseReader {
+            body: resp.into_body(),
+            buf: String::new(),
+        }
+    }
+}

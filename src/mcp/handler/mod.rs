@@ -41,7 +41,7 @@ pub enum Reply {
 ///
 /// The stream's task ends when `ended` resolves (the session is over) or the client stops
 /// listening; either way dropping `call` cancels it upstream.
-pub async fn json_or_stream(
+pub(crate) async fn json_or_stream(
     call: impl Future<Output = Bytes> + Send + 'static,
     mut events: mpsc::Receiver<Bytes>,
     ended: impl Future<Output = ()> + Send + 'static,

@@ -6,8 +6,14 @@
 //! write carries the resourceVersion it read, so two candidates racing for the same
 //! lease get one success and one 409 Conflict.
 //!
-//! The holder also writes where its relay listens ([`RELAY_ANNOTATION`]): the other replicas
-//! reach stdio servers through it, since only the holder attaches to their pods.
+//! A holder whose renewals fail stops leading two thirds of a lease duration after it sent its
+//! last successful renewal (each round is bounded by a third), so it has let go before any
+//! other replica may take the lease: two replicas never lead (and attach) at once.
+//!
+//! The holder also writes where its relay listens ([`RELAY_ANNOTATION`]), signed with the
+//! replicas' secret together with its identity ([`RELAY_SIGNATURE_ANNOTATION`]): the other
+//! replicas reach stdio servers through it, since only the holder attaches to their pods, and
+//! they follow (and send the secret to) no address a mere writer of the Lease put there.
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +25,37 @@ use tokio::sync::watch;
 
 /// Annotation of the Lease naming the holder's relay (its base URL).
 pub const RELAY_ANNOTATION: &str = "gatehouse.dev/relay";
+/// Annotation of the Lease: HMAC-SHA256 (the replicas' secret) of the holder and its relay.
+pub const RELAY_SIGNATURE_ANNOTATION: &str = "gatehouse.dev/relay-signature";
+
+/// HMAC-SHA256 keyed by the replicas' secret over the holder and its relay's address.
+fn relay_mac(secret: &str, holder: &str, url: &str) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes keys of any length");
+    // Neither a pod name nor a URL holds a newline: the split is unambiguous.
+    mac.update(holder.as_bytes());
+    mac.update(b"\n");
+    mac.update(url.as_bytes());
+    mac
+}
+
+/// The signature of `holder`'s relay at `url`, base64url.
+fn relay_signature(secret: &str, holder: &str, url: &str) -> String {
+    use base64::Engine;
+    use hmac::Mac;
+    let tag = relay_mac(secret, holder, url).finalize().into_bytes();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag)
+}
+
+/// Whether `signature` signs `holder`'s relay at `url` (compared in constant time).
+fn relay_signed(secret: &str, holder: &str, url: &str, signature: &str) -> bool {
+    use base64::Engine;
+    use hmac::Mac;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(signature)
+        .is_ok_and(|tag| relay_mac(secret, holder, url).verify_slice(&tag).is_ok())
+}
 
 /// Settings of the election.
 #[derive(Debug, Clone)]
@@ -61,10 +98,12 @@ pub struct Elector {
     settings: LeaseSettings,
     /// The record we last saw (resourceVersion) and when it last changed, locally.
     seen: Option<(String, Instant)>,
-    /// When we last renewed successfully.
+    /// When we sent our last successful renewal.
     renewed: Option<Instant>,
     /// Our relay's base URL, written into the lease while we hold it.
     advertise: watch::Receiver<Option<String>>,
+    /// The replicas' secret, which signs the relay's address.
+    secret: watch::Receiver<Option<std::sync::Arc<str>>>,
     /// The current holder's relay, as its lease says (none while we hold it or nobody does).
     holder_relay: watch::Sender<Option<String>>,
 }
@@ -78,32 +117,58 @@ impl Elector {
             seen: None,
             renewed: None,
             advertise: watch::Sender::new(None).subscribe(),
+            secret: watch::Sender::new(None).subscribe(),
             holder_relay: watch::Sender::new(None),
         }
     }
 
-    /// Writes `advertise` (our relay) into the lease we hold, and publishes the holder's on
-    /// `holder_relay`.
+    /// Writes `advertise` (our relay) into the lease we hold, signed with `secret`, and
+    /// publishes the holder's (when its signature holds) on `holder_relay`.
     pub fn with_relay(
         mut self,
         advertise: watch::Receiver<Option<String>>,
+        secret: watch::Receiver<Option<std::sync::Arc<str>>>,
         holder_relay: watch::Sender<Option<String>>,
     ) -> Self {
         self.advertise = advertise;
+        self.secret = secret;
         self.holder_relay = holder_relay;
         self
     }
 
-    /// Our relay's annotation, on a lease we are about to write.
+    /// Our relay's annotations, on a lease we are about to write.
     fn annotate(&self, meta: &mut ObjectMeta) {
         let annotations = meta.annotations.get_or_insert_with(Default::default);
-        match self.advertise.borrow().clone() {
-            Some(url) => {
+        let url = self.advertise.borrow().clone();
+        let secret = self.secret.borrow().clone();
+        match url.zip(secret) {
+            Some((url, secret)) => {
+                let signature = relay_signature(&secret, &self.settings.identity, &url);
                 annotations.insert(RELAY_ANNOTATION.into(), url);
+                annotations.insert(RELAY_SIGNATURE_ANNOTATION.into(), signature);
             }
             None => {
                 annotations.remove(RELAY_ANNOTATION);
+                annotations.remove(RELAY_SIGNATURE_ANNOTATION);
             }
+        }
+    }
+
+    /// The relay the holder of `lease` signed, if its signature holds.
+    fn signed_relay(&self, lease: &Lease, holder: &str) -> Option<String> {
+        let annotations = lease.metadata.annotations.as_ref()?;
+        let url = annotations.get(RELAY_ANNOTATION)?;
+        let signature = annotations.get(RELAY_SIGNATURE_ANNOTATION)?;
+        let secret = self.secret.borrow().clone()?;
+        if relay_signed(&secret, holder, url, signature) {
+            Some(url.clone())
+        } else {
+            tracing::warn!(
+                lease = %self.settings.name,
+                %holder,
+                "the lease names a relay its holder did not sign; not following it"
+            );
+            None
         }
     }
 
@@ -163,13 +228,11 @@ impl Elector {
             .as_ref()
             .is_some_and(|(_, at)| now.duration_since(*at) >= duration);
         let mine = holder.as_deref() == Some(me.as_str());
-        if !mine && holder.is_some() && !expired {
-            let relay = lease
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(RELAY_ANNOTATION))
-                .cloned();
+        if !mine
+            && !expired
+            && let Some(holder) = &holder
+        {
+            let relay = self.signed_relay(&lease, holder);
             self.publish_holder_relay(relay);
             return Ok(Round::Following);
         }
@@ -206,20 +269,32 @@ impl Elector {
 
     /// Runs the election forever, publishing whether we lead on `leading`.
     pub async fn run(mut self, leading: watch::Sender<bool>) {
+        // Another replica may take the lease a whole duration after it last saw it change
+        // (which is after we sent the renewal): let go well before.
+        let term = self.settings.lease_duration * 2 / 3;
+        let round_limit = self.settings.lease_duration / 3;
         loop {
             let was = *leading.borrow();
-            let now_leading = match self.round().await {
-                Ok(Round::Leading) => {
-                    self.renewed = Some(Instant::now());
+            let sent = Instant::now();
+            let round = tokio::time::timeout(round_limit, self.round()).await;
+            let now_leading = match round {
+                Ok(Ok(Round::Leading)) => {
+                    self.renewed = Some(sent);
                     true
                 }
-                Ok(Round::Following) => false,
-                Err(e) => {
-                    tracing::warn!(lease = %self.settings.name, "leader election: {e}");
-                    // Keep leading only while our last renewal is still valid.
-                    was && self
-                        .renewed
-                        .is_some_and(|t| t.elapsed() < self.settings.lease_duration)
+                Ok(Ok(Round::Following)) => false,
+                failed => {
+                    match failed {
+                        Ok(Err(e)) => {
+                            tracing::warn!(lease = %self.settings.name, "leader election: {e}")
+                        }
+                        _ => tracing::warn!(
+                            lease = %self.settings.name,
+                            "leader election: no answer within {round_limit:?}"
+                        ),
+                    }
+                    // Keep leading only while our last renewal is still safely valid.
+                    was && self.renewed.is_some_and(|t| t.elapsed() < term)
                 }
             };
             if was != now_leading {
@@ -231,15 +306,19 @@ impl Elector {
                 );
             }
             leading.send_if_modified(|l| std::mem::replace(l, now_leading) != now_leading);
-            let pause = if now_leading {
-                self.settings.renew_every
-            } else {
-                self.settings.retry_every
+            let pause = match self.renewed.filter(|_| now_leading) {
+                // Wake up in time to let go if renewals keep failing.
+                Some(t) => self
+                    .settings
+                    .renew_every
+                    .min(term.saturating_sub(t.elapsed())),
+                None => self.settings.retry_every,
             };
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 // Our relay is listening now: say where at once, not at the next renewal.
                 Ok(()) = self.advertise.changed(), if now_leading => {}
+                Ok(()) = self.secret.changed(), if now_leading => {}
             }
         }
     }
@@ -264,5 +343,52 @@ impl Elector {
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{relay_signature, relay_signed};
+
+    #[test]
+    fn a_relay_signature_binds_secret_holder_and_address() {
+        let secret = "s".repeat(43);
+        let sig = relay_signature(&secret, "gw-1_0a", "http://10.0.0.7:9091");
+        assert!(relay_signed(
+            &secret,
+            "gw-1_0a",
+            "http://10.0.0.7:9091",
+            &sig
+        ));
+        assert!(!relay_signed(
+            &secret,
+            "gw-2_0b",
+            "http://10.0.0.7:9091",
+            &sig
+        ));
+        assert!(!relay_signed(
+            &secret,
+            "gw-1_0a",
+            "http://10.0.0.8:9091",
+            &sig
+        ));
+        assert!(!relay_signed(
+            &"t".repeat(43),
+            "gw-1_0a",
+            "http://10.0.0.7:9091",
+            &sig
+        ));
+        assert!(!relay_signed(
+            &secret,
+            "gw-1_0a",
+            "http://10.0.0.7:9091",
+            "not base64!"
+        ));
+        assert!(!relay_signed(
+            &secret,
+            "gw-1_0a",
+            "http://10.0.0.7:9091",
+            ""
+        ));
     }
 }

@@ -524,7 +524,11 @@ impl KubeRuntime {
             let api: Api<Lease> = Api::namespaced(client.clone(), &namespace);
             let mut elector = Elector::new(api.clone(), settings.clone());
             if let Some(relay) = &relay {
-                elector = elector.with_relay(relay.advertised(), holder_relay);
+                elector = elector.with_relay(
+                    relay.advertised(),
+                    inner.relay_secret.clone(),
+                    holder_relay,
+                );
             }
             tasks.push(tokio::spawn(elector.run(leading_tx)));
             (api, settings)
@@ -603,10 +607,16 @@ impl KubeRuntime {
         for t in tasks {
             t.abort();
         }
-        if let Some((api, settings)) = &self.lease
-            && let Err(e) = Elector::release(api, settings).await
-        {
-            tracing::warn!("releasing the lease: {e}");
+        if let Some((api, settings)) = &self.lease {
+            // Bounded: a gateway stopping during a partition must still stop (the lease then
+            // expires on its own).
+            match tokio::time::timeout(settings.lease_duration, Elector::release(api, settings))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("releasing the lease: {e}"),
+                Err(_) => tracing::warn!("releasing the lease: no answer in time"),
+            }
         }
     }
 }
