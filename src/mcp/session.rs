@@ -105,7 +105,20 @@ pub struct Session {
     /// Feeds the task that runs server messages through the policy, one at a time in arrival
     /// order (plugin hooks are async; the upstream readers that deliver messages are not).
     policy_queue: std::sync::OnceLock<mpsc::Sender<(usize, Route, Message)>>,
+    /// What list handlers made of upstream first pages (see [`Session::merged_page`]).
+    merged: Mutex<Vec<MergedPage>>,
     weak: Weak<Session>,
+}
+
+/// An upstream's first page of a list, as the gateway rewrote it for this session: the items
+/// (renamed, comma-separated) and the upstream's next cursor.
+struct MergedPage {
+    index: usize,
+    method: &'static str,
+    /// The page it was made from, held so that its identity (address) stays unique.
+    page: Bytes,
+    items: Bytes,
+    cursor: Option<String>,
 }
 
 struct Sink(Weak<Session>);
@@ -172,6 +185,7 @@ impl Session {
                 server_requests: Mutex::new(HashMap::new()),
                 next_server_request: AtomicU64::new(1),
                 listen: Mutex::new(Listen::default()),
+                merged: Mutex::new(Vec::new()),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
                 busy: AtomicUsize::new(0),
@@ -302,6 +316,45 @@ impl Session {
         async move {
             let _ = rx.wait_for(|ended| *ended).await;
         }
+    }
+
+    /// The rewritten items and next cursor of upstream `index`'s first page of `method`, when
+    /// `page` is the very page (the same buffer, from the link's list cache) they were made from.
+    pub fn merged_page(
+        &self,
+        index: usize,
+        method: &'static str,
+        page: &Bytes,
+    ) -> Option<(Bytes, Option<String>)> {
+        lock(&self.merged)
+            .iter()
+            .find(|m| {
+                m.index == index
+                    && m.method == method
+                    && m.page.as_ptr() == page.as_ptr()
+                    && m.page.len() == page.len()
+            })
+            .map(|m| (m.items.clone(), m.cursor.clone()))
+    }
+
+    /// Keeps what a list handler made of upstream `index`'s first page of `method`.
+    pub fn keep_merged_page(
+        &self,
+        index: usize,
+        method: &'static str,
+        page: Bytes,
+        items: Bytes,
+        cursor: Option<String>,
+    ) {
+        let mut merged = lock(&self.merged);
+        merged.retain(|m| m.index != index || m.method != method);
+        merged.push(MergedPage {
+            index,
+            method,
+            page,
+            items,
+            cursor,
+        });
     }
 
     /// Ends the session's client streams and the tasks that feed them, at once.

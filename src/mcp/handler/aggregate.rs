@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use serde_json::value::RawValue;
 
 use crate::mcp::jsonrpc::{self, Outcome, code};
@@ -12,9 +12,7 @@ use crate::mcp::policy;
 use crate::mcp::session::{Session, caps};
 use crate::upstream::CallOpts;
 
-use super::{
-    Fields, Reply, Services, encode_fields, fields, invalid_params, json_string, string_field,
-};
+use super::{Fields, Reply, Services, fields, invalid_params, json_string, string_field};
 use crate::mcp::cursor::{MAX_UPSTREAM_CURSOR, decode_cursor, encode_cursor};
 
 /// Kinds of list that fan out to every upstream.
@@ -118,7 +116,7 @@ pub(super) async fn list(
     let mut next: Vec<(String, String)> = Vec::new();
     let mut failures = Vec::new();
     let mut answered = 0usize;
-    for ((index, _), r) in targets.iter().zip(results) {
+    for ((index, cursor), r) in targets.iter().zip(results) {
         let name = session.topology().router.name(*index);
         let page = match r {
             Ok(None) => {
@@ -142,9 +140,42 @@ pub(super) async fn list(
                 continue;
             }
         };
-        match merge_page(sv, session, *index, kind, &page, &mut items).await {
-            Ok(cursor) => {
+        // A first page from the link's cache is the same buffer as last time: without plugins
+        // (whose verdicts may change) what was made of it then still holds.
+        let reusable = cursor.is_none() && sv.plugins.current().is_empty();
+        let merged = match reusable
+            .then(|| session.merged_page(*index, kind.method, &page))
+            .flatten()
+        {
+            Some(m) => Ok(m),
+            None => {
+                let mut part = BytesMut::new();
+                merge_page(sv, session, *index, kind, &page, &mut part)
+                    .await
+                    .map(|cursor| {
+                        let part = part.freeze();
+                        if reusable {
+                            session.keep_merged_page(
+                                *index,
+                                kind.method,
+                                page.clone(),
+                                part.clone(),
+                                cursor.clone(),
+                            );
+                        }
+                        (part, cursor)
+                    })
+            }
+        };
+        match merged {
+            Ok((part, cursor)) => {
                 answered += 1;
+                if !part.is_empty() {
+                    if !items.is_empty() {
+                        items.put_u8(b',');
+                    }
+                    items.put_slice(&part);
+                }
                 if let Some(c) = cursor {
                     next.push((name.to_owned(), c));
                 }
@@ -209,39 +240,53 @@ pub(super) async fn merge_page(
                 .map_err(|d| d.to_string())?,
         )
     };
+    let router = &session.topology().router;
+    let prefixing = kind.rename && router.prefixing();
     for (i, item) in list.into_iter().enumerate() {
-        let mut entry: Fields<'_> = serde_json::from_str(item.get()).map_err(|e| e.to_string())?;
-        let bytes = match kind.key {
-            "resources" => {
+        let raw = item.get();
+        // Resources are learned for routing even when hidden: a read of a hidden one is then
+        // denied by policy, not reported unknown.
+        if matches!(kind.key, "resources" | "resourceTemplates") {
+            let entry: Fields<'_> = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+            if kind.key == "resources" {
                 if let Ok(uri) = string_field(&entry, "uri") {
-                    session.topology().router.learn_resource(&uri, index);
+                    router.learn_resource(&uri, index);
                 }
-                Bytes::copy_from_slice(item.get().as_bytes())
+            } else if let Ok(t) = string_field(&entry, "uriTemplate") {
+                router.learn_template(&t, index);
             }
-            "resourceTemplates" => {
-                if let Ok(t) = string_field(&entry, "uriTemplate") {
-                    session.topology().router.learn_template(&t, index);
-                }
-                Bytes::copy_from_slice(item.get().as_bytes())
-            }
-            _ if kind.rename && session.topology().router.prefixing() => {
-                let name = string_field(&entry, "name")?;
-                let public = json_string(&session.topology().router.public_name(index, &name));
-                entry.insert(Cow::Borrowed("name"), &public);
-                encode_fields(&entry)
-            }
-            _ => Bytes::copy_from_slice(item.get().as_bytes()),
-        };
+        }
         if shown
             .as_ref()
             .is_some_and(|v| !v.get(i).copied().unwrap_or(false))
         {
             continue;
         }
-        if !items.is_empty() {
-            items.put_u8(b',');
+        if prefixing {
+            // Only the name changes: splice the public one in, keep the rest as sent.
+            #[derive(serde::Deserialize)]
+            struct Named<'a> {
+                #[serde(borrow)]
+                name: &'a RawValue,
+            }
+            let named: Named<'_> = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+            let name: Cow<'_, str> =
+                serde_json::from_str(named.name.get()).map_err(|e| e.to_string())?;
+            let start = named.name.get().as_ptr() as usize - raw.as_ptr() as usize;
+            let end = start + named.name.get().len();
+            let public = json_string(&router.public_name(index, &name));
+            if !items.is_empty() {
+                items.put_u8(b',');
+            }
+            items.put_slice(&raw.as_bytes()[..start]);
+            items.put_slice(public.get().as_bytes());
+            items.put_slice(&raw.as_bytes()[end..]);
+        } else {
+            if !items.is_empty() {
+                items.put_u8(b',');
+            }
+            items.put_slice(raw.as_bytes());
         }
-        items.put_slice(&bytes);
     }
     match f.get("nextCursor") {
         Some(c) => match serde_json::from_str::<Option<String>>(c.get()) {
