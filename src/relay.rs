@@ -29,6 +29,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::body::Body;
 use crate::gateway::Gateway;
+use crate::mcp::front::SESSION_HEADER;
 use crate::mcp::handler::{Reply, json_or_stream};
 use crate::mcp::jsonrpc::{self, Kind, Message, code};
 use crate::mcp::{front, session};
@@ -46,7 +47,6 @@ const PING: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs
 const MAX_IN_FLIGHT: usize = 256;
 /// Messages waiting for a slow reader of a relay session's GET stream.
 const LISTEN_BUFFER: usize = 256;
-const SESSION_HEADER: &str = "mcp-session-id";
 
 /// Why the relay refused a request.
 #[derive(Debug, thiserror::Error)]
@@ -390,15 +390,8 @@ impl State {
                 match &*method {
                     "notifications/initialized" => {}
                     "notifications/cancelled" => {
-                        #[derive(serde::Deserialize)]
-                        struct P<'a> {
-                            #[serde(borrow, rename = "requestId")]
-                            id: &'a serde_json::value::RawValue,
-                        }
-                        let cancelled = params
-                            .as_deref()
-                            .and_then(|p| serde_json::from_slice::<P<'_>>(p).ok())
-                            .and_then(|p| lock(&session.in_flight).remove(p.id.get().as_bytes()));
+                        let cancelled = jsonrpc::cancelled_request(params.as_deref())
+                            .and_then(|id| lock(&session.in_flight).remove(id));
                         if let Some(cancel) = cancelled {
                             let _ = cancel.send(());
                         }
@@ -468,15 +461,7 @@ impl State {
             _slot: slot,
         });
         self.sessions.insert(session.id.clone(), session.clone());
-        let mut resp = front::json_response(
-            StatusCode::OK,
-            jsonrpc::response(id, &jsonrpc::Outcome::Result(result)),
-        );
-        resp.headers_mut().insert(
-            SESSION_HEADER,
-            HeaderValue::from_str(&session.id).expect("session ids are header-safe"),
-        );
-        Ok(resp)
+        Ok(front::initialized(id, result, &session.id))
     }
 
     async fn call(

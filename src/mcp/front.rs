@@ -24,7 +24,8 @@ use crate::mcp::jsonrpc::{self, Kind, ParseError, code};
 use crate::mcp::revision;
 use crate::mcp::session::Session;
 
-const SESSION_HEADER: &str = "mcp-session-id";
+/// The header that carries a session id.
+pub(crate) const SESSION_HEADER: &str = "mcp-session-id";
 const VERSION_HEADER: &str = "mcp-protocol-version";
 
 /// Why the front refused a request.
@@ -457,28 +458,28 @@ async fn initialize(
         asked.offers_roots,
     );
     let result = handler::initialize(&session).await;
+    Ok(initialized(id, result, &session.id))
+}
+
+/// The answer to `initialize`: its result, and the new session's id in the session header.
+pub(crate) fn initialized(id: &[u8], result: Bytes, session_id: &str) -> Response<Body> {
     let mut resp = json_response(
         StatusCode::OK,
         jsonrpc::response(id, &jsonrpc::Outcome::Result(result)),
     );
     resp.headers_mut().insert(
         SESSION_HEADER,
-        HeaderValue::from_str(&session.id).expect("session ids are header-safe"),
+        HeaderValue::from_str(session_id).expect("session ids are header-safe"),
     );
-    Ok(resp)
+    resp
 }
 
 async fn on_notification(session: &Arc<Session>, method: &str, params: Option<&[u8]>) {
     match method {
         "notifications/initialized" => {}
         "notifications/cancelled" => {
-            #[derive(serde::Deserialize)]
-            struct P<'a> {
-                #[serde(borrow, rename = "requestId")]
-                id: &'a serde_json::value::RawValue,
-            }
-            if let Some(p) = params.and_then(|p| serde_json::from_slice::<P<'_>>(p).ok()) {
-                session.cancel(p.id.get().as_bytes());
+            if let Some(id) = jsonrpc::cancelled_request(params) {
+                session.cancel(id);
             }
         }
         "notifications/roots/list_changed" => {

@@ -241,6 +241,17 @@ pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
     Ok(Message { frame, kind })
 }
 
+/// The id a `notifications/cancelled` names (`params.requestId`, raw JSON).
+pub fn cancelled_request(params: Option<&[u8]>) -> Option<&[u8]> {
+    #[derive(Deserialize)]
+    struct P<'a> {
+        #[serde(borrow, rename = "requestId")]
+        id: &'a RawValue,
+    }
+    let p: P<'_> = serde_json::from_slice(params?).ok()?;
+    Some(p.id.get().as_bytes())
+}
+
 impl Message {
     /// The method name of a request or notification.
     pub fn method(&self) -> Option<&str> {
