@@ -243,7 +243,11 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
                         tokio::spawn(async move { state.end_all().await });
                     },
                     accepted = listener.accept() => {
-                        let Ok((stream, peer)) = accepted else { continue };
+                        let Ok((stream, peer)) = accepted else {
+                            // Out of descriptors, say: do not spin while it lasts.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        };
                         let Ok(slot) = slots.clone().try_acquire_owned() else {
                             tracing::debug!(%peer, "relay: too many connections");
                             continue;
