@@ -225,7 +225,7 @@ impl Gateway {
                 eager_listen,
             },
             self.epoch,
-            Some(crate::mcp::policy::ServerMessages::stage(
+            Some(crate::mcp::policy::PluginMessagePolicy::stage(
                 self.plugins.clone(),
             )),
         );

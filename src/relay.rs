@@ -34,7 +34,7 @@ use crate::mcp::handler::{Reply, json_or_stream};
 use crate::mcp::jsonrpc::{self, Kind, Message, code};
 use crate::mcp::{front, session};
 use crate::orchestrator::RelayAccess;
-use crate::upstream::{CallOpts, Link, Route, ServerMessages, request_progress_token};
+use crate::upstream::{CallOpts, Link, Recipient, Route, request_progress_token};
 
 /// Path prefix of the relayed servers.
 pub const PATH: &str = "/relay/";
@@ -145,7 +145,7 @@ struct RelaySession {
     id: Arc<str>,
     server: Arc<str>,
     link: Link,
-    sink: Arc<Sink>,
+    sink: Arc<RelayRecipient>,
     used: Mutex<Instant>,
     in_flight: Mutex<HashMap<Bytes, oneshot::Sender<()>>>,
     ended: watch::Sender<bool>,
@@ -191,11 +191,11 @@ impl RelaySession {
 /// Where a relay session's server messages go: the stream of the call they concern, else the
 /// session's GET stream.
 #[derive(Default)]
-struct Sink {
+struct RelayRecipient {
     listen: Mutex<Option<mpsc::Sender<Bytes>>>,
 }
 
-impl ServerMessages for Sink {
+impl Recipient for RelayRecipient {
     fn deliver(&self, _index: usize, route: Route, msg: Message) {
         let to = route
             .related
@@ -433,7 +433,7 @@ impl State {
             .find(|s| *s.name == *server && s.orchestrated.is_some())
             .cloned()
             .ok_or_else(|| RelayError::UnknownServer(server.to_owned()))?;
-        let sink = Arc::new(Sink::default());
+        let sink = Arc::new(RelayRecipient::default());
         let link = Link::new(
             upstream,
             None,

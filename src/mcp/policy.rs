@@ -79,18 +79,18 @@ impl Policy {
 /// Runs what servers send to a client (log lines, progress, sampling and elicitation requests)
 /// through the result chains, as the method it is: a redaction that applies to results applies
 /// to a log line too. A denied message is dropped; a rewrite replaces its params.
-pub struct ServerMessages {
+pub struct PluginMessagePolicy {
     plugins: Arc<crate::plugins::Plugins>,
 }
 
-impl ServerMessages {
+impl PluginMessagePolicy {
     /// The stage over the gateway's (hot-reloadable) plugins.
     pub fn stage(plugins: Arc<crate::plugins::Plugins>) -> Arc<dyn MessagePolicy> {
-        Arc::new(ServerMessages { plugins })
+        Arc::new(PluginMessagePolicy { plugins })
     }
 }
 
-impl MessagePolicy for ServerMessages {
+impl MessagePolicy for PluginMessagePolicy {
     fn active(&self) -> bool {
         !self.plugins.current().is_empty()
     }

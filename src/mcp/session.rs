@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
 use crate::topology::Topology;
-use crate::upstream::{EventSink, Link, Route, ServerMessages};
+use crate::upstream::{EventSink, Link, Recipient, Route};
 
 /// The policy stage's say over what servers send to this session's client (notifications and
 /// requests): pass a message as it is, rewrite it, or drop it. Implemented above this layer
@@ -121,9 +121,9 @@ struct MergedPage {
     cursor: Option<String>,
 }
 
-struct Sink(Weak<Session>);
+struct SessionRecipient(Weak<Session>);
 
-impl ServerMessages for Sink {
+impl Recipient for SessionRecipient {
     fn deliver(&self, index: usize, route: Route, msg: Message) {
         if let Some(s) = self.0.upgrade() {
             s.on_server_message(index, route, msg);
@@ -152,7 +152,7 @@ impl Session {
             eager_listen,
         } = upstream;
         Arc::new_cyclic(|weak: &Weak<Session>| {
-            let sink: Arc<dyn ServerMessages> = Arc::new(Sink(weak.clone()));
+            let sink: Arc<dyn Recipient> = Arc::new(SessionRecipient(weak.clone()));
             let servers = &topology.servers;
             Session {
                 id,

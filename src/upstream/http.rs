@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
-use super::{Deliver, EventSink, Server, UpstreamError};
+use super::{EventSink, Inbox, Server, UpstreamError};
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome};
 use crate::sse;
 
@@ -75,7 +75,7 @@ const MCP_PROTOCOL_VERSION: &str = "mcp-protocol-version";
 pub struct Connection {
     pub(crate) server: Arc<Server>,
     pub(crate) next_id: AtomicU64,
-    deliver: Deliver,
+    inbox: Inbox,
     /// The client to send with, when not the server's pooled one.
     client: Option<&'static Client>,
     url: http::Uri,
@@ -91,13 +91,13 @@ impl Connection {
         server: Arc<Server>,
         url: http::Uri,
         headers: http::HeaderMap,
-        deliver: Deliver,
+        inbox: Inbox,
     ) -> Self {
         Connection {
             client: None,
             server,
             next_id: AtomicU64::new(1),
-            deliver,
+            inbox,
             url,
             headers,
             session_id: Mutex::new(None),
@@ -314,7 +314,7 @@ impl Connection {
                 None
             }
             _ => {
-                self.deliver
+                self.inbox
                     .deliver(super::Route::related(events.cloned()), msg);
                 None
             }

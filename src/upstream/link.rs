@@ -10,27 +10,27 @@ use crate::mcp::jsonrpc::{self, Outcome};
 use crate::orchestrator::Sharing;
 
 use super::{
-    CallOpts, Connection, Deliver, Server, ServerMessages, UpstreamError, initialize, orchestrated,
+    CallOpts, Connection, Inbox, Recipient, Server, UpstreamError, initialize, orchestrated,
     shared, stdio, uri_of,
 };
 
 /// One downstream session's connection to one upstream server.
 ///
 /// Usually the connection is the link's own upstream session. For a stdio server run by the
-/// orchestrator it is the server's one [`shared::Shared`] session, which the link joins.
+/// orchestrator it is the server's one [`shared::SharedConnection`] session, which the link joins.
 pub struct Link {
     server: Arc<Server>,
     /// The session's principal: with `sharing: per-principal`, whose process to use.
     principal: Option<Arc<str>>,
-    deliver: Deliver,
+    inbox: Inbox,
     init_params: Bytes,
     current: Mutex<Option<Arc<Connection>>>,
     connecting: tokio::sync::Mutex<()>,
     init_result: Mutex<Option<Bytes>>,
     pub(crate) generation: AtomicU64,
     listen: AtomicBool,
-    /// Membership in a shared connection's audience, once joined.
-    shared: Mutex<Option<(shared::Membership, Arc<shared::Shared>)>>,
+    /// Membership of a shared connection, once joined.
+    shared: Mutex<Option<(shared::Member, Arc<shared::SharedConnection>)>>,
     /// Set by [`Link::close`]: the link never connects again.
     closed: AtomicBool,
     /// First pages of the lists whose changes the upstream promises to announce.
@@ -87,13 +87,13 @@ impl Link {
     pub fn new(
         server: Arc<Server>,
         principal: Option<Arc<str>>,
-        sink: Arc<dyn ServerMessages>,
+        recipient: Arc<dyn Recipient>,
         init_params: Bytes,
     ) -> Self {
         Link {
             principal,
-            deliver: Deliver {
-                sink,
+            inbox: Inbox {
+                recipient,
                 index: server.index,
             },
             server,
@@ -253,13 +253,13 @@ impl Link {
         let conn = Arc::new(match &server.config.transport {
             Transport::Stdio { .. } => Connection::Stdio(stdio::Connection::spawn(
                 server.clone(),
-                self.deliver.clone(),
+                self.inbox.clone(),
             )?),
             Transport::Http { url, headers } => Connection::Http(super::http::Connection::new(
                 server.clone(),
                 url.clone(),
                 headers.clone(),
-                self.deliver.clone(),
+                self.inbox.clone(),
             )),
             Transport::Orchestrated => {
                 let o = server
@@ -286,7 +286,7 @@ impl Link {
                                 server.clone(),
                                 url,
                                 headers,
-                                self.deliver.clone(),
+                                self.inbox.clone(),
                             )
                             .with_client(super::http::relay_client()),
                         )
@@ -296,7 +296,7 @@ impl Link {
                             server.clone(),
                             url,
                             ::http::HeaderMap::new(),
-                            self.deliver.clone(),
+                            self.inbox.clone(),
                         ))
                     }
                     // An unauthenticated session has no principal to share with: its own.
@@ -330,7 +330,7 @@ impl Link {
                             server.clone(),
                             stream.reader,
                             stream.writer,
-                            self.deliver.clone(),
+                            self.inbox.clone(),
                             stream.process,
                         ))
                     }
@@ -346,7 +346,7 @@ impl Link {
                                     let (membership, shared) = o.shared.join(
                                         sharing,
                                         self.principal.as_ref(),
-                                        self.deliver.clone(),
+                                        self.inbox.clone(),
                                     );
                                     *joined = Some((membership, shared.clone()));
                                     shared
@@ -410,7 +410,7 @@ impl Link {
                 rewritten = p;
                 params = Some(&rewritten);
             }
-            opts.origin = Some((self.deliver.clone(), client_token));
+            opts.origin = Some((self.inbox.clone(), client_token));
         }
         let events = opts.events.clone();
         let progress_token = opts.progress_token.clone();

@@ -58,7 +58,7 @@ impl Route {
 }
 
 /// Receives what an upstream sends that is not a response to one of our requests.
-pub trait ServerMessages: Send + Sync + 'static {
+pub trait Recipient: Send + Sync + 'static {
     /// Handles a server→client request or notification from upstream `index`.
     fn deliver(&self, index: usize, route: Route, msg: Message);
 }
@@ -140,14 +140,14 @@ pub struct CallOpts {
     pub progress_token: Option<Bytes>,
     /// On a connection shared by several sessions: the calling session, and the client's own
     /// progress token when the gateway replaced it with a unique one.
-    pub(crate) origin: Option<(Deliver, Option<Bytes>)>,
+    pub(crate) origin: Option<(Inbox, Option<Bytes>)>,
 }
 
 /// What a stdio connection remembers about a call to route the server's related messages.
 pub(crate) struct CallRoute {
     events: Option<EventSink>,
     progress_token: Option<Bytes>,
-    origin: Option<(Deliver, Option<Bytes>)>,
+    origin: Option<(Inbox, Option<Bytes>)>,
 }
 
 /// A live connection to one upstream.
@@ -256,15 +256,15 @@ impl Connection {
     }
 }
 
-/// Where a connection hands server-initiated messages.
+/// Where a connection hands server-initiated messages: a [`Recipient`] and the upstream index it hears them from.
 #[derive(Clone)]
-pub struct Deliver {
-    sink: Arc<dyn ServerMessages>,
+pub struct Inbox {
+    recipient: Arc<dyn Recipient>,
     index: usize,
 }
 
-impl Deliver {
+impl Inbox {
     pub(crate) fn deliver(&self, route: Route, msg: Message) {
-        self.sink.deliver(self.index, route, msg);
+        self.recipient.deliver(self.index, route, msg);
     }
 }

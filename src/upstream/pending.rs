@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 
 use crate::mcp::jsonrpc::{self, Message, Outcome};
 
-use super::{CallRoute, Connection, Deliver, Route, progress_token_of, with_progress_token};
+use super::{CallRoute, Connection, Inbox, Route, progress_token_of, with_progress_token};
 
 /// Tells the upstream a request is abandoned unless disarmed.
 pub(super) struct CancelOnDrop {
@@ -76,7 +76,7 @@ impl Pending {
     /// owning the connection; for a shared connection, a broadcast to every session), except on a
     /// shared connection those related to a call go to the calling session (progress under the
     /// client's own token).
-    pub(crate) fn dispatch(&self, msg: Message, owner: &Deliver) {
+    pub(crate) fn dispatch(&self, msg: Message, owner: &Inbox) {
         let waiters = self.lock();
         let progress = msg.method() == Some("notifications/progress");
         let token = match &msg.kind {

@@ -26,17 +26,14 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::Bytes;
 use dashmap::DashMap;
 
-use super::{Connection, Deliver, Route, Server, ServerMessages, UpstreamError, initialize, stdio};
+use super::{Connection, Inbox, Recipient, Route, Server, UpstreamError, initialize, stdio};
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
 use crate::orchestrator::{Sharing, StdioEndpoint};
-
-/// The sessions using a shared connection, and what each subscribed to.
-type Audience = Mutex<Members>;
 
 /// Sessions by membership number, and resource subscriptions by URI.
 #[derive(Default)]
 struct Members {
-    sessions: HashMap<u64, Deliver>,
+    sessions: HashMap<u64, Inbox>,
     subscriptions: HashMap<String, HashSet<u64>>,
 }
 
@@ -50,22 +47,22 @@ pub enum Subscription {
 }
 
 /// The shared upstream session of one orchestrated stdio server.
-pub struct Shared {
+pub struct SharedConnection {
     current: tokio::sync::Mutex<Option<(Arc<Connection>, Bytes)>>,
-    audience: Arc<Audience>,
+    members: Arc<Mutex<Members>>,
     next_member: AtomicU64,
 }
 
-/// A session's place in a shared connection's audience; leaving it is dropping it.
-pub struct Membership {
-    audience: Weak<Audience>,
+/// A session's place in a shared connection; leaving it is dropping it.
+pub struct Member {
+    members: Weak<Mutex<Members>>,
     id: u64,
 }
 
-impl Membership {
+impl Member {
     /// Records a `resources/subscribe` (`on`) or `resources/unsubscribe` of `uri`.
     pub fn subscribe(&self, uri: &str, on: bool) -> Subscription {
-        let Some(a) = self.audience.upgrade() else {
+        let Some(a) = self.members.upgrade() else {
             return Subscription::Local;
         };
         let mut m = lock(&a);
@@ -95,9 +92,9 @@ impl Membership {
     }
 }
 
-impl Drop for Membership {
+impl Drop for Member {
     fn drop(&mut self) {
-        if let Some(a) = self.audience.upgrade() {
+        if let Some(a) = self.members.upgrade() {
             let mut m = lock(&a);
             m.sessions.remove(&self.id);
             // The upstream keeps a subscription nobody holds until it restarts; updates for it
@@ -124,17 +121,17 @@ fn init_params() -> Bytes {
     ))
 }
 
-impl Default for Shared {
+impl Default for SharedConnection {
     fn default() -> Self {
-        Shared {
+        SharedConnection {
             current: tokio::sync::Mutex::new(None),
-            audience: Arc::new(Mutex::new(Members::default())),
+            members: Arc::new(Mutex::new(Members::default())),
             next_member: AtomicU64::new(1),
         }
     }
 }
 
-impl Shared {
+impl SharedConnection {
     /// The live shared connection and its `initialize` result, attaching and initializing
     /// first when there is none (first use, or the process was restarted).
     ///
@@ -161,41 +158,41 @@ impl Shared {
             endpoint.open().await
         }
         .map_err(|e| server.unavailable(format!("cannot attach: {e}")))?;
-        let broadcast = Arc::new(Broadcast {
-            audience: self.audience.clone(),
+        let all_members = Arc::new(AllMembers {
+            members: self.members.clone(),
             conn: Mutex::new(Weak::new()),
         });
-        let deliver = Deliver {
-            sink: broadcast.clone(),
+        let inbox = Inbox {
+            recipient: all_members.clone(),
             index: server.index,
         };
         let conn = Arc::new(Connection::Stdio(stdio::Connection::over(
             server.clone(),
             stream.reader,
             stream.writer,
-            deliver,
+            inbox,
             stream.process,
         )));
-        *lock(&broadcast.conn) = Arc::downgrade(&conn);
+        *lock(&all_members.conn) = Arc::downgrade(&conn);
         let result = initialize(&conn, &init_params(), server.config.connect_timeout).await?;
         tracing::info!(server = %server.name, endpoint = %endpoint.describe(), "initialized the shared session");
         *current = Some((conn.clone(), result.clone()));
         Ok((conn, result))
     }
 
-    /// Adds a session to the audience of unrelated notifications.
-    pub fn join(&self, deliver: Deliver) -> Membership {
+    /// Adds a session to the members (who hear unrelated notifications).
+    pub fn join(&self, inbox: Inbox) -> Member {
         let id = self.next_member.fetch_add(1, Ordering::Relaxed);
-        lock(&self.audience).sessions.insert(id, deliver);
-        Membership {
-            audience: Arc::downgrade(&self.audience),
+        lock(&self.members).sessions.insert(id, inbox);
+        Member {
+            members: Arc::downgrade(&self.members),
             id,
         }
     }
 
     /// Sessions currently using the connection.
     pub fn members(&self) -> usize {
-        lock(&self.audience).sessions.len()
+        lock(&self.members).sessions.len()
     }
 
     /// Closes the attachment (the server was removed, or the gateway stops).
@@ -209,9 +206,9 @@ impl Shared {
 /// The shared sessions of one orchestrated stdio server: one for every session (`shared`), or
 /// one per principal (`per-principal`), so that principals never share a process.
 pub struct SharedServer {
-    everyone: Arc<Shared>,
+    everyone: Arc<SharedConnection>,
     /// By principal (an unauthenticated session gets a process of its own instead).
-    by_principal: DashMap<Arc<str>, Arc<Shared>>,
+    by_principal: DashMap<Arc<str>, Arc<SharedConnection>>,
     /// Processes for single sessions still allowed (`orchestrator.max_private_processes`).
     private: Arc<tokio::sync::Semaphore>,
     max_private: usize,
@@ -244,7 +241,7 @@ impl SharedServer {
     /// their next use.
     pub async fn redefine(&self) {
         self.definition.fetch_add(1, Ordering::AcqRel);
-        let all: Vec<Arc<Shared>> = self
+        let all: Vec<Arc<SharedConnection>> = self
             .by_principal
             .iter()
             .map(|e| e.value().clone())
@@ -276,14 +273,14 @@ impl SharedServer {
         &self,
         sharing: Sharing,
         principal: Option<&Arc<str>>,
-        deliver: Deliver,
-    ) -> (Membership, Arc<Shared>) {
+        inbox: Inbox,
+    ) -> (Member, Arc<SharedConnection>) {
         match (sharing, principal) {
             (Sharing::PerPrincipal, Some(principal)) => {
                 let entry = self.by_principal.entry(principal.clone()).or_default();
-                (entry.join(deliver), entry.clone())
+                (entry.join(inbox), entry.clone())
             }
-            _ => (self.everyone.join(deliver), self.everyone.clone()),
+            _ => (self.everyone.join(inbox), self.everyone.clone()),
         }
     }
 
@@ -309,7 +306,7 @@ impl SharedServer {
     pub async fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.everyone.close().await;
-        let all: Vec<Arc<Shared>> = self
+        let all: Vec<Arc<SharedConnection>> = self
             .by_principal
             .iter()
             .map(|e| e.value().clone())
@@ -322,12 +319,12 @@ impl SharedServer {
 }
 
 /// The owner of a shared connection: hands unrelated messages to every session.
-struct Broadcast {
-    audience: Arc<Audience>,
+struct AllMembers {
+    members: Arc<Mutex<Members>>,
     conn: Mutex<Weak<Connection>>,
 }
 
-impl ServerMessages for Broadcast {
+impl Recipient for AllMembers {
     fn deliver(&self, _index: usize, route: Route, msg: Message) {
         match &msg.kind {
             Kind::Request { id, method, .. } => {
@@ -349,8 +346,8 @@ impl ServerMessages for Broadcast {
                 }
             }
             Kind::Notification { method, params } => {
-                let members: Vec<Deliver> = {
-                    let m = lock(&self.audience);
+                let members: Vec<Inbox> = {
+                    let m = lock(&self.members);
                     match &**method {
                         "notifications/tools/list_changed"
                         | "notifications/prompts/list_changed"
@@ -404,7 +401,7 @@ mod tests {
     #[derive(Default)]
     struct Recorder(Mutex<Vec<(usize, bool, String, String)>>);
 
-    impl ServerMessages for Recorder {
+    impl Recipient for Recorder {
         fn deliver(&self, index: usize, route: Route, msg: Message) {
             let params = match &msg.kind {
                 Kind::Notification { params, .. } => params
@@ -426,8 +423,8 @@ mod tests {
     fn a_shared_connection_routes_call_messages_to_the_caller_and_the_rest_to_everyone() {
         let caller = Arc::new(Recorder::default());
         let everyone = Arc::new(Recorder::default());
-        let owner = Deliver {
-            sink: everyone.clone(),
+        let owner = Inbox {
+            recipient: everyone.clone(),
             index: 0,
         };
         let pending = Pending::default();
@@ -440,8 +437,8 @@ mod tests {
                 events: Some(events),
                 progress_token: Some(Bytes::from_static(b"\"gatehouse-1\"")),
                 origin: Some((
-                    Deliver {
-                        sink: caller.clone(),
+                    Inbox {
+                        recipient: caller.clone(),
                         index: 3,
                     },
                     Some(Bytes::from_static(b"42")),
@@ -487,18 +484,18 @@ mod tests {
     /// subscribers of that URI, log lines no one.
     #[test]
     fn unattributed_notifications_reach_only_who_may_see_them() {
-        let shared = Shared::default();
+        let shared = SharedConnection::default();
         let (a, b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
-        let ma = shared.join(Deliver {
-            sink: a.clone(),
+        let ma = shared.join(Inbox {
+            recipient: a.clone(),
             index: 0,
         });
-        let _mb = shared.join(Deliver {
-            sink: b.clone(),
+        let _mb = shared.join(Inbox {
+            recipient: b.clone(),
             index: 0,
         });
-        let owner = Broadcast {
-            audience: shared.audience.clone(),
+        let owner = AllMembers {
+            members: shared.members.clone(),
             conn: Mutex::new(Weak::new()),
         };
         assert_eq!(ma.subscribe("file:///a", true), Subscription::Forward);
@@ -540,12 +537,12 @@ mod tests {
                 "{}".to_owned()
             )]
         );
-        // The last subscriber leaving unsubscribes upstream; leaving the audience drops the rest.
+        // The last subscriber leaving unsubscribes upstream; a member leaving drops the rest.
         assert_eq!(ma.subscribe("file:///a", false), Subscription::Forward);
         assert_eq!(ma.subscribe("file:///a", false), Subscription::Local);
         assert_eq!(ma.subscribe("file:///c", true), Subscription::Forward);
         drop(ma);
-        assert!(lock(&shared.audience).subscriptions.is_empty());
+        assert!(lock(&shared.members).subscriptions.is_empty());
         assert_eq!(shared.members(), 1);
     }
 

@@ -17,7 +17,7 @@ use tokio::io::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::{CallRoute, Deliver, Pending, Server, UpstreamError};
+use super::{CallRoute, Inbox, Pending, Server, UpstreamError};
 use crate::config::Transport;
 use crate::mcp::jsonrpc::{self, Kind, Outcome};
 use crate::process::{self, ServerProcess, Stopped};
@@ -41,7 +41,7 @@ pub struct Connection {
 
 impl Connection {
     /// Starts the process and its reader, writer and stderr tasks.
-    pub fn spawn(server: Arc<Server>, deliver: Deliver) -> Result<Self, UpstreamError> {
+    pub fn spawn(server: Arc<Server>, inbox: Inbox) -> Result<Self, UpstreamError> {
         let Transport::Stdio {
             command,
             args,
@@ -80,7 +80,7 @@ impl Connection {
                 tracing::info!(server = %name, "stderr: {text}{more}");
             }
         });
-        Ok(Connection::over(server, stdout, stdin, deliver, Some(proc)))
+        Ok(Connection::over(server, stdout, stdin, inbox, Some(proc)))
     }
 
     /// Speaks JSON-RPC over an existing byte stream (`child` is shut down with the connection).
@@ -88,7 +88,7 @@ impl Connection {
         server: Arc<Server>,
         reader: impl AsyncRead + Send + Unpin + 'static,
         writer: impl AsyncWrite + Send + Unpin + 'static,
-        deliver: Deliver,
+        inbox: Inbox,
         child: Option<ServerProcess>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(256);
@@ -100,7 +100,7 @@ impl Connection {
             server.clone(),
             pending.clone(),
             alive.clone(),
-            deliver,
+            inbox,
         ));
         Connection {
             server,
@@ -253,7 +253,7 @@ async fn read_loop(
     server: Arc<Server>,
     pending: Arc<Pending>,
     alive: Arc<AtomicBool>,
-    deliver: Deliver,
+    inbox: Inbox,
 ) {
     let mut reader = BufReader::with_capacity(64 * 1024, stdout);
     let mut line = Vec::new();
@@ -297,7 +297,7 @@ async fn read_loop(
                     tracing::debug!(server = %server.name, "response to an unknown or abandoned request");
                 }
             }
-            _ => pending.dispatch(msg, &deliver),
+            _ => pending.dispatch(msg, &inbox),
         }
     }
     alive.store(false, Ordering::Release);
