@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,7 +15,7 @@ use http::{Request, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::body::Body;
 use crate::config::McpSettings;
@@ -115,9 +116,9 @@ async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr,
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(mcp.keepalive_interval))
         .keep_alive_timeout(PING_TIMEOUT);
-    let (activity, busy) = watch::channel(Busy::default());
-    let activity = Arc::new(activity);
+    let activity = Activity::new();
     let service = {
+        let activity = activity.clone();
         let gw = gw.clone();
         service_fn(move |req| {
             let in_flight = InFlight::start(&activity);
@@ -135,7 +136,7 @@ async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr,
     tokio::pin!(conn);
     // The first request must begin within the header deadline of accept, so a connection that
     // never sends a byte (or only the HTTP/2 preface) is not held any longer than a slow one.
-    let idle = idle_deadline(busy, mcp.header_timeout, mcp.idle_connection_timeout);
+    let idle = idle_deadline(activity, mcp.header_timeout, mcp.idle_connection_timeout);
     let ended = tokio::select! {
         r = conn.as_mut() => r,
         () = idle => {
@@ -165,45 +166,77 @@ fn configure_socket(stream: &TcpStream, keepalive: Duration) {
     }
 }
 
-/// Requests of one connection: how many are in flight, and how many ever started.
-#[derive(Debug, Clone, Copy, Default)]
-struct Busy {
-    in_flight: usize,
-    started: u64,
+/// Requests of one connection: how many are in flight, how many ever started, and when the
+/// last one ended.
+///
+/// Plain atomics, so a request costs two increments and a clock read: the idle timer is not
+/// woken per request, it looks at these when its deadline passes (and is woken only when the
+/// last request in flight ends).
+struct Activity {
+    in_flight: AtomicUsize,
+    started: AtomicU64,
+    /// Milliseconds from `since` to the end of the last request.
+    last_end_ms: AtomicU64,
+    since: tokio::time::Instant,
+    /// Signalled when `in_flight` drops to zero.
+    quiet: Notify,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            in_flight: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            last_end_ms: AtomicU64::new(0),
+            since: tokio::time::Instant::now(),
+            quiet: Notify::new(),
+        })
+    }
 }
 
 /// One request in flight; it stays counted until its response body is dropped, so a long
 /// SSE stream keeps its connection busy.
-struct InFlight(Arc<watch::Sender<Busy>>);
+struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn start(activity: &Arc<watch::Sender<Busy>>) -> InFlight {
-        activity.send_modify(|b| {
-            b.in_flight += 1;
-            b.started += 1;
-        });
+    fn start(activity: &Arc<Activity>) -> InFlight {
+        activity.started.fetch_add(1, Ordering::Relaxed);
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(activity.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.send_modify(|b| b.in_flight -= 1);
+        let a = &self.0;
+        let ms = a.since.elapsed().as_millis() as u64;
+        a.last_end_ms.fetch_max(ms, Ordering::Relaxed);
+        if a.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // A stored permit if the timer is not waiting yet: no wake-up is lost.
+            a.quiet.notify_one();
+        }
     }
 }
 
 /// Resolves once the connection has had no request in flight for the deadline: `first` while
-/// no request has started yet (counted from accept), `later` after any request.
-async fn idle_deadline(mut busy: watch::Receiver<Busy>, first: Duration, later: Duration) {
+/// no request has started yet (counted from accept), `later` after the last request ended.
+async fn idle_deadline(activity: Arc<Activity>, first: Duration, later: Duration) {
     loop {
-        let Ok(seen) = busy.wait_for(|b| b.in_flight == 0).await.map(|b| b.started) else {
-            return;
+        while activity.in_flight.load(Ordering::Acquire) > 0 {
+            activity.quiet.notified().await;
+        }
+        let seen = activity.started.load(Ordering::Relaxed);
+        let deadline = if seen == 0 {
+            activity.since + first
+        } else {
+            let ended = activity.last_end_ms.load(Ordering::Relaxed);
+            activity.since + Duration::from_millis(ended) + later
         };
-        // A request may have come and gone before this first looked.
-        let limit = if seen == 0 { first } else { later };
-        // `started` catches a request that began and ended between two looks.
-        let active = busy.wait_for(|b| b.in_flight > 0 || b.started != seen);
-        if tokio::time::timeout(limit, active).await.is_err() {
+        tokio::time::sleep_until(deadline).await;
+        // Idle only if nothing started meanwhile (a request may have come and gone).
+        if activity.in_flight.load(Ordering::Acquire) == 0
+            && activity.started.load(Ordering::Relaxed) == seen
+        {
             return;
         }
     }
@@ -407,36 +440,47 @@ mod tests {
     const FIRST: Duration = Duration::from_secs(10);
     const LATER: Duration = Duration::from_secs(1);
 
-    async fn resolves_after(busy: watch::Receiver<Busy>) -> Duration {
+    async fn resolves_after(activity: Arc<Activity>) -> Duration {
         let start = tokio::time::Instant::now();
-        idle_deadline(busy, FIRST, LATER).await;
+        idle_deadline(activity, FIRST, LATER).await;
         start.elapsed()
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_with_no_request_gets_the_first_deadline() {
-        let (_activity, busy) = watch::channel(Busy::default());
-        assert_eq!(resolves_after(busy).await, FIRST);
+        assert_eq!(resolves_after(Activity::new()).await, FIRST);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_request_served_before_the_first_look_switches_to_the_idle_deadline() {
-        let (activity, busy) = watch::channel(Busy::default());
-        let activity = Arc::new(activity);
+        let activity = Activity::new();
         drop(InFlight::start(&activity));
-        assert_eq!(resolves_after(busy).await, LATER);
+        assert_eq!(resolves_after(activity).await, LATER);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_request_in_flight_is_never_idle() {
-        let (activity, busy) = watch::channel(Busy::default());
-        let activity = Arc::new(activity);
+        let activity = Activity::new();
         let request = InFlight::start(&activity);
-        let idle = tokio::spawn(resolves_after(busy));
+        let idle = tokio::spawn(resolves_after(activity.clone()));
         tokio::time::sleep(FIRST * 3).await;
         assert!(!idle.is_finished());
         drop(request);
         assert_eq!(idle.await.unwrap(), FIRST * 3 + LATER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_during_the_idle_wait_restarts_it_from_its_end() {
+        let activity = Activity::new();
+        drop(InFlight::start(&activity));
+        let idle = tokio::spawn(resolves_after(activity.clone()));
+        // Half-way through the idle deadline, a request comes and lasts a while.
+        tokio::time::sleep(LATER / 2).await;
+        let request = InFlight::start(&activity);
+        tokio::time::sleep(LATER * 2).await;
+        assert!(!idle.is_finished(), "idle while a request was in flight");
+        drop(request);
+        assert_eq!(idle.await.unwrap(), LATER / 2 + LATER * 2 + LATER);
     }
 
     #[test]

@@ -180,16 +180,19 @@ pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
         }
     }
     // serde_json skips unknown members without checking their UTF-8; JSON text must be UTF-8.
-    if let Err(e) = std::str::from_utf8(&frame) {
-        return Err(ParseError::Json(format!("not UTF-8: {e}")));
-    }
+    // Checked once here for the whole frame, so the parse below reads a `str` and does not
+    // check every string and raw value again.
+    let text = match std::str::from_utf8(&frame) {
+        Ok(text) => text,
+        Err(e) => return Err(ParseError::Json(format!("not UTF-8: {e}"))),
+    };
     if nesting_exceeds(&frame, MAX_DEPTH) {
         return Err(ParseError::Invalid(
             "JSON nested deeper than 64 levels is not accepted",
         ));
     }
     let env: Envelope<'_> =
-        serde_json::from_slice(&frame).map_err(|e| ParseError::Json(e.to_string()))?;
+        serde_json::from_str(text).map_err(|e| ParseError::Json(e.to_string()))?;
     if env.jsonrpc.as_deref() != Some("2.0") {
         return Err(ParseError::Invalid("\"jsonrpc\" must be \"2.0\""));
     }

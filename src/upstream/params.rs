@@ -49,6 +49,13 @@ pub(super) fn progress_token_of(params: &[u8]) -> Option<Bytes> {
 
 /// Extracts `_meta.progressToken` (raw JSON) from request params.
 pub fn request_progress_token(params: &[u8]) -> Option<Bytes> {
+    // Most calls carry no token: skip the parse when no key can spell `progressToken` (it is
+    // not there literally and nothing is escaped, so no `\u0070rogressToken` either).
+    if memchr::memmem::find(params, b"progressToken").is_none()
+        && memchr::memchr(b'\\', params).is_none()
+    {
+        return None;
+    }
     #[derive(Deserialize)]
     struct Meta<'a> {
         #[serde(borrow, rename = "progressToken")]
@@ -63,4 +70,30 @@ pub fn request_progress_token(params: &[u8]) -> Option<Bytes> {
     p.meta?
         .token
         .map(|t| Bytes::copy_from_slice(t.get().as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_progress_token;
+
+    #[test]
+    fn a_progress_token_is_found_however_its_key_is_spelled() {
+        let plain = br#"{"name":"t","_meta":{"progressToken":7}}"#;
+        assert_eq!(request_progress_token(plain).as_deref(), Some(&b"7"[..]));
+        // The key escaped: the fast path must not skip it.
+        let escaped = br#"{"_meta":{"\u0070rogressToken":"p"}}"#;
+        assert_eq!(
+            request_progress_token(escaped).as_deref(),
+            Some(&br#""p""#[..])
+        );
+        assert_eq!(
+            request_progress_token(br#"{"name":"t","arguments":{}}"#),
+            None
+        );
+        // The word inside a value is not a key.
+        assert_eq!(
+            request_progress_token(br#"{"arguments":{"text":"progressToken"}}"#),
+            None
+        );
+    }
 }
