@@ -180,6 +180,9 @@ struct Activity {
     since: tokio::time::Instant,
     /// Signalled when `in_flight` drops to zero.
     quiet: Notify,
+    /// Signalled when the connection's first request starts: its deadline changes from the
+    /// header deadline to the idle one.
+    first_request: Notify,
 }
 
 impl Activity {
@@ -190,6 +193,7 @@ impl Activity {
             last_end_ms: AtomicU64::new(0),
             since: tokio::time::Instant::now(),
             quiet: Notify::new(),
+            first_request: Notify::new(),
         })
     }
 }
@@ -200,8 +204,10 @@ struct InFlight(Arc<Activity>);
 
 impl InFlight {
     fn start(activity: &Arc<Activity>) -> InFlight {
-        activity.started.fetch_add(1, Ordering::Relaxed);
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        if activity.started.fetch_add(1, Ordering::AcqRel) == 0 {
+            activity.first_request.notify_one();
+        }
         InFlight(activity.clone())
     }
 }
@@ -225,17 +231,19 @@ async fn idle_deadline(activity: Arc<Activity>, first: Duration, later: Duration
         while activity.in_flight.load(Ordering::Acquire) > 0 {
             activity.quiet.notified().await;
         }
-        let seen = activity.started.load(Ordering::Relaxed);
-        let deadline = if seen == 0 {
-            activity.since + first
+        let seen = activity.started.load(Ordering::Acquire);
+        if seen == 0 {
+            tokio::select! {
+                () = tokio::time::sleep_until(activity.since + first) => {}
+                () = activity.first_request.notified() => continue,
+            }
         } else {
             let ended = activity.last_end_ms.load(Ordering::Relaxed);
-            activity.since + Duration::from_millis(ended) + later
-        };
-        tokio::time::sleep_until(deadline).await;
+            tokio::time::sleep_until(activity.since + Duration::from_millis(ended) + later).await;
+        }
         // Idle only if nothing started meanwhile (a request may have come and gone).
         if activity.in_flight.load(Ordering::Acquire) == 0
-            && activity.started.load(Ordering::Relaxed) == seen
+            && activity.started.load(Ordering::Acquire) == seen
         {
             return;
         }
@@ -467,6 +475,17 @@ mod tests {
         assert!(!idle.is_finished());
         drop(request);
         assert_eq!(idle.await.unwrap(), FIRST * 3 + LATER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_request_switches_a_long_header_deadline_to_the_short_idle_one() {
+        let activity = Activity::new();
+        let start = tokio::time::Instant::now();
+        let idle = tokio::spawn(idle_deadline(activity.clone(), LATER * 30, LATER));
+        tokio::time::sleep(LATER).await;
+        drop(InFlight::start(&activity));
+        idle.await.unwrap();
+        assert_eq!(start.elapsed(), LATER * 2);
     }
 
     #[tokio::test(start_paused = true)]
