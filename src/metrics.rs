@@ -1,6 +1,6 @@
 //! Prometheus metrics: requests by method, server and outcome; latency; sessions; upstream health.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -81,6 +81,67 @@ pub fn method_label(method: &str) -> &'static str {
         .unwrap_or("other")
 }
 
+/// Outcomes of a request, as metric labels.
+const OUTCOMES: [&str; 4] = ["ok", "error", "failed", "denied"];
+
+/// The request metrics of one server, each (method, outcome) pair resolved once: recording is
+/// then an atomic add and a histogram observation, not two family lookups (a lock and a hash
+/// of every label) per call.
+pub struct ServerMetrics {
+    server: &'static str,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram>,
+    /// By `method index * OUTCOMES.len() + outcome index`; the last method is "other".
+    slots: Box<[OnceLock<(Counter, Histogram)>]>,
+}
+
+impl ServerMetrics {
+    /// Counts one request of `method` (a [`method_label`]) that ended with `outcome`.
+    pub fn record(&self, method: &'static str, outcome: &'static str, elapsed: Duration) {
+        let m = KNOWN_METHODS
+            .iter()
+            .position(|k| *k == method)
+            .unwrap_or(KNOWN_METHODS.len());
+        let (Some(o), true) = (
+            OUTCOMES.iter().position(|k| *k == outcome),
+            m < KNOWN_METHODS.len() || method == "other",
+        ) else {
+            // Not a label of ours: the families take it as it is.
+            self.requests
+                .get_or_create(&RequestLabels {
+                    method,
+                    server: self.server,
+                    outcome,
+                })
+                .inc();
+            self.latency
+                .get_or_create(&LatencyLabels {
+                    method,
+                    server: self.server,
+                })
+                .observe(elapsed.as_secs_f64());
+            return;
+        };
+        let (count, latency) = self.slots[m * OUTCOMES.len() + o].get_or_init(|| {
+            let labels = RequestLabels {
+                method,
+                server: self.server,
+                outcome,
+            };
+            let latency = LatencyLabels {
+                method,
+                server: self.server,
+            };
+            (
+                self.requests.get_or_create(&labels).clone(),
+                self.latency.get_or_create(&latency).clone(),
+            )
+        });
+        count.inc();
+        latency.observe(elapsed.as_secs_f64());
+    }
+}
+
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Arc<Self> {
@@ -147,6 +208,18 @@ impl Metrics {
     }
 
     /// Sets an upstream's health.
+    /// The request metrics of `server`, with handles resolved as they are first used.
+    pub fn server(&self, server: &'static str) -> ServerMetrics {
+        ServerMetrics {
+            server,
+            requests: self.requests.clone(),
+            latency: self.latency.clone(),
+            slots: (0..(KNOWN_METHODS.len() + 1) * OUTCOMES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+        }
+    }
+
     pub fn set_upstream_up(&self, server: &'static str, up: bool) {
         self.upstream_up
             .get_or_create(&ServerLabels { server })
@@ -166,5 +239,52 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, start: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(start))
+    }
+
+    #[test]
+    fn handles_count_into_the_same_series_as_the_families() {
+        let m = Metrics::new();
+        let a = m.server("a");
+        let again = m.server("a");
+        for _ in 0..3 {
+            a.record("tools/call", "ok", Duration::from_micros(50));
+        }
+        again.record("tools/call", "ok", Duration::from_micros(50));
+        a.record("tools/call", "denied", Duration::from_micros(50));
+        // Labels that are not ours still count, through the families.
+        a.record("custom", "odd", Duration::from_micros(50));
+        let text = m.render();
+        let series = |labels: &str| {
+            line(&text, &format!("gatehouse_mcp_requests_total{{{labels}}}"))
+                .unwrap_or_else(|| panic!("no series {labels} in\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            series(r#"method="tools/call",server="a",outcome="ok""#),
+            "4"
+        );
+        assert_eq!(
+            series(r#"method="tools/call",server="a",outcome="denied""#),
+            "1"
+        );
+        assert_eq!(series(r#"method="custom",server="a",outcome="odd""#), "1");
+        let count = line(
+            &text,
+            r#"gatehouse_mcp_request_duration_seconds_count{method="tools/call",server="a"}"#,
+        )
+        .unwrap();
+        assert!(count.ends_with(" 5"), "{count}");
     }
 }

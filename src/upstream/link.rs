@@ -401,13 +401,18 @@ impl Link {
                 }
                 _ => {}
             }
+            // On a shared connection the token to route by is only the one the gateway put
+            // in the params, never one read from them some other way.
             let mut client_token = None;
-            if opts.progress_token.is_some()
-                && let Some(p) = params
-                && let Some((wire, p)) = shared::unique_progress_token(p)
+            opts.progress_token = None;
+            if let Some(p) = params
+                && let Some(shared) = shared::unique_progress_token(p)
             {
-                client_token = opts.progress_token.replace(wire);
-                rewritten = p;
+                if let Some((client, wire)) = shared.tokens {
+                    client_token = Some(client);
+                    opts.progress_token = Some(wire);
+                }
+                rewritten = shared.params;
                 params = Some(&rewritten);
             }
             opts.origin = Some((self.inbox.clone(), client_token));

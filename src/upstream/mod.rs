@@ -77,6 +77,8 @@ pub struct Server {
     pub http: http::Client,
     /// Gateway metrics.
     pub metrics: Arc<Metrics>,
+    /// Its request metrics, resolved once per (method, outcome).
+    pub requests: crate::metrics::ServerMetrics,
     /// The orchestrator running this server, for [`Transport::Orchestrated`] upstreams.
     pub orchestrated: Option<orchestrated::Orchestrated>,
 }
@@ -89,10 +91,12 @@ impl Server {
         http: http::Client,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let label = label_of(&config.name);
         Server {
             index,
             name: Arc::from(config.name.as_str()),
-            label: label_of(&config.name),
+            label,
+            requests: metrics.server(label),
             config,
             http,
             metrics,

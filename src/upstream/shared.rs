@@ -380,16 +380,54 @@ impl Recipient for AllMembers {
     }
 }
 
-/// Gives a call a progress token no other session uses: returns the new token (raw JSON) and
-/// the params carrying it in `_meta.progressToken`.
-pub(crate) fn unique_progress_token(params: &[u8]) -> Option<(Bytes, Vec<u8>)> {
+/// The params of a call on a shared connection, as the server must see them.
+pub(crate) struct SharedParams {
+    /// The client's progress token (raw JSON, as it sent it) and the unique one that replaced
+    /// it, when the params carry one.
+    pub tokens: Option<(Bytes, Bytes)>,
+    /// What to send instead of the client's params.
+    pub params: Vec<u8>,
+}
+
+/// Gives a call on a shared connection a progress token no other session uses.
+///
+/// Progress is routed by token, so a client must not get a token of its choosing to the
+/// server: one that another session holds would hand it that session's progress, or let it
+/// send progress to that session. The token is read the way a server reads it (keys
+/// unescaped, the last of duplicate keys) and the params are re-encoded, so the server sees
+/// exactly one `_meta` holding exactly the gateway's token, whatever its parser does with
+/// duplicate keys. `None`: the params cannot carry a token (no key can spell `progressToken`,
+/// or they are not an object) and go as they are.
+pub(crate) fn unique_progress_token(params: &[u8]) -> Option<SharedParams> {
+    use serde_json::value::RawValue;
+    type RawObject = std::collections::BTreeMap<String, Box<RawValue>>;
     static NEXT: AtomicU64 = AtomicU64::new(1);
-    let mut p: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(params).ok()?;
-    let meta = p.get_mut("_meta")?.as_object_mut()?;
-    let token = format!("gatehouse-{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    let wire = Bytes::from(serde_json::to_vec(&token).ok()?);
-    meta.insert("progressToken".into(), serde_json::Value::String(token));
-    Some((wire, serde_json::to_vec(&p).ok()?))
+    if memchr::memmem::find(params, b"progressToken").is_none()
+        && memchr::memchr(b'\\', params).is_none()
+    {
+        return None;
+    }
+    // Raw values keep every other member byte for byte (a large integer token included).
+    let mut p: RawObject = serde_json::from_slice(params).ok()?;
+    let mut tokens = None;
+    if let Some(meta) = p.get("_meta")
+        && let Ok(mut meta) = serde_json::from_str::<RawObject>(meta.get())
+    {
+        if let Some(client) = meta.remove("progressToken") {
+            let token = format!("gatehouse-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+            let wire = serde_json::value::to_raw_value(&token).ok()?;
+            tokens = Some((
+                Bytes::copy_from_slice(client.get().as_bytes()),
+                Bytes::copy_from_slice(wire.get().as_bytes()),
+            ));
+            meta.insert("progressToken".into(), wire);
+        }
+        p.insert("_meta".into(), serde_json::value::to_raw_value(&meta).ok()?);
+    }
+    Some(SharedParams {
+        tokens,
+        params: serde_json::to_vec(&p).ok()?,
+    })
 }
 
 #[cfg(test)]
@@ -548,11 +586,16 @@ mod tests {
 
     #[test]
     fn progress_tokens_are_made_unique_and_the_rest_is_kept() {
-        let (a, pa) =
-            unique_progress_token(br#"{"name":"x","_meta":{"progressToken":1,"k":2}}"#).unwrap();
-        let (b, _) = unique_progress_token(br#"{"_meta":{"progressToken":1}}"#).unwrap();
+        let token = |params: &[u8]| {
+            let r = unique_progress_token(params).expect("a token to replace");
+            let (client, wire) = r.tokens.expect("a token");
+            let v: serde_json::Value = serde_json::from_slice(&r.params).unwrap();
+            (client, wire, v)
+        };
+        let (ca, a, v) = token(br#"{"name":"x","_meta":{"progressToken":1,"k":2}}"#);
+        let (_, b, _) = token(br#"{"_meta":{"progressToken":1}}"#);
         assert_ne!(a, b);
-        let v: serde_json::Value = serde_json::from_slice(&pa).unwrap();
+        assert_eq!(&ca[..], b"1");
         assert_eq!(v["name"], "x");
         assert_eq!(v["_meta"]["k"], 2);
         assert_eq!(
@@ -560,5 +603,45 @@ mod tests {
             a.to_vec()
         );
         assert!(unique_progress_token(br#"{"name":"x"}"#).is_none());
+        // The client's token comes back exactly as sent, however large.
+        let (big, _, _) = token(br#"{"_meta":{"progressToken":123456789012345678901234567890}}"#);
+        assert_eq!(&big[..], b"123456789012345678901234567890");
+    }
+
+    /// Ways a client could try to get a token of its choosing to a shared server.
+    #[test]
+    fn no_client_chosen_token_reaches_a_shared_server() {
+        // Another session's token (far above any this test process hands out).
+        let stolen = "gatehouse-999999";
+        for params in [
+            // Duplicate keys: parsers differ on which one wins.
+            r#"{"_meta":{"progressToken":0,"progressToken":"gatehouse-999999"}}"#,
+            r#"{"_meta":{"progressToken":"gatehouse-999999","progressToken":0}}"#,
+            r#"{"_meta":{"progressToken":"gatehouse-999999"},"_meta":{}}"#,
+            r#"{"_meta":{},"_meta":{"progressToken":"gatehouse-999999"}}"#,
+            // An escaped key.
+            r#"{"_meta":{"\u0070rogressToken":"gatehouse-999999"}}"#,
+        ] {
+            let r = unique_progress_token(params.as_bytes()).expect(params);
+            let sent = String::from_utf8(r.params.clone()).unwrap();
+            assert!(
+                !sent.contains(stolen),
+                "{params} went to the server as {sent}"
+            );
+            // One `_meta`, at most one token, and it is the gateway's.
+            let v: serde_json::Value = serde_json::from_slice(&r.params).unwrap();
+            if let Some((_, wire)) = &r.tokens {
+                assert_eq!(
+                    serde_json::to_vec(&v["_meta"]["progressToken"]).unwrap(),
+                    wire.to_vec()
+                );
+            }
+        }
+        // `_meta` that is not an object, or params that are not one: no token a server reads,
+        // and nothing for the gateway to route by.
+        let r = unique_progress_token(br#"{"_meta":["gatehouse-999999"],"x":"progressToken"}"#)
+            .unwrap();
+        assert!(r.tokens.is_none());
+        assert!(unique_progress_token(br#"[{"progressToken":"gatehouse-999999"}]"#).is_none());
     }
 }

@@ -101,12 +101,9 @@ pub(super) async fn list(
                 Ok(Outcome::Error(_)) => "error",
                 Err(_) => "failed",
             };
-            sv.metrics.record(
-                kind.method,
-                session.topology().servers[i].label,
-                outcome,
-                started.elapsed(),
-            );
+            session.topology().servers[i]
+                .requests
+                .record(kind.method, outcome, started.elapsed());
             r.map(Some)
         }
     });

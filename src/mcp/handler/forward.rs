@@ -105,16 +105,7 @@ pub(super) async fn complete(
             let mut f = f.clone();
             f.insert(Cow::Borrowed("ref"), &new_ref);
             let out = encode_fields(&f);
-            forward(
-                sv,
-                session,
-                index,
-                id,
-                "completion/complete",
-                Some(out),
-                policy,
-            )
-            .await
+            forward(session, index, id, "completion/complete", Some(out), policy).await
         }
         "ref/resource" => {
             let uri = string_field(&rf, "uri").unwrap_or_default();
@@ -125,16 +116,7 @@ pub(super) async fn complete(
             let kinds = [EntryKind::ResourceTemplate, EntryKind::Resource];
             match completion_policy(sv, session, index, &kinds, &uri, &f).await {
                 Ok(policy) => {
-                    forward(
-                        sv,
-                        session,
-                        index,
-                        id,
-                        "completion/complete",
-                        params,
-                        policy,
-                    )
-                    .await
+                    forward(session, index, id, "completion/complete", params, policy).await
                 }
                 Err(d) => denied(&id, &d),
             }
@@ -195,7 +177,6 @@ pub(super) async fn resource_owner(
 /// Sends a request to one upstream. Answers with plain JSON when the upstream sends nothing else
 /// first; switches to SSE as soon as a related message (progress, sampling, logging) arrives.
 pub(super) async fn forward(
-    sv: Services<'_>,
     session: &Arc<Session>,
     index: usize,
     id: Bytes,
@@ -222,7 +203,6 @@ pub(super) async fn forward(
         progress_token: params.as_deref().and_then(request_progress_token),
         ..CallOpts::default()
     };
-    let metrics = sv.metrics.clone();
     let session2 = session.clone();
     let method = method.to_owned();
     let call = async move {
@@ -244,7 +224,7 @@ pub(super) async fn forward(
                 )
             }
         };
-        metrics.record(label, server.label, outcome, started.elapsed());
+        server.requests.record(label, outcome, started.elapsed());
         frame
     };
     super::json_or_stream(call, ev_rx, session.ended()).await

@@ -266,7 +266,7 @@ pub async fn request(
                 }
             }
             let out = encode_fields(&f);
-            forward::forward(sv, session, index, id, method, Some(out), policy).await
+            forward::forward(session, index, id, method, Some(out), policy).await
         }
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" if !direct => {
             let uri = match fields(params.as_deref()).and_then(|f| string_field(&f, "uri")) {
@@ -288,7 +288,7 @@ pub async fn request(
             {
                 return denied(&id, &d);
             }
-            forward::forward(sv, session, index, id, method, params, policy).await
+            forward::forward(session, index, id, method, params, policy).await
         }
         "completion/complete" if !direct => forward::complete(sv, session, id, params).await,
         "logging/setLevel" if !single => {
@@ -323,7 +323,7 @@ pub async fn request(
             {
                 return denied(&id, &d);
             }
-            forward::forward(sv, session, 0, id, method, params, policy).await
+            forward::forward(session, 0, id, method, params, policy).await
         }
         _ => Reply::Json(jsonrpc::error_response(
             Some(&id),
