@@ -47,13 +47,16 @@ pub(super) fn progress_token_of(params: &[u8]) -> Option<Bytes> {
     p.token.map(|t| Bytes::copy_from_slice(t.get().as_bytes()))
 }
 
+/// Whether a key in `params` could spell `progressToken`: it is there literally, or something
+/// is escaped (`\u0070rogressToken`). Most calls carry no token, and this skips their parse.
+pub(crate) fn may_name_progress_token(params: &[u8]) -> bool {
+    memchr::memmem::find(params, b"progressToken").is_some()
+        || memchr::memchr(b'\\', params).is_some()
+}
+
 /// Extracts `_meta.progressToken` (raw JSON) from request params.
 pub fn request_progress_token(params: &[u8]) -> Option<Bytes> {
-    // Most calls carry no token: skip the parse when no key can spell `progressToken` (it is
-    // not there literally and nothing is escaped, so no `\u0070rogressToken` either).
-    if memchr::memmem::find(params, b"progressToken").is_none()
-        && memchr::memchr(b'\\', params).is_none()
-    {
+    if !may_name_progress_token(params) {
         return None;
     }
     #[derive(Deserialize)]

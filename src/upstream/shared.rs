@@ -402,9 +402,7 @@ pub(crate) fn unique_progress_token(params: &[u8]) -> Option<SharedParams> {
     use serde_json::value::RawValue;
     type RawObject = std::collections::BTreeMap<String, Box<RawValue>>;
     static NEXT: AtomicU64 = AtomicU64::new(1);
-    if memchr::memmem::find(params, b"progressToken").is_none()
-        && memchr::memchr(b'\\', params).is_none()
-    {
+    if !super::params::may_name_progress_token(params) {
         return None;
     }
     // Raw values keep every other member byte for byte (a large integer token included).
