@@ -21,6 +21,14 @@ use crate::upstream::orchestrated::Orchestrated;
 use crate::upstream::shared::SharedServer;
 use crate::upstream::{Server, http};
 
+/// The `initialize` params of the upstream sessions kept for stateless clients. They declare no
+/// client capabilities: a stateless client cannot be asked anything outside its own request.
+const STATELESS_UPSTREAM_INIT: &str = concat!(
+    r#"{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"gatehouse","version":""#,
+    env!("CARGO_PKG_VERSION"),
+    r#""}}"#
+);
+
 /// Everything a request may need, shared by all connections.
 pub struct Gateway {
     /// Validated configuration.
@@ -40,6 +48,9 @@ pub struct Gateway {
     pub sessions: DashMap<Arc<str>, Arc<Session>>,
     /// Open sessions per authenticated principal (bounded by `mcp.max_sessions_per_principal`).
     sessions_per_principal: DashMap<Arc<str>, usize>,
+    /// Where stateless (2026-07-28) requests run: one hidden session per principal, holding the
+    /// upstream sessions the gateway keeps for them (principals never share one).
+    stateless: DashMap<Option<Principal>, Arc<Session>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Client authentication.
@@ -75,6 +86,7 @@ impl Gateway {
             config: Arc::new(config),
             sessions: DashMap::new(),
             sessions_per_principal: DashMap::new(),
+            stateless: DashMap::new(),
             metrics: Metrics::new(),
             epoch: Instant::now(),
         };
@@ -237,6 +249,51 @@ impl Gateway {
         session
     }
 
+    /// The session stateless requests of `principal` run in, on the current topology. A topology
+    /// change replaces it; requests still running keep the old one until they finish.
+    pub fn stateless_session(&self, principal: Option<Principal>) -> Arc<Session> {
+        let topology = self.topology();
+        if let Some(s) = self.stateless.get(&principal)
+            && Arc::ptr_eq(s.topology(), &topology)
+        {
+            return s.clone();
+        }
+        let fresh = || {
+            Session::new(
+                crate::mcp::session::new_id(),
+                principal.clone(),
+                crate::mcp::revision::STATELESS,
+                topology.clone(),
+                crate::mcp::session::UpstreamInit {
+                    params: Bytes::from_static(STATELESS_UPSTREAM_INIT.as_bytes()),
+                    eager_listen: false,
+                },
+                self.epoch,
+                Some(crate::mcp::policy::PluginMessagePolicy::stage(
+                    self.plugins.clone(),
+                )),
+            )
+        };
+        use dashmap::mapref::entry::Entry;
+        match self.stateless.entry(principal.clone()) {
+            Entry::Occupied(e) if Arc::ptr_eq(e.get().topology(), &topology) => e.get().clone(),
+            Entry::Occupied(mut e) => {
+                let session = fresh();
+                let old = e.insert(session.clone());
+                self.retire(old);
+                session
+            }
+            Entry::Vacant(e) => e.insert(fresh()).clone(),
+        }
+    }
+
+    /// Ends a session that no map holds any more: its streams now, its upstreams in the background.
+    fn retire(&self, session: Arc<Session>) {
+        self.plugins.current().end_session(&session.id);
+        session.end();
+        tokio::spawn(async move { session.close().await });
+    }
+
     /// Whether `principal` may open one more session.
     pub fn may_open_session(&self, principal: Option<&Arc<str>>) -> bool {
         principal.is_none_or(|p| {
@@ -255,9 +312,7 @@ impl Gateway {
                     *n == 0
                 });
             }
-            self.plugins.current().end_session(id);
-            session.end();
-            tokio::spawn(async move { session.close().await });
+            self.retire(session);
         }
     }
 
@@ -274,6 +329,21 @@ impl Gateway {
         for id in expired {
             tracing::info!(session = %id, "session expired after idling");
             self.end_session(&id);
+        }
+        let idle_stateless: Vec<Option<Principal>> = self
+            .stateless
+            .iter()
+            .filter(|s| s.expired(now, idle))
+            .map(|s| s.key().clone())
+            .collect();
+        for principal in idle_stateless {
+            if let Some((_, session)) = self
+                .stateless
+                .remove_if(&principal, |_, s| s.expired(now, idle))
+            {
+                tracing::info!(principal = ?principal, "stateless upstream sessions expired after idling");
+                self.retire(session);
+            }
         }
     }
 
@@ -295,8 +365,10 @@ impl Gateway {
 
     /// Ends every session, waiting for upstreams to shut down (bounded).
     pub async fn shutdown(&self) {
-        let all: Vec<Arc<Session>> = self.sessions.iter().map(|s| s.value().clone()).collect();
+        let mut all: Vec<Arc<Session>> = self.sessions.iter().map(|s| s.value().clone()).collect();
+        all.extend(self.stateless.iter().map(|s| s.value().clone()));
         self.sessions.clear();
+        self.stateless.clear();
         self.sessions_per_principal.clear();
         self.metrics.sessions.set(0);
         let close = futures_util::future::join_all(all.iter().map(|s| s.close()));

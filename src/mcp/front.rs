@@ -22,6 +22,7 @@ use crate::gateway::Gateway;
 use crate::mcp::handler::{self, Reply};
 use crate::mcp::jsonrpc::{self, Kind, ParseError, code};
 use crate::mcp::revision;
+use crate::mcp::stateless;
 use crate::mcp::session::Session;
 
 /// The header that carries a session id.
@@ -391,26 +392,24 @@ async fn post(
     }
     let version_check = check_version(headers);
     let session_header = headers.get(SESSION_HEADER).cloned();
+    // Without a session, the request may be a stateless one (2026-07-28) that mirrors its body
+    // in headers: keep them before the body is read.
+    let mirrored = session_header
+        .is_none()
+        .then(|| stateless::Mirrored::of(headers));
     let body = read_body(gw, req).await?;
     let msg = jsonrpc::parse(body)?;
 
-    if let Kind::Request { id, method, params } = &msg.kind {
-        match &**method {
-            // The version is negotiated in the body; the header is not yet meaningful.
-            "initialize" => return initialize(gw, principal, id, params.as_deref()).await,
-            // Revision 2026-07-28 probes with server/discover; answer fast so clients fall back.
-            "server/discover" if session_header.is_none() => {
-                return Ok(json_response(
-                    StatusCode::OK,
-                    jsonrpc::error_response(
-                        Some(id),
-                        code::METHOD_NOT_FOUND,
-                        "server/discover is not supported; initialize with protocol version 2025-11-25",
-                    ),
-                ));
-            }
-            _ => {}
-        }
+    if let Some(mirrored) = mirrored
+        && stateless::is_stateless(&mirrored, &msg)
+    {
+        return Ok(stateless::post(gw, principal, mirrored, msg).await);
+    }
+    if let Kind::Request { id, method, params } = &msg.kind
+        && &**method == "initialize"
+    {
+        // The version is negotiated in the body; the header is not yet meaningful.
+        return initialize(gw, principal, id, params.as_deref()).await;
     }
     version_check?;
     let session = session_of(gw, &principal, session_header.as_ref())?;

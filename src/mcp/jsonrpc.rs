@@ -29,6 +29,12 @@ pub mod code {
     pub const REQUEST_CANCELLED: i64 = -32800;
     /// The session has too many requests in flight.
     pub const TOO_BUSY: i64 = -32012;
+    /// 2026-07-28: an HTTP header disagrees with the body it mirrors (or is missing).
+    pub const HEADER_MISMATCH: i64 = -32020;
+    /// 2026-07-28: serving the request needs a capability the client did not declare.
+    pub const MISSING_CLIENT_CAPABILITY: i64 = -32021;
+    /// 2026-07-28: the request's protocol version is not one the server speaks.
+    pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
 }
 
 /// Why a frame is not an acceptable JSON-RPC message.
@@ -331,6 +337,17 @@ pub fn error_response(id: Option<&[u8]>, code: i64, message: &str) -> Bytes {
         id.unwrap_or(b"null"),
         &Outcome::Error(error_object(code, message)),
     )
+}
+
+/// Encodes an error response frame whose error carries `data` (raw JSON).
+pub fn error_response_with_data(id: Option<&[u8]>, code: i64, message: &str, data: &[u8]) -> Bytes {
+    let object = error_object(code, message);
+    let mut b = BytesMut::with_capacity(object.len() + 8 + data.len());
+    b.put_slice(&object[..object.len() - 1]);
+    b.put_slice(b",\"data\":");
+    b.put_slice(data);
+    b.put_u8(b'}');
+    response(id.unwrap_or(b"null"), &Outcome::Error(b.freeze()))
 }
 
 /// Encodes a u64 as a raw JSON id.

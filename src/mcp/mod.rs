@@ -8,3 +8,4 @@ pub mod policy;
 pub mod revision;
 pub mod router;
 pub mod session;
+pub mod stateless;

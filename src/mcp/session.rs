@@ -244,6 +244,12 @@ impl Session {
         idle && self.busy.load(Ordering::Relaxed) == 0 && !listening
     }
 
+    /// Whether the client can open a GET stream for messages unrelated to a request (a
+    /// stateless client cannot: what finds no request's stream is not kept for it).
+    pub fn has_listen_stream(&self) -> bool {
+        self.protocol_version != crate::mcp::revision::STATELESS
+    }
+
     /// Registers an in-flight client request so `notifications/cancelled` can reach it; the
     /// entry goes when the returned guard drops (the call ended, or the client went away).
     /// Refused past [`MAX_INFLIGHT`] requests at once.
@@ -518,7 +524,10 @@ impl Session {
             {
                 return true;
             }
-        } else if route.fallback.is_none() && listen.backlog.len() < LISTEN_BACKLOG {
+        } else if route.fallback.is_none()
+            && listen.backlog.len() < LISTEN_BACKLOG
+            && self.has_listen_stream()
+        {
             listen.sink = None;
             listen.backlog.push_back(frame);
             return true;

@@ -52,9 +52,17 @@ pub fn negotiate(params: Option<&[u8]>) -> Result<Negotiated, String> {
     })
 }
 
-/// Handles `initialize` of a new session: connects every upstream with the client's own
-/// capabilities, and merges what they offer into the result.
-pub async fn initialize(session: &Arc<Session>) -> Bytes {
+/// What a session's servers offer together: merged capabilities (a JSON object) and their
+/// instructions, each prefixed with its server's name when names are prefixed.
+pub struct Offer {
+    /// Capability bits of every server reached.
+    bits: u8,
+    /// The servers' instructions, joined; empty when none has any.
+    pub instructions: String,
+}
+
+/// Connects every upstream of `session` and merges what they offer.
+pub async fn offer(session: &Arc<Session>) -> Offer {
     let results = futures_util::future::join_all(
         (0..session.topology().servers.len()).map(|i| session.connect(i)),
     )
@@ -82,7 +90,7 @@ pub async fn initialize(session: &Arc<Session>) -> Bytes {
                 }
             }
             Err(e) => {
-                tracing::warn!(session = %session.id, upstream = name, "upstream unavailable at initialize: {e}")
+                tracing::warn!(session = %session.id, upstream = name, "upstream unavailable: {e}")
             }
         }
     }
@@ -90,15 +98,42 @@ pub async fn initialize(session: &Arc<Session>) -> Bytes {
         // Nothing reachable yet: advertise the basics so the client still asks later.
         bits = caps::TOOLS | caps::PROMPTS | caps::RESOURCES;
     }
+    Offer { bits, instructions }
+}
+
+impl Offer {
+    /// The merged `capabilities` object for a session: change notifications and resource
+    /// subscriptions included.
+    pub fn capabilities(&self) -> String {
+        render(self.bits, true)
+    }
+
+    /// The merged `capabilities` object for stateless clients, which cannot be told of changes
+    /// here (no `subscriptions/listen` yet).
+    pub fn stateless_capabilities(&self) -> String {
+        render(self.bits, false)
+    }
+}
+
+fn render(bits: u8, changes: bool) -> String {
+    let (tools, prompts, resources) = if changes {
+        (
+            r#""tools":{"listChanged":true}"#,
+            r#""prompts":{"listChanged":true}"#,
+            r#""resources":{"subscribe":true,"listChanged":true}"#,
+        )
+    } else {
+        (r#""tools":{}"#, r#""prompts":{}"#, r#""resources":{}"#)
+    };
     let mut c = Vec::new();
     if bits & caps::TOOLS != 0 {
-        c.push(r#""tools":{"listChanged":true}"#);
+        c.push(tools);
     }
     if bits & caps::PROMPTS != 0 {
-        c.push(r#""prompts":{"listChanged":true}"#);
+        c.push(prompts);
     }
     if bits & caps::RESOURCES != 0 {
-        c.push(r#""resources":{"subscribe":true,"listChanged":true}"#);
+        c.push(resources);
     }
     if bits & caps::LOGGING != 0 {
         c.push(r#""logging":{}"#);
@@ -106,15 +141,28 @@ pub async fn initialize(session: &Arc<Session>) -> Bytes {
     if bits & caps::COMPLETIONS != 0 {
         c.push(r#""completions":{}"#);
     }
+    format!("{{{}}}", c.join(","))
+}
+
+/// The gateway's own `serverInfo`.
+pub const SERVER_INFO: &str = concat!(
+    r#"{"name":"gatehouse","title":"Gatehouse MCP gateway","version":""#,
+    env!("CARGO_PKG_VERSION"),
+    r#""}"#
+);
+
+/// Handles `initialize` of a new session: connects every upstream with the client's own
+/// capabilities, and merges what they offer into the result.
+pub async fn initialize(session: &Arc<Session>) -> Bytes {
+    let offer = offer(session).await;
     let mut result = format!(
-        r#"{{"protocolVersion":"{}","capabilities":{{{}}},"serverInfo":{{"name":"gatehouse","title":"Gatehouse MCP gateway","version":"{}"}}"#,
+        r#"{{"protocolVersion":"{}","capabilities":{},"serverInfo":{SERVER_INFO}"#,
         session.protocol_version,
-        c.join(","),
-        env!("CARGO_PKG_VERSION")
+        offer.capabilities(),
     );
-    if !instructions.is_empty() {
+    if !offer.instructions.is_empty() {
         result.push_str(",\"instructions\":");
-        result.push_str(json_string(&instructions).get());
+        result.push_str(json_string(&offer.instructions).get());
     }
     result.push('}');
     Bytes::from(result)

@@ -6,7 +6,7 @@ mod aggregate;
 mod forward;
 mod initialize;
 
-pub use initialize::{Negotiated, initialize, negotiate};
+pub use initialize::{Negotiated, Offer, SERVER_INFO, initialize, negotiate, offer};
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;

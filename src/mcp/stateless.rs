@@ -1,0 +1,664 @@
+//! The 2026-07-28 front: stateless requests on the same endpoint as sessions.
+//!
+//! A request without `Mcp-Session-Id` that names revision 2026-07-28 (in `_meta`, in the
+//! `MCP-Protocol-Version` header, or by being `server/discover`) carries everything it needs:
+//! its version and the client's capabilities in `_meta`, its method and target mirrored in
+//! headers. Checks run in order: `_meta` (400, -32602), mirrored headers (400, -32020), version
+//! (400, -32022), method (404, -32601). The request then runs in the principal's hidden session
+//! ([`Gateway::stateless_session`]), whose upstream sessions the gateway keeps, and every result
+//! carries `resultType`.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use crate::auth::Principal;
+use crate::body::Body;
+use crate::gateway::Gateway;
+use crate::mcp::front::{accepted, json_response, sse_response};
+use crate::mcp::handler::{self, Reply};
+use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
+use crate::mcp::revision;
+use crate::mcp::session::Session;
+
+/// Where the 2026-07-28 envelope's `_meta` keys live.
+const ENVELOPE_PREFIX: &str = "io.modelcontextprotocol/";
+const VERSION_KEY: &str = "io.modelcontextprotocol/protocolVersion";
+const VERSION_HEADER: &str = "mcp-protocol-version";
+const METHOD_HEADER: &str = "mcp-method";
+const NAME_HEADER: &str = "mcp-name";
+
+/// How long a client may reuse a `server/discover` answer.
+const DISCOVER_TTL_MS: u64 = 60_000;
+
+/// The headers a stateless request mirrors its body in, taken before the body is read.
+#[derive(Default)]
+pub(crate) struct Mirrored {
+    version: Option<HeaderValue>,
+    method: Option<HeaderValue>,
+    name: Option<HeaderValue>,
+}
+
+impl Mirrored {
+    /// Takes the mirrored headers of a request.
+    pub(crate) fn of(headers: &HeaderMap) -> Mirrored {
+        Mirrored {
+            version: headers.get(VERSION_HEADER).cloned(),
+            method: headers.get(METHOD_HEADER).cloned(),
+            name: headers.get(NAME_HEADER).cloned(),
+        }
+    }
+}
+
+/// Whether a message without a session is a 2026-07-28 stateless one.
+pub(crate) fn is_stateless(mirrored: &Mirrored, msg: &Message) -> bool {
+    if mirrored
+        .version
+        .as_ref()
+        .is_some_and(|v| v.as_bytes() == revision::STATELESS.as_bytes())
+    {
+        return true;
+    }
+    match &msg.kind {
+        Kind::Request { method, params, .. } => {
+            &**method == "server/discover"
+                || params
+                    .as_deref()
+                    .is_some_and(|p| memchr::memmem::find(p, VERSION_KEY.as_bytes()).is_some())
+        }
+        Kind::Notification { params, .. } => params
+            .as_deref()
+            .is_some_and(|p| memchr::memmem::find(p, VERSION_KEY.as_bytes()).is_some()),
+        Kind::Response { .. } => false,
+    }
+}
+
+/// Why a stateless request was refused before it ran.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub(crate) enum Refusal {
+    /// `_meta` is missing or malformed.
+    #[error("{0}")]
+    Meta(String),
+    /// The version in `_meta` is not served statelessly.
+    #[error("unsupported protocol version {0:?}; this gateway serves {stateless} without a session, and {sessions} with initialize", stateless = revision::STATELESS, sessions = revision::SUPPORTED.join(", "))]
+    Version(String),
+    /// A mirrored header is missing or disagrees with the body.
+    #[error("{0}")]
+    Header(String),
+    /// No such method in this revision.
+    #[error("method not found: {0}")]
+    Method(String),
+}
+
+impl Refusal {
+    fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Method(_) => StatusCode::NOT_FOUND,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn frame(&self, id: &[u8]) -> Bytes {
+        let message = self.to_string();
+        match self {
+            Refusal::Meta(_) => jsonrpc::error_response(Some(id), code::INVALID_PARAMS, &message),
+            Refusal::Version(requested) => {
+                let data = serde_json::json!({
+                    "supported": revision::ALL,
+                    "requested": requested,
+                });
+                jsonrpc::error_response_with_data(
+                    Some(id),
+                    code::UNSUPPORTED_PROTOCOL_VERSION,
+                    &message,
+                    data.to_string().as_bytes(),
+                )
+            }
+            Refusal::Header(_) => {
+                jsonrpc::error_response(Some(id), code::HEADER_MISMATCH, &message)
+            }
+            Refusal::Method(_) => {
+                jsonrpc::error_response(Some(id), code::METHOD_NOT_FOUND, &message)
+            }
+        }
+    }
+}
+
+/// What a stateless request's `_meta` says about it.
+#[derive(Debug, PartialEq)]
+pub(crate) struct RequestMeta {
+    /// The revision the request speaks.
+    pub version: String,
+    /// The lowest log severity the client wants on this request's stream; `None`: no logs.
+    pub log_level: Option<u8>,
+}
+
+/// Log severities, lowest first (RFC 5424 names, as MCP uses them).
+const LEVELS: [&str; 8] = [
+    "debug",
+    "info",
+    "notice",
+    "warning",
+    "error",
+    "critical",
+    "alert",
+    "emergency",
+];
+
+fn severity(level: &str) -> Option<u8> {
+    LEVELS.iter().position(|l| *l == level).map(|p| p as u8)
+}
+
+/// Reads and checks `params._meta` of a stateless request.
+pub(crate) fn request_meta(params: Option<&[u8]>) -> Result<RequestMeta, Refusal> {
+    #[derive(Deserialize)]
+    struct P<'a> {
+        #[serde(borrow, rename = "_meta")]
+        meta: Option<std::collections::BTreeMap<String, &'a RawValue>>,
+    }
+    let meta = params
+        .and_then(|p| serde_json::from_slice::<P<'_>>(p).ok())
+        .ok_or_else(|| Refusal::Meta("params must be an object carrying _meta".into()))?
+        .meta
+        .ok_or_else(|| Refusal::Meta(format!("params._meta is required (with {VERSION_KEY})")))?;
+    let string = |key: &str| -> Result<Option<String>, Refusal> {
+        meta.get(key)
+            .map(|raw| {
+                serde_json::from_str::<String>(raw.get())
+                    .map_err(|_| Refusal::Meta(format!("params._meta[{key:?}] must be a string")))
+            })
+            .transpose()
+    };
+    let version = string(VERSION_KEY)?
+        .ok_or_else(|| Refusal::Meta(format!("params._meta[{VERSION_KEY:?}] is required")))?;
+    let caps_key = "io.modelcontextprotocol/clientCapabilities";
+    match meta.get(caps_key) {
+        Some(raw) if raw.get().trim_start().starts_with('{') => {}
+        Some(_) => {
+            return Err(Refusal::Meta(format!(
+                "params._meta[{caps_key:?}] must be an object"
+            )));
+        }
+        None => {
+            return Err(Refusal::Meta(format!(
+                "params._meta[{caps_key:?}] is required"
+            )));
+        }
+    }
+    let level_key = "io.modelcontextprotocol/logLevel";
+    let log_level = match string(level_key)? {
+        None => None,
+        Some(l) => Some(severity(&l).ok_or_else(|| {
+            Refusal::Meta(format!(
+                "params._meta[{level_key:?}] must be one of {}",
+                LEVELS.join(", ")
+            ))
+        })?),
+    };
+    Ok(RequestMeta { version, log_level })
+}
+
+/// A mirrored header's value: `=?base64?…?=` decoded, else the plain text.
+fn header_text(value: &HeaderValue) -> Option<String> {
+    let text = value.to_str().ok()?.trim();
+    match text
+        .strip_prefix("=?base64?")
+        .and_then(|t| t.strip_suffix("?="))
+    {
+        Some(encoded) => {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .ok()?;
+            String::from_utf8(raw).ok()
+        }
+        None => Some(text.to_owned()),
+    }
+}
+
+/// Checks that the headers mirror the body: version, method, and the target's name.
+fn check_headers(
+    mirrored: &Mirrored,
+    meta: &RequestMeta,
+    method: &str,
+    params: Option<&[u8]>,
+) -> Result<(), Refusal> {
+    let agree = |header: &Option<HeaderValue>, name: &str, body: &str| match header {
+        None => Err(Refusal::Header(format!(
+            "the {name} header is required and must be {body:?}"
+        ))),
+        Some(v) => match header_text(v) {
+            Some(text) if text == body => Ok(()),
+            _ => Err(Refusal::Header(format!(
+                "the {name} header {v:?} does not match the body's {body:?}"
+            ))),
+        },
+    };
+    agree(&mirrored.version, "MCP-Protocol-Version", &meta.version)?;
+    agree(&mirrored.method, "Mcp-Method", method)?;
+    let key = match method {
+        "tools/call" | "prompts/get" => "name",
+        "resources/read" => "uri",
+        _ => return Ok(()),
+    };
+    #[derive(Deserialize)]
+    struct Target {
+        name: Option<String>,
+        uri: Option<String>,
+    }
+    let target = params
+        .and_then(|p| serde_json::from_slice::<Target>(p).ok())
+        .and_then(|t| if key == "name" { t.name } else { t.uri })
+        .ok_or_else(|| Refusal::Meta(format!("params.{key} must be a string")))?;
+    agree(&mirrored.name, "Mcp-Name", &target)
+}
+
+/// Methods a 2026-07-28 client may call here.
+fn served(method: &str) -> bool {
+    matches!(
+        method,
+        "server/discover"
+            | "tools/list"
+            | "tools/call"
+            | "prompts/list"
+            | "prompts/get"
+            | "resources/list"
+            | "resources/read"
+            | "resources/templates/list"
+            | "completion/complete"
+    )
+}
+
+/// Serves one stateless message.
+pub(crate) async fn post(
+    gw: &Arc<Gateway>,
+    principal: Option<Principal>,
+    mirrored: Mirrored,
+    msg: Message,
+) -> Response<Body> {
+    let (id, method, params) = match msg.kind {
+        Kind::Request { id, method, params } => (id, method, params),
+        // Nothing in this revision needs a client notification; they are acknowledged.
+        Kind::Notification { .. } => return accepted(),
+        Kind::Response { .. } => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                jsonrpc::error_response(
+                    None,
+                    code::INVALID_REQUEST,
+                    "a stateless client has no server requests to answer; send input responses with the retried request",
+                ),
+            );
+        }
+    };
+    let checked = request_meta(params.as_deref()).and_then(|meta| {
+        // Headers first: a header that disagrees with the body is the request's own fault,
+        // whichever version it names.
+        check_headers(&mirrored, &meta, &method, params.as_deref())?;
+        if meta.version != revision::STATELESS {
+            return Err(Refusal::Version(meta.version));
+        }
+        if !served(&method) {
+            return Err(Refusal::Method(method.to_string()));
+        }
+        Ok(meta)
+    });
+    let meta = match checked {
+        Ok(m) => m,
+        Err(refusal) => {
+            tracing::debug!(%method, "refused a stateless request: {refusal}");
+            return json_response(refusal.status(), refusal.frame(&id));
+        }
+    };
+    let params = params.map(|p| without_envelope(&p).unwrap_or(p));
+    let session = gw.stateless_session(principal);
+    let _busy = session.touch();
+    if &*method == "server/discover" {
+        let result = discover(&session).await;
+        return json_response(
+            StatusCode::OK,
+            jsonrpc::response(&id, &Outcome::Result(result)),
+        );
+    }
+    let completion = Completion::of(&method);
+    match handler::request(gw.services(), &session, id, &method, params).await {
+        Reply::Json(frame) => json_response(StatusCode::OK, completion.frame(frame)),
+        Reply::Refused(status, frame) => json_response(status, frame),
+        Reply::Stream(rx) => sse_response(relay_stream(rx, session, meta.log_level, completion)),
+    }
+}
+
+/// Params without the 2026-07-28 envelope (`_meta` keys under `io.modelcontextprotocol/`), which
+/// upstreams of earlier revisions refuse; `_meta` goes when nothing else is in it. `None` when
+/// there is nothing to take out.
+fn without_envelope(params: &[u8]) -> Option<Bytes> {
+    type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
+    let mut fields: Object<'_> = serde_json::from_slice(params).ok()?;
+    let meta: Object<'_> = serde_json::from_str(fields.get("_meta")?.get()).ok()?;
+    let kept: Object<'_> = meta
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(ENVELOPE_PREFIX))
+        .collect();
+    let kept_meta;
+    if kept.is_empty() {
+        fields.remove("_meta");
+    } else {
+        kept_meta = RawValue::from_string(serde_json::to_string(&kept).ok()?).ok()?;
+        fields.insert("_meta".into(), &kept_meta);
+    }
+    serde_json::to_vec(&fields).ok().map(Bytes::from)
+}
+
+/// The `server/discover` result: every revision served, what the servers offer together, and
+/// how long the answer may be reused.
+async fn discover(session: &Arc<Session>) -> Bytes {
+    let offer = handler::offer(session).await;
+    let mut result = format!(
+        r#"{{"resultType":"complete","supportedVersions":{},"capabilities":{},"ttlMs":{DISCOVER_TTL_MS},"cacheScope":"private","_meta":{{"io.modelcontextprotocol/serverInfo":{}}}"#,
+        serde_json::to_string(revision::ALL).expect("strings encode"),
+        offer.stateless_capabilities(),
+        handler::SERVER_INFO,
+    );
+    if !offer.instructions.is_empty() {
+        result.push_str(",\"instructions\":");
+        result.push_str(&serde_json::to_string(&offer.instructions).expect("strings encode"));
+    }
+    result.push('}');
+    Bytes::from(result)
+}
+
+/// What 2026-07-28 adds to a result: that it is complete (`resultType`) and, on lists and reads,
+/// how long it may be reused and by whom (`ttlMs`, `cacheScope`).
+#[derive(Clone, Copy)]
+pub(crate) struct Completion {
+    cache_hints: bool,
+}
+
+impl Completion {
+    /// What results of `method` carry.
+    pub(crate) fn of(method: &str) -> Completion {
+        Completion {
+            cache_hints: matches!(
+                method,
+                "tools/list"
+                    | "prompts/list"
+                    | "resources/list"
+                    | "resources/templates/list"
+                    | "resources/read"
+            ),
+        }
+    }
+
+    /// The response frame with its result completed. Errors, and results that already say
+    /// what they are, pass unchanged.
+    pub(crate) fn frame(self, frame: Bytes) -> Bytes {
+        let Ok(msg) = jsonrpc::parse(frame.clone()) else {
+            return frame;
+        };
+        match msg.kind {
+            Kind::Response {
+                id,
+                outcome: Outcome::Result(result),
+            } => match self.result(&result) {
+                Some(r) => jsonrpc::response(&id, &Outcome::Result(r)),
+                None => frame,
+            },
+            _ => frame,
+        }
+    }
+
+    /// `result` with the members it lacks put first; `None` when it lacks none or is no object.
+    fn result(self, result: &[u8]) -> Option<Bytes> {
+        let text = std::str::from_utf8(result).ok()?.trim_start();
+        let rest = text.strip_prefix('{')?;
+        #[derive(Deserialize, Default)]
+        struct Present<'a> {
+            #[serde(borrow, rename = "resultType")]
+            kind: Option<&'a RawValue>,
+            #[serde(borrow, rename = "ttlMs")]
+            ttl: Option<&'a RawValue>,
+            #[serde(borrow, rename = "cacheScope")]
+            scope: Option<&'a RawValue>,
+        }
+        // Only parse when a key could be there (literally, or escaped).
+        let present = if result.contains(&b'\\')
+            || ["resultType", "ttlMs", "cacheScope"]
+                .iter()
+                .any(|k| memchr::memmem::find(result, k.as_bytes()).is_some())
+        {
+            serde_json::from_str::<Present<'_>>(text).ok()?
+        } else {
+            Present::default()
+        };
+        let mut added = Vec::with_capacity(3);
+        if present.kind.is_none() {
+            added.push(r#""resultType":"complete""#);
+        }
+        if self.cache_hints {
+            if present.ttl.is_none() {
+                // No change notifications reach a stateless client yet: nothing may be reused.
+                added.push(r#""ttlMs":0"#);
+            }
+            if present.scope.is_none() {
+                // What a caller sees depends on who it is (policy plugins filter lists).
+                added.push(r#""cacheScope":"private""#);
+            }
+        }
+        if added.is_empty() {
+            return None;
+        }
+        let mut out = String::with_capacity(result.len() + 64);
+        out.push('{');
+        out.push_str(&added.join(","));
+        if !rest.trim_start().starts_with('}') {
+            out.push(',');
+        }
+        out.push_str(rest);
+        Some(Bytes::from(out))
+    }
+}
+
+/// Relays a request's stream to a stateless client: log messages only at or above the level the
+/// request asked for (none when it asked for none), the final result with its `resultType`.
+/// A server request has no stream to go to: it is answered with an error at once.
+fn relay_stream(
+    mut rx: mpsc::Receiver<Bytes>,
+    session: Arc<Session>,
+    log_level: Option<u8>,
+    completion: Completion,
+) -> mpsc::Receiver<Bytes> {
+    let (tx, out) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            let frame = match jsonrpc::parse(frame.clone()).map(|m| m.kind) {
+                Ok(Kind::Notification { method, params }) if &*method == "notifications/message" => {
+                    if !log_wanted(params.as_deref(), log_level) {
+                        continue;
+                    }
+                    frame
+                }
+                Ok(Kind::Request { id, method, .. }) => {
+                    let error = jsonrpc::error_object(
+                        code::METHOD_NOT_FOUND,
+                        &format!(
+                            "{method}: the client speaks {} and cannot be asked during a request through this gateway yet",
+                            revision::STATELESS
+                        ),
+                    );
+                    session.on_client_response(&id, &Outcome::Error(error)).await;
+                    continue;
+                }
+                Ok(Kind::Response { .. }) => completion.frame(frame),
+                _ => frame,
+            };
+            if tx.send(frame).await.is_err() {
+                return; // the client went away: dropping `rx` cancels the call
+            }
+        }
+    });
+    out
+}
+
+fn log_wanted(params: Option<&[u8]>, wanted: Option<u8>) -> bool {
+    let Some(wanted) = wanted else {
+        return false;
+    };
+    #[derive(Deserialize)]
+    struct P {
+        level: String,
+    }
+    params
+        .and_then(|p| serde_json::from_slice::<P>(p).ok())
+        .and_then(|p| severity(&p.level))
+        .is_some_and(|s| s >= wanted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(params: &str) -> Result<RequestMeta, Refusal> {
+        request_meta(Some(params.as_bytes()))
+    }
+
+    #[test]
+    fn meta_needs_version_and_capabilities() {
+        let ok = r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{},"io.modelcontextprotocol/logLevel":"warning"}}"#;
+        assert_eq!(
+            meta(ok).unwrap(),
+            RequestMeta {
+                version: "2026-07-28".into(),
+                log_level: Some(3)
+            }
+        );
+        for bad in [
+            r#"{}"#,
+            r#"[]"#,
+            r#"{"_meta":{}}"#,
+            r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}"#,
+            r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":7,"io.modelcontextprotocol/clientCapabilities":{}}}"#,
+            r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":[]}}"#,
+            r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{},"io.modelcontextprotocol/logLevel":"loud"}}"#,
+        ] {
+            assert!(matches!(meta(bad), Err(Refusal::Meta(_))), "{bad}");
+        }
+        assert!(matches!(request_meta(None), Err(Refusal::Meta(_))));
+    }
+
+    #[test]
+    fn headers_must_mirror_the_body_base64_or_plain() {
+        let m = RequestMeta {
+            version: "2026-07-28".into(),
+            log_level: None,
+        };
+        let headers = |name: &str| Mirrored {
+            version: Some(HeaderValue::from_static("2026-07-28")),
+            method: Some(HeaderValue::from_static("tools/call")),
+            name: Some(HeaderValue::from_str(name).unwrap()),
+        };
+        let params = br#"{"name":"caf\u00e9"}"#;
+        // "café" base64-encoded, as a client must send a non-ASCII name.
+        let encoded = format!(
+            "=?base64?{}?=",
+            base64::engine::general_purpose::STANDARD.encode("café")
+        );
+        assert_eq!(
+            check_headers(&headers(&encoded), &m, "tools/call", Some(params)),
+            Ok(())
+        );
+        assert!(matches!(
+            check_headers(&headers("other"), &m, "tools/call", Some(params)),
+            Err(Refusal::Header(_))
+        ));
+        assert!(matches!(
+            check_headers(&headers("=?base64?!!?="), &m, "tools/call", Some(params)),
+            Err(Refusal::Header(_))
+        ));
+        let mut missing = headers(&encoded);
+        missing.method = None;
+        assert!(matches!(
+            check_headers(&missing, &m, "tools/call", Some(params)),
+            Err(Refusal::Header(_))
+        ));
+        // The method header must name the body's method.
+        assert!(matches!(
+            check_headers(&headers(&encoded), &m, "prompts/get", Some(params)),
+            Err(Refusal::Header(_))
+        ));
+    }
+
+    #[test]
+    fn results_say_they_are_complete_once() {
+        let call = |s: &str| {
+            Completion::of("tools/call")
+                .result(s.as_bytes())
+                .map(|b| String::from_utf8(b.to_vec()).unwrap())
+        };
+        assert_eq!(call("{}").as_deref(), Some(r#"{"resultType":"complete"}"#));
+        assert_eq!(
+            call(r#"{"content":[]}"#).as_deref(),
+            Some(r#"{"resultType":"complete","content":[]}"#)
+        );
+        assert_eq!(call(r#"{"resultType":"input_required"}"#), None);
+        assert_eq!(call(r#"{"\u0072esultType":"input_required"}"#), None);
+        // The word inside a value does not count as the key.
+        assert_eq!(
+            call(r#"{"text":"resultType"}"#).as_deref(),
+            Some(r#"{"resultType":"complete","text":"resultType"}"#)
+        );
+        assert_eq!(call("[1]"), None);
+        let list = |s: &str| {
+            Completion::of("tools/list")
+                .result(s.as_bytes())
+                .map(|b| String::from_utf8(b.to_vec()).unwrap())
+        };
+        assert_eq!(
+            list(r#"{"tools":[]}"#).as_deref(),
+            Some(r#"{"resultType":"complete","ttlMs":0,"cacheScope":"private","tools":[]}"#)
+        );
+        assert_eq!(
+            list(r#"{"tools":[],"ttlMs":5000}"#).as_deref(),
+            Some(r#"{"resultType":"complete","cacheScope":"private","tools":[],"ttlMs":5000}"#)
+        );
+        // A whole frame: the id is kept, an error passes as it is.
+        let frame = Completion::of("tools/list")
+            .frame(Bytes::from_static(br#"{"jsonrpc":"2.0","id":"a","result":{}}"#));
+        assert_eq!(
+            &frame[..],
+            br#"{"jsonrpc":"2.0","id":"a","result":{"resultType":"complete","ttlMs":0,"cacheScope":"private"}}"#
+        );
+        let error = Bytes::from_static(br#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"m"}}"#);
+        assert_eq!(Completion::of("tools/list").frame(error.clone()), error);
+    }
+
+    #[test]
+    fn the_envelope_is_taken_out_and_the_rest_kept() {
+        let strip = |s: &str| without_envelope(s.as_bytes()).map(|b| String::from_utf8(b.to_vec()).unwrap());
+        assert_eq!(
+            strip(r#"{"name":"t","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","progressToken":4}}"#).as_deref(),
+            Some(r#"{"_meta":{"progressToken":4},"name":"t"}"#)
+        );
+        assert_eq!(
+            strip(r#"{"_meta":{"io.modelcontextprotocol/clientCapabilities":{}},"arguments":{"_meta":1}}"#).as_deref(),
+            Some(r#"{"arguments":{"_meta":1}}"#)
+        );
+        // An escaped key is still the envelope's.
+        assert_eq!(
+            strip(r#"{"_meta":{"io.modelcontextprotocol\/logLevel":"info"}}"#).as_deref(),
+            Some("{}")
+        );
+    }
+
+    #[test]
+    fn logs_pass_at_or_above_the_asked_level_only() {
+        let warning = Some(br#"{"level":"warning","data":"x"}"#.as_slice());
+        assert!(log_wanted(warning, Some(3)));
+        assert!(log_wanted(warning, Some(0)));
+        assert!(!log_wanted(warning, Some(4)));
+        assert!(!log_wanted(warning, None));
+    }
+}
