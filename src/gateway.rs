@@ -21,10 +21,14 @@ use crate::upstream::orchestrated::Orchestrated;
 use crate::upstream::shared::SharedServer;
 use crate::upstream::{Server, http};
 
-/// The `initialize` params of the upstream sessions kept for stateless clients. They declare no
-/// client capabilities: a stateless client cannot be asked anything outside its own request.
+/// How long a stateless call waits for its client to retry with the answers it asked for.
+const ROUND_TRIP_WAIT: Duration = Duration::from_secs(300);
+
+/// The `initialize` params of the upstream sessions kept for stateless clients. They declare what
+/// the gateway can ask a stateless client within its request (`input_required`); whether the
+/// client itself declared it is checked per request.
 const STATELESS_UPSTREAM_INIT: &str = concat!(
-    r#"{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"gatehouse","version":""#,
+    r#"{"protocolVersion":"2025-11-25","capabilities":{"sampling":{},"elicitation":{},"roots":{}},"clientInfo":{"name":"gatehouse","version":""#,
     env!("CARGO_PKG_VERSION"),
     r#""}}"#
 );
@@ -51,6 +55,8 @@ pub struct Gateway {
     /// Where stateless (2026-07-28) requests run: one hidden session per principal, holding the
     /// upstream sessions the gateway keeps for them (principals never share one).
     stateless: DashMap<Option<Principal>, Arc<Session>>,
+    /// Stateless calls waiting for their client's answers (`input_required`).
+    pub round_trips: crate::mcp::round_trip::RoundTrips,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Client authentication.
@@ -70,6 +76,7 @@ impl Gateway {
         orchestrator: Option<Arc<dyn Runtime>>,
     ) -> Result<Arc<Gateway>, PluginError> {
         let plugins = Plugins::load(&config.plugins)?;
+        let round_trip_wait = ROUND_TRIP_WAIT.min(config.mcp.session_idle_timeout);
         let gw = Gateway {
             plugins,
             auth: Auth::new(&config.tokens),
@@ -87,6 +94,10 @@ impl Gateway {
             sessions: DashMap::new(),
             sessions_per_principal: DashMap::new(),
             stateless: DashMap::new(),
+            round_trips: crate::mcp::round_trip::RoundTrips::new(
+                crate::mcp::seal::Sealer::random(0),
+                round_trip_wait,
+            ),
             metrics: Metrics::new(),
             epoch: Instant::now(),
         };

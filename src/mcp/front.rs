@@ -22,8 +22,8 @@ use crate::gateway::Gateway;
 use crate::mcp::handler::{self, Reply};
 use crate::mcp::jsonrpc::{self, Kind, ParseError, code};
 use crate::mcp::revision;
-use crate::mcp::stateless;
 use crate::mcp::session::Session;
+use crate::mcp::stateless;
 
 /// The header that carries a session id.
 pub(crate) const SESSION_HEADER: &str = "mcp-session-id";

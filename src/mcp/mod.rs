@@ -6,6 +6,8 @@ pub mod handler;
 pub mod jsonrpc;
 pub mod policy;
 pub mod revision;
+pub mod round_trip;
 pub mod router;
+pub mod seal;
 pub mod session;
 pub mod stateless;

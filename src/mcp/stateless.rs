@@ -24,6 +24,7 @@ use crate::mcp::front::{accepted, json_response, sse_response};
 use crate::mcp::handler::{self, Reply};
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
 use crate::mcp::revision;
+use crate::mcp::round_trip;
 use crate::mcp::session::Session;
 
 /// Where the 2026-07-28 envelope's `_meta` keys live.
@@ -136,6 +137,8 @@ pub(crate) struct RequestMeta {
     pub version: String,
     /// The lowest log severity the client wants on this request's stream; `None`: no logs.
     pub log_level: Option<u8>,
+    /// The client capabilities the request declares (their names).
+    pub capabilities: Vec<String>,
 }
 
 /// Log severities, lowest first (RFC 5424 names, as MCP uses them).
@@ -177,19 +180,21 @@ pub(crate) fn request_meta(params: Option<&[u8]>) -> Result<RequestMeta, Refusal
     let version = string(VERSION_KEY)?
         .ok_or_else(|| Refusal::Meta(format!("params._meta[{VERSION_KEY:?}] is required")))?;
     let caps_key = "io.modelcontextprotocol/clientCapabilities";
-    match meta.get(caps_key) {
-        Some(raw) if raw.get().trim_start().starts_with('{') => {}
-        Some(_) => {
-            return Err(Refusal::Meta(format!(
-                "params._meta[{caps_key:?}] must be an object"
-            )));
+    let capabilities: Vec<String> = match meta.get(caps_key) {
+        Some(raw) => {
+            serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(raw.get())
+                .map_err(|_| {
+                    Refusal::Meta(format!("params._meta[{caps_key:?}] must be an object"))
+                })?
+                .into_keys()
+                .collect()
         }
         None => {
             return Err(Refusal::Meta(format!(
                 "params._meta[{caps_key:?}] is required"
             )));
         }
-    }
+    };
     let level_key = "io.modelcontextprotocol/logLevel";
     let log_level = match string(level_key)? {
         None => None,
@@ -200,7 +205,11 @@ pub(crate) fn request_meta(params: Option<&[u8]>) -> Result<RequestMeta, Refusal
             ))
         })?),
     };
-    Ok(RequestMeta { version, log_level })
+    Ok(RequestMeta {
+        version,
+        log_level,
+        capabilities,
+    })
 }
 
 /// A mirrored header's value: `=?base64?…?=` decoded, else the plain text.
@@ -226,7 +235,7 @@ fn check_headers(
     meta: &RequestMeta,
     method: &str,
     params: Option<&[u8]>,
-) -> Result<(), Refusal> {
+) -> Result<Option<String>, Refusal> {
     let agree = |header: &Option<HeaderValue>, name: &str, body: &str| match header {
         None => Err(Refusal::Header(format!(
             "the {name} header is required and must be {body:?}"
@@ -243,7 +252,7 @@ fn check_headers(
     let key = match method {
         "tools/call" | "prompts/get" => "name",
         "resources/read" => "uri",
-        _ => return Ok(()),
+        _ => return Ok(None),
     };
     #[derive(Deserialize)]
     struct Target {
@@ -254,7 +263,8 @@ fn check_headers(
         .and_then(|p| serde_json::from_slice::<Target>(p).ok())
         .and_then(|t| if key == "name" { t.name } else { t.uri })
         .ok_or_else(|| Refusal::Meta(format!("params.{key} must be a string")))?;
-    agree(&mirrored.name, "Mcp-Name", &target)
+    agree(&mirrored.name, "Mcp-Name", &target)?;
+    Ok(Some(target))
 }
 
 /// Methods a 2026-07-28 client may call here.
@@ -298,25 +308,62 @@ pub(crate) async fn post(
     let checked = request_meta(params.as_deref()).and_then(|meta| {
         // Headers first: a header that disagrees with the body is the request's own fault,
         // whichever version it names.
-        check_headers(&mirrored, &meta, &method, params.as_deref())?;
+        let target = check_headers(&mirrored, &meta, &method, params.as_deref())?;
         if meta.version != revision::STATELESS {
             return Err(Refusal::Version(meta.version));
         }
         if !served(&method) {
             return Err(Refusal::Method(method.to_string()));
         }
-        Ok(meta)
+        Ok((meta, target))
     });
-    let meta = match checked {
+    let (meta, target) = match checked {
         Ok(m) => m,
         Err(refusal) => {
             tracing::debug!(%method, "refused a stateless request: {refusal}");
             return json_response(refusal.status(), refusal.frame(&id));
         }
     };
+    let invalid = |message: &str| {
+        json_response(
+            StatusCode::BAD_REQUEST,
+            jsonrpc::error_response(Some(&id), code::INVALID_PARAMS, message),
+        )
+    };
+    // Only these may answer `input_required`, so only their retries carry answers.
+    let (retry, params) = if matches!(&*method, "tools/call" | "prompts/get" | "resources/read") {
+        match round_trip::take_retry(params) {
+            Ok(taken) => taken,
+            Err(e) => return invalid(&e),
+        }
+    } else {
+        (round_trip::Retry::default(), params)
+    };
     let params = params.map(|p| without_envelope(&p).unwrap_or(p));
+    let round = Round {
+        gw: gw.clone(),
+        id: id.clone(),
+        method: method.to_string(),
+        target,
+        completion: Completion::of(&method),
+        log_level: meta.log_level,
+        declared: meta.capabilities,
+        principal: principal.clone(),
+    };
+    if let Some(state) = retry.state {
+        let parked = gw.round_trips.resume(
+            principal.as_ref(),
+            &state,
+            &round.method,
+            round.target.as_deref(),
+        );
+        return match parked {
+            Ok(parked) => round.resume(parked, retry.responses).await,
+            Err(e) => invalid(&e.to_string()),
+        };
+    }
     let session = gw.stateless_session(principal);
-    let _busy = session.touch();
+    let busy = session.touch();
     if &*method == "server/discover" {
         let result = discover(&session).await;
         return json_response(
@@ -324,11 +371,220 @@ pub(crate) async fn post(
             jsonrpc::response(&id, &Outcome::Result(result)),
         );
     }
-    let completion = Completion::of(&method);
     match handler::request(gw.services(), &session, id, &method, params).await {
-        Reply::Json(frame) => json_response(StatusCode::OK, completion.frame(frame)),
+        Reply::Json(frame) => {
+            json_response(StatusCode::OK, round.completion.frame(frame, &round.id))
+        }
         Reply::Refused(status, frame) => json_response(status, frame),
-        Reply::Stream(rx) => sse_response(relay_stream(rx, session, meta.log_level, completion)),
+        Reply::Stream(rx) => round.drive(session, busy, rx).await,
+    }
+}
+
+/// One round of a stateless request: what its answer needs to know.
+struct Round {
+    gw: Arc<Gateway>,
+    /// The client's id for this round (a retry has its own).
+    id: Bytes,
+    method: String,
+    target: Option<String>,
+    completion: Completion,
+    log_level: Option<u8>,
+    /// The client capabilities the request declared.
+    declared: Vec<String>,
+    principal: Option<Principal>,
+}
+
+/// What a message of the call's stream means for the client.
+enum Step {
+    /// Nothing for the client (a log it did not ask for, a question the gateway answered).
+    Skip,
+    /// A message on the way (progress, logs).
+    Event(Bytes),
+    /// The final answer.
+    Answer(Bytes),
+    /// The server asks the client: the round ends with `input_required`.
+    Ask(round_trip::Asked),
+    /// The server asks for something the client did not declare (-32021).
+    Missing(Bytes),
+}
+
+impl Round {
+    /// Answers the parked call's questions with the client's responses and carries on; asks
+    /// again for what is still unanswered.
+    async fn resume(
+        self,
+        parked: round_trip::Parked,
+        responses: std::collections::BTreeMap<String, Box<RawValue>>,
+    ) -> Response<Body> {
+        let round_trip::Parked {
+            session,
+            rx,
+            asked,
+            busy,
+            ..
+        } = parked;
+        let mut missing = Vec::new();
+        for a in asked {
+            match responses.get(&a.key) {
+                Some(raw) => {
+                    let answer = Outcome::Result(Bytes::copy_from_slice(raw.get().as_bytes()));
+                    session.on_client_response(&a.id, &answer).await;
+                }
+                None => missing.push(a),
+            }
+        }
+        if !missing.is_empty() {
+            let frame = self.park(session, rx, missing, busy);
+            return json_response(StatusCode::OK, frame);
+        }
+        self.drive(session, busy, rx).await
+    }
+
+    /// Parks the call and returns the `input_required` response asking `asked`.
+    fn park(
+        &self,
+        session: Arc<Session>,
+        rx: mpsc::Receiver<Bytes>,
+        asked: Vec<round_trip::Asked>,
+        busy: crate::mcp::session::BusyGuard,
+    ) -> Bytes {
+        let requests = round_trip::input_requests(&asked);
+        let state = self.gw.round_trips.park(round_trip::Parked {
+            session,
+            rx,
+            asked,
+            principal: self.principal.clone(),
+            method: self.method.clone(),
+            target: self.target.clone(),
+            busy,
+        });
+        let result = round_trip::input_required(&requests, &state);
+        jsonrpc::response(&self.id, &Outcome::Result(result))
+    }
+
+    /// Reads the call's stream until the client's answer takes shape: a single JSON response
+    /// (the answer, `input_required`, or an error), or an SSE stream when messages come first.
+    async fn drive(
+        self,
+        session: Arc<Session>,
+        busy: crate::mcp::session::BusyGuard,
+        mut rx: mpsc::Receiver<Bytes>,
+    ) -> Response<Body> {
+        loop {
+            let Some(frame) = rx.recv().await else {
+                return json_response(StatusCode::OK, self.ended());
+            };
+            match self.step(&session, frame).await {
+                Step::Skip => {}
+                Step::Answer(frame) => return json_response(StatusCode::OK, frame),
+                Step::Missing(frame) => return json_response(StatusCode::BAD_REQUEST, frame),
+                Step::Ask(asked) => {
+                    let frame = self.park(session, rx, vec![asked], busy);
+                    return json_response(StatusCode::OK, frame);
+                }
+                Step::Event(first) => {
+                    let (tx, out) = mpsc::channel::<Bytes>(64);
+                    tokio::spawn(self.relay(session, busy, rx, tx, first));
+                    return sse_response(out);
+                }
+            }
+        }
+    }
+
+    /// Relays the rest of the call's stream once it is an SSE stream.
+    async fn relay(
+        self,
+        session: Arc<Session>,
+        busy: crate::mcp::session::BusyGuard,
+        mut rx: mpsc::Receiver<Bytes>,
+        tx: mpsc::Sender<Bytes>,
+        first: Bytes,
+    ) {
+        if tx.send(first).await.is_err() {
+            return; // the client went away: dropping `rx` ends the call
+        }
+        while let Some(frame) = rx.recv().await {
+            let last = match self.step(&session, frame).await {
+                Step::Skip => continue,
+                Step::Event(frame) => {
+                    if tx.send(frame).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Step::Answer(frame) | Step::Missing(frame) => frame,
+                Step::Ask(asked) => self.park(session, rx, vec![asked], busy),
+            };
+            let _ = tx.send(last).await;
+            return;
+        }
+        let _ = tx.send(self.ended()).await;
+    }
+
+    /// The error when the call's stream ends without an answer (its session ended).
+    fn ended(&self) -> Bytes {
+        jsonrpc::error_response(
+            Some(&self.id),
+            code::UPSTREAM_UNAVAILABLE,
+            "the call ended without an answer",
+        )
+    }
+
+    async fn step(&self, session: &Session, frame: Bytes) -> Step {
+        let Ok(msg) = jsonrpc::parse(frame.clone()) else {
+            return Step::Skip;
+        };
+        match msg.kind {
+            Kind::Notification { method, params } => {
+                if &*method == "notifications/message"
+                    && !log_wanted(params.as_deref(), self.log_level)
+                {
+                    Step::Skip
+                } else {
+                    Step::Event(frame)
+                }
+            }
+            Kind::Response { .. } => Step::Answer(self.completion.frame(frame, &self.id)),
+            Kind::Request { id, method, params } => {
+                match round_trip::capability_needed(&method) {
+                    None => {
+                        // Nothing the client must be asked: `ping` is answered here, the rest refused.
+                        let outcome = if &*method == "ping" {
+                            Outcome::Result(Bytes::from_static(b"{}"))
+                        } else {
+                            Outcome::Error(jsonrpc::error_object(
+                                code::METHOD_NOT_FOUND,
+                                &format!("{method} is not a request a client can be asked"),
+                            ))
+                        };
+                        session.on_client_response(&id, &outcome).await;
+                        Step::Skip
+                    }
+                    Some(cap) if !self.declared.iter().any(|d| d == cap) => {
+                        let refusal = Outcome::Error(jsonrpc::error_object(
+                            code::METHOD_NOT_FOUND,
+                            &format!("the client did not declare the {cap} capability"),
+                        ));
+                        session.on_client_response(&id, &refusal).await;
+                        let data = format!(r#"{{"requiredCapabilities":{{"{cap}":{{}}}}}}"#);
+                        Step::Missing(jsonrpc::error_response_with_data(
+                            Some(&self.id),
+                            code::MISSING_CLIENT_CAPABILITY,
+                            &format!(
+                                "the server asked for {method}, which needs the client capability {cap:?}; declare it in _meta to allow this"
+                            ),
+                            data.as_bytes(),
+                        ))
+                    }
+                    Some(_) => Step::Ask(round_trip::Asked {
+                        key: String::from_utf8_lossy(&id).into_owned(),
+                        id,
+                        method: method.to_string(),
+                        params,
+                    }),
+                }
+            }
+        }
     }
 }
 
@@ -393,20 +649,22 @@ impl Completion {
         }
     }
 
-    /// The response frame with its result completed. Errors, and results that already say
-    /// what they are, pass unchanged.
-    pub(crate) fn frame(self, frame: Bytes) -> Bytes {
+    /// The response frame, under the id `id`, with its result completed. Errors, and results
+    /// that already say what they are, keep their content.
+    pub(crate) fn frame(self, frame: Bytes, id: &[u8]) -> Bytes {
         let Ok(msg) = jsonrpc::parse(frame.clone()) else {
             return frame;
         };
         match msg.kind {
             Kind::Response {
-                id,
+                id: own,
                 outcome: Outcome::Result(result),
             } => match self.result(&result) {
-                Some(r) => jsonrpc::response(&id, &Outcome::Result(r)),
-                None => frame,
+                Some(r) => jsonrpc::response(id, &Outcome::Result(r)),
+                None if *own == *id => frame,
+                None => jsonrpc::response(id, &Outcome::Result(result)),
             },
+            Kind::Response { id: own, outcome } if *own != *id => jsonrpc::response(id, &outcome),
             _ => frame,
         }
     }
@@ -462,47 +720,6 @@ impl Completion {
     }
 }
 
-/// Relays a request's stream to a stateless client: log messages only at or above the level the
-/// request asked for (none when it asked for none), the final result with its `resultType`.
-/// A server request has no stream to go to: it is answered with an error at once.
-fn relay_stream(
-    mut rx: mpsc::Receiver<Bytes>,
-    session: Arc<Session>,
-    log_level: Option<u8>,
-    completion: Completion,
-) -> mpsc::Receiver<Bytes> {
-    let (tx, out) = mpsc::channel::<Bytes>(64);
-    tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            let frame = match jsonrpc::parse(frame.clone()).map(|m| m.kind) {
-                Ok(Kind::Notification { method, params }) if &*method == "notifications/message" => {
-                    if !log_wanted(params.as_deref(), log_level) {
-                        continue;
-                    }
-                    frame
-                }
-                Ok(Kind::Request { id, method, .. }) => {
-                    let error = jsonrpc::error_object(
-                        code::METHOD_NOT_FOUND,
-                        &format!(
-                            "{method}: the client speaks {} and cannot be asked during a request through this gateway yet",
-                            revision::STATELESS
-                        ),
-                    );
-                    session.on_client_response(&id, &Outcome::Error(error)).await;
-                    continue;
-                }
-                Ok(Kind::Response { .. }) => completion.frame(frame),
-                _ => frame,
-            };
-            if tx.send(frame).await.is_err() {
-                return; // the client went away: dropping `rx` cancels the call
-            }
-        }
-    });
-    out
-}
-
 fn log_wanted(params: Option<&[u8]>, wanted: Option<u8>) -> bool {
     let Some(wanted) = wanted else {
         return false;
@@ -532,7 +749,8 @@ mod tests {
             meta(ok).unwrap(),
             RequestMeta {
                 version: "2026-07-28".into(),
-                log_level: Some(3)
+                log_level: Some(3),
+                capabilities: Vec::new(),
             }
         );
         for bad in [
@@ -554,6 +772,7 @@ mod tests {
         let m = RequestMeta {
             version: "2026-07-28".into(),
             log_level: None,
+            capabilities: Vec::new(),
         };
         let headers = |name: &str| Mirrored {
             version: Some(HeaderValue::from_static("2026-07-28")),
@@ -568,7 +787,7 @@ mod tests {
         );
         assert_eq!(
             check_headers(&headers(&encoded), &m, "tools/call", Some(params)),
-            Ok(())
+            Ok(Some("café".to_owned()))
         );
         assert!(matches!(
             check_headers(&headers("other"), &m, "tools/call", Some(params)),
@@ -625,19 +844,33 @@ mod tests {
             Some(r#"{"resultType":"complete","cacheScope":"private","tools":[],"ttlMs":5000}"#)
         );
         // A whole frame: the id is kept, an error passes as it is.
-        let frame = Completion::of("tools/list")
-            .frame(Bytes::from_static(br#"{"jsonrpc":"2.0","id":"a","result":{}}"#));
+        let frame = Completion::of("tools/list").frame(
+            Bytes::from_static(br#"{"jsonrpc":"2.0","id":"a","result":{}}"#),
+            b"\"a\"",
+        );
         assert_eq!(
             &frame[..],
             br#"{"jsonrpc":"2.0","id":"a","result":{"resultType":"complete","ttlMs":0,"cacheScope":"private"}}"#
         );
-        let error = Bytes::from_static(br#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"m"}}"#);
-        assert_eq!(Completion::of("tools/list").frame(error.clone()), error);
+        let error =
+            Bytes::from_static(br#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"m"}}"#);
+        assert_eq!(
+            Completion::of("tools/list").frame(error.clone(), b"1"),
+            error
+        );
+        // A retry's answer goes out under the retry's own id.
+        let moved = Completion::of("tools/call").frame(error, b"9");
+        assert_eq!(
+            &moved[..],
+            br#"{"jsonrpc":"2.0","id":9,"error":{"code":1,"message":"m"}}"#
+        );
     }
 
     #[test]
     fn the_envelope_is_taken_out_and_the_rest_kept() {
-        let strip = |s: &str| without_envelope(s.as_bytes()).map(|b| String::from_utf8(b.to_vec()).unwrap());
+        let strip = |s: &str| {
+            without_envelope(s.as_bytes()).map(|b| String::from_utf8(b.to_vec()).unwrap())
+        };
         assert_eq!(
             strip(r#"{"name":"t","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","progressToken":4}}"#).as_deref(),
             Some(r#"{"_meta":{"progressToken":4},"name":"t"}"#)

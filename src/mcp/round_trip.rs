@@ -1,0 +1,305 @@
+//! Multi round-trip requests (2026-07-28) in front of servers that ask their client mid-call.
+//!
+//! A server of an earlier revision asks its client (sampling, elicitation, roots) while a call
+//! runs. A stateless client cannot be asked: the request is answered with an `input_required`
+//! result listing what the server asked, and the call waits, parked, for the client to retry
+//! with `inputResponses` and the sealed `requestState`. The retry answers the server's requests
+//! and picks the call up where it stopped. A call nobody picks up is abandoned after a while:
+//! its questions are answered with an error, so the server stops waiting.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use crate::auth::Principal;
+use crate::mcp::jsonrpc::{self, Outcome, code};
+use crate::mcp::seal::Sealer;
+use crate::mcp::session::{BusyGuard, Session};
+
+/// What `requestState` tokens are sealed for.
+const PURPOSE: &[u8] = b"gatehouse/requestState/v1";
+
+/// A server's question to the client, waiting for the client's answer.
+pub struct Asked {
+    /// The key the client answers it under (`inputRequests` / `inputResponses`).
+    pub key: String,
+    /// The request's id in the session (raw JSON), to answer it with.
+    pub id: Bytes,
+    /// What the server asked.
+    pub method: String,
+    /// Its params (raw JSON).
+    pub params: Option<Bytes>,
+}
+
+/// A call waiting for the client's answers.
+pub struct Parked {
+    /// The session the call runs in.
+    pub session: Arc<Session>,
+    /// The rest of the call's stream: more messages, then its answer.
+    pub rx: mpsc::Receiver<Bytes>,
+    /// The questions waiting for answers.
+    pub asked: Vec<Asked>,
+    /// Who asked; only they may pick it up.
+    pub principal: Option<Principal>,
+    /// The request's method and target (tool or prompt name, resource URI): a retry must match.
+    pub method: String,
+    /// See `method`.
+    pub target: Option<String>,
+    /// Keeps the session from expiring while the call waits.
+    pub busy: BusyGuard,
+}
+
+impl Parked {
+    /// Answers the questions still open with an error, so the server stops waiting.
+    async fn abandon(self) {
+        let error =
+            jsonrpc::error_object(code::REQUEST_CANCELLED, "the client did not answer in time");
+        for asked in &self.asked {
+            self.session
+                .on_client_response(&asked.id, &Outcome::Error(error.clone()))
+                .await;
+        }
+    }
+}
+
+/// What a `requestState` token carries.
+#[derive(Serialize, Deserialize)]
+struct State {
+    /// The parked call.
+    i: u64,
+    /// The principal it was issued to.
+    p: Option<String>,
+    /// Expiry, Unix milliseconds.
+    e: u64,
+}
+
+/// Why a retry could not pick up its call.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResumeError {
+    /// Forged, altered or not a token of this gateway.
+    #[error("requestState is not valid: {0}")]
+    Invalid(String),
+    /// Issued to another caller.
+    #[error("requestState was not issued to this caller")]
+    Foreign,
+    /// Expired, already used, or its call ended.
+    #[error("requestState has expired or was already used; send the request again without it")]
+    Gone,
+    /// Issued for another request.
+    #[error("requestState belongs to another request ({0})")]
+    Mismatch(String),
+}
+
+/// Calls parked for their client's answers.
+pub struct RoundTrips {
+    sealer: Sealer,
+    parked: Arc<DashMap<u64, Parked>>,
+    ttl: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl RoundTrips {
+    /// An empty store whose calls wait at most `ttl` for their retry.
+    pub fn new(sealer: Sealer, ttl: Duration) -> RoundTrips {
+        RoundTrips {
+            sealer,
+            parked: Arc::new(DashMap::new()),
+            ttl,
+        }
+    }
+
+    /// Calls waiting now.
+    pub fn waiting(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// Parks a call and returns the `requestState` that picks it up.
+    pub fn park(&self, parked: Parked) -> String {
+        let mut raw = [0u8; 8];
+        getrandom::fill(&mut raw).expect("the OS random source is available");
+        let id = u64::from_le_bytes(raw);
+        let state = State {
+            i: id,
+            p: parked.principal.as_deref().map(str::to_owned),
+            e: now_ms() + self.ttl.as_millis() as u64,
+        };
+        self.parked.insert(id, parked);
+        let map: Weak<DashMap<u64, Parked>> = Arc::downgrade(&self.parked);
+        let ttl = self.ttl;
+        tokio::spawn(async move {
+            tokio::time::sleep(ttl).await;
+            let abandoned = map.upgrade().and_then(|m| m.remove(&id));
+            if let Some((_, parked)) = abandoned {
+                tracing::debug!("a call waiting for its client's input was abandoned");
+                parked.abandon().await;
+            }
+        });
+        let plain = serde_json::to_vec(&state).expect("the state encodes");
+        self.sealer.seal(PURPOSE, &plain)
+    }
+
+    /// Takes the call `token` parks, for `principal`'s retry of `method` on `target`.
+    pub fn resume(
+        &self,
+        principal: Option<&Principal>,
+        token: &str,
+        method: &str,
+        target: Option<&str>,
+    ) -> Result<Parked, ResumeError> {
+        let plain = self
+            .sealer
+            .open(PURPOSE, token)
+            .map_err(|e| ResumeError::Invalid(e.to_string()))?;
+        let state: State = serde_json::from_slice(&plain)
+            .map_err(|_| ResumeError::Invalid("unreadable content".into()))?;
+        if state.p.as_deref() != principal.map(|p| &**p) {
+            return Err(ResumeError::Foreign);
+        }
+        if state.e < now_ms() {
+            return Err(ResumeError::Gone);
+        }
+        let (_, parked) = self.parked.remove(&state.i).ok_or(ResumeError::Gone)?;
+        if parked.method != method || parked.target.as_deref() != target {
+            let what = format!(
+                "{} {}",
+                parked.method,
+                parked.target.as_deref().unwrap_or("")
+            );
+            // Not this retry's call: it stays parked for its own.
+            self.parked.insert(state.i, parked);
+            return Err(ResumeError::Mismatch(what.trim_end().to_owned()));
+        }
+        Ok(parked)
+    }
+}
+
+/// The client capability a server request needs, or `None` for one the gateway answers itself.
+pub fn capability_needed(method: &str) -> Option<&'static str> {
+    match method {
+        "sampling/createMessage" => Some("sampling"),
+        "elicitation/create" => Some("elicitation"),
+        "roots/list" => Some("roots"),
+        _ => None,
+    }
+}
+
+/// The `inputRequests` object asking the client `asked`.
+pub fn input_requests(asked: &[Asked]) -> String {
+    let mut out = String::from("{");
+    for (i, a) in asked.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(&a.key).expect("strings encode"));
+        out.push_str(r#":{"method":"#);
+        out.push_str(&serde_json::to_string(&a.method).expect("strings encode"));
+        if let Some(p) = &a.params {
+            out.push_str(r#","params":"#);
+            out.push_str(std::str::from_utf8(p).unwrap_or("{}"));
+        }
+        out.push('}');
+    }
+    out.push('}');
+    out
+}
+
+/// The `input_required` result: the questions (`inputRequests`) and the state to send back.
+pub fn input_required(requests: &str, state: &str) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"resultType":"input_required","inputRequests":{requests},"requestState":{}}}"#,
+        serde_json::to_string(state).expect("strings encode")
+    ))
+}
+
+/// A retry's own members, taken out of its params (servers of earlier revisions do not know them).
+#[derive(Default)]
+pub struct Retry {
+    /// `requestState`, when the request is a retry.
+    pub state: Option<String>,
+    /// `inputResponses`: answers by key.
+    pub responses: BTreeMap<String, Box<RawValue>>,
+}
+
+/// Splits `requestState` and `inputResponses` off params. `Err` names a malformed member.
+pub fn take_retry(params: Option<Bytes>) -> Result<(Retry, Option<Bytes>), String> {
+    let none = Retry::default();
+    let Some(p) = params else {
+        return Ok((none, None));
+    };
+    let could = memchr::memmem::find(&p, b"requestState").is_some()
+        || memchr::memmem::find(&p, b"inputResponses").is_some()
+        || p.contains(&b'\\');
+    if !could {
+        return Ok((none, Some(p)));
+    }
+    let mut fields: BTreeMap<String, Box<RawValue>> =
+        serde_json::from_slice(&p).map_err(|e| format!("params must be an object: {e}"))?;
+    let state = fields
+        .remove("requestState")
+        .map(|raw| {
+            serde_json::from_str::<String>(raw.get())
+                .map_err(|_| "params.requestState must be a string".to_owned())
+        })
+        .transpose()?;
+    let responses = fields
+        .remove("inputResponses")
+        .map(|raw| {
+            serde_json::from_str::<BTreeMap<String, Box<RawValue>>>(raw.get())
+                .map_err(|_| "params.inputResponses must be an object".to_owned())
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let rest = serde_json::to_vec(&fields).map_err(|e| e.to_string())?;
+    Ok((Retry { state, responses }, Some(Bytes::from(rest))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_members_are_taken_out_and_checked() {
+        let p = Bytes::from_static(
+            br#"{"name":"t","arguments":{},"requestState":"abc","inputResponses":{"1":{"action":"accept"}}}"#,
+        );
+        let (retry, rest) = take_retry(Some(p)).unwrap();
+        assert_eq!(retry.state.as_deref(), Some("abc"));
+        assert_eq!(retry.responses["1"].get(), r#"{"action":"accept"}"#);
+        assert_eq!(&rest.unwrap()[..], br#"{"arguments":{},"name":"t"}"#);
+        // Nothing to take: the params pass as they are.
+        let plain = Bytes::from_static(br#"{"name":"t"}"#);
+        let (retry, rest) = take_retry(Some(plain.clone())).unwrap();
+        assert!(retry.state.is_none() && retry.responses.is_empty());
+        assert_eq!(rest.unwrap(), plain);
+        for bad in [&br#"{"requestState":7}"#[..], br#"{"inputResponses":[1]}"#] {
+            assert!(take_retry(Some(Bytes::from_static(bad))).is_err());
+        }
+    }
+
+    #[test]
+    fn input_required_lists_every_question() {
+        let asked = [Asked {
+            key: "3".into(),
+            id: Bytes::from_static(b"3"),
+            method: "elicitation/create".into(),
+            params: Some(Bytes::from_static(br#"{"message":"name?"}"#)),
+        }];
+        let v: serde_json::Value =
+            serde_json::from_slice(&input_required(&input_requests(&asked), "tok")).unwrap();
+        assert_eq!(v["resultType"], "input_required");
+        assert_eq!(v["inputRequests"]["3"]["method"], "elicitation/create");
+        assert_eq!(v["inputRequests"]["3"]["params"]["message"], "name?");
+        assert_eq!(v["requestState"], "tok");
+    }
+}
