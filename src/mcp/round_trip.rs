@@ -37,12 +37,40 @@ pub struct Asked {
     pub params: Option<Bytes>,
 }
 
+/// The messages of a call in flight, ending with its answer; a message read too early can be
+/// held back for the next reader.
+pub struct CallStream {
+    rx: mpsc::Receiver<Bytes>,
+    held: Option<Bytes>,
+}
+
+impl CallStream {
+    /// The stream of a call's messages.
+    pub fn new(rx: mpsc::Receiver<Bytes>) -> CallStream {
+        CallStream { rx, held: None }
+    }
+
+    /// The next message; `None` once the call has ended.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        match self.held.take() {
+            Some(frame) => Some(frame),
+            None => self.rx.recv().await,
+        }
+    }
+
+    /// Gives `frame` back: the next [`CallStream::recv`] returns it.
+    pub fn hold(&mut self, frame: Bytes) {
+        debug_assert!(self.held.is_none());
+        self.held = Some(frame);
+    }
+}
+
 /// A call waiting for the client's answers.
 pub struct Parked {
     /// The session the call runs in.
     pub session: Arc<Session>,
     /// The rest of the call's stream: more messages, then its answer.
-    pub rx: mpsc::Receiver<Bytes>,
+    pub stream: CallStream,
     /// The questions waiting for answers.
     pub asked: Vec<Asked>,
     /// Who asked; only they may pick it up.

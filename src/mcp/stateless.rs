@@ -34,6 +34,19 @@ const VERSION_HEADER: &str = "mcp-protocol-version";
 const METHOD_HEADER: &str = "mcp-method";
 const NAME_HEADER: &str = "mcp-name";
 
+/// How long to wait for more questions after a server's first one, to ask them in one round.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
+/// Questions asked in one round at most.
+const MAX_QUESTIONS: usize = 16;
+
+/// Whether a frame is a request (a server's question), by its members.
+fn is_request(frame: &Bytes) -> bool {
+    matches!(
+        jsonrpc::parse(frame.clone()).map(|m| m.kind),
+        Ok(Kind::Request { .. })
+    )
+}
+
 /// How long a client may reuse a `server/discover` answer.
 const DISCOVER_TTL_MS: u64 = 60_000;
 
@@ -376,7 +389,11 @@ pub(crate) async fn post(
             json_response(StatusCode::OK, round.completion.frame(frame, &round.id))
         }
         Reply::Refused(status, frame) => json_response(status, frame),
-        Reply::Stream(rx) => round.drive(session, busy, rx).await,
+        Reply::Stream(rx) => {
+            round
+                .drive(session, busy, round_trip::CallStream::new(rx))
+                .await
+        }
     }
 }
 
@@ -418,7 +435,7 @@ impl Round {
     ) -> Response<Body> {
         let round_trip::Parked {
             session,
-            rx,
+            stream,
             asked,
             busy,
             ..
@@ -434,24 +451,24 @@ impl Round {
             }
         }
         if !missing.is_empty() {
-            let frame = self.park(session, rx, missing, busy);
+            let frame = self.park(session, stream, missing, busy);
             return json_response(StatusCode::OK, frame);
         }
-        self.drive(session, busy, rx).await
+        self.drive(session, busy, stream).await
     }
 
     /// Parks the call and returns the `input_required` response asking `asked`.
     fn park(
         &self,
         session: Arc<Session>,
-        rx: mpsc::Receiver<Bytes>,
+        stream: round_trip::CallStream,
         asked: Vec<round_trip::Asked>,
         busy: crate::mcp::session::BusyGuard,
     ) -> Bytes {
         let requests = round_trip::input_requests(&asked);
         let state = self.gw.round_trips.park(round_trip::Parked {
             session,
-            rx,
+            stream,
             asked,
             principal: self.principal.clone(),
             method: self.method.clone(),
@@ -468,10 +485,10 @@ impl Round {
         self,
         session: Arc<Session>,
         busy: crate::mcp::session::BusyGuard,
-        mut rx: mpsc::Receiver<Bytes>,
+        mut stream: round_trip::CallStream,
     ) -> Response<Body> {
         loop {
-            let Some(frame) = rx.recv().await else {
+            let Some(frame) = stream.recv().await else {
                 return json_response(StatusCode::OK, self.ended());
             };
             match self.step(&session, frame).await {
@@ -479,12 +496,13 @@ impl Round {
                 Step::Answer(frame) => return json_response(StatusCode::OK, frame),
                 Step::Missing(frame) => return json_response(StatusCode::BAD_REQUEST, frame),
                 Step::Ask(asked) => {
-                    let frame = self.park(session, rx, vec![asked], busy);
+                    let asked = self.gather(&session, &mut stream, asked).await;
+                    let frame = self.park(session, stream, asked, busy);
                     return json_response(StatusCode::OK, frame);
                 }
                 Step::Event(first) => {
                     let (tx, out) = mpsc::channel::<Bytes>(64);
-                    tokio::spawn(self.relay(session, busy, rx, tx, first));
+                    tokio::spawn(self.relay(session, busy, stream, tx, first));
                     return sse_response(out);
                 }
             }
@@ -496,14 +514,14 @@ impl Round {
         self,
         session: Arc<Session>,
         busy: crate::mcp::session::BusyGuard,
-        mut rx: mpsc::Receiver<Bytes>,
+        mut stream: round_trip::CallStream,
         tx: mpsc::Sender<Bytes>,
         first: Bytes,
     ) {
         if tx.send(first).await.is_err() {
-            return; // the client went away: dropping `rx` ends the call
+            return; // the client went away: dropping the stream ends the call
         }
-        while let Some(frame) = rx.recv().await {
+        while let Some(frame) = stream.recv().await {
             let last = match self.step(&session, frame).await {
                 Step::Skip => continue,
                 Step::Event(frame) => {
@@ -513,12 +531,43 @@ impl Round {
                     continue;
                 }
                 Step::Answer(frame) | Step::Missing(frame) => frame,
-                Step::Ask(asked) => self.park(session, rx, vec![asked], busy),
+                Step::Ask(asked) => {
+                    let asked = self.gather(&session, &mut stream, asked).await;
+                    self.park(session, stream, asked, busy)
+                }
             };
             let _ = tx.send(last).await;
             return;
         }
         let _ = tx.send(self.ended()).await;
+    }
+
+    /// The questions a server asks together: `first`, and those that follow it within
+    /// [`GATHER`] (a server asking several things at once sends them back to back). Anything
+    /// else ends the gathering and waits in the stream for the next round.
+    async fn gather(
+        &self,
+        session: &Session,
+        stream: &mut round_trip::CallStream,
+        first: round_trip::Asked,
+    ) -> Vec<round_trip::Asked> {
+        let mut asked = vec![first];
+        while asked.len() < MAX_QUESTIONS {
+            let Ok(Some(frame)) = tokio::time::timeout(GATHER, stream.recv()).await else {
+                break;
+            };
+            if !is_request(&frame) {
+                stream.hold(frame);
+                break;
+            }
+            match self.step(session, frame).await {
+                Step::Ask(a) => asked.push(a),
+                // Refused (the client cannot answer it): the server hears so, and the next
+                // round carries what it does about it.
+                _ => {}
+            }
+        }
+        asked
     }
 
     /// The error when the call's stream ends without an answer (its session ended).
