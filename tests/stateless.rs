@@ -1,0 +1,471 @@
+//! The 2026-07-28 front: stateless requests next to sessions on one endpoint, the checks every
+//! request passes, and server questions turned into `input_required` rounds.
+
+mod support;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use serde_json::{Value, json};
+use support::{Client, Resp, TestGateway, example};
+
+const ALICE: &str = "alice-token-0123456789";
+const BOB: &str = "bob-token-0123456789";
+
+/// Request `_meta` of a 2026-07-28 client declaring `capabilities`.
+fn meta(capabilities: Value) -> Value {
+    json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": capabilities,
+        "io.modelcontextprotocol/clientInfo": {"name": "test", "version": "1"},
+    })
+}
+
+/// Sends a stateless request with the headers a 2026-07-28 client mirrors; `name` is the
+/// `Mcp-Name` header, taken from params when `None`. `headers` override or add headers.
+async fn send(c: &Client, id: u64, method: &str, params: Value, headers: &[(&str, &str)]) -> Resp {
+    let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+    let mut req = c
+        .request("POST", Bytes::new())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream");
+    let mut mirrored = vec![
+        ("mcp-protocol-version", "2026-07-28".to_owned()),
+        ("mcp-method", method.to_owned()),
+    ];
+    if let Some(n) = params
+        .get("name")
+        .or(params.get("uri"))
+        .and_then(Value::as_str)
+    {
+        mirrored.push(("mcp-name", n.to_owned()));
+    }
+    for (k, v) in mirrored {
+        if !headers.iter().any(|(h, _)| h.eq_ignore_ascii_case(k)) {
+            req = req.header(k, v);
+        }
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    c.send(req.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+}
+
+async fn stateless(c: &Client, id: u64, method: &str, mut params: Value, caps: Value) -> Resp {
+    params["_meta"] = meta(caps);
+    send(c, id, method, params, &[]).await
+}
+
+fn with_token(gw: &TestGateway, token: &str) -> Client {
+    let mut c = gw.client();
+    c.token = Some(token.into());
+    c
+}
+
+async fn two_principals() -> TestGateway {
+    TestGateway::start(
+        &format!(
+            "auth: {{tokens: [{{principal: alice, token: {ALICE}}}, {{principal: bob, token: {BOB}}}]}}"
+        ),
+        &[example("a", &["--test-tools"], "")],
+    )
+    .await
+}
+
+/// A 2026-07-28 client needs no handshake: discover, list and call, each request on its own,
+/// with no session created and every result saying what it is.
+#[tokio::test]
+async fn a_stateless_client_calls_without_a_session() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let c = gw.client();
+    let discover = stateless(&c, 1, "server/discover", json!({}), json!({})).await;
+    assert_eq!(discover.status, 200, "{}", discover.body);
+    let r = &discover.json()["result"];
+    assert_eq!(r["resultType"], "complete");
+    assert!(
+        r["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("2026-07-28"))
+    );
+    assert!(r["capabilities"]["tools"].is_object(), "{r}");
+    assert_eq!(
+        r["_meta"]["io.modelcontextprotocol/serverInfo"]["name"],
+        "gatehouse"
+    );
+    assert!(r["ttlMs"].as_u64().is_some() && r["cacheScope"] == "private");
+
+    let list = stateless(&c, 2, "tools/list", json!({}), json!({}))
+        .await
+        .json();
+    let r = &list["result"];
+    assert_eq!(r["resultType"], "complete");
+    assert_eq!(r["cacheScope"], "private");
+    assert_eq!(r["ttlMs"], 0);
+    assert!(
+        r["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "echo")
+    );
+
+    let call = stateless(
+        &c,
+        1,
+        "tools/call",
+        json!({"name": "echo", "arguments": {"text": "hi"}}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(call.status, 200);
+    assert!(call.headers.get("mcp-session-id").is_none());
+    let r = call.response();
+    assert_eq!(r["id"], 1);
+    assert_eq!(r["result"]["resultType"], "complete");
+    assert_eq!(r["result"]["content"][0]["text"], "hi");
+    // Nothing session-shaped was made for it; a 2025-11-25 client on the same endpoint still
+    // gets its session.
+    assert!(gw.gateway().sessions.is_empty());
+    let mut legacy = gw.client();
+    legacy.initialize(json!({})).await;
+    assert_eq!(
+        legacy.tool_text(1, "echo", json!({"text": "old"})).await,
+        "old"
+    );
+    gw.stop().await;
+}
+
+/// Every kind of malformed stateless request is refused with its own status and code, under
+/// the request's id, before anything reaches a server.
+#[tokio::test]
+async fn stateless_refusals_say_what_was_wrong() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let c = gw.client();
+    let check = |r: &Resp, status: u16, code: i64, id: u64| {
+        assert_eq!(r.status, status, "{}", r.body);
+        assert_eq!(r.json()["error"]["code"], code, "{}", r.body);
+        assert_eq!(r.json()["id"], id, "{}", r.body);
+    };
+    // No _meta, or _meta without its required members.
+    let r = send(&c, 1, "tools/list", json!({}), &[]).await;
+    check(&r, 400, -32602, 1);
+    let mut no_caps = meta(json!({}));
+    no_caps
+        .as_object_mut()
+        .unwrap()
+        .remove("io.modelcontextprotocol/clientCapabilities");
+    let r = send(&c, 2, "tools/list", json!({"_meta": no_caps}), &[]).await;
+    check(&r, 400, -32602, 2);
+    assert!(r.body.contains("clientCapabilities"), "{}", r.body);
+    // A version this endpoint does not serve statelessly, mirrored faithfully.
+    let mut old = meta(json!({}));
+    old["io.modelcontextprotocol/protocolVersion"] = json!("2099-01-01");
+    let r = send(
+        &c,
+        3,
+        "tools/list",
+        json!({"_meta": old}),
+        &[("mcp-protocol-version", "2099-01-01")],
+    )
+    .await;
+    check(&r, 400, -32022, 3);
+    let data = &r.json()["error"]["data"];
+    assert_eq!(data["requested"], "2099-01-01");
+    assert!(
+        data["supported"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("2026-07-28"))
+    );
+    // Headers that disagree with the body, or are missing.
+    let m = json!({"_meta": meta(json!({}))});
+    let r = send(
+        &c,
+        4,
+        "tools/list",
+        m.clone(),
+        &[("mcp-method", "prompts/list")],
+    )
+    .await;
+    check(&r, 400, -32020, 4);
+    let call = json!({"name": "echo", "arguments": {"text": "x"}, "_meta": meta(json!({}))});
+    let r = send(&c, 5, "tools/call", call.clone(), &[("mcp-name", "add")]).await;
+    check(&r, 400, -32020, 5);
+    let r = send(
+        &c,
+        6,
+        "tools/call",
+        call.clone(),
+        &[("mcp-name", "=?base64?not base64?=")],
+    )
+    .await;
+    check(&r, 400, -32020, 6);
+    // The name may come base64-encoded.
+    let encoded = format!(
+        "=?base64?{}?=",
+        base64::engine::general_purpose::STANDARD.encode("echo")
+    );
+    let r = send(&c, 7, "tools/call", call, &[("mcp-name", &encoded)]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Methods this revision removed, and ones that never were.
+    for (id, method) in [
+        (8, "ping"),
+        (9, "logging/setLevel"),
+        (10, "resources/subscribe"),
+        (11, "initialize"),
+        (12, "no/such"),
+    ] {
+        let r = send(&c, id, method, m.clone(), &[]).await;
+        check(&r, 404, -32601, id);
+    }
+    // A notification is acknowledged and nothing more.
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized", "params": {"_meta": meta(json!({}))}}).to_string();
+    let r = c
+        .send(
+            c.request("POST", Bytes::new())
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("mcp-protocol-version", "2026-07-28")
+                .header("mcp-method", "notifications/initialized")
+                .body(Full::new(Bytes::from(note)))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    gw.stop().await;
+}
+
+/// The single input request of an `input_required` result.
+fn only_question(r: &Value) -> (String, Value) {
+    assert_eq!(r["result"]["resultType"], "input_required", "{r}");
+    let asked = r["result"]["inputRequests"].as_object().unwrap();
+    assert_eq!(asked.len(), 1, "{r}");
+    let (k, v) = asked.iter().next().unwrap();
+    (k.clone(), v.clone())
+}
+
+fn sampled(text: &str) -> Value {
+    json!({"role": "assistant", "content": {"type": "text", "text": text}, "model": "m"})
+}
+
+/// A server of an earlier revision asks its client mid-call; a stateless client gets the
+/// question as `input_required`, and its retry (a new id, the answers, the state) finishes the
+/// very same call.
+#[tokio::test]
+async fn a_server_question_becomes_input_required_and_the_retry_answers_it() {
+    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let c = gw.client();
+    let caps = json!({"sampling": {}});
+    let call = json!({"name": "sample", "arguments": {"prompt": "capital of France?"}});
+    let first = stateless(&c, 1, "tools/call", call.clone(), caps.clone()).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let first = first.response();
+    assert_eq!(first["id"], 1);
+    let (key, question) = only_question(&first);
+    assert_eq!(question["method"], "sampling/createMessage");
+    assert_eq!(
+        question["params"]["messages"][0]["content"]["text"],
+        "capital of France?"
+    );
+    let state = first["result"]["requestState"].as_str().unwrap().to_owned();
+
+    let mut retry = call.clone();
+    retry["inputResponses"] = json!({ key.clone(): sampled("Paris") });
+    retry["requestState"] = json!(state);
+    let done = stateless(&c, 2, "tools/call", retry.clone(), caps.clone()).await;
+    let done = done.response();
+    assert_eq!(done["id"], 2, "the answer carries the retry's id");
+    assert_eq!(done["result"]["resultType"], "complete");
+    assert_eq!(done["result"]["content"][0]["text"], "model said: Paris");
+    // The state opened its call once: replaying it finds nothing.
+    let replay = stateless(&c, 3, "tools/call", retry, caps).await;
+    assert_eq!(replay.status, 400, "{}", replay.body);
+    assert_eq!(replay.error_code(), -32602);
+    assert!(replay.body.contains("already used"), "{}", replay.body);
+    assert_eq!(gw.gateway().round_trips.waiting(), 0);
+    gw.stop().await;
+}
+
+/// A retry that leaves a question unanswered is asked it again; a client that never comes back
+/// leaves nothing waiting past the gateway's patience (here, the session idle timeout).
+#[tokio::test]
+async fn unanswered_questions_are_asked_again() {
+    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let c = gw.client();
+    let caps = json!({"sampling": {}});
+    let call = json!({"name": "sample", "arguments": {"prompt": "p"}});
+    let first = stateless(&c, 1, "tools/call", call.clone(), caps.clone())
+        .await
+        .response();
+    let (key, _) = only_question(&first);
+    let mut retry = call.clone();
+    retry["inputResponses"] = json!({"wrong": sampled("x")});
+    retry["requestState"] = first["result"]["requestState"].clone();
+    let again = stateless(&c, 2, "tools/call", retry, caps.clone())
+        .await
+        .response();
+    let (same, _) = only_question(&again);
+    assert_eq!(same, key);
+    let mut retry = call;
+    retry["inputResponses"] = json!({ key: sampled("fine") });
+    retry["requestState"] = again["result"]["requestState"].clone();
+    let done = stateless(&c, 3, "tools/call", retry, caps).await.response();
+    assert_eq!(done["result"]["content"][0]["text"], "model said: fine");
+    gw.stop().await;
+}
+
+/// A question the client did not declare it can answer is refused on its behalf: the client
+/// hears which capability was missing (-32021), the server hears a refusal.
+#[tokio::test]
+async fn an_undeclared_capability_is_reported_missing() {
+    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let c = gw.client();
+    let r = stateless(
+        &c,
+        1,
+        "tools/call",
+        json!({"name": "sample", "arguments": {"prompt": "p"}}),
+        json!({"elicitation": {}}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.error_code(), -32021);
+    assert_eq!(
+        r.json()["error"]["data"]["requiredCapabilities"],
+        json!({"sampling": {}})
+    );
+    assert_eq!(r.json()["id"], 1);
+    // The server was answered: the next call is served at once.
+    let ok = stateless(
+        &c,
+        2,
+        "tools/call",
+        json!({"name": "echo", "arguments": {"text": "still here"}}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(ok.response()["result"]["content"][0]["text"], "still here");
+    assert_eq!(gw.gateway().round_trips.waiting(), 0);
+    gw.stop().await;
+}
+
+/// `requestState` opens only its own call, for its own caller: forged, altered, foreign or
+/// misapplied states are refused, and none of them spends the real one.
+#[tokio::test]
+async fn request_state_is_bound_to_its_caller_and_request() {
+    let gw = two_principals().await;
+    let alice = with_token(&gw, ALICE);
+    let bob = with_token(&gw, BOB);
+    let caps = json!({"sampling": {}});
+    let call = json!({"name": "sample", "arguments": {"prompt": "secret"}});
+    let first = stateless(&alice, 1, "tools/call", call.clone(), caps.clone())
+        .await
+        .response();
+    let (key, _) = only_question(&first);
+    let state = first["result"]["requestState"].as_str().unwrap().to_owned();
+    let retry = |state: &str, name: &str| {
+        let mut r = call.clone();
+        r["name"] = json!(name);
+        r["inputResponses"] = json!({ key.clone(): sampled("stolen") });
+        r["requestState"] = json!(state);
+        r
+    };
+    let refused = |r: &Resp, what: &str| {
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert_eq!(r.error_code(), -32602, "{}", r.body);
+        assert!(r.body.contains(what), "{what}: {}", r.body);
+    };
+    // Another principal.
+    let r = stateless(&bob, 2, "tools/call", retry(&state, "sample"), caps.clone()).await;
+    refused(&r, "not issued to this caller");
+    // Altered: one character changed.
+    let mut chars: Vec<char> = state.chars().collect();
+    let mid = chars.len() / 2;
+    chars[mid] = if chars[mid] == 'A' { 'B' } else { 'A' };
+    let altered: String = chars.into_iter().collect();
+    let r = stateless(
+        &alice,
+        3,
+        "tools/call",
+        retry(&altered, "sample"),
+        caps.clone(),
+    )
+    .await;
+    refused(&r, "not valid");
+    let r = stateless(
+        &alice,
+        4,
+        "tools/call",
+        retry("made-up", "sample"),
+        caps.clone(),
+    )
+    .await;
+    refused(&r, "not valid");
+    // The right state on another request.
+    let r = stateless(&alice, 5, "tools/call", retry(&state, "echo"), caps.clone()).await;
+    refused(&r, "another request");
+    // Nothing above spent it: the owner's retry finishes the call.
+    let done = stateless(&alice, 6, "tools/call", retry(&state, "sample"), caps)
+        .await
+        .response();
+    assert_eq!(done["result"]["content"][0]["text"], "model said: stolen");
+    gw.stop().await;
+}
+
+/// Stateless requests of different principals never share an upstream session (here, a
+/// process each); one principal's requests reuse theirs.
+#[tokio::test]
+async fn principals_get_their_own_upstream_sessions() {
+    let gw = two_principals().await;
+    let pid = |c: Client| async move {
+        let r = stateless(
+            &c,
+            1,
+            "tools/call",
+            json!({"name": "pid", "arguments": {}}),
+            json!({}),
+        )
+        .await;
+        r.response()["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let alice = pid(with_token(&gw, ALICE)).await;
+    let bob = pid(with_token(&gw, BOB)).await;
+    assert_ne!(alice, bob);
+    assert_eq!(pid(with_token(&gw, ALICE)).await, alice);
+    // Without a token, nothing is served.
+    let r = stateless(&gw.client(), 1, "tools/list", json!({}), json!({})).await;
+    assert_eq!(r.status, 401);
+    gw.stop().await;
+}
+
+/// Log messages reach a stateless client only when its request asked for them, and only at or
+/// above the level it asked for.
+#[tokio::test]
+async fn logs_follow_the_level_each_request_asks_for() {
+    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let c = gw.client();
+    let call = json!({"name": "log", "arguments": {"text": "hello log"}});
+    let quiet = stateless(&c, 1, "tools/call", call.clone(), json!({})).await;
+    assert!(!quiet.body.contains("hello log"), "{}", quiet.body);
+    assert_eq!(quiet.response()["result"]["resultType"], "complete");
+    let mut loud = call.clone();
+    loud["_meta"] = meta(json!({}));
+    loud["_meta"]["io.modelcontextprotocol/logLevel"] = json!("debug");
+    let r = send(&c, 2, "tools/call", loud.clone(), &[]).await;
+    let msgs = r.messages();
+    assert!(
+        msgs.iter().any(|m| m["method"] == "notifications/message"),
+        "{}",
+        r.body
+    );
+    assert_eq!(msgs.last().unwrap()["result"]["resultType"], "complete");
+    loud["_meta"]["io.modelcontextprotocol/logLevel"] = json!("emergency");
+    let r = send(&c, 3, "tools/call", loud, &[]).await;
+    assert!(!r.body.contains("hello log"), "{}", r.body);
+    gw.stop().await;
+}
