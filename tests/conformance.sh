@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs the official MCP conformance suite (server scenarios) against the gateway, with the
-# project's fixture server (tests/fixtures/conformance_server.py) as its one stdio upstream.
+# project's fixture server (tests/fixtures/conformance_server.py, a 2025-11-25 server) as its one
+# stdio upstream: the scenarios 2025-11-25 requires (sessions), then those 2026-07-28 requires
+# (stateless), the latter against tests/conformance-2026-expected-failures.yaml.
 #
-#   tests/conformance.sh                  # active suite; exits non-zero if any check fails
-#   tests/conformance.sh --suite all      # extra args go to `conformance server`
+#   tests/conformance.sh                          # both; exits non-zero on any unexpected result
+#   tests/conformance.sh --scenario caching       # extra args: one run of `conformance server`
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$REPO/tests/tools/install.sh" >/dev/null
@@ -28,15 +30,29 @@ for _ in $(seq 1 100); do
     kill -0 "$gw" 2>/dev/null || { cat "$work/gateway.log" >&2; echo "gateway exited" >&2; exit 1; }
     sleep 0.1
 done
-set +e
-$GATEHOUSE_CONFORMANCE server --url "http://127.0.0.1:$port/mcp" "$@" 2>&1 | sed 's/\x1b\[[0-9;]*m//g' >"$work/out.txt"
-status=${PIPESTATUS[0]}
-set -e
-grep -E '^(✓|✗|Total:)|FAIL' "$work/out.txt" || true
-echo
-if [[ $status -ne 0 ]]; then
-    cat "$work/out.txt" >&2
-    echo "--- gateway log ---" >&2
-    tail -50 "$work/gateway.log" >&2
+run() {
+    local label="$1"
+    shift
+    set +e
+    $GATEHOUSE_CONFORMANCE server --url "http://127.0.0.1:$port/mcp" "$@" 2>&1 | sed 's/\x1b\[[0-9;]*m//g' >"$work/out.txt"
+    local status=${PIPESTATUS[0]}
+    set -e
+    echo "== $label"
+    grep -E '^(✓|✗|Total:)|FAIL|^  [~✗✓] ' "$work/out.txt" || true
+    echo
+    if [[ $status -ne 0 ]]; then
+        cat "$work/out.txt" >&2
+        echo "--- gateway log ---" >&2
+        tail -50 "$work/gateway.log" >&2
+    fi
+    return "$status"
+}
+if [[ $# -gt 0 ]]; then
+    run "conformance server $*" "$@"
+    exit
 fi
+status=0
+run "requirements 2025-11-25" --requirements 2025-11-25 || status=1
+run "requirements 2026-07-28" --requirements 2026-07-28 \
+    --expected-failures "$REPO/tests/conformance-2026-expected-failures.yaml" || status=1
 exit "$status"

@@ -36,7 +36,7 @@ deploy_passed=$(grep -Eo '^deploy: [0-9]+ passed' "$logs/deploy.txt" | awk '{pri
 
 step "MCP conformance suite through the gateway"
 bash tests/conformance.sh | tee "$logs/conformance.txt"
-conf_passed=$(grep -Eo '^Total: [0-9]+ passed' "$logs/conformance.txt" | awk '{print $2}')
+conf_passed=$(grep -Eo '^Total: [0-9]+ passed' "$logs/conformance.txt" | awk '{s+=$2} END {print s+0}')
 
 step "end-to-end with the official Python SDK and reference servers"
 # shellcheck disable=SC1091

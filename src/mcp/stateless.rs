@@ -681,6 +681,19 @@ async fn discover(session: &Arc<Session>) -> Bytes {
 #[derive(Clone, Copy)]
 pub(crate) struct Completion {
     cache_hints: bool,
+    resource_read: bool,
+}
+
+/// The code 2025-era servers answer an unknown resource with.
+const RESOURCE_NOT_FOUND_2025: i64 = -32002;
+
+/// Whether a JSON-RPC error object has code `code`.
+fn is_code(error: &[u8], code: i64) -> bool {
+    #[derive(Deserialize)]
+    struct E {
+        code: i64,
+    }
+    serde_json::from_slice::<E>(error).is_ok_and(|e| e.code == code)
 }
 
 impl Completion {
@@ -695,6 +708,7 @@ impl Completion {
                     | "resources/templates/list"
                     | "resources/read"
             ),
+            resource_read: method == "resources/read",
         }
     }
 
@@ -713,6 +727,17 @@ impl Completion {
                 None if *own == *id => frame,
                 None => jsonrpc::response(id, &Outcome::Result(result)),
             },
+            Kind::Response {
+                outcome: Outcome::Error(error),
+                ..
+            } if self.resource_read && is_code(&error, RESOURCE_NOT_FOUND_2025) => {
+                // 2025-era servers say -32002 for an unknown resource; 2026-07-28 says -32602.
+                let mut e: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_slice(&error).unwrap_or_default();
+                e.insert("code".into(), code::INVALID_PARAMS.into());
+                let error = serde_json::to_vec(&e).map_or(error, Bytes::from);
+                jsonrpc::response(id, &Outcome::Error(error))
+            }
             Kind::Response { id: own, outcome } if *own != *id => jsonrpc::response(id, &outcome),
             _ => frame,
         }
@@ -908,7 +933,7 @@ mod tests {
             error
         );
         // A retry's answer goes out under the retry's own id.
-        let moved = Completion::of("tools/call").frame(error, b"9");
+        let moved = Completion::of("tools/call").frame(error.clone(), b"9");
         assert_eq!(
             &moved[..],
             br#"{"jsonrpc":"2.0","id":9,"error":{"code":1,"message":"m"}}"#

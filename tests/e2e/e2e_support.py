@@ -270,6 +270,14 @@ class Gateway:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/mcp"
 
+    def sessions(self) -> int:
+        """Open MCP sessions, as the gateway's metrics report them."""
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith("gatehouse_sessions_active "):
+                return int(float(line.split()[1]))
+        raise AssertionError(f"no sessions gauge in the metrics:\n{text}")
+
     @property
     def tap(self) -> TapLogs:
         return TapLogs(self.tapdir)
