@@ -560,11 +560,10 @@ impl Round {
                 stream.hold(frame);
                 break;
             }
-            match self.step(session, frame).await {
-                Step::Ask(a) => asked.push(a),
-                // Refused (the client cannot answer it): the server hears so, and the next
-                // round carries what it does about it.
-                _ => {}
+            // Anything but a question was refused on the client's behalf (it cannot answer it):
+            // the server hears so, and a later round carries what it does about it.
+            if let Step::Ask(a) = self.step(session, frame).await {
+                asked.push(a);
             }
         }
         asked
