@@ -233,6 +233,37 @@ async fn post(
     (sid, resp.into_body().collect().await.unwrap().to_bytes())
 }
 
+/// POSTs a 2026-07-28 stateless request: no session, the headers mirroring the body.
+async fn post_stateless(http: &Http, url: &str, tool: &str, body: Bytes) -> Bytes {
+    let req = http::Request::post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", tool)
+        .body(Full::new(body))
+        .unwrap();
+    let resp = http.request(req).await.expect("request");
+    assert!(resp.status().is_success(), "HTTP {}", resp.status());
+    resp.into_body().collect().await.unwrap().to_bytes()
+}
+
+/// One request of workload `w`, on `session` unless the workload is stateless.
+async fn send(
+    http: &Http,
+    url: &str,
+    session: Option<&str>,
+    w: Workload,
+    tool: &str,
+    body: Bytes,
+) -> Bytes {
+    if w == Workload::CallStateless {
+        post_stateless(http, url, tool, body).await
+    } else {
+        post(http, url, session, body).await.1
+    }
+}
+
 async fn open_session(http: &Http, url: &str) -> String {
     let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
         "protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"bench","version":"1"}}});
@@ -251,6 +282,8 @@ async fn open_session(http: &Http, url: &str) -> String {
 #[derive(Clone, Copy, PartialEq)]
 enum Workload {
     CallSmall,
+    /// The small call as a 2026-07-28 stateless request (no session, `_meta`, mirrored headers).
+    CallStateless,
     Call64k,
     List,
 }
@@ -259,6 +292,7 @@ impl Workload {
     fn name(self) -> &'static str {
         match self {
             Workload::CallSmall => "tools/call small",
+            Workload::CallStateless => "tools/call small, stateless",
             Workload::Call64k => "tools/call 64 KiB",
             Workload::List => "tools/list",
         }
@@ -269,12 +303,25 @@ impl Workload {
             Workload::CallSmall => {
                 json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":tool,"arguments":{"text":"hello"}}})
             }
+            Workload::CallStateless => {
+                json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":tool,"arguments":{"text":"hello"},
+                    "_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",
+                             "io.modelcontextprotocol/clientCapabilities":{}}}})
+            }
             Workload::Call64k => {
                 json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":tool,"arguments":{"text":"x".repeat(65536)}}})
             }
             Workload::List => json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}),
         };
         Bytes::from(v.to_string())
+    }
+
+    /// The workload of the direct baseline (the upstream speaks 2025-11-25 only).
+    fn baseline(self) -> Workload {
+        match self {
+            Workload::CallStateless => Workload::CallSmall,
+            w => w,
+        }
     }
 }
 
@@ -308,7 +355,7 @@ async fn instructions_per_call(
         let sid = open_session(&http, &url).await;
         let body = w.body(tool);
         for _ in 0..calls {
-            post(&http, &url, Some(&sid), body.clone()).await;
+            send(&http, &url, Some(&sid), w, tool, body.clone()).await;
         }
         // SIGTERM: the gateway shuts down and callgrind writes its counts.
         let pid = nix::unistd::Pid::from_raw(gw.pid() as i32);
@@ -387,12 +434,13 @@ async fn measure(
     let mut tasks = Vec::new();
     for sid in sessions {
         let (http, url, body, stop) = (http.clone(), url.to_owned(), body.clone(), stop.clone());
+        let tool = tool.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let (_, reply) = post(&http, &url, Some(&sid), body.clone()).await;
+                let reply = send(&http, &url, Some(&sid), w, &tool, body.clone()).await;
                 let us = t.elapsed().as_micros() as u32;
                 assert!(
                     !reply.windows(8).any(|w| w == b"\"error\":"),
@@ -438,6 +486,8 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
 struct Result_ {
     config: String,
     workload: &'static str,
+    /// The workload of its direct baseline.
+    baseline: Workload,
     clients: usize,
     rps: f64,
     p50: f64,
@@ -464,6 +514,7 @@ fn summarize(config: &str, w: Workload, clients: usize, samples: &[Sample]) -> R
         cpu_per_request_us: cpu.map(|c| c as f64 / requests.max(1) as f64),
         config: config.to_owned(),
         workload: w.name(),
+        baseline: w.baseline(),
         clients,
         rps: rps[rps.len() / 2],
         p50: pct(&lat, 0.5),
@@ -517,11 +568,19 @@ async fn main() {
     let twenty: String = (0..20).map(|i| http_upstream(&format!("u{i}"))).collect();
     let (gw_20, gw_20_url) = start_gateway(&twenty);
     let all = vec![Workload::CallSmall, Workload::Call64k, Workload::List];
+    let mut all_eras = all.clone();
+    all_eras.insert(1, Workload::CallStateless);
     let calls = vec![Workload::CallSmall, Workload::Call64k];
 
     let mut configs = vec![
         Target::new("direct", &upstream_url, None, "echo", &all),
-        Target::new("gateway→http", &gw_http_url, Some(&gw_http), "echo", &all),
+        Target::new(
+            "gateway→http",
+            &gw_http_url,
+            Some(&gw_http),
+            "echo",
+            &all_eras,
+        ),
         Target::new(
             "gateway→stdio",
             &gw_stdio_url,
@@ -577,7 +636,9 @@ async fn main() {
     let baseline = |r: &Result_| {
         results
             .iter()
-            .find(|b| b.config == "direct" && b.clients == r.clients && (b.workload == r.workload))
+            .find(|b| {
+                b.config == "direct" && b.clients == r.clients && b.workload == r.baseline.name()
+            })
             .map(|b| (b.rps, b.p50))
     };
 
@@ -589,6 +650,12 @@ async fn main() {
             http_upstream("ex"),
             "echo",
             Workload::CallSmall,
+        ),
+        (
+            "gateway→http",
+            http_upstream("ex"),
+            "echo",
+            Workload::CallStateless,
         ),
         (
             "gateway→stdio",

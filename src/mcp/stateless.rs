@@ -614,6 +614,13 @@ impl Round {
                             &format!("the client did not declare the {cap} capability"),
                         ));
                         session.on_client_response(&id, &refusal).await;
+                        // Servers ask for roots on their own (after initialize, on a change),
+                        // and over stdio such a question lands on whatever call is in flight:
+                        // it is no sign that this call needs roots. The server heard the
+                        // refusal; the call goes on.
+                        if cap == "roots" {
+                            return Step::Skip;
+                        }
                         let data = format!(r#"{{"requiredCapabilities":{{"{cap}":{{}}}}}}"#);
                         Step::Missing(jsonrpc::error_response_with_data(
                             Some(&self.id),
