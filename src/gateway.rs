@@ -55,6 +55,8 @@ pub struct Gateway {
     /// Where stateless (2026-07-28) requests run: one hidden session per principal, holding the
     /// upstream sessions the gateway keeps for them (principals never share one).
     stateless: DashMap<Option<Principal>, Arc<Session>>,
+    /// Stateless sessions a topology change replaced, ended once their requests finish.
+    draining: std::sync::Mutex<Vec<Arc<Session>>>,
     /// Stateless calls waiting for their client's answers (`input_required`).
     pub round_trips: crate::mcp::round_trip::RoundTrips,
     /// Metrics.
@@ -94,6 +96,7 @@ impl Gateway {
             sessions: DashMap::new(),
             sessions_per_principal: DashMap::new(),
             stateless: DashMap::new(),
+            draining: std::sync::Mutex::new(Vec::new()),
             round_trips: crate::mcp::round_trip::RoundTrips::new(
                 crate::mcp::seal::Sealer::random(0),
                 round_trip_wait,
@@ -291,7 +294,11 @@ impl Gateway {
             Entry::Occupied(mut e) => {
                 let session = fresh();
                 let old = e.insert(session.clone());
-                self.retire(old);
+                // Calls running (or waiting for input) in the old one finish there.
+                self.draining
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(old);
                 session
             }
             Entry::Vacant(e) => e.insert(fresh()).clone(),
@@ -341,6 +348,15 @@ impl Gateway {
             tracing::info!(session = %id, "session expired after idling");
             self.end_session(&id);
         }
+        let drained: Vec<Arc<Session>> = {
+            let mut draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
+            let (done, running) = draining.drain(..).partition(|s| !s.is_busy());
+            *draining = running;
+            done
+        };
+        for session in drained {
+            self.retire(session);
+        }
         let idle_stateless: Vec<Option<Principal>> = self
             .stateless
             .iter()
@@ -378,6 +394,7 @@ impl Gateway {
     pub async fn shutdown(&self) {
         let mut all: Vec<Arc<Session>> = self.sessions.iter().map(|s| s.value().clone()).collect();
         all.extend(self.stateless.iter().map(|s| s.value().clone()));
+        all.append(&mut self.draining.lock().unwrap_or_else(|e| e.into_inner()));
         self.sessions.clear();
         self.stateless.clear();
         self.sessions_per_principal.clear();

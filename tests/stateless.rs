@@ -469,3 +469,40 @@ async fn logs_follow_the_level_each_request_asks_for() {
     assert!(!r.body.contains("hello log"), "{}", r.body);
     gw.stop().await;
 }
+
+/// A call nobody picks up is abandoned at its deadline (here the session idle timeout, shorter
+/// than the default wait): the server's question is answered with an error, nothing stays
+/// parked, and the principal's next call is served.
+#[tokio::test]
+async fn an_abandoned_round_frees_its_call() {
+    let gw = TestGateway::start(
+        "mcp: {session_idle_timeout: 1s}",
+        &[example("a", &["--test-tools"], "")],
+    )
+    .await;
+    let c = gw.client();
+    let first = stateless(
+        &c,
+        1,
+        "tools/call",
+        json!({"name": "sample", "arguments": {"prompt": "p"}}),
+        json!({"sampling": {}}),
+    )
+    .await;
+    only_question(&first.response());
+    assert_eq!(gw.gateway().round_trips.waiting(), 1);
+    support::eventually("the parked call to be abandoned", || async {
+        gw.gateway().round_trips.waiting() == 0
+    })
+    .await;
+    let ok = stateless(
+        &c,
+        2,
+        "tools/call",
+        json!({"name": "echo", "arguments": {"text": "next"}}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(ok.response()["result"]["content"][0]["text"], "next");
+    gw.stop().await;
+}

@@ -81,6 +81,34 @@ pub struct Parked {
     pub target: Option<String>,
     /// Keeps the session from expiring while the call waits.
     pub busy: BusyGuard,
+    /// When the call is abandoned; set by [`RoundTrips::park`].
+    pub expires: Option<tokio::time::Instant>,
+    /// The task that abandons it then.
+    timer: Option<tokio::task::AbortHandle>,
+}
+
+impl Parked {
+    /// A call to park: its session and stream, the questions waiting, and who asked what.
+    pub fn new(
+        session: Arc<Session>,
+        stream: CallStream,
+        asked: Vec<Asked>,
+        principal: Option<Principal>,
+        request: (String, Option<String>),
+        busy: BusyGuard,
+    ) -> Parked {
+        Parked {
+            session,
+            stream,
+            asked,
+            principal,
+            method: request.0,
+            target: request.1,
+            busy,
+            expires: None,
+            timer: None,
+        }
+    }
 }
 
 impl Parked {
@@ -152,27 +180,31 @@ impl RoundTrips {
         self.parked.len()
     }
 
-    /// Parks a call and returns the `requestState` that picks it up.
-    pub fn park(&self, parked: Parked) -> String {
+    /// Parks a call and returns the `requestState` that picks it up. A call parked before (asked
+    /// again what a retry left unanswered) keeps its first deadline.
+    pub fn park(&self, mut parked: Parked) -> String {
         let mut raw = [0u8; 8];
         getrandom::fill(&mut raw).expect("the OS random source is available");
         let id = u64::from_le_bytes(raw);
+        let now = tokio::time::Instant::now();
+        let expires = *parked.expires.get_or_insert(now + self.ttl);
+        let left = expires.saturating_duration_since(now);
         let state = State {
             i: id,
             p: parked.principal.as_deref().map(str::to_owned),
-            e: now_ms() + self.ttl.as_millis() as u64,
+            e: now_ms() + left.as_millis() as u64,
         };
-        self.parked.insert(id, parked);
         let map: Weak<DashMap<u64, Parked>> = Arc::downgrade(&self.parked);
-        let ttl = self.ttl;
-        tokio::spawn(async move {
-            tokio::time::sleep(ttl).await;
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep_until(expires).await;
             let abandoned = map.upgrade().and_then(|m| m.remove(&id));
             if let Some((_, parked)) = abandoned {
                 tracing::debug!("a call waiting for its client's input was abandoned");
                 parked.abandon().await;
             }
         });
+        parked.timer = Some(timer.abort_handle());
+        self.parked.insert(id, parked);
         let plain = serde_json::to_vec(&state).expect("the state encodes");
         self.sealer.seal(PURPOSE, &plain)
     }
@@ -197,16 +229,22 @@ impl RoundTrips {
         if state.e < now_ms() {
             return Err(ResumeError::Gone);
         }
-        let (_, parked) = self.parked.remove(&state.i).ok_or(ResumeError::Gone)?;
-        if parked.method != method || parked.target.as_deref() != target {
-            let what = format!(
-                "{} {}",
-                parked.method,
-                parked.target.as_deref().unwrap_or("")
-            );
-            // Not this retry's call: it stays parked for its own.
-            self.parked.insert(state.i, parked);
-            return Err(ResumeError::Mismatch(what.trim_end().to_owned()));
+        // Taken only by the retry of its own request: a mismatched one leaves it in place.
+        let taken = self.parked.remove_if(&state.i, |_, p| {
+            p.method == method && p.target.as_deref() == target
+        });
+        let Some((_, mut parked)) = taken else {
+            return Err(match self.parked.get(&state.i) {
+                Some(p) => ResumeError::Mismatch(
+                    format!("{} {}", p.method, p.target.as_deref().unwrap_or(""))
+                        .trim_end()
+                        .to_owned(),
+                ),
+                None => ResumeError::Gone,
+            });
+        };
+        if let Some(timer) = parked.timer.take() {
+            timer.abort();
         }
         Ok(parked)
     }

@@ -237,6 +237,11 @@ impl Session {
         BusyGuard(self.clone())
     }
 
+    /// Whether a request is running in the session now.
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) > 0
+    }
+
     /// True when idle for longer than `idle_ms` with nothing running and no open GET stream.
     pub fn expired(&self, now_ms: u64, idle_ms: u64) -> bool {
         let idle = now_ms.saturating_sub(self.last_active_ms.load(Ordering::Relaxed)) > idle_ms;

@@ -79,17 +79,34 @@ pub(crate) fn is_stateless(mirrored: &Mirrored, msg: &Message) -> bool {
         return true;
     }
     match &msg.kind {
-        Kind::Request { method, params, .. } => {
-            &**method == "server/discover"
-                || params
-                    .as_deref()
-                    .is_some_and(|p| memchr::memmem::find(p, VERSION_KEY.as_bytes()).is_some())
+        // `initialize` has session semantics unless the header says otherwise.
+        Kind::Request { method, .. } if &**method == "initialize" => false,
+        Kind::Request { method, .. } if &**method == "server/discover" => true,
+        Kind::Request { params, .. } | Kind::Notification { params, .. } => {
+            params.as_deref().is_some_and(names_a_version)
         }
-        Kind::Notification { params, .. } => params
-            .as_deref()
-            .is_some_and(|p| memchr::memmem::find(p, VERSION_KEY.as_bytes()).is_some()),
         Kind::Response { .. } => false,
     }
+}
+
+/// Whether params carry `_meta[VERSION_KEY]` (found literally, else by a parse when a key may
+/// be escaped).
+fn names_a_version(params: &[u8]) -> bool {
+    if memchr::memmem::find(params, VERSION_KEY.as_bytes()).is_some() {
+        return true;
+    }
+    if memchr::memchr(b'\\', params).is_none() {
+        return false;
+    }
+    #[derive(Deserialize)]
+    struct P<'a> {
+        #[serde(borrow, rename = "_meta")]
+        meta: Option<std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>>,
+    }
+    serde_json::from_slice::<P<'_>>(params)
+        .ok()
+        .and_then(|p| p.meta)
+        .is_some_and(|m| m.contains_key(VERSION_KEY))
 }
 
 /// Why a stateless request was refused before it ran.
@@ -122,8 +139,9 @@ impl Refusal {
         match self {
             Refusal::Meta(_) => jsonrpc::error_response(Some(id), code::INVALID_PARAMS, &message),
             Refusal::Version(requested) => {
+                // Only what this path serves: the session revisions need `initialize`.
                 let data = serde_json::json!({
-                    "supported": revision::ALL,
+                    "supported": [revision::STATELESS],
                     "requested": requested,
                 });
                 jsonrpc::error_response_with_data(
@@ -438,6 +456,7 @@ impl Round {
             stream,
             asked,
             busy,
+            expires,
             ..
         } = parked;
         let mut missing = Vec::new();
@@ -451,7 +470,7 @@ impl Round {
             }
         }
         if !missing.is_empty() {
-            let frame = self.park(session, stream, missing, busy);
+            let frame = self.park(session, stream, missing, busy, expires);
             return json_response(StatusCode::OK, frame);
         }
         self.drive(session, busy, stream).await
@@ -464,17 +483,19 @@ impl Round {
         stream: round_trip::CallStream,
         asked: Vec<round_trip::Asked>,
         busy: crate::mcp::session::BusyGuard,
+        expires: Option<tokio::time::Instant>,
     ) -> Bytes {
         let requests = round_trip::input_requests(&asked);
-        let state = self.gw.round_trips.park(round_trip::Parked {
+        let mut parked = round_trip::Parked::new(
             session,
             stream,
             asked,
-            principal: self.principal.clone(),
-            method: self.method.clone(),
-            target: self.target.clone(),
+            self.principal.clone(),
+            (self.method.clone(), self.target.clone()),
             busy,
-        });
+        );
+        parked.expires = expires;
+        let state = self.gw.round_trips.park(parked);
         let result = round_trip::input_required(&requests, &state);
         jsonrpc::response(&self.id, &Outcome::Result(result))
     }
@@ -497,7 +518,7 @@ impl Round {
                 Step::Missing(frame) => return json_response(StatusCode::BAD_REQUEST, frame),
                 Step::Ask(asked) => {
                     let asked = self.gather(&session, &mut stream, asked).await;
-                    let frame = self.park(session, stream, asked, busy);
+                    let frame = self.park(session, stream, asked, busy, None);
                     return json_response(StatusCode::OK, frame);
                 }
                 Step::Event(first) => {
@@ -533,7 +554,7 @@ impl Round {
                 Step::Answer(frame) | Step::Missing(frame) => frame,
                 Step::Ask(asked) => {
                     let asked = self.gather(&session, &mut stream, asked).await;
-                    self.park(session, stream, asked, busy)
+                    self.park(session, stream, asked, busy, None)
                 }
             };
             let _ = tx.send(last).await;
@@ -726,12 +747,11 @@ impl Completion {
         };
         match msg.kind {
             Kind::Response {
-                id: own,
                 outcome: Outcome::Result(result),
+                ..
             } => match self.result(&result) {
-                Some(r) => jsonrpc::response(id, &Outcome::Result(r)),
-                None if *own == *id => frame,
-                None => jsonrpc::response(id, &Outcome::Result(result)),
+                Ok(r) => jsonrpc::response(id, &Outcome::Result(r)),
+                Err(why) => jsonrpc::error_response(Some(id), code::INTERNAL_ERROR, &why),
             },
             Kind::Response {
                 outcome: Outcome::Error(error),
@@ -749,54 +769,53 @@ impl Completion {
         }
     }
 
-    /// `result` with the members it lacks put first; `None` when it lacks none or is no object.
-    fn result(self, result: &[u8]) -> Option<Bytes> {
-        let text = std::str::from_utf8(result).ok()?.trim_start();
-        let rest = text.strip_prefix('{')?;
-        #[derive(Deserialize, Default)]
-        struct Present<'a> {
-            #[serde(borrow, rename = "resultType")]
-            kind: Option<&'a RawValue>,
-            #[serde(borrow, rename = "ttlMs")]
-            ttl: Option<&'a RawValue>,
-            #[serde(borrow, rename = "cacheScope")]
-            scope: Option<&'a RawValue>,
+    /// `result` with the members the gateway owns put first: `resultType`, and on lists and
+    /// reads the cache hints. Upstreams speak 2025-11-25, so what they say of these members is
+    /// replaced (a server may not widen `cacheScope` past what its callers may share), and one
+    /// that claims another `resultType` (it cannot ask that way) or answers no object is refused.
+    fn result(self, result: &[u8]) -> Result<Bytes, String> {
+        let text = std::str::from_utf8(result)
+            .map_err(|_| "the upstream's result is not UTF-8".to_owned())?
+            .trim_start();
+        let mut owned = vec![r#""resultType":"complete""#];
+        if self.cache_hints {
+            // No change notifications reach a stateless client yet: nothing may be reused; and
+            // what a caller sees depends on who it is (policy plugins filter lists).
+            owned.extend([r#""ttlMs":0"#, r#""cacheScope":"private""#]);
         }
-        // Only parse when a key could be there (literally, or escaped).
-        let present = if result.contains(&b'\\')
+        let could = result.contains(&b'\\')
             || ["resultType", "ttlMs", "cacheScope"]
                 .iter()
-                .any(|k| memchr::memmem::find(result, k.as_bytes()).is_some())
-        {
-            serde_json::from_str::<Present<'_>>(text).ok()?
+                .any(|k| memchr::memmem::find(result, k.as_bytes()).is_some());
+        let rest = if could {
+            type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
+            let mut fields: Object<'_> = serde_json::from_str(text)
+                .map_err(|_| "the upstream's result is not a JSON object".to_owned())?;
+            if let Some(kind) = fields.remove("resultType")
+                && kind.get() != r#""complete""#
+            {
+                return Err(format!(
+                    "the upstream's result claims resultType {}, which a server of its revision cannot mean",
+                    kind.get()
+                ));
+            }
+            fields.remove("ttlMs");
+            fields.remove("cacheScope");
+            let encoded = serde_json::to_string(&fields).map_err(|e| e.to_string())?;
+            encoded[1..].to_owned()
         } else {
-            Present::default()
+            text.strip_prefix('{')
+                .ok_or_else(|| "the upstream's result is not a JSON object".to_owned())?
+                .to_owned()
         };
-        let mut added = Vec::with_capacity(3);
-        if present.kind.is_none() {
-            added.push(r#""resultType":"complete""#);
-        }
-        if self.cache_hints {
-            if present.ttl.is_none() {
-                // No change notifications reach a stateless client yet: nothing may be reused.
-                added.push(r#""ttlMs":0"#);
-            }
-            if present.scope.is_none() {
-                // What a caller sees depends on who it is (policy plugins filter lists).
-                added.push(r#""cacheScope":"private""#);
-            }
-        }
-        if added.is_empty() {
-            return None;
-        }
         let mut out = String::with_capacity(result.len() + 64);
         out.push('{');
-        out.push_str(&added.join(","));
+        out.push_str(&owned.join(","));
         if !rest.trim_start().starts_with('}') {
             out.push(',');
         }
-        out.push_str(rest);
-        Some(Bytes::from(out))
+        out.push_str(&rest);
+        Ok(Bytes::from(out))
     }
 }
 
@@ -897,19 +916,29 @@ mod tests {
                 .result(s.as_bytes())
                 .map(|b| String::from_utf8(b.to_vec()).unwrap())
         };
-        assert_eq!(call("{}").as_deref(), Some(r#"{"resultType":"complete"}"#));
+        assert_eq!(call("{}").as_deref(), Ok(r#"{"resultType":"complete"}"#));
         assert_eq!(
             call(r#"{"content":[]}"#).as_deref(),
-            Some(r#"{"resultType":"complete","content":[]}"#)
+            Ok(r#"{"resultType":"complete","content":[]}"#)
         );
-        assert_eq!(call(r#"{"resultType":"input_required"}"#), None);
-        assert_eq!(call(r#"{"\u0072esultType":"input_required"}"#), None);
+        assert_eq!(
+            call(r#"{"resultType":"complete","content":[]}"#).as_deref(),
+            Ok(r#"{"resultType":"complete","content":[]}"#)
+        );
+        // An upstream cannot make the client answer questions the gateway never screened.
+        for claims in [
+            r#"{"resultType":"input_required","inputRequests":{}}"#,
+            r#"{"\u0072esultType":"input_required"}"#,
+            "[1]",
+            "7",
+        ] {
+            assert!(call(claims).is_err(), "{claims}");
+        }
         // The word inside a value does not count as the key.
         assert_eq!(
             call(r#"{"text":"resultType"}"#).as_deref(),
-            Some(r#"{"resultType":"complete","text":"resultType"}"#)
+            Ok(r#"{"resultType":"complete","text":"resultType"}"#)
         );
-        assert_eq!(call("[1]"), None);
         let list = |s: &str| {
             Completion::of("tools/list")
                 .result(s.as_bytes())
@@ -917,11 +946,13 @@ mod tests {
         };
         assert_eq!(
             list(r#"{"tools":[]}"#).as_deref(),
-            Some(r#"{"resultType":"complete","ttlMs":0,"cacheScope":"private","tools":[]}"#)
+            Ok(r#"{"resultType":"complete","ttlMs":0,"cacheScope":"private","tools":[]}"#)
         );
+        // What an upstream says of caching is not what its callers may share.
         assert_eq!(
-            list(r#"{"tools":[],"ttlMs":5000}"#).as_deref(),
-            Some(r#"{"resultType":"complete","cacheScope":"private","tools":[],"ttlMs":5000}"#)
+            list(r#"{"tools":[],"ttlMs":5000,"cacheScope":"public","cacheScope":"public"}"#)
+                .as_deref(),
+            Ok(r#"{"resultType":"complete","ttlMs":0,"cacheScope":"private","tools":[]}"#)
         );
         // A whole frame: the id is kept, an error passes as it is.
         let frame = Completion::of("tools/list").frame(
@@ -964,6 +995,18 @@ mod tests {
             strip(r#"{"_meta":{"io.modelcontextprotocol\/logLevel":"info"}}"#).as_deref(),
             Some("{}")
         );
+    }
+
+    #[test]
+    fn a_version_in_meta_is_found_however_its_key_is_spelled() {
+        assert!(names_a_version(
+            br#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}"#
+        ));
+        assert!(names_a_version(
+            br#"{"_meta":{"io.modelcontextprotocol\/protocolVersion":"2026-07-28"}}"#
+        ));
+        assert!(!names_a_version(br#"{"name":"a\"b"}"#));
+        assert!(!names_a_version(br#"{"name":"t"}"#));
     }
 
     #[test]
