@@ -398,15 +398,18 @@ async fn get_opens_one_listen_stream_per_session() {
     assert_eq!(bad.status, 406);
 }
 
+/// `server/discover` is a 2026-07-28 request: without its `_meta` it is invalid params (400),
+/// and it never opens a session.
 #[tokio::test]
-async fn server_discover_is_refused_fast_so_clients_fall_back() {
+async fn server_discover_without_meta_is_invalid_params() {
     let gw = TestGateway::start("", &[example("a", &[], "")]).await;
     let c = gw.client();
     let r = c
         .post(json!({"jsonrpc":"2.0","id":1,"method":"server/discover","params":{}}).to_string())
         .await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.error_code(), -32601);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.error_code(), -32602);
+    assert_eq!(r.json()["id"], 1);
     assert!(gw.gateway().sessions.is_empty());
 }
 

@@ -297,61 +297,9 @@ pub struct Retry {
     pub responses: BTreeMap<String, Box<RawValue>>,
 }
 
-/// Splits `requestState` and `inputResponses` off params. `Err` names a malformed member.
-pub fn take_retry(params: Option<Bytes>) -> Result<(Retry, Option<Bytes>), String> {
-    let none = Retry::default();
-    let Some(p) = params else {
-        return Ok((none, None));
-    };
-    let could = memchr::memmem::find(&p, b"requestState").is_some()
-        || memchr::memmem::find(&p, b"inputResponses").is_some()
-        || p.contains(&b'\\');
-    if !could {
-        return Ok((none, Some(p)));
-    }
-    let mut fields: BTreeMap<String, Box<RawValue>> =
-        serde_json::from_slice(&p).map_err(|e| format!("params must be an object: {e}"))?;
-    let state = fields
-        .remove("requestState")
-        .map(|raw| {
-            serde_json::from_str::<String>(raw.get())
-                .map_err(|_| "params.requestState must be a string".to_owned())
-        })
-        .transpose()?;
-    let responses = fields
-        .remove("inputResponses")
-        .map(|raw| {
-            serde_json::from_str::<BTreeMap<String, Box<RawValue>>>(raw.get())
-                .map_err(|_| "params.inputResponses must be an object".to_owned())
-        })
-        .transpose()?
-        .unwrap_or_default();
-    let rest = serde_json::to_vec(&fields).map_err(|e| e.to_string())?;
-    Ok((Retry { state, responses }, Some(Bytes::from(rest))))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_members_are_taken_out_and_checked() {
-        let p = Bytes::from_static(
-            br#"{"name":"t","arguments":{},"requestState":"abc","inputResponses":{"1":{"action":"accept"}}}"#,
-        );
-        let (retry, rest) = take_retry(Some(p)).unwrap();
-        assert_eq!(retry.state.as_deref(), Some("abc"));
-        assert_eq!(retry.responses["1"].get(), r#"{"action":"accept"}"#);
-        assert_eq!(&rest.unwrap()[..], br#"{"arguments":{},"name":"t"}"#);
-        // Nothing to take: the params pass as they are.
-        let plain = Bytes::from_static(br#"{"name":"t"}"#);
-        let (retry, rest) = take_retry(Some(plain.clone())).unwrap();
-        assert!(retry.state.is_none() && retry.responses.is_empty());
-        assert_eq!(rest.unwrap(), plain);
-        for bad in [&br#"{"requestState":7}"#[..], br#"{"inputResponses":[1]}"#] {
-            assert!(take_retry(Some(Bytes::from_static(bad))).is_err());
-        }
-    }
 
     #[test]
     fn input_required_lists_every_question() {

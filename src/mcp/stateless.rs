@@ -168,8 +168,28 @@ pub(crate) struct RequestMeta {
     pub version: String,
     /// The lowest log severity the client wants on this request's stream; `None`: no logs.
     pub log_level: Option<u8>,
-    /// The client capabilities the request declares (their names).
-    pub capabilities: Vec<String>,
+    /// The client capabilities the request declares (a JSON object, as sent).
+    pub capabilities: String,
+}
+
+impl RequestMeta {
+    /// Whether the request declares client capability `name`.
+    fn declares(&self, name: &str) -> bool {
+        serde_json::from_str::<std::collections::BTreeMap<std::borrow::Cow<'_, str>, &RawValue>>(
+            &self.capabilities,
+        )
+        .is_ok_and(|c| c.contains_key(name))
+    }
+}
+
+/// A stateless request's params, read in one pass: what `_meta` says, the target its headers
+/// must name, a retry's members, and the params for the upstream (without any of those).
+pub(crate) struct Read {
+    pub meta: RequestMeta,
+    /// `params.name` (tools/call, prompts/get) or `params.uri` (resources/read).
+    pub target: Option<String>,
+    pub retry: round_trip::Retry,
+    pub upstream: Option<Bytes>,
 }
 
 /// Log severities, lowest first (RFC 5424 names, as MCP uses them).
@@ -188,58 +208,132 @@ fn severity(level: &str) -> Option<u8> {
     LEVELS.iter().position(|l| *l == level).map(|p| p as u8)
 }
 
-/// Reads and checks `params._meta` of a stateless request.
-pub(crate) fn request_meta(params: Option<&[u8]>) -> Result<RequestMeta, Refusal> {
+/// Reads and checks the params of a stateless request of `method`, in one pass: the top level
+/// as borrowed members (a key given twice is refused: which one counts would be a guess), then
+/// `_meta`. The upstream's params are the client's bytes with `_meta`'s value replaced; only a
+/// retry's params, whose own members go, are encoded again.
+pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal> {
+    type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
     #[derive(Deserialize)]
-    struct P<'a> {
+    struct Top<'a> {
         #[serde(borrow, rename = "_meta")]
-        meta: Option<std::collections::BTreeMap<String, &'a RawValue>>,
+        meta: Option<&'a RawValue>,
+        #[serde(borrow)]
+        name: Option<&'a RawValue>,
+        #[serde(borrow)]
+        uri: Option<&'a RawValue>,
+        #[serde(borrow, rename = "requestState")]
+        state: Option<&'a RawValue>,
+        #[serde(borrow, rename = "inputResponses")]
+        responses: Option<&'a RawValue>,
     }
-    let meta = params
-        .and_then(|p| serde_json::from_slice::<P<'_>>(p).ok())
-        .ok_or_else(|| Refusal::Meta("params must be an object carrying _meta".into()))?
+    let bytes =
+        params.ok_or_else(|| Refusal::Meta("params must be an object carrying _meta".into()))?;
+    let top: Top<'_> = serde_json::from_slice(bytes)
+        .map_err(|e| Refusal::Meta(format!("params must be an object carrying _meta: {e}")))?;
+    let meta_raw = top
         .meta
         .ok_or_else(|| Refusal::Meta(format!("params._meta is required (with {VERSION_KEY})")))?;
-    let string = |key: &str| -> Result<Option<String>, Refusal> {
-        meta.get(key)
-            .map(|raw| {
-                serde_json::from_str::<String>(raw.get())
-                    .map_err(|_| Refusal::Meta(format!("params._meta[{key:?}] must be a string")))
-            })
-            .transpose()
-    };
-    let version = string(VERSION_KEY)?
-        .ok_or_else(|| Refusal::Meta(format!("params._meta[{VERSION_KEY:?}] is required")))?;
-    let caps_key = "io.modelcontextprotocol/clientCapabilities";
-    let capabilities: Vec<String> = match meta.get(caps_key) {
-        Some(raw) => {
-            serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(raw.get())
-                .map_err(|_| {
-                    Refusal::Meta(format!("params._meta[{caps_key:?}] must be an object"))
-                })?
-                .into_keys()
-                .collect()
-        }
+    let meta: Object<'_> = serde_json::from_str(meta_raw.get())
+        .map_err(|_| Refusal::Meta("params._meta must be an object".into()))?;
+    fn string(raw: &RawValue, what: impl Fn() -> String) -> Result<String, Refusal> {
+        serde_json::from_str::<String>(raw.get())
+            .map_err(|_| Refusal::Meta(format!("{} must be a string", what())))
+    }
+    let version = match meta.get(VERSION_KEY) {
+        Some(raw) => string(raw, || format!("params._meta[{VERSION_KEY:?}]"))?,
         None => {
             return Err(Refusal::Meta(format!(
-                "params._meta[{caps_key:?}] is required"
+                "params._meta[{VERSION_KEY:?}] is required"
             )));
         }
     };
-    let level_key = "io.modelcontextprotocol/logLevel";
-    let log_level = match string(level_key)? {
-        None => None,
-        Some(l) => Some(severity(&l).ok_or_else(|| {
-            Refusal::Meta(format!(
-                "params._meta[{level_key:?}] must be one of {}",
-                LEVELS.join(", ")
-            ))
-        })?),
+    const CAPS_KEY: &str = "io.modelcontextprotocol/clientCapabilities";
+    let capabilities = match meta.get(CAPS_KEY) {
+        Some(raw) if raw.get().starts_with('{') => raw.get().to_owned(),
+        Some(_) => {
+            return Err(Refusal::Meta(format!(
+                "params._meta[{CAPS_KEY:?}] must be an object"
+            )));
+        }
+        None => {
+            return Err(Refusal::Meta(format!(
+                "params._meta[{CAPS_KEY:?}] is required"
+            )));
+        }
     };
-    Ok(RequestMeta {
-        version,
-        log_level,
-        capabilities,
+    const LEVEL_KEY: &str = "io.modelcontextprotocol/logLevel";
+    let log_level = match meta.get(LEVEL_KEY) {
+        None => None,
+        Some(raw) => {
+            let level = string(raw, || format!("params._meta[{LEVEL_KEY:?}]"))?;
+            Some(severity(&level).ok_or_else(|| {
+                Refusal::Meta(format!(
+                    "params._meta[{LEVEL_KEY:?}] must be one of {}",
+                    LEVELS.join(", ")
+                ))
+            })?)
+        }
+    };
+    let target = match method {
+        "tools/call" | "prompts/get" => Some(("name", top.name)),
+        "resources/read" => Some(("uri", top.uri)),
+        _ => None,
+    }
+    .map(|(key, raw)| match raw {
+        Some(raw) => string(raw, || format!("params.{key}")),
+        None => Err(Refusal::Meta(format!("params.{key} must be a string"))),
+    })
+    .transpose()?;
+    // Only these may answer `input_required`, so only their retries carry answers.
+    let mut retry = round_trip::Retry::default();
+    let retrying = target.is_some() && (top.state.is_some() || top.responses.is_some());
+    if retrying {
+        if let Some(raw) = top.state {
+            retry.state = Some(string(raw, || "params.requestState".into())?);
+        }
+        if let Some(raw) = top.responses {
+            retry.responses = serde_json::from_str(raw.get())
+                .map_err(|_| Refusal::Meta("params.inputResponses must be an object".into()))?;
+        }
+    }
+    // Upstreams of earlier revisions refuse the envelope: `_meta` keeps the rest, if any.
+    let kept: Object<'_> = meta
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(ENVELOPE_PREFIX))
+        .collect();
+    let kept = serde_json::to_string(&kept).unwrap_or_else(|_| "{}".into());
+    let upstream = if retrying {
+        let mut fields: Object<'_> = serde_json::from_slice(bytes)
+            .map_err(|_| Refusal::Meta("params must be an object".into()))?;
+        fields.remove("requestState");
+        fields.remove("inputResponses");
+        let kept_meta = RawValue::from_string(kept)
+            .map_err(|_| Refusal::Meta("params._meta cannot be re-encoded".into()))?;
+        fields.insert("_meta".into(), &kept_meta);
+        Bytes::from(serde_json::to_vec(&fields).map_err(|e| Refusal::Meta(e.to_string()))?)
+    } else {
+        // `_meta`'s value lies inside the params (a borrowed raw value): splice it.
+        let start = (meta_raw.get().as_ptr() as usize).wrapping_sub(bytes.as_ptr() as usize);
+        let end = start.wrapping_add(meta_raw.get().len());
+        if end > bytes.len() || start > end {
+            return Err(Refusal::Meta("params._meta cannot be re-encoded".into()));
+        }
+        let mut out = Vec::with_capacity(bytes.len() - (end - start) + kept.len());
+        out.extend_from_slice(&bytes[..start]);
+        out.extend_from_slice(kept.as_bytes());
+        out.extend_from_slice(&bytes[end..]);
+        Bytes::from(out)
+    };
+    Ok(Read {
+        meta: RequestMeta {
+            version,
+            log_level,
+            capabilities,
+        },
+        target,
+        retry,
+        upstream: Some(upstream),
     })
 }
 
@@ -261,12 +355,7 @@ fn header_text(value: &HeaderValue) -> Option<String> {
 }
 
 /// Checks that the headers mirror the body: version, method, and the target's name.
-fn check_headers(
-    mirrored: &Mirrored,
-    meta: &RequestMeta,
-    method: &str,
-    params: Option<&[u8]>,
-) -> Result<Option<String>, Refusal> {
+fn check_headers(mirrored: &Mirrored, read: &Read, method: &str) -> Result<(), Refusal> {
     let agree = |header: &Option<HeaderValue>, name: &str, body: &str| match header {
         None => Err(Refusal::Header(format!(
             "the {name} header is required and must be {body:?}"
@@ -278,24 +367,16 @@ fn check_headers(
             ))),
         },
     };
-    agree(&mirrored.version, "MCP-Protocol-Version", &meta.version)?;
+    agree(
+        &mirrored.version,
+        "MCP-Protocol-Version",
+        &read.meta.version,
+    )?;
     agree(&mirrored.method, "Mcp-Method", method)?;
-    let key = match method {
-        "tools/call" | "prompts/get" => "name",
-        "resources/read" => "uri",
-        _ => return Ok(None),
-    };
-    #[derive(Deserialize)]
-    struct Target {
-        name: Option<String>,
-        uri: Option<String>,
+    match &read.target {
+        Some(target) => agree(&mirrored.name, "Mcp-Name", target),
+        None => Ok(()),
     }
-    let target = params
-        .and_then(|p| serde_json::from_slice::<Target>(p).ok())
-        .and_then(|t| if key == "name" { t.name } else { t.uri })
-        .ok_or_else(|| Refusal::Meta(format!("params.{key} must be a string")))?;
-    agree(&mirrored.name, "Mcp-Name", &target)?;
-    Ok(Some(target))
 }
 
 /// Methods a 2026-07-28 client may call here.
@@ -336,20 +417,25 @@ pub(crate) async fn post(
             );
         }
     };
-    let checked = request_meta(params.as_deref()).and_then(|meta| {
+    let checked = read(params.as_deref(), &method).and_then(|read| {
         // Headers first: a header that disagrees with the body is the request's own fault,
         // whichever version it names.
-        let target = check_headers(&mirrored, &meta, &method, params.as_deref())?;
-        if meta.version != revision::STATELESS {
-            return Err(Refusal::Version(meta.version));
+        check_headers(&mirrored, &read, &method)?;
+        if read.meta.version != revision::STATELESS {
+            return Err(Refusal::Version(read.meta.version));
         }
         if !served(&method) {
             return Err(Refusal::Method(method.to_string()));
         }
-        Ok((meta, target))
+        Ok(read)
     });
-    let (meta, target) = match checked {
-        Ok(m) => m,
+    let Read {
+        meta,
+        target,
+        retry,
+        upstream: params,
+    } = match checked {
+        Ok(r) => r,
         Err(refusal) => {
             tracing::debug!(%method, "refused a stateless request: {refusal}");
             return json_response(refusal.status(), refusal.frame(&id));
@@ -361,16 +447,6 @@ pub(crate) async fn post(
             jsonrpc::error_response(Some(&id), code::INVALID_PARAMS, message),
         )
     };
-    // Only these may answer `input_required`, so only their retries carry answers.
-    let (retry, params) = if matches!(&*method, "tools/call" | "prompts/get" | "resources/read") {
-        match round_trip::take_retry(params) {
-            Ok(taken) => taken,
-            Err(e) => return invalid(&e),
-        }
-    } else {
-        (round_trip::Retry::default(), params)
-    };
-    let params = params.map(|p| without_envelope(&p).unwrap_or(p));
     let round = Round {
         gw: gw.clone(),
         id: id.clone(),
@@ -378,7 +454,7 @@ pub(crate) async fn post(
         target,
         completion: Completion::of(&method),
         log_level: meta.log_level,
-        declared: meta.capabilities,
+        meta,
         principal: principal.clone(),
     };
     if let Some(state) = retry.state {
@@ -424,8 +500,8 @@ struct Round {
     target: Option<String>,
     completion: Completion,
     log_level: Option<u8>,
-    /// The client capabilities the request declared.
-    declared: Vec<String>,
+    /// What the request's `_meta` said (its declared capabilities among it).
+    meta: RequestMeta,
     principal: Option<Principal>,
 }
 
@@ -629,7 +705,7 @@ impl Round {
                         session.on_client_response(&id, &outcome).await;
                         Step::Skip
                     }
-                    Some(cap) if !self.declared.iter().any(|d| d == cap) => {
+                    Some(cap) if !self.meta.declares(cap) => {
                         let refusal = Outcome::Error(jsonrpc::error_object(
                             code::METHOD_NOT_FOUND,
                             &format!("the client did not declare the {cap} capability"),
@@ -664,27 +740,6 @@ impl Round {
     }
 }
 
-/// Params without the 2026-07-28 envelope (`_meta` keys under `io.modelcontextprotocol/`), which
-/// upstreams of earlier revisions refuse; `_meta` goes when nothing else is in it. `None` when
-/// there is nothing to take out.
-fn without_envelope(params: &[u8]) -> Option<Bytes> {
-    type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
-    let mut fields: Object<'_> = serde_json::from_slice(params).ok()?;
-    let meta: Object<'_> = serde_json::from_str(fields.get("_meta")?.get()).ok()?;
-    let kept: Object<'_> = meta
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with(ENVELOPE_PREFIX))
-        .collect();
-    let kept_meta;
-    if kept.is_empty() {
-        fields.remove("_meta");
-    } else {
-        kept_meta = RawValue::from_string(serde_json::to_string(&kept).ok()?).ok()?;
-        fields.insert("_meta".into(), &kept_meta);
-    }
-    serde_json::to_vec(&fields).ok().map(Bytes::from)
-}
-
 /// The `server/discover` result: every revision served, what the servers offer together, and
 /// how long the answer may be reused.
 async fn discover(session: &Arc<Session>) -> Bytes {
@@ -709,6 +764,13 @@ async fn discover(session: &Arc<Session>) -> Bytes {
 pub(crate) struct Completion {
     cache_hints: bool,
     resource_read: bool,
+}
+
+/// The result of a frame `jsonrpc::response` encoded under `id`, if that is what `frame` is.
+fn own_result<'a>(frame: &'a [u8], id: &[u8]) -> Option<&'a [u8]> {
+    let rest = frame.strip_prefix(br#"{"jsonrpc":"2.0","id":"#)?;
+    let rest = rest.strip_prefix(id)?;
+    rest.strip_prefix(br#","result":"#)?.strip_suffix(b"}")
 }
 
 /// The code 2025-era servers answer an unknown resource with.
@@ -742,6 +804,14 @@ impl Completion {
     /// The response frame, under the id `id`, with its result completed. Errors, and results
     /// that already say what they are, keep their content.
     pub(crate) fn frame(self, frame: Bytes, id: &[u8]) -> Bytes {
+        // The gateway encoded the frame itself (`jsonrpc::response`): a result under this very
+        // id is found without parsing the frame again.
+        if let Some(result) = own_result(&frame, id) {
+            return match self.result(result) {
+                Ok(r) => jsonrpc::response(id, &Outcome::Result(r)),
+                Err(why) => jsonrpc::error_response(Some(id), code::INTERNAL_ERROR, &why),
+            };
+        }
         let Ok(msg) = jsonrpc::parse(frame.clone()) else {
             return frame;
         };
@@ -838,7 +908,7 @@ mod tests {
     use super::*;
 
     fn meta(params: &str) -> Result<RequestMeta, Refusal> {
-        request_meta(Some(params.as_bytes()))
+        read(Some(params.as_bytes()), "tools/list").map(|r| r.meta)
     }
 
     #[test]
@@ -849,7 +919,7 @@ mod tests {
             RequestMeta {
                 version: "2026-07-28".into(),
                 log_level: Some(3),
-                capabilities: Vec::new(),
+                capabilities: "{}".into(),
             }
         );
         for bad in [
@@ -863,49 +933,52 @@ mod tests {
         ] {
             assert!(matches!(meta(bad), Err(Refusal::Meta(_))), "{bad}");
         }
-        assert!(matches!(request_meta(None), Err(Refusal::Meta(_))));
+        assert!(matches!(read(None, "tools/list"), Err(Refusal::Meta(_))));
     }
+
+    const META: &str = r#""_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}"#;
 
     #[test]
     fn headers_must_mirror_the_body_base64_or_plain() {
-        let m = RequestMeta {
-            version: "2026-07-28".into(),
-            log_level: None,
-            capabilities: Vec::new(),
-        };
+        let body = format!(r#"{{"name":"caf\u00e9",{META}}}"#);
+        let call = read(Some(body.as_bytes()), "tools/call").unwrap();
+        assert_eq!(call.target.as_deref(), Some("café"));
         let headers = |name: &str| Mirrored {
             version: Some(HeaderValue::from_static("2026-07-28")),
             method: Some(HeaderValue::from_static("tools/call")),
             name: Some(HeaderValue::from_str(name).unwrap()),
         };
-        let params = br#"{"name":"caf\u00e9"}"#;
         // "café" base64-encoded, as a client must send a non-ASCII name.
         let encoded = format!(
             "=?base64?{}?=",
             base64::engine::general_purpose::STANDARD.encode("café")
         );
         assert_eq!(
-            check_headers(&headers(&encoded), &m, "tools/call", Some(params)),
-            Ok(Some("café".to_owned()))
+            check_headers(&headers(&encoded), &call, "tools/call"),
+            Ok(())
         );
-        assert!(matches!(
-            check_headers(&headers("other"), &m, "tools/call", Some(params)),
-            Err(Refusal::Header(_))
-        ));
-        assert!(matches!(
-            check_headers(&headers("=?base64?!!?="), &m, "tools/call", Some(params)),
-            Err(Refusal::Header(_))
-        ));
+        for bad in ["other", "=?base64?!!?="] {
+            assert!(matches!(
+                check_headers(&headers(bad), &call, "tools/call"),
+                Err(Refusal::Header(_))
+            ));
+        }
         let mut missing = headers(&encoded);
         missing.method = None;
         assert!(matches!(
-            check_headers(&missing, &m, "tools/call", Some(params)),
+            check_headers(&missing, &call, "tools/call"),
             Err(Refusal::Header(_))
         ));
         // The method header must name the body's method.
         assert!(matches!(
-            check_headers(&headers(&encoded), &m, "prompts/get", Some(params)),
+            check_headers(&headers(&encoded), &call, "prompts/get"),
             Err(Refusal::Header(_))
+        ));
+        // A call must name its tool.
+        let nameless = format!(r#"{{"name":7,{META}}}"#);
+        assert!(matches!(
+            read(Some(nameless.as_bytes()), "tools/call"),
+            Err(Refusal::Meta(_))
         ));
     }
 
@@ -978,23 +1051,52 @@ mod tests {
     }
 
     #[test]
-    fn the_envelope_is_taken_out_and_the_rest_kept() {
-        let strip = |s: &str| {
-            without_envelope(s.as_bytes()).map(|b| String::from_utf8(b.to_vec()).unwrap())
+    fn the_envelope_and_retry_members_are_taken_out_and_the_rest_kept() {
+        let upstream = |method: &str, body: &str| {
+            let r = read(Some(body.as_bytes()), method).unwrap();
+            String::from_utf8(r.upstream.unwrap().to_vec()).unwrap()
         };
         assert_eq!(
-            strip(r#"{"name":"t","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","progressToken":4}}"#).as_deref(),
-            Some(r#"{"_meta":{"progressToken":4},"name":"t"}"#)
+            upstream(
+                "tools/call",
+                r#"{"name":"t","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{},"progressToken":4}}"#
+            ),
+            r#"{"name":"t","_meta":{"progressToken":4}}"#
         );
+        // An escaped key is still the envelope's; a nested `_meta` is the arguments' own.
         assert_eq!(
-            strip(r#"{"_meta":{"io.modelcontextprotocol/clientCapabilities":{}},"arguments":{"_meta":1}}"#).as_deref(),
-            Some(r#"{"arguments":{"_meta":1}}"#)
+            upstream(
+                "tools/list",
+                r#"{"_meta":{"io.modelcontextprotocol\/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}},"arguments":{"_meta":1}}"#
+            ),
+            r#"{"_meta":{},"arguments":{"_meta":1}}"#
         );
-        // An escaped key is still the envelope's.
+        let retry = format!(
+            r#"{{"name":"t","arguments":{{}},"requestState":"abc","inputResponses":{{"1":{{"action":"accept"}}}},{META}}}"#
+        );
+        let r = read(Some(retry.as_bytes()), "tools/call").unwrap();
+        assert_eq!(r.retry.state.as_deref(), Some("abc"));
+        assert_eq!(r.retry.responses["1"].get(), r#"{"action":"accept"}"#);
         assert_eq!(
-            strip(r#"{"_meta":{"io.modelcontextprotocol\/logLevel":"info"}}"#).as_deref(),
-            Some("{}")
+            &r.upstream.unwrap()[..],
+            br#"{"_meta":{},"arguments":{},"name":"t"}"#
         );
+        // A key given twice is ambiguous: refused.
+        let twice = format!(r#"{{"name":"a","name":"b",{META}}}"#);
+        assert!(matches!(
+            read(Some(twice.as_bytes()), "tools/call"),
+            Err(Refusal::Meta(_))
+        ));
+        // Only requests that may be asked back carry a retry's members.
+        let listed = read(Some(retry.as_bytes()), "tools/list").unwrap();
+        assert!(listed.retry.state.is_none());
+        for bad in [r#""requestState":7"#, r#""inputResponses":[1]"#] {
+            let body = format!(r#"{{"name":"t",{bad},{META}}}"#);
+            assert!(matches!(
+                read(Some(body.as_bytes()), "tools/call"),
+                Err(Refusal::Meta(_))
+            ));
+        }
     }
 
     #[test]
