@@ -8,6 +8,9 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tokio::sync::mpsc;
 
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::{Response, StatusCode};
+
 use crate::sse;
 
 /// A response body.
@@ -69,4 +72,30 @@ impl http_body::Body for Body {
             Body::Sse(_) => SizeHint::default(),
         }
     }
+}
+
+/// A JSON response with `status`.
+pub(crate) fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Body::full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// An SSE response fed by `rx`.
+pub(crate) fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Body::Sse(rx));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// 202 Accepted, no body.
+pub(crate) fn accepted() -> Response<Body> {
+    let mut r = Response::new(Body::Empty);
+    *r.status_mut() = StatusCode::ACCEPTED;
+    r
 }

@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, ORIGIN,
-    WWW_AUTHENTICATE,
+    ACCEPT, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, ORIGIN, WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -153,28 +152,7 @@ impl FrontError {
     }
 }
 
-pub(crate) fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut r = Response::new(Body::full(body));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
-}
-
-pub(crate) fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Body::Sse(rx));
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    r.headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    r
-}
-
-pub(crate) fn accepted() -> Response<Body> {
-    let mut r = Response::new(Body::Empty);
-    *r.status_mut() = StatusCode::ACCEPTED;
-    r
-}
+pub(crate) use crate::body::{accepted, json_response, sse_response};
 
 /// Serves the MCP endpoint.
 pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {

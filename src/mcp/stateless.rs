@@ -19,8 +19,8 @@ use tokio::sync::mpsc;
 
 use crate::auth::Principal;
 use crate::body::Body;
+use crate::body::{accepted, json_response, sse_response};
 use crate::gateway::Gateway;
-use crate::mcp::front::{accepted, json_response, sse_response};
 use crate::mcp::handler::{self, Reply};
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
 use crate::mcp::revision;
