@@ -185,10 +185,13 @@ impl RequestMeta {
 /// A stateless request's params, read in one pass: what `_meta` says, the target its headers
 /// must name, a retry's members, and the params for the upstream (without any of those).
 pub(crate) struct Read {
+    /// What `_meta` says.
     pub meta: RequestMeta,
     /// `params.name` (tools/call, prompts/get) or `params.uri` (resources/read).
     pub target: Option<String>,
+    /// A retry's `requestState` and `inputResponses`.
     pub retry: round_trip::Retry,
+    /// The params the upstream is sent.
     pub upstream: Option<Bytes>,
 }
 
