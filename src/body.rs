@@ -20,9 +20,15 @@ pub enum Body {
     Empty,
     /// One buffer.
     Full(Option<Bytes>),
-    /// Server-Sent Events: each JSON-RPC frame from the channel becomes one `message` event;
-    /// an empty frame becomes a keep-alive comment. Ends when every sender is gone.
-    Sse(mpsc::Receiver<Bytes>),
+    /// Server-Sent Events: `prelude` (whole events) first, then each JSON-RPC frame from the
+    /// channel as one `message` event; an empty frame becomes a keep-alive comment. Ends when
+    /// every sender is gone.
+    Sse {
+        /// Events sent before any frame (the HTTP+SSE `endpoint` event).
+        prelude: Option<Bytes>,
+        /// The frames.
+        frames: mpsc::Receiver<Bytes>,
+    },
 }
 
 impl Body {
@@ -43,7 +49,10 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::Sse(rx) => rx.poll_recv(cx).map(|o| {
+            Body::Sse { prelude, .. } if prelude.is_some() => {
+                Poll::Ready(prelude.take().map(|p| Ok(Frame::data(p))))
+            }
+            Body::Sse { frames, .. } => frames.poll_recv(cx).map(|o| {
                 o.map(|frame| {
                     let event = if frame.is_empty() {
                         Bytes::from_static(sse::KEEPALIVE)
@@ -60,7 +69,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
-            Body::Sse(_) => false,
+            Body::Sse { .. } => false,
         }
     }
 
@@ -69,7 +78,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
-            Body::Sse(_) => SizeHint::default(),
+            Body::Sse { .. } => SizeHint::default(),
         }
     }
 }
@@ -85,7 +94,18 @@ pub(crate) fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
 
 /// An SSE response fed by `rx`.
 pub(crate) fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Body::Sse(rx));
+    sse_response_after(None, rx)
+}
+
+/// An SSE response that sends the events of `prelude` first, then what `rx` is fed.
+pub(crate) fn sse_response_after(
+    prelude: Option<Bytes>,
+    rx: mpsc::Receiver<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(Body::Sse {
+        prelude,
+        frames: rx,
+    });
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     r.headers_mut()

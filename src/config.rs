@@ -181,6 +181,9 @@ pub struct RawMcp {
     /// Interval of TCP keep-alive probes and HTTP/2 PINGs, to find half-open peers.
     #[serde(default, with = "humantime_serde")]
     pub keepalive_interval: Option<Duration>,
+    /// Serve 2024-11-05 HTTP+SSE clients at `/sse` and `/messages` (default true).
+    #[serde(default)]
+    pub http_sse: Option<bool>,
 }
 
 /// When tool and prompt names carry their server's name.
@@ -208,6 +211,9 @@ pub struct RawUpstream {
     /// Reach a server over MCP Streamable HTTP.
     #[serde(default)]
     pub http: Option<RawHttp>,
+    /// Reach a server over the 2024-11-05 HTTP+SSE transport (`url` is its SSE stream).
+    #[serde(default)]
+    pub sse: Option<RawHttp>,
     /// Deadline of one call.
     #[serde(default, with = "humantime_serde")]
     pub call_timeout: Option<Duration>,
@@ -350,6 +356,8 @@ pub struct McpSettings {
     pub max_connections_per_ip: usize,
     /// TCP keep-alive and HTTP/2 PING interval.
     pub keepalive_interval: Duration,
+    /// Whether `/sse` and `/messages` serve 2024-11-05 HTTP+SSE clients.
+    pub http_sse: bool,
 }
 
 /// A validated upstream.
@@ -384,6 +392,13 @@ pub enum Transport {
         /// Endpoint.
         url: http::Uri,
         /// Extra headers.
+        headers: http::HeaderMap,
+    },
+    /// The 2024-11-05 HTTP+SSE transport.
+    HttpSse {
+        /// The SSE stream's URL.
+        url: http::Uri,
+        /// Extra headers (on the stream and on every POST).
         headers: http::HeaderMap,
     },
     /// A server the orchestrator runs (from `servers`, or added through the admin API).
@@ -424,6 +439,7 @@ impl Config {
                     cwd: None,
                 }),
                 http: None,
+                sse: None,
                 call_timeout: None,
                 connect_timeout: None,
             }],
@@ -532,6 +548,7 @@ impl RawConfig {
                 Duration::from_secs(25),
             )?,
             name_separator,
+            http_sse: m.http_sse.unwrap_or(true),
         };
 
         let mut upstreams = Vec::with_capacity(self.upstreams.len());
@@ -563,8 +580,8 @@ impl RawConfig {
                     format!("duplicate name {:?}", u.name),
                 ));
             }
-            let transport = match (u.stdio, u.http) {
-                (Some(s), None) => {
+            let transport = match (u.stdio, u.http, u.sse) {
+                (Some(s), None, None) => {
                     if s.command.trim().is_empty() {
                         return Err(field_err(
                             format!("{field}.stdio.command"),
@@ -578,38 +595,15 @@ impl RawConfig {
                         cwd: s.cwd,
                     }
                 }
-                (None, Some(h)) => {
-                    let url: http::Uri = h.url.parse().map_err(|e| {
-                        field_err(
-                            format!("{field}.http.url"),
-                            format!("{:?} is not a URL ({e})", h.url),
-                        )
-                    })?;
-                    if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
-                        return Err(field_err(
-                            format!("{field}.http.url"),
-                            format!("{:?} must be an absolute http:// or https:// URL", h.url),
-                        ));
-                    }
-                    let mut headers = http::HeaderMap::new();
-                    for (k, v) in h.headers {
-                        let name = http::HeaderName::try_from(k.as_str()).map_err(|_| {
-                            field_err(
-                                format!("{field}.http.headers"),
-                                format!("{k:?} is not a header name"),
-                            )
-                        })?;
-                        let value = http::HeaderValue::try_from(v.as_str()).map_err(|_| {
-                            field_err(
-                                format!("{field}.http.headers.{k}"),
-                                "is not a valid header value",
-                            )
-                        })?;
-                        headers.insert(name, value);
-                    }
+                (None, Some(h), None) => {
+                    let (url, headers) = http_endpoint(&format!("{field}.http"), h)?;
                     Transport::Http { url, headers }
                 }
-                _ => return Err(field_err(field, "set exactly one of stdio or http")),
+                (None, None, Some(h)) => {
+                    let (url, headers) = http_endpoint(&format!("{field}.sse"), h)?;
+                    Transport::HttpSse { url, headers }
+                }
+                _ => return Err(field_err(field, "set exactly one of stdio, http or sse")),
             };
             upstreams.push(UpstreamConfig {
                 call_timeout: positive(
@@ -734,6 +728,40 @@ fn bearer_tokens(field: &str, raw: Vec<RawToken>) -> Result<Vec<(String, Arc<str
     Ok(tokens)
 }
 
+/// An HTTP upstream's URL (absolute http:// or https://) and extra headers; `field` names the
+/// block (`upstreams[0].http`) in errors.
+fn http_endpoint(field: &str, h: RawHttp) -> Result<(http::Uri, http::HeaderMap), ConfigError> {
+    let url: http::Uri = h.url.parse().map_err(|e| {
+        field_err(
+            format!("{field}.url"),
+            format!("{:?} is not a URL ({e})", h.url),
+        )
+    })?;
+    if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
+        return Err(field_err(
+            format!("{field}.url"),
+            format!("{:?} must be an absolute http:// or https:// URL", h.url),
+        ));
+    }
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in h.headers {
+        let name = http::HeaderName::try_from(k.as_str()).map_err(|_| {
+            field_err(
+                format!("{field}.headers"),
+                format!("{k:?} is not a header name"),
+            )
+        })?;
+        let value = http::HeaderValue::try_from(v.as_str()).map_err(|_| {
+            field_err(
+                format!("{field}.headers.{k}"),
+                "is not a valid header value",
+            )
+        })?;
+        headers.insert(name, value);
+    }
+    Ok((url, headers))
+}
+
 fn positive(
     field: &str,
     value: Option<Duration>,
@@ -798,6 +826,14 @@ upstreams:
         assert!(err("upstreams: [{name: a}]").contains("upstreams[0]: set exactly one"));
         assert!(
             err("upstreams: [{name: a, http: {url: 'ftp://x'}}]").contains("upstreams[0].http.url")
+        );
+        assert!(
+            err("upstreams: [{name: a, sse: {url: 'http://h/sse', headers: {'a b': x}}}]")
+                .contains("upstreams[0].sse.headers")
+        );
+        assert!(
+            err("upstreams: [{name: a, sse: {url: '/sse'}, http: {url: 'http://h/mcp'}}]")
+                .contains("upstreams[0]: set exactly one of stdio, http or sse")
         );
         assert!(
             err("upstreams: [{name: a, stdio: {command: x}, call_timeout: 0s}]")

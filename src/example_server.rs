@@ -223,11 +223,12 @@ async fn handle(
                 .get("protocolVersion")
                 .and_then(Value::as_str)
                 .unwrap_or("2025-11-25");
-            let version = if ["2025-11-25", "2025-06-18", "2025-03-26"].contains(&requested) {
-                requested
-            } else {
-                "2025-11-25"
-            };
+            let version =
+                if ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"].contains(&requested) {
+                    requested
+                } else {
+                    "2025-11-25"
+                };
             Ok(json!({
                 "protocolVersion": version,
                 "capabilities": {"tools": {"listChanged": true}, "prompts": {}, "resources": {}, "logging": {}},

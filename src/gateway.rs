@@ -57,6 +57,8 @@ pub struct Gateway {
     stateless: DashMap<Option<Principal>, Arc<Session>>,
     /// Stateless sessions a topology change replaced, ended once their requests finish.
     draining: std::sync::Mutex<Vec<Arc<Session>>>,
+    /// 2024-11-05 HTTP+SSE clients by the id their endpoint names.
+    pub sse_clients: DashMap<Arc<str>, Arc<crate::mcp::sse_client::SseClient>>,
     /// Stateless calls waiting for their client's answers (`input_required`).
     pub round_trips: crate::mcp::round_trip::RoundTrips,
     /// Metrics.
@@ -97,6 +99,7 @@ impl Gateway {
             sessions_per_principal: DashMap::new(),
             stateless: DashMap::new(),
             draining: std::sync::Mutex::new(Vec::new()),
+            sse_clients: DashMap::new(),
             round_trips: crate::mcp::round_trip::RoundTrips::new(
                 crate::mcp::seal::Sealer::random(0),
                 round_trip_wait,
@@ -392,6 +395,10 @@ impl Gateway {
 
     /// Ends every session, waiting for upstreams to shut down (bounded).
     pub async fn shutdown(&self) {
+        // HTTP+SSE streams not yet initialized close now (the others end with their sessions).
+        for client in self.sse_clients.iter() {
+            client.close();
+        }
         let mut all: Vec<Arc<Session>> = self.sessions.iter().map(|s| s.value().clone()).collect();
         all.extend(self.stateless.iter().map(|s| s.value().clone()));
         all.append(&mut self.draining.lock().unwrap_or_else(|e| e.into_inner()));

@@ -20,7 +20,7 @@ use tokio::sync::{Notify, watch};
 use crate::body::Body;
 use crate::config::McpSettings;
 use crate::gateway::Gateway;
-use crate::mcp::{front, jsonrpc};
+use crate::mcp::{front, http_sse, jsonrpc};
 
 /// The MCP endpoint path.
 pub const MCP_PATH: &str = "/mcp";
@@ -402,6 +402,12 @@ async fn route(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Respons
 async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
     match req.uri().path() {
         MCP_PATH => front::serve(gw.clone(), req).await,
+        http_sse::SSE_PATH if gw.config.mcp.http_sse => {
+            http_sse::serve_stream(gw.clone(), req).await
+        }
+        http_sse::MESSAGES_PATH if gw.config.mcp.http_sse => {
+            http_sse::serve_message(gw.clone(), req).await
+        }
         path if path.starts_with(crate::admin::PREFIX) => {
             crate::admin::serve(gw.clone(), req).await
         }

@@ -278,7 +278,18 @@ pub fn check_host_and_origin(
     Ok(())
 }
 
-fn accepts(headers: &HeaderMap, media: &str) -> bool {
+/// Whether a `Content-Type` says JSON.
+pub(crate) fn is_json(content_type: Option<&HeaderValue>) -> bool {
+    content_type.and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case("application/json")
+    })
+}
+
+pub(crate) fn accepts(headers: &HeaderMap, media: &str) -> bool {
     headers.get_all(ACCEPT).iter().any(|v| {
         v.to_str().unwrap_or("").split(',').any(|part| {
             let m = part.split(';').next().unwrap_or("").trim();
@@ -350,17 +361,7 @@ async fn post(
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, FrontError> {
     let headers = req.headers();
-    let json = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .eq_ignore_ascii_case("application/json")
-        });
-    if !json {
+    if !is_json(headers.get(CONTENT_TYPE)) {
         return Err(FrontError::ContentType);
     }
     if !accepts(headers, "application/json") || !accepts(headers, "text/event-stream") {
@@ -451,7 +452,7 @@ pub(crate) fn initialized(id: &[u8], result: Bytes, session_id: &str) -> Respons
     resp
 }
 
-async fn on_notification(session: &Arc<Session>, method: &str, params: Option<&[u8]>) {
+pub(crate) async fn on_notification(session: &Arc<Session>, method: &str, params: Option<&[u8]>) {
     match method {
         "notifications/initialized" => {}
         "notifications/cancelled" => {

@@ -3,6 +3,7 @@
 pub mod cursor;
 pub mod front;
 pub mod handler;
+pub mod http_sse;
 pub mod jsonrpc;
 pub mod policy;
 pub mod revision;
@@ -10,4 +11,5 @@ pub mod round_trip;
 pub mod router;
 pub mod seal;
 pub mod session;
+pub mod sse_client;
 pub mod stateless;

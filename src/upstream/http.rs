@@ -18,7 +18,7 @@ use crate::mcp::jsonrpc::{self, Kind, Message, Outcome};
 use crate::sse;
 
 /// Largest JSON response or SSE event accepted from an upstream.
-const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+pub(super) const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// Most bytes one SSE stream may carry in all: a call's stream fails past it, the GET stream is
 /// re-opened.
 const MAX_STREAM: u64 = 256 * 1024 * 1024;
@@ -435,7 +435,7 @@ impl Connection {
     }
 }
 
-fn connect_reason(e: &hyper_util::client::legacy::Error) -> String {
+pub(super) fn connect_reason(e: &hyper_util::client::legacy::Error) -> String {
     use std::error::Error;
     let mut reason = e.to_string();
     let mut src = e.source();
@@ -447,7 +447,10 @@ fn connect_reason(e: &hyper_util::client::legacy::Error) -> String {
     reason
 }
 
-async fn read_limited(body: hyper::body::Incoming, limit: usize) -> Result<Bytes, String> {
+pub(super) async fn read_limited(
+    body: hyper::body::Incoming,
+    limit: usize,
+) -> Result<Bytes, String> {
     Limited::new(body, limit)
         .collect()
         .await

@@ -261,6 +261,9 @@ impl Link {
                 headers.clone(),
                 self.inbox.clone(),
             )),
+            Transport::HttpSse { url, headers } => Connection::Stdio(
+                super::http_sse::connect(server.clone(), url, headers, self.inbox.clone()).await?,
+            ),
             Transport::Orchestrated => {
                 let o = server
                     .orchestrated

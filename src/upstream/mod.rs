@@ -1,4 +1,5 @@
-//! Upstream MCP servers: one [`Link`] per (downstream session, upstream server), over stdio or Streamable HTTP.
+//! Upstream MCP servers: one [`Link`] per (downstream session, upstream server), over stdio,
+//! Streamable HTTP or the 2024-11-05 HTTP+SSE transport.
 //!
 //! A link connects lazily, performs the MCP handshake with the client's own capabilities, remaps
 //! JSON-RPC ids (each connection numbers its own requests), enforces the per-call deadline and
@@ -7,6 +8,7 @@
 mod error;
 mod handshake;
 pub mod http;
+mod http_sse;
 mod link;
 pub mod orchestrated;
 mod params;

@@ -37,6 +37,8 @@ pub struct Connection {
     pending: Arc<Pending>,
     alive: Arc<AtomicBool>,
     child: tokio::sync::Mutex<Option<ServerProcess>>,
+    /// What carries the messages, as errors name it ("process", "SSE stream").
+    peer: &'static str,
 }
 
 impl Connection {
@@ -109,7 +111,14 @@ impl Connection {
             pending,
             alive,
             child: tokio::sync::Mutex::new(child),
+            peer: "process",
         }
+    }
+
+    /// Names what carries the messages in errors (a process unless said otherwise).
+    pub(crate) fn carried_by(mut self, peer: &'static str) -> Self {
+        self.peer = peer;
+        self
     }
 
     pub(crate) fn is_alive(&self) -> bool {
@@ -122,14 +131,17 @@ impl Connection {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .filter(|_| self.is_alive())
-            .ok_or_else(|| self.server.unavailable("process has exited"))
+            .ok_or_else(|| {
+                self.server
+                    .unavailable(format!("the {} has ended", self.peer))
+            })
     }
 
     pub(crate) async fn send(&self, frame: Bytes) -> Result<(), UpstreamError> {
-        self.sender()?
-            .send(frame)
-            .await
-            .map_err(|_| self.server.unavailable("process stdin is closed"))
+        self.sender()?.send(frame).await.map_err(|_| {
+            self.server
+                .unavailable(format!("cannot write to the {}", self.peer))
+        })
     }
 
     pub(crate) async fn exchange(
@@ -142,9 +154,10 @@ impl Connection {
         self.pending.insert(id, tx, route);
         let remove = RemoveOnDrop(&self.pending, id);
         self.send(frame).await?;
-        let out = rx
-            .await
-            .map_err(|_| self.server.unavailable("process exited before answering"));
+        let out = rx.await.map_err(|_| {
+            self.server
+                .unavailable(format!("the {} ended before answering", self.peer))
+        });
         drop(remove);
         out
     }
@@ -302,7 +315,7 @@ async fn read_loop(
     }
     alive.store(false, Ordering::Release);
     pending.fail_all();
-    tracing::info!(server = %server.name, "stdio upstream closed its stdout");
+    tracing::info!(server = %server.name, "upstream message stream ended");
 }
 
 #[cfg(test)]

@@ -1,0 +1,332 @@
+//! The 2024-11-05 HTTP+SSE front, for clients older than Streamable HTTP.
+//!
+//! `GET /sse` opens the client's one stream; its first event, `endpoint`, names the URL the
+//! client POSTs every message to (`messages?sessionId=…`, relative, so a path prefix added by
+//! a reverse proxy carries over). A POST answers 202 at once; answers and whatever servers send
+//! the client travel on the stream. The client's `initialize` opens an ordinary session, so
+//! everything behind the front (router, policy, upstreams) is the same as for `/mcp`. The
+//! stream's id is the client's credential, bound to the principal that opened it; the session
+//! ends when the stream closes, and a stream that does not initialize within the session idle
+//! timeout is closed.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, ALLOW, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response};
+use tokio::sync::mpsc;
+
+use crate::auth::Principal;
+use crate::body::{Body, accepted, sse_response_after};
+use crate::gateway::Gateway;
+use crate::mcp::front::{self, FrontError};
+use crate::mcp::handler::{self, Reply};
+use crate::mcp::jsonrpc::{self, Kind, Outcome, code};
+use crate::mcp::session::{self, Session};
+use crate::mcp::sse_client::{BindError, SseClient};
+
+/// Where HTTP+SSE clients open their stream.
+pub const SSE_PATH: &str = "/sse";
+/// Where HTTP+SSE clients POST their messages.
+pub const MESSAGES_PATH: &str = "/messages";
+/// Frames waiting for a slow client, per stream.
+const STREAM_QUEUE: usize = 256;
+
+/// Serves `GET /sse`.
+pub async fn serve_stream(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    match open_stream(&gw, req).await {
+        Ok(r) => r,
+        Err(e) => refusal(e, "GET"),
+    }
+}
+
+/// Serves `POST /messages?sessionId=…`.
+pub async fn serve_message(
+    gw: Arc<Gateway>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    match message(&gw, req).await {
+        Ok(r) => r,
+        Err(e) => refusal(e, "POST"),
+    }
+}
+
+fn refusal(e: FrontError, allow: &'static str) -> Response<Body> {
+    tracing::debug!("refused HTTP+SSE request: {e}");
+    let method = matches!(e, FrontError::Method(_));
+    let mut resp = e.into_response(None);
+    if method {
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(allow));
+    }
+    resp
+}
+
+/// Host/Origin and authentication, as on `/mcp`.
+fn admit<B>(gw: &Gateway, req: &Request<B>) -> Result<Option<Principal>, FrontError> {
+    let authority = front::request_authority(req)?;
+    front::check_host_and_origin(&gw.config, authority, req.headers())?;
+    Ok(gw.auth.authenticate(req.headers())?)
+}
+
+async fn open_stream(
+    gw: &Arc<Gateway>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, FrontError> {
+    let principal = admit(gw, &req)?;
+    if req.method() != Method::GET {
+        return Err(FrontError::Method(req.method().clone()));
+    }
+    let wants_sse = req.headers().get_all(ACCEPT).iter().next().is_none()
+        || front::accepts(req.headers(), "text/event-stream");
+    if !wants_sse {
+        return Err(FrontError::Accept("text/event-stream"));
+    }
+    // A stream is a session to be: it counts against the same caps.
+    if gw.sessions.len() + gw.sse_clients.len() >= gw.config.mcp.max_sessions {
+        return Err(FrontError::TooManySessions);
+    }
+    if !gw.may_open_session(principal.as_ref()) {
+        return Err(FrontError::TooManySessionsForPrincipal(
+            gw.config.mcp.max_sessions_per_principal,
+        ));
+    }
+    let id = session::new_id();
+    let (tx, rx) = mpsc::channel::<Bytes>(STREAM_QUEUE);
+    let client = Arc::new(SseClient::new(principal, tx.clone()));
+    gw.sse_clients.insert(id.clone(), client.clone());
+    tokio::spawn(watch_stream(gw.clone(), id.clone(), client, tx));
+    let endpoint = Bytes::from(format!(
+        "event: endpoint\ndata: {}?sessionId={id}\n\n",
+        &MESSAGES_PATH[1..]
+    ));
+    Ok(sse_response_after(Some(endpoint), rx))
+}
+
+/// Keeps a client's stream alive (keep-alive comments) until the client leaves, its session
+/// ends, or it has not initialized in time; then forgets the client and ends its session.
+async fn watch_stream(
+    gw: Arc<Gateway>,
+    id: Arc<str>,
+    client: Arc<SseClient>,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let every = gw.config.mcp.sse_keepalive;
+    let keep_alive = async {
+        loop {
+            tokio::time::sleep(every).await;
+            if tx.send(Bytes::new()).await.is_err() {
+                return;
+            }
+        }
+    };
+    let lifetime = async {
+        let initialized = tokio::time::timeout(gw.config.mcp.session_idle_timeout, client.bound());
+        let session = tokio::select! {
+            s = initialized => s.ok().flatten(),
+            _ = tx.closed() => None,
+        };
+        if let Some(session) = session {
+            tokio::select! {
+                _ = tx.closed() => {}
+                _ = session.ended() => {}
+            }
+        }
+    };
+    tokio::select! {
+        _ = keep_alive => {}
+        _ = lifetime => {}
+    }
+    gw.sse_clients.remove(&id);
+    if let Some(session) = client.close() {
+        gw.end_session(&session.id);
+    }
+}
+
+async fn message(
+    gw: &Arc<Gateway>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, FrontError> {
+    let principal = admit(gw, &req)?;
+    if req.method() != Method::POST {
+        return Err(FrontError::Method(req.method().clone()));
+    }
+    if !front::is_json(req.headers().get(CONTENT_TYPE)) {
+        return Err(FrontError::ContentType);
+    }
+    let id = req
+        .uri()
+        .query()
+        .and_then(session_id_of)
+        .ok_or(FrontError::MissingSession)?;
+    let client = gw
+        .sse_clients
+        .get(id)
+        .map(|c| c.clone())
+        .ok_or(FrontError::UnknownSession)?;
+    // A stream belongs to whoever opened it; to anyone else it does not exist.
+    if client.principal != principal {
+        return Err(FrontError::UnknownSession);
+    }
+    let body = front::read_body(gw, req).await?;
+    let msg = jsonrpc::parse(body)?;
+    match msg.kind {
+        Kind::Request { id, method, params } if &*method == "initialize" => {
+            initialize(gw, &client, id, params.as_deref()).await
+        }
+        Kind::Request { id, method, params } => {
+            let Some(session) = client.session() else {
+                let refusal = jsonrpc::error_response(
+                    Some(&id),
+                    code::INVALID_REQUEST,
+                    "the session is not initialized: send initialize first",
+                );
+                send(&client, None, refusal).await;
+                return Ok(accepted());
+            };
+            let services = gw.clone();
+            tokio::spawn(async move {
+                let _busy = session.touch();
+                let run = async {
+                    match handler::request(services.services(), &session, id, &method, params).await
+                    {
+                        Reply::Json(frame) | Reply::Refused(_, frame) => {
+                            send(&client, Some(&session), frame).await
+                        }
+                        Reply::Stream(mut frames) => {
+                            while let Some(frame) = frames.recv().await {
+                                send(&client, Some(&session), frame).await;
+                            }
+                        }
+                    }
+                };
+                // Dropping the request when the session ends cancels it upstream.
+                tokio::select! {
+                    _ = run => {}
+                    _ = session.ended() => {}
+                }
+            });
+            Ok(accepted())
+        }
+        Kind::Notification { method, params } => {
+            if let Some(session) = client.session() {
+                front::on_notification(&session, &method, params.as_deref()).await;
+            }
+            Ok(accepted())
+        }
+        Kind::Response { id, outcome } => {
+            if let Some(session) = client.session()
+                && !session.on_client_response(&id, &outcome).await
+            {
+                tracing::debug!(session = %session.id, "response to an unknown server request");
+            }
+            Ok(accepted())
+        }
+    }
+}
+
+/// Opens the client's session; the answer goes on its stream.
+async fn initialize(
+    gw: &Arc<Gateway>,
+    client: &Arc<SseClient>,
+    id: Bytes,
+    params: Option<&[u8]>,
+) -> Result<Response<Body>, FrontError> {
+    if client.check_unbound().is_err() {
+        let refusal = jsonrpc::error_response(
+            Some(&id),
+            code::INVALID_REQUEST,
+            "this stream's session is already initialized",
+        );
+        send(client, None, refusal).await;
+        return Ok(accepted());
+    }
+    if gw.sessions.len() >= gw.config.mcp.max_sessions {
+        return Err(FrontError::TooManySessions);
+    }
+    if !gw.may_open_session(client.principal.as_ref()) {
+        return Err(FrontError::TooManySessionsForPrincipal(
+            gw.config.mcp.max_sessions_per_principal,
+        ));
+    }
+    let asked = match handler::negotiate(params) {
+        Ok(a) => a,
+        Err(e) => {
+            let refusal = jsonrpc::error_response(
+                Some(&id),
+                code::INVALID_PARAMS,
+                &format!("invalid initialize params: {e}"),
+            );
+            send(client, None, refusal).await;
+            return Ok(accepted());
+        }
+    };
+    let session = gw.new_session(
+        client.principal.clone(),
+        asked.version,
+        asked.init_params,
+        asked.offers_roots,
+    );
+    if let Err(e) = client.bind(session.clone()) {
+        // Another initialize won the race, or the stream closed meanwhile.
+        gw.end_session(&session.id);
+        if e == BindError::AlreadyBound {
+            let refusal = jsonrpc::error_response(
+                Some(&id),
+                code::INVALID_REQUEST,
+                "this stream's session is already initialized",
+            );
+            send(client, None, refusal).await;
+        }
+        return Ok(accepted());
+    }
+    // What servers send outside any request goes on the client's one stream.
+    session.open_listen_stream(client.stream.clone());
+    let result = handler::initialize(&session).await;
+    send(
+        client,
+        Some(&session),
+        jsonrpc::response(&id, &Outcome::Result(result)),
+    )
+    .await;
+    Ok(accepted())
+}
+
+/// Puts a frame on the client's stream, waiting while the client is slow to read, but not past
+/// the end of its session.
+async fn send(client: &SseClient, session: Option<&Session>, frame: Bytes) {
+    match session {
+        Some(s) => {
+            tokio::select! {
+                _ = client.stream.send(frame) => {}
+                _ = s.ended() => {}
+            }
+        }
+        None => {
+            // Before a session exists there is nothing to wait on: a full queue drops the frame.
+            let _ = client.stream.try_send(frame);
+        }
+    }
+}
+
+/// The `sessionId` of a query string.
+fn session_id_of(query: &str) -> Option<&str> {
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("sessionId="))
+        .filter(|id| !id.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_come_from_the_query() {
+        assert_eq!(session_id_of("sessionId=abc"), Some("abc"));
+        assert_eq!(session_id_of("x=1&sessionId=abc&y=2"), Some("abc"));
+        assert_eq!(session_id_of("sessionid=abc"), None);
+        assert_eq!(session_id_of("sessionId="), None);
+        assert_eq!(session_id_of("xsessionId=abc"), None);
+    }
+}

@@ -1,0 +1,338 @@
+//! HTTP+SSE upstream (MCP 2024-11-05): a GET stream whose first `endpoint` event names the URL
+//! every message is POSTed to; everything the server sends arrives as `message` events on that
+//! one stream.
+//!
+//! That is one stream of messages each way, as with a stdio server, so the connection is a
+//! [`stdio::Connection`] over two pipes: one task copies the SSE stream's messages into the
+//! first, one line each, another POSTs each line of the second.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+use http::{HeaderMap, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
+use tokio::sync::mpsc;
+
+use super::http::{MAX_MESSAGE, connect_reason, read_limited};
+use super::{Inbox, Server, UpstreamError, stdio};
+use crate::mcp::jsonrpc::{self, Kind, code};
+use crate::sse;
+
+/// Bytes buffered in each pipe between the HTTP tasks and the connection.
+const PIPE: usize = 64 * 1024;
+
+/// Opens the server's SSE stream, waits for its endpoint, and returns the connection (not yet
+/// initialized).
+pub(crate) async fn connect(
+    server: Arc<Server>,
+    url: &Uri,
+    headers: &HeaderMap,
+    inbox: Inbox,
+) -> Result<stdio::Connection, UpstreamError> {
+    let req = request(
+        &server,
+        http::Method::GET,
+        url.clone(),
+        headers,
+        Bytes::new(),
+    )?;
+    let resp = server
+        .http
+        .request(req)
+        .await
+        .map_err(|e| server.unavailable(connect_reason(&e)))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = read_limited(resp.into_body(), 512)
+            .await
+            .unwrap_or_default();
+        return Err(server.unavailable(format!(
+            "GET {url}: HTTP {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        )));
+    }
+    let is_sse = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if !is_sse {
+        return Err(server.unavailable(format!("GET {url} did not answer an SSE stream")));
+    }
+    let mut body = resp.into_body();
+    let mut decoder = sse::Decoder::new(MAX_MESSAGE);
+    let endpoint = loop {
+        match decoder.next_event() {
+            Ok(Some(ev)) if ev.event == "endpoint" => {
+                break endpoint_of(url, &ev.data).map_err(|e| server.unavailable(e))?;
+            }
+            Ok(Some(ev)) => {
+                return Err(server.unavailable(format!(
+                    "the SSE stream's first event is {:?}, not \"endpoint\"",
+                    ev.event
+                )));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(server.unavailable(e.to_string())),
+        }
+        match body.frame().await {
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    decoder.feed(&data);
+                }
+            }
+            Some(Err(e)) => return Err(server.unavailable(format!("SSE stream broke: {e}"))),
+            None => {
+                return Err(server.unavailable("the SSE stream ended before naming its endpoint"));
+            }
+        }
+    };
+    tracing::debug!(server = %server.name, %endpoint, "HTTP+SSE upstream connected");
+    let (conn_reads, server_writes) = tokio::io::duplex(PIPE);
+    let (conn_writes, posts) = tokio::io::duplex(PIPE);
+    let (refusals, refused) = mpsc::channel(64);
+    let reader = tokio::spawn(read_stream(
+        server.clone(),
+        body,
+        decoder,
+        server_writes,
+        refused,
+    ));
+    tokio::spawn(post_messages(
+        server.clone(),
+        endpoint,
+        headers.clone(),
+        posts,
+        refusals,
+        reader.abort_handle(),
+    ));
+    Ok(
+        stdio::Connection::over(server, conn_reads, conn_writes, inbox, None)
+            .carried_by("SSE stream"),
+    )
+}
+
+fn request(
+    server: &Server,
+    method: http::Method,
+    url: Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, UpstreamError> {
+    let mut req = Request::builder().method(method).uri(url);
+    let h = req.headers_mut().expect("builder has no error yet");
+    h.extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if body.is_empty() {
+        h.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+    } else {
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    req.body(Full::new(body))
+        .map_err(|e| server.unavailable(format!("cannot build request: {e}")))
+}
+
+/// The URL an `endpoint` event names, resolved against the stream's URL. It must stay on the
+/// stream's origin: a server that could point our POSTs elsewhere would have the gateway send
+/// its clients' messages, and the configured credentials, to any host.
+fn endpoint_of(stream: &Uri, data: &[u8]) -> Result<Uri, String> {
+    let text = std::str::from_utf8(data)
+        .map_err(|_| "the endpoint event is not UTF-8".to_owned())?
+        .trim();
+    let base = format!(
+        "{}://{}",
+        stream.scheme_str().unwrap_or("http"),
+        stream.authority().map_or("", |a| a.as_str())
+    );
+    let resolved = if text.starts_with("//") {
+        format!("{}:{text}", stream.scheme_str().unwrap_or("http"))
+    } else if text.starts_with('/') {
+        format!("{base}{text}")
+    } else if text.contains("://") {
+        text.to_owned()
+    } else {
+        // Relative to the stream's directory, as a browser resolves it.
+        let path = stream.path();
+        let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+        format!("{base}{dir}{text}")
+    };
+    let uri: Uri = resolved
+        .parse()
+        .map_err(|e| format!("the endpoint event names no URL ({text:?}: {e})"))?;
+    let same_origin = uri.scheme() == stream.scheme()
+        && uri.authority().map(|a| a.as_str().to_ascii_lowercase())
+            == stream.authority().map(|a| a.as_str().to_ascii_lowercase());
+    if !same_origin {
+        return Err(format!(
+            "the endpoint event names {text:?}, outside the stream's origin {base}"
+        ));
+    }
+    Ok(uri)
+}
+
+/// Copies the SSE stream's messages into the connection's read pipe, one line each, and the
+/// answers made up for messages the server refused; ends (and so ends the connection) when the
+/// stream does.
+async fn read_stream(
+    server: Arc<Server>,
+    mut body: hyper::body::Incoming,
+    mut decoder: sse::Decoder,
+    mut pipe: DuplexStream,
+    mut refused: mpsc::Receiver<Bytes>,
+) {
+    loop {
+        loop {
+            match decoder.next_event() {
+                Ok(Some(ev)) if ev.event.is_empty() || ev.event == "message" => {
+                    if ev.data.trim_ascii().is_empty() {
+                        continue;
+                    }
+                    let line = stdio::one_line(ev.data);
+                    if pipe.write_all(&line).await.is_err() || pipe.write_all(b"\n").await.is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(Some(ev)) => {
+                    tracing::debug!(server = %server.name, event = %ev.event, "ignored SSE event")
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(server = %server.name, "ending the SSE stream: {e}");
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            frame = body.frame() => match frame {
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        decoder.feed(&data);
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::info!(server = %server.name, "SSE stream broke: {e}");
+                    return;
+                }
+                None => {
+                    tracing::info!(server = %server.name, "the server ended its SSE stream");
+                    return;
+                }
+            },
+            Some(answer) = refused.recv() => {
+                if pipe.write_all(&answer).await.is_err() || pipe.write_all(b"\n").await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// POSTs each line the connection writes to the endpoint, in order. A message the server
+/// refuses is answered in its place (so its caller hears why at once); a server that no longer
+/// knows the session (404) ends the stream, and so the connection, which the link re-opens.
+async fn post_messages(
+    server: Arc<Server>,
+    endpoint: Uri,
+    headers: HeaderMap,
+    pipe: DuplexStream,
+    refusals: mpsc::Sender<Bytes>,
+    stream: tokio::task::AbortHandle,
+) {
+    let mut lines = BufReader::new(pipe);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match lines.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let frame = Bytes::copy_from_slice(line.trim_ascii());
+        if frame.is_empty() {
+            continue;
+        }
+        let Err((why, gone)) = post(&server, &endpoint, &headers, frame.clone()).await else {
+            continue;
+        };
+        tracing::warn!(server = %server.name, "POST {endpoint}: {why}");
+        if let Ok(jsonrpc::Message {
+            kind: Kind::Request { id, .. },
+            ..
+        }) = jsonrpc::parse(frame)
+        {
+            let error = jsonrpc::error_response(
+                Some(&id),
+                code::INTERNAL_ERROR,
+                &format!("upstream {} refused the message: {why}", server.name),
+            );
+            let _ = refusals.send(error).await;
+        }
+        if gone {
+            break;
+        }
+    }
+    // The connection is closing (or the session is gone): the stream goes with it.
+    stream.abort();
+}
+
+/// One POST; on failure, why, and whether the server has forgotten the session.
+async fn post(
+    server: &Server,
+    endpoint: &Uri,
+    headers: &HeaderMap,
+    frame: Bytes,
+) -> Result<(), (String, bool)> {
+    let req = request(server, http::Method::POST, endpoint.clone(), headers, frame)
+        .map_err(|e| (e.to_string(), false))?;
+    let sent = tokio::time::timeout(server.config.call_timeout, server.http.request(req)).await;
+    let resp = match sent {
+        Err(_) => return Err(("no answer in time".into(), false)),
+        Ok(Err(e)) => return Err((connect_reason(&e), false)),
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    let body = read_limited(resp.into_body(), 512)
+        .await
+        .unwrap_or_default();
+    if status.is_success() {
+        return Ok(());
+    }
+    Err((
+        format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
+        status == StatusCode::NOT_FOUND,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_resolve_on_the_stream_origin() {
+        let stream: Uri = "http://127.0.0.1:8000/mcp/sse".parse().unwrap();
+        let ok = |d: &str| endpoint_of(&stream, d.as_bytes()).map(|u| u.to_string());
+        assert_eq!(
+            ok("/messages/?session_id=ab").unwrap(),
+            "http://127.0.0.1:8000/messages/?session_id=ab"
+        );
+        assert_eq!(
+            ok("messages?sessionId=1").unwrap(),
+            "http://127.0.0.1:8000/mcp/messages?sessionId=1"
+        );
+        assert_eq!(
+            ok("http://127.0.0.1:8000/m").unwrap(),
+            "http://127.0.0.1:8000/m"
+        );
+        for elsewhere in [
+            "http://evil.example/m",
+            "//evil.example/m",
+            "https://127.0.0.1:8000/m",
+            "http://127.0.0.1:8001/m",
+            "http://127.0.0.1:8000@evil.example/m",
+        ] {
+            assert!(ok(elsewhere).is_err(), "{elsewhere}");
+        }
+        assert!(endpoint_of(&stream, b"\xff").is_err());
+    }
+}
