@@ -231,7 +231,7 @@ async fn handle(
                 };
             Ok(json!({
                 "protocolVersion": version,
-                "capabilities": {"tools": {"listChanged": true}, "prompts": {}, "resources": {}, "logging": {}},
+                "capabilities": {"tools": {"listChanged": true}, "prompts": {}, "resources": {"subscribe": true}, "logging": {}},
                 "serverInfo": {"name": "gatehouse-example", "version": env!("CARGO_PKG_VERSION")},
                 "instructions": "Example server shipped with Gatehouse: try the echo and add tools."
             }))
@@ -297,6 +297,8 @@ async fn handle(
             };
             Ok(json!({"contents": [{"uri": uri, "mimeType": "text/plain", "text": text}]}))
         }
+        // Watching is the client's business: `touch` announces an update either way.
+        "resources/subscribe" | "resources/unsubscribe" => Ok(json!({})),
         _ => Err((-32601, format!("method not found: {method}"))),
     }
 }
@@ -334,6 +336,10 @@ fn tools(test_tools: bool) -> Vec<Value> {
         t.push(
             json!({"name": "toggle", "description": "Adds (on) or removes the tool `extra`; announces it if `notify`",
                       "inputSchema": {"type": "object", "properties": {"on": {"type": "boolean"}, "notify": {"type": "boolean"}}}}),
+        );
+        t.push(
+            json!({"name": "touch", "description": "Announces that resource `uri` was updated",
+                      "inputSchema": {"type": "object", "properties": {"uri": {"type": "string"}}}}),
         );
         if EXTRA.load(std::sync::atomic::Ordering::Relaxed) {
             t.push(
@@ -447,6 +453,16 @@ async fn call_tool(
                     .await;
             }
             Ok(text(if on { "on" } else { "off" }))
+        }
+        "touch" if opts.test_tools => {
+            let uri = args.get("uri").cloned().unwrap_or(json!(""));
+            let _ = out
+                .send(
+                    json!({"jsonrpc":"2.0","method":"notifications/resources/updated",
+                             "params":{"uri":uri}}),
+                )
+                .await;
+            Ok(text("touched"))
         }
         "fail" if opts.test_tools => Err((
             -32000,

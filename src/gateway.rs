@@ -193,6 +193,18 @@ impl Gateway {
         let names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
         tracing::info!(servers = ?names, "serving a new set of upstreams to new sessions");
         self.topology.store(Arc::new(self.build(upstreams)));
+        // Stateless listen streams hear the change, then end: their clients listen again and
+        // so reach the new servers.
+        for session in self.stateless.iter() {
+            for method in [
+                "notifications/tools/list_changed",
+                "notifications/prompts/list_changed",
+                "notifications/resources/list_changed",
+            ] {
+                session.subscriptions.deliver(method, None);
+            }
+            session.subscriptions.close();
+        }
         for name in gone {
             self.definitions.remove(&name);
             if let Some((_, shared)) = self.shared.remove(&name) {

@@ -506,3 +506,134 @@ async fn an_abandoned_round_frees_its_call() {
     assert_eq!(ok.response()["result"]["content"][0]["text"], "next");
     gw.stop().await;
 }
+
+/// Opens a listen stream asking for `notifications`; the response must be an SSE stream.
+async fn listen(c: &Client, id: Value, notifications: Value) -> support::SseReader {
+    let mut params = json!({ "notifications": notifications });
+    params["_meta"] = meta(json!({}));
+    let body =
+        json!({"jsonrpc": "2.0", "id": id, "method": "subscriptions/listen", "params": params});
+    let req = c
+        .request("POST", Bytes::new())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "subscriptions/listen")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = c.http.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    support::SseReader::new(resp.into_body())
+}
+
+const SUBSCRIPTION: &str = "io.modelcontextprotocol/subscriptionId";
+
+/// A listen stream is acknowledged first, then hears exactly the change notifications it asked
+/// for, tagged with its id; closing it stops the watching.
+#[tokio::test]
+async fn listen_streams_hear_what_they_asked_for() {
+    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let c = gw.client();
+    let discover = stateless(&c, 1, "server/discover", json!({}), json!({})).await;
+    let caps = &discover.json()["result"]["capabilities"];
+    assert_eq!(caps["tools"]["listChanged"], true, "{caps}");
+    assert_eq!(caps["resources"]["subscribe"], true, "{caps}");
+
+    let watched = "example://a/readme";
+    let mut a = listen(
+        &c,
+        json!("listen-a"),
+        json!({"toolsListChanged": true, "resourceSubscriptions": [watched], "taskIds": ["t"]}),
+    )
+    .await;
+    let ack = a.next().await.expect("an acknowledgement");
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged");
+    assert_eq!(ack["params"]["_meta"][SUBSCRIPTION], "listen-a");
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({"toolsListChanged": true, "resourceSubscriptions": [watched]}),
+        "what is honored, and nothing it does not know"
+    );
+    let mut b = listen(&c, json!(7), json!({"promptsListChanged": true})).await;
+    assert_eq!(b.next().await.unwrap()["params"]["_meta"][SUBSCRIPTION], 7);
+
+    let call = |id: u64, tool: &'static str, args: Value| {
+        let c = c.clone();
+        async move {
+            let r = stateless(
+                &c,
+                id,
+                "tools/call",
+                json!({"name": tool, "arguments": args}),
+                json!({}),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+    };
+    call(2, "toggle", json!({"on": true, "notify": true})).await;
+    let changed = a.next().await.expect("tools/list_changed");
+    assert_eq!(changed["method"], "notifications/tools/list_changed");
+    assert_eq!(changed["params"]["_meta"][SUBSCRIPTION], "listen-a");
+    // Updates of other resources are not this stream's business.
+    call(3, "touch", json!({"uri": "example://a/other"})).await;
+    call(4, "touch", json!({"uri": watched})).await;
+    let updated = a.next().await.expect("resources/updated");
+    assert_eq!(updated["method"], "notifications/resources/updated");
+    assert_eq!(updated["params"]["uri"], watched);
+    assert_eq!(updated["params"]["_meta"][SUBSCRIPTION], "listen-a");
+    // B asked for prompts only: nothing of the above reached it.
+    assert!(
+        b.next_within(std::time::Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+
+    // Closing a stream forgets it.
+    let session = gw.gateway().stateless_session(None);
+    assert_eq!(session.subscriptions.len(), 2);
+    drop(a);
+    support::eventually("the closed listen stream to be forgotten", || async {
+        session.subscriptions.len() == 1
+    })
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn listen_refusals_say_what_was_wrong() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let c = gw.client();
+    let missing = stateless(&c, 1, "subscriptions/listen", json!({}), json!({})).await;
+    assert_eq!(
+        (missing.status, missing.error_code()),
+        (400, -32602),
+        "{}",
+        missing.body
+    );
+    assert!(missing.body.contains("params.notifications"));
+    let many: Vec<String> = (0..65).map(|i| format!("example://a/{i}")).collect();
+    let r = stateless(
+        &c,
+        2,
+        "subscriptions/listen",
+        json!({"notifications": {"resourceSubscriptions": many}}),
+        json!({}),
+    )
+    .await;
+    assert_eq!((r.status, r.error_code()), (400, -32602), "{}", r.body);
+    // The method header must say what the body does.
+    let mut params = json!({"notifications": {"toolsListChanged": true}});
+    params["_meta"] = meta(json!({}));
+    let r = send(
+        &c,
+        3,
+        "subscriptions/listen",
+        params,
+        &[("mcp-method", "tools/list")],
+    )
+    .await;
+    assert_eq!((r.status, r.error_code()), (400, -32020), "{}", r.body);
+    gw.stop().await;
+}

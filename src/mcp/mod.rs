@@ -13,3 +13,4 @@ pub mod seal;
 pub mod session;
 pub mod sse_client;
 pub mod stateless;
+pub mod subscriptions;

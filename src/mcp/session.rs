@@ -15,6 +15,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
+use crate::mcp::subscriptions::{self, Subscriptions};
 use crate::topology::Topology;
 use crate::upstream::{EventSink, Link, Recipient, Route};
 
@@ -107,6 +108,8 @@ pub struct Session {
     policy_queue: std::sync::OnceLock<mpsc::Sender<(usize, Route, Message)>>,
     /// What list handlers made of upstream first pages (see [`Session::merged_page`]).
     merged: Mutex<Vec<MergedPage>>,
+    /// Listen streams (`subscriptions/listen`) of a stateless session's clients.
+    pub subscriptions: Subscriptions,
     weak: Weak<Session>,
 }
 
@@ -186,6 +189,7 @@ impl Session {
                 next_server_request: AtomicU64::new(1),
                 listen: Mutex::new(Listen::default()),
                 merged: Mutex::new(Vec::new()),
+                subscriptions: Subscriptions::default(),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
                 busy: AtomicUsize::new(0),
@@ -321,6 +325,11 @@ impl Session {
         true
     }
 
+    /// Whether the session has ended.
+    pub fn is_ended(&self) -> bool {
+        *self.ended.borrow()
+    }
+
     /// Resolves once the session has ended (at once if it already has).
     pub fn ended(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.ended.subscribe();
@@ -370,6 +379,7 @@ impl Session {
 
     /// Ends the session's client streams and the tasks that feed them, at once.
     pub fn end(&self) {
+        self.subscriptions.close();
         self.ended.send_replace(true);
         *lock(&self.listen) = Listen::default();
     }
@@ -474,6 +484,11 @@ impl Session {
                 }
             }
             Kind::Notification { method, params } => {
+                // A stateless client hears of changes only on the listen streams it opened.
+                if !self.has_listen_stream() && subscriptions::carried(&method) {
+                    self.subscriptions.deliver(&method, params.as_deref());
+                    return;
+                }
                 let frame = if &*method == "notifications/cancelled" {
                     // The server cancels one of its own requests: translate its id to ours.
                     match params

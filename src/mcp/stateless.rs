@@ -25,7 +25,8 @@ use crate::mcp::handler::{self, Reply};
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
 use crate::mcp::revision;
 use crate::mcp::round_trip;
-use crate::mcp::session::Session;
+use crate::mcp::session::{BusyGuard, Session, caps};
+use crate::mcp::subscriptions;
 
 /// Where the 2026-07-28 envelope's `_meta` keys live.
 const ENVELOPE_PREFIX: &str = "io.modelcontextprotocol/";
@@ -395,6 +396,7 @@ fn served(method: &str) -> bool {
             | "resources/read"
             | "resources/templates/list"
             | "completion/complete"
+            | "subscriptions/listen"
     )
 }
 
@@ -474,6 +476,9 @@ pub(crate) async fn post(
     }
     let session = gw.stateless_session(principal);
     let busy = session.touch();
+    if &*method == "subscriptions/listen" {
+        return listen(gw, session, busy, id, params).await;
+    }
     if &*method == "server/discover" {
         let result = discover(&session).await;
         return json_response(
@@ -743,6 +748,140 @@ impl Round {
     }
 }
 
+/// Serves `subscriptions/listen`: the acknowledgement first (what is honored: the kinds some
+/// server offers, the resources their servers agreed to watch), then the servers' change
+/// notifications the client asked for, each tagged with the listen request's id. The stream
+/// ends when the client closes it (the gateway then stops watching for it) or, with a final
+/// result, when the session stops serving listeners (a topology change, shutdown).
+async fn listen(
+    gw: &Arc<Gateway>,
+    session: Arc<Session>,
+    busy: BusyGuard,
+    id: Bytes,
+    params: Option<Bytes>,
+) -> Response<Body> {
+    let refuse = |status: StatusCode, code: i64, message: &str| {
+        json_response(status, jsonrpc::error_response(Some(&id), code, message))
+    };
+    let asked = match subscriptions::Filter::of(params.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, code::INVALID_PARAMS, &e),
+    };
+    let full = || {
+        refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            code::TOO_BUSY,
+            &format!(
+                "too many listen streams open for this caller (at most {}); close one first",
+                subscriptions::MAX_LISTENERS
+            ),
+        )
+    };
+    if session.subscriptions.len() >= subscriptions::MAX_LISTENERS {
+        return full();
+    }
+    // Listening needs every server connected, and its notifications flowing.
+    let offer = handler::offer(&session).await;
+    for link in session.links() {
+        link.open_listen_stream();
+    }
+    let mut honored = subscriptions::Filter {
+        tools: asked.tools && offer.has(caps::TOOLS),
+        prompts: asked.prompts && offer.has(caps::PROMPTS),
+        resources: asked.resources && offer.has(caps::RESOURCES),
+        uris: Vec::new(),
+    };
+    for uri in asked.uris {
+        if !session.subscriptions.watch(&uri) {
+            honored.uris.push(uri); // watched for another stream already
+        } else if subscribe(gw, &session, "resources/subscribe", &uri).await {
+            honored.uris.push(uri);
+        } else {
+            session.subscriptions.unwatch(&uri);
+        }
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(LISTEN_QUEUE);
+    let ack = format!(r#"{{"notifications":{}}}"#, honored.to_json());
+    let ack = jsonrpc::notification(
+        "notifications/subscriptions/acknowledged",
+        Some(&subscriptions::tagged(Some(ack.as_bytes()), &id)),
+    );
+    let _ = tx.try_send(ack);
+    let Some(key) = session
+        .subscriptions
+        .add(id.clone(), honored.clone(), tx.clone())
+    else {
+        unwatch_all(gw, &session, &honored.uris).await;
+        return full();
+    };
+    let gw = gw.clone();
+    let every = gw.config.mcp.sse_keepalive;
+    tokio::spawn(async move {
+        let keep_alive = async {
+            loop {
+                tokio::time::sleep(every).await;
+                if tx.send(Bytes::new()).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let graceful = tokio::select! {
+            _ = keep_alive => false,
+            _ = tx.closed() => false,
+            _ = session.subscriptions.closed() => true,
+            _ = session.ended() => true,
+        };
+        session.subscriptions.remove(key);
+        if graceful {
+            let result = format!(
+                r#"{{"resultType":"complete","_meta":{{"{}":{}}}}}"#,
+                subscriptions::SUBSCRIPTION_ID,
+                String::from_utf8_lossy(&id)
+            );
+            let _ = tx.try_send(jsonrpc::response(
+                &id,
+                &Outcome::Result(Bytes::from(result)),
+            ));
+        }
+        drop(tx);
+        unwatch_all(&gw, &session, &honored.uris).await;
+        drop(busy);
+    });
+    let mut resp = sse_response(rx);
+    resp.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// Frames waiting for a slow listen stream.
+const LISTEN_QUEUE: usize = 64;
+
+/// Asks the resource's server to start or stop watching it, through the method table (so the
+/// policy stage decides, as for a session's own `resources/subscribe`); true if it agreed.
+async fn subscribe(gw: &Gateway, session: &Arc<Session>, method: &str, uri: &str) -> bool {
+    let params = Bytes::from(serde_json::json!({ "uri": uri }).to_string());
+    let id = Bytes::from_static(b"\"gatehouse:listen\"");
+    match handler::request(gw.services(), session, id, method, Some(params)).await {
+        Reply::Json(frame) => matches!(
+            jsonrpc::parse(frame).map(|m| m.kind),
+            Ok(Kind::Response {
+                outcome: Outcome::Result(_),
+                ..
+            })
+        ),
+        _ => false,
+    }
+}
+
+/// Stops watching `uris` for one stream; the last stream to leave a resource unsubscribes it.
+async fn unwatch_all(gw: &Gateway, session: &Arc<Session>, uris: &[String]) {
+    for uri in uris {
+        if session.subscriptions.unwatch(uri) && !session.is_ended() {
+            subscribe(gw, session, "resources/unsubscribe", uri).await;
+        }
+    }
+}
+
 /// The `server/discover` result: every revision served, what the servers offer together, and
 /// how long the answer may be reused.
 async fn discover(session: &Arc<Session>) -> Bytes {
@@ -750,7 +889,7 @@ async fn discover(session: &Arc<Session>) -> Bytes {
     let mut result = format!(
         r#"{{"resultType":"complete","supportedVersions":{},"capabilities":{},"ttlMs":{DISCOVER_TTL_MS},"cacheScope":"private","_meta":{{"io.modelcontextprotocol/serverInfo":{}}}"#,
         serde_json::to_string(revision::ALL).expect("strings encode"),
-        offer.stateless_capabilities(),
+        offer.capabilities(),
         handler::SERVER_INFO,
     );
     if !offer.instructions.is_empty() {

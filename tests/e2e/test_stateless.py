@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
 from mcp import MCPError, types
 
@@ -88,3 +89,24 @@ async def test_a_question_the_client_cannot_answer_is_refused_with_its_capabilit
         assert e.value.code == -32021
         # The upstream heard the refusal and serves the next call at once.
         assert text_of(await c.call_tool(name(EXAMPLE, "echo"), {"text": "next"})) == "next"
+
+
+async def test_a_modern_client_hears_changes_on_its_listen_stream(gateway: Gateway) -> None:
+    from mcp.client.subscriptions import ResourceUpdated, ToolsListChanged
+
+    async with gateway.client(mode=MODERN, wait_for_get_stream=False) as c:
+        readme = next(str(r.uri) for r in (await c.list_resources()).resources if str(r.uri).endswith("/readme"))
+        async with c.listen(tools_list_changed=True, resource_subscriptions=[readme]) as sub:
+            assert sub.honored.tools_list_changed and list(sub.honored.resource_subscriptions or []) == [readme]
+            assert name(EXAMPLE, "extra") not in {t.name for t in (await c.list_tools()).tools}
+            await c.call_tool(name(EXAMPLE, "toggle"), {"on": True, "notify": True})
+            with anyio.fail_after(10):
+                event = await sub.__anext__()
+            assert isinstance(event, ToolsListChanged)
+            # The gateway's cached list was dropped with the announcement.
+            assert name(EXAMPLE, "extra") in {t.name for t in (await c.list_tools()).tools}
+            await c.call_tool(name(EXAMPLE, "touch"), {"uri": readme})
+            with anyio.fail_after(10):
+                event = await sub.__anext__()
+            assert isinstance(event, ResourceUpdated) and event.uri == readme
+            await c.call_tool(name(EXAMPLE, "toggle"), {"on": False, "notify": True})

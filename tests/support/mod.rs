@@ -270,7 +270,19 @@ pub struct SseReader {
 }
 
 impl SseReader {
+    pub fn new(body: hyper::body::Incoming) -> SseReader {
+        SseReader {
+            body,
+            buf: String::new(),
+        }
+    }
+
     pub async fn next(&mut self) -> Option<Value> {
+        self.next_within(Duration::from_secs(10)).await
+    }
+
+    /// The next message, if one comes within `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Value> {
         loop {
             if let Some(end) = self.buf.find("\n\n") {
                 let ev: String = self.buf.drain(..end + 2).collect();
@@ -283,7 +295,7 @@ impl SseReader {
                 }
                 continue;
             }
-            let frame = tokio::time::timeout(Duration::from_secs(10), self.body.frame())
+            let frame = tokio::time::timeout(wait, self.body.frame())
                 .await
                 .ok()??
                 .ok()?;

@@ -102,46 +102,33 @@ pub async fn offer(session: &Arc<Session>) -> Offer {
 }
 
 impl Offer {
-    /// The merged `capabilities` object for a session: change notifications and resource
-    /// subscriptions included.
+    /// The merged `capabilities` object: change notifications and resource subscriptions
+    /// included (a session hears them on its GET stream, a stateless client on its listen
+    /// streams).
     pub fn capabilities(&self) -> String {
-        render(self.bits, true)
+        let mut c = Vec::new();
+        if self.has(caps::TOOLS) {
+            c.push(r#""tools":{"listChanged":true}"#);
+        }
+        if self.has(caps::PROMPTS) {
+            c.push(r#""prompts":{"listChanged":true}"#);
+        }
+        if self.has(caps::RESOURCES) {
+            c.push(r#""resources":{"subscribe":true,"listChanged":true}"#);
+        }
+        if self.has(caps::LOGGING) {
+            c.push(r#""logging":{}"#);
+        }
+        if self.has(caps::COMPLETIONS) {
+            c.push(r#""completions":{}"#);
+        }
+        format!("{{{}}}", c.join(","))
     }
 
-    /// The merged `capabilities` object for stateless clients, which cannot be told of changes
-    /// here (no `subscriptions/listen` yet).
-    pub fn stateless_capabilities(&self) -> String {
-        render(self.bits, false)
+    /// Whether some server offers capability `bit` (see [`caps`]).
+    pub fn has(&self, bit: u8) -> bool {
+        self.bits & bit != 0
     }
-}
-
-fn render(bits: u8, changes: bool) -> String {
-    let (tools, prompts, resources) = if changes {
-        (
-            r#""tools":{"listChanged":true}"#,
-            r#""prompts":{"listChanged":true}"#,
-            r#""resources":{"subscribe":true,"listChanged":true}"#,
-        )
-    } else {
-        (r#""tools":{}"#, r#""prompts":{}"#, r#""resources":{}"#)
-    };
-    let mut c = Vec::new();
-    if bits & caps::TOOLS != 0 {
-        c.push(tools);
-    }
-    if bits & caps::PROMPTS != 0 {
-        c.push(prompts);
-    }
-    if bits & caps::RESOURCES != 0 {
-        c.push(resources);
-    }
-    if bits & caps::LOGGING != 0 {
-        c.push(r#""logging":{}"#);
-    }
-    if bits & caps::COMPLETIONS != 0 {
-        c.push(r#""completions":{}"#);
-    }
-    format!("{{{}}}", c.join(","))
 }
 
 /// The gateway's own `serverInfo`.

@@ -1,0 +1,351 @@
+//! `subscriptions/listen` (2026-07-28): the open listen streams of one stateless session, what
+//! each asked to hear, and the fan-out of servers' change notifications to them.
+//!
+//! Every notification on a listen stream carries the listen request's id in
+//! `_meta["io.modelcontextprotocol/subscriptionId"]`; a stream hears only the kinds it asked for
+//! and the gateway agreed to (the acknowledgement says which).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::mcp::jsonrpc;
+use crate::upstream::EventSink;
+
+/// The `_meta` key that ties a notification to its listen stream.
+pub const SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
+/// Listen streams one stateless session (one principal) may hold open.
+pub const MAX_LISTENERS: usize = 64;
+/// Resources one listen request may watch.
+pub const MAX_RESOURCES: usize = 64;
+/// Longest resource URI a listen request may watch.
+const MAX_URI: usize = 4096;
+
+/// What a listen stream asks to hear (`params.notifications`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Filter {
+    /// `notifications/tools/list_changed`.
+    pub tools: bool,
+    /// `notifications/prompts/list_changed`.
+    pub prompts: bool,
+    /// `notifications/resources/list_changed`.
+    pub resources: bool,
+    /// `notifications/resources/updated` for these URIs (and resources below them).
+    pub uris: Vec<String>,
+}
+
+impl Filter {
+    /// Reads `params.notifications` of a listen request; what it does not know is ignored (it
+    /// is not honored, and the acknowledgement leaves it out).
+    pub fn of(params: Option<&[u8]>) -> Result<Filter, String> {
+        #[derive(Deserialize)]
+        struct P {
+            notifications: Option<F>,
+        }
+        #[derive(Deserialize)]
+        struct F {
+            #[serde(default, rename = "toolsListChanged")]
+            tools: Option<bool>,
+            #[serde(default, rename = "promptsListChanged")]
+            prompts: Option<bool>,
+            #[serde(default, rename = "resourcesListChanged")]
+            resources: Option<bool>,
+            #[serde(default, rename = "resourceSubscriptions")]
+            uris: Option<Vec<String>>,
+        }
+        let p: P = serde_json::from_slice(params.unwrap_or(b"{}"))
+            .map_err(|e| format!("params.notifications: {e}"))?;
+        let f = p
+            .notifications
+            .ok_or("params.notifications is required (the notifications to listen for)")?;
+        let mut uris = f.uris.unwrap_or_default();
+        if uris.len() > MAX_RESOURCES {
+            return Err(format!(
+                "params.notifications.resourceSubscriptions lists {} resources; at most {MAX_RESOURCES}",
+                uris.len()
+            ));
+        }
+        if let Some(long) = uris.iter().find(|u| u.len() > MAX_URI || u.is_empty()) {
+            return Err(format!(
+                "params.notifications.resourceSubscriptions: a URI must be 1 to {MAX_URI} bytes (one is {})",
+                long.len()
+            ));
+        }
+        uris.sort();
+        uris.dedup();
+        Ok(Filter {
+            tools: f.tools.unwrap_or(false),
+            prompts: f.prompts.unwrap_or(false),
+            resources: f.resources.unwrap_or(false),
+            uris,
+        })
+    }
+
+    /// The filter as the acknowledgement states it (only what is honored).
+    pub fn to_json(&self) -> String {
+        let mut m = Map::new();
+        for (key, on) in [
+            ("toolsListChanged", self.tools),
+            ("promptsListChanged", self.prompts),
+            ("resourcesListChanged", self.resources),
+        ] {
+            if on {
+                m.insert(key.into(), Value::Bool(true));
+            }
+        }
+        if !self.uris.is_empty() {
+            m.insert("resourceSubscriptions".into(), self.uris.clone().into());
+        }
+        Value::Object(m).to_string()
+    }
+
+    fn wants(&self, method: &str, params: Option<&[u8]>) -> bool {
+        match method {
+            "notifications/tools/list_changed" => self.tools,
+            "notifications/prompts/list_changed" => self.prompts,
+            "notifications/resources/list_changed" => self.resources,
+            "notifications/resources/updated" => {
+                let Some(uri) = params.and_then(crate::upstream::uri_of) else {
+                    return false;
+                };
+                self.uris.iter().any(|u| covers(u, &uri))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether a subscription to `watched` covers an update of `uri`: the same resource or one
+/// below it (the specification lets a server report a sub-resource).
+fn covers(watched: &str, uri: &str) -> bool {
+    uri == watched
+        || uri.strip_prefix(watched).is_some_and(|rest| {
+            watched.ends_with('/') || rest.starts_with('/') || rest.starts_with('#')
+        })
+}
+
+/// Whether `method` is a notification listen streams carry.
+pub fn carried(method: &str) -> bool {
+    matches!(
+        method,
+        "notifications/tools/list_changed"
+            | "notifications/prompts/list_changed"
+            | "notifications/resources/list_changed"
+            | "notifications/resources/updated"
+    )
+}
+
+struct Listener {
+    key: u64,
+    /// The listen request's id (raw JSON): the subscription id.
+    id: Bytes,
+    filter: Filter,
+    sink: EventSink,
+}
+
+/// The listen streams of one session.
+pub struct Subscriptions {
+    listeners: Mutex<Vec<Listener>>,
+    next: AtomicU64,
+    /// How many listen streams watch each resource (subscribed upstream while any does).
+    watched: Mutex<HashMap<String, usize>>,
+    /// Set when the session stops serving listeners (it was replaced or ended): each stream
+    /// ends with its final result.
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Subscriptions {
+    fn default() -> Self {
+        Subscriptions {
+            listeners: Mutex::new(Vec::new()),
+            next: AtomicU64::new(0),
+            watched: Mutex::new(HashMap::new()),
+            closing: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Subscriptions {
+    /// Listen streams open now.
+    pub fn len(&self) -> usize {
+        lock(&self.listeners).len()
+    }
+
+    /// Whether no listen stream is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Counts one more watcher of `uri`; true when it is the first (subscribe upstream).
+    pub fn watch(&self, uri: &str) -> bool {
+        let mut w = lock(&self.watched);
+        let n = w.entry(uri.to_owned()).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    /// Counts one watcher of `uri` less; true when it was the last (unsubscribe upstream).
+    pub fn unwatch(&self, uri: &str) -> bool {
+        let mut w = lock(&self.watched);
+        match w.get_mut(uri) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                w.remove(uri);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Adds a listen stream (its acknowledgement already sent); `None` past [`MAX_LISTENERS`].
+    pub fn add(&self, id: Bytes, filter: Filter, sink: EventSink) -> Option<u64> {
+        let mut l = lock(&self.listeners);
+        if l.len() >= MAX_LISTENERS {
+            return None;
+        }
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        l.push(Listener {
+            key,
+            id,
+            filter,
+            sink,
+        });
+        Some(key)
+    }
+
+    /// Removes a listen stream.
+    pub fn remove(&self, key: u64) {
+        lock(&self.listeners).retain(|l| l.key != key);
+    }
+
+    /// Sends a server's change notification to every stream that asked for it, tagged with its
+    /// subscription id. A stream too slow to drain its queue misses it rather than holding the
+    /// upstream reader.
+    pub fn deliver(&self, method: &str, params: Option<&[u8]>) {
+        for l in lock(&self.listeners).iter() {
+            if l.filter.wants(method, params) {
+                let frame = jsonrpc::notification(method, Some(&tagged(params, &l.id)));
+                if l.sink.try_send(frame).is_err() {
+                    tracing::debug!(%method, "a listen stream missed a notification: its queue is full");
+                }
+            }
+        }
+    }
+
+    /// Ends every listen stream with its final result.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`Subscriptions::close`] was called.
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.closing.subscribe();
+        async move {
+            let _ = rx.wait_for(|c| *c).await;
+        }
+    }
+}
+
+/// `params` with the subscription id added to its `_meta`.
+pub fn tagged(params: Option<&[u8]>, id: &[u8]) -> Vec<u8> {
+    let mut p: Map<String, Value> = params
+        .and_then(|p| serde_json::from_slice(p).ok())
+        .unwrap_or_default();
+    let id: Value = serde_json::from_slice(id).unwrap_or(Value::Null);
+    match p.get_mut("_meta") {
+        Some(Value::Object(meta)) => {
+            meta.insert(SUBSCRIPTION_ID.into(), id);
+        }
+        _ => {
+            let mut meta = Map::new();
+            meta.insert(SUBSCRIPTION_ID.into(), id);
+            p.insert("_meta".into(), Value::Object(meta));
+        }
+    }
+    serde_json::to_vec(&p).expect("JSON values encode")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_read_what_they_know_and_bound_the_rest() {
+        let f = Filter::of(Some(
+            br#"{"notifications":{"toolsListChanged":true,"promptsListChanged":false,"taskIds":["x"],"resourceSubscriptions":["b://2","a://1","a://1"]},"_meta":{}}"#,
+        ))
+        .unwrap();
+        assert!(f.tools && !f.prompts && !f.resources);
+        assert_eq!(f.uris, ["a://1", "b://2"]);
+        assert_eq!(
+            f.to_json(),
+            r#"{"resourceSubscriptions":["a://1","b://2"],"toolsListChanged":true}"#
+        );
+        assert!(Filter::of(Some(b"{}")).is_err());
+        assert!(Filter::of(Some(br#"{"notifications":{"toolsListChanged":"yes"}}"#)).is_err());
+        let many: Vec<String> = (0..65).map(|i| format!("r://{i}")).collect();
+        let p = serde_json::json!({"notifications": {"resourceSubscriptions": many}}).to_string();
+        assert!(
+            Filter::of(Some(p.as_bytes()))
+                .unwrap_err()
+                .contains("at most 64")
+        );
+        let long =
+            serde_json::json!({"notifications": {"resourceSubscriptions": ["x".repeat(5000)]}});
+        assert!(Filter::of(Some(long.to_string().as_bytes())).is_err());
+    }
+
+    #[test]
+    fn updates_reach_the_watchers_of_the_resource_or_a_parent() {
+        let f = Filter {
+            uris: vec!["file:///p/config".into()],
+            ..Filter::default()
+        };
+        let upd = |u: &str| format!(r#"{{"uri":"{u}"}}"#);
+        let wants = |u: &str| f.wants("notifications/resources/updated", Some(upd(u).as_bytes()));
+        assert!(
+            wants("file:///p/config") && wants("file:///p/config/a") && wants("file:///p/config#x")
+        );
+        assert!(!wants("file:///p/config2") && !wants("file:///p"));
+        assert!(!f.wants("notifications/tools/list_changed", None));
+        assert!(!f.wants("notifications/message", None));
+    }
+
+    #[tokio::test]
+    async fn notifications_are_tagged_with_their_stream() {
+        let subs = Subscriptions::default();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let (other, mut other_rx) = tokio::sync::mpsc::channel(4);
+        let all = Filter {
+            tools: true,
+            ..Filter::default()
+        };
+        subs.add(Bytes::from_static(b"\"L1\""), all, tx).unwrap();
+        let k = subs
+            .add(Bytes::from_static(b"7"), Filter::default(), other)
+            .unwrap();
+        subs.deliver(
+            "notifications/tools/list_changed",
+            Some(br#"{"_meta":{"x":1}}"#),
+        );
+        let frame: Value = serde_json::from_slice(&rx.recv().await.unwrap()).unwrap();
+        assert_eq!(frame["params"]["_meta"][SUBSCRIPTION_ID], "L1");
+        assert_eq!(frame["params"]["_meta"]["x"], 1);
+        assert!(other_rx.try_recv().is_err(), "it did not ask for tools");
+        subs.remove(k);
+        assert_eq!(subs.len(), 1);
+        assert!(subs.watch("a") && !subs.watch("a") && !subs.unwatch("a") && subs.unwatch("a"));
+        assert!(!subs.unwatch("a"));
+    }
+}
