@@ -327,10 +327,11 @@ impl Gateway {
         tokio::spawn(async move { session.close().await });
     }
 
-    /// Whether `principal` may open one more session.
-    pub fn may_open_session(&self, principal: Option<&Arc<str>>) -> bool {
+    /// Whether `principal` may open one more session, `pending` more being on the way (HTTP+SSE
+    /// streams not yet initialized).
+    pub fn may_open_session(&self, principal: Option<&Arc<str>>, pending: usize) -> bool {
         principal.is_none_or(|p| {
-            self.sessions_per_principal.get(p).map_or(0, |n| *n)
+            self.sessions_per_principal.get(p).map_or(0, |n| *n) + pending
                 < self.config.mcp.max_sessions_per_principal
         })
     }

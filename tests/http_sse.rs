@@ -195,6 +195,38 @@ async fn streams_are_capped_and_an_uninitialized_one_is_closed() {
     gw.stop().await;
 }
 
+/// Streams that never initialize count against their principal's session cap, so one caller
+/// cannot hold every slot; a POST without the stream id says what is missing.
+#[tokio::test]
+async fn uninitialized_streams_count_per_principal() {
+    let gw = TestGateway::start(
+        &format!(
+            "auth: {{tokens: [{{principal: alice, token: {ALICE}}}, {{principal: bob, token: {BOB}}}]}}\nmcp: {{max_sessions_per_principal: 2}}"
+        ),
+        &[example("a", &[], "")],
+    )
+    .await;
+    let (alice, bob) = (with_token(&gw, ALICE), with_token(&gw, BOB));
+    let _first = Stream::open(&alice, &base(&gw)).await;
+    let mut second = Stream::open(&alice, &base(&gw)).await;
+    let third = get(&alice, &base(&gw)).await;
+    assert_eq!(third.status(), 429);
+    // Bob is not held back by Alice's streams.
+    let _bobs = Stream::open(&bob, &base(&gw)).await;
+    // An initialized stream is one session, counted once.
+    assert_eq!(
+        post(&alice, &second.endpoint, initialize(1)).await.status,
+        202
+    );
+    assert_eq!(second.message().await["id"], 1);
+    assert_eq!(gw.gateway().sessions.len(), 1);
+    assert_eq!(get(&alice, &base(&gw)).await.status(), 429);
+    let r = post(&alice, &format!("{}/messages", base(&gw)), initialize(2)).await;
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("sessionId query parameter"), "{}", r.body);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn the_front_can_be_turned_off() {
     let gw = TestGateway::start("mcp: {http_sse: false}", &[example("a", &[], "")]).await;

@@ -90,6 +90,14 @@ pub enum FrontError {
     /// A second GET stream on one session.
     #[error("a GET stream is already open for this session")]
     StreamOpen,
+    /// A POST to the HTTP+SSE message URL without its stream's id.
+    #[error("the sessionId query parameter is required (the URL the endpoint event named)")]
+    MissingStreamId,
+    /// An HTTP+SSE client has as many requests waiting for their answers as it may.
+    #[error(
+        "too many requests waiting for this stream to take their answers (at most {0}); read the stream"
+    )]
+    StreamBusy(usize),
     /// `initialize` params were malformed.
     #[error("invalid initialize params: {0}")]
     Initialize(String),
@@ -108,7 +116,9 @@ impl FrontError {
             FrontError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             FrontError::UnknownSession => StatusCode::NOT_FOUND,
             FrontError::TooManySessions => StatusCode::SERVICE_UNAVAILABLE,
-            FrontError::TooManySessionsForPrincipal(_) => StatusCode::TOO_MANY_REQUESTS,
+            FrontError::TooManySessionsForPrincipal(_) | FrontError::StreamBusy(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             FrontError::StreamOpen => StatusCode::CONFLICT,
             FrontError::Version(_)
             | FrontError::DuplicateHost(_)
@@ -116,6 +126,7 @@ impl FrontError {
             | FrontError::Body(_)
             | FrontError::Parse(_)
             | FrontError::MissingSession
+            | FrontError::MissingStreamId
             | FrontError::Initialize(_) => StatusCode::BAD_REQUEST,
         }
     }
@@ -124,9 +135,11 @@ impl FrontError {
         match self {
             FrontError::Parse(p) => p.code(),
             FrontError::Initialize(_) => code::INVALID_PARAMS,
-            FrontError::MissingSession | FrontError::Version(_) | FrontError::Body(_) => {
-                code::INVALID_REQUEST
-            }
+            FrontError::MissingSession
+            | FrontError::MissingStreamId
+            | FrontError::Version(_)
+            | FrontError::Body(_) => code::INVALID_REQUEST,
+            FrontError::StreamBusy(_) => code::TOO_BUSY,
             _ => -32000,
         }
     }
@@ -423,7 +436,7 @@ async fn initialize(
     if gw.sessions.len() >= gw.config.mcp.max_sessions {
         return Err(FrontError::TooManySessions);
     }
-    if !gw.may_open_session(principal.as_ref()) {
+    if !gw.may_open_session(principal.as_ref(), 0) {
         return Err(FrontError::TooManySessionsForPrincipal(
             gw.config.mcp.max_sessions_per_principal,
         ));

@@ -10,6 +10,7 @@
 //! timeout is closed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, ALLOW, CONTENT_TYPE, HeaderValue};
@@ -31,6 +32,8 @@ pub const SSE_PATH: &str = "/sse";
 pub const MESSAGES_PATH: &str = "/messages";
 /// Frames waiting for a slow client, per stream.
 const STREAM_QUEUE: usize = 256;
+/// Longest wait for `initialize` on a new stream.
+const INITIALIZE_WITHIN: Duration = Duration::from_secs(60);
 
 /// Serves `GET /sse`.
 pub async fn serve_stream(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
@@ -82,18 +85,23 @@ async fn open_stream(
     if !wants_sse {
         return Err(FrontError::Accept("text/event-stream"));
     }
-    // A stream is a session to be: it counts against the same caps.
-    if gw.sessions.len() + gw.sse_clients.len() >= gw.config.mcp.max_sessions {
+    // A stream is a session to be: until it initializes it counts against the same caps.
+    let (mut pending, mut pending_here) = (0, 0);
+    for c in gw.sse_clients.iter().filter(|c| c.is_pending()) {
+        pending += 1;
+        pending_here += usize::from(c.principal == principal);
+    }
+    if gw.sessions.len() + pending >= gw.config.mcp.max_sessions {
         return Err(FrontError::TooManySessions);
     }
-    if !gw.may_open_session(principal.as_ref()) {
+    if !gw.may_open_session(principal.as_ref(), pending_here) {
         return Err(FrontError::TooManySessionsForPrincipal(
             gw.config.mcp.max_sessions_per_principal,
         ));
     }
     let id = session::new_id();
     let (tx, rx) = mpsc::channel::<Bytes>(STREAM_QUEUE);
-    let client = Arc::new(SseClient::new(principal, tx.clone()));
+    let client = Arc::new(SseClient::new(principal, tx.clone(), session::MAX_INFLIGHT));
     gw.sse_clients.insert(id.clone(), client.clone());
     tokio::spawn(watch_stream(gw.clone(), id.clone(), client, tx));
     let endpoint = Bytes::from(format!(
@@ -104,7 +112,8 @@ async fn open_stream(
 }
 
 /// Keeps a client's stream alive (keep-alive comments) until the client leaves, its session
-/// ends, or it has not initialized in time; then forgets the client and ends its session.
+/// ends, or it has not initialized in time (a minute, or the session idle timeout if shorter);
+/// then forgets the client and ends its session.
 async fn watch_stream(
     gw: Arc<Gateway>,
     id: Arc<str>,
@@ -121,7 +130,8 @@ async fn watch_stream(
         }
     };
     let lifetime = async {
-        let initialized = tokio::time::timeout(gw.config.mcp.session_idle_timeout, client.bound());
+        let within = INITIALIZE_WITHIN.min(gw.config.mcp.session_idle_timeout);
+        let initialized = tokio::time::timeout(within, client.bound());
         let session = tokio::select! {
             s = initialized => s.ok().flatten(),
             _ = tx.closed() => None,
@@ -158,7 +168,7 @@ async fn message(
         .uri()
         .query()
         .and_then(session_id_of)
-        .ok_or(FrontError::MissingSession)?;
+        .ok_or(FrontError::MissingStreamId)?;
     let client = gw
         .sse_clients
         .get(id)
@@ -181,29 +191,40 @@ async fn message(
                     code::INVALID_REQUEST,
                     "the session is not initialized: send initialize first",
                 );
-                send(&client, None, refusal).await;
+                refuse(&client, refusal);
                 return Ok(accepted());
             };
-            let services = gw.clone();
+            let slot = client
+                .request_slot()
+                .ok_or(FrontError::StreamBusy(session::MAX_INFLIGHT))?;
+            let gw = gw.clone();
             tokio::spawn(async move {
                 let _busy = session.touch();
+                let stall = gw.config.mcp.body_timeout;
                 let run = async {
-                    match handler::request(services.services(), &session, id, &method, params).await
-                    {
+                    match handler::request(gw.services(), &session, id, &method, params).await {
                         Reply::Json(frame) | Reply::Refused(_, frame) => {
-                            send(&client, Some(&session), frame).await
+                            send(&client, &session, frame, stall).await
                         }
                         Reply::Stream(mut frames) => {
                             while let Some(frame) = frames.recv().await {
-                                send(&client, Some(&session), frame).await;
+                                if !send(&client, &session, frame, stall).await {
+                                    return false;
+                                }
                             }
+                            true
                         }
                     }
                 };
                 // Dropping the request when the session ends cancels it upstream.
-                tokio::select! {
-                    _ = run => {}
-                    _ = session.ended() => {}
+                let read = tokio::select! {
+                    sent = run => sent,
+                    _ = session.ended() => true,
+                };
+                drop(slot);
+                if !read {
+                    tracing::info!(session = %session.id, "ending an HTTP+SSE session whose client stopped reading its stream");
+                    gw.end_session(&session.id);
                 }
             });
             Ok(accepted())
@@ -225,39 +246,54 @@ async fn message(
     }
 }
 
-/// Opens the client's session; the answer goes on its stream.
+/// Opens the client's session; the answer (or why not) goes on its stream.
 async fn initialize(
     gw: &Arc<Gateway>,
     client: &Arc<SseClient>,
     id: Bytes,
     params: Option<&[u8]>,
 ) -> Result<Response<Body>, FrontError> {
-    if client.check_unbound().is_err() {
-        let refusal = jsonrpc::error_response(
-            Some(&id),
-            code::INVALID_REQUEST,
-            "this stream's session is already initialized",
-        );
-        send(client, None, refusal).await;
+    let error = |code: i64, message: &str| jsonrpc::error_response(Some(&id), code, message);
+    match client.reserve() {
+        Ok(()) => {}
+        Err(BindError::AlreadyBound) => {
+            refuse(
+                client,
+                error(
+                    code::INVALID_REQUEST,
+                    "this stream's session is already initialized",
+                ),
+            );
+            return Ok(accepted());
+        }
+        Err(BindError::Closed) => return Err(FrontError::UnknownSession),
+    }
+    let refused = if gw.sessions.len() >= gw.config.mcp.max_sessions {
+        Some(FrontError::TooManySessions.to_string())
+    } else if !gw.may_open_session(client.principal.as_ref(), 0) {
+        Some(
+            FrontError::TooManySessionsForPrincipal(gw.config.mcp.max_sessions_per_principal)
+                .to_string(),
+        )
+    } else {
+        None
+    };
+    if let Some(why) = refused {
+        client.release();
+        refuse(client, error(code::TOO_BUSY, &why));
         return Ok(accepted());
-    }
-    if gw.sessions.len() >= gw.config.mcp.max_sessions {
-        return Err(FrontError::TooManySessions);
-    }
-    if !gw.may_open_session(client.principal.as_ref()) {
-        return Err(FrontError::TooManySessionsForPrincipal(
-            gw.config.mcp.max_sessions_per_principal,
-        ));
     }
     let asked = match handler::negotiate(params) {
         Ok(a) => a,
         Err(e) => {
-            let refusal = jsonrpc::error_response(
-                Some(&id),
-                code::INVALID_PARAMS,
-                &format!("invalid initialize params: {e}"),
+            client.release();
+            refuse(
+                client,
+                error(
+                    code::INVALID_PARAMS,
+                    &format!("invalid initialize params: {e}"),
+                ),
             );
-            send(client, None, refusal).await;
             return Ok(accepted());
         }
     };
@@ -267,46 +303,37 @@ async fn initialize(
         asked.init_params,
         asked.offers_roots,
     );
-    if let Err(e) = client.bind(session.clone()) {
-        // Another initialize won the race, or the stream closed meanwhile.
+    if client.bind(session.clone()).is_err() {
+        // The stream closed meanwhile: nobody could reach this session.
         gw.end_session(&session.id);
-        if e == BindError::AlreadyBound {
-            let refusal = jsonrpc::error_response(
-                Some(&id),
-                code::INVALID_REQUEST,
-                "this stream's session is already initialized",
-            );
-            send(client, None, refusal).await;
-        }
+        return Err(FrontError::UnknownSession);
+    }
+    let result = handler::initialize(&session).await;
+    let answer = jsonrpc::response(&id, &Outcome::Result(result));
+    if !send(client, &session, answer, gw.config.mcp.body_timeout).await {
+        gw.end_session(&session.id);
         return Ok(accepted());
     }
-    // What servers send outside any request goes on the client's one stream.
+    // The answer first: what servers send outside any request follows it on the one stream.
     session.open_listen_stream(client.stream.clone());
-    let result = handler::initialize(&session).await;
-    send(
-        client,
-        Some(&session),
-        jsonrpc::response(&id, &Outcome::Result(result)),
-    )
-    .await;
     Ok(accepted())
 }
 
 /// Puts a frame on the client's stream, waiting while the client is slow to read, but not past
-/// the end of its session.
-async fn send(client: &SseClient, session: Option<&Session>, frame: Bytes) {
-    match session {
-        Some(s) => {
-            tokio::select! {
-                _ = client.stream.send(frame) => {}
-                _ = s.ended() => {}
-            }
+/// the end of its session; false if the client did not read for `stall`.
+async fn send(client: &SseClient, session: &Session, frame: Bytes, stall: Duration) -> bool {
+    tokio::select! {
+        sent = client.stream.send_timeout(frame, stall) => {
+            !matches!(sent, Err(mpsc::error::SendTimeoutError::Timeout(_)))
         }
-        None => {
-            // Before a session exists there is nothing to wait on: a full queue drops the frame.
-            let _ = client.stream.try_send(frame);
-        }
+        _ = session.ended() => true,
     }
+}
+
+/// Puts a refusal on the stream of a client that has no session (nothing to wait on: a full
+/// queue drops it).
+fn refuse(client: &SseClient, frame: Bytes) {
+    let _ = client.stream.try_send(frame);
 }
 
 /// The `sessionId` of a query string.

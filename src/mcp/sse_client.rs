@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::mcp::session::Session;
 use crate::upstream::EventSink;
@@ -16,34 +16,40 @@ pub struct SseClient {
     pub stream: EventSink,
     state: Mutex<State>,
     bound: Notify,
+    /// Requests of this client whose answers are not yet on its stream: the POST answers at
+    /// once, so without this bound a client that stops reading would pile up answers.
+    requests: Arc<Semaphore>,
 }
 
 enum State {
     /// Waiting for `initialize`.
     Open,
+    /// An `initialize` is opening the session.
+    Initializing,
     /// Initialized.
     Bound(Arc<Session>),
     /// The stream is gone; a late `initialize` must not open a session nobody can reach.
     Closed,
 }
 
-/// Why a session could not be bound to a client.
+/// Why a client cannot initialize now.
 #[derive(Debug, PartialEq, Eq)]
 pub enum BindError {
-    /// The client already initialized.
+    /// The client initialized already (or is doing so).
     AlreadyBound,
     /// The client's stream is gone.
     Closed,
 }
 
 impl SseClient {
-    /// A client whose stream is `stream`.
-    pub fn new(principal: Option<Arc<str>>, stream: EventSink) -> Self {
+    /// A client whose stream is `stream`, with at most `max_requests` answers outstanding.
+    pub fn new(principal: Option<Arc<str>>, stream: EventSink, max_requests: usize) -> Self {
         SseClient {
             principal,
             stream,
             state: Mutex::new(State::Open),
             bound: Notify::new(),
+            requests: Arc::new(Semaphore::new(max_requests)),
         }
     }
 
@@ -59,15 +65,39 @@ impl SseClient {
         }
     }
 
-    /// Whether the client has initialized or is gone (so it may not initialize now).
-    pub fn check_unbound(&self) -> Result<(), BindError> {
-        check(&self.state())
+    /// Whether the client has yet to initialize (it holds no session).
+    pub fn is_pending(&self) -> bool {
+        matches!(*self.state(), State::Open | State::Initializing)
     }
 
-    /// Binds the session `initialize` opened; refused if one is bound or the stream is gone.
+    /// Claims the right to initialize, so that concurrent `initialize` requests open one
+    /// session, not one each.
+    pub fn reserve(&self) -> Result<(), BindError> {
+        let mut state = self.state();
+        match *state {
+            State::Open => {
+                *state = State::Initializing;
+                Ok(())
+            }
+            State::Initializing | State::Bound(_) => Err(BindError::AlreadyBound),
+            State::Closed => Err(BindError::Closed),
+        }
+    }
+
+    /// Gives a reservation back (the `initialize` failed before opening a session).
+    pub fn release(&self) {
+        let mut state = self.state();
+        if matches!(*state, State::Initializing) {
+            *state = State::Open;
+        }
+    }
+
+    /// Binds the session the reserved `initialize` opened; refused if the stream is gone.
     pub fn bind(&self, session: Arc<Session>) -> Result<(), BindError> {
         let mut state = self.state();
-        check(&state)?;
+        if !matches!(*state, State::Initializing) {
+            return Err(BindError::Closed);
+        }
         *state = State::Bound(session);
         drop(state);
         self.bound.notify_one();
@@ -80,10 +110,16 @@ impl SseClient {
             match &*self.state() {
                 State::Bound(s) => return Some(s.clone()),
                 State::Closed => return None,
-                State::Open => {}
+                State::Open | State::Initializing => {}
             }
             self.bound.notified().await;
         }
+    }
+
+    /// A slot for one request's answer; `None` when the client already has as many
+    /// outstanding as it may.
+    pub fn request_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.requests.clone().try_acquire_owned().ok()
     }
 
     /// Marks the stream gone, returning the session to end, if one was bound.
@@ -97,10 +133,25 @@ impl SseClient {
     }
 }
 
-fn check(state: &State) -> Result<(), BindError> {
-    match state {
-        State::Open => Ok(()),
-        State::Bound(_) => Err(BindError::AlreadyBound),
-        State::Closed => Err(BindError::Closed),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_initialize_wins_and_a_closed_stream_binds_nothing() {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let client = SseClient::new(None, tx, 2);
+        assert!(client.is_pending());
+        client.reserve().unwrap();
+        assert_eq!(client.reserve(), Err(BindError::AlreadyBound));
+        client.release();
+        client.reserve().unwrap();
+        assert!(client.close().is_none());
+        assert_eq!(client.reserve(), Err(BindError::Closed));
+        assert!(client.bound().await.is_none());
+        let (a, b) = (client.request_slot(), client.request_slot());
+        assert!(a.is_some() && b.is_some() && client.request_slot().is_none());
+        drop(a);
+        assert!(client.request_slot().is_some());
     }
 }

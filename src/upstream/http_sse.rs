@@ -93,7 +93,7 @@ pub(crate) async fn connect(
     let (conn_reads, server_writes) = tokio::io::duplex(PIPE);
     let (conn_writes, posts) = tokio::io::duplex(PIPE);
     let (refusals, refused) = mpsc::channel(64);
-    let reader = tokio::spawn(read_stream(
+    tokio::spawn(read_stream(
         server.clone(),
         body,
         decoder,
@@ -106,7 +106,6 @@ pub(crate) async fn connect(
         headers.clone(),
         posts,
         refusals,
-        reader.abort_handle(),
     ));
     Ok(
         stdio::Connection::over(server, conn_reads, conn_writes, inbox, None)
@@ -140,30 +139,41 @@ fn endpoint_of(stream: &Uri, data: &[u8]) -> Result<Uri, String> {
     let text = std::str::from_utf8(data)
         .map_err(|_| "the endpoint event is not UTF-8".to_owned())?
         .trim();
+    // Browsers read `\` as `/` in http URLs; nothing honest needs one, so no reading of it is
+    // guessed at.
+    if text.contains('\\') {
+        return Err(format!(
+            "the endpoint event names {text:?}, which holds a backslash"
+        ));
+    }
+    let scheme = stream.scheme_str().unwrap_or("http");
     let base = format!(
-        "{}://{}",
-        stream.scheme_str().unwrap_or("http"),
+        "{scheme}://{}",
         stream.authority().map_or("", |a| a.as_str())
     );
-    let resolved = if text.starts_with("//") {
-        format!("{}:{text}", stream.scheme_str().unwrap_or("http"))
+    let path = stream.path();
+    let has_scheme = text.split_once("://").is_some_and(|(s, _)| {
+        s.starts_with(|c: char| c.is_ascii_alphabetic())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    let resolved = if has_scheme {
+        text.to_owned()
+    } else if text.starts_with("//") {
+        format!("{scheme}:{text}")
     } else if text.starts_with('/') {
         format!("{base}{text}")
-    } else if text.contains("://") {
-        text.to_owned()
+    } else if text.starts_with('?') {
+        format!("{base}{path}{text}")
     } else {
         // Relative to the stream's directory, as a browser resolves it.
-        let path = stream.path();
         let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
         format!("{base}{dir}{text}")
     };
     let uri: Uri = resolved
         .parse()
         .map_err(|e| format!("the endpoint event names no URL ({text:?}: {e})"))?;
-    let same_origin = uri.scheme() == stream.scheme()
-        && uri.authority().map(|a| a.as_str().to_ascii_lowercase())
-            == stream.authority().map(|a| a.as_str().to_ascii_lowercase());
-    if !same_origin {
+    if origin(&uri) != origin(stream) {
         return Err(format!(
             "the endpoint event names {text:?}, outside the stream's origin {base}"
         ));
@@ -171,9 +181,26 @@ fn endpoint_of(stream: &Uri, data: &[u8]) -> Result<Uri, String> {
     Ok(uri)
 }
 
+/// Scheme, host and port (default ports filled in) of a URL; `None` parts never match a
+/// real origin (an authority with userinfo is no origin at all).
+fn origin(uri: &Uri) -> Option<(String, String, u16)> {
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let authority = uri.authority()?;
+    if authority.as_str().contains('@') {
+        return None;
+    }
+    let port = authority.port_u16().or(match scheme.as_str() {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    })?;
+    Some((scheme, authority.host().to_ascii_lowercase(), port))
+}
+
 /// Copies the SSE stream's messages into the connection's read pipe, one line each, and the
 /// answers made up for messages the server refused; ends (and so ends the connection) when the
-/// stream does.
+/// stream does, or when the POSTing task has ended (the connection is closing, or the server
+/// forgot the session) and its last refusals are written.
 async fn read_stream(
     server: Arc<Server>,
     mut body: hyper::body::Incoming,
@@ -220,7 +247,8 @@ async fn read_stream(
                     return;
                 }
             },
-            Some(answer) = refused.recv() => {
+            answer = refused.recv() => {
+                let Some(answer) = answer else { return };
                 if pipe.write_all(&answer).await.is_err() || pipe.write_all(b"\n").await.is_err() {
                     return;
                 }
@@ -238,7 +266,6 @@ async fn post_messages(
     headers: HeaderMap,
     pipe: DuplexStream,
     refusals: mpsc::Sender<Bytes>,
-    stream: tokio::task::AbortHandle,
 ) {
     let mut lines = BufReader::new(pipe);
     let mut line = Vec::new();
@@ -272,11 +299,12 @@ async fn post_messages(
             break;
         }
     }
-    // The connection is closing (or the session is gone): the stream goes with it.
-    stream.abort();
+    // Dropping `refusals` ends the stream's task, and so the connection.
 }
 
-/// One POST; on failure, why, and whether the server has forgotten the session.
+/// One POST, answered (headers and body) within the connect timeout: the server only has to
+/// accept the message, its answer comes on the stream. On failure, why, and whether the server
+/// has forgotten the session.
 async fn post(
     server: &Server,
     endpoint: &Uri,
@@ -285,23 +313,27 @@ async fn post(
 ) -> Result<(), (String, bool)> {
     let req = request(server, http::Method::POST, endpoint.clone(), headers, frame)
         .map_err(|e| (e.to_string(), false))?;
-    let sent = tokio::time::timeout(server.config.call_timeout, server.http.request(req)).await;
-    let resp = match sent {
-        Err(_) => return Err(("no answer in time".into(), false)),
-        Ok(Err(e)) => return Err((connect_reason(&e), false)),
-        Ok(Ok(r)) => r,
+    let exchange = async {
+        let resp = server
+            .http
+            .request(req)
+            .await
+            .map_err(|e| (connect_reason(&e), false))?;
+        let status = resp.status();
+        let body = read_limited(resp.into_body(), 512)
+            .await
+            .unwrap_or_default();
+        if status.is_success() {
+            return Ok(());
+        }
+        Err((
+            format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
+            status == StatusCode::NOT_FOUND,
+        ))
     };
-    let status = resp.status();
-    let body = read_limited(resp.into_body(), 512)
+    tokio::time::timeout(server.config.connect_timeout, exchange)
         .await
-        .unwrap_or_default();
-    if status.is_success() {
-        return Ok(());
-    }
-    Err((
-        format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
-        status == StatusCode::NOT_FOUND,
-    ))
+        .unwrap_or_else(|_| Err(("no answer in time".into(), false)))
 }
 
 #[cfg(test)]
@@ -324,12 +356,29 @@ mod tests {
             ok("http://127.0.0.1:8000/m").unwrap(),
             "http://127.0.0.1:8000/m"
         );
+        assert_eq!(
+            ok("?sessionId=q").unwrap(),
+            "http://127.0.0.1:8000/mcp/sse?sessionId=q"
+        );
+        assert_eq!(
+            ok("messages?next=http://x").unwrap(),
+            "http://127.0.0.1:8000/mcp/messages?next=http://x"
+        );
+        let default_port: Uri = "http://Example.com/sse".parse().unwrap();
+        assert_eq!(
+            endpoint_of(&default_port, b"http://example.com:80/m")
+                .unwrap()
+                .to_string(),
+            "http://example.com:80/m"
+        );
         for elsewhere in [
             "http://evil.example/m",
             "//evil.example/m",
             "https://127.0.0.1:8000/m",
             "http://127.0.0.1:8001/m",
             "http://127.0.0.1:8000@evil.example/m",
+            "http://evil.example@127.0.0.1:8000/m",
+            "http:\\\\evil.example/m",
         ] {
             assert!(ok(elsewhere).is_err(), "{elsewhere}");
         }
