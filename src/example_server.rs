@@ -338,6 +338,12 @@ fn tools(test_tools: bool) -> Vec<Value> {
                       "inputSchema": {"type": "object", "properties": {"on": {"type": "boolean"}, "notify": {"type": "boolean"}}}}),
         );
         t.push(
+            json!({"name": "routed", "description": "Echoes its region, which clients mirror in the Mcp-Param-Region header",
+                      "inputSchema": {"type": "object", "required": ["region"], "properties": {
+                          "region": {"type": "string", "x-mcp-header": "Region"},
+                          "count": {"type": "integer", "x-mcp-header": "Count"}}}}),
+        );
+        t.push(
             json!({"name": "touch", "description": "Announces that resource `uri` was updated",
                       "inputSchema": {"type": "object", "properties": {"uri": {"type": "string"}}}}),
         );
@@ -454,6 +460,12 @@ async fn call_tool(
             }
             Ok(text(if on { "on" } else { "off" }))
         }
+        "routed" if opts.test_tools => Ok(text(
+            args.get("region")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
+        )),
         "touch" if opts.test_tools => {
             let uri = args.get("uri").cloned().unwrap_or(json!(""));
             let _ = out

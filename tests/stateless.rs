@@ -637,3 +637,76 @@ async fn listen_refusals_say_what_was_wrong() {
     assert_eq!((r.status, r.error_code()), (400, -32020), "{}", r.body);
     gw.stop().await;
 }
+
+/// Tool arguments marked `x-mcp-header` must be mirrored in `Mcp-Param-*` headers (plain or
+/// base64), and agree with the body.
+#[tokio::test]
+async fn marked_arguments_must_be_mirrored_in_headers() {
+    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let c = gw.client();
+    let call = |args: Value, headers: &'static [(&'static str, &'static str)]| {
+        let c = c.clone();
+        async move {
+            let mut params = json!({"name": "routed", "arguments": args});
+            params["_meta"] = meta(json!({}));
+            send(&c, 1, "tools/call", params, headers).await
+        }
+    };
+    let ok = call(
+        json!({"region": "eu-west"}),
+        &[("mcp-param-region", "eu-west")],
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.json()["result"]["content"][0]["text"], "eu-west");
+    // base64 of "Zürich", with padding.
+    let b64 = call(
+        json!({"region": "Zürich"}),
+        &[("mcp-param-region", "=?base64?WsO8cmljaA==?=")],
+    )
+    .await;
+    assert_eq!(b64.status, 200, "{}", b64.body);
+    let numbers = call(
+        json!({"region": "x", "count": 3}),
+        &[("mcp-param-region", "x"), ("mcp-param-count", "3")],
+    )
+    .await;
+    assert_eq!(numbers.status, 200, "{}", numbers.body);
+    for (args, headers, says) in [
+        (
+            json!({"region": "eu"}),
+            &[][..],
+            "Mcp-Param-region header is required",
+        ),
+        (
+            json!({"region": "eu"}),
+            &[("mcp-param-region", "us")][..],
+            "does not match",
+        ),
+        (
+            json!({"region": "Hello"}),
+            &[("mcp-param-region", "=?base64?SGVsbG8?=")][..],
+            "not valid",
+        ),
+        (
+            json!({"region": "x"}),
+            &[("mcp-param-region", "x"), ("mcp-param-count", "3")][..],
+            "is not",
+        ),
+    ] {
+        let r = call(args, headers).await;
+        assert_eq!((r.status, r.error_code()), (400, -32020), "{}", r.body);
+        assert!(r.body.contains(says), "{says}: {}", r.body);
+    }
+    // Headers of arguments no schema marks are none of the gateway's business.
+    let other = stateless(
+        &c,
+        2,
+        "tools/call",
+        json!({"name": "echo", "arguments": {"text": "t"}}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(other.status, 200, "{}", other.body);
+    gw.stop().await;
+}

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
+use crate::mcp::param_headers::ToolHeaders;
 use crate::mcp::subscriptions::{self, Subscriptions};
 use crate::topology::Topology;
 use crate::upstream::{EventSink, Link, Recipient, Route};
@@ -110,6 +111,9 @@ pub struct Session {
     merged: Mutex<Vec<MergedPage>>,
     /// Listen streams (`subscriptions/listen`) of a stateless session's clients.
     pub subscriptions: Subscriptions,
+    /// Each upstream's tool arguments mirrored in `Mcp-Param-*` headers, once read (stateless
+    /// sessions only).
+    tool_headers: Mutex<Vec<Option<Arc<ToolHeaders>>>>,
     weak: Weak<Session>,
 }
 
@@ -190,6 +194,7 @@ impl Session {
                 listen: Mutex::new(Listen::default()),
                 merged: Mutex::new(Vec::new()),
                 subscriptions: Subscriptions::default(),
+                tool_headers: Mutex::new(vec![None; servers.len()]),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
                 busy: AtomicUsize::new(0),
@@ -325,6 +330,41 @@ impl Session {
         true
     }
 
+    /// Which arguments of upstream `index`'s tools are mirrored in headers: its whole tool list
+    /// read once (at most 20 pages), and again after it announces a change.
+    pub async fn tool_headers(&self, index: usize) -> Arc<ToolHeaders> {
+        if let Some(known) = lock(&self.tool_headers)[index].clone() {
+            return known;
+        }
+        let link = &self.links[index];
+        let mut headers = ToolHeaders::default();
+        let mut page = link.first_page("tools/list").await;
+        let mut complete = false;
+        for _ in 0..20 {
+            let Ok(Outcome::Result(result)) = &page else {
+                break;
+            };
+            let Some(cursor) = headers.learn(result) else {
+                complete = true;
+                break;
+            };
+            let params = serde_json::json!({ "cursor": cursor }).to_string();
+            page = link
+                .call(
+                    "tools/list",
+                    Some(params.as_bytes()),
+                    crate::upstream::CallOpts::default(),
+                )
+                .await;
+        }
+        let headers = Arc::new(headers);
+        // A list that could not be read is asked again next time.
+        if complete {
+            lock(&self.tool_headers)[index] = Some(headers.clone());
+        }
+        headers
+    }
+
     /// Whether the session has ended.
     pub fn is_ended(&self) -> bool {
         *self.ended.borrow()
@@ -400,6 +440,9 @@ impl Session {
             && let Some(link) = self.links.get(index)
         {
             link.list_changed(method);
+            if &**method == "notifications/tools/list_changed" {
+                lock(&self.tool_headers)[index] = None;
+            }
         }
         if self.policy.as_ref().is_some_and(|p| p.active()) {
             let queue = self.policy_queue.get_or_init(|| self.spawn_policy_task());

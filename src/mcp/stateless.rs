@@ -57,6 +57,8 @@ pub(crate) struct Mirrored {
     version: Option<HeaderValue>,
     method: Option<HeaderValue>,
     name: Option<HeaderValue>,
+    /// `Mcp-Param-*` headers by lowercase suffix.
+    params: Vec<(String, HeaderValue)>,
 }
 
 impl Mirrored {
@@ -66,9 +68,31 @@ impl Mirrored {
             version: headers.get(VERSION_HEADER).cloned(),
             method: headers.get(METHOD_HEADER).cloned(),
             name: headers.get(NAME_HEADER).cloned(),
+            params: headers
+                .iter()
+                .filter_map(|(k, v)| {
+                    let suffix = k.as_str().strip_prefix(PARAM_HEADER_PREFIX)?;
+                    Some((suffix.to_owned(), v.clone()))
+                })
+                .collect(),
         }
     }
+
+    /// The decoded text of the `Mcp-Param-{suffix}` header: `None` if absent, `Some(None)` if
+    /// it cannot be decoded (or is sent twice).
+    fn param(&self, suffix: &str) -> Option<Option<String>> {
+        let mut sent = self.params.iter().filter(|(s, _)| s == suffix);
+        let (_, value) = sent.next()?;
+        Some(if sent.next().is_some() {
+            None
+        } else {
+            header_text(value)
+        })
+    }
 }
+
+/// Headers that mirror tool arguments marked `x-mcp-header` (lowercase, as HTTP gives them).
+const PARAM_HEADER_PREFIX: &str = "mcp-param-";
 
 /// Whether a message without a session is a 2026-07-28 stateless one.
 pub(crate) fn is_stateless(mirrored: &Mirrored, msg: &Message) -> bool {
@@ -358,6 +382,37 @@ fn header_text(value: &HeaderValue) -> Option<String> {
     }
 }
 
+/// Checks the `Mcp-Param-*` headers of a tool call against the arguments its tool's schema
+/// marks `x-mcp-header`.
+async fn check_param_headers(
+    session: &Session,
+    mirrored: &Mirrored,
+    round: &Round,
+    params: Option<&[u8]>,
+) -> Result<(), Refusal> {
+    let Some((index, tool)) = round
+        .target
+        .as_deref()
+        .and_then(|name| session.topology().router.resolve(name))
+    else {
+        return Ok(()); // no such tool: the call fails on its own
+    };
+    let headers = session.tool_headers(index).await;
+    let marked = headers.of(tool);
+    if marked.is_empty() {
+        return Ok(());
+    }
+    #[derive(Deserialize)]
+    struct Call {
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    }
+    let arguments = params
+        .and_then(|p| serde_json::from_slice::<Call>(p).ok())
+        .and_then(|c| c.arguments);
+    crate::mcp::param_headers::check(marked, arguments.as_ref(), |s| mirrored.param(s))
+        .map_err(Refusal::Header)
+}
+
 /// Checks that the headers mirror the body: version, method, and the target's name.
 fn check_headers(mirrored: &Mirrored, read: &Read, method: &str) -> Result<(), Refusal> {
     let agree = |header: &Option<HeaderValue>, name: &str, body: &str| match header {
@@ -476,6 +531,13 @@ pub(crate) async fn post(
     }
     let session = gw.stateless_session(principal);
     let busy = session.touch();
+    if &*method == "tools/call"
+        && let Err(refusal) =
+            check_param_headers(&session, &mirrored, &round, params.as_deref()).await
+    {
+        tracing::debug!(%method, "refused a stateless request: {refusal}");
+        return json_response(refusal.status(), refusal.frame(&id));
+    }
     if &*method == "subscriptions/listen" {
         return listen(gw, session, busy, id, params).await;
     }
@@ -1089,6 +1151,7 @@ mod tests {
             version: Some(HeaderValue::from_static("2026-07-28")),
             method: Some(HeaderValue::from_static("tools/call")),
             name: Some(HeaderValue::from_str(name).unwrap()),
+            params: Vec::new(),
         };
         // "café" base64-encoded, as a client must send a non-ASCII name.
         let encoded = format!(

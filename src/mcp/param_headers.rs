@@ -1,0 +1,199 @@
+//! `Mcp-Param-{Name}` headers (2026-07-28): a tool's input schema may mark an argument
+//! `x-mcp-header: Name`, and a client then mirrors that argument's value in the header
+//! `Mcp-Param-Name` (plain, or `=?base64?…?=`), so that intermediaries can route on it without
+//! reading the body. A server must refuse a call whose headers and body disagree.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+/// Longest header name suffix honored (longer marks are ignored: no client can send them).
+const MAX_NAME: usize = 128;
+
+/// Which arguments of one upstream's tools are mirrored in headers: tool → (argument, header
+/// suffix). Tools without marked arguments are absent.
+#[derive(Debug, Default)]
+pub struct ToolHeaders {
+    by_tool: HashMap<String, Vec<(String, String)>>,
+}
+
+impl ToolHeaders {
+    /// Learns the marked arguments of one `tools/list` page (its `result`); returns the page's
+    /// next cursor.
+    pub fn learn(&mut self, page: &[u8]) -> Option<String> {
+        #[derive(Deserialize)]
+        struct Page<'a> {
+            #[serde(borrow, default)]
+            tools: Vec<&'a RawValue>,
+            #[serde(rename = "nextCursor")]
+            next: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Tool {
+            name: String,
+            #[serde(rename = "inputSchema")]
+            schema: Option<Schema>,
+        }
+        #[derive(Deserialize)]
+        struct Schema {
+            #[serde(default)]
+            properties: HashMap<String, Value>,
+        }
+        let page: Page<'_> = serde_json::from_slice(page).ok()?;
+        for raw in page.tools {
+            // Most tools mark nothing: skip them without a full parse.
+            if !raw.get().contains("x-mcp-header") {
+                continue;
+            }
+            let Ok(Tool {
+                name,
+                schema: Some(schema),
+            }) = serde_json::from_str::<Tool>(raw.get())
+            else {
+                continue;
+            };
+            let marked: Vec<(String, String)> = schema
+                .properties
+                .into_iter()
+                .filter_map(|(arg, p)| {
+                    let header = p.get("x-mcp-header")?.as_str()?;
+                    let valid = !header.is_empty()
+                        && header.len() <= MAX_NAME
+                        && header
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                    valid.then(|| (arg, header.to_ascii_lowercase()))
+                })
+                .collect();
+            if !marked.is_empty() {
+                self.by_tool.insert(name, marked);
+            }
+        }
+        page.next
+    }
+
+    /// The marked arguments of `tool` (empty when none).
+    pub fn of(&self, tool: &str) -> &[(String, String)] {
+        self.by_tool.get(tool).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Checks a call's `Mcp-Param-*` headers against its arguments. `header` finds a header's
+/// decoded text by its lowercase suffix (`None` if absent; `Some(None)` if not decodable).
+pub fn check<'a>(
+    marked: &[(String, String)],
+    arguments: Option<&serde_json::Map<String, Value>>,
+    header: impl Fn(&str) -> Option<Option<String>> + 'a,
+) -> Result<(), String> {
+    for (arg, suffix) in marked {
+        let expected = match arguments.and_then(|a| a.get(arg)) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => Some(v.to_string()),
+            // Only primitive values are mirrored.
+            Some(Value::Array(_) | Value::Object(_)) => continue,
+        };
+        match (expected, header(suffix)) {
+            (None, None) => {}
+            (Some(want), None) => {
+                return Err(format!(
+                    "the Mcp-Param-{suffix} header is required (argument {arg:?} is {want:?})"
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(format!(
+                    "the Mcp-Param-{suffix} header is sent but argument {arg:?} is not"
+                ));
+            }
+            (Some(want), Some(got)) if got.as_deref() == Some(want.as_str()) => {}
+            (Some(want), Some(got)) => {
+                return Err(match got {
+                    Some(got) => format!(
+                        "the Mcp-Param-{suffix} header {got:?} does not match argument {arg:?} ({want:?})"
+                    ),
+                    None => format!(
+                        "the Mcp-Param-{suffix} header is not valid (=?base64?…?= must hold padded base64 of UTF-8 text)"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn learned() -> ToolHeaders {
+        let mut h = ToolHeaders::default();
+        let page = json!({"tools": [
+            {"name": "plain", "inputSchema": {"type": "object", "properties": {"a": {"type": "string"}}}},
+            {"name": "routed", "inputSchema": {"type": "object", "properties": {
+                "region": {"type": "string", "x-mcp-header": "Region"},
+                "n": {"type": "integer", "x-mcp-header": "N"},
+                "bad": {"type": "string", "x-mcp-header": "no spaces"},
+                "obj": {"type": "object", "x-mcp-header": "Obj"}}}}],
+            "nextCursor": "2"});
+        assert_eq!(h.learn(page.to_string().as_bytes()).as_deref(), Some("2"));
+        h
+    }
+
+    #[test]
+    fn marked_arguments_are_learned_from_schemas() {
+        let h = learned();
+        assert!(h.of("plain").is_empty() && h.of("unknown").is_empty());
+        let mut routed: Vec<_> = h.of("routed").to_vec();
+        routed.sort();
+        let names: Vec<_> = routed
+            .iter()
+            .map(|(a, s)| (a.as_str(), s.as_str()))
+            .collect();
+        assert_eq!(names, [("n", "n"), ("obj", "obj"), ("region", "region")]);
+    }
+
+    #[test]
+    fn headers_must_mirror_the_marked_arguments() {
+        let h = learned();
+        let args = json!({"region": "eu-west", "n": 3, "obj": {"x": 1}});
+        let args = args.as_object();
+        let headers = |pairs: &'static [(&'static str, Option<&'static str>)]| {
+            move |s: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == s)
+                    .map(|(_, v)| v.map(str::to_owned))
+            }
+        };
+        let ok = &[("region", Some("eu-west")), ("n", Some("3"))];
+        assert!(check(h.of("routed"), args, headers(ok)).is_ok());
+        let missing = &[("region", Some("eu-west"))];
+        assert!(
+            check(h.of("routed"), args, headers(missing))
+                .unwrap_err()
+                .contains("Mcp-Param-n")
+        );
+        let differs = &[("region", Some("us")), ("n", Some("3"))];
+        assert!(
+            check(h.of("routed"), args, headers(differs))
+                .unwrap_err()
+                .contains("does not match")
+        );
+        let undecodable = &[("region", None), ("n", Some("3"))];
+        assert!(
+            check(h.of("routed"), args, headers(undecodable))
+                .unwrap_err()
+                .contains("not valid")
+        );
+        let extra = &[("region", Some("eu-west")), ("n", Some("3"))];
+        let no_n = json!({"region": "eu-west"});
+        assert!(
+            check(h.of("routed"), no_n.as_object(), headers(extra))
+                .unwrap_err()
+                .contains("is not")
+        );
+    }
+}
