@@ -94,7 +94,7 @@ async def test_tools_list_merges_every_upstream_with_prefixes(direct: dict[str, 
     for upstream, cat in direct.items():
         assert strip(upstream, merged) == set(cat.tools), upstream
     assert len(merged) == sum(len(c.tools) for c in direct.values())
-    assert set(direct[EXAMPLE].tools) == {"echo", "add", "slow", "whoami", "sample", "crash", "pid", "log", "fail", "toggle"}
+    assert set(direct[EXAMPLE].tools) == {"echo", "add", "slow", "whoami", "sample", "crash", "pid", "log", "fail", "toggle", "routed", "touch"}
     # Everything but the name is passed through untouched.
     for upstream, local in [(EV_STDIO, "get-sum"), (EV_HTTP, "trigger-long-running-operation"), (EXAMPLE, "add")]:
         gw_tool = merged[name(upstream, local)].model_dump(exclude={"name"})
@@ -246,7 +246,7 @@ async def test_paginated_upstreams_list_completely(paged_gateway: Gateway) -> No
                 break
             assert pages < 10, "pagination does not end"
         base = ["echo", "add", "slow", "whoami", "sample"]
-        assert sorted(seen) == sorted([f"pa__{t}" for t in base] + [f"pb__{t}" for t in [*base, "crash", "pid", "log", "fail", "toggle"]])
-        assert pages == 3  # pa needs three pages of two; pb two pages of four
+        assert sorted(seen) == sorted([f"pa__{t}" for t in base] + [f"pb__{t}" for t in [*base, "crash", "pid", "log", "fail", "toggle", "routed", "touch"]])
+        assert pages == 3  # pa needs three pages of two (5 tools); pb three pages of four (12)
         r = await c.call_tool("pb__whoami", {})
         assert text_of(r) == "pb"
