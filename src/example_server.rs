@@ -298,7 +298,14 @@ async fn handle(
             Ok(json!({"contents": [{"uri": uri, "mimeType": "text/plain", "text": text}]}))
         }
         // Watching is the client's business: `touch` announces an update either way.
-        "resources/subscribe" | "resources/unsubscribe" => Ok(json!({})),
+        "resources/subscribe" | "resources/unsubscribe" => {
+            let uri = params.get("uri").and_then(Value::as_str).unwrap_or("");
+            if uri.starts_with(&format!("example://{name}/")) {
+                Ok(json!({}))
+            } else {
+                Err((-32602, format!("no such resource: {uri}")))
+            }
+        }
         _ => Err((-32601, format!("method not found: {method}"))),
     }
 }

@@ -192,10 +192,15 @@ impl Gateway {
             .collect();
         let names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
         tracing::info!(servers = ?names, "serving a new set of upstreams to new sessions");
-        self.topology.store(Arc::new(self.build(upstreams)));
+        let topology = Arc::new(self.build(upstreams));
+        self.topology.store(topology.clone());
         // Stateless listen streams hear the change, then end: their clients listen again and
-        // so reach the new servers.
-        for session in self.stateless.iter() {
+        // so reach the new servers. (A session made on the new servers meanwhile stays open.)
+        for session in self
+            .stateless
+            .iter()
+            .filter(|s| !Arc::ptr_eq(s.topology(), &topology))
+        {
             for method in [
                 "notifications/tools/list_changed",
                 "notifications/prompts/list_changed",

@@ -555,6 +555,19 @@ async fn listen_streams_hear_what_they_asked_for() {
         json!({"toolsListChanged": true, "resourceSubscriptions": [watched]}),
         "what is honored, and nothing it does not know"
     );
+    // A resource no server serves is not watched (the acknowledgement leaves it out).
+    let mut nowhere = listen(
+        &c,
+        json!("listen-n"),
+        json!({"resourceSubscriptions": ["nowhere://x", watched]}),
+    )
+    .await;
+    let ack = nowhere.next().await.unwrap();
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({"resourceSubscriptions": [watched]})
+    );
+    drop(nowhere);
     let mut b = listen(&c, json!(7), json!({"promptsListChanged": true})).await;
     assert_eq!(b.next().await.unwrap()["params"]["_meta"][SUBSCRIPTION], 7);
 
@@ -698,6 +711,19 @@ async fn marked_arguments_must_be_mirrored_in_headers() {
         assert_eq!((r.status, r.error_code()), (400, -32020), "{}", r.body);
         assert!(r.body.contains(says), "{says}: {}", r.body);
     }
+    let float = call(
+        json!({"region": "x", "count": 3}),
+        &[("mcp-param-region", "x"), ("mcp-param-count", "3.0")],
+    )
+    .await;
+    assert_eq!(float.status, 200, "{}", float.body);
+    let not_object = call(json!(["x"]), &[("mcp-param-region", "x")]).await;
+    assert_eq!(
+        (not_object.status, not_object.error_code()),
+        (400, -32602),
+        "{}",
+        not_object.body
+    );
     // Headers of arguments no schema marks are none of the gateway's business.
     let other = stateless(
         &c,

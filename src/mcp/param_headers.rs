@@ -21,8 +21,8 @@ pub struct ToolHeaders {
 
 impl ToolHeaders {
     /// Learns the marked arguments of one `tools/list` page (its `result`); returns the page's
-    /// next cursor.
-    pub fn learn(&mut self, page: &[u8]) -> Option<String> {
+    /// next cursor, or `Err` for a page that is not a tool list.
+    pub fn learn(&mut self, page: &[u8]) -> Result<Option<String>, serde_json::Error> {
         #[derive(Deserialize)]
         struct Page<'a> {
             #[serde(borrow, default)]
@@ -41,10 +41,11 @@ impl ToolHeaders {
             #[serde(default)]
             properties: HashMap<String, Value>,
         }
-        let page: Page<'_> = serde_json::from_slice(page).ok()?;
+        let page: Page<'_> = serde_json::from_slice(page)?;
         for raw in page.tools {
-            // Most tools mark nothing: skip them without a full parse.
-            if !raw.get().contains("x-mcp-header") {
+            // Most tools mark nothing: skip them without a full parse (unless escapes could
+            // spell the key differently).
+            if !raw.get().contains("x-mcp-header") && !raw.get().contains('\\') {
                 continue;
             }
             let Ok(Tool {
@@ -71,7 +72,7 @@ impl ToolHeaders {
                 self.by_tool.insert(name, marked);
             }
         }
-        page.next
+        Ok(page.next)
     }
 
     /// The marked arguments of `tool` (empty when none).
@@ -108,6 +109,12 @@ pub fn check<'a>(
                 ));
             }
             (Some(want), Some(got)) if got.as_deref() == Some(want.as_str()) => {}
+            // The same number however written (`42` and `42.0`).
+            (Some(_), Some(Some(got)))
+                if arguments
+                    .and_then(|a| a.get(arg))
+                    .and_then(Value::as_f64)
+                    .is_some_and(|n| got.trim().parse::<f64>().is_ok_and(|g| g == n)) => {}
             (Some(want), Some(got)) => {
                 return Err(match got {
                     Some(got) => format!(
@@ -138,7 +145,11 @@ mod tests {
                 "bad": {"type": "string", "x-mcp-header": "no spaces"},
                 "obj": {"type": "object", "x-mcp-header": "Obj"}}}}],
             "nextCursor": "2"});
-        assert_eq!(h.learn(page.to_string().as_bytes()).as_deref(), Some("2"));
+        assert_eq!(
+            h.learn(page.to_string().as_bytes()).unwrap().as_deref(),
+            Some("2")
+        );
+        assert!(h.learn(b"{\"tools\": 3}").is_err());
         h
     }
 
@@ -170,6 +181,8 @@ mod tests {
         };
         let ok = &[("region", Some("eu-west")), ("n", Some("3"))];
         assert!(check(h.of("routed"), args, headers(ok)).is_ok());
+        let float = &[("region", Some("eu-west")), ("n", Some("3.0"))];
+        assert!(check(h.of("routed"), args, headers(float)).is_ok());
         let missing = &[("region", Some("eu-west"))];
         assert!(
             check(h.of("routed"), args, headers(missing))

@@ -111,11 +111,16 @@ pub struct Session {
     merged: Mutex<Vec<MergedPage>>,
     /// Listen streams (`subscriptions/listen`) of a stateless session's clients.
     pub subscriptions: Subscriptions,
-    /// Each upstream's tool arguments mirrored in `Mcp-Param-*` headers, once read (stateless
-    /// sessions only).
-    tool_headers: Mutex<Vec<Option<Arc<ToolHeaders>>>>,
+    /// Each upstream's tool arguments mirrored in `Mcp-Param-*` headers, once read, with the
+    /// link generation they were read on (stateless sessions only).
+    tool_headers: Mutex<Vec<Option<ReadHeaders>>>,
+    /// One reading of a tool list at a time (concurrent calls wait for it, not ask again).
+    tool_headers_reading: tokio::sync::Mutex<()>,
     weak: Weak<Session>,
 }
+
+/// An upstream's tool-argument marks and the link generation they were read on.
+type ReadHeaders = (u64, Arc<ToolHeaders>);
 
 /// An upstream's first page of a list, as the gateway rewrote it for this session: the items
 /// (renamed, comma-separated) and the upstream's next cursor.
@@ -195,6 +200,7 @@ impl Session {
                 merged: Mutex::new(Vec::new()),
                 subscriptions: Subscriptions::default(),
                 tool_headers: Mutex::new(vec![None; servers.len()]),
+                tool_headers_reading: tokio::sync::Mutex::new(()),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
                 busy: AtomicUsize::new(0),
@@ -331,12 +337,25 @@ impl Session {
     }
 
     /// Which arguments of upstream `index`'s tools are mirrored in headers: its whole tool list
-    /// read once (at most 20 pages), and again after it announces a change.
+    /// read once (at most 20 pages), and again after it announces a change or reconnects. A
+    /// list that cannot be read marks nothing (the call goes on; the server judges it).
     pub async fn tool_headers(&self, index: usize) -> Arc<ToolHeaders> {
-        if let Some(known) = lock(&self.tool_headers)[index].clone() {
-            return known;
-        }
         let link = &self.links[index];
+        let known = || {
+            let generation = link.generation.load(Ordering::Acquire);
+            lock(&self.tool_headers)[index]
+                .as_ref()
+                .filter(|(g, _)| *g == generation)
+                .map(|(_, h)| h.clone())
+        };
+        if let Some(h) = known() {
+            return h;
+        }
+        let _reading = self.tool_headers_reading.lock().await;
+        if let Some(h) = known() {
+            return h;
+        }
+        let generation = link.generation.load(Ordering::Acquire);
         let mut headers = ToolHeaders::default();
         let mut page = link.first_page("tools/list").await;
         let mut complete = false;
@@ -344,23 +363,28 @@ impl Session {
             let Ok(Outcome::Result(result)) = &page else {
                 break;
             };
-            let Some(cursor) = headers.learn(result) else {
-                complete = true;
-                break;
-            };
-            let params = serde_json::json!({ "cursor": cursor }).to_string();
-            page = link
-                .call(
-                    "tools/list",
-                    Some(params.as_bytes()),
-                    crate::upstream::CallOpts::default(),
-                )
-                .await;
+            match headers.learn(result) {
+                Ok(None) => {
+                    complete = true;
+                    break;
+                }
+                Ok(Some(cursor)) => {
+                    let params = serde_json::json!({ "cursor": cursor }).to_string();
+                    page = link
+                        .call(
+                            "tools/list",
+                            Some(params.as_bytes()),
+                            crate::upstream::CallOpts::default(),
+                        )
+                        .await;
+                }
+                Err(_) => break,
+            }
         }
         let headers = Arc::new(headers);
         // A list that could not be read is asked again next time.
         if complete {
-            lock(&self.tool_headers)[index] = Some(headers.clone());
+            lock(&self.tool_headers)[index] = Some((generation, headers.clone()));
         }
         headers
     }

@@ -140,6 +140,9 @@ pub(crate) enum Refusal {
     /// `_meta` is missing or malformed.
     #[error("{0}")]
     Meta(String),
+    /// Other params are malformed.
+    #[error("{0}")]
+    Params(String),
     /// The version in `_meta` is not served statelessly.
     #[error("unsupported protocol version {0:?}; this gateway serves {stateless} without a session, and {sessions} with initialize", stateless = revision::STATELESS, sessions = revision::SUPPORTED.join(", "))]
     Version(String),
@@ -162,7 +165,9 @@ impl Refusal {
     fn frame(&self, id: &[u8]) -> Bytes {
         let message = self.to_string();
         match self {
-            Refusal::Meta(_) => jsonrpc::error_response(Some(id), code::INVALID_PARAMS, &message),
+            Refusal::Meta(_) | Refusal::Params(_) => {
+                jsonrpc::error_response(Some(id), code::INVALID_PARAMS, &message)
+            }
             Refusal::Version(requested) => {
                 // Only what this path serves: the session revisions need `initialize`.
                 let data = serde_json::json!({
@@ -406,10 +411,12 @@ async fn check_param_headers(
     struct Call {
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
     }
-    let arguments = params
-        .and_then(|p| serde_json::from_slice::<Call>(p).ok())
-        .and_then(|c| c.arguments);
-    crate::mcp::param_headers::check(marked, arguments.as_ref(), |s| mirrored.param(s))
+    let call: Call = params
+        .map(serde_json::from_slice)
+        .transpose()
+        .map_err(|e| Refusal::Params(format!("params.arguments must be an object: {e}")))?
+        .unwrap_or(Call { arguments: None });
+    crate::mcp::param_headers::check(marked, call.arguments.as_ref(), |s| mirrored.param(s))
         .map_err(Refusal::Header)
 }
 
@@ -829,19 +836,17 @@ async fn listen(
         Ok(f) => f,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, code::INVALID_PARAMS, &e),
     };
-    let full = || {
-        refuse(
+    // The slot first: listens started at once cannot all do the work below.
+    let Some(slot) = session.subscriptions.slot() else {
+        return refuse(
             StatusCode::TOO_MANY_REQUESTS,
             code::TOO_BUSY,
             &format!(
                 "too many listen streams open for this caller (at most {}); close one first",
                 subscriptions::MAX_LISTENERS
             ),
-        )
+        );
     };
-    if session.subscriptions.len() >= subscriptions::MAX_LISTENERS {
-        return full();
-    }
     // Listening needs every server connected, and its notifications flowing.
     let offer = handler::offer(&session).await;
     for link in session.links() {
@@ -853,14 +858,22 @@ async fn listen(
         resources: asked.resources && offer.has(caps::RESOURCES),
         uris: Vec::new(),
     };
+    // Undoes the watches if the client leaves before its stream is set up, or when it ends.
+    let mut watches = Watches {
+        gw: gw.clone(),
+        session: session.clone(),
+        uris: Vec::new(),
+    };
     for uri in asked.uris {
-        if !session.subscriptions.watch(&uri) {
-            honored.uris.push(uri); // watched for another stream already
-        } else if subscribe(gw, &session, "resources/subscribe", &uri).await {
-            honored.uris.push(uri);
-        } else {
+        // Counted before the upstream is asked, so a client leaving meanwhile undoes it.
+        let first = session.subscriptions.watch(&uri);
+        watches.uris.push(uri.clone());
+        if first && !subscribe(gw, &session, "resources/subscribe", &uri).await {
+            watches.uris.pop();
             session.subscriptions.unwatch(&uri);
+            continue;
         }
+        honored.uris.push(uri);
     }
     let (tx, rx) = mpsc::channel::<Bytes>(LISTEN_QUEUE);
     let ack = format!(r#"{{"notifications":{}}}"#, honored.to_json());
@@ -869,20 +882,14 @@ async fn listen(
         Some(&subscriptions::tagged(Some(ack.as_bytes()), &id)),
     );
     let _ = tx.try_send(ack);
-    let Some(key) = session
-        .subscriptions
-        .add(id.clone(), honored.clone(), tx.clone())
-    else {
-        unwatch_all(gw, &session, &honored.uris).await;
-        return full();
-    };
-    let gw = gw.clone();
+    let key = session.subscriptions.add(id.clone(), honored, tx.clone());
     let every = gw.config.mcp.sse_keepalive;
     tokio::spawn(async move {
+        // A client that leaves its queue full (it stopped reading) loses the stream.
         let keep_alive = async {
             loop {
                 tokio::time::sleep(every).await;
-                if tx.send(Bytes::new()).await.is_err() {
+                if tx.try_send(Bytes::new()).is_err() {
                     return;
                 }
             }
@@ -905,9 +912,7 @@ async fn listen(
                 &Outcome::Result(Bytes::from(result)),
             ));
         }
-        drop(tx);
-        unwatch_all(&gw, &session, &honored.uris).await;
-        drop(busy);
+        drop((tx, watches, slot, busy));
     });
     let mut resp = sse_response(rx);
     resp.headers_mut()
@@ -918,30 +923,60 @@ async fn listen(
 /// Frames waiting for a slow listen stream.
 const LISTEN_QUEUE: usize = 64;
 
+/// The resources one listen stream watches: dropped, it stops watching them (the last stream
+/// to leave a resource unsubscribes it upstream).
+struct Watches {
+    gw: Arc<Gateway>,
+    session: Arc<Session>,
+    uris: Vec<String>,
+}
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        let last: Vec<String> = std::mem::take(&mut self.uris)
+            .into_iter()
+            .filter(|uri| self.session.subscriptions.unwatch(uri))
+            .collect();
+        if last.is_empty() || self.session.is_ended() {
+            return;
+        }
+        let (gw, session) = (self.gw.clone(), self.session.clone());
+        tokio::spawn(async move {
+            for uri in last {
+                subscribe(&gw, &session, "resources/unsubscribe", &uri).await;
+            }
+        });
+    }
+}
+
 /// Asks the resource's server to start or stop watching it, through the method table (so the
 /// policy stage decides, as for a session's own `resources/subscribe`); true if it agreed.
 async fn subscribe(gw: &Gateway, session: &Arc<Session>, method: &str, uri: &str) -> bool {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let params = Bytes::from(serde_json::json!({ "uri": uri }).to_string());
-    let id = Bytes::from_static(b"\"gatehouse:listen\"");
-    match handler::request(gw.services(), session, id, method, Some(params)).await {
-        Reply::Json(frame) => matches!(
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = Bytes::from(format!("\"gatehouse:listen:{n}\""));
+    let answer = match handler::request(gw.services(), session, id, method, Some(params)).await {
+        Reply::Json(frame) => Some(frame),
+        Reply::Refused(..) => None,
+        // Messages before the answer: the answer is the last frame.
+        Reply::Stream(mut frames) => {
+            let mut last = None;
+            while let Some(frame) = frames.recv().await {
+                last = Some(frame);
+            }
+            last
+        }
+    };
+    answer.is_some_and(|frame| {
+        matches!(
             jsonrpc::parse(frame).map(|m| m.kind),
             Ok(Kind::Response {
                 outcome: Outcome::Result(_),
                 ..
             })
-        ),
-        _ => false,
-    }
-}
-
-/// Stops watching `uris` for one stream; the last stream to leave a resource unsubscribes it.
-async fn unwatch_all(gw: &Gateway, session: &Arc<Session>, uris: &[String]) {
-    for uri in uris {
-        if session.subscriptions.unwatch(uri) && !session.is_ended() {
-            subscribe(gw, session, "resources/unsubscribe", uri).await;
-        }
-    }
+        )
+    })
 }
 
 /// The `server/discover` result: every revision served, what the servers offer together, and

@@ -103,16 +103,14 @@ impl Filter {
         Value::Object(m).to_string()
     }
 
-    fn wants(&self, method: &str, params: Option<&[u8]>) -> bool {
+    /// Whether the stream wants `method`; `uri` is the resource a `resources/updated` names.
+    fn wants(&self, method: &str, uri: Option<&str>) -> bool {
         match method {
             "notifications/tools/list_changed" => self.tools,
             "notifications/prompts/list_changed" => self.prompts,
             "notifications/resources/list_changed" => self.resources,
             "notifications/resources/updated" => {
-                let Some(uri) = params.and_then(crate::upstream::uri_of) else {
-                    return false;
-                };
-                self.uris.iter().any(|u| covers(u, &uri))
+                uri.is_some_and(|uri| self.uris.iter().any(|u| covers(u, uri)))
             }
             _ => false,
         }
@@ -150,6 +148,8 @@ struct Listener {
 /// The listen streams of one session.
 pub struct Subscriptions {
     listeners: Mutex<Vec<Listener>>,
+    /// One per listen stream, taken before any work for it is done.
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
     next: AtomicU64,
     /// How many listen streams watch each resource (subscribed upstream while any does).
     watched: Mutex<HashMap<String, usize>>,
@@ -162,6 +162,7 @@ impl Default for Subscriptions {
     fn default() -> Self {
         Subscriptions {
             listeners: Mutex::new(Vec::new()),
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LISTENERS)),
             next: AtomicU64::new(0),
             watched: Mutex::new(HashMap::new()),
             closing: tokio::sync::watch::Sender::new(false),
@@ -208,20 +209,21 @@ impl Subscriptions {
         }
     }
 
-    /// Adds a listen stream (its acknowledgement already sent); `None` past [`MAX_LISTENERS`].
-    pub fn add(&self, id: Bytes, filter: Filter, sink: EventSink) -> Option<u64> {
-        let mut l = lock(&self.listeners);
-        if l.len() >= MAX_LISTENERS {
-            return None;
-        }
+    /// A slot for one more listen stream, held for its life; `None` past [`MAX_LISTENERS`].
+    pub fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Adds a listen stream (its acknowledgement already sent; its slot taken).
+    pub fn add(&self, id: Bytes, filter: Filter, sink: EventSink) -> u64 {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
-        l.push(Listener {
+        lock(&self.listeners).push(Listener {
             key,
             id,
             filter,
             sink,
         });
-        Some(key)
+        key
     }
 
     /// Removes a listen stream.
@@ -233,12 +235,18 @@ impl Subscriptions {
     /// subscription id. A stream too slow to drain its queue misses it rather than holding the
     /// upstream reader.
     pub fn deliver(&self, method: &str, params: Option<&[u8]>) {
-        for l in lock(&self.listeners).iter() {
-            if l.filter.wants(method, params) {
-                let frame = jsonrpc::notification(method, Some(&tagged(params, &l.id)));
-                if l.sink.try_send(frame).is_err() {
-                    tracing::debug!(%method, "a listen stream missed a notification: its queue is full");
-                }
+        let uri = (method == "notifications/resources/updated")
+            .then(|| params.and_then(crate::upstream::uri_of))
+            .flatten();
+        let wanting: Vec<(Bytes, EventSink)> = lock(&self.listeners)
+            .iter()
+            .filter(|l| l.filter.wants(method, uri.as_deref()))
+            .map(|l| (l.id.clone(), l.sink.clone()))
+            .collect();
+        for (id, sink) in wanting {
+            let frame = jsonrpc::notification(method, Some(&tagged(params, &id)));
+            if sink.try_send(frame).is_err() {
+                tracing::debug!(%method, "a listen stream missed a notification: its queue is full");
             }
         }
     }
@@ -313,7 +321,10 @@ mod tests {
             ..Filter::default()
         };
         let upd = |u: &str| format!(r#"{{"uri":"{u}"}}"#);
-        let wants = |u: &str| f.wants("notifications/resources/updated", Some(upd(u).as_bytes()));
+        let wants = |u: &str| {
+            let uri = crate::upstream::uri_of(upd(u).as_bytes());
+            f.wants("notifications/resources/updated", uri.as_deref())
+        };
         assert!(
             wants("file:///p/config") && wants("file:///p/config/a") && wants("file:///p/config#x")
         );
@@ -331,10 +342,8 @@ mod tests {
             tools: true,
             ..Filter::default()
         };
-        subs.add(Bytes::from_static(b"\"L1\""), all, tx).unwrap();
-        let k = subs
-            .add(Bytes::from_static(b"7"), Filter::default(), other)
-            .unwrap();
+        subs.add(Bytes::from_static(b"\"L1\""), all, tx);
+        let k = subs.add(Bytes::from_static(b"7"), Filter::default(), other);
         subs.deliver(
             "notifications/tools/list_changed",
             Some(br#"{"_meta":{"x":1}}"#),
