@@ -245,12 +245,7 @@ impl Connection {
         events: Option<EventSink>,
     ) -> Result<Outcome, UpstreamError> {
         let resp = self.post(frame).await?;
-        let is_sse = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        if !is_sse {
+        if !is_event_stream(resp.headers()) {
             let body = read_limited(resp.into_body(), MAX_MESSAGE)
                 .await
                 .map_err(|e| self.server.unavailable(e))?;
@@ -433,6 +428,14 @@ impl Connection {
             .await;
         }
     }
+}
+
+/// Whether a response is an SSE stream.
+pub(super) fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
 pub(super) fn connect_reason(e: &hyper_util::client::legacy::Error) -> String {

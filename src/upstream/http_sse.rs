@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
 use tokio::sync::mpsc;
 
-use super::http::{MAX_MESSAGE, connect_reason, read_limited};
+use super::http::{MAX_MESSAGE, connect_reason, is_event_stream, read_limited};
 use super::{Inbox, Server, UpstreamError, stdio};
 use crate::mcp::jsonrpc::{self, Kind, code};
 use crate::sse;
@@ -53,12 +53,7 @@ pub(crate) async fn connect(
             String::from_utf8_lossy(&body).trim()
         )));
     }
-    let is_sse = resp
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    if !is_sse {
+    if !is_event_stream(resp.headers()) {
         return Err(server.unavailable(format!("GET {url} did not answer an SSE stream")));
     }
     let mut body = resp.into_body();
