@@ -220,6 +220,21 @@ pub struct RawUpstream {
     /// Deadline of connecting and initializing.
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
+    /// Which MCP revisions to speak to an HTTP server (default `auto`).
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+}
+
+/// Which MCP revisions the gateway speaks to an HTTP upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// 2026-07-28 if the server says it speaks it (`server/discover`), else sessions.
+    #[default]
+    Auto,
+    /// Sessions (`initialize`) only, never probing: a server whose 2026-07-28 support is not
+    /// to be trusted.
+    Sessions,
 }
 
 /// Raw stdio transport.
@@ -319,6 +334,7 @@ impl OrchestratorSettings {
             transport: Transport::Orchestrated,
             call_timeout: self.call_timeout,
             connect_timeout: self.connect_timeout,
+            protocol: UpstreamProtocol::Auto,
         }
     }
 }
@@ -371,6 +387,8 @@ pub struct UpstreamConfig {
     pub call_timeout: Duration,
     /// Deadline of connect + initialize.
     pub connect_timeout: Duration,
+    /// Which revisions to speak to it (HTTP servers only).
+    pub protocol: UpstreamProtocol,
 }
 
 /// How an upstream is reached.
@@ -442,6 +460,7 @@ impl Config {
                 sse: None,
                 call_timeout: None,
                 connect_timeout: None,
+                protocol: UpstreamProtocol::Auto,
             }],
             ..RawConfig::default()
         }
@@ -605,6 +624,13 @@ impl RawConfig {
                 }
                 _ => return Err(field_err(field, "set exactly one of stdio, http or sse")),
             };
+            if u.protocol != UpstreamProtocol::Auto && !matches!(transport, Transport::Http { .. })
+            {
+                return Err(field_err(
+                    format!("{field}.protocol"),
+                    "applies to http upstreams only (others speak sessions)",
+                ));
+            }
             upstreams.push(UpstreamConfig {
                 call_timeout: positive(
                     &format!("{field}.call_timeout"),
@@ -618,6 +644,7 @@ impl RawConfig {
                 )?,
                 name: u.name,
                 transport,
+                protocol: u.protocol,
             });
         }
         let orchestrator = OrchestratorSettings {

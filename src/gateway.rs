@@ -283,6 +283,11 @@ impl Gateway {
         session
     }
 
+    /// Hidden sessions of stateless (2026-07-28) callers, one per principal.
+    pub fn stateless_sessions(&self) -> usize {
+        self.stateless.len()
+    }
+
     /// The session stateless requests of `principal` run in, on the current topology. A topology
     /// change replaces it; requests still running keep the old one until they finish.
     pub fn stateless_session(&self, principal: Option<Principal>) -> Arc<Session> {

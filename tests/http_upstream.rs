@@ -8,11 +8,117 @@ use http_body_util::Full;
 use serde_json::json;
 use support::{TestGateway, eventually, example};
 
-async fn chain() -> (TestGateway, TestGateway) {
+/// An outer gateway whose upstream `inner` is another gateway, spoken to with `protocol`.
+async fn chain_with(protocol: &str) -> (TestGateway, TestGateway) {
     let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
-    let http = format!("  - name: inner\n    http: {{ url: {:?} }}\n", inner.url());
+    let http = format!(
+        "  - name: inner\n    protocol: {protocol}\n    http: {{ url: {:?} }}\n",
+        inner.url()
+    );
     let outer = TestGateway::start("", &[http, example("local", &[], "")]).await;
     (inner, outer)
+}
+
+/// The chain over upstream sessions (the inner gateway speaks 2026-07-28 too: not probed).
+async fn chain() -> (TestGateway, TestGateway) {
+    chain_with("sessions").await
+}
+
+/// Answers the session's first server request (id 1) with `answer` until `call` finishes.
+async fn answer_first_request(
+    c: &support::Client,
+    call: &tokio::task::JoinHandle<support::Resp>,
+    answer: serde_json::Value,
+) {
+    for _ in 0..200 {
+        let ack = c
+            .post(json!({"jsonrpc":"2.0","id":1,"result":answer}).to_string())
+            .await;
+        assert_eq!(ack.status, 202);
+        if call.is_finished() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the call never finished");
+}
+
+#[tokio::test]
+async fn a_2026_upstream_is_spoken_to_statelessly_and_its_questions_reach_a_session_client() {
+    let (inner, outer) = chain_with("auto").await;
+    let mut c = outer.client();
+    c.initialize(json!({"sampling":{}})).await;
+    assert_eq!(
+        c.tool_text(1, "inner__echo", json!({"text":"hi"})).await,
+        "hi"
+    );
+    assert_eq!(c.tool_text(2, "inner__whoami", json!({})).await, "ex");
+    // No upstream session: the inner gateway served the calls statelessly.
+    assert!(inner.gateway().sessions.is_empty());
+    assert_eq!(inner.gateway().stateless_sessions(), 1);
+
+    // Progress travels on the stateless call's own stream.
+    let r = c
+        .post(json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{
+            "name":"inner__slow","arguments":{"seconds":0.2,"steps":2},"_meta":{"progressToken":"p"}}})
+        .to_string())
+        .await;
+    let msgs = r.messages();
+    let progress = msgs
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress" && m["params"]["progressToken"] == "p")
+        .count();
+    assert_eq!(progress, 2, "{msgs:?}");
+
+    // The inner server's sampling question comes back as `input_required`; the outer gateway
+    // asks its client on the call's stream and retries with the answer.
+    let c2 = c.clone();
+    let call = tokio::spawn(async move {
+        c2.post(json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"inner__sample","arguments":{"prompt":"hi"}}}).to_string())
+            .await
+    });
+    answer_first_request(
+        &c,
+        &call,
+        json!({"role":"assistant","model":"m","content":{"type":"text","text":"pong"}}),
+    )
+    .await;
+    let msgs = call.await.unwrap().messages();
+    assert_eq!(msgs[0]["method"], "sampling/createMessage", "{msgs:?}");
+    assert_eq!(msgs[0]["params"]["messages"][0]["content"]["text"], "hi");
+    assert_eq!(
+        msgs.last().unwrap()["result"]["content"][0]["text"],
+        "model said: pong",
+        "{msgs:?}"
+    );
+    // The client refusing the question fails the call with that reason, not a hang.
+    let c3 = c.clone();
+    let call = tokio::spawn(async move {
+        c3.post(json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"inner__sample","arguments":{"prompt":"again"}}}).to_string())
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for id in 1..4 {
+        c.post(
+            json!({"jsonrpc":"2.0","id":id,"error":{"code":-1,"message":"user said no"}})
+                .to_string(),
+        )
+        .await;
+    }
+    let msgs = tokio::time::timeout(std::time::Duration::from_secs(10), call)
+        .await
+        .expect("the refused call ends")
+        .unwrap()
+        .messages();
+    let last = msgs.last().unwrap();
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("user said no")
+            || last["result"]["isError"] == true,
+        "{msgs:?}"
+    );
 }
 
 #[tokio::test]
@@ -72,19 +178,12 @@ async fn tools_progress_and_sampling_cross_an_http_upstream() {
     })
     .await;
     // Server→client ids start at 1 in each session.
-    let mut answered = false;
-    for _ in 0..200 {
-        let ack = c
-            .post(json!({"jsonrpc":"2.0","id":1,"result":{"role":"assistant","model":"m","content":{"type":"text","text":"pong"}}}).to_string())
-            .await;
-        assert_eq!(ack.status, 202);
-        if call.is_finished() {
-            answered = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert!(answered, "the sampled call never finished");
+    answer_first_request(
+        &c,
+        &call,
+        json!({"role":"assistant","model":"m","content":{"type":"text","text":"pong"}}),
+    )
+    .await;
     let r = call.await.unwrap();
     let msgs = r.messages();
     assert_eq!(msgs[0]["method"], "sampling/createMessage", "{msgs:?}");

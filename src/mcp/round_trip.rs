@@ -24,6 +24,10 @@ use crate::mcp::session::{BusyGuard, Session};
 
 /// What `requestState` tokens are sealed for.
 const PURPOSE: &[u8] = b"gatehouse/requestState/v1";
+/// What a token carrying a 2026-07-28 server's own `requestState` is sealed for.
+const RELAYED: &[u8] = b"gatehouse/requestState/relayed/v1";
+/// Longest `requestState` of a server the gateway carries for it.
+pub const MAX_RELAYED_STATE: usize = 256 * 1024;
 
 /// A server's question to the client, waiting for the client's answer.
 pub struct Asked {
@@ -135,6 +139,29 @@ struct State {
     e: u64,
 }
 
+/// What a relayed `requestState` token carries: the server's state, bound to its caller and
+/// request like a parked call's.
+#[derive(Serialize, Deserialize)]
+struct Relayed {
+    /// The principal it was issued to.
+    p: Option<String>,
+    /// Expiry, Unix milliseconds.
+    e: u64,
+    /// The request's method and target.
+    m: String,
+    t: Option<String>,
+    /// The server's own `requestState`.
+    s: String,
+}
+
+/// What a retry's `requestState` picks up.
+pub enum Resumed {
+    /// A call parked here, waiting for the answers.
+    Parked(Parked),
+    /// A 2026-07-28 server's own state, for the retry to carry to it.
+    Relayed(String),
+}
+
 /// Why a retry could not pick up its call.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ResumeError {
@@ -209,18 +236,41 @@ impl RoundTrips {
         self.sealer.seal(PURPOSE, &plain)
     }
 
-    /// Takes the call `token` parks, for `principal`'s retry of `method` on `target`.
+    /// Seals a 2026-07-28 server's `requestState` for `principal`'s retry of `method` on
+    /// `target`: the client cannot read or change it, nor use it for another request or caller.
+    pub fn relay(
+        &self,
+        principal: Option<&Principal>,
+        (method, target): (&str, Option<&str>),
+        state: &str,
+    ) -> String {
+        let relayed = Relayed {
+            p: principal.map(|p| p.to_string()),
+            e: now_ms() + self.ttl.as_millis() as u64,
+            m: method.to_owned(),
+            t: target.map(str::to_owned),
+            s: state.to_owned(),
+        };
+        let plain = serde_json::to_vec(&relayed).expect("the state encodes");
+        self.sealer.seal(RELAYED, &plain)
+    }
+
+    /// Takes what `token` stands for, for `principal`'s retry of `method` on `target`: the
+    /// call it parks, or the server state it carries.
     pub fn resume(
         &self,
         principal: Option<&Principal>,
         token: &str,
         method: &str,
         target: Option<&str>,
-    ) -> Result<Parked, ResumeError> {
-        let plain = self
-            .sealer
-            .open(PURPOSE, token)
-            .map_err(|e| ResumeError::Invalid(e.to_string()))?;
+    ) -> Result<Resumed, ResumeError> {
+        let plain = match self.sealer.open(PURPOSE, token) {
+            Ok(plain) => plain,
+            Err(crate::mcp::seal::SealError::Forged) => {
+                return self.resume_relayed(principal, token, method, target);
+            }
+            Err(e) => return Err(ResumeError::Invalid(e.to_string())),
+        };
         let state: State = serde_json::from_slice(&plain)
             .map_err(|_| ResumeError::Invalid("unreadable content".into()))?;
         if state.p.as_deref() != principal.map(|p| &**p) {
@@ -246,7 +296,36 @@ impl RoundTrips {
         if let Some(timer) = parked.timer.take() {
             timer.abort();
         }
-        Ok(parked)
+        Ok(Resumed::Parked(parked))
+    }
+
+    fn resume_relayed(
+        &self,
+        principal: Option<&Principal>,
+        token: &str,
+        method: &str,
+        target: Option<&str>,
+    ) -> Result<Resumed, ResumeError> {
+        let plain = self
+            .sealer
+            .open(RELAYED, token)
+            .map_err(|e| ResumeError::Invalid(e.to_string()))?;
+        let r: Relayed = serde_json::from_slice(&plain)
+            .map_err(|_| ResumeError::Invalid("unreadable content".into()))?;
+        if r.p.as_deref() != principal.map(|p| &**p) {
+            return Err(ResumeError::Foreign);
+        }
+        if r.e < now_ms() {
+            return Err(ResumeError::Gone);
+        }
+        if r.m != method || r.t.as_deref() != target {
+            return Err(ResumeError::Mismatch(
+                format!("{} {}", r.m, r.t.as_deref().unwrap_or(""))
+                    .trim_end()
+                    .to_owned(),
+            ));
+        }
+        Ok(Resumed::Relayed(r.s))
     }
 }
 

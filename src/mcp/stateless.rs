@@ -29,7 +29,6 @@ use crate::mcp::session::{BusyGuard, Session, caps};
 use crate::mcp::subscriptions;
 
 /// Where the 2026-07-28 envelope's `_meta` keys live.
-const ENVELOPE_PREFIX: &str = "io.modelcontextprotocol/";
 const VERSION_KEY: &str = "io.modelcontextprotocol/protocolVersion";
 const VERSION_HEADER: &str = "mcp-protocol-version";
 const METHOD_HEADER: &str = "mcp-method";
@@ -213,7 +212,8 @@ impl RequestMeta {
 }
 
 /// A stateless request's params, read in one pass: what `_meta` says, the target its headers
-/// must name, a retry's members, and the params for the upstream (without any of those).
+/// must name, and a retry's members. The params go on as they are: a link to a server of an
+/// earlier revision takes out what that server would not understand.
 pub(crate) struct Read {
     /// What `_meta` says.
     pub meta: RequestMeta,
@@ -221,8 +221,6 @@ pub(crate) struct Read {
     pub target: Option<String>,
     /// A retry's `requestState` and `inputResponses`.
     pub retry: round_trip::Retry,
-    /// The params the upstream is sent.
-    pub upstream: Option<Bytes>,
 }
 
 /// Log severities, lowest first (RFC 5424 names, as MCP uses them).
@@ -243,8 +241,7 @@ fn severity(level: &str) -> Option<u8> {
 
 /// Reads and checks the params of a stateless request of `method`, in one pass: the top level
 /// as borrowed members (a key given twice is refused: which one counts would be a guess), then
-/// `_meta`. The upstream's params are the client's bytes with `_meta`'s value replaced; only a
-/// retry's params, whose own members go, are encoded again.
+/// `_meta`.
 pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal> {
     type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
     #[derive(Deserialize)]
@@ -330,34 +327,6 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
                 .map_err(|_| Refusal::Meta("params.inputResponses must be an object".into()))?;
         }
     }
-    // Upstreams of earlier revisions refuse the envelope: `_meta` keeps the rest, if any.
-    let kept: Object<'_> = meta
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with(ENVELOPE_PREFIX))
-        .collect();
-    let kept = serde_json::to_string(&kept).unwrap_or_else(|_| "{}".into());
-    let upstream = if retrying {
-        let mut fields: Object<'_> = serde_json::from_slice(bytes)
-            .map_err(|_| Refusal::Meta("params must be an object".into()))?;
-        fields.remove("requestState");
-        fields.remove("inputResponses");
-        let kept_meta = RawValue::from_string(kept)
-            .map_err(|_| Refusal::Meta("params._meta cannot be re-encoded".into()))?;
-        fields.insert("_meta".into(), &kept_meta);
-        Bytes::from(serde_json::to_vec(&fields).map_err(|e| Refusal::Meta(e.to_string()))?)
-    } else {
-        // `_meta`'s value lies inside the params (a borrowed raw value): splice it.
-        let start = (meta_raw.get().as_ptr() as usize).wrapping_sub(bytes.as_ptr() as usize);
-        let end = start.wrapping_add(meta_raw.get().len());
-        if end > bytes.len() || start > end {
-            return Err(Refusal::Meta("params._meta cannot be re-encoded".into()));
-        }
-        let mut out = Vec::with_capacity(bytes.len() - (end - start) + kept.len());
-        out.extend_from_slice(&bytes[..start]);
-        out.extend_from_slice(kept.as_bytes());
-        out.extend_from_slice(&bytes[end..]);
-        Bytes::from(out)
-    };
     Ok(Read {
         meta: RequestMeta {
             version,
@@ -366,7 +335,6 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
         },
         target,
         retry,
-        upstream: Some(upstream),
     })
 }
 
@@ -500,7 +468,6 @@ pub(crate) async fn post(
         meta,
         target,
         retry,
-        upstream: params,
     } = match checked {
         Ok(r) => r,
         Err(refusal) => {
@@ -524,17 +491,27 @@ pub(crate) async fn post(
         meta,
         principal: principal.clone(),
     };
+    let mut params = params;
     if let Some(state) = retry.state {
-        let parked = gw.round_trips.resume(
+        let resumed = gw.round_trips.resume(
             principal.as_ref(),
             &state,
             &round.method,
             round.target.as_deref(),
         );
-        return match parked {
-            Ok(parked) => round.resume(parked, retry.responses).await,
-            Err(e) => invalid(&e.to_string()),
-        };
+        match resumed {
+            Ok(round_trip::Resumed::Parked(parked)) => {
+                return round.resume(parked, retry.responses).await;
+            }
+            // The server's own state goes back to it in place of the gateway's token.
+            Ok(round_trip::Resumed::Relayed(state)) => {
+                match with_request_state(params.as_deref(), &state) {
+                    Some(p) => params = Some(p),
+                    None => return invalid("params cannot carry requestState"),
+                }
+            }
+            Err(e) => return invalid(&e.to_string()),
+        }
     }
     let session = gw.stateless_session(principal);
     let busy = session.touch();
@@ -557,7 +534,8 @@ pub(crate) async fn post(
     }
     match handler::request(gw.services(), &session, id, &method, params).await {
         Reply::Json(frame) => {
-            json_response(StatusCode::OK, round.completion.frame(frame, &round.id))
+            let frame = round.answer(frame);
+            json_response(status_of(&frame), frame)
         }
         Reply::Refused(status, frame) => json_response(status, frame),
         Reply::Stream(rx) => {
@@ -667,7 +645,7 @@ impl Round {
             };
             match self.step(&session, frame).await {
                 Step::Skip => {}
-                Step::Answer(frame) => return json_response(StatusCode::OK, frame),
+                Step::Answer(frame) => return json_response(status_of(&frame), frame),
                 Step::Missing(frame) => return json_response(StatusCode::BAD_REQUEST, frame),
                 Step::Ask(asked) => {
                     let asked = self.gather(&session, &mut stream, asked).await;
@@ -743,6 +721,67 @@ impl Round {
         asked
     }
 
+    /// The final response frame under the client's id: completed with `resultType`, or, when
+    /// a 2026-07-28 server asks for input, with the server's `requestState` sealed for this
+    /// caller and request.
+    fn answer(&self, frame: Bytes) -> Bytes {
+        if memchr::memmem::find(&frame, b"input_required").is_some()
+            && let Some(relayed) = self.relay_input_required(&frame)
+        {
+            return relayed;
+        }
+        self.completion.frame(frame, &self.id)
+    }
+
+    /// A server's `input_required` response with its state sealed; `None` if `frame` is not one.
+    fn relay_input_required(&self, frame: &Bytes) -> Option<Bytes> {
+        type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
+        let Ok(Message {
+            kind:
+                Kind::Response {
+                    outcome: Outcome::Result(result),
+                    ..
+                },
+            ..
+        }) = jsonrpc::parse(frame.clone())
+        else {
+            return None;
+        };
+        let mut fields: Object<'_> = serde_json::from_slice(&result).ok()?;
+        if fields.get("resultType").map(|k| k.get()) != Some(r#""input_required""#) {
+            return None;
+        }
+        let sealed;
+        if let Some(raw) = fields.get("requestState") {
+            let Ok(state) = serde_json::from_str::<String>(raw.get()) else {
+                return Some(self.refused_state("the server's requestState is not a string"));
+            };
+            if state.len() > round_trip::MAX_RELAYED_STATE {
+                return Some(self.refused_state(&format!(
+                    "the server's requestState is {} bytes (at most {})",
+                    state.len(),
+                    round_trip::MAX_RELAYED_STATE
+                )));
+            }
+            let token = self.gw.round_trips.relay(
+                self.principal.as_ref(),
+                (&self.method, self.target.as_deref()),
+                &state,
+            );
+            sealed = RawValue::from_string(serde_json::to_string(&token).ok()?).ok()?;
+            fields.insert("requestState".into(), &sealed);
+        }
+        let result = serde_json::to_vec(&fields).ok()?;
+        Some(jsonrpc::response(
+            &self.id,
+            &Outcome::Result(Bytes::from(result)),
+        ))
+    }
+
+    fn refused_state(&self, why: &str) -> Bytes {
+        jsonrpc::error_response(Some(&self.id), code::UPSTREAM_UNAVAILABLE, why)
+    }
+
     /// The error when the call's stream ends without an answer (its session ended).
     fn ended(&self) -> Bytes {
         jsonrpc::error_response(
@@ -766,7 +805,7 @@ impl Round {
                     Step::Event(frame)
                 }
             }
-            Kind::Response { .. } => Step::Answer(self.completion.frame(frame, &self.id)),
+            Kind::Response { .. } => Step::Answer(self.answer(frame)),
             Kind::Request { id, method, params } => {
                 match round_trip::capability_needed(&method) {
                     None => {
@@ -815,6 +854,43 @@ impl Round {
             }
         }
     }
+}
+
+/// The HTTP status of a final answer: 400 for the errors the revision says are the request's
+/// fault at the protocol level (an upstream of this revision may answer them), else 200.
+fn status_of(frame: &[u8]) -> StatusCode {
+    if memchr::memmem::find(frame, b"\"error\"").is_none() {
+        return StatusCode::OK;
+    }
+    #[derive(Deserialize)]
+    struct R {
+        error: Option<E>,
+    }
+    #[derive(Deserialize)]
+    struct E {
+        code: i64,
+    }
+    match serde_json::from_slice::<R>(frame)
+        .ok()
+        .and_then(|r| r.error)
+    {
+        Some(E {
+            code:
+                code::HEADER_MISMATCH
+                | code::MISSING_CLIENT_CAPABILITY
+                | code::UNSUPPORTED_PROTOCOL_VERSION,
+        }) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::OK,
+    }
+}
+
+/// Params with `requestState` set to `state` (a retry's params, for the server that issued it).
+fn with_request_state(params: Option<&[u8]>, state: &str) -> Option<Bytes> {
+    type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
+    let mut fields: Object<'_> = serde_json::from_slice(params?).ok()?;
+    let state = RawValue::from_string(serde_json::to_string(state).ok()?).ok()?;
+    fields.insert("requestState".into(), &state);
+    serde_json::to_vec(&fields).ok().map(Bytes::from)
 }
 
 /// Serves `subscriptions/listen`: the acknowledgement first (what is honored: the kinds some
@@ -1291,36 +1367,13 @@ mod tests {
     }
 
     #[test]
-    fn the_envelope_and_retry_members_are_taken_out_and_the_rest_kept() {
-        let upstream = |method: &str, body: &str| {
-            let r = read(Some(body.as_bytes()), method).unwrap();
-            String::from_utf8(r.upstream.unwrap().to_vec()).unwrap()
-        };
-        assert_eq!(
-            upstream(
-                "tools/call",
-                r#"{"name":"t","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{},"progressToken":4}}"#
-            ),
-            r#"{"name":"t","_meta":{"progressToken":4}}"#
-        );
-        // An escaped key is still the envelope's; a nested `_meta` is the arguments' own.
-        assert_eq!(
-            upstream(
-                "tools/list",
-                r#"{"_meta":{"io.modelcontextprotocol\/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}},"arguments":{"_meta":1}}"#
-            ),
-            r#"{"_meta":{},"arguments":{"_meta":1}}"#
-        );
+    fn a_retrys_members_are_read_and_checked() {
         let retry = format!(
             r#"{{"name":"t","arguments":{{}},"requestState":"abc","inputResponses":{{"1":{{"action":"accept"}}}},{META}}}"#
         );
         let r = read(Some(retry.as_bytes()), "tools/call").unwrap();
         assert_eq!(r.retry.state.as_deref(), Some("abc"));
         assert_eq!(r.retry.responses["1"].get(), r#"{"action":"accept"}"#);
-        assert_eq!(
-            &r.upstream.unwrap()[..],
-            br#"{"_meta":{},"arguments":{},"name":"t"}"#
-        );
         // A key given twice is ambiguous: refused.
         let twice = format!(r#"{{"name":"a","name":"b",{META}}}"#);
         assert!(matches!(

@@ -1,7 +1,7 @@
 //! Streamable HTTP upstream: POST per message over a pooled keep-alive client, JSON or SSE
 //! responses, the upstream's `Mcp-Session-Id`, and a GET stream for server-initiated messages.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use super::{EventSink, Inbox, Server, UpstreamError};
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome};
+use crate::mcp::revision::STATELESS;
 use crate::sse;
 
 /// Largest JSON response or SSE event accepted from an upstream.
@@ -83,7 +84,16 @@ pub struct Connection {
     session_id: Mutex<Option<HeaderValue>>,
     protocol_version: Mutex<Option<HeaderValue>>,
     listen_task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The server speaks 2026-07-28: no session, every request mirrored in headers.
+    stateless: AtomicBool,
+    /// For a 2026-07-28 server: the envelope members its listen stream carries, and the
+    /// resources it watches for the session (`resources/subscribe`).
+    listen_envelope: Mutex<String>,
+    watched: Mutex<Vec<String>>,
 }
+
+/// Resources one session may watch on a 2026-07-28 server.
+pub(crate) const MAX_WATCHED: usize = 64;
 
 impl Connection {
     /// A connection to `url` (sending `headers` with every request) that has not yet initialized.
@@ -103,6 +113,9 @@ impl Connection {
             session_id: Mutex::new(None),
             protocol_version: Mutex::new(None),
             listen_task: Mutex::new(None),
+            stateless: AtomicBool::new(false),
+            listen_envelope: Mutex::new(String::new()),
+            watched: Mutex::new(Vec::new()),
         }
     }
 
@@ -136,6 +149,69 @@ impl Connection {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = Some(h);
         }
+    }
+
+    /// Asks the server whether it speaks 2026-07-28 (`server/discover`, outside any session):
+    /// its discover result if it does, `None` if it answers anything else. Only a failure to
+    /// get an answer at all is an error.
+    pub(crate) async fn discover(&self, frame: Bytes) -> Result<Option<Bytes>, UpstreamError> {
+        let mut req = self.request(Method::POST, frame, "application/json, text/event-stream")?;
+        let h = req.headers_mut();
+        h.remove(MCP_SESSION_ID);
+        h.insert(MCP_PROTOCOL_VERSION, HeaderValue::from_static(STATELESS));
+        h.insert("mcp-method", HeaderValue::from_static("server/discover"));
+        let resp = self
+            .client()
+            .request(req)
+            .await
+            .map_err(|e| self.server.unavailable(connect_reason(&e)))?;
+        if !resp.status().is_success() {
+            let _ = read_limited(resp.into_body(), 4096).await;
+            return Ok(None);
+        }
+        let sse = is_event_stream(resp.headers());
+        let body = read_limited(resp.into_body(), MAX_MESSAGE)
+            .await
+            .map_err(|e| self.server.unavailable(e))?;
+        let frame = if sse {
+            let mut decoder = sse::Decoder::new(MAX_MESSAGE);
+            decoder.feed(&body);
+            let mut last = None;
+            while let Ok(Some(ev)) = decoder.next_event() {
+                last = Some(ev.data);
+            }
+            match last {
+                Some(d) => d,
+                None => return Ok(None),
+            }
+        } else {
+            body
+        };
+        Ok(match jsonrpc::parse(frame).map(|m| m.kind) {
+            Ok(Kind::Response {
+                outcome: Outcome::Result(r),
+                ..
+            }) if super::stateless::speaks_stateless(&r) => Some(r),
+            _ => None,
+        })
+    }
+
+    /// From now on, speaks 2026-07-28 to the server; a listen stream carries `envelope`.
+    pub(crate) fn set_stateless(&self, envelope: String) {
+        *self
+            .listen_envelope
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = envelope;
+        self.stateless.store(true, Ordering::Release);
+        *self
+            .protocol_version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(HeaderValue::from_static(STATELESS));
+    }
+
+    /// Whether the server speaks 2026-07-28 (see [`Connection::set_stateless`]).
+    pub(crate) fn is_stateless(&self) -> bool {
+        self.stateless.load(Ordering::Acquire)
     }
 
     fn request(
@@ -176,8 +252,10 @@ impl Connection {
     async fn post(
         &self,
         frame: Bytes,
+        mirrored: Vec<(http::HeaderName, HeaderValue)>,
     ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
-        let req = self.request(Method::POST, frame, "application/json, text/event-stream")?;
+        let mut req = self.request(Method::POST, frame, "application/json, text/event-stream")?;
+        req.headers_mut().extend(mirrored);
         let had_session = req.headers().contains_key(MCP_SESSION_ID);
         let resp = self
             .client()
@@ -201,7 +279,9 @@ impl Connection {
                 detail: format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
             });
         }
-        if let Some(s) = resp.headers().get(MCP_SESSION_ID) {
+        if let Some(s) = resp.headers().get(MCP_SESSION_ID)
+            && !self.is_stateless()
+        {
             // Sent back on every request: only what the specification allows (visible ASCII),
             // of a sane length.
             let valid = !s.is_empty()
@@ -218,6 +298,14 @@ impl Connection {
                 *cur = Some(s.clone());
             }
         }
+        // A 2026-07-28 server answers a refused request with its JSON-RPC error and a 4xx
+        // status: the error is the answer.
+        if resp.status().is_client_error()
+            && self.is_stateless()
+            && !is_event_stream(resp.headers())
+        {
+            return Ok(resp);
+        }
         if !resp.status().is_success() {
             let status = resp.status();
             let body = read_limited(resp.into_body(), 512)
@@ -232,7 +320,7 @@ impl Connection {
     }
 
     pub(crate) async fn send(&self, frame: Bytes) -> Result<(), UpstreamError> {
-        let resp = self.post(frame).await?;
+        let resp = self.post(frame, Vec::new()).await?;
         // 202 Accepted with no body is the norm; drain anything else.
         let _ = read_limited(resp.into_body(), MAX_MESSAGE).await;
         Ok(())
@@ -243,9 +331,11 @@ impl Connection {
         id: u64,
         frame: Bytes,
         events: Option<EventSink>,
+        mirrored: Vec<(http::HeaderName, HeaderValue)>,
     ) -> Result<Outcome, UpstreamError> {
-        let resp = self.post(frame).await?;
+        let resp = self.post(frame, mirrored).await?;
         if !is_event_stream(resp.headers()) {
+            let refused = !resp.status().is_success();
             let body = read_limited(resp.into_body(), MAX_MESSAGE)
                 .await
                 .map_err(|e| self.server.unavailable(e))?;
@@ -255,6 +345,11 @@ impl Connection {
                 Kind::Response { id: rid, outcome } if jsonrpc::id_as_u64(&rid) == Some(id) => {
                     Ok(outcome)
                 }
+                // A refusal before the server read the id (a header it disagrees with).
+                Kind::Response {
+                    outcome: outcome @ Outcome::Error(_),
+                    ..
+                } if refused => Ok(outcome),
                 _ => Err(self
                     .server
                     .unavailable("response does not answer the request")),
@@ -308,12 +403,76 @@ impl Connection {
                 tracing::debug!(server = %self.server.name, "unexpected response on SSE stream");
                 None
             }
+            // What a listen stream says about itself is the gateway's, not the client's.
+            Kind::Notification { method, .. }
+                if &*method == "notifications/subscriptions/acknowledged" =>
+            {
+                None
+            }
             _ => {
                 self.inbox
                     .deliver(super::Route::related(events.cloned()), msg);
                 None
             }
         }
+    }
+
+    /// Starts or stops watching `uri` on a 2026-07-28 server's listen stream; whether the set
+    /// changed, or `Err` when the session already watches as many as it may.
+    pub(crate) fn watch(&self, uri: &str, on: bool) -> Result<bool, String> {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let at = watched.iter().position(|u| u == uri);
+        match (on, at) {
+            (true, None) if watched.len() >= MAX_WATCHED => Err(format!(
+                "this session already watches {MAX_WATCHED} resources of the server"
+            )),
+            (true, None) => {
+                watched.push(uri.to_owned());
+                Ok(true)
+            }
+            (false, Some(i)) => {
+                watched.swap_remove(i);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Opens the server-initiated stream anew (its filter changed), if one is open.
+    pub(crate) fn reopen_listen_stream(&self, conn: Arc<super::Connection>) {
+        let open = {
+            let mut task = self.listen_task.lock().unwrap_or_else(|e| e.into_inner());
+            match task.take() {
+                Some(t) if !t.is_finished() => {
+                    t.abort();
+                    true
+                }
+                _ => false,
+            }
+        };
+        if open {
+            self.open_listen_stream(conn);
+        }
+    }
+
+    /// The `subscriptions/listen` request a 2026-07-28 server's stream is opened with: every
+    /// list kind, and the resources the session watches.
+    fn listen_frame(&self) -> Bytes {
+        let envelope = self
+            .listen_envelope
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let uris = serde_json::to_string(&*watched).unwrap_or_else(|_| "[]".into());
+        let params = format!(
+            r#"{{"_meta":{{{envelope}}},"notifications":{{"toolsListChanged":true,"promptsListChanged":true,"resourcesListChanged":true,"resourceSubscriptions":{uris}}}}}"#
+        );
+        jsonrpc::request(
+            br#""gatehouse-listen""#,
+            "subscriptions/listen",
+            Some(params.as_bytes()),
+        )
     }
 
     /// Starts the GET stream that carries server-initiated messages, once.
@@ -356,9 +515,19 @@ impl Connection {
         }
     }
 
-    /// Reads one GET stream until it ends, stays silent for `idle`, or breaks a size limit.
+    /// Reads one GET stream (a `subscriptions/listen` stream, for a 2026-07-28 server) until it
+    /// ends, stays silent for `idle`, or breaks a size limit.
     async fn listen_once(&self, idle: Duration) -> Result<ListenEnd, UpstreamError> {
-        let req = self.request(Method::GET, Bytes::new(), "text/event-stream")?;
+        let req = if self.is_stateless() {
+            let mut req = self.request(Method::POST, self.listen_frame(), "text/event-stream")?;
+            req.headers_mut().insert(
+                "mcp-method",
+                HeaderValue::from_static("subscriptions/listen"),
+            );
+            req
+        } else {
+            self.request(Method::GET, Bytes::new(), "text/event-stream")?
+        };
         let resp = tokio::time::timeout(idle, self.client().request(req))
             .await
             .map_err(|_| self.server.unavailable("GET stream: no answer"))?
@@ -368,6 +537,11 @@ impl Connection {
             // 405: the server offers no such stream, which is fine. 404: the session is gone;
             // the next call re-initializes it and opens a new stream.
             StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_FOUND => {
+                return Ok(ListenEnd::Unsupported);
+            }
+            // A 2026-07-28 server that refuses to listen (no such method, say) will not agree
+            // on the next attempt either.
+            s if s.is_client_error() && self.is_stateless() => {
                 return Ok(ListenEnd::Unsupported);
             }
             s => return Err(self.server.unavailable(format!("GET stream: HTTP {s}"))),

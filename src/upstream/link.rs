@@ -1,18 +1,28 @@
 //! One downstream session's connection to one upstream server.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
-use crate::config::Transport;
-use crate::mcp::jsonrpc::{self, Outcome};
+use crate::config::{Transport, UpstreamProtocol};
+use crate::mcp::jsonrpc::{self, Outcome, code};
+use crate::mcp::param_headers::ToolHeaders;
 use crate::orchestrator::Sharing;
 
 use super::{
-    CallOpts, Connection, Inbox, Recipient, Server, UpstreamError, initialize, orchestrated,
-    shared, stdio, uri_of,
+    CallOpts, Connection, Era, Inbox, Recipient, Route, Server, UpstreamError, initialize,
+    orchestrated, shared, stateless, stdio, uri_of,
 };
+
+/// Most rounds of input one call to a 2026-07-28 server may ask of a session's client.
+const MAX_INPUT_ROUNDS: usize = 8;
+/// Most pages of a 2026-07-28 server's tool list read to learn its mirrored arguments.
+const MAX_MARK_PAGES: usize = 20;
+/// Prefix of the ids of requests the link itself sends the client (for a 2026 server's input).
+const ASK_ID_PREFIX: &str = "\"gatehouse-input-";
 
 /// One downstream session's connection to one upstream server.
 ///
@@ -44,6 +54,14 @@ pub struct Link {
     relayed: AtomicBool,
     /// Never through a relay: this link is a relay's, on the replica that leads.
     attach_only: bool,
+    /// For a 2026-07-28 server: the log level the session's client asked for.
+    log_level: Mutex<Option<String>>,
+    /// For a 2026-07-28 server: its tools' mirrored arguments, with the link generation they
+    /// were read on.
+    marks: tokio::sync::Mutex<Option<(u64, Arc<ToolHeaders>)>>,
+    /// Questions of a 2026-07-28 server put to the session's client, by id, awaiting answers.
+    asks: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
+    next_ask: AtomicU64,
 }
 
 /// First pages of list methods, valid for one upstream session (link generation) until the
@@ -110,6 +128,10 @@ impl Link {
             private_definition: AtomicU64::new(0),
             relayed: AtomicBool::new(false),
             attach_only: false,
+            log_level: Mutex::new(None),
+            marks: tokio::sync::Mutex::new(None),
+            asks: Mutex::new(HashMap::new()),
+            next_ask: AtomicU64::new(1),
         }
     }
 
@@ -140,8 +162,11 @@ impl Link {
         // Through a relay, change announcements reach this replica only on a listen stream,
         // which a session may not have: nothing would invalidate the copy.
         let relayed = self.relayed.load(Ordering::Acquire);
+        // A 2026-07-28 server announces changes only on a listen stream, which links do not
+        // hold: nothing would invalidate the copy.
         if let Outcome::Result(page) = &outcome
             && !relayed
+            && self.server.era() != Era::Stateless
             && let Some(capability) = capability
             && self.generation.load(Ordering::Acquire) == generation
             && self
@@ -364,9 +389,46 @@ impl Link {
                 }
             }
         });
+        if let Some(discovered) = self.probe(&conn).await? {
+            *self.init_result.lock().unwrap_or_else(|e| e.into_inner()) = Some(discovered);
+            return Ok(conn);
+        }
         let result = initialize(&conn, &self.init_params, server.config.connect_timeout).await?;
         *self.init_result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
         Ok(conn)
+    }
+
+    /// Asks an HTTP server (not a relay) whether it speaks 2026-07-28, unless it is known not
+    /// to: its discover result if it does (the connection then speaks it), `None` if it does
+    /// not (remembered for the server: later links go straight to `initialize`).
+    async fn probe(&self, conn: &Arc<Connection>) -> Result<Option<Bytes>, UpstreamError> {
+        let Connection::Http(h) = &**conn else {
+            return Ok(None);
+        };
+        if self.relayed.load(Ordering::Acquire)
+            || self.server.era() == Era::Sessions
+            || self.server.config.protocol == UpstreamProtocol::Sessions
+        {
+            return Ok(None);
+        }
+        let frame = stateless::discover_frame(&self.envelope());
+        match h.discover(frame).await? {
+            Some(discovered) => {
+                h.set_stateless(stateless::envelope(&self.init_params, None));
+                self.server.set_era(Era::Stateless);
+                Ok(Some(discovered))
+            }
+            None => {
+                self.server.set_era(Era::Sessions);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The envelope this session's requests carry to a 2026-07-28 server.
+    fn envelope(&self) -> String {
+        let level = self.log_level.lock().unwrap_or_else(|e| e.into_inner());
+        stateless::envelope(&self.init_params, level.as_deref())
     }
 
     /// Calls a method upstream, reconnecting once if the upstream forgot our session.
@@ -378,10 +440,21 @@ impl Link {
     ) -> Result<Outcome, UpstreamError> {
         let timeout = self.server.config.call_timeout;
         let conn = self.connection().await?;
+        if conn.is_stateless() {
+            return self.call_stateless(&conn, method, params, opts).await;
+        }
+        // A 2026 client's envelope and retry members mean nothing to earlier revisions.
+        let legacy;
+        let mut params = params;
+        if let Some(p) = params
+            && let Some(stripped) = stateless::for_sessions(p)
+        {
+            legacy = stripped;
+            params = Some(&legacy);
+        }
         // Several sessions share this connection: give the call a progress token no other
         // session uses, and remember whose call it is.
         let rewritten;
-        let mut params = params;
         if self.is_shared() {
             match method {
                 // One session must not change what the shared server logs for all of them.
@@ -433,6 +506,7 @@ impl Link {
                     cancel: None,
                     progress_token,
                     origin,
+                    mirrored: Vec::new(),
                 };
                 conn.request(method, params, retry, timeout).await
             }
@@ -452,6 +526,243 @@ impl Link {
         }
     }
 
+    /// Calls a 2026-07-28 server: the envelope in `_meta`, the request mirrored in headers.
+    /// An `input_required` answer goes back to a 2026 client as it is (it retries itself);
+    /// for a session's client the link asks the questions on the call's stream, as server
+    /// requests, and retries with the answers.
+    async fn call_stateless(
+        &self,
+        conn: &Arc<Connection>,
+        method: &str,
+        params: Option<&[u8]>,
+        mut opts: CallOpts,
+    ) -> Result<Outcome, UpstreamError> {
+        match method {
+            // The revision has neither: the level travels with each request, and a server
+            // that answers is alive.
+            "logging/setLevel" => {
+                let level = params.and_then(level_of);
+                *self.log_level.lock().unwrap_or_else(|e| e.into_inner()) = level;
+                return Ok(Outcome::Result(Bytes::from_static(b"{}")));
+            }
+            "ping" => return Ok(Outcome::Result(Bytes::from_static(b"{}"))),
+            // The revision watches resources on the listen stream: the link's stream asks
+            // for these, and a change of them opens it anew.
+            "resources/subscribe" | "resources/unsubscribe" => {
+                let Connection::Http(h) = &**conn else {
+                    return Err(self.server.unavailable("not an HTTP server"));
+                };
+                let Some(uri) = params.and_then(uri_of) else {
+                    return Ok(Outcome::Error(jsonrpc::error_object(
+                        code::INVALID_PARAMS,
+                        &format!("{method} needs params.uri"),
+                    )));
+                };
+                return Ok(match h.watch(&uri, method == "resources/subscribe") {
+                    Ok(changed) => {
+                        if changed && self.listen.load(Ordering::Relaxed) {
+                            h.reopen_listen_stream(conn.clone());
+                        }
+                        Outcome::Result(Bytes::from_static(b"{}"))
+                    }
+                    Err(why) => Outcome::Error(jsonrpc::error_object(code::INVALID_PARAMS, &why)),
+                });
+            }
+            _ => {}
+        }
+        let prepared = match stateless::prepare(method, params, &self.envelope()) {
+            Ok(p) => p,
+            Err(e) => {
+                return Ok(Outcome::Error(jsonrpc::error_object(
+                    code::INVALID_PARAMS,
+                    &e,
+                )));
+            }
+        };
+        let timeout = self.server.config.call_timeout;
+        let cancel = opts.cancel.take();
+        let events = opts.events.take();
+        let progress_token = opts.progress_token.take();
+        let rounds = async {
+            let mut params = prepared.params.clone();
+            let mut marks_reread = false;
+            let mut round = 0;
+            loop {
+                let marks = if method == "tools/call" {
+                    Some(self.tool_marks(conn, marks_reread).await)
+                } else {
+                    None
+                };
+                let round_opts = CallOpts {
+                    events: events.clone(),
+                    progress_token: progress_token.clone(),
+                    mirrored: stateless::mirrored_headers(method, &prepared, marks.as_deref()),
+                    ..CallOpts::default()
+                };
+                let outcome = conn
+                    .request(method, Some(&params), round_opts, timeout)
+                    .await?;
+                if let Outcome::Error(e) = &outcome
+                    && marks.is_some()
+                    && !marks_reread
+                    && is_code(e, code::HEADER_MISMATCH)
+                {
+                    // The tool's marks may have changed since they were read: once more, with
+                    // the tool list read again.
+                    marks_reread = true;
+                    continue;
+                }
+                let Outcome::Result(result) = &outcome else {
+                    return Ok(outcome);
+                };
+                if prepared.client_driven {
+                    return Ok(outcome);
+                }
+                let asked = match stateless::input_required(result) {
+                    None => return Ok(outcome),
+                    Some(Err(why)) => return Err(self.server.unavailable(why)),
+                    Some(Ok(asked)) => asked,
+                };
+                round += 1;
+                if round > MAX_INPUT_ROUNDS {
+                    return Err(self.server.unavailable(format!(
+                        "the server asked for input more than {MAX_INPUT_ROUNDS} times in one call"
+                    )));
+                }
+                let answers = match self.ask_client(asked.requests, &events, timeout).await {
+                    Ok(a) => a,
+                    Err(refusal) => return Ok(refusal),
+                };
+                params = prepared.retry(&answers, asked.state.as_deref());
+            }
+        };
+        tokio::select! {
+            r = rounds => r,
+            _ = cancelled(cancel) => Err(UpstreamError::Cancelled),
+        }
+    }
+
+    /// Puts a 2026-07-28 server's questions to the session's client, as server requests on the
+    /// call's stream, and collects the answers by the server's keys. A client that answers
+    /// with an error, or not within `timeout`, fails the call with that reason.
+    async fn ask_client(
+        &self,
+        requests: Vec<stateless::InputRequest>,
+        events: &Option<super::EventSink>,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<(String, Bytes)>, Outcome> {
+        struct Asked<'a> {
+            link: &'a Link,
+            numbers: Vec<u64>,
+        }
+        impl Drop for Asked<'_> {
+            fn drop(&mut self) {
+                let mut asks = self.link.asks.lock().unwrap_or_else(|e| e.into_inner());
+                for n in &self.numbers {
+                    asks.remove(n);
+                }
+            }
+        }
+        let mut asked = Asked {
+            link: self,
+            numbers: Vec::with_capacity(requests.len()),
+        };
+        let mut waiting = Vec::with_capacity(requests.len());
+        for q in requests {
+            let n = self.next_ask.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            self.asks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(n, tx);
+            asked.numbers.push(n);
+            let id = format!("{ASK_ID_PREFIX}{n}\"");
+            let frame = jsonrpc::request(id.as_bytes(), &q.method, q.params.as_deref());
+            let Ok(msg) = jsonrpc::parse(frame) else {
+                return Err(Outcome::Error(jsonrpc::error_object(
+                    code::INTERNAL_ERROR,
+                    &format!("the server's input request {:?} is not valid JSON", q.key),
+                )));
+            };
+            self.inbox.deliver(Route::related(events.clone()), msg);
+            waiting.push((q.key, q.method, rx));
+        }
+        let mut answers = Vec::with_capacity(waiting.len());
+        for (key, method, rx) in waiting {
+            let refused = |why: String| {
+                Outcome::Error(jsonrpc::error_object(
+                    code::INTERNAL_ERROR,
+                    &format!(
+                        "the server {} asked the client {method} ({key:?}): {why}",
+                        self.server.name
+                    ),
+                ))
+            };
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(Outcome::Result(r))) => answers.push((key, r)),
+                Ok(Ok(Outcome::Error(e))) => {
+                    return Err(refused(format!(
+                        "the client answered with an error: {}",
+                        String::from_utf8_lossy(&e)
+                    )));
+                }
+                Ok(Err(_)) => return Err(refused("the question was dropped".into())),
+                Err(_) => {
+                    return Err(refused(format!("no answer within {timeout:?}")));
+                }
+            }
+        }
+        Ok(answers)
+    }
+
+    /// The tool arguments a 2026-07-28 server's schemas mark for `Mcp-Param-*` headers: its
+    /// tool list read once per connection (and again when `reread`, after the server said the
+    /// headers were wrong). A list that cannot be read marks nothing.
+    async fn tool_marks(&self, conn: &Arc<Connection>, reread: bool) -> Arc<ToolHeaders> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut known = self.marks.lock().await;
+        if let Some((g, marks)) = &*known
+            && *g == generation
+            && !reread
+        {
+            return marks.clone();
+        }
+        let mut marks = ToolHeaders::default();
+        let mut cursor: Option<String> = None;
+        for _ in 0..MAX_MARK_PAGES {
+            let params = match &cursor {
+                Some(c) => format!(
+                    r#"{{"cursor":{},"_meta":{{{}}}}}"#,
+                    serde_json::to_string(c).unwrap_or_default(),
+                    self.envelope()
+                ),
+                None => format!(r#"{{"_meta":{{{}}}}}"#, self.envelope()),
+            };
+            let opts = CallOpts {
+                mirrored: vec![(
+                    ::http::HeaderName::from_static("mcp-method"),
+                    ::http::HeaderValue::from_static("tools/list"),
+                )],
+                ..CallOpts::default()
+            };
+            let timeout = self.server.config.call_timeout;
+            let page = match conn
+                .request("tools/list", Some(params.as_bytes()), opts, timeout)
+                .await
+            {
+                Ok(Outcome::Result(page)) => page,
+                _ => break,
+            };
+            match marks.learn(&page) {
+                Ok(Some(next)) => cursor = Some(next),
+                _ => break,
+            }
+        }
+        let marks = Arc::new(marks);
+        *known = Some((generation, marks.clone()));
+        marks
+    }
+
     /// Sends a notification if connected (a disconnected upstream has nothing to be told).
     pub async fn notify(&self, method: &str, params: Option<&[u8]>) {
         if let Some(c) = self.live() {
@@ -459,8 +770,20 @@ impl Link {
         }
     }
 
-    /// Relays the client's response to a server→client request.
+    /// Relays the client's response to a server→client request (or takes it, when the link
+    /// asked it on a 2026-07-28 server's behalf).
     pub async fn respond(&self, id: &[u8], outcome: &Outcome) {
+        if let Some(n) = ask_number(id) {
+            let waiting = self
+                .asks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&n);
+            if let Some(tx) = waiting {
+                let _ = tx.send(outcome.clone());
+            }
+            return;
+        }
         if let Some(c) = self.live() {
             let _ = c.send(jsonrpc::response(id, outcome)).await;
         }
@@ -549,9 +872,56 @@ impl Link {
     }
 }
 
+/// The number of a request the link asked the client itself (`"gatehouse-input-N"`).
+fn ask_number(id: &[u8]) -> Option<u64> {
+    std::str::from_utf8(id)
+        .ok()?
+        .strip_prefix(ASK_ID_PREFIX)?
+        .strip_suffix('"')?
+        .parse()
+        .ok()
+}
+
+/// `params.level` of `logging/setLevel`.
+fn level_of(params: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct P {
+        level: String,
+    }
+    serde_json::from_slice::<P>(params).ok().map(|p| p.level)
+}
+
+/// Whether a JSON-RPC error object has code `code`.
+fn is_code(error: &[u8], code: i64) -> bool {
+    #[derive(serde::Deserialize)]
+    struct E {
+        code: i64,
+    }
+    serde_json::from_slice::<E>(error).is_ok_and(|e| e.code == code)
+}
+
+/// Resolves when the client cancels (never, without a cancel channel or once it is dropped).
+async fn cancelled(cancel: Option<oneshot::Receiver<()>>) {
+    let fired = match cancel {
+        Some(rx) => rx.await.is_ok(),
+        None => false,
+    };
+    if !fired {
+        std::future::pending::<()>().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::announces_changes;
+    use super::{announces_changes, ask_number};
+
+    #[test]
+    fn only_the_links_own_question_ids_are_taken() {
+        assert_eq!(ask_number(br#""gatehouse-input-42""#), Some(42));
+        assert_eq!(ask_number(b"42"), None);
+        assert_eq!(ask_number(br#""gatehouse-input-x""#), None);
+        assert_eq!(ask_number(br#""other-42""#), None);
+    }
 
     #[test]
     fn only_a_declared_list_changed_allows_caching() {

@@ -14,6 +14,7 @@ pub mod orchestrated;
 mod params;
 mod pending;
 pub mod shared;
+mod stateless;
 pub mod stdio;
 
 pub use error::UpstreamError;
@@ -83,6 +84,19 @@ pub struct Server {
     pub requests: crate::metrics::ServerMetrics,
     /// The orchestrator running this server, for [`Transport::Orchestrated`] upstreams.
     pub orchestrated: Option<orchestrated::Orchestrated>,
+    /// What its `server/discover` probe found (an HTTP server): [`Era`] as a number.
+    era: std::sync::atomic::AtomicU8,
+}
+
+/// Which revisions a server speaks, as far as the gateway knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Era {
+    /// Not probed yet.
+    Unknown = 0,
+    /// Sessions (`initialize`): 2025-11-25 and earlier.
+    Sessions = 1,
+    /// 2026-07-28: no session, every request self-contained.
+    Stateless = 2,
 }
 
 impl Server {
@@ -103,7 +117,22 @@ impl Server {
             http,
             metrics,
             orchestrated: None,
+            era: std::sync::atomic::AtomicU8::new(Era::Unknown as u8),
         }
+    }
+
+    /// What the server's probe found.
+    pub(crate) fn era(&self) -> Era {
+        match self.era.load(Ordering::Acquire) {
+            1 => Era::Sessions,
+            2 => Era::Stateless,
+            _ => Era::Unknown,
+        }
+    }
+
+    /// Remembers what the server's probe found (for every session's link).
+    pub(crate) fn set_era(&self, era: Era) {
+        self.era.store(era as u8, Ordering::Release);
     }
 
     /// With the orchestrator that runs it.
@@ -147,6 +176,8 @@ pub struct CallOpts {
     /// On a connection shared by several sessions: the calling session, and the client's own
     /// progress token when the gateway replaced it with a unique one.
     pub(crate) origin: Option<(Inbox, Option<Bytes>)>,
+    /// Headers that mirror the request, for a 2026-07-28 server (HTTP only).
+    pub(crate) mirrored: Vec<(::http::HeaderName, ::http::HeaderValue)>,
 }
 
 /// What a stdio connection remembers about a call to route the server's related messages.
@@ -204,7 +235,10 @@ impl Connection {
                     };
                     c.exchange(id, frame, route).await
                 }
-                Connection::Http(c) => c.exchange(id, frame, opts.events.take()).await,
+                Connection::Http(c) => {
+                    let mirrored = std::mem::take(&mut opts.mirrored);
+                    c.exchange(id, frame, opts.events.take(), mirrored).await
+                }
             }
         };
         let cancelled = async {
@@ -244,6 +278,11 @@ impl Connection {
             Connection::Stdio(c) => c.send(frame).await,
             Connection::Http(c) => c.send(frame).await,
         }
+    }
+
+    /// Whether the server speaks 2026-07-28 (no session; see [`http::Connection::set_stateless`]).
+    pub(crate) fn is_stateless(&self) -> bool {
+        matches!(self, Connection::Http(c) if c.is_stateless())
     }
 
     pub(crate) fn is_alive(&self) -> bool {

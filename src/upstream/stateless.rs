@@ -1,0 +1,474 @@
+//! Talking 2026-07-28 to an upstream: the probe (`server/discover`), the per-request envelope
+//! in `_meta`, the headers that mirror a request (`Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`), and
+//! reading an `input_required` result.
+//!
+//! Everything here is pure: the link decides when to probe, and what to do with a result that
+//! asks the client for input (pass it to a 2026 client, or ask a 2025 client on its stream).
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::mcp::jsonrpc;
+use crate::mcp::param_headers::ToolHeaders;
+use crate::mcp::revision::STATELESS;
+
+/// Keys of the request envelope in `_meta` all start so.
+const ENVELOPE_PREFIX: &str = "io.modelcontextprotocol/";
+const VERSION_KEY: &str = "io.modelcontextprotocol/protocolVersion";
+const CAPABILITIES_KEY: &str = "io.modelcontextprotocol/clientCapabilities";
+const INFO_KEY: &str = "io.modelcontextprotocol/clientInfo";
+const LEVEL_KEY: &str = "io.modelcontextprotocol/logLevel";
+
+/// Most input requests one `input_required` result may carry.
+pub(crate) const MAX_INPUT_REQUESTS: usize = 16;
+
+type Object<'a> = BTreeMap<Cow<'a, str>, &'a RawValue>;
+
+/// The envelope members (`"key":value,…`, no braces) a session's requests carry upstream: the
+/// revision, and the capabilities and identity the client declared in its `initialize`.
+pub(crate) fn envelope(init_params: &[u8], log_level: Option<&str>) -> String {
+    #[derive(Deserialize)]
+    struct Init<'a> {
+        #[serde(borrow)]
+        capabilities: Option<&'a RawValue>,
+        #[serde(borrow, rename = "clientInfo")]
+        info: Option<&'a RawValue>,
+    }
+    let init: Option<Init<'_>> = serde_json::from_slice(init_params).ok();
+    let capabilities = init
+        .as_ref()
+        .and_then(|i| i.capabilities)
+        .map_or("{}", RawValue::get);
+    let mut out = format!(r#""{VERSION_KEY}":"{STATELESS}","{CAPABILITIES_KEY}":{capabilities}"#);
+    if let Some(info) = init.as_ref().and_then(|i| i.info) {
+        out.push_str(&format!(r#","{INFO_KEY}":{}"#, info.get()));
+    }
+    if let Some(level) = log_level {
+        out.push_str(&format!(r#","{LEVEL_KEY}":{}"#, json_string(level)));
+    }
+    out
+}
+
+/// The `server/discover` request that probes whether a server speaks 2026-07-28.
+pub(crate) fn discover_frame(envelope: &str) -> Bytes {
+    let params = format!(r#"{{"_meta":{{{envelope}}}}}"#);
+    jsonrpc::request(b"0", "server/discover", Some(params.as_bytes()))
+}
+
+/// Whether a `server/discover` result lists 2026-07-28 among the server's versions.
+pub(crate) fn speaks_stateless(result: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Discovered {
+        #[serde(rename = "supportedVersions")]
+        versions: Vec<String>,
+    }
+    serde_json::from_slice::<Discovered>(result)
+        .is_ok_and(|d| d.versions.iter().any(|v| v == STATELESS))
+}
+
+/// A request's params made ready for a 2026-07-28 upstream.
+pub(crate) struct Prepared {
+    /// The params with the envelope in `_meta`.
+    pub params: Bytes,
+    /// `params.name` (tools/call, prompts/get) or `params.uri` (resources/read).
+    pub target: Option<String>,
+    /// The client speaks 2026-07-28 itself (its own envelope came with the request): it answers
+    /// `input_required` results itself.
+    pub client_driven: bool,
+    /// `params.arguments` of a tool call (what `Mcp-Param-*` headers mirror).
+    pub arguments: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Puts the envelope in a request's params. A 2026 client's own envelope is kept (it was
+/// checked at the front); anyone else's `io.modelcontextprotocol/*` members and retry members
+/// are replaced by the session's, since the gateway runs that client's round trips itself.
+pub(crate) fn prepare(
+    method: &str,
+    params: Option<&[u8]>,
+    envelope: &str,
+) -> Result<Prepared, String> {
+    let bytes = params.unwrap_or(b"{}");
+    let mut fields: Object<'_> =
+        serde_json::from_slice(bytes).map_err(|_| "params must be an object".to_owned())?;
+    let meta: Object<'_> = match fields.get("_meta") {
+        Some(raw) => serde_json::from_str(raw.get())
+            .map_err(|_| "params._meta must be an object".to_owned())?,
+        None => Object::new(),
+    };
+    let client_driven = meta.contains_key(VERSION_KEY);
+    let meta_text = if client_driven {
+        None
+    } else {
+        fields.remove("requestState");
+        fields.remove("inputResponses");
+        let mut out = String::from("{");
+        out.push_str(envelope);
+        for (k, v) in meta.iter().filter(|(k, _)| !k.starts_with(ENVELOPE_PREFIX)) {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            out.push_str(&json_string(k));
+            out.push(':');
+            out.push_str(v.get());
+        }
+        out.push('}');
+        Some(RawValue::from_string(out).map_err(|e| e.to_string())?)
+    };
+    if let Some(m) = &meta_text {
+        fields.insert(Cow::Borrowed("_meta"), m);
+    }
+    let key = match method {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        _ => None,
+    };
+    let target = key
+        .and_then(|k| fields.get(k))
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+    let arguments = if method == "tools/call" {
+        fields
+            .get("arguments")
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+    } else {
+        None
+    };
+    let params = match meta_text {
+        Some(_) => Bytes::from(serde_json::to_vec(&fields).map_err(|e| e.to_string())?),
+        None => Bytes::copy_from_slice(bytes),
+    };
+    Ok(Prepared {
+        params,
+        target,
+        client_driven,
+        arguments,
+    })
+}
+
+impl Prepared {
+    /// The params of the retry that answers a round: these answers, and the server's state.
+    pub(crate) fn retry(&self, answers: &[(String, Bytes)], state: Option<&str>) -> Bytes {
+        let mut fields: Object<'_> =
+            serde_json::from_slice(&self.params).expect("prepared params are an object");
+        let mut responses = String::from("{");
+        for (i, (key, answer)) in answers.iter().enumerate() {
+            if i > 0 {
+                responses.push(',');
+            }
+            responses.push_str(&json_string(key));
+            responses.push(':');
+            responses.push_str(std::str::from_utf8(answer).unwrap_or("null"));
+        }
+        responses.push('}');
+        let responses = RawValue::from_string(responses).ok();
+        let state = state.map(|s| RawValue::from_string(json_string(s)).expect("a JSON string"));
+        if let Some(r) = &responses {
+            fields.insert(Cow::Borrowed("inputResponses"), r);
+        }
+        if let Some(s) = &state {
+            fields.insert(Cow::Borrowed("requestState"), s);
+        }
+        Bytes::from(serde_json::to_vec(&fields).expect("raw values encode"))
+    }
+}
+
+/// Params for an upstream of an earlier revision, if they must change: without the envelope
+/// (such servers may refuse it) and without a retry's members (they cannot mean anything there).
+pub(crate) fn for_sessions(params: &[u8]) -> Option<Bytes> {
+    let may = [ENVELOPE_PREFIX, "requestState", "inputResponses", "\\"]
+        .iter()
+        .any(|k| memchr::memmem::find(params, k.as_bytes()).is_some());
+    if !may {
+        return None;
+    }
+    let mut fields: Object<'_> = serde_json::from_slice(params).ok()?;
+    let mut changed = fields.remove("requestState").is_some();
+    changed |= fields.remove("inputResponses").is_some();
+    let kept;
+    if let Some(raw) = fields.get("_meta")
+        && let Ok(meta) = serde_json::from_str::<Object<'_>>(raw.get())
+        && meta.keys().any(|k| k.starts_with(ENVELOPE_PREFIX))
+    {
+        let rest: Object<'_> = meta
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(ENVELOPE_PREFIX))
+            .collect();
+        kept = RawValue::from_string(serde_json::to_string(&rest).ok()?).ok()?;
+        fields.insert(Cow::Borrowed("_meta"), &kept);
+        changed = true;
+    }
+    changed.then(|| serde_json::to_vec(&fields).ok().map(Bytes::from))?
+}
+
+/// One question of an `input_required` result.
+#[derive(Debug)]
+pub(crate) struct InputRequest {
+    /// The server's key for the answer.
+    pub key: String,
+    /// `elicitation/create`, `sampling/createMessage` or `roots/list`.
+    pub method: String,
+    /// Its params, as sent.
+    pub params: Option<Bytes>,
+}
+
+/// What an `input_required` result asks.
+#[derive(Debug)]
+pub(crate) struct InputRequired {
+    /// The questions.
+    pub requests: Vec<InputRequest>,
+    /// The server's `requestState`, to echo on the retry.
+    pub state: Option<String>,
+}
+
+/// The questions of a result, if it is `input_required`; `Err` if it is one the gateway cannot
+/// relay (too many questions, or one that is not a client request).
+pub(crate) fn input_required(result: &[u8]) -> Option<Result<InputRequired, String>> {
+    if memchr::memmem::find(result, b"input_required").is_none()
+        && memchr::memchr(b'\\', result).is_none()
+    {
+        return None;
+    }
+    #[derive(Deserialize)]
+    struct R<'a> {
+        #[serde(rename = "resultType")]
+        kind: Option<Cow<'a, str>>,
+        #[serde(borrow, rename = "inputRequests", default)]
+        requests: BTreeMap<String, &'a RawValue>,
+        #[serde(rename = "requestState")]
+        state: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Q<'a> {
+        method: String,
+        #[serde(borrow)]
+        params: Option<&'a RawValue>,
+    }
+    let r: R<'_> = serde_json::from_slice(result).ok()?;
+    if r.kind.as_deref() != Some("input_required") {
+        return None;
+    }
+    Some((|| {
+        if r.requests.len() > MAX_INPUT_REQUESTS {
+            return Err(format!(
+                "the server asked {} questions at once (at most {MAX_INPUT_REQUESTS})",
+                r.requests.len()
+            ));
+        }
+        let mut requests = Vec::with_capacity(r.requests.len());
+        for (key, raw) in r.requests {
+            let q: Q<'_> = serde_json::from_str(raw.get())
+                .map_err(|_| format!("input request {key:?} is not a request"))?;
+            if !matches!(
+                q.method.as_str(),
+                "elicitation/create" | "sampling/createMessage" | "roots/list"
+            ) {
+                return Err(format!(
+                    "input request {key:?} asks {:?}, which is not a request a client answers",
+                    q.method
+                ));
+            }
+            requests.push(InputRequest {
+                key,
+                method: q.method,
+                params: q.params.map(|p| Bytes::copy_from_slice(p.get().as_bytes())),
+            });
+        }
+        if requests.is_empty() && r.state.is_none() {
+            return Err("an input_required result with no requests and no state".into());
+        }
+        Ok(InputRequired {
+            requests,
+            state: r.state,
+        })
+    })())
+}
+
+/// The headers that mirror a request (2026-07-28): its method, its target, and the tool
+/// arguments the tool's schema marks `x-mcp-header`.
+pub(crate) fn mirrored_headers(
+    method: &str,
+    prepared: &Prepared,
+    marks: Option<&ToolHeaders>,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::with_capacity(2);
+    if let Ok(v) = HeaderValue::from_str(method) {
+        out.push((HeaderName::from_static("mcp-method"), v));
+    }
+    if let Some(target) = &prepared.target {
+        out.push((HeaderName::from_static("mcp-name"), header_value(target)));
+    }
+    if let (Some(marks), Some(tool), Some(args)) = (marks, &prepared.target, &prepared.arguments) {
+        for (arg, suffix) in marks.of(tool) {
+            let text = match args.get(arg) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+                    v.to_string()
+                }
+                _ => continue,
+            };
+            if let Ok(name) = HeaderName::try_from(format!("mcp-param-{suffix}")) {
+                out.push((name, header_value(&text)));
+            }
+        }
+    }
+    out
+}
+
+/// A mirrored value as a header: plain when it is visible ASCII without edge spaces, else
+/// `=?base64?…?=` (what the revision prescribes for anything else).
+fn header_value(text: &str) -> HeaderValue {
+    let plain = !text.is_empty()
+        && text.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && !text.starts_with(' ')
+        && !text.ends_with(' ')
+        && !text.starts_with("=?");
+    if plain && let Ok(v) = HeaderValue::from_str(text) {
+        return v;
+    }
+    let encoded = base64::engine::general_purpose::STANDARD.encode(text.as_bytes());
+    HeaderValue::from_str(&format!("=?base64?{encoded}?=")).expect("base64 is a valid header")
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).expect("strings encode")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    const INIT: &[u8] = br#"{"protocolVersion":"2025-11-25","capabilities":{"elicitation":{}},"clientInfo":{"name":"c","version":"1"}}"#;
+
+    fn parse(b: &[u8]) -> Value {
+        serde_json::from_slice(b).unwrap()
+    }
+
+    #[test]
+    fn a_session_clients_request_carries_the_sessions_envelope() {
+        let env = envelope(INIT, Some("info"));
+        let p = prepare(
+            "tools/call",
+            Some(br#"{"name":"t","arguments":{"a":1},"_meta":{"progressToken":7,"io.modelcontextprotocol/clientCapabilities":{"sampling":{}}},"requestState":"x","inputResponses":{}}"#),
+            &env,
+        )
+        .unwrap();
+        assert!(!p.client_driven);
+        assert_eq!(p.target.as_deref(), Some("t"));
+        let v = parse(&p.params);
+        let meta = &v["_meta"];
+        assert_eq!(meta[VERSION_KEY], "2026-07-28");
+        assert_eq!(meta[CAPABILITIES_KEY], json!({"elicitation": {}}));
+        assert_eq!(meta[INFO_KEY]["name"], "c");
+        assert_eq!(meta[LEVEL_KEY], "info");
+        assert_eq!(meta["progressToken"], 7);
+        assert!(v.get("requestState").is_none() && v.get("inputResponses").is_none());
+    }
+
+    #[test]
+    fn a_2026_clients_own_envelope_and_retry_pass_unchanged() {
+        let raw = br#"{"name":"t","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}},"inputResponses":{"k":{}}}"#;
+        let p = prepare("tools/call", Some(raw), &envelope(INIT, None)).unwrap();
+        assert!(p.client_driven);
+        assert_eq!(&p.params[..], &raw[..]);
+        let retry = parse(&p.retry(
+            &[("k2".into(), Bytes::from_static(b"{\"a\":1}"))],
+            Some("s"),
+        ));
+        assert_eq!(retry["requestState"], "s");
+        assert_eq!(retry["inputResponses"], json!({"k2": {"a": 1}}));
+        assert!(prepare("tools/call", Some(b"[1]"), "").is_err());
+    }
+
+    #[test]
+    fn earlier_revisions_never_see_the_envelope_or_retry_members() {
+        assert!(for_sessions(br#"{"name":"t","_meta":{"progressToken":1}}"#).is_none());
+        let out = for_sessions(br#"{"name":"t","_meta":{"progressToken":1,"io.modelcontextprotocol/protocolVersion":"2026-07-28"},"requestState":"s","inputResponses":{}}"#).unwrap();
+        assert_eq!(
+            parse(&out),
+            json!({"name": "t", "_meta": {"progressToken": 1}})
+        );
+        // An escaped key is still the envelope's; a nested `_meta` is the arguments' own.
+        let escaped = for_sessions(br#"{"_meta":{"io.modelcontextprotocol\/protocolVersion":"2026-07-28"},"arguments":{"_meta":1}}"#).unwrap();
+        assert_eq!(
+            parse(&escaped),
+            json!({"_meta": {}, "arguments": {"_meta": 1}})
+        );
+    }
+
+    #[test]
+    fn input_required_results_are_read_and_bounded() {
+        assert!(input_required(br#"{"content":[]}"#).is_none());
+        assert!(input_required(br#"{"resultType":"complete","x":"input_required"}"#).is_none());
+        let ir = input_required(br#"{"resultType":"input_required","inputRequests":{"user_name":{"method":"elicitation/create","params":{"message":"?"}}},"requestState":"abc"}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(ir.requests.len(), 1);
+        assert_eq!(ir.requests[0].key, "user_name");
+        assert_eq!(ir.state.as_deref(), Some("abc"));
+        let odd = input_required(
+            br#"{"resultType":"input_required","inputRequests":{"k":{"method":"tools/call"}}}"#,
+        )
+        .unwrap();
+        assert!(odd.unwrap_err().contains("not a request a client answers"));
+        let many: String = (0..17)
+            .map(|i| format!(r#""k{i}":{{"method":"roots/list"}}"#))
+            .collect::<Vec<_>>()
+            .join(",");
+        let many = format!(r#"{{"resultType":"input_required","inputRequests":{{{many}}}}}"#);
+        assert!(input_required(many.as_bytes()).unwrap().is_err());
+        let empty = input_required(br#"{"resultType":"input_required"}"#).unwrap();
+        assert!(empty.is_err());
+    }
+
+    #[test]
+    fn mirrored_values_are_plain_or_base64() {
+        assert_eq!(header_value("eu-west-1"), "eu-west-1");
+        assert_eq!(header_value(" padded"), "=?base64?IHBhZGRlZA==?=");
+        assert_eq!(header_value("héllo"), "=?base64?aMOpbGxv?=");
+        assert_eq!(header_value("a\r\nb"), "=?base64?YQ0KYg==?=");
+        let mut marks = ToolHeaders::default();
+        marks
+            .learn(br#"{"tools":[{"name":"t","inputSchema":{"properties":{"region":{"x-mcp-header":"Region"},"n":{"x-mcp-header":"N"}}}}]}"#)
+            .unwrap();
+        let p = prepare(
+            "tools/call",
+            Some(br#"{"name":"t","arguments":{"region":"eu","n":3}}"#),
+            "",
+        )
+        .unwrap();
+        let mut h: Vec<(String, String)> = mirrored_headers("tools/call", &p, Some(&marks))
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        h.sort();
+        assert_eq!(
+            h,
+            [
+                ("mcp-method".into(), "tools/call".into()),
+                ("mcp-name".into(), "t".into()),
+                ("mcp-param-n".into(), "3".into()),
+                ("mcp-param-region".into(), "eu".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn discover_results_name_the_revision() {
+        assert!(speaks_stateless(
+            br#"{"supportedVersions":["2025-11-25","2026-07-28"]}"#
+        ));
+        assert!(!speaks_stateless(
+            br#"{"supportedVersions":["2025-11-25"]}"#
+        ));
+        assert!(!speaks_stateless(br#"{}"#));
+        let f = parse(&discover_frame(&envelope(INIT, None)));
+        assert_eq!(f["method"], "server/discover");
+        assert_eq!(f["params"]["_meta"][VERSION_KEY], "2026-07-28");
+    }
+}
