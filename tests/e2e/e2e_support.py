@@ -283,7 +283,9 @@ class Gateway:
         return TapLogs(self.tapdir)
 
     @asynccontextmanager
-    async def client(self, mode: str = "legacy", wait_for_get_stream: bool = True, **kwargs: Any) -> AsyncIterator[Client]:
+    async def client(
+        self, mode: str = "legacy", wait_for_get_stream: bool = True, token: str | None = None, **kwargs: Any
+    ) -> AsyncIterator[Client]:
         """An SDK client session with this gateway (legacy handshake unless `mode` says otherwise).
 
         The SDK opens its GET stream (where the gateway sends server messages that belong to
@@ -298,6 +300,8 @@ class Gateway:
 
         http = create_mcp_http_client()
         http.event_hooks["response"].append(on_response)
+        if token is not None:
+            http.headers["authorization"] = f"Bearer {token}"
         async with http:
             async with Client(streamable_http_client(self.url, http_client=http), mode=mode, **kwargs) as c:
                 if wait_for_get_stream:
