@@ -29,6 +29,8 @@ pub enum Body {
         /// The frames.
         frames: mpsc::Receiver<Bytes>,
     },
+    /// Server-Sent Events already encoded (numbered, for resumption).
+    Events(mpsc::Receiver<Bytes>),
 }
 
 impl Body {
@@ -62,6 +64,7 @@ impl http_body::Body for Body {
                     Ok(Frame::data(event))
                 })
             }),
+            Body::Events(events) => events.poll_recv(cx).map(|o| o.map(|e| Ok(Frame::data(e)))),
         }
     }
 
@@ -69,7 +72,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
-            Body::Sse { .. } => false,
+            Body::Sse { .. } | Body::Events(_) => false,
         }
     }
 
@@ -78,7 +81,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
-            Body::Sse { .. } => SizeHint::default(),
+            Body::Sse { .. } | Body::Events(_) => SizeHint::default(),
         }
     }
 }
@@ -106,6 +109,16 @@ pub(crate) fn sse_response_after(
         prelude,
         frames: rx,
     });
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// An SSE response of events already encoded.
+pub(crate) fn events_response(events: mpsc::Receiver<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Body::Events(events));
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     r.headers_mut()

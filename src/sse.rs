@@ -11,6 +11,8 @@ pub struct Event {
     pub data: Bytes,
     /// `id:` field, if any.
     pub id: Option<String>,
+    /// `retry:` field (milliseconds), if any.
+    pub retry: Option<u64>,
 }
 
 /// An SSE stream that broke a size limit.
@@ -113,6 +115,7 @@ impl Decoder {
 fn parse_block(block: &Bytes) -> Option<Event> {
     let mut event = String::new();
     let mut id = None;
+    let mut retry = None;
     let mut data: Option<BytesMut> = None;
     for line in block.split(|b| *b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -137,6 +140,7 @@ fn parse_block(block: &Bytes) -> Option<Event> {
             },
             b"event" => event = String::from_utf8_lossy(value).into_owned(),
             b"id" => id = Some(String::from_utf8_lossy(value).into_owned()),
+            b"retry" => retry = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()),
             _ => {}
         }
     }
@@ -144,6 +148,7 @@ fn parse_block(block: &Bytes) -> Option<Event> {
         event,
         data: d.freeze(),
         id,
+        retry,
     })
 }
 

@@ -135,8 +135,12 @@ async fn answers_to_server_requests_stay_one_message() {
         let mut done = None;
         while let Some(end) = seen.find("\n\n") {
             let event: String = seen.drain(..end + 2).collect();
-            let Some(line) = event.lines().find_map(|l| l.strip_prefix("data: ")) else {
-                continue;
+            let Some(line) = event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .filter(|d| !d.is_empty())
+            else {
+                continue; // a comment, or the priming event
             };
             let msg: Value = serde_json::from_str(line).unwrap();
             if msg["method"] == "sampling/createMessage" {

@@ -101,6 +101,12 @@ pub enum FrontError {
     /// `initialize` params were malformed.
     #[error("invalid initialize params: {0}")]
     Initialize(String),
+    /// A `Last-Event-ID` that names no stream this session can resume.
+    #[error(transparent)]
+    Resume(#[from] crate::mcp::resume::ResumeError),
+    /// The session keeps as many response streams as it may.
+    #[error(transparent)]
+    TooManyStreams(#[from] crate::mcp::resume::TooManyStreams),
 }
 
 impl FrontError {
@@ -116,9 +122,9 @@ impl FrontError {
             FrontError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             FrontError::UnknownSession => StatusCode::NOT_FOUND,
             FrontError::TooManySessions => StatusCode::SERVICE_UNAVAILABLE,
-            FrontError::TooManySessionsForPrincipal(_) | FrontError::StreamBusy(_) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            FrontError::TooManySessionsForPrincipal(_)
+            | FrontError::StreamBusy(_)
+            | FrontError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             FrontError::StreamOpen => StatusCode::CONFLICT,
             FrontError::Version(_)
             | FrontError::DuplicateHost(_)
@@ -127,6 +133,7 @@ impl FrontError {
             | FrontError::Parse(_)
             | FrontError::MissingSession
             | FrontError::MissingStreamId
+            | FrontError::Resume(_)
             | FrontError::Initialize(_) => StatusCode::BAD_REQUEST,
         }
     }
@@ -139,7 +146,8 @@ impl FrontError {
             | FrontError::MissingStreamId
             | FrontError::Version(_)
             | FrontError::Body(_) => code::INVALID_REQUEST,
-            FrontError::StreamBusy(_) => code::TOO_BUSY,
+            FrontError::StreamBusy(_) | FrontError::TooManyStreams(_) => code::TOO_BUSY,
+            FrontError::Resume(_) => code::INVALID_REQUEST,
             _ => -32000,
         }
     }
@@ -411,7 +419,18 @@ async fn post(
             match handler::request(gw.services(), &session, id, &method, params).await {
                 Reply::Json(frame) => Ok(json_response(StatusCode::OK, frame)),
                 Reply::Refused(status, frame) => Ok(json_response(status, frame)),
-                Reply::Stream(rx) => Ok(sse_response(rx)),
+                Reply::Stream(rx) => {
+                    // Numbered and recorded, so that a broken connection is resumed (with
+                    // `Last-Event-ID`) rather than the call lost; revisions before ids get the
+                    // stream as it comes.
+                    if session.protocol_version < "2025-03-26" {
+                        return Ok(sse_response(rx));
+                    }
+                    let prime = session.protocol_version >= "2025-11-25";
+                    Ok(crate::body::events_response(
+                        session.streams.open(rx, prime)?,
+                    ))
+                }
             }
         }
         Kind::Notification { method, params } => {
@@ -494,6 +513,13 @@ async fn get(
     }
     check_version(headers)?;
     let session = session_of(gw, &principal, headers.get(SESSION_HEADER))?;
+    // A client resuming a response stream whose connection broke gets the rest of it.
+    if let Some(last) = headers.get("last-event-id") {
+        let last = last
+            .to_str()
+            .map_err(|_| crate::mcp::resume::ResumeError::Malformed("(not text)".into()))?;
+        return Ok(crate::body::events_response(session.streams.resume(last)?));
+    }
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     if !session.open_listen_stream(tx.clone()) {
         return Err(FrontError::StreamOpen);

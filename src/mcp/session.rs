@@ -111,6 +111,8 @@ pub struct Session {
     merged: Mutex<Vec<MergedPage>>,
     /// Listen streams (`subscriptions/listen`) of a stateless session's clients.
     pub subscriptions: Subscriptions,
+    /// Its POST response streams, kept for resumption (`Last-Event-ID`).
+    pub streams: crate::mcp::resume::Streams,
     /// Each upstream's tool arguments mirrored in `Mcp-Param-*` headers, once read, with the
     /// link generation they were read on (stateless sessions only).
     tool_headers: Mutex<Vec<Option<ReadHeaders>>>,
@@ -199,6 +201,7 @@ impl Session {
                 listen: Mutex::new(Listen::default()),
                 merged: Mutex::new(Vec::new()),
                 subscriptions: Subscriptions::default(),
+                streams: crate::mcp::resume::Streams::default(),
                 tool_headers: Mutex::new(vec![None; servers.len()]),
                 tool_headers_reading: tokio::sync::Mutex::new(()),
                 epoch,

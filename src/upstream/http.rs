@@ -28,6 +28,12 @@ const MAX_STREAM: u64 = 256 * 1024 * 1024;
 const LISTEN_IDLE: Duration = Duration::from_secs(300);
 /// Longest upstream `Mcp-Session-Id` accepted.
 const MAX_SESSION_ID: usize = 1024;
+/// Times one call's response stream is resumed after the server ended it.
+const MAX_RESUMES: u32 = 16;
+/// Wait before resuming a response stream, unless the server said (`retry`), and the most it
+/// may say.
+const RESUME_WAIT: Duration = Duration::from_millis(500);
+const RESUME_WAIT_MAX: Duration = Duration::from_secs(10);
 /// Waits between attempts to re-open a GET stream that failed.
 const LISTEN_RETRY: Duration = Duration::from_secs(1);
 const LISTEN_RETRY_MAX: Duration = Duration::from_secs(60);
@@ -357,25 +363,66 @@ impl Connection {
         }
         let mut body = resp.into_body();
         let mut decoder = sse::Decoder::new(MAX_MESSAGE).with_stream_limit(MAX_STREAM);
+        let mut last_id: Option<String> = None;
+        let mut wait = RESUME_WAIT;
+        let mut resumed = 0;
         loop {
             while let Some(ev) = decoder
                 .next_event()
                 .map_err(|e| self.server.unavailable(e.to_string()))?
             {
+                if let Some(id) = &ev.id {
+                    last_id = Some(id.clone());
+                }
+                if let Some(ms) = ev.retry {
+                    wait = Duration::from_millis(ms).min(RESUME_WAIT_MAX);
+                }
                 if let Some(outcome) = self.on_event(ev, Some(id), events.as_ref()) {
                     return Ok(outcome);
                 }
             }
-            match body.frame().await {
+            let ended = match body.frame().await {
                 Some(Ok(f)) => {
                     if let Ok(data) = f.into_data() {
                         decoder.feed(&data);
                     }
+                    continue;
                 }
-                Some(Err(e)) => return Err(self.server.unavailable(format!("stream broke: {e}"))),
-                None => return Err(self.server.unavailable("stream ended without a response")),
-            }
+                Some(Err(e)) => format!("stream broke: {e}"),
+                None => "stream ended without a response".to_owned(),
+            };
+            // A server that ends the stream mid-call (2025-11-25 polling), or whose connection
+            // broke, is asked for the rest with the last event id it gave.
+            let Some(last) = last_id.as_deref().filter(|_| resumed < MAX_RESUMES) else {
+                return Err(self.server.unavailable(ended));
+            };
+            resumed += 1;
+            tokio::time::sleep(wait).await;
+            body = self.resume_stream(last).await?;
+            decoder = sse::Decoder::new(MAX_MESSAGE).with_stream_limit(MAX_STREAM);
         }
+    }
+
+    /// Re-opens a response stream after event `last` (GET with `Last-Event-ID`).
+    async fn resume_stream(&self, last: &str) -> Result<hyper::body::Incoming, UpstreamError> {
+        let mut req = self.request(Method::GET, Bytes::new(), "text/event-stream")?;
+        let value = HeaderValue::from_str(last).map_err(|_| {
+            self.server
+                .unavailable("the server's event id is not a header value")
+        })?;
+        req.headers_mut().insert("last-event-id", value);
+        let resp = self
+            .client()
+            .request(req)
+            .await
+            .map_err(|e| self.server.unavailable(connect_reason(&e)))?;
+        if !resp.status().is_success() || !is_event_stream(resp.headers()) {
+            return Err(self.server.unavailable(format!(
+                "the stream could not be resumed after event {last:?}: HTTP {}",
+                resp.status()
+            )));
+        }
+        Ok(resp.into_body())
     }
 
     /// Handles one SSE event; returns the outcome when it answers `waiting_for`.
@@ -519,7 +566,11 @@ impl Connection {
     /// ends, stays silent for `idle`, or breaks a size limit.
     async fn listen_once(&self, idle: Duration) -> Result<ListenEnd, UpstreamError> {
         let req = if self.is_stateless() {
-            let mut req = self.request(Method::POST, self.listen_frame(), "text/event-stream")?;
+            let mut req = self.request(
+                Method::POST,
+                self.listen_frame(),
+                "application/json, text/event-stream",
+            )?;
             req.headers_mut().insert(
                 "mcp-method",
                 HeaderValue::from_static("subscriptions/listen"),

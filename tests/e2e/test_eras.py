@@ -162,3 +162,28 @@ async def test_a_2026_client_through_the_sdk(eras_gateway: Gateway) -> None:
         r = await c.call_tool("test_input_required_result_elicitation", {})
         assert text_of(r) == "Hello, Ada!"
         assert text_of(await c.call_tool("test_header_routed", {"region": "ap-south"})) == "ap-south"
+
+
+@pytest.fixture(scope="module")
+def sessions_gateway(tools: Tools, workdir: Path, modern_upstream: tuple[Proc, str]) -> Iterator[Gateway]:
+    """The same server, told to be spoken to with sessions only (`protocol: sessions`)."""
+    gw = start_gateway(
+        tools,
+        workdir,
+        "eras-sessions",
+        [{"name": "modern", "http": {"url": modern_upstream[1]}, "protocol": "sessions", "call_timeout": "30s"}],
+    )
+    try:
+        yield gw
+    finally:
+        gw.proc.stop()
+
+
+async def test_an_upstream_that_ends_its_stream_mid_call_is_resumed(sessions_gateway: Gateway) -> None:
+    """The fixture's test_reconnection ends its response stream before answering (2025-11-25
+    polling): the gateway comes back with Last-Event-ID and the answer still arrives."""
+    async with sessions_gateway.client(mode="legacy") as c:
+        r = await c.call_tool("test_reconnection", {})
+        assert text_of(r) == "Reconnection test completed successfully"
+        # Spoken to with sessions: the server's questions are server requests, not input keys.
+        assert text_of(await c.call_tool("echo", {"text": "still here"})) == "still here"

@@ -109,7 +109,9 @@ impl Resp {
                     .lines()
                     .filter_map(|l| l.strip_prefix("data: "))
                     .collect();
-                (!data.is_empty()).then(|| serde_json::from_str(&data.join("\n")).unwrap())
+                // An event without data (a priming event) is not dispatched, as in browsers.
+                let data = data.join("\n");
+                (!data.is_empty()).then(|| serde_json::from_str(&data).unwrap())
             })
             .collect()
     }
@@ -290,8 +292,9 @@ impl SseReader {
                     .lines()
                     .filter_map(|l| l.strip_prefix("data: "))
                     .collect();
+                let data = data.join("\n");
                 if !data.is_empty() {
-                    return Some(serde_json::from_str(&data.join("\n")).unwrap());
+                    return Some(serde_json::from_str(&data).unwrap());
                 }
                 continue;
             }
