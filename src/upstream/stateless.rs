@@ -186,6 +186,39 @@ pub(crate) fn for_sessions(params: &[u8]) -> Option<Bytes> {
     if !may {
         return None;
     }
+    #[derive(Deserialize)]
+    struct Top<'a> {
+        #[serde(borrow, rename = "_meta")]
+        meta: Option<&'a RawValue>,
+        #[serde(rename = "requestState")]
+        state: Option<serde::de::IgnoredAny>,
+        #[serde(rename = "inputResponses")]
+        responses: Option<serde::de::IgnoredAny>,
+    }
+    let top: Top<'_> = serde_json::from_slice(params).ok()?;
+    if top.state.is_none() && top.responses.is_none() {
+        // The common case, a 2026 client's call: only `_meta`'s value changes, spliced in
+        // place rather than the whole params encoded again.
+        let raw = top.meta?;
+        let meta: Object<'_> = serde_json::from_str(raw.get()).ok()?;
+        if !meta.keys().any(|k| k.starts_with(ENVELOPE_PREFIX)) {
+            return None;
+        }
+        let rest: Object<'_> = meta
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(ENVELOPE_PREFIX))
+            .collect();
+        let kept = serde_json::to_string(&rest).ok()?;
+        let start = (raw.get().as_ptr() as usize).checked_sub(params.as_ptr() as usize)?;
+        let end = start
+            .checked_add(raw.get().len())
+            .filter(|e| *e <= params.len())?;
+        let mut out = Vec::with_capacity(params.len() - (end - start) + kept.len());
+        out.extend_from_slice(&params[..start]);
+        out.extend_from_slice(kept.as_bytes());
+        out.extend_from_slice(&params[end..]);
+        return Some(Bytes::from(out));
+    }
     let mut fields: Object<'_> = serde_json::from_slice(params).ok()?;
     let mut changed = fields.remove("requestState").is_some();
     changed |= fields.remove("inputResponses").is_some();
