@@ -184,6 +184,53 @@ pub struct RawMcp {
     /// Serve 2024-11-05 HTTP+SSE clients at `/sse` and `/messages` (default true).
     #[serde(default)]
     pub http_sse: Option<bool>,
+    /// Keys that seal session ids (and `requestState`) so that any replica holding them
+    /// serves any session; the first seals, all open (rotation).
+    #[serde(default)]
+    pub session_keys: Vec<RawSessionKey>,
+}
+
+/// Raw session key: its id and where its 32 bytes are (hex or base64), a file or a variable.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSessionKey {
+    /// Key id (1 to 255), carried in every token it seals.
+    pub id: u8,
+    /// A file holding the key (a mounted Secret, say).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// An environment variable holding the key.
+    #[serde(default)]
+    pub env: Option<String>,
+}
+
+/// Session keys, by id, the sealing one first. Debug output never shows them.
+#[derive(Clone, Default)]
+pub struct SessionKeys(pub Vec<(u8, [u8; 32])>);
+
+impl std::fmt::Debug for SessionKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<u8> = self.0.iter().map(|(id, _)| *id).collect();
+        write!(f, "SessionKeys(ids {ids:?})")
+    }
+}
+
+/// Reads a session key: 64 hex digits or the base64 of 32 bytes, surrounding space ignored.
+fn session_key(field: &str, text: &str) -> Result<[u8; 32], ConfigError> {
+    use base64::Engine;
+    let text = text.trim();
+    let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        (0..32)
+            .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("hex digits"))
+            .collect()
+    } else {
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(text))
+            .map_err(|_| field_err(field, "must hold 64 hex digits or the base64 of 32 bytes"))?
+    };
+    <[u8; 32]>::try_from(bytes.as_slice())
+        .map_err(|_| field_err(field, format!("holds {} bytes; a key is 32", bytes.len())))
 }
 
 /// When tool and prompt names carry their server's name.
@@ -374,6 +421,8 @@ pub struct McpSettings {
     pub keepalive_interval: Duration,
     /// Whether `/sse` and `/messages` serve 2024-11-05 HTTP+SSE clients.
     pub http_sse: bool,
+    /// Keys sealing portable session ids; empty: sessions live on the replica that opened them.
+    pub session_keys: SessionKeys,
 }
 
 /// A validated upstream.
@@ -568,6 +617,33 @@ impl RawConfig {
             )?,
             name_separator,
             http_sse: m.http_sse.unwrap_or(true),
+            session_keys: {
+                let mut keys = Vec::with_capacity(m.session_keys.len());
+                for (i, k) in m.session_keys.iter().enumerate() {
+                    let field = format!("mcp.session_keys[{i}]");
+                    if k.id == 0 {
+                        return Err(field_err(format!("{field}.id"), "must be 1 to 255"));
+                    }
+                    if keys.iter().any(|(id, _)| *id == k.id) {
+                        return Err(field_err(
+                            format!("{field}.id"),
+                            format!("{} is used by another key", k.id),
+                        ));
+                    }
+                    let text = match (&k.file, &k.env) {
+                        (Some(path), None) => std::fs::read_to_string(path).map_err(|e| {
+                            field_err(format!("{field}.file"), format!("{}: {e}", path.display()))
+                        })?,
+                        (None, Some(var)) => std::env::var(var).map_err(|_| {
+                            field_err(format!("{field}.env"), format!("{var} is not set"))
+                        })?,
+                        _ => return Err(field_err(field, "set exactly one of file or env")),
+                    };
+                    let source = if k.file.is_some() { "file" } else { "env" };
+                    keys.push((k.id, session_key(&format!("{field}.{source}"), &text)?));
+                }
+                SessionKeys(keys)
+            },
         };
 
         let mut upstreams = Vec::with_capacity(self.upstreams.len());

@@ -1,6 +1,7 @@
 //! The gateway's shared state: configuration, upstream servers and their names (the
 //! [`Topology`]), the orchestrator, sessions, metrics.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,9 @@ use crate::auth::{Auth, Principal};
 use crate::config::{Config, Transport, UpstreamConfig};
 use crate::mcp::handler::Services;
 use crate::mcp::router::Router;
+use crate::mcp::seal::Sealer;
 use crate::mcp::session::Session;
+use crate::mcp::session_token;
 use crate::metrics::Metrics;
 use crate::orchestrator::{McpServerSpec, Phase, Runtime};
 use crate::plugins::{PluginError, Plugins};
@@ -27,6 +30,12 @@ const ROUND_TRIP_WAIT: Duration = Duration::from_secs(300);
 /// The `initialize` params of the upstream sessions kept for stateless clients. They declare what
 /// the gateway can ask a stateless client within its request (`input_required`); whether the
 /// client itself declared it is checked per request.
+/// Deleted portable session ids, as a set and in deletion order.
+type DeletedIds = (HashSet<Arc<str>>, VecDeque<Arc<str>>);
+
+/// Deleted portable session ids a replica remembers.
+const MAX_DELETED: usize = 10_000;
+
 const STATELESS_UPSTREAM_INIT: &str = concat!(
     r#"{"protocolVersion":"2025-11-25","capabilities":{"sampling":{},"elicitation":{},"roots":{}},"clientInfo":{"name":"gatehouse","version":""#,
     env!("CARGO_PKG_VERSION"),
@@ -61,6 +70,13 @@ pub struct Gateway {
     pub sse_clients: DashMap<Arc<str>, Arc<crate::mcp::sse_client::SseClient>>,
     /// Stateless calls waiting for their client's answers (`input_required`).
     pub round_trips: crate::mcp::round_trip::RoundTrips,
+    /// With session keys: seals portable session ids, which any replica holding the keys
+    /// serves.
+    portable: Option<Arc<Sealer>>,
+    /// Serializes restoring portable sessions.
+    restoring: std::sync::Mutex<()>,
+    /// Portable session ids deleted here (DELETE), refused from now on; bounded, oldest out.
+    deleted: std::sync::Mutex<DeletedIds>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Client authentication.
@@ -81,6 +97,7 @@ impl Gateway {
     ) -> Result<Arc<Gateway>, PluginError> {
         let plugins = Plugins::load(&config.plugins)?;
         let round_trip_wait = ROUND_TRIP_WAIT.min(config.mcp.session_idle_timeout);
+        let keys = config.mcp.session_keys.clone();
         let gw = Gateway {
             plugins,
             auth: Auth::new(&config.tokens),
@@ -100,10 +117,17 @@ impl Gateway {
             stateless: DashMap::new(),
             draining: std::sync::Mutex::new(Vec::new()),
             sse_clients: DashMap::new(),
+            // With session keys, a requestState sealed by one replica opens on the others.
             round_trips: crate::mcp::round_trip::RoundTrips::new(
-                crate::mcp::seal::Sealer::random(0),
+                match keys.0.is_empty() {
+                    true => Sealer::random(0),
+                    false => Sealer::from_keys(&keys.0),
+                },
                 round_trip_wait,
             ),
+            portable: (!keys.0.is_empty()).then(|| Arc::new(Sealer::from_keys(&keys.0))),
+            deleted: std::sync::Mutex::new(Default::default()),
+            restoring: std::sync::Mutex::new(()),
             metrics: Metrics::new(),
             epoch: Instant::now(),
         };
@@ -260,7 +284,86 @@ impl Gateway {
         init_params: Bytes,
         eager_listen: bool,
     ) -> Arc<Session> {
-        let id = crate::mcp::session::new_id();
+        let portable_id = self.portable.as_ref().and_then(|sealer| {
+            let token = session_token::SessionToken {
+                p: principal.as_deref().map(str::to_owned),
+                v: version.to_owned(),
+                i: String::from_utf8_lossy(&init_params).into_owned(),
+                l: eager_listen,
+                t: session_token::now_ms(),
+            };
+            session_token::issue(sealer, &token).map(Arc::from)
+        });
+        let id = portable_id.unwrap_or_else(crate::mcp::session::new_id);
+        self.open_session(id, principal, version, init_params, eager_listen)
+    }
+
+    /// A portable session (its id sealed by this gateway's session keys) that another replica
+    /// opened, or this one before it ended here for idleness: opened again from its id, for
+    /// its own principal only. `None`: not such an id, deleted here, or no room.
+    pub fn restore_session(&self, id: &str, principal: Option<&Principal>) -> Option<Arc<Session>> {
+        let sealer = self.portable.as_ref()?;
+        let token = session_token::open(sealer, id)?;
+        if token.p.as_deref() != principal.map(|p| &**p) {
+            return None;
+        }
+        let version = crate::mcp::revision::SUPPORTED
+            .iter()
+            .find(|v| **v == token.v)?;
+        if self
+            .deleted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .contains(id)
+        {
+            return None;
+        }
+        if self.sessions.len() >= self.config.mcp.max_sessions
+            || !self.may_open_session(principal, 0)
+        {
+            return None;
+        }
+        // Two requests restoring it at once share one session.
+        let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = self.sessions.get(id) {
+            return Some(s.clone());
+        }
+        tracing::debug!("restored a portable session opened elsewhere");
+        Some(self.open_session(
+            Arc::from(id),
+            principal.cloned(),
+            version,
+            Bytes::from(token.i),
+            token.l,
+        ))
+    }
+
+    /// Remembers that a portable session was deleted, so that its id opens nothing here again.
+    pub fn forget_portable(&self, id: &str) {
+        if self.portable.is_none() {
+            return;
+        }
+        let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+        let id: Arc<str> = Arc::from(id);
+        if deleted.0.insert(id.clone()) {
+            deleted.1.push_back(id);
+        }
+        while deleted.1.len() > MAX_DELETED {
+            if let Some(old) = deleted.1.pop_front() {
+                deleted.0.remove(&old);
+            }
+        }
+    }
+
+    fn open_session(
+        &self,
+        id: Arc<str>,
+        principal: Option<Principal>,
+        version: &'static str,
+        init_params: Bytes,
+        eager_listen: bool,
+    ) -> Arc<Session> {
         let session = Session::new(
             id.clone(),
             principal,
@@ -269,6 +372,7 @@ impl Gateway {
             crate::mcp::session::UpstreamInit {
                 params: init_params,
                 eager_listen,
+                portable: self.portable.clone(),
             },
             self.epoch,
             Some(crate::mcp::policy::PluginMessagePolicy::stage(
@@ -306,6 +410,7 @@ impl Gateway {
                 crate::mcp::session::UpstreamInit {
                     params: Bytes::from_static(STATELESS_UPSTREAM_INIT.as_bytes()),
                     eager_listen: false,
+                    portable: None,
                 },
                 self.epoch,
                 Some(crate::mcp::policy::PluginMessagePolicy::stage(

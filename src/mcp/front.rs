@@ -339,11 +339,14 @@ fn session_of(
     let id = header
         .and_then(|v| v.to_str().ok())
         .ok_or(FrontError::MissingSession)?;
-    let session = gw
-        .sessions
-        .get(id)
-        .map(|s| s.clone())
-        .ok_or(FrontError::UnknownSession)?;
+    // A portable session opened by another replica (or ended here for idleness) is served
+    // here too, rebuilt from its id.
+    let session = match gw.sessions.get(id).map(|s| s.clone()) {
+        Some(s) => s,
+        None => gw
+            .restore_session(id, principal.as_ref())
+            .ok_or(FrontError::UnknownSession)?,
+    };
     // A session belongs to whoever opened it; to anyone else it does not exist.
     if session.principal != *principal {
         return Err(FrontError::UnknownSession);
@@ -559,6 +562,7 @@ async fn delete(
 ) -> Result<Response<Body>, FrontError> {
     let session = session_of(gw, &principal, headers.get(SESSION_HEADER))?;
     gw.end_session(&session.id);
+    gw.forget_portable(&session.id);
     let mut r = Response::new(Body::Empty);
     *r.status_mut() = StatusCode::OK;
     Ok(r)

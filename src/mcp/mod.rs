@@ -13,6 +13,7 @@ pub mod round_trip;
 pub mod router;
 pub mod seal;
 pub mod session;
+pub mod session_token;
 pub mod sse_client;
 pub mod stateless;
 pub mod subscriptions;

@@ -22,10 +22,10 @@ pub enum SealError {
     Forged,
 }
 
-/// A key that seals and opens tokens.
+/// Keys that seal and open tokens: the first seals, every one opens what it sealed (so keys
+/// rotate: a new key goes first, the old one stays until its tokens have lapsed).
 pub struct Sealer {
-    id: u8,
-    key: LessSafeKey,
+    keys: Vec<(u8, LessSafeKey)>,
 }
 
 impl Sealer {
@@ -38,10 +38,20 @@ impl Sealer {
 
     /// A sealer with a given 256-bit key.
     pub fn from_key(id: u8, key: &[u8; 32]) -> Sealer {
-        let key = UnboundKey::new(&CHACHA20_POLY1305, key).expect("a 32-byte key fits");
+        Sealer::from_keys(&[(id, *key)])
+    }
+
+    /// A sealer with several keys, by id; the first seals. At least one key is needed.
+    pub fn from_keys(keys: &[(u8, [u8; 32])]) -> Sealer {
+        assert!(!keys.is_empty(), "a sealer needs a key");
         Sealer {
-            id,
-            key: LessSafeKey::new(key),
+            keys: keys
+                .iter()
+                .map(|(id, key)| {
+                    let key = UnboundKey::new(&CHACHA20_POLY1305, key).expect("a 32-byte key fits");
+                    (*id, LessSafeKey::new(key))
+                })
+                .collect(),
         }
     }
 
@@ -49,17 +59,17 @@ impl Sealer {
     pub fn seal(&self, purpose: &[u8], plain: &[u8]) -> String {
         let mut nonce = [0u8; NONCE];
         getrandom::fill(&mut nonce).expect("the OS random source is available");
+        let (id, key) = &self.keys[0];
         let mut out = Vec::with_capacity(1 + NONCE + plain.len() + 16);
-        out.push(self.id);
+        out.push(*id);
         out.extend_from_slice(&nonce);
         let mut body = plain.to_vec();
-        self.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(purpose),
-                &mut body,
-            )
-            .expect("the plaintext is far below the AEAD limit");
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(purpose),
+            &mut body,
+        )
+        .expect("the plaintext is far below the AEAD limit");
         out.extend_from_slice(&body);
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
     }
@@ -72,14 +82,13 @@ impl Sealer {
         if raw.len() < 1 + NONCE + aead::MAX_TAG_LEN {
             return Err(SealError::Malformed);
         }
-        if raw[0] != self.id {
+        let Some((_, key)) = self.keys.iter().find(|(id, _)| *id == raw[0]) else {
             return Err(SealError::UnknownKey);
-        }
+        };
         let nonce = Nonce::try_assume_unique_for_key(&raw[1..1 + NONCE])
             .map_err(|_| SealError::Malformed)?;
         let mut body = raw[1 + NONCE..].to_vec();
-        let plain = self
-            .key
+        let plain = key
             .open_in_place(nonce, Aad::from(purpose), &mut body)
             .map_err(|_| SealError::Forged)?;
         Ok(plain.to_vec())
@@ -114,6 +123,17 @@ mod tests {
             Err(SealError::UnknownKey)
         );
         assert_eq!(sealer.open(b"state", "short"), Err(SealError::Malformed));
+        // Rotation: a keyring opens what its older key sealed, and seals with its first.
+        let (old, new) = ([1u8; 32], [2u8; 32]);
+        let before = Sealer::from_key(1, &old).seal(b"s", b"x");
+        let ring = Sealer::from_keys(&[(2, new), (1, old)]);
+        assert_eq!(ring.open(b"s", &before).unwrap(), b"x");
+        let after = ring.seal(b"s", b"y");
+        assert_eq!(Sealer::from_key(2, &new).open(b"s", &after).unwrap(), b"y");
+        assert_eq!(
+            Sealer::from_key(1, &old).open(b"s", &after),
+            Err(SealError::UnknownKey)
+        );
         assert_eq!(
             sealer.open(b"state", "not base64 !"),
             Err(SealError::Malformed)

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
 use crate::mcp::param_headers::ToolHeaders;
+use crate::mcp::session_token;
 use crate::mcp::subscriptions::{self, Subscriptions};
 use crate::topology::Topology;
 use crate::upstream::{EventSink, Link, Recipient, Route};
@@ -42,6 +43,9 @@ pub struct UpstreamInit {
     /// Open the server→client streams at once (the client offers roots, which servers may
     /// ask for at any time).
     pub eager_listen: bool,
+    /// Seals the ids of servers' requests to the client, so that an answer reaches the upstream
+    /// session that asked from any replica (portable sessions only).
+    pub portable: Option<Arc<crate::mcp::seal::Sealer>>,
 }
 
 /// Server messages waiting for the policy stage, per session (in order; bounded).
@@ -95,7 +99,11 @@ pub struct Session {
     upstream_caps: Box<[AtomicU8]>,
     inflight: Mutex<HashMap<Bytes, (u64, oneshot::Sender<()>)>>,
     next_ticket: AtomicU64,
-    server_requests: Mutex<HashMap<u64, (usize, Bytes)>>,
+    /// Server requests waiting for the client's answer: the session's number → (upstream,
+    /// the server's id, the id the client was sent).
+    server_requests: Mutex<HashMap<u64, (usize, Bytes, Bytes)>>,
+    /// Seals server request ids when the session is portable (answered on any replica).
+    portable: Option<Arc<crate::mcp::seal::Sealer>>,
     next_server_request: AtomicU64,
     listen: Mutex<Listen>,
     epoch: Instant,
@@ -164,6 +172,7 @@ impl Session {
         let UpstreamInit {
             params: init_params,
             eager_listen,
+            portable,
         } = upstream;
         Arc::new_cyclic(|weak: &Weak<Session>| {
             let sink: Arc<dyn Recipient> = Arc::new(SessionRecipient(weak.clone()));
@@ -197,6 +206,7 @@ impl Session {
                 inflight: Mutex::new(HashMap::new()),
                 next_ticket: AtomicU64::new(0),
                 server_requests: Mutex::new(HashMap::new()),
+                portable,
                 next_server_request: AtomicU64::new(1),
                 listen: Mutex::new(Listen::default()),
                 merged: Mutex::new(Vec::new()),
@@ -327,15 +337,51 @@ impl Session {
         true
     }
 
-    /// Relays the client's answer to a server→client request back to its upstream.
+    /// Relays the client's answer to a server→client request back to its upstream. In a
+    /// portable session the id is sealed and names the upstream session that asked, so an
+    /// answer to a request another replica relayed goes straight to that upstream session.
     pub async fn on_client_response(&self, id: &[u8], outcome: &Outcome) -> bool {
-        let Some(n) = jsonrpc::id_as_u64(id) else {
+        if let Some(n) = jsonrpc::id_as_u64(id) {
+            let Some((index, original, _)) = lock(&self.server_requests).remove(&n) else {
+                return false;
+            };
+            self.links[index].respond(&original, outcome).await;
+            return true;
+        }
+        let Some(asked) = self
+            .portable
+            .as_ref()
+            .and_then(|sealer| session_token::open_request_id(sealer, id))
+        else {
             return false;
         };
-        let Some((index, original)) = lock(&self.server_requests).remove(&n) else {
+        if asked.p.as_deref() != self.principal.as_deref() {
+            return false;
+        }
+        let Some(index) = self
+            .topology
+            .servers
+            .iter()
+            .position(|s| *s.name == *asked.s)
+        else {
             return false;
         };
-        self.links[index].respond(&original, outcome).await;
+        let local = {
+            let mut pending = lock(&self.server_requests);
+            match pending.get(&asked.n) {
+                Some((i, _, wire)) if *i == index && wire[..] == *id => pending.remove(&asked.n),
+                _ => None,
+            }
+        };
+        let original = Bytes::from(asked.o);
+        match local {
+            Some(_) => self.links[index].respond(&original, outcome).await,
+            None => {
+                self.links[index]
+                    .respond_in(asked.u.as_deref(), &original, outcome)
+                    .await
+            }
+        }
         true
     }
 
@@ -529,15 +575,28 @@ impl Session {
         match msg.kind {
             Kind::Request { id, method, params } => {
                 let n = self.next_server_request.fetch_add(1, Ordering::Relaxed);
+                let wire = match &self.portable {
+                    Some(sealer) => Bytes::from(session_token::seal_request_id(
+                        sealer,
+                        &session_token::ServerRequestId {
+                            p: self.principal.as_deref().map(str::to_owned),
+                            s: self.topology.servers[index].name.to_string(),
+                            u: self.links[index].upstream_session(),
+                            o: String::from_utf8_lossy(&id).into_owned(),
+                            n,
+                        },
+                    )),
+                    None => Bytes::from(n.to_string()),
+                };
                 let admitted = {
                     let mut pending = lock(&self.server_requests);
                     let room = pending.len() < MAX_SERVER_REQUESTS;
                     if room {
-                        pending.insert(n, (index, id.clone()));
+                        pending.insert(n, (index, id.clone(), wire.clone()));
                     }
                     room
                 };
-                let frame = jsonrpc::request(n.to_string().as_bytes(), &method, params.as_deref());
+                let frame = jsonrpc::request(&wire, &method, params.as_deref());
                 if !admitted || !self.push(&route, frame) {
                     lock(&self.server_requests).remove(&n);
                     let error = jsonrpc::error_object(
@@ -565,9 +624,12 @@ impl Session {
                         .as_deref()
                         .and_then(|p| self.downstream_id_of(index, p))
                     {
-                        Some(n) => jsonrpc::notification(
+                        Some(wire) => jsonrpc::notification(
                             "notifications/cancelled",
-                            Some(format!("{{\"requestId\":{n}}}").as_bytes()),
+                            Some(
+                                format!("{{\"requestId\":{}}}", String::from_utf8_lossy(&wire))
+                                    .as_bytes(),
+                            ),
                         ),
                         None => return,
                     }
@@ -582,7 +644,7 @@ impl Session {
         }
     }
 
-    fn downstream_id_of(&self, index: usize, params: &[u8]) -> Option<u64> {
+    fn downstream_id_of(&self, index: usize, params: &[u8]) -> Option<Bytes> {
         #[derive(Deserialize)]
         struct P<'a> {
             #[serde(borrow, rename = "requestId")]
@@ -592,10 +654,9 @@ impl Session {
         let mut map = lock(&self.server_requests);
         let n = *map
             .iter()
-            .find(|(_, (i, orig))| *i == index && orig[..] == *p.id.get().as_bytes())?
+            .find(|(_, (i, orig, _))| *i == index && orig[..] == *p.id.get().as_bytes())?
             .0;
-        map.remove(&n);
-        Some(n)
+        map.remove(&n).map(|(_, _, wire)| wire)
     }
 
     /// Sends a frame on the related stream, else the GET stream, else a fallback stream of the

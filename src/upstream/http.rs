@@ -125,6 +125,28 @@ impl Connection {
         }
     }
 
+    /// Joins an upstream session already open (another replica opened it), for one message.
+    pub(crate) fn in_session(self, session_id: &str) -> Option<Self> {
+        let id = HeaderValue::from_str(session_id).ok()?;
+        *self.session_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
+        *self
+            .protocol_version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) =
+            Some(HeaderValue::from_static(crate::mcp::revision::LATEST));
+        Some(self)
+    }
+
+    /// The upstream session's id, once the server gave one.
+    pub(crate) fn session_id(&self) -> Option<String> {
+        self.session_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
     /// Sends through `client` rather than the server's pooled one.
     pub fn with_client(mut self, client: &'static Client) -> Self {
         self.client = Some(client);

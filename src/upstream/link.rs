@@ -789,6 +789,41 @@ impl Link {
         }
     }
 
+    /// The upstream session (`Mcp-Session-Id`) this link holds with an HTTP server, if any.
+    pub fn upstream_session(&self) -> Option<String> {
+        match &*self.live()? {
+            Connection::Http(h) => h.session_id(),
+            Connection::Stdio(_) => None,
+        }
+    }
+
+    /// Relays the client's answer to a server request that upstream session `session` sent
+    /// (perhaps through another replica's link): on this link's connection when it is that
+    /// session, else straight to the server in that session (configured HTTP servers only).
+    pub async fn respond_in(&self, session: Option<&str>, id: &[u8], outcome: &Outcome) {
+        if session.is_none() || self.upstream_session().as_deref() == session {
+            return self.respond(id, outcome).await;
+        }
+        let (Some(session), Transport::Http { url, headers }) =
+            (session, &self.server.config.transport)
+        else {
+            tracing::debug!(upstream = %self.server.name, "an answer for a server request another replica relayed cannot reach it");
+            return;
+        };
+        let conn = super::http::Connection::new(
+            self.server.clone(),
+            url.clone(),
+            headers.clone(),
+            self.inbox.clone(),
+        )
+        .in_session(session);
+        if let Some(conn) = conn
+            && let Err(e) = conn.send(jsonrpc::response(id, outcome)).await
+        {
+            tracing::debug!(upstream = %self.server.name, "an answer for another replica's server request failed: {e}");
+        }
+    }
+
     /// Keeps a server→client stream (HTTP GET) open from now on, on this and later connections.
     pub fn open_listen_stream(&self) {
         if self.closed.load(Ordering::Acquire) {

@@ -1,0 +1,151 @@
+//! Sessions that survive any replica: two gateways sharing session keys serve one client whose
+//! requests alternate between them, through calls, a server request answered on the other
+//! replica, and DELETE. Ids sealed with another key, tampered, or presented by another
+//! principal open nothing.
+
+mod support;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use serde_json::json;
+use support::{Client, TestGateway, example};
+
+const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+const OTHER_KEY: &str = "ff0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+const ALICE: &str = "alice-token-0123456789";
+const BOB: &str = "bob-token-0123456789";
+
+/// A replica in front of `inner` (over HTTP, with upstream sessions), sealing with `keys`.
+async fn replica(inner: &TestGateway, keys: &[(u8, &str)], dir: &std::path::Path) -> TestGateway {
+    let mut top = String::from("mcp:\n  session_keys:\n");
+    for (id, key) in keys {
+        let path = dir.join(format!("key-{id}-{}", &key[..4]));
+        std::fs::write(&path, format!("{key}\n")).unwrap();
+        top.push_str(&format!("    - {{ id: {id}, file: {:?} }}\n", path));
+    }
+    top.push_str(&format!(
+        "auth:\n  tokens:\n    - {{ principal: alice, token: {ALICE} }}\n    - {{ principal: bob, token: {BOB} }}\n"
+    ));
+    let upstream = format!(
+        "  - name: inner\n    protocol: sessions\n    http: {{ url: {:?} }}\n",
+        inner.url()
+    );
+    TestGateway::start(&top, &[upstream]).await
+}
+
+/// A fresh directory for key files.
+fn key_dir() -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("gatehouse-keys-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The client `c` pointed at another replica, same session and token.
+fn at(c: &Client, gw: &TestGateway) -> Client {
+    let mut other = c.clone();
+    other.url = gw.url();
+    other
+}
+
+#[tokio::test]
+async fn a_session_is_served_by_whichever_replica_a_request_reaches() {
+    let dir = key_dir();
+    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
+    let a = replica(&inner, &[(1, KEY)], &dir).await;
+    let b = replica(&inner, &[(1, KEY)], &dir).await;
+
+    let mut on_a = a.client();
+    on_a.token = Some(ALICE.into());
+    on_a.initialize(json!({"sampling": {}})).await;
+    let on_b = at(&on_a, &b);
+    assert!(b.gateway().sessions.is_empty());
+
+    // Calls alternate between the replicas.
+    assert_eq!(
+        on_b.tool_text(1, "echo", json!({"text": "one"})).await,
+        "one"
+    );
+    assert_eq!(
+        b.gateway().sessions.len(),
+        1,
+        "B rebuilt the session from its id"
+    );
+    assert_eq!(
+        on_a.tool_text(2, "echo", json!({"text": "two"})).await,
+        "two"
+    );
+    assert_eq!(on_b.tool_text(3, "whoami", json!({})).await, "ex");
+
+    // A server request relayed by B, answered through A: the answer goes to the upstream
+    // session that asked, and B's stream carries the call's result.
+    let mut stream = on_b
+        .stream(json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"sample","arguments":{"prompt":"hi"}}}))
+        .await;
+    let ask = stream.next().await.expect("the sampling request");
+    assert_eq!(ask["method"], "sampling/createMessage", "{ask}");
+    assert!(
+        ask["id"].is_string(),
+        "a portable session's server request id is sealed: {ask}"
+    );
+    let answer = json!({"jsonrpc":"2.0","id":ask["id"],"result":{"role":"assistant","model":"m","content":{"type":"text","text":"from A"}}});
+    assert_eq!(on_a.post(answer.to_string()).await.status, 202);
+    let done = stream.next().await.expect("the call's result");
+    assert_eq!(done["id"], 4);
+    assert_eq!(
+        done["result"]["content"][0]["text"], "model said: from A",
+        "{done}"
+    );
+
+    // An answer with a forged id reaches nothing.
+    let forged = json!({"jsonrpc":"2.0","id":"gatehouse-forged","result":{}});
+    assert_eq!(on_a.post(forged.to_string()).await.status, 202);
+
+    // DELETE on one replica ends the session there; that replica refuses the id from now on.
+    let d = on_b
+        .send(
+            on_b.request("DELETE", Bytes::new())
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(d.status, 200);
+    let after = on_b
+        .post(json!({"jsonrpc":"2.0","id":5,"method":"tools/list","params":{}}).to_string())
+        .await;
+    assert_eq!(after.status, 404);
+}
+
+#[tokio::test]
+async fn foreign_tampered_and_other_principals_ids_open_nothing() {
+    let dir = key_dir();
+    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
+    let a = replica(&inner, &[(1, KEY)], &dir).await;
+    let stranger = replica(&inner, &[(1, OTHER_KEY)], &dir).await;
+    // A replica that rotated: a new key first, the old one still accepted.
+    let rotated = replica(&inner, &[(2, OTHER_KEY), (1, KEY)], &dir).await;
+
+    let mut alice = a.client();
+    alice.token = Some(ALICE.into());
+    alice.initialize(json!({})).await;
+    let list = json!({"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}).to_string();
+
+    assert_eq!(at(&alice, &stranger).post(list.clone()).await.status, 404);
+    assert_eq!(at(&alice, &rotated).post(list.clone()).await.status, 200);
+    let mut bob = at(&alice, &a);
+    bob.token = Some(BOB.into());
+    assert_eq!(at(&bob, &rotated).post(list.clone()).await.status, 404);
+    let mut tampered = at(&alice, &rotated);
+    let mut id = tampered.session.clone().unwrap().into_bytes();
+    let i = id.len() / 2;
+    id[i] = if id[i] == b'A' { b'B' } else { b'A' };
+    tampered.session = Some(String::from_utf8(id).unwrap());
+    assert_eq!(tampered.post(list.clone()).await.status, 404);
+    // The rotated replica seals new sessions with its new key, which the old replica lacks.
+    let mut fresh = rotated.client();
+    fresh.token = Some(ALICE.into());
+    fresh.initialize(json!({})).await;
+    assert_eq!(at(&fresh, &a).post(list.clone()).await.status, 404);
+    assert_eq!(at(&fresh, &rotated).post(list).await.status, 200);
+}
