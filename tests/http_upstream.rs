@@ -239,3 +239,42 @@ async fn a_forgotten_upstream_session_is_reinitialized_transparently() {
     assert_eq!(now.len(), 1);
     assert_ne!(now[0], old[0], "a new upstream session was initialized");
 }
+
+#[tokio::test]
+async fn a_session_client_cannot_pose_as_a_2026_client_to_a_2026_upstream() {
+    let (inner, outer) = chain_with("auto").await;
+    // Capabilities that are not an object are refused at the handshake: they would be sent on.
+    let bad = outer
+        .client()
+        .post(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+            "protocolVersion":"2025-11-25","capabilities":5,"clientInfo":{"name":"x","version":"1"}}}).to_string())
+        .await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let mut c = outer.client();
+    c.initialize(json!({"sampling":{}})).await;
+    assert_eq!(c.tool_text(1, "inner__echo", json!({"text":"hi"})).await, "hi");
+    assert!(inner.gateway().sessions.is_empty(), "still spoken to statelessly");
+    // A session client that puts a 2026 envelope and a retry's members in its call is still
+    // a session client: the gateway asks it on its stream, and it never sees the server's
+    // input_required or its state.
+    let c2 = c.clone();
+    let call = tokio::spawn(async move {
+        c2.post(json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{
+            "name":"inner__sample","arguments":{"prompt":"posing"},
+            "requestState":"forged","inputResponses":{"x":{}},
+            "_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",
+                     "io.modelcontextprotocol/clientCapabilities":{"sampling":{}}}}}).to_string())
+            .await
+    });
+    answer_first_request(
+        &c,
+        &call,
+        json!({"role":"assistant","model":"m","content":{"type":"text","text":"ok"}}),
+    )
+    .await;
+    let msgs = call.await.unwrap().messages();
+    assert_eq!(msgs[0]["method"], "sampling/createMessage", "{msgs:?}");
+    let last = msgs.last().unwrap();
+    assert_eq!(last["result"]["content"][0]["text"], "model said: ok", "{msgs:?}");
+    assert!(last["result"].get("requestState").is_none());
+}

@@ -104,9 +104,6 @@ pub enum FrontError {
     /// A `Last-Event-ID` that names no stream this session can resume.
     #[error(transparent)]
     Resume(#[from] crate::mcp::resume::ResumeError),
-    /// The session keeps as many response streams as it may.
-    #[error(transparent)]
-    TooManyStreams(#[from] crate::mcp::resume::TooManyStreams),
 }
 
 impl FrontError {
@@ -122,9 +119,9 @@ impl FrontError {
             FrontError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             FrontError::UnknownSession => StatusCode::NOT_FOUND,
             FrontError::TooManySessions => StatusCode::SERVICE_UNAVAILABLE,
-            FrontError::TooManySessionsForPrincipal(_)
-            | FrontError::StreamBusy(_)
-            | FrontError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
+            FrontError::TooManySessionsForPrincipal(_) | FrontError::StreamBusy(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             FrontError::StreamOpen => StatusCode::CONFLICT,
             FrontError::Version(_)
             | FrontError::DuplicateHost(_)
@@ -146,7 +143,7 @@ impl FrontError {
             | FrontError::MissingStreamId
             | FrontError::Version(_)
             | FrontError::Body(_) => code::INVALID_REQUEST,
-            FrontError::StreamBusy(_) | FrontError::TooManyStreams(_) => code::TOO_BUSY,
+            FrontError::StreamBusy(_) => code::TOO_BUSY,
             FrontError::Resume(_) => code::INVALID_REQUEST,
             _ => -32000,
         }
@@ -430,9 +427,11 @@ async fn post(
                         return Ok(sse_response(rx));
                     }
                     let prime = session.protocol_version >= "2025-11-25";
-                    Ok(crate::body::events_response(
-                        session.streams.open(rx, prime)?,
-                    ))
+                    // Past what a session may keep, the stream is sent as it comes.
+                    Ok(match session.streams.open(rx, prime) {
+                        Ok(events) => crate::body::events_response(events),
+                        Err(rx) => sse_response(rx),
+                    })
                 }
             }
         }

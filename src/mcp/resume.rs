@@ -7,6 +7,7 @@
 //! return.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -18,10 +19,17 @@ use crate::sse;
 /// Streams one session keeps for resumption; opening one more forgets the oldest finished one
 /// (or refuses, when none has finished).
 pub const MAX_STREAMS: usize = 64;
-/// Events one stream keeps; older ones are forgotten (a resumption from before them fails).
+/// Events one stream keeps while nobody reads it; older ones are forgotten (a resumption from
+/// before them fails).
 const MAX_EVENTS: usize = 1024;
-/// Bytes of events one stream keeps.
+/// Bytes of events one stream keeps while nobody reads it.
 const MAX_BYTES: usize = 4 * 1024 * 1024;
+/// While a client reads the stream, only a short tail is kept: what may have been lost in
+/// flight when its connection broke.
+const READ_TAIL_EVENTS: usize = 64;
+const READ_TAIL_BYTES: usize = 256 * 1024;
+/// Bytes of events one session keeps over all its streams.
+const SESSION_BYTES: usize = 16 * 1024 * 1024;
 /// How long a finished stream stays resumable.
 const KEEP_FINISHED: Duration = Duration::from_secs(60);
 /// How long a client should wait before reconnecting (the `retry` field).
@@ -43,27 +51,35 @@ pub enum ResumeError {
     Truncated(String),
 }
 
-/// The session is keeping as many live streams as it may.
-#[derive(Debug, thiserror::Error)]
-#[error("too many open streams on this session (at most {MAX_STREAMS}); wait for some to finish")]
-pub struct TooManyStreams;
-
 /// The resumable streams of one session.
 #[derive(Default)]
 pub struct Streams {
     inner: Arc<Mutex<Registry>>,
+    /// Bytes all its streams keep.
+    kept: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
 struct Registry {
     next: u64,
     logs: HashMap<u64, Arc<Log>>,
+    closed: bool,
 }
 
 /// One stream's record.
 struct Log {
     stream: u64,
     state: Mutex<LogState>,
+    /// Woken when another client takes the stream over (see [`Streams::resume`]).
+    taken: tokio::sync::Notify,
+    kept: Arc<AtomicUsize>,
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        let bytes = lock(&self.state).bytes;
+        self.kept.fetch_sub(bytes, Ordering::Relaxed);
+    }
 }
 
 struct LogState {
@@ -81,27 +97,36 @@ struct LogState {
 impl Streams {
     /// Records the frames of `frames` as a new stream; returns the first client's events (the
     /// priming event first, when `prime`: clients of revisions before 2025-11-25 do not expect
-    /// an event without data). `frames` end the stream; an empty frame is a keep-alive.
+    /// an event without data). `frames` end the stream; an empty frame is a keep-alive. With
+    /// as many live streams as it may keep (or once the session ended), `frames` come back, to
+    /// be sent as they come, without resumption.
     pub fn open(
         &self,
         frames: mpsc::Receiver<Bytes>,
         prime: bool,
-    ) -> Result<mpsc::Receiver<Bytes>, TooManyStreams> {
+    ) -> Result<mpsc::Receiver<Bytes>, mpsc::Receiver<Bytes>> {
         let log = {
             let mut reg = lock(&self.inner);
+            if reg.closed {
+                return Err(frames);
+            }
             if reg.logs.len() >= MAX_STREAMS {
                 let oldest = reg
                     .logs
                     .values()
                     .filter(|l| lock(&l.state).finished)
                     .map(|l| l.stream)
-                    .min()
-                    .ok_or(TooManyStreams)?;
-                reg.logs.remove(&oldest);
+                    .min();
+                match oldest {
+                    Some(oldest) => drop(reg.logs.remove(&oldest)),
+                    None => return Err(frames),
+                }
             }
             reg.next += 1;
             let log = Arc::new(Log {
                 stream: reg.next,
+                taken: tokio::sync::Notify::new(),
+                kept: self.kept.clone(),
                 state: Mutex::new(LogState {
                     events: VecDeque::new(),
                     bytes: 0,
@@ -149,15 +174,25 @@ impl Streams {
         // from whoever read before (that connection is broken, or about to be).
         if !state.finished {
             state.client = Some(tx);
+            drop(state);
+            // A pump blocked on the broken connection gives up on it.
+            log.taken.notify_one();
         }
         Ok(rx)
+    }
+
+    /// Forgets every stream (the session ended): their records go now, not when they expire.
+    pub fn close(&self) {
+        let mut reg = lock(&self.inner);
+        reg.closed = true;
+        reg.logs.clear();
     }
 }
 
 /// Records frames as they come and hands them to the attached client.
 async fn pump(log: Arc<Log>, mut frames: mpsc::Receiver<Bytes>, registry: Weak<Mutex<Registry>>) {
     while let Some(frame) = frames.recv().await {
-        let (event, client) = {
+        let (event, mut client) = {
             let mut state = lock(&log.state);
             if frame.is_empty() {
                 (Bytes::from_static(sse::KEEPALIVE), state.client.clone())
@@ -166,28 +201,47 @@ async fn pump(log: Arc<Log>, mut frames: mpsc::Receiver<Bytes>, registry: Weak<M
                 state.next_seq += 1;
                 let event = encode(log.stream, seq, &frame);
                 state.bytes += event.len();
+                log.kept.fetch_add(event.len(), Ordering::Relaxed);
                 state.events.push_back((seq, event.clone()));
-                while state.events.len() > MAX_EVENTS || state.bytes > MAX_BYTES {
+                let (max_events, max_bytes) = match state.client {
+                    Some(_) => (READ_TAIL_EVENTS, READ_TAIL_BYTES),
+                    None => (MAX_EVENTS, MAX_BYTES),
+                };
+                while state.events.len() > max_events
+                    || state.bytes > max_bytes
+                    || (log.kept.load(Ordering::Relaxed) > SESSION_BYTES && state.events.len() > 1)
+                {
                     let Some((n, old)) = state.events.pop_front() else {
                         break;
                     };
                     state.bytes -= old.len();
+                    log.kept.fetch_sub(old.len(), Ordering::Relaxed);
                     state.first_kept = n + 1;
                 }
                 (event, state.client.clone())
             }
         };
-        if let Some(client) = client
-            && client.send(event).await.is_err()
-        {
-            // The client went away: the stream goes on without it, for its return.
-            let mut state = lock(&log.state);
-            if state
-                .client
-                .as_ref()
-                .is_some_and(|c| c.same_channel(&client))
-            {
-                state.client = None;
+        // Sent unless the client goes away, or another takes the stream over (it got this
+        // event in its replay: the event was recorded before it came).
+        while let Some(c) = client.take() {
+            tokio::select! {
+                sent = c.send(event.clone()) => {
+                    if sent.is_err() {
+                        // The client went away: the stream goes on without it, for its return.
+                        let mut state = lock(&log.state);
+                        if state.client.as_ref().is_some_and(|cur| cur.same_channel(&c)) {
+                            state.client = None;
+                        }
+                    }
+                }
+                _ = log.taken.notified() => {
+                    // A stale wake-up (the client is still the one taken over by nobody): try
+                    // again.
+                    let state = lock(&log.state);
+                    if state.client.as_ref().is_some_and(|cur| cur.same_channel(&c)) {
+                        client = Some(c);
+                    }
+                }
             }
         }
     }
@@ -196,9 +250,12 @@ async fn pump(log: Arc<Log>, mut frames: mpsc::Receiver<Bytes>, registry: Weak<M
         state.finished = true;
         state.client = None; // ends the client's stream
     }
+    // The record lingers in the registry alone: evicted or closed, it goes at once.
+    let stream = log.stream;
+    drop(log);
     tokio::time::sleep(KEEP_FINISHED).await;
     if let Some(registry) = registry.upgrade() {
-        lock(&registry).logs.remove(&log.stream);
+        lock(&registry).logs.remove(&stream);
     }
 }
 
@@ -264,6 +321,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stalled_connection_does_not_hold_up_the_client_that_resumes() {
+        let streams = Streams::default();
+        let (tx, frames) = mpsc::channel(8);
+        // The first connection is never read again (half-open): its queue fills up.
+        let _stalled = streams.open(frames, false).unwrap();
+        for i in 0..CLIENT_QUEUE + 8 {
+            tx.send(Bytes::from(format!("{{\"n\":{i}}}")))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The last event the broken connection delivered lies within the tail kept.
+        let mut resumed = streams.resume("1.10").unwrap();
+        tx.send(Bytes::from_static(b"{\"last\":true}"))
+            .await
+            .unwrap();
+        drop(tx);
+        let mut seen = Vec::new();
+        while let Some(ev) = tokio::time::timeout(Duration::from_secs(5), resumed.recv())
+            .await
+            .expect("the resumed client is not held up")
+        {
+            seen.push(String::from_utf8(ev.to_vec()).unwrap());
+        }
+        assert!(seen.last().unwrap().contains("last"), "{:?}", seen.last());
+        // Within the tail kept while the stalled client held the stream: no gaps, no repeats.
+        let seqs: Vec<u64> = seen
+            .iter()
+            .map(|e| {
+                e[4..e.find('\n').unwrap()]
+                    .split_once('.')
+                    .unwrap()
+                    .1
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    }
+
+    #[tokio::test]
     async fn ids_from_elsewhere_are_refused_by_kind() {
         let streams = Streams::default();
         let (_tx, frames) = mpsc::channel(8);
@@ -314,6 +412,7 @@ mod tests {
             senders.push(tx);
             streams.open(frames, true).unwrap();
         }
+        // One more is sent as it comes, without a record.
         let (_tx, frames) = mpsc::channel(1);
         assert!(streams.open(frames, true).is_err());
         // One finishes: its place can be taken.

@@ -385,6 +385,24 @@ impl Session {
         true
     }
 
+    /// What the policy makes of a request upstream `index` would put to the client (a 2026
+    /// server's input request): its params, maybe rewritten, or `None` if withheld.
+    pub async fn screen_request(
+        &self,
+        index: usize,
+        method: &str,
+        params: Option<&[u8]>,
+    ) -> Option<Option<Bytes>> {
+        let Some(policy) = self.policy.as_ref().filter(|p| p.active()) else {
+            return Some(params.map(Bytes::copy_from_slice));
+        };
+        let msg = jsonrpc::parse(jsonrpc::request(b"0", method, params)).ok()?;
+        match policy.server_message(self, index, msg).await?.kind {
+            Kind::Request { params, .. } => Some(params),
+            _ => None,
+        }
+    }
+
     /// Which arguments of upstream `index`'s tools are mirrored in headers: its whole tool list
     /// read once (at most 20 pages), and again after it announces a change or reconnects. A
     /// list that cannot be read marks nothing (the call goes on; the server judges it).
@@ -493,6 +511,7 @@ impl Session {
     /// Ends the session's client streams and the tasks that feed them, at once.
     pub fn end(&self) {
         self.subscriptions.close();
+        self.streams.close();
         self.ended.send_replace(true);
         *lock(&self.listen) = Listen::default();
     }

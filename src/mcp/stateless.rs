@@ -534,7 +534,7 @@ pub(crate) async fn post(
     }
     match handler::request(gw.services(), &session, id, &method, params).await {
         Reply::Json(frame) => {
-            let frame = round.answer(frame);
+            let frame = round.answer(&session, frame).await;
             json_response(status_of(&frame), frame)
         }
         Reply::Refused(status, frame) => json_response(status, frame),
@@ -724,17 +724,19 @@ impl Round {
     /// The final response frame under the client's id: completed with `resultType`, or, when
     /// a 2026-07-28 server asks for input, with the server's `requestState` sealed for this
     /// caller and request.
-    fn answer(&self, frame: Bytes) -> Bytes {
+    async fn answer(&self, session: &Session, frame: Bytes) -> Bytes {
         if memchr::memmem::find(&frame, b"input_required").is_some()
-            && let Some(relayed) = self.relay_input_required(&frame)
+            && let Some(relayed) = self.relay_input_required(session, &frame).await
         {
             return relayed;
         }
         self.completion.frame(frame, &self.id)
     }
 
-    /// A server's `input_required` response with its state sealed; `None` if `frame` is not one.
-    fn relay_input_required(&self, frame: &Bytes) -> Option<Bytes> {
+    /// A 2026-07-28 server's `input_required` response made the client's: each question one
+    /// the client declared it can answer and the policy lets through (as if the server had
+    /// asked it directly), and the server's state sealed. `None` if `frame` is not one.
+    async fn relay_input_required(&self, session: &Session, frame: &Bytes) -> Option<Bytes> {
         type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
         let Ok(Message {
             kind:
@@ -751,6 +753,93 @@ impl Round {
         if fields.get("resultType").map(|k| k.get()) != Some(r#""input_required""#) {
             return None;
         }
+        let topology = session.topology();
+        let index = match (self.method.as_str(), self.target.as_deref()) {
+            ("tools/call" | "prompts/get", Some(name)) => {
+                topology.router.resolve(name).map(|r| r.0)
+            }
+            ("resources/read", Some(uri)) => topology.router.resource(uri),
+            _ => None,
+        };
+        let Some(index) = index else {
+            return Some(self.refused_state(&format!(
+                "{} cannot ask for input (only tools/call, prompts/get and resources/read of a known server can)",
+                self.method
+            )));
+        };
+        #[derive(Deserialize)]
+        struct Question<'a> {
+            method: String,
+            #[serde(borrow)]
+            params: Option<&'a RawValue>,
+        }
+        let asked: std::collections::BTreeMap<String, &RawValue> = match fields.get("inputRequests")
+        {
+            Some(raw) => match serde_json::from_str(raw.get()) {
+                Ok(q) => q,
+                Err(_) => {
+                    return Some(self.refused_state("the server's inputRequests is not an object"));
+                }
+            },
+            None => Default::default(),
+        };
+        if asked.len() > MAX_QUESTIONS {
+            return Some(self.refused_state(&format!(
+                "the server asked {} questions at once (at most {MAX_QUESTIONS})",
+                asked.len()
+            )));
+        }
+        let mut requests = String::from("{");
+        for (key, raw) in &asked {
+            let Ok(q) = serde_json::from_str::<Question<'_>>(raw.get()) else {
+                return Some(
+                    self.refused_state(&format!("input request {key:?} is not a request")),
+                );
+            };
+            let Some(cap) = round_trip::capability_needed(&q.method) else {
+                return Some(self.refused_state(&format!(
+                    "input request {key:?} asks {:?}, which is not a request a client answers",
+                    q.method
+                )));
+            };
+            if !self.meta.declares(cap) {
+                let data = format!(r#"{{"requiredCapabilities":{{"{cap}":{{}}}}}}"#);
+                return Some(jsonrpc::error_response_with_data(
+                    Some(&self.id),
+                    code::MISSING_CLIENT_CAPABILITY,
+                    &format!(
+                        "the server asked for {}, which needs the client capability {cap:?}; declare it in _meta to allow this",
+                        q.method
+                    ),
+                    data.as_bytes(),
+                ));
+            }
+            let params = q.params.map(|p| p.get().as_bytes());
+            let Some(params) = session.screen_request(index, &q.method, params).await else {
+                return Some(jsonrpc::error_response(
+                    Some(&self.id),
+                    code::INVALID_REQUEST,
+                    &format!(
+                        "the gateway's policy withheld the server's {} request",
+                        q.method
+                    ),
+                ));
+            };
+            if requests.len() > 1 {
+                requests.push(',');
+            }
+            requests.push_str(&serde_json::to_string(key).ok()?);
+            requests.push_str(r#":{"method":"#);
+            requests.push_str(&serde_json::to_string(&q.method).ok()?);
+            if let Some(p) = params {
+                requests.push_str(r#","params":"#);
+                requests.push_str(std::str::from_utf8(&p).ok()?);
+            }
+            requests.push('}');
+        }
+        requests.push('}');
+        let requests = RawValue::from_string(requests).ok()?;
+        fields.insert("inputRequests".into(), &requests);
         let sealed;
         if let Some(raw) = fields.get("requestState") {
             let Ok(state) = serde_json::from_str::<String>(raw.get()) else {
@@ -805,7 +894,7 @@ impl Round {
                     Step::Event(frame)
                 }
             }
-            Kind::Response { .. } => Step::Answer(self.answer(frame)),
+            Kind::Response { .. } => Step::Answer(self.answer(session, frame).await),
             Kind::Request { id, method, params } => {
                 match round_trip::capability_needed(&method) {
                     None => {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -14,7 +14,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use super::{EventSink, Inbox, Server, UpstreamError};
-use crate::mcp::jsonrpc::{self, Kind, Message, Outcome};
+use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
 use crate::mcp::revision::STATELESS;
 use crate::sse;
 
@@ -179,10 +179,9 @@ impl Connection {
         }
     }
 
-    /// Asks the server whether it speaks 2026-07-28 (`server/discover`, outside any session):
-    /// its discover result if it does, `None` if it answers anything else. Only a failure to
-    /// get an answer at all is an error.
-    pub(crate) async fn discover(&self, frame: Bytes) -> Result<Option<Bytes>, UpstreamError> {
+    /// Asks the server whether it speaks 2026-07-28 (`server/discover`, outside any session).
+    /// Only a failure to get an answer at all is an error; see [`Discovered`] for the rest.
+    pub(crate) async fn discover(&self, frame: Bytes) -> Result<Discovered, UpstreamError> {
         let mut req = self.request(Method::POST, frame, "application/json, text/event-stream")?;
         let h = req.headers_mut();
         h.remove(MCP_SESSION_ID);
@@ -193,34 +192,69 @@ impl Connection {
             .request(req)
             .await
             .map_err(|e| self.server.unavailable(connect_reason(&e)))?;
-        if !resp.status().is_success() {
-            let _ = read_limited(resp.into_body(), 4096).await;
-            return Ok(None);
-        }
+        let status = resp.status();
         let sse = is_event_stream(resp.headers());
-        let body = read_limited(resp.into_body(), MAX_MESSAGE)
-            .await
-            .map_err(|e| self.server.unavailable(e))?;
-        let frame = if sse {
-            let mut decoder = sse::Decoder::new(MAX_MESSAGE);
-            decoder.feed(&body);
-            let mut last = None;
-            while let Ok(Some(ev)) = decoder.next_event() {
-                last = Some(ev.data);
+        let mut body = resp.into_body();
+        // The first message answers; a server that keeps its stream open is not waited on.
+        let mut decoder = sse::Decoder::new(MAX_MESSAGE).with_stream_limit(MAX_MESSAGE as u64);
+        let mut plain = BytesMut::new();
+        let frame = loop {
+            if sse && let Ok(Some(ev)) = decoder.next_event() {
+                if ev.data.trim_ascii().is_empty() {
+                    continue;
+                }
+                break Some(ev.data);
             }
-            match last {
-                Some(d) => d,
-                None => return Ok(None),
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        if sse {
+                            decoder.feed(&data);
+                        } else if plain.len() + data.len() <= MAX_MESSAGE {
+                            plain.extend_from_slice(&data);
+                        } else {
+                            break None;
+                        }
+                    }
+                }
+                Some(Err(_)) => break None,
+                None => break (!sse).then(|| plain.split().freeze()),
             }
-        } else {
-            body
         };
-        Ok(match jsonrpc::parse(frame).map(|m| m.kind) {
-            Ok(Kind::Response {
-                outcome: Outcome::Result(r),
-                ..
-            }) if super::stateless::speaks_stateless(&r) => Some(r),
-            _ => None,
+        let outcome = frame
+            .and_then(|f| jsonrpc::parse(f).ok())
+            .and_then(|m| match m.kind {
+                Kind::Response { outcome, .. } => Some(outcome),
+                _ => None,
+            });
+        Ok(match outcome {
+            Some(Outcome::Result(r)) if super::stateless::speaks_stateless(&r) => {
+                Discovered::Stateless(r)
+            }
+            // Earlier revisions: no such method, or no session (a 2025 server's 400/404).
+            Some(Outcome::Error(e)) if error_code(&e) == Some(code::METHOD_NOT_FOUND) => {
+                Discovered::Sessions
+            }
+            Some(Outcome::Result(_)) => Discovered::Sessions,
+            Some(Outcome::Error(_)) if status.is_server_error() => Discovered::Unsure,
+            // A 2026 server refusing what was sent (-32602, -32022, ...) is not a legacy one.
+            Some(Outcome::Error(e))
+                if matches!(
+                    error_code(&e),
+                    Some(code::INVALID_PARAMS | code::UNSUPPORTED_PROTOCOL_VERSION)
+                ) =>
+            {
+                Discovered::Unsure
+            }
+            _ if matches!(
+                status,
+                StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+            ) =>
+            {
+                Discovered::Sessions
+            }
+            Some(Outcome::Error(_)) if status.is_success() => Discovered::Sessions,
+            _ => Discovered::Unsure,
         })
     }
 
@@ -394,6 +428,10 @@ impl Connection {
                 .map_err(|e| self.server.unavailable(e.to_string()))?
             {
                 if let Some(id) = &ev.id {
+                    // A server that polls gets as many returns as it needs, while it moves on.
+                    if last_id.as_deref() != Some(id.as_str()) {
+                        resumed = 0;
+                    }
                     last_id = Some(id.clone());
                 }
                 if let Some(ms) = ev.retry {
@@ -614,7 +652,13 @@ impl Connection {
             }
             // A 2026-07-28 server that refuses to listen (no such method, say) will not agree
             // on the next attempt either.
-            s if s.is_client_error() && self.is_stateless() => {
+            s if s.is_client_error()
+                && self.is_stateless()
+                && !matches!(
+                    s,
+                    StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS
+                ) =>
+            {
                 return Ok(ListenEnd::Unsupported);
             }
             s => return Err(self.server.unavailable(format!("GET stream: HTTP {s}"))),
@@ -706,6 +750,28 @@ pub(super) async fn read_limited(
         .await
         .map(|c| c.to_bytes())
         .map_err(|e| format!("cannot read response body: {e}"))
+}
+
+/// What a `server/discover` probe found.
+#[derive(Debug)]
+pub(crate) enum Discovered {
+    /// The server speaks 2026-07-28; its discover result.
+    Stateless(Bytes),
+    /// The server plainly speaks an earlier revision (no such method, or a 2025 server's
+    /// refusal of a request without a session).
+    Sessions,
+    /// No telling (a 5xx, a 429, a refusal of what was sent): this connection uses sessions,
+    /// and the next one asks again.
+    Unsure,
+}
+
+/// The code of a JSON-RPC error object.
+fn error_code(error: &[u8]) -> Option<i64> {
+    #[derive(Deserialize)]
+    struct E {
+        code: i64,
+    }
+    serde_json::from_slice::<E>(error).ok().map(|e| e.code)
 }
 
 /// How one GET stream ended without an error.

@@ -12,11 +12,14 @@ use crate::mcp::jsonrpc::{self, Outcome, code};
 use crate::mcp::param_headers::ToolHeaders;
 use crate::orchestrator::Sharing;
 
+use super::http::Discovered;
 use super::{
     CallOpts, Connection, Era, Inbox, Recipient, Route, Server, UpstreamError, initialize,
     orchestrated, shared, stateless, stdio, uri_of,
 };
 
+/// What the probe declares: the gateway itself, able to answer everything a server may ask.
+const PROBE_INIT: &str = r#"{"capabilities":{"sampling":{},"elicitation":{},"roots":{}},"clientInfo":{"name":"gatehouse","version":"probe"}}"#;
 /// Most rounds of input one call to a 2026-07-28 server may ask of a session's client.
 const MAX_INPUT_ROUNDS: usize = 8;
 /// Most pages of a 2026-07-28 server's tool list read to learn its mirrored arguments.
@@ -62,6 +65,8 @@ pub struct Link {
     /// Questions of a 2026-07-28 server put to the session's client, by id, awaiting answers.
     asks: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
     next_ask: AtomicU64,
+    /// Random, so the ids of the link's questions are its own (see [`Link::ask_id`]).
+    ask_nonce: u64,
 }
 
 /// First pages of list methods, valid for one upstream session (link generation) until the
@@ -132,6 +137,11 @@ impl Link {
             marks: tokio::sync::Mutex::new(None),
             asks: Mutex::new(HashMap::new()),
             next_ask: AtomicU64::new(1),
+            ask_nonce: {
+                let mut raw = [0u8; 8];
+                getrandom::fill(&mut raw).expect("the OS random source is available");
+                u64::from_le_bytes(raw)
+            },
         }
     }
 
@@ -163,10 +173,10 @@ impl Link {
         // which a session may not have: nothing would invalidate the copy.
         let relayed = self.relayed.load(Ordering::Acquire);
         // A 2026-07-28 server announces changes only on a listen stream, which links do not
-        // hold: nothing would invalidate the copy.
+        // always hold: nothing would invalidate the copy.
         if let Outcome::Result(page) = &outcome
             && !relayed
-            && self.server.era() != Era::Stateless
+            && !self.live().is_some_and(|c| c.is_stateless())
             && let Some(capability) = capability
             && self.generation.load(Ordering::Acquire) == generation
             && self
@@ -411,17 +421,21 @@ impl Link {
         {
             return Ok(None);
         }
-        let frame = stateless::discover_frame(&self.envelope());
+        // The gateway's own envelope: what one client declared must not decide, by a server's
+        // refusal of it, how every session reaches the server.
+        let frame = stateless::discover_frame(&stateless::envelope(PROBE_INIT.as_bytes(), None));
         match h.discover(frame).await? {
-            Some(discovered) => {
+            Discovered::Stateless(discovered) => {
                 h.set_stateless(stateless::envelope(&self.init_params, None));
                 self.server.set_era(Era::Stateless);
                 Ok(Some(discovered))
             }
-            None => {
+            // A server once seen to speak 2026-07-28 is not written off on one answer.
+            Discovered::Sessions if self.server.era() == Era::Unknown => {
                 self.server.set_era(Era::Sessions);
                 Ok(None)
             }
+            Discovered::Sessions | Discovered::Unsure => Ok(None),
         }
     }
 
@@ -507,6 +521,7 @@ impl Link {
                     progress_token,
                     origin,
                     mirrored: Vec::new(),
+                    client_driven: false,
                 };
                 conn.request(method, params, retry, timeout).await
             }
@@ -521,6 +536,11 @@ impl Link {
                     tokio::spawn(async move { conn.shutdown().await });
                 }
                 Err(e)
+            }
+            Ok(Outcome::Result(r)) if stateless::input_required(&r).is_some() => {
+                Err(self.server.unavailable(
+                    "the server answered input_required, which a server of its revision cannot mean",
+                ))
             }
             other => other,
         }
@@ -570,15 +590,16 @@ impl Link {
             }
             _ => {}
         }
-        let prepared = match stateless::prepare(method, params, &self.envelope()) {
-            Ok(p) => p,
-            Err(e) => {
-                return Ok(Outcome::Error(jsonrpc::error_object(
-                    code::INVALID_PARAMS,
-                    &e,
-                )));
-            }
-        };
+        let prepared =
+            match stateless::prepare(method, params, &self.envelope(), opts.client_driven) {
+                Ok(p) => p,
+                Err(e) => {
+                    return Ok(Outcome::Error(jsonrpc::error_object(
+                        code::INVALID_PARAMS,
+                        &e,
+                    )));
+                }
+            };
         let timeout = self.server.config.call_timeout;
         let cancel = opts.cancel.take();
         let events = opts.events.take();
@@ -612,15 +633,25 @@ impl Link {
                     marks_reread = true;
                     continue;
                 }
+                if let Outcome::Error(e) = &outcome
+                    && (is_code(e, code::HEADER_MISMATCH)
+                        || is_code(e, code::UNSUPPORTED_PROTOCOL_VERSION))
+                {
+                    // What the gateway sent was refused, not what the client asked: the
+                    // server's fault or ours, either way not the client's to fix.
+                    return Err(self.server.unavailable(format!(
+                        "the server refused the gateway's request: {}",
+                        String::from_utf8_lossy(e)
+                    )));
+                }
                 let Outcome::Result(result) = &outcome else {
                     return Ok(outcome);
                 };
-                if prepared.client_driven {
-                    return Ok(outcome);
-                }
                 let asked = match stateless::input_required(result) {
                     None => return Ok(outcome),
                     Some(Err(why)) => return Err(self.server.unavailable(why)),
+                    // A 2026 client answers for itself (the front checks each question).
+                    Some(Ok(_)) if prepared.client_driven => return Ok(outcome),
                     Some(Ok(asked)) => asked,
                 };
                 round += 1;
@@ -636,10 +667,20 @@ impl Link {
                 params = prepared.retry(&answers, asked.state.as_deref());
             }
         };
-        tokio::select! {
-            r = rounds => r,
+        // One deadline for the whole call, questions and all, as for a server of an earlier
+        // revision that waits on its client within the call.
+        let result = tokio::select! {
+            r = tokio::time::timeout(timeout, rounds) => r.unwrap_or(Err(UpstreamError::Timeout {
+                server: self.server.name.clone(),
+                timeout,
+            })),
             _ = cancelled(cancel) => Err(UpstreamError::Cancelled),
+        };
+        if let Err(UpstreamError::Unavailable { .. }) = &result {
+            // The next call connects anew, and asks the server again what it speaks.
+            self.forget(conn);
         }
+        result
     }
 
     /// Puts a 2026-07-28 server's questions to the session's client, as server requests on the
@@ -656,10 +697,24 @@ impl Link {
             numbers: Vec<u64>,
         }
         impl Drop for Asked<'_> {
+            // Questions left unanswered (the call timed out, was cancelled, or another question
+            // failed) are withdrawn: the client hears so, and its session forgets them.
             fn drop(&mut self) {
-                let mut asks = self.link.asks.lock().unwrap_or_else(|e| e.into_inner());
-                for n in &self.numbers {
-                    asks.remove(n);
+                let unanswered: Vec<u64> = {
+                    let mut asks = self.link.asks.lock().unwrap_or_else(|e| e.into_inner());
+                    self.numbers
+                        .iter()
+                        .filter(|n| asks.remove(n).is_some())
+                        .copied()
+                        .collect()
+                };
+                for n in unanswered {
+                    let params = format!(r#"{{"requestId":{}}}"#, self.link.ask_id(n));
+                    let frame =
+                        jsonrpc::notification("notifications/cancelled", Some(params.as_bytes()));
+                    if let Ok(msg) = jsonrpc::parse(frame) {
+                        self.link.inbox.deliver(Route::default(), msg);
+                    }
                 }
             }
         }
@@ -676,7 +731,7 @@ impl Link {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(n, tx);
             asked.numbers.push(n);
-            let id = format!("{ASK_ID_PREFIX}{n}\"");
+            let id = self.ask_id(n);
             let frame = jsonrpc::request(id.as_bytes(), &q.method, q.params.as_deref());
             let Ok(msg) = jsonrpc::parse(frame) else {
                 return Err(Outcome::Error(jsonrpc::error_object(
@@ -713,6 +768,21 @@ impl Link {
             }
         }
         Ok(answers)
+    }
+
+    /// The id of the link's own question `n` (raw JSON): the link's nonce keeps it apart from
+    /// any id a server of its own may use.
+    fn ask_id(&self, n: u64) -> String {
+        format!("{ASK_ID_PREFIX}{:016x}-{n}\"", self.ask_nonce)
+    }
+
+    /// The number of the link's own question whose id is `id`, if it is one.
+    fn ask_number(&self, id: &[u8]) -> Option<u64> {
+        let rest = std::str::from_utf8(id).ok()?.strip_prefix(ASK_ID_PREFIX)?;
+        let (nonce, n) = rest.strip_suffix('"')?.split_once('-')?;
+        (u64::from_str_radix(nonce, 16).ok()? == self.ask_nonce)
+            .then(|| n.parse().ok())
+            .flatten()
     }
 
     /// The tool arguments a 2026-07-28 server's schemas mark for `Mcp-Param-*` headers: its
@@ -773,12 +843,13 @@ impl Link {
     /// Relays the client's response to a server→client request (or takes it, when the link
     /// asked it on a 2026-07-28 server's behalf).
     pub async fn respond(&self, id: &[u8], outcome: &Outcome) {
-        if let Some(n) = ask_number(id) {
+        if let Some(n) = self.ask_number(id) {
             let waiting = self
                 .asks
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&n);
+            // One of the link's own (its nonce says so): a late answer has nobody to reach.
             if let Some(tx) = waiting {
                 let _ = tx.send(outcome.clone());
             }
@@ -907,16 +978,6 @@ impl Link {
     }
 }
 
-/// The number of a request the link asked the client itself (`"gatehouse-input-N"`).
-fn ask_number(id: &[u8]) -> Option<u64> {
-    std::str::from_utf8(id)
-        .ok()?
-        .strip_prefix(ASK_ID_PREFIX)?
-        .strip_suffix('"')?
-        .parse()
-        .ok()
-}
-
 /// `params.level` of `logging/setLevel`.
 fn level_of(params: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
@@ -948,15 +1009,7 @@ async fn cancelled(cancel: Option<oneshot::Receiver<()>>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{announces_changes, ask_number};
-
-    #[test]
-    fn only_the_links_own_question_ids_are_taken() {
-        assert_eq!(ask_number(br#""gatehouse-input-42""#), Some(42));
-        assert_eq!(ask_number(b"42"), None);
-        assert_eq!(ask_number(br#""gatehouse-input-x""#), None);
-        assert_eq!(ask_number(br#""other-42""#), None);
-    }
+    use super::announces_changes;
 
     #[test]
     fn only_a_declared_list_changed_allows_caching() {

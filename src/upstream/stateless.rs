@@ -18,12 +18,24 @@ use crate::mcp::jsonrpc;
 use crate::mcp::param_headers::ToolHeaders;
 use crate::mcp::revision::STATELESS;
 
-/// Keys of the request envelope in `_meta` all start so.
-const ENVELOPE_PREFIX: &str = "io.modelcontextprotocol/";
 const VERSION_KEY: &str = "io.modelcontextprotocol/protocolVersion";
 const CAPABILITIES_KEY: &str = "io.modelcontextprotocol/clientCapabilities";
 const INFO_KEY: &str = "io.modelcontextprotocol/clientInfo";
 const LEVEL_KEY: &str = "io.modelcontextprotocol/logLevel";
+/// The request envelope's keys in `_meta` (other `io.modelcontextprotocol/` keys are not
+/// the envelope's and pass).
+const ENVELOPE_KEYS: [&str; 4] = [VERSION_KEY, CAPABILITIES_KEY, INFO_KEY, LEVEL_KEY];
+/// What every envelope key contains, for a quick look before a parse.
+const ENVELOPE_MARK: &str = "io.modelcontextprotocol";
+
+fn is_envelope_key(key: &str) -> bool {
+    ENVELOPE_KEYS.contains(&key)
+}
+
+/// Methods whose results may ask for input, so whose retries carry answers.
+fn may_ask(method: &str) -> bool {
+    matches!(method, "tools/call" | "prompts/get" | "resources/read")
+}
 
 /// Most input requests one `input_required` result may carry.
 pub(crate) const MAX_INPUT_REQUESTS: usize = 16;
@@ -85,13 +97,14 @@ pub(crate) struct Prepared {
     pub arguments: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-/// Puts the envelope in a request's params. A 2026 client's own envelope is kept (it was
-/// checked at the front); anyone else's `io.modelcontextprotocol/*` members and retry members
-/// are replaced by the session's, since the gateway runs that client's round trips itself.
+/// Puts the envelope in a request's params. A 2026 client (`client_driven`: its request was
+/// checked at the stateless front) keeps its own envelope and retry members; anyone else's are
+/// replaced by the session's, since the gateway runs that client's round trips itself.
 pub(crate) fn prepare(
     method: &str,
     params: Option<&[u8]>,
     envelope: &str,
+    client_driven: bool,
 ) -> Result<Prepared, String> {
     let bytes = params.unwrap_or(b"{}");
     let mut fields: Object<'_> =
@@ -101,15 +114,18 @@ pub(crate) fn prepare(
             .map_err(|_| "params._meta must be an object".to_owned())?,
         None => Object::new(),
     };
-    let client_driven = meta.contains_key(VERSION_KEY);
+    let client_driven = client_driven && meta.contains_key(VERSION_KEY);
+    let mut changed = false;
+    if !client_driven || !may_ask(method) {
+        changed |= fields.remove("requestState").is_some();
+        changed |= fields.remove("inputResponses").is_some();
+    }
     let meta_text = if client_driven {
         None
     } else {
-        fields.remove("requestState");
-        fields.remove("inputResponses");
         let mut out = String::from("{");
         out.push_str(envelope);
-        for (k, v) in meta.iter().filter(|(k, _)| !k.starts_with(ENVELOPE_PREFIX)) {
+        for (k, v) in meta.iter().filter(|(k, _)| !is_envelope_key(k)) {
             if out.len() > 1 {
                 out.push(',');
             }
@@ -138,9 +154,10 @@ pub(crate) fn prepare(
     } else {
         None
     };
-    let params = match meta_text {
-        Some(_) => Bytes::from(serde_json::to_vec(&fields).map_err(|e| e.to_string())?),
-        None => Bytes::copy_from_slice(bytes),
+    let params = if meta_text.is_some() || changed {
+        Bytes::from(serde_json::to_vec(&fields).map_err(|e| e.to_string())?)
+    } else {
+        Bytes::copy_from_slice(bytes)
     };
     Ok(Prepared {
         params,
@@ -180,7 +197,7 @@ impl Prepared {
 /// Params for an upstream of an earlier revision, if they must change: without the envelope
 /// (such servers may refuse it) and without a retry's members (they cannot mean anything there).
 pub(crate) fn for_sessions(params: &[u8]) -> Option<Bytes> {
-    let may = [ENVELOPE_PREFIX, "requestState", "inputResponses", "\\"]
+    let may = [ENVELOPE_MARK, "requestState", "inputResponses", "\\"]
         .iter()
         .any(|k| memchr::memmem::find(params, k.as_bytes()).is_some());
     if !may {
@@ -195,18 +212,22 @@ pub(crate) fn for_sessions(params: &[u8]) -> Option<Bytes> {
         #[serde(rename = "inputResponses")]
         responses: Option<serde::de::IgnoredAny>,
     }
-    let top: Top<'_> = serde_json::from_slice(params).ok()?;
-    if top.state.is_none() && top.responses.is_none() {
+    // A key given twice fails here and takes the general way below.
+    let top: Option<Top<'_>> = serde_json::from_slice(params).ok();
+    if let Some(top) = top
+        && top.state.is_none()
+        && top.responses.is_none()
+    {
         // The common case, a 2026 client's call: only `_meta`'s value changes, spliced in
         // place rather than the whole params encoded again.
         let raw = top.meta?;
         let meta: Object<'_> = serde_json::from_str(raw.get()).ok()?;
-        if !meta.keys().any(|k| k.starts_with(ENVELOPE_PREFIX)) {
+        if !meta.keys().any(|k| is_envelope_key(k)) {
             return None;
         }
         let rest: Object<'_> = meta
             .into_iter()
-            .filter(|(k, _)| !k.starts_with(ENVELOPE_PREFIX))
+            .filter(|(k, _)| !is_envelope_key(k))
             .collect();
         let kept = serde_json::to_string(&rest).ok()?;
         let start = (raw.get().as_ptr() as usize).checked_sub(params.as_ptr() as usize)?;
@@ -225,11 +246,11 @@ pub(crate) fn for_sessions(params: &[u8]) -> Option<Bytes> {
     let kept;
     if let Some(raw) = fields.get("_meta")
         && let Ok(meta) = serde_json::from_str::<Object<'_>>(raw.get())
-        && meta.keys().any(|k| k.starts_with(ENVELOPE_PREFIX))
+        && meta.keys().any(|k| is_envelope_key(k))
     {
         let rest: Object<'_> = meta
             .into_iter()
-            .filter(|(k, _)| !k.starts_with(ENVELOPE_PREFIX))
+            .filter(|(k, _)| !is_envelope_key(k))
             .collect();
         kept = RawValue::from_string(serde_json::to_string(&rest).ok()?).ok()?;
         fields.insert(Cow::Borrowed("_meta"), &kept);
@@ -387,8 +408,9 @@ mod tests {
         let env = envelope(INIT, Some("info"));
         let p = prepare(
             "tools/call",
-            Some(br#"{"name":"t","arguments":{"a":1},"_meta":{"progressToken":7,"io.modelcontextprotocol/clientCapabilities":{"sampling":{}}},"requestState":"x","inputResponses":{}}"#),
+            Some(br#"{"name":"t","arguments":{"a":1},"_meta":{"progressToken":7,"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{"sampling":{}},"io.modelcontextprotocol/related-task":{"taskId":"x"}},"requestState":"x","inputResponses":{}}"#),
             &env,
+            false,
         )
         .unwrap();
         assert!(!p.client_driven);
@@ -400,13 +422,16 @@ mod tests {
         assert_eq!(meta[INFO_KEY]["name"], "c");
         assert_eq!(meta[LEVEL_KEY], "info");
         assert_eq!(meta["progressToken"], 7);
+        // Not the envelope's: it passes.
+        assert_eq!(meta["io.modelcontextprotocol/related-task"]["taskId"], "x");
+        // A session client naming a version in _meta is still a session client.
         assert!(v.get("requestState").is_none() && v.get("inputResponses").is_none());
     }
 
     #[test]
     fn a_2026_clients_own_envelope_and_retry_pass_unchanged() {
         let raw = br#"{"name":"t","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}},"inputResponses":{"k":{}}}"#;
-        let p = prepare("tools/call", Some(raw), &envelope(INIT, None)).unwrap();
+        let p = prepare("tools/call", Some(raw), &envelope(INIT, None), true).unwrap();
         assert!(p.client_driven);
         assert_eq!(&p.params[..], &raw[..]);
         let retry = parse(&p.retry(
@@ -415,7 +440,11 @@ mod tests {
         ));
         assert_eq!(retry["requestState"], "s");
         assert_eq!(retry["inputResponses"], json!({"k2": {"a": 1}}));
-        assert!(prepare("tools/call", Some(b"[1]"), "").is_err());
+        assert!(prepare("tools/call", Some(b"[1]"), "", true).is_err());
+        // Only requests that may ask carry a retry's members, even a 2026 client's.
+        let listed = br#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"},"requestState":"s"}"#;
+        let p = prepare("tools/list", Some(listed), "", true).unwrap();
+        assert!(parse(&p.params).get("requestState").is_none());
     }
 
     #[test]
@@ -473,6 +502,7 @@ mod tests {
             "tools/call",
             Some(br#"{"name":"t","arguments":{"region":"eu","n":3}}"#),
             "",
+            false,
         )
         .unwrap();
         let mut h: Vec<(String, String)> = mirrored_headers("tools/call", &p, Some(&marks))

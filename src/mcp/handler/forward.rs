@@ -201,6 +201,7 @@ pub(super) async fn forward(
         events: Some(ev_tx),
         cancel: inflight.cancelled.take(),
         progress_token: params.as_deref().and_then(request_progress_token),
+        client_driven: session.protocol_version == crate::mcp::revision::STATELESS,
         ..CallOpts::default()
     };
     let session2 = session.clone();

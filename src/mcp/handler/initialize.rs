@@ -32,10 +32,17 @@ pub fn negotiate(params: Option<&[u8]>) -> Result<Negotiated, String> {
         .copied()
         .find(|v| *v == requested)
         .unwrap_or(revision::LATEST);
+    // Both go upstream as they are: objects only.
     let client_caps = f.get("capabilities").map_or("{}", |r| r.get());
+    if !client_caps.starts_with('{') {
+        return Err("params.capabilities must be an object".into());
+    }
     let client_info = f
         .get("clientInfo")
         .map_or(r#"{"name":"unknown","version":"0"}"#, |r| r.get());
+    if !client_info.starts_with('{') {
+        return Err("params.clientInfo must be an object".into());
+    }
     let init_params = Bytes::from(format!(
         r#"{{"protocolVersion":"{version}","capabilities":{client_caps},"clientInfo":{client_info}}}"#
     ));
