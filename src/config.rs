@@ -188,6 +188,9 @@ pub struct RawMcp {
     /// serves any session; the first seals, all open (rotation).
     #[serde(default)]
     pub session_keys: Vec<RawSessionKey>,
+    /// A portable session id is honored this long after its session opened.
+    #[serde(default, with = "humantime_serde")]
+    pub session_max_age: Option<Duration>,
 }
 
 /// Raw session key: its id and where its 32 bytes are (hex or base64), a file or a variable.
@@ -224,9 +227,13 @@ fn session_key(field: &str, text: &str) -> Result<[u8; 32], ConfigError> {
             .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("hex digits"))
             .collect()
     } else {
-        base64::engine::general_purpose::STANDARD
-            .decode(text)
-            .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(text))
+        use base64::engine::general_purpose::{
+            STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD,
+        };
+        [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+            .iter()
+            .find_map(|engine| engine.decode(text).ok())
+            .ok_or(())
             .map_err(|_| field_err(field, "must hold 64 hex digits or the base64 of 32 bytes"))?
     };
     <[u8; 32]>::try_from(bytes.as_slice())
@@ -423,6 +430,8 @@ pub struct McpSettings {
     pub http_sse: bool,
     /// Keys sealing portable session ids; empty: sessions live on the replica that opened them.
     pub session_keys: SessionKeys,
+    /// How long after its opening a portable session id is honored.
+    pub session_max_age: Duration,
 }
 
 /// A validated upstream.
@@ -644,6 +653,11 @@ impl RawConfig {
                 }
                 SessionKeys(keys)
             },
+            session_max_age: positive(
+                "mcp.session_max_age",
+                m.session_max_age,
+                Duration::from_secs(24 * 60 * 60),
+            )?,
         };
 
         let mut upstreams = Vec::with_capacity(self.upstreams.len());
@@ -887,6 +901,57 @@ fn at_least_one(field: &str, value: Option<usize>, default: usize) -> Result<usi
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn session_keys_are_read_in_every_usual_spelling_and_refused_by_field() {
+        let hex = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+        let want: [u8; 32] = std::array::from_fn(|i| i as u8);
+        assert_eq!(session_key("k", &format!("  {hex}\n")).unwrap(), want);
+        use base64::Engine;
+        for engine in [
+            base64::engine::general_purpose::STANDARD,
+            base64::engine::general_purpose::STANDARD_NO_PAD,
+            base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ] {
+            assert_eq!(session_key("k", &engine.encode(want)).unwrap(), want);
+        }
+        let short = session_key("mcp.session_keys[0].file", &hex[..62]).unwrap_err();
+        assert!(
+            short.to_string().contains("mcp.session_keys[0].file"),
+            "{short}"
+        );
+        assert!(session_key("k", "not a key").is_err());
+        let file = std::env::temp_dir().join(format!("gatehouse-key-{}", std::process::id()));
+        std::fs::write(&file, format!("{hex}\n")).unwrap();
+        let key = format!("{{ id: 2, file: {:?} }}", file);
+        const UP: &str = "upstreams:\n  - { name: u, http: { url: \"http://127.0.0.1:1/mcp\" } }\n";
+        let c = Config::from_yaml(&format!("{UP}mcp:\n  session_keys:\n    - {key}\n")).unwrap();
+        assert_eq!(c.mcp.session_keys.0, vec![(2, want)]);
+        assert!(
+            !format!("{:?}", c.mcp.session_keys).contains("0102"),
+            "keys never printed"
+        );
+        let one = key.replace("id: 2", "id: 1");
+        for (yaml, field) in [
+            (key.replace("id: 2", "id: 0"), "mcp.session_keys[0].id"),
+            (format!("{one}\n    - {one}"), "mcp.session_keys[1].id"),
+            ("{ id: 1 }".to_owned(), "mcp.session_keys[0]"),
+            (
+                "{ id: 1, env: GATEHOUSE_NO_SUCH_VARIABLE }".to_owned(),
+                "mcp.session_keys[0].env",
+            ),
+            (
+                "{ id: 1, file: /nonexistent/key }".to_owned(),
+                "mcp.session_keys[0].file",
+            ),
+        ] {
+            let err = Config::from_yaml(&format!("{UP}mcp:\n  session_keys:\n    - {yaml}\n"))
+                .unwrap_err();
+            assert!(err.to_string().contains(field), "{yaml}: {err}");
+        }
+        let _ = std::fs::remove_file(&file);
+    }
+
     use super::*;
 
     fn err(yaml: &str) -> String {

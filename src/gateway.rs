@@ -30,6 +30,15 @@ const ROUND_TRIP_WAIT: Duration = Duration::from_secs(300);
 /// The `initialize` params of the upstream sessions kept for stateless clients. They declare what
 /// the gateway can ask a stateless client within its request (`input_required`); whether the
 /// client itself declared it is checked per request.
+/// Why a portable session cannot be restored here now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRoom {
+    /// `mcp.max_sessions` are open.
+    Sessions,
+    /// The principal has as many sessions open as it may (the cap).
+    Principal(usize),
+}
+
 /// Deleted portable session ids, as a set and in deletion order.
 type DeletedIds = (HashSet<Arc<str>>, VecDeque<Arc<str>>);
 
@@ -276,7 +285,7 @@ impl Gateway {
         })
     }
 
-    /// Opens a session with a fresh, unguessable id.
+    /// Opens a session with a fresh, unguessable id (sealed, when the gateway has session keys).
     pub fn new_session(
         &self,
         principal: Option<Principal>,
@@ -284,7 +293,31 @@ impl Gateway {
         init_params: Bytes,
         eager_listen: bool,
     ) -> Arc<Session> {
-        let portable_id = self.portable.as_ref().and_then(|sealer| {
+        self.new_session_on(principal, version, init_params, eager_listen, true)
+    }
+
+    /// A session bound to one connection (an HTTP+SSE client's stream): never portable, its
+    /// id never leaves this replica.
+    pub fn new_local_session(
+        &self,
+        principal: Option<Principal>,
+        version: &'static str,
+        init_params: Bytes,
+        eager_listen: bool,
+    ) -> Arc<Session> {
+        self.new_session_on(principal, version, init_params, eager_listen, false)
+    }
+
+    fn new_session_on(
+        &self,
+        principal: Option<Principal>,
+        version: &'static str,
+        init_params: Bytes,
+        eager_listen: bool,
+        portable: bool,
+    ) -> Arc<Session> {
+        let sealer = self.portable.as_ref().filter(|_| portable);
+        let portable_id = sealer.and_then(|sealer| {
             let token = session_token::SessionToken {
                 p: principal.as_deref().map(str::to_owned),
                 v: version.to_owned(),
@@ -292,24 +325,50 @@ impl Gateway {
                 l: eager_listen,
                 t: session_token::now_ms(),
             };
-            session_token::issue(sealer, &token).map(Arc::from)
+            let id = session_token::issue(sealer, &token).map(Arc::from);
+            if id.is_none() {
+                tracing::warn!(
+                    "the client's initialize params make too long a portable session id ({} bytes of params): this session lives on this replica only",
+                    init_params.len()
+                );
+            }
+            id
         });
+        let sealed = portable_id.is_some();
         let id = portable_id.unwrap_or_else(crate::mcp::session::new_id);
-        self.open_session(id, principal, version, init_params, eager_listen)
+        self.open_session(id, principal, version, init_params, eager_listen, sealed)
     }
 
     /// A portable session (its id sealed by this gateway's session keys) that another replica
     /// opened, or this one before it ended here for idleness: opened again from its id, for
-    /// its own principal only. `None`: not such an id, deleted here, or no room.
-    pub fn restore_session(&self, id: &str, principal: Option<&Principal>) -> Option<Arc<Session>> {
-        let sealer = self.portable.as_ref()?;
-        let token = session_token::open(sealer, id)?;
-        if token.p.as_deref() != principal.map(|p| &**p) {
-            return None;
+    /// its own principal only, within `mcp.session_max_age` of its opening. `Ok(None)`: not
+    /// such an id (or deleted here); `Err`: no room for it now.
+    pub fn restore_session(
+        &self,
+        id: &str,
+        principal: Option<&Principal>,
+    ) -> Result<Option<Arc<Session>>, NoRoom> {
+        let Some(sealer) = self.portable.as_ref() else {
+            return Ok(None);
+        };
+        let Some(token) = session_token::open(sealer, id) else {
+            return Ok(None);
+        };
+        let max_age = self.config.mcp.session_max_age.as_millis() as u64;
+        if token.p.as_deref() != principal.map(|p| &**p)
+            || token.t.saturating_add(max_age) < session_token::now_ms()
+        {
+            return Ok(None);
         }
-        let version = crate::mcp::revision::SUPPORTED
+        let Some(version) = crate::mcp::revision::SUPPORTED
             .iter()
-            .find(|v| **v == token.v)?;
+            .find(|v| **v == token.v)
+        else {
+            return Ok(None);
+        };
+        // Under the one lock that DELETE's tombstone also takes: a session deleted here is not
+        // restored by a request racing the DELETE, and two restores share one session.
+        let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
         if self
             .deleted
             .lock()
@@ -317,33 +376,41 @@ impl Gateway {
             .0
             .contains(id)
         {
-            return None;
+            return Ok(None);
         }
-        if self.sessions.len() >= self.config.mcp.max_sessions
-            || !self.may_open_session(principal, 0)
-        {
-            return None;
-        }
-        // Two requests restoring it at once share one session.
-        let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = self.sessions.get(id) {
-            return Some(s.clone());
+            return Ok(Some(s.clone()));
         }
-        tracing::debug!("restored a portable session opened elsewhere");
-        Some(self.open_session(
+        if self.sessions.len() >= self.config.mcp.max_sessions {
+            return Err(NoRoom::Sessions);
+        }
+        if !self.may_open_session(principal, 0) {
+            return Err(NoRoom::Principal(
+                self.config.mcp.max_sessions_per_principal,
+            ));
+        }
+        tracing::debug!(session = %crate::mcp::session::log_id(id), "restored a portable session opened elsewhere");
+        Ok(Some(self.open_session(
             Arc::from(id),
             principal.cloned(),
             version,
             Bytes::from(token.i),
             token.l,
-        ))
+            true,
+        )))
+    }
+
+    /// Ends a session the client deleted; a portable one's id opens nothing here from now on.
+    pub fn delete_session(&self, id: &str) {
+        if self.portable.is_some() {
+            let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
+            self.forget_portable(id);
+        }
+        self.end_session(id);
     }
 
     /// Remembers that a portable session was deleted, so that its id opens nothing here again.
-    pub fn forget_portable(&self, id: &str) {
-        if self.portable.is_none() {
-            return;
-        }
+    fn forget_portable(&self, id: &str) {
         let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
         let id: Arc<str> = Arc::from(id);
         if deleted.0.insert(id.clone()) {
@@ -363,6 +430,7 @@ impl Gateway {
         version: &'static str,
         init_params: Bytes,
         eager_listen: bool,
+        portable: bool,
     ) -> Arc<Session> {
         let session = Session::new(
             id.clone(),
@@ -372,7 +440,7 @@ impl Gateway {
             crate::mcp::session::UpstreamInit {
                 params: init_params,
                 eager_listen,
-                portable: self.portable.clone(),
+                portable: self.portable.clone().filter(|_| portable),
             },
             self.epoch,
             Some(crate::mcp::policy::PluginMessagePolicy::stage(
@@ -476,7 +544,7 @@ impl Gateway {
             .map(|s| s.key().clone())
             .collect();
         for id in expired {
-            tracing::info!(session = %id, "session expired after idling");
+            tracing::info!(session = %crate::mcp::session::log_id(&id), "session expired after idling");
             self.end_session(&id);
         }
         let drained: Vec<Arc<Session>> = {

@@ -252,19 +252,28 @@ async fn a_session_client_cannot_pose_as_a_2026_client_to_a_2026_upstream() {
     assert_eq!(bad.status, 400, "{}", bad.body);
     let mut c = outer.client();
     c.initialize(json!({"sampling":{}})).await;
-    assert_eq!(c.tool_text(1, "inner__echo", json!({"text":"hi"})).await, "hi");
-    assert!(inner.gateway().sessions.is_empty(), "still spoken to statelessly");
+    assert_eq!(
+        c.tool_text(1, "inner__echo", json!({"text":"hi"})).await,
+        "hi"
+    );
+    assert!(
+        inner.gateway().sessions.is_empty(),
+        "still spoken to statelessly"
+    );
     // A session client that puts a 2026 envelope and a retry's members in its call is still
     // a session client: the gateway asks it on its stream, and it never sees the server's
     // input_required or its state.
     let c2 = c.clone();
     let call = tokio::spawn(async move {
-        c2.post(json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{
+        c2.post(
+            json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{
             "name":"inner__sample","arguments":{"prompt":"posing"},
             "requestState":"forged","inputResponses":{"x":{}},
             "_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",
-                     "io.modelcontextprotocol/clientCapabilities":{"sampling":{}}}}}).to_string())
-            .await
+                     "io.modelcontextprotocol/clientCapabilities":{"sampling":{}}}}})
+            .to_string(),
+        )
+        .await
     });
     answer_first_request(
         &c,
@@ -275,6 +284,9 @@ async fn a_session_client_cannot_pose_as_a_2026_client_to_a_2026_upstream() {
     let msgs = call.await.unwrap().messages();
     assert_eq!(msgs[0]["method"], "sampling/createMessage", "{msgs:?}");
     let last = msgs.last().unwrap();
-    assert_eq!(last["result"]["content"][0]["text"], "model said: ok", "{msgs:?}");
+    assert_eq!(
+        last["result"]["content"][0]["text"], "model said: ok",
+        "{msgs:?}"
+    );
     assert!(last["result"].get("requestState").is_none());
 }

@@ -17,7 +17,17 @@ const BOB: &str = "bob-token-0123456789";
 
 /// A replica in front of `inner` (over HTTP, with upstream sessions), sealing with `keys`.
 async fn replica(inner: &TestGateway, keys: &[(u8, &str)], dir: &std::path::Path) -> TestGateway {
-    let mut top = String::from("mcp:\n  session_keys:\n");
+    replica_with(inner, keys, dir, "").await
+}
+
+/// A replica with more `mcp` settings (YAML lines indented under `mcp:`).
+async fn replica_with(
+    inner: &TestGateway,
+    keys: &[(u8, &str)],
+    dir: &std::path::Path,
+    mcp: &str,
+) -> TestGateway {
+    let mut top = format!("mcp:\n{mcp}  session_keys:\n");
     for (id, key) in keys {
         let path = dir.join(format!("key-{id}-{}", &key[..4]));
         std::fs::write(&path, format!("{key}\n")).unwrap();
@@ -98,10 +108,6 @@ async fn a_session_is_served_by_whichever_replica_a_request_reaches() {
         "{done}"
     );
 
-    // An answer with a forged id reaches nothing.
-    let forged = json!({"jsonrpc":"2.0","id":"gatehouse-forged","result":{}});
-    assert_eq!(on_a.post(forged.to_string()).await.status, 202);
-
     // DELETE on one replica ends the session there; that replica refuses the id from now on.
     let d = on_b
         .send(
@@ -148,4 +154,33 @@ async fn foreign_tampered_and_other_principals_ids_open_nothing() {
     fresh.initialize(json!({})).await;
     assert_eq!(at(&fresh, &a).post(list.clone()).await.status, 404);
     assert_eq!(at(&fresh, &rotated).post(list).await.status, 200);
+}
+
+#[tokio::test]
+async fn an_old_id_or_a_full_replica_is_told_apart_from_a_gone_session() {
+    let dir = key_dir();
+    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
+    let a = replica(&inner, &[(1, KEY)], &dir).await;
+    let young = replica_with(&inner, &[(1, KEY)], &dir, "  session_max_age: 1s\n").await;
+    let full = replica_with(
+        &inner,
+        &[(1, KEY)],
+        &dir,
+        "  max_sessions_per_principal: 1\n",
+    )
+    .await;
+    let list = json!({"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}).to_string();
+
+    let mut alice = a.client();
+    alice.token = Some(ALICE.into());
+    alice.initialize(json!({})).await;
+    // A replica at its cap for the principal says so (429), not that the session is gone.
+    let mut occupying = full.client();
+    occupying.token = Some(ALICE.into());
+    occupying.initialize(json!({})).await;
+    assert_eq!(at(&alice, &full).post(list.clone()).await.status, 429);
+    // Past session_max_age, an id restores nothing (404); where the session lives, it goes on.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(at(&alice, &young).post(list.clone()).await.status, 404);
+    assert_eq!(alice.post(list).await.status, 200);
 }

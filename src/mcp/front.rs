@@ -340,9 +340,16 @@ fn session_of(
     // here too, rebuilt from its id.
     let session = match gw.sessions.get(id).map(|s| s.clone()) {
         Some(s) => s,
-        None => gw
-            .restore_session(id, principal.as_ref())
-            .ok_or(FrontError::UnknownSession)?,
+        None => match gw.restore_session(id, principal.as_ref()) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err(FrontError::UnknownSession),
+            // The session exists; this replica has no room for it now (not a 404, which
+            // would tell the client its session is gone).
+            Err(crate::gateway::NoRoom::Sessions) => return Err(FrontError::TooManySessions),
+            Err(crate::gateway::NoRoom::Principal(cap)) => {
+                return Err(FrontError::TooManySessionsForPrincipal(cap));
+            }
+        },
     };
     // A session belongs to whoever opened it; to anyone else it does not exist.
     if session.principal != *principal {
@@ -441,7 +448,7 @@ async fn post(
         }
         Kind::Response { id, outcome } => {
             if !session.on_client_response(&id, &outcome).await {
-                tracing::debug!(session = %session.id, "response to an unknown server request");
+                tracing::debug!(session = %session.log_id(), "response to an unknown server request");
             }
             Ok(accepted())
         }
@@ -500,7 +507,7 @@ pub(crate) async fn on_notification(session: &Arc<Session>, method: &str, params
             }
         }
         other => {
-            tracing::debug!(session = %session.id, method = other, "ignored client notification")
+            tracing::debug!(session = %session.log_id(), method = other, "ignored client notification")
         }
     }
 }
@@ -560,8 +567,7 @@ async fn delete(
     headers: &HeaderMap,
 ) -> Result<Response<Body>, FrontError> {
     let session = session_of(gw, &principal, headers.get(SESSION_HEADER))?;
-    gw.end_session(&session.id);
-    gw.forget_portable(&session.id);
+    gw.delete_session(&session.id);
     let mut r = Response::new(Body::Empty);
     *r.status_mut() = StatusCode::OK;
     Ok(r)

@@ -223,7 +223,7 @@ async fn message(
                 };
                 drop(slot);
                 if !read {
-                    tracing::info!(session = %session.id, "ending an HTTP+SSE session whose client stopped reading its stream");
+                    tracing::info!(session = %session.log_id(), "ending an HTTP+SSE session whose client stopped reading its stream");
                     gw.end_session(&session.id);
                 }
             });
@@ -239,7 +239,7 @@ async fn message(
             if let Some(session) = client.session()
                 && !session.on_client_response(&id, &outcome).await
             {
-                tracing::debug!(session = %session.id, "response to an unknown server request");
+                tracing::debug!(session = %session.log_id(), "response to an unknown server request");
             }
             Ok(accepted())
         }
@@ -297,7 +297,7 @@ async fn initialize(
             return Ok(accepted());
         }
     };
-    let session = gw.new_session(
+    let session = gw.new_local_session(
         client.principal.clone(),
         asked.version,
         asked.init_params,

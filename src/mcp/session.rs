@@ -225,6 +225,12 @@ impl Session {
         })
     }
 
+    /// The session id as logs show it: a prefix, enough to tell sessions apart (a portable id
+    /// is a credential on every replica, and is never logged whole).
+    pub fn log_id(&self) -> &str {
+        log_id(&self.id)
+    }
+
     /// Who calls through this session.
     pub fn caller(&self) -> Caller<'_> {
         Caller {
@@ -355,7 +361,11 @@ impl Session {
         else {
             return false;
         };
-        if asked.p.as_deref() != self.principal.as_deref() {
+        // Only this session's, and only while its call may still be waiting.
+        if asked.p.as_deref() != self.principal.as_deref()
+            || asked.g != session_token::digest(&self.id)
+            || asked.e < session_token::now_ms()
+        {
             return false;
         }
         let Some(index) = self
@@ -374,15 +384,29 @@ impl Session {
             }
         };
         let original = Bytes::from(asked.o);
-        match local {
-            Some(_) => self.links[index].respond(&original, outcome).await,
-            None => {
+        if local.is_some() {
+            self.links[index].respond(&original, outcome).await;
+            return true;
+        }
+        // Not asked through this replica: only an HTTP upstream session of another replica's
+        // is reachable from here (a process, or a session of this replica's own, would take
+        // the answer for a request of its own with the same id).
+        match asked.u {
+            Some(u)
+                if self.links[index]
+                    .upstream_session()
+                    .is_none_or(|(own, _)| own != u) =>
+            {
                 self.links[index]
-                    .respond_in(asked.u.as_deref(), &original, outcome)
-                    .await
+                    .respond_in(&u, asked.v.as_deref(), &original, outcome)
+                    .await;
+                true
+            }
+            _ => {
+                tracing::info!(session = %self.log_id(), upstream = %asked.s, "dropped an answer to a server request no longer waiting here");
+                false
             }
         }
-        true
     }
 
     /// What the policy makes of a request upstream `index` would put to the client (a 2026
@@ -539,7 +563,7 @@ impl Session {
         if self.policy.as_ref().is_some_and(|p| p.active()) {
             let queue = self.policy_queue.get_or_init(|| self.spawn_policy_task());
             if queue.try_send((index, route, msg)).is_err() {
-                tracing::warn!(session = %self.id, "dropped a server message: the policy stage is behind");
+                tracing::warn!(session = %self.log_id(), "dropped a server message: the policy stage is behind");
             }
             return;
         }
@@ -595,20 +619,34 @@ impl Session {
             Kind::Request { id, method, params } => {
                 let n = self.next_server_request.fetch_add(1, Ordering::Relaxed);
                 let wire = match &self.portable {
-                    Some(sealer) => Bytes::from(session_token::seal_request_id(
-                        sealer,
-                        &session_token::ServerRequestId {
-                            p: self.principal.as_deref().map(str::to_owned),
-                            s: self.topology.servers[index].name.to_string(),
-                            u: self.links[index].upstream_session(),
-                            o: String::from_utf8_lossy(&id).into_owned(),
-                            n,
-                        },
-                    )),
+                    Some(sealer) => {
+                        let upstream = self.links[index].upstream_session();
+                        Bytes::from(session_token::seal_request_id(
+                            sealer,
+                            &session_token::ServerRequestId {
+                                p: self.principal.as_deref().map(str::to_owned),
+                                g: session_token::digest(&self.id),
+                                e: session_token::now_ms() + SERVER_REQUEST_TTL_MS,
+                                s: self.topology.servers[index].name.to_string(),
+                                v: upstream.as_ref().and_then(|(_, v)| v.clone()),
+                                u: upstream.map(|(u, _)| u),
+                                o: String::from_utf8_lossy(&id).into_owned(),
+                                n,
+                            },
+                        ))
+                    }
                     None => Bytes::from(n.to_string()),
                 };
                 let admitted = {
                     let mut pending = lock(&self.server_requests);
+                    // In a portable session an answer may go upstream through another replica
+                    // and never come back here: the oldest entry makes room.
+                    if self.portable.is_some()
+                        && pending.len() >= MAX_SERVER_REQUESTS
+                        && let Some(oldest) = pending.keys().min().copied()
+                    {
+                        pending.remove(&oldest);
+                    }
                     let room = pending.len() < MAX_SERVER_REQUESTS;
                     if room {
                         pending.insert(n, (index, id.clone(), wire.clone()));
@@ -656,7 +694,7 @@ impl Session {
                     msg.frame
                 };
                 if !self.push(&route, frame) {
-                    tracing::debug!(session = %self.id, %method, "dropped a notification: no client stream open");
+                    tracing::debug!(session = %self.log_id(), %method, "dropped a notification: no client stream open");
                 }
             }
             Kind::Response { .. } => {}
@@ -714,8 +752,16 @@ impl Session {
 const LISTEN_BACKLOG: usize = 32;
 /// Client requests one session may have in flight at once.
 pub const MAX_INFLIGHT: usize = 256;
+/// How long a portable session's server request may be answered (through any replica).
+const SERVER_REQUEST_TTL_MS: u64 = 10 * 60 * 1000;
 /// Server→client requests waiting for one session's answers.
 const MAX_SERVER_REQUESTS: usize = 64;
+
+/// A session id as logs show it (see [`Session::log_id`]).
+pub fn log_id(id: &str) -> &str {
+    let end = id.char_indices().nth(12).map_or(id.len(), |(i, _)| i);
+    &id[..end]
+}
 
 /// A session already has as many requests in flight as it may.
 #[derive(Debug, thiserror::Error)]

@@ -36,14 +36,29 @@ pub struct SessionToken {
 pub struct ServerRequestId {
     /// The session's principal.
     pub p: Option<String>,
+    /// The session's id, digested ([`digest`]): an answer counts in this session only.
+    pub g: String,
+    /// Until when it may be answered, Unix milliseconds.
+    pub e: u64,
     /// The upstream server that asked, by name.
     pub s: String,
     /// Its upstream session (`Mcp-Session-Id`), when it has one.
     pub u: Option<String>,
+    /// The revision that upstream session speaks (its `MCP-Protocol-Version`).
+    pub v: Option<String>,
     /// The server's own id for the request (raw JSON).
     pub o: String,
     /// The session's number for it.
     pub n: u64,
+}
+
+/// A short digest of a session id (SHA-256, first 16 bytes, hex).
+pub fn digest(id: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, id.as_bytes());
+    d.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Unix milliseconds now.
@@ -114,8 +129,11 @@ mod tests {
         // A server request id is not a session id, nor the other way round.
         let ask = ServerRequestId {
             p: None,
+            g: digest("session"),
+            e: 1,
             s: "x".into(),
             u: None,
+            v: None,
             o: "1".into(),
             n: 1,
         };

@@ -125,16 +125,28 @@ impl Connection {
         }
     }
 
-    /// Joins an upstream session already open (another replica opened it), for one message.
-    pub(crate) fn in_session(self, session_id: &str) -> Option<Self> {
+    /// Joins an upstream session already open (another replica opened it, speaking
+    /// `version`), for one message.
+    pub(crate) fn in_session(self, session_id: &str, version: Option<&str>) -> Option<Self> {
         let id = HeaderValue::from_str(session_id).ok()?;
+        let version =
+            HeaderValue::from_str(version.unwrap_or(crate::mcp::revision::LATEST)).ok()?;
         *self.session_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
         *self
             .protocol_version
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) =
-            Some(HeaderValue::from_static(crate::mcp::revision::LATEST));
+            .unwrap_or_else(|e| e.into_inner()) = Some(version);
         Some(self)
+    }
+
+    /// The revision the upstream session speaks (its `MCP-Protocol-Version`), once known.
+    pub(crate) fn protocol_version(&self) -> Option<String> {
+        self.protocol_version
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
     }
 
     /// The upstream session's id, once the server gave one.

@@ -860,25 +860,27 @@ impl Link {
         }
     }
 
-    /// The upstream session (`Mcp-Session-Id`) this link holds with an HTTP server, if any.
-    pub fn upstream_session(&self) -> Option<String> {
+    /// The upstream session (`Mcp-Session-Id`) this link holds with an HTTP server, if any,
+    /// and the revision it speaks.
+    pub fn upstream_session(&self) -> Option<(String, Option<String>)> {
         match &*self.live()? {
-            Connection::Http(h) => h.session_id(),
+            Connection::Http(h) => Some((h.session_id()?, h.protocol_version())),
             Connection::Stdio(_) => None,
         }
     }
 
-    /// Relays the client's answer to a server request that upstream session `session` sent
-    /// (perhaps through another replica's link): on this link's connection when it is that
-    /// session, else straight to the server in that session (configured HTTP servers only).
-    pub async fn respond_in(&self, session: Option<&str>, id: &[u8], outcome: &Outcome) {
-        if session.is_none() || self.upstream_session().as_deref() == session {
-            return self.respond(id, outcome).await;
-        }
-        let (Some(session), Transport::Http { url, headers }) =
-            (session, &self.server.config.transport)
-        else {
-            tracing::debug!(upstream = %self.server.name, "an answer for a server request another replica relayed cannot reach it");
+    /// Relays the client's answer to a server request that another replica's upstream session
+    /// `session` (speaking `version`) sent: straight to the server, in that session
+    /// (configured HTTP servers only).
+    pub async fn respond_in(
+        &self,
+        session: &str,
+        version: Option<&str>,
+        id: &[u8],
+        outcome: &Outcome,
+    ) {
+        let Transport::Http { url, headers } = &self.server.config.transport else {
+            tracing::info!(upstream = %self.server.name, "an answer for a server request another replica relayed cannot reach it");
             return;
         };
         let conn = super::http::Connection::new(
@@ -887,7 +889,7 @@ impl Link {
             headers.clone(),
             self.inbox.clone(),
         )
-        .in_session(session);
+        .in_session(session, version);
         if let Some(conn) = conn
             && let Err(e) = conn.send(jsonrpc::response(id, outcome)).await
         {

@@ -97,7 +97,7 @@ pub async fn offer(session: &Arc<Session>) -> Offer {
                 }
             }
             Err(e) => {
-                tracing::warn!(session = %session.id, upstream = name, "upstream unavailable: {e}")
+                tracing::warn!(session = %session.log_id(), upstream = name, "upstream unavailable: {e}")
             }
         }
     }
