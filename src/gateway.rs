@@ -27,9 +27,6 @@ use crate::upstream::{Server, http};
 /// How long a stateless call waits for its client to retry with the answers it asked for.
 const ROUND_TRIP_WAIT: Duration = Duration::from_secs(300);
 
-/// The `initialize` params of the upstream sessions kept for stateless clients. They declare what
-/// the gateway can ask a stateless client within its request (`input_required`); whether the
-/// client itself declared it is checked per request.
 /// Why a portable session cannot be restored here now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoRoom {
@@ -45,6 +42,9 @@ type DeletedIds = (HashSet<Arc<str>>, VecDeque<Arc<str>>);
 /// Deleted portable session ids a replica remembers.
 const MAX_DELETED: usize = 10_000;
 
+/// The `initialize` params of the upstream sessions kept for stateless clients. They declare what
+/// the gateway can ask a stateless client within its request (`input_required`); whether the
+/// client itself declared it is checked per request.
 const STATELESS_UPSTREAM_INIT: &str = concat!(
     r#"{"protocolVersion":"2025-11-25","capabilities":{"sampling":{},"elicitation":{},"roots":{}},"clientInfo":{"name":"gatehouse","version":""#,
     env!("CARGO_PKG_VERSION"),
