@@ -37,6 +37,15 @@ pub mod code {
     pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
 }
 
+/// The `code` of a JSON-RPC error object, if it has one.
+pub fn error_code(error: &[u8]) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct E {
+        code: i64,
+    }
+    serde_json::from_slice::<E>(error).ok().map(|e| e.code)
+}
+
 /// Why a frame is not an acceptable JSON-RPC message.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {

@@ -1180,15 +1180,6 @@ fn own_result<'a>(frame: &'a [u8], id: &[u8]) -> Option<&'a [u8]> {
 /// The code 2025-era servers answer an unknown resource with.
 const RESOURCE_NOT_FOUND_2025: i64 = -32002;
 
-/// Whether a JSON-RPC error object has code `code`.
-fn is_code(error: &[u8], code: i64) -> bool {
-    #[derive(Deserialize)]
-    struct E {
-        code: i64,
-    }
-    serde_json::from_slice::<E>(error).is_ok_and(|e| e.code == code)
-}
-
 impl Completion {
     /// What results of `method` carry.
     pub(crate) fn of(method: &str) -> Completion {
@@ -1230,7 +1221,9 @@ impl Completion {
             Kind::Response {
                 outcome: Outcome::Error(error),
                 ..
-            } if self.resource_read && is_code(&error, RESOURCE_NOT_FOUND_2025) => {
+            } if self.resource_read
+                && jsonrpc::error_code(&error) == Some(RESOURCE_NOT_FOUND_2025) =>
+            {
                 // 2025-era servers say -32002 for an unknown resource; 2026-07-28 says -32602.
                 let mut e: serde_json::Map<String, serde_json::Value> =
                     serde_json::from_slice(&error).unwrap_or_default();

@@ -244,7 +244,7 @@ impl Connection {
                 Discovered::Stateless(r)
             }
             // Earlier revisions: no such method, or no session (a 2025 server's 400/404).
-            Some(Outcome::Error(e)) if error_code(&e) == Some(code::METHOD_NOT_FOUND) => {
+            Some(Outcome::Error(e)) if jsonrpc::error_code(&e) == Some(code::METHOD_NOT_FOUND) => {
                 Discovered::Sessions
             }
             Some(Outcome::Result(_)) => Discovered::Sessions,
@@ -252,7 +252,7 @@ impl Connection {
             // A 2026 server refusing what was sent (-32602, -32022, ...) is not a legacy one.
             Some(Outcome::Error(e))
                 if matches!(
-                    error_code(&e),
+                    jsonrpc::error_code(&e),
                     Some(code::INVALID_PARAMS | code::UNSUPPORTED_PROTOCOL_VERSION)
                 ) =>
             {
@@ -775,15 +775,6 @@ pub(crate) enum Discovered {
     /// No telling (a 5xx, a 429, a refusal of what was sent): this connection uses sessions,
     /// and the next one asks again.
     Unsure,
-}
-
-/// The code of a JSON-RPC error object.
-fn error_code(error: &[u8]) -> Option<i64> {
-    #[derive(Deserialize)]
-    struct E {
-        code: i64,
-    }
-    serde_json::from_slice::<E>(error).ok().map(|e| e.code)
 }
 
 /// How one GET stream ended without an error.

@@ -626,7 +626,7 @@ impl Link {
                 if let Outcome::Error(e) = &outcome
                     && marks.is_some()
                     && !marks_reread
-                    && is_code(e, code::HEADER_MISMATCH)
+                    && jsonrpc::error_code(e) == Some(code::HEADER_MISMATCH)
                 {
                     // The tool's marks may have changed since they were read: once more, with
                     // the tool list read again.
@@ -634,8 +634,8 @@ impl Link {
                     continue;
                 }
                 if let Outcome::Error(e) = &outcome
-                    && (is_code(e, code::HEADER_MISMATCH)
-                        || is_code(e, code::UNSUPPORTED_PROTOCOL_VERSION))
+                    && (jsonrpc::error_code(e) == Some(code::HEADER_MISMATCH)
+                        || jsonrpc::error_code(e) == Some(code::UNSUPPORTED_PROTOCOL_VERSION))
                 {
                     // What the gateway sent was refused, not what the client asked: the
                     // server's fault or ours, either way not the client's to fix.
@@ -987,15 +987,6 @@ fn level_of(params: &[u8]) -> Option<String> {
         level: String,
     }
     serde_json::from_slice::<P>(params).ok().map(|p| p.level)
-}
-
-/// Whether a JSON-RPC error object has code `code`.
-fn is_code(error: &[u8], code: i64) -> bool {
-    #[derive(serde::Deserialize)]
-    struct E {
-        code: i64,
-    }
-    serde_json::from_slice::<E>(error).is_ok_and(|e| e.code == code)
 }
 
 /// Resolves when the client cancels (never, without a cancel channel or once it is dropped).
