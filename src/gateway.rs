@@ -150,6 +150,7 @@ impl Gateway {
         Services {
             plugins: &self.plugins,
             metrics: &self.metrics,
+            envelope: None,
         }
     }
 

@@ -221,7 +221,20 @@ pub(crate) struct Read {
     pub target: Option<String>,
     /// A retry's `requestState` and `inputResponses`.
     pub retry: round_trip::Retry,
+    /// The envelope's members of `_meta` (`"key":value,…`), taken out of the params: a server
+    /// of an earlier revision must not see them, one of this revision is sent them.
+    pub envelope: Arc<str>,
+    /// The params without the envelope.
+    pub params: Bytes,
 }
+
+/// The envelope's keys in `_meta`: what a server of an earlier revision is not sent.
+const ENVELOPE_KEYS: [&str; 4] = [
+    VERSION_KEY,
+    "io.modelcontextprotocol/clientCapabilities",
+    "io.modelcontextprotocol/clientInfo",
+    "io.modelcontextprotocol/logLevel",
+];
 
 /// Log severities, lowest first (RFC 5424 names, as MCP uses them).
 const LEVELS: [&str; 8] = [
@@ -327,6 +340,33 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
                 .map_err(|_| Refusal::Meta("params.inputResponses must be an object".into()))?;
         }
     }
+    // The envelope leaves `_meta`, spliced out of the client's bytes: its value is a borrowed
+    // raw value inside them.
+    let mut envelope = String::new();
+    let mut kept = String::from("{");
+    for (k, v) in &meta {
+        let out = if ENVELOPE_KEYS.contains(&&**k) {
+            &mut envelope
+        } else {
+            &mut kept
+        };
+        if out.len() > usize::from(out.starts_with('{')) {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(k).map_err(|e| Refusal::Meta(e.to_string()))?);
+        out.push(':');
+        out.push_str(v.get());
+    }
+    kept.push('}');
+    let start = (meta_raw.get().as_ptr() as usize).wrapping_sub(bytes.as_ptr() as usize);
+    let end = start.wrapping_add(meta_raw.get().len());
+    if end > bytes.len() || start > end {
+        return Err(Refusal::Meta("params._meta cannot be re-encoded".into()));
+    }
+    let mut stripped = Vec::with_capacity(bytes.len() - (end - start) + kept.len());
+    stripped.extend_from_slice(&bytes[..start]);
+    stripped.extend_from_slice(kept.as_bytes());
+    stripped.extend_from_slice(&bytes[end..]);
     Ok(Read {
         meta: RequestMeta {
             version,
@@ -335,6 +375,8 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
         },
         target,
         retry,
+        envelope: Arc::from(envelope),
+        params: Bytes::from(stripped),
     })
 }
 
@@ -468,6 +510,8 @@ pub(crate) async fn post(
         meta,
         target,
         retry,
+        envelope,
+        params,
     } = match checked {
         Ok(r) => r,
         Err(refusal) => {
@@ -491,7 +535,7 @@ pub(crate) async fn post(
         meta,
         principal: principal.clone(),
     };
-    let mut params = params;
+    let mut params = Some(params);
     if let Some(state) = retry.state {
         let resumed = gw.round_trips.resume(
             principal.as_ref(),
@@ -532,7 +576,11 @@ pub(crate) async fn post(
             jsonrpc::response(&id, &Outcome::Result(result)),
         );
     }
-    match handler::request(gw.services(), &session, id, &method, params).await {
+    let services = crate::mcp::handler::Services {
+        envelope: Some(&envelope),
+        ..gw.services()
+    };
+    match handler::request(services, &session, id, &method, params).await {
         Reply::Json(frame) => {
             let frame = round.answer(&session, frame).await;
             json_response(status_of(&frame), frame)
@@ -1202,8 +1250,8 @@ impl Completion {
         // The gateway encoded the frame itself (`jsonrpc::response`): a result under this very
         // id is found without parsing the frame again.
         if let Some(result) = own_result(&frame, id) {
-            return match self.result(result) {
-                Ok(r) => jsonrpc::response(id, &Outcome::Result(r)),
+            return match self.result(result, id) {
+                Ok(framed) => framed,
                 Err(why) => jsonrpc::error_response(Some(id), code::INTERNAL_ERROR, &why),
             };
         }
@@ -1214,8 +1262,8 @@ impl Completion {
             Kind::Response {
                 outcome: Outcome::Result(result),
                 ..
-            } => match self.result(&result) {
-                Ok(r) => jsonrpc::response(id, &Outcome::Result(r)),
+            } => match self.result(&result, id) {
+                Ok(framed) => framed,
                 Err(why) => jsonrpc::error_response(Some(id), code::INTERNAL_ERROR, &why),
             },
             Kind::Response {
@@ -1236,20 +1284,23 @@ impl Completion {
         }
     }
 
-    /// `result` with the members the gateway owns put first: `resultType`, and on lists and
-    /// reads the cache hints. Upstreams speak 2025-11-25, so what they say of these members is
-    /// replaced (a server may not widen `cacheScope` past what its callers may share), and one
-    /// that claims another `resultType` (it cannot ask that way) or answers no object is refused.
-    fn result(self, result: &[u8]) -> Result<Bytes, String> {
+    /// The response under `id` whose result is `result` with the members the gateway owns put
+    /// first: `resultType`, and on lists and reads the cache hints. What upstreams say of these
+    /// members is replaced (a server may not widen `cacheScope` past what its callers may
+    /// share), and a result that claims another `resultType` here (an `input_required` reaches
+    /// this only from a server that cannot mean it) or is no object is refused. Written in one
+    /// buffer: this runs on every stateless answer.
+    fn result(self, result: &[u8], id: &[u8]) -> Result<Bytes, String> {
         let text = std::str::from_utf8(result)
             .map_err(|_| "the upstream's result is not UTF-8".to_owned())?
             .trim_start();
-        let mut owned = vec![r#""resultType":"complete""#];
-        if self.cache_hints {
-            // No change notifications reach a stateless client yet: nothing may be reused; and
-            // what a caller sees depends on who it is (policy plugins filter lists).
-            owned.extend([r#""ttlMs":0"#, r#""cacheScope":"private""#]);
-        }
+        // No change notifications reach a stateless client yet: nothing may be reused; and
+        // what a caller sees depends on who it is (policy plugins filter lists).
+        let owned = if self.cache_hints {
+            r#""resultType":"complete","ttlMs":0,"cacheScope":"private""#
+        } else {
+            r#""resultType":"complete""#
+        };
         let could = result.contains(&b'\\')
             || ["resultType", "ttlMs", "cacheScope"]
                 .iter()
@@ -1269,19 +1320,24 @@ impl Completion {
             fields.remove("ttlMs");
             fields.remove("cacheScope");
             let encoded = serde_json::to_string(&fields).map_err(|e| e.to_string())?;
-            encoded[1..].to_owned()
+            std::borrow::Cow::Owned(encoded[1..].to_owned())
         } else {
-            text.strip_prefix('{')
-                .ok_or_else(|| "the upstream's result is not a JSON object".to_owned())?
-                .to_owned()
+            std::borrow::Cow::Borrowed(
+                text.strip_prefix('{')
+                    .ok_or_else(|| "the upstream's result is not a JSON object".to_owned())?,
+            )
         };
-        let mut out = String::with_capacity(result.len() + 64);
-        out.push('{');
-        out.push_str(&owned.join(","));
+        const HEAD: &[u8] = br#"{"jsonrpc":"2.0","id":"#;
+        let mut out = Vec::with_capacity(HEAD.len() + id.len() + owned.len() + rest.len() + 16);
+        out.extend_from_slice(HEAD);
+        out.extend_from_slice(id);
+        out.extend_from_slice(br#","result":{"#);
+        out.extend_from_slice(owned.as_bytes());
         if !rest.trim_start().starts_with('}') {
-            out.push(',');
+            out.push(b',');
         }
-        out.push_str(&rest);
+        out.extend_from_slice(rest.as_bytes());
+        out.push(b'}');
         Ok(Bytes::from(out))
     }
 }
@@ -1380,12 +1436,21 @@ mod tests {
         ));
     }
 
+    /// The result of a response frame under id 1.
+    fn unframed(frame: &[u8]) -> String {
+        let text = std::str::from_utf8(frame).unwrap();
+        text.strip_prefix(r#"{"jsonrpc":"2.0","id":1,"result":"#)
+            .and_then(|t| t.strip_suffix('}'))
+            .unwrap_or_else(|| panic!("not a response under id 1: {text}"))
+            .to_owned()
+    }
+
     #[test]
     fn results_say_they_are_complete_once() {
         let call = |s: &str| {
             Completion::of("tools/call")
-                .result(s.as_bytes())
-                .map(|b| String::from_utf8(b.to_vec()).unwrap())
+                .result(s.as_bytes(), b"1")
+                .map(|b| unframed(&b))
         };
         assert_eq!(call("{}").as_deref(), Ok(r#"{"resultType":"complete"}"#));
         assert_eq!(
@@ -1412,8 +1477,8 @@ mod tests {
         );
         let list = |s: &str| {
             Completion::of("tools/list")
-                .result(s.as_bytes())
-                .map(|b| String::from_utf8(b.to_vec()).unwrap())
+                .result(s.as_bytes(), b"1")
+                .map(|b| unframed(&b))
         };
         assert_eq!(
             list(r#"{"tools":[]}"#).as_deref(),
@@ -1446,6 +1511,30 @@ mod tests {
             &moved[..],
             br#"{"jsonrpc":"2.0","id":9,"error":{"code":1,"message":"m"}}"#
         );
+    }
+
+    #[test]
+    fn the_envelope_leaves_the_params_and_the_rest_stays() {
+        let r = read(
+            Some(br#"{"name":"t","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{},"progressToken":4,"io.modelcontextprotocol/related-task":{"taskId":"x"}},"arguments":{"_meta":1}}"#),
+            "tools/call",
+        )
+        .unwrap();
+        assert_eq!(
+            &r.params[..],
+            br#"{"name":"t","_meta":{"io.modelcontextprotocol/related-task":{"taskId":"x"},"progressToken":4},"arguments":{"_meta":1}}"#
+        );
+        assert_eq!(
+            &*r.envelope,
+            r#""io.modelcontextprotocol/clientCapabilities":{},"io.modelcontextprotocol/protocolVersion":"2026-07-28""#
+        );
+        // An escaped key is the envelope's all the same.
+        let escaped = read(
+            Some(br#"{"_meta":{"io.modelcontextprotocol\/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}"#),
+            "tools/list",
+        )
+        .unwrap();
+        assert_eq!(&escaped.params[..], br#"{"_meta":{}}"#);
     }
 
     #[test]

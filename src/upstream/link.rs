@@ -521,7 +521,7 @@ impl Link {
                     progress_token,
                     origin,
                     mirrored: Vec::new(),
-                    client_driven: false,
+                    client_envelope: None,
                 };
                 conn.request(method, params, retry, timeout).await
             }
@@ -590,16 +590,25 @@ impl Link {
             }
             _ => {}
         }
-        let prepared =
-            match stateless::prepare(method, params, &self.envelope(), opts.client_driven) {
-                Ok(p) => p,
-                Err(e) => {
-                    return Ok(Outcome::Error(jsonrpc::error_object(
-                        code::INVALID_PARAMS,
-                        &e,
-                    )));
-                }
-            };
+        // A 2026 client's own envelope (the front took it out of the params), else the
+        // session's.
+        let own;
+        let (envelope, client_driven) = match &opts.client_envelope {
+            Some(client) => (&**client, true),
+            None => {
+                own = self.envelope();
+                (own.as_str(), false)
+            }
+        };
+        let prepared = match stateless::prepare(method, params, envelope, client_driven) {
+            Ok(p) => p,
+            Err(e) => {
+                return Ok(Outcome::Error(jsonrpc::error_object(
+                    code::INVALID_PARAMS,
+                    &e,
+                )));
+            }
+        };
         let timeout = self.server.config.call_timeout;
         let cancel = opts.cancel.take();
         let events = opts.events.take();

@@ -178,9 +178,10 @@ pub struct CallOpts {
     pub(crate) origin: Option<(Inbox, Option<Bytes>)>,
     /// Headers that mirror the request, for a 2026-07-28 server (HTTP only).
     pub(crate) mirrored: Vec<(::http::HeaderName, ::http::HeaderValue)>,
-    /// The caller is a 2026-07-28 client, checked at the stateless front: its envelope and
-    /// retry members go to a 2026-07-28 server as they are, and `input_required` comes back.
-    pub client_driven: bool,
+    /// The caller is a 2026-07-28 client, checked at the stateless front, with this envelope
+    /// (`_meta` members): a 2026-07-28 server is sent it and the call's retry members as they
+    /// are, and `input_required` comes back.
+    pub client_envelope: Option<Arc<str>>,
 }
 
 /// What a stdio connection remembers about a call to route the server's related messages.

@@ -97,9 +97,10 @@ pub(crate) struct Prepared {
     pub arguments: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-/// Puts the envelope in a request's params. A 2026 client (`client_driven`: its request was
-/// checked at the stateless front) keeps its own envelope and retry members; anyone else's are
-/// replaced by the session's, since the gateway runs that client's round trips itself.
+/// Puts `envelope` (members of `_meta`) in a request's params, in place of any envelope
+/// members there. A 2026 client's call (`client_driven`: its request was checked at the
+/// stateless front, which took its envelope out) keeps its retry members; anyone else's go,
+/// since the gateway runs that client's round trips itself.
 pub(crate) fn prepare(
     method: &str,
     params: Option<&[u8]>,
@@ -114,31 +115,23 @@ pub(crate) fn prepare(
             .map_err(|_| "params._meta must be an object".to_owned())?,
         None => Object::new(),
     };
-    let client_driven = client_driven && meta.contains_key(VERSION_KEY);
-    let mut changed = false;
     if !client_driven || !may_ask(method) {
-        changed |= fields.remove("requestState").is_some();
-        changed |= fields.remove("inputResponses").is_some();
+        fields.remove("requestState");
+        fields.remove("inputResponses");
     }
-    let meta_text = if client_driven {
-        None
-    } else {
-        let mut out = String::from("{");
-        out.push_str(envelope);
-        for (k, v) in meta.iter().filter(|(k, _)| !is_envelope_key(k)) {
-            if out.len() > 1 {
-                out.push(',');
-            }
-            out.push_str(&json_string(k));
-            out.push(':');
-            out.push_str(v.get());
+    let mut out = String::from("{");
+    out.push_str(envelope);
+    for (k, v) in meta.iter().filter(|(k, _)| !is_envelope_key(k)) {
+        if out.len() > 1 {
+            out.push(',');
         }
-        out.push('}');
-        Some(RawValue::from_string(out).map_err(|e| e.to_string())?)
-    };
-    if let Some(m) = &meta_text {
-        fields.insert(Cow::Borrowed("_meta"), m);
+        out.push_str(&json_string(k));
+        out.push(':');
+        out.push_str(v.get());
     }
+    out.push('}');
+    let meta_text = RawValue::from_string(out).map_err(|e| e.to_string())?;
+    fields.insert(Cow::Borrowed("_meta"), &meta_text);
     let key = match method {
         "tools/call" | "prompts/get" => Some("name"),
         "resources/read" => Some("uri"),
@@ -154,11 +147,7 @@ pub(crate) fn prepare(
     } else {
         None
     };
-    let params = if meta_text.is_some() || changed {
-        Bytes::from(serde_json::to_vec(&fields).map_err(|e| e.to_string())?)
-    } else {
-        Bytes::copy_from_slice(bytes)
-    };
+    let params = Bytes::from(serde_json::to_vec(&fields).map_err(|e| e.to_string())?);
     Ok(Prepared {
         params,
         target,
@@ -430,10 +419,14 @@ mod tests {
 
     #[test]
     fn a_2026_clients_own_envelope_and_retry_pass_unchanged() {
-        let raw = br#"{"name":"t","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}},"inputResponses":{"k":{}}}"#;
-        let p = prepare("tools/call", Some(raw), &envelope(INIT, None), true).unwrap();
+        let raw = br#"{"name":"t","_meta":{"progressToken":1},"inputResponses":{"k":{}}}"#;
+        let client = r#""io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{"roots":{}}"#;
+        let p = prepare("tools/call", Some(raw), client, true).unwrap();
         assert!(p.client_driven);
-        assert_eq!(&p.params[..], &raw[..]);
+        let v = parse(&p.params);
+        assert_eq!(v["_meta"][CAPABILITIES_KEY], json!({"roots": {}}));
+        assert_eq!(v["_meta"]["progressToken"], 1);
+        assert_eq!(v["inputResponses"], json!({"k": {}}));
         let retry = parse(&p.retry(
             &[("k2".into(), Bytes::from_static(b"{\"a\":1}"))],
             Some("s"),

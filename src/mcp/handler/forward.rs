@@ -105,7 +105,16 @@ pub(super) async fn complete(
             let mut f = f.clone();
             f.insert(Cow::Borrowed("ref"), &new_ref);
             let out = encode_fields(&f);
-            forward(session, index, id, "completion/complete", Some(out), policy).await
+            forward(
+                sv,
+                session,
+                index,
+                id,
+                "completion/complete",
+                Some(out),
+                policy,
+            )
+            .await
         }
         "ref/resource" => {
             let uri = string_field(&rf, "uri").unwrap_or_default();
@@ -116,7 +125,16 @@ pub(super) async fn complete(
             let kinds = [EntryKind::ResourceTemplate, EntryKind::Resource];
             match completion_policy(sv, session, index, &kinds, &uri, &f).await {
                 Ok(policy) => {
-                    forward(session, index, id, "completion/complete", params, policy).await
+                    forward(
+                        sv,
+                        session,
+                        index,
+                        id,
+                        "completion/complete",
+                        params,
+                        policy,
+                    )
+                    .await
                 }
                 Err(d) => denied(&id, &d),
             }
@@ -177,6 +195,7 @@ pub(super) async fn resource_owner(
 /// Sends a request to one upstream. Answers with plain JSON when the upstream sends nothing else
 /// first; switches to SSE as soon as a related message (progress, sampling, logging) arrives.
 pub(super) async fn forward(
+    sv: Services<'_>,
     session: &Arc<Session>,
     index: usize,
     id: Bytes,
@@ -201,7 +220,7 @@ pub(super) async fn forward(
         events: Some(ev_tx),
         cancel: inflight.cancelled.take(),
         progress_token: params.as_deref().and_then(request_progress_token),
-        client_driven: session.protocol_version == crate::mcp::revision::STATELESS,
+        client_envelope: sv.envelope.cloned(),
         ..CallOpts::default()
     };
     let session2 = session.clone();

@@ -86,13 +86,17 @@ pub(crate) async fn json_or_stream(
     }
 }
 
-/// What the method handlers use of the gateway: its policy plugins and its metrics.
+/// What the method handlers use of the gateway (its policy plugins and its metrics), and of a
+/// 2026-07-28 request its envelope.
 #[derive(Clone, Copy)]
 pub struct Services<'a> {
     /// The policy plugins (their current generation is taken per request).
     pub plugins: &'a Plugins,
     /// Request metrics.
     pub metrics: &'a Arc<Metrics>,
+    /// A 2026-07-28 client's envelope (the `_meta` members the stateless front took out of
+    /// its params): what a 2026-07-28 server is sent on its behalf.
+    pub envelope: Option<&'a Arc<str>>,
 }
 
 /// A params object parsed one level deep: values stay raw.
@@ -266,7 +270,7 @@ pub async fn request(
                 }
             }
             let out = encode_fields(&f);
-            forward::forward(session, index, id, method, Some(out), policy).await
+            forward::forward(sv, session, index, id, method, Some(out), policy).await
         }
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" if !direct => {
             let uri = match fields(params.as_deref()).and_then(|f| string_field(&f, "uri")) {
@@ -288,7 +292,7 @@ pub async fn request(
             {
                 return denied(&id, &d);
             }
-            forward::forward(session, index, id, method, params, policy).await
+            forward::forward(sv, session, index, id, method, params, policy).await
         }
         "completion/complete" if !direct => forward::complete(sv, session, id, params).await,
         "logging/setLevel" if !single => {
@@ -323,7 +327,7 @@ pub async fn request(
             {
                 return denied(&id, &d);
             }
-            forward::forward(session, 0, id, method, params, policy).await
+            forward::forward(sv, session, 0, id, method, params, policy).await
         }
         _ => Reply::Json(jsonrpc::error_response(
             Some(&id),
