@@ -342,8 +342,9 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
     }
     // The envelope leaves `_meta`, spliced out of the client's bytes: its value is a borrowed
     // raw value inside them.
-    let mut envelope = String::new();
-    let mut kept = String::from("{");
+    let mut envelope = String::with_capacity(meta_raw.get().len());
+    let mut kept = String::with_capacity(meta_raw.get().len());
+    kept.push('{');
     for (k, v) in &meta {
         let out = if ENVELOPE_KEYS.contains(&&**k) {
             &mut envelope
@@ -353,7 +354,14 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
         if out.len() > usize::from(out.starts_with('{')) {
             out.push(',');
         }
-        out.push_str(&serde_json::to_string(k).map_err(|e| Refusal::Meta(e.to_string()))?);
+        // A key with nothing to escape is written as it is.
+        if k.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            out.push('"');
+            out.push_str(k);
+            out.push('"');
+        } else {
+            out.push_str(&serde_json::to_string(k).map_err(|e| Refusal::Meta(e.to_string()))?);
+        }
         out.push(':');
         out.push_str(v.get());
     }

@@ -186,9 +186,14 @@ impl Prepared {
 /// Params for an upstream of an earlier revision, if they must change: without the envelope
 /// (such servers may refuse it) and without a retry's members (they cannot mean anything there).
 pub(crate) fn for_sessions(params: &[u8]) -> Option<Bytes> {
-    let may = [ENVELOPE_MARK, "requestState", "inputResponses", "\\"]
-        .iter()
-        .any(|k| memchr::memmem::find(params, k.as_bytes()).is_some());
+    // Most params name none of these: one look each, with searchers built once.
+    static MARKS: std::sync::LazyLock<[memchr::memmem::Finder<'static>; 3]> =
+        std::sync::LazyLock::new(|| {
+            [ENVELOPE_MARK, "requestState", "inputResponses"]
+                .map(|m| memchr::memmem::Finder::new(m.as_bytes()))
+        });
+    let may =
+        memchr::memchr(b'\\', params).is_some() || MARKS.iter().any(|f| f.find(params).is_some());
     if !may {
         return None;
     }
