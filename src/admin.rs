@@ -130,7 +130,11 @@ async fn handle(
     if gw.config.admin_tokens.is_empty() {
         return Err(AdminError::Off);
     }
-    let principal = gw.admin_auth.authenticate(req.headers())?;
+    let principal = gw
+        .admin_auth
+        .authenticate(req.headers())
+        .await?
+        .map(|i| i.principal);
     let Some(runtime) = gw.orchestrator.clone() else {
         return Err(AdminError::Off);
     };

@@ -116,6 +116,119 @@ pub struct RawAuth {
     /// Serve without authentication on a non-loopback address (not recommended).
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// OAuth 2.1 resource server: JWT access tokens from trusted issuers.
+    #[serde(default)]
+    pub oauth: Option<RawOAuth>,
+}
+
+/// Raw OAuth resource-server settings (the MCP authorization specification).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOAuth {
+    /// This gateway's MCP endpoint as clients address it (RFC 8707 canonical URI); tokens must
+    /// name it in `aud`.
+    pub resource: String,
+    /// Authorization servers whose tokens are accepted.
+    #[serde(default)]
+    pub issuers: Vec<RawIssuer>,
+    /// Scopes every request needs.
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// Scopes that some methods (and tools, prompts or resources) need besides.
+    #[serde(default)]
+    pub scope_rules: Vec<RawScopeRule>,
+    /// Scopes listed in the protected-resource metadata (default: every scope named above).
+    #[serde(default)]
+    pub scopes_supported: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf` (default 30s, at most 5m).
+    #[serde(default, with = "humantime_serde")]
+    pub leeway: Option<Duration>,
+    /// The claim naming the principal (default `sub`).
+    #[serde(default)]
+    pub principal_claim: Option<String>,
+    /// The claim listing the caller's groups (default `groups`).
+    #[serde(default)]
+    pub groups_claim: Option<String>,
+    /// A human-readable name for the metadata document.
+    #[serde(default)]
+    pub resource_name: Option<String>,
+    /// Shortest time between two fetches of one issuer's keys (default 10s): a token naming an
+    /// unknown key id triggers a fetch at most this often.
+    #[serde(default, with = "humantime_serde")]
+    pub key_refetch_interval: Option<Duration>,
+}
+
+/// One trusted authorization server.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIssuer {
+    /// The `iss` its tokens carry (and the URL listed in `authorization_servers`).
+    pub issuer: String,
+    /// Where its signing keys are published (a JWK set).
+    pub jwks_uri: String,
+}
+
+/// Scopes a set of methods (optionally narrowed to target names) needs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawScopeRule {
+    /// JSON-RPC methods (`tools/call`, `resources/read`, ...).
+    pub methods: Vec<String>,
+    /// Globs over the target's name (a tool or prompt as clients name it, or a resource URI);
+    /// empty: any target.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// The scopes needed.
+    pub scopes: Vec<String>,
+}
+
+/// Validated OAuth resource-server settings.
+#[derive(Debug, Clone)]
+pub struct OAuthSettings {
+    /// The canonical resource URI (the audience tokens must carry).
+    pub resource: String,
+    /// The protected-resource metadata URL (RFC 9728 §3.1, path inserted).
+    pub metadata_url: String,
+    /// The path the metadata document is served at on this listener.
+    pub metadata_path: String,
+    /// Trusted issuers.
+    pub issuers: Vec<IssuerSettings>,
+    /// Scopes every request needs.
+    pub required_scopes: Vec<String>,
+    /// Scopes some requests need besides.
+    pub scope_rules: Vec<ScopeRule>,
+    /// Scopes listed in the metadata document.
+    pub scopes_supported: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// The claim naming the principal.
+    pub principal_claim: String,
+    /// The claim listing groups.
+    pub groups_claim: String,
+    /// The metadata document's `resource_name`.
+    pub resource_name: Option<String>,
+    /// Shortest time between two fetches of one issuer's keys.
+    pub key_refetch_interval: Duration,
+}
+
+/// A validated trusted issuer.
+#[derive(Debug, Clone)]
+pub struct IssuerSettings {
+    /// The `iss` value.
+    pub issuer: String,
+    /// Its JWK set.
+    pub jwks_uri: http::Uri,
+}
+
+/// A validated scope rule.
+#[derive(Debug, Clone)]
+pub struct ScopeRule {
+    /// Methods it applies to.
+    pub methods: Vec<String>,
+    /// Target-name globs; empty: any.
+    pub names: Vec<String>,
+    /// Scopes needed.
+    pub scopes: Vec<String>,
 }
 
 /// One bearer token.
@@ -347,8 +460,10 @@ pub enum LogFormat {
 pub struct Config {
     /// Listen address.
     pub listen: SocketAddr,
-    /// Bearer tokens → principal; empty means no authentication.
+    /// Bearer tokens → principal; empty (and no `oauth`) means no authentication.
     pub tokens: Vec<(String, Arc<str>)>,
+    /// OAuth resource-server settings.
+    pub oauth: Option<OAuthSettings>,
     /// MCP endpoint settings.
     pub mcp: McpSettings,
     /// Upstream servers.
@@ -539,7 +654,12 @@ impl RawConfig {
 
         let tokens = bearer_tokens("auth.tokens", self.auth.tokens)?;
         let admin_tokens = bearer_tokens("admin.tokens", self.admin.tokens)?;
-        if tokens.is_empty() && !listen.ip().is_loopback() && !self.auth.allow_anonymous {
+        let oauth = self.auth.oauth.map(oauth_settings).transpose()?;
+        if tokens.is_empty()
+            && oauth.is_none()
+            && !listen.ip().is_loopback()
+            && !self.auth.allow_anonymous
+        {
             return Err(field_err(
                 "auth.tokens",
                 format!(
@@ -808,12 +928,160 @@ impl RawConfig {
             admin_tokens,
             listen,
             tokens,
+            oauth,
             mcp,
             upstreams,
             log_format: self.log.format.unwrap_or_default(),
             log_level: self.log.level.unwrap_or_else(|| "info".into()),
         })
     }
+}
+
+/// An absolute http(s) URL with a host and no fragment; plain http only to a loopback host.
+fn secure_url(field: &str, text: &str) -> Result<http::Uri, ConfigError> {
+    let url: http::Uri = text
+        .parse()
+        .map_err(|e| field_err(field, format!("{text:?} is not a URL ({e})")))?;
+    let host = url.host().unwrap_or("");
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match url.scheme_str() {
+        Some("https") if !host.is_empty() => {}
+        Some("http") if loopback => {}
+        _ => {
+            return Err(field_err(
+                field,
+                format!("{text:?} must be an https:// URL (http:// only to a loopback host)"),
+            ));
+        }
+    }
+    if text.contains('#') {
+        return Err(field_err(
+            field,
+            format!("{text:?} must not have a fragment"),
+        ));
+    }
+    Ok(url)
+}
+
+/// Scope names as RFC 6749 §3.3 allows them (printable ASCII but space, `"` and `\\`).
+fn scope_list(field: &str, scopes: &[String]) -> Result<(), ConfigError> {
+    for (i, s) in scopes.iter().enumerate() {
+        if s.is_empty()
+            || !s
+                .bytes()
+                .all(|b| b > 0x20 && b < 0x7f && b != b'"' && b != b'\\')
+        {
+            return Err(field_err(
+                format!("{field}[{i}]"),
+                format!("{s:?} is not a scope (printable ASCII without spaces or quotes)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates the OAuth block; the metadata URL is the resource URI with
+/// `/.well-known/oauth-protected-resource` inserted before its path (RFC 9728 §3.1).
+fn oauth_settings(raw: RawOAuth) -> Result<OAuthSettings, ConfigError> {
+    let resource_url = secure_url("auth.oauth.resource", &raw.resource)?;
+    if resource_url.query().is_some() {
+        return Err(field_err("auth.oauth.resource", "must not have a query"));
+    }
+    let path = resource_url.path().trim_end_matches('/');
+    let metadata_path = format!("/.well-known/oauth-protected-resource{path}");
+    let authority = resource_url.authority().map(|a| a.as_str()).unwrap_or("");
+    let scheme = resource_url.scheme_str().unwrap_or("https");
+    let metadata_url = format!("{scheme}://{authority}{metadata_path}");
+    if raw.issuers.is_empty() {
+        return Err(field_err(
+            "auth.oauth.issuers",
+            "at least one trusted issuer is required",
+        ));
+    }
+    let mut issuers = Vec::new();
+    for (i, iss) in raw.issuers.into_iter().enumerate() {
+        let field = format!("auth.oauth.issuers[{i}]");
+        secure_url(&format!("{field}.issuer"), &iss.issuer)?;
+        let jwks_uri = secure_url(&format!("{field}.jwks_uri"), &iss.jwks_uri)?;
+        if issuers
+            .iter()
+            .any(|s: &IssuerSettings| s.issuer == iss.issuer)
+        {
+            return Err(field_err(format!("{field}.issuer"), "listed twice"));
+        }
+        issuers.push(IssuerSettings {
+            issuer: iss.issuer,
+            jwks_uri,
+        });
+    }
+    scope_list("auth.oauth.required_scopes", &raw.required_scopes)?;
+    scope_list("auth.oauth.scopes_supported", &raw.scopes_supported)?;
+    let mut scope_rules = Vec::new();
+    for (i, r) in raw.scope_rules.into_iter().enumerate() {
+        let field = format!("auth.oauth.scope_rules[{i}]");
+        if r.methods.is_empty() {
+            return Err(field_err(
+                format!("{field}.methods"),
+                "name at least one method (required_scopes apply to all)",
+            ));
+        }
+        if r.scopes.is_empty() {
+            return Err(field_err(format!("{field}.scopes"), "must not be empty"));
+        }
+        scope_list(&format!("{field}.scopes"), &r.scopes)?;
+        scope_rules.push(ScopeRule {
+            methods: r.methods,
+            names: r.names,
+            scopes: r.scopes,
+        });
+    }
+    let leeway = raw.leeway.unwrap_or(Duration::from_secs(30));
+    if leeway > Duration::from_secs(300) {
+        return Err(field_err("auth.oauth.leeway", "must be at most 5m"));
+    }
+    let key_refetch_interval = raw.key_refetch_interval.unwrap_or(Duration::from_secs(10));
+    if key_refetch_interval < Duration::from_millis(100) {
+        return Err(field_err(
+            "auth.oauth.key_refetch_interval",
+            "must be at least 100ms (each unknown key id would fetch the issuer's keys)",
+        ));
+    }
+    let mut scopes_supported = raw.scopes_supported;
+    if scopes_supported.is_empty() {
+        let named = raw
+            .required_scopes
+            .iter()
+            .chain(scope_rules.iter().flat_map(|r| r.scopes.iter()));
+        for s in named {
+            if !scopes_supported.contains(s) {
+                scopes_supported.push(s.clone());
+            }
+        }
+    }
+    let claim = |field: &str, v: Option<String>, default: &str| match v {
+        Some(c) if c.is_empty() => Err(field_err(field, "must not be empty")),
+        Some(c) => Ok(c),
+        None => Ok(default.to_owned()),
+    };
+    Ok(OAuthSettings {
+        resource: raw.resource,
+        metadata_url,
+        metadata_path,
+        issuers,
+        required_scopes: raw.required_scopes,
+        scope_rules,
+        scopes_supported,
+        leeway,
+        principal_claim: claim("auth.oauth.principal_claim", raw.principal_claim, "sub")?,
+        groups_claim: claim("auth.oauth.groups_claim", raw.groups_claim, "groups")?,
+        resource_name: raw.resource_name,
+        key_refetch_interval,
+    })
 }
 
 /// Validates bearer tokens (at least 16 characters, inline or from the environment).
@@ -1081,6 +1349,57 @@ upstreams:
             Config::from_yaml("admin: {tokens: [{principal: ops, token: 0123456789abcdef0}]}")
                 .unwrap();
         assert!(empty.upstreams.is_empty());
+    }
+
+    #[test]
+    fn oauth_settings_are_checked_field_by_field() {
+        let with = |oauth: &str| {
+            format!(
+                "listen: 0.0.0.0:9000\nauth: {{oauth: {oauth}}}\nupstreams: [{{name: a, stdio: {{command: x}}}}]"
+            )
+        };
+        let iss = "issuers: [{issuer: 'https://as.example', jwks_uri: 'https://as.example/jwks'}]";
+        // OAuth alone is authentication enough off loopback.
+        let ok = Config::from_yaml(&with(&format!(
+            "{{resource: 'https://gw.example/mcp/', {iss}, required_scopes: [mcp], scope_rules: [{{methods: [tools/call], scopes: [mcp:call]}}]}}"
+        )))
+        .unwrap();
+        let o = ok.oauth.unwrap();
+        assert_eq!(
+            o.metadata_url,
+            "https://gw.example/.well-known/oauth-protected-resource/mcp"
+        );
+        assert_eq!(o.metadata_path, "/.well-known/oauth-protected-resource/mcp");
+        assert_eq!(o.scopes_supported, ["mcp", "mcp:call"]);
+        assert_eq!(o.principal_claim, "sub");
+        for (oauth, field) in [
+            (format!("{{resource: 'http://gw.example/mcp', {iss}}}"), "auth.oauth.resource"),
+            (format!("{{resource: 'https://gw.example/mcp#x', {iss}}}"), "auth.oauth.resource"),
+            ("{resource: 'https://gw.example/mcp'}".to_owned(), "auth.oauth.issuers"),
+            (
+                "{resource: 'https://gw.example/mcp', issuers: [{issuer: 'https://a', jwks_uri: 'http://a/jwks'}]}".to_owned(),
+                "auth.oauth.issuers[0].jwks_uri",
+            ),
+            (
+                format!("{{resource: 'https://gw.example/mcp', {iss}, scope_rules: [{{methods: [], scopes: [a]}}]}}"),
+                "auth.oauth.scope_rules[0].methods",
+            ),
+            (
+                format!("{{resource: 'https://gw.example/mcp', {iss}, required_scopes: ['a b']}}"),
+                "auth.oauth.required_scopes[0]",
+            ),
+            (
+                format!("{{resource: 'https://gw.example/mcp', {iss}, leeway: 1h}}"),
+                "auth.oauth.leeway",
+            ),
+            (
+                format!("{{resource: 'https://gw.example/mcp', {iss}, key_refetch_interval: 1ms}}"),
+                "auth.oauth.key_refetch_interval",
+            ),
+        ] {
+            let e = err(&with(&oauth));
+            assert!(e.contains(field), "{oauth}: {e}");
+        }
     }
 
     #[test]

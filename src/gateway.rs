@@ -109,8 +109,8 @@ impl Gateway {
         let keys = config.mcp.session_keys.clone();
         let gw = Gateway {
             plugins,
-            auth: Auth::new(&config.tokens),
-            admin_auth: Auth::new(&config.admin_tokens),
+            auth: Auth::new(&config.tokens, config.oauth.as_ref()),
+            admin_auth: Auth::new(&config.admin_tokens, None),
             topology: ArcSwap::from_pointee(Topology {
                 servers: Vec::new(),
                 router: Router::new(Vec::new(), String::new(), Default::default()),

@@ -411,6 +411,7 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
         path if path.starts_with(crate::admin::PREFIX) => {
             crate::admin::serve(gw.clone(), req).await
         }
+        path if path.starts_with(WELL_KNOWN_RESOURCE) => resource_metadata(gw, &req),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
         "/metrics" => {
@@ -435,6 +436,43 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
             r
         }
     }
+}
+
+/// Where RFC 9728 protected-resource metadata lives (with the resource's path appended).
+const WELL_KNOWN_RESOURCE: &str = "/.well-known/oauth-protected-resource";
+
+/// The protected-resource metadata document: public (clients read it before they hold a
+/// token), readable from any origin (browser-based clients discover with it).
+fn resource_metadata(gw: &Gateway, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    let Some(doc) = gw.auth.metadata(req.uri().path()) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "no protected-resource metadata here\n",
+        );
+    };
+    let mut r = match *req.method() {
+        http::Method::GET | http::Method::HEAD => Response::new(Body::full(doc)),
+        http::Method::OPTIONS => text(StatusCode::NO_CONTENT, ""),
+        _ => {
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+            r.headers_mut().insert(
+                http::header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, OPTIONS"),
+            );
+            return r;
+        }
+    };
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        http::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    r
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {

@@ -14,7 +14,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use tokio::sync::mpsc;
 
-use crate::auth::{AuthError, Principal};
+use crate::auth::{AuthError, Identity, Principal};
 use crate::body::Body;
 use crate::config::Config;
 use crate::gateway::Gateway;
@@ -111,6 +111,7 @@ impl FrontError {
         match self {
             FrontError::Host(_) => StatusCode::MISDIRECTED_REQUEST,
             FrontError::Origin(_) => StatusCode::FORBIDDEN,
+            FrontError::Auth(a) if a.is_forbidden() => StatusCode::FORBIDDEN,
             FrontError::Auth(_) => StatusCode::UNAUTHORIZED,
             FrontError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             FrontError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -178,9 +179,23 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
         Ok(r) => r,
         Err(e) => {
             tracing::debug!("refused MCP request: {e}");
-            e.into_response(None)
+            refusal(&gw, e, None)
         }
     }
+}
+
+/// The response to a refused request; an authentication refusal carries the challenge that
+/// tells the client how to get a token that will do (RFC 6750, RFC 9728).
+pub(crate) fn refusal(gw: &Gateway, e: FrontError, id: Option<&[u8]>) -> Response<Body> {
+    let challenge = match &e {
+        FrontError::Auth(a) => Some(gw.auth.challenge(a)),
+        _ => None,
+    };
+    let mut resp = e.into_response(id);
+    if let Some(c) = challenge {
+        resp.headers_mut().insert(WWW_AUTHENTICATE, c);
+    }
+    resp
 }
 
 async fn route(
@@ -189,9 +204,10 @@ async fn route(
 ) -> Result<Response<Body>, FrontError> {
     let authority = request_authority(&req)?;
     check_host_and_origin(&gw.config, authority, req.headers())?;
-    let principal = gw.auth.authenticate(req.headers())?;
+    let identity = gw.auth.authenticate(req.headers()).await?;
+    let principal = identity.as_ref().map(|i| i.principal.clone());
     match *req.method() {
-        Method::POST => post(gw, principal, req).await,
+        Method::POST => post(gw, identity.as_ref(), principal, req).await,
         Method::GET => get(gw, principal, req.headers()).await,
         Method::DELETE => delete(gw, principal, req.headers()).await,
         ref m => Err(FrontError::Method(m.clone())),
@@ -385,6 +401,7 @@ pub(crate) async fn read_body(
 
 async fn post(
     gw: &Arc<Gateway>,
+    identity: Option<&Identity>,
     principal: Option<Principal>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, FrontError> {
@@ -406,6 +423,11 @@ async fn post(
         .then(|| stateless::Mirrored::of(headers));
     let body = read_body(gw, req).await?;
     let msg = jsonrpc::parse(body)?;
+    if let Kind::Request { id, method, params } = &msg.kind
+        && let Err(e) = gw.auth.authorize(identity, method, params.as_deref())
+    {
+        return Ok(refusal(gw, FrontError::Auth(e), Some(id)));
+    }
 
     if let Some(mirrored) = mirrored
         && stateless::is_stateless(&mirrored, &msg)

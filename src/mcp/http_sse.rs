@@ -17,7 +17,7 @@ use http::header::{ACCEPT, ALLOW, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response};
 use tokio::sync::mpsc;
 
-use crate::auth::Principal;
+use crate::auth::Identity;
 use crate::body::{Body, accepted, sse_response_after};
 use crate::gateway::Gateway;
 use crate::mcp::front::{self, FrontError};
@@ -39,7 +39,7 @@ const INITIALIZE_WITHIN: Duration = Duration::from_secs(60);
 pub async fn serve_stream(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
     match open_stream(&gw, req).await {
         Ok(r) => r,
-        Err(e) => refusal(e, "GET"),
+        Err(e) => refusal(&gw, e, "GET"),
     }
 }
 
@@ -50,14 +50,14 @@ pub async fn serve_message(
 ) -> Response<Body> {
     match message(&gw, req).await {
         Ok(r) => r,
-        Err(e) => refusal(e, "POST"),
+        Err(e) => refusal(&gw, e, "POST"),
     }
 }
 
-fn refusal(e: FrontError, allow: &'static str) -> Response<Body> {
+fn refusal(gw: &Gateway, e: FrontError, allow: &'static str) -> Response<Body> {
     tracing::debug!("refused HTTP+SSE request: {e}");
     let method = matches!(e, FrontError::Method(_));
-    let mut resp = e.into_response(None);
+    let mut resp = front::refusal(gw, e, None);
     if method {
         resp.headers_mut()
             .insert(ALLOW, HeaderValue::from_static(allow));
@@ -66,17 +66,17 @@ fn refusal(e: FrontError, allow: &'static str) -> Response<Body> {
 }
 
 /// Host/Origin and authentication, as on `/mcp`.
-fn admit<B>(gw: &Gateway, req: &Request<B>) -> Result<Option<Principal>, FrontError> {
+async fn admit<B>(gw: &Gateway, req: &Request<B>) -> Result<Option<Identity>, FrontError> {
     let authority = front::request_authority(req)?;
     front::check_host_and_origin(&gw.config, authority, req.headers())?;
-    Ok(gw.auth.authenticate(req.headers())?)
+    Ok(gw.auth.authenticate(req.headers()).await?)
 }
 
 async fn open_stream(
     gw: &Arc<Gateway>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, FrontError> {
-    let principal = admit(gw, &req)?;
+    let principal = admit(gw, &req).await?.map(|i| i.principal);
     if req.method() != Method::GET {
         return Err(FrontError::Method(req.method().clone()));
     }
@@ -157,7 +157,8 @@ async fn message(
     gw: &Arc<Gateway>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, FrontError> {
-    let principal = admit(gw, &req)?;
+    let identity = admit(gw, &req).await?;
+    let principal = identity.as_ref().map(|i| i.principal.clone());
     if req.method() != Method::POST {
         return Err(FrontError::Method(req.method().clone()));
     }
@@ -180,6 +181,10 @@ async fn message(
     }
     let body = front::read_body(gw, req).await?;
     let msg = jsonrpc::parse(body)?;
+    if let Kind::Request { method, params, .. } = &msg.kind {
+        gw.auth
+            .authorize(identity.as_ref(), method, params.as_deref())?;
+    }
     match msg.kind {
         Kind::Request { id, method, params } if &*method == "initialize" => {
             initialize(gw, &client, id, params.as_deref()).await

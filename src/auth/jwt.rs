@@ -1,0 +1,427 @@
+//! JWT access tokens (RFC 9068) checked against each trusted issuer's published keys (JWKS).
+//!
+//! A token is accepted only when its header names an asymmetric algorithm of the allow-list, its
+//! `iss` is a trusted issuer, a key of that issuer's set fits both the algorithm and the `kid`,
+//! the signature verifies, `aud` includes this gateway's resource URI, and `exp` (required) and
+//! `nbf` hold within the leeway. Keys are fetched when first needed and again when a token names
+//! a `kid` the set lacks (rotation), at most once per `key_refetch_interval` per issuer, so tokens with
+//! made-up key ids cannot make the gateway hammer an issuer.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::OAuthSettings;
+
+/// Longest token read at all.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Largest JWK set read.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+/// Most keys kept from one set.
+const MAX_KEYS: usize = 64;
+/// How long a fetched set is used before it is fetched again.
+const MAX_AGE: Duration = Duration::from_secs(3600);
+/// Deadline of one fetch.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest principal taken from a claim.
+const MAX_PRINCIPAL: usize = 256;
+/// Most scopes or groups taken from a token.
+const MAX_LIST: usize = 256;
+
+/// Algorithms accepted: asymmetric only (an HMAC key would be the issuer's secret, and `none`
+/// is no signature).
+const ALLOWED: [Algorithm; 9] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+/// Why a token was refused (said to the client as the `error_description`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// Not a JWT this gateway reads.
+    #[error("the access token is not a well-formed JWT")]
+    Malformed,
+    /// The header names an algorithm not accepted.
+    #[error("the access token's algorithm is not accepted (use RS*, PS*, ES256, ES384 or EdDSA)")]
+    Algorithm,
+    /// `iss` is missing or not trusted.
+    #[error("the access token's issuer is not trusted here")]
+    Issuer,
+    /// No key of the issuer fits the token.
+    #[error("no signing key of the issuer matches the access token")]
+    NoKey,
+    /// The issuer's keys could not be fetched.
+    #[error("the issuer's signing keys cannot be fetched now")]
+    KeysUnavailable,
+    /// The signature does not verify.
+    #[error("the access token's signature is invalid")]
+    Signature,
+    /// `aud` does not name this resource.
+    #[error("the access token was not issued for this resource (aud)")]
+    Audience,
+    /// Expired, or not valid yet.
+    #[error("the access token is expired or not yet valid")]
+    Expired,
+    /// A required claim is missing or of the wrong type.
+    #[error("the access token lacks a valid {0} claim")]
+    Claim(String),
+}
+
+/// What a verified token says about its bearer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Claims {
+    /// The principal claim's value.
+    pub principal: String,
+    /// `scope` (space-separated) or `scp` (a list).
+    pub scopes: Vec<Box<str>>,
+    /// The groups claim's values.
+    pub groups: Vec<Box<str>>,
+}
+
+/// One usable key of a set.
+struct Key {
+    kid: Option<String>,
+    /// The algorithm the set pins the key to, if it does.
+    alg: Option<Algorithm>,
+    /// Which algorithms the key's type and curve fit.
+    fits: fn(Algorithm) -> bool,
+    decoding: DecodingKey,
+}
+
+#[derive(Default)]
+struct KeySet {
+    keys: Vec<Arc<Key>>,
+    fetched: Option<Instant>,
+}
+
+/// What looking a token's key up in the current set found.
+enum Lookup {
+    Found(Arc<Key>),
+    /// The set may have changed (rotation): fetch it again.
+    Unknown,
+    /// No fetch would help.
+    Refused(TokenError),
+}
+
+impl KeySet {
+    fn lookup(&self, kid: Option<&str>, alg: Algorithm) -> Lookup {
+        let fits = |k: &&Arc<Key>| (k.fits)(alg) && k.alg.is_none_or(|a| a == alg);
+        match kid {
+            Some(kid) => match self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)) {
+                Some(k) if fits(&k) => Lookup::Found(k.clone()),
+                Some(_) => Lookup::Refused(TokenError::NoKey),
+                None => Lookup::Unknown,
+            },
+            // Without a kid, only a set with exactly one fitting key says which key it is.
+            None => {
+                let mut fitting = self.keys.iter().filter(fits);
+                match (fitting.next(), fitting.next()) {
+                    (Some(k), None) => Lookup::Found(k.clone()),
+                    (None, _) => Lookup::Unknown,
+                    (Some(_), Some(_)) => Lookup::Refused(TokenError::NoKey),
+                }
+            }
+        }
+    }
+}
+
+/// One trusted issuer and its keys.
+struct Issuer {
+    issuer: String,
+    jwks_uri: http::Uri,
+    keys: ArcSwap<KeySet>,
+    /// When the keys were last fetched (or tried); held while a fetch runs.
+    fetching: tokio::sync::Mutex<Option<Instant>>,
+}
+
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// Checks access tokens against the trusted issuers.
+pub struct Verifier {
+    issuers: Vec<Issuer>,
+    audience: String,
+    leeway: u64,
+    principal_claim: String,
+    groups_claim: String,
+    refetch_interval: Duration,
+    client: HttpClient,
+}
+
+impl Verifier {
+    /// A verifier for the OAuth settings; keys are fetched when first needed.
+    pub fn new(settings: &OAuthSettings) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
+            .expect("the ring provider supports the default protocol versions")
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        Verifier {
+            issuers: settings
+                .issuers
+                .iter()
+                .map(|i| Issuer {
+                    issuer: i.issuer.clone(),
+                    jwks_uri: i.jwks_uri.clone(),
+                    keys: ArcSwap::from_pointee(KeySet::default()),
+                    fetching: tokio::sync::Mutex::new(None),
+                })
+                .collect(),
+            audience: settings.resource.clone(),
+            leeway: settings.leeway.as_secs(),
+            principal_claim: settings.principal_claim.clone(),
+            groups_claim: settings.groups_claim.clone(),
+            refetch_interval: settings.key_refetch_interval,
+            client: Client::builder(TokioExecutor::new()).build(https),
+        }
+    }
+
+    /// Verifies a token and reads its bearer's claims.
+    pub async fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES || token.split('.').count() != 3 {
+            return Err(TokenError::Malformed);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        if !ALLOWED.contains(&header.alg) {
+            return Err(TokenError::Algorithm);
+        }
+        // The issuer is read before the signature is checked only to choose whose keys check
+        // it; the check then requires that same `iss`.
+        let issuer = self
+            .issuers
+            .iter()
+            .find(|i| unverified_issuer(token).as_deref() == Some(i.issuer.as_str()))
+            .ok_or(TokenError::Issuer)?;
+        let key = self.key(issuer, header.kid.as_deref(), header.alg).await?;
+        let mut validation = Validation::new(header.alg);
+        validation.algorithms = vec![header.alg];
+        validation.set_audience(&[&self.audience]);
+        validation.set_issuer(&[&issuer.issuer]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.validate_nbf = true;
+        validation.leeway = self.leeway;
+        let data = jsonwebtoken::decode::<serde_json::Map<String, Value>>(
+            token,
+            &key.decoding,
+            &validation,
+        )
+        .map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::InvalidSignature => TokenError::Signature,
+                K::InvalidAudience => TokenError::Audience,
+                K::ExpiredSignature | K::ImmatureSignature => TokenError::Expired,
+                K::InvalidIssuer => TokenError::Issuer,
+                K::MissingRequiredClaim(c) => TokenError::Claim(c.clone()),
+                K::InvalidAlgorithm => TokenError::NoKey,
+                _ => TokenError::Malformed,
+            }
+        })?;
+        self.claims(data.claims)
+    }
+
+    fn claims(&self, mut c: serde_json::Map<String, Value>) -> Result<Claims, TokenError> {
+        let principal = match c.remove(&self.principal_claim) {
+            Some(Value::String(p)) if !p.is_empty() && p.len() <= MAX_PRINCIPAL => p,
+            _ => return Err(TokenError::Claim(self.principal_claim.clone())),
+        };
+        let list = |v: Option<Value>, what: &str| -> Result<Vec<Box<str>>, TokenError> {
+            let items: Vec<Box<str>> = match v {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::String(s)) => s
+                    .split(' ')
+                    .filter(|s| !s.is_empty())
+                    .map(Box::from)
+                    .collect(),
+                Some(Value::Array(a)) => a
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::String(s) => Ok(Box::from(s)),
+                        _ => Err(TokenError::Claim(what.to_owned())),
+                    })
+                    .collect::<Result<_, _>>()?,
+                Some(_) => return Err(TokenError::Claim(what.to_owned())),
+            };
+            if items.len() > MAX_LIST {
+                return Err(TokenError::Claim(what.to_owned()));
+            }
+            Ok(items)
+        };
+        let mut scopes = list(c.remove("scope"), "scope")?;
+        scopes.extend(list(c.remove("scp"), "scp")?);
+        let groups = list(c.remove(&self.groups_claim), &self.groups_claim)?;
+        Ok(Claims {
+            principal,
+            scopes,
+            groups,
+        })
+    }
+
+    /// The key that checks a token of `issuer` with `kid` and `alg`, fetching the set when it
+    /// is stale or lacks the key.
+    async fn key(
+        &self,
+        issuer: &Issuer,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Result<Arc<Key>, TokenError> {
+        let fresh = |set: &KeySet| set.fetched.is_some_and(|t| t.elapsed() < MAX_AGE);
+        {
+            let set = issuer.keys.load();
+            match set.lookup(kid, alg) {
+                Lookup::Found(k) if fresh(&set) => return Ok(k),
+                Lookup::Refused(e) if fresh(&set) => return Err(e),
+                _ => {}
+            }
+        }
+        let mut last = issuer.fetching.lock().await;
+        // Another request may have fetched while this one waited.
+        let set = issuer.keys.load_full();
+        let found = set.lookup(kid, alg);
+        if let Lookup::Found(k) = &found
+            && fresh(&set)
+        {
+            return Ok(k.clone());
+        }
+        if last.is_none_or(|t| t.elapsed() >= self.refetch_interval) {
+            *last = Some(Instant::now());
+            match self.fetch(&issuer.jwks_uri).await {
+                Ok(keys) => {
+                    tracing::info!(issuer = %issuer.issuer, keys = keys.len(), "fetched signing keys");
+                    issuer.keys.store(Arc::new(KeySet {
+                        keys,
+                        fetched: Some(Instant::now()),
+                    }));
+                }
+                Err(why) => {
+                    tracing::warn!(issuer = %issuer.issuer, uri = %issuer.jwks_uri, "cannot fetch signing keys: {why}");
+                }
+            }
+        }
+        let set = issuer.keys.load();
+        if set.fetched.is_none() {
+            return Err(TokenError::KeysUnavailable);
+        }
+        match set.lookup(kid, alg) {
+            Lookup::Found(k) => Ok(k),
+            Lookup::Refused(e) => Err(e),
+            Lookup::Unknown => Err(TokenError::NoKey),
+        }
+    }
+
+    async fn fetch(&self, uri: &http::Uri) -> Result<Vec<Arc<Key>>, String> {
+        let req = http::Request::get(uri.clone())
+            .header(http::header::ACCEPT, "application/json")
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        let fetch = async {
+            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            if resp.status() != http::StatusCode::OK {
+                return Err(format!("status {}", resp.status()));
+            }
+            let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>(body)
+        };
+        let body = tokio::time::timeout(FETCH_TIMEOUT, fetch)
+            .await
+            .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))??;
+        #[derive(Deserialize)]
+        struct Set {
+            keys: Vec<Value>,
+        }
+        let set: Set = serde_json::from_slice(&body).map_err(|e| format!("not a JWK set: {e}"))?;
+        // A key this gateway cannot use is skipped, not fatal: sets mix key types.
+        Ok(set
+            .keys
+            .into_iter()
+            .filter_map(|v| serde_json::from_value::<Jwk>(v).ok())
+            .filter_map(|jwk| usable(&jwk).map(Arc::new))
+            .take(MAX_KEYS)
+            .collect())
+    }
+}
+
+/// A JWK as a verification key, if it is a public signing key of a type accepted here.
+fn usable(jwk: &Jwk) -> Option<Key> {
+    if jwk
+        .common
+        .public_key_use
+        .as_ref()
+        .is_some_and(|u| *u != PublicKeyUse::Signature)
+    {
+        return None;
+    }
+    let fits: fn(Algorithm) -> bool = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => |a| {
+            matches!(
+                a,
+                Algorithm::RS256
+                    | Algorithm::RS384
+                    | Algorithm::RS512
+                    | Algorithm::PS256
+                    | Algorithm::PS384
+                    | Algorithm::PS512
+            )
+        },
+        AlgorithmParameters::EllipticCurve(p) => match p.curve {
+            EllipticCurve::P256 => |a| a == Algorithm::ES256,
+            EllipticCurve::P384 => |a| a == Algorithm::ES384,
+            _ => return None,
+        },
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+            |a| a == Algorithm::EdDSA
+        }
+        // Symmetric keys (`oct`) are never verification keys here.
+        _ => return None,
+    };
+    // A key pinned to an algorithm that is not a signature one (RSA-OAEP, say) is not ours.
+    let alg = match jwk.common.key_algorithm {
+        None => None,
+        Some(a) => Some(Algorithm::from_str(&format!("{a:?}")).ok()?),
+    };
+    Some(Key {
+        kid: jwk.common.key_id.clone(),
+        alg,
+        fits,
+        decoding: DecodingKey::from_jwk(jwk).ok()?,
+    })
+}
+
+/// The `iss` of a token's payload, before anything is verified.
+fn unverified_issuer(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    #[derive(Deserialize)]
+    struct Iss {
+        iss: Option<String>,
+    }
+    serde_json::from_slice::<Iss>(&bytes).ok()?.iss
+}

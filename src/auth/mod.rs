@@ -1,0 +1,285 @@
+//! Client authentication: static bearer tokens for machines and OAuth 2.1 access tokens (JWTs
+//! from trusted issuers, as the MCP authorization specification asks of a resource server),
+//! each giving an [`Identity`]; and the scope checks that follow once a request is read.
+
+mod jwt;
+mod scopes;
+mod static_tokens;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderValue};
+
+use crate::config::OAuthSettings;
+pub use jwt::TokenError;
+pub use scopes::{Grant, covers};
+
+/// Who is calling.
+pub type Principal = Arc<str>;
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The principal (a static token's, or the access token's principal claim).
+    pub principal: Principal,
+    /// The scopes it holds.
+    pub grant: Grant,
+    /// The groups its token lists.
+    pub groups: Arc<[Box<str>]>,
+}
+
+/// Why a request was not authenticated or not authorized.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    /// No `Authorization: Bearer` header.
+    #[error("missing bearer token")]
+    Missing,
+    /// A token that matches no principal.
+    #[error("invalid bearer token")]
+    Invalid,
+    /// An access token that was refused.
+    #[error("invalid access token: {0}")]
+    Token(#[from] TokenError),
+    /// The token lacks scopes the request needs.
+    #[error("insufficient scope: this request needs {}", .0.join(" "))]
+    InsufficientScope(Vec<String>),
+}
+
+impl AuthError {
+    /// Whether this refusal is 403 (authenticated, not allowed) rather than 401.
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, AuthError::InsufficientScope(_))
+    }
+}
+
+/// The OAuth side: the verifier, the scope rules and what the challenges and metadata say.
+struct OAuth {
+    verifier: jwt::Verifier,
+    rules: scopes::Rules,
+    required: Vec<String>,
+    metadata_url: String,
+    metadata_path: String,
+    metadata: Bytes,
+}
+
+/// The authenticator of one endpoint; with no tokens and no OAuth, authentication is off.
+pub struct Auth {
+    tokens: static_tokens::StaticTokens,
+    oauth: Option<OAuth>,
+}
+
+impl Auth {
+    /// Builds the authenticator from static tokens and, optionally, OAuth settings.
+    pub fn new(tokens: &[(String, Principal)], oauth: Option<&OAuthSettings>) -> Self {
+        Auth {
+            tokens: static_tokens::StaticTokens::new(tokens),
+            oauth: oauth.map(|o| OAuth {
+                verifier: jwt::Verifier::new(o),
+                rules: scopes::Rules::new(&o.scope_rules),
+                required: o.required_scopes.clone(),
+                metadata_url: o.metadata_url.clone(),
+                metadata_path: o.metadata_path.clone(),
+                metadata: metadata_document(o),
+            }),
+        }
+    }
+
+    /// Authenticates a request: `Ok(None)` when authentication is off.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Identity>, AuthError> {
+        if self.tokens.is_empty() && self.oauth.is_none() {
+            return Ok(None);
+        }
+        // One Authorization header: with two, which one counts would be a guess.
+        let mut values = headers.get_all(AUTHORIZATION).iter();
+        let value = match (values.next(), values.next()) {
+            (Some(v), None) => v.to_str().map_err(|_| AuthError::Invalid)?,
+            (None, _) => return Err(AuthError::Missing),
+            (Some(_), Some(_)) => return Err(AuthError::Invalid),
+        };
+        let (scheme, token) = value.split_once(' ').ok_or(AuthError::Missing)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::Missing);
+        }
+        let token = token.trim();
+        if let Some(principal) = self.tokens.principal(token) {
+            return Ok(Some(Identity {
+                principal,
+                grant: Grant::All,
+                groups: Arc::from([]),
+            }));
+        }
+        let Some(oauth) = &self.oauth else {
+            return Err(AuthError::Invalid);
+        };
+        let claims = oauth.verifier.verify(token).await?;
+        // A token from an issuer must not pose as a machine principal.
+        if self.tokens.names(&claims.principal) {
+            return Err(AuthError::Token(TokenError::Claim(
+                "principal (it names a static-token principal)".into(),
+            )));
+        }
+        let identity = Identity {
+            principal: Arc::from(claims.principal),
+            grant: Grant::Scopes(claims.scopes.into()),
+            groups: claims.groups.into(),
+        };
+        let lacking = identity
+            .grant
+            .lacking(oauth.required.iter().map(String::as_str));
+        if !lacking.is_empty() {
+            return Err(AuthError::InsufficientScope(
+                lacking.into_iter().map(str::to_owned).collect(),
+            ));
+        }
+        Ok(Some(identity))
+    }
+
+    /// Checks that `identity` holds the scopes a request of `method` with `params` needs.
+    pub fn authorize(
+        &self,
+        identity: Option<&Identity>,
+        method: &str,
+        params: Option<&[u8]>,
+    ) -> Result<(), AuthError> {
+        let (Some(oauth), Some(identity)) = (&self.oauth, identity) else {
+            return Ok(());
+        };
+        if identity.grant == Grant::All {
+            return Ok(());
+        }
+        let needed = oauth.rules.needed(method, params);
+        if needed.is_empty() || identity.grant.lacking(needed.iter().copied()).is_empty() {
+            return Ok(());
+        }
+        // The challenge names everything the request needs, so that one step-up suffices.
+        let mut all: Vec<String> = oauth.required.clone();
+        for s in needed {
+            if !all.iter().any(|a| a == s) {
+                all.push(s.to_owned());
+            }
+        }
+        Err(AuthError::InsufficientScope(all))
+    }
+
+    /// The `WWW-Authenticate` value for a refusal (RFC 6750 §3, RFC 9728 §5.1).
+    pub fn challenge(&self, error: &AuthError) -> HeaderValue {
+        let Some(oauth) = &self.oauth else {
+            return HeaderValue::from_static("Bearer");
+        };
+        let mut v = String::from("Bearer ");
+        let quoted = |s: &str| -> String {
+            s.chars()
+                .filter(|c| (' '..='~').contains(c) && *c != '"' && *c != '\\')
+                .collect()
+        };
+        match error {
+            AuthError::Missing => {}
+            AuthError::Invalid | AuthError::Token(_) => {
+                v.push_str("error=\"invalid_token\", error_description=\"");
+                v.push_str(&quoted(&error.to_string()));
+                v.push_str("\", ");
+            }
+            AuthError::InsufficientScope(_) => {
+                v.push_str("error=\"insufficient_scope\", error_description=\"");
+                v.push_str(&quoted(&error.to_string()));
+                v.push_str("\", ");
+            }
+        }
+        v.push_str("resource_metadata=\"");
+        v.push_str(&quoted(&oauth.metadata_url));
+        v.push('"');
+        let scopes = match error {
+            AuthError::InsufficientScope(s) => s.as_slice(),
+            _ => oauth.required.as_slice(),
+        };
+        if !scopes.is_empty() {
+            v.push_str(", scope=\"");
+            v.push_str(&quoted(&scopes.join(" ")));
+            v.push('"');
+        }
+        HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("Bearer"))
+    }
+
+    /// The protected-resource metadata document, if `path` is where it is served.
+    pub fn metadata(&self, path: &str) -> Option<Bytes> {
+        let oauth = self.oauth.as_ref()?;
+        // Clients look at the path-inserted URL first, then at the bare well-known one.
+        (path == oauth.metadata_path || path == "/.well-known/oauth-protected-resource")
+            .then(|| oauth.metadata.clone())
+    }
+}
+
+/// The RFC 9728 document: the resource, its authorization servers, scopes, and header-only
+/// bearer tokens (tokens in a query string would be logged everywhere).
+fn metadata_document(o: &OAuthSettings) -> Bytes {
+    let mut doc = serde_json::json!({
+        "resource": o.resource,
+        "authorization_servers": o.issuers.iter().map(|i| i.issuer.as_str()).collect::<Vec<_>>(),
+        "bearer_methods_supported": ["header"],
+    });
+    if !o.scopes_supported.is_empty() {
+        doc["scopes_supported"] = serde_json::json!(o.scopes_supported);
+    }
+    if let Some(name) = &o.resource_name {
+        doc["resource_name"] = serde_json::json!(name);
+    }
+    Bytes::from(serde_json::to_vec(&doc).expect("a JSON value serializes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+        h
+    }
+
+    #[tokio::test]
+    async fn maps_tokens_to_principals() {
+        let auth = Auth::new(&[("s3cret-token-000000".into(), Arc::from("alice"))], None);
+        assert_eq!(
+            auth.authenticate(&HeaderMap::new()).await,
+            Err(AuthError::Missing)
+        );
+        assert_eq!(
+            auth.authenticate(&bearer("nope")).await,
+            Err(AuthError::Invalid)
+        );
+        // A prefix of the token, or the token with more after it, is not the token.
+        assert_eq!(
+            auth.authenticate(&bearer("s3cret-token-00000")).await,
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(
+            auth.authenticate(&bearer("s3cret-token-0000000")).await,
+            Err(AuthError::Invalid)
+        );
+        let id = auth
+            .authenticate(&bearer("s3cret-token-000000"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&*id.principal, "alice");
+        assert_eq!(id.grant, Grant::All);
+        let mut lower = HeaderMap::new();
+        lower.insert(AUTHORIZATION, "bearer s3cret-token-000000".parse().unwrap());
+        assert!(auth.authenticate(&lower).await.unwrap().is_some());
+        // Two Authorization headers: refused, whichever is valid.
+        let mut two = bearer("s3cret-token-000000");
+        two.append(AUTHORIZATION, "Bearer nope".parse().unwrap());
+        assert_eq!(auth.authenticate(&two).await, Err(AuthError::Invalid));
+        let mut basic = HeaderMap::new();
+        basic.insert(AUTHORIZATION, "Basic czNjcmV0".parse().unwrap());
+        assert_eq!(auth.authenticate(&basic).await, Err(AuthError::Missing));
+        assert_eq!(
+            Auth::new(&[], None).authenticate(&HeaderMap::new()).await,
+            Ok(None)
+        );
+        // The table holds digests, not tokens.
+        assert!(!format!("{:?}", auth.tokens).contains("s3cret"));
+    }
+}

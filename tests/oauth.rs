@@ -1,0 +1,537 @@
+//! The gateway as an OAuth 2.1 resource server: JWT access tokens from a trusted issuer whose
+//! keys a local JWKS endpoint publishes (and rotates), checked the way an attacker would probe
+//! them; scopes, step-up challenges, and the protected-resource metadata.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair};
+use serde_json::{Value, json};
+use support::{Client, TestGateway, eventually, example};
+
+const RESOURCE: &str = "http://localhost/mcp";
+const METADATA_URL: &str = "http://localhost/.well-known/oauth-protected-resource/mcp";
+const MACHINE: &str = "machine-token-0123456789";
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A signing key of the test issuer: its private half and its public JWK.
+struct SigningKey {
+    kid: String,
+    alg: Algorithm,
+    encoding: EncodingKey,
+    jwk: Value,
+}
+
+impl SigningKey {
+    fn es256(kid: &str) -> SigningKey {
+        let rng = ring::rand::SystemRandom::new();
+        let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
+        let point = pair.public_key().as_ref(); // 0x04 ‖ x ‖ y
+        SigningKey {
+            kid: kid.into(),
+            alg: Algorithm::ES256,
+            encoding: EncodingKey::from_ec_der(pkcs8.as_ref()),
+            jwk: json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
+                        "x": b64(&point[1..33]), "y": b64(&point[33..])}),
+        }
+    }
+
+    fn ed25519(kid: &str) -> SigningKey {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        SigningKey {
+            kid: kid.into(),
+            alg: Algorithm::EdDSA,
+            encoding: EncodingKey::from_ed_der(pkcs8.as_ref()),
+            jwk: json!({"kty": "OKP", "crv": "Ed25519", "kid": kid,
+                        "x": b64(pair.public_key().as_ref())}),
+        }
+    }
+
+    fn rs256(kid: &str) -> SigningKey {
+        let pem = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/oauth-test-rsa.pem"
+        ))
+        .unwrap();
+        let der = pem_body(&pem);
+        let pair = ring::rsa::KeyPair::from_pkcs8(&der).unwrap();
+        let public: ring::rsa::PublicKeyComponents<Vec<u8>> = pair.public().into();
+        SigningKey {
+            kid: kid.into(),
+            alg: Algorithm::RS256,
+            encoding: EncodingKey::from_rsa_pem(&pem).unwrap(),
+            jwk: json!({"kty": "RSA", "kid": kid, "n": b64(&public.n), "e": b64(&public.e)}),
+        }
+    }
+
+    fn sign(&self, claims: &Value) -> String {
+        let mut header = Header::new(self.alg);
+        header.kid = Some(self.kid.clone());
+        header.typ = Some("at+jwt".into());
+        jsonwebtoken::encode(&header, claims, &self.encoding).unwrap()
+    }
+}
+
+fn pem_body(pem: &[u8]) -> Vec<u8> {
+    let text: String = std::str::from_utf8(pem)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A local authorization server's JWKS endpoint: what it publishes can change, it can fail,
+/// and it counts its fetches.
+#[derive(Clone)]
+struct Issuer {
+    url: String,
+    keys: Arc<std::sync::Mutex<Vec<Value>>>,
+    fetches: Arc<AtomicUsize>,
+    failing: Arc<AtomicBool>,
+}
+
+impl Issuer {
+    async fn start(keys: &[&SigningKey]) -> Issuer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let issuer = Issuer {
+            url,
+            keys: Arc::new(std::sync::Mutex::new(
+                keys.iter().map(|k| k.jwk.clone()).collect(),
+            )),
+            fetches: Arc::default(),
+            failing: Arc::default(),
+        };
+        let served = issuer.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let served = served.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        let served = served.clone();
+                        async move {
+                            served.fetches.fetch_add(1, Ordering::SeqCst);
+                            let mut resp = hyper::Response::new(Full::new(Bytes::from(
+                                json!({"keys": *served.keys.lock().unwrap()}).to_string(),
+                            )));
+                            if served.failing.load(Ordering::SeqCst) {
+                                *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        issuer
+    }
+
+    fn publish(&self, key: &SigningKey) {
+        self.keys.lock().unwrap().push(key.jwk.clone());
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+
+    /// Claims for a valid token of `sub` with `scope`.
+    fn claims(&self, sub: &str, scope: &str) -> Value {
+        json!({"iss": self.url, "sub": sub, "aud": RESOURCE, "scope": scope,
+               "exp": now() + 600, "iat": now(), "groups": ["eng"]})
+    }
+}
+
+async fn gateway(issuer: &Issuer) -> TestGateway {
+    let top = format!(
+        "auth:
+  tokens: [{{ principal: machine, token: {MACHINE} }}]
+  oauth:
+    resource: {RESOURCE}
+    resource_name: Test gateway
+    key_refetch_interval: 300ms
+    issuers: [{{ issuer: {iss:?}, jwks_uri: {jwks:?} }}]
+    required_scopes: [mcp:connect]
+    scope_rules:
+      - {{ methods: [tools/call], scopes: [mcp:tools] }}
+      - {{ methods: [tools/call], names: [echo], scopes: [mcp:tools:echo] }}
+",
+        iss = issuer.url,
+        jwks = format!("{}/jwks", issuer.url),
+    );
+    TestGateway::start(&top, &[example("ex", &[], "")]).await
+}
+
+fn with_token(gw: &TestGateway, token: &str) -> Client {
+    let mut c = gw.client();
+    c.token = Some(token.into());
+    c
+}
+
+/// POSTs an initialize with `token` and returns the response.
+async fn initialize(gw: &TestGateway, token: Option<&str>) -> support::Resp {
+    let mut c = gw.client();
+    c.token = token.map(str::to_owned);
+    c.post(
+        json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+            "protocolVersion":"2025-11-25","capabilities":{},
+            "clientInfo":{"name":"t","version":"1"}}})
+        .to_string(),
+    )
+    .await
+}
+
+fn challenge(r: &support::Resp) -> String {
+    r.headers
+        .get("www-authenticate")
+        .unwrap_or_else(|| panic!("no challenge on {}: {}", r.status, r.body))
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn forged_and_misdirected_tokens_are_refused_with_a_challenge() {
+    let key = SigningKey::es256("k1");
+    let issuer = Issuer::start(&[&key]).await;
+    let gw = gateway(&issuer).await;
+
+    // No token: 401 with where to learn how to get one, and the scope to ask for.
+    let r = initialize(&gw, None).await;
+    assert_eq!(r.status, 401);
+    let c = challenge(&r);
+    assert!(c.starts_with("Bearer "), "{c}");
+    assert!(
+        c.contains(&format!("resource_metadata=\"{METADATA_URL}\"")),
+        "{c}"
+    );
+    assert!(c.contains("scope=\"mcp:connect\""), "{c}");
+    assert!(!c.contains("error="), "{c}");
+
+    // A good token works.
+    let good = key.sign(&issuer.claims("alice", "mcp:connect mcp:tools"));
+    assert_eq!(initialize(&gw, Some(&good)).await.status, 200);
+
+    let stranger = SigningKey::es256("k1"); // same kid, another key
+    let mut forged: Vec<(&str, String, &str)> = vec![
+        ("a stranger's key under a known kid", stranger.sign(&issuer.claims("alice", "mcp:connect")), "signature"),
+        ("another audience", key.sign(&json!({"iss": issuer.url, "sub": "alice", "aud": "http://localhost/other", "exp": now() + 600, "scope": "mcp:connect"})), "aud"),
+        ("no audience", key.sign(&json!({"iss": issuer.url, "sub": "alice", "exp": now() + 600, "scope": "mcp:connect"})), "aud"),
+        ("expired beyond the leeway", key.sign(&json!({"iss": issuer.url, "sub": "alice", "aud": RESOURCE, "exp": now() - 120, "scope": "mcp:connect"})), "expired"),
+        ("not valid yet", key.sign(&json!({"iss": issuer.url, "sub": "alice", "aud": RESOURCE, "exp": now() + 600, "nbf": now() + 300, "scope": "mcp:connect"})), "not yet valid"),
+        ("no expiry", key.sign(&json!({"iss": issuer.url, "sub": "alice", "aud": RESOURCE, "scope": "mcp:connect"})), "exp"),
+        ("an untrusted issuer", key.sign(&json!({"iss": "https://evil.example", "sub": "alice", "aud": RESOURCE, "exp": now() + 600, "scope": "mcp:connect"})), "issuer"),
+        ("no subject", key.sign(&json!({"iss": issuer.url, "aud": RESOURCE, "exp": now() + 600, "scope": "mcp:connect"})), "sub"),
+        ("a machine principal's name", key.sign(&issuer.claims("machine", "mcp:connect")), "static-token"),
+        ("garbage", "not.a.jwt".into(), "well-formed"),
+        ("too long", format!("{}.{}.{}", "a".repeat(9000), "b".repeat(9000), "c"), "well-formed"),
+    ];
+    // alg none: the claims of a good token, no signature.
+    let payload = good.split('.').nth(1).unwrap();
+    forged.push((
+        "alg none",
+        format!(
+            "{}.{payload}.",
+            b64(br#"{"alg":"none","typ":"JWT","kid":"k1"}"#)
+        ),
+        "well-formed",
+    ));
+    // Algorithm confusion: HS256 keyed with public material the JWKS shows everyone.
+    let public_x = key.jwk["x"].as_str().unwrap().as_bytes().to_vec();
+    let mut hs = Header::new(Algorithm::HS256);
+    hs.kid = Some("k1".into());
+    forged.push((
+        "HS256 keyed with the public key",
+        jsonwebtoken::encode(
+            &hs,
+            &issuer.claims("alice", "mcp:connect"),
+            &EncodingKey::from_secret(&public_x),
+        )
+        .unwrap(),
+        "algorithm",
+    ));
+    // The signature of a good token on other claims.
+    let sig = good.rsplit('.').next().unwrap();
+    let header = good.split('.').next().unwrap();
+    let other = b64(issuer
+        .claims("root", "mcp:connect mcp:tools")
+        .to_string()
+        .as_bytes());
+    forged.push((
+        "a good signature on other claims",
+        format!("{header}.{other}.{sig}"),
+        "signature",
+    ));
+
+    for (what, token, says) in &forged {
+        let r = initialize(&gw, Some(token)).await;
+        assert_eq!(r.status, 401, "{what}: {}", r.body);
+        let c = challenge(&r);
+        assert!(c.contains("error=\"invalid_token\""), "{what}: {c}");
+        assert!(
+            c.contains(&format!("resource_metadata=\"{METADATA_URL}\"")),
+            "{what}: {c}"
+        );
+        assert!(
+            c.to_lowercase().contains(&says.to_lowercase()),
+            "{what}: the description should mention {says:?}: {c}"
+        );
+        assert!(
+            !r.body.contains(token.as_str()) || token.len() < 12,
+            "{what}: token echoed"
+        );
+    }
+
+    // Machines keep working beside it all.
+    let mut machine = gw.client();
+    machine.token = Some(MACHINE.into());
+    machine.initialize(json!({})).await;
+    assert_eq!(
+        machine.tool_text(1, "echo", json!({"text": "m"})).await,
+        "m"
+    );
+}
+
+#[tokio::test]
+async fn keys_rotate_and_unknown_key_ids_cannot_make_the_gateway_hammer_the_issuer() {
+    let old = SigningKey::rs256("old");
+    let issuer = Issuer::start(&[&old]).await;
+    let gw = gateway(&issuer).await;
+    assert_eq!(issuer.fetches(), 0, "keys are fetched when first needed");
+    let token = old.sign(&issuer.claims("alice", "mcp:connect"));
+    assert_eq!(initialize(&gw, Some(&token)).await.status, 200);
+    assert_eq!(initialize(&gw, Some(&token)).await.status, 200);
+    assert_eq!(issuer.fetches(), 1, "the set is cached");
+
+    // A burst of made-up key ids: at most one fetch per refetch interval.
+    let before = issuer.fetches();
+    let started = std::time::Instant::now();
+    for i in 0..30 {
+        let bogus = SigningKey::es256(&format!("bogus-{i}"));
+        let r = initialize(
+            &gw,
+            Some(&bogus.sign(&issuer.claims("alice", "mcp:connect"))),
+        )
+        .await;
+        assert_eq!(r.status, 401);
+        assert!(
+            challenge(&r).contains("no signing key"),
+            "{}",
+            challenge(&r)
+        );
+    }
+    let allowed = 1 + started.elapsed().as_millis() as usize / 300;
+    let fetched = issuer.fetches() - before;
+    assert!(
+        fetched <= allowed,
+        "{fetched} fetches in {:?}",
+        started.elapsed()
+    );
+
+    // Rotation: the issuer publishes a new key (Ed25519) and signs with it.
+    let new = SigningKey::ed25519("new");
+    issuer.publish(&new);
+    let rotated = new.sign(&issuer.claims("alice", "mcp:connect"));
+    eventually("the rotated key is fetched", || async {
+        initialize(&gw, Some(&rotated)).await.status == 200
+    })
+    .await;
+    // The old key still works while it is published.
+    assert_eq!(initialize(&gw, Some(&token)).await.status, 200);
+}
+
+#[tokio::test]
+async fn an_issuer_that_is_down_refuses_its_tokens_and_nothing_else() {
+    let key = SigningKey::es256("k");
+    let issuer = Issuer::start(&[&key]).await;
+    issuer.failing.store(true, Ordering::SeqCst);
+    let gw = gateway(&issuer).await;
+    let r = initialize(&gw, Some(&key.sign(&issuer.claims("alice", "mcp:connect")))).await;
+    assert_eq!(r.status, 401);
+    assert!(
+        challenge(&r).contains("cannot be fetched"),
+        "{}",
+        challenge(&r)
+    );
+    assert_eq!(initialize(&gw, Some(MACHINE)).await.status, 200);
+    // Back up: tokens work again (after the refetch interval).
+    issuer.failing.store(false, Ordering::SeqCst);
+    let token = key.sign(&issuer.claims("alice", "mcp:connect"));
+    eventually("the issuer's keys are fetched again", || async {
+        initialize(&gw, Some(&token)).await.status == 200
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn scopes_are_checked_per_request_with_a_step_up_challenge() {
+    let key = SigningKey::es256("k");
+    let issuer = Issuer::start(&[&key]).await;
+    let gw = gateway(&issuer).await;
+
+    // Without the scope every request needs: 403, naming it.
+    let r = initialize(&gw, Some(&key.sign(&issuer.claims("alice", "mcp:tools")))).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let c = challenge(&r);
+    assert!(c.contains("error=\"insufficient_scope\""), "{c}");
+    assert!(c.contains("scope=\"mcp:connect\""), "{c}");
+
+    // Connected, but not allowed to call tools: listing works, calling is refused with
+    // every scope the call needs in one challenge.
+    let mut low = with_token(&gw, &key.sign(&issuer.claims("alice", "mcp:connect")));
+    low.initialize(json!({})).await;
+    let list = low.call(1, "tools/list", json!({})).await;
+    assert!(list["result"]["tools"].as_array().unwrap().len() >= 2);
+    let r = low
+        .post(json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"}}}).to_string())
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let c = challenge(&r);
+    assert!(c.contains("error=\"insufficient_scope\""), "{c}");
+    assert!(
+        c.contains("scope=\"mcp:connect mcp:tools mcp:tools:echo\""),
+        "{c}"
+    );
+    assert!(
+        c.contains(&format!("resource_metadata=\"{METADATA_URL}\"")),
+        "{c}"
+    );
+    assert_eq!(r.json()["id"], json!(2), "the refusal answers the request");
+
+    // `mcp:tools` covers `mcp:tools:echo` (the hierarchy); a narrower scope covers only its
+    // own tool.
+    let mut wide = with_token(
+        &gw,
+        &key.sign(&issuer.claims("alice", "mcp:connect mcp:tools")),
+    );
+    wide.initialize(json!({})).await;
+    assert_eq!(wide.tool_text(3, "echo", json!({"text": "hi"})).await, "hi");
+    let mut narrow = with_token(
+        &gw,
+        &key.sign(&issuer.claims("carol", "mcp:connect mcp:tools:add")),
+    );
+    narrow.initialize(json!({})).await;
+    let r = narrow
+        .post(json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}).to_string())
+        .await;
+    assert_eq!(
+        r.status, 403,
+        "mcp:tools:add does not cover mcp:tools: {}",
+        r.body
+    );
+
+    // A session belongs to its principal: bob's token does not open alice's session.
+    let mut bob = with_token(
+        &gw,
+        &key.sign(&issuer.claims("bob", "mcp:connect mcp:tools")),
+    );
+    bob.session = wide.session.clone();
+    let r = bob
+        .post(json!({"jsonrpc":"2.0","id":5,"method":"tools/list"}).to_string())
+        .await;
+    assert_eq!(r.status, 404, "{}", r.body);
+
+    // The same scope checks hold for stateless (2026-07-28) requests.
+    let mut stateless = gw.client();
+    stateless.token = low.token.clone();
+    let body = json!({"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"},
+        "_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}})
+    .to_string();
+    let req = stateless
+        .request("POST", body.clone())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "echo")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let r = stateless.send(req).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+}
+
+#[tokio::test]
+async fn the_protected_resource_metadata_is_public_and_says_where_tokens_come_from() {
+    let key = SigningKey::es256("k");
+    let issuer = Issuer::start(&[&key]).await;
+    let gw = gateway(&issuer).await;
+    let c = gw.client();
+    for path in [
+        "/.well-known/oauth-protected-resource/mcp",
+        "/.well-known/oauth-protected-resource",
+    ] {
+        let mut client = c.clone();
+        client.url = format!("http://{}{path}", gw.addr);
+        let r = client
+            .send(
+                client
+                    .request("GET", "")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        assert_eq!(r.headers["access-control-allow-origin"], "*");
+        let doc = r.json();
+        assert_eq!(doc["resource"], RESOURCE);
+        assert_eq!(doc["authorization_servers"], json!([issuer.url]));
+        assert_eq!(doc["bearer_methods_supported"], json!(["header"]));
+        assert_eq!(
+            doc["scopes_supported"],
+            json!(["mcp:connect", "mcp:tools", "mcp:tools:echo"])
+        );
+        assert_eq!(doc["resource_name"], "Test gateway");
+        let r = client
+            .send(
+                client
+                    .request("POST", "")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.status, 405);
+    }
+    let mut other = c.clone();
+    other.url = format!(
+        "http://{}/.well-known/oauth-protected-resource/other",
+        gw.addr
+    );
+    let r = other
+        .send(
+            other
+                .request("GET", "")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 404);
+}
