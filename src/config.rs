@@ -166,6 +166,10 @@ pub struct RawIssuer {
     pub issuer: String,
     /// Where its signing keys are published (a JWK set).
     pub jwks_uri: String,
+    /// Put before each of its principals (required, and distinct, with several issuers: one
+    /// issuer's `sub` must not name another's user).
+    #[serde(default)]
+    pub principal_prefix: Option<String>,
 }
 
 /// Scopes a set of methods (optionally narrowed to target names) needs.
@@ -218,6 +222,8 @@ pub struct IssuerSettings {
     pub issuer: String,
     /// Its JWK set.
     pub jwks_uri: http::Uri,
+    /// Put before each of its principals.
+    pub principal_prefix: String,
 }
 
 /// A validated scope rule.
@@ -985,6 +991,24 @@ fn scope_list(field: &str, scopes: &[String]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The client requests scope rules may name.
+const SCOPED_METHODS: [&str; 14] = [
+    "initialize",
+    "server/discover",
+    "tools/list",
+    "tools/call",
+    "prompts/list",
+    "prompts/get",
+    "resources/list",
+    "resources/read",
+    "resources/templates/list",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "completion/complete",
+    "logging/setLevel",
+    "subscriptions/listen",
+];
+
 /// Validates the OAuth block; the metadata URL is the resource URI with
 /// `/.well-known/oauth-protected-resource` inserted before its path (RFC 9728 §3.1).
 fn oauth_settings(raw: RawOAuth) -> Result<OAuthSettings, ConfigError> {
@@ -1003,6 +1027,7 @@ fn oauth_settings(raw: RawOAuth) -> Result<OAuthSettings, ConfigError> {
             "at least one trusted issuer is required",
         ));
     }
+    let several = raw.issuers.len() > 1;
     let mut issuers = Vec::new();
     for (i, iss) in raw.issuers.into_iter().enumerate() {
         let field = format!("auth.oauth.issuers[{i}]");
@@ -1014,9 +1039,31 @@ fn oauth_settings(raw: RawOAuth) -> Result<OAuthSettings, ConfigError> {
         {
             return Err(field_err(format!("{field}.issuer"), "listed twice"));
         }
+        let principal_prefix = iss.principal_prefix.unwrap_or_default();
+        if several {
+            if principal_prefix.is_empty() {
+                return Err(field_err(
+                    format!("{field}.principal_prefix"),
+                    "required with several issuers (say \"corp:\"), so that one issuer's subjects cannot pose as another's",
+                ));
+            }
+            if let Some(other) = issuers.iter().find(|s: &&IssuerSettings| {
+                s.principal_prefix.starts_with(&principal_prefix)
+                    || principal_prefix.starts_with(&s.principal_prefix)
+            }) {
+                return Err(field_err(
+                    format!("{field}.principal_prefix"),
+                    format!(
+                        "{principal_prefix:?} overlaps {:?} of issuer {}",
+                        other.principal_prefix, other.issuer
+                    ),
+                ));
+            }
+        }
         issuers.push(IssuerSettings {
             issuer: iss.issuer,
             jwks_uri,
+            principal_prefix,
         });
     }
     scope_list("auth.oauth.required_scopes", &raw.required_scopes)?;
@@ -1028,6 +1075,20 @@ fn oauth_settings(raw: RawOAuth) -> Result<OAuthSettings, ConfigError> {
             return Err(field_err(
                 format!("{field}.methods"),
                 "name at least one method (required_scopes apply to all)",
+            ));
+        }
+        if let Some((j, m)) = r
+            .methods
+            .iter()
+            .enumerate()
+            .find(|(_, m)| !SCOPED_METHODS.contains(&m.as_str()))
+        {
+            return Err(field_err(
+                format!("{field}.methods[{j}]"),
+                format!(
+                    "{m:?} is not a method a scope rule can cover ({})",
+                    SCOPED_METHODS.join(", ")
+                ),
             ));
         }
         if r.scopes.is_empty() {
@@ -1391,6 +1452,18 @@ upstreams:
             (
                 format!("{{resource: 'https://gw.example/mcp', {iss}, leeway: 1h}}"),
                 "auth.oauth.leeway",
+            ),
+            (
+                "{resource: 'https://gw.example/mcp', issuers: [{issuer: 'https://a', jwks_uri: 'https://a/k'}, {issuer: 'https://b', jwks_uri: 'https://b/k', principal_prefix: 'b:'}]}".to_owned(),
+                "auth.oauth.issuers[0].principal_prefix",
+            ),
+            (
+                "{resource: 'https://gw.example/mcp', issuers: [{issuer: 'https://a', jwks_uri: 'https://a/k', principal_prefix: 'a:'}, {issuer: 'https://b', jwks_uri: 'https://b/k', principal_prefix: 'a:b:'}]}".to_owned(),
+                "auth.oauth.issuers[1].principal_prefix",
+            ),
+            (
+                format!("{{resource: 'https://gw.example/mcp', {iss}, scope_rules: [{{methods: [tools/cal], scopes: [a]}}]}}"),
+                "auth.oauth.scope_rules[0].methods[0]",
             ),
             (
                 format!("{{resource: 'https://gw.example/mcp', {iss}, key_refetch_interval: 1ms}}"),

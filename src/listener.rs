@@ -468,6 +468,15 @@ fn resource_metadata(gw: &Gateway, req: &Request<hyper::body::Incoming>) -> Resp
         http::header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),
     );
+    // Clients send MCP-Protocol-Version on this GET too: a browser asks first (preflight).
+    h.insert(
+        http::header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, HEAD, OPTIONS"),
+    );
+    h.insert(
+        http::header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("*"),
+    );
     h.insert(
         http::header::CACHE_CONTROL,
         HeaderValue::from_static("public, max-age=300"),

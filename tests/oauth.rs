@@ -279,6 +279,18 @@ async fn forged_and_misdirected_tokens_are_refused_with_a_challenge() {
         .unwrap(),
         "algorithm",
     ));
+    // A critical extension this gateway does not implement, correctly signed.
+    let crit_header = b64(br#"{"alg":"ES256","kid":"k1","crit":["exp"]}"#);
+    let crit_body = b64(issuer.claims("alice", "mcp:connect").to_string().as_bytes());
+    let crit_message = format!("{crit_header}.{crit_body}");
+    let crit_sig =
+        jsonwebtoken::crypto::sign(crit_message.as_bytes(), &key.encoding, Algorithm::ES256)
+            .unwrap();
+    forged.push((
+        "a critical extension",
+        format!("{crit_message}.{crit_sig}"),
+        "crit",
+    ));
     // The signature of a good token on other claims.
     let sig = good.rsplit('.').next().unwrap();
     let header = good.split('.').next().unwrap();

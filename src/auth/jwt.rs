@@ -33,6 +33,8 @@ const MAX_JWKS_BYTES: usize = 256 * 1024;
 const MAX_KEYS: usize = 64;
 /// How long a fetched set is used before it is fetched again.
 const MAX_AGE: Duration = Duration::from_secs(3600);
+/// How long a set is used at most while fetching it again fails.
+const MAX_STALE: Duration = Duration::from_secs(24 * 3600);
 /// Deadline of one fetch.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest principal taken from a claim.
@@ -81,6 +83,10 @@ pub enum TokenError {
     /// Expired, or not valid yet.
     #[error("the access token is expired or not yet valid")]
     Expired,
+    /// The header lists critical extensions (RFC 7515 §4.1.11), which this gateway does not
+    /// implement.
+    #[error("the access token's header lists critical extensions (crit), which are not supported")]
+    Critical,
     /// A required claim is missing or of the wrong type.
     #[error("the access token lacks a valid {0} claim")]
     Claim(String),
@@ -150,14 +156,16 @@ struct Issuer {
     jwks_uri: http::Uri,
     keys: ArcSwap<KeySet>,
     /// When the keys were last fetched (or tried); held while a fetch runs.
-    fetching: tokio::sync::Mutex<Option<Instant>>,
+    fetching: Arc<tokio::sync::Mutex<Option<Instant>>>,
+    /// Put before its principals.
+    principal_prefix: String,
 }
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 /// Checks access tokens against the trusted issuers.
 pub struct Verifier {
-    issuers: Vec<Issuer>,
+    issuers: Vec<Arc<Issuer>>,
     audience: String,
     leeway: u64,
     principal_claim: String,
@@ -182,11 +190,14 @@ impl Verifier {
             issuers: settings
                 .issuers
                 .iter()
-                .map(|i| Issuer {
-                    issuer: i.issuer.clone(),
-                    jwks_uri: i.jwks_uri.clone(),
-                    keys: ArcSwap::from_pointee(KeySet::default()),
-                    fetching: tokio::sync::Mutex::new(None),
+                .map(|i| {
+                    Arc::new(Issuer {
+                        issuer: i.issuer.clone(),
+                        jwks_uri: i.jwks_uri.clone(),
+                        keys: ArcSwap::from_pointee(KeySet::default()),
+                        fetching: Arc::default(),
+                        principal_prefix: i.principal_prefix.clone(),
+                    })
                 })
                 .collect(),
             audience: settings.resource.clone(),
@@ -207,12 +218,16 @@ impl Verifier {
         if !ALLOWED.contains(&header.alg) {
             return Err(TokenError::Algorithm);
         }
+        if has_critical_extensions(token) {
+            return Err(TokenError::Critical);
+        }
         // The issuer is read before the signature is checked only to choose whose keys check
         // it; the check then requires that same `iss`.
+        let iss = unverified_issuer(token).ok_or(TokenError::Issuer)?;
         let issuer = self
             .issuers
             .iter()
-            .find(|i| unverified_issuer(token).as_deref() == Some(i.issuer.as_str()))
+            .find(|i| i.issuer == iss)
             .ok_or(TokenError::Issuer)?;
         let key = self.key(issuer, header.kid.as_deref(), header.alg).await?;
         let mut validation = Validation::new(header.alg);
@@ -239,12 +254,23 @@ impl Verifier {
                 _ => TokenError::Malformed,
             }
         })?;
-        self.claims(data.claims)
+        self.claims(&issuer.principal_prefix, data.claims)
     }
 
-    fn claims(&self, mut c: serde_json::Map<String, Value>) -> Result<Claims, TokenError> {
+    fn claims(
+        &self,
+        prefix: &str,
+        mut c: serde_json::Map<String, Value>,
+    ) -> Result<Claims, TokenError> {
+        // Principals end up in logs, session tokens and plugin calls: printable text only.
         let principal = match c.remove(&self.principal_claim) {
-            Some(Value::String(p)) if !p.is_empty() && p.len() <= MAX_PRINCIPAL => p,
+            Some(Value::String(p))
+                if !p.is_empty()
+                    && p.len() <= MAX_PRINCIPAL
+                    && !p.chars().any(char::is_control) =>
+            {
+                format!("{prefix}{p}")
+            }
             _ => return Err(TokenError::Claim(self.principal_claim.clone())),
         };
         let list = |v: Option<Value>, what: &str| -> Result<Vec<Box<str>>, TokenError> {
@@ -279,49 +305,42 @@ impl Verifier {
         })
     }
 
-    /// The key that checks a token of `issuer` with `kid` and `alg`, fetching the set when it
-    /// is stale or lacks the key.
+    /// The key that checks a token of `issuer` with `kid` and `alg`. A key the current set
+    /// has is used at once (a set past [`MAX_AGE`] is refreshed in the background, and used
+    /// while that fails, up to [`MAX_STALE`]); an unknown key id waits for a fetch, at most one
+    /// per refetch interval.
     async fn key(
         &self,
-        issuer: &Issuer,
+        issuer: &Arc<Issuer>,
         kid: Option<&str>,
         alg: Algorithm,
     ) -> Result<Arc<Key>, TokenError> {
-        let fresh = |set: &KeySet| set.fetched.is_some_and(|t| t.elapsed() < MAX_AGE);
+        let usable = |set: &KeySet| set.fetched.is_some_and(|t| t.elapsed() < MAX_STALE);
         {
             let set = issuer.keys.load();
-            match set.lookup(kid, alg) {
-                Lookup::Found(k) if fresh(&set) => return Ok(k),
-                Lookup::Refused(e) if fresh(&set) => return Err(e),
-                _ => {}
+            if usable(&set) {
+                match set.lookup(kid, alg) {
+                    Lookup::Found(k) => {
+                        if set.fetched.is_some_and(|t| t.elapsed() >= MAX_AGE) {
+                            self.refresh_in_background(issuer);
+                        }
+                        return Ok(k);
+                    }
+                    Lookup::Refused(e) => return Err(e),
+                    Lookup::Unknown => {}
+                }
             }
         }
-        let mut last = issuer.fetching.lock().await;
-        // Another request may have fetched while this one waited.
-        let set = issuer.keys.load_full();
-        let found = set.lookup(kid, alg);
-        if let Lookup::Found(k) = &found
-            && fresh(&set)
         {
-            return Ok(k.clone());
-        }
-        if last.is_none_or(|t| t.elapsed() >= self.refetch_interval) {
-            *last = Some(Instant::now());
-            match self.fetch(&issuer.jwks_uri).await {
-                Ok(keys) => {
-                    tracing::info!(issuer = %issuer.issuer, keys = keys.len(), "fetched signing keys");
-                    issuer.keys.store(Arc::new(KeySet {
-                        keys,
-                        fetched: Some(Instant::now()),
-                    }));
-                }
-                Err(why) => {
-                    tracing::warn!(issuer = %issuer.issuer, uri = %issuer.jwks_uri, "cannot fetch signing keys: {why}");
-                }
+            let mut last = issuer.fetching.lock().await;
+            // Another request may have fetched while this one waited.
+            if last.is_none_or(|t| t.elapsed() >= self.refetch_interval) {
+                *last = Some(Instant::now());
+                fetch_into(&self.client, issuer).await;
             }
         }
         let set = issuer.keys.load();
-        if set.fetched.is_none() {
+        if !usable(&set) {
             return Err(TokenError::KeysUnavailable);
         }
         match set.lookup(kid, alg) {
@@ -331,40 +350,73 @@ impl Verifier {
         }
     }
 
-    async fn fetch(&self, uri: &http::Uri) -> Result<Vec<Arc<Key>>, String> {
-        let req = http::Request::get(uri.clone())
-            .header(http::header::ACCEPT, "application/json")
-            .body(Empty::new())
-            .map_err(|e| e.to_string())?;
-        let fetch = async {
-            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
-            if resp.status() != http::StatusCode::OK {
-                return Err(format!("status {}", resp.status()));
-            }
-            let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            Ok::<_, String>(body)
+    /// Refreshes an issuer's aging set without making the request wait, unless a fetch is
+    /// running or one ran within the refetch interval.
+    fn refresh_in_background(&self, issuer: &Arc<Issuer>) {
+        let Ok(mut last) = issuer.fetching.clone().try_lock_owned() else {
+            return;
         };
-        let body = tokio::time::timeout(FETCH_TIMEOUT, fetch)
-            .await
-            .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))??;
-        #[derive(Deserialize)]
-        struct Set {
-            keys: Vec<Value>,
+        if last.is_some_and(|t| t.elapsed() < self.refetch_interval) {
+            return;
         }
-        let set: Set = serde_json::from_slice(&body).map_err(|e| format!("not a JWK set: {e}"))?;
-        // A key this gateway cannot use is skipped, not fatal: sets mix key types.
-        Ok(set
-            .keys
-            .into_iter()
-            .filter_map(|v| serde_json::from_value::<Jwk>(v).ok())
-            .filter_map(|jwk| usable(&jwk).map(Arc::new))
-            .take(MAX_KEYS)
-            .collect())
+        *last = Some(Instant::now());
+        let (client, issuer) = (self.client.clone(), issuer.clone());
+        tokio::spawn(async move {
+            fetch_into(&client, &issuer).await;
+            drop(last);
+        });
     }
+}
+
+/// Fetches an issuer's keys and stores them; a failure keeps the set it had.
+async fn fetch_into(client: &HttpClient, issuer: &Issuer) {
+    match fetch(client, &issuer.jwks_uri).await {
+        Ok(keys) => {
+            tracing::info!(issuer = %issuer.issuer, keys = keys.len(), "fetched signing keys");
+            issuer.keys.store(Arc::new(KeySet {
+                keys,
+                fetched: Some(Instant::now()),
+            }));
+        }
+        Err(why) => {
+            tracing::warn!(issuer = %issuer.issuer, uri = %issuer.jwks_uri, "cannot fetch signing keys: {why}");
+        }
+    }
+}
+
+async fn fetch(client: &HttpClient, uri: &http::Uri) -> Result<Vec<Arc<Key>>, String> {
+    let req = http::Request::get(uri.clone())
+        .header(http::header::ACCEPT, "application/json")
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let fetch = async {
+        let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        if resp.status() != http::StatusCode::OK {
+            return Err(format!("status {}", resp.status()));
+        }
+        let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok::<_, String>(body)
+    };
+    let body = tokio::time::timeout(FETCH_TIMEOUT, fetch)
+        .await
+        .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))??;
+    #[derive(Deserialize)]
+    struct Set {
+        keys: Vec<Value>,
+    }
+    let set: Set = serde_json::from_slice(&body).map_err(|e| format!("not a JWK set: {e}"))?;
+    // A key this gateway cannot use is skipped, not fatal: sets mix key types.
+    Ok(set
+        .keys
+        .into_iter()
+        .filter_map(|v| serde_json::from_value::<Jwk>(v).ok())
+        .filter_map(|jwk| usable(&jwk).map(Arc::new))
+        .take(MAX_KEYS)
+        .collect())
 }
 
 /// A JWK as a verification key, if it is a public signing key of a type accepted here.
@@ -411,6 +463,22 @@ fn usable(jwk: &Jwk) -> Option<Key> {
         fits,
         decoding: DecodingKey::from_jwk(jwk).ok()?,
     })
+}
+
+/// Whether the token's header has `crit`.
+fn has_critical_extensions(token: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Crit {
+        crit: Option<serde::de::IgnoredAny>,
+    }
+    let Some(header) = token.split('.').next() else {
+        return true;
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Crit>(&b).ok())
+        .is_none_or(|c| c.crit.is_some())
 }
 
 /// The `iss` of a token's payload, before anything is verified.

@@ -206,6 +206,8 @@ impl Auth {
     pub fn metadata(&self, path: &str) -> Option<Bytes> {
         let oauth = self.oauth.as_ref()?;
         // Clients look at the path-inserted URL first, then at the bare well-known one.
+        // A client that kept the resource's trailing slash asks with it.
+        let path = path.strip_suffix('/').unwrap_or(path);
         (path == oauth.metadata_path || path == "/.well-known/oauth-protected-resource")
             .then(|| oauth.metadata.clone())
     }

@@ -66,18 +66,36 @@ impl Rules {
     }
 
     /// The scopes a request of `method` with `params` needs (each once, in rule order).
+    /// `subscriptions/listen` needs what `resources/subscribe` of each URI it watches needs.
     pub(crate) fn needed<'a>(&'a self, method: &str, params: Option<&[u8]>) -> Vec<&'a str> {
-        let mut target: Option<Option<String>> = None;
         let mut needed: Vec<&str> = Vec::new();
+        if method == "subscriptions/listen" {
+            let uris = listened_uris(params);
+            for uri in &uris {
+                self.add(&mut needed, "resources/subscribe", || {
+                    Target::Read(uri.clone())
+                });
+            }
+            self.add(&mut needed, method, || Target::None);
+            return needed;
+        }
+        self.add(&mut needed, method, || target_of(method, params));
+        needed
+    }
+
+    fn add<'a>(&'a self, needed: &mut Vec<&'a str>, method: &str, target: impl FnOnce() -> Target) {
+        let mut target = Some(target);
+        let mut read: Option<Target> = None;
         for (methods, names, scopes) in &self.rules {
             if !methods.iter().any(|m| m == method) {
                 continue;
             }
             if !names.is_empty() {
                 // Read once, and only when a rule narrows by name.
-                let name = target.get_or_insert_with(|| target_of(params));
-                // No readable target: the rule applies (the stricter reading).
-                if let Some(name) = name
+                let t = read.get_or_insert_with(|| target.take().map_or(Target::None, |f| f()));
+                // Without a readable target the rule applies: the request cannot be shown to
+                // fall outside it.
+                if let Target::Read(name) = t
                     && !names.iter().any(|n| n.matches(name))
                 {
                     continue;
@@ -89,33 +107,68 @@ impl Rules {
                 }
             }
         }
-        needed
     }
 }
 
-/// `params.name` (a tool or prompt) or `params.uri` (a resource), as the client sent it.
-fn target_of(params: Option<&[u8]>) -> Option<String> {
+/// What a request is about, read the way the router reads it.
+enum Target {
+    /// The tool or prompt name as clients see it, or the resource URI.
+    Read(String),
+    /// Nothing to read (or nothing readable).
+    None,
+}
+
+/// The field the router routes `method` by: `name` for tools and prompts, `uri` for resources,
+/// the prompt name or resource URI of a completion's `ref` (by its `type`).
+fn target_of(method: &str, params: Option<&[u8]>) -> Target {
     #[derive(Deserialize)]
-    struct Target<'a> {
+    struct Fields<'a> {
         #[serde(borrow)]
         name: Option<&'a RawValue>,
         #[serde(borrow)]
         uri: Option<&'a RawValue>,
-        #[serde(borrow)]
-        r#ref: Option<&'a RawValue>,
+        #[serde(borrow, rename = "ref")]
+        reference: Option<&'a RawValue>,
+        #[serde(borrow, rename = "type")]
+        kind: Option<&'a RawValue>,
     }
-    let t: Target<'_> = serde_json::from_slice(params?).ok()?;
-    // completion/complete names its prompt or resource template in `ref`.
-    if let Some(r) = t.r#ref {
-        #[derive(Deserialize)]
-        struct Ref {
-            name: Option<String>,
-            uri: Option<String>,
+    fn string(raw: Option<&RawValue>) -> Option<String> {
+        serde_json::from_str(raw?.get()).ok()
+    }
+    let read = || -> Option<String> {
+        let f: Fields<'_> = serde_json::from_slice(params?).ok()?;
+        match method {
+            "tools/call" | "prompts/get" => string(f.name),
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => string(f.uri),
+            "completion/complete" => {
+                let r: Fields<'_> = serde_json::from_str(f.reference?.get()).ok()?;
+                match string(r.kind)?.as_str() {
+                    "ref/prompt" => string(r.name),
+                    "ref/resource" => string(r.uri),
+                    _ => None,
+                }
+            }
+            _ => None,
         }
-        let r: Ref = serde_json::from_str(r.get()).ok()?;
-        return r.name.or(r.uri);
+    };
+    read().map_or(Target::None, Target::Read)
+}
+
+/// The resource URIs a `subscriptions/listen` request watches.
+fn listened_uris(params: Option<&[u8]>) -> Vec<String> {
+    #[derive(Deserialize)]
+    struct Listen {
+        notifications: Option<Notifications>,
     }
-    serde_json::from_str(t.name.or(t.uri)?.get()).ok()
+    #[derive(Deserialize)]
+    struct Notifications {
+        #[serde(rename = "resourceSubscriptions")]
+        uris: Option<Vec<String>>,
+    }
+    params
+        .and_then(|p| serde_json::from_slice::<Listen>(p).ok())
+        .and_then(|l| l.notifications?.uris)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -176,5 +229,76 @@ mod tests {
             ["github:write", "mcp:call"]
         );
         assert!(rules.needed("tools/list", None).is_empty());
+        // Decoys: the field the router does not read does not count.
+        assert_eq!(
+            rules.needed(
+                "tools/call",
+                Some(br#"{"name":"github__push","ref":{"type":"ref/prompt","name":"ex__echo"},"uri":"x"}"#)
+            ),
+            ["mcp:call", "github:write"]
+        );
+        assert_eq!(
+            rules.needed(
+                "resources/read",
+                Some(br#"{"name":"pub","uri":"file:///secret/k"}"#)
+            ),
+            ["github:write", "mcp:call"]
+        );
+    }
+
+    #[test]
+    fn completions_and_listens_need_what_their_targets_need() {
+        let rules = Rules::new(&[
+            ScopeRule {
+                methods: vec!["completion/complete".into()],
+                names: vec!["secret*".into()],
+                scopes: vec!["s".into()],
+            },
+            ScopeRule {
+                methods: vec!["resources/subscribe".into()],
+                names: vec!["file:///secret/*".into()],
+                scopes: vec!["watch:secret".into()],
+            },
+        ]);
+        let complete = |r: &str| format!(r#"{{"ref":{r},"argument":{{"name":"a","value":"b"}}}}"#);
+        assert_eq!(
+            rules.needed(
+                "completion/complete",
+                Some(
+                    complete(r#"{"type":"ref/resource","name":"public","uri":"secret://x"}"#)
+                        .as_bytes()
+                )
+            ),
+            ["s"]
+        );
+        assert!(
+            rules
+                .needed(
+                    "completion/complete",
+                    Some(
+                        complete(r#"{"type":"ref/prompt","name":"public","uri":"secret://x"}"#)
+                            .as_bytes()
+                    )
+                )
+                .is_empty()
+        );
+        let listen = |uris: &str| {
+            format!(r#"{{"notifications":{{"tools":true,"resourceSubscriptions":{uris}}}}}"#)
+        };
+        assert_eq!(
+            rules.needed(
+                "subscriptions/listen",
+                Some(listen(r#"["file:///pub","file:///secret/k"]"#).as_bytes())
+            ),
+            ["watch:secret"]
+        );
+        assert!(
+            rules
+                .needed(
+                    "subscriptions/listen",
+                    Some(listen(r#"["file:///pub"]"#).as_bytes())
+                )
+                .is_empty()
+        );
     }
 }

@@ -426,6 +426,7 @@ async fn post(
     if let Kind::Request { id, method, params } = &msg.kind
         && let Err(e) = gw.auth.authorize(identity, method, params.as_deref())
     {
+        tracing::debug!(%method, "refused MCP request: {e}");
         return Ok(refusal(gw, FrontError::Auth(e), Some(id)));
     }
 
