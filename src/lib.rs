@@ -19,6 +19,7 @@ pub mod listener;
 pub mod mcp;
 pub mod metrics;
 pub mod orchestrator;
+pub mod outbound_tls;
 pub mod plugins;
 pub mod process;
 pub mod relay;

@@ -177,15 +177,7 @@ pub struct Verifier {
 impl Verifier {
     /// A verifier for the OAuth settings; keys are fetched when first needed.
     pub fn new(settings: &OAuthSettings) -> Self {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
-            .expect("the ring provider supports the default protocol versions")
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let https = crate::outbound_tls::connector(HttpConnector::new());
         Verifier {
             issuers: settings
                 .issuers

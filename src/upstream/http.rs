@@ -57,15 +57,8 @@ pub fn relay_client() -> &'static Client {
 
 fn builder(http2_only: bool) -> Client {
     let mut http = HttpConnector::new();
-    http.enforce_http(false);
     http.set_nodelay(true);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
-        .expect("the ring provider supports the default protocol versions")
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+    let https = crate::outbound_tls::connector(http);
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         // Below common server keep-alive timeouts (Node's is 5 s), so we rarely send on a
         // connection the server is closing: a POST that loses that race cannot be retried.

@@ -319,8 +319,9 @@ def start_gateway(
     tapdir: Path | None = None,
     plugins: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    port: int | None = None,
 ) -> Gateway:
-    port = free_port()
+    port = port or free_port()
     config: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
         "mcp": {"body_timeout": "5s", **(mcp or {})},

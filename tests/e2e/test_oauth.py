@@ -37,7 +37,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 
-from e2e_support import EXAMPLE, START_TIMEOUT, Gateway, Proc, Tools, example_argv, free_port, text_of, wait_until
+from e2e_support import EXAMPLE, Gateway, Tools, example_argv, free_port, start_gateway, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -148,8 +148,8 @@ def auth_server() -> Iterator[MockAuthorizationServer]:
 
 @pytest.fixture(scope="module")
 def oauth_gateway(tools: Tools, workdir: Path, auth_server: MockAuthorizationServer) -> Iterator[Gateway]:
-    """A gateway in front of the example server that takes the mock server's tokens only. (Not
-    `start_gateway`: the resource URI, the tokens' audience, names the port, chosen first here.)"""
+    """A gateway in front of the example server that takes the mock server's tokens only (its
+    port is chosen first: the resource URI, the tokens' audience, names it)."""
     port = free_port()
     example = example_argv(tools, "--test-tools")
     oauth = {
@@ -159,28 +159,12 @@ def oauth_gateway(tools: Tools, workdir: Path, auth_server: MockAuthorizationSer
         "scope_rules": [{"methods": ["tools/call"], "scopes": ["mcp:tools"]}],
         "key_refetch_interval": "300ms",
     }
-    config = {
-        "listen": f"127.0.0.1:{port}",
-        "mcp": {"body_timeout": "5s"},
-        "upstreams": [{"name": EXAMPLE, "stdio": {"command": example[0], "args": example[1:]}, "call_timeout": "30s"}],
-        "log": {"level": "info,gatehouse=debug"},
-        "auth": {"oauth": oauth},
-    }
-    path = workdir / "gateway-oauth.yaml"
-    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-    proc = Proc("gateway:oauth", [tools.gatehouse, "serve", "--config", str(path)], workdir / "gateway-oauth.log")
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
+    upstreams = [{"name": EXAMPLE, "stdio": {"command": example[0], "args": example[1:]}, "call_timeout": "30s"}]
+    gateway = start_gateway(tools, workdir, "oauth", upstreams, extra={"auth": {"oauth": oauth}}, port=port)
     try:
-        wait_until(healthy, START_TIMEOUT, "gateway oauth /healthz", proc)
-        yield Gateway(proc, port, config, workdir / "tap")
+        yield gateway
     finally:
-        proc.stop()
+        gateway.proc.stop()
 
 
 class MemoryStorage:
