@@ -175,6 +175,8 @@ fn main() {
         principal: Some("alice"),
         session_id: "bench-session",
         profile: None,
+        groups: &[],
+        scopes: &[],
     };
     // All policy variants must agree before anything is timed.
     for (tool, args) in [

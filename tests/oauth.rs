@@ -547,3 +547,54 @@ async fn the_protected_resource_metadata_is_public_and_says_where_tokens_come_fr
         .await;
     assert_eq!(r.status, 404);
 }
+
+#[tokio::test]
+async fn plugins_see_the_tokens_groups_and_the_latest_tokens_scopes() {
+    let key = SigningKey::es256("k");
+    let issuer = Issuer::start(&[&key]).await;
+    // `add` is visible to group eng; `echo` to holders of a deploy scope.
+    let plugins = format!(
+        "plugins:
+  modules:
+    - name: lists
+      path: {:?}
+      config: {{ default: deny, rules: [ {{ groups: [eng], allow: [add] }}, {{ scopes: [\"deploy:*\"], allow: [echo] }} ] }}
+  chains:
+    - {{ name: all, plugins: [lists] }}
+",
+        support::wasm("list_filter")
+    );
+    let top = format!(
+        "{plugins}auth:
+  oauth:
+    resource: {RESOURCE}
+    issuers: [{{ issuer: {iss:?}, jwks_uri: {jwks:?} }}]
+",
+        iss = issuer.url,
+        jwks = format!("{}/jwks", issuer.url),
+    );
+    let gw = TestGateway::start(&top, &[example("ex", &[], "")]).await;
+    let tools = |c: Client| async move {
+        let list = c.call(9, "tools/list", json!({})).await;
+        let mut names: Vec<String> = list["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let mut eng = with_token(&gw, &key.sign(&issuer.claims("alice", "mcp")));
+    eng.initialize(json!({})).await;
+    assert_eq!(tools(eng.clone()).await, ["add"]);
+    let mut sales = gw.client();
+    let mut claims = issuer.claims("bob", "mcp");
+    claims["groups"] = json!(["sales"]);
+    sales.token = Some(key.sign(&claims));
+    sales.initialize(json!({})).await;
+    assert!(tools(sales.clone()).await.is_empty());
+    // The same session with a stepped-up token: its scopes count from the next request.
+    eng.token = Some(key.sign(&issuer.claims("alice", "mcp deploy:prod")));
+    assert_eq!(tools(eng.clone()).await, ["add", "echo"]);
+}

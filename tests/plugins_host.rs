@@ -47,6 +47,8 @@ fn ctx<'a>(server: &'a str, name: &'a str) -> CallContext<'a> {
         principal: Some("alice"),
         session_id: "session-1",
         profile: None,
+        groups: &[],
+        scopes: &[],
     }
 }
 
@@ -404,6 +406,8 @@ chains: [ { plugins: [filter] } ]
     let registry = |profile| CallContext {
         method: "registry/list",
         profile,
+        groups: &[],
+        scopes: &[],
         ..list(Some("bob"))
     };
     assert_eq!(
@@ -971,7 +975,7 @@ fn plugin_check_reports_the_decision() {
     .unwrap();
     let report = gatehouse::plugins::check(&wasm("tool_policy"), Some(&sample)).unwrap();
     assert!(
-        report.contains("interface: gatehouse:plugin/plugin@0.1.0 ok"),
+        report.contains("interface: gatehouse:plugin/plugin@0.2.0 ok"),
         "{report}"
     );
     assert!(report.contains("hooks: on-request"), "{report}");

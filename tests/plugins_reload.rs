@@ -60,6 +60,8 @@ fn ctx(name: &str) -> CallContext<'_> {
         principal: None,
         session_id: "reload",
         profile: None,
+        groups: &[],
+        scopes: &[],
     }
 }
 

@@ -28,6 +28,8 @@ cargo clippy --all-targets --quiet -- -D warnings
 step "cargo test"
 cargo build --quiet
 cargo test 2>&1 | tee "$logs/cargo.txt"
+# The plugins' own unit tests (their workspace, on the host target).
+cargo test --manifest-path plugins/Cargo.toml 2>&1 | tee -a "$logs/cargo.txt"
 cargo_passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$logs/cargo.txt" | awk '{s+=$4} END {print s+0}')
 
 step "deploy/ manifests render and validate"

@@ -94,7 +94,7 @@ pub enum TokenError {
 
 /// What a verified token says about its bearer.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Claims {
+pub struct Verified {
     /// The principal claim's value.
     pub principal: String,
     /// `scope` (space-separated) or `scp` (a list).
@@ -202,7 +202,7 @@ impl Verifier {
     }
 
     /// Verifies a token and reads its bearer's claims.
-    pub async fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+    pub async fn verify(&self, token: &str) -> Result<Verified, TokenError> {
         if token.len() > MAX_TOKEN_BYTES || token.split('.').count() != 3 {
             return Err(TokenError::Malformed);
         }
@@ -253,7 +253,7 @@ impl Verifier {
         &self,
         prefix: &str,
         mut c: serde_json::Map<String, Value>,
-    ) -> Result<Claims, TokenError> {
+    ) -> Result<Verified, TokenError> {
         // Principals end up in logs, session tokens and plugin calls: printable text only.
         let principal = match c.remove(&self.principal_claim) {
             Some(Value::String(p))
@@ -290,7 +290,7 @@ impl Verifier {
         let mut scopes = list(c.remove("scope"), "scope")?;
         scopes.extend(list(c.remove("scp"), "scp")?);
         let groups = list(c.remove(&self.groups_claim), &self.groups_claim)?;
-        Ok(Claims {
+        Ok(Verified {
             principal,
             scopes,
             groups,

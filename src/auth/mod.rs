@@ -24,10 +24,19 @@ pub type Principal = Arc<str>;
 pub struct Identity {
     /// The principal (a static token's, or the access token's principal claim).
     pub principal: Principal,
-    /// The scopes it holds.
+    /// The scopes it holds, for the gateway's checks.
     pub grant: Grant,
-    /// The groups its token lists.
-    pub groups: Arc<[Box<str>]>,
+    /// What its token says, for policy plugins.
+    pub claims: Arc<Claims>,
+}
+
+/// What a caller's access token says beyond its principal: what policy plugins see.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Claims {
+    /// The groups it lists.
+    pub groups: Box<[Box<str>]>,
+    /// The scopes it grants.
+    pub scopes: Box<[Box<str>]>,
 }
 
 /// Why a request was not authenticated or not authorized.
@@ -68,6 +77,8 @@ struct OAuth {
 pub struct Auth {
     tokens: static_tokens::StaticTokens,
     oauth: Option<OAuth>,
+    /// The claims of every static-token caller: none.
+    no_claims: Arc<Claims>,
 }
 
 impl Auth {
@@ -83,6 +94,7 @@ impl Auth {
                 metadata_path: o.metadata_path.clone(),
                 metadata: metadata_document(o),
             }),
+            no_claims: Arc::default(),
         }
     }
 
@@ -107,7 +119,7 @@ impl Auth {
             return Ok(Some(Identity {
                 principal,
                 grant: Grant::All,
-                groups: Arc::from([]),
+                claims: self.no_claims.clone(),
             }));
         }
         let Some(oauth) = &self.oauth else {
@@ -120,10 +132,14 @@ impl Auth {
                 "principal (it names a static-token principal)".into(),
             )));
         }
+        let scopes: Box<[Box<str>]> = claims.scopes.into();
         let identity = Identity {
             principal: Arc::from(claims.principal),
-            grant: Grant::Scopes(claims.scopes.into()),
-            groups: claims.groups.into(),
+            grant: Grant::Scopes(Arc::from(scopes.clone())),
+            claims: Arc::new(Claims {
+                groups: claims.groups.into(),
+                scopes,
+            }),
         };
         let lacking = identity
             .grant

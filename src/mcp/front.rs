@@ -433,7 +433,8 @@ async fn post(
     if let Some(mirrored) = mirrored
         && stateless::is_stateless(&mirrored, &msg)
     {
-        return Ok(stateless::post(gw, principal, mirrored, msg).await);
+        let claims = identity.map(|i| i.claims.clone());
+        return Ok(stateless::post(gw, principal, claims, mirrored, msg).await);
     }
     if let Kind::Request { id, method, params } = &msg.kind
         && &**method == "initialize"
@@ -444,6 +445,9 @@ async fn post(
     version_check?;
     let session = session_of(gw, &principal, session_header.as_ref())?;
     let _busy = session.touch();
+    if let Some(identity) = identity {
+        session.hold_claims(&identity.claims);
+    }
     match msg.kind {
         Kind::Request { id, method, params } => {
             match handler::request(gw.services(), &session, id, &method, params).await {

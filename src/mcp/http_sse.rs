@@ -202,6 +202,9 @@ async fn message(
             let slot = client
                 .request_slot()
                 .ok_or(FrontError::StreamBusy(session::MAX_INFLIGHT))?;
+            if let Some(identity) = &identity {
+                session.hold_claims(&identity.claims);
+            }
             let gw = gw.clone();
             tokio::spawn(async move {
                 let _busy = session.touch();

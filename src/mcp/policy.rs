@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 
 use futures_util::future::BoxFuture;
 
+use crate::auth::Claims;
 use crate::mcp::jsonrpc::{self, Kind, Message};
 use crate::mcp::session::{Caller, MessagePolicy, Session};
 use crate::plugins::{CallContext, Decision, Denied, EntryKind, ListEntry, PluginSet};
@@ -22,6 +23,7 @@ pub struct Policy {
     server: Arc<str>,
     name: Option<String>,
     principal: Option<Arc<str>>,
+    claims: Arc<Claims>,
     session_id: Arc<str>,
 }
 
@@ -40,6 +42,7 @@ impl Policy {
             server: server.clone(),
             name: name.map(str::to_owned),
             principal: caller.principal.cloned(),
+            claims: caller.claims.clone(),
             session_id: caller.session_id.clone(),
         })
     }
@@ -52,6 +55,8 @@ impl Policy {
             principal: self.principal.as_deref(),
             session_id: &self.session_id,
             profile: None,
+            groups: &self.claims.groups,
+            scopes: &self.claims.scopes,
         }
     }
 
@@ -160,6 +165,8 @@ pub async fn visible(
         principal: caller.principal.map(|p| &**p),
         session_id: caller.session_id,
         profile: None,
+        groups: &caller.claims.groups,
+        scopes: &caller.claims.scopes,
     };
     set.filter_list(&ctx, &entries).await
 }

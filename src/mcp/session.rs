@@ -14,6 +14,7 @@ use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::auth::Claims;
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
 use crate::mcp::param_headers::ToolHeaders;
 use crate::mcp::session_token;
@@ -67,11 +68,14 @@ pub mod caps {
     pub const UNKNOWN: u8 = 0x80;
 }
 
-/// Who is calling, as the policy stage sees it: the principal and the session.
-#[derive(Clone, Copy)]
+/// Who is calling, as the policy stage sees it: the principal, what its token says, and the
+/// session.
+#[derive(Clone)]
 pub struct Caller<'a> {
     /// The authenticated principal, if any.
     pub principal: Option<&'a Arc<str>>,
+    /// The groups and scopes of the token of the session's latest request.
+    pub claims: Arc<Claims>,
     /// The session id.
     pub session_id: &'a Arc<str>,
 }
@@ -94,6 +98,9 @@ pub struct Session {
     pub principal: Option<Arc<str>>,
     /// Negotiated protocol revision.
     pub protocol_version: &'static str,
+    /// What the latest request's token says (a session outlives tokens: a refreshed or
+    /// stepped-up token brings new scopes).
+    claims: arc_swap::ArcSwap<Claims>,
     topology: Arc<Topology>,
     links: Box<[Link]>,
     upstream_caps: Box<[AtomicU8]>,
@@ -181,6 +188,7 @@ impl Session {
                 id,
                 principal: principal.clone(),
                 protocol_version,
+                claims: arc_swap::ArcSwap::default(),
                 links: {
                     let links: Box<[Link]> = servers
                         .iter()
@@ -235,7 +243,16 @@ impl Session {
     pub fn caller(&self) -> Caller<'_> {
         Caller {
             principal: self.principal.as_ref(),
+            claims: self.claims.load_full(),
             session_id: &self.id,
+        }
+    }
+
+    /// Keeps what the token of a request of this session says, for the policy stage.
+    pub fn hold_claims(&self, claims: &Arc<Claims>) {
+        let current = self.claims.load();
+        if !Arc::ptr_eq(&current, claims) && **current != **claims {
+            self.claims.store(claims.clone());
         }
     }
 

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use crate::auth::Principal;
+use crate::auth::{Claims, Principal};
 use crate::body::Body;
 use crate::body::{accepted, json_response, sse_response};
 use crate::gateway::Gateway;
@@ -484,6 +484,7 @@ fn served(method: &str) -> bool {
 pub(crate) async fn post(
     gw: &Arc<Gateway>,
     principal: Option<Principal>,
+    claims: Option<Arc<Claims>>,
     mirrored: Mirrored,
     msg: Message,
 ) -> Response<Body> {
@@ -566,6 +567,9 @@ pub(crate) async fn post(
         }
     }
     let session = gw.stateless_session(principal);
+    if let Some(claims) = &claims {
+        session.hold_claims(claims);
+    }
     let busy = session.touch();
     if &*method == "tools/call"
         && let Err(refusal) =

@@ -82,6 +82,8 @@ mod tests {
             principal: None,
             session_id: "s",
             profile,
+            groups: &[],
+            scopes: &[],
         }
     }
 

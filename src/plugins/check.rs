@@ -48,6 +48,8 @@ struct SampleContext {
     principal: Option<String>,
     session_id: String,
     profile: Option<String>,
+    groups: Vec<Box<str>>,
+    scopes: Vec<Box<str>>,
 }
 
 impl Default for SampleContext {
@@ -59,6 +61,8 @@ impl Default for SampleContext {
             principal: None,
             session_id: "plugin-check".into(),
             profile: None,
+            groups: Vec::new(),
+            scopes: Vec::new(),
         }
     }
 }
@@ -127,7 +131,7 @@ pub fn check(path: &Path, input: Option<&Path>) -> Result<String, PluginError> {
         engine::sha256_hex(&bytes),
         bytes.len()
     ));
-    out.push_str("interface: gatehouse:plugin/plugin@0.1.0 ok\n");
+    out.push_str("interface: gatehouse:plugin/plugin@0.2.0 ok\n");
     let mut names = Vec::new();
     if hooks.on_request {
         names.push("on-request");
@@ -162,6 +166,8 @@ pub fn check(path: &Path, input: Option<&Path>) -> Result<String, PluginError> {
         principal: c.principal.as_deref(),
         session_id: &c.session_id,
         profile: c.profile.as_deref(),
+        groups: &c.groups,
+        scopes: &c.scopes,
     };
     let target = format!("{} {}", c.method, c.name.as_deref().unwrap_or(""));
     let line = match hook.as_str() {

@@ -110,6 +110,10 @@ pub struct CallContext<'a> {
     pub session_id: &'a str,
     /// The gateway profile.
     pub profile: Option<&'a str>,
+    /// The caller's groups (from its access token).
+    pub groups: &'a [Box<str>],
+    /// The scopes its access token grants.
+    pub scopes: &'a [Box<str>],
 }
 
 /// What a list entry is.
@@ -653,6 +657,8 @@ fn to_wit_ctx(ctx: &CallContext<'_>) -> bindings::CallContext {
         principal: ctx.principal.map(str::to_string),
         session_id: ctx.session_id.to_string(),
         profile: ctx.profile.map(str::to_string),
+        groups: ctx.groups.iter().map(|g| g.to_string()).collect(),
+        scopes: ctx.scopes.iter().map(|s| s.to_string()).collect(),
     }
 }
 

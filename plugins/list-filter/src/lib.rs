@@ -3,15 +3,17 @@
 //!
 //! ```json
 //! {"rules": [
-//!    {"principals": ["alice", "team-*"], "profiles": ["dev"], "kinds": ["tool"],
+//!    {"principals": ["alice", "team-*"], "groups": ["eng"], "profiles": ["dev"], "kinds": ["tool"],
 //!     "allow": ["fs_*"], "deny": ["*delete*"],
 //!     "allow_labels": ["safe"], "deny_labels": ["destructive"]}
 //!  ],
 //!  "default": "allow"}
 //! ```
-//! A rule applies to a caller and an entry when its `principals`,
+//! A rule applies to a caller and an entry when its `principals`, `groups`
+//! and `scopes` (one of the caller's groups or scopes, from its OAuth access
+//! token, matches a glob),
 //! `profiles`, `servers` and `kinds` match (absent: any; an anonymous
-//! caller has the empty principal, which `*` matches). Of the applicable
+//! caller has the empty principal, which `*` matches, and no groups). Of the applicable
 //! rules, a deny (name glob or label) hides the entry; otherwise, if any of
 //! them has allow lists, the entry must match one of those allows; otherwise
 //! `default` decides.
@@ -41,6 +43,8 @@ enum Default {
 #[serde(deny_unknown_fields)]
 struct Rule {
     principals: Option<Vec<String>>,
+    groups: Option<Vec<String>>,
+    scopes: Option<Vec<String>>,
     profiles: Option<Vec<String>>,
     servers: Option<Vec<String>>,
     kinds: Option<Vec<Kind>>,
@@ -80,9 +84,18 @@ fn any_glob(patterns: &Option<Vec<String>>, value: &str) -> bool {
         .is_none_or(|ps| ps.iter().any(|p| glob::matches(p, value)))
 }
 
+/// Whether one of `held` matches one of `patterns` (absent: any caller).
+fn any_held(patterns: &Option<Vec<String>>, held: &[String]) -> bool {
+    patterns
+        .as_ref()
+        .is_none_or(|ps| held.iter().any(|h| ps.iter().any(|p| glob::matches(p, h))))
+}
+
 impl Rule {
     fn applies_to_caller(&self, ctx: &CallContext) -> bool {
         any_glob(&self.principals, ctx.principal.as_deref().unwrap_or(""))
+            && any_held(&self.groups, &ctx.groups)
+            && any_held(&self.scopes, &ctx.scopes)
             && any_glob(&self.profiles, ctx.profile.as_deref().unwrap_or(""))
             && any_glob(&self.servers, &ctx.server)
     }
@@ -168,6 +181,8 @@ mod tests {
             principal: principal.map(Into::into),
             session_id: "s".into(),
             profile: None,
+            groups: Vec::new(),
+            scopes: Vec::new(),
         }
     }
 
@@ -208,5 +223,29 @@ mod tests {
             p.filter_list(&ctx(None), &entries),
             [true, false, true, false]
         );
+    }
+
+    #[test]
+    fn rules_may_select_callers_by_group() {
+        let mut p = ListFilter::init(
+            r#"{"rules": [{"groups": ["eng*"], "allow": ["deploy"]}], "default": "deny"}"#,
+        )
+        .unwrap();
+        let entries = [entry("deploy", &[])];
+        let mut engineer = ctx(Some("alice"));
+        engineer.groups = vec!["staff".into(), "engineering".into()];
+        assert_eq!(p.filter_list(&engineer, &entries), [true]);
+        let mut other = ctx(Some("bob"));
+        other.groups = vec!["sales".into()];
+        assert_eq!(p.filter_list(&other, &entries), [false]);
+        assert_eq!(p.filter_list(&ctx(Some("machine")), &entries), [false]);
+        let mut p = ListFilter::init(
+            r#"{"rules": [{"scopes": ["deploy:*"], "allow": ["deploy"]}], "default": "deny"}"#,
+        )
+        .unwrap();
+        let mut granted = ctx(Some("carol"));
+        granted.scopes = vec!["mcp".into(), "deploy:prod".into()];
+        assert_eq!(p.filter_list(&granted, &entries), [true]);
+        assert_eq!(p.filter_list(&engineer, &entries), [false]);
     }
 }

@@ -149,6 +149,8 @@ mod tests {
             principal: Some("p".into()),
             session_id: "s".into(),
             profile: None,
+            groups: Vec::new(),
+            scopes: Vec::new(),
         };
         assert!(matches!(p.on_request(&ctx("ab"), "{}"), Decision::Allow));
         assert!(matches!(p.on_request(&ctx("ab"), "{}"), Decision::Allow));

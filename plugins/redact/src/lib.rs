@@ -254,6 +254,8 @@ mod tests {
             principal: None,
             session_id: "s".into(),
             profile: None,
+            groups: Vec::new(),
+            scopes: Vec::new(),
         };
         let d = p.on_response(
             &ctx,

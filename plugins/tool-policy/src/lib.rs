@@ -239,6 +239,8 @@ mod tests {
             principal: None,
             session_id: "s".into(),
             profile: None,
+            groups: Vec::new(),
+            scopes: Vec::new(),
         }
     }
 
