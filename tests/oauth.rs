@@ -172,6 +172,11 @@ impl Issuer {
 }
 
 async fn gateway(issuer: &Issuer) -> TestGateway {
+    gateway_with(issuer, "").await
+}
+
+/// A gateway trusting `issuer`, with more `auth.oauth` lines (indented by four).
+async fn gateway_with(issuer: &Issuer, oauth: &str) -> TestGateway {
     let top = format!(
         "auth:
   tokens: [{{ principal: machine, token: {MACHINE} }}]
@@ -184,7 +189,7 @@ async fn gateway(issuer: &Issuer) -> TestGateway {
     scope_rules:
       - {{ methods: [tools/call], scopes: [mcp:tools] }}
       - {{ methods: [tools/call], names: [echo], scopes: [mcp:tools:echo] }}
-",
+{oauth}",
         iss = issuer.url,
         jwks = format!("{}/jwks", issuer.url),
     );
@@ -597,4 +602,24 @@ async fn plugins_see_the_tokens_groups_and_the_latest_tokens_scopes() {
     // The same session with a stepped-up token: its scopes count from the next request.
     eng.token = Some(key.sign(&issuer.claims("alice", "mcp deploy:prod")));
     assert_eq!(tools(eng.clone()).await, ["add", "echo"]);
+}
+
+#[tokio::test]
+async fn a_remembered_token_still_expires() {
+    let key = SigningKey::es256("k");
+    let issuer = Issuer::start(&[&key]).await;
+    let gw = gateway_with(&issuer, "    leeway: 0s\n").await;
+    let mut claims = issuer.claims("alice", "mcp:connect mcp:tools");
+    claims["exp"] = json!(now() + 2);
+    let mut c = with_token(&gw, &key.sign(&claims));
+    c.initialize(json!({})).await;
+    // Verified once, then remembered: still honored until its exp, and not a second longer.
+    assert_eq!(c.tool_text(1, "echo", json!({"text": "a"})).await, "a");
+    eventually("the remembered token expires", || async {
+        let r = c
+            .post(json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}).to_string())
+            .await;
+        r.status == 401 && challenge(&r).contains("expired")
+    })
+    .await;
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use base64::Engine;
 use bytes::Bytes;
+use dashmap::DashMap;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -22,6 +23,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use crate::config::OAuthSettings;
 
@@ -39,6 +41,11 @@ const MAX_STALE: Duration = Duration::from_secs(24 * 3600);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest principal taken from a claim.
 const MAX_PRINCIPAL: usize = 256;
+/// Most verified tokens remembered.
+const MAX_CACHED: usize = 10_000;
+/// Longest a verified token is remembered (so that a key the issuer withdrew stops working
+/// within it).
+pub const CACHE_FOR: Duration = Duration::from_secs(300);
 /// Most scopes or groups taken from a token.
 const MAX_LIST: usize = 256;
 
@@ -93,7 +100,7 @@ pub enum TokenError {
 }
 
 /// What a verified token says about its bearer.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
     /// The principal claim's value.
     pub principal: String,
@@ -172,6 +179,21 @@ pub struct Verifier {
     groups_claim: String,
     refetch_interval: Duration,
     client: HttpClient,
+    /// Tokens verified recently, by their SHA-256.
+    cache: DashMap<[u8; 32], Cached>,
+}
+
+/// A verified token, remembered.
+struct Cached {
+    verified: Verified,
+    exp: u64,
+    cached: Instant,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Verifier {
@@ -197,13 +219,50 @@ impl Verifier {
             principal_claim: settings.principal_claim.clone(),
             groups_claim: settings.groups_claim.clone(),
             refetch_interval: settings.key_refetch_interval,
+            cache: DashMap::new(),
             client: Client::builder(TokioExecutor::new()).build(https),
         }
     }
 
-    /// Verifies a token and reads its bearer's claims.
+    /// Verifies a token and reads its bearer's claims. A token verified before is taken from
+    /// the cache (by its SHA-256) until it expires or [`CACHE_FOR`] passes, whichever is first:
+    /// a signature check costs more than the rest of a proxied call.
     pub async fn verify(&self, token: &str) -> Result<Verified, TokenError> {
-        if token.len() > MAX_TOKEN_BYTES || token.split('.').count() != 3 {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::Malformed);
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = unix_now();
+        let fresh =
+            |e: &Cached| now <= e.exp.saturating_add(self.leeway) && e.cached.elapsed() < CACHE_FOR;
+        if let Some(hit) = self.cache.get(&digest) {
+            if fresh(&hit) {
+                return Ok(hit.verified.clone());
+            }
+            drop(hit);
+            self.cache.remove(&digest);
+        }
+        let (verified, exp) = self.verify_uncached(token).await?;
+        if self.cache.len() >= MAX_CACHED {
+            self.cache.retain(|_, e| fresh(e));
+            if self.cache.len() >= MAX_CACHED {
+                self.cache.clear();
+            }
+        }
+        self.cache.insert(
+            digest,
+            Cached {
+                verified: verified.clone(),
+                exp,
+                cached: Instant::now(),
+            },
+        );
+        Ok(verified)
+    }
+
+    /// Verifies a token: its claims and its `exp`.
+    async fn verify_uncached(&self, token: &str) -> Result<(Verified, u64), TokenError> {
+        if token.split('.').count() != 3 {
             return Err(TokenError::Malformed);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
@@ -246,7 +305,14 @@ impl Verifier {
                 _ => TokenError::Malformed,
             }
         })?;
-        self.claims(&issuer.principal_prefix, data.claims)
+        let exp = match data.claims.get("exp") {
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .or_else(|| n.as_f64().map(|f| f as u64))
+                .ok_or_else(|| TokenError::Claim("exp".into()))?,
+            _ => return Err(TokenError::Claim("exp".into())),
+        };
+        Ok((self.claims(&issuer.principal_prefix, data.claims)?, exp))
     }
 
     fn claims(
