@@ -74,6 +74,122 @@ pub struct RawConfig {
     /// The admin API (`/admin/v1/...`): off unless it has tokens.
     #[serde(default)]
     pub admin: RawAdmin,
+    /// The audit trail: off unless set.
+    #[serde(default)]
+    pub audit: Option<RawAudit>,
+}
+
+/// Raw audit-trail settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// The file records are appended to; absent: standard output.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Size at which the file is moved aside (default 100 MiB).
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+    /// Files kept besides the current one (default 5).
+    #[serde(default)]
+    pub keep: Option<usize>,
+    /// A signed checkpoint every this many records (default 1000).
+    #[serde(default)]
+    pub checkpoint_every: Option<u64>,
+    /// And at least this often while records come (default 60s).
+    #[serde(default, with = "humantime_serde")]
+    pub checkpoint_interval: Option<Duration>,
+    /// The Ed25519 seed checkpoints are signed with (32 bytes, hex or base64).
+    #[serde(default)]
+    pub signing_key: Option<RawKeySource>,
+}
+
+/// Where a secret key is read from.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeySource {
+    /// A file holding it.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// An environment variable holding it.
+    #[serde(default)]
+    pub env: Option<String>,
+}
+
+/// Validated audit-trail settings.
+#[derive(Clone)]
+pub struct AuditSettings {
+    /// The file, or standard output.
+    pub file: Option<PathBuf>,
+    /// Rotation size.
+    pub max_bytes: u64,
+    /// Old files kept.
+    pub keep: usize,
+    /// The checkpoint signing seed.
+    pub signing_key: Option<[u8; 32]>,
+    /// Records between checkpoints.
+    pub checkpoint_every: u64,
+    /// Longest time between checkpoints.
+    pub checkpoint_interval: Duration,
+}
+
+impl std::fmt::Debug for AuditSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditSettings")
+            .field("file", &self.file)
+            .field("max_bytes", &self.max_bytes)
+            .field("keep", &self.keep)
+            .field("signing_key", &self.signing_key.map(|_| "<redacted>"))
+            .field("checkpoint_every", &self.checkpoint_every)
+            .field("checkpoint_interval", &self.checkpoint_interval)
+            .finish()
+    }
+}
+
+fn audit_settings(raw: RawAudit) -> Result<AuditSettings, ConfigError> {
+    let max_bytes = raw.max_bytes.unwrap_or(100 * 1024 * 1024);
+    if max_bytes < 4096 {
+        return Err(field_err("audit.max_bytes", "must be at least 4096"));
+    }
+    let checkpoint_every = raw.checkpoint_every.unwrap_or(1000);
+    if checkpoint_every == 0 {
+        return Err(field_err("audit.checkpoint_every", "must be at least 1"));
+    }
+    let checkpoint_interval = raw.checkpoint_interval.unwrap_or(Duration::from_secs(60));
+    if checkpoint_interval < Duration::from_millis(100) {
+        return Err(field_err(
+            "audit.checkpoint_interval",
+            "must be at least 100ms",
+        ));
+    }
+    let signing_key = raw
+        .signing_key
+        .map(|k| key_from("audit.signing_key", &k.file, &k.env))
+        .transpose()?;
+    Ok(AuditSettings {
+        file: raw.file,
+        max_bytes,
+        keep: raw.keep.unwrap_or(5).max(1),
+        signing_key,
+        checkpoint_every,
+        checkpoint_interval,
+    })
+}
+
+/// A 32-byte key from a file or an environment variable (64 hex digits or base64).
+fn key_from(
+    field: &str,
+    file: &Option<PathBuf>,
+    env: &Option<String>,
+) -> Result<[u8; 32], ConfigError> {
+    let text = match (file, env) {
+        (Some(path), None) => std::fs::read_to_string(path)
+            .map_err(|e| field_err(format!("{field}.file"), format!("{}: {e}", path.display())))?,
+        (None, Some(var)) => std::env::var(var)
+            .map_err(|_| field_err(format!("{field}.env"), format!("{var} is not set")))?,
+        _ => return Err(field_err(field, "set exactly one of file or env")),
+    };
+    let source = if file.is_some() { "file" } else { "env" };
+    session_key(&format!("{field}.{source}"), &text)
 }
 
 /// Raw orchestrator settings (the backend itself is chosen by `GATEHOUSE_ORCHESTRATOR_*`
@@ -486,6 +602,8 @@ pub struct Config {
     pub orchestrator: OrchestratorSettings,
     /// Admin API bearer tokens → principal; empty means the admin API is off.
     pub admin_tokens: Vec<(String, Arc<str>)>,
+    /// The audit trail, if on.
+    pub audit: Option<AuditSettings>,
 }
 
 /// Validated orchestrator settings.
@@ -765,17 +883,7 @@ impl RawConfig {
                             format!("{} is used by another key", k.id),
                         ));
                     }
-                    let text = match (&k.file, &k.env) {
-                        (Some(path), None) => std::fs::read_to_string(path).map_err(|e| {
-                            field_err(format!("{field}.file"), format!("{}: {e}", path.display()))
-                        })?,
-                        (None, Some(var)) => std::env::var(var).map_err(|_| {
-                            field_err(format!("{field}.env"), format!("{var} is not set"))
-                        })?,
-                        _ => return Err(field_err(field, "set exactly one of file or env")),
-                    };
-                    let source = if k.file.is_some() { "file" } else { "env" };
-                    keys.push((k.id, session_key(&format!("{field}.{source}"), &text)?));
+                    keys.push((k.id, key_from(&field, &k.file, &k.env)?));
                 }
                 SessionKeys(keys)
             },
@@ -932,6 +1040,7 @@ impl RawConfig {
             servers,
             orchestrator,
             admin_tokens,
+            audit: self.audit.map(audit_settings).transpose()?,
             listen,
             tokens,
             oauth,

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use dashmap::DashMap;
 
+use crate::audit::Audit;
 use crate::auth::{Auth, Principal};
 use crate::config::{Config, Transport, UpstreamConfig};
 use crate::mcp::handler::Services;
@@ -94,6 +95,8 @@ pub struct Gateway {
     pub admin_auth: Auth,
     /// Policy plugins (hot-reloadable).
     pub plugins: Arc<Plugins>,
+    /// The audit trail (off unless configured).
+    pub audit: Arc<Audit>,
     epoch: Instant,
 }
 
@@ -103,11 +106,13 @@ impl Gateway {
     pub fn new(
         config: Config,
         orchestrator: Option<Arc<dyn Runtime>>,
+        audit: Audit,
     ) -> Result<Arc<Gateway>, PluginError> {
         let plugins = Plugins::load(&config.plugins)?;
         let round_trip_wait = ROUND_TRIP_WAIT.min(config.mcp.session_idle_timeout);
         let keys = config.mcp.session_keys.clone();
         let gw = Gateway {
+            audit: Arc::new(audit),
             plugins,
             auth: Auth::new(&config.tokens, config.oauth.as_ref()),
             admin_auth: Auth::new(&config.admin_tokens, None),
@@ -150,6 +155,7 @@ impl Gateway {
         Services {
             plugins: &self.plugins,
             metrics: &self.metrics,
+            audit: &self.audit,
             envelope: None,
         }
     }

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod config;
@@ -55,6 +56,9 @@ pub enum StartError {
     /// The listen address could not be bound.
     #[error("cannot listen: {0}")]
     Listen(#[from] std::io::Error),
+    /// The audit trail could not be opened.
+    #[error("audit trail: {0}")]
+    Audit(std::io::Error),
     /// The orchestrator could not start or accept the configured servers.
     #[error("orchestrator: {0}")]
     Orchestrator(#[from] orchestrator::OrchestratorError),
@@ -75,6 +79,7 @@ impl Running {
         if let Some(o) = &self.gateway.orchestrator {
             o.shutdown().await;
         }
+        self.gateway.audit.close().await;
     }
 }
 
@@ -105,7 +110,11 @@ pub async fn start_with(
             "orchestrator started"
         );
     }
-    let gateway = Gateway::new(config, orchestrator)?;
+    let audit = match &config.audit {
+        Some(settings) => audit::Audit::start(settings).map_err(StartError::Audit)?,
+        None => audit::Audit::default(),
+    };
+    let gateway = Gateway::new(config, orchestrator, audit)?;
     let refresher = gateway
         .orchestrator
         .is_some()

@@ -49,12 +49,30 @@ enum Command {
         #[arg(long)]
         http: Option<std::net::SocketAddr>,
     },
+    /// Work with the audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Stops the gateway's servers when the gateway dies (started by `serve`; see gatehouse::process).
     #[command(name = gatehouse::process::GUARD_SUBCOMMAND, hide = true)]
     ProcessGuard {
         /// Between SIGTERM and SIGKILL.
         #[arg(long, default_value_t = 2000)]
         grace_ms: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check a trail file's chain (and its checkpoints' signatures): prints what it holds, or
+    /// the first broken record and exits with status 1.
+    Verify {
+        /// The audit file (JSON lines).
+        file: PathBuf,
+        /// The Ed25519 public key checkpoints must be signed with (base64 or hex, 32 bytes).
+        #[arg(long)]
+        public_key: Option<String>,
     },
 }
 
@@ -103,6 +121,34 @@ fn main() -> anyhow::Result<()> {
         } => {
             let report = gatehouse::plugins::check(&file, input.as_deref())?;
             println!("{report}");
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { file, public_key },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let key = public_key
+                .map(|k| gatehouse::audit::public_key(&k))
+                .transpose()?;
+            match gatehouse::audit::verify(&text, key.as_deref()) {
+                Ok(v) => {
+                    println!(
+                        "ok: {} records, chain anchored at {}; {}",
+                        v.records,
+                        v.anchor,
+                        match key {
+                            Some(_) =>
+                                format!("{} checkpoints signed by the key", v.signed_checkpoints),
+                            None =>
+                                "checkpoint signatures not checked (no --public-key)".to_owned(),
+                        }
+                    );
+                }
+                Err(broken) => {
+                    println!("broken: {}: {broken}", file.display());
+                    std::process::exit(1);
+                }
+            }
         }
         Command::Check { config } => {
             let c = gatehouse::Config::load(&config)?;

@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 
 use futures_util::future::BoxFuture;
 
+use crate::audit::Audit;
 use crate::auth::Claims;
 use crate::mcp::jsonrpc::{self, Kind, Message};
 use crate::mcp::session::{Caller, MessagePolicy, Session};
@@ -25,12 +26,15 @@ pub struct Policy {
     principal: Option<Arc<str>>,
     claims: Arc<Claims>,
     session_id: Arc<str>,
+    /// Where denials are recorded (when the trail is on).
+    audit: Option<Arc<Audit>>,
 }
 
 impl Policy {
     /// The policy for a call, or `None` when no plugin is configured (the fast path).
     pub fn for_call(
         set: &Arc<PluginSet>,
+        audit: Option<&Arc<Audit>>,
         caller: Caller<'_>,
         method: &str,
         server: &Arc<str>,
@@ -44,6 +48,7 @@ impl Policy {
             principal: caller.principal.cloned(),
             claims: caller.claims.clone(),
             session_id: caller.session_id.clone(),
+            audit: audit.filter(|a| a.is_on()).cloned(),
         })
     }
 
@@ -62,12 +67,38 @@ impl Policy {
 
     /// Runs the on-request chain over the call's arguments (raw JSON).
     pub async fn on_request(&self, arguments: &str) -> Decision {
-        self.set.on_request(&self.ctx(), arguments).await
+        let decision = self.set.on_request(&self.ctx(), arguments).await;
+        if let Decision::Deny(d) = &decision {
+            self.record_denial(d);
+        }
+        decision
     }
 
     /// Denies the call when the caller may not see the `kind` entry `name` it uses.
     pub async fn check_target(&self, kind: EntryKind, name: &str) -> Option<Denied> {
-        self.set.check_target(&self.ctx(), kind, name).await
+        let denied = self.set.check_target(&self.ctx(), kind, name).await;
+        if let Some(d) = &denied {
+            self.record_denial(d);
+        }
+        denied
+    }
+
+    /// Writes a denial to the audit trail: who, what, and which plugin said no.
+    fn record_denial(&self, d: &Denied) {
+        if let Some(audit) = &self.audit {
+            audit.record(crate::audit::Event {
+                kind: "denial",
+                principal: self.principal.clone(),
+                session: Some(crate::mcp::session::log_id(&self.session_id).to_owned()),
+                server: Some(self.server.clone()),
+                method: self.method.clone(),
+                name: self.name.clone(),
+                decision: "denied",
+                by: Some(d.plugin.clone()),
+                outcome: Some(d.message.clone()),
+                ..Default::default()
+            });
+        }
     }
 
     /// Runs the on-response chain: `Ok(Some(new))` when a plugin rewrote the result.
@@ -76,7 +107,10 @@ impl Policy {
         match self.set.on_response(&self.ctx(), &text).await {
             Decision::Allow => Ok(None),
             Decision::Rewrite(new) => Ok(Some(Bytes::from(new))),
-            Decision::Deny(d) => Err(d),
+            Decision::Deny(d) => {
+                self.record_denial(&d);
+                Err(d)
+            }
         }
     }
 }
@@ -115,7 +149,8 @@ impl MessagePolicy for PluginMessagePolicy {
                 Kind::Response { .. } => return Some(msg),
             };
             let server = session.topology().servers.get(index)?.name.clone();
-            let Some(policy) = Policy::for_call(&set, session.caller(), &method, &server, None)
+            let Some(policy) =
+                Policy::for_call(&set, None, session.caller(), &method, &server, None)
             else {
                 return Some(msg);
             };

@@ -36,6 +36,7 @@ pub(super) async fn completion_policy(
     let plugins = sv.plugins.current();
     let Some(policy) = Policy::for_call(
         &plugins,
+        Some(sv.audit),
         session.caller(),
         "completion/complete",
         &session.topology().servers[index].name,
@@ -192,6 +193,17 @@ pub(super) async fn resource_owner(
     None
 }
 
+/// The tool or prompt name, or the resource URI, of forwarded params.
+fn audit_target(params: Option<&[u8]>) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Target {
+        name: Option<String>,
+        uri: Option<String>,
+    }
+    let t: Target = serde_json::from_slice(params?).ok()?;
+    t.name.or(t.uri)
+}
+
 /// Sends a request to one upstream. Answers with plain JSON when the upstream sends nothing else
 /// first; switches to SSE as soon as a related message (progress, sampling, logging) arrives.
 pub(super) async fn forward(
@@ -223,6 +235,14 @@ pub(super) async fn forward(
         client_envelope: sv.envelope.cloned(),
         ..CallOpts::default()
     };
+    // What the audit trail records of the call, taken before the params go upstream.
+    let audited = sv.audit.is_on().then(|| {
+        (
+            sv.audit.clone(),
+            audit_target(params.as_deref()),
+            params.as_ref().map_or(0, |p| p.len()),
+        )
+    });
     let session2 = session.clone();
     let method = method.to_owned();
     let call = async move {
@@ -245,6 +265,26 @@ pub(super) async fn forward(
             }
         };
         server.requests.record(label, outcome, started.elapsed());
+        if let Some((audit, name, request_bytes)) = audited {
+            audit.record(crate::audit::Event {
+                kind: "call",
+                principal: session2.principal.clone(),
+                session: Some(session2.log_id().to_string()),
+                server: Some(server.name.clone()),
+                method,
+                name,
+                decision: if outcome == "denied" {
+                    "denied"
+                } else {
+                    "allowed"
+                },
+                outcome: Some(outcome.to_owned()),
+                latency_us: Some(started.elapsed().as_micros() as u64),
+                request_bytes: Some(request_bytes),
+                response_bytes: Some(frame.len()),
+                ..Default::default()
+            });
+        }
         frame
     };
     super::json_or_stream(call, ev_rx, session.ended()).await

@@ -94,6 +94,8 @@ pub struct Services<'a> {
     pub plugins: &'a Plugins,
     /// Request metrics.
     pub metrics: &'a Arc<Metrics>,
+    /// The audit trail.
+    pub audit: &'a Arc<crate::audit::Audit>,
     /// A 2026-07-28 client's envelope (the `_meta` members the stateless front took out of
     /// its params): what a 2026-07-28 server is sent on its behalf.
     pub envelope: Option<&'a Arc<str>>,
@@ -240,6 +242,7 @@ pub async fn request(
             };
             let policy = Policy::for_call(
                 &plugins,
+                Some(sv.audit),
                 session.caller(),
                 method,
                 &session.topology().servers[index].name,
@@ -282,6 +285,7 @@ pub async fn request(
             };
             let policy = Policy::for_call(
                 &plugins,
+                Some(sv.audit),
                 session.caller(),
                 method,
                 &session.topology().servers[index].name,
@@ -317,6 +321,7 @@ pub async fn request(
         _ if single => {
             let policy = Policy::for_call(
                 &plugins,
+                Some(sv.audit),
                 session.caller(),
                 method,
                 &session.topology().servers[0].name,

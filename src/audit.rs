@@ -1,0 +1,538 @@
+//! A tamper-evident audit trail: every call and every policy denial as one JSON line, each line
+//! carrying the SHA-256 of the line before it (`prev`), with checkpoints signed by an Ed25519
+//! key every so many records and when the gateway stops. Editing, removing or reordering a line
+//! breaks the chain at that line; rewriting the whole tail needs the signing key.
+//!
+//! The request path only hands a record to a bounded queue; one task writes. Records the queue
+//! has no room for are counted and written as a `gap` record, so a loss shows in the chain too.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::config::AuditSettings;
+
+/// Records waiting to be written, at most.
+const QUEUE: usize = 65_536;
+/// The chain's anchor when there is no earlier line.
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One audited event.
+#[derive(Debug, Default, Serialize)]
+pub struct Event {
+    /// `call` or `denial`.
+    pub kind: &'static str,
+    /// Who.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub principal: Option<Arc<str>>,
+    /// The session (its log prefix, never the whole id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// The upstream server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<Arc<str>>,
+    /// The JSON-RPC method.
+    pub method: String,
+    /// The tool or prompt (as the server knows it) or the resource URI.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `allowed` or `denied`.
+    pub decision: &'static str,
+    /// The plugin that decided a denial.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<Arc<str>>,
+    /// What a denial said, or how a call ended (`ok`, `error`, `failed`, `denied`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// How long the call took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
+    /// Size of the request's params.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_bytes: Option<usize>,
+    /// Size of the answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_bytes: Option<usize>,
+}
+
+/// The audit trail's entry point on the request path; off when not configured.
+#[derive(Default)]
+pub struct Audit {
+    tx: Option<mpsc::Sender<Event>>,
+    lost: Arc<AtomicU64>,
+    /// Tells the writer to finish: what is queued, then a last checkpoint.
+    stop: Arc<tokio::sync::Notify>,
+    /// Fires when the writer has finished.
+    done: tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+}
+
+impl Audit {
+    /// Starts the writer for `settings` (continuing the chain of an existing file).
+    pub fn start(settings: &AuditSettings) -> std::io::Result<Audit> {
+        let mut writer = Writer::open(settings)?;
+        let (tx, mut rx) = mpsc::channel::<Event>(QUEUE);
+        let lost = Arc::new(AtomicU64::new(0));
+        let lost2 = lost.clone();
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopping = stop.clone();
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(writer.checkpoint_interval);
+            tick.tick().await;
+            let write = |writer: &mut Writer, e: Event| {
+                let gap = lost2.swap(0, Ordering::Relaxed);
+                if gap > 0 {
+                    writer.write_gap(gap);
+                }
+                writer.write_event(&e);
+            };
+            loop {
+                tokio::select! {
+                    event = rx.recv() => match event {
+                        Some(e) => write(&mut writer, e),
+                        None => break,
+                    },
+                    _ = tick.tick() => writer.checkpoint_if_new(),
+                    _ = stopping.notified() => {
+                        while let Ok(e) = rx.try_recv() {
+                            write(&mut writer, e);
+                        }
+                        break;
+                    }
+                }
+            }
+            writer.checkpoint_if_new();
+            let _ = done_tx.send(());
+        });
+        Ok(Audit {
+            tx: Some(tx),
+            lost,
+            stop,
+            done: tokio::sync::Mutex::new(Some(done)),
+        })
+    }
+
+    /// Writes what is queued and a last checkpoint, and waits until it is on disk.
+    pub async fn close(&self) {
+        self.stop.notify_one();
+        if let Some(done) = self.done.lock().await.take() {
+            let _ = done.await;
+        }
+    }
+
+    /// Whether records are kept at all (callers skip building them otherwise).
+    pub fn is_on(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Queues a record; never waits.
+    pub fn record(&self, event: Event) {
+        if let Some(tx) = &self.tx
+            && tx.try_send(event).is_err()
+        {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Writes the chain: one line per record, the hash of each line in the next.
+struct Writer {
+    path: Option<PathBuf>,
+    out: Box<dyn Write + Send>,
+    written: u64,
+    max_bytes: u64,
+    keep: usize,
+    seq: u64,
+    prev: String,
+    key: Option<Ed25519KeyPair>,
+    checkpoint_every: u64,
+    checkpoint_interval: Duration,
+    since_checkpoint: u64,
+}
+
+impl Writer {
+    fn open(s: &AuditSettings) -> std::io::Result<Writer> {
+        let key =
+            match &s.signing_key {
+                Some(seed) => Some(Ed25519KeyPair::from_seed_unchecked(seed).map_err(|_| {
+                    std::io::Error::other("audit.signing_key is not an Ed25519 seed")
+                })?),
+                None => None,
+            };
+        let (seq, prev) = match &s.file {
+            Some(path) => last_link(path)?,
+            None => (0, GENESIS.to_owned()),
+        };
+        let (out, written): (Box<dyn Write + Send>, u64) = match &s.file {
+            Some(path) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?;
+                let len = f.metadata()?.len();
+                (Box::new(std::io::BufWriter::new(f)), len)
+            }
+            None => (Box::new(std::io::stdout()), 0),
+        };
+        Ok(Writer {
+            path: s.file.clone(),
+            out,
+            written,
+            max_bytes: s.max_bytes,
+            keep: s.keep,
+            seq,
+            prev,
+            key,
+            checkpoint_every: s.checkpoint_every,
+            checkpoint_interval: s.checkpoint_interval,
+            since_checkpoint: 0,
+        })
+    }
+
+    fn write_event(&mut self, e: &Event) {
+        let Ok(Value::Object(fields)) = serde_json::to_value(e) else {
+            return;
+        };
+        self.write(fields);
+        self.since_checkpoint += 1;
+        if self.since_checkpoint >= self.checkpoint_every {
+            self.checkpoint_if_new();
+        }
+    }
+
+    fn write_gap(&mut self, lost: u64) {
+        let mut m = Map::new();
+        m.insert("kind".into(), "gap".into());
+        m.insert("lost".into(), lost.into());
+        tracing::warn!(lost, "audit records lost: the queue was full");
+        self.write(m);
+    }
+
+    /// A signed checkpoint over the chain so far, if anything was written since the last one.
+    fn checkpoint_if_new(&mut self) {
+        if self.since_checkpoint == 0 {
+            let _ = self.out.flush();
+            return;
+        }
+        self.since_checkpoint = 0;
+        let mut m = Map::new();
+        m.insert("kind".into(), "checkpoint".into());
+        if let Some(key) = &self.key {
+            let signed = checkpoint_message(self.seq + 1, &self.prev);
+            let b64 = base64::engine::general_purpose::STANDARD;
+            m.insert(
+                "public_key".into(),
+                b64.encode(key.public_key().as_ref()).into(),
+            );
+            m.insert(
+                "signature".into(),
+                b64.encode(key.sign(&signed).as_ref()).into(),
+            );
+        }
+        self.write(m);
+        let _ = self.out.flush();
+    }
+
+    fn write(&mut self, mut fields: Map<String, Value>) {
+        self.seq += 1;
+        fields.insert("seq".into(), self.seq.into());
+        fields.insert("prev".into(), self.prev.clone().into());
+        fields.insert(
+            "time".into(),
+            humantime::format_rfc3339_millis(SystemTime::now())
+                .to_string()
+                .into(),
+        );
+        let line = Value::Object(fields).to_string();
+        self.prev = hex(&Sha256::digest(line.as_bytes()));
+        if let Err(e) = writeln!(self.out, "{line}") {
+            tracing::error!("cannot write the audit trail: {e}");
+        }
+        self.written += line.len() as u64 + 1;
+        if self.written >= self.max_bytes {
+            self.rotate();
+        }
+    }
+
+    /// Moves the file aside (`.1`, `.2`, … up to `keep`) and goes on in a new one; the chain
+    /// goes on across files.
+    fn rotate(&mut self) {
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        let _ = self.out.flush();
+        let aside = |n: usize| PathBuf::from(format!("{}.{n}", path.display()));
+        for n in (1..self.keep).rev() {
+            let _ = std::fs::rename(aside(n), aside(n + 1));
+        }
+        let _ = std::fs::rename(&path, aside(1));
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            Ok(f) => {
+                self.out = Box::new(std::io::BufWriter::new(f));
+                self.written = 0;
+            }
+            Err(e) => tracing::error!("cannot open a new audit file: {e}"),
+        }
+    }
+}
+
+/// What a checkpoint signs: its own sequence number and the hash of the line before it.
+fn checkpoint_message(seq: u64, prev: &str) -> Vec<u8> {
+    format!("gatehouse-audit-checkpoint:{seq}:{prev}").into_bytes()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The sequence number and hash of a file's last line, to go on from.
+fn last_link(path: &Path) -> std::io::Result<(u64, String)> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, GENESIS.to_owned())),
+        Err(e) => return Err(e),
+    };
+    let mut last = None;
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line?;
+        if !line.trim().is_empty() {
+            last = Some(line);
+        }
+    }
+    let Some(line) = last else {
+        return Ok((0, GENESIS.to_owned()));
+    };
+    let seq = serde_json::from_str::<Value>(&line)
+        .ok()
+        .and_then(|v| v["seq"].as_u64())
+        .ok_or_else(|| {
+            std::io::Error::other(format!(
+                "the last line of {} is not an audit record: refusing to continue its chain",
+                path.display()
+            ))
+        })?;
+    Ok((seq, hex(&Sha256::digest(line.as_bytes()))))
+}
+
+/// Reads a public key given as base64 or hex (32 bytes).
+pub fn public_key(text: &str) -> Result<Vec<u8>, AuditKeyError> {
+    let text = text.trim();
+    let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        (0..32)
+            .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|_| AuditKeyError)?
+    } else {
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|_| AuditKeyError)?
+    };
+    (bytes.len() == 32).then_some(bytes).ok_or(AuditKeyError)
+}
+
+/// A public key that is not 32 bytes of base64 or hex.
+#[derive(Debug, thiserror::Error)]
+#[error("the public key must be 32 bytes, as base64 or 64 hex digits")]
+pub struct AuditKeyError;
+
+/// What `verify` found in a file.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// Records read.
+    pub records: u64,
+    /// Checkpoints whose signature was checked.
+    pub signed_checkpoints: u64,
+    /// The `prev` of the first record (the previous file's last line, or the genesis).
+    pub anchor: String,
+}
+
+/// Where and why a chain is broken.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("line {line}: {reason}")]
+pub struct Broken {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong there.
+    pub reason: String,
+}
+
+/// Checks a file's chain, and each checkpoint's signature against `public_key` (raw 32 bytes)
+/// when given.
+pub fn verify(text: &str, public_key: Option<&[u8]>) -> Result<Verified, Broken> {
+    let mut out = Verified {
+        records: 0,
+        signed_checkpoints: 0,
+        anchor: String::new(),
+    };
+    let mut prev: Option<String> = None;
+    let mut seq: Option<u64> = None;
+    for (i, line) in text.lines().enumerate() {
+        let broken = |reason: String| Broken {
+            line: i + 1,
+            reason,
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| broken(format!("not a JSON record ({e})")))?;
+        let this_prev = v["prev"].as_str().ok_or_else(|| broken("no prev".into()))?;
+        let this_seq = v["seq"].as_u64().ok_or_else(|| broken("no seq".into()))?;
+        match (&prev, seq) {
+            (None, _) => out.anchor = this_prev.to_owned(),
+            (Some(p), Some(s)) => {
+                if this_prev != p {
+                    return Err(broken(format!(
+                        "prev {this_prev} is not the hash of the line before ({p}): a line was changed, removed or inserted"
+                    )));
+                }
+                if this_seq != s + 1 {
+                    return Err(broken(format!("seq {this_seq} does not follow {s}")));
+                }
+            }
+            (Some(_), None) => unreachable!("seq is set with prev"),
+        }
+        if v["kind"] == "checkpoint"
+            && let Some(key) = public_key
+        {
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let sig = v["signature"]
+                .as_str()
+                .and_then(|s| b64.decode(s).ok())
+                .ok_or_else(|| broken("an unsigned checkpoint".into()))?;
+            UnparsedPublicKey::new(&ED25519, key)
+                .verify(&checkpoint_message(this_seq, this_prev), &sig)
+                .map_err(|_| broken("the checkpoint's signature does not verify".into()))?;
+            out.signed_checkpoints += 1;
+        }
+        prev = Some(hex(&Sha256::digest(line.as_bytes())));
+        seq = Some(this_seq);
+        out.records += 1;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(file: &Path, seed: [u8; 32], every: u64) -> AuditSettings {
+        AuditSettings {
+            file: Some(file.to_owned()),
+            max_bytes: u64::MAX,
+            keep: 3,
+            signing_key: Some(seed),
+            checkpoint_every: every,
+            checkpoint_interval: Duration::from_secs(3600),
+        }
+    }
+
+    fn call(n: usize) -> Event {
+        Event {
+            kind: "call",
+            principal: Some(Arc::from("alice")),
+            method: "tools/call".into(),
+            name: Some(format!("tool{n}")),
+            decision: "allowed",
+            outcome: Some("ok".into()),
+            ..Event::default()
+        }
+    }
+
+    fn public(seed: [u8; 32]) -> Vec<u8> {
+        Ed25519KeyPair::from_seed_unchecked(&seed)
+            .unwrap()
+            .public_key()
+            .as_ref()
+            .to_vec()
+    }
+
+    #[test]
+    fn the_chain_verifies_and_any_edit_breaks_it_at_that_line() {
+        let dir = std::env::temp_dir().join(format!("gatehouse-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.jsonl");
+        let _ = std::fs::remove_file(&file);
+        let seed = [7u8; 32];
+        let mut w = Writer::open(&settings(&file, seed, 3)).unwrap();
+        for n in 0..7 {
+            w.write_event(&call(n));
+        }
+        w.write_gap(2);
+        w.checkpoint_if_new();
+        drop(w);
+        // A restart goes on with the same chain.
+        let mut w = Writer::open(&settings(&file, seed, 3)).unwrap();
+        w.write_event(&call(99));
+        w.checkpoint_if_new();
+        drop(w);
+        let text = std::fs::read_to_string(&file).unwrap();
+        let ok = verify(&text, Some(&public(seed))).unwrap();
+        assert_eq!(ok.records, 13, "{text}");
+        assert_eq!(ok.signed_checkpoints, 4);
+        assert_eq!(ok.anchor, GENESIS);
+        assert!(text.contains(r#""kind":"gap""#));
+
+        let lines: Vec<&str> = text.lines().collect();
+        // An edited line: broken at the line after it (its hash no longer matches).
+        let mut edited = lines.clone();
+        let tampered = lines[1].replace("tool1", "tool9");
+        edited[1] = &tampered;
+        assert_eq!(verify(&edited.join("\n"), None).unwrap_err().line, 3);
+        // A removed line.
+        let mut removed = lines.clone();
+        removed.remove(4);
+        assert_eq!(verify(&removed.join("\n"), None).unwrap_err().line, 5);
+        // Swapped lines.
+        let mut swapped = lines.clone();
+        swapped.swap(5, 6);
+        assert!(verify(&swapped.join("\n"), None).unwrap_err().line <= 7);
+        // A rewritten tail with a recomputed chain still fails the signature (another key).
+        let other = [9u8; 32];
+        assert!(
+            verify(&text, Some(&public(other)))
+                .unwrap_err()
+                .reason
+                .contains("signature")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_rotate_and_the_chain_goes_on_across_them() {
+        let dir = std::env::temp_dir().join(format!("gatehouse-audit-r-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.jsonl");
+        let mut s = settings(&file, [1u8; 32], 1000);
+        s.max_bytes = 2000;
+        let mut w = Writer::open(&s).unwrap();
+        for n in 0..40 {
+            w.write_event(&call(n));
+        }
+        w.checkpoint_if_new();
+        drop(w);
+        let newest = std::fs::read_to_string(&file).unwrap();
+        let older = std::fs::read_to_string(dir.join("a.jsonl.1")).unwrap();
+        let v_old = verify(&older, None).unwrap();
+        let v_new = verify(&newest, None).unwrap();
+        // The newest file starts where the one before it ended.
+        let last_old = older.lines().last().unwrap();
+        assert_eq!(v_new.anchor, hex(&Sha256::digest(last_old.as_bytes())));
+        assert!(v_old.records > 0 && v_new.records > 0);
+        assert!(!dir.join("a.jsonl.4").exists(), "at most `keep` old files");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
