@@ -96,7 +96,39 @@ struct ServerView {
 
 /// Serves one admin request.
 pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
-    match handle(&gw, req).await {
+    // A change (anything but a read) is audited, allowed or not.
+    let change = (gw.audit.is_on() && !matches!(*req.method(), Method::GET | Method::HEAD))
+        .then(|| (req.method().to_string(), req.uri().path().to_owned()));
+    let who = match &change {
+        Some(_) => gw
+            .admin_auth
+            .authenticate(req.headers())
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
+    let resp = respond(&gw, req).await;
+    if let Some((method, path)) = change {
+        gw.audit.record(crate::audit::Event {
+            kind: "admin",
+            principal: who.map(|i| i.principal),
+            method,
+            name: Some(path),
+            decision: if resp.status().is_success() {
+                "allowed"
+            } else {
+                "denied"
+            },
+            outcome: Some(resp.status().as_u16().to_string()),
+            ..Default::default()
+        });
+    }
+    resp
+}
+
+async fn respond(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    match handle(gw, req).await {
         Ok(resp) => resp,
         Err(e) => {
             let status = e.status();

@@ -35,7 +35,11 @@ async fn calls_and_denials_are_chained_signed_and_verifiable() {
     let key_file = dir.join("audit.key");
     std::fs::write(&key_file, format!("{}\n", "2a".repeat(32))).unwrap();
     let top = format!(
-        "audit:
+        "auth:
+  tokens: [{{ principal: alice, token: alice-token-0123456789 }}]
+admin:
+  tokens: [{{ principal: ops, token: ops-token-0123456789ab }}]
+audit:
   file: {file:?}
   signing_key: {{ file: {key_file:?} }}
 plugins:
@@ -50,6 +54,7 @@ plugins:
     );
     let gw = TestGateway::start(&top, &[example("ex", &[], "")]).await;
     let mut c = gw.client();
+    c.token = Some("alice-token-0123456789".into());
     c.initialize(json!({})).await;
     assert_eq!(
         c.tool_text(1, "echo", json!({"text": "secret-argument"}))
@@ -64,6 +69,38 @@ plugins:
         )
         .await;
     assert!(denied["error"].is_object(), "{denied}");
+    // A caller without a valid token, and an admin change that fails.
+    let mut stranger = gw.client();
+    stranger.token = Some("wrong-token-0123456789".into());
+    assert_eq!(
+        stranger
+            .post(json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}).to_string())
+            .await
+            .status,
+        401
+    );
+    let mut admin = gw.client();
+    admin.url = format!("http://{}/admin/v1/servers/nope", gw.addr);
+    admin.token = Some("ops-token-0123456789ab".into());
+    let r = admin
+        .send(
+            admin
+                .request("DELETE", "")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    admin.token = Some("not-the-admin-token-000".into());
+    let r = admin
+        .send(
+            admin
+                .request("DELETE", "")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 401, "{}", r.body);
     gw.stop().await;
 
     let text = std::fs::read_to_string(&file).unwrap();
@@ -82,11 +119,31 @@ plugins:
     assert!(call["request_bytes"].as_u64().unwrap() > 0);
     let denial = records
         .iter()
-        .find(|r| r["kind"] == "denial")
+        .find(|r| r["kind"] == "denial" && r["by"] == "lists")
         .unwrap_or_else(|| panic!("no denial record: {text}"));
     assert_eq!(denial["name"], "add");
     assert_eq!(denial["by"], "lists");
     assert_eq!(records.last().unwrap()["kind"], "checkpoint");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["kind"] == "denial" && r["by"] == "auth" && r["principal"].is_null()),
+        "no authentication refusal: {text}"
+    );
+    let changes: Vec<&Value> = records.iter().filter(|r| r["kind"] == "admin").collect();
+    assert_eq!(changes.len(), 2, "{text}");
+    assert_eq!(changes[0]["principal"], "ops");
+    assert_eq!(changes[0]["method"], "DELETE");
+    assert_eq!(changes[0]["name"], "/admin/v1/servers/nope");
+    assert_eq!(changes[0]["decision"], "allowed");
+    assert_eq!(changes[0]["outcome"], "204");
+    assert!(changes[1]["principal"].is_null());
+    assert_eq!(changes[1]["decision"], "denied");
+    assert_eq!(changes[1]["outcome"], "401");
+    assert!(
+        !text.contains("token-0123456789"),
+        "no token in the trail: {text}"
+    );
     // Argument values are never written.
     assert!(!text.contains("secret-argument"), "{text}");
     // Nor the whole session id.

@@ -179,9 +179,33 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
         Ok(r) => r,
         Err(e) => {
             tracing::debug!("refused MCP request: {e}");
+            if let FrontError::Auth(a) = &e {
+                audit_refusal(&gw, None, a);
+            }
             refusal(&gw, e, None)
         }
     }
+}
+
+/// Records an authentication or scope refusal in the audit trail (the principal and method
+/// when known).
+fn audit_refusal(gw: &Gateway, known: Option<(Principal, &str)>, e: &AuthError) {
+    if !gw.audit.is_on() {
+        return;
+    }
+    let (principal, method) = match known {
+        Some((p, m)) => (Some(p), m.to_owned()),
+        None => (None, String::new()),
+    };
+    gw.audit.record(crate::audit::Event {
+        kind: "denial",
+        principal,
+        method,
+        decision: "denied",
+        by: Some(Arc::from("auth")),
+        outcome: Some(e.to_string()),
+        ..Default::default()
+    });
 }
 
 /// The response to a refused request; an authentication refusal carries the challenge that
@@ -427,6 +451,7 @@ async fn post(
         && let Err(e) = gw.auth.authorize(identity, method, params.as_deref())
     {
         tracing::debug!(%method, "refused MCP request: {e}");
+        audit_refusal(gw, identity.map(|i| (i.principal.clone(), &**method)), &e);
         return Ok(refusal(gw, FrontError::Auth(e), Some(id)));
     }
 
