@@ -6,7 +6,7 @@
 //! The request path only hands a record to a bounded queue; one task writes. Records the queue
 //! has no room for are counted and written as a `gap` record, so a loss shows in the chain too.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +23,22 @@ use crate::config::AuditSettings;
 
 /// Records waiting to be written, at most.
 const QUEUE: usize = 65_536;
+/// Longest name or outcome kept in a record (bytes): an attacker's 4 MiB URI must not roll the
+/// files over.
+pub const MAX_TEXT: usize = 512;
+
+/// Cuts `s` to [`MAX_TEXT`] bytes (at a character boundary), marking the cut.
+fn cut(s: &mut String) {
+    if s.len() > MAX_TEXT {
+        let mut end = MAX_TEXT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+}
+
 /// The chain's anchor when there is no earlier line.
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -110,6 +126,10 @@ impl Audit {
                     }
                 }
             }
+            let gap = lost2.swap(0, Ordering::Relaxed) + std::mem::take(&mut writer.pending_loss);
+            if gap > 0 {
+                writer.write_gap(gap);
+            }
             writer.checkpoint_if_new();
             let _ = done_tx.send(());
         });
@@ -121,7 +141,7 @@ impl Audit {
         })
     }
 
-    /// Writes what is queued and a last checkpoint, and waits until it is on disk.
+    /// Writes what is queued and a last checkpoint, and waits until they are flushed.
     pub async fn close(&self) {
         self.stop.notify_one();
         if let Some(done) = self.done.lock().await.take() {
@@ -134,8 +154,14 @@ impl Audit {
         self.tx.is_some()
     }
 
-    /// Queues a record; never waits.
-    pub fn record(&self, event: Event) {
+    /// Queues a record; never waits. Names and outcomes longer than [`MAX_TEXT`] are cut.
+    pub fn record(&self, mut event: Event) {
+        if let Some(n) = &mut event.name {
+            cut(n);
+        }
+        if let Some(o) = &mut event.outcome {
+            cut(o);
+        }
         if let Some(tx) = &self.tx
             && tx.try_send(event).is_err()
         {
@@ -157,6 +183,8 @@ struct Writer {
     checkpoint_every: u64,
     checkpoint_interval: Duration,
     since_checkpoint: u64,
+    /// Records that could not be written, to be told in the next `gap`.
+    pending_loss: u64,
 }
 
 impl Writer {
@@ -168,9 +196,10 @@ impl Writer {
                 })?),
                 None => None,
             };
-        let (seq, prev) = match &s.file {
-            Some(path) => last_link(path)?,
-            None => (0, GENESIS.to_owned()),
+        let public = key.as_ref().map(|k| k.public_key().as_ref().to_vec());
+        let (seq, prev, unsigned_tail) = match &s.file {
+            Some(path) => last_link(path, public.as_deref())?,
+            None => (0, GENESIS.to_owned(), 0),
         };
         let (out, written): (Box<dyn Write + Send>, u64) = match &s.file {
             Some(path) => {
@@ -195,10 +224,27 @@ impl Writer {
             checkpoint_every: s.checkpoint_every,
             checkpoint_interval: s.checkpoint_interval,
             since_checkpoint: 0,
+            pending_loss: 0,
+        })
+        .map(|mut w| {
+            // Records after the file's last checkpoint were not signed (a crash, or someone
+            // else's hand): the chain goes on, and says so before it signs anything again.
+            if unsigned_tail > 0 {
+                let mut m = Map::new();
+                m.insert("kind".into(), "restart".into());
+                m.insert("unsigned_before".into(), unsigned_tail.into());
+                w.write(m);
+                w.since_checkpoint += 1;
+            }
+            w
         })
     }
 
     fn write_event(&mut self, e: &Event) {
+        if self.pending_loss > 0 {
+            let lost = std::mem::take(&mut self.pending_loss);
+            self.write_gap(lost);
+        }
         let Ok(Value::Object(fields)) = serde_json::to_value(e) else {
             return;
         };
@@ -243,8 +289,11 @@ impl Writer {
     }
 
     fn write(&mut self, mut fields: Map<String, Value>) {
-        self.seq += 1;
-        fields.insert("seq".into(), self.seq.into());
+        let Some(seq) = self.seq.checked_add(1) else {
+            tracing::error!("the audit trail's sequence is exhausted: nothing more is written");
+            return;
+        };
+        fields.insert("seq".into(), seq.into());
         fields.insert("prev".into(), self.prev.clone().into());
         fields.insert(
             "time".into(),
@@ -252,12 +301,19 @@ impl Writer {
                 .to_string()
                 .into(),
         );
-        let line = Value::Object(fields).to_string();
-        self.prev = hex(&Sha256::digest(line.as_bytes()));
-        if let Err(e) = writeln!(self.out, "{line}") {
+        let mut line = Value::Object(fields).to_string();
+        let hash = hex(&Sha256::digest(line.as_bytes()));
+        line.push('\n');
+        // The chain moves on only with a line written: a failed write is a loss (the next
+        // record says so), not a break that would look like tampering.
+        if let Err(e) = self.out.write_all(line.as_bytes()) {
             tracing::error!("cannot write the audit trail: {e}");
+            self.pending_loss += 1;
+            return;
         }
-        self.written += line.len() as u64 + 1;
+        self.seq = seq;
+        self.prev = hash;
+        self.written += line.len() as u64;
         if self.written >= self.max_bytes {
             self.rotate();
         }
@@ -298,33 +354,45 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The sequence number and hash of a file's last line, to go on from.
-fn last_link(path: &Path) -> std::io::Result<(u64, String)> {
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, GENESIS.to_owned())),
-        Err(e) => return Err(e),
+/// Where to go on from in `path` (or, when it is empty, the file rotated before it): its last
+/// sequence number and line hash, and how many records follow its last checkpoint. A file
+/// that does not verify (with `public_key`, when the trail signs) is refused: the gateway will
+/// not sign over a chain it cannot vouch for.
+fn last_link(path: &Path, public_key: Option<&[u8]>) -> std::io::Result<(u64, String, u64)> {
+    let read = |p: &Path| match std::fs::read_to_string(p) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(e),
     };
-    let mut last = None;
-    for line in std::io::BufReader::new(file).lines() {
-        let line = line?;
-        if !line.trim().is_empty() {
-            last = Some(line);
-        }
+    let mut source = path.to_owned();
+    let mut text = read(path)?;
+    if text.trim().is_empty() {
+        source = PathBuf::from(format!("{}.1", path.display()));
+        text = read(&source)?;
     }
-    let Some(line) = last else {
-        return Ok((0, GENESIS.to_owned()));
+    let Some(last) = text.lines().rev().find(|l| !l.trim().is_empty()) else {
+        return Ok((0, GENESIS.to_owned(), 0));
     };
-    let seq = serde_json::from_str::<Value>(&line)
-        .ok()
-        .and_then(|v| v["seq"].as_u64())
-        .ok_or_else(|| {
-            std::io::Error::other(format!(
-                "the last line of {} is not an audit record: refusing to continue its chain",
-                path.display()
-            ))
-        })?;
-    Ok((seq, hex(&Sha256::digest(line.as_bytes()))))
+    let checked = verify(&text, public_key).map_err(|b| {
+        std::io::Error::other(format!(
+            "{} does not verify ({b}): move it aside to start a new trail",
+            source.display()
+        ))
+    })?;
+    if public_key.is_some()
+        && checked.records > checked.unsigned_tail
+        && checked.signed_checkpoints == 0
+    {
+        return Err(std::io::Error::other(format!(
+            "{} has no checkpoint signed by audit.signing_key: move it aside to start a new trail",
+            source.display()
+        )));
+    }
+    Ok((
+        checked.last_seq,
+        hex(&Sha256::digest(last.as_bytes())),
+        checked.unsigned_tail,
+    ))
 }
 
 /// Reads a public key given as base64 or hex (32 bytes).
@@ -357,6 +425,12 @@ pub struct Verified {
     pub signed_checkpoints: u64,
     /// The `prev` of the first record (the previous file's last line, or the genesis).
     pub anchor: String,
+    /// The first record's sequence number.
+    pub first_seq: u64,
+    /// The last record's sequence number.
+    pub last_seq: u64,
+    /// Records after the last checkpoint (not yet covered by a signature).
+    pub unsigned_tail: u64,
 }
 
 /// Where and why a chain is broken.
@@ -369,6 +443,40 @@ pub struct Broken {
     pub reason: String,
 }
 
+/// The kinds of records a trail holds.
+const KINDS: [&str; 6] = ["call", "denial", "admin", "gap", "checkpoint", "restart"];
+
+/// A record's members, refusing a key given twice (which member counts would be a guess, and
+/// a forger's choice).
+fn members(line: &str) -> Result<Map<String, Value>, String> {
+    struct Unique;
+    impl<'de> serde::de::Visitor<'de> for Unique {
+        type Value = Map<String, Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut m = Map::new();
+            while let Some((k, v)) = a.next_entry::<String, Value>()? {
+                if m.contains_key(&k) {
+                    return Err(serde::de::Error::custom(format!(
+                        "the key {k:?} is given twice"
+                    )));
+                }
+                m.insert(k, v);
+            }
+            Ok(m)
+        }
+    }
+    use serde::Deserializer;
+    serde_json::Deserializer::from_str(line)
+        .deserialize_map(Unique)
+        .map_err(|e| e.to_string())
+}
+
 /// Checks a file's chain, and each checkpoint's signature against `public_key` (raw 32 bytes)
 /// when given.
 pub fn verify(text: &str, public_key: Option<&[u8]>) -> Result<Verified, Broken> {
@@ -376,9 +484,11 @@ pub fn verify(text: &str, public_key: Option<&[u8]>) -> Result<Verified, Broken>
         records: 0,
         signed_checkpoints: 0,
         anchor: String::new(),
+        first_seq: 0,
+        last_seq: 0,
+        unsigned_tail: 0,
     };
     let mut prev: Option<String> = None;
-    let mut seq: Option<u64> = None;
     for (i, line) in text.lines().enumerate() {
         let broken = |reason: String| Broken {
             line: i + 1,
@@ -387,39 +497,65 @@ pub fn verify(text: &str, public_key: Option<&[u8]>) -> Result<Verified, Broken>
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| broken(format!("not a JSON record ({e})")))?;
-        let this_prev = v["prev"].as_str().ok_or_else(|| broken("no prev".into()))?;
-        let this_seq = v["seq"].as_u64().ok_or_else(|| broken("no seq".into()))?;
-        match (&prev, seq) {
-            (None, _) => out.anchor = this_prev.to_owned(),
-            (Some(p), Some(s)) => {
+        let v = members(line).map_err(|e| broken(format!("not an audit record ({e})")))?;
+        let kind = v
+            .get("kind")
+            .and_then(Value::as_str)
+            .filter(|k| KINDS.contains(k))
+            .ok_or_else(|| broken(format!("kind must be one of {}", KINDS.join(", "))))?;
+        let this_prev = v
+            .get("prev")
+            .and_then(Value::as_str)
+            .ok_or_else(|| broken("no prev".into()))?;
+        let this_seq = v
+            .get("seq")
+            .and_then(Value::as_u64)
+            .filter(|s| *s > 0)
+            .ok_or_else(|| broken("no seq".into()))?;
+        match &prev {
+            None => {
+                // The first record of a trail follows the genesis; a later file's first
+                // record follows the file before it.
+                if (this_seq == 1) != (this_prev == GENESIS) {
+                    return Err(broken(format!(
+                        "seq {this_seq} with prev {this_prev}: only the first record of a trail follows the genesis"
+                    )));
+                }
+                out.anchor = this_prev.to_owned();
+                out.first_seq = this_seq;
+            }
+            Some(p) => {
                 if this_prev != p {
                     return Err(broken(format!(
                         "prev {this_prev} is not the hash of the line before ({p}): a line was changed, removed or inserted"
                     )));
                 }
-                if this_seq != s + 1 {
-                    return Err(broken(format!("seq {this_seq} does not follow {s}")));
+                if Some(this_seq) != out.last_seq.checked_add(1) {
+                    return Err(broken(format!(
+                        "seq {this_seq} does not follow {}",
+                        out.last_seq
+                    )));
                 }
             }
-            (Some(_), None) => unreachable!("seq is set with prev"),
         }
-        if v["kind"] == "checkpoint"
-            && let Some(key) = public_key
-        {
-            let b64 = base64::engine::general_purpose::STANDARD;
-            let sig = v["signature"]
-                .as_str()
-                .and_then(|s| b64.decode(s).ok())
-                .ok_or_else(|| broken("an unsigned checkpoint".into()))?;
-            UnparsedPublicKey::new(&ED25519, key)
-                .verify(&checkpoint_message(this_seq, this_prev), &sig)
-                .map_err(|_| broken("the checkpoint's signature does not verify".into()))?;
-            out.signed_checkpoints += 1;
+        out.unsigned_tail += 1;
+        if kind == "checkpoint" {
+            out.unsigned_tail = 0;
+            if let Some(key) = public_key {
+                let b64 = base64::engine::general_purpose::STANDARD;
+                let sig = v
+                    .get("signature")
+                    .and_then(Value::as_str)
+                    .and_then(|s| b64.decode(s).ok())
+                    .ok_or_else(|| broken("an unsigned checkpoint".into()))?;
+                UnparsedPublicKey::new(&ED25519, key)
+                    .verify(&checkpoint_message(this_seq, this_prev), &sig)
+                    .map_err(|_| broken("the checkpoint's signature does not verify".into()))?;
+                out.signed_checkpoints += 1;
+            }
         }
         prev = Some(hex(&Sha256::digest(line.as_bytes())));
-        seq = Some(this_seq);
+        out.last_seq = this_seq;
         out.records += 1;
     }
     Ok(out)
@@ -509,6 +645,70 @@ mod tests {
                 .contains("signature")
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn forged_records_and_a_forged_restart_point_are_refused() {
+        let dir = std::env::temp_dir().join(format!("gatehouse-audit-f-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.jsonl");
+        let _ = std::fs::remove_file(&file);
+        let seed = [3u8; 32];
+        let mut w = Writer::open(&settings(&file, seed, 2)).unwrap();
+        for n in 0..4 {
+            w.write_event(&call(n));
+        }
+        drop(w);
+        let text = std::fs::read_to_string(&file).unwrap();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        let key = public(seed);
+        // A checkpoint that says it is something else (a second `kind`) is refused, not
+        // skipped.
+        let mut dup = lines.clone();
+        dup[2] = dup[2].replacen('{', r#"{"kind":"call","#, 1);
+        let e = verify(&dup.join("\n"), Some(&key)).unwrap_err();
+        assert!(e.reason.contains("twice"), "{e}");
+        let mut unknown = lines.clone();
+        unknown[2] = unknown[2].replace(r#""kind":"checkpoint""#, r#""kind":"note""#);
+        assert!(
+            verify(&unknown.join("\n"), Some(&key))
+                .unwrap_err()
+                .reason
+                .contains("kind")
+        );
+        // The first lines cut away: what is left starts past 1 and is anchored elsewhere,
+        // which verify reports; a first record claiming seq 1 with another anchor is refused.
+        let rest = verify(&lines[3..].join("\n"), Some(&key)).unwrap();
+        assert_eq!(rest.first_seq, 4);
+        assert_ne!(rest.anchor, GENESIS);
+        let forged = lines[3].replacen(r#""seq":4"#, r#""seq":1"#, 1);
+        assert!(verify(&forged, None).is_err());
+        // Appended records, unsigned, are counted as such.
+        let ok = verify(&text, Some(&key)).unwrap();
+        assert_eq!(ok.unsigned_tail, 0);
+        // A restart over a file someone edited: refused, rather than signing over it.
+        std::fs::write(&file, unknown.join("\n") + "\n").unwrap();
+        let err = Writer::open(&settings(&file, seed, 2)).err().unwrap();
+        assert!(err.to_string().contains("does not verify"), "{err}");
+        // Over a file whose tail was never signed (a crash): goes on, and says so first.
+        let mut w = Writer::open(&settings(&file.with_extension("b"), seed, 100)).unwrap();
+        w.write_event(&call(1));
+        drop(w);
+        let mut w = Writer::open(&settings(&file.with_extension("b"), seed, 100)).unwrap();
+        w.checkpoint_if_new();
+        drop(w);
+        let text = std::fs::read_to_string(file.with_extension("b")).unwrap();
+        assert!(text.contains(r#""unsigned_before":1"#), "{text}");
+        assert_eq!(verify(&text, Some(&key)).unwrap().signed_checkpoints, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn long_names_are_cut() {
+        let mut s = "é".repeat(600);
+        cut(&mut s);
+        assert!(s.len() <= MAX_TEXT + '…'.len_utf8());
+        assert!(s.ends_with('…'));
     }
 
     #[test]

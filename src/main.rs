@@ -131,17 +131,24 @@ fn main() -> anyhow::Result<()> {
                 .map(|k| gatehouse::audit::public_key(&k))
                 .transpose()?;
             match gatehouse::audit::verify(&text, key.as_deref()) {
-                Ok(v) => {
+                Ok(v) if key.is_some() && v.signed_checkpoints == 0 => {
                     println!(
-                        "ok: {} records, chain anchored at {}; {}",
-                        v.records,
-                        v.anchor,
-                        match key {
-                            Some(_) =>
-                                format!("{} checkpoints signed by the key", v.signed_checkpoints),
-                            None =>
-                                "checkpoint signatures not checked (no --public-key)".to_owned(),
+                        "broken: {}: no checkpoint signed by the key ({} records)",
+                        file.display(),
+                        v.records
+                    );
+                    std::process::exit(1);
+                }
+                Ok(v) => {
+                    let signatures = match key {
+                        Some(_) => {
+                            format!("{} checkpoints signed by the key", v.signed_checkpoints)
                         }
+                        None => "checkpoint signatures not checked (no --public-key)".to_owned(),
+                    };
+                    println!(
+                        "ok: {} records (seq {} to {}), chain anchored at {}; {signatures}; {} records after the last checkpoint",
+                        v.records, v.first_seq, v.last_seq, v.anchor, v.unsigned_tail,
                     );
                 }
                 Err(broken) => {

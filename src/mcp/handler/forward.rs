@@ -193,15 +193,20 @@ pub(super) async fn resource_owner(
     None
 }
 
-/// The tool or prompt name, or the resource URI, of forwarded params.
-fn audit_target(params: Option<&[u8]>) -> Option<String> {
+/// The tool or prompt name, or the resource URI, of forwarded params: the field the router
+/// routed `method` by (a decoy in another field is not what is recorded).
+fn audit_target(method: &str, params: Option<&[u8]>) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Target {
         name: Option<String>,
         uri: Option<String>,
     }
     let t: Target = serde_json::from_slice(params?).ok()?;
-    t.name.or(t.uri)
+    match method {
+        "tools/call" | "prompts/get" => t.name,
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => t.uri,
+        _ => None,
+    }
 }
 
 /// Sends a request to one upstream. Answers with plain JSON when the upstream sends nothing else
@@ -239,7 +244,7 @@ pub(super) async fn forward(
     let audited = sv.audit.is_on().then(|| {
         (
             sv.audit.clone(),
-            audit_target(params.as_deref()),
+            audit_target(method, params.as_deref()),
             params.as_ref().map_or(0, |p| p.len()),
         )
     });
