@@ -17,7 +17,7 @@ use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use std::sync::mpsc::RecvTimeoutError;
 
 use crate::config::AuditSettings;
 
@@ -83,70 +83,81 @@ pub struct Event {
 /// The audit trail's entry point on the request path; off when not configured.
 #[derive(Default)]
 pub struct Audit {
-    tx: Option<mpsc::Sender<Event>>,
+    tx: Option<std::sync::mpsc::SyncSender<Message>>,
     lost: Arc<AtomicU64>,
-    /// Tells the writer to finish: what is queued, then a last checkpoint.
-    stop: Arc<tokio::sync::Notify>,
-    /// Fires when the writer has finished.
-    done: tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    /// The writer thread, until `close` joins it.
+    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// What the writer thread is sent.
+enum Message {
+    Record(Box<Event>),
+    /// Write what came before, a last checkpoint, and stop.
+    Close,
 }
 
 impl Audit {
-    /// Starts the writer for `settings` (continuing the chain of an existing file).
+    /// Starts the writer for `settings` (continuing the chain of an existing file). It is a
+    /// thread of its own: file writes and signatures never hold up the request path's workers.
     pub fn start(settings: &AuditSettings) -> std::io::Result<Audit> {
         let mut writer = Writer::open(settings)?;
-        let (tx, mut rx) = mpsc::channel::<Event>(QUEUE);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Message>(QUEUE);
         let lost = Arc::new(AtomicU64::new(0));
         let lost2 = lost.clone();
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let stopping = stop.clone();
-        let (done_tx, done) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(writer.checkpoint_interval);
-            tick.tick().await;
-            let write = |writer: &mut Writer, e: Event| {
-                let gap = lost2.swap(0, Ordering::Relaxed);
+        let thread = std::thread::Builder::new()
+            .name("gatehouse-audit".into())
+            .spawn(move || {
+                let take_loss = |writer: &mut Writer| {
+                    lost2.swap(0, Ordering::Relaxed) + std::mem::take(&mut writer.pending_loss)
+                };
+                let mut last_checkpoint = std::time::Instant::now();
+                loop {
+                    let wait = writer
+                        .checkpoint_interval
+                        .saturating_sub(last_checkpoint.elapsed());
+                    match rx.recv_timeout(wait) {
+                        Ok(Message::Record(e)) => {
+                            let gap = take_loss(&mut writer);
+                            if gap > 0 {
+                                writer.write_gap(gap);
+                            }
+                            writer.write_event(&e);
+                        }
+                        Ok(Message::Close) | Err(RecvTimeoutError::Disconnected) => break,
+                        Err(RecvTimeoutError::Timeout) => {
+                            writer.checkpoint_if_new();
+                            last_checkpoint = std::time::Instant::now();
+                        }
+                    }
+                }
+                let gap = take_loss(&mut writer);
                 if gap > 0 {
                     writer.write_gap(gap);
                 }
-                writer.write_event(&e);
-            };
-            loop {
-                tokio::select! {
-                    event = rx.recv() => match event {
-                        Some(e) => write(&mut writer, e),
-                        None => break,
-                    },
-                    _ = tick.tick() => writer.checkpoint_if_new(),
-                    _ = stopping.notified() => {
-                        while let Ok(e) = rx.try_recv() {
-                            write(&mut writer, e);
-                        }
-                        break;
-                    }
-                }
-            }
-            let gap = lost2.swap(0, Ordering::Relaxed) + std::mem::take(&mut writer.pending_loss);
-            if gap > 0 {
-                writer.write_gap(gap);
-            }
-            writer.checkpoint_if_new();
-            let _ = done_tx.send(());
-        });
+                writer.checkpoint_if_new();
+            })?;
         Ok(Audit {
             tx: Some(tx),
             lost,
-            stop,
-            done: tokio::sync::Mutex::new(Some(done)),
+            writer: std::sync::Mutex::new(Some(thread)),
         })
     }
 
     /// Writes what is queued and a last checkpoint, and waits until they are flushed.
     pub async fn close(&self) {
-        self.stop.notify_one();
-        if let Some(done) = self.done.lock().await.take() {
-            let _ = done.await;
-        }
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        let Some(thread) = self.writer.lock().map(|mut w| w.take()).unwrap_or(None) else {
+            return;
+        };
+        let tx = tx.clone();
+        // Blocking calls (a full queue, the join), off the runtime's workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = tx.send(Message::Close);
+            let _ = thread.join();
+        })
+        .await;
     }
 
     /// Whether records are kept at all (callers skip building them otherwise).
@@ -163,7 +174,7 @@ impl Audit {
             cut(o);
         }
         if let Some(tx) = &self.tx
-            && tx.try_send(event).is_err()
+            && tx.try_send(Message::Record(Box::new(event))).is_err()
         {
             self.lost.fetch_add(1, Ordering::Relaxed);
         }
