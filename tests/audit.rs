@@ -69,6 +69,13 @@ plugins:
         )
         .await;
     assert!(denied["error"].is_object(), "{denied}");
+    // A caller that goes away before the answer: the call is still on the record.
+    let gone = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        c.post(json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"slow","arguments":{"seconds":3,"steps":1}}}).to_string()),
+    )
+    .await;
+    assert!(gone.is_err(), "the slow call should still be running");
     // A caller without a valid token, and an admin change that fails.
     let mut stranger = gw.client();
     stranger.token = Some("wrong-token-0123456789".into());
@@ -124,6 +131,11 @@ plugins:
     assert_eq!(denial["name"], "add");
     assert_eq!(denial["by"], "lists");
     assert_eq!(records.last().unwrap()["kind"], "checkpoint");
+    let abandoned = records
+        .iter()
+        .find(|r| r["name"] == "slow")
+        .unwrap_or_else(|| panic!("no record of the abandoned call: {text}"));
+    assert_eq!(abandoned["outcome"], "abandoned", "{abandoned}");
     assert!(
         records
             .iter()

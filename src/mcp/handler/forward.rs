@@ -193,6 +193,39 @@ pub(super) async fn resource_owner(
     None
 }
 
+/// A call's audit record: written when the call ends, or as `abandoned` when the call is
+/// dropped first (the client went away, the session ended): the trail never misses a call
+/// that reached an upstream.
+struct CallRecord {
+    audit: Arc<crate::audit::Audit>,
+    started: Instant,
+    event: Option<crate::audit::Event>,
+}
+
+impl CallRecord {
+    fn finish(&mut self, outcome: &str, response_bytes: usize) {
+        if let Some(mut e) = self.event.take() {
+            if outcome == "denied" {
+                e.decision = "denied";
+            }
+            e.outcome = Some(outcome.to_owned());
+            e.response_bytes = Some(response_bytes);
+            e.latency_us = Some(self.started.elapsed().as_micros() as u64);
+            self.audit.record(e);
+        }
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        if let Some(mut e) = self.event.take() {
+            e.outcome = Some("abandoned".into());
+            e.latency_us = Some(self.started.elapsed().as_micros() as u64);
+            self.audit.record(e);
+        }
+    }
+}
+
 /// The tool or prompt name, or the resource URI, of forwarded params: the field the router
 /// routed `method` by (a decoy in another field is not what is recorded).
 fn audit_target(method: &str, params: Option<&[u8]>) -> Option<String> {
@@ -241,12 +274,20 @@ pub(super) async fn forward(
         ..CallOpts::default()
     };
     // What the audit trail records of the call, taken before the params go upstream.
-    let audited = sv.audit.is_on().then(|| {
-        (
-            sv.audit.clone(),
-            audit_target(method, params.as_deref()),
-            params.as_ref().map_or(0, |p| p.len()),
-        )
+    let mut audited = sv.audit.is_on().then(|| CallRecord {
+        audit: sv.audit.clone(),
+        started,
+        event: Some(crate::audit::Event {
+            kind: "call",
+            principal: session.principal.clone(),
+            session: Some(session.log_id().to_string()),
+            server: Some(server.name.clone()),
+            method: method.to_owned(),
+            name: audit_target(method, params.as_deref()),
+            decision: "allowed",
+            request_bytes: Some(params.as_ref().map_or(0, |p| p.len())),
+            ..Default::default()
+        }),
     });
     let session2 = session.clone();
     let method = method.to_owned();
@@ -270,25 +311,8 @@ pub(super) async fn forward(
             }
         };
         server.requests.record(label, outcome, started.elapsed());
-        if let Some((audit, name, request_bytes)) = audited {
-            audit.record(crate::audit::Event {
-                kind: "call",
-                principal: session2.principal.clone(),
-                session: Some(session2.log_id().to_string()),
-                server: Some(server.name.clone()),
-                method,
-                name,
-                decision: if outcome == "denied" {
-                    "denied"
-                } else {
-                    "allowed"
-                },
-                outcome: Some(outcome.to_owned()),
-                latency_us: Some(started.elapsed().as_micros() as u64),
-                request_bytes: Some(request_bytes),
-                response_bytes: Some(frame.len()),
-                ..Default::default()
-            });
+        if let Some(record) = &mut audited {
+            record.finish(outcome, frame.len());
         }
         frame
     };
