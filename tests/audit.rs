@@ -86,28 +86,20 @@ plugins:
             .status,
         401
     );
-    let mut admin = gw.client();
-    admin.url = format!("http://{}/admin/v1/servers/nope", gw.addr);
-    admin.token = Some("ops-token-0123456789ab".into());
-    let r = admin
-        .send(
-            admin
+    let delete_with = |token: &str| {
+        let mut admin = gw.client();
+        admin.url = format!("http://{}/admin/v1/servers/nope", gw.addr);
+        admin.token = Some(token.into());
+        async move {
+            let req = admin
                 .request("DELETE", "")
                 .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .unwrap(),
-        )
-        .await;
-    assert_eq!(r.status, 204, "{}", r.body);
-    admin.token = Some("not-the-admin-token-000".into());
-    let r = admin
-        .send(
-            admin
-                .request("DELETE", "")
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .unwrap(),
-        )
-        .await;
-    assert_eq!(r.status, 401, "{}", r.body);
+                .unwrap();
+            admin.send(req).await.status
+        }
+    };
+    assert_eq!(delete_with("ops-token-0123456789ab").await, 204);
+    assert_eq!(delete_with("not-the-admin-token-000").await, 401);
     gw.stop().await;
 
     let text = std::fs::read_to_string(&file).unwrap();
