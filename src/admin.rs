@@ -110,7 +110,8 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
     };
     let resp = respond(&gw, req).await;
     if let Some((method, path)) = change {
-        gw.audit.record(crate::audit::Event {
+        let authenticated = who.is_some();
+        let event = crate::audit::Event {
             kind: "admin",
             principal: who.map(|i| i.principal),
             method,
@@ -122,7 +123,12 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
             },
             outcome: Some(resp.status().as_u16().to_string()),
             ..Default::default()
-        });
+        };
+        // Without credentials, anyone can cause these: bounded like refused tokens.
+        match authenticated {
+            true => gw.audit.record(event),
+            false => gw.audit.record_unauthenticated(event),
+        }
     }
     resp
 }

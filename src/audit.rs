@@ -39,6 +39,41 @@ fn cut(s: &mut String) {
     }
 }
 
+/// Records of unauthenticated refusals written per second, at most.
+pub const UNAUTHENTICATED_PER_SECOND: u64 = 20;
+
+/// Counts events per second, admitting the first few.
+#[derive(Default)]
+struct Limiter {
+    second: AtomicU64,
+    admitted: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl Limiter {
+    /// Whether an event in second `now` is admitted, and how many were refused in the second
+    /// just ended (told once, by the first event of a new second).
+    fn admit(&self, now: u64) -> (bool, u64) {
+        let mut told = 0;
+        let second = self.second.load(Ordering::Relaxed);
+        if second != now
+            && self
+                .second
+                .compare_exchange(second, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.admitted.store(0, Ordering::Relaxed);
+            told = self.refused.swap(0, Ordering::Relaxed);
+        }
+        if self.admitted.fetch_add(1, Ordering::Relaxed) < UNAUTHENTICATED_PER_SECOND {
+            (true, told)
+        } else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            (false, told)
+        }
+    }
+}
+
 /// The chain's anchor when there is no earlier line.
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -85,6 +120,8 @@ pub struct Event {
 pub struct Audit {
     tx: Option<std::sync::mpsc::SyncSender<Message>>,
     lost: Arc<AtomicU64>,
+    /// Bounds records anyone can cause without credentials.
+    unauthenticated: Limiter,
     /// The writer thread, until `close` joins it.
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -139,6 +176,7 @@ impl Audit {
         Ok(Audit {
             tx: Some(tx),
             lost,
+            unauthenticated: Limiter::default(),
             writer: std::sync::Mutex::new(Some(thread)),
         })
     }
@@ -163,6 +201,34 @@ impl Audit {
     /// Whether records are kept at all (callers skip building them otherwise).
     pub fn is_on(&self) -> bool {
         self.tx.is_some()
+    }
+
+    /// Queues a record of something anyone can cause without credentials (a refused token):
+    /// at most [`UNAUTHENTICATED_PER_SECOND`] a second, the rest counted in one `suppressed`
+    /// record, so that a flood cannot rotate the trail's history away.
+    pub fn record_unauthenticated(&self, event: Event) {
+        if !self.is_on() {
+            return;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (admit, suppressed) = self.unauthenticated.admit(now);
+        if suppressed > 0 {
+            self.record(Event {
+                kind: "suppressed",
+                method: event.method.clone(),
+                decision: "denied",
+                by: event.by.clone(),
+                outcome: Some(format!(
+                    "{suppressed} more such refusals in the second before"
+                )),
+                ..Default::default()
+            });
+        }
+        if admit {
+            self.record(event);
+        }
     }
 
     /// Queues a record; never waits. Names and outcomes longer than [`MAX_TEXT`] are cut.
@@ -455,7 +521,15 @@ pub struct Broken {
 }
 
 /// The kinds of records a trail holds.
-const KINDS: [&str; 6] = ["call", "denial", "admin", "gap", "checkpoint", "restart"];
+const KINDS: [&str; 7] = [
+    "call",
+    "denial",
+    "admin",
+    "gap",
+    "checkpoint",
+    "restart",
+    "suppressed",
+];
 
 /// A record's members, refusing a key given twice (which member counts would be a guess, and
 /// a forger's choice).
@@ -712,6 +786,17 @@ mod tests {
         assert!(text.contains(r#""unsigned_before":1"#), "{text}");
         assert_eq!(verify(&text, Some(&key)).unwrap().signed_checkpoints, 1);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unauthenticated_floods_are_counted_not_written_one_by_one() {
+        let l = Limiter::default();
+        let admitted = (0..100).filter(|_| l.admit(1000).0).count() as u64;
+        assert_eq!(admitted, UNAUTHENTICATED_PER_SECOND);
+        // The next second says how many were left out, once.
+        assert_eq!(l.admit(1001), (true, 100 - UNAUTHENTICATED_PER_SECOND));
+        assert_eq!(l.admit(1001), (true, 0));
+        assert_eq!(l.admit(1002), (true, 0));
     }
 
     #[test]

@@ -193,11 +193,7 @@ fn audit_refusal(gw: &Gateway, known: Option<(Principal, &str)>, e: &AuthError) 
     if !gw.audit.is_on() {
         return;
     }
-    let (principal, method) = match known {
-        Some((p, m)) => (Some(p), m.to_owned()),
-        None => (None, String::new()),
-    };
-    gw.audit.record(crate::audit::Event {
+    let event = |principal, method| crate::audit::Event {
         kind: "denial",
         principal,
         method,
@@ -205,7 +201,12 @@ fn audit_refusal(gw: &Gateway, known: Option<(Principal, &str)>, e: &AuthError) 
         by: Some(Arc::from("auth")),
         outcome: Some(e.to_string()),
         ..Default::default()
-    });
+    };
+    match known {
+        Some((p, m)) => gw.audit.record(event(Some(p), m.to_owned())),
+        // Anyone can cause these: bounded, so a flood cannot rotate the history away.
+        None => gw.audit.record_unauthenticated(event(None, String::new())),
+    }
 }
 
 /// The response to a refused request; an authentication refusal carries the challenge that
