@@ -102,7 +102,7 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
     let who = match &change {
         Some(_) => gw
             .admin_auth
-            .authenticate(req.headers())
+            .authenticate(req.headers(), None)
             .await
             .ok()
             .flatten(),
@@ -170,7 +170,7 @@ async fn handle(
     }
     let principal = gw
         .admin_auth
-        .authenticate(req.headers())
+        .authenticate(req.headers(), None)
         .await?
         .map(|i| i.principal);
     let Some(runtime) = gw.orchestrator.clone() else {

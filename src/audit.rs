@@ -88,6 +88,9 @@ pub struct Event {
     /// The session (its log prefix, never the whole id).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// The profile (`/mcp/{profile}`) the call came through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Arc<str>>,
     /// The upstream server.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<Arc<str>>,

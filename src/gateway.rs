@@ -11,6 +11,7 @@ use dashmap::DashMap;
 
 use crate::audit::Audit;
 use crate::auth::{Auth, Principal};
+use crate::config::profiles::{Grantees, ProfileConfig};
 use crate::config::{Config, Transport, UpstreamConfig};
 use crate::mcp::handler::Services;
 use crate::mcp::router::Router;
@@ -73,7 +74,7 @@ pub struct Gateway {
     sessions_per_principal: DashMap<Arc<str>, usize>,
     /// Where stateless (2026-07-28) requests run: one hidden session per principal, holding the
     /// upstream sessions the gateway keeps for them (principals never share one).
-    stateless: DashMap<Option<Principal>, Arc<Session>>,
+    stateless: DashMap<(Option<Principal>, Option<String>), Arc<Session>>,
     /// Stateless sessions a topology change replaced, ended once their requests finish.
     draining: std::sync::Mutex<Vec<Arc<Session>>>,
     /// 2024-11-05 HTTP+SSE clients by the id their endpoint names.
@@ -111,11 +112,32 @@ impl Gateway {
         let plugins = Plugins::load(&config.plugins)?;
         let round_trip_wait = ROUND_TRIP_WAIT.min(config.mcp.session_idle_timeout);
         let keys = config.mcp.session_keys.clone();
+        // Servers may be defined later (admin API, McpServer resources): a profile naming one
+        // that is not configured is not an error, but likely a typo.
+        for p in &config.profiles {
+            for s in &p.servers {
+                if !config.upstreams.iter().any(|u| u.name == s.name) {
+                    tracing::warn!(profile = %p.name, server = %s.name, "the profile names a server that is not configured (yet): it shows nothing of it until one by that name is defined");
+                }
+            }
+        }
         let gw = Gateway {
             audit: Arc::new(audit),
             plugins,
-            auth: Auth::new(&config.tokens, config.oauth.as_ref()),
-            admin_auth: Auth::new(&config.admin_tokens, None),
+            auth: Auth::new(
+                &config.tokens,
+                config.oauth.as_ref(),
+                &config
+                    .profiles
+                    .iter()
+                    .map(|p| crate::auth::ProfileResource {
+                        name: &p.name,
+                        description: p.description.as_deref(),
+                        scopes: &p.grant.scopes,
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            admin_auth: Auth::new(&config.admin_tokens, None, &[]),
             topology: ArcSwap::from_pointee(Topology {
                 servers: Vec::new(),
                 router: Router::new(Vec::new(), String::new(), Default::default()),
@@ -158,6 +180,16 @@ impl Gateway {
             audit: &self.audit,
             envelope: None,
         }
+    }
+
+    /// The profile served at `/mcp/{name}`.
+    pub fn profile(&self, name: &str) -> Option<&Arc<ProfileConfig>> {
+        self.config.profiles.iter().find(|p| p.name == name)
+    }
+
+    /// Who may use the endpoint of `profile` (`None`: `/mcp` itself).
+    pub fn grantees<'a>(&'a self, profile: Option<&'a ProfileConfig>) -> &'a Grantees {
+        profile.map_or(&self.config.mcp.root_access, |p| &p.grant)
     }
 
     /// The servers new sessions see.
@@ -296,11 +328,12 @@ impl Gateway {
     pub fn new_session(
         &self,
         principal: Option<Principal>,
+        profile: Option<&Arc<ProfileConfig>>,
         version: &'static str,
         init_params: Bytes,
         eager_listen: bool,
     ) -> Arc<Session> {
-        self.new_session_on(principal, version, init_params, eager_listen, true)
+        self.new_session_on(principal, profile, version, init_params, eager_listen, true)
     }
 
     /// A session bound to one connection (an HTTP+SSE client's stream): never portable, its
@@ -312,12 +345,13 @@ impl Gateway {
         init_params: Bytes,
         eager_listen: bool,
     ) -> Arc<Session> {
-        self.new_session_on(principal, version, init_params, eager_listen, false)
+        self.new_session_on(principal, None, version, init_params, eager_listen, false)
     }
 
     fn new_session_on(
         &self,
         principal: Option<Principal>,
+        profile: Option<&Arc<ProfileConfig>>,
         version: &'static str,
         init_params: Bytes,
         eager_listen: bool,
@@ -331,6 +365,7 @@ impl Gateway {
                 i: String::from_utf8_lossy(&init_params).into_owned(),
                 l: eager_listen,
                 t: session_token::now_ms(),
+                f: profile.map(|p| p.name.clone()),
             };
             let id = session_token::issue(sealer, &token).map(Arc::from);
             if id.is_none() {
@@ -343,7 +378,15 @@ impl Gateway {
         });
         let sealed = portable_id.is_some();
         let id = portable_id.unwrap_or_else(crate::mcp::session::new_id);
-        self.open_session(id, principal, version, init_params, eager_listen, sealed)
+        self.open_session(
+            id,
+            principal,
+            profile,
+            version,
+            init_params,
+            eager_listen,
+            sealed,
+        )
     }
 
     /// A portable session (its id sealed by this gateway's session keys) that another replica
@@ -354,6 +397,7 @@ impl Gateway {
         &self,
         id: &str,
         principal: Option<&Principal>,
+        profile: Option<&Arc<ProfileConfig>>,
     ) -> Result<Option<Arc<Session>>, NoRoom> {
         let Some(sealer) = self.portable.as_ref() else {
             return Ok(None);
@@ -363,6 +407,7 @@ impl Gateway {
         };
         let max_age = self.config.mcp.session_max_age.as_millis() as u64;
         if token.p.as_deref() != principal.map(|p| &**p)
+            || token.f.as_deref() != profile.map(|p| p.name.as_str())
             || token.t.saturating_add(max_age) < session_token::now_ms()
         {
             return Ok(None);
@@ -400,6 +445,7 @@ impl Gateway {
         Ok(Some(self.open_session(
             Arc::from(id),
             principal.cloned(),
+            profile,
             version,
             Bytes::from(token.i),
             token.l,
@@ -430,10 +476,12 @@ impl Gateway {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // the parts of a session, as Session::new takes them
     fn open_session(
         &self,
         id: Arc<str>,
         principal: Option<Principal>,
+        profile: Option<&Arc<ProfileConfig>>,
         version: &'static str,
         init_params: Bytes,
         eager_listen: bool,
@@ -444,6 +492,7 @@ impl Gateway {
             principal,
             version,
             self.topology(),
+            profile.map(|p| &**p),
             crate::mcp::session::UpstreamInit {
                 params: init_params,
                 eager_listen,
@@ -469,9 +518,14 @@ impl Gateway {
 
     /// The session stateless requests of `principal` run in, on the current topology. A topology
     /// change replaces it; requests still running keep the old one until they finish.
-    pub fn stateless_session(&self, principal: Option<Principal>) -> Arc<Session> {
+    pub fn stateless_session(
+        &self,
+        principal: Option<Principal>,
+        profile: Option<&Arc<ProfileConfig>>,
+    ) -> Arc<Session> {
         let topology = self.topology();
-        if let Some(s) = self.stateless.get(&principal)
+        let key = (principal, profile.map(|p| p.name.clone()));
+        if let Some(s) = self.stateless.get(&key)
             && Arc::ptr_eq(s.topology(), &topology)
         {
             return s.clone();
@@ -479,9 +533,10 @@ impl Gateway {
         let fresh = || {
             Session::new(
                 crate::mcp::session::new_id(),
-                principal.clone(),
+                key.0.clone(),
                 crate::mcp::revision::STATELESS,
                 topology.clone(),
+                profile.map(|p| &**p),
                 crate::mcp::session::UpstreamInit {
                     params: Bytes::from_static(STATELESS_UPSTREAM_INIT.as_bytes()),
                     eager_listen: false,
@@ -494,7 +549,7 @@ impl Gateway {
             )
         };
         use dashmap::mapref::entry::Entry;
-        match self.stateless.entry(principal.clone()) {
+        match self.stateless.entry(key.clone()) {
             Entry::Occupied(e) if Arc::ptr_eq(e.get().topology(), &topology) => e.get().clone(),
             Entry::Occupied(mut e) => {
                 let session = fresh();
@@ -563,18 +618,16 @@ impl Gateway {
         for session in drained {
             self.retire(session);
         }
-        let idle_stateless: Vec<Option<Principal>> = self
+        let idle_stateless: Vec<_> = self
             .stateless
             .iter()
             .filter(|s| s.expired(now, idle))
             .map(|s| s.key().clone())
             .collect();
-        for principal in idle_stateless {
-            if let Some((_, session)) = self
-                .stateless
-                .remove_if(&principal, |_, s| s.expired(now, idle))
+        for key in idle_stateless {
+            if let Some((_, session)) = self.stateless.remove_if(&key, |_, s| s.expired(now, idle))
             {
-                tracing::info!(principal = ?principal, "stateless upstream sessions expired after idling");
+                tracing::info!(principal = ?key.0, profile = ?key.1, "stateless upstream sessions expired after idling");
                 self.retire(session);
             }
         }

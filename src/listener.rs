@@ -401,7 +401,13 @@ async fn route(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Respons
 
 async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
     match req.uri().path() {
-        MCP_PATH => front::serve(gw.clone(), req).await,
+        MCP_PATH => front::serve(gw.clone(), req, None).await,
+        path if path.starts_with(PROFILE_PREFIX) => {
+            match gw.profile(&path[PROFILE_PREFIX.len()..]) {
+                Some(profile) => front::serve(gw.clone(), req, Some(&profile.clone())).await,
+                None => not_found(path),
+            }
+        }
         http_sse::SSE_PATH if gw.config.mcp.http_sse => {
             http_sse::serve_stream(gw.clone(), req).await
         }
@@ -424,18 +430,25 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
             );
             r
         }
-        path => {
-            let mut r = Response::new(Body::full(jsonrpc::error_response(
-                None,
-                -32000,
-                &format!("no such endpoint: {path}; the MCP endpoint is {MCP_PATH}"),
-            )));
-            *r.status_mut() = StatusCode::NOT_FOUND;
-            r.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            r
-        }
+        path => not_found(path),
     }
+}
+
+/// Where profile endpoints are: `/mcp/{profile}`.
+const PROFILE_PREFIX: &str = "/mcp/";
+
+fn not_found(path: &str) -> Response<Body> {
+    let mut r = Response::new(Body::full(jsonrpc::error_response(
+        None,
+        -32000,
+        &format!(
+            "no such endpoint: {path}; the MCP endpoint is {MCP_PATH} (and {PROFILE_PREFIX}{{profile}} for each profile)"
+        ),
+    )));
+    *r.status_mut() = StatusCode::NOT_FOUND;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
 }
 
 /// Where RFC 9728 protected-resource metadata lives (with the resource's path appended).

@@ -623,3 +623,122 @@ async fn a_remembered_token_still_expires() {
     })
     .await;
 }
+
+/// Each profile is a protected resource of its own: tokens name it in `aud`, its challenges
+/// point at its own metadata, and a grant by scope asks for a step-up.
+#[tokio::test]
+async fn each_profile_is_a_resource_of_its_own() {
+    let key = SigningKey::es256("k");
+    let issuer = Issuer::start(&[&key]).await;
+    let top = format!(
+        "auth:
+  oauth:
+    resource: {RESOURCE}
+    resource_name: Test gateway
+    issuers: [{{ issuer: {iss:?}, jwks_uri: {jwks:?} }}]
+    required_scopes: [mcp:connect]
+mcp:
+  root_access: {{ everyone: true }}
+profiles:
+  - {{ name: dev, description: Developer tools, grant: {{ scopes: [mcp:dev] }}, servers: [{{ name: ex }}] }}
+  - {{ name: team, grant: {{ groups: [eng] }}, servers: [{{ name: ex }}] }}
+",
+        iss = issuer.url,
+        jwks = format!("{}/jwks", issuer.url),
+    );
+    let gw = TestGateway::start(&top, &[example("ex", &[], "")]).await;
+    let dev_resource = format!("{RESOURCE}/dev");
+    let token = |aud: &str, scope: &str, groups: Value| {
+        let mut claims = issuer.claims("alice", scope);
+        claims["aud"] = json!(aud);
+        claims["groups"] = groups;
+        key.sign(&claims)
+    };
+    let initialize_at = |path: &str, token: String| {
+        let mut c = Client::new(format!("http://{}{path}", gw.addr));
+        c.token = Some(token);
+        async move {
+            c.post(
+                json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+                    "protocolVersion":"2025-11-25","capabilities":{},
+                    "clientInfo":{"name":"t","version":"1"}}})
+                .to_string(),
+            )
+            .await
+        }
+    };
+
+    // A token for the gateway's own resource is not one for dev, nor the other way round.
+    let r = initialize_at(
+        "/mcp/dev",
+        token(RESOURCE, "mcp:connect mcp:dev", json!([])),
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let c = challenge(&r);
+    assert!(
+        c.contains(&format!("resource_metadata=\"{METADATA_URL}/dev\"")),
+        "{c}"
+    );
+    let for_dev = token(&dev_resource, "mcp:connect mcp:dev", json!([]));
+    let r = initialize_at("/mcp", for_dev.clone()).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = initialize_at("/mcp/dev", for_dev).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Granted by a scope the token lacks: step up, asking for it.
+    let r = initialize_at(
+        "/mcp/dev",
+        token(&dev_resource, "mcp:connect", json!(["eng"])),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let c = challenge(&r);
+    assert!(c.contains("error=\"insufficient_scope\""), "{c}");
+    assert!(c.contains("scope=\"mcp:connect mcp:dev\""), "{c}");
+    assert!(
+        c.contains(&format!("resource_metadata=\"{METADATA_URL}/dev\"")),
+        "{c}"
+    );
+    // A broader scope covers the grant's.
+    let r = initialize_at(
+        "/mcp/dev",
+        token(&dev_resource, "mcp:connect mcp", json!([])),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Granted by group.
+    let team = format!("{RESOURCE}/team");
+    let r = initialize_at("/mcp/team", token(&team, "mcp:connect", json!(["eng"]))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = initialize_at("/mcp/team", token(&team, "mcp:connect", json!(["sales"]))).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+
+    // Each profile's metadata document, at its path-inserted URL.
+    let get = |path: &str| {
+        let c = Client::new(format!("http://{}{path}", gw.addr));
+        async move {
+            c.send(c.request("GET", "").body(Full::new(Bytes::new())).unwrap())
+                .await
+        }
+    };
+    let r = get("/.well-known/oauth-protected-resource/mcp/dev").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let doc = r.json();
+    assert_eq!(doc["resource"], dev_resource);
+    assert_eq!(doc["resource_name"], "Developer tools");
+    assert_eq!(doc["scopes_supported"], json!(["mcp:connect", "mcp:dev"]));
+    assert_eq!(doc["authorization_servers"], json!([issuer.url]));
+    let doc = get("/.well-known/oauth-protected-resource/mcp/team")
+        .await
+        .json();
+    assert_eq!(doc["resource_name"], "Test gateway (team)");
+    assert_eq!(
+        get("/.well-known/oauth-protected-resource/mcp/nope")
+            .await
+            .status,
+        404
+    );
+    gw.stop().await;
+}

@@ -604,7 +604,7 @@ async fn listen_streams_hear_what_they_asked_for() {
     );
 
     // Closing a stream forgets it.
-    let session = gw.gateway().stateless_session(None);
+    let session = gw.gateway().stateless_session(None, None);
     assert_eq!(session.subscriptions.len(), 2);
     drop(a);
     support::eventually("the closed listen stream to be forgotten", || async {

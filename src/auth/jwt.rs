@@ -173,7 +173,6 @@ type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Byte
 /// Checks access tokens against the trusted issuers.
 pub struct Verifier {
     issuers: Vec<Arc<Issuer>>,
-    audience: String,
     leeway: u64,
     principal_claim: String,
     groups_claim: String,
@@ -214,7 +213,6 @@ impl Verifier {
                     })
                 })
                 .collect(),
-            audience: settings.resource.clone(),
             leeway: settings.leeway.as_secs(),
             principal_claim: settings.principal_claim.clone(),
             groups_claim: settings.groups_claim.clone(),
@@ -227,11 +225,17 @@ impl Verifier {
     /// Verifies a token and reads its bearer's claims. A token verified before is taken from
     /// the cache (by its SHA-256) until it expires or [`CACHE_FOR`] passes, whichever is first:
     /// a signature check costs more than the rest of a proxied call.
-    pub async fn verify(&self, token: &str) -> Result<Verified, TokenError> {
+    pub async fn verify(&self, token: &str, audience: &str) -> Result<Verified, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed);
         }
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Keyed by audience too: a token verified for one endpoint says nothing of another.
+        let digest: [u8; 32] = Sha256::new()
+            .chain_update(audience.as_bytes())
+            .chain_update([0u8])
+            .chain_update(token.as_bytes())
+            .finalize()
+            .into();
         let now = unix_now();
         let fresh =
             |e: &Cached| now <= e.exp.saturating_add(self.leeway) && e.cached.elapsed() < CACHE_FOR;
@@ -242,7 +246,7 @@ impl Verifier {
             drop(hit);
             self.cache.remove(&digest);
         }
-        let (verified, exp) = self.verify_uncached(token).await?;
+        let (verified, exp) = self.verify_uncached(token, audience).await?;
         if self.cache.len() >= MAX_CACHED {
             self.cache.retain(|_, e| fresh(e));
             if self.cache.len() >= MAX_CACHED {
@@ -261,7 +265,11 @@ impl Verifier {
     }
 
     /// Verifies a token: its claims and its `exp`.
-    async fn verify_uncached(&self, token: &str) -> Result<(Verified, u64), TokenError> {
+    async fn verify_uncached(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<(Verified, u64), TokenError> {
         if token.split('.').count() != 3 {
             return Err(TokenError::Malformed);
         }
@@ -283,7 +291,7 @@ impl Verifier {
         let key = self.key(issuer, header.kid.as_deref(), header.alg).await?;
         let mut validation = Validation::new(header.alg);
         validation.algorithms = vec![header.alg];
-        validation.set_audience(&[&self.audience]);
+        validation.set_audience(&[audience]);
         validation.set_issuer(&[&issuer.issuer]);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         validation.validate_nbf = true;

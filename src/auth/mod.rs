@@ -68,9 +68,38 @@ struct OAuth {
     verifier: jwt::Verifier,
     rules: scopes::Rules,
     required: Vec<String>,
+    /// `/mcp` itself.
+    root: Resource,
+    /// Each profile's endpoint (`/mcp/{profile}`), by profile name.
+    profiles: std::collections::HashMap<String, Resource>,
+}
+
+/// One protected resource (an endpoint): the audience its tokens name, and where its
+/// metadata is.
+struct Resource {
+    audience: String,
     metadata_url: String,
     metadata_path: String,
     metadata: Bytes,
+}
+
+/// What the authenticator needs of a profile: its name, what it is for, and the scopes that
+/// grant it (advertised in its metadata).
+pub struct ProfileResource<'a> {
+    /// The profile's name (the last segment of its endpoint).
+    pub name: &'a str,
+    /// Its description.
+    pub description: Option<&'a str>,
+    /// Scopes that grant it.
+    pub scopes: &'a [String],
+}
+
+impl OAuth {
+    fn resource(&self, profile: Option<&str>) -> &Resource {
+        profile
+            .and_then(|p| self.profiles.get(p))
+            .unwrap_or(&self.root)
+    }
 }
 
 /// The authenticator of one endpoint; with no tokens and no OAuth, authentication is off.
@@ -82,24 +111,51 @@ pub struct Auth {
 }
 
 impl Auth {
-    /// Builds the authenticator from static tokens and, optionally, OAuth settings.
-    pub fn new(tokens: &[(String, Principal)], oauth: Option<&OAuthSettings>) -> Self {
+    /// Builds the authenticator from static tokens and, optionally, OAuth settings; each
+    /// profile is a protected resource of its own (its URL below the gateway's resource).
+    pub fn new(
+        tokens: &[(String, Principal)],
+        oauth: Option<&OAuthSettings>,
+        profiles: &[ProfileResource<'_>],
+    ) -> Self {
         Auth {
             tokens: static_tokens::StaticTokens::new(tokens),
             oauth: oauth.map(|o| OAuth {
                 verifier: jwt::Verifier::new(o),
                 rules: scopes::Rules::new(&o.scope_rules),
                 required: o.required_scopes.clone(),
-                metadata_url: o.metadata_url.clone(),
-                metadata_path: o.metadata_path.clone(),
-                metadata: metadata_document(o),
+                root: Resource {
+                    audience: o.resource.clone(),
+                    metadata_url: o.metadata_url.clone(),
+                    metadata_path: o.metadata_path.clone(),
+                    metadata: metadata_document(o, &o.resource, None),
+                },
+                profiles: profiles
+                    .iter()
+                    .map(|p| {
+                        let audience = format!("{}/{}", o.resource.trim_end_matches('/'), p.name);
+                        let resource = Resource {
+                            metadata_url: format!("{}/{}", o.metadata_url, p.name),
+                            metadata_path: format!("{}/{}", o.metadata_path, p.name),
+                            metadata: metadata_document(o, &audience, Some(p)),
+                            audience,
+                        };
+                        (p.name.to_owned(), resource)
+                    })
+                    .collect(),
             }),
             no_claims: Arc::default(),
         }
     }
 
-    /// Authenticates a request: `Ok(None)` when authentication is off.
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Identity>, AuthError> {
+    /// Authenticates a request to the endpoint of `profile` (`None`: `/mcp`): an access token
+    /// must have been issued for that endpoint (its `aud`). `Ok(None)` when authentication is
+    /// off.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        profile: Option<&str>,
+    ) -> Result<Option<Identity>, AuthError> {
         if self.tokens.is_empty() && self.oauth.is_none() {
             return Ok(None);
         }
@@ -125,7 +181,8 @@ impl Auth {
         let Some(oauth) = &self.oauth else {
             return Err(AuthError::Invalid);
         };
-        let claims = oauth.verifier.verify(token).await?;
+        let audience = &oauth.resource(profile).audience;
+        let claims = oauth.verifier.verify(token, audience).await?;
         // A token from an issuer must not pose as a machine principal.
         if self.tokens.names(&claims.principal) {
             return Err(AuthError::Token(TokenError::Claim(
@@ -179,8 +236,9 @@ impl Auth {
         Err(AuthError::InsufficientScope(all))
     }
 
-    /// The `WWW-Authenticate` value for a refusal (RFC 6750 §3, RFC 9728 §5.1).
-    pub fn challenge(&self, error: &AuthError) -> HeaderValue {
+    /// The `WWW-Authenticate` value for a refusal at the endpoint of `profile` (RFC 6750 §3,
+    /// RFC 9728 §5.1).
+    pub fn challenge(&self, error: &AuthError, profile: Option<&str>) -> HeaderValue {
         let Some(oauth) = &self.oauth else {
             return HeaderValue::from_static("Bearer");
         };
@@ -204,7 +262,7 @@ impl Auth {
             }
         }
         v.push_str("resource_metadata=\"");
-        v.push_str(&quoted(&oauth.metadata_url));
+        v.push_str(&quoted(&oauth.resource(profile).metadata_url));
         v.push('"');
         let scopes = match error {
             AuthError::InsufficientScope(s) => s.as_slice(),
@@ -224,23 +282,46 @@ impl Auth {
         // Clients look at the path-inserted URL first, then at the bare well-known one.
         // A client that kept the resource's trailing slash asks with it.
         let path = path.strip_suffix('/').unwrap_or(path);
-        (path == oauth.metadata_path || path == "/.well-known/oauth-protected-resource")
-            .then(|| oauth.metadata.clone())
+        if path == oauth.root.metadata_path || path == "/.well-known/oauth-protected-resource" {
+            return Some(oauth.root.metadata.clone());
+        }
+        let name = path
+            .strip_prefix(oauth.root.metadata_path.as_str())?
+            .strip_prefix('/')?;
+        oauth.profiles.get(name).map(|r| r.metadata.clone())
     }
 }
 
-/// The RFC 9728 document: the resource, its authorization servers, scopes, and header-only
+/// The RFC 9728 document of `resource`: its authorization servers, scopes, and header-only
 /// bearer tokens (tokens in a query string would be logged everywhere).
-fn metadata_document(o: &OAuthSettings) -> Bytes {
+fn metadata_document(
+    o: &OAuthSettings,
+    resource: &str,
+    profile: Option<&ProfileResource<'_>>,
+) -> Bytes {
     let mut doc = serde_json::json!({
-        "resource": o.resource,
+        "resource": resource,
         "authorization_servers": o.issuers.iter().map(|i| i.issuer.as_str()).collect::<Vec<_>>(),
         "bearer_methods_supported": ["header"],
     });
-    if !o.scopes_supported.is_empty() {
-        doc["scopes_supported"] = serde_json::json!(o.scopes_supported);
+    let mut scopes = o.scopes_supported.clone();
+    for s in profile.map_or(&[][..], |p| p.scopes) {
+        if !scopes.contains(s) {
+            scopes.push(s.clone());
+        }
     }
-    if let Some(name) = &o.resource_name {
+    if !scopes.is_empty() {
+        doc["scopes_supported"] = serde_json::json!(scopes);
+    }
+    let name = match profile {
+        None => o.resource_name.clone(),
+        Some(p) => Some(match (p.description, &o.resource_name) {
+            (Some(d), _) => d.to_owned(),
+            (None, Some(n)) => format!("{n} ({})", p.name),
+            (None, None) => p.name.to_owned(),
+        }),
+    };
+    if let Some(name) = name {
         doc["resource_name"] = serde_json::json!(name);
     }
     Bytes::from(serde_json::to_vec(&doc).expect("a JSON value serializes"))
@@ -258,26 +339,31 @@ mod tests {
 
     #[tokio::test]
     async fn maps_tokens_to_principals() {
-        let auth = Auth::new(&[("s3cret-token-000000".into(), Arc::from("alice"))], None);
+        let auth = Auth::new(
+            &[("s3cret-token-000000".into(), Arc::from("alice"))],
+            None,
+            &[],
+        );
         assert_eq!(
-            auth.authenticate(&HeaderMap::new()).await,
+            auth.authenticate(&HeaderMap::new(), None).await,
             Err(AuthError::Missing)
         );
         assert_eq!(
-            auth.authenticate(&bearer("nope")).await,
+            auth.authenticate(&bearer("nope"), None).await,
             Err(AuthError::Invalid)
         );
         // A prefix of the token, or the token with more after it, is not the token.
         assert_eq!(
-            auth.authenticate(&bearer("s3cret-token-00000")).await,
+            auth.authenticate(&bearer("s3cret-token-00000"), None).await,
             Err(AuthError::Invalid)
         );
         assert_eq!(
-            auth.authenticate(&bearer("s3cret-token-0000000")).await,
+            auth.authenticate(&bearer("s3cret-token-0000000"), None)
+                .await,
             Err(AuthError::Invalid)
         );
         let id = auth
-            .authenticate(&bearer("s3cret-token-000000"))
+            .authenticate(&bearer("s3cret-token-000000"), None)
             .await
             .unwrap()
             .unwrap();
@@ -285,16 +371,21 @@ mod tests {
         assert_eq!(id.grant, Grant::All);
         let mut lower = HeaderMap::new();
         lower.insert(AUTHORIZATION, "bearer s3cret-token-000000".parse().unwrap());
-        assert!(auth.authenticate(&lower).await.unwrap().is_some());
+        assert!(auth.authenticate(&lower, None).await.unwrap().is_some());
         // Two Authorization headers: refused, whichever is valid.
         let mut two = bearer("s3cret-token-000000");
         two.append(AUTHORIZATION, "Bearer nope".parse().unwrap());
-        assert_eq!(auth.authenticate(&two).await, Err(AuthError::Invalid));
+        assert_eq!(auth.authenticate(&two, None).await, Err(AuthError::Invalid));
         let mut basic = HeaderMap::new();
         basic.insert(AUTHORIZATION, "Basic czNjcmV0".parse().unwrap());
-        assert_eq!(auth.authenticate(&basic).await, Err(AuthError::Missing));
         assert_eq!(
-            Auth::new(&[], None).authenticate(&HeaderMap::new()).await,
+            auth.authenticate(&basic, None).await,
+            Err(AuthError::Missing)
+        );
+        assert_eq!(
+            Auth::new(&[], None, &[])
+                .authenticate(&HeaderMap::new(), None)
+                .await,
             Ok(None)
         );
         // The table holds digests, not tokens.

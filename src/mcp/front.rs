@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use crate::auth::{AuthError, Identity, Principal};
 use crate::body::Body;
 use crate::config::Config;
+use crate::config::profiles::ProfileConfig;
 use crate::gateway::Gateway;
 use crate::mcp::handler::{self, Reply};
 use crate::mcp::jsonrpc::{self, Kind, ParseError, code};
@@ -51,6 +52,9 @@ pub enum FrontError {
     /// Authentication failed.
     #[error("unauthorized: {0}")]
     Auth(#[from] AuthError),
+    /// The caller is not granted this endpoint.
+    #[error("forbidden: {0} is not granted to this caller")]
+    NotGranted(String),
     /// Not POST, GET or DELETE.
     #[error("method {0} is not allowed; use POST, GET or DELETE")]
     Method(Method),
@@ -110,7 +114,7 @@ impl FrontError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             FrontError::Host(_) => StatusCode::MISDIRECTED_REQUEST,
-            FrontError::Origin(_) => StatusCode::FORBIDDEN,
+            FrontError::Origin(_) | FrontError::NotGranted(_) => StatusCode::FORBIDDEN,
             FrontError::Auth(a) if a.is_forbidden() => StatusCode::FORBIDDEN,
             FrontError::Auth(_) => StatusCode::UNAUTHORIZED,
             FrontError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -173,23 +177,63 @@ impl FrontError {
 
 pub(crate) use crate::body::{accepted, json_response, sse_response};
 
-/// Serves the MCP endpoint.
-pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
-    match route(&gw, req).await {
+/// Serves the MCP endpoint: `/mcp` itself, or a profile's (`/mcp/{profile}`).
+pub async fn serve(
+    gw: Arc<Gateway>,
+    req: Request<hyper::body::Incoming>,
+    profile: Option<&Arc<ProfileConfig>>,
+) -> Response<Body> {
+    match route(&gw, req, profile).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!("refused MCP request: {e}");
             if let FrontError::Auth(a) = &e {
-                audit_refusal(&gw, None, a);
+                audit_refusal(&gw, None, &a.to_string());
             }
-            refusal(&gw, e, None)
+            refusal(&gw, e, None, profile.map(|p| p.name.as_str()))
         }
     }
 }
 
+/// Refuses a caller the endpoint of `profile` (`None`: `/mcp`) is not granted to. An access
+/// token that would be granted with more scopes is asked to step up.
+pub(crate) fn check_access(
+    gw: &Gateway,
+    profile: Option<&ProfileConfig>,
+    identity: Option<&Identity>,
+) -> Result<(), FrontError> {
+    let grantees = gw.grantees(profile);
+    let none = crate::auth::Claims::default();
+    let (principal, claims) = match identity {
+        Some(i) => (Some(&*i.principal), &*i.claims),
+        None => (None, &none),
+    };
+    if grantees.admits(principal, claims) {
+        return Ok(());
+    }
+    let access_token = identity.is_some_and(|i| matches!(i.grant, crate::auth::Grant::Scopes(_)));
+    if access_token && !grantees.scopes.is_empty() {
+        let mut needed = gw
+            .config
+            .oauth
+            .as_ref()
+            .map_or_else(Vec::new, |o| o.required_scopes.clone());
+        needed.extend(grantees.scopes.iter().cloned());
+        return Err(FrontError::Auth(AuthError::InsufficientScope(needed)));
+    }
+    Err(FrontError::NotGranted(match profile {
+        Some(p) => format!("profile {:?}", p.name),
+        None => {
+            format!("{MCP_ENDPOINT} (every server; use the endpoint of a profile granted to you)")
+        }
+    }))
+}
+
+const MCP_ENDPOINT: &str = "/mcp";
+
 /// Records an authentication or scope refusal in the audit trail (the principal and method
 /// when known).
-fn audit_refusal(gw: &Gateway, known: Option<(Principal, &str)>, e: &AuthError) {
+fn audit_refusal(gw: &Gateway, known: Option<(Principal, &str)>, e: &str) {
     if !gw.audit.is_on() {
         return;
     }
@@ -199,7 +243,7 @@ fn audit_refusal(gw: &Gateway, known: Option<(Principal, &str)>, e: &AuthError) 
         method,
         decision: "denied",
         by: Some(Arc::from("auth")),
-        outcome: Some(e.to_string()),
+        outcome: Some(e.to_owned()),
         ..Default::default()
     };
     match known {
@@ -211,9 +255,14 @@ fn audit_refusal(gw: &Gateway, known: Option<(Principal, &str)>, e: &AuthError) 
 
 /// The response to a refused request; an authentication refusal carries the challenge that
 /// tells the client how to get a token that will do (RFC 6750, RFC 9728).
-pub(crate) fn refusal(gw: &Gateway, e: FrontError, id: Option<&[u8]>) -> Response<Body> {
+pub(crate) fn refusal(
+    gw: &Gateway,
+    e: FrontError,
+    id: Option<&[u8]>,
+    profile: Option<&str>,
+) -> Response<Body> {
     let challenge = match &e {
-        FrontError::Auth(a) => Some(gw.auth.challenge(a)),
+        FrontError::Auth(a) => Some(gw.auth.challenge(a, profile)),
         _ => None,
     };
     let mut resp = e.into_response(id);
@@ -226,15 +275,23 @@ pub(crate) fn refusal(gw: &Gateway, e: FrontError, id: Option<&[u8]>) -> Respons
 async fn route(
     gw: &Arc<Gateway>,
     req: Request<hyper::body::Incoming>,
+    profile: Option<&Arc<ProfileConfig>>,
 ) -> Result<Response<Body>, FrontError> {
     let authority = request_authority(&req)?;
     check_host_and_origin(&gw.config, authority, req.headers())?;
-    let identity = gw.auth.authenticate(req.headers()).await?;
+    let name = profile.map(|p| p.name.as_str());
+    let identity = gw.auth.authenticate(req.headers(), name).await?;
+    if let Err(e) = check_access(gw, profile.map(|p| &**p), identity.as_ref()) {
+        tracing::debug!("refused MCP request: {e}");
+        let known = identity.as_ref().map(|i| (i.principal.clone(), ""));
+        audit_refusal(gw, known, &e.to_string());
+        return Ok(refusal(gw, e, None, name));
+    }
     let principal = identity.as_ref().map(|i| i.principal.clone());
     match *req.method() {
-        Method::POST => post(gw, identity.as_ref(), principal, req).await,
-        Method::GET => get(gw, principal, req.headers()).await,
-        Method::DELETE => delete(gw, principal, req.headers()).await,
+        Method::POST => post(gw, identity.as_ref(), principal, profile, req).await,
+        Method::GET => get(gw, principal, profile, req.headers()).await,
+        Method::DELETE => delete(gw, principal, profile, req.headers()).await,
         ref m => Err(FrontError::Method(m.clone())),
     }
 }
@@ -372,6 +429,7 @@ fn check_version(headers: &HeaderMap) -> Result<(), FrontError> {
 fn session_of(
     gw: &Gateway,
     principal: &Option<Principal>,
+    profile: Option<&Arc<ProfileConfig>>,
     header: Option<&HeaderValue>,
 ) -> Result<Arc<Session>, FrontError> {
     let id = header
@@ -381,7 +439,7 @@ fn session_of(
     // here too, rebuilt from its id.
     let session = match gw.sessions.get(id).map(|s| s.clone()) {
         Some(s) => s,
-        None => match gw.restore_session(id, principal.as_ref()) {
+        None => match gw.restore_session(id, principal.as_ref(), profile) {
             Ok(Some(s)) => s,
             Ok(None) => return Err(FrontError::UnknownSession),
             // The session exists; this replica has no room for it now (not a 404, which
@@ -392,8 +450,10 @@ fn session_of(
             }
         },
     };
-    // A session belongs to whoever opened it; to anyone else it does not exist.
-    if session.principal != *principal {
+    // A session belongs to whoever opened it, on the endpoint it was opened on; to anyone
+    // else, or on another endpoint, it does not exist.
+    if session.principal != *principal || session.profile_name() != profile.map(|p| p.name.as_str())
+    {
         return Err(FrontError::UnknownSession);
     }
     Ok(session)
@@ -428,6 +488,7 @@ async fn post(
     gw: &Arc<Gateway>,
     identity: Option<&Identity>,
     principal: Option<Principal>,
+    profile: Option<&Arc<ProfileConfig>>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, FrontError> {
     let headers = req.headers();
@@ -452,24 +513,29 @@ async fn post(
         && let Err(e) = gw.auth.authorize(identity, method, params.as_deref())
     {
         tracing::debug!(%method, "refused MCP request: {e}");
-        audit_refusal(gw, identity.map(|i| (i.principal.clone(), &**method)), &e);
-        return Ok(refusal(gw, FrontError::Auth(e), Some(id)));
+        audit_refusal(
+            gw,
+            identity.map(|i| (i.principal.clone(), &**method)),
+            &e.to_string(),
+        );
+        let name = profile.map(|p| p.name.as_str());
+        return Ok(refusal(gw, FrontError::Auth(e), Some(id), name));
     }
 
     if let Some(mirrored) = mirrored
         && stateless::is_stateless(&mirrored, &msg)
     {
         let claims = identity.map(|i| i.claims.clone());
-        return Ok(stateless::post(gw, principal, claims, mirrored, msg).await);
+        return Ok(stateless::post(gw, principal, profile, claims, mirrored, msg).await);
     }
     if let Kind::Request { id, method, params } = &msg.kind
         && &**method == "initialize"
     {
         // The version is negotiated in the body; the header is not yet meaningful.
-        return initialize(gw, principal, id, params.as_deref()).await;
+        return initialize(gw, principal, profile, id, params.as_deref()).await;
     }
     version_check?;
-    let session = session_of(gw, &principal, session_header.as_ref())?;
+    let session = session_of(gw, &principal, profile, session_header.as_ref())?;
     let _busy = session.touch();
     if let Some(identity) = identity {
         session.hold_claims(&identity.claims);
@@ -511,6 +577,7 @@ async fn post(
 async fn initialize(
     gw: &Arc<Gateway>,
     principal: Option<Principal>,
+    profile: Option<&Arc<ProfileConfig>>,
     id: &Bytes,
     params: Option<&[u8]>,
 ) -> Result<Response<Body>, FrontError> {
@@ -525,6 +592,7 @@ async fn initialize(
     let asked = handler::negotiate(params).map_err(FrontError::Initialize)?;
     let session = gw.new_session(
         principal,
+        profile,
         asked.version,
         asked.init_params,
         asked.offers_roots,
@@ -568,13 +636,14 @@ pub(crate) async fn on_notification(session: &Arc<Session>, method: &str, params
 async fn get(
     gw: &Arc<Gateway>,
     principal: Option<Principal>,
+    profile: Option<&Arc<ProfileConfig>>,
     headers: &HeaderMap,
 ) -> Result<Response<Body>, FrontError> {
     if !accepts(headers, "text/event-stream") {
         return Err(FrontError::Accept("text/event-stream"));
     }
     check_version(headers)?;
-    let session = session_of(gw, &principal, headers.get(SESSION_HEADER))?;
+    let session = session_of(gw, &principal, profile, headers.get(SESSION_HEADER))?;
     // A client resuming a response stream whose connection broke gets the rest of it.
     if let Some(last) = headers.get("last-event-id") {
         let last = last
@@ -617,9 +686,10 @@ pub(crate) fn keep_alive(
 async fn delete(
     gw: &Arc<Gateway>,
     principal: Option<Principal>,
+    profile: Option<&Arc<ProfileConfig>>,
     headers: &HeaderMap,
 ) -> Result<Response<Body>, FrontError> {
-    let session = session_of(gw, &principal, headers.get(SESSION_HEADER))?;
+    let session = session_of(gw, &principal, profile, headers.get(SESSION_HEADER))?;
     gw.delete_session(&session.id);
     let mut r = Response::new(Body::Empty);
     *r.status_mut() = StatusCode::OK;

@@ -57,7 +57,7 @@ pub async fn serve_message(
 fn refusal(gw: &Gateway, e: FrontError, allow: &'static str) -> Response<Body> {
     tracing::debug!("refused HTTP+SSE request: {e}");
     let method = matches!(e, FrontError::Method(_));
-    let mut resp = front::refusal(gw, e, None);
+    let mut resp = front::refusal(gw, e, None, None);
     if method {
         resp.headers_mut()
             .insert(ALLOW, HeaderValue::from_static(allow));
@@ -69,7 +69,10 @@ fn refusal(gw: &Gateway, e: FrontError, allow: &'static str) -> Response<Body> {
 async fn admit<B>(gw: &Gateway, req: &Request<B>) -> Result<Option<Identity>, FrontError> {
     let authority = front::request_authority(req)?;
     front::check_host_and_origin(&gw.config, authority, req.headers())?;
-    Ok(gw.auth.authenticate(req.headers()).await?)
+    let identity = gw.auth.authenticate(req.headers(), None).await?;
+    // Every server is behind these URLs: they are `/mcp`'s, granted as `/mcp` is.
+    front::check_access(gw, None, identity.as_ref())?;
+    Ok(identity)
 }
 
 async fn open_stream(

@@ -7,6 +7,7 @@ pub mod http_sse;
 pub mod jsonrpc;
 pub mod param_headers;
 pub mod policy;
+pub mod profile;
 pub mod resume;
 pub mod revision;
 pub mod round_trip;

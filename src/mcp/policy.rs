@@ -24,6 +24,7 @@ pub struct Policy {
     server: Arc<str>,
     name: Option<String>,
     principal: Option<Arc<str>>,
+    profile: Option<Arc<str>>,
     claims: Arc<Claims>,
     session_id: Arc<str>,
     /// Where denials are recorded (when the trail is on).
@@ -46,6 +47,7 @@ impl Policy {
             server: server.clone(),
             name: name.map(str::to_owned),
             principal: caller.principal.cloned(),
+            profile: caller.profile.cloned(),
             claims: caller.claims.clone(),
             session_id: caller.session_id.clone(),
             audit: audit.filter(|a| a.is_on()).cloned(),
@@ -59,7 +61,7 @@ impl Policy {
             name: self.name.as_deref(),
             principal: self.principal.as_deref(),
             session_id: &self.session_id,
-            profile: None,
+            profile: self.profile.as_deref(),
             groups: &self.claims.groups,
             scopes: &self.claims.scopes,
         }
@@ -90,6 +92,7 @@ impl Policy {
                 kind: "denial",
                 principal: self.principal.clone(),
                 session: Some(crate::mcp::session::log_id(&self.session_id).to_owned()),
+                profile: self.profile.clone(),
                 server: Some(self.server.clone()),
                 method: self.method.clone(),
                 name: self.name.clone(),
@@ -199,7 +202,7 @@ pub async fn visible(
         name: None,
         principal: caller.principal.map(|p| &**p),
         session_id: caller.session_id,
-        profile: None,
+        profile: caller.profile.map(|p| &**p),
         groups: &caller.claims.groups,
         scopes: &caller.claims.scopes,
     };

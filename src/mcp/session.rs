@@ -15,8 +15,10 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::Claims;
+use crate::config::profiles::ProfileConfig;
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
 use crate::mcp::param_headers::ToolHeaders;
+use crate::mcp::profile::Profile;
 use crate::mcp::session_token;
 use crate::mcp::subscriptions::{self, Subscriptions};
 use crate::topology::Topology;
@@ -78,6 +80,8 @@ pub struct Caller<'a> {
     pub claims: Arc<Claims>,
     /// The session id.
     pub session_id: &'a Arc<str>,
+    /// The profile the session was opened on.
+    pub profile: Option<&'a Arc<str>>,
 }
 
 /// A fresh, unguessable session id (192 random bits, URL-safe).
@@ -102,6 +106,8 @@ pub struct Session {
     /// stepped-up token brings new scopes).
     claims: arc_swap::ArcSwap<Claims>,
     topology: Arc<Topology>,
+    /// The profile it was opened on (`/mcp/{profile}`): what of the topology it sees.
+    profile: Option<Profile>,
     links: Box<[Link]>,
     upstream_caps: Box<[AtomicU8]>,
     inflight: Mutex<HashMap<Bytes, (u64, oneshot::Sender<()>)>>,
@@ -160,18 +166,40 @@ impl Recipient for SessionRecipient {
     }
 }
 
+/// Whether `msg` is a `notifications/resources/updated` about a resource `profile` hides.
+fn hidden_resource_update(profile: &Profile, index: usize, msg: &Message) -> bool {
+    let Kind::Notification { method, params } = &msg.kind else {
+        return false;
+    };
+    if &**method != "notifications/resources/updated" {
+        return false;
+    }
+    #[derive(Deserialize)]
+    struct Updated<'a> {
+        #[serde(borrow)]
+        uri: std::borrow::Cow<'a, str>,
+    }
+    params
+        .as_deref()
+        .and_then(|p| serde_json::from_slice::<Updated<'_>>(p).ok())
+        .is_none_or(|u| !profile.shows_resource(index, &u.uri))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Session {
     /// Creates a session with a link to every server of `topology` (which it keeps for its
-    /// lifetime); `upstream.params` is what each upstream is sent.
+    /// lifetime), seeing what `profile` shows of them (everything without one);
+    /// `upstream.params` is what each upstream is sent.
+    #[allow(clippy::too_many_arguments)] // each is a different part of what the session is
     pub fn new(
         id: Arc<str>,
         principal: Option<Arc<str>>,
         protocol_version: &'static str,
         topology: Arc<Topology>,
+        profile: Option<&ProfileConfig>,
         upstream: UpstreamInit,
         epoch: Instant,
         policy: Option<Arc<dyn MessagePolicy>>,
@@ -181,6 +209,7 @@ impl Session {
             eager_listen,
             portable,
         } = upstream;
+        let profile = profile.map(|p| Profile::new(p, &topology.router));
         Arc::new_cyclic(|weak: &Weak<Session>| {
             let sink: Arc<dyn Recipient> = Arc::new(SessionRecipient(weak.clone()));
             let servers = &topology.servers;
@@ -202,10 +231,15 @@ impl Session {
                         })
                         .collect();
                     if eager_listen {
-                        links.iter().for_each(Link::open_listen_stream);
+                        links
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| profile.as_ref().is_none_or(|p| p.serves(*i)))
+                            .for_each(|(_, l)| l.open_listen_stream());
                     }
                     links
                 },
+                profile,
                 upstream_caps: servers
                     .iter()
                     .map(|_| AtomicU8::new(caps::UNKNOWN))
@@ -243,6 +277,7 @@ impl Session {
     pub fn caller(&self) -> Caller<'_> {
         Caller {
             principal: self.principal.as_ref(),
+            profile: self.profile.as_ref().map(|p| &p.name),
             claims: self.claims.load_full(),
             session_id: &self.id,
         }
@@ -259,6 +294,44 @@ impl Session {
     /// The servers and names this session sees (fixed when it opened).
     pub fn topology(&self) -> &Arc<Topology> {
         &self.topology
+    }
+
+    /// The profile it was opened on, if any.
+    pub fn profile(&self) -> Option<&Profile> {
+        self.profile.as_ref()
+    }
+
+    /// The name of the profile it was opened on.
+    pub fn profile_name(&self) -> Option<&str> {
+        self.profile.as_ref().map(|p| &*p.name)
+    }
+
+    /// Whether the session sees anything of upstream `index`.
+    pub fn serves(&self, index: usize) -> bool {
+        self.profile.as_ref().is_none_or(|p| p.serves(index))
+    }
+
+    /// The upstream and the server's own name of the tool the client calls `public`.
+    pub fn resolve_tool<'a>(&'a self, public: &'a str) -> Option<(usize, &'a str)> {
+        match &self.profile {
+            None => self.topology.router.resolve(public),
+            Some(p) => p.tool(&self.topology.router, public),
+        }
+    }
+
+    /// The upstream and the server's own name of the prompt the client calls `public`.
+    pub fn resolve_prompt<'a>(&self, public: &'a str) -> Option<(usize, &'a str)> {
+        match &self.profile {
+            None => self.topology.router.resolve(public),
+            Some(p) => p.prompt(&self.topology.router, public),
+        }
+    }
+
+    /// Whether the session sees resource (or template) `uri` of upstream `index`.
+    pub fn serves_resource(&self, index: usize, uri: &str) -> bool {
+        self.profile
+            .as_ref()
+            .is_none_or(|p| p.shows_resource(index, uri))
     }
 
     /// The links, indexed like the topology's servers.
@@ -565,6 +638,13 @@ impl Session {
 
     fn on_server_message(self: Arc<Self>, index: usize, route: Route, msg: Message) {
         if matches!(msg.kind, Kind::Response { .. }) {
+            return;
+        }
+        // A profile's session hears nothing of what it does not see (a shared upstream session
+        // speaks to all its members).
+        if let Some(profile) = &self.profile
+            && (!profile.serves(index) || hidden_resource_update(profile, index, &msg))
+        {
             return;
         }
         // Before any policy: a withheld announcement must still invalidate the cache.

@@ -29,6 +29,9 @@ pub struct SessionToken {
     pub l: bool,
     /// Issued at, Unix milliseconds.
     pub t: u64,
+    /// The profile it was opened on (`/mcp/{profile}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub f: Option<String>,
 }
 
 /// What a server request's id carries in a portable session.
@@ -108,6 +111,7 @@ mod tests {
             i: r#"{"capabilities":{}}"#.into(),
             l: false,
             t: 1,
+            f: None,
         }
     }
 

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use crate::auth::{Claims, Principal};
 use crate::body::Body;
 use crate::body::{accepted, json_response, sse_response};
+use crate::config::profiles::ProfileConfig;
 use crate::gateway::Gateway;
 use crate::mcp::handler::{self, Reply};
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
@@ -416,7 +417,7 @@ async fn check_param_headers(
     let Some((index, tool)) = round
         .target
         .as_deref()
-        .and_then(|name| session.topology().router.resolve(name))
+        .and_then(|name| session.resolve_tool(name))
     else {
         return Ok(()); // no such tool: the call fails on its own
     };
@@ -484,6 +485,7 @@ fn served(method: &str) -> bool {
 pub(crate) async fn post(
     gw: &Arc<Gateway>,
     principal: Option<Principal>,
+    profile: Option<&Arc<ProfileConfig>>,
     claims: Option<Arc<Claims>>,
     mirrored: Mirrored,
     msg: Message,
@@ -553,6 +555,12 @@ pub(crate) async fn post(
             round.target.as_deref(),
         );
         match resumed {
+            // A call parked on one endpoint is resumed on that endpoint only.
+            Ok(round_trip::Resumed::Parked(parked))
+                if parked.session.profile_name() != profile.map(|p| p.name.as_str()) =>
+            {
+                return invalid("requestState was issued by another endpoint of this gateway");
+            }
             Ok(round_trip::Resumed::Parked(parked)) => {
                 return round.resume(parked, retry.responses).await;
             }
@@ -566,7 +574,7 @@ pub(crate) async fn post(
             Err(e) => return invalid(&e.to_string()),
         }
     }
-    let session = gw.stateless_session(principal);
+    let session = gw.stateless_session(principal, profile);
     if let Some(claims) = &claims {
         session.hold_claims(claims);
     }
@@ -815,10 +823,12 @@ impl Round {
         }
         let topology = session.topology();
         let index = match (self.method.as_str(), self.target.as_deref()) {
-            ("tools/call" | "prompts/get", Some(name)) => {
-                topology.router.resolve(name).map(|r| r.0)
-            }
-            ("resources/read", Some(uri)) => topology.router.resource(uri),
+            ("tools/call", Some(name)) => session.resolve_tool(name).map(|r| r.0),
+            ("prompts/get", Some(name)) => session.resolve_prompt(name).map(|r| r.0),
+            ("resources/read", Some(uri)) => topology
+                .router
+                .resource(uri)
+                .filter(|i| session.serves_resource(*i, uri)),
             _ => None,
         };
         let Some(index) = index else {
@@ -1074,8 +1084,10 @@ async fn listen(
     };
     // Listening needs every server connected, and its notifications flowing.
     let offer = handler::offer(&session).await;
-    for link in session.links() {
-        link.open_listen_stream();
+    for (i, link) in session.links().iter().enumerate() {
+        if session.serves(i) {
+            link.open_listen_stream();
+        }
     }
     let mut honored = subscriptions::Filter {
         tools: asked.tools && offer.has(caps::TOOLS),

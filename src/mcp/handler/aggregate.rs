@@ -9,6 +9,8 @@ use serde_json::value::RawValue;
 
 use crate::mcp::jsonrpc::{self, Outcome, code};
 use crate::mcp::policy;
+use crate::mcp::profile::{Profile, Shown};
+use crate::mcp::router::Router;
 use crate::mcp::session::{Session, caps};
 use crate::upstream::CallOpts;
 
@@ -69,9 +71,13 @@ pub(super) async fn list(
         .map(|c| serde_json::from_str::<Option<String>>(c.get()))
     {
         None | Some(Ok(None)) => (0..session.topology().servers.len())
+            .filter(|i| session.serves(*i))
             .map(|i| (i, None))
             .collect(),
-        Some(Ok(Some(c))) => match decode_cursor(&session.topology().router, &c) {
+        // A cursor naming a server the session does not see is not one it was given.
+        Some(Ok(Some(c))) => match decode_cursor(&session.topology().router, &c)
+            .filter(|t| t.iter().all(|(i, _)| session.serves(*i)))
+        {
             Some(t) => t,
             None => return invalid_params(id, "invalid cursor"),
         },
@@ -259,6 +265,19 @@ pub(super) async fn merge_page(
         {
             continue;
         }
+        if let Some(profile) = session.profile() {
+            match profile_item(profile, router, index, kind, raw)? {
+                ProfileItem::Hidden => continue,
+                ProfileItem::Rewritten(new) => {
+                    if !items.is_empty() {
+                        items.put_u8(b',');
+                    }
+                    items.put_slice(&new);
+                    continue;
+                }
+                ProfileItem::AsIs => {}
+            }
+        }
         if prefixing {
             // Only the name changes: splice the public one in, keep the rest as sent.
             #[derive(serde::Deserialize)]
@@ -296,4 +315,66 @@ pub(super) async fn merge_page(
         },
         None => Ok(None),
     }
+}
+
+/// What a profile makes of one listing item.
+enum ProfileItem {
+    Hidden,
+    AsIs,
+    /// A tool renamed or with fields overridden, re-encoded.
+    Rewritten(Vec<u8>),
+}
+
+fn profile_item(
+    profile: &Profile,
+    router: &Router,
+    index: usize,
+    kind: ListKind,
+    raw: &str,
+) -> Result<ProfileItem, String> {
+    let entry: Fields<'_> = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+    let shown = match kind.key {
+        "tools" => {
+            let name = string_field(&entry, "name")?;
+            match profile.shows_tool(index, &name) {
+                Shown::Hidden => return Ok(ProfileItem::Hidden),
+                Shown::AsIs => return Ok(ProfileItem::AsIs),
+                Shown::Tool(view) if view.rename.is_none() && !view.rewrites_fields() => {
+                    return Ok(ProfileItem::AsIs);
+                }
+                Shown::Tool(view) => {
+                    let mut tool: serde_json::Map<String, serde_json::Value> =
+                        serde_json::from_str(raw).map_err(|e| e.to_string())?;
+                    view.apply(&mut tool);
+                    let public = profile
+                        .public_tool_name(router, index, &name)
+                        .unwrap_or(Cow::Borrowed(&*name));
+                    tool.insert(
+                        "name".into(),
+                        serde_json::Value::String(public.into_owned()),
+                    );
+                    return serde_json::to_vec(&tool)
+                        .map(ProfileItem::Rewritten)
+                        .map_err(|e| e.to_string());
+                }
+            }
+        }
+        "prompts" => {
+            let name = string_field(&entry, "name")?;
+            profile.shows_prompt(index, &name)
+        }
+        "resources" => {
+            let uri = string_field(&entry, "uri")?;
+            profile.shows_resource(index, &uri)
+        }
+        _ => {
+            let t = string_field(&entry, "uriTemplate")?;
+            profile.shows_resource(index, &t)
+        }
+    };
+    Ok(if shown {
+        ProfileItem::AsIs
+    } else {
+        ProfileItem::Hidden
+    })
 }

@@ -82,7 +82,7 @@ pub(super) async fn complete(
                 Ok(n) => n,
                 Err(_) => return invalid_params(&id, "missing params.ref.name"),
             };
-            let Some((index, local)) = session.topology().router.resolve(&name) else {
+            let Some((index, local)) = session.resolve_prompt(&name) else {
                 return invalid_params(&id, &format!("unknown prompt: {name}"));
             };
             let policy = match completion_policy(
@@ -119,7 +119,10 @@ pub(super) async fn complete(
         }
         "ref/resource" => {
             let uri = string_field(&rf, "uri").unwrap_or_default();
-            let Some(index) = resource_owner(sv, session, &uri).await else {
+            let Some(index) = resource_owner(sv, session, &uri)
+                .await
+                .filter(|i| session.serves_resource(*i, &uri))
+            else {
                 return invalid_params(&id, &format!("no upstream serves resource {uri}"));
             };
             // A template URI, or a resource's own: hidden as either, it cannot be completed.
@@ -281,6 +284,7 @@ pub(super) async fn forward(
             kind: "call",
             principal: session.principal.clone(),
             session: Some(session.log_id().to_string()),
+            profile: session.profile().map(|p| p.name.clone()),
             server: Some(server.name.clone()),
             method: method.to_owned(),
             name: audit_target(method, params.as_deref()),

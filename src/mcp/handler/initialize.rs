@@ -70,14 +70,15 @@ pub struct Offer {
 
 /// Connects every upstream of `session` and merges what they offer.
 pub async fn offer(session: &Arc<Session>) -> Offer {
-    let results = futures_util::future::join_all(
-        (0..session.topology().servers.len()).map(|i| session.connect(i)),
-    )
-    .await;
+    // A profile's session connects only its own servers.
+    let served: Vec<usize> = (0..session.topology().servers.len())
+        .filter(|i| session.serves(*i))
+        .collect();
+    let results = futures_util::future::join_all(served.iter().map(|i| session.connect(*i))).await;
 
     let mut bits = 0u8;
     let mut instructions = String::new();
-    for (i, r) in results.iter().enumerate() {
+    for (&i, r) in served.iter().zip(&results) {
         let name = session.topology().router.name(i);
         match r {
             Ok(b) => {

@@ -204,7 +204,10 @@ pub async fn request(
     let label = method_label(method);
     let plugins = sv.plugins.current();
     // One upstream, names unchanged and no plugins: forward everything untouched.
-    let single = session.topology().servers.len() == 1 && !session.topology().router.prefixing();
+    // (A profile's session sees only part of the servers: always through the table.)
+    let single = session.topology().servers.len() == 1
+        && !session.topology().router.prefixing()
+        && session.profile().is_none();
     let direct = single && plugins.is_empty();
     let reply = match method {
         "ping" => Reply::Json(jsonrpc::response(
@@ -237,7 +240,12 @@ pub async fn request(
             } else {
                 "prompt"
             };
-            let Some((index, local)) = session.topology().router.resolve(&name) else {
+            let resolved = if method == "tools/call" {
+                session.resolve_tool(&name)
+            } else {
+                session.resolve_prompt(&name)
+            };
+            let Some((index, local)) = resolved else {
                 return invalid_params(&id, &format!("unknown {what}: {name}"));
             };
             let policy = Policy::for_call(
@@ -280,7 +288,10 @@ pub async fn request(
                 Ok(u) => u,
                 Err(e) => return invalid_params(&id, &e),
             };
-            let Some(index) = forward::resource_owner(sv, session, &uri).await else {
+            let Some(index) = forward::resource_owner(sv, session, &uri)
+                .await
+                .filter(|i| session.serves_resource(*i, &uri))
+            else {
                 return invalid_params(&id, &format!("no upstream serves resource {uri}"));
             };
             let policy = Policy::for_call(
@@ -301,10 +312,11 @@ pub async fn request(
         "completion/complete" if !direct => forward::complete(sv, session, id, params).await,
         "logging/setLevel" if !single => {
             for (i, link) in session.links().iter().enumerate() {
-                if session
-                    .connect(i)
-                    .await
-                    .is_ok_and(|b| b & caps::LOGGING != 0)
+                if session.serves(i)
+                    && session
+                        .connect(i)
+                        .await
+                        .is_ok_and(|b| b & caps::LOGGING != 0)
                 {
                     let _ = link
                         .call(method, params.as_deref(), CallOpts::default())

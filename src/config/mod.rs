@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod profiles;
+
 use crate::orchestrator::{ResolvedServer, ServerDef};
+use profiles::{Grantees, ProfileConfig};
 
 /// A configuration that failed to load or validate.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,9 @@ pub struct RawConfig {
     /// The audit trail: off unless set.
     #[serde(default)]
     pub audit: Option<RawAudit>,
+    /// Profiles (virtual servers) served at `/mcp/{name}`.
+    #[serde(default)]
+    pub profiles: Vec<ProfileConfig>,
 }
 
 /// Raw audit-trail settings.
@@ -426,6 +432,10 @@ pub struct RawMcp {
     /// A portable session id is honored this long after its session opened.
     #[serde(default, with = "humantime_serde")]
     pub session_max_age: Option<Duration>,
+    /// Who may use `/mcp` itself (every server). Default: everyone when no profiles are
+    /// defined, no one when some are (a profile would be walked around otherwise).
+    #[serde(default)]
+    pub root_access: Option<Grantees>,
 }
 
 /// Raw session key: its id and where its 32 bytes are (hex or base64), a file or a variable.
@@ -604,6 +614,8 @@ pub struct Config {
     pub admin_tokens: Vec<(String, Arc<str>)>,
     /// The audit trail, if on.
     pub audit: Option<AuditSettings>,
+    /// Profiles served at `/mcp/{name}`.
+    pub profiles: Vec<Arc<ProfileConfig>>,
 }
 
 /// Validated orchestrator settings.
@@ -671,6 +683,8 @@ pub struct McpSettings {
     pub session_keys: SessionKeys,
     /// How long after its opening a portable session id is honored.
     pub session_max_age: Duration,
+    /// Who may use `/mcp` itself.
+    pub root_access: Grantees,
 }
 
 /// A validated upstream.
@@ -892,6 +906,10 @@ impl RawConfig {
                 m.session_max_age,
                 Duration::from_secs(24 * 60 * 60),
             )?,
+            root_access: m.root_access.clone().unwrap_or(Grantees {
+                everyone: self.profiles.is_empty(),
+                ..Default::default()
+            }),
         };
 
         let mut upstreams = Vec::with_capacity(self.upstreams.len());
@@ -1035,7 +1053,10 @@ impl RawConfig {
             .validate()
             .map_err(|e| field_err("plugins", e.to_string()))?;
 
+        profiles::validate(&self.profiles).map_err(|e| field_err(e.field, e.reason))?;
+
         Ok(Config {
+            profiles: self.profiles.into_iter().map(Arc::new).collect(),
             plugins: self.plugins,
             servers,
             orchestrator,

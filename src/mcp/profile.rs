@@ -1,0 +1,338 @@
+//! Profiles (virtual servers): a named set of servers and tools, served at `/mcp/{profile}` to
+//! the principals, groups and scopes granted it.
+//!
+//! A profile's caller sees only what the profile lists, with tools renamed and their
+//! descriptions, titles and annotations overridden as configured; anything else is unknown to
+//! it by every route (tool and prompt names, resource URIs, completion refs, subscriptions), not
+//! only hidden from its lists. Profiles are compiled per topology ([`Profile::new`]) so that
+//! their lookups are by upstream index, like the router's.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use wildmatch::WildMatch;
+
+use crate::auth::{Claims, covers};
+use crate::config::profiles::{Grantees, ProfileConfig};
+use crate::mcp::router::Router;
+
+/// What a profile shows of one tool.
+#[derive(Debug)]
+pub struct ToolView {
+    /// The name its callers see, when renamed.
+    pub rename: Option<Box<str>>,
+    /// Title in place of the server's.
+    pub title: Option<String>,
+    /// Description in place of the server's.
+    pub description: Option<String>,
+    /// Annotations merged over the server's.
+    pub annotations: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl ToolView {
+    /// Whether the listing item needs more than its name changed.
+    pub fn rewrites_fields(&self) -> bool {
+        self.title.is_some() || self.description.is_some() || self.annotations.is_some()
+    }
+
+    /// Applies the overrides to a listed tool (a JSON object).
+    pub fn apply(&self, tool: &mut serde_json::Map<String, serde_json::Value>) {
+        use serde_json::Value;
+        if let Some(t) = &self.title {
+            tool.insert("title".into(), Value::String(t.clone()));
+        }
+        if let Some(d) = &self.description {
+            tool.insert("description".into(), Value::String(d.clone()));
+        }
+        if let Some(over) = &self.annotations {
+            let slot = tool
+                .entry("annotations")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if !slot.is_object() {
+                *slot = Value::Object(Default::default());
+            }
+            if let Value::Object(a) = slot {
+                for (k, v) in over {
+                    a.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Which tools of a server a profile shows.
+struct Tools {
+    named: HashMap<Box<str>, Arc<ToolView>>,
+    globs: Vec<WildMatch>,
+}
+
+/// What a profile shows of one server.
+struct Scope {
+    tools: Option<Tools>,
+    prompts: Option<Vec<WildMatch>>,
+    resources: Option<Vec<WildMatch>>,
+}
+
+fn globs(patterns: &Option<Vec<String>>) -> Option<Vec<WildMatch>> {
+    patterns
+        .as_ref()
+        .map(|p| p.iter().map(|g| WildMatch::new(g)).collect())
+}
+
+/// Whether a listing item shows, and how.
+pub enum Shown<'a> {
+    /// Not in the profile.
+    Hidden,
+    /// As the server sent it (prefixed as usual).
+    AsIs,
+    /// A tool with the profile's name and overrides.
+    Tool(&'a ToolView),
+}
+
+impl Grantees {
+    /// Whether a caller with this principal and these claims is granted.
+    pub fn admits(&self, principal: Option<&str>, claims: &Claims) -> bool {
+        self.everyone
+            || principal.is_some_and(|p| self.principals.iter().any(|g| g == p))
+            || claims
+                .groups
+                .iter()
+                .any(|g| self.groups.iter().any(|w| **w == **g))
+            || self
+                .scopes
+                .iter()
+                .any(|needed| claims.scopes.iter().any(|held| covers(held, needed)))
+    }
+}
+
+/// A profile compiled over one topology's servers.
+pub struct Profile {
+    /// Its name.
+    pub name: Arc<str>,
+    /// By upstream index: what it shows of that server (`None`: not in the profile).
+    servers: Box<[Option<Scope>]>,
+    /// Renamed tools by the name their callers use: upstream index and the server's name.
+    renamed: HashMap<Box<str>, (usize, Box<str>)>,
+}
+
+impl Profile {
+    /// Compiles `config` over the servers `router` names; servers it lists that the topology
+    /// lacks (not defined yet) are absent until a topology has them.
+    pub fn new(config: &ProfileConfig, router: &Router) -> Profile {
+        let mut servers: Vec<Option<Scope>> = (0..router.len()).map(|_| None).collect();
+        let mut renamed = HashMap::new();
+        for s in &config.servers {
+            let Some(index) = router.index_of(&s.name) else {
+                continue;
+            };
+            let tools = s.tools.as_ref().map(|list| {
+                let mut named = HashMap::new();
+                let mut globs = Vec::new();
+                for t in list {
+                    if t.name.contains(['*', '?']) {
+                        globs.push(WildMatch::new(&t.name));
+                        continue;
+                    }
+                    if let Some(r) = &t.rename {
+                        renamed.insert(Box::from(r.as_str()), (index, Box::from(t.name.as_str())));
+                    }
+                    named.insert(
+                        Box::from(t.name.as_str()),
+                        Arc::new(ToolView {
+                            rename: t.rename.as_deref().map(Box::from),
+                            title: t.title.clone(),
+                            description: t.description.clone(),
+                            annotations: t.annotations.clone(),
+                        }),
+                    );
+                }
+                Tools { named, globs }
+            });
+            servers[index] = Some(Scope {
+                tools,
+                prompts: globs(&s.prompts),
+                resources: globs(&s.resources),
+            });
+        }
+        Profile {
+            name: Arc::from(config.name.as_str()),
+            servers: servers.into(),
+            renamed,
+        }
+    }
+
+    /// Whether the profile has any of upstream `index`.
+    pub fn serves(&self, index: usize) -> bool {
+        self.servers.get(index).is_some_and(Option::is_some)
+    }
+
+    fn scope(&self, index: usize) -> Option<&Scope> {
+        self.servers.get(index)?.as_ref()
+    }
+
+    /// The upstream and the server's own name of the tool its callers call `public`.
+    pub fn tool<'a>(&'a self, router: &Router, public: &'a str) -> Option<(usize, &'a str)> {
+        if let Some((index, local)) = self.renamed.get(public) {
+            return Some((*index, local));
+        }
+        let (index, local) = router.resolve(public)?;
+        match self.shows_tool(index, local) {
+            Shown::AsIs | Shown::Tool(ToolView { rename: None, .. }) => Some((index, local)),
+            // A renamed tool answers to its new name only.
+            Shown::Tool(_) | Shown::Hidden => None,
+        }
+    }
+
+    /// The upstream and the server's own name of the prompt `public`.
+    pub fn prompt<'a>(&self, router: &Router, public: &'a str) -> Option<(usize, &'a str)> {
+        let (index, local) = router.resolve(public)?;
+        self.shows_prompt(index, local).then_some((index, local))
+    }
+
+    /// How the profile shows tool `local` of upstream `index`.
+    pub fn shows_tool(&self, index: usize, local: &str) -> Shown<'_> {
+        let Some(scope) = self.scope(index) else {
+            return Shown::Hidden;
+        };
+        let Some(tools) = &scope.tools else {
+            return Shown::AsIs;
+        };
+        if let Some(view) = tools.named.get(local) {
+            return Shown::Tool(view);
+        }
+        if tools.globs.iter().any(|g| g.matches(local)) {
+            Shown::AsIs
+        } else {
+            Shown::Hidden
+        }
+    }
+
+    /// Whether the profile shows prompt `local` of upstream `index`.
+    pub fn shows_prompt(&self, index: usize, local: &str) -> bool {
+        self.scope(index).is_some_and(|s| {
+            s.prompts
+                .as_ref()
+                .is_none_or(|g| g.iter().any(|g| g.matches(local)))
+        })
+    }
+
+    /// Whether the profile shows the resource (or resource template) `uri` of upstream `index`.
+    pub fn shows_resource(&self, index: usize, uri: &str) -> bool {
+        self.scope(index).is_some_and(|s| {
+            s.resources
+                .as_ref()
+                .is_none_or(|g| g.iter().any(|g| g.matches(uri)))
+        })
+    }
+
+    /// The name a profile's caller sees for tool `local` of upstream `index` (`None`: hidden).
+    pub fn public_tool_name<'a>(
+        &'a self,
+        router: &Router,
+        index: usize,
+        local: &str,
+    ) -> Option<Cow<'a, str>> {
+        match self.shows_tool(index, local) {
+            Shown::Hidden => None,
+            Shown::Tool(ToolView {
+                rename: Some(r), ..
+            }) => Some(Cow::Borrowed(r)),
+            Shown::AsIs | Shown::Tool(_) => Some(Cow::Owned(router.public_name(index, local))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PrefixNames;
+    use crate::config::profiles::validate;
+
+    fn profile(yaml: &str) -> Result<Vec<ProfileConfig>, String> {
+        let p: Vec<ProfileConfig> = serde_saphyr::from_str(yaml).map_err(|e| e.to_string())?;
+        validate(&p).map_err(|e| e.to_string())?;
+        Ok(p)
+    }
+
+    #[test]
+    fn resolves_only_what_the_profile_lists() {
+        let cfg = profile(
+            r#"
+- name: dev
+  grant: {groups: [eng]}
+  servers:
+    - name: files
+      tools:
+        - {name: read, rename: read_repo, description: "Reads the repo", annotations: {readOnlyHint: true}}
+        - {name: "list_*"}
+      prompts: []
+      resources: ["file:///repo/*"]
+    - name: gh
+"#,
+        )
+        .unwrap();
+        let router = Router::new(
+            vec!["files".into(), "gh".into(), "secrets".into()],
+            "__".into(),
+            PrefixNames::Auto,
+        );
+        let p = Profile::new(&cfg[0], &router);
+        assert_eq!(p.tool(&router, "read_repo"), Some((0, "read")));
+        // The old name of a renamed tool, an unlisted tool, a server outside: unknown.
+        assert_eq!(p.tool(&router, "files__read"), None);
+        assert_eq!(p.tool(&router, "files__write"), None);
+        assert_eq!(p.tool(&router, "secrets__get"), None);
+        assert_eq!(p.tool(&router, "files__list_dir"), Some((0, "list_dir")));
+        assert_eq!(p.tool(&router, "gh__anything"), Some((1, "anything")));
+        assert_eq!(p.prompt(&router, "files__p"), None);
+        assert_eq!(p.prompt(&router, "gh__p"), Some((1, "p")));
+        assert!(p.shows_resource(0, "file:///repo/a"));
+        assert!(!p.shows_resource(0, "file:///etc/passwd"));
+        assert!(!p.shows_resource(2, "file:///repo/a"));
+        assert!(p.serves(1) && !p.serves(2));
+        assert_eq!(
+            p.public_tool_name(&router, 0, "read").as_deref(),
+            Some("read_repo")
+        );
+        let Shown::Tool(view) = p.shows_tool(0, "read") else {
+            panic!("read has overrides")
+        };
+        let mut item = serde_json::json!({"name": "read", "description": "x", "annotations": {"destructiveHint": false}});
+        view.apply(item.as_object_mut().unwrap());
+        assert_eq!(item["description"], "Reads the repo");
+        assert_eq!(item["annotations"]["readOnlyHint"], true);
+        assert_eq!(item["annotations"]["destructiveHint"], false);
+    }
+
+    #[test]
+    fn grants_by_principal_group_or_covering_scope() {
+        let g = Grantees {
+            principals: vec!["alice".into()],
+            groups: vec!["eng".into()],
+            scopes: vec!["mcp:dev".into()],
+            ..Default::default()
+        };
+        let none = Claims::default();
+        let claims = |groups: &[&str], scopes: &[&str]| Claims {
+            groups: groups.iter().map(|s| Box::from(*s)).collect(),
+            scopes: scopes.iter().map(|s| Box::from(*s)).collect(),
+        };
+        assert!(g.admits(Some("alice"), &none));
+        assert!(!g.admits(Some("bob"), &none));
+        assert!(!g.admits(None, &none));
+        assert!(g.admits(Some("bob"), &claims(&["eng"], &[])));
+        assert!(g.admits(Some("bob"), &claims(&[], &["mcp"])));
+        assert!(!g.admits(
+            Some("bob"),
+            &claims(&["engineering"], &["mcp:dev:x", "mcp:de"])
+        ));
+        assert!(
+            Grantees {
+                everyone: true,
+                ..Default::default()
+            }
+            .admits(None, &none)
+        );
+    }
+}
