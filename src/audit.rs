@@ -80,7 +80,7 @@ const GENESIS: &str = "000000000000000000000000000000000000000000000000000000000
 /// One audited event.
 #[derive(Debug, Default, Serialize)]
 pub struct Event {
-    /// `call` or `denial`.
+    /// `call`, `denial`, `admin`, `approval`, `tool_change`, or the trail's own (`gap`, `checkpoint`, `restart`, `suppressed`).
     pub kind: &'static str,
     /// Who.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -524,10 +524,12 @@ pub struct Broken {
 }
 
 /// The kinds of records a trail holds.
-const KINDS: [&str; 7] = [
+const KINDS: [&str; 9] = [
     "call",
     "denial",
     "admin",
+    "approval",
+    "tool_change",
     "gap",
     "checkpoint",
     "restart",

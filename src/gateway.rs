@@ -20,6 +20,7 @@ use crate::mcp::session::Session;
 use crate::mcp::session_token;
 use crate::metrics::Metrics;
 use crate::orchestrator::{McpServerSpec, Phase, Runtime};
+use crate::pins::Pins;
 use crate::plugins::{PluginError, Plugins};
 use crate::topology::Topology;
 use crate::upstream::orchestrated::Orchestrated;
@@ -98,6 +99,8 @@ pub struct Gateway {
     pub plugins: Arc<Plugins>,
     /// The audit trail (off unless configured).
     pub audit: Arc<Audit>,
+    /// Approved tool definitions (when pinning is on).
+    pub pins: Option<Arc<Pins>>,
     epoch: Instant,
 }
 
@@ -108,6 +111,7 @@ impl Gateway {
         config: Config,
         orchestrator: Option<Arc<dyn Runtime>>,
         audit: Audit,
+        pins: Option<Arc<Pins>>,
     ) -> Result<Arc<Gateway>, PluginError> {
         let plugins = Plugins::load(&config.plugins)?;
         let round_trip_wait = ROUND_TRIP_WAIT.min(config.mcp.session_idle_timeout);
@@ -123,6 +127,7 @@ impl Gateway {
         }
         let gw = Gateway {
             audit: Arc::new(audit),
+            pins,
             plugins,
             auth: Auth::new(
                 &config.tokens,
@@ -178,6 +183,7 @@ impl Gateway {
             plugins: &self.plugins,
             metrics: &self.metrics,
             audit: &self.audit,
+            pins: self.pins.as_ref(),
             envelope: None,
         }
     }

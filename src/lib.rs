@@ -21,6 +21,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod orchestrator;
 pub mod outbound_tls;
+pub mod pins;
 pub mod plugins;
 pub mod process;
 pub mod relay;
@@ -59,6 +60,9 @@ pub enum StartError {
     /// The audit trail could not be opened.
     #[error("audit trail: {0}")]
     Audit(std::io::Error),
+    /// The tool pins could not be loaded.
+    #[error(transparent)]
+    Pins(#[from] pins::PinError),
     /// The orchestrator could not start or accept the configured servers.
     #[error("orchestrator: {0}")]
     Orchestrator(#[from] orchestrator::OrchestratorError),
@@ -114,7 +118,13 @@ pub async fn start_with(
         Some(settings) => audit::Audit::start(settings).map_err(StartError::Audit)?,
         None => audit::Audit::default(),
     };
-    let gateway = Gateway::new(config, orchestrator, audit)?;
+    let pins = config
+        .pinning
+        .as_ref()
+        .map(pins::Pins::open)
+        .transpose()?
+        .map(Arc::new);
+    let gateway = Gateway::new(config, orchestrator, audit, pins)?;
     let refresher = gateway
         .orchestrator
         .is_some()

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub sessions: Gauge,
     upstream_up: Family<ServerLabels, Gauge>,
     http_responses: Family<StatusLabels, Counter>,
+    tool_changes: Family<ServerLabels, Counter>,
+    /// Tools whose definitions wait for an operator's approval (changed, or new).
+    pub tools_unapproved: Gauge,
 }
 
 const KNOWN_METHODS: &[&str] = &[
@@ -177,7 +180,21 @@ impl Metrics {
             "HTTP responses by status",
             http_responses.clone(),
         );
+        let tool_changes = Family::<ServerLabels, Counter>::default();
+        registry.register(
+            "tool_definition_changes",
+            "Tool definitions that differed from the approved one when the gateway saw them",
+            tool_changes.clone(),
+        );
+        let tools_unapproved = Gauge::default();
+        registry.register(
+            "tools_unapproved",
+            "Tools whose definition waits for approval (changed since approved, or new)",
+            tools_unapproved.clone(),
+        );
         Arc::new(Metrics {
+            tool_changes,
+            tools_unapproved,
             registry,
             requests,
             latency,
@@ -224,6 +241,13 @@ impl Metrics {
         self.upstream_up
             .get_or_create(&ServerLabels { server })
             .set(i64::from(up));
+    }
+
+    /// Counts a tool definition seen changed.
+    pub fn tool_changed(&self, server: &'static str) {
+        self.tool_changes
+            .get_or_create(&ServerLabels { server })
+            .inc();
     }
 
     /// Counts an HTTP response.

@@ -637,10 +637,12 @@ async fn each_profile_is_a_resource_of_its_own() {
     resource_name: Test gateway
     issuers: [{{ issuer: {iss:?}, jwks_uri: {jwks:?} }}]
     required_scopes: [mcp:connect]
+    scope_rules:
+      - {{ methods: [tools/call], names: [echo], scopes: [mcp:echo] }}
 mcp:
   root_access: {{ everyone: true }}
 profiles:
-  - {{ name: dev, description: Developer tools, grant: {{ scopes: [mcp:dev] }}, servers: [{{ name: ex }}] }}
+  - {{ name: dev, description: Developer tools, grant: {{ scopes: [mcp:dev] }}, servers: [{{ name: ex, tools: [{{ name: echo, rename: say }}, {{ name: add }}] }}] }}
   - {{ name: team, grant: {{ groups: [eng] }}, servers: [{{ name: ex }}] }}
 ",
         iss = issuer.url,
@@ -708,6 +710,22 @@ profiles:
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
 
+    // A rename does not slip past the scope rule written for the tool's own name.
+    let mut dev = Client::new(format!("http://{}/mcp/dev", gw.addr));
+    dev.token = Some(token(&dev_resource, "mcp:connect mcp:dev", json!([])));
+    dev.initialize(json!({})).await;
+    let r = dev
+        .post(json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"say","arguments":{"text":"x"}}}).to_string())
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(challenge(&r).contains("mcp:echo"), "{}", challenge(&r));
+    dev.token = Some(token(
+        &dev_resource,
+        "mcp:connect mcp:dev mcp:echo",
+        json!([]),
+    ));
+    assert_eq!(dev.tool_text(2, "say", json!({"text": "ok"})).await, "ok");
+
     // Granted by group.
     let team = format!("{RESOURCE}/team");
     let r = initialize_at("/mcp/team", token(&team, "mcp:connect", json!(["eng"]))).await;
@@ -728,7 +746,10 @@ profiles:
     let doc = r.json();
     assert_eq!(doc["resource"], dev_resource);
     assert_eq!(doc["resource_name"], "Developer tools");
-    assert_eq!(doc["scopes_supported"], json!(["mcp:connect", "mcp:dev"]));
+    assert_eq!(
+        doc["scopes_supported"],
+        json!(["mcp:connect", "mcp:echo", "mcp:dev"])
+    );
     assert_eq!(doc["authorization_servers"], json!([issuer.url]));
     let doc = get("/.well-known/oauth-protected-resource/mcp/team")
         .await

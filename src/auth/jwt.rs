@@ -363,7 +363,12 @@ impl Verifier {
         };
         let mut scopes = list(c.remove("scope"), "scope")?;
         scopes.extend(list(c.remove("scp"), "scp")?);
-        let groups = list(c.remove(&self.groups_claim), &self.groups_claim)?;
+        // Groups name people of the issuer, like principals: namespaced the same way, so that
+        // one issuer's `eng` is not another's.
+        let groups = list(c.remove(&self.groups_claim), &self.groups_claim)?
+            .into_iter()
+            .map(|g| Box::from(format!("{prefix}{g}")))
+            .collect();
         Ok(Verified {
             principal,
             scopes,

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod pinning;
 pub mod profiles;
 
 use crate::orchestrator::{ResolvedServer, ServerDef};
@@ -83,6 +84,9 @@ pub struct RawConfig {
     /// Profiles (virtual servers) served at `/mcp/{name}`.
     #[serde(default)]
     pub profiles: Vec<ProfileConfig>,
+    /// Tool-definition pinning: off unless set.
+    #[serde(default)]
+    pub pinning: Option<pinning::PinningConfig>,
 }
 
 /// Raw audit-trail settings.
@@ -616,6 +620,8 @@ pub struct Config {
     pub audit: Option<AuditSettings>,
     /// Profiles served at `/mcp/{name}`.
     pub profiles: Vec<Arc<ProfileConfig>>,
+    /// Tool-definition pinning, if on.
+    pub pinning: Option<pinning::PinningConfig>,
 }
 
 /// Validated orchestrator settings.
@@ -1057,6 +1063,7 @@ impl RawConfig {
 
         Ok(Config {
             profiles: self.profiles.into_iter().map(Arc::new).collect(),
+            pinning: self.pinning,
             plugins: self.plugins,
             servers,
             orchestrator,

@@ -85,6 +85,19 @@ pub struct ProfileTool {
     pub annotations: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+impl ProfileConfig {
+    /// The server and the server's own name of the tool renamed `public`, if one is.
+    pub fn renamed_tool(&self, public: &str) -> Option<(&str, &str)> {
+        self.servers.iter().find_map(|s| {
+            s.tools
+                .iter()
+                .flatten()
+                .find(|t| t.rename.as_deref() == Some(public))
+                .map(|t| (s.name.as_str(), t.name.as_str()))
+        })
+    }
+}
+
 impl ProfileTool {
     fn overrides(&self) -> bool {
         self.rename.is_some()
@@ -157,10 +170,17 @@ pub fn validate(profiles: &[ProfileConfig]) -> Result<(), ProfileError> {
                     format!("server {:?} is listed twice in this profile", server.name),
                 ));
             }
+            let mut tools = std::collections::HashSet::new();
             for (t, tool) in server.tools.iter().flatten().enumerate() {
                 let at = format!("{at}.tools[{t}]");
                 if tool.name.is_empty() {
                     return Err(error(format!("{at}.name"), "must not be empty"));
+                }
+                if !tools.insert(tool.name.as_str()) {
+                    return Err(error(
+                        format!("{at}.name"),
+                        format!("tool {:?} is listed twice for this server", tool.name),
+                    ));
                 }
                 let glob = tool.name.contains(['*', '?']);
                 if glob && tool.overrides() {
@@ -243,6 +263,10 @@ mod tests {
             (
                 "- {name: a, grant: {everyone: true}, servers: [{name: s, tools: [{name: x, rename: y}]}, {name: t, tools: [{name: x, rename: y}]}]}",
                 "profiles[0].servers[1].tools[0].rename",
+            ),
+            (
+                "- {name: a, grant: {everyone: true}, servers: [{name: s, tools: [{name: x, rename: y}, {name: x}]}]}",
+                "profiles[0].servers[0].tools[1].name",
             ),
         ];
         for (yaml, field) in cases {

@@ -510,7 +510,7 @@ async fn post(
     let body = read_body(gw, req).await?;
     let msg = jsonrpc::parse(body)?;
     if let Kind::Request { id, method, params } = &msg.kind
-        && let Err(e) = gw.auth.authorize(identity, method, params.as_deref())
+        && let Err(e) = authorize(gw, identity, profile, method, params.as_deref())
     {
         tracing::debug!(%method, "refused MCP request: {e}");
         audit_refusal(
@@ -571,6 +571,44 @@ async fn post(
             }
             Ok(accepted())
         }
+    }
+}
+
+/// The scope rules for a request. A tool a profile renamed is also checked under the name the
+/// rules know it by (its server's, prefixed as at `/mcp`): a rename must not slip past a rule
+/// written for that tool, nor take another tool's.
+fn authorize(
+    gw: &Gateway,
+    identity: Option<&Identity>,
+    profile: Option<&Arc<ProfileConfig>>,
+    method: &str,
+    params: Option<&[u8]>,
+) -> Result<(), AuthError> {
+    gw.auth.authorize(identity, method, params)?;
+    let renamed = match (profile, method) {
+        (Some(p), "tools/call") => {
+            #[derive(serde::Deserialize)]
+            struct Named<'a> {
+                #[serde(borrow)]
+                name: std::borrow::Cow<'a, str>,
+            }
+            params
+                .and_then(|p| serde_json::from_slice::<Named<'_>>(p).ok())
+                .and_then(|n| {
+                    let (server, tool) = p.renamed_tool(&n.name)?;
+                    let topology = gw.topology();
+                    let index = topology.router.index_of(server)?;
+                    Some(topology.router.public_name(index, tool))
+                })
+        }
+        _ => None,
+    };
+    match renamed {
+        Some(name) => {
+            let params = serde_json::json!({ "name": name }).to_string();
+            gw.auth.authorize(identity, method, Some(params.as_bytes()))
+        }
+        None => Ok(()),
     }
 }
 

@@ -80,6 +80,16 @@ fn globs(patterns: &Option<Vec<String>>) -> Option<Vec<WildMatch>> {
         .map(|p| p.iter().map(|g| WildMatch::new(g)).collect())
 }
 
+/// Whether `uri` has a part a server may resolve to another path than the text says.
+fn escapes(uri: &str) -> bool {
+    let path = uri.split(['?', '#']).next().unwrap_or(uri);
+    path.contains('\\')
+        || path.split('/').any(|seg| seg == "." || seg == "..")
+        || ["%2e", "%2f", "%5c", "%00"]
+            .iter()
+            .any(|bad| path.to_ascii_lowercase().contains(bad))
+}
+
 /// Whether a listing item shows, and how.
 pub enum Shown<'a> {
     /// Not in the profile.
@@ -218,11 +228,13 @@ impl Profile {
     }
 
     /// Whether the profile shows the resource (or resource template) `uri` of upstream `index`.
+    /// Under globs, a URI that could name another path once a server normalizes it (dot
+    /// segments, encoded dots or slashes, backslashes) is not shown: `*` would match across it.
     pub fn shows_resource(&self, index: usize, uri: &str) -> bool {
         self.scope(index).is_some_and(|s| {
             s.resources
                 .as_ref()
-                .is_none_or(|g| g.iter().any(|g| g.matches(uri)))
+                .is_none_or(|g| !escapes(uri) && g.iter().any(|g| g.matches(uri)))
         })
     }
 
@@ -289,6 +301,15 @@ mod tests {
         assert_eq!(p.prompt(&router, "gh__p"), Some((1, "p")));
         assert!(p.shows_resource(0, "file:///repo/a"));
         assert!(!p.shows_resource(0, "file:///etc/passwd"));
+        for sneaky in [
+            "file:///repo/../etc/passwd",
+            "file:///repo/%2e%2e/etc/passwd",
+            "file:///repo/a%2Fb",
+            "file:///repo/..",
+            "file:///repo/.\\x",
+        ] {
+            assert!(!p.shows_resource(0, sneaky), "{sneaky}");
+        }
         assert!(!p.shows_resource(2, "file:///repo/a"));
         assert!(p.serves(1) && !p.serves(2));
         assert_eq!(

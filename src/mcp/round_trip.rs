@@ -152,6 +152,9 @@ struct Relayed {
     t: Option<String>,
     /// The server's own `requestState`.
     s: String,
+    /// The profile whose endpoint it was issued on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    f: Option<String>,
 }
 
 /// What a retry's `requestState` picks up.
@@ -168,8 +171,8 @@ pub enum ResumeError {
     /// Forged, altered or not a token of this gateway.
     #[error("requestState is not valid: {0}")]
     Invalid(String),
-    /// Issued to another caller.
-    #[error("requestState was not issued to this caller")]
+    /// Issued to another caller, or on another endpoint.
+    #[error("requestState was not issued to this caller on this endpoint")]
     Foreign,
     /// Expired, already used, or its call ended.
     #[error("requestState has expired or was already used; send the request again without it")]
@@ -240,11 +243,12 @@ impl RoundTrips {
     /// `target`: the client cannot read or change it, nor use it for another request or caller.
     pub fn relay(
         &self,
-        principal: Option<&Principal>,
+        (principal, profile): (Option<&Principal>, Option<&str>),
         (method, target): (&str, Option<&str>),
         state: &str,
     ) -> String {
         let relayed = Relayed {
+            f: profile.map(str::to_owned),
             p: principal.map(|p| p.to_string()),
             e: now_ms() + self.ttl.as_millis() as u64,
             m: method.to_owned(),
@@ -259,7 +263,7 @@ impl RoundTrips {
     /// call it parks, or the server state it carries.
     pub fn resume(
         &self,
-        principal: Option<&Principal>,
+        (principal, profile): (Option<&Principal>, Option<&str>),
         token: &str,
         method: &str,
         target: Option<&str>,
@@ -267,7 +271,7 @@ impl RoundTrips {
         let plain = match self.sealer.open(PURPOSE, token) {
             Ok(plain) => plain,
             Err(crate::mcp::seal::SealError::Forged) => {
-                return self.resume_relayed(principal, token, method, target);
+                return self.resume_relayed((principal, profile), token, method, target);
             }
             Err(e) => return Err(ResumeError::Invalid(e.to_string())),
         };
@@ -279,12 +283,16 @@ impl RoundTrips {
         if state.e < now_ms() {
             return Err(ResumeError::Gone);
         }
-        // Taken only by the retry of its own request: a mismatched one leaves it in place.
+        // Taken only by the retry of its own request, on its own endpoint: a mismatched one
+        // leaves it in place.
         let taken = self.parked.remove_if(&state.i, |_, p| {
-            p.method == method && p.target.as_deref() == target
+            p.method == method
+                && p.target.as_deref() == target
+                && p.session.profile_name() == profile
         });
         let Some((_, mut parked)) = taken else {
             return Err(match self.parked.get(&state.i) {
+                Some(p) if p.session.profile_name() != profile => ResumeError::Foreign,
                 Some(p) => ResumeError::Mismatch(
                     format!("{} {}", p.method, p.target.as_deref().unwrap_or(""))
                         .trim_end()
@@ -301,7 +309,7 @@ impl RoundTrips {
 
     fn resume_relayed(
         &self,
-        principal: Option<&Principal>,
+        (principal, profile): (Option<&Principal>, Option<&str>),
         token: &str,
         method: &str,
         target: Option<&str>,
@@ -312,7 +320,7 @@ impl RoundTrips {
             .map_err(|e| ResumeError::Invalid(e.to_string()))?;
         let r: Relayed = serde_json::from_slice(&plain)
             .map_err(|_| ResumeError::Invalid("unreadable content".into()))?;
-        if r.p.as_deref() != principal.map(|p| &**p) {
+        if r.p.as_deref() != principal.map(|p| &**p) || r.f.as_deref() != profile {
             return Err(ResumeError::Foreign);
         }
         if r.e < now_ms() {

@@ -427,8 +427,10 @@ impl Session {
         }
         listen.sink = Some(sink);
         drop(listen);
-        for link in self.links.iter() {
-            link.open_listen_stream();
+        for (i, link) in self.links.iter().enumerate() {
+            if self.serves(i) {
+                link.open_listen_stream();
+            }
         }
         true
     }

@@ -549,18 +549,12 @@ pub(crate) async fn post(
     let mut params = Some(params);
     if let Some(state) = retry.state {
         let resumed = gw.round_trips.resume(
-            principal.as_ref(),
+            (principal.as_ref(), profile.map(|p| p.name.as_str())),
             &state,
             &round.method,
             round.target.as_deref(),
         );
         match resumed {
-            // A call parked on one endpoint is resumed on that endpoint only.
-            Ok(round_trip::Resumed::Parked(parked))
-                if parked.session.profile_name() != profile.map(|p| p.name.as_str()) =>
-            {
-                return invalid("requestState was issued by another endpoint of this gateway");
-            }
             Ok(round_trip::Resumed::Parked(parked)) => {
                 return round.resume(parked, retry.responses).await;
             }
@@ -923,7 +917,7 @@ impl Round {
                 )));
             }
             let token = self.gw.round_trips.relay(
-                self.principal.as_ref(),
+                (self.principal.as_ref(), session.profile_name()),
                 (&self.method, self.target.as_deref()),
                 &state,
             );

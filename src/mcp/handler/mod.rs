@@ -96,6 +96,8 @@ pub struct Services<'a> {
     pub metrics: &'a Arc<Metrics>,
     /// The audit trail.
     pub audit: &'a Arc<crate::audit::Audit>,
+    /// Approved tool definitions, when pinning is on.
+    pub pins: Option<&'a Arc<crate::pins::Pins>>,
     /// A 2026-07-28 client's envelope (the `_meta` members the stateless front took out of
     /// its params): what a 2026-07-28 server is sent on its behalf.
     pub envelope: Option<&'a Arc<str>>,
