@@ -8,6 +8,9 @@
 //! DELETE /admin/v1/servers/{name}               stop and remove
 //! POST   /admin/v1/servers/{name}/restart       restart its process or pod
 //! GET    /admin/v1/servers/{name}/logs          recent output (?previous=true&tail=N)
+//! GET    /admin/v1/pins                         tool definitions: approved, and waiting
+//! POST   /admin/v1/pins/approve                 approve what waits (body: server, tool,
+//!                                               digest of the definition reviewed)
 //! ```
 //!
 //! It is off unless `admin.tokens` is set, and takes only those tokens (client tokens do not
@@ -56,12 +59,24 @@ enum AdminError {
     Configured(String),
     #[error(transparent)]
     Orchestrator(#[from] OrchestratorError),
+    #[error("tool-definition pinning is off: set pinning in the config file")]
+    PinningOff,
+    #[error(transparent)]
+    Approve(#[from] crate::pins::ApproveError),
 }
 
 impl AdminError {
     fn status(&self) -> StatusCode {
         match self {
-            AdminError::Off | AdminError::NoRoute(_) => StatusCode::NOT_FOUND,
+            AdminError::Off | AdminError::NoRoute(_) | AdminError::PinningOff => {
+                StatusCode::NOT_FOUND
+            }
+            AdminError::Approve(e) => match e {
+                crate::pins::ApproveError::Unknown { .. } => StatusCode::NOT_FOUND,
+                crate::pins::ApproveError::NothingToApprove { .. }
+                | crate::pins::ApproveError::Stale { .. } => StatusCode::CONFLICT,
+                crate::pins::ApproveError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             AdminError::Auth(_) => StatusCode::UNAUTHORIZED,
             AdminError::Method { .. } => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -173,6 +188,9 @@ async fn handle(
         .authenticate(req.headers(), None)
         .await?
         .map(|i| i.principal);
+    if req.uri().path().starts_with(PINS) {
+        return pins(gw, req, principal.as_deref().unwrap_or("-")).await;
+    }
     let Some(runtime) = gw.orchestrator.clone() else {
         return Err(AdminError::Off);
     };
@@ -239,6 +257,81 @@ async fn handle(
     }
 }
 
+/// Where the pins are.
+const PINS: &str = "/admin/v1/pins";
+
+/// The pins: every tool's approved definition, what waits, and approvals.
+async fn pins(
+    gw: &Arc<Gateway>,
+    req: Request<hyper::body::Incoming>,
+    who: &str,
+) -> Result<Response<Body>, AdminError> {
+    let Some(pins) = gw.pins.clone() else {
+        return Err(AdminError::PinningOff);
+    };
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    match path.trim_end_matches('/') {
+        PINS => {
+            allow(&method, &[Method::GET], "GET")?;
+            let mut out = Vec::new();
+            for (server, tools) in pins.list() {
+                for (tool, pin) in tools {
+                    let state = match (&pin.approved, &pin.waiting) {
+                        (_, None) => "approved",
+                        (Some(_), Some(_)) => "changed",
+                        (None, Some(_)) => "new",
+                    };
+                    let changed = match (&pin.approved, &pin.waiting) {
+                        (Some(a), Some(w)) => {
+                            crate::pins::changed_fields(&a.definition, &w.definition)
+                        }
+                        _ => Vec::new(),
+                    };
+                    out.push(serde_json::json!({
+                        "server": server, "tool": tool, "state": state,
+                        "changed_fields": changed,
+                        "approved": pin.approved, "waiting": pin.waiting,
+                    }));
+                }
+            }
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "blocking": pins.blocks(),
+                    "unapproved": pins.unapproved(),
+                    "pins": out,
+                }),
+            ))
+        }
+        "/admin/v1/pins/approve" => {
+            allow(&method, &[Method::POST], "POST")?;
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Approve {
+                server: String,
+                tool: String,
+                /// The digest of the definition the operator reviewed.
+                digest: Option<String>,
+            }
+            let body = json_body(gw, req).await?;
+            let a: Approve =
+                serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
+            let pin = pins.approve(
+                &a.server,
+                &a.tool,
+                a.digest.as_deref(),
+                who,
+                &gw.audit,
+                &gw.metrics,
+            )?;
+            tracing::info!(server = %a.server, tool = %a.tool, by = who, "tool definition approved through the admin API");
+            Ok(json(StatusCode::OK, &pin))
+        }
+        _ => Err(AdminError::NoRoute(path)),
+    }
+}
+
 async fn put(
     gw: &Arc<Gateway>,
     runtime: &dyn Runtime,
@@ -280,6 +373,12 @@ async fn spec_of(
     gw: &Gateway,
     req: Request<hyper::body::Incoming>,
 ) -> Result<McpServerSpec, AdminError> {
+    let body = json_body(gw, req).await?;
+    serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))
+}
+
+/// A JSON request body, within the body limits.
+async fn json_body(gw: &Gateway, req: Request<hyper::body::Incoming>) -> Result<Bytes, AdminError> {
     let is_json = req
         .headers()
         .get(CONTENT_TYPE)
@@ -289,8 +388,7 @@ async fn spec_of(
     if !is_json {
         return Err(AdminError::ContentType);
     }
-    let body: Bytes = read_body(gw, req).await.map_err(AdminError::Body)?;
-    serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))
+    read_body(gw, req).await.map_err(AdminError::Body)
 }
 
 fn configured_here(gw: &Gateway, name: &str) -> Result<(), AdminError> {

@@ -23,6 +23,8 @@ pub struct Options {
     pub test_tools: bool,
     /// Paginate `tools/list` with this many tools per page (0: one page).
     pub page_size: usize,
+    /// The echo tool's description, in place of the usual one.
+    pub echo_description: Option<String>,
 }
 
 /// Serves MCP Streamable HTTP (JSON responses, sessions) on `addr` until the process ends.
@@ -238,7 +240,10 @@ async fn handle(
         }
         "ping" | "logging/setLevel" => Ok(json!({})),
         "tools/list" => {
-            let all = tools(opts.test_tools);
+            let mut all = tools(opts.test_tools);
+            if let Some(d) = &opts.echo_description {
+                all[0]["description"] = json!(d);
+            }
             if opts.page_size == 0 {
                 return Ok(json!({"tools": all}));
             }

@@ -48,6 +48,9 @@ enum Command {
         /// Serve Streamable HTTP on this address instead of stdio.
         #[arg(long)]
         http: Option<std::net::SocketAddr>,
+        /// Describe the echo tool with this text (a server that changes a tool, for tests).
+        #[arg(long)]
+        echo_description: Option<String>,
     },
     /// Work with the audit trail.
     Audit {
@@ -105,11 +108,13 @@ fn main() -> anyhow::Result<()> {
             name,
             page_size,
             http,
+            echo_description,
         } => {
             let opts = gatehouse::example_server::Options {
                 name,
                 test_tools,
                 page_size,
+                echo_description,
             };
             match http {
                 Some(addr) => rt.block_on(gatehouse::example_server::run_http(opts, addr))?,

@@ -779,6 +779,17 @@ impl Config {
                 connect_timeout: None,
                 protocol: UpstreamProtocol::Auto,
             }],
+            // Tool definitions are pinned in the user's state directory, and a change is
+            // recorded (a warning and a metric) rather than blocked: a demo must keep working
+            // across versions of its own example server.
+            pinning: std::env::var_os("XDG_STATE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))
+                .map(|state| pinning::PinningConfig {
+                    file: Some(state.join("gatehouse/pins.json")),
+                    on_change: pinning::OnChange::Warn,
+                    ..Default::default()
+                }),
             ..RawConfig::default()
         }
         .validate()

@@ -35,6 +35,8 @@ pub mod code {
     pub const MISSING_CLIENT_CAPABILITY: i64 = -32021;
     /// 2026-07-28: the request's protocol version is not one the server speaks.
     pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
+    /// The tool's definition changed (or is new) and waits for an operator's approval.
+    pub const TOOL_NOT_APPROVED: i64 = -32040;
 }
 
 /// The `code` of a JSON-RPC error object, if it has one.

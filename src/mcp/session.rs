@@ -5,7 +5,7 @@
 //! request they relate to, else to the client's GET stream.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
@@ -110,6 +110,8 @@ pub struct Session {
     profile: Option<Profile>,
     links: Box<[Link]>,
     upstream_caps: Box<[AtomicU8]>,
+    /// Per upstream: whether its tool definitions were checked against the pins yet.
+    tools_pinned: Box<[AtomicBool]>,
     inflight: Mutex<HashMap<Bytes, (u64, oneshot::Sender<()>)>>,
     next_ticket: AtomicU64,
     /// Server requests waiting for the client's answer: the session's number → (upstream,
@@ -244,6 +246,7 @@ impl Session {
                     .iter()
                     .map(|_| AtomicU8::new(caps::UNKNOWN))
                     .collect(),
+                tools_pinned: servers.iter().map(|_| AtomicBool::new(false)).collect(),
                 topology: topology.clone(),
                 inflight: Mutex::new(HashMap::new()),
                 next_ticket: AtomicU64::new(0),
@@ -304,6 +307,14 @@ impl Session {
     /// The name of the profile it was opened on.
     pub fn profile_name(&self) -> Option<&str> {
         self.profile.as_ref().map(|p| &*p.name)
+    }
+
+    /// True the first time it is asked for upstream `index`: its tool definitions are then
+    /// checked against the pins before the session's first call to it.
+    pub fn first_pin_check(&self, index: usize) -> bool {
+        self.tools_pinned
+            .get(index)
+            .is_some_and(|b| !b.swap(true, Ordering::AcqRel))
     }
 
     /// Whether the session sees anything of upstream `index`.

@@ -145,7 +145,10 @@ pub(super) async fn list(
         };
         // A first page from the link's cache is the same buffer as last time: without plugins
         // (whose verdicts may change) what was made of it then still holds.
-        let reusable = cursor.is_none() && sv.plugins.current().is_empty();
+        // Nor with tools waiting for approval (an approval shows them again).
+        let reusable = cursor.is_none()
+            && sv.plugins.current().is_empty()
+            && sv.pins.is_none_or(|p| p.unapproved() == 0);
         let merged = match reusable
             .then(|| session.merged_page(*index, kind.method, &page))
             .flatten()
@@ -245,8 +248,16 @@ pub(super) async fn merge_page(
     };
     let router = &session.topology().router;
     let prefixing = kind.rename && router.prefixing();
+    let server = &session.topology().servers[index];
+    let pins = sv.pins.filter(|_| kind.key == "tools");
     for (i, item) in list.into_iter().enumerate() {
         let raw = item.get();
+        // Every definition seen is checked against its pin; a flagged one is not shown.
+        if let Some(pins) = pins
+            && !pins.observe(&server.name, server.label, raw, sv.audit, sv.metrics)
+        {
+            continue;
+        }
         // Resources are learned for routing even when hidden: a read of a hidden one is then
         // denied by policy, not reported unknown.
         if matches!(kind.key, "resources" | "resourceTemplates") {
@@ -377,4 +388,37 @@ fn profile_item(
     } else {
         ProfileItem::Hidden
     })
+}
+
+/// Checks the tool definitions of upstream `index` against the pins before the session's
+/// first call to it: a server that changed a tool since it was approved (between two runs, say)
+/// is caught even when the client calls without listing.
+pub(super) async fn pin_check(sv: Services<'_>, session: &Arc<Session>, index: usize) {
+    let Some(pins) = sv.pins else {
+        return;
+    };
+    if !session.first_pin_check(index) {
+        return;
+    }
+    if session
+        .connect(index)
+        .await
+        .is_ok_and(|bits| bits & caps::TOOLS == 0)
+    {
+        return;
+    }
+    let Ok(Outcome::Result(page)) = session.links()[index].first_page(TOOLS.method).await else {
+        return; // the call itself will fail the same way
+    };
+    #[derive(serde::Deserialize)]
+    struct Page<'a> {
+        #[serde(borrow, default)]
+        tools: Vec<&'a RawValue>,
+    }
+    let server = &session.topology().servers[index];
+    if let Ok(p) = serde_json::from_slice::<Page<'_>>(&page) {
+        for tool in p.tools {
+            pins.observe(&server.name, server.label, tool.get(), sv.audit, sv.metrics);
+        }
+    }
 }

@@ -210,7 +210,8 @@ pub async fn request(
     let single = session.topology().servers.len() == 1
         && !session.topology().router.prefixing()
         && session.profile().is_none();
-    let direct = single && plugins.is_empty();
+    // (With pinning on, tools are checked by name: through the table too.)
+    let direct = single && plugins.is_empty() && sv.pins.is_none();
     let reply = match method {
         "ping" => Reply::Json(jsonrpc::response(
             &id,
@@ -250,6 +251,34 @@ pub async fn request(
             let Some((index, local)) = resolved else {
                 return invalid_params(&id, &format!("unknown {what}: {name}"));
             };
+            if method == "tools/call"
+                && let Some(pins) = sv.pins
+            {
+                aggregate::pin_check(sv, session, index).await;
+                let server = &session.topology().servers[index];
+                if let Err(why) = pins.check(&server.name, local) {
+                    sv.metrics
+                        .record(label, server.label, "denied", started.elapsed());
+                    sv.audit.record(crate::audit::Event {
+                        kind: "denial",
+                        principal: session.principal.clone(),
+                        session: Some(session.log_id().to_owned()),
+                        profile: session.profile().map(|p| p.name.clone()),
+                        server: Some(server.name.clone()),
+                        method: method.to_owned(),
+                        name: Some(local.to_owned()),
+                        decision: "denied",
+                        by: Some(Arc::from("pinning")),
+                        outcome: Some(why.clone()),
+                        ..Default::default()
+                    });
+                    return Reply::Json(jsonrpc::error_response(
+                        Some(&id),
+                        code::TOOL_NOT_APPROVED,
+                        &why,
+                    ));
+                }
+            }
             let policy = Policy::for_call(
                 &plugins,
                 Some(sv.audit),
