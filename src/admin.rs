@@ -311,8 +311,9 @@ async fn pins(
             struct Approve {
                 server: String,
                 tool: String,
-                /// The digest of the definition the operator reviewed.
-                digest: Option<String>,
+                /// The digest of the definition the operator reviewed (required: what waits
+                /// may have changed again since).
+                digest: String,
             }
             let body = json_body(gw, req).await?;
             let a: Approve =
@@ -320,7 +321,7 @@ async fn pins(
             let pin = pins.approve(
                 &a.server,
                 &a.tool,
-                a.digest.as_deref(),
+                Some(&a.digest),
                 who,
                 &gw.audit,
                 &gw.metrics,

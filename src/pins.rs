@@ -163,7 +163,16 @@ pub struct Pins {
     writing: std::sync::Mutex<()>,
     /// How many tools are flagged (kept with each change, read per listing).
     flagged: std::sync::atomic::AtomicUsize,
+    /// Changed since the file was last written ([`Pins::flush`] writes it).
+    dirty: std::sync::atomic::AtomicBool,
 }
+
+/// Most tools pinned per server.
+const MAX_TOOLS: usize = 2048;
+/// Longest tool definition pinned (its listing item, bytes).
+const MAX_DEFINITION: usize = 256 * 1024;
+/// Longest tool name pinned.
+const MAX_NAME: usize = 256;
 
 impl Pins {
     /// Opens the pins: those kept in the settings' file, if it exists.
@@ -182,6 +191,22 @@ impl Pins {
                             path: path.clone(),
                             reason: format!("version {} (this gateway writes 1)", file.version),
                         });
+                    }
+                    for (server, tools) in &file.servers {
+                        for (tool, pin) in tools {
+                            for d in pin.approved.iter().chain(pin.waiting.iter()) {
+                                let digest =
+                                    hex(&Sha256::digest(d.definition.to_string().as_bytes()));
+                                if digest != d.digest {
+                                    return Err(PinError::Invalid {
+                                        path: path.clone(),
+                                        reason: format!(
+                                            "the digest of {server}/{tool} does not match its definition"
+                                        ),
+                                    });
+                                }
+                            }
+                        }
                     }
                     for (server, tools) in file.servers {
                         let tools: HashMap<Box<str>, Pin> =
@@ -203,6 +228,7 @@ impl Pins {
             servers,
             writing: std::sync::Mutex::new(()),
             flagged: Default::default(),
+            dirty: Default::default(),
         };
         pins.count_flagged();
         Ok(pins)
@@ -228,15 +254,22 @@ impl Pins {
         n
     }
 
-    /// Whether tool `tool` of `server` may be called: `Err` names why not.
+    /// Whether tool `tool` of `server` may be called: `Err` names why not. While blocking, a
+    /// tool whose definition was never seen (the server does not list it) is not callable.
     pub fn check(&self, server: &str, tool: &str) -> Result<(), String> {
         if !self.blocks() {
             return Ok(());
         }
+        let unseen = || {
+            format!(
+                "tool {tool} of server {server} is not in the server's tool list, so its definition cannot be checked"
+            )
+        };
         let Some(tools) = self.servers.get(server) else {
-            return Ok(()); // never seen: nothing to compare with
+            return Err(unseen());
         };
         match tools.get(tool) {
+            None => Err(unseen()),
             Some(pin) if pin.is_flagged() => Err(match &pin.approved {
                 Some(_) => format!(
                     "tool {tool} of server {server} changed since it was approved; an operator must approve the new definition (admin API: /admin/v1/pins)"
@@ -258,9 +291,15 @@ impl Pins {
         audit: &Audit,
         metrics: &Metrics,
     ) -> bool {
-        let Some((name, definition, digest)) = definition_of(item) else {
-            return true; // not a tool the client could call by name either
+        // What cannot be read as a definition cannot be checked: not shown while blocking.
+        let Some((name, definition, digest)) =
+            definition_of(item).filter(|_| item.len() <= MAX_DEFINITION)
+        else {
+            return !self.blocks();
         };
+        if name.len() > MAX_NAME {
+            return !self.blocks();
+        }
         // The common case, read-only: the approved definition again.
         if let Some(tools) = self.servers.get(&**server)
             && let Some(pin) = tools.get(name.as_str())
@@ -283,6 +322,11 @@ impl Pins {
         let mut event = None;
         {
             let mut tools = self.servers.entry(server.clone()).or_default();
+            // A server cannot grow the pins without bound: past the cap, new names are not
+            // kept, and so neither shown nor callable while blocking.
+            if tools.len() >= MAX_TOOLS && !tools.contains_key(name.as_str()) {
+                return !self.blocks();
+            }
             let pin = tools.entry(Box::from(name.as_str())).or_insert(Pin {
                 approved: None,
                 waiting: None,
@@ -330,7 +374,7 @@ impl Pins {
                 ..Default::default()
             });
             metrics.tools_unapproved.set(self.count_flagged() as i64);
-            self.save();
+            self.dirty.store(true, std::sync::atomic::Ordering::Release);
         }
         !(flagged && self.blocks())
     }
@@ -413,6 +457,15 @@ impl Pins {
             .collect()
     }
 
+    /// Writes the file if anything changed since it was last written: once per listing page,
+    /// off the runtime's workers.
+    pub async fn flush(self: &Arc<Self>) {
+        if self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            let pins = self.clone();
+            let _ = tokio::task::spawn_blocking(move || pins.save()).await;
+        }
+    }
+
     /// Writes the file whole (a temporary file, then a rename: never half written); false
     /// when it could not be written (logged).
     fn save(&self) -> bool {
@@ -436,14 +489,32 @@ impl Pins {
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    // A fresh name, created (not opened: a planted link is not followed), owner-only.
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let tmp = path.with_extension(format!("tmp-{}", hex(&nonce)));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // The rename itself survives a crash once the directory is synced.
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    written
 }
 
 /// The defining fields that differ between two definitions.
@@ -469,8 +540,17 @@ mod tests {
         let pins = Pins::open(&PinningConfig::default()).unwrap();
         let (audit, metrics) = (Audit::default(), Metrics::new());
         let s: Arc<str> = Arc::from("a");
+        assert!(
+            pins.check("a", "echo")
+                .unwrap_err()
+                .contains("not in the server's tool list")
+        );
         assert!(pins.observe(&s, "a", &tool("Echoes"), &audit, &metrics));
         assert_eq!(pins.check("a", "echo"), Ok(()));
+        assert!(pins.check("a", "hidden").is_err(), "a tool never listed");
+        // An item that cannot be read as a definition is not shown while blocking.
+        assert!(!pins.observe(&s, "a", r#"{"name": "deep", "x": 1e400}"#, &audit, &metrics));
+        assert!(!pins.observe(&s, "a", r#"{"nameless": true}"#, &audit, &metrics));
         // What is not part of the definition may change.
         let same = serde_json::json!({"name": "echo", "description": "Echoes",
             "inputSchema": {"type": "object"}, "_meta": {"other": 1}})
@@ -553,12 +633,21 @@ mod tests {
         let s: Arc<str> = Arc::from("a");
         let pins = Pins::open(&settings).unwrap();
         assert!(pins.observe(&s, "a", &tool("Echoes"), &audit, &metrics));
+        assert!(pins.save());
         drop(pins);
         let again = Pins::open(&settings).unwrap();
         assert!(!again.observe(&s, "a", &tool("Changed"), &audit, &metrics));
+        assert!(again.save());
         drop(again);
         let third = Pins::open(&settings).unwrap();
         assert!(third.check("a", "echo").is_err(), "the flag is kept too");
+        // A definition edited in the file without its digest is refused.
+        let text = std::fs::read_to_string(dir.join("pins.json")).unwrap();
+        std::fs::write(dir.join("pins.json"), text.replace("Echoes", "Echoez")).unwrap();
+        assert!(matches!(
+            Pins::open(&settings),
+            Err(PinError::Invalid { .. })
+        ));
         std::fs::write(dir.join("pins.json"), "{not json").unwrap();
         assert!(matches!(
             Pins::open(&settings),

@@ -140,8 +140,10 @@ async fn a_tool_changed_between_two_runs_is_held_until_an_operator_approves_it()
     let approve = |body: Value| admin(&gw, "POST", "/admin/v1/pins/approve", Some(body));
     let (status, _) = approve(json!({"server": "a", "tool": "echo", "digest": "00"})).await;
     assert_eq!(status, 409);
-    let (status, _) = approve(json!({"server": "a", "tool": "nope"})).await;
+    let (status, _) = approve(json!({"server": "a", "tool": "nope", "digest": "00"})).await;
     assert_eq!(status, 404);
+    let (status, _) = approve(json!({"server": "a", "tool": "echo"})).await;
+    assert_eq!(status, 400, "the reviewed digest is required");
     let (status, _) = approve(json!({"server": "a", "tool": "echo", "extra": 1})).await;
     assert_eq!(status, 400);
     let anonymous = Client::new(format!("http://{}/admin/v1/pins", gw.addr));
@@ -183,7 +185,7 @@ async fn a_tool_changed_between_two_runs_is_held_until_an_operator_approves_it()
         .expect("listed again")
         .clone();
     assert_eq!(echo["description"], POISON);
-    let (status, _) = approve(json!({"server": "a", "tool": "echo"})).await;
+    let (status, _) = approve(json!({"server": "a", "tool": "echo", "digest": digest})).await;
     assert_eq!(status, 409, "nothing waits any more");
     assert!(metrics(&gw).await.contains("gatehouse_tools_unapproved 0"));
     gw.stop().await;

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 pub mod pinning;
 pub mod profiles;
+pub mod tls;
 
 use crate::orchestrator::{ResolvedServer, ServerDef};
 use profiles::{Grantees, ProfileConfig};
@@ -87,6 +88,12 @@ pub struct RawConfig {
     /// Tool-definition pinning: off unless set.
     #[serde(default)]
     pub pinning: Option<pinning::PinningConfig>,
+    /// TLS on the listener: off unless set.
+    #[serde(default)]
+    pub tls: Option<tls::ListenerTls>,
+    /// How the gateway's own HTTPS requests check servers.
+    #[serde(default)]
+    pub outbound_tls: tls::OutboundTls,
 }
 
 /// Raw audit-trail settings.
@@ -622,6 +629,10 @@ pub struct Config {
     pub profiles: Vec<Arc<ProfileConfig>>,
     /// Tool-definition pinning, if on.
     pub pinning: Option<pinning::PinningConfig>,
+    /// TLS on the listener, if on.
+    pub tls: Option<tls::ListenerTls>,
+    /// How outbound HTTPS checks servers.
+    pub outbound_tls: tls::OutboundTls,
 }
 
 /// Validated orchestrator settings.
@@ -810,8 +821,32 @@ impl RawConfig {
         let tokens = bearer_tokens("auth.tokens", self.auth.tokens)?;
         let admin_tokens = bearer_tokens("admin.tokens", self.admin.tokens)?;
         let oauth = self.auth.oauth.map(oauth_settings).transpose()?;
+        tls::validate(self.tls.as_ref(), &self.outbound_tls)
+            .map_err(|(field, reason)| field_err(field, reason))?;
+        let certificate_principals = self
+            .tls
+            .as_ref()
+            .and_then(|t| t.client_auth.as_ref())
+            .is_some_and(|c| !c.principals.is_empty());
+        if let Some((i, p)) = self
+            .tls
+            .iter()
+            .flat_map(|t| t.client_auth.iter())
+            .flat_map(|c| c.principals.iter())
+            .enumerate()
+            .find(|(_, p)| tokens.iter().any(|(_, t)| **t == *p.principal))
+        {
+            return Err(field_err(
+                format!("tls.client_auth.principals[{i}].principal"),
+                format!(
+                    "{:?} is also a static token's principal: one name, one credential",
+                    p.principal
+                ),
+            ));
+        }
         if tokens.is_empty()
             && oauth.is_none()
+            && !certificate_principals
             && !listen.ip().is_loopback()
             && !self.auth.allow_anonymous
         {
@@ -1075,6 +1110,8 @@ impl RawConfig {
         Ok(Config {
             profiles: self.profiles.into_iter().map(Arc::new).collect(),
             pinning: self.pinning,
+            tls: self.tls,
+            outbound_tls: self.outbound_tls,
             plugins: self.plugins,
             servers,
             orchestrator,

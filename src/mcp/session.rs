@@ -5,7 +5,7 @@
 //! request they relate to, else to the client's GET stream.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
@@ -110,8 +110,11 @@ pub struct Session {
     profile: Option<Profile>,
     links: Box<[Link]>,
     upstream_caps: Box<[AtomicU8]>,
-    /// Per upstream: whether its tool definitions were checked against the pins yet.
-    tools_pinned: Box<[AtomicBool]>,
+    /// Per upstream: the generation of its tool list checked against the pins (held while
+    /// checking, so that concurrent calls wait for the one check).
+    tools_pinned: Box<[tokio::sync::Mutex<u64>]>,
+    /// Per upstream: bumped by each `notifications/tools/list_changed`.
+    tools_generation: Box<[AtomicU64]>,
     inflight: Mutex<HashMap<Bytes, (u64, oneshot::Sender<()>)>>,
     next_ticket: AtomicU64,
     /// Server requests waiting for the client's answer: the session's number → (upstream,
@@ -246,7 +249,11 @@ impl Session {
                     .iter()
                     .map(|_| AtomicU8::new(caps::UNKNOWN))
                     .collect(),
-                tools_pinned: servers.iter().map(|_| AtomicBool::new(false)).collect(),
+                tools_pinned: servers
+                    .iter()
+                    .map(|_| tokio::sync::Mutex::new(u64::MAX))
+                    .collect(),
+                tools_generation: servers.iter().map(|_| AtomicU64::new(0)).collect(),
                 topology: topology.clone(),
                 inflight: Mutex::new(HashMap::new()),
                 next_ticket: AtomicU64::new(0),
@@ -309,12 +316,26 @@ impl Session {
         self.profile.as_ref().map(|p| &*p.name)
     }
 
-    /// True the first time it is asked for upstream `index`: its tool definitions are then
-    /// checked against the pins before the session's first call to it.
-    pub fn first_pin_check(&self, index: usize) -> bool {
-        self.tools_pinned
-            .get(index)
-            .is_some_and(|b| !b.swap(true, Ordering::AcqRel))
+    /// Runs `check` unless upstream `index`'s current tool list was checked already; a check
+    /// that fails is tried again by the next call. Concurrent callers wait for one check.
+    pub async fn pin_check<F, E>(&self, index: usize, check: F) -> Result<(), E>
+    where
+        F: Future<Output = Result<(), E>>,
+    {
+        let (Some(checked), Some(generation)) = (
+            self.tools_pinned.get(index),
+            self.tools_generation.get(index),
+        ) else {
+            return Ok(());
+        };
+        let mut checked = checked.lock().await;
+        let current = generation.load(Ordering::Acquire);
+        if *checked == current {
+            return Ok(());
+        }
+        check.await?;
+        *checked = current;
+        Ok(())
     }
 
     /// Whether the session sees anything of upstream `index`.
@@ -668,6 +689,7 @@ impl Session {
             link.list_changed(method);
             if &**method == "notifications/tools/list_changed" {
                 lock(&self.tool_headers)[index] = None;
+                self.tools_generation[index].fetch_add(1, Ordering::AcqRel);
             }
         }
         if self.policy.as_ref().is_some_and(|p| p.active()) {

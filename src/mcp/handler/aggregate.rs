@@ -145,10 +145,10 @@ pub(super) async fn list(
         };
         // A first page from the link's cache is the same buffer as last time: without plugins
         // (whose verdicts may change) what was made of it then still holds.
-        // Nor with tools waiting for approval (an approval shows them again).
+        // Nor tools under pinning (each listing is checked).
         let reusable = cursor.is_none()
             && sv.plugins.current().is_empty()
-            && sv.pins.is_none_or(|p| p.unapproved() == 0);
+            && (sv.pins.is_none() || kind.key != "tools");
         let merged = match reusable
             .then(|| session.merged_page(*index, kind.method, &page))
             .flatten()
@@ -315,6 +315,9 @@ pub(super) async fn merge_page(
             items.put_slice(raw.as_bytes());
         }
     }
+    if let Some(pins) = pins {
+        pins.flush().await;
+    }
     match f.get("nextCursor") {
         Some(c) => match serde_json::from_str::<Option<String>>(c.get()) {
             // Carried inside the gateway's own cursor: keep the one the client sees small.
@@ -390,35 +393,65 @@ fn profile_item(
     })
 }
 
+/// Most pages of a tool list read to check it against the pins.
+const MAX_PIN_PAGES: usize = 50;
+
 /// Checks the tool definitions of upstream `index` against the pins before the session's
-/// first call to it: a server that changed a tool since it was approved (between two runs, say)
-/// is caught even when the client calls without listing.
-pub(super) async fn pin_check(sv: Services<'_>, session: &Arc<Session>, index: usize) {
+/// calls to it: every page of its list, once per list (again after it announces a change).
+/// A server that changed a tool since it was approved (between two runs, say) is caught even
+/// when the client calls without listing. `Err` says why the list could not be checked.
+pub(super) async fn pin_check(
+    sv: Services<'_>,
+    session: &Arc<Session>,
+    index: usize,
+) -> Result<(), String> {
     let Some(pins) = sv.pins else {
-        return;
+        return Ok(());
     };
-    if !session.first_pin_check(index) {
-        return;
-    }
-    if session
-        .connect(index)
-        .await
-        .is_ok_and(|bits| bits & caps::TOOLS == 0)
-    {
-        return;
-    }
-    let Ok(Outcome::Result(page)) = session.links()[index].first_page(TOOLS.method).await else {
-        return; // the call itself will fail the same way
-    };
-    #[derive(serde::Deserialize)]
-    struct Page<'a> {
-        #[serde(borrow, default)]
-        tools: Vec<&'a RawValue>,
-    }
     let server = &session.topology().servers[index];
-    if let Ok(p) = serde_json::from_slice::<Page<'_>>(&page) {
-        for tool in p.tools {
-            pins.observe(&server.name, server.label, tool.get(), sv.audit, sv.metrics);
+    let read = async {
+        let bits = session.connect(index).await.map_err(|e| e.to_string())?;
+        if bits & caps::TOOLS == 0 {
+            return Ok(()); // no tools: nothing to call either (the pins know none)
         }
-    }
+        let link = &session.links()[index];
+        let mut cursor: Option<String> = None;
+        for _ in 0..MAX_PIN_PAGES {
+            let page = match &cursor {
+                None => link.first_page(TOOLS.method).await,
+                Some(c) => {
+                    let p = format!("{{\"cursor\":{}}}", json_string(c).get());
+                    link.call(TOOLS.method, Some(p.as_bytes()), CallOpts::default())
+                        .await
+                }
+            };
+            let page = match page.map_err(|e| e.to_string())? {
+                Outcome::Result(page) => page,
+                Outcome::Error(e) => return Err(String::from_utf8_lossy(&e).into_owned()),
+            };
+            #[derive(serde::Deserialize)]
+            struct Page<'a> {
+                #[serde(borrow, default)]
+                tools: Vec<&'a RawValue>,
+                #[serde(rename = "nextCursor")]
+                next: Option<String>,
+            }
+            let p: Page<'_> = serde_json::from_slice(&page).map_err(|e| e.to_string())?;
+            for tool in p.tools {
+                pins.observe(&server.name, server.label, tool.get(), sv.audit, sv.metrics);
+            }
+            pins.flush().await;
+            match p.next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(()),
+            }
+        }
+        Err(format!("more than {MAX_PIN_PAGES} pages"))
+    };
+    session.pin_check(index, read).await.map_err(|e| {
+        format!(
+            "the tool list of server {} could not be read to check its definitions: {e}",
+            server.name
+        )
+    })
 }

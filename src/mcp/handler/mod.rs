@@ -254,9 +254,14 @@ pub async fn request(
             if method == "tools/call"
                 && let Some(pins) = sv.pins
             {
-                aggregate::pin_check(sv, session, index).await;
+                let checked = aggregate::pin_check(sv, session, index).await;
                 let server = &session.topology().servers[index];
-                if let Err(why) = pins.check(&server.name, local) {
+                let allowed = match checked {
+                    Ok(()) => pins.check(&server.name, local),
+                    Err(why) if pins.blocks() => Err(why),
+                    Err(_) => Ok(()),
+                };
+                if let Err(why) = allowed {
                     sv.metrics
                         .record(label, server.label, "denied", started.elapsed());
                     sv.audit.record(crate::audit::Event {
