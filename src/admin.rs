@@ -117,7 +117,7 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
     let who = match &change {
         Some(_) => gw
             .admin_auth
-            .authenticate(req.headers(), None)
+            .authenticate(req.headers(), None, None)
             .await
             .ok()
             .flatten(),
@@ -185,7 +185,7 @@ async fn handle(
     }
     let principal = gw
         .admin_auth
-        .authenticate(req.headers(), None)
+        .authenticate(req.headers(), None, None)
         .await?
         .map(|i| i.principal);
     if req.uri().path().starts_with(PINS) {

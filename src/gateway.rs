@@ -112,6 +112,7 @@ impl Gateway {
         orchestrator: Option<Arc<dyn Runtime>>,
         audit: Audit,
         pins: Option<Arc<Pins>>,
+        outbound_tls: Arc<rustls::ClientConfig>,
     ) -> Result<Arc<Gateway>, PluginError> {
         let plugins = Plugins::load(&config.plugins)?;
         let round_trip_wait = ROUND_TRIP_WAIT.min(config.mcp.session_idle_timeout);
@@ -129,20 +130,8 @@ impl Gateway {
             audit: Arc::new(audit),
             pins,
             plugins,
-            auth: Auth::new(
-                &config.tokens,
-                config.oauth.as_ref(),
-                &config
-                    .profiles
-                    .iter()
-                    .map(|p| crate::auth::ProfileResource {
-                        name: &p.name,
-                        description: p.description.as_deref(),
-                        scopes: &p.grant.scopes,
-                    })
-                    .collect::<Vec<_>>(),
-            ),
-            admin_auth: Auth::new(&config.admin_tokens, None, &[]),
+            auth: Auth::new(&config, &outbound_tls),
+            admin_auth: Auth::new_static(&config.admin_tokens),
             topology: ArcSwap::from_pointee(Topology {
                 servers: Vec::new(),
                 router: Router::new(Vec::new(), String::new(), Default::default()),
@@ -151,7 +140,7 @@ impl Gateway {
             shared: DashMap::new(),
             definitions: DashMap::new(),
             changes: tokio::sync::Mutex::new(()),
-            client: http::client(),
+            client: http::client(&outbound_tls),
             config: Arc::new(config),
             sessions: DashMap::new(),
             sessions_per_principal: DashMap::new(),

@@ -27,6 +27,7 @@ pub mod process;
 pub mod relay;
 pub mod sse;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
 pub mod upstream;
 
@@ -45,6 +46,7 @@ pub struct Running {
     pub relay: Option<relay::Relay>,
     sweeper: tokio::task::JoinHandle<()>,
     refresher: Option<tokio::task::JoinHandle<()>>,
+    tls_reload: Option<tokio::task::JoinHandle<()>>,
     _plugin_watcher: Option<plugins::Watcher>,
 }
 
@@ -63,6 +65,9 @@ pub enum StartError {
     /// The tool pins could not be loaded.
     #[error(transparent)]
     Pins(#[from] pins::PinError),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// The orchestrator could not start or accept the configured servers.
     #[error("orchestrator: {0}")]
     Orchestrator(#[from] orchestrator::OrchestratorError),
@@ -77,6 +82,9 @@ impl Running {
         }
         self.sweeper.abort();
         if let Some(r) = &self.refresher {
+            r.abort();
+        }
+        if let Some(r) = &self.tls_reload {
             r.abort();
         }
         self.gateway.shutdown().await;
@@ -124,7 +132,13 @@ pub async fn start_with(
         .map(pins::Pins::open)
         .transpose()?
         .map(Arc::new);
-    let gateway = Gateway::new(config, orchestrator, audit, pins)?;
+    let outbound_tls = outbound_tls::client_config(&config.outbound_tls)?;
+    let listener_tls = config
+        .tls
+        .as_ref()
+        .map(tls::ListenerTls::load)
+        .transpose()?;
+    let gateway = Gateway::new(config, orchestrator, audit, pins, outbound_tls)?;
     let refresher = gateway
         .orchestrator
         .is_some()
@@ -134,12 +148,14 @@ pub async fn start_with(
         Some(access) => Some(relay::serve(gateway.clone(), access).await?),
         None => None,
     };
-    let listening = listener::bind(gateway.clone()).await?;
+    let tls_reload = listener_tls.as_ref().map(|t| t.spawn_reload());
+    let listening = listener::bind(gateway.clone(), listener_tls).await?;
     let sweeper = gateway.spawn_sweeper();
     let interval = gateway.config.plugins.watch_interval;
     let watcher =
         (!gateway.config.plugins.modules.is_empty()).then(|| gateway.plugins.watch_every(interval));
     Ok(Running {
+        tls_reload,
         _plugin_watcher: watcher,
         gateway,
         listening,

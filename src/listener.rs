@@ -21,6 +21,7 @@ use crate::body::Body;
 use crate::config::McpSettings;
 use crate::gateway::Gateway;
 use crate::mcp::{front, http_sse, jsonrpc};
+use crate::tls::{ClientCertificate, ListenerTls};
 
 /// The MCP endpoint path.
 pub const MCP_PATH: &str = "/mcp";
@@ -51,8 +52,8 @@ impl Listening {
     }
 }
 
-/// Binds the configured address and serves until stopped.
-pub async fn bind(gw: Arc<Gateway>) -> std::io::Result<Listening> {
+/// Binds the configured address and serves until stopped, over TLS when `tls` is given.
+pub async fn bind(gw: Arc<Gateway>, tls: Option<Arc<ListenerTls>>) -> std::io::Result<Listening> {
     let listener = TcpListener::bind(gw.config.listen).await?;
     let local_addr = listener.local_addr()?;
     let limits = Arc::new(Limits::new(&gw.config.mcp));
@@ -90,7 +91,7 @@ pub async fn bind(gw: Arc<Gateway>) -> std::io::Result<Listening> {
                 // Dropping the stream closes it now: a refused connection holds no descriptor.
                 Err(refused) => tracing::debug!(%peer, "connection refused: {refused}"),
                 Ok(admitted) => {
-                    tokio::spawn(serve_connection(gw.clone(), stream, peer, admitted));
+                    tokio::spawn(accept(gw.clone(), tls.clone(), stream, peer, admitted));
                 }
             }
         }
@@ -102,10 +103,42 @@ pub async fn bind(gw: Arc<Gateway>) -> std::io::Result<Listening> {
     })
 }
 
-/// Serves one connection until the peer leaves or it sits idle too long.
-async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr, _slot: Admitted) {
+/// Takes a connection through the TLS handshake (within the header deadline: a peer that
+/// never finishes one holds its slot no longer than a silent one), then serves it.
+async fn accept(
+    gw: Arc<Gateway>,
+    tls: Option<Arc<ListenerTls>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: Admitted,
+) {
+    configure_socket(&stream, gw.config.mcp.keepalive_interval);
+    let Some(tls) = tls else {
+        return serve_connection(gw, stream, peer, slot, None).await;
+    };
+    let handshake = tls.acceptor().accept(stream);
+    match tokio::time::timeout(gw.config.mcp.header_timeout, handshake).await {
+        Ok(Ok(stream)) => {
+            let certificate = ClientCertificate(tls.principal_of(stream.get_ref().1));
+            serve_connection(gw, stream, peer, slot, Some(certificate)).await
+        }
+        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake not finished in time"),
+    }
+}
+
+/// Serves one connection until the peer leaves or it sits idle too long. Each request carries
+/// the connection's client certificate (when the listener asks for them).
+async fn serve_connection<S>(
+    gw: Arc<Gateway>,
+    stream: S,
+    peer: SocketAddr,
+    _slot: Admitted,
+    certificate: Option<ClientCertificate>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mcp = &gw.config.mcp;
-    configure_socket(&stream, mcp.keepalive_interval);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -120,9 +153,12 @@ async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr,
     let service = {
         let activity = activity.clone();
         let gw = gw.clone();
-        service_fn(move |req| {
+        service_fn(move |mut req: Request<hyper::body::Incoming>| {
             let in_flight = InFlight::start(&activity);
             let gw = gw.clone();
+            if let Some(c) = &certificate {
+                req.extensions_mut().insert(c.clone());
+            }
             async move {
                 let resp = route(gw, req).await;
                 Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {

@@ -197,8 +197,8 @@ fn unix_now() -> u64 {
 
 impl Verifier {
     /// A verifier for the OAuth settings; keys are fetched when first needed.
-    pub fn new(settings: &OAuthSettings) -> Self {
-        let https = crate::outbound_tls::connector(HttpConnector::new());
+    pub fn new(settings: &OAuthSettings, tls: &Arc<rustls::ClientConfig>) -> Self {
+        let https = crate::outbound_tls::connector(HttpConnector::new(), tls);
         Verifier {
             issuers: settings
                 .issuers

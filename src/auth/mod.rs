@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderValue};
 
-use crate::config::OAuthSettings;
+use crate::config::{Config, OAuthSettings};
 pub use jwt::TokenError;
 pub use scopes::{Grant, covers};
 
@@ -102,26 +102,53 @@ impl OAuth {
     }
 }
 
-/// The authenticator of one endpoint; with no tokens and no OAuth, authentication is off.
+/// The authenticator of one endpoint; with no tokens, no OAuth and no client certificates
+/// mapped to principals, authentication is off.
 pub struct Auth {
     tokens: static_tokens::StaticTokens,
+    /// Principals client certificates map to (the listener says which a connection has).
+    certificate_principals: std::collections::HashSet<Principal>,
     oauth: Option<OAuth>,
     /// The claims of every static-token caller: none.
     no_claims: Arc<Claims>,
 }
 
 impl Auth {
-    /// Builds the authenticator from static tokens and, optionally, OAuth settings; each
-    /// profile is a protected resource of its own (its URL below the gateway's resource).
-    pub fn new(
-        tokens: &[(String, Principal)],
-        oauth: Option<&OAuthSettings>,
-        profiles: &[ProfileResource<'_>],
-    ) -> Self {
+    /// An authenticator of static tokens only (the admin API's).
+    pub fn new_static(tokens: &[(String, Principal)]) -> Self {
         Auth {
             tokens: static_tokens::StaticTokens::new(tokens),
-            oauth: oauth.map(|o| OAuth {
-                verifier: jwt::Verifier::new(o),
+            certificate_principals: Default::default(),
+            oauth: None,
+            no_claims: Arc::default(),
+        }
+    }
+
+    /// Builds the MCP endpoints' authenticator from the configuration: static tokens, client
+    /// certificates' principals and, optionally, OAuth (its issuers reached with `tls`); each
+    /// profile is a protected resource of its own (its URL below the gateway's resource).
+    pub fn new(config: &Config, tls: &Arc<rustls::ClientConfig>) -> Self {
+        let profiles: Vec<ProfileResource<'_>> = config
+            .profiles
+            .iter()
+            .map(|p| ProfileResource {
+                name: &p.name,
+                description: p.description.as_deref(),
+                scopes: &p.grant.scopes,
+            })
+            .collect();
+        let profiles = &profiles;
+        Auth {
+            tokens: static_tokens::StaticTokens::new(&config.tokens),
+            certificate_principals: config
+                .tls
+                .iter()
+                .flat_map(|t| t.client_auth.iter())
+                .flat_map(|c| c.principals.iter())
+                .map(|p| Principal::from(p.principal.as_str()))
+                .collect(),
+            oauth: config.oauth.as_ref().map(|o| OAuth {
+                verifier: jwt::Verifier::new(o, tls),
                 rules: scopes::Rules::new(&o.scope_rules),
                 required: o.required_scopes.clone(),
                 root: Resource {
@@ -151,19 +178,32 @@ impl Auth {
     /// Authenticates a request to the endpoint of `profile` (`None`: `/mcp`): an access token
     /// must have been issued for that endpoint (its `aud`). `Ok(None)` when authentication is
     /// off.
+    /// A request without a bearer token is its connection's client certificate's principal,
+    /// when it has one (`certificate`).
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
         profile: Option<&str>,
+        certificate: Option<&Principal>,
     ) -> Result<Option<Identity>, AuthError> {
-        if self.tokens.is_empty() && self.oauth.is_none() {
+        if self.tokens.is_empty() && self.oauth.is_none() && self.certificate_principals.is_empty()
+        {
             return Ok(None);
         }
         // One Authorization header: with two, which one counts would be a guess.
         let mut values = headers.get_all(AUTHORIZATION).iter();
         let value = match (values.next(), values.next()) {
             (Some(v), None) => v.to_str().map_err(|_| AuthError::Invalid)?,
-            (None, _) => return Err(AuthError::Missing),
+            (None, _) => {
+                return match certificate {
+                    Some(principal) => Ok(Some(Identity {
+                        principal: principal.clone(),
+                        grant: Grant::All,
+                        claims: self.no_claims.clone(),
+                    })),
+                    None => Err(AuthError::Missing),
+                };
+            }
             (Some(_), Some(_)) => return Err(AuthError::Invalid),
         };
         let (scheme, token) = value.split_once(' ').ok_or(AuthError::Missing)?;
@@ -184,7 +224,11 @@ impl Auth {
         let audience = &oauth.resource(profile).audience;
         let claims = oauth.verifier.verify(token, audience).await?;
         // A token from an issuer must not pose as a machine principal.
-        if self.tokens.names(&claims.principal) {
+        if self.tokens.names(&claims.principal)
+            || self
+                .certificate_principals
+                .contains(claims.principal.as_str())
+        {
             return Err(AuthError::Token(TokenError::Claim(
                 "principal (it names a static-token principal)".into(),
             )));
@@ -339,31 +383,28 @@ mod tests {
 
     #[tokio::test]
     async fn maps_tokens_to_principals() {
-        let auth = Auth::new(
-            &[("s3cret-token-000000".into(), Arc::from("alice"))],
-            None,
-            &[],
-        );
+        let auth = Auth::new_static(&[("s3cret-token-000000".into(), Arc::from("alice"))]);
         assert_eq!(
-            auth.authenticate(&HeaderMap::new(), None).await,
+            auth.authenticate(&HeaderMap::new(), None, None).await,
             Err(AuthError::Missing)
         );
         assert_eq!(
-            auth.authenticate(&bearer("nope"), None).await,
+            auth.authenticate(&bearer("nope"), None, None).await,
             Err(AuthError::Invalid)
         );
         // A prefix of the token, or the token with more after it, is not the token.
         assert_eq!(
-            auth.authenticate(&bearer("s3cret-token-00000"), None).await,
+            auth.authenticate(&bearer("s3cret-token-00000"), None, None)
+                .await,
             Err(AuthError::Invalid)
         );
         assert_eq!(
-            auth.authenticate(&bearer("s3cret-token-0000000"), None)
+            auth.authenticate(&bearer("s3cret-token-0000000"), None, None)
                 .await,
             Err(AuthError::Invalid)
         );
         let id = auth
-            .authenticate(&bearer("s3cret-token-000000"), None)
+            .authenticate(&bearer("s3cret-token-000000"), None, None)
             .await
             .unwrap()
             .unwrap();
@@ -371,20 +412,28 @@ mod tests {
         assert_eq!(id.grant, Grant::All);
         let mut lower = HeaderMap::new();
         lower.insert(AUTHORIZATION, "bearer s3cret-token-000000".parse().unwrap());
-        assert!(auth.authenticate(&lower, None).await.unwrap().is_some());
+        assert!(
+            auth.authenticate(&lower, None, None)
+                .await
+                .unwrap()
+                .is_some()
+        );
         // Two Authorization headers: refused, whichever is valid.
         let mut two = bearer("s3cret-token-000000");
         two.append(AUTHORIZATION, "Bearer nope".parse().unwrap());
-        assert_eq!(auth.authenticate(&two, None).await, Err(AuthError::Invalid));
+        assert_eq!(
+            auth.authenticate(&two, None, None).await,
+            Err(AuthError::Invalid)
+        );
         let mut basic = HeaderMap::new();
         basic.insert(AUTHORIZATION, "Basic czNjcmV0".parse().unwrap());
         assert_eq!(
-            auth.authenticate(&basic, None).await,
+            auth.authenticate(&basic, None, None).await,
             Err(AuthError::Missing)
         );
         assert_eq!(
-            Auth::new(&[], None, &[])
-                .authenticate(&HeaderMap::new(), None)
+            Auth::new_static(&[])
+                .authenticate(&HeaderMap::new(), None, None)
                 .await,
             Ok(None)
         );

@@ -195,6 +195,13 @@ pub async fn serve(
     }
 }
 
+/// The principal of the request's connection's client certificate, if it has one.
+pub(crate) fn certificate_of<B>(req: &Request<B>) -> Option<&Principal> {
+    req.extensions()
+        .get::<crate::tls::ClientCertificate>()
+        .and_then(|c| c.0.as_ref())
+}
+
 /// Refuses a caller the endpoint of `profile` (`None`: `/mcp`) is not granted to. An access
 /// token that would be granted with more scopes is asked to step up.
 pub(crate) fn check_access(
@@ -280,7 +287,10 @@ async fn route(
     let authority = request_authority(&req)?;
     check_host_and_origin(&gw.config, authority, req.headers())?;
     let name = profile.map(|p| p.name.as_str());
-    let identity = gw.auth.authenticate(req.headers(), name).await?;
+    let identity = gw
+        .auth
+        .authenticate(req.headers(), name, certificate_of(&req))
+        .await?;
     if let Err(e) = check_access(gw, profile.map(|p| &**p), identity.as_ref()) {
         tracing::debug!("refused MCP request: {e}");
         let known = identity.as_ref().map(|i| (i.principal.clone(), ""));

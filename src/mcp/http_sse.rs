@@ -69,7 +69,10 @@ fn refusal(gw: &Gateway, e: FrontError, allow: &'static str) -> Response<Body> {
 async fn admit<B>(gw: &Gateway, req: &Request<B>) -> Result<Option<Identity>, FrontError> {
     let authority = front::request_authority(req)?;
     front::check_host_and_origin(&gw.config, authority, req.headers())?;
-    let identity = gw.auth.authenticate(req.headers(), None).await?;
+    let identity = gw
+        .auth
+        .authenticate(req.headers(), None, front::certificate_of(req))
+        .await?;
     // Every server is behind these URLs: they are `/mcp`'s, granted as `/mcp` is.
     front::check_access(gw, None, identity.as_ref())?;
     Ok(identity)

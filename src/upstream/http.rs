@@ -42,9 +42,9 @@ const LISTEN_RETRY_MAX: Duration = Duration::from_secs(60);
 pub type Client =
     hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Builds the pooled client used for every HTTP upstream.
-pub fn client() -> Client {
-    builder(false)
+/// Builds the pooled client used for every HTTP upstream, with the outbound TLS settings.
+pub fn client(tls: &Arc<rustls::ClientConfig>) -> Client {
+    builder(false, tls)
 }
 
 /// The client of relayed servers: HTTP/2 without TLS (prior knowledge) to the leading
@@ -52,13 +52,18 @@ pub fn client() -> Client {
 /// of holding one each.
 pub fn relay_client() -> &'static Client {
     static RELAY: std::sync::OnceLock<Client> = std::sync::OnceLock::new();
-    RELAY.get_or_init(|| builder(true))
+    RELAY.get_or_init(|| {
+        // Plain http to a replica: the TLS settings are never used.
+        let tls = crate::outbound_tls::client_config(&Default::default())
+            .expect("the bundled roots load");
+        builder(true, &tls)
+    })
 }
 
-fn builder(http2_only: bool) -> Client {
+fn builder(http2_only: bool, tls: &Arc<rustls::ClientConfig>) -> Client {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
-    let https = crate::outbound_tls::connector(http);
+    let https = crate::outbound_tls::connector(http, tls);
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         // Below common server keep-alive timeouts (Node's is 5 s), so we rarely send on a
         // connection the server is closing: a POST that loses that race cannot be retried.

@@ -1,0 +1,426 @@
+//! TLS on the listener: handshakes with and without a client certificate (mapped to a
+//! principal, or refused when not from the client CA), ALPN, and a certificate renewed on disk
+//! under load without one failed request.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::{Value, json};
+use support::{TestGateway, example};
+
+const APP: &str = "app-token-0123456789";
+
+struct Pki {
+    dir: PathBuf,
+    ca: CertifiedIssuer<'static, KeyPair>,
+    client_ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+fn issuer(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, name.to_owned());
+    CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+}
+
+impl Pki {
+    fn new(tag: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("gatehouse-tls-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = Pki {
+            dir,
+            ca: issuer("test server CA"),
+            client_ca: issuer("test client CA"),
+        };
+        std::fs::write(pki.path("ca.pem"), pki.ca.pem()).unwrap();
+        std::fs::write(pki.path("client-ca.pem"), pki.client_ca.pem()).unwrap();
+        pki.write_server_cert("first");
+        pki
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// A server certificate for localhost, its organization set to `tag` (to tell them apart).
+    fn write_server_cert(&self, tag: &str) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.distinguished_name
+            .push(rcgen::DnType::OrganizationName, tag.to_owned());
+        let cert = p.signed_by(&key, &self.ca).unwrap();
+        // The key first and the certificate after, each replaced whole (as a renewal tool does).
+        write_replacing(&self.path("key.pem"), &key.serialize_pem());
+        write_replacing(&self.path("cert.pem"), &cert.pem());
+    }
+
+    /// A client certificate with URI SAN `uri`, issued by `by`.
+    fn client_cert(
+        by: &CertifiedIssuer<'static, KeyPair>,
+        uri: &str,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, by).unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+        (vec![cert.der().clone()], key)
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        roots
+    }
+
+    /// A client TLS configuration trusting the test CA, with a client certificate or none.
+    fn client(
+        &self,
+        cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    ) -> Arc<rustls::ClientConfig> {
+        let b = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(self.roots());
+        // (The HTTPS connector offers ALPN itself.)
+        Arc::new(match cert {
+            Some((chain, key)) => b.with_client_auth_cert(chain, key).unwrap(),
+            None => b.with_no_client_auth(),
+        })
+    }
+}
+
+fn write_replacing(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn gateway(pki: &Pki) -> TestGateway {
+    let top = format!(
+        "auth: {{tokens: [{{principal: app, token: {APP}}}]}}
+tls:
+  cert_file: {cert:?}
+  key_file: {key:?}
+  reload_interval: 100ms
+  client_auth:
+    ca_file: {ca:?}
+    principals: [{{san: \"spiffe://test/agent\", principal: agent}}]
+mcp:
+  root_access: {{principals: [app, agent]}}
+profiles:
+  - {{name: agents, grant: {{principals: [agent]}}, servers: [{{name: a}}]}}",
+        cert = pki.path("cert.pem"),
+        key = pki.path("key.pem"),
+        ca = pki.path("client-ca.pem"),
+    );
+    TestGateway::start(&top, &[example("a", &[], "")]).await
+}
+
+type Https = HyperClient<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// An HTTPS client offering h2 and http/1.1 by ALPN.
+fn https(tls: Arc<rustls::ClientConfig>) -> Https {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    HyperClient::builder(TokioExecutor::new()).build(connector)
+}
+
+/// An HTTPS client offering http/1.1 only.
+fn https1(tls: Arc<rustls::ClientConfig>) -> Https {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_only()
+        .enable_http1()
+        .build();
+    HyperClient::builder(TokioExecutor::new()).build(connector)
+}
+
+/// POSTs an initialize to `path`; the HTTP status, version and body.
+async fn initialize(
+    client: &Https,
+    gw: &TestGateway,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, http::Version, Value), String> {
+    let mut req = http::Request::post(format!("https://localhost:{}{path}", gw.addr.port()))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let body = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+        "protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}});
+    let resp = client
+        .request(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let (status, version) = (resp.status().as_u16(), resp.version());
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((
+        status,
+        version,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
+}
+
+#[tokio::test]
+async fn client_certificates_map_to_principals_and_unknown_issuers_are_refused() {
+    let pki = Pki::new("certs");
+    let gw = gateway(&pki).await;
+
+    // A certificate from the client CA is principal `agent`: no token needed, its profile open.
+    let agent = https(pki.client(Some(Pki::client_cert(
+        &pki.client_ca,
+        "spiffe://test/agent",
+    ))));
+    let (status, version, _) = initialize(&agent, &gw, "/mcp/agents", None).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(version, http::Version::HTTP_2, "ALPN chose h2");
+
+    // Without a certificate: a token works where its principal is granted, not elsewhere.
+    let plain = https(pki.client(None));
+    let (status, _, _) = initialize(&plain, &gw, "/mcp", Some(APP)).await.unwrap();
+    assert_eq!(status, 200);
+    let (status, _, _) = initialize(&plain, &gw, "/mcp/agents", Some(APP))
+        .await
+        .unwrap();
+    assert_eq!(status, 403);
+    let (status, _, _) = initialize(&plain, &gw, "/mcp", None).await.unwrap();
+    assert_eq!(status, 401);
+
+    // A client-CA certificate with a name the map lacks is no one: a token is still needed.
+    let stranger = https(pki.client(Some(Pki::client_cert(
+        &pki.client_ca,
+        "spiffe://test/other",
+    ))));
+    let (status, _, _) = initialize(&stranger, &gw, "/mcp/agents", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+
+    // A certificate from another CA (even naming the mapped SAN) fails the handshake.
+    let forged = https(pki.client(Some(Pki::client_cert(
+        &issuer("evil CA"),
+        "spiffe://test/agent",
+    ))));
+    assert!(
+        initialize(&forged, &gw, "/mcp/agents", None).await.is_err(),
+        "a certificate from an unknown CA is refused"
+    );
+
+    // HTTP/1.1 only clients work too, and plain HTTP to the TLS port gets nothing.
+    let (status, version, _) = initialize(&https1(pki.client(None)), &gw, "/mcp", Some(APP))
+        .await
+        .unwrap();
+    assert_eq!((status, version), (200, http::Version::HTTP_11));
+    let r = support::Client::new(gw.url())
+        .http
+        .request(
+            http::Request::post(gw.url())
+                .body(Full::new(Bytes::from("{}")))
+                .unwrap(),
+        )
+        .await;
+    assert!(r.is_err(), "plain HTTP is not served: {r:?}");
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+/// The organization of the certificate a fresh connection is served.
+async fn served_organization(pki: &Pki, port: u16) -> String {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(pki.client(None))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let der = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    // The organization is printable text in the DER: find which of the two tags it holds.
+    let bytes = der.as_ref();
+    ["first", "second"]
+        .into_iter()
+        .find(|t| bytes.windows(t.len()).any(|w| w == t.as_bytes()))
+        .unwrap_or("neither")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_taken_up_under_load_without_a_failed_request() {
+    let pki = Pki::new("reload");
+    let gw = gateway(&pki).await;
+    assert_eq!(served_organization(&pki, gw.addr.port()).await, "first");
+
+    // Load: clients on long-lived connections and clients opening new ones, all the while.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut load = Vec::new();
+    for fresh in [false, false, true, true] {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let tls = pki.client(None);
+        let port = gw.addr.port();
+        let gw_addr = gw.addr;
+        load.push(tokio::spawn(async move {
+            let mut client = https(tls.clone());
+            while !stop.load(Ordering::Relaxed) {
+                if fresh {
+                    client = https(tls.clone()); // a new pool: a new connection, a new handshake
+                }
+                let req = http::Request::post(format!("https://localhost:{port}/mcp"))
+                    .header("content-type", "application/json")
+                    .header("accept", "application/json, text/event-stream")
+                    .header("authorization", format!("Bearer {APP}"))
+                    .body(Full::new(Bytes::from(
+                        json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+                            "protocolVersion":"2025-11-25","capabilities":{},
+                            "clientInfo":{"name":"t","version":"1"}}})
+                        .to_string(),
+                    )))
+                    .unwrap();
+                match client.request(req).await {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = r.into_body().collect().await;
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => failed
+                        .lock()
+                        .unwrap()
+                        .push(format!("status {}", r.status())),
+                    Err(e) => failed.lock().unwrap().push(format!("{e:?} ({gw_addr})")),
+                }
+            }
+        }));
+    }
+    support::eventually("requests flow", || {
+        let ok = ok.clone();
+        async move { ok.load(Ordering::Relaxed) > 20 }
+    })
+    .await;
+
+    pki.write_server_cert("second");
+    support::eventually("the renewed certificate is served", || async {
+        served_organization(&pki, gw.addr.port()).await == "second"
+    })
+    .await;
+    let before = ok.load(Ordering::Relaxed);
+    support::eventually("requests keep flowing after the renewal", || {
+        let ok = ok.clone();
+        async move { ok.load(Ordering::Relaxed) > before + 20 }
+    })
+    .await;
+
+    // A broken renewal (a key that is not the certificate's) keeps the current certificate.
+    let wrong = KeyPair::generate().unwrap();
+    write_replacing(&pki.path("key.pem"), &wrong.serialize_pem());
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(served_organization(&pki, gw.addr.port()).await, "second");
+
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    let failed = failed.lock().unwrap().clone();
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert!(ok.load(Ordering::Relaxed) > 40);
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[tokio::test]
+async fn missing_or_mismatched_files_stop_the_start_naming_the_file() {
+    let pki = Pki::new("bad");
+    std::fs::write(
+        pki.path("key.pem"),
+        KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    let yaml = format!(
+        "listen: 127.0.0.1:0\ntls: {{cert_file: {:?}, key_file: {:?}}}\nupstreams: [{{name: a, stdio: {{command: \"true\"}}}}]\n",
+        pki.path("cert.pem"),
+        pki.path("key.pem"),
+    );
+    let e = gatehouse::start(gatehouse::Config::from_yaml(&yaml).unwrap())
+        .await
+        .err()
+        .expect("a key that is not the certificate's is refused");
+    assert!(e.to_string().contains("certificate and key"), "{e}");
+    let yaml = yaml.replace("cert.pem", "missing.pem");
+    let e = gatehouse::start(gatehouse::Config::from_yaml(&yaml).unwrap())
+        .await
+        .err()
+        .expect("a missing file is refused");
+    assert!(e.to_string().contains("missing.pem"), "{e}");
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[tokio::test]
+async fn an_upstream_behind_a_private_ca_is_trusted_only_with_that_ca() {
+    let pki = Pki::new("outbound");
+    let inner = gateway(&pki).await;
+    let upstream = format!(
+        "  - name: inner\n    protocol: sessions\n    http: {{ url: \"https://localhost:{}/mcp\", headers: {{ Authorization: \"Bearer {APP}\" }} }}\n",
+        inner.addr.port()
+    );
+    let trusting = TestGateway::start(
+        &format!("outbound_tls: {{ca_files: [{:?}]}}", pki.path("ca.pem")),
+        std::slice::from_ref(&upstream),
+    )
+    .await;
+    let mut c = trusting.client();
+    c.initialize(json!({})).await;
+    assert_eq!(
+        c.tool_text(1, "echo", json!({"text": "over TLS"})).await,
+        "over TLS"
+    );
+
+    let default = TestGateway::start("", &[upstream]).await;
+    let mut c = default.client();
+    c.initialize(json!({})).await;
+    let r = c
+        .call(
+            2,
+            "tools/call",
+            json!({"name": "echo", "arguments": {"text": "x"}}),
+        )
+        .await;
+    assert!(
+        r["error"]["code"].is_i64(),
+        "an unknown CA is not trusted: {r}"
+    );
+    trusting.stop().await;
+    default.stop().await;
+    inner.stop().await;
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
