@@ -113,27 +113,33 @@ async fn accept(
     slot: Admitted,
 ) {
     configure_socket(&stream, gw.config.mcp.keepalive_interval);
+    let deadline = gw.config.mcp.header_timeout;
     let Some(tls) = tls else {
-        return serve_connection(gw, stream, peer, slot, None).await;
+        return serve_connection(gw, stream, peer, slot, deadline, None).await;
     };
+    let accepted = std::time::Instant::now();
     let handshake = tls.acceptor().accept(stream);
-    match tokio::time::timeout(gw.config.mcp.header_timeout, handshake).await {
+    match tokio::time::timeout(deadline, handshake).await {
         Ok(Ok(stream)) => {
             let certificate = ClientCertificate(tls.principal_of(stream.get_ref().1));
-            serve_connection(gw, stream, peer, slot, Some(certificate)).await
+            // The first request is due by the same deadline from accept, not a fresh one.
+            let left = deadline.saturating_sub(accepted.elapsed());
+            serve_connection(gw, stream, peer, slot, left, Some(certificate)).await
         }
         Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
         Err(_) => tracing::debug!(%peer, "TLS handshake not finished in time"),
     }
 }
 
-/// Serves one connection until the peer leaves or it sits idle too long. Each request carries
-/// the connection's client certificate (when the listener asks for them).
+/// Serves one connection until the peer leaves or it sits idle too long; its first request
+/// must begin within `first`. Each request carries the connection's client certificate (when
+/// the listener asks for them).
 async fn serve_connection<S>(
     gw: Arc<Gateway>,
     stream: S,
     peer: SocketAddr,
     _slot: Admitted,
+    first: Duration,
     certificate: Option<ClientCertificate>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -172,7 +178,7 @@ async fn serve_connection<S>(
     tokio::pin!(conn);
     // The first request must begin within the header deadline of accept, so a connection that
     // never sends a byte (or only the HTTP/2 preface) is not held any longer than a slow one.
-    let idle = idle_deadline(activity, mcp.header_timeout, mcp.idle_connection_timeout);
+    let idle = idle_deadline(activity, first, mcp.idle_connection_timeout);
     let ended = tokio::select! {
         r = conn.as_mut() => r,
         () = idle => {

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use sha2::{Digest, Sha256};
 
 use crate::auth::Principal;
-use crate::config::tls::ListenerTls as Settings;
+use crate::config::tls::{ListenerTls as Settings, San};
 
 /// Default time between two looks at the certificate files.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(10);
@@ -54,7 +54,7 @@ pub struct ListenerTls {
     current: ArcSwap<rustls::ServerConfig>,
     /// What the files held when `current` was built (a change rebuilds it).
     files: std::sync::Mutex<[u8; 32]>,
-    principals: HashMap<String, Principal>,
+    principals: HashMap<San, Principal>,
 }
 
 impl ListenerTls {
@@ -65,7 +65,7 @@ impl ListenerTls {
             .client_auth
             .iter()
             .flat_map(|c| c.principals.iter())
-            .map(|p| (p.san.clone(), Principal::from(p.principal.as_str())))
+            .filter_map(|p| Some((p.san()?, Principal::from(p.principal.as_str()))))
             .collect();
         Ok(Arc::new(ListenerTls {
             settings: settings.clone(),
@@ -80,14 +80,30 @@ impl ListenerTls {
         tokio_rustls::TlsAcceptor::from(self.current.load_full())
     }
 
-    /// The principal of a connection's verified client certificate: the first of its DNS or
-    /// URI subject alternative names that the map names.
+    /// The principal of a connection's verified client certificate: the one its URI and DNS
+    /// subject alternative names map to. A certificate whose names map to two principals is
+    /// no one (which would win is the issuer's choice, not the operator's).
     pub fn principal_of(&self, conn: &rustls::ServerConnection) -> Option<Principal> {
         let leaf = conn.peer_certificates()?.first()?;
         let cert = webpki::EndEntityCert::try_from(leaf).ok()?;
-        cert.valid_uri_names()
-            .chain(cert.valid_dns_names())
-            .find_map(|san| self.principals.get(san).cloned())
+        let names = cert
+            .valid_uri_names()
+            .map(|u| San::Uri(u.to_owned()))
+            .chain(
+                cert.valid_dns_names()
+                    .map(|d| San::Dns(d.to_ascii_lowercase())),
+            );
+        let mut found: Option<&Principal> = None;
+        for name in names {
+            if let Some(p) = self.principals.get(&name) {
+                if found.is_some_and(|f| f != p) {
+                    tracing::warn!("a client certificate names two principals: taken for none");
+                    return None;
+                }
+                found = Some(p);
+            }
+        }
+        found.cloned()
     }
 
     /// Looks at the files again; rebuilds the configuration when they changed. A change that
@@ -126,23 +142,51 @@ impl ListenerTls {
     }
 }
 
-/// SHA-256 over the bytes of every file the configuration is built from.
-fn files_digest(s: &Settings) -> Result<[u8; 32], TlsError> {
-    let mut h = Sha256::new();
-    let ca = s.client_auth.as_ref().map(|c| c.ca_file.as_path());
-    for path in [Some(s.cert_file.as_path()), Some(s.key_file.as_path()), ca]
-        .into_iter()
-        .flatten()
-    {
-        h.update(std::fs::read(path).map_err(|e| file_err(path, e))?);
-        h.update([0]);
-    }
-    Ok(h.finalize().into())
+/// The files the configuration is built from, each read once: what is hashed is what is
+/// parsed (a file replaced mid-way is read whole on the next look).
+struct Files {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Option<Vec<u8>>,
+    crls: Vec<Vec<u8>>,
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_err(path, e))?
+impl Files {
+    fn read(s: &Settings) -> Result<Files, TlsError> {
+        let read = |path: &Path| std::fs::read(path).map_err(|e| file_err(path, e));
+        let client = s.client_auth.as_ref();
+        Ok(Files {
+            cert: read(&s.cert_file)?,
+            key: read(&s.key_file)?,
+            ca: client.map(|c| read(&c.ca_file)).transpose()?,
+            crls: client
+                .iter()
+                .flat_map(|c| c.crl_files.iter())
+                .map(|p| read(p))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        for part in [&self.cert, &self.key]
+            .into_iter()
+            .chain(self.ca.iter())
+            .chain(self.crls.iter())
+        {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        h.finalize().into()
+    }
+}
+
+fn files_digest(s: &Settings) -> Result<[u8; 32], TlsError> {
+    Ok(Files::read(s)?.digest())
+}
+
+fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_err(path, e))?;
     if certs.is_empty() {
@@ -153,10 +197,10 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 /// The server configuration from the files, and their digest.
 fn build(s: &Settings) -> Result<(rustls::ServerConfig, [u8; 32]), TlsError> {
-    // Digest first: a file replaced while being read is read again on the next look.
-    let digest = files_digest(s)?;
-    let chain = certificates(&s.cert_file)?;
-    let key = PrivateKeyDer::from_pem_file(&s.key_file).map_err(|e| file_err(&s.key_file, e))?;
+    let files = Files::read(s)?;
+    let digest = files.digest();
+    let chain = certificates(&s.cert_file, &files.cert)?;
+    let key = PrivateKeyDer::from_pem_slice(&files.key).map_err(|e| file_err(&s.key_file, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -165,11 +209,18 @@ fn build(s: &Settings) -> Result<(rustls::ServerConfig, [u8; 32]), TlsError> {
         None => builder.with_no_client_auth(),
         Some(c) => {
             let mut roots = rustls::RootCertStore::empty();
-            for ca in certificates(&c.ca_file)? {
+            for ca in certificates(&c.ca_file, files.ca.as_deref().unwrap_or_default())? {
                 roots.add(ca).map_err(|e| file_err(&c.ca_file, e))?;
             }
+            let mut crls = Vec::new();
+            for (path, pem) in c.crl_files.iter().zip(&files.crls) {
+                for crl in CertificateRevocationListDer::pem_slice_iter(pem) {
+                    crls.push(crl.map_err(|e| file_err(path, e))?);
+                }
+            }
             let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .with_crls(crls);
             let verifier = if c.required {
                 verifier
             } else {
@@ -186,5 +237,11 @@ fn build(s: &Settings) -> Result<(rustls::ServerConfig, [u8; 32]), TlsError> {
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Rustls(format!("certificate and key: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if s.client_auth.is_some() {
+        // A resumed session keeps the certificate it was verified with: without resumption,
+        // each connection is checked against the current CA, CRLs and validity dates.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok((config, digest))
 }

@@ -69,14 +69,26 @@ impl Pki {
         write_replacing(&self.path("cert.pem"), &cert.pem());
     }
 
-    /// A client certificate with URI SAN `uri`, issued by `by`.
+    /// A client certificate with URI SAN `uri` (and DNS SANs `dns`), issued by `by`.
     fn client_cert(
         by: &CertifiedIssuer<'static, KeyPair>,
         uri: &str,
     ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        Pki::client_cert_with(by, uri, &[])
+    }
+
+    fn client_cert_with(
+        by: &CertifiedIssuer<'static, KeyPair>,
+        uri: &str,
+        dns: &[&str],
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        for d in dns {
+            p.subject_alt_names
+                .push(SanType::DnsName((*d).try_into().unwrap()));
+        }
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let cert = p.signed_by(&key, by).unwrap();
         let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
@@ -123,7 +135,7 @@ tls:
   reload_interval: 100ms
   client_auth:
     ca_file: {ca:?}
-    principals: [{{san: \"spiffe://test/agent\", principal: agent}}]
+    principals: [{{uri: \"spiffe://test/agent\", principal: agent}}, {{dns: agent.test, principal: other-agent}}]
 mcp:
   root_access: {{principals: [app, agent]}}
 profiles:
@@ -225,6 +237,24 @@ async fn client_certificates_map_to_principals_and_unknown_issuers_are_refused()
         "spiffe://test/other",
     ))));
     let (status, _, _) = initialize(&stranger, &gw, "/mcp/agents", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+
+    // A URI SAN that reads like a mapped DNS name is not that name; a certificate naming two
+    // principals is neither.
+    let lookalike = https(pki.client(Some(Pki::client_cert(&pki.client_ca, "agent.test:x"))));
+    let (status, _, _) = initialize(&lookalike, &gw, "/mcp", None).await.unwrap();
+    assert_eq!(status, 401);
+    let both = https(pki.client(Some(Pki::client_cert_with(
+        &pki.client_ca,
+        "spiffe://test/agent",
+        &["AGENT.test"],
+    ))));
+    let (status, _, _) = initialize(&both, &gw, "/mcp/agents", None).await.unwrap();
+    assert_eq!(status, 401, "two principals in one certificate: no one");
+    // A bad Authorization header does not fall back to the certificate.
+    let (status, _, _) = initialize(&agent, &gw, "/mcp/agents", Some("nope-0123456789"))
         .await
         .unwrap();
     assert_eq!(status, 401);
@@ -422,5 +452,27 @@ async fn an_upstream_behind_a_private_ca_is_trusted_only_with_that_ca() {
     trusting.stop().await;
     default.stop().await;
     inner.stop().await;
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+#[tokio::test]
+async fn required_client_certificates_refuse_connections_without_one() {
+    let pki = Pki::new("required");
+    let top = format!(
+        "tls:\n  cert_file: {:?}\n  key_file: {:?}\n  client_auth:\n    ca_file: {:?}\n    required: true\n    principals: [{{uri: \"spiffe://test/agent\", principal: agent}}]",
+        pki.path("cert.pem"),
+        pki.path("key.pem"),
+        pki.path("client-ca.pem"),
+    );
+    let gw = TestGateway::start(&top, &[example("a", &[], "")]).await;
+    let without = https(pki.client(None));
+    assert!(initialize(&without, &gw, "/mcp", None).await.is_err());
+    let with = https(pki.client(Some(Pki::client_cert(
+        &pki.client_ca,
+        "spiffe://test/agent",
+    ))));
+    let (status, _, _) = initialize(&with, &gw, "/mcp", None).await.unwrap();
+    assert_eq!(status, 200);
+    gw.stop().await;
     let _ = std::fs::remove_dir_all(&pki.dir);
 }

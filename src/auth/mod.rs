@@ -230,7 +230,7 @@ impl Auth {
                 .contains(claims.principal.as_str())
         {
             return Err(AuthError::Token(TokenError::Claim(
-                "principal (it names a static-token principal)".into(),
+                "principal (it names a static-token or client-certificate principal)".into(),
             )));
         }
         let scopes: Box<[Box<str>]> = claims.scopes.into();

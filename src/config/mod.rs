@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod credentials;
 pub mod pinning;
 pub mod profiles;
 pub mod tls;
@@ -533,6 +534,9 @@ pub struct RawUpstream {
     /// Which MCP revisions to speak to an HTTP server (default `auto`).
     #[serde(default)]
     pub protocol: UpstreamProtocol,
+    /// What it is sent for each caller (HTTP upstreams; the client's token never is).
+    #[serde(default)]
+    pub credentials: Option<credentials::RawCredentials>,
 }
 
 /// Which MCP revisions the gateway speaks to an HTTP upstream.
@@ -657,6 +661,7 @@ impl OrchestratorSettings {
             call_timeout: self.call_timeout,
             connect_timeout: self.connect_timeout,
             protocol: UpstreamProtocol::Auto,
+            credentials: None,
         }
     }
 }
@@ -717,6 +722,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Which revisions to speak to it (HTTP servers only).
     pub protocol: UpstreamProtocol,
+    /// What it is sent for each caller.
+    pub credentials: Option<credentials::Credentials>,
 }
 
 /// How an upstream is reached.
@@ -789,6 +796,7 @@ impl Config {
                 call_timeout: None,
                 connect_timeout: None,
                 protocol: UpstreamProtocol::Auto,
+                credentials: None,
             }],
             // Tool definitions are pinned in the user's state directory, and a change is
             // recorded (a warning and a metric) rather than blocked: a demo must keep working
@@ -1036,6 +1044,19 @@ impl RawConfig {
                     u.connect_timeout,
                     Duration::from_secs(30),
                 )?,
+                credentials: match u.credentials {
+                    None => None,
+                    Some(_) if matches!(transport, Transport::Stdio { .. }) => {
+                        return Err(field_err(
+                            format!("{field}.credentials"),
+                            "apply to http and sse upstreams (a process gets its env)",
+                        ));
+                    }
+                    Some(raw) => Some(
+                        credentials::Credentials::validate(&format!("{field}.credentials"), raw)
+                            .map_err(|(f, r)| field_err(f, r))?,
+                    ),
+                },
                 name: u.name,
                 transport,
                 protocol: u.protocol,

@@ -34,20 +34,47 @@ pub struct ClientAuth {
     /// can connect too).
     #[serde(default)]
     pub required: bool,
-    /// Which certificates are which principals: by a subject alternative name (DNS or URI,
-    /// such as a SPIFFE id).
+    /// Certificate revocation lists (PEM) of the client CA, read again with the certificate.
+    #[serde(default)]
+    pub crl_files: Vec<PathBuf>,
+    /// Which certificates are which principals: by a subject alternative name (a URI such as a
+    /// SPIFFE id, or a DNS name).
     #[serde(default)]
     pub principals: Vec<CertificatePrincipal>,
 }
 
-/// A client certificate's name and the principal it is.
+/// A client certificate's name and the principal it is: set `uri` or `dns`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertificatePrincipal {
-    /// A DNS or URI subject alternative name, exactly.
-    pub san: String,
+    /// A URI subject alternative name, exactly.
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// A DNS subject alternative name (not a wildcard; compared ignoring case).
+    #[serde(default)]
+    pub dns: Option<String>,
     /// The principal.
     pub principal: String,
+}
+
+/// The kind and value of a subject alternative name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum San {
+    /// A URI.
+    Uri(String),
+    /// A DNS name, lowercase.
+    Dns(String),
+}
+
+impl CertificatePrincipal {
+    /// The name it maps (validated: exactly one kind).
+    pub fn san(&self) -> Option<San> {
+        match (&self.uri, &self.dns) {
+            (Some(u), None) => Some(San::Uri(u.clone())),
+            (None, Some(d)) => Some(San::Dns(d.to_ascii_lowercase())),
+            _ => None,
+        }
+    }
 }
 
 /// How outbound HTTPS (upstream servers, issuers' key sets) checks servers.
@@ -88,14 +115,24 @@ pub fn validate(
             let mut seen = std::collections::HashSet::new();
             for (i, p) in c.principals.iter().enumerate() {
                 let at = format!("tls.client_auth.principals[{i}]");
-                if p.san.is_empty() {
-                    return Err((format!("{at}.san"), "must not be empty".into()));
-                }
+                let san = match p.san() {
+                    Some(San::Uri(u)) if !u.contains(':') => {
+                        return Err((format!("{at}.uri"), format!("{u:?} has no scheme")));
+                    }
+                    Some(San::Dns(d)) if d.is_empty() || d.contains('*') => {
+                        return Err((
+                            format!("{at}.dns"),
+                            "a DNS name, not empty and not a wildcard".into(),
+                        ));
+                    }
+                    Some(san) => san,
+                    None => return Err((at, "set exactly one of uri or dns".into())),
+                };
                 if p.principal.is_empty() || p.principal.chars().any(char::is_control) {
                     return Err((format!("{at}.principal"), "must be printable text".into()));
                 }
-                if !seen.insert(p.san.as_str()) {
-                    return Err((format!("{at}.san"), format!("{:?} is mapped twice", p.san)));
+                if !seen.insert(san.clone()) {
+                    return Err((at, format!("{san:?} is mapped twice")));
                 }
             }
         }

@@ -1,0 +1,210 @@
+//! Per-caller upstream credentials (`upstreams[].credentials`): what an HTTP upstream is sent
+//! for each principal, since the client's own token never goes upstream.
+
+use std::collections::HashMap;
+
+use http::{HeaderName, HeaderValue};
+use serde::Deserialize;
+
+/// Credentials as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredentials {
+    /// The header that carries them (default `Authorization`).
+    #[serde(default)]
+    pub header: Option<String>,
+    /// A secret per principal.
+    #[serde(default)]
+    pub per_principal: Vec<RawSecret>,
+    /// A value made from the verified caller, for principals without a secret: `{principal}`
+    /// is replaced by the principal.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Refuse callers with no credentials (default true); false sends such calls without the
+    /// header.
+    #[serde(default)]
+    pub required: Option<bool>,
+}
+
+/// One principal's secret.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecret {
+    /// The principal.
+    pub principal: String,
+    /// The header value (prefer `value_env`).
+    #[serde(default)]
+    pub value: Option<String>,
+    /// The environment variable holding it.
+    #[serde(default)]
+    pub value_env: Option<String>,
+}
+
+/// Validated credentials of one upstream.
+#[derive(Clone)]
+pub struct Credentials {
+    /// The header.
+    pub header: HeaderName,
+    per_principal: HashMap<String, HeaderValue>,
+    template: Option<String>,
+    required: bool,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("header", &self.header)
+            .field("principals", &self.per_principal.keys().collect::<Vec<_>>())
+            .field("template", &self.template.is_some())
+            .field("required", &self.required)
+            .finish()
+    }
+}
+
+/// Why a caller has no credentials for an upstream.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct NoCredentials(pub String);
+
+impl Credentials {
+    /// Checks the written credentials (`field` names them in errors).
+    pub fn validate(field: &str, raw: RawCredentials) -> Result<Credentials, (String, String)> {
+        let header = raw.header.as_deref().unwrap_or("authorization");
+        let header = HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
+            (
+                format!("{field}.header"),
+                format!("{header:?} is not a header name"),
+            )
+        })?;
+        let mut per_principal = HashMap::new();
+        for (i, s) in raw.per_principal.into_iter().enumerate() {
+            let at = format!("{field}.per_principal[{i}]");
+            let value = match (s.value, &s.value_env) {
+                (Some(v), None) => v,
+                (None, Some(var)) => std::env::var(var).map_err(|_| {
+                    (
+                        format!("{at}.value_env"),
+                        format!("environment variable {var} is not set"),
+                    )
+                })?,
+                _ => return Err((at, "set exactly one of value or value_env".into())),
+            };
+            let mut value = HeaderValue::from_str(&value).map_err(|_| {
+                (
+                    format!("{at}.value"),
+                    "must be visible ASCII (no line breaks)".into(),
+                )
+            })?;
+            value.set_sensitive(true);
+            if per_principal.insert(s.principal.clone(), value).is_some() {
+                return Err((
+                    format!("{at}.principal"),
+                    format!("{:?} is listed twice", s.principal),
+                ));
+            }
+        }
+        if let Some(t) = &raw.template
+            && HeaderValue::from_str(&t.replace("{principal}", "x")).is_err()
+        {
+            return Err((
+                format!("{field}.template"),
+                "must be visible ASCII (no line breaks)".into(),
+            ));
+        }
+        if per_principal.is_empty() && raw.template.is_none() {
+            return Err((
+                field.to_owned(),
+                "set per_principal, template, or both".into(),
+            ));
+        }
+        Ok(Credentials {
+            header,
+            per_principal,
+            template: raw.template,
+            required: raw.required.unwrap_or(true),
+        })
+    }
+
+    /// The header to send for `principal`; `Ok(None)`: none, and none is required.
+    pub fn for_principal(
+        &self,
+        principal: Option<&str>,
+    ) -> Result<Option<(HeaderName, HeaderValue)>, NoCredentials> {
+        let value = match principal {
+            Some(p) => match self.per_principal.get(p) {
+                Some(v) => Some(v.clone()),
+                // A principal that cannot be a header value (non-ASCII) has no credentials.
+                None => self.template.as_ref().and_then(|t| {
+                    let mut v = HeaderValue::from_str(&t.replace("{principal}", p)).ok()?;
+                    v.set_sensitive(true);
+                    Some(v)
+                }),
+            },
+            None => None,
+        };
+        match value {
+            Some(v) => Ok(Some((self.header.clone(), v))),
+            None if self.required => Err(NoCredentials(match principal {
+                Some(p) => format!("no upstream credentials for principal {p}"),
+                None => "this upstream needs an authenticated caller".into(),
+            })),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds(yaml: &str) -> Result<Credentials, (String, String)> {
+        Credentials::validate("c", serde_saphyr::from_str(yaml).unwrap())
+    }
+
+    #[test]
+    fn secrets_then_the_template_then_refusal() {
+        let c = creds(
+            "{per_principal: [{principal: alice, value: 'Bearer a-secret'}], template: 'user={principal}'}",
+        )
+        .unwrap();
+        let v = |p| {
+            c.for_principal(p)
+                .map(|h| h.map(|(_, v)| v.to_str().unwrap().to_owned()))
+        };
+        assert_eq!(v(Some("alice")), Ok(Some("Bearer a-secret".into())));
+        assert_eq!(v(Some("bob")), Ok(Some("user=bob".into())));
+        assert!(v(None).is_err(), "anonymous callers have no credentials");
+        assert!(
+            v(Some("bad\nname")).is_err(),
+            "a value that would break the header is refused"
+        );
+        assert!(!format!("{c:?}").contains("a-secret"), "not printed");
+        let optional = creds("{template: 'x', required: false}").unwrap();
+        assert_eq!(optional.for_principal(None), Ok(None));
+    }
+
+    #[test]
+    fn bad_credentials_are_named() {
+        assert_eq!(creds("{}").unwrap_err().0, "c");
+        assert_eq!(
+            creds("{header: 'a b', template: x}").unwrap_err().0,
+            "c.header"
+        );
+        assert_eq!(
+            creds("{per_principal: [{principal: a}]}").unwrap_err().0,
+            "c.per_principal[0]"
+        );
+        assert_eq!(
+            creds("{per_principal: [{principal: a, value: \"x\\ny\"}]}")
+                .unwrap_err()
+                .0,
+            "c.per_principal[0].value"
+        );
+        assert_eq!(
+            creds("{per_principal: [{principal: a, value: x}, {principal: a, value: y}]}")
+                .unwrap_err()
+                .0,
+            "c.per_principal[1].principal"
+        );
+    }
+}
