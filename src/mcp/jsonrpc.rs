@@ -37,6 +37,8 @@ pub mod code {
     pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
     /// The tool's definition changed (or is new) and waits for an operator's approval.
     pub const TOOL_NOT_APPROVED: i64 = -32040;
+    /// The caller has no credentials for the upstream the request goes to.
+    pub const NO_UPSTREAM_CREDENTIALS: i64 = -32042;
 }
 
 /// The `code` of a JSON-RPC error object, if it has one.

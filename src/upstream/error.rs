@@ -33,6 +33,14 @@ pub enum UpstreamError {
         /// What the server said.
         detail: String,
     },
+    /// The caller has no credentials for this upstream.
+    #[error("upstream '{server}': {reason}")]
+    NoCredentials {
+        /// Upstream name.
+        server: Arc<str>,
+        /// Why.
+        reason: String,
+    },
     /// The client cancelled the request.
     #[error("request cancelled")]
     Cancelled,
@@ -44,6 +52,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Timeout { .. } => code::UPSTREAM_TIMEOUT,
             UpstreamError::Cancelled => code::REQUEST_CANCELLED,
+            UpstreamError::NoCredentials { .. } => code::NO_UPSTREAM_CREDENTIALS,
             _ => code::UPSTREAM_UNAVAILABLE,
         }
     }

@@ -269,9 +269,12 @@ impl Link {
                 timeout: self.server.config.connect_timeout,
             }),
         };
-        self.server
-            .metrics
-            .set_upstream_up(self.server.label, result.is_ok());
+        // A caller without credentials says nothing of the server's health.
+        if !matches!(result, Err(UpstreamError::NoCredentials { .. })) {
+            self.server
+                .metrics
+                .set_upstream_up(self.server.label, result.is_ok());
+        }
         let conn = result?;
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         self.generation.fetch_add(1, Ordering::Relaxed);
@@ -281,6 +284,29 @@ impl Link {
             h.open_listen_stream(conn.clone());
         }
         Ok(conn)
+    }
+
+    /// The headers of an HTTP upstream's requests for this link's caller: the operator's own,
+    /// and the caller's credentials when the upstream has some (the client's token is never
+    /// among them).
+    fn headers(&self, headers: &http::HeaderMap) -> Result<http::HeaderMap, UpstreamError> {
+        let Some(credentials) = &self.server.config.credentials else {
+            return Ok(headers.clone());
+        };
+        let mut headers = headers.clone();
+        match credentials.for_principal(self.principal.as_deref()) {
+            Ok(Some((name, value))) => {
+                headers.insert(name, value);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(UpstreamError::NoCredentials {
+                    server: self.server.name.clone(),
+                    reason: e.0,
+                });
+            }
+        }
+        Ok(headers)
     }
 
     async fn handshake(&self) -> Result<Arc<Connection>, UpstreamError> {
@@ -293,11 +319,17 @@ impl Link {
             Transport::Http { url, headers } => Connection::Http(super::http::Connection::new(
                 server.clone(),
                 url.clone(),
-                headers.clone(),
+                self.headers(headers)?,
                 self.inbox.clone(),
             )),
             Transport::HttpSse { url, headers } => Connection::Stdio(
-                super::http_sse::connect(server.clone(), url, headers, self.inbox.clone()).await?,
+                super::http_sse::connect(
+                    server.clone(),
+                    url,
+                    &self.headers(headers)?,
+                    self.inbox.clone(),
+                )
+                .await?,
             ),
             Transport::Orchestrated => {
                 let o = server
@@ -892,10 +924,13 @@ impl Link {
             tracing::info!(upstream = %self.server.name, "an answer for a server request another replica relayed cannot reach it");
             return;
         };
+        let Ok(headers) = self.headers(headers) else {
+            return;
+        };
         let conn = super::http::Connection::new(
             self.server.clone(),
             url.clone(),
-            headers.clone(),
+            headers,
             self.inbox.clone(),
         )
         .in_session(session, version);
