@@ -7,7 +7,9 @@
 //! ```text
 //! cargo bench --bench gateway -- [--duration-ms 2000] [--rounds 3] [--clients 1,64]
 //!                                [--sessions 10000] [--other-url URL] [--out target/bench]
+//!                                [--only-auth]
 //! ```
+//! `--only-auth` counts only what authentication and the audit trail add to a call.
 //! `--other-url` adds another gateway (already running, fronting the upstream URL this program
 //! prints, or set with `--upstream-port`) measured exactly like ours.
 
@@ -38,6 +40,8 @@ struct Args {
     other_url: Option<String>,
     upstream_port: u16,
     out: PathBuf,
+    /// Only the authentication and audit costs (instruction counts).
+    only_auth: bool,
 }
 
 fn args() -> Args {
@@ -49,11 +53,13 @@ fn args() -> Args {
         other_url: None,
         upstream_port: 0,
         out: PathBuf::from("target/bench"),
+        only_auth: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
+            "--only-auth" => a.only_auth = true,
             "--duration-ms" => a.duration = Duration::from_millis(val().parse().expect("ms")),
             "--rounds" => a.rounds = val().parse().expect("rounds"),
             "--clients" => {
@@ -207,13 +213,23 @@ fn start_gateway_wrapped(
     (Proc(child), url)
 }
 
+/// The bearer token of the requests this process sends (none but in the auth measurements).
+static TOKEN: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn with_token(mut b: http::request::Builder) -> http::request::Builder {
+    if let Some(t) = TOKEN.lock().unwrap().as_deref() {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    b
+}
+
 async fn post(
     http: &Http,
     url: &str,
     session: Option<&str>,
     body: Bytes,
 ) -> (Option<String>, Bytes) {
-    let mut b = http::Request::post(url)
+    let mut b = with_token(http::Request::post(url))
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream");
     if let Some(s) = session {
@@ -235,7 +251,7 @@ async fn post(
 
 /// POSTs a 2026-07-28 stateless request: no session, the headers mirroring the body.
 async fn post_stateless(http: &Http, url: &str, tool: &str, body: Bytes) -> Bytes {
-    let req = http::Request::post(url)
+    let req = with_token(http::Request::post(url))
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
         .header("mcp-protocol-version", "2026-07-28")
@@ -330,6 +346,7 @@ impl Workload {
 /// `long` sequential calls on one session; the difference over `long - short` calls cancels
 /// start-up, the handshake and shutdown. `None` when valgrind is not installed.
 async fn instructions_per_call(
+    top: &str,
     upstreams_yaml: &str,
     tool: &str,
     w: Workload,
@@ -350,7 +367,7 @@ async fn instructions_per_call(
             format!("--callgrind-out-file={}", out.display()),
         ];
         let (mut gw, url) =
-            start_gateway_wrapped("", upstreams_yaml, &wrapper, Duration::from_secs(120));
+            start_gateway_wrapped(top, upstreams_yaml, &wrapper, Duration::from_secs(120));
         let http: Http = Client::builder(TokioExecutor::new()).build_http();
         let sid = open_session(&http, &url).await;
         let body = w.body(tool);
@@ -561,6 +578,17 @@ async fn main() {
     println!("upstream: {upstream_url}");
     let http_upstream =
         |name: &str| format!("  - name: {name}\n    http: {{ url: {upstream_url:?} }}\n");
+    if a.only_auth {
+        let costs = auth_costs(&http_upstream("ex")).await;
+        let base = costs.first().map_or(f64::NAN, |c| c.1);
+        for (name, n) in &costs {
+            println!(
+                "{name:>28}: {n:>9.0} instructions per call, {:.3} × no authentication",
+                n / base
+            );
+        }
+        return;
+    }
     let stdio_upstream =
         format!("  - name: ex\n    stdio: {{ command: {BIN:?}, args: [example-server] }}\n");
     let (gw_http, gw_http_url) = start_gateway(&http_upstream("ex"));
@@ -670,10 +698,11 @@ async fn main() {
             Workload::List,
         ),
     ] {
-        if let Some(n) = instructions_per_call(&yaml, tool, w, 100, 600).await {
+        if let Some(n) = instructions_per_call("", &yaml, tool, w, 100, 600).await {
             counts.push((name, w.name(), n));
         }
     }
+    let auth_costs = auth_costs(&http_upstream("ex")).await;
 
     eprintln!("measuring memory with {} sessions…", a.sessions);
     drop((gw_http, gw_stdio, gw_20, with_plugins));
@@ -701,6 +730,13 @@ async fn main() {
             "ratio_to_direct": ratio, "p50_us": r.p50, "p99_us": r.p99, "p999_us": r.p999, "added_p50_us": added,
             "gateway_cpu_us_per_request": r.cpu_per_request_us}));
     }
+    if !auth_costs.is_empty() {
+        let base = auth_costs[0].1;
+        md.push_str("\n| callers | gateway instructions per call (callgrind) | × no auth |\n|---|---:|---:|\n");
+        for (name, n) in &auth_costs {
+            md.push_str(&format!("| {name} | {n:.0} | {:.3} |\n", n / base));
+        }
+    }
     if !counts.is_empty() {
         md.push_str("\n| configuration | workload | gateway instructions per call (callgrind, 600 − 100 calls, 1 client) |\n|---|---|---:|\n");
         for (name, workload, n) in &counts {
@@ -716,6 +752,7 @@ async fn main() {
     );
     let report = json!({
         "duration_ms": a.duration.as_millis() as u64, "rounds": a.rounds, "results": rows,
+        "auth_costs": auth_costs.iter().map(|(c, n)| json!({"callers": c, "instructions": n})).collect::<Vec<_>>(),
         "instructions_per_call": counts.iter().map(|(c, w, n)| json!({"config": c, "workload": w, "instructions": n})).collect::<Vec<_>>(),
         "memory": {"idle_rss_kib": idle_kib, "sessions": a.sessions, "loaded_rss_kib": loaded_kib, "bytes_per_session": per_session},
     });
@@ -728,4 +765,89 @@ async fn main() {
     std::fs::write(a.out.join("gateway.md"), &md).unwrap();
     println!("{md}");
     println!("wrote {}/gateway.json and gateway.md", a.out.display());
+}
+
+/// What authentication and the audit trail cost a call: instructions per `tools/call` (session,
+/// HTTP upstream) with no authentication, with a static token, and with a JWT access token
+/// (its issuer's keys fetched once, the verified token cached), each with and without an audit
+/// record per call.
+async fn auth_costs(upstream: &str) -> Vec<(String, f64)> {
+    use base64::Engine;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let point = pair.public_key().as_ref();
+    let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "bench", "alg": "ES256", "use": "sig",
+                     "x": b64(&point[1..33]), "y": b64(&point[33..65])});
+    // The issuer's JWKS endpoint, in this process.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let issuer = format!("http://{}", listener.local_addr().unwrap());
+    let keys = Bytes::from(json!({ "keys": [jwk] }).to_string());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                keys.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&keys);
+        }
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let resource = "http://127.0.0.1/mcp";
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("bench".into());
+    let jwt = jsonwebtoken::encode(
+        &header,
+        &json!({"iss": issuer, "sub": "bench-user", "aud": resource, "scope": "mcp",
+                "exp": now + 3600, "iat": now}),
+        &jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+    )
+    .unwrap();
+    let static_token = "bench-static-token-0123456789";
+    let audit_file = std::env::temp_dir().join(format!("gatehouse-bench-audit-{}", free_port()));
+    let audit = format!("audit: {{ file: {audit_file:?} }}\n");
+    let oauth = format!(
+        "auth:\n  oauth:\n    resource: {resource}\n    issuers: [{{ issuer: {issuer:?}, jwks_uri: \"{issuer}/jwks\" }}]\n"
+    );
+    let tokens = format!("auth: {{ tokens: [{{ principal: bench, token: {static_token} }}] }}\n");
+    let cases = [
+        ("no authentication", String::new(), None),
+        (
+            "static token",
+            tokens.clone(),
+            Some(static_token.to_owned()),
+        ),
+        ("JWT (warm)", oauth.clone(), Some(jwt.clone())),
+        ("no authentication + audit", audit.clone(), None),
+        (
+            "static token + audit",
+            format!("{tokens}{audit}"),
+            Some(static_token.to_owned()),
+        ),
+        ("JWT (warm) + audit", format!("{oauth}{audit}"), Some(jwt)),
+    ];
+    let mut out = Vec::new();
+    for (name, top, token) in cases {
+        *TOKEN.lock().unwrap() = token;
+        if let Some(n) =
+            instructions_per_call(&top, upstream, "echo", Workload::CallSmall, 100, 600).await
+        {
+            eprintln!("{name}: {n:.0} instructions per call");
+            out.push((name.to_owned(), n));
+        }
+        let _ = std::fs::remove_file(&audit_file);
+    }
+    *TOKEN.lock().unwrap() = None;
+    out
 }
