@@ -219,15 +219,17 @@ pub fn validate(profiles: &[ProfileConfig]) -> Result<(), ProfileError> {
     Ok(())
 }
 
+/// Profiles read from YAML and checked, as the config does (for tests).
+#[cfg(test)]
+pub(crate) fn from_yaml(yaml: &str) -> Result<Vec<ProfileConfig>, String> {
+    let p: Vec<ProfileConfig> = serde_saphyr::from_str(yaml).map_err(|e| e.to_string())?;
+    validate(&p).map_err(|e| e.to_string())?;
+    Ok(p)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn profile(yaml: &str) -> Result<Vec<ProfileConfig>, String> {
-        let p: Vec<ProfileConfig> = serde_saphyr::from_str(yaml).map_err(|e| e.to_string())?;
-        validate(&p).map_err(|e| e.to_string())?;
-        Ok(p)
-    }
+    use super::from_yaml as profile;
 
     #[test]
     fn bad_profiles_are_named() {

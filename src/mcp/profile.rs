@@ -259,13 +259,7 @@ impl Profile {
 mod tests {
     use super::*;
     use crate::config::PrefixNames;
-    use crate::config::profiles::validate;
-
-    fn profile(yaml: &str) -> Result<Vec<ProfileConfig>, String> {
-        let p: Vec<ProfileConfig> = serde_saphyr::from_str(yaml).map_err(|e| e.to_string())?;
-        validate(&p).map_err(|e| e.to_string())?;
-        Ok(p)
-    }
+    use crate::config::profiles::from_yaml as profile;
 
     #[test]
     fn resolves_only_what_the_profile_lists() {
