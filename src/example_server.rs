@@ -25,6 +25,8 @@ pub struct Options {
     pub page_size: usize,
     /// The echo tool's description, in place of the usual one.
     pub echo_description: Option<String>,
+    /// Instructions in place of the usual ones.
+    pub instructions: Option<String>,
 }
 
 /// Serves MCP Streamable HTTP (JSON responses, sessions) on `addr` until the process ends.
@@ -235,7 +237,7 @@ async fn handle(
                 "protocolVersion": version,
                 "capabilities": {"tools": {"listChanged": true}, "prompts": {}, "resources": {"subscribe": true}, "logging": {}},
                 "serverInfo": {"name": "gatehouse-example", "version": env!("CARGO_PKG_VERSION")},
-                "instructions": "Example server shipped with Gatehouse: try the echo and add tools."
+                "instructions": opts.instructions.as_deref().unwrap_or("Example server shipped with Gatehouse: try the echo and add tools.")
             }))
         }
         "ping" | "logging/setLevel" => Ok(json!({})),

@@ -51,6 +51,9 @@ enum Command {
         /// Describe the echo tool with this text (a server that changes a tool, for tests).
         #[arg(long)]
         echo_description: Option<String>,
+        /// Give these instructions (a server that changes them, for tests).
+        #[arg(long)]
+        instructions: Option<String>,
     },
     /// Work with the audit trail.
     Audit {
@@ -109,12 +112,14 @@ fn main() -> anyhow::Result<()> {
             page_size,
             http,
             echo_description,
+            instructions,
         } => {
             let opts = gatehouse::example_server::Options {
                 name,
                 test_tools,
                 page_size,
                 echo_description,
+                instructions,
             };
             match http {
                 Some(addr) => rt.block_on(gatehouse::example_server::run_http(opts, addr))?,

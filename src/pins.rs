@@ -136,6 +136,14 @@ pub fn definition_of(item: &str) -> Option<(String, Value, String)> {
     Some((name, def, digest))
 }
 
+/// The name a server's instructions are pinned under (a space: no tool has it).
+pub const INSTRUCTIONS: &str = "server instructions";
+
+/// A server's instructions as a pinnable item.
+pub fn instructions_item(text: &str) -> String {
+    serde_json::json!({ "name": INSTRUCTIONS, "description": text }).to_string()
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -27,7 +27,7 @@ audit: {{file: {audit:?}}}",
         audit = dir.join("audit.jsonl"),
     );
     let args: Vec<&str> = match echo_description {
-        Some(d) => vec!["--echo-description", d],
+        Some(d) => vec!["--echo-description", d, "--instructions", d],
         None => vec![],
     };
     TestGateway::start(&top, &[example("a", &args, "")]).await
@@ -93,7 +93,11 @@ async fn a_tool_changed_between_two_runs_is_held_until_an_operator_approves_it()
     // caught, the listing hides it, the rest of the server works.
     let gw = gateway(&dir, Some(POISON)).await;
     let mut c = gw.client();
-    c.initialize(json!({})).await;
+    let init = c.initialize(json!({})).await;
+    assert!(
+        !init.to_string().contains("Ignore previous"),
+        "changed instructions are held back too: {init}"
+    );
     let r = c
         .call(
             3,
@@ -112,10 +116,13 @@ async fn a_tool_changed_between_two_runs_is_held_until_an_operator_approves_it()
     assert_eq!(c.tool_text(5, "add", json!({"a": 1, "b": 2})).await, "3");
     let m = metrics(&gw).await;
     assert!(
-        m.contains("gatehouse_tool_definition_changes_total{server=\"a\"} 1"),
+        m.contains("gatehouse_tool_definition_changes_total{server=\"a\"} 2"),
         "{m}"
     );
-    assert!(m.contains("gatehouse_tools_unapproved 1"), "{m}");
+    assert!(
+        m.contains("gatehouse_tools_unapproved 2"),
+        "the tool and the instructions: {m}"
+    );
 
     // The admin API shows both definitions and what differs.
     let (status, pins) = admin(&gw, "GET", "/admin/v1/pins", None).await;
@@ -174,6 +181,27 @@ async fn a_tool_changed_between_two_runs_is_held_until_an_operator_approves_it()
     // Approved as reviewed: callable and listed with the new description.
     let (status, pin) = approve(json!({"server": "a", "tool": "echo", "digest": digest})).await;
     assert_eq!(status, 200, "{pin}");
+    let instructions = pins["pins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["tool"] == "server instructions")
+        .expect("the instructions are pinned")
+        .clone();
+    assert_eq!(instructions["state"], "changed");
+    let (status, _) = approve(json!({"server": "a", "tool": "server instructions",
+        "digest": instructions["waiting"]["digest"]}))
+    .await;
+    assert_eq!(status, 200);
+    let mut next = gw.client();
+    let init = next.initialize(json!({})).await;
+    assert!(
+        init["instructions"]
+            .as_str()
+            .unwrap()
+            .contains("Ignore previous"),
+        "{init}"
+    );
     assert_eq!(pin["approved"]["by"], "ops");
     assert_eq!(c.tool_text(7, "echo", json!({"text": "ok"})).await, "ok");
     let list = c.call(8, "tools/list", json!({})).await;

@@ -645,7 +645,7 @@ async fn initialize(
         asked.init_params,
         asked.offers_roots,
     );
-    let result = handler::initialize(&session).await;
+    let result = handler::initialize(gw.services(), &session).await;
     Ok(initialized(id, result, &session.id))
 }
 

@@ -322,7 +322,7 @@ async fn initialize(
         gw.end_session(&session.id);
         return Err(FrontError::UnknownSession);
     }
-    let result = handler::initialize(&session).await;
+    let result = handler::initialize(gw.services(), &session).await;
     let answer = jsonrpc::response(&id, &Outcome::Result(result));
     if !send(client, &session, answer, gw.config.mcp.body_timeout).await {
         gw.end_session(&session.id);

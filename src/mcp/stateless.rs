@@ -584,7 +584,7 @@ pub(crate) async fn post(
         return listen(gw, session, busy, id, params).await;
     }
     if &*method == "server/discover" {
-        let result = discover(&session).await;
+        let result = discover(gw, &session).await;
         return json_response(
             StatusCode::OK,
             jsonrpc::response(&id, &Outcome::Result(result)),
@@ -1077,7 +1077,7 @@ async fn listen(
         );
     };
     // Listening needs every server connected, and its notifications flowing.
-    let offer = handler::offer(&session).await;
+    let offer = handler::offer(gw.services(), &session).await;
     for (i, link) in session.links().iter().enumerate() {
         if session.serves(i) {
             link.open_listen_stream();
@@ -1212,8 +1212,8 @@ async fn subscribe(gw: &Gateway, session: &Arc<Session>, method: &str, uri: &str
 
 /// The `server/discover` result: every revision served, what the servers offer together, and
 /// how long the answer may be reused.
-async fn discover(session: &Arc<Session>) -> Bytes {
-    let offer = handler::offer(session).await;
+async fn discover(gw: &Gateway, session: &Arc<Session>) -> Bytes {
+    let offer = handler::offer(gw.services(), session).await;
     let mut result = format!(
         r#"{{"resultType":"complete","supportedVersions":{},"capabilities":{},"ttlMs":{DISCOVER_TTL_MS},"cacheScope":"private","_meta":{{"io.modelcontextprotocol/serverInfo":{}}}"#,
         serde_json::to_string(revision::ALL).expect("strings encode"),

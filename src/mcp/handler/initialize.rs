@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Deserialize;
 
+use super::Services;
 use crate::mcp::revision;
 use crate::mcp::session::{Session, caps};
 
@@ -68,8 +69,10 @@ pub struct Offer {
     pub instructions: String,
 }
 
-/// Connects every upstream of `session` and merges what they offer.
-pub async fn offer(session: &Arc<Session>) -> Offer {
+/// Connects every upstream of `session` and merges what they offer. With pinning on, each
+/// server's instructions are pinned like a tool's definition (clients often put them in the
+/// model's system prompt): changed ones are left out while they wait for approval.
+pub async fn offer(sv: Services<'_>, session: &Arc<Session>) -> Offer {
     // A profile's session connects only its own servers.
     let served: Vec<usize> = (0..session.topology().servers.len())
         .filter(|i| session.serves(*i))
@@ -83,10 +86,17 @@ pub async fn offer(session: &Arc<Session>) -> Offer {
         match r {
             Ok(b) => {
                 bits |= b;
+                let server = &session.topology().servers[i];
                 if let Some(text) = session.links()[i]
                     .init_result()
                     .as_deref()
                     .and_then(instructions_of)
+                    .filter(|text| {
+                        sv.pins.is_none_or(|pins| {
+                            let item = crate::pins::instructions_item(text);
+                            pins.observe(&server.name, server.label, &item, sv.audit, sv.metrics)
+                        })
+                    })
                 {
                     if !instructions.is_empty() {
                         instructions.push_str("\n\n");
@@ -148,8 +158,11 @@ pub const SERVER_INFO: &str = concat!(
 
 /// Handles `initialize` of a new session: connects every upstream with the client's own
 /// capabilities, and merges what they offer into the result.
-pub async fn initialize(session: &Arc<Session>) -> Bytes {
-    let offer = offer(session).await;
+pub async fn initialize(sv: Services<'_>, session: &Arc<Session>) -> Bytes {
+    let offer = offer(sv, session).await;
+    if let Some(pins) = sv.pins {
+        pins.flush().await;
+    }
     let mut result = format!(
         r#"{{"protocolVersion":"{}","capabilities":{},"serverInfo":{SERVER_INFO}"#,
         session.protocol_version,
