@@ -496,6 +496,7 @@ impl Gateway {
             self.epoch,
             Some(crate::mcp::policy::PluginMessagePolicy::stage(
                 self.plugins.clone(),
+                self.audit.clone(),
             )),
         );
         if let Some(p) = &session.principal {
@@ -540,6 +541,7 @@ impl Gateway {
                 self.epoch,
                 Some(crate::mcp::policy::PluginMessagePolicy::stage(
                     self.plugins.clone(),
+                    self.audit.clone(),
                 )),
             )
         };

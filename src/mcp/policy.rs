@@ -120,15 +120,19 @@ impl Policy {
 
 /// Runs what servers send to a client (log lines, progress, sampling and elicitation requests)
 /// through the result chains, as the method it is: a redaction that applies to results applies
-/// to a log line too. A denied message is dropped; a rewrite replaces its params.
+/// to a log line too. A denied message is dropped (and audited); a rewrite replaces its params.
 pub struct PluginMessagePolicy {
     plugins: Arc<crate::plugins::Plugins>,
+    audit: Arc<Audit>,
 }
 
 impl PluginMessagePolicy {
-    /// The stage over the gateway's (hot-reloadable) plugins.
-    pub fn stage(plugins: Arc<crate::plugins::Plugins>) -> Arc<dyn MessagePolicy> {
-        Arc::new(PluginMessagePolicy { plugins })
+    /// The stage over the gateway's (hot-reloadable) plugins, recording denials in `audit`.
+    pub fn stage(
+        plugins: Arc<crate::plugins::Plugins>,
+        audit: Arc<Audit>,
+    ) -> Arc<dyn MessagePolicy> {
+        Arc::new(PluginMessagePolicy { plugins, audit })
     }
 }
 
@@ -152,9 +156,14 @@ impl MessagePolicy for PluginMessagePolicy {
                 Kind::Response { .. } => return Some(msg),
             };
             let server = session.topology().servers.get(index)?.name.clone();
-            let Some(policy) =
-                Policy::for_call(&set, None, session.caller(), &method, &server, None)
-            else {
+            let Some(policy) = Policy::for_call(
+                &set,
+                Some(&self.audit),
+                session.caller(),
+                &method,
+                &server,
+                None,
+            ) else {
                 return Some(msg);
             };
             match policy.on_response(params.as_deref().unwrap_or(b"{}")).await {
