@@ -366,8 +366,12 @@ async fn instructions_per_call(
             "--tool=callgrind".to_owned(),
             format!("--callgrind-out-file={}", out.display()),
         ];
+        // Each run its own audit trail (a trail left by the short run would be verified at
+        // the long run's start, and counted as calls).
+        let audit = std::env::temp_dir().join(format!("gatehouse-bench-audit-{}", free_port()));
+        let top = top.replace("AUDIT_FILE", &audit.display().to_string());
         let (mut gw, url) =
-            start_gateway_wrapped(top, upstreams_yaml, &wrapper, Duration::from_secs(120));
+            start_gateway_wrapped(&top, upstreams_yaml, &wrapper, Duration::from_secs(120));
         let http: Http = Client::builder(TokioExecutor::new()).build_http();
         let sid = open_session(&http, &url).await;
         let body = w.body(tool);
@@ -378,7 +382,12 @@ async fn instructions_per_call(
         let pid = nix::unistd::Pid::from_raw(gw.pid() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let _ = gw.0.wait();
+        let _ = std::fs::remove_file(&audit);
         let text = std::fs::read_to_string(&out).ok()?;
+        // GATEHOUSE_CALLGRIND_KEEP=DIR keeps the profiles (for callgrind_annotate).
+        if let Ok(dir) = std::env::var("GATEHOUSE_CALLGRIND_KEEP") {
+            let _ = std::fs::copy(&out, PathBuf::from(dir).join(out.file_name().unwrap()));
+        }
         let _ = std::fs::remove_file(&out);
         let total: u64 = text
             .lines()
@@ -815,8 +824,7 @@ async fn auth_costs(upstream: &str) -> Vec<(String, f64)> {
     )
     .unwrap();
     let static_token = "bench-static-token-0123456789";
-    let audit_file = std::env::temp_dir().join(format!("gatehouse-bench-audit-{}", free_port()));
-    let audit = format!("audit: {{ file: {audit_file:?} }}\n");
+    let audit = "audit: { file: AUDIT_FILE }\n".to_owned();
     let oauth = format!(
         "auth:\n  oauth:\n    resource: {resource}\n    issuers: [{{ issuer: {issuer:?}, jwks_uri: \"{issuer}/jwks\" }}]\n"
     );
@@ -838,7 +846,15 @@ async fn auth_costs(upstream: &str) -> Vec<(String, f64)> {
         ("JWT (warm) + audit", format!("{oauth}{audit}"), Some(jwt)),
     ];
     let mut out = Vec::new();
+    // GATEHOUSE_AUTH_CASES=a,b measures only the cases whose names contain one of them.
+    let only = std::env::var("GATEHOUSE_AUTH_CASES").ok();
     for (name, top, token) in cases {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|w| name.contains(w)))
+        {
+            continue;
+        }
         *TOKEN.lock().unwrap() = token;
         if let Some(n) =
             instructions_per_call(&top, upstream, "echo", Workload::CallSmall, 100, 600).await
@@ -846,7 +862,6 @@ async fn auth_costs(upstream: &str) -> Vec<(String, f64)> {
             eprintln!("{name}: {n:.0} instructions per call");
             out.push((name.to_owned(), n));
         }
-        let _ = std::fs::remove_file(&audit_file);
     }
     *TOKEN.lock().unwrap() = None;
     out

@@ -23,7 +23,6 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::config::OAuthSettings;
 
@@ -230,12 +229,15 @@ impl Verifier {
             return Err(TokenError::Malformed);
         }
         // Keyed by audience too: a token verified for one endpoint says nothing of another.
-        let digest: [u8; 32] = Sha256::new()
-            .chain_update(audience.as_bytes())
-            .chain_update([0u8])
-            .chain_update(token.as_bytes())
-            .finalize()
-            .into();
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(audience.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(token.as_bytes());
+        let digest: [u8; 32] = ctx
+            .finish()
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
         let now = unix_now();
         let fresh =
             |e: &Cached| now <= e.exp.saturating_add(self.leeway) && e.cached.elapsed() < CACHE_FOR;

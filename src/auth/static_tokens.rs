@@ -30,10 +30,15 @@ impl StaticTokens {
     /// The principal `token` authenticates. Every digest is compared, all the way through, so
     /// the time taken says nothing about which token came close.
     pub(crate) fn principal(&self, token: &str) -> Option<Principal> {
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if self.digests.is_empty() {
+            return None;
+        }
+        // ring's SHA-256 (assembly) costs a fraction of sha2's portable one on this path.
+        let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let digest: &[u8] = d.as_ref();
         let mut found = None;
         for (d, p) in &self.digests {
-            if bool::from(d.ct_eq(&digest)) {
+            if bool::from(d.as_slice().ct_eq(digest)) {
                 found = Some(p.clone());
             }
         }
