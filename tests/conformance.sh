@@ -21,7 +21,9 @@ BIN="${GATEHOUSE_BIN:-$REPO/target/debug/gatehouse}"
 free_port() { "$GATEHOUSE_PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work="$(mktemp -d)"
 pids=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
+# Gateways start in command substitutions (subshells): their pids are kept in files, not in
+# `pids`, or they would outlive the run.
+trap 'for f in "$work"/*.pid; do [[ -f "$f" ]] && kill "$(cat "$f")" 2>/dev/null || true; done; for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
 
 # Starts a gateway named $1 whose one upstream is the YAML mapping $2; prints its port.
 start_gateway() {
@@ -29,8 +31,8 @@ start_gateway() {
     port="$(free_port)"
     printf 'listen: 127.0.0.1:%s\nupstreams:\n  - name: fixture\n    %s\n' "$port" "$upstream" >"$work/$name.yaml"
     "$BIN" serve --config "$work/$name.yaml" >"$work/$name.log" 2>&1 &
-    pids+=($!)
     local pid=$!
+    echo "$pid" >"$work/$name.pid"
     for _ in $(seq 1 100); do
         "$GATEHOUSE_PYTHON" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/healthz', timeout=1)" 2>/dev/null && break
         kill -0 "$pid" 2>/dev/null || { cat "$work/$name.log" >&2; echo "gateway $name exited" >&2; exit 1; }
