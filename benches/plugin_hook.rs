@@ -165,6 +165,7 @@ fn main() {
     let noop = set("noop", "", "      null");
     let policy = set("tool_policy", "", POLICY);
     let policy_py = set("tool_policy_py", "", POLICY);
+    let policy_js = set("tool_policy_js", "", POLICY);
     let cold = set("noop", "    recycle_after: 1", "      null");
     eprintln!("plugins loaded in {:?}", started.elapsed());
 
@@ -196,7 +197,11 @@ fn main() {
             ..ctx
         };
         let native = native_policy(tool, args);
-        for (which, s) in [("rust", &policy), ("python", &policy_py)] {
+        for (which, s) in [
+            ("rust", &policy),
+            ("python", &policy_py),
+            ("javascript", &policy_js),
+        ] {
             let d = s.on_request_blocking(&c, args);
             let same = match (&d, &native) {
                 (Decision::Allow, Decision::Allow) => true,
@@ -246,6 +251,14 @@ fn main() {
             name: "wasm tool-policy, ten rules (Python)",
             run: {
                 let s = policy_py.clone();
+                Box::new(move || s.on_request_blocking(&ctx, ARGS))
+            },
+            samples: Vec::new(),
+        },
+        Case {
+            name: "wasm tool-policy, ten rules (JavaScript)",
+            run: {
+                let s = policy_js.clone();
                 Box::new(move || s.on_request_blocking(&ctx, ARGS))
             },
             samples: Vec::new(),

@@ -80,24 +80,30 @@ const POLICY_CONFIG: &str = r#"
         default: allow
 "#;
 
-/// Compiles the Python component once before the tests that use it run
-/// in parallel (a cache miss compiles ~18 MB of wasm; later loads hit the
-/// on-disk cache).
-fn warm_python() {
+/// The builds of tool-policy: Rust, Python (componentize-py) and
+/// JavaScript (componentize-js), all from plugins/build.sh.
+const TOOL_POLICY_BUILDS: [&str; 3] = ["tool_policy", "tool_policy_py", "tool_policy_js"];
+
+/// Compiles the Python and JavaScript components once before the tests that
+/// use them run in parallel (a cache miss compiles 12-18 MB of wasm; later
+/// loads hit the on-disk cache).
+fn warm_interpreted() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        load(
-            r#"
-modules: [ { name: py, path: "{dir}/tool_policy_py.wasm", memory_limit: 256MiB, init_deadline: 30s } ]
-"#,
-        )
-        .expect("python plugin compiles");
+        for component in ["tool_policy_py", "tool_policy_js"] {
+            load(&format!(
+                r#"
+modules: [ {{ name: warm, path: "{{dir}}/{component}.wasm", memory_limit: 256MiB, init_deadline: 30s }} ]
+"#
+            ))
+            .unwrap_or_else(|e| panic!("{component} compiles: {e}"));
+        }
     });
 }
 
 fn policy_set(component: &str) -> Arc<PluginSet> {
-    if component.ends_with("_py") {
-        warm_python();
+    if component != "tool_policy" {
+        warm_interpreted();
     }
     load(&format!(
         r#"
@@ -200,10 +206,86 @@ fn tool_policy_python() {
     check_policy(&set, "tool_policy_py");
 }
 
+/// The same plugin written in JavaScript (componentize-js) passes the same
+/// test.
+#[test]
+fn tool_policy_javascript() {
+    let set = policy_set("tool_policy_js");
+    check_policy(&set, "tool_policy_js");
+}
+
+/// The three builds make the same decision on every input of a matrix that
+/// includes the awkward ones: arguments that are not an object or not JSON,
+/// missing and null values, non-string values compared by their JSON text,
+/// non-ASCII text, array indexes and JSON pointers, glob corners.
+#[test]
+fn tool_policy_builds_agree() {
+    let sets: Vec<_> = TOOL_POLICY_BUILDS.map(|c| (c, policy_set(c))).into();
+    let tools = [
+        "fs_read", "fs_", "fs", "xfs_read", "http_get", "tag", "count", "", "fs_é",
+    ];
+    let arguments = [
+        r#"{}"#,
+        r#"[]"#,
+        r#"null"#,
+        r#"not json"#,
+        r#""/etc/passwd""#,
+        r#"{"path": null, "mode": "read"}"#,
+        r#"{"path": "/etc", "mode": "read"}"#,
+        r#"{"path": "/etcetera", "mode": "read"}"#,
+        r#"{"path": "/home/é/../x", "mode": "read"}"#,
+        r#"{"path": "/home/a/b.KEY", "mode": "read"}"#,
+        r#"{"path": "/home/a/b", "mode": ["read"]}"#,
+        r#"{"path": "/home/a/b", "mode": "read", "extra": 1}"#,
+        r#"{"path": 7, "mode": "read"}"#,
+        r#"{"url": "https://example.com/"}"#,
+        r#"{"url": "https://a.b.example.com/"}"#,
+        r#"{"url": "http://example.com/"}"#,
+        r#"{"url": "https://EXAMPLE.com/"}"#,
+        r#"{"url": ["https://example.com/"]}"#,
+        r#"{"tags": "public secret"}"#,
+        r#"{"tags": "public"}"#,
+        r#"{"tags": ["public", 1, null]}"#,
+        r#"{"tags": []}"#,
+        r#"{"options": {"n": "3"}}"#,
+        r#"{"options": {"n": 3.0}}"#,
+        r#"{"options": {"n": 3e0}}"#,
+        r#"{"options": {"n": -3}}"#,
+        r#"{"options": {"n": [3]}}"#,
+        r#"{"options": null}"#,
+    ];
+    let mut compared = 0;
+    for tool in tools {
+        for args in arguments {
+            let decisions: Vec<_> = sets
+                .iter()
+                .map(|(c, set)| {
+                    let d = set.on_request_blocking(&ctx("files", tool), args);
+                    let summary = match d {
+                        Decision::Allow => "allow".to_string(),
+                        Decision::Deny(d) => format!("deny {}: {}", d.code, d.message),
+                        other => panic!("{c}: {tool} {args}: {other:?}"),
+                    };
+                    (*c, summary)
+                })
+                .collect();
+            for (c, d) in &decisions[1..] {
+                assert_eq!(
+                    d, &decisions[0].1,
+                    "{c} disagrees with {} on {tool} {args}",
+                    decisions[0].0
+                );
+            }
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, tools.len() * arguments.len());
+}
+
 #[test]
 fn tool_policy_default_block_and_bad_config() {
-    warm_python();
-    for component in ["tool_policy", "tool_policy_py"] {
+    warm_interpreted();
+    for component in TOOL_POLICY_BUILDS {
         let set = load(&format!(
             r#"
 modules:

@@ -129,22 +129,26 @@ async def test_rate_limit_per_session(policed: Gateway) -> None:
         assert text_of(await other.call_tool(name(EXAMPLE, "add"), {"a": 2, "b": 2})) == "4"
 
 
-async def test_the_python_build_of_tool_policy_decides_alike(tools: Tools, workdir: Path, everything_http: HttpEverything) -> None:
+@pytest.mark.parametrize("build", ["tool_policy", "tool_policy_py", "tool_policy_js"])
+async def test_every_build_of_tool_policy_decides_alike(build: str, tools: Tools, workdir: Path, everything_http: HttpEverything) -> None:
+    """The Rust, Python and JavaScript builds of tool-policy, each in front of
+    the same server with the same rules, make the same decisions."""
     plugins = {
         "modules": [
             {
-                "name": "policy-py",
-                "path": wasm("tool_policy_py"),
+                "name": "policy",
+                "path": wasm(build),
                 "init_deadline": "20s",
                 "config": {"rules": [{"tool": "echo", "argument": "message", "operator": "regex", "value": "^rm\\s", "action": "block", "reason": "no shell commands"}], "default": "allow"},
             }
         ],
-        "chains": [{"name": "calls", "methods": ["tools/call"], "plugins": ["policy-py"]}],
+        "chains": [{"name": "calls", "methods": ["tools/call"], "plugins": ["policy"]}],
     }
-    gw = gateway_with(tools, workdir, everything_http, "plugins-py", plugins)
+    gw = gateway_with(tools, workdir, everything_http, f"plugins-{build}", plugins)
     try:
         async with gw.client() as c:
-            await expect_denied(c.call_tool(name(EV_HTTP, "echo"), {"message": "rm -rf /"}), POLICY_DENIED, "policy-py", "no shell commands")
+            await expect_denied(c.call_tool(name(EV_HTTP, "echo"), {"message": "rm -rf /"}), POLICY_DENIED, "policy", "no shell commands")
             assert text_of(await c.call_tool(name(EV_HTTP, "echo"), {"message": "ls"})) == "Echo: ls"
+            assert text_of(await c.call_tool(name(EV_HTTP, "echo"), {"message": "firm stance"})) == "Echo: firm stance"
     finally:
         gw.proc.stop()
