@@ -101,6 +101,8 @@ pub struct Gateway {
     pub audit: Arc<Audit>,
     /// Approved tool definitions (when pinning is on).
     pub pins: Option<Arc<Pins>>,
+    /// Records request spans (when traces are on).
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
     epoch: Instant,
 }
 
@@ -126,7 +128,19 @@ impl Gateway {
                 }
             }
         }
+        let metrics = Metrics::new();
+        // The exporter needs a runtime: spawned here, it lives as long as any tracer does.
+        let tracer = config.traces.as_ref().map(|t| {
+            let (tracer, queue) = crate::trace::Tracer::new(t, metrics.trace_spans_dropped.clone());
+            tokio::spawn(crate::trace::otlp::export(
+                t.clone(),
+                queue,
+                http::client(&outbound_tls),
+            ));
+            tracer
+        });
         let gw = Gateway {
+            tracer,
             audit: Arc::new(audit),
             pins,
             plugins,
@@ -158,7 +172,7 @@ impl Gateway {
             portable: (!keys.0.is_empty()).then(|| Arc::new(Sealer::from_keys(&keys.0))),
             deleted: std::sync::Mutex::new(Default::default()),
             restoring: std::sync::Mutex::new(()),
-            metrics: Metrics::new(),
+            metrics,
             epoch: Instant::now(),
         };
         gw.topology
@@ -174,6 +188,7 @@ impl Gateway {
             audit: &self.audit,
             pins: self.pins.as_ref(),
             envelope: None,
+            trace: None,
         }
     }
 

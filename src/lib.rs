@@ -29,6 +29,7 @@ pub mod sse;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;
+pub mod trace;
 pub mod upstream;
 
 use std::sync::Arc;

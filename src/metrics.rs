@@ -47,6 +47,8 @@ pub struct StatusLabels {
 /// All gateway metrics.
 pub struct Metrics {
     registry: Registry,
+    /// Spans lost before export (handed to the tracer).
+    pub trace_spans_dropped: Counter,
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
     /// Open downstream sessions.
@@ -192,7 +194,14 @@ impl Metrics {
             "Tools whose definition waits for approval (changed since approved, or new)",
             tools_unapproved.clone(),
         );
+        let trace_spans_dropped = Counter::default();
+        registry.register(
+            "trace_spans_dropped",
+            "Spans not exported: the queue was full or the collector failed",
+            trace_spans_dropped.clone(),
+        );
         Arc::new(Metrics {
+            trace_spans_dropped,
             tool_changes,
             tools_unapproved,
             registry,

@@ -14,6 +14,7 @@ pub mod credentials;
 pub mod pinning;
 pub mod profiles;
 pub mod tls;
+pub mod traces;
 
 use crate::orchestrator::{ResolvedServer, ServerDef};
 use profiles::{Grantees, ProfileConfig};
@@ -95,6 +96,9 @@ pub struct RawConfig {
     /// How the gateway's own HTTPS requests check servers.
     #[serde(default)]
     pub outbound_tls: tls::OutboundTls,
+    /// OpenTelemetry traces: off unless set.
+    #[serde(default)]
+    pub traces: Option<traces::TracesConfig>,
 }
 
 /// Raw audit-trail settings.
@@ -637,6 +641,8 @@ pub struct Config {
     pub tls: Option<tls::ListenerTls>,
     /// How outbound HTTPS checks servers.
     pub outbound_tls: tls::OutboundTls,
+    /// Trace export, if on.
+    pub traces: Option<traces::TracesConfig>,
 }
 
 /// Validated orchestrator settings.
@@ -1127,12 +1133,16 @@ impl RawConfig {
             .map_err(|e| field_err("plugins", e.to_string()))?;
 
         profiles::validate(&self.profiles).map_err(|e| field_err(e.field, e.reason))?;
+        if let Some(t) = &self.traces {
+            t.validate().map_err(|(field, why)| field_err(field, why))?;
+        }
 
         Ok(Config {
             profiles: self.profiles.into_iter().map(Arc::new).collect(),
             pinning: self.pinning,
             tls: self.tls,
             outbound_tls: self.outbound_tls,
+            traces: self.traces,
             plugins: self.plugins,
             servers,
             orchestrator,

@@ -517,6 +517,8 @@ async fn post(
     let mirrored = session_header
         .is_none()
         .then(|| stateless::Mirrored::of(headers));
+    // Traced: the client's trace context, if it sent one in headers.
+    let trace_header = gw.tracer.as_ref().and_then(|_| trace_header(headers));
     let body = read_body(gw, req).await?;
     let msg = jsonrpc::parse(body)?;
     if let Kind::Request { id, method, params } = &msg.kind
@@ -532,11 +534,36 @@ async fn post(
         return Ok(refusal(gw, FrontError::Auth(e), Some(id), name));
     }
 
+    let mut span = match (&gw.tracer, &msg.kind) {
+        (Some(tracer), Kind::Request { id, method, params }) => {
+            let header = trace_header
+                .as_ref()
+                .map(|(parent, state)| (parent.as_str(), state.as_deref()));
+            tracer
+                .request_span(method, params.as_deref(), header)
+                .map(|mut span| {
+                    span.attr(
+                        "jsonrpc.request.id",
+                        String::from_utf8_lossy(id).into_owned(),
+                    );
+                    if let Some(p) = &principal {
+                        span.attr("enduser.id", p.to_string());
+                    }
+                    if let Some(p) = profile {
+                        span.attr("gatehouse.profile", p.name.clone());
+                    }
+                    span
+                })
+        }
+        _ => None,
+    };
     if let Some(mirrored) = mirrored
         && stateless::is_stateless(&mirrored, &msg)
     {
         let claims = identity.map(|i| i.claims.clone());
-        return Ok(stateless::post(gw, principal, profile, claims, mirrored, msg).await);
+        return Ok(
+            stateless::post(gw, principal, profile, claims, mirrored, msg, span.as_mut()).await,
+        );
     }
     if let Kind::Request { id, method, params } = &msg.kind
         && &**method == "initialize"
@@ -552,7 +579,20 @@ async fn post(
     }
     match msg.kind {
         Kind::Request { id, method, params } => {
-            match handler::request(gw.services(), &session, id, &method, params).await {
+            if let Some(span) = &mut span {
+                span.attr("mcp.session.id", session.log_id().to_owned());
+                span.attr("mcp.protocol.version", session.protocol_version.to_string());
+            }
+            let services = handler::Services {
+                trace: span.as_ref(),
+                ..gw.services()
+            };
+            let reply = handler::request(services, &session, id, &method, params).await;
+            if let (Some(span), Reply::Json(frame) | Reply::Refused(_, frame)) = (&mut span, &reply)
+            {
+                span.record_answer(frame);
+            }
+            match reply {
                 Reply::Json(frame) => Ok(json_response(StatusCode::OK, frame)),
                 Reply::Refused(status, frame) => Ok(json_response(status, frame)),
                 Reply::Stream(rx) => {
@@ -582,6 +622,19 @@ async fn post(
             Ok(accepted())
         }
     }
+}
+
+/// The `traceparent` and `tracestate` headers, when there is a `traceparent` (one of each:
+/// a repeated header is no context).
+pub(crate) fn trace_header(headers: &HeaderMap) -> Option<(String, Option<String>)> {
+    let one = |name: &str| {
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (Some(v), None) => v.to_str().ok().map(str::to_owned),
+            _ => None,
+        }
+    };
+    Some((one("traceparent")?, one("tracestate")))
 }
 
 /// The scope rules for a request. A tool a profile renamed is also checked under the name the

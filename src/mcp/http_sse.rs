@@ -185,6 +185,10 @@ async fn message(
     if client.principal != principal {
         return Err(FrontError::UnknownSession);
     }
+    let trace_header = gw
+        .tracer
+        .as_ref()
+        .and_then(|_| front::trace_header(req.headers()));
     let body = front::read_body(gw, req).await?;
     let msg = jsonrpc::parse(body)?;
     if let Kind::Request { method, params, .. } = &msg.kind {
@@ -211,13 +215,30 @@ async fn message(
             if let Some(identity) = &identity {
                 session.hold_claims(&identity.claims);
             }
+            let mut span = gw.tracer.as_ref().and_then(|t| {
+                let header = trace_header
+                    .as_ref()
+                    .map(|(parent, state)| (parent.as_str(), state.as_deref()));
+                let mut span = t.request_span(&method, params.as_deref(), header)?;
+                span.attr("mcp.session.id", session.log_id().to_owned());
+                span.attr("mcp.protocol.version", session.protocol_version.to_string());
+                Some(span)
+            });
             let gw = gw.clone();
             tokio::spawn(async move {
                 let _busy = session.touch();
                 let stall = gw.config.mcp.body_timeout;
                 let run = async {
-                    match handler::request(gw.services(), &session, id, &method, params).await {
+                    let services = handler::Services {
+                        trace: span.as_ref(),
+                        ..gw.services()
+                    };
+                    let reply = handler::request(services, &session, id, &method, params).await;
+                    match reply {
                         Reply::Json(frame) | Reply::Refused(_, frame) => {
+                            if let Some(span) = &mut span {
+                                span.record_answer(&frame);
+                            }
                             send(&client, &session, frame, stall).await
                         }
                         Reply::Stream(mut frames) => {

@@ -489,6 +489,7 @@ pub(crate) async fn post(
     claims: Option<Arc<Claims>>,
     mirrored: Mirrored,
     msg: Message,
+    mut span: Option<&mut crate::trace::Span>,
 ) -> Response<Body> {
     let (id, method, params) = match msg.kind {
         Kind::Request { id, method, params } => (id, method, params),
@@ -590,13 +591,20 @@ pub(crate) async fn post(
             jsonrpc::response(&id, &Outcome::Result(result)),
         );
     }
+    if let Some(span) = &mut span {
+        span.attr("mcp.protocol.version", revision::STATELESS);
+    }
     let services = crate::mcp::handler::Services {
         envelope: Some(&envelope),
+        trace: span.as_deref(),
         ..gw.services()
     };
     match handler::request(services, &session, id, &method, params).await {
         Reply::Json(frame) => {
             let frame = round.answer(&session, frame).await;
+            if let Some(span) = span {
+                span.record_answer(&frame);
+            }
             json_response(status_of(&frame), frame)
         }
         Reply::Refused(status, frame) => json_response(status, frame),

@@ -542,6 +542,7 @@ impl Link {
         let events = opts.events.clone();
         let progress_token = opts.progress_token.clone();
         let origin = opts.origin.clone();
+        let traceparent = opts.traceparent.clone();
         match conn.request(method, params, opts, timeout).await {
             Err(UpstreamError::SessionExpired { .. }) => {
                 // 404 means the request was not processed: safe to retry on a new session.
@@ -554,6 +555,7 @@ impl Link {
                     origin,
                     mirrored: Vec::new(),
                     client_envelope: None,
+                    traceparent: traceparent.clone(),
                 };
                 conn.request(method, params, retry, timeout).await
             }
@@ -645,6 +647,7 @@ impl Link {
         let cancel = opts.cancel.take();
         let events = opts.events.take();
         let progress_token = opts.progress_token.take();
+        let traceparent = opts.traceparent.take();
         let rounds = async {
             let mut params = prepared.params.clone();
             let mut marks_reread = false;
@@ -659,6 +662,7 @@ impl Link {
                     events: events.clone(),
                     progress_token: progress_token.clone(),
                     mirrored: stateless::mirrored_headers(method, &prepared, marks.as_deref()),
+                    traceparent: traceparent.clone(),
                     ..CallOpts::default()
                 };
                 let outcome = conn

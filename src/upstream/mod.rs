@@ -182,6 +182,9 @@ pub struct CallOpts {
     /// (`_meta` members): a 2026-07-28 server is sent it and the call's retry members as they
     /// are, and `input_required` comes back.
     pub client_envelope: Option<Arc<str>>,
+    /// The call's span as a `traceparent` header, when traced (HTTP only; `_meta` carries it
+    /// for every transport).
+    pub traceparent: Option<::http::HeaderValue>,
 }
 
 /// What a stdio connection remembers about a call to route the server's related messages.
@@ -240,7 +243,10 @@ impl Connection {
                     c.exchange(id, frame, route).await
                 }
                 Connection::Http(c) => {
-                    let mirrored = std::mem::take(&mut opts.mirrored);
+                    let mut mirrored = std::mem::take(&mut opts.mirrored);
+                    if let Some(tp) = opts.traceparent.take() {
+                        mirrored.push((::http::HeaderName::from_static("traceparent"), tp));
+                    }
                     c.exchange(id, frame, opts.events.take(), mirrored).await
                 }
             }

@@ -15,6 +15,7 @@ use crate::mcp::policy::Policy;
 use crate::mcp::session::Session;
 use crate::metrics::method_label;
 use crate::plugins::{Decision, EntryKind};
+use crate::trace::SpanKind;
 use crate::upstream::{CallOpts, UpstreamError, request_progress_token};
 
 use super::aggregate::{RESOURCES, TEMPLATES, list};
@@ -50,7 +51,7 @@ pub(super) async fn completion_policy(
         }
     }
     let argument = f.get("argument").map_or("{}", |a| a.get());
-    match policy.on_request(argument).await {
+    match super::on_request(sv, &policy, argument).await {
         Decision::Deny(d) => Err(d),
         // A completion's argument is not rewritten: it is what the user is typing.
         Decision::Allow | Decision::Rewrite(_) => Ok(Some(policy)),
@@ -269,13 +270,6 @@ pub(super) async fn forward(
             );
         }
     };
-    let opts = CallOpts {
-        events: Some(ev_tx),
-        cancel: inflight.cancelled.take(),
-        progress_token: params.as_deref().and_then(request_progress_token),
-        client_envelope: sv.envelope.cloned(),
-        ..CallOpts::default()
-    };
     // What the audit trail records of the call, taken before the params go upstream.
     let mut audited = sv.audit.is_on().then(|| CallRecord {
         audit: sv.audit.clone(),
@@ -293,6 +287,34 @@ pub(super) async fn forward(
             ..Default::default()
         }),
     });
+    // Traced: the upstream call is a client span, and the server is told it is the parent
+    // (in `_meta` for every transport, and as the `traceparent` header over HTTP).
+    let mut upstream_span = sv.trace.map(|s| {
+        let name = match audit_target(method, params.as_deref()) {
+            Some(target) => format!("{method} {target}"),
+            None => method.to_owned(),
+        };
+        let mut span = s.child(name, SpanKind::Client);
+        span.attr("mcp.method.name", method);
+        span.attr("gatehouse.server", &*server.name);
+        span
+    });
+    let (params, traceparent) = match &upstream_span {
+        Some(span) => (
+            span.inject(params),
+            http::HeaderValue::try_from(span.traceparent()).ok(),
+        ),
+        None => (params, None),
+    };
+    let response_trace = sv.trace.map(crate::trace::Span::parent);
+    let opts = CallOpts {
+        events: Some(ev_tx),
+        cancel: inflight.cancelled.take(),
+        progress_token: params.as_deref().and_then(request_progress_token),
+        client_envelope: sv.envelope.cloned(),
+        traceparent,
+        ..CallOpts::default()
+    };
     let session2 = session.clone();
     let method = method.to_owned();
     let call = async move {
@@ -303,8 +325,14 @@ pub(super) async fn forward(
         let (frame, outcome) = match result {
             // Error messages pass the result chains too: a redaction must not be bypassed by
             // a server that puts the data in an error.
-            Ok(outcome) => screen(policy.as_ref(), &id, outcome).await,
+            Ok(outcome) => {
+                drop(upstream_span.take());
+                screen(policy.as_ref(), response_trace.as_ref(), &id, outcome).await
+            }
             Err(e) => {
+                if let Some(span) = &mut upstream_span {
+                    span.fail(e.to_string());
+                }
                 if !matches!(e, UpstreamError::Cancelled) {
                     tracing::warn!(upstream = %server.name, method = %method, "call failed: {e}");
                 }

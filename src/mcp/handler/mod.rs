@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures_util::future::OptionFuture;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -24,6 +23,7 @@ use crate::mcp::policy::Policy;
 use crate::mcp::session::{Session, caps};
 use crate::metrics::{Metrics, method_label};
 use crate::plugins::{Decision, Plugins};
+use crate::trace::SpanKind;
 use crate::upstream::CallOpts;
 
 /// How a request is answered.
@@ -101,6 +101,8 @@ pub struct Services<'a> {
     /// A 2026-07-28 client's envelope (the `_meta` members the stateless front took out of
     /// its params): what a 2026-07-28 server is sent on its behalf.
     pub envelope: Option<&'a Arc<str>>,
+    /// The request's span, when it is traced.
+    pub trace: Option<&'a crate::trace::Span>,
 }
 
 /// A params object parsed one level deep: values stay raw.
@@ -138,12 +140,31 @@ fn denied(id: &[u8], d: &crate::plugins::Denied) -> Reply {
 /// Runs an upstream's answer (result or error) through the result chains: the frame for the
 /// client and the metric outcome. A rewrite must keep the answer's shape (valid JSON for a
 /// result, a JSON-RPC error object for an error).
-async fn screen(policy: Option<&Policy>, id: &[u8], outcome: Outcome) -> (Bytes, &'static str) {
+async fn screen(
+    policy: Option<&Policy>,
+    trace: Option<&crate::trace::SpanParent>,
+    id: &[u8],
+    outcome: Outcome,
+) -> (Bytes, &'static str) {
     let (raw, label) = match &outcome {
         Outcome::Result(r) => (r, "ok"),
         Outcome::Error(e) => (e, "error"),
     };
-    match OptionFuture::from(policy.map(|p| p.on_response(raw))).await {
+    let screened = async {
+        let p = policy?;
+        let mut span = trace.map(|t| t.child("policy on-response", SpanKind::Internal));
+        let decided = p.on_response(raw).await;
+        if let Some(span) = &mut span {
+            let decision = match &decided {
+                Ok(None) => Decision::Allow,
+                Ok(Some(_)) => Decision::Rewrite(String::new()),
+                Err(d) => Decision::Deny(d.clone()),
+            };
+            trace_decision(span, &decision);
+        }
+        Some(decided)
+    };
+    match screened.await {
         None | Some(Ok(None)) => (jsonrpc::response(id, &outcome), label),
         Some(Ok(Some(new))) => {
             let (fits, rewritten, what) = match outcome {
@@ -185,6 +206,31 @@ fn is_error_object(raw: &[u8]) -> bool {
         message: Cow<'a, str>,
     }
     serde_json::from_slice::<E<'_>>(raw).is_ok()
+}
+
+/// Runs the on-request chains, in a child span of the request's when it is traced.
+async fn on_request(sv: Services<'_>, policy: &Policy, arguments: &str) -> Decision {
+    let Some(parent) = sv.trace else {
+        return policy.on_request(arguments).await;
+    };
+    let mut span = parent.child("policy on-request", SpanKind::Internal);
+    let decision = policy.on_request(arguments).await;
+    trace_decision(&mut span, &decision);
+    decision
+}
+
+/// A policy span's outcome: the decision, and for a denial the plugin and its reason.
+fn trace_decision(span: &mut crate::trace::Span, decision: &Decision) {
+    let (what, denial) = match decision {
+        Decision::Allow => ("allow", None),
+        Decision::Rewrite(_) => ("rewrite", None),
+        Decision::Deny(d) => ("deny", Some(d)),
+    };
+    span.attr("gatehouse.policy.decision", what);
+    if let Some(d) = denial {
+        span.attr("gatehouse.policy.plugin", d.plugin.to_string());
+        span.fail(d.to_string());
+    }
 }
 
 /// Params as text for the plugins (`{}` when absent; frames were validated as JSON).
@@ -298,7 +344,7 @@ pub async fn request(
             let rewritten;
             if let Some(p) = &policy {
                 let arguments = f.get("arguments").map_or("{}", |a| a.get());
-                match p.on_request(arguments).await {
+                match on_request(sv, p, arguments).await {
                     Decision::Allow => {}
                     Decision::Deny(d) => return denied(&id, &d),
                     Decision::Rewrite(new) => match RawValue::from_string(new) {
@@ -339,7 +385,7 @@ pub async fn request(
                 Some(&uri),
             );
             if let Some(p) = &policy
-                && let Decision::Deny(d) = p.on_request("{}").await
+                && let Decision::Deny(d) = on_request(sv, p, "{}").await
             {
                 return denied(&id, &d);
             }
@@ -376,7 +422,7 @@ pub async fn request(
                 None,
             );
             if let Some(p) = &policy
-                && let Decision::Deny(d) = p.on_request(params_text(params.as_deref())).await
+                && let Decision::Deny(d) = on_request(sv, p, params_text(params.as_deref())).await
             {
                 return denied(&id, &d);
             }

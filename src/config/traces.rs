@@ -1,0 +1,91 @@
+//! Trace export settings (`traces:`); [`crate::trace`] records and sends the spans.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// OpenTelemetry traces over OTLP/HTTP (JSON encoding).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracesConfig {
+    /// The collector's traces URL, e.g. `http://otel-collector:4318/v1/traces`.
+    pub endpoint: String,
+    /// `service.name` of the spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Share of traces started here (no sampled parent) that are recorded, 0 to 1. A client's
+    /// `traceparent` decides for its own traces.
+    #[serde(default = "default_ratio")]
+    pub sample_ratio: f64,
+    /// Headers sent with every export (an API key); values may name an environment variable
+    /// as `${NAME}`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Spans held for export; past this, new spans are dropped (and counted).
+    #[serde(default = "default_queue")]
+    pub max_queue: usize,
+    /// Longest a finished span waits before it is sent.
+    #[serde(default = "default_flush", with = "humantime_serde")]
+    pub flush_interval: Duration,
+}
+
+fn default_service_name() -> String {
+    "gatehouse".into()
+}
+
+fn default_ratio() -> f64 {
+    1.0
+}
+
+fn default_queue() -> usize {
+    4096
+}
+
+fn default_flush() -> Duration {
+    Duration::from_millis(500)
+}
+
+impl TracesConfig {
+    /// Checks the settings; the error is (the field at fault, why).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |field: &str, why: String| (format!("traces.{field}"), why);
+        let uri: http::Uri = self
+            .endpoint
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad("endpoint", e.to_string()))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(bad("endpoint", "must be an http:// or https:// URL".into()));
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(bad("sample_ratio", "must be between 0 and 1".into()));
+        }
+        if self.max_queue == 0 || self.max_queue > 1_000_000 {
+            return Err(bad("max_queue", "must be between 1 and 1000000".into()));
+        }
+        if self.flush_interval.is_zero() || self.flush_interval > Duration::from_secs(60) {
+            return Err(bad("flush_interval", "must be between 1ms and 60s".into()));
+        }
+        if self.service_name.is_empty() {
+            return Err(bad("service_name", "must not be empty".into()));
+        }
+        for (name, value) in &self.headers {
+            http::HeaderName::try_from(name.as_str())
+                .map_err(|_| bad(&format!("headers.{name}"), "not a header name".into()))?;
+            let value = header_value(value).map_err(|e| bad(&format!("headers.{name}"), e))?;
+            http::HeaderValue::try_from(value)
+                .map_err(|_| bad(&format!("headers.{name}"), "not a header value".into()))?;
+        }
+        Ok(())
+    }
+}
+
+/// A header value with `${NAME}` read from the environment.
+pub fn header_value(value: &str) -> Result<String, String> {
+    match value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
+        Some(var) => {
+            std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))
+        }
+        None => Ok(value.to_owned()),
+    }
+}
