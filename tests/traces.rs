@@ -18,7 +18,7 @@ use support::{Client, TestGateway, wasm};
 /// Serves `handle` on a loopback port; answers what it returns.
 async fn serve<F>(handle: F) -> String
 where
-    F: Fn(http::HeaderMap, Value) -> Option<Value> + Send + Sync + 'static,
+    F: Fn(http::HeaderMap, Bytes) -> Option<Value> + Send + Sync + 'static,
 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -38,8 +38,7 @@ where
                         }
                         let headers = req.headers().clone();
                         let body = req.into_body().collect().await.unwrap().to_bytes();
-                        let msg: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                        match handle(headers, msg) {
+                        match handle(headers, body) {
                             Some(answer) => {
                                 *resp.body_mut() = Full::new(Bytes::from(answer.to_string()));
                                 let h = resp.headers_mut();
@@ -60,24 +59,23 @@ where
     format!("http://{addr}")
 }
 
-/// A collector keeping every span it is sent, with the headers of the export.
+/// A collector keeping every span it is sent, with the headers and resource of each export.
 #[derive(Clone, Default)]
 struct Collector {
     spans: Arc<Mutex<Vec<Value>>>,
     headers: Arc<Mutex<Vec<http::HeaderMap>>>,
+    resources: Arc<Mutex<Vec<Value>>>,
 }
 
 impl Collector {
     async fn start() -> (Collector, String) {
         let c = Collector::default();
         let kept = c.clone();
-        let url = serve(move |headers, doc| {
+        let url = serve(move |headers, body| {
+            let doc: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
             kept.headers.lock().unwrap().push(headers);
             for rs in doc["resourceSpans"].as_array().into_iter().flatten() {
-                assert_eq!(
-                    rs["resource"]["attributes"][0],
-                    json!({"key": "service.name", "value": {"stringValue": "gatehouse-test"}})
-                );
+                kept.resources.lock().unwrap().push(rs["resource"].clone());
                 for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
                     for span in ss["spans"].as_array().into_iter().flatten() {
                         kept.spans.lock().unwrap().push(span.clone());
@@ -114,10 +112,11 @@ impl Collector {
     }
 }
 
-/// An MCP server (Streamable HTTP, JSON answers) whose tools answer with the trace context
-/// they were sent: `{"header": …, "meta": …}`.
+/// An MCP server (Streamable HTTP, JSON answers) whose tools answer with what they were
+/// sent: the trace headers, `_meta`, the arguments, the name and the raw request body.
 async fn upstream() -> String {
-    let url = serve(|headers, msg| {
+    let url = serve(|headers, body| {
+        let msg: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let id = msg.get("id")?.clone();
         let result = match msg["method"].as_str().unwrap_or("") {
             "initialize" => json!({"protocolVersion": "2025-11-25",
@@ -128,6 +127,8 @@ async fn upstream() -> String {
             "tools/call" => {
                 let seen = json!({
                     "header": headers.get("traceparent").map(|v| v.to_str().unwrap()),
+                    "state_header": headers.get("tracestate").map(|v| v.to_str().unwrap()),
+                    "raw": String::from_utf8_lossy(&body),
                     "meta": msg["params"]["_meta"],
                     "arguments": msg["params"]["arguments"],
                     "name": msg["params"]["name"],
@@ -225,7 +226,6 @@ async fn a_call_is_a_trace_continuing_the_clients_and_reaching_the_server() {
     let answer = call_with(&c, 1, "echo", json!({}), Some(&parent)).await;
     let spans = collector.trace(TRACE, 2).await;
     let server = one(&spans, 2, "tools/call echo");
-    assert_eq!(server["kind"], 2);
     assert_eq!(server["parentSpanId"], CLIENT_SPAN);
     assert_eq!(
         attr(server, "mcp.method.name").unwrap()["stringValue"],
@@ -251,7 +251,6 @@ async fn a_call_is_a_trace_continuing_the_clients_and_reaching_the_server() {
     );
     assert_eq!(server["status"]["code"], 0);
     let client = one(&spans, 3, "tools/call echo");
-    assert_eq!(client["kind"], 3);
     assert_eq!(client["parentSpanId"], server["spanId"]);
     assert_eq!(
         attr(client, "gatehouse.server").unwrap()["stringValue"],
@@ -275,6 +274,13 @@ async fn a_call_is_a_trace_continuing_the_clients_and_reaching_the_server() {
     assert_eq!(seen["header"], upstream_parent);
     assert_eq!(seen["meta"]["traceparent"], upstream_parent);
     assert_eq!(seen["meta"]["tracestate"], "vendor=1");
+    assert_eq!(seen["state_header"], "vendor=1");
+    // No principal unless asked for.
+    assert!(attr(server, "enduser.id").is_none());
+    assert_eq!(
+        collector.resources.lock().unwrap()[0]["attributes"][0],
+        json!({"key": "service.name", "value": {"stringValue": "gatehouse-test"}})
+    );
     assert_eq!(seen["arguments"], json!({"n": 1}));
 
     // The context in `_meta` (SEP-414) wins over the header; the client's own `_meta`
@@ -404,11 +410,16 @@ async fn a_stateless_request_is_traced_from_its_meta() {
     );
     let seen = seen_upstream(&answer);
     assert_eq!(seen["name"], "echo");
-    let client = one(&spans, 3, "tools/call echo");
-    assert_eq!(
-        seen["meta"]["traceparent"],
-        format!("00-{trace}-{}-01", client["spanId"].as_str().unwrap())
-    );
+    // The span the server was told is its parent is the gateway's client span, exported.
+    let told = seen["meta"]["traceparent"].as_str().unwrap().to_owned();
+    assert_eq!(&told[..36], format!("00-{trace}-"));
+    let spans = collector.trace(trace, 2).await;
+    let client = spans
+        .iter()
+        .find(|s| s["spanId"] == told[36..52])
+        .unwrap_or_else(|| panic!("{told} in {spans:#?}"));
+    assert_eq!(client["kind"], 3);
+    assert_eq!(client["parentSpanId"], server["spanId"]);
     gw.stop().await;
 }
 
@@ -480,10 +491,142 @@ fn bad_trace_settings_are_refused_naming_the_field() {
             "{endpoint: 'http://c:4318/v1/traces', colour: blue}",
             "colour",
         ),
+        (
+            "{endpoint: 'http://user:pw@c:4318/v1/traces'}",
+            "traces.endpoint",
+        ),
     ] {
         let e = gatehouse::Config::from_yaml(&format!("{base}traces: {traces}\n"))
             .expect_err(traces)
             .to_string();
         assert!(e.contains(field), "{traces}: {e}");
     }
+}
+
+/// Sends `body` as is (a session request) and returns the JSON-RPC answer.
+async fn send_raw(c: &Client, body: String, traceparent: Option<&str>) -> Value {
+    let mut req = c
+        .request("POST", Bytes::new())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-11-25");
+    if let Some(h) = traceparent {
+        req = req.header("traceparent", h);
+    }
+    c.send(req.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .response()
+}
+
+#[tokio::test]
+async fn awkward_params_and_contexts_are_bounded_and_never_change_what_the_server_gets() {
+    let (collector, endpoint) = Collector::start().await;
+    let up = upstream().await;
+    // No plugins, one server: the pass-through path, where the client's bytes go upstream.
+    let top = format!(
+        "traces: {{ endpoint: {endpoint:?}, service_name: gatehouse-test, flush_interval: 20ms }}"
+    );
+    let gw = TestGateway::start(&top, &[traced_upstream(&up)]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+
+    // Without `_meta`, the member is spliced in: every other byte as the client sent it.
+    let parent = format!("00-{TRACE}-{CLIENT_SPAN}-01");
+    let params = r#"{"name":"echo",  "arguments": {"z":1, "a":[2, 3.0]} }"#;
+    let body =
+        format!(r#"{{"jsonrpc":"2.0","id":"req-1","method":"tools/call","params":{params}}}"#);
+    let answer = send_raw(&c, body, Some(&parent)).await;
+    let seen = seen_upstream(&answer);
+    let raw = seen["raw"].as_str().unwrap();
+    assert!(
+        raw.contains(r#""arguments": {"z":1, "a":[2, 3.0]} }"#),
+        "{raw}"
+    );
+    assert_eq!(seen["meta"]["traceparent"], seen["header"]);
+    let spans = collector.trace(TRACE, 1).await;
+    let server = one(&spans, 2, "tools/call echo");
+    assert_eq!(
+        attr(server, "jsonrpc.request.id").unwrap()["stringValue"],
+        "req-1"
+    );
+
+    // A tool name of 100 KB is forwarded, and its span name is bounded.
+    let long_trace = "77777777777777777777777777777777";
+    let long = "x".repeat(100_000);
+    let body = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": long, "arguments": {}}})
+    .to_string();
+    let answer = send_raw(&c, body, Some(&format!("00-{long_trace}-{CLIENT_SPAN}-01"))).await;
+    assert_eq!(
+        seen_upstream(&answer)["name"].as_str().unwrap().len(),
+        100_000
+    );
+    let spans = collector.trace(long_trace, 1).await;
+    for s in &spans {
+        assert!(s["name"].as_str().unwrap().len() <= 256, "{}", s["name"]);
+        for a in s["attributes"].as_array().unwrap() {
+            let v = a["value"]["stringValue"].as_str().unwrap_or("");
+            assert!(v.len() <= 256, "{}", a["key"]);
+        }
+    }
+
+    // A tracestate that could break a header is dropped; the call goes on.
+    let state_trace = "88888888888888888888888888888888";
+    let meta = json!({"traceparent": format!("00-{state_trace}-{CLIENT_SPAN}-01"),
+        "tracestate": "a=1\r\nx-injected: yes"});
+    let answer = call_with(&c, 3, "echo", meta, None).await;
+    let seen = seen_upstream(&answer);
+    assert!(seen["meta"].get("tracestate").is_none(), "{seen}");
+    assert!(seen["state_header"].is_null(), "{seen}");
+    assert!(
+        seen["meta"]["traceparent"]
+            .as_str()
+            .unwrap()
+            .contains(state_trace)
+    );
+
+    // A `_meta` given twice (once escaped): which one counts is a parser's guess, so the params
+    // go as sent; the header still names the gateway's span.
+    let forged = format!("00-{TRACE}-1111111111111111-01");
+    let params = format!(
+        r#"{{"name":"echo","arguments":{{}},"_meta":{{"traceparent":"{forged}"}},"\u005fmeta":{{"a":1}}}}"#
+    );
+    let body = format!(r#"{{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{params}}}"#);
+    let answer = send_raw(&c, body, Some(&parent)).await;
+    let seen = seen_upstream(&answer);
+    assert!(seen["raw"].as_str().unwrap().contains(&params), "{seen}");
+    assert_ne!(seen["header"], forged);
+    assert!(seen["header"].as_str().unwrap().contains(TRACE));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_operator_can_stop_clients_from_choosing_what_is_recorded() {
+    let (collector, endpoint) = Collector::start().await;
+    let up = upstream().await;
+    let top = format!(
+        "traces: {{ endpoint: {endpoint:?}, service_name: gatehouse-test, flush_interval: 20ms, sample_ratio: 0, honor_client_sampling: false, record_principal: true }}"
+    );
+    let gw = TestGateway::start(&top, &[traced_upstream(&up)]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let forced = format!("00-{TRACE}-{CLIENT_SPAN}-01");
+    for id in 1..=5 {
+        let answer = call_with(
+            &c,
+            id,
+            "echo",
+            json!({"traceparent": forced}),
+            Some(&forced),
+        )
+        .await;
+        // Not recorded: the client's `_meta` goes on untouched, no header is added.
+        let seen = seen_upstream(&answer);
+        assert_eq!(seen["meta"]["traceparent"], forced);
+        assert!(seen["header"].is_null(), "{seen}");
+    }
+    // Nothing was queued: no export was ever attempted.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(collector.spans.lock().unwrap().is_empty());
+    gw.stop().await;
 }

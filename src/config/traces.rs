@@ -18,6 +18,15 @@ pub struct TracesConfig {
     /// `traceparent` decides for its own traces.
     #[serde(default = "default_ratio")]
     pub sample_ratio: f64,
+    /// Whether a client's `traceparent` decides if its trace is recorded (W3C parent-based
+    /// sampling, the default). False: the ratio decides for every request, so clients cannot
+    /// make the gateway record (and export) more than the operator chose.
+    #[serde(default = "yes")]
+    pub honor_client_sampling: bool,
+    /// Whether spans carry the caller's principal (`enduser.id`): off unless asked for, as a
+    /// principal may be a person's name or address.
+    #[serde(default)]
+    pub record_principal: bool,
     /// Headers sent with every export (an API key); values may name an environment variable
     /// as `${NAME}`.
     #[serde(default)]
@@ -32,6 +41,10 @@ pub struct TracesConfig {
 
 fn default_service_name() -> String {
     "gatehouse".into()
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_ratio() -> f64 {
@@ -56,6 +69,12 @@ impl TracesConfig {
             .map_err(|e: http::uri::InvalidUri| bad("endpoint", e.to_string()))?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
             return Err(bad("endpoint", "must be an http:// or https:// URL".into()));
+        }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(bad(
+                "endpoint",
+                "must not carry credentials (put them in traces.headers)".into(),
+            ));
         }
         if !(0.0..=1.0).contains(&self.sample_ratio) {
             return Err(bad("sample_ratio", "must be between 0 and 1".into()));

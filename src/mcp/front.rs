@@ -535,18 +535,18 @@ async fn post(
     }
 
     let mut span = match (&gw.tracer, &msg.kind) {
-        (Some(tracer), Kind::Request { id, method, params }) => {
+        (Some(tracer), Kind::Request { id, method, params }) if &**method != "initialize" => {
             let header = trace_header
                 .as_ref()
                 .map(|(parent, state)| (parent.as_str(), state.as_deref()));
             tracer
                 .request_span(method, params.as_deref(), header)
                 .map(|mut span| {
-                    span.attr(
-                        "jsonrpc.request.id",
-                        String::from_utf8_lossy(id).into_owned(),
-                    );
-                    if let Some(p) = &principal {
+                    // A string id without its quotes.
+                    let id = serde_json::from_slice::<String>(id)
+                        .unwrap_or_else(|_| String::from_utf8_lossy(id).into_owned());
+                    span.attr("jsonrpc.request.id", id);
+                    if let Some(p) = principal.as_ref().filter(|_| tracer.records_principal()) {
                         span.attr("enduser.id", p.to_string());
                     }
                     if let Some(p) = profile {
@@ -561,9 +561,15 @@ async fn post(
         && stateless::is_stateless(&mirrored, &msg)
     {
         let claims = identity.map(|i| i.claims.clone());
-        return Ok(
-            stateless::post(gw, principal, profile, claims, mirrored, msg, span.as_mut()).await,
-        );
+        let resp =
+            stateless::post(gw, principal, profile, claims, mirrored, msg, span.as_mut()).await;
+        // Refusals before the call (headers that disagree, a bad envelope) fail the span too.
+        if let Some(span) = &mut span
+            && !resp.status().is_success()
+        {
+            span.fail(format!("refused with HTTP {}", resp.status().as_u16()));
+        }
+        return Ok(resp);
     }
     if let Kind::Request { id, method, params } = &msg.kind
         && &**method == "initialize"
@@ -571,8 +577,22 @@ async fn post(
         // The version is negotiated in the body; the header is not yet meaningful.
         return initialize(gw, principal, profile, id, params.as_deref()).await;
     }
-    version_check?;
-    let session = session_of(gw, &principal, profile, session_header.as_ref())?;
+    let refused = |mut span: Option<crate::trace::Span>, e: &FrontError| {
+        if let Some(span) = &mut span {
+            span.fail(e.to_string());
+        }
+    };
+    if let Err(e) = version_check {
+        refused(span, &e);
+        return Err(e);
+    }
+    let session = match session_of(gw, &principal, profile, session_header.as_ref()) {
+        Ok(s) => s,
+        Err(e) => {
+            refused(span, &e);
+            return Err(e);
+        }
+    };
     let _busy = session.touch();
     if let Some(identity) = identity {
         session.hold_claims(&identity.claims);

@@ -222,6 +222,9 @@ async fn message(
                 let mut span = t.request_span(&method, params.as_deref(), header)?;
                 span.attr("mcp.session.id", session.log_id().to_owned());
                 span.attr("mcp.protocol.version", session.protocol_version.to_string());
+                if let Some(p) = principal.as_ref().filter(|_| t.records_principal()) {
+                    span.attr("enduser.id", p.to_string());
+                }
                 Some(span)
             });
             let gw = gw.clone();

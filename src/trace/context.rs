@@ -106,8 +106,8 @@ fn seed() -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// A random u64 (SplitMix64 per thread, seeded from the OS): span ids need to be unique and
-/// unpredictable enough to not collide, not secret.
+/// A random u64 (SplitMix64 per thread, seeded from the OS): for sampling decisions, which
+/// need to be cheap and fair, not secret.
 pub(crate) fn random_u64() -> u64 {
     RNG.with(|state| {
         let s = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -119,21 +119,29 @@ pub(crate) fn random_u64() -> u64 {
     })
 }
 
-/// A new non-zero span id.
-pub(crate) fn new_span_id() -> [u8; 8] {
-    loop {
-        let id = random_u64();
-        if id != 0 {
-            return id.to_le_bytes();
+/// Fills `id` from the OS (an upstream that sees ids must not predict the next ones), or from
+/// the per-thread generator if the OS fails; never all zeros.
+fn fill_id(id: &mut [u8]) {
+    while id.iter().all(|&b| b == 0) {
+        if getrandom::fill(id).is_err() {
+            for chunk in id.chunks_mut(8) {
+                chunk.copy_from_slice(&random_u64().to_le_bytes()[..chunk.len()]);
+            }
         }
     }
+}
+
+/// A new non-zero span id.
+pub(crate) fn new_span_id() -> [u8; 8] {
+    let mut id = [0u8; 8];
+    fill_id(&mut id);
+    id
 }
 
 /// A new non-zero trace id.
 pub(crate) fn new_trace_id() -> [u8; 16] {
     let mut id = [0u8; 16];
-    id[..8].copy_from_slice(&random_u64().to_le_bytes());
-    id[8..].copy_from_slice(&new_span_id());
+    fill_id(&mut id);
     id
 }
 

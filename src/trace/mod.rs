@@ -31,6 +31,38 @@ pub enum SpanKind {
     Client = 3,
 }
 
+/// Longest text kept in an attribute or a span name (a client chooses names, URIs and ids).
+const MAX_TEXT: usize = 256;
+/// Longest failure message kept.
+const MAX_ERROR: usize = 256;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn bounded(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// A resource URI as a span may carry it: without user info, query or fragment (where
+/// credentials hide), bounded.
+pub fn safe_uri(uri: &str) -> String {
+    let cut = uri.find(['?', '#']).unwrap_or(uri.len());
+    let uri = &uri[..cut];
+    let uri = match uri.split_once("://") {
+        Some((scheme, rest)) => match rest.split('/').next().and_then(|a| a.rfind('@')) {
+            Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+            None => uri.to_owned(),
+        },
+        None => uri.to_owned(),
+    };
+    bounded(uri, MAX_TEXT)
+}
+
 /// An attribute value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttrValue {
@@ -84,6 +116,9 @@ pub struct Tracer {
     queue: mpsc::Sender<SpanData>,
     /// Roots (no sampled parent) are recorded when a random u64 falls below this.
     threshold: u64,
+    /// A client's sampled flag decides for its trace.
+    honor_client_sampling: bool,
+    record_principal: bool,
     dropped: prometheus_client::metrics::counter::Counter,
 }
 
@@ -111,6 +146,8 @@ impl Tracer {
         let tracer = Arc::new(Tracer {
             queue: tx,
             threshold,
+            honor_client_sampling: config.honor_client_sampling,
+            record_principal: config.record_principal,
             dropped: dropped.clone(),
         });
         (tracer, ExportQueue { spans: rx, dropped })
@@ -118,19 +155,20 @@ impl Tracer {
 
     /// The span of one MCP request, child of the client's context when it sent one: a
     /// `traceparent` in the request's `_meta` (SEP-414) or else the HTTP header. None when the
-    /// trace is not recorded (the client's context says so, or the sample ratio).
+    /// trace is not recorded: the client's context says so, or (without a sampled parent, or
+    /// always with `honor_client_sampling: false`) the sample ratio.
     pub fn request_span(
         self: &Arc<Self>,
         method: &str,
         params: Option<&[u8]>,
         header: Option<(&str, Option<&str>)>,
     ) -> Option<Span> {
-        let seen = params.and_then(RequestView::of).unwrap_or_default();
-        let from_meta = seen.meta.as_ref().and_then(|m| {
-            let parent = SpanContext::parse(m.traceparent.as_deref()?)?;
+        let seen = params.map(RequestView::of).unwrap_or_default();
+        let from_meta = seen.traceparent.as_deref().and_then(|tp| {
+            let parent = SpanContext::parse(tp)?;
             Some((
                 parent,
-                m.tracestate.as_deref().and_then(context::tracestate),
+                seen.tracestate.as_deref().and_then(context::tracestate),
             ))
         });
         let from_header = || {
@@ -144,14 +182,19 @@ impl Tracer {
             Some((p, s)) => (Some(p), s.map(str::to_owned)),
             None => (None, None),
         };
+        let by_ratio = || self.threshold == u64::MAX || context::random_u64() < self.threshold;
         let sampled = match parent {
-            Some(p) => p.sampled,
-            None => self.threshold == u64::MAX || context::random_u64() < self.threshold,
+            Some(p) if self.honor_client_sampling => p.sampled,
+            _ => by_ratio(),
         };
         if !sampled {
             return None;
         }
-        let target = seen.name.or(seen.uri);
+        let target = match method {
+            "tools/call" | "prompts/get" => seen.name.map(|n| bounded(n, MAX_TEXT)),
+            m if m.starts_with("resources/") => seen.uri.as_deref().map(safe_uri),
+            _ => None,
+        };
         let name = match &target {
             Some(t) => format!("{method} {t}"),
             None => method.to_owned(),
@@ -164,7 +207,7 @@ impl Tracer {
                 sampled: true,
             },
             parent.map(|p| p.span_id),
-            name,
+            bounded(name, MAX_TEXT),
             SpanKind::Server,
             state,
         );
@@ -175,9 +218,14 @@ impl Tracer {
                 "prompts/get" => "gen_ai.prompt.name",
                 _ => "mcp.resource.uri",
             };
-            span.attr(key, t.into_owned());
+            span.attr(key, t);
         }
         Some(span)
+    }
+
+    /// Whether spans carry the caller's principal.
+    pub fn records_principal(&self) -> bool {
+        self.record_principal
     }
 
     fn submit(&self, data: SpanData) {
@@ -187,30 +235,51 @@ impl Tracer {
     }
 }
 
-/// The fields of a request's params a span reads, in one pass (only when tracing).
-#[derive(Deserialize, Default)]
-struct RequestView<'a> {
-    #[serde(borrow)]
-    name: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    uri: Option<Cow<'a, str>>,
-    #[serde(rename = "_meta", borrow)]
-    meta: Option<MetaView<'a>>,
+/// The fields of a request's params a span reads, in one pass (only when tracing). Each is
+/// read on its own: a field of the wrong type is absent, the others still count.
+#[derive(Default)]
+struct RequestView {
+    name: Option<String>,
+    uri: Option<String>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct MetaView<'a> {
-    #[serde(borrow)]
-    traceparent: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    tracestate: Option<Cow<'a, str>>,
-}
-
-impl<'a> RequestView<'a> {
-    /// Params of the wrong shape (a non-string name, a `_meta` that is not an object) give
-    /// nothing: the request is still traced, from the header or as a root.
-    fn of(params: &'a [u8]) -> Option<RequestView<'a>> {
-        serde_json::from_slice(params).ok()
+impl RequestView {
+    fn of(params: &[u8]) -> RequestView {
+        #[derive(Deserialize)]
+        struct Top<'a> {
+            #[serde(borrow)]
+            name: Option<&'a RawValue>,
+            #[serde(borrow)]
+            uri: Option<&'a RawValue>,
+            #[serde(rename = "_meta", borrow)]
+            meta: Option<&'a RawValue>,
+        }
+        #[derive(Deserialize)]
+        struct Meta<'a> {
+            #[serde(borrow)]
+            traceparent: Option<&'a RawValue>,
+            #[serde(borrow)]
+            tracestate: Option<&'a RawValue>,
+        }
+        let text = |raw: Option<&RawValue>| -> Option<String> {
+            serde_json::from_str::<Cow<'_, str>>(raw?.get())
+                .ok()
+                .map(Cow::into_owned)
+        };
+        let Ok(top) = serde_json::from_slice::<Top<'_>>(params) else {
+            return RequestView::default();
+        };
+        let meta = top
+            .meta
+            .and_then(|m| serde_json::from_str::<Meta<'_>>(m.get()).ok());
+        RequestView {
+            name: text(top.name),
+            uri: text(top.uri),
+            traceparent: meta.as_ref().and_then(|m| text(m.traceparent)),
+            tracestate: meta.as_ref().and_then(|m| text(m.tracestate)),
+        }
     }
 }
 
@@ -271,14 +340,18 @@ impl Span {
         }
     }
 
-    /// Sets an attribute.
+    /// Sets an attribute (text is bounded).
     pub fn attr(&mut self, key: &'static str, value: impl Into<AttrValue>) {
-        self.data.attributes.push((key, value.into()));
+        let value = match value.into() {
+            AttrValue::Str(s) => AttrValue::Str(bounded(s, MAX_TEXT)),
+            n => n,
+        };
+        self.data.attributes.push((key, value));
     }
 
-    /// Marks the span failed.
+    /// Marks the span failed (the reason is bounded).
     pub fn fail(&mut self, why: impl Into<String>) {
-        self.data.error = Some(why.into());
+        self.data.error = Some(bounded(why.into(), MAX_ERROR));
     }
 
     /// Records a JSON-RPC answer's outcome: an error's code, and the span as failed.
@@ -301,6 +374,16 @@ impl Span {
         }
     }
 
+    /// This span as HTTP headers for the request it makes.
+    pub fn headers(&self) -> Option<TraceHeaders> {
+        Some(TraceHeaders {
+            parent: http::HeaderValue::try_from(self.traceparent()).ok()?,
+            state: self
+                .tracestate()
+                .and_then(|s| http::HeaderValue::try_from(s).ok()),
+        })
+    }
+
     /// The `traceparent` naming this span.
     pub fn traceparent(&self) -> String {
         self.data.context.traceparent()
@@ -311,19 +394,25 @@ impl Span {
         self.tracestate.as_deref()
     }
 
-    /// Params for the upstream with this span as the parent in `_meta` (SEP-414): the
-    /// client's own `traceparent`/`tracestate` are replaced, every other member kept. Params
-    /// that are not an object are returned as they are.
+    /// Params for the upstream with this span as the parent in `_meta` (SEP-414). Without a
+    /// `_meta`, the member is spliced in and every other byte stays as the client sent it;
+    /// with one, `_meta` gets the gateway's `traceparent` (and the client's `tracestate`) in
+    /// place of the client's and keeps its other members. Params that are not an object, with
+    /// a key given twice, or with a `_meta` that is not an object go as they are (the header
+    /// still names the span over HTTP).
     pub fn inject(&self, params: Option<Bytes>) -> Option<Bytes> {
         type Object<'a> = BTreeMap<Cow<'a, str>, &'a RawValue>;
         let raw = params.as_deref().unwrap_or(b"{}");
-        let Ok(mut fields) = serde_json::from_slice::<Object<'_>>(raw) else {
+        let Ok(top) = serde_json::from_slice::<Members<'_>>(raw) else {
             return params;
         };
-        let mut meta: Object<'_> = match fields.get("_meta") {
-            Some(m) => match serde_json::from_str(m.get()) {
-                Ok(m) => m,
-                Err(_) => return params,
+        if top.duplicate {
+            return params;
+        }
+        let mut meta: Object<'_> = match top.meta {
+            Some(m) => match serde_json::from_str::<Members<'_>>(m.get()) {
+                Ok(m) if !m.duplicate => m.all.into_iter().collect(),
+                _ => return params,
             },
             None => Object::new(),
         };
@@ -334,15 +423,81 @@ impl Span {
             Some(s) => meta.insert(Cow::Borrowed("tracestate"), s),
             None => meta.remove("tracestate"),
         };
-        let meta = serde_json::to_string(&meta)
-            .ok()
-            .and_then(|m| RawValue::from_string(m).ok());
-        let Some(meta) = meta else {
-            return params;
-        };
-        fields.insert(Cow::Borrowed("_meta"), &meta);
-        serde_json::to_vec(&fields).ok().map(Bytes::from).or(params)
+        let meta = serde_json::to_string(&meta).expect("JSON members serialize");
+        let mut out = Vec::with_capacity(raw.len() + meta.len() + 16);
+        match top.meta {
+            // Spliced after the opening brace: nothing else is re-encoded.
+            None => {
+                let open = raw.iter().position(|&b| b == b'{').expect("an object");
+                let empty = raw[open + 1..]
+                    .iter()
+                    .find(|b| !b.is_ascii_whitespace())
+                    .is_some_and(|&b| b == b'}');
+                out.extend_from_slice(&raw[..=open]);
+                out.extend_from_slice(b"\"_meta\":");
+                out.extend_from_slice(meta.as_bytes());
+                if !empty {
+                    out.push(b',');
+                }
+                out.extend_from_slice(&raw[open + 1..]);
+            }
+            Some(_) => {
+                let meta = RawValue::from_string(meta).expect("serialized JSON");
+                let mut fields: Object<'_> = top.all.into_iter().collect();
+                fields.insert(Cow::Borrowed("_meta"), &meta);
+                out = serde_json::to_vec(&fields).expect("JSON members serialize");
+            }
+        }
+        Some(Bytes::from(out))
     }
+}
+
+/// An object's members read once: all of them, whether a key came twice (after unescaping:
+/// `"\u005fmeta"` is `_meta`), and its `_meta`.
+struct Members<'a> {
+    all: Vec<(Cow<'a, str>, &'a RawValue)>,
+    duplicate: bool,
+    meta: Option<&'a RawValue>,
+}
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut all: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::new();
+                let mut duplicate = false;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    duplicate |= all.iter().any(|(k, _)| *k == key);
+                    all.push((key, value));
+                }
+                let meta = all.iter().find(|(k, _)| k == "_meta").map(|(_, v)| *v);
+                Ok(Members {
+                    all,
+                    duplicate,
+                    meta,
+                })
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// A span's context as the headers of an outgoing HTTP request.
+#[derive(Debug, Clone)]
+pub struct TraceHeaders {
+    /// `traceparent`.
+    pub parent: http::HeaderValue,
+    /// `tracestate`, when the trace has one.
+    pub state: Option<http::HeaderValue>,
 }
 
 /// Starts children of a span, owned: for work that outlives the borrow of the span (a call's
@@ -375,7 +530,7 @@ fn child_of(
             ..parent
         },
         Some(parent.span_id),
-        name.into(),
+        bounded(name.into(), MAX_TEXT),
         kind,
         tracestate.clone(),
     )

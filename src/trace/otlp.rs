@@ -14,15 +14,21 @@ use serde_json::{Value, json};
 use super::context::push_hex;
 use super::{AttrValue, ExportQueue, SpanData};
 use crate::config::traces::{TracesConfig, header_value};
-use crate::upstream::http::Client;
 
 /// Most spans in one export request.
 pub const MAX_BATCH: usize = 512;
 /// Longest one export may take.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Drains `queue` into the collector until every [`super::Tracer`] is gone.
-pub async fn export(config: TracesConfig, mut queue: ExportQueue, client: Client) {
+/// Drains `queue` into the collector until every [`super::Tracer`] is gone, with the
+/// gateway's HTTP client (its outbound TLS settings).
+pub async fn export<C>(
+    config: TracesConfig,
+    mut queue: ExportQueue,
+    client: hyper_util::client::legacy::Client<C, Full<Bytes>>,
+) where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
     let endpoint: http::Uri = match config.endpoint.parse() {
         Ok(u) => u,
         Err(_) => return, // validated with the configuration

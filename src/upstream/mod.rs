@@ -182,9 +182,9 @@ pub struct CallOpts {
     /// (`_meta` members): a 2026-07-28 server is sent it and the call's retry members as they
     /// are, and `input_required` comes back.
     pub client_envelope: Option<Arc<str>>,
-    /// The call's span as a `traceparent` header, when traced (HTTP only; `_meta` carries it
-    /// for every transport).
-    pub traceparent: Option<::http::HeaderValue>,
+    /// The call's span as `traceparent` (and `tracestate`) headers, when traced (HTTP only;
+    /// `_meta` carries them for every transport).
+    pub traceparent: Option<crate::trace::TraceHeaders>,
 }
 
 /// What a stdio connection remembers about a call to route the server's related messages.
@@ -244,8 +244,11 @@ impl Connection {
                 }
                 Connection::Http(c) => {
                     let mut mirrored = std::mem::take(&mut opts.mirrored);
-                    if let Some(tp) = opts.traceparent.take() {
-                        mirrored.push((::http::HeaderName::from_static("traceparent"), tp));
+                    if let Some(t) = opts.traceparent.take() {
+                        mirrored.push((::http::HeaderName::from_static("traceparent"), t.parent));
+                        if let Some(state) = t.state {
+                            mirrored.push((::http::HeaderName::from_static("tracestate"), state));
+                        }
                     }
                     c.exchange(id, frame, opts.events.take(), mirrored).await
                 }

@@ -291,6 +291,9 @@ pub(super) async fn forward(
     // (in `_meta` for every transport, and as the `traceparent` header over HTTP).
     let mut upstream_span = sv.trace.map(|s| {
         let name = match audit_target(method, params.as_deref()) {
+            Some(target) if method.starts_with("resources/") => {
+                format!("{method} {}", crate::trace::safe_uri(&target))
+            }
             Some(target) => format!("{method} {target}"),
             None => method.to_owned(),
         };
@@ -300,10 +303,7 @@ pub(super) async fn forward(
         span
     });
     let (params, traceparent) = match &upstream_span {
-        Some(span) => (
-            span.inject(params),
-            http::HeaderValue::try_from(span.traceparent()).ok(),
-        ),
+        Some(span) => (span.inject(params), span.headers()),
         None => (params, None),
     };
     let response_trace = sv.trace.map(crate::trace::Span::parent);
@@ -326,12 +326,22 @@ pub(super) async fn forward(
             // Error messages pass the result chains too: a redaction must not be bypassed by
             // a server that puts the data in an error.
             Ok(outcome) => {
+                if let (Some(span), crate::mcp::jsonrpc::Outcome::Error(e)) =
+                    (&mut upstream_span, &outcome)
+                {
+                    let code = jsonrpc::error_code(e).unwrap_or(0);
+                    span.attr("rpc.response.status_code", code);
+                    span.fail(format!("the server answered error {code}"));
+                }
                 drop(upstream_span.take());
                 screen(policy.as_ref(), response_trace.as_ref(), &id, outcome).await
             }
             Err(e) => {
+                // The code only: an upstream's error text has not been through the result
+                // chains.
                 if let Some(span) = &mut upstream_span {
-                    span.fail(e.to_string());
+                    span.attr("rpc.response.status_code", e.code());
+                    span.fail(format!("the call failed with {}", e.code()));
                 }
                 if !matches!(e, UpstreamError::Cancelled) {
                     tracing::warn!(upstream = %server.name, method = %method, "call failed: {e}");
