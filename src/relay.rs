@@ -439,6 +439,7 @@ impl State {
             None,
             sink.clone(),
             params.unwrap_or_else(|| Bytes::from_static(b"{}")),
+            None,
         )
         .attached_only();
         if let Err(e) = link.connection().await {

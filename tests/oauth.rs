@@ -763,3 +763,262 @@ profiles:
     );
     gw.stop().await;
 }
+
+/// An authorization server's token endpoint doing OAuth 2.0 Token Exchange (RFC 8693) as one
+/// would: it authenticates the client (Basic), checks the grant, the token types and the
+/// audience, refuses subjects it does not serve (`invalid_grant`), and issues a new token per
+/// exchange. It keeps every form it was sent.
+#[derive(Clone, Default)]
+struct ExchangeServer {
+    forms: Arc<std::sync::Mutex<Vec<std::collections::HashMap<String, String>>>>,
+    issued: Arc<AtomicUsize>,
+    expires_in: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ExchangeServer {
+    async fn start() -> (ExchangeServer, String) {
+        let server = ExchangeServer::default();
+        server.expires_in.store(600, Ordering::SeqCst);
+        let kept = server.clone();
+        let url = support::serve(move |headers, body| {
+            let form: std::collections::HashMap<String, String> =
+                form_urlencoded::parse(&body).into_owned().collect();
+            kept.forms.lock().unwrap().push(form.clone());
+            let basic = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode("gatehouse:s3cret")
+            );
+            if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&basic) {
+                return Some((401, json!({"error": "invalid_client"})));
+            }
+            let field = |k: &str| form.get(k).map(String::as_str);
+            if field("grant_type") != Some("urn:ietf:params:oauth:grant-type:token-exchange")
+                || field("subject_token_type")
+                    != Some("urn:ietf:params:oauth:token-type:access_token")
+                || field("audience") != Some("files-api")
+            {
+                return Some((400, json!({"error": "invalid_request"})));
+            }
+            // The subject: the token's `sub` (this server trusts the same issuer).
+            let payload = field("subject_token")?.split('.').nth(1)?;
+            let claims: Value = serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(payload)
+                    .ok()?,
+            )
+            .ok()?;
+            let sub = claims["sub"].as_str()?;
+            if sub == "mallory" {
+                return Some((
+                    400,
+                    json!({"error": "invalid_grant", "error_description": "subject not allowed\r\nX-Injected: 1"}),
+                ));
+            }
+            let n = kept.issued.fetch_add(1, Ordering::SeqCst) + 1;
+            Some((
+                200,
+                json!({"access_token": format!("upstream-{sub}-{n}"),
+                       "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                       "token_type": "Bearer",
+                       "expires_in": kept.expires_in.load(Ordering::SeqCst)}),
+            ))
+        })
+        .await;
+        (server, format!("{url}/token"))
+    }
+}
+
+/// An MCP server whose one tool answers with the `Authorization` header it was sent; it keeps
+/// the headers of every request.
+async fn recording_upstream() -> (Arc<std::sync::Mutex<Vec<http::HeaderMap>>>, String) {
+    let seen: Arc<std::sync::Mutex<Vec<http::HeaderMap>>> = Arc::default();
+    let kept = seen.clone();
+    let url = support::serve(move |headers, body| {
+        let auth = headers
+            .get("authorization")
+            .map_or("none".to_owned(), |v| v.to_str().unwrap().to_owned());
+        kept.lock().unwrap().push(headers);
+        let msg: Value = serde_json::from_slice(&body).ok()?;
+        let id = msg.get("id")?.clone();
+        let result = match msg["method"].as_str()? {
+            "initialize" => json!({"protocolVersion": "2025-11-25",
+                "capabilities": {"tools": {}}, "serverInfo": {"name": "files", "version": "1"}}),
+            "tools/list" => {
+                json!({"tools": [{"name": "whoami", "inputSchema": {"type": "object"}}]})
+            }
+            "tools/call" => json!({"content": [{"type": "text", "text": auth}]}),
+            _ => json!({}),
+        };
+        Some((200, json!({"jsonrpc": "2.0", "id": id, "result": result})))
+    })
+    .await;
+    (seen, format!("{url}/mcp"))
+}
+
+#[tokio::test]
+async fn callers_tokens_are_exchanged_for_the_upstreams_own() {
+    let key = SigningKey::es256("k1");
+    let issuer = Issuer::start(&[&key]).await;
+    let (exchange, token_endpoint) = ExchangeServer::start().await;
+    let (seen, upstream_url) = recording_upstream().await;
+    let top = format!(
+        "auth:
+  tokens: [{{ principal: machine, token: {MACHINE} }}]
+  oauth:
+    resource: {RESOURCE}
+    issuers: [{{ issuer: {iss:?}, jwks_uri: {jwks:?} }}]",
+        iss = issuer.url,
+        jwks = format!("{}/jwks", issuer.url),
+    );
+    let files = format!(
+        "  - name: files
+    protocol: sessions
+    http: {{ url: {upstream_url:?} }}
+    credentials:
+      token_exchange: {{ token_endpoint: {token_endpoint:?}, client_id: gatehouse, client_secret: s3cret, audience: files-api, scope: files.read }}
+"
+    );
+    let gw = TestGateway::start(&top, &[example("ex", &[], ""), files]).await;
+    let session = |token: String| {
+        let gw = &gw;
+        async move {
+            let mut c = with_token(gw, &token);
+            c.initialize(json!({})).await;
+            c
+        }
+    };
+    let alice_token = key.sign(&issuer.claims("alice", "mcp:connect"));
+    let alice = session(alice_token.clone()).await;
+    assert_eq!(
+        alice.tool_text(1, "files__whoami", json!({})).await,
+        "Bearer upstream-alice-1"
+    );
+    // Cached while it is valid: no second exchange.
+    assert_eq!(
+        alice.tool_text(2, "files__whoami", json!({})).await,
+        "Bearer upstream-alice-1"
+    );
+    assert_eq!(exchange.issued.load(Ordering::SeqCst), 1);
+    {
+        let forms = exchange.forms.lock().unwrap();
+        assert_eq!(forms[0]["subject_token"], alice_token);
+        assert_eq!(forms[0]["scope"], "files.read");
+        assert_eq!(
+            forms[0]["requested_token_type"],
+            "urn:ietf:params:oauth:token-type:access_token"
+        );
+        assert!(
+            !forms[0].contains_key("client_id"),
+            "the secret client authenticates by Basic"
+        );
+    }
+
+    // A token that expires at once is exchanged for every request to the upstream.
+    exchange.expires_in.store(0, Ordering::SeqCst);
+    let bob = session(key.sign(&issuer.claims("bob", "mcp:connect"))).await;
+    let first = bob.tool_text(3, "files__whoami", json!({})).await;
+    let before = exchange.issued.load(Ordering::SeqCst);
+    let second = bob.tool_text(4, "files__whoami", json!({})).await;
+    assert!(first.starts_with("Bearer upstream-bob-"), "{first}");
+    assert_eq!(second, format!("Bearer upstream-bob-{}", before + 1));
+    assert_eq!(exchange.issued.load(Ordering::SeqCst), before + 1);
+
+    // A subject the authorization server refuses: a clear error naming why (its text made
+    // printable), and nobody else affected.
+    let mallory = session(key.sign(&issuer.claims("mallory", "mcp:connect"))).await;
+    let r = mallory
+        .call(
+            5,
+            "tools/call",
+            json!({"name": "files__whoami", "arguments": {}}),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], -32042, "{r}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("refused the exchange: invalid_grant (subject not allowed"),
+        "{message}"
+    );
+    assert!(
+        !message.contains('\n') && !message.contains('\r'),
+        "{message}"
+    );
+    assert_eq!(
+        alice.tool_text(6, "files__whoami", json!({})).await,
+        "Bearer upstream-alice-1"
+    );
+
+    // A static-token caller has no OAuth token to exchange: refused, not sent without one.
+    let machine = session(MACHINE.to_owned()).await;
+    let r = machine
+        .call(
+            7,
+            "tools/call",
+            json!({"name": "files__whoami", "arguments": {}}),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], -32042, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the caller has none"),
+        "{r}"
+    );
+    // Its other server still works.
+    assert_eq!(machine.tool_text(8, "ex__whoami", json!({})).await, "ex");
+
+    // The upstream never saw a client's own token, in any header.
+    for headers in seen.lock().unwrap().iter() {
+        for (name, value) in headers {
+            let v = value.to_str().unwrap_or("");
+            assert!(
+                !v.contains(&alice_token) && !v.contains(MACHINE),
+                "client token upstream in {name}"
+            );
+        }
+    }
+    gw.stop().await;
+}
+
+#[test]
+fn token_exchange_settings_are_checked() {
+    let base = "listen: 127.0.0.1:0\nupstreams:\n";
+    for (upstream, field) in [
+        (
+            "  - {name: a, http: {url: 'http://127.0.0.1:1/mcp'}, credentials: {token_exchange: {token_endpoint: 'http://as.example/token', client_id: g}}}\n",
+            "upstreams[0].credentials.token_exchange.token_endpoint",
+        ),
+        (
+            "  - {name: a, http: {url: 'http://127.0.0.1:1/mcp'}, credentials: {token_exchange: {token_endpoint: 'https://u:p@as.example/token', client_id: g}}}\n",
+            "upstreams[0].credentials.token_exchange.token_endpoint",
+        ),
+        (
+            "  - {name: a, http: {url: 'http://127.0.0.1:1/mcp'}, credentials: {template: 'x', token_exchange: {token_endpoint: 'https://as.example/token', client_id: g}}}\n",
+            "upstreams[0].credentials.token_exchange",
+        ),
+        (
+            "  - {name: a, sse: {url: 'http://127.0.0.1:1/sse'}, credentials: {token_exchange: {token_endpoint: 'https://as.example/token', client_id: g}}}\n",
+            "upstreams[0].credentials.token_exchange",
+        ),
+        (
+            "  - {name: a, http: {url: 'http://127.0.0.1:1/mcp'}, credentials: {token_exchange: {token_endpoint: 'https://as.example/token', client_id: g, client_secret_env: GATEHOUSE_TEST_UNSET_VARIABLE}}}\n",
+            "upstreams[0].credentials.token_exchange.client_secret_env",
+        ),
+        (
+            "  - {name: a, http: {url: 'http://127.0.0.1:1/mcp'}, credentials: {token_exchange: {token_endpoint: 'https://as.example/token', client_id: ''}}}\n",
+            "upstreams[0].credentials.token_exchange.client_id",
+        ),
+    ] {
+        let e = gatehouse::Config::from_yaml(&format!("{base}{upstream}"))
+            .expect_err(upstream)
+            .to_string();
+        assert!(e.contains(field), "{upstream}: {e}");
+    }
+    // A valid one: its Debug does not show the secret.
+    let ok = gatehouse::Config::from_yaml(&format!(
+        "{base}  - {{name: a, http: {{url: 'http://127.0.0.1:1/mcp'}}, credentials: {{token_exchange: {{token_endpoint: 'https://as.example/token', client_id: g, client_secret: do-not-print}}}}}}\n"
+    ))
+    .unwrap();
+    assert!(!format!("{:?}", ok.upstreams[0].credentials).contains("do-not-print"));
+}

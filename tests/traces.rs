@@ -9,55 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http_body_util::Full;
 use serde_json::{Value, json};
-use support::{Client, TestGateway, wasm};
-
-/// Serves `handle` on a loopback port; answers what it returns.
-async fn serve<F>(handle: F) -> String
-where
-    F: Fn(http::HeaderMap, Bytes) -> Option<Value> + Send + Sync + 'static,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let handle = Arc::new(handle);
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let handle = handle.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let handle = handle.clone();
-                    async move {
-                        let mut resp = http::Response::new(Full::new(Bytes::new()));
-                        if req.method() != http::Method::POST {
-                            *resp.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
-                            return Ok::<_, std::convert::Infallible>(resp);
-                        }
-                        let headers = req.headers().clone();
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        match handle(headers, body) {
-                            Some(answer) => {
-                                *resp.body_mut() = Full::new(Bytes::from(answer.to_string()));
-                                let h = resp.headers_mut();
-                                h.insert("content-type", "application/json".parse().unwrap());
-                                h.insert("mcp-session-id", "traced-session".parse().unwrap());
-                            }
-                            None => *resp.status_mut() = http::StatusCode::ACCEPTED,
-                        }
-                        Ok(resp)
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    format!("http://{addr}")
-}
+use support::{Client, TestGateway, serve, wasm};
 
 /// A collector keeping every span it is sent, with the headers and resource of each export.
 #[derive(Clone, Default)]
@@ -82,7 +36,7 @@ impl Collector {
                     }
                 }
             }
-            Some(json!({}))
+            Some((200, json!({})))
         })
         .await;
         (c, format!("{url}/v1/traces"))
@@ -137,7 +91,7 @@ async fn upstream() -> String {
             }
             _ => json!({}),
         };
-        Some(json!({"jsonrpc": "2.0", "id": id, "result": result}))
+        Some((200, json!({"jsonrpc": "2.0", "id": id, "result": result})))
     })
     .await;
     format!("{url}/mcp")

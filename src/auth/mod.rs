@@ -37,6 +37,32 @@ pub struct Claims {
     pub groups: Box<[Box<str>]>,
     /// The scopes it grants.
     pub scopes: Box<[Box<str>]>,
+    /// The verified access token itself, for upstreams that take it in exchange for their own
+    /// (RFC 8693). Never sent upstream as it is, never logged.
+    pub token: Option<SubjectToken>,
+}
+
+/// A caller's verified OAuth access token, held for token exchange. Its `Debug` says nothing
+/// of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SubjectToken(Arc<str>);
+
+impl SubjectToken {
+    /// The token.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The token, shared.
+    pub fn shared(&self) -> Arc<str> {
+        self.0.clone()
+    }
+}
+
+impl std::fmt::Debug for SubjectToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SubjectToken(..)")
+    }
 }
 
 /// Why a request was not authenticated or not authorized.
@@ -240,6 +266,7 @@ impl Auth {
             claims: Arc::new(Claims {
                 groups: claims.groups.into(),
                 scopes,
+                token: Some(SubjectToken(Arc::from(token))),
             }),
         };
         let lacking = identity

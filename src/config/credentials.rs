@@ -24,6 +24,131 @@ pub struct RawCredentials {
     /// header.
     #[serde(default)]
     pub required: Option<bool>,
+    /// Exchange the caller's OAuth access token at the upstream's authorization server for a
+    /// token meant for the upstream (RFC 8693). Not with `per_principal` or `template`.
+    #[serde(default)]
+    pub token_exchange: Option<RawTokenExchange>,
+}
+
+/// Token exchange as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenExchange {
+    /// The authorization server's token endpoint.
+    pub token_endpoint: String,
+    /// The gateway's client id there.
+    pub client_id: String,
+    /// Its client secret (prefer `client_secret_env`); none: a public client.
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// The environment variable holding the client secret.
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// `audience` of the requested token.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// `resource` of the requested token (RFC 8707).
+    #[serde(default)]
+    pub resource: Option<String>,
+    /// `scope` of the requested token.
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+/// Validated token-exchange settings.
+#[derive(Clone)]
+pub struct TokenExchangeConfig {
+    /// The token endpoint.
+    pub token_endpoint: http::Uri,
+    /// The client id.
+    pub client_id: String,
+    /// The client secret, if a confidential client.
+    pub client_secret: Option<String>,
+    /// Requested audience.
+    pub audience: Option<String>,
+    /// Requested resource.
+    pub resource: Option<String>,
+    /// Requested scope.
+    pub scope: Option<String>,
+}
+
+impl std::fmt::Debug for TokenExchangeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenExchangeConfig")
+            .field("token_endpoint", &self.token_endpoint)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret.as_ref().map(|_| ".."))
+            .field("audience", &self.audience)
+            .field("resource", &self.resource)
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+impl TokenExchangeConfig {
+    fn validate(
+        field: &str,
+        raw: RawTokenExchange,
+    ) -> Result<TokenExchangeConfig, (String, String)> {
+        let at = |f: &str| format!("{field}.token_exchange.{f}");
+        let token_endpoint: http::Uri = raw
+            .token_endpoint
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| (at("token_endpoint"), e.to_string()))?;
+        let host = token_endpoint.host().unwrap_or("");
+        let loopback = host == "localhost"
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        match token_endpoint.scheme_str() {
+            Some("https") if !host.is_empty() => {}
+            // Callers' tokens go there: in clear text only to this machine.
+            Some("http") if loopback => {}
+            _ => {
+                return Err((
+                    at("token_endpoint"),
+                    "must be an https:// URL (http:// only to a loopback address)".into(),
+                ));
+            }
+        }
+        if token_endpoint
+            .authority()
+            .is_some_and(|a| a.as_str().contains('@'))
+        {
+            return Err((
+                at("token_endpoint"),
+                "must not carry credentials (use client_id and client_secret)".into(),
+            ));
+        }
+        if raw.client_id.is_empty() {
+            return Err((at("client_id"), "must not be empty".into()));
+        }
+        let client_secret = match (raw.client_secret, &raw.client_secret_env) {
+            (Some(s), None) => Some(s),
+            (None, Some(var)) => Some(std::env::var(var).map_err(|_| {
+                (
+                    at("client_secret_env"),
+                    format!("environment variable {var} is not set"),
+                )
+            })?),
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err((
+                    at("client_secret"),
+                    "set client_secret or client_secret_env, not both".into(),
+                ));
+            }
+        };
+        Ok(TokenExchangeConfig {
+            token_endpoint,
+            client_id: raw.client_id,
+            client_secret,
+            audience: raw.audience,
+            resource: raw.resource,
+            scope: raw.scope,
+        })
+    }
 }
 
 /// One principal's secret.
@@ -47,7 +172,10 @@ pub struct Credentials {
     pub header: HeaderName,
     per_principal: HashMap<String, HeaderValue>,
     template: Option<String>,
-    required: bool,
+    /// Whether a caller without credentials is refused.
+    pub required: bool,
+    /// Token exchange, when the upstream's credentials are exchanged for the caller's token.
+    pub token_exchange: Option<TokenExchangeConfig>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -57,6 +185,7 @@ impl std::fmt::Debug for Credentials {
             .field("principals", &self.per_principal.keys().collect::<Vec<_>>())
             .field("template", &self.template.is_some())
             .field("required", &self.required)
+            .field("token_exchange", &self.token_exchange)
             .finish()
     }
 }
@@ -111,10 +240,20 @@ impl Credentials {
                 "must be visible ASCII (no line breaks)".into(),
             ));
         }
-        if per_principal.is_empty() && raw.template.is_none() {
+        let token_exchange = match raw.token_exchange {
+            Some(_) if !per_principal.is_empty() || raw.template.is_some() => {
+                return Err((
+                    format!("{field}.token_exchange"),
+                    "token_exchange replaces per_principal and template: set one way".into(),
+                ));
+            }
+            Some(tx) => Some(TokenExchangeConfig::validate(field, tx)?),
+            None => None,
+        };
+        if per_principal.is_empty() && raw.template.is_none() && token_exchange.is_none() {
             return Err((
                 field.to_owned(),
-                "set per_principal, template, or both".into(),
+                "set per_principal, template (or both), or token_exchange".into(),
             ));
         }
         Ok(Credentials {
@@ -122,14 +261,19 @@ impl Credentials {
             per_principal,
             template: raw.template,
             required: raw.required.unwrap_or(true),
+            token_exchange,
         })
     }
 
-    /// The header to send for `principal`; `Ok(None)`: none, and none is required.
+    /// The header to send for `principal`; `Ok(None)`: none, and none is required. (With
+    /// token exchange, the header comes per request from the exchange: `Ok(None)` here.)
     pub fn for_principal(
         &self,
         principal: Option<&str>,
     ) -> Result<Option<(HeaderName, HeaderValue)>, NoCredentials> {
+        if self.token_exchange.is_some() {
+            return Ok(None);
+        }
         let value = match principal {
             Some(p) => match self.per_principal.get(p) {
                 Some(v) => Some(v.clone()),

@@ -1058,6 +1058,17 @@ impl RawConfig {
                             "apply to http and sse upstreams (a process gets its env)",
                         ));
                     }
+                    // Exchanged tokens expire: they go per request, which only Streamable HTTP
+                    // requests carry.
+                    Some(raw)
+                        if raw.token_exchange.is_some()
+                            && !matches!(transport, Transport::Http { .. }) =>
+                    {
+                        return Err(field_err(
+                            format!("{field}.credentials.token_exchange"),
+                            "applies to http (Streamable HTTP) upstreams",
+                        ));
+                    }
                     Some(raw) => Some(
                         credentials::Credentials::validate(&format!("{field}.credentials"), raw)
                             .map_err(|(f, r)| field_err(f, r))?,

@@ -332,6 +332,7 @@ mod tests {
         let claims = |groups: &[&str], scopes: &[&str]| Claims {
             groups: groups.iter().map(|s| Box::from(*s)).collect(),
             scopes: scopes.iter().map(|s| Box::from(*s)).collect(),
+            token: None,
         };
         assert!(g.admits(Some("alice"), &none));
         assert!(!g.admits(Some("bob"), &none));

@@ -22,6 +22,7 @@ use crate::mcp::profile::Profile;
 use crate::mcp::session_token;
 use crate::mcp::subscriptions::{self, Subscriptions};
 use crate::topology::Topology;
+use crate::upstream::token_exchange::CallerToken;
 use crate::upstream::{EventSink, Link, Recipient, Route};
 
 /// The policy stage's say over what servers send to this session's client (notifications and
@@ -94,6 +95,17 @@ pub fn new_id() -> Arc<str> {
         .into()
 }
 
+/// What the latest request's token says, shared with the session's links: an upstream that
+/// exchanges the caller's token reads it here for each request.
+struct HeldClaims(arc_swap::ArcSwap<Claims>);
+
+impl CallerToken for HeldClaims {
+    fn current(&self) -> Option<Arc<str>> {
+        let claims = self.0.load();
+        claims.token.as_ref().map(|t| t.shared())
+    }
+}
+
 /// One client session.
 pub struct Session {
     /// The `Mcp-Session-Id`.
@@ -104,7 +116,7 @@ pub struct Session {
     pub protocol_version: &'static str,
     /// What the latest request's token says (a session outlives tokens: a refreshed or
     /// stepped-up token brings new scopes).
-    claims: arc_swap::ArcSwap<Claims>,
+    claims: Arc<HeldClaims>,
     topology: Arc<Topology>,
     /// The profile it was opened on (`/mcp/{profile}`): what of the topology it sees.
     profile: Option<Profile>,
@@ -215,6 +227,7 @@ impl Session {
             portable,
         } = upstream;
         let profile = profile.map(|p| Profile::new(p, &topology.router));
+        let claims = Arc::new(HeldClaims(arc_swap::ArcSwap::default()));
         Arc::new_cyclic(|weak: &Weak<Session>| {
             let sink: Arc<dyn Recipient> = Arc::new(SessionRecipient(weak.clone()));
             let servers = &topology.servers;
@@ -222,7 +235,7 @@ impl Session {
                 id,
                 principal: principal.clone(),
                 protocol_version,
-                claims: arc_swap::ArcSwap::default(),
+                claims: claims.clone(),
                 links: {
                     let links: Box<[Link]> = servers
                         .iter()
@@ -232,6 +245,7 @@ impl Session {
                                 principal.clone(),
                                 sink.clone(),
                                 init_params.clone(),
+                                Some(claims.clone() as Arc<dyn CallerToken>),
                             )
                         })
                         .collect();
@@ -288,16 +302,16 @@ impl Session {
         Caller {
             principal: self.principal.as_ref(),
             profile: self.profile.as_ref().map(|p| &p.name),
-            claims: self.claims.load_full(),
+            claims: self.claims.0.load_full(),
             session_id: &self.id,
         }
     }
 
     /// Keeps what the token of a request of this session says, for the policy stage.
     pub fn hold_claims(&self, claims: &Arc<Claims>) {
-        let current = self.claims.load();
+        let current = self.claims.0.load();
         if !Arc::ptr_eq(&current, claims) && **current != **claims {
-            self.claims.store(claims.clone());
+            self.claims.0.store(claims.clone());
         }
     }
 

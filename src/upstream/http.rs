@@ -94,6 +94,8 @@ pub struct Connection {
     /// resources it watches for the session (`resources/subscribe`).
     listen_envelope: Mutex<String>,
     watched: Mutex<Vec<String>>,
+    /// Credentials exchanged per request for the caller's token (RFC 8693), if any.
+    credential: Option<super::token_exchange::Credential>,
 }
 
 /// Resources one session may watch on a 2026-07-28 server.
@@ -120,7 +122,33 @@ impl Connection {
             stateless: AtomicBool::new(false),
             listen_envelope: Mutex::new(String::new()),
             watched: Mutex::new(Vec::new()),
+            credential: None,
         }
+    }
+
+    /// Sends `credential` with every request.
+    pub(crate) fn with_credential(
+        mut self,
+        credential: Option<super::token_exchange::Credential>,
+    ) -> Self {
+        self.credential = credential;
+        self
+    }
+
+    /// A request (see `request`) with the caller's exchanged credential, when there is one.
+    async fn authorized(
+        &self,
+        method: Method,
+        body: Bytes,
+        accept: &'static str,
+    ) -> Result<http::Request<Full<Bytes>>, UpstreamError> {
+        let mut req = self.request(method, body, accept)?;
+        if let Some(c) = &self.credential
+            && let Some((name, value)) = c.header(&self.server.name).await?
+        {
+            req.headers_mut().insert(name, value);
+        }
+        Ok(req)
     }
 
     /// Joins an upstream session already open (another replica opened it, speaking
@@ -192,7 +220,9 @@ impl Connection {
     /// Asks the server whether it speaks 2026-07-28 (`server/discover`, outside any session).
     /// Only a failure to get an answer at all is an error; see [`Discovered`] for the rest.
     pub(crate) async fn discover(&self, frame: Bytes) -> Result<Discovered, UpstreamError> {
-        let mut req = self.request(Method::POST, frame, "application/json, text/event-stream")?;
+        let mut req = self
+            .authorized(Method::POST, frame, "application/json, text/event-stream")
+            .await?;
         let h = req.headers_mut();
         h.remove(MCP_SESSION_ID);
         h.insert(MCP_PROTOCOL_VERSION, HeaderValue::from_static(STATELESS));
@@ -326,7 +356,9 @@ impl Connection {
         frame: Bytes,
         mirrored: Vec<(http::HeaderName, HeaderValue)>,
     ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
-        let mut req = self.request(Method::POST, frame, "application/json, text/event-stream")?;
+        let mut req = self
+            .authorized(Method::POST, frame, "application/json, text/event-stream")
+            .await?;
         req.headers_mut().extend(mirrored);
         let had_session = req.headers().contains_key(MCP_SESSION_ID);
         let resp = self
@@ -475,7 +507,9 @@ impl Connection {
 
     /// Re-opens a response stream after event `last` (GET with `Last-Event-ID`).
     async fn resume_stream(&self, last: &str) -> Result<hyper::body::Incoming, UpstreamError> {
-        let mut req = self.request(Method::GET, Bytes::new(), "text/event-stream")?;
+        let mut req = self
+            .authorized(Method::GET, Bytes::new(), "text/event-stream")
+            .await?;
         let value = HeaderValue::from_str(last).map_err(|_| {
             self.server
                 .unavailable("the server's event id is not a header value")
@@ -636,18 +670,21 @@ impl Connection {
     /// ends, stays silent for `idle`, or breaks a size limit.
     async fn listen_once(&self, idle: Duration) -> Result<ListenEnd, UpstreamError> {
         let req = if self.is_stateless() {
-            let mut req = self.request(
-                Method::POST,
-                self.listen_frame(),
-                "application/json, text/event-stream",
-            )?;
+            let mut req = self
+                .authorized(
+                    Method::POST,
+                    self.listen_frame(),
+                    "application/json, text/event-stream",
+                )
+                .await?;
             req.headers_mut().insert(
                 "mcp-method",
                 HeaderValue::from_static("subscriptions/listen"),
             );
             req
         } else {
-            self.request(Method::GET, Bytes::new(), "text/event-stream")?
+            self.authorized(Method::GET, Bytes::new(), "text/event-stream")
+                .await?
         };
         let resp = tokio::time::timeout(idle, self.client().request(req))
             .await
@@ -717,11 +754,14 @@ impl Connection {
         if !has_session {
             return;
         }
-        if let Ok(req) = self.request(
-            Method::DELETE,
-            Bytes::new(),
-            "application/json, text/event-stream",
-        ) {
+        if let Ok(req) = self
+            .authorized(
+                Method::DELETE,
+                Bytes::new(),
+                "application/json, text/event-stream",
+            )
+            .await
+        {
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
                 self.client().request(req),

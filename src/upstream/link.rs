@@ -35,6 +35,8 @@ pub struct Link {
     server: Arc<Server>,
     /// The session's principal: with `sharing: per-principal`, whose process to use.
     principal: Option<Arc<str>>,
+    /// The caller's access token, for an upstream that exchanges it for its own.
+    caller: Option<Arc<dyn super::token_exchange::CallerToken>>,
     inbox: Inbox,
     init_params: Bytes,
     current: Mutex<Option<Arc<Connection>>>,
@@ -105,6 +107,15 @@ fn announces_changes(init_result: &[u8], capability: &str) -> bool {
         .is_some_and(|c| c.list_changed)
 }
 
+/// A link without a client session behind it (a relay's): no caller token.
+struct NoCaller;
+
+impl super::token_exchange::CallerToken for NoCaller {
+    fn current(&self) -> Option<Arc<str>> {
+        None
+    }
+}
+
 impl Link {
     /// A link that will initialize with `init_params` (the client's capabilities and info).
     pub fn new(
@@ -112,9 +123,11 @@ impl Link {
         principal: Option<Arc<str>>,
         recipient: Arc<dyn Recipient>,
         init_params: Bytes,
+        caller: Option<Arc<dyn super::token_exchange::CallerToken>>,
     ) -> Self {
         Link {
             principal,
+            caller,
             inbox: Inbox {
                 recipient,
                 index: server.index,
@@ -309,6 +322,18 @@ impl Link {
         Ok(headers)
     }
 
+    /// The per-request credential of an upstream that exchanges the caller's token.
+    fn credential(&self) -> Option<super::token_exchange::Credential> {
+        let exchange = self.server.token_exchange.clone()?;
+        let settings = self.server.config.credentials.as_ref()?;
+        Some(super::token_exchange::Credential {
+            header: settings.header.clone(),
+            exchange,
+            caller: self.caller.clone().unwrap_or_else(|| Arc::new(NoCaller)),
+            required: settings.required,
+        })
+    }
+
     async fn handshake(&self) -> Result<Arc<Connection>, UpstreamError> {
         let server = &self.server;
         let conn = Arc::new(match &server.config.transport {
@@ -316,12 +341,15 @@ impl Link {
                 server.clone(),
                 self.inbox.clone(),
             )?),
-            Transport::Http { url, headers } => Connection::Http(super::http::Connection::new(
-                server.clone(),
-                url.clone(),
-                self.headers(headers)?,
-                self.inbox.clone(),
-            )),
+            Transport::Http { url, headers } => Connection::Http(
+                super::http::Connection::new(
+                    server.clone(),
+                    url.clone(),
+                    self.headers(headers)?,
+                    self.inbox.clone(),
+                )
+                .with_credential(self.credential()),
+            ),
             Transport::HttpSse { url, headers } => Connection::Stdio(
                 super::http_sse::connect(
                     server.clone(),

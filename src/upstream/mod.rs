@@ -16,6 +16,7 @@ mod pending;
 pub mod shared;
 mod stateless;
 pub mod stdio;
+pub mod token_exchange;
 
 pub use error::UpstreamError;
 pub(crate) use handshake::initialize;
@@ -86,6 +87,8 @@ pub struct Server {
     pub orchestrated: Option<orchestrated::Orchestrated>,
     /// What its `server/discover` probe found (an HTTP server): [`Era`] as a number.
     era: std::sync::atomic::AtomicU8,
+    /// Exchanges callers' tokens for this server's, when its credentials say so.
+    pub token_exchange: Option<Arc<token_exchange::TokenExchange>>,
 }
 
 /// Which revisions a server speaks, as far as the gateway knows.
@@ -108,7 +111,13 @@ impl Server {
         metrics: Arc<Metrics>,
     ) -> Self {
         let label = label_of(&config.name);
+        let token_exchange = config
+            .credentials
+            .as_ref()
+            .and_then(|c| c.token_exchange.clone())
+            .map(|tx| Arc::new(token_exchange::TokenExchange::new(tx, http.clone())));
         Server {
+            token_exchange,
             index,
             name: Arc::from(config.name.as_str()),
             label,

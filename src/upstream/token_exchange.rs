@@ -12,9 +12,19 @@ use http::{HeaderValue, Request};
 use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
 
-use crate::auth::SubjectToken;
+use std::sync::Arc;
+
+use http::HeaderName;
+
+use super::UpstreamError;
 use crate::config::credentials::TokenExchangeConfig;
-use crate::upstream::http::Client;
+
+/// The pooled HTTPS client requests go out with (the servers' own, with the outbound TLS
+/// settings).
+type Client = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
 
 const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
@@ -63,8 +73,8 @@ impl TokenExchange {
 
     /// The `Authorization` value for the caller holding `subject`: cached, or exchanged now.
     /// The error says why the caller has no token for the upstream (never the token).
-    pub async fn bearer(&self, subject: &SubjectToken) -> Result<HeaderValue, String> {
-        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, subject.as_str().as_bytes())
+    pub async fn bearer(&self, subject: &str) -> Result<HeaderValue, String> {
+        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, subject.as_bytes())
             .as_ref()
             .try_into()
             .expect("SHA-256 is 32 bytes");
@@ -88,11 +98,13 @@ impl TokenExchange {
         Ok(value)
     }
 
-    async fn exchange(&self, subject: &SubjectToken) -> Result<(HeaderValue, Duration), String> {
+    /// The form of a token-exchange request, and the client's Basic credentials when it has
+    /// a secret (else its id goes in the form).
+    fn request_body(&self, subject: &str) -> Result<(String, Option<HeaderValue>), String> {
         let c = &self.config;
         let mut form = form_urlencoded::Serializer::new(String::new());
         form.append_pair("grant_type", GRANT_TYPE)
-            .append_pair("subject_token", subject.as_str())
+            .append_pair("subject_token", subject)
             .append_pair("subject_token_type", ACCESS_TOKEN)
             .append_pair("requested_token_type", ACCESS_TOKEN);
         for (key, value) in [
@@ -104,10 +116,7 @@ impl TokenExchange {
                 form.append_pair(key, v);
             }
         }
-        let mut req = Request::post(c.token_endpoint.clone())
-            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .header(http::header::ACCEPT, "application/json");
-        match &c.client_secret {
+        let basic = match &c.client_secret {
             // client_secret_basic: both halves form-encoded first (RFC 6749 §2.3.1).
             Some(secret) => {
                 use base64::Engine;
@@ -120,19 +129,33 @@ impl TokenExchange {
                 let mut value = HeaderValue::try_from(format!("Basic {basic}"))
                     .map_err(|_| "the client credentials cannot be a header".to_owned())?;
                 value.set_sensitive(true);
-                req = req.header(AUTHORIZATION, value);
+                Some(value)
             }
             None => {
                 form.append_pair("client_id", &c.client_id);
+                None
             }
+        };
+        Ok((form.finish(), basic))
+    }
+
+    async fn exchange(&self, subject: &str) -> Result<(HeaderValue, Duration), String> {
+        let (body, basic) = self.request_body(subject)?;
+        let mut req = Request::post(self.config.token_endpoint.clone())
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(http::header::ACCEPT, "application/json");
+        if let Some(basic) = basic {
+            req = req.header(AUTHORIZATION, basic);
         }
         let req = req
-            .body(Full::new(Bytes::from(form.finish())))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| format!("cannot build the token request: {e}"))?;
         let answer = async {
-            let resp = self.client.request(req).await.map_err(|e| {
-                format!("the authorization server cannot be reached: {e}")
-            })?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| format!("the authorization server cannot be reached: {e}"))?;
             let status = resp.status();
             let body = Limited::new(resp.into_body(), MAX_ANSWER)
                 .collect()
@@ -143,7 +166,9 @@ impl TokenExchange {
         };
         let (status, body) = tokio::time::timeout(EXCHANGE_TIMEOUT, answer)
             .await
-            .map_err(|_| format!("the authorization server did not answer within {EXCHANGE_TIMEOUT:?}"))??;
+            .map_err(|_| {
+                format!("the authorization server did not answer within {EXCHANGE_TIMEOUT:?}")
+            })??;
         if !status.is_success() {
             return Err(match serde_json::from_slice::<Refused>(&body) {
                 Ok(r) => format!(
@@ -168,7 +193,9 @@ impl TokenExchange {
         let mut value = HeaderValue::try_from(format!("Bearer {}", issued.access_token))
             .ok()
             .filter(|_| !issued.access_token.is_empty())
-            .ok_or_else(|| "the authorization server issued a token that cannot be a header".to_owned())?;
+            .ok_or_else(|| {
+                "the authorization server issued a token that cannot be a header".to_owned()
+            })?;
         value.set_sensitive(true);
         // Reused until a little before it expires, so a call never carries a token that
         // expires on the way.
@@ -183,10 +210,49 @@ impl TokenExchange {
     }
 }
 
+/// The caller's current access token, as its session holds it (the latest one it presented).
+pub trait CallerToken: Send + Sync {
+    /// The token, if the caller authenticated with one.
+    fn current(&self) -> Option<Arc<str>>;
+}
+
+/// What one link sends an HTTP upstream whose credentials are exchanged per caller.
+#[derive(Clone)]
+pub struct Credential {
+    /// The header (`Authorization` by default).
+    pub header: HeaderName,
+    /// The upstream's exchanger (shared by every link to it).
+    pub exchange: Arc<TokenExchange>,
+    /// Whose token.
+    pub caller: Arc<dyn CallerToken>,
+    /// Refuse a caller without a token (else: no header).
+    pub required: bool,
+}
+
+impl Credential {
+    /// The header for this request, exchanged or cached.
+    pub async fn header(
+        &self,
+        server: &Arc<str>,
+    ) -> Result<Option<(HeaderName, HeaderValue)>, UpstreamError> {
+        let refused = |reason: String| UpstreamError::NoCredentials {
+            server: server.clone(),
+            reason,
+        };
+        match self.caller.current() {
+            Some(token) => {
+                let value = self.exchange.bearer(&token).await.map_err(refused)?;
+                Ok(Some((self.header.clone(), value)))
+            }
+            None if self.required => Err(refused(
+                "this upstream takes the caller's OAuth access token in exchange for its own, and the caller has none".into(),
+            )),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Text from the authorization server, safe to put in an error: bounded, printable.
 fn printable(s: &str) -> String {
-    s.chars()
-        .filter(|c| !c.is_control())
-        .take(200)
-        .collect()
+    s.chars().filter(|c| !c.is_control()).take(200).collect()
 }

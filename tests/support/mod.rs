@@ -7,10 +7,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Request};
 use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
+use std::sync::Arc;
 
 /// The gateway binary, which also runs the example server.
 pub const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
@@ -327,4 +329,50 @@ impl Client {
             buf: String::new(),
         }
     }
+}
+
+/// Serves `handle` on a loopback port (POST only) and returns `http://addr`: its JSON answer
+/// and status go back with a `mcp-session-id`, none is 202.
+pub async fn serve<F>(handle: F) -> String
+where
+    F: Fn(http::HeaderMap, Bytes) -> Option<(u16, Value)> + Send + Sync + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = Arc::new(handle);
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let handle = handle.clone();
+                    async move {
+                        let mut resp = http::Response::new(Full::new(Bytes::new()));
+                        if req.method() != http::Method::POST {
+                            *resp.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
+                            return Ok::<_, std::convert::Infallible>(resp);
+                        }
+                        let headers = req.headers().clone();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        match handle(headers, body) {
+                            Some((status, answer)) => {
+                                *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                                *resp.body_mut() = Full::new(Bytes::from(answer.to_string()));
+                                let h = resp.headers_mut();
+                                h.insert("content-type", "application/json".parse().unwrap());
+                                h.insert("mcp-session-id", "traced-session".parse().unwrap());
+                            }
+                            None => *resp.status_mut() = http::StatusCode::ACCEPTED,
+                        }
+                        Ok(resp)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}")
 }
