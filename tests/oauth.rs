@@ -772,13 +772,13 @@ profiles:
 struct ExchangeServer {
     forms: Arc<std::sync::Mutex<Vec<std::collections::HashMap<String, String>>>>,
     issued: Arc<AtomicUsize>,
-    expires_in: Arc<std::sync::atomic::AtomicU64>,
+    expires_in: Arc<std::sync::Mutex<Value>>,
 }
 
 impl ExchangeServer {
     async fn start() -> (ExchangeServer, String) {
         let server = ExchangeServer::default();
-        server.expires_in.store(600, Ordering::SeqCst);
+        *server.expires_in.lock().unwrap() = json!(600);
         let kept = server.clone();
         let url = support::serve(move |headers, body| {
             let form: std::collections::HashMap<String, String> =
@@ -820,7 +820,7 @@ impl ExchangeServer {
                 json!({"access_token": format!("upstream-{sub}-{n}"),
                        "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
                        "token_type": "Bearer",
-                       "expires_in": kept.expires_in.load(Ordering::SeqCst)}),
+                       "expires_in": kept.expires_in.lock().unwrap().clone()}),
             ))
         })
         .await;
@@ -889,6 +889,8 @@ async fn callers_tokens_are_exchanged_for_the_upstreams_own() {
     };
     let alice_token = key.sign(&issuer.claims("alice", "mcp:connect"));
     let alice = session(alice_token.clone()).await;
+    // Exchanged already for the handshake, which initialize makes.
+    assert_eq!(exchange.issued.load(Ordering::SeqCst), 1);
     assert_eq!(
         alice.tool_text(1, "files__whoami", json!({})).await,
         "Bearer upstream-alice-1"
@@ -914,7 +916,7 @@ async fn callers_tokens_are_exchanged_for_the_upstreams_own() {
     }
 
     // A token that expires at once is exchanged for every request to the upstream.
-    exchange.expires_in.store(0, Ordering::SeqCst);
+    *exchange.expires_in.lock().unwrap() = json!(0);
     let bob = session(key.sign(&issuer.claims("bob", "mcp:connect"))).await;
     let first = bob.tool_text(3, "files__whoami", json!({})).await;
     let before = exchange.issued.load(Ordering::SeqCst);

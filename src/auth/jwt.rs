@@ -107,6 +107,8 @@ pub struct Verified {
     pub scopes: Vec<Box<str>>,
     /// The groups claim's values.
     pub groups: Vec<Box<str>>,
+    /// `exp`, in seconds since the Unix epoch.
+    pub expires_at: u64,
 }
 
 /// One usable key of a set.
@@ -322,7 +324,9 @@ impl Verifier {
                 .ok_or_else(|| TokenError::Claim("exp".into()))?,
             _ => return Err(TokenError::Claim("exp".into())),
         };
-        Ok((self.claims(&issuer.principal_prefix, data.claims)?, exp))
+        let mut verified = self.claims(&issuer.principal_prefix, data.claims)?;
+        verified.expires_at = exp;
+        Ok((verified, exp))
     }
 
     fn claims(
@@ -375,6 +379,7 @@ impl Verifier {
             principal,
             scopes,
             groups,
+            expires_at: 0,
         })
     }
 

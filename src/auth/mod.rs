@@ -42,20 +42,28 @@ pub struct Claims {
     pub token: Option<SubjectToken>,
 }
 
-/// A caller's verified OAuth access token, held for token exchange. Its `Debug` says nothing
-/// of it.
+/// A caller's verified OAuth access token, held for token exchange, with its `exp`. Its
+/// `Debug` says nothing of it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct SubjectToken(Arc<str>);
+pub struct SubjectToken {
+    token: Arc<str>,
+    expires_at: u64,
+}
 
 impl SubjectToken {
     /// The token.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.token
     }
 
     /// The token, shared.
     pub fn shared(&self) -> Arc<str> {
-        self.0.clone()
+        self.token.clone()
+    }
+
+    /// When it expires, in seconds since the Unix epoch.
+    pub fn expires_at(&self) -> u64 {
+        self.expires_at
     }
 }
 
@@ -266,7 +274,10 @@ impl Auth {
             claims: Arc::new(Claims {
                 groups: claims.groups.into(),
                 scopes,
-                token: Some(SubjectToken(Arc::from(token))),
+                token: Some(SubjectToken {
+                    token: Arc::from(token),
+                    expires_at: claims.expires_at,
+                }),
             }),
         };
         let lacking = identity

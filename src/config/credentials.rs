@@ -31,7 +31,7 @@ pub struct RawCredentials {
 }
 
 /// Token exchange as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTokenExchange {
     /// The authorization server's token endpoint.
@@ -53,6 +53,17 @@ pub struct RawTokenExchange {
     /// `scope` of the requested token.
     #[serde(default)]
     pub scope: Option<String>,
+}
+
+impl std::fmt::Debug for RawTokenExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawTokenExchange")
+            .field("token_endpoint", &self.token_endpoint)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret.as_ref().map(|_| ".."))
+            .field("client_secret_env", &self.client_secret_env)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Validated token-exchange settings.

@@ -575,7 +575,8 @@ async fn post(
         && &**method == "initialize"
     {
         // The version is negotiated in the body; the header is not yet meaningful.
-        return initialize(gw, principal, profile, id, params.as_deref()).await;
+        let claims = identity.map(|i| &i.claims);
+        return initialize(gw, principal, claims, profile, id, params.as_deref()).await;
     }
     let refused = |mut span: Option<crate::trace::Span>, e: &FrontError| {
         if let Some(span) = &mut span {
@@ -698,6 +699,7 @@ fn authorize(
 async fn initialize(
     gw: &Arc<Gateway>,
     principal: Option<Principal>,
+    claims: Option<&Arc<crate::auth::Claims>>,
     profile: Option<&Arc<ProfileConfig>>,
     id: &Bytes,
     params: Option<&[u8]>,
@@ -718,6 +720,11 @@ async fn initialize(
         asked.init_params,
         asked.offers_roots,
     );
+    // Held before the servers are reached: one that takes the caller's token in exchange
+    // needs it for the handshake.
+    if let Some(claims) = claims {
+        session.hold_claims(claims);
+    }
     let result = handler::initialize(gw.services(), &session).await;
     Ok(initialized(id, result, &session.id))
 }

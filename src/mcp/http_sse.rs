@@ -197,7 +197,8 @@ async fn message(
     }
     match msg.kind {
         Kind::Request { id, method, params } if &*method == "initialize" => {
-            initialize(gw, &client, id, params.as_deref()).await
+            let claims = identity.as_ref().map(|i| &i.claims);
+            initialize(gw, &client, claims, id, params.as_deref()).await
         }
         Kind::Request { id, method, params } => {
             let Some(session) = client.session() else {
@@ -288,6 +289,7 @@ async fn message(
 async fn initialize(
     gw: &Arc<Gateway>,
     client: &Arc<SseClient>,
+    claims: Option<&Arc<crate::auth::Claims>>,
     id: Bytes,
     params: Option<&[u8]>,
 ) -> Result<Response<Body>, FrontError> {
@@ -341,6 +343,9 @@ async fn initialize(
         asked.init_params,
         asked.offers_roots,
     );
+    if let Some(claims) = claims {
+        session.hold_claims(claims);
+    }
     if client.bind(session.clone()).is_err() {
         // The stream closed meanwhile: nobody could reach this session.
         gw.end_session(&session.id);

@@ -22,7 +22,7 @@ use crate::mcp::profile::Profile;
 use crate::mcp::session_token;
 use crate::mcp::subscriptions::{self, Subscriptions};
 use crate::topology::Topology;
-use crate::upstream::token_exchange::CallerToken;
+use crate::upstream::token_exchange::{CallerToken, Subject};
 use crate::upstream::{EventSink, Link, Recipient, Route};
 
 /// The policy stage's say over what servers send to this session's client (notifications and
@@ -100,9 +100,12 @@ pub fn new_id() -> Arc<str> {
 struct HeldClaims(arc_swap::ArcSwap<Claims>);
 
 impl CallerToken for HeldClaims {
-    fn current(&self) -> Option<Arc<str>> {
+    fn current(&self) -> Option<Subject> {
         let claims = self.0.load();
-        claims.token.as_ref().map(|t| t.shared())
+        claims.token.as_ref().map(|t| Subject {
+            token: t.shared(),
+            expires_at: t.expires_at(),
+        })
     }
 }
 

@@ -754,20 +754,20 @@ impl Connection {
         if !has_session {
             return;
         }
-        if let Ok(req) = self
-            .authorized(
-                Method::DELETE,
-                Bytes::new(),
-                "application/json, text/event-stream",
-            )
-            .await
-        {
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                self.client().request(req),
-            )
-            .await;
-        }
+        // 5 s in all, a token exchange included.
+        let delete = async {
+            if let Ok(req) = self
+                .authorized(
+                    Method::DELETE,
+                    Bytes::new(),
+                    "application/json, text/event-stream",
+                )
+                .await
+            {
+                let _ = self.client().request(req).await;
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), delete).await;
     }
 }
 

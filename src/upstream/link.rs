@@ -111,7 +111,7 @@ fn announces_changes(init_result: &[u8], capability: &str) -> bool {
 struct NoCaller;
 
 impl super::token_exchange::CallerToken for NoCaller {
-    fn current(&self) -> Option<Arc<str>> {
+    fn current(&self) -> Option<super::token_exchange::Subject> {
         None
     }
 }
@@ -965,6 +965,7 @@ impl Link {
             headers,
             self.inbox.clone(),
         )
+        .with_credential(self.credential())
         .in_session(session, version);
         if let Some(conn) = conn
             && let Err(e) = conn.send(jsonrpc::response(id, outcome)).await

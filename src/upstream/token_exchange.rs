@@ -29,7 +29,11 @@ type Client = hyper_util::client::legacy::Client<
 const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 /// Most exchanged tokens kept (one per caller token in use).
-const MAX_CACHED: usize = 10_000;
+const MAX_CACHED: usize = 4096;
+/// Longest exchanged token accepted (bounds the cache: `MAX_CACHED` of these).
+const MAX_ISSUED: usize = 8 * 1024;
+/// Longest an exchanged token is reused, whatever the server says.
+const MAX_LIFETIME: Duration = Duration::from_secs(3600);
 /// Largest answer read from the authorization server.
 const MAX_ANSWER: usize = 64 * 1024;
 /// Longest an exchange may take.
@@ -49,8 +53,33 @@ pub struct TokenExchange {
 struct Issued {
     access_token: String,
     token_type: String,
+    /// Seconds; some servers send a string or a float.
     #[serde(default)]
-    expires_in: Option<u64>,
+    expires_in: Option<serde_json::Value>,
+}
+
+/// `expires_in` as seconds: a non-negative number or numeric string; anything else is absent.
+fn seconds(v: &serde_json::Value) -> Option<u64> {
+    let n = match v {
+        serde_json::Value::Number(n) => n.as_f64()?,
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    (n.is_finite() && n >= 0.0).then(|| n.min(u64::MAX as f64) as u64)
+}
+
+/// A caller's token and when it expires (seconds since the Unix epoch).
+pub struct Subject {
+    /// The access token.
+    pub token: Arc<str>,
+    /// Its `exp`.
+    pub expires_at: u64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// What it answers when it refuses (RFC 6749 §5.2).
@@ -72,9 +101,15 @@ impl TokenExchange {
     }
 
     /// The `Authorization` value for the caller holding `subject`: cached, or exchanged now.
-    /// The error says why the caller has no token for the upstream (never the token).
-    pub async fn bearer(&self, subject: &str) -> Result<HeaderValue, String> {
-        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, subject.as_bytes())
+    /// Never past the caller's own token's expiry. The error says why the caller has no token
+    /// for the upstream (never the token).
+    pub async fn bearer(&self, subject: &Subject) -> Result<HeaderValue, String> {
+        let now = unix_now();
+        if now >= subject.expires_at {
+            return Err("the caller's access token has expired".into());
+        }
+        let left = Duration::from_secs(subject.expires_at - now);
+        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, subject.token.as_bytes())
             .as_ref()
             .try_into()
             .expect("SHA-256 is 32 bytes");
@@ -83,17 +118,23 @@ impl TokenExchange {
         {
             return Ok(hit.0.clone());
         }
-        let (value, lifetime) = self.exchange(subject).await?;
-        if !lifetime.is_zero() {
+        let (value, lifetime) = self.exchange(&subject.token).await?;
+        let lifetime = lifetime.min(left).min(MAX_LIFETIME);
+        if let Some(until) = Instant::now().checked_add(lifetime)
+            && !lifetime.is_zero()
+        {
             if self.cache.len() >= MAX_CACHED {
                 let now = Instant::now();
                 self.cache.retain(|_, (_, until)| *until > now);
-                if self.cache.len() >= MAX_CACHED {
-                    self.cache.clear();
+                // Still full of live tokens: a tenth goes, not everyone's.
+                let excess = self.cache.len().saturating_sub(MAX_CACHED * 9 / 10);
+                let victims: Vec<[u8; 32]> =
+                    self.cache.iter().take(excess).map(|e| *e.key()).collect();
+                for k in victims {
+                    self.cache.remove(&k);
                 }
             }
-            self.cache
-                .insert(key, (value.clone(), Instant::now() + lifetime));
+            self.cache.insert(key, (value.clone(), until));
         }
         Ok(value)
     }
@@ -169,25 +210,33 @@ impl TokenExchange {
             .map_err(|_| {
                 format!("the authorization server did not answer within {EXCHANGE_TIMEOUT:?}")
             })??;
+        // Its words go to the caller and the logs: never the caller's token in them.
+        let quote = |text: &str| printable(&text.replace(subject, "[the caller's token]"));
         if !status.is_success() {
             return Err(match serde_json::from_slice::<Refused>(&body) {
                 Ok(r) => format!(
                     "the authorization server refused the exchange: {}{}",
-                    printable(&r.error),
+                    quote(&r.error),
                     r.error_description
-                        .map(|d| format!(" ({})", printable(&d)))
+                        .map(|d| format!(" ({})", quote(&d)))
                         .unwrap_or_default()
                 ),
                 Err(_) => format!("the authorization server answered {status}"),
             });
         }
-        let issued: Issued = serde_json::from_slice(&body).map_err(|e| {
-            format!("the authorization server's answer is not a token response: {e}")
+        let issued: Issued = serde_json::from_slice(&body).map_err(|_| {
+            "the authorization server's answer is not a token response (access_token, token_type)"
+                .to_owned()
         })?;
         if !issued.token_type.eq_ignore_ascii_case("bearer") {
             return Err(format!(
                 "the authorization server issued a {:?} token, not a bearer token",
-                printable(&issued.token_type)
+                quote(&issued.token_type)
+            ));
+        }
+        if issued.access_token.len() > MAX_ISSUED {
+            return Err(format!(
+                "the authorization server issued a token over {MAX_ISSUED} bytes"
             ));
         }
         let mut value = HeaderValue::try_from(format!("Bearer {}", issued.access_token))
@@ -199,9 +248,9 @@ impl TokenExchange {
         value.set_sensitive(true);
         // Reused until a little before it expires, so a call never carries a token that
         // expires on the way.
-        let lifetime = match issued.expires_in {
+        let lifetime = match issued.expires_in.as_ref().and_then(seconds) {
             Some(secs) => {
-                let secs = Duration::from_secs(secs);
+                let secs = Duration::from_secs(secs).min(MAX_LIFETIME);
                 secs.saturating_sub((secs / 4).min(Duration::from_secs(30)))
             }
             None => DEFAULT_LIFETIME,
@@ -213,7 +262,7 @@ impl TokenExchange {
 /// The caller's current access token, as its session holds it (the latest one it presented).
 pub trait CallerToken: Send + Sync {
     /// The token, if the caller authenticated with one.
-    fn current(&self) -> Option<Arc<str>>;
+    fn current(&self) -> Option<Subject>;
 }
 
 /// What one link sends an HTTP upstream whose credentials are exchanged per caller.
@@ -240,8 +289,8 @@ impl Credential {
             reason,
         };
         match self.caller.current() {
-            Some(token) => {
-                let value = self.exchange.bearer(&token).await.map_err(refused)?;
+            Some(subject) => {
+                let value = self.exchange.bearer(&subject).await.map_err(refused)?;
                 Ok(Some((self.header.clone(), value)))
             }
             None if self.required => Err(refused(
@@ -252,7 +301,43 @@ impl Credential {
     }
 }
 
-/// Text from the authorization server, safe to put in an error: bounded, printable.
+/// Text from the authorization server, safe to put in an error: bounded, printable (no
+/// control characters, no invisible or direction-changing format characters).
 fn printable(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).take(200).collect()
+    let invisible = |c: &char| matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}');
+    s.chars()
+        .filter(|c| !c.is_control() && !invisible(c))
+        .take(200)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn expires_in_is_read_leniently_and_never_negative() {
+        assert_eq!(seconds(&json!(600)), Some(600));
+        assert_eq!(seconds(&json!(12.9)), Some(12));
+        assert_eq!(seconds(&json!(" 30 ")), Some(30));
+        assert_eq!(seconds(&json!(u64::MAX)), Some(u64::MAX));
+        assert_eq!(seconds(&json!(1e300)), Some(u64::MAX));
+        for bad in [
+            json!(-1),
+            json!("soon"),
+            json!(null),
+            json!([1]),
+            json!("NaN"),
+        ] {
+            assert_eq!(seconds(&bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn server_text_is_made_printable_and_bounded() {
+        assert_eq!(printable("bad\r\nX-Injected: 1"), "badX-Injected: 1");
+        assert_eq!(printable("a\u{202E}b\u{200B}c\u{FEFF}"), "abc");
+        assert_eq!(printable(&"é".repeat(500)).chars().count(), 200);
+    }
 }
