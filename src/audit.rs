@@ -8,11 +8,12 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
+use bytes::Bytes;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -126,6 +127,36 @@ pub struct Audit {
     unauthenticated: Limiter,
     /// The writer thread, until `close` joins it.
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set when the gateway starts shipping lines to a collector.
+    shipping: Arc<OnceLock<Shipping>>,
+}
+
+/// Trail lines as an OTLP `ExportLogsServiceRequest` (JSON encoding): one log record per line,
+/// its body the line as written, `gatehouse.audit.seq` an attribute.
+fn encode_logs(service_name: &str, lines: &[Shipped]) -> Vec<u8> {
+    let records: Vec<Value> = lines
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "timeUnixNano": l.time_ns.to_string(),
+                "observedTimeUnixNano": l.time_ns.to_string(),
+                "severityNumber": 9,
+                "severityText": "INFO",
+                "body": {"stringValue": String::from_utf8_lossy(&l.line)},
+                "attributes": [{"key": "gatehouse.audit.seq", "value": {"intValue": l.seq.to_string()}}],
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "resourceLogs": [{
+            "resource": crate::otlp::resource(service_name),
+            "scopeLogs": [{
+                "scope": {"name": "gatehouse.audit", "version": env!("CARGO_PKG_VERSION")},
+                "logRecords": records,
+            }],
+        }],
+    });
+    serde_json::to_vec(&doc).expect("JSON values serialize")
 }
 
 /// What the writer thread is sent.
@@ -139,7 +170,8 @@ impl Audit {
     /// Starts the writer for `settings` (continuing the chain of an existing file). It is a
     /// thread of its own: file writes and signatures never hold up the request path's workers.
     pub fn start(settings: &AuditSettings) -> std::io::Result<Audit> {
-        let mut writer = Writer::open(settings)?;
+        let shipping: Arc<OnceLock<Shipping>> = Arc::default();
+        let mut writer = Writer::open(settings, shipping.clone())?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Message>(QUEUE);
         let lost = Arc::new(AtomicU64::new(0));
         let lost2 = lost.clone();
@@ -180,7 +212,47 @@ impl Audit {
             lost,
             unauthenticated: Limiter::default(),
             writer: std::sync::Mutex::new(Some(thread)),
+            shipping,
         })
+    }
+
+    /// Ships every line written from now on to `settings`' collector as an OTLP log record
+    /// whose body is the line itself (so the chain can be checked there too), with the
+    /// gateway's HTTP client; `dropped` counts lines lost on the way. Once only; needs a
+    /// runtime.
+    pub fn ship<C>(
+        &self,
+        settings: &crate::config::traces::AuditOtlp,
+        client: hyper_util::client::legacy::Client<C, http_body_util::Full<Bytes>>,
+        dropped: prometheus_client::metrics::counter::Counter,
+    ) where
+        C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+    {
+        let Ok(endpoint) = settings.endpoint.parse() else {
+            return; // validated with the configuration
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(settings.max_queue);
+        let shipping = Shipping {
+            lines: tx,
+            dropped: dropped.clone(),
+        };
+        if self.shipping.set(shipping).is_err() {
+            return;
+        }
+        let target = crate::otlp::Target {
+            endpoint,
+            headers: crate::otlp::headers(&settings.headers),
+            flush_interval: settings.flush_interval,
+            what: "audit records",
+        };
+        let service = settings.service_name.clone();
+        tokio::spawn(crate::otlp::export(
+            target,
+            rx,
+            dropped,
+            client,
+            move |lines| encode_logs(&service, lines),
+        ));
     }
 
     /// Writes what is queued and a last checkpoint, and waits until they are flushed.
@@ -264,10 +336,26 @@ struct Writer {
     since_checkpoint: u64,
     /// Records that could not be written, to be told in the next `gap`.
     pending_loss: u64,
+    /// Where written lines are also shipped (OTLP logs), once the gateway started shipping.
+    shipping: Arc<OnceLock<Shipping>>,
+}
+
+/// The way to the OTLP exporter of the trail.
+struct Shipping {
+    lines: tokio::sync::mpsc::Sender<Shipped>,
+    dropped: prometheus_client::metrics::counter::Counter,
+}
+
+/// One written line on its way to the collector.
+pub struct Shipped {
+    /// The line as written (its chain members included), without the newline.
+    line: Bytes,
+    seq: u64,
+    time_ns: u64,
 }
 
 impl Writer {
-    fn open(s: &AuditSettings) -> std::io::Result<Writer> {
+    fn open(s: &AuditSettings, shipping: Arc<OnceLock<Shipping>>) -> std::io::Result<Writer> {
         let key =
             match &s.signing_key {
                 Some(seed) => Some(Ed25519KeyPair::from_seed_unchecked(seed).map_err(|_| {
@@ -304,6 +392,7 @@ impl Writer {
             checkpoint_interval: s.checkpoint_interval,
             since_checkpoint: 0,
             pending_loss: 0,
+            shipping,
         })
         .map(|mut w| {
             // Records after the file's last checkpoint were not signed (a crash, or someone
@@ -387,11 +476,12 @@ impl Writer {
         if line.len() > 1 {
             line.push(b',');
         }
+        let now = SystemTime::now();
         let _ = write!(
             line,
             "\"seq\":{seq},\"prev\":\"{}\",\"time\":\"{}\"}}",
             self.prev,
-            humantime::format_rfc3339_millis(SystemTime::now())
+            humantime::format_rfc3339_millis(now)
         );
         let hash = sha256_hex(&line);
         line.push(b'\n');
@@ -405,6 +495,19 @@ impl Writer {
         self.seq = seq;
         self.prev = hash;
         self.written += line.len() as u64;
+        if let Some(ship) = self.shipping.get() {
+            let shipped = Shipped {
+                line: Bytes::copy_from_slice(&line[..line.len() - 1]),
+                seq,
+                time_ns: now
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64),
+            };
+            // Never waits: a collector that falls behind loses lines (counted), not the trail.
+            if ship.lines.try_send(shipped).is_err() {
+                ship.dropped.inc();
+            }
+        }
         if self.written >= self.max_bytes {
             self.rotate();
         }
@@ -685,6 +788,7 @@ mod tests {
             signing_key: Some(seed),
             checkpoint_every: every,
             checkpoint_interval: Duration::from_secs(3600),
+            otlp: None,
         }
     }
 
@@ -715,7 +819,7 @@ mod tests {
         let file = dir.join("a.jsonl");
         let _ = std::fs::remove_file(&file);
         let seed = [7u8; 32];
-        let mut w = Writer::open(&settings(&file, seed, 3)).unwrap();
+        let mut w = Writer::open(&settings(&file, seed, 3), Arc::default()).unwrap();
         for n in 0..7 {
             w.write_event(&call(n));
         }
@@ -723,7 +827,7 @@ mod tests {
         w.checkpoint_if_new();
         drop(w);
         // A restart goes on with the same chain.
-        let mut w = Writer::open(&settings(&file, seed, 3)).unwrap();
+        let mut w = Writer::open(&settings(&file, seed, 3), Arc::default()).unwrap();
         w.write_event(&call(99));
         w.checkpoint_if_new();
         drop(w);
@@ -766,7 +870,7 @@ mod tests {
         let file = dir.join("a.jsonl");
         let _ = std::fs::remove_file(&file);
         let seed = [3u8; 32];
-        let mut w = Writer::open(&settings(&file, seed, 2)).unwrap();
+        let mut w = Writer::open(&settings(&file, seed, 2), Arc::default()).unwrap();
         for n in 0..4 {
             w.write_event(&call(n));
         }
@@ -800,13 +904,23 @@ mod tests {
         assert_eq!(ok.unsigned_tail, 0);
         // A restart over a file someone edited: refused, rather than signing over it.
         std::fs::write(&file, unknown.join("\n") + "\n").unwrap();
-        let err = Writer::open(&settings(&file, seed, 2)).err().unwrap();
+        let err = Writer::open(&settings(&file, seed, 2), Arc::default())
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("does not verify"), "{err}");
         // Over a file whose tail was never signed (a crash): goes on, and says so first.
-        let mut w = Writer::open(&settings(&file.with_extension("b"), seed, 100)).unwrap();
+        let mut w = Writer::open(
+            &settings(&file.with_extension("b"), seed, 100),
+            Arc::default(),
+        )
+        .unwrap();
         w.write_event(&call(1));
         drop(w);
-        let mut w = Writer::open(&settings(&file.with_extension("b"), seed, 100)).unwrap();
+        let mut w = Writer::open(
+            &settings(&file.with_extension("b"), seed, 100),
+            Arc::default(),
+        )
+        .unwrap();
         w.checkpoint_if_new();
         drop(w);
         let text = std::fs::read_to_string(file.with_extension("b")).unwrap();
@@ -841,7 +955,7 @@ mod tests {
         let file = dir.join("a.jsonl");
         let mut s = settings(&file, [1u8; 32], 1000);
         s.max_bytes = 2000;
-        let mut w = Writer::open(&s).unwrap();
+        let mut w = Writer::open(&s, Arc::default()).unwrap();
         for n in 0..40 {
             w.write_event(&call(n));
         }

@@ -139,6 +139,13 @@ impl Gateway {
             ));
             tracer
         });
+        if let Some(o) = config.audit.as_ref().and_then(|a| a.otlp.as_ref()) {
+            audit.ship(
+                o,
+                http::client(&outbound_tls),
+                metrics.audit_export_dropped.clone(),
+            );
+        }
         let gw = Gateway {
             tracer,
             audit: Arc::new(audit),

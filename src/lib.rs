@@ -20,6 +20,7 @@ pub mod listener;
 pub mod mcp;
 pub mod metrics;
 pub mod orchestrator;
+pub mod otlp;
 pub mod outbound_tls;
 pub mod pins;
 pub mod plugins;

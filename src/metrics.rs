@@ -49,6 +49,8 @@ pub struct Metrics {
     registry: Registry,
     /// Spans lost before export (handed to the tracer).
     pub trace_spans_dropped: Counter,
+    /// Audit lines lost before export to a collector (handed to the audit trail).
+    pub audit_export_dropped: Counter,
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
     /// Open downstream sessions.
@@ -200,7 +202,14 @@ impl Metrics {
             "Spans not exported: the queue was full or the collector failed",
             trace_spans_dropped.clone(),
         );
+        let audit_export_dropped = Counter::default();
+        registry.register(
+            "audit_export_dropped",
+            "Audit lines not shipped to the OTLP collector: the queue was full or the export failed (the trail itself has them)",
+            audit_export_dropped.clone(),
+        );
         Arc::new(Metrics {
+            audit_export_dropped,
             trace_spans_dropped,
             tool_changes,
             tools_unapproved,

@@ -177,3 +177,121 @@ plugins:
     assert!(out.contains(&format!("line {line}:")), "{out}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A collector's logs endpoint that keeps every log record body it receives, by `seq`.
+async fn logs_collector() -> (
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<u64, String>>>,
+    String,
+) {
+    let kept: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<u64, String>>> =
+        Default::default();
+    let bodies = kept.clone();
+    let url = support::serve(move |_, body| {
+        let doc: Value = serde_json::from_slice(&body).ok()?;
+        for rl in doc["resourceLogs"].as_array()? {
+            assert_eq!(rl["resource"]["attributes"][0]["key"], "service.name");
+            for sl in rl["scopeLogs"].as_array()? {
+                for r in sl["logRecords"].as_array()? {
+                    let seq: u64 = r["attributes"][0]["value"]["intValue"]
+                        .as_str()?
+                        .parse()
+                        .ok()?;
+                    let line = r["body"]["stringValue"].as_str()?.to_owned();
+                    bodies.lock().unwrap().insert(seq, line);
+                }
+            }
+        }
+        Some((200, json!({})))
+    })
+    .await;
+    (kept, format!("{url}/v1/logs"))
+}
+
+#[tokio::test]
+async fn every_line_is_shipped_to_a_collector_as_written() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-audit-otlp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("audit.jsonl");
+    let _ = std::fs::remove_file(&file);
+    let (shipped, endpoint) = logs_collector().await;
+    let top = format!(
+        "audit:
+  file: {file:?}
+  otlp: {{ endpoint: {endpoint:?}, flush_interval: 20ms, headers: {{ x-api-key: k }} }}
+"
+    );
+    let gw = TestGateway::start(&top, &[example("ex", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    for id in 1..=5 {
+        assert_eq!(c.tool_text(id, "echo", json!({"text": "x"})).await, "x");
+    }
+    gw.stop().await; // writes a last checkpoint and flushes the file
+    let lines: Vec<String> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(lines.len() >= 6, "{lines:?}");
+    // The collector gets each line exactly as the file has it, under its seq.
+    support::eventually("the collector has every line", || {
+        let got = shipped.lock().unwrap().len();
+        let want = lines.len();
+        async move { got >= want }
+    })
+    .await;
+    let shipped = shipped.lock().unwrap().clone();
+    for line in &lines {
+        let seq = serde_json::from_str::<Value>(line).unwrap()["seq"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(shipped.get(&seq), Some(line), "seq {seq}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_collector_that_is_down_loses_nothing_from_the_file() {
+    let dir =
+        std::env::temp_dir().join(format!("gatehouse-audit-otlp-down-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("audit.jsonl");
+    let _ = std::fs::remove_file(&file);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let top = format!(
+        "audit:
+  file: {file:?}
+  otlp: {{ endpoint: \"http://{closed}/v1/logs\", flush_interval: 20ms }}
+"
+    );
+    let gw = TestGateway::start(&top, &[example("ex", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    for id in 1..=5 {
+        assert_eq!(c.tool_text(id, "echo", json!({"text": "x"})).await, "x");
+    }
+    let metrics = gw.gateway().metrics.clone();
+    support::eventually("lost lines are counted", || {
+        let text = metrics.render();
+        async move {
+            text.lines()
+                .find(|l| l.starts_with("gatehouse_audit_export_dropped_total "))
+                .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
+                .is_some_and(|n| n >= 5.0)
+        }
+    })
+    .await;
+    gw.stop().await;
+    let (ok, out) = verify(&file, None);
+    assert!(ok, "{out}");
+    let calls = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"call\""))
+        .count();
+    assert_eq!(calls, 5);
+    let _ = std::fs::remove_dir_all(&dir);
+}

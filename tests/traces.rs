@@ -455,6 +455,23 @@ fn bad_trace_settings_are_refused_naming_the_field() {
             .to_string();
         assert!(e.contains(field), "{traces}: {e}");
     }
+    // The audit trail's OTLP sink is checked the same way.
+    for (otlp, field) in [
+        ("{endpoint: 'ftp://c/v1/logs'}", "audit.otlp.endpoint"),
+        (
+            "{endpoint: 'http://c:4318/v1/logs', max_queue: 0}",
+            "audit.otlp.max_queue",
+        ),
+        (
+            "{endpoint: 'http://c:4318/v1/logs', headers: {'a b': x}}",
+            "audit.otlp.headers.a b",
+        ),
+    ] {
+        let e = gatehouse::Config::from_yaml(&format!("{base}audit: {{otlp: {otlp}}}\n"))
+            .expect_err(otlp)
+            .to_string();
+        assert!(e.contains(field), "{otlp}: {e}");
+    }
 }
 
 /// Sends `body` as is (a session request) and returns the JSON-RPC answer.

@@ -123,6 +123,9 @@ pub struct RawAudit {
     /// The Ed25519 seed checkpoints are signed with (32 bytes, hex or base64).
     #[serde(default)]
     pub signing_key: Option<RawKeySource>,
+    /// Also ship every line to an OpenTelemetry collector as a log record.
+    #[serde(default)]
+    pub otlp: Option<traces::AuditOtlp>,
 }
 
 /// Where a secret key is read from.
@@ -152,6 +155,8 @@ pub struct AuditSettings {
     pub checkpoint_every: u64,
     /// Longest time between checkpoints.
     pub checkpoint_interval: Duration,
+    /// Where lines are shipped as OTLP logs, if anywhere.
+    pub otlp: Option<traces::AuditOtlp>,
 }
 
 impl std::fmt::Debug for AuditSettings {
@@ -163,6 +168,7 @@ impl std::fmt::Debug for AuditSettings {
             .field("signing_key", &self.signing_key.map(|_| "<redacted>"))
             .field("checkpoint_every", &self.checkpoint_every)
             .field("checkpoint_interval", &self.checkpoint_interval)
+            .field("otlp", &self.otlp.as_ref().map(|o| &o.endpoint))
             .finish()
     }
 }
@@ -187,7 +193,11 @@ fn audit_settings(raw: RawAudit) -> Result<AuditSettings, ConfigError> {
         .signing_key
         .map(|k| key_from("audit.signing_key", &k.file, &k.env))
         .transpose()?;
+    if let Some(o) = &raw.otlp {
+        o.validate().map_err(|(field, why)| field_err(field, why))?;
+    }
     Ok(AuditSettings {
+        otlp: raw.otlp,
         file: raw.file,
         max_bytes,
         keep: raw.keep.unwrap_or(5).max(1),
