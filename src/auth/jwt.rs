@@ -98,17 +98,23 @@ pub enum TokenError {
     Claim(String),
 }
 
-/// What a verified token says about its bearer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a verified token says about its bearer, built once and shared by every request that
+/// presents the token while it is cached (cloning it is three reference counts).
+#[derive(Debug, Clone)]
 pub struct Verified {
     /// The principal claim's value.
-    pub principal: String,
+    pub principal: Arc<str>,
     /// `scope` (space-separated) or `scp` (a list).
-    pub scopes: Vec<Box<str>>,
-    /// The groups claim's values.
-    pub groups: Vec<Box<str>>,
-    /// `exp`, in seconds since the Unix epoch.
-    pub expires_at: u64,
+    pub scopes: Arc<[Box<str>]>,
+    /// Groups, scopes and the token itself, as policy plugins and token exchange see them.
+    pub claims: Arc<super::Claims>,
+}
+
+/// The claims read from a token, before they are shared.
+struct Read {
+    principal: String,
+    scopes: Vec<Box<str>>,
+    groups: Vec<Box<str>>,
 }
 
 /// One usable key of a set.
@@ -324,8 +330,17 @@ impl Verifier {
                 .ok_or_else(|| TokenError::Claim("exp".into()))?,
             _ => return Err(TokenError::Claim("exp".into())),
         };
-        let mut verified = self.claims(&issuer.principal_prefix, data.claims)?;
-        verified.expires_at = exp;
+        let read = self.claims(&issuer.principal_prefix, data.claims)?;
+        let scopes: Arc<[Box<str>]> = read.scopes.into();
+        let verified = Verified {
+            principal: Arc::from(read.principal),
+            claims: Arc::new(super::Claims {
+                groups: read.groups.into(),
+                scopes: scopes.iter().cloned().collect(),
+                token: Some(super::SubjectToken::new(token, exp)),
+            }),
+            scopes,
+        };
         Ok((verified, exp))
     }
 
@@ -333,7 +348,7 @@ impl Verifier {
         &self,
         prefix: &str,
         mut c: serde_json::Map<String, Value>,
-    ) -> Result<Verified, TokenError> {
+    ) -> Result<Read, TokenError> {
         // Principals end up in logs, session tokens and plugin calls: printable text only.
         let principal = match c.remove(&self.principal_claim) {
             Some(Value::String(p))
@@ -375,11 +390,10 @@ impl Verifier {
             .into_iter()
             .map(|g| Box::from(format!("{prefix}{g}")))
             .collect();
-        Ok(Verified {
+        Ok(Read {
             principal,
             scopes,
             groups,
-            expires_at: 0,
         })
     }
 

@@ -65,6 +65,13 @@ impl SubjectToken {
     pub fn expires_at(&self) -> u64 {
         self.expires_at
     }
+
+    fn new(token: &str, expires_at: u64) -> SubjectToken {
+        SubjectToken {
+            token: Arc::from(token),
+            expires_at,
+        }
+    }
 }
 
 impl std::fmt::Debug for SubjectToken {
@@ -256,29 +263,21 @@ impl Auth {
             return Err(AuthError::Invalid);
         };
         let audience = &oauth.resource(profile).audience;
-        let claims = oauth.verifier.verify(token, audience).await?;
+        let verified = oauth.verifier.verify(token, audience).await?;
         // A token from an issuer must not pose as a machine principal.
-        if self.tokens.names(&claims.principal)
-            || self
-                .certificate_principals
-                .contains(claims.principal.as_str())
+        if self.tokens.names(&verified.principal)
+            || self.certificate_principals.contains(&*verified.principal)
         {
             return Err(AuthError::Token(TokenError::Claim(
                 "principal (it names a static-token or client-certificate principal)".into(),
             )));
         }
-        let scopes: Box<[Box<str>]> = claims.scopes.into();
+        // Shared with the cache: no allocation per request, and a session holding these
+        // claims already sees the same pointer.
         let identity = Identity {
-            principal: Arc::from(claims.principal),
-            grant: Grant::Scopes(Arc::from(scopes.clone())),
-            claims: Arc::new(Claims {
-                groups: claims.groups.into(),
-                scopes,
-                token: Some(SubjectToken {
-                    token: Arc::from(token),
-                    expires_at: claims.expires_at,
-                }),
-            }),
+            principal: verified.principal,
+            grant: Grant::Scopes(verified.scopes),
+            claims: verified.claims,
         };
         let lacking = identity
             .grant

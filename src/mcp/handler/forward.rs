@@ -115,6 +115,7 @@ pub(super) async fn complete(
                 "completion/complete",
                 Some(out),
                 policy,
+                None,
             )
             .await
         }
@@ -138,6 +139,7 @@ pub(super) async fn complete(
                         "completion/complete",
                         params,
                         policy,
+                        None,
                     )
                     .await
                 }
@@ -248,6 +250,9 @@ fn audit_target(method: &str, params: Option<&[u8]>) -> Option<String> {
 
 /// Sends a request to one upstream. Answers with plain JSON when the upstream sends nothing else
 /// first; switches to SSE as soon as a related message (progress, sampling, logging) arrives.
+/// `target` is the name or URI the request was routed by, when the caller knows it (else it is
+/// read from the params, for the audit trail and the span).
+#[allow(clippy::too_many_arguments)] // each is a different part of the call
 pub(super) async fn forward(
     sv: Services<'_>,
     session: &Arc<Session>,
@@ -256,7 +261,12 @@ pub(super) async fn forward(
     method: &str,
     params: Option<Bytes>,
     policy: Option<Policy>,
+    target: Option<&str>,
 ) -> Reply {
+    let target = || match target {
+        Some(t) => Some(t.to_owned()),
+        None => audit_target(method, params.as_deref()),
+    };
     let label = method_label(method);
     let started = Instant::now();
     let server = session.topology().servers[index].clone();
@@ -281,7 +291,7 @@ pub(super) async fn forward(
             profile: session.profile().map(|p| p.name.clone()),
             server: Some(server.name.clone()),
             method: method.to_owned(),
-            name: audit_target(method, params.as_deref()),
+            name: target(),
             decision: "allowed",
             request_bytes: Some(params.as_ref().map_or(0, |p| p.len())),
             ..Default::default()
@@ -290,7 +300,7 @@ pub(super) async fn forward(
     // Traced: the upstream call is a client span, and the server is told it is the parent
     // (in `_meta` for every transport, and as the `traceparent` header over HTTP).
     let mut upstream_span = sv.trace.map(|s| {
-        let name = match audit_target(method, params.as_deref()) {
+        let name = match target() {
             Some(target) if method.starts_with("resources/") => {
                 format!("{method} {}", crate::trace::safe_uri(&target))
             }

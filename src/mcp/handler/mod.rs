@@ -339,6 +339,7 @@ pub async fn request(
                 Some(local),
             );
             let mut f = f;
+            let routed = local;
             let local = json_string(local);
             f.insert(Cow::Borrowed("name"), &local);
             let rewritten;
@@ -363,7 +364,8 @@ pub async fn request(
                 }
             }
             let out = encode_fields(&f);
-            forward::forward(sv, session, index, id, method, Some(out), policy).await
+            let target = Some(routed);
+            forward::forward(sv, session, index, id, method, Some(out), policy, target).await
         }
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" if !direct => {
             let uri = match fields(params.as_deref()).and_then(|f| string_field(&f, "uri")) {
@@ -389,7 +391,8 @@ pub async fn request(
             {
                 return denied(&id, &d);
             }
-            forward::forward(sv, session, index, id, method, params, policy).await
+            let target = Some(uri.as_str());
+            forward::forward(sv, session, index, id, method, params, policy, target).await
         }
         "completion/complete" if !direct => forward::complete(sv, session, id, params).await,
         "logging/setLevel" if !single => {
@@ -426,7 +429,7 @@ pub async fn request(
             {
                 return denied(&id, &d);
             }
-            forward::forward(sv, session, 0, id, method, params, policy).await
+            forward::forward(sv, session, 0, id, method, params, policy, None).await
         }
         _ => Reply::Json(jsonrpc::error_response(
             Some(&id),
