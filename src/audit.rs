@@ -228,8 +228,13 @@ impl Audit {
     ) where
         C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
     {
-        let Ok(endpoint) = settings.endpoint.parse() else {
-            return; // validated with the configuration
+        let Some(target) = crate::otlp::Target::new(
+            &settings.endpoint,
+            &settings.headers,
+            settings.flush_interval,
+            "audit records",
+        ) else {
+            return;
         };
         let (tx, rx) = tokio::sync::mpsc::channel(settings.max_queue);
         let shipping = Shipping {
@@ -239,12 +244,6 @@ impl Audit {
         if self.shipping.set(shipping).is_err() {
             return;
         }
-        let target = crate::otlp::Target {
-            endpoint,
-            headers: crate::otlp::headers(&settings.headers),
-            flush_interval: settings.flush_interval,
-            what: "audit records",
-        };
         let service = settings.service_name.clone();
         tokio::spawn(crate::otlp::export(
             target,

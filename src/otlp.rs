@@ -30,6 +30,24 @@ pub struct Target {
     pub what: &'static str,
 }
 
+impl Target {
+    /// The target of a configured endpoint (validated with the configuration; None if it no
+    /// longer parses) with its headers.
+    pub fn new(
+        endpoint: &str,
+        headers: &std::collections::BTreeMap<String, String>,
+        flush_interval: Duration,
+        what: &'static str,
+    ) -> Option<Target> {
+        Some(Target {
+            endpoint: endpoint.parse().ok()?,
+            headers: self::headers(headers),
+            flush_interval,
+            what,
+        })
+    }
+}
+
 /// Drains `items` into the collector until every sender is gone: `encode` makes one export
 /// request's body of a batch; `dropped` counts items lost to a failed export.
 pub async fn export<T, C>(

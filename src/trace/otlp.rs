@@ -17,14 +17,13 @@ pub async fn export<C>(
 ) where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
 {
-    let Ok(endpoint) = config.endpoint.parse() else {
-        return; // validated with the configuration
-    };
-    let target = crate::otlp::Target {
-        endpoint,
-        headers: crate::otlp::headers(&config.headers),
-        flush_interval: config.flush_interval,
-        what: "spans",
+    let Some(target) = crate::otlp::Target::new(
+        &config.endpoint,
+        &config.headers,
+        config.flush_interval,
+        "spans",
+    ) else {
+        return;
     };
     let service = config.service_name.clone();
     crate::otlp::export(target, queue.spans, queue.dropped, client, move |spans| {
