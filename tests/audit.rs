@@ -273,17 +273,7 @@ async fn a_collector_that_is_down_loses_nothing_from_the_file() {
     for id in 1..=5 {
         assert_eq!(c.tool_text(id, "echo", json!({"text": "x"})).await, "x");
     }
-    let metrics = gw.gateway().metrics.clone();
-    support::eventually("lost lines are counted", || {
-        let text = metrics.render();
-        async move {
-            text.lines()
-                .find(|l| l.starts_with("gatehouse_audit_export_dropped_total "))
-                .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
-                .is_some_and(|n| n >= 5.0)
-        }
-    })
-    .await;
+    support::counter_reaches(&gw, "gatehouse_audit_export_dropped_total", 5.0).await;
     gw.stop().await;
     let (ok, out) = verify(&file, None);
     assert!(ok, "{out}");

@@ -376,3 +376,20 @@ where
     });
     format!("http://{addr}")
 }
+
+/// Waits until the gateway's counter `name` (as `/metrics` renders it) reaches `at_least`.
+pub async fn counter_reaches(gw: &TestGateway, name: &str, at_least: f64) {
+    let metrics = gw.gateway().metrics.clone();
+    let prefix = format!("{name} ");
+    eventually(&format!("{name} reaches {at_least}"), || {
+        let text = metrics.render();
+        let prefix = prefix.clone();
+        async move {
+            text.lines()
+                .find(|l| l.starts_with(&prefix))
+                .and_then(|l| l.split(' ').nth(1)?.parse::<f64>().ok())
+                .is_some_and(|n| n >= at_least)
+        }
+    })
+    .await;
+}
