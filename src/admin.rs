@@ -318,14 +318,16 @@ async fn pins(
             let body = json_body(gw, req).await?;
             let a: Approve =
                 serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
-            let pin = pins.approve(
-                &a.server,
-                &a.tool,
-                Some(&a.digest),
-                who,
-                &gw.audit,
-                &gw.metrics,
-            )?;
+            let pin = pins
+                .approve(
+                    &a.server,
+                    &a.tool,
+                    Some(&a.digest),
+                    who,
+                    &gw.audit,
+                    &gw.metrics,
+                )
+                .await?;
             tracing::info!(server = %a.server, tool = %a.tool, by = who, "tool definition approved through the admin API");
             Ok(json(StatusCode::OK, &pin))
         }

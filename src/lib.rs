@@ -128,12 +128,10 @@ pub async fn start_with(
         Some(settings) => audit::Audit::start(settings).map_err(StartError::Audit)?,
         None => audit::Audit::default(),
     };
-    let pins = config
-        .pinning
-        .as_ref()
-        .map(pins::Pins::open)
-        .transpose()?
-        .map(Arc::new);
+    let pins = match &config.pinning {
+        Some(settings) => Some(pins::Pins::start(settings, orchestrator.as_deref()).await?),
+        None => None,
+    };
     let outbound_tls = outbound_tls::client_config(&config.outbound_tls)?;
     let listener_tls = config
         .tls

@@ -463,6 +463,10 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
         "/metrics" => {
+            // Other replicas' approvals reach the pins without passing through a listing.
+            if let Some(pins) = &gw.pins {
+                gw.metrics.tools_unapproved.set(pins.unapproved() as i64);
+            }
             let mut r = text(StatusCode::OK, gw.metrics.render());
             r.headers_mut().insert(
                 CONTENT_TYPE,

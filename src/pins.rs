@@ -19,9 +19,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use futures_util::StreamExt;
+
 use crate::audit::{Audit, Event};
-pub use crate::config::pinning::{ApproveNew, OnChange, PinningConfig};
+pub use crate::config::pinning::{ApproveNew, DEFAULT_CONFIG_MAP, OnChange, PinningConfig};
 use crate::metrics::Metrics;
+use crate::orchestrator::Runtime;
+use crate::orchestrator::document::{DocumentError, DocumentStore, Stored};
 
 /// Why pins could not be loaded or kept.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,14 @@ pub enum PinError {
     Invalid {
         /// The file.
         path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The shared document (a ConfigMap) could not be read, or is not a pins document.
+    #[error("tool pins in {store}: {reason}")]
+    Shared {
+        /// Where the document is kept.
+        store: String,
         /// What is wrong.
         reason: String,
     },
@@ -106,6 +118,28 @@ impl Pin {
     fn is_flagged(&self) -> bool {
         self.waiting.is_some()
     }
+
+    /// Merges another replica's pin into this one: the later approval wins, and a waiting
+    /// definition stays flagged unless it is the one approved. Merging is commutative and
+    /// idempotent, so replicas that exchange pins in any order agree.
+    fn merge(&mut self, other: Pin) {
+        self.approved = later(self.approved.take(), other.approved);
+        let approved = self.approved.as_ref().map(|a| a.digest.clone());
+        let pending = |w: Option<Definition>| w.filter(|w| Some(&w.digest) != approved.as_ref());
+        self.waiting = later(pending(self.waiting.take()), pending(other.waiting));
+    }
+}
+
+/// The later of two definitions (by time, then digest: the same on every replica).
+fn later(a: Option<Definition>, b: Option<Definition>) -> Option<Definition> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if (b.at, &b.digest) > (a.at, &a.digest) {
+            b
+        } else {
+            a
+        }),
+        (a, b) => a.or(b),
+    }
 }
 
 /// The fields that make a tool's definition.
@@ -154,7 +188,7 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// What the file holds.
+/// What the file (or shared document) holds.
 #[derive(Serialize, Deserialize)]
 struct File {
     version: u32,
@@ -162,17 +196,67 @@ struct File {
     servers: BTreeMap<String, BTreeMap<String, Pin>>,
 }
 
+impl File {
+    /// Reads a pins document: `Err` says why it is not one. A digest that does not match its
+    /// definition is refused: it would approve a definition nobody approved.
+    fn parse(bytes: &[u8]) -> Result<File, String> {
+        let file: File = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if file.version != 1 {
+            return Err(format!("version {} (this gateway writes 1)", file.version));
+        }
+        for (server, tools) in &file.servers {
+            for (tool, pin) in tools {
+                for d in pin.approved.iter().chain(pin.waiting.iter()) {
+                    if hex(&Sha256::digest(d.definition.to_string().as_bytes())) != d.digest {
+                        return Err(format!(
+                            "the digest of {server}/{tool} does not match its definition"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(file)
+    }
+}
+
+/// Where pins are kept.
+enum Store {
+    /// Nowhere: they last as long as the process.
+    Memory,
+    /// A JSON file, rewritten whole.
+    File(PathBuf),
+    /// A document every replica shares (a ConfigMap), written only over the version last
+    /// read or written: a replica that missed another's change merges it first.
+    Shared {
+        document: Arc<dyn DocumentStore>,
+        version: std::sync::Mutex<Option<String>>,
+        /// Follows the other replicas' writes; stopped with the pins.
+        follower: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+    },
+}
+
 /// The pins of every server's tools.
 pub struct Pins {
     settings: PinningConfig,
+    store: Store,
     /// server → tool → pin. Calls read it; listings and approvals change it.
     servers: DashMap<Arc<str>, HashMap<Box<str>, Pin>>,
-    /// Serializes writes of the file (a change, then the file as it is after).
-    writing: std::sync::Mutex<()>,
+    /// Serializes writes to the store (a change, then the pins as they are after).
+    writing: tokio::sync::Mutex<()>,
     /// How many tools are flagged (kept with each change, read per listing).
     flagged: std::sync::atomic::AtomicUsize,
-    /// Changed since the file was last written ([`Pins::flush`] writes it).
+    /// Changed since the store was last written ([`Pins::flush`] writes it).
     dirty: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Store::Shared { follower, .. } = &self.store
+            && let Some(task) = follower.lock().unwrap_or_else(|e| e.into_inner()).take()
+        {
+            task.abort();
+        }
+    }
 }
 
 /// Most tools pinned per server.
@@ -181,46 +265,50 @@ const MAX_TOOLS: usize = 2048;
 const MAX_DEFINITION: usize = 256 * 1024;
 /// Longest tool name pinned.
 const MAX_NAME: usize = 256;
+/// The key of the shared document (a ConfigMap's data) the pins are kept under.
+pub const DOCUMENT_KEY: &str = "pins.json";
+/// Conflicting writes to the shared document tolerated in a row before a write gives up.
+const MAX_CONFLICTS: usize = 8;
 
 impl Pins {
+    /// Opens the pins where the settings keep them: a file; else, where the orchestrator
+    /// shares documents between replicas (Kubernetes), a ConfigMap; else memory.
+    pub async fn start(
+        settings: &PinningConfig,
+        orchestrator: Option<&dyn Runtime>,
+    ) -> Result<Arc<Pins>, PinError> {
+        if settings.file.is_none() {
+            let name = settings.config_map.as_deref().unwrap_or(DEFAULT_CONFIG_MAP);
+            if let Some(document) = orchestrator.and_then(|o| o.document(name, DOCUMENT_KEY)) {
+                return Pins::open_shared(settings, document).await;
+            }
+            if settings.config_map.is_some() {
+                return Err(PinError::Shared {
+                    store: format!("ConfigMap {name}"),
+                    reason: "pinning.config_map needs the kubernetes orchestrator".into(),
+                });
+            }
+        }
+        Ok(Arc::new(Pins::open(settings)?))
+    }
+
     /// Opens the pins: those kept in the settings' file, if it exists.
     pub fn open(settings: &PinningConfig) -> Result<Pins, PinError> {
-        let servers = DashMap::new();
+        let pins = Pins::new(
+            settings,
+            match &settings.file {
+                Some(path) => Store::File(path.clone()),
+                None => Store::Memory,
+            },
+        );
         if let Some(path) = &settings.file {
             match std::fs::read(path) {
                 Ok(bytes) => {
-                    let file: File =
-                        serde_json::from_slice(&bytes).map_err(|e| PinError::Invalid {
-                            path: path.clone(),
-                            reason: e.to_string(),
-                        })?;
-                    if file.version != 1 {
-                        return Err(PinError::Invalid {
-                            path: path.clone(),
-                            reason: format!("version {} (this gateway writes 1)", file.version),
-                        });
-                    }
-                    for (server, tools) in &file.servers {
-                        for (tool, pin) in tools {
-                            for d in pin.approved.iter().chain(pin.waiting.iter()) {
-                                let digest =
-                                    hex(&Sha256::digest(d.definition.to_string().as_bytes()));
-                                if digest != d.digest {
-                                    return Err(PinError::Invalid {
-                                        path: path.clone(),
-                                        reason: format!(
-                                            "the digest of {server}/{tool} does not match its definition"
-                                        ),
-                                    });
-                                }
-                            }
-                        }
-                    }
-                    for (server, tools) in file.servers {
-                        let tools: HashMap<Box<str>, Pin> =
-                            tools.into_iter().map(|(t, p)| (t.into(), p)).collect();
-                        servers.insert(Arc::from(server), tools);
-                    }
+                    let file = File::parse(&bytes).map_err(|reason| PinError::Invalid {
+                        path: path.clone(),
+                        reason,
+                    })?;
+                    pins.merge(file);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => {
@@ -231,15 +319,117 @@ impl Pins {
                 }
             }
         }
-        let pins = Pins {
+        Ok(pins)
+    }
+
+    /// Opens the pins kept in a document shared by every replica (a ConfigMap), and follows
+    /// the other replicas' changes to it. A document that exists but is not a pins document
+    /// stops the start, as a bad file does.
+    pub async fn open_shared(
+        settings: &PinningConfig,
+        document: Arc<dyn DocumentStore>,
+    ) -> Result<Arc<Pins>, PinError> {
+        let stored = document.read().await.map_err(|e| PinError::Shared {
+            store: document.describe(),
+            reason: e.to_string(),
+        })?;
+        let version = match stored {
+            Some(stored) => {
+                let file =
+                    File::parse(stored.text.as_bytes()).map_err(|reason| PinError::Shared {
+                        store: document.describe(),
+                        reason,
+                    })?;
+                Some((file, stored.version))
+            }
+            None => None,
+        };
+        let changes = document.changes();
+        let pins = Arc::new(Pins::new(
+            settings,
+            Store::Shared {
+                document,
+                version: std::sync::Mutex::new(None),
+                follower: std::sync::Mutex::new(None),
+            },
+        ));
+        if let Some((file, version)) = version {
+            pins.merge(file);
+            pins.set_version(Some(version));
+        }
+        let weak = Arc::downgrade(&pins);
+        let task = tokio::spawn(async move {
+            let mut changes = changes;
+            while let Some(stored) = changes.next().await {
+                let Some(pins) = weak.upgrade() else { return };
+                pins.adopt(stored);
+            }
+        });
+        if let Store::Shared { follower, .. } = &pins.store {
+            *follower.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
+        }
+        Ok(pins)
+    }
+
+    fn new(settings: &PinningConfig, store: Store) -> Pins {
+        Pins {
             settings: settings.clone(),
-            servers,
-            writing: std::sync::Mutex::new(()),
+            store,
+            servers: DashMap::new(),
+            writing: tokio::sync::Mutex::new(()),
             flagged: Default::default(),
             dirty: Default::default(),
-        };
-        pins.count_flagged();
-        Ok(pins)
+        }
+    }
+
+    /// Merges pins read from the store into memory (see [`Pin::merge`]).
+    fn merge(&self, file: File) {
+        for (server, tools) in file.servers {
+            let mut mine = self.servers.entry(Arc::from(server)).or_default();
+            for (tool, pin) in tools {
+                let room = mine.len() < MAX_TOOLS && tool.len() <= MAX_NAME;
+                match mine.get_mut(tool.as_str()) {
+                    Some(p) => p.merge(pin),
+                    None if room => {
+                        mine.insert(tool.into(), pin);
+                    }
+                    None => {}
+                }
+            }
+        }
+        self.count_flagged();
+    }
+
+    fn set_version(&self, v: Option<String>) {
+        if let Store::Shared { version, .. } = &self.store {
+            *version.lock().unwrap_or_else(|e| e.into_inner()) = v;
+        }
+    }
+
+    fn version(&self) -> Option<String> {
+        match &self.store {
+            Store::Shared { version, .. } => {
+                version.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes in a version of the shared document another replica wrote: merged into memory;
+    /// one that is not a pins document is logged and will be overwritten by the next write.
+    fn adopt(&self, stored: Stored) {
+        if self.version().as_deref() == Some(stored.version.as_str()) {
+            return; // our own write
+        }
+        match File::parse(stored.text.as_bytes()) {
+            Ok(file) => self.merge(file),
+            Err(reason) => {
+                tracing::error!(
+                    "the shared tool pins document is not valid ({reason}): keeping this replica's pins, which its next write restores"
+                );
+            }
+        }
+        self.set_version(Some(stored.version));
     }
 
     /// Whether flagged tools are hidden and refused.
@@ -388,8 +578,8 @@ impl Pins {
     }
 
     /// Approves what waits for `tool` of `server` (only if its digest is `digest`, when given).
-    pub fn approve(
-        &self,
+    pub async fn approve(
+        self: &Arc<Self>,
         server: &str,
         tool: &str,
         digest: Option<&str>,
@@ -442,9 +632,9 @@ impl Pins {
             ..Default::default()
         });
         metrics.tools_unapproved.set(self.count_flagged() as i64);
-        if !self.save() {
+        if !self.persist().await {
             return Err(ApproveError::Store(
-                "approved in memory, but the pins file could not be written (see the log)".into(),
+                "approved in memory, but the pins could not be stored (see the log)".into(),
             ));
         }
         Ok(pin)
@@ -465,33 +655,77 @@ impl Pins {
             .collect()
     }
 
-    /// Writes the file if anything changed since it was last written: once per listing page,
+    /// Writes the store if anything changed since it was last written: once per listing page,
     /// off the runtime's workers.
     pub async fn flush(self: &Arc<Self>) {
         if self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
-            let pins = self.clone();
-            let _ = tokio::task::spawn_blocking(move || pins.save()).await;
+            self.persist().await;
         }
     }
 
-    /// Writes the file whole (a temporary file, then a rename: never half written); false
-    /// when it could not be written (logged).
-    fn save(&self) -> bool {
-        let Some(path) = &self.settings.file else {
-            return true;
-        };
-        let _serial = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        let file = File {
-            version: 1,
-            servers: self.list(),
-        };
-        match write_atomically(path, &serde_json::to_vec_pretty(&file).unwrap_or_default()) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(path = %path.display(), "cannot write the tool pins file: {e}");
-                false
+    /// Writes the pins as they are to the store; false when they could not be (logged).
+    async fn persist(self: &Arc<Self>) -> bool {
+        let _serial = self.writing.lock().await;
+        match &self.store {
+            Store::Memory => true,
+            Store::File(path) => {
+                let (pins, path) = (self.clone(), path.clone());
+                let written = tokio::task::spawn_blocking(move || {
+                    let file = File {
+                        version: 1,
+                        servers: pins.list(),
+                    };
+                    write_atomically(&path, &serde_json::to_vec_pretty(&file).unwrap_or_default())
+                        .map_err(|e| {
+                            format!("cannot write the tool pins file {}: {e}", path.display())
+                        })
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+                written.map_err(|e| tracing::error!("{e}")).is_ok()
+            }
+            Store::Shared { document, .. } => self.persist_shared(document.as_ref()).await,
+        }
+    }
+
+    /// Writes the shared document over the version last seen; when another replica wrote
+    /// since, reads its version, merges it, and tries again.
+    async fn persist_shared(&self, document: &dyn DocumentStore) -> bool {
+        for _ in 0..MAX_CONFLICTS {
+            let text = serde_json::to_string(&File {
+                version: 1,
+                servers: self.list(),
+            })
+            .unwrap_or_default();
+            let version = self.version();
+            match document.write(&text, version.as_deref()).await {
+                Ok(written) => {
+                    self.set_version(Some(written));
+                    return true;
+                }
+                Err(DocumentError::Conflict) => match document.read().await {
+                    Ok(Some(stored)) => self.adopt(stored),
+                    // Deleted behind our back: create it again.
+                    Ok(None) => self.set_version(None),
+                    Err(e) => {
+                        tracing::error!(
+                            "cannot read the tool pins in {}: {e}",
+                            document.describe()
+                        );
+                        return false;
+                    }
+                },
+                Err(e) => {
+                    tracing::error!("cannot write the tool pins to {}: {e}", document.describe());
+                    return false;
+                }
             }
         }
+        tracing::error!(
+            "cannot write the tool pins to {}: {MAX_CONFLICTS} other writes in a row came first",
+            document.describe()
+        );
+        false
     }
 }
 
@@ -543,9 +777,9 @@ mod tests {
         .to_string()
     }
 
-    #[test]
-    fn a_changed_definition_is_flagged_until_approved() {
-        let pins = Pins::open(&PinningConfig::default()).unwrap();
+    #[tokio::test]
+    async fn a_changed_definition_is_flagged_until_approved() {
+        let pins = Arc::new(Pins::open(&PinningConfig::default()).unwrap());
         let (audit, metrics) = (Audit::default(), Metrics::new());
         let s: Arc<str> = Arc::from("a");
         assert!(
@@ -590,19 +824,23 @@ mod tests {
         );
         // An approval of another digest is stale; of this one, it clears the flag.
         assert!(matches!(
-            pins.approve("a", "echo", Some("00"), "ops", &audit, &metrics),
+            pins.approve("a", "echo", Some("00"), "ops", &audit, &metrics)
+                .await,
             Err(ApproveError::Stale { .. })
         ));
         pins.approve("a", "echo", Some(&waiting.digest), "ops", &audit, &metrics)
+            .await
             .unwrap();
         assert_eq!(pins.check("a", "echo"), Ok(()));
         assert_eq!(pins.unapproved(), 0);
         assert!(matches!(
-            pins.approve("a", "echo", None, "ops", &audit, &metrics),
+            pins.approve("a", "echo", None, "ops", &audit, &metrics)
+                .await,
             Err(ApproveError::NothingToApprove { .. })
         ));
         assert!(matches!(
-            pins.approve("a", "nope", None, "ops", &audit, &metrics),
+            pins.approve("a", "nope", None, "ops", &audit, &metrics)
+                .await,
             Err(ApproveError::Unknown { .. })
         ));
     }
@@ -629,8 +867,8 @@ mod tests {
         assert_eq!(pins.unapproved(), 1, "recorded all the same");
     }
 
-    #[test]
-    fn pins_survive_a_restart_and_a_bad_file_is_refused() {
+    #[tokio::test]
+    async fn pins_survive_a_restart_and_a_bad_file_is_refused() {
         let dir = std::env::temp_dir().join(format!("gatehouse-pins-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let settings = PinningConfig {
@@ -639,13 +877,13 @@ mod tests {
         };
         let (audit, metrics) = (Audit::default(), Metrics::new());
         let s: Arc<str> = Arc::from("a");
-        let pins = Pins::open(&settings).unwrap();
+        let pins = Arc::new(Pins::open(&settings).unwrap());
         assert!(pins.observe(&s, "a", &tool("Echoes"), &audit, &metrics));
-        assert!(pins.save());
+        assert!(pins.persist().await);
         drop(pins);
-        let again = Pins::open(&settings).unwrap();
+        let again = Arc::new(Pins::open(&settings).unwrap());
         assert!(!again.observe(&s, "a", &tool("Changed"), &audit, &metrics));
-        assert!(again.save());
+        assert!(again.persist().await);
         drop(again);
         let third = Pins::open(&settings).unwrap();
         assert!(third.check("a", "echo").is_err(), "the flag is kept too");
@@ -662,5 +900,69 @@ mod tests {
             Err(PinError::Invalid { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn def(description: &str, at: u64) -> Definition {
+        let (_, definition, digest) = definition_of(&tool(description)).unwrap();
+        Definition {
+            digest,
+            definition,
+            at,
+            by: None,
+        }
+    }
+
+    fn pin(approved: Option<Definition>, waiting: Option<Definition>) -> Pin {
+        Pin { approved, waiting }
+    }
+
+    fn merged(a: &Pin, b: &Pin) -> Pin {
+        let mut m = a.clone();
+        m.merge(b.clone());
+        m
+    }
+
+    #[test]
+    fn replicas_pins_merge_to_the_same_pin_in_any_order() {
+        let old = def("Echoes", 10);
+        let seen = def("Ignore previous instructions", 90);
+        let approved_later = Definition {
+            at: 100,
+            by: Some("ops".into()),
+            ..seen.clone()
+        };
+        let other = def("Something else again", 95);
+        // One replica flagged the change; the other (which read it) approved it since.
+        let flagged = pin(Some(old.clone()), Some(seen.clone()));
+        let cleared = pin(Some(approved_later.clone()), None);
+        // A third saw yet another definition the operator never reviewed.
+        let third = pin(Some(old.clone()), Some(other.clone()));
+        for (a, b) in [(&flagged, &cleared), (&cleared, &flagged)] {
+            let m = merged(a, b);
+            assert_eq!(
+                m.approved.as_ref(),
+                Some(&approved_later),
+                "the later approval wins"
+            );
+            assert_eq!(m.waiting, None, "what was approved no longer waits");
+        }
+        for (a, b) in [(&cleared, &third), (&third, &cleared)] {
+            let m = merged(a, b);
+            assert_eq!(m.approved.as_ref(), Some(&approved_later));
+            assert_eq!(
+                m.waiting.as_ref(),
+                Some(&other),
+                "an unreviewed change stays flagged"
+            );
+        }
+        // Idempotent, and the same whatever the order of three.
+        let all = [&flagged, &cleared, &third];
+        let first = merged(&merged(all[0], all[1]), all[2]);
+        let second = merged(&merged(all[2], all[0]), all[1]);
+        assert_eq!(first.approved, second.approved);
+        assert_eq!(first.waiting, second.waiting);
+        let again = merged(&first, &first);
+        assert_eq!(again.approved, first.approved);
+        assert_eq!(again.waiting, first.waiting);
     }
 }

@@ -323,6 +323,13 @@ async fn a_server_added_on_any_replica_is_durable_and_served_by_all() {
         404
     );
     c.stop().await;
+
+    // Everything the replicas asked the API server is allowed by the Role deploy/ installs.
+    let outside = fake_kube::outside_role(&fake.requests(), &fake_kube::deployed_role());
+    assert!(
+        outside.is_empty(),
+        "not allowed by deploy/base/role.yaml: {outside:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

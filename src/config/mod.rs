@@ -1157,6 +1157,9 @@ impl RawConfig {
         if let Some(t) = &self.traces {
             t.validate().map_err(|(field, why)| field_err(field, why))?;
         }
+        if let Some(p) = &self.pinning {
+            p.validate().map_err(|(field, why)| field_err(field, why))?;
+        }
 
         Ok(Config {
             profiles: self.profiles.into_iter().map(Arc::new).collect(),

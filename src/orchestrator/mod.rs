@@ -16,6 +16,7 @@
 //! server and multiplex its sessions over it.
 
 pub mod backoff;
+pub mod document;
 pub mod error;
 pub mod kubernetes;
 pub mod local;
@@ -100,6 +101,13 @@ pub trait Runtime: Send + Sync {
     /// How this replica serves its stdio servers to the other replicas, when there can be
     /// several (Kubernetes with leader election and a relay port).
     fn relay(&self) -> Option<Arc<RelayAccess>> {
+        None
+    }
+
+    /// A document that every replica of the gateway shares and that outlives them (key `key`
+    /// of ConfigMap `name` on Kubernetes); `None` where the backend keeps none (local).
+    fn document(&self, name: &str, key: &'static str) -> Option<Arc<dyn document::DocumentStore>> {
+        let _ = (name, key);
         None
     }
 }

@@ -3,11 +3,12 @@
 //! It follows the real API's semantics for what the `kubernetes` backend uses, on
 //! loopback, over plain HTTP or TLS with a self-signed certificate:
 //!
-//! - Deployments, Pods, Secrets, Services, Leases and McpServers (namespaced):
-//!   create (POST), get, list (with `labelSelector`), replace (PUT, with
-//!   resourceVersion preconditions → 409 Conflict), patch (server-side apply
-//!   `application/apply-patch+yaml` — one field manager, so applying replaces the
-//!   fields the body sets — and JSON merge patch), delete, the `status` subresource.
+//! - Deployments, Pods, Secrets, ConfigMaps, Services, Leases and McpServers (namespaced):
+//!   create (POST), get, list (with `labelSelector`, and `fieldSelector` on the name and
+//!   namespace), replace (PUT, with resourceVersion preconditions → 409 Conflict), patch
+//!   (server-side apply `application/apply-patch+yaml` — one field manager, so applying
+//!   replaces the fields the body sets — and JSON merge patch), delete, the `status`
+//!   subresource.
 //! - A single resourceVersion counter; writes that change nothing do not bump it.
 //! - Watches (`?watch=1&resourceVersion=N`): JSON lines of ADDED/MODIFIED/DELETED from
 //!   the retained history, then live; 410 Gone for a version older than the history.
@@ -54,6 +55,7 @@ pub enum Kind {
     ReplicaSet,
     Pod,
     Secret,
+    ConfigMap,
     Service,
     Lease,
     McpServer,
@@ -66,6 +68,7 @@ impl Kind {
             ("apps/v1", "replicasets") => Kind::ReplicaSet,
             ("v1", "pods") => Kind::Pod,
             ("v1", "secrets") => Kind::Secret,
+            ("v1", "configmaps") => Kind::ConfigMap,
             ("v1", "services") => Kind::Service,
             ("coordination.k8s.io/v1", "leases") => Kind::Lease,
             ("gatehouse.dev/v1alpha1", "mcpservers") => Kind::McpServer,
@@ -79,6 +82,7 @@ impl Kind {
             Kind::ReplicaSet => "ReplicaSet",
             Kind::Pod => "Pod",
             Kind::Secret => "Secret",
+            Kind::ConfigMap => "ConfigMap",
             Kind::Service => "Service",
             Kind::Lease => "Lease",
             Kind::McpServer => "McpServer",
@@ -88,7 +92,7 @@ impl Kind {
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::Deployment | Kind::ReplicaSet => "apps/v1",
-            Kind::Pod | Kind::Secret | Kind::Service => "v1",
+            Kind::Pod | Kind::Secret | Kind::ConfigMap | Kind::Service => "v1",
             Kind::Lease => "coordination.k8s.io/v1",
             Kind::McpServer => "gatehouse.dev/v1alpha1",
         }
@@ -100,6 +104,7 @@ impl Kind {
             Kind::ReplicaSet => "replicasets",
             Kind::Pod => "pods",
             Kind::Secret => "secrets",
+            Kind::ConfigMap => "configmaps",
             Kind::Service => "services",
             Kind::Lease => "leases",
             Kind::McpServer => "mcpservers",
@@ -135,6 +140,97 @@ impl Recorded {
     pub fn is_write(&self) -> bool {
         self.method != "GET"
     }
+
+    /// What RBAC authorizes for this request: (verb, API group, resource[/subresource],
+    /// name). A list or watch selecting one name by field is authorized by that name, as
+    /// the real API server does.
+    pub fn rbac(&self) -> Option<(String, String, String, Option<String>)> {
+        let parts: Vec<&str> = self.path.trim_start_matches('/').split('/').collect();
+        let (group, rest) = match parts.as_slice() {
+            ["api", "v1", rest @ ..] => ("", rest),
+            ["apis", group, _version, rest @ ..] => (*group, rest),
+            _ => return None,
+        };
+        let rest = match rest {
+            ["namespaces", _ns, rest @ ..] => rest,
+            rest => rest,
+        };
+        let (resource, mut name, sub) = match rest {
+            [resource] => (*resource, None, None),
+            [resource, name] => (*resource, Some(name.to_string()), None),
+            [resource, name, sub] => (*resource, Some(name.to_string()), Some(*sub)),
+            _ => return None,
+        };
+        let q = query_map(&self.query);
+        let verb = match (self.method.as_str(), &name) {
+            ("GET", None) if q.get("watch").is_some_and(|w| w == "1" || w == "true") => "watch",
+            ("GET", None) => "list",
+            ("GET", Some(_)) => "get",
+            ("POST", _) => "create",
+            ("PUT", _) => "update",
+            ("PATCH", _) => "patch",
+            ("DELETE", _) => "delete",
+            _ => return None,
+        };
+        if name.is_none() {
+            name = q
+                .get("fieldSelector")
+                .and_then(|f| f.strip_prefix("metadata.name="))
+                .filter(|n| !n.contains(','))
+                .map(str::to_owned);
+        }
+        let resource = match sub {
+            Some(sub) => format!("{resource}/{sub}"),
+            None => resource.to_owned(),
+        };
+        // A create names its object in the body, which RBAC does not see.
+        let name = if verb == "create" && sub.is_none() {
+            None
+        } else {
+            name
+        };
+        Some((verb.to_owned(), group.to_owned(), resource, name))
+    }
+}
+
+/// The requests a Role's rules (`rules` of a Role object) do not allow, as lines.
+pub fn outside_role(requests: &[Recorded], role: &Value) -> Vec<String> {
+    let rules = role["rules"].as_array().cloned().unwrap_or_default();
+    let has = |list: &Value, v: &str| {
+        list.as_array()
+            .is_some_and(|l| l.iter().any(|x| x == v || x == "*"))
+    };
+    let mut outside: Vec<String> = requests
+        .iter()
+        .filter(|r| {
+            let Some((verb, group, resource, name)) = r.rbac() else {
+                return true;
+            };
+            !rules.iter().any(|rule| {
+                has(&rule["verbs"], &verb)
+                    && has(&rule["apiGroups"], &group)
+                    && has(&rule["resources"], &resource)
+                    && match rule.get("resourceNames").and_then(Value::as_array) {
+                        None => true,
+                        Some(names) => name
+                            .as_deref()
+                            .is_some_and(|n| names.iter().any(|x| x == n)),
+                    }
+            })
+        })
+        .map(|r| format!("{} ?{}", r.line(), r.query))
+        .collect();
+    outside.dedup();
+    outside
+}
+
+/// The Role the deploy/ manifests give the gateway.
+pub fn deployed_role() -> Value {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/role.yaml"),
+    )
+    .unwrap();
+    serde_saphyr::from_str(&text).unwrap()
 }
 
 /// A watch event as sent on the wire.
@@ -253,6 +349,26 @@ fn matches_selector(labels: Option<&Value>, selector: &str) -> bool {
         } else {
             get(term).is_some()
         }
+    })
+}
+
+/// A parsed `fieldSelector` over `metadata.name` and `metadata.namespace` (`k=v`, `k==v`,
+/// `k!=v`): the fields the real API server supports for every kind.
+fn matches_fields(object: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|s| !s.is_empty()).all(|term| {
+        let (k, v, equal) = match term.split_once("!=") {
+            Some((k, v)) => (k, v, false),
+            None => match term.split_once("==").or_else(|| term.split_once('=')) {
+                Some((k, v)) => (k, v, true),
+                None => return false,
+            },
+        };
+        let field = match k {
+            "metadata.name" => object["metadata"]["name"].as_str(),
+            "metadata.namespace" => object["metadata"]["namespace"].as_str(),
+            _ => return false,
+        };
+        (field == Some(v)) == equal
     })
 }
 
@@ -941,10 +1057,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         (Method::GET, None) => {
             let store = shared.store.lock().unwrap();
             let selector = q.get("labelSelector").cloned().unwrap_or_default();
+            let fields = q.get("fieldSelector").cloned().unwrap_or_default();
             let items: Vec<Value> = store
                 .list(kind, &ns)
                 .into_iter()
                 .filter(|o| matches_selector(o["metadata"].get("labels"), &selector))
+                .filter(|o| matches_fields(o, &fields))
                 .collect();
             json_response(
                 200,
@@ -1150,6 +1268,7 @@ fn watch(
     q: &HashMap<String, String>,
 ) -> Response<Body> {
     let selector = q.get("labelSelector").cloned().unwrap_or_default();
+    let fields = q.get("fieldSelector").cloned().unwrap_or_default();
     let from: Option<u64> = q
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
@@ -1164,6 +1283,7 @@ fn watch(
         ev.kind == kind
             && ev.namespace == ns
             && matches_selector(ev.object["metadata"].get("labels"), &selector)
+            && matches_fields(&ev.object, &fields)
     };
     let line = |type_: &str, obj: &Value| {
         let mut s = json!({"type": type_, "object": obj}).to_string();

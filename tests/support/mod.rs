@@ -251,6 +251,30 @@ impl Client {
     }
 }
 
+/// A request to the gateway's admin API at `addr`, with bearer `token` (if any) and a JSON body
+/// (if any).
+pub async fn admin_request(
+    addr: SocketAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Resp {
+    let c = Client::new(format!("http://{addr}{path}"));
+    let mut req = Request::builder().method(method).uri(&c.url);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let body = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            Bytes::from(b.to_string())
+        }
+        None => Bytes::new(),
+    };
+    c.send(req.body(Full::new(body)).unwrap()).await
+}
+
 /// Polls `f` until it returns true or the deadline passes.
 pub async fn eventually<F, Fut>(what: &str, mut f: F)
 where

@@ -20,6 +20,7 @@
 //!   Lease holder writes.
 
 pub mod attach;
+pub mod config_map;
 pub mod index;
 pub mod lease;
 pub mod objects;
@@ -1410,6 +1411,19 @@ impl Runtime for KubeRuntime {
 
     fn relay(&self) -> Option<Arc<RelayAccess>> {
         self.relay.clone()
+    }
+
+    fn document(
+        &self,
+        name: &str,
+        key: &'static str,
+    ) -> Option<Arc<dyn super::document::DocumentStore>> {
+        Some(Arc::new(config_map::ConfigMapDocument::new(
+            self.inner.client.clone(),
+            &self.inner.ns,
+            name,
+            key,
+        )))
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
