@@ -10,8 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fake_kube::{FakeKube, Kind};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
 use gatehouse::audit::Audit;
 use gatehouse::metrics::Metrics;
+use gatehouse::orchestrator::document::{DocumentError, DocumentStore, Stored};
 use gatehouse::orchestrator::kubernetes::config_map::ConfigMapDocument;
 use gatehouse::orchestrator::kubernetes::{KubeOptions, KubeRuntime};
 use gatehouse::pins::{DEFAULT_CONFIG_MAP, DOCUMENT_KEY, PinningConfig, Pins};
@@ -270,36 +274,82 @@ fn tools_of(pins: &Pins) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A replica whose watch of the ConfigMap never delivers (a slow or broken watch): it learns of
+/// other replicas' writes only when its own write is refused.
+struct Deaf(ConfigMapDocument);
+
+impl DocumentStore for Deaf {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn read(&self) -> BoxFuture<'_, Result<Option<Stored>, DocumentError>> {
+        self.0.read()
+    }
+    fn write<'a>(
+        &'a self,
+        text: &'a str,
+        version: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<String, DocumentError>> {
+        self.0.write(text, version)
+    }
+    fn changes(&self) -> BoxStream<'static, Option<Stored>> {
+        futures_util::stream::pending().boxed()
+    }
+}
+
+fn conflicts(fake: &FakeKube, name: &str) -> usize {
+    let path = format!("/api/v1/namespaces/{NS}/configmaps/{name}");
+    fake.requests()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path == path)
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_writing_at_once_merge_and_a_damaged_config_map_is_restored() {
     let fake = FakeKube::start().await;
+    // Created ahead by an operator, with a key and a label of their own and no pins yet.
+    fake.create(
+        Kind::ConfigMap,
+        NS,
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "shared-pins", "namespace": NS, "labels": {"team": "ops"}},
+               "data": {"README": "tool pins of the gateway"}}),
+    );
     let settings = PinningConfig::default();
-    let document = || {
-        Arc::new(ConfigMapDocument::new(
-            fake.client(NS),
-            NS,
-            "shared-pins",
-            DOCUMENT_KEY,
-        ))
-    };
-    let one = Pins::open_shared(&settings, document()).await.unwrap();
-    let two = Pins::open_shared(&settings, document()).await.unwrap();
+    let document = || ConfigMapDocument::new(fake.client(NS), NS, "shared-pins", DOCUMENT_KEY);
+    let one = Pins::open_shared(&settings, Arc::new(document()))
+        .await
+        .unwrap();
+    let deaf = Pins::open_shared(&settings, Arc::new(Deaf(document())))
+        .await
+        .unwrap();
     let (audit, metrics) = (Audit::default(), Metrics::new());
     let server: Arc<str> = Arc::from("a");
 
     // Both saw a tool before either wrote: the second write is over a version it never read,
-    // so it must merge the first rather than replace it.
+    // is refused, and merges the first rather than replacing it.
     assert!(one.observe(&server, "a", &item("x", "X"), &audit, &metrics));
-    assert!(two.observe(&server, "a", &item("y", "Y"), &audit, &metrics));
+    assert!(deaf.observe(&server, "a", &item("y", "Y"), &audit, &metrics));
     one.flush().await;
-    two.flush().await;
+    let before = conflicts(&fake, "shared-pins");
+    deaf.flush().await;
+    assert_eq!(
+        conflicts(&fake, "shared-pins") - before,
+        2,
+        "one refused write, then one that succeeds"
+    );
     let kept = stored(&fake, "shared-pins");
     assert!(kept["servers"]["a"]["x"]["approved"].is_object(), "{kept}");
     assert!(kept["servers"]["a"]["y"]["approved"].is_object(), "{kept}");
+    let cm = fake.get(Kind::ConfigMap, NS, "shared-pins").unwrap();
+    assert_eq!(cm["data"]["README"], "tool pins of the gateway");
+    assert_eq!(cm["metadata"]["labels"]["team"], "ops");
     eventually("the first to see the second's tool", || async {
         tools_of(&one) == ["x", "y"]
     })
     .await;
+    assert_eq!(tools_of(&deaf), ["x", "y"]);
 
     // Someone writes garbage over it: each replica keeps its pins, and the next write puts
     // them back.
@@ -314,16 +364,30 @@ async fn replicas_writing_at_once_merge_and_a_damaged_config_map_is_restored() {
     let kept = stored(&fake, "shared-pins");
     let names: Vec<&String> = kept["servers"]["a"].as_object().unwrap().keys().collect();
     assert_eq!(names, ["x", "y", "z"], "{kept}");
-    eventually("the second to see the restored document", || async {
-        tools_of(&two) == ["x", "y", "z"]
+    assert_eq!(deaf.check("a", "x"), Ok(()));
+
+    // Deleted behind its back: the replica that watches writes it again at once.
+    fake.delete(Kind::ConfigMap, NS, "shared-pins");
+    eventually("the ConfigMap to be written again", || async {
+        fake.get(Kind::ConfigMap, NS, "shared-pins")
+            .is_some_and(|cm| {
+                cm["data"][DOCUMENT_KEY]
+                    .as_str()
+                    .is_some_and(|t| t.contains("\"z\""))
+            })
     })
     .await;
-    assert_eq!(two.check("a", "x"), Ok(()));
 
-    // Deleted behind our back: created again by the next write.
-    fake.delete(Kind::ConfigMap, NS, "shared-pins");
-    assert!(two.observe(&server, "a", &item("w", "W"), &audit, &metrics));
-    two.flush().await;
-    let kept = stored(&fake, "shared-pins");
-    assert_eq!(kept["servers"]["a"].as_object().unwrap().len(), 4, "{kept}");
+    // A write the API server fails is tried again until it lands.
+    fake.configure(|s| {
+        s.fail_paths = vec![format!("/api/v1/namespaces/{NS}/configmaps/shared-pins")]
+    });
+    assert!(one.observe(&server, "a", &item("w", "W"), &audit, &metrics));
+    one.flush().await;
+    assert!(stored(&fake, "shared-pins")["servers"]["a"]["w"].is_null());
+    fake.configure(|s| s.fail_paths.clear());
+    eventually("the failed write to be tried again", || async {
+        stored(&fake, "shared-pins")["servers"]["a"]["w"].is_object()
+    })
+    .await;
 }

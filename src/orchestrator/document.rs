@@ -37,7 +37,8 @@ pub enum DocumentError {
 pub trait DocumentStore: Send + Sync {
     /// Where it is kept, for messages (`ConfigMap mcp/gatehouse-pins`).
     fn describe(&self) -> String;
-    /// The document as stored (`None`: it does not exist yet).
+    /// The document as stored (`None`: it does not exist yet; empty text: it exists and holds
+    /// nothing yet).
     fn read(&self) -> BoxFuture<'_, Result<Option<Stored>, DocumentError>>;
     /// Writes `text` if the stored version is still `version` (`None`: only if it does not
     /// exist); returns the new version.
@@ -46,6 +47,7 @@ pub trait DocumentStore: Send + Sync {
         text: &'a str,
         version: Option<&'a str>,
     ) -> BoxFuture<'a, Result<String, DocumentError>>;
-    /// Every version written from now on, by anyone (watched: no polling).
-    fn changes(&self) -> BoxStream<'static, Stored>;
+    /// Every version written from now on, by anyone, and `None` when it is deleted (watched:
+    /// no polling).
+    fn changes(&self) -> BoxStream<'static, Option<Stored>>;
 }

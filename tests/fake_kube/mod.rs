@@ -151,9 +151,9 @@ impl Recorded {
             ["apis", group, _version, rest @ ..] => (*group, rest),
             _ => return None,
         };
-        let rest = match rest {
-            ["namespaces", _ns, rest @ ..] => rest,
-            rest => rest,
+        // The Role is namespaced: a request across namespaces is outside it.
+        let ["namespaces", _ns, rest @ ..] = rest else {
+            return None;
         };
         let (resource, mut name, sub) = match rest {
             [resource] => (*resource, None, None),
@@ -1200,6 +1200,19 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                         format!("{} \"{name}\" not found", kind.plural()),
                     );
                 };
+                // A resourceVersion in the patch is a precondition, as on a replace.
+                if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
+                    && Some(rv) != obj["metadata"]["resourceVersion"].as_str()
+                {
+                    return error(
+                        409,
+                        "Conflict",
+                        format!(
+                            "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                            kind.plural()
+                        ),
+                    );
+                }
                 if sub == Some("status") {
                     merge_patch(&mut obj["status"], &patch["status"]);
                 } else {

@@ -7,7 +7,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 
@@ -35,13 +35,15 @@ impl ConfigMapDocument {
             key,
         }
     }
+}
 
-    fn stored(&self, cm: &ConfigMap) -> Option<Stored> {
-        Some(Stored {
-            text: cm.data.as_ref()?.get(self.key)?.clone(),
-            version: cm.metadata.resource_version.clone()?,
-        })
-    }
+/// The document in a ConfigMap: its key's text (empty when the key is missing: created
+/// ahead by an operator, say), and its resourceVersion.
+fn stored(cm: ConfigMap, key: &str) -> Option<Stored> {
+    Some(Stored {
+        text: cm.data.and_then(|mut d| d.remove(key)).unwrap_or_default(),
+        version: cm.metadata.resource_version?,
+    })
 }
 
 fn api_error(e: kube::Error) -> DocumentError {
@@ -63,7 +65,7 @@ impl DocumentStore for ConfigMapDocument {
     fn read(&self) -> BoxFuture<'_, Result<Option<Stored>, DocumentError>> {
         async move {
             let cm = self.api.get_opt(&self.name).await.map_err(api_error)?;
-            Ok(cm.and_then(|cm| self.stored(&cm)))
+            Ok(cm.and_then(|cm| stored(cm, self.key)))
         }
         .boxed()
     }
@@ -80,29 +82,42 @@ impl DocumentStore for ConfigMapDocument {
                     limit: LIMIT,
                 });
             }
-            let cm = ConfigMap {
-                metadata: ObjectMeta {
-                    name: Some(self.name.clone()),
-                    namespace: Some(self.namespace.clone()),
-                    labels: Some(BTreeMap::from([(
-                        "app.kubernetes.io/managed-by".to_owned(),
-                        "gatehouse".to_owned(),
-                    )])),
-                    resource_version: version.map(str::to_owned),
-                    ..Default::default()
-                },
-                data: Some(BTreeMap::from([(self.key.to_owned(), text.to_owned())])),
-                ..Default::default()
-            };
-            let pp = PostParams {
-                field_manager: Some(super::FIELD_MANAGER.to_owned()),
-                ..Default::default()
-            };
-            // With a version: replace, which the API server refuses (409) if it moved on.
-            // Without: create, which it refuses (409) if someone created it first.
             let written = match version {
-                Some(_) => self.api.replace(&self.name, &pp, &cm).await,
-                None => self.api.create(&pp, &cm).await,
+                // A merge patch that names the resourceVersion: the API server refuses it (409)
+                // if the ConfigMap moved on, and it leaves the other keys, labels and
+                // annotations as they are.
+                Some(version) => {
+                    let patch = serde_json::json!({
+                        "metadata": {"resourceVersion": version},
+                        "data": {self.key: text},
+                    });
+                    let pp = PatchParams {
+                        field_manager: Some(super::FIELD_MANAGER.to_owned()),
+                        ..Default::default()
+                    };
+                    self.api.patch(&self.name, &pp, &Patch::Merge(&patch)).await
+                }
+                // Created, which the API server refuses (409) if someone created it first.
+                None => {
+                    let cm = ConfigMap {
+                        metadata: ObjectMeta {
+                            name: Some(self.name.clone()),
+                            namespace: Some(self.namespace.clone()),
+                            labels: Some(BTreeMap::from([(
+                                "app.kubernetes.io/managed-by".to_owned(),
+                                "gatehouse".to_owned(),
+                            )])),
+                            ..Default::default()
+                        },
+                        data: Some(BTreeMap::from([(self.key.to_owned(), text.to_owned())])),
+                        ..Default::default()
+                    };
+                    let pp = PostParams {
+                        field_manager: Some(super::FIELD_MANAGER.to_owned()),
+                        ..Default::default()
+                    };
+                    self.api.create(&pp, &cm).await
+                }
             }
             .map_err(api_error)?;
             written
@@ -113,20 +128,24 @@ impl DocumentStore for ConfigMapDocument {
         .boxed()
     }
 
-    fn changes(&self) -> BoxStream<'static, Stored> {
+    fn changes(&self) -> BoxStream<'static, Option<Stored>> {
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
-        let key = self.key;
+        let (key, what) = (self.key, self.describe());
         watcher(self.api.clone(), config)
             .default_backoff()
-            .applied_objects()
-            .filter_map(move |cm| {
-                let stored = cm.ok().and_then(|cm| {
-                    Some(Stored {
-                        text: cm.data?.remove(key)?,
-                        version: cm.metadata.resource_version?,
-                    })
-                });
-                std::future::ready(stored)
+            .filter_map(move |event| {
+                let change = match event {
+                    Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
+                        stored(cm, key).map(Some)
+                    }
+                    Ok(watcher::Event::Delete(_)) => Some(None),
+                    Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                    Err(e) => {
+                        tracing::warn!("watching {what}: {e} (retrying)");
+                        None
+                    }
+                };
+                std::future::ready(change)
             })
             .boxed()
     }
