@@ -685,8 +685,11 @@ profiles:
     let for_dev = token(&dev_resource, "mcp:connect mcp:dev", json!([]));
     let r = initialize_at("/mcp", for_dev.clone()).await;
     assert_eq!(r.status, 401, "{}", r.body);
-    let r = initialize_at("/mcp/dev", for_dev).await;
+    let r = initialize_at("/mcp/dev", for_dev.clone()).await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // Verified (and cached) for dev, it is still not one for the gateway's own resource.
+    let r = initialize_at("/mcp", for_dev).await;
+    assert_eq!(r.status, 401, "{}", r.body);
 
     // Granted by a scope the token lacks: step up, asking for it.
     let r = initialize_at(
