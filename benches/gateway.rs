@@ -596,6 +596,12 @@ async fn main() {
                 n / base
             );
         }
+        let clients = a.clients.iter().copied().max().unwrap_or(1).min(16);
+        let (rps, cpu) = auth_throughput(&http_upstream("ex"), clients, a.rounds, a.duration).await;
+        println!(
+            "JWT (warm) + audit against no authentication, {clients} clients, medians of {} per-round ratios: throughput {rps:.3} ×, gateway CPU per request {cpu:.3} ×",
+            a.rounds
+        );
         return;
     }
     let stdio_upstream =
@@ -776,11 +782,10 @@ async fn main() {
     println!("wrote {}/gateway.json and gateway.md", a.out.display());
 }
 
-/// What authentication and the audit trail cost a call: instructions per `tools/call` (session,
-/// HTTP upstream) with no authentication, with a static token, and with a JWT access token
-/// (its issuer's keys fetched once, the verified token cached), each with and without an audit
-/// record per call.
-async fn auth_costs(upstream: &str) -> Vec<(String, f64)> {
+/// The callers measured: no authentication, a static token, and a JWT access token (its
+/// issuer's keys fetched once, the verified token cached), each with and without an audit
+/// record per call: (name, top of the config with `AUDIT_FILE` for the trail, bearer token).
+fn auth_cases() -> Vec<(&'static str, String, Option<String>)> {
     use base64::Engine;
     use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
@@ -845,10 +850,16 @@ async fn auth_costs(upstream: &str) -> Vec<(String, f64)> {
         ),
         ("JWT (warm) + audit", format!("{oauth}{audit}"), Some(jwt)),
     ];
+    cases.into()
+}
+
+/// What authentication and the audit trail cost a call: instructions per `tools/call` (session,
+/// HTTP upstream) for each of [`auth_cases`].
+async fn auth_costs(upstream: &str) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     // GATEHOUSE_AUTH_CASES=a,b measures only the cases whose names contain one of them.
     let only = std::env::var("GATEHOUSE_AUTH_CASES").ok();
-    for (name, top, token) in cases {
+    for (name, top, token) in auth_cases() {
         if only
             .as_deref()
             .is_some_and(|o| !o.split(',').any(|w| name.contains(w)))
@@ -865,4 +876,60 @@ async fn auth_costs(upstream: &str) -> Vec<(String, f64)> {
     }
     *TOKEN.lock().unwrap() = None;
     out
+}
+
+/// Throughput (requests per second, `clients` sessions calling `tools/call` back to back) and
+/// the gateway's CPU time per request (user and system, so system calls count) with no
+/// authentication and with a JWT and an audit record per call, each gateway measured in turn
+/// for `rounds` rounds so that drift hits both alike: the medians of the per-round ratios.
+async fn auth_throughput(
+    upstream: &str,
+    clients: usize,
+    rounds: usize,
+    duration: Duration,
+) -> (f64, f64) {
+    let cases = auth_cases();
+    let pick = |name: &str| cases.iter().find(|c| c.0 == name).cloned().unwrap();
+    let mut gateways = Vec::new();
+    for (_, top, token) in [pick("no authentication"), pick("JWT (warm) + audit")] {
+        let trail = std::env::temp_dir().join(format!("gatehouse-bench-trail-{}", free_port()));
+        let top = top.replace("AUDIT_FILE", &trail.display().to_string());
+        let (gw, url) = start_gateway_with(&top, upstream);
+        gateways.push((gw, url, token, trail));
+    }
+    let (mut rps_ratios, mut cpu_ratios) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (mut rps, mut cpu) = ([0.0; 2], [0.0; 2]);
+        // Alternate which goes first, so neither always follows the other.
+        for i in [round % 2, 1 - round % 2] {
+            let (gw, url, token, _) = &gateways[i];
+            *TOKEN.lock().unwrap() = token.clone();
+            let s = measure(
+                url,
+                Some(gw.pid()),
+                "echo",
+                Workload::CallSmall,
+                clients,
+                duration,
+            )
+            .await;
+            rps[i] = s.requests as f64 / s.elapsed.as_secs_f64();
+            cpu[i] = s.gateway_cpu_us.unwrap_or(0) as f64 / s.requests.max(1) as f64;
+        }
+        eprintln!(
+            "round {round}: no auth {:.0} req/s {:.1} µs CPU/req, JWT + audit {:.0} req/s {:.1} µs CPU/req",
+            rps[0], cpu[0], rps[1], cpu[1]
+        );
+        rps_ratios.push(rps[1] / rps[0]);
+        cpu_ratios.push(cpu[1] / cpu[0]);
+    }
+    *TOKEN.lock().unwrap() = None;
+    for (_, _, _, trail) in &gateways {
+        let _ = std::fs::remove_file(trail);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (median(rps_ratios), median(cpu_ratios))
 }
