@@ -107,6 +107,9 @@ struct ServerView {
     /// `config` (the config file) or `runtime` (the admin API, or an `McpServer` resource).
     source: &'static str,
     status: ServerStatus,
+    /// How its egress is enforced (or that it is not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    egress: Option<String>,
 }
 
 /// Serves one admin request.
@@ -205,7 +208,7 @@ async fn handle(
             let list = runtime.list().await;
             let servers: Vec<ServerView> = list
                 .into_iter()
-                .map(|(name, status)| view(gw, name, status))
+                .map(|(name, status)| view(gw, &*runtime, name, status))
                 .collect();
             Ok(json(
                 StatusCode::OK,
@@ -215,7 +218,10 @@ async fn handle(
         ["servers", name] => match method {
             Method::GET => {
                 let status = runtime.status(name).await?;
-                Ok(json(StatusCode::OK, &view(gw, name.to_string(), status)))
+                Ok(json(
+                    StatusCode::OK,
+                    &view(gw, &*runtime, name.to_string(), status),
+                ))
             }
             Method::PUT => {
                 let spec = spec_of(gw, req).await?;
@@ -369,7 +375,7 @@ async fn put(
     } else {
         StatusCode::CREATED
     };
-    Ok(json(code, &view(gw, name.to_owned(), status)))
+    Ok(json(code, &view(gw, runtime, name.to_owned(), status)))
 }
 
 async fn spec_of(
@@ -401,13 +407,14 @@ fn configured_here(gw: &Gateway, name: &str) -> Result<(), AdminError> {
     Ok(())
 }
 
-fn view(gw: &Gateway, name: String, status: ServerStatus) -> ServerView {
+fn view(gw: &Gateway, runtime: &dyn Runtime, name: String, status: ServerStatus) -> ServerView {
     let source = if gw.config.upstreams.iter().any(|u| u.name == name) {
         "config"
     } else {
         "runtime"
     };
     ServerView {
+        egress: runtime.egress(&name),
         name,
         source,
         status,

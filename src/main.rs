@@ -173,6 +173,21 @@ fn main() -> anyhow::Result<()> {
             for u in &c.upstreams {
                 println!("  {}", u.name);
             }
+            // Egress is enforced only where there is a cluster to write NetworkPolicies to.
+            let kube = matches!(
+                gatehouse::orchestrator::kubernetes::KubeSettings::from_env(),
+                Ok(Some(_))
+            );
+            for s in c.servers.iter() {
+                if let Some(egress) = &s.spec.egress {
+                    let how = if kube {
+                        "enforced by a NetworkPolicy (kubernetes backend)"
+                    } else {
+                        gatehouse::orchestrator::egress::NOT_ENFORCED_LOCALLY
+                    };
+                    println!("  {}: egress {} — {how}", s.name, egress.summary());
+                }
+            }
         }
         Command::Serve { config, listen } => {
             let mut cfg = match &config {

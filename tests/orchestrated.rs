@@ -246,6 +246,11 @@ async fn admin_api_adds_lists_restarts_and_removes_servers() {
     .await;
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.json()["source"], "runtime");
+    assert!(
+        r.json().get("egress").is_none(),
+        "none declared: {}",
+        r.body
+    );
     let r = admin(&gw, "PUT", "/admin/v1/servers/extra", tok, Some(spec)).await;
     assert_eq!(
         r.status, 200,
@@ -674,4 +679,67 @@ async fn a_redefined_server_restarts_its_private_processes() {
     }
     stopped("the old per-session process stops", pids.0.clone()).await;
     gw.stop().await;
+}
+
+/// The local backend cannot enforce a server's egress: the admin API and `gatehouse check` say
+/// so, and a bad egress rule is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_is_reported_as_not_enforced_by_the_local_backend() {
+    let gw = gateway(&example_server("ex")).await;
+    let tok = Some(ADMIN_TOKEN);
+    let spec = json!({"command": BIN, "args": ["example-server", "--name", "fenced"],
+                      "egress": {"preset": "dns-and-https", "allow": [{"cidr": "10.1.0.0/16", "ports": [5432]}]}});
+    let r = admin(&gw, "PUT", "/admin/v1/servers/fenced", tok, Some(spec)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let egress = r.json()["egress"].as_str().unwrap_or_default().to_owned();
+    assert!(egress.contains("not enforced"), "{}", r.body);
+    let r = admin(&gw, "GET", "/admin/v1/servers", tok, None).await;
+    let listed = r.json()["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "fenced")
+        .cloned()
+        .unwrap();
+    assert_eq!(listed["egress"], egress.as_str());
+
+    let bad = json!({"command": BIN, "egress": {"allow": [{"cidr": "10.1.0.1/16"}]}});
+    let r = admin(&gw, "PUT", "/admin/v1/servers/leaky", tok, Some(bad)).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body.contains("egress.allow[0].cidr") && r.body.contains("host bits"),
+        "{}",
+        r.body
+    );
+
+    // `gatehouse check` says it too, for a config file's servers.
+    let dir = std::env::temp_dir().join(format!("gatehouse-egress-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gatehouse.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "servers:\n  - name: fenced\n    command: {BIN:?}\n    egress: {{preset: none, allow: [{{host: api.github.com, ports: [443]}}]}}\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("check")
+        .arg(&file)
+        .env_remove("GATEHOUSE_ORCHESTRATOR_KUBECONFIG")
+        .env_remove("GATEHOUSE_ORCHESTRATOR_LOAD_KUBECONFIG_FROM_CURRENT_CLUSTER")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("fenced: egress preset none; api.github.com port 443")
+            && text.contains("not enforced"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

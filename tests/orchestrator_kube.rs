@@ -832,6 +832,31 @@ fn settings_from_the_environment() {
         "maybe",
     )]);
     assert!(KubeSettings::from_env_with(|k| bad.get(k).map(|s| s.to_string())).is_err());
+    // The operator's default egress: a preset, `unrestricted`, or refused naming the variable.
+    let with_egress = |v: &'static str| {
+        let mut env = in_cluster.clone();
+        env.insert("GATEHOUSE_ORCHESTRATOR_DEFAULT_EGRESS", v);
+        KubeSettings::from_env_with(move |k| env.get(k).map(|s| s.to_string()))
+    };
+    let preset = |v| {
+        with_egress(v)
+            .unwrap()
+            .unwrap()
+            .options
+            .policy
+            .default_egress
+    };
+    assert_eq!(
+        preset("dns-and-https"),
+        Some(gatehouse::orchestrator::egress::EgressPreset::DnsAndHttps)
+    );
+    assert_eq!(preset("unrestricted"), None);
+    assert_eq!(s.options.policy.default_egress, None, "unset: no policy");
+    let err = with_egress("everything").unwrap_err().to_string();
+    assert!(
+        err.contains("GATEHOUSE_ORCHESTRATOR_DEFAULT_EGRESS"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1283,4 +1308,177 @@ async fn a_leader_that_cannot_renew_lets_go_before_anyone_may_take_over() {
     eventually("let go", duration, || (!rt.is_leader()).then_some(())).await;
     assert!(stalled.elapsed() < duration);
     rt.shutdown().await;
+}
+
+/// A server's `egress` becomes a NetworkPolicy selecting its pod, written before the pod can
+/// start, owned like its other objects, kept against drift, and removed with the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_becomes_a_network_policy_kept_with_the_server() {
+    let fake = FakeKube::start().await;
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+    let with_egress = |name: &str, egress: serde_json::Value| {
+        let mut def = example(name, "ghcr.io/gatehouse/example:1", &[]);
+        def.spec.egress = Some(serde_json::from_value(egress).unwrap());
+        def.resolve().unwrap()
+    };
+    let private_v4 = json!([
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+        "100.64.0.0/10",
+        "127.0.0.0/8"
+    ]);
+    let private_v6 = json!(["fc00::/7", "fe80::/10", "::1/128", "::ffff:0:0/96"]);
+    let public = |ports: serde_json::Value| {
+        json!({"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": private_v4}},
+                      {"ipBlock": {"cidr": "::/0", "except": private_v6}}],
+               "ports": ports})
+    };
+    let dns = json!({"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+                     "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]});
+
+    // Nothing at all: an egress policy with no rule.
+    rt.apply(with_egress("locked", json!({"preset": "none"})))
+        .await
+        .unwrap();
+    rt.wait_ready("locked", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let np = fake
+        .get(Kind::NetworkPolicy, NS, "mcp-locked")
+        .expect("a NetworkPolicy");
+    assert_eq!(
+        np["spec"],
+        json!({"podSelector": {"matchLabels": {"gatehouse.dev/server": "locked", "app.kubernetes.io/instance": "locked"}},
+               "policyTypes": ["Egress"], "egress": []}),
+    );
+    let dep = fake.get(Kind::Deployment, NS, "mcp-locked").unwrap();
+    assert_eq!(
+        np["metadata"]["ownerReferences"][0]["uid"], dep["metadata"]["uid"],
+        "owned by the Deployment, like the Secret"
+    );
+    assert_eq!(np["metadata"]["labels"]["team"], "tools");
+    // Written before the Deployment: the pod never runs without it.
+    let w = writes(&fake);
+    let first = |what: &str| w.iter().position(|l| l.contains(what)).unwrap();
+    assert!(
+        first("networkpolicies/mcp-locked") < first("deployments/mcp-locked"),
+        "{w:#?}"
+    );
+
+    // A preset, a named private range, and a host (its ports, to public addresses only).
+    rt.apply(with_egress(
+        "web",
+        json!({"preset": "dns-and-https", "allow": [
+            {"cidr": "10.20.0.0/16", "ports": [5432]},
+            {"host": "api.github.com", "ports": [443, 8443]},
+            {"cidr": "2001:db8::/32"}]}),
+    ))
+    .await
+    .unwrap();
+    let np = eventually("the web policy", Duration::from_secs(5), || {
+        fake.get(Kind::NetworkPolicy, NS, "mcp-web")
+    })
+    .await;
+    assert_eq!(
+        np["spec"]["egress"],
+        json!([
+            dns,
+            public(json!([{"protocol": "TCP", "port": 443}])),
+            {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"protocol": "TCP", "port": 5432}]},
+            public(json!([{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 8443}])),
+            {"to": [{"ipBlock": {"cidr": "2001:db8::/32"}}]},
+        ])
+    );
+
+    assert_eq!(
+        rt.egress("web").unwrap(),
+        "enforced by NetworkPolicy mcp-web: preset dns-and-https; 10.20.0.0/16 port 5432; api.github.com port 443,8443; 2001:db8::/32 every port"
+    );
+
+    // Drift: deleted, or opened to everything, it is put back.
+    fake.delete(Kind::NetworkPolicy, NS, "mcp-locked");
+    eventually(
+        "the deleted policy restored",
+        Duration::from_secs(5),
+        || fake.get(Kind::NetworkPolicy, NS, "mcp-locked"),
+    )
+    .await;
+    fake.patch(
+        Kind::NetworkPolicy,
+        NS,
+        "mcp-locked",
+        json!({"spec": {"egress": [{}]}}),
+    );
+    eventually(
+        "the opened policy closed again",
+        Duration::from_secs(5),
+        || {
+            fake.get(Kind::NetworkPolicy, NS, "mcp-locked")
+                .filter(|np| np["spec"]["egress"] == json!([]))
+        },
+    )
+    .await;
+    // A selector that no longer selects the pod is a way out too: the policy is replaced
+    // whole (an apply would leave a field someone else set).
+    fake.patch(
+        Kind::NetworkPolicy,
+        NS,
+        "mcp-locked",
+        json!({"spec": {"podSelector": {"matchExpressions": [
+            {"key": "nothing", "operator": "Exists"}]}}}),
+    );
+    eventually("the selector restored", Duration::from_secs(5), || {
+        fake.get(Kind::NetworkPolicy, NS, "mcp-locked")
+            .filter(|np| np["spec"]["podSelector"].get("matchExpressions").is_none())
+    })
+    .await;
+
+    // No egress any more: no policy. Removed: the policy goes with the server.
+    rt.apply(
+        example("web", "ghcr.io/gatehouse/example:1", &[])
+            .resolve()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    eventually("the web policy removed", Duration::from_secs(5), || {
+        fake.get(Kind::NetworkPolicy, NS, "mcp-web")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    rt.remove("locked").await.unwrap();
+    eventually("the locked policy removed", Duration::from_secs(5), || {
+        fake.get(Kind::NetworkPolicy, NS, "mcp-locked")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(rt.stats().errors, 0);
+}
+
+/// The operator's default egress applies to servers that declare none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_default_egress_applies_to_servers_that_declare_none() {
+    let fake = FakeKube::start().await;
+    let mut opts = options();
+    opts.policy.default_egress = Some(gatehouse::orchestrator::egress::EgressPreset::DnsAndHttps);
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts);
+    rt.apply(
+        example("plain", "ghcr.io/gatehouse/example:1", &[])
+            .resolve()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let np = eventually("the default policy", Duration::from_secs(5), || {
+        fake.get(Kind::NetworkPolicy, NS, "mcp-plain")
+    })
+    .await;
+    let rules = np["spec"]["egress"].as_array().unwrap();
+    assert_eq!(rules.len(), 2, "DNS and public HTTPS: {np}");
+    assert!(rt.egress("plain").unwrap().contains("preset dns-and-https"));
+    assert_eq!(rules[1]["ports"], json!([{"protocol": "TCP", "port": 443}]));
 }

@@ -220,6 +220,12 @@ impl Runtime for LocalRuntime {
                     what: "a command",
                 });
             }
+            if server.spec.egress.is_some() {
+                tracing::warn!(
+                    server = %server.name,
+                    "egress {}", super::egress::NOT_ENFORCED_LOCALLY
+                );
+            }
             let name = server.name.clone();
             self.change(&name, move |ctx| {
                 async move {
@@ -337,6 +343,16 @@ impl Runtime for LocalRuntime {
 
     fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<ServerStatus>> {
         async move { Ok(self.get(name)?.status.borrow().clone()) }.boxed()
+    }
+
+    fn egress(&self, name: &str) -> Option<String> {
+        let server = self.get(name).ok()?;
+        server
+            .server
+            .spec
+            .egress
+            .as_ref()
+            .map(|_| super::egress::NOT_ENFORCED_LOCALLY.to_owned())
     }
 
     fn list(&self) -> BoxFuture<'_, Vec<(String, ServerStatus)>> {

@@ -17,6 +17,7 @@
 
 pub mod backoff;
 pub mod document;
+pub mod egress;
 pub mod error;
 pub mod kubernetes;
 pub mod local;
@@ -101,6 +102,13 @@ pub trait Runtime: Send + Sync {
     /// How this replica serves its stdio servers to the other replicas, when there can be
     /// several (Kubernetes with leader election and a relay port).
     fn relay(&self) -> Option<Arc<RelayAccess>> {
+        None
+    }
+
+    /// How server `name`'s egress is enforced, in a line for operators (`None`: the server
+    /// declares none and nothing applies).
+    fn egress(&self, name: &str) -> Option<String> {
+        let _ = name;
         None
     }
 

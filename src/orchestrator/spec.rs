@@ -84,6 +84,10 @@ pub struct McpServerSpec {
     /// kubernetes backend runs one pod per server and accepts only `shared`.
     #[serde(default, skip_serializing_if = "Sharing::is_shared")]
     pub sharing: Sharing,
+    /// Where the server may connect: enforced on Kubernetes by a NetworkPolicy (none given:
+    /// the operator's default, or no policy of its own), not enforced by the local backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<super::egress::EgressSpec>,
 }
 
 /// Who shares one process of a stdio server.
@@ -401,6 +405,11 @@ impl ServerDef {
         }
         if spec.command.as_deref().is_some_and(|c| c.trim().is_empty()) {
             return Err(SpecError::new("command", "must not be empty"));
+        }
+        if let Some(egress) = &spec.egress {
+            egress
+                .validate()
+                .map_err(|e| SpecError::new(e.field, e.message))?;
         }
         // A process cannot receive a NUL byte in its command, arguments or environment:
         // the server would fail to start on every retry.

@@ -3,7 +3,8 @@
 //! It follows the real API's semantics for what the `kubernetes` backend uses, on
 //! loopback, over plain HTTP or TLS with a self-signed certificate:
 //!
-//! - Deployments, Pods, Secrets, ConfigMaps, Services, Leases and McpServers (namespaced):
+//! - Deployments, Pods, Secrets, ConfigMaps, Services, NetworkPolicies, Leases and McpServers
+//!   (namespaced):
 //!   create (POST), get, list (with `labelSelector`, and `fieldSelector` on the name and
 //!   namespace), replace (PUT, with resourceVersion preconditions → 409 Conflict), patch
 //!   (server-side apply `application/apply-patch+yaml` — one field manager, so applying
@@ -56,6 +57,7 @@ pub enum Kind {
     Pod,
     Secret,
     ConfigMap,
+    NetworkPolicy,
     Service,
     Lease,
     McpServer,
@@ -69,6 +71,7 @@ impl Kind {
             ("v1", "pods") => Kind::Pod,
             ("v1", "secrets") => Kind::Secret,
             ("v1", "configmaps") => Kind::ConfigMap,
+            ("networking.k8s.io/v1", "networkpolicies") => Kind::NetworkPolicy,
             ("v1", "services") => Kind::Service,
             ("coordination.k8s.io/v1", "leases") => Kind::Lease,
             ("gatehouse.dev/v1alpha1", "mcpservers") => Kind::McpServer,
@@ -83,6 +86,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Secret => "Secret",
             Kind::ConfigMap => "ConfigMap",
+            Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Service => "Service",
             Kind::Lease => "Lease",
             Kind::McpServer => "McpServer",
@@ -94,6 +98,7 @@ impl Kind {
             Kind::Deployment | Kind::ReplicaSet => "apps/v1",
             Kind::Pod | Kind::Secret | Kind::ConfigMap | Kind::Service => "v1",
             Kind::Lease => "coordination.k8s.io/v1",
+            Kind::NetworkPolicy => "networking.k8s.io/v1",
             Kind::McpServer => "gatehouse.dev/v1alpha1",
         }
     }
@@ -105,6 +110,7 @@ impl Kind {
             Kind::Pod => "pods",
             Kind::Secret => "secrets",
             Kind::ConfigMap => "configmaps",
+            Kind::NetworkPolicy => "networkpolicies",
             Kind::Service => "services",
             Kind::Lease => "leases",
             Kind::McpServer => "mcpservers",

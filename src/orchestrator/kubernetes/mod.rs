@@ -23,6 +23,7 @@ pub mod attach;
 pub mod config_map;
 pub mod index;
 pub mod lease;
+pub mod network_policy;
 pub mod objects;
 pub mod policy;
 pub mod status;
@@ -40,6 +41,7 @@ use futures_util::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, LogParams, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -51,6 +53,7 @@ use tokio::sync::{mpsc, watch};
 use self::index::Index;
 use self::lease::{Elector, LeaseSettings};
 use self::policy::PodPolicy;
+use super::egress::EgressPreset;
 use super::spec::{
     McpServer, McpServerStatus, ResolvedServer, ServerDef, SpecError, labels, object_name,
 };
@@ -88,6 +91,9 @@ pub const ENV_DEFAULT_LIMITS: &str = "GATEHOUSE_ORCHESTRATOR_DEFAULT_LIMITS";
 pub const ENV_RELAY_PORT: &str = "GATEHOUSE_ORCHESTRATOR_RELAY_PORT";
 /// Environment variable: `sizeLimit` of a server pod's `/tmp` emptyDir, e.g. `64Mi`.
 pub const ENV_TMP_SIZE_LIMIT: &str = "GATEHOUSE_ORCHESTRATOR_TMP_SIZE_LIMIT";
+/// Environment variable: egress of servers whose definition declares none: `none`,
+/// `dns-and-https`, or `unrestricted` (the default: no NetworkPolicy of their own).
+pub const ENV_DEFAULT_EGRESS: &str = "GATEHOUSE_ORCHESTRATOR_DEFAULT_EGRESS";
 /// Field manager of our server-side applies.
 pub const FIELD_MANAGER: &str = "gatehouse";
 
@@ -315,6 +321,17 @@ fn policy_from_env(
             .map(|q| q.trim().to_string())
             .filter(|q| !q.is_empty())
             .unwrap_or(defaults.tmp_size_limit),
+        default_egress: match getenv(ENV_DEFAULT_EGRESS).map(|v| v.trim().to_owned()) {
+            None => None,
+            Some(v) if v.is_empty() || v == "unrestricted" => None,
+            Some(v) => Some(EgressPreset::parse(&v).ok_or_else(|| {
+                bad(
+                    ENV_DEFAULT_EGRESS,
+                    &v,
+                    "not none, dns-and-https or unrestricted".into(),
+                )
+            })?),
+        },
     };
     policy
         .forbidden_accounts
@@ -392,6 +409,7 @@ pub(crate) struct Inner {
     pods: Index<Pod>,
     secrets: Index<Secret>,
     services: Index<Service>,
+    network_policies: Index<NetworkPolicy>,
     statuses: DashMap<String, ServerStatus>,
     /// The pod each server's status was read from: a status read from a pod that is no
     /// longer the current one (the watch saw it go before the status was refreshed) is stale.
@@ -468,6 +486,7 @@ impl KubeRuntime {
             pods: Index::default(),
             secrets: Index::default(),
             services: Index::default(),
+            network_policies: Index::default(),
             statuses: DashMap::new(),
             status_pods: DashMap::new(),
             refreshing: std::sync::Mutex::new(()),
@@ -501,6 +520,7 @@ impl KubeRuntime {
         watch_kind!(Pod, pods);
         watch_kind!(Secret, secrets);
         watch_kind!(Service, services);
+        watch_kind!(NetworkPolicy, network_policies);
         if options.watch_mcpservers {
             tasks.push(tokio::spawn(watch_mcpservers(inner.clone())));
         }
@@ -632,6 +652,7 @@ impl Inner {
         names.extend(self.deployments.servers());
         names.extend(self.secrets.servers());
         names.extend(self.services.servers());
+        names.extend(self.network_policies.servers());
         for n in names {
             self.enqueue(n);
         }
@@ -678,6 +699,36 @@ impl Inner {
             .upsert(applied)
             .map(|(_, o)| o)
             .expect("applied objects carry the server label"))
+    }
+
+    /// Like [`Self::ensure`] for an egress policy, whose spec must match exactly: a field
+    /// someone else added (a selector that no longer selects the pod, a wider peer) is a way
+    /// out, and an apply leaves other managers' fields alone, so a drifted policy is replaced
+    /// whole (over the version observed: a concurrent change fails and is retried).
+    async fn ensure_network_policy(&self, server: &str, desired: NetworkPolicy) -> Result<()> {
+        let name = desired.name_any();
+        if let Some(observed) = self.network_policies.get(server, &name)
+            && serde_json::to_value(&observed.spec).ok() != serde_json::to_value(&desired.spec).ok()
+        {
+            tracing::info!(server, name, "egress policy drifted: replacing it");
+            let mut replacement = desired;
+            replacement.metadata.resource_version = observed.metadata.resource_version.clone();
+            let api: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), &self.ns);
+            let pp = kube::api::PostParams {
+                field_manager: Some(FIELD_MANAGER.to_owned()),
+                ..Default::default()
+            };
+            let replaced = api
+                .replace(&name, &pp, &replacement)
+                .await
+                .map_err(|e| OrchestratorError::kube(format!("replace NetworkPolicy {name}"), e))?;
+            self.stats.applies.fetch_add(1, Ordering::Relaxed);
+            self.network_policies.upsert(replaced);
+            return Ok(());
+        }
+        self.ensure(&self.network_policies, server, desired)
+            .await
+            .map(drop)
     }
 
     /// Deletes an object if we watch one of that name; "already gone" is success.
@@ -729,6 +780,10 @@ impl Inner {
             if !self.owned_by_resource(&self.services, name, &obj) {
                 self.delete_if_present(&self.services, name, &obj).await?;
             }
+            if !self.owned_by_resource(&self.network_policies, name, &obj) {
+                self.delete_if_present(&self.network_policies, name, &obj)
+                    .await?;
+            }
             return Ok(());
         };
         let resource_owner = match &source {
@@ -760,12 +815,20 @@ impl Inner {
             known_owner.as_ref(),
             &self.options.policy,
         )?;
-        // The Secret first, so the pod never starts without its keys.
+        // The Secret and the egress policy first: the pod never starts without its keys, nor
+        // unrestricted.
         match rendered.secret {
             Some(secret) => {
                 self.ensure(&self.secrets, name, secret).await?;
             }
             None => self.delete_if_present(&self.secrets, name, &obj).await?,
+        }
+        match rendered.network_policy {
+            Some(np) => self.ensure_network_policy(name, np).await?,
+            None => {
+                self.delete_if_present(&self.network_policies, name, &obj)
+                    .await?
+            }
         }
         let deployment = self
             .ensure(&self.deployments, name, rendered.deployment)
@@ -783,6 +846,9 @@ impl Inner {
             )?;
             if let Some(secret) = again.secret {
                 self.ensure(&self.secrets, name, secret).await?;
+            }
+            if let Some(np) = again.network_policy {
+                self.ensure_network_policy(name, np).await?;
             }
             service = again.service;
         }
@@ -1411,6 +1477,18 @@ impl Runtime for KubeRuntime {
 
     fn relay(&self) -> Option<Arc<RelayAccess>> {
         self.relay.clone()
+    }
+
+    fn egress(&self, name: &str) -> Option<String> {
+        let (server, _) = self.inner.valid(name)?;
+        Some(match self.inner.options.policy.egress(&server) {
+            Some(egress) => format!(
+                "enforced by NetworkPolicy {}: {}",
+                server.object_name(),
+                egress.summary()
+            ),
+            None => "unrestricted: no NetworkPolicy of its own".to_owned(),
+        })
     }
 
     fn document(

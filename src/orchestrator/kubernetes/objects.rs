@@ -18,6 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::policy::PodPolicy;
 use crate::orchestrator::spec::{EnvValue, ResolvedServer, SpecError, labels};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 /// Name of the server's container in its pod.
 pub const CONTAINER: &str = "server";
@@ -35,6 +36,8 @@ pub struct Rendered {
     pub secret: Option<Secret>,
     /// For streamable-http servers.
     pub service: Option<Service>,
+    /// The server's egress policy, when it has one (its own or the operator's default).
+    pub network_policy: Option<NetworkPolicy>,
 }
 
 /// Labels on every object of `server` (the selector labels plus the user's).
@@ -266,10 +269,18 @@ pub fn render(
         }),
         status: None,
     });
+    let network_policy = policy.egress(server).map(|egress| {
+        super::network_policy::render(
+            selector_labels(&server.name),
+            &egress,
+            meta(server, namespace, child_owner),
+        )
+    });
     Ok(Rendered {
         deployment,
         secret,
         service,
+        network_policy,
     })
 }
 

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::orchestrator::egress::{EgressPreset, EgressSpec};
 use crate::orchestrator::spec::{ResolvedServer, SpecError};
 
 /// Service account of the gateway in `deploy/base/serviceaccount.yaml`: never given to a server.
@@ -28,6 +29,8 @@ pub struct PodPolicy {
     pub default_limits: BTreeMap<String, String>,
     /// `sizeLimit` of the pod's `/tmp` emptyDir.
     pub tmp_size_limit: String,
+    /// Egress of a server whose definition declares none (`None`: no policy of its own).
+    pub default_egress: Option<EgressPreset>,
 }
 
 impl Default for PodPolicy {
@@ -46,7 +49,20 @@ impl Default for PodPolicy {
                 ("memory".into(), "512Mi".into()),
             ]),
             tmp_size_limit: "64Mi".into(),
+            default_egress: None,
         }
+    }
+}
+
+impl PodPolicy {
+    /// The egress a server gets: its own, else the operator's default preset.
+    pub fn egress(&self, server: &ResolvedServer) -> Option<EgressSpec> {
+        server.spec.egress.clone().or_else(|| {
+            self.default_egress.map(|preset| EgressSpec {
+                preset,
+                allow: Vec::new(),
+            })
+        })
     }
 }
 
