@@ -857,6 +857,14 @@ fn settings_from_the_environment() {
         err.contains("GATEHOUSE_ORCHESTRATOR_DEFAULT_EGRESS"),
         "{err}"
     );
+    let cilium = |v: &'static str| {
+        let mut env = in_cluster.clone();
+        env.insert("GATEHOUSE_ORCHESTRATOR_CILIUM", v);
+        KubeSettings::from_env_with(move |k| env.get(k).map(|s| s.to_string()))
+    };
+    assert!(cilium("true").unwrap().unwrap().options.policy.cilium);
+    assert!(!s.options.policy.cilium);
+    assert!(cilium("yes").is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1394,7 +1402,7 @@ async fn egress_becomes_a_network_policy_kept_with_the_server() {
 
     assert_eq!(
         rt.egress("web").unwrap(),
-        "enforced by NetworkPolicy mcp-web: preset dns-and-https; 10.20.0.0/16 port 5432; api.github.com port 443,8443; 2001:db8::/32 every port"
+        "enforced by NetworkPolicy mcp-web (host names: their ports to any public address; set GATEHOUSE_ORCHESTRATOR_CILIUM on Cilium): preset dns-and-https; 10.20.0.0/16 port 5432; api.github.com port 443,8443; 2001:db8::/32 every port"
     );
 
     // Drift: deleted, or opened to everything, it is put back.
@@ -1481,4 +1489,71 @@ async fn the_operators_default_egress_applies_to_servers_that_declare_none() {
     assert_eq!(rules.len(), 2, "DNS and public HTTPS: {np}");
     assert!(rt.egress("plain").unwrap().contains("preset dns-and-https"));
     assert_eq!(rules[1]["ports"], json!([{"protocol": "TCP", "port": 443}]));
+}
+
+/// Where the operator says the cluster runs Cilium, host names are enforced by a
+/// CiliumNetworkPolicy (`toFQDNs`, DNS through Cilium's proxy) instead of opening their ports to
+/// every public address; it is kept and removed like the NetworkPolicy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_cilium_host_names_become_to_fqdns() {
+    let fake = FakeKube::start().await;
+    let mut opts = options();
+    opts.policy.cilium = true;
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts);
+    let mut def = example("gh", "ghcr.io/gatehouse/example:1", &[]);
+    def.spec.egress = Some(
+        serde_json::from_value(json!({"allow": [
+            {"host": "api.github.com", "ports": [443]},
+            {"host": "*.githubusercontent.com"},
+            {"cidr": "10.9.0.0/16", "ports": [8080]}]}))
+        .unwrap(),
+    );
+    rt.apply(def.resolve().unwrap()).await.unwrap();
+    let cnp = eventually("the Cilium policy", Duration::from_secs(5), || {
+        fake.get(Kind::CiliumNetworkPolicy, NS, "mcp-gh")
+    })
+    .await;
+    assert_eq!(
+        cnp["spec"],
+        json!({
+            "endpointSelector": {"matchLabels": {"gatehouse.dev/server": "gh", "app.kubernetes.io/instance": "gh"}},
+            "egress": [
+                {"toEndpoints": [{"matchLabels": {"k8s:io.kubernetes.pod.namespace": "kube-system", "k8s:k8s-app": "kube-dns"}}],
+                 "toPorts": [{"ports": [{"port": "53", "protocol": "ANY"}], "rules": {"dns": [{"matchPattern": "*"}]}}]},
+                {"toFQDNs": [{"matchName": "api.github.com"}], "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}]},
+                {"toFQDNs": [{"matchPattern": "*.githubusercontent.com"}]},
+            ]
+        })
+    );
+    // The NetworkPolicy keeps DNS and the named range, and opens nothing for the hosts.
+    let np = fake.get(Kind::NetworkPolicy, NS, "mcp-gh").unwrap();
+    let rules = np["spec"]["egress"].as_array().unwrap();
+    assert_eq!(rules.len(), 2, "{np}");
+    assert_eq!(rules[1]["to"][0]["ipBlock"]["cidr"], "10.9.0.0/16");
+    assert!(!np.to_string().contains("0.0.0.0/0"), "{np}");
+    assert!(rt.egress("gh").unwrap().contains("CiliumNetworkPolicy"));
+
+    // Widened behind our back: replaced whole. Hosts dropped from the definition: removed.
+    fake.patch(
+        Kind::CiliumNetworkPolicy,
+        NS,
+        "mcp-gh",
+        json!({"spec": {"egress": [{"toEntities": ["world"]}]}}),
+    );
+    eventually("the Cilium policy restored", Duration::from_secs(5), || {
+        fake.get(Kind::CiliumNetworkPolicy, NS, "mcp-gh")
+            .filter(|p| p["spec"] == cnp["spec"])
+    })
+    .await;
+    let mut def = example("gh", "ghcr.io/gatehouse/example:1", &[]);
+    def.spec.egress = Some(serde_json::from_value(json!({"preset": "none"})).unwrap());
+    rt.apply(def.resolve().unwrap()).await.unwrap();
+    eventually("the Cilium policy removed", Duration::from_secs(5), || {
+        fake.get(Kind::CiliumNetworkPolicy, NS, "mcp-gh")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(fake.get(Kind::NetworkPolicy, NS, "mcp-gh").is_some());
+    assert_eq!(rt.stats().errors, 0);
 }

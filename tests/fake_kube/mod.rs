@@ -3,8 +3,8 @@
 //! It follows the real API's semantics for what the `kubernetes` backend uses, on
 //! loopback, over plain HTTP or TLS with a self-signed certificate:
 //!
-//! - Deployments, Pods, Secrets, ConfigMaps, Services, NetworkPolicies, Leases and McpServers
-//!   (namespaced):
+//! - Deployments, Pods, Secrets, ConfigMaps, Services, NetworkPolicies,
+//!   CiliumNetworkPolicies, Leases and McpServers (namespaced):
 //!   create (POST), get, list (with `labelSelector`, and `fieldSelector` on the name and
 //!   namespace), replace (PUT, with resourceVersion preconditions → 409 Conflict), patch
 //!   (server-side apply `application/apply-patch+yaml` — one field manager, so applying
@@ -58,6 +58,7 @@ pub enum Kind {
     Secret,
     ConfigMap,
     NetworkPolicy,
+    CiliumNetworkPolicy,
     Service,
     Lease,
     McpServer,
@@ -72,6 +73,7 @@ impl Kind {
             ("v1", "secrets") => Kind::Secret,
             ("v1", "configmaps") => Kind::ConfigMap,
             ("networking.k8s.io/v1", "networkpolicies") => Kind::NetworkPolicy,
+            ("cilium.io/v2", "ciliumnetworkpolicies") => Kind::CiliumNetworkPolicy,
             ("v1", "services") => Kind::Service,
             ("coordination.k8s.io/v1", "leases") => Kind::Lease,
             ("gatehouse.dev/v1alpha1", "mcpservers") => Kind::McpServer,
@@ -87,6 +89,7 @@ impl Kind {
             Kind::Secret => "Secret",
             Kind::ConfigMap => "ConfigMap",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::CiliumNetworkPolicy => "CiliumNetworkPolicy",
             Kind::Service => "Service",
             Kind::Lease => "Lease",
             Kind::McpServer => "McpServer",
@@ -99,6 +102,7 @@ impl Kind {
             Kind::Pod | Kind::Secret | Kind::ConfigMap | Kind::Service => "v1",
             Kind::Lease => "coordination.k8s.io/v1",
             Kind::NetworkPolicy => "networking.k8s.io/v1",
+            Kind::CiliumNetworkPolicy => "cilium.io/v2",
             Kind::McpServer => "gatehouse.dev/v1alpha1",
         }
     }
@@ -111,6 +115,7 @@ impl Kind {
             Kind::Secret => "secrets",
             Kind::ConfigMap => "configmaps",
             Kind::NetworkPolicy => "networkpolicies",
+            Kind::CiliumNetworkPolicy => "ciliumnetworkpolicies",
             Kind::Service => "services",
             Kind::Lease => "leases",
             Kind::McpServer => "mcpservers",

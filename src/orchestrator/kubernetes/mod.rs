@@ -20,6 +20,7 @@
 //!   Lease holder writes.
 
 pub mod attach;
+pub mod cilium;
 pub mod config_map;
 pub mod index;
 pub mod lease;
@@ -91,6 +92,9 @@ pub const ENV_DEFAULT_LIMITS: &str = "GATEHOUSE_ORCHESTRATOR_DEFAULT_LIMITS";
 pub const ENV_RELAY_PORT: &str = "GATEHOUSE_ORCHESTRATOR_RELAY_PORT";
 /// Environment variable: `sizeLimit` of a server pod's `/tmp` emptyDir, e.g. `64Mi`.
 pub const ENV_TMP_SIZE_LIMIT: &str = "GATEHOUSE_ORCHESTRATOR_TMP_SIZE_LIMIT";
+/// Environment variable: `true` when the cluster runs Cilium (egress host names are then
+/// enforced by a CiliumNetworkPolicy each).
+pub const ENV_CILIUM: &str = "GATEHOUSE_ORCHESTRATOR_CILIUM";
 /// Environment variable: egress of servers whose definition declares none: `none`,
 /// `dns-and-https`, or `unrestricted` (the default: no NetworkPolicy of their own).
 pub const ENV_DEFAULT_EGRESS: &str = "GATEHOUSE_ORCHESTRATOR_DEFAULT_EGRESS";
@@ -321,6 +325,11 @@ fn policy_from_env(
             .map(|q| q.trim().to_string())
             .filter(|q| !q.is_empty())
             .unwrap_or(defaults.tmp_size_limit),
+        cilium: match getenv(ENV_CILIUM).as_deref().map(str::trim) {
+            None | Some("" | "false") => false,
+            Some("true") => true,
+            Some(v) => return Err(bad(ENV_CILIUM, v, "not true or false".into())),
+        },
         default_egress: match getenv(ENV_DEFAULT_EGRESS).map(|v| v.trim().to_owned()) {
             None => None,
             Some(v) if v.is_empty() || v == "unrestricted" => None,
@@ -410,6 +419,7 @@ pub(crate) struct Inner {
     secrets: Index<Secret>,
     services: Index<Service>,
     network_policies: Index<NetworkPolicy>,
+    cilium_policies: Index<cilium::CiliumNetworkPolicy>,
     statuses: DashMap<String, ServerStatus>,
     /// The pod each server's status was read from: a status read from a pod that is no
     /// longer the current one (the watch saw it go before the status was refreshed) is stale.
@@ -487,6 +497,7 @@ impl KubeRuntime {
             secrets: Index::default(),
             services: Index::default(),
             network_policies: Index::default(),
+            cilium_policies: Index::default(),
             statuses: DashMap::new(),
             status_pods: DashMap::new(),
             refreshing: std::sync::Mutex::new(()),
@@ -521,6 +532,10 @@ impl KubeRuntime {
         watch_kind!(Secret, secrets);
         watch_kind!(Service, services);
         watch_kind!(NetworkPolicy, network_policies);
+        // Only where the operator says Cilium runs: elsewhere the kind does not exist.
+        if options.policy.cilium {
+            watch_kind!(cilium::CiliumNetworkPolicy, cilium_policies);
+        }
         if options.watch_mcpservers {
             tasks.push(tokio::spawn(watch_mcpservers(inner.clone())));
         }
@@ -653,6 +668,7 @@ impl Inner {
         names.extend(self.secrets.servers());
         names.extend(self.services.servers());
         names.extend(self.network_policies.servers());
+        names.extend(self.cilium_policies.servers());
         for n in names {
             self.enqueue(n);
         }
@@ -705,15 +721,20 @@ impl Inner {
     /// someone else added (a selector that no longer selects the pod, a wider peer) is a way
     /// out, and an apply leaves other managers' fields alone, so a drifted policy is replaced
     /// whole (over the version observed: a concurrent change fails and is retried).
-    async fn ensure_network_policy(&self, server: &str, desired: NetworkPolicy) -> Result<()> {
+    async fn ensure_exact<K>(&self, index: &Index<K>, server: &str, desired: K) -> Result<()>
+    where
+        K: Namespaced + Serialize + Clone + DeserializeOwned,
+    {
         let name = desired.name_any();
-        if let Some(observed) = self.network_policies.get(server, &name)
-            && serde_json::to_value(&observed.spec).ok() != serde_json::to_value(&desired.spec).ok()
+        let spec = |o: &K| serde_json::to_value(o).ok().map(|mut v| v["spec"].take());
+        if let Some(observed) = index.get(server, &name)
+            && spec(&observed) != spec(&desired)
         {
-            tracing::info!(server, name, "egress policy drifted: replacing it");
+            let kind = K::kind(&Default::default()).into_owned();
+            tracing::info!(server, name, kind, "egress policy drifted: replacing it");
             let mut replacement = desired;
-            replacement.metadata.resource_version = observed.metadata.resource_version.clone();
-            let api: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), &self.ns);
+            replacement.meta_mut().resource_version = observed.meta().resource_version.clone();
+            let api: Api<K> = Api::namespaced(self.client.clone(), &self.ns);
             let pp = kube::api::PostParams {
                 field_manager: Some(FIELD_MANAGER.to_owned()),
                 ..Default::default()
@@ -721,14 +742,12 @@ impl Inner {
             let replaced = api
                 .replace(&name, &pp, &replacement)
                 .await
-                .map_err(|e| OrchestratorError::kube(format!("replace NetworkPolicy {name}"), e))?;
+                .map_err(|e| OrchestratorError::kube(format!("replace {kind} {name}"), e))?;
             self.stats.applies.fetch_add(1, Ordering::Relaxed);
-            self.network_policies.upsert(replaced);
+            index.upsert(replaced);
             return Ok(());
         }
-        self.ensure(&self.network_policies, server, desired)
-            .await
-            .map(drop)
+        self.ensure(index, server, desired).await.map(drop)
     }
 
     /// Deletes an object if we watch one of that name; "already gone" is success.
@@ -784,6 +803,10 @@ impl Inner {
                 self.delete_if_present(&self.network_policies, name, &obj)
                     .await?;
             }
+            if !self.owned_by_resource(&self.cilium_policies, name, &obj) {
+                self.delete_if_present(&self.cilium_policies, name, &obj)
+                    .await?;
+            }
             return Ok(());
         };
         let resource_owner = match &source {
@@ -823,8 +846,15 @@ impl Inner {
             }
             None => self.delete_if_present(&self.secrets, name, &obj).await?,
         }
+        match rendered.cilium_policy {
+            Some(cnp) => self.ensure_exact(&self.cilium_policies, name, cnp).await?,
+            None => {
+                self.delete_if_present(&self.cilium_policies, name, &obj)
+                    .await?
+            }
+        }
         match rendered.network_policy {
-            Some(np) => self.ensure_network_policy(name, np).await?,
+            Some(np) => self.ensure_exact(&self.network_policies, name, np).await?,
             None => {
                 self.delete_if_present(&self.network_policies, name, &obj)
                     .await?
@@ -848,7 +878,10 @@ impl Inner {
                 self.ensure(&self.secrets, name, secret).await?;
             }
             if let Some(np) = again.network_policy {
-                self.ensure_network_policy(name, np).await?;
+                self.ensure_exact(&self.network_policies, name, np).await?;
+            }
+            if let Some(cnp) = again.cilium_policy {
+                self.ensure_exact(&self.cilium_policies, name, cnp).await?;
             }
             service = again.service;
         }
@@ -1481,10 +1514,18 @@ impl Runtime for KubeRuntime {
 
     fn egress(&self, name: &str) -> Option<String> {
         let (server, _) = self.inner.valid(name)?;
+        let cilium = self.inner.options.policy.cilium;
         Some(match self.inner.options.policy.egress(&server) {
             Some(egress) => format!(
-                "enforced by NetworkPolicy {}: {}",
+                "enforced by NetworkPolicy {}{}: {}",
                 server.object_name(),
+                match (egress.has_hosts(), cilium) {
+                    (false, _) => "",
+                    (true, true) => " and CiliumNetworkPolicy (host names)",
+                    (true, false) => {
+                        " (host names: their ports to any public address; set GATEHOUSE_ORCHESTRATOR_CILIUM on Cilium)"
+                    }
+                },
                 egress.summary()
             ),
             None => "unrestricted: no NetworkPolicy of its own".to_owned(),

@@ -13,11 +13,13 @@ use std::collections::BTreeMap;
 
 use crate::orchestrator::egress::{EgressPreset, EgressSpec, PRIVATE_V4, PRIVATE_V6};
 
-/// The NetworkPolicy enforcing `egress` on the pods `pod_labels` select, with metadata `meta`.
+/// The NetworkPolicy enforcing `egress` on the pods `pod_labels` select, with metadata `meta`;
+/// host rules are left to a CiliumNetworkPolicy when `cilium`.
 pub fn render(
     pod_labels: BTreeMap<String, String>,
     egress: &EgressSpec,
     meta: ObjectMeta,
+    cilium: bool,
 ) -> NetworkPolicy {
     let mut rules = Vec::new();
     if egress.needs_dns() {
@@ -26,7 +28,11 @@ pub fn render(
     if egress.preset == EgressPreset::DnsAndHttps {
         rules.push(public(&[443]));
     }
-    for rule in &egress.allow {
+    for rule in egress
+        .allow
+        .iter()
+        .filter(|r| !(cilium && r.host.is_some()))
+    {
         rules.push(match (&rule.cidr, &rule.host) {
             (Some(cidr), _) => NetworkPolicyEgressRule {
                 to: Some(vec![NetworkPolicyPeer {

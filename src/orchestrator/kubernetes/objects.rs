@@ -38,6 +38,8 @@ pub struct Rendered {
     pub service: Option<Service>,
     /// The server's egress policy, when it has one (its own or the operator's default).
     pub network_policy: Option<NetworkPolicy>,
+    /// Its host rules, where the cluster runs Cilium.
+    pub cilium_policy: Option<super::cilium::CiliumNetworkPolicy>,
 }
 
 /// Labels on every object of `server` (the selector labels plus the user's).
@@ -269,18 +271,31 @@ pub fn render(
         }),
         status: None,
     });
-    let network_policy = policy.egress(server).map(|egress| {
+    let egress = policy.egress(server);
+    let network_policy = egress.as_ref().map(|egress| {
         super::network_policy::render(
             selector_labels(&server.name),
-            &egress,
+            egress,
             meta(server, namespace, child_owner),
+            policy.cilium,
         )
     });
+    let cilium_policy = egress
+        .as_ref()
+        .filter(|_| policy.cilium)
+        .and_then(|egress| {
+            super::cilium::render(
+                selector_labels(&server.name),
+                egress,
+                meta(server, namespace, child_owner),
+            )
+        });
     Ok(Rendered {
         deployment,
         secret,
         service,
         network_policy,
+        cilium_policy,
     })
 }
 

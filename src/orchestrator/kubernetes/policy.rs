@@ -31,6 +31,9 @@ pub struct PodPolicy {
     pub tmp_size_limit: String,
     /// Egress of a server whose definition declares none (`None`: no policy of its own).
     pub default_egress: Option<EgressPreset>,
+    /// The cluster runs Cilium: host names in egress rules are enforced by a
+    /// CiliumNetworkPolicy (`toFQDNs`) rather than opened to public addresses.
+    pub cilium: bool,
 }
 
 impl Default for PodPolicy {
@@ -50,6 +53,7 @@ impl Default for PodPolicy {
             ]),
             tmp_size_limit: "64Mi".into(),
             default_egress: None,
+            cilium: false,
         }
     }
 }
