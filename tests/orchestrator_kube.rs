@@ -865,6 +865,32 @@ fn settings_from_the_environment() {
     assert!(cilium("true").unwrap().unwrap().options.policy.cilium);
     assert!(!s.options.policy.cilium);
     assert!(cilium("yes").is_err());
+    let with = |k: &'static str, v: &'static str| {
+        let mut env = in_cluster.clone();
+        env.insert(k, v);
+        KubeSettings::from_env_with(move |k| env.get(k).map(|s| s.to_string()))
+    };
+    let p = with(
+        "GATEHOUSE_ORCHESTRATOR_EGRESS_PRIVATE_CIDRS",
+        "10.1.0.0/16, 192.168.5.0/24",
+    )
+    .unwrap()
+    .unwrap()
+    .options
+    .policy;
+    assert_eq!(p.egress_private_cidrs, ["10.1.0.0/16", "192.168.5.0/24"]);
+    for (k, v) in [
+        ("GATEHOUSE_ORCHESTRATOR_EGRESS_PRIVATE_CIDRS", "10.1.0.1/16"),
+        ("GATEHOUSE_ORCHESTRATOR_EGRESS_EXCEPT", "0.0.0.0/0"),
+        ("GATEHOUSE_ORCHESTRATOR_EGRESS_EXCEPT", "nope"),
+        (
+            "GATEHOUSE_ORCHESTRATOR_EGRESS_EXCEPT",
+            "::ffff:10.0.0.0/104",
+        ),
+    ] {
+        let err = with(k, v).unwrap_err().to_string();
+        assert!(err.contains(k), "{err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1323,28 +1349,72 @@ async fn a_leader_that_cannot_renew_lets_go_before_anyone_may_take_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn egress_becomes_a_network_policy_kept_with_the_server() {
     let fake = FakeKube::start().await;
-    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+    let mut opts = options();
+    // The operator lets definitions name one private range, and keeps a public address of
+    // the cluster (its API server, say) out of "public".
+    opts.policy.egress_private_cidrs = vec!["10.20.0.0/16".into()];
+    opts.policy.egress_except = vec!["203.0.113.10/32".into()];
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts);
     let with_egress = |name: &str, egress: serde_json::Value| {
         let mut def = example(name, "ghcr.io/gatehouse/example:1", &[]);
         def.spec.egress = Some(serde_json::from_value(egress).unwrap());
         def.resolve().unwrap()
     };
     let private_v4 = json!([
+        "0.0.0.0/8",
         "10.0.0.0/8",
         "172.16.0.0/12",
         "192.168.0.0/16",
         "169.254.0.0/16",
         "100.64.0.0/10",
-        "127.0.0.0/8"
+        "127.0.0.0/8",
+        "192.0.0.0/24",
+        "198.18.0.0/15",
+        "203.0.113.10/32"
     ]);
-    let private_v6 = json!(["fc00::/7", "fe80::/10", "::1/128", "::ffff:0:0/96"]);
+    let private_v6 = json!([
+        "fc00::/7",
+        "fe80::/10",
+        "::1/128",
+        "64:ff9b::/96",
+        "64:ff9b:1::/48",
+        "2002::/16"
+    ]);
     let public = |ports: serde_json::Value| {
         json!({"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": private_v4}},
                       {"ipBlock": {"cidr": "::/0", "except": private_v6}}],
                "ports": ports})
     };
-    let dns = json!({"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+    let dns = json!({"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                             "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
                      "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]});
+
+    // A range reaching private or metadata addresses the operator did not allow is refused,
+    // naming the rule; nothing is written for it.
+    for (name, cidr) in [
+        ("metadata", "169.254.169.254/32"),
+        ("everywhere", "0.0.0.0/0"),
+        ("cluster", "10.0.0.0/8"),
+        ("mapped", "fd00:ec2::254/128"),
+    ] {
+        let err = rt
+            .apply(with_egress(name, json!({"allow": [{"cidr": cidr}]})))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("egress.allow[0].cidr") && err.contains("private"),
+            "{err}"
+        );
+        assert!(
+            fake.get(Kind::Deployment, NS, &format!("mcp-{name}"))
+                .is_none()
+        );
+        assert!(
+            fake.get(Kind::NetworkPolicy, NS, &format!("mcp-{name}"))
+                .is_none()
+        );
+    }
 
     // Nothing at all: an egress policy with no rule.
     rt.apply(with_egress("locked", json!({"preset": "none"})))
@@ -1379,7 +1449,7 @@ async fn egress_becomes_a_network_policy_kept_with_the_server() {
     rt.apply(with_egress(
         "web",
         json!({"preset": "dns-and-https", "allow": [
-            {"cidr": "10.20.0.0/16", "ports": [5432]},
+            {"cidr": "10.20.5.0/24", "ports": [5432]},
             {"host": "api.github.com", "ports": [443, 8443]},
             {"cidr": "2001:db8::/32"}]}),
     ))
@@ -1394,7 +1464,7 @@ async fn egress_becomes_a_network_policy_kept_with_the_server() {
         json!([
             dns,
             public(json!([{"protocol": "TCP", "port": 443}])),
-            {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"protocol": "TCP", "port": 5432}]},
+            {"to": [{"ipBlock": {"cidr": "10.20.5.0/24"}}], "ports": [{"protocol": "TCP", "port": 5432}]},
             public(json!([{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 8443}])),
             {"to": [{"ipBlock": {"cidr": "2001:db8::/32"}}]},
         ])
@@ -1402,7 +1472,7 @@ async fn egress_becomes_a_network_policy_kept_with_the_server() {
 
     assert_eq!(
         rt.egress("web").unwrap(),
-        "enforced by NetworkPolicy mcp-web (host names: their ports to any public address; set GATEHOUSE_ORCHESTRATOR_CILIUM on Cilium): preset dns-and-https; 10.20.0.0/16 port 5432; api.github.com port 443,8443; 2001:db8::/32 every port"
+        "enforced by NetworkPolicy mcp-web (host names: their ports to any public address; set GATEHOUSE_ORCHESTRATOR_CILIUM on Cilium): preset dns-and-https; 10.20.5.0/24 port 5432; api.github.com port 443,8443; 2001:db8::/32 every port"
     );
 
     // Drift: deleted, or opened to everything, it is put back.
@@ -1499,6 +1569,7 @@ async fn with_cilium_host_names_become_to_fqdns() {
     let fake = FakeKube::start().await;
     let mut opts = options();
     opts.policy.cilium = true;
+    opts.policy.egress_private_cidrs = vec!["10.9.0.0/16".into()];
     let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts);
     let mut def = example("gh", "ghcr.io/gatehouse/example:1", &[]);
     def.spec.egress = Some(

@@ -89,19 +89,32 @@ pub struct EgressRule {
     pub ports: Vec<u16>,
 }
 
-/// Ranges no rule reaches unless it names them: private networks (where cluster pods and
-/// services live), link-local (the cloud metadata endpoint), carrier-grade NAT, loopback.
-pub const PRIVATE_V4: [&str; 6] = [
+/// Ranges no rule reaches unless it names them: "this network", private networks (where
+/// cluster pods and services usually live), link-local (the cloud metadata endpoint),
+/// carrier-grade NAT, loopback, IETF protocol assignments (some clouds' metadata), and the
+/// benchmarking range.
+pub const PRIVATE_V4: [&str; 9] = [
+    "0.0.0.0/8",
     "10.0.0.0/8",
     "172.16.0.0/12",
     "192.168.0.0/16",
     "169.254.0.0/16",
     "100.64.0.0/10",
     "127.0.0.0/8",
+    "192.0.0.0/24",
+    "198.18.0.0/15",
 ];
-/// The IPv6 ranges of the same kinds: unique local, link-local, loopback, and the IPv4-mapped
-/// range (a way around the IPv4 list).
-pub const PRIVATE_V6: [&str; 4] = ["fc00::/7", "fe80::/10", "::1/128", "::ffff:0:0/96"];
+/// The IPv6 ranges of the same kinds: unique local (AWS's metadata address is in it),
+/// link-local, loopback, and the translation ranges that reach IPv4 addresses through a
+/// gateway (NAT64, 6to4). IPv4-mapped addresses are IPv4 on the wire: the IPv4 list applies.
+pub const PRIVATE_V6: [&str; 6] = [
+    "fc00::/7",
+    "fe80::/10",
+    "::1/128",
+    "64:ff9b::/96",
+    "64:ff9b:1::/48",
+    "2002::/16",
+];
 
 impl EgressSpec {
     /// Checks the rules: `Err` names the field at fault.
@@ -161,9 +174,9 @@ pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
         .parse()
         .map_err(|_| format!("{addr:?} is not an IP address"))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
-    let len: u8 = len
-        .parse()
-        .ok()
+    let len: u8 = Some(len)
+        .filter(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|l| l.parse().ok())
         .filter(|l| *l <= max)
         .ok_or_else(|| format!("{len:?} is not a prefix length (0 to {max})"))?;
     // The host part: the low (max - len) bits.
@@ -203,6 +216,35 @@ impl EgressSpec {
         }
         parts.join("; ")
     }
+}
+
+/// Whether range `outer` holds all of range `inner` (both parsed by [`parse_cidr`]).
+pub fn contains(outer: (IpAddr, u8), inner: (IpAddr, u8)) -> bool {
+    // Both as 128 bits with the prefix at the top (an IPv4 address in the top 32).
+    let bits = |a: IpAddr| match a {
+        IpAddr::V4(a) => (u128::from(u32::from(a)) << 96, true),
+        IpAddr::V6(a) => (u128::from(a), false),
+    };
+    let ((o, o_v4), (i, i_v4)) = (bits(outer.0), bits(inner.0));
+    if o_v4 != i_v4 || outer.1 > inner.1 {
+        return false;
+    }
+    let mask = u128::MAX.checked_shl(128 - u32::from(outer.1)).unwrap_or(0);
+    o & mask == i & mask
+}
+
+/// Whether two ranges share an address.
+pub fn overlaps(a: (IpAddr, u8), b: (IpAddr, u8)) -> bool {
+    contains(a, b) || contains(b, a)
+}
+
+/// The private, cluster and metadata ranges a rule overlaps (see [`PRIVATE_V4`]).
+pub fn private_overlap(range: (IpAddr, u8)) -> Option<&'static str> {
+    PRIVATE_V4
+        .iter()
+        .chain(PRIVATE_V6.iter())
+        .copied()
+        .find(|p| parse_cidr(p).is_ok_and(|p| overlaps(p, range)))
 }
 
 /// Whether `s` is a host name or a `*.` wildcard of one (RFC 1123 labels).
@@ -303,5 +345,32 @@ mod tests {
             allow: vec![rule(None, Some("a.example"), &[]).allow[0].clone(); MAX_RULES + 1],
         };
         assert_eq!(many.validate().unwrap_err().field, "egress.allow");
+    }
+
+    #[test]
+    fn ranges_contain_and_overlap() {
+        let c = |s| parse_cidr(s).unwrap();
+        assert!(contains(c("0.0.0.0/0"), c("10.1.0.0/16")));
+        assert!(contains(c("10.0.0.0/8"), c("10.1.2.3/32")));
+        assert!(!contains(c("10.1.0.0/16"), c("10.0.0.0/8")));
+        assert!(!contains(c("::/0"), c("10.0.0.0/8")), "families differ");
+        assert!(contains(c("::/0"), c("fc00::/7")));
+        assert!(contains(c("10.1.2.3/32"), c("10.1.2.3/32")));
+        assert_eq!(private_overlap(c("0.0.0.0/0")), Some("0.0.0.0/8"));
+        assert_eq!(
+            private_overlap(c("169.254.169.254/32")),
+            Some("169.254.0.0/16")
+        );
+        assert_eq!(private_overlap(c("fd00:ec2::254/128")), Some("fc00::/7"));
+        assert_eq!(private_overlap(c("203.0.113.0/24")), None);
+        assert_eq!(private_overlap(c("2001:db8::/32")), None);
+        // Every excepted range lies inside the block it is excepted from (the API server
+        // refuses an ipBlock whose except is not a strict subset of its cidr).
+        for p in PRIVATE_V4 {
+            assert!(contains(c("0.0.0.0/0"), c(p)) && c(p).1 > 0, "{p}");
+        }
+        for p in PRIVATE_V6 {
+            assert!(contains(c("::/0"), c(p)) && c(p).1 > 0, "{p}");
+        }
     }
 }

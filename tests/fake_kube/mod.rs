@@ -383,6 +383,58 @@ fn matches_fields(object: &Value, selector: &str) -> bool {
     })
 }
 
+/// The API server's validation of what the orchestrator writes, where it refuses objects
+/// a client could plausibly get wrong: a NetworkPolicy's `ipBlock` whose `except` ranges are
+/// not strict subsets of its `cidr` (same family, longer prefix, inside it).
+fn validate(kind: Kind, obj: &Value) -> Result<(), String> {
+    if kind != Kind::NetworkPolicy {
+        return Ok(());
+    }
+    let parse = |s: &str| -> Option<(u128, u8, bool)> {
+        let (a, l) = s.split_once('/')?;
+        let l: u8 = l.parse().ok()?;
+        match a.parse::<std::net::IpAddr>().ok()? {
+            std::net::IpAddr::V4(a) => Some((u128::from(u32::from(a)) << 96, l, true)),
+            // As Go's net package sees it: an IPv4-mapped address is an IPv4 one.
+            std::net::IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => Some((u128::from(u32::from(v4)) << 96, l.saturating_sub(96), true)),
+                None => Some((u128::from(a), l, false)),
+            },
+        }
+    };
+    let rules = obj["spec"]["egress"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for (r, rule) in rules.iter().enumerate() {
+        for (p, peer) in rule["to"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let Some(block) = peer.get("ipBlock") else {
+                continue;
+            };
+            let field = format!("spec.egress[{r}].to[{p}].ipBlock");
+            let cidr = block["cidr"].as_str().unwrap_or_default();
+            let (c, cl, c4) = parse(cidr).ok_or(format!("{field}.cidr: invalid CIDR {cidr:?}"))?;
+            for e in block["except"].as_array().cloned().unwrap_or_default() {
+                let e = e.as_str().unwrap_or_default();
+                let (x, xl, x4) = parse(e).ok_or(format!("{field}.except: invalid CIDR {e:?}"))?;
+                let mask = u128::MAX.checked_shl(128 - u32::from(cl)).unwrap_or(0);
+                if x4 != c4 || xl <= cl || x & mask != c & mask {
+                    return Err(format!(
+                        "{field}.except: Invalid value: {e:?}: must be a strict subset of `cidr`"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn query_map(q: &str) -> HashMap<String, String> {
     q.split('&')
         .filter(|s| !s.is_empty())
@@ -1097,6 +1149,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 return error(400, "BadRequest", "body is not JSON");
             };
             let mut store = shared.store.lock().unwrap();
+            if let Err(msg) = validate(kind, &obj) {
+                return error(422, "Invalid", msg);
+            }
             match store.create(&shared.events, kind, &ns, obj) {
                 Ok(o) => json_response(201, &o),
                 Err((code, reason, msg)) => error(code, reason, msg),
@@ -1136,6 +1191,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                     next.as_object_mut().unwrap().remove("status");
                 }
             }
+            if let Err(msg) = validate(kind, &next) {
+                return error(422, "Invalid", msg);
+            }
             json_response(200, &store.update(&shared.events, kind, &ns, &name, next))
         }
         (Method::PATCH, Some(name)) => {
@@ -1173,6 +1231,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                         let mut obj = patch;
                         obj.as_object_mut().unwrap().remove("status");
                         obj["metadata"]["name"] = json!(name);
+                        if let Err(msg) = validate(kind, &obj) {
+                            return error(422, "Invalid", msg);
+                        }
                         match store.create(&shared.events, kind, &ns, obj) {
                             Ok(o) => json_response(201, &o),
                             Err((code, reason, msg)) => error(code, reason, msg),
@@ -1197,6 +1258,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                                     }
                                 }
                             }
+                        }
+                        if let Err(msg) = validate(kind, &next) {
+                            return error(422, "Invalid", msg);
                         }
                         json_response(200, &store.update(&shared.events, kind, &ns, &name, next))
                     }
@@ -1232,6 +1296,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                         o.remove("status");
                     }
                     merge_patch(&mut obj, &p);
+                }
+                if let Err(msg) = validate(kind, &obj) {
+                    return error(422, "Invalid", msg);
                 }
                 json_response(200, &store.update(&shared.events, kind, &ns, &name, obj))
             } else {

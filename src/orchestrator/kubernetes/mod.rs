@@ -92,6 +92,12 @@ pub const ENV_DEFAULT_LIMITS: &str = "GATEHOUSE_ORCHESTRATOR_DEFAULT_LIMITS";
 pub const ENV_RELAY_PORT: &str = "GATEHOUSE_ORCHESTRATOR_RELAY_PORT";
 /// Environment variable: `sizeLimit` of a server pod's `/tmp` emptyDir, e.g. `64Mi`.
 pub const ENV_TMP_SIZE_LIMIT: &str = "GATEHOUSE_ORCHESTRATOR_TMP_SIZE_LIMIT";
+/// Environment variable: comma-separated private, cluster or metadata ranges a server's
+/// egress may name (none by default: a `cidr` rule reaching such addresses is refused).
+pub const ENV_EGRESS_PRIVATE_CIDRS: &str = "GATEHOUSE_ORCHESTRATOR_EGRESS_PRIVATE_CIDRS";
+/// Environment variable: comma-separated ranges "public" excludes besides the private ones
+/// (the cluster's own public addresses: API server, nodes, load balancers).
+pub const ENV_EGRESS_EXCEPT: &str = "GATEHOUSE_ORCHESTRATOR_EGRESS_EXCEPT";
 /// Environment variable: `true` when the cluster runs Cilium (egress host names are then
 /// enforced by a CiliumNetworkPolicy each).
 pub const ENV_CILIUM: &str = "GATEHOUSE_ORCHESTRATOR_CILIUM";
@@ -310,6 +316,25 @@ fn policy_from_env(
         }
         Ok(map)
     };
+    // A list of CIDRs; `strict`: each must exclude something (a /0 cannot be excepted).
+    let cidrs = |key: &str, strict: bool| -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for c in list(key) {
+            match crate::orchestrator::egress::parse_cidr(&c) {
+                Ok((_, 0)) if strict => {
+                    return Err(bad(key, &c, "a /0 would except everything".into()));
+                }
+                // The API server sees these as IPv4 ranges, outside `::/0`: it would refuse
+                // every policy.
+                Ok((std::net::IpAddr::V6(a), _)) if strict && a.to_ipv4_mapped().is_some() => {
+                    return Err(bad(key, &c, "write IPv4-mapped ranges as IPv4".into()));
+                }
+                Ok(_) => out.push(c),
+                Err(why) => return Err(bad(key, &c, why)),
+            }
+        }
+        Ok(out)
+    };
     let defaults = PodPolicy::default();
     let mut policy = PodPolicy {
         allowed_accounts: list(ENV_ALLOWED_SERVICE_ACCOUNTS).into_iter().collect(),
@@ -325,6 +350,8 @@ fn policy_from_env(
             .map(|q| q.trim().to_string())
             .filter(|q| !q.is_empty())
             .unwrap_or(defaults.tmp_size_limit),
+        egress_private_cidrs: cidrs(ENV_EGRESS_PRIVATE_CIDRS, false)?,
+        egress_except: cidrs(ENV_EGRESS_EXCEPT, true)?,
         cilium: match getenv(ENV_CILIUM).as_deref().map(str::trim) {
             None | Some("" | "false") => false,
             Some("true") => true,
@@ -1528,7 +1555,9 @@ impl Runtime for KubeRuntime {
                 },
                 egress.summary()
             ),
-            None => "unrestricted: no NetworkPolicy of its own".to_owned(),
+            None => {
+                "no NetworkPolicy of its own: only the namespace's policies restrict it".to_owned()
+            }
         })
     }
 

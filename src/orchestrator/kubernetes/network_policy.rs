@@ -11,16 +11,19 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use std::collections::BTreeMap;
 
+use super::policy::PodPolicy;
 use crate::orchestrator::egress::{EgressPreset, EgressSpec, PRIVATE_V4, PRIVATE_V6};
 
 /// The NetworkPolicy enforcing `egress` on the pods `pod_labels` select, with metadata `meta`;
-/// host rules are left to a CiliumNetworkPolicy when `cilium`.
+/// host rules are left to a CiliumNetworkPolicy where the operator runs Cilium.
 pub fn render(
     pod_labels: BTreeMap<String, String>,
     egress: &EgressSpec,
     meta: ObjectMeta,
-    cilium: bool,
+    policy: &PodPolicy,
 ) -> NetworkPolicy {
+    let cilium = policy.cilium;
+    let public = |ports: &[u16]| public(ports, &policy.egress_except);
     let mut rules = Vec::new();
     if egress.needs_dns() {
         rules.push(dns());
@@ -63,11 +66,21 @@ pub fn render(
     }
 }
 
-/// DNS to the cluster's resolver (`k8s-app: kube-dns` in any namespace), UDP and TCP.
+/// DNS to the cluster's resolver (`k8s-app: kube-dns` in `kube-system`, where no one else
+/// can label a pod so), UDP and TCP.
 fn dns() -> NetworkPolicyEgressRule {
     NetworkPolicyEgressRule {
         to: Some(vec![NetworkPolicyPeer {
-            namespace_selector: Some(LabelSelector::default()),
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(
+                    [(
+                        "kubernetes.io/metadata.name".to_owned(),
+                        "kube-system".to_owned(),
+                    )]
+                    .into(),
+                ),
+                ..Default::default()
+            }),
             pod_selector: Some(LabelSelector {
                 match_labels: Some([("k8s-app".to_owned(), "kube-dns".to_owned())].into()),
                 ..Default::default()
@@ -87,20 +100,32 @@ fn dns() -> NetworkPolicyEgressRule {
     }
 }
 
-/// Every public address (IPv4 and IPv6, private, cluster and metadata ranges excepted) on
-/// TCP `ports` (none: all).
-fn public(ports: &[u16]) -> NetworkPolicyEgressRule {
-    let block = |cidr: &str, except: &[&str]| NetworkPolicyPeer {
-        ip_block: Some(IPBlock {
-            cidr: cidr.to_owned(),
-            except: Some(except.iter().map(|s| (*s).to_owned()).collect()),
-        }),
-        ..Default::default()
+/// Every public address (IPv4 and IPv6; private, cluster and metadata ranges excepted, and
+/// the operator's `also_except`) on TCP `ports` (none: every port and protocol).
+fn public(ports: &[u16], also_except: &[String]) -> NetworkPolicyEgressRule {
+    let block = |cidr: &str, except: &[&str], v4: bool| {
+        let extra = also_except
+            .iter()
+            .filter(|e| e.contains('.') == v4)
+            .cloned();
+        NetworkPolicyPeer {
+            ip_block: Some(IPBlock {
+                cidr: cidr.to_owned(),
+                except: Some(
+                    except
+                        .iter()
+                        .map(|s| (*s).to_owned())
+                        .chain(extra)
+                        .collect(),
+                ),
+            }),
+            ..Default::default()
+        }
     };
     NetworkPolicyEgressRule {
         to: Some(vec![
-            block("0.0.0.0/0", &PRIVATE_V4),
-            block("::/0", &PRIVATE_V6),
+            block("0.0.0.0/0", &PRIVATE_V4, true),
+            block("::/0", &PRIVATE_V6, false),
         ]),
         ports: tcp(ports),
     }

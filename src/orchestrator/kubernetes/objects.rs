@@ -277,7 +277,7 @@ pub fn render(
             selector_labels(&server.name),
             egress,
             meta(server, namespace, child_owner),
-            policy.cilium,
+            policy,
         )
     });
     let cilium_policy = egress

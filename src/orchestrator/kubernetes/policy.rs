@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::orchestrator::egress::{EgressPreset, EgressSpec};
+use crate::orchestrator::egress::{
+    EgressPreset, EgressSpec, contains, parse_cidr, private_overlap,
+};
 use crate::orchestrator::spec::{ResolvedServer, SpecError};
 
 /// Service account of the gateway in `deploy/base/serviceaccount.yaml`: never given to a server.
@@ -34,6 +36,12 @@ pub struct PodPolicy {
     /// The cluster runs Cilium: host names in egress rules are enforced by a
     /// CiliumNetworkPolicy (`toFQDNs`) rather than opened to public addresses.
     pub cilium: bool,
+    /// Private, cluster or metadata ranges a definition's egress may name (a `cidr` rule
+    /// that reaches any such address must lie inside one of these).
+    pub egress_private_cidrs: Vec<String>,
+    /// More ranges "public" excludes, besides the private ones: the cluster's own public
+    /// addresses (API server, nodes, load balancers).
+    pub egress_except: Vec<String>,
 }
 
 impl Default for PodPolicy {
@@ -54,11 +62,47 @@ impl Default for PodPolicy {
             tmp_size_limit: "64Mi".into(),
             default_egress: None,
             cilium: false,
+            egress_private_cidrs: Vec::new(),
+            egress_except: Vec::new(),
         }
     }
 }
 
 impl PodPolicy {
+    /// Refuses a `cidr` rule that reaches private, cluster or metadata addresses the operator
+    /// did not allow: a definition (an `McpServer`, the admin API) must not open the way to the
+    /// cloud's credentials or the cluster's insides.
+    fn admit_egress(&self, egress: &EgressSpec) -> Result<(), SpecError> {
+        for (i, rule) in egress.allow.iter().enumerate() {
+            let Some(range) = rule.cidr.as_deref().and_then(|c| parse_cidr(c).ok()) else {
+                continue;
+            };
+            let Some(private) = private_overlap(range) else {
+                continue;
+            };
+            let allowed = self
+                .egress_private_cidrs
+                .iter()
+                .filter_map(|a| parse_cidr(a).ok())
+                .any(|a| contains(a, range));
+            if !allowed {
+                let cidr = rule.cidr.as_deref().unwrap_or_default();
+                return Err(SpecError {
+                    field: format!("egress.allow[{i}].cidr"),
+                    message: format!(
+                        "{cidr} reaches private, cluster or metadata addresses ({private}); the operator allows {} (GATEHOUSE_ORCHESTRATOR_EGRESS_PRIVATE_CIDRS)",
+                        if self.egress_private_cidrs.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            self.egress_private_cidrs.join(", ")
+                        }
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The egress a server gets: its own, else the operator's default preset.
     pub fn egress(&self, server: &ResolvedServer) -> Option<EgressSpec> {
         server.spec.egress.clone().or_else(|| {
@@ -132,6 +176,9 @@ impl PodPolicy {
             field: field.into(),
             message,
         };
+        if let Some(egress) = &spec.egress {
+            self.admit_egress(egress)?;
+        }
         let account = match spec.service_account_name.as_deref() {
             None => self.default_account.clone(),
             Some(a) if !is_dns_subdomain(a) => {
