@@ -1423,18 +1423,17 @@ async fn egress_becomes_a_network_policy_kept_with_the_server() {
     rt.wait_ready("locked", Duration::from_secs(10))
         .await
         .unwrap();
-    let np = fake
-        .get(Kind::NetworkPolicy, NS, "mcp-locked")
-        .expect("a NetworkPolicy");
+    // Owned by the Deployment, like the Secret (once the Deployment exists).
+    let dep = fake.get(Kind::Deployment, NS, "mcp-locked").unwrap();
+    let np = eventually("the policy owned", Duration::from_secs(5), || {
+        fake.get(Kind::NetworkPolicy, NS, "mcp-locked")
+            .filter(|np| np["metadata"]["ownerReferences"][0]["uid"] == dep["metadata"]["uid"])
+    })
+    .await;
     assert_eq!(
         np["spec"],
         json!({"podSelector": {"matchLabels": {"gatehouse.dev/server": "locked", "app.kubernetes.io/instance": "locked"}},
                "policyTypes": ["Egress"], "egress": []}),
-    );
-    let dep = fake.get(Kind::Deployment, NS, "mcp-locked").unwrap();
-    assert_eq!(
-        np["metadata"]["ownerReferences"][0]["uid"], dep["metadata"]["uid"],
-        "owned by the Deployment, like the Secret"
     );
     assert_eq!(np["metadata"]["labels"]["team"], "tools");
     // Written before the Deployment: the pod never runs without it.
@@ -1597,7 +1596,10 @@ async fn with_cilium_host_names_become_to_fqdns() {
         })
     );
     // The NetworkPolicy keeps DNS and the named range, and opens nothing for the hosts.
-    let np = fake.get(Kind::NetworkPolicy, NS, "mcp-gh").unwrap();
+    let np = eventually("the NetworkPolicy", Duration::from_secs(5), || {
+        fake.get(Kind::NetworkPolicy, NS, "mcp-gh")
+    })
+    .await;
     let rules = np["spec"]["egress"].as_array().unwrap();
     assert_eq!(rules.len(), 2, "{np}");
     assert_eq!(rules[1]["to"][0]["ipBlock"]["cidr"], "10.9.0.0/16");
@@ -1627,4 +1629,56 @@ async fn with_cilium_host_names_become_to_fqdns() {
     .await;
     assert!(fake.get(Kind::NetworkPolicy, NS, "mcp-gh").is_some());
     assert_eq!(rt.stats().errors, 0);
+}
+
+/// A pod of a server that ended (evicted) is deleted; the running one and a failed look-alike
+/// that is not the server's (no ReplicaSet of its Deployment controls it) are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_pods_of_a_server_are_collected() {
+    let fake = FakeKube::start().await;
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+    rt.apply(
+        example("tidy", "ghcr.io/gatehouse/example:1", &[])
+            .resolve()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    rt.wait_ready("tidy", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let running = fake.pod_of(NS, "mcp-tidy").unwrap();
+    let failed = |name: &str, owners: serde_json::Value| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": NS,
+                            "labels": running["metadata"]["labels"].clone(),
+                            "ownerReferences": owners},
+               "spec": running["spec"].clone(),
+               "status": {"phase": "Failed", "reason": "Evicted",
+                          "message": "The node was low on resource: memory."}})
+    };
+    fake.create(Kind::Pod, NS, failed("mcp-tidy-lookalike", json!([])));
+    fake.create(
+        Kind::Pod,
+        NS,
+        failed(
+            "mcp-tidy-evicted",
+            running["metadata"]["ownerReferences"].clone(),
+        ),
+    );
+    eventually("the evicted pod deleted", Duration::from_secs(5), || {
+        fake.get(Kind::Pod, NS, "mcp-tidy-evicted")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(fake.get(Kind::Pod, NS, "mcp-tidy-lookalike").is_some());
+    let name = running["metadata"]["name"].as_str().unwrap();
+    assert!(
+        fake.get(Kind::Pod, NS, name).is_some(),
+        "the running pod stays"
+    );
+    rt.wait_ready("tidy", Duration::from_secs(10))
+        .await
+        .unwrap();
 }
