@@ -922,9 +922,14 @@ async fn attach_works_over_the_older_v4_channel_protocol() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_gateway_deletes_leftovers_only_once_it_knows_its_config() {
     let fake = FakeKube::start().await;
-    let a = example("keep", "ghcr.io/gatehouse/example:1", &[])
-        .resolve()
-        .unwrap();
+    // With a Secret and an egress policy: a restart writes neither, nor the Deployment.
+    let mut keep = example("keep", "ghcr.io/gatehouse/example:1", &[]);
+    keep.spec.egress = Some(
+        serde_json::from_value(json!({"preset": "dns-and-https",
+            "allow": [{"host": "api.github.com", "ports": [443]}]}))
+        .unwrap(),
+    );
+    let a = keep.resolve().unwrap();
     let b = example("drop", "ghcr.io/gatehouse/example:1", &[])
         .resolve()
         .unwrap();
@@ -940,6 +945,8 @@ async fn a_restarted_gateway_deletes_leftovers_only_once_it_knows_its_config() {
             .await
             .unwrap();
     }
+    let pod_before = fake.pod_of(NS, "mcp-keep").unwrap()["metadata"]["uid"].clone();
+    assert!(fake.get(Kind::NetworkPolicy, NS, "mcp-keep").is_some());
     // The gateway restarts; "drop" is no longer in its config.
     let second = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -974,6 +981,11 @@ async fn a_restarted_gateway_deletes_leftovers_only_once_it_knows_its_config() {
     );
     assert!(fake.get(Kind::Secret, NS, "mcp-drop").is_none());
     assert!(fake.get(Kind::Deployment, NS, "mcp-keep").is_some());
+    assert_eq!(
+        fake.pod_of(NS, "mcp-keep").unwrap()["metadata"]["uid"],
+        pod_before,
+        "the server's pod was not restarted"
+    );
 }
 
 /// Whether any request the fake API server received mentions `needle` (path or body).
