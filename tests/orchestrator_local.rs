@@ -420,3 +420,77 @@ async fn sync_makes_the_configured_set_exact() {
     );
     rt.shutdown().await;
 }
+
+/// A secret delivered as a file: the process's variable holds the path of a read-only file
+/// (0400, in a private 0700 directory) with the secret, which is in no process environment;
+/// the directory goes with the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_as_files_are_private_files_the_variable_points_to() {
+    use std::os::unix::fs::PermissionsExt;
+    let rt = LocalRuntime::new(fast());
+    let mut def = server(
+        "filed",
+        GATEHOUSE,
+        &["example-server", "--test-tools", "--name", "filed"],
+    );
+    def.spec.env = vec![
+        EnvVarSpec {
+            name: "API_TOKEN_FILE".into(),
+            secret_value: Some("s3cret-in-a-file".into()),
+            as_file: true,
+            ..EnvVarSpec::default()
+        },
+        EnvVarSpec {
+            name: "PLAIN".into(),
+            value: Some("visible".into()),
+            ..EnvVarSpec::default()
+        },
+    ];
+    rt.apply(def.resolve().unwrap()).await.unwrap();
+    rt.wait_ready("filed", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut c = open(&rt, "filed").await;
+    c.handshake().await;
+    let r = c
+        .call(2, "tools/call", json!({"name": "pid", "arguments": {}}))
+        .await;
+    let pid = r["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let vars: Vec<String> = environ
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    assert!(vars.contains(&"PLAIN=visible".to_owned()), "{vars:?}");
+    assert!(
+        !vars.iter().any(|v| v.contains("s3cret-in-a-file")),
+        "the secret is in no environment"
+    );
+    let path = vars
+        .iter()
+        .find_map(|v| v.strip_prefix("API_TOKEN_FILE="))
+        .expect("the variable names the file");
+    let path = std::path::Path::new(path);
+    assert_eq!(std::fs::read_to_string(path).unwrap(), "s3cret-in-a-file");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(path), 0o400);
+    let dir = path.parent().unwrap().to_owned();
+    assert_eq!(mode(&dir), 0o700);
+
+    rt.remove("filed").await.unwrap();
+    assert!(!dir.exists(), "removed with the server");
+
+    // Only a secret can be a file.
+    let mut bad = server("bad", GATEHOUSE, &["example-server"]);
+    bad.spec.env = vec![EnvVarSpec {
+        name: "X".into(),
+        value: Some("plain".into()),
+        as_file: true,
+        ..EnvVarSpec::default()
+    }];
+    let err = bad.resolve().unwrap_err();
+    assert_eq!(err.field, "env[0].asFile", "{err}");
+}

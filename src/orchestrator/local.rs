@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -442,9 +443,65 @@ struct ProcIo {
     source_tx: mpsc::Sender<ReadHalf<DuplexStream>>,
 }
 
+/// A server's secrets delivered as files: a fresh private directory (0700) of read-only
+/// files (0400), each named as its variable, removed with the server.
+struct SecretFiles {
+    dir: PathBuf,
+}
+
+impl SecretFiles {
+    /// Writes `server`'s file secrets (`None`: it has none).
+    fn write(server: &ResolvedServer) -> std::io::Result<Option<SecretFiles>> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let files: Vec<(&String, &String)> = server
+            .env
+            .iter()
+            .filter_map(|(k, v)| match v {
+                EnvValue::SecretFile(s) => Some((k, s)),
+                _ => None,
+            })
+            .collect();
+        if files.is_empty() {
+            return Ok(None);
+        }
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let dir = std::env::temp_dir().join(format!(
+            "gatehouse-secrets-{}-{:016x}",
+            server.name,
+            u64::from_ne_bytes(nonce)
+        ));
+        // Created, not opened: a directory planted under that name is refused.
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let secrets = SecretFiles { dir };
+        for (key, value) in files {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o400)
+                .open(secrets.path(key))?;
+            f.write_all(value.as_bytes())?;
+        }
+        Ok(Some(secrets))
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.dir.join(key)
+    }
+}
+
+impl Drop for SecretFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// One supervised server.
 struct Supervised {
     server: ResolvedServer,
+    /// Its file secrets, written once when it is defined (or why they could not be).
+    secret_files: Result<Option<SecretFiles>, String>,
     status: watch::Sender<ServerStatus>,
     logs: Mutex<Logs>,
     io: Mutex<Option<ProcIo>>,
@@ -457,7 +514,10 @@ struct Supervised {
 impl Supervised {
     fn start(server: ResolvedServer, settings: Arc<LocalSettings>) -> Arc<Self> {
         let (stop_tx, _) = watch::channel(false);
+        let secret_files = SecretFiles::write(&server)
+            .map_err(|e| format!("cannot write the secrets it gets as files: {e}"));
         let sup = Arc::new(Supervised {
+            secret_files,
             server,
             status: watch::Sender::new(ServerStatus::new(Phase::Pending)),
             logs: Mutex::new(Logs {
@@ -627,8 +687,15 @@ fn spawn(sup: &Supervised, settings: &LocalSettings) -> std::io::Result<ServerPr
         .inherit_env
         .iter()
         .filter_map(|key| Some((OsString::from(key), std::env::var_os(key)?)));
-    let own = sup.server.env.iter().map(|(k, v)| match v {
-        EnvValue::Plain(s) | EnvValue::Secret(s) => (OsString::from(k), OsString::from(s)),
+    let files = sup
+        .secret_files
+        .as_ref()
+        .map_err(|e| std::io::Error::other(e.clone()))?;
+    let own = sup.server.env.iter().filter_map(|(k, v)| match v {
+        EnvValue::Plain(s) | EnvValue::Secret(s) => Some((OsString::from(k), OsString::from(s))),
+        EnvValue::SecretFile(_) => {
+            Some((OsString::from(k), files.as_ref()?.path(k).into_os_string()))
+        }
     });
     // Later entries win: the definition over what the settings inherit (see crate::process).
     let env: BTreeMap<OsString, OsString> = inherited.chain(own).collect();

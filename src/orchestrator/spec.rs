@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 pub const OBJECT_PREFIX: &str = "mcp-";
 /// Longest server name: a DNS-1035 label of 63 characters, less the object prefix.
 pub const MAX_NAME_LEN: usize = 63 - OBJECT_PREFIX.len();
+/// Where a server finds the secrets it gets as files (`asFile`), each named as its variable.
+pub const SECRET_FILES_DIR: &str = "/var/run/gatehouse/secrets";
 /// Default MCP endpoint path of a streamable-http server.
 pub const DEFAULT_HTTP_PATH: &str = "/mcp";
 /// Names no server may take: `gateway` is the `server` label of the metrics of requests
@@ -161,6 +163,10 @@ pub struct EnvVarSpec {
     /// Secret value read from this variable of the gateway's environment (config file only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_from_env: Option<String>,
+    /// Deliver the secret as a read-only file: the variable holds the file's path, not the
+    /// secret (which then shows in no process environment).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub as_file: bool,
 }
 
 /// Compute resources, as Kubernetes quantities.
@@ -230,6 +236,9 @@ pub enum EnvValue {
     Plain(String),
     /// Stored in the server's Secret under the variable's name.
     Secret(String),
+    /// Stored like [`EnvValue::Secret`], delivered as a read-only file whose path is the
+    /// variable's value.
+    SecretFile(String),
 }
 
 impl std::fmt::Debug for EnvValue {
@@ -237,6 +246,7 @@ impl std::fmt::Debug for EnvValue {
         match self {
             EnvValue::Plain(v) => f.debug_tuple("Plain").field(v).finish(),
             EnvValue::Secret(_) => f.write_str("Secret(<redacted>)"),
+            EnvValue::SecretFile(_) => f.write_str("SecretFile(<redacted>)"),
         }
     }
 }
@@ -283,7 +293,7 @@ impl ResolvedServer {
         self.env
             .iter()
             .filter_map(|(k, v)| match v {
-                EnvValue::Secret(s) => Some((k.clone(), s.clone())),
+                EnvValue::Secret(s) | EnvValue::SecretFile(s) => Some((k.clone(), s.clone())),
                 EnvValue::Plain(_) => None,
             })
             .collect()
@@ -486,6 +496,16 @@ impl ServerDef {
                         "give exactly one of value, secretValue, secretFromEnv",
                     ));
                 }
+            };
+            let value = match value {
+                EnvValue::Secret(s) if var.as_file => EnvValue::SecretFile(s),
+                EnvValue::Plain(_) if var.as_file => {
+                    return Err(SpecError::new(
+                        at(".asFile"),
+                        "only a secret (secretValue, secretFromEnv) is delivered as a file",
+                    ));
+                }
+                v => v,
             };
             env.push((var.name.clone(), value));
         }

@@ -8,16 +8,17 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
     PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret,
-    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::policy::PodPolicy;
-use crate::orchestrator::spec::{EnvValue, ResolvedServer, SpecError, labels};
+use crate::orchestrator::spec::{EnvValue, ResolvedServer, SECRET_FILES_DIR, SpecError, labels};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 /// Name of the server's container in its pod.
@@ -124,8 +125,56 @@ pub fn render(
                     ..EnvVarSource::default()
                 }),
             },
+            EnvValue::SecretFile(_) => EnvVar {
+                name: k.clone(),
+                value: Some(format!("{SECRET_FILES_DIR}/{k}")),
+                value_from: None,
+            },
         })
         .collect();
+    // Secrets delivered as files: those keys of the Secret, mounted read-only, readable by
+    // the pod's group only.
+    let secret_files: Vec<KeyToPath> = server
+        .env
+        .iter()
+        .filter(|(_, v)| matches!(v, EnvValue::SecretFile(_)))
+        .map(|(k, _)| KeyToPath {
+            key: k.clone(),
+            path: k.clone(),
+            mode: None,
+        })
+        .collect();
+    let mut mounts = vec![VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..VolumeMount::default()
+    }];
+    let mut volumes = vec![Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: None,
+            size_limit: Some(Quantity(policy.tmp_size_limit.clone())),
+        }),
+        ..Volume::default()
+    }];
+    if !secret_files.is_empty() {
+        mounts.push(VolumeMount {
+            name: "secret-files".into(),
+            mount_path: SECRET_FILES_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "secret-files".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(name.clone()),
+                items: Some(secret_files),
+                default_mode: Some(0o440),
+                optional: Some(false),
+            }),
+            ..Volume::default()
+        });
+    }
     let http = server.http_port_path();
     let container = Container {
         name: CONTAINER.into(),
@@ -174,11 +223,7 @@ pub fn render(
         stdin: server.is_stdio().then_some(true),
         stdin_once: server.is_stdio().then_some(false),
         tty: Some(false),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "tmp".into(),
-            mount_path: "/tmp".into(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     };
     let pod_spec = PodSpec {
@@ -201,14 +246,7 @@ pub fn render(
             }),
             ..PodSecurityContext::default()
         }),
-        volumes: Some(vec![Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                medium: None,
-                size_limit: Some(Quantity(policy.tmp_size_limit.clone())),
-            }),
-            ..Volume::default()
-        }]),
+        volumes: Some(volumes),
         ..PodSpec::default()
     };
     let mut template_labels = object_labels(server);
@@ -354,6 +392,36 @@ mod tests {
             .unwrap()
             .resolve_with(|_| Some("s3cret".into()))
             .unwrap()
+    }
+
+    #[test]
+    fn secrets_as_files_are_mounted_read_only_and_the_variable_names_the_path() {
+        let s = server(
+            "name: gh\nimage: ghcr.io/x/gh:1\nenv: [{name: TOKEN_FILE, secretFromEnv: T, asFile: true}, {name: B, secretFromEnv: T}]",
+        );
+        let r = render(&s, "ns", None, None, &PodPolicy::default()).unwrap();
+        let pod = serde_json::to_value(&r.deployment).unwrap()["spec"]["template"]["spec"].take();
+        let c = &pod["containers"][0];
+        assert_eq!(
+            c["env"][0],
+            serde_json::json!({"name": "TOKEN_FILE", "value": "/var/run/gatehouse/secrets/TOKEN_FILE"})
+        );
+        assert_eq!(c["env"][1]["valueFrom"]["secretKeyRef"]["key"], "B");
+        assert_eq!(
+            c["volumeMounts"][1],
+            serde_json::json!({"name": "secret-files", "mountPath": "/var/run/gatehouse/secrets", "readOnly": true})
+        );
+        assert_eq!(
+            pod["volumes"][1],
+            serde_json::json!({"name": "secret-files", "secret": {"secretName": "mcp-gh",
+                "items": [{"key": "TOKEN_FILE", "path": "TOKEN_FILE"}], "defaultMode": 0o440, "optional": false}})
+        );
+        assert_eq!(r.secret.unwrap().data.unwrap()["TOKEN_FILE"].0, b"s3cret");
+        assert!(
+            !serde_json::to_string(&r.deployment)
+                .unwrap()
+                .contains("s3cret")
+        );
     }
 
     #[test]
