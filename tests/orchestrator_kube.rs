@@ -1678,10 +1678,17 @@ async fn evicted_pods_of_a_server_are_collected() {
             running["metadata"]["ownerReferences"].clone(),
         ),
     );
-    eventually("the evicted pod deleted", Duration::from_secs(5), || {
-        fake.get(Kind::Pod, NS, "mcp-tidy-evicted")
-            .is_none()
-            .then_some(())
+    // A graceful node shutdown leaves the pod Succeeded (Kubernetes 1.27 and later).
+    let mut shut_down = failed(
+        "mcp-tidy-shutdown",
+        running["metadata"]["ownerReferences"].clone(),
+    );
+    shut_down["status"] = json!({"phase": "Succeeded", "reason": "Terminated"});
+    fake.create(Kind::Pod, NS, shut_down);
+    eventually("the ended pods deleted", Duration::from_secs(5), || {
+        (fake.get(Kind::Pod, NS, "mcp-tidy-evicted").is_none()
+            && fake.get(Kind::Pod, NS, "mcp-tidy-shutdown").is_none())
+        .then_some(())
     })
     .await;
     assert!(fake.get(Kind::Pod, NS, "mcp-tidy-lookalike").is_some());

@@ -427,7 +427,21 @@ async fn sync_makes_the_configured_set_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_as_files_are_private_files_the_variable_points_to() {
     use std::os::unix::fs::PermissionsExt;
+    // What a gateway that was killed left behind is swept by the next one; a live one's is not.
+    let tmp = std::env::temp_dir();
+    let dead = tmp.join("gatehouse-secrets-999999999-gone-0000000000000000");
+    let live = tmp.join(format!(
+        "gatehouse-secrets-{}-kept-0000000000000000",
+        std::process::id()
+    ));
+    for d in [&dead, &live] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("TOKEN"), "left").unwrap();
+    }
     let rt = LocalRuntime::new(fast());
+    assert!(!dead.exists(), "swept");
+    assert!(live.exists(), "a live gateway's is kept");
+    std::fs::remove_dir_all(&live).unwrap();
     let mut def = server(
         "filed",
         GATEHOUSE,
@@ -480,7 +494,28 @@ async fn secrets_as_files_are_private_files_the_variable_points_to() {
     let dir = path.parent().unwrap().to_owned();
     assert_eq!(mode(&dir), 0o700);
 
+    // Gone behind its back (a cleaner of /tmp, the server itself): written again before the
+    // process starts again.
+    std::fs::remove_dir_all(&dir).unwrap();
+    let mut states = rt.watch_status("filed").unwrap();
+    c.send(json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                  "params": {"name": "crash", "arguments": {}}}))
+        .await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        states.wait_for(|s| s.restarts >= 1 && s.phase == Phase::Ready),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(std::fs::read_to_string(path).unwrap(), "s3cret-in-a-file");
+    assert_eq!(mode(path), 0o400);
+
     rt.remove("filed").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dir.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(!dir.exists(), "removed with the server");
 
     // Only a secret can be a file.
@@ -493,4 +528,11 @@ async fn secrets_as_files_are_private_files_the_variable_points_to() {
     }];
     let err = bad.resolve().unwrap_err();
     assert_eq!(err.field, "env[0].asFile", "{err}");
+    bad.spec.env = vec![EnvVarSpec {
+        name: "..".into(),
+        secret_value: Some("x".into()),
+        as_file: true,
+        ..EnvVarSpec::default()
+    }];
+    assert_eq!(bad.resolve().unwrap_err().field, "env[0].name");
 }

@@ -110,6 +110,7 @@ impl Drop for ChangeLock {
 impl LocalRuntime {
     /// A runtime with no servers.
     pub fn new(settings: LocalSettings) -> Self {
+        sweep_secret_files();
         LocalRuntime {
             settings: Arc::new(settings),
             servers: Arc::new(DashMap::new()),
@@ -443,47 +444,82 @@ struct ProcIo {
     source_tx: mpsc::Sender<ReadHalf<DuplexStream>>,
 }
 
-/// A server's secrets delivered as files: a fresh private directory (0700) of read-only
-/// files (0400), each named as its variable, removed with the server.
+/// A server's secrets delivered as files: a private directory (0700) of read-only files
+/// (0400), each named as its variable, removed with the server. The name carries the
+/// gateway's pid, so that a later gateway can sweep what a killed one left (see
+/// [`sweep_secret_files`]).
 struct SecretFiles {
     dir: PathBuf,
 }
 
+/// Prefix of the directories of [`SecretFiles`] under the temporary directory.
+const SECRET_FILES_PREFIX: &str = "gatehouse-secrets-";
+
 impl SecretFiles {
-    /// Writes `server`'s file secrets (`None`: it has none).
-    fn write(server: &ResolvedServer) -> std::io::Result<Option<SecretFiles>> {
-        use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let files: Vec<(&String, &String)> = server
+    /// Where `server`'s file secrets will be kept (`None`: it has none). Nothing is written
+    /// yet: [`SecretFiles::ensure`] does, before each process starts.
+    fn for_server(server: &ResolvedServer) -> Option<SecretFiles> {
+        if !server
             .env
             .iter()
-            .filter_map(|(k, v)| match v {
-                EnvValue::SecretFile(s) => Some((k, s)),
-                _ => None,
-            })
-            .collect();
-        if files.is_empty() {
-            return Ok(None);
+            .any(|(_, v)| matches!(v, EnvValue::SecretFile(_)))
+        {
+            return None;
         }
         let mut nonce = [0u8; 8];
-        getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
-        let dir = std::env::temp_dir().join(format!(
-            "gatehouse-secrets-{}-{:016x}",
-            server.name,
-            u64::from_ne_bytes(nonce)
-        ));
-        // Created, not opened: a directory planted under that name is refused.
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        let secrets = SecretFiles { dir };
-        for (key, value) in files {
+        let _ = getrandom::fill(&mut nonce);
+        Some(SecretFiles {
+            dir: std::env::temp_dir().join(format!(
+                "{SECRET_FILES_PREFIX}{}-{}-{:016x}",
+                std::process::id(),
+                server.name,
+                u64::from_ne_bytes(nonce)
+            )),
+        })
+    }
+
+    /// Makes the directory and files exactly `server`'s file secrets again (a file removed
+    /// or changed since, by the server itself or a cleaner of the temporary directory, is
+    /// written anew; a failure is tried again at the next start).
+    fn ensure(&self, server: &ResolvedServer) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+        match std::fs::symlink_metadata(&self.dir) {
+            // Ours only if a real directory of ours, private: anything else was planted.
+            Ok(m) => {
+                if !m.is_dir() || Some(m.uid()) != own_uid() {
+                    return Err(std::io::Error::other(format!(
+                        "{} is not this gateway's directory",
+                        self.dir.display()
+                    )));
+                }
+                std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new().mode(0o700).create(&self.dir)?;
+            }
+            Err(e) => return Err(e),
+        }
+        for (key, value) in server.env.iter().filter_map(|(k, v)| match v {
+            EnvValue::SecretFile(s) => Some((k, s)),
+            _ => None,
+        }) {
+            let path = self.path(key);
+            if std::fs::read(&path).is_ok_and(|b| b == value.as_bytes()) {
+                continue;
+            }
+            // Written aside, then renamed over: a process reading it sees all or nothing.
+            let tmp = self.dir.join(format!(".{key}.new"));
+            let _ = std::fs::remove_file(&tmp);
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o400)
-                .open(secrets.path(key))?;
+                .open(&tmp)?;
             f.write_all(value.as_bytes())?;
+            std::fs::rename(&tmp, &path)?;
         }
-        Ok(Some(secrets))
+        Ok(())
     }
 
     fn path(&self, key: &str) -> PathBuf {
@@ -497,11 +533,43 @@ impl Drop for SecretFiles {
     }
 }
 
+/// This process's user id (the owner of its `/proc` entry).
+fn own_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// Removes the secret directories of gateways that are gone (killed before they could).
+fn sweep_secret_files() {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    let Some(me) = own_uid() else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SECRET_FILES_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let ours = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if ours && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// One supervised server.
 struct Supervised {
     server: ResolvedServer,
-    /// Its file secrets, written once when it is defined (or why they could not be).
-    secret_files: Result<Option<SecretFiles>, String>,
+    /// Where its file secrets are kept (written before each process starts).
+    secret_files: Option<SecretFiles>,
     status: watch::Sender<ServerStatus>,
     logs: Mutex<Logs>,
     io: Mutex<Option<ProcIo>>,
@@ -514,8 +582,7 @@ struct Supervised {
 impl Supervised {
     fn start(server: ResolvedServer, settings: Arc<LocalSettings>) -> Arc<Self> {
         let (stop_tx, _) = watch::channel(false);
-        let secret_files = SecretFiles::write(&server)
-            .map_err(|e| format!("cannot write the secrets it gets as files: {e}"));
+        let secret_files = SecretFiles::for_server(&server);
         let sup = Arc::new(Supervised {
             secret_files,
             server,
@@ -687,10 +754,12 @@ fn spawn(sup: &Supervised, settings: &LocalSettings) -> std::io::Result<ServerPr
         .inherit_env
         .iter()
         .filter_map(|key| Some((OsString::from(key), std::env::var_os(key)?)));
-    let files = sup
-        .secret_files
-        .as_ref()
-        .map_err(|e| std::io::Error::other(e.clone()))?;
+    let files = sup.secret_files.as_ref();
+    if let Some(files) = files {
+        files.ensure(&sup.server).map_err(|e| {
+            std::io::Error::other(format!("cannot write the secrets it gets as files: {e}"))
+        })?;
+    }
     let own = sup.server.env.iter().filter_map(|(k, v)| match v {
         EnvValue::Plain(s) | EnvValue::Secret(s) => Some((OsString::from(k), OsString::from(s))),
         EnvValue::SecretFile(_) => {

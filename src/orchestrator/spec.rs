@@ -478,6 +478,14 @@ impl ServerDef {
                     format!("{:?} is set twice", var.name),
                 ));
             }
+            // A secret's name is a key of the server's Secret, and a file's name: `.`, `..`
+            // and a leading `..` are neither.
+            if var.value.is_none() && var.name.starts_with('.') {
+                return Err(SpecError::new(
+                    at(".name"),
+                    format!("{:?}: a secret's name must not start with '.'", var.name),
+                ));
+            }
             no_nul(&at(".value"), var.value.as_deref())?;
             no_nul(&at(".secretValue"), var.secret_value.as_deref())?;
             no_nul(&at(".secretFromEnv"), var.secret_from_env.as_deref())?;

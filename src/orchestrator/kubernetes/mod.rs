@@ -918,10 +918,13 @@ impl Inner {
             }
             None => self.delete_if_present(&self.services, name, &obj).await?,
         }
-        // A pod of ours that ended (evicted, or its node shut down) is replaced by its
-        // ReplicaSet but stays behind until deleted: the cluster keeps thousands otherwise.
+        // A pod of ours that ended (evicted: Failed; stopped by a graceful node shutdown:
+        // Succeeded) is replaced by its ReplicaSet but stays behind until deleted.
         for pod in self.pods_of(name, |_| true) {
-            if pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed") {
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            if matches!(phase, Some("Failed" | "Succeeded"))
+                && pod.metadata.deletion_timestamp.is_none()
+            {
                 let pod_name = pod.name_any();
                 tracing::info!(server = name, pod = %pod_name, "deleting a failed pod");
                 self.delete_if_present(&self.pods, name, &pod_name).await?;
