@@ -5,13 +5,11 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use gatehouse::orchestrator::Runtime;
 use gatehouse::orchestrator::backoff::Backoff;
 use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
-use http_body_util::Full;
 use serde_json::{Value, json};
-use support::{BIN, Client, Resp, TestGateway};
+use support::{BIN, Resp, TestGateway};
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789";
 const CLIENT_TOKEN: &str = "client-token-0123456789";
@@ -53,19 +51,7 @@ async fn admin(
     path: &str,
     body: Option<Value>,
 ) -> Resp {
-    let c = Client::new(format!("http://{gw_addr}{path}"));
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(&c.url)
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"));
-    let body = match body {
-        Some(b) => {
-            req = req.header("content-type", "application/json");
-            Bytes::from(b.to_string())
-        }
-        None => Bytes::new(),
-    };
-    c.send(req.body(Full::new(body)).unwrap()).await
+    support::admin_request(gw_addr, Some(ADMIN_TOKEN), method, path, body).await
 }
 
 /// Pids of the processes whose command line contains `marker`.

@@ -233,16 +233,7 @@ async fn replica_serving(
 }
 
 async fn admin(gw: &TestGateway, method: &str, path: &str, body: Option<Value>) -> Resp {
-    let c = Client::new(format!("http://{}{path}", gw.addr));
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(&c.url)
-        .header("authorization", format!("Bearer {ADMIN_TOKEN}"));
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
-    }
-    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-    c.send(req.body(Full::new(body)).unwrap()).await
+    support::admin_request(gw.addr, Some(ADMIN_TOKEN), method, path, body).await
 }
 
 /// Calls `whoami` in a new session until it answers (the pod may still be starting).

@@ -11,7 +11,7 @@ use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
 use gatehouse::orchestrator::{Phase, Runtime};
 use http_body_util::Full;
 use serde_json::{Value, json};
-use support::{BIN, Client, Resp, TestGateway, eventually};
+use support::{BIN, Client, Resp, TestGateway, eventually, tool_names};
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789";
 const CLIENT_TOKEN: &str = "client-token-0123456789";
@@ -64,15 +64,6 @@ async fn client(gw: &TestGateway) -> Client {
     c
 }
 
-fn tool_names(list: &Value) -> Vec<String> {
-    list["result"]["tools"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no tools: {list}"))
-        .iter()
-        .map(|t| t["name"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 /// An admin API request.
 async fn admin(
     gw: &TestGateway,
@@ -81,19 +72,7 @@ async fn admin(
     token: Option<&str>,
     body: Option<Value>,
 ) -> Resp {
-    let c = Client::new(format!("http://{}{path}", gw.addr));
-    let mut req = http::Request::builder().method(method).uri(&c.url);
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let body = match body {
-        Some(b) => {
-            req = req.header("content-type", "application/json");
-            Bytes::from(b.to_string())
-        }
-        None => Bytes::new(),
-    };
-    c.send(req.body(Full::new(body)).unwrap()).await
+    support::admin_request(gw.addr, token, method, path, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,7 @@ use gatehouse::orchestrator::kubernetes::config_map::ConfigMapDocument;
 use gatehouse::orchestrator::kubernetes::{KubeOptions, KubeRuntime};
 use gatehouse::pins::{DEFAULT_CONFIG_MAP, DOCUMENT_KEY, PinningConfig, Pins};
 use serde_json::{Value, json};
-use support::{BIN, TestGateway, admin_request, eventually};
+use support::{BIN, TestGateway, admin_request, eventually, tool_names};
 
 const NS: &str = "mcp";
 const ADMIN: &str = "admin-token-0123456789";
@@ -74,15 +74,6 @@ fn stored(fake: &FakeKube, name: &str) -> Value {
         .get(Kind::ConfigMap, NS, name)
         .unwrap_or_else(|| panic!("no ConfigMap {name}"));
     serde_json::from_str(cm["data"][DOCUMENT_KEY].as_str().unwrap()).unwrap()
-}
-
-fn tool_names(list: &Value) -> Vec<String> {
-    list["result"]["tools"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no tools: {list}"))
-        .iter()
-        .map(|t| t["name"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 /// The state of tool `echo` of server `a` in a replica's admin API.

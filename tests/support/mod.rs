@@ -251,6 +251,16 @@ impl Client {
     }
 }
 
+/// Names of the tools in a `tools/list` answer.
+pub fn tool_names(list: &Value) -> Vec<String> {
+    list["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tools: {list}"))
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// A request to the gateway's admin API at `addr`, with bearer `token` (if any) and a JSON body
 /// (if any).
 pub async fn admin_request(
