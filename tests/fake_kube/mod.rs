@@ -347,6 +347,19 @@ fn error(code: u16, reason: &str, message: impl Into<String>) -> Response<Body> 
     json_response(code, &status(code, reason, message))
 }
 
+/// 409 for a write whose resourceVersion precondition no longer holds, worded as the real
+/// API server words it.
+fn conflict(kind: Kind, name: &str) -> Response<Body> {
+    error(
+        409,
+        "Conflict",
+        format!(
+            "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+            kind.plural()
+        ),
+    )
+}
+
 /// A parsed `labelSelector`: `k=v`, `k==v`, `k!=v`, `k` (exists), `!k`.
 fn matches_selector(labels: Option<&Value>, selector: &str) -> bool {
     let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
@@ -1171,14 +1184,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             };
             let want = obj["metadata"]["resourceVersion"].as_str();
             if want.is_some_and(|rv| Some(rv) != old["metadata"]["resourceVersion"].as_str()) {
-                return error(
-                    409,
-                    "Conflict",
-                    format!(
-                        "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
-                        kind.plural()
-                    ),
-                );
+                return conflict(kind, &name);
             }
             let mut next = obj;
             if sub == Some("status") {
@@ -1279,14 +1285,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
                     && Some(rv) != obj["metadata"]["resourceVersion"].as_str()
                 {
-                    return error(
-                        409,
-                        "Conflict",
-                        format!(
-                            "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
-                            kind.plural()
-                        ),
-                    );
+                    return conflict(kind, &name);
                 }
                 if sub == Some("status") {
                     merge_patch(&mut obj["status"], &patch["status"]);
