@@ -1701,3 +1701,160 @@ async fn evicted_pods_of_a_server_are_collected() {
         .await
         .unwrap();
 }
+
+fn condition(cr: &serde_json::Value, type_: &str) -> serde_json::Value {
+    cr["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {type_} condition in {cr}"))
+}
+
+fn events_about(fake: &FakeKube, name: &str, reason: &str) -> Vec<serde_json::Value> {
+    fake.list(Kind::Event, NS)
+        .into_iter()
+        .filter(|e| e["regarding"]["name"] == name && e["reason"] == reason)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcpserver_status_has_conditions_and_events() {
+    let fake = FakeKube::start().await;
+    let opts = KubeOptions {
+        watch_mcpservers: true,
+        ..options()
+    };
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts.clone());
+    let cr = fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": "conds"}, "spec": {
+            "image": "ghcr.io/gatehouse/example:1", "command": GATEHOUSE, "args": ["example-server"],
+        }}),
+    );
+    let uid = cr["metadata"]["uid"].clone();
+    let ready = |c: &serde_json::Value| c["status"]["phase"] == "Ready";
+    let cr = eventually("a Ready status", Duration::from_secs(10), || {
+        fake.get(Kind::McpServer, NS, "conds").filter(ready)
+    })
+    .await;
+    assert_eq!(cr["status"]["observedGeneration"], 1, "{cr}");
+    let types: Vec<_> = cr["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(types, ["Ready", "Progressing", "Degraded", "Asleep"]);
+    assert_eq!(condition(&cr, "Ready")["status"], "True");
+    assert_eq!(condition(&cr, "Ready")["observedGeneration"], 1);
+    assert_eq!(condition(&cr, "Progressing")["status"], "False");
+    assert_eq!(condition(&cr, "Degraded")["reason"], "AsExpected");
+    assert_eq!(condition(&cr, "Asleep")["status"], "False");
+    let started = eventually("a Started Event", Duration::from_secs(5), || {
+        events_about(&fake, "conds", "Started").pop()
+    })
+    .await;
+    assert_eq!(started["type"], "Normal");
+    assert_eq!(started["regarding"]["uid"], uid);
+    assert_eq!(started["regarding"]["kind"], "McpServer");
+    assert_eq!(started["reportingController"], "gatehouse");
+    assert!(
+        started["note"]
+            .as_str()
+            .unwrap()
+            .contains("attach://mcp/mcp-conds"),
+        "{started}"
+    );
+
+    // A crash: the restart is counted and recorded, the server comes back.
+    let pod = fake.pod_of(NS, "mcp-conds").unwrap()["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fake.kill_container(NS, &pod);
+    let crashed = eventually("a Crashed Event", Duration::from_secs(10), || {
+        events_about(&fake, "conds", "Crashed").pop()
+    })
+    .await;
+    assert_eq!(crashed["type"], "Warning");
+    assert!(
+        crashed["note"].as_str().unwrap().contains("1 restarts"),
+        "{crashed}"
+    );
+    let cr = eventually("Ready again", Duration::from_secs(10), || {
+        fake.get(Kind::McpServer, NS, "conds")
+            .filter(|c| ready(c) && c["status"]["restarts"] == 1)
+    })
+    .await;
+    assert_eq!(condition(&cr, "Ready")["status"], "True");
+
+    // A new spec whose image cannot be pulled: generation 2, Degraded with the kubelet's
+    // reason, and a Warning naming it.
+    fake.patch(
+        Kind::McpServer,
+        NS,
+        "conds",
+        json!({"spec": {"image": "registry.example/unpullable:404"}}),
+    );
+    let cr = eventually("a Degraded status", Duration::from_secs(10), || {
+        fake.get(Kind::McpServer, NS, "conds")
+            .filter(|c| c["status"]["observedGeneration"] == 2 && c["status"]["phase"] == "Failed")
+    })
+    .await;
+    let degraded = condition(&cr, "Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "ImagePullBackOff");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("unpullable:404"),
+        "{degraded}"
+    );
+    assert_eq!(condition(&cr, "Ready")["status"], "False");
+    assert_eq!(condition(&cr, "Ready")["reason"], "ImagePullBackOff");
+    let pull = eventually("an ImagePullBackOff Event", Duration::from_secs(5), || {
+        events_about(&fake, "conds", "ImagePullBackOff").pop()
+    })
+    .await;
+    assert_eq!(pull["type"], "Warning");
+    let outside = fake_kube::outside_role(&fake.requests(), &fake_kube::deployed_role());
+    assert!(
+        outside.is_empty(),
+        "requests the Role does not allow: {outside:?}"
+    );
+
+    // A restarted gateway finds the status current: it writes none, records nothing. A
+    // second resource created after it starts marks when its first pass is done.
+    drop(rt);
+    let before = fake.list(Kind::Event, NS).len();
+    fake.clear_requests();
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts);
+    fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": "marker"}, "spec": {"command": "x"}}),
+    );
+    eventually("the marker's status", Duration::from_secs(10), || {
+        fake.get(Kind::McpServer, NS, "marker")
+            .filter(|c| c["status"]["phase"] == "Failed")
+    })
+    .await;
+    assert!(matches!(
+        rt.status("conds").await.unwrap().phase,
+        Phase::Failed { .. }
+    ));
+    let conds_writes: Vec<_> = writes(&fake)
+        .into_iter()
+        .filter(|w| w.contains("/conds") || w.contains("/events"))
+        .collect();
+    let marker_events = events_about(&fake, "marker", "InvalidDefinition").len();
+    assert_eq!(marker_events, 1, "the invalid marker is recorded once");
+    assert_eq!(
+        conds_writes.len(),
+        1,
+        "only the marker's Event: {conds_writes:?}"
+    );
+    assert_eq!(fake.list(Kind::Event, NS).len(), before + 1);
+}

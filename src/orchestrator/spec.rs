@@ -40,9 +40,15 @@ pub const RESERVED_NAMES: &[&str] = &["gateway"];
     printcolumn(
         name = "Transport",
         type_ = "string",
-        json_path = ".spec.transport.type"
+        json_path = ".spec.transport.type",
+        priority = 1
     ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts"),
     printcolumn(
         name = "Age",
@@ -185,7 +191,7 @@ pub struct ResourcesSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct McpServerStatus {
-    /// `Pending`, `Starting`, `Ready`, `BackOff` or `Failed`.
+    /// `Pending`, `Starting`, `Ready`, `BackOff`, `Failed` or `Asleep`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// Why the server is not ready, when it is not.
@@ -197,6 +203,39 @@ pub struct McpServerStatus {
     /// Where the gateway reaches the server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The `metadata.generation` of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When `phase` last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub last_transition_time: Option<String>,
+    /// `Ready`, `Progressing`, `Degraded` and `Asleep`, in that order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<McpServerCondition>,
+}
+
+/// One condition of an `McpServer`, in the shape of Kubernetes' `metav1.Condition`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct McpServerCondition {
+    /// `Ready`, `Progressing`, `Degraded` or `Asleep`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Why, in one CamelCase word (`ImagePullBackOff`, `CrashLoopBackOff`, `Ready`...).
+    pub reason: String,
+    /// Details for people.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When `status` last changed (RFC 3339).
+    #[schemars(extend("format" = "date-time"))]
+    pub last_transition_time: String,
+    /// The `metadata.generation` the condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 /// A named server definition (a config-file entry, or an `McpServer` resource).

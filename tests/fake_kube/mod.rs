@@ -62,6 +62,7 @@ pub enum Kind {
     Service,
     Lease,
     McpServer,
+    Event,
 }
 
 impl Kind {
@@ -77,6 +78,7 @@ impl Kind {
             ("v1", "services") => Kind::Service,
             ("coordination.k8s.io/v1", "leases") => Kind::Lease,
             ("gatehouse.dev/v1alpha1", "mcpservers") => Kind::McpServer,
+            ("events.k8s.io/v1", "events") => Kind::Event,
             _ => return None,
         })
     }
@@ -93,6 +95,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::Lease => "Lease",
             Kind::McpServer => "McpServer",
+            Kind::Event => "Event",
         }
     }
 
@@ -104,6 +107,7 @@ impl Kind {
             Kind::NetworkPolicy => "networking.k8s.io/v1",
             Kind::CiliumNetworkPolicy => "cilium.io/v2",
             Kind::McpServer => "gatehouse.dev/v1alpha1",
+            Kind::Event => "events.k8s.io/v1",
         }
     }
 
@@ -119,6 +123,7 @@ impl Kind {
             Kind::Service => "services",
             Kind::Lease => "leases",
             Kind::McpServer => "mcpservers",
+            Kind::Event => "events",
         }
     }
 
@@ -398,11 +403,90 @@ fn matches_fields(object: &Value, selector: &str) -> bool {
 
 /// The API server's validation of what the orchestrator writes, where it refuses objects
 /// a client could plausibly get wrong: a NetworkPolicy's `ipBlock` whose `except` ranges are
-/// not strict subsets of its `cidr` (same family, longer prefix, inside it).
+/// not strict subsets of its `cidr` (same family, longer prefix, inside it); an `McpServer`
+/// status that breaks the CRD's schema; an `events.k8s.io/v1` Event missing what that API
+/// requires.
 fn validate(kind: Kind, obj: &Value) -> Result<(), String> {
-    if kind != Kind::NetworkPolicy {
-        return Ok(());
+    match kind {
+        Kind::NetworkPolicy => validate_network_policy(obj),
+        Kind::McpServer => validate_mcpserver_status(&obj["status"]),
+        Kind::Event => validate_event(obj),
+        _ => Ok(()),
     }
+}
+
+fn is_rfc3339(s: &str) -> bool {
+    s.parse::<k8s_openapi::jiff::Timestamp>().is_ok()
+}
+
+/// The CRD's status schema: conditions are a map keyed by `type`, each with the fields
+/// `metav1.Condition` requires; times are `date-time`.
+fn validate_mcpserver_status(status: &Value) -> Result<(), String> {
+    if let Some(t) = status.get("lastTransitionTime")
+        && !t.as_str().is_some_and(is_rfc3339)
+    {
+        return Err(format!(
+            "status.lastTransitionTime: Invalid value: {t}: must be a date-time"
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, c) in status["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let field = format!("status.conditions[{i}]");
+        for required in ["type", "status", "reason", "lastTransitionTime"] {
+            if !c[required].is_string() {
+                return Err(format!("{field}.{required}: Required value"));
+            }
+        }
+        if !seen.insert(c["type"].as_str().unwrap_or_default().to_string()) {
+            return Err(format!(
+                "{field}: Duplicate value: {{\"type\": {}}}",
+                c["type"]
+            ));
+        }
+        if !c["lastTransitionTime"].as_str().is_some_and(is_rfc3339) {
+            return Err(format!("{field}.lastTransitionTime: must be a date-time"));
+        }
+    }
+    Ok(())
+}
+
+/// What the events.k8s.io/v1 API requires of a new or patched Event.
+fn validate_event(ev: &Value) -> Result<(), String> {
+    let text = |f: &str| ev[f].as_str().unwrap_or_default();
+    if !ev["eventTime"].as_str().is_some_and(is_rfc3339) {
+        return Err("eventTime: Required value".into());
+    }
+    for (f, max) in [
+        ("reportingController", 253),
+        ("reportingInstance", 128),
+        ("action", 128),
+        ("reason", 128),
+    ] {
+        if text(f).is_empty() || text(f).len() > max {
+            return Err(format!(
+                "{f}: Invalid value: {:?}: must be 1 to {max} characters",
+                text(f)
+            ));
+        }
+    }
+    if !matches!(text("type"), "Normal" | "Warning") {
+        return Err(format!("type: Unsupported value: {:?}", text("type")));
+    }
+    if text("note").len() > 1024 {
+        return Err("note: Too long: may not be more than 1024 bytes".into());
+    }
+    if ev["regarding"]["name"].as_str().is_none_or(str::is_empty) {
+        return Err("regarding.name: Required value".into());
+    }
+    Ok(())
+}
+
+fn validate_network_policy(obj: &Value) -> Result<(), String> {
     let parse = |s: &str| -> Option<(u128, u8, bool)> {
         let (a, l) = s.split_once('/')?;
         let l: u8 = l.parse().ok()?;

@@ -17,10 +17,11 @@
 //!   servers the Deployment owns the Secret and Service. The Secret is written first
 //!   so the pod never starts without its keys.
 //! - Every replica watches and keeps statuses (it needs endpoints to serve); only the
-//!   Lease holder writes.
+//!   Lease holder writes, and records Events on `McpServer` resources ([`conditions`]).
 
 pub mod attach;
 pub mod cilium;
+pub mod conditions;
 pub mod config_map;
 pub mod index;
 pub mod lease;
@@ -43,8 +44,10 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, LogParams, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -386,6 +389,13 @@ fn policy_from_env(
     Ok(policy)
 }
 
+/// What identifies an `McpServer` resource's current spec.
+#[derive(Debug, Clone)]
+struct ResourceRef {
+    uid: String,
+    generation: Option<i64>,
+}
+
 /// Where a desired server comes from.
 #[derive(Debug, Clone, PartialEq)]
 enum Source {
@@ -456,7 +466,12 @@ pub(crate) struct Inner {
     /// Pods deleted by the last restart of each server: until the watch has caught up, the
     /// status still describes them, and must not be taken for the new pod's.
     restarted: DashMap<String, Vec<String>>,
+    /// The status last written to (or read from) each `McpServer` resource.
     written: DashMap<String, McpServerStatus>,
+    /// Each `McpServer` resource's uid and generation, for its status and Events.
+    resources: DashMap<String, ResourceRef>,
+    /// Records Events on `McpServer` resources.
+    recorder: Recorder,
     status_changed: watch::Sender<u64>,
     /// Bumped after every status refresh, changed or not: a pod may be replaced while the
     /// status stays the same, and waiters compare pods, not only statuses.
@@ -530,6 +545,8 @@ impl KubeRuntime {
             refreshing: std::sync::Mutex::new(()),
             restarted: DashMap::new(),
             written: DashMap::new(),
+            resources: DashMap::new(),
+            recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
             status_changed: watch::Sender::new(0),
             refreshed: watch::Sender::new(0),
             queue,
@@ -1012,8 +1029,9 @@ impl Inner {
         changed
     }
 
-    /// Writes the status of a server defined by an `McpServer` resource (leader only).
-    async fn write_resource_status(&self, name: &str) {
+    /// Writes the status of a server defined by an `McpServer` resource and records the
+    /// Events its change is worth (leader only).
+    async fn write_resource_status(&self, name: &str, error: Option<&OrchestratorError>) {
         let is_resource = matches!(
             self.desired.get(name).as_deref(),
             Some(Desired::Valid {
@@ -1027,13 +1045,18 @@ impl Inner {
         let Some(st) = self.statuses.get(name).map(|s| s.clone()) else {
             return;
         };
-        let status = McpServerStatus {
-            phase: Some(st.phase.name().to_string()),
-            message: st.message.clone(),
-            restarts: i32::try_from(st.restarts).unwrap_or(i32::MAX),
-            endpoint: self.valid(name).map(|(s, _)| self.endpoint_string(&s)),
+        let Some(resource) = self.resources.get(name).map(|r| r.clone()) else {
+            return;
         };
-        if self.written.get(name).is_some_and(|w| *w == status) {
+        let error = error.map(|e| e.to_string());
+        let facts = conditions::Facts {
+            generation: resource.generation,
+            endpoint: self.valid(name).map(|(s, _)| self.endpoint_string(&s)),
+            reconcile_error: error.as_deref(),
+        };
+        let prev = self.written.get(name).map(|w| w.clone());
+        let status = conditions::render(&st, &facts, prev.as_ref(), Timestamp::now());
+        if prev.as_ref() == Some(&status) {
             return;
         }
         let api: Api<McpServer> = Api::namespaced(self.client.clone(), &self.ns);
@@ -1052,9 +1075,45 @@ impl Inner {
         {
             Ok(_) => {
                 self.stats.status_writes.fetch_add(1, Ordering::Relaxed);
+                let occurred = conditions::events(prev.as_ref(), &status);
                 self.written.insert(name.to_string(), status);
+                self.record(name, &resource, occurred).await;
             }
             Err(e) => tracing::warn!(server = name, "writing McpServer status: {e}"),
+        }
+    }
+
+    /// Records Events on the `McpServer` resource; a failure is logged, never retried (an
+    /// Event is a hint for people, the status is the record).
+    async fn record(
+        &self,
+        name: &str,
+        resource: &ResourceRef,
+        occurred: Vec<conditions::Occurrence>,
+    ) {
+        let regarding = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(McpServer::api_version(&()).into_owned()),
+            kind: Some(McpServer::kind(&()).into_owned()),
+            name: Some(name.to_string()),
+            namespace: Some(self.ns.clone()),
+            uid: Some(resource.uid.clone()),
+            ..Default::default()
+        };
+        for o in occurred {
+            let event = KubeEvent {
+                type_: if o.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: o.reason,
+                note: Some(o.note),
+                action: o.action.to_string(),
+                secondary: None,
+            };
+            if let Err(e) = self.recorder.publish(&event, &regarding).await {
+                tracing::warn!(server = name, "recording an Event: {e}");
+            }
         }
     }
 
@@ -1083,7 +1142,7 @@ impl Inner {
             });
         }
         if leading {
-            self.write_resource_status(name).await;
+            self.write_resource_status(name, error.as_ref()).await;
         }
     }
 
@@ -1502,6 +1561,19 @@ async fn watch_mcpservers(inner: Arc<Inner>) {
             name.clone(),
             desired_from_resource(obj, &inner.options.policy),
         );
+        inner.resources.insert(
+            name.clone(),
+            ResourceRef {
+                uid: obj.uid().unwrap_or_default(),
+                generation: obj.metadata.generation,
+            },
+        );
+        // What the resource says now is what the next status write compares with: a
+        // restarted gateway rewrites nothing that did not change, nor records it again.
+        match &obj.status {
+            Some(status) => inner.written.insert(name.clone(), status.clone()),
+            None => inner.written.remove(&name).map(|(_, s)| s),
+        };
         inner.enqueue(name);
     };
     while let Some(event) = stream.next().await {
@@ -1515,6 +1587,7 @@ async fn watch_mcpservers(inner: Arc<Inner>) {
                     .is_some()
                 {
                     inner.written.remove(&name);
+                    inner.resources.remove(&name);
                     inner.enqueue(name);
                 }
             }
@@ -1531,6 +1604,8 @@ async fn watch_mcpservers(inner: Arc<Inner>) {
                     .collect();
                 for name in gone {
                     inner.desired.remove(&name);
+                    inner.written.remove(&name);
+                    inner.resources.remove(&name);
                     inner.enqueue(name);
                 }
                 for obj in &items {
@@ -1848,6 +1923,7 @@ impl Runtime for KubeRuntime {
                 Err(e) => return Err(OrchestratorError::kube(format!("remove server {name}"), e)),
             }
             self.inner.written.remove(name);
+            self.inner.resources.remove(name);
             self.inner.refresh_status(name, None);
             // The leader removes leftovers the garbage collector does not own.
             self.inner.enqueue(name);
