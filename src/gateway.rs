@@ -23,7 +23,7 @@ use crate::orchestrator::{McpServerSpec, Phase, Runtime};
 use crate::pins::Pins;
 use crate::plugins::{PluginError, Plugins};
 use crate::topology::Topology;
-use crate::upstream::orchestrated::Orchestrated;
+use crate::upstream::orchestrated::{Listings, Orchestrated};
 use crate::upstream::shared::SharedServer;
 use crate::upstream::{Server, http};
 
@@ -64,6 +64,8 @@ pub struct Gateway {
     pub orchestrator: Option<Arc<dyn Runtime>>,
     /// The shared upstream sessions of each orchestrated stdio server, by name.
     shared: DashMap<String, Arc<SharedServer>>,
+    /// The last lists of each orchestrated server, by name (served while it sleeps).
+    listings: DashMap<String, Arc<Listings>>,
     /// The last definition the admin API gave each server (to tell a change from a re-apply).
     definitions: DashMap<String, McpServerSpec>,
     /// Serializes topology changes.
@@ -159,6 +161,7 @@ impl Gateway {
             }),
             orchestrator,
             shared: DashMap::new(),
+            listings: DashMap::new(),
             definitions: DashMap::new(),
             changes: tokio::sync::Mutex::new(()),
             client: http::client(&outbound_tls),
@@ -236,6 +239,8 @@ impl Gateway {
                                 ))
                             })
                             .clone(),
+                        listings: self.listings.entry(u.name.clone()).or_default().clone(),
+                        wake_timeout: self.config.orchestrator.wake_timeout,
                     }),
                     _ => None,
                 };

@@ -48,6 +48,8 @@ pub struct Running {
     pub relay: Option<relay::Relay>,
     sweeper: tokio::task::JoinHandle<()>,
     refresher: Option<tokio::task::JoinHandle<()>>,
+    /// Puts idle servers to sleep.
+    idler: Option<tokio::task::JoinHandle<()>>,
     tls_reload: Option<tokio::task::JoinHandle<()>>,
     _plugin_watcher: Option<plugins::Watcher>,
 }
@@ -86,6 +88,9 @@ impl Running {
         if let Some(r) = &self.refresher {
             r.abort();
         }
+        if let Some(i) = &self.idler {
+            i.abort();
+        }
         if let Some(r) = &self.tls_reload {
             r.abort();
         }
@@ -99,6 +104,8 @@ impl Running {
 
 /// How often the topology is compared with the orchestrator's (in-memory) list of servers.
 const TOPOLOGY_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often idle servers are looked for (a scan of in-memory state).
+const IDLE_SWEEP: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Builds the gateway and starts serving. The orchestrator (picked from the environment, see
 /// [`orchestrator::from_env`]) starts when the configuration defines servers or the admin API.
@@ -151,6 +158,10 @@ pub async fn start_with(
     let tls_reload = listener_tls.as_ref().map(|t| t.spawn_reload());
     let listening = listener::bind(gateway.clone(), listener_tls).await?;
     let sweeper = gateway.spawn_sweeper();
+    let idler = gateway
+        .orchestrator
+        .as_ref()
+        .map(|o| tokio::spawn(orchestrator::idle::sweep(Arc::downgrade(o), IDLE_SWEEP)));
     let interval = gateway.config.plugins.watch_interval;
     let watcher =
         (!gateway.config.plugins.modules.is_empty()).then(|| gateway.plugins.watch_every(interval));
@@ -162,5 +173,6 @@ pub async fn start_with(
         relay,
         sweeper,
         refresher,
+        idler,
     })
 }

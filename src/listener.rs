@@ -467,6 +467,16 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
             if let Some(pins) = &gw.pins {
                 gw.metrics.tools_unapproved.set(pins.unapproved() as i64);
             }
+            for server in gw.topology().servers.iter() {
+                if let Some(u) = server
+                    .orchestrated
+                    .as_ref()
+                    .and_then(|o| o.runtime.usage(&server.name))
+                {
+                    gw.metrics
+                        .set_sleep(server.label, u.is_asleep(), u.time_asleep(), u.wakes());
+                }
+            }
             let mut r = text(StatusCode::OK, gw.metrics.render());
             r.headers_mut().insert(
                 CONTENT_TYPE,

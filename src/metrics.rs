@@ -60,6 +60,10 @@ pub struct Metrics {
     tool_changes: Family<ServerLabels, Counter>,
     /// Tools whose definitions wait for an operator's approval (changed, or new).
     pub tools_unapproved: Gauge,
+    wake_latency: Family<ServerLabels, Histogram>,
+    asleep: Family<ServerLabels, Gauge>,
+    asleep_seconds: Family<ServerLabels, Gauge>,
+    wakes: Family<ServerLabels, Gauge>,
 }
 
 const KNOWN_METHODS: &[&str] = &[
@@ -196,6 +200,32 @@ impl Metrics {
             "Tools whose definition waits for approval (changed since approved, or new)",
             tools_unapproved.clone(),
         );
+        let wake_latency = Family::<ServerLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0])
+        });
+        registry.register(
+            "server_wake_duration_seconds",
+            "From a call finding an idle server asleep to the server ready",
+            wake_latency.clone(),
+        );
+        let asleep = Family::<ServerLabels, Gauge>::default();
+        registry.register(
+            "server_asleep",
+            "1 while an idle server is stopped until the next call",
+            asleep.clone(),
+        );
+        let asleep_seconds = Family::<ServerLabels, Gauge>::default();
+        registry.register(
+            "server_asleep_seconds",
+            "Seconds an idle-capable server has spent asleep since the gateway started",
+            asleep_seconds.clone(),
+        );
+        let wakes = Family::<ServerLabels, Gauge>::default();
+        registry.register(
+            "server_wakes",
+            "Times an idle-capable server was woken since the gateway started",
+            wakes.clone(),
+        );
         let trace_spans_dropped = Counter::default();
         registry.register(
             "trace_spans_dropped",
@@ -219,7 +249,30 @@ impl Metrics {
             sessions,
             upstream_up,
             http_responses,
+            wake_latency,
+            asleep,
+            asleep_seconds,
+            wakes,
         })
+    }
+
+    /// Records how long a call waited for a sleeping server to wake.
+    pub fn record_wake(&self, server: &'static str, elapsed: Duration) {
+        self.wake_latency
+            .get_or_create(&ServerLabels { server })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets an idle-capable server's sleep figures (at scrape time).
+    pub fn set_sleep(&self, server: &'static str, asleep: bool, slept: Duration, wakes: u64) {
+        let labels = ServerLabels { server };
+        self.asleep.get_or_create(&labels).set(i64::from(asleep));
+        self.asleep_seconds
+            .get_or_create(&labels)
+            .set(i64::try_from(slept.as_secs()).unwrap_or(i64::MAX));
+        self.wakes
+            .get_or_create(&labels)
+            .set(i64::try_from(wakes).unwrap_or(i64::MAX));
     }
 
     /// Records one finished MCP request.

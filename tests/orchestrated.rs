@@ -722,3 +722,147 @@ async fn egress_is_reported_as_not_enforced_by_the_local_backend() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A server idle past its `idle.after` stops; listings keep working from what it last listed
+/// (marked as such) without waking it; the next call wakes it, telling a client that asked
+/// for progress, and the session open across the sleep keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_server_sleeps_and_the_next_call_wakes_it() {
+    let gw = gateway(&format!(
+        "{}    idle: {{after: 1s}}\n{}",
+        example_server("napper"),
+        example_server("awake")
+    ))
+    .await;
+    let runtime = gw.gateway().orchestrator.clone().unwrap();
+    let c = client(&gw).await;
+    let before = c.call(1, "tools/list", json!({})).await;
+    let tools = tool_names(&before);
+    assert!(tools.contains(&"napper__pid".to_owned()), "{tools:?}");
+    let pid = c.tool_text(2, "napper__pid", json!({})).await;
+
+    // Idle for a second: the process stops, the status says so.
+    eventually("the idle server sleeps", || {
+        let runtime = runtime.clone();
+        async move { runtime.status("napper").await.unwrap().phase == Phase::Asleep }
+    })
+    .await;
+    stopped("the sleeping server's process", pid.clone()).await;
+    assert_eq!(
+        runtime.status("awake").await.unwrap().phase,
+        Phase::Ready,
+        "a server without idle stays up"
+    );
+
+    // Listing does not wake it: the same tools, marked as last known.
+    let asleep_list = c.call(3, "tools/list", json!({})).await;
+    assert_eq!(tool_names(&asleep_list), tools);
+    assert_eq!(
+        asleep_list["result"]["_meta"]["dev.gatehouse/asleep"],
+        json!(["napper"]),
+        "{asleep_list}"
+    );
+    assert_eq!(runtime.status("napper").await.unwrap().phase, Phase::Asleep);
+    // A new session lists it too, though it never spoke to the server.
+    let fresh = client(&gw).await;
+    assert_eq!(
+        tool_names(&fresh.call(1, "tools/list", json!({})).await),
+        tools
+    );
+
+    // A call wakes it; a client that asked for progress hears why it waits.
+    let woken = c
+        .post(
+            json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{
+                "name":"napper__pid","arguments":{},"_meta":{"progressToken":"wake"}}})
+            .to_string(),
+        )
+        .await;
+    let msgs = woken.messages();
+    let progress: Vec<&Value> = msgs
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .collect();
+    assert_eq!(progress.len(), 1, "{msgs:?}");
+    assert_eq!(progress[0]["params"]["progressToken"], "wake");
+    assert!(
+        progress[0]["params"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("napper is asleep"),
+        "{msgs:?}"
+    );
+    let new_pid = woken.response()["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{msgs:?}"))
+        .to_owned();
+    assert_ne!(new_pid, pid, "a new process");
+    // The same session, and the other one, keep working on the woken server.
+    assert_eq!(
+        c.tool_text(5, "napper__echo", json!({"text": "hi"})).await,
+        "hi"
+    );
+    assert_eq!(fresh.tool_text(2, "napper__pid", json!({})).await, new_pid);
+    let listed = c.call(6, "tools/list", json!({})).await;
+    assert!(listed["result"].get("_meta").is_none(), "{listed}");
+    let usage = runtime.usage("napper").unwrap();
+    assert_eq!(usage.wakes(), 1);
+    assert!(usage.time_asleep() > Duration::ZERO);
+    assert!(runtime.usage("awake").is_none());
+    support::counter_reaches(
+        &gw,
+        "gatehouse_server_wake_duration_seconds_count{server=\"napper\"}",
+        1.0,
+    )
+    .await;
+    let metrics = admin(&gw, "GET", "/metrics", None, None).await.body;
+    assert!(
+        metrics.contains("gatehouse_server_wakes{server=\"napper\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gatehouse_server_asleep{server=\"napper\"} 0"),
+        "{metrics}"
+    );
+    gw.stop().await;
+}
+
+/// A server that does not wake within the wake budget: the call gets a clear error naming it,
+/// and the wake goes on, so a later call is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_past_its_budget_is_a_clear_error_and_the_server_still_wakes() {
+    let gw = gateway_from(&format!(
+        "listen: 127.0.0.1:0\nauth: {{tokens: [{{principal: app, token: {CLIENT_TOKEN}}}]}}\norchestrator: {{connect_timeout: 20s, call_timeout: 20s, wake_timeout: 1ms}}\nservers:\n{}    idle: {{after: 1s}}\n",
+        example_server("slowpoke")
+    ))
+    .await;
+    let runtime = gw.gateway().orchestrator.clone().unwrap();
+    let c = client(&gw).await;
+    assert_eq!(c.tool_text(1, "echo", json!({"text": "up"})).await, "up");
+    eventually("asleep", || {
+        let runtime = runtime.clone();
+        async move { runtime.status("slowpoke").await.unwrap().phase == Phase::Asleep }
+    })
+    .await;
+    let late = c
+        .call(
+            2,
+            "tools/call",
+            json!({"name": "echo", "arguments": {"text": "x"}}),
+        )
+        .await;
+    assert_eq!(late["error"]["code"], json!(-32010), "{late}");
+    let message = late["error"]["message"].as_str().unwrap();
+    assert!(message.contains("slowpoke"), "{message}");
+    assert!(message.contains("did not wake within 1ms"), "{message}");
+    eventually("woken anyway", || {
+        let runtime = runtime.clone();
+        async move { runtime.status("slowpoke").await.unwrap().phase == Phase::Ready }
+    })
+    .await;
+    assert_eq!(
+        c.tool_text(3, "echo", json!({"text": "back"})).await,
+        "back"
+    );
+    gw.stop().await;
+}

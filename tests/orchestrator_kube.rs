@@ -1858,3 +1858,120 @@ async fn mcpserver_status_has_conditions_and_events() {
     );
     assert_eq!(fake.list(Kind::Event, NS).len(), before + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_server_scales_to_zero_and_a_call_scales_it_back() {
+    let fake = FakeKube::start().await;
+    let opts = KubeOptions {
+        watch_mcpservers: true,
+        ..options()
+    };
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts.clone());
+    fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": "napper"}, "spec": {
+            "image": "ghcr.io/gatehouse/example:1", "command": GATEHOUSE, "args": ["example-server"],
+            "idle": {"after": "1s"},
+        }}),
+    );
+    let start = Instant::now();
+    while rt.status("napper").await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(5), "resource seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rt.wait_ready("napper", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let usage = rt.usage("napper").expect("idle-capable");
+    assert_eq!(usage.after(), Duration::from_secs(1));
+
+    // Not idle yet: asking changes nothing. Idle: the Deployment scales to zero.
+    let call = usage.begin();
+    rt.sleep("napper").await.unwrap();
+    assert_eq!(rt.status("napper").await.unwrap().phase, Phase::Ready);
+    drop(call);
+    eventually("idle", Duration::from_secs(5), || {
+        usage.is_idle().then_some(())
+    })
+    .await;
+    fake.clear_requests();
+    rt.sleep("napper").await.unwrap();
+    assert_eq!(rt.status("napper").await.unwrap().phase, Phase::Asleep);
+    let dep = eventually("scaled to zero", Duration::from_secs(5), || {
+        fake.get(Kind::Deployment, NS, "mcp-napper")
+            .filter(|d| d["spec"]["replicas"] == 0)
+    })
+    .await;
+    assert!(
+        dep["metadata"]["annotations"]["gatehouse.dev/asleep"].is_string(),
+        "{dep}"
+    );
+    eventually("its pod gone", Duration::from_secs(5), || {
+        fake.pod_of(NS, "mcp-napper").is_none().then_some(())
+    })
+    .await;
+    let cr = eventually("an Asleep status", Duration::from_secs(5), || {
+        fake.get(Kind::McpServer, NS, "napper")
+            .filter(|c| c["status"]["phase"] == "Asleep")
+    })
+    .await;
+    assert_eq!(condition(&cr, "Asleep")["status"], "True");
+    assert_eq!(condition(&cr, "Asleep")["reason"], "Idle");
+    assert_eq!(condition(&cr, "Ready")["status"], "False");
+    eventually("a Slept Event", Duration::from_secs(5), || {
+        events_about(&fake, "napper", "Slept").pop()
+    })
+    .await;
+    let deployment_writes: Vec<_> = writes(&fake)
+        .into_iter()
+        .filter(|w| w.contains("/deployments/"))
+        .collect();
+    assert_eq!(
+        deployment_writes,
+        [
+            "PATCH /apis/apps/v1/namespaces/mcp/deployments/mcp-napper?&force=true&fieldManager=gatehouse"
+        ],
+        "one apply scales it down"
+    );
+    assert!(usage.is_asleep());
+
+    // A restarted gateway finds it asleep and leaves it so.
+    drop(rt);
+    fake.clear_requests();
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts);
+    eventually("asleep after a restart", Duration::from_secs(5), || {
+        futures_util::FutureExt::now_or_never(rt.status("napper"))
+            .and_then(Result::ok)
+            .filter(|s| s.phase == Phase::Asleep)
+    })
+    .await;
+    assert!(
+        !writes(&fake).iter().any(|w| w.contains("/deployments/")),
+        "{:?}",
+        writes(&fake)
+    );
+
+    // The next call wakes it: scaled back up, ready, and said so.
+    let started = Instant::now();
+    rt.wait_ready("napper", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let woke_in = started.elapsed();
+    let dep = fake.get(Kind::Deployment, NS, "mcp-napper").unwrap();
+    assert_eq!(dep["spec"]["replicas"], 1, "{dep}");
+    assert!(
+        dep["metadata"]["annotations"]
+            .get("gatehouse.dev/asleep")
+            .is_none(),
+        "{dep}"
+    );
+    let mut mcp = open(&rt, "napper").await;
+    mcp.handshake().await;
+    eventually("a Woke Event", Duration::from_secs(5), || {
+        events_about(&fake, "napper", "Woke").pop()
+    })
+    .await;
+    assert_eq!(rt.usage("napper").unwrap().wakes(), 1);
+    eprintln!("wake to ready on the fake API server: {woke_in:?}");
+}

@@ -243,6 +243,9 @@ pub struct RawOrchestrator {
     /// of theirs per stdio server).
     #[serde(default)]
     pub max_relay_sessions: Option<usize>,
+    /// How long a call waits for a server stopped while idle to wake (default 60s).
+    #[serde(default, with = "humantime_serde")]
+    pub wake_timeout: Option<Duration>,
 }
 
 /// Raw admin API settings.
@@ -666,6 +669,8 @@ pub struct OrchestratorSettings {
     pub max_private_processes: usize,
     /// Cap on relay sessions served to the other replicas.
     pub max_relay_sessions: usize,
+    /// How long a call waits for a sleeping (idle) server to wake.
+    pub wake_timeout: Duration,
 }
 
 impl OrchestratorSettings {
@@ -1109,6 +1114,11 @@ impl RawConfig {
                 "orchestrator.max_relay_sessions",
                 self.orchestrator.max_relay_sessions,
                 4096,
+            )?,
+            wake_timeout: positive(
+                "orchestrator.wake_timeout",
+                self.orchestrator.wake_timeout,
+                Duration::from_secs(60),
             )?,
         };
         let mut servers = Vec::with_capacity(self.servers.len());

@@ -402,6 +402,17 @@ impl Session {
         Ok(self.upstream_caps[index].load(Ordering::Relaxed))
     }
 
+    /// The last `initialize` result of upstream `index` while it sleeps (idle) and the gateway
+    /// knows what it last offered: what to show instead of waking it.
+    pub fn resting(&self, index: usize) -> Option<Bytes> {
+        let server = &self.topology().servers[index];
+        let o = server.orchestrated.as_ref()?;
+        if !o.runtime.usage(&server.name)?.is_asleep() {
+            return None;
+        }
+        o.listings.init()
+    }
+
     /// Marks activity now; the returned guard keeps the session from expiring while a request runs.
     pub fn touch(self: &Arc<Self>) -> BusyGuard {
         self.last_active_ms

@@ -31,6 +31,7 @@ use tokio::process::{ChildStdin, ChildStdout};
 use tokio::sync::{Notify, OwnedMutexGuard, mpsc, watch};
 
 use super::backoff::{Backoff, random_unit};
+use super::idle::Usage;
 use super::logbuf::LogBuffer;
 use super::spec::{EnvValue, ResolvedServer};
 use super::{
@@ -58,6 +59,9 @@ pub struct LocalSettings {
     pub inherit_env: Vec<String>,
     /// Buffer size of an attachment's pipes.
     pub attach_buffer: usize,
+    /// Stop servers unused for this long unless their definition says otherwise (`None`: only
+    /// servers whose definition asks for it sleep).
+    pub idle_after: Option<Duration>,
 }
 
 impl Default for LocalSettings {
@@ -73,6 +77,7 @@ impl Default for LocalSettings {
             // definition names (see crate::process).
             inherit_env: Vec::new(),
             attach_buffer: 256 * 1024,
+            idle_after: None,
         }
     }
 }
@@ -292,6 +297,12 @@ impl Runtime for LocalRuntime {
         async move {
             let sup = self.get(name)?;
             let mut rx = sup.status.subscribe();
+            if sup.asleep.send_if_modified(|a| std::mem::replace(a, false))
+                && let Some(u) = &sup.usage
+            {
+                tracing::info!(server = name, "waking: a call needs it");
+                u.woke();
+            }
             let start_restarts = rx.borrow().restarts;
             let crashloop = self.settings.crashloop_after;
             let wait = async {
@@ -341,6 +352,28 @@ impl Runtime for LocalRuntime {
 
     fn endpoint<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Endpoint>> {
         async move { Ok(self.endpoint_of(&self.get(name)?)) }.boxed()
+    }
+
+    fn sleep<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let _lock = self.lock(name).await;
+            let sup = self.get(name)?;
+            // A call may have begun since the sweeper looked.
+            if sup.usage.as_ref().is_some_and(|u| !u.is_idle()) {
+                return Ok(());
+            }
+            let mut slept = sup.slept.subscribe();
+            let before = *slept.borrow_and_update();
+            sup.asleep.send_replace(true);
+            // Done once the process is gone (or the server removed meanwhile).
+            let _ = slept.wait_for(|n| *n != before).await;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn usage(&self, name: &str) -> Option<Arc<Usage>> {
+        self.get(name).ok()?.usage.clone()
     }
 
     fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<ServerStatus>> {
@@ -575,6 +608,12 @@ struct Supervised {
     io: Mutex<Option<ProcIo>>,
     restart: Notify,
     stop_tx: watch::Sender<bool>,
+    /// Asked to sleep (true) or to wake (false).
+    asleep: watch::Sender<bool>,
+    /// How it is used, when it may sleep while idle.
+    usage: Option<Arc<Usage>>,
+    /// Counts the times its process was stopped for sleep (and closes when it is removed).
+    slept: watch::Sender<u64>,
     /// Completes when the supervisor task has ended; every stopper awaits it.
     done: Mutex<Option<Shared<BoxFuture<'static, ()>>>>,
 }
@@ -583,7 +622,12 @@ impl Supervised {
     fn start(server: ResolvedServer, settings: Arc<LocalSettings>) -> Arc<Self> {
         let (stop_tx, _) = watch::channel(false);
         let secret_files = SecretFiles::for_server(&server);
+        let usage =
+            super::idle::after_of(server.spec.idle.as_ref(), settings.idle_after).map(Usage::new);
         let sup = Arc::new(Supervised {
+            asleep: watch::Sender::new(false),
+            usage,
+            slept: watch::Sender::new(0),
             secret_files,
             server,
             status: watch::Sender::new(ServerStatus::new(Phase::Pending)),
@@ -632,16 +676,35 @@ impl Supervised {
 enum RunEnd {
     Exited(String),
     Restart,
+    Sleep,
     Stop,
 }
 
 async fn supervise(sup: Arc<Supervised>, settings: Arc<LocalSettings>) {
     let mut stop_rx = sup.stop_tx.subscribe();
+    let mut asleep_rx = sup.asleep.subscribe();
     let mut attempt: u32 = 0;
     let mut failures: u32 = 0;
     loop {
         if *stop_rx.borrow() {
             break;
+        }
+        if *asleep_rx.borrow_and_update() {
+            sup.update(|s| {
+                s.set_phase(Phase::Asleep);
+                s.message = Some("idle: stopped until the next call".into());
+            });
+            if let Some(u) = &sup.usage {
+                u.fell_asleep();
+            }
+            sup.slept.send_modify(|n| *n += 1);
+            tokio::select! {
+                _ = asleep_rx.wait_for(|a| !*a) => {}
+                _ = stop_rx.wait_for(|s| *s) => break,
+            }
+            attempt = 0;
+            failures = 0;
+            continue;
         }
         sup.update(|s| {
             s.set_phase(Phase::Starting);
@@ -687,6 +750,7 @@ async fn supervise(sup: Arc<Supervised>, settings: Arc<LocalSettings>) {
         );
         let message = match end {
             RunEnd::Stop => break,
+            RunEnd::Sleep => continue,
             RunEnd::Restart => {
                 attempt = 0;
                 failures = 0;
@@ -737,6 +801,7 @@ async fn supervise(sup: Arc<Supervised>, settings: Arc<LocalSettings>) {
         tokio::select! {
             _ = wait => {}
             _ = sup.restart.notified() => { attempt = 0; failures = 0; }
+            _ = asleep_rx.wait_for(|a| *a) => {}
             _ = stop_rx.wait_for(|s| *s) => break,
         }
     }
@@ -745,6 +810,8 @@ async fn supervise(sup: Arc<Supervised>, settings: Arc<LocalSettings>) {
         s.set_phase(Phase::Removed);
         s.message = None;
     });
+    // Whoever waits for a sleep waits no more.
+    sup.slept.send_modify(|n| *n += 1);
 }
 
 fn spawn(sup: &Supervised, settings: &LocalSettings) -> std::io::Result<ServerProcess> {
@@ -786,6 +853,7 @@ async fn run(
     settings: &LocalSettings,
     stop_rx: &mut watch::Receiver<bool>,
 ) -> RunEnd {
+    let mut asleep_rx = sup.asleep.subscribe();
     let child = &mut proc.child;
     let pid = child.id();
     tracing::debug!(server = %sup.server.name, ?pid, "started local MCP server");
@@ -831,6 +899,11 @@ async fn run(
         }),
         _ = probe => unreachable!("the probe never finishes"),
         _ = sup.restart.notified() => RunEnd::Restart,
+        _ = asleep_rx.wait_for(|a| *a) => {
+            // Not Ready from here on: a waker must wait for the next process.
+            sup.update(|s| s.set_phase(Phase::Asleep));
+            RunEnd::Sleep
+        }
         _ = stop_rx.wait_for(|s| *s) => RunEnd::Stop,
     };
     if matches!(end, RunEnd::Exited(_)) {

@@ -19,6 +19,7 @@ pub mod backoff;
 pub mod document;
 pub mod egress;
 pub mod error;
+pub mod idle;
 pub mod kubernetes;
 pub mod local;
 pub mod logbuf;
@@ -79,6 +80,17 @@ pub trait Runtime: Send + Sync {
 
     /// The server's endpoint as of now (it may not be ready).
     fn endpoint<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Endpoint>>;
+
+    /// Stops an idle server until the next [`Runtime::wait_ready`] wakes it (Kubernetes:
+    /// its Deployment scales to zero, by the replica that leads).
+    fn sleep<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>>;
+
+    /// How the server is used, when it may sleep while idle (its definition's `idle`, or
+    /// the operator's default).
+    fn usage(&self, name: &str) -> Option<Arc<idle::Usage>> {
+        let _ = name;
+        None
+    }
 
     /// The server's current status.
     fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<ServerStatus>>;
@@ -305,12 +317,14 @@ pub enum Phase {
         /// Why.
         reason: FailureReason,
     },
+    /// Stopped while idle; the next call wakes it.
+    Asleep,
     /// Stopped and removed.
     Removed,
 }
 
 impl Phase {
-    /// A one-word name: `Pending`, `Starting`, `Ready`, `BackOff`, `Failed`, `Removed`.
+    /// A one-word name: `Pending`, `Starting`, `Ready`, `BackOff`, `Failed`, `Asleep`, `Removed`.
     pub fn name(&self) -> &'static str {
         match self {
             Phase::Pending => "Pending",
@@ -318,6 +332,7 @@ impl Phase {
             Phase::Ready => "Ready",
             Phase::BackOff { .. } => "BackOff",
             Phase::Failed { .. } => "Failed",
+            Phase::Asleep => "Asleep",
             Phase::Removed => "Removed",
         }
     }
@@ -409,8 +424,10 @@ impl ServerStatus {
 pub async fn from_env() -> Result<Arc<dyn Runtime>> {
     match kubernetes::KubeSettings::from_env()? {
         Some(settings) => Ok(Arc::new(kubernetes::KubeRuntime::start(settings).await?)),
-        None => Ok(Arc::new(local::LocalRuntime::new(
-            local::LocalSettings::default(),
-        ))),
+        None => Ok(Arc::new(local::LocalRuntime::new(local::LocalSettings {
+            idle_after: idle::default_after(|k| std::env::var(k).ok())
+                .map_err(OrchestratorError::Settings)?,
+            ..local::LocalSettings::default()
+        }))),
     }
 }

@@ -96,6 +96,10 @@ pub struct McpServerSpec {
     /// the operator's default, or no policy of its own), not enforced by the local backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<super::egress::EgressSpec>,
+    /// Stop the server while nobody uses it and wake it on the next call (none given: the
+    /// operator's default, off unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<super::idle::IdleSpec>,
 }
 
 /// Who shares one process of a stdio server.
@@ -459,6 +463,9 @@ impl ServerDef {
             egress
                 .validate()
                 .map_err(|e| SpecError::new(e.field, e.message))?;
+        }
+        if let Some(idle) = &spec.idle {
+            idle.after().map_err(|m| SpecError::new("idle.after", m))?;
         }
         // A process cannot receive a NUL byte in its command, arguments or environment:
         // the server would fail to start on every retry.

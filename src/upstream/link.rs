@@ -57,6 +57,9 @@ pub struct Link {
     /// The connection goes through the leading replica's relay: when the relay fails, the
     /// next call asks the orchestrator again (leadership may have moved).
     relayed: AtomicBool,
+    /// The connection is one every caller shares alike (an HTTP server, or a stdio server
+    /// with `sharing: shared`): what it lists is not one caller's own.
+    alike: AtomicBool,
     /// Never through a relay: this link is a relay's, on the replica that leads.
     attach_only: bool,
     /// For a 2026-07-28 server: the log level the session's client asked for.
@@ -145,6 +148,7 @@ impl Link {
             private_slot: Mutex::new(None),
             private_definition: AtomicU64::new(0),
             relayed: AtomicBool::new(false),
+            alike: AtomicBool::new(false),
             attach_only: false,
             log_level: Mutex::new(None),
             marks: tokio::sync::Mutex::new(None),
@@ -223,6 +227,11 @@ impl Link {
     /// The upstream this link reaches.
     pub fn server(&self) -> &Arc<Server> {
         &self.server
+    }
+
+    /// Whether what the connection lists is the same for every caller (see `alike`).
+    pub fn answers_alike(&self) -> bool {
+        self.alike.load(Ordering::Acquire)
     }
 
     /// The upstream's last `initialize` result, once connected.
@@ -369,6 +378,14 @@ impl Link {
                     matches!(ready, orchestrated::Ready::Relay(..)),
                     Ordering::Release,
                 );
+                self.alike.store(
+                    match &ready {
+                        orchestrated::Ready::Http(_) => true,
+                        orchestrated::Ready::Stdio(e) => e.sharing() == Sharing::Shared,
+                        orchestrated::Ready::Relay(..) => false,
+                    },
+                    Ordering::Release,
+                );
                 match ready {
                     orchestrated::Ready::Relay(..) if self.attach_only => {
                         return Err(server.unavailable(
@@ -513,6 +530,14 @@ impl Link {
         mut opts: CallOpts,
     ) -> Result<Outcome, UpstreamError> {
         let timeout = self.server.config.call_timeout;
+        // In use from before it connects (a sleeping server is not put back to sleep under
+        // the call that wakes it) until the answer.
+        let _in_use = self
+            .server
+            .orchestrated
+            .as_ref()
+            .and_then(|o| o.runtime.usage(&self.server.name))
+            .map(|u| u.begin());
         let conn = self.connection().await?;
         if conn.is_stateless() {
             return self.call_stateless(&conn, method, params, opts).await;

@@ -5,7 +5,9 @@
 //! shares through [`SharedServer`] (or one process per principal, or per session, as its
 //! `sharing` says).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 
 use super::shared::SharedServer;
 use super::{Server, UpstreamError};
@@ -18,6 +20,56 @@ pub struct Orchestrated {
     pub runtime: Arc<dyn Runtime>,
     /// Its shared upstream sessions, when it speaks stdio.
     pub shared: Arc<SharedServer>,
+    /// The last lists it gave, served while it sleeps.
+    pub listings: Arc<Listings>,
+    /// How long a call waits for the server to wake.
+    pub wake_timeout: std::time::Duration,
+}
+
+/// The first pages of the lists an idle-capable server last gave (one process serving every
+/// caller alike), and its `initialize` result: what a session sees while the server sleeps.
+#[derive(Debug, Default)]
+pub struct Listings {
+    last: Mutex<LastLists>,
+}
+
+#[derive(Debug, Default)]
+struct LastLists {
+    /// Its last `initialize` result.
+    init: Option<Bytes>,
+    pages: Vec<(&'static str, Bytes)>,
+}
+
+impl Listings {
+    /// Keeps the server's `initialize` result.
+    pub fn keep_init(&self, init: Bytes) {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).init = Some(init);
+    }
+
+    /// Keeps the first page of `method` the server gave.
+    pub fn keep(&self, method: &'static str, page: Bytes) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.pages.retain(|(m, _)| *m != method);
+        last.pages.push((method, page));
+    }
+
+    /// Its last `initialize` result, once known.
+    pub fn init(&self) -> Option<Bytes> {
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .init
+            .clone()
+    }
+
+    /// The first page of `method` it last gave.
+    pub fn page(&self, method: &str) -> Option<Bytes> {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.pages
+            .iter()
+            .find(|(m, _)| *m == method)
+            .map(|(_, p)| p.clone())
+    }
 }
 
 /// A ready server's endpoint.
@@ -38,9 +90,26 @@ impl Orchestrated {
     /// loop...), and its reason becomes the client's error.
     pub async fn ready(&self, server: &Server) -> Result<Ready, UpstreamError> {
         // Leave part of the connect deadline for the MCP handshake, so that a slow start
-        // reports the orchestrator's last known phase rather than a bare timeout.
-        let wait = server.config.connect_timeout.mul_f32(0.9);
-        match self.runtime.wait_ready(&server.name, wait).await {
+        // reports the orchestrator's last known phase rather than a bare timeout. Waking a
+        // sleeping server has its own budget.
+        let asleep = self
+            .runtime
+            .usage(&server.name)
+            .is_some_and(|u| u.is_asleep());
+        let wait = match asleep {
+            true => self.wake_timeout,
+            false => server.config.connect_timeout.mul_f32(0.9),
+        };
+        let started = std::time::Instant::now();
+        let ready = self.runtime.wait_ready(&server.name, wait).await;
+        if asleep && ready.is_ok() {
+            server.metrics.record_wake(server.label, started.elapsed());
+        }
+        match ready {
+            Err(e) if asleep => Err(server.unavailable(format!(
+                "the server was asleep (idle) and did not wake within {}: {e}",
+                humantime::format_duration(wait)
+            ))),
             Ok(Endpoint::Http { url }) => url
                 .parse()
                 .map(Ready::Http)

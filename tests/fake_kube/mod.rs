@@ -1032,8 +1032,8 @@ pub fn controller_uid(obj: &Value) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// One ReplicaSet per Deployment for its current template, one pod per ReplicaSet;
-/// returns a pod to start.
+/// One ReplicaSet per Deployment for its current template, with the Deployment's replicas
+/// (0 or 1; 1 when unset), and that many pods; returns a pod to start.
 fn sync_deployment(
     store: &mut Store,
     events: &broadcast::Sender<Arc<WatchEvent>>,
@@ -1053,7 +1053,13 @@ fn sync_deployment(
     }
     let mut labels = template["metadata"]["labels"].clone();
     labels["pod-template-hash"] = json!(hash);
+    let replicas = dep["spec"]["replicas"].as_i64().unwrap_or(1).min(1);
     let rs = match store.get(Kind::ReplicaSet, ns, &rs_name).cloned() {
+        Some(rs) if rs["spec"]["replicas"].as_i64() != Some(replicas) => {
+            let mut next = rs.clone();
+            next["spec"]["replicas"] = json!(replicas);
+            store.update(events, Kind::ReplicaSet, ns, &rs_name, next)
+        }
         Some(rs) => rs,
         None => store
             .create(
@@ -1069,12 +1075,25 @@ fn sync_deployment(
                             "uid": dep_uid, "controller": true, "blockOwnerDeletion": true,
                         }],
                     },
-                    "spec": {"replicas": 1, "template": template},
+                    "spec": {"replicas": replicas, "template": template},
                 }),
             )
             .ok()?,
     };
     let rs_uid = rs["metadata"]["uid"].clone();
+    if replicas == 0 {
+        // Scaled to zero: the ReplicaSet controller deletes its pods.
+        let pods: Vec<String> = store
+            .list(Kind::Pod, ns)
+            .iter()
+            .filter(|p| controller_uid(p) == rs_uid)
+            .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
+            .collect();
+        for pod in pods {
+            store.delete(events, Kind::Pod, ns, &pod);
+        }
+        return None;
+    }
     let current = store
         .list(Kind::Pod, ns)
         .iter()

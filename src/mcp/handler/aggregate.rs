@@ -11,11 +11,15 @@ use crate::mcp::jsonrpc::{self, Outcome, code};
 use crate::mcp::policy;
 use crate::mcp::profile::{Profile, Shown};
 use crate::mcp::router::Router;
-use crate::mcp::session::{Session, caps};
+use crate::mcp::session::{Session, capability_bits, caps};
 use crate::upstream::CallOpts;
 
 use super::{Fields, Reply, Services, fields, invalid_params, json_string, string_field};
 use crate::mcp::cursor::{MAX_UPSTREAM_CURSOR, decode_cursor, encode_cursor};
+
+/// The `_meta` key of a list result naming the servers listed from what they last listed,
+/// because they sleep (idle) and a listing does not wake them.
+pub const ASLEEP_META: &str = "dev.gatehouse/asleep";
 
 /// Kinds of list that fan out to every upstream.
 #[derive(Clone, Copy)]
@@ -89,6 +93,22 @@ pub(super) async fn list(
             .as_ref()
             .map(|c| format!("{{\"cursor\":{}}}", json_string(c).get()));
         async move {
+            let server = &session.topology().servers[i];
+            // A sleeping server is listed from what it last listed, not woken by a listing.
+            if p.is_none()
+                && let Some(init) = session.resting(i)
+            {
+                if capability_bits(&init) & kind.cap == 0 {
+                    return Ok(None);
+                }
+                if let Some(page) = server
+                    .orchestrated
+                    .as_ref()
+                    .and_then(|o| o.listings.page(kind.method))
+                {
+                    return Ok(Some((Outcome::Result(page), true)));
+                }
+            }
             let bits = session.connect(i).await?;
             if bits & kind.cap == 0 {
                 return Ok(None);
@@ -102,15 +122,24 @@ pub(super) async fn list(
                         .await
                 }
             };
+            if p.is_none()
+                && link.answers_alike()
+                && let (Some(o), Ok(Outcome::Result(page))) = (&server.orchestrated, &r)
+                && o.runtime.usage(&server.name).is_some()
+                && let Some(init) = link.init_result()
+            {
+                o.listings.keep_init(init);
+                o.listings.keep(kind.method, page.clone());
+            }
             let outcome = match &r {
                 Ok(Outcome::Result(_)) => "ok",
                 Ok(Outcome::Error(_)) => "error",
                 Err(_) => "failed",
             };
-            session.topology().servers[i]
+            server
                 .requests
                 .record(kind.method, outcome, started.elapsed());
-            r.map(Some)
+            r.map(|o| Some((o, false)))
         }
     });
     let results = futures_util::future::join_all(calls).await;
@@ -119,6 +148,7 @@ pub(super) async fn list(
     let mut next: Vec<(String, String)> = Vec::new();
     let mut failures = Vec::new();
     let mut answered = 0usize;
+    let mut asleep: Vec<&str> = Vec::new();
     for ((index, cursor), r) in targets.iter().zip(results) {
         let name = session.topology().router.name(*index);
         let page = match r {
@@ -126,8 +156,13 @@ pub(super) async fn list(
                 answered += 1;
                 continue;
             }
-            Ok(Some(Outcome::Result(page))) => page,
-            Ok(Some(Outcome::Error(e))) => {
+            Ok(Some((Outcome::Result(page), cached))) => {
+                if cached {
+                    asleep.push(name);
+                }
+                page
+            }
+            Ok(Some((Outcome::Error(e), _))) => {
                 tracing::warn!(
                     upstream = name,
                     method = kind.method,
@@ -216,6 +251,18 @@ pub(super) async fn list(
     if !next.is_empty() {
         out.put_slice(b",\"nextCursor\":");
         out.put_slice(json_string(&encode_cursor(&next)).get().as_bytes());
+    }
+    if !asleep.is_empty() {
+        // Say which servers' entries are what they listed before they went to sleep.
+        out.put_slice(b",\"_meta\":{\"");
+        out.put_slice(ASLEEP_META.as_bytes());
+        out.put_slice(b"\":");
+        out.put_slice(
+            serde_json::to_string(&asleep)
+                .unwrap_or_else(|_| "[]".into())
+                .as_bytes(),
+        );
+        out.put_u8(b'}');
     }
     out.put_u8(b'}');
     Reply::Json(jsonrpc::response(id, &Outcome::Result(out.freeze())))

@@ -248,6 +248,35 @@ fn audit_target(method: &str, params: Option<&[u8]>) -> Option<String> {
     }
 }
 
+/// A client that asked for progress hears that the call waits for a sleeping server to wake
+/// (one notification at progress 0: the server's own progress follows).
+fn tell_if_waking(server: &crate::upstream::Server, token: &[u8], events: &mpsc::Sender<Bytes>) {
+    let asleep = server
+        .orchestrated
+        .as_ref()
+        .is_some_and(|o| o.runtime.usage(&server.name).is_some_and(|u| u.is_asleep()));
+    let Ok(token) = std::str::from_utf8(token) else {
+        return;
+    };
+    if asleep {
+        let message = format!(
+            "server {} is asleep (idle): waking it, within {}",
+            server.name,
+            humantime::format_duration(
+                server
+                    .orchestrated
+                    .as_ref()
+                    .map_or_else(Default::default, |o| o.wake_timeout)
+            )
+        );
+        let frame = format!(
+            r#"{{"jsonrpc":"2.0","method":"notifications/progress","params":{{"progressToken":{token},"progress":0,"message":{}}}}}"#,
+            json_string(&message).get()
+        );
+        let _ = events.try_send(Bytes::from(frame));
+    }
+}
+
 /// Sends a request to one upstream. Answers with plain JSON when the upstream sends nothing else
 /// first; switches to SSE as soon as a related message (progress, sampling, logging) arrives.
 /// `target` is the name or URI the request was routed by, when the caller knows it (else it is
@@ -317,10 +346,14 @@ pub(super) async fn forward(
         None => (params, None),
     };
     let response_trace = sv.trace.map(crate::trace::Span::parent);
+    let progress_token = params.as_deref().and_then(request_progress_token);
+    if let Some(token) = &progress_token {
+        tell_if_waking(&server, token, &ev_tx);
+    }
     let opts = CallOpts {
         events: Some(ev_tx),
         cancel: inflight.cancelled.take(),
-        progress_token: params.as_deref().and_then(request_progress_token),
+        progress_token,
         client_envelope: sv.envelope.cloned(),
         traceparent,
         ..CallOpts::default()

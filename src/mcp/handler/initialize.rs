@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::Services;
 use crate::mcp::revision;
-use crate::mcp::session::{Session, caps};
+use crate::mcp::session::{Session, capability_bits, caps};
 
 use super::{Fields, fields, json_string, string_field};
 
@@ -77,27 +77,30 @@ pub async fn offer(sv: Services<'_>, session: &Arc<Session>) -> Offer {
     let served: Vec<usize> = (0..session.topology().servers.len())
         .filter(|i| session.serves(*i))
         .collect();
-    let results = futures_util::future::join_all(served.iter().map(|i| session.connect(*i))).await;
+    // A sleeping server offers what it last offered; a new session does not wake it.
+    let results = futures_util::future::join_all(served.iter().map(|&i| async move {
+        match session.resting(i) {
+            Some(init) => Ok((capability_bits(&init), Some(init))),
+            None => session.connect(i).await.map(|b| (b, None)),
+        }
+    }))
+    .await;
 
     let mut bits = 0u8;
     let mut instructions = String::new();
     for (&i, r) in served.iter().zip(&results) {
         let name = session.topology().router.name(i);
         match r {
-            Ok(b) => {
+            Ok((b, resting)) => {
                 bits |= b;
                 let server = &session.topology().servers[i];
-                if let Some(text) = session.links()[i]
-                    .init_result()
-                    .as_deref()
-                    .and_then(instructions_of)
-                    .filter(|text| {
-                        sv.pins.is_none_or(|pins| {
-                            let item = crate::pins::instructions_item(text);
-                            pins.observe(&server.name, server.label, &item, sv.audit, sv.metrics)
-                        })
+                let init = resting.clone().or_else(|| session.links()[i].init_result());
+                if let Some(text) = init.as_deref().and_then(instructions_of).filter(|text| {
+                    sv.pins.is_none_or(|pins| {
+                        let item = crate::pins::instructions_item(text);
+                        pins.observe(&server.name, server.label, &item, sv.audit, sv.metrics)
                     })
-                {
+                }) {
                     if !instructions.is_empty() {
                         instructions.push_str("\n\n");
                     }

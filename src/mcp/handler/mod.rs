@@ -397,7 +397,9 @@ pub async fn request(
         "completion/complete" if !direct => forward::complete(sv, session, id, params).await,
         "logging/setLevel" if !single => {
             for (i, link) in session.links().iter().enumerate() {
+                // A sleeping server is not woken to set a level it forgets with its process.
                 if session.serves(i)
+                    && session.resting(i).is_none()
                     && session
                         .connect(i)
                         .await

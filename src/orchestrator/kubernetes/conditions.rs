@@ -75,8 +75,9 @@ pub fn render(
         Phase::Pending | Phase::Starting => (true, false),
         Phase::BackOff { .. } => (true, true),
         Phase::Failed { .. } => (false, true),
-        Phase::Ready | Phase::Removed => (false, false),
+        Phase::Ready | Phase::Asleep | Phase::Removed => (false, false),
     };
+    let asleep = st.phase == Phase::Asleep;
     let ready = st.phase == Phase::Ready;
     // A failed reconcile says nothing about the pod: it degrades, Ready keeps its own reason.
     let degraded = match facts.reconcile_error {
@@ -86,9 +87,13 @@ pub fn render(
     };
     let conditions = [
         (ready, reason.clone(), message.clone()),
-        (progressing, reason, message),
+        (progressing, reason, message.clone()),
         degraded,
-        (false, "Awake".into(), String::new()),
+        if asleep {
+            (true, "Idle".into(), message.clone())
+        } else {
+            (false, "Awake".into(), String::new())
+        },
     ];
     let prev_condition =
         |type_: &str| prev.and_then(|p| p.conditions.iter().find(|c| c.type_ == type_));
@@ -168,7 +173,24 @@ pub fn events(prev: Option<&McpServerStatus>, next: &McpServerStatus) -> Vec<Occ
             note: bounded(message),
         });
     }
-    if next.phase.as_deref() == Some("Ready") && prev.phase.as_deref() != Some("Ready") {
+    let (was, is) = (prev.phase.as_deref(), next.phase.as_deref());
+    if is == Some("Asleep") && was != Some("Asleep") {
+        out.push(Occurrence {
+            warning: false,
+            reason: "Slept".into(),
+            action: "Sleep",
+            note: bounded(format!("idle: stopped until the next call ({message})")),
+        });
+    }
+    if was == Some("Asleep") && is != Some("Asleep") {
+        out.push(Occurrence {
+            warning: false,
+            reason: "Woke".into(),
+            action: "Wake",
+            note: "a call needs it: starting it again".into(),
+        });
+    }
+    if is == Some("Ready") && was != Some("Ready") {
         let at = next.endpoint.as_deref().unwrap_or("its endpoint");
         out.push(Occurrence {
             warning: false,
@@ -320,5 +342,25 @@ mod tests {
         assert_eq!(events(Some(&crashed), &crashed), vec![]);
         // A resource first seen already running says it started.
         assert_eq!(events(None, &ready)[0].reason, "Started");
+
+        let asleep = render(&ServerStatus::new(Phase::Asleep), &f, Some(&ready), at(3));
+        assert_eq!(
+            by_type(&asleep, "Asleep"),
+            ("True", "Idle", &*rfc3339(at(3)))
+        );
+        assert_eq!(by_type(&asleep, "Ready").1, "Asleep");
+        assert_eq!(by_type(&asleep, "Degraded").0, "False");
+        let reasons =
+            |a, b| -> Vec<String> { events(Some(a), b).into_iter().map(|e| e.reason).collect() };
+        assert_eq!(reasons(&ready, &asleep), ["Slept"]);
+        let waking = render(
+            &ServerStatus::new(Phase::Starting),
+            &f,
+            Some(&asleep),
+            at(4),
+        );
+        assert_eq!(reasons(&asleep, &waking), ["Woke"]);
+        let awake = render(&ServerStatus::new(Phase::Ready), &f, Some(&waking), at(5));
+        assert_eq!(reasons(&waking, &awake), ["Started"]);
     }
 }

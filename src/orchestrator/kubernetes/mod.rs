@@ -58,6 +58,7 @@ use self::index::Index;
 use self::lease::{Elector, LeaseSettings};
 use self::policy::PodPolicy;
 use super::egress::EgressPreset;
+use super::idle::Usage;
 use super::spec::{
     McpServer, McpServerStatus, ResolvedServer, ServerDef, SpecError, labels, object_name,
 };
@@ -109,6 +110,8 @@ pub const ENV_CILIUM: &str = "GATEHOUSE_ORCHESTRATOR_CILIUM";
 pub const ENV_DEFAULT_EGRESS: &str = "GATEHOUSE_ORCHESTRATOR_DEFAULT_EGRESS";
 /// Field manager of our server-side applies.
 pub const FIELD_MANAGER: &str = "gatehouse";
+/// Annotation of a Deployment scaled to zero while its server is idle (the value: since when).
+pub const ASLEEP_ANNOTATION: &str = "gatehouse.dev/asleep";
 
 /// Where the client's configuration comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +153,8 @@ pub struct KubeOptions {
     /// Where the relay listens (with leader election only): the replica that holds the
     /// lease attaches to stdio servers and serves them to the others there.
     pub relay_listen: Option<std::net::SocketAddr>,
+    /// Scale servers unused for this long to zero unless their definition says otherwise.
+    pub idle_after: Option<Duration>,
 }
 
 impl Default for KubeOptions {
@@ -162,6 +167,7 @@ impl Default for KubeOptions {
             attach_buffer: 256 * 1024,
             policy: PodPolicy::default(),
             relay_listen: None,
+            idle_after: None,
         }
     }
 }
@@ -249,6 +255,8 @@ impl KubeSettings {
                 watch_mcpservers: flag(ENV_WATCH_MCPSERVERS, true)?,
                 policy,
                 relay_listen,
+                idle_after: super::idle::default_after(&getenv)
+                    .map_err(OrchestratorError::Settings)?,
                 ..KubeOptions::default()
             },
         }))
@@ -472,6 +480,11 @@ pub(crate) struct Inner {
     resources: DashMap<String, ResourceRef>,
     /// Records Events on `McpServer` resources.
     recorder: Recorder,
+    /// Sleeps (true) and wakes (false) asked of this replica and not yet seen on the
+    /// Deployment, whose annotation otherwise says whether a server sleeps.
+    sleep_requests: DashMap<String, bool>,
+    /// How each idle-capable server is used.
+    usage: DashMap<String, Arc<Usage>>,
     status_changed: watch::Sender<u64>,
     /// Bumped after every status refresh, changed or not: a pod may be replaced while the
     /// status stays the same, and waiters compare pods, not only statuses.
@@ -546,6 +559,8 @@ impl KubeRuntime {
             restarted: DashMap::new(),
             written: DashMap::new(),
             resources: DashMap::new(),
+            sleep_requests: DashMap::new(),
+            usage: DashMap::new(),
             recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
             status_changed: watch::Sender::new(0),
             refreshed: watch::Sender::new(0),
@@ -720,6 +735,80 @@ impl Inner {
 
     fn leading(&self) -> bool {
         *self.leading.borrow()
+    }
+
+    /// Whether the server sleeps: as this replica last asked, until its Deployment says so,
+    /// then as the Deployment's annotation says (any replica may have woken it since).
+    fn asleep(&self, name: &str) -> bool {
+        if let Some(asked) = self.sleep_requests.get(name) {
+            return *asked;
+        }
+        self.deployment_asleep(name)
+    }
+
+    fn deployment_asleep(&self, name: &str) -> bool {
+        self.deployments
+            .get(name, &object_name(name))
+            .is_some_and(|d| d.annotations().contains_key(ASLEEP_ANNOTATION))
+    }
+
+    /// Forgets a sleep or wake request once the Deployment shows it.
+    fn settle_sleep_request(&self, name: &str) {
+        let shown = self.deployment_asleep(name);
+        self.sleep_requests
+            .remove_if(name, |_, asked| *asked == shown);
+    }
+
+    /// The server's usage when it may sleep (as of its last reconcile: a lookup, for every call).
+    fn usage(&self, name: &str) -> Option<Arc<Usage>> {
+        self.usage.get(name).map(|u| u.clone())
+    }
+
+    /// Follows the server's current definition: whether it may sleep, and after how long.
+    fn refresh_usage(&self, name: &str) -> Option<Arc<Usage>> {
+        let after = self.valid(name).and_then(|(s, _)| {
+            super::idle::after_of(s.spec.idle.as_ref(), self.options.idle_after)
+        });
+        let Some(after) = after else {
+            self.usage.remove(name);
+            return None;
+        };
+        let mut entry = self
+            .usage
+            .entry(name.to_string())
+            .or_insert_with(|| Usage::new(after));
+        if entry.after() != after {
+            *entry = Usage::new(after);
+        }
+        Some(entry.clone())
+    }
+
+    /// Starts a sleeping server: the leader through its next reconcile, another replica by
+    /// scaling the Deployment back up itself (the leader then sees it awake).
+    async fn wake(&self, name: &str) -> Result<()> {
+        tracing::info!(server = name, "waking: a call needs it");
+        if let Some(u) = self.usage.get(name) {
+            u.woke();
+        }
+        if self.leading() {
+            self.sleep_requests.insert(name.to_string(), false);
+            self.enqueue(name);
+        } else {
+            let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.ns);
+            let patch = serde_json::json!({
+                "metadata": {"annotations": {ASLEEP_ANNOTATION: null}},
+                "spec": {"replicas": 1},
+            });
+            api.patch(
+                &object_name(name),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(|e| OrchestratorError::kube(format!("wake server {name}"), e))?;
+        }
+        self.refresh_status(name, None);
+        Ok(())
     }
 
     fn valid(&self, name: &str) -> Option<(ResolvedServer, Source)> {
@@ -904,9 +993,24 @@ impl Inner {
                     .await?
             }
         }
+        let mut rendered_deployment = rendered.deployment;
+        if self.asleep(name) {
+            if let Some(spec) = rendered_deployment.spec.as_mut() {
+                spec.replicas = Some(0);
+            }
+            rendered_deployment
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(
+                    ASLEEP_ANNOTATION.into(),
+                    conditions::rfc3339(Timestamp::now()),
+                );
+        }
         let deployment = self
-            .ensure(&self.deployments, name, rendered.deployment)
+            .ensure(&self.deployments, name, rendered_deployment)
             .await?;
+        self.settle_sleep_request(name);
         let mut service = rendered.service;
         if resource_owner.is_none() && known_owner.is_none() {
             // The Deployment did not exist: now it does, it owns the Secret and Service.
@@ -978,7 +1082,23 @@ impl Inner {
                 })
                 .with_message(message),
             ),
+            Some(Ok(())) if self.asleep(name) => {
+                if let Some(u) = self.usage.get(name) {
+                    u.fell_asleep();
+                }
+                self.status_pods.remove(name);
+                Some(
+                    ServerStatus::new(Phase::Asleep)
+                        .with_message("idle: scaled to zero until the next call"),
+                )
+            }
             Some(Ok(())) => {
+                if let Some(u) = self.usage.get(name)
+                    && u.is_asleep()
+                {
+                    // Another replica woke it.
+                    u.woke();
+                }
                 let pods = self.serving_pods(name);
                 let observed = status::observe(status::current_pod(pods.iter().map(|p| &**p)));
                 match &observed.pod {
@@ -1124,6 +1244,7 @@ impl Inner {
 
     async fn process(&self, name: &str) {
         self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
+        self.refresh_usage(name);
         let leading = self.leading();
         let mut error = None;
         if leading && let Err(e) = self.reconcile(name).await {
@@ -1787,6 +1908,9 @@ impl Runtime for KubeRuntime {
     ) -> BoxFuture<'a, Result<Endpoint>> {
         async move {
             let deadline = tokio::time::Instant::now() + timeout;
+            if self.inner.asleep(name) {
+                self.inner.wake(name).await?;
+            }
             self.inner.wait_ready(name, timeout).await?;
             self.inner.wait_for_relay(name, deadline).await;
             self.inner.endpoint(name)
@@ -1796,6 +1920,32 @@ impl Runtime for KubeRuntime {
 
     fn endpoint<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Endpoint>> {
         async move { self.inner.endpoint(name) }.boxed()
+    }
+
+    fn sleep<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let inner = &self.inner;
+            // The leader scales; the others' use of the server is not seen here, and their
+            // next call wakes it.
+            if !inner.leading() || inner.asleep(name) {
+                return Ok(());
+            }
+            if inner.valid(name).is_none() {
+                return Err(OrchestratorError::NotFound(name.to_string()));
+            }
+            if inner.refresh_usage(name).is_none_or(|u| !u.is_idle()) {
+                return Ok(());
+            }
+            inner.sleep_requests.insert(name.to_string(), true);
+            inner.refresh_status(name, None);
+            inner.enqueue(name);
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn usage(&self, name: &str) -> Option<Arc<Usage>> {
+        self.inner.usage(name)
     }
 
     fn status<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<ServerStatus>> {

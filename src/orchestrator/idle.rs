@@ -1,0 +1,237 @@
+//! Idle servers stop and wake on the next call.
+//!
+//! A server whose definition says `idle: {after: 15m}` (or that gets the operator's default)
+//! has a [`Usage`]: the gateway marks each call through it ([`Usage::begin`]), and
+//! [`sweep`] asks the runtime to put a server to sleep ([`super::Runtime::sleep`]) once no
+//! call has been in flight for that long. The next [`super::Runtime::wait_ready`] wakes it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Phase, Runtime};
+
+/// Shortest idle time a definition may ask for.
+pub const MIN_AFTER: Duration = Duration::from_secs(1);
+/// Longest idle time a definition may ask for.
+pub const MAX_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Environment variable: how long servers whose definition says nothing stay unused before
+/// they sleep (`15m`, `1h`; unset or `never`: they do not).
+pub const ENV_IDLE_AFTER: &str = "GATEHOUSE_ORCHESTRATOR_IDLE_AFTER";
+
+/// The operator's default idle time, read through `getenv`.
+pub fn default_after(getenv: impl Fn(&str) -> Option<String>) -> Result<Option<Duration>, String> {
+    match getenv(ENV_IDLE_AFTER).filter(|v| !v.trim().is_empty()) {
+        None => Ok(None),
+        Some(v) => IdleSpec { after: v }
+            .after()
+            .map_err(|e| format!("{ENV_IDLE_AFTER}: {e}")),
+    }
+}
+
+/// The idle time of a server: its definition's, else the operator's default.
+pub fn after_of(spec: Option<&IdleSpec>, default: Option<Duration>) -> Option<Duration> {
+    match spec {
+        Some(idle) => idle.after().ok().flatten(),
+        None => default,
+    }
+}
+
+/// When a server sleeps (the `idle` field of a definition).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdleSpec {
+    /// Stop the server once no call has used it for this long (`15m`, `1h`), or `never`
+    /// (the operator's default does not apply).
+    pub after: String,
+}
+
+impl IdleSpec {
+    /// The idle time, `None` for `never`; the error says what is wrong with `after`.
+    pub fn after(&self) -> Result<Option<Duration>, String> {
+        if self.after.trim() == "never" {
+            return Ok(None);
+        }
+        let d = humantime::parse_duration(self.after.trim()).map_err(|e| {
+            format!(
+                "{:?} is not a duration ({e}); say 15m, 1h or never",
+                self.after
+            )
+        })?;
+        if !(MIN_AFTER..=MAX_AFTER).contains(&d) {
+            return Err(format!(
+                "{:?} is out of range: from {} to {}",
+                self.after,
+                humantime::format_duration(MIN_AFTER),
+                humantime::format_duration(MAX_AFTER)
+            ));
+        }
+        Ok(Some(d))
+    }
+}
+
+/// How one idle-capable server is used: calls in flight, the last one's end, and whether
+/// the runtime has put it to sleep.
+#[derive(Debug)]
+pub struct Usage {
+    after: Duration,
+    epoch: Instant,
+    last_used_ms: AtomicU64,
+    in_flight: AtomicUsize,
+    asleep: AtomicBool,
+    wakes: AtomicU64,
+    slept_ms: AtomicU64,
+    asleep_since_ms: AtomicU64,
+}
+
+/// A call in flight through a server; dropping it marks the server used now.
+#[derive(Debug)]
+pub struct InUse(Arc<Usage>);
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Usage {
+    /// A server used just now that sleeps after `after` without a call.
+    pub fn new(after: Duration) -> Arc<Self> {
+        Arc::new(Usage {
+            after,
+            epoch: Instant::now(),
+            last_used_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            asleep: AtomicBool::new(false),
+            wakes: AtomicU64::new(0),
+            slept_ms: AtomicU64::new(0),
+            asleep_since_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn touch(&self) {
+        self.last_used_ms.store(self.now_ms(), Ordering::Release);
+    }
+
+    /// Marks a call through the server until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> InUse {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.touch();
+        InUse(self.clone())
+    }
+
+    /// How long the server may stay unused before it sleeps.
+    pub fn after(&self) -> Duration {
+        self.after
+    }
+
+    /// Whether it has gone unused for `after`, with no call in flight.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self
+                .now_ms()
+                .saturating_sub(self.last_used_ms.load(Ordering::Acquire))
+                >= u64::try_from(self.after.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether the runtime has put it to sleep (and not woken it since).
+    pub fn is_asleep(&self) -> bool {
+        self.asleep.load(Ordering::Acquire)
+    }
+
+    /// The runtime stopped the server (called by the backend).
+    pub fn fell_asleep(&self) {
+        if !self.asleep.swap(true, Ordering::AcqRel) {
+            self.asleep_since_ms.store(self.now_ms(), Ordering::Release);
+        }
+    }
+
+    /// The runtime is starting the server again (called by the backend); the wake counts
+    /// as a use, so the server is not put back to sleep before the waker's call.
+    pub fn woke(&self) {
+        self.touch();
+        if self.asleep.swap(false, Ordering::AcqRel) {
+            self.wakes.fetch_add(1, Ordering::Relaxed);
+            let slept = self
+                .now_ms()
+                .saturating_sub(self.asleep_since_ms.load(Ordering::Acquire));
+            self.slept_ms.fetch_add(slept, Ordering::Relaxed);
+        }
+    }
+
+    /// Wakes so far.
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(Ordering::Relaxed)
+    }
+
+    /// Time spent asleep so far, including the current sleep.
+    pub fn time_asleep(&self) -> Duration {
+        let mut ms = self.slept_ms.load(Ordering::Relaxed);
+        if self.is_asleep() {
+            ms += self
+                .now_ms()
+                .saturating_sub(self.asleep_since_ms.load(Ordering::Acquire));
+        }
+        Duration::from_millis(ms)
+    }
+}
+
+/// Puts idle servers to sleep, checking every `tick`, until the runtime is dropped.
+pub async fn sweep(runtime: std::sync::Weak<dyn Runtime>, tick: Duration) {
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(runtime) = runtime.upgrade() else {
+            return;
+        };
+        for (name, status) in runtime.list().await {
+            let idle = runtime.usage(&name).is_some_and(|u| u.is_idle());
+            if idle && status.phase == Phase::Ready {
+                tracing::info!(server = %name, "idle: stopping it until the next call");
+                if let Err(e) = runtime.sleep(&name).await {
+                    tracing::warn!(server = %name, "putting an idle server to sleep: {e}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_after_and_refuses_what_is_out_of_range() {
+        let spec = |s: &str| IdleSpec { after: s.into() };
+        assert_eq!(spec("15m").after(), Ok(Some(Duration::from_secs(900))));
+        assert_eq!(spec("never").after(), Ok(None));
+        assert!(spec("0s").after().unwrap_err().contains("out of range"));
+        assert!(spec("400d").after().unwrap_err().contains("out of range"));
+        assert!(spec("soon").after().unwrap_err().contains("not a duration"));
+    }
+
+    #[test]
+    fn a_call_in_flight_keeps_a_server_awake() {
+        let u = Usage::new(Duration::from_millis(0));
+        let call = u.begin();
+        assert!(!u.is_idle(), "in flight");
+        drop(call);
+        assert!(u.is_idle());
+        u.fell_asleep();
+        assert!(u.is_asleep());
+        u.woke();
+        assert!(!u.is_asleep());
+        assert_eq!(u.wakes(), 1);
+        u.woke();
+        assert_eq!(u.wakes(), 1, "a wake of an awake server is not counted");
+    }
+}
