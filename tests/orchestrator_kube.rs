@@ -1975,3 +1975,47 @@ async fn an_idle_server_scales_to_zero_and_a_call_scales_it_back() {
     assert_eq!(rt.usage("napper").unwrap().wakes(), 1);
     eprintln!("wake to ready on the fake API server: {woke_in:?}");
 }
+
+/// A server whose objects the API server refuses is retried with a doubling delay (not
+/// hammered), and converges once the API server takes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_reconciles_back_off_and_then_converge() {
+    let fake = FakeKube::start().await;
+    fake.configure(|s| {
+        s.fail_paths = vec![format!(
+            "/apis/apps/v1/namespaces/{NS}/deployments/mcp-refused"
+        )]
+    });
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+    rt.apply(
+        example("refused", "ghcr.io/gatehouse/example:1", &[])
+            .resolve()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let errors = rt.stats().errors;
+        if errors as usize > seen.len() {
+            seen.push(started.elapsed());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "errors: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // retry_after is 200 ms: timer retries after about 200, 400, 800 ms... (±10%). Events
+    // (its Secret written, say) reconcile it at once too, early on: the later gaps are
+    // the timer's alone, and double.
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps[2] >= Duration::from_millis(350), "{gaps:?}");
+    assert!(gaps[3] >= Duration::from_millis(700), "{gaps:?}");
+    assert!(gaps[3] >= gaps[2].mul_f32(1.6), "{gaps:?}");
+    fake.configure(|s| s.fail_paths.clear());
+    rt.wait_ready("refused", Duration::from_secs(10))
+        .await
+        .unwrap();
+}

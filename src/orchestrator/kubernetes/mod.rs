@@ -3,7 +3,7 @@
 //! ```text
 //! desired: Runtime::apply (config file)  ∪  McpServer resources (watched)
 //!                 │ enqueue(server)
-//! watchers ──▶ Index<Deployment|Pod|Secret|Service> ──▶ queue ──▶ worker: reconcile(server) if leader
+//! watchers ──▶ Index<Deployment|Pod|Secret|Service> ──▶ queue (a set) ──▶ worker: reconcile(server) if leader
 //!  (kube::runtime::watcher, label managed-by=gatehouse)             └▶ status(server) from its pod
 //! Lease elector ──▶ leading: bool
 //! ```
@@ -28,6 +28,7 @@ pub mod lease;
 pub mod network_policy;
 pub mod objects;
 pub mod policy;
+pub mod queue;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,7 +53,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use self::index::Index;
 use self::lease::{Elector, LeaseSettings};
@@ -142,8 +143,11 @@ pub struct KubeOptions {
     pub watch_mcpservers: bool,
     /// Re-check every server this often even without events (a safety net, not polling).
     pub resync_every: Duration,
-    /// Delay before retrying a failed reconcile.
+    /// Delay before retrying a failed reconcile (the first time; it doubles while the
+    /// server's reconciles keep failing).
     pub retry_after: Duration,
+    /// Longest delay between retries of a server's failed reconciles.
+    pub retry_max: Duration,
     /// How long [`StdioEndpoint::open`] waits for the pod to be ready.
     pub attach_timeout: Duration,
     /// Buffer size of an attachment's stdin and stdout.
@@ -163,6 +167,7 @@ impl Default for KubeOptions {
             watch_mcpservers: true,
             resync_every: Duration::from_secs(300),
             retry_after: Duration::from_secs(5),
+            retry_max: Duration::from_secs(300),
             attach_timeout: Duration::from_secs(60),
             attach_buffer: 256 * 1024,
             policy: PodPolicy::default(),
@@ -489,7 +494,7 @@ pub(crate) struct Inner {
     /// Bumped after every status refresh, changed or not: a pod may be replaced while the
     /// status stays the same, and waiters compare pods, not only statuses.
     refreshed: watch::Sender<u64>,
-    queue: mpsc::UnboundedSender<String>,
+    queue: Arc<queue::WorkQueue>,
     leading: watch::Receiver<bool>,
     /// The lease holder's relay, when another replica holds it.
     holder_relay: watch::Receiver<Option<String>>,
@@ -537,7 +542,6 @@ impl KubeRuntime {
         leader_election: Option<LeaseSettings>,
         options: KubeOptions,
     ) -> Self {
-        let (queue, queue_rx) = mpsc::unbounded_channel();
         let (leading_tx, leading) = watch::channel(leader_election.is_none());
         let holder_relay = watch::Sender::new(None);
         let relay_secret = watch::Sender::new(None);
@@ -564,7 +568,7 @@ impl KubeRuntime {
             recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
             status_changed: watch::Sender::new(0),
             refreshed: watch::Sender::new(0),
-            queue,
+            queue: Arc::default(),
             leading: leading.clone(),
             holder_relay: holder_relay.subscribe(),
             relay_secret: relay_secret.subscribe(),
@@ -598,7 +602,7 @@ impl KubeRuntime {
         if options.watch_mcpservers {
             tasks.push(tokio::spawn(watch_mcpservers(inner.clone())));
         }
-        tasks.push(tokio::spawn(worker(inner.clone(), queue_rx, synced)));
+        tasks.push(tokio::spawn(worker(inner.clone(), synced)));
         let relay = match (&leader_election, options.relay_listen) {
             (Some(settings), Some(listen)) => {
                 tasks.push(tokio::spawn(relay_secret_task(
@@ -718,7 +722,7 @@ impl KubeRuntime {
 
 impl Inner {
     fn enqueue(&self, server: impl Into<String>) {
-        let _ = self.queue.send(server.into());
+        self.queue.push(server.into());
     }
 
     fn enqueue_all(&self) {
@@ -1253,17 +1257,30 @@ impl Inner {
             error = Some(e);
         }
         self.refresh_status(name, error.as_ref());
-        if error.is_some() {
+        if error.is_none() {
+            self.queue.succeeded(name);
+        } else if let Some(after) = self.queue.failed(name, &self.retry_backoff()) {
             let queue = self.queue.clone();
             let name = name.to_string();
-            let after = self.options.retry_after;
             tokio::spawn(async move {
                 tokio::time::sleep(after).await;
-                let _ = queue.send(name);
+                queue.retry_due(&name);
             });
         }
         if leading {
             self.write_resource_status(name, error.as_ref()).await;
+        }
+    }
+
+    /// Delays between retries of a server's failed reconciles: `retry_after`, doubling up
+    /// to `retry_max`.
+    fn retry_backoff(&self) -> super::backoff::Backoff {
+        super::backoff::Backoff {
+            initial: self.options.retry_after,
+            max: self.options.retry_max.max(self.options.retry_after),
+            factor: 2.0,
+            jitter: 0.1,
+            reset_after: Duration::ZERO,
         }
     }
 
@@ -1550,11 +1567,7 @@ async fn relay_secret_task(
     }
 }
 
-async fn worker(
-    inner: Arc<Inner>,
-    mut rx: mpsc::UnboundedReceiver<String>,
-    synced: Vec<watch::Receiver<bool>>,
-) {
+async fn worker(inner: Arc<Inner>, synced: Vec<watch::Receiver<bool>>) {
     // Decide nothing before every watch has listed once: an empty index would look like
     // "everything is missing".
     for mut s in synced {
@@ -1563,12 +1576,8 @@ async fn worker(
         }
     }
     inner.enqueue_all();
-    while let Some(first) = rx.recv().await {
-        let mut batch = BTreeSet::from([first]);
-        while let Ok(next) = rx.try_recv() {
-            batch.insert(next);
-        }
-        for name in batch {
+    loop {
+        for name in inner.queue.next_batch().await {
             inner.process(&name).await;
         }
     }
