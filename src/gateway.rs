@@ -306,6 +306,7 @@ impl Gateway {
         }
         for name in gone {
             self.definitions.remove(&name);
+            self.listings.remove(&name);
             if let Some((_, shared)) = self.shared.remove(&name) {
                 shared.close().await;
             }

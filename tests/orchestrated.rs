@@ -866,3 +866,41 @@ async fn a_wake_past_its_budget_is_a_clear_error_and_the_server_still_wakes() {
     );
     gw.stop().await;
 }
+
+/// An HTTP server the orchestrator runs sleeps like a stdio one: a session whose upstream
+/// session went with the process gets a new one on the woken server, on its next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http_server_wakes_for_a_session_that_was_open() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gw = gateway(&format!(
+        "  - name: web\n    command: {BIN:?}\n    args: [example-server, --name, web, --test-tools, --http, \"127.0.0.1:{port}\"]\n    transport: {{type: streamable-http, port: {port}}}\n    idle: {{after: 1s}}\n"
+    ))
+    .await;
+    let runtime = gw.gateway().orchestrator.clone().unwrap();
+    let c = client(&gw).await;
+    let tools = tool_names(&c.call(1, "tools/list", json!({})).await);
+    let pid = c.tool_text(2, "pid", json!({})).await;
+    eventually("asleep", || {
+        let runtime = runtime.clone();
+        async move { runtime.status("web").await.unwrap().phase == Phase::Asleep }
+    })
+    .await;
+    stopped("the HTTP server's process", pid.clone()).await;
+    let listed = c.call(3, "tools/list", json!({})).await;
+    assert_eq!(tool_names(&listed), tools);
+    assert_eq!(
+        listed["result"]["_meta"]["dev.gatehouse/asleep"],
+        json!(["web"])
+    );
+    let new_pid = c.tool_text(4, "pid", json!({})).await;
+    assert_ne!(new_pid, pid);
+    assert_eq!(
+        c.tool_text(5, "echo", json!({"text": "again"})).await,
+        "again"
+    );
+    gw.stop().await;
+}

@@ -536,3 +536,78 @@ async fn secrets_as_files_are_private_files_the_variable_points_to() {
     }];
     assert_eq!(bad.resolve().unwrap_err().field, "env[0].name");
 }
+
+/// Sleep and wake at the runtime: a sleep that a call overtakes settles at once (it holds
+/// the server's lock, so it must not wait for a stop that will not come), a restart of a
+/// sleeping server does nothing (and leaves nothing armed to kill the next process), and
+/// the default idle time applies only to servers that do not say `never`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleep_wake_restart_and_a_sleep_overtaken_by_a_call() {
+    let rt = std::sync::Arc::new(LocalRuntime::new(LocalSettings {
+        idle_after: Some(Duration::from_secs(1)),
+        ..fast()
+    }));
+    let mut never = server("insomniac", GATEHOUSE, &["example-server"]);
+    never.spec.idle = Some(gatehouse::orchestrator::idle::IdleSpec {
+        after: "never".into(),
+    });
+    rt.apply(never.resolve().unwrap()).await.unwrap();
+    assert!(
+        rt.usage("insomniac").is_none(),
+        "never opts out of the default"
+    );
+    let def = server("napper", GATEHOUSE, &["example-server", "--test-tools"]);
+    rt.apply(def.resolve().unwrap()).await.unwrap();
+    rt.wait_ready("napper", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let usage = rt.usage("napper").expect("the default applies");
+    let idle = Instant::now();
+    while !usage.is_idle() {
+        assert!(idle.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A sleep and a call at once: both finish, and the server ends up serving.
+    let (slept, ready) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(8), rt.sleep("napper")),
+        tokio::time::timeout(
+            Duration::from_secs(8),
+            rt.wait_ready("napper", Duration::from_secs(8))
+        )
+    );
+    slept.expect("the sleep settles").unwrap();
+    if ready.expect("the call is served").is_err() {
+        // The call came first and the sleep after it: the next call wakes it.
+        rt.wait_ready("napper", Duration::from_secs(8))
+            .await
+            .unwrap();
+    }
+    rt.wait_ready("napper", Duration::from_secs(8))
+        .await
+        .unwrap();
+
+    // Asleep, a restart changes nothing; the woken process is not killed under its caller.
+    while !usage.is_idle() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rt.sleep("napper").await.unwrap();
+    assert_eq!(rt.status("napper").await.unwrap().phase, Phase::Asleep);
+    let restarts = rt.status("napper").await.unwrap().restarts;
+    rt.restart("napper").await.unwrap();
+    assert_eq!(rt.status("napper").await.unwrap().phase, Phase::Asleep);
+    rt.wait_ready("napper", Duration::from_secs(8))
+        .await
+        .unwrap();
+    let mut mcp = open(&rt, "napper").await;
+    mcp.handshake().await;
+    let list = mcp.call(2, "tools/list", json!({})).await;
+    assert!(tool_names(&list).contains(&"pid".to_string()));
+    let pid = mcp
+        .call(3, "tools/call", json!({"name": "pid", "arguments": {}}))
+        .await;
+    assert!(pid["result"].is_object(), "{pid}");
+    let st = rt.status("napper").await.unwrap();
+    assert_eq!(st.phase, Phase::Ready);
+    assert_eq!(st.restarts, restarts, "no restart happened: {st:?}");
+}

@@ -1121,6 +1121,21 @@ impl RawConfig {
                 Duration::from_secs(60),
             )?,
         };
+        let mut orchestrator = orchestrator;
+        if self.orchestrator.wake_timeout.is_none() {
+            orchestrator.wake_timeout = orchestrator.wake_timeout.min(orchestrator.connect_timeout);
+        }
+        // The wake happens inside the connection's handshake, which connect_timeout bounds.
+        if orchestrator.wake_timeout > orchestrator.connect_timeout {
+            return Err(field_err(
+                "orchestrator.wake_timeout",
+                format!(
+                    "{} is longer than orchestrator.connect_timeout ({}), which bounds it",
+                    humantime::format_duration(orchestrator.wake_timeout),
+                    humantime::format_duration(orchestrator.connect_timeout)
+                ),
+            ));
+        }
         let mut servers = Vec::with_capacity(self.servers.len());
         for (i, def) in self.servers.into_iter().enumerate() {
             let field = format!("servers[{i}]");
@@ -1602,6 +1617,14 @@ upstreams:
         assert!(
             err("servers: [{name: a, command: x}]\norchestrator: {call_timeout: 0s}")
                 .contains("orchestrator.call_timeout")
+        );
+        assert!(
+            err("servers: [{name: a, command: x}]\norchestrator: {connect_timeout: 30s, wake_timeout: 2m}")
+                .contains("orchestrator.wake_timeout: 2m is longer than orchestrator.connect_timeout (30s)")
+        );
+        assert!(
+            err("servers: [{name: a, command: x, idle: {after: soon}}]")
+                .contains("servers[0].idle.after")
         );
         assert!(
             err("servers: [{name: a, command: x}]\nadmin: {tokens: [{principal: ops, token: short}]}")

@@ -402,15 +402,25 @@ impl Session {
         Ok(self.upstream_caps[index].load(Ordering::Relaxed))
     }
 
+    /// Whether upstream `index` is one the orchestrator stops while idle.
+    pub fn may_sleep(&self, index: usize) -> bool {
+        let server = &self.topology().servers[index];
+        server
+            .orchestrated
+            .as_ref()
+            .is_some_and(|o| o.runtime.usage(&server.name).is_some())
+    }
+
     /// The last `initialize` result of upstream `index` while it sleeps (idle) and the gateway
     /// knows what it last offered: what to show instead of waking it.
-    pub fn resting(&self, index: usize) -> Option<Bytes> {
+    pub fn resting(&self, index: usize) -> Option<(u64, Bytes)> {
         let server = &self.topology().servers[index];
         let o = server.orchestrated.as_ref()?;
-        if !o.runtime.usage(&server.name)?.is_asleep() {
+        let usage = o.runtime.usage(&server.name)?;
+        if !usage.is_asleep() {
             return None;
         }
-        o.listings.init()
+        Some((usage.id(), o.listings.init(usage.id())?))
     }
 
     /// Marks activity now; the returned guard keeps the session from expiring while a request runs.

@@ -40,6 +40,13 @@ pub fn after_of(spec: Option<&IdleSpec>, default: Option<Duration>) -> Option<Du
     }
 }
 
+/// A fingerprint of a server's definition (in memory only: it tells one from the next).
+pub fn fingerprint(spec: &super::McpServerSpec) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let text = serde_json::to_vec(spec).unwrap_or_default();
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(text)
+}
+
 /// When a server sleeps (the `idle` field of a definition).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -77,15 +84,23 @@ impl IdleSpec {
 /// the runtime has put it to sleep.
 #[derive(Debug)]
 pub struct Usage {
+    /// Unique to this definition of the server: what was learnt of an earlier one (its
+    /// lists) is not this one's.
+    id: u64,
+    /// Fingerprint of the definition it follows.
+    definition: u64,
     after: Duration,
     epoch: Instant,
     last_used_ms: AtomicU64,
     in_flight: AtomicUsize,
     asleep: AtomicBool,
     wakes: AtomicU64,
+    sleeps: AtomicU64,
     slept_ms: AtomicU64,
     asleep_since_ms: AtomicU64,
 }
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A call in flight through a server; dropping it marks the server used now.
 #[derive(Debug)]
@@ -99,15 +114,19 @@ impl Drop for InUse {
 }
 
 impl Usage {
-    /// A server used just now that sleeps after `after` without a call.
-    pub fn new(after: Duration) -> Arc<Self> {
+    /// A server (of definition fingerprint `definition`) that sleeps after `after` without
+    /// a call.
+    pub fn new(after: Duration, definition: u64) -> Arc<Self> {
         Arc::new(Usage {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            definition,
             after,
             epoch: Instant::now(),
             last_used_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             asleep: AtomicBool::new(false),
             wakes: AtomicU64::new(0),
+            sleeps: AtomicU64::new(0),
             slept_ms: AtomicU64::new(0),
             asleep_since_ms: AtomicU64::new(0),
         })
@@ -133,6 +152,21 @@ impl Usage {
         self.after
     }
 
+    /// Unique to this usage (a new definition of the server gets a new one).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The fingerprint of the definition it follows.
+    pub fn definition(&self) -> u64 {
+        self.definition
+    }
+
+    /// Times it fell asleep: a connection made before the last one is to a stopped server.
+    pub fn sleeps(&self) -> u64 {
+        self.sleeps.load(Ordering::Acquire)
+    }
+
     /// Whether it has gone unused for `after`, with no call in flight.
     pub fn is_idle(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0
@@ -151,6 +185,7 @@ impl Usage {
     pub fn fell_asleep(&self) {
         if !self.asleep.swap(true, Ordering::AcqRel) {
             self.asleep_since_ms.store(self.now_ms(), Ordering::Release);
+            self.sleeps.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -221,13 +256,17 @@ mod tests {
 
     #[test]
     fn a_call_in_flight_keeps_a_server_awake() {
-        let u = Usage::new(Duration::from_millis(0));
+        let u = Usage::new(Duration::from_millis(0), 7);
+        assert_eq!(u.definition(), 7);
+        assert_ne!(u.id(), Usage::new(Duration::ZERO, 7).id());
         let call = u.begin();
         assert!(!u.is_idle(), "in flight");
         drop(call);
         assert!(u.is_idle());
         u.fell_asleep();
+        u.fell_asleep();
         assert!(u.is_asleep());
+        assert_eq!(u.sleeps(), 1);
         u.woke();
         assert!(!u.is_asleep());
         assert_eq!(u.wakes(), 1);

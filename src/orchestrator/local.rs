@@ -363,10 +363,21 @@ impl Runtime for LocalRuntime {
                 return Ok(());
             }
             let mut slept = sup.slept.subscribe();
+            let mut woken = sup.asleep.subscribe();
             let before = *slept.borrow_and_update();
             sup.asleep.send_replace(true);
-            // Done once the process is gone (or the server removed meanwhile).
-            let _ = slept.wait_for(|n| *n != before).await;
+            // Done once the process is gone (or the server removed), or when a call woke it
+            // before it was; bounded, since this holds the name's lock.
+            let settled = async {
+                tokio::select! {
+                    _ = slept.wait_for(|n| *n != before) => {}
+                    _ = woken.wait_for(|a| !*a) => {}
+                }
+            };
+            let bound = self.settings.stop_grace * 3 + Duration::from_secs(5);
+            if tokio::time::timeout(bound, settled).await.is_err() {
+                tracing::warn!(server = name, "the idle server did not stop in {bound:?}");
+            }
             Ok(())
         }
         .boxed()
@@ -406,7 +417,11 @@ impl Runtime for LocalRuntime {
     fn restart<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
         async move {
             let _lock = self.lock(name).await;
-            self.get(name)?.restart.notify_one();
+            let sup = self.get(name)?;
+            // A sleeping server has no process to restart; the next call starts a fresh one.
+            if !*sup.asleep.borrow() {
+                sup.restart.notify_one();
+            }
             Ok(())
         }
         .boxed()
@@ -622,8 +637,8 @@ impl Supervised {
     fn start(server: ResolvedServer, settings: Arc<LocalSettings>) -> Arc<Self> {
         let (stop_tx, _) = watch::channel(false);
         let secret_files = SecretFiles::for_server(&server);
-        let usage =
-            super::idle::after_of(server.spec.idle.as_ref(), settings.idle_after).map(Usage::new);
+        let usage = super::idle::after_of(server.spec.idle.as_ref(), settings.idle_after)
+            .map(|after| Usage::new(after, super::idle::fingerprint(&server.spec)));
         let sup = Arc::new(Supervised {
             asleep: watch::Sender::new(false),
             usage,
@@ -900,7 +915,11 @@ async fn run(
         _ = probe => unreachable!("the probe never finishes"),
         _ = sup.restart.notified() => RunEnd::Restart,
         _ = asleep_rx.wait_for(|a| *a) => {
-            // Not Ready from here on: a waker must wait for the next process.
+            // Not Ready from here on: a waker must wait for the next process, and a listing
+            // already answers from what it last listed.
+            if let Some(u) = &sup.usage {
+                u.fell_asleep();
+            }
             sup.update(|s| s.set_phase(Phase::Asleep));
             RunEnd::Sleep
         }

@@ -60,6 +60,8 @@ pub struct Link {
     /// The connection is one every caller shares alike (an HTTP server, or a stdio server
     /// with `sharing: shared`): what it lists is not one caller's own.
     alike: AtomicBool,
+    /// How many times the server had slept (idle) when this link last connected.
+    connected_sleeps: AtomicU64,
     /// Never through a relay: this link is a relay's, on the replica that leads.
     attach_only: bool,
     /// For a 2026-07-28 server: the log level the session's client asked for.
@@ -149,6 +151,7 @@ impl Link {
             private_definition: AtomicU64::new(0),
             relayed: AtomicBool::new(false),
             alike: AtomicBool::new(false),
+            connected_sleeps: AtomicU64::new(0),
             attach_only: false,
             log_level: Mutex::new(None),
             marks: tokio::sync::Mutex::new(None),
@@ -272,6 +275,25 @@ impl Link {
             self.private_definition
                 .store(o.shared.definition(), Ordering::Release);
         }
+        let usage = self
+            .server
+            .orchestrated
+            .as_ref()
+            .and_then(|o| o.runtime.usage(&self.server.name));
+        if let Some(u) = &usage
+            && (u.is_asleep() || u.sleeps() != self.connected_sleeps.load(Ordering::Acquire))
+        {
+            // The server slept since this link connected: its HTTP session went with it (and
+            // on Kubernetes its address), whatever the connection looks like; the next one
+            // goes through the orchestrator, which wakes it.
+            let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            if current
+                .as_ref()
+                .is_some_and(|c| matches!(&**c, Connection::Http(_)))
+            {
+                *current = None;
+            }
+        }
         if let Some(c) = self.live() {
             return Ok(c);
         }
@@ -298,6 +320,9 @@ impl Link {
                 .set_upstream_up(self.server.label, result.is_ok());
         }
         let conn = result?;
+        if let Some(u) = &usage {
+            self.connected_sleeps.store(u.sleeps(), Ordering::Release);
+        }
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         self.generation.fetch_add(1, Ordering::Relaxed);
         if self.listen.load(Ordering::Relaxed)

@@ -35,39 +35,41 @@ pub struct Listings {
 
 #[derive(Debug, Default)]
 struct LastLists {
+    /// The usage (one definition of the server) they were learnt under.
+    usage: u64,
     /// Its last `initialize` result.
     init: Option<Bytes>,
     pages: Vec<(&'static str, Bytes)>,
 }
 
 impl Listings {
-    /// Keeps the server's `initialize` result.
-    pub fn keep_init(&self, init: Bytes) {
-        self.last.lock().unwrap_or_else(|e| e.into_inner()).init = Some(init);
-    }
-
-    /// Keeps the first page of `method` the server gave.
-    pub fn keep(&self, method: &'static str, page: Bytes) {
+    /// Keeps the server's `initialize` result and the first page of `method` it gave, learnt
+    /// under `usage` (an earlier definition's are forgotten).
+    pub fn keep(&self, usage: u64, init: Bytes, method: &'static str, page: Bytes) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.usage != usage {
+            *last = LastLists {
+                usage,
+                ..LastLists::default()
+            };
+        }
+        last.init = Some(init);
         last.pages.retain(|(m, _)| *m != method);
         last.pages.push((method, page));
     }
 
-    /// Its last `initialize` result, once known.
-    pub fn init(&self) -> Option<Bytes> {
-        self.last
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .init
-            .clone()
+    /// Its last `initialize` result under `usage`, once known.
+    pub fn init(&self, usage: u64) -> Option<Bytes> {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.init.clone().filter(|_| last.usage == usage)
     }
 
-    /// The first page of `method` it last gave.
-    pub fn page(&self, method: &str) -> Option<Bytes> {
+    /// The first page of `method` it last gave under `usage`.
+    pub fn page(&self, usage: u64, method: &str) -> Option<Bytes> {
         let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         last.pages
             .iter()
-            .find(|(m, _)| *m == method)
+            .find(|(m, _)| *m == method && last.usage == usage)
             .map(|(_, p)| p.clone())
     }
 }

@@ -96,7 +96,7 @@ pub(super) async fn list(
             let server = &session.topology().servers[i];
             // A sleeping server is listed from what it last listed, not woken by a listing.
             if p.is_none()
-                && let Some(init) = session.resting(i)
+                && let Some((usage, init)) = session.resting(i)
             {
                 if capability_bits(&init) & kind.cap == 0 {
                     return Ok(None);
@@ -104,7 +104,7 @@ pub(super) async fn list(
                 if let Some(page) = server
                     .orchestrated
                     .as_ref()
-                    .and_then(|o| o.listings.page(kind.method))
+                    .and_then(|o| o.listings.page(usage, kind.method))
                 {
                     return Ok(Some((Outcome::Result(page), true)));
                 }
@@ -125,11 +125,10 @@ pub(super) async fn list(
             if p.is_none()
                 && link.answers_alike()
                 && let (Some(o), Ok(Outcome::Result(page))) = (&server.orchestrated, &r)
-                && o.runtime.usage(&server.name).is_some()
+                && let Some(usage) = o.runtime.usage(&server.name)
                 && let Some(init) = link.init_result()
             {
-                o.listings.keep_init(init);
-                o.listings.keep(kind.method, page.clone());
+                o.listings.keep(usage.id(), init, kind.method, page.clone());
             }
             let outcome = match &r {
                 Ok(Outcome::Result(_)) => "ok",

@@ -255,7 +255,9 @@ fn tell_if_waking(server: &crate::upstream::Server, token: &[u8], events: &mpsc:
         .orchestrated
         .as_ref()
         .is_some_and(|o| o.runtime.usage(&server.name).is_some_and(|u| u.is_asleep()));
-    let Ok(token) = std::str::from_utf8(token) else {
+    // Written again, not pasted: the client's own whitespace (a bare CR) would split the SSE
+    // event the frame travels in.
+    let Ok(token) = serde_json::from_slice::<serde_json::Value>(token) else {
         return;
     };
     if asleep {

@@ -80,7 +80,7 @@ pub async fn offer(sv: Services<'_>, session: &Arc<Session>) -> Offer {
     // A sleeping server offers what it last offered; a new session does not wake it.
     let results = futures_util::future::join_all(served.iter().map(|&i| async move {
         match session.resting(i) {
-            Some(init) => Ok((capability_bits(&init), Some(init))),
+            Some((_, init)) => Ok((capability_bits(&init), Some(init))),
             None => session.connect(i).await.map(|b| (b, None)),
         }
     }))

@@ -256,8 +256,9 @@ pub async fn request(
     let single = session.topology().servers.len() == 1
         && !session.topology().router.prefixing()
         && session.profile().is_none();
-    // (With pinning on, tools are checked by name: through the table too.)
-    let direct = single && plugins.is_empty() && sv.pins.is_none();
+    // (With pinning on, tools are checked by name: through the table too. A server that may
+    // sleep is listed through it too: from what it last listed, while it sleeps.)
+    let direct = single && plugins.is_empty() && sv.pins.is_none() && !session.may_sleep(0);
     let reply = match method {
         "ping" => Reply::Json(jsonrpc::response(
             &id,

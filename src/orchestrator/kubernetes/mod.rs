@@ -490,6 +490,8 @@ pub(crate) struct Inner {
     sleep_requests: DashMap<String, bool>,
     /// How each idle-capable server is used.
     usage: DashMap<String, Arc<Usage>>,
+    /// Replicas elect a leader: the others' calls to HTTP servers do not pass through it.
+    replicated: bool,
     status_changed: watch::Sender<u64>,
     /// Bumped after every status refresh, changed or not: a pod may be replaced while the
     /// status stays the same, and waiters compare pods, not only statuses.
@@ -565,6 +567,7 @@ impl KubeRuntime {
             resources: DashMap::new(),
             sleep_requests: DashMap::new(),
             usage: DashMap::new(),
+            replicated: leader_election.is_some(),
             recorder: Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER)),
             status_changed: watch::Sender::new(0),
             refreshed: watch::Sender::new(0),
@@ -770,19 +773,25 @@ impl Inner {
 
     /// Follows the server's current definition: whether it may sleep, and after how long.
     fn refresh_usage(&self, name: &str) -> Option<Arc<Usage>> {
+        // Under leader election, the other replicas reach an HTTP server straight (not
+        // through the leader), so the leader cannot tell when nobody uses it.
         let after = self.valid(name).and_then(|(s, _)| {
+            if self.replicated && s.http_port_path().is_some() {
+                return None;
+            }
             super::idle::after_of(s.spec.idle.as_ref(), self.options.idle_after)
+                .map(|after| (after, super::idle::fingerprint(&s.spec)))
         });
-        let Some(after) = after else {
+        let Some((after, definition)) = after else {
             self.usage.remove(name);
             return None;
         };
         let mut entry = self
             .usage
             .entry(name.to_string())
-            .or_insert_with(|| Usage::new(after));
-        if entry.after() != after {
-            *entry = Usage::new(after);
+            .or_insert_with(|| Usage::new(after, definition));
+        if entry.after() != after || entry.definition() != definition {
+            *entry = Usage::new(after, definition);
         }
         Some(entry.clone())
     }
@@ -998,7 +1007,20 @@ impl Inner {
             }
         }
         let mut rendered_deployment = rendered.deployment;
+        // A call that began since the sleep was asked for keeps the server up.
+        if self.sleep_requests.get(name).is_some_and(|asked| *asked)
+            && self.usage(name).is_some_and(|u| !u.is_idle())
+        {
+            self.sleep_requests.remove(name);
+        }
         if self.asleep(name) {
+            // Since when: the Deployment's own mark once it has one (a fresh time on every
+            // reconcile would read as drift).
+            let since = self
+                .deployments
+                .get(name, &object_name(name))
+                .and_then(|d| d.annotations().get(ASLEEP_ANNOTATION).cloned())
+                .unwrap_or_else(|| conditions::rfc3339(Timestamp::now()));
             if let Some(spec) = rendered_deployment.spec.as_mut() {
                 spec.replicas = Some(0);
             }
@@ -1006,10 +1028,7 @@ impl Inner {
                 .metadata
                 .annotations
                 .get_or_insert_default()
-                .insert(
-                    ASLEEP_ANNOTATION.into(),
-                    conditions::rfc3339(Timestamp::now()),
-                );
+                .insert(ASLEEP_ANNOTATION.into(), since);
         }
         let deployment = self
             .ensure(&self.deployments, name, rendered_deployment)
@@ -1155,7 +1174,12 @@ impl Inner {
 
     /// Writes the status of a server defined by an `McpServer` resource and records the
     /// Events its change is worth (leader only).
-    async fn write_resource_status(&self, name: &str, error: Option<&OrchestratorError>) {
+    async fn write_resource_status(
+        &self,
+        name: &str,
+        generation: Option<i64>,
+        error: Option<&OrchestratorError>,
+    ) {
         let is_resource = matches!(
             self.desired.get(name).as_deref(),
             Some(Desired::Valid {
@@ -1174,7 +1198,7 @@ impl Inner {
         };
         let error = error.map(|e| e.to_string());
         let facts = conditions::Facts {
-            generation: resource.generation,
+            generation,
             endpoint: self.valid(name).map(|(s, _)| self.endpoint_string(&s)),
             reconcile_error: error.as_deref(),
         };
@@ -1249,6 +1273,8 @@ impl Inner {
     async fn process(&self, name: &str) {
         self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
         self.refresh_usage(name);
+        // The generation this pass works from (a newer one may land meanwhile).
+        let generation = self.resources.get(name).and_then(|r| r.generation);
         let leading = self.leading();
         let mut error = None;
         if leading && let Err(e) = self.reconcile(name).await {
@@ -1268,7 +1294,8 @@ impl Inner {
             });
         }
         if leading {
-            self.write_resource_status(name, error.as_ref()).await;
+            self.write_resource_status(name, generation, error.as_ref())
+                .await;
         }
     }
 
@@ -1718,6 +1745,7 @@ async fn watch_mcpservers(inner: Arc<Inner>) {
                 {
                     inner.written.remove(&name);
                     inner.resources.remove(&name);
+                    inner.sleep_requests.remove(&name);
                     inner.enqueue(name);
                 }
             }
@@ -1736,6 +1764,7 @@ async fn watch_mcpservers(inner: Arc<Inner>) {
                     inner.desired.remove(&name);
                     inner.written.remove(&name);
                     inner.resources.remove(&name);
+                    inner.sleep_requests.remove(&name);
                     inner.enqueue(name);
                 }
                 for obj in &items {
@@ -2083,6 +2112,7 @@ impl Runtime for KubeRuntime {
             }
             self.inner.written.remove(name);
             self.inner.resources.remove(name);
+            self.inner.sleep_requests.remove(name);
             self.inner.refresh_status(name, None);
             // The leader removes leftovers the garbage collector does not own.
             self.inner.enqueue(name);
