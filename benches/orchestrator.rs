@@ -5,11 +5,16 @@
 //!    runtime (the baseline), and through the gateway (admin API `PUT`, then a client session's
 //!    `initialize` + `tools/list` on `/mcp`).
 //! 2. Kubernetes backend against the fake API server (tests/fake_kube): CPU of the
-//!    orchestrator — watches, reconcile loop, status — while it manages 10 and then 200
+//!    orchestrator — watches, reconcile loop, status — while it manages 10, 100 and 500
 //!    servers: converging from nothing, idling, and repairing deleted Deployments.
 //!    The orchestrator runs alone on a dedicated single-threaded Tokio runtime, so its
 //!    thread's CPU time (/proc/.../schedstat) is its own, apart from the fake's.
 //!
+//! 3. Waking an idle server: from a sleeping server to the first `tools/list` answer, for
+//!    the local backend (the baseline: the same from a definition, item 1) and on the fake
+//!    API server (scale 0 → 1, pod start, attach).
+//!
+//! The server counts are 10, 100 and 500 (`ORCH_BENCH_SERVERS=10,100` to change them).
 //! `ORCH_BENCH_QUICK=1` runs fewer iterations (a smoke run).
 
 #[path = "../tests/fake_kube/mod.rs"]
@@ -64,6 +69,114 @@ async fn local_definition_to_tools_list(iterations: usize) -> Vec<Duration> {
         assert!(!fake_kube::mcp::tool_names(&list).is_empty());
         rt.shutdown().await;
     }
+    out
+}
+
+/// A sleeping local server → its first `tools/list` answer (wake, start, attach, handshake).
+async fn local_wake_to_tools_list(iterations: usize) -> Vec<Duration> {
+    let rt = LocalRuntime::new(LocalSettings::default());
+    let def = ServerDef {
+        name: "napper".into(),
+        spec: McpServerSpec {
+            command: Some(GATEHOUSE.into()),
+            args: vec!["example-server".into()],
+            idle: Some(gatehouse::orchestrator::idle::IdleSpec { after: "1s".into() }),
+            ..McpServerSpec::default()
+        },
+    };
+    rt.apply(def.resolve().unwrap()).await.unwrap();
+    let mut out = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        rt.wait_ready("napper", Duration::from_secs(10))
+            .await
+            .unwrap();
+        let usage = rt.usage("napper").unwrap();
+        while !usage.is_idle() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        rt.sleep("napper").await.unwrap();
+        assert_eq!(
+            rt.status("napper").await.unwrap().phase,
+            gatehouse::orchestrator::Phase::Asleep
+        );
+        let t0 = Instant::now();
+        let Endpoint::Stdio(ep) = rt
+            .wait_ready("napper", Duration::from_secs(10))
+            .await
+            .unwrap()
+        else {
+            panic!("stdio endpoint expected");
+        };
+        let mut c = fake_kube::mcp::Mcp::new(ep.open().await.unwrap());
+        c.handshake().await;
+        let list = c.call(2, "tools/list", json!({})).await;
+        out.push(t0.elapsed());
+        assert!(!fake_kube::mcp::tool_names(&list).is_empty());
+    }
+    rt.shutdown().await;
+    out
+}
+
+/// The same on the fake API server: scale to zero, then a call scales back up.
+async fn kube_wake_to_tools_list(iterations: usize) -> Vec<Duration> {
+    const NS: &str = "wake";
+    let fake = FakeKube::start().await;
+    let rt = KubeRuntime::start_with_client(
+        fake.client(NS),
+        NS.into(),
+        None,
+        KubeOptions {
+            watch_mcpservers: false,
+            ..KubeOptions::default()
+        },
+    );
+    let def = ServerDef {
+        name: "napper".into(),
+        spec: McpServerSpec {
+            image: Some("ghcr.io/gatehouse/example:1".into()),
+            command: Some(GATEHOUSE.into()),
+            args: vec!["example-server".into()],
+            idle: Some(gatehouse::orchestrator::idle::IdleSpec { after: "1s".into() }),
+            ..McpServerSpec::default()
+        },
+    };
+    rt.apply(def.resolve().unwrap()).await.unwrap();
+    let mut out = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        rt.wait_ready("napper", Duration::from_secs(20))
+            .await
+            .unwrap();
+        let usage = loop {
+            if let Some(u) = rt.usage("napper") {
+                break u;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        while !usage.is_idle() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        rt.sleep("napper").await.unwrap();
+        // Asleep for real: the pod is gone.
+        while fake.pod_of(NS, "mcp-napper").is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let t0 = Instant::now();
+        let Endpoint::Stdio(ep) = rt
+            .wait_ready("napper", Duration::from_secs(20))
+            .await
+            .unwrap()
+        else {
+            panic!("stdio endpoint expected");
+        };
+        let mut c = fake_kube::mcp::Mcp::new(ep.open().await.unwrap());
+        c.handshake().await;
+        let list = c.call(2, "tools/list", json!({})).await;
+        out.push(t0.elapsed());
+        assert!(!fake_kube::mcp::tool_names(&list).is_empty());
+        drop(c);
+    }
+    drop(rt);
+    drop(fake);
     out
 }
 
@@ -361,8 +474,30 @@ fn main() {
             percentile(&through, 0.5).as_secs_f64() / percentile(&times, 0.5).as_secs_f64()
         );
 
+        let w = if quick() { 3 } else { 10 };
+        let mut wakes = local_wake_to_tools_list(w).await;
+        wakes.sort();
+        println!(
+            "local backend, asleep → first tools/list ({w} wakes): p50 {:.1?}, p90 {:.1?}; p50 {:.2}x a start from the definition",
+            percentile(&wakes, 0.5),
+            percentile(&wakes, 0.9),
+            percentile(&wakes, 0.5).as_secs_f64() / percentile(&times, 0.5).as_secs_f64()
+        );
+        let mut kube_wakes = kube_wake_to_tools_list(w).await;
+        kube_wakes.sort();
+        println!(
+            "kubernetes backend (fake API server), scaled to zero → first tools/list ({w} wakes): p50 {:.1?}, p90 {:.1?}; p50 {:.2}x the local wake",
+            percentile(&kube_wakes, 0.5),
+            percentile(&kube_wakes, 0.9),
+            percentile(&kube_wakes, 0.5).as_secs_f64() / percentile(&wakes, 0.5).as_secs_f64()
+        );
+
+        let counts: Vec<usize> = std::env::var("ORCH_BENCH_SERVERS")
+            .ok()
+            .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![10, 100, 500]);
         let mut figures = Vec::new();
-        for servers in [10, 200] {
+        for servers in counts {
             let f = kube_reconcile(servers).await;
             println!(
                 "kubernetes backend, {:>3} servers: converge {:>7.1?} wall, {:>7.1?} CPU ({:>6.1?}/server); idle {:?}: {:.1?} CPU; repair {} deleted Deployments: {:.1?} CPU ({:.1?}/server); {} API requests",
@@ -379,11 +514,17 @@ fn main() {
             );
             figures.push(f);
         }
-        let (a, b) = (&figures[0], &figures[1]);
-        let per = |f: &KubeFigures| f.converge_cpu.as_secs_f64() / f.servers as f64;
-        println!(
-            "reconcile CPU per server, 200 vs 10 servers: {:.2}x (1.0 = linear in the number of servers)",
-            per(b) / per(a)
-        );
+        let base = &figures[0];
+        let per = |cpu: Duration, n: usize| cpu.as_secs_f64() / n as f64;
+        for f in &figures[1..] {
+            println!(
+                "CPU per server, {} vs {} servers (1.00 = linear): converge {:.2}x, idle {:.2}x, repair {:.2}x (per repaired server)",
+                f.servers,
+                base.servers,
+                per(f.converge_cpu, f.servers) / per(base.converge_cpu, base.servers),
+                per(f.idle_cpu, f.servers) / per(base.idle_cpu, base.servers).max(1e-9),
+                per(f.repair_cpu, f.repaired) / per(base.repair_cpu, base.repaired),
+            );
+        }
     });
 }
