@@ -63,14 +63,26 @@ enum AdminError {
     PinningOff,
     #[error(transparent)]
     Approve(#[from] crate::pins::ApproveError),
+    #[error("the registry is off: registry.enabled is false")]
+    RegistryOff,
+    #[error(transparent)]
+    Catalog(#[from] crate::registry::CatalogError),
 }
 
 impl AdminError {
     fn status(&self) -> StatusCode {
         match self {
-            AdminError::Off | AdminError::NoRoute(_) | AdminError::PinningOff => {
-                StatusCode::NOT_FOUND
-            }
+            AdminError::Off
+            | AdminError::NoRoute(_)
+            | AdminError::PinningOff
+            | AdminError::RegistryOff => StatusCode::NOT_FOUND,
+            AdminError::Catalog(e) => match e {
+                crate::registry::CatalogError::Invalid(_) => StatusCode::BAD_REQUEST,
+                crate::registry::CatalogError::NotFound => StatusCode::NOT_FOUND,
+                crate::registry::CatalogError::Exists { .. }
+                | crate::registry::CatalogError::Full => StatusCode::CONFLICT,
+                crate::registry::CatalogError::Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             AdminError::Approve(e) => match e {
                 crate::pins::ApproveError::Unknown { .. } => StatusCode::NOT_FOUND,
                 crate::pins::ApproveError::NothingToApprove { .. }
@@ -194,6 +206,9 @@ async fn handle(
     if req.uri().path().starts_with(PINS) {
         return pins(gw, req, principal.as_deref().unwrap_or("-")).await;
     }
+    if req.uri().path().starts_with(REGISTRY) {
+        return registry(gw, req).await;
+    }
     let Some(runtime) = gw.orchestrator.clone() else {
         return Err(AdminError::Off);
     };
@@ -265,6 +280,106 @@ async fn handle(
 
 /// Where the pins are.
 const PINS: &str = "/admin/v1/pins";
+const REGISTRY: &str = "/admin/v1/registry/servers";
+
+/// The registry's catalog: import (`POST`: one `server.json`, a list of them, or a page of a
+/// registry's list response), replace a version (`PUT …/versions/{v}`), set its status
+/// (`PATCH …/versions/{v}/status`, as the official registry), delete it (`DELETE`, which
+/// marks it deleted, as the official registry).
+async fn registry(
+    gw: &Arc<Gateway>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, AdminError> {
+    use crate::registry::catalog::Status;
+    let Some(catalog) = gw.registry.get().cloned() else {
+        return Err(AdminError::RegistryOff);
+    };
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let rest = path[REGISTRY.len()..].trim_end_matches('/');
+    if rest.is_empty() {
+        allow(&method, &[Method::POST], "POST")?;
+        let body = json_body(gw, req).await?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
+        let docs = match v {
+            serde_json::Value::Array(docs) => docs,
+            serde_json::Value::Object(ref o) if o.contains_key("servers") => o["servers"]
+                .as_array()
+                .ok_or_else(|| AdminError::Invalid("servers must be a list".into()))?
+                .iter()
+                .map(|item| item.get("server").cloned().unwrap_or_else(|| item.clone()))
+                .collect(),
+            doc => vec![doc],
+        };
+        let (published, skipped) = catalog.import(docs)?;
+        let status = if published.is_empty() {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        return Ok(json(
+            status,
+            &serde_json::json!({"published": published, "skipped": skipped}),
+        ));
+    }
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| AdminError::Invalid(format!("{s:?} is not valid percent-encoding")))
+    };
+    let rest = rest.trim_start_matches('/');
+    let (target, status_path) = match rest.strip_suffix("/status") {
+        Some(t) => (t, true),
+        None => (rest, false),
+    };
+    let Some((name, version)) = target.rsplit_once("/versions/") else {
+        return Err(AdminError::NoRoute(path.clone()));
+    };
+    let (name, version) = (decode(name)?, decode(version)?);
+    match (status_path, &method) {
+        (true, &Method::PATCH) => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields, rename_all = "camelCase")]
+            struct Change {
+                status: Status,
+                #[serde(default)]
+                status_message: Option<String>,
+            }
+            let body = json_body(gw, req).await?;
+            let c: Change =
+                serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
+            catalog.set_status(&name, &version, c.status, c.status_message)?;
+        }
+        (true, _) => {
+            return Err(AdminError::Method {
+                method,
+                allow: "PATCH",
+            });
+        }
+        (false, &Method::PUT) => {
+            let body = json_body(gw, req).await?;
+            let doc: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
+            catalog.replace(&name, &version, doc)?;
+        }
+        (false, &Method::DELETE) => {
+            catalog.set_status(&name, &version, Status::Deleted, None)?;
+        }
+        (false, _) => {
+            return Err(AdminError::Method {
+                method,
+                allow: "PUT, DELETE",
+            });
+        }
+    }
+    let (server, meta) = catalog.version(&name, &version, true)?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"server": server, "_meta": meta}),
+    ))
+}
 
 /// The pins: every tool's approved definition, what waits, and approvals.
 async fn pins(

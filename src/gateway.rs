@@ -62,6 +62,8 @@ pub struct Gateway {
     topology: ArcSwap<Topology>,
     /// The orchestrator running `servers` (and admin-added ones), when there are any.
     pub orchestrator: Option<Arc<dyn Runtime>>,
+    /// The private registry's catalog, when the registry is on.
+    pub registry: std::sync::OnceLock<Arc<crate::registry::Catalog>>,
     /// The shared upstream sessions of each orchestrated stdio server, by name.
     shared: DashMap<String, Arc<SharedServer>>,
     /// The last lists of each orchestrated server, by name (served while it sleeps).
@@ -160,6 +162,7 @@ impl Gateway {
                 router: Router::new(Vec::new(), String::new(), Default::default()),
             }),
             orchestrator,
+            registry: std::sync::OnceLock::new(),
             shared: DashMap::new(),
             listings: DashMap::new(),
             definitions: DashMap::new(),

@@ -25,6 +25,7 @@ pub mod outbound_tls;
 pub mod pins;
 pub mod plugins;
 pub mod process;
+pub mod registry;
 pub mod relay;
 pub mod sse;
 pub mod telemetry;
@@ -72,6 +73,9 @@ pub enum StartError {
     /// TLS could not be set up.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The registry's catalog could not be opened.
+    #[error("registry: {0}")]
+    Registry(#[from] registry::CatalogError),
     /// The orchestrator could not start or accept the configured servers.
     #[error("orchestrator: {0}")]
     Orchestrator(#[from] orchestrator::OrchestratorError),
@@ -145,7 +149,14 @@ pub async fn start_with(
         .as_ref()
         .map(tls::ListenerTls::load)
         .transpose()?;
+    let registry = match config.registry.enabled {
+        true => Some(Arc::new(registry::open(config.registry.file.clone())?)),
+        false => None,
+    };
     let gateway = Gateway::new(config, orchestrator, audit, pins, outbound_tls)?;
+    if let Some(r) = registry {
+        let _ = gateway.registry.set(r);
+    }
     let refresher = gateway
         .orchestrator
         .is_some()

@@ -459,6 +459,7 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
         path if path.starts_with(crate::admin::PREFIX) => {
             crate::admin::serve(gw.clone(), req).await
         }
+        path if crate::registry::api::is_registry_path(path) => registry(gw, &req).await,
         path if path.starts_with(WELL_KNOWN_RESOURCE) => resource_metadata(gw, &req),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
@@ -551,6 +552,24 @@ fn resource_metadata(gw: &Gateway, req: &Request<hyper::body::Incoming>) -> Resp
         HeaderValue::from_static("public, max-age=300"),
     );
     r
+}
+
+/// The registry's read API, to the callers `/mcp` admits (anyone, when authentication is off).
+async fn registry(gw: &Arc<Gateway>, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    use crate::registry::api;
+    let Some(catalog) = gw.registry.get() else {
+        return not_found(req.uri().path());
+    };
+    // A preflight carries no credentials.
+    if req.method() != http::Method::OPTIONS
+        && let Err(e) = gw.auth.authenticate(req.headers(), None, None).await
+    {
+        let mut r = api::error(StatusCode::UNAUTHORIZED, &e.to_string());
+        r.headers_mut()
+            .insert(http::header::WWW_AUTHENTICATE, gw.auth.challenge(&e, None));
+        return r;
+    }
+    api::serve(catalog, req.method(), req.uri().path(), req.uri().query())
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {

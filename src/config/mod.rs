@@ -99,6 +99,35 @@ pub struct RawConfig {
     /// OpenTelemetry traces: off unless set.
     #[serde(default)]
     pub traces: Option<traces::TracesConfig>,
+    /// The private MCP registry (on, in memory, unless set).
+    #[serde(default)]
+    pub registry: RegistryConfig,
+}
+
+/// The private MCP registry's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Serve the registry API (`/v0.1/servers`...).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Where the catalog is kept (created with the default entries if missing); absent: in
+    /// memory, starting from the default entries.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            enabled: true,
+            file: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Raw audit-trail settings.
@@ -656,6 +685,8 @@ pub struct Config {
     pub outbound_tls: tls::OutboundTls,
     /// Trace export, if on.
     pub traces: Option<traces::TracesConfig>,
+    /// The private MCP registry.
+    pub registry: RegistryConfig,
 }
 
 /// Validated orchestrator settings.
@@ -1192,6 +1223,7 @@ impl RawConfig {
             tls: self.tls,
             outbound_tls: self.outbound_tls,
             traces: self.traces,
+            registry: self.registry,
             plugins: self.plugins,
             servers,
             orchestrator,

@@ -1,0 +1,998 @@
+//! The catalog: `server.json` documents (schema 2025-12-11), every version kept, one of
+//! each server's versions `latest`, each with a status; validated on the way in, naming
+//! the JSON path at fault.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::RwLock;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The `$schema` of the documents this catalog speaks.
+pub const SCHEMA: &str =
+    "https://static.modelcontextprotocol.io/schemas/2025-12-11/server.schema.json";
+/// The `_meta` key of the registry's own facts about a version (as the official registry).
+pub const OFFICIAL_META: &str = "io.modelcontextprotocol.registry/official";
+/// The `_meta` key of our own facts: labels and approval.
+pub const GATEHOUSE_META: &str = "dev.gatehouse/registry";
+/// Most versions one catalog holds (a bound on memory and on the file).
+pub const MAX_VERSIONS: usize = 10_000;
+/// Largest `server.json` accepted, in bytes.
+pub const MAX_DOCUMENT: usize = 64 * 1024;
+
+/// A document refused: `path` names the part at fault (`$.packages[0].transport.type`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct DocumentError {
+    /// JSON path of the offending value.
+    pub path: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn refuse(path: impl Into<String>, message: impl Into<String>) -> DocumentError {
+    DocumentError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// Why a catalog operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The document is not a valid `server.json`.
+    #[error(transparent)]
+    Invalid(#[from] DocumentError),
+    /// No such server or version.
+    #[error("server not found")]
+    NotFound,
+    /// The version exists already (publish does not replace).
+    #[error("{name} version {version} is already in the catalog; replace it instead")]
+    Exists {
+        /// Server name.
+        name: String,
+        /// Version.
+        version: String,
+    },
+    /// The catalog is full.
+    #[error("the catalog holds {MAX_VERSIONS} versions already")]
+    Full,
+    /// The catalog's file could not be read or written.
+    #[error("registry file {path}: {message}")]
+    Store {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A version's status, as the official registry reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Listed and installable.
+    Active,
+    /// Listed, marked as not to be installed anew.
+    Deprecated,
+    /// Hidden unless asked for (`include_deleted`).
+    Deleted,
+}
+
+/// One version of a server: its document and what the registry knows of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Version {
+    /// The `server.json` document, as given.
+    pub server: Value,
+    /// Its status.
+    pub status: Status,
+    /// Why the status was set, when someone said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_message: Option<String>,
+    /// When it was published (RFC 3339).
+    pub published_at: String,
+    /// When it last changed.
+    pub updated_at: String,
+    /// When its status last changed.
+    pub status_changed_at: String,
+}
+
+impl Version {
+    fn version(&self) -> &str {
+        self.server["version"].as_str().unwrap_or_default()
+    }
+
+    /// The `_meta` of a response: the official block, and ours.
+    pub fn meta(&self, is_latest: bool) -> Value {
+        let mut official = serde_json::json!({
+            "status": self.status,
+            "publishedAt": self.published_at,
+            "updatedAt": self.updated_at,
+            "statusChangedAt": self.status_changed_at,
+            "isLatest": is_latest,
+        });
+        if let Some(m) = &self.status_message {
+            official["statusMessage"] = Value::String(m.clone());
+        }
+        serde_json::json!({ OFFICIAL_META: official })
+    }
+}
+
+/// What a list asks for (the official registry's query parameters).
+#[derive(Debug, Default, Clone)]
+pub struct Query {
+    /// Start after this (name, version).
+    pub after: Option<(String, String)>,
+    /// Page size.
+    pub limit: usize,
+    /// Case-insensitive substring of the name or the description.
+    pub search: Option<String>,
+    /// Only versions updated after this time.
+    pub updated_since: Option<SystemTime>,
+    /// Only each server's latest version.
+    pub latest_only: bool,
+    /// Deleted versions too.
+    pub include_deleted: bool,
+}
+
+/// A page of versions: (document, `_meta`) pairs, and where the next page starts.
+pub struct Page {
+    /// The versions.
+    pub items: Vec<(Value, Value)>,
+    /// The last item's (name, version), when the page is full.
+    pub next: Option<(String, String)>,
+}
+
+/// The catalog, kept in memory and, when it has one, in its file.
+pub struct Catalog {
+    state: RwLock<BTreeMap<String, Vec<Version>>>,
+    file: Option<PathBuf>,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Orders versions: semantic versions by precedence, above anything that is not one; among
+/// those, by text.
+fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match (semver::Version::parse(a), semver::Version::parse(b)) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Greater,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Less,
+        (Err(_), Err(_)) => a.cmp(b),
+    }
+}
+
+/// The index of a server's latest version: the highest, whatever its status (a deleted
+/// latest version is not replaced by an older one, as in the official registry).
+fn latest(versions: &[Version]) -> Option<usize> {
+    (0..versions.len()).max_by(|&a, &b| version_order(versions[a].version(), versions[b].version()))
+}
+
+impl Catalog {
+    /// A catalog in memory only, holding `documents` (each published as given).
+    pub fn in_memory(documents: &[Value]) -> Result<Self, CatalogError> {
+        let catalog = Catalog {
+            state: RwLock::default(),
+            file: None,
+        };
+        for d in documents {
+            catalog.publish(d.clone())?;
+        }
+        Ok(catalog)
+    }
+
+    /// The catalog kept in `file` (created with `seed` when it does not exist).
+    pub fn open(file: PathBuf, seed: &[Value]) -> Result<Self, CatalogError> {
+        let store_err = |e: &dyn std::fmt::Display| CatalogError::Store {
+            path: file.display().to_string(),
+            message: e.to_string(),
+        };
+        match std::fs::read(&file) {
+            Ok(bytes) => {
+                let state: BTreeMap<String, Vec<Version>> =
+                    serde_json::from_slice(&bytes).map_err(|e| store_err(&e))?;
+                for (name, versions) in &state {
+                    for (i, v) in versions.iter().enumerate() {
+                        validate(&v.server)
+                            .map_err(|e| store_err(&format!("{name} (entry {i}): {e}")))?;
+                    }
+                }
+                Ok(Catalog {
+                    state: RwLock::new(state),
+                    file: Some(file),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut catalog = Catalog::in_memory(seed)?;
+                catalog.file = Some(file);
+                catalog.save(&catalog.state.read().unwrap_or_else(|e| e.into_inner()))?;
+                Ok(catalog)
+            }
+            Err(e) => Err(store_err(&e)),
+        }
+    }
+
+    /// Writes the file (whole, then renamed over the old one, so a crash leaves either).
+    fn save(&self, state: &BTreeMap<String, Vec<Version>>) -> Result<(), CatalogError> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let store_err = |e: std::io::Error| CatalogError::Store {
+            path: file.display().to_string(),
+            message: e.to_string(),
+        };
+        let text = serde_json::to_vec_pretty(state).expect("the catalog serializes");
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, text).map_err(store_err)?;
+        std::fs::rename(&tmp, file).map_err(store_err)
+    }
+
+    fn change<T>(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<String, Vec<Version>>) -> Result<T, CatalogError>,
+    ) -> Result<T, CatalogError> {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = state.clone();
+        let out = f(&mut next)?;
+        self.save(&next)?;
+        *state = next;
+        Ok(out)
+    }
+
+    /// Adds a new version; refused if it exists (use [`Catalog::replace`]).
+    pub fn publish(&self, server: Value) -> Result<(String, String), CatalogError> {
+        validate(&server)?;
+        let name = server["name"].as_str().unwrap_or_default().to_string();
+        let version = server["version"].as_str().unwrap_or_default().to_string();
+        self.change(|state| {
+            let count: usize = state.values().map(Vec::len).sum();
+            let versions = state.entry(name.clone()).or_default();
+            if versions.iter().any(|v| v.version() == version) {
+                return Err(CatalogError::Exists {
+                    name: name.clone(),
+                    version: version.clone(),
+                });
+            }
+            if count >= MAX_VERSIONS {
+                return Err(CatalogError::Full);
+            }
+            let at = now();
+            versions.push(Version {
+                server,
+                status: Status::Active,
+                status_message: None,
+                published_at: at.clone(),
+                updated_at: at.clone(),
+                status_changed_at: at,
+            });
+            Ok((name.clone(), version.clone()))
+        })
+    }
+
+    /// Adds every document that is new, all or none: each is checked first, and a bad one
+    /// refuses the whole import (naming its place in the list). A version already in the
+    /// catalog is skipped, unchanged. Returns (published, skipped) as `name@version`.
+    pub fn import(&self, docs: Vec<Value>) -> Result<(Vec<String>, Vec<String>), CatalogError> {
+        for (i, d) in docs.iter().enumerate() {
+            validate(d).map_err(|e| refuse(format!("$[{i}]{}", &e.path[1..]), e.message))?;
+        }
+        self.change(|state| {
+            let (mut published, mut skipped) = (Vec::new(), Vec::new());
+            let mut count: usize = state.values().map(Vec::len).sum();
+            let at = now();
+            for server in docs {
+                let name = server["name"].as_str().unwrap_or_default().to_string();
+                let version = server["version"].as_str().unwrap_or_default().to_string();
+                let versions = state.entry(name.clone()).or_default();
+                if versions.iter().any(|v| v.version() == version) {
+                    skipped.push(format!("{name}@{version}"));
+                    continue;
+                }
+                if count >= MAX_VERSIONS {
+                    return Err(CatalogError::Full);
+                }
+                count += 1;
+                versions.push(Version {
+                    server,
+                    status: Status::Active,
+                    status_message: None,
+                    published_at: at.clone(),
+                    updated_at: at.clone(),
+                    status_changed_at: at.clone(),
+                });
+                published.push(format!("{name}@{version}"));
+            }
+            Ok((published, skipped))
+        })
+    }
+
+    /// Replaces the document of an existing version (same name and version).
+    pub fn replace(&self, name: &str, version: &str, server: Value) -> Result<(), CatalogError> {
+        validate(&server)?;
+        if server["name"] != name {
+            return Err(refuse("$.name", format!("must be {name:?}, the name in the path")).into());
+        }
+        if server["version"] != version {
+            return Err(refuse(
+                "$.version",
+                format!("must be {version:?}, the version in the path"),
+            )
+            .into());
+        }
+        self.change(|state| {
+            let v = find(state, name, version)?;
+            v.server = server;
+            v.updated_at = now();
+            Ok(())
+        })
+    }
+
+    /// Sets a version's status (deprecate, delete, or make active again).
+    pub fn set_status(
+        &self,
+        name: &str,
+        version: &str,
+        status: Status,
+        message: Option<String>,
+    ) -> Result<(), CatalogError> {
+        if let Some(m) = &message
+            && m.chars().count() > 500
+        {
+            return Err(refuse("$.statusMessage", "at most 500 characters").into());
+        }
+        self.change(|state| {
+            let v = find(state, name, version)?;
+            let at = now();
+            if v.status != status {
+                v.status_changed_at = at.clone();
+            }
+            v.status = status;
+            v.status_message = message;
+            v.updated_at = at;
+            Ok(())
+        })
+    }
+
+    /// One version (`latest` names the latest); deleted ones only when asked.
+    pub fn version(
+        &self,
+        name: &str,
+        version: &str,
+        include_deleted: bool,
+    ) -> Result<(Value, Value), CatalogError> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let versions = state.get(name).ok_or(CatalogError::NotFound)?;
+        let latest = latest(versions);
+        let i = if version == "latest" {
+            latest.ok_or(CatalogError::NotFound)?
+        } else {
+            versions
+                .iter()
+                .position(|v| v.version() == version)
+                .ok_or(CatalogError::NotFound)?
+        };
+        let v = &versions[i];
+        if v.status == Status::Deleted && !include_deleted {
+            return Err(CatalogError::NotFound);
+        }
+        Ok((v.server.clone(), v.meta(Some(i) == latest)))
+    }
+
+    /// Every version of a server, newest first.
+    pub fn versions(
+        &self,
+        name: &str,
+        include_deleted: bool,
+    ) -> Result<Vec<(Value, Value)>, CatalogError> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let versions = state.get(name).ok_or(CatalogError::NotFound)?;
+        let latest = latest(versions);
+        let mut order: Vec<usize> = (0..versions.len())
+            .filter(|&i| include_deleted || versions[i].status != Status::Deleted)
+            .collect();
+        order.sort_by(|&a, &b| version_order(versions[b].version(), versions[a].version()));
+        if order.is_empty() {
+            return Err(CatalogError::NotFound);
+        }
+        Ok(order
+            .into_iter()
+            .map(|i| {
+                (
+                    versions[i].server.clone(),
+                    versions[i].meta(Some(i) == latest),
+                )
+            })
+            .collect())
+    }
+
+    /// A page of versions, ordered by name then version (as the official registry).
+    pub fn list(&self, q: &Query) -> Page {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let search = q.search.as_ref().map(|s| s.to_lowercase());
+        let mut items = Vec::new();
+        let mut next = None;
+        for (name, versions) in state.iter() {
+            let latest = latest(versions);
+            let mut order: Vec<usize> = (0..versions.len()).collect();
+            order.sort_by(|&a, &b| versions[a].version().cmp(versions[b].version()));
+            for i in order {
+                let v = &versions[i];
+                let key = (name.clone(), v.version().to_string());
+                if q.after.as_ref().is_some_and(|after| key <= *after) {
+                    continue;
+                }
+                let updated_since = q.updated_since.is_some_and(|since| {
+                    humantime::parse_rfc3339_weak(&v.updated_at).is_ok_and(|t| t <= since)
+                });
+                if updated_since
+                    || (q.latest_only && Some(i) != latest)
+                    || (v.status == Status::Deleted && !q.include_deleted)
+                {
+                    continue;
+                }
+                if let Some(s) = &search {
+                    let description = v.server["description"].as_str().unwrap_or_default();
+                    if !name.to_lowercase().contains(s) && !description.to_lowercase().contains(s) {
+                        continue;
+                    }
+                }
+                if items.len() == q.limit {
+                    next = items_last(&items);
+                    return Page { items, next };
+                }
+                items.push((v.server.clone(), v.meta(Some(i) == latest)));
+            }
+        }
+        Page { items, next }
+    }
+}
+
+fn items_last(items: &[(Value, Value)]) -> Option<(String, String)> {
+    let (server, _) = items.last()?;
+    Some((
+        server["name"].as_str()?.to_string(),
+        server["version"].as_str()?.to_string(),
+    ))
+}
+
+fn find<'a>(
+    state: &'a mut BTreeMap<String, Vec<Version>>,
+    name: &str,
+    version: &str,
+) -> Result<&'a mut Version, CatalogError> {
+    state
+        .get_mut(name)
+        .and_then(|vs| vs.iter_mut().find(|v| v.version() == version))
+        .ok_or(CatalogError::NotFound)
+}
+
+fn string<'a>(obj: &'a Value, key: &str, path: &str) -> Result<Option<&'a str>, DocumentError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(refuse(format!("{path}.{key}"), "must be a string")),
+    }
+}
+
+fn required<'a>(obj: &'a Value, key: &str, path: &str) -> Result<&'a str, DocumentError> {
+    string(obj, key, path)?.ok_or_else(|| refuse(format!("{path}.{key}"), "is required"))
+}
+
+fn length(s: &str, min: usize, max: usize, path: &str) -> Result<(), DocumentError> {
+    let n = s.chars().count();
+    if n < min || n > max {
+        return Err(refuse(
+            path,
+            format!("must be {min} to {max} characters (is {n})"),
+        ));
+    }
+    Ok(())
+}
+
+fn array<'a>(obj: &'a Value, key: &str, path: &str) -> Result<&'a [Value], DocumentError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(&[]),
+        Some(Value::Array(a)) => Ok(a),
+        Some(_) => Err(refuse(format!("{path}.{key}"), "must be an array")),
+    }
+}
+
+fn object<'a>(
+    v: &'a Value,
+    path: &str,
+) -> Result<&'a serde_json::Map<String, Value>, DocumentError> {
+    v.as_object()
+        .ok_or_else(|| refuse(path, "must be an object"))
+}
+
+fn http_url(url: &str, path: &str) -> Result<(), DocumentError> {
+    let ok = (url.starts_with("https://") || url.starts_with("http://"))
+        && url.len() > "http://".len()
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !ok {
+        return Err(refuse(path, format!("{url:?} is not an http(s) URL")));
+    }
+    Ok(())
+}
+
+/// Checks an input (an environment variable, a header, an argument, a variable).
+fn input(v: &Value, path: &str) -> Result<(), DocumentError> {
+    object(v, path)?;
+    for key in [
+        "description",
+        "value",
+        "default",
+        "placeholder",
+        "name",
+        "valueHint",
+    ] {
+        string(v, key, path)?;
+    }
+    for key in ["isRequired", "isSecret", "isRepeated"] {
+        if v.get(key).is_some_and(|b| !b.is_boolean() && !b.is_null()) {
+            return Err(refuse(format!("{path}.{key}"), "must be true or false"));
+        }
+    }
+    if let Some(format) = string(v, "format", path)?
+        && !matches!(format, "string" | "number" | "boolean" | "filepath")
+    {
+        return Err(refuse(
+            format!("{path}.format"),
+            format!("{format:?} is not one of string, number, boolean, filepath"),
+        ));
+    }
+    for (i, c) in array(v, "choices", path)?.iter().enumerate() {
+        if !c.is_string() {
+            return Err(refuse(format!("{path}.choices[{i}]"), "must be a string"));
+        }
+    }
+    if let Some(vars) = v.get("variables") {
+        for (k, var) in object(vars, &format!("{path}.variables"))? {
+            input(var, &format!("{path}.variables.{k}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn transport(t: &Value, path: &str, remote: bool) -> Result<(), DocumentError> {
+    object(t, path)?;
+    let kind = required(t, "type", path)?;
+    match kind {
+        "stdio" if !remote => {}
+        "streamable-http" | "sse" => {
+            http_url(required(t, "url", path)?, &format!("{path}.url"))?;
+            for (i, h) in array(t, "headers", path)?.iter().enumerate() {
+                let p = format!("{path}.headers[{i}]");
+                input(h, &p)?;
+                required(h, "name", &p)?;
+            }
+        }
+        other => {
+            let allowed = if remote {
+                "streamable-http, sse"
+            } else {
+                "stdio, streamable-http, sse"
+            };
+            return Err(refuse(
+                format!("{path}.type"),
+                format!("{other:?} is not one of {allowed}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a `server.json` document against the 2025-12-11 schema's rules (and refuses what
+/// the official registry refuses: version ranges).
+pub fn validate(doc: &Value) -> Result<(), DocumentError> {
+    object(doc, "$")?;
+    if serde_json::to_vec(doc).map_or(0, |b| b.len()) > MAX_DOCUMENT {
+        return Err(refuse("$", format!("larger than {MAX_DOCUMENT} bytes")));
+    }
+    if let Some(schema) = string(doc, "$schema", "$")?
+        && schema != SCHEMA
+    {
+        return Err(refuse("$.$schema", format!("must be {SCHEMA}")));
+    }
+    let name = required(doc, "name", "$")?;
+    length(name, 3, 200, "$.name")?;
+    let (namespace, rest) = name.split_once('/').ok_or_else(|| {
+        refuse(
+            "$.name",
+            "must be reverse-DNS with one '/', like io.github.user/server",
+        )
+    })?;
+    let ok_namespace = !namespace.is_empty()
+        && namespace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    let ok_rest = !rest.is_empty()
+        && rest
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !ok_namespace || !ok_rest {
+        return Err(refuse(
+            "$.name",
+            format!("{name:?} must match ^[a-zA-Z0-9.-]+/[a-zA-Z0-9._-]+$"),
+        ));
+    }
+    length(required(doc, "description", "$")?, 1, 100, "$.description")?;
+    if let Some(title) = string(doc, "title", "$")? {
+        length(title, 1, 100, "$.title")?;
+    }
+    let version = required(doc, "version", "$")?;
+    length(version, 1, 255, "$.version")?;
+    if version == "latest"
+        || version.starts_with(['^', '~', '>', '<', '='])
+        || version.contains(['*', ' '])
+        || version.split('.').any(|p| p.eq_ignore_ascii_case("x"))
+    {
+        return Err(refuse(
+            "$.version",
+            format!("{version:?} is a range or a tag, not one version"),
+        ));
+    }
+    if let Some(url) = string(doc, "websiteUrl", "$")? {
+        http_url(url, "$.websiteUrl")?;
+    }
+    if let Some(repo) = doc.get("repository") {
+        object(repo, "$.repository")?;
+        http_url(required(repo, "url", "$.repository")?, "$.repository.url")?;
+        required(repo, "source", "$.repository")?;
+        for key in ["id", "subfolder"] {
+            string(repo, key, "$.repository")?;
+        }
+    }
+    for (i, icon) in array(doc, "icons", "$")?.iter().enumerate() {
+        let p = format!("$.icons[{i}]");
+        object(icon, &p)?;
+        let src = required(icon, "src", &p)?;
+        if !src.starts_with("https://") || src.len() > 255 {
+            return Err(refuse(
+                format!("{p}.src"),
+                "must be an https URL of at most 255 characters",
+            ));
+        }
+        if let Some(m) = string(icon, "mimeType", &p)?
+            && !matches!(
+                m,
+                "image/png" | "image/jpeg" | "image/jpg" | "image/svg+xml" | "image/webp"
+            )
+        {
+            return Err(refuse(
+                format!("{p}.mimeType"),
+                format!("{m:?} is not an image type"),
+            ));
+        }
+        if let Some(theme) = string(icon, "theme", &p)?
+            && !matches!(theme, "light" | "dark")
+        {
+            return Err(refuse(format!("{p}.theme"), "must be light or dark"));
+        }
+    }
+    for (i, pkg) in array(doc, "packages", "$")?.iter().enumerate() {
+        let p = format!("$.packages[{i}]");
+        object(pkg, &p)?;
+        required(pkg, "registryType", &p)?;
+        let identifier = required(pkg, "identifier", &p)?;
+        if identifier.trim().is_empty() || identifier.chars().any(char::is_control) {
+            return Err(refuse(format!("{p}.identifier"), "must not be empty"));
+        }
+        for key in ["registryBaseUrl", "runtimeHint"] {
+            string(pkg, key, &p)?;
+        }
+        if let Some(v) = string(pkg, "version", &p)?
+            && (v.is_empty() || v == "latest")
+        {
+            return Err(refuse(format!("{p}.version"), "must name one version"));
+        }
+        if let Some(sha) = string(pkg, "fileSha256", &p)?
+            && (sha.len() != 64 || !sha.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')))
+        {
+            return Err(refuse(
+                format!("{p}.fileSha256"),
+                "must be 64 lowercase hex digits",
+            ));
+        }
+        let t = pkg
+            .get("transport")
+            .ok_or_else(|| refuse(format!("{p}.transport"), "is required"))?;
+        transport(t, &format!("{p}.transport"), false)?;
+        for key in ["runtimeArguments", "packageArguments"] {
+            for (j, arg) in array(pkg, key, &p)?.iter().enumerate() {
+                let ap = format!("{p}.{key}[{j}]");
+                input(arg, &ap)?;
+                match string(arg, "type", &ap)? {
+                    Some("positional") => {
+                        if arg.get("value").is_none() && arg.get("valueHint").is_none() {
+                            return Err(refuse(
+                                &ap,
+                                "a positional argument needs value or valueHint",
+                            ));
+                        }
+                    }
+                    Some("named") => {
+                        required(arg, "name", &ap)?;
+                    }
+                    Some(other) => {
+                        return Err(refuse(
+                            format!("{ap}.type"),
+                            format!("{other:?} is not positional or named"),
+                        ));
+                    }
+                    None => return Err(refuse(format!("{ap}.type"), "is required")),
+                }
+            }
+        }
+        for (j, env) in array(pkg, "environmentVariables", &p)?.iter().enumerate() {
+            let ep = format!("{p}.environmentVariables[{j}]");
+            input(env, &ep)?;
+            let name = required(env, "name", &ep)?;
+            if name.is_empty() || name.contains(['=', '\0']) {
+                return Err(refuse(
+                    format!("{ep}.name"),
+                    format!("{name:?} is not a variable name"),
+                ));
+            }
+        }
+    }
+    for (i, remote) in array(doc, "remotes", "$")?.iter().enumerate() {
+        let p = format!("$.remotes[{i}]");
+        transport(remote, &p, true)?;
+        if let Some(vars) = remote.get("variables") {
+            for (k, var) in object(vars, &format!("{p}.variables"))? {
+                input(var, &format!("{p}.variables.{k}"))?;
+            }
+        }
+    }
+    if let Some(meta) = doc.get("_meta") {
+        object(meta, "$._meta")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn doc(name: &str, version: &str) -> Value {
+        json!({
+            "$schema": SCHEMA,
+            "name": name,
+            "description": format!("{name} server"),
+            "version": version,
+            "packages": [{"registryType": "npm", "identifier": "@x/y", "transport": {"type": "stdio"}}],
+        })
+    }
+
+    fn path_of(mut d: Value, edit: impl FnOnce(&mut Value)) -> String {
+        edit(&mut d);
+        validate(&d).expect_err("refused").path
+    }
+
+    #[test]
+    fn refusals_name_the_json_path_at_fault() {
+        let base = doc("io.github.a/b", "1.0.0");
+        assert!(validate(&base).is_ok());
+        type Edit = Box<dyn FnOnce(&mut Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (Box::new(|d| d["name"] = json!("no-slash")), "$.name"),
+            (Box::new(|d| d["name"] = json!("a/b c")), "$.name"),
+            (Box::new(|d| d["name"] = json!(7)), "$.name"),
+            (
+                Box::new(|d| {
+                    d.as_object_mut()
+                        .unwrap()
+                        .remove("description")
+                        .map(|_| ())
+                        .unwrap()
+                }),
+                "$.description",
+            ),
+            (
+                Box::new(|d| d["description"] = json!("x".repeat(101))),
+                "$.description",
+            ),
+            (Box::new(|d| d["version"] = json!("^1.2.0")), "$.version"),
+            (Box::new(|d| d["version"] = json!("latest")), "$.version"),
+            (
+                Box::new(|d| d["$schema"] = json!("https://example.com/other.json")),
+                "$.$schema",
+            ),
+            (
+                Box::new(|d| d["packages"][0]["transport"]["type"] = json!("carrier-pigeon")),
+                "$.packages[0].transport.type",
+            ),
+            (
+                Box::new(|d| d["packages"][0]["transport"] = json!({"type": "streamable-http"})),
+                "$.packages[0].transport.url",
+            ),
+            (
+                Box::new(|d| {
+                    d["packages"][0]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("identifier")
+                        .map(|_| ())
+                        .unwrap()
+                }),
+                "$.packages[0].identifier",
+            ),
+            (
+                Box::new(|d| {
+                    d["packages"][0]["environmentVariables"] =
+                        json!([{"name": "A"}, {"description": "no name"}])
+                }),
+                "$.packages[0].environmentVariables[1].name",
+            ),
+            (
+                Box::new(|d| {
+                    d["packages"][0]["environmentVariables"] =
+                        json!([{"name": "A", "isSecret": "yes"}])
+                }),
+                "$.packages[0].environmentVariables[0].isSecret",
+            ),
+            (
+                Box::new(|d| d["packages"][0]["packageArguments"] = json!([{"type": "named"}])),
+                "$.packages[0].packageArguments[0].name",
+            ),
+            (
+                Box::new(|d| {
+                    d["packages"][0]["runtimeArguments"] = json!([{"type": "positional"}])
+                }),
+                "$.packages[0].runtimeArguments[0]",
+            ),
+            (
+                Box::new(|d| d["remotes"] = json!([{"type": "stdio"}])),
+                "$.remotes[0].type",
+            ),
+            (
+                Box::new(|d| d["remotes"] = json!([{"type": "sse", "url": "ftp://x"}])),
+                "$.remotes[0].url",
+            ),
+            (
+                Box::new(|d| d["icons"] = json!([{"src": "http://insecure/icon.png"}])),
+                "$.icons[0].src",
+            ),
+            (
+                Box::new(|d| d["repository"] = json!({"url": "https://github.com/a/b"})),
+                "$.repository.source",
+            ),
+            (
+                Box::new(|d| d["packages"][0]["fileSha256"] = json!("ABC")),
+                "$.packages[0].fileSha256",
+            ),
+        ];
+        for (edit, path) in cases {
+            assert_eq!(path_of(base.clone(), edit), path);
+        }
+        assert_eq!(validate(&json!([1])).unwrap_err().path, "$");
+    }
+
+    #[test]
+    fn versions_latest_status_and_pages() {
+        let c = Catalog::in_memory(&[]).unwrap();
+        for v in ["1.0.0", "1.10.0", "1.9.0", "2.0.0-rc.1"] {
+            c.publish(doc("io.github.a/b", v)).unwrap();
+        }
+        c.publish(doc("io.github.a/a", "0.1.0")).unwrap();
+        assert!(matches!(
+            c.publish(doc("io.github.a/b", "1.0.0")),
+            Err(CatalogError::Exists { .. })
+        ));
+        // Latest by precedence: 2.0.0-rc.1 > 1.10.0 > 1.9.0.
+        let (latest, meta) = c.version("io.github.a/b", "latest", false).unwrap();
+        assert_eq!(latest["version"], "2.0.0-rc.1");
+        assert_eq!(meta[OFFICIAL_META]["isLatest"], true);
+        let versions: Vec<_> = c
+            .versions("io.github.a/b", false)
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s["version"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(versions, ["2.0.0-rc.1", "1.10.0", "1.9.0", "1.0.0"]);
+
+        // A deleted latest is not replaced by an older one; deprecated stays listed.
+        c.set_status(
+            "io.github.a/b",
+            "2.0.0-rc.1",
+            Status::Deleted,
+            Some("withdrawn".into()),
+        )
+        .unwrap();
+        assert!(matches!(
+            c.version("io.github.a/b", "latest", false),
+            Err(CatalogError::NotFound)
+        ));
+        let (_, meta) = c.version("io.github.a/b", "latest", true).unwrap();
+        assert_eq!(meta[OFFICIAL_META]["status"], "deleted");
+        assert_eq!(meta[OFFICIAL_META]["statusMessage"], "withdrawn");
+        c.set_status("io.github.a/b", "1.0.0", Status::Deprecated, None)
+            .unwrap();
+
+        // Pages of two, by name then version, deleted ones hidden.
+        let mut q = Query {
+            limit: 2,
+            ..Query::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let page = c.list(&q);
+            seen.extend(page.items.iter().map(|(s, _)| {
+                format!(
+                    "{}@{}",
+                    s["name"].as_str().unwrap(),
+                    s["version"].as_str().unwrap()
+                )
+            }));
+            match page.next {
+                Some(n) => q.after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                "io.github.a/a@0.1.0",
+                "io.github.a/b@1.0.0",
+                "io.github.a/b@1.10.0",
+                "io.github.a/b@1.9.0"
+            ]
+        );
+        let latest_only = c.list(&Query {
+            limit: 10,
+            latest_only: true,
+            include_deleted: true,
+            ..Query::default()
+        });
+        assert_eq!(latest_only.items.len(), 2);
+        let searched = c.list(&Query {
+            limit: 10,
+            search: Some("A/A".into()),
+            ..Query::default()
+        });
+        assert_eq!(searched.items.len(), 1);
+        let later = c.list(&Query {
+            limit: 10,
+            updated_since: Some(SystemTime::now() + std::time::Duration::from_secs(60)),
+            include_deleted: true,
+            ..Query::default()
+        });
+        assert!(later.items.is_empty());
+        // Replace keeps name and version.
+        assert_eq!(
+            c.replace("io.github.a/a", "0.1.0", doc("io.github.a/a", "0.2.0"))
+                .unwrap_err()
+                .to_string(),
+            "$.version: must be \"0.1.0\", the version in the path"
+        );
+    }
+
+    #[test]
+    fn the_file_keeps_the_catalog_and_a_damaged_one_is_refused() {
+        let dir = std::env::temp_dir().join(format!("gatehouse-catalog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("catalog.json");
+        let _ = std::fs::remove_file(&file);
+        let c = Catalog::open(file.clone(), &[doc("io.github.a/seed", "1.0.0")]).unwrap();
+        c.publish(doc("io.github.a/b", "1.0.0")).unwrap();
+        drop(c);
+        let again = Catalog::open(file.clone(), &[]).unwrap();
+        assert!(again.version("io.github.a/b", "1.0.0", false).is_ok());
+        assert!(again.version("io.github.a/seed", "latest", false).is_ok());
+        std::fs::write(
+            &file,
+            b"{\"io.github.a/b\": [{\"server\": {\"name\": \"x\"}}]}",
+        )
+        .unwrap();
+        let err = Catalog::open(file.clone(), &[]).err().expect("refused");
+        assert!(err.to_string().contains("catalog.json"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

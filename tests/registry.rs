@@ -1,0 +1,432 @@
+//! The private registry's read API through the gateway, as an official-registry client
+//! reads it: shapes, pages, search, one version, errors, CORS, authentication.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::{Resp, TestGateway, admin_request};
+
+async fn gateway(top: &str) -> TestGateway {
+    TestGateway::start(top, &[support::example("ex", &[], "")]).await
+}
+
+async fn get(gw: &TestGateway, path: &str) -> Resp {
+    admin_request(gw.addr, None, "GET", path, None).await
+}
+
+/// The shape of a `ServerResponse` of the official registry API (its openapi.yaml): the
+/// document, and the registry's block under `_meta`.
+fn assert_server_response(item: &Value) {
+    let server = &item["server"];
+    for key in ["name", "description", "version"] {
+        assert!(server[key].is_string(), "server.{key} in {item}");
+    }
+    let official = &item["_meta"]["io.modelcontextprotocol.registry/official"];
+    assert!(
+        matches!(
+            official["status"].as_str(),
+            Some("active" | "deprecated" | "deleted")
+        ),
+        "{item}"
+    );
+    for key in ["publishedAt", "updatedAt", "statusChangedAt"] {
+        let t = official[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{key} in {item}"));
+        assert!(humantime::parse_rfc3339(t).is_ok(), "{key}={t}");
+    }
+    assert!(official["isLatest"].is_boolean(), "{item}");
+    let extra: Vec<&String> = official
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| {
+            ![
+                "status",
+                "statusMessage",
+                "publishedAt",
+                "updatedAt",
+                "statusChangedAt",
+                "isLatest",
+            ]
+            .contains(&k.as_str())
+        })
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "the official block allows no other keys: {extra:?}"
+    );
+}
+
+fn assert_list_response(body: &Value) -> Vec<String> {
+    let servers = body["servers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}"));
+    servers.iter().for_each(assert_server_response);
+    assert_eq!(body["metadata"]["count"], servers.len(), "{body}");
+    if let Some(c) = body["metadata"].get("nextCursor") {
+        assert!(c.is_string(), "{body}");
+    }
+    servers
+        .iter()
+        .map(|s| s["server"]["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_new_gateway_serves_its_default_catalog_as_the_official_api_does() {
+    let gw = gateway("").await;
+    let r = get(&gw, "/v0.1/servers").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.headers["access-control-allow-origin"], "*");
+    let names = assert_list_response(&r.json());
+    assert!(
+        names.contains(&"dev.gatehouse/example-server".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"io.github.modelcontextprotocol/server-everything".to_string()),
+        "{names:?}"
+    );
+    // The development path answers the same.
+    assert_eq!(
+        get(&gw, "/v0/servers").await.json()["servers"],
+        r.json()["servers"]
+    );
+
+    // Pages of one, following nextCursor, give the same servers in the same order.
+    let mut paged = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            None => "/v0.1/servers?limit=1".to_string(),
+            Some(c) => format!("/v0.1/servers?limit=1&cursor={c}"),
+        };
+        let page = get(&gw, &path).await.json();
+        paged.extend(assert_list_response(&page));
+        match page["metadata"]["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(paged, names);
+
+    // Search: a case-insensitive part of the name or the description.
+    let found = assert_list_response(&get(&gw, "/v0.1/servers?search=FETCH").await.json());
+    assert_eq!(found, ["io.github.modelcontextprotocol/server-fetch"]);
+    let found = assert_list_response(
+        &get(&gw, "/v0.1/servers?search=timezone&version=latest")
+            .await
+            .json(),
+    );
+    assert_eq!(found, ["io.github.modelcontextprotocol/server-time"]);
+
+    // One version, by number or as latest; the name URL-encoded (or not).
+    let one = get(
+        &gw,
+        "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-fetch/versions/latest",
+    )
+    .await;
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert_server_response(&one.json());
+    assert_eq!(
+        one.json()["server"]["packages"][0]["identifier"],
+        "mcp-server-fetch"
+    );
+    let same = get(
+        &gw,
+        "/v0.1/servers/io.github.modelcontextprotocol/server-fetch/versions/0.6.3",
+    )
+    .await;
+    assert_eq!(same.json(), one.json());
+    let versions = get(
+        &gw,
+        "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-fetch/versions",
+    )
+    .await;
+    assert_eq!(assert_list_response(&versions.json()).len(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_in_both_error_shapes() {
+    let gw = gateway("").await;
+    for (path, status, needle) in [
+        ("/v0.1/servers?limit=0", 400, "limit"),
+        ("/v0.1/servers?limit=101", 400, "limit"),
+        ("/v0.1/servers?limit=abc", 400, "limit"),
+        ("/v0.1/servers?cursor=not-ours", 400, "cursor"),
+        (
+            "/v0.1/servers?updated_since=yesterday",
+            400,
+            "updated_since",
+        ),
+        (
+            "/v0.1/servers?updated_since=2025-01-01T00:00:00Z&include_deleted=false",
+            400,
+            "include_deleted",
+        ),
+        (
+            "/v0.1/servers?include_deleted=maybe",
+            400,
+            "include_deleted",
+        ),
+        (
+            "/v0.1/servers/io.example%2Fnothing/versions/latest",
+            404,
+            "Server not found",
+        ),
+        (
+            "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-fetch/versions/9.9.9",
+            404,
+            "Server not found",
+        ),
+        ("/v0.1/servers/%FF%FE/versions", 400, "encoding"),
+        ("/v0.1/nothing-here", 404, "Server not found"),
+    ] {
+        let r = get(&gw, path).await;
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+        let body = r.json();
+        assert!(
+            body["error"].as_str().unwrap().contains(needle),
+            "{path}: {body}"
+        );
+        assert_eq!(body["detail"], body["error"], "{path}");
+        assert_eq!(body["status"], status, "{path}");
+        assert_eq!(r.headers["access-control-allow-origin"], "*", "{path}");
+    }
+    let put = admin_request(gw.addr, None, "PUT", "/v0.1/servers", Some(json!({}))).await;
+    assert_eq!(put.status, 405);
+    let preflight = admin_request(gw.addr, None, "OPTIONS", "/v0.1/servers", None).await;
+    assert_eq!(preflight.status, 204);
+    assert!(
+        preflight.headers["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("GET")
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn with_authentication_on_only_callers_read_it_and_it_can_be_turned_off() {
+    let gw = gateway("auth: {tokens: [{principal: app, token: reader-token-0123456789}]}").await;
+    let r = get(&gw, "/v0.1/servers").await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.headers.contains_key("www-authenticate"));
+    let ok = admin_request(
+        gw.addr,
+        Some("reader-token-0123456789"),
+        "GET",
+        "/v0.1/servers",
+        None,
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    let wrong = admin_request(
+        gw.addr,
+        Some("wrong-token-0123456789"),
+        "GET",
+        "/v0.1/servers",
+        None,
+    )
+    .await;
+    assert_eq!(wrong.status, 401);
+    gw.stop().await;
+
+    let off = gateway("registry: {enabled: false}").await;
+    assert_eq!(get(&off, "/v0.1/servers").await.status, 404);
+    off.stop().await;
+}
+
+#[tokio::test]
+async fn a_catalog_file_is_seeded_once_and_kept() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-registry-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("catalog.json");
+    let _ = std::fs::remove_file(&file);
+    let gw = gateway(&format!("registry: {{file: {file:?}}}")).await;
+    assert_eq!(
+        assert_list_response(&get(&gw, "/v0.1/servers").await.json()).len(),
+        4
+    );
+    gw.stop().await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("server-everything"), "{text}");
+    // A damaged file stops the start, naming it.
+    std::fs::write(&file, "not json").unwrap();
+    let config = gatehouse::Config::from_yaml(&format!(
+        "listen: 127.0.0.1:0\nregistry: {{file: {file:?}}}\nupstreams:\n{}",
+        support::example("ex", &[], "")
+    ))
+    .unwrap();
+    let err = gatehouse::start(config).await.err().expect("refused");
+    assert!(err.to_string().contains("catalog.json"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+const ADMIN: &str = "registry-admin-token-0123456789";
+
+#[tokio::test]
+async fn operators_import_replace_deprecate_and_delete_through_the_admin_api() {
+    let gw = gateway(&format!(
+        "admin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}"
+    ))
+    .await;
+    let admin = |method: &'static str, path: String, body: Option<Value>| {
+        let addr = gw.addr;
+        async move { admin_request(addr, Some(ADMIN), method, &path, body).await }
+    };
+    let time = json!({
+        "$schema": "https://static.modelcontextprotocol.io/schemas/2025-12-11/server.schema.json",
+        "name": "io.github.modelcontextprotocol/server-time",
+        "description": "MCP server providing tools for time queries and timezone conversions for LLMs",
+        "version": "0.6.3",
+        "repository": {"url": "https://github.com/modelcontextprotocol/servers", "source": "github", "subfolder": "src/time"},
+        "packages": [{"registryType": "pypi", "identifier": "mcp-server-time", "version": "0.6.3",
+                      "runtimeHint": "uvx", "transport": {"type": "stdio"},
+                      "environmentVariables": [{"name": "TZ", "description": "Local zone", "default": "UTC",
+                                                "choices": ["UTC", "Europe/Paris"]}]}],
+        "_meta": {"dev.gatehouse/registry": {"labels": {"team": "tools"}}},
+    });
+    let bad = json!({"name": "io.example/bad", "version": "1.0.0"});
+    let before = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+
+    // Without the admin token: refused. A list with one bad document: refused whole, naming it.
+    let anon = admin_request(
+        gw.addr,
+        None,
+        "POST",
+        "/admin/v1/registry/servers",
+        Some(json!([time])),
+    )
+    .await;
+    assert_eq!(anon.status, 401);
+    let refused = admin(
+        "POST",
+        "/admin/v1/registry/servers".into(),
+        Some(json!([time, bad])),
+    )
+    .await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("$[1].description"),
+        "{}",
+        refused.body
+    );
+    let latest = "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-time/versions/latest";
+    assert_eq!(
+        get(&gw, latest).await.json()["server"]["version"],
+        "0.6.2",
+        "nothing published"
+    );
+
+    // A registry page (the official list shape) imports; what is there already is skipped.
+    let page = json!({"servers": [{"server": time, "_meta": {}}], "metadata": {"count": 1}});
+    let imported = admin(
+        "POST",
+        "/admin/v1/registry/servers".into(),
+        Some(page.clone()),
+    )
+    .await;
+    assert_eq!(imported.status, 201, "{}", imported.body);
+    assert_eq!(
+        imported.json()["published"],
+        json!(["io.github.modelcontextprotocol/server-time@0.6.3"])
+    );
+    let again = admin("POST", "/admin/v1/registry/servers".into(), Some(page)).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.json()["skipped"].as_array().unwrap().len(), 1);
+    // The document comes back exactly as given, and is now the latest.
+    let read = get(&gw, latest).await.json();
+    assert_eq!(read["server"], time);
+    assert_eq!(
+        read["_meta"]["io.modelcontextprotocol.registry/official"]["isLatest"],
+        true
+    );
+    let older = get(
+        &gw,
+        "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-time/versions/0.6.2",
+    )
+    .await;
+    assert_eq!(
+        older.json()["_meta"]["io.modelcontextprotocol.registry/official"]["isLatest"],
+        false
+    );
+
+    // Deprecate with a message; replace (same name and version only); delete.
+    let version =
+        "/admin/v1/registry/servers/io.github.modelcontextprotocol%2Fserver-time/versions/0.6.2";
+    let deprecated = admin(
+        "PATCH",
+        format!("{version}/status"),
+        Some(json!({"status": "deprecated", "statusMessage": "use 0.6.3"})),
+    )
+    .await;
+    assert_eq!(deprecated.status, 200, "{}", deprecated.body);
+    let official = &deprecated.json()["_meta"]["io.modelcontextprotocol.registry/official"];
+    assert_eq!(official["status"], "deprecated");
+    assert_eq!(official["statusMessage"], "use 0.6.3");
+    let mut renamed = time.clone();
+    renamed["version"] = json!("0.6.2");
+    renamed["description"] = json!("Time and time zones");
+    let replaced = admin("PUT", version.to_string(), Some(renamed.clone())).await;
+    assert_eq!(replaced.status, 200, "{}", replaced.body);
+    assert_eq!(
+        replaced.json()["server"]["description"],
+        "Time and time zones"
+    );
+    let mismatch = admin("PUT", version.to_string(), Some(time.clone())).await;
+    assert_eq!(mismatch.status, 400);
+    assert!(
+        mismatch.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("$.version"),
+        "{}",
+        mismatch.body
+    );
+    let bad_status = admin(
+        "PATCH",
+        format!("{version}/status"),
+        Some(json!({"status": "gone"})),
+    )
+    .await;
+    assert_eq!(bad_status.status, 400);
+    assert_eq!(admin("DELETE", version.to_string(), None).await.status, 200);
+    let hidden = get(
+        &gw,
+        "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-time/versions/0.6.2",
+    )
+    .await;
+    assert_eq!(hidden.status, 404);
+    let shown = get(&gw, "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-time/versions/0.6.2?include_deleted=true").await;
+    assert_eq!(
+        shown.json()["_meta"]["io.modelcontextprotocol.registry/official"]["status"],
+        "deleted"
+    );
+    let missing = admin(
+        "DELETE",
+        "/admin/v1/registry/servers/io.example%2Fnone/versions/1.0.0".into(),
+        None,
+    )
+    .await;
+    assert_eq!(missing.status, 404);
+
+    // An incremental sync sees what changed since, deletions included.
+    let changed = get(&gw, &format!("/v0.1/servers?updated_since={before}"))
+        .await
+        .json();
+    let mut versions: Vec<String> = changed["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["server"]["version"].as_str().unwrap().to_string())
+        .collect();
+    versions.sort();
+    assert_eq!(versions, ["0.6.2", "0.6.3"], "{changed}");
+    gw.stop().await;
+}
