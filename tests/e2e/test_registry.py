@@ -1,0 +1,102 @@
+"""The private registry read by an official-registry client: every answer of the gateway's
+`/v0.1` API validated against a JSON Schema of the official API's shapes (written by us from
+the registry's published API reference, tests/fixtures/registry-api.schema.json), with the
+pages an incremental sync walks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import jsonschema
+import pytest
+
+from e2e_support import EXAMPLE, Gateway, Tools, example_argv, start_gateway
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "fixtures" / "registry-api.schema.json").read_text())
+ADMIN = "registry-e2e-admin-token-0123456789"
+
+
+def validator(definition: str) -> jsonschema.Draft202012Validator:
+    schema = {"$schema": SCHEMA["$schema"], "$defs": SCHEMA["$defs"], "$ref": f"#/$defs/{definition}"}
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+LIST = validator("ServerListResponse")
+ONE = validator("ServerResponse")
+ERROR = validator("Error")
+
+
+@pytest.fixture(scope="module")
+def registry_gateway(tools: Tools, workdir: Path) -> Iterator[Gateway]:
+    gw = start_gateway(
+        tools,
+        workdir,
+        "registry",
+        [{"name": EXAMPLE, "stdio": {"command": example_argv(tools)[0], "args": example_argv(tools)[1:]}}],
+        extra={"admin": {"tokens": [{"principal": "ops", "token": ADMIN}]}},
+    )
+    try:
+        yield gw
+    finally:
+        gw.proc.stop()
+
+
+def base(gw: Gateway) -> str:
+    return f"http://127.0.0.1:{gw.port}"
+
+
+def test_every_answer_has_the_official_shapes(registry_gateway: Gateway) -> None:
+    url = base(registry_gateway)
+    with httpx.Client(timeout=10) as c:
+        # An import of the reference servers' published documents (one new version).
+        time_doc: dict[str, Any] = {
+            "$schema": "https://static.modelcontextprotocol.io/schemas/2025-12-11/server.schema.json",
+            "name": "io.github.modelcontextprotocol/server-time",
+            "description": "MCP server providing tools for time queries and timezone conversions for LLMs",
+            "version": "0.6.4",
+            "packages": [{"registryType": "pypi", "identifier": "mcp-server-time", "version": "0.6.4",
+                          "runtimeHint": "uvx", "transport": {"type": "stdio"}}],
+        }
+        r = c.post(f"{url}/admin/v1/registry/servers", json=[time_doc],
+                   headers={"authorization": f"Bearer {ADMIN}"})
+        assert r.status_code == 201, r.text
+
+        # A full walk in pages of two, as a syncing client does.
+        names: list[tuple[str, str]] = []
+        cursor = None
+        for _ in range(50):
+            params: dict[str, Any] = {"limit": 2}
+            if cursor:
+                params["cursor"] = cursor
+            page = c.get(f"{url}/v0.1/servers", params=params)
+            assert page.status_code == 200, page.text
+            LIST.validate(page.json())
+            names += [(s["server"]["name"], s["server"]["version"]) for s in page.json()["servers"]]
+            cursor = page.json()["metadata"].get("nextCursor")
+            if not cursor:
+                break
+        assert len(names) == len(set(names)) == 5, names
+        assert ("io.github.modelcontextprotocol/server-time", "0.6.4") in names
+
+        latest = c.get(f"{url}/v0.1/servers", params={"version": "latest"}).json()
+        LIST.validate(latest)
+        assert len(latest["servers"]) == 4
+        assert all(s["_meta"]["io.modelcontextprotocol.registry/official"]["isLatest"] for s in latest["servers"])
+
+        name = quote("io.github.modelcontextprotocol/server-time", safe="")
+        one = c.get(f"{url}/v0/servers/{name}/versions/latest")
+        ONE.validate(one.json())
+        assert one.json()["server"] == time_doc
+        versions = c.get(f"{url}/v0.1/servers/{name}/versions").json()
+        LIST.validate(versions)
+        assert [s["server"]["version"] for s in versions["servers"]] == ["0.6.4", "0.6.2"]
+
+        for bad in ["/v0.1/servers?limit=500", "/v0.1/servers/io.example%2Fnone/versions/latest"]:
+            r = c.get(f"{url}{bad}")
+            assert r.status_code in (400, 404), r.text
+            ERROR.validate(r.json())
