@@ -304,12 +304,12 @@ async fn registry(
             serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
         let docs = match v {
             serde_json::Value::Array(docs) => docs,
-            serde_json::Value::Object(ref o) if o.contains_key("servers") => o["servers"]
-                .as_array()
-                .ok_or_else(|| AdminError::Invalid("servers must be a list".into()))?
-                .iter()
-                .map(|item| item.get("server").cloned().unwrap_or_else(|| item.clone()))
-                .collect(),
+            serde_json::Value::Object(mut o) if o.contains_key("servers") => {
+                match o.remove("servers") {
+                    Some(serde_json::Value::Array(items)) => items,
+                    _ => return Err(AdminError::Invalid("servers must be a list".into())),
+                }
+            }
             doc => vec![doc],
         };
         let (published, skipped) = catalog.import(docs)?;

@@ -560,16 +560,26 @@ async fn registry(gw: &Arc<Gateway>, req: &Request<hyper::body::Incoming>) -> Re
     let Some(catalog) = gw.registry.get() else {
         return not_found(req.uri().path());
     };
-    // A preflight carries no credentials.
+    // A preflight carries no credentials (and gets no data).
     if req.method() != http::Method::OPTIONS
-        && let Err(e) = gw.auth.authenticate(req.headers(), None, None).await
+        && let Err((status, message, challenge)) = front::admit_reader(gw, req).await
     {
-        let mut r = api::error(StatusCode::UNAUTHORIZED, &e.to_string());
-        r.headers_mut()
-            .insert(http::header::WWW_AUTHENTICATE, gw.auth.challenge(&e, None));
+        let mut r = api::error(status, &message);
+        if let Some(c) = challenge {
+            r.headers_mut().insert(http::header::WWW_AUTHENTICATE, c);
+        }
         return r;
     }
-    api::serve(catalog, req.method(), req.uri().path(), req.uri().query())
+    // Any origin may read with a credential; without authentication, only the page's own
+    // origin (a browser then hides the answer from other sites).
+    let anyone = !gw.auth.is_off();
+    api::serve(
+        catalog,
+        req.method(),
+        req.uri().path(),
+        req.uri().query(),
+        anyone,
+    )
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {

@@ -78,7 +78,8 @@ async fn a_new_gateway_serves_its_default_catalog_as_the_official_api_does() {
     let gw = gateway("").await;
     let r = get(&gw, "/v0.1/servers").await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.headers["access-control-allow-origin"], "*");
+    // No authentication (loopback): no other site's page may read it.
+    assert!(!r.headers.contains_key("access-control-allow-origin"));
     let names = assert_list_response(&r.json());
     assert!(
         names.contains(&"dev.gatehouse/example-server".to_string()),
@@ -193,8 +194,37 @@ async fn bad_requests_get_clear_errors_in_both_error_shapes() {
         );
         assert_eq!(body["detail"], body["error"], "{path}");
         assert_eq!(body["status"], status, "{path}");
-        assert_eq!(r.headers["access-control-allow-origin"], "*", "{path}");
     }
+    // A page of another site, or a rebound host name, is refused as on /mcp.
+    let c = support::Client::new(format!("http://{}/v0.1/servers", gw.addr));
+    let from_elsewhere = c
+        .send(
+            http::Request::get(&c.url)
+                .header("origin", "https://evil.example")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(from_elsewhere.status, 403, "{}", from_elsewhere.body);
+    let rebound = c
+        .send(
+            http::Request::get(&c.url)
+                .header("host", "attacker.example")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(rebound.status, 421, "{}", rebound.body);
+    // An exact version, and a time with an offset.
+    let exact = get(&gw, "/v0.1/servers?version=0.6.3").await.json();
+    assert_eq!(exact["servers"].as_array().unwrap().len(), 1, "{exact}");
+    let offset = get(
+        &gw,
+        "/v0.1/servers?updated_since=2000-01-01T02:00:00%2B02:00",
+    )
+    .await;
+    assert_eq!(offset.status, 200, "{}", offset.body);
+    assert_eq!(offset.json()["metadata"]["count"], 4);
     let put = admin_request(gw.addr, None, "PUT", "/v0.1/servers", Some(json!({}))).await;
     assert_eq!(put.status, 405);
     let preflight = admin_request(gw.addr, None, "OPTIONS", "/v0.1/servers", None).await;
@@ -223,6 +253,8 @@ async fn with_authentication_on_only_callers_read_it_and_it_can_be_turned_off() 
     )
     .await;
     assert_eq!(ok.status, 200);
+    // Reading takes a credential: any origin may (a browser client sends the token).
+    assert_eq!(ok.headers["access-control-allow-origin"], "*");
     let wrong = admin_request(
         gw.addr,
         Some("wrong-token-0123456789"),
@@ -416,6 +448,33 @@ async fn operators_import_replace_deprecate_and_delete_through_the_admin_api() {
     .await;
     assert_eq!(missing.status, 404);
 
+    // Another registry's page keeps what it says of each version; its empty repository and
+    // an earlier schema revision are read as they are served.
+    let foreign = json!({"servers": [{
+        "server": {
+            "$schema": "https://static.modelcontextprotocol.io/schemas/2025-09-29/server.schema.json",
+            "name": "com.example/remote-only", "description": "A remote server", "version": "1.0.0",
+            "repository": {"url": "", "source": ""},
+            "remotes": [{"type": "streamable-http", "url": "https://mcp.example.com/mcp"}],
+        },
+        "_meta": {"io.modelcontextprotocol.registry/official": {
+            "status": "deprecated", "statusMessage": "moved", "publishedAt": "2025-10-01T08:00:00+02:00",
+            "updatedAt": "2025-10-02T00:00:00Z", "isLatest": true,
+        }},
+    }]});
+    let imported = admin("POST", "/admin/v1/registry/servers".into(), Some(foreign)).await;
+    assert_eq!(imported.status, 201, "{}", imported.body);
+    let kept = get(
+        &gw,
+        "/v0.1/servers/com.example%2Fremote-only/versions/latest",
+    )
+    .await
+    .json();
+    let official = &kept["_meta"]["io.modelcontextprotocol.registry/official"];
+    assert_eq!(official["status"], "deprecated");
+    assert_eq!(official["statusMessage"], "moved");
+    assert_eq!(official["publishedAt"], "2025-10-01T06:00:00.000Z");
+
     // An incremental sync sees what changed since, deletions included.
     let changed = get(&gw, &format!("/v0.1/servers?updated_since={before}"))
         .await
@@ -427,6 +486,6 @@ async fn operators_import_replace_deprecate_and_delete_through_the_admin_api() {
         .map(|s| s["server"]["version"].as_str().unwrap().to_string())
         .collect();
     versions.sort();
-    assert_eq!(versions, ["0.6.2", "0.6.3"], "{changed}");
+    assert_eq!(versions, ["0.6.2", "0.6.3", "1.0.0"], "{changed}");
     gw.stop().await;
 }

@@ -216,6 +216,11 @@ impl Auth {
         }
     }
 
+    /// Whether no caller needs a credential (no tokens, OAuth or client certificates).
+    pub fn is_off(&self) -> bool {
+        self.tokens.is_empty() && self.oauth.is_none() && self.certificate_principals.is_empty()
+    }
+
     /// Authenticates a request to the endpoint of `profile` (`None`: `/mcp`): an access token
     /// must have been issued for that endpoint (its `aud`). `Ok(None)` when authentication is
     /// off.
@@ -227,8 +232,7 @@ impl Auth {
         profile: Option<&str>,
         certificate: Option<&Principal>,
     ) -> Result<Option<Identity>, AuthError> {
-        if self.tokens.is_empty() && self.oauth.is_none() && self.certificate_principals.is_empty()
-        {
+        if self.is_off() {
             return Ok(None);
         }
         // One Authorization header: with two, which one counts would be a guess.

@@ -195,6 +195,42 @@ pub async fn serve(
     }
 }
 
+/// Admits a request to another endpoint `/mcp`'s callers may read (the registry's API) as
+/// `/mcp` admits it: Host and Origin (DNS rebinding), authentication (a bearer token or the
+/// connection's client certificate), and `/mcp`'s grant; a refusal is audited, and comes back
+/// as its status, message and challenge.
+pub(crate) async fn admit_reader<B>(
+    gw: &Gateway,
+    req: &Request<B>,
+) -> Result<(), (StatusCode, String, Option<HeaderValue>)> {
+    let refused = |e: FrontError| {
+        let challenge = match &e {
+            FrontError::Auth(a) => Some(gw.auth.challenge(a, None)),
+            _ => None,
+        };
+        (e.status(), e.to_string(), challenge)
+    };
+    let authority = request_authority(req).map_err(refused)?;
+    check_host_and_origin(&gw.config, authority, req.headers()).map_err(refused)?;
+    let identity = match gw
+        .auth
+        .authenticate(req.headers(), None, certificate_of(req))
+        .await
+    {
+        Ok(i) => i,
+        Err(e) => {
+            audit_refusal(gw, None, &e.to_string());
+            return Err(refused(FrontError::Auth(e)));
+        }
+    };
+    if let Err(e) = check_access(gw, None, identity.as_ref()) {
+        let known = identity.as_ref().map(|i| (i.principal.clone(), ""));
+        audit_refusal(gw, known, &e.to_string());
+        return Err(refused(e));
+    }
+    Ok(())
+}
+
 /// The principal of the request's connection's client certificate, if it has one.
 pub(crate) fn certificate_of<B>(req: &Request<B>) -> Option<&Principal> {
     req.extensions()

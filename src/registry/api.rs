@@ -2,6 +2,8 @@
 //! read ours unchanged: `GET /v0.1/servers` (and `/v0/…`), a server's versions, one version
 //! (or `latest`), the same shapes, CORS.
 
+use std::time::SystemTime;
+
 use base64::Engine;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
@@ -23,9 +25,13 @@ pub fn is_registry_path(path: &str) -> bool {
     PREFIXES.iter().any(|p| path.starts_with(p))
 }
 
-fn cors(mut r: Response<Body>) -> Response<Body> {
+/// CORS headers: any origin may read when reading takes a credential (`anyone`); otherwise
+/// none is named, and a browser keeps other sites from reading the answer.
+fn cors(mut r: Response<Body>, anyone: bool) -> Response<Body> {
     let h = r.headers_mut();
-    h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+    if anyone {
+        h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+    }
     h.insert(
         "access-control-allow-methods",
         HeaderValue::from_static("GET, OPTIONS"),
@@ -38,10 +44,10 @@ fn cors(mut r: Response<Body>) -> Response<Body> {
 }
 
 fn json(status: StatusCode, v: &Value) -> Response<Body> {
-    cors(crate::body::json_response(
+    crate::body::json_response(
         status,
         Bytes::from(serde_json::to_vec(v).expect("JSON serializes")),
-    ))
+    )
 }
 
 /// An error in both shapes registry clients read: `{"error"}` (the API reference) and the
@@ -104,12 +110,15 @@ fn query(raw: Option<&str>) -> Result<Query, String> {
             }
             "search" => q.search = Some(v.into_owned()).filter(|s| !s.is_empty()),
             "updated_since" => {
-                q.updated_since = Some(humantime::parse_rfc3339_weak(&v).map_err(|_| {
+                // Any offset, as RFC 3339 allows (and Go's parser, which the official
+                // registry uses).
+                let t: jiff::Timestamp = v.parse().map_err(|_| {
                     format!("updated_since={v:?}: expected an RFC 3339 time (e.g. 2025-08-07T13:15:04.280Z)")
-                })?)
+                })?;
+                q.updated_since = Some(SystemTime::from(t))
             }
             "version" if v == "latest" => q.latest_only = true,
-            "version" => return Err(format!("version={v:?}: only latest is supported")),
+            "version" => q.version = Some(v.into_owned()),
             "include_deleted" => include_deleted = Some(flag(&v, "include_deleted")?),
             _ => {} // unknown parameters are ignored, as the official registry does
         }
@@ -146,15 +155,26 @@ fn catalog_error(e: CatalogError) -> Response<Body> {
     }
 }
 
-/// Answers a request under one of [`PREFIXES`] (authentication is the caller's).
+/// Answers a request under one of [`PREFIXES`] (authentication is the caller's); `anyone`:
+/// reading takes a credential, so any origin may.
 pub fn serve(
+    catalog: &Catalog,
+    method: &Method,
+    path: &str,
+    raw_query: Option<&str>,
+    anyone: bool,
+) -> Response<Body> {
+    cors(answer(catalog, method, path, raw_query), anyone)
+}
+
+fn answer(
     catalog: &Catalog,
     method: &Method,
     path: &str,
     raw_query: Option<&str>,
 ) -> Response<Body> {
     if method == Method::OPTIONS {
-        let mut r = cors(Response::new(Body::Empty));
+        let mut r = Response::new(Body::Empty);
         *r.status_mut() = StatusCode::NO_CONTENT;
         return r;
     }

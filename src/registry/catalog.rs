@@ -121,6 +121,33 @@ impl Version {
     }
 }
 
+/// What another registry said of a version it served (its official `_meta` block).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Facts {
+    #[serde(default)]
+    status: Option<Status>,
+    #[serde(default)]
+    status_message: Option<String>,
+    #[serde(default, deserialize_with = "time")]
+    published_at: Option<String>,
+    #[serde(default, deserialize_with = "time")]
+    status_changed_at: Option<String>,
+}
+
+/// An RFC 3339 time, written again in UTC.
+fn time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let Some(s) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let t: jiff::Timestamp = s
+        .parse()
+        .map_err(|_| serde::de::Error::custom(format!("{s:?} is not an RFC 3339 time")))?;
+    Ok(Some(
+        humantime::format_rfc3339_millis(SystemTime::from(t)).to_string(),
+    ))
+}
+
 /// What a list asks for (the official registry's query parameters).
 #[derive(Debug, Default, Clone)]
 pub struct Query {
@@ -134,6 +161,8 @@ pub struct Query {
     pub updated_since: Option<SystemTime>,
     /// Only each server's latest version.
     pub latest_only: bool,
+    /// Only this version.
+    pub version: Option<String>,
     /// Deleted versions too.
     pub include_deleted: bool,
 }
@@ -156,21 +185,26 @@ fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-/// Orders versions: semantic versions by precedence, above anything that is not one; among
-/// those, by text.
-fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
-    match (semver::Version::parse(a), semver::Version::parse(b)) {
+/// Orders two versions of a server as the official registry does: semantic versions by
+/// precedence, above anything that is not one; two that are not, by when they were
+/// published (then in the order they came).
+fn version_order(versions: &[Version], a: usize, b: usize) -> std::cmp::Ordering {
+    let (x, y) = (&versions[a], &versions[b]);
+    match (
+        semver::Version::parse(x.version()),
+        semver::Version::parse(y.version()),
+    ) {
         (Ok(x), Ok(y)) => x.cmp(&y),
         (Ok(_), Err(_)) => std::cmp::Ordering::Greater,
         (Err(_), Ok(_)) => std::cmp::Ordering::Less,
-        (Err(_), Err(_)) => a.cmp(b),
+        (Err(_), Err(_)) => x.published_at.cmp(&y.published_at).then(a.cmp(&b)),
     }
 }
 
 /// The index of a server's latest version: the highest, whatever its status (a deleted
 /// latest version is not replaced by an older one, as in the official registry).
 fn latest(versions: &[Version]) -> Option<usize> {
-    (0..versions.len()).max_by(|&a, &b| version_order(versions[a].version(), versions[b].version()))
+    (0..versions.len()).max_by(|&a, &b| version_order(versions, a, b))
 }
 
 impl Catalog {
@@ -197,9 +231,15 @@ impl Catalog {
                 let state: BTreeMap<String, Vec<Version>> =
                     serde_json::from_slice(&bytes).map_err(|e| store_err(&e))?;
                 for (name, versions) in &state {
+                    let mut seen = std::collections::BTreeSet::new();
                     for (i, v) in versions.iter().enumerate() {
                         validate(&v.server)
                             .map_err(|e| store_err(&format!("{name} (entry {i}): {e}")))?;
+                        if v.server["name"] != name.as_str() || !seen.insert(v.version()) {
+                            return Err(store_err(&format!(
+                                "{name} (entry {i}): another server's document, or a version twice"
+                            )));
+                        }
                     }
                 }
                 Ok(Catalog {
@@ -227,9 +267,25 @@ impl Catalog {
             message: e.to_string(),
         };
         let text = serde_json::to_vec_pretty(state).expect("the catalog serializes");
-        let tmp = file.with_extension("tmp");
-        std::fs::write(&tmp, text).map_err(store_err)?;
-        std::fs::rename(&tmp, file).map_err(store_err)
+        let mut tmp = file.clone().into_os_string();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&text)?;
+            // On disk before it replaces the old file: a crash leaves one or the other whole.
+            f.sync_all()?;
+            std::fs::rename(&tmp, file)?;
+            if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            store_err(e)
+        })
     }
 
     fn change<T>(
@@ -277,15 +333,35 @@ impl Catalog {
     /// Adds every document that is new, all or none: each is checked first, and a bad one
     /// refuses the whole import (naming its place in the list). A version already in the
     /// catalog is skipped, unchanged. Returns (published, skipped) as `name@version`.
-    pub fn import(&self, docs: Vec<Value>) -> Result<(Vec<String>, Vec<String>), CatalogError> {
-        for (i, d) in docs.iter().enumerate() {
-            validate(d).map_err(|e| refuse(format!("$[{i}]{}", &e.path[1..]), e.message))?;
+    pub fn import(&self, items: Vec<Value>) -> Result<(Vec<String>, Vec<String>), CatalogError> {
+        // Each item is a document, or a registry answer's `{server, _meta}`, whose official
+        // block (status, dates) is kept.
+        let mut docs = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let (server, facts) = match item {
+                Value::Object(mut o) if o.contains_key("server") => {
+                    let facts = o
+                        .get("_meta")
+                        .and_then(|m| m.get(OFFICIAL_META))
+                        .filter(|f| !f.is_null())
+                        .map(|f| {
+                            serde_json::from_value::<Facts>(f.clone()).map_err(|e| {
+                                refuse(format!("$[{i}]._meta.{OFFICIAL_META}"), e.to_string())
+                            })
+                        })
+                        .transpose()?;
+                    (o.remove("server").unwrap_or_default(), facts)
+                }
+                doc => (doc, None),
+            };
+            validate(&server).map_err(|e| refuse(format!("$[{i}]{}", &e.path[1..]), e.message))?;
+            docs.push((server, facts));
         }
         self.change(|state| {
             let (mut published, mut skipped) = (Vec::new(), Vec::new());
             let mut count: usize = state.values().map(Vec::len).sum();
             let at = now();
-            for server in docs {
+            for (server, facts) in docs {
                 let name = server["name"].as_str().unwrap_or_default().to_string();
                 let version = server["version"].as_str().unwrap_or_default().to_string();
                 let versions = state.entry(name.clone()).or_default();
@@ -297,13 +373,17 @@ impl Catalog {
                     return Err(CatalogError::Full);
                 }
                 count += 1;
+                let facts = facts.unwrap_or_default();
+                let published_at = facts.published_at.unwrap_or_else(|| at.clone());
                 versions.push(Version {
                     server,
-                    status: Status::Active,
-                    status_message: None,
-                    published_at: at.clone(),
+                    status: facts.status.unwrap_or(Status::Active),
+                    status_message: facts.status_message,
+                    status_changed_at: facts
+                        .status_changed_at
+                        .unwrap_or_else(|| published_at.clone()),
+                    published_at,
                     updated_at: at.clone(),
-                    status_changed_at: at.clone(),
                 });
                 published.push(format!("{name}@{version}"));
             }
@@ -395,7 +475,7 @@ impl Catalog {
         let mut order: Vec<usize> = (0..versions.len())
             .filter(|&i| include_deleted || versions[i].status != Status::Deleted)
             .collect();
-        order.sort_by(|&a, &b| version_order(versions[b].version(), versions[a].version()));
+        order.sort_by(|&a, &b| version_order(versions, b, a));
         if order.is_empty() {
             return Err(CatalogError::NotFound);
         }
@@ -431,6 +511,7 @@ impl Catalog {
                 });
                 if updated_since
                     || (q.latest_only && Some(i) != latest)
+                    || q.version.as_deref().is_some_and(|want| want != v.version())
                     || (v.status == Status::Deleted && !q.include_deleted)
                 {
                     continue;
@@ -551,7 +632,7 @@ fn input(v: &Value, path: &str) -> Result<(), DocumentError> {
             return Err(refuse(format!("{path}.choices[{i}]"), "must be a string"));
         }
     }
-    if let Some(vars) = v.get("variables") {
+    if let Some(vars) = v.get("variables").filter(|v| !v.is_null()) {
         for (k, var) in object(vars, &format!("{path}.variables"))? {
             input(var, &format!("{path}.variables.{k}"))?;
         }
@@ -594,10 +675,21 @@ pub fn validate(doc: &Value) -> Result<(), DocumentError> {
     if serde_json::to_vec(doc).map_or(0, |b| b.len()) > MAX_DOCUMENT {
         return Err(refuse("$", format!("larger than {MAX_DOCUMENT} bytes")));
     }
+    // Documents published under an earlier revision of the schema are listed as they are.
     if let Some(schema) = string(doc, "$schema", "$")?
-        && schema != SCHEMA
+        && !(schema
+            .strip_prefix("https://static.modelcontextprotocol.io/schemas/")
+            .and_then(|s| s.strip_suffix("/server.schema.json"))
+            .is_some_and(|date| {
+                date.len() == 10 && date.chars().all(|c| c.is_ascii_digit() || c == '-')
+            }))
     {
-        return Err(refuse("$.$schema", format!("must be {SCHEMA}")));
+        return Err(refuse(
+            "$.$schema",
+            format!(
+                "must be a server.json schema of static.modelcontextprotocol.io, like {SCHEMA}"
+            ),
+        ));
     }
     let name = required(doc, "name", "$")?;
     length(name, 3, 200, "$.name")?;
@@ -640,7 +732,14 @@ pub fn validate(doc: &Value) -> Result<(), DocumentError> {
     if let Some(url) = string(doc, "websiteUrl", "$")? {
         http_url(url, "$.websiteUrl")?;
     }
-    if let Some(repo) = doc.get("repository") {
+    // The official registry has served an empty repository as {}, null or empty strings.
+    let repository = doc.get("repository").filter(|r| {
+        !r.is_null()
+            && !r
+                .as_object()
+                .is_some_and(|o| o.values().all(|v| v.is_null() || v.as_str() == Some("")))
+    });
+    if let Some(repo) = repository {
         object(repo, "$.repository")?;
         http_url(required(repo, "url", "$.repository")?, "$.repository.url")?;
         required(repo, "source", "$.repository")?;
@@ -744,13 +843,13 @@ pub fn validate(doc: &Value) -> Result<(), DocumentError> {
     for (i, remote) in array(doc, "remotes", "$")?.iter().enumerate() {
         let p = format!("$.remotes[{i}]");
         transport(remote, &p, true)?;
-        if let Some(vars) = remote.get("variables") {
+        if let Some(vars) = remote.get("variables").filter(|v| !v.is_null()) {
             for (k, var) in object(vars, &format!("{p}.variables"))? {
                 input(var, &format!("{p}.variables.{k}"))?;
             }
         }
     }
-    if let Some(meta) = doc.get("_meta") {
+    if let Some(meta) = doc.get("_meta").filter(|m| !m.is_null()) {
         object(meta, "$._meta")?;
     }
     Ok(())
