@@ -50,7 +50,14 @@ pub async fn serve_message(
 ) -> Response<Body> {
     match message(&gw, req).await {
         Ok(r) => r,
-        Err(e) => refusal(&gw, e, "POST"),
+        Err(e) => {
+            // Refused before its body was read: the connection cannot carry another request
+            // (a client that reused it would see it closed under its next one).
+            let mut r = refusal(&gw, e, "POST");
+            r.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
     }
 }
 
