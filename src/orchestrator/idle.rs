@@ -6,7 +6,7 @@
 //! call has been in flight for that long. The next [`super::Runtime::wait_ready`] wakes it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -92,8 +92,12 @@ pub struct Usage {
     after: Duration,
     epoch: Instant,
     last_used_ms: AtomicU64,
-    in_flight: AtomicUsize,
-    asleep: AtomicBool,
+    /// Calls in flight, and [`ASLEEP`]: one word, so that a call beginning and the server
+    /// being put to sleep cannot both win.
+    state: AtomicU64,
+    /// Whether the server was stopped for the current sleep (a sleep asked for and then
+    /// called off before the process stopped does not count).
+    stopped: AtomicBool,
     wakes: AtomicU64,
     sleeps: AtomicU64,
     slept_ms: AtomicU64,
@@ -102,6 +106,9 @@ pub struct Usage {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The bit of [`Usage::state`] that says calls must wake the server before using it.
+const ASLEEP: u64 = 1 << 63;
+
 /// A call in flight through a server; dropping it marks the server used now.
 #[derive(Debug)]
 pub struct InUse(Arc<Usage>);
@@ -109,7 +116,7 @@ pub struct InUse(Arc<Usage>);
 impl Drop for InUse {
     fn drop(&mut self) {
         self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.state.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -123,8 +130,8 @@ impl Usage {
             after,
             epoch: Instant::now(),
             last_used_ms: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-            asleep: AtomicBool::new(false),
+            state: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
             wakes: AtomicU64::new(0),
             sleeps: AtomicU64::new(0),
             slept_ms: AtomicU64::new(0),
@@ -140,9 +147,11 @@ impl Usage {
         self.last_used_ms.store(self.now_ms(), Ordering::Release);
     }
 
-    /// Marks a call through the server until the guard drops.
+    /// Marks a call through the server until the guard drops. A call that began before
+    /// [`Usage::try_sleep`] keeps the server awake; one that began after finds it asleep
+    /// ([`Usage::is_asleep`]) and goes through the runtime, which wakes it.
     pub fn begin(self: &Arc<Self>) -> InUse {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.state.fetch_add(1, Ordering::AcqRel);
         self.touch();
         InUse(self.clone())
     }
@@ -169,21 +178,33 @@ impl Usage {
 
     /// Whether it has gone unused for `after`, with no call in flight.
     pub fn is_idle(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) == 0
+        self.state.load(Ordering::Acquire) & !ASLEEP == 0
             && self
                 .now_ms()
                 .saturating_sub(self.last_used_ms.load(Ordering::Acquire))
                 >= u64::try_from(self.after.as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether the runtime has put it to sleep (and not woken it since).
+    /// Whether the runtime has put it to sleep, or is putting it, and has not woken it
+    /// since: a call must go through [`super::Runtime::wait_ready`].
     pub fn is_asleep(&self) -> bool {
-        self.asleep.load(Ordering::Acquire)
+        self.state.load(Ordering::Acquire) & ASLEEP != 0
+    }
+
+    /// Marks it asleep if it is idle and no call is in flight; false if a call holds it
+    /// (called by the backend before it stops the server).
+    pub fn try_sleep(&self) -> bool {
+        self.is_idle()
+            && self
+                .state
+                .compare_exchange(0, ASLEEP, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
     }
 
     /// The runtime stopped the server (called by the backend).
     pub fn fell_asleep(&self) {
-        if !self.asleep.swap(true, Ordering::AcqRel) {
+        self.state.fetch_or(ASLEEP, Ordering::AcqRel);
+        if !self.stopped.swap(true, Ordering::AcqRel) {
             self.asleep_since_ms.store(self.now_ms(), Ordering::Release);
             self.sleeps.fetch_add(1, Ordering::AcqRel);
         }
@@ -193,7 +214,8 @@ impl Usage {
     /// as a use, so the server is not put back to sleep before the waker's call.
     pub fn woke(&self) {
         self.touch();
-        if self.asleep.swap(false, Ordering::AcqRel) {
+        self.state.fetch_and(!ASLEEP, Ordering::AcqRel);
+        if self.stopped.swap(false, Ordering::AcqRel) {
             self.wakes.fetch_add(1, Ordering::Relaxed);
             let slept = self
                 .now_ms()
@@ -210,7 +232,7 @@ impl Usage {
     /// Time spent asleep so far, including the current sleep.
     pub fn time_asleep(&self) -> Duration {
         let mut ms = self.slept_ms.load(Ordering::Relaxed);
-        if self.is_asleep() {
+        if self.stopped.load(Ordering::Acquire) {
             ms += self
                 .now_ms()
                 .saturating_sub(self.asleep_since_ms.load(Ordering::Acquire));
@@ -272,5 +294,37 @@ mod tests {
         assert_eq!(u.wakes(), 1);
         u.woke();
         assert_eq!(u.wakes(), 1, "a wake of an awake server is not counted");
+    }
+
+    #[test]
+    fn a_call_and_a_sleep_cannot_both_win() {
+        let u = Usage::new(Duration::ZERO, 1);
+        let call = u.begin();
+        assert!(!u.try_sleep(), "a call in flight");
+        drop(call);
+        assert!(u.try_sleep());
+        assert!(u.is_asleep(), "the next call wakes it");
+        assert!(!u.try_sleep(), "already asleep");
+        let call = u.begin();
+        assert!(
+            u.is_asleep(),
+            "a call that began after the sleep still sees it"
+        );
+        u.woke();
+        assert!(
+            !u.is_asleep() && !u.is_idle(),
+            "woken, the call still in flight"
+        );
+        assert_eq!(
+            (u.sleeps(), u.wakes()),
+            (0, 0),
+            "called off before it stopped"
+        );
+        drop(call);
+        assert!(u.try_sleep());
+        u.fell_asleep();
+        assert_eq!(u.sleeps(), 1);
+        u.woke();
+        assert_eq!(u.wakes(), 1);
     }
 }

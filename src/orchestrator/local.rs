@@ -297,11 +297,16 @@ impl Runtime for LocalRuntime {
         async move {
             let sup = self.get(name)?;
             let mut rx = sup.status.subscribe();
-            if sup.asleep.send_if_modified(|a| std::mem::replace(a, false))
-                && let Some(u) = &sup.usage
-            {
+            // Under the lock of `rest`: a sleep not yet carried out is called off (the
+            // process keeps running), one carried out already is undone by a new process.
+            let woke = sup.rest.send_if_modified(|rest| {
+                if let Some(u) = &sup.usage {
+                    u.woke();
+                }
+                std::mem::replace(rest, Rest::Awake) != Rest::Awake
+            });
+            if woke {
                 tracing::info!(server = name, "waking: a call needs it");
-                u.woke();
             }
             let start_restarts = rx.borrow().restarts;
             let crashloop = self.settings.crashloop_after;
@@ -358,20 +363,27 @@ impl Runtime for LocalRuntime {
         async move {
             let _lock = self.lock(name).await;
             let sup = self.get(name)?;
-            // A call may have begun since the sweeper looked.
-            if sup.usage.as_ref().is_some_and(|u| !u.is_idle()) {
+            let mut slept = sup.slept.subscribe();
+            let before = *slept.borrow_and_update();
+            // A call may have begun since the sweeper looked: then it holds the server.
+            let asked = sup.rest.send_if_modified(|rest| {
+                let asked =
+                    *rest == Rest::Awake && sup.usage.as_ref().is_some_and(|u| u.try_sleep());
+                if asked {
+                    *rest = Rest::Asked;
+                }
+                asked
+            });
+            if !asked {
                 return Ok(());
             }
-            let mut slept = sup.slept.subscribe();
-            let mut woken = sup.asleep.subscribe();
-            let before = *slept.borrow_and_update();
-            sup.asleep.send_replace(true);
+            let mut woken = sup.rest.subscribe();
             // Done once the process is gone (or the server removed), or when a call woke it
             // before it was; bounded, since this holds the name's lock.
             let settled = async {
                 tokio::select! {
                     _ = slept.wait_for(|n| *n != before) => {}
-                    _ = woken.wait_for(|a| !*a) => {}
+                    _ = woken.wait_for(|r| *r == Rest::Awake) => {}
                 }
             };
             let bound = self.settings.stop_grace * 3 + Duration::from_secs(5);
@@ -419,7 +431,7 @@ impl Runtime for LocalRuntime {
             let _lock = self.lock(name).await;
             let sup = self.get(name)?;
             // A sleeping server has no process to restart; the next call starts a fresh one.
-            if !*sup.asleep.borrow() {
+            if *sup.rest.borrow() != Rest::Asleep {
                 sup.restart.notify_one();
             }
             Ok(())
@@ -623,8 +635,8 @@ struct Supervised {
     io: Mutex<Option<ProcIo>>,
     restart: Notify,
     stop_tx: watch::Sender<bool>,
-    /// Asked to sleep (true) or to wake (false).
-    asleep: watch::Sender<bool>,
+    /// Where its sleep stands; changed only under this channel's lock, with [`Usage`].
+    rest: watch::Sender<Rest>,
     /// How it is used, when it may sleep while idle.
     usage: Option<Arc<Usage>>,
     /// Counts the times its process was stopped for sleep (and closes when it is removed).
@@ -640,7 +652,7 @@ impl Supervised {
         let usage = super::idle::after_of(server.spec.idle.as_ref(), settings.idle_after)
             .map(|after| Usage::new(after, super::idle::fingerprint(&server.spec)));
         let sup = Arc::new(Supervised {
-            asleep: watch::Sender::new(false),
+            rest: watch::Sender::new(Rest::Awake),
             usage,
             slept: watch::Sender::new(0),
             secret_files,
@@ -688,6 +700,41 @@ impl Supervised {
     }
 }
 
+/// Where a server's sleep stands.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Rest {
+    Awake,
+    /// Asked to sleep; the supervisor has not stopped the process yet, and a call may still
+    /// call it off.
+    Asked,
+    /// The process is stopped, or being stopped: a call waits for the next one.
+    Asleep,
+}
+
+/// Carries out a sleep that is still asked for: from here a waker waits for a new process.
+fn commit_sleep(sup: &Supervised) -> bool {
+    sup.rest.send_if_modified(|rest| {
+        if *rest != Rest::Asked {
+            return false;
+        }
+        *rest = Rest::Asleep;
+        if let Some(u) = &sup.usage {
+            u.fell_asleep();
+        }
+        sup.update(|s| {
+            s.set_phase(Phase::Asleep);
+            s.message = Some("idle: stopped until the next call".into());
+        });
+        true
+    })
+}
+
+/// Returns once a sleep is asked for, the channel's lock released (the value `wait_for`
+/// returns holds it, and a select arm keeps it until the arm's end).
+async fn asked(rx: &mut watch::Receiver<Rest>) {
+    let _ = rx.wait_for(|r| *r == Rest::Asked).await;
+}
+
 enum RunEnd {
     Exited(String),
     Restart,
@@ -697,24 +744,24 @@ enum RunEnd {
 
 async fn supervise(sup: Arc<Supervised>, settings: Arc<LocalSettings>) {
     let mut stop_rx = sup.stop_tx.subscribe();
-    let mut asleep_rx = sup.asleep.subscribe();
+    let mut rest_rx = sup.rest.subscribe();
     let mut attempt: u32 = 0;
     let mut failures: u32 = 0;
     loop {
         if *stop_rx.borrow() {
             break;
         }
-        if *asleep_rx.borrow_and_update() {
-            sup.update(|s| {
-                s.set_phase(Phase::Asleep);
-                s.message = Some("idle: stopped until the next call".into());
-            });
-            if let Some(u) = &sup.usage {
-                u.fell_asleep();
-            }
+        // Copied out: the borrow must not be held while commit_sleep takes the lock.
+        let rest = *rest_rx.borrow_and_update();
+        let resting = match rest {
+            Rest::Awake => false,
+            Rest::Asked => commit_sleep(&sup),
+            Rest::Asleep => true,
+        };
+        if resting {
             sup.slept.send_modify(|n| *n += 1);
             tokio::select! {
-                _ = asleep_rx.wait_for(|a| !*a) => {}
+                _ = rest_rx.wait_for(|r| *r == Rest::Awake) => {}
                 _ = stop_rx.wait_for(|s| *s) => break,
             }
             attempt = 0;
@@ -816,7 +863,7 @@ async fn supervise(sup: Arc<Supervised>, settings: Arc<LocalSettings>) {
         tokio::select! {
             _ = wait => {}
             _ = sup.restart.notified() => { attempt = 0; failures = 0; }
-            _ = asleep_rx.wait_for(|a| *a) => {}
+            _ = asked(&mut rest_rx) => {}
             _ = stop_rx.wait_for(|s| *s) => break,
         }
     }
@@ -868,7 +915,7 @@ async fn run(
     settings: &LocalSettings,
     stop_rx: &mut watch::Receiver<bool>,
 ) -> RunEnd {
-    let mut asleep_rx = sup.asleep.subscribe();
+    let mut rest_rx = sup.rest.subscribe();
     let child = &mut proc.child;
     let pid = child.id();
     tracing::debug!(server = %sup.server.name, ?pid, "started local MCP server");
@@ -907,23 +954,22 @@ async fn run(
             None => std::future::pending::<()>().await,
         }
     };
-    let end = tokio::select! {
-        status = child.wait() => RunEnd::Exited(match status {
-            Ok(s) => format!("process exited ({s})"),
-            Err(e) => format!("process wait failed: {e}"),
-        }),
-        _ = probe => unreachable!("the probe never finishes"),
-        _ = sup.restart.notified() => RunEnd::Restart,
-        _ = asleep_rx.wait_for(|a| *a) => {
-            // Not Ready from here on: a waker must wait for the next process, and a listing
-            // already answers from what it last listed.
-            if let Some(u) = &sup.usage {
-                u.fell_asleep();
-            }
-            sup.update(|s| s.set_phase(Phase::Asleep));
-            RunEnd::Sleep
+    tokio::pin!(probe);
+    let end = loop {
+        tokio::select! {
+            status = child.wait() => break RunEnd::Exited(match status {
+                Ok(s) => format!("process exited ({s})"),
+                Err(e) => format!("process wait failed: {e}"),
+            }),
+            _ = &mut probe => unreachable!("the probe never finishes"),
+            _ = sup.restart.notified() => break RunEnd::Restart,
+            // Not Ready once committed: a waker waits for the next process. A call that
+            // called the sleep off first keeps this one.
+            _ = asked(&mut rest_rx) => if commit_sleep(sup) {
+                break RunEnd::Sleep;
+            },
+            _ = stop_rx.wait_for(|s| *s) => break RunEnd::Stop,
         }
-        _ = stop_rx.wait_for(|s| *s) => RunEnd::Stop,
     };
     if matches!(end, RunEnd::Exited(_)) {
         // The leader is gone; what it started goes with it.

@@ -283,13 +283,15 @@ impl Link {
         if let Some(u) = &usage
             && (u.is_asleep() || u.sleeps() != self.connected_sleeps.load(Ordering::Acquire))
         {
-            // The server slept since this link connected: its HTTP session went with it (and
-            // on Kubernetes its address), whatever the connection looks like; the next one
-            // goes through the orchestrator, which wakes it.
+            // The server sleeps, or slept since this link connected: its process is gone or
+            // going, with any HTTP session (and on Kubernetes its address), whatever the
+            // connection looks like. The next connection goes through the orchestrator,
+            // which wakes it. A process of this link's own does not sleep.
+            let shared = self.is_shared();
             let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
             if current
                 .as_ref()
-                .is_some_and(|c| matches!(&**c, Connection::Http(_)))
+                .is_some_and(|c| shared || matches!(&**c, Connection::Http(_)))
             {
                 *current = None;
             }
@@ -494,7 +496,9 @@ impl Link {
                             }
                         };
                         let private = sharing == Sharing::PerPrincipal;
-                        let (conn, result) = shared.connect(server, &endpoint, private).await?;
+                        let sleeps = o.runtime.usage(&server.name).map_or(0, |u| u.sleeps());
+                        let (conn, result) =
+                            shared.connect(server, &endpoint, private, sleeps).await?;
                         *self.init_result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
                         return Ok(conn);
                     }

@@ -48,7 +48,7 @@ pub enum Subscription {
 
 /// The shared upstream session of one orchestrated stdio server.
 pub struct SharedConnection {
-    current: tokio::sync::Mutex<Option<(Arc<Connection>, Bytes)>>,
+    current: tokio::sync::Mutex<Option<(Arc<Connection>, Bytes, u64)>>,
     members: Arc<Mutex<Members>>,
     next_member: AtomicU64,
 }
@@ -136,20 +136,23 @@ impl SharedConnection {
     /// first when there is none (first use, or the process was restarted).
     ///
     /// `private`: the connection is to a process of its own (`per-principal`), not to the
-    /// server's one process.
+    /// server's one process. `sleeps`: times the server has slept; a connection from before
+    /// the last sleep is to a process that is gone or going, however alive it looks.
     pub async fn connect(
         &self,
         server: &Arc<Server>,
         endpoint: &StdioEndpoint,
         private: bool,
+        sleeps: u64,
     ) -> Result<(Arc<Connection>, Bytes), UpstreamError> {
         let mut current = self.current.lock().await;
-        if let Some((conn, result)) = current.as_ref()
+        if let Some((conn, result, made)) = current.as_ref()
             && conn.is_alive()
+            && (*made == sleeps || private)
         {
             return Ok((conn.clone(), result.clone()));
         }
-        if let Some((old, _)) = current.take() {
+        if let Some((old, _, _)) = current.take() {
             old.shutdown().await;
         }
         let stream = if private {
@@ -176,7 +179,7 @@ impl SharedConnection {
         *lock(&all_members.conn) = Arc::downgrade(&conn);
         let result = initialize(&conn, &init_params(), server.config.connect_timeout).await?;
         tracing::info!(server = %server.name, endpoint = %endpoint.describe(), "initialized the shared session");
-        *current = Some((conn.clone(), result.clone()));
+        *current = Some((conn.clone(), result.clone(), sleeps));
         Ok((conn, result))
     }
 
@@ -197,7 +200,7 @@ impl SharedConnection {
 
     /// Closes the attachment (the server was removed, or the gateway stops).
     pub async fn close(&self) {
-        if let Some((conn, _)) = self.current.lock().await.take() {
+        if let Some((conn, _, _)) = self.current.lock().await.take() {
             conn.shutdown().await;
         }
     }
