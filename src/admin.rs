@@ -65,6 +65,8 @@ enum AdminError {
     Approve(#[from] crate::pins::ApproveError),
     #[error("the registry is off: registry.enabled is false")]
     RegistryOff,
+    #[error("a server named {0:?} runs already: uninstall it, or install under another name")]
+    Installed(String),
     #[error(transparent)]
     Catalog(#[from] crate::registry::CatalogError),
 }
@@ -95,7 +97,7 @@ impl AdminError {
             AdminError::Body(FrontError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             AdminError::Body(FrontError::BodyTimeout) => StatusCode::REQUEST_TIMEOUT,
             AdminError::Body(_) | AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
-            AdminError::Configured(_) => StatusCode::CONFLICT,
+            AdminError::Configured(_) | AdminError::Installed(_) => StatusCode::CONFLICT,
             AdminError::Orchestrator(e) => match e {
                 OrchestratorError::NotFound(_) | OrchestratorError::Removed(_) => {
                     StatusCode::NOT_FOUND
@@ -254,6 +256,10 @@ async fn handle(
                 allow: "GET, PUT, DELETE",
             }),
         },
+        ["registry", "install"] => {
+            allow(&method, &[Method::POST], "POST")?;
+            install(gw, &*runtime, req, who).await
+        }
         ["servers", name, "restart"] => {
             allow(&method, &[Method::POST], "POST")?;
             runtime.restart(name).await?;
@@ -491,6 +497,68 @@ async fn put(
         StatusCode::CREATED
     };
     Ok(json(code, &view(gw, runtime, name.to_owned(), status)))
+}
+
+/// Installs a catalog entry: its package, with the installer's values, becomes a server
+/// the orchestrator runs (see `registry::install`). Refused, with nothing changed, when the
+/// entry or a value is wrong, the version is deprecated, or the name is taken.
+async fn install(
+    gw: &Arc<Gateway>,
+    runtime: &dyn Runtime,
+    req: Request<hyper::body::Incoming>,
+    who: &str,
+) -> Result<Response<Body>, AdminError> {
+    use crate::registry::install;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Install {
+        /// The entry's name (`io.github.x/y`).
+        entry: String,
+        /// Its version (default `latest`).
+        #[serde(default)]
+        version: Option<String>,
+        /// The server's name behind the gateway.
+        #[serde(default)]
+        name: Option<String>,
+        /// Which of the entry's packages.
+        #[serde(default)]
+        package: Option<usize>,
+        /// Values of its environment variables.
+        #[serde(default)]
+        values: std::collections::BTreeMap<String, String>,
+    }
+    let Some(catalog) = gw.registry.get().cloned() else {
+        return Err(AdminError::RegistryOff);
+    };
+    let body = json_body(gw, req).await?;
+    let ask: Install =
+        serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
+    let version = ask.version.as_deref().unwrap_or("latest");
+    let (server, meta) = catalog.version(&ask.entry, version, false)?;
+    let official = &meta[crate::registry::catalog::OFFICIAL_META];
+    if official["status"] == "deprecated" {
+        return Err(AdminError::Invalid(format!(
+            "{} {} is deprecated{}; install another version",
+            ask.entry,
+            server["version"].as_str().unwrap_or_default(),
+            official["statusMessage"]
+                .as_str()
+                .map(|m| format!(" ({m})"))
+                .unwrap_or_default()
+        )));
+    }
+    let request = install::Request {
+        name: ask.name,
+        package: ask.package,
+        values: ask.values,
+    };
+    let def = install::plan(&server, &request, &install::Runners::default())
+        .map_err(|e| AdminError::Invalid(e.to_string()))?;
+    if runtime.status(&def.name).await.is_ok() {
+        return Err(AdminError::Installed(def.name));
+    }
+    tracing::info!(server = %def.name, entry = %ask.entry, version = %server["version"], by = who, "installing a registry entry");
+    put(gw, runtime, &def.name, def.spec, who).await
 }
 
 async fn spec_of(

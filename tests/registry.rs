@@ -489,3 +489,76 @@ async fn operators_import_replace_deprecate_and_delete_through_the_admin_api() {
     assert_eq!(versions, ["0.6.2", "0.6.3", "1.0.0"], "{changed}");
     gw.stop().await;
 }
+
+/// Installing an entry makes a server of it; a wrong request changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installing_an_entry_defines_a_server_and_bad_installs_change_nothing() {
+    use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
+    let config = gatehouse::Config::from_yaml(&format!(
+        "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}"
+    ))
+    .unwrap();
+    let runtime: std::sync::Arc<dyn gatehouse::orchestrator::Runtime> =
+        std::sync::Arc::new(LocalRuntime::new(LocalSettings::default()));
+    let running = gatehouse::start_with(config, Some(runtime.clone()))
+        .await
+        .unwrap();
+    let addr = running.listening.local_addr;
+    let post = |body: Value| async move {
+        admin_request(
+            addr,
+            Some(ADMIN),
+            "POST",
+            "/admin/v1/registry/install",
+            Some(body),
+        )
+        .await
+    };
+    for (body, status, needle) in [
+        (json!({"entry": "io.example/none"}), 404, "not found"),
+        (
+            json!({"entry": "io.github.modelcontextprotocol/server-fetch", "values": {"NOPE": "x"}}),
+            400,
+            "values.NOPE",
+        ),
+        (
+            json!({"entry": "io.github.modelcontextprotocol/server-fetch", "package": 3}),
+            400,
+            "package",
+        ),
+        (
+            json!({"entry": "io.github.modelcontextprotocol/server-fetch", "name": "Bad Name"}),
+            400,
+            "name",
+        ),
+        (
+            json!({"entry": "io.github.modelcontextprotocol/server-fetch", "surprise": 1}),
+            400,
+            "surprise",
+        ),
+    ] {
+        let r = post(body.clone()).await;
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+        assert!(r.body.contains(needle), "{body}: {}", r.body);
+    }
+    assert!(runtime.list().await.is_empty(), "nothing half-installed");
+
+    // A PyPI entry becomes a `uvx` server under its short name.
+    let r = post(json!({"entry": "io.github.modelcontextprotocol/server-fetch"})).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["name"], "server-fetch", "{}", r.body);
+    let again = post(json!({"entry": "io.github.modelcontextprotocol/server-fetch"})).await;
+    assert_eq!(again.status, 409, "{}", again.body);
+    assert!(runtime.status("server-fetch").await.is_ok());
+    let gone = admin_request(
+        addr,
+        Some(ADMIN),
+        "DELETE",
+        "/admin/v1/servers/server-fetch",
+        None,
+    )
+    .await;
+    assert_eq!(gone.status, 204);
+    assert!(runtime.status("server-fetch").await.is_err());
+    running.shutdown().await;
+}

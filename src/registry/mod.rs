@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod catalog;
+pub mod install;
 
 use std::path::PathBuf;
 

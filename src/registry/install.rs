@@ -1,0 +1,449 @@
+//! What installing a catalog entry runs: a `server.json` package and the installer's values,
+//! turned into a server definition for the orchestrator (a pure function; the admin API
+//! applies it).
+//!
+//! - npm packages run with `npx -y {identifier}@{version}`, PyPI packages with
+//!   `uvx {identifier}=={version}`, each in the operator's image for that runtime on
+//!   Kubernetes; OCI packages are the pod's image.
+//! - `packageArguments` follow; `runtimeArguments` (flags of npx, uvx or docker) are not
+//!   passed: the gateway decides how a server runs.
+//! - Environment variables take the installer's value, else their default; a required one
+//!   without either refuses the install; `isSecret` ones become secrets (kept in the
+//!   orchestrator's secret store, never in the definition's plain environment); `choices`
+//!   are enforced.
+//! - A streamable-http package's URL template (`http://localhost:{PORT}/mcp`) gives the port
+//!   and path.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::orchestrator::spec::{
+    EnvVarSpec, McpServerSpec, ServerDef, TransportKind, TransportSpec,
+};
+
+/// An install refused: `field` names what is at fault (`values.API_KEY`, `$.packages[0]`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InstallError {
+    /// What is at fault.
+    pub field: String,
+    /// Why.
+    pub message: String,
+}
+
+fn refuse(field: impl Into<String>, message: impl Into<String>) -> InstallError {
+    InstallError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Images that run a package manager's packages on Kubernetes.
+#[derive(Debug, Clone)]
+pub struct Runners {
+    /// Image with Node.js and npx.
+    pub npm_image: String,
+    /// Image with uv and uvx.
+    pub pypi_image: String,
+}
+
+impl Default for Runners {
+    fn default() -> Self {
+        Runners {
+            npm_image: "node:22-alpine".into(),
+            pypi_image: "ghcr.io/astral-sh/uv:python3.12-alpine".into(),
+        }
+    }
+}
+
+/// What the installer asks for.
+#[derive(Debug, Default, Clone)]
+pub struct Request {
+    /// The server's name behind the gateway (a DNS label; default: from the entry's name).
+    pub name: Option<String>,
+    /// Which package of the entry (default: the first one the gateway can run).
+    pub package: Option<usize>,
+    /// Values of the package's environment variables, by name.
+    pub values: BTreeMap<String, String>,
+}
+
+/// The server name an entry gets by default: the part after the `/`, lowercased, with
+/// anything but letters, digits and `-` turned into `-` (`io.github.x/server-fetch` →
+/// `server-fetch`).
+pub fn default_name(entry_name: &str) -> String {
+    let tail = entry_name.rsplit('/').next().unwrap_or(entry_name);
+    let mut out: String = tail
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    out = out.trim_matches('-').to_string();
+    if !out.starts_with(|c: char| c.is_ascii_lowercase()) {
+        out.insert_str(0, "mcp-");
+    }
+    out.truncate(crate::orchestrator::spec::MAX_NAME_LEN);
+    out.trim_end_matches('-').to_string()
+}
+
+fn runnable(pkg: &Value) -> bool {
+    matches!(pkg["registryType"].as_str(), Some("npm" | "pypi" | "oci"))
+}
+
+/// The definition that installs `server` (a validated `server.json`) as `request` asks.
+pub fn plan(
+    server: &Value,
+    request: &Request,
+    runners: &Runners,
+) -> Result<ServerDef, InstallError> {
+    let packages = server["packages"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let index = match request.package {
+        Some(i) if i < packages.len() => i,
+        Some(i) => return Err(refuse("package", format!("the entry has no package {i}"))),
+        None => packages.iter().position(runnable).ok_or_else(|| {
+            let what = if server["remotes"].as_array().is_some_and(|r| !r.is_empty()) {
+                "the entry has only remotes, which are reached, not installed"
+            } else {
+                "the entry has no npm, PyPI or OCI package"
+            };
+            refuse("package", what)
+        })?,
+    };
+    let path = format!("$.packages[{index}]");
+    let pkg = &packages[index];
+    let identifier = pkg["identifier"].as_str().unwrap_or_default();
+    let version = pkg["version"].as_str();
+    let (image, command, mut args) = match pkg["registryType"].as_str() {
+        Some("npm") => (
+            Some(runners.npm_image.clone()),
+            Some("npx".to_string()),
+            vec![
+                "-y".to_string(),
+                match version {
+                    Some(v) => format!("{identifier}@{v}"),
+                    None => identifier.to_string(),
+                },
+            ],
+        ),
+        Some("pypi") => (
+            Some(runners.pypi_image.clone()),
+            Some("uvx".to_string()),
+            vec![match version {
+                Some(v) => format!("{identifier}=={v}"),
+                None => identifier.to_string(),
+            }],
+        ),
+        Some("oci") => (
+            Some(match version {
+                Some(v) if !identifier.contains('@') && !tag_of(identifier) => {
+                    format!("{identifier}:{v}")
+                }
+                _ => identifier.to_string(),
+            }),
+            None,
+            Vec::new(),
+        ),
+        other => {
+            return Err(refuse(
+                format!("{path}.registryType"),
+                format!("{other:?} packages cannot be installed (npm, pypi and oci can)"),
+            ));
+        }
+    };
+
+    // Environment: the installer's values, else the defaults; what is secret stays secret.
+    let declared = pkg["environmentVariables"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for name in request.values.keys() {
+        if !declared.iter().any(|e| e["name"] == name.as_str()) {
+            return Err(refuse(
+                format!("values.{name}"),
+                "the package declares no such variable",
+            ));
+        }
+    }
+    let mut env = Vec::new();
+    let mut known: BTreeMap<String, String> = BTreeMap::new();
+    for var in declared {
+        let name = var["name"].as_str().unwrap_or_default();
+        let given = request.values.get(name).cloned();
+        let value = given
+            .clone()
+            .or_else(|| var["value"].as_str().map(str::to_string))
+            .or_else(|| var["default"].as_str().map(str::to_string));
+        let Some(value) = value else {
+            if var["isRequired"] == true {
+                return Err(refuse(format!("values.{name}"), "is required"));
+            }
+            continue;
+        };
+        if let Some(choices) = var["choices"].as_array()
+            && !choices.iter().any(|c| c == value.as_str())
+        {
+            return Err(refuse(
+                format!("values.{name}"),
+                format!(
+                    "must be one of {}",
+                    serde_json::to_string(choices).unwrap_or_default()
+                ),
+            ));
+        }
+        if value.contains('\0') {
+            return Err(refuse(
+                format!("values.{name}"),
+                "must not contain a NUL byte",
+            ));
+        }
+        known.insert(name.to_string(), value.clone());
+        let secret = var["isSecret"] == true;
+        env.push(EnvVarSpec {
+            name: name.to_string(),
+            value: (!secret).then(|| value.clone()),
+            secret_value: secret.then_some(value),
+            ..EnvVarSpec::default()
+        });
+    }
+
+    // Arguments: fixed values, or the installer's values of variables they name.
+    for (j, arg) in pkg["packageArguments"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let apath = format!("{path}.packageArguments[{j}]");
+        let value = arg["value"]
+            .as_str()
+            .map(|v| substitute(v, &known))
+            .or_else(|| arg["default"].as_str().map(str::to_string));
+        match (arg["type"].as_str(), value) {
+            (Some("named"), Some(v)) => {
+                args.push(arg["name"].as_str().unwrap_or_default().to_string());
+                args.push(v);
+            }
+            (Some("named"), None) if arg["isRequired"] != true => {
+                args.push(arg["name"].as_str().unwrap_or_default().to_string());
+            }
+            (_, Some(v)) => args.push(v),
+            (_, None) if arg["isRequired"] == true => {
+                return Err(refuse(apath, "a required argument has no value"));
+            }
+            (_, None) => {}
+        }
+    }
+
+    let transport = match pkg["transport"]["type"].as_str() {
+        Some("streamable-http") => {
+            let url = substitute(pkg["transport"]["url"].as_str().unwrap_or_default(), &known);
+            let (port, http_path) = port_and_path(&url).ok_or_else(|| {
+                refuse(
+                    format!("{path}.transport.url"),
+                    format!("{url:?} does not name a local port the server listens on"),
+                )
+            })?;
+            TransportSpec {
+                kind: TransportKind::StreamableHttp,
+                port: Some(port),
+                path: Some(http_path),
+            }
+        }
+        Some("stdio") | None => TransportSpec::default(),
+        Some(other) => {
+            return Err(refuse(
+                format!("{path}.transport.type"),
+                format!("{other:?}: the gateway runs stdio and streamable-http servers"),
+            ));
+        }
+    };
+
+    let name = match &request.name {
+        Some(n) => n.clone(),
+        None => default_name(server["name"].as_str().unwrap_or_default()),
+    };
+    Ok(ServerDef {
+        name,
+        spec: McpServerSpec {
+            image,
+            command,
+            args,
+            transport,
+            env,
+            ..McpServerSpec::default()
+        },
+    })
+}
+
+/// Whether an image reference names a tag (a `:` after the last `/`).
+fn tag_of(image: &str) -> bool {
+    image
+        .rsplit('/')
+        .next()
+        .is_some_and(|last| last.contains(':'))
+}
+
+/// Replaces `{NAME}` with known values (unknown ones stay as written).
+fn substitute(template: &str, known: &BTreeMap<String, String>) -> String {
+    let mut out = template.to_string();
+    for (k, v) in known {
+        out = out.replace(&format!("{{{k}}}"), v);
+    }
+    out
+}
+
+/// The port and path of a local URL (`http://localhost:3001/mcp` → 3001, `/mcp`).
+fn port_and_path(url: &str) -> Option<(u16, String)> {
+    let rest = url.strip_prefix("http://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].to_string()),
+        None => (rest, "/".to_string()),
+    };
+    let (_, port) = authority.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    Some((port, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn everything() -> Value {
+        super::super::default_documents()
+            .into_iter()
+            .find(|d| d["name"] == "io.github.modelcontextprotocol/server-everything")
+            .unwrap()
+    }
+
+    fn with_http(mut doc: Value) -> Value {
+        doc["packages"].as_array_mut().unwrap().push(json!({
+            "registryType": "npm", "identifier": "@modelcontextprotocol/server-everything",
+            "version": "2.0.0", "runtimeHint": "npx",
+            "packageArguments": [{"type": "positional", "value": "streamableHttp", "valueHint": "transport"}],
+            "environmentVariables": [
+                {"name": "PORT", "description": "Port the local HTTP server binds to.", "default": "3001"},
+                {"name": "API_KEY", "isSecret": true, "isRequired": true},
+                {"name": "MODE", "choices": ["fast", "safe"], "default": "safe"}
+            ],
+            "transport": {"type": "streamable-http", "url": "http://localhost:{PORT}/mcp"}
+        }));
+        doc
+    }
+
+    #[test]
+    fn npm_pypi_and_oci_packages_become_definitions_that_resolve() {
+        let def = plan(&everything(), &Request::default(), &Runners::default()).unwrap();
+        assert_eq!(def.name, "server-everything");
+        assert_eq!(def.spec.command.as_deref(), Some("npx"));
+        assert_eq!(
+            def.spec.args,
+            [
+                "-y",
+                "@modelcontextprotocol/server-everything@2.0.0",
+                "stdio"
+            ]
+        );
+        assert_eq!(def.spec.image.as_deref(), Some("node:22-alpine"));
+        assert!(def.resolve_declared().is_ok(), "an admin-API definition");
+
+        let docs = super::super::default_documents();
+        let fetch = docs
+            .iter()
+            .find(|d| d["name"] == "io.github.modelcontextprotocol/server-fetch")
+            .unwrap();
+        let def = plan(fetch, &Request::default(), &Runners::default()).unwrap();
+        assert_eq!(
+            (def.spec.command.as_deref(), def.spec.args.as_slice()),
+            (Some("uvx"), &["mcp-server-fetch==0.6.3".to_string()][..])
+        );
+        assert!(def.resolve_declared().is_ok());
+
+        let example = docs
+            .iter()
+            .find(|d| d["name"] == "dev.gatehouse/example-server")
+            .unwrap();
+        let def = plan(example, &Request::default(), &Runners::default()).unwrap();
+        assert_eq!(def.spec.image.as_deref(), Some("gatehouse:0.1.0"));
+        assert_eq!(def.spec.command, None);
+        assert_eq!(def.spec.args, ["example-server"]);
+        assert_eq!(def.name, "example-server");
+    }
+
+    #[test]
+    fn values_are_checked_and_secrets_stay_secret() {
+        let doc = with_http(everything());
+        let req = |values: &[(&str, &str)]| Request {
+            package: Some(1),
+            values: values
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Request::default()
+        };
+        let r = Runners::default();
+        assert_eq!(
+            plan(&doc, &req(&[]), &r).unwrap_err().field,
+            "values.API_KEY"
+        );
+        assert_eq!(
+            plan(&doc, &req(&[("API_KEY", "k"), ("MODE", "reckless")]), &r)
+                .unwrap_err()
+                .field,
+            "values.MODE"
+        );
+        assert_eq!(
+            plan(&doc, &req(&[("API_KEY", "k"), ("NOPE", "x")]), &r)
+                .unwrap_err()
+                .field,
+            "values.NOPE"
+        );
+        let def = plan(&doc, &req(&[("API_KEY", "s3cret"), ("PORT", "4100")]), &r).unwrap();
+        assert_eq!(def.spec.transport.kind, TransportKind::StreamableHttp);
+        assert_eq!(def.spec.transport.port, Some(4100));
+        assert_eq!(def.spec.transport.path.as_deref(), Some("/mcp"));
+        let key = def.spec.env.iter().find(|e| e.name == "API_KEY").unwrap();
+        assert_eq!(
+            (key.value.as_deref(), key.secret_value.as_deref()),
+            (None, Some("s3cret"))
+        );
+        let mode = def.spec.env.iter().find(|e| e.name == "MODE").unwrap();
+        assert_eq!(mode.value.as_deref(), Some("safe"), "the default");
+        assert!(def.resolve_declared().is_ok());
+        assert_eq!(
+            plan(
+                &doc,
+                &Request {
+                    package: Some(9),
+                    ..Request::default()
+                },
+                &r
+            )
+            .unwrap_err()
+            .field,
+            "package"
+        );
+    }
+
+    #[test]
+    fn remote_only_entries_and_odd_names() {
+        let remote = json!({"name": "com.example/remote", "description": "r", "version": "1.0.0",
+            "remotes": [{"type": "sse", "url": "https://x.example/sse"}]});
+        let e = plan(&remote, &Request::default(), &Runners::default()).unwrap_err();
+        assert!(e.message.contains("remotes"), "{e}");
+        assert_eq!(
+            default_name("io.github.x/Weather_Server.v2"),
+            "weather-server-v2"
+        );
+        assert_eq!(default_name("io.github.x/9lives"), "mcp-9lives");
+    }
+}
