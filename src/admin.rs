@@ -124,6 +124,9 @@ struct ServerView {
     /// How its egress is enforced (or that it is not).
     #[serde(skip_serializing_if = "Option::is_none")]
     egress: Option<String>,
+    /// The registry entry it was installed from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    installed: Option<crate::orchestrator::spec::RegistrySource>,
 }
 
 /// Serves one admin request.
@@ -259,6 +262,10 @@ async fn handle(
         ["registry", "install"] => {
             allow(&method, &[Method::POST], "POST")?;
             install(gw, &*runtime, req, who).await
+        }
+        ["registry", "upgrade"] => {
+            allow(&method, &[Method::POST], "POST")?;
+            upgrade(gw, &*runtime, req, who).await
         }
         ["servers", name, "restart"] => {
             allow(&method, &[Method::POST], "POST")?;
@@ -533,13 +540,43 @@ async fn install(
     let body = json_body(gw, req).await?;
     let ask: Install =
         serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
-    let version = ask.version.as_deref().unwrap_or("latest");
-    let (server, meta) = catalog.version(&ask.entry, version, false)?;
+    let server = installable(&catalog, &ask.entry, ask.version.as_deref())?;
+    let request = install::Request {
+        name: ask.name,
+        package: ask.package,
+        values: ask.values,
+    };
+    let def = install::plan(
+        &server,
+        &request,
+        &install::Runners::of(&gw.config.registry),
+    )
+    .map_err(|e| AdminError::Invalid(e.to_string()))?;
+    configured_here(gw, &def.name)?;
+    // Two installs under one name: the second is refused, not applied over the first.
+    let _serial = INSTALLS.lock().await;
+    if runtime.status(&def.name).await.is_ok() {
+        return Err(AdminError::Installed(def.name));
+    }
+    tracing::info!(server = %def.name, entry = %ask.entry, version = %server["version"], by = who, "installing a registry entry");
+    put(gw, runtime, &def.name, def.spec, who).await
+}
+
+/// Held from the check that a name is free until the install is applied.
+static INSTALLS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A version of a catalog entry that may be installed (`latest` by default): not deprecated
+/// (nor deleted, which the catalog does not give).
+fn installable(
+    catalog: &crate::registry::Catalog,
+    entry: &str,
+    version: Option<&str>,
+) -> Result<serde_json::Value, AdminError> {
+    let (server, meta) = catalog.version(entry, version.unwrap_or("latest"), false)?;
     let official = &meta[crate::registry::catalog::OFFICIAL_META];
     if official["status"] == "deprecated" {
         return Err(AdminError::Invalid(format!(
-            "{} {} is deprecated{}; install another version",
-            ask.entry,
+            "{entry} {} is deprecated{}; install another version",
             server["version"].as_str().unwrap_or_default(),
             official["statusMessage"]
                 .as_str()
@@ -547,18 +584,77 @@ async fn install(
                 .unwrap_or_default()
         )));
     }
-    let request = install::Request {
-        name: ask.name,
-        package: ask.package,
-        values: ask.values,
-    };
-    let def = install::plan(&server, &request, &install::Runners::default())
-        .map_err(|e| AdminError::Invalid(e.to_string()))?;
-    if runtime.status(&def.name).await.is_ok() {
-        return Err(AdminError::Installed(def.name));
+    Ok(server)
+}
+
+/// Upgrades an installed server to another version of its entry (`latest` by default), with
+/// the values it was installed with (those the new version still declares). What the
+/// operator changed since (resources, idle, egress...) is kept.
+async fn upgrade(
+    gw: &Arc<Gateway>,
+    runtime: &dyn Runtime,
+    req: Request<hyper::body::Incoming>,
+    who: &str,
+) -> Result<Response<Body>, AdminError> {
+    use crate::registry::install;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Upgrade {
+        /// The installed server's name.
+        name: String,
+        /// The version to run (default `latest`).
+        #[serde(default)]
+        version: Option<String>,
     }
-    tracing::info!(server = %def.name, entry = %ask.entry, version = %server["version"], by = who, "installing a registry entry");
-    put(gw, runtime, &def.name, def.spec, who).await
+    let Some(catalog) = gw.registry.get().cloned() else {
+        return Err(AdminError::RegistryOff);
+    };
+    let body = json_body(gw, req).await?;
+    let ask: Upgrade =
+        serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
+    configured_here(gw, &ask.name)?;
+    runtime.status(&ask.name).await?;
+    let current = gw.definition(&ask.name).ok_or_else(|| {
+        AdminError::Invalid(format!(
+            "the definition of {:?} was not made through this gateway's admin API: install it again",
+            ask.name
+        ))
+    })?;
+    let Some(source) = current.registry.clone() else {
+        return Err(AdminError::Invalid(format!(
+            "{:?} was not installed from the registry",
+            ask.name
+        )));
+    };
+    let server = installable(&catalog, &source.entry, ask.version.as_deref())?;
+    let declared = install::declared(&server, source.package);
+    let values = install::values_of(&current)
+        .into_iter()
+        .filter(|(k, _)| declared.contains(k))
+        .collect();
+    let request = install::Request {
+        name: Some(ask.name.clone()),
+        package: Some(source.package),
+        values,
+    };
+    let planned = install::plan(
+        &server,
+        &request,
+        &install::Runners::of(&gw.config.registry),
+    )
+    .map_err(|e| AdminError::Invalid(format!("the new version cannot run as installed: {e}")))?
+    .spec;
+    let spec = McpServerSpec {
+        image: planned.image,
+        command: planned.command,
+        args: planned.args,
+        transport: planned.transport,
+        env: planned.env,
+        registry: planned.registry,
+        ..current
+    };
+    tracing::info!(server = %ask.name, entry = %source.entry, from = %source.version, to = %server["version"], by = who, "upgrading an installed server");
+    put(gw, runtime, &ask.name, spec, who).await
 }
 
 async fn spec_of(
@@ -598,6 +694,7 @@ fn view(gw: &Gateway, runtime: &dyn Runtime, name: String, status: ServerStatus)
     };
     ServerView {
         egress: runtime.egress(&name),
+        installed: gw.definition(&name).and_then(|d| d.registry),
         name,
         source,
         status,

@@ -317,6 +317,11 @@ impl Gateway {
         true
     }
 
+    /// The last definition this replica's admin API applied to a server.
+    pub fn definition(&self, name: &str) -> Option<McpServerSpec> {
+        self.definitions.get(name).map(|d| d.value().clone())
+    }
+
     /// A server was defined through the admin API. When the definition differs from the last
     /// one (or the server ran before the gateway knew its definition), processes started for
     /// single sessions or principals stop, and the next call starts them from the new one.

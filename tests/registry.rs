@@ -136,7 +136,7 @@ async fn a_new_gateway_serves_its_default_catalog_as_the_official_api_does() {
     );
     let same = get(
         &gw,
-        "/v0.1/servers/io.github.modelcontextprotocol/server-fetch/versions/0.6.3",
+        "/v0.1/servers/io.github.modelcontextprotocol/server-fetch/versions/2026.10.24",
     )
     .await;
     assert_eq!(same.json(), one.json());
@@ -216,7 +216,7 @@ async fn bad_requests_get_clear_errors_in_both_error_shapes() {
         .await;
     assert_eq!(rebound.status, 421, "{}", rebound.body);
     // An exact version, and a time with an offset.
-    let exact = get(&gw, "/v0.1/servers?version=0.6.3").await.json();
+    let exact = get(&gw, "/v0.1/servers?version=2026.10.24").await.json();
     assert_eq!(exact["servers"].as_array().unwrap().len(), 1, "{exact}");
     let offset = get(
         &gw,
@@ -313,9 +313,9 @@ async fn operators_import_replace_deprecate_and_delete_through_the_admin_api() {
         "$schema": "https://static.modelcontextprotocol.io/schemas/2025-12-11/server.schema.json",
         "name": "io.github.modelcontextprotocol/server-time",
         "description": "MCP server providing tools for time queries and timezone conversions for LLMs",
-        "version": "0.6.3",
+        "version": "2026.11.1",
         "repository": {"url": "https://github.com/modelcontextprotocol/servers", "source": "github", "subfolder": "src/time"},
-        "packages": [{"registryType": "pypi", "identifier": "mcp-server-time", "version": "0.6.3",
+        "packages": [{"registryType": "pypi", "identifier": "mcp-server-time", "version": "2026.11.1",
                       "runtimeHint": "uvx", "transport": {"type": "stdio"},
                       "environmentVariables": [{"name": "TZ", "description": "Local zone", "default": "UTC",
                                                 "choices": ["UTC", "Europe/Paris"]}]}],
@@ -352,7 +352,7 @@ async fn operators_import_replace_deprecate_and_delete_through_the_admin_api() {
     let latest = "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-time/versions/latest";
     assert_eq!(
         get(&gw, latest).await.json()["server"]["version"],
-        "0.6.2",
+        "2026.10.19",
         "nothing published"
     );
 
@@ -367,7 +367,7 @@ async fn operators_import_replace_deprecate_and_delete_through_the_admin_api() {
     assert_eq!(imported.status, 201, "{}", imported.body);
     assert_eq!(
         imported.json()["published"],
-        json!(["io.github.modelcontextprotocol/server-time@0.6.3"])
+        json!(["io.github.modelcontextprotocol/server-time@2026.11.1"])
     );
     let again = admin("POST", "/admin/v1/registry/servers".into(), Some(page)).await;
     assert_eq!(again.status, 200);
@@ -381,7 +381,7 @@ async fn operators_import_replace_deprecate_and_delete_through_the_admin_api() {
     );
     let older = get(
         &gw,
-        "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-time/versions/0.6.2",
+        "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-time/versions/2026.10.19",
     )
     .await;
     assert_eq!(
@@ -390,20 +390,19 @@ async fn operators_import_replace_deprecate_and_delete_through_the_admin_api() {
     );
 
     // Deprecate with a message; replace (same name and version only); delete.
-    let version =
-        "/admin/v1/registry/servers/io.github.modelcontextprotocol%2Fserver-time/versions/0.6.2";
+    let version = "/admin/v1/registry/servers/io.github.modelcontextprotocol%2Fserver-time/versions/2026.10.19";
     let deprecated = admin(
         "PATCH",
         format!("{version}/status"),
-        Some(json!({"status": "deprecated", "statusMessage": "use 0.6.3"})),
+        Some(json!({"status": "deprecated", "statusMessage": "use 2026.11.1"})),
     )
     .await;
     assert_eq!(deprecated.status, 200, "{}", deprecated.body);
     let official = &deprecated.json()["_meta"]["io.modelcontextprotocol.registry/official"];
     assert_eq!(official["status"], "deprecated");
-    assert_eq!(official["statusMessage"], "use 0.6.3");
+    assert_eq!(official["statusMessage"], "use 2026.11.1");
     let mut renamed = time.clone();
-    renamed["version"] = json!("0.6.2");
+    renamed["version"] = json!("2026.10.19");
     renamed["description"] = json!("Time and time zones");
     let replaced = admin("PUT", version.to_string(), Some(renamed.clone())).await;
     assert_eq!(replaced.status, 200, "{}", replaced.body);
@@ -431,11 +430,11 @@ async fn operators_import_replace_deprecate_and_delete_through_the_admin_api() {
     assert_eq!(admin("DELETE", version.to_string(), None).await.status, 200);
     let hidden = get(
         &gw,
-        "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-time/versions/0.6.2",
+        "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-time/versions/2026.10.19",
     )
     .await;
     assert_eq!(hidden.status, 404);
-    let shown = get(&gw, "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-time/versions/0.6.2?include_deleted=true").await;
+    let shown = get(&gw, "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-time/versions/2026.10.19?include_deleted=true").await;
     assert_eq!(
         shown.json()["_meta"]["io.modelcontextprotocol.registry/official"]["status"],
         "deleted"
@@ -486,7 +485,7 @@ async fn operators_import_replace_deprecate_and_delete_through_the_admin_api() {
         .map(|s| s["server"]["version"].as_str().unwrap().to_string())
         .collect();
     versions.sort();
-    assert_eq!(versions, ["0.6.2", "0.6.3", "1.0.0"], "{changed}");
+    assert_eq!(versions, ["1.0.0", "2026.10.19", "2026.11.1"], "{changed}");
     gw.stop().await;
 }
 
@@ -560,5 +559,69 @@ async fn installing_an_entry_defines_a_server_and_bad_installs_change_nothing() 
     .await;
     assert_eq!(gone.status, 204);
     assert!(runtime.status("server-fetch").await.is_err());
+
+    // A document from elsewhere cannot slip an option of npx in as a package name.
+    let import = |doc: Value| async move {
+        admin_request(
+            addr,
+            Some(ADMIN),
+            "POST",
+            "/admin/v1/registry/servers",
+            Some(doc),
+        )
+        .await
+    };
+    let hostile = json!({
+        "name": "io.example/hostile", "description": "d", "version": "1.0.0",
+        "packages": [{"registryType": "npm", "identifier": "--call=touch /tmp/owned", "transport": {"type": "stdio"}}]
+    });
+    assert_eq!(import(hostile).await.status, 201);
+    let r = post(json!({"entry": "io.example/hostile"})).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("$.packages[0].identifier"), "{}", r.body);
+    assert!(runtime.list().await.is_empty(), "nothing installed");
+
+    // Upgrade: one action, with the values it was installed with; secrets never shown.
+    let version = |v: &str| {
+        json!({
+            "name": "io.example/up", "description": "d", "version": v,
+            "packages": [{"registryType": "pypi", "identifier": "up-server", "version": v,
+                "transport": {"type": "stdio"},
+                "environmentVariables": [{"name": "TOKEN", "isRequired": true, "isSecret": true}]}]
+        })
+    };
+    assert_eq!(import(version("1.0.0")).await.status, 201);
+    let missing = post(json!({"entry": "io.example/up"})).await;
+    assert_eq!(missing.status, 400, "{}", missing.body);
+    assert!(missing.body.contains("values.TOKEN"), "{}", missing.body);
+    let r = post(json!({"entry": "io.example/up", "values": {"TOKEN": "s3cret-value"}})).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["installed"]["version"], "1.0.0", "{}", r.body);
+    assert!(!r.body.contains("s3cret-value"), "{}", r.body);
+    assert_eq!(import(version("1.1.0")).await.status, 201);
+    let upgrade = |body: Value| async move {
+        admin_request(
+            addr,
+            Some(ADMIN),
+            "POST",
+            "/admin/v1/registry/upgrade",
+            Some(body),
+        )
+        .await
+    };
+    let up = upgrade(json!({"name": "up"})).await;
+    assert_eq!(up.status, 200, "{}", up.body);
+    assert_eq!(up.json()["installed"]["version"], "1.1.0", "{}", up.body);
+    assert!(!up.body.contains("s3cret-value"), "{}", up.body);
+    let spec = running.gateway.definition("up").unwrap();
+    assert_eq!(spec.args, ["up-server==1.1.0"]);
+    assert_eq!(spec.env[0].secret_value.as_deref(), Some("s3cret-value"));
+    assert_eq!(spec.env[0].value, None, "still secret");
+    let listed = admin_request(addr, Some(ADMIN), "GET", "/admin/v1/servers", None).await;
+    assert!(!listed.body.contains("s3cret-value"), "{}", listed.body);
+    assert_eq!(upgrade(json!({"name": "nobody"})).await.status, 404);
+    let back = upgrade(json!({"name": "up", "version": "9.9.9"})).await;
+    assert_eq!(back.status, 404, "{}", back.body);
+    assert_eq!(running.gateway.definition("up").unwrap(), spec, "unchanged");
     running.shutdown().await;
 }

@@ -115,6 +115,20 @@ pub struct RegistryConfig {
     /// memory, starting from the default entries.
     #[serde(default)]
     pub file: Option<PathBuf>,
+    /// Image that runs installed npm packages (with `npx`) on Kubernetes.
+    #[serde(default = "default_npm_image")]
+    pub npm_image: String,
+    /// Image that runs installed PyPI packages (with `uvx`) on Kubernetes.
+    #[serde(default = "default_pypi_image")]
+    pub pypi_image: String,
+}
+
+fn default_npm_image() -> String {
+    "node:22-alpine".into()
+}
+
+fn default_pypi_image() -> String {
+    "ghcr.io/astral-sh/uv:python3.12-alpine".into()
 }
 
 impl Default for RegistryConfig {
@@ -122,6 +136,8 @@ impl Default for RegistryConfig {
         RegistryConfig {
             enabled: true,
             file: None,
+            npm_image: default_npm_image(),
+            pypi_image: default_pypi_image(),
         }
     }
 }

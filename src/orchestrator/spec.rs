@@ -100,6 +100,22 @@ pub struct McpServerSpec {
     /// operator's default, off unless set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle: Option<super::idle::IdleSpec>,
+    /// The registry entry it was installed from (set by an install; an upgrade reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistrySource>,
+}
+
+/// A registry entry a server was installed from.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegistrySource {
+    /// The entry's name (`io.github.modelcontextprotocol/server-everything`).
+    pub entry: String,
+    /// The entry's version that runs.
+    pub version: String,
+    /// Which of the entry's packages (its index in `packages`).
+    #[serde(default)]
+    pub package: usize,
 }
 
 /// Who shares one process of a stdio server.

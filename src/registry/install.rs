@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::orchestrator::spec::{
-    EnvVarSpec, McpServerSpec, ServerDef, TransportKind, TransportSpec,
+    EnvVarSpec, McpServerSpec, RegistrySource, ServerDef, TransportKind, TransportSpec,
 };
 
 /// An install refused: `field` names what is at fault (`values.API_KEY`, `$.packages[0]`).
@@ -48,11 +48,12 @@ pub struct Runners {
     pub pypi_image: String,
 }
 
-impl Default for Runners {
-    fn default() -> Self {
+impl Runners {
+    /// The images the operator configured.
+    pub fn of(config: &crate::config::RegistryConfig) -> Self {
         Runners {
-            npm_image: "node:22-alpine".into(),
-            pypi_image: "ghcr.io/astral-sh/uv:python3.12-alpine".into(),
+            npm_image: config.npm_image.clone(),
+            pypi_image: config.pypi_image.clone(),
         }
     }
 }
@@ -121,6 +122,13 @@ pub fn plan(
     let pkg = &packages[index];
     let identifier = pkg["identifier"].as_str().unwrap_or_default();
     let version = pkg["version"].as_str();
+    // These become arguments of npx or uvx (or the image): a document from elsewhere (a
+    // page of the public registry) must not slip a flag of theirs in.
+    package_ref(pkg["registryType"].as_str(), identifier)
+        .map_err(|m| refuse(format!("{path}.identifier"), m))?;
+    if let Some(v) = version {
+        version_ref(v).map_err(|m| refuse(format!("{path}.version"), m))?;
+    }
     let (image, command, mut args) = match pkg["registryType"].as_str() {
         Some("npm") => (
             Some(runners.npm_image.clone()),
@@ -279,9 +287,85 @@ pub fn plan(
             args,
             transport,
             env,
+            registry: Some(RegistrySource {
+                entry: server["name"].as_str().unwrap_or_default().to_string(),
+                version: server["version"].as_str().unwrap_or_default().to_string(),
+                package: index,
+            }),
             ..McpServerSpec::default()
         },
     })
+}
+
+/// The values a definition holds, by variable (what an upgrade installs again with).
+pub fn values_of(spec: &McpServerSpec) -> BTreeMap<String, String> {
+    spec.env
+        .iter()
+        .filter_map(|e| {
+            let v = e.value.as_ref().or(e.secret_value.as_ref())?;
+            Some((e.name.clone(), v.clone()))
+        })
+        .collect()
+}
+
+/// The variables a package of `server` declares.
+pub fn declared(server: &Value, package: usize) -> Vec<String> {
+    server["packages"][package]["environmentVariables"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Checks a package name for what npx, uvx or a container runtime would read as an option
+/// or a second argument.
+fn package_ref(kind: Option<&str>, identifier: &str) -> Result<(), &'static str> {
+    let ok = |c: char, extra: &str| c.is_ascii_alphanumeric() || extra.contains(c);
+    let fine = match kind {
+        // `@scope/name`, as npm names are.
+        Some("npm") => {
+            let bare = identifier.strip_prefix('@').unwrap_or(identifier);
+            let parts: Vec<&str> = bare.split('/').collect();
+            parts.len() == (1 + usize::from(identifier.starts_with('@')))
+                && parts.iter().all(|p| {
+                    p.starts_with(|c: char| c.is_ascii_alphanumeric())
+                        && p.chars().all(|c| ok(c, "-._~"))
+                })
+        }
+        Some("pypi") => {
+            identifier.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && identifier.chars().all(|c| ok(c, "-._"))
+        }
+        _ => {
+            identifier.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && identifier.chars().all(|c| ok(c, "-._/:@"))
+        }
+    };
+    if fine && identifier.len() <= 256 {
+        Ok(())
+    } else {
+        Err(
+            "is not a package name this gateway runs (letters, digits and -._ only, starting with a letter or digit; npm scopes and image paths allowed)",
+        )
+    }
+}
+
+/// Checks a package version the same way.
+fn version_ref(version: &str) -> Result<(), &'static str> {
+    if version.len() <= 128
+        && version.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._+".contains(c))
+    {
+        Ok(())
+    } else {
+        Err(
+            "is not a version this gateway runs (letters, digits and -._+ only, starting with a letter or digit)",
+        )
+    }
 }
 
 /// Whether an image reference names a tag (a `:` after the last `/`).
@@ -342,14 +426,19 @@ mod tests {
 
     #[test]
     fn npm_pypi_and_oci_packages_become_definitions_that_resolve() {
-        let def = plan(&everything(), &Request::default(), &Runners::default()).unwrap();
+        let def = plan(
+            &everything(),
+            &Request::default(),
+            &Runners::of(&crate::config::RegistryConfig::default()),
+        )
+        .unwrap();
         assert_eq!(def.name, "server-everything");
         assert_eq!(def.spec.command.as_deref(), Some("npx"));
         assert_eq!(
             def.spec.args,
             [
                 "-y",
-                "@modelcontextprotocol/server-everything@2.0.0",
+                "@modelcontextprotocol/server-everything@2026.8.31",
                 "stdio"
             ]
         );
@@ -361,10 +450,18 @@ mod tests {
             .iter()
             .find(|d| d["name"] == "io.github.modelcontextprotocol/server-fetch")
             .unwrap();
-        let def = plan(fetch, &Request::default(), &Runners::default()).unwrap();
+        let def = plan(
+            fetch,
+            &Request::default(),
+            &Runners::of(&crate::config::RegistryConfig::default()),
+        )
+        .unwrap();
         assert_eq!(
             (def.spec.command.as_deref(), def.spec.args.as_slice()),
-            (Some("uvx"), &["mcp-server-fetch==0.6.3".to_string()][..])
+            (
+                Some("uvx"),
+                &["mcp-server-fetch==2026.10.24".to_string()][..]
+            )
         );
         assert!(def.resolve_declared().is_ok());
 
@@ -372,7 +469,12 @@ mod tests {
             .iter()
             .find(|d| d["name"] == "dev.gatehouse/example-server")
             .unwrap();
-        let def = plan(example, &Request::default(), &Runners::default()).unwrap();
+        let def = plan(
+            example,
+            &Request::default(),
+            &Runners::of(&crate::config::RegistryConfig::default()),
+        )
+        .unwrap();
         assert_eq!(def.spec.image.as_deref(), Some("gatehouse:0.1.0"));
         assert_eq!(def.spec.command, None);
         assert_eq!(def.spec.args, ["example-server"]);
@@ -390,7 +492,7 @@ mod tests {
                 .collect(),
             ..Request::default()
         };
-        let r = Runners::default();
+        let r = Runners::of(&crate::config::RegistryConfig::default());
         assert_eq!(
             plan(&doc, &req(&[]), &r).unwrap_err().field,
             "values.API_KEY"
@@ -438,7 +540,12 @@ mod tests {
     fn remote_only_entries_and_odd_names() {
         let remote = json!({"name": "com.example/remote", "description": "r", "version": "1.0.0",
             "remotes": [{"type": "sse", "url": "https://x.example/sse"}]});
-        let e = plan(&remote, &Request::default(), &Runners::default()).unwrap_err();
+        let e = plan(
+            &remote,
+            &Request::default(),
+            &Runners::of(&crate::config::RegistryConfig::default()),
+        )
+        .unwrap_err();
         assert!(e.message.contains("remotes"), "{e}");
         assert_eq!(
             default_name("io.github.x/Weather_Server.v2"),

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import anyio
 import httpx
 import jsonschema
 import pytest
 
-from e2e_support import EXAMPLE, Gateway, Tools, example_argv, start_gateway
+from e2e_support import EXAMPLE, Gateway, Tools, example_argv, start_gateway, text_of, wait_until
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "fixtures" / "registry-api.schema.json").read_text())
 ADMIN = "registry-e2e-admin-token-0123456789"
@@ -58,8 +59,8 @@ def test_every_answer_has_the_official_shapes(registry_gateway: Gateway) -> None
             "$schema": "https://static.modelcontextprotocol.io/schemas/2025-12-11/server.schema.json",
             "name": "io.github.modelcontextprotocol/server-time",
             "description": "MCP server providing tools for time queries and timezone conversions for LLMs",
-            "version": "0.6.4",
-            "packages": [{"registryType": "pypi", "identifier": "mcp-server-time", "version": "0.6.4",
+            "version": "2026.11.2",
+            "packages": [{"registryType": "pypi", "identifier": "mcp-server-time", "version": "2026.11.2",
                           "runtimeHint": "uvx", "transport": {"type": "stdio"}}],
         }
         r = c.post(f"{url}/admin/v1/registry/servers", json=[time_doc],
@@ -81,7 +82,7 @@ def test_every_answer_has_the_official_shapes(registry_gateway: Gateway) -> None
             if not cursor:
                 break
         assert len(names) == len(set(names)) == 5, names
-        assert ("io.github.modelcontextprotocol/server-time", "0.6.4") in names
+        assert ("io.github.modelcontextprotocol/server-time", "2026.11.2") in names
 
         latest = c.get(f"{url}/v0.1/servers", params={"version": "latest"}).json()
         LIST.validate(latest)
@@ -94,9 +95,61 @@ def test_every_answer_has_the_official_shapes(registry_gateway: Gateway) -> None
         assert one.json()["server"] == time_doc
         versions = c.get(f"{url}/v0.1/servers/{name}/versions").json()
         LIST.validate(versions)
-        assert [s["server"]["version"] for s in versions["servers"]] == ["0.6.4", "0.6.2"]
+        assert [s["server"]["version"] for s in versions["servers"]] == ["2026.11.2", "2026.10.19"]
 
         for bad in ["/v0.1/servers?limit=500", "/v0.1/servers/io.example%2Fnone/versions/latest"]:
             r = c.get(f"{url}{bad}")
             assert r.status_code in (400, 404), r.text
             ERROR.validate(r.json())
+
+
+@pytest.mark.anyio
+async def test_an_installed_entry_runs_behind_the_gateway_until_uninstalled(registry_gateway: Gateway) -> None:
+    """Install → ready → its tools through /mcp (the official Python SDK) → a call → uninstall
+    → gone. The default catalog's server-everything is an npm package: the local backend runs
+    it with `npx` (fetched from the npm registry on first use)."""
+    url = base(registry_gateway)
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    entry = "io.github.modelcontextprotocol/server-everything"
+    with httpx.Client(timeout=30) as c:
+        r = c.post(f"{url}/admin/v1/registry/install", headers=admin, json={"entry": entry, "name": "everything"})
+        assert r.status_code == 201, r.text
+        view = r.json()
+        assert view["installed"]["entry"] == entry, view
+        again = c.post(f"{url}/admin/v1/registry/install", headers=admin, json={"entry": entry, "name": "everything"})
+        assert again.status_code == 409, again.text
+        assert "everything" in again.json()["error"], again.text
+
+        def phase() -> str:
+            got = c.get(f"{url}/admin/v1/servers/everything", headers=admin)
+            assert got.status_code == 200, got.text
+            status = got.json()["status"]
+            assert status["phase"] != "failed", status
+            return str(status["phase"])
+
+        wait_until(lambda: phase() == "ready", 120, "the installed server ready")
+
+    # Its tools appear once the gateway has listed them (npx may still be fetching the package).
+    names: set[str] = set()
+    with anyio.fail_after(180):
+        while "everything__echo" not in names:
+            async with registry_gateway.client() as session:
+                names = {t.name for t in (await session.list_tools()).tools}
+                if "everything__echo" in names:
+                    r = await session.call_tool("everything__echo", {"message": "installed"})
+                    assert text_of(r) == "Echo: installed", r
+            if "everything__echo" not in names:
+                await anyio.sleep(1)
+
+    with httpx.Client(timeout=30) as c:
+        gone = c.delete(f"{url}/admin/v1/servers/everything", headers=admin)
+        assert gone.status_code == 204, gone.text
+        assert c.get(f"{url}/admin/v1/servers/everything", headers=admin).status_code == 404
+
+    async def listed() -> set[str]:
+        async with registry_gateway.client() as session:
+            return {t.name for t in (await session.list_tools()).tools}
+
+    with anyio.fail_after(30):
+        while any(n.startswith("everything__") for n in await listed()):
+            await anyio.sleep(0.5)
