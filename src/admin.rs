@@ -151,10 +151,15 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
             principal: who.map(|i| i.principal),
             method,
             name: Some(path),
-            decision: if resp.status().is_success() {
-                "allowed"
-            } else {
+            // Refused for who asked; any other failure (a 404, a bad body) was allowed and
+            // failed, as the outcome says.
+            decision: if matches!(
+                resp.status(),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+            ) {
                 "denied"
+            } else {
+                "allowed"
             },
             outcome: Some(resp.status().as_u16().to_string()),
             ..Default::default()
@@ -245,10 +250,14 @@ async fn handle(
             }
             Method::PUT => {
                 let spec = spec_of(gw, req).await?;
+                let _serial = gw.admin_changes.lock().await;
                 put(gw, &*runtime, name, spec, who).await
             }
             Method::DELETE => {
                 configured_here(gw, name)?;
+                let _serial = gw.admin_changes.lock().await;
+                // Not found is said (a typo must not look like a removal).
+                runtime.status(name).await?;
                 runtime.remove(name).await?;
                 gw.refresh_topology().await;
                 tracing::info!(server = %name, by = who, "server removed through the admin API");
@@ -554,16 +563,13 @@ async fn install(
     .map_err(|e| AdminError::Invalid(e.to_string()))?;
     configured_here(gw, &def.name)?;
     // Two installs under one name: the second is refused, not applied over the first.
-    let _serial = INSTALLS.lock().await;
+    let _serial = gw.admin_changes.lock().await;
     if runtime.status(&def.name).await.is_ok() {
         return Err(AdminError::Installed(def.name));
     }
     tracing::info!(server = %def.name, entry = %ask.entry, version = %server["version"], by = who, "installing a registry entry");
     put(gw, runtime, &def.name, def.spec, who).await
 }
-
-/// Held from the check that a name is free until the install is applied.
-static INSTALLS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A version of a catalog entry that may be installed (`latest` by default): not deprecated
 /// (nor deleted, which the catalog does not give).
@@ -613,6 +619,7 @@ async fn upgrade(
     let ask: Upgrade =
         serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
     configured_here(gw, &ask.name)?;
+    let _serial = gw.admin_changes.lock().await;
     runtime.status(&ask.name).await?;
     let current = gw.definition(&ask.name).ok_or_else(|| {
         AdminError::Invalid(format!(
@@ -627,32 +634,17 @@ async fn upgrade(
         )));
     };
     let server = installable(&catalog, &source.entry, ask.version.as_deref())?;
-    let declared = install::declared(&server, source.package);
-    let values = install::values_of(&current)
-        .into_iter()
-        .filter(|(k, _)| declared.contains(k))
-        .collect();
-    let request = install::Request {
-        name: Some(ask.name.clone()),
-        package: Some(source.package),
-        values,
-    };
-    let planned = install::plan(
+    let old = catalog
+        .version(&source.entry, &source.version, true)
+        .ok()
+        .map(|(doc, _)| doc);
+    let spec = install::upgrade(
+        &current,
+        old.as_ref(),
         &server,
-        &request,
         &install::Runners::of(&gw.config.registry),
     )
-    .map_err(|e| AdminError::Invalid(format!("the new version cannot run as installed: {e}")))?
-    .spec;
-    let spec = McpServerSpec {
-        image: planned.image,
-        command: planned.command,
-        args: planned.args,
-        transport: planned.transport,
-        env: planned.env,
-        registry: planned.registry,
-        ..current
-    };
+    .map_err(|e| AdminError::Invalid(format!("the new version cannot run as installed: {e}")))?;
     tracing::info!(server = %ask.name, entry = %source.entry, from = %source.version, to = %server["version"], by = who, "upgrading an installed server");
     put(gw, runtime, &ask.name, spec, who).await
 }

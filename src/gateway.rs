@@ -70,6 +70,9 @@ pub struct Gateway {
     listings: DashMap<String, Arc<Listings>>,
     /// The last definition the admin API gave each server (to tell a change from a re-apply).
     definitions: DashMap<String, McpServerSpec>,
+    /// Held by each change the admin API makes to servers' definitions, from what it checks
+    /// until it is applied (a check must not be outdated by the time it is acted on).
+    pub admin_changes: tokio::sync::Mutex<()>,
     /// Serializes topology changes.
     changes: tokio::sync::Mutex<()>,
     client: http::Client,
@@ -166,6 +169,7 @@ impl Gateway {
             shared: DashMap::new(),
             listings: DashMap::new(),
             definitions: DashMap::new(),
+            admin_changes: tokio::sync::Mutex::new(()),
             changes: tokio::sync::Mutex::new(()),
             client: http::client(&outbound_tls),
             config: Arc::new(config),

@@ -475,7 +475,7 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
                     .and_then(|o| o.runtime.usage(&server.name))
                 {
                     gw.metrics
-                        .set_sleep(server.label, u.is_asleep(), u.time_asleep(), u.wakes());
+                        .set_sleep(server.label, u.is_stopped(), u.time_asleep(), u.wakes());
                 }
             }
             let mut r = text(StatusCode::OK, gw.metrics.render());

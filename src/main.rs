@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+mod operator;
+
 /// Gatehouse: one MCP endpoint in front of many MCP servers.
 #[derive(Parser)]
 #[command(version, about)]
@@ -54,6 +56,20 @@ enum Command {
         /// Give these instructions (a server that changes them, for tests).
         #[arg(long)]
         instructions: Option<String>,
+    },
+    /// Servers a running gateway's orchestrator runs (its admin API).
+    Servers {
+        #[command(flatten)]
+        target: operator::Target,
+        #[command(subcommand)]
+        command: operator::ServersCommand,
+    },
+    /// A running gateway's private registry: search, show, install, upgrade, uninstall, import.
+    Registry {
+        #[command(flatten)]
+        target: operator::Target,
+        #[command(subcommand)]
+        command: operator::RegistryCommand,
     },
     /// Work with the audit trail.
     Audit {
@@ -125,6 +141,12 @@ fn main() -> anyhow::Result<()> {
                 Some(addr) => rt.block_on(gatehouse::example_server::run_http(opts, addr))?,
                 None => rt.block_on(gatehouse::example_server::run(opts))?,
             }
+        }
+        Command::Servers { target, command } => {
+            rt.block_on(operator::servers(&target, command))?;
+        }
+        Command::Registry { target, command } => {
+            rt.block_on(operator::registry(&target, command))?;
         }
         Command::Plugin {
             command: PluginCommand::Check { file, input },

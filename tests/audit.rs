@@ -98,7 +98,7 @@ plugins:
             admin.send(req).await.status
         }
     };
-    assert_eq!(delete_with("ops-token-0123456789ab").await, 204);
+    assert_eq!(delete_with("ops-token-0123456789ab").await, 404);
     assert_eq!(delete_with("not-the-admin-token-000").await, 401);
     gw.stop().await;
 
@@ -140,7 +140,7 @@ plugins:
     assert_eq!(changes[0]["method"], "DELETE");
     assert_eq!(changes[0]["name"], "/admin/v1/servers/nope");
     assert_eq!(changes[0]["decision"], "allowed");
-    assert_eq!(changes[0]["outcome"], "204");
+    assert_eq!(changes[0]["outcome"], "404");
     assert!(changes[1]["principal"].is_null());
     assert_eq!(changes[1]["decision"], "denied");
     assert_eq!(changes[1]["outcome"], "401");

@@ -191,6 +191,11 @@ impl Usage {
         self.state.load(Ordering::Acquire) & ASLEEP != 0
     }
 
+    /// Whether its process (or pod) is stopped for a sleep: what the `asleep` gauge shows.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
     /// Marks it asleep if it is idle and no call is in flight; false if a call holds it
     /// (called by the backend before it stops the server).
     pub fn try_sleep(&self) -> bool {

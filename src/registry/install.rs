@@ -181,9 +181,12 @@ pub fn plan(
         }
     }
     let mut env = Vec::new();
+    // Values templates may use: never a secret's (arguments and URLs are not secret).
     let mut known: BTreeMap<String, String> = BTreeMap::new();
-    for var in declared {
+    let mut secrets = Vec::new();
+    for (j, var) in declared.iter().enumerate() {
         let name = var["name"].as_str().unwrap_or_default();
+        env_name(name).map_err(|m| refuse(format!("{path}.environmentVariables[{j}].name"), m))?;
         let given = request.values.get(name).cloned();
         let value = given
             .clone()
@@ -212,8 +215,12 @@ pub fn plan(
                 "must not contain a NUL byte",
             ));
         }
-        known.insert(name.to_string(), value.clone());
         let secret = var["isSecret"] == true;
+        if secret {
+            secrets.push(name.to_string());
+        } else {
+            known.insert(name.to_string(), value.clone());
+        }
         env.push(EnvVarSpec {
             name: name.to_string(),
             value: (!secret).then(|| value.clone()),
@@ -231,6 +238,7 @@ pub fn plan(
         .enumerate()
     {
         let apath = format!("{path}.packageArguments[{j}]");
+        no_secret_in(arg["value"].as_str(), &secrets).map_err(|m| refuse(&apath, m))?;
         let value = arg["value"]
             .as_str()
             .map(|v| substitute(v, &known))
@@ -253,11 +261,15 @@ pub fn plan(
 
     let transport = match pkg["transport"]["type"].as_str() {
         Some("streamable-http") => {
-            let url = substitute(pkg["transport"]["url"].as_str().unwrap_or_default(), &known);
+            let template = pkg["transport"]["url"].as_str().unwrap_or_default();
+            no_secret_in(Some(template), &secrets)
+                .map_err(|m| refuse(format!("{path}.transport.url"), m))?;
+            let url = substitute(template, &known);
+            // The template, not the URL it made: what the error echoes is the document's.
             let (port, http_path) = port_and_path(&url).ok_or_else(|| {
                 refuse(
                     format!("{path}.transport.url"),
-                    format!("{url:?} does not name a local port the server listens on"),
+                    format!("{template:?} does not name a local port the server listens on"),
                 )
             })?;
             TransportSpec {
@@ -297,26 +309,105 @@ pub fn plan(
     })
 }
 
-/// The values a definition holds, by variable (what an upgrade installs again with).
-pub fn values_of(spec: &McpServerSpec) -> BTreeMap<String, String> {
-    spec.env
+/// The definition that upgrades `current` (installed from `old`, when the catalog still has
+/// it) to `new`: the same package (by kind and name, wherever `new` lists it), the values the
+/// installer chose (not the old version's defaults), secrets kept secret, and what the
+/// operator changed since (variables of their own, resources, idle...) kept.
+pub fn upgrade(
+    current: &McpServerSpec,
+    old: Option<&Value>,
+    new: &Value,
+    runners: &Runners,
+) -> Result<McpServerSpec, InstallError> {
+    let source = current
+        .registry
+        .as_ref()
+        .ok_or_else(|| refuse("name", "was not installed from the registry"))?;
+    let (package, old_vars) = match old {
+        Some(old) => {
+            let was = &old["packages"][source.package];
+            let package = new["packages"]
+                .as_array()
+                .and_then(|ps| {
+                    ps.iter().position(|p| {
+                        p["registryType"] == was["registryType"]
+                            && p["identifier"] == was["identifier"]
+                    })
+                })
+                .ok_or_else(|| {
+                    refuse(
+                        "version",
+                        format!(
+                            "{} has no {} package {} any more: install it under another name",
+                            new["version"].as_str().unwrap_or_default(),
+                            was["registryType"].as_str().unwrap_or_default(),
+                            was["identifier"].as_str().unwrap_or_default()
+                        ),
+                    )
+                })?;
+            (package, variables(old, source.package))
+        }
+        None => (source.package, Vec::new()),
+    };
+    let new_vars = variables(new, package);
+    let values = current
+        .env
         .iter()
-        .filter_map(|e| {
-            let v = e.value.as_ref().or(e.secret_value.as_ref())?;
-            Some((e.name.clone(), v.clone()))
+        .filter_map(|e| Some((e, e.value.as_ref().or(e.secret_value.as_ref())?)))
+        .filter(|(e, v)| {
+            let declared = new_vars.iter().any(|n| n["name"] == e.name.as_str());
+            // A value the old version gave by itself is not the installer's choice.
+            let given_by_old = old_vars.iter().any(|o| {
+                o["name"] == e.name.as_str()
+                    && (o["value"] == v.as_str() || o["default"] == v.as_str())
+            });
+            declared && !given_by_old
         })
-        .collect()
+        .map(|(e, v)| (e.name.clone(), v.clone()))
+        .collect();
+    let request = Request {
+        name: None,
+        package: Some(package),
+        values,
+    };
+    let planned = plan(new, &request, runners)?.spec;
+    let mut env = planned.env;
+    for e in &mut env {
+        let was_secret = current
+            .env
+            .iter()
+            .any(|c| c.name == e.name && c.secret_value.is_some());
+        if was_secret && let Some(v) = e.value.take() {
+            e.secret_value = Some(v);
+        }
+        if let Some(c) = current.env.iter().find(|c| c.name == e.name) {
+            e.as_file = c.as_file;
+        }
+    }
+    // Variables of the operator's own (neither version declares them) stay.
+    for c in &current.env {
+        let declared = |vars: &[Value]| vars.iter().any(|v| v["name"] == c.name.as_str());
+        if !declared(&old_vars) && !declared(&new_vars) && !env.iter().any(|e| e.name == c.name) {
+            env.push(c.clone());
+        }
+    }
+    Ok(McpServerSpec {
+        image: planned.image,
+        command: planned.command,
+        args: planned.args,
+        transport: planned.transport,
+        env,
+        registry: planned.registry,
+        ..current.clone()
+    })
 }
 
 /// The variables a package of `server` declares.
-pub fn declared(server: &Value, package: usize) -> Vec<String> {
+fn variables(server: &Value, package: usize) -> Vec<Value> {
     server["packages"][package]["environmentVariables"]
         .as_array()
-        .map(Vec::as_slice)
+        .cloned()
         .unwrap_or_default()
-        .iter()
-        .filter_map(|v| v["name"].as_str().map(str::to_string))
-        .collect()
 }
 
 /// Checks a package name for what npx, uvx or a container runtime would read as an option
@@ -349,6 +440,71 @@ fn package_ref(kind: Option<&str>, identifier: &str) -> Result<(), &'static str>
         Err(
             "is not a package name this gateway runs (letters, digits and -._ only, starting with a letter or digit; npm scopes and image paths allowed)",
         )
+    }
+}
+
+/// Variables a catalog entry may not set: they change how npx, uvx, the runtime or the
+/// loader behave (another package index, code loaded first), which the gateway decides.
+const RESERVED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "NODE_EXTRA_CA_CERTS",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONSTARTUP",
+    "PYTHONUSERBASE",
+    "BASH_ENV",
+    "ENV",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
+const RESERVED_ENV_PREFIXES: &[&str] = &[
+    "NPM_CONFIG_",
+    "NPX_",
+    "COREPACK_",
+    "UV_",
+    "PIP_",
+    "LD_",
+    "DYLD_",
+    "GATEHOUSE_",
+];
+
+/// Checks a variable a catalog entry declares: a plain name, and none the gateway reserves.
+fn env_name(name: &str) -> Result<(), String> {
+    let plain = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 128;
+    if !plain {
+        return Err(format!(
+            "{name:?} is not a variable name (letters, digits and _)"
+        ));
+    }
+    let upper = name.to_ascii_uppercase();
+    if RESERVED_ENV.contains(&upper.as_str())
+        || RESERVED_ENV_PREFIXES.iter().any(|p| upper.starts_with(p))
+    {
+        return Err(format!(
+            "{name} changes how the package runs, which the gateway decides; an entry may not set it"
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a template that would put a secret variable's value in the open.
+fn no_secret_in(template: Option<&str>, secrets: &[String]) -> Result<(), String> {
+    let Some(template) = template else {
+        return Ok(());
+    };
+    match secrets
+        .iter()
+        .find(|s| template.contains(&format!("{{{s}}}")))
+    {
+        Some(s) => Err(format!(
+            "uses the secret variable {s}, which would show in the command line; the server reads it from its environment"
+        )),
+        None => Ok(()),
     }
 }
 
@@ -552,5 +708,131 @@ mod tests {
             "weather-server-v2"
         );
         assert_eq!(default_name("io.github.x/9lives"), "mcp-9lives");
+    }
+
+    fn runners() -> Runners {
+        Runners::of(&crate::config::RegistryConfig::default())
+    }
+
+    fn entry(version: &str, vars: Value, args: Value) -> Value {
+        json!({
+            "name": "io.example/up", "version": version,
+            "packages": [{"registryType": "pypi", "identifier": "up-server", "version": version,
+                "transport": {"type": "stdio"}, "environmentVariables": vars, "packageArguments": args}]
+        })
+    }
+
+    #[test]
+    fn an_entry_cannot_steer_the_runner_or_show_a_secret() {
+        for name in [
+            "NODE_OPTIONS",
+            "npm_config_registry",
+            "UV_INDEX_URL",
+            "LD_PRELOAD",
+            "PATH",
+            "Pip_Index_Url",
+            "A-B",
+            "",
+        ] {
+            let doc = entry("1.0.0", json!([{"name": name, "default": "x"}]), json!([]));
+            let e = plan(&doc, &Request::default(), &runners()).unwrap_err();
+            assert_eq!(
+                e.field, "$.packages[0].environmentVariables[0].name",
+                "{name}: {e}"
+            );
+        }
+        let key = json!([{"name": "API_KEY", "isSecret": true}]);
+        let values = Request {
+            values: [("API_KEY".to_string(), "s3cret".to_string())].into(),
+            ..Request::default()
+        };
+        let in_args = entry(
+            "1.0.0",
+            key.clone(),
+            json!([{"type": "positional", "value": "--key={API_KEY}"}]),
+        );
+        let e = plan(&in_args, &values, &runners()).unwrap_err();
+        assert_eq!(e.field, "$.packages[0].packageArguments[0]");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let mut in_url = entry("1.0.0", key, json!([]));
+        in_url["packages"][0]["transport"] =
+            json!({"type": "streamable-http", "url": "http://x:{API_KEY}/mcp"});
+        let e = plan(&in_url, &values, &runners()).unwrap_err();
+        assert_eq!(e.field, "$.packages[0].transport.url");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_choices_secrets_and_the_operators_changes() {
+        let vars = json!([
+            {"name": "TOKEN", "isSecret": true, "isRequired": true},
+            {"name": "LEVEL", "default": "info"},
+            {"name": "ZONE", "default": "UTC"}
+        ]);
+        let v1 = entry("1.0.0", vars, json!([]));
+        let request = Request {
+            values: [
+                ("TOKEN".to_string(), "t0k".to_string()),
+                ("ZONE".to_string(), "CET".to_string()),
+            ]
+            .into(),
+            ..Request::default()
+        };
+        let mut current = plan(&v1, &request, &runners()).unwrap().spec;
+        current.env.push(EnvVarSpec {
+            name: "OWN".into(),
+            value: Some("mine".into()),
+            ..EnvVarSpec::default()
+        });
+        current.idle = Some(crate::orchestrator::idle::IdleSpec {
+            after: "15m".into(),
+        });
+        // v2 lists another package first, defaults LEVEL to debug and no longer says TOKEN is
+        // secret.
+        let mut v2 = entry(
+            "2.0.0",
+            json!([
+                {"name": "TOKEN", "isRequired": true},
+                {"name": "LEVEL", "default": "debug"},
+                {"name": "ZONE", "default": "UTC"}
+            ]),
+            json!([]),
+        );
+        let pkg = v2["packages"][0].clone();
+        v2["packages"] = json!([{"registryType": "npm", "identifier": "other", "transport": {"type": "stdio"}}, pkg]);
+        let up = upgrade(&current, Some(&v1), &v2, &runners()).unwrap();
+        assert_eq!(up.args, ["up-server==2.0.0"]);
+        assert_eq!(
+            up.registry.as_ref().unwrap().package,
+            1,
+            "the same package, found by name"
+        );
+        let env = |n: &str| up.env.iter().find(|e| e.name == n).unwrap().clone();
+        assert_eq!(
+            env("TOKEN").secret_value.as_deref(),
+            Some("t0k"),
+            "still secret"
+        );
+        assert_eq!(env("TOKEN").value, None);
+        assert_eq!(
+            env("LEVEL").value.as_deref(),
+            Some("debug"),
+            "the new default"
+        );
+        assert_eq!(
+            env("ZONE").value.as_deref(),
+            Some("CET"),
+            "the installer's choice"
+        );
+        assert_eq!(
+            env("OWN").value.as_deref(),
+            Some("mine"),
+            "the operator's own"
+        );
+        assert_eq!(up.idle, current.idle);
+        let mut gone = v2.clone();
+        gone["packages"] = json!([gone["packages"][0].clone()]);
+        let e = upgrade(&current, Some(&v1), &gone, &runners()).unwrap_err();
+        assert_eq!(e.field, "version");
     }
 }

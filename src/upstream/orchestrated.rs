@@ -94,17 +94,17 @@ impl Orchestrated {
         // Leave part of the connect deadline for the MCP handshake, so that a slow start
         // reports the orchestrator's last known phase rather than a bare timeout. Waking a
         // sleeping server has its own budget.
-        let asleep = self
-            .runtime
-            .usage(&server.name)
-            .is_some_and(|u| u.is_asleep());
+        let usage = self.runtime.usage(&server.name);
+        let asleep = usage.as_ref().is_some_and(|u| u.is_asleep());
+        let wakes = usage.as_ref().map(|u| u.wakes());
         let wait = match asleep {
             true => self.wake_timeout,
             false => server.config.connect_timeout.mul_f32(0.9),
         };
         let started = std::time::Instant::now();
         let ready = self.runtime.wait_ready(&server.name, wait).await;
-        if asleep && ready.is_ok() {
+        // A sleep called off before it stopped anything is no wake.
+        if asleep && ready.is_ok() && usage.as_ref().map(|u| u.wakes()) != wakes {
             server.metrics.record_wake(server.label, started.elapsed());
         }
         match ready {

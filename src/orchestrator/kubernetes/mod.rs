@@ -793,18 +793,24 @@ impl Inner {
         if entry.after() != after || entry.definition() != definition {
             *entry = Usage::new(after, definition);
         }
-        Some(entry.clone())
+        let usage = entry.clone();
+        drop(entry);
+        // A server found asleep (a restarted gateway) is known asleep from its first look.
+        if self.deployment_asleep(name) && self.sleep_requests.get(name).is_none_or(|a| *a) {
+            usage.fell_asleep();
+        }
+        Some(usage)
     }
 
     /// Starts a sleeping server: the leader through its next reconcile, another replica by
     /// scaling the Deployment back up itself (the leader then sees it awake).
     async fn wake(&self, name: &str) -> Result<()> {
         tracing::info!(server = name, "waking: a call needs it");
-        if let Some(u) = self.usage.get(name) {
-            u.woke();
-        }
         if self.leading() {
             self.sleep_requests.insert(name.to_string(), false);
+            if let Some(u) = self.usage.get(name) {
+                u.woke();
+            }
             self.enqueue(name);
         } else {
             let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.ns);
@@ -819,6 +825,9 @@ impl Inner {
             )
             .await
             .map_err(|e| OrchestratorError::kube(format!("wake server {name}"), e))?;
+            if let Some(u) = self.usage.get(name) {
+                u.woke();
+            }
         }
         self.refresh_status(name, None);
         Ok(())
@@ -1009,9 +1018,10 @@ impl Inner {
         let mut rendered_deployment = rendered.deployment;
         // A call that began since the sleep was asked for keeps the server up.
         if self.sleep_requests.get(name).is_some_and(|asked| *asked)
-            && self.usage(name).is_some_and(|u| !u.is_idle())
+            && let Some(u) = self.usage(name).filter(|u| !u.is_idle())
         {
             self.sleep_requests.remove(name);
+            u.woke();
         }
         if self.asleep(name) {
             // Since when: the Deployment's own mark once it has one (a fresh time on every
@@ -1106,7 +1116,11 @@ impl Inner {
                 .with_message(message),
             ),
             Some(Ok(())) if self.asleep(name) => {
-                if let Some(u) = self.usage.get(name) {
+                // Counted once the Deployment is scaled down: a request a call calls off
+                // stopped nothing.
+                if self.deployment_asleep(name)
+                    && let Some(u) = self.usage.get(name)
+                {
                     u.fell_asleep();
                 }
                 self.status_pods.remove(name);
@@ -1971,7 +1985,9 @@ impl Runtime for KubeRuntime {
             if inner.valid(name).is_none() {
                 return Err(OrchestratorError::NotFound(name.to_string()));
             }
-            if inner.refresh_usage(name).is_none_or(|u| !u.is_idle()) {
+            // From here a call that begins goes through wait_ready, which wakes it; one in
+            // flight keeps it up.
+            if inner.refresh_usage(name).is_none_or(|u| !u.try_sleep()) {
                 return Ok(());
             }
             inner.sleep_requests.insert(name.to_string(), true);

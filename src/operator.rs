@@ -1,0 +1,509 @@
+//! `gatehouse servers …` and `gatehouse registry …`: the admin and registry APIs of a running
+//! gateway from the command line, as tables for people or JSON (`--json`) for scripts.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Full};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::{Value, json};
+
+/// Where the gateway is and how to speak to it.
+#[derive(Args, Debug)]
+pub struct Target {
+    /// The gateway's base URL.
+    #[arg(
+        long,
+        env = "GATEHOUSE_URL",
+        default_value = "http://127.0.0.1:9000",
+        global = true
+    )]
+    url: String,
+    /// Bearer token of the admin API (and of the registry API, when it takes one).
+    #[arg(
+        long,
+        env = "GATEHOUSE_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    token: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// Servers the gateway's orchestrator runs.
+#[derive(Subcommand, Debug)]
+pub enum ServersCommand {
+    /// List the servers, their phase and restarts.
+    List,
+    /// Define (or redefine) a server from a YAML or JSON file holding its spec.
+    Add {
+        /// The server's name.
+        name: String,
+        /// The spec (`command`, `args`, `image`, `env`…), as in the config file's `servers`.
+        #[arg(long, short)]
+        file: std::path::PathBuf,
+    },
+    /// Print a server's recent output.
+    Logs {
+        /// The server's name.
+        name: String,
+        /// The run before the current one.
+        #[arg(long)]
+        previous: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+    /// Restart a server.
+    Restart {
+        /// The server's name.
+        name: String,
+    },
+    /// Stop and remove a server (and its secrets).
+    Remove {
+        /// The server's name.
+        name: String,
+    },
+}
+
+/// The private registry.
+#[derive(Subcommand, Debug)]
+pub enum RegistryCommand {
+    /// Search the catalog's latest versions by name or description.
+    Search {
+        /// Words to look for (nothing: every entry).
+        query: Option<String>,
+    },
+    /// Show one entry (its latest version unless told).
+    Show {
+        /// The entry's name (`io.github.modelcontextprotocol/server-everything`).
+        entry: String,
+        /// A version.
+        #[arg(long, default_value = "latest")]
+        version: String,
+    },
+    /// Install an entry: a server the orchestrator runs; waits until it is ready.
+    Install {
+        /// The entry's name.
+        entry: String,
+        /// A version (default: the latest).
+        #[arg(long)]
+        version: Option<String>,
+        /// The server's name behind the gateway.
+        #[arg(long)]
+        name: Option<String>,
+        /// A value of one of its environment variables (`KEY=VALUE`; repeatable).
+        #[arg(long = "set", value_parser = key_value)]
+        values: Vec<(String, String)>,
+        /// Return once the install is accepted, without waiting for it to be ready.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait until it is ready.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Upgrade an installed server to another version of its entry (default: the latest).
+    Upgrade {
+        /// The server's name.
+        name: String,
+        /// The version.
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Remove an installed server (and its secrets).
+    Uninstall {
+        /// The server's name.
+        name: String,
+    },
+    /// Import `server.json` documents: one, a list, or a saved page of a registry's list.
+    Import {
+        /// The file.
+        file: std::path::PathBuf,
+    },
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: say KEY=VALUE"))
+}
+
+/// One API answer.
+struct Answer {
+    status: http::StatusCode,
+    body: Value,
+    text: String,
+}
+
+struct Api {
+    base: String,
+    token: Option<String>,
+    client: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        Full<Bytes>,
+    >,
+}
+
+impl Api {
+    fn new(target: &Target) -> anyhow::Result<Self> {
+        let tls = gatehouse::outbound_tls::client_config(&Default::default())?;
+        Ok(Api {
+            base: target.url.trim_end_matches('/').to_owned(),
+            token: target.token.clone(),
+            client: gatehouse::upstream::http::client(&tls),
+        })
+    }
+
+    async fn send(&self, method: &str, path: &str, body: Option<Bytes>) -> anyhow::Result<Answer> {
+        let url = format!("{}{path}", self.base);
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("accept", "application/json");
+        if let Some(token) = &self.token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(body.unwrap_or_default()))
+            .with_context(|| format!("{url:?} is not a URL"))?;
+        let resp = tokio::time::timeout(Duration::from_secs(60), self.client.request(req))
+            .await
+            .with_context(|| format!("{method} {url}: no answer in 60s"))?
+            .with_context(|| format!("{method} {url}"))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok(Answer { status, body, text })
+    }
+
+    /// Sends, and turns an error status into an error that says what the gateway said.
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Answer> {
+        let body = body.map(|b| Bytes::from(b.to_string()));
+        let answer = self.send(method, path, body).await?;
+        if !answer.status.is_success() {
+            let said = answer.body["error"]
+                .as_str()
+                .or(answer.body["detail"].as_str())
+                .map(str::to_owned)
+                .unwrap_or_else(|| answer.text.trim().to_owned());
+            bail!("{method} {path}: {}: {said}", answer.status);
+        }
+        Ok(answer)
+    }
+}
+
+fn segment(s: &str) -> String {
+    utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
+}
+
+fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+/// Prints rows as aligned columns under `headers`.
+fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn phase_of(server: &Value) -> String {
+    let status = &server["status"];
+    match status["phase"].as_str() {
+        Some(p) => match status["reason"].as_str() {
+            Some(r) => format!("{p} ({r})"),
+            None => p.to_owned(),
+        },
+        None => "?".into(),
+    }
+}
+
+/// Runs a `servers` command.
+pub async fn servers(target: &Target, command: ServersCommand) -> anyhow::Result<()> {
+    let api = Api::new(target)?;
+    match command {
+        ServersCommand::List => {
+            let answer = api.call("GET", "/admin/v1/servers", None).await?;
+            if target.json {
+                print_json(&answer.body);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = answer.body["servers"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|s| {
+                    vec![
+                        s["name"].as_str().unwrap_or_default().to_owned(),
+                        phase_of(s),
+                        s["status"]["restarts"].to_string(),
+                        s["source"].as_str().unwrap_or_default().to_owned(),
+                        match s["installed"].as_object() {
+                            Some(i) => format!(
+                                "{}@{}",
+                                i["entry"].as_str().unwrap_or_default(),
+                                i["version"].as_str().unwrap_or_default()
+                            ),
+                            None => String::new(),
+                        },
+                    ]
+                })
+                .collect();
+            table(
+                &["NAME", "PHASE", "RESTARTS", "SOURCE", "INSTALLED FROM"],
+                &rows,
+            );
+        }
+        ServersCommand::Add { name, file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let spec: Value = serde_saphyr::from_str(&text)
+                .with_context(|| format!("{} is not YAML or JSON", file.display()))?;
+            let path = format!("/admin/v1/servers/{}", segment(&name));
+            let answer = api.call("PUT", &path, Some(spec)).await?;
+            report(
+                target,
+                &answer.body,
+                &format!("{name}: {}", phase_of(&answer.body)),
+            );
+        }
+        ServersCommand::Logs {
+            name,
+            previous,
+            tail,
+        } => {
+            let mut query = Vec::new();
+            if previous {
+                query.push("previous=true".to_owned());
+            }
+            if let Some(n) = tail {
+                query.push(format!("tail={n}"));
+            }
+            let path = format!(
+                "/admin/v1/servers/{}/logs{}{}",
+                segment(&name),
+                if query.is_empty() { "" } else { "?" },
+                query.join("&")
+            );
+            let answer = api.call("GET", &path, None).await?;
+            print!("{}", answer.text);
+        }
+        ServersCommand::Restart { name } => {
+            let path = format!("/admin/v1/servers/{}/restart", segment(&name));
+            let answer = api.call("POST", &path, None).await?;
+            report(target, &answer.body, &format!("{name}: restarting"));
+        }
+        ServersCommand::Remove { name } => {
+            let path = format!("/admin/v1/servers/{}", segment(&name));
+            api.call("DELETE", &path, None).await?;
+            report(
+                target,
+                &json!({"removed": name}),
+                &format!("{name}: removed"),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn report(target: &Target, body: &Value, human: &str) {
+    if target.json {
+        print_json(body);
+    } else {
+        println!("{human}");
+    }
+}
+
+/// Runs a `registry` command.
+pub async fn registry(target: &Target, command: RegistryCommand) -> anyhow::Result<()> {
+    let api = Api::new(target)?;
+    match command {
+        RegistryCommand::Search { query } => {
+            let mut path = "/v0.1/servers?version=latest&limit=100".to_owned();
+            if let Some(q) = &query {
+                path.push_str(&format!("&search={}", segment(q)));
+            }
+            let mut all = Vec::new();
+            let mut next = path.clone();
+            // Every page: a catalog is small, and a search asks for all of it.
+            for _ in 0..100 {
+                let answer = api.call("GET", &next, None).await?;
+                all.extend(
+                    answer.body["servers"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default(),
+                );
+                match answer.body["metadata"]["nextCursor"].as_str() {
+                    Some(cursor) => next = format!("{path}&cursor={}", segment(cursor)),
+                    None => break,
+                }
+            }
+            if target.json {
+                print_json(&json!({ "servers": all }));
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = all
+                .iter()
+                .map(|e| {
+                    let s = &e["server"];
+                    let kinds: Vec<&str> = s["packages"]
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|p| p["registryType"].as_str())
+                        .collect();
+                    vec![
+                        s["name"].as_str().unwrap_or_default().to_owned(),
+                        s["version"].as_str().unwrap_or_default().to_owned(),
+                        kinds.join(","),
+                        s["description"].as_str().unwrap_or_default().to_owned(),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "VERSION", "PACKAGES", "DESCRIPTION"], &rows);
+        }
+        RegistryCommand::Show { entry, version } => {
+            let path = format!(
+                "/v0.1/servers/{}/versions/{}",
+                segment(&entry),
+                segment(&version)
+            );
+            let answer = api.call("GET", &path, None).await?;
+            print_json(&answer.body);
+        }
+        RegistryCommand::Install {
+            entry,
+            version,
+            name,
+            values,
+            no_wait,
+            timeout,
+        } => {
+            let body = json!({
+                "entry": entry,
+                "version": version,
+                "name": name,
+                "values": values.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            });
+            let answer = api
+                .call("POST", "/admin/v1/registry/install", Some(body))
+                .await?;
+            let name = answer.body["name"].as_str().unwrap_or_default().to_owned();
+            if !target.json {
+                println!("{name}: installed from {entry}; {}", phase_of(&answer.body));
+            }
+            let last = if no_wait {
+                answer.body
+            } else {
+                converge(&api, target, &name, timeout).await?
+            };
+            if target.json {
+                print_json(&last);
+            }
+        }
+        RegistryCommand::Upgrade { name, version } => {
+            let body = json!({ "name": name, "version": version });
+            let answer = api
+                .call("POST", "/admin/v1/registry/upgrade", Some(body))
+                .await?;
+            let to = answer.body["installed"]["version"].as_str().unwrap_or("?");
+            report(target, &answer.body, &format!("{name}: now at {to}"));
+        }
+        RegistryCommand::Uninstall { name } => {
+            let path = format!("/admin/v1/servers/{}", segment(&name));
+            api.call("DELETE", &path, None).await?;
+            report(
+                target,
+                &json!({"removed": name}),
+                &format!("{name}: uninstalled"),
+            );
+        }
+        RegistryCommand::Import { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let doc: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", file.display()))?;
+            let answer = api
+                .call("POST", "/admin/v1/registry/servers", Some(doc))
+                .await?;
+            let human = format!(
+                "published {} version(s); {} already there",
+                answer.body["published"].as_array().map_or(0, Vec::len),
+                answer.body["skipped"].as_array().map_or(0, Vec::len)
+            );
+            report(target, &answer.body, &human);
+        }
+    }
+    Ok(())
+}
+
+/// Prints each phase an installed server goes through until it is ready; fails when it
+/// fails (with the orchestrator's reason) or does not get there in `timeout`.
+async fn converge(
+    api: &Api,
+    target: &Target,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    let path = format!("/admin/v1/servers/{}", segment(name));
+    let started = Instant::now();
+    let mut said = String::new();
+    loop {
+        let answer = api.call("GET", &path, None).await?;
+        let phase = phase_of(&answer.body);
+        if phase != said && !target.json {
+            let message = answer.body["status"]["message"]
+                .as_str()
+                .unwrap_or_default();
+            let sep = if message.is_empty() { "" } else { ": " };
+            println!("{name}: {phase}{sep}{message} ({:.0?})", started.elapsed());
+        }
+        said = phase;
+        match answer.body["status"]["phase"].as_str() {
+            Some("ready") => return Ok(answer.body),
+            Some("failed") => bail!(
+                "{name} failed: {}",
+                answer.body["status"]["message"]
+                    .as_str()
+                    .unwrap_or("no reason given")
+            ),
+            _ => {}
+        }
+        if started.elapsed() > timeout {
+            bail!(
+                "{name} was not ready after {}: last {said}",
+                humantime::format_duration(timeout)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,148 @@
+//! `gatehouse servers …` and `gatehouse registry …` against a running gateway: the binary
+//! itself, run as an operator would.
+
+mod support;
+
+use std::sync::Arc;
+
+use gatehouse::orchestrator::Runtime;
+use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
+use serde_json::Value;
+use support::BIN;
+
+const ADMIN: &str = "cli-admin-token-0123456789";
+
+struct Ran {
+    ok: bool,
+    out: String,
+    err: String,
+}
+
+/// Runs `gatehouse ARGS` against the gateway at `addr`, with the admin token in the
+/// environment as an operator's shell would have it.
+async fn gatehouse(addr: std::net::SocketAddr, token: &str, args: &[&str]) -> Ran {
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .env("GATEHOUSE_URL", format!("http://{addr}"))
+        .env("GATEHOUSE_ADMIN_TOKEN", token)
+        .output()
+        .await
+        .expect("runs");
+    Ran {
+        ok: out.status.success(),
+        out: String::from_utf8_lossy(&out.stdout).into_owned(),
+        err: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_run_servers_and_the_registry_from_the_command_line() {
+    let config = gatehouse::Config::from_yaml(&format!(
+        "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}"
+    ))
+    .unwrap();
+    let runtime: Arc<dyn Runtime> = Arc::new(LocalRuntime::new(LocalSettings::default()));
+    let running = gatehouse::start_with(config, Some(runtime.clone()))
+        .await
+        .unwrap();
+    let addr = running.listening.local_addr;
+    let dir = std::env::temp_dir().join(format!("gatehouse-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // The catalog: a table for people, JSON for scripts.
+    let found = gatehouse(addr, ADMIN, &["registry", "search", "time"]).await;
+    assert!(found.ok, "{}", found.err);
+    let lines: Vec<&str> = found.out.lines().collect();
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("VERSION"),
+        "{}",
+        found.out
+    );
+    assert_eq!(lines.len(), 2, "{}", found.out);
+    assert!(lines[1].starts_with("io.github.modelcontextprotocol/server-time"));
+    let json = gatehouse(addr, ADMIN, &["registry", "search", "--json"]).await;
+    let all: Value =
+        serde_json::from_str(&json.out).unwrap_or_else(|e| panic!("{e}: {}", json.out));
+    assert_eq!(all["servers"].as_array().unwrap().len(), 4, "{all}");
+
+    // An import, then an install the local backend cannot run (an image): refused, nothing
+    // installed.
+    let doc = dir.join("server.json");
+    std::fs::write(
+        &doc,
+        r#"{"name": "io.example/imaged", "description": "an image", "version": "1.0.0",
+            "packages": [{"registryType": "oci", "identifier": "ghcr.io/example/imaged", "transport": {"type": "stdio"}}]}"#,
+    )
+    .unwrap();
+    let imported = gatehouse(addr, ADMIN, &["registry", "import", doc.to_str().unwrap()]).await;
+    assert!(imported.ok, "{}", imported.err);
+    assert_eq!(
+        imported.out.trim(),
+        "published 1 version(s); 0 already there"
+    );
+    let install = gatehouse(addr, ADMIN, &["registry", "install", "io.example/imaged"]).await;
+    assert!(!install.ok, "{}", install.out);
+    assert!(
+        install.err.contains("400") && install.err.contains("needs a command"),
+        "{}",
+        install.err
+    );
+    assert!(runtime.list().await.is_empty(), "nothing half-installed");
+    let nobody = gatehouse(addr, ADMIN, &["registry", "uninstall", "imaged"]).await;
+    assert!(!nobody.ok && nobody.err.contains("404"), "{}", nobody.err);
+
+    // A server from a spec file: listed, its logs, restarted, removed.
+    let spec = dir.join("spec.yaml");
+    std::fs::write(
+        &spec,
+        format!("command: {BIN:?}\nargs: [example-server, --name, cli]\n"),
+    )
+    .unwrap();
+    let added = gatehouse(
+        addr,
+        ADMIN,
+        &["servers", "add", "cli", "--file", spec.to_str().unwrap()],
+    )
+    .await;
+    assert!(added.ok, "{}", added.err);
+    support::eventually("the server ready", || async {
+        let listed = gatehouse(addr, ADMIN, &["servers", "list"]).await;
+        listed
+            .out
+            .lines()
+            .any(|l| l.starts_with("cli ") && l.contains("ready"))
+    })
+    .await;
+    let listed = gatehouse(addr, ADMIN, &["servers", "list", "--json"]).await;
+    let listed: Value = serde_json::from_str(&listed.out).unwrap();
+    assert_eq!(listed["servers"][0]["name"], "cli", "{listed}");
+    let logs = gatehouse(addr, ADMIN, &["servers", "logs", "cli", "--tail", "5"]).await;
+    assert!(logs.ok, "{}", logs.err);
+    let restarted = gatehouse(addr, ADMIN, &["servers", "restart", "cli"]).await;
+    assert_eq!(restarted.out.trim(), "cli: restarting", "{}", restarted.err);
+    let removed = gatehouse(addr, ADMIN, &["servers", "remove", "cli"]).await;
+    assert!(removed.ok, "{}", removed.err);
+    assert!(runtime.status("cli").await.is_err());
+
+    // What the gateway refuses is said plainly, with a failing exit status.
+    let denied = gatehouse(addr, "wrong-token", &["servers", "list"]).await;
+    assert!(!denied.ok);
+    assert!(denied.err.contains("401"), "{}", denied.err);
+    let unknown = gatehouse(addr, ADMIN, &["registry", "show", "io.example/none"]).await;
+    assert!(!unknown.ok);
+    assert!(
+        unknown.err.contains("404") && unknown.err.contains("not found"),
+        "{}",
+        unknown.err
+    );
+    let bad = gatehouse(
+        addr,
+        ADMIN,
+        &["registry", "install", "x", "--set", "novalue"],
+    )
+    .await;
+    assert!(!bad.ok);
+    assert!(bad.err.contains("KEY=VALUE"), "{}", bad.err);
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
