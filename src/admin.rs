@@ -67,6 +67,8 @@ enum AdminError {
     RegistryOff,
     #[error("a server named {0:?} runs already: uninstall it, or install under another name")]
     Installed(String),
+    #[error("{0}")]
+    Hidden(String),
     #[error(transparent)]
     Catalog(#[from] crate::registry::CatalogError),
 }
@@ -98,6 +100,7 @@ impl AdminError {
             AdminError::Body(FrontError::BodyTimeout) => StatusCode::REQUEST_TIMEOUT,
             AdminError::Body(_) | AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
             AdminError::Configured(_) | AdminError::Installed(_) => StatusCode::CONFLICT,
+            AdminError::Hidden(_) => StatusCode::FORBIDDEN,
             AdminError::Orchestrator(e) => match e {
                 OrchestratorError::NotFound(_) | OrchestratorError::Removed(_) => {
                     StatusCode::NOT_FOUND
@@ -549,6 +552,7 @@ async fn install(
     let body = json_body(gw, req).await?;
     let ask: Install =
         serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
+    visible_to(gw, &catalog, who, &ask.entry).await?;
     let server = installable(&catalog, &ask.entry, ask.version.as_deref())?;
     let request = install::Request {
         name: ask.name,
@@ -569,6 +573,29 @@ async fn install(
     }
     tracing::info!(server = %def.name, entry = %ask.entry, version = %server["version"], by = who, "installing a registry entry");
     put(gw, runtime, &def.name, def.spec, who).await
+}
+
+/// Refuses an entry the registry's filters hide from the admin principal `who`.
+async fn visible_to(
+    gw: &Gateway,
+    catalog: &crate::registry::Catalog,
+    who: &str,
+    entry: &str,
+) -> Result<(), AdminError> {
+    use crate::registry::visibility;
+    let caller = visibility::Caller {
+        principal: Some(who),
+        ..Default::default()
+    };
+    let hidden = visibility::hidden(&gw.plugins, catalog, caller)
+        .await
+        .map_err(|d| AdminError::Hidden(format!("the registry's filter failed: {d}")))?;
+    if hidden.contains(entry) {
+        return Err(AdminError::Hidden(format!(
+            "{entry} is hidden from {who} by the registry's filters: it cannot be installed"
+        )));
+    }
+    Ok(())
 }
 
 /// A version of a catalog entry that may be installed (`latest` by default): not deprecated
@@ -633,6 +660,7 @@ async fn upgrade(
             ask.name
         )));
     };
+    visible_to(gw, &catalog, who, &source.entry).await?;
     let server = installable(&catalog, &source.entry, ask.version.as_deref())?;
     let old = catalog
         .version(&source.entry, &source.version, true)

@@ -561,15 +561,33 @@ async fn registry(gw: &Arc<Gateway>, req: &Request<hyper::body::Incoming>) -> Re
         return not_found(req.uri().path());
     };
     // A preflight carries no credentials (and gets no data).
-    if req.method() != http::Method::OPTIONS
-        && let Err((status, message, challenge)) = front::admit_reader(gw, req).await
-    {
-        let mut r = api::error(status, &message);
-        if let Some(c) = challenge {
-            r.headers_mut().insert(http::header::WWW_AUTHENTICATE, c);
+    let mut identity = None;
+    if req.method() != http::Method::OPTIONS {
+        match front::admit_reader(gw, req).await {
+            Ok(who) => identity = who,
+            Err((status, message, challenge)) => {
+                let mut r = api::error(status, &message);
+                if let Some(c) = challenge {
+                    r.headers_mut().insert(http::header::WWW_AUTHENTICATE, c);
+                }
+                return r;
+            }
         }
-        return r;
     }
+    let caller = crate::registry::visibility::Caller {
+        principal: identity.as_ref().map(|i| &*i.principal),
+        groups: identity.as_ref().map_or(&[], |i| &i.claims.groups),
+        scopes: identity.as_ref().map_or(&[], |i| &i.claims.scopes),
+    };
+    let hidden = match crate::registry::visibility::hidden(&gw.plugins, catalog, caller).await {
+        Ok(hidden) => hidden,
+        Err(denied) => {
+            return api::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the registry's filter failed, so nothing is shown: {denied}"),
+            );
+        }
+    };
     // Any origin may read with a credential; without authentication, only the page's own
     // origin (a browser then hides the answer from other sites).
     let anyone = !gw.auth.is_off();
@@ -579,6 +597,7 @@ async fn registry(gw: &Arc<Gateway>, req: &Request<hyper::body::Incoming>) -> Re
         req.uri().path(),
         req.uri().query(),
         anyone,
+        hidden,
     )
 }
 

@@ -625,3 +625,90 @@ async fn installing_an_entry_defines_a_server_and_bad_installs_change_nothing() 
     assert_eq!(running.gateway.definition("up").unwrap(), spec, "unchanged");
     running.shutdown().await;
 }
+
+/// The registry's filter plugins (the real `list-filter` component) decide per caller what
+/// the registry shows, and an install of what the installer cannot see changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_plugins_hide_entries_per_caller_and_deny_installing_them() {
+    use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
+    let config = gatehouse::Config::from_yaml(&format!(
+        "listen: 127.0.0.1:0
+auth: {{tokens: [{{principal: alice, token: alice-token-0123456789}}, {{principal: bob, token: bob-token-0123456789ab}}]}}
+admin: {{tokens: [{{principal: ops, token: {ADMIN}}}, {{principal: intern, token: intern-token-0123456789}}]}}
+plugins:
+  modules:
+    - name: lists
+      path: {:?}
+      config: {{rules: [{{principals: [bob], kinds: [server], deny: [\"*fetch*\"]}}, {{principals: [intern], kinds: [server], deny: [\"*fetch*\"]}}]}}
+  chains:
+    - {{name: registry, methods: [registry/list], plugins: [lists]}}
+",
+        support::wasm("list_filter")
+    ))
+    .unwrap();
+    let runtime: std::sync::Arc<dyn gatehouse::orchestrator::Runtime> =
+        std::sync::Arc::new(LocalRuntime::new(LocalSettings::default()));
+    let running = gatehouse::start_with(config, Some(runtime.clone()))
+        .await
+        .unwrap();
+    let addr = running.listening.local_addr;
+    let names = |token: &'static str| async move {
+        let r = admin_request(addr, Some(token), "GET", "/v0.1/servers", None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let mut names: Vec<String> = r.json()["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["server"]["name"].as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let fetch = "io.github.modelcontextprotocol/server-fetch";
+    let alice = names("alice-token-0123456789").await;
+    let bob = names("bob-token-0123456789ab").await;
+    assert!(alice.iter().any(|n| n == fetch), "{alice:?}");
+    assert_eq!(bob.len(), alice.len() - 1, "{bob:?}");
+    assert!(!bob.iter().any(|n| n == fetch), "{bob:?}");
+    // Hidden is absent: one version, every version, a search.
+    let one = "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-fetch/versions/latest";
+    let all = "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-fetch/versions";
+    for path in [one, all] {
+        let r = admin_request(addr, Some("bob-token-0123456789ab"), "GET", path, None).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.body);
+        let r = admin_request(addr, Some("alice-token-0123456789"), "GET", path, None).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+    }
+    let r = admin_request(
+        addr,
+        Some("bob-token-0123456789ab"),
+        "GET",
+        "/v0.1/servers?search=fetch",
+        None,
+    )
+    .await;
+    assert_eq!(r.json()["servers"], json!([]), "{}", r.body);
+
+    // An installer who cannot see it cannot install it; one who can, can.
+    let install = |token: &'static str| async move {
+        admin_request(
+            addr,
+            Some(token),
+            "POST",
+            "/admin/v1/registry/install",
+            Some(json!({"entry": fetch})),
+        )
+        .await
+    };
+    let denied = install("intern-token-0123456789").await;
+    assert_eq!(denied.status, 403, "{}", denied.body);
+    assert!(
+        denied.body.contains("hidden from intern"),
+        "{}",
+        denied.body
+    );
+    assert!(runtime.list().await.is_empty(), "nothing installed");
+    let allowed = install(ADMIN).await;
+    assert_eq!(allowed.status, 201, "{}", allowed.body);
+    running.shutdown().await;
+}

@@ -202,7 +202,7 @@ pub async fn serve(
 pub(crate) async fn admit_reader<B>(
     gw: &Gateway,
     req: &Request<B>,
-) -> Result<(), (StatusCode, String, Option<HeaderValue>)> {
+) -> Result<Option<crate::auth::Identity>, (StatusCode, String, Option<HeaderValue>)> {
     let refused = |e: FrontError| {
         let challenge = match &e {
             FrontError::Auth(a) => Some(gw.auth.challenge(a, None)),
@@ -228,7 +228,7 @@ pub(crate) async fn admit_reader<B>(
         audit_refusal(gw, known, &e.to_string());
         return Err(refused(e));
     }
-    Ok(())
+    Ok(identity)
 }
 
 /// The principal of the request's connection's client certificate, if it has one.

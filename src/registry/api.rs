@@ -157,14 +157,16 @@ fn catalog_error(e: CatalogError) -> Response<Body> {
 
 /// Answers a request under one of [`PREFIXES`] (authentication is the caller's); `anyone`:
 /// reading takes a credential, so any origin may.
+/// `hidden`: the servers the caller may not see (see [`super::visibility`]).
 pub fn serve(
     catalog: &Catalog,
     method: &Method,
     path: &str,
     raw_query: Option<&str>,
     anyone: bool,
+    hidden: std::collections::HashSet<String>,
 ) -> Response<Body> {
-    cors(answer(catalog, method, path, raw_query), anyone)
+    cors(answer(catalog, method, path, raw_query, hidden), anyone)
 }
 
 fn answer(
@@ -172,6 +174,7 @@ fn answer(
     method: &Method,
     path: &str,
     raw_query: Option<&str>,
+    hidden: std::collections::HashSet<String>,
 ) -> Response<Body> {
     if method == Method::OPTIONS {
         let mut r = Response::new(Body::Empty);
@@ -192,7 +195,7 @@ fn answer(
     };
     if rest == "servers" {
         let q = match query(raw_query) {
-            Ok(q) => q,
+            Ok(q) => super::catalog::Query { hidden, ..q },
             Err(e) => return error(StatusCode::BAD_REQUEST, &e),
         };
         let page = catalog.list(&q);
@@ -234,6 +237,10 @@ fn answer(
         Ok(n) => n,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
+    // Hidden is absent, to this caller.
+    if hidden.contains(&name) {
+        return not_found();
+    }
     match version {
         None => match catalog.versions(&name, include_deleted) {
             Ok(items) => {

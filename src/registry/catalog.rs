@@ -165,6 +165,8 @@ pub struct Query {
     pub version: Option<String>,
     /// Deleted versions too.
     pub include_deleted: bool,
+    /// Servers the caller may not see (the registry's filters).
+    pub hidden: std::collections::HashSet<String>,
 }
 
 /// A page of versions: (document, `_meta`) pairs, and where the next page starts.
@@ -490,6 +492,28 @@ impl Catalog {
             .collect())
     }
 
+    /// Each server's name, with the description and labels (`key=value`, from our `_meta`)
+    /// of its latest version: what the registry's filters see.
+    pub fn entries(&self) -> Vec<(String, Option<String>, Vec<String>)> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state
+            .iter()
+            .filter_map(|(name, versions)| {
+                let v = &versions[latest(versions).or(versions.len().checked_sub(1))?];
+                let labels = v.server["_meta"][GATEHOUSE_META]["labels"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let description = v.server["description"].as_str().map(str::to_owned);
+                Some((name.clone(), description, labels))
+            })
+            .collect()
+    }
+
     /// A page of versions, ordered by name then version (as the official registry).
     pub fn list(&self, q: &Query) -> Page {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
@@ -497,6 +521,9 @@ impl Catalog {
         let mut items = Vec::new();
         let mut next = None;
         for (name, versions) in state.iter() {
+            if q.hidden.contains(name) {
+                continue;
+            }
             let latest = latest(versions);
             let mut order: Vec<usize> = (0..versions.len()).collect();
             order.sort_by(|&a, &b| versions[a].version().cmp(versions[b].version()));

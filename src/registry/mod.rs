@@ -4,6 +4,7 @@
 pub mod api;
 pub mod catalog;
 pub mod install;
+pub mod visibility;
 
 use std::path::PathBuf;
 
