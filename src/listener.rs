@@ -579,13 +579,20 @@ async fn registry(gw: &Arc<Gateway>, req: &Request<hyper::body::Incoming>) -> Re
         groups: identity.as_ref().map_or(&[], |i| &i.claims.groups),
         scopes: identity.as_ref().map_or(&[], |i| &i.claims.scopes),
     };
-    let hidden = match crate::registry::visibility::hidden(&gw.plugins, catalog, caller).await {
-        Ok(hidden) => hidden,
-        Err(denied) => {
-            return api::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("the registry's filter failed, so nothing is shown: {denied}"),
-            );
+    // A preflight shows no entry: no filter to run.
+    let hidden = if req.method() == http::Method::OPTIONS {
+        Default::default()
+    } else {
+        match crate::registry::visibility::hidden(&gw.plugins, catalog, caller).await {
+            Ok(hidden) => hidden,
+            Err(denied) => {
+                // The plugin's fault is the operator's to read, not the caller's.
+                tracing::warn!("registry filter failed, nothing shown: {denied}");
+                return api::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the registry's filter failed, so nothing is shown",
+                );
+            }
         }
     };
     // Any origin may read with a credential; without authentication, only the page's own

@@ -101,7 +101,13 @@ async fn operators_run_servers_and_the_registry_from_the_command_line() {
     let added = gatehouse(
         addr,
         ADMIN,
-        &["servers", "add", "cli", "--file", spec.to_str().unwrap()],
+        &[
+            "servers",
+            "add",
+            "cli-server",
+            "--file",
+            spec.to_str().unwrap(),
+        ],
     )
     .await;
     assert!(added.ok, "{}", added.err);
@@ -110,19 +116,29 @@ async fn operators_run_servers_and_the_registry_from_the_command_line() {
         listed
             .out
             .lines()
-            .any(|l| l.starts_with("cli ") && l.contains("ready"))
+            .any(|l| l.starts_with("cli-server ") && l.contains("ready"))
     })
     .await;
     let listed = gatehouse(addr, ADMIN, &["servers", "list", "--json"]).await;
     let listed: Value = serde_json::from_str(&listed.out).unwrap();
-    assert_eq!(listed["servers"][0]["name"], "cli", "{listed}");
-    let logs = gatehouse(addr, ADMIN, &["servers", "logs", "cli", "--tail", "5"]).await;
+    assert_eq!(listed["servers"][0]["name"], "cli-server", "{listed}");
+    let logs = gatehouse(
+        addr,
+        ADMIN,
+        &["servers", "logs", "cli-server", "--tail", "5"],
+    )
+    .await;
     assert!(logs.ok, "{}", logs.err);
-    let restarted = gatehouse(addr, ADMIN, &["servers", "restart", "cli"]).await;
-    assert_eq!(restarted.out.trim(), "cli: restarting", "{}", restarted.err);
-    let removed = gatehouse(addr, ADMIN, &["servers", "remove", "cli"]).await;
+    let restarted = gatehouse(addr, ADMIN, &["servers", "restart", "cli-server"]).await;
+    assert_eq!(
+        restarted.out.trim(),
+        "cli-server: restarting",
+        "{}",
+        restarted.err
+    );
+    let removed = gatehouse(addr, ADMIN, &["servers", "remove", "cli-server"]).await;
     assert!(removed.ok, "{}", removed.err);
-    assert!(runtime.status("cli").await.is_err());
+    assert!(runtime.status("cli-server").await.is_err());
 
     // What the gateway refuses is said plainly, with a failing exit status.
     let denied = gatehouse(addr, "wrong-token", &["servers", "list"]).await;

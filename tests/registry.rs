@@ -679,6 +679,15 @@ plugins:
         let r = admin_request(addr, Some("alice-token-0123456789"), "GET", path, None).await;
         assert_eq!(r.status, 200, "{path}: {}", r.body);
     }
+    // A hidden name and an absent one answer alike, whatever else the request holds.
+    for name in [
+        "io.github.modelcontextprotocol%2Fserver-fetch",
+        "io.example%2Fabsent",
+    ] {
+        let path = format!("/v0.1/servers/{name}/versions/%FF");
+        let r = admin_request(addr, Some("bob-token-0123456789ab"), "GET", &path, None).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.body);
+    }
     let r = admin_request(
         addr,
         Some("bob-token-0123456789ab"),

@@ -237,7 +237,12 @@ fn answer(
         Ok(n) => n,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
-    // Hidden is absent, to this caller.
+    // Every input is read before what is hidden is looked at: a hidden name answers as an
+    // absent one would, whatever else the request holds.
+    let version = match version.map(|v| decode_segment(v, "version")).transpose() {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
     if hidden.contains(&name) {
         return not_found();
     }
@@ -256,17 +261,9 @@ fn answer(
             }
             Err(e) => catalog_error(e),
         },
-        Some(version) => {
-            let version = match decode_segment(version, "version") {
-                Ok(v) => v,
-                Err(e) => return error(StatusCode::BAD_REQUEST, &e),
-            };
-            match catalog.version(&name, &version, include_deleted) {
-                Ok((server, meta)) => {
-                    json(StatusCode::OK, &json!({"server": server, "_meta": meta}))
-                }
-                Err(e) => catalog_error(e),
-            }
-        }
+        Some(version) => match catalog.version(&name, &version, include_deleted) {
+            Ok((server, meta)) => json(StatusCode::OK, &json!({"server": server, "_meta": meta})),
+            Err(e) => catalog_error(e),
+        },
     }
 }
