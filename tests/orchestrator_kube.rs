@@ -1845,6 +1845,11 @@ async fn mcpserver_status_has_conditions_and_events() {
         rt.status("conds").await.unwrap().phase,
         Phase::Failed { .. }
     ));
+    // Its Event is recorded after its status is written.
+    eventually("the marker's Event", Duration::from_secs(5), || {
+        events_about(&fake, "marker", "InvalidDefinition").pop()
+    })
+    .await;
     let conds_writes: Vec<_> = writes(&fake)
         .into_iter()
         .filter(|w| w.contains("/conds") || w.contains("/events"))
