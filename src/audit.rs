@@ -26,6 +26,12 @@ const QUEUE: usize = 65_536;
 /// How long the writer lets records gather after one wakes it (the queue holds what comes
 /// meanwhile at any rate the gateway reaches).
 const GATHER: Duration = Duration::from_millis(1);
+/// Written lines kept in memory for the admin API (the console's recent activity).
+pub const RECENT: usize = 500;
+
+/// The last [`RECENT`] lines written, oldest first; shared by the writer and its readers.
+type Recent = Arc<std::sync::Mutex<std::collections::VecDeque<Bytes>>>;
+
 /// Longest name or outcome kept in a record (bytes): an attacker's 4 MiB URI must not roll the
 /// files over.
 pub const MAX_TEXT: usize = 512;
@@ -132,6 +138,8 @@ pub struct Audit {
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set when the gateway starts shipping lines to a collector.
     shipping: Arc<OnceLock<Shipping>>,
+    /// The last lines written.
+    recent: Recent,
 }
 
 /// Trail lines as an OTLP `ExportLogsServiceRequest` (JSON encoding): one log record per line,
@@ -174,7 +182,8 @@ impl Audit {
     /// thread of its own: file writes and signatures never hold up the request path's workers.
     pub fn start(settings: &AuditSettings) -> std::io::Result<Audit> {
         let shipping: Arc<OnceLock<Shipping>> = Arc::default();
-        let mut writer = Writer::open(settings, shipping.clone())?;
+        let recent = Recent::default();
+        let mut writer = Writer::open(settings, shipping.clone(), recent.clone())?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Message>(QUEUE);
         let lost = Arc::new(AtomicU64::new(0));
         let lost2 = lost.clone();
@@ -232,6 +241,7 @@ impl Audit {
             unauthenticated: Limiter::default(),
             writer: std::sync::Mutex::new(Some(thread)),
             shipping,
+            recent,
         })
     }
 
@@ -288,6 +298,13 @@ impl Audit {
             let _ = thread.join();
         })
         .await;
+    }
+
+    /// The last `n` lines written (at most [`RECENT`]), newest first: each a JSON object as
+    /// the trail has it, chain members included.
+    pub fn recent(&self, n: usize) -> Vec<Bytes> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().rev().take(n).cloned().collect()
     }
 
     /// Whether records are kept at all (callers skip building them otherwise).
@@ -356,6 +373,8 @@ struct Writer {
     pending_loss: u64,
     /// Where written lines are also shipped (OTLP logs), once the gateway started shipping.
     shipping: Arc<OnceLock<Shipping>>,
+    /// The last lines written, for the admin API.
+    recent: Recent,
 }
 
 /// The way to the OTLP exporter of the trail.
@@ -373,7 +392,11 @@ pub struct Shipped {
 }
 
 impl Writer {
-    fn open(s: &AuditSettings, shipping: Arc<OnceLock<Shipping>>) -> std::io::Result<Writer> {
+    fn open(
+        s: &AuditSettings,
+        shipping: Arc<OnceLock<Shipping>>,
+        recent: Recent,
+    ) -> std::io::Result<Writer> {
         let key =
             match &s.signing_key {
                 Some(seed) => Some(Ed25519KeyPair::from_seed_unchecked(seed).map_err(|_| {
@@ -411,6 +434,7 @@ impl Writer {
             since_checkpoint: 0,
             pending_loss: 0,
             shipping,
+            recent,
         })
         .map(|mut w| {
             // Records after the file's last checkpoint were not signed (a crash, or someone
@@ -515,9 +539,17 @@ impl Writer {
         self.seq = seq;
         self.prev = hash;
         self.written += line.len() as u64;
+        let written = Bytes::copy_from_slice(&line[..line.len() - 1]);
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(written.clone());
+        }
         if let Some(ship) = self.shipping.get() {
             let shipped = Shipped {
-                line: Bytes::copy_from_slice(&line[..line.len() - 1]),
+                line: written,
                 seq,
                 time_ns: now
                     .duration_since(std::time::UNIX_EPOCH)
@@ -839,7 +871,8 @@ mod tests {
         let file = dir.join("a.jsonl");
         let _ = std::fs::remove_file(&file);
         let seed = [7u8; 32];
-        let mut w = Writer::open(&settings(&file, seed, 3), Arc::default()).unwrap();
+        let mut w =
+            Writer::open(&settings(&file, seed, 3), Arc::default(), Arc::default()).unwrap();
         for n in 0..7 {
             w.write_event(&call(n));
         }
@@ -847,7 +880,8 @@ mod tests {
         w.checkpoint_if_new();
         drop(w);
         // A restart goes on with the same chain.
-        let mut w = Writer::open(&settings(&file, seed, 3), Arc::default()).unwrap();
+        let mut w =
+            Writer::open(&settings(&file, seed, 3), Arc::default(), Arc::default()).unwrap();
         w.write_event(&call(99));
         w.checkpoint_if_new();
         drop(w);
@@ -890,7 +924,8 @@ mod tests {
         let file = dir.join("a.jsonl");
         let _ = std::fs::remove_file(&file);
         let seed = [3u8; 32];
-        let mut w = Writer::open(&settings(&file, seed, 2), Arc::default()).unwrap();
+        let mut w =
+            Writer::open(&settings(&file, seed, 2), Arc::default(), Arc::default()).unwrap();
         for n in 0..4 {
             w.write_event(&call(n));
         }
@@ -924,7 +959,7 @@ mod tests {
         assert_eq!(ok.unsigned_tail, 0);
         // A restart over a file someone edited: refused, rather than signing over it.
         std::fs::write(&file, unknown.join("\n") + "\n").unwrap();
-        let err = Writer::open(&settings(&file, seed, 2), Arc::default())
+        let err = Writer::open(&settings(&file, seed, 2), Arc::default(), Arc::default())
             .err()
             .unwrap();
         assert!(err.to_string().contains("does not verify"), "{err}");
@@ -932,12 +967,14 @@ mod tests {
         let mut w = Writer::open(
             &settings(&file.with_extension("b"), seed, 100),
             Arc::default(),
+            Arc::default(),
         )
         .unwrap();
         w.write_event(&call(1));
         drop(w);
         let mut w = Writer::open(
             &settings(&file.with_extension("b"), seed, 100),
+            Arc::default(),
             Arc::default(),
         )
         .unwrap();
@@ -969,13 +1006,46 @@ mod tests {
     }
 
     #[test]
+    fn the_recent_lines_are_the_last_written_newest_first_and_bounded() {
+        let dir = std::env::temp_dir().join(format!("gatehouse-audit-m-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.jsonl");
+        let recent = Recent::default();
+        let mut w = Writer::open(
+            &settings(&file, [2u8; 32], 10_000),
+            Arc::default(),
+            recent.clone(),
+        )
+        .unwrap();
+        for n in 0..RECENT + 7 {
+            w.write_event(&call(n));
+        }
+        drop(w);
+        let audit = Audit {
+            recent,
+            ..Default::default()
+        };
+        let all = audit.recent(usize::MAX);
+        assert_eq!(all.len(), RECENT);
+        let written = std::fs::read_to_string(&file).unwrap();
+        let last: Vec<&str> = written.lines().rev().take(RECENT).collect();
+        let kept: Vec<&str> = all
+            .iter()
+            .map(|l| std::str::from_utf8(l).unwrap())
+            .collect();
+        assert_eq!(kept, last, "the lines as written, newest first");
+        assert_eq!(audit.recent(3).len(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn files_rotate_and_the_chain_goes_on_across_them() {
         let dir = std::env::temp_dir().join(format!("gatehouse-audit-r-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("a.jsonl");
         let mut s = settings(&file, [1u8; 32], 1000);
         s.max_bytes = 2000;
-        let mut w = Writer::open(&s, Arc::default()).unwrap();
+        let mut w = Writer::open(&s, Arc::default(), Arc::default()).unwrap();
         for n in 0..40 {
             w.write_event(&call(n));
         }

@@ -14,6 +14,7 @@ pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod console;
 pub mod example_server;
 pub mod gateway;
 pub mod listener;

@@ -460,6 +460,9 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
             crate::admin::serve(gw.clone(), req).await
         }
         path if crate::registry::api::is_registry_path(path) => registry(gw, &req).await,
+        path if path == crate::console::PREFIX || path.starts_with("/ui/") => {
+            crate::console::serve(req.method(), path)
+        }
         path if path.starts_with(WELL_KNOWN_RESOURCE) => resource_metadata(gw, &req),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),

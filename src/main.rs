@@ -219,6 +219,23 @@ fn main() -> anyhow::Result<()> {
             if let Some(l) = listen {
                 cfg.listen = l;
             }
+            // The embedded default opens the console: with the operator's token when the
+            // environment has one (the CLI's), else a new random one, told once at start.
+            let console_token = match (&config, cfg.admin_tokens.is_empty()) {
+                (None, true) => {
+                    let (token, told) = match std::env::var("GATEHOUSE_ADMIN_TOKEN") {
+                        Ok(t) if t.len() >= 16 => (t, false),
+                        Ok(t) if !t.is_empty() => anyhow::bail!(
+                            "GATEHOUSE_ADMIN_TOKEN is too short ({} bytes): use at least 16",
+                            t.len()
+                        ),
+                        _ => (new_admin_token(), true),
+                    };
+                    cfg.admin_tokens.push((token.clone(), "admin".into()));
+                    told.then_some(token)
+                }
+                _ => None,
+            };
             gatehouse::telemetry::init(cfg.log_format, &cfg.log_level);
             // Servers must not outlive a gateway that is killed without a chance to stop them.
             let exe = std::env::current_exe().context("cannot locate the gatehouse binary")?;
@@ -228,13 +245,25 @@ fn main() -> anyhow::Result<()> {
                     "cannot start the process guard; servers may outlive a killed gateway: {e}"
                 );
             }
-            rt.block_on(serve(cfg, config.is_none()))?;
+            rt.block_on(serve(cfg, config.is_none(), console_token))?;
         }
     }
     Ok(())
 }
 
-async fn serve(cfg: gatehouse::Config, embedded: bool) -> anyhow::Result<()> {
+/// A random admin token: 32 bytes from the OS, as hex.
+fn new_admin_token() -> String {
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).expect("the OS random source is available");
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn serve(
+    cfg: gatehouse::Config,
+    embedded: bool,
+    console_token: Option<String>,
+) -> anyhow::Result<()> {
+    let console = !cfg.admin_tokens.is_empty();
     let upstreams: Vec<String> = cfg.upstreams.iter().map(|u| u.name.clone()).collect();
     let running = gatehouse::start(cfg)
         .await
@@ -246,6 +275,16 @@ async fn serve(cfg: gatehouse::Config, embedded: bool) -> anyhow::Result<()> {
         embedded_default = embedded,
         "gatehouse listening: MCP endpoint http://{addr}{}", gatehouse::listener::MCP_PATH
     );
+    if console {
+        // On the terminal only, not in the log stream (which may be shipped elsewhere).
+        match console_token {
+            Some(token) => eprintln!(
+                "console: http://{addr}{}/  (admin token for this run: {token})",
+                gatehouse::console::PREFIX
+            ),
+            None => eprintln!("console: http://{addr}{}/", gatehouse::console::PREFIX),
+        }
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

@@ -100,6 +100,88 @@ plugins:
     };
     assert_eq!(delete_with("ops-token-0123456789ab").await, 404);
     assert_eq!(delete_with("not-the-admin-token-000").await, 401);
+
+    // What operators read (the console's pages): the same records, the session and its
+    // principal (never its whole id), the plugins; only with an admin token.
+    let admin_get = |path: &str, token: &str| {
+        let mut admin = gw.client();
+        admin.url = format!("http://{}{path}", gw.addr);
+        admin.token = Some(token.into());
+        async move {
+            let req = admin
+                .request("GET", "")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            let r = admin.send(req).await;
+            (
+                r.status,
+                serde_json::from_str::<Value>(&r.body).unwrap_or(Value::Null),
+            )
+        }
+    };
+    const OPS: &str = "ops-token-0123456789ab";
+    for path in ["/admin/v1/sessions", "/admin/v1/audit", "/admin/v1/plugins"] {
+        assert_eq!(
+            admin_get(path, "alice-token-0123456789").await.0,
+            401,
+            "{path}"
+        );
+    }
+    let (status, sessions) = admin_get("/admin/v1/sessions", OPS).await;
+    assert_eq!(status, 200, "{sessions}");
+    let session = c.session.as_deref().unwrap();
+    let shown = &sessions["sessions"][0];
+    assert_eq!(shown["principal"], "alice", "{sessions}");
+    assert_eq!(shown["revision"], "2025-11-25", "{sessions}");
+    assert!(
+        session.starts_with(shown["id"].as_str().unwrap()),
+        "{sessions}"
+    );
+    assert!(!sessions.to_string().contains(session), "{sessions}");
+    // The writer is a thread of its own: the denial shows once written.
+    let mut recent = Value::Null;
+    for _ in 0..100 {
+        recent = admin_get("/admin/v1/audit?limit=50", OPS).await.1;
+        let records = recent["records"].as_array().cloned().unwrap_or_default();
+        if records
+            .iter()
+            .any(|r| r["kind"] == "admin" && r["outcome"] == "401")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(recent["on"], true, "{recent}");
+    let records = recent["records"].as_array().unwrap();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["kind"] == "denial" && r["by"] == "lists" && r["name"] == "add"),
+        "{recent}"
+    );
+    assert!(
+        records
+            .windows(2)
+            .all(|w| w[0]["seq"].as_u64() > w[1]["seq"].as_u64()),
+        "newest first: {recent}"
+    );
+    assert_eq!(admin_get("/admin/v1/audit?limit=0", OPS).await.0, 400);
+    let (_, plugins) = admin_get("/admin/v1/plugins", OPS).await;
+    assert_eq!(plugins["modules"][0]["name"], "lists", "{plugins}");
+    assert_eq!(
+        plugins["modules"][0]["hooks"],
+        json!(["filter-list"]),
+        "{plugins}"
+    );
+    assert!(
+        plugins["modules"][0]["denials"].as_u64().unwrap() >= 1,
+        "{plugins}"
+    );
+    assert_eq!(
+        plugins["chains"][0]["plugins"],
+        json!(["lists"]),
+        "{plugins}"
+    );
     gw.stop().await;
 
     let text = std::fs::read_to_string(&file).unwrap();

