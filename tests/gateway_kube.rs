@@ -7,6 +7,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use fake_kube::{FakeKube, Kind};
 use gatehouse::orchestrator::Runtime;
@@ -612,4 +613,167 @@ async fn the_relay_answers_only_the_replicas_and_only_on_the_leader() {
     );
     leader.stop().await;
     follower.stop().await;
+}
+
+/// A catalog entry whose package is an OCI image (which the fake node runs as the example
+/// server named after its version), with a required secret.
+fn oci_entry(version: &str) -> Value {
+    json!({
+        "$schema": "https://static.modelcontextprotocol.io/schemas/2025-12-11/server.schema.json",
+        "name": "io.github.gatehouse-test/example",
+        "description": "The example server as an image",
+        "version": version,
+        "packages": [{
+            "registryType": "oci",
+            "identifier": "ghcr.io/gatehouse-test/example",
+            "version": version,
+            "transport": {"type": "stdio"},
+            "environmentVariables": [
+                {"name": "API_TOKEN", "isSecret": true, "isRequired": true},
+                {"name": "GREETING", "default": "hello"},
+            ],
+        }],
+    })
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..250 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_installed_entry_runs_as_a_pod_its_secret_never_in_the_resource_and_upgrades_after_a_restart()
+ {
+    const SECRET: &str = "tok-installed-7f3a";
+    let fake = FakeKube::start().await;
+    fake.configure(|s| {
+        for v in ["1.0.0", "1.1.0"] {
+            s.images.insert(
+                format!("ghcr.io/gatehouse-test/example:{v}"),
+                vec![
+                    BIN.into(),
+                    "example-server".into(),
+                    "--name".into(),
+                    format!("v{v}"),
+                ],
+            );
+        }
+    });
+    let (a, rt_a) = replica(&fake, "replica-a").await;
+    let r = admin(
+        &a,
+        "POST",
+        "/admin/v1/registry/servers",
+        Some(oci_entry("1.0.0")),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let install = json!({"entry": "io.github.gatehouse-test/example", "name": "installed",
+        "values": {"API_TOKEN": SECRET}});
+    let r = admin(&a, "POST", "/admin/v1/registry/install", Some(install)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // The resource names the secret; the value is in the server's values Secret, owned by
+    // the resource (removed with it), and the pod reads it from there.
+    let cr = fake
+        .get(Kind::McpServer, NS, "installed")
+        .expect("an McpServer");
+    assert!(!cr.to_string().contains(SECRET), "{cr}");
+    let token = cr["spec"]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "API_TOKEN")
+        .cloned()
+        .unwrap();
+    assert_eq!(token, json!({"name": "API_TOKEN", "storedSecret": true}));
+    assert_eq!(cr["spec"]["image"], "ghcr.io/gatehouse-test/example:1.0.0");
+    let values = fake
+        .get(Kind::Secret, NS, "mcp-installed-values")
+        .expect("the values Secret");
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(values["data"]["API_TOKEN"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(stored, SECRET.as_bytes());
+    assert_eq!(
+        values["metadata"]["ownerReferences"][0]["kind"],
+        "McpServer"
+    );
+    assert_eq!(
+        values["metadata"]["ownerReferences"][0]["uid"],
+        cr["metadata"]["uid"]
+    );
+    assert_eq!(whoami_eventually(&a).await, "v1.0.0");
+    let dep = fake.get(Kind::Deployment, NS, "mcp-installed").unwrap();
+    let container = &dep["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        env_of(container, "API_TOKEN")["valueFrom"]["secretKeyRef"]["name"],
+        "mcp-installed-values"
+    );
+    assert_eq!(env_of(container, "GREETING")["value"], "hello");
+    assert!(!dep.to_string().contains(SECRET));
+
+    // A new gateway (its definitions in memory gone) upgrades it from the resource: the
+    // secret stays stored and is not asked again.
+    a.stop().await;
+    rt_a.shutdown().await;
+    let (b, _rt_b) = replica(&fake, "replica-b").await;
+    let both = json!([oci_entry("1.0.0"), oci_entry("1.1.0")]);
+    let r = admin(&b, "POST", "/admin/v1/registry/servers", Some(both)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = admin(
+        &b,
+        "POST",
+        "/admin/v1/registry/upgrade",
+        Some(json!({"name": "installed"})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let cr = fake.get(Kind::McpServer, NS, "installed").unwrap();
+    assert_eq!(cr["spec"]["image"], "ghcr.io/gatehouse-test/example:1.1.0");
+    assert_eq!(cr["spec"]["registry"]["version"], "1.1.0");
+    assert!(!cr.to_string().contains(SECRET), "{cr}");
+    let values = fake.get(Kind::Secret, NS, "mcp-installed-values").unwrap();
+    assert_eq!(
+        values["data"]["API_TOKEN"],
+        base64::engine::general_purpose::STANDARD.encode(SECRET)
+    );
+    eventually("the upgraded pod answers", || {
+        fake.get(Kind::Deployment, NS, "mcp-installed")
+            .is_some_and(|d| {
+                d["spec"]["template"]["spec"]["containers"][0]["image"]
+                    == "ghcr.io/gatehouse-test/example:1.1.0"
+            })
+    })
+    .await;
+    let mut who = String::new();
+    for _ in 0..100 {
+        who = whoami_eventually(&b).await;
+        if who == "v1.1.0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(who, "v1.1.0");
+
+    // Uninstalled: the resource, its pod and both Secrets go.
+    let r = admin(&b, "DELETE", "/admin/v1/servers/installed", None).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert!(fake.get(Kind::McpServer, NS, "installed").is_none());
+    assert!(fake.get(Kind::Secret, NS, "mcp-installed-values").is_none());
+    eventually("the Deployment removed", || {
+        fake.get(Kind::Deployment, NS, "mcp-installed").is_none()
+    })
+    .await;
+    b.stop().await;
+    let outside = fake_kube::outside_role(&fake.requests(), &fake_kube::deployed_role());
+    assert!(
+        outside.is_empty(),
+        "not allowed by deploy/base/role.yaml: {outside:#?}"
+    );
 }

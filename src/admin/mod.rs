@@ -697,12 +697,17 @@ async fn upgrade(
     configured_here(gw, &ask.name)?;
     let _serial = gw.admin_changes.lock().await;
     runtime.status(&ask.name).await?;
-    let current = gw.definition(&ask.name).ok_or_else(|| {
-        AdminError::Invalid(format!(
-            "the definition of {:?} was not made through this gateway's admin API: install it again",
-            ask.name
-        ))
-    })?;
+    // This gateway's own record, else the backend's (an McpServer resource outlives the
+    // gateway that made it).
+    let current = match gw.definition(&ask.name) {
+        Some(d) => d,
+        None => runtime.definition(&ask.name).await.ok_or_else(|| {
+            AdminError::Invalid(format!(
+                "the definition of {:?} was not made through the admin API: install it again",
+                ask.name
+            ))
+        })?,
+    };
     let Some(source) = current.registry.clone() else {
         return Err(AdminError::Invalid(format!(
             "{:?} was not installed from the registry",

@@ -227,6 +227,13 @@ impl Runtime for LocalRuntime {
                     what: "a command",
                 });
             }
+            if server.uses_stored_secrets() {
+                return Err(OrchestratorError::Unsupported {
+                    server: server.name.clone(),
+                    backend: "local",
+                    what: "storedSecret (a Kubernetes Secret; give secretValue)",
+                });
+            }
             if server.spec.egress.is_some() {
                 tracing::warn!(
                     server = %server.name,
@@ -894,6 +901,8 @@ fn spawn(sup: &Supervised, settings: &LocalSettings) -> std::io::Result<ServerPr
         EnvValue::SecretFile(_) => {
             Some((OsString::from(k), files.as_ref()?.path(k).into_os_string()))
         }
+        // Refused by `apply`: never reaches a process here.
+        EnvValue::Stored { .. } => None,
     });
     // Later entries win: the definition over what the settings inherit (see crate::process).
     let env: BTreeMap<OsString, OsString> = inherited.chain(own).collect();

@@ -130,6 +130,13 @@ pub trait Runtime: Send + Sync {
         let _ = (name, key);
         None
     }
+
+    /// The definition of server `name` as the backend keeps it (an `McpServer` resource's
+    /// spec, its secret values stored apart), when it keeps one that outlives the gateway.
+    fn definition<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Option<McpServerSpec>> {
+        let _ = name;
+        Box::pin(futures_util::future::ready(None))
+    }
 }
 
 /// What the gateway needs to run the relay: several replicas must not attach to one stdio

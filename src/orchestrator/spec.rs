@@ -18,6 +18,8 @@ pub const OBJECT_PREFIX: &str = "mcp-";
 pub const MAX_NAME_LEN: usize = 63 - OBJECT_PREFIX.len();
 /// Where a server finds the secrets it gets as files (`asFile`), each named as its variable.
 pub const SECRET_FILES_DIR: &str = "/var/run/gatehouse/secrets";
+/// Where stored secrets delivered as files are mounted (Kubernetes).
+pub const STORED_SECRET_FILES_DIR: &str = "/var/run/gatehouse/stored-secrets";
 /// Default MCP endpoint path of a streamable-http server.
 pub const DEFAULT_HTTP_PATH: &str = "/mcp";
 /// Names no server may take: `gateway` is the `server` label of the metrics of requests
@@ -174,7 +176,8 @@ pub enum TransportKind {
     StreamableHttp,
 }
 
-/// One environment variable: exactly one of `value`, `secretValue`, `secretFromEnv`.
+/// One environment variable: exactly one of `value`, `secretValue`, `secretFromEnv`,
+/// `storedSecret`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EnvVarSpec {
@@ -189,6 +192,11 @@ pub struct EnvVarSpec {
     /// Secret value read from this variable of the gateway's environment (config file only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_from_env: Option<String>,
+    /// Secret value kept under the variable's name in the server's values Secret
+    /// (`mcp-<name>-values`, Kubernetes only): where the admin API puts a definition's
+    /// `secretValue`s, so that the `McpServer` resource never holds one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stored_secret: bool,
     /// Deliver the secret as a read-only file: the variable holds the file's path, not the
     /// secret (which then shows in no process environment).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -298,6 +306,12 @@ pub enum EnvValue {
     /// Stored like [`EnvValue::Secret`], delivered as a read-only file whose path is the
     /// variable's value.
     SecretFile(String),
+    /// Kept in the server's values Secret (Kubernetes): the gateway never holds the value;
+    /// `file`: delivered as a read-only file.
+    Stored {
+        /// Delivered as a file whose path is the variable's value.
+        file: bool,
+    },
 }
 
 impl std::fmt::Debug for EnvValue {
@@ -306,6 +320,7 @@ impl std::fmt::Debug for EnvValue {
             EnvValue::Plain(v) => f.debug_tuple("Plain").field(v).finish(),
             EnvValue::Secret(_) => f.write_str("Secret(<redacted>)"),
             EnvValue::SecretFile(_) => f.write_str("SecretFile(<redacted>)"),
+            EnvValue::Stored { file } => write!(f, "Stored {{ file: {file} }}"),
         }
     }
 }
@@ -347,15 +362,42 @@ impl ResolvedServer {
         }
     }
 
+    /// Whether a variable's value is kept in the server's values Secret.
+    pub fn uses_stored_secrets(&self) -> bool {
+        self.env
+            .iter()
+            .any(|(_, v)| matches!(v, EnvValue::Stored { .. }))
+    }
+
     /// Secret values, keyed by variable name.
     pub fn secret_data(&self) -> BTreeMap<String, String> {
         self.env
             .iter()
             .filter_map(|(k, v)| match v {
                 EnvValue::Secret(s) | EnvValue::SecretFile(s) => Some((k.clone(), s.clone())),
-                EnvValue::Plain(_) => None,
+                EnvValue::Plain(_) | EnvValue::Stored { .. } => None,
             })
             .collect()
+    }
+}
+
+/// The Secret holding a server's stored secret values (see [`EnvVarSpec::stored_secret`]).
+pub fn values_secret_name(server: &str) -> String {
+    format!("{OBJECT_PREFIX}{server}-values")
+}
+
+impl McpServerSpec {
+    /// This definition with every `secretValue` turned into a `storedSecret`, and the values
+    /// taken out (by variable name), to be kept in the server's values Secret.
+    pub fn without_secret_values(mut self) -> (McpServerSpec, BTreeMap<String, String>) {
+        let mut values = BTreeMap::new();
+        for var in &mut self.env {
+            if let Some(v) = var.secret_value.take() {
+                values.insert(var.name.clone(), v);
+                var.stored_secret = true;
+            }
+        }
+        (self, values)
     }
 }
 
@@ -551,19 +593,27 @@ impl ServerDef {
             no_nul(&at(".value"), var.value.as_deref())?;
             no_nul(&at(".secretValue"), var.secret_value.as_deref())?;
             no_nul(&at(".secretFromEnv"), var.secret_from_env.as_deref())?;
-            let value = match (&var.value, &var.secret_value, &var.secret_from_env) {
-                (Some(v), None, None) => EnvValue::Plain(v.clone()),
-                (None, Some(v), None) => EnvValue::Secret(v.clone()),
-                (None, None, Some(from)) => EnvValue::Secret(getenv(from).ok_or_else(|| {
-                    SpecError::new(
-                        at(".secretFromEnv"),
-                        format!("the gateway's environment has no {from:?}"),
-                    )
-                })?),
+            let value = match (
+                &var.value,
+                &var.secret_value,
+                &var.secret_from_env,
+                var.stored_secret,
+            ) {
+                (Some(v), None, None, false) => EnvValue::Plain(v.clone()),
+                (None, Some(v), None, false) => EnvValue::Secret(v.clone()),
+                (None, None, None, true) => EnvValue::Stored { file: var.as_file },
+                (None, None, Some(from), false) => {
+                    EnvValue::Secret(getenv(from).ok_or_else(|| {
+                        SpecError::new(
+                            at(".secretFromEnv"),
+                            format!("the gateway's environment has no {from:?}"),
+                        )
+                    })?)
+                }
                 _ => {
                     return Err(SpecError::new(
                         at(""),
-                        "give exactly one of value, secretValue, secretFromEnv",
+                        "give exactly one of value, secretValue, secretFromEnv, storedSecret",
                     ));
                 }
             };
@@ -733,6 +783,14 @@ labels: { team: tools }
                 "env[0].secretFromEnv",
             ),
             ("name: a\nimage: \"i\\0\"", "image"),
+            (
+                "name: a\ncommand: x\nenv: [{ name: A, secretValue: s, storedSecret: true }]",
+                "env[0]",
+            ),
+            (
+                "name: a\ncommand: x\nenv: [{ name: .A, storedSecret: true }]",
+                "env[0].name",
+            ),
         ];
         for (yaml, field) in cases {
             let err = def(yaml).resolve_with(|_| None).unwrap_err();

@@ -350,10 +350,16 @@ pub fn upgrade(
         None => (source.package, Vec::new()),
     };
     let new_vars = variables(new, package);
+    // A stored secret's value is not here (the backend keeps it): it is passed through as a
+    // mark, and stays stored.
+    let stored_mark = String::from("stored-secret");
     let values = current
         .env
         .iter()
-        .filter_map(|e| Some((e, e.value.as_ref().or(e.secret_value.as_ref())?)))
+        .filter_map(|e| {
+            let v = e.value.as_ref().or(e.secret_value.as_ref());
+            Some((e, v.or(e.stored_secret.then_some(&stored_mark))?))
+        })
         .filter(|(e, v)| {
             let declared = new_vars.iter().any(|n| n["name"] == e.name.as_str());
             // A value the old version gave by itself is not the installer's choice.
@@ -371,12 +377,24 @@ pub fn upgrade(
         values,
     };
     let planned = plan(new, &request, runners)?.spec;
+    // A stored secret cannot go where the new version would put it in the open.
+    if planned.args.iter().any(|a| a.contains(&stored_mark)) {
+        return Err(refuse(
+            "version",
+            "the new version puts a stored secret in its arguments: install it again, giving its value",
+        ));
+    }
     let mut env = planned.env;
     for e in &mut env {
-        let was_secret = current
-            .env
-            .iter()
-            .any(|c| c.name == e.name && c.secret_value.is_some());
+        let was = current.env.iter().find(|c| c.name == e.name);
+        if was.is_some_and(|c| c.stored_secret) {
+            *e = EnvVarSpec {
+                name: e.name.clone(),
+                stored_secret: true,
+                ..EnvVarSpec::default()
+            };
+        }
+        let was_secret = was.is_some_and(|c| c.secret_value.is_some());
         if was_secret && let Some(v) = e.value.take() {
             e.secret_value = Some(v);
         }
@@ -834,5 +852,27 @@ mod tests {
         gone["packages"] = json!([gone["packages"][0].clone()]);
         let e = upgrade(&current, Some(&v1), &gone, &runners()).unwrap_err();
         assert_eq!(e.field, "version");
+
+        // Read back from the backend, the secret is stored (its value not here): it stays
+        // stored, a required value the installer is not asked again.
+        let (stored, values) = current.clone().without_secret_values();
+        assert_eq!(values["TOKEN"], "t0k");
+        let up = upgrade(&stored, Some(&v1), &v2, &runners()).unwrap();
+        let token = up.env.iter().find(|e| e.name == "TOKEN").unwrap();
+        assert_eq!(
+            token,
+            &EnvVarSpec {
+                name: "TOKEN".into(),
+                stored_secret: true,
+                ..EnvVarSpec::default()
+            }
+        );
+        assert!(!format!("{up:?}").contains("stored-secret"), "{up:?}");
+        // A new version that would put it in its arguments cannot have it.
+        let mut leaky = v2.clone();
+        leaky["packages"][1]["packageArguments"] =
+            json!([{"type": "named", "name": "--token", "value": "{TOKEN}"}]);
+        let e = upgrade(&stored, Some(&v1), &leaky, &runners()).unwrap_err();
+        assert_eq!(e.field, "version", "{e}");
     }
 }

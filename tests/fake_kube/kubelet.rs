@@ -186,14 +186,21 @@ pub fn start_pod(shared: &Arc<Shared>, ns: &str, name: &str) {
             }
         }
     }
-    let mut argv: Vec<String> = container["command"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut argv: Vec<String> = match container["command"].as_array() {
+        Some(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        // No command: the image's entrypoint.
+        None => shared
+            .settings
+            .lock()
+            .unwrap()
+            .images
+            .get(&image)
+            .cloned()
+            .unwrap_or_default(),
+    };
     argv.extend(
         container["args"]
             .as_array()

@@ -302,6 +302,10 @@ pub struct Settings {
     /// Attach websockets stay open after their pod is deleted, as when the node holding
     /// the pod is lost and the connection is half-open.
     pub attachments_outlive_pods: bool,
+    /// Images the fake node "has", by reference, with their entrypoint: what a container of
+    /// that image with no `command` runs (its `args` appended), as a container runtime runs
+    /// an image's ENTRYPOINT.
+    pub images: std::collections::HashMap<String, Vec<String>>,
 }
 
 impl Default for Settings {
@@ -312,6 +316,7 @@ impl Default for Settings {
             fail_paths: Vec::new(),
             stall_paths: Vec::new(),
             attachments_outlive_pods: false,
+            images: std::collections::HashMap::new(),
         }
     }
 }

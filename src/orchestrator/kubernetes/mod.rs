@@ -61,7 +61,8 @@ use self::policy::PodPolicy;
 use super::egress::EgressPreset;
 use super::idle::Usage;
 use super::spec::{
-    McpServer, McpServerStatus, ResolvedServer, ServerDef, SpecError, labels, object_name,
+    McpServer, McpServerSpec, McpServerStatus, ResolvedServer, ServerDef, SpecError, labels,
+    object_name, values_secret_name,
 };
 use super::{
     Endpoint, FailureReason, LogOptions, OrchestratorError, Phase, RelayAccess, Result, Runtime,
@@ -526,6 +527,93 @@ impl Drop for KubeRuntime {
 }
 
 impl KubeRuntime {
+    /// Makes the values Secret of server `name` hold the values of `spec`'s stored secrets:
+    /// `values` (given now) and, for the others, what it holds already; owned by the
+    /// `McpServer` with uid `owner` when there is one. Without stored secrets it is removed.
+    async fn write_values(
+        &self,
+        name: &str,
+        spec: &McpServerSpec,
+        values: BTreeMap<String, String>,
+        owner: Option<&str>,
+    ) -> Result<()> {
+        use k8s_openapi::ByteString;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        let api: Api<Secret> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+        let secret_name = values_secret_name(name);
+        let kube_err = |e| OrchestratorError::kube(format!("the stored secrets of {name}"), e);
+        let stored: Vec<&str> = spec
+            .env
+            .iter()
+            .filter(|e| e.stored_secret)
+            .map(|e| e.name.as_str())
+            .collect();
+        if stored.is_empty() {
+            return match api.delete(&secret_name, &DeleteParams::background()).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+                Err(e) => Err(kube_err(e)),
+            };
+        }
+        let mut data: BTreeMap<String, ByteString> = BTreeMap::new();
+        let kept: Vec<&str> = stored
+            .iter()
+            .copied()
+            .filter(|k| !values.contains_key(*k))
+            .collect();
+        if !kept.is_empty() {
+            let old = api.get_opt(&secret_name).await.map_err(kube_err)?;
+            for k in kept {
+                let value = old
+                    .as_ref()
+                    .and_then(|s| s.data.as_ref())
+                    .and_then(|d| d.get(k))
+                    .ok_or_else(|| SpecError {
+                        field: format!("env.{k}.storedSecret"),
+                        message: format!(
+                            "{secret_name} holds no value for {k}: give its secretValue"
+                        ),
+                    })?;
+                data.insert(k.to_owned(), value.clone());
+            }
+        }
+        data.extend(
+            values
+                .into_iter()
+                .filter(|(k, _)| stored.contains(&k.as_str()))
+                .map(|(k, v)| (k, ByteString(v.into_bytes()))),
+        );
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(secret_name.clone()),
+                labels: Some(BTreeMap::from([
+                    (labels::SERVER.to_owned(), name.to_owned()),
+                    (labels::MANAGED_BY.to_owned(), labels::MANAGER.to_owned()),
+                ])),
+                owner_references: owner.map(|uid| {
+                    vec![objects::owner_ref(
+                        &McpServer::api_version(&()),
+                        &McpServer::kind(&()),
+                        name,
+                        uid,
+                    )]
+                }),
+                ..ObjectMeta::default()
+            },
+            data: Some(data),
+            type_: Some("Opaque".into()),
+            ..Secret::default()
+        };
+        api.patch(
+            &secret_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .map_err(kube_err)?;
+        Ok(())
+    }
+
     /// Builds the client from `settings` and starts watching, electing and reconciling.
     pub async fn start(settings: KubeSettings) -> Result<Self> {
         let (client, ns) = settings.client().await?;
@@ -1880,11 +1968,22 @@ impl Runtime for KubeRuntime {
                 });
             }
             let api: Api<McpServer> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+            // The resource never holds a secret value (anyone who may read McpServers would
+            // read it, and etcd encrypts only Secrets): the values go to the server's values
+            // Secret, and the resource names them.
+            let (spec, values) = def.spec.clone().without_secret_values();
+            let existing = api
+                .get_opt(&def.name)
+                .await
+                .map_err(|e| OrchestratorError::kube(format!("read server {}", def.name), e))?;
+            let owner = existing.as_ref().and_then(|o| o.uid());
+            self.write_values(&def.name, &spec, values.clone(), owner.as_deref())
+                .await?;
             let resource = serde_json::json!({
                 "apiVersion": McpServer::api_version(&()),
                 "kind": McpServer::kind(&()),
                 "metadata": { "name": def.name },
-                "spec": def.spec,
+                "spec": spec,
             });
             let obj = api
                 .patch(
@@ -1894,6 +1993,13 @@ impl Runtime for KubeRuntime {
                 )
                 .await
                 .map_err(|e| OrchestratorError::kube(format!("declare server {}", def.name), e))?;
+            // A new resource: its values Secret is now owned by it (removed with it).
+            if owner.is_none()
+                && let Some(uid) = obj.uid()
+            {
+                self.write_values(&def.name, &spec, values, Some(&uid))
+                    .await?;
+            }
             // The watch brings the same object to every replica; take it now so that this
             // replica's status and list show it at once.
             self.inner.removed.remove(&def.name);
@@ -1904,6 +2010,14 @@ impl Runtime for KubeRuntime {
             self.inner.refresh_status(&def.name, None);
             self.inner.enqueue(def.name);
             Ok(())
+        }
+        .boxed()
+    }
+
+    fn definition<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Option<McpServerSpec>> {
+        async move {
+            let api: Api<McpServer> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+            api.get_opt(name).await.ok().flatten().map(|o| o.spec)
         }
         .boxed()
     }
@@ -2125,6 +2239,21 @@ impl Runtime for KubeRuntime {
                 Ok(()) => {}
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(OrchestratorError::kube(format!("remove server {name}"), e)),
+            }
+            // Its stored secrets go with it (the garbage collector would, after a while).
+            let secrets: Api<Secret> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+            match secrets
+                .delete(&values_secret_name(name), &DeleteParams::background())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    return Err(OrchestratorError::kube(
+                        format!("remove the stored secrets of {name}"),
+                        e,
+                    ));
+                }
             }
             self.inner.written.remove(name);
             self.inner.resources.remove(name);

@@ -18,7 +18,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::policy::PodPolicy;
-use crate::orchestrator::spec::{EnvValue, ResolvedServer, SECRET_FILES_DIR, SpecError, labels};
+use crate::orchestrator::spec::{
+    EnvValue, ResolvedServer, SECRET_FILES_DIR, STORED_SECRET_FILES_DIR, SpecError, labels,
+    values_secret_name,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 /// Name of the server's container in its pod.
@@ -104,6 +107,15 @@ pub fn render(
     let spec = &server.spec;
     let account = policy.admit(server)?;
     let (requests, limits) = policy.resources(server);
+    let stored = values_secret_name(&server.name);
+    let secret_ref = |secret: &str, key: &str| EnvVarSource {
+        secret_key_ref: Some(SecretKeySelector {
+            name: secret.to_owned(),
+            key: key.to_owned(),
+            optional: Some(false),
+        }),
+        ..EnvVarSource::default()
+    };
     let env: Vec<EnvVar> = server
         .env
         .iter()
@@ -116,18 +128,21 @@ pub fn render(
             EnvValue::Secret(_) => EnvVar {
                 name: k.clone(),
                 value: None,
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: name.clone(),
-                        key: k.clone(),
-                        optional: Some(false),
-                    }),
-                    ..EnvVarSource::default()
-                }),
+                value_from: Some(secret_ref(&name, k)),
             },
             EnvValue::SecretFile(_) => EnvVar {
                 name: k.clone(),
                 value: Some(format!("{SECRET_FILES_DIR}/{k}")),
+                value_from: None,
+            },
+            EnvValue::Stored { file: false } => EnvVar {
+                name: k.clone(),
+                value: None,
+                value_from: Some(secret_ref(&stored, k)),
+            },
+            EnvValue::Stored { file: true } => EnvVar {
+                name: k.clone(),
+                value: Some(format!("{STORED_SECRET_FILES_DIR}/{k}")),
                 value_from: None,
             },
         })
@@ -169,6 +184,35 @@ pub fn render(
             secret: Some(SecretVolumeSource {
                 secret_name: Some(name.clone()),
                 items: Some(secret_files),
+                default_mode: Some(0o440),
+                optional: Some(false),
+            }),
+            ..Volume::default()
+        });
+    }
+    // Stored secrets delivered as files: the same, from the values Secret.
+    let stored_files: Vec<KeyToPath> = server
+        .env
+        .iter()
+        .filter(|(_, v)| matches!(v, EnvValue::Stored { file: true }))
+        .map(|(k, _)| KeyToPath {
+            key: k.clone(),
+            path: k.clone(),
+            mode: None,
+        })
+        .collect();
+    if !stored_files.is_empty() {
+        mounts.push(VolumeMount {
+            name: "stored-secret-files".into(),
+            mount_path: STORED_SECRET_FILES_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "stored-secret-files".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(stored.clone()),
+                items: Some(stored_files),
                 default_mode: Some(0o440),
                 optional: Some(false),
             }),
@@ -422,6 +466,35 @@ mod tests {
                 .unwrap()
                 .contains("s3cret")
         );
+    }
+
+    #[test]
+    fn stored_secrets_are_read_from_the_values_secret_as_variables_or_files() {
+        let s = server(
+            "name: gh\nimage: ghcr.io/x/gh:1\nenv: [{name: KEY, storedSecret: true}, {name: CERT, storedSecret: true, asFile: true}]",
+        );
+        let r = render(&s, "ns", None, None, &PodPolicy::default()).unwrap();
+        let pod = serde_json::to_value(&r.deployment).unwrap()["spec"]["template"]["spec"].take();
+        let c = &pod["containers"][0];
+        assert_eq!(
+            c["env"][0]["valueFrom"]["secretKeyRef"],
+            serde_json::json!({"name": "mcp-gh-values", "key": "KEY", "optional": false})
+        );
+        assert_eq!(
+            c["env"][1],
+            serde_json::json!({"name": "CERT", "value": "/var/run/gatehouse/stored-secrets/CERT"})
+        );
+        assert_eq!(
+            c["volumeMounts"][1],
+            serde_json::json!({"name": "stored-secret-files", "mountPath": "/var/run/gatehouse/stored-secrets", "readOnly": true})
+        );
+        assert_eq!(
+            pod["volumes"][1]["secret"],
+            serde_json::json!({"secretName": "mcp-gh-values",
+                "items": [{"key": "CERT", "path": "CERT"}], "defaultMode": 0o440, "optional": false})
+        );
+        // The gateway holds no value of them: the server's own Secret has none.
+        assert!(r.secret.is_none());
     }
 
     #[test]
