@@ -26,11 +26,60 @@ const QUEUE: usize = 65_536;
 /// How long the writer lets records gather after one wakes it (the queue holds what comes
 /// meanwhile at any rate the gateway reaches).
 const GATHER: Duration = Duration::from_millis(1);
-/// Written lines kept in memory for the admin API (the console's recent activity).
+/// Written lines kept in memory for the admin API (the console's recent activity), per
+/// kind of view, at most.
 pub const RECENT: usize = 500;
+/// Bytes of lines kept in memory per view, at most.
+const RECENT_BYTES: usize = 1 << 20;
 
-/// The last [`RECENT`] lines written, oldest first; shared by the writer and its readers.
-type Recent = Arc<std::sync::Mutex<std::collections::VecDeque<Bytes>>>;
+/// The last lines written, in two views: every record (checkpoints aside), and the decisions
+/// of identified callers (denials, admin changes, approvals), which a flood of calls or of
+/// anonymous refusals cannot push out of sight.
+#[derive(Default)]
+struct Kept {
+    all: Ring,
+    decisions: Ring,
+}
+
+/// Lines, oldest first, bounded by [`RECENT`] and [`RECENT_BYTES`].
+#[derive(Default)]
+struct Ring {
+    lines: std::collections::VecDeque<Bytes>,
+    bytes: usize,
+}
+
+impl Ring {
+    fn push(&mut self, line: Bytes) {
+        self.bytes += line.len();
+        self.lines.push_back(line);
+        while self.lines.len() > RECENT || self.bytes > RECENT_BYTES {
+            let Some(old) = self.lines.pop_front() else {
+                break;
+            };
+            self.bytes -= old.len();
+        }
+    }
+}
+
+/// Shared by the writer and its readers.
+type Recent = Arc<std::sync::Mutex<Kept>>;
+
+/// Which of the kept views to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    /// Every record but checkpoints.
+    All,
+    /// Denials, admin changes and approvals of identified callers.
+    Decisions,
+}
+
+/// Where a written line is kept in memory.
+#[derive(Clone, Copy)]
+enum Keep {
+    Nowhere,
+    All,
+    AllAndDecisions,
+}
 
 /// Longest name or outcome kept in a record (bytes): an attacker's 4 MiB URI must not roll the
 /// files over.
@@ -302,9 +351,13 @@ impl Audit {
 
     /// The last `n` lines written (at most [`RECENT`]), newest first: each a JSON object as
     /// the trail has it, chain members included.
-    pub fn recent(&self, n: usize) -> Vec<Bytes> {
-        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        recent.iter().rev().take(n).cloned().collect()
+    pub fn recent(&self, view: View, n: usize) -> Vec<Bytes> {
+        let kept = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = match view {
+            View::All => &kept.all,
+            View::Decisions => &kept.decisions,
+        };
+        ring.lines.iter().rev().take(n).cloned().collect()
     }
 
     /// Whether records are kept at all (callers skip building them otherwise).
@@ -460,7 +513,15 @@ impl Writer {
         if serde_json::to_writer(&mut body, e).is_err() {
             return;
         }
-        self.write_object(body);
+        let decision = matches!(e.kind, "denial" | "admin" | "approval") && e.principal.is_some();
+        self.write_object(
+            body,
+            if decision {
+                Keep::AllAndDecisions
+            } else {
+                Keep::All
+            },
+        );
         self.since_checkpoint += 1;
         if self.since_checkpoint >= self.checkpoint_every {
             self.checkpoint_if_new();
@@ -496,19 +557,23 @@ impl Writer {
                 b64.encode(key.sign(&signed).as_ref()).into(),
             );
         }
-        self.write(m);
+        self.write_kept(m, Keep::Nowhere);
         let _ = self.out.flush();
     }
 
     fn write(&mut self, fields: Map<String, Value>) {
+        self.write_kept(fields, Keep::All);
+    }
+
+    fn write_kept(&mut self, fields: Map<String, Value>, keep: Keep) {
         if let Ok(body) = serde_json::to_vec(&Value::Object(fields)) {
-            self.write_object(body);
+            self.write_object(body, keep);
         }
     }
 
     /// Writes one record: `line` is its JSON object, to which the chain's members are added
     /// (at its end: the record is serialized once, straight from its fields).
-    fn write_object(&mut self, mut line: Vec<u8>) {
+    fn write_object(&mut self, mut line: Vec<u8>, keep: Keep) {
         use std::io::Write as _;
         let Some(seq) = self.seq.checked_add(1) else {
             tracing::error!("the audit trail's sequence is exhausted: nothing more is written");
@@ -540,12 +605,12 @@ impl Writer {
         self.prev = hash;
         self.written += line.len() as u64;
         let written = Bytes::copy_from_slice(&line[..line.len() - 1]);
-        {
-            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-            if recent.len() == RECENT {
-                recent.pop_front();
+        if !matches!(keep, Keep::Nowhere) {
+            let mut kept = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            kept.all.push(written.clone());
+            if matches!(keep, Keep::AllAndDecisions) {
+                kept.decisions.push(written.clone());
             }
-            recent.push_back(written.clone());
         }
         if let Some(ship) = self.shipping.get() {
             let shipped = Shipped {
@@ -1017,24 +1082,58 @@ mod tests {
             recent.clone(),
         )
         .unwrap();
+        // A denial of an identified caller, then a flood of calls and anonymous refusals.
+        w.write_event(&Event {
+            kind: "denial",
+            principal: Some(Arc::from("mallory")),
+            method: "tools/call".into(),
+            decision: "denied",
+            by: Some(Arc::from("policy")),
+            ..Default::default()
+        });
         for n in 0..RECENT + 7 {
             w.write_event(&call(n));
+            w.write_event(&Event {
+                kind: "denial",
+                method: "tools/list".into(),
+                decision: "denied",
+                by: Some(Arc::from("auth")),
+                ..Default::default()
+            });
         }
+        w.checkpoint_if_new();
         drop(w);
         let audit = Audit {
             recent,
             ..Default::default()
         };
-        let all = audit.recent(usize::MAX);
+        let all = audit.recent(View::All, usize::MAX);
         assert_eq!(all.len(), RECENT);
         let written = std::fs::read_to_string(&file).unwrap();
-        let last: Vec<&str> = written.lines().rev().take(RECENT).collect();
+        let last: Vec<&str> = written
+            .lines()
+            .rev()
+            .filter(|l| !l.contains(r#""kind":"checkpoint""#))
+            .take(RECENT)
+            .collect();
         let kept: Vec<&str> = all
             .iter()
             .map(|l| std::str::from_utf8(l).unwrap())
             .collect();
-        assert_eq!(kept, last, "the lines as written, newest first");
-        assert_eq!(audit.recent(3).len(), 3);
+        assert_eq!(
+            kept, last,
+            "the lines as written, newest first, checkpoints aside"
+        );
+        assert_eq!(audit.recent(View::All, 3).len(), 3);
+        // The flood pushed the denial out of the first view, not out of the decisions.
+        assert!(!kept.iter().any(|l| l.contains("mallory")));
+        let decisions = audit.recent(View::Decisions, usize::MAX);
+        assert_eq!(decisions.len(), 1);
+        assert!(
+            std::str::from_utf8(&decisions[0])
+                .unwrap()
+                .contains("mallory")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

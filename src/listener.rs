@@ -456,12 +456,19 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
         http_sse::MESSAGES_PATH if gw.config.mcp.http_sse => {
             http_sse::serve_message(gw.clone(), req).await
         }
-        path if path.starts_with(crate::admin::PREFIX) => {
-            crate::admin::serve(gw.clone(), req).await
-        }
+        path if path.starts_with(crate::admin::PREFIX) => match operator_refusal(gw, &req) {
+            None => crate::admin::serve(gw.clone(), req).await,
+            Some(refused) => refused,
+        },
         path if crate::registry::api::is_registry_path(path) => registry(gw, &req).await,
-        path if path == crate::console::PREFIX || path.starts_with("/ui/") => {
-            crate::console::serve(req.method(), path)
+        // The console is a client of the admin API: where that is off, there is none.
+        path if (path == crate::console::PREFIX || path.starts_with("/ui/"))
+            && !gw.config.admin_tokens.is_empty() =>
+        {
+            match operator_refusal(gw, &req) {
+                None => crate::console::serve(req.method(), path),
+                Some(refused) => refused,
+            }
         }
         path if path.starts_with(WELL_KNOWN_RESOURCE) => resource_metadata(gw, &req),
         "/healthz" => text(StatusCode::OK, "ok\n"),
@@ -492,6 +499,37 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
         }
         path => not_found(path),
     }
+}
+
+/// Refuses an admin or console request whose `Host` this gateway does not answer to (DNS
+/// rebinding), or that comes from another site's page. The console's own requests are
+/// same-origin (their `Origin` names the `Host` they are sent to).
+fn operator_refusal(gw: &Gateway, req: &Request<hyper::body::Incoming>) -> Option<Response<Body>> {
+    // A single, well-formed authority: `route` has checked it.
+    let authority = front::request_authority(req).ok().flatten();
+    let same_origin = req
+        .headers()
+        .get(http::header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .and_then(|o| {
+            o.strip_prefix("http://")
+                .or_else(|| o.strip_prefix("https://"))
+        })
+        .is_some_and(|o| Some(o) == authority);
+    let no_headers = http::HeaderMap::new();
+    let headers = if same_origin {
+        &no_headers
+    } else {
+        req.headers()
+    };
+    let e = front::check_host_and_origin(&gw.config, authority, headers).err()?;
+    let mut r = Response::new(Body::full(
+        serde_json::json!({ "error": e.to_string() }).to_string(),
+    ));
+    *r.status_mut() = e.status();
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Some(r)
 }
 
 /// Where profile endpoints are: `/mcp/{profile}`.

@@ -212,13 +212,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Serve { config, listen } => {
+            // The address is part of what is validated (off loopback, auth is required).
             let mut cfg = match &config {
-                Some(path) => gatehouse::Config::load(path)?,
-                None => gatehouse::Config::embedded_default()?,
+                Some(path) => gatehouse::Config::load_listening(path, listen)?,
+                None => gatehouse::Config::embedded_default(listen)?,
             };
-            if let Some(l) = listen {
-                cfg.listen = l;
-            }
             // The embedded default opens the console: with the operator's token when the
             // environment has one (the CLI's), else a new random one, told once at start.
             let console_token = match (&config, cfg.admin_tokens.is_empty()) {
@@ -232,7 +230,10 @@ fn main() -> anyhow::Result<()> {
                         _ => (new_admin_token(), true),
                     };
                     cfg.admin_tokens.push((token.clone(), "admin".into()));
-                    told.then_some(token)
+                    match told {
+                        true => Some(tell_token(&token)?),
+                        false => None,
+                    }
                 }
                 _ => None,
             };
@@ -249,6 +250,31 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where a new admin token is told: on the terminal, or else (stderr is a log that may be
+/// kept and shipped) in a file only its user reads, whose path is told instead.
+fn tell_token(token: &str) -> anyhow::Result<String> {
+    use std::io::{IsTerminal, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::io::stderr().is_terminal() {
+        return Ok(format!("for this run: {token}"));
+    }
+    let dir = gatehouse::config::state_dir().context(
+        "no HOME or XDG_STATE_HOME to keep the admin token in; set GATEHOUSE_ADMIN_TOKEN",
+    )?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("admin-token");
+    // Replaced, never reused: a file someone else made (or linked) is not written through.
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{token}")?;
+    Ok(format!("in {}", path.display()))
 }
 
 /// A random admin token: 32 bytes from the OS, as hex.
@@ -276,13 +302,10 @@ async fn serve(
         "gatehouse listening: MCP endpoint http://{addr}{}", gatehouse::listener::MCP_PATH
     );
     if console {
-        // On the terminal only, not in the log stream (which may be shipped elsewhere).
+        let url = format!("http://{addr}{}/", gatehouse::console::PREFIX);
         match console_token {
-            Some(token) => eprintln!(
-                "console: http://{addr}{}/  (admin token for this run: {token})",
-                gatehouse::console::PREFIX
-            ),
-            None => eprintln!("console: http://{addr}{}/", gatehouse::console::PREFIX),
+            Some(where_) => eprintln!("console: {url}  (admin token {where_})"),
+            None => eprintln!("console: {url}"),
         }
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -166,6 +166,24 @@ plugins:
         "newest first: {recent}"
     );
     assert_eq!(admin_get("/admin/v1/audit?limit=0", OPS).await.0, 400);
+    // The decisions of identified callers, kept apart from the rest.
+    let (_, decisions) = admin_get("/admin/v1/audit?only=decisions", OPS).await;
+    let decisions = decisions["records"].as_array().unwrap();
+    assert!(
+        decisions.iter().any(|r| r["by"] == "lists"),
+        "{decisions:?}"
+    );
+    assert!(
+        decisions
+            .iter()
+            .any(|r| r["kind"] == "admin" && r["principal"] == "ops")
+    );
+    assert!(
+        decisions
+            .iter()
+            .all(|r| !r["principal"].is_null() && r["kind"] != "call"),
+        "{decisions:?}"
+    );
     let (_, plugins) = admin_get("/admin/v1/plugins", OPS).await;
     assert_eq!(plugins["modules"][0]["name"], "lists", "{plugins}");
     assert_eq!(

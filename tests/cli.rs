@@ -162,3 +162,80 @@ async fn operators_run_servers_and_the_registry_from_the_command_line() {
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `gatehouse serve` with no config, its stderr a pipe (a log, not a terminal), as a
+/// service manager would run it; returns the child and what it said until it listened.
+async fn serve_default(state: &std::path::Path, listen: &str) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--listen", listen])
+        .env("XDG_STATE_HOME", state)
+        .env_remove("GATEHOUSE_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("runs");
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut said = String::new();
+    let read = async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            said.push_str(&line);
+            said.push('\n');
+            if line.starts_with("console: ") {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(20), read).await;
+    (child, said)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_keeps_its_admin_token_out_of_the_log_and_off_the_network() {
+    use std::os::unix::fs::PermissionsExt;
+    let state = std::env::temp_dir().join(format!("gatehouse-cli-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    std::fs::create_dir_all(&state).unwrap();
+
+    // Its token is in a file only its user reads; the log says where, not what.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (mut child, said) = serve_default(&state, &format!("127.0.0.1:{port}")).await;
+    let file = state.join("gatehouse/admin-token");
+    assert!(said.contains(&format!("in {}", file.display())), "{said}");
+    let token = std::fs::read_to_string(&file).unwrap();
+    let token = token.trim();
+    assert_eq!(token.len(), 64, "32 random bytes as hex");
+    assert!(!said.contains(token), "the token is not in the log: {said}");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let sessions =
+        support::admin_request(addr, Some(token), "GET", "/admin/v1/sessions", None).await;
+    assert_eq!(sessions.status, 200, "{}", sessions.body);
+    let wrong = support::admin_request(
+        addr,
+        Some("x".repeat(64).as_str()),
+        "GET",
+        "/admin/v1/sessions",
+        None,
+    )
+    .await;
+    assert_eq!(wrong.status, 401);
+    child.kill().await.unwrap();
+
+    // Off loopback it has no credentials to ask for: it does not start.
+    let (mut child, said) = serve_default(&state, "0.0.0.0:0").await;
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(!status.success());
+    assert!(said.contains("loopback only"), "{said}");
+    std::fs::remove_dir_all(&state).unwrap();
+}

@@ -75,6 +75,8 @@ enum AdminError {
     Installed(String),
     #[error("{0}")]
     Hidden(String),
+    #[error("the registry's filter failed, so nothing is shown")]
+    Filter,
     #[error(transparent)]
     Catalog(#[from] crate::registry::CatalogError),
 }
@@ -107,6 +109,7 @@ impl AdminError {
             AdminError::Body(_) | AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
             AdminError::Configured(_) | AdminError::Installed(_) => StatusCode::CONFLICT,
             AdminError::Hidden(_) => StatusCode::FORBIDDEN,
+            AdminError::Filter => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::Orchestrator(e) => match e {
                 OrchestratorError::NotFound(_) | OrchestratorError::Removed(_) => {
                     StatusCode::NOT_FOUND
@@ -237,8 +240,8 @@ async fn handle(
         }
         "/admin/v1/audit" => {
             read_only(&req)?;
-            let limit = audit_limit(req.uri().query().unwrap_or_default())?;
-            let mut resp = Response::new(Body::full(views::audit(&gw.audit, limit)));
+            let (view, limit) = audit_query(req.uri().query().unwrap_or_default())?;
+            let mut resp = Response::new(Body::full(views::audit(&gw.audit, view, limit)));
             resp.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             return Ok(resp);
@@ -350,13 +353,13 @@ async fn registry(
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let rest = path[REGISTRY.len()..].trim_end_matches('/');
-    if rest.is_empty() && method == Method::GET {
+    if rest.is_empty() && (method == Method::GET || method == Method::HEAD) {
         // The list as the registry API gives it, filtered for the admin principal (what it
         // may install).
         let hidden = hidden_from(gw, &catalog, who).await?;
         return Ok(crate::registry::api::serve(
             &catalog,
-            &Method::GET,
+            &method,
             "/v0.1/servers",
             req.uri().query(),
             false,
@@ -364,7 +367,7 @@ async fn registry(
         ));
     }
     if rest.is_empty() {
-        allow(&method, &[Method::POST], "POST")?;
+        allow(&method, &[Method::POST], "GET, HEAD, POST")?;
         let body = json_body(gw, req).await?;
         let v: serde_json::Value =
             serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
@@ -644,7 +647,11 @@ async fn hidden_from(
     };
     visibility::hidden(&gw.plugins, catalog, caller)
         .await
-        .map_err(|d| AdminError::Hidden(format!("the registry's filter failed: {d}")))
+        .map_err(|d| {
+            // The plugin's fault is the operator's log's, as on the public registry API.
+            tracing::warn!("registry filter failed, nothing shown: {d}");
+            AdminError::Filter
+        })
 }
 
 /// A version of a catalog entry that may be installed (`latest` by default): not deprecated
@@ -817,11 +824,19 @@ fn log_options(query: &str) -> Result<LogOptions, AdminError> {
     Ok(opts)
 }
 
-/// `limit=N` of the audit view: 100 by default, at most what is kept.
-fn audit_limit(query: &str) -> Result<usize, AdminError> {
+/// `only=decisions` and `limit=N` (100 by default, at most what is kept) of the audit view.
+fn audit_query(query: &str) -> Result<(crate::audit::View, usize), AdminError> {
+    use crate::audit::View;
     let mut limit = 100;
+    let mut view = View::All;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
+            Some(("only", "decisions")) => view = View::Decisions,
+            Some(("only", v)) => {
+                return Err(AdminError::Invalid(format!(
+                    "only={v:?}: expected decisions"
+                )));
+            }
             Some(("limit", v)) => {
                 limit = v
                     .parse::<usize>()
@@ -836,12 +851,12 @@ fn audit_limit(query: &str) -> Result<usize, AdminError> {
             }
             _ => {
                 return Err(AdminError::Invalid(format!(
-                    "unknown query parameter {pair:?} (expected limit)"
+                    "unknown query parameter {pair:?} (expected limit, only)"
                 )));
             }
         }
     }
-    Ok(limit)
+    Ok((view, limit))
 }
 
 fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::audit::Audit;
+use crate::audit::{Audit, View};
 use crate::gateway::Gateway;
 use crate::plugins::Plugins;
 
@@ -26,30 +26,40 @@ struct SessionView<'a> {
     listening: bool,
 }
 
-/// The open sessions (most recently active first), with how many there are.
+/// The open sessions (at most [`MAX_SESSIONS`], most recently active first), with how many
+/// there are.
 pub fn sessions(gw: &Gateway) -> serde_json::Value {
-    let sessions: Vec<_> = gw.sessions.iter().map(|e| e.value().clone()).collect();
-    let mut views: Vec<SessionView<'_>> = sessions
+    let mut sessions: Vec<_> = gw
+        .sessions
         .iter()
-        .map(|s| SessionView {
+        .map(|e| (e.value().idle_for(), e.value().clone()))
+        .collect();
+    let count = sessions.len();
+    // Only the kept ones are looked into (and sorted): the listing stays cheap with many.
+    if count > MAX_SESSIONS {
+        sessions.select_nth_unstable_by_key(MAX_SESSIONS, |(idle, _)| *idle);
+        sessions.truncate(MAX_SESSIONS);
+    }
+    sessions.sort_by_key(|(idle, _)| *idle);
+    let views: Vec<SessionView<'_>> = sessions
+        .iter()
+        .map(|(idle, s)| SessionView {
             id: s.log_id(),
             principal: s.principal.as_deref(),
             revision: s.protocol_version,
             profile: s.profile_name(),
-            idle_seconds: s.idle_for().as_secs(),
+            idle_seconds: idle.as_secs(),
             inflight: s.inflight(),
-            listening: s.has_listen_stream(),
+            listening: s.is_listening(),
         })
         .collect();
-    views.sort_by_key(|v| v.idle_seconds);
-    views.truncate(MAX_SESSIONS);
-    serde_json::json!({ "count": sessions.len(), "sessions": views })
+    serde_json::json!({ "count": count, "sessions": views })
 }
 
-/// The audit trail's last `limit` records, newest first, as they were written; `on` says
-/// whether there is a trail at all.
-pub fn audit(audit: &Audit, limit: usize) -> Vec<u8> {
-    let lines = audit.recent(limit);
+/// The audit trail's last `limit` records of `view`, newest first, as they were written; `on`
+/// says whether there is a trail at all.
+pub fn audit(audit: &Audit, view: View, limit: usize) -> Vec<u8> {
+    let lines = audit.recent(view, limit);
     // The lines are JSON objects already: spliced in, not parsed and written again.
     let mut out = Vec::with_capacity(32 + lines.iter().map(|l| l.len() + 1).sum::<usize>());
     out.extend_from_slice(if audit.is_on() {

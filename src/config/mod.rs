@@ -832,11 +832,22 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9000";
 impl Config {
     /// Reads and validates a YAML file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_listening(path, None)
+    }
+
+    /// Reads and validates a config file, listening on `listen` instead of its `listen` when
+    /// given (validated like it: off loopback, authentication is required).
+    pub fn load_listening(path: &Path, listen: Option<SocketAddr>) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::from_yaml(&text)
+        let mut raw: RawConfig =
+            serde_saphyr::from_str(&text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        if let Some(l) = listen {
+            raw.listen = Some(l.to_string());
+        }
+        raw.validate()
     }
 
     /// Parses and validates YAML text.
@@ -846,8 +857,17 @@ impl Config {
         raw.validate()
     }
 
-    /// The built-in default: the example server shipped in this binary, over stdio.
-    pub fn embedded_default() -> Result<Config, ConfigError> {
+    /// The built-in default: the example server shipped in this binary, over stdio, on
+    /// `listen` (default 127.0.0.1:9000; it has no credentials, so only a loopback address).
+    pub fn embedded_default(listen: Option<SocketAddr>) -> Result<Config, ConfigError> {
+        if let Some(l) = listen.filter(|l| !l.ip().is_loopback()) {
+            return Err(field_err(
+                "listen",
+                format!(
+                    "{l}: the embedded default has no credentials, so it listens on loopback only; give a config file (--config) with auth to listen there"
+                ),
+            ));
+        }
         let exe = std::env::current_exe()
             .map_err(|e| field_err("upstreams[0].stdio.command", e.to_string()))?;
         RawConfig {
@@ -869,18 +889,25 @@ impl Config {
             // Tool definitions are pinned in the user's state directory, and a change is
             // recorded (a warning and a metric) rather than blocked: a demo must keep working
             // across versions of its own example server.
-            pinning: std::env::var_os("XDG_STATE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))
-                .map(|state| pinning::PinningConfig {
-                    file: Some(state.join("gatehouse/pins.json")),
-                    on_change: pinning::OnChange::Warn,
-                    ..Default::default()
-                }),
+            listen: listen.map(|l| l.to_string()),
+            pinning: state_dir().map(|state| pinning::PinningConfig {
+                file: Some(state.join("pins.json")),
+                on_change: pinning::OnChange::Warn,
+                ..Default::default()
+            }),
             ..RawConfig::default()
         }
         .validate()
     }
+}
+
+/// The user's state directory for Gatehouse (`$XDG_STATE_HOME/gatehouse`, else
+/// `~/.local/state/gatehouse`), where the embedded default keeps what it must.
+pub fn state_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))
+        .map(|state| state.join("gatehouse"))
 }
 
 impl RawConfig {

@@ -12,7 +12,11 @@ function h(tag, attrs, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === undefined || v === null || v === false) continue;
-    if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    // Handlers are functions, never attribute text.
+    if (k.toLowerCase().startsWith("on")) {
+      if (typeof v !== "function") throw new Error(`${k} must be a function`);
+      e.addEventListener(k.slice(2).toLowerCase(), v);
+    }
     else if (k === "text") e.textContent = v;
     else e.setAttribute(k, v === true ? "" : String(v));
   }
@@ -83,11 +87,16 @@ function stop() {
   generation++;
 }
 
-/** Runs `load` now and every `ms` while the page is shown; failures are said, not thrown. */
+/** Runs `load` now and every `ms` while the page is shown (never two at once: a slow
+ * answer is waited for, not piled on); failures are said, not thrown. */
 function every(ms, load) {
   const mine = generation;
+  let running = false;
   const run = async () => {
+    if (running) return;
+    running = true;
     try { await load(() => mine === generation); } catch (e) { if (mine === generation && e.status !== 401) say(e.message, true); }
+    finally { running = false; }
   };
   refresh = setInterval(run, ms);
   return run();
@@ -96,7 +105,7 @@ function every(ms, load) {
 async function show() {
   if (!sessionStorage.getItem(TOKEN_KEY)) return signOut("");
   stop();
-  const name = location.hash.slice(1) in PAGES ? location.hash.slice(1) : "catalog";
+  const name = Object.hasOwn(PAGES, location.hash.slice(1)) ? location.hash.slice(1) : "catalog";
   document.getElementById("sign-in").hidden = true;
   document.getElementById("nav").hidden = false;
   for (const a of document.querySelectorAll("nav a")) {
@@ -139,25 +148,34 @@ async function catalogPage(page) {
   const search = h("input", { id: "search", type: "search", name: "search", placeholder: "name or description" });
   const list = h("div", { id: "catalog-list" });
   const form = h("section", { id: "install", class: "panel", hidden: true, "aria-labelledby": "install-title" });
+  const more = h("button", { type: "button", id: "catalog-more", hidden: true, onclick: () => safely(() => load(more.dataset.cursor)) }, "Show more");
   let debounce = null;
-  search.addEventListener("input", () => { clearTimeout(debounce); debounce = setTimeout(load, 250); });
+  const safely = f => f().catch(e => { if (e.status !== 401) say(e.message, true); });
+  search.addEventListener("input", () => { clearTimeout(debounce); debounce = setTimeout(() => safely(() => load()), 250); });
   page.append(
     h("h2", {}, "Catalog"),
-    h("form", { role: "search", onsubmit: e => { e.preventDefault(); load(); } },
+    h("form", { role: "search", onsubmit: e => { e.preventDefault(); safely(() => load()); } },
       h("label", { for: "search" }, "Search the catalog"), search, h("button", { type: "submit" }, "Search")),
-    list, form);
+    list, more, form);
   const mine = generation;
-  async function load() {
+  let shown = [];
+  /** The first page (or, with `cursor`, the next one after what is shown). */
+  async function load(cursor) {
     const q = new URLSearchParams({ version: "latest", limit: "100" });
     if (search.value.trim()) q.set("search", search.value.trim());
+    if (cursor) q.set("cursor", cursor);
     const [catalog, running] = await Promise.all([
       api("GET", "/admin/v1/registry/servers?" + q),
       api("GET", "/admin/v1/servers").catch(() => ({ servers: [] })),
     ]);
     if (mine !== generation) return;
+    shown = cursor ? shown.concat(catalog.servers) : catalog.servers;
+    const next = catalog.metadata && catalog.metadata.nextCursor;
+    more.hidden = !next;
+    if (next) more.dataset.cursor = next;
     const installed = new Map(running.servers.filter(s => s.installed).map(s => [s.installed.entry, s.name]));
     list.replaceChildren(table("Catalog entries", ["Name", "Version", "Description", "Status", ""],
-      catalog.servers.map(({ server, _meta }) => {
+      shown.map(({ server, _meta }) => {
         const status = (_meta && _meta[OFFICIAL] && _meta[OFFICIAL].status) || "active";
         const as = installed.get(server.name);
         return [
@@ -170,7 +188,7 @@ async function catalogPage(page) {
             : h("button", { type: "button", disabled: status !== "active", "aria-label": `Install ${server.name}`, onclick: () => installForm(form, server) }, "Install")),
         ];
       }), "No entry matches."));
-    say(`${catalog.metadata.count} ${catalog.metadata.count === 1 ? "entry" : "entries"} shown.`);
+    say(`${shown.length} ${shown.length === 1 ? "entry" : "entries"} shown${next ? " (more to show)" : ""}.`);
   }
   await load();
 }
@@ -191,7 +209,7 @@ function installForm(section, server) {
       const attrs = { id, name: v.name, required: Boolean(v.isRequired), "aria-describedby": hint ? id + "-hint" : null };
       const input = Array.isArray(v.choices) && v.choices.length
         ? h("select", attrs, v.isRequired ? null : h("option", { value: "" }, "(none)"), v.choices.map(c => h("option", { value: c, selected: c === v.default }, c)))
-        : h("input", { ...attrs, type: v.isSecret ? "password" : "text", autocomplete: v.isSecret ? "new-password" : "off", value: v.isSecret ? null : v.default });
+        : h("input", { ...attrs, type: v.isSecret ? "password" : "text", autocomplete: "off", value: v.isSecret ? null : v.default });
       return [h("label", { for: id }, v.name, v.isRequired ? " (required)" : "", v.isSecret ? " (secret)" : ""), input, hint];
     }).filter(Boolean));
   };
@@ -202,7 +220,9 @@ function installForm(section, server) {
     error.textContent = "";
     const values = {};
     for (const el of fields.querySelectorAll("input, select")) if (el.value !== "") values[el.name] = el.value;
-    const body = { entry: server.name, version: server.version, values, package: Number(pick.value) };
+    const body = { entry: server.name, version: server.version, values };
+    // With one package, the gateway picks it (and says so if it cannot run it).
+    if (packages.length > 1) body.package = Number(pick.value);
     if (name.value.trim()) body.name = name.value.trim();
     try {
       const view = await api("POST", "/admin/v1/registry/install", body);
@@ -287,14 +307,17 @@ async function serversPage(page) {
     const pre = h("pre", { class: "logs", id: "log-text", tabindex: "0", "aria-label": `Output of ${name}` });
     const follow = h("input", { type: "checkbox", id: "log-follow", checked: true });
     const mine = generation;
+    let reading = false;
     const load = async () => {
       if (mine !== generation) return closeLogs();
+      if (reading) return;
+      reading = true;
       try {
         const text = await api("GET", `/admin/v1/servers/${seg(name)}/logs?tail=500`);
         const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
         pre.textContent = text || "(no output yet)";
         if (atEnd) pre.scrollTop = pre.scrollHeight;
-      } catch (e) { pre.textContent = e.message; }
+      } catch (e) { pre.textContent = e.message; } finally { reading = false; }
     };
     following = { name, timer: setInterval(() => { if (follow.checked) load(); }, 1000) };
     logs.replaceChildren(
@@ -343,13 +366,17 @@ async function activityPage(page) {
         h("td", { class: r.decision ? `decision-${r.decision}` : null }, r.decision || ""), r.by || "", r.outcome || ""]),
       denials.checked ? "No denial among the recent records." : "No record yet."));
   };
-  denials.addEventListener("change", render);
-  await every(3000, async current => {
-    const data = await api("GET", "/admin/v1/audit?limit=200");
+  // Denials come from the decisions the gateway keeps apart: a flood of calls or of
+  // anonymous refusals cannot push them out of this view.
+  const load = async current => {
+    const data = await api("GET", `/admin/v1/audit?limit=200${denials.checked ? "&only=decisions" : ""}`);
     if (!current()) return;
     last = data;
     render();
-  });
+  };
+  const mine = generation;
+  denials.addEventListener("change", () => { render(); load(() => mine === generation).catch(e => say(e.message, true)); });
+  await every(3000, load);
 }
 
 async function pluginsPage(page) {

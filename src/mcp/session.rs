@@ -439,6 +439,11 @@ impl Session {
         )
     }
 
+    /// Whether its client holds a GET stream open now.
+    pub fn is_listening(&self) -> bool {
+        lock(&self.listen).is_open()
+    }
+
     /// Whether a request is running in the session now.
     pub fn is_busy(&self) -> bool {
         self.busy.load(Ordering::Relaxed) > 0

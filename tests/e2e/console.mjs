@@ -17,6 +17,7 @@ mkdirSync(artifacts, { recursive: true });
 const ENTRY = 'io.github.modelcontextprotocol/server-everything';
 const WEATHER = 'io.github.gatehouse-test/weather';
 const SECRET = 'weather-secret-value-8c1f';
+const HOSTILE = 'io.github.gatehouse-test/hostile';
 const seen = { steps: [] };
 const step = name => { seen.steps.push(name); console.error(`[console.mjs] ${name}`); };
 const expect = (ok, what) => { if (!ok) throw new Error(`expected ${what}`); };
@@ -32,6 +33,11 @@ try {
     // Script errors, and anything the page's content policy blocked, fail the test; refused
     // requests the test makes on purpose (a wrong token) are not errors of the page.
     const errors = [];
+    // Whatever the page's policy blocks is recorded where the test can read it.
+    await page.addInitScript(() => {
+        window.__violations = [];
+        document.addEventListener('securitypolicyviolation', e => window.__violations.push(`${e.violatedDirective} ${e.blockedURI}`));
+    });
     page.on('pageerror', e => errors.push(String(e)));
     page.on('console', m => { if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) errors.push(m.text()); });
     const shot = name => page.screenshot({ path: `${artifacts}/${name}.png`, fullPage: true });
@@ -57,7 +63,23 @@ try {
     await page.getByRole('button', { name: `Install ${ENTRY}` }).waitFor();
     await page.waitForFunction(() => !document.querySelector('#catalog-list').textContent.includes('server-time'));
     seen.catalogRows = await page.locator('#catalog-list tbody tr').count();
+    expect(seen.catalogRows === 1, `one entry for "everything", not ${seen.catalogRows}`);
     await shot('catalog');
+
+    step('a hostile entry');
+    // A publisher's markup is shown as text, runs nothing, and the policy had nothing to block.
+    await page.getByLabel('Search the catalog').fill('hostile');
+    await page.getByRole('button', { name: `Install ${HOSTILE}` }).click();
+    await page.locator('#install-variables').waitFor();
+    const row = await page.locator('#catalog-list tbody tr').first().textContent();
+    expect(row.includes('<img src=x onerror=') && row.includes('<script>'), `the markup as text in ${row}`);
+    expect((await page.locator('#install-variables').textContent()).includes('<iframe'), 'a variable\'s markup as text');
+    seen.pwned = await page.evaluate(() => window.__pwned ?? null);
+    seen.violations = await page.evaluate(() => window.__violations);
+    expect(seen.pwned === null, `nothing run, but ${seen.pwned}`);
+    expect(await page.locator('#catalog-list img, #install img, #install iframe, #catalog-list script').count() === 0, 'no element made from the markup');
+    await shot('hostile');
+    await page.getByRole('button', { name: 'Cancel' }).click();
 
     step('a form from environment variables');
     // An entry with a required secret and a choice: the form asks for each the way it must.
@@ -78,7 +100,8 @@ try {
     const refusal = page.locator('#install-error');
     await refusal.filter({ hasText: 'config file' }).waitFor();
     seen.refusal = await refusal.textContent();
-    expect(!seen.refusal.includes(SECRET) && !(await page.content()).includes(SECRET), 'the secret nowhere on the page');
+    const said = seen.refusal + await status() + await page.evaluate(() => JSON.stringify(sessionStorage) + JSON.stringify(localStorage));
+    expect(!said.includes(SECRET), 'the secret in no message and not kept by the page');
     await shot('install-refused');
     await page.getByRole('button', { name: 'Cancel' }).click();
     await page.getByLabel('Search the catalog').fill('everything');
@@ -142,6 +165,7 @@ try {
     await page.getByRole('link', { name: 'Sessions' }).click();
     await page.locator('#session-list td', { hasText: 'alice' }).first().waitFor();
     seen.sessions = await page.locator('#session-list tbody tr').count();
+    expect(seen.sessions >= 1, 'the session listed');
     await shot('sessions');
 
     step('activity');
@@ -162,6 +186,7 @@ try {
     seen.plugin = await module.first().textContent();
     expect(seen.plugin.includes('on-request'), `the plugin's hooks in ${seen.plugin}`);
     seen.chain = await page.locator('tr', { hasText: 'guard' }).first().textContent();
+    expect(seen.chain.includes('tools/call') && seen.chain.includes('tool_policy'), `the chain's methods and plugins in ${seen.chain}`);
     await shot('plugins');
 
     step('uninstall');
@@ -182,6 +207,8 @@ try {
     seen.status = await status();
     seen.errors = errors;
     expect(errors.length === 0, `no script or policy error on the page: ${errors}`);
+    seen.violations = await page.evaluate(() => window.__violations);
+    expect(seen.violations.length === 0, `nothing blocked by the page's policy: ${seen.violations}`);
 } finally {
     for (const c of clients) await c.close().catch(() => {});
     await browser.close();

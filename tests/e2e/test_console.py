@@ -6,6 +6,7 @@ sign out. A screenshot of each page is kept in target/artifacts/console/."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ SCRIPT = Path(__file__).resolve().parent / "console.mjs"
 ARTIFACTS = REPO / "target" / "artifacts" / "console"
 ADMIN = "console-e2e-admin-token-0123456789"
 ALICE = "console-e2e-alice-token-0123456789"
-PAGES = ["sign-in", "catalog", "install-refused", "install", "servers", "logs", "sessions", "activity", "plugins", "servers-after-uninstall"]
+PAGES = ["sign-in", "catalog", "hostile", "install-refused", "install", "servers", "logs", "sessions", "activity", "plugins", "servers-after-uninstall"]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,28 @@ def console_gateway(tools: Tools, workdir: Path) -> Iterator[Gateway]:
             }
         ],
     }
+    markup = '<img src=x onerror="window.__pwned=1">'
+    hostile = {
+        "$schema": weather["$schema"],
+        "name": "io.github.gatehouse-test/hostile",
+        "title": f"Hostile {markup}",
+        "description": "<script>window.__pwned=2</script> an entry whose publisher writes markup",
+        "version": "1.0.0",
+        "packages": [
+            {
+                "registryType": "npm",
+                "identifier": "@gatehouse-test/hostile",
+                "version": "1.0.0",
+                "transport": {"type": "stdio"},
+                "environmentVariables": [
+                    {"name": "MODE", "description": '<iframe src="javascript:window.__pwned=3">', "choices": [markup, "plain"], "default": markup},
+                    {"name": "NOTE", "default": '"><svg onload="window.__pwned=4">'},
+                ],
+            }
+        ],
+    }
     try:
-        r = httpx.post(f"http://127.0.0.1:{gw.port}/admin/v1/registry/servers", json=weather, headers={"authorization": f"Bearer {ADMIN}"}, timeout=10)
+        r = httpx.post(f"http://127.0.0.1:{gw.port}/admin/v1/registry/servers", json=[weather, hostile], headers={"authorization": f"Bearer {ADMIN}"}, timeout=10)
         assert r.status_code == 201, r.text
         yield gw
     finally:
@@ -118,4 +139,25 @@ def test_the_console_is_served_with_a_strict_policy_and_holds_no_data(console_ga
         bad = c.get(f"{base}/admin/v1/audit?limit=100000", headers={"authorization": f"Bearer {ADMIN}"})
         assert bad.status_code == 400 and "limit" in bad.json()["error"]
         assert c.post(f"{base}/ui/", content=b"x").status_code == 405
-        assert c.get(f"{base}/ui/../admin/v1/sessions").status_code in (401, 404)
+        admin = {"authorization": f"Bearer {ADMIN}"}
+        # DNS rebinding: a page of another name that resolves here is refused.
+        assert c.get(f"{base}/ui/", headers={"host": "evil.example"}).status_code == 421
+        assert c.get(f"{base}/admin/v1/sessions", headers={**admin, "host": "evil.example"}).status_code == 421
+        # Another site's page cannot drive the admin API with a token it got hold of; the
+        # console's own requests (same origin) can.
+        assert c.get(f"{base}/admin/v1/sessions", headers={**admin, "origin": "https://evil.example"}).status_code == 403
+        assert c.get(f"{base}/admin/v1/sessions", headers={**admin, "origin": base}).status_code == 200
+    # A path that climbs out of /ui/ is not resolved (http.client sends it as written).
+    conn = http.client.HTTPConnection("127.0.0.1", console_gateway.port, timeout=10)
+    conn.request("GET", "/ui/../admin/v1/sessions", headers={"authorization": f"Bearer {ADMIN}"})
+    climbed = conn.getresponse()
+    assert climbed.status == 404, climbed.read()
+    conn.close()
+
+
+def test_without_admin_tokens_there_is_no_console(tools: Tools, workdir: Path) -> None:
+    gw = start_gateway(tools, workdir, "no-console", [{"name": EXAMPLE, "stdio": {"command": example_argv(tools)[0], "args": example_argv(tools)[1:]}}])
+    try:
+        assert httpx.get(f"http://127.0.0.1:{gw.port}/ui/", timeout=10).status_code == 404
+    finally:
+        gw.proc.stop()
