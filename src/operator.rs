@@ -21,7 +21,8 @@ pub struct Target {
         global = true
     )]
     url: String,
-    /// Bearer token of the admin API (and of the registry API, when it takes one).
+    /// Bearer token of the admin API (and of the registry API, when it takes one). Prefer
+    /// the environment or `--token-file`: a command line is visible to every local user.
     #[arg(
         long,
         env = "GATEHOUSE_ADMIN_TOKEN",
@@ -29,6 +30,18 @@ pub struct Target {
         global = true
     )]
     token: Option<String>,
+    /// A file holding the bearer token (e.g. the embedded default's admin-token file).
+    #[arg(
+        long,
+        env = "GATEHOUSE_ADMIN_TOKEN_FILE",
+        global = true,
+        conflicts_with = "token"
+    )]
+    token_file: Option<std::path::PathBuf>,
+    /// Send the token over plain HTTP to a host other than this one (refused by default:
+    /// anyone on the path would read it).
+    #[arg(long, global = true)]
+    allow_http: bool,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -57,6 +70,9 @@ pub enum ServersCommand {
         /// Only the last N lines.
         #[arg(long)]
         tail: Option<usize>,
+        /// Keep printing new output as it comes (until interrupted).
+        #[arg(long, short)]
+        follow: bool,
     },
     /// Restart a server.
     Restart {
@@ -151,9 +167,35 @@ struct Api {
 impl Api {
     fn new(target: &Target) -> anyhow::Result<Self> {
         let tls = gatehouse::outbound_tls::client_config(&Default::default())?;
+        let token = match (&target.token, &target.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the token file {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        let uri: http::Uri = target
+            .url
+            .parse()
+            .with_context(|| format!("{:?} is not a URL", target.url))?;
+        let local = uri.host().is_some_and(|h| {
+            h == "localhost"
+                || h.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        if token.is_some() && uri.scheme_str() == Some("http") && !local && !target.allow_http {
+            bail!(
+                "{}: the token would cross the network unencrypted; use https (or --allow-http)",
+                target.url
+            );
+        }
         Ok(Api {
             base: target.url.trim_end_matches('/').to_owned(),
-            token: target.token.clone(),
+            token,
             client: gatehouse::upstream::http::client(&tls),
         })
     }
@@ -231,7 +273,7 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
         let padded: Vec<String> = cells
             .iter()
             .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
+            .map(|(c, w)| format!("{:<w$}", printable(c)))
             .collect();
         println!("{}", padded.join("  ").trim_end());
     };
@@ -239,6 +281,62 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
     for row in rows {
         line(row.clone());
     }
+}
+
+/// Lines read at each look while following.
+const FOLLOW_TAIL: usize = 1000;
+
+/// Prints what a server writes from now on: every second, the lines after those already
+/// printed (the newest `FOLLOW_TAIL` lines are read and matched against the last ones seen).
+async fn follow_logs(api: &Api, name: &str, seen: String) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = format!(
+        "/admin/v1/servers/{}/logs?tail={FOLLOW_TAIL}",
+        segment(name)
+    );
+    let mut last: Vec<String> = seen.lines().map(str::to_owned).collect();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let now: Vec<String> = match api.call("GET", &path, None).await {
+            Ok(a) => a.text.lines().map(str::to_owned).collect(),
+            // A restart or a moment's outage: keep following.
+            Err(e) => {
+                eprintln!("({e}; still following)");
+                continue;
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        for line in after(&last, &now) {
+            writeln!(out, "{}", printable(line))?;
+        }
+        out.flush()?;
+        last = now;
+    }
+}
+
+/// The lines of `now` after those it shares with the end of `before` (the longest overlap);
+/// all of `now` when nothing overlaps (the output started again).
+fn after<'a>(before: &[String], now: &'a [String]) -> &'a [String] {
+    let most = before.len().min(now.len());
+    let overlap = (0..=most)
+        .rev()
+        .find(|&k| now[..k] == before[before.len() - k..])
+        .unwrap_or(0);
+    &now[overlap..]
+}
+
+/// `text` without the control characters a terminal would act on (a server's output, or a
+/// name a registry entry chose, must not rewrite the operator's screen): kept are newlines
+/// and tabs; the rest show as `?`.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars()
+        .map(|c| if bad(c) { '?' } else { c })
+        .collect::<String>()
+        .into()
 }
 
 fn phase_of(server: &Value) -> String {
@@ -306,6 +404,7 @@ pub async fn servers(target: &Target, command: ServersCommand) -> anyhow::Result
             name,
             previous,
             tail,
+            follow,
         } => {
             let mut query = Vec::new();
             if previous {
@@ -321,7 +420,10 @@ pub async fn servers(target: &Target, command: ServersCommand) -> anyhow::Result
                 query.join("&")
             );
             let answer = api.call("GET", &path, None).await?;
-            print!("{}", answer.text);
+            print!("{}", printable(&answer.text));
+            if follow {
+                follow_logs(&api, &name, answer.text).await?;
+            }
         }
         ServersCommand::Restart { name } => {
             let path = format!("/admin/v1/servers/{}/restart", segment(&name));
@@ -513,5 +615,35 @@ async fn converge(
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(s: &str) -> Vec<String> {
+        s.split(' ')
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn following_prints_each_new_line_once() {
+        assert_eq!(after(&lines("a b c"), &lines("b c d e")), lines("d e"));
+        assert_eq!(after(&lines("a b c"), &lines("a b c")), lines(""));
+        // The window moved past everything seen: all of it is new.
+        assert_eq!(after(&lines("a b"), &lines("x y")), lines("x y"));
+        assert_eq!(after(&lines(""), &lines("x")), lines("x"));
+        // Repeated lines: the longest overlap wins.
+        assert_eq!(after(&lines("x x"), &lines("x x x")), lines("x"));
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert_eq!(printable("plain\ttext\n"), "plain\ttext\n");
+        assert_eq!(printable("\u{1b}]0;pwned\u{7}hi\r"), "?]0;pwned?hi?");
+        assert_eq!(printable("\u{9b}31m"), "?31m", "C1 controls too");
     }
 }

@@ -239,3 +239,100 @@ async fn the_embedded_default_keeps_its_admin_token_out_of_the_log_and_off_the_n
     assert!(said.contains("loopback only"), "{said}");
     std::fs::remove_dir_all(&state).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_prints_new_output_once_and_no_terminal_controls() {
+    use tokio::io::AsyncBufReadExt;
+    let config = gatehouse::Config::from_yaml(&format!(
+        "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}"
+    ))
+    .unwrap();
+    let runtime: Arc<dyn Runtime> = Arc::new(LocalRuntime::new(LocalSettings::default()));
+    let running = gatehouse::start_with(config, Some(runtime.clone()))
+        .await
+        .unwrap();
+    let addr = running.listening.local_addr;
+    // A server that writes a line every 300 ms (one with a terminal escape), then serves.
+    let script = format!(
+        "printf 'first\\n\\033]0;pwned\\007title\\n' >&2; for i in 1 2 3 4 5; do sleep 0.3; echo line-$i >&2; done; exec {BIN:?} example-server"
+    );
+    let spec = serde_json::json!({"command": "/bin/sh", "args": ["-c", script]});
+    let r = support::admin_request(
+        addr,
+        Some(ADMIN),
+        "PUT",
+        "/admin/v1/servers/chatty",
+        Some(spec),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    support::eventually("the first line logged", || async {
+        let r = support::admin_request(
+            addr,
+            Some(ADMIN),
+            "GET",
+            "/admin/v1/servers/chatty/logs",
+            None,
+        )
+        .await;
+        r.body.contains("first")
+    })
+    .await;
+
+    // The token from a file (not the command line, which every local user sees).
+    let token_file =
+        std::env::temp_dir().join(format!("gatehouse-cli-token-{}", std::process::id()));
+    std::fs::write(&token_file, format!("{ADMIN}\n")).unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["servers", "logs", "chatty", "--follow", "--token-file"])
+        .arg(&token_file)
+        .env("GATEHOUSE_URL", format!("http://{addr}"))
+        .env_remove("GATEHOUSE_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let read = async {
+        while let Ok(Some(line)) = out.next_line().await {
+            let done = line == "line-5";
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), read)
+        .await
+        .unwrap_or_else(|_| panic!("line-5 never printed: {seen:?}"));
+    child.kill().await.unwrap();
+    assert_eq!(
+        seen,
+        [
+            "first",
+            "?]0;pwned?title",
+            "line-1",
+            "line-2",
+            "line-3",
+            "line-4",
+            "line-5"
+        ],
+        "each line once, in order, its controls shown as ?"
+    );
+    let _ = std::fs::remove_file(&token_file);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_cli_does_not_send_its_token_in_the_clear_across_the_network() {
+    let ran = gatehouse(
+        "192.0.2.1:9000".parse().unwrap(),
+        ADMIN,
+        &["servers", "list"],
+    )
+    .await;
+    assert!(!ran.ok);
+    assert!(ran.err.contains("unencrypted"), "{}", ran.err);
+    assert!(!ran.err.contains(ADMIN), "{}", ran.err);
+}
