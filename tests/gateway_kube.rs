@@ -694,7 +694,7 @@ async fn an_installed_entry_runs_as_a_pod_its_secret_never_in_the_resource_and_u
     assert_eq!(token, json!({"name": "API_TOKEN", "storedSecret": true}));
     assert_eq!(cr["spec"]["image"], "ghcr.io/gatehouse-test/example:1.0.0");
     let values = fake
-        .get(Kind::Secret, NS, "mcp-installed-values")
+        .get(Kind::Secret, NS, "mcp-installed.values")
         .expect("the values Secret");
     let stored = base64::engine::general_purpose::STANDARD
         .decode(values["data"]["API_TOKEN"].as_str().unwrap())
@@ -713,7 +713,7 @@ async fn an_installed_entry_runs_as_a_pod_its_secret_never_in_the_resource_and_u
     let container = &dep["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(
         env_of(container, "API_TOKEN")["valueFrom"]["secretKeyRef"]["name"],
-        "mcp-installed-values"
+        "mcp-installed.values"
     );
     assert_eq!(env_of(container, "GREETING")["value"], "hello");
     assert!(!dep.to_string().contains(SECRET));
@@ -738,10 +738,14 @@ async fn an_installed_entry_runs_as_a_pod_its_secret_never_in_the_resource_and_u
     assert_eq!(cr["spec"]["image"], "ghcr.io/gatehouse-test/example:1.1.0");
     assert_eq!(cr["spec"]["registry"]["version"], "1.1.0");
     assert!(!cr.to_string().contains(SECRET), "{cr}");
-    let values = fake.get(Kind::Secret, NS, "mcp-installed-values").unwrap();
+    let values = fake.get(Kind::Secret, NS, "mcp-installed.values").unwrap();
     assert_eq!(
         values["data"]["API_TOKEN"],
         base64::engine::general_purpose::STANDARD.encode(SECRET)
+    );
+    assert_eq!(
+        values["metadata"]["ownerReferences"][0]["uid"],
+        cr["metadata"]["uid"]
     );
     eventually("the upgraded pod answers", || {
         fake.get(Kind::Deployment, NS, "mcp-installed")
@@ -761,11 +765,11 @@ async fn an_installed_entry_runs_as_a_pod_its_secret_never_in_the_resource_and_u
     }
     assert_eq!(who, "v1.1.0");
 
-    // Uninstalled: the resource, its pod and both Secrets go.
+    // Uninstalled: the resource, its pod and its stored values go.
     let r = admin(&b, "DELETE", "/admin/v1/servers/installed", None).await;
     assert_eq!(r.status, 204, "{}", r.body);
     assert!(fake.get(Kind::McpServer, NS, "installed").is_none());
-    assert!(fake.get(Kind::Secret, NS, "mcp-installed-values").is_none());
+    assert!(fake.get(Kind::Secret, NS, "mcp-installed.values").is_none());
     eventually("the Deployment removed", || {
         fake.get(Kind::Deployment, NS, "mcp-installed").is_none()
     })
@@ -776,4 +780,89 @@ async fn an_installed_entry_runs_as_a_pod_its_secret_never_in_the_resource_and_u
         outside.is_empty(),
         "not allowed by deploy/base/role.yaml: {outside:#?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_secrets_belong_to_their_server_only() {
+    let fake = FakeKube::start().await;
+    let (gw, _rt) = replica(&fake, "replica-a").await;
+    let spec = |name: &str, env: Value| {
+        json!({"image": "ghcr.io/gatehouse/example:1", "command": BIN,
+            "args": ["example-server", "--name", name], "env": env})
+    };
+    let value_of = |secret: &str| {
+        fake.get(Kind::Secret, NS, secret).map(|s| {
+            String::from_utf8(
+                base64::engine::general_purpose::STANDARD
+                    .decode(s["data"]["TOKEN"].as_str().unwrap())
+                    .unwrap(),
+            )
+            .unwrap()
+        })
+    };
+    // `a` and `a-values`: each keeps its own (no name of one is the other's).
+    for (name, secret) in [("a", "a-secret"), ("a-values", "b-secret")] {
+        let env = json!([{"name": "TOKEN", "secretValue": secret}]);
+        let r = admin(
+            &gw,
+            "PUT",
+            &format!("/admin/v1/servers/{name}"),
+            Some(spec(name, env)),
+        )
+        .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    assert_eq!(value_of("mcp-a.values").as_deref(), Some("a-secret"));
+    assert_eq!(value_of("mcp-a-values.values").as_deref(), Some("b-secret"));
+
+    // A Secret of that name someone else made is neither read nor written over.
+    fake.create(
+        Kind::Secret,
+        NS,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mcp-c.values"},
+            "data": {"TOKEN": base64::engine::general_purpose::STANDARD.encode("not-yours")}}),
+    );
+    let stored = json!([{"name": "TOKEN", "storedSecret": true}]);
+    let r = admin(
+        &gw,
+        "PUT",
+        "/admin/v1/servers/c",
+        Some(spec("c", stored.clone())),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("not this server's"), "{}", r.body);
+    assert!(!r.body.contains("not-yours"));
+    assert!(
+        fake.get(Kind::McpServer, NS, "c").is_none(),
+        "nothing written"
+    );
+    let given = json!([{"name": "TOKEN", "secretValue": "c-secret"}]);
+    let r = admin(&gw, "PUT", "/admin/v1/servers/c", Some(spec("c", given))).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(value_of("mcp-c.values").as_deref(), Some("not-yours"));
+    // A stored secret that was never given has no value to keep.
+    let r = admin(
+        &gw,
+        "PUT",
+        "/admin/v1/servers/d",
+        Some(spec("d", stored.clone())),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("env.TOKEN.storedSecret"), "{}", r.body);
+    // Redefined without the value: the stored one is kept.
+    let r = admin(&gw, "PUT", "/admin/v1/servers/a", Some(spec("a", stored))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(value_of("mcp-a.values").as_deref(), Some("a-secret"));
+
+    // Its resource deleted behind the gateway's back (kubectl): the garbage collector takes
+    // the values with it.
+    fake.delete(Kind::McpServer, NS, "a");
+    eventually("the values Secret collected", || {
+        fake.get(Kind::Secret, NS, "mcp-a.values").is_none()
+    })
+    .await;
+    assert_eq!(value_of("mcp-a-values.values").as_deref(), Some("b-secret"));
+    gw.stop().await;
 }

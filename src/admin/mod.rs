@@ -704,11 +704,11 @@ async fn upgrade(
     configured_here(gw, &ask.name)?;
     let _serial = gw.admin_changes.lock().await;
     runtime.status(&ask.name).await?;
-    // This gateway's own record, else the backend's (an McpServer resource outlives the
-    // gateway that made it).
-    let current = match gw.definition(&ask.name) {
+    // The backend's (an McpServer resource: the same for every replica, and it outlives
+    // the gateway that made it), else this gateway's own record.
+    let current = match runtime.definition(&ask.name).await {
         Some(d) => d,
-        None => runtime.definition(&ask.name).await.ok_or_else(|| {
+        None => gw.definition(&ask.name).ok_or_else(|| {
             AdminError::Invalid(format!(
                 "the definition of {:?} was not made through the admin API: install it again",
                 ask.name

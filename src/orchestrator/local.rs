@@ -277,6 +277,14 @@ impl Runtime for LocalRuntime {
                     what: "a command",
                 });
             }
+            // All refused before anything changes, as `apply` would refuse each.
+            if let Some(s) = servers.iter().find(|s| s.uses_stored_secrets()) {
+                return Err(OrchestratorError::Unsupported {
+                    server: s.name.clone(),
+                    backend: "local",
+                    what: "storedSecret (a Kubernetes Secret; give secretValue)",
+                });
+            }
             let keep: std::collections::BTreeSet<String> =
                 servers.iter().map(|s| s.name.clone()).collect();
             let gone: Vec<String> = self

@@ -193,7 +193,7 @@ pub struct EnvVarSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_from_env: Option<String>,
     /// Secret value kept under the variable's name in the server's values Secret
-    /// (`mcp-<name>-values`, Kubernetes only): where the admin API puts a definition's
+    /// (`mcp-<name>.values`, Kubernetes only): where the admin API puts a definition's
     /// `secretValue`s, so that the `McpServer` resource never holds one.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stored_secret: bool,
@@ -381,9 +381,11 @@ impl ResolvedServer {
     }
 }
 
-/// The Secret holding a server's stored secret values (see [`EnvVarSpec::stored_secret`]).
+/// The Secret holding a server's stored secret values (see [`EnvVarSpec::stored_secret`]):
+/// `mcp-<name>.values`. A server name has no dot, so this is never another server's object
+/// (`mcp-<name>-values` would be the Secret of a server named `<name>-values`).
 pub fn values_secret_name(server: &str) -> String {
-    format!("{OBJECT_PREFIX}{server}-values")
+    format!("{OBJECT_PREFIX}{server}.values")
 }
 
 impl McpServerSpec {

@@ -376,14 +376,33 @@ pub fn upgrade(
         package: Some(package),
         values,
     };
-    let planned = plan(new, &request, runners)?.spec;
-    // A stored secret cannot go where the new version would put it in the open.
-    if planned.args.iter().any(|a| a.contains(&stored_mark)) {
-        return Err(refuse(
-            "version",
-            "the new version puts a stored secret in its arguments: install it again, giving its value",
-        ));
+    // What was secret stays secret, whatever the new version says: planned as secrets, so
+    // that no argument or URL of the new version may carry them, and a stored one (its value
+    // unknown here) is not checked against choices.
+    let mut new = new.clone();
+    if let Some(vars) = new["packages"][package]["environmentVariables"].as_array_mut() {
+        for var in vars {
+            let Some(was) = current.env.iter().find(|c| var["name"] == c.name.as_str()) else {
+                continue;
+            };
+            if was.secret_value.is_some() || was.stored_secret {
+                var["isSecret"] = Value::Bool(true);
+            }
+            if was.stored_secret
+                && let Some(v) = var.as_object_mut()
+            {
+                v.remove("choices");
+            }
+        }
     }
+    let planned = plan(&new, &request, runners)
+        .map_err(|e| {
+            refuse(
+                "version",
+                format!("the new version cannot keep what was installed: {e}"),
+            )
+        })?
+        .spec;
     let mut env = planned.env;
     for e in &mut env {
         let was = current.env.iter().find(|c| c.name == e.name);
@@ -874,5 +893,9 @@ mod tests {
             json!([{"type": "named", "name": "--token", "value": "{TOKEN}"}]);
         let e = upgrade(&stored, Some(&v1), &leaky, &runners()).unwrap_err();
         assert_eq!(e.field, "version", "{e}");
+        // Nor with its value at hand (this gateway's own record of the definition).
+        let e = upgrade(&current, Some(&v1), &leaky, &runners()).unwrap_err();
+        assert!(e.message.contains("TOKEN"), "{e}");
+        assert!(!e.message.contains("t0k"), "{e}");
     }
 }

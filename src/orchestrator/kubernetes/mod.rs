@@ -527,21 +527,43 @@ impl Drop for KubeRuntime {
 }
 
 impl KubeRuntime {
-    /// Makes the values Secret of server `name` hold the values of `spec`'s stored secrets:
-    /// `values` (given now) and, for the others, what it holds already; owned by the
-    /// `McpServer` with uid `owner` when there is one. Without stored secrets it is removed.
-    async fn write_values(
+    /// The values Secret of server `name`, if there is one and it is that server's (labelled
+    /// so by the gateway): a Secret of that name made by anyone else is never read, written
+    /// over or deleted.
+    async fn own_values(&self, name: &str) -> Result<Option<Secret>> {
+        let api: Api<Secret> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+        let secret_name = values_secret_name(name);
+        let found = api.get_opt(&secret_name).await.map_err(|e| {
+            OrchestratorError::kube(format!("read the stored secrets of {name}"), e)
+        })?;
+        match found {
+            None => Ok(None),
+            Some(s) if s.labels().get(labels::SERVER).map(String::as_str) == Some(name)
+                && s.labels().get(labels::MANAGED_BY).map(String::as_str)
+                    == Some(labels::MANAGER) =>
+            {
+                Ok(Some(s))
+            }
+            Some(_) => Err(SpecError {
+                field: "env".into(),
+                message: format!(
+                    "the Secret {secret_name} exists and is not this server's stored values: remove or rename it"
+                ),
+            }
+            .into()),
+        }
+    }
+
+    /// What the values Secret of server `name` is to hold for `spec`: `values` (given now)
+    /// and, for its other stored secrets, what the Secret holds already; `None` when `spec`
+    /// stores none. Read before anything changes: a stored secret with no value is refused.
+    async fn stored_values(
         &self,
         name: &str,
         spec: &McpServerSpec,
         values: BTreeMap<String, String>,
-        owner: Option<&str>,
-    ) -> Result<()> {
+    ) -> Result<Option<BTreeMap<String, k8s_openapi::ByteString>>> {
         use k8s_openapi::ByteString;
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-        let api: Api<Secret> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
-        let secret_name = values_secret_name(name);
-        let kube_err = |e| OrchestratorError::kube(format!("the stored secrets of {name}"), e);
         let stored: Vec<&str> = spec
             .env
             .iter()
@@ -549,11 +571,7 @@ impl KubeRuntime {
             .map(|e| e.name.as_str())
             .collect();
         if stored.is_empty() {
-            return match api.delete(&secret_name, &DeleteParams::background()).await {
-                Ok(_) => Ok(()),
-                Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-                Err(e) => Err(kube_err(e)),
-            };
+            return Ok(None);
         }
         let mut data: BTreeMap<String, ByteString> = BTreeMap::new();
         let kept: Vec<&str> = stored
@@ -562,7 +580,7 @@ impl KubeRuntime {
             .filter(|k| !values.contains_key(*k))
             .collect();
         if !kept.is_empty() {
-            let old = api.get_opt(&secret_name).await.map_err(kube_err)?;
+            let old = self.own_values(name).await?;
             for k in kept {
                 let value = old
                     .as_ref()
@@ -571,7 +589,8 @@ impl KubeRuntime {
                     .ok_or_else(|| SpecError {
                         field: format!("env.{k}.storedSecret"),
                         message: format!(
-                            "{secret_name} holds no value for {k}: give its secretValue"
+                            "{} holds no value for {k}: give its secretValue",
+                            values_secret_name(name)
                         ),
                     })?;
                 data.insert(k.to_owned(), value.clone());
@@ -583,6 +602,26 @@ impl KubeRuntime {
                 .filter(|(k, _)| stored.contains(&k.as_str()))
                 .map(|(k, v)| (k, ByteString(v.into_bytes()))),
         );
+        Ok(Some(data))
+    }
+
+    /// Makes the values Secret of server `name` hold `data`, owned by its `McpServer` (uid
+    /// `owner`: removed with it); without data, removes it.
+    async fn write_values(
+        &self,
+        name: &str,
+        data: Option<BTreeMap<String, k8s_openapi::ByteString>>,
+        owner: &str,
+    ) -> Result<()> {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        let api: Api<Secret> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+        let secret_name = values_secret_name(name);
+        let kube_err = |e| OrchestratorError::kube(format!("the stored secrets of {name}"), e);
+        let Some(data) = data else {
+            return self.remove_values(name).await;
+        };
+        // Never over another's Secret of that name.
+        self.own_values(name).await?;
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(secret_name.clone()),
@@ -590,14 +629,12 @@ impl KubeRuntime {
                     (labels::SERVER.to_owned(), name.to_owned()),
                     (labels::MANAGED_BY.to_owned(), labels::MANAGER.to_owned()),
                 ])),
-                owner_references: owner.map(|uid| {
-                    vec![objects::owner_ref(
-                        &McpServer::api_version(&()),
-                        &McpServer::kind(&()),
-                        name,
-                        uid,
-                    )]
-                }),
+                owner_references: Some(vec![objects::owner_ref(
+                    &McpServer::api_version(&()),
+                    &McpServer::kind(&()),
+                    name,
+                    owner,
+                )]),
                 ..ObjectMeta::default()
             },
             data: Some(data),
@@ -612,6 +649,25 @@ impl KubeRuntime {
         .await
         .map_err(kube_err)?;
         Ok(())
+    }
+
+    /// Removes the values Secret of server `name`, if it is that server's.
+    async fn remove_values(&self, name: &str) -> Result<()> {
+        if self.own_values(name).await?.is_none() {
+            return Ok(());
+        }
+        let api: Api<Secret> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+        match api
+            .delete(&values_secret_name(name), &DeleteParams::background())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(OrchestratorError::kube(
+                format!("remove the stored secrets of {name}"),
+                e,
+            )),
+        }
     }
 
     /// Builds the client from `settings` and starts watching, electing and reconciling.
@@ -1205,9 +1261,10 @@ impl Inner {
             ),
             Some(Ok(())) if self.asleep(name) => {
                 // Counted once the Deployment is scaled down: a request a call calls off
-                // stopped nothing.
+                // stopped nothing. Its usage is made now if need be: a restarted gateway
+                // shows it asleep only once its usage knows (the wake that follows counts).
                 if self.deployment_asleep(name)
-                    && let Some(u) = self.usage.get(name)
+                    && let Some(u) = self.refresh_usage(name)
                 {
                     u.fell_asleep();
                 }
@@ -1972,13 +2029,9 @@ impl Runtime for KubeRuntime {
             // read it, and etcd encrypts only Secrets): the values go to the server's values
             // Secret, and the resource names them.
             let (spec, values) = def.spec.clone().without_secret_values();
-            let existing = api
-                .get_opt(&def.name)
-                .await
-                .map_err(|e| OrchestratorError::kube(format!("read server {}", def.name), e))?;
-            let owner = existing.as_ref().and_then(|o| o.uid());
-            self.write_values(&def.name, &spec, values.clone(), owner.as_deref())
-                .await?;
+            // Read first (a stored secret must have a value), written once the resource is
+            // (owned by it: no Secret outlives a resource that failed to be written).
+            let stored = self.stored_values(&def.name, &spec, values).await?;
             let resource = serde_json::json!({
                 "apiVersion": McpServer::api_version(&()),
                 "kind": McpServer::kind(&()),
@@ -1993,13 +2046,8 @@ impl Runtime for KubeRuntime {
                 )
                 .await
                 .map_err(|e| OrchestratorError::kube(format!("declare server {}", def.name), e))?;
-            // A new resource: its values Secret is now owned by it (removed with it).
-            if owner.is_none()
-                && let Some(uid) = obj.uid()
-            {
-                self.write_values(&def.name, &spec, values, Some(&uid))
-                    .await?;
-            }
+            let uid = obj.uid().unwrap_or_default();
+            self.write_values(&def.name, stored, &uid).await?;
             // The watch brings the same object to every replica; take it now so that this
             // replica's status and list show it at once.
             self.inner.removed.remove(&def.name);
@@ -2016,8 +2064,18 @@ impl Runtime for KubeRuntime {
 
     fn definition<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Option<McpServerSpec>> {
         async move {
+            // Where resources are ignored, none defines a server.
+            if !self.inner.options.watch_mcpservers {
+                return None;
+            }
             let api: Api<McpServer> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
-            api.get_opt(name).await.ok().flatten().map(|o| o.spec)
+            match api.get_opt(name).await {
+                Ok(found) => found.map(|o| o.spec),
+                Err(e) => {
+                    tracing::warn!(server = name, "reading its McpServer: {e}");
+                    None
+                }
+            }
         }
         .boxed()
     }
@@ -2241,20 +2299,7 @@ impl Runtime for KubeRuntime {
                 Err(e) => return Err(OrchestratorError::kube(format!("remove server {name}"), e)),
             }
             // Its stored secrets go with it (the garbage collector would, after a while).
-            let secrets: Api<Secret> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
-            match secrets
-                .delete(&values_secret_name(name), &DeleteParams::background())
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => {
-                    return Err(OrchestratorError::kube(
-                        format!("remove the stored secrets of {name}"),
-                        e,
-                    ));
-                }
-            }
+            self.remove_values(name).await?;
             self.inner.written.remove(name);
             self.inner.resources.remove(name);
             self.inner.sleep_requests.remove(name);

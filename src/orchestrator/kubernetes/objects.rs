@@ -147,18 +147,6 @@ pub fn render(
             },
         })
         .collect();
-    // Secrets delivered as files: those keys of the Secret, mounted read-only, readable by
-    // the pod's group only.
-    let secret_files: Vec<KeyToPath> = server
-        .env
-        .iter()
-        .filter(|(_, v)| matches!(v, EnvValue::SecretFile(_)))
-        .map(|(k, _)| KeyToPath {
-            key: k.clone(),
-            path: k.clone(),
-            mode: None,
-        })
-        .collect();
     let mut mounts = vec![VolumeMount {
         name: "tmp".into(),
         mount_path: "/tmp".into(),
@@ -172,47 +160,50 @@ pub fn render(
         }),
         ..Volume::default()
     }];
-    if !secret_files.is_empty() {
-        mounts.push(VolumeMount {
-            name: "secret-files".into(),
-            mount_path: SECRET_FILES_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-        volumes.push(Volume {
-            name: "secret-files".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(name.clone()),
-                items: Some(secret_files),
-                default_mode: Some(0o440),
-                optional: Some(false),
-            }),
-            ..Volume::default()
-        });
+    // Secrets delivered as files: those keys of the server's Secret (and of its values
+    // Secret), mounted read-only, readable by the pod's group only.
+    fn secret_file(v: &EnvValue) -> bool {
+        matches!(v, EnvValue::SecretFile(_))
     }
-    // Stored secrets delivered as files: the same, from the values Secret.
-    let stored_files: Vec<KeyToPath> = server
-        .env
-        .iter()
-        .filter(|(_, v)| matches!(v, EnvValue::Stored { file: true }))
-        .map(|(k, _)| KeyToPath {
-            key: k.clone(),
-            path: k.clone(),
-            mode: None,
-        })
-        .collect();
-    if !stored_files.is_empty() {
+    fn stored_file(v: &EnvValue) -> bool {
+        matches!(v, EnvValue::Stored { file: true })
+    }
+    /// A volume of secret files: its name, where it is mounted, its Secret, which variables.
+    type Files<'a> = (&'a str, &'a str, &'a String, fn(&EnvValue) -> bool);
+    let files: [Files<'_>; 2] = [
+        ("secret-files", SECRET_FILES_DIR, &name, secret_file),
+        (
+            "stored-secret-files",
+            STORED_SECRET_FILES_DIR,
+            &stored,
+            stored_file,
+        ),
+    ];
+    for (volume, dir, secret, is_file) in files {
+        let items: Vec<KeyToPath> = server
+            .env
+            .iter()
+            .filter(|(_, v)| is_file(v))
+            .map(|(k, _)| KeyToPath {
+                key: k.clone(),
+                path: k.clone(),
+                mode: None,
+            })
+            .collect();
+        if items.is_empty() {
+            continue;
+        }
         mounts.push(VolumeMount {
-            name: "stored-secret-files".into(),
-            mount_path: STORED_SECRET_FILES_DIR.into(),
+            name: volume.into(),
+            mount_path: dir.into(),
             read_only: Some(true),
             ..VolumeMount::default()
         });
         volumes.push(Volume {
-            name: "stored-secret-files".into(),
+            name: volume.into(),
             secret: Some(SecretVolumeSource {
-                secret_name: Some(stored.clone()),
-                items: Some(stored_files),
+                secret_name: Some(secret.clone()),
+                items: Some(items),
                 default_mode: Some(0o440),
                 optional: Some(false),
             }),
@@ -478,7 +469,7 @@ mod tests {
         let c = &pod["containers"][0];
         assert_eq!(
             c["env"][0]["valueFrom"]["secretKeyRef"],
-            serde_json::json!({"name": "mcp-gh-values", "key": "KEY", "optional": false})
+            serde_json::json!({"name": "mcp-gh.values", "key": "KEY", "optional": false})
         );
         assert_eq!(
             c["env"][1],
@@ -490,7 +481,7 @@ mod tests {
         );
         assert_eq!(
             pod["volumes"][1]["secret"],
-            serde_json::json!({"secretName": "mcp-gh-values",
+            serde_json::json!({"secretName": "mcp-gh.values",
                 "items": [{"key": "CERT", "path": "CERT"}], "defaultMode": 0o440, "optional": false})
         );
         // The gateway holds no value of them: the server's own Secret has none.
