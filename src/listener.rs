@@ -621,11 +621,11 @@ async fn registry(gw: &Arc<Gateway>, req: &Request<hyper::body::Incoming>) -> Re
         scopes: identity.as_ref().map_or(&[], |i| &i.claims.scopes),
     };
     // A preflight shows no entry: no filter to run.
-    let hidden = if req.method() == http::Method::OPTIONS {
-        Default::default()
+    let visible = if req.method() == http::Method::OPTIONS {
+        crate::registry::visibility::Visible::Only(Default::default())
     } else {
-        match crate::registry::visibility::hidden(&gw.plugins, catalog, caller).await {
-            Ok(hidden) => hidden,
+        match crate::registry::visibility::visible(&gw.plugins, catalog, caller).await {
+            Ok(visible) => visible,
             Err(denied) => {
                 // The plugin's fault is the operator's to read, not the caller's.
                 tracing::warn!("registry filter failed, nothing shown: {denied}");
@@ -645,7 +645,7 @@ async fn registry(gw: &Arc<Gateway>, req: &Request<hyper::body::Incoming>) -> Re
         req.uri().path(),
         req.uri().query(),
         anyone,
-        hidden,
+        visible,
     )
 }
 

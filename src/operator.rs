@@ -220,7 +220,12 @@ impl Api {
             .with_context(|| format!("{method} {url}: no answer in 60s"))?
             .with_context(|| format!("{method} {url}"))?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await?.to_bytes();
+        // Bounded: a gateway (or whatever answers at that URL) cannot fill this memory.
+        let bytes = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("{method} {url}: reading the answer: {e}"))?
+            .to_bytes();
         let text = String::from_utf8_lossy(&bytes).into_owned();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Ok(Answer { status, body, text })
@@ -282,6 +287,11 @@ fn table(headers: &[&str], rows: &[Vec<String>]) {
         line(row.clone());
     }
 }
+
+/// Largest answer read from the gateway.
+const MAX_ANSWER: usize = 64 << 20;
+/// Most pages a search reads.
+const MAX_PAGES: usize = 100;
 
 /// Lines read at each look while following.
 const FOLLOW_TAIL: usize = 1000;
@@ -462,8 +472,17 @@ pub async fn registry(target: &Target, command: RegistryCommand) -> anyhow::Resu
             }
             let mut all = Vec::new();
             let mut next = path.clone();
-            // Every page: a catalog is small, and a search asks for all of it.
-            for _ in 0..100 {
+            // Every page: a catalog is small, and a search asks for all of it (up to a bound,
+            // said when reached).
+            let mut pages = 0;
+            loop {
+                pages += 1;
+                if pages > MAX_PAGES {
+                    eprintln!(
+                        "(stopped after {MAX_PAGES} pages: narrow the search to see the rest)"
+                    );
+                    break;
+                }
                 let answer = api.call("GET", &next, None).await?;
                 all.extend(
                     answer.body["servers"]

@@ -356,14 +356,14 @@ async fn registry(
     if rest.is_empty() && (method == Method::GET || method == Method::HEAD) {
         // The list as the registry API gives it, filtered for the admin principal (what it
         // may install).
-        let hidden = hidden_from(gw, &catalog, who).await?;
+        let visible = visible_to_admin(gw, &catalog, who).await?;
         return Ok(crate::registry::api::serve(
             &catalog,
             &method,
             "/v0.1/servers",
             req.uri().query(),
             false,
-            hidden,
+            visible,
         ));
     }
     if rest.is_empty() {
@@ -626,7 +626,7 @@ async fn visible_to(
     who: &str,
     entry: &str,
 ) -> Result<(), AdminError> {
-    if hidden_from(gw, catalog, who).await?.contains(entry) {
+    if !visible_to_admin(gw, catalog, who).await?.shows(entry) {
         return Err(AdminError::Hidden(format!(
             "{entry} is hidden from {who} by the registry's filters: it cannot be installed"
         )));
@@ -634,18 +634,18 @@ async fn visible_to(
     Ok(())
 }
 
-/// The catalog entries the registry's filters hide from the admin principal `who`.
-async fn hidden_from(
+/// The catalog entries the registry's filters show the admin principal `who`.
+async fn visible_to_admin(
     gw: &Gateway,
     catalog: &crate::registry::Catalog,
     who: &str,
-) -> Result<std::collections::HashSet<String>, AdminError> {
+) -> Result<crate::registry::visibility::Visible, AdminError> {
     use crate::registry::visibility;
     let caller = visibility::Caller {
         principal: Some(who),
         ..Default::default()
     };
-    visibility::hidden(&gw.plugins, catalog, caller)
+    visibility::visible(&gw.plugins, catalog, caller)
         .await
         .map_err(|d| {
             // The plugin's fault is the operator's log's, as on the public registry API.

@@ -157,16 +157,16 @@ fn catalog_error(e: CatalogError) -> Response<Body> {
 
 /// Answers a request under one of [`PREFIXES`] (authentication is the caller's); `anyone`:
 /// reading takes a credential, so any origin may.
-/// `hidden`: the servers the caller may not see (see [`super::visibility`]).
+/// `visible`: the servers the caller may see (see [`super::visibility`]).
 pub fn serve(
     catalog: &Catalog,
     method: &Method,
     path: &str,
     raw_query: Option<&str>,
     anyone: bool,
-    hidden: std::collections::HashSet<String>,
+    visible: super::visibility::Visible,
 ) -> Response<Body> {
-    cors(answer(catalog, method, path, raw_query, hidden), anyone)
+    cors(answer(catalog, method, path, raw_query, visible), anyone)
 }
 
 fn answer(
@@ -174,7 +174,7 @@ fn answer(
     method: &Method,
     path: &str,
     raw_query: Option<&str>,
-    hidden: std::collections::HashSet<String>,
+    visible: super::visibility::Visible,
 ) -> Response<Body> {
     if method == Method::OPTIONS {
         let mut r = Response::new(Body::Empty);
@@ -195,7 +195,7 @@ fn answer(
     };
     if rest == "servers" {
         let q = match query(raw_query) {
-            Ok(q) => super::catalog::Query { hidden, ..q },
+            Ok(q) => super::catalog::Query { visible, ..q },
             Err(e) => return error(StatusCode::BAD_REQUEST, &e),
         };
         let page = catalog.list(&q);
@@ -243,7 +243,7 @@ fn answer(
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
-    if hidden.contains(&name) {
+    if !visible.shows(&name) {
         return not_found();
     }
     match version {

@@ -165,8 +165,8 @@ pub struct Query {
     pub version: Option<String>,
     /// Deleted versions too.
     pub include_deleted: bool,
-    /// Servers the caller may not see (the registry's filters).
-    pub hidden: std::collections::HashSet<String>,
+    /// Servers the caller may see (the registry's filters).
+    pub visible: super::visibility::Visible,
 }
 
 /// A page of versions: (document, `_meta`) pairs, and where the next page starts.
@@ -521,7 +521,7 @@ impl Catalog {
         let mut items = Vec::new();
         let mut next = None;
         for (name, versions) in state.iter() {
-            if q.hidden.contains(name) {
+            if !q.visible.shows(name) {
                 continue;
             }
             let latest = latest(versions);
@@ -999,6 +999,29 @@ mod tests {
             assert_eq!(path_of(base.clone(), edit), path);
         }
         assert_eq!(validate(&json!([1])).unwrap_err().path, "$");
+    }
+
+    #[test]
+    fn only_what_the_filters_showed_is_listed() {
+        use super::super::visibility::Visible;
+        let c = Catalog::in_memory(&[]).unwrap();
+        c.publish(doc("io.github.a/shown", "1.0.0")).unwrap();
+        let visible = Visible::Only(["io.github.a/shown".to_owned()].into());
+        // Published after the filters ran: not shown until they have seen it.
+        c.publish(doc("io.github.a/later", "1.0.0")).unwrap();
+        let names = |visible: Visible| {
+            c.list(&Query {
+                visible,
+                limit: 100,
+                ..Query::default()
+            })
+            .items
+            .into_iter()
+            .map(|(s, _)| s["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(names(visible), ["io.github.a/shown"]);
+        assert_eq!(names(Visible::All).len(), 2);
     }
 
     #[test]

@@ -22,16 +22,37 @@ pub struct Caller<'a> {
     pub scopes: &'a [Box<str>],
 }
 
-/// The servers of `catalog` the plugins hide from `caller`; `Err` when a plugin failed (the
+/// What of the catalog a caller may see.
+#[derive(Debug, Clone, Default)]
+pub enum Visible {
+    /// Everything (no filter runs).
+    #[default]
+    All,
+    /// These servers only: the filters' answer, so that an entry published after they ran is
+    /// not shown before they have seen it.
+    Only(HashSet<String>),
+}
+
+impl Visible {
+    /// Whether server `name` is shown.
+    pub fn shows(&self, name: &str) -> bool {
+        match self {
+            Visible::All => true,
+            Visible::Only(names) => names.contains(name),
+        }
+    }
+}
+
+/// The servers of `catalog` the plugins show `caller`; `Err` when a plugin failed (the
 /// caller then sees nothing: fail closed).
-pub async fn hidden(
+pub async fn visible(
     plugins: &Plugins,
     catalog: &Catalog,
     caller: Caller<'_>,
-) -> Result<HashSet<String>, Denied> {
+) -> Result<Visible, Denied> {
     let plugins = plugins.current();
     if plugins.is_empty() {
-        return Ok(HashSet::new());
+        return Ok(Visible::All);
     }
     let entries: Vec<ListEntry> = catalog
         .entries()
@@ -53,11 +74,13 @@ pub async fn hidden(
         groups: caller.groups,
         scopes: caller.scopes,
     };
-    let visible = plugins.filter_list(&ctx, &entries).await?;
-    Ok(entries
-        .into_iter()
-        .zip(visible)
-        .filter(|(_, shown)| !shown)
-        .map(|(e, _)| e.name)
-        .collect())
+    let shown = plugins.filter_list(&ctx, &entries).await?;
+    Ok(Visible::Only(
+        entries
+            .into_iter()
+            .zip(shown)
+            .filter(|(_, shown)| *shown)
+            .map(|(e, _)| e.name)
+            .collect(),
+    ))
 }
