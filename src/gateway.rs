@@ -55,6 +55,9 @@ const STATELESS_UPSTREAM_INIT: &str = concat!(
 );
 
 /// Everything a request may need, shared by all connections.
+/// The backend's document (a ConfigMap) where the replicas share servers' last lists.
+pub const LISTINGS_DOCUMENT: &str = "gatehouse-listings";
+
 pub struct Gateway {
     /// Validated configuration.
     pub config: Arc<Config>,
@@ -68,6 +71,8 @@ pub struct Gateway {
     shared: DashMap<String, Arc<SharedServer>>,
     /// The last lists of each orchestrated server, by name (served while it sleeps).
     listings: DashMap<String, Arc<Listings>>,
+    /// Where the replicas share those lists (when the backend keeps documents).
+    shared_listings: Option<Arc<crate::upstream::orchestrated::SharedListings>>,
     /// The last definition the admin API gave each server (to tell a change from a re-apply).
     definitions: DashMap<String, McpServerSpec>,
     /// Held by each change the admin API makes to servers' definitions, from what it checks
@@ -153,6 +158,10 @@ impl Gateway {
                 metrics.audit_export_dropped.clone(),
             );
         }
+        let shared_listings = orchestrator
+            .as_ref()
+            .and_then(|o| o.document(LISTINGS_DOCUMENT, "listings"))
+            .map(crate::upstream::orchestrated::SharedListings::start);
         let gw = Gateway {
             tracer,
             audit: Arc::new(audit),
@@ -168,6 +177,7 @@ impl Gateway {
             registry: std::sync::OnceLock::new(),
             shared: DashMap::new(),
             listings: DashMap::new(),
+            shared_listings,
             definitions: DashMap::new(),
             admin_changes: tokio::sync::Mutex::new(()),
             changes: tokio::sync::Mutex::new(()),
@@ -246,7 +256,16 @@ impl Gateway {
                                 ))
                             })
                             .clone(),
-                        listings: self.listings.entry(u.name.clone()).or_default().clone(),
+                        listings: self
+                            .listings
+                            .entry(u.name.clone())
+                            .or_insert_with(|| {
+                                Arc::new(match &self.shared_listings {
+                                    Some(s) => Listings::shared(s.clone(), &u.name),
+                                    None => Listings::default(),
+                                })
+                            })
+                            .clone(),
                         wake_timeout: self.config.orchestrator.wake_timeout,
                     }),
                     _ => None,

@@ -866,3 +866,72 @@ async fn stored_secrets_belong_to_their_server_only() {
     assert_eq!(value_of("mcp-a-values.values").as_deref(), Some("b-secret"));
     gw.stop().await;
 }
+
+/// Tool names a new session on `gw` lists.
+async fn tools_listed(gw: &TestGateway) -> Vec<String> {
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let list = c.call(1, "tools/list", json!({})).await;
+    list["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{list}"))
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_server_is_listed_by_the_next_gateway_without_waking_it() {
+    let fake = FakeKube::start().await;
+    let napper = server("napper", "ghcr.io/gatehouse/example:1") + "    idle: {after: 1s}\n";
+    let (a, rt_a) = replica_serving(&fake, "replica-a", &napper).await;
+    let listed = tools_listed(&a).await;
+    assert!(listed.contains(&"whoami".to_owned()), "{listed:?}");
+    // What it listed is kept where every replica finds it.
+    eventually("the lists shared", || {
+        fake.get(Kind::ConfigMap, NS, "gatehouse-listings")
+            .is_some_and(|cm| {
+                cm["data"]["listings"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("\"whoami\""))
+            })
+    })
+    .await;
+    let asleep = || {
+        fake.get(Kind::Deployment, NS, "mcp-napper")
+            .is_some_and(|d| d["spec"]["replicas"] == 0)
+    };
+    for _ in 0..500 {
+        if asleep() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(asleep(), "idle: scaled to zero");
+    a.stop().await;
+    rt_a.shutdown().await;
+
+    // A new gateway lists it from there: nothing scales up.
+    let (b, rt_b) = replica_serving(&fake, "replica-b", &napper).await;
+    for _ in 0..250 {
+        if rt_b.usage("napper").is_some_and(|u| u.is_asleep()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fake.clear_requests();
+    let listed = tools_listed(&b).await;
+    assert!(listed.contains(&"whoami".to_owned()), "{listed:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(asleep(), "a listing wakes nothing");
+    assert!(fake.pod_of(NS, "mcp-napper").is_none());
+    // A call does.
+    assert_eq!(whoami_eventually(&b).await, "napper");
+    assert!(!asleep());
+    b.stop().await;
+    let outside = fake_kube::outside_role(&fake.requests(), &fake_kube::deployed_role());
+    assert!(
+        outside.is_empty(),
+        "not allowed by deploy/base/role.yaml: {outside:#?}"
+    );
+}

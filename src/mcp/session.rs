@@ -413,14 +413,15 @@ impl Session {
 
     /// The last `initialize` result of upstream `index` while it sleeps (idle) and the gateway
     /// knows what it last offered: what to show instead of waking it.
-    pub fn resting(&self, index: usize) -> Option<(u64, Bytes)> {
+    pub fn resting(&self, index: usize) -> Option<(Arc<crate::orchestrator::idle::Usage>, Bytes)> {
         let server = &self.topology().servers[index];
         let o = server.orchestrated.as_ref()?;
         let usage = o.runtime.usage(&server.name)?;
         if !usage.is_asleep() {
             return None;
         }
-        Some((usage.id(), o.listings.init(usage.id())?))
+        let init = o.listings.init(&usage)?;
+        Some((usage, init))
     }
 
     /// Marks activity now; the returned guard keeps the session from expiring while a request runs.

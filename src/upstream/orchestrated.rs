@@ -11,6 +11,8 @@ use bytes::Bytes;
 
 use super::shared::SharedServer;
 use super::{Server, UpstreamError};
+use crate::orchestrator::document::DocumentStore;
+use crate::orchestrator::idle::Usage;
 use crate::orchestrator::{Endpoint, Runtime, StdioEndpoint};
 
 /// How an orchestrated server is run and reached.
@@ -28,12 +30,16 @@ pub struct Orchestrated {
 
 /// The first pages of the lists an idle-capable server last gave (one process serving every
 /// caller alike), and its `initialize` result: what a session sees while the server sleeps.
-#[derive(Debug, Default)]
+/// Shared with the other replicas and the next gateway when the backend keeps documents (a
+/// listing on any of them then wakes nothing).
+#[derive(Default)]
 pub struct Listings {
     last: Mutex<LastLists>,
+    /// Where every replica keeps them, and this server's name there.
+    shared: Option<(Arc<SharedListings>, String)>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq)]
 struct LastLists {
     /// The usage (one definition of the server) they were learnt under.
     usage: u64,
@@ -42,35 +48,208 @@ struct LastLists {
     pages: Vec<(&'static str, Bytes)>,
 }
 
+/// The list methods whose first pages are kept.
+const LISTS: [&str; 4] = [
+    "tools/list",
+    "prompts/list",
+    "resources/list",
+    "resources/templates/list",
+];
+
 impl Listings {
+    /// Listings of server `name`, kept in `shared` too.
+    pub fn shared(shared: Arc<SharedListings>, name: &str) -> Listings {
+        Listings {
+            shared: Some((shared, name.to_owned())),
+            ..Listings::default()
+        }
+    }
+
     /// Keeps the server's `initialize` result and the first page of `method` it gave, learnt
     /// under `usage` (an earlier definition's are forgotten).
-    pub fn keep(&self, usage: u64, init: Bytes, method: &'static str, page: Bytes) {
+    pub fn keep(&self, usage: &Usage, init: Bytes, method: &'static str, page: Bytes) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if last.usage != usage {
+        if last.usage != usage.id() {
             *last = LastLists {
-                usage,
+                usage: usage.id(),
                 ..LastLists::default()
             };
         }
         last.init = Some(init);
         last.pages.retain(|(m, _)| *m != method);
         last.pages.push((method, page));
+        if let Some((shared, name)) = &self.shared {
+            shared.put(name, usage.definition(), &last);
+        }
     }
 
-    /// Its last `initialize` result under `usage`, once known.
-    pub fn init(&self, usage: u64) -> Option<Bytes> {
-        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        last.init.clone().filter(|_| last.usage == usage)
+    /// Its last `initialize` result under `usage`, once known (here, or to another replica).
+    pub fn init(&self, usage: &Usage) -> Option<Bytes> {
+        self.current(usage).and_then(|l| l.init)
     }
 
     /// The first page of `method` it last gave under `usage`.
-    pub fn page(&self, usage: u64, method: &str) -> Option<Bytes> {
-        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        last.pages
+    pub fn page(&self, usage: &Usage, method: &str) -> Option<Bytes> {
+        self.current(usage)?
+            .pages
+            .into_iter()
+            .find(|(m, _)| *m == method)
+            .map(|(_, p)| p)
+    }
+
+    /// What is known under `usage`: learnt here, else from the shared document (for the same
+    /// definition), then kept here.
+    fn current(&self, usage: &Usage) -> Option<LastLists> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.usage != usage.id() || last.init.is_none() {
+            let (shared, name) = self.shared.as_ref()?;
+            let mut found = shared.get(name, usage.definition())?;
+            found.usage = usage.id();
+            *last = found;
+        }
+        Some(last.clone())
+    }
+}
+
+/// The servers' last lists as every replica keeps them: one document of the backend (a
+/// ConfigMap), followed as it changes and written when a list changes.
+pub struct SharedListings {
+    store: Arc<dyn DocumentStore>,
+    /// The document as last read: server → its entry.
+    known: std::sync::RwLock<serde_json::Map<String, serde_json::Value>>,
+    /// Serializes this replica's writes.
+    writing: tokio::sync::Mutex<()>,
+}
+
+/// Largest entry kept for one server (its lists are served from memory alone beyond it).
+const MAX_SHARED_ENTRY: usize = 128 * 1024;
+
+impl SharedListings {
+    /// Follows `store` from now on.
+    pub fn start(store: Arc<dyn DocumentStore>) -> Arc<SharedListings> {
+        let shared = Arc::new(SharedListings {
+            store,
+            known: Default::default(),
+            writing: tokio::sync::Mutex::new(()),
+        });
+        let weak = Arc::downgrade(&shared);
+        let mut changes = shared.store.changes();
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            while let Some(change) = changes.next().await {
+                let Some(shared) = weak.upgrade() else {
+                    return;
+                };
+                shared.learn(change.as_ref().map(|s| s.text.as_str()));
+            }
+        });
+        shared
+    }
+
+    fn learn(&self, text: Option<&str>) {
+        let map = text
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+            .and_then(|v| match v {
+                serde_json::Value::Object(m) => Some(m),
+                _ => None,
+            })
+            .unwrap_or_default();
+        *self.known.write().unwrap_or_else(|e| e.into_inner()) = map;
+    }
+
+    /// What server `name` last listed under `definition`, if any replica kept it.
+    fn get(&self, name: &str, definition: u64) -> Option<LastLists> {
+        let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+        let entry = known.get(name)?;
+        if entry["definition"].as_str() != Some(definition.to_string().as_str()) {
+            return None;
+        }
+        let raw = |v: &serde_json::Value| Bytes::from(serde_json::to_vec(v).ok()?).into();
+        let init = entry.get("init").and_then(raw);
+        let pages = LISTS
             .iter()
-            .find(|(m, _)| *m == method && last.usage == usage)
-            .map(|(_, p)| p.clone())
+            .filter_map(|m| Some((*m, entry["pages"].get(*m).and_then(raw)?)))
+            .collect();
+        Some(LastLists {
+            usage: 0,
+            init,
+            pages,
+        })
+    }
+
+    /// Keeps `last` as what server `name` lists under `definition`, when it differs from
+    /// what the document holds (written in the background; a conflict is read again).
+    fn put(self: &Arc<Self>, name: &str, definition: u64, last: &LastLists) {
+        let parse = |b: &Bytes| serde_json::from_slice::<serde_json::Value>(b).ok();
+        let mut pages = serde_json::Map::new();
+        for (m, p) in &last.pages {
+            if let Some(v) = parse(p) {
+                pages.insert((*m).to_owned(), v);
+            }
+        }
+        let entry = serde_json::json!({
+            "definition": definition.to_string(),
+            "init": last.init.as_ref().and_then(parse),
+            "pages": pages,
+        });
+        {
+            let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+            if known.get(name) == Some(&entry) {
+                return;
+            }
+        }
+        if entry.to_string().len() > MAX_SHARED_ENTRY {
+            tracing::debug!(
+                server = name,
+                "its lists are too large to share with the other replicas"
+            );
+            return;
+        }
+        let shared = self.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let _one = shared.writing.lock().await;
+            for _ in 0..5 {
+                let stored = match shared.store.read().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("reading {}: {e}", shared.store.describe());
+                        return;
+                    }
+                };
+                let mut map = stored
+                    .as_ref()
+                    .and_then(|s| serde_json::from_str::<serde_json::Value>(&s.text).ok())
+                    .and_then(|v| match v {
+                        serde_json::Value::Object(m) => Some(m),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                if map.get(&name) == Some(&entry) {
+                    return;
+                }
+                map.insert(name.clone(), entry.clone());
+                let text = serde_json::Value::Object(map).to_string();
+                match shared
+                    .store
+                    .write(&text, stored.as_ref().map(|s| s.version.as_str()))
+                    .await
+                {
+                    Ok(_) => {
+                        shared.learn(Some(&text));
+                        return;
+                    }
+                    Err(crate::orchestrator::document::DocumentError::Conflict) => continue,
+                    Err(e) => {
+                        tracing::warn!(
+                            "keeping the lists of {name} in {}: {e}",
+                            shared.store.describe()
+                        );
+                        return;
+                    }
+                }
+            }
+        });
     }
 }
 

@@ -104,7 +104,7 @@ pub(super) async fn list(
                 if let Some(page) = server
                     .orchestrated
                     .as_ref()
-                    .and_then(|o| o.listings.page(usage, kind.method))
+                    .and_then(|o| o.listings.page(&usage, kind.method))
                 {
                     return Ok(Some((Outcome::Result(page), true)));
                 }
@@ -128,7 +128,7 @@ pub(super) async fn list(
                 && let Some(usage) = o.runtime.usage(&server.name)
                 && let Some(init) = link.init_result()
             {
-                o.listings.keep(usage.id(), init, kind.method, page.clone());
+                o.listings.keep(&usage, init, kind.method, page.clone());
             }
             let outcome = match &r {
                 Ok(Outcome::Result(_)) => "ok",
