@@ -55,6 +55,9 @@ const STATELESS_UPSTREAM_INIT: &str = concat!(
 );
 
 /// Everything a request may need, shared by all connections.
+/// How long a starting gateway waits for the servers' shared lists before it serves.
+const LISTINGS_LOAD: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The backend's document (a ConfigMap) where the replicas share servers' last lists.
 pub const LISTINGS_DOCUMENT: &str = "gatehouse-listings";
 
@@ -338,6 +341,13 @@ impl Gateway {
             }
         }
         true
+    }
+
+    /// Waits (briefly) until the servers' lists the replicas share are read.
+    pub async fn listings_loaded(&self) {
+        if let Some(s) = &self.shared_listings {
+            s.loaded(LISTINGS_LOAD).await;
+        }
     }
 
     /// The last definition this replica's admin API applied to a server.

@@ -163,6 +163,7 @@ pub async fn start_with(
         .is_some()
         .then(|| gateway.spawn_topology_refresh(TOPOLOGY_REFRESH));
     gateway.refresh_topology().await;
+    gateway.listings_loaded().await;
     let relay = match gateway.orchestrator.as_ref().and_then(|o| o.relay()) {
         Some(access) => Some(relay::serve(gateway.clone(), access).await?),
         None => None,

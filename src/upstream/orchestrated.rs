@@ -119,6 +119,8 @@ pub struct SharedListings {
     known: std::sync::RwLock<serde_json::Map<String, serde_json::Value>>,
     /// Serializes this replica's writes.
     writing: tokio::sync::Mutex<()>,
+    /// Set once the document was first read.
+    loaded: tokio::sync::watch::Sender<bool>,
 }
 
 /// Largest entry kept for one server (its lists are served from memory alone beyond it).
@@ -131,11 +133,22 @@ impl SharedListings {
             store,
             known: Default::default(),
             writing: tokio::sync::Mutex::new(()),
+            loaded: tokio::sync::watch::Sender::new(false),
         });
         let weak = Arc::downgrade(&shared);
         let mut changes = shared.store.changes();
+        let store = shared.store.clone();
         tokio::spawn(async move {
             use futures_util::StreamExt;
+            // Read once (a document not made yet is an empty one), then followed.
+            match store.read().await {
+                Ok(first) => {
+                    if let Some(shared) = weak.upgrade() {
+                        shared.learn(first.as_ref().map(|s| s.text.as_str()));
+                    }
+                }
+                Err(e) => tracing::warn!("reading {}: {e}", store.describe()),
+            }
             while let Some(change) = changes.next().await {
                 let Some(shared) = weak.upgrade() else {
                     return;
@@ -155,6 +168,14 @@ impl SharedListings {
             })
             .unwrap_or_default();
         *self.known.write().unwrap_or_else(|e| e.into_inner()) = map;
+        self.loaded.send_replace(true);
+    }
+
+    /// Waits (at most `within`) until the document was first read: a gateway that serves
+    /// before would wake a sleeping server to list it.
+    pub async fn loaded(&self, within: std::time::Duration) {
+        let mut rx = self.loaded.subscribe();
+        let _ = tokio::time::timeout(within, rx.wait_for(|l| *l)).await;
     }
 
     /// What server `name` last listed under `definition`, if any replica kept it.

@@ -912,7 +912,15 @@ impl Inner {
 
     /// The server's usage when it may sleep (as of its last reconcile: a lookup, for every call).
     fn usage(&self, name: &str) -> Option<Arc<Usage>> {
-        self.usage.get(name).map(|u| u.clone())
+        if let Some(u) = self.usage.get(name) {
+            return Some(u.clone());
+        }
+        // A first look at a server found asleep (a restarted gateway, before its reconcile):
+        // known asleep at once, so that a listing does not wake it.
+        match self.deployment_asleep(name) {
+            true => self.refresh_usage(name),
+            false => None,
+        }
     }
 
     /// Follows the server's current definition: whether it may sleep, and after how long.
