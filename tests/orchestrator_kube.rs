@@ -1825,6 +1825,17 @@ async fn mcpserver_status_has_conditions_and_events() {
         "requests the Role does not allow: {outside:?}"
     );
 
+    // The kubelet goes from ErrImagePull to ImagePullBackOff a moment later: the status
+    // follows it before the restart (else the restarted gateway rightly writes the change).
+    eventually("the back-off in the status", Duration::from_secs(5), || {
+        fake.get(Kind::McpServer, NS, "conds").filter(|c| {
+            c["status"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("Back-off pulling image"))
+        })
+    })
+    .await;
+
     // A restarted gateway finds the status current: it writes none, records nothing. A
     // second resource created after it starts marks when its first pass is done.
     drop(rt);

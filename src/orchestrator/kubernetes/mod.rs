@@ -1295,7 +1295,27 @@ impl Inner {
                     Some(pod) => self.status_pods.insert(name.to_string(), pod.clone()),
                     None => self.status_pods.remove(name).map(|(_, p)| p),
                 };
-                let mut st = ServerStatus::new(observed.phase);
+                // A pod that started before its Secret was (re)made: the kubelet retries it,
+                // so it is starting, not failed (a deleted Deployment is repaired this way,
+                // the garbage collector having taken its Secret). The server's own Secret is
+                // made again by this loop; its values Secret only if it is there.
+                let ours_now = |message: &Option<String>| {
+                    let missing = |s: &str| {
+                        message
+                            .as_deref()
+                            .is_some_and(|m| m.contains(&format!("secret \"{s}\" not found")))
+                    };
+                    let values = values_secret_name(name);
+                    missing(&object_name(name))
+                        || (missing(&values) && self.secrets.get(name, &values).is_some())
+                };
+                let phase = match observed.phase {
+                    Phase::Failed {
+                        reason: FailureReason::CreateContainerConfig,
+                    } if ours_now(&observed.message) => Phase::Starting,
+                    phase => phase,
+                };
+                let mut st = ServerStatus::new(phase);
                 st.restarts = observed.restarts;
                 st.message = observed.message;
                 if observed.pod.is_none()
