@@ -42,6 +42,8 @@ struct Args {
     out: PathBuf,
     /// Only the authentication and audit costs (instruction counts).
     only_auth: bool,
+    /// Only the instruction counts of the single-call cases (for quick before/after).
+    only_instructions: bool,
 }
 
 fn args() -> Args {
@@ -54,12 +56,14 @@ fn args() -> Args {
         upstream_port: 0,
         out: PathBuf::from("target/bench"),
         only_auth: false,
+        only_instructions: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--only-auth" => a.only_auth = true,
+            "--only-instructions" => a.only_instructions = true,
             "--duration-ms" => a.duration = Duration::from_millis(val().parse().expect("ms")),
             "--rounds" => a.rounds = val().parse().expect("rounds"),
             "--clients" => {
@@ -606,6 +610,21 @@ async fn main() {
     }
     let stdio_upstream =
         format!("  - name: ex\n    stdio: {{ command: {BIN:?}, args: [example-server] }}\n");
+    if a.only_instructions {
+        for (name, yaml, w) in [
+            ("gateway→http", http_upstream("ex"), Workload::CallSmall),
+            ("gateway→http", http_upstream("ex"), Workload::CallStateless),
+            ("gateway→stdio", stdio_upstream.clone(), Workload::CallSmall),
+        ] {
+            if let Some(n) = instructions_per_call("", &yaml, "echo", w, 100, 600).await {
+                println!(
+                    "{name:>14} {:>18}: {n:>9.0} instructions per call",
+                    w.name()
+                );
+            }
+        }
+        return;
+    }
     let (gw_http, gw_http_url) = start_gateway(&http_upstream("ex"));
     let (gw_stdio, gw_stdio_url) = start_gateway(&stdio_upstream);
     let twenty: String = (0..20).map(|i| http_upstream(&format!("u{i}"))).collect();

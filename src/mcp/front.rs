@@ -392,8 +392,7 @@ fn hostname(authority: &str) -> Option<&str> {
 }
 
 fn is_loopback_name(host: &str) -> bool {
-    let host = host.to_ascii_lowercase();
-    host == "localhost"
+    host.eq_ignore_ascii_case("localhost")
         || host == "[::1]"
         || host
             .parse::<std::net::Ipv4Addr>()
@@ -414,8 +413,7 @@ pub fn check_host_and_origin(
         let name = hostname(host);
         let ok = (loopback && name.is_some_and(is_loopback_name))
             || mcp.allowed_hosts.iter().any(|h| {
-                h == &host.to_ascii_lowercase()
-                    || name.is_some_and(|n| h == &n.to_ascii_lowercase())
+                h.eq_ignore_ascii_case(host) || name.is_some_and(|n| h.eq_ignore_ascii_case(n))
             });
         if !ok {
             return Err(FrontError::Host(host.to_owned()));

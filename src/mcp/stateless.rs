@@ -582,7 +582,8 @@ pub(crate) async fn post(
         return json_response(refusal.status(), refusal.frame(&id));
     }
     if &*method == "subscriptions/listen" {
-        return listen(gw, session, busy, id, params).await;
+        // Boxed: a listen is long-lived and rare, and would double every call's future.
+        return Box::pin(listen(gw, session, busy, id, params)).await;
     }
     if &*method == "server/discover" {
         let result = discover(gw, &session).await;

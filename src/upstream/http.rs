@@ -73,8 +73,10 @@ fn builder(http2_only: bool, tls: &Arc<rustls::ClientConfig>) -> Client {
         .build(https)
 }
 
-const MCP_SESSION_ID: &str = "mcp-session-id";
-const MCP_PROTOCOL_VERSION: &str = "mcp-protocol-version";
+// Names built once: a `&str` name is parsed again on every insert.
+const MCP_SESSION_ID: http::HeaderName = http::HeaderName::from_static("mcp-session-id");
+const MCP_PROTOCOL_VERSION: http::HeaderName =
+    http::HeaderName::from_static("mcp-protocol-version");
 
 /// One MCP session with an HTTP server.
 pub struct Connection {
@@ -142,7 +144,7 @@ impl Connection {
         body: Bytes,
         accept: &'static str,
     ) -> Result<http::Request<Full<Bytes>>, UpstreamError> {
-        let mut req = self.request(method, body, accept)?;
+        let mut req = self.request(method, body, accept);
         if let Some(c) = &self.credential
             && let Some((name, value)) = c.header(&self.server.name).await?
         {
@@ -316,17 +318,16 @@ impl Connection {
         self.stateless.load(Ordering::Acquire)
     }
 
-    fn request(
-        &self,
-        method: Method,
-        body: Bytes,
-        accept: &'static str,
-    ) -> Result<Request<Full<Bytes>>, UpstreamError> {
-        let mut req = Request::builder().method(method).uri(self.url.clone());
-        let h = req.headers_mut().expect("builder has no error yet");
+    fn request(&self, method: Method, body: Bytes, accept: &'static str) -> Request<Full<Bytes>> {
+        let has_body = !body.is_empty();
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = self.url.clone();
+        let h = req.headers_mut();
+        h.reserve(self.headers.len() + 4);
         h.extend(self.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
         h.insert(ACCEPT, HeaderValue::from_static(accept));
-        if !body.is_empty() {
+        if has_body {
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
         if let Some(s) = self
@@ -345,10 +346,7 @@ impl Connection {
         {
             h.insert(MCP_PROTOCOL_VERSION, v);
         }
-        req.body(Full::new(body)).map_err(|e| {
-            self.server
-                .unavailable(format!("cannot build request: {e}"))
-        })
+        req
     }
 
     async fn post(

@@ -301,7 +301,8 @@ pub async fn request(
             if method == "tools/call"
                 && let Some(pins) = sv.pins
             {
-                let checked = aggregate::pin_check(sv, session, index).await;
+                // Boxed: the check's future (list pages) would double every call's.
+                let checked = Box::pin(aggregate::pin_check(sv, session, index)).await;
                 let server = &session.topology().servers[index];
                 let allowed = match checked {
                     Ok(()) => pins.check(&server.name, local),
@@ -395,7 +396,9 @@ pub async fn request(
             let target = Some(uri.as_str());
             forward::forward(sv, session, index, id, method, params, policy, target).await
         }
-        "completion/complete" if !direct => forward::complete(sv, session, id, params).await,
+        "completion/complete" if !direct => {
+            Box::pin(forward::complete(sv, session, id, params)).await
+        }
         "logging/setLevel" if !single => {
             for (i, link) in session.links().iter().enumerate() {
                 // A sleeping server is not woken to set a level it forgets with its process.
