@@ -121,6 +121,12 @@ pub struct RegistryConfig {
     /// Image that runs installed PyPI packages (with `uvx`) on Kubernetes.
     #[serde(default = "default_pypi_image")]
     pub pypi_image: String,
+    /// Environment given to every server installed from an npm or PyPI package, for how
+    /// `npx` and `uvx` fetch it: a private index (`UV_INDEX_URL`, `NPM_CONFIG_REGISTRY`), the
+    /// CA of a TLS-inspecting proxy (`UV_NATIVE_TLS`, `NODE_EXTRA_CA_CERTS`), a `PATH` that
+    /// finds them. Entries may not set these names themselves. Plain values: put no secret here.
+    #[serde(default)]
+    pub runner_env: BTreeMap<String, String>,
 }
 
 fn default_npm_image() -> String {
@@ -138,6 +144,7 @@ impl Default for RegistryConfig {
             file: None,
             npm_image: default_npm_image(),
             pypi_image: default_pypi_image(),
+            runner_env: BTreeMap::new(),
         }
     }
 }
@@ -1259,6 +1266,26 @@ impl RawConfig {
         if let Some(p) = &self.pinning {
             p.validate().map_err(|(field, why)| field_err(field, why))?;
         }
+        for (name, value) in &self.registry.runner_env {
+            let field = || format!("registry.runner_env.{name}");
+            let plain = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !plain {
+                return Err(field_err(
+                    field(),
+                    "not a variable name (letters, digits and _)",
+                ));
+            }
+            if name == "HOME" {
+                return Err(field_err(
+                    field(),
+                    "each server has a HOME of its own (a shared one would mix their caches and credentials)",
+                ));
+            }
+            if value.contains('\0') {
+                return Err(field_err(field(), "must not contain a NUL byte"));
+            }
+        }
 
         Ok(Config {
             profiles: self.profiles.into_iter().map(Arc::new).collect(),
@@ -1625,6 +1652,37 @@ mod tests {
 
     fn err(yaml: &str) -> String {
         Config::from_yaml(yaml).expect_err(yaml).to_string()
+    }
+
+    #[test]
+    fn runner_environment_is_checked_by_name() {
+        const UP: &str = "upstreams:\n  - { name: u, http: { url: \"http://127.0.0.1:1/mcp\" } }\n";
+        let c = Config::from_yaml(&format!(
+            "{UP}registry: {{ runner_env: {{ UV_NATIVE_TLS: \"true\", PATH: /opt/bin }} }}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.registry.runner_env["UV_NATIVE_TLS"], "true");
+        for (env, field, why) in [
+            (
+                "{ HOME: /tmp }",
+                "registry.runner_env.HOME",
+                "HOME of its own",
+            ),
+            (
+                "{ \"A-B\": x }",
+                "registry.runner_env.A-B",
+                "not a variable name",
+            ),
+            (
+                "{ \"1X\": x }",
+                "registry.runner_env.1X",
+                "not a variable name",
+            ),
+            ("{ X: \"a\\0b\" }", "registry.runner_env.X", "NUL"),
+        ] {
+            let e = err(&format!("{UP}registry: {{ runner_env: {env} }}\n"));
+            assert!(e.contains(field) && e.contains(why), "{env}: {e}");
+        }
     }
 
     #[test]

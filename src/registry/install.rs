@@ -11,6 +11,8 @@
 //!   without either refuses the install; `isSecret` ones become secrets (kept in the
 //!   orchestrator's secret store, never in the definition's plain environment); `choices`
 //!   are enforced.
+//! - npm and PyPI packages' servers also get the operator's `registry.runner_env` (a private
+//!   index, a proxy's CA, a `PATH` that finds `npx` and `uvx` without a cluster).
 //! - A streamable-http package's URL template (`http://localhost:{PORT}/mcp`) gives the port
 //!   and path.
 
@@ -46,6 +48,8 @@ pub struct Runners {
     pub npm_image: String,
     /// Image with uv and uvx.
     pub pypi_image: String,
+    /// Environment of every npm and PyPI package's server (the operator's `runner_env`).
+    pub env: BTreeMap<String, String>,
 }
 
 impl Runners {
@@ -54,6 +58,7 @@ impl Runners {
         Runners {
             npm_image: config.npm_image.clone(),
             pypi_image: config.pypi_image.clone(),
+            env: config.runner_env.clone(),
         }
     }
 }
@@ -227,6 +232,22 @@ pub fn plan(
             secret_value: secret.then_some(value),
             ..EnvVarSpec::default()
         });
+    }
+
+    // How npx and uvx fetch the package is the operator's (entries cannot name `UV_*`,
+    // `NPM_CONFIG_*`, `PATH`...); a variable the package itself declares keeps its value.
+    if command.is_some() {
+        let runner_env = runners
+            .env
+            .iter()
+            .filter(|(name, _)| !env.iter().any(|e: &EnvVarSpec| &e.name == *name))
+            .map(|(name, value)| EnvVarSpec {
+                name: name.clone(),
+                value: Some(value.clone()),
+                ..EnvVarSpec::default()
+            })
+            .collect::<Vec<_>>();
+        env.extend(runner_env);
     }
 
     // Arguments: fixed values, or the installer's values of variables they name.
@@ -727,6 +748,50 @@ mod tests {
             .field,
             "package"
         );
+    }
+
+    #[test]
+    fn package_runners_get_the_operators_environment_and_images_do_not() {
+        let mut runners = runners();
+        runners.env = BTreeMap::from([
+            ("UV_NATIVE_TLS".to_string(), "true".to_string()),
+            ("PATH".to_string(), "/opt/uv/bin:/usr/bin".to_string()),
+            ("LEVEL".to_string(), "operator".to_string()),
+        ]);
+        let vars =
+            json!([{"name": "LEVEL", "default": "entry"}, {"name": "KEY", "isSecret": true}]);
+        let mut values = BTreeMap::new();
+        values.insert("KEY".to_string(), "s3cret".to_string());
+        let request = Request {
+            values,
+            ..Request::default()
+        };
+        let def = plan(&entry("1.0.0", vars, json!([])), &request, &runners).unwrap();
+        let env: Vec<_> = def
+            .spec
+            .env
+            .iter()
+            .map(|e| (e.name.as_str(), e.value.as_deref()))
+            .collect();
+        // The package's own LEVEL keeps its value; the secret stays secret; the runner's
+        // variables are plain.
+        assert_eq!(
+            env,
+            [
+                ("LEVEL", Some("entry")),
+                ("KEY", None),
+                ("PATH", Some("/opt/uv/bin:/usr/bin")),
+                ("UV_NATIVE_TLS", Some("true")),
+            ]
+        );
+        assert_eq!(def.spec.command.as_deref(), Some("uvx"));
+
+        // An image runs as it is built: the runner's environment is not its business.
+        let oci = json!({"name": "io.example/img", "version": "1.0.0",
+            "packages": [{"registryType": "oci", "identifier": "ghcr.io/x/img", "version": "1.0.0",
+                "transport": {"type": "stdio"}}]});
+        let def = plan(&oci, &Request::default(), &runners).unwrap();
+        assert!(def.spec.env.is_empty(), "{:?}", def.spec.env);
     }
 
     #[test]

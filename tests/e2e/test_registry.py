@@ -6,7 +6,8 @@ pages an incremental sync walks."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -39,7 +40,18 @@ def registry_gateway(tools: Tools, workdir: Path) -> Iterator[Gateway]:
         workdir,
         "registry",
         [{"name": EXAMPLE, "stdio": {"command": example_argv(tools)[0], "args": example_argv(tools)[1:]}}],
-        extra={"admin": {"tokens": [{"principal": "ops", "token": ADMIN}]}},
+        extra={
+            "admin": {"tokens": [{"principal": "ops", "token": ADMIN}]},
+            # How the test machine's packages are fetched: uvx from the test venv, the system
+            # CA store (a TLS-inspecting proxy's CA may be there), the system Python.
+            "registry": {
+                "runner_env": {
+                    "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+                    "UV_SYSTEM_CERTS": "true",
+                    "UV_PYTHON_DOWNLOADS": "never",
+                }
+            },
+        },
     )
     try:
         yield gw
@@ -103,25 +115,31 @@ def test_every_answer_has_the_official_shapes(registry_gateway: Gateway) -> None
             ERROR.validate(r.json())
 
 
-@pytest.mark.anyio
-async def test_an_installed_entry_runs_behind_the_gateway_until_uninstalled(registry_gateway: Gateway) -> None:
-    """Install → ready → its tools through /mcp (the official Python SDK) → a call → uninstall
-    → gone. The default catalog's server-everything is an npm package: the local backend runs
-    it with `npx` (fetched from the npm registry on first use)."""
-    url = base(registry_gateway)
+async def install_call_uninstall(
+    gw: Gateway,
+    entry: str,
+    name: str,
+    tool: str,
+    args: dict[str, Any],
+    check: Callable[[str], bool],
+    version: str | None = None,
+) -> None:
+    """Install `entry` as `name` → ready → `tool` through /mcp (the official Python SDK) answers
+    what `check` accepts → uninstall → its tools are gone."""
+    url = base(gw)
     admin = {"authorization": f"Bearer {ADMIN}"}
-    entry = "io.github.modelcontextprotocol/server-everything"
     with httpx.Client(timeout=30) as c:
-        r = c.post(f"{url}/admin/v1/registry/install", headers=admin, json={"entry": entry, "name": "everything"})
+        ask = {"entry": entry, "name": name, **({"version": version} if version else {})}
+        r = c.post(f"{url}/admin/v1/registry/install", headers=admin, json=ask)
         assert r.status_code == 201, r.text
         view = r.json()
         assert view["installed"]["entry"] == entry, view
-        again = c.post(f"{url}/admin/v1/registry/install", headers=admin, json={"entry": entry, "name": "everything"})
+        again = c.post(f"{url}/admin/v1/registry/install", headers=admin, json=ask)
         assert again.status_code == 409, again.text
-        assert "everything" in again.json()["error"], again.text
+        assert name in again.json()["error"], again.text
 
         def phase() -> str:
-            got = c.get(f"{url}/admin/v1/servers/everything", headers=admin)
+            got = c.get(f"{url}/admin/v1/servers/{name}", headers=admin)
             assert got.status_code == 200, got.text
             status = got.json()["status"]
             assert status["phase"] != "failed", status
@@ -129,27 +147,59 @@ async def test_an_installed_entry_runs_behind_the_gateway_until_uninstalled(regi
 
         wait_until(lambda: phase() == "ready", 120, "the installed server ready")
 
-    # Its tools appear once the gateway has listed them (npx may still be fetching the package).
+    # Its tools appear once the gateway has listed them (the runner may still be fetching the
+    # package).
+    public = f"{name}__{tool}"
     names: set[str] = set()
     with anyio.fail_after(180):
-        while "everything__echo" not in names:
-            async with registry_gateway.client() as session:
+        while public not in names:
+            async with gw.client() as session:
                 names = {t.name for t in (await session.list_tools()).tools}
-                if "everything__echo" in names:
-                    r = await session.call_tool("everything__echo", {"message": "installed"})
-                    assert text_of(r) == "Echo: installed", r
-            if "everything__echo" not in names:
+                if public in names:
+                    r = await session.call_tool(public, args)
+                    assert not r.is_error and check(text_of(r)), r
+            if public not in names:
                 await anyio.sleep(1)
 
     with httpx.Client(timeout=30) as c:
-        gone = c.delete(f"{url}/admin/v1/servers/everything", headers=admin)
+        gone = c.delete(f"{url}/admin/v1/servers/{name}", headers=admin)
         assert gone.status_code == 204, gone.text
-        assert c.get(f"{url}/admin/v1/servers/everything", headers=admin).status_code == 404
+        assert c.get(f"{url}/admin/v1/servers/{name}", headers=admin).status_code == 404
 
     async def listed() -> set[str]:
-        async with registry_gateway.client() as session:
+        async with gw.client() as session:
             return {t.name for t in (await session.list_tools()).tools}
 
     with anyio.fail_after(30):
-        while any(n.startswith("everything__") for n in await listed()):
+        while any(n.startswith(f"{name}__") for n in await listed()):
             await anyio.sleep(0.5)
+
+
+@pytest.mark.anyio
+async def test_an_installed_npm_entry_runs_behind_the_gateway_until_uninstalled(registry_gateway: Gateway) -> None:
+    """The default catalog's server-everything is an npm package: the local backend runs it
+    with `npx` (fetched from the npm registry on first use)."""
+    await install_call_uninstall(
+        registry_gateway,
+        "io.github.modelcontextprotocol/server-everything",
+        "everything",
+        "echo",
+        {"message": "installed"},
+        lambda text: text == "Echo: installed",
+    )
+
+
+@pytest.mark.anyio
+async def test_an_installed_pypi_entry_runs_behind_the_gateway_until_uninstalled(registry_gateway: Gateway) -> None:
+    """The default catalog's server-time is a PyPI package: the local backend runs it with
+    `uvx` (found through the operator's `registry.runner_env`, fetched from PyPI on first use)."""
+    await install_call_uninstall(
+        registry_gateway,
+        "io.github.modelcontextprotocol/server-time",
+        "time",
+        "get_current_time",
+        {"timezone": "UTC"},
+        lambda text: json.loads(text)["timezone"] == "UTC",
+        # The catalog's own version: another test imports a newer document of this entry.
+        version="2026.10.19",
+    )

@@ -45,6 +45,7 @@ else
         -r "$SCRIPT_DIR/requirements.txt"
     "$VENV/bin/python" -c 'import mcp, mcp.server, pytest, httpx, anyio, uvicorn' \
         || { log "python venv import check failed"; exit 1; }
+    [[ -x "$VENV/bin/uvx" ]] || { log "uvx missing from the python venv"; exit 1; }
     printf '%s\n' "$py_key" > "$py_stamp"
     log "python venv ready"
 fi
