@@ -1269,17 +1269,30 @@ impl RawConfig {
         for (name, value) in &self.registry.runner_env {
             let field = || format!("registry.runner_env.{name}");
             let plain = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && name.len() <= 128;
             if !plain {
                 return Err(field_err(
                     field(),
-                    "not a variable name (letters, digits and _)",
+                    "not a variable name (letters, digits and _, at most 128)",
                 ));
             }
-            if name == "HOME" {
+            // Where a runner keeps what it fetched and its settings: each server's own, under
+            // its own HOME (shared, they would mix servers' caches and credentials).
+            let upper = name.to_ascii_uppercase();
+            if upper == "HOME"
+                || upper.starts_with("XDG_")
+                || ["UV_CACHE_DIR", "UV_TOOL_DIR", "UV_TOOL_BIN_DIR"].contains(&upper.as_str())
+                || [
+                    "NPM_CONFIG_CACHE",
+                    "NPM_CONFIG_PREFIX",
+                    "NPM_CONFIG_USERCONFIG",
+                ]
+                .contains(&upper.as_str())
+            {
                 return Err(field_err(
                     field(),
-                    "each server has a HOME of its own (a shared one would mix their caches and credentials)",
+                    "each server keeps its own (a shared one would mix their caches and credentials)",
                 ));
             }
             if value.contains('\0') {
@@ -1663,10 +1676,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.registry.runner_env["UV_NATIVE_TLS"], "true");
         for (env, field, why) in [
+            ("{ HOME: /tmp }", "registry.runner_env.HOME", "its own"),
             (
-                "{ HOME: /tmp }",
-                "registry.runner_env.HOME",
-                "HOME of its own",
+                "{ XDG_CACHE_HOME: /tmp }",
+                "registry.runner_env.XDG_CACHE_HOME",
+                "its own",
+            ),
+            (
+                "{ npm_config_cache: /tmp }",
+                "registry.runner_env.npm_config_cache",
+                "its own",
             ),
             (
                 "{ \"A-B\": x }",

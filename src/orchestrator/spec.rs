@@ -118,6 +118,10 @@ pub struct RegistrySource {
     /// Which of the entry's packages (its index in `packages`).
     #[serde(default)]
     pub package: usize,
+    /// The variables that came from the operator's `registry.runner_env` (an upgrade replaces
+    /// them with the operator's current ones, not keeping them as the operator's own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runner_env: Vec<String>,
 }
 
 /// Who shares one process of a stdio server.

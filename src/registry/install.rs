@@ -189,9 +189,26 @@ pub fn plan(
     // Values templates may use: never a secret's (arguments and URLs are not secret).
     let mut known: BTreeMap<String, String> = BTreeMap::new();
     let mut secrets = Vec::new();
+    // How npx and uvx fetch the package is the operator's: `registry.runner_env` wins over
+    // what the entry declares (an imported document must not replace the operator's proxy or
+    // CA), and an installer may not set those names either.
+    let runner_env = if command.is_some() {
+        &runners.env
+    } else {
+        &BTreeMap::new()
+    };
     for (j, var) in declared.iter().enumerate() {
         let name = var["name"].as_str().unwrap_or_default();
         env_name(name).map_err(|m| refuse(format!("{path}.environmentVariables[{j}].name"), m))?;
+        if runner_env.contains_key(name) {
+            if request.values.contains_key(name) {
+                return Err(refuse(
+                    format!("values.{name}"),
+                    "is set by the operator (registry.runner_env)",
+                ));
+            }
+            continue;
+        }
         let given = request.values.get(name).cloned();
         let value = given
             .clone()
@@ -234,21 +251,11 @@ pub fn plan(
         });
     }
 
-    // How npx and uvx fetch the package is the operator's (entries cannot name `UV_*`,
-    // `NPM_CONFIG_*`, `PATH`...); a variable the package itself declares keeps its value.
-    if command.is_some() {
-        let runner_env = runners
-            .env
-            .iter()
-            .filter(|(name, _)| !env.iter().any(|e: &EnvVarSpec| &e.name == *name))
-            .map(|(name, value)| EnvVarSpec {
-                name: name.clone(),
-                value: Some(value.clone()),
-                ..EnvVarSpec::default()
-            })
-            .collect::<Vec<_>>();
-        env.extend(runner_env);
-    }
+    env.extend(runner_env.iter().map(|(name, value)| EnvVarSpec {
+        name: name.clone(),
+        value: Some(value.clone()),
+        ..EnvVarSpec::default()
+    }));
 
     // Arguments: fixed values, or the installer's values of variables they name.
     for (j, arg) in pkg["packageArguments"]
@@ -324,6 +331,7 @@ pub fn plan(
                 entry: server["name"].as_str().unwrap_or_default().to_string(),
                 version: server["version"].as_str().unwrap_or_default().to_string(),
                 package: index,
+                runner_env: runner_env.keys().cloned().collect(),
             }),
             ..McpServerSpec::default()
         },
@@ -374,9 +382,13 @@ pub fn upgrade(
     // A stored secret's value is not here (the backend keeps it): it is passed through as a
     // mark, and stays stored.
     let stored_mark = String::from("stored-secret");
+    // The operator's runner variables are not the installer's choices: the new plan takes
+    // the operator's current ones, and ones the operator dropped since go.
+    let from_runner = |name: &str| source.runner_env.iter().any(|r| r == name);
     let values = current
         .env
         .iter()
+        .filter(|e| !from_runner(&e.name))
         .filter_map(|e| {
             let v = e.value.as_ref().or(e.secret_value.as_ref());
             Some((e, v.or(e.stored_secret.then_some(&stored_mark))?))
@@ -442,8 +454,9 @@ pub fn upgrade(
             e.as_file = c.as_file;
         }
     }
-    // Variables of the operator's own (neither version declares them) stay.
-    for c in &current.env {
+    // Variables of the operator's own (neither version declares them, nor did they come from
+    // the runner environment) stay.
+    for c in current.env.iter().filter(|c| !from_runner(&c.name)) {
         let declared = |vars: &[Value]| vars.iter().any(|v| v["name"] == c.name.as_str());
         if !declared(&old_vars) && !declared(&new_vars) && !env.iter().any(|e| e.name == c.name) {
             env.push(c.clone());
@@ -766,25 +779,68 @@ mod tests {
             values,
             ..Request::default()
         };
-        let def = plan(&entry("1.0.0", vars, json!([])), &request, &runners).unwrap();
-        let env: Vec<_> = def
-            .spec
-            .env
-            .iter()
-            .map(|e| (e.name.as_str(), e.value.as_deref()))
-            .collect();
-        // The package's own LEVEL keeps its value; the secret stays secret; the runner's
-        // variables are plain.
+        let doc = entry("1.0.0", vars.clone(), json!([]));
+        let def = plan(&doc, &request, &runners).unwrap();
+        let env = |spec: &McpServerSpec| -> Vec<(String, Option<String>)> {
+            spec.env
+                .iter()
+                .map(|e| (e.name.clone(), e.value.clone()))
+                .collect()
+        };
+        let pair = |n: &str, v: Option<&str>| (n.to_string(), v.map(str::to_string));
+        // The operator's LEVEL wins over the entry's (an imported document must not replace
+        // the operator's settings); the secret stays secret; the runner's variables are plain.
         assert_eq!(
-            env,
+            env(&def.spec),
             [
-                ("LEVEL", Some("entry")),
-                ("KEY", None),
-                ("PATH", Some("/opt/uv/bin:/usr/bin")),
-                ("UV_NATIVE_TLS", Some("true")),
+                pair("KEY", None),
+                pair("LEVEL", Some("operator")),
+                pair("PATH", Some("/opt/uv/bin:/usr/bin")),
+                pair("UV_NATIVE_TLS", Some("true")),
             ]
         );
         assert_eq!(def.spec.command.as_deref(), Some("uvx"));
+        assert_eq!(
+            def.spec.registry.as_ref().unwrap().runner_env,
+            ["LEVEL", "PATH", "UV_NATIVE_TLS"]
+        );
+        // Nor may the installer set what the operator sets.
+        let mut values = request.values.clone();
+        values.insert("LEVEL".to_string(), "mine".to_string());
+        let e = plan(
+            &doc,
+            &Request {
+                values,
+                ..Request::default()
+            },
+            &runners,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "values.LEVEL", "{e}");
+
+        // An upgrade takes the operator's current runner variables: one dropped since goes,
+        // and none is taken for an installer's choice.
+        let mut later = runners.clone();
+        later.env.remove("PATH");
+        later
+            .env
+            .insert("UV_NATIVE_TLS".to_string(), "false".to_string());
+        let up = upgrade(
+            &def.spec,
+            Some(&doc),
+            &entry("1.1.0", vars, json!([])),
+            &later,
+        )
+        .unwrap();
+        assert_eq!(
+            env(&up),
+            [
+                pair("KEY", None),
+                pair("LEVEL", Some("operator")),
+                pair("UV_NATIVE_TLS", Some("false")),
+            ]
+        );
+        assert_eq!(up.registry.unwrap().runner_env, ["LEVEL", "UV_NATIVE_TLS"]);
 
         // An image runs as it is built: the runner's environment is not its business.
         let oci = json!({"name": "io.example/img", "version": "1.0.0",
