@@ -125,9 +125,10 @@ pub struct Session {
     profile: Option<Profile>,
     links: Box<[Link]>,
     upstream_caps: Box<[AtomicU8]>,
-    /// Per upstream: the generation of its tool list checked against the pins (held while
-    /// checking, so that concurrent calls wait for the one check).
-    tools_pinned: Box<[tokio::sync::Mutex<u64>]>,
+    /// Per upstream: the generations of its tool list and of its connection that were
+    /// checked against the pins (held while checking, so that concurrent calls wait for the
+    /// one check).
+    tools_pinned: Box<[tokio::sync::Mutex<(u64, u64)>]>,
     /// Per upstream: bumped by each `notifications/tools/list_changed`.
     tools_generation: Box<[AtomicU64]>,
     inflight: Mutex<HashMap<Bytes, (u64, oneshot::Sender<()>)>>,
@@ -268,7 +269,7 @@ impl Session {
                     .collect(),
                 tools_pinned: servers
                     .iter()
-                    .map(|_| tokio::sync::Mutex::new(u64::MAX))
+                    .map(|_| tokio::sync::Mutex::new((u64::MAX, u64::MAX)))
                     .collect(),
                 tools_generation: servers.iter().map(|_| AtomicU64::new(0)).collect(),
                 topology: topology.clone(),
@@ -333,8 +334,10 @@ impl Session {
         self.profile.as_ref().map(|p| &*p.name)
     }
 
-    /// Runs `check` unless upstream `index`'s current tool list was checked already; a check
-    /// that fails is tried again by the next call. Concurrent callers wait for one check.
+    /// Runs `check` unless upstream `index`'s current tool list was checked already, on its
+    /// current connection: a new process (after a crash, a sleep, a redefinition) may offer
+    /// other definitions without announcing a change. A check that fails is tried again by
+    /// the next call. Concurrent callers wait for one check.
     pub async fn pin_check<F, E>(&self, index: usize, check: F) -> Result<(), E>
     where
         F: Future<Output = Result<(), E>>,
@@ -346,7 +349,10 @@ impl Session {
             return Ok(());
         };
         let mut checked = checked.lock().await;
-        let current = generation.load(Ordering::Acquire);
+        let current = (
+            generation.load(Ordering::Acquire),
+            self.links[index].generation.load(Ordering::Acquire),
+        );
         if *checked == current {
             return Ok(());
         }

@@ -439,24 +439,46 @@ fn profile_item(
     })
 }
 
+/// What checking a call against the pins uses, owned: the check runs in the call's own task.
+pub(super) struct Pinning {
+    pub pins: Arc<crate::pins::Pins>,
+    pub audit: Arc<crate::audit::Audit>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Whether the pins allow the session to call `local` on upstream `index`: its list checked
+/// (once per list, [`pin_check`]) and the tool approved. `Err` says why not; a list that
+/// cannot be read refuses the call only when the pins block.
+pub(super) async fn pins_allow(
+    pinning: &Pinning,
+    session: &Arc<Session>,
+    index: usize,
+    local: &str,
+) -> Result<(), String> {
+    let pins = &pinning.pins;
+    let server = &session.topology().servers[index];
+    match pin_check(pinning, session, index).await {
+        Ok(()) => pins.check(&server.name, local),
+        Err(why) if pins.blocks() => Err(why),
+        Err(_) => Ok(()),
+    }
+}
+
 /// Most pages of a tool list read to check it against the pins.
 const MAX_PIN_PAGES: usize = 50;
 
 /// Checks the tool definitions of upstream `index` against the pins before the session's
-/// calls to it: every page of its list, once per list (again after it announces a change).
-/// A server that changed a tool since it was approved (between two runs, say) is caught even
-/// when the client calls without listing. `Err` says why the list could not be checked.
-pub(super) async fn pin_check(
-    sv: Services<'_>,
-    session: &Arc<Session>,
-    index: usize,
-) -> Result<(), String> {
-    let Some(pins) = sv.pins else {
-        return Ok(());
-    };
+/// calls to it: every page of its list, once per list and connection (again after it
+/// announces a change, or is reached anew). A server that changed a tool since it was
+/// approved (between two runs, say) is caught even when the client calls without listing.
+/// `Err` says why the list could not be checked.
+async fn pin_check(pinning: &Pinning, session: &Arc<Session>, index: usize) -> Result<(), String> {
+    let pins = &pinning.pins;
     let server = &session.topology().servers[index];
+    // Connected first (waking a sleeping server): the check is of this connection's list.
+    let connected = session.connect(index).await;
     let read = async {
-        let bits = session.connect(index).await.map_err(|e| e.to_string())?;
+        let bits = connected.map_err(|e| e.to_string())?;
         if bits & caps::TOOLS == 0 {
             return Ok(()); // no tools: nothing to call either (the pins know none)
         }
@@ -484,7 +506,13 @@ pub(super) async fn pin_check(
             }
             let p: Page<'_> = serde_json::from_slice(&page).map_err(|e| e.to_string())?;
             for tool in p.tools {
-                pins.observe(&server.name, server.label, tool.get(), sv.audit, sv.metrics);
+                pins.observe(
+                    &server.name,
+                    server.label,
+                    tool.get(),
+                    &pinning.audit,
+                    &pinning.metrics,
+                );
             }
             pins.flush().await;
             match p.next {

@@ -294,6 +294,19 @@ pub(super) async fn forward(
     policy: Option<Policy>,
     target: Option<&str>,
 ) -> Reply {
+    // The tool whose definition the pins must allow: checked once the client can be told
+    // that reading the list wakes a sleeping server.
+    let pinned = match (method, sv.pins) {
+        ("tools/call", Some(pins)) => target.map(|local| {
+            let pinning = super::aggregate::Pinning {
+                pins: pins.clone(),
+                audit: sv.audit.clone(),
+                metrics: sv.metrics.clone(),
+            };
+            (local.to_owned(), pinning)
+        }),
+        _ => None,
+    };
     let target = || match target {
         Some(t) => Some(t.to_owned()),
         None => audit_target(method, params.as_deref()),
@@ -363,6 +376,35 @@ pub(super) async fn forward(
     let session2 = session.clone();
     let method = method.to_owned();
     let call = async move {
+        if let Some((local, pinning)) = pinned
+            // Boxed: the check's future (list pages) would double every call's.
+            && let Err(why) =
+                Box::pin(super::aggregate::pins_allow(&pinning, &session2, index, &local)).await
+        {
+            drop(inflight);
+            if let Some(span) = &mut upstream_span {
+                span.fail("denied by pinning");
+            }
+            // Recorded as a denial, not as a call.
+            if let Some(record) = &mut audited {
+                record.event = None;
+            }
+            server.requests.record(label, "denied", started.elapsed());
+            pinning.audit.record(crate::audit::Event {
+                kind: "denial",
+                principal: session2.principal.clone(),
+                session: Some(session2.log_id().to_owned()),
+                profile: session2.profile().map(|p| p.name.clone()),
+                server: Some(server.name.clone()),
+                method,
+                name: Some(local),
+                decision: "denied",
+                by: Some(Arc::from("pinning")),
+                outcome: Some(why.clone()),
+                ..Default::default()
+            });
+            return jsonrpc::error_response(Some(&id), code::TOOL_NOT_APPROVED, &why);
+        }
         let result = session2.links()[index]
             .call(&method, params.as_deref(), opts)
             .await;

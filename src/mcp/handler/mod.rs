@@ -298,40 +298,8 @@ pub async fn request(
             let Some((index, local)) = resolved else {
                 return invalid_params(&id, &format!("unknown {what}: {name}"));
             };
-            if method == "tools/call"
-                && let Some(pins) = sv.pins
-            {
-                // Boxed: the check's future (list pages) would double every call's.
-                let checked = Box::pin(aggregate::pin_check(sv, session, index)).await;
-                let server = &session.topology().servers[index];
-                let allowed = match checked {
-                    Ok(()) => pins.check(&server.name, local),
-                    Err(why) if pins.blocks() => Err(why),
-                    Err(_) => Ok(()),
-                };
-                if let Err(why) = allowed {
-                    sv.metrics
-                        .record(label, server.label, "denied", started.elapsed());
-                    sv.audit.record(crate::audit::Event {
-                        kind: "denial",
-                        principal: session.principal.clone(),
-                        session: Some(session.log_id().to_owned()),
-                        profile: session.profile().map(|p| p.name.clone()),
-                        server: Some(server.name.clone()),
-                        method: method.to_owned(),
-                        name: Some(local.to_owned()),
-                        decision: "denied",
-                        by: Some(Arc::from("pinning")),
-                        outcome: Some(why.clone()),
-                        ..Default::default()
-                    });
-                    return Reply::Json(jsonrpc::error_response(
-                        Some(&id),
-                        code::TOOL_NOT_APPROVED,
-                        &why,
-                    ));
-                }
-            }
+            // With pinning on, the tool's definition is checked in `forward`: reading the
+            // list may wake a sleeping server, which a client that asked for progress hears of.
             let policy = Policy::for_call(
                 &plugins,
                 Some(sv.audit),
