@@ -929,3 +929,119 @@ async fn a_sleeping_server_is_listed_by_the_next_gateway_without_waking_it() {
         "not allowed by deploy/base/role.yaml: {outside:#?}"
     );
 }
+
+/// A call that comes while an idle server's scale-down is being applied is served by the
+/// next pod: the pod the scale-down dooms is never reached (on a cluster its ReplicaSet
+/// deletes it when it gets to it, under the call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_during_a_scale_down_is_served_by_the_next_pod() {
+    let fake = FakeKube::start().await;
+    let napper = server("napper", "ghcr.io/gatehouse/example:1") + "    idle: {after: 1s}\n";
+    let gw = gateway(&fake, &napper).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let first = c.tool_text(1, "pid", json!({})).await;
+    let doomed = fake.pod_of(NS, "mcp-napper").unwrap()["metadata"]["name"].clone();
+
+    // The scale-down's write is held: the server is being put to sleep.
+    let hold = fake.hold(
+        "PATCH",
+        &format!("/apis/apps/v1/namespaces/{NS}/deployments/mcp-napper"),
+    );
+    hold.reached().await;
+    let held = fake
+        .requests()
+        .into_iter()
+        .rfind(|r| r.method == "PATCH" && r.path.ends_with("/deployments/mcp-napper"))
+        .unwrap();
+    assert_eq!(
+        held.body.as_ref().unwrap()["spec"]["replicas"],
+        0,
+        "the scale-down"
+    );
+    let mut call = tokio::spawn({
+        let c = c.clone();
+        async move {
+            c.call(2, "tools/call", json!({"name": "pid", "arguments": {}}))
+                .await
+        }
+    });
+    // Answered now, it could only be by the doomed pod: it waits for the scale-down.
+    let early = tokio::time::timeout(Duration::from_secs(1), &mut call).await;
+    hold.release();
+    let answer = match early {
+        Ok(answer) => answer.unwrap(),
+        Err(_) => call.await.unwrap(),
+    };
+    let pid = answer["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{answer}"));
+    assert_ne!(pid, first, "served by a new process");
+    let serving = fake.pod_of(NS, "mcp-napper").unwrap()["metadata"]["name"].clone();
+    assert_ne!(serving, doomed, "by the next pod");
+    // The same session keeps working on it.
+    assert_eq!(c.tool_text(3, "pid", json!({})).await, pid);
+    gw.stop().await;
+}
+
+/// Under leader election, the other replicas reach an HTTP server that may sleep through the
+/// leader's relay: the leader sees every use of it. Calls on a follower (one longer than the
+/// idle time among them) keep it up; it sleeps once no replica uses it; a call on a follower
+/// wakes it, through the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http_server_sleeps_under_leader_election_only_when_no_replica_uses_it() {
+    let fake = FakeKube::start().await;
+    // The fake kubelet's pods all have IP 127.0.0.1: the server listens on a free port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let web = format!(
+        "  - name: web\n    image: ghcr.io/gatehouse/example:1\n    command: {BIN:?}\n    args: [example-server, --name, web, --test-tools, --http, \"127.0.0.1:{port}\"]\n    transport: {{type: streamable-http, port: {port}}}\n    idle: {{after: 1s}}\n"
+    );
+    let [(leader, _rt_leader), (follower, _rt_follower)] = two_replicas(&fake, &web).await;
+    let asleep = || {
+        fake.get(Kind::Deployment, NS, "mcp-web")
+            .is_some_and(|d| d["spec"]["replicas"] == 0)
+    };
+    let mut c = follower.client();
+    c.initialize(json!({})).await;
+    let first = c.tool_text(1, "pid", json!({})).await;
+
+    // Calls on the follower alone, for twice the idle time: it stays up.
+    for i in 0..8 {
+        assert_eq!(c.tool_text(10 + i, "pid", json!({})).await, first);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(!asleep(), "used through the follower, yet put to sleep");
+    }
+    // One call longer than the idle time holds it up until it ends.
+    let slow = c
+        .call(
+            30,
+            "tools/call",
+            json!({"name": "slow", "arguments": {"seconds": 2.5, "steps": 1}}),
+        )
+        .await;
+    assert_eq!(
+        slow["result"]["content"][0]["text"], "done after 2.5s",
+        "{slow}"
+    );
+    assert!(!asleep(), "a call in flight through the follower");
+
+    // Nobody uses it: it sleeps.
+    for _ in 0..500 {
+        if asleep() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(asleep(), "idle on every replica: scaled to zero");
+
+    // A call on the follower wakes it, through the leader.
+    let woken = c.tool_text(40, "pid", json!({})).await;
+    assert_ne!(woken, first, "a new process");
+    assert!(!asleep());
+    leader.stop().await;
+    follower.stop().await;
+}

@@ -660,6 +660,12 @@ async fn kubeconfig_with_insecure_skip_tls_verify_and_an_http_server() {
     );
     let rt = KubeRuntime::start(settings).await.unwrap();
     assert_eq!(rt.namespace(), "tools");
+    // Ready once it listens on its port (the readiness probe); the fake's pods are 127.0.0.1.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let server = ServerDef {
         name: "web".into(),
         spec: McpServerSpec {
@@ -668,11 +674,11 @@ async fn kubeconfig_with_insecure_skip_tls_verify_and_an_http_server() {
             args: vec![
                 "example-server".into(),
                 "--http".into(),
-                "127.0.0.1:0".into(),
+                format!("127.0.0.1:{port}"),
             ],
             transport: TransportSpec {
                 kind: TransportKind::StreamableHttp,
-                port: Some(8080),
+                port: Some(port),
                 path: None,
             },
             ..McpServerSpec::default()
@@ -683,7 +689,7 @@ async fn kubeconfig_with_insecure_skip_tls_verify_and_an_http_server() {
     // The server's own pod (the fake kubelet's pods have IP 127.0.0.1), not the Service:
     // its label selector would also pick a look-alike pod.
     match endpoint {
-        Endpoint::Http { url } => assert_eq!(url, "http://127.0.0.1:8080/mcp"),
+        Endpoint::Http { url } => assert_eq!(url, format!("http://127.0.0.1:{port}/mcp")),
         other => panic!("{other:?}"),
     }
     let svc = eventually("service", Duration::from_secs(5), || {
@@ -692,14 +698,14 @@ async fn kubeconfig_with_insecure_skip_tls_verify_and_an_http_server() {
     .await;
     let dep = fake.get(Kind::Deployment, "tools", "mcp-web").unwrap();
     assert_eq!(svc["spec"]["selector"]["gatehouse.dev/server"], "web");
-    assert_eq!(svc["spec"]["ports"][0]["port"], 8080);
+    assert_eq!(svc["spec"]["ports"][0]["port"], port);
     assert_eq!(svc["spec"]["ports"][0]["targetPort"], "mcp");
     assert_eq!(
         svc["metadata"]["ownerReferences"][0]["uid"],
         dep["metadata"]["uid"]
     );
     let c = &dep["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(c["ports"][0]["containerPort"], 8080);
+    assert_eq!(c["ports"][0]["containerPort"], port);
     assert!(c.get("stdin").is_none(), "no stdin for HTTP servers");
     assert!(
         fake.get(Kind::Secret, "tools", "mcp-web").is_none(),

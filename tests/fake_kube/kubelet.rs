@@ -82,6 +82,20 @@ impl Kubelet {
 }
 
 /// Changes a pod's status (no-op when the pod is gone).
+/// The port of a container's TCP readiness probe (a number, or the name of one of its ports).
+fn tcp_probe_port(container: &Value) -> Option<u16> {
+    let port = &container["readinessProbe"]["tcpSocket"]["port"];
+    let number = match port.as_str() {
+        Some(named) => container["ports"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == named)?["containerPort"]
+            .as_u64()?,
+        None => port.as_u64()?,
+    };
+    u16::try_from(number).ok()
+}
+
 fn set_status(shared: &Arc<Shared>, ns: &str, name: &str, f: impl FnOnce(&mut Value)) {
     let mut store = shared.store.lock().unwrap();
     let Some(mut pod) = store.get(Kind::Pod, ns, name).cloned() else {
@@ -258,24 +272,64 @@ pub fn start_pod(shared: &Arc<Shared>, ns: &str, name: &str) {
         rt.run
     };
     let started = now_rfc3339();
+    // A container with a TCP readiness probe is ready once its port accepts (probed every
+    // 20 ms here, where a kubelet waits `periodSeconds`); one without is ready once running.
+    let probe = tcp_probe_port(&container);
     set_status(shared, ns, name, |s| {
         let last = s["containerStatuses"][0]["lastState"].clone();
+        let ready = probe.is_none();
+        let flag = if ready { "True" } else { "False" };
         s["phase"] = json!("Running");
         s["podIP"] = json!("127.0.0.1");
         s["startTime"] = json!(started);
         s["conditions"] = json!([
             {"type": "PodScheduled", "status": "True"},
             {"type": "Initialized", "status": "True"},
-            {"type": "ContainersReady", "status": "True"},
-            {"type": "Ready", "status": "True"},
+            {"type": "ContainersReady", "status": flag},
+            {"type": "Ready", "status": flag},
         ]);
         s["containerStatuses"] = json!([{
             "name": "server", "image": image, "imageID": format!("fake://{image}"),
-            "ready": true, "started": true, "restartCount": restarts,
+            "ready": ready, "started": true, "restartCount": restarts,
             "state": {"running": {"startedAt": started}},
             "lastState": if last.is_null() { json!({}) } else { last },
         }]);
     });
+    if let Some(port) = probe {
+        let (shared, ns, name, key) = (
+            shared.clone(),
+            ns.to_string(),
+            name.to_string(),
+            key.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let current = shared
+                    .store
+                    .lock()
+                    .unwrap()
+                    .kubelet
+                    .pods
+                    .get(&key)
+                    .is_some_and(|rt| rt.running && rt.run == run);
+                if !current {
+                    return;
+                }
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    set_status(&shared, &ns, &name, |s| {
+                        s["conditions"][2]["status"] = json!("True");
+                        s["conditions"][3]["status"] = json!("True");
+                        s["containerStatuses"][0]["ready"] = json!(true);
+                    });
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+    }
     let (shared2, ns2, name2) = (shared.clone(), ns.to_string(), name.to_string());
     let task = tokio::spawn(async move {
         let mut stdin = child.stdin.take();

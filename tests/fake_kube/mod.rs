@@ -47,7 +47,7 @@ use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 /// A resource kind the fake serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -299,6 +299,8 @@ pub struct Settings {
     pub fail_paths: Vec<String>,
     /// Paths (prefixes) that never answer, as behind a network partition.
     pub stall_paths: Vec<String>,
+    /// Requests held before they are served until released ([`FakeKube::hold`]).
+    pub holds: Vec<Hold>,
     /// Attach websockets stay open after their pod is deleted, as when the node holding
     /// the pod is lost and the connection is half-open.
     pub attachments_outlive_pods: bool,
@@ -308,6 +310,30 @@ pub struct Settings {
     pub images: std::collections::HashMap<String, Vec<String>>,
 }
 
+/// Requests of one method to one path (a prefix) that wait before they are served, as when
+/// the API server is slow to take one write, until released.
+#[derive(Clone, Debug)]
+pub struct Hold {
+    method: String,
+    path: String,
+    /// Requests that reached it so far.
+    reached: watch::Sender<usize>,
+    released: watch::Sender<bool>,
+}
+
+impl Hold {
+    /// Waits until a request is held.
+    pub async fn reached(&self) {
+        let mut rx = self.reached.subscribe();
+        let _ = rx.wait_for(|n| *n > 0).await;
+    }
+
+    /// Serves the held requests, and those that come later.
+    pub fn release(&self) {
+        self.released.send_replace(true);
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -315,6 +341,7 @@ impl Default for Settings {
             attach_protocols: vec!["v5.channel.k8s.io", "v4.channel.k8s.io"],
             fail_paths: Vec::new(),
             stall_paths: Vec::new(),
+            holds: Vec::new(),
             attachments_outlive_pods: false,
             images: std::collections::HashMap::new(),
         }
@@ -890,6 +917,18 @@ impl FakeKube {
         self.shared.store.lock().unwrap().kubelet.keep_attachments = keep;
     }
 
+    /// Holds requests of `method` to `path` (a prefix) before they are served, until released.
+    pub fn hold(&self, method: &str, path: &str) -> Hold {
+        let hold = Hold {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            reached: watch::Sender::new(0),
+            released: watch::Sender::new(false),
+        };
+        self.configure(|s| s.holds.push(hold.clone()));
+        hold
+    }
+
     /// Every request so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.store.lock().unwrap().requests.clone()
@@ -1187,6 +1226,18 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     };
     if stalled {
         std::future::pending::<()>().await;
+    }
+    let held = shared
+        .settings
+        .lock()
+        .unwrap()
+        .holds
+        .iter()
+        .find(|h| h.method == method.as_str() && path.starts_with(&h.path) && !*h.released.borrow())
+        .cloned();
+    if let Some(hold) = held {
+        hold.reached.send_modify(|n| *n += 1);
+        let _ = hold.released.subscribe().wait_for(|r| *r).await;
     }
     let q = query_map(&query);
 

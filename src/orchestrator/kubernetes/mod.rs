@@ -491,7 +491,11 @@ pub(crate) struct Inner {
     sleep_requests: DashMap<String, bool>,
     /// How each idle-capable server is used.
     usage: DashMap<String, Arc<Usage>>,
-    /// Replicas elect a leader: the others' calls to HTTP servers do not pass through it.
+    /// Per server: held by a reconcile from its last look at a pending sleep until the
+    /// Deployment is scaled down, and by a wake, which so comes after a scale-down it did not
+    /// call off, and knows the pods it dooms.
+    sleep_locks: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Replicas elect a leader.
     replicated: bool,
     status_changed: watch::Sender<u64>,
     /// Bumped after every status refresh, changed or not: a pod may be replaced while the
@@ -707,6 +711,7 @@ impl KubeRuntime {
             status_pods: DashMap::new(),
             refreshing: std::sync::Mutex::new(()),
             restarted: DashMap::new(),
+            sleep_locks: DashMap::new(),
             written: DashMap::new(),
             resources: DashMap::new(),
             sleep_requests: DashMap::new(),
@@ -925,10 +930,13 @@ impl Inner {
 
     /// Follows the server's current definition: whether it may sleep, and after how long.
     fn refresh_usage(&self, name: &str) -> Option<Arc<Usage>> {
-        // Under leader election, the other replicas reach an HTTP server straight (not
-        // through the leader), so the leader cannot tell when nobody uses it.
+        // Under leader election without a relay, the other replicas reach an HTTP server
+        // straight, so the leader cannot tell when nobody uses it.
         let after = self.valid(name).and_then(|(s, _)| {
-            if self.replicated && s.http_port_path().is_some() {
+            if self.replicated
+                && s.http_port_path().is_some()
+                && self.options.relay_listen.is_none()
+            {
                 return None;
             }
             super::idle::after_of(s.spec.idle.as_ref(), self.options.idle_after)
@@ -954,11 +962,27 @@ impl Inner {
         Some(usage)
     }
 
-    /// Starts a sleeping server: the leader through its next reconcile, another replica by
-    /// scaling the Deployment back up itself (the leader then sees it awake).
+    fn sleep_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.sleep_locks
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Starts a sleeping server: the leader through its next reconcile; another replica, for
+    /// a server it reaches straight (not through the relay), by scaling the Deployment back
+    /// up itself (the leader then sees it awake).
     async fn wake(&self, name: &str) -> Result<()> {
         tracing::info!(server = name, "waking: a call needs it");
         if self.leading() {
+            // After a scale-down in flight has landed: its pods are going (the ReplicaSet
+            // controller deletes them when it gets to it, or keeps one it had not reached
+            // if the Deployment scales back up first). Either way a call must not be sent to
+            // them: they are deleted now, and waited past like a restart's.
+            let _after_scale_down = self.sleep_lock(name).lock_owned().await;
+            if self.deployment_asleep(name) {
+                self.retire_pods(name).await?;
+            }
             self.sleep_requests.insert(name.to_string(), false);
             if let Some(u) = self.usage.get(name) {
                 u.woke();
@@ -982,6 +1006,40 @@ impl Inner {
             }
         }
         self.refresh_status(name, None);
+        Ok(())
+    }
+
+    /// Deletes the server's pods that are not yet terminating, and marks them gone for
+    /// [`Self::wait_ready`] until the watch has caught up.
+    async fn retire_pods(&self, name: &str) -> Result<()> {
+        let pods: Vec<String> = self
+            .own_pods(name)
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| p.name_any())
+            .collect();
+        if pods.is_empty() {
+            return Ok(());
+        }
+        // With those of an earlier restart or wake that the watch still shows.
+        let shown: Vec<String> = self.own_pods(name).iter().map(|p| p.name_any()).collect();
+        let mut gone = self.restarted.entry(name.to_string()).or_default();
+        gone.retain(|p| shown.contains(p) && !pods.contains(p));
+        gone.extend(pods.iter().cloned());
+        drop(gone);
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        for pod in pods {
+            tracing::info!(
+                server = name,
+                pod,
+                "waking: deleting a pod of the scale-down"
+            );
+            match api.delete(&pod, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(OrchestratorError::kube(format!("delete Pod {pod}"), e)),
+            }
+        }
         Ok(())
     }
 
@@ -1168,6 +1226,12 @@ impl Inner {
             }
         }
         let mut rendered_deployment = rendered.deployment;
+        // A pending sleep: from the last look below until the Deployment is applied, a wake
+        // waits (it then finds the server scaled down, or the sleep called off).
+        let _sleeping = match self.sleep_requests.get(name).is_some_and(|asked| *asked) {
+            true => Some(self.sleep_lock(name).lock_owned().await),
+            false => None,
+        };
         // A call that began since the sleep was asked for keeps the server up.
         if self.sleep_requests.get(name).is_some_and(|asked| *asked)
             && let Some(u) = self.usage(name).filter(|u| !u.is_idle())
@@ -1259,6 +1323,7 @@ impl Inner {
         let next = match desired {
             None => {
                 self.status_pods.remove(name);
+                self.sleep_locks.remove(name);
                 None
             }
             Some(Err(message)) => Some(
@@ -1644,10 +1709,10 @@ impl Inner {
     /// On a replica that does not lead, waits (until `deadline`) for what reaching a stdio
     /// server through the leader's relay takes: its address in the lease, and the secret.
     async fn wait_for_relay(&self, name: &str, deadline: tokio::time::Instant) {
-        let stdio = self
+        let relayed = self
             .valid(name)
-            .is_some_and(|(s, _)| s.http_port_path().is_none());
-        if !stdio || self.options.relay_listen.is_none() {
+            .is_some_and(|(s, _)| self.through_relay(&s));
+        if !relayed || self.options.relay_listen.is_none() {
             return;
         }
         let (mut leading, mut holder, mut secret) = (
@@ -1673,34 +1738,50 @@ impl Inner {
     /// A stdio server's attachment (the leader's) or the leader's relay (the other
     /// replicas'), or an HTTP server's URL at its own pod's IP (not the Service, whose label
     /// selector would also pick a look-alike pod).
+    /// Whether this replica reaches the server through the leader's relay: a stdio server
+    /// (never attach beside the leader: the kubelet would merge both replicas' stdin and
+    /// copy the server's stdout to each), and an HTTP server that may sleep (the leader must
+    /// see every use of it to know when it is idle, and alone scales it).
+    fn through_relay(&self, server: &ResolvedServer) -> bool {
+        !self.leading()
+            && (server.http_port_path().is_none()
+                || (self.options.relay_listen.is_some()
+                    && super::idle::after_of(server.spec.idle.as_ref(), self.options.idle_after)
+                        .is_some()))
+    }
+
+    /// The leader's relay, for a server this replica reaches through it.
+    fn relay_endpoint(&self, name: &str) -> Result<Endpoint> {
+        let not_running = |detail: &str| OrchestratorError::NotRunning {
+            server: name.to_string(),
+            detail: detail.to_string(),
+        };
+        let leader = self.holder_relay.borrow().clone().ok_or_else(|| {
+                not_running("another replica leads (it attaches to stdio servers and alone scales servers that sleep), and its relay is not known yet (GATEHOUSE_ORCHESTRATOR_RELAY_PORT must be set on every replica)")
+            })?;
+        let secret = self
+            .relay_secret
+            .borrow()
+            .clone()
+            .ok_or_else(|| not_running("the relay secret has not been read yet"))?;
+        Ok(Endpoint::Relay {
+            url: format!("{leader}/relay/{name}"),
+            secret,
+        })
+    }
+
     fn endpoint(self: &Arc<Self>, name: &str) -> Result<Endpoint> {
         let (server, _) = self
             .valid(name)
             .ok_or_else(|| OrchestratorError::NotFound(name.to_string()))?;
-        let Some((port, path)) = server.http_port_path() else {
-            if self.leading() {
+        let (port, path) = match server.http_port_path() {
+            Some(http) if !self.through_relay(&server) => http,
+            None if self.leading() => {
                 return Ok(Endpoint::Stdio(StdioEndpoint::new(Arc::new(
                     attach::KubeAttach::new(self.clone(), name.to_string()),
                 ))));
             }
-            // Never attach beside the leader: the kubelet would merge both replicas' stdin
-            // and copy the server's stdout to each.
-            let not_running = |detail: &str| OrchestratorError::NotRunning {
-                server: name.to_string(),
-                detail: detail.to_string(),
-            };
-            let leader = self.holder_relay.borrow().clone().ok_or_else(|| {
-                not_running("another replica leads and attaches to stdio servers, and its relay is not known yet (GATEHOUSE_ORCHESTRATOR_RELAY_PORT must be set on every replica)")
-            })?;
-            let secret = self
-                .relay_secret
-                .borrow()
-                .clone()
-                .ok_or_else(|| not_running("the relay secret has not been read yet"))?;
-            return Ok(Endpoint::Relay {
-                url: format!("{leader}/relay/{name}"),
-                secret,
-            });
+            _ => return self.relay_endpoint(name),
         };
         let ip = self
             .current_pod(name)
@@ -2161,6 +2242,16 @@ impl Runtime for KubeRuntime {
         async move {
             let deadline = tokio::time::Instant::now() + timeout;
             if self.inner.asleep(name) {
+                // Through the relay, the leader wakes it when the relay session opens (after
+                // a scale-down in flight, which only it knows of).
+                if self
+                    .inner
+                    .valid(name)
+                    .is_some_and(|(s, _)| self.inner.through_relay(&s))
+                {
+                    self.inner.wait_for_relay(name, deadline).await;
+                    return self.inner.endpoint(name);
+                }
                 self.inner.wake(name).await?;
             }
             self.inner.wait_ready(name, timeout).await?;
