@@ -145,6 +145,10 @@ struct RelaySession {
     id: Arc<str>,
     server: Arc<str>,
     link: Link,
+    /// The generation of the link's connection when the session opened: the server the
+    /// other replica's client session met (and checked its tools on). A new one (a restart,
+    /// a wake) ends the relay session, so that the other replica reconnects and knows.
+    generation: u64,
     sink: Arc<RelayRecipient>,
     used: Mutex<Instant>,
     in_flight: Mutex<HashMap<Bytes, oneshot::Sender<()>>>,
@@ -458,6 +462,7 @@ impl State {
         let session = Arc::new(RelaySession {
             id: session::new_id(),
             server: Arc::from(server),
+            generation: link.connection_generation(),
             link,
             sink,
             used: Mutex::new(Instant::now()),
@@ -476,6 +481,14 @@ impl State {
         method: Box<str>,
         params: Option<Bytes>,
     ) -> Result<Response<Body>, RelayError> {
+        // The server is reached anew (a new process, a new upstream session): the session the
+        // other replica opened is gone, and it opens another (a 404 is safe to retry).
+        session.link.connection().await?;
+        if session.link.connection_generation() != session.generation {
+            self.sessions.remove(&session.id);
+            session.end().await;
+            return Err(RelayError::UnknownSession(session.id.to_string()));
+        }
         let (cancel_tx, cancel) = oneshot::channel();
         {
             let mut in_flight = lock(&session.in_flight);
@@ -498,6 +511,7 @@ impl State {
             events: Some(events),
             cancel: Some(cancel),
             progress_token: params.as_deref().and_then(request_progress_token),
+            on_connection: Some(session.generation),
             ..CallOpts::default()
         };
         let call = {

@@ -229,3 +229,67 @@ async fn a_pins_file_that_is_not_one_stops_the_start() {
     assert!(e.to_string().contains("version 7"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An HTTP server restarted with a changed tool, called by a session that checked its list
+/// before: the upstream session is gone (404), and the call is checked again on the new one
+/// before it is sent there, not sent unchecked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_meets_a_restarted_http_server_is_checked_again_before_it_is_sent() {
+    let dir = dir().join("restarted");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spawn = |description: &str| {
+        tokio::process::Command::new(support::BIN)
+            .args(["example-server", "--name", "a", "--echo-description"])
+            .arg(description)
+            .args(["--http", &format!("127.0.0.1:{port}")])
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let listening = || async {
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("the example server does not listen on {port}");
+    };
+    let mut server = spawn("Returns its text");
+    listening().await;
+    let gw = TestGateway::start(
+        &format!("pinning: {{file: {:?}}}", dir.join("pins.json")),
+        &[format!(
+            "  - name: a\n    protocol: sessions\n    http: {{ url: \"http://127.0.0.1:{port}/mcp\" }}\n"
+        )],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    assert_eq!(c.tool_text(1, "echo", json!({"text": "hi"})).await, "hi");
+
+    server.kill().await.unwrap();
+    let _server = spawn(POISON);
+    listening().await;
+    let refused = c
+        .call(
+            2,
+            "tools/call",
+            json!({"name": "echo", "arguments": {"text": "x"}}),
+        )
+        .await;
+    assert_eq!(refused["error"]["code"], json!(-32040), "{refused}");
+    // What did not change is served by the new process, on a new upstream session.
+    assert_eq!(c.tool_text(3, "whoami", json!({})).await, "a");
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -337,28 +337,30 @@ impl Session {
     /// Runs `check` unless upstream `index`'s current tool list was checked already, on its
     /// current connection: a new process (after a crash, a sleep, a redefinition) may offer
     /// other definitions without announcing a change. A check that fails is tried again by
-    /// the next call. Concurrent callers wait for one check.
-    pub async fn pin_check<F, E>(&self, index: usize, check: F) -> Result<(), E>
+    /// the next call. Concurrent callers wait for one check. `Ok` is the generation of the
+    /// link's connection that was checked: the call must go on that one.
+    pub async fn pin_check<F, E>(&self, index: usize, check: F) -> Result<u64, E>
     where
         F: Future<Output = Result<(), E>>,
     {
-        let (Some(checked), Some(generation)) = (
+        let (Some(checked), Some(generation), Some(link)) = (
             self.tools_pinned.get(index),
             self.tools_generation.get(index),
+            self.links.get(index),
         ) else {
-            return Ok(());
+            return Ok(0);
         };
         let mut checked = checked.lock().await;
         let current = (
             generation.load(Ordering::Acquire),
-            self.links[index].generation.load(Ordering::Acquire),
+            link.connection_generation(),
         );
         if *checked == current {
-            return Ok(());
+            return Ok(current.1);
         }
         check.await?;
         *checked = current;
-        Ok(())
+        Ok(current.1)
     }
 
     /// Whether the session sees anything of upstream `index`.

@@ -100,6 +100,8 @@ pub struct Usage {
     stopped: AtomicBool,
     wakes: AtomicU64,
     sleeps: AtomicU64,
+    /// Times the way to the server changed without a sleep (see [`Usage::reroute`]).
+    reroutes: AtomicU64,
     slept_ms: AtomicU64,
     asleep_since_ms: AtomicU64,
 }
@@ -134,6 +136,7 @@ impl Usage {
             stopped: AtomicBool::new(false),
             wakes: AtomicU64::new(0),
             sleeps: AtomicU64::new(0),
+            reroutes: AtomicU64::new(0),
             slept_ms: AtomicU64::new(0),
             asleep_since_ms: AtomicU64::new(0),
         })
@@ -171,9 +174,23 @@ impl Usage {
         self.definition
     }
 
-    /// Times it fell asleep: a connection made before the last one is to a stopped server.
+    /// Times it fell asleep.
     pub fn sleeps(&self) -> u64 {
         self.sleeps.load(Ordering::Acquire)
+    }
+
+    /// Changes with each sleep and each [`Usage::reroute`]: a connection made under another
+    /// epoch is to a stopped server, or goes a way that no longer sees every use.
+    pub fn epoch(&self) -> u64 {
+        self.sleeps
+            .load(Ordering::Acquire)
+            .wrapping_add(self.reroutes.load(Ordering::Acquire))
+    }
+
+    /// The way calls reach the server changed (the replica that sees every use of it is
+    /// another): connections made before are dropped, and the next ones go the new way.
+    pub fn reroute(&self) {
+        self.reroutes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Whether it has gone unused for `after`, with no call in flight.

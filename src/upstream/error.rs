@@ -44,6 +44,13 @@ pub enum UpstreamError {
     /// The client cancelled the request.
     #[error("request cancelled")]
     Cancelled,
+    /// The call was checked for one connection to the server (its tools against the pins),
+    /// and the server is now reached anew (a new process, a new session): it was not sent.
+    #[error("upstream '{server}' was reached anew since the call was checked; it was not sent")]
+    Reconnected {
+        /// Upstream name.
+        server: Arc<str>,
+    },
 }
 
 impl UpstreamError {

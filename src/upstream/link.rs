@@ -60,8 +60,9 @@ pub struct Link {
     /// The connection is one every caller shares alike (an HTTP server, or a stdio server
     /// with `sharing: shared`): what it lists is not one caller's own.
     alike: AtomicBool,
-    /// How many times the server had slept (idle) when this link last connected.
-    connected_sleeps: AtomicU64,
+    /// The server's idle epoch ([`crate::orchestrator::idle::Usage::epoch`]) when this link
+    /// last connected.
+    connected_epoch: AtomicU64,
     /// Never through a relay: this link is a relay's, on the replica that leads.
     attach_only: bool,
     /// For a 2026-07-28 server: the log level the session's client asked for.
@@ -151,7 +152,7 @@ impl Link {
             private_definition: AtomicU64::new(0),
             relayed: AtomicBool::new(false),
             alike: AtomicBool::new(false),
-            connected_sleeps: AtomicU64::new(0),
+            connected_epoch: AtomicU64::new(0),
             attach_only: false,
             log_level: Mutex::new(None),
             marks: tokio::sync::Mutex::new(None),
@@ -281,7 +282,7 @@ impl Link {
             .as_ref()
             .and_then(|o| o.runtime.usage(&self.server.name));
         if let Some(u) = &usage
-            && (u.is_asleep() || u.sleeps() != self.connected_sleeps.load(Ordering::Acquire))
+            && (u.is_asleep() || u.epoch() != self.connected_epoch.load(Ordering::Acquire))
         {
             // The server sleeps, or slept since this link connected: its process is gone or
             // going, with any HTTP session (and on Kubernetes its address), whatever the
@@ -323,7 +324,7 @@ impl Link {
         }
         let conn = result?;
         if let Some(u) = &usage {
-            self.connected_sleeps.store(u.sleeps(), Ordering::Release);
+            self.connected_epoch.store(u.epoch(), Ordering::Release);
         }
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         self.generation.fetch_add(1, Ordering::Relaxed);
@@ -496,9 +497,9 @@ impl Link {
                             }
                         };
                         let private = sharing == Sharing::PerPrincipal;
-                        let sleeps = o.runtime.usage(&server.name).map_or(0, |u| u.sleeps());
+                        let epoch = o.runtime.usage(&server.name).map_or(0, |u| u.epoch());
                         let (conn, result) =
-                            shared.connect(server, &endpoint, private, sleeps).await?;
+                            shared.connect(server, &endpoint, private, epoch).await?;
                         *self.init_result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
                         return Ok(conn);
                     }
@@ -551,6 +552,23 @@ impl Link {
         stateless::envelope(&self.init_params, level.as_deref())
     }
 
+    /// Fails unless the link is still on the connection of generation `expected` (if any).
+    fn still_on(&self, expected: Option<u64>) -> Result<(), UpstreamError> {
+        match expected {
+            Some(g) if self.generation.load(Ordering::Acquire) != g => {
+                Err(UpstreamError::Reconnected {
+                    server: self.server.name.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The generation of the link's current connection (bumped by each new one).
+    pub fn connection_generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Calls a method upstream, reconnecting once if the upstream forgot our session.
     pub async fn call(
         &self,
@@ -568,6 +586,8 @@ impl Link {
             .and_then(|o| o.runtime.usage(&self.server.name))
             .map(|u| u.begin());
         let conn = self.connection().await?;
+        let on_connection = opts.on_connection;
+        self.still_on(on_connection)?;
         if conn.is_stateless() {
             return self.call_stateless(&conn, method, params, opts).await;
         }
@@ -630,6 +650,7 @@ impl Link {
                 // 404 means the request was not processed: safe to retry on a new session.
                 self.forget(&conn);
                 let conn = self.connection().await?;
+                self.still_on(on_connection)?;
                 let retry = CallOpts {
                     events,
                     cancel: None,
@@ -638,6 +659,7 @@ impl Link {
                     mirrored: Vec::new(),
                     client_envelope: None,
                     traceparent: traceparent.clone(),
+                    on_connection,
                 };
                 conn.request(method, params, retry, timeout).await
             }

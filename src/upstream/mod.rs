@@ -194,6 +194,9 @@ pub struct CallOpts {
     /// The call's span as `traceparent` (and `tracestate`) headers, when traced (HTTP only;
     /// `_meta` carries them for every transport).
     pub traceparent: Option<crate::trace::TraceHeaders>,
+    /// Send only on the link's connection of this generation (the one the call was checked
+    /// for); on another, the call fails with [`UpstreamError::Reconnected`], unsent.
+    pub on_connection: Option<u64>,
 }
 
 /// What a stdio connection remembers about a call to route the server's related messages.

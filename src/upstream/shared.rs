@@ -136,19 +136,20 @@ impl SharedConnection {
     /// first when there is none (first use, or the process was restarted).
     ///
     /// `private`: the connection is to a process of its own (`per-principal`), not to the
-    /// server's one process. `sleeps`: times the server has slept; a connection from before
-    /// the last sleep is to a process that is gone or going, however alive it looks.
+    /// server's one process. `epoch`: the server's idle epoch; a connection from another
+    /// (before the last sleep, or a change of leader) is to a process that is gone or going,
+    /// or no longer ours to reach, however alive it looks.
     pub async fn connect(
         &self,
         server: &Arc<Server>,
         endpoint: &StdioEndpoint,
         private: bool,
-        sleeps: u64,
+        epoch: u64,
     ) -> Result<(Arc<Connection>, Bytes), UpstreamError> {
         let mut current = self.current.lock().await;
         if let Some((conn, result, made)) = current.as_ref()
             && conn.is_alive()
-            && (*made == sleeps || private)
+            && (*made == epoch || private)
         {
             return Ok((conn.clone(), result.clone()));
         }
@@ -179,7 +180,7 @@ impl SharedConnection {
         *lock(&all_members.conn) = Arc::downgrade(&conn);
         let result = initialize(&conn, &init_params(), server.config.connect_timeout).await?;
         tracing::info!(server = %server.name, endpoint = %endpoint.describe(), "initialized the shared session");
-        *current = Some((conn.clone(), result.clone(), sleeps));
+        *current = Some((conn.clone(), result.clone(), epoch));
         Ok((conn, result))
     }
 

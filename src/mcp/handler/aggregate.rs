@@ -447,20 +447,21 @@ pub(super) struct Pinning {
 }
 
 /// Whether the pins allow the session to call `local` on upstream `index`: its list checked
-/// (once per list, [`pin_check`]) and the tool approved. `Err` says why not; a list that
-/// cannot be read refuses the call only when the pins block.
+/// (once per list and connection, [`pin_check`]) and the tool approved. `Ok` is the
+/// generation of the connection checked, which the call must go on (`None`: the list could
+/// not be read and the pins do not block). `Err` says why not.
 pub(super) async fn pins_allow(
     pinning: &Pinning,
     session: &Arc<Session>,
     index: usize,
     local: &str,
-) -> Result<(), String> {
+) -> Result<Option<u64>, String> {
     let pins = &pinning.pins;
     let server = &session.topology().servers[index];
     match pin_check(pinning, session, index).await {
-        Ok(()) => pins.check(&server.name, local),
+        Ok(generation) => pins.check(&server.name, local).map(|()| Some(generation)),
         Err(why) if pins.blocks() => Err(why),
-        Err(_) => Ok(()),
+        Err(_) => Ok(None),
     }
 }
 
@@ -472,7 +473,7 @@ const MAX_PIN_PAGES: usize = 50;
 /// announces a change, or is reached anew). A server that changed a tool since it was
 /// approved (between two runs, say) is caught even when the client calls without listing.
 /// `Err` says why the list could not be checked.
-async fn pin_check(pinning: &Pinning, session: &Arc<Session>, index: usize) -> Result<(), String> {
+async fn pin_check(pinning: &Pinning, session: &Arc<Session>, index: usize) -> Result<u64, String> {
     let pins = &pinning.pins;
     let server = &session.topology().servers[index];
     // Connected first (waking a sleeping server): the check is of this connection's list.

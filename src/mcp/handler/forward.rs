@@ -248,6 +248,17 @@ fn audit_target(method: &str, params: Option<&[u8]>) -> Option<String> {
     }
 }
 
+/// A `tools/call` checked against the pins before it is sent (boxed: rare, and large).
+struct PinnedCall {
+    /// The tool's name on its server.
+    local: String,
+    pinning: super::aggregate::Pinning,
+    /// The call's options for its one retry, after meeting a new connection.
+    again: Option<CallOpts>,
+    /// Its audit record, kept back until the pins allow the call.
+    event: Option<crate::audit::Event>,
+}
+
 /// A client that asked for progress hears that the call waits for a sleeping server to wake
 /// (one notification at progress 0: the server's own progress follows).
 fn tell_if_waking(server: &crate::upstream::Server, token: &[u8], events: &mpsc::Sender<Bytes>) {
@@ -296,14 +307,18 @@ pub(super) async fn forward(
 ) -> Reply {
     // The tool whose definition the pins must allow: checked once the client can be told
     // that reading the list wakes a sleeping server.
-    let pinned = match (method, sv.pins) {
+    let mut pinned = match (method, sv.pins) {
         ("tools/call", Some(pins)) => target.map(|local| {
-            let pinning = super::aggregate::Pinning {
-                pins: pins.clone(),
-                audit: sv.audit.clone(),
-                metrics: sv.metrics.clone(),
-            };
-            (local.to_owned(), pinning)
+            Box::new(PinnedCall {
+                local: local.to_owned(),
+                pinning: super::aggregate::Pinning {
+                    pins: pins.clone(),
+                    audit: sv.audit.clone(),
+                    metrics: sv.metrics.clone(),
+                },
+                again: None,
+                event: None,
+            })
         }),
         _ => None,
     };
@@ -366,48 +381,82 @@ pub(super) async fn forward(
         tell_if_waking(&server, token, &ev_tx);
     }
     let opts = CallOpts {
-        events: Some(ev_tx),
+        events: Some(ev_tx.clone()),
         cancel: inflight.cancelled.take(),
-        progress_token,
+        progress_token: progress_token.clone(),
         client_envelope: sv.envelope.cloned(),
-        traceparent,
+        traceparent: traceparent.clone(),
         ..CallOpts::default()
     };
+    // A call checked against the pins is sent only on the connection checked; met with a new
+    // one (a restarted server, a lost session), it is checked again and sent once more
+    // (without cancellation, as the link's own retry).
+    if let Some(p) = &mut pinned {
+        p.again = Some(CallOpts {
+            events: Some(ev_tx),
+            progress_token,
+            client_envelope: sv.envelope.cloned(),
+            traceparent,
+            ..CallOpts::default()
+        });
+        // A call the pins refuse, or abandoned while checked, is not recorded as a call.
+        p.event = audited.as_mut().and_then(|r| r.event.take());
+    }
     let session2 = session.clone();
     let method = method.to_owned();
     let call = async move {
-        if let Some((local, pinning)) = pinned
-            // Boxed: the check's future (list pages) would double every call's.
-            && let Err(why) =
-                Box::pin(super::aggregate::pins_allow(&pinning, &session2, index, &local)).await
-        {
-            drop(inflight);
-            if let Some(span) = &mut upstream_span {
-                span.fail("denied by pinning");
+        let mut opts = opts;
+        let checked = loop {
+            if let Some(p) = &mut pinned {
+                // Boxed: the check's future (list pages) would double every call's.
+                match Box::pin(super::aggregate::pins_allow(
+                    &p.pinning, &session2, index, &p.local,
+                ))
+                .await
+                {
+                    Ok(generation) => opts.on_connection = generation,
+                    Err(why) => break Err((why, p.local.clone(), p.pinning.audit.clone())),
+                }
+                if let (Some(record), Some(event)) = (&mut audited, p.event.take()) {
+                    record.event = Some(event);
+                }
             }
-            // Recorded as a denial, not as a call.
-            if let Some(record) = &mut audited {
-                record.event = None;
+            let result = session2.links()[index]
+                .call(&method, params.as_deref(), opts)
+                .await;
+            match (result, pinned.as_mut().and_then(|p| p.again.take())) {
+                (Err(UpstreamError::Reconnected { .. }), Some(next)) => opts = next,
+                (result, _) => break Ok(result),
             }
-            server.requests.record(label, "denied", started.elapsed());
-            pinning.audit.record(crate::audit::Event {
-                kind: "denial",
-                principal: session2.principal.clone(),
-                session: Some(session2.log_id().to_owned()),
-                profile: session2.profile().map(|p| p.name.clone()),
-                server: Some(server.name.clone()),
-                method,
-                name: Some(local),
-                decision: "denied",
-                by: Some(Arc::from("pinning")),
-                outcome: Some(why.clone()),
-                ..Default::default()
-            });
-            return jsonrpc::error_response(Some(&id), code::TOOL_NOT_APPROVED, &why);
-        }
-        let result = session2.links()[index]
-            .call(&method, params.as_deref(), opts)
-            .await;
+        };
+        let result = match checked {
+            Ok(result) => result,
+            Err((why, local, audit)) => {
+                drop(inflight);
+                // A denial, not a call (checked again after a reconnection, say).
+                if let Some(record) = &mut audited {
+                    record.event = None;
+                }
+                if let Some(span) = &mut upstream_span {
+                    span.fail("denied by pinning");
+                }
+                server.requests.record(label, "denied", started.elapsed());
+                audit.record(crate::audit::Event {
+                    kind: "denial",
+                    principal: session2.principal.clone(),
+                    session: Some(session2.log_id().to_owned()),
+                    profile: session2.profile().map(|p| p.name.clone()),
+                    server: Some(server.name.clone()),
+                    method,
+                    name: Some(local),
+                    decision: "denied",
+                    by: Some(Arc::from("pinning")),
+                    outcome: Some(why.clone()),
+                    ..Default::default()
+                });
+                return jsonrpc::error_response(Some(&id), code::TOOL_NOT_APPROVED, &why);
+            }
+        };
         drop(inflight);
         let (frame, outcome) = match result {
             // Error messages pass the result chains too: a redaction must not be bypassed by

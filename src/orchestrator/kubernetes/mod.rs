@@ -784,11 +784,16 @@ impl KubeRuntime {
             tasks.push(tokio::spawn(elector.run(leading_tx)));
             (api, settings)
         });
-        // Whoever becomes the leader re-checks everything.
+        // Whoever becomes the leader re-checks everything. Calls to servers that may sleep
+        // change way (straight, or through the new leader's relay): the leader must see
+        // every one of them.
         let on_lead = inner.clone();
         tasks.push(tokio::spawn(async move {
             let mut rx = on_lead.leading.clone();
             loop {
+                for usage in on_lead.usage.iter() {
+                    usage.reroute();
+                }
                 if *rx.borrow_and_update() {
                     on_lead.enqueue_all();
                 }
@@ -1226,12 +1231,10 @@ impl Inner {
             }
         }
         let mut rendered_deployment = rendered.deployment;
-        // A pending sleep: from the last look below until the Deployment is applied, a wake
-        // waits (it then finds the server scaled down, or the sleep called off).
-        let _sleeping = match self.sleep_requests.get(name).is_some_and(|asked| *asked) {
-            true => Some(self.sleep_lock(name).lock_owned().await),
-            false => None,
-        };
+        // From the last look at a pending sleep below until the Deployment is applied, a wake
+        // waits (it then finds the server scaled down, or the sleep called off). Taken before
+        // that look, by every pass: a sleep asked for meanwhile is seen under it.
+        let _sleeping = self.sleep_lock(name).lock_owned().await;
         // A call that began since the sleep was asked for keeps the server up.
         if self.sleep_requests.get(name).is_some_and(|asked| *asked)
             && let Some(u) = self.usage(name).filter(|u| !u.is_idle())
@@ -2241,17 +2244,17 @@ impl Runtime for KubeRuntime {
     ) -> BoxFuture<'a, Result<Endpoint>> {
         async move {
             let deadline = tokio::time::Instant::now() + timeout;
+            // Through the relay, the leader waits for the server when the relay session
+            // opens, and wakes it (after a scale-down in flight, which only it knows of).
+            if self
+                .inner
+                .valid(name)
+                .is_some_and(|(s, _)| self.inner.through_relay(&s))
+            {
+                self.inner.wait_for_relay(name, deadline).await;
+                return self.inner.endpoint(name);
+            }
             if self.inner.asleep(name) {
-                // Through the relay, the leader wakes it when the relay session opens (after
-                // a scale-down in flight, which only it knows of).
-                if self
-                    .inner
-                    .valid(name)
-                    .is_some_and(|(s, _)| self.inner.through_relay(&s))
-                {
-                    self.inner.wait_for_relay(name, deadline).await;
-                    return self.inner.endpoint(name);
-                }
                 self.inner.wake(name).await?;
             }
             self.inner.wait_ready(name, timeout).await?;
