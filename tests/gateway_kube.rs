@@ -1009,6 +1009,13 @@ async fn an_idle_http_server_sleeps_under_leader_election_only_when_no_replica_u
     };
     let mut c = follower.client();
     c.initialize(json!({})).await;
+    let listed = c.call(2, "tools/list", json!({})).await;
+    assert!(
+        listed["result"]["tools"]
+            .as_array()
+            .is_some_and(|t| t.len() > 3),
+        "{listed}"
+    );
     let first = c.tool_text(1, "pid", json!({})).await;
 
     // Calls on the follower alone, for the idle time: it stays up.
@@ -1039,6 +1046,10 @@ async fn an_idle_http_server_sleeps_under_leader_election_only_when_no_replica_u
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(asleep(), "idle on every replica: scaled to zero");
+    // What it listed through the follower is listed while it sleeps, without waking it.
+    let listing = tools_listed(&follower).await;
+    assert!(listing.contains(&"pid".to_owned()), "{listing:?}");
+    assert!(asleep(), "a listing on the follower woke it");
 
     // A call on the follower wakes it, through the leader.
     let woken = c.tool_text(40, "pid", json!({})).await;

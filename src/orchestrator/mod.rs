@@ -213,13 +213,17 @@ pub enum Endpoint {
     },
     /// A stdio server: open a byte stream to its stdin/stdout on demand.
     Stdio(StdioEndpoint),
-    /// A stdio server another replica (the leader) is attached to, reached through that
-    /// replica's relay as Streamable HTTP (see [`RelayAccess`]).
+    /// A server another replica (the leader) reaches for this one (a stdio server it is
+    /// attached to, an HTTP server that may sleep), through that replica's relay as
+    /// Streamable HTTP (see [`RelayAccess`]).
     Relay {
         /// The relay's URL for this server, e.g. `http://10.0.0.7:9091/relay/x`.
         url: String,
         /// The replicas' shared secret, sent as a bearer token.
         secret: Arc<str>,
+        /// The server answers every caller alike (an HTTP server, a shared stdio server):
+        /// what it lists may be kept for all.
+        alike: bool,
     },
 }
 

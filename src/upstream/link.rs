@@ -410,7 +410,7 @@ impl Link {
                     match &ready {
                         orchestrated::Ready::Http(_) => true,
                         orchestrated::Ready::Stdio(e) => e.sharing() == Sharing::Shared,
-                        orchestrated::Ready::Relay(..) => false,
+                        orchestrated::Ready::Relay(_, _, alike) => *alike,
                     },
                     Ordering::Release,
                 );
@@ -420,7 +420,7 @@ impl Link {
                             "this replica no longer leads; ask the one that holds the lease",
                         ));
                     }
-                    orchestrated::Ready::Relay(url, headers) => {
+                    orchestrated::Ready::Relay(url, headers, _) => {
                         // The leader's relay joins the shared session on our behalf; a
                         // membership from when this replica led is left.
                         drop(self.shared.lock().unwrap_or_else(|e| e.into_inner()).take());

@@ -280,9 +280,9 @@ pub enum Ready {
     Http(http::Uri),
     /// stdio through an attachment.
     Stdio(StdioEndpoint),
-    /// stdio through the leading replica's relay: Streamable HTTP at this URL, with these
-    /// headers (its credentials).
-    Relay(http::Uri, http::HeaderMap),
+    /// Through the leading replica's relay: Streamable HTTP at this URL, with these headers
+    /// (its credentials); whether the server answers every caller alike.
+    Relay(http::Uri, http::HeaderMap, bool),
 }
 
 impl Orchestrated {
@@ -317,7 +317,7 @@ impl Orchestrated {
                 .map(Ready::Http)
                 .map_err(|e| server.unavailable(format!("endpoint {url:?} is not a URL: {e}"))),
             Ok(Endpoint::Stdio(endpoint)) => Ok(Ready::Stdio(endpoint)),
-            Ok(Endpoint::Relay { url, secret }) => {
+            Ok(Endpoint::Relay { url, secret, alike }) => {
                 let uri = url
                     .parse()
                     .map_err(|e| server.unavailable(format!("relay {url:?} is not a URL: {e}")))?;
@@ -326,7 +326,7 @@ impl Orchestrated {
                 bearer.set_sensitive(true);
                 let mut headers = http::HeaderMap::new();
                 headers.insert(http::header::AUTHORIZATION, bearer);
-                Ok(Ready::Relay(uri, headers))
+                Ok(Ready::Relay(uri, headers, alike))
             }
             Err(e) => Err(server.unavailable(e.to_string())),
         }

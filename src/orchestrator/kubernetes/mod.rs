@@ -1767,9 +1767,13 @@ impl Inner {
             .borrow()
             .clone()
             .ok_or_else(|| not_running("the relay secret has not been read yet"))?;
+        let alike = self.valid(name).is_some_and(|(s, _)| {
+            s.http_port_path().is_some() || s.spec.sharing == super::spec::Sharing::Shared
+        });
         Ok(Endpoint::Relay {
             url: format!("{leader}/relay/{name}"),
             secret,
+            alike,
         })
     }
 
