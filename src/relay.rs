@@ -514,24 +514,38 @@ impl State {
             on_connection: Some(session.generation),
             ..CallOpts::default()
         };
+        // Met with a new connection, the call was not sent (nor anything streamed): the relay
+        // session ends, as above.
+        let reconnected = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let call = {
             let session = session.clone();
+            let reconnected = reconnected.clone();
             async move {
                 let outcome = session.link.call(&method, params.as_deref(), opts).await;
                 drop(tracked);
                 match outcome {
                     Ok(outcome) => jsonrpc::response(&id, &outcome),
-                    Err(e) => jsonrpc::error_response(Some(&id), e.code(), &e.to_string()),
+                    Err(e) => {
+                        if matches!(e, crate::upstream::UpstreamError::Reconnected { .. }) {
+                            reconnected.store(true, std::sync::atomic::Ordering::Release);
+                        }
+                        jsonrpc::error_response(Some(&id), e.code(), &e.to_string())
+                    }
                 }
             }
         };
-        Ok(
-            match json_or_stream(call, events_rx, session.ended()).await {
-                Reply::Json(frame) => front::json_response(StatusCode::OK, frame),
-                Reply::Refused(status, frame) => front::json_response(status, frame),
-                Reply::Stream(rx) => front::sse_response(rx),
-            },
-        )
+        let reply = json_or_stream(call, events_rx, session.ended()).await;
+        if matches!(reply, Reply::Json(_)) && reconnected.load(std::sync::atomic::Ordering::Acquire)
+        {
+            self.sessions.remove(&session.id);
+            session.end().await;
+            return Err(RelayError::UnknownSession(session.id.to_string()));
+        }
+        Ok(match reply {
+            Reply::Json(frame) => front::json_response(StatusCode::OK, frame),
+            Reply::Refused(status, frame) => front::json_response(status, frame),
+            Reply::Stream(rx) => front::sse_response(rx),
+        })
     }
 
     /// GET: the session's stream of server messages no call explains (list changes,

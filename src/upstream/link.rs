@@ -289,12 +289,22 @@ impl Link {
             // connection looks like. The next connection goes through the orchestrator,
             // which wakes it. A process of this link's own does not sleep.
             let shared = self.is_shared();
-            let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-            if current
-                .as_ref()
-                .is_some_and(|c| shared || matches!(&**c, Connection::Http(_)))
+            let dropped = {
+                let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+                match current
+                    .as_ref()
+                    .is_some_and(|c| shared || matches!(&**c, Connection::Http(_)))
+                {
+                    true => current.take(),
+                    false => None,
+                }
+            };
+            // Ended, not only forgotten: its listen stream would go on (delivering twice,
+            // or retrying a pod that is gone), and the upstream session is ended politely.
+            if let Some(old) = dropped
+                && !shared
             {
-                *current = None;
+                tokio::spawn(async move { old.shutdown().await });
             }
         }
         if let Some(c) = self.live() {
@@ -326,8 +336,14 @@ impl Link {
         if let Some(u) = &usage {
             self.connected_epoch.store(u.epoch(), Ordering::Release);
         }
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
-        self.generation.fetch_add(1, Ordering::Relaxed);
+        {
+            // Together: whoever finds this connection in `current` reads its generation (or
+            // a later one), never the one before (a pinned call checks it is still on the
+            // connection it was checked for).
+            let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            *current = Some(conn.clone());
+        }
         if self.listen.load(Ordering::Relaxed)
             && let Connection::Http(h) = &*conn
         {
@@ -752,6 +768,7 @@ impl Link {
         let events = opts.events.take();
         let progress_token = opts.progress_token.take();
         let traceparent = opts.traceparent.take();
+        let opts_checked = opts.on_connection.is_some();
         let rounds = async {
             let mut params = prepared.params.clone();
             let mut marks_reread = false;
@@ -778,7 +795,15 @@ impl Link {
                     && jsonrpc::error_code(e) == Some(code::HEADER_MISMATCH)
                 {
                     // The tool's marks may have changed since they were read: once more, with
-                    // the tool list read again.
+                    // the tool list read again. A call checked against the pins is not sent
+                    // to a tool that changed: the link counts as reached anew, and the call
+                    // is checked again first.
+                    if opts_checked {
+                        self.generation.fetch_add(1, Ordering::AcqRel);
+                        return Err(UpstreamError::Reconnected {
+                            server: self.server.name.clone(),
+                        });
+                    }
                     marks_reread = true;
                     continue;
                 }

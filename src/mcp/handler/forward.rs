@@ -425,7 +425,13 @@ pub(super) async fn forward(
                 .call(&method, params.as_deref(), opts)
                 .await;
             match (result, pinned.as_mut().and_then(|p| p.again.take())) {
-                (Err(UpstreamError::Reconnected { .. }), Some(next)) => opts = next,
+                (Err(UpstreamError::Reconnected { .. }), Some(next)) => {
+                    opts = next;
+                    // Unsent: kept back again until the pins allow it.
+                    if let (Some(p), Some(record)) = (&mut pinned, &mut audited) {
+                        p.event = record.event.take();
+                    }
+                }
                 (result, _) => break Ok(result),
             }
         };
