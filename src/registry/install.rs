@@ -383,8 +383,16 @@ pub fn upgrade(
     // mark, and stays stored.
     let stored_mark = String::from("stored-secret");
     // The operator's runner variables are not the installer's choices: the new plan takes
-    // the operator's current ones, and ones the operator dropped since go.
-    let from_runner = |name: &str| source.runner_env.iter().any(|r| r == name);
+    // the operator's current ones, and ones the operator dropped since go. A name the
+    // operator has set since, that the installer had chosen, is the operator's now.
+    let runs_packages = matches!(
+        new["packages"][package]["registryType"].as_str(),
+        Some("npm" | "pypi")
+    );
+    let from_runner = |name: &str| {
+        source.runner_env.iter().any(|r| r == name)
+            || (runs_packages && runners.env.contains_key(name))
+    };
     let values = current
         .env
         .iter()
@@ -878,6 +886,33 @@ mod tests {
             "packages": [{"registryType": "pypi", "identifier": "up-server", "version": version,
                 "transport": {"type": "stdio"}, "environmentVariables": vars, "packageArguments": args}]
         })
+    }
+
+    #[test]
+    fn an_upgrade_gives_the_operator_a_runner_variable_the_installer_had_set() {
+        let vars = json!([{"name": "REGION", "default": "eu"}]);
+        let values = BTreeMap::from([("REGION".to_string(), "us".to_string())]);
+        let request = Request {
+            values,
+            ..Request::default()
+        };
+        let doc = entry("1.0.0", vars.clone(), json!([]));
+        let def = plan(&doc, &request, &runners()).unwrap();
+        let mut later = runners();
+        later
+            .env
+            .insert("REGION".to_string(), "operator".to_string());
+        let up = upgrade(
+            &def.spec,
+            Some(&doc),
+            &entry("1.1.0", vars, json!([])),
+            &later,
+        )
+        .expect("the installer's old choice is not passed off as a new one");
+        let region: Vec<_> = up.env.iter().filter(|e| e.name == "REGION").collect();
+        assert_eq!(region.len(), 1);
+        assert_eq!(region[0].value.as_deref(), Some("operator"));
+        assert_eq!(up.registry.unwrap().runner_env, ["REGION"]);
     }
 
     #[test]
