@@ -200,13 +200,16 @@ pub fn plan(
     for (j, var) in declared.iter().enumerate() {
         let name = var["name"].as_str().unwrap_or_default();
         env_name(name).map_err(|m| refuse(format!("{path}.environmentVariables[{j}].name"), m))?;
-        if runner_env.contains_key(name) {
+        if let Some(operators) = runner_env.get(name) {
             if request.values.contains_key(name) {
                 return Err(refuse(
                     format!("values.{name}"),
                     "is set by the operator (registry.runner_env)",
                 ));
             }
+            // The package's own variable, with the operator's value: its arguments may name
+            // it (runner values are plain, like every argument).
+            known.insert(name.to_string(), operators.clone());
             continue;
         }
         let given = request.values.get(name).cloned();
@@ -787,8 +790,17 @@ mod tests {
             values,
             ..Request::default()
         };
-        let doc = entry("1.0.0", vars.clone(), json!([]));
+        let doc = entry(
+            "1.0.0",
+            vars.clone(),
+            json!([{"type": "named", "name": "--level", "value": "{LEVEL}"}]),
+        );
         let def = plan(&doc, &request, &runners).unwrap();
+        assert_eq!(
+            def.spec.args[def.spec.args.len() - 2..],
+            ["--level", "operator"],
+            "an argument naming the package's variable gets the operator's value"
+        );
         let env = |spec: &McpServerSpec| -> Vec<(String, Option<String>)> {
             spec.env
                 .iter()
