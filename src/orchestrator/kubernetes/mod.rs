@@ -491,8 +491,8 @@ pub(crate) struct Inner {
     sleep_requests: DashMap<String, bool>,
     /// How each idle-capable server is used.
     usage: DashMap<String, Arc<Usage>>,
-    /// Per server: held by a reconcile from its last look at a pending sleep until the
-    /// Deployment is scaled down, and by a wake, which so comes after a scale-down it did not
+    /// Per server: held by a reconcile from before its look at a pending sleep until the
+    /// Deployment is applied, and by a wake, which so comes after a scale-down it did not
     /// call off, and knows the pods it dooms.
     sleep_locks: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
     /// Replicas elect a leader.
@@ -1738,9 +1738,6 @@ impl Inner {
         }
     }
 
-    /// A stdio server's attachment (the leader's) or the leader's relay (the other
-    /// replicas'), or an HTTP server's URL at its own pod's IP (not the Service, whose label
-    /// selector would also pick a look-alike pod).
     /// Whether this replica reaches the server through the leader's relay: a stdio server
     /// (never attach beside the leader: the kubelet would merge both replicas' stdin and
     /// copy the server's stdout to each), and an HTTP server that may sleep (the leader must
@@ -1760,8 +1757,8 @@ impl Inner {
             detail: detail.to_string(),
         };
         let leader = self.holder_relay.borrow().clone().ok_or_else(|| {
-                not_running("another replica leads (it attaches to stdio servers and alone scales servers that sleep), and its relay is not known yet (GATEHOUSE_ORCHESTRATOR_RELAY_PORT must be set on every replica)")
-            })?;
+            not_running("another replica leads (it attaches to stdio servers and alone scales servers that sleep), and its relay is not known yet (GATEHOUSE_ORCHESTRATOR_RELAY_PORT must be set on every replica)")
+        })?;
         let secret = self
             .relay_secret
             .borrow()
@@ -1777,6 +1774,9 @@ impl Inner {
         })
     }
 
+    /// A stdio server's attachment (the leader's), the leader's relay (for what the other
+    /// replicas reach through it), or an HTTP server's URL at its own pod's IP (not the
+    /// Service, whose label selector would also pick a look-alike pod).
     fn endpoint(self: &Arc<Self>, name: &str) -> Result<Endpoint> {
         let (server, _) = self
             .valid(name)
