@@ -112,9 +112,16 @@ pub enum RegistryCommand {
         /// The server's name behind the gateway.
         #[arg(long)]
         name: Option<String>,
-        /// A value of one of its environment variables (`KEY=VALUE`; repeatable).
+        /// A value of one of its environment variables, or of a remote's URL variable or
+        /// header (`KEY=VALUE`; repeatable).
         #[arg(long = "set", value_parser = key_value)]
         values: Vec<(String, String)>,
+        /// Which of its packages (by position; default: the first the gateway can run).
+        #[arg(long, conflicts_with = "remote")]
+        package: Option<usize>,
+        /// Which of its remotes (by position), to reach the server where it runs.
+        #[arg(long)]
+        remote: Option<usize>,
         /// Return once the install is accepted, without waiting for it to be ready.
         #[arg(long)]
         no_wait: bool,
@@ -129,6 +136,17 @@ pub enum RegistryCommand {
         /// The version.
         #[arg(long)]
         version: Option<String>,
+    },
+    /// Set the operator's labels of one version of an entry (what the registry's filters
+    /// see), replacing the ones it had.
+    Label {
+        /// The entry's name.
+        entry: String,
+        /// The version.
+        version: String,
+        /// The labels (`KEY=VALUE`; none: remove them all).
+        #[arg(value_parser = key_value)]
+        labels: Vec<(String, String)>,
     },
     /// Remove an installed server (and its secrets).
     Uninstall {
@@ -503,13 +521,22 @@ pub async fn registry(target: &Target, command: RegistryCommand) -> anyhow::Resu
                 .iter()
                 .map(|e| {
                     let s = &e["server"];
-                    let kinds: Vec<&str> = s["packages"]
-                        .as_array()
-                        .map(Vec::as_slice)
-                        .unwrap_or_default()
-                        .iter()
-                        .filter_map(|p| p["registryType"].as_str())
-                        .collect();
+                    let listed = |key: &str, kind: &str| {
+                        s[key]
+                            .as_array()
+                            .map(Vec::as_slice)
+                            .unwrap_or_default()
+                            .iter()
+                            .filter_map(|p| p[kind].as_str())
+                            .map(str::to_owned)
+                            .collect::<Vec<String>>()
+                    };
+                    let mut kinds = listed("packages", "registryType");
+                    kinds.extend(
+                        listed("remotes", "type")
+                            .iter()
+                            .map(|t| format!("remote:{t}")),
+                    );
                     vec![
                         s["name"].as_str().unwrap_or_default().to_owned(),
                         s["version"].as_str().unwrap_or_default().to_owned(),
@@ -534,6 +561,8 @@ pub async fn registry(target: &Target, command: RegistryCommand) -> anyhow::Resu
             version,
             name,
             values,
+            package,
+            remote,
             no_wait,
             timeout,
         } => {
@@ -541,6 +570,8 @@ pub async fn registry(target: &Target, command: RegistryCommand) -> anyhow::Resu
                 "entry": entry,
                 "version": version,
                 "name": name,
+                "package": package,
+                "remote": remote,
                 "values": values.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
             });
             let answer = api
@@ -566,6 +597,39 @@ pub async fn registry(target: &Target, command: RegistryCommand) -> anyhow::Resu
                 .await?;
             let to = answer.body["installed"]["version"].as_str().unwrap_or("?");
             report(target, &answer.body, &format!("{name}: now at {to}"));
+        }
+        RegistryCommand::Label {
+            entry,
+            version,
+            labels,
+        } => {
+            let path = format!(
+                "/admin/v1/registry/servers/{}/versions/{}/labels",
+                segment(&entry),
+                segment(&version)
+            );
+            let labels: std::collections::BTreeMap<_, _> = labels.into_iter().collect();
+            let answer = api
+                .call("PUT", &path, Some(json!({ "labels": labels })))
+                .await?;
+            let shown =
+                answer.body["_meta"][gatehouse::registry::catalog::GATEHOUSE_META]["labels"]
+                    .as_object()
+                    .map(|l| {
+                        l.iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default();
+            report(
+                target,
+                &answer.body,
+                &format!(
+                    "{entry} {version}: labels {}",
+                    if shown.is_empty() { "none" } else { &shown }
+                ),
+            );
         }
         RegistryCommand::Uninstall { name } => {
             let path = format!("/admin/v1/servers/{}", segment(&name));

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use gatehouse::orchestrator::Runtime;
 use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
-use serde_json::Value;
+use serde_json::{Value, json};
 use support::BIN;
 
 const ADMIN: &str = "cli-admin-token-0123456789";
@@ -90,6 +90,70 @@ async fn operators_run_servers_and_the_registry_from_the_command_line() {
     assert!(runtime.list().await.is_empty(), "nothing half-installed");
     let nobody = gatehouse(addr, ADMIN, &["registry", "uninstall", "imaged"]).await;
     assert!(!nobody.ok && nobody.err.contains("404"), "{}", nobody.err);
+
+    // An entry that runs elsewhere: its remote is listed, installed with a header's value,
+    // ready at once (nothing to start), and reached with that header.
+    let recorder = support::recorder::Recorder::start().await;
+    std::fs::write(
+        &doc,
+        json!({"name": "io.example/faraway", "description": "runs elsewhere", "version": "1.0.0",
+            "remotes": [{"type": "streamable-http", "url": recorder.url,
+                "headers": [{"name": "Authorization", "isSecret": true, "isRequired": true}]}]})
+        .to_string(),
+    )
+    .unwrap();
+    let imported = gatehouse(addr, ADMIN, &["registry", "import", doc.to_str().unwrap()]).await;
+    assert!(imported.ok, "{}", imported.err);
+    let found = gatehouse(addr, ADMIN, &["registry", "search", "faraway"]).await;
+    assert!(
+        found.out.contains("remote:streamable-http"),
+        "{}",
+        found.out
+    );
+    let labelled = gatehouse(
+        addr,
+        ADMIN,
+        &[
+            "registry",
+            "label",
+            "io.example/faraway",
+            "1.0.0",
+            "approved=yes",
+            "team=tools",
+        ],
+    )
+    .await;
+    assert_eq!(
+        labelled.out.trim(),
+        "io.example/faraway 1.0.0: labels approved=yes, team=tools",
+        "{}",
+        labelled.err
+    );
+    let install = gatehouse(
+        addr,
+        ADMIN,
+        &[
+            "registry",
+            "install",
+            "io.example/faraway",
+            "--remote",
+            "0",
+            "--set",
+            "Authorization=Bearer cli-remote",
+        ],
+    )
+    .await;
+    assert!(install.ok, "{}{}", install.out, install.err);
+    assert!(install.out.contains("faraway"), "{}", install.out);
+    assert!(!install.out.contains("cli-remote"), "{}", install.out);
+    let mut client = support::Client::new(format!("http://{addr}/mcp"));
+    client.initialize(json!({})).await;
+    assert_eq!(
+        client.tool_text(1, "whoami", json!({})).await,
+        "Bearer cli-remote"
+    );
+    let removed = gatehouse(addr, ADMIN, &["registry", "uninstall", "faraway"]).await;
+    assert!(removed.ok, "{}", removed.err);
 
     // A server from a spec file: listed, its logs, restarted, removed.
     let spec = dir.join("spec.yaml");

@@ -214,6 +214,11 @@ async fn replica_serving(
         KubeOptions {
             watch_mcpservers: true,
             relay_listen: Some("127.0.0.1:0".parse().unwrap()),
+            // Remotes in these tests are servers of the test process.
+            policy: gatehouse::orchestrator::kubernetes::policy::PodPolicy {
+                egress_private_cidrs: vec!["127.0.0.0/8".into()],
+                ..Default::default()
+            },
             ..options()
         },
     ));
@@ -1128,4 +1133,210 @@ async fn a_relayed_server_restarted_with_a_changed_tool_is_checked_again_by_the_
     leader.stop().await;
     follower.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The text every call of tool `whoami` through `gw` answers, once it is `want` (sessions
+/// opened after a change see it).
+async fn whoami_becomes(gw: &TestGateway, want: &str) {
+    let mut last = String::new();
+    for _ in 0..100 {
+        last = whoami_eventually(gw).await;
+        if last == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("whoami answers {last:?}, not {want:?}");
+}
+
+/// A remote (a server that runs elsewhere) is an `McpServer` with no pod: its secret header
+/// lives in the values Secret (never in the resource), every replica reaches it directly with
+/// it, and a server that ran as a pod and becomes a remote loses what ran it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_runs_no_pod_and_every_replica_reaches_it_with_its_stored_header() {
+    const SECRET: &str = "remote-kube-9c2b";
+    let recorder = support::recorder::Recorder::start().await;
+    let fake = FakeKube::start().await;
+    let (a, rt_a) = replica(&fake, "replica-a").await;
+    let (b, rt_b) = replica(&fake, "replica-b").await;
+    eventually("a leader is elected", || {
+        rt_a.is_leader() || rt_b.is_leader()
+    })
+    .await;
+
+    let pod = json!({"image": "ghcr.io/gatehouse/example:1", "command": BIN,
+        "args": ["example-server", "--name", "hosted"]});
+    let r = admin(&a, "PUT", "/admin/v1/servers/hosted", Some(pod)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(whoami_eventually(&a).await, "hosted");
+    assert!(fake.get(Kind::Deployment, NS, "mcp-hosted").is_some());
+
+    let remote = json!({"remote": {"url": recorder.url,
+        "headers": [{"name": "Authorization", "secretValue": format!("Bearer {SECRET}")}]}});
+    let r = admin(&b, "PUT", "/admin/v1/servers/hosted", Some(remote)).await;
+    assert!(r.status == 200 || r.status == 201, "{}", r.body);
+    let cr = fake.get(Kind::McpServer, NS, "hosted").unwrap();
+    assert!(!cr.to_string().contains(SECRET), "{cr}");
+    assert_eq!(
+        cr["spec"]["remote"]["headers"][0],
+        json!({"name": "Authorization", "storedSecret": true})
+    );
+    assert!(cr["spec"].get("image").is_none(), "{cr}");
+    let values = fake.get(Kind::Secret, NS, "mcp-hosted.values").unwrap();
+    assert_eq!(
+        values["data"]["Authorization"],
+        base64::engine::general_purpose::STANDARD.encode(format!("Bearer {SECRET}"))
+    );
+    eventually("what ran it is removed", || {
+        fake.get(Kind::Deployment, NS, "mcp-hosted").is_none()
+            && fake.get(Kind::Service, NS, "mcp-hosted").is_none()
+    })
+    .await;
+    eventually("the resource says it is ready, reached at its URL", || {
+        fake.get(Kind::McpServer, NS, "hosted").is_some_and(|cr| {
+            cr["status"]["phase"] == "Ready" && cr["status"]["endpoint"] == recorder.url.as_str()
+        })
+    })
+    .await;
+    // The recorder answers `whoami` with the Authorization it was sent.
+    whoami_becomes(&a, &format!("Bearer {SECRET}")).await;
+    whoami_becomes(&b, &format!("Bearer {SECRET}")).await;
+    assert!(
+        fake.get(Kind::Deployment, NS, "mcp-hosted").is_none(),
+        "no pod comes back"
+    );
+    for gw in [&a, &b] {
+        for (method, path) in [
+            ("GET", "/admin/v1/servers/hosted/logs"),
+            ("POST", "/admin/v1/servers/hosted/restart"),
+        ] {
+            let r = admin(gw, method, path, None).await;
+            assert_eq!(r.status, 409, "{path}: {}", r.body);
+        }
+    }
+
+    // Its secret rotated through one replica: a session open on the other sends the new one
+    // from its next call.
+    let mut open = b.client();
+    open.initialize(json!({})).await;
+    assert_eq!(
+        open.tool_text(1, "whoami", json!({})).await,
+        format!("Bearer {SECRET}")
+    );
+    let rotated = json!({"remote": {"url": recorder.url,
+        "headers": [{"name": "Authorization", "secretValue": "Bearer rotated-71aa"}]}});
+    let r = admin(&a, "PUT", "/admin/v1/servers/hosted", Some(rotated)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut seen = String::new();
+    for id in 2..200 {
+        seen = open.tool_text(id, "whoami", json!({})).await;
+        if seen == "Bearer rotated-71aa" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, "Bearer rotated-71aa");
+
+    // A remote for the operator only: the cluster's insides are not one.
+    let inside = json!({"remote": {"url": "http://kubernetes.default.svc/api"}});
+    let r = admin(&a, "PUT", "/admin/v1/servers/inside", Some(inside)).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("remote.url"), "{}", r.body);
+    assert!(fake.get(Kind::McpServer, NS, "inside").is_none());
+
+    // And back to a pod.
+    let pod = json!({"image": "ghcr.io/gatehouse/example:1", "command": BIN,
+        "args": ["example-server", "--name", "hosted-again"]});
+    let r = admin(&b, "PUT", "/admin/v1/servers/hosted", Some(pod)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    whoami_becomes(&a, "hosted-again").await;
+    assert!(fake.get(Kind::Deployment, NS, "mcp-hosted").is_some());
+
+    let r = admin(&a, "DELETE", "/admin/v1/servers/hosted", None).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert!(fake.get(Kind::McpServer, NS, "hosted").is_none());
+    assert!(fake.get(Kind::Secret, NS, "mcp-hosted.values").is_none());
+    a.stop().await;
+    b.stop().await;
+    let outside = fake_kube::outside_role(&fake.requests(), &fake_kube::deployed_role());
+    assert!(
+        outside.is_empty(),
+        "not allowed by deploy/base/role.yaml: {outside:#?}"
+    );
+}
+
+/// Two replicas asked to install one entry under one name at the same moment: the API server
+/// lets one create it, the other says the name is taken, and the definition is the winner's
+/// whole (not one install's resource with the other's secret).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installs_of_one_name_on_two_replicas_at_once_have_one_winner() {
+    let fake = FakeKube::start().await;
+    fake.configure(|s| {
+        s.images.insert(
+            "ghcr.io/gatehouse-test/example:1.0.0".into(),
+            vec![
+                BIN.into(),
+                "example-server".into(),
+                "--name".into(),
+                "raced".into(),
+            ],
+        );
+    });
+    let (a, _rt_a) = replica(&fake, "replica-a").await;
+    let (b, _rt_b) = replica(&fake, "replica-b").await;
+    for gw in [&a, &b] {
+        let r = admin(
+            gw,
+            "POST",
+            "/admin/v1/registry/servers",
+            Some(oci_entry("1.0.0")),
+        )
+        .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    for round in 0..5 {
+        let name = format!("raced-{round}");
+        let install = |token: &str| {
+            json!({"entry": "io.github.gatehouse-test/example", "name": name,
+                "values": {"API_TOKEN": token}})
+        };
+        let (ra, rb) = tokio::join!(
+            admin(
+                &a,
+                "POST",
+                "/admin/v1/registry/install",
+                Some(install("token-of-a"))
+            ),
+            admin(
+                &b,
+                "POST",
+                "/admin/v1/registry/install",
+                Some(install("token-of-b"))
+            ),
+        );
+        let mut statuses = [ra.status, rb.status];
+        statuses.sort();
+        assert_eq!(statuses, [201, 409], "{}\n{}", ra.body, rb.body);
+        let loser = if ra.status == 409 { &ra } else { &rb };
+        assert!(loser.body.contains("runs already"), "{}", loser.body);
+        let winner = if ra.status == 201 {
+            "token-of-a"
+        } else {
+            "token-of-b"
+        };
+        let values = fake
+            .get(Kind::Secret, NS, &format!("mcp-{name}.values"))
+            .expect("the winner's values Secret");
+        let stored = base64::engine::general_purpose::STANDARD
+            .decode(values["data"]["API_TOKEN"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(stored, winner.as_bytes(), "round {round}");
+    }
+    a.stop().await;
+    b.stop().await;
+    let outside = fake_kube::outside_role(&fake.requests(), &fake_kube::deployed_role());
+    assert!(
+        outside.is_empty(),
+        "not allowed by deploy/base/role.yaml: {outside:#?}"
+    );
 }

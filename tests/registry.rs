@@ -372,9 +372,12 @@ async fn operators_import_replace_deprecate_and_delete_through_the_admin_api() {
     let again = admin("POST", "/admin/v1/registry/servers".into(), Some(page)).await;
     assert_eq!(again.status, 200);
     assert_eq!(again.json()["skipped"].as_array().unwrap().len(), 1);
-    // The document comes back exactly as given, and is now the latest.
+    // The document comes back as given (but for our own `_meta` block, which is the
+    // operator's to say, not a document's), and is now the latest.
     let read = get(&gw, latest).await.json();
-    assert_eq!(read["server"], time);
+    let mut as_given = time.clone();
+    as_given.as_object_mut().unwrap().remove("_meta");
+    assert_eq!(read["server"], as_given);
     assert_eq!(
         read["_meta"]["io.modelcontextprotocol.registry/official"]["isLatest"],
         true
@@ -749,4 +752,251 @@ plugins:
     let allowed = install(ADMIN).await;
     assert_eq!(allowed.status, 201, "{}", allowed.body);
     running.shutdown().await;
+}
+
+/// An entry that runs elsewhere (`remotes[]` only) is installed as a remote: nothing runs, the
+/// gateway reaches its URL (a variable filled in) with its secret header, over Streamable
+/// HTTP (a server that records what it is sent) and over HTTP+SSE (another gateway's
+/// 2024-11-05 front); it has no process to restart nor logs; uninstalled, it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_entry_is_reached_with_its_secret_header_and_uninstalled() {
+    use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
+    const SECRET: &str = "remote-s3cret-5d1e";
+    let recorder = support::recorder::Recorder::start().await;
+    let port = recorder
+        .url
+        .trim_start_matches("http://127.0.0.1:")
+        .trim_end_matches("/mcp")
+        .to_owned();
+    // A gateway of its own behind the SSE remote, with the example server.
+    let far = TestGateway::start("", &[support::example("far", &[], "")]).await;
+
+    let config = gatehouse::Config::from_yaml(&format!(
+        "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}"
+    ))
+    .unwrap();
+    let runtime: std::sync::Arc<dyn gatehouse::orchestrator::Runtime> =
+        std::sync::Arc::new(LocalRuntime::new(LocalSettings::default()));
+    let running = gatehouse::start_with(config, Some(runtime.clone()))
+        .await
+        .unwrap();
+    let addr = running.listening.local_addr;
+    let admin = |method: &'static str, path: String, body: Option<Value>| async move {
+        admin_request(addr, Some(ADMIN), method, &path, body).await
+    };
+    let doc = json!({
+        "name": "com.example/hosted", "description": "a hosted server", "version": "1.0.0",
+        "remotes": [
+            {"type": "streamable-http", "url": "http://127.0.0.1:{port}/mcp",
+             "variables": {"port": {"isRequired": true}},
+             "headers": [{"name": "Authorization", "value": "Bearer {token}", "isRequired": true,
+                          "variables": {"token": {"isRequired": true, "isSecret": true}}}]},
+            {"type": "sse", "url": format!("http://{}/sse", far.addr)}]
+    });
+    let r = admin("POST", "/admin/v1/registry/servers".into(), Some(doc)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // A value that would move the URL elsewhere is refused, and nothing is installed.
+    let r = admin(
+        "POST",
+        "/admin/v1/registry/install".into(),
+        Some(json!({"entry": "com.example/hosted", "values": {"port": "1/evil", "token": SECRET}})),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("values.port"), "{}", r.body);
+    assert!(runtime.list().await.is_empty(), "nothing half-installed");
+
+    let r = admin(
+        "POST",
+        "/admin/v1/registry/install".into(),
+        Some(json!({"entry": "com.example/hosted", "values": {"port": port, "token": SECRET}})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["name"], "hosted", "{}", r.body);
+    assert!(!r.body.contains(SECRET), "{}", r.body);
+    let r = admin(
+        "POST",
+        "/admin/v1/registry/install".into(),
+        Some(json!({"entry": "com.example/hosted", "remote": 1, "name": "far-away"})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let listed = admin("GET", "/admin/v1/servers".into(), None).await;
+    assert!(!listed.body.contains(SECRET), "{}", listed.body);
+    assert_eq!(
+        runtime.status("hosted").await.unwrap().phase.name(),
+        "Ready"
+    );
+
+    let mut client = support::Client::new(format!("http://{addr}/mcp"));
+    client.initialize(json!({})).await;
+    let tools = support::tool_names(&client.call(1, "tools/list", json!({})).await);
+    let whoami = tools
+        .iter()
+        .find(|t| t.starts_with("hosted") && t.ends_with("whoami"))
+        .unwrap_or_else(|| panic!("{tools:?}"))
+        .clone();
+    // The recorder answers with the Authorization it was sent.
+    assert_eq!(
+        client.tool_text(2, &whoami, json!({})).await,
+        format!("Bearer {SECRET}")
+    );
+    let echo = tools
+        .iter()
+        .find(|t| t.starts_with("far-away") && t.ends_with("echo"))
+        .unwrap_or_else(|| panic!("{tools:?}"))
+        .clone();
+    assert_eq!(
+        client
+            .tool_text(3, &echo, json!({"text": "over sse"}))
+            .await,
+        "over sse"
+    );
+
+    // Nothing of it runs here.
+    for (method, path) in [
+        ("GET", "/admin/v1/servers/hosted/logs"),
+        ("POST", "/admin/v1/servers/hosted/restart"),
+    ] {
+        let r = admin(method, path.into(), None).await;
+        assert_eq!(r.status, 409, "{path}: {}", r.body);
+        assert!(r.body.contains("remote"), "{path}: {}", r.body);
+    }
+    // An upgrade says how instead of guessing.
+    let up = admin(
+        "POST",
+        "/admin/v1/registry/upgrade".into(),
+        Some(json!({"name": "hosted"})),
+    )
+    .await;
+    assert_eq!(up.status, 400, "{}", up.body);
+    assert!(up.body.contains("remote"), "{}", up.body);
+
+    let gone = admin("DELETE", "/admin/v1/servers/hosted".into(), None).await;
+    assert_eq!(gone.status, 204, "{}", gone.body);
+    assert!(runtime.status("hosted").await.is_err());
+    let mut fresh = support::Client::new(format!("http://{addr}/mcp"));
+    fresh.initialize(json!({})).await;
+    let tools = support::tool_names(&fresh.call(1, "tools/list", json!({})).await);
+    assert!(!tools.iter().any(|t| t.starts_with("hosted")), "{tools:?}");
+    running.shutdown().await;
+    far.stop().await;
+}
+
+/// Labels are the operator's: a document's own `_meta` block (its publisher's to write) is not
+/// what the registry's filters see; the operator labels a version through the admin API, and
+/// a newer version is unlabelled until the operator says (a filter that shows only approved
+/// entries hides it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_operators_labels_reach_the_filters() {
+    let gw = gateway(&format!(
+        "auth: {{tokens: [{{principal: bob, token: bob-token-0123456789ab}}]}}
+admin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}
+plugins:
+  modules:
+    - name: lists
+      path: {:?}
+      config: {{rules: [{{principals: [bob], kinds: [server], allow_labels: [\"approved=yes\"]}}]}}
+  chains:
+    - {{name: registry, methods: [registry/list], plugins: [lists]}}",
+        support::wasm("list_filter")
+    ))
+    .await;
+    let addr = gw.addr;
+    let admin = |method: &'static str, path: String, body: Option<Value>| async move {
+        admin_request(addr, Some(ADMIN), method, &path, body).await
+    };
+    let bob_sees = || async move {
+        let r = admin_request(
+            addr,
+            Some("bob-token-0123456789ab"),
+            "GET",
+            "/v0.1/servers",
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_list_response(&r.json())
+    };
+    let doc = |version: &str| {
+        json!({"name": "io.example/sneaky", "description": "says it is approved",
+            "version": version,
+            "packages": [{"registryType": "npm", "identifier": "sneaky", "transport": {"type": "stdio"}}],
+            "_meta": {"dev.gatehouse/registry": {"labels": {"approved": "yes"}},
+                      "io.example/other": {"kept": true}}})
+    };
+    let r = admin(
+        "POST",
+        "/admin/v1/registry/servers".into(),
+        Some(json!([doc("1.0.0")])),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(!bob_sees().await.contains(&"io.example/sneaky".to_string()));
+    // Stored without the block it may not write; the rest of its `_meta` is its own.
+    let read_it = || async move {
+        let r = admin(
+            "GET",
+            "/admin/v1/registry/servers?search=sneaky&version=1.0.0".into(),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["servers"][0].clone()
+    };
+    let read = read_it().await;
+    assert!(
+        read["server"]["_meta"]
+            .get("dev.gatehouse/registry")
+            .is_none(),
+        "{read}"
+    );
+    assert_eq!(
+        read["server"]["_meta"]["io.example/other"]["kept"], true,
+        "{read}"
+    );
+    assert!(
+        read["_meta"].get("dev.gatehouse/registry").is_none(),
+        "{read}"
+    );
+
+    let labels = "/admin/v1/registry/servers/io.example%2Fsneaky/versions/1.0.0/labels";
+    for (body, needle) in [
+        (json!({"labels": {"bad key": "x"}}), "$.labels.bad key"),
+        (json!({"labels": {"k": "a\nb"}}), "$.labels.k"),
+        (json!({"label": {}}), "label"),
+    ] {
+        let r = admin("PUT", labels.into(), Some(body)).await;
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.body.contains(needle), "{needle}: {}", r.body);
+    }
+    let r = admin(
+        "PUT",
+        labels.into(),
+        Some(json!({"labels": {"approved": "yes"}})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(bob_sees().await.contains(&"io.example/sneaky".to_string()));
+    let read = read_it().await;
+    assert_eq!(
+        read["_meta"]["dev.gatehouse/registry"]["labels"]["approved"], "yes",
+        "{read}"
+    );
+    let missing = "/admin/v1/registry/servers/io.example%2Fnone/versions/1.0.0/labels";
+    let r = admin("PUT", missing.into(), Some(json!({"labels": {}}))).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+
+    // A new version is the operator's to approve again.
+    let r = admin(
+        "POST",
+        "/admin/v1/registry/servers".into(),
+        Some(doc("2.0.0")),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(!bob_sees().await.contains(&"io.example/sneaky".to_string()));
+    gw.stop().await;
 }

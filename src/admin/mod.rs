@@ -12,6 +12,7 @@
 //! GET    /admin/v1/audit                        the audit trail's recent records (?limit=N)
 //! GET    /admin/v1/plugins                      policy plugins and their chains
 //! GET    /admin/v1/registry/servers             the catalog as the admin principal sees it
+//! PUT    /admin/v1/registry/servers/{name}/versions/{v}/labels   the operator's labels
 //! GET    /admin/v1/pins                         tool definitions: approved, and waiting
 //! POST   /admin/v1/pins/approve                 approve what waits (body: server, tool,
 //!                                               digest of the definition reviewed)
@@ -117,9 +118,10 @@ impl AdminError {
                 OrchestratorError::Invalid(_) | OrchestratorError::Unsupported { .. } => {
                     StatusCode::BAD_REQUEST
                 }
-                OrchestratorError::WrongTransport { .. } | OrchestratorError::NotRunning { .. } => {
-                    StatusCode::CONFLICT
-                }
+                OrchestratorError::WrongTransport { .. }
+                | OrchestratorError::Exists(_)
+                | OrchestratorError::NotRunning { .. }
+                | OrchestratorError::Remote { .. } => StatusCode::CONFLICT,
                 _ => StatusCode::BAD_GATEWAY,
             },
         }
@@ -284,7 +286,7 @@ async fn handle(
             Method::PUT => {
                 let spec = spec_of(gw, req).await?;
                 let _serial = gw.admin_changes.lock().await;
-                put(gw, &*runtime, name, spec, who).await
+                put(gw, &*runtime, name, spec, who, false).await
             }
             Method::DELETE => {
                 configured_here(gw, name)?;
@@ -339,7 +341,8 @@ const REGISTRY: &str = "/admin/v1/registry/servers";
 
 /// The registry's catalog: import (`POST`: one `server.json`, a list of them, or a page of a
 /// registry's list response), replace a version (`PUT …/versions/{v}`), set its status
-/// (`PATCH …/versions/{v}/status`, as the official registry), delete it (`DELETE`, which
+/// (`PATCH …/versions/{v}/status`, as the official registry), set its labels (`PUT
+/// …/versions/{v}/labels`: what the registry's filters see), delete it (`DELETE`, which
 /// marks it deleted, as the official registry).
 async fn registry(
     gw: &Arc<Gateway>,
@@ -403,10 +406,32 @@ async fn registry(
         Some(t) => (t, true),
         None => (rest, false),
     };
+    let (target, labels_path) = match target.strip_suffix("/labels") {
+        Some(t) if !status_path => (t, true),
+        _ => (target, false),
+    };
     let Some((name, version)) = target.rsplit_once("/versions/") else {
         return Err(AdminError::NoRoute(path.clone()));
     };
     let (name, version) = (decode(name)?, decode(version)?);
+    if labels_path {
+        allow(&method, &[Method::PUT], "PUT")?;
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Labels {
+            labels: std::collections::BTreeMap<String, String>,
+        }
+        let body = json_body(gw, req).await?;
+        let l: Labels =
+            serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
+        tracing::info!(entry = %name, %version, labels = ?l.labels, by = who, "labelling a registry entry");
+        catalog.set_labels(&name, &version, l.labels)?;
+        let (server, meta) = catalog.version(&name, &version, true)?;
+        return Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"server": server, "_meta": meta}),
+        ));
+    }
     match (status_path, &method) {
         (true, &Method::PATCH) => {
             #[derive(serde::Deserialize)]
@@ -531,6 +556,7 @@ async fn put(
     name: &str,
     spec: McpServerSpec,
     who: &str,
+    new_only: bool,
 ) -> Result<Response<Body>, AdminError> {
     configured_here(gw, name)?;
     // An admin may run a server but not read the gateway's own environment through it.
@@ -549,7 +575,13 @@ async fn put(
         spec: spec.clone(),
     };
     let existed = runtime.status(name).await.is_ok();
-    runtime.declare(def).await?;
+    match new_only {
+        true => runtime.declare_new(def).await.map_err(|e| match e {
+            crate::orchestrator::OrchestratorError::Exists(name) => AdminError::Installed(name),
+            e => e.into(),
+        })?,
+        false => runtime.declare(def).await?,
+    }
     gw.refresh_topology().await;
     gw.defined(name, spec, existed).await;
     tracing::info!(server = %name, by = who, existed, "server applied through the admin API");
@@ -586,6 +618,9 @@ async fn install(
         /// Which of the entry's packages.
         #[serde(default)]
         package: Option<usize>,
+        /// Which of the entry's remotes (instead of a package).
+        #[serde(default)]
+        remote: Option<usize>,
         /// Values of its environment variables.
         #[serde(default)]
         values: std::collections::BTreeMap<String, String>,
@@ -601,6 +636,7 @@ async fn install(
     let request = install::Request {
         name: ask.name,
         package: ask.package,
+        remote: ask.remote,
         values: ask.values,
     };
     let def = install::plan(
@@ -616,7 +652,8 @@ async fn install(
         return Err(AdminError::Installed(def.name));
     }
     tracing::info!(server = %def.name, entry = %ask.entry, version = %server["version"], by = who, "installing a registry entry");
-    put(gw, runtime, &def.name, def.spec, who).await
+    // No other replica's install of that name is replaced either.
+    put(gw, runtime, &def.name, def.spec, who, true).await
 }
 
 /// Refuses an entry the registry's filters hide from the admin principal `who`.
@@ -735,7 +772,7 @@ async fn upgrade(
     )
     .map_err(|e| AdminError::Invalid(format!("the new version cannot run as installed: {e}")))?;
     tracing::info!(server = %ask.name, entry = %source.entry, from = %source.version, to = %server["version"], by = who, "upgrading an installed server");
-    put(gw, runtime, &ask.name, spec, who).await
+    put(gw, runtime, &ask.name, spec, who, false).await
 }
 
 async fn spec_of(

@@ -193,15 +193,27 @@ async function catalogPage(page) {
   await load();
 }
 
-/** The install form of `server`, built from its packages' environment variables. */
+/** What an install of remote `r` asks for: its URL's variables, and its headers (or the
+ *  variables a header's value is made from). */
+function remoteInputs(r) {
+  const named = vars => Object.entries(vars || {}).map(([name, v]) => ({ ...v, name }));
+  return named(r.variables).concat((r.headers || []).flatMap(hd =>
+    hd.variables && Object.keys(hd.variables).length ? named(hd.variables) : [hd]));
+}
+
+/** The install form of `server`, built from its packages' environment variables or its
+ *  remotes' variables and headers. */
 function installForm(section, server) {
   const packages = server.packages || [];
+  const remotes = server.remotes || [];
+  const choices = packages.map((p, i) => ({ value: `package:${i}`, text: `${p.registryType} ${p.identifier}${p.version ? "@" + p.version : ""}`, inputs: p.environmentVariables || [] }))
+    .concat(remotes.map((r, i) => ({ value: `remote:${i}`, text: `remote (${r.type}) ${r.url}`, inputs: remoteInputs(r) })));
   const pick = h("select", { id: "install-package", name: "package" },
-    packages.map((p, i) => h("option", { value: i }, `${p.registryType} ${p.identifier}${p.version ? "@" + p.version : ""}`)));
+    choices.map(c => h("option", { value: c.value }, c.text)));
   const fields = h("div", { class: "contents", id: "install-variables" });
   const error = h("p", { id: "install-error", class: "error", role: "alert" });
   const name = h("input", { id: "install-name", name: "name", placeholder: "default: from the entry's name", pattern: "[a-z0-9]([a-z0-9\\-]*[a-z0-9])?", title: "lower-case letters, digits and dashes" });
-  const variables = () => (packages[Number(pick.value)] || {}).environmentVariables || [];
+  const variables = () => (choices.find(c => c.value === pick.value) || { inputs: [] }).inputs;
   const renderVariables = () => {
     fields.replaceChildren(...variables().flatMap((v, i) => {
       const id = `install-var-${i}`;
@@ -221,8 +233,9 @@ function installForm(section, server) {
     const values = {};
     for (const el of fields.querySelectorAll("input, select")) if (el.value !== "") values[el.name] = el.value;
     const body = { entry: server.name, version: server.version, values };
-    // With one package, the gateway picks it (and says so if it cannot run it).
-    if (packages.length > 1) body.package = Number(pick.value);
+    // With one choice, the gateway picks it (and says so if it cannot run it).
+    const [kind, index] = pick.value.split(":");
+    if (choices.length > 1) body[kind] = Number(index);
     if (name.value.trim()) body.name = name.value.trim();
     try {
       const view = await api("POST", "/admin/v1/registry/install", body);
@@ -236,7 +249,7 @@ function installForm(section, server) {
     h("h3", { id: "install-title" }, `Install ${server.title || server.name} ${server.version}`),
     h("form", { class: "fields", onsubmit: submit },
       h("label", { for: "install-name" }, "Server name"), name,
-      packages.length > 1 ? [h("label", { for: "install-package" }, "Package"), pick] : null,
+      choices.length > 1 ? [h("label", { for: "install-package" }, "Package or remote"), pick] : null,
       fields,
       h("div", { class: "actions" },
         h("button", { type: "submit", class: "primary" }, "Install"),

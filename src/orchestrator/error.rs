@@ -10,6 +10,9 @@ pub enum OrchestratorError {
     /// No server of that name is defined.
     #[error("no MCP server named {0:?}")]
     NotFound(String),
+    /// A server of that name is defined already (a definition only for a new server).
+    #[error("a server named {0:?} is defined already")]
+    Exists(String),
     /// The definition is invalid.
     #[error("invalid server definition: {0}")]
     Invalid(#[from] SpecError),
@@ -61,6 +64,14 @@ pub enum OrchestratorError {
         server: String,
         /// The transport the operation needs.
         expected: &'static str,
+    },
+    /// The server is remote: nothing of it runs here to restart or read logs of.
+    #[error("server {server:?} runs elsewhere (remote): it has no {what} here")]
+    Remote {
+        /// Server name.
+        server: String,
+        /// What it has not (`process`, `logs`).
+        what: &'static str,
     },
     /// A Kubernetes API call failed.
     #[error("kubernetes: {action}: {source}")]

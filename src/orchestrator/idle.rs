@@ -32,9 +32,13 @@ pub fn default_after(getenv: impl Fn(&str) -> Option<String>) -> Result<Option<D
     }
 }
 
-/// The idle time of a server: its definition's, else the operator's default.
-pub fn after_of(spec: Option<&IdleSpec>, default: Option<Duration>) -> Option<Duration> {
-    match spec {
+/// The idle time of a server: its definition's, else the operator's default; never for a
+/// remote server (nothing of it runs here to stop).
+pub fn after_of(spec: &super::McpServerSpec, default: Option<Duration>) -> Option<Duration> {
+    if spec.remote.is_some() {
+        return None;
+    }
+    match &spec.idle {
         Some(idle) => idle.after().ok().flatten(),
         None => default,
     }

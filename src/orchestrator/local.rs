@@ -188,8 +188,12 @@ impl LocalRuntime {
         futures_util::future::join_all(names.iter().map(|n| Runtime::remove(self, n))).await;
     }
 
-    fn endpoint_of(&self, sup: &Arc<Supervised>) -> Endpoint {
-        match sup.server.http_port_path() {
+    fn endpoint_of(&self, sup: &Arc<Supervised>) -> Result<Endpoint> {
+        // No stored secrets here (`apply` refuses them).
+        if let Some(remote) = super::remote::endpoint(&sup.server, |_| None) {
+            return remote;
+        }
+        Ok(match sup.server.http_port_path() {
             Some((port, path)) => Endpoint::Http {
                 url: format!("http://127.0.0.1:{port}{path}"),
             },
@@ -197,7 +201,7 @@ impl LocalRuntime {
                 sup: sup.clone(),
                 settings: self.settings.clone(),
             }))),
-        }
+        })
     }
 }
 
@@ -220,7 +224,7 @@ impl Runtime for LocalRuntime {
 
     fn apply(&self, server: ResolvedServer) -> BoxFuture<'_, Result<()>> {
         async move {
-            if server.spec.command.is_none() {
+            if server.spec.command.is_none() && server.spec.remote.is_none() {
                 return Err(OrchestratorError::Unsupported {
                     server: server.name.clone(),
                     backend: "local",
@@ -270,7 +274,10 @@ impl Runtime for LocalRuntime {
 
     fn sync(&self, servers: Vec<ResolvedServer>) -> BoxFuture<'_, Result<()>> {
         async move {
-            if let Some(s) = servers.iter().find(|s| s.spec.command.is_none()) {
+            if let Some(s) = servers
+                .iter()
+                .find(|s| s.spec.command.is_none() && s.spec.remote.is_none())
+            {
                 return Err(OrchestratorError::Unsupported {
                     server: s.name.clone(),
                     backend: "local",
@@ -355,7 +362,7 @@ impl Runtime for LocalRuntime {
                 }
             };
             match tokio::time::timeout(timeout, wait).await {
-                Ok(Ok(())) => Ok(self.endpoint_of(&sup)),
+                Ok(Ok(())) => self.endpoint_of(&sup),
                 Ok(Err(e)) => Err(e),
                 Err(_) => {
                     let st = sup.status.borrow().clone();
@@ -371,7 +378,7 @@ impl Runtime for LocalRuntime {
     }
 
     fn endpoint<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Endpoint>> {
-        async move { Ok(self.endpoint_of(&self.get(name)?)) }.boxed()
+        async move { self.endpoint_of(&self.get(name)?) }.boxed()
     }
 
     fn sleep<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<()>> {
@@ -445,6 +452,12 @@ impl Runtime for LocalRuntime {
         async move {
             let _lock = self.lock(name).await;
             let sup = self.get(name)?;
+            if sup.server.spec.remote.is_some() {
+                return Err(OrchestratorError::Remote {
+                    server: name.to_owned(),
+                    what: "process to restart",
+                });
+            }
             // A sleeping server has no process to restart; the next call starts a fresh one.
             if *sup.rest.borrow() != Rest::Asleep {
                 sup.restart.notify_one();
@@ -457,6 +470,12 @@ impl Runtime for LocalRuntime {
     fn logs<'a>(&'a self, name: &'a str, opts: LogOptions) -> BoxFuture<'a, Result<String>> {
         async move {
             let sup = self.get(name)?;
+            if sup.server.spec.remote.is_some() {
+                return Err(OrchestratorError::Remote {
+                    server: name.to_owned(),
+                    what: "logs",
+                });
+            }
             let logs = sup.logs.lock().unwrap_or_else(|e| e.into_inner());
             if opts.previous {
                 logs.previous
@@ -664,7 +683,7 @@ impl Supervised {
     fn start(server: ResolvedServer, settings: Arc<LocalSettings>) -> Arc<Self> {
         let (stop_tx, _) = watch::channel(false);
         let secret_files = SecretFiles::for_server(&server);
-        let usage = super::idle::after_of(server.spec.idle.as_ref(), settings.idle_after)
+        let usage = super::idle::after_of(&server.spec, settings.idle_after)
             .map(|after| Usage::new(after, super::idle::fingerprint(&server.spec)));
         let sup = Arc::new(Supervised {
             rest: watch::Sender::new(Rest::Awake),
@@ -759,6 +778,20 @@ enum RunEnd {
 
 async fn supervise(sup: Arc<Supervised>, settings: Arc<LocalSettings>) {
     let mut stop_rx = sup.stop_tx.subscribe();
+    if let Some(remote) = &sup.server.spec.remote {
+        // Nothing runs here: reachable as defined until removed.
+        sup.update(|s| {
+            s.set_phase(Phase::Ready);
+            s.message = Some(format!("remote: {}", remote.url));
+        });
+        let _ = stop_rx.wait_for(|s| *s).await;
+        sup.update(|s| {
+            s.set_phase(Phase::Removed);
+            s.message = None;
+        });
+        sup.slept.send_modify(|n| *n += 1);
+        return;
+    }
     let mut rest_rx = sup.rest.subscribe();
     let mut attempt: u32 = 0;
     let mut failures: u32 = 0;

@@ -23,6 +23,7 @@ pub mod idle;
 pub mod kubernetes;
 pub mod local;
 pub mod logbuf;
+pub mod remote;
 pub mod spec;
 
 use std::fmt;
@@ -69,6 +70,18 @@ pub trait Runtime: Send + Sync {
     /// resource on Kubernetes. Locally it is [`Runtime::apply`].
     fn declare(&self, def: ServerDef) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move { self.apply(def.resolve()?).await })
+    }
+
+    /// [`Runtime::declare`] of a new server only: where several replicas may define servers
+    /// at once, one defined meanwhile by any of them is not replaced ([`OrchestratorError::Exists`]).
+    /// Locally the caller serializes its own changes.
+    fn declare_new(&self, def: ServerDef) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if self.status(&def.name).await.is_ok() {
+                return Err(OrchestratorError::Exists(def.name));
+            }
+            self.declare(def).await
+        })
     }
 
     /// Waits until the server is ready and returns its endpoint; fails fast on a fatal state.
@@ -211,6 +224,15 @@ pub enum Endpoint {
         /// The MCP endpoint, e.g. `http://mcp-x.ns.svc:8080/mcp`.
         url: String,
     },
+    /// A server that runs elsewhere (a remote), reached at its URL with its headers.
+    Remote {
+        /// The MCP endpoint (the SSE stream for `sse`).
+        url: String,
+        /// Headers for every request; their values may be secret.
+        headers: Vec<(String, String)>,
+        /// It speaks the 2024-11-05 HTTP+SSE transport.
+        sse: bool,
+    },
     /// A stdio server: open a byte stream to its stdin/stdout on demand.
     Stdio(StdioEndpoint),
     /// A server another replica (the leader) reaches for this one (a stdio server it is
@@ -231,6 +253,13 @@ impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Http { url } => f.debug_struct("Http").field("url", url).finish(),
+            // Header values may be secrets: their names only.
+            Endpoint::Remote { url, headers, sse } => f
+                .debug_struct("Remote")
+                .field("url", url)
+                .field("headers", &headers.iter().map(|h| &h.0).collect::<Vec<_>>())
+                .field("sse", sse)
+                .finish(),
             Endpoint::Stdio(s) => f.debug_tuple("Stdio").field(&s.describe()).finish(),
             Endpoint::Relay { url, .. } => f.debug_struct("Relay").field("url", url).finish(),
         }
@@ -240,7 +269,7 @@ impl fmt::Debug for Endpoint {
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Endpoint::Http { url } => f.write_str(url),
+            Endpoint::Http { url } | Endpoint::Remote { url, .. } => f.write_str(url),
             Endpoint::Stdio(s) => f.write_str(&s.describe()),
             Endpoint::Relay { url, .. } => write!(f, "{url} (the leader's relay)"),
         }

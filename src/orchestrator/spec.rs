@@ -105,7 +105,74 @@ pub struct McpServerSpec {
     /// The registry entry it was installed from (set by an install; an upgrade reads it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistrySource>,
+    /// A server that runs elsewhere, reached at a URL (a registry entry's `remotes[]`):
+    /// nothing is run for it, so no image, command, environment or resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteSpec>,
 }
+
+/// A server the gateway reaches at a URL and does not run.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RemoteSpec {
+    /// `streamable-http` (default) or `sse` (the 2024-11-05 HTTP+SSE transport).
+    #[serde(rename = "type", default)]
+    pub kind: RemoteKind,
+    /// The MCP endpoint (`https://mcp.example.com/mcp`), or the SSE stream for `sse`.
+    pub url: String,
+    /// Headers sent with every request to it (an API key): plain or secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderSpec>,
+}
+
+/// The transport a remote server speaks.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RemoteKind {
+    /// MCP Streamable HTTP.
+    #[default]
+    StreamableHttp,
+    /// The 2024-11-05 HTTP+SSE transport.
+    Sse,
+}
+
+/// One header of a remote server: exactly one of `value`, `secretValue`, `storedSecret`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderSpec {
+    /// Header name (letters, digits and `-`).
+    pub name: String,
+    /// Plain value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Secret value given inline (never logged; on Kubernetes kept in the values Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_value: Option<String>,
+    /// Secret value kept under the header's name in the server's values Secret (Kubernetes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stored_secret: bool,
+}
+
+/// Headers a remote server's definition may not set: the gateway's own for every request,
+/// and those that frame the HTTP exchange.
+const GATEWAY_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "accept",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-connection",
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "last-event-id",
+    "traceparent",
+    "tracestate",
+];
 
 /// A registry entry a server was installed from.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -122,6 +189,9 @@ pub struct RegistrySource {
     /// them with the operator's current ones, not keeping them as the operator's own).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runner_env: Vec<String>,
+    /// Which of the entry's remotes, when it was installed from one (not a package).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<usize>,
 }
 
 /// Who shares one process of a stdio server.
@@ -338,6 +408,8 @@ pub struct ResolvedServer {
     pub spec: McpServerSpec,
     /// Environment in declaration order.
     pub env: Vec<(String, EnvValue)>,
+    /// A remote server's headers, in declaration order (never [`EnvValue::SecretFile`]).
+    pub headers: Vec<(String, EnvValue)>,
 }
 
 impl ResolvedServer {
@@ -366,10 +438,12 @@ impl ResolvedServer {
         }
     }
 
-    /// Whether a variable's value is kept in the server's values Secret.
+    /// Whether a variable's (or a remote header's) value is kept in the server's values
+    /// Secret.
     pub fn uses_stored_secrets(&self) -> bool {
         self.env
             .iter()
+            .chain(&self.headers)
             .any(|(_, v)| matches!(v, EnvValue::Stored { .. }))
     }
 
@@ -403,7 +477,23 @@ impl McpServerSpec {
                 var.stored_secret = true;
             }
         }
+        // A remote has no environment: its headers' names are the Secret's keys.
+        for header in self.remote.iter_mut().flat_map(|r| &mut r.headers) {
+            if let Some(v) = header.secret_value.take() {
+                values.insert(header.name.clone(), v);
+                header.stored_secret = true;
+            }
+        }
         (self, values)
+    }
+
+    /// The names of the values this definition keeps in its values Secret.
+    pub fn stored_secret_names(&self) -> Vec<&str> {
+        let env = self.env.iter().filter(|e| e.stored_secret).map(|e| &e.name);
+        let headers = self.remote.iter().flat_map(|r| &r.headers);
+        env.chain(headers.filter(|h| h.stored_secret).map(|h| &h.name))
+            .map(String::as_str)
+            .collect()
     }
 }
 
@@ -479,6 +569,178 @@ fn is_label_key(s: &str) -> bool {
     prefix_ok && !name.is_empty() && is_label_value(name)
 }
 
+/// Checks a remote server's definition (nothing of what runs a server may be given with it)
+/// and returns its headers.
+fn remote_headers(
+    spec: &McpServerSpec,
+    remote: &RemoteSpec,
+) -> Result<Vec<(String, EnvValue)>, SpecError> {
+    let running = [
+        ("image", spec.image.is_some()),
+        ("command", spec.command.is_some()),
+        ("args", !spec.args.is_empty()),
+        ("transport", spec.transport != TransportSpec::default()),
+        ("env", !spec.env.is_empty()),
+        ("resources", spec.resources.is_some()),
+        ("sharing", !spec.sharing.is_shared()),
+        ("egress", spec.egress.is_some()),
+        ("idle", spec.idle.is_some()),
+        ("serviceAccountName", spec.service_account_name.is_some()),
+        (
+            "automountServiceAccountToken",
+            spec.automount_service_account_token,
+        ),
+    ];
+    if let Some((field, _)) = running.iter().find(|(_, given)| *given) {
+        return Err(SpecError::new(
+            *field,
+            "a remote server runs elsewhere: nothing is run for it here",
+        ));
+    }
+    remote_url(&remote.url).map_err(|m| SpecError::new("remote.url", m))?;
+    if remote.headers.len() > MAX_REMOTE_HEADERS {
+        return Err(SpecError::new(
+            "remote.headers",
+            format!("more than {MAX_REMOTE_HEADERS} headers"),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut headers = Vec::with_capacity(remote.headers.len());
+    for (i, h) in remote.headers.iter().enumerate() {
+        let at = |f: &str| format!("remote.headers[{i}]{f}");
+        remote_header_name(&h.name).map_err(|m| SpecError::new(at(".name"), m))?;
+        let lower = h.name.to_ascii_lowercase();
+        if !seen.insert(lower) {
+            return Err(SpecError::new(
+                at(".name"),
+                format!("{:?} is set twice", h.name),
+            ));
+        }
+        let value = match (&h.value, &h.secret_value, h.stored_secret) {
+            (Some(v), None, false) => EnvValue::Plain(v.clone()),
+            (None, Some(v), false) => EnvValue::Secret(v.clone()),
+            (None, None, true) => EnvValue::Stored { file: false },
+            _ => {
+                return Err(SpecError::new(
+                    at(""),
+                    "give exactly one of value, secretValue, storedSecret",
+                ));
+            }
+        };
+        if let EnvValue::Plain(v) | EnvValue::Secret(v) = &value
+            && let Err(m) = remote_header_value(v)
+        {
+            return Err(SpecError::new(
+                at(if h.value.is_some() {
+                    ".value"
+                } else {
+                    ".secretValue"
+                }),
+                m,
+            ));
+        }
+        headers.push((h.name.clone(), value));
+    }
+    let uri: http::Uri = remote
+        .url
+        .parse()
+        .map_err(|_| SpecError::new("remote.url", "is not a URL"))?;
+    let host = uri.host().unwrap_or_default();
+    let ip = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        });
+    let link_local = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified(),
+        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80 || v6.is_unspecified(),
+    };
+    if ip.is_some_and(link_local) {
+        return Err(SpecError::new(
+            "remote.url",
+            "a link-local or unspecified address (where clouds serve their metadata) is never a remote",
+        ));
+    }
+    let secret = headers
+        .iter()
+        .any(|(_, v)| !matches!(v, EnvValue::Plain(_)));
+    let this_host = host.eq_ignore_ascii_case("localhost") || ip.is_some_and(|ip| ip.is_loopback());
+    if secret && uri.scheme_str() == Some("http") && !this_host {
+        return Err(SpecError::new(
+            "remote.url",
+            "its secret headers would cross the network in the clear: use https (plain http only to this host)",
+        ));
+    }
+    Ok(headers)
+}
+
+/// Most headers a remote server's definition sets.
+pub const MAX_REMOTE_HEADERS: usize = 32;
+/// Longest value of a remote server's header.
+pub const MAX_REMOTE_HEADER_VALUE: usize = 8192;
+
+/// Why `url` cannot be a remote server's: it must be an absolute `http` or `https` URL with a
+/// host and no credentials in it (they go in headers, which are kept secret). The URL is not
+/// echoed: a refused one may carry credentials.
+pub fn remote_url(url: &str) -> Result<(), String> {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = after_scheme
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    if authority.contains('@') {
+        return Err("must not carry credentials (give them as a secret header)".into());
+    }
+    if url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("is not a URL (at most 2048 characters, no spaces)".into());
+    }
+    let uri: http::Uri = url.parse().map_err(|e| format!("is not a URL: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err("must be an http or https URL".into());
+    }
+    match uri.authority() {
+        Some(a) if !a.host().is_empty() => Ok(()),
+        _ => Err("has no host".into()),
+    }
+}
+
+/// Why `name` cannot be a header a remote server is sent: letters, digits and `-` (it is also
+/// the key of the values Secret that keeps a stored one), and none the gateway sends itself.
+pub fn remote_header_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 128
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(format!(
+            "{name:?} is not a header name (letters, digits and '-', at most 128)"
+        ));
+    }
+    let lower = name.to_ascii_lowercase();
+    if GATEWAY_HEADERS.contains(&lower.as_str())
+        || ["proxy-", "mcp-", "sec-"]
+            .iter()
+            .any(|p| lower.starts_with(p))
+    {
+        return Err(format!("{name} is the gateway's to send"));
+    }
+    Ok(())
+}
+
+/// Why `value` cannot be a header's value (not echoed: it may be a secret).
+pub fn remote_header_value(value: &str) -> Result<(), String> {
+    if value.len() > MAX_REMOTE_HEADER_VALUE {
+        return Err(format!("is longer than {MAX_REMOTE_HEADER_VALUE} bytes"));
+    }
+    match http::HeaderValue::from_str(value) {
+        Ok(_) => Ok(()),
+        Err(_) => Err("is not a header value (visible ASCII, spaces and tabs only)".into()),
+    }
+}
+
 impl ServerDef {
     /// Validates the definition and reads secret values from `getenv`.
     pub fn resolve_with(
@@ -505,7 +767,11 @@ impl ServerDef {
                 ),
             ));
         }
-        if spec.image.is_none() && spec.command.is_none() {
+        let headers = match &spec.remote {
+            Some(remote) => remote_headers(spec, remote)?,
+            None => Vec::new(),
+        };
+        if spec.image.is_none() && spec.command.is_none() && spec.remote.is_none() {
             return Err(SpecError::new(
                 "image",
                 "give an image (Kubernetes) or a command (local), or both",
@@ -679,6 +945,7 @@ impl ServerDef {
             name: self.name.clone(),
             spec: spec.clone(),
             env,
+            headers,
         })
     }
 
@@ -801,6 +1068,106 @@ labels: { team: tools }
         for (yaml, field) in cases {
             let err = def(yaml).resolve_with(|_| None).unwrap_err();
             assert_eq!(err.field, field, "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_remote_runs_nothing_and_its_url_and_headers_are_checked() {
+        let ok = def(
+            "name: r\nremote: { url: 'https://mcp.example.com/mcp', headers: [{ name: X-Api-Key, secretValue: k }, { name: X-Team, value: blue }] }",
+        );
+        let r = ok.resolve_declared().unwrap();
+        assert_eq!(
+            r.headers[0],
+            ("X-Api-Key".into(), EnvValue::Secret("k".into()))
+        );
+        assert_eq!(
+            r.headers[1],
+            ("X-Team".into(), EnvValue::Plain("blue".into()))
+        );
+        // On Kubernetes the secret goes to the values Secret, keyed by the header's name.
+        let (spec, values) = ok.spec.clone().without_secret_values();
+        assert_eq!(values.get("X-Api-Key").map(String::as_str), Some("k"));
+        let kept = spec.remote.as_ref().unwrap();
+        assert!(kept.headers[0].stored_secret && kept.headers[0].secret_value.is_none());
+        assert_eq!(spec.stored_secret_names(), ["X-Api-Key"]);
+        assert!(
+            !format!("{spec:?}").contains("\"k\""),
+            "no value left: {spec:?}"
+        );
+
+        let remote = "remote: { url: 'https://x.example/mcp' }";
+        let cases = [
+            (format!("name: a\nimage: i\n{remote}"), "image"),
+            (format!("name: a\ncommand: x\n{remote}"), "command"),
+            (format!("name: a\nargs: [x]\n{remote}"), "args"),
+            (
+                format!("name: a\nenv: [{{ name: A, value: x }}]\n{remote}"),
+                "env",
+            ),
+            (format!("name: a\nidle: {{ after: 5m }}\n{remote}"), "idle"),
+            (
+                format!("name: a\ntransport: {{ type: streamable-http, port: 1 }}\n{remote}"),
+                "transport",
+            ),
+            ("name: a\nremote: { url: 'ftp://x.example/' }".into(), "remote.url"),
+            ("name: a\nremote: { url: '/mcp' }".into(), "remote.url"),
+            ("name: a\nremote: { url: 'https://u:p@x.example/' }".into(), "remote.url"),
+            ("name: a\nremote: { url: 'https://x.example/ a' }".into(), "remote.url"),
+            ("name: a\nremote: { url: 'http://169.254.169.254/latest' }".into(), "remote.url"),
+            ("name: a\nremote: { url: 'http://[fe80::1]/mcp' }".into(), "remote.url"),
+            (
+                "name: a\nremote: { url: 'http://mcp.example.com/mcp', headers: [{ name: X-Key, secretValue: k }] }".into(),
+                "remote.url",
+            ),
+            (
+                "name: a\nremote: { url: 'https://x.example/', headers: [{ name: Mcp-Method, value: v1 }] }".into(),
+                "remote.headers[0].name",
+            ),
+            (
+                "name: a\nremote: { url: 'https://x.example/', headers: [{ name: Host, value: v1 }] }".into(),
+                "remote.headers[0].name",
+            ),
+            (
+                "name: a\nremote: { url: 'https://x.example/', headers: [{ name: Mcp-Session-Id, value: v1 }] }".into(),
+                "remote.headers[0].name",
+            ),
+            (
+                "name: a\nremote: { url: 'https://x.example/', headers: [{ name: 'X A', value: v1 }] }".into(),
+                "remote.headers[0].name",
+            ),
+            (
+                "name: a\nremote: { url: 'https://x.example/', headers: [{ name: X-A, value: v1 }, { name: x-a, value: z }] }".into(),
+                "remote.headers[1].name",
+            ),
+            (
+                "name: a\nremote: { url: 'https://x.example/', headers: [{ name: X-A, secretValue: \"a\\r\\nX-B: c\" }] }".into(),
+                "remote.headers[0].secretValue",
+            ),
+            (
+                "name: a\nremote: { url: 'https://x.example/', headers: [{ name: X-A }] }".into(),
+                "remote.headers[0]",
+            ),
+        ];
+        for (yaml, field) in cases {
+            let err = def(&yaml).resolve_with(|_| None).unwrap_err();
+            assert_eq!(err.field, field, "{yaml}: {err}");
+            assert!(
+                !err.message.contains("X-B"),
+                "a secret is not echoed: {err}"
+            );
+        }
+        // A URL carrying credentials is refused without being echoed.
+        for url in [
+            "https://u:pw@x.example/",
+            "ftp://u:pw@x.example/",
+            "https://u:pw@x.example/ a",
+        ] {
+            let err = def(&format!("name: a\nremote: {{ url: '{url}' }}"))
+                .resolve_with(|_| None)
+                .unwrap_err();
+            assert_eq!(err.field, "remote.url", "{url}");
+            assert!(!err.message.contains("pw"), "{url}: {err}");
         }
     }
 

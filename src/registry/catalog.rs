@@ -98,6 +98,52 @@ pub struct Version {
     pub updated_at: String,
     /// When its status last changed.
     pub status_changed_at: String,
+    /// The operator's labels (what the registry's filters see): set through the admin API,
+    /// never taken from a document (whose publisher writes its `_meta`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Most labels on a version.
+pub const MAX_LABELS: usize = 32;
+
+/// Takes our own block out of a document's `_meta` (it is the operator's to say, not the
+/// publisher's), returning the labels it held.
+fn take_our_meta(server: &mut Value) -> BTreeMap<String, String> {
+    let Some(meta) = server.get_mut("_meta").and_then(Value::as_object_mut) else {
+        return BTreeMap::new();
+    };
+    let ours = meta.remove(GATEHOUSE_META);
+    if meta.is_empty() {
+        server.as_object_mut().map(|o| o.remove("_meta"));
+    }
+    ours.and_then(|o| o.get("labels").and_then(Value::as_object).cloned())
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k, v.as_str()?.to_owned())))
+        .collect()
+}
+
+/// Checks an operator's labels: at most [`MAX_LABELS`], keys and values of at most 63
+/// letters, digits and `-._/`, keys not empty.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), DocumentError> {
+    if labels.len() > MAX_LABELS {
+        return Err(refuse("$.labels", format!("at most {MAX_LABELS} labels")));
+    }
+    let plain = |s: &str| {
+        s.len() <= 63
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._/".contains(c))
+    };
+    for (k, v) in labels {
+        if k.is_empty() || !plain(k) || !plain(v) {
+            return Err(refuse(
+                format!("$.labels.{k}"),
+                "keys and values are at most 63 letters, digits and -._/ (keys not empty)",
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Version {
@@ -117,7 +163,11 @@ impl Version {
         if let Some(m) = &self.status_message {
             official["statusMessage"] = Value::String(m.clone());
         }
-        serde_json::json!({ OFFICIAL_META: official })
+        let mut meta = serde_json::json!({ OFFICIAL_META: official });
+        if !self.labels.is_empty() {
+            meta[GATEHOUSE_META] = serde_json::json!({ "labels": self.labels });
+        }
+        meta
     }
 }
 
@@ -216,8 +266,9 @@ impl Catalog {
             state: RwLock::default(),
             file: None,
         };
+        // The gateway's own documents: their labels are the operator's.
         for d in documents {
-            catalog.publish(d.clone())?;
+            catalog.publish_labelled(d.clone(), true)?;
         }
         Ok(catalog)
     }
@@ -230,8 +281,16 @@ impl Catalog {
         };
         match std::fs::read(&file) {
             Ok(bytes) => {
-                let state: BTreeMap<String, Vec<Version>> =
+                let mut state: BTreeMap<String, Vec<Version>> =
                     serde_json::from_slice(&bytes).map_err(|e| store_err(&e))?;
+                // A file written before labels were the operator's kept them in the
+                // documents: they become the operator's, as they were taken then.
+                for v in state.values_mut().flatten() {
+                    let labels = take_our_meta(&mut v.server);
+                    if v.labels.is_empty() {
+                        v.labels = labels;
+                    }
+                }
                 for (name, versions) in &state {
                     let mut seen = std::collections::BTreeSet::new();
                     for (i, v) in versions.iter().enumerate() {
@@ -302,9 +361,22 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Adds a new version; refused if it exists (use [`Catalog::replace`]).
+    /// Adds a new version; refused if it exists (use [`Catalog::replace`]). Our block of its
+    /// `_meta` is dropped: labels are the operator's ([`Catalog::set_labels`]).
     pub fn publish(&self, server: Value) -> Result<(String, String), CatalogError> {
+        self.publish_labelled(server, false)
+    }
+
+    /// [`Catalog::publish`]; `trusted`: the document is the gateway's own (its default
+    /// catalog), whose `_meta` labels are kept as the operator's.
+    fn publish_labelled(
+        &self,
+        mut server: Value,
+        trusted: bool,
+    ) -> Result<(String, String), CatalogError> {
         validate(&server)?;
+        let labels = take_our_meta(&mut server);
+        let labels = if trusted { labels } else { BTreeMap::new() };
         let name = server["name"].as_str().unwrap_or_default().to_string();
         let version = server["version"].as_str().unwrap_or_default().to_string();
         self.change(|state| {
@@ -327,6 +399,7 @@ impl Catalog {
                 published_at: at.clone(),
                 updated_at: at.clone(),
                 status_changed_at: at,
+                labels,
             });
             Ok((name.clone(), version.clone()))
         })
@@ -357,6 +430,8 @@ impl Catalog {
                 doc => (doc, None),
             };
             validate(&server).map_err(|e| refuse(format!("$[{i}]{}", &e.path[1..]), e.message))?;
+            let mut server = server;
+            take_our_meta(&mut server);
             docs.push((server, facts));
         }
         self.change(|state| {
@@ -386,6 +461,7 @@ impl Catalog {
                         .unwrap_or_else(|| published_at.clone()),
                     published_at,
                     updated_at: at.clone(),
+                    labels: BTreeMap::new(),
                 });
                 published.push(format!("{name}@{version}"));
             }
@@ -394,8 +470,14 @@ impl Catalog {
     }
 
     /// Replaces the document of an existing version (same name and version).
-    pub fn replace(&self, name: &str, version: &str, server: Value) -> Result<(), CatalogError> {
+    pub fn replace(
+        &self,
+        name: &str,
+        version: &str,
+        mut server: Value,
+    ) -> Result<(), CatalogError> {
         validate(&server)?;
+        take_our_meta(&mut server);
         if server["name"] != name {
             return Err(refuse("$.name", format!("must be {name:?}, the name in the path")).into());
         }
@@ -436,6 +518,23 @@ impl Catalog {
             v.status = status;
             v.status_message = message;
             v.updated_at = at;
+            Ok(())
+        })
+    }
+
+    /// Sets a version's labels (the operator's: what the registry's filters see), replacing
+    /// the ones it had.
+    pub fn set_labels(
+        &self,
+        name: &str,
+        version: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), CatalogError> {
+        check_labels(&labels)?;
+        self.change(|state| {
+            let v = find(state, name, version)?;
+            v.labels = labels;
+            v.updated_at = now();
             Ok(())
         })
     }
@@ -500,14 +599,7 @@ impl Catalog {
             .iter()
             .filter_map(|(name, versions)| {
                 let v = &versions[latest(versions).or(versions.len().checked_sub(1))?];
-                let labels = v.server["_meta"][GATEHOUSE_META]["labels"]
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let labels = v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 let description = v.server["description"].as_str().map(str::to_owned);
                 Some((name.clone(), description, labels))
             })
@@ -1135,6 +1227,20 @@ mod tests {
         let again = Catalog::open(file.clone(), &[]).unwrap();
         assert!(again.version("io.github.a/b", "1.0.0", false).is_ok());
         assert!(again.version("io.github.a/seed", "latest", false).is_ok());
+        drop(again);
+        // A file from before labels were kept apart: its documents' labels become the
+        // operator's, and the documents lose the block.
+        let mut old: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        old["io.github.a/b"][0]["server"]["_meta"] =
+            serde_json::json!({GATEHOUSE_META: {"labels": {"team": "a"}}});
+        std::fs::write(&file, serde_json::to_vec(&old).unwrap()).unwrap();
+        let migrated = Catalog::open(file.clone(), &[]).unwrap();
+        let (server, meta) = migrated.version("io.github.a/b", "1.0.0", false).unwrap();
+        assert!(server.get("_meta").is_none(), "{server}");
+        assert_eq!(meta[GATEHOUSE_META]["labels"]["team"], "a", "{meta}");
+        let entries = migrated.entries();
+        let b = entries.iter().find(|e| e.0 == "io.github.a/b").unwrap();
+        assert_eq!(b.2, ["team=a"]);
         std::fs::write(
             &file,
             b"{\"io.github.a/b\": [{\"server\": {\"name\": \"x\"}}]}",

@@ -15,13 +15,17 @@
 //!   index, a proxy's CA, a `PATH` that finds `npx` and `uvx` without a cluster).
 //! - A streamable-http package's URL template (`http://localhost:{PORT}/mcp`) gives the port
 //!   and path.
+//! - A remote (`remotes[]`: the entry's server runs elsewhere) becomes a remote definition:
+//!   nothing runs, the gateway reaches its URL (its `{variables}` filled in, each a plain URL
+//!   part) with its headers (secret ones stay secret).
 
 use std::collections::BTreeMap;
 
 use serde_json::Value;
 
 use crate::orchestrator::spec::{
-    EnvVarSpec, McpServerSpec, RegistrySource, ServerDef, TransportKind, TransportSpec,
+    EnvVarSpec, HeaderSpec, McpServerSpec, RegistrySource, RemoteKind, RemoteSpec, ServerDef,
+    TransportKind, TransportSpec,
 };
 
 /// An install refused: `field` names what is at fault (`values.API_KEY`, `$.packages[0]`).
@@ -70,6 +74,9 @@ pub struct Request {
     pub name: Option<String>,
     /// Which package of the entry (default: the first one the gateway can run).
     pub package: Option<usize>,
+    /// Which remote of the entry, instead of a package (default: the first, when the entry
+    /// has no package the gateway can run).
+    pub remote: Option<usize>,
     /// Values of the package's environment variables, by name.
     pub values: BTreeMap<String, String>,
 }
@@ -111,17 +118,24 @@ pub fn plan(
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or_default();
-    let index = match request.package {
-        Some(i) if i < packages.len() => i,
-        Some(i) => return Err(refuse("package", format!("the entry has no package {i}"))),
-        None => packages.iter().position(runnable).ok_or_else(|| {
-            let what = if server["remotes"].as_array().is_some_and(|r| !r.is_empty()) {
-                "the entry has only remotes, which are reached, not installed"
-            } else {
-                "the entry has no npm, PyPI or OCI package"
-            };
-            refuse("package", what)
-        })?,
+    let has_remotes = server["remotes"].as_array().is_some_and(|r| !r.is_empty());
+    let index = match (request.package, request.remote) {
+        (Some(_), Some(_)) => {
+            return Err(refuse("remote", "give a package or a remote, not both"));
+        }
+        (None, Some(i)) => return plan_remote(server, request, i),
+        (Some(i), None) if i < packages.len() => i,
+        (Some(i), None) => return Err(refuse("package", format!("the entry has no package {i}"))),
+        (None, None) => match packages.iter().position(runnable) {
+            Some(i) => i,
+            None if has_remotes => return plan_remote(server, request, 0),
+            None => {
+                return Err(refuse(
+                    "package",
+                    "the entry has no npm, PyPI or OCI package, and no remote",
+                ));
+            }
+        },
     };
     let path = format!("$.packages[{index}]");
     let pkg = &packages[index];
@@ -335,6 +349,224 @@ pub fn plan(
                 version: server["version"].as_str().unwrap_or_default().to_string(),
                 package: index,
                 runner_env: runner_env.keys().cloned().collect(),
+                remote: None,
+            }),
+            ..McpServerSpec::default()
+        },
+    })
+}
+
+/// Longest value of a remote's URL variable or header.
+const MAX_REMOTE_VALUE: usize = 4096;
+
+/// The definition that reaches remote `index` of `server` with the installer's values: of
+/// its URL's variables, of its headers (by header name), and of the variables its headers'
+/// values name.
+fn plan_remote(server: &Value, request: &Request, index: usize) -> Result<ServerDef, InstallError> {
+    let remote = server["remotes"]
+        .as_array()
+        .and_then(|r| r.get(index))
+        .ok_or_else(|| refuse("remote", format!("the entry has no remote {index}")))?;
+    let path = format!("$.remotes[{index}]");
+    let kind = match remote["type"].as_str() {
+        Some("streamable-http") => RemoteKind::StreamableHttp,
+        Some("sse") => RemoteKind::Sse,
+        other => {
+            return Err(refuse(
+                format!("{path}.type"),
+                format!("{other:?} is not streamable-http or sse"),
+            ));
+        }
+    };
+    let empty = serde_json::Map::new();
+    let url_vars = remote["variables"].as_object().unwrap_or(&empty);
+    let headers = remote["headers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let header_vars = |h: &Value| h["variables"].as_object().cloned().unwrap_or_default();
+    for name in request.values.keys() {
+        let declared = url_vars.contains_key(name)
+            || headers
+                .iter()
+                .any(|h| h["name"] == name.as_str() || header_vars(h).contains_key(name));
+        if !declared {
+            return Err(refuse(
+                format!("values.{name}"),
+                "the remote declares no such variable or header",
+            ));
+        }
+    }
+    // The names of secrets: a secret header's, a secret variable's. One installer value per
+    // name goes wherever the name is used, so wherever it is used it is kept secret (and
+    // never in the URL).
+    let secret_names: std::collections::BTreeSet<&str> = headers
+        .iter()
+        .filter(|h| h["isSecret"] == true)
+        .filter_map(|h| h["name"].as_str())
+        .chain(headers.iter().flat_map(|h| {
+            h["variables"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, v)| v["isSecret"] == true)
+                .map(|(k, _)| k.as_str())
+        }))
+        .collect();
+    // An input's value: the installer's, else the document's fixed value, else its default
+    // (`None`: none, or a required one missing); `choices` enforced.
+    let input = |name: &str, var: &Value| -> Result<Option<String>, InstallError> {
+        let value = request
+            .values
+            .get(name)
+            .cloned()
+            .or_else(|| var["value"].as_str().map(str::to_string))
+            .or_else(|| var["default"].as_str().map(str::to_string));
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        if let Some(choices) = var["choices"].as_array()
+            && !choices.iter().any(|c| c == value.as_str())
+        {
+            return Err(refuse(
+                format!("values.{name}"),
+                format!(
+                    "must be one of {}",
+                    serde_json::to_string(choices).unwrap_or_default()
+                ),
+            ));
+        }
+        if value.len() > MAX_REMOTE_VALUE {
+            return Err(refuse(
+                format!("values.{name}"),
+                format!("is longer than {MAX_REMOTE_VALUE} bytes"),
+            ));
+        }
+        Ok(Some(value))
+    };
+
+    // The URL: each variable one plain part of it, so that no value moves it to another
+    // host, path or query than the document's.
+    let mut known = BTreeMap::new();
+    for (name, var) in url_vars {
+        if var["isSecret"] == true || secret_names.contains(name.as_str()) {
+            return Err(refuse(
+                format!("{path}.variables.{name}"),
+                "a URL cannot keep a secret (give it as a secret header)",
+            ));
+        }
+        let Some(value) = input(name, var)? else {
+            if var["isRequired"] == true {
+                return Err(refuse(format!("values.{name}"), "is required"));
+            }
+            continue;
+        };
+        let plain_part = value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._~".contains(c))
+            && value.chars().any(|c| c != '.');
+        if !plain_part {
+            return Err(refuse(
+                format!("values.{name}"),
+                "goes into the URL: letters, digits and -._~ only (and not only dots)",
+            ));
+        }
+        known.insert(name.clone(), value);
+    }
+    let template = remote["url"].as_str().unwrap_or_default();
+    let url = fill(template, &known).ok_or_else(|| {
+        refuse(
+            format!("{path}.url"),
+            format!("{template:?} names a variable that has no value"),
+        )
+    })?;
+    crate::orchestrator::spec::remote_url(&url).map_err(|m| refuse(format!("{path}.url"), m))?;
+
+    let mut specs = Vec::with_capacity(headers.len());
+    for (j, h) in headers.iter().enumerate() {
+        let hpath = format!("{path}.headers[{j}]");
+        let name = h["name"].as_str().unwrap_or_default();
+        crate::orchestrator::spec::remote_header_name(name)
+            .map_err(|m| refuse(format!("{hpath}.name"), m))?;
+        // The header's own variables fill its value's template (`Bearer {token}`).
+        let declared_vars = header_vars(h);
+        let secret = secret_names.contains(name)
+            || declared_vars
+                .keys()
+                .any(|k| secret_names.contains(k.as_str()));
+        let required = h["isRequired"] == true;
+        let value = match request.values.get(name) {
+            Some(given) => Some(given.clone()),
+            None => {
+                let mut vars = BTreeMap::new();
+                let mut missing = None;
+                for (var, decl) in &declared_vars {
+                    match input(var, decl)? {
+                        Some(v) => {
+                            vars.insert(var.clone(), v);
+                        }
+                        None if decl["isRequired"] == true => missing = Some(var.clone()),
+                        None => {}
+                    }
+                }
+                match (missing, h["value"].as_str()) {
+                    // An optional header whose variable is not given is not sent.
+                    (Some(var), _) if required => {
+                        return Err(refuse(format!("values.{var}"), "is required"));
+                    }
+                    (Some(_), _) => None,
+                    (None, Some(template)) => {
+                        fill(template, &vars).or_else(|| h["default"].as_str().map(str::to_string))
+                    }
+                    (None, None) => h["default"].as_str().map(str::to_string),
+                }
+            }
+        };
+        let Some(value) = value else {
+            if required {
+                return Err(refuse(format!("values.{name}"), "is required"));
+            }
+            continue;
+        };
+        if let Some(choices) = h["choices"].as_array()
+            && !choices.iter().any(|c| c == value.as_str())
+        {
+            return Err(refuse(
+                format!("values.{name}"),
+                format!(
+                    "must be one of {}",
+                    serde_json::to_string(choices).unwrap_or_default()
+                ),
+            ));
+        }
+        crate::orchestrator::spec::remote_header_value(&value)
+            .map_err(|m| refuse(format!("values.{name}"), m))?;
+        specs.push(HeaderSpec {
+            name: name.to_string(),
+            value: (!secret).then(|| value.clone()),
+            secret_value: secret.then_some(value),
+            stored_secret: false,
+        });
+    }
+
+    let name = match &request.name {
+        Some(n) => n.clone(),
+        None => default_name(server["name"].as_str().unwrap_or_default()),
+    };
+    Ok(ServerDef {
+        name,
+        spec: McpServerSpec {
+            remote: Some(RemoteSpec {
+                kind,
+                url,
+                headers: specs,
+            }),
+            registry: Some(RegistrySource {
+                entry: server["name"].as_str().unwrap_or_default().to_string(),
+                version: server["version"].as_str().unwrap_or_default().to_string(),
+                package: 0,
+                runner_env: Vec::new(),
+                remote: Some(index),
             }),
             ..McpServerSpec::default()
         },
@@ -355,6 +587,13 @@ pub fn upgrade(
         .registry
         .as_ref()
         .ok_or_else(|| refuse("name", "was not installed from the registry"))?;
+    if source.remote.is_some() {
+        // Its URL's values are not kept apart from the URL they made.
+        return Err(refuse(
+            "name",
+            "was installed from a remote: uninstall it and install the new version",
+        ));
+    }
     let (package, old_vars) = match old {
         Some(old) => {
             let was = &old["packages"][source.package];
@@ -418,6 +657,7 @@ pub fn upgrade(
     let request = Request {
         name: None,
         package: Some(package),
+        remote: None,
         values,
     };
     // What was secret stays secret, whatever the new version says: planned as secrets, so
@@ -612,6 +852,21 @@ fn tag_of(image: &str) -> bool {
         .rsplit('/')
         .next()
         .is_some_and(|last| last.contains(':'))
+}
+
+/// Fills every `{name}` of `template` from `values`, in one pass (a value naming another
+/// variable stays as given); `None` when one has no value.
+fn fill(template: &str, values: &BTreeMap<String, String>) -> Option<String> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let close = rest[open..].find('}')? + open;
+        out.push_str(values.get(&rest[open + 1..close])?);
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 /// Replaces `{NAME}` with known values (unknown ones stay as written).
@@ -870,17 +1125,216 @@ mod tests {
         assert!(def.spec.env.is_empty(), "{:?}", def.spec.env);
     }
 
+    /// A remote with a URL variable, a header made from a secret variable, and a plain one.
+    fn remote_entry() -> Value {
+        json!({"name": "com.example/remote", "description": "r", "version": "1.0.0",
+            "remotes": [
+                {"type": "streamable-http", "url": "https://{tenant}.example.com/mcp",
+                 "variables": {"tenant": {"isRequired": true}},
+                 "headers": [
+                    {"name": "Authorization", "value": "Bearer {token}", "isRequired": true,
+                     "variables": {"token": {"isRequired": true, "isSecret": true}}},
+                    {"name": "X-Region", "default": "eu", "choices": ["eu", "us"]}]},
+                {"type": "sse", "url": "https://sse.example.com/sse"}]})
+    }
+
+    fn values(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     #[test]
-    fn remote_only_entries_and_odd_names() {
-        let remote = json!({"name": "com.example/remote", "description": "r", "version": "1.0.0",
-            "remotes": [{"type": "sse", "url": "https://x.example/sse"}]});
-        let e = plan(
-            &remote,
-            &Request::default(),
-            &Runners::of(&crate::config::RegistryConfig::default()),
+    fn a_remote_becomes_its_url_with_its_headers_and_secrets_stay_secret() {
+        let entry = remote_entry();
+        let request = Request {
+            values: values(&[("tenant", "acme"), ("token", "s3cret")]),
+            ..Request::default()
+        };
+        // No package: the first remote.
+        let def = plan(&entry, &request, &runners()).unwrap();
+        assert_eq!(def.name, "remote");
+        let remote = def.spec.remote.as_ref().unwrap();
+        assert_eq!(remote.url, "https://acme.example.com/mcp");
+        assert_eq!(remote.kind, RemoteKind::StreamableHttp);
+        assert_eq!(remote.headers[0].name, "Authorization");
+        assert_eq!(
+            remote.headers[0].secret_value.as_deref(),
+            Some("Bearer s3cret")
+        );
+        assert_eq!(remote.headers[0].value, None, "made from a secret: secret");
+        assert_eq!(
+            remote.headers[1].value.as_deref(),
+            Some("eu"),
+            "its default"
+        );
+        assert_eq!(def.spec.registry.as_ref().unwrap().remote, Some(0));
+        assert!(def.spec.image.is_none() && def.spec.command.is_none());
+        // What it plans is a valid definition.
+        def.resolve_declared().unwrap();
+
+        let second = Request {
+            remote: Some(1),
+            ..Request::default()
+        };
+        let def = plan(&entry, &second, &runners()).unwrap();
+        assert_eq!(def.spec.remote.unwrap().kind, RemoteKind::Sse);
+
+        // The whole header given instead of its variable.
+        let whole = Request {
+            values: values(&[("tenant", "acme"), ("Authorization", "Token t")]),
+            ..Request::default()
+        };
+        let def = plan(&entry, &whole, &runners()).unwrap();
+        let h = &def.spec.remote.unwrap().headers[0];
+        assert_eq!(h.secret_value.as_deref(), Some("Token t"));
+    }
+
+    #[test]
+    fn remote_values_cannot_move_the_url_or_break_a_header() {
+        let entry = remote_entry();
+        let try_plan = |pairs: &[(&str, &str)], remote: Option<usize>| {
+            plan(
+                &entry,
+                &Request {
+                    values: values(pairs),
+                    remote,
+                    ..Request::default()
+                },
+                &runners(),
+            )
+            .unwrap_err()
+        };
+        let ok = [("tenant", "acme"), ("token", "t")];
+        for (pairs, field) in [
+            // Another host, a path, a query, credentials: none through a URL variable.
+            (
+                vec![("tenant", "evil.com/x?"), ("token", "t")],
+                "values.tenant",
+            ),
+            (vec![("tenant", "a@b"), ("token", "t")], "values.tenant"),
+            (
+                vec![("tenant", "169.254.169.254#"), ("token", "t")],
+                "values.tenant",
+            ),
+            (vec![("tenant", ""), ("token", "t")], "values.tenant"),
+            (vec![("tenant", ".."), ("token", "t")], "values.tenant"),
+            (vec![("tenant", "{token}"), ("token", "t")], "values.tenant"),
+            (vec![("token", "t")], "values.tenant"),
+            (vec![("tenant", "acme")], "values.token"),
+            // A header split in two.
+            (
+                vec![
+                    ("tenant", "acme"),
+                    (
+                        "token",
+                        "t
+X-Evil: 1",
+                    ),
+                ],
+                "values.Authorization",
+            ),
+            (
+                vec![("tenant", "acme"), ("token", "t"), ("X-Region", "mars")],
+                "values.X-Region",
+            ),
+            (
+                vec![("tenant", "acme"), ("token", "t"), ("NOPE", "x")],
+                "values.NOPE",
+            ),
+        ] {
+            let e = try_plan(&pairs, None);
+            assert_eq!(e.field, field, "{pairs:?}: {e}");
+            assert!(!e.message.contains("X-Evil"), "values are not echoed: {e}");
+        }
+        assert_eq!(try_plan(&ok, Some(7)).field, "remote");
+        let both = plan(
+            &entry,
+            &Request {
+                values: values(&ok),
+                remote: Some(0),
+                package: Some(0),
+                ..Request::default()
+            },
+            &runners(),
         )
         .unwrap_err();
-        assert!(e.message.contains("remotes"), "{e}");
+        assert_eq!(both.field, "remote");
+        // A secret URL variable is the document's error.
+        let mut secret_url = remote_entry();
+        secret_url["remotes"][0]["variables"]["tenant"]["isSecret"] = json!(true);
+        let e = plan(
+            &secret_url,
+            &Request {
+                values: values(&ok),
+                ..Request::default()
+            },
+            &runners(),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "$.remotes[0].variables.tenant");
+        // A name that is secret anywhere in the remote is secret everywhere: not in the URL,
+        // not in another header's plain value.
+        let mut shared_name = remote_entry();
+        shared_name["remotes"][0]["headers"][0]["variables"]["tenant"] = json!({"isSecret": true});
+        let e = plan(
+            &shared_name,
+            &Request {
+                values: values(&ok),
+                ..Request::default()
+            },
+            &runners(),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "$.remotes[0].variables.tenant", "{e}");
+        let mut shared_name = remote_entry();
+        shared_name["remotes"][0]["headers"][1] = json!({"name": "X-Echo", "value": "{token}",
+            "variables": {"token": {}}});
+        let def = plan(
+            &shared_name,
+            &Request {
+                values: values(&ok),
+                ..Request::default()
+            },
+            &runners(),
+        )
+        .unwrap();
+        let echo = &def.spec.remote.unwrap().headers[1];
+        assert_eq!(echo.name, "X-Echo");
+        assert_eq!(
+            (echo.value.as_deref(), echo.secret_value.as_deref()),
+            (None, Some("t"))
+        );
+        // A header the gateway sends itself is the document's error, named where it is.
+        let mut reserved = remote_entry();
+        reserved["remotes"][0]["headers"][1]["name"] = json!("Mcp-Session-Id");
+        let e = plan(
+            &reserved,
+            &Request {
+                values: values(&ok),
+                ..Request::default()
+            },
+            &runners(),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "$.remotes[0].headers[1].name", "{e}");
+        // A remote install is not upgraded in place.
+        let def = plan(
+            &entry,
+            &Request {
+                values: values(&ok),
+                ..Request::default()
+            },
+            &runners(),
+        )
+        .unwrap();
+        let e = upgrade(&def.spec, Some(&entry), &entry, &runners()).unwrap_err();
+        assert!(e.message.contains("remote"), "{e}");
+    }
+
+    #[test]
+    fn odd_names() {
         assert_eq!(
             default_name("io.github.x/Weather_Server.v2"),
             "weather-server-v2"

@@ -54,6 +54,9 @@ pub struct Link {
     private_slot: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
     /// The server definition the link's own process runs (`SharedServer::definition`).
     private_definition: AtomicU64,
+    /// For a remote server: the fingerprint of the endpoint the connection was made to (0:
+    /// not a remote).
+    remote_endpoint: AtomicU64,
     /// The connection goes through the leading replica's relay: when the relay fails, the
     /// next call asks the orchestrator again (leadership may have moved).
     relayed: AtomicBool,
@@ -150,6 +153,7 @@ impl Link {
             lists: Mutex::new(ListCache::default()),
             private_slot: Mutex::new(None),
             private_definition: AtomicU64::new(0),
+            remote_endpoint: AtomicU64::new(0),
             relayed: AtomicBool::new(false),
             alike: AtomicBool::new(false),
             connected_epoch: AtomicU64::new(0),
@@ -258,6 +262,38 @@ impl Link {
             .is_some()
     }
 
+    /// A remote server keeps answering at its old URL with its old headers after it is
+    /// redefined (on any replica, or its stored values rotated): the connection made to the
+    /// old one is ended, and the next one is made to the new.
+    async fn drop_if_remote_redefined(&self) {
+        let connected = self.remote_endpoint.load(Ordering::Acquire);
+        if connected == 0 {
+            return;
+        }
+        let Some(o) = &self.server.orchestrated else {
+            return;
+        };
+        // What cannot be read now (a values Secret not watched yet) is no change.
+        let now = o.runtime.endpoint(&self.server.name).await.ok();
+        if now
+            .as_ref()
+            .and_then(crate::orchestrator::remote::fingerprint)
+            .is_none_or(|f| f == connected)
+        {
+            return;
+        }
+        self.remote_endpoint.store(0, Ordering::Release);
+        let old = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(old) = old {
+            tracing::info!(server = %self.server.name, "the remote was redefined: reconnecting");
+            tokio::spawn(async move { old.shutdown().await });
+        }
+    }
+
     /// The live connection, connecting and initializing first if needed.
     pub async fn connection(&self) -> Result<Arc<Connection>, UpstreamError> {
         if let Some(o) = &self.server.orchestrated
@@ -276,6 +312,7 @@ impl Link {
             self.private_definition
                 .store(o.shared.definition(), Ordering::Release);
         }
+        self.drop_if_remote_redefined().await;
         let usage = self
             .server
             .orchestrated
@@ -424,7 +461,7 @@ impl Link {
                 );
                 self.alike.store(
                     match &ready {
-                        orchestrated::Ready::Http(_) => true,
+                        orchestrated::Ready::Http(_) | orchestrated::Ready::Remote(..) => true,
                         orchestrated::Ready::Stdio(e) => e.sharing() == Sharing::Shared,
                         orchestrated::Ready::Relay(_, _, alike) => *alike,
                     },
@@ -448,6 +485,27 @@ impl Link {
                                 self.inbox.clone(),
                             )
                             .with_client(super::http::relay_client()),
+                        )
+                    }
+                    orchestrated::Ready::Remote(url, headers, false, fingerprint) => {
+                        self.remote_endpoint.store(fingerprint, Ordering::Release);
+                        Connection::Http(super::http::Connection::new(
+                            server.clone(),
+                            url,
+                            headers,
+                            self.inbox.clone(),
+                        ))
+                    }
+                    orchestrated::Ready::Remote(url, headers, true, fingerprint) => {
+                        self.remote_endpoint.store(fingerprint, Ordering::Release);
+                        Connection::Stdio(
+                            super::http_sse::connect(
+                                server.clone(),
+                                &url,
+                                &headers,
+                                self.inbox.clone(),
+                            )
+                            .await?,
                         )
                     }
                     orchestrated::Ready::Http(url) => {

@@ -278,6 +278,9 @@ impl SharedListings {
 pub enum Ready {
     /// Streamable HTTP at this URL.
     Http(http::Uri),
+    /// A remote server at this URL, with its headers; whether it speaks HTTP+SSE; the
+    /// fingerprint of its endpoint.
+    Remote(http::Uri, http::HeaderMap, bool, u64),
     /// stdio through an attachment.
     Stdio(StdioEndpoint),
     /// Through the leading replica's relay: Streamable HTTP at this URL, with these headers
@@ -316,6 +319,30 @@ impl Orchestrated {
                 .parse()
                 .map(Ready::Http)
                 .map_err(|e| server.unavailable(format!("endpoint {url:?} is not a URL: {e}"))),
+            Ok(endpoint @ Endpoint::Remote { .. }) => {
+                let fingerprint = crate::orchestrator::remote::fingerprint(&endpoint).unwrap_or(1);
+                let Endpoint::Remote { url, headers, sse } = endpoint else {
+                    unreachable!("matched above");
+                };
+                let uri = url.parse().map_err(|e| {
+                    server.unavailable(format!("endpoint {url:?} is not a URL: {e}"))
+                })?;
+                let mut map = http::HeaderMap::with_capacity(headers.len());
+                for (name, value) in headers {
+                    // Checked when the definition was; a stored value read since was not.
+                    let name = http::HeaderName::try_from(name.as_str()).map_err(|_| {
+                        server.unavailable(format!("{name:?} is not a header name"))
+                    })?;
+                    let mut value = http::HeaderValue::try_from(value).map_err(|_| {
+                        server.unavailable(format!(
+                            "the value of its header {name} is not a header value"
+                        ))
+                    })?;
+                    value.set_sensitive(true);
+                    map.append(name, value);
+                }
+                Ok(Ready::Remote(uri, map, sse, fingerprint))
+            }
             Ok(Endpoint::Stdio(endpoint)) => Ok(Ready::Stdio(endpoint)),
             Ok(Endpoint::Relay { url, secret, alike }) => {
                 let uri = url

@@ -18,6 +18,7 @@ const ENTRY = 'io.github.modelcontextprotocol/server-everything';
 const WEATHER = 'io.github.gatehouse-test/weather';
 const SECRET = 'weather-secret-value-8c1f';
 const HOSTILE = 'io.github.gatehouse-test/hostile';
+const FARAWAY = 'io.github.gatehouse-test/faraway';
 const seen = { steps: [] };
 const step = name => { seen.steps.push(name); console.error(`[console.mjs] ${name}`); };
 const expect = (ok, what) => { if (!ok) throw new Error(`expected ${what}`); };
@@ -104,6 +105,23 @@ try {
     expect(!said.includes(SECRET), 'the secret in no message and not kept by the page');
     await shot('install-refused');
     await page.getByRole('button', { name: 'Cancel' }).click();
+
+    step('a form from a remote');
+    // An entry that runs elsewhere asks for its URL's variable and its header's secret.
+    await page.getByLabel('Search the catalog').fill('faraway');
+    await page.getByRole('button', { name: `Install ${FARAWAY}` }).click();
+    const token = page.getByLabel(/^token/);
+    expect(await token.getAttribute('type') === 'password', 'a header\'s secret typed into a password field');
+    const tenant = page.getByLabel(/^tenant/);
+    expect(await tenant.evaluate(e => e.required), 'the URL\'s variable required');
+    // A value that would move the URL elsewhere is the gateway's refusal, shown in the form.
+    await tenant.fill('evil.example/x');
+    await token.fill(SECRET);
+    await page.getByRole('button', { name: 'Install', exact: true }).click();
+    await page.locator('#install-error').filter({ hasText: 'values.tenant' }).waitFor();
+    expect(!(await page.locator('#install-error').textContent()).includes(SECRET), 'the secret in no message');
+    await page.getByRole('button', { name: 'Cancel' }).click();
+
     await page.getByLabel('Search the catalog').fill('everything');
     await page.getByRole('button', { name: `Install ${ENTRY}` }).waitFor();
 
@@ -181,6 +199,8 @@ try {
 
     step('plugins');
     await page.getByRole('link', { name: 'Plugins' }).click();
+    // The activity page's rows name the plugin too: read the plugins page once it is shown.
+    await page.getByRole('heading', { name: 'Modules' }).waitFor();
     const module = page.locator('tr', { hasText: 'tool_policy' });
     await module.first().waitFor();
     seen.plugin = await module.first().textContent();

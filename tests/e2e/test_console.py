@@ -95,8 +95,29 @@ def console_gateway(tools: Tools, workdir: Path) -> Iterator[Gateway]:
             }
         ],
     }
+    faraway = {
+        "$schema": weather["$schema"],
+        "name": "io.github.gatehouse-test/faraway",
+        "description": "A server that runs elsewhere (a test entry: never reached)",
+        "version": "1.0.0",
+        "remotes": [
+            {
+                "type": "streamable-http",
+                "url": "https://{tenant}.faraway.example/mcp",
+                "variables": {"tenant": {"description": "Your tenant", "isRequired": True}},
+                "headers": [
+                    {
+                        "name": "Authorization",
+                        "value": "Bearer {token}",
+                        "isRequired": True,
+                        "variables": {"token": {"description": "Your API token", "isRequired": True, "isSecret": True}},
+                    }
+                ],
+            }
+        ],
+    }
     try:
-        r = httpx.post(f"http://127.0.0.1:{gw.port}/admin/v1/registry/servers", json=[weather, hostile], headers={"authorization": f"Bearer {ADMIN}"}, timeout=10)
+        r = httpx.post(f"http://127.0.0.1:{gw.port}/admin/v1/registry/servers", json=[weather, hostile, faraway], headers={"authorization": f"Bearer {ADMIN}"}, timeout=10)
         assert r.status_code == 201, r.text
         yield gw
     finally:

@@ -1,6 +1,8 @@
 //! Test support: an in-process gateway over example-server upstreams, and a small MCP HTTP client.
 #![allow(dead_code)]
 
+pub mod recorder;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

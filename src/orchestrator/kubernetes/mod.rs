@@ -568,12 +568,7 @@ impl KubeRuntime {
         values: BTreeMap<String, String>,
     ) -> Result<Option<BTreeMap<String, k8s_openapi::ByteString>>> {
         use k8s_openapi::ByteString;
-        let stored: Vec<&str> = spec
-            .env
-            .iter()
-            .filter(|e| e.stored_secret)
-            .map(|e| e.name.as_str())
-            .collect();
+        let stored = spec.stored_secret_names();
         if stored.is_empty() {
             return Ok(None);
         }
@@ -591,7 +586,10 @@ impl KubeRuntime {
                     .and_then(|s| s.data.as_ref())
                     .and_then(|d| d.get(k))
                     .ok_or_else(|| SpecError {
-                        field: format!("env.{k}.storedSecret"),
+                        field: match spec.remote {
+                            Some(_) => "remote.headers".to_owned(),
+                            None => format!("env.{k}.storedSecret"),
+                        },
                         message: format!(
                             "{} holds no value for {k}: give its secretValue",
                             values_secret_name(name)
@@ -672,6 +670,79 @@ impl KubeRuntime {
                 e,
             )),
         }
+    }
+
+    /// Defines server `def` as an `McpServer` resource (its secret values in its values
+    /// Secret); `new_only`: only if no server of that name is defined.
+    async fn declare_as(&self, def: ServerDef, new_only: bool) -> Result<()> {
+        let server = def.resolve_declared()?;
+        self.inner.options.policy.admit(&server)?;
+        if !self.inner.options.watch_mcpservers {
+            // McpServer resources are ignored here: keep the server in this replica only.
+            if new_only && self.inner.desired.contains_key(&def.name) {
+                return Err(OrchestratorError::Exists(def.name));
+            }
+            return self.apply(server).await;
+        }
+        if server.spec.image.is_none() && server.spec.remote.is_none() {
+            return Err(OrchestratorError::Unsupported {
+                server: server.name.clone(),
+                backend: "kubernetes",
+                what: "an image",
+            });
+        }
+        let api: Api<McpServer> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+        // The resource never holds a secret value (anyone who may read McpServers would
+        // read it, and etcd encrypts only Secrets): the values go to the server's values
+        // Secret, and the resource names them.
+        let (spec, values) = def.spec.clone().without_secret_values();
+        // Read first (a stored secret must have a value), written once the resource is
+        // (owned by it: no Secret outlives a resource that failed to be written).
+        let stored = self.stored_values(&def.name, &spec, values).await?;
+        let written = match new_only {
+            // Created, or refused when any replica defined it meanwhile (the API server
+            // decides: no two installs of one name both win).
+            true => {
+                let params = kube::api::PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                };
+                api.create(&params, &McpServer::new(&def.name, spec)).await
+            }
+            false => {
+                let resource = serde_json::json!({
+                    "apiVersion": McpServer::api_version(&()),
+                    "kind": McpServer::kind(&()),
+                    "metadata": { "name": def.name },
+                    "spec": spec,
+                });
+                api.patch(
+                    &def.name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&resource),
+                )
+                .await
+            }
+        };
+        let obj = match written {
+            Err(kube::Error::Api(e)) if new_only && e.code == 409 => {
+                return Err(OrchestratorError::Exists(def.name));
+            }
+            other => other
+                .map_err(|e| OrchestratorError::kube(format!("declare server {}", def.name), e))?,
+        };
+        let uid = obj.uid().unwrap_or_default();
+        self.write_values(&def.name, stored, &uid).await?;
+        // The watch brings the same object to every replica; take it now so that this
+        // replica's status and list show it at once.
+        self.inner.removed.remove(&def.name);
+        self.inner.desired.insert(
+            def.name.clone(),
+            desired_from_resource(&obj, &self.inner.options.policy),
+        );
+        self.inner.refresh_status(&def.name, None);
+        self.inner.enqueue(def.name);
+        Ok(())
     }
 
     /// Builds the client from `settings` and starts watching, electing and reconciling.
@@ -944,7 +1015,7 @@ impl Inner {
             {
                 return None;
             }
-            super::idle::after_of(s.spec.idle.as_ref(), self.options.idle_after)
+            super::idle::after_of(&s.spec, self.options.idle_after)
                 .map(|after| (after, super::idle::fingerprint(&s.spec)))
         });
         let Some((after, definition)) = after else {
@@ -1159,26 +1230,14 @@ impl Inner {
             if !self.config_known.load(Ordering::Acquire) && !self.removed.contains_key(name) {
                 return Ok(());
             }
-            if !self.owned_by_resource(&self.deployments, name, &obj) {
-                self.delete_if_present(&self.deployments, name, &obj)
-                    .await?;
-            }
-            if !self.owned_by_resource(&self.secrets, name, &obj) {
-                self.delete_if_present(&self.secrets, name, &obj).await?;
-            }
-            if !self.owned_by_resource(&self.services, name, &obj) {
-                self.delete_if_present(&self.services, name, &obj).await?;
-            }
-            if !self.owned_by_resource(&self.network_policies, name, &obj) {
-                self.delete_if_present(&self.network_policies, name, &obj)
-                    .await?;
-            }
-            if !self.owned_by_resource(&self.cilium_policies, name, &obj) {
-                self.delete_if_present(&self.cilium_policies, name, &obj)
-                    .await?;
-            }
-            return Ok(());
+            return self.delete_workload(name, false).await;
         };
+        if server.spec.remote.is_some() {
+            // Nothing runs for a remote, nor sleeps: what ran for an earlier definition of it
+            // goes, and a sleep asked of that one is forgotten.
+            self.sleep_requests.remove(name);
+            return self.delete_workload(name, true).await;
+        }
         let resource_owner = match &source {
             Source::Resource { uid } => Some(objects::owner_ref(
                 &McpServer::api_version(&()),
@@ -1306,6 +1365,43 @@ impl Inner {
         Ok(())
     }
 
+    /// Refuses what needs something of server `name` running here (`what`) when it is remote.
+    fn not_remote(&self, name: &str, what: &'static str) -> Result<()> {
+        match self.valid(name) {
+            Some((s, _)) if s.spec.remote.is_some() => Err(OrchestratorError::Remote {
+                server: name.to_owned(),
+                what,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes what runs server `name` (its Deployment, Secret, Service and egress policies;
+    /// not its values Secret), except, unless `owned_too`, what its `McpServer` owns (the
+    /// garbage collector removes those with it).
+    async fn delete_workload(&self, name: &str, owned_too: bool) -> Result<()> {
+        let obj = object_name(name);
+        if owned_too || !self.owned_by_resource(&self.deployments, name, &obj) {
+            self.delete_if_present(&self.deployments, name, &obj)
+                .await?;
+        }
+        if owned_too || !self.owned_by_resource(&self.secrets, name, &obj) {
+            self.delete_if_present(&self.secrets, name, &obj).await?;
+        }
+        if owned_too || !self.owned_by_resource(&self.services, name, &obj) {
+            self.delete_if_present(&self.services, name, &obj).await?;
+        }
+        if owned_too || !self.owned_by_resource(&self.network_policies, name, &obj) {
+            self.delete_if_present(&self.network_policies, name, &obj)
+                .await?;
+        }
+        if owned_too || !self.owned_by_resource(&self.cilium_policies, name, &obj) {
+            self.delete_if_present(&self.cilium_policies, name, &obj)
+                .await?;
+        }
+        Ok(())
+    }
+
     fn owned_by_resource<K: Resource>(&self, index: &Index<K>, server: &str, name: &str) -> bool {
         index.get(server, name).is_some_and(|o| {
             o.owner_references()
@@ -1323,6 +1419,24 @@ impl Inner {
             Desired::Invalid { message } => Err(message.clone()),
             Desired::Valid { .. } => Ok(()),
         });
+        // Nothing runs for a remote: it is ready once its stored header values are there.
+        let remote = self.valid(name).and_then(|(s, _)| {
+            let remote = s.spec.remote.as_ref()?;
+            let missing = s
+                .spec
+                .stored_secret_names()
+                .into_iter()
+                .find(|k| self.stored_value(name, k).is_none());
+            Some(match missing {
+                None => {
+                    ServerStatus::new(Phase::Ready).with_message(format!("remote: {}", remote.url))
+                }
+                Some(k) => ServerStatus::new(Phase::Starting).with_message(format!(
+                    "remote: waiting for {} to hold its header {k}",
+                    values_secret_name(name)
+                )),
+            })
+        });
         let next = match desired {
             None => {
                 self.status_pods.remove(name);
@@ -1335,6 +1449,10 @@ impl Inner {
                 })
                 .with_message(message),
             ),
+            Some(Ok(())) if remote.is_some() => {
+                self.status_pods.remove(name);
+                remote
+            }
             Some(Ok(())) if self.asleep(name) => {
                 // Counted once the Deployment is scaled down: a request a call calls off
                 // stopped nothing. Its usage is made now if need be: a restarted gateway
@@ -1521,6 +1639,9 @@ impl Inner {
     }
 
     fn endpoint_string(&self, server: &ResolvedServer) -> String {
+        if let Some(remote) = &server.spec.remote {
+            return remote.url.clone();
+        }
         objects::service_url(server, &self.ns)
             .unwrap_or_else(|| format!("attach://{}/{}", self.ns, server.object_name()))
     }
@@ -1744,10 +1865,20 @@ impl Inner {
     /// see every use of it to know when it is idle, and alone scales it).
     fn through_relay(&self, server: &ResolvedServer) -> bool {
         !self.leading()
+            && server.spec.remote.is_none()
             && (server.http_port_path().is_none()
                 || (self.options.relay_listen.is_some()
-                    && super::idle::after_of(server.spec.idle.as_ref(), self.options.idle_after)
-                        .is_some()))
+                    && super::idle::after_of(&server.spec, self.options.idle_after).is_some()))
+    }
+
+    /// Value `key` of server `name`'s values Secret (as watched), when that Secret is the
+    /// server's (made by the gateway for it).
+    fn stored_value(&self, name: &str, key: &str) -> Option<String> {
+        let secret = self.secrets.get(name, &values_secret_name(name))?;
+        let ours = secret.labels().get(labels::SERVER).map(String::as_str) == Some(name)
+            && secret.labels().get(labels::MANAGED_BY).map(String::as_str) == Some(labels::MANAGER);
+        let value = secret.data.as_ref()?.get(key)?;
+        ours.then(|| String::from_utf8(value.0.clone()).ok())?
     }
 
     /// The leader's relay, for a server this replica reaches through it.
@@ -1781,6 +1912,9 @@ impl Inner {
         let (server, _) = self
             .valid(name)
             .ok_or_else(|| OrchestratorError::NotFound(name.to_string()))?;
+        if let Some(remote) = super::remote::endpoint(&server, |key| self.stored_value(name, key)) {
+            return remote;
+        }
         let (port, path) = match server.http_port_path() {
             Some(http) if !self.through_relay(&server) => http,
             None if self.leading() => {
@@ -1947,9 +2081,11 @@ fn desired_from_resource(obj: &McpServer, policy: &PodPolicy) -> Desired {
         .resolve_declared()
         .and_then(|s| policy.admit(&s).map(|_| s));
     match checked {
-        Ok(server) if server.spec.image.is_none() => Desired::Invalid {
-            message: "spec.image: the kubernetes backend needs an image".into(),
-        },
+        Ok(server) if server.spec.image.is_none() && server.spec.remote.is_none() => {
+            Desired::Invalid {
+                message: "spec.image: the kubernetes backend needs an image".into(),
+            }
+        }
         Ok(server) => Desired::Valid {
             server: Box::new(server),
             source: Source::Resource {
@@ -2062,6 +2198,10 @@ impl Runtime for KubeRuntime {
 
     fn egress(&self, name: &str) -> Option<String> {
         let (server, _) = self.inner.valid(name)?;
+        // Nothing runs here for a remote: no policy of ours applies to it.
+        if server.spec.remote.is_some() {
+            return None;
+        }
         let cilium = self.inner.options.policy.cilium;
         Some(match self.inner.options.policy.egress(&server) {
             Some(egress) => format!(
@@ -2102,7 +2242,7 @@ impl Runtime for KubeRuntime {
     fn apply(&self, server: ResolvedServer) -> BoxFuture<'_, Result<()>> {
         async move {
             self.inner.options.policy.admit(&server)?;
-            if server.spec.image.is_none() {
+            if server.spec.image.is_none() && server.spec.remote.is_none() {
                 return Err(OrchestratorError::Unsupported {
                     server: server.name.clone(),
                     backend: "kubernetes",
@@ -2126,56 +2266,11 @@ impl Runtime for KubeRuntime {
     }
 
     fn declare(&self, def: ServerDef) -> BoxFuture<'_, Result<()>> {
-        async move {
-            let server = def.resolve_declared()?;
-            self.inner.options.policy.admit(&server)?;
-            if !self.inner.options.watch_mcpservers {
-                // McpServer resources are ignored here: keep the server in this replica only.
-                return self.apply(server).await;
-            }
-            if server.spec.image.is_none() {
-                return Err(OrchestratorError::Unsupported {
-                    server: server.name.clone(),
-                    backend: "kubernetes",
-                    what: "an image",
-                });
-            }
-            let api: Api<McpServer> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
-            // The resource never holds a secret value (anyone who may read McpServers would
-            // read it, and etcd encrypts only Secrets): the values go to the server's values
-            // Secret, and the resource names them.
-            let (spec, values) = def.spec.clone().without_secret_values();
-            // Read first (a stored secret must have a value), written once the resource is
-            // (owned by it: no Secret outlives a resource that failed to be written).
-            let stored = self.stored_values(&def.name, &spec, values).await?;
-            let resource = serde_json::json!({
-                "apiVersion": McpServer::api_version(&()),
-                "kind": McpServer::kind(&()),
-                "metadata": { "name": def.name },
-                "spec": spec,
-            });
-            let obj = api
-                .patch(
-                    &def.name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&resource),
-                )
-                .await
-                .map_err(|e| OrchestratorError::kube(format!("declare server {}", def.name), e))?;
-            let uid = obj.uid().unwrap_or_default();
-            self.write_values(&def.name, stored, &uid).await?;
-            // The watch brings the same object to every replica; take it now so that this
-            // replica's status and list show it at once.
-            self.inner.removed.remove(&def.name);
-            self.inner.desired.insert(
-                def.name.clone(),
-                desired_from_resource(&obj, &self.inner.options.policy),
-            );
-            self.inner.refresh_status(&def.name, None);
-            self.inner.enqueue(def.name);
-            Ok(())
-        }
-        .boxed()
+        self.declare_as(def, false).boxed()
+    }
+
+    fn declare_new(&self, def: ServerDef) -> BoxFuture<'_, Result<()>> {
+        self.declare_as(def, true).boxed()
     }
 
     fn definition<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Option<McpServerSpec>> {
@@ -2204,7 +2299,10 @@ impl Runtime for KubeRuntime {
                     message: e.message,
                 })?;
             }
-            if let Some(s) = servers.iter().find(|s| s.spec.image.is_none()) {
+            if let Some(s) = servers
+                .iter()
+                .find(|s| s.spec.image.is_none() && s.spec.remote.is_none())
+            {
                 return Err(OrchestratorError::Unsupported {
                     server: s.name.clone(),
                     backend: "kubernetes",
@@ -2248,6 +2346,31 @@ impl Runtime for KubeRuntime {
     ) -> BoxFuture<'a, Result<Endpoint>> {
         async move {
             let deadline = tokio::time::Instant::now() + timeout;
+            // Nothing runs for a remote to wait for. Its stored header values are read, not
+            // taken from the watch, which may not have brought a Secret just written.
+            if let Some((server, _)) = self.inner.valid(name)
+                && server.spec.remote.is_some()
+            {
+                match self.inner.endpoint(name) {
+                    Err(OrchestratorError::NotRunning { .. }) if server.uses_stored_secrets() => {}
+                    watched => return watched,
+                }
+                let read = tokio::time::timeout_at(deadline, self.own_values(name))
+                    .await
+                    .map_err(|_| OrchestratorError::Timeout {
+                        server: name.to_owned(),
+                        waited: timeout,
+                        last: format!("reading {}", values_secret_name(name)),
+                    })??;
+                let values = read.and_then(|s| s.data);
+                let stored = |key: &str| {
+                    let bytes = values.as_ref()?.get(key)?;
+                    String::from_utf8(bytes.0.clone()).ok()
+                };
+                if let Some(endpoint) = super::remote::endpoint(&server, stored) {
+                    return endpoint;
+                }
+            }
             // Through the relay, the leader waits for the server when the relay session
             // opens, and wakes it (after a scale-down in flight, which only it knows of).
             if self
@@ -2341,6 +2464,7 @@ impl Runtime for KubeRuntime {
             if !self.inner.desired.contains_key(name) {
                 return Err(OrchestratorError::NotFound(name.to_string()));
             }
+            self.inner.not_remote(name, "process to restart")?;
             let api: Api<Pod> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
             let pods = self.inner.own_pods(name);
             self.inner.restarted.insert(
@@ -2367,6 +2491,7 @@ impl Runtime for KubeRuntime {
             if !self.inner.desired.contains_key(name) {
                 return Err(OrchestratorError::NotFound(name.to_string()));
             }
+            self.inner.not_remote(name, "logs")?;
             let pod =
                 self.inner
                     .current_pod_name(name)

@@ -69,6 +69,56 @@ impl Default for PodPolicy {
 }
 
 impl PodPolicy {
+    /// Refuses a remote URL that reaches the cluster's insides or private, metadata or
+    /// loopback addresses the operator did not allow (the gateway's pod connects to it, with
+    /// none of a server pod's egress policy): a literal address must lie in the operator's
+    /// `egress_private_cidrs`, and a cluster name (no dot, `.svc`, `.cluster.local`,
+    /// `.internal`, `localhost`) is never a remote (such a server runs as a pod here).
+    fn admit_remote(&self, url: &str) -> Result<(), SpecError> {
+        let refuse = |message: String| SpecError {
+            field: "remote.url".into(),
+            message,
+        };
+        let uri: http::Uri = url.parse().map_err(|_| refuse("is not a URL".into()))?;
+        let host = uri.host().unwrap_or_default();
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        match bare.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                let ip = match ip {
+                    std::net::IpAddr::V6(v6) => {
+                        v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4)
+                    }
+                    v4 => v4,
+                };
+                let range = (ip, if ip.is_ipv4() { 32 } else { 128 });
+                if let Some(private) = private_overlap(range)
+                    && !self
+                        .egress_private_cidrs
+                        .iter()
+                        .filter_map(|a| parse_cidr(a).ok())
+                        .any(|a| contains(a, range))
+                {
+                    return Err(refuse(format!(
+                        "{ip} is a private, cluster or metadata address ({private}) the operator does not allow (GATEHOUSE_ORCHESTRATOR_EGRESS_PRIVATE_CIDRS)"
+                    )));
+                }
+            }
+            Err(_) => {
+                let name = bare.trim_end_matches('.').to_ascii_lowercase();
+                let inside = !name.contains('.')
+                    || [".svc", ".cluster.local", ".internal", ".localhost"]
+                        .iter()
+                        .any(|s| name.ends_with(s));
+                if inside {
+                    return Err(refuse(format!(
+                        "{name} names something inside the cluster or this host: run such a server as a pod, not a remote"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Refuses a `cidr` rule that reaches private, cluster or metadata addresses the operator
     /// did not allow: a definition (an `McpServer`, the admin API) must not open the way to the
     /// cloud's credentials or the cluster's insides.
@@ -179,6 +229,9 @@ impl PodPolicy {
         if let Some(egress) = &spec.egress {
             self.admit_egress(egress)?;
         }
+        if let Some(remote) = &spec.remote {
+            self.admit_remote(&remote.url)?;
+        }
         let account = match spec.service_account_name.as_deref() {
             None => self.default_account.clone(),
             Some(a) if !is_dns_subdomain(a) => {
@@ -268,6 +321,33 @@ mod tests {
             .unwrap()
             .resolve_declared()
             .unwrap()
+    }
+
+    #[test]
+    fn a_remote_reaches_neither_the_cluster_nor_private_addresses_unless_allowed() {
+        let mut p = PodPolicy::default();
+        let remote = |url: &str| server(&format!("name: a\nremote: {{ url: '{url}' }}"));
+        assert!(p.admit(&remote("https://mcp.example.com/mcp")).is_ok());
+        assert!(p.admit(&remote("https://93.184.216.34/mcp")).is_ok());
+        for url in [
+            "http://10.1.2.3:8080/mcp",
+            "http://127.0.0.1:9000/mcp",
+            "http://[::1]:9000/mcp",
+            "http://[::ffff:10.0.0.1]/mcp",
+            "http://[fd00:ec2::254]/mcp",
+            "https://kubernetes.default.svc/api",
+            "http://mcp-other.mcp.svc.cluster.local:8080/mcp",
+            "http://gatehouse:9000/mcp",
+            "http://localhost:9000/mcp",
+            "http://metadata.google.internal/computeMetadata/v1",
+        ] {
+            let e = p.admit(&remote(url)).unwrap_err();
+            assert_eq!(e.field, "remote.url", "{url}: {e}");
+        }
+        // The operator's private ranges are allowed, and only those.
+        p.egress_private_cidrs = vec!["10.1.0.0/16".into()];
+        assert!(p.admit(&remote("http://10.1.2.3:8080/mcp")).is_ok());
+        assert!(p.admit(&remote("http://10.2.0.1:8080/mcp")).is_err());
     }
 
     #[test]
