@@ -1184,8 +1184,13 @@ async fn a_remote_runs_no_pod_and_every_replica_reaches_it_with_its_stored_heade
     assert!(cr["spec"].get("image").is_none(), "{cr}");
     let values = fake.get(Kind::Secret, NS, "mcp-hosted.values").unwrap();
     assert_eq!(
-        values["data"]["Authorization"],
+        values["data"]["header.Authorization"],
         base64::engine::general_purpose::STANDARD.encode(format!("Bearer {SECRET}"))
+    );
+    let origin = recorder.url.trim_end_matches("/mcp");
+    assert_eq!(
+        values["metadata"]["annotations"]["gatehouse.dev/remote-origin"], origin,
+        "{values}"
     );
     eventually("what ran it is removed", || {
         fake.get(Kind::Deployment, NS, "mcp-hosted").is_none()
@@ -1236,6 +1241,29 @@ async fn a_remote_runs_no_pod_and_every_replica_reaches_it_with_its_stored_heade
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(seen, "Bearer rotated-71aa");
+
+    // Its URL edited by someone who may write McpServers but not read Secrets: the stored
+    // header is sent nowhere else, and an admin change that keeps it is refused.
+    let elsewhere = "http://127.0.0.2:1/mcp";
+    fake.patch(
+        Kind::McpServer,
+        NS,
+        "hosted",
+        json!({"spec": {"remote": {"url": elsewhere}}}),
+    );
+    eventually("the edited remote waits for its values", || {
+        fake.get(Kind::McpServer, NS, "hosted").is_some_and(|cr| {
+            cr["status"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("origin"))
+        })
+    })
+    .await;
+    let kept = json!({"remote": {"url": elsewhere,
+        "headers": [{"name": "Authorization", "storedSecret": true}]}});
+    let r = admin(&a, "PUT", "/admin/v1/servers/hosted", Some(kept)).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("give them again"), "{}", r.body);
 
     // A remote for the operator only: the cluster's insides are not one.
     let inside = json!({"remote": {"url": "http://kubernetes.default.svc/api"}});

@@ -989,14 +989,49 @@ plugins:
     let r = admin("PUT", missing.into(), Some(json!({"labels": {}}))).await;
     assert_eq!(r.status, 404, "{}", r.body);
 
-    // A new version is the operator's to approve again.
+    // A new version is the operator's to approve again, and an older one imported later does
+    // not ride on another's approval: the filters decide version by version.
     let r = admin(
         "POST",
         "/admin/v1/registry/servers".into(),
-        Some(doc("2.0.0")),
+        Some(json!([doc("2.0.0"), doc("0.9.0")])),
     )
     .await;
     assert_eq!(r.status, 201, "{}", r.body);
-    assert!(!bob_sees().await.contains(&"io.example/sneaky".to_string()));
+    let r = admin_request(
+        addr,
+        Some("bob-token-0123456789ab"),
+        "GET",
+        "/v0.1/servers?search=sneaky",
+        None,
+    )
+    .await;
+    let listed = r.json();
+    let versions: Vec<&str> = listed["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["server"]["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["1.0.0"], "{}", r.body);
+    let one = |v: &str| format!("/v0.1/servers/io.example%2Fsneaky/versions/{v}");
+    for (path, status) in [
+        (one("1.0.0"), 200),
+        (one("2.0.0"), 404),
+        (one("0.9.0"), 404),
+        (one("latest"), 404),
+    ] {
+        let r = admin_request(addr, Some("bob-token-0123456789ab"), "GET", &path, None).await;
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+    }
+    let all = admin_request(
+        addr,
+        Some("bob-token-0123456789ab"),
+        "GET",
+        "/v0.1/servers/io.example%2Fsneaky/versions",
+        None,
+    )
+    .await;
+    assert_eq!(all.json()["metadata"]["count"], 1, "{}", all.body);
     gw.stop().await;
 }

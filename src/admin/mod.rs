@@ -402,12 +402,14 @@ async fn registry(
             .map_err(|_| AdminError::Invalid(format!("{s:?} is not valid percent-encoding")))
     };
     let rest = rest.trim_start_matches('/');
+    // A suffix only after a version (a version may be named `status` or `labels`).
+    let after_version = |t: &str| t.contains("/versions/");
     let (target, status_path) = match rest.strip_suffix("/status") {
-        Some(t) => (t, true),
-        None => (rest, false),
+        Some(t) if after_version(t) => (t, true),
+        _ => (rest, false),
     };
     let (target, labels_path) = match target.strip_suffix("/labels") {
-        Some(t) if !status_path => (t, true),
+        Some(t) if !status_path && after_version(t) => (t, true),
         _ => (target, false),
     };
     let Some((name, version)) = target.rsplit_once("/versions/") else {
@@ -631,8 +633,7 @@ async fn install(
     let body = json_body(gw, req).await?;
     let ask: Install =
         serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
-    visible_to(gw, &catalog, who, &ask.entry).await?;
-    let server = installable(&catalog, &ask.entry, ask.version.as_deref())?;
+    let server = installable(gw, &catalog, who, &ask.entry, ask.version.as_deref()).await?;
     let request = install::Request {
         name: ask.name,
         package: ask.package,
@@ -656,16 +657,22 @@ async fn install(
     put(gw, runtime, &def.name, def.spec, who, true).await
 }
 
-/// Refuses an entry the registry's filters hide from the admin principal `who`.
+/// Refuses a version (`server`, a document of entry `entry`) the registry's filters hide
+/// from the admin principal `who`.
 async fn visible_to(
     gw: &Gateway,
     catalog: &crate::registry::Catalog,
     who: &str,
     entry: &str,
+    server: &serde_json::Value,
 ) -> Result<(), AdminError> {
-    if !visible_to_admin(gw, catalog, who).await?.shows(entry) {
+    let version = server["version"].as_str().unwrap_or_default();
+    if !visible_to_admin(gw, catalog, who)
+        .await?
+        .shows(entry, version)
+    {
         return Err(AdminError::Hidden(format!(
-            "{entry} is hidden from {who} by the registry's filters: it cannot be installed"
+            "{entry} {version} is hidden from {who} by the registry's filters: it cannot be installed"
         )));
     }
     Ok(())
@@ -693,12 +700,16 @@ async fn visible_to_admin(
 
 /// A version of a catalog entry that may be installed (`latest` by default): not deprecated
 /// (nor deleted, which the catalog does not give).
-fn installable(
+async fn installable(
+    gw: &Gateway,
     catalog: &crate::registry::Catalog,
+    who: &str,
     entry: &str,
     version: Option<&str>,
 ) -> Result<serde_json::Value, AdminError> {
     let (server, meta) = catalog.version(entry, version.unwrap_or("latest"), false)?;
+    // Hidden before anything else is said of it.
+    visible_to(gw, catalog, who, entry, &server).await?;
     let official = &meta[crate::registry::catalog::OFFICIAL_META];
     if official["status"] == "deprecated" {
         return Err(AdminError::Invalid(format!(
@@ -758,8 +769,7 @@ async fn upgrade(
             ask.name
         )));
     };
-    visible_to(gw, &catalog, who, &source.entry).await?;
-    let server = installable(&catalog, &source.entry, ask.version.as_deref())?;
+    let server = installable(gw, &catalog, who, &source.entry, ask.version.as_deref()).await?;
     let old = catalog
         .version(&source.entry, &source.version, true)
         .ok()

@@ -2,7 +2,7 @@
 //! entry's `remotes[]`). Both backends keep their definitions and statuses like any other
 //! server's; their endpoint is the URL with its headers.
 
-use super::spec::{EnvValue, RemoteKind, ResolvedServer, values_secret_name};
+use super::spec::{EnvValue, RemoteKind, ResolvedServer, header_key, values_secret_name};
 use super::{Endpoint, OrchestratorError, Result};
 
 /// A remote server's endpoint, with its headers' values (`stored`: the values Secret's,
@@ -19,10 +19,10 @@ pub fn endpoint(
             let value = match value {
                 EnvValue::Plain(v) | EnvValue::Secret(v) | EnvValue::SecretFile(v) => v.clone(),
                 EnvValue::Stored { .. } => {
-                    stored(name).ok_or_else(|| OrchestratorError::NotRunning {
+                    stored(&header_key(name)).ok_or_else(|| OrchestratorError::NotRunning {
                         server: server.name.clone(),
                         detail: format!(
-                            "{} holds no value for its header {name}",
+                            "{} holds no value for its header {name} given for this URL's origin: give it again",
                             values_secret_name(&server.name)
                         ),
                     })?

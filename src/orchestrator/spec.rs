@@ -477,24 +477,50 @@ impl McpServerSpec {
                 var.stored_secret = true;
             }
         }
-        // A remote has no environment: its headers' names are the Secret's keys.
         for header in self.remote.iter_mut().flat_map(|r| &mut r.headers) {
             if let Some(v) = header.secret_value.take() {
-                values.insert(header.name.clone(), v);
+                values.insert(header_key(&header.name), v);
                 header.stored_secret = true;
             }
         }
         (self, values)
     }
 
-    /// The names of the values this definition keeps in its values Secret.
-    pub fn stored_secret_names(&self) -> Vec<&str> {
-        let env = self.env.iter().filter(|e| e.stored_secret).map(|e| &e.name);
+    /// The keys of the values this definition keeps in its values Secret.
+    pub fn stored_secret_names(&self) -> Vec<String> {
+        let env = self
+            .env
+            .iter()
+            .filter(|e| e.stored_secret)
+            .map(|e| e.name.clone());
         let headers = self.remote.iter().flat_map(|r| &r.headers);
-        env.chain(headers.filter(|h| h.stored_secret).map(|h| &h.name))
-            .map(String::as_str)
-            .collect()
+        env.chain(
+            headers
+                .filter(|h| h.stored_secret)
+                .map(|h| header_key(&h.name)),
+        )
+        .collect()
     }
+
+    /// Where a remote's stored header values may be sent: its URL's origin
+    /// (`https://host:port`).
+    pub fn remote_origin(&self) -> Option<String> {
+        let uri: http::Uri = self.remote.as_ref()?.url.parse().ok()?;
+        let scheme = uri.scheme_str()?;
+        let port = uri
+            .port_u16()
+            .unwrap_or(if scheme == "https" { 443 } else { 80 });
+        Some(format!(
+            "{scheme}://{}:{port}",
+            uri.host()?.to_ascii_lowercase()
+        ))
+    }
+}
+
+/// The values Secret's key of a remote's header `name`: a key space of its own, never an
+/// environment variable's (no variable's name starts with `header.`).
+pub fn header_key(name: &str) -> String {
+    format!("header.{name}")
 }
 
 /// Kubernetes object name for a server.
@@ -541,6 +567,7 @@ fn no_nul(field: &str, value: Option<&str>) -> Result<(), SpecError> {
 
 fn is_env_name(s: &str) -> bool {
     !s.is_empty()
+        && !s.starts_with("header.")
         && !s.starts_with(|c: char| c.is_ascii_digit())
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
@@ -659,6 +686,22 @@ fn remote_headers(
         std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified(),
         std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80 || v6.is_unspecified(),
     };
+    // `0251.0376.0251.0376`, `169.254.43518`, `0x7f.1`: addresses the resolver reads, in
+    // forms no check here would see as one.
+    let numeric = ip.is_none()
+        && (host
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_digit()))
+            || host
+                .split('.')
+                .any(|l| l.len() > 1 && l[..2].eq_ignore_ascii_case("0x")));
+    if numeric {
+        return Err(SpecError::new(
+            "remote.url",
+            "write an address in its usual form (a.b.c.d, or [v6] without a zone)",
+        ));
+    }
     if ip.is_some_and(link_local) {
         return Err(SpecError::new(
             "remote.url",
@@ -1087,10 +1130,13 @@ labels: { team: tools }
         );
         // On Kubernetes the secret goes to the values Secret, keyed by the header's name.
         let (spec, values) = ok.spec.clone().without_secret_values();
-        assert_eq!(values.get("X-Api-Key").map(String::as_str), Some("k"));
+        assert_eq!(
+            values.get("header.X-Api-Key").map(String::as_str),
+            Some("k")
+        );
         let kept = spec.remote.as_ref().unwrap();
         assert!(kept.headers[0].stored_secret && kept.headers[0].secret_value.is_none());
-        assert_eq!(spec.stored_secret_names(), ["X-Api-Key"]);
+        assert_eq!(spec.stored_secret_names(), ["header.X-Api-Key"]);
         assert!(
             !format!("{spec:?}").contains("\"k\""),
             "no value left: {spec:?}"
@@ -1116,6 +1162,10 @@ labels: { team: tools }
             ("name: a\nremote: { url: 'https://x.example/ a' }".into(), "remote.url"),
             ("name: a\nremote: { url: 'http://169.254.169.254/latest' }".into(), "remote.url"),
             ("name: a\nremote: { url: 'http://[fe80::1]/mcp' }".into(), "remote.url"),
+            ("name: a\nremote: { url: 'http://0251.0376.0251.0376/' }".into(), "remote.url"),
+            ("name: a\nremote: { url: 'http://169.254.43518/' }".into(), "remote.url"),
+            ("name: a\nremote: { url: 'http://0x7f.1:9000/' }".into(), "remote.url"),
+            ("name: a\nremote: { url: 'http://2130706433/' }".into(), "remote.url"),
             (
                 "name: a\nremote: { url: 'http://mcp.example.com/mcp', headers: [{ name: X-Key, secretValue: k }] }".into(),
                 "remote.url",

@@ -243,17 +243,20 @@ fn answer(
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
-    if !visible.shows(&name) {
+    if !visible.shows_any(&name) {
         return not_found();
     }
+    let shown =
+        |server: &Value| visible.shows(&name, server["version"].as_str().unwrap_or_default());
     match version {
         None => match catalog.versions(&name, include_deleted) {
             Ok(items) => {
-                let count = items.len();
                 let servers: Vec<Value> = items
                     .into_iter()
+                    .filter(|(server, _)| shown(server))
                     .map(|(server, meta)| json!({"server": server, "_meta": meta}))
                     .collect();
+                let count = servers.len();
                 json(
                     StatusCode::OK,
                     &json!({"servers": servers, "metadata": {"count": count}}),
@@ -262,6 +265,9 @@ fn answer(
             Err(e) => catalog_error(e),
         },
         Some(version) => match catalog.version(&name, &version, include_deleted) {
+            // `latest` hidden is absent for this caller (an older version is not shown in
+            // its place).
+            Ok((server, _)) if !shown(&server) => not_found(),
             Ok((server, meta)) => json(StatusCode::OK, &json!({"server": server, "_meta": meta})),
             Err(e) => catalog_error(e),
         },

@@ -104,6 +104,19 @@ pub struct Version {
     pub labels: BTreeMap<String, String>,
 }
 
+/// One version as the registry's filters see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The server's name.
+    pub name: String,
+    /// The version.
+    pub version: String,
+    /// Its description.
+    pub description: Option<String>,
+    /// The operator's labels, `key=value`.
+    pub labels: Vec<String>,
+}
+
 /// Most labels on a version.
 pub const MAX_LABELS: usize = 32;
 
@@ -284,11 +297,17 @@ impl Catalog {
                 let mut state: BTreeMap<String, Vec<Version>> =
                     serde_json::from_slice(&bytes).map_err(|e| store_err(&e))?;
                 // A file written before labels were the operator's kept them in the
-                // documents: they become the operator's, as they were taken then.
+                // documents, where a publisher may have written them: they are dropped (the
+                // operator labels again), and said so.
                 for v in state.values_mut().flatten() {
-                    let labels = take_our_meta(&mut v.server);
-                    if v.labels.is_empty() {
-                        v.labels = labels;
+                    let dropped = take_our_meta(&mut v.server);
+                    if !dropped.is_empty() {
+                        tracing::warn!(
+                            entry = %v.server["name"].as_str().unwrap_or_default(),
+                            version = %v.version(),
+                            labels = ?dropped,
+                            "labels from a document are no longer taken: set them with PUT /admin/v1/registry/servers/{{name}}/versions/{{version}}/labels"
+                        );
                     }
                 }
                 for (name, versions) in &state {
@@ -490,7 +509,9 @@ impl Catalog {
         }
         self.change(|state| {
             let v = find(state, name, version)?;
+            // Another document is not what the operator labelled (approved).
             v.server = server;
+            v.labels.clear();
             v.updated_at = now();
             Ok(())
         })
@@ -591,17 +612,20 @@ impl Catalog {
             .collect())
     }
 
-    /// Each server's name, with the description and labels (`key=value`, from our `_meta`)
-    /// of its latest version: what the registry's filters see.
-    pub fn entries(&self) -> Vec<(String, Option<String>, Vec<String>)> {
+    /// Every version: its server's name, its version, description and the operator's labels
+    /// (`key=value`): what the registry's filters decide on, one version at a time (an
+    /// approval of one version is not another's).
+    pub fn entries(&self) -> Vec<Entry> {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         state
             .iter()
-            .filter_map(|(name, versions)| {
-                let v = &versions[latest(versions).or(versions.len().checked_sub(1))?];
-                let labels = v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                let description = v.server["description"].as_str().map(str::to_owned);
-                Some((name.clone(), description, labels))
+            .flat_map(|(name, versions)| {
+                versions.iter().map(move |v| Entry {
+                    name: name.clone(),
+                    version: v.version().to_owned(),
+                    description: v.server["description"].as_str().map(str::to_owned),
+                    labels: v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                })
             })
             .collect()
     }
@@ -613,7 +637,7 @@ impl Catalog {
         let mut items = Vec::new();
         let mut next = None;
         for (name, versions) in state.iter() {
-            if !q.visible.shows(name) {
+            if !q.visible.shows_any(name) {
                 continue;
             }
             let latest = latest(versions);
@@ -629,6 +653,7 @@ impl Catalog {
                     humantime::parse_rfc3339_weak(&v.updated_at).is_ok_and(|t| t <= since)
                 });
                 if updated_since
+                    || !q.visible.shows(name, v.version())
                     || (q.latest_only && Some(i) != latest)
                     || q.version.as_deref().is_some_and(|want| want != v.version())
                     || (v.status == Status::Deleted && !q.include_deleted)
@@ -1098,7 +1123,8 @@ mod tests {
         use super::super::visibility::Visible;
         let c = Catalog::in_memory(&[]).unwrap();
         c.publish(doc("io.github.a/shown", "1.0.0")).unwrap();
-        let visible = Visible::Only(["io.github.a/shown".to_owned()].into());
+        let visible =
+            Visible::Only([("io.github.a/shown".to_owned(), "1.0.0".to_owned())].into());
         // Published after the filters ran: not shown until they have seen it.
         c.publish(doc("io.github.a/later", "1.0.0")).unwrap();
         let names = |visible: Visible| {
@@ -1228,8 +1254,8 @@ mod tests {
         assert!(again.version("io.github.a/b", "1.0.0", false).is_ok());
         assert!(again.version("io.github.a/seed", "latest", false).is_ok());
         drop(again);
-        // A file from before labels were kept apart: its documents' labels become the
-        // operator's, and the documents lose the block.
+        // A file from before labels were kept apart: the documents lose the block, and its
+        // labels are not taken as the operator's.
         let mut old: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
         old["io.github.a/b"][0]["server"]["_meta"] =
             serde_json::json!({GATEHOUSE_META: {"labels": {"team": "a"}}});
@@ -1237,10 +1263,21 @@ mod tests {
         let migrated = Catalog::open(file.clone(), &[]).unwrap();
         let (server, meta) = migrated.version("io.github.a/b", "1.0.0", false).unwrap();
         assert!(server.get("_meta").is_none(), "{server}");
-        assert_eq!(meta[GATEHOUSE_META]["labels"]["team"], "a", "{meta}");
+        assert!(meta.get(GATEHOUSE_META).is_none(), "{meta}");
         let entries = migrated.entries();
-        let b = entries.iter().find(|e| e.0 == "io.github.a/b").unwrap();
-        assert_eq!(b.2, ["team=a"]);
+        let b = entries.iter().find(|e| e.name == "io.github.a/b").unwrap();
+        assert!(b.labels.is_empty(), "{:?}", b.labels);
+        // A replaced document loses the operator's labels of the one it replaces.
+        let mut labels = BTreeMap::new();
+        labels.insert("approved".to_owned(), "yes".to_owned());
+        migrated
+            .set_labels("io.github.a/b", "1.0.0", labels)
+            .unwrap();
+        migrated
+            .replace("io.github.a/b", "1.0.0", doc("io.github.a/b", "1.0.0"))
+            .unwrap();
+        let (_, meta) = migrated.version("io.github.a/b", "1.0.0", false).unwrap();
+        assert!(meta.get(GATEHOUSE_META).is_none(), "{meta}");
         std::fs::write(
             &file,
             b"{\"io.github.a/b\": [{\"server\": {\"name\": \"x\"}}]}",

@@ -490,10 +490,14 @@ fn plan_remote(server: &Value, request: &Request, index: usize) -> Result<Server
             .map_err(|m| refuse(format!("{hpath}.name"), m))?;
         // The header's own variables fill its value's template (`Bearer {token}`).
         let declared_vars = header_vars(h);
+        // What the installer gives for a header (an API key, whatever the document calls
+        // it) is kept as a secret; only the document's own values are plain.
+        let given = |k: &str| request.values.contains_key(k);
         let secret = secret_names.contains(name)
+            || given(name)
             || declared_vars
                 .keys()
-                .any(|k| secret_names.contains(k.as_str()));
+                .any(|k| secret_names.contains(k.as_str()) || given(k));
         let required = h["isRequired"] == true;
         let value = match request.values.get(name) {
             Some(given) => Some(given.clone()),
@@ -1189,6 +1193,17 @@ mod tests {
         let def = plan(&entry, &whole, &runners()).unwrap();
         let h = &def.spec.remote.unwrap().headers[0];
         assert_eq!(h.secret_value.as_deref(), Some("Token t"));
+        // What the installer gives is kept secret, whatever the document says of it.
+        let region = Request {
+            values: values(&[("tenant", "acme"), ("token", "t"), ("X-Region", "us")]),
+            ..Request::default()
+        };
+        let def = plan(&entry, &region, &runners()).unwrap();
+        let h = &def.spec.remote.unwrap().headers[1];
+        assert_eq!(
+            (h.value.as_deref(), h.secret_value.as_deref()),
+            (None, Some("us"))
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Which catalog entries a caller sees: the filter-list plugins of the chains that match
-//! [`METHOD`] decide, per principal, group and scope. What a caller cannot see it cannot read
+//! [`METHOD`] decide, per principal, group and scope, one version at a time (each with its
+//! own labels). What a caller cannot see it cannot read
 //! (a 404, as if absent) nor install (refused).
 
 use std::collections::HashSet;
@@ -28,17 +29,25 @@ pub enum Visible {
     /// Everything (no filter runs).
     #[default]
     All,
-    /// These servers only: the filters' answer, so that an entry published after they ran is
-    /// not shown before they have seen it.
-    Only(HashSet<String>),
+    /// These versions only (server name, version): the filters' answer, so that a version
+    /// published after they ran is not shown before they have seen it.
+    Only(HashSet<(String, String)>),
 }
 
 impl Visible {
-    /// Whether server `name` is shown.
-    pub fn shows(&self, name: &str) -> bool {
+    /// Whether version `version` of server `name` is shown.
+    pub fn shows(&self, name: &str, version: &str) -> bool {
         match self {
             Visible::All => true,
-            Visible::Only(names) => names.contains(name),
+            Visible::Only(shown) => shown.contains(&(name.to_owned(), version.to_owned())),
+        }
+    }
+
+    /// Whether any version of server `name` is shown.
+    pub fn shows_any(&self, name: &str) -> bool {
+        match self {
+            Visible::All => true,
+            Visible::Only(shown) => shown.iter().any(|(n, _)| n == name),
         }
     }
 }
@@ -54,14 +63,14 @@ pub async fn visible(
     if plugins.is_empty() {
         return Ok(Visible::All);
     }
-    let entries: Vec<ListEntry> = catalog
-        .entries()
-        .into_iter()
-        .map(|(name, description, labels)| ListEntry {
+    let versions = catalog.entries();
+    let entries: Vec<ListEntry> = versions
+        .iter()
+        .map(|e| ListEntry {
             kind: EntryKind::Server,
-            name,
-            description,
-            labels,
+            name: e.name.clone(),
+            description: e.description.clone(),
+            labels: e.labels.clone(),
         })
         .collect();
     let ctx = CallContext {
@@ -76,11 +85,11 @@ pub async fn visible(
     };
     let shown = plugins.filter_list(&ctx, &entries).await?;
     Ok(Visible::Only(
-        entries
+        versions
             .into_iter()
             .zip(shown)
             .filter(|(_, shown)| *shown)
-            .map(|(e, _)| e.name)
+            .map(|(e, _)| (e.name, e.version))
             .collect(),
     ))
 }

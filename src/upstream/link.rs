@@ -273,16 +273,22 @@ impl Link {
         let Some(o) = &self.server.orchestrated else {
             return;
         };
-        // What cannot be read now (a values Secret not watched yet) is no change.
-        let now = o.runtime.endpoint(&self.server.name).await.ok();
-        if now
-            .as_ref()
-            .and_then(crate::orchestrator::remote::fingerprint)
-            .is_none_or(|f| f == connected)
+        // What cannot be read now (a values Secret not watched yet) is no change; anything
+        // else than this same remote (another URL or header, or a server run here now) is.
+        let Ok(now) = o.runtime.endpoint(&self.server.name).await else {
+            return;
+        };
+        if crate::orchestrator::remote::fingerprint(&now) == Some(connected) {
+            return;
+        }
+        // One caller ends the old connection: not one a concurrent call made since.
+        if self
+            .remote_endpoint
+            .compare_exchange(connected, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
         {
             return;
         }
-        self.remote_endpoint.store(0, Ordering::Release);
         let old = self
             .current
             .lock()

@@ -114,6 +114,9 @@ pub const ENV_DEFAULT_EGRESS: &str = "GATEHOUSE_ORCHESTRATOR_DEFAULT_EGRESS";
 pub const FIELD_MANAGER: &str = "gatehouse";
 /// Annotation of a Deployment scaled to zero while its server is idle (the value: since when).
 pub const ASLEEP_ANNOTATION: &str = "gatehouse.dev/asleep";
+/// On a values Secret: the origin (`https://host:port`) its remote header values were given
+/// for, the only one they are sent to.
+pub const REMOTE_ORIGIN_ANNOTATION: &str = "gatehouse.dev/remote-origin";
 
 /// Where the client's configuration comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -575,11 +578,27 @@ impl KubeRuntime {
         let mut data: BTreeMap<String, ByteString> = BTreeMap::new();
         let kept: Vec<&str> = stored
             .iter()
-            .copied()
+            .map(String::as_str)
             .filter(|k| !values.contains_key(*k))
             .collect();
         if !kept.is_empty() {
             let old = self.own_values(name).await?;
+            // A remote's kept values go only where they were given for.
+            if let Some(origin) = spec.remote_origin() {
+                let given_for = old
+                    .as_ref()
+                    .and_then(|s| s.annotations().get(REMOTE_ORIGIN_ANNOTATION).cloned());
+                if given_for.as_deref() != Some(origin.as_str()) {
+                    return Err(SpecError {
+                        field: "remote.url".into(),
+                        message: format!(
+                            "its stored header values were given for {}, not {origin}: give them again (secretValue)",
+                            given_for.as_deref().unwrap_or("no remote")
+                        ),
+                    }
+                    .into());
+                }
+            }
             for k in kept {
                 let value = old
                     .as_ref()
@@ -601,7 +620,7 @@ impl KubeRuntime {
         data.extend(
             values
                 .into_iter()
-                .filter(|(k, _)| stored.contains(&k.as_str()))
+                .filter(|(k, _)| stored.contains(k))
                 .map(|(k, v)| (k, ByteString(v.into_bytes()))),
         );
         Ok(Some(data))
@@ -614,6 +633,7 @@ impl KubeRuntime {
         name: &str,
         data: Option<BTreeMap<String, k8s_openapi::ByteString>>,
         owner: &str,
+        origin: Option<String>,
     ) -> Result<()> {
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
         let api: Api<Secret> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
@@ -637,6 +657,8 @@ impl KubeRuntime {
                     name,
                     owner,
                 )]),
+                annotations: origin
+                    .map(|o| BTreeMap::from([(REMOTE_ORIGIN_ANNOTATION.to_owned(), o)])),
                 ..ObjectMeta::default()
             },
             data: Some(data),
@@ -699,40 +721,33 @@ impl KubeRuntime {
         // Read first (a stored secret must have a value), written once the resource is
         // (owned by it: no Secret outlives a resource that failed to be written).
         let stored = self.stored_values(&def.name, &spec, values).await?;
-        let written = match new_only {
-            // Created, or refused when any replica defined it meanwhile (the API server
-            // decides: no two installs of one name both win).
-            true => {
-                let params = kube::api::PostParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..Default::default()
-                };
-                api.create(&params, &McpServer::new(&def.name, spec)).await
-            }
-            false => {
-                let resource = serde_json::json!({
-                    "apiVersion": McpServer::api_version(&()),
-                    "kind": McpServer::kind(&()),
-                    "metadata": { "name": def.name },
-                    "spec": spec,
-                });
-                api.patch(
-                    &def.name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&resource),
-                )
-                .await
-            }
-        };
-        let obj = match written {
-            Err(kube::Error::Api(e)) if new_only && e.code == 409 => {
-                return Err(OrchestratorError::Exists(def.name));
-            }
-            other => other
-                .map_err(|e| OrchestratorError::kube(format!("declare server {}", def.name), e))?,
-        };
+        // Never over another's Secret of the values Secret's name, found before anything
+        // is written.
+        if stored.is_some() {
+            self.own_values(&def.name).await?;
+        }
+        let obj = self.write_resource(&api, &def.name, spec, new_only).await?;
         let uid = obj.uid().unwrap_or_default();
-        self.write_values(&def.name, stored, &uid).await?;
+        if let Err(e) = self
+            .write_values(&def.name, stored, &uid, def.spec.remote_origin())
+            .await
+        {
+            // An install is all or nothing: the resource it made goes (that one, by uid).
+            if new_only {
+                let precondition = kube::api::Preconditions {
+                    uid: Some(uid.clone()),
+                    resource_version: None,
+                };
+                let params = DeleteParams {
+                    preconditions: Some(precondition),
+                    ..DeleteParams::background()
+                };
+                if let Err(undo) = api.delete(&def.name, &params).await {
+                    tracing::warn!(server = %def.name, "undoing a failed install: {undo}");
+                }
+            }
+            return Err(e);
+        }
         // The watch brings the same object to every replica; take it now so that this
         // replica's status and list show it at once.
         self.inner.removed.remove(&def.name);
@@ -743,6 +758,93 @@ impl KubeRuntime {
         self.inner.refresh_status(&def.name, None);
         self.inner.enqueue(def.name);
         Ok(())
+    }
+
+    /// Refuses a remote whose host name resolves to an address the operator does not allow
+    /// (a private, cluster, metadata or loopback one): the gateway's own pod would connect
+    /// to it. Checked at each connection, against what the name resolves to then (a name
+    /// that changes its answers between this look and the connection's own is not caught).
+    async fn resolves_outside(
+        &self,
+        name: &str,
+        url: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<()> {
+        let refused = |detail: String| OrchestratorError::NotRunning {
+            server: name.to_owned(),
+            detail,
+        };
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|_| refused("its URL is not one".into()))?;
+        let host = uri.host().unwrap_or_default();
+        if host.starts_with('[') || host.parse::<std::net::IpAddr>().is_ok() {
+            return Ok(()); // an address: checked with the definition
+        }
+        let port = uri
+            .port_u16()
+            .unwrap_or(if uri.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            });
+        let addrs = tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port)))
+            .await
+            .map_err(|_| refused(format!("resolving {host} timed out")))?
+            .map_err(|e| refused(format!("cannot resolve {host}: {e}")))?;
+        for addr in addrs {
+            self.inner
+                .options
+                .policy
+                .remote_address(addr.ip())
+                .map_err(|e| refused(format!("its host {host} resolves to {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Writes server `name`'s `McpServer` with `spec`: created, or (unless `new_only`) its
+    /// spec replaced, its other metadata kept. A replace, not an apply: a field the new spec
+    /// leaves out is gone, whoever wrote it first; and a change made meanwhile by another
+    /// replica is not overwritten unseen (tried again on the fresh object).
+    async fn write_resource(
+        &self,
+        api: &Api<McpServer>,
+        name: &str,
+        spec: McpServerSpec,
+        new_only: bool,
+    ) -> Result<McpServer> {
+        let params = kube::api::PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        let kube_err = |e| OrchestratorError::kube(format!("declare server {name}"), e);
+        for _ in 0..3 {
+            let written = match api.get_opt(name).await.map_err(kube_err)? {
+                Some(_) if new_only => return Err(OrchestratorError::Exists(name.to_owned())),
+                Some(mut current) => {
+                    current.spec = spec.clone();
+                    api.replace(name, &params, &current).await
+                }
+                None => {
+                    api.create(&params, &McpServer::new(name, spec.clone()))
+                        .await
+                }
+            };
+            match written {
+                Ok(obj) => return Ok(obj),
+                // Created meanwhile (AlreadyExists) or changed meanwhile (Conflict).
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    if new_only && e.reason == "AlreadyExists" {
+                        return Err(OrchestratorError::Exists(name.to_owned()));
+                    }
+                }
+                Err(e) => return Err(kube_err(e)),
+            }
+        }
+        Err(OrchestratorError::Invalid(SpecError {
+            field: "name".into(),
+            message: format!("{name} keeps changing under this write: try again"),
+        }))
     }
 
     /// Builds the client from `settings` and starts watching, electing and reconciling.
@@ -1432,7 +1534,7 @@ impl Inner {
                     ServerStatus::new(Phase::Ready).with_message(format!("remote: {}", remote.url))
                 }
                 Some(k) => ServerStatus::new(Phase::Starting).with_message(format!(
-                    "remote: waiting for {} to hold its header {k}",
+                    "remote: waiting for {} to hold {k} given for this URL's origin",
                     values_secret_name(name)
                 )),
             })
@@ -1877,6 +1979,13 @@ impl Inner {
         let secret = self.secrets.get(name, &values_secret_name(name))?;
         let ours = secret.labels().get(labels::SERVER).map(String::as_str) == Some(name)
             && secret.labels().get(labels::MANAGED_BY).map(String::as_str) == Some(labels::MANAGER);
+        if key.starts_with("header.")
+            && !self
+                .valid(name)
+                .is_some_and(|(s, _)| for_origin(&secret, &s.spec))
+        {
+            return None;
+        }
         let value = secret.data.as_ref()?.get(key)?;
         ours.then(|| String::from_utf8(value.0.clone()).ok())?
     }
@@ -1939,6 +2048,14 @@ impl Inner {
             url: format!("http://{host}:{port}{path}"),
         })
     }
+}
+
+/// Whether the values Secret `secret` holds a remote's header values given for the origin
+/// `spec`'s URL has now (its URL may have been edited since, by someone who cannot read
+/// them: they go nowhere else).
+fn for_origin(secret: &Secret, spec: &McpServerSpec) -> bool {
+    let given_for = secret.annotations().get(REMOTE_ORIGIN_ANNOTATION);
+    given_for.is_some() && given_for.cloned() == spec.remote_origin()
 }
 
 /// Reads the replicas' relay secret from its Secret, creating it (32 random bytes) when no
@@ -2351,25 +2468,31 @@ impl Runtime for KubeRuntime {
             if let Some((server, _)) = self.inner.valid(name)
                 && server.spec.remote.is_some()
             {
-                match self.inner.endpoint(name) {
-                    Err(OrchestratorError::NotRunning { .. }) if server.uses_stored_secrets() => {}
-                    watched => return watched,
+                let endpoint = match self.inner.endpoint(name) {
+                    Err(OrchestratorError::NotRunning { .. }) if server.uses_stored_secrets() => {
+                        let read = tokio::time::timeout_at(deadline, self.own_values(name))
+                            .await
+                            .map_err(|_| OrchestratorError::Timeout {
+                                server: name.to_owned(),
+                                waited: timeout,
+                                last: format!("reading {}", values_secret_name(name)),
+                            })??;
+                        let values = read
+                            .filter(|s| for_origin(s, &server.spec))
+                            .and_then(|s| s.data);
+                        let stored = |key: &str| {
+                            let bytes = values.as_ref()?.get(key)?;
+                            String::from_utf8(bytes.0.clone()).ok()
+                        };
+                        super::remote::endpoint(&server, stored)
+                            .unwrap_or_else(|| Err(OrchestratorError::NotFound(name.to_owned())))
+                    }
+                    watched => watched,
+                }?;
+                if let Some(remote) = &server.spec.remote {
+                    self.resolves_outside(name, &remote.url, deadline).await?;
                 }
-                let read = tokio::time::timeout_at(deadline, self.own_values(name))
-                    .await
-                    .map_err(|_| OrchestratorError::Timeout {
-                        server: name.to_owned(),
-                        waited: timeout,
-                        last: format!("reading {}", values_secret_name(name)),
-                    })??;
-                let values = read.and_then(|s| s.data);
-                let stored = |key: &str| {
-                    let bytes = values.as_ref()?.get(key)?;
-                    String::from_utf8(bytes.0.clone()).ok()
-                };
-                if let Some(endpoint) = super::remote::endpoint(&server, stored) {
-                    return endpoint;
-                }
+                return Ok(endpoint);
             }
             // Through the relay, the leader waits for the server when the relay session
             // opens, and wakes it (after a scale-down in flight, which only it knows of).

@@ -83,26 +83,7 @@ impl PodPolicy {
         let host = uri.host().unwrap_or_default();
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         match bare.parse::<std::net::IpAddr>() {
-            Ok(ip) => {
-                let ip = match ip {
-                    std::net::IpAddr::V6(v6) => {
-                        v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4)
-                    }
-                    v4 => v4,
-                };
-                let range = (ip, if ip.is_ipv4() { 32 } else { 128 });
-                if let Some(private) = private_overlap(range)
-                    && !self
-                        .egress_private_cidrs
-                        .iter()
-                        .filter_map(|a| parse_cidr(a).ok())
-                        .any(|a| contains(a, range))
-                {
-                    return Err(refuse(format!(
-                        "{ip} is a private, cluster or metadata address ({private}) the operator does not allow (GATEHOUSE_ORCHESTRATOR_EGRESS_PRIVATE_CIDRS)"
-                    )));
-                }
-            }
+            Ok(ip) => self.remote_address(ip).map_err(refuse)?,
             Err(_) => {
                 let name = bare.trim_end_matches('.').to_ascii_lowercase();
                 let inside = !name.contains('.')
@@ -117,6 +98,30 @@ impl PodPolicy {
             }
         }
         Ok(())
+    }
+
+    /// Refuses an address a remote's host is (or resolves to) when it is private, cluster,
+    /// metadata or loopback and outside the operator's `egress_private_cidrs`.
+    pub fn remote_address(&self, ip: std::net::IpAddr) -> Result<(), String> {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        let range = (ip, if ip.is_ipv4() { 32 } else { 128 });
+        match private_overlap(range) {
+            Some(private)
+                if !self
+                    .egress_private_cidrs
+                    .iter()
+                    .filter_map(|a| parse_cidr(a).ok())
+                    .any(|a| contains(a, range)) =>
+            {
+                Err(format!(
+                    "{ip} is a private, cluster or metadata address ({private}) the operator does not allow (GATEHOUSE_ORCHESTRATOR_EGRESS_PRIVATE_CIDRS)"
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Refuses a `cidr` rule that reaches private, cluster or metadata addresses the operator
