@@ -120,6 +120,7 @@ impl AdminError {
                 }
                 OrchestratorError::WrongTransport { .. }
                 | OrchestratorError::Exists(_)
+                | OrchestratorError::Conflict(_)
                 | OrchestratorError::NotRunning { .. }
                 | OrchestratorError::Remote { .. } => StatusCode::CONFLICT,
                 _ => StatusCode::BAD_GATEWAY,

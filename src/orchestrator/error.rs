@@ -13,6 +13,9 @@ pub enum OrchestratorError {
     /// A server of that name is defined already (a definition only for a new server).
     #[error("a server named {0:?} is defined already")]
     Exists(String),
+    /// Others kept changing what this change was to write.
+    #[error("{0}")]
+    Conflict(String),
     /// The definition is invalid.
     #[error("invalid server definition: {0}")]
     Invalid(#[from] SpecError),

@@ -688,14 +688,15 @@ fn remote_headers(
     };
     // `0251.0376.0251.0376`, `169.254.43518`, `0x7f.1`: addresses the resolver reads, in
     // forms no check here would see as one.
-    let numeric = ip.is_none()
-        && (host
-            .rsplit('.')
-            .next()
-            .is_some_and(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_digit()))
-            || host
-                .split('.')
-                .any(|l| l.len() > 1 && l[..2].eq_ignore_ascii_case("0x")));
+    let number = |l: &str| {
+        let hex = l.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("0x"));
+        match hex {
+            true => l[2..].chars().all(|c| c.is_ascii_hexdigit()),
+            false => !l.is_empty() && l.chars().all(|c| c.is_ascii_digit()),
+        }
+    };
+    // As `inet_aton` reads it: every part a number (decimal, octal or hex).
+    let numeric = ip.is_none() && host.trim_end_matches('.').split('.').all(number);
     if numeric {
         return Err(SpecError::new(
             "remote.url",
@@ -715,7 +716,7 @@ fn remote_headers(
     if secret && uri.scheme_str() == Some("http") && !this_host {
         return Err(SpecError::new(
             "remote.url",
-            "its secret headers would cross the network in the clear: use https (plain http only to this host)",
+            "its secret headers (declared secret, or values an installer gave) would cross the network in the clear: use https (plain http only to this host)",
         ));
     }
     Ok(headers)
@@ -1142,6 +1143,17 @@ labels: { team: tools }
             "no value left: {spec:?}"
         );
 
+        // A host with a number in it is a host.
+        assert!(
+            def("name: r\nremote: { url: 'https://api.0x.org/mcp' }")
+                .resolve_declared()
+                .is_ok()
+        );
+        assert!(
+            def("name: r\nremote: { url: 'https://1password.example/mcp' }")
+                .resolve_declared()
+                .is_ok()
+        );
         let remote = "remote: { url: 'https://x.example/mcp' }";
         let cases = [
             (format!("name: a\nimage: i\n{remote}"), "image"),

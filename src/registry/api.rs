@@ -257,6 +257,10 @@ fn answer(
                     .map(|(server, meta)| json!({"server": server, "_meta": meta}))
                     .collect();
                 let count = servers.len();
+                // Only hidden ones: as absent.
+                if count == 0 {
+                    return not_found();
+                }
                 json(
                     StatusCode::OK,
                     &json!({"servers": servers, "metadata": {"count": count}}),

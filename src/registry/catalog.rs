@@ -510,8 +510,10 @@ impl Catalog {
         self.change(|state| {
             let v = find(state, name, version)?;
             // Another document is not what the operator labelled (approved).
+            if v.server != server {
+                v.labels.clear();
+            }
             v.server = server;
-            v.labels.clear();
             v.updated_at = now();
             Ok(())
         })
@@ -1124,7 +1126,7 @@ mod tests {
         let c = Catalog::in_memory(&[]).unwrap();
         c.publish(doc("io.github.a/shown", "1.0.0")).unwrap();
         let visible =
-            Visible::Only([("io.github.a/shown".to_owned(), "1.0.0".to_owned())].into());
+            Visible::Only([("io.github.a/shown".to_owned(), ["1.0.0".to_owned()].into())].into());
         // Published after the filters ran: not shown until they have seen it.
         c.publish(doc("io.github.a/later", "1.0.0")).unwrap();
         let names = |visible: Visible| {
@@ -1267,15 +1269,22 @@ mod tests {
         let entries = migrated.entries();
         let b = entries.iter().find(|e| e.name == "io.github.a/b").unwrap();
         assert!(b.labels.is_empty(), "{:?}", b.labels);
-        // A replaced document loses the operator's labels of the one it replaces.
+        // A replaced document loses the operator's labels of the one it replaces (the same
+        // document again keeps them).
         let mut labels = BTreeMap::new();
         labels.insert("approved".to_owned(), "yes".to_owned());
         migrated
             .set_labels("io.github.a/b", "1.0.0", labels)
             .unwrap();
+        let same = doc("io.github.a/b", "1.0.0");
         migrated
-            .replace("io.github.a/b", "1.0.0", doc("io.github.a/b", "1.0.0"))
+            .replace("io.github.a/b", "1.0.0", same.clone())
             .unwrap();
+        let (_, meta) = migrated.version("io.github.a/b", "1.0.0", false).unwrap();
+        assert_eq!(meta[GATEHOUSE_META]["labels"]["approved"], "yes", "{meta}");
+        let mut changed = same;
+        changed["description"] = serde_json::json!("something else now");
+        migrated.replace("io.github.a/b", "1.0.0", changed).unwrap();
         let (_, meta) = migrated.version("io.github.a/b", "1.0.0", false).unwrap();
         assert!(meta.get(GATEHOUSE_META).is_none(), "{meta}");
         std::fs::write(

@@ -492,7 +492,8 @@ fn plan_remote(server: &Value, request: &Request, index: usize) -> Result<Server
         let declared_vars = header_vars(h);
         // What the installer gives for a header (an API key, whatever the document calls
         // it) is kept as a secret; only the document's own values are plain.
-        let given = |k: &str| request.values.contains_key(k);
+        // (A value chosen among the document's `choices` is the document's: plain.)
+        let given = |k: &str| request.values.contains_key(k) && h["choices"].as_array().is_none();
         let secret = secret_names.contains(name)
             || given(name)
             || declared_vars
@@ -1138,7 +1139,8 @@ mod tests {
                  "headers": [
                     {"name": "Authorization", "value": "Bearer {token}", "isRequired": true,
                      "variables": {"token": {"isRequired": true, "isSecret": true}}},
-                    {"name": "X-Region", "default": "eu", "choices": ["eu", "us"]}]},
+                    {"name": "X-Region", "default": "eu", "choices": ["eu", "us"]},
+                    {"name": "X-Team"}]},
                 {"type": "sse", "url": "https://sse.example.com/sse"}]})
     }
 
@@ -1193,17 +1195,22 @@ mod tests {
         let def = plan(&entry, &whole, &runners()).unwrap();
         let h = &def.spec.remote.unwrap().headers[0];
         assert_eq!(h.secret_value.as_deref(), Some("Token t"));
-        // What the installer gives is kept secret, whatever the document says of it.
-        let region = Request {
-            values: values(&[("tenant", "acme"), ("token", "t"), ("X-Region", "us")]),
+        // What the installer gives is kept secret, whatever the document says of it; a
+        // choice among the document's own values is not.
+        let given = Request {
+            values: values(&[
+                ("tenant", "acme"),
+                ("token", "t"),
+                ("X-Region", "us"),
+                ("X-Team", "blue"),
+            ]),
             ..Request::default()
         };
-        let def = plan(&entry, &region, &runners()).unwrap();
-        let h = &def.spec.remote.unwrap().headers[1];
-        assert_eq!(
-            (h.value.as_deref(), h.secret_value.as_deref()),
-            (None, Some("us"))
-        );
+        let def = plan(&entry, &given, &runners()).unwrap();
+        let headers = def.spec.remote.unwrap().headers;
+        let pair = |h: &HeaderSpec| (h.value.clone(), h.secret_value.clone());
+        assert_eq!(pair(&headers[1]), (Some("us".into()), None));
+        assert_eq!(pair(&headers[2]), (None, Some("blue".into())));
     }
 
     #[test]

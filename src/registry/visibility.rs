@@ -3,7 +3,7 @@
 //! own labels). What a caller cannot see it cannot read
 //! (a 404, as if absent) nor install (refused).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::plugins::{CallContext, Denied, EntryKind, ListEntry, Plugins};
 
@@ -31,7 +31,7 @@ pub enum Visible {
     All,
     /// These versions only (server name, version): the filters' answer, so that a version
     /// published after they ran is not shown before they have seen it.
-    Only(HashSet<(String, String)>),
+    Only(HashMap<String, HashSet<String>>),
 }
 
 impl Visible {
@@ -39,7 +39,7 @@ impl Visible {
     pub fn shows(&self, name: &str, version: &str) -> bool {
         match self {
             Visible::All => true,
-            Visible::Only(shown) => shown.contains(&(name.to_owned(), version.to_owned())),
+            Visible::Only(shown) => shown.get(name).is_some_and(|v| v.contains(version)),
         }
     }
 
@@ -47,7 +47,7 @@ impl Visible {
     pub fn shows_any(&self, name: &str) -> bool {
         match self {
             Visible::All => true,
-            Visible::Only(shown) => shown.iter().any(|(n, _)| n == name),
+            Visible::Only(shown) => shown.contains_key(name),
         }
     }
 }
@@ -84,12 +84,9 @@ pub async fn visible(
         scopes: caller.scopes,
     };
     let shown = plugins.filter_list(&ctx, &entries).await?;
-    Ok(Visible::Only(
-        versions
-            .into_iter()
-            .zip(shown)
-            .filter(|(_, shown)| *shown)
-            .map(|(e, _)| (e.name, e.version))
-            .collect(),
-    ))
+    let mut visible: HashMap<String, HashSet<String>> = HashMap::new();
+    for (e, _) in versions.into_iter().zip(shown).filter(|(_, shown)| *shown) {
+        visible.entry(e.name).or_default().insert(e.version);
+    }
+    Ok(Visible::Only(visible))
 }

@@ -273,12 +273,17 @@ impl Link {
         let Some(o) = &self.server.orchestrated else {
             return;
         };
-        // What cannot be read now (a values Secret not watched yet) is no change; anything
-        // else than this same remote (another URL or header, or a server run here now) is.
-        let Ok(now) = o.runtime.endpoint(&self.server.name).await else {
-            return;
-        };
-        if crate::orchestrator::remote::fingerprint(&now) == Some(connected) {
+        // Anything else than this same remote is a change: another URL or header, a server
+        // run here now, or one that cannot be reached as defined (removed, invalid, its
+        // stored values not given for its URL): the connection to the old one ends, and the
+        // next is made as the orchestrator says then.
+        let now = o.runtime.endpoint(&self.server.name).await;
+        if now
+            .as_ref()
+            .ok()
+            .and_then(crate::orchestrator::remote::fingerprint)
+            == Some(connected)
+        {
             return;
         }
         // One caller ends the old connection: not one a concurrent call made since.

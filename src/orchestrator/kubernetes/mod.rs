@@ -841,10 +841,9 @@ impl KubeRuntime {
                 Err(e) => return Err(kube_err(e)),
             }
         }
-        Err(OrchestratorError::Invalid(SpecError {
-            field: "name".into(),
-            message: format!("{name} keeps changing under this write: try again"),
-        }))
+        Err(OrchestratorError::Conflict(format!(
+            "{name} keeps changing under this write: try again"
+        )))
     }
 
     /// Builds the client from `settings` and starts watching, electing and reconciling.
@@ -2489,8 +2488,10 @@ impl Runtime for KubeRuntime {
                     }
                     watched => watched,
                 }?;
-                if let Some(remote) = &server.spec.remote {
-                    self.resolves_outside(name, &remote.url, deadline).await?;
+                // The URL of the endpoint handed out (the definition may have changed since
+                // `server` was read).
+                if let Endpoint::Remote { url, .. } = &endpoint {
+                    self.resolves_outside(name, url, deadline).await?;
                 }
                 return Ok(endpoint);
             }

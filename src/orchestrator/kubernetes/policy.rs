@@ -107,6 +107,10 @@ impl PodPolicy {
             std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
             v4 => v4,
         };
+        if ip.is_unspecified() {
+            // `::` and `0.0.0.0` reach this pod's own ports.
+            return Err(format!("{ip} is this host (unspecified)"));
+        }
         let range = (ip, if ip.is_ipv4() { 32 } else { 128 });
         match private_overlap(range) {
             Some(private)
@@ -349,6 +353,11 @@ mod tests {
             let e = p.admit(&remote(url)).unwrap_err();
             assert_eq!(e.field, "remote.url", "{url}: {e}");
         }
+        // What a name resolves to is checked the same way; `::` is this pod.
+        for ip in ["::", "0.0.0.0", "10.0.0.1", "169.254.169.254", "::ffff:127.0.0.1"] {
+            assert!(p.remote_address(ip.parse().unwrap()).is_err(), "{ip}");
+        }
+        assert!(p.remote_address("93.184.216.34".parse().unwrap()).is_ok());
         // The operator's private ranges are allowed, and only those.
         p.egress_private_cidrs = vec!["10.1.0.0/16".into()];
         assert!(p.admit(&remote("http://10.1.2.3:8080/mcp")).is_ok());
