@@ -354,7 +354,13 @@ mod tests {
             assert_eq!(e.field, "remote.url", "{url}: {e}");
         }
         // What a name resolves to is checked the same way; `::` is this pod.
-        for ip in ["::", "0.0.0.0", "10.0.0.1", "169.254.169.254", "::ffff:127.0.0.1"] {
+        for ip in [
+            "::",
+            "0.0.0.0",
+            "10.0.0.1",
+            "169.254.169.254",
+            "::ffff:127.0.0.1",
+        ] {
             assert!(p.remote_address(ip.parse().unwrap()).is_err(), "{ip}");
         }
         assert!(p.remote_address("93.184.216.34".parse().unwrap()).is_ok());
