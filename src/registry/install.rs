@@ -226,28 +226,13 @@ pub fn plan(
             known.insert(name.to_string(), operators.clone());
             continue;
         }
-        let given = request.values.get(name).cloned();
-        let value = given
-            .clone()
-            .or_else(|| var["value"].as_str().map(str::to_string))
-            .or_else(|| var["default"].as_str().map(str::to_string));
-        let Some(value) = value else {
+        let Some(value) = input_value(request.values.get(name), var) else {
             if var["isRequired"] == true {
                 return Err(refuse(format!("values.{name}"), "is required"));
             }
             continue;
         };
-        if let Some(choices) = var["choices"].as_array()
-            && !choices.iter().any(|c| c == value.as_str())
-        {
-            return Err(refuse(
-                format!("values.{name}"),
-                format!(
-                    "must be one of {}",
-                    serde_json::to_string(choices).unwrap_or_default()
-                ),
-            ));
-        }
+        chosen(name, var, &value)?;
         if value.contains('\0') {
             return Err(refuse(
                 format!("values.{name}"),
@@ -416,26 +401,10 @@ fn plan_remote(server: &Value, request: &Request, index: usize) -> Result<Server
     // An input's value: the installer's, else the document's fixed value, else its default
     // (`None`: none, or a required one missing); `choices` enforced.
     let input = |name: &str, var: &Value| -> Result<Option<String>, InstallError> {
-        let value = request
-            .values
-            .get(name)
-            .cloned()
-            .or_else(|| var["value"].as_str().map(str::to_string))
-            .or_else(|| var["default"].as_str().map(str::to_string));
-        let Some(value) = value else {
+        let Some(value) = input_value(request.values.get(name), var) else {
             return Ok(None);
         };
-        if let Some(choices) = var["choices"].as_array()
-            && !choices.iter().any(|c| c == value.as_str())
-        {
-            return Err(refuse(
-                format!("values.{name}"),
-                format!(
-                    "must be one of {}",
-                    serde_json::to_string(choices).unwrap_or_default()
-                ),
-            ));
-        }
+        chosen(name, var, &value)?;
         if value.len() > MAX_REMOTE_VALUE {
             return Err(refuse(
                 format!("values.{name}"),
@@ -533,17 +502,7 @@ fn plan_remote(server: &Value, request: &Request, index: usize) -> Result<Server
             }
             continue;
         };
-        if let Some(choices) = h["choices"].as_array()
-            && !choices.iter().any(|c| c == value.as_str())
-        {
-            return Err(refuse(
-                format!("values.{name}"),
-                format!(
-                    "must be one of {}",
-                    serde_json::to_string(choices).unwrap_or_default()
-                ),
-            ));
-        }
+        chosen(name, h, &value)?;
         crate::orchestrator::spec::remote_header_value(&value)
             .map_err(|m| refuse(format!("values.{name}"), m))?;
         specs.push(HeaderSpec {
@@ -857,6 +816,29 @@ fn tag_of(image: &str) -> bool {
         .rsplit('/')
         .next()
         .is_some_and(|last| last.contains(':'))
+}
+
+/// An input's value: the installer's (`given`), else the document's fixed `value`, else its
+/// `default`.
+fn input_value(given: Option<&String>, input: &Value) -> Option<String> {
+    given
+        .cloned()
+        .or_else(|| input["value"].as_str().map(str::to_string))
+        .or_else(|| input["default"].as_str().map(str::to_string))
+}
+
+/// Refuses `value` for input `name` when the document lists `choices` without it.
+fn chosen(name: &str, input: &Value, value: &str) -> Result<(), InstallError> {
+    match input["choices"].as_array() {
+        Some(choices) if !choices.iter().any(|c| c == value) => Err(refuse(
+            format!("values.{name}"),
+            format!(
+                "must be one of {}",
+                serde_json::to_string(choices).unwrap_or_default()
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Fills every `{name}` of `template` from `values`, in one pass (a value naming another
