@@ -1019,11 +1019,31 @@ plugins:
         (one("1.0.0"), 200),
         (one("2.0.0"), 404),
         (one("0.9.0"), 404),
-        (one("latest"), 404),
+        (one("latest"), 200),
     ] {
         let r = admin_request(addr, Some("bob-token-0123456789ab"), "GET", &path, None).await;
         assert_eq!(r.status, status, "{path}: {}", r.body);
     }
+    // The latest bob sees is the latest for bob: no hidden newer one shows through.
+    let latest = admin_request(
+        addr,
+        Some("bob-token-0123456789ab"),
+        "GET",
+        &one("latest"),
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(latest["server"]["version"], "1.0.0", "{latest}");
+    assert_eq!(
+        latest["_meta"]["io.modelcontextprotocol.registry/official"]["isLatest"], true,
+        "{latest}"
+    );
+    assert_eq!(
+        listed["servers"][0]["_meta"]["io.modelcontextprotocol.registry/official"]["isLatest"],
+        true,
+        "{listed}"
+    );
     let all = admin_request(
         addr,
         Some("bob-token-0123456789ab"),

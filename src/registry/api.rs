@@ -246,21 +246,15 @@ fn answer(
     if !visible.shows_any(&name) {
         return not_found();
     }
-    let shown =
-        |server: &Value| visible.shows(&name, server["version"].as_str().unwrap_or_default());
+    // What the caller does not see is absent; `latest` is the latest it sees.
     match version {
-        None => match catalog.versions(&name, include_deleted) {
+        None => match catalog.versions(&name, include_deleted, &visible) {
             Ok(items) => {
+                let count = items.len();
                 let servers: Vec<Value> = items
                     .into_iter()
-                    .filter(|(server, _)| shown(server))
                     .map(|(server, meta)| json!({"server": server, "_meta": meta}))
                     .collect();
-                let count = servers.len();
-                // Only hidden ones: as absent.
-                if count == 0 {
-                    return not_found();
-                }
                 json(
                     StatusCode::OK,
                     &json!({"servers": servers, "metadata": {"count": count}}),
@@ -268,10 +262,7 @@ fn answer(
             }
             Err(e) => catalog_error(e),
         },
-        Some(version) => match catalog.version(&name, &version, include_deleted) {
-            // `latest` hidden is absent for this caller (an older version is not shown in
-            // its place).
-            Ok((server, _)) if !shown(&server) => not_found(),
+        Some(version) => match catalog.version_seen(&name, &version, include_deleted, &visible) {
             Ok((server, meta)) => json(StatusCode::OK, &json!({"server": server, "_meta": meta})),
             Err(e) => catalog_error(e),
         },

@@ -8,6 +8,8 @@ use std::sync::RwLock;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+
+use super::visibility::Visible;
 use serde_json::Value;
 
 /// The `$schema` of the documents this catalog speaks.
@@ -266,10 +268,13 @@ fn version_order(versions: &[Version], a: usize, b: usize) -> std::cmp::Ordering
     }
 }
 
-/// The index of a server's latest version: the highest, whatever its status (a deleted
-/// latest version is not replaced by an older one, as in the official registry).
-fn latest(versions: &[Version]) -> Option<usize> {
-    (0..versions.len()).max_by(|&a, &b| version_order(versions, a, b))
+/// The index of the latest of the versions `shown` keeps: the highest, whatever its status (a
+/// deleted latest version is not replaced by an older one, as in the official registry),
+/// among those a caller sees (no hidden newer one shows through `isLatest`).
+fn latest_shown(versions: &[Version], shown: impl Fn(&Version) -> bool) -> Option<usize> {
+    (0..versions.len())
+        .filter(|&i| shown(&versions[i]))
+        .max_by(|&a, &b| version_order(versions, a, b))
 }
 
 impl Catalog {
@@ -569,15 +574,28 @@ impl Catalog {
         version: &str,
         include_deleted: bool,
     ) -> Result<(Value, Value), CatalogError> {
+        self.version_seen(name, version, include_deleted, &Visible::All)
+    }
+
+    /// One version as a caller who sees `visible` sees it: `latest` is the latest it sees,
+    /// a version it does not see is absent.
+    pub fn version_seen(
+        &self,
+        name: &str,
+        version: &str,
+        include_deleted: bool,
+        visible: &Visible,
+    ) -> Result<(Value, Value), CatalogError> {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         let versions = state.get(name).ok_or(CatalogError::NotFound)?;
-        let latest = latest(versions);
+        let latest = latest_shown(versions, |v| visible.shows(name, v.version()));
         let i = if version == "latest" {
             latest.ok_or(CatalogError::NotFound)?
         } else {
             versions
                 .iter()
                 .position(|v| v.version() == version)
+                .filter(|&i| visible.shows(name, versions[i].version()))
                 .ok_or(CatalogError::NotFound)?
         };
         let v = &versions[i];
@@ -592,12 +610,15 @@ impl Catalog {
         &self,
         name: &str,
         include_deleted: bool,
+        visible: &Visible,
     ) -> Result<Vec<(Value, Value)>, CatalogError> {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         let versions = state.get(name).ok_or(CatalogError::NotFound)?;
-        let latest = latest(versions);
+        let shown = |v: &Version| visible.shows(name, v.version());
+        let latest = latest_shown(versions, shown);
         let mut order: Vec<usize> = (0..versions.len())
             .filter(|&i| include_deleted || versions[i].status != Status::Deleted)
+            .filter(|&i| shown(&versions[i]))
             .collect();
         order.sort_by(|&a, &b| version_order(versions, b, a));
         if order.is_empty() {
@@ -642,7 +663,7 @@ impl Catalog {
             if !q.visible.shows_any(name) {
                 continue;
             }
-            let latest = latest(versions);
+            let latest = latest_shown(versions, |v| q.visible.shows(name, v.version()));
             let mut order: Vec<usize> = (0..versions.len()).collect();
             order.sort_by(|&a, &b| versions[a].version().cmp(versions[b].version()));
             for i in order {
@@ -1160,7 +1181,7 @@ mod tests {
         assert_eq!(latest["version"], "2.0.0-rc.1");
         assert_eq!(meta[OFFICIAL_META]["isLatest"], true);
         let versions: Vec<_> = c
-            .versions("io.github.a/b", false)
+            .versions("io.github.a/b", false, &Visible::All)
             .unwrap()
             .into_iter()
             .map(|(s, _)| s["version"].as_str().unwrap().to_string())
