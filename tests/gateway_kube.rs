@@ -322,11 +322,7 @@ async fn a_server_added_on_any_replica_is_durable_and_served_by_all() {
     c.stop().await;
 
     // Everything the replicas asked the API server is allowed by the Role deploy/ installs.
-    let outside = fake_kube::outside_role(&fake.requests(), &fake_kube::deployed_role());
-    assert!(
-        outside.is_empty(),
-        "not allowed by deploy/base/role.yaml: {outside:#?}"
-    );
+    fake.assert_within_deployed_role();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -780,11 +776,7 @@ async fn an_installed_entry_runs_as_a_pod_its_secret_never_in_the_resource_and_u
     })
     .await;
     b.stop().await;
-    let outside = fake_kube::outside_role(&fake.requests(), &fake_kube::deployed_role());
-    assert!(
-        outside.is_empty(),
-        "not allowed by deploy/base/role.yaml: {outside:#?}"
-    );
+    fake.assert_within_deployed_role();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -928,11 +920,7 @@ async fn a_sleeping_server_is_listed_by_the_next_gateway_without_waking_it() {
     assert_eq!(whoami_eventually(&b).await, "napper");
     assert!(!asleep());
     b.stop().await;
-    let outside = fake_kube::outside_role(&fake.requests(), &fake_kube::deployed_role());
-    assert!(
-        outside.is_empty(),
-        "not allowed by deploy/base/role.yaml: {outside:#?}"
-    );
+    fake.assert_within_deployed_role();
 }
 
 /// A call that comes while an idle server's scale-down is being applied is served by the
@@ -1286,11 +1274,7 @@ async fn a_remote_runs_no_pod_and_every_replica_reaches_it_with_its_stored_heade
     assert!(fake.get(Kind::Secret, NS, "mcp-hosted.values").is_none());
     a.stop().await;
     b.stop().await;
-    let outside = fake_kube::outside_role(&fake.requests(), &fake_kube::deployed_role());
-    assert!(
-        outside.is_empty(),
-        "not allowed by deploy/base/role.yaml: {outside:#?}"
-    );
+    fake.assert_within_deployed_role();
 }
 
 /// Two replicas asked to install one entry under one name at the same moment: the API server
@@ -1362,9 +1346,5 @@ async fn installs_of_one_name_on_two_replicas_at_once_have_one_winner() {
     }
     a.stop().await;
     b.stop().await;
-    let outside = fake_kube::outside_role(&fake.requests(), &fake_kube::deployed_role());
-    assert!(
-        outside.is_empty(),
-        "not allowed by deploy/base/role.yaml: {outside:#?}"
-    );
+    fake.assert_within_deployed_role();
 }

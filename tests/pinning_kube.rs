@@ -180,11 +180,7 @@ async fn pins_live_in_a_config_map_that_replicas_share_and_restarts_keep() {
     gw.stop().await;
 
     // Everything the replicas asked the API server is allowed by the Role deploy/ installs.
-    let outside = fake_kube::outside_role(&fake.requests(), &fake_kube::deployed_role());
-    assert!(
-        outside.is_empty(),
-        "not allowed by deploy/base/role.yaml: {outside:#?}"
-    );
+    fake.assert_within_deployed_role();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

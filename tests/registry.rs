@@ -10,6 +10,22 @@ async fn gateway(top: &str) -> TestGateway {
     TestGateway::start(top, &[support::example("ex", &[], "")]).await
 }
 
+/// A gateway running `config` with a local orchestrator, and that orchestrator.
+async fn with_local_runtime(
+    config: gatehouse::Config,
+) -> (
+    gatehouse::Running,
+    std::sync::Arc<dyn gatehouse::orchestrator::Runtime>,
+) {
+    use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
+    let runtime: std::sync::Arc<dyn gatehouse::orchestrator::Runtime> =
+        std::sync::Arc::new(LocalRuntime::new(LocalSettings::default()));
+    let running = gatehouse::start_with(config, Some(runtime.clone()))
+        .await
+        .unwrap();
+    (running, runtime)
+}
+
 async fn get(gw: &TestGateway, path: &str) -> Resp {
     admin_request(gw.addr, None, "GET", path, None).await
 }
@@ -495,16 +511,11 @@ async fn operators_import_replace_deprecate_and_delete_through_the_admin_api() {
 /// Installing an entry makes a server of it; a wrong request changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn installing_an_entry_defines_a_server_and_bad_installs_change_nothing() {
-    use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
     let config = gatehouse::Config::from_yaml(&format!(
         "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}"
     ))
     .unwrap();
-    let runtime: std::sync::Arc<dyn gatehouse::orchestrator::Runtime> =
-        std::sync::Arc::new(LocalRuntime::new(LocalSettings::default()));
-    let running = gatehouse::start_with(config, Some(runtime.clone()))
-        .await
-        .unwrap();
+    let (running, runtime) = with_local_runtime(config).await;
     let addr = running.listening.local_addr;
     let post = |body: Value| async move {
         admin_request(
@@ -633,7 +644,6 @@ async fn installing_an_entry_defines_a_server_and_bad_installs_change_nothing() 
 /// the registry shows, and an install of what the installer cannot see changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filter_plugins_hide_entries_per_caller_and_deny_installing_them() {
-    use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
     let config = gatehouse::Config::from_yaml(&format!(
         "listen: 127.0.0.1:0
 auth: {{tokens: [{{principal: alice, token: alice-token-0123456789}}, {{principal: bob, token: bob-token-0123456789ab}}]}}
@@ -649,11 +659,7 @@ plugins:
         support::wasm("list_filter")
     ))
     .unwrap();
-    let runtime: std::sync::Arc<dyn gatehouse::orchestrator::Runtime> =
-        std::sync::Arc::new(LocalRuntime::new(LocalSettings::default()));
-    let running = gatehouse::start_with(config, Some(runtime.clone()))
-        .await
-        .unwrap();
+    let (running, runtime) = with_local_runtime(config).await;
     let addr = running.listening.local_addr;
     let names = |token: &'static str| async move {
         let r = admin_request(addr, Some(token), "GET", "/v0.1/servers", None).await;
@@ -760,7 +766,6 @@ plugins:
 /// 2024-11-05 front); it has no process to restart nor logs; uninstalled, it is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_entry_is_reached_with_its_secret_header_and_uninstalled() {
-    use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
     const SECRET: &str = "remote-s3cret-5d1e";
     let recorder = support::recorder::Recorder::start().await;
     let port = recorder
@@ -775,11 +780,7 @@ async fn a_remote_entry_is_reached_with_its_secret_header_and_uninstalled() {
         "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}"
     ))
     .unwrap();
-    let runtime: std::sync::Arc<dyn gatehouse::orchestrator::Runtime> =
-        std::sync::Arc::new(LocalRuntime::new(LocalSettings::default()));
-    let running = gatehouse::start_with(config, Some(runtime.clone()))
-        .await
-        .unwrap();
+    let (running, runtime) = with_local_runtime(config).await;
     let addr = running.listening.local_addr;
     let admin = |method: &'static str, path: String, body: Option<Value>| async move {
         admin_request(addr, Some(ADMIN), method, &path, body).await

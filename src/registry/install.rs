@@ -1211,6 +1211,16 @@ mod tests {
             .unwrap_err()
         };
         let ok = [("tenant", "acme"), ("token", "t")];
+        let plan_ok = |doc: &Value| {
+            plan(
+                doc,
+                &Request {
+                    values: values(&ok),
+                    ..Request::default()
+                },
+                &runners(),
+            )
+        };
         for (pairs, field) in [
             // Another host, a path, a query, credentials: none through a URL variable.
             (
@@ -1268,42 +1278,18 @@ X-Evil: 1",
         // A secret URL variable is the document's error.
         let mut secret_url = remote_entry();
         secret_url["remotes"][0]["variables"]["tenant"]["isSecret"] = json!(true);
-        let e = plan(
-            &secret_url,
-            &Request {
-                values: values(&ok),
-                ..Request::default()
-            },
-            &runners(),
-        )
-        .unwrap_err();
+        let e = plan_ok(&secret_url).unwrap_err();
         assert_eq!(e.field, "$.remotes[0].variables.tenant");
         // A name that is secret anywhere in the remote is secret everywhere: not in the URL,
         // not in another header's plain value.
         let mut shared_name = remote_entry();
         shared_name["remotes"][0]["headers"][0]["variables"]["tenant"] = json!({"isSecret": true});
-        let e = plan(
-            &shared_name,
-            &Request {
-                values: values(&ok),
-                ..Request::default()
-            },
-            &runners(),
-        )
-        .unwrap_err();
+        let e = plan_ok(&shared_name).unwrap_err();
         assert_eq!(e.field, "$.remotes[0].variables.tenant", "{e}");
         let mut shared_name = remote_entry();
         shared_name["remotes"][0]["headers"][1] = json!({"name": "X-Echo", "value": "{token}",
             "variables": {"token": {}}});
-        let def = plan(
-            &shared_name,
-            &Request {
-                values: values(&ok),
-                ..Request::default()
-            },
-            &runners(),
-        )
-        .unwrap();
+        let def = plan_ok(&shared_name).unwrap();
         let echo = &def.spec.remote.unwrap().headers[1];
         assert_eq!(echo.name, "X-Echo");
         assert_eq!(
@@ -1313,26 +1299,10 @@ X-Evil: 1",
         // A header the gateway sends itself is the document's error, named where it is.
         let mut reserved = remote_entry();
         reserved["remotes"][0]["headers"][1]["name"] = json!("Mcp-Session-Id");
-        let e = plan(
-            &reserved,
-            &Request {
-                values: values(&ok),
-                ..Request::default()
-            },
-            &runners(),
-        )
-        .unwrap_err();
+        let e = plan_ok(&reserved).unwrap_err();
         assert_eq!(e.field, "$.remotes[0].headers[1].name", "{e}");
         // A remote install is not upgraded in place.
-        let def = plan(
-            &entry,
-            &Request {
-                values: values(&ok),
-                ..Request::default()
-            },
-            &runners(),
-        )
-        .unwrap();
+        let def = plan_ok(&entry).unwrap();
         let e = upgrade(&def.spec, Some(&entry), &entry, &runners()).unwrap_err();
         assert!(e.message.contains("remote"), "{e}");
     }

@@ -974,6 +974,15 @@ impl FakeKube {
         out
     }
 
+    /// Asserts that every request made so far is allowed by the Role deploy/ installs.
+    pub fn assert_within_deployed_role(&self) {
+        let outside = outside_role(&self.requests(), &deployed_role());
+        assert!(
+            outside.is_empty(),
+            "not allowed by deploy/base/role.yaml: {outside:#?}"
+        );
+    }
+
     /// Changes an object as another client would (merge patch).
     pub fn patch(&self, kind: Kind, ns: &str, name: &str, patch: Value) -> Value {
         let mut store = self.shared.store.lock().unwrap();
