@@ -151,7 +151,10 @@ pub async fn start_with(
         .map(tls::ListenerTls::load)
         .transpose()?;
     let registry = match config.registry.enabled {
-        true => Some(Arc::new(registry::open(config.registry.file.clone())?)),
+        true => {
+            let cluster = orchestrator.as_ref().and_then(|o| o.cluster());
+            Some(registry::open(config.registry.file.clone(), cluster).await?)
+        }
         false => None,
     };
     let gateway = Gateway::new(config, orchestrator, audit, pins, outbound_tls)?;

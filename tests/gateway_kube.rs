@@ -1296,16 +1296,16 @@ async fn installs_of_one_name_on_two_replicas_at_once_have_one_winner() {
     });
     let (a, _rt_a) = replica(&fake, "replica-a").await;
     let (b, _rt_b) = replica(&fake, "replica-b").await;
-    for gw in [&a, &b] {
-        let r = admin(
-            gw,
-            "POST",
-            "/admin/v1/registry/servers",
-            Some(oci_entry("1.0.0")),
-        )
-        .await;
-        assert_eq!(r.status, 201, "{}", r.body);
-    }
+    // One catalog for both.
+    let r = admin(
+        &a,
+        "POST",
+        "/admin/v1/registry/servers",
+        Some(oci_entry("1.0.0")),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    catalog_shows(&b, EXAMPLE, "1.0.0", "the entry on b", |v| v.is_some()).await;
     for round in 0..5 {
         let name = format!("raced-{round}");
         let install = |token: &str| {
@@ -1346,5 +1346,250 @@ async fn installs_of_one_name_on_two_replicas_at_once_have_one_winner() {
     }
     a.stop().await;
     b.stop().await;
+    fake.assert_within_deployed_role();
+}
+
+/// The registry's answer for one version on `gw` (404 → `None`).
+async fn catalog_version(gw: &TestGateway, name: &str, version: &str) -> Option<Value> {
+    let name = name.replace('/', "%2F");
+    let r = admin(
+        gw,
+        "GET",
+        &format!("/v0.1/servers/{name}/versions/{version}?include_deleted=true"),
+        None,
+    )
+    .await;
+    match r.status {
+        200 => Some(r.json()),
+        404 => None,
+        s => panic!("{s}: {}", r.body),
+    }
+}
+
+/// Waits until `gw` serves `name@version` as `check` wants it.
+async fn catalog_shows(
+    gw: &TestGateway,
+    name: &str,
+    version: &str,
+    what: &str,
+    check: impl Fn(Option<&Value>) -> bool,
+) {
+    support::eventually(what, || async {
+        check(catalog_version(gw, name, version).await.as_ref())
+    })
+    .await;
+}
+
+const EXAMPLE: &str = "io.github.gatehouse-test/example";
+const ENTRIES: &str = "/apis/gatehouse.dev/v1alpha1/namespaces/mcp/mcpregistryentries";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalog_is_one_for_every_replica_kept_as_resources_that_outlive_them() {
+    use gatehouse::registry::cluster::object_name;
+    let fake = FakeKube::start().await;
+    let (a, _rt_a) = replica(&fake, "replica-a").await;
+    let (b, _rt_b) = replica(&fake, "replica-b").await;
+    // Seeded once with the default catalog, one resource per version, whichever replica
+    // came first.
+    let seeded = fake.list(Kind::McpRegistryEntry, NS);
+    assert_eq!(
+        seeded.len(),
+        gatehouse::registry::default_documents().len(),
+        "{seeded:#?}"
+    );
+    for o in &seeded {
+        let (name, version) = (
+            o["spec"]["server"]["name"].as_str().unwrap(),
+            o["spec"]["server"]["version"].as_str().unwrap(),
+        );
+        assert_eq!(o["metadata"]["name"], object_name(name, version));
+        catalog_shows(&b, name, version, "a seeded entry on b", |v| v.is_some()).await;
+    }
+
+    // Published on one replica, served by the other.
+    let r = admin(
+        &a,
+        "POST",
+        "/admin/v1/registry/servers",
+        Some(oci_entry("1.0.0")),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    catalog_shows(&b, EXAMPLE, "1.0.0", "a's import on b", |v| v.is_some()).await;
+    let again = admin(
+        &b,
+        "POST",
+        "/admin/v1/registry/servers",
+        Some(oci_entry("1.0.0")),
+    )
+    .await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.json()["skipped"], json!([format!("{EXAMPLE}@1.0.0")]));
+    // Labelled on the other, seen by the first.
+    let labels = format!("/admin/v1/registry/servers/{EXAMPLE}/versions/1.0.0/labels");
+    let r = admin(
+        &b,
+        "PUT",
+        &labels,
+        Some(json!({"labels": {"approved": "yes"}})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    catalog_shows(&a, EXAMPLE, "1.0.0", "b's labels on a", |v| {
+        v.is_some_and(|v| v["_meta"]["dev.gatehouse/registry"]["labels"]["approved"] == "yes")
+    })
+    .await;
+
+    // A publish that loses the race to another writer: its create is refused (409), it
+    // reads what is there and reports the version as skipped, not as its own.
+    let held = fake.hold("POST", ENTRIES);
+    let racing = tokio::spawn({
+        let addr = a.addr;
+        async move {
+            support::admin_request(
+                addr,
+                Some(ADMIN_TOKEN),
+                "POST",
+                "/admin/v1/registry/servers",
+                Some(oci_entry("2.0.0")),
+            )
+            .await
+        }
+    });
+    held.reached().await;
+    let mut theirs = oci_entry("2.0.0");
+    theirs["description"] = json!("the other writer's");
+    fake.create(
+        Kind::McpRegistryEntry,
+        NS,
+        json!({"apiVersion": "gatehouse.dev/v1alpha1", "kind": "McpRegistryEntry",
+            "metadata": {"name": object_name(EXAMPLE, "2.0.0")},
+            "spec": {"server": theirs, "status": "active", "publishedAt": "2026-01-01T00:00:00Z",
+                "updatedAt": "2026-01-01T00:00:00Z", "statusChangedAt": "2026-01-01T00:00:00Z"}}),
+    );
+    held.release();
+    let r = racing.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["skipped"], json!([format!("{EXAMPLE}@2.0.0")]));
+    let stored = catalog_version(&a, EXAMPLE, "2.0.0").await.unwrap();
+    assert_eq!(stored["server"]["description"], "the other writer's");
+
+    // A status change that loses the race to a label change: decided again on what is
+    // there now, so the object ends with both (neither writer's change lost).
+    let object = format!("{ENTRIES}/{}", object_name(EXAMPLE, "2.0.0"));
+    let held = fake.hold("PUT", &object);
+    let racing = tokio::spawn({
+        let addr = a.addr;
+        async move {
+            support::admin_request(
+                addr,
+                Some(ADMIN_TOKEN),
+                "PATCH",
+                &format!("/admin/v1/registry/servers/{EXAMPLE}/versions/2.0.0/status"),
+                Some(json!({"status": "deprecated", "statusMessage": "use 3"})),
+            )
+            .await
+        }
+    });
+    held.reached().await;
+    fake.patch(
+        Kind::McpRegistryEntry,
+        NS,
+        &object_name(EXAMPLE, "2.0.0"),
+        json!({"spec": {"labels": {"team": "b"}}}),
+    );
+    held.release();
+    let r = racing.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let stored = fake
+        .get(Kind::McpRegistryEntry, NS, &object_name(EXAMPLE, "2.0.0"))
+        .unwrap();
+    assert_eq!(stored["spec"]["status"], "deprecated", "{stored}");
+    assert_eq!(stored["spec"]["labels"]["team"], "b", "{stored}");
+    let puts = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path == object)
+        .count();
+    assert_eq!(puts, 2, "refused once (409), then written");
+    for gw in [&a, &b] {
+        catalog_shows(gw, EXAMPLE, "2.0.0", "both changes on each replica", |v| {
+            v.is_some_and(|v| {
+                v["_meta"]["io.modelcontextprotocol.registry/official"]["status"] == "deprecated"
+                    && v["_meta"]["dev.gatehouse/registry"]["labels"]["team"] == "b"
+            })
+        })
+        .await;
+    }
+
+    // Resources written by hand: a valid one is served; one whose document is not valid,
+    // or that is not under its version's name, is left out, and nothing else is harmed.
+    let by_hand = |doc: Value, name: &str| {
+        json!({"apiVersion": "gatehouse.dev/v1alpha1", "kind": "McpRegistryEntry",
+            "metadata": {"name": name},
+            "spec": {"server": doc, "status": "active", "publishedAt": "2026-01-01T00:00:00Z",
+                "updatedAt": "2026-01-01T00:00:00Z", "statusChangedAt": "2026-01-01T00:00:00Z",
+                "labels": {"by": "hand"}}})
+    };
+    let mut bad = oci_entry("5.0.0");
+    bad["packages"][0]["transport"] = json!({"type": "carrier-pigeon"});
+    fake.create(
+        Kind::McpRegistryEntry,
+        NS,
+        by_hand(bad, &object_name(EXAMPLE, "5.0.0")),
+    );
+    fake.create(
+        Kind::McpRegistryEntry,
+        NS,
+        by_hand(oci_entry("6.0.0"), "not-its-name"),
+    );
+    fake.create(
+        Kind::McpRegistryEntry,
+        NS,
+        by_hand(oci_entry("7.0.0"), &object_name(EXAMPLE, "7.0.0")),
+    );
+    for gw in [&a, &b] {
+        catalog_shows(gw, EXAMPLE, "7.0.0", "the hand-written entry", |v| {
+            v.is_some_and(|v| v["_meta"]["dev.gatehouse/registry"]["labels"]["by"] == "hand")
+        })
+        .await;
+        assert!(catalog_version(gw, EXAMPLE, "5.0.0").await.is_none());
+        assert!(catalog_version(gw, EXAMPLE, "6.0.0").await.is_none());
+        assert!(catalog_version(gw, EXAMPLE, "1.0.0").await.is_some());
+    }
+    // An entry's document made invalid in place is withdrawn from every replica.
+    fake.patch(
+        Kind::McpRegistryEntry,
+        NS,
+        &object_name(EXAMPLE, "7.0.0"),
+        json!({"spec": {"server": {"packages": "none"}}}),
+    );
+    for gw in [&a, &b] {
+        catalog_shows(gw, EXAMPLE, "7.0.0", "the broken entry withdrawn", |v| {
+            v.is_none()
+        })
+        .await;
+    }
+    // A resource deleted by hand is gone from every replica.
+    fake.delete(Kind::McpRegistryEntry, NS, &object_name(EXAMPLE, "1.0.0"));
+    for gw in [&a, &b] {
+        catalog_shows(gw, EXAMPLE, "1.0.0", "the deleted entry gone", |v| {
+            v.is_none()
+        })
+        .await;
+    }
+
+    // The catalog outlives the replicas: a new one serves it as it is, and seeds nothing.
+    let count = fake.list(Kind::McpRegistryEntry, NS).len();
+    a.stop().await;
+    b.stop().await;
+    let (c, _rt_c) = replica(&fake, "replica-c").await;
+    let stored = catalog_version(&c, EXAMPLE, "2.0.0").await.unwrap();
+    assert_eq!(
+        stored["_meta"]["dev.gatehouse/registry"]["labels"]["team"],
+        "b"
+    );
+    assert_eq!(fake.list(Kind::McpRegistryEntry, NS).len(), count);
+    c.stop().await;
     fake.assert_within_deployed_role();
 }

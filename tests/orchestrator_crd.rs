@@ -1,26 +1,29 @@
-//! The `McpServer` CRD in deploy/ is generated from the Rust types and must not drift.
+//! The `McpServer` and `McpRegistryEntry` CRDs in deploy/ are generated from the Rust types
+//! and must not drift.
 //!
-//! Regenerate after changing `src/orchestrator/spec.rs`:
+//! Regenerate after changing `src/orchestrator/spec.rs` or `src/registry/catalog.rs`:
 //! `GATEHOUSE_UPDATE_CRD=1 cargo test --test orchestrator_crd`
 
 use gatehouse::orchestrator::McpServer;
+use gatehouse::registry::catalog::McpRegistryEntry;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-const HEADER: &str = "# Generated from src/orchestrator/spec.rs by tests/orchestrator_crd.rs: do not edit.\n# Regenerate with: GATEHOUSE_UPDATE_CRD=1 cargo test --test orchestrator_crd\n";
-
-fn generated() -> String {
-    let yaml = serde_saphyr::to_string(&McpServer::crd()).expect("CRD serializes to YAML");
-    format!("{HEADER}{yaml}")
+fn generated_from(crd: &CustomResourceDefinition, source: &str) -> String {
+    let yaml = serde_saphyr::to_string(crd).expect("CRD serializes to YAML");
+    format!(
+        "# Generated from {source} by tests/orchestrator_crd.rs: do not edit.\n# Regenerate with: GATEHOUSE_UPDATE_CRD=1 cargo test --test orchestrator_crd\n{yaml}"
+    )
 }
 
-#[test]
-fn deploy_crd_matches_the_rust_types() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/crd-mcpserver.yaml");
-    let want = generated();
+fn generated() -> String {
+    generated_from(&McpServer::crd(), "src/orchestrator/spec.rs")
+}
+
+fn matches_the_file(want: &str, file: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
     if std::env::var_os("GATEHOUSE_UPDATE_CRD").is_some() {
-        std::fs::write(&path, &want).unwrap();
+        std::fs::write(&path, want).unwrap();
     }
     let have = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
@@ -28,6 +31,49 @@ fn deploy_crd_matches_the_rust_types() {
         "{} is out of date: regenerate with GATEHOUSE_UPDATE_CRD=1 cargo test --test orchestrator_crd",
         path.display()
     );
+}
+
+#[test]
+fn deploy_crd_matches_the_rust_types() {
+    matches_the_file(&generated(), "deploy/base/crd-mcpserver.yaml");
+    matches_the_file(
+        &generated_from(&McpRegistryEntry::crd(), "src/registry/catalog.rs"),
+        "deploy/base/crd-mcpregistryentry.yaml",
+    );
+}
+
+#[test]
+fn the_registry_crd_keeps_documents_whole_and_checks_the_rest() {
+    let crd = McpRegistryEntry::crd();
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some("mcpregistryentries.gatehouse.dev")
+    );
+    assert_eq!(crd.spec.scope, "Namespaced");
+    let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+    let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
+    // A server.json has its own schema, checked by the gateway: the API server keeps it as is.
+    assert_eq!(
+        spec["properties"]["server"]["x-kubernetes-preserve-unknown-fields"],
+        true
+    );
+    assert_eq!(spec["properties"]["server"]["type"], "object");
+    let status: Vec<_> = spec["properties"]["status"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(status, ["active", "deprecated", "deleted"]);
+    let required: Vec<_> = spec["required"].as_array().unwrap().iter().collect();
+    for field in ["server", "status", "publishedAt"] {
+        assert!(required.iter().any(|r| *r == field), "{field} required");
+    }
+    assert!(
+        spec["properties"].get("resourceVersion").is_none(),
+        "the resourceVersion is the object's, not the spec's"
+    );
+    assert!(!schema.to_string().contains("\"$ref\""));
 }
 
 #[test]

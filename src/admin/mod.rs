@@ -93,7 +93,8 @@ impl AdminError {
                 crate::registry::CatalogError::Invalid(_) => StatusCode::BAD_REQUEST,
                 crate::registry::CatalogError::NotFound => StatusCode::NOT_FOUND,
                 crate::registry::CatalogError::Exists { .. }
-                | crate::registry::CatalogError::Full => StatusCode::CONFLICT,
+                | crate::registry::CatalogError::Full
+                | crate::registry::CatalogError::Contended => StatusCode::CONFLICT,
                 crate::registry::CatalogError::Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             },
             AdminError::Approve(e) => match e {
@@ -385,7 +386,7 @@ async fn registry(
             }
             doc => vec![doc],
         };
-        let (published, skipped) = catalog.import(docs)?;
+        let (published, skipped) = catalog.import(docs).await?;
         let status = if published.is_empty() {
             StatusCode::OK
         } else {
@@ -428,7 +429,7 @@ async fn registry(
         let l: Labels =
             serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
         tracing::info!(entry = %name, %version, labels = ?l.labels, by = who, "labelling a registry entry");
-        catalog.set_labels(&name, &version, l.labels)?;
+        catalog.set_labels(&name, &version, l.labels).await?;
         let (server, meta) = catalog.version(&name, &version, true)?;
         return Ok(json(
             StatusCode::OK,
@@ -447,7 +448,9 @@ async fn registry(
             let body = json_body(gw, req).await?;
             let c: Change =
                 serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
-            catalog.set_status(&name, &version, c.status, c.status_message)?;
+            catalog
+                .set_status(&name, &version, c.status, c.status_message)
+                .await?;
         }
         (true, _) => {
             return Err(AdminError::Method {
@@ -459,10 +462,12 @@ async fn registry(
             let body = json_body(gw, req).await?;
             let doc: serde_json::Value =
                 serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
-            catalog.replace(&name, &version, doc)?;
+            catalog.replace(&name, &version, doc).await?;
         }
         (false, &Method::DELETE) => {
-            catalog.set_status(&name, &version, Status::Deleted, None)?;
+            catalog
+                .set_status(&name, &version, Status::Deleted, None)
+                .await?;
         }
         (false, _) => {
             return Err(AdminError::Method {

@@ -144,6 +144,12 @@ pub trait Runtime: Send + Sync {
         None
     }
 
+    /// The Kubernetes API and the namespace the backend works in, where it has them (the
+    /// registry keeps its catalog there, shared by every replica).
+    fn cluster(&self) -> Option<(kube::Client, String)> {
+        None
+    }
+
     /// The definition of server `name` as the backend keeps it (an `McpServer` resource's
     /// spec, its secret values stored apart), when it keeps one that outlives the gateway.
     fn definition<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Option<McpServerSpec>> {

@@ -4,9 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
+use futures_util::future::BoxFuture;
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::visibility::Visible;
@@ -61,8 +64,11 @@ pub enum CatalogError {
     /// The catalog is full.
     #[error("the catalog holds {MAX_VERSIONS} versions already")]
     Full,
-    /// The catalog's file could not be read or written.
-    #[error("registry file {path}: {message}")]
+    /// Other writers kept changing the versions this change touches.
+    #[error("the catalog kept changing under this change: try again")]
+    Contended,
+    /// The catalog's file or shared store could not be read or written.
+    #[error("catalog store {path}: {message}")]
     Store {
         /// The file.
         path: String,
@@ -72,7 +78,7 @@ pub enum CatalogError {
 }
 
 /// A version's status, as the official registry reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Listed and installable.
@@ -83,11 +89,31 @@ pub enum Status {
     Deleted,
 }
 
-/// One version of a server: its document and what the registry knows of it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One version of a server: its document and what the registry knows of it; in the
+/// catalog's file, and as the spec of an `McpRegistryEntry` resource on Kubernetes.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[allow(clippy::duplicated_attributes)] // several printcolumn(type_ = "string")
+#[kube(
+    group = "gatehouse.dev",
+    version = "v1alpha1",
+    kind = "McpRegistryEntry",
+    namespaced,
+    shortname = "mcpre",
+    category = "gatehouse",
+    doc = "One version of a server in the Gatehouse registry's catalog: its server.json and what the registry knows of it.",
+    printcolumn(name = "Server", type_ = "string", json_path = ".spec.server.name"),
+    printcolumn(name = "Version", type_ = "string", json_path = ".spec.server.version"),
+    printcolumn(name = "Status", type_ = "string", json_path = ".spec.status"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 pub struct Version {
     /// The `server.json` document, as given.
+    #[schemars(schema_with = "any_object")]
     pub server: Value,
     /// Its status.
     pub status: Status,
@@ -104,6 +130,15 @@ pub struct Version {
     /// never taken from a document (whose publisher writes its `_meta`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The resourceVersion it was read or written at, in a shared store.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub resource_version: Option<String>,
+}
+
+/// A JSON object the API server keeps as given (a `server.json` has its own schema).
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
 }
 
 /// One version as the registry's filters see it.
@@ -162,8 +197,34 @@ pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), DocumentErr
 }
 
 impl Version {
-    fn version(&self) -> &str {
+    /// Its server's name.
+    pub fn name(&self) -> &str {
+        self.server["name"].as_str().unwrap_or_default()
+    }
+
+    /// Its version.
+    pub fn version(&self) -> &str {
         self.server["version"].as_str().unwrap_or_default()
+    }
+
+    /// Checks a version read from a shared store as one given to the catalog is checked
+    /// (its document, its labels, its size); drops our block of the document's `_meta`.
+    pub fn check(&mut self) -> Result<(), DocumentError> {
+        validate(&self.server)?;
+        let size = serde_json::to_vec(&self.server).map_or(usize::MAX, |b| b.len());
+        if size > MAX_DOCUMENT {
+            return Err(refuse("$", format!("{size} bytes; at most {MAX_DOCUMENT}")));
+        }
+        take_our_meta(&mut self.server);
+        check_labels(&self.labels)?;
+        if self
+            .status_message
+            .as_ref()
+            .is_some_and(|m| m.chars().count() > 500)
+        {
+            return Err(refuse("$.statusMessage", "at most 500 characters"));
+        }
+        Ok(())
     }
 
     /// The `_meta` of a response: the official block, and ours.
@@ -187,7 +248,7 @@ impl Version {
 }
 
 /// What another registry said of a version it served (its official `_meta` block).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Facts {
     #[serde(default)]
@@ -242,14 +303,88 @@ pub struct Page {
     pub next: Option<(String, String)>,
 }
 
-/// The catalog, kept in memory and, when it has one, in its file.
+/// An operator's labels.
+type Labels = BTreeMap<String, String>;
+
+/// The versions of every server, by name.
+type State = BTreeMap<String, Vec<Version>>;
+
+/// Where the catalog is kept besides memory.
+enum Store {
+    /// Nowhere: it starts from the default documents each time.
+    Memory,
+    /// A file, written whole on each change.
+    File(PathBuf),
+    /// A store every replica shares (one `McpRegistryEntry` resource per version).
+    Shared(Arc<dyn SharedStore>),
+}
+
+/// A write to a [`SharedStore`] refused or failed.
+#[derive(Debug)]
+pub enum SharedWrite {
+    /// Someone else wrote (or removed) that version since it was read.
+    Conflict,
+    /// The store failed.
+    Failed(CatalogError),
+}
+
+/// A store the catalog's versions are shared through, one version at a time; writes are
+/// conditional on the `resource_version` read, so no writer overwrites another's change
+/// unseen. The store's own changes come back through [`Catalog::absorb`] and friends.
+pub trait SharedStore: Send + Sync {
+    /// Where it is kept, for messages.
+    fn describe(&self) -> String;
+    /// Every version stored.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Version>, CatalogError>>;
+    /// Follows the store's changes (every replica's) into `catalog` until it is dropped.
+    fn follow(&self, catalog: std::sync::Weak<Catalog>) -> tokio::task::JoinHandle<()>;
+    /// Writes `v`: created when it has no `resource_version`, else replaced at it. Returns
+    /// its new `resource_version`.
+    fn write<'a>(&'a self, v: &'a Version) -> BoxFuture<'a, Result<String, SharedWrite>>;
+    /// Version `version` of `name` as stored now (`None`: it is not).
+    fn read<'a>(
+        &'a self,
+        name: &'a str,
+        version: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Version>, CatalogError>>;
+}
+
+/// How many times a write is decided again after another replica's write got there first.
+const WRITE_ATTEMPTS: usize = 8;
+
+/// The catalog, kept in memory and, when it has one, in its file or its shared store.
 pub struct Catalog {
-    state: RwLock<BTreeMap<String, Vec<Version>>>,
-    file: Option<PathBuf>,
+    state: RwLock<State>,
+    store: Store,
+    /// One change at a time (each is decided on the state it replaces).
+    writing: tokio::sync::Mutex<()>,
+    /// Follows a shared store's changes.
+    follower: std::sync::OnceLock<tokio::task::AbortHandle>,
+}
+
+impl Drop for Catalog {
+    fn drop(&mut self) {
+        if let Some(f) = self.follower.get() {
+            f.abort();
+        }
+    }
 }
 
 fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Whether `incoming` (a resourceVersion) may replace `held`: not when both are numbers (as
+/// the API server's are) and `incoming` is the older, which a lagging watch delivers after
+/// a write of ours it has not reached yet.
+fn not_older(incoming: Option<&str>, held: Option<&str>) -> bool {
+    match (
+        incoming.and_then(|r| r.parse::<u64>().ok()),
+        held.and_then(|r| r.parse::<u64>().ok()),
+    ) {
+        (Some(i), Some(h)) => i >= h,
+        _ => true,
+    }
 }
 
 /// Orders two versions of a server as the official registry does: semantic versions by
@@ -277,16 +412,111 @@ fn latest_shown(versions: &[Version], shown: impl Fn(&Version) -> bool) -> Optio
         .max_by(|&a, &b| version_order(versions, a, b))
 }
 
+/// The versions `next` holds that `before` does not hold as they are.
+fn changed(before: &State, next: &State) -> Vec<Version> {
+    next.iter()
+        .flat_map(|(name, versions)| {
+            let old = before.get(name);
+            versions
+                .iter()
+                .filter(move |v| !old.is_some_and(|old| old.iter().any(|o| o == *v)))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Publishes `server` (checked) into `state`, with `labels`.
+fn publish_into(
+    state: &mut State,
+    server: Value,
+    labels: BTreeMap<String, String>,
+) -> Result<(String, String), CatalogError> {
+    let name = server["name"].as_str().unwrap_or_default().to_string();
+    let version = server["version"].as_str().unwrap_or_default().to_string();
+    let count: usize = state.values().map(Vec::len).sum();
+    let versions = state.entry(name.clone()).or_default();
+    if versions.iter().any(|v| v.version() == version) {
+        return Err(CatalogError::Exists { name, version });
+    }
+    if count >= MAX_VERSIONS {
+        return Err(CatalogError::Full);
+    }
+    let at = now();
+    versions.push(Version {
+        server,
+        status: Status::Active,
+        status_message: None,
+        published_at: at.clone(),
+        updated_at: at.clone(),
+        status_changed_at: at,
+        labels,
+        resource_version: None,
+    });
+    Ok((name, version))
+}
+
+/// The gateway's own documents (its default catalog), checked, with their labels, which are
+/// the operator's.
+fn trusted(documents: &[Value]) -> Result<Vec<(Value, Labels)>, CatalogError> {
+    documents
+        .iter()
+        .map(|d| {
+            let mut server = d.clone();
+            validate(&server)?;
+            let labels = take_our_meta(&mut server);
+            Ok((server, labels))
+        })
+        .collect()
+}
+
+/// A catalog's versions holding `documents` (the gateway's own).
+fn seeded(documents: &[Value]) -> Result<State, CatalogError> {
+    let mut state = State::new();
+    for (server, labels) in trusted(documents)? {
+        publish_into(&mut state, server, labels)?;
+    }
+    Ok(state)
+}
+
 impl Catalog {
+    fn with(state: State, store: Store) -> Self {
+        Catalog {
+            state: RwLock::new(state),
+            store,
+            writing: tokio::sync::Mutex::new(()),
+            follower: std::sync::OnceLock::new(),
+        }
+    }
+
     /// A catalog in memory only, holding `documents` (each published as given).
     pub fn in_memory(documents: &[Value]) -> Result<Self, CatalogError> {
-        let catalog = Catalog {
-            state: RwLock::default(),
-            file: None,
-        };
-        // The gateway's own documents: their labels are the operator's.
-        for d in documents {
-            catalog.publish_labelled(d.clone(), true)?;
+        Ok(Catalog::with(seeded(documents)?, Store::Memory))
+    }
+
+    /// The catalog kept in `store`, which every replica shares (seeded with `seed` when it
+    /// holds nothing). The store's changes reach this replica through [`Catalog::absorb`],
+    /// [`Catalog::forget`] and [`Catalog::relisted`].
+    pub async fn shared(
+        store: Arc<dyn SharedStore>,
+        seed: &[Value],
+    ) -> Result<Arc<Self>, CatalogError> {
+        let listed = store.list().await?;
+        let empty = listed.is_empty();
+        let catalog = Arc::new(Catalog::with(State::new(), Store::Shared(store.clone())));
+        catalog.relisted(listed);
+        let follower = store.follow(Arc::downgrade(&catalog));
+        let _ = catalog.follower.set(follower.abort_handle());
+        if empty {
+            for (server, labels) in trusted(seed)? {
+                // Another replica seeding at once got there first: that is the same seed.
+                match catalog
+                    .change(|s| publish_into(s, server.clone(), labels.clone()))
+                    .await
+                {
+                    Ok(_) | Err(CatalogError::Exists { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
         }
         Ok(catalog)
     }
@@ -299,8 +529,7 @@ impl Catalog {
         };
         match std::fs::read(&file) {
             Ok(bytes) => {
-                let mut state: BTreeMap<String, Vec<Version>> =
-                    serde_json::from_slice(&bytes).map_err(|e| store_err(&e))?;
+                let mut state: State = serde_json::from_slice(&bytes).map_err(|e| store_err(&e))?;
                 // A file written before labels were the operator's kept them in the
                 // documents, where a publisher may have written them: they are dropped (the
                 // operator labels again), and said so.
@@ -327,112 +556,157 @@ impl Catalog {
                         }
                     }
                 }
-                Ok(Catalog {
-                    state: RwLock::new(state),
-                    file: Some(file),
-                })
+                Ok(Catalog::with(state, Store::File(file)))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut catalog = Catalog::in_memory(seed)?;
-                catalog.file = Some(file);
-                catalog.save(&catalog.state.read().unwrap_or_else(|e| e.into_inner()))?;
-                Ok(catalog)
+                let state = seeded(seed)?;
+                save(&file, &state)?;
+                Ok(Catalog::with(state, Store::File(file)))
             }
             Err(e) => Err(store_err(&e)),
         }
     }
 
-    /// Writes the file (whole, then renamed over the old one, so a crash leaves either).
-    fn save(&self, state: &BTreeMap<String, Vec<Version>>) -> Result<(), CatalogError> {
-        let Some(file) = &self.file else {
-            return Ok(());
-        };
-        let store_err = |e: std::io::Error| CatalogError::Store {
-            path: file.display().to_string(),
-            message: e.to_string(),
-        };
-        let text = serde_json::to_vec_pretty(state).expect("the catalog serializes");
-        let mut tmp = file.clone().into_os_string();
-        tmp.push(format!(".{}.tmp", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&text)?;
-            // On disk before it replaces the old file: a crash leaves one or the other whole.
-            f.sync_all()?;
-            std::fs::rename(&tmp, file)?;
-            if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::File::open(dir)?.sync_all()?;
+    /// Takes in a version from the shared store (a replica's write, seen by the watch):
+    /// replaces the one held unless that one is newer.
+    pub fn absorb(&self, v: Version) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let name = v.server["name"].as_str().unwrap_or_default().to_owned();
+        let count: usize = state.values().map(Vec::len).sum();
+        let versions = state.entry(name.clone()).or_default();
+        match versions.iter_mut().find(|h| h.version() == v.version()) {
+            Some(held) => {
+                if not_older(
+                    v.resource_version.as_deref(),
+                    held.resource_version.as_deref(),
+                ) {
+                    *held = v;
+                }
             }
-            Ok(())
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            store_err(e)
-        })
+            None if count >= MAX_VERSIONS => {
+                tracing::warn!(entry = %name, version = %v.version(), "the catalog is full: a stored version is left out");
+            }
+            None => versions.push(v),
+        }
+        if versions.is_empty() {
+            state.remove(&name);
+        }
     }
 
-    fn change<T>(
-        &self,
-        f: impl FnOnce(&mut BTreeMap<String, Vec<Version>>) -> Result<T, CatalogError>,
-    ) -> Result<T, CatalogError> {
+    /// Drops a version the shared store no longer holds (unless the one held is newer than
+    /// `resource_version`, the removed object's last).
+    pub fn forget(&self, name: &str, version: &str, resource_version: Option<&str>) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let mut next = state.clone();
-        let out = f(&mut next)?;
-        self.save(&next)?;
-        *state = next;
-        Ok(out)
+        let Some(versions) = state.get_mut(name) else {
+            return;
+        };
+        versions.retain(|h| {
+            h.version() != version || !not_older(resource_version, h.resource_version.as_deref())
+        });
+        if versions.is_empty() {
+            state.remove(name);
+        }
+    }
+
+    /// Takes in the whole shared store, listed again: what it holds replaces what is held,
+    /// except versions held that are newer than anything listed (written after the list).
+    pub fn relisted(&self, listed: Vec<Version>) {
+        let newest = listed
+            .iter()
+            .filter_map(|v| v.resource_version.as_deref()?.parse::<u64>().ok())
+            .max();
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let mut held = std::mem::take(&mut *state);
+        for versions in held.values_mut() {
+            versions.retain(|h| {
+                let rv = h
+                    .resource_version
+                    .as_deref()
+                    .and_then(|r| r.parse::<u64>().ok());
+                matches!((rv, newest), (Some(r), Some(n)) if r > n)
+            });
+        }
+        drop(state);
+        for v in listed {
+            self.absorb(v);
+        }
+        for v in held.into_values().flatten() {
+            self.absorb(v);
+        }
+    }
+
+    fn snapshot(&self) -> State {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies `f` to the catalog and keeps the result. On a shared store each changed
+    /// version is written at the resourceVersion read; when another replica wrote one first,
+    /// it is read again and `f` decides again on what is there now. A change of several
+    /// versions (an import) is not one transaction there: those written before a failure
+    /// stay.
+    async fn change<T>(
+        &self,
+        f: impl Fn(&mut State) -> Result<T, CatalogError>,
+    ) -> Result<T, CatalogError> {
+        let _one_at_a_time = self.writing.lock().await;
+        for _ in 0..WRITE_ATTEMPTS {
+            let before = self.snapshot();
+            let mut next = before.clone();
+            let out = f(&mut next)?;
+            let store = match &self.store {
+                Store::Memory => None,
+                Store::File(file) => {
+                    save(file, &next)?;
+                    None
+                }
+                Store::Shared(store) => Some(store),
+            };
+            let Some(store) = store else {
+                *self.state.write().unwrap_or_else(|e| e.into_inner()) = next;
+                return Ok(out);
+            };
+            let mut raced = false;
+            for mut v in changed(&before, &next) {
+                match store.write(&v).await {
+                    Ok(rv) => {
+                        v.resource_version = Some(rv);
+                        self.absorb(v);
+                    }
+                    Err(SharedWrite::Conflict) => {
+                        let (name, version) = (v.name().to_owned(), v.version().to_owned());
+                        match store.read(&name, &version).await? {
+                            Some(fresh) => self.absorb(fresh),
+                            None => self.forget(&name, &version, None),
+                        }
+                        raced = true;
+                        break;
+                    }
+                    Err(SharedWrite::Failed(e)) => return Err(e),
+                }
+            }
+            if !raced {
+                return Ok(out);
+            }
+        }
+        Err(CatalogError::Contended)
     }
 
     /// Adds a new version; refused if it exists (use [`Catalog::replace`]). Our block of its
     /// `_meta` is dropped: labels are the operator's ([`Catalog::set_labels`]).
-    pub fn publish(&self, server: Value) -> Result<(String, String), CatalogError> {
-        self.publish_labelled(server, false)
-    }
-
-    /// [`Catalog::publish`]; `trusted`: the document is the gateway's own (its default
-    /// catalog), whose `_meta` labels are kept as the operator's.
-    fn publish_labelled(
-        &self,
-        mut server: Value,
-        trusted: bool,
-    ) -> Result<(String, String), CatalogError> {
+    pub async fn publish(&self, mut server: Value) -> Result<(String, String), CatalogError> {
         validate(&server)?;
-        let labels = take_our_meta(&mut server);
-        let labels = if trusted { labels } else { BTreeMap::new() };
-        let name = server["name"].as_str().unwrap_or_default().to_string();
-        let version = server["version"].as_str().unwrap_or_default().to_string();
-        self.change(|state| {
-            let count: usize = state.values().map(Vec::len).sum();
-            let versions = state.entry(name.clone()).or_default();
-            if versions.iter().any(|v| v.version() == version) {
-                return Err(CatalogError::Exists {
-                    name: name.clone(),
-                    version: version.clone(),
-                });
-            }
-            if count >= MAX_VERSIONS {
-                return Err(CatalogError::Full);
-            }
-            let at = now();
-            versions.push(Version {
-                server,
-                status: Status::Active,
-                status_message: None,
-                published_at: at.clone(),
-                updated_at: at.clone(),
-                status_changed_at: at,
-                labels,
-            });
-            Ok((name.clone(), version.clone()))
-        })
+        take_our_meta(&mut server);
+        self.change(|state| publish_into(state, server.clone(), BTreeMap::new()))
+            .await
     }
 
     /// Adds every document that is new, all or none: each is checked first, and a bad one
     /// refuses the whole import (naming its place in the list). A version already in the
     /// catalog is skipped, unchanged. Returns (published, skipped) as `name@version`.
-    pub fn import(&self, items: Vec<Value>) -> Result<(Vec<String>, Vec<String>), CatalogError> {
+    pub async fn import(
+        &self,
+        items: Vec<Value>,
+    ) -> Result<(Vec<String>, Vec<String>), CatalogError> {
         // Each item is a document, or a registry answer's `{server, _meta}`, whose official
         // block (status, dates) is kept.
         let mut docs = Vec::with_capacity(items.len());
@@ -462,7 +736,7 @@ impl Catalog {
             let (mut published, mut skipped) = (Vec::new(), Vec::new());
             let mut count: usize = state.values().map(Vec::len).sum();
             let at = now();
-            for (server, facts) in docs {
+            for (server, facts) in &docs {
                 let name = server["name"].as_str().unwrap_or_default().to_string();
                 let version = server["version"].as_str().unwrap_or_default().to_string();
                 let versions = state.entry(name.clone()).or_default();
@@ -474,10 +748,10 @@ impl Catalog {
                     return Err(CatalogError::Full);
                 }
                 count += 1;
-                let facts = facts.unwrap_or_default();
+                let facts = facts.clone().unwrap_or_default();
                 let published_at = facts.published_at.unwrap_or_else(|| at.clone());
                 versions.push(Version {
-                    server,
+                    server: server.clone(),
                     status: facts.status.unwrap_or(Status::Active),
                     status_message: facts.status_message,
                     status_changed_at: facts
@@ -486,15 +760,17 @@ impl Catalog {
                     published_at,
                     updated_at: at.clone(),
                     labels: BTreeMap::new(),
+                    resource_version: None,
                 });
                 published.push(format!("{name}@{version}"));
             }
             Ok((published, skipped))
         })
+        .await
     }
 
     /// Replaces the document of an existing version (same name and version).
-    pub fn replace(
+    pub async fn replace(
         &self,
         name: &str,
         version: &str,
@@ -518,14 +794,15 @@ impl Catalog {
             if v.server != server {
                 v.labels.clear();
             }
-            v.server = server;
+            v.server = server.clone();
             v.updated_at = now();
             Ok(())
         })
+        .await
     }
 
     /// Sets a version's status (deprecate, delete, or make active again).
-    pub fn set_status(
+    pub async fn set_status(
         &self,
         name: &str,
         version: &str,
@@ -544,15 +821,16 @@ impl Catalog {
                 v.status_changed_at = at.clone();
             }
             v.status = status;
-            v.status_message = message;
+            v.status_message = message.clone();
             v.updated_at = at;
             Ok(())
         })
+        .await
     }
 
     /// Sets a version's labels (the operator's: what the registry's filters see), replacing
     /// the ones it had.
-    pub fn set_labels(
+    pub async fn set_labels(
         &self,
         name: &str,
         version: &str,
@@ -561,10 +839,11 @@ impl Catalog {
         check_labels(&labels)?;
         self.change(|state| {
             let v = find(state, name, version)?;
-            v.labels = labels;
+            v.labels = labels.clone();
             v.updated_at = now();
             Ok(())
         })
+        .await
     }
 
     /// One version (`latest` names the latest); deleted ones only when asked.
@@ -708,8 +987,36 @@ fn items_last(items: &[(Value, Value)]) -> Option<(String, String)> {
     ))
 }
 
+/// Writes `file` (whole, then renamed over the old one, so a crash leaves either).
+fn save(file: &std::path::Path, state: &State) -> Result<(), CatalogError> {
+    let store_err = |e: std::io::Error| CatalogError::Store {
+        path: file.display().to_string(),
+        message: e.to_string(),
+    };
+    let text = serde_json::to_vec_pretty(state).expect("the catalog serializes");
+    let mut tmp = file.to_path_buf().into_os_string();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&text)?;
+        // On disk before it replaces the old file: a crash leaves one or the other whole.
+        f.sync_all()?;
+        std::fs::rename(&tmp, file)?;
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        store_err(e)
+    })
+}
+
 fn find<'a>(
-    state: &'a mut BTreeMap<String, Vec<Version>>,
+    state: &'a mut State,
     name: &str,
     version: &str,
 ) -> Result<&'a mut Version, CatalogError> {
@@ -1141,15 +1448,15 @@ mod tests {
         assert_eq!(validate(&json!([1])).unwrap_err().path, "$");
     }
 
-    #[test]
-    fn only_what_the_filters_showed_is_listed() {
+    #[tokio::test]
+    async fn only_what_the_filters_showed_is_listed() {
         use super::super::visibility::Visible;
         let c = Catalog::in_memory(&[]).unwrap();
-        c.publish(doc("io.github.a/shown", "1.0.0")).unwrap();
+        c.publish(doc("io.github.a/shown", "1.0.0")).await.unwrap();
         let visible =
             Visible::Only([("io.github.a/shown".to_owned(), ["1.0.0".to_owned()].into())].into());
         // Published after the filters ran: not shown until they have seen it.
-        c.publish(doc("io.github.a/later", "1.0.0")).unwrap();
+        c.publish(doc("io.github.a/later", "1.0.0")).await.unwrap();
         let names = |visible: Visible| {
             c.list(&Query {
                 visible,
@@ -1165,15 +1472,15 @@ mod tests {
         assert_eq!(names(Visible::All).len(), 2);
     }
 
-    #[test]
-    fn versions_latest_status_and_pages() {
+    #[tokio::test]
+    async fn versions_latest_status_and_pages() {
         let c = Catalog::in_memory(&[]).unwrap();
         for v in ["1.0.0", "1.10.0", "1.9.0", "2.0.0-rc.1"] {
-            c.publish(doc("io.github.a/b", v)).unwrap();
+            c.publish(doc("io.github.a/b", v)).await.unwrap();
         }
-        c.publish(doc("io.github.a/a", "0.1.0")).unwrap();
+        c.publish(doc("io.github.a/a", "0.1.0")).await.unwrap();
         assert!(matches!(
-            c.publish(doc("io.github.a/b", "1.0.0")),
+            c.publish(doc("io.github.a/b", "1.0.0")).await,
             Err(CatalogError::Exists { .. })
         ));
         // Latest by precedence: 2.0.0-rc.1 > 1.10.0 > 1.9.0.
@@ -1195,6 +1502,7 @@ mod tests {
             Status::Deleted,
             Some("withdrawn".into()),
         )
+        .await
         .unwrap();
         assert!(matches!(
             c.version("io.github.a/b", "latest", false),
@@ -1204,6 +1512,7 @@ mod tests {
         assert_eq!(meta[OFFICIAL_META]["status"], "deleted");
         assert_eq!(meta[OFFICIAL_META]["statusMessage"], "withdrawn");
         c.set_status("io.github.a/b", "1.0.0", Status::Deprecated, None)
+            .await
             .unwrap();
 
         // Pages of two, by name then version, deleted ones hidden.
@@ -1258,20 +1567,21 @@ mod tests {
         // Replace keeps name and version.
         assert_eq!(
             c.replace("io.github.a/a", "0.1.0", doc("io.github.a/a", "0.2.0"))
+                .await
                 .unwrap_err()
                 .to_string(),
             "$.version: must be \"0.1.0\", the version in the path"
         );
     }
 
-    #[test]
-    fn the_file_keeps_the_catalog_and_a_damaged_one_is_refused() {
+    #[tokio::test]
+    async fn the_file_keeps_the_catalog_and_a_damaged_one_is_refused() {
         let dir = std::env::temp_dir().join(format!("gatehouse-catalog-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("catalog.json");
         let _ = std::fs::remove_file(&file);
         let c = Catalog::open(file.clone(), &[doc("io.github.a/seed", "1.0.0")]).unwrap();
-        c.publish(doc("io.github.a/b", "1.0.0")).unwrap();
+        c.publish(doc("io.github.a/b", "1.0.0")).await.unwrap();
         drop(c);
         let again = Catalog::open(file.clone(), &[]).unwrap();
         assert!(again.version("io.github.a/b", "1.0.0", false).is_ok());
@@ -1296,16 +1606,21 @@ mod tests {
         labels.insert("approved".to_owned(), "yes".to_owned());
         migrated
             .set_labels("io.github.a/b", "1.0.0", labels)
+            .await
             .unwrap();
         let same = doc("io.github.a/b", "1.0.0");
         migrated
             .replace("io.github.a/b", "1.0.0", same.clone())
+            .await
             .unwrap();
         let (_, meta) = migrated.version("io.github.a/b", "1.0.0", false).unwrap();
         assert_eq!(meta[GATEHOUSE_META]["labels"]["approved"], "yes", "{meta}");
         let mut changed = same;
         changed["description"] = serde_json::json!("something else now");
-        migrated.replace("io.github.a/b", "1.0.0", changed).unwrap();
+        migrated
+            .replace("io.github.a/b", "1.0.0", changed)
+            .await
+            .unwrap();
         let (_, meta) = migrated.version("io.github.a/b", "1.0.0", false).unwrap();
         assert!(meta.get(GATEHOUSE_META).is_none(), "{meta}");
         std::fs::write(

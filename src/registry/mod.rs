@@ -3,10 +3,12 @@
 
 pub mod api;
 pub mod catalog;
+pub mod cluster;
 pub mod install;
 pub mod visibility;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -19,10 +21,18 @@ pub fn default_documents() -> Vec<Value> {
 }
 
 /// The catalog a gateway serves: kept in `file` when given (seeded with the default
-/// documents the first time), else in memory.
-pub fn open(file: Option<PathBuf>) -> Result<Catalog, CatalogError> {
-    match file {
-        Some(f) => Catalog::open(f, &default_documents()),
-        None => Catalog::in_memory(&default_documents()),
+/// documents the first time), else as `McpRegistryEntry` resources in `cluster` (a client
+/// and namespace: every replica shares them), else in memory.
+pub async fn open(
+    file: Option<PathBuf>,
+    cluster: Option<(kube::Client, String)>,
+) -> Result<Arc<Catalog>, CatalogError> {
+    match (file, cluster) {
+        (Some(f), _) => Catalog::open(f, &default_documents()).map(Arc::new),
+        (None, Some((client, namespace))) => {
+            let store = Arc::new(cluster::ClusterStore::new(client, &namespace));
+            Catalog::shared(store, &default_documents()).await
+        }
+        (None, None) => Catalog::in_memory(&default_documents()).map(Arc::new),
     }
 }

@@ -4,7 +4,7 @@
 //! loopback, over plain HTTP or TLS with a self-signed certificate:
 //!
 //! - Deployments, Pods, Secrets, ConfigMaps, Services, NetworkPolicies,
-//!   CiliumNetworkPolicies, Leases and McpServers (namespaced):
+//!   CiliumNetworkPolicies, Leases, McpServers and McpRegistryEntries (namespaced):
 //!   create (POST), get, list (with `labelSelector`, and `fieldSelector` on the name and
 //!   namespace), replace (PUT, with resourceVersion preconditions → 409 Conflict), patch
 //!   (server-side apply `application/apply-patch+yaml` — one field manager, so applying
@@ -62,6 +62,7 @@ pub enum Kind {
     Service,
     Lease,
     McpServer,
+    McpRegistryEntry,
     Event,
 }
 
@@ -78,6 +79,7 @@ impl Kind {
             ("v1", "services") => Kind::Service,
             ("coordination.k8s.io/v1", "leases") => Kind::Lease,
             ("gatehouse.dev/v1alpha1", "mcpservers") => Kind::McpServer,
+            ("gatehouse.dev/v1alpha1", "mcpregistryentries") => Kind::McpRegistryEntry,
             ("events.k8s.io/v1", "events") => Kind::Event,
             _ => return None,
         })
@@ -95,6 +97,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::Lease => "Lease",
             Kind::McpServer => "McpServer",
+            Kind::McpRegistryEntry => "McpRegistryEntry",
             Kind::Event => "Event",
         }
     }
@@ -106,7 +109,7 @@ impl Kind {
             Kind::Lease => "coordination.k8s.io/v1",
             Kind::NetworkPolicy => "networking.k8s.io/v1",
             Kind::CiliumNetworkPolicy => "cilium.io/v2",
-            Kind::McpServer => "gatehouse.dev/v1alpha1",
+            Kind::McpServer | Kind::McpRegistryEntry => "gatehouse.dev/v1alpha1",
             Kind::Event => "events.k8s.io/v1",
         }
     }
@@ -123,6 +126,7 @@ impl Kind {
             Kind::Service => "services",
             Kind::Lease => "leases",
             Kind::McpServer => "mcpservers",
+            Kind::McpRegistryEntry => "mcpregistryentries",
             Kind::Event => "events",
         }
     }
@@ -436,15 +440,49 @@ fn matches_fields(object: &Value, selector: &str) -> bool {
 /// The API server's validation of what the orchestrator writes, where it refuses objects
 /// a client could plausibly get wrong: a NetworkPolicy's `ipBlock` whose `except` ranges are
 /// not strict subsets of its `cidr` (same family, longer prefix, inside it); an `McpServer`
-/// status that breaks the CRD's schema; an `events.k8s.io/v1` Event missing what that API
-/// requires.
+/// status that breaks the CRD's schema; an `McpRegistryEntry` spec that breaks its CRD's
+/// schema; an `events.k8s.io/v1` Event missing what that API requires.
 fn validate(kind: Kind, obj: &Value) -> Result<(), String> {
     match kind {
         Kind::NetworkPolicy => validate_network_policy(obj),
         Kind::McpServer => validate_mcpserver_status(&obj["status"]),
+        Kind::McpRegistryEntry => validate_registry_entry(&obj["spec"]),
         Kind::Event => validate_event(obj),
         _ => Ok(()),
     }
+}
+
+/// deploy/base/crd-mcpregistryentry.yaml: the document an object, the status one of three,
+/// the times and labels strings (what the API server's structural schema enforces).
+fn validate_registry_entry(spec: &Value) -> Result<(), String> {
+    if !spec["server"].is_object() {
+        return Err("spec.server: Required value: must be an object".into());
+    }
+    if !matches!(
+        spec["status"].as_str(),
+        Some("active" | "deprecated" | "deleted")
+    ) {
+        return Err(format!(
+            "spec.status: Unsupported value: {}: supported values: \"active\", \"deprecated\", \"deleted\"",
+            spec["status"]
+        ));
+    }
+    for field in ["publishedAt", "updatedAt", "statusChangedAt"] {
+        if !spec[field].is_string() {
+            return Err(format!("spec.{field}: Required value"));
+        }
+    }
+    if spec.get("statusMessage").is_some_and(|m| !m.is_string()) {
+        return Err("spec.statusMessage: Invalid value: must be a string".into());
+    }
+    if let Some(labels) = spec.get("labels")
+        && !labels
+            .as_object()
+            .is_some_and(|l| l.values().all(Value::is_string))
+    {
+        return Err("spec.labels: Invalid value: must map strings to strings".into());
+    }
+    Ok(())
 }
 
 fn is_rfc3339(s: &str) -> bool {

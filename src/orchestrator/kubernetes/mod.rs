@@ -2338,6 +2338,10 @@ impl Runtime for KubeRuntime {
         })
     }
 
+    fn cluster(&self) -> Option<(Client, String)> {
+        Some((self.inner.client.clone(), self.inner.ns.clone()))
+    }
+
     fn document(
         &self,
         name: &str,
