@@ -84,6 +84,8 @@ pub struct Gateway {
     /// Serializes topology changes.
     changes: tokio::sync::Mutex<()>,
     client: http::Client,
+    /// The client of remote servers: it connects only where the orchestrator allows.
+    remote_client: http::Client,
     /// Open sessions by id.
     pub sessions: DashMap<Arc<str>, Arc<Session>>,
     /// Open sessions per authenticated principal (bounded by `mcp.max_sessions_per_principal`).
@@ -161,6 +163,11 @@ impl Gateway {
                 metrics.audit_export_dropped.clone(),
             );
         }
+        let client = http::client(&outbound_tls);
+        let remote_client = match orchestrator.as_ref().and_then(|o| o.remote_addresses()) {
+            Some(check) => http::checked_client(&outbound_tls, check),
+            None => client.clone(),
+        };
         let shared_listings = orchestrator
             .as_ref()
             .and_then(|o| o.document(LISTINGS_DOCUMENT, "listings"))
@@ -184,7 +191,8 @@ impl Gateway {
             definitions: DashMap::new(),
             admin_changes: tokio::sync::Mutex::new(()),
             changes: tokio::sync::Mutex::new(()),
-            client: http::client(&outbound_tls),
+            client,
+            remote_client,
             config: Arc::new(config),
             sessions: DashMap::new(),
             sessions_per_principal: DashMap::new(),
@@ -270,6 +278,7 @@ impl Gateway {
                             })
                             .clone(),
                         wake_timeout: self.config.orchestrator.wake_timeout,
+                        remote_http: self.remote_client.clone(),
                     }),
                     _ => None,
                 };

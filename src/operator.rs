@@ -176,10 +176,7 @@ struct Answer {
 struct Api {
     base: String,
     token: Option<String>,
-    client: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Full<Bytes>,
-    >,
+    client: gatehouse::upstream::http::Client,
 }
 
 impl Api {

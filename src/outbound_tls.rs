@@ -57,10 +57,10 @@ pub fn client_config(settings: &OutboundTls) -> Result<Arc<ClientConfig>, TlsErr
 }
 
 /// Wraps a TCP connector in TLS for `https://` URLs.
-pub fn connector(
-    mut http: HttpConnector,
+pub fn connector<R>(
+    mut http: HttpConnector<R>,
     tls: &Arc<ClientConfig>,
-) -> HttpsConnector<HttpConnector> {
+) -> HttpsConnector<HttpConnector<R>> {
     http.enforce_http(false);
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((**tls).clone())

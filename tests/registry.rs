@@ -3,7 +3,13 @@
 
 mod support;
 
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use gatehouse::orchestrator::{Endpoint, LogOptions, ServerStatus};
 use serde_json::{Value, json};
+
+type Res<T> = Result<T, gatehouse::orchestrator::OrchestratorError>;
 use support::{Resp, TestGateway, admin_request};
 
 async fn gateway(top: &str) -> TestGateway {
@@ -882,6 +888,126 @@ async fn a_remote_entry_is_reached_with_its_secret_header_and_uninstalled() {
     fresh.initialize(json!({})).await;
     let tools = support::tool_names(&fresh.call(1, "tools/list", json!({})).await);
     assert!(!tools.iter().any(|t| t.starts_with("hosted")), "{tools:?}");
+    running.shutdown().await;
+    far.stop().await;
+}
+
+/// The local runtime, but remote servers may not be reached at loopback addresses (as the
+/// Kubernetes backend refuses private ones): what a remote's host resolves to is checked at
+/// each connection, not only when the orchestrator looked.
+struct NoLoopbackRemotes(gatehouse::orchestrator::local::LocalRuntime);
+
+impl gatehouse::orchestrator::Runtime for NoLoopbackRemotes {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+    fn apply(&self, s: gatehouse::orchestrator::ResolvedServer) -> BoxFuture<'_, Res<()>> {
+        self.0.apply(s)
+    }
+    fn sync(&self, s: Vec<gatehouse::orchestrator::ResolvedServer>) -> BoxFuture<'_, Res<()>> {
+        self.0.sync(s)
+    }
+    fn wait_ready<'a>(&'a self, n: &'a str, t: Duration) -> BoxFuture<'a, Res<Endpoint>> {
+        self.0.wait_ready(n, t)
+    }
+    fn endpoint<'a>(&'a self, n: &'a str) -> BoxFuture<'a, Res<Endpoint>> {
+        self.0.endpoint(n)
+    }
+    fn sleep<'a>(&'a self, n: &'a str) -> BoxFuture<'a, Res<()>> {
+        self.0.sleep(n)
+    }
+    fn status<'a>(&'a self, n: &'a str) -> BoxFuture<'a, Res<ServerStatus>> {
+        self.0.status(n)
+    }
+    fn list(&self) -> BoxFuture<'_, Vec<(String, ServerStatus)>> {
+        self.0.list()
+    }
+    fn restart<'a>(&'a self, n: &'a str) -> BoxFuture<'a, Res<()>> {
+        self.0.restart(n)
+    }
+    fn logs<'a>(&'a self, n: &'a str, o: LogOptions) -> BoxFuture<'a, Res<String>> {
+        self.0.logs(n, o)
+    }
+    fn remove<'a>(&'a self, n: &'a str) -> BoxFuture<'a, Res<()>> {
+        self.0.remove(n)
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        gatehouse::orchestrator::Runtime::shutdown(&self.0)
+    }
+    fn remote_addresses(&self) -> Option<gatehouse::orchestrator::remote::AddressCheck> {
+        Some(std::sync::Arc::new(|ip: std::net::IpAddr| {
+            match ip.is_loopback() {
+                true => Err(format!("{ip}, a loopback address")),
+                false => Ok(()),
+            }
+        }))
+    }
+}
+
+/// A remote whose host name resolves to an address the backend refuses is not reached, over
+/// Streamable HTTP or HTTP+SSE: the check is the connection's own (a name that answers
+/// differently between the orchestrator's look and the connection's cannot get round it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_is_reached_only_at_addresses_the_backend_allows() {
+    use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
+    let recorder = support::recorder::Recorder::start().await;
+    let near = recorder.url.replace("127.0.0.1", "localhost");
+    let far = TestGateway::start("", &[support::example("far", &[], "")]).await;
+    let config = gatehouse::Config::from_yaml(&format!(
+        "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}"
+    ))
+    .unwrap();
+    let runtime: std::sync::Arc<dyn gatehouse::orchestrator::Runtime> = std::sync::Arc::new(
+        NoLoopbackRemotes(LocalRuntime::new(LocalSettings::default())),
+    );
+    let running = gatehouse::start_with(config, Some(runtime)).await.unwrap();
+    let addr = running.listening.local_addr;
+    let doc = json!({
+        "name": "com.example/guarded", "description": "remotes at loopback", "version": "1.0.0",
+        "remotes": [
+            {"type": "streamable-http", "url": near},
+            {"type": "sse", "url": format!("http://localhost:{}/sse", far.addr.port())}]
+    });
+    let r = admin_request(
+        addr,
+        Some(ADMIN),
+        "POST",
+        "/admin/v1/registry/servers",
+        Some(doc),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    for (remote, name) in [(0, "near"), (1, "far-away")] {
+        let r = admin_request(
+            addr,
+            Some(ADMIN),
+            "POST",
+            "/admin/v1/registry/install",
+            Some(json!({"entry": "com.example/guarded", "remote": remote, "name": name})),
+        )
+        .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let mut client = support::Client::new(format!("http://{addr}/mcp"));
+    client.initialize(json!({})).await;
+    for (i, tool) in ["near__whoami", "far-away__echo"].into_iter().enumerate() {
+        let r = client
+            .call(
+                10 + i as u64,
+                "tools/call",
+                json!({"name": tool, "arguments": {"text": "x"}}),
+            )
+            .await;
+        let message = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("localhost resolves to") && message.contains("loopback address"),
+            "{tool}: {r}"
+        );
+    }
+    assert!(
+        recorder.seen.lock().unwrap().is_empty(),
+        "the remote was reached"
+    );
     running.shutdown().await;
     far.stop().await;
 }

@@ -144,6 +144,12 @@ pub trait Runtime: Send + Sync {
         None
     }
 
+    /// Checks every address a remote server's host resolves to, at each connection (`None`:
+    /// any address will do).
+    fn remote_addresses(&self) -> Option<remote::AddressCheck> {
+        None
+    }
+
     /// The Kubernetes API and the namespace the backend works in, where it has them (the
     /// registry keeps its catalog there, shared by every replica).
     fn cluster(&self) -> Option<(kube::Client, String)> {

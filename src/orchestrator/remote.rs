@@ -5,6 +5,10 @@
 use super::spec::{EnvValue, RemoteKind, ResolvedServer, header_key, values_secret_name};
 use super::{Endpoint, OrchestratorError, Result};
 
+/// Refuses an address a remote server may not be reached at, saying why.
+pub type AddressCheck =
+    std::sync::Arc<dyn Fn(std::net::IpAddr) -> std::result::Result<(), String> + Send + Sync>;
+
 /// A remote server's endpoint, with its headers' values (`stored`: the values Secret's,
 /// by header name); `None` for a server that runs here.
 pub fn endpoint(

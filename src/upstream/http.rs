@@ -9,10 +9,9 @@ use bytes::{Bytes, BytesMut};
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
+pub use super::client::{Client, checked_client, client, relay_client};
 use super::{EventSink, Inbox, Server, UpstreamError};
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
 use crate::mcp::revision::STATELESS;
@@ -38,41 +37,6 @@ const RESUME_WAIT_MAX: Duration = Duration::from_secs(10);
 const LISTEN_RETRY: Duration = Duration::from_secs(1);
 const LISTEN_RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// The shared pooled HTTP client (http and https).
-pub type Client =
-    hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-/// Builds the pooled client used for every HTTP upstream, with the outbound TLS settings.
-pub fn client(tls: &Arc<rustls::ClientConfig>) -> Client {
-    builder(false, tls)
-}
-
-/// The client of relayed servers: HTTP/2 without TLS (prior knowledge) to the leading
-/// replica, so every session and listen stream of this replica shares one connection instead
-/// of holding one each.
-pub fn relay_client() -> &'static Client {
-    static RELAY: std::sync::OnceLock<Client> = std::sync::OnceLock::new();
-    RELAY.get_or_init(|| {
-        // Plain http to a replica: the TLS settings are never used.
-        let tls = crate::outbound_tls::client_config(&Default::default())
-            .expect("the bundled roots load");
-        builder(true, &tls)
-    })
-}
-
-fn builder(http2_only: bool, tls: &Arc<rustls::ClientConfig>) -> Client {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    let https = crate::outbound_tls::connector(http, tls);
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        // Below common server keep-alive timeouts (Node's is 5 s), so we rarely send on a
-        // connection the server is closing: a POST that loses that race cannot be retried.
-        .pool_idle_timeout(std::time::Duration::from_secs(4))
-        .pool_max_idle_per_host(256)
-        .http2_only(http2_only)
-        .build(https)
-}
-
 // Names built once: a `&str` name is parsed again on every insert.
 const MCP_SESSION_ID: http::HeaderName = http::HeaderName::from_static("mcp-session-id");
 const MCP_PROTOCOL_VERSION: http::HeaderName =
@@ -84,7 +48,7 @@ pub struct Connection {
     pub(crate) next_id: AtomicU64,
     inbox: Inbox,
     /// The client to send with, when not the server's pooled one.
-    client: Option<&'static Client>,
+    client: Option<Box<Client>>,
     url: http::Uri,
     headers: http::HeaderMap,
     session_id: Mutex<Option<HeaderValue>>,
@@ -188,13 +152,13 @@ impl Connection {
     }
 
     /// Sends through `client` rather than the server's pooled one.
-    pub fn with_client(mut self, client: &'static Client) -> Self {
-        self.client = Some(client);
+    pub fn with_client(mut self, client: Client) -> Self {
+        self.client = Some(Box::new(client));
         self
     }
 
     fn client(&self) -> &Client {
-        self.client.unwrap_or(&self.server.http)
+        self.client.as_deref().unwrap_or(&self.server.http)
     }
 
     /// The URL this connection posts to.

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
 use tokio::sync::mpsc;
 
-use super::http::{MAX_MESSAGE, connect_reason, is_event_stream, read_limited};
+use super::http::{Client, MAX_MESSAGE, connect_reason, is_event_stream, read_limited};
 use super::{Inbox, Server, UpstreamError, stdio};
 use crate::mcp::jsonrpc::{self, Kind, code};
 use crate::sse;
@@ -27,6 +27,7 @@ const PIPE: usize = 64 * 1024;
 /// initialized).
 pub(crate) async fn connect(
     server: Arc<Server>,
+    client: Client,
     url: &Uri,
     headers: &HeaderMap,
     inbox: Inbox,
@@ -38,8 +39,7 @@ pub(crate) async fn connect(
         headers,
         Bytes::new(),
     )?;
-    let resp = server
-        .http
+    let resp = client
         .request(req)
         .await
         .map_err(|e| server.unavailable(connect_reason(&e)))?;
@@ -97,6 +97,7 @@ pub(crate) async fn connect(
     ));
     tokio::spawn(post_messages(
         server.clone(),
+        client,
         endpoint,
         headers.clone(),
         posts,
@@ -257,6 +258,7 @@ async fn read_stream(
 /// knows the session (404) ends the stream, and so the connection, which the link re-opens.
 async fn post_messages(
     server: Arc<Server>,
+    client: Client,
     endpoint: Uri,
     headers: HeaderMap,
     pipe: DuplexStream,
@@ -274,7 +276,8 @@ async fn post_messages(
         if frame.is_empty() {
             continue;
         }
-        let Err((why, gone)) = post(&server, &endpoint, &headers, frame.clone()).await else {
+        let Err((why, gone)) = post(&server, &client, &endpoint, &headers, frame.clone()).await
+        else {
             continue;
         };
         tracing::warn!(server = %server.name, "POST {endpoint}: {why}");
@@ -302,6 +305,7 @@ async fn post_messages(
 /// has forgotten the session.
 async fn post(
     server: &Server,
+    client: &Client,
     endpoint: &Uri,
     headers: &HeaderMap,
     frame: Bytes,
@@ -309,8 +313,7 @@ async fn post(
     let req = request(server, http::Method::POST, endpoint.clone(), headers, frame)
         .map_err(|e| (e.to_string(), false))?;
     let exchange = async {
-        let resp = server
-            .http
+        let resp = client
             .request(req)
             .await
             .map_err(|e| (connect_reason(&e), false))?;

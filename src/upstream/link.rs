@@ -454,6 +454,7 @@ impl Link {
             Transport::HttpSse { url, headers } => Connection::Stdio(
                 super::http_sse::connect(
                     server.clone(),
+                    server.http.clone(),
                     url,
                     &self.headers(headers)?,
                     self.inbox.clone(),
@@ -495,23 +496,27 @@ impl Link {
                                 headers,
                                 self.inbox.clone(),
                             )
-                            .with_client(super::http::relay_client()),
+                            .with_client(super::http::relay_client().clone()),
                         )
                     }
                     orchestrated::Ready::Remote(url, headers, false, fingerprint) => {
                         self.remote_endpoint.store(fingerprint, Ordering::Release);
-                        Connection::Http(super::http::Connection::new(
-                            server.clone(),
-                            url,
-                            headers,
-                            self.inbox.clone(),
-                        ))
+                        Connection::Http(
+                            super::http::Connection::new(
+                                server.clone(),
+                                url,
+                                headers,
+                                self.inbox.clone(),
+                            )
+                            .with_client(o.remote_http.clone()),
+                        )
                     }
                     orchestrated::Ready::Remote(url, headers, true, fingerprint) => {
                         self.remote_endpoint.store(fingerprint, Ordering::Release);
                         Connection::Stdio(
                             super::http_sse::connect(
                                 server.clone(),
+                                o.remote_http.clone(),
                                 &url,
                                 &headers,
                                 self.inbox.clone(),

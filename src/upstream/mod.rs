@@ -5,6 +5,7 @@
 //! JSON-RPC ids (each connection numbers its own requests), enforces the per-call deadline and
 //! reconnects after the server exits or forgets the session.
 
+pub mod client;
 mod error;
 mod handshake;
 pub mod http;

@@ -26,6 +26,9 @@ pub struct Orchestrated {
     pub listings: Arc<Listings>,
     /// How long a call waits for the server to wake.
     pub wake_timeout: std::time::Duration,
+    /// The client of its remote endpoint, when it has one: it connects only to addresses the
+    /// backend allows ([`Runtime::remote_addresses`]).
+    pub remote_http: super::http::Client,
 }
 
 /// The first pages of the lists an idle-capable server last gave (one process serving every

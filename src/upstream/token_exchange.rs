@@ -21,10 +21,7 @@ use crate::config::credentials::TokenExchangeConfig;
 
 /// The pooled HTTPS client requests go out with (the servers' own, with the outbound TLS
 /// settings).
-type Client = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Full<Bytes>,
->;
+use super::client::Client;
 
 const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";

@@ -762,8 +762,9 @@ impl KubeRuntime {
 
     /// Refuses a remote whose host name resolves to an address the operator does not allow
     /// (a private, cluster, metadata or loopback one): the gateway's own pod would connect
-    /// to it. Checked at each connection, against what the name resolves to then (a name
-    /// that changes its answers between this look and the connection's own is not caught).
+    /// to it. Checked at each connection, against what the name resolves to then, so the
+    /// server shows why; the connection checks its own answers too (`remote_addresses`),
+    /// so a name that changes its answers in between gains nothing.
     async fn resolves_outside(
         &self,
         name: &str,
@@ -2336,6 +2337,12 @@ impl Runtime for KubeRuntime {
                 "no NetworkPolicy of its own: only the namespace's policies restrict it".to_owned()
             }
         })
+    }
+
+    fn remote_addresses(&self) -> Option<super::remote::AddressCheck> {
+        // The gateway's pod connects: the pod policy's addresses, as for a definition.
+        let policy = self.inner.options.policy.clone();
+        Some(Arc::new(move |ip| policy.remote_address(ip)))
     }
 
     fn cluster(&self) -> Option<(Client, String)> {
