@@ -1381,6 +1381,16 @@ async fn catalog_shows(
 }
 
 const EXAMPLE: &str = "io.github.gatehouse-test/example";
+
+/// An `McpRegistryEntry` as an operator would write it: `doc` under resource `name`.
+fn entry_resource(name: &str, doc: &Value, labels: Value) -> Value {
+    json!({"apiVersion": "gatehouse.dev/v1alpha1", "kind": "McpRegistryEntry",
+        "metadata": {"name": name},
+        "spec": {"name": doc["name"], "version": doc["version"], "document": doc.to_string(),
+            "status": "active", "publishedAt": "2026-01-01T00:00:00Z",
+            "updatedAt": "2026-01-01T00:00:00Z", "statusChangedAt": "2026-01-01T00:00:00Z",
+            "labels": labels}})
+}
 const ENTRIES: &str = "/apis/gatehouse.dev/v1alpha1/namespaces/mcp/mcpregistryentries";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1399,8 +1409,8 @@ async fn the_catalog_is_one_for_every_replica_kept_as_resources_that_outlive_the
     );
     for o in &seeded {
         let (name, version) = (
-            o["spec"]["server"]["name"].as_str().unwrap(),
-            o["spec"]["server"]["version"].as_str().unwrap(),
+            o["spec"]["name"].as_str().unwrap(),
+            o["spec"]["version"].as_str().unwrap(),
         );
         assert_eq!(o["metadata"]["name"], object_name(name, version));
         catalog_shows(&b, name, version, "a seeded entry on b", |v| v.is_some()).await;
@@ -1462,10 +1472,7 @@ async fn the_catalog_is_one_for_every_replica_kept_as_resources_that_outlive_the
     fake.create(
         Kind::McpRegistryEntry,
         NS,
-        json!({"apiVersion": "gatehouse.dev/v1alpha1", "kind": "McpRegistryEntry",
-            "metadata": {"name": object_name(EXAMPLE, "2.0.0")},
-            "spec": {"server": theirs, "status": "active", "publishedAt": "2026-01-01T00:00:00Z",
-                "updatedAt": "2026-01-01T00:00:00Z", "statusChangedAt": "2026-01-01T00:00:00Z"}}),
+        entry_resource(&object_name(EXAMPLE, "2.0.0"), &theirs, json!({})),
     );
     held.release();
     let r = racing.await.unwrap();
@@ -1524,13 +1531,7 @@ async fn the_catalog_is_one_for_every_replica_kept_as_resources_that_outlive_the
 
     // Resources written by hand: a valid one is served; one whose document is not valid,
     // or that is not under its version's name, is left out, and nothing else is harmed.
-    let by_hand = |doc: Value, name: &str| {
-        json!({"apiVersion": "gatehouse.dev/v1alpha1", "kind": "McpRegistryEntry",
-            "metadata": {"name": name},
-            "spec": {"server": doc, "status": "active", "publishedAt": "2026-01-01T00:00:00Z",
-                "updatedAt": "2026-01-01T00:00:00Z", "statusChangedAt": "2026-01-01T00:00:00Z",
-                "labels": {"by": "hand"}}})
-    };
+    let by_hand = |doc: Value, name: &str| entry_resource(name, &doc, json!({"by": "hand"}));
     let mut bad = oci_entry("5.0.0");
     bad["packages"][0]["transport"] = json!({"type": "carrier-pigeon"});
     fake.create(
@@ -1557,18 +1558,58 @@ async fn the_catalog_is_one_for_every_replica_kept_as_resources_that_outlive_the
         assert!(catalog_version(gw, EXAMPLE, "6.0.0").await.is_none());
         assert!(catalog_version(gw, EXAMPLE, "1.0.0").await.is_some());
     }
-    // An entry's document made invalid in place is withdrawn from every replica.
+    // A document nested deeper than any JSON reader goes, or no JSON at all: that resource
+    // is left out, the rest served (and, below, a new replica starts with them there).
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    for (version, document) in [("8.0.0", deep.as_str()), ("9.0.0", "{not json")] {
+        let mut o = entry_resource(
+            &object_name(EXAMPLE, version),
+            &oci_entry(version),
+            json!({}),
+        );
+        o["spec"]["document"] = json!(document);
+        fake.create(Kind::McpRegistryEntry, NS, o);
+    }
+    // An entry's document made invalid in place is withdrawn from every replica; one edited
+    // to hold another version (no longer under its name) withdraws the one it held.
     fake.patch(
         Kind::McpRegistryEntry,
         NS,
         &object_name(EXAMPLE, "7.0.0"),
-        json!({"spec": {"server": {"packages": "none"}}}),
+        json!({"spec": {"document": deep}}),
+    );
+    let mut renamed = oci_entry("2.5.0");
+    renamed["description"] = json!("moved");
+    fake.patch(
+        Kind::McpRegistryEntry,
+        NS,
+        &object_name(EXAMPLE, "2.0.0"),
+        json!({"spec": {"version": "2.5.0", "document": renamed.to_string()}}),
     );
     for gw in [&a, &b] {
         catalog_shows(gw, EXAMPLE, "7.0.0", "the broken entry withdrawn", |v| {
             v.is_none()
         })
         .await;
+        catalog_shows(gw, EXAMPLE, "2.0.0", "the renamed entry withdrawn", |v| {
+            v.is_none()
+        })
+        .await;
+        assert!(catalog_version(gw, EXAMPLE, "2.5.0").await.is_none());
+        assert!(catalog_version(gw, EXAMPLE, "8.0.0").await.is_none());
+        assert!(catalog_version(gw, EXAMPLE, "9.0.0").await.is_none());
+    }
+    // Put back as it was, it is served again.
+    let mut back = oci_entry("2.0.0");
+    back["description"] = json!("the other writer's");
+    fake.patch(
+        Kind::McpRegistryEntry,
+        NS,
+        &object_name(EXAMPLE, "2.0.0"),
+        json!({"spec": {"version": "2.0.0", "document": back.to_string()}}),
+    );
+    for gw in [&a, &b] {
+        catalog_shows(gw, EXAMPLE, "2.0.0", "the entry put back", |v| v.is_some()).await;
     }
     // A resource deleted by hand is gone from every replica.
     fake.delete(Kind::McpRegistryEntry, NS, &object_name(EXAMPLE, "1.0.0"));

@@ -8,7 +8,6 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use futures_util::future::BoxFuture;
-use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -89,31 +88,11 @@ pub enum Status {
     Deleted,
 }
 
-/// One version of a server: its document and what the registry knows of it; in the
-/// catalog's file, and as the spec of an `McpRegistryEntry` resource on Kubernetes.
-#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// One version of a server: its document and what the registry knows of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-#[allow(clippy::duplicated_attributes)] // several printcolumn(type_ = "string")
-#[kube(
-    group = "gatehouse.dev",
-    version = "v1alpha1",
-    kind = "McpRegistryEntry",
-    namespaced,
-    shortname = "mcpre",
-    category = "gatehouse",
-    doc = "One version of a server in the Gatehouse registry's catalog: its server.json and what the registry knows of it.",
-    printcolumn(name = "Server", type_ = "string", json_path = ".spec.server.name"),
-    printcolumn(name = "Version", type_ = "string", json_path = ".spec.server.version"),
-    printcolumn(name = "Status", type_ = "string", json_path = ".spec.status"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
-)]
 pub struct Version {
     /// The `server.json` document, as given.
-    #[schemars(schema_with = "any_object")]
     pub server: Value,
     /// Its status.
     pub status: Status,
@@ -132,13 +111,7 @@ pub struct Version {
     pub labels: BTreeMap<String, String>,
     /// The resourceVersion it was read or written at, in a shared store.
     #[serde(skip)]
-    #[schemars(skip)]
     pub resource_version: Option<String>,
-}
-
-/// A JSON object the API server keeps as given (a `server.json` has its own schema).
-fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
 }
 
 /// One version as the registry's filters see it.
@@ -223,6 +196,15 @@ impl Version {
             .is_some_and(|m| m.chars().count() > 500)
         {
             return Err(refuse("$.statusMessage", "at most 500 characters"));
+        }
+        for (field, t) in [
+            ("publishedAt", &self.published_at),
+            ("updatedAt", &self.updated_at),
+            ("statusChangedAt", &self.status_changed_at),
+        ] {
+            if t.len() > 64 || t.parse::<jiff::Timestamp>().is_err() {
+                return Err(refuse(format!("$.{field}"), "must be an RFC 3339 time"));
+            }
         }
         Ok(())
     }
@@ -328,6 +310,17 @@ pub enum SharedWrite {
     Failed(CatalogError),
 }
 
+/// What a shared store holds, listed at one moment.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Its valid versions.
+    pub versions: Vec<Version>,
+    /// How many objects it holds, valid or not.
+    pub objects: usize,
+    /// The list's resourceVersion: every write up to it is in the list.
+    pub resource_version: Option<String>,
+}
+
 /// A store the catalog's versions are shared through, one version at a time; writes are
 /// conditional on the `resource_version` read, so no writer overwrites another's change
 /// unseen. The store's own changes come back through [`Catalog::absorb`] and friends.
@@ -335,13 +328,14 @@ pub trait SharedStore: Send + Sync {
     /// Where it is kept, for messages.
     fn describe(&self) -> String;
     /// Every version stored.
-    fn list(&self) -> BoxFuture<'_, Result<Vec<Version>, CatalogError>>;
+    fn list(&self) -> BoxFuture<'_, Result<Listing, CatalogError>>;
     /// Follows the store's changes (every replica's) into `catalog` until it is dropped.
     fn follow(&self, catalog: std::sync::Weak<Catalog>) -> tokio::task::JoinHandle<()>;
     /// Writes `v`: created when it has no `resource_version`, else replaced at it. Returns
     /// its new `resource_version`.
     fn write<'a>(&'a self, v: &'a Version) -> BoxFuture<'a, Result<String, SharedWrite>>;
-    /// Version `version` of `name` as stored now (`None`: it is not).
+    /// Version `version` of `name` as stored now (`None`: it is not; an error when what is
+    /// stored is not a valid version).
     fn read<'a>(
         &'a self,
         name: &'a str,
@@ -501,7 +495,9 @@ impl Catalog {
         seed: &[Value],
     ) -> Result<Arc<Self>, CatalogError> {
         let listed = store.list().await?;
-        let empty = listed.is_empty();
+        // Seeded only when there is nothing at all (an invalid resource is the operator's
+        // to fix, not a reason to seed again).
+        let empty = listed.objects == 0;
         let catalog = Arc::new(Catalog::with(State::new(), Store::Shared(store.clone())));
         catalog.relisted(listed);
         let follower = store.follow(Arc::downgrade(&catalog));
@@ -609,30 +605,42 @@ impl Catalog {
     }
 
     /// Takes in the whole shared store, listed again: what it holds replaces what is held,
-    /// except versions held that are newer than anything listed (written after the list).
-    pub fn relisted(&self, listed: Vec<Version>) {
-        let newest = listed
-            .iter()
-            .filter_map(|v| v.resource_version.as_deref()?.parse::<u64>().ok())
-            .max();
+    /// at once, except versions written here after the list was taken (newer than it).
+    /// Beyond [`MAX_VERSIONS`], the first by name and version are kept (every replica keeps
+    /// the same ones).
+    pub fn relisted(&self, listing: Listing) {
+        let mut versions = listing.versions;
+        versions.sort_by(|a, b| (a.name(), a.version()).cmp(&(b.name(), b.version())));
+        if versions.len() > MAX_VERSIONS {
+            tracing::warn!(
+                stored = versions.len(),
+                kept = MAX_VERSIONS,
+                "the shared catalog holds more versions than one catalog may: the rest are left out"
+            );
+            versions.truncate(MAX_VERSIONS);
+        }
+        let mut next = State::new();
+        for v in versions {
+            next.entry(v.name().to_owned()).or_default().push(v);
+        }
+        let number = |rv: Option<&str>| rv.and_then(|r| r.parse::<u64>().ok());
+        let listed_at = number(listing.resource_version.as_deref());
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let mut held = std::mem::take(&mut *state);
-        for versions in held.values_mut() {
-            versions.retain(|h| {
-                let rv = h
-                    .resource_version
-                    .as_deref()
-                    .and_then(|r| r.parse::<u64>().ok());
-                matches!((rv, newest), (Some(r), Some(n)) if r > n)
-            });
+        for v in state.values().flatten() {
+            let after_the_list = matches!(
+                (number(v.resource_version.as_deref()), listed_at),
+                (Some(written), Some(listed)) if written > listed
+            );
+            if !after_the_list {
+                continue;
+            }
+            let versions = next.entry(v.name().to_owned()).or_default();
+            match versions.iter_mut().find(|h| h.version() == v.version()) {
+                Some(listed) => *listed = v.clone(),
+                None => versions.push(v.clone()),
+            }
         }
-        drop(state);
-        for v in listed {
-            self.absorb(v);
-        }
-        for v in held.into_values().flatten() {
-            self.absorb(v);
-        }
+        *state = next;
     }
 
     fn snapshot(&self) -> State {
@@ -648,7 +656,16 @@ impl Catalog {
         &self,
         f: impl Fn(&mut State) -> Result<T, CatalogError>,
     ) -> Result<T, CatalogError> {
+        Ok(self.change_noting(f).await?.0)
+    }
+
+    /// [`Catalog::change`], and the versions it wrote (`name@version`), in every attempt.
+    async fn change_noting<T>(
+        &self,
+        f: impl Fn(&mut State) -> Result<T, CatalogError>,
+    ) -> Result<(T, Vec<String>), CatalogError> {
         let _one_at_a_time = self.writing.lock().await;
+        let mut written = Vec::new();
         for _ in 0..WRITE_ATTEMPTS {
             let before = self.snapshot();
             let mut next = before.clone();
@@ -662,13 +679,20 @@ impl Catalog {
                 Store::Shared(store) => Some(store),
             };
             let Some(store) = store else {
+                let changed = changed(&before, &next);
+                written.extend(
+                    changed
+                        .iter()
+                        .map(|v| format!("{}@{}", v.name(), v.version())),
+                );
                 *self.state.write().unwrap_or_else(|e| e.into_inner()) = next;
-                return Ok(out);
+                return Ok((out, written));
             };
             let mut raced = false;
             for mut v in changed(&before, &next) {
                 match store.write(&v).await {
                     Ok(rv) => {
+                        written.push(format!("{}@{}", v.name(), v.version()));
                         v.resource_version = Some(rv);
                         self.absorb(v);
                     }
@@ -685,7 +709,7 @@ impl Catalog {
                 }
             }
             if !raced {
-                return Ok(out);
+                return Ok((out, written));
             }
         }
         Err(CatalogError::Contended)
@@ -732,41 +756,56 @@ impl Catalog {
             take_our_meta(&mut server);
             docs.push((server, facts));
         }
-        self.change(|state| {
-            let (mut published, mut skipped) = (Vec::new(), Vec::new());
-            let mut count: usize = state.values().map(Vec::len).sum();
-            let at = now();
-            for (server, facts) in &docs {
-                let name = server["name"].as_str().unwrap_or_default().to_string();
-                let version = server["version"].as_str().unwrap_or_default().to_string();
-                let versions = state.entry(name.clone()).or_default();
-                if versions.iter().any(|v| v.version() == version) {
-                    skipped.push(format!("{name}@{version}"));
-                    continue;
+        let ((), written) = self
+            .change_noting(|state| {
+                let mut count: usize = state.values().map(Vec::len).sum();
+                let at = now();
+                for (server, facts) in &docs {
+                    let name = server["name"].as_str().unwrap_or_default().to_string();
+                    let version = server["version"].as_str().unwrap_or_default().to_string();
+                    let versions = state.entry(name.clone()).or_default();
+                    if versions.iter().any(|v| v.version() == version) {
+                        continue;
+                    }
+                    if count >= MAX_VERSIONS {
+                        return Err(CatalogError::Full);
+                    }
+                    count += 1;
+                    let facts = facts.clone().unwrap_or_default();
+                    let published_at = facts.published_at.unwrap_or_else(|| at.clone());
+                    versions.push(Version {
+                        server: server.clone(),
+                        status: facts.status.unwrap_or(Status::Active),
+                        status_message: facts.status_message,
+                        status_changed_at: facts
+                            .status_changed_at
+                            .unwrap_or_else(|| published_at.clone()),
+                        published_at,
+                        updated_at: at.clone(),
+                        labels: BTreeMap::new(),
+                        resource_version: None,
+                    });
                 }
-                if count >= MAX_VERSIONS {
-                    return Err(CatalogError::Full);
-                }
-                count += 1;
-                let facts = facts.clone().unwrap_or_default();
-                let published_at = facts.published_at.unwrap_or_else(|| at.clone());
-                versions.push(Version {
-                    server: server.clone(),
-                    status: facts.status.unwrap_or(Status::Active),
-                    status_message: facts.status_message,
-                    status_changed_at: facts
-                        .status_changed_at
-                        .unwrap_or_else(|| published_at.clone()),
-                    published_at,
-                    updated_at: at.clone(),
-                    labels: BTreeMap::new(),
-                    resource_version: None,
-                });
-                published.push(format!("{name}@{version}"));
+                Ok(())
+            })
+            .await?;
+        // What this import wrote, in any attempt (on a shared store, a version another
+        // writer published first is skipped, one this import wrote before losing a race on
+        // another is published).
+        let (mut published, mut skipped) = (Vec::new(), Vec::new());
+        for (server, _) in &docs {
+            let key = format!(
+                "{}@{}",
+                server["name"].as_str().unwrap_or_default(),
+                server["version"].as_str().unwrap_or_default()
+            );
+            if written.contains(&key) && !published.contains(&key) {
+                published.push(key);
+            } else {
+                skipped.push(key);
             }
-            Ok((published, skipped))
-        })
-        .await
+        }
+        Ok((published, skipped))
     }
 
     /// Replaces the document of an existing version (same name and version).
@@ -1631,5 +1670,175 @@ mod tests {
         let err = Catalog::open(file.clone(), &[]).err().expect("refused");
         assert!(err.to_string().contains("catalog.json"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn stored(name: &str, version: &str, rv: u64) -> Version {
+        Version {
+            server: doc(name, version),
+            status: Status::Active,
+            status_message: None,
+            published_at: "2026-01-01T00:00:00Z".into(),
+            updated_at: "2026-01-01T00:00:00Z".into(),
+            status_changed_at: "2026-01-01T00:00:00Z".into(),
+            labels: BTreeMap::new(),
+            resource_version: Some(rv.to_string()),
+        }
+    }
+
+    fn held(c: &Catalog) -> Vec<String> {
+        let state = c.state.read().unwrap();
+        state
+            .values()
+            .flatten()
+            .map(|v| {
+                format!(
+                    "{}@{}#{}",
+                    v.name(),
+                    v.version(),
+                    v.resource_version.as_deref().unwrap_or("-")
+                )
+            })
+            .collect()
+    }
+
+    /// A shared store in memory, as the API server keeps resources: a resourceVersion counter,
+    /// creates refused when the version exists, replaces when the resourceVersion moved on.
+    #[derive(Default)]
+    struct Shared {
+        /// The last resourceVersion, and the versions by (name, version).
+        objects: std::sync::Mutex<(u64, Objects)>,
+    }
+
+    type Objects = BTreeMap<(String, String), Version>;
+
+    impl Shared {
+        /// Another writer's write.
+        fn put(&self, mut v: Version) {
+            let mut o = self.objects.lock().unwrap();
+            o.0 += 1;
+            v.resource_version = Some(o.0.to_string());
+            o.1.insert((v.name().to_owned(), v.version().to_owned()), v);
+        }
+    }
+
+    impl SharedStore for Shared {
+        fn describe(&self) -> String {
+            "in memory".into()
+        }
+        fn list(&self) -> BoxFuture<'_, Result<Listing, CatalogError>> {
+            let o = self.objects.lock().unwrap();
+            let listing = Listing {
+                versions: o.1.values().cloned().collect(),
+                objects: o.1.len(),
+                resource_version: Some(o.0.to_string()),
+            };
+            Box::pin(async move { Ok(listing) })
+        }
+        fn follow(&self, _: std::sync::Weak<Catalog>) -> tokio::task::JoinHandle<()> {
+            tokio::spawn(async {})
+        }
+        fn write<'a>(&'a self, v: &'a Version) -> BoxFuture<'a, Result<String, SharedWrite>> {
+            let mut o = self.objects.lock().unwrap();
+            let key = (v.name().to_owned(), v.version().to_owned());
+            let current = o.1.get(&key).and_then(|h| h.resource_version.clone());
+            let out = if current != v.resource_version {
+                Err(SharedWrite::Conflict)
+            } else {
+                o.0 += 1;
+                let mut v = v.clone();
+                v.resource_version = Some(o.0.to_string());
+                o.1.insert(key, v);
+                Ok(o.0.to_string())
+            };
+            Box::pin(async move { out })
+        }
+        fn read<'a>(
+            &'a self,
+            name: &'a str,
+            version: &'a str,
+        ) -> BoxFuture<'a, Result<Option<Version>, CatalogError>> {
+            let o = self.objects.lock().unwrap();
+            let v = o.1.get(&(name.to_owned(), version.to_owned())).cloned();
+            Box::pin(async move { Ok(v) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relist_replaces_what_is_held_but_not_writes_made_after_it() {
+        let c = Catalog::in_memory(&[]).unwrap();
+        let listing = |versions: Vec<Version>, at: u64| Listing {
+            objects: versions.len(),
+            versions,
+            resource_version: Some(at.to_string()),
+        };
+        c.relisted(listing(
+            vec![stored("a/x", "1", 5), stored("a/y", "1", 7)],
+            10,
+        ));
+        // Written here after the next list was taken.
+        c.absorb(stored("a/z", "1", 12));
+        // A lagging event older than what is held changes nothing; nor does its deletion.
+        c.absorb(Version {
+            status: Status::Deleted,
+            ..stored("a/z", "1", 11)
+        });
+        c.forget("a/z", "1", Some("11"));
+        assert_eq!(held(&c), ["a/x@1#5", "a/y@1#7", "a/z@1#12"]);
+        // y was deleted while the watch was away: gone; z, newer than the list, stays.
+        c.relisted(listing(vec![stored("a/x", "1", 5)], 11));
+        assert_eq!(held(&c), ["a/x@1#5", "a/z@1#12"]);
+        // A list taken after z that does not hold it: z was deleted since.
+        c.relisted(listing(vec![stored("a/x", "1", 5)], 13));
+        assert_eq!(held(&c), ["a/x@1#5"]);
+        // Beyond the bound, every replica keeps the same ones: the first by name and version.
+        let many: Vec<Version> = (0..MAX_VERSIONS + 2)
+            .rev()
+            .map(|i| stored(&format!("b/n{i:05}"), "1", 1))
+            .collect();
+        c.relisted(listing(many, 20));
+        let kept = held(&c);
+        assert_eq!(kept.len(), MAX_VERSIONS);
+        assert_eq!(kept[0], "b/n00000@1#1");
+        assert_eq!(
+            kept[MAX_VERSIONS - 1],
+            format!("b/n{:05}@1#1", MAX_VERSIONS - 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_that_loses_a_race_is_decided_again_and_reports_what_it_wrote() {
+        let shared = Arc::new(Shared::default());
+        let c = Catalog::shared(shared.clone(), &[doc("io.github.a/seed", "1.0.0")])
+            .await
+            .unwrap();
+        assert_eq!(held(&c), ["io.github.a/seed@1.0.0#1"]);
+        // Another writer publishes b@1 unseen: the import writes a@1, loses on b@1, reads
+        // it, and decides again: a@1 is still its own (published), b@1 the other's.
+        shared.put(stored("io.github.a/b", "1.0.0", 0));
+        let (published, skipped) = c
+            .import(vec![
+                doc("io.github.a/a", "1.0.0"),
+                doc("io.github.a/b", "1.0.0"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(published, ["io.github.a/a@1.0.0"]);
+        assert_eq!(skipped, ["io.github.a/b@1.0.0"]);
+        // A status change on a version changed meanwhile lands on the current one.
+        let mut labelled = stored("io.github.a/a", "1.0.0", 0);
+        labelled.labels.insert("team".into(), "b".into());
+        shared.put(labelled);
+        c.set_status("io.github.a/a", "1.0.0", Status::Deprecated, None)
+            .await
+            .unwrap();
+        let a = shared.objects.lock().unwrap().1[&("io.github.a/a".to_owned(), "1.0.0".to_owned())]
+            .clone();
+        assert_eq!(a.status, Status::Deprecated);
+        assert_eq!(a.labels["team"], "b");
+        // A stored version that is the same version again is refused as existing.
+        assert!(matches!(
+            c.publish(doc("io.github.a/b", "1.0.0")).await,
+            Err(CatalogError::Exists { .. })
+        ));
     }
 }

@@ -4,18 +4,86 @@
 //! wins and the other decides again; a watch brings each replica the others' changes. An
 //! object that is not a valid version (written by hand, say) is left out, with a warning.
 
+use std::collections::HashMap;
 use std::sync::Weak;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
-use kube::api::{Api, ListParams, PostParams};
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
+use kube::CustomResource;
+use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use super::catalog::{Catalog, CatalogError, McpRegistryEntry, SharedStore, SharedWrite, Version};
+use super::catalog::{Catalog, CatalogError, Listing, SharedStore, SharedWrite, Status, Version};
+
+/// One version of a server in the catalog (the `McpRegistryEntry` resource's spec). The
+/// document is kept as JSON text: the API server checks every other field against this
+/// schema, and a document, whatever its shape or depth, is parsed and checked by the
+/// gateway alone, one resource at a time (a bad one is left out; it cannot make the list of
+/// all of them unreadable).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[allow(clippy::duplicated_attributes)] // several printcolumn(type_ = "string")
+#[kube(
+    group = "gatehouse.dev",
+    version = "v1alpha1",
+    kind = "McpRegistryEntry",
+    namespaced,
+    shortname = "mcpre",
+    category = "gatehouse",
+    doc = "One version of a server in the Gatehouse registry's catalog: its server.json and what the registry knows of it.",
+    printcolumn(name = "Server", type_ = "string", json_path = ".spec.name"),
+    printcolumn(name = "Version", type_ = "string", json_path = ".spec.version"),
+    printcolumn(name = "Status", type_ = "string", json_path = ".spec.status"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+pub struct McpRegistryEntrySpec {
+    /// The server's name (the document's `name`).
+    pub name: String,
+    /// The version (the document's `version`).
+    pub version: String,
+    /// The `server.json` document, as JSON text.
+    pub document: String,
+    /// Its status.
+    pub status: Status,
+    /// Why the status was set, when someone said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_message: Option<String>,
+    /// When it was published (RFC 3339).
+    pub published_at: String,
+    /// When it last changed.
+    pub updated_at: String,
+    /// When its status last changed.
+    pub status_changed_at: String,
+    /// The operator's labels: what the registry's filters see.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl From<&Version> for McpRegistryEntrySpec {
+    fn from(v: &Version) -> Self {
+        McpRegistryEntrySpec {
+            name: v.name().to_owned(),
+            version: v.version().to_owned(),
+            document: v.server.to_string(),
+            status: v.status,
+            status_message: v.status_message.clone(),
+            published_at: v.published_at.clone(),
+            updated_at: v.updated_at.clone(),
+            status_changed_at: v.status_changed_at.clone(),
+            labels: v.labels.clone(),
+        }
+    }
+}
 
 /// The catalog's versions as `McpRegistryEntry` resources in one namespace.
+#[derive(Clone)]
 pub struct ClusterStore {
     api: Api<McpRegistryEntry>,
     namespace: String,
@@ -44,6 +112,64 @@ pub fn object_name(name: &str, version: &str) -> String {
     format!("{slug}-{hex}")
 }
 
+/// Waits after a failed list or watch, doubling up to this.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// A watch request lasts at most this long (then it is made again from where it was).
+const WATCH_SECONDS: u32 = 290;
+
+/// The version a resource holds, checked as the catalog checks what it is given; why not,
+/// for one that is not a valid version or not under its own name.
+fn version_of(object: &McpRegistryEntry) -> Result<Version, String> {
+    let spec = &object.spec;
+    let resource = object.metadata.name.as_deref().unwrap_or_default();
+    let expected = object_name(&spec.name, &spec.version);
+    if resource != expected {
+        return Err(format!(
+            "it is not under its version's name ({expected}): one resource per version"
+        ));
+    }
+    if spec.document.len() > super::catalog::MAX_DOCUMENT {
+        return Err(format!(
+            "its document is {} bytes; at most {}",
+            spec.document.len(),
+            super::catalog::MAX_DOCUMENT
+        ));
+    }
+    let server: serde_json::Value = serde_json::from_str(&spec.document)
+        .map_err(|e| format!("its document is not JSON: {e}"))?;
+    let mut v = Version {
+        server,
+        status: spec.status,
+        status_message: spec.status_message.clone(),
+        published_at: spec.published_at.clone(),
+        updated_at: spec.updated_at.clone(),
+        status_changed_at: spec.status_changed_at.clone(),
+        labels: spec.labels.clone(),
+        resource_version: object.metadata.resource_version.clone(),
+    };
+    v.check().map_err(|e| e.to_string())?;
+    if v.name() != spec.name || v.version() != spec.version {
+        return Err(format!(
+            "its document is {}@{}, not {}@{}",
+            v.name(),
+            v.version(),
+            spec.name,
+            spec.version
+        ));
+    }
+    Ok(v)
+}
+
+/// [`version_of`], saying in a warning why a resource is left out.
+fn valid(object: &McpRegistryEntry) -> Option<Version> {
+    version_of(object)
+        .map_err(|why| {
+            let resource = object.metadata.name.as_deref().unwrap_or_default();
+            tracing::warn!(%resource, %why, "an McpRegistryEntry is left out of the catalog");
+        })
+        .ok()
+}
+
 impl ClusterStore {
     /// The `McpRegistryEntry` resources of `namespace`.
     pub fn new(client: kube::Client, namespace: &str) -> Self {
@@ -69,24 +195,128 @@ impl ClusterStore {
             message,
         }
     }
-}
 
-/// The version an object holds, checked as the catalog checks what it is given; `None`
-/// (said in a warning) for one that is not a valid version, or not under its own name.
-fn version_of(object: McpRegistryEntry) -> Option<Version> {
-    let resource = object.metadata.name.unwrap_or_default();
-    let mut v = object.spec;
-    v.resource_version = object.metadata.resource_version;
-    if let Err(e) = v.check() {
-        tracing::warn!(%resource, error = %e, "an McpRegistryEntry that is not a valid version is left out of the catalog");
-        return None;
+    /// Every resource: the valid versions, by resource name the (name, version) each holds,
+    /// and the list's resourceVersion.
+    async fn listing(&self) -> Result<(Listing, HashMap<String, (String, String)>), CatalogError> {
+        let list = self
+            .api
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| self.failed(e))?;
+        let objects = list.items.len();
+        let mut held = HashMap::new();
+        let mut versions = Vec::new();
+        for o in &list.items {
+            if let Some(v) = valid(o) {
+                held.insert(
+                    o.metadata.name.clone().unwrap_or_default(),
+                    (v.name().to_owned(), v.version().to_owned()),
+                );
+                versions.push(v);
+            }
+        }
+        let resource_version = list.metadata.resource_version.clone();
+        Ok((
+            Listing {
+                versions,
+                objects,
+                resource_version,
+            },
+            held,
+        ))
     }
-    let expected = object_name(v.name(), v.version());
-    if resource != expected {
-        tracing::warn!(%resource, %expected, entry = %v.name(), version = %v.version(), "an McpRegistryEntry not under its version's name is left out of the catalog (one resource per version)");
-        return None;
+
+    /// Lists, then watches from the list's version, until the catalog is dropped; lists
+    /// again when the watch cannot go on (its version expired, the API failed).
+    async fn follow_into(self, catalog: Weak<Catalog>) {
+        let mut wait = Duration::from_millis(500);
+        // By resource name, the version each valid one holds (a resource edited to hold
+        // another version, or none valid, withdraws the one it held).
+        let mut held: HashMap<String, (String, String)> = HashMap::new();
+        let mut from: Option<String> = None;
+        loop {
+            if from.is_none() {
+                match self.listing().await {
+                    Ok((listing, now_held)) => {
+                        from = listing.resource_version.clone();
+                        held = now_held;
+                        let Some(c) = catalog.upgrade() else { return };
+                        c.relisted(listing);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "listing the catalog's McpRegistryEntry resources");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(RETRY_MAX);
+                        continue;
+                    }
+                }
+            }
+            let since = from.clone().unwrap_or_else(|| "0".to_owned());
+            let params = WatchParams::default()
+                .timeout(WATCH_SECONDS)
+                .disable_bookmarks();
+            let events = match self.api.watch(&params, &since).await {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching the catalog's McpRegistryEntry resources");
+                    from = None;
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(RETRY_MAX);
+                    continue;
+                }
+            };
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                let Some(c) = catalog.upgrade() else { return };
+                match event {
+                    Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => {
+                        from.clone_from(&o.metadata.resource_version);
+                        wait = Duration::from_millis(500);
+                        let resource = o.metadata.name.clone().unwrap_or_default();
+                        let now = valid(&o);
+                        let identity = now
+                            .as_ref()
+                            .map(|v| (v.name().to_owned(), v.version().to_owned()));
+                        if let Some((name, version)) = held.remove(&resource)
+                            && identity.as_ref() != Some(&(name.clone(), version.clone()))
+                        {
+                            c.forget(&name, &version, o.metadata.resource_version.as_deref());
+                        }
+                        if let (Some(v), Some(identity)) = (now, identity) {
+                            held.insert(resource, identity);
+                            c.absorb(v);
+                        }
+                    }
+                    Ok(WatchEvent::Deleted(o)) => {
+                        from.clone_from(&o.metadata.resource_version);
+                        let resource = o.metadata.name.clone().unwrap_or_default();
+                        if let Some((name, version)) = held.remove(&resource) {
+                            c.forget(&name, &version, o.metadata.resource_version.as_deref());
+                        }
+                    }
+                    Ok(WatchEvent::Bookmark(b)) => from = Some(b.metadata.resource_version),
+                    Ok(WatchEvent::Error(status)) => {
+                        // 410 Gone: the version is too old to watch from; list again.
+                        from = None;
+                        if status.code != 410 {
+                            tracing::warn!(error = %status.message, "watching the catalog's McpRegistryEntry resources");
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(RETRY_MAX);
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "watching the catalog's McpRegistryEntry resources");
+                        from = None;
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(RETRY_MAX);
+                        break;
+                    }
+                }
+            }
+        }
     }
-    Some(v)
 }
 
 impl SharedStore for ClusterStore {
@@ -94,62 +324,18 @@ impl SharedStore for ClusterStore {
         format!("McpRegistryEntry resources in namespace {}", self.namespace)
     }
 
-    fn list(&self) -> BoxFuture<'_, Result<Vec<Version>, CatalogError>> {
-        async move {
-            let list = self
-                .api
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| self.failed(e))?;
-            Ok(list.items.into_iter().filter_map(version_of).collect())
-        }
-        .boxed()
+    fn list(&self) -> BoxFuture<'_, Result<Listing, CatalogError>> {
+        async move { Ok(self.listing().await?.0) }.boxed()
     }
 
     fn follow(&self, catalog: Weak<Catalog>) -> tokio::task::JoinHandle<()> {
-        let events =
-            watcher::watcher(self.api.clone(), watcher::Config::default()).default_backoff();
-        tokio::spawn(async move {
-            let mut events = std::pin::pin!(events);
-            let mut listing = Vec::new();
-            while let Some(event) = events.next().await {
-                let Some(catalog) = catalog.upgrade() else {
-                    return;
-                };
-                match event {
-                    Ok(Event::Init) => listing.clear(),
-                    Ok(Event::InitApply(o)) => listing.extend(version_of(o)),
-                    Ok(Event::InitDone) => catalog.relisted(std::mem::take(&mut listing)),
-                    Ok(Event::Apply(o)) => {
-                        let (name, version) = identity(&o);
-                        let rv = o.metadata.resource_version.clone();
-                        match version_of(o) {
-                            Some(v) => catalog.absorb(v),
-                            // Valid before, perhaps: not any more.
-                            None => {
-                                if let Some((name, version)) = name.zip(version) {
-                                    catalog.forget(&name, &version, rv.as_deref());
-                                }
-                            }
-                        }
-                    }
-                    Ok(Event::Delete(o)) => {
-                        if let (Some(name), Some(version)) = identity(&o) {
-                            catalog.forget(&name, &version, o.metadata.resource_version.as_deref());
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "watching the catalog's McpRegistryEntry resources");
-                    }
-                }
-            }
-        })
+        tokio::spawn(self.clone().follow_into(catalog))
     }
 
     fn write<'a>(&'a self, v: &'a Version) -> BoxFuture<'a, Result<String, SharedWrite>> {
         async move {
             let name = object_name(v.name(), v.version());
-            let mut object = McpRegistryEntry::new(&name, v.clone());
+            let mut object = McpRegistryEntry::new(&name, McpRegistryEntrySpec::from(v));
             let written = match &v.resource_version {
                 None => self.api.create(&PostParams::default(), &object).await,
                 Some(rv) => {
@@ -161,7 +347,7 @@ impl SharedStore for ClusterStore {
             };
             match written {
                 Ok(o) => Ok(o.metadata.resource_version.unwrap_or_default()),
-                // 409: created or changed by another replica since it was read; 404 on a
+                // 409: created or changed by another writer since it was read; 404 on a
                 // replace: removed since, which is a change like any other.
                 Err(kube::Error::Api(s))
                     if s.code == 409 || (s.code == 404 && v.resource_version.is_some()) =>
@@ -180,28 +366,26 @@ impl SharedStore for ClusterStore {
         version: &'a str,
     ) -> BoxFuture<'a, Result<Option<Version>, CatalogError>> {
         async move {
-            let object = self
+            let resource = object_name(name, version);
+            let Some(object) = self
                 .api
-                .get_opt(&object_name(name, version))
+                .get_opt(&resource)
                 .await
-                .map_err(|e| self.failed(e))?;
-            Ok(object.and_then(version_of))
+                .map_err(|e| self.failed(e))?
+            else {
+                return Ok(None);
+            };
+            // Not taken for absent: a write would be refused (409) again and again.
+            version_of(&object)
+                .map(Some)
+                .map_err(|why| CatalogError::Store {
+                    path: self.describe(),
+                    message: format!(
+                        "resource {resource} holds no valid version ({why}): fix or delete it"
+                    ),
+                })
         }
         .boxed()
-    }
-}
-
-/// The server name and version an object says it holds, when it is under their name.
-fn identity(object: &McpRegistryEntry) -> (Option<String>, Option<String>) {
-    let (name, version) = (
-        object.spec.server["name"].as_str(),
-        object.spec.server["version"].as_str(),
-    );
-    match (name, version) {
-        (Some(n), Some(v)) if object.metadata.name.as_deref() == Some(&object_name(n, v)) => {
-            (Some(n.to_owned()), Some(v.to_owned()))
-        }
-        _ => (None, None),
     }
 }
 
