@@ -800,7 +800,7 @@ async fn a_remote_entry_is_reached_with_its_secret_header_and_uninstalled() {
                           "variables": {"token": {"isRequired": true, "isSecret": true}}}]},
             {"type": "sse", "url": format!("http://{}/sse", far.addr)}]
     });
-    let r = admin("POST", "/admin/v1/registry/servers".into(), Some(doc)).await;
+    let r = admin("POST", "/admin/v1/registry/servers".into(), Some(doc.clone())).await;
     assert_eq!(r.status, 201, "{}", r.body);
 
     // A value that would move the URL elsewhere is refused, and nothing is installed.
@@ -871,15 +871,31 @@ async fn a_remote_entry_is_reached_with_its_secret_header_and_uninstalled() {
         assert_eq!(r.status, 409, "{path}: {}", r.body);
         assert!(r.body.contains("remote"), "{path}: {}", r.body);
     }
-    // An upgrade says how instead of guessing.
+    // An upgrade is one action: the new version's remote, the URL filled with the value
+    // given at install, the secret header kept (never asked again, never shown).
+    let mut next = doc.clone();
+    next["version"] = json!("1.1.0");
+    next["remotes"][0]["url"] = json!("http://127.0.0.1:{port}/mcp?v=1.1");
+    let r = admin("POST", "/admin/v1/registry/servers".into(), Some(next)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
     let up = admin(
         "POST",
         "/admin/v1/registry/upgrade".into(),
         Some(json!({"name": "hosted"})),
     )
     .await;
-    assert_eq!(up.status, 400, "{}", up.body);
-    assert!(up.body.contains("remote"), "{}", up.body);
+    assert_eq!(up.status, 200, "{}", up.body);
+    assert!(!up.body.contains(SECRET), "{}", up.body);
+    let listed = admin("GET", "/admin/v1/servers".into(), None).await;
+    assert!(!listed.body.contains(SECRET), "{}", listed.body);
+    assert!(listed.body.contains("/mcp?v=1.1"), "{}", listed.body);
+    assert!(listed.body.contains("\"1.1.0\""), "{}", listed.body);
+    let mut after = support::Client::new(format!("http://{addr}/mcp"));
+    after.initialize(json!({})).await;
+    assert_eq!(
+        after.tool_text(4, &whoami, json!({})).await,
+        format!("Bearer {SECRET}")
+    );
 
     let gone = admin("DELETE", "/admin/v1/servers/hosted".into(), None).await;
     assert_eq!(gone.status, 204, "{}", gone.body);

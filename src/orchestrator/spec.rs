@@ -192,6 +192,10 @@ pub struct RegistrySource {
     /// Which of the entry's remotes, when it was installed from one (not a package).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<usize>,
+    /// A remote's installer values that stayed plain (its URL's variables, a header chosen
+    /// among the document's `choices`; never a secret), which an upgrade fills in again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, String>,
 }
 
 /// Who shares one process of a stdio server.

@@ -335,6 +335,7 @@ pub fn plan(
                 package: index,
                 runner_env: runner_env.keys().cloned().collect(),
                 remote: None,
+                values: BTreeMap::new(),
             }),
             ..McpServerSpec::default()
         },
@@ -513,6 +514,17 @@ fn plan_remote(server: &Value, request: &Request, index: usize) -> Result<Server
         });
     }
 
+    // The installer's values that stayed plain, for an upgrade: the URL's, and a header's
+    // whose value went out plain (one of the document's choices).
+    let plain: BTreeMap<String, String> = request
+        .values
+        .iter()
+        .filter(|(k, _)| {
+            url_vars.contains_key(k.as_str())
+                || specs.iter().any(|s| s.name == **k && s.value.is_some())
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let name = match &request.name {
         Some(n) => n.clone(),
         None => default_name(server["name"].as_str().unwrap_or_default()),
@@ -531,6 +543,7 @@ fn plan_remote(server: &Value, request: &Request, index: usize) -> Result<Server
                 package: 0,
                 runner_env: Vec::new(),
                 remote: Some(index),
+                values: plain,
             }),
             ..McpServerSpec::default()
         },
@@ -551,12 +564,8 @@ pub fn upgrade(
         .registry
         .as_ref()
         .ok_or_else(|| refuse("name", "was not installed from the registry"))?;
-    if source.remote.is_some() {
-        // Its URL's values are not kept apart from the URL they made.
-        return Err(refuse(
-            "name",
-            "was installed from a remote: uninstall it and install the new version",
-        ));
+    if let Some(index) = source.remote {
+        return upgrade_remote(current, source, index, old, new);
     }
     let (package, old_vars) = match old {
         Some(old) => {
@@ -683,6 +692,134 @@ pub fn upgrade(
         args: planned.args,
         transport: planned.transport,
         env,
+        registry: planned.registry,
+        ..current.clone()
+    })
+}
+
+/// [`upgrade`] of a server installed from remote `index` of `old`: the new version's remote
+/// of the same kind (at the same place, else its first of that kind), its URL and plain
+/// headers filled again with the installer's kept values, its secret headers kept as they are
+/// stored, unless the new version makes that header differently (then it is installed again,
+/// with its values).
+fn upgrade_remote(
+    current: &McpServerSpec,
+    source: &RegistrySource,
+    index: usize,
+    old: Option<&Value>,
+    new: &Value,
+) -> Result<McpServerSpec, InstallError> {
+    let installed = current
+        .remote
+        .as_ref()
+        .ok_or_else(|| refuse("name", "was installed from a remote but has none"))?;
+    let kind = match installed.kind {
+        RemoteKind::StreamableHttp => "streamable-http",
+        RemoteKind::Sse => "sse",
+    };
+    let version = new["version"].as_str().unwrap_or_default();
+    let remotes = new["remotes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let at = match remotes.get(index) {
+        Some(r) if r["type"] == kind => index,
+        _ => remotes
+            .iter()
+            .position(|r| r["type"] == kind)
+            .ok_or_else(|| {
+                refuse(
+                    "version",
+                    format!(
+                        "{version} has no {kind} remote any more: install it under another name"
+                    ),
+                )
+            })?,
+    };
+    let was = old.map(|o| &o["remotes"][index]);
+    let header = |remote: &Value, name: &str| {
+        remote["headers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|h| h["name"] == name)
+            .cloned()
+    };
+    let mut new = new.clone();
+    // Kept values the new version still declares (one it dropped goes).
+    let now = &new["remotes"][at];
+    let declared = |k: &str| {
+        now["variables"].get(k).is_some()
+            || now["headers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|h| h["name"] == k || h["variables"].get(k).is_some())
+    };
+    let mut values: BTreeMap<String, String> = source
+        .values
+        .iter()
+        .filter(|(k, _)| declared(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let stored_mark = String::from("stored-secret");
+    for h in &installed.headers {
+        let secret = h
+            .secret_value
+            .as_ref()
+            .or(h.stored_secret.then_some(&stored_mark));
+        let (Some(value), Some(now)) = (secret, header(&new["remotes"][at], &h.name)) else {
+            continue;
+        };
+        // The value kept is the header's as it was made: only a header made the same way.
+        let made = |h: &Value| (h["value"].clone(), h["variables"].clone());
+        if let Some(then) = was.and_then(|w| header(w, &h.name))
+            && made(&then) != made(&now)
+        {
+            return Err(refuse(
+                "version",
+                format!(
+                    "{version} makes its header {} differently: install it again with its values",
+                    h.name
+                ),
+            ));
+        }
+        // Kept secret, and a stored one (its value unknown here) not checked against choices.
+        if let Some(headers) = new["remotes"][at]["headers"].as_array_mut() {
+            for n in headers.iter_mut().filter(|n| n["name"] == h.name.as_str()) {
+                n["isSecret"] = Value::Bool(true);
+                if let Some(n) = n.as_object_mut() {
+                    n.remove("choices");
+                }
+            }
+        }
+        values.insert(h.name.clone(), value.clone());
+    }
+    let request = Request {
+        name: None,
+        package: None,
+        remote: Some(at),
+        values,
+    };
+    let planned = plan_remote(&new, &request, at)
+        .map_err(|e| {
+            refuse(
+                "version",
+                format!("the new version cannot keep what was installed: {e}"),
+            )
+        })?
+        .spec;
+    let mut remote = planned.remote.expect("a remote plan has a remote");
+    for h in &mut remote.headers {
+        let was = installed.headers.iter().find(|c| c.name == h.name);
+        if was.is_some_and(|c| c.stored_secret) {
+            h.secret_value = None;
+            h.value = None;
+            h.stored_secret = true;
+        }
+    }
+    Ok(McpServerSpec {
+        remote: Some(remote),
         registry: planned.registry,
         ..current.clone()
     })
@@ -1301,10 +1438,78 @@ X-Evil: 1",
         reserved["remotes"][0]["headers"][1]["name"] = json!("Mcp-Session-Id");
         let e = plan_ok(&reserved).unwrap_err();
         assert_eq!(e.field, "$.remotes[0].headers[1].name", "{e}");
-        // A remote install is not upgraded in place.
-        let def = plan_ok(&entry).unwrap();
-        let e = upgrade(&def.spec, Some(&entry), &entry, &runners()).unwrap_err();
-        assert!(e.message.contains("remote"), "{e}");
+    }
+
+    #[test]
+    fn a_remote_upgrades_in_place_with_its_values_and_stored_secrets_kept() {
+        let v1 = remote_entry();
+        let request = Request {
+            values: values(&[("tenant", "acme"), ("token", "s3cret"), ("X-Region", "us")]),
+            ..Request::default()
+        };
+        let installed = plan(&v1, &request, &runners()).unwrap().spec;
+        let source = installed.registry.as_ref().unwrap();
+        // Only what stayed plain is kept: the URL's value, the header chosen among choices.
+        assert_eq!(
+            source.values,
+            values(&[("X-Region", "us"), ("tenant", "acme")])
+        );
+        // As the Kubernetes backend keeps it: the secret header stored apart.
+        let mut stored = installed.clone();
+        let auth = &mut stored.remote.as_mut().unwrap().headers[0];
+        auth.secret_value = None;
+        auth.stored_secret = true;
+
+        let mut v2 = remote_entry();
+        v2["version"] = json!("2.0.0");
+        v2["remotes"][0]["url"] = json!("https://{tenant}.v2.example.com/mcp");
+        for current in [&installed, &stored] {
+            let up = upgrade(current, Some(&v1), &v2, &runners()).unwrap();
+            let remote = up.remote.as_ref().unwrap();
+            assert_eq!(remote.url, "https://acme.v2.example.com/mcp");
+            assert_eq!(
+                remote.headers[0],
+                current.remote.as_ref().unwrap().headers[0]
+            );
+            assert_eq!(remote.headers[1].value.as_deref(), Some("us"));
+            let source = up.registry.as_ref().unwrap();
+            assert_eq!((source.version.as_str(), source.remote), ("2.0.0", Some(0)));
+            assert_eq!(
+                source.values,
+                values(&[("X-Region", "us"), ("tenant", "acme")])
+            );
+        }
+        // The remote moved in the list: found by its kind.
+        let mut moved = v2.clone();
+        let remotes = moved["remotes"].as_array_mut().unwrap();
+        remotes.reverse();
+        let up = upgrade(&stored, Some(&v1), &moved, &runners()).unwrap();
+        assert_eq!(up.registry.unwrap().remote, Some(1));
+        // A secret header made differently now cannot keep its stored value.
+        let mut remade = v2.clone();
+        remade["remotes"][0]["headers"][0]["value"] = json!("Token {token}");
+        let e = upgrade(&stored, Some(&v1), &remade, &runners()).unwrap_err();
+        assert!(e.message.contains("Authorization"), "{e}");
+        // No remote of that kind any more; a new required value: said, nothing guessed.
+        let mut gone = v2.clone();
+        gone["remotes"] = json!([{"type": "sse", "url": "https://sse.example.com/sse"}]);
+        let e = upgrade(&stored, Some(&v1), &gone, &runners()).unwrap_err();
+        assert!(e.message.contains("streamable-http"), "{e}");
+        let mut more = v2.clone();
+        more["remotes"][0]["url"] = json!("https://{tenant}.{zone}.example.com/mcp");
+        more["remotes"][0]["variables"]["zone"] = json!({"isRequired": true});
+        let e = upgrade(&stored, Some(&v1), &more, &runners()).unwrap_err();
+        assert!(e.message.contains("values.zone"), "{e}");
+        // A kept value the new version no longer declares goes.
+        let mut fixed = v2.clone();
+        fixed["remotes"][0]["url"] = json!("https://fixed.example.com/mcp");
+        fixed["remotes"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("variables");
+        let up = upgrade(&stored, Some(&v1), &fixed, &runners()).unwrap();
+        assert_eq!(up.remote.unwrap().url, "https://fixed.example.com/mcp");
+        assert_eq!(up.registry.unwrap().values, values(&[("X-Region", "us")]));
     }
 
     #[test]
