@@ -800,7 +800,12 @@ async fn a_remote_entry_is_reached_with_its_secret_header_and_uninstalled() {
                           "variables": {"token": {"isRequired": true, "isSecret": true}}}]},
             {"type": "sse", "url": format!("http://{}/sse", far.addr)}]
     });
-    let r = admin("POST", "/admin/v1/registry/servers".into(), Some(doc.clone())).await;
+    let r = admin(
+        "POST",
+        "/admin/v1/registry/servers".into(),
+        Some(doc.clone()),
+    )
+    .await;
     assert_eq!(r.status, 201, "{}", r.body);
 
     // A value that would move the URL elsewhere is refused, and nothing is installed.

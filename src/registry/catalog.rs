@@ -2,7 +2,7 @@
 //! each server's versions `latest`, each with a status; validated on the way in, naming
 //! the JSON path at fault.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
@@ -354,6 +354,10 @@ pub struct Catalog {
     writing: tokio::sync::Mutex<()>,
     /// Follows a shared store's changes.
     follower: std::sync::OnceLock<tokio::task::AbortHandle>,
+    /// Versions removed from a shared store, with the resourceVersion they were removed at:
+    /// a write of ours answered before the removal but taken in after it does not bring
+    /// them back. Taken with `state` held.
+    removed: std::sync::Mutex<HashMap<(String, String), u64>>,
 }
 
 impl Drop for Catalog {
@@ -366,6 +370,11 @@ impl Drop for Catalog {
 
 fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// A resourceVersion as the number the API server makes it.
+fn number(rv: Option<&str>) -> Option<u64> {
+    rv.and_then(|r| r.parse::<u64>().ok())
 }
 
 /// Whether `incoming` (a resourceVersion) may replace `held`: not when both are numbers (as
@@ -479,6 +488,7 @@ impl Catalog {
             store,
             writing: tokio::sync::Mutex::new(()),
             follower: std::sync::OnceLock::new(),
+            removed: std::sync::Mutex::default(),
         }
     }
 
@@ -568,6 +578,18 @@ impl Catalog {
     pub fn absorb(&self, v: Version) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         let name = v.server["name"].as_str().unwrap_or_default().to_owned();
+        {
+            let mut removed = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+            let key = (name.clone(), v.version().to_owned());
+            if let Some(&at) = removed.get(&key) {
+                match number(v.resource_version.as_deref()) {
+                    Some(rv) if rv > at => {
+                        removed.remove(&key);
+                    }
+                    _ => return,
+                }
+            }
+        }
         let count: usize = state.values().map(Vec::len).sum();
         let versions = state.entry(name.clone()).or_default();
         match versions.iter_mut().find(|h| h.version() == v.version()) {
@@ -602,6 +624,24 @@ impl Catalog {
         if versions.is_empty() {
             state.remove(name);
         }
+        if let Some(at) = number(resource_version) {
+            self.mark_removed(name, version, at);
+        }
+    }
+
+    /// Notes that `name@version` was removed at resourceVersion `at` (bounded: past
+    /// [`MAX_VERSIONS`] notes, the oldest are dropped).
+    fn mark_removed(&self, name: &str, version: &str, at: u64) {
+        let mut removed = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (name.to_owned(), version.to_owned());
+        let at = removed.get(&key).map_or(at, |&was| was.max(at));
+        removed.insert(key, at);
+        if removed.len() > MAX_VERSIONS {
+            let mut ats: Vec<u64> = removed.values().copied().collect();
+            ats.sort_unstable();
+            let cut = ats[ats.len() / 2];
+            removed.retain(|_, at| *at > cut);
+        }
     }
 
     /// Takes in the whole shared store, listed again: what it holds replaces what is held,
@@ -623,7 +663,6 @@ impl Catalog {
         for v in versions {
             next.entry(v.name().to_owned()).or_default().push(v);
         }
-        let number = |rv: Option<&str>| rv.and_then(|r| r.parse::<u64>().ok());
         let listed_at = number(listing.resource_version.as_deref());
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         for v in state.values().flatten() {
@@ -634,10 +673,24 @@ impl Catalog {
             if !after_the_list {
                 continue;
             }
+            let count: usize = next.values().map(Vec::len).sum();
             let versions = next.entry(v.name().to_owned()).or_default();
             match versions.iter_mut().find(|h| h.version() == v.version()) {
                 Some(listed) => *listed = v.clone(),
+                None if count >= MAX_VERSIONS => {}
                 None => versions.push(v.clone()),
+            }
+        }
+        next.retain(|_, versions| !versions.is_empty());
+        // Gone as of the list: a write of ours taken in late does not bring them back.
+        if let Some(at) = listed_at {
+            for v in state.values().flatten() {
+                let kept = next
+                    .get(v.name())
+                    .is_some_and(|vs| vs.iter().any(|n| n.version() == v.version()));
+                if !kept {
+                    self.mark_removed(v.name(), v.version(), at);
+                }
             }
         }
         *state = next;
@@ -690,6 +743,8 @@ impl Catalog {
             };
             let mut raced = false;
             for mut v in changed(&before, &next) {
+                // What every replica will read back: checked as they check it.
+                v.clone().check()?;
                 match store.write(&v).await {
                     Ok(rv) => {
                         written.push(format!("{}@{}", v.name(), v.version()));
@@ -700,7 +755,7 @@ impl Catalog {
                         let (name, version) = (v.name().to_owned(), v.version().to_owned());
                         match store.read(&name, &version).await? {
                             Some(fresh) => self.absorb(fresh),
-                            None => self.forget(&name, &version, None),
+                            None => self.forget(&name, &version, v.resource_version.as_deref()),
                         }
                         raced = true;
                         break;
@@ -747,6 +802,15 @@ impl Catalog {
                             })
                         })
                         .transpose()?;
+                    if let Some(m) = facts.as_ref().and_then(|f| f.status_message.as_ref())
+                        && m.chars().count() > 500
+                    {
+                        return Err(refuse(
+                            format!("$[{i}]._meta.{OFFICIAL_META}.statusMessage"),
+                            "at most 500 characters",
+                        )
+                        .into());
+                    }
                     (o.remove("server").unwrap_or_default(), facts)
                 }
                 doc => (doc, None),
@@ -1790,12 +1854,20 @@ mod tests {
         // A list taken after z that does not hold it: z was deleted since.
         c.relisted(listing(vec![stored("a/x", "1", 5)], 13));
         assert_eq!(held(&c), ["a/x@1#5"]);
+        // A write of ours answered before a removal but taken in after it does not bring the
+        // version back (the removal seen by the watch, or by a relist); a later one does.
+        c.forget("a/x", "1", Some("20"));
+        c.absorb(stored("a/x", "1", 15));
+        c.absorb(stored("a/z", "1", 12));
+        assert!(held(&c).is_empty(), "{:?}", held(&c));
+        c.absorb(stored("a/x", "1", 25));
+        assert_eq!(held(&c), ["a/x@1#25"]);
         // Beyond the bound, every replica keeps the same ones: the first by name and version.
         let many: Vec<Version> = (0..MAX_VERSIONS + 2)
             .rev()
             .map(|i| stored(&format!("b/n{i:05}"), "1", 1))
             .collect();
-        c.relisted(listing(many, 20));
+        c.relisted(listing(many, 30));
         let kept = held(&c);
         assert_eq!(kept.len(), MAX_VERSIONS);
         assert_eq!(kept[0], "b/n00000@1#1");

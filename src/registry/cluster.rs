@@ -253,9 +253,12 @@ impl ClusterStore {
                 }
             }
             let since = from.clone().unwrap_or_else(|| "0".to_owned());
-            let params = WatchParams::default()
-                .timeout(WATCH_SECONDS)
-                .disable_bookmarks();
+            // Bookmarks move `from` on while nothing changes, so a quiet catalog resumes
+            // where it was rather than listing all of it again.
+            let params = WatchParams::default().timeout(WATCH_SECONDS);
+            let started = tokio::time::Instant::now();
+            let mut seen = 0usize;
+            let mut pause = false;
             let events = match self.api.watch(&params, &since).await {
                 Ok(events) => events,
                 Err(e) => {
@@ -269,6 +272,7 @@ impl ClusterStore {
             let mut events = std::pin::pin!(events);
             while let Some(event) = events.next().await {
                 let Some(c) = catalog.upgrade() else { return };
+                seen += 1;
                 match event {
                     Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => {
                         from.clone_from(&o.metadata.resource_version);
@@ -301,19 +305,23 @@ impl ClusterStore {
                         from = None;
                         if status.code != 410 {
                             tracing::warn!(error = %status.message, "watching the catalog's McpRegistryEntry resources");
-                            tokio::time::sleep(wait).await;
-                            wait = (wait * 2).min(RETRY_MAX);
+                            pause = true;
                         }
                         break;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "watching the catalog's McpRegistryEntry resources");
                         from = None;
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(RETRY_MAX);
+                        pause = true;
                         break;
                     }
                 }
+            }
+            // A failure, or a watch that ended at once with nothing (a proxy closing it):
+            // not again straight away.
+            if pause || (seen == 0 && started.elapsed() < Duration::from_secs(1)) {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RETRY_MAX);
             }
         }
     }
