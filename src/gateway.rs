@@ -86,6 +86,8 @@ pub struct Gateway {
     client: http::Client,
     /// The client of remote servers: it connects only where the orchestrator allows.
     remote_client: http::Client,
+    /// This gateway's mark on requests to remote servers (one that leads back is refused).
+    pub via: ::http::HeaderValue,
     /// Open sessions by id.
     pub sessions: DashMap<Arc<str>, Arc<Session>>,
     /// Open sessions per authenticated principal (bounded by `mcp.max_sessions_per_principal`).
@@ -164,6 +166,13 @@ impl Gateway {
             );
         }
         let client = http::client(&outbound_tls);
+        let via = crate::upstream::via::mark(
+            orchestrator
+                .as_ref()
+                .and_then(|o| o.cluster())
+                .map(|(_, namespace)| namespace)
+                .as_deref(),
+        );
         let remote_client = match orchestrator.as_ref().and_then(|o| o.remote_addresses()) {
             Some(check) => http::checked_client(&outbound_tls, check),
             None => client.clone(),
@@ -193,6 +202,7 @@ impl Gateway {
             changes: tokio::sync::Mutex::new(()),
             client,
             remote_client,
+            via,
             config: Arc::new(config),
             sessions: DashMap::new(),
             sessions_per_principal: DashMap::new(),
@@ -279,6 +289,7 @@ impl Gateway {
                             .clone(),
                         wake_timeout: self.config.orchestrator.wake_timeout,
                         remote_http: self.remote_client.clone(),
+                        via: self.via.clone(),
                     }),
                     _ => None,
                 };

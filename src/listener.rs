@@ -442,6 +442,12 @@ async fn route(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Respons
 }
 
 async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    if crate::upstream::via::came_from(req.headers(), &gw.via) {
+        return text(
+            StatusCode::LOOP_DETECTED,
+            "this request came from this gateway: a remote server's URL leads back to it\n",
+        );
+    }
     match req.uri().path() {
         MCP_PATH => front::serve(gw.clone(), req, None).await,
         path if path.starts_with(PROFILE_PREFIX) => {

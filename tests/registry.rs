@@ -1033,6 +1033,61 @@ async fn a_remote_is_reached_only_at_addresses_the_backend_allows() {
     far.stop().await;
 }
 
+/// A remote whose URL leads back to the gateway itself is refused where its request comes in
+/// (508), with a message that says so: no session opens another through itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_that_leads_back_to_the_gateway_is_refused_not_looped() {
+    let config = gatehouse::Config::from_yaml(&format!(
+        "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}"
+    ))
+    .unwrap();
+    let (running, _runtime) = with_local_runtime(config).await;
+    let addr = running.listening.local_addr;
+    let doc = json!({
+        "name": "com.example/mirror", "description": "this gateway again", "version": "1.0.0",
+        "remotes": [{"type": "streamable-http", "url": format!("http://{addr}/mcp")}]
+    });
+    let r = admin_request(
+        addr,
+        Some(ADMIN),
+        "POST",
+        "/admin/v1/registry/servers",
+        Some(doc),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = admin_request(
+        addr,
+        Some(ADMIN),
+        "POST",
+        "/admin/v1/registry/install",
+        Some(json!({"entry": "com.example/mirror"})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let mut client = support::Client::new(format!("http://{addr}/mcp"));
+    client.initialize(json!({})).await;
+    // Its only server cannot be listed, and the client is told why, at once.
+    let listed = client.call(1, "tools/list", json!({})).await;
+    let message = listed["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("508") && message.contains("leads back"),
+        "{listed}"
+    );
+    let r = client
+        .call(
+            2,
+            "tools/call",
+            json!({"name": "mirror__echo", "arguments": {}}),
+        )
+        .await;
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("leads back"), "{r}");
+    // Only the client's own session: none opened through the gateway itself.
+    assert_eq!(running.gateway.sessions.len(), 1);
+    running.shutdown().await;
+}
+
 /// Labels are the operator's: a document's own `_meta` block (its publisher's to write) is not
 /// what the registry's filters see; the operator labels a version through the admin API, and
 /// a newer version is unlabelled until the operator says (a filter that shows only approved

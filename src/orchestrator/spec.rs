@@ -769,7 +769,7 @@ pub fn remote_header_name(name: &str) -> Result<(), String> {
     }
     let lower = name.to_ascii_lowercase();
     if GATEWAY_HEADERS.contains(&lower.as_str())
-        || ["proxy-", "mcp-", "sec-"]
+        || ["proxy-", "mcp-", "sec-", "gatehouse-"]
             .iter()
             .any(|p| lower.starts_with(p))
     {

@@ -18,6 +18,7 @@ pub mod shared;
 mod stateless;
 pub mod stdio;
 pub mod token_exchange;
+pub mod via;
 
 pub use error::UpstreamError;
 pub(crate) use handshake::initialize;

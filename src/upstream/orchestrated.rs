@@ -29,6 +29,8 @@ pub struct Orchestrated {
     /// The client of its remote endpoint, when it has one: it connects only to addresses the
     /// backend allows ([`Runtime::remote_addresses`]).
     pub remote_http: super::http::Client,
+    /// The gateway's mark, sent to its remote endpoint ([`super::via`]).
+    pub via: http::HeaderValue,
 }
 
 /// The first pages of the lists an idle-capable server last gave (one process serving every
@@ -330,7 +332,8 @@ impl Orchestrated {
                 let uri = url.parse().map_err(|e| {
                     server.unavailable(format!("endpoint {url:?} is not a URL: {e}"))
                 })?;
-                let mut map = http::HeaderMap::with_capacity(headers.len());
+                let mut map = http::HeaderMap::with_capacity(headers.len() + 1);
+                map.insert(super::via::HEADER, self.via.clone());
                 for (name, value) in headers {
                     // Checked when the definition was; a stored value read since was not.
                     let name = http::HeaderName::try_from(name.as_str()).map_err(|_| {
