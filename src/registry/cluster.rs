@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use kube::CustomResource;
-use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams, WatchEvent, WatchParams};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -86,6 +86,10 @@ impl From<&Version> for McpRegistryEntrySpec {
 #[derive(Clone)]
 pub struct ClusterStore {
     api: Api<McpRegistryEntry>,
+    /// The same resources read untyped: each is decoded alone, so that one this gateway
+    /// cannot read (another version's fields, a value it does not know) is left out without
+    /// making the list of all of them unreadable.
+    raw: Api<DynamicObject>,
     namespace: String,
 }
 
@@ -119,8 +123,10 @@ const WATCH_SECONDS: u32 = 290;
 
 /// The version a resource holds, checked as the catalog checks what it is given; why not,
 /// for one that is not a valid version or not under its own name.
-fn version_of(object: &McpRegistryEntry) -> Result<Version, String> {
-    let spec = &object.spec;
+fn version_of(object: &DynamicObject) -> Result<Version, String> {
+    let spec = McpRegistryEntrySpec::deserialize(&object.data["spec"])
+        .map_err(|e| format!("its spec is not one this gateway reads: {e}"))?;
+    let spec = &spec;
     let resource = object.metadata.name.as_deref().unwrap_or_default();
     let expected = object_name(&spec.name, &spec.version);
     if resource != expected {
@@ -161,7 +167,7 @@ fn version_of(object: &McpRegistryEntry) -> Result<Version, String> {
 }
 
 /// [`version_of`], saying in a warning why a resource is left out.
-fn valid(object: &McpRegistryEntry) -> Option<Version> {
+fn valid(object: &DynamicObject) -> Option<Version> {
     version_of(object)
         .map_err(|why| {
             let resource = object.metadata.name.as_deref().unwrap_or_default();
@@ -174,7 +180,12 @@ impl ClusterStore {
     /// The `McpRegistryEntry` resources of `namespace`.
     pub fn new(client: kube::Client, namespace: &str) -> Self {
         ClusterStore {
-            api: Api::namespaced(client, namespace),
+            api: Api::namespaced(client.clone(), namespace),
+            raw: Api::namespaced_with(
+                client,
+                namespace,
+                &ApiResource::erase::<McpRegistryEntry>(&()),
+            ),
             namespace: namespace.to_owned(),
         }
     }
@@ -200,7 +211,7 @@ impl ClusterStore {
     /// and the list's resourceVersion.
     async fn listing(&self) -> Result<(Listing, HashMap<String, (String, String)>), CatalogError> {
         let list = self
-            .api
+            .raw
             .list(&ListParams::default())
             .await
             .map_err(|e| self.failed(e))?;
@@ -259,7 +270,7 @@ impl ClusterStore {
             let started = tokio::time::Instant::now();
             let mut seen = 0usize;
             let mut pause = false;
-            let events = match self.api.watch(&params, &since).await {
+            let events = match self.raw.watch(&params, &since).await {
                 Ok(events) => events,
                 Err(e) => {
                     tracing::warn!(error = %e, "watching the catalog's McpRegistryEntry resources");
@@ -376,7 +387,7 @@ impl SharedStore for ClusterStore {
         async move {
             let resource = object_name(name, version);
             let Some(object) = self
-                .api
+                .raw
                 .get_opt(&resource)
                 .await
                 .map_err(|e| self.failed(e))?
@@ -424,5 +435,58 @@ mod tests {
         assert_ne!(a, object_name("io.github.a/b", "1-0-0"));
         // No pair of name and version is another's.
         assert_ne!(object_name("a", "b\nc"), object_name("a\nb", "c"));
+    }
+
+    fn resource(spec: serde_json::Value) -> DynamicObject {
+        let name = object_name(
+            spec["name"].as_str().unwrap_or("x/y"),
+            spec["version"].as_str().unwrap_or("1"),
+        );
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "gatehouse.dev/v1alpha1", "kind": "McpRegistryEntry",
+            "metadata": {"name": name, "resourceVersion": "7"}, "spec": spec}))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_resource_is_read_alone_and_one_this_gateway_cannot_read_is_only_left_out() {
+        let doc = serde_json::json!({"name": "io.github.a/b", "description": "d", "version": "1.0.0",
+            "remotes": [{"type": "sse", "url": "https://a.example.com/sse"}]});
+        let good = serde_json::json!({"name": "io.github.a/b", "version": "1.0.0",
+            "document": doc.to_string(), "status": "active",
+            "publishedAt": "2026-01-01T00:00:00Z", "updatedAt": "2026-01-01T00:00:00Z",
+            "statusChangedAt": "2026-01-01T00:00:00Z", "someNewerField": {"x": 1}});
+        let v = version_of(&resource(good.clone())).unwrap();
+        assert_eq!((v.name(), v.version()), ("io.github.a/b", "1.0.0"));
+        assert_eq!(v.resource_version.as_deref(), Some("7"));
+        for (edit, why) in [
+            (
+                serde_json::json!({"status": "archived"}),
+                "not one this gateway reads",
+            ),
+            (
+                serde_json::json!({"document": null}),
+                "not one this gateway reads",
+            ),
+            (serde_json::json!({"publishedAt": "yesterday"}), "RFC 3339"),
+            (
+                serde_json::json!({"document": doc.to_string().replace("1.0.0", "2.0.0")}),
+                "not io.github.a/b@1.0.0",
+            ),
+            (
+                serde_json::json!({"name": "io.github.a/c"}),
+                "one resource per version",
+            ),
+        ] {
+            let mut spec = good.clone();
+            for (k, val) in edit.as_object().unwrap() {
+                spec[k] = val.clone();
+            }
+            let mut o = resource(spec);
+            // Under the name of the version it says it holds.
+            o.metadata.name = Some(object_name("io.github.a/b", "1.0.0"));
+            let e = version_of(&o).unwrap_err();
+            assert!(e.contains(why), "{edit}: {e}");
+        }
     }
 }
