@@ -451,9 +451,18 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
     match req.uri().path() {
         MCP_PATH => front::serve(gw.clone(), req, None).await,
         path if path.starts_with(PROFILE_PREFIX) => {
-            match gw.profile(&path[PROFILE_PREFIX.len()..]) {
-                Some(profile) => front::serve(gw.clone(), req, Some(&profile.clone())).await,
-                None => not_found(path),
+            let rest = &path[PROFILE_PREFIX.len()..];
+            // `/mcp/{profile}/v0.1/servers…`: the registry as that profile's callers see it.
+            let (name, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            match gw.profile(name) {
+                Some(profile) if crate::registry::api::is_registry_path(tail) => {
+                    let profile = profile.clone();
+                    Box::pin(registry(gw, &req, Some(&profile), tail)).await
+                }
+                Some(profile) if tail.is_empty() => {
+                    front::serve(gw.clone(), req, Some(&profile.clone())).await
+                }
+                _ => not_found(path),
             }
         }
         // The other paths' futures are boxed: hyper moves the whole request future (the
@@ -468,7 +477,9 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
             None => Box::pin(crate::admin::serve(gw.clone(), req)).await,
             Some(refused) => refused,
         },
-        path if crate::registry::api::is_registry_path(path) => Box::pin(registry(gw, &req)).await,
+        path if crate::registry::api::is_registry_path(path) => {
+            Box::pin(registry(gw, &req, None, path)).await
+        }
         // The console is a client of the admin API: where that is off, there is none.
         path if (path == crate::console::PREFIX || path.starts_with("/ui/"))
             && !gw.config.admin_tokens.is_empty() =>
@@ -603,8 +614,14 @@ fn resource_metadata(gw: &Gateway, req: &Request<hyper::body::Incoming>) -> Resp
     r
 }
 
-/// The registry's read API, to the callers `/mcp` admits (anyone, when authentication is off).
-async fn registry(gw: &Arc<Gateway>, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+/// The registry's read API (at `path`), to the callers `/mcp` admits (anyone, when
+/// authentication is off); under a profile, to those it grants, filtered as that profile's.
+async fn registry(
+    gw: &Arc<Gateway>,
+    req: &Request<hyper::body::Incoming>,
+    profile: Option<&crate::config::profiles::ProfileConfig>,
+    path: &str,
+) -> Response<Body> {
     use crate::registry::api;
     let Some(catalog) = gw.registry.get() else {
         return not_found(req.uri().path());
@@ -612,7 +629,7 @@ async fn registry(gw: &Arc<Gateway>, req: &Request<hyper::body::Incoming>) -> Re
     // A preflight carries no credentials (and gets no data).
     let mut identity = None;
     if req.method() != http::Method::OPTIONS {
-        match front::admit_reader(gw, req).await {
+        match front::admit_reader(gw, req, profile).await {
             Ok(who) => identity = who,
             Err((status, message, challenge)) => {
                 let mut r = api::error(status, &message);
@@ -627,6 +644,7 @@ async fn registry(gw: &Arc<Gateway>, req: &Request<hyper::body::Incoming>) -> Re
         principal: identity.as_ref().map(|i| &*i.principal),
         groups: identity.as_ref().map_or(&[], |i| &i.claims.groups),
         scopes: identity.as_ref().map_or(&[], |i| &i.claims.scopes),
+        profile: profile.map(|p| p.name.as_str()),
     };
     // A preflight shows no entry: no filter to run.
     let visible = if req.method() == http::Method::OPTIONS {
@@ -650,7 +668,7 @@ async fn registry(gw: &Arc<Gateway>, req: &Request<hyper::body::Incoming>) -> Re
     api::serve(
         catalog,
         req.method(),
-        req.uri().path(),
+        path,
         req.uri().query(),
         anyone,
         visible,

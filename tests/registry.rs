@@ -1088,6 +1088,76 @@ async fn a_remote_that_leads_back_to_the_gateway_is_refused_not_looped() {
     running.shutdown().await;
 }
 
+/// The registry read through a profile (`/mcp/{profile}/v0.1/servers`) is filtered as that
+/// profile's callers see it: the chains that select the profile run, the profile's grant
+/// admits the reader, and the plain path is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_sees_the_registry_its_filters_show() {
+    const BOB: &str = "bob-token-0123456789ab";
+    const ALICE: &str = "alice-token-0123456789a";
+    let gw = gateway(&format!(
+        "auth: {{tokens: [{{principal: bob, token: {BOB}}}, {{principal: alice, token: {ALICE}}}]}}
+admin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}
+mcp: {{root_access: {{principals: [bob, alice]}}}}
+profiles:
+  - name: team
+    grant: {{principals: [bob]}}
+    servers: [{{name: ex}}]
+plugins:
+  modules:
+    - name: team-lists
+      path: {:?}
+      config: {{rules: [{{kinds: [server], allow_labels: [\"team=yes\"]}}]}}
+  chains:
+    - {{name: team-registry, methods: [registry/list], profiles: [team], plugins: [team-lists]}}",
+        support::wasm("list_filter")
+    ))
+    .await;
+    let addr = gw.addr;
+    let read = |token: &'static str, path: &'static str| async move {
+        admin_request(addr, Some(token), "GET", path, None).await
+    };
+    let names = |r: &Resp| -> Vec<String> {
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_list_response(&r.json())
+    };
+    let everything = names(&read(BOB, "/v0.1/servers").await);
+    assert!(!everything.is_empty());
+    // Through the profile: only what its filter shows (nothing is labelled yet).
+    assert!(names(&read(BOB, "/mcp/team/v0.1/servers").await).is_empty());
+    let first = everything[0].clone();
+    let version = read(BOB, "/v0.1/servers").await.json()["servers"][0]["server"]["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = admin_request(
+        addr,
+        Some(ADMIN),
+        "PUT",
+        &format!("/admin/v1/registry/servers/{first}/versions/{version}/labels"),
+        Some(json!({"labels": {"team": "yes"}})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        names(&read(BOB, "/mcp/team/v0.1/servers").await),
+        std::slice::from_ref(&first)
+    );
+    assert_eq!(
+        read(BOB, "/mcp/team/v0/servers").await.status,
+        200,
+        "the older prefix too"
+    );
+    // The plain path is unchanged; a reader the profile does not grant is refused; an
+    // unknown profile, or another path under it, is not there.
+    assert_eq!(names(&read(BOB, "/v0.1/servers").await), everything);
+    let refused = read(ALICE, "/mcp/team/v0.1/servers").await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert_eq!(read(BOB, "/mcp/nope/v0.1/servers").await.status, 404);
+    assert_eq!(read(BOB, "/mcp/team/elsewhere").await.status, 404);
+    gw.stop().await;
+}
+
 /// Labels are the operator's: a document's own `_meta` block (its publisher's to write) is not
 /// what the registry's filters see; the operator labels a version through the admin API, and
 /// a newer version is unlabelled until the operator says (a filter that shows only approved

@@ -202,10 +202,11 @@ pub async fn serve(
 pub(crate) async fn admit_reader<B>(
     gw: &Gateway,
     req: &Request<B>,
+    profile: Option<&ProfileConfig>,
 ) -> Result<Option<crate::auth::Identity>, (StatusCode, String, Option<HeaderValue>)> {
     let refused = |e: FrontError| {
         let challenge = match &e {
-            FrontError::Auth(a) => Some(gw.auth.challenge(a, None)),
+            FrontError::Auth(a) => Some(gw.auth.challenge(a, profile.map(|p| p.name.as_str()))),
             _ => None,
         };
         (e.status(), e.to_string(), challenge)
@@ -214,7 +215,11 @@ pub(crate) async fn admit_reader<B>(
     check_host_and_origin(&gw.config, authority, req.headers()).map_err(refused)?;
     let identity = match gw
         .auth
-        .authenticate(req.headers(), None, certificate_of(req))
+        .authenticate(
+            req.headers(),
+            profile.map(|p| p.name.as_str()),
+            certificate_of(req),
+        )
         .await
     {
         Ok(i) => i,
@@ -223,7 +228,7 @@ pub(crate) async fn admit_reader<B>(
             return Err(refused(FrontError::Auth(e)));
         }
     };
-    if let Err(e) = check_access(gw, None, identity.as_ref()) {
+    if let Err(e) = check_access(gw, profile, identity.as_ref()) {
         let known = identity.as_ref().map(|i| (i.principal.clone(), ""));
         audit_refusal(gw, known, &e.to_string());
         return Err(refused(e));

@@ -21,6 +21,8 @@ pub struct Caller<'a> {
     pub groups: &'a [Box<str>],
     /// Its scopes, from its access token.
     pub scopes: &'a [Box<str>],
+    /// The profile it reads the registry through (`/mcp/{profile}/v0.1/servers`).
+    pub profile: Option<&'a str>,
 }
 
 /// What of the catalog a caller may see.
@@ -79,7 +81,7 @@ pub async fn visible(
         name: None,
         principal: caller.principal,
         session_id: "",
-        profile: None,
+        profile: caller.profile,
         groups: caller.groups,
         scopes: caller.scopes,
     };
