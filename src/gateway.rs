@@ -166,13 +166,7 @@ impl Gateway {
             );
         }
         let client = http::client(&outbound_tls);
-        let via = crate::upstream::via::mark(
-            orchestrator
-                .as_ref()
-                .and_then(|o| o.cluster())
-                .map(|(_, namespace)| namespace)
-                .as_deref(),
-        );
+        let via = crate::upstream::via::mark();
         let remote_client = match orchestrator.as_ref().and_then(|o| o.remote_addresses()) {
             Some(check) => http::checked_client(&outbound_tls, check),
             None => client.clone(),

@@ -419,6 +419,16 @@ fn plan_remote(server: &Value, request: &Request, index: usize) -> Result<Server
     // host, path or query than the document's.
     let mut known = BTreeMap::new();
     for (name, var) in url_vars {
+        // What the installer gives for a header is kept secret: not in the URL either.
+        let a_headers = headers
+            .iter()
+            .any(|h| h["name"] == name.as_str() || header_vars(h).contains_key(name));
+        if a_headers && request.values.contains_key(name) {
+            return Err(refuse(
+                format!("{path}.variables.{name}"),
+                "a header uses it too, and what is given for a header is kept secret: a URL cannot keep it",
+            ));
+        }
         if var["isSecret"] == true || secret_names.contains(name.as_str()) {
             return Err(refuse(
                 format!("{path}.variables.{name}"),
@@ -745,6 +755,16 @@ fn upgrade_remote(
             .find(|h| h["name"] == name)
             .cloned()
     };
+    let kept_secrets = installed
+        .headers
+        .iter()
+        .any(|h| h.secret_value.is_some() || h.stored_secret);
+    if kept_secrets && old.is_none() {
+        return Err(refuse(
+            "version",
+            "the installed version is no longer in the catalog, so its secret headers cannot be checked against the new one: install it again with its values",
+        ));
+    }
     let mut new = new.clone();
     // Kept values the new version still declares (one it dropped goes).
     let now = &new["remotes"][at];
@@ -771,6 +791,24 @@ fn upgrade_remote(
         let (Some(value), Some(now)) = (secret, header(&new["remotes"][at], &h.name)) else {
             continue;
         };
+        // Passed by the header's name: no variable of the new version may bear that name
+        // (it would copy the secret elsewhere, or a stored one's mark).
+        let remote = &new["remotes"][at];
+        let named = remote["variables"].get(h.name.as_str()).is_some()
+            || remote["headers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|o| o["variables"].get(h.name.as_str()).is_some());
+        if named {
+            return Err(refuse(
+                "version",
+                format!(
+                    "{version} has a variable named like its secret header {}: install it again with its values",
+                    h.name
+                ),
+            ));
+        }
         // The value kept is the header's as it was made: only a header made the same way.
         let made = |h: &Value| (h["value"].clone(), h["variables"].clone());
         if let Some(then) = was.and_then(|w| header(w, &h.name))
@@ -809,6 +847,16 @@ fn upgrade_remote(
             )
         })?
         .spec;
+    // A kept secret goes only where it was given for.
+    if kept_secrets && planned.remote_origin() != current.remote_origin() {
+        return Err(refuse(
+            "version",
+            format!(
+                "{version} reaches another origin than the installed one ({}): its secret headers are not sent there; install it again with its values",
+                planned.remote_origin().unwrap_or_default()
+            ),
+        ));
+    }
     let mut remote = planned.remote.expect("a remote plan has a remote");
     for h in &mut remote.headers {
         let was = installed.headers.iter().find(|c| c.name == h.name);
@@ -1462,11 +1510,11 @@ X-Evil: 1",
 
         let mut v2 = remote_entry();
         v2["version"] = json!("2.0.0");
-        v2["remotes"][0]["url"] = json!("https://{tenant}.v2.example.com/mcp");
+        v2["remotes"][0]["url"] = json!("https://{tenant}.example.com/v2/mcp");
         for current in [&installed, &stored] {
             let up = upgrade(current, Some(&v1), &v2, &runners()).unwrap();
             let remote = up.remote.as_ref().unwrap();
-            assert_eq!(remote.url, "https://acme.v2.example.com/mcp");
+            assert_eq!(remote.url, "https://acme.example.com/v2/mcp");
             assert_eq!(
                 remote.headers[0],
                 current.remote.as_ref().unwrap().headers[0]
@@ -1500,16 +1548,45 @@ X-Evil: 1",
         more["remotes"][0]["variables"]["zone"] = json!({"isRequired": true});
         let e = upgrade(&stored, Some(&v1), &more, &runners()).unwrap_err();
         assert!(e.message.contains("values.zone"), "{e}");
-        // A kept value the new version no longer declares goes.
+        // Kept secrets go only where they were given for: a new version at another origin
+        // (a publisher's new host) does not get them, in memory or stored.
+        let mut elsewhere = v2.clone();
+        elsewhere["remotes"][0]["url"] = json!("https://{tenant}.attacker.example/mcp");
+        for current in [&installed, &stored] {
+            let e = upgrade(current, Some(&v1), &elsewhere, &runners()).unwrap_err();
+            assert!(e.message.contains("another origin"), "{e}");
+        }
+        // Without the installed version's document the headers cannot be compared.
+        let e = upgrade(&stored, None, &v2, &runners()).unwrap_err();
+        assert!(e.message.contains("no longer in the catalog"), "{e}");
+        // A variable named like a kept secret header would copy it elsewhere.
+        let mut copying = v2.clone();
+        copying["remotes"][0]["headers"][2] = json!({"name": "X-Team", "value": "{Authorization}", "variables": {"Authorization": {}}});
+        let e = upgrade(&installed, Some(&v1), &copying, &runners()).unwrap_err();
+        assert!(e.message.contains("named like its secret header"), "{e}");
+        // A kept value the new version no longer declares goes (no secret kept here).
         let mut fixed = v2.clone();
-        fixed["remotes"][0]["url"] = json!("https://fixed.example.com/mcp");
+        fixed["remotes"][0]["url"] = json!("https://acme.example.com/fixed");
         fixed["remotes"][0]
             .as_object_mut()
             .unwrap()
             .remove("variables");
         let up = upgrade(&stored, Some(&v1), &fixed, &runners()).unwrap();
-        assert_eq!(up.remote.unwrap().url, "https://fixed.example.com/mcp");
+        assert_eq!(up.remote.unwrap().url, "https://acme.example.com/fixed");
         assert_eq!(up.registry.unwrap().values, values(&[("X-Region", "us")]));
+    }
+
+    #[test]
+    fn a_value_given_for_a_header_never_goes_into_the_url() {
+        let mut entry = remote_entry();
+        entry["remotes"][0]["headers"][2] =
+            json!({"name": "X-Tenant", "value": "{tenant}", "variables": {"tenant": {}}});
+        let request = Request {
+            values: values(&[("tenant", "acme"), ("token", "s3cret")]),
+            ..Request::default()
+        };
+        let e = plan(&entry, &request, &runners()).unwrap_err();
+        assert_eq!(e.field, "$.remotes[0].variables.tenant", "{e}");
     }
 
     #[test]

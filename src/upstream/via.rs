@@ -1,6 +1,7 @@
 //! The gateway's mark on the requests it sends to remote servers: a remote whose URL leads
-//! back to this gateway (or to another replica of it) is refused where the request comes in,
-//! instead of each session opening another through itself until sessions run out.
+//! back to this gateway process is refused where the request comes in, instead of each
+//! session opening another through itself until sessions run out. (A loop through several
+//! gateways or replicas is not caught: each sees another's mark; `max_sessions` bounds it.)
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use ring::rand::SecureRandom;
@@ -8,25 +9,14 @@ use ring::rand::SecureRandom;
 /// The header the mark travels in (a remote's definition may not set it).
 pub const HEADER: HeaderName = HeaderName::from_static("gatehouse-via");
 
-/// This gateway's mark: the same for the replicas of one installation (`shared`: what they
-/// have in common, their namespace on Kubernetes), else this process's own. Not a secret:
-/// whoever sends it only gets refused.
-pub fn mark(shared: Option<&str>) -> HeaderValue {
+/// This process's mark: random, so that it says nothing of the installation to the remotes
+/// that see it and no other gateway shares it (one derived from, say, the namespace would
+/// be the same for every default deployment, and refuse them to each other).
+pub fn mark() -> HeaderValue {
     let mut bytes = [0u8; 16];
-    match shared {
-        Some(s) => {
-            let digest = ring::digest::digest(
-                &ring::digest::SHA256,
-                format!("gatehouse-via\n{s}").as_bytes(),
-            );
-            bytes.copy_from_slice(&digest.as_ref()[..16]);
-        }
-        None => {
-            if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
-                // No randomness: tell processes apart at least.
-                bytes[..4].copy_from_slice(&std::process::id().to_be_bytes());
-            }
-        }
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        // No randomness: tell processes apart at least.
+        bytes[..4].copy_from_slice(&std::process::id().to_be_bytes());
     }
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     HeaderValue::from_str(&hex).expect("hex digits are a header value")
@@ -42,14 +32,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn replicas_share_a_mark_and_processes_do_not() {
-        assert_eq!(mark(Some("mcp")), mark(Some("mcp")));
-        assert_ne!(mark(Some("mcp")), mark(Some("other")));
-        assert_ne!(mark(None), mark(None));
+    fn each_process_has_its_own_mark() {
+        let mine = mark();
+        assert_ne!(mine, mark());
         let mut h = HeaderMap::new();
         h.append(HEADER, HeaderValue::from_static("someone-else"));
-        assert!(!came_from(&h, &mark(Some("mcp"))));
-        h.append(HEADER, mark(Some("mcp")));
-        assert!(came_from(&h, &mark(Some("mcp"))));
+        assert!(!came_from(&h, &mine));
+        h.append(HEADER, mine.clone());
+        assert!(came_from(&h, &mine));
     }
 }
