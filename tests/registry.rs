@@ -16,6 +16,14 @@ async fn gateway(top: &str) -> TestGateway {
     TestGateway::start(top, &[support::example("ex", &[], "")]).await
 }
 
+/// A configuration with the admin API on (token `ADMIN`), on a free loopback port.
+fn with_admin() -> gatehouse::Config {
+    gatehouse::Config::from_yaml(&format!(
+        "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}"
+    ))
+    .unwrap()
+}
+
 /// A gateway running `config` with a local orchestrator, and that orchestrator.
 async fn with_local_runtime(
     config: gatehouse::Config,
@@ -517,10 +525,7 @@ async fn operators_import_replace_deprecate_and_delete_through_the_admin_api() {
 /// Installing an entry makes a server of it; a wrong request changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn installing_an_entry_defines_a_server_and_bad_installs_change_nothing() {
-    let config = gatehouse::Config::from_yaml(&format!(
-        "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}"
-    ))
-    .unwrap();
+    let config = with_admin();
     let (running, runtime) = with_local_runtime(config).await;
     let addr = running.listening.local_addr;
     let post = |body: Value| async move {
@@ -782,10 +787,7 @@ async fn a_remote_entry_is_reached_with_its_secret_header_and_uninstalled() {
     // A gateway of its own behind the SSE remote, with the example server.
     let far = TestGateway::start("", &[support::example("far", &[], "")]).await;
 
-    let config = gatehouse::Config::from_yaml(&format!(
-        "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}"
-    ))
-    .unwrap();
+    let config = with_admin();
     let (running, runtime) = with_local_runtime(config).await;
     let addr = running.listening.local_addr;
     let admin = |method: &'static str, path: String, body: Option<Value>| async move {
@@ -974,10 +976,7 @@ async fn a_remote_is_reached_only_at_addresses_the_backend_allows() {
     let recorder = support::recorder::Recorder::start().await;
     let near = recorder.url.replace("127.0.0.1", "localhost");
     let far = TestGateway::start("", &[support::example("far", &[], "")]).await;
-    let config = gatehouse::Config::from_yaml(&format!(
-        "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}"
-    ))
-    .unwrap();
+    let config = with_admin();
     let runtime: std::sync::Arc<dyn gatehouse::orchestrator::Runtime> = std::sync::Arc::new(
         NoLoopbackRemotes(LocalRuntime::new(LocalSettings::default())),
     );
@@ -1037,10 +1036,7 @@ async fn a_remote_is_reached_only_at_addresses_the_backend_allows() {
 /// (508), with a message that says so: no session opens another through itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_that_leads_back_to_the_gateway_is_refused_not_looped() {
-    let config = gatehouse::Config::from_yaml(&format!(
-        "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}"
-    ))
-    .unwrap();
+    let config = with_admin();
     let (running, _runtime) = with_local_runtime(config).await;
     let addr = running.listening.local_addr;
     let doc = json!({

@@ -662,14 +662,7 @@ pub fn upgrade(
             }
         }
     }
-    let planned = plan(&new, &request, runners)
-        .map_err(|e| {
-            refuse(
-                "version",
-                format!("the new version cannot keep what was installed: {e}"),
-            )
-        })?
-        .spec;
+    let planned = plan(&new, &request, runners).map_err(cannot_keep)?.spec;
     let mut env = planned.env;
     for e in &mut env {
         let was = current.env.iter().find(|c| c.name == e.name);
@@ -839,14 +832,7 @@ fn upgrade_remote(
         remote: Some(at),
         values,
     };
-    let planned = plan_remote(&new, &request, at)
-        .map_err(|e| {
-            refuse(
-                "version",
-                format!("the new version cannot keep what was installed: {e}"),
-            )
-        })?
-        .spec;
+    let planned = plan_remote(&new, &request, at).map_err(cannot_keep)?.spec;
     // A kept secret goes only where it was given for.
     if kept_secrets && planned.remote_origin() != current.remote_origin() {
         return Err(refuse(
@@ -871,6 +857,14 @@ fn upgrade_remote(
         registry: planned.registry,
         ..current.clone()
     })
+}
+
+/// Why an upgrade's plan failed: the new version cannot keep what was installed.
+fn cannot_keep(e: InstallError) -> InstallError {
+    refuse(
+        "version",
+        format!("the new version cannot keep what was installed: {e}"),
+    )
 }
 
 /// The variables a package of `server` declares.
