@@ -601,9 +601,19 @@ async fn main() {
             );
         }
         let clients = a.clients.iter().copied().max().unwrap_or(1).min(16);
-        let (rps, cpu) = auth_throughput(&http_upstream("ex"), clients, a.rounds, a.duration).await;
+        // GATEHOUSE_AUTH_AGAINST=case compares another of `auth_cases` with no authentication.
+        let against =
+            std::env::var("GATEHOUSE_AUTH_AGAINST").unwrap_or_else(|_| "JWT (warm) + audit".into());
+        let (rps, cpu) = auth_throughput(
+            &http_upstream("ex"),
+            &against,
+            clients,
+            a.rounds,
+            a.duration,
+        )
+        .await;
         println!(
-            "JWT (warm) + audit against no authentication, {clients} clients, medians of {} per-round ratios: throughput {rps:.3} ×, gateway CPU per request {cpu:.3} ×",
+            "{against} against no authentication, {clients} clients, medians of {} per-round ratios: throughput {rps:.3} ×, gateway CPU per request {cpu:.3} ×",
             a.rounds
         );
         return;
@@ -899,18 +909,23 @@ async fn auth_costs(upstream: &str) -> Vec<(String, f64)> {
 
 /// Throughput (requests per second, `clients` sessions calling `tools/call` back to back) and
 /// the gateway's CPU time per request (user and system, so system calls count) with no
-/// authentication and with a JWT and an audit record per call, each gateway measured in turn
+/// authentication and with the case named `against`, each gateway measured in turn
 /// for `rounds` rounds so that drift hits both alike: the medians of the per-round ratios.
 async fn auth_throughput(
     upstream: &str,
+    against: &str,
     clients: usize,
     rounds: usize,
     duration: Duration,
 ) -> (f64, f64) {
     let cases = auth_cases();
-    let pick = |name: &str| cases.iter().find(|c| c.0 == name).cloned().unwrap();
+    let pick = |name: &str| {
+        let case = cases.iter().find(|c| c.0 == name);
+        case.cloned()
+            .unwrap_or_else(|| panic!("no authentication case named {name:?}"))
+    };
     let mut gateways = Vec::new();
-    for (_, top, token) in [pick("no authentication"), pick("JWT (warm) + audit")] {
+    for (_, top, token) in [pick("no authentication"), pick(against)] {
         let trail = std::env::temp_dir().join(format!("gatehouse-bench-trail-{}", free_port()));
         let top = top.replace("AUDIT_FILE", &trail.display().to_string());
         let (gw, url) = start_gateway_with(&top, upstream);
@@ -936,7 +951,7 @@ async fn auth_throughput(
             cpu[i] = s.gateway_cpu_us.unwrap_or(0) as f64 / s.requests.max(1) as f64;
         }
         eprintln!(
-            "round {round}: no auth {:.0} req/s {:.1} µs CPU/req, JWT + audit {:.0} req/s {:.1} µs CPU/req",
+            "round {round}: no auth {:.0} req/s {:.1} µs CPU/req, {against} {:.0} req/s {:.1} µs CPU/req",
             rps[0], cpu[0], rps[1], cpu[1]
         );
         rps_ratios.push(rps[1] / rps[0]);

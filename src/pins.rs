@@ -646,7 +646,7 @@ impl Pins {
                 name: Some(name),
                 decision,
                 by: Some(Arc::from("pinning")),
-                outcome: Some(outcome),
+                outcome: Some(outcome.into()),
                 ..Default::default()
             });
             metrics.tools_unapproved.set(self.count_flagged() as i64);
@@ -708,7 +708,7 @@ impl Pins {
             outcome: pin
                 .approved
                 .as_ref()
-                .map(|a| format!("digest {}", a.digest)),
+                .map(|a| format!("digest {}", a.digest).into()),
             ..Default::default()
         });
         metrics.tools_unapproved.set(self.count_flagged() as i64);

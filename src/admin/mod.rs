@@ -165,7 +165,7 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
         let event = crate::audit::Event {
             kind: "admin",
             principal: who.map(|i| i.principal),
-            method,
+            method: method.into(),
             name: Some(path),
             // Refused for who asked; any other failure (a 404, a bad body) was allowed and
             // failed, as the outcome says.
@@ -177,7 +177,7 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
             } else {
                 "allowed"
             },
-            outcome: Some(resp.status().as_u16().to_string()),
+            outcome: Some(resp.status().as_u16().to_string().into()),
             ..Default::default()
         };
         // Without credentials, anyone can cause these: bounded like refused tokens.

@@ -291,13 +291,15 @@ fn audit_refusal(gw: &Gateway, known: Option<(Principal, &str)>, e: &str) {
         method,
         decision: "denied",
         by: Some(Arc::from("auth")),
-        outcome: Some(e.to_owned()),
+        outcome: Some(e.to_owned().into()),
         ..Default::default()
     };
     match known {
-        Some((p, m)) => gw.audit.record(event(Some(p), m.to_owned())),
+        Some((p, m)) => gw.audit.record(event(Some(p), m.to_owned().into())),
         // Anyone can cause these: bounded, so a flood cannot rotate the history away.
-        None => gw.audit.record_unauthenticated(event(None, String::new())),
+        None => gw
+            .audit
+            .record_unauthenticated(event(None, crate::audit::Text::Borrowed(""))),
     }
 }
 

@@ -91,14 +91,14 @@ impl Policy {
             audit.record(crate::audit::Event {
                 kind: "denial",
                 principal: self.principal.clone(),
-                session: Some(crate::mcp::session::log_id(&self.session_id).to_owned()),
+                session: Some(crate::audit::SessionName::new(self.session_id.clone())),
                 profile: self.profile.clone(),
                 server: Some(self.server.clone()),
-                method: self.method.clone(),
+                method: self.method.clone().into(),
                 name: self.name.clone(),
                 decision: "denied",
                 by: Some(d.plugin.clone()),
-                outcome: Some(d.message.clone()),
+                outcome: Some(d.message.clone().into()),
                 ..Default::default()
             });
         }

@@ -951,8 +951,7 @@ const MAX_SERVER_REQUESTS: usize = 64;
 
 /// A session id as logs show it (see [`Session::log_id`]).
 pub fn log_id(id: &str) -> &str {
-    let end = id.char_indices().nth(12).map_or(id.len(), |(i, _)| i);
-    &id[..end]
+    crate::audit::log_prefix(id)
 }
 
 /// A session already has as many requests in flight as it may.

@@ -209,12 +209,12 @@ struct CallRecord {
 }
 
 impl CallRecord {
-    fn finish(&mut self, outcome: &str, response_bytes: usize) {
+    fn finish(&mut self, outcome: &'static str, response_bytes: usize) {
         if let Some(mut e) = self.event.take() {
             if outcome == "denied" {
                 e.decision = "denied";
             }
-            e.outcome = Some(outcome.to_owned());
+            e.outcome = Some(outcome.into());
             e.response_bytes = Some(response_bytes);
             e.latency_us = Some(self.started.elapsed().as_micros() as u64);
             self.audit.record(e);
@@ -346,10 +346,14 @@ pub(super) async fn forward(
         event: Some(crate::audit::Event {
             kind: "call",
             principal: session.principal.clone(),
-            session: Some(session.log_id().to_string()),
+            session: Some(crate::audit::SessionName::new(session.id.clone())),
             profile: session.profile().map(|p| p.name.clone()),
             server: Some(server.name.clone()),
-            method: method.to_owned(),
+            method: if label == method {
+                label.into()
+            } else {
+                method.to_owned().into()
+            },
             name: target(),
             decision: "allowed",
             request_bytes: Some(params.as_ref().map_or(0, |p| p.len())),
@@ -450,14 +454,14 @@ pub(super) async fn forward(
                 audit.record(crate::audit::Event {
                     kind: "denial",
                     principal: session2.principal.clone(),
-                    session: Some(session2.log_id().to_owned()),
+                    session: Some(crate::audit::SessionName::new(session2.id.clone())),
                     profile: session2.profile().map(|p| p.name.clone()),
                     server: Some(server.name.clone()),
-                    method,
+                    method: method.into(),
                     name: Some(local),
                     decision: "denied",
                     by: Some(Arc::from("pinning")),
-                    outcome: Some(why.clone()),
+                    outcome: Some(why.clone().into()),
                     ..Default::default()
                 });
                 return jsonrpc::error_response(Some(&id), code::TOOL_NOT_APPROVED, &why);
