@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -31,9 +31,41 @@ use crate::mcp::subscriptions;
 
 /// Where the 2026-07-28 envelope's `_meta` keys live.
 const VERSION_KEY: &str = "io.modelcontextprotocol/protocolVersion";
-const VERSION_HEADER: &str = "mcp-protocol-version";
-const METHOD_HEADER: &str = "mcp-method";
-const NAME_HEADER: &str = "mcp-name";
+const VERSION_HEADER: HeaderName = HeaderName::from_static("mcp-protocol-version");
+const METHOD_HEADER: HeaderName = HeaderName::from_static("mcp-method");
+const NAME_HEADER: HeaderName = HeaderName::from_static("mcp-name");
+
+/// A substring search made on every stateless answer, built once: building one is most of
+/// what a search of a small frame costs.
+struct Needle {
+    text: &'static str,
+    finder: std::sync::OnceLock<memchr::memmem::Finder<'static>>,
+}
+
+impl Needle {
+    const fn new(text: &'static str) -> Needle {
+        Needle {
+            text,
+            finder: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn is_in(&self, haystack: &[u8]) -> bool {
+        let finder = self
+            .finder
+            .get_or_init(|| memchr::memmem::Finder::new(self.text.as_bytes()));
+        finder.find(haystack).is_some()
+    }
+}
+
+static INPUT_REQUIRED: Needle = Needle::new("input_required");
+static ERROR_MEMBER: Needle = Needle::new("\"error\"");
+/// The members of a result the gateway owns.
+static OWNED_MEMBERS: [Needle; 3] = [
+    Needle::new("resultType"),
+    Needle::new("ttlMs"),
+    Needle::new("cacheScope"),
+];
 
 /// How long to wait for more questions after a server's first one, to ask them in one round.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
@@ -65,9 +97,9 @@ impl Mirrored {
     /// Takes the mirrored headers of a request.
     pub(crate) fn of(headers: &HeaderMap) -> Mirrored {
         Mirrored {
-            version: headers.get(VERSION_HEADER).cloned(),
-            method: headers.get(METHOD_HEADER).cloned(),
-            name: headers.get(NAME_HEADER).cloned(),
+            version: headers.get(&VERSION_HEADER).cloned(),
+            method: headers.get(&METHOD_HEADER).cloned(),
+            name: headers.get(&NAME_HEADER).cloned(),
             params: headers
                 .iter()
                 .filter_map(|(k, v)| {
@@ -257,7 +289,16 @@ fn severity(level: &str) -> Option<u8> {
 /// as borrowed members (a key given twice is refused: which one counts would be a guess), then
 /// `_meta`.
 pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal> {
-    type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
+    /// A key of `_meta`: borrowed from the params unless it has escapes (a plain `Cow` would
+    /// be a copy of every key).
+    #[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+    struct Key<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
+    impl std::borrow::Borrow<str> for Key<'_> {
+        fn borrow(&self) -> &str {
+            &self.0
+        }
+    }
+    type Object<'a> = std::collections::BTreeMap<Key<'a>, &'a RawValue>;
     #[derive(Deserialize)]
     struct Top<'a> {
         #[serde(borrow, rename = "_meta")]
@@ -281,6 +322,15 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
     let meta: Object<'_> = serde_json::from_str(meta_raw.get())
         .map_err(|_| Refusal::Meta("params._meta must be an object".into()))?;
     fn string(raw: &RawValue, what: impl Fn() -> String) -> Result<String, Refusal> {
+        // A raw value is valid JSON: between quotes and without a backslash, it is the text.
+        if let Some(text) = raw
+            .get()
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            && !text.contains('\\')
+        {
+            return Ok(text.to_owned());
+        }
         serde_json::from_str::<String>(raw.get())
             .map_err(|_| Refusal::Meta(format!("{} must be a string", what())))
     }
@@ -346,7 +396,7 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
     let mut envelope = String::with_capacity(meta_raw.get().len());
     let mut kept = String::with_capacity(meta_raw.get().len());
     kept.push('{');
-    for (k, v) in &meta {
+    for (Key(k), v) in &meta {
         let out = if ENVELOPE_KEYS.contains(&&**k) {
             &mut envelope
         } else {
@@ -355,13 +405,16 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
         if out.len() > usize::from(out.starts_with('{')) {
             out.push(',');
         }
-        // A key with nothing to escape is written as it is.
-        if k.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-            out.push('"');
-            out.push_str(k);
-            out.push('"');
-        } else {
-            out.push_str(&serde_json::to_string(k).map_err(|e| Refusal::Meta(e.to_string()))?);
+        // A borrowed key had nothing escaped: it is written as it came.
+        match k {
+            std::borrow::Cow::Borrowed(k) => {
+                out.push('"');
+                out.push_str(k);
+                out.push('"');
+            }
+            std::borrow::Cow::Owned(k) => {
+                out.push_str(&serde_json::to_string(k).map_err(|e| Refusal::Meta(e.to_string()))?)
+            }
         }
         out.push(':');
         out.push_str(v.get());
@@ -391,18 +444,43 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
 
 /// A mirrored header's value: `=?base64?…?=` decoded, else the plain text.
 fn header_text(value: &HeaderValue) -> Option<String> {
-    let text = value.to_str().ok()?.trim();
-    match text
-        .strip_prefix("=?base64?")
-        .and_then(|t| t.strip_suffix("?="))
-    {
-        Some(encoded) => {
+    match header_form(value)? {
+        HeaderForm::Base64(encoded) => {
             let raw = base64::engine::general_purpose::STANDARD
                 .decode(encoded)
                 .ok()?;
             String::from_utf8(raw).ok()
         }
-        None => Some(text.to_owned()),
+        HeaderForm::Plain(text) => Some(text.to_owned()),
+    }
+}
+
+/// How a mirrored header carries its text.
+enum HeaderForm<'a> {
+    Plain(&'a str),
+    Base64(&'a str),
+}
+
+fn header_form(value: &HeaderValue) -> Option<HeaderForm<'_>> {
+    let text = value.to_str().ok()?.trim();
+    Some(
+        match text
+            .strip_prefix("=?base64?")
+            .and_then(|t| t.strip_suffix("?="))
+        {
+            Some(encoded) => HeaderForm::Base64(encoded),
+            None => HeaderForm::Plain(text),
+        },
+    )
+}
+
+/// Whether a mirrored header says `body` (compared in place when it is plain text, as it
+/// mostly is).
+fn header_says(value: &HeaderValue, body: &str) -> bool {
+    match header_form(value) {
+        Some(HeaderForm::Plain(text)) => text == body,
+        Some(HeaderForm::Base64(_)) => header_text(value).is_some_and(|t| t == body),
+        None => false,
     }
 }
 
@@ -445,12 +523,10 @@ fn check_headers(mirrored: &Mirrored, read: &Read, method: &str) -> Result<(), R
         None => Err(Refusal::Header(format!(
             "the {name} header is required and must be {body:?}"
         ))),
-        Some(v) => match header_text(v) {
-            Some(text) if text == body => Ok(()),
-            _ => Err(Refusal::Header(format!(
-                "the {name} header {v:?} does not match the body's {body:?}"
-            ))),
-        },
+        Some(v) if header_says(v, body) => Ok(()),
+        Some(v) => Err(Refusal::Header(format!(
+            "the {name} header {v:?} does not match the body's {body:?}"
+        ))),
     };
     agree(
         &mirrored.version,
@@ -796,7 +872,7 @@ impl Round {
     /// a 2026-07-28 server asks for input, with the server's `requestState` sealed for this
     /// caller and request.
     async fn answer(&self, session: &Session, frame: Bytes) -> Bytes {
-        if memchr::memmem::find(&frame, b"input_required").is_some()
+        if INPUT_REQUIRED.is_in(&frame)
             && let Some(relayed) = self.relay_input_required(session, &frame).await
         {
             return relayed;
@@ -1021,7 +1097,7 @@ impl Round {
 /// The HTTP status of a final answer: 400 for the errors the revision says are the request's
 /// fault at the protocol level (an upstream of this revision may answer them), else 200.
 fn status_of(frame: &[u8]) -> StatusCode {
-    if memchr::memmem::find(frame, b"\"error\"").is_none() {
+    if !ERROR_MEMBER.is_in(frame) {
         return StatusCode::OK;
     }
     #[derive(Deserialize)]
@@ -1318,9 +1394,8 @@ impl Completion {
     /// this only from a server that cannot mean it) or is no object is refused. Written in one
     /// buffer: this runs on every stateless answer.
     fn result(self, result: &[u8], id: &[u8]) -> Result<Bytes, String> {
-        let text = std::str::from_utf8(result)
-            .map_err(|_| "the upstream's result is not UTF-8".to_owned())?
-            .trim_start();
+        // Bytes of a frame that parsed: valid UTF-8, read as bytes without checking again.
+        let text = result.trim_ascii_start();
         // No change notifications reach a stateless client yet: nothing may be reused; and
         // what a caller sees depends on who it is (policy plugins filter lists).
         let owned = if self.cache_hints {
@@ -1328,13 +1403,11 @@ impl Completion {
         } else {
             r#""resultType":"complete""#
         };
-        let could = result.contains(&b'\\')
-            || ["resultType", "ttlMs", "cacheScope"]
-                .iter()
-                .any(|k| memchr::memmem::find(result, k.as_bytes()).is_some());
+        let could = memchr::memchr(b'\\', result).is_some()
+            || OWNED_MEMBERS.iter().any(|k| k.is_in(result));
         let rest = if could {
             type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
-            let mut fields: Object<'_> = serde_json::from_str(text)
+            let mut fields: Object<'_> = serde_json::from_slice(text)
                 .map_err(|_| "the upstream's result is not a JSON object".to_owned())?;
             if let Some(kind) = fields.remove("resultType")
                 && kind.get() != r#""complete""#
@@ -1347,10 +1420,10 @@ impl Completion {
             fields.remove("ttlMs");
             fields.remove("cacheScope");
             let encoded = serde_json::to_string(&fields).map_err(|e| e.to_string())?;
-            std::borrow::Cow::Owned(encoded[1..].to_owned())
+            std::borrow::Cow::Owned(encoded.into_bytes()[1..].to_owned())
         } else {
             std::borrow::Cow::Borrowed(
-                text.strip_prefix('{')
+                text.strip_prefix(b"{")
                     .ok_or_else(|| "the upstream's result is not a JSON object".to_owned())?,
             )
         };
@@ -1360,10 +1433,10 @@ impl Completion {
         out.extend_from_slice(id);
         out.extend_from_slice(br#","result":{"#);
         out.extend_from_slice(owned.as_bytes());
-        if !rest.trim_start().starts_with('}') {
+        if !rest.trim_ascii_start().starts_with(b"}") {
             out.push(b',');
         }
-        out.extend_from_slice(rest.as_bytes());
+        out.extend_from_slice(&rest);
         out.push(b'}');
         Ok(Bytes::from(out))
     }
