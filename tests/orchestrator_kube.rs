@@ -2018,24 +2018,25 @@ async fn failed_reconciles_back_off_and_then_converge() {
     .unwrap();
     let started = Instant::now();
     let mut seen = Vec::new();
-    while seen.len() < 5 {
+    while seen.len() < 7 {
         let errors = rt.stats().errors;
         if errors as usize > seen.len() {
             seen.push(started.elapsed());
         }
         assert!(
-            started.elapsed() < Duration::from_secs(10),
+            started.elapsed() < Duration::from_secs(15),
             "errors: {seen:?}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // retry_after is 200 ms: timer retries after about 200, 400, 800 ms... (±10%). Events
-    // (its Secret written, say) reconcile it at once too, early on: the later gaps are
-    // the timer's alone, and double.
+    // (its Secret written, say) reconcile it at once too, early on, and how many of them
+    // come depends on the machine's load: the last gaps are the timer's alone, and double.
     let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1] - w[0]).collect();
-    assert!(gaps[2] >= Duration::from_millis(350), "{gaps:?}");
-    assert!(gaps[3] >= Duration::from_millis(700), "{gaps:?}");
-    assert!(gaps[3] >= gaps[2].mul_f32(1.6), "{gaps:?}");
+    eprintln!("gaps between failed reconciles: {gaps:?}");
+    let (before, last) = (gaps[gaps.len() - 2], gaps[gaps.len() - 1]);
+    assert!(last >= Duration::from_millis(700), "{gaps:?}");
+    assert!(last >= before.mul_f32(1.6), "{gaps:?}");
     fake.configure(|s| s.fail_paths.clear());
     rt.wait_ready("refused", Duration::from_secs(10))
         .await
