@@ -309,6 +309,10 @@ impl Audit {
                                     Err(TryRecvError::Empty) => break,
                                 }
                             }
+                            // Each batch reaches the file as it ends: a crash loses at most
+                            // the batch being written, not a buffer's worth of records the
+                            // views and the collector already showed.
+                            let _ = writer.out.flush();
                         }
                         Ok(Message::Close) | Err(RecvTimeoutError::Disconnected) => break,
                         Err(RecvTimeoutError::Timeout) => {
@@ -432,15 +436,19 @@ impl Audit {
         }
     }
 
-    /// Queues a record; never waits. Names and outcomes longer than [`MAX_TEXT`] are cut.
+    /// Queues a record; never waits. Methods, names and outcomes longer than [`MAX_TEXT`] are
+    /// cut (a client names the method of a call passed through to its one server).
     pub fn record(&self, mut event: Event) {
         if let Some(n) = &mut event.name {
             cut(n);
         }
-        if let Some(o) = &mut event.outcome
-            && o.len() > MAX_TEXT
+        for text in [Some(&mut event.method), event.outcome.as_mut()]
+            .into_iter()
+            .flatten()
         {
-            cut(o.to_mut());
+            if text.len() > MAX_TEXT {
+                cut(text.to_mut());
+            }
         }
         if let Some(tx) = &self.tx
             && tx.try_send(Message::Record(Box::new(event))).is_err()
@@ -649,9 +657,8 @@ impl Writer {
         self.prev.clear();
         hex_into(&mut self.prev, hash.as_ref());
         self.written += line.len() as u64;
-        // The line itself, not a copy, is what the views and the collector keep.
-        let written = Bytes::from(line);
-        let written = written.slice(..written.len() - 1);
+        // A copy of the line's own length: what the views budget is what they hold.
+        let written = Bytes::copy_from_slice(&line[..line.len() - 1]);
         if !matches!(keep, Keep::Nowhere) {
             let mut kept = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             kept.all.push(written.clone());

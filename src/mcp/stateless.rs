@@ -479,7 +479,9 @@ fn header_form(value: &HeaderValue) -> Option<HeaderForm<'_>> {
 fn header_says(value: &HeaderValue, body: &str) -> bool {
     match header_form(value) {
         Some(HeaderForm::Plain(text)) => text == body,
-        Some(HeaderForm::Base64(_)) => header_text(value).is_some_and(|t| t == body),
+        Some(HeaderForm::Base64(encoded)) => base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .is_ok_and(|raw| raw == body.as_bytes()),
         None => false,
     }
 }
@@ -1394,7 +1396,9 @@ impl Completion {
     /// this only from a server that cannot mean it) or is no object is refused. Written in one
     /// buffer: this runs on every stateless answer.
     fn result(self, result: &[u8], id: &[u8]) -> Result<Bytes, String> {
-        // Bytes of a frame that parsed: valid UTF-8, read as bytes without checking again.
+        // Every answer reaching here was parsed (an upstream's frame, a plugin's rewrite) or
+        // written by the gateway, from checked parts: valid UTF-8, not checked again.
+        debug_assert!(std::str::from_utf8(result).is_ok());
         let text = result.trim_ascii_start();
         // No change notifications reach a stateless client yet: nothing may be reused; and
         // what a caller sees depends on who it is (policy plugins filter lists).
@@ -1420,7 +1424,9 @@ impl Completion {
             fields.remove("ttlMs");
             fields.remove("cacheScope");
             let encoded = serde_json::to_string(&fields).map_err(|e| e.to_string())?;
-            std::borrow::Cow::Owned(encoded.into_bytes()[1..].to_owned())
+            let mut encoded = encoded.into_bytes();
+            encoded.remove(0);
+            std::borrow::Cow::Owned(encoded)
         } else {
             std::borrow::Cow::Borrowed(
                 text.strip_prefix(b"{")
@@ -1635,6 +1641,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(&escaped.params[..], br#"{"_meta":{}}"#);
+    }
+
+    #[test]
+    fn meta_keys_and_strings_read_as_their_text_escaped_or_not() {
+        let r = read(
+            Some(br#"{"name":"t\u0031","_meta":{"io.modelcontextprotocol/protocolVersion":"2026\u002d07-28","io.modelcontextprotocol\u002fclientCapabilities":{"a":1},"io.modelcontextprotocol/clientCapabilities":{},"k\"ey":1,"plain":"x"},"arguments":{}}"#),
+            "tools/call",
+        )
+        .unwrap();
+        assert_eq!(r.target.as_deref(), Some("t1"));
+        assert_eq!(r.meta.version, "2026-07-28");
+        // A key given twice counts once, with its last value, whichever spelling came first.
+        assert_eq!(r.meta.capabilities, "{}");
+        assert_eq!(
+            &*r.envelope,
+            r#""io.modelcontextprotocol/clientCapabilities":{},"io.modelcontextprotocol/protocolVersion":"2026\u002d07-28""#
+        );
+        // What stays is written escaped where it must be, plain where it came plain.
+        assert_eq!(
+            &r.params[..],
+            br#"{"name":"t\u0031","_meta":{"k\"ey":1,"plain":"x"},"arguments":{}}"#
+        );
+        serde_json::from_slice::<serde_json::Value>(&r.params).unwrap();
+        let empty = format!(r#"{{"name":"",{META}}}"#);
+        let r = read(Some(empty.as_bytes()), "tools/call").unwrap();
+        assert_eq!(r.target.as_deref(), Some(""));
     }
 
     #[test]
