@@ -981,11 +981,13 @@ mod tests {
     }
 
     #[test]
-    fn a_record_shows_only_its_sessions_prefix_and_keeps_long_text_cut() {
+    fn a_record_shows_only_its_sessions_prefix_and_cuts_long_text() {
         let id: Arc<str> = Arc::from("a-whole-session-id-that-is-a-credential");
         let event = Event {
             session: Some(SessionName::new(id.clone())),
             outcome: Some("é".repeat(MAX_TEXT).into()),
+            // A client names the method of a call passed through to its one server.
+            method: "m".repeat(4 * MAX_TEXT).into(),
             ..call(1)
         };
         let debugged = format!("{event:?}");
@@ -1004,13 +1006,10 @@ mod tests {
         let Ok(Message::Record(kept)) = rx.try_recv() else {
             panic!("no record queued");
         };
-        let outcome = kept.outcome.unwrap();
-        assert!(
-            outcome.len() <= MAX_TEXT + '…'.len_utf8(),
-            "{}",
-            outcome.len()
-        );
-        assert!(outcome.ends_with('…'));
+        for text in [kept.outcome.unwrap(), kept.method] {
+            assert!(text.len() <= MAX_TEXT + '…'.len_utf8(), "{}", text.len());
+            assert!(text.ends_with('…'));
+        }
     }
 
     fn public(seed: [u8; 32]) -> Vec<u8> {
