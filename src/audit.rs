@@ -17,12 +17,14 @@ use bytes::Bytes;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::Serialize;
 use serde_json::{Map, Value};
-use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 
 use crate::config::AuditSettings;
 
 /// Records waiting to be written, at most.
 const QUEUE: usize = 65_536;
+/// Bytes of records waiting to be written, at most (each record is under 2 KiB: its texts
+/// are cut to [`MAX_TEXT`]).
+const QUEUE_BYTES: usize = 16 << 20;
 /// How long the writer lets records gather after one wakes it (the queue holds what comes
 /// meanwhile at any rate the gateway reaches). Measured with `cargo bench --bench gateway --
 /// --only-auth`: at 1 ms the writer's wake-ups cost the gateway 1.18–1.26 × the CPU per call
@@ -218,8 +220,8 @@ pub struct Event {
 /// The audit trail's entry point on the request path; off when not configured.
 #[derive(Default)]
 pub struct Audit {
-    tx: Option<std::sync::mpsc::SyncSender<Message>>,
-    lost: Arc<AtomicU64>,
+    /// Where records wait for the writer; `None` when the trail is off.
+    queue: Option<Intake>,
     /// Bounds records anyone can cause without credentials.
     unauthenticated: Limiter,
     /// The writer thread, until `close` joins it.
@@ -228,6 +230,69 @@ pub struct Audit {
     shipping: Arc<OnceLock<Shipping>>,
     /// The last lines written.
     recent: Recent,
+}
+
+/// Records serialized on the request path, waiting for the writer: one buffer both sides
+/// swap, so a record costs no allocation of its own, no channel, and no free on another
+/// thread than the one that allocated.
+#[derive(Default)]
+struct Queue {
+    waiting: std::sync::Mutex<Waiting>,
+    /// Wakes the writer (signalled only while it waits: a record under load costs no
+    /// system call).
+    wake: std::sync::Condvar,
+}
+
+/// What waits in the [`Queue`].
+#[derive(Default)]
+struct Waiting {
+    /// The records' JSON objects, one after another.
+    bytes: Vec<u8>,
+    /// Where each record ends in `bytes`, and where its line is kept.
+    records: Vec<(usize, Keep)>,
+    /// Records there was no room for, to be told in the next `gap`.
+    lost: u64,
+    /// Whether the writer waits for a record.
+    writer_waits: bool,
+    /// Whether the writer is to write what waits, a last checkpoint, and stop.
+    closing: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends one serialized record, or counts it lost when the queue is full.
+    fn push(&self, record: &[u8], keep: Keep) {
+        let mut w = self.lock();
+        if w.records.len() >= QUEUE || w.bytes.len() + record.len() > QUEUE_BYTES {
+            w.lost += 1;
+            return;
+        }
+        w.bytes.extend_from_slice(record);
+        let end = w.bytes.len();
+        w.records.push((end, keep));
+        if std::mem::take(&mut w.writer_waits) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Tells the writer to write what waits and stop.
+    fn close(&self) {
+        self.lock().closing = true;
+        self.wake.notify_one();
+    }
+}
+
+/// The request path's end of the [`Queue`]: dropping it (without `close`) still lets the
+/// writer write what waits and end the chain.
+struct Intake(Arc<Queue>);
+
+impl Drop for Intake {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 /// Trail lines as an OTLP `ExportLogsServiceRequest` (JSON encoding): one log record per line,
@@ -258,78 +323,22 @@ fn encode_logs(service_name: &str, lines: &[Shipped]) -> Vec<u8> {
     serde_json::to_vec(&doc).expect("JSON values serialize")
 }
 
-/// What the writer thread is sent.
-enum Message {
-    Record(Box<Event>),
-    /// Write what came before, a last checkpoint, and stop.
-    Close,
-}
-
 impl Audit {
     /// Starts the writer for `settings` (continuing the chain of an existing file). It is a
     /// thread of its own: file writes and signatures never hold up the request path's workers.
     pub fn start(settings: &AuditSettings) -> std::io::Result<Audit> {
         let shipping: Arc<OnceLock<Shipping>> = Arc::default();
         let recent = Recent::default();
-        let mut writer = Writer::open(settings, shipping.clone(), recent.clone())?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Message>(QUEUE);
-        let lost = Arc::new(AtomicU64::new(0));
-        let lost2 = lost.clone();
-        let thread = std::thread::Builder::new()
-            .name("gatehouse-audit".into())
-            .spawn(move || {
-                let take_loss = |writer: &mut Writer| {
-                    lost2.swap(0, Ordering::Relaxed) + std::mem::take(&mut writer.pending_loss)
-                };
-                let mut last_checkpoint = std::time::Instant::now();
-                let write = |writer: &mut Writer, e: &Event| {
-                    let gap = take_loss(writer);
-                    if gap > 0 {
-                        writer.write_gap(gap);
-                    }
-                    writer.write_event(e);
-                };
-                'run: loop {
-                    let wait = writer
-                        .checkpoint_interval
-                        .saturating_sub(last_checkpoint.elapsed());
-                    match rx.recv_timeout(wait) {
-                        Ok(Message::Record(e)) => {
-                            write(&mut writer, &e);
-                            // Let the records that follow gather, then write them in one go:
-                            // while this thread sleeps rather than waits on the queue, the
-                            // request path queues without waking it (a system call each).
-                            std::thread::sleep(GATHER);
-                            loop {
-                                match rx.try_recv() {
-                                    Ok(Message::Record(e)) => write(&mut writer, &e),
-                                    Ok(Message::Close) | Err(TryRecvError::Disconnected) => {
-                                        break 'run;
-                                    }
-                                    Err(TryRecvError::Empty) => break,
-                                }
-                            }
-                            // Each batch reaches the file as it ends: a crash loses at most
-                            // the batch being written, not a buffer's worth of records the
-                            // views and the collector already showed.
-                            let _ = writer.out.flush();
-                        }
-                        Ok(Message::Close) | Err(RecvTimeoutError::Disconnected) => break,
-                        Err(RecvTimeoutError::Timeout) => {
-                            writer.checkpoint_if_new();
-                            last_checkpoint = std::time::Instant::now();
-                        }
-                    }
-                }
-                let gap = take_loss(&mut writer);
-                if gap > 0 {
-                    writer.write_gap(gap);
-                }
-                writer.checkpoint_if_new();
-            })?;
+        let writer = Writer::open(settings, shipping.clone(), recent.clone())?;
+        let queue = Arc::new(Queue::default());
+        let thread = {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name("gatehouse-audit".into())
+                .spawn(move || writer.run(&queue))?
+        };
         Ok(Audit {
-            tx: Some(tx),
-            lost,
+            queue: Some(Intake(queue)),
             unauthenticated: Limiter::default(),
             writer: std::sync::Mutex::new(Some(thread)),
             shipping,
@@ -377,19 +386,15 @@ impl Audit {
 
     /// Writes what is queued and a last checkpoint, and waits until they are flushed.
     pub async fn close(&self) {
-        let Some(tx) = &self.tx else {
+        let Some(queue) = &self.queue else {
             return;
         };
         let Some(thread) = self.writer.lock().map(|mut w| w.take()).unwrap_or(None) else {
             return;
         };
-        let tx = tx.clone();
-        // Blocking calls (a full queue, the join), off the runtime's workers.
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = tx.send(Message::Close);
-            let _ = thread.join();
-        })
-        .await;
+        queue.0.close();
+        // A blocking join, off the runtime's workers.
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
 
     /// The last `n` lines written (at most [`RECENT`]), newest first: each a JSON object as
@@ -405,7 +410,7 @@ impl Audit {
 
     /// Whether records are kept at all (callers skip building them otherwise).
     pub fn is_on(&self) -> bool {
-        self.tx.is_some()
+        self.queue.is_some()
     }
 
     /// Queues a record of something anyone can cause without credentials (a refused token):
@@ -439,6 +444,9 @@ impl Audit {
     /// Queues a record; never waits. Methods, names and outcomes longer than [`MAX_TEXT`] are
     /// cut (a client names the method of a call passed through to its one server).
     pub fn record(&self, mut event: Event) {
+        let Some(queue) = &self.queue else {
+            return;
+        };
         if let Some(n) = &mut event.name {
             cut(n);
         }
@@ -450,10 +458,21 @@ impl Audit {
                 cut(text.to_mut());
             }
         }
-        if let Some(tx) = &self.tx
-            && tx.try_send(Message::Record(Box::new(event))).is_err()
-        {
-            self.lost.fetch_add(1, Ordering::Relaxed);
+        // Serialized here, outside the queue's lock (most records fit this).
+        let mut body = Vec::with_capacity(384);
+        if serde_json::to_writer(&mut body, &event).is_ok() {
+            queue.0.push(&body, event.keep());
+        }
+    }
+}
+
+impl Event {
+    /// Where its line is kept: decisions about identified callers in their own view too.
+    fn keep(&self) -> Keep {
+        if matches!(self.kind, "denial" | "admin" | "approval") && self.principal.is_some() {
+            Keep::AllAndDecisions
+        } else {
+            Keep::All
         }
     }
 }
@@ -473,6 +492,8 @@ struct Writer {
     since_checkpoint: u64,
     /// Records that could not be written, to be told in the next `gap`.
     pending_loss: u64,
+    /// The line being written (reused: a line costs no allocation).
+    line: Vec<u8>,
     /// Where written lines are also shipped (OTLP logs), once the gateway started shipping.
     shipping: Arc<OnceLock<Shipping>>,
     /// The last lines written, for the admin API.
@@ -538,6 +559,7 @@ impl Writer {
             checkpoint_interval: s.checkpoint_interval,
             since_checkpoint: 0,
             pending_loss: 0,
+            line: Vec::with_capacity(1024),
             shipping,
             recent,
         })
@@ -555,25 +577,90 @@ impl Writer {
         })
     }
 
-    fn write_event(&mut self, e: &Event) {
+    /// Writes what `queue` is given until it closes, each batch in one go, then a last
+    /// checkpoint.
+    fn run(mut self, queue: &Queue) {
+        let mut taken = Waiting::default();
+        let mut last_checkpoint = std::time::Instant::now();
+        loop {
+            let mut w = queue.lock();
+            if w.records.is_empty() && !w.closing {
+                w.writer_waits = true;
+                let wait = self
+                    .checkpoint_interval
+                    .saturating_sub(last_checkpoint.elapsed());
+                w = queue
+                    .wake
+                    .wait_timeout(w, wait)
+                    .map_or_else(|e| e.into_inner().0, |(w, _)| w);
+                w.writer_waits = false;
+                if w.records.is_empty() && !w.closing {
+                    drop(w);
+                    if last_checkpoint.elapsed() >= self.checkpoint_interval {
+                        self.checkpoint_if_new();
+                        last_checkpoint = std::time::Instant::now();
+                    }
+                    continue;
+                }
+                if !w.closing {
+                    // Let the records that follow gather, then write them in one go: while
+                    // this thread sleeps rather than waits, the request path queues without
+                    // waking it (a system call each).
+                    drop(w);
+                    std::thread::sleep(GATHER);
+                    w = queue.lock();
+                }
+            }
+            std::mem::swap(&mut w.bytes, &mut taken.bytes);
+            std::mem::swap(&mut w.records, &mut taken.records);
+            let lost = std::mem::take(&mut w.lost);
+            let closing = w.closing;
+            drop(w);
+            let mut start = 0;
+            for &(end, keep) in &taken.records {
+                self.write_record(&taken.bytes[start..end], keep);
+                start = end;
+            }
+            // Lost for want of room: after the records that took it.
+            if lost > 0 {
+                self.write_gap(lost);
+            }
+            taken.bytes.clear();
+            taken.records.clear();
+            // Each batch reaches the file as it ends: a crash loses at most the batch being
+            // written, not a buffer's worth of records the views and the collector showed.
+            let _ = self.out.flush();
+            if closing {
+                break;
+            }
+            if last_checkpoint.elapsed() >= self.checkpoint_interval {
+                self.checkpoint_if_new();
+                last_checkpoint = std::time::Instant::now();
+            }
+            // Under a steady load the next batch gathers while this one was written; the
+            // wait between batches keeps them few.
+            std::thread::sleep(GATHER);
+        }
         if self.pending_loss > 0 {
             let lost = std::mem::take(&mut self.pending_loss);
             self.write_gap(lost);
         }
-        // Room for the record and the chain's members: one allocation, no regrowth.
-        let mut body = Vec::with_capacity(512);
-        if serde_json::to_writer(&mut body, e).is_err() {
-            return;
+        self.checkpoint_if_new();
+    }
+
+    #[cfg(test)]
+    fn write_event(&mut self, e: &Event) {
+        let body = serde_json::to_vec(e).expect("records serialize");
+        self.write_record(&body, e.keep());
+    }
+
+    /// Writes one serialized record (after a `gap` for records lost before it).
+    fn write_record(&mut self, record: &[u8], keep: Keep) {
+        if self.pending_loss > 0 {
+            let lost = std::mem::take(&mut self.pending_loss);
+            self.write_gap(lost);
         }
-        let decision = matches!(e.kind, "denial" | "admin" | "approval") && e.principal.is_some();
-        self.write_object(
-            body,
-            if decision {
-                Keep::AllAndDecisions
-            } else {
-                Keep::All
-            },
-        );
+        self.write_object(record, keep);
         self.since_checkpoint += 1;
         if self.since_checkpoint >= self.checkpoint_every {
             self.checkpoint_if_new();
@@ -619,21 +706,24 @@ impl Writer {
 
     fn write_kept(&mut self, fields: Map<String, Value>, keep: Keep) {
         if let Ok(body) = serde_json::to_vec(&Value::Object(fields)) {
-            self.write_object(body, keep);
+            self.write_object(&body, keep);
         }
     }
 
-    /// Writes one record: `line` is its JSON object, to which the chain's members are added
+    /// Writes one record: `object` is its JSON object, to which the chain's members are added
     /// (at its end: the record is serialized once, straight from its fields).
-    fn write_object(&mut self, mut line: Vec<u8>, keep: Keep) {
+    fn write_object(&mut self, object: &[u8], keep: Keep) {
         use std::io::Write as _;
         let Some(seq) = self.seq.checked_add(1) else {
             tracing::error!("the audit trail's sequence is exhausted: nothing more is written");
             return;
         };
-        if line.pop() != Some(b'}') {
+        let Some((b'}', members)) = object.split_last() else {
             return;
-        }
+        };
+        let line = &mut self.line;
+        line.clear();
+        line.extend_from_slice(members);
         if line.len() > 1 {
             line.push(b',');
         }
@@ -644,11 +734,11 @@ impl Writer {
             self.prev,
             humantime::format_rfc3339_millis(now)
         );
-        let hash = ring::digest::digest(&ring::digest::SHA256, &line);
+        let hash = ring::digest::digest(&ring::digest::SHA256, line);
         line.push(b'\n');
         // The chain moves on only with a line written: a failed write is a loss (the next
         // record says so), not a break that would look like tampering.
-        if let Err(e) = self.out.write_all(&line) {
+        if let Err(e) = self.out.write_all(line) {
             tracing::error!("cannot write the audit trail: {e}");
             self.pending_loss += 1;
             return;
@@ -997,16 +1087,16 @@ mod tests {
             assert!(!shown.contains(&*id), "the whole id leaked: {shown}");
         }
         // Cut on the way into the queue, at a character boundary.
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let audit = Audit {
-            tx: Some(tx),
+            queue: Some(Intake(Arc::default())),
             ..Audit::default()
         };
         audit.record(event);
-        let Ok(Message::Record(kept)) = rx.try_recv() else {
-            panic!("no record queued");
-        };
-        for text in [kept.outcome.unwrap(), kept.method] {
+        let queue = audit.queue.as_ref().unwrap().0.lock();
+        assert_eq!(queue.records.len(), 1, "no record queued");
+        let kept: Value = serde_json::from_slice(&queue.bytes).unwrap();
+        for text in [&kept["outcome"], &kept["method"]] {
+            let text = text.as_str().unwrap();
             assert!(text.len() <= MAX_TEXT + '…'.len_utf8(), "{}", text.len());
             assert!(text.ends_with('…'));
         }
@@ -1159,6 +1249,51 @@ mod tests {
         cut(&mut s);
         assert!(s.len() <= MAX_TEXT + '…'.len_utf8());
         assert!(s.ends_with('…'));
+    }
+
+    #[test]
+    fn a_full_queue_counts_what_it_refuses_and_the_writer_says_so_after_what_it_held() {
+        let dir = std::env::temp_dir().join(format!("gatehouse-audit-q-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.jsonl");
+        let _ = std::fs::remove_file(&file);
+        let audit = Audit {
+            queue: Some(Intake(Arc::default())),
+            ..Audit::default()
+        };
+        for n in 0..QUEUE + 2 {
+            audit.record(call(n));
+        }
+        let queue = audit.queue.as_ref().unwrap().0.clone();
+        assert_eq!(queue.lock().lost, 2);
+        queue.close();
+        let seed = [5u8; 32];
+        let w = Writer::open(
+            &settings(&file, seed, u64::MAX),
+            Arc::default(),
+            Arc::default(),
+        )
+        .unwrap();
+        w.run(&queue);
+        let text = std::fs::read_to_string(&file).unwrap();
+        let ok = verify(&text, Some(&public(seed))).unwrap();
+        assert_eq!(
+            ok.records as usize,
+            QUEUE + 2,
+            "the records, a gap, a checkpoint"
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains(r#""name":"tool0""#), "{}", lines[0]);
+        let last_kept = format!(r#""name":"tool{}""#, QUEUE - 1);
+        assert!(lines[QUEUE - 1].contains(&last_kept));
+        let gap = members(lines[QUEUE]).unwrap();
+        assert_eq!(
+            (gap["kind"].as_str(), gap["lost"].as_u64()),
+            (Some("gap"), Some(2))
+        );
+        assert!(lines[QUEUE + 1].contains(r#""kind":"checkpoint""#));
+        assert!(queue.lock().bytes.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
