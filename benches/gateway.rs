@@ -621,12 +621,66 @@ async fn main() {
     let stdio_upstream =
         format!("  - name: ex\n    stdio: {{ command: {BIN:?}, args: [example-server] }}\n");
     if a.only_instructions {
-        for (name, yaml, w) in [
-            ("gateway→http", http_upstream("ex"), Workload::CallSmall),
-            ("gateway→http", http_upstream("ex"), Workload::CallStateless),
-            ("gateway→stdio", stdio_upstream.clone(), Workload::CallSmall),
+        let two = format!("{}{}", http_upstream("u0"), http_upstream("u1"));
+        // Valgrind cannot reserve the address space of the default instance pool.
+        let plugins = two_plugins_yaml().map(|p| {
+            p.replacen(
+                "plugins:\n",
+                "plugins:\n  engine: { max_instances: 4 }\n",
+                1,
+            )
+        });
+        for (name, top, yaml, w) in [
+            (
+                "gateway→http",
+                None,
+                http_upstream("ex"),
+                Workload::CallSmall,
+            ),
+            (
+                "gateway→http",
+                None,
+                http_upstream("ex"),
+                Workload::CallStateless,
+            ),
+            (
+                "gateway→stdio",
+                None,
+                stdio_upstream.clone(),
+                Workload::CallSmall,
+            ),
+            ("gateway→http", None, http_upstream("ex"), Workload::Call64k),
+            (
+                "gateway→2 upstreams",
+                None,
+                two.clone(),
+                Workload::CallSmall,
+            ),
+            ("gateway→2 upstreams", None, two.clone(), Workload::Call64k),
+            (
+                "+ 2 plugins",
+                plugins.as_deref(),
+                http_upstream("ex"),
+                Workload::CallSmall,
+            ),
+            (
+                "+ 2 plugins",
+                plugins.as_deref(),
+                http_upstream("ex"),
+                Workload::Call64k,
+            ),
         ] {
-            if let Some(n) = instructions_per_call("", &yaml, "echo", w, 100, 600).await {
+            if name == "+ 2 plugins" && top.is_none() {
+                continue;
+            }
+            let top = top.unwrap_or_default();
+            // Two upstreams: tools are prefixed, and a call's name is rewritten on its way.
+            let tool = if name == "gateway→2 upstreams" {
+                "u0__echo"
+            } else {
+                "echo"
+            };
+            if let Some(n) = instructions_per_call(top, &yaml, tool, w, 100, 600).await {
                 println!(
                     "{name:>14} {:>18}: {n:>9.0} instructions per call",
                     w.name()

@@ -351,6 +351,52 @@ async fn unknown_method_and_unknown_tool_are_json_rpc_errors() {
 }
 
 #[tokio::test]
+async fn a_call_naming_its_tool_twice_is_refused_and_odd_but_valid_params_pass_as_sent() {
+    let (_gw, healthy) = setup().await;
+    // The gateway routes by one name; a server reading the other would run what was not
+    // checked. Escaped or not, the second name is refused before anything is forwarded.
+    for (id, params) in [
+        (
+            1,
+            r#"{"name":"a__echo","name":"b__echo","arguments":{"text":"x"}}"#,
+        ),
+        (
+            2,
+            r#"{"name":"a__echo","n\u0061me":"b__echo","arguments":{"text":"x"}}"#,
+        ),
+        (
+            3,
+            r#"{"name":"a__echo","arguments":{"text":"x"},"arguments":{"text":"y"}}"#,
+        ),
+    ] {
+        let r = healthy
+            .post(format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{params}}}"#
+            ))
+            .await;
+        let resp = r.response();
+        assert_eq!(resp["error"]["code"], -32602, "{params}: {resp}");
+        let message = resp["error"]["message"].as_str().unwrap();
+        assert!(message.contains("duplicate field"), "{message}");
+    }
+    // Params as an array are not an object.
+    let r = healthy
+        .post(r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":["a__echo",{}]}"#)
+        .await;
+    assert_eq!(r.response()["error"]["code"], -32602);
+    // Whitespace, an escaped name, other members before and after: routed by the name the
+    // escapes spell, the rest reaching the server as sent.
+    let r = healthy
+        .post(
+            r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params": { "_meta" : {"progressToken": "p"} , "name" : "a__ech\u006f" , "arguments" : { "text" : "sp\"liced" } , "extra" : [1] } }"#,
+        )
+        .await;
+    let resp = r.response();
+    assert_eq!(resp["result"]["content"][0]["text"], "sp\"liced", "{resp}");
+    still_healthy(&healthy).await;
+}
+
+#[tokio::test]
 async fn wrong_http_method_is_405_and_unknown_path_is_404() {
     let (gw, healthy) = setup().await;
     let c = gw.client();

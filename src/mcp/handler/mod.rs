@@ -3,6 +3,7 @@
 //! `initialize` is in [`initialize`].
 
 mod aggregate;
+mod call_params;
 mod forward;
 mod initialize;
 
@@ -25,6 +26,7 @@ use crate::metrics::{Metrics, method_label};
 use crate::plugins::{Decision, Plugins};
 use crate::trace::SpanKind;
 use crate::upstream::CallOpts;
+use call_params::CallParams;
 
 /// How a request is answered.
 pub enum Reply {
@@ -277,11 +279,14 @@ pub async fn request(
             aggregate::list(sv, session, &id, aggregate::TEMPLATES, params.as_deref()).await
         }
         "tools/call" | "prompts/get" if !direct => {
-            let f = match fields(params.as_deref()) {
-                Ok(f) => f,
+            let Some(params) = params else {
+                return invalid_params(&id, "missing params.name");
+            };
+            let call = match CallParams::read(Some(&params)) {
+                Ok(c) => c,
                 Err(e) => return invalid_params(&id, &e),
             };
-            let name = match string_field(&f, "name") {
+            let name = match call.name() {
                 Ok(n) => n,
                 Err(e) => return invalid_params(&id, &e),
             };
@@ -308,21 +313,13 @@ pub async fn request(
                 &session.topology().servers[index].name,
                 Some(local),
             );
-            let mut f = f;
-            let routed = local;
-            let local = json_string(local);
-            f.insert(Cow::Borrowed("name"), &local);
-            let rewritten;
+            let mut rewritten = None;
             if let Some(p) = &policy {
-                let arguments = f.get("arguments").map_or("{}", |a| a.get());
-                match on_request(sv, p, arguments).await {
+                match on_request(sv, p, call.arguments()).await {
                     Decision::Allow => {}
                     Decision::Deny(d) => return denied(&id, &d),
                     Decision::Rewrite(new) => match RawValue::from_string(new) {
-                        Ok(raw) => {
-                            rewritten = raw;
-                            f.insert(Cow::Borrowed("arguments"), &rewritten);
-                        }
+                        Ok(raw) => rewritten = Some(raw),
                         Err(e) => {
                             return Reply::Json(jsonrpc::error_response(
                                 Some(&id),
@@ -333,8 +330,9 @@ pub async fn request(
                     },
                 }
             }
-            let out = encode_fields(&f);
-            let target = Some(routed);
+            let renamed = (local != name).then_some(local);
+            let out = call.splice(&params, renamed, rewritten.as_deref());
+            let target = Some(local);
             forward::forward(sv, session, index, id, method, Some(out), policy, target).await
         }
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" if !direct => {

@@ -1,0 +1,200 @@
+//! The params of a named call (`tools/call`, `prompts/get`), read in one pass and edited in
+//! place: the gateway routes by `name` and shows `arguments` to the plugins, then forwards the
+//! params with only those members replaced, every other byte as the client sent it (no parse
+//! into a map and no re-encoding of a 64 KiB argument).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// The members the gateway reads, as views into the params. A member given twice is refused
+/// when read: the gateway and the server must not each pick a different one.
+#[derive(Deserialize)]
+pub(super) struct CallParams<'a> {
+    #[serde(borrow, default)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    arguments: Option<&'a RawValue>,
+}
+
+impl<'a> CallParams<'a> {
+    /// Reads `params` (absent params read as `{}`).
+    pub(super) fn read(params: Option<&'a [u8]>) -> Result<CallParams<'a>, String> {
+        let Some(p) = params else {
+            return Ok(CallParams {
+                name: None,
+                arguments: None,
+            });
+        };
+        // A struct would also be read from an array, by position.
+        if !p.trim_ascii_start().starts_with(b"{") {
+            return Err("params must be an object".into());
+        }
+        serde_json::from_slice(p).map_err(|e| format!("params must be an object: {e}"))
+    }
+
+    /// The name called.
+    pub(super) fn name(&self) -> Result<String, String> {
+        let raw = self.name.ok_or("missing params.name")?;
+        serde_json::from_str(raw.get()).map_err(|_| "params.name must be a string".into())
+    }
+
+    /// The arguments as JSON text (`{}` when absent).
+    pub(super) fn arguments(&self) -> &'a str {
+        self.arguments.map_or("{}", |a| a.get())
+    }
+
+    /// `params` (the bytes these views were read from) with the name replaced by `name` when
+    /// given and the arguments by `arguments` when given (added when absent): one copy, or
+    /// none when nothing changes.
+    pub(super) fn splice(
+        &self,
+        params: &Bytes,
+        name: Option<&str>,
+        arguments: Option<&RawValue>,
+    ) -> Bytes {
+        let name = name.map(|n| serde_json::to_vec(n).expect("a string serializes"));
+        // (start, end, replacement), in the order they appear.
+        let mut edits: Vec<(usize, usize, &[u8])> = Vec::with_capacity(2);
+        if let (Some(new), Some(old)) = (&name, self.name) {
+            let (start, end) = span(params, old);
+            edits.push((start, end, new));
+        }
+        let inserted;
+        match (arguments, self.arguments) {
+            (Some(new), Some(old)) => {
+                let (start, end) = span(params, old);
+                edits.push((start, end, new.get().as_bytes()));
+            }
+            (Some(new), None) => {
+                // Right after the object's `{`, followed by a comma unless the object is empty.
+                let open = params.len() - params.trim_ascii_start().len() + 1;
+                let empty = params[open..].trim_ascii_start().starts_with(b"}");
+                let comma = if empty { "" } else { "," };
+                inserted = format!("\"arguments\":{}{comma}", new.get());
+                edits.push((open, open, inserted.as_bytes()));
+            }
+            (None, _) => {}
+        }
+        if edits.is_empty() {
+            return params.clone();
+        }
+        edits.sort_unstable_by_key(|e| e.0);
+        let grown: usize = edits.iter().map(|e| e.2.len()).sum();
+        let mut out = BytesMut::with_capacity(params.len() + grown);
+        let mut at = 0;
+        for (start, end, new) in edits {
+            out.put_slice(&params[at..start]);
+            out.put_slice(new);
+            at = end;
+        }
+        out.put_slice(&params[at..]);
+        out.freeze()
+    }
+}
+
+/// Where `value` (a view borrowed from `params` while reading) lies in `params`.
+fn span(params: &[u8], value: &RawValue) -> (usize, usize) {
+    let text = value.get().as_bytes();
+    let start = (text.as_ptr() as usize).wrapping_sub(params.as_ptr() as usize);
+    assert!(
+        start <= params.len() && text.len() <= params.len() - start,
+        "a member's view lies inside the params it was read from"
+    );
+    (start, start + text.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(params: &str) -> Result<CallParams<'_>, String> {
+        CallParams::read(Some(params.as_bytes()))
+    }
+
+    fn raw(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn the_name_and_arguments_are_replaced_and_every_other_byte_kept() {
+        let text = r#" { "_meta" : {"progressToken": 7},"name":"u0__echo" ,"arguments": {"text":"a\"b"}, "x": [1, 2] } "#;
+        let params = Bytes::from(text);
+        let call = read(text).unwrap();
+        assert_eq!(call.name().unwrap(), "u0__echo");
+        assert_eq!(call.arguments(), r#"{"text":"a\"b"}"#);
+        let renamed = call.splice(&params, Some("echo"), None);
+        assert_eq!(renamed, text.replace(r#""u0__echo""#, r#""echo""#));
+        let both = call.splice(
+            &params,
+            Some("e\"cho"),
+            Some(&raw(r#"{"text":"redacted"}"#)),
+        );
+        assert_eq!(
+            both,
+            text.replace(r#""u0__echo""#, r#""e\"cho""#)
+                .replace(r#"{"text":"a\"b"}"#, r#"{"text":"redacted"}"#)
+        );
+        let back: serde_json::Value = serde_json::from_slice(&both).unwrap();
+        assert_eq!(back["name"], "e\"cho");
+        assert_eq!(back["_meta"]["progressToken"], 7);
+        // Nothing to change: the same bytes, not a copy.
+        let same = call.splice(&params, None, None);
+        assert_eq!(same.as_ptr(), params.as_ptr());
+    }
+
+    #[test]
+    fn arguments_a_plugin_adds_go_into_the_object_whatever_it_holds() {
+        for (text, want) in [
+            (r#"{"name":"t"}"#, r#"{"arguments":{"a":1},"name":"t"}"#),
+            (r#" {  } "#, r#" {"arguments":{"a":1}  } "#),
+        ] {
+            let params = Bytes::from(text);
+            let call = read(text).unwrap();
+            let out = call.splice(&params, None, Some(&raw(r#"{"a":1}"#)));
+            assert_eq!(out, want);
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap();
+        }
+        // Renamed and added at once, the insertion coming first.
+        let text = r#"{"name":"u1__t"}"#;
+        let out = read(text)
+            .unwrap()
+            .splice(&Bytes::from(text), Some("t"), Some(&raw("{}")));
+        assert_eq!(out, r#"{"arguments":{},"name":"t"}"#);
+    }
+
+    #[test]
+    fn a_member_given_twice_or_params_of_the_wrong_shape_are_refused() {
+        // Escaped or not, a second name would let the server call what the gateway did not
+        // route, check or audit.
+        for text in [
+            r#"{"name":"allowed","name":"secret"}"#,
+            r#"{"name":"allowed","n\u0061me":"secret"}"#,
+            r#"{"name":"t","arguments":{},"arguments":{"x":1}}"#,
+        ] {
+            let e = read(text).err().unwrap();
+            assert!(e.contains("duplicate field"), "{text}: {e}");
+        }
+        for text in [r#"["echo", {}]"#, "7", r#""name""#, "{", r#"{"name":}"#] {
+            let e = read(text).err().unwrap();
+            assert!(e.starts_with("params must be an object"), "{text}: {e}");
+        }
+        assert_eq!(
+            read(r#"{"name":7}"#).unwrap().name().unwrap_err(),
+            "params.name must be a string"
+        );
+        assert_eq!(
+            read("{}").unwrap().name().unwrap_err(),
+            "missing params.name"
+        );
+        assert_eq!(
+            CallParams::read(None).unwrap().name().unwrap_err(),
+            "missing params.name"
+        );
+        // Escapes in the name are read as the text they stand for.
+        assert_eq!(
+            read(r#"{"name":"ech\u006f"}"#).unwrap().name().unwrap(),
+            "echo"
+        );
+    }
+}
