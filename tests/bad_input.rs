@@ -354,19 +354,33 @@ async fn unknown_method_and_unknown_tool_are_json_rpc_errors() {
 async fn a_call_naming_its_tool_twice_is_refused_and_odd_but_valid_params_pass_as_sent() {
     let (_gw, healthy) = setup().await;
     // The gateway routes by one name; a server reading the other would run what was not
-    // checked. Escaped or not, the second name is refused before anything is forwarded.
-    for (id, params) in [
+    // checked. Escaped or not, the second name is refused before anything is forwarded, and
+    // so is a key a server may read as the name (Go's encoding/json ignores case).
+    for (id, params, why) in [
         (
             1,
             r#"{"name":"a__echo","name":"b__echo","arguments":{"text":"x"}}"#,
+            "params.name is given twice",
         ),
         (
             2,
             r#"{"name":"a__echo","n\u0061me":"b__echo","arguments":{"text":"x"}}"#,
+            "params.name is given twice",
         ),
         (
             3,
             r#"{"name":"a__echo","arguments":{"text":"x"},"arguments":{"text":"y"}}"#,
+            "params.arguments is given twice",
+        ),
+        (
+            6,
+            r#"{"name":"a__echo","Name":"b__echo","arguments":{"text":"x"}}"#,
+            "is too like params.name",
+        ),
+        (
+            7,
+            r#"{"name":"a__echo","arguments":{"text":"x"},"ARGUMENTS":{"text":"y"}}"#,
+            "is too like params.arguments",
         ),
     ] {
         let r = healthy
@@ -377,7 +391,7 @@ async fn a_call_naming_its_tool_twice_is_refused_and_odd_but_valid_params_pass_a
         let resp = r.response();
         assert_eq!(resp["error"]["code"], -32602, "{params}: {resp}");
         let message = resp["error"]["message"].as_str().unwrap();
-        assert!(message.contains("duplicate field"), "{message}");
+        assert!(message.contains(why), "{message}");
     }
     // Params as an array are not an object.
     let r = healthy

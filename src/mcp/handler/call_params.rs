@@ -3,19 +3,41 @@
 //! params with only those members replaced, every other byte as the client sent it (no parse
 //! into a map and no re-encoding of a 64 KiB argument).
 
+use std::borrow::Cow;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-/// The members the gateway reads, as views into the params. A member given twice is refused
-/// when read: the gateway and the server must not each pick a different one.
-#[derive(Deserialize)]
+/// The members the gateway reads, as views into the params.
 pub(super) struct CallParams<'a> {
-    #[serde(borrow, default)]
     name: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     arguments: Option<&'a RawValue>,
 }
+
+/// The top-level members whose meaning the gateway fixes: each must be given once, and no
+/// other key may be one a server could read as it. Go's `encoding/json` matches keys without
+/// regard to case (`Name`, `ARGUMENTS`), folds U+017F to `s` and U+212A to `k`, and one SDK took
+/// `name\u0000` for `name`: with the bytes forwarded as sent, such a key would have the server
+/// call what the gateway did not route, check or audit.
+const OWNED: [&str; 3] = ["name", "arguments", "_meta"];
+
+/// A key as such a reader may see it.
+fn folded(key: &str) -> String {
+    key.trim_end_matches('\0')
+        .chars()
+        .map(|c| match c {
+            '\u{17F}' => 's',  // ſ, long s
+            '\u{212A}' => 'k', // K, Kelvin sign
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
+}
+
+/// A key read borrowed when it has no escapes.
+#[derive(Deserialize)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
 
 impl<'a> CallParams<'a> {
     /// Reads `params` (absent params read as `{}`).
@@ -26,13 +48,12 @@ impl<'a> CallParams<'a> {
                 arguments: None,
             });
         };
-        // A struct would also be read from an array, by position.
-        if !p.trim_ascii_start().starts_with(b"{") {
-            return Err("params must be an object".into());
-        }
-        serde_json::from_slice(p).map_err(|e| format!("params must be an object: {e}"))
+        let mut de = serde_json::Deserializer::from_slice(p);
+        let read = serde::Deserializer::deserialize_map(&mut de, Members)
+            .and_then(|r| de.end().map(|()| r))
+            .map_err(|e| format!("params must be an object: {e}"))?;
+        read
     }
-
     /// The name called.
     pub(super) fn name(&self) -> Result<String, String> {
         let raw = self.name.ok_or("missing params.name")?;
@@ -90,6 +111,59 @@ impl<'a> CallParams<'a> {
         }
         out.put_slice(&params[at..]);
         out.freeze()
+    }
+}
+
+/// Reads the members of a params object; the outer `Result` is the JSON's, the inner the
+/// members' (a refusal that names the member).
+struct Members;
+
+impl<'de> Visitor<'de> for Members {
+    type Value = Result<CallParams<'de>, String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut read = CallParams {
+            name: None,
+            arguments: None,
+        };
+        let mut meta = false;
+        let mut refused = None;
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            if refused.is_some() {
+                // Read to the end all the same: the JSON's own errors come first.
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            let twice = match &*key {
+                "name" => read.name.replace(map.next_value()?).is_some(),
+                "arguments" => read.arguments.replace(map.next_value()?).is_some(),
+                "_meta" => {
+                    map.next_value::<IgnoredAny>()?;
+                    std::mem::replace(&mut meta, true)
+                }
+                other => {
+                    map.next_value::<IgnoredAny>()?;
+                    let f = folded(other);
+                    if let Some(owned) = OWNED.iter().find(|o| **o == f) {
+                        refused = Some(format!(
+                            "params.{other:?} is too like params.{owned}: servers differ on which they read"
+                        ));
+                    }
+                    false
+                }
+            };
+            if twice {
+                refused = Some(format!("params.{key} is given twice"));
+            }
+        }
+        Ok(match refused {
+            Some(why) => Err(why),
+            None => Ok(read),
+        })
     }
 }
 
@@ -167,18 +241,33 @@ mod tests {
     fn a_member_given_twice_or_params_of_the_wrong_shape_are_refused() {
         // Escaped or not, a second name would let the server call what the gateway did not
         // route, check or audit.
-        for text in [
-            r#"{"name":"allowed","name":"secret"}"#,
-            r#"{"name":"allowed","n\u0061me":"secret"}"#,
-            r#"{"name":"t","arguments":{},"arguments":{"x":1}}"#,
+        for (text, member) in [
+            (r#"{"name":"allowed","name":"secret"}"#, "name"),
+            (r#"{"name":"allowed","n\u0061me":"secret"}"#, "name"),
+            (
+                r#"{"name":"t","arguments":{},"arguments":{"x":1}}"#,
+                "arguments",
+            ),
+            // A present `null` is given: it would win over arguments a plugin inserts.
+            (
+                r#"{"name":"t","arguments":{"a":1},"arguments":null}"#,
+                "arguments",
+            ),
+            (
+                r#"{"name":"t","_meta":{},"_meta":{"progressToken":1}}"#,
+                "_meta",
+            ),
         ] {
             let e = read(text).err().unwrap();
-            assert!(e.contains("duplicate field"), "{text}: {e}");
+            assert_eq!(e, format!("params.{member} is given twice"), "{text}");
         }
         for text in [r#"["echo", {}]"#, "7", r#""name""#, "{", r#"{"name":}"#] {
             let e = read(text).err().unwrap();
             assert!(e.starts_with("params must be an object"), "{text}: {e}");
         }
+        // A bad JSON after a refusal is told as bad JSON.
+        let e = read(r#"{"name":"a","name":"b","x":}"#).err().unwrap();
+        assert!(e.starts_with("params must be an object"), "{e}");
         assert_eq!(
             read(r#"{"name":7}"#).unwrap().name().unwrap_err(),
             "params.name must be a string"
@@ -196,5 +285,37 @@ mod tests {
             read(r#"{"name":"ech\u006f"}"#).unwrap().name().unwrap(),
             "echo"
         );
+        // `null` arguments are shown as they are.
+        assert_eq!(read(r#"{"arguments":null}"#).unwrap().arguments(), "null");
+    }
+
+    #[test]
+    fn keys_a_server_could_read_as_the_name_or_the_arguments_are_refused() {
+        // Go's encoding/json matches keys without regard to case and folds U+017F (long s)
+        // to `s`; one SDK took a trailing NUL for nothing.
+        for (text, owned) in [
+            (r#"{"name":"u0__ok","Name":"forbidden"}"#, "name"),
+            (r#"{"name":"u0__ok","NAME":"forbidden"}"#, "name"),
+            (r#"{"name":"u0__ok","name\u0000":"forbidden"}"#, "name"),
+            (
+                r#"{"name":"u0__ok","arguments":{},"ARGUMENTS":{"cmd":"x"}}"#,
+                "arguments",
+            ),
+            (r#"{"name":"u0__ok","ARGUMENTS":{"cmd":"x"}}"#, "arguments"),
+            (
+                r#"{"name":"u0__ok","argument\u017f":{"cmd":"x"}}"#,
+                "arguments",
+            ),
+            (r#"{"name":"u0__ok","_META":{"progressToken":1}}"#, "_meta"),
+        ] {
+            let e = read(text).err().unwrap();
+            assert!(
+                e.contains(&format!("is too like params.{owned}")),
+                "{text}: {e}"
+            );
+        }
+        // Other keys pass, whatever they hold.
+        let call = read(r#"{"name":"t","names":[1],"argument":0,"x_meta":{},"_meta":{}}"#);
+        assert_eq!(call.unwrap().name().unwrap(), "t");
     }
 }
