@@ -49,10 +49,9 @@ impl<'a> CallParams<'a> {
             });
         };
         let mut de = serde_json::Deserializer::from_slice(p);
-        let read = serde::Deserializer::deserialize_map(&mut de, Members)
+        serde::Deserializer::deserialize_map(&mut de, Members)
             .and_then(|r| de.end().map(|()| r))
-            .map_err(|e| format!("params must be an object: {e}"))?;
-        read
+            .map_err(|e| format!("params must be an object: {e}"))?
     }
     /// The name called.
     pub(super) fn name(&self) -> Result<String, String> {
