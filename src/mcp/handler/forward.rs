@@ -233,17 +233,21 @@ impl Drop for CallRecord {
 }
 
 /// The tool or prompt name, or the resource URI, of forwarded params: the field the router
-/// routed `method` by (a decoy in another field is not what is recorded).
+/// routed `method` by (a decoy in another field is not what is recorded). A name given twice,
+/// or beside a key a server may read as it, is not recorded: which one ran is not known.
 fn audit_target(method: &str, params: Option<&[u8]>) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Target {
-        name: Option<String>,
         uri: Option<String>,
     }
-    let t: Target = serde_json::from_slice(params?).ok()?;
     match method {
-        "tools/call" | "prompts/get" => t.name,
-        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => t.uri,
+        "tools/call" | "prompts/get" => super::call_params::CallParams::read(params)
+            .ok()?
+            .name()
+            .ok(),
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+            serde_json::from_slice::<Target>(params?).ok()?.uri
+        }
         _ => None,
     }
 }
@@ -505,4 +509,27 @@ pub(super) async fn forward(
         frame
     };
     super::json_or_stream(call, ev_rx, session.ended()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::audit_target;
+
+    #[test]
+    fn the_trail_records_the_name_routed_by_and_none_when_it_is_in_doubt() {
+        let target = |method, params: &str| audit_target(method, Some(params.as_bytes()));
+        assert_eq!(
+            target("tools/call", r#"{"arguments":{"name":"decoy"},"name":"t"}"#).as_deref(),
+            Some("t")
+        );
+        assert_eq!(
+            target("resources/read", r#"{"uri":"file:///a","name":"x"}"#).as_deref(),
+            Some("file:///a")
+        );
+        // A server may read another name than the first: the record does not guess.
+        for params in [r#"{"name":"t","name":"u"}"#, r#"{"name":"t","Name":"u"}"#] {
+            assert_eq!(target("tools/call", params), None, "{params}");
+        }
+        assert_eq!(target("tools/list", r#"{"name":"t"}"#), None);
+    }
 }
