@@ -25,6 +25,8 @@ const QUEUE: usize = 65_536;
 /// Bytes of records waiting to be written, at most (each record is under 2 KiB: its texts
 /// are cut to [`MAX_TEXT`]).
 const QUEUE_BYTES: usize = 16 << 20;
+/// Bytes of queue buffer kept between batches, at most (a burst's larger buffer is freed).
+const SPARE_BYTES: usize = 1 << 20;
 /// How long the writer lets records gather after one wakes it (the queue holds what comes
 /// meanwhile at any rate the gateway reaches). Measured with `cargo bench --bench gateway --
 /// --only-auth`: at 1 ms the writer's wake-ups cost the gateway 1.18–1.26 × the CPU per call
@@ -627,6 +629,10 @@ impl Writer {
             }
             taken.bytes.clear();
             taken.records.clear();
+            // A burst's buffers are not kept for good (both sides' are, in turn, this one).
+            if taken.bytes.capacity() > SPARE_BYTES {
+                taken = Waiting::default();
+            }
             // Each batch reaches the file as it ends: a crash loses at most the batch being
             // written, not a buffer's worth of records the views and the collector showed.
             let _ = self.out.flush();
