@@ -7,9 +7,11 @@
 //! ```text
 //! cargo bench --bench gateway -- [--duration-ms 2000] [--rounds 3] [--clients 1,64]
 //!                                [--sessions 10000] [--other-url URL] [--out target/bench]
-//!                                [--only-auth]
+//!                                [--only-auth] [--only-instructions]
 //! ```
 //! `--only-auth` counts only what authentication and the audit trail add to a call.
+//! `--only-instructions` counts only the instructions per call of single calls; with
+//! `GATEHOUSE_INSTRUCTION_CASES=stateless` (any part of a case's name), only those cases.
 //! `--other-url` adds another gateway (already running, fronting the upstream URL this program
 //! prints, or set with `--upstream-port`) measured exactly like ours.
 
@@ -671,6 +673,13 @@ async fn main() {
             ),
         ] {
             if name == "+ 2 plugins" && top.is_none() {
+                continue;
+            }
+            // GATEHOUSE_INSTRUCTION_CASES=stateless (any part of "name workload") counts only
+            // the cases it names: a quick before/after of one.
+            let case = format!("{name} {}", w.name());
+            if std::env::var("GATEHOUSE_INSTRUCTION_CASES").is_ok_and(|only| !case.contains(&only))
+            {
                 continue;
             }
             let top = top.unwrap_or_default();

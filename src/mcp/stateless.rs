@@ -96,18 +96,26 @@ pub(crate) struct Mirrored {
 impl Mirrored {
     /// Takes the mirrored headers of a request.
     pub(crate) fn of(headers: &HeaderMap) -> Mirrored {
-        Mirrored {
-            version: headers.get(&VERSION_HEADER).cloned(),
-            method: headers.get(&METHOD_HEADER).cloned(),
-            name: headers.get(&NAME_HEADER).cloned(),
-            params: headers
-                .iter()
-                .filter_map(|(k, v)| {
-                    let suffix = k.as_str().strip_prefix(PARAM_HEADER_PREFIX)?;
-                    Some((suffix.to_owned(), v.clone()))
-                })
-                .collect(),
+        // One walk over the few headers a request has, rather than a hashed lookup for each
+        // name and a walk for the prefix. The first of a repeated header counts, as `get`'s.
+        let mut m = Mirrored::default();
+        for (k, v) in headers {
+            let slot = match k.as_str() {
+                n if n == VERSION_HEADER.as_str() => &mut m.version,
+                n if n == METHOD_HEADER.as_str() => &mut m.method,
+                n if n == NAME_HEADER.as_str() => &mut m.name,
+                n => {
+                    if let Some(suffix) = n.strip_prefix(PARAM_HEADER_PREFIX) {
+                        m.params.push((suffix.to_owned(), v.clone()));
+                    }
+                    continue;
+                }
+            };
+            if slot.is_none() {
+                *slot = Some(v.clone());
+            }
         }
+        m
     }
 
     /// The decoded text of the `Mcp-Param-{suffix}` header: `None` if absent, `Some(None)` if
@@ -264,10 +272,12 @@ pub(crate) struct Read {
 /// The envelope's keys in `_meta`: what a server of an earlier revision is not sent.
 const ENVELOPE_KEYS: [&str; 4] = [
     VERSION_KEY,
-    "io.modelcontextprotocol/clientCapabilities",
+    CAPS_KEY,
     "io.modelcontextprotocol/clientInfo",
-    "io.modelcontextprotocol/logLevel",
+    LEVEL_KEY,
 ];
+const CAPS_KEY: &str = "io.modelcontextprotocol/clientCapabilities";
+const LEVEL_KEY: &str = "io.modelcontextprotocol/logLevel";
 
 /// Log severities, lowest first (RFC 5424 names, as MCP uses them).
 const LEVELS: [&str; 8] = [
@@ -285,20 +295,108 @@ fn severity(level: &str) -> Option<u8> {
     LEVELS.iter().position(|l| *l == level).map(|p| p as u8)
 }
 
-/// Reads and checks the params of a stateless request of `method`, in one pass: the top level
-/// as borrowed members (a key given twice is refused: which one counts would be a guess), then
-/// `_meta`.
-pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal> {
-    /// A key of `_meta`: borrowed from the params unless it has escapes (a plain `Cow` would
-    /// be a copy of every key).
-    #[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-    struct Key<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
-    impl std::borrow::Borrow<str> for Key<'_> {
-        fn borrow(&self) -> &str {
-            &self.0
-        }
+/// A key borrowed from the params unless it has escapes (a plain `Cow` would be a copy of
+/// every key).
+#[derive(Deserialize)]
+struct Key<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
+
+/// Writes `key` as a JSON string: as it came when it was `plain` (nothing in it escaped).
+fn put_key(out: &mut Vec<u8>, key: &str, plain: bool) {
+    if plain {
+        out.push(b'"');
+        out.extend_from_slice(key.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(&mut *out, key).expect("a string serializes into a vector")
     }
-    type Object<'a> = std::collections::BTreeMap<Key<'a>, &'a RawValue>;
+}
+
+/// `_meta` read in one pass, in the order its members came: the envelope's values, the
+/// envelope's members (`"key":value,…`), and the members that stay, written as an object
+/// straight into the params being rebuilt.
+struct MetaMembers<'o> {
+    /// Where the members that stay go (the stripped params, being written).
+    kept: &'o mut Vec<u8>,
+    /// The length of `_meta`'s text: room enough for the envelope's members.
+    len: usize,
+}
+
+/// What [`MetaMembers`] read of the envelope.
+#[derive(Default)]
+struct Envelope<'a> {
+    version: Option<&'a RawValue>,
+    capabilities: Option<&'a RawValue>,
+    level: Option<&'a RawValue>,
+    /// The envelope's members as text, to be sent on to servers of this revision.
+    members: Vec<u8>,
+}
+
+impl<'de> serde::de::Visitor<'de> for MetaMembers<'_> {
+    /// The JSON's own errors outside, the members' refusal inside.
+    type Value = Result<Envelope<'de>, Refusal>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("params._meta as an object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut envelope = Envelope {
+            members: Vec::with_capacity(self.len),
+            ..Envelope::default()
+        };
+        // Every key, to refuse one given twice: the gateway would read one value and the
+        // server perhaps the other (a version, a progress token it routes by).
+        let mut keys: Vec<std::borrow::Cow<'de, str>> = Vec::with_capacity(4);
+        self.kept.push(b'{');
+        let opened = self.kept.len();
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            let value: &'de RawValue = map.next_value()?;
+            let slot = match &*key {
+                VERSION_KEY => Some(&mut envelope.version),
+                CAPS_KEY => Some(&mut envelope.capabilities),
+                LEVEL_KEY => Some(&mut envelope.level),
+                _ => None,
+            };
+            let (out, first) = if let Some(slot) = slot {
+                *slot = Some(value);
+                (&mut envelope.members, 0)
+            } else if ENVELOPE_KEYS.contains(&&*key) {
+                (&mut envelope.members, 0)
+            } else {
+                (&mut *self.kept, opened)
+            };
+            if out.len() > first {
+                out.push(b',');
+            }
+            put_key(out, &key, matches!(key, std::borrow::Cow::Borrowed(_)));
+            out.push(b':');
+            out.extend_from_slice(value.get().as_bytes());
+            keys.push(key);
+        }
+        self.kept.push(b'}');
+        // Few keys in the common case: compared pairwise; many: sorted.
+        let twice = if keys.len() <= 16 {
+            keys.iter()
+                .enumerate()
+                .find_map(|(i, k)| keys[..i].contains(k).then(|| k.clone()))
+        } else {
+            keys.sort_unstable();
+            keys.windows(2)
+                .find_map(|w| (w[0] == w[1]).then(|| w[0].clone()))
+        };
+        Ok(match twice {
+            Some(key) => Err(Refusal::Meta(format!(
+                "params._meta[{key:?}] is given twice"
+            ))),
+            None => Ok(envelope),
+        })
+    }
+}
+
+/// Reads and checks the params of a stateless request of `method`: the top level as borrowed
+/// members (a key given twice is refused: which one counts would be a guess), then `_meta` in
+/// one pass that writes the params without the envelope.
+pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal> {
     #[derive(Deserialize)]
     struct Top<'a> {
         #[serde(borrow, rename = "_meta")]
@@ -319,8 +417,26 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
     let meta_raw = top
         .meta
         .ok_or_else(|| Refusal::Meta(format!("params._meta is required (with {VERSION_KEY})")))?;
-    let meta: Object<'_> = serde_json::from_str(meta_raw.get())
-        .map_err(|_| Refusal::Meta("params._meta must be an object".into()))?;
+    // The params without the envelope: what comes before `_meta`, the members that stay,
+    // what comes after.
+    let start = (meta_raw.get().as_ptr() as usize).wrapping_sub(bytes.as_ptr() as usize);
+    let end = start.wrapping_add(meta_raw.get().len());
+    if end > bytes.len() || start > end {
+        return Err(Refusal::Meta("params._meta cannot be re-encoded".into()));
+    }
+    let mut stripped = Vec::with_capacity(bytes.len());
+    stripped.extend_from_slice(&bytes[..start]);
+    // A raw value's text is valid JSON and UTF-8: read from it, nothing is checked twice.
+    let mut de = serde_json::Deserializer::from_str(meta_raw.get());
+    let envelope = serde::Deserializer::deserialize_map(
+        &mut de,
+        MetaMembers {
+            kept: &mut stripped,
+            len: meta_raw.get().len(),
+        },
+    )
+    .map_err(|_| Refusal::Meta("params._meta must be an object".into()))??;
+    stripped.extend_from_slice(&bytes[end..]);
     fn string(raw: &RawValue, what: impl Fn() -> String) -> Result<String, Refusal> {
         // A raw value is valid JSON: between quotes and without a backslash, it is the text.
         if let Some(text) = raw
@@ -334,7 +450,7 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
         serde_json::from_str::<String>(raw.get())
             .map_err(|_| Refusal::Meta(format!("{} must be a string", what())))
     }
-    let version = match meta.get(VERSION_KEY) {
+    let version = match envelope.version {
         Some(raw) => string(raw, || format!("params._meta[{VERSION_KEY:?}]"))?,
         None => {
             return Err(Refusal::Meta(format!(
@@ -342,8 +458,7 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
             )));
         }
     };
-    const CAPS_KEY: &str = "io.modelcontextprotocol/clientCapabilities";
-    let capabilities = match meta.get(CAPS_KEY) {
+    let capabilities = match envelope.capabilities {
         Some(raw) if raw.get().starts_with('{') => raw.get().to_owned(),
         Some(_) => {
             return Err(Refusal::Meta(format!(
@@ -356,8 +471,7 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
             )));
         }
     };
-    const LEVEL_KEY: &str = "io.modelcontextprotocol/logLevel";
-    let log_level = match meta.get(LEVEL_KEY) {
+    let log_level = match envelope.level {
         None => None,
         Some(raw) => {
             let level = string(raw, || format!("params._meta[{LEVEL_KEY:?}]"))?;
@@ -391,44 +505,6 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
                 .map_err(|_| Refusal::Meta("params.inputResponses must be an object".into()))?;
         }
     }
-    // The envelope leaves `_meta`, spliced out of the client's bytes: its value is a borrowed
-    // raw value inside them.
-    let mut envelope = String::with_capacity(meta_raw.get().len());
-    let mut kept = String::with_capacity(meta_raw.get().len());
-    kept.push('{');
-    for (Key(k), v) in &meta {
-        let out = if ENVELOPE_KEYS.contains(&&**k) {
-            &mut envelope
-        } else {
-            &mut kept
-        };
-        if out.len() > usize::from(out.starts_with('{')) {
-            out.push(',');
-        }
-        // A borrowed key had nothing escaped: it is written as it came.
-        match k {
-            std::borrow::Cow::Borrowed(k) => {
-                out.push('"');
-                out.push_str(k);
-                out.push('"');
-            }
-            std::borrow::Cow::Owned(k) => {
-                out.push_str(&serde_json::to_string(k).map_err(|e| Refusal::Meta(e.to_string()))?)
-            }
-        }
-        out.push(':');
-        out.push_str(v.get());
-    }
-    kept.push('}');
-    let start = (meta_raw.get().as_ptr() as usize).wrapping_sub(bytes.as_ptr() as usize);
-    let end = start.wrapping_add(meta_raw.get().len());
-    if end > bytes.len() || start > end {
-        return Err(Refusal::Meta("params._meta cannot be re-encoded".into()));
-    }
-    let mut stripped = Vec::with_capacity(bytes.len() - (end - start) + kept.len());
-    stripped.extend_from_slice(&bytes[..start]);
-    stripped.extend_from_slice(kept.as_bytes());
-    stripped.extend_from_slice(&bytes[end..]);
     Ok(Read {
         meta: RequestMeta {
             version,
@@ -437,7 +513,8 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
         },
         target,
         retry,
-        envelope: Arc::from(envelope),
+        // Written from keys and raw values of a `str`: UTF-8.
+        envelope: Arc::from(String::from_utf8_lossy(&envelope.members)),
         params: Bytes::from(stripped),
     })
 }
@@ -1628,11 +1705,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             &r.params[..],
-            br#"{"name":"t","_meta":{"io.modelcontextprotocol/related-task":{"taskId":"x"},"progressToken":4},"arguments":{"_meta":1}}"#
+            br#"{"name":"t","_meta":{"progressToken":4,"io.modelcontextprotocol/related-task":{"taskId":"x"}},"arguments":{"_meta":1}}"#
         );
         assert_eq!(
             &*r.envelope,
-            r#""io.modelcontextprotocol/clientCapabilities":{},"io.modelcontextprotocol/protocolVersion":"2026-07-28""#
+            r#""io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}"#
         );
         // An escaped key is the envelope's all the same.
         let escaped = read(
@@ -1646,17 +1723,16 @@ mod tests {
     #[test]
     fn meta_keys_and_strings_read_as_their_text_escaped_or_not() {
         let r = read(
-            Some(br#"{"name":"t\u0031","_meta":{"io.modelcontextprotocol/protocolVersion":"2026\u002d07-28","io.modelcontextprotocol\u002fclientCapabilities":{"a":1},"io.modelcontextprotocol/clientCapabilities":{},"k\"ey":1,"plain":"x"},"arguments":{}}"#),
+            Some(br#"{"name":"t\u0031","_meta":{"io.modelcontextprotocol/protocolVersion":"2026\u002d07-28","io.modelcontextprotocol\u002fclientCapabilities":{"a":1},"k\"ey":1,"plain":"x"},"arguments":{}}"#),
             "tools/call",
         )
         .unwrap();
         assert_eq!(r.target.as_deref(), Some("t1"));
         assert_eq!(r.meta.version, "2026-07-28");
-        // A key given twice counts once, with its last value, whichever spelling came first.
-        assert_eq!(r.meta.capabilities, "{}");
+        assert_eq!(r.meta.capabilities, r#"{"a":1}"#);
         assert_eq!(
             &*r.envelope,
-            r#""io.modelcontextprotocol/clientCapabilities":{},"io.modelcontextprotocol/protocolVersion":"2026\u002d07-28""#
+            r#""io.modelcontextprotocol/protocolVersion":"2026\u002d07-28","io.modelcontextprotocol/clientCapabilities":{"a":1}"#
         );
         // What stays is written escaped where it must be, plain where it came plain.
         assert_eq!(
@@ -1667,6 +1743,53 @@ mod tests {
         let empty = format!(r#"{{"name":"",{META}}}"#);
         let r = read(Some(empty.as_bytes()), "tools/call").unwrap();
         assert_eq!(r.target.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn a_meta_key_given_twice_is_refused_however_it_is_spelled_or_many_keys_there_are() {
+        const V: &str = r#""io.modelcontextprotocol/protocolVersion":"2026-07-28""#;
+        const C: &str = r#""io.modelcontextprotocol/clientCapabilities":{}"#;
+        let refused = |meta: String| match read(
+            Some(format!(r#"{{"name":"t","_meta":{{{meta}}}}}"#).as_bytes()),
+            "tools/call",
+        ) {
+            Err(Refusal::Meta(why)) => why,
+            other => panic!("{meta}: {:?}", other.map(|r| r.params)),
+        };
+        // The gateway would read one version and a server the other.
+        let why = refused(format!(
+            r#"{V},{C},"io.modelcontextprotocol\u002fprotocolVersion":"2025-11-25""#
+        ));
+        assert!(
+            why.contains("protocolVersion") && why.contains("twice"),
+            "{why}"
+        );
+        // A progress token the gateway routes by, and a server reads the other of.
+        let why = refused(format!(
+            r#""progressToken":1,{V},{C},"progressTok\u0065n":2"#
+        ));
+        assert!(why.contains("progressToken"), "{why}");
+        // Past the pairwise comparison's reach too.
+        let many: String = (0..40).map(|i| format!(r#""k{i}":{i},"#)).collect();
+        let why = refused(format!(r#"{many}{V},{C},"k7":0"#));
+        assert!(why.contains("\"k7\""), "{why}");
+        // Many distinct keys pass, kept in their order.
+        let r = read(
+            Some(format!(r#"{{"_meta":{{{many}{V},{C}}}}}"#).as_bytes()),
+            "tools/list",
+        )
+        .unwrap();
+        let kept: serde_json::Value = serde_json::from_slice(&r.params).unwrap();
+        assert_eq!(kept["_meta"].as_object().unwrap().len(), 40);
+        assert_eq!(kept["_meta"]["k39"], 39);
+        // `_meta` of another shape is refused as such.
+        for meta in ["[]", "1", r#""x""#, "null"] {
+            let body = format!(r#"{{"_meta":{meta}}}"#);
+            assert!(matches!(
+                read(Some(body.as_bytes()), "tools/list"),
+                Err(Refusal::Meta(_))
+            ));
+        }
     }
 
     #[test]
