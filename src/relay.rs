@@ -534,7 +534,7 @@ impl State {
                 }
             }
         };
-        let reply = json_or_stream(call, events_rx, session.ended()).await;
+        let reply = json_or_stream(Box::pin(call), events_rx, session.ended()).await;
         if matches!(reply, Reply::Json(_)) && reconnected.load(std::sync::atomic::Ordering::Acquire)
         {
             self.sessions.remove(&session.id);

@@ -412,7 +412,7 @@ pub(super) async fn forward(
     }
     let session2 = session.clone();
     let method = method.to_owned();
-    let call = async move {
+    let call = Box::pin(async move {
         let mut opts = opts;
         let checked = loop {
             if let Some(p) = &mut pinned {
@@ -507,7 +507,7 @@ pub(super) async fn forward(
             record.finish(outcome, frame.len());
         }
         frame
-    };
+    });
     super::json_or_stream(call, ev_rx, session.ended()).await
 }
 

@@ -43,12 +43,14 @@ pub enum Reply {
 ///
 /// The stream's task ends when `ended` resolves (the session is over) or the client stops
 /// listening; either way dropping `call` cancels it upstream.
+///
+/// `call` comes boxed: an upstream call's future is kilobytes, and held inline it would make
+/// every future around it as large, each move of them a copy of it.
 pub(crate) async fn json_or_stream(
-    call: impl Future<Output = Bytes> + Send + 'static,
+    mut call: std::pin::Pin<Box<impl Future<Output = Bytes> + Send + 'static>>,
     mut events: mpsc::Receiver<Bytes>,
     ended: impl Future<Output = ()> + Send + 'static,
 ) -> Reply {
-    let mut call = Box::pin(call);
     tokio::select! {
         biased;
         Some(first) = events.recv() => {
