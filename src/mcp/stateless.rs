@@ -331,6 +331,25 @@ struct Envelope<'a> {
     members: Vec<u8>,
 }
 
+/// The progress token's key in `_meta`: the gateway routes progress notifications by it.
+const PROGRESS_KEY: &str = "progressToken";
+
+/// The keys of `_meta` the gateway reads: no other key may be one a server could read as one
+/// of them ([`crate::mcp::lookalike`]).
+const READ_BY_GATEWAY: [&str; 5] = [
+    ENVELOPE_KEYS[0],
+    ENVELOPE_KEYS[1],
+    ENVELOPE_KEYS[2],
+    ENVELOPE_KEYS[3],
+    PROGRESS_KEY,
+];
+
+/// A client's key as an error message shows it: cut, so that the answer stays small whatever
+/// the key.
+fn shown(key: &str) -> &str {
+    key.char_indices().nth(64).map_or(key, |(at, _)| &key[..at])
+}
+
 impl<'de> serde::de::Visitor<'de> for MetaMembers<'_> {
     /// The JSON's own errors outside, the members' refusal inside.
     type Value = Result<Envelope<'de>, Refusal>;
@@ -347,6 +366,7 @@ impl<'de> serde::de::Visitor<'de> for MetaMembers<'_> {
         // Every key, to refuse one given twice: the gateway would read one value and the
         // server perhaps the other (a version, a progress token it routes by).
         let mut keys: Vec<std::borrow::Cow<'de, str>> = Vec::with_capacity(4);
+        let mut lookalike = None;
         self.kept.push(b'{');
         let opened = self.kept.len();
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
@@ -363,6 +383,15 @@ impl<'de> serde::de::Visitor<'de> for MetaMembers<'_> {
             } else if ENVELOPE_KEYS.contains(&&*key) {
                 (&mut envelope.members, 0)
             } else {
+                if lookalike.is_none()
+                    && &*key != PROGRESS_KEY
+                    && let Some(owned) = crate::mcp::lookalike::read_as(&key, &READ_BY_GATEWAY)
+                {
+                    lookalike = Some(format!(
+                        "params._meta[{:?}] is too like params._meta[{owned:?}]: servers differ on which they read",
+                        shown(&key)
+                    ));
+                }
                 (&mut *self.kept, opened)
             };
             if out.len() > first {
@@ -384,11 +413,13 @@ impl<'de> serde::de::Visitor<'de> for MetaMembers<'_> {
             keys.windows(2)
                 .find_map(|w| (w[0] == w[1]).then(|| w[0].clone()))
         };
-        Ok(match twice {
-            Some(key) => Err(Refusal::Meta(format!(
-                "params._meta[{key:?}] is given twice"
+        Ok(match (twice, lookalike) {
+            (Some(key), _) => Err(Refusal::Meta(format!(
+                "params._meta[{:?}] is given twice",
+                shown(&key)
             ))),
-            None => Ok(envelope),
+            (None, Some(why)) => Err(Refusal::Meta(why)),
+            (None, None) => Ok(envelope),
         })
     }
 }
@@ -410,8 +441,9 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
         #[serde(borrow, rename = "inputResponses")]
         responses: Option<&'a RawValue>,
     }
-    let bytes =
-        params.ok_or_else(|| Refusal::Meta("params must be an object carrying _meta".into()))?;
+    let bytes = params
+        .filter(|p| p.trim_ascii_start().starts_with(b"{"))
+        .ok_or_else(|| Refusal::Meta("params must be an object carrying _meta".into()))?;
     let top: Top<'_> = serde_json::from_slice(bytes)
         .map_err(|e| Refusal::Meta(format!("params must be an object carrying _meta: {e}")))?;
     let meta_raw = top
@@ -1782,6 +1814,30 @@ mod tests {
         let kept: serde_json::Value = serde_json::from_slice(&r.params).unwrap();
         assert_eq!(kept["_meta"].as_object().unwrap().len(), 40);
         assert_eq!(kept["_meta"]["k39"], 39);
+        // A key a lenient decoder reads as one the gateway reads (Go's `encoding/json` takes
+        // the last that matches regardless of case): the server would take another version
+        // or progress token than the gateway did.
+        for (lookalike, owned) in [
+            (
+                r#""io.modelcontextprotocol/ProtocolVersion":"2025-06-18""#,
+                "protocolVersion",
+            ),
+            (r#""PROGRESSTOKEN":2"#, "progressToken"),
+            (r#""progre\u017fsToken\u0000":2"#, "progressToken"),
+        ] {
+            let why = refused(format!(r#""progressToken":1,{V},{C},{lookalike}"#));
+            assert!(why.contains("too like") && why.contains(owned), "{why}");
+        }
+        // A key is shown cut, however long: the answer stays small.
+        let long = r"\u0085".repeat(10_000);
+        let why = refused(format!(r#""{long}":1,{V},{C},"{long}":2"#));
+        assert!(why.contains("twice") && why.len() < 1_000, "{}", why.len());
+        // Params that are no object carry no `_meta` a server would read.
+        let listed = format!(r#"[{{{V},{C}}}]"#);
+        assert!(matches!(
+            read(Some(listed.as_bytes()), "tools/list"),
+            Err(Refusal::Meta(_))
+        ));
         // `_meta` of another shape is refused as such.
         for meta in ["[]", "1", r#""x""#, "null"] {
             let body = format!(r#"{{"_meta":{meta}}}"#);

@@ -17,26 +17,8 @@ pub(super) struct CallParams<'a> {
 }
 
 /// The top-level members whose meaning the gateway fixes: each must be given once, and no
-/// other key may be one a server could read as it. Go's `encoding/json` matches keys without
-/// regard to case (`Name`, `ARGUMENTS`), folds U+017F to `s` and U+212A to `k`, and one SDK took
-/// `name\u0000` for `name`: with the bytes forwarded as sent, such a key would have the server
-/// call what the gateway did not route, check or audit.
+/// other key may be one a server could read as it ([`crate::mcp::lookalike`]).
 const OWNED: [&str; 3] = ["name", "arguments", "_meta"];
-
-/// The member of [`OWNED`] that `key` is read as by such a reader, if any (no allocation: a
-/// client may send many keys).
-fn read_as(key: &str) -> Option<&'static str> {
-    let fold = |c: char| match c {
-        '\u{17F}' => 's',  // ſ, long s
-        '\u{212A}' => 'k', // K, Kelvin sign
-        c => c.to_ascii_lowercase(),
-    };
-    let key = key.trim_end_matches('\0');
-    OWNED.into_iter().find(|owned| {
-        let mut chars = key.chars();
-        owned.chars().all(|o| chars.next().map(fold) == Some(o)) && chars.next().is_none()
-    })
-}
 
 /// A key read borrowed when it has no escapes.
 #[derive(Deserialize)]
@@ -149,7 +131,7 @@ impl<'de> Visitor<'de> for Members {
                 }
                 other => {
                     map.next_value::<IgnoredAny>()?;
-                    if let Some(owned) = read_as(other) {
+                    if let Some(owned) = crate::mcp::lookalike::read_as(other, &OWNED) {
                         refused = Some(format!(
                             "params.{other:?} is too like params.{owned}: servers differ on which they read"
                         ));
