@@ -4,6 +4,11 @@
 //! key beside the one the gateway read would have a server act on a value the gateway never
 //! routed, checked or audited.
 
+/// An object key as read from a client's JSON: borrowed unless it has escapes (serde's plain
+/// `Cow` would copy every key).
+#[derive(serde::Deserialize)]
+pub(crate) struct Key<'a>(#[serde(borrow)] pub std::borrow::Cow<'a, str>);
+
 /// The key of `owned` that `key` is read as by such a decoder, if any; an exact match counts
 /// too. No allocation: a client may send many keys.
 pub(crate) fn read_as<'o>(key: &str, owned: &[&'o str]) -> Option<&'o str> {

@@ -17,3 +17,18 @@ pub const ALL: &[&str] = &[
     "2025-03-26",
     "2024-11-05",
 ];
+
+/// The 2026-07-28 request envelope: the `_meta` keys in which every request carries what a
+/// session once held. Other `io.modelcontextprotocol/` keys are not the envelope's.
+pub mod envelope {
+    /// The request's protocol revision.
+    pub const VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+    /// The client's capabilities.
+    pub const CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+    /// The client's name and version.
+    pub const INFO: &str = "io.modelcontextprotocol/clientInfo";
+    /// The log level the client asks for this request.
+    pub const LEVEL: &str = "io.modelcontextprotocol/logLevel";
+    /// All of them: what a server of an earlier revision is not sent.
+    pub const KEYS: [&str; 4] = [VERSION, CAPABILITIES, INFO, LEVEL];
+}

@@ -24,13 +24,15 @@ use crate::config::profiles::ProfileConfig;
 use crate::gateway::Gateway;
 use crate::mcp::handler::{self, Reply};
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
+use crate::mcp::lookalike::{self, Key};
 use crate::mcp::revision;
+use crate::mcp::revision::envelope::{
+    CAPABILITIES as CAPS_KEY, KEYS as ENVELOPE_KEYS, LEVEL as LEVEL_KEY, VERSION as VERSION_KEY,
+};
 use crate::mcp::round_trip;
 use crate::mcp::session::{BusyGuard, Session, caps};
 use crate::mcp::subscriptions;
 
-/// Where the 2026-07-28 envelope's `_meta` keys live.
-const VERSION_KEY: &str = "io.modelcontextprotocol/protocolVersion";
 const VERSION_HEADER: HeaderName = HeaderName::from_static("mcp-protocol-version");
 const METHOD_HEADER: HeaderName = HeaderName::from_static("mcp-method");
 const NAME_HEADER: HeaderName = HeaderName::from_static("mcp-name");
@@ -269,16 +271,6 @@ pub(crate) struct Read {
     pub params: Bytes,
 }
 
-/// The envelope's keys in `_meta`: what a server of an earlier revision is not sent.
-const ENVELOPE_KEYS: [&str; 4] = [
-    VERSION_KEY,
-    CAPS_KEY,
-    "io.modelcontextprotocol/clientInfo",
-    LEVEL_KEY,
-];
-const CAPS_KEY: &str = "io.modelcontextprotocol/clientCapabilities";
-const LEVEL_KEY: &str = "io.modelcontextprotocol/logLevel";
-
 /// Log severities, lowest first (RFC 5424 names, as MCP uses them).
 const LEVELS: [&str; 8] = [
     "debug",
@@ -294,11 +286,6 @@ const LEVELS: [&str; 8] = [
 fn severity(level: &str) -> Option<u8> {
     LEVELS.iter().position(|l| *l == level).map(|p| p as u8)
 }
-
-/// A key borrowed from the params unless it has escapes (a plain `Cow` would be a copy of
-/// every key).
-#[derive(Deserialize)]
-struct Key<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
 
 /// Writes `key` as a JSON string: as it came when it was `plain` (nothing in it escaped).
 fn put_key(out: &mut Vec<u8>, key: &str, plain: bool) {
@@ -385,7 +372,7 @@ impl<'de> serde::de::Visitor<'de> for MetaMembers<'_> {
             } else {
                 if lookalike.is_none()
                     && &*key != PROGRESS_KEY
-                    && let Some(owned) = crate::mcp::lookalike::read_as(&key, &READ_BY_GATEWAY)
+                    && let Some(owned) = lookalike::read_as(&key, &READ_BY_GATEWAY)
                 {
                     lookalike = Some(format!(
                         "params._meta[{:?}] is too like params._meta[{owned:?}]: servers differ on which they read",

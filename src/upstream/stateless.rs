@@ -17,14 +17,11 @@ use serde_json::value::RawValue;
 use crate::mcp::jsonrpc;
 use crate::mcp::param_headers::ToolHeaders;
 use crate::mcp::revision::STATELESS;
+use crate::mcp::revision::envelope::{
+    CAPABILITIES as CAPABILITIES_KEY, INFO as INFO_KEY, KEYS as ENVELOPE_KEYS, LEVEL as LEVEL_KEY,
+    VERSION as VERSION_KEY,
+};
 
-const VERSION_KEY: &str = "io.modelcontextprotocol/protocolVersion";
-const CAPABILITIES_KEY: &str = "io.modelcontextprotocol/clientCapabilities";
-const INFO_KEY: &str = "io.modelcontextprotocol/clientInfo";
-const LEVEL_KEY: &str = "io.modelcontextprotocol/logLevel";
-/// The request envelope's keys in `_meta` (other `io.modelcontextprotocol/` keys are not
-/// the envelope's and pass).
-const ENVELOPE_KEYS: [&str; 4] = [VERSION_KEY, CAPABILITIES_KEY, INFO_KEY, LEVEL_KEY];
 /// What every envelope key contains, for a quick look before a parse.
 const ENVELOPE_MARK: &str = "io.modelcontextprotocol";
 

@@ -3,12 +3,11 @@
 //! params with only those members replaced, every other byte as the client sent it (no parse
 //! into a map and no re-encoding of a 64 KiB argument).
 
-use std::borrow::Cow;
-
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
+
+use crate::mcp::lookalike::{self, Key};
 
 /// The members the gateway reads, as views into the params.
 pub(super) struct CallParams<'a> {
@@ -19,10 +18,6 @@ pub(super) struct CallParams<'a> {
 /// The top-level members whose meaning the gateway fixes: each must be given once, and no
 /// other key may be one a server could read as it ([`crate::mcp::lookalike`]).
 const OWNED: [&str; 3] = ["name", "arguments", "_meta"];
-
-/// A key read borrowed when it has no escapes.
-#[derive(Deserialize)]
-struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
 
 impl<'a> CallParams<'a> {
     /// Reads `params` (absent params read as `{}`).
@@ -131,7 +126,7 @@ impl<'de> Visitor<'de> for Members {
                 }
                 other => {
                     map.next_value::<IgnoredAny>()?;
-                    if let Some(owned) = crate::mcp::lookalike::read_as(other, &OWNED) {
+                    if let Some(owned) = lookalike::read_as(other, &OWNED) {
                         refused = Some(format!(
                             "params.{other:?} is too like params.{owned}: servers differ on which they read"
                         ));
