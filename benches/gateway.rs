@@ -7,13 +7,18 @@
 //! ```text
 //! cargo bench --bench gateway -- [--duration-ms 2000] [--rounds 3] [--clients 1,64]
 //!                                [--sessions 10000] [--other-url URL] [--out target/bench]
-//!                                [--only-auth] [--only-instructions]
+//!                                [--other-pid PID] [--only-auth] [--only-instructions]
+//!                                [--compare YAML]
 //! ```
+//! `--compare 'runtime: { workers: 1 }'` measures only a gateway configured with that
+//! top-level YAML against one without, in alternating rounds (small calls, the largest
+//! `--clients`).
 //! `--only-auth` counts only what authentication and the audit trail add to a call.
 //! `--only-instructions` counts only the instructions per call of single calls; with
 //! `GATEHOUSE_INSTRUCTION_CASES=stateless` (any part of a case's name), only those cases.
 //! `--other-url` adds another gateway (already running, fronting the upstream URL this program
-//! prints, or set with `--upstream-port`) measured exactly like ours.
+//! prints, or set with `--upstream-port`) measured exactly like ours; with `--other-pid`, its CPU
+//! per request too.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -40,12 +45,16 @@ struct Args {
     clients: Vec<usize>,
     sessions: usize,
     other_url: Option<String>,
+    /// The other gateway's process, for its CPU per request.
+    other_pid: Option<u32>,
     upstream_port: u16,
     out: PathBuf,
     /// Only the authentication and audit costs (instruction counts).
     only_auth: bool,
     /// Only the instruction counts of the single-call cases (for quick before/after).
     only_instructions: bool,
+    /// Only a gateway with this configuration (top-level YAML) against one without.
+    compare: Option<String>,
 }
 
 fn args() -> Args {
@@ -55,10 +64,12 @@ fn args() -> Args {
         clients: vec![1, 64],
         sessions: 10_000,
         other_url: None,
+        other_pid: None,
         upstream_port: 0,
         out: PathBuf::from("target/bench"),
         only_auth: false,
         only_instructions: false,
+        compare: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -66,6 +77,7 @@ fn args() -> Args {
         match flag.as_str() {
             "--only-auth" => a.only_auth = true,
             "--only-instructions" => a.only_instructions = true,
+            "--compare" => a.compare = Some(val()),
             "--duration-ms" => a.duration = Duration::from_millis(val().parse().expect("ms")),
             "--rounds" => a.rounds = val().parse().expect("rounds"),
             "--clients" => {
@@ -76,6 +88,7 @@ fn args() -> Args {
             }
             "--sessions" => a.sessions = val().parse().expect("sessions"),
             "--other-url" => a.other_url = Some(val()),
+            "--other-pid" => a.other_pid = Some(val().parse().expect("pid")),
             "--upstream-port" => a.upstream_port = val().parse().expect("port"),
             "--out" => a.out = PathBuf::from(val()),
             "--bench" => {}
@@ -593,6 +606,25 @@ async fn main() {
     println!("upstream: {upstream_url}");
     let http_upstream =
         |name: &str| format!("  - name: {name}\n    http: {{ url: {upstream_url:?} }}\n");
+    if let Some(yaml) = &a.compare {
+        let clients = a.clients.iter().copied().max().unwrap_or(1);
+        let (rps, cpu) = paired_throughput(
+            [
+                ("as is", String::new(), None),
+                ("with it", format!("{yaml}\n"), None),
+            ],
+            &http_upstream("ex"),
+            clients,
+            a.rounds,
+            a.duration,
+        )
+        .await;
+        println!(
+            "with {yaml:?} against without, {clients} clients, medians of {} per-round ratios: throughput {rps:.3} ×, gateway CPU per request {cpu:.3} ×",
+            a.rounds
+        );
+        return;
+    }
     if a.only_auth {
         let costs = auth_costs(&http_upstream("ex")).await;
         let base = costs.first().map_or(f64::NAN, |c| c.1);
@@ -742,7 +774,9 @@ async fn main() {
         ));
     }
     if let Some(other) = &a.other_url {
-        configs.push(Target::new("other gateway", other, None, "echo", &all));
+        let mut t = Target::new("other gateway", other, None, "echo", &all);
+        t.pid = a.other_pid;
+        configs.push(t);
     }
 
     let mut samples: BTreeMap<(usize, usize, usize), Vec<Sample>> = BTreeMap::new();
@@ -970,10 +1004,9 @@ async fn auth_costs(upstream: &str) -> Vec<(String, f64)> {
     out
 }
 
-/// Throughput (requests per second, `clients` sessions calling `tools/call` back to back) and
-/// the gateway's CPU time per request (user and system, so system calls count) with no
-/// authentication and with the case named `against`, each gateway measured in turn
-/// for `rounds` rounds so that drift hits both alike: the medians of the per-round ratios.
+/// Throughput at `clients` clients (one session each, small calls) and the gateway's CPU
+/// time per request (user and system, so system calls count) with no authentication and with
+/// the authentication case named `against`: see [`paired_throughput`].
 async fn auth_throughput(
     upstream: &str,
     against: &str,
@@ -987,8 +1020,29 @@ async fn auth_throughput(
         case.cloned()
             .unwrap_or_else(|| panic!("no authentication case named {name:?}"))
     };
+    paired_throughput(
+        [pick("no authentication"), pick(against)],
+        upstream,
+        clients,
+        rounds,
+        duration,
+    )
+    .await
+}
+
+/// Throughput and gateway CPU time per request of the second gateway of `pair` (a name, the
+/// configuration's top level, a bearer token) against the first, each measured in turn for
+/// `rounds` rounds so that drift hits both alike: the medians of the per-round ratios.
+async fn paired_throughput(
+    pair: [(&str, String, Option<String>); 2],
+    upstream: &str,
+    clients: usize,
+    rounds: usize,
+    duration: Duration,
+) -> (f64, f64) {
+    let names = [pair[0].0, pair[1].0];
     let mut gateways = Vec::new();
-    for (_, top, token) in [pick("no authentication"), pick(against)] {
+    for (_, top, token) in pair {
         let trail = std::env::temp_dir().join(format!("gatehouse-bench-trail-{}", free_port()));
         let top = top.replace("AUDIT_FILE", &trail.display().to_string());
         let (gw, url) = start_gateway_with(&top, upstream);
@@ -1014,8 +1068,8 @@ async fn auth_throughput(
             cpu[i] = s.gateway_cpu_us.unwrap_or(0) as f64 / s.requests.max(1) as f64;
         }
         eprintln!(
-            "round {round}: no auth {:.0} req/s {:.1} µs CPU/req, {against} {:.0} req/s {:.1} µs CPU/req",
-            rps[0], cpu[0], rps[1], cpu[1]
+            "round {round}: {} {:.0} req/s {:.1} µs CPU/req, {} {:.0} req/s {:.1} µs CPU/req",
+            names[0], rps[0], cpu[0], names[1], rps[1], cpu[1]
         );
         rps_ratios.push(rps[1] / rps[0]);
         cpu_ratios.push(cpu[1] / cpu[0]);

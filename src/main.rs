@@ -117,9 +117,6 @@ fn main() -> anyhow::Result<()> {
         gatehouse::process::run_guard(std::time::Duration::from_millis(grace_ms));
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     match cli.command {
         Command::ProcessGuard { .. } => unreachable!("handled above"),
         Command::ExampleServer {
@@ -138,15 +135,17 @@ fn main() -> anyhow::Result<()> {
                 instructions,
             };
             match http {
-                Some(addr) => rt.block_on(gatehouse::example_server::run_http(opts, addr))?,
-                None => rt.block_on(gatehouse::example_server::run(opts))?,
+                Some(addr) => {
+                    runtime(None)?.block_on(gatehouse::example_server::run_http(opts, addr))?
+                }
+                None => runtime(None)?.block_on(gatehouse::example_server::run(opts))?,
             }
         }
         Command::Servers { target, command } => {
-            rt.block_on(operator::servers(&target, command))?;
+            runtime(None)?.block_on(operator::servers(&target, command))?;
         }
         Command::Registry { target, command } => {
-            rt.block_on(operator::registry(&target, command))?;
+            runtime(None)?.block_on(operator::registry(&target, command))?;
         }
         Command::Plugin {
             command: PluginCommand::Check { file, input },
@@ -246,10 +245,19 @@ fn main() -> anyhow::Result<()> {
                     "cannot start the process guard; servers may outlive a killed gateway: {e}"
                 );
             }
-            rt.block_on(serve(cfg, config.is_none(), console_token))?;
+            runtime(cfg.workers)?.block_on(serve(cfg, config.is_none(), console_token))?;
         }
     }
     Ok(())
+}
+
+/// The multi-thread runtime with `workers` threads, or one per CPU the process may use.
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().build()
 }
 
 /// Where a new admin token is told: on the terminal, or else (stderr is a log that may be
@@ -316,4 +324,14 @@ async fn serve(
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_runtime_has_the_workers_asked_for_else_one_per_cpu() {
+        assert_eq!(super::runtime(Some(3)).unwrap().metrics().num_workers(), 3);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(super::runtime(None).unwrap().metrics().num_workers(), cpus);
+    }
 }

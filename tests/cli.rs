@@ -400,3 +400,62 @@ async fn the_cli_does_not_send_its_token_in_the_clear_across_the_network() {
     assert!(ran.err.contains("unencrypted"), "{}", ran.err);
     assert!(!ran.err.contains(ADMIN), "{}", ran.err);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_given_one_worker_thread_serves_concurrent_sessions() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("gatehouse-one-worker-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("gatehouse.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{port}\nruntime: {{ workers: 1 }}\nupstreams:\n{}",
+            support::example("ex", &[], "")
+        ),
+    )
+    .unwrap();
+    let _gateway = tokio::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("runs");
+    support::eventually("the gateway listens", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    // Sessions in parallel, each with calls in flight together: nothing in the request path
+    // may wait on a second worker.
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let sessions = (0..4).map(|s| {
+        let url = url.clone();
+        async move {
+            let mut c = support::Client::new(url);
+            c.initialize(json!({})).await;
+            let calls = (0..8).map(|i| {
+                let c = &c;
+                async move {
+                    let said = format!("s{s} c{i}");
+                    let text = c.tool_text(i, "echo", json!({ "text": said })).await;
+                    assert!(text.contains(&said), "{text}");
+                }
+            });
+            futures::future::join_all(calls).await;
+        }
+    });
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        futures::future::join_all(sessions),
+    )
+    .await
+    .expect("all calls answered");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -69,6 +69,9 @@ pub struct RawConfig {
     /// Logging.
     #[serde(default)]
     pub log: RawLog,
+    /// The async runtime that serves requests.
+    #[serde(default)]
+    pub runtime: RawRuntime,
     /// Wasm policy plugins and the chains that run them.
     #[serde(default)]
     pub plugins: crate::plugins::PluginsConfig,
@@ -660,6 +663,18 @@ pub struct RawLog {
     pub level: Option<String>,
 }
 
+/// Raw runtime settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    /// Worker threads serving requests; the CPUs the gateway may use when unset.
+    #[serde(default)]
+    pub workers: Option<usize>,
+}
+
+/// Most worker threads a gateway is given: more only add wake-ups between them.
+pub const MAX_WORKERS: usize = 256;
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -688,6 +703,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+    /// Worker threads of the runtime; the CPUs the gateway may use when `None`.
+    pub workers: Option<usize>,
     /// Wasm policy plugins.
     pub plugins: crate::plugins::PluginsConfig,
     /// Servers the gateway runs (each is also in `upstreams`, as [`Transport::Orchestrated`]).
@@ -928,6 +945,18 @@ impl RawConfig {
             )
         })?;
 
+        let workers = match self.runtime.workers {
+            Some(n @ 1..=MAX_WORKERS) => Some(n),
+            Some(n) => {
+                return Err(field_err(
+                    "runtime.workers",
+                    format!(
+                        "{n} worker threads: give 1 to {MAX_WORKERS}, or leave it unset for one per CPU"
+                    ),
+                ));
+            }
+            None => None,
+        };
         let tokens = bearer_tokens("auth.tokens", self.auth.tokens)?;
         let admin_tokens = bearer_tokens("admin.tokens", self.admin.tokens)?;
         let oauth = self.auth.oauth.map(oauth_settings).transpose()?;
@@ -1319,6 +1348,7 @@ impl RawConfig {
             upstreams,
             log_format: self.log.format.unwrap_or_default(),
             log_level: self.log.level.unwrap_or_else(|| "info".into()),
+            workers,
         })
     }
 }
@@ -1665,6 +1695,22 @@ mod tests {
 
     fn err(yaml: &str) -> String {
         Config::from_yaml(yaml).expect_err(yaml).to_string()
+    }
+
+    #[test]
+    fn runtime_workers_are_one_to_the_cap_or_one_per_cpu() {
+        const UP: &str = "upstreams:\n  - { name: u, http: { url: \"http://127.0.0.1:1/mcp\" } }\n";
+        assert_eq!(Config::from_yaml(UP).unwrap().workers, None);
+        for n in [1, MAX_WORKERS] {
+            let c = Config::from_yaml(&format!("{UP}runtime: {{ workers: {n} }}")).unwrap();
+            assert_eq!(c.workers, Some(n));
+        }
+        for bad in ["0", "257", "-1", "many"] {
+            let e = err(&format!("{UP}runtime: {{ workers: {bad} }}"));
+            assert!(e.contains("runtime") || e.contains("workers"), "{bad}: {e}");
+        }
+        let e = err(&format!("{UP}runtime: {{ threads: 2 }}"));
+        assert!(e.contains("threads"), "{e}");
     }
 
     #[test]
