@@ -236,8 +236,8 @@ impl Refusal {
 /// What a stateless request's `_meta` says about it.
 #[derive(Debug, PartialEq)]
 pub(crate) struct RequestMeta {
-    /// The revision the request speaks.
-    pub version: String,
+    /// The revision the request speaks (the one served is not copied).
+    pub version: std::borrow::Cow<'static, str>,
     /// The lowest log severity the client wants on this request's stream; `None`: no logs.
     pub log_level: Option<u8>,
     /// The client capabilities the request declares (a JSON object, as sent).
@@ -456,7 +456,10 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
     )
     .map_err(|_| Refusal::Meta("params._meta must be an object".into()))??;
     stripped.extend_from_slice(&bytes[end..]);
-    fn string(raw: &RawValue, what: impl Fn() -> String) -> Result<String, Refusal> {
+    fn string<'a>(
+        raw: &'a RawValue,
+        what: impl Fn() -> String,
+    ) -> Result<std::borrow::Cow<'a, str>, Refusal> {
         // A raw value is valid JSON: between quotes and without a backslash, it is the text.
         if let Some(text) = raw
             .get()
@@ -464,13 +467,18 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
             .and_then(|t| t.strip_suffix('"'))
             && !text.contains('\\')
         {
-            return Ok(text.to_owned());
+            return Ok(text.into());
         }
         serde_json::from_str::<String>(raw.get())
+            .map(Into::into)
             .map_err(|_| Refusal::Meta(format!("{} must be a string", what())))
     }
     let version = match envelope.version {
-        Some(raw) => string(raw, || format!("params._meta[{VERSION_KEY:?}]"))?,
+        // The revision served is a constant: no copy of it per request.
+        Some(raw) => match string(raw, || format!("params._meta[{VERSION_KEY:?}]"))? {
+            v if v == revision::STATELESS => revision::STATELESS.into(),
+            v => v.into_owned().into(),
+        },
         None => {
             return Err(Refusal::Meta(format!(
                 "params._meta[{VERSION_KEY:?}] is required"
@@ -508,7 +516,7 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
         _ => None,
     }
     .map(|(key, raw)| match raw {
-        Some(raw) => string(raw, || format!("params.{key}")),
+        Some(raw) => string(raw, || format!("params.{key}")).map(std::borrow::Cow::into_owned),
         None => Err(Refusal::Meta(format!("params.{key} must be a string"))),
     })
     .transpose()?;
@@ -517,7 +525,7 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
     let retrying = target.is_some() && (top.state.is_some() || top.responses.is_some());
     if retrying {
         if let Some(raw) = top.state {
-            retry.state = Some(string(raw, || "params.requestState".into())?);
+            retry.state = Some(string(raw, || "params.requestState".into())?.into_owned());
         }
         if let Some(raw) = top.responses {
             retry.responses = serde_json::from_str(raw.get())
@@ -532,8 +540,12 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
         },
         target,
         retry,
-        // Written from keys and raw values of a `str`: UTF-8.
-        envelope: Arc::from(String::from_utf8_lossy(&envelope.members)),
+        // Written from keys and raw values of a `str`: UTF-8 (checked, not decoded lossily
+        // byte by byte).
+        envelope: std::str::from_utf8(&envelope.members).map_or_else(
+            |_| String::from_utf8_lossy(&envelope.members).into(),
+            Arc::from,
+        ),
         params: Bytes::from(stripped),
     })
 }
@@ -685,7 +697,7 @@ pub(crate) async fn post(
         // whichever version it names.
         check_headers(&mirrored, &read, &method)?;
         if read.meta.version != revision::STATELESS {
-            return Err(Refusal::Version(read.meta.version));
+            return Err(Refusal::Version(read.meta.version.into_owned()));
         }
         if !served(&method) {
             return Err(Refusal::Method(method.to_string()));
