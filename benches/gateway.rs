@@ -95,6 +95,26 @@ fn args() -> Args {
             other => panic!("unknown flag {other}"),
         }
     }
+    assert!(a.rounds > 0, "--rounds must be at least 1");
+    assert!(
+        !(a.only_auth && a.compare.is_some()),
+        "--compare and --only-auth measure different things: give one"
+    );
+    if let Some(yaml) = &a.compare {
+        // The bench writes these itself: given again, the gateway would not start.
+        for key in ["listen", "log", "mcp", "upstreams"] {
+            assert!(
+                !yaml.lines().any(|l| l.starts_with(&format!("{key}:"))),
+                "--compare cannot set {key}: the bench sets it"
+            );
+        }
+    }
+    if let Some(pid) = a.other_pid {
+        assert!(
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok(),
+            "--other-pid {pid}: no such process"
+        );
+    }
     a
 }
 

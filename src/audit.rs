@@ -489,35 +489,45 @@ impl Event {
         fn s(v: &Option<Arc<str>>) -> Option<&str> {
             v.as_deref()
         }
-        text(out, "{\"kind\":", self.kind);
-        for (name, value) in [
-            (",\"principal\":", s(&self.principal)),
-            (
-                ",\"session\":",
-                self.session.as_ref().map(|n| log_prefix(&n.0)),
-            ),
-            (",\"profile\":", s(&self.profile)),
-            (",\"server\":", s(&self.server)),
-            (",\"method\":", Some(&*self.method)),
-            (",\"name\":", self.name.as_deref()),
-            (",\"decision\":", Some(self.decision)),
-            (",\"by\":", s(&self.by)),
-            (",\"outcome\":", self.outcome.as_deref()),
+        // Every field named: one added to `Event` fails to compile here until it is written.
+        let Event {
+            kind,
+            principal,
+            session,
+            profile,
+            server,
+            method,
+            name,
+            decision,
+            by,
+            outcome,
+            latency_us,
+            request_bytes,
+            response_bytes,
+        } = self;
+        text(out, "{\"kind\":", kind);
+        for (key, value) in [
+            (",\"principal\":", s(principal)),
+            (",\"session\":", session.as_ref().map(|n| log_prefix(&n.0))),
+            (",\"profile\":", s(profile)),
+            (",\"server\":", s(server)),
+            (",\"method\":", Some(&**method)),
+            (",\"name\":", name.as_deref()),
+            (",\"decision\":", Some(*decision)),
+            (",\"by\":", s(by)),
+            (",\"outcome\":", outcome.as_deref()),
         ] {
             if let Some(value) = value {
-                text(out, name, value);
+                text(out, key, value);
             }
         }
-        for (name, value) in [
-            (",\"latency_us\":", self.latency_us),
-            (",\"request_bytes\":", self.request_bytes.map(|n| n as u64)),
-            (
-                ",\"response_bytes\":",
-                self.response_bytes.map(|n| n as u64),
-            ),
+        for (key, value) in [
+            (",\"latency_us\":", *latency_us),
+            (",\"request_bytes\":", request_bytes.map(|n| n as u64)),
+            (",\"response_bytes\":", response_bytes.map(|n| n as u64)),
         ] {
             if let Some(value) = value {
-                number(out, name, value);
+                number(out, key, value);
             }
         }
         out.push(b'}');
@@ -1165,10 +1175,7 @@ mod tests {
             let mut ours = Vec::new();
             e.write_json(&mut ours);
             let serde = serde_json::to_vec(e).unwrap();
-            assert_eq!(
-                String::from_utf8_lossy(&ours),
-                String::from_utf8_lossy(&serde)
-            );
+            assert_eq!(ours, serde, "{}", String::from_utf8_lossy(&serde));
         }
     }
 

@@ -245,13 +245,16 @@ fn main() -> anyhow::Result<()> {
                     "cannot start the process guard; servers may outlive a killed gateway: {e}"
                 );
             }
-            runtime(cfg.workers)?.block_on(serve(cfg, config.is_none(), console_token))?;
+            let rt = runtime(cfg.workers)?;
+            tracing::info!(workers = rt.metrics().num_workers(), "runtime started");
+            rt.block_on(serve(cfg, config.is_none(), console_token))?;
         }
     }
     Ok(())
 }
 
-/// The multi-thread runtime with `workers` threads, or one per CPU the process may use.
+/// The multi-thread runtime with `workers` threads, or else (as tokio does) the number in
+/// `TOKIO_WORKER_THREADS` or one per CPU the process may use.
 fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = workers {
@@ -331,7 +334,10 @@ mod tests {
     #[test]
     fn the_runtime_has_the_workers_asked_for_else_one_per_cpu() {
         assert_eq!(super::runtime(Some(3)).unwrap().metrics().num_workers(), 3);
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(super::runtime(None).unwrap().metrics().num_workers(), cpus);
+        // Unset, tokio takes TOKIO_WORKER_THREADS, else one per CPU.
+        if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            assert_eq!(super::runtime(None).unwrap().metrics().num_workers(), cpus);
+        }
     }
 }

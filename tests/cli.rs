@@ -403,6 +403,7 @@ async fn the_cli_does_not_send_its_token_in_the_clear_across_the_network() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_given_one_worker_thread_serves_concurrent_sessions() {
+    use tokio::io::AsyncBufReadExt;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -419,13 +420,30 @@ async fn a_gateway_given_one_worker_thread_serves_concurrent_sessions() {
         ),
     )
     .unwrap();
-    let _gateway = tokio::process::Command::new(BIN)
+    let mut gateway = tokio::process::Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&config)
-        .stderr(std::process::Stdio::null())
+        .env_remove("TOKIO_WORKER_THREADS")
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("runs");
+    // The gateway says how many workers its runtime has before it serves.
+    let mut lines = tokio::io::BufReader::new(gateway.stderr.take().unwrap()).lines();
+    let said = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("runtime started") {
+                return line;
+            }
+        }
+        String::new()
+    })
+    .await
+    .expect("the gateway starts");
+    assert!(said.contains("workers=1"), "{said}");
+    // Keep reading its log, so a full pipe never stalls it.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     support::eventually("the gateway listens", || async {
         tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await

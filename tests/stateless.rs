@@ -207,8 +207,29 @@ async fn stateless_refusals_say_what_was_wrong() {
         "=?base64?{}?=",
         base64::engine::general_purpose::STANDARD.encode("echo")
     );
-    let r = send(&c, 7, "tools/call", call, &[("mcp-name", &encoded)]).await;
+    let r = send(&c, 7, "tools/call", call.clone(), &[("mcp-name", &encoded)]).await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // A mirrored header given twice is refused, even when one of the two agrees: a proxy
+    // or server that reads the other would route a request nobody checked.
+    for (id, twice) in [
+        (71, [("mcp-name", "echo"), ("mcp-name", "add")]),
+        (72, [("mcp-name", "add"), ("mcp-name", "echo")]),
+        (
+            73,
+            [("mcp-method", "tools/call"), ("mcp-method", "tools/call")],
+        ),
+        (
+            74,
+            [
+                ("mcp-protocol-version", "2026-07-28"),
+                ("mcp-protocol-version", "2025-11-25"),
+            ],
+        ),
+    ] {
+        let r = send(&c, id, "tools/call", call.clone(), &twice).await;
+        check(&r, 400, -32020, id);
+        assert!(r.body.contains("more than once"), "{}", r.body);
+    }
     // Methods this revision removed, and ones that never were.
     for (id, method) in [
         (8, "ping"),

@@ -241,7 +241,8 @@ impl Verifier {
     }
 
     /// Verifies a token and reads its bearer's claims. A token verified before is taken from
-    /// the cache (by its SHA-256) until it expires or [`CACHE_FOR`] passes, whichever is first:
+    /// the cache (found by a keyed hash, compared whole) until it expires or [`CACHE_FOR`]
+    /// passes, whichever is first:
     /// a signature check costs more than the rest of a proxied call.
     pub async fn verify(&self, token: &str, audience: &str) -> Result<Verified, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {

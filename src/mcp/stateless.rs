@@ -93,19 +93,22 @@ pub(crate) struct Mirrored {
     name: Option<HeaderValue>,
     /// `Mcp-Param-*` headers by lowercase suffix.
     params: Vec<(String, HeaderValue)>,
+    /// A header of the three above given more than once: which one a proxy or server reads
+    /// would be a guess, so the request is refused.
+    twice: Option<&'static str>,
 }
 
 impl Mirrored {
     /// Takes the mirrored headers of a request.
     pub(crate) fn of(headers: &HeaderMap) -> Mirrored {
         // One walk over the few headers a request has, rather than a hashed lookup for each
-        // name and a walk for the prefix. The first of a repeated header counts, as `get`'s.
+        // name and a walk for the prefix.
         let mut m = Mirrored::default();
         for (k, v) in headers {
-            let slot = match k.as_str() {
-                n if n == VERSION_HEADER.as_str() => &mut m.version,
-                n if n == METHOD_HEADER.as_str() => &mut m.method,
-                n if n == NAME_HEADER.as_str() => &mut m.name,
+            let (slot, name) = match k.as_str() {
+                n if n == VERSION_HEADER.as_str() => (&mut m.version, "MCP-Protocol-Version"),
+                n if n == METHOD_HEADER.as_str() => (&mut m.method, "Mcp-Method"),
+                n if n == NAME_HEADER.as_str() => (&mut m.name, "Mcp-Name"),
                 n => {
                     if let Some(suffix) = n.strip_prefix(PARAM_HEADER_PREFIX) {
                         m.params.push((suffix.to_owned(), v.clone()));
@@ -115,6 +118,8 @@ impl Mirrored {
             };
             if slot.is_none() {
                 *slot = Some(v.clone());
+            } else {
+                m.twice.get_or_insert(name);
             }
         }
         m
@@ -353,7 +358,7 @@ impl<'de> serde::de::Visitor<'de> for MetaMembers<'_> {
         // Every key, to refuse one given twice: the gateway would read one value and the
         // server perhaps the other (a version, a progress token it routes by).
         let mut keys: Vec<std::borrow::Cow<'de, str>> = Vec::with_capacity(4);
-        let mut lookalike = None;
+        let mut too_like = None;
         self.kept.push(b'{');
         let opened = self.kept.len();
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
@@ -370,11 +375,11 @@ impl<'de> serde::de::Visitor<'de> for MetaMembers<'_> {
             } else if ENVELOPE_KEYS.contains(&&*key) {
                 (&mut envelope.members, 0)
             } else {
-                if lookalike.is_none()
+                if too_like.is_none()
                     && &*key != PROGRESS_KEY
                     && let Some(owned) = lookalike::read_as(&key, &READ_BY_GATEWAY)
                 {
-                    lookalike = Some(format!(
+                    too_like = Some(format!(
                         "params._meta[{:?}] is too like params._meta[{owned:?}]: servers differ on which they read",
                         shown(&key)
                     ));
@@ -400,7 +405,7 @@ impl<'de> serde::de::Visitor<'de> for MetaMembers<'_> {
             keys.windows(2)
                 .find_map(|w| (w[0] == w[1]).then(|| w[0].clone()))
         };
-        Ok(match (twice, lookalike) {
+        Ok(match (twice, too_like) {
             (Some(key), _) => Err(Refusal::Meta(format!(
                 "params._meta[{:?}] is given twice",
                 shown(&key)
@@ -629,6 +634,11 @@ async fn check_param_headers(
 
 /// Checks that the headers mirror the body: version, method, and the target's name.
 fn check_headers(mirrored: &Mirrored, read: &Read, method: &str) -> Result<(), Refusal> {
+    if let Some(name) = mirrored.twice {
+        return Err(Refusal::Header(format!(
+            "the {name} header is given more than once"
+        )));
+    }
     let agree = |header: &Option<HeaderValue>, name: &str, body: &str| match header {
         None => Err(Refusal::Header(format!(
             "the {name} header is required and must be {body:?}"
@@ -1615,6 +1625,7 @@ mod tests {
             method: Some(HeaderValue::from_static("tools/call")),
             name: Some(HeaderValue::from_str(name).unwrap()),
             params: Vec::new(),
+            twice: None,
         };
         // "café" base64-encoded, as a client must send a non-ASCII name.
         let encoded = format!(
