@@ -285,20 +285,40 @@ impl Message {
 }
 
 fn put_str(buf: &mut BytesMut, s: &str) {
-    // Method names and messages are short; serde_json escapes them correctly.
+    // Most method names need no escape: written as they are, without a string of their own.
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        buf.put_u8(b'"');
+        buf.put_slice(s.as_bytes());
+        buf.put_u8(b'"');
+        return;
+    }
     let encoded = serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
     buf.put_slice(encoded.as_bytes());
 }
 
 /// Encodes a request frame.
 pub fn request(id: &[u8], method: &str, params: Option<&[u8]>) -> Bytes {
-    let mut b = BytesMut::with_capacity(48 + method.len() + params.map_or(0, <[u8]>::len));
-    b.put_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    const HEAD: &[u8] = b"{\"jsonrpc\":\"2.0\",\"id\":";
+    const METHOD: &[u8] = b",\"method\":";
+    const PARAMS: &[u8] = b",\"params\":";
+    // The frame's length when the method needs no escape: short, and large params are
+    // copied again as the buffer grows.
+    let mut b = BytesMut::with_capacity(
+        HEAD.len()
+            + id.len()
+            + METHOD.len()
+            + method.len()
+            + 2
+            + PARAMS.len()
+            + params.map_or(0, <[u8]>::len)
+            + 1,
+    );
+    b.put_slice(HEAD);
     b.put_slice(id);
-    b.put_slice(b",\"method\":");
+    b.put_slice(METHOD);
     put_str(&mut b, method);
     if let Some(p) = params {
-        b.put_slice(b",\"params\":");
+        b.put_slice(PARAMS);
         b.put_slice(p);
     }
     b.put_u8(b'}');
@@ -324,8 +344,10 @@ pub fn response(id: &[u8], outcome: &Outcome) -> Bytes {
         Outcome::Result(r) => (b",\"result\":", r),
         Outcome::Error(e) => (b",\"error\":", e),
     };
-    let mut b = BytesMut::with_capacity(32 + id.len() + raw.len());
-    b.put_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    const HEAD: &[u8] = b"{\"jsonrpc\":\"2.0\",\"id\":";
+    // Exactly the frame's length: one byte short, and a 64 KiB result is copied again.
+    let mut b = BytesMut::with_capacity(HEAD.len() + id.len() + key.len() + raw.len() + 1);
+    b.put_slice(HEAD);
     b.put_slice(id);
     b.put_slice(key);
     b.put_slice(raw);
@@ -379,6 +401,39 @@ mod tests {
 
     fn p(s: &str) -> Result<Message, ParseError> {
         parse(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn frames_written_read_back_as_written_whatever_the_method_or_id() {
+        use serde_json::{Value, json};
+        let big = format!("{{\"x\":\"{}\"}}", "a".repeat(70_000));
+        for method in [
+            "tools/call",
+            "a\"b",
+            "back\\slash",
+            "line\nbreak\u{1}",
+            "caf\u{e9}",
+        ] {
+            for id in [&b"1"[..], b"12345678901234567890", br#""an id""#] {
+                for params in [None, Some(&b"{}"[..]), Some(big.as_bytes())] {
+                    let frame: Value =
+                        serde_json::from_slice(&request(id, method, params)).unwrap();
+                    let id: Value = serde_json::from_slice(id).unwrap();
+                    let mut want = json!({"jsonrpc": "2.0", "id": id, "method": method});
+                    if let Some(p) = params {
+                        want["params"] = serde_json::from_slice(p).unwrap();
+                    }
+                    assert_eq!(frame, want);
+                    let note: Value =
+                        serde_json::from_slice(&notification(method, params)).unwrap();
+                    want.as_object_mut().unwrap().remove("id");
+                    assert_eq!(note, want);
+                }
+                let result = Outcome::Result(Bytes::from(big.clone()));
+                let frame: Value = serde_json::from_slice(&response(id, &result)).unwrap();
+                assert_eq!(frame["result"]["x"].as_str().map(str::len), Some(70_000));
+            }
+        }
     }
 
     #[test]
