@@ -157,8 +157,24 @@ impl Connection {
         self
     }
 
-    fn client(&self) -> &Client {
-        self.client.as_deref().unwrap_or(&self.server.http)
+    /// Sends a request: on the server's own pool to a plain-http URL, else on the client
+    /// given (a relay's HTTP/2, a remote server's checked one) or the shared pooled client.
+    async fn send_request(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+        let sent = match &self.client {
+            None if self.url.scheme() == Some(&http::uri::Scheme::HTTP) => {
+                self.server.pool.send(req).await
+            }
+            client => client
+                .as_deref()
+                .unwrap_or(&self.server.http)
+                .request(req)
+                .await
+                .map_err(|e| connect_reason(&e)),
+        };
+        sent.map_err(|reason| self.server.unavailable(reason))
     }
 
     /// The URL this connection posts to.
@@ -193,11 +209,7 @@ impl Connection {
         h.remove(MCP_SESSION_ID);
         h.insert(MCP_PROTOCOL_VERSION, HeaderValue::from_static(STATELESS));
         h.insert("mcp-method", HeaderValue::from_static("server/discover"));
-        let resp = self
-            .client()
-            .request(req)
-            .await
-            .map_err(|e| self.server.unavailable(connect_reason(&e)))?;
+        let resp = self.send_request(req).await?;
         let status = resp.status();
         let sse = is_event_stream(resp.headers());
         let mut body = resp.into_body();
@@ -323,11 +335,7 @@ impl Connection {
             .await?;
         req.headers_mut().extend(mirrored);
         let had_session = req.headers().contains_key(MCP_SESSION_ID);
-        let resp = self
-            .client()
-            .request(req)
-            .await
-            .map_err(|e| self.server.unavailable(connect_reason(&e)))?;
+        let resp = self.send_request(req).await?;
         // 404 is the spec's answer to an unknown session; some servers (server-everything among
         // them) answer 400 instead. Either way the request was not processed, so the link
         // re-initializes and retries once; a genuine 400 then fails on the fresh session too.
@@ -477,11 +485,7 @@ impl Connection {
                 .unavailable("the server's event id is not a header value")
         })?;
         req.headers_mut().insert("last-event-id", value);
-        let resp = self
-            .client()
-            .request(req)
-            .await
-            .map_err(|e| self.server.unavailable(connect_reason(&e)))?;
+        let resp = self.send_request(req).await?;
         if !resp.status().is_success() || !is_event_stream(resp.headers()) {
             return Err(self.server.unavailable(format!(
                 "the stream could not be resumed after event {last:?}: HTTP {}",
@@ -648,10 +652,9 @@ impl Connection {
             self.authorized(Method::GET, Bytes::new(), "text/event-stream")
                 .await?
         };
-        let resp = tokio::time::timeout(idle, self.client().request(req))
+        let resp = tokio::time::timeout(idle, self.send_request(req))
             .await
-            .map_err(|_| self.server.unavailable("GET stream: no answer"))?
-            .map_err(|e| self.server.unavailable(connect_reason(&e)))?;
+            .map_err(|_| self.server.unavailable("GET stream: no answer"))??;
         match resp.status() {
             s if s.is_success() => {}
             // 405: the server offers no such stream, which is fine. 404: the session is gone;
@@ -726,7 +729,7 @@ impl Connection {
                 )
                 .await
             {
-                let _ = self.client().request(req).await;
+                let _ = self.send_request(req).await;
             }
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), delete).await;
@@ -742,15 +745,7 @@ pub(super) fn is_event_stream(headers: &http::HeaderMap) -> bool {
 }
 
 pub(super) fn connect_reason(e: &hyper_util::client::legacy::Error) -> String {
-    use std::error::Error;
-    let mut reason = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        reason.push_str(": ");
-        reason.push_str(&s.to_string());
-        src = s.source();
-    }
-    reason
+    super::pool::reason(e)
 }
 
 pub(super) async fn read_limited(

@@ -14,6 +14,7 @@ mod link;
 pub mod orchestrated;
 mod params;
 mod pending;
+pub mod pool;
 pub mod shared;
 mod stateless;
 pub mod stdio;
@@ -81,6 +82,8 @@ pub struct Server {
     pub config: UpstreamConfig,
     /// Connection pool for HTTP upstreams.
     pub http: http::Client,
+    /// Connections kept to its plain-http endpoints, for its sessions' requests.
+    pub pool: Arc<pool::Pool>,
     /// Gateway metrics.
     pub metrics: Arc<Metrics>,
     /// Its request metrics, resolved once per (method, outcome).
@@ -126,6 +129,7 @@ impl Server {
             requests: metrics.server(label),
             config,
             http,
+            pool: Arc::default(),
             metrics,
             orchestrated: None,
             era: std::sync::atomic::AtomicU8::new(Era::Unknown as u8),

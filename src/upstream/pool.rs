@@ -1,0 +1,408 @@
+//! Keep-alive HTTP/1.1 connections to one server's plain-http endpoints: what every call to
+//! such a server is sent on. hyper-util's pooled client keys its pool by scheme and authority
+//! and hashes that key three times per request with SipHash, a byte at a time (about 1 k
+//! instructions each for `127.0.0.1:PORT`, more for an in-cluster name); a server has one
+//! or two authorities, which this pool compares as bytes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderValue, Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::client::Resolver;
+
+/// How long a connection may sit idle and still be used: below common server keep-alive
+/// timeouts (Node's is 5 s), so a request rarely meets a connection the server is closing.
+const IDLE: Duration = Duration::from_secs(4);
+/// Most idle connections kept per server (more are closed when their answer is read).
+const MAX_IDLE: usize = 256;
+/// Kept connections a request may find closed by the server before a new one is opened:
+/// a request the connection never wrote is safe to send again.
+const RETRIES: usize = 2;
+
+/// Connections kept open to one server's plain-http endpoints.
+pub struct Pool {
+    connector: HttpConnector<Resolver>,
+    /// Idle connections, newest last.
+    idle: Mutex<Vec<Idle>>,
+    /// Whether a task closes the connections idle too long.
+    reaping: AtomicBool,
+}
+
+/// An idle connection.
+struct Idle {
+    authority: Authority,
+    sender: SendRequest<Full<Bytes>>,
+    /// Since when it is idle.
+    since: Instant,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new_with_resolver(Resolver::default());
+        connector.set_nodelay(true);
+        Pool {
+            connector,
+            idle: Mutex::new(Vec::new()),
+            reaping: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Pool {
+    /// Sends `req` (an absolute `http://` URL) on an idle connection to its authority, else on
+    /// a new one; the connection is kept for the next request once its answer has been read.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, String> {
+        let (target, authority, mut req) = origin_form(req)?;
+        let mut tries = 0;
+        loop {
+            let (mut sender, reused) = match self.take(&authority) {
+                Some(sender) => (sender, true),
+                None => (self.connect(&target).await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.keep_when_idle(authority, sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: the server closed a kept connection first.
+                    Some(unsent) if reused && tries < RETRIES => {
+                        tries += 1;
+                        req = unsent;
+                    }
+                    _ => return Err(reason(e.error())),
+                },
+            }
+        }
+    }
+
+    /// Takes the newest idle connection to `authority`, after closing those idle too long.
+    fn take(&self, authority: &Authority) -> Option<SendRequest<Full<Bytes>>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // Kept in the order they became idle: the expired ones lead.
+        let now = Instant::now();
+        let expired = idle.partition_point(|k| now.duration_since(k.since) >= IDLE);
+        idle.drain(..expired);
+        let newest = idle.iter().rposition(|k| {
+            k.authority.as_str() == authority.as_str()
+                && k.sender.is_ready()
+                && !k.sender.is_closed()
+        })?;
+        Some(idle.remove(newest).sender)
+    }
+
+    /// Keeps a connection for the next request once its answer has been read (an HTTP/1.1
+    /// connection carries one exchange at a time); a connection whose answer was left unread
+    /// is closed by hyper, and dropped here.
+    fn keep_when_idle(
+        self: &Arc<Self>,
+        authority: Authority,
+        mut sender: SendRequest<Full<Bytes>>,
+    ) {
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < MAX_IDLE {
+                idle.push(Idle {
+                    authority,
+                    sender,
+                    since: Instant::now(),
+                });
+                // Under the lock, as the reaper decides to stop under it.
+                if !pool.reaping.swap(true, Ordering::AcqRel) {
+                    tokio::spawn(reap(Arc::downgrade(&pool)));
+                }
+            }
+        });
+    }
+
+    /// Opens a connection to `target`'s host, resolved as the shared client resolves it.
+    async fn connect(&self, target: &Uri) -> Result<SendRequest<Full<Bytes>>, String> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(|e| reason(&e))?;
+        let io = connector
+            .call(target.clone())
+            .await
+            .map_err(|e| reason(&e))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| reason(&e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+        });
+        sender.ready().await.map_err(|e| reason(&e))?;
+        Ok(sender)
+    }
+}
+
+/// Closes connections idle too long, while any are kept, so a quiet server is not held to
+/// sockets until it closes them itself.
+async fn reap(pool: std::sync::Weak<Pool>) {
+    loop {
+        tokio::time::sleep(IDLE).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let expired = idle.partition_point(|k| now.duration_since(k.since) >= IDLE);
+        idle.drain(..expired);
+        if idle.is_empty() {
+            pool.reaping.store(false, Ordering::Release);
+            return;
+        }
+    }
+}
+
+/// The request as HTTP/1.1 sends it: the path on the request line, the host (and port, unless
+/// 80) in `Host`; with the URL it was given and its authority.
+fn origin_form(
+    mut req: Request<Full<Bytes>>,
+) -> Result<(Uri, Authority, Request<Full<Bytes>>), String> {
+    let target = req.uri().clone();
+    let authority = target
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{target} has no host"))?;
+    if !req.headers().contains_key(http::header::HOST) {
+        let host = match authority.port_u16() {
+            Some(80) => authority.host(),
+            _ => authority.as_str(),
+        };
+        let host = HeaderValue::from_str(host).map_err(|_| format!("{target}: bad host"))?;
+        req.headers_mut().insert(http::header::HOST, host);
+    }
+    let path = target
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(path);
+    Ok((target, authority, req))
+}
+
+/// An error and its causes, as one line.
+pub(super) fn reason(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut reason = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers each request with its request line's target and `Host`, counting
+    /// the connections it accepted; `/stream` answers with a body that stays open until
+    /// `release` is notified.
+    async fn server() -> (Uri, Arc<AtomicUsize>, Arc<tokio::sync::Notify>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (count, gate) = (accepted.clone(), release.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let gate = gate.clone();
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let gate = gate.clone();
+                    async move {
+                        let said = format!(
+                            "{} {}",
+                            req.uri(),
+                            req.headers()[http::header::HOST].to_str().unwrap()
+                        );
+                        let body: http_body_util::combinators::BoxBody<Bytes, hyper::Error> =
+                            if req.uri().path() == "/stream" {
+                                let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+                                tokio::spawn(async move {
+                                    let _ = tx.send(Bytes::from("first ")).await;
+                                    gate.notified().await;
+                                    let _ = tx.send(Bytes::from("last")).await;
+                                });
+                                let frames = futures_util::stream::unfold(rx, |mut rx| async {
+                                    let data = rx.recv().await?;
+                                    Some((Ok(hyper::body::Frame::data(data)), rx))
+                                });
+                                http_body_util::StreamBody::new(frames).boxed()
+                            } else {
+                                Full::new(Bytes::from(said))
+                                    .map_err(|never| match never {})
+                                    .boxed()
+                            };
+                        Ok::<_, hyper::Error>(Response::new(body))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        let url: Uri = format!("http://{addr}/mcp?x=1").parse().unwrap();
+        (url, accepted, release)
+    }
+
+    fn get(url: &Uri) -> Request<Full<Bytes>> {
+        Request::builder()
+            .uri(url.clone())
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    }
+
+    async fn text(resp: Response<Incoming>) -> String {
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn requests_one_after_another_share_one_connection_in_origin_form() {
+        let (url, accepted, _) = server().await;
+        let pool = Arc::new(Pool::default());
+        for _ in 0..5 {
+            let said = text(pool.send(get(&url)).await.unwrap()).await;
+            assert_eq!(said, format!("/mcp?x=1 {}", url.authority().unwrap()));
+            // The connection returns to the pool once its answer is read (on another task).
+            for _ in 0..100 {
+                if !pool.idle.lock().unwrap().is_empty() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_answer_is_still_coming_is_not_taken() {
+        let (url, accepted, release) = server().await;
+        let pool = Arc::new(Pool::default());
+        let stream_url: Uri = format!("http://{}/stream", url.authority().unwrap())
+            .parse()
+            .unwrap();
+        let streaming = pool.send(get(&stream_url)).await.unwrap();
+        let mut body = streaming.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "first ");
+        // The stream holds its connection: this call gets one of its own.
+        let said = text(pool.send(get(&url)).await.unwrap()).await;
+        assert!(said.starts_with("/mcp?x=1 "), "{said}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        release.notify_one();
+        let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(last, "last");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_not_used_and_the_request_still_goes() {
+        // Answers one request per connection and closes it without saying so (no
+        // `Connection: close`), as a server whose keep-alive timeout just passed.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = s.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                });
+            }
+        });
+        let url: Uri = format!("http://{addr}/mcp").parse().unwrap();
+        let pool = Arc::new(Pool::default());
+        for _ in 0..5 {
+            let resp = pool.send(get(&url)).await.expect("sent despite the close");
+            assert_eq!(text(resp).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn an_answer_left_unread_does_not_leave_its_connection_behind() {
+        let (url, _, _) = server().await;
+        let pool = Arc::new(Pool::default());
+        let stream_url: Uri = format!("http://{}/stream", url.authority().unwrap())
+            .parse()
+            .unwrap();
+        drop(pool.send(get(&stream_url)).await.unwrap());
+        let said = text(pool.send(get(&url)).await.unwrap()).await;
+        assert!(said.starts_with("/mcp?x=1 "), "{said}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_idle_too_long_are_closed_without_a_request_to_find_them() {
+        let (url, accepted, _) = server().await;
+        let pool = Arc::new(Pool::default());
+        text(pool.send(get(&url)).await.unwrap()).await;
+        let kept = || pool.idle.lock().unwrap().len();
+        while kept() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Paused time: the reaper's sleep ends as soon as every task waits.
+        tokio::time::sleep(IDLE * 2 + Duration::from_millis(1)).await;
+        assert_eq!(kept(), 0);
+        assert!(!pool.reaping.load(Ordering::Acquire), "the reaper stops");
+        text(pool.send(get(&url)).await.unwrap()).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_is_not_there_is_an_error_that_says_so() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url: Uri = format!("http://127.0.0.1:{port}/mcp").parse().unwrap();
+        let err = Arc::new(Pool::default())
+            .send(get(&url))
+            .await
+            .expect_err("nothing listens");
+        assert!(err.to_lowercase().contains("refused"), "{err}");
+    }
+}
