@@ -25,8 +25,8 @@ use super::client::Resolver;
 const IDLE: Duration = Duration::from_secs(4);
 /// Most idle connections kept per server (more are closed when their answer is read).
 const MAX_IDLE: usize = 256;
-/// Kept connections a request may find closed by the server before a new one is opened:
-/// a request the connection never wrote is safe to send again.
+/// Kept connections a request may find closed by the server before it is sent on a new one:
+/// a request a connection never wrote is safe to send again.
 const RETRIES: usize = 2;
 
 /// Connections kept open to one server's plain-http endpoints.
@@ -68,7 +68,12 @@ impl Pool {
         let (target, authority, mut req) = origin_form(req)?;
         let mut tries = 0;
         loop {
-            let (mut sender, reused) = match self.take(&authority) {
+            let kept = if tries < RETRIES {
+                self.take(&authority)
+            } else {
+                None
+            };
+            let (mut sender, reused) = match kept {
                 Some(sender) => (sender, true),
                 None => (self.connect(&target).await?, false),
             };
@@ -79,7 +84,7 @@ impl Pool {
                 }
                 Err(mut e) => match e.take_message() {
                     // Never written: the server closed a kept connection first.
-                    Some(unsent) if reused && tries < RETRIES => {
+                    Some(unsent) if reused => {
                         tries += 1;
                         req = unsent;
                     }
@@ -96,11 +101,11 @@ impl Pool {
         let now = Instant::now();
         let expired = idle.partition_point(|k| now.duration_since(k.since) >= IDLE);
         idle.drain(..expired);
-        let newest = idle.iter().rposition(|k| {
-            k.authority.as_str() == authority.as_str()
-                && k.sender.is_ready()
-                && !k.sender.is_closed()
-        })?;
+        // Closed by the server (a restart): left, they would fill the pool.
+        idle.retain(|k| !k.sender.is_closed());
+        let newest = idle
+            .iter()
+            .rposition(|k| k.authority.as_str() == authority.as_str() && k.sender.is_ready())?;
         Some(idle.remove(newest).sender)
     }
 
@@ -188,12 +193,8 @@ fn origin_form(
         .cloned()
         .ok_or_else(|| format!("{target} has no host"))?;
     if !req.headers().contains_key(http::header::HOST) {
-        let host = match authority.port_u16() {
-            Some(80) => authority.host(),
-            _ => authority.as_str(),
-        };
-        let host = HeaderValue::from_str(host).map_err(|_| format!("{target}: bad host"))?;
-        req.headers_mut().insert(http::header::HOST, host);
+        req.headers_mut()
+            .insert(http::header::HOST, host_header(&authority)?);
     }
     let path = target
         .path_and_query()
@@ -201,6 +202,17 @@ fn origin_form(
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     *req.uri_mut() = Uri::from(path);
     Ok((target, authority, req))
+}
+
+/// `Host` for `authority`: its host (never credentials a URL may carry) and its port unless
+/// it is 80, as the shared client writes it.
+fn host_header(authority: &Authority) -> Result<HeaderValue, String> {
+    let host = authority.host();
+    let value = match authority.port_u16() {
+        Some(port) if port != 80 => HeaderValue::from_str(&format!("{host}:{port}")),
+        _ => HeaderValue::from_str(host),
+    };
+    value.map_err(|_| format!("{host:?} cannot be a Host header"))
 }
 
 /// An error and its causes, as one line.
@@ -364,7 +376,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_left_unread_does_not_leave_its_connection_behind() {
-        let (url, _, _) = server().await;
+        let (url, accepted, _) = server().await;
         let pool = Arc::new(Pool::default());
         let stream_url: Uri = format!("http://{}/stream", url.authority().unwrap())
             .parse()
@@ -372,6 +384,24 @@ mod tests {
         drop(pool.send(get(&stream_url)).await.unwrap());
         let said = text(pool.send(get(&url)).await.unwrap()).await;
         assert!(said.starts_with("/mcp?x=1 "), "{said}");
+        // The stream's connection was closed, not taken: the call had one of its own.
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn host_is_the_host_and_a_port_other_than_80_never_credentials() {
+        for (url, host) in [
+            ("http://server.ns.svc:8080/mcp", "server.ns.svc:8080"),
+            ("http://server/mcp", "server"),
+            ("http://server:80/mcp", "server"),
+            ("http://[::1]:9000/mcp", "[::1]:9000"),
+            ("http://user:secret@server:8080/mcp", "server:8080"),
+            ("http://server:/mcp", "server"),
+        ] {
+            let (_, _, req) = origin_form(get(&url.parse().unwrap())).unwrap();
+            assert_eq!(req.headers()[http::header::HOST], host, "{url}");
+            assert_eq!(req.uri(), "/mcp", "{url}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -380,9 +410,13 @@ mod tests {
         let pool = Arc::new(Pool::default());
         text(pool.send(get(&url)).await.unwrap()).await;
         let kept = || pool.idle.lock().unwrap().len();
-        while kept() == 0 {
+        for _ in 0..1000 {
+            if kept() > 0 {
+                break;
+            }
             tokio::task::yield_now().await;
         }
+        assert_eq!(kept(), 1, "kept once its answer was read");
         // Paused time: the reaper's sleep ends as soon as every task waits.
         tokio::time::sleep(IDLE * 2 + Duration::from_millis(1)).await;
         assert_eq!(kept(), 0);
