@@ -474,13 +474,7 @@ impl Event {
     fn write_json(&self, out: &mut Vec<u8>) {
         fn text(out: &mut Vec<u8>, name: &str, value: &str) {
             out.extend_from_slice(name.as_bytes());
-            if value.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-                serde_json::to_writer(&mut *out, value).expect("a string serializes");
-            } else {
-                out.push(b'"');
-                out.extend_from_slice(value.as_bytes());
-                out.push(b'"');
-            }
+            crate::json_string::put(out, value);
         }
         fn number(out: &mut Vec<u8>, name: &str, value: u64) {
             out.extend_from_slice(name.as_bytes());

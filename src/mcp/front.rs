@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::header::{
     ACCEPT, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, ORIGIN, WWW_AUTHENTICATE,
 };
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use tokio::sync::mpsc;
 
@@ -26,8 +26,9 @@ use crate::mcp::session::Session;
 use crate::mcp::stateless;
 
 /// The header that carries a session id.
-pub(crate) const SESSION_HEADER: &str = "mcp-session-id";
-const VERSION_HEADER: &str = "mcp-protocol-version";
+// Names built once: a `&str` name is parsed again on every lookup.
+pub(crate) const SESSION_HEADER: HeaderName = HeaderName::from_static("mcp-session-id");
+const VERSION_HEADER: HeaderName = HeaderName::from_static("mcp-protocol-version");
 
 /// Why the front refused a request.
 #[derive(Debug, thiserror::Error)]
@@ -356,11 +357,12 @@ async fn route(
 /// RFC 9113 §8.3.1 calls a difference malformed: refusing is the strict reading of both). Two `Host`
 /// headers are refused (RFC 9112 §3.2). The authority then goes through the ordinary Host rules.
 pub fn request_authority<B>(req: &Request<B>) -> Result<Option<&str>, FrontError> {
-    let hosts = req.headers().get_all(HOST).iter().count();
-    if hosts > 1 {
-        return Err(FrontError::DuplicateHost(hosts));
+    let all = req.headers().get_all(HOST);
+    let mut values = all.iter();
+    let host = values.next().map(|h| h.to_str().unwrap_or(""));
+    if values.next().is_some() {
+        return Err(FrontError::DuplicateHost(all.iter().count()));
     }
-    let host = req.headers().get(HOST).map(|h| h.to_str().unwrap_or(""));
     // `http://h/` and `Host: h:80` name the same authority (RFC 9110 §4.2.3).
     let default_port = match req.uri().scheme_str() {
         Some(s) if s.eq_ignore_ascii_case("https") => ":443",
@@ -389,6 +391,9 @@ pub fn request_authority<B>(req: &Request<B>) -> Result<Option<&str>, FrontError
 /// "[::1]:9000" → "[::1]". `None` for anything else: userinfo would hide the real host
 /// ("localhost:@evil.com" names evil.com), and a port must be digits.
 fn hostname(authority: &str) -> Option<&str> {
+    if let Some(host) = plain_hostname(authority) {
+        return Some(host);
+    }
     let parsed: http::uri::Authority = authority.parse().ok()?;
     let port = authority.strip_prefix(parsed.host())?;
     let plain = port.is_empty()
@@ -396,6 +401,16 @@ fn hostname(authority: &str) -> Option<&str> {
             .strip_prefix(':')
             .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()));
     plain.then(|| &authority[..parsed.host().len()])
+}
+
+/// The host of `name` or `name:digits` where the name is letters, digits, dots and hyphens
+/// only (what nearly every `Host` header is): what [`hostname`] answers for it, without the
+/// copy and scan of a full authority parse. `None` means "parse it fully", not "refused".
+fn plain_hostname(authority: &str) -> Option<&str> {
+    let (host, port) = authority.split_once(':').unwrap_or((authority, ""));
+    let name = |b: u8| b.is_ascii_alphanumeric() || b == b'.' || b == b'-';
+    (!host.is_empty() && host.bytes().all(name) && port.bytes().all(|b| b.is_ascii_digit()))
+        .then_some(host)
 }
 
 fn is_loopback_name(host: &str) -> bool {
@@ -456,15 +471,31 @@ pub(crate) fn is_json(content_type: Option<&HeaderValue>) -> bool {
     })
 }
 
-pub(crate) fn accepts(headers: &HeaderMap, media: &str) -> bool {
-    headers.get_all(ACCEPT).iter().any(|v| {
-        v.to_str().unwrap_or("").split(',').any(|part| {
-            let m = part.split(';').next().unwrap_or("").trim();
-            m.eq_ignore_ascii_case(media)
-                || m == "*/*"
-                || (m.ends_with("/*") && media.starts_with(&m[..m.len() - 1]))
-        })
-    })
+/// Whether an `Accept` header lists each of `media` (itself, `*/*`, or its type with `/*`):
+/// one pass over the header, whatever the number of media asked about.
+pub(crate) fn accepts(headers: &HeaderMap, media: &[&str]) -> bool {
+    let mut missing: u32 = (1 << media.len()) - 1;
+    for value in headers.get_all(ACCEPT) {
+        // Split byte by byte: these lists are short, and a searcher's setup costs more than the
+        // scan.
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let m = part.split(|&b| b == b';').next().unwrap_or_default();
+            let m = m.trim_ascii();
+            for (i, want) in media.iter().enumerate() {
+                let want = want.as_bytes();
+                if m.eq_ignore_ascii_case(want)
+                    || m == b"*/*"
+                    || (m.ends_with(b"/*") && want.starts_with(&m[..m.len() - 1]))
+                {
+                    missing &= !(1 << i);
+                }
+            }
+            if missing == 0 {
+                return true;
+            }
+        }
+    }
+    missing == 0
 }
 
 fn check_version(headers: &HeaderMap) -> Result<(), FrontError> {
@@ -546,7 +577,7 @@ async fn post(
     if !is_json(headers.get(CONTENT_TYPE)) {
         return Err(FrontError::ContentType);
     }
-    if !accepts(headers, "application/json") || !accepts(headers, "text/event-stream") {
+    if !accepts(headers, &["application/json", "text/event-stream"]) {
         return Err(FrontError::Accept(
             "both application/json and text/event-stream",
         ));
@@ -808,7 +839,7 @@ async fn get(
     profile: Option<&Arc<ProfileConfig>>,
     headers: &HeaderMap,
 ) -> Result<Response<Body>, FrontError> {
-    if !accepts(headers, "text/event-stream") {
+    if !accepts(headers, &["text/event-stream"]) {
         return Err(FrontError::Accept("text/event-stream"));
     }
     check_version(headers)?;
@@ -876,11 +907,33 @@ mod tests {
             ACCEPT,
             "application/json, text/event-stream;q=0.9".parse().unwrap(),
         );
-        assert!(accepts(&h, "application/json") && accepts(&h, "text/event-stream"));
+        assert!(accepts(&h, &["application/json"]) && accepts(&h, &["text/event-stream"]));
         h.insert(ACCEPT, "text/*".parse().unwrap());
-        assert!(accepts(&h, "text/event-stream") && !accepts(&h, "application/json"));
+        assert!(accepts(&h, &["text/event-stream"]) && !accepts(&h, &["application/json"]));
         h.insert(ACCEPT, "*/*".parse().unwrap());
-        assert!(accepts(&h, "application/json"));
+        assert!(accepts(&h, &["application/json"]));
+        let both = ["application/json", "text/event-stream"];
+        for (values, ok) in [
+            (&["application/json, text/event-stream"][..], true),
+            (&["Application/JSON ;q=1,TEXT/EVENT-STREAM"], true),
+            (&["application/json", "text/event-stream"], true),
+            (&["application/json"], false),
+            (&["text/event-stream, text/*"], false),
+            (&["application/*, text/*"], true),
+            (&["application/jsonx, text/event-stream"], false),
+            (&[""], false),
+        ] {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(ACCEPT, v.parse().unwrap());
+            }
+            assert_eq!(accepts(&h, &both), ok, "{values:?}");
+        }
+        assert!(!accepts(&HeaderMap::new(), &both));
+        assert!(
+            accepts(&HeaderMap::new(), &[]),
+            "nothing asked, nothing missing"
+        );
     }
 
     fn config(yaml: &str) -> Config {
@@ -933,6 +986,44 @@ mod tests {
             check(&public, "gw.example.com:@evil.com", None),
             Err(FrontError::Host(_))
         ));
+    }
+
+    #[test]
+    fn a_plain_hostname_is_what_the_full_parse_answers() {
+        let alphabet = [
+            "a", "Z", "0", "9", ".", "-", ":", "@", "[", "]", "_", "%", " ", "é",
+        ];
+        let mut cases = vec![String::new()];
+        // Every string of up to four symbols of the alphabet, and some longer ones.
+        for _ in 0..4 {
+            let next: Vec<String> = cases
+                .iter()
+                .flat_map(|c| alphabet.iter().map(move |a| format!("{c}{a}")))
+                .collect();
+            cases.extend(next);
+        }
+        cases.extend(
+            [
+                "localhost:9000",
+                "127.0.0.1:99999999",
+                "evil.com:80:80",
+                "localhost:@evil.com",
+                "server.ns.svc.cluster.local:8080",
+            ]
+            .map(String::from),
+        );
+        for case in &cases {
+            if let Some(host) = plain_hostname(case) {
+                let parsed: http::uri::Authority = case.parse().expect(case);
+                assert_eq!(Some(host), Some(parsed.host()), "{case:?}");
+                let port = &case[host.len()..];
+                assert!(port.is_empty() || port.starts_with(':'), "{case:?}");
+            }
+        }
+        assert_eq!(plain_hostname("localhost:9000"), Some("localhost"));
+        assert_eq!(plain_hostname("localhost:@evil.com"), None);
+        assert_eq!(hostname("localhost:@evil.com"), None);
+        assert_eq!(plain_hostname("[::1]:9000"), None);
     }
 
     #[test]

@@ -94,7 +94,7 @@ async fn open_stream(
         return Err(FrontError::Method(req.method().clone()));
     }
     let wants_sse = req.headers().get_all(ACCEPT).iter().next().is_none()
-        || front::accepts(req.headers(), "text/event-stream");
+        || front::accepts(req.headers(), &["text/event-stream"]);
     if !wants_sse {
         return Err(FrontError::Accept("text/event-stream"));
     }

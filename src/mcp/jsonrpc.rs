@@ -9,6 +9,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::json_string;
+
 /// JSON-RPC and gateway error codes.
 pub mod code {
     /// The body is not valid JSON.
@@ -284,18 +286,6 @@ impl Message {
     }
 }
 
-fn put_str(buf: &mut BytesMut, s: &str) {
-    // Most method names need no escape: written as they are, without a string of their own.
-    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-        buf.put_u8(b'"');
-        buf.put_slice(s.as_bytes());
-        buf.put_u8(b'"');
-        return;
-    }
-    let encoded = serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
-    buf.put_slice(encoded.as_bytes());
-}
-
 /// Encodes a request frame.
 pub fn request(id: &[u8], method: &str, params: Option<&[u8]>) -> Bytes {
     const HEAD: &[u8] = b"{\"jsonrpc\":\"2.0\",\"id\":";
@@ -316,7 +306,7 @@ pub fn request(id: &[u8], method: &str, params: Option<&[u8]>) -> Bytes {
     b.put_slice(HEAD);
     b.put_slice(id);
     b.put_slice(METHOD);
-    put_str(&mut b, method);
+    json_string::put(&mut b, method);
     if let Some(p) = params {
         b.put_slice(PARAMS);
         b.put_slice(p);
@@ -329,7 +319,7 @@ pub fn request(id: &[u8], method: &str, params: Option<&[u8]>) -> Bytes {
 pub fn notification(method: &str, params: Option<&[u8]>) -> Bytes {
     let mut b = BytesMut::with_capacity(40 + method.len() + params.map_or(0, <[u8]>::len));
     b.put_slice(b"{\"jsonrpc\":\"2.0\",\"method\":");
-    put_str(&mut b, method);
+    json_string::put(&mut b, method);
     if let Some(p) = params {
         b.put_slice(b",\"params\":");
         b.put_slice(p);
@@ -361,7 +351,7 @@ pub fn error_object(code: i64, message: &str) -> Bytes {
     b.put_slice(b"{\"code\":");
     b.put_slice(code.to_string().as_bytes());
     b.put_slice(b",\"message\":");
-    put_str(&mut b, message);
+    json_string::put(&mut b, message);
     b.put_u8(b'}');
     b.freeze()
 }

@@ -971,12 +971,13 @@ pub struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let mut inflight = lock(&self.session.inflight);
-        // A later request that reused the id owns the entry now.
-        if inflight
-            .get(&self.id)
-            .is_some_and(|(t, _)| *t == self.ticket)
+        // One lookup (the id is hashed with SipHash): a later request that reused the id owns
+        // the entry now.
+        if let std::collections::hash_map::Entry::Occupied(entry) =
+            inflight.entry(std::mem::take(&mut self.id))
+            && entry.get().0 == self.ticket
         {
-            inflight.remove(&self.id);
+            entry.remove();
         }
     }
 }

@@ -50,6 +50,9 @@ pub struct Connection {
     /// The client to send with, when not the server's pooled one.
     client: Option<Box<Client>>,
     url: http::Uri,
+    /// `url` as the server's own pool sends to it, when plain http and no client is given.
+    /// (Boxed: held beside the stdio connection in one enum.)
+    endpoint: Option<Box<super::pool::Endpoint>>,
     headers: http::HeaderMap,
     session_id: Mutex<Option<HeaderValue>>,
     protocol_version: Mutex<Option<HeaderValue>>,
@@ -75,11 +78,15 @@ impl Connection {
         headers: http::HeaderMap,
         inbox: Inbox,
     ) -> Self {
+        let endpoint = (url.scheme() == Some(&http::uri::Scheme::HTTP))
+            .then(|| super::pool::Endpoint::new(&url).ok().map(Box::new))
+            .flatten();
         Connection {
             client: None,
             server,
             next_id: AtomicU64::new(1),
             inbox,
+            endpoint,
             url,
             headers,
             session_id: Mutex::new(None),
@@ -154,6 +161,7 @@ impl Connection {
     /// Sends through `client` rather than the server's pooled one.
     pub fn with_client(mut self, client: Client) -> Self {
         self.client = Some(Box::new(client));
+        self.endpoint = None;
         self
     }
 
@@ -163,11 +171,10 @@ impl Connection {
         &self,
         req: Request<Full<Bytes>>,
     ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
-        let sent = match &self.client {
-            None if self.url.scheme() == Some(&http::uri::Scheme::HTTP) => {
-                self.server.pool.send(req).await
-            }
-            client => client
+        let sent = match &self.endpoint {
+            Some(endpoint) => self.server.pool.send(endpoint, req).await,
+            None => self
+                .client
                 .as_deref()
                 .unwrap_or(&self.server.http)
                 .request(req)
@@ -298,7 +305,10 @@ impl Connection {
         let has_body = !body.is_empty();
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;
-        *req.uri_mut() = self.url.clone();
+        if self.endpoint.is_none() {
+            // The pool writes its own (origin-form) target.
+            *req.uri_mut() = self.url.clone();
+        }
         let h = req.headers_mut();
         h.reserve(self.headers.len() + 4);
         h.extend(self.headers.iter().map(|(k, v)| (k.clone(), v.clone())));

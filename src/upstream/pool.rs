@@ -20,11 +20,12 @@ use tower_service::Service;
 
 use super::client::Resolver;
 
-/// How long a connection may sit idle and still be used: below common server keep-alive
+/// How long after its last answer began a connection may still be used (so it has been idle no
+/// longer than this): below common server keep-alive
 /// timeouts (Node's is 5 s), so a request rarely meets a connection the server is closing.
 const IDLE: Duration = Duration::from_secs(4);
-/// Most idle connections kept per server (more are closed when their answer is read).
-const MAX_IDLE: usize = 256;
+/// Most connections kept per server, busy or idle (more are closed once their answer is read).
+const MAX_KEPT: usize = 1024;
 /// Kept connections a request may find closed by the server before it is sent on a new one:
 /// a request a connection never wrote is safe to send again.
 const RETRIES: usize = 2;
@@ -32,17 +33,17 @@ const RETRIES: usize = 2;
 /// Connections kept open to one server's plain-http endpoints.
 pub struct Pool {
     connector: HttpConnector<Resolver>,
-    /// Idle connections, newest last.
-    idle: Mutex<Vec<Idle>>,
+    /// Connections kept, busy or idle, newest last.
+    kept: Mutex<Vec<Kept>>,
     /// Whether a task closes the connections idle too long.
     reaping: AtomicBool,
 }
 
-/// An idle connection.
-struct Idle {
+/// A connection kept for later requests.
+struct Kept {
     authority: Authority,
     sender: SendRequest<Full<Bytes>>,
-    /// Since when it is idle.
+    /// When its last answer began: it has been idle no longer than since then.
     since: Instant,
 }
 
@@ -52,34 +53,40 @@ impl Default for Pool {
         connector.set_nodelay(true);
         Pool {
             connector,
-            idle: Mutex::new(Vec::new()),
+            kept: Mutex::new(Vec::new()),
             reaping: AtomicBool::new(false),
         }
     }
 }
 
 impl Pool {
-    /// Sends `req` (an absolute `http://` URL) on an idle connection to its authority, else on
-    /// a new one; the connection is kept for the next request once its answer has been read.
+    /// Sends `req` to `endpoint` (its target and `Host` written here) on an idle connection to
+    /// its authority, else on a new one; the connection is kept for the next request once its
+    /// answer has been read.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<Full<Bytes>>,
+        endpoint: &Endpoint,
+        mut req: Request<Full<Bytes>>,
     ) -> Result<Response<Incoming>, String> {
-        let (target, authority, mut req) = origin_form(req)?;
+        *req.uri_mut() = endpoint.origin.clone();
+        if !req.headers().contains_key(http::header::HOST) {
+            req.headers_mut()
+                .insert(http::header::HOST, endpoint.host.clone());
+        }
         let mut tries = 0;
         loop {
             let kept = if tries < RETRIES {
-                self.take(&authority)
+                self.take(&endpoint.authority)
             } else {
                 None
             };
             let (mut sender, reused) = match kept {
                 Some(sender) => (sender, true),
-                None => (self.connect(&target).await?, false),
+                None => (self.connect(&endpoint.url).await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    self.keep_when_idle(authority, sender);
+                    self.keep(endpoint.authority.clone(), sender);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -94,50 +101,42 @@ impl Pool {
         }
     }
 
-    /// Takes the newest idle connection to `authority`, after closing those idle too long.
+    /// Takes the newest idle connection to `authority`, after closing those kept too long.
     fn take(&self, authority: &Authority) -> Option<SendRequest<Full<Bytes>>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // Kept in the order they became idle: the expired ones lead.
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        // Kept in the order their answers began: the expired ones lead.
         let now = Instant::now();
-        let expired = idle.partition_point(|k| now.duration_since(k.since) >= IDLE);
-        idle.drain(..expired);
+        let expired = kept.partition_point(|k| now.duration_since(k.since) >= IDLE);
+        kept.drain(..expired);
         // Closed by the server (a restart): left, they would fill the pool.
-        idle.retain(|k| !k.sender.is_closed());
-        let newest = idle
+        kept.retain(|k| !k.sender.is_closed());
+        // Ready: its last answer has been read.
+        let newest = kept
             .iter()
             .rposition(|k| k.authority.as_str() == authority.as_str() && k.sender.is_ready())?;
-        Some(idle.remove(newest).sender)
+        Some(kept.remove(newest).sender)
     }
 
-    /// Keeps a connection for the next request once its answer has been read (an HTTP/1.1
-    /// connection carries one exchange at a time); a connection whose answer was left unread
-    /// is closed by hyper, and dropped here.
-    fn keep_when_idle(
-        self: &Arc<Self>,
-        authority: Authority,
-        mut sender: SendRequest<Full<Bytes>>,
-    ) {
-        let pool = Arc::downgrade(self);
-        tokio::spawn(async move {
-            if sender.ready().await.is_err() {
-                return;
-            }
-            let Some(pool) = pool.upgrade() else {
-                return;
-            };
-            let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-            if idle.len() < MAX_IDLE {
-                idle.push(Idle {
-                    authority,
-                    sender,
-                    since: Instant::now(),
-                });
-                // Under the lock, as the reaper decides to stop under it.
-                if !pool.reaping.swap(true, Ordering::AcqRel) {
-                    tokio::spawn(reap(Arc::downgrade(&pool)));
-                }
-            }
+    /// Keeps a connection for the next request. An HTTP/1.1 connection carries one exchange at
+    /// a time: it is taken again only once hyper says it is ready, that is once this answer has
+    /// been read (kept at once, without a task to wait for that, as a call's answer is read on
+    /// the caller's task). A connection whose answer is left unread is closed by hyper, and
+    /// dropped when a request looks.
+    fn keep(self: &Arc<Self>, authority: Authority, sender: SendRequest<Full<Bytes>>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() >= MAX_KEPT {
+            // Not kept: hyper closes it once its answer is read.
+            return;
+        }
+        kept.push(Kept {
+            authority,
+            sender,
+            since: Instant::now(),
         });
+        // Under the lock, as the reaper decides to stop under it.
+        if !self.reaping.swap(true, Ordering::AcqRel) {
+            tokio::spawn(reap(Arc::downgrade(self)));
+        }
     }
 
     /// Opens a connection to `target`'s host, resolved as the shared client resolves it.
@@ -171,37 +170,45 @@ async fn reap(pool: std::sync::Weak<Pool>) {
         let Some(pool) = pool.upgrade() else {
             return;
         };
-        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = pool.kept.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let expired = idle.partition_point(|k| now.duration_since(k.since) >= IDLE);
-        idle.drain(..expired);
-        if idle.is_empty() {
+        let expired = kept.partition_point(|k| now.duration_since(k.since) >= IDLE);
+        kept.drain(..expired);
+        if kept.is_empty() {
             pool.reaping.store(false, Ordering::Release);
             return;
         }
     }
 }
 
-/// The request as HTTP/1.1 sends it: the path on the request line, the host (and port, unless
-/// 80) in `Host`; with the URL it was given and its authority.
-fn origin_form(
-    mut req: Request<Full<Bytes>>,
-) -> Result<(Uri, Authority, Request<Full<Bytes>>), String> {
-    let target = req.uri().clone();
-    let authority = target
-        .authority()
-        .cloned()
-        .ok_or_else(|| format!("{target} has no host"))?;
-    if !req.headers().contains_key(http::header::HOST) {
-        req.headers_mut()
-            .insert(http::header::HOST, host_header(&authority)?);
+/// A plain-http URL as its requests are sent, worked out once per upstream connection rather
+/// than per request: the path on the request line (origin form), `Host`, and the authority its
+/// connections are kept under.
+pub struct Endpoint {
+    url: Uri,
+    authority: Authority,
+    host: HeaderValue,
+    origin: Uri,
+}
+
+impl Endpoint {
+    /// The endpoint of `url`, an absolute `http://` URL.
+    pub fn new(url: &Uri) -> Result<Endpoint, String> {
+        let authority = url
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("{url} has no host"))?;
+        let path = url
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        Ok(Endpoint {
+            url: url.clone(),
+            host: host_header(&authority)?,
+            authority,
+            origin: Uri::from(path),
+        })
     }
-    let path = target
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::from(path);
-    Ok((target, authority, req))
 }
 
 /// `Host` for `authority`: its host (never credentials a URL may carry) and its port unless
@@ -287,11 +294,12 @@ mod tests {
         (url, accepted, release)
     }
 
-    fn get(url: &Uri) -> Request<Full<Bytes>> {
-        Request::builder()
-            .uri(url.clone())
-            .body(Full::new(Bytes::new()))
-            .unwrap()
+    fn get() -> Request<Full<Bytes>> {
+        Request::new(Full::new(Bytes::new()))
+    }
+
+    fn at(url: &Uri) -> Endpoint {
+        Endpoint::new(url).unwrap()
     }
 
     async fn text(resp: Response<Incoming>) -> String {
@@ -304,17 +312,12 @@ mod tests {
         let (url, accepted, _) = server().await;
         let pool = Arc::new(Pool::default());
         for _ in 0..5 {
-            let said = text(pool.send(get(&url)).await.unwrap()).await;
+            let said = text(pool.send(&at(&url), get()).await.unwrap()).await;
             assert_eq!(said, format!("/mcp?x=1 {}", url.authority().unwrap()));
-            // The connection returns to the pool once its answer is read (on another task).
-            for _ in 0..100 {
-                if !pool.idle.lock().unwrap().is_empty() {
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
+            // Ready again once its answer is read, with no wait: the next call takes it.
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.kept.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]
@@ -324,12 +327,12 @@ mod tests {
         let stream_url: Uri = format!("http://{}/stream", url.authority().unwrap())
             .parse()
             .unwrap();
-        let streaming = pool.send(get(&stream_url)).await.unwrap();
+        let streaming = pool.send(&at(&stream_url), get()).await.unwrap();
         let mut body = streaming.into_body();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(first, "first ");
         // The stream holds its connection: this call gets one of its own.
-        let said = text(pool.send(get(&url)).await.unwrap()).await;
+        let said = text(pool.send(&at(&url), get()).await.unwrap()).await;
         assert!(said.starts_with("/mcp?x=1 "), "{said}");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         release.notify_one();
@@ -368,7 +371,10 @@ mod tests {
         let url: Uri = format!("http://{addr}/mcp").parse().unwrap();
         let pool = Arc::new(Pool::default());
         for _ in 0..5 {
-            let resp = pool.send(get(&url)).await.expect("sent despite the close");
+            let resp = pool
+                .send(&at(&url), get())
+                .await
+                .expect("sent despite the close");
             assert_eq!(text(resp).await, "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
@@ -381,8 +387,8 @@ mod tests {
         let stream_url: Uri = format!("http://{}/stream", url.authority().unwrap())
             .parse()
             .unwrap();
-        drop(pool.send(get(&stream_url)).await.unwrap());
-        let said = text(pool.send(get(&url)).await.unwrap()).await;
+        drop(pool.send(&at(&stream_url), get()).await.unwrap());
+        let said = text(pool.send(&at(&url), get()).await.unwrap()).await;
         assert!(said.starts_with("/mcp?x=1 "), "{said}");
         // The stream's connection was closed, not taken: the call had one of its own.
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -398,9 +404,9 @@ mod tests {
             ("http://user:secret@server:8080/mcp", "server:8080"),
             ("http://server:/mcp", "server"),
         ] {
-            let (_, _, req) = origin_form(get(&url.parse().unwrap())).unwrap();
-            assert_eq!(req.headers()[http::header::HOST], host, "{url}");
-            assert_eq!(req.uri(), "/mcp", "{url}");
+            let endpoint = at(&url.parse().unwrap());
+            assert_eq!(endpoint.host, host, "{url}");
+            assert_eq!(endpoint.origin, "/mcp", "{url}");
         }
     }
 
@@ -408,20 +414,40 @@ mod tests {
     async fn connections_idle_too_long_are_closed_without_a_request_to_find_them() {
         let (url, accepted, _) = server().await;
         let pool = Arc::new(Pool::default());
-        text(pool.send(get(&url)).await.unwrap()).await;
-        let kept = || pool.idle.lock().unwrap().len();
-        for _ in 0..1000 {
-            if kept() > 0 {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
+        text(pool.send(&at(&url), get()).await.unwrap()).await;
+        let kept = || pool.kept.lock().unwrap().len();
         assert_eq!(kept(), 1, "kept once its answer was read");
         // Paused time: the reaper's sleep ends as soon as every task waits.
         tokio::time::sleep(IDLE * 2 + Duration::from_millis(1)).await;
         assert_eq!(kept(), 0);
         assert!(!pool.reaping.load(Ordering::Acquire), "the reaper stops");
-        text(pool.send(get(&url)).await.unwrap()).await;
+        text(pool.send(&at(&url), get()).await.unwrap()).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_streaming_longer_than_a_connection_is_kept_still_ends_whole() {
+        let (url, accepted, release) = server().await;
+        let pool = Arc::new(Pool::default());
+        let stream_url: Uri = format!("http://{}/stream", url.authority().unwrap())
+            .parse()
+            .unwrap();
+        let mut body = pool
+            .send(&at(&stream_url), get())
+            .await
+            .unwrap()
+            .into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "first ");
+        // The reaper lets go of the busy connection: that must not cut its answer.
+        tokio::time::sleep(IDLE * 2 + Duration::from_millis(1)).await;
+        assert_eq!(pool.kept.lock().unwrap().len(), 0);
+        release.notify_one();
+        let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(last, "last");
+        assert!(body.frame().await.is_none(), "the answer ends");
+        // Not kept, it was closed: the next call opens another.
+        text(pool.send(&at(&url), get()).await.unwrap()).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
@@ -434,7 +460,7 @@ mod tests {
             .port();
         let url: Uri = format!("http://127.0.0.1:{port}/mcp").parse().unwrap();
         let err = Arc::new(Pool::default())
-            .send(get(&url))
+            .send(&at(&url), get())
             .await
             .expect_err("nothing listens");
         assert!(err.to_lowercase().contains("refused"), "{err}");
