@@ -29,6 +29,7 @@ pub mod plugins;
 pub mod process;
 pub mod registry;
 pub mod relay;
+pub mod serving;
 pub mod sse;
 pub mod telemetry;
 pub mod tls;
@@ -55,6 +56,9 @@ pub struct Running {
     idler: Option<tokio::task::JoinHandle<()>>,
     tls_reload: Option<tokio::task::JoinHandle<()>>,
     _plugin_watcher: Option<plugins::Watcher>,
+    /// The threads client connections are pinned to: they end last, once the gateway has shut
+    /// down (or when this is dropped).
+    _serving: Option<Arc<serving::Serving>>,
 }
 
 /// Why the gateway could not start.
@@ -81,6 +85,9 @@ pub enum StartError {
     /// The orchestrator could not start or accept the configured servers.
     #[error("orchestrator: {0}")]
     Orchestrator(#[from] orchestrator::OrchestratorError),
+    /// The threads client connections are pinned to could not start.
+    #[error("cannot start the serving threads: {0}")]
+    Serving(std::io::Error),
 }
 
 impl Running {
@@ -173,7 +180,18 @@ pub async fn start_with(
         None => None,
     };
     let tls_reload = listener_tls.as_ref().map(|t| t.spawn_reload());
-    let listening = listener::bind(gateway.clone(), listener_tls).await?;
+    // As many serving threads as the runtime has workers (configured, from the environment, or
+    // one per CPU).
+    let serving = match gateway.config.pinned_connections {
+        true => {
+            let threads = tokio::runtime::Handle::current().metrics().num_workers();
+            let serving = serving::Serving::start(threads).map_err(StartError::Serving)?;
+            tracing::info!(threads, "client connections pinned to threads");
+            Some(Arc::new(serving))
+        }
+        false => None,
+    };
+    let listening = listener::bind(gateway.clone(), listener_tls, serving.clone()).await?;
     let sweeper = gateway.spawn_sweeper();
     let idler = gateway
         .orchestrator
@@ -183,6 +201,7 @@ pub async fn start_with(
     let watcher =
         (!gateway.config.plugins.modules.is_empty()).then(|| gateway.plugins.watch_every(interval));
     Ok(Running {
+        _serving: serving,
         tls_reload,
         _plugin_watcher: watcher,
         gateway,

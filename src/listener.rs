@@ -21,6 +21,7 @@ use crate::body::Body;
 use crate::config::McpSettings;
 use crate::gateway::Gateway;
 use crate::mcp::{front, http_sse, jsonrpc};
+use crate::serving::Serving;
 use crate::tls::{ClientCertificate, ListenerTls};
 
 /// The MCP endpoint path.
@@ -52,8 +53,13 @@ impl Listening {
     }
 }
 
-/// Binds the configured address and serves until stopped, over TLS when `tls` is given.
-pub async fn bind(gw: Arc<Gateway>, tls: Option<Arc<ListenerTls>>) -> std::io::Result<Listening> {
+/// Binds the configured address and serves until stopped, over TLS when `tls` is given; each
+/// connection on one of `serving`'s threads when given, else on the shared runtime.
+pub async fn bind(
+    gw: Arc<Gateway>,
+    tls: Option<Arc<ListenerTls>>,
+    serving: Option<Arc<Serving>>,
+) -> std::io::Result<Listening> {
     let listener = TcpListener::bind(gw.config.listen).await?;
     let local_addr = listener.local_addr()?;
     let limits = Arc::new(Limits::new(&gw.config.mcp));
@@ -90,9 +96,17 @@ pub async fn bind(gw: Arc<Gateway>, tls: Option<Arc<ListenerTls>>) -> std::io::R
             match limits.admit(peer.ip()) {
                 // Dropping the stream closes it now: a refused connection holds no descriptor.
                 Err(refused) => tracing::debug!(%peer, "connection refused: {refused}"),
-                Ok(admitted) => {
-                    tokio::spawn(accept(gw.clone(), tls.clone(), stream, peer, admitted));
-                }
+                Ok(admitted) => match &serving {
+                    Some(serving) => {
+                        let (gw, tls) = (gw.clone(), tls.clone());
+                        serving.spawn(stream, move |stream| {
+                            accept(gw, tls, stream, peer, admitted)
+                        });
+                    }
+                    None => {
+                        tokio::spawn(accept(gw.clone(), tls.clone(), stream, peer, admitted));
+                    }
+                },
             }
         }
     });

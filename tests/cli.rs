@@ -403,6 +403,33 @@ async fn the_cli_does_not_send_its_token_in_the_clear_across_the_network() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_given_one_worker_thread_serves_concurrent_sessions() {
+    let threads =
+        serves_concurrent_sessions("{ workers: 1 }", "workers=1", Some("threads=1")).await;
+    assert_eq!(threads, ["serving-0"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_connections_pinned_to_two_threads_serves_concurrent_sessions() {
+    let threads =
+        serves_concurrent_sessions("{ workers: 2 }", "workers=2", Some("threads=2")).await;
+    assert_eq!(threads, ["serving-0", "serving-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_on_the_shared_runtime_serves_concurrent_sessions() {
+    let config = "{ workers: 2, pinned_connections: false }";
+    let threads = serves_concurrent_sessions(config, "workers=2", None).await;
+    assert!(threads.is_empty(), "{threads:?}");
+}
+
+/// Runs a gateway with `runtime` settings, checks what its log says of them (`workers`, and
+/// `pinned` when its connections are pinned to threads, else that they are not), serves
+/// sessions in parallel through it; answers the names of its serving threads.
+async fn serves_concurrent_sessions(
+    runtime: &str,
+    workers: &str,
+    pinned: Option<&str>,
+) -> Vec<String> {
     use tokio::io::AsyncBufReadExt;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -415,7 +442,7 @@ async fn a_gateway_given_one_worker_thread_serves_concurrent_sessions() {
     std::fs::write(
         &config,
         format!(
-            "listen: 127.0.0.1:{port}\nruntime: {{ workers: 1 }}\nupstreams:\n{}",
+            "listen: 127.0.0.1:{port}\nruntime: {runtime}\nupstreams:\n{}",
             support::example("ex", &[], "")
         ),
     )
@@ -429,19 +456,30 @@ async fn a_gateway_given_one_worker_thread_serves_concurrent_sessions() {
         .kill_on_drop(true)
         .spawn()
         .expect("runs");
-    // The gateway says how many workers its runtime has before it serves.
+    // The gateway says how many workers its runtime has, and whether connections are pinned
+    // to threads, before it listens.
     let mut lines = tokio::io::BufReader::new(gateway.stderr.take().unwrap()).lines();
     let said = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        let mut said = Vec::new();
         while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("runtime started") {
-                return line;
+            let listening = line.contains("gatehouse listening");
+            said.push(line);
+            if listening {
+                break;
             }
         }
-        String::new()
+        said
     })
     .await
     .expect("the gateway starts");
-    assert!(said.contains("workers=1"), "{said}");
+    let line = |what: &str| said.iter().find(|l| l.contains(what)).cloned();
+    let started = line("runtime started").unwrap_or_default();
+    assert!(started.contains(workers), "{said:?}");
+    match (pinned, line("pinned to threads")) {
+        (Some(threads), Some(l)) => assert!(l.contains(threads), "{said:?}"),
+        (None, None) => {}
+        (want, got) => panic!("pinned: wanted {want:?}, said {got:?}"),
+    }
     // Keep reading its log, so a full pipe never stalls it.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     support::eventually("the gateway listens", || async {
@@ -475,5 +513,14 @@ async fn a_gateway_given_one_worker_thread_serves_concurrent_sessions() {
     )
     .await
     .expect("all calls answered");
+    let pid = gateway.id().expect("running");
+    let mut threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| name.starts_with("serving-"))
+        .collect();
+    threads.sort();
     let _ = std::fs::remove_dir_all(&dir);
+    threads
 }

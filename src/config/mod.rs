@@ -670,6 +670,10 @@ pub struct RawRuntime {
     /// Worker threads serving requests; the CPUs the gateway may use when unset.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// Serve each client connection on one thread, from accept to close (one single-threaded
+    /// runtime per worker), rather than on the shared work-stealing runtime.
+    #[serde(default)]
+    pub pinned_connections: Option<bool>,
 }
 
 /// Most worker threads a gateway is given: more only add wake-ups between them.
@@ -705,6 +709,9 @@ pub struct Config {
     pub log_level: String,
     /// Worker threads of the runtime; the CPUs the gateway may use when `None`.
     pub workers: Option<usize>,
+    /// Each client connection is served on one thread (as many as workers) from accept to
+    /// close.
+    pub pinned_connections: bool,
     /// Wasm policy plugins.
     pub plugins: crate::plugins::PluginsConfig,
     /// Servers the gateway runs (each is also in `upstreams`, as [`Transport::Orchestrated`]).
@@ -957,6 +964,7 @@ impl RawConfig {
             }
             None => None,
         };
+        let pinned_connections = self.runtime.pinned_connections.unwrap_or(true);
         let tokens = bearer_tokens("auth.tokens", self.auth.tokens)?;
         let admin_tokens = bearer_tokens("admin.tokens", self.admin.tokens)?;
         let oauth = self.auth.oauth.map(oauth_settings).transpose()?;
@@ -1349,6 +1357,7 @@ impl RawConfig {
             log_format: self.log.format.unwrap_or_default(),
             log_level: self.log.level.unwrap_or_else(|| "info".into()),
             workers,
+            pinned_connections,
         })
     }
 }
@@ -1711,6 +1720,15 @@ mod tests {
         }
         let e = err(&format!("{UP}runtime: {{ threads: 2 }}"));
         assert!(e.contains("threads"), "{e}");
+        // Connections are pinned to threads unless asked otherwise.
+        assert!(Config::from_yaml(UP).unwrap().pinned_connections);
+        let c = Config::from_yaml(&format!("{UP}runtime: {{ pinned_connections: false }}"));
+        assert!(!c.unwrap().pinned_connections);
+        let e = err(&format!("{UP}runtime: {{ pinned_connections: sometimes }}"));
+        assert!(
+            e.contains("pinned_connections") || e.contains("runtime"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Pool {
 struct Kept {
     authority: Authority,
     sender: SendRequest<Full<Bytes>>,
+    /// The thread it was opened on, where its task runs when the runtime pins tasks.
+    thread: std::thread::ThreadId,
     /// When its last answer began: it has been idle no longer than since then.
     since: Instant,
 }
@@ -80,13 +82,16 @@ impl Pool {
             } else {
                 None
             };
-            let (mut sender, reused) = match kept {
-                Some(sender) => (sender, true),
-                None => (self.connect(&endpoint.url).await?, false),
+            let (mut sender, thread, reused) = match kept {
+                Some((sender, thread)) => (sender, thread, true),
+                None => {
+                    let sender = self.connect(&endpoint.url).await?;
+                    (sender, std::thread::current().id(), false)
+                }
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    self.keep(endpoint.authority.clone(), sender);
+                    self.keep(endpoint.authority.clone(), sender, thread);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -102,7 +107,10 @@ impl Pool {
     }
 
     /// Takes the newest idle connection to `authority`, after closing those kept too long.
-    fn take(&self, authority: &Authority) -> Option<SendRequest<Full<Bytes>>> {
+    fn take(
+        &self,
+        authority: &Authority,
+    ) -> Option<(SendRequest<Full<Bytes>>, std::thread::ThreadId)> {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         // Kept in the order their answers began: the expired ones lead.
         let now = Instant::now();
@@ -110,11 +118,16 @@ impl Pool {
         kept.drain(..expired);
         // Closed by the server (a restart): left, they would fill the pool.
         kept.retain(|k| !k.sender.is_closed());
-        // Ready: its last answer has been read.
+        // Ready: its last answer has been read. One opened on this thread first: its task
+        // runs here, so with connections pinned to threads the call wakes no other thread.
+        let here = std::thread::current().id();
+        let usable = |k: &Kept| k.authority.as_str() == authority.as_str() && k.sender.is_ready();
         let newest = kept
             .iter()
-            .rposition(|k| k.authority.as_str() == authority.as_str() && k.sender.is_ready())?;
-        Some(kept.remove(newest).sender)
+            .rposition(|k| k.thread == here && usable(k))
+            .or_else(|| kept.iter().rposition(usable))?;
+        let taken = kept.remove(newest);
+        Some((taken.sender, taken.thread))
     }
 
     /// Keeps a connection for the next request. An HTTP/1.1 connection carries one exchange at
@@ -122,7 +135,12 @@ impl Pool {
     /// been read (kept at once, without a task to wait for that, as a call's answer is read on
     /// the caller's task). A connection whose answer is left unread is closed by hyper, and
     /// dropped when a request looks.
-    fn keep(self: &Arc<Self>, authority: Authority, sender: SendRequest<Full<Bytes>>) {
+    fn keep(
+        self: &Arc<Self>,
+        authority: Authority,
+        sender: SendRequest<Full<Bytes>>,
+        thread: std::thread::ThreadId,
+    ) {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         if kept.len() >= MAX_KEPT {
             // Not kept: hyper closes it once its answer is read.
@@ -131,6 +149,7 @@ impl Pool {
         kept.push(Kept {
             authority,
             sender,
+            thread,
             since: Instant::now(),
         });
         // Under the lock, as the reaper decides to stop under it.
@@ -192,6 +211,11 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    #[cfg(test)]
+    fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
     /// The endpoint of `url`, an absolute `http://` URL.
     pub fn new(url: &Uri) -> Result<Endpoint, String> {
         let authority = url
@@ -302,6 +326,13 @@ mod tests {
         Endpoint::new(url).unwrap()
     }
 
+    /// The body of the server's streaming answer, its first part on its way.
+    async fn streaming(pool: &Arc<Pool>, url: &Uri) -> Incoming {
+        let stream = format!("http://{}/stream", url.authority().unwrap());
+        let resp = pool.send(&at(&stream.parse().unwrap()), get()).await;
+        resp.unwrap().into_body()
+    }
+
     async fn text(resp: Response<Incoming>) -> String {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(body.to_vec()).unwrap()
@@ -324,11 +355,7 @@ mod tests {
     async fn a_connection_whose_answer_is_still_coming_is_not_taken() {
         let (url, accepted, release) = server().await;
         let pool = Arc::new(Pool::default());
-        let stream_url: Uri = format!("http://{}/stream", url.authority().unwrap())
-            .parse()
-            .unwrap();
-        let streaming = pool.send(&at(&stream_url), get()).await.unwrap();
-        let mut body = streaming.into_body();
+        let mut body = streaming(&pool, &url).await;
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(first, "first ");
         // The stream holds its connection: this call gets one of its own.
@@ -384,10 +411,7 @@ mod tests {
     async fn an_answer_left_unread_does_not_leave_its_connection_behind() {
         let (url, accepted, _) = server().await;
         let pool = Arc::new(Pool::default());
-        let stream_url: Uri = format!("http://{}/stream", url.authority().unwrap())
-            .parse()
-            .unwrap();
-        drop(pool.send(&at(&stream_url), get()).await.unwrap());
+        drop(streaming(&pool, &url).await);
         let said = text(pool.send(&at(&url), get()).await.unwrap()).await;
         assert!(said.starts_with("/mcp?x=1 "), "{said}");
         // The stream's connection was closed, not taken: the call had one of its own.
@@ -429,14 +453,7 @@ mod tests {
     async fn an_answer_streaming_longer_than_a_connection_is_kept_still_ends_whole() {
         let (url, accepted, release) = server().await;
         let pool = Arc::new(Pool::default());
-        let stream_url: Uri = format!("http://{}/stream", url.authority().unwrap())
-            .parse()
-            .unwrap();
-        let mut body = pool
-            .send(&at(&stream_url), get())
-            .await
-            .unwrap()
-            .into_body();
+        let mut body = streaming(&pool, &url).await;
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(first, "first ");
         // The reaper lets go of the busy connection: that must not cut its answer.
@@ -449,6 +466,58 @@ mod tests {
         // Not kept, it was closed: the next call opens another.
         text(pool.send(&at(&url), get()).await.unwrap()).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_opened_on_this_thread_is_taken_before_a_newer_one_from_another() {
+        let (url, accepted, release) = server().await;
+        let pool = Arc::new(Pool::default());
+        // This thread's connection is kept first, busy with a streaming answer...
+        let mut body = streaming(&pool, &url).await;
+        // ...so another thread, with a runtime of its own, opens a second one (kept newest).
+        let (other_pool, other_url) = (pool.clone(), url.clone());
+        let (opened, parked) = tokio::sync::oneshot::channel();
+        let other = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                text(other_pool.send(&at(&other_url), get()).await.unwrap()).await;
+            });
+            opened.send(std::thread::current().id()).unwrap();
+            // Its runtime (and the connection's task) lives on until the test is done.
+            std::thread::park();
+        });
+        // Awaited, not blocked on: the test server runs on this thread.
+        let elsewhere = parked.await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        release.notify_one();
+        while body.frame().await.is_some() {}
+        for _ in 0..1000 {
+            if pool
+                .kept
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|k| k.sender.is_ready())
+            {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let authority = at(&url).authority().clone();
+        let here = std::thread::current().id();
+        let (_, thread) = pool
+            .take(&authority)
+            .expect("ready once its answer is read");
+        assert_eq!(
+            thread, here,
+            "this thread's connection first, though not the newest"
+        );
+        let (_, thread) = pool.take(&authority).expect("the other one next");
+        assert_eq!(thread, elsewhere);
+        other.thread().unpark();
     }
 
     #[tokio::test]
