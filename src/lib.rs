@@ -58,7 +58,7 @@ pub struct Running {
     _plugin_watcher: Option<plugins::Watcher>,
     /// The threads client connections are pinned to: they end last, once the gateway has shut
     /// down (or when this is dropped).
-    _serving: Option<Arc<serving::Serving>>,
+    serving: Option<Arc<serving::Serving>>,
 }
 
 /// Why the gateway could not start.
@@ -110,6 +110,11 @@ impl Running {
         self.gateway.shutdown().await;
         if let Some(o) = &self.gateway.orchestrator {
             o.shutdown().await;
+        }
+        // The connections still open end with their threads, before the audit trail closes:
+        // what their drop records (an abandoned call) is written.
+        if let Some(serving) = self.serving.and_then(|s| Arc::try_unwrap(s).ok()) {
+            serving.stop().await;
         }
         self.gateway.audit.close().await;
     }
@@ -201,7 +206,7 @@ pub async fn start_with(
     let watcher =
         (!gateway.config.plugins.modules.is_empty()).then(|| gateway.plugins.watch_every(interval));
     Ok(Running {
-        _serving: serving,
+        serving,
         tls_reload,
         _plugin_watcher: watcher,
         gateway,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 
@@ -21,7 +21,7 @@ use crate::body::Body;
 use crate::config::McpSettings;
 use crate::gateway::Gateway;
 use crate::mcp::{front, http_sse, jsonrpc};
-use crate::serving::Serving;
+use crate::serving::{Serving, Streams};
 use crate::tls::{ClientCertificate, ListenerTls};
 
 /// The MCP endpoint path.
@@ -64,6 +64,7 @@ pub async fn bind(
     let local_addr = listener.local_addr()?;
     let limits = Arc::new(Limits::new(&gw.config.mcp));
     let (stop, mut stopped) = watch::channel(false);
+    let streams = Streams(tokio::runtime::Handle::current());
     let task = tokio::spawn(async move {
         let mut backoff = ACCEPT_BACKOFF.0;
         loop {
@@ -98,13 +99,14 @@ pub async fn bind(
                 Err(refused) => tracing::debug!(%peer, "connection refused: {refused}"),
                 Ok(admitted) => match &serving {
                     Some(serving) => {
-                        let (gw, tls) = (gw.clone(), tls.clone());
+                        let (gw, tls, streams) = (gw.clone(), tls.clone(), streams.clone());
                         serving.spawn(stream, move |stream| {
-                            accept(gw, tls, stream, peer, admitted)
+                            accept(gw, tls, streams, stream, peer, admitted)
                         });
                     }
                     None => {
-                        tokio::spawn(accept(gw.clone(), tls.clone(), stream, peer, admitted));
+                        let (gw, tls, streams) = (gw.clone(), tls.clone(), streams.clone());
+                        tokio::spawn(accept(gw, tls, streams, stream, peer, admitted));
                     }
                 },
             }
@@ -122,6 +124,7 @@ pub async fn bind(
 async fn accept(
     gw: Arc<Gateway>,
     tls: Option<Arc<ListenerTls>>,
+    streams: Streams,
     stream: TcpStream,
     peer: SocketAddr,
     slot: Admitted,
@@ -129,7 +132,7 @@ async fn accept(
     configure_socket(&stream, gw.config.mcp.keepalive_interval);
     let deadline = gw.config.mcp.header_timeout;
     let Some(tls) = tls else {
-        return serve_connection(gw, stream, peer, slot, deadline, None).await;
+        return serve_connection(gw, streams, stream, peer, slot, deadline, None).await;
     };
     let accepted = std::time::Instant::now();
     let handshake = tls.acceptor().accept(stream);
@@ -138,7 +141,7 @@ async fn accept(
             let certificate = ClientCertificate(tls.principal_of(stream.get_ref().1));
             // The first request is due by the same deadline from accept, not a fresh one.
             let left = deadline.saturating_sub(accepted.elapsed());
-            serve_connection(gw, stream, peer, slot, left, Some(certificate)).await
+            serve_connection(gw, streams, stream, peer, slot, left, Some(certificate)).await
         }
         Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
         Err(_) => tracing::debug!(%peer, "TLS handshake not finished in time"),
@@ -150,6 +153,7 @@ async fn accept(
 /// the listener asks for them).
 async fn serve_connection<S>(
     gw: Arc<Gateway>,
+    streams: Streams,
     stream: S,
     peer: SocketAddr,
     _slot: Admitted,
@@ -159,7 +163,9 @@ async fn serve_connection<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mcp = &gw.config.mcp;
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // HTTP/2 streams on the shared runtime (see `Streams`); HTTP/1 calls run in the
+    // connection's own task.
+    let mut builder = hyper_util::server::conn::auto::Builder::new(streams);
     builder
         .http1()
         .timer(TokioTimer::new())

@@ -12,12 +12,32 @@ use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
-/// Threads serving client connections; they end (and their connections with them) when this
-/// is dropped.
+/// Threads serving client connections; they end (and their connections with them) on
+/// [`Serving::stop`], or when this is dropped.
 pub struct Serving {
     threads: Vec<Thread>,
-    _stop: watch::Sender<()>,
+    stop: watch::Sender<()>,
+    joins: Vec<std::thread::JoinHandle<()>>,
 }
+
+/// Where an HTTP/2 connection's streams run: on the shared runtime, so the calls a client (a
+/// proxy, say) multiplexes on one connection spread over every worker, not its one thread.
+#[derive(Clone)]
+pub struct Streams(pub Handle);
+
+impl<F> hyper::rt::Executor<F> for Streams
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        self.0.spawn(stream);
+    }
+}
+
+/// Blocking threads (name lookups, file reads) all serving threads may start together: what
+/// one shared runtime allowed.
+const BLOCKING_THREADS: usize = 512;
 
 struct Thread {
     handle: Handle,
@@ -28,20 +48,26 @@ struct Thread {
 impl Serving {
     /// Starts `n` threads (at least one).
     pub fn start(n: usize) -> std::io::Result<Serving> {
+        let n = n.max(1);
         let (stop, stopped) = watch::channel(());
-        let mut threads = Vec::with_capacity(n.max(1));
-        for i in 0..n.max(1) {
+        let mut threads = Vec::with_capacity(n);
+        let mut joins = Vec::with_capacity(n);
+        for i in 0..n {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .max_blocking_threads((BLOCKING_THREADS / n).max(16))
                 .build()?;
             let handle = runtime.handle().clone();
             let mut stopped = stopped.clone();
-            std::thread::Builder::new()
-                .name(format!("serving-{i}"))
-                .spawn(move || {
-                    // Ends when the sender is dropped; the runtime's tasks are dropped with it.
-                    runtime.block_on(async move { while stopped.changed().await.is_ok() {} });
-                })?;
+            joins.push(
+                std::thread::Builder::new()
+                    .name(format!("serving-{i}"))
+                    .spawn(move || {
+                        // Ends when the sender is dropped; the runtime's tasks are dropped with
+                        // it, on this thread.
+                        runtime.block_on(async move { while stopped.changed().await.is_ok() {} });
+                    })?,
+            );
             threads.push(Thread {
                 handle,
                 connections: Arc::new(AtomicUsize::new(0)),
@@ -49,8 +75,23 @@ impl Serving {
         }
         Ok(Serving {
             threads,
-            _stop: stop,
+            stop,
+            joins,
         })
+    }
+
+    /// Ends the threads and waits until they have: by then every task they ran (the
+    /// connections, what those spawned) has been dropped, and whatever its drop records
+    /// (an abandoned call's audit record, a process to reap) is done.
+    pub async fn stop(self) {
+        let Serving { stop, joins, .. } = self;
+        drop(stop);
+        let joined = tokio::task::spawn_blocking(move || {
+            for thread in joins {
+                let _ = thread.join();
+            }
+        });
+        let _ = joined.await;
     }
 
     /// Threads serving.
@@ -155,6 +196,36 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         assert_eq!(counts(), [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn stopping_the_threads_waits_until_what_they_served_is_dropped() {
+        let serving = Serving::start(2).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dropped = Arc::new(AtomicUsize::new(0));
+        for _ in 0..2 {
+            let (_client, server) = accepted(&listener).await;
+            let guard = Dropped(dropped.clone());
+            serving.spawn(server, move |stream| async move {
+                let _held = (stream, guard);
+                std::future::pending::<()>().await;
+            });
+        }
+        serving.stop().await;
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            2,
+            "both dropped before stop returned"
+        );
+    }
+
+    /// Counts its drops.
+    struct Dropped(Arc<AtomicUsize>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     #[tokio::test]

@@ -513,14 +513,32 @@ async fn serves_concurrent_sessions(
     )
     .await
     .expect("all calls answered");
+    // The serving threads, and that each served: a thread that only waited was woken once or
+    // twice, one that served dozens of calls far more often.
     let pid = gateway.id().expect("running");
-    let mut threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+    let mut threads: Vec<(String, u64)> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|name| name.trim().to_owned())
-        .filter(|name| name.starts_with("serving-"))
+        .filter_map(|t| {
+            let task = t.ok()?.path();
+            let name = std::fs::read_to_string(task.join("comm")).ok()?;
+            let status = std::fs::read_to_string(task.join("status")).ok()?;
+            let woken = status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((name.trim().to_owned(), woken))
+        })
+        .filter(|(name, _)| name.starts_with("serving-"))
         .collect();
     threads.sort();
+    for (name, woken) in &threads {
+        assert!(
+            *woken >= 10,
+            "{name} was woken {woken} times: it served nothing"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
-    threads
+    threads.into_iter().map(|(name, _)| name).collect()
 }

@@ -451,6 +451,17 @@ async fn http2_clients_are_served_on_loopback() {
         .build_http();
     c.initialize(json!({})).await;
     still_healthy(&c).await;
+    // Calls multiplexed on the one connection at once (its streams run on the shared runtime,
+    // its connection on one serving thread).
+    let calls = (0..16).map(|i| {
+        let c = &c;
+        async move {
+            let said = format!("stream {i}");
+            let text = c.tool_text(i, "echo", json!({ "text": said })).await;
+            assert!(text.contains(&said), "{text}");
+        }
+    });
+    futures::future::join_all(calls).await;
     // :authority and a differing Host header disagree: refused.
     let req = c
         .request("POST", Bytes::new())

@@ -474,6 +474,7 @@ pub(crate) fn is_json(content_type: Option<&HeaderValue>) -> bool {
 /// Whether an `Accept` header lists each of `media` (itself, `*/*`, or its type with `/*`):
 /// one pass over the header, whatever the number of media asked about.
 pub(crate) fn accepts(headers: &HeaderMap, media: &[&str]) -> bool {
+    debug_assert!(media.len() < 32, "one bit per media type");
     let mut missing: u32 = (1 << media.len()) - 1;
     for value in headers.get_all(ACCEPT) {
         // Split byte by byte: these lists are short, and a searcher's setup costs more than the

@@ -23,7 +23,9 @@ use super::client::Resolver;
 /// How long after its last answer began a connection may still be used (so it has been idle no
 /// longer than this): below common server keep-alive
 /// timeouts (Node's is 5 s), so a request rarely meets a connection the server is closing.
-const IDLE: Duration = Duration::from_secs(4);
+/// An answer that takes longer (a long call, a listen stream) leaves its connection to be closed
+/// rather than used again: safe, if not thrifty. Tests run on loaded machines: a minute there.
+const IDLE: Duration = Duration::from_secs(if cfg!(test) { 60 } else { 4 });
 /// Most connections kept per server, busy or idle (more are closed once their answer is read).
 const MAX_KEPT: usize = 1024;
 /// Kept connections a request may find closed by the server before it is sent on a new one:
