@@ -86,11 +86,11 @@ fn on_tick(store: StoreContextMut<'_, HostState>) -> wasmtime::Result<UpdateDead
 /// One hook call's input.
 pub(crate) enum HookCall<'a> {
     /// `on-request` over the arguments.
-    Request(&'a bindings::CallContext, &'a str),
+    Request(&'a bindings::CallContext<'a>, &'a str),
     /// `on-response` over the result.
-    Response(&'a bindings::CallContext, &'a str),
+    Response(&'a bindings::CallContext<'a>, &'a str),
     /// `filter-list` over entries.
-    FilterList(&'a bindings::CallContext, &'a [bindings::ListEntry]),
+    FilterList(&'a bindings::CallContext<'a>, &'a [bindings::ListEntry<'a>]),
 }
 
 /// One hook call's answer.
@@ -242,15 +242,15 @@ impl LoadedPlugin {
         let result = guard(async move {
             match input {
                 HookCall::Request(ctx, args) => hooks
-                    .call_on_request(store, ctx, args)
+                    .call_on_request(store, ctx.clone(), args)
                     .await
                     .map(HookAnswer::Decision),
                 HookCall::Response(ctx, result) => hooks
-                    .call_on_response(store, ctx, result)
+                    .call_on_response(store, ctx.clone(), result)
                     .await
                     .map(HookAnswer::Decision),
                 HookCall::FilterList(ctx, entries) => hooks
-                    .call_filter_list(store, ctx, entries)
+                    .call_filter_list(store, ctx.clone(), entries)
                     .await
                     .map(HookAnswer::Visible),
             }

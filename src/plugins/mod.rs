@@ -428,7 +428,8 @@ impl PluginSet {
         name: &str,
         mode: Mode,
     ) -> Option<Denied> {
-        if self.is_empty() {
+        // Asked before every call: skip building the one-entry listing when no plugin filters.
+        if !self.plugins.iter().any(|p| p.hooks.filter_list) {
             return None;
         }
         let list_method = match kind {
@@ -487,7 +488,8 @@ impl PluginSet {
         if order.is_empty() {
             return Ok(hidden);
         }
-        let wit_ctx = to_wit_ctx(ctx);
+        let (groups, scopes) = (as_strs(ctx.groups), as_strs(ctx.scopes));
+        let wit_ctx = to_wit_ctx(ctx, &groups, &scopes);
         for (i, chains) in order {
             let plugin = &self.plugins[i];
             let picked: Vec<usize> = (0..entries.len())
@@ -501,8 +503,15 @@ impl PluginSet {
             if picked.is_empty() {
                 continue;
             }
-            let wit_entries: Vec<bindings::ListEntry> =
-                picked.iter().map(|&e| to_wit_entry(&entries[e])).collect();
+            let labels: Vec<Vec<&str>> = picked
+                .iter()
+                .map(|&e| entries[e].labels.iter().map(String::as_str).collect())
+                .collect();
+            let wit_entries: Vec<bindings::ListEntry> = picked
+                .iter()
+                .zip(&labels)
+                .map(|(&e, labels)| to_wit_entry(&entries[e], labels))
+                .collect();
             let started = Instant::now();
             let result = plugin
                 .call(
@@ -555,7 +564,8 @@ impl PluginSet {
             return Decision::Allow;
         }
         let mut rewritten: Option<String> = None;
-        let mut wit_ctx: Option<bindings::CallContext> = None;
+        let (groups, scopes) = (as_strs(ctx.groups), as_strs(ctx.scopes));
+        let wit_ctx = to_wit_ctx(ctx, &groups, &scopes);
         let mut seen: Vec<usize> = Vec::new();
         for chain in self.chains.iter().filter(|c| c.matches_call(ctx)) {
             for &i in &chain.plugins {
@@ -568,12 +578,11 @@ impl PluginSet {
                     continue;
                 }
                 seen.push(i);
-                let wctx = wit_ctx.get_or_insert_with(|| to_wit_ctx(ctx));
                 let input = rewritten.as_deref().unwrap_or(payload);
                 let started = Instant::now();
                 let call = match hook {
-                    Hook::Request => HookCall::Request(wctx, input),
-                    Hook::Response => HookCall::Response(wctx, input),
+                    Hook::Request => HookCall::Request(&wit_ctx, input),
+                    Hook::Response => HookCall::Response(&wit_ctx, input),
                 };
                 let result = plugin.call(ctx.session_id, ctx.principal, call, mode).await;
                 let result = result.and_then(|answer| match answer {
@@ -649,20 +658,29 @@ fn record_time(plugin: &LoadedPlugin, started: Instant) {
         .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
-fn to_wit_ctx(ctx: &CallContext<'_>) -> bindings::CallContext {
+/// The strings of `items`, borrowed (no allocation when there are none, the usual case).
+fn as_strs(items: &[Box<str>]) -> Vec<&str> {
+    items.iter().map(|i| &**i).collect()
+}
+
+fn to_wit_ctx<'a>(
+    ctx: &CallContext<'a>,
+    groups: &'a [&'a str],
+    scopes: &'a [&'a str],
+) -> bindings::CallContext<'a> {
     bindings::CallContext {
-        method: ctx.method.to_string(),
-        server: ctx.server.to_string(),
-        name: ctx.name.map(str::to_string),
-        principal: ctx.principal.map(str::to_string),
-        session_id: ctx.session_id.to_string(),
-        profile: ctx.profile.map(str::to_string),
-        groups: ctx.groups.iter().map(|g| g.to_string()).collect(),
-        scopes: ctx.scopes.iter().map(|s| s.to_string()).collect(),
+        method: ctx.method,
+        server: ctx.server,
+        name: ctx.name,
+        principal: ctx.principal,
+        session_id: ctx.session_id,
+        profile: ctx.profile,
+        groups,
+        scopes,
     }
 }
 
-fn to_wit_entry(e: &ListEntry) -> bindings::ListEntry {
+fn to_wit_entry<'a>(e: &'a ListEntry, labels: &'a [&'a str]) -> bindings::ListEntry<'a> {
     bindings::ListEntry {
         kind: match e.kind {
             EntryKind::Tool => bindings::EntryKind::Tool,
@@ -671,8 +689,8 @@ fn to_wit_entry(e: &ListEntry) -> bindings::ListEntry {
             EntryKind::ResourceTemplate => bindings::EntryKind::ResourceTemplate,
             EntryKind::Server => bindings::EntryKind::Server,
         },
-        name: e.name.clone(),
-        description: e.description.clone(),
-        labels: e.labels.clone(),
+        name: &e.name,
+        description: e.description.as_deref(),
+        labels,
     }
 }
