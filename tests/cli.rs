@@ -542,3 +542,69 @@ async fn serves_concurrent_sessions(
     let _ = std::fs::remove_dir_all(&dir);
     threads.into_iter().map(|(name, _)| name).collect()
 }
+
+/// `plugins.engine.perf_map` names each compiled plugin function in `/tmp/perf-PID.map`
+/// (where `perf` looks for JIT code); off, no file is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_engine_writes_a_perf_map_only_when_asked() {
+    use tokio::io::AsyncBufReadExt;
+    let noop = concat!(env!("CARGO_MANIFEST_DIR"), "/target/plugins/noop.wasm");
+    assert!(
+        std::path::Path::new(noop).exists(),
+        "build the plugins first (plugins/build.sh)"
+    );
+    for perf_map in [true, false] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("gatehouse-perf-map-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("gatehouse.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:{port}\nupstreams:\n{}plugins:\n  modules:\n    - {{ name: noop, path: {noop:?} }}\n  chains:\n    - {{ plugins: [noop] }}\n  engine: {{ perf_map: {perf_map}, cache_dir: {:?} }}\n",
+                support::example("ex", &[], ""),
+                dir.join("cache"),
+            ),
+        )
+        .unwrap();
+        let mut gateway = tokio::process::Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("runs");
+        let pid = gateway.id().expect("running");
+        let map = std::path::PathBuf::from(format!("/tmp/perf-{pid}.map"));
+        let _ = std::fs::remove_file(&map);
+        let mut lines = tokio::io::BufReader::new(gateway.stderr.take().unwrap()).lines();
+        tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("gatehouse listening") {
+                    return;
+                }
+            }
+            panic!("the gateway ended before listening");
+        })
+        .await
+        .expect("the gateway starts");
+        // Plugins are loaded before the listener opens.
+        let written = std::fs::read_to_string(&map).unwrap_or_default();
+        let named = written
+            .lines()
+            .filter(|l| l.contains("wasm[0]::function["))
+            .count();
+        if perf_map {
+            assert!(named > 10, "perf map {}:\n{written}", map.display());
+        } else {
+            assert_eq!(named, 0, "no perf map when not asked for: {written}");
+        }
+        gateway.kill().await.unwrap();
+        let _ = std::fs::remove_file(&map);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -139,6 +139,10 @@ pub struct EngineConfig {
     /// Largest memory limit a plugin may be given.
     #[serde(default = "default_max_memory")]
     pub max_memory: ByteSize,
+    /// Name every compiled plugin function in `/tmp/perf-PID.map`, so `perf` shows where
+    /// guest time goes (off by default: the file grows with each compile).
+    #[serde(default)]
+    pub perf_map: bool,
 }
 
 impl Default for EngineConfig {
@@ -148,6 +152,7 @@ impl Default for EngineConfig {
             cache: true,
             max_instances: default_max_instances(),
             max_memory: default_max_memory(),
+            perf_map: false,
         }
     }
 }

@@ -59,6 +59,9 @@ impl Runtime {
         // it off halves the cost of a warm call.
         config.concurrency_support(false);
         config.epoch_interruption(true);
+        if settings.perf_map {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(&settings)));
         let cache = if settings.cache {
             let dir = cache_dir(&settings);
