@@ -425,19 +425,25 @@ async fn a_gateway_on_the_shared_runtime_serves_concurrent_sessions() {
 /// Runs a gateway with `runtime` settings, checks what its log says of them (`workers`, and
 /// `pinned` when its connections are pinned to threads, else that they are not), serves
 /// sessions in parallel through it; answers the names of its serving threads.
+/// A free loopback port for a gateway, and a scratch directory named after it.
+fn scratch(name: &str) -> (u16, std::path::PathBuf) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("gatehouse-{name}-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    (port, dir)
+}
+
 async fn serves_concurrent_sessions(
     runtime: &str,
     workers: &str,
     pinned: Option<&str>,
 ) -> Vec<String> {
     use tokio::io::AsyncBufReadExt;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = std::env::temp_dir().join(format!("gatehouse-one-worker-{port}"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (port, dir) = scratch("one-worker");
     let config = dir.join("gatehouse.yaml");
     std::fs::write(
         &config,
@@ -554,13 +560,7 @@ async fn the_plugin_engine_writes_a_perf_map_only_when_asked() {
         "build the plugins first (plugins/build.sh)"
     );
     for perf_map in [true, false] {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("gatehouse-perf-map-{port}"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let (port, dir) = scratch("perf-map");
         let config = dir.join("gatehouse.yaml");
         std::fs::write(
             &config,
