@@ -86,9 +86,22 @@ impl http_body::Body for Body {
     }
 }
 
+/// Room in a response's header map for the headers of the connection's next request: hyper
+/// parses that request into the map this response leaves behind, and a map too small for it
+/// is allocated again (about 1.9 k instructions when an `Authorization` header made a
+/// request's seventh). 16 leaves room for 24 headers.
+const NEXT_REQUEST_HEADERS: usize = 16;
+
+/// A 200 response with `body` and a header map with room for the next request's headers.
+pub(crate) fn response(body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.headers_mut() = http::HeaderMap::with_capacity(NEXT_REQUEST_HEADERS);
+    r
+}
+
 /// A JSON response with `status`.
 pub(crate) fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut r = Response::new(Body::full(body));
+    let mut r = response(Body::full(body));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -105,7 +118,7 @@ pub(crate) fn sse_response_after(
     prelude: Option<Bytes>,
     rx: mpsc::Receiver<Bytes>,
 ) -> Response<Body> {
-    let mut r = Response::new(Body::Sse {
+    let mut r = response(Body::Sse {
         prelude,
         frames: rx,
     });
@@ -118,7 +131,7 @@ pub(crate) fn sse_response_after(
 
 /// An SSE response of events already encoded.
 pub(crate) fn events_response(events: mpsc::Receiver<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Body::Events(events));
+    let mut r = response(Body::Events(events));
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     r.headers_mut()
@@ -128,7 +141,7 @@ pub(crate) fn events_response(events: mpsc::Receiver<Bytes>) -> Response<Body> {
 
 /// 202 Accepted, no body.
 pub(crate) fn accepted() -> Response<Body> {
-    let mut r = Response::new(Body::Empty);
+    let mut r = response(Body::Empty);
     *r.status_mut() = StatusCode::ACCEPTED;
     r
 }

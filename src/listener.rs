@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 
-use crate::body::Body;
+use crate::body::{Body, response};
 use crate::config::McpSettings;
 use crate::gateway::Gateway;
 use crate::mcp::{front, http_sse, jsonrpc};
@@ -570,7 +570,7 @@ fn operator_refusal(gw: &Gateway, req: &Request<hyper::body::Incoming>) -> Optio
         req.headers()
     };
     let e = front::check_host_and_origin(&gw.config, authority, headers).err()?;
-    let mut r = Response::new(Body::full(
+    let mut r = response(Body::full(
         serde_json::json!({ "error": e.to_string() }).to_string(),
     ));
     *r.status_mut() = e.status();
@@ -583,7 +583,7 @@ fn operator_refusal(gw: &Gateway, req: &Request<hyper::body::Incoming>) -> Optio
 const PROFILE_PREFIX: &str = "/mcp/";
 
 fn not_found(path: &str) -> Response<Body> {
-    let mut r = Response::new(Body::full(jsonrpc::error_response(
+    let mut r = response(Body::full(jsonrpc::error_response(
         None,
         -32000,
         &format!(
@@ -609,7 +609,7 @@ fn resource_metadata(gw: &Gateway, req: &Request<hyper::body::Incoming>) -> Resp
         );
     };
     let mut r = match *req.method() {
-        http::Method::GET | http::Method::HEAD => Response::new(Body::full(doc)),
+        http::Method::GET | http::Method::HEAD => response(Body::full(doc)),
         http::Method::OPTIONS => text(StatusCode::NO_CONTENT, ""),
         _ => {
             let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
@@ -704,7 +704,7 @@ async fn registry(
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
-    let mut r = Response::new(Body::full(body));
+    let mut r = response(Body::full(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         CONTENT_TYPE,

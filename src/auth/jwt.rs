@@ -188,12 +188,14 @@ pub struct Verifier {
     groups_claim: String,
     refetch_interval: Duration,
     client: HttpClient,
-    /// Tokens verified recently, by a keyed hash of audience and token (SipHash with this
-    /// process's random keys: nobody outside can aim two tokens at one entry, and an entry
-    /// answers only the exact token and audience it holds).
-    cache: DashMap<u64, Cached>,
-    /// The keys of that hash.
-    cache_keys: std::hash::RandomState,
+    /// Tokens verified recently, by a hash of audience and token seeded at random for this
+    /// process. An entry answers only the exact token and audience it holds, so two tokens
+    /// meeting at one entry cost a verification, never a wrong answer; and only verified
+    /// tokens are entered. foldhash, not SipHash: about 0.2 k instructions
+    /// on the bench's 300-byte token against 1.3 k.
+    cache: DashMap<u64, Cached, foldhash::fast::RandomState>,
+    /// The seed of that hash.
+    cache_keys: foldhash::fast::RandomState,
 }
 
 /// A verified token, remembered.
@@ -234,8 +236,8 @@ impl Verifier {
             principal_claim: settings.principal_claim.clone(),
             groups_claim: settings.groups_claim.clone(),
             refetch_interval: settings.key_refetch_interval,
-            cache: DashMap::new(),
-            cache_keys: std::hash::RandomState::new(),
+            cache: DashMap::default(),
+            cache_keys: foldhash::fast::RandomState::default(),
             client: Client::builder(TokioExecutor::new()).build(https),
         }
     }
@@ -249,7 +251,6 @@ impl Verifier {
             return Err(TokenError::Malformed);
         }
         // Keyed by audience too: a token verified for one endpoint says nothing of another.
-        // SipHash over the token costs a tenth of a SHA-256, which a hit used to pay.
         let key = std::hash::BuildHasher::hash_one(&self.cache_keys, (audience, token));
         let now = unix_now();
         let fresh =

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Limited};
 use tokio::sync::mpsc;
 
 use crate::auth::{AuthError, Identity, Principal};
-use crate::body::Body;
+use crate::body::{Body, response};
 use crate::config::Config;
 use crate::config::profiles::ProfileConfig;
 use crate::gateway::Gateway;
@@ -892,7 +892,7 @@ async fn delete(
 ) -> Result<Response<Body>, FrontError> {
     let session = session_of(gw, &principal, profile, headers.get(SESSION_HEADER))?;
     gw.delete_session(&session.id);
-    let mut r = Response::new(Body::Empty);
+    let mut r = response(Body::Empty);
     *r.status_mut() = StatusCode::OK;
     Ok(r)
 }
