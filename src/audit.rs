@@ -460,10 +460,20 @@ impl Audit {
                 cut(text.to_mut());
             }
         }
-        // Serialized here, outside the queue's lock (most records fit this).
-        let mut body = Vec::with_capacity(384);
-        event.write_json(&mut body);
-        queue.0.push(&body, event.keep());
+        // Serialized here, outside the queue's lock, into this thread's own buffer (a record
+        // costs no allocation).
+        thread_local! {
+            static BODY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BODY.with_borrow_mut(|body| {
+            body.clear();
+            event.write_json(body);
+            queue.0.push(body, event.keep());
+            // A record with long texts is rare: its buffer is not kept.
+            if body.capacity() > 4096 {
+                *body = Vec::new();
+            }
+        });
     }
 }
 
@@ -554,6 +564,10 @@ struct Writer {
     pending_loss: u64,
     /// The line being written (reused: a line costs no allocation).
     line: Vec<u8>,
+    /// The time of the line being written, as text.
+    stamp: Stamp,
+    /// Where the copies of written lines that the views and the collector hold are made.
+    kept: Blocks,
     /// Where written lines are also shipped (OTLP logs), once the gateway started shipping.
     shipping: Arc<OnceLock<Shipping>>,
     /// The last lines written, for the admin API.
@@ -620,6 +634,8 @@ impl Writer {
             since_checkpoint: 0,
             pending_loss: 0,
             line: Vec::with_capacity(1024),
+            stamp: Stamp::default(),
+            kept: Blocks::default(),
             shipping,
             recent,
         })
@@ -797,7 +813,7 @@ impl Writer {
         line.extend_from_slice(b",\"prev\":\"");
         line.extend_from_slice(self.prev.as_bytes());
         line.extend_from_slice(b"\",\"time\":\"");
-        let _ = write!(line, "{}", humantime::format_rfc3339_millis(now));
+        line.extend_from_slice(self.stamp.of(now).as_bytes());
         line.extend_from_slice(b"\"}");
         let hash = ring::digest::digest(&ring::digest::SHA256, line);
         line.push(b'\n');
@@ -812,16 +828,22 @@ impl Writer {
         self.prev.clear();
         hex_into(&mut self.prev, hash.as_ref());
         self.written += line.len() as u64;
-        // A copy of the line's own length: what the views budget is what they hold.
-        let written = Bytes::copy_from_slice(&line[..line.len() - 1]);
+        let line = &line[..line.len() - 1];
+        let ship = self.shipping.get();
+        if matches!(keep, Keep::Nowhere) && ship.is_none() {
+            return self.rotate_if_full();
+        }
+        let written = self.kept.copy(line);
         if !matches!(keep, Keep::Nowhere) {
             let mut kept = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-            kept.all.push(written.clone());
             if matches!(keep, Keep::AllAndDecisions) {
-                kept.decisions.push(written.clone());
+                // A copy of its own: a decision may be kept long after the lines around it,
+                // and must not hold their block in memory.
+                kept.decisions.push(Bytes::copy_from_slice(line));
             }
+            kept.all.push(written.clone());
         }
-        if let Some(ship) = self.shipping.get() {
+        if let Some(ship) = ship {
             let shipped = Shipped {
                 line: written,
                 seq,
@@ -834,6 +856,10 @@ impl Writer {
                 ship.dropped.inc();
             }
         }
+        self.rotate_if_full();
+    }
+
+    fn rotate_if_full(&mut self) {
         if self.written >= self.max_bytes {
             self.rotate();
         }
@@ -862,6 +888,51 @@ impl Writer {
             }
             Err(e) => tracing::error!("cannot open a new audit file: {e}"),
         }
+    }
+}
+
+/// A record's time as RFC 3339 text (milliseconds, UTC), formatted once per millisecond:
+/// under load the writer writes many lines within one.
+#[derive(Default)]
+struct Stamp {
+    /// The millisecond `text` shows (since the Unix epoch).
+    millis: Option<u128>,
+    text: String,
+}
+
+impl Stamp {
+    fn of(&mut self, now: SystemTime) -> &str {
+        use std::fmt::Write as _;
+        // A clock before 1970 reads as 1970 (humantime panics on such a time).
+        let now = now.max(std::time::UNIX_EPOCH);
+        let millis = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        if self.millis != Some(millis) {
+            self.millis = Some(millis);
+            self.text.clear();
+            let _ = write!(self.text, "{}", humantime::format_rfc3339_millis(now));
+        }
+        &self.text
+    }
+}
+
+/// Bytes of one block of [`Blocks`].
+const BLOCK: usize = 64 * 1024;
+
+/// Copies of lines made into shared blocks: a line costs no allocation of its own, and a block
+/// is freed once the views and the collector hold none of its lines (the view of every record
+/// holds only the newest lines, a few blocks).
+#[derive(Default)]
+struct Blocks(bytes::BytesMut);
+
+impl Blocks {
+    fn copy(&mut self, line: &[u8]) -> Bytes {
+        if self.0.capacity() - self.0.len() < line.len() {
+            self.0 = bytes::BytesMut::with_capacity(BLOCK.max(line.len()));
+        }
+        self.0.extend_from_slice(line);
+        self.0.split().freeze()
     }
 }
 
@@ -1464,6 +1535,42 @@ mod tests {
                 .contains("mallory")
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_stamp_is_the_time_of_each_line_to_the_millisecond() {
+        let mut stamp = Stamp::default();
+        let base = std::time::UNIX_EPOCH + Duration::from_millis(1_764_806_400_123);
+        for (offset_us, want) in [
+            (0, "2025-12-04T00:00:00.123Z"),
+            (500, "2025-12-04T00:00:00.123Z"),
+            (999, "2025-12-04T00:00:00.123Z"),
+            (1_000, "2025-12-04T00:00:00.124Z"),
+            (0, "2025-12-04T00:00:00.123Z"),
+            (86_400_000_000, "2025-12-05T00:00:00.123Z"),
+        ] {
+            let now = base + Duration::from_micros(offset_us);
+            assert_eq!(stamp.of(now), want);
+            assert_eq!(
+                stamp.of(now),
+                humantime::format_rfc3339_millis(now).to_string()
+            );
+        }
+        // A clock before 1970 (humantime panics on such a time) reads as 1970.
+        let before = std::time::UNIX_EPOCH - Duration::from_millis(1);
+        assert_eq!(stamp.of(before), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn kept_copies_are_the_lines_whatever_their_size() {
+        let mut blocks = Blocks::default();
+        let lines: Vec<Vec<u8>> = (0..2_000)
+            .map(|i| vec![b'a' + (i % 26) as u8; if i % 500 == 7 { BLOCK + 10 } else { i % 300 }])
+            .collect();
+        let copies: Vec<Bytes> = lines.iter().map(|l| blocks.copy(l)).collect();
+        for (line, copy) in lines.iter().zip(&copies) {
+            assert_eq!(&copy[..], &line[..]);
+        }
     }
 
     #[test]

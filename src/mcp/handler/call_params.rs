@@ -35,8 +35,16 @@ impl<'a> CallParams<'a> {
     }
     /// The name called.
     pub(super) fn name(&self) -> Result<String, String> {
-        let raw = self.name.ok_or("missing params.name")?;
-        serde_json::from_str(raw.get()).map_err(|_| "params.name must be a string".into())
+        let raw = self.name.ok_or("missing params.name")?.get();
+        // Most names need no unescaping: taken as they are, without a second parse.
+        if let Some(plain) = raw
+            .strip_prefix('"')
+            .and_then(|r| r.strip_suffix('"'))
+            .filter(|r| !r.contains('\\'))
+        {
+            return Ok(plain.to_owned());
+        }
+        serde_json::from_str(raw).map_err(|_| "params.name must be a string".into())
     }
 
     /// The arguments as JSON text (`{}` when absent).
@@ -258,6 +266,12 @@ mod tests {
             CallParams::read(None).unwrap().name().unwrap_err(),
             "missing params.name"
         );
+        // Text without escapes is taken as it is; escapes are read as what they stand for.
+        assert_eq!(
+            read(r#"{"name":"é ✓ 𝄞 t/x"}"#).unwrap().name().unwrap(),
+            "é ✓ 𝄞 t/x"
+        );
+        assert_eq!(read(r#"{"name":""}"#).unwrap().name().unwrap(), "");
         // Escapes in the name are read as the text they stand for.
         assert_eq!(
             read(r#"{"name":"ech\u006f"}"#).unwrap().name().unwrap(),
