@@ -37,7 +37,8 @@ const FILE_BUFFER: usize = 64 * 1024;
 /// Written lines kept in memory for the admin API (the console's recent activity), per
 /// kind of view, at most.
 pub const RECENT: usize = 500;
-/// Bytes of lines kept in memory per view, at most.
+/// Bytes of lines kept in memory per view, at most (the view of every record holds them in
+/// [`Blocks`]: up to two blocks more).
 const RECENT_BYTES: usize = 1 << 20;
 
 /// The last lines written, in two views: every record (checkpoints aside), and the decisions
@@ -465,15 +466,22 @@ impl Audit {
         thread_local! {
             static BODY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        BODY.with_borrow_mut(|body| {
+        let written = BODY.try_with(|body| {
+            let mut body = body.borrow_mut();
             body.clear();
-            event.write_json(body);
-            queue.0.push(body, event.keep());
+            event.write_json(&mut body);
+            queue.0.push(&body, event.keep());
             // A record with long texts is rare: its buffer is not kept.
             if body.capacity() > 4096 {
                 *body = Vec::new();
             }
         });
+        // A thread tearing down its locals (a call dropped as its runtime ends) still records.
+        if written.is_err() {
+            let mut body = Vec::new();
+            event.write_json(&mut body);
+            queue.0.push(&body, event.keep());
+        }
     }
 }
 
@@ -829,23 +837,21 @@ impl Writer {
         hex_into(&mut self.prev, hash.as_ref());
         self.written += line.len() as u64;
         let line = &line[..line.len() - 1];
-        let ship = self.shipping.get();
-        if matches!(keep, Keep::Nowhere) && ship.is_none() {
-            return self.rotate_if_full();
-        }
-        let written = self.kept.copy(line);
         if !matches!(keep, Keep::Nowhere) {
+            let written = self.kept.copy(line);
             let mut kept = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             if matches!(keep, Keep::AllAndDecisions) {
                 // A copy of its own: a decision may be kept long after the lines around it,
                 // and must not hold their block in memory.
                 kept.decisions.push(Bytes::copy_from_slice(line));
             }
-            kept.all.push(written.clone());
+            kept.all.push(written);
         }
-        if let Some(ship) = ship {
+        if let Some(ship) = self.shipping.get() {
             let shipped = Shipped {
-                line: written,
+                // A copy of its own too: lines wait for the collector in any order of
+                // release, and must not each hold a block.
+                line: Bytes::copy_from_slice(line),
                 seq,
                 time_ns: now
                     .duration_since(std::time::UNIX_EPOCH)
@@ -856,10 +862,6 @@ impl Writer {
                 ship.dropped.inc();
             }
         }
-        self.rotate_if_full();
-    }
-
-    fn rotate_if_full(&mut self) {
         if self.written >= self.max_bytes {
             self.rotate();
         }
@@ -920,9 +922,9 @@ impl Stamp {
 /// Bytes of one block of [`Blocks`].
 const BLOCK: usize = 64 * 1024;
 
-/// Copies of lines made into shared blocks: a line costs no allocation of its own, and a block
-/// is freed once the views and the collector hold none of its lines (the view of every record
-/// holds only the newest lines, a few blocks).
+/// Copies of lines made into shared blocks, for the view of every record: a line costs no
+/// allocation of its own, and a block is freed once the view holds none of its lines. The view
+/// holds the newest lines, one after another, so at most [`RECENT_BYTES`] and two blocks.
 #[derive(Default)]
 struct Blocks(bytes::BytesMut);
 

@@ -245,7 +245,7 @@ async fn handle(
         "/admin/v1/audit" => {
             read_only(&req)?;
             let (view, limit) = audit_query(req.uri().query().unwrap_or_default())?;
-            let mut resp = Response::new(Body::full(views::audit(&gw.audit, view, limit)));
+            let mut resp = crate::body::response(Body::full(views::audit(&gw.audit, view, limit)));
             resp.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             return Ok(resp);
@@ -326,7 +326,7 @@ async fn handle(
             allow(&method, &[Method::GET], "GET")?;
             let opts = log_options(req.uri().query().unwrap_or_default())?;
             let text = runtime.logs(name, opts).await?;
-            let mut resp = Response::new(Body::full(text));
+            let mut resp = crate::body::response(Body::full(text));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -913,7 +913,7 @@ fn audit_query(query: &str) -> Result<(crate::audit::View, usize), AdminError> {
 }
 
 fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
-    let mut resp = Response::new(Body::full(
+    let mut resp = crate::body::response(Body::full(
         serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()),
     ));
     *resp.status_mut() = status;
@@ -923,7 +923,7 @@ fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
 }
 
 fn empty(status: StatusCode) -> Response<Body> {
-    let mut resp = Response::new(Body::full(Bytes::new()));
+    let mut resp = crate::body::response(Body::full(Bytes::new()));
     *resp.status_mut() = status;
     resp
 }

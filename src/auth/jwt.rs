@@ -8,7 +8,7 @@
 //! made-up key ids cannot make the gateway hammer an issuer.
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -188,14 +188,14 @@ pub struct Verifier {
     groups_claim: String,
     refetch_interval: Duration,
     client: HttpClient,
-    /// Tokens verified recently, by a hash of audience and token seeded at random for this
-    /// process. An entry answers only the exact token and audience it holds, so two tokens
+    /// Tokens verified recently, by a hash of audience and token seeded from the OS random
+    /// source. An entry answers only the exact token and audience it holds, so two tokens
     /// meeting at one entry cost a verification, never a wrong answer; and only verified
-    /// tokens are entered. foldhash, not SipHash: about 0.2 k instructions
-    /// on the bench's 300-byte token against 1.3 k.
-    cache: DashMap<u64, Cached, foldhash::fast::RandomState>,
+    /// tokens are entered. foldhash, not SipHash: about 0.2 k instructions on the bench's
+    /// 300-byte token against 1.3 k.
+    cache: DashMap<u64, Cached, foldhash::fast::SeedableRandomState>,
     /// The seed of that hash.
-    cache_keys: foldhash::fast::RandomState,
+    cache_keys: foldhash::fast::SeedableRandomState,
 }
 
 /// A verified token, remembered.
@@ -206,6 +206,21 @@ struct Cached {
     verified: Verified,
     exp: u64,
     cached: Instant,
+}
+
+/// A foldhash state seeded from the OS random source (foldhash's own seed comes from addresses
+/// and the clock), falling back to foldhash's own if that source fails.
+fn random_hash_state() -> foldhash::fast::SeedableRandomState {
+    static SHARED: OnceLock<Option<foldhash::SharedSeed>> = OnceLock::new();
+    let random = || {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).ok().map(|()| u64::from_ne_bytes(b))
+    };
+    let shared = SHARED.get_or_init(|| random().map(foldhash::SharedSeed::from_u64));
+    match (shared, random()) {
+        (Some(shared), Some(seed)) => foldhash::fast::SeedableRandomState::with_seed(seed, shared),
+        _ => foldhash::fast::SeedableRandomState::random(),
+    }
 }
 
 fn unix_now() -> u64 {
@@ -236,8 +251,8 @@ impl Verifier {
             principal_claim: settings.principal_claim.clone(),
             groups_claim: settings.groups_claim.clone(),
             refetch_interval: settings.key_refetch_interval,
-            cache: DashMap::default(),
-            cache_keys: foldhash::fast::RandomState::default(),
+            cache: DashMap::with_hasher(random_hash_state()),
+            cache_keys: random_hash_state(),
             client: Client::builder(TokioExecutor::new()).build(https),
         }
     }

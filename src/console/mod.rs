@@ -38,7 +38,7 @@ pub fn serve(method: &Method, path: &str) -> Response<Body> {
     }
     let (body, kind) = match path {
         "/ui" => {
-            let mut r = Response::new(Body::Empty);
+            let mut r = crate::body::response(Body::Empty);
             *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
             r.headers_mut()
                 .insert(LOCATION, HeaderValue::from_static("/ui/"));
@@ -49,7 +49,7 @@ pub fn serve(method: &Method, path: &str) -> Response<Body> {
         "/ui/console.css" => (STYLE, "text/css; charset=utf-8"),
         _ => return plain(StatusCode::NOT_FOUND, "no such console file\n"),
     };
-    let mut r = Response::new(if method == Method::HEAD {
+    let mut r = crate::body::response(if method == Method::HEAD {
         Body::Empty
     } else {
         Body::full(body)
@@ -70,7 +70,7 @@ pub fn serve(method: &Method, path: &str) -> Response<Body> {
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut r = Response::new(Body::full(text));
+    let mut r = crate::body::response(Body::full(text));
     *r.status_mut() = status;
     r.headers_mut().insert(
         CONTENT_TYPE,

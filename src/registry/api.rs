@@ -177,7 +177,7 @@ fn answer(
     visible: super::visibility::Visible,
 ) -> Response<Body> {
     if method == Method::OPTIONS {
-        let mut r = Response::new(Body::Empty);
+        let mut r = crate::body::response(Body::Empty);
         *r.status_mut() = StatusCode::NO_CONTENT;
         return r;
     }
