@@ -574,7 +574,7 @@ struct Writer {
     line: Vec<u8>,
     /// The time of the line being written, as text.
     stamp: Stamp,
-    /// Where the copies of written lines that the views and the collector hold are made.
+    /// Where the copies of written lines that the view of every record holds are made.
     kept: Blocks,
     /// Where written lines are also shipped (OTLP logs), once the gateway started shipping.
     shipping: Arc<OnceLock<Shipping>>,
