@@ -789,3 +789,137 @@ enum ListenEnd {
     /// Open a new one (the reason is logged).
     Reopen(String),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nobody;
+
+    impl super::super::Recipient for Nobody {
+        fn deliver(&self, _: usize, _: super::super::Route, _: Message) {}
+    }
+
+    fn connection(configured: http::HeaderMap) -> Connection {
+        const UP: &str = "upstreams:\n  - { name: u, http: { url: \"http://127.0.0.1:1/mcp\" } }\n";
+        let config = crate::config::Config::from_yaml(UP).unwrap();
+        let tls = crate::outbound_tls::client_config(&Default::default()).unwrap();
+        let server = Server::new(
+            0,
+            config.upstreams[0].clone(),
+            super::super::client::client(&tls),
+            crate::metrics::Metrics::new(),
+        );
+        let inbox = Inbox {
+            recipient: Arc::new(Nobody),
+            index: 0,
+        };
+        let url = "http://127.0.0.1:1/mcp".parse().unwrap();
+        Connection::new(Arc::new(server), url, configured, inbox)
+    }
+
+    fn headers(req: &Request<Full<Bytes>>) -> Vec<(String, String)> {
+        let mut all: Vec<_> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        all.sort();
+        all
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut all: Vec<_> = list
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn requests_carry_the_configured_headers_and_the_sessions_id_and_revision_once_known() {
+        let mut configured = http::HeaderMap::new();
+        configured.insert("x-team", HeaderValue::from_static("blue"));
+        // The gateway's own Accept wins over a configured one.
+        configured.insert(ACCEPT, HeaderValue::from_static("text/plain"));
+        let c = connection(configured);
+        let post = |c: &Connection| {
+            c.request(
+                Method::POST,
+                Bytes::from_static(b"{}"),
+                "application/json, text/event-stream",
+            )
+        };
+        assert_eq!(
+            headers(&post(&c)),
+            pairs(&[
+                ("accept", "application/json, text/event-stream"),
+                ("content-type", "application/json"),
+                ("x-team", "blue"),
+            ])
+        );
+        assert_eq!((c.session_id(), c.protocol_version()), (None, None));
+
+        let c = c.in_session("s-1", Some("2025-06-18")).unwrap();
+        c.set_protocol_version(br#"{"protocolVersion":"2025-11-25","capabilities":{}}"#);
+        assert_eq!(
+            headers(&post(&c)),
+            pairs(&[
+                ("accept", "application/json, text/event-stream"),
+                ("content-type", "application/json"),
+                ("mcp-protocol-version", "2025-11-25"),
+                ("mcp-session-id", "s-1"),
+                ("x-team", "blue"),
+            ])
+        );
+        // A GET (the listen stream) and a DELETE: their own Accept, and no body to type.
+        let get = c.request(Method::GET, Bytes::new(), "text/event-stream");
+        assert_eq!(
+            headers(&get),
+            pairs(&[
+                ("accept", "text/event-stream"),
+                ("mcp-protocol-version", "2025-11-25"),
+                ("mcp-session-id", "s-1"),
+                ("x-team", "blue"),
+            ])
+        );
+        let delete = c.request(
+            Method::DELETE,
+            Bytes::new(),
+            "application/json, text/event-stream",
+        );
+        assert!(!delete.headers().contains_key(CONTENT_TYPE));
+        // A request's own additions stay its own.
+        let mut one = post(&c);
+        one.headers_mut()
+            .insert("authorization", HeaderValue::from_static("Bearer x"));
+        assert!(!post(&c).headers().contains_key("authorization"));
+        assert_eq!(
+            (c.session_id().as_deref(), c.protocol_version().as_deref()),
+            (Some("s-1"), Some("2025-11-25"))
+        );
+        c.set_stateless(String::new());
+        assert_eq!(c.protocol_version().as_deref(), Some(STATELESS));
+    }
+
+    #[test]
+    fn a_connection_joined_in_session_sends_that_session() {
+        let c = connection(http::HeaderMap::new())
+            .in_session("abc", Some("2025-06-18"))
+            .unwrap();
+        let req = c.request(
+            Method::POST,
+            Bytes::from_static(b"{}"),
+            "application/json, text/event-stream",
+        );
+        assert_eq!(req.headers()[MCP_SESSION_ID], "abc");
+        assert_eq!(req.headers()[MCP_PROTOCOL_VERSION], "2025-06-18");
+        // Not a header value: refused, not sent.
+        assert!(
+            connection(http::HeaderMap::new())
+                .in_session("a\nb", None)
+                .is_none()
+        );
+    }
+}
