@@ -290,3 +290,73 @@ async fn a_session_client_cannot_pose_as_a_2026_client_to_a_2026_upstream() {
     );
     assert!(last["result"].get("requestState").is_none());
 }
+
+/// A server whose answer to the `server/discover` probe is one SSE event that never ends: the
+/// probe stops reading at the message limit (64 MiB) and closes the connection, rather than
+/// buffering the stream for as long as the connect timeout allows. Returns the bytes the
+/// server wrote before the gateway closed, or `None` if it still read after `cap` bytes.
+async fn endless_discover_event(cap: usize) -> (String, tokio::task::JoinHandle<Option<usize>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let probe = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Read until the request's JSON body has come (enough to name its method).
+            while !seen.ends_with(b"}") {
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+            }
+            if !String::from_utf8_lossy(&seen).contains("server/discover") {
+                let _ = s
+                    .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                continue;
+            }
+            let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\ndata: ";
+            s.write_all(head).await.unwrap();
+            let chunk = vec![b'A'; 64 * 1024];
+            let mut sent = 0;
+            while sent < cap {
+                if s.write_all(&chunk).await.is_err() {
+                    return Some(sent);
+                }
+                sent += chunk.len();
+            }
+            return None;
+        }
+    });
+    (url, probe)
+}
+
+#[tokio::test]
+async fn an_endless_event_in_answer_to_the_probe_is_not_buffered() {
+    let (url, probe) = endless_discover_event(512 * 1024 * 1024).await;
+    let gw = TestGateway::start(
+        "",
+        &[format!(
+            "  - name: odd\n    protocol: auto\n    connect_timeout: 60s\n    http: {{ url: {url:?} }}\n"
+        )],
+    )
+    .await;
+    let mut c = gw.client();
+    let list = tokio::spawn(async move {
+        c.initialize(serde_json::json!({})).await;
+        c.post(json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}).to_string())
+            .await
+    });
+    let sent = tokio::time::timeout(std::time::Duration::from_secs(45), probe)
+        .await
+        .expect("the probe's stream is closed well before its connect timeout")
+        .unwrap()
+        .expect("the gateway stopped reading the probe's answer");
+    // The limit, and what the sockets' buffers held when the gateway closed.
+    assert!(sent <= 96 * 1024 * 1024, "read {sent} bytes");
+    list.abort();
+    gw.stop().await;
+}

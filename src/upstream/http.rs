@@ -224,11 +224,15 @@ impl Connection {
         let mut decoder = sse::Decoder::new(MAX_MESSAGE).with_stream_limit(MAX_MESSAGE as u64);
         let mut plain = BytesMut::new();
         let frame = loop {
-            if sse && let Ok(Some(ev)) = decoder.next_event() {
-                if ev.data.trim_ascii().is_empty() {
-                    continue;
+            if sse {
+                match decoder.next_event() {
+                    Ok(Some(ev)) if ev.data.trim_ascii().is_empty() => continue,
+                    Ok(Some(ev)) => break Some(ev.data),
+                    Ok(None) => {}
+                    // An event or stream past the limit: no answer (and nothing more is read,
+                    // or buffered, for the rest of the probe's time).
+                    Err(_) => break None,
                 }
-                break Some(ev.data);
             }
             match body.frame().await {
                 Some(Ok(f)) => {
