@@ -145,6 +145,51 @@ async fn prompts_and_resources_route_to_their_owner() {
     assert_eq!(missing["error"]["code"], -32602);
 }
 
+/// The gateway routes, checks and audits one URI or prompt name; a second key a lenient server
+/// (Go's `encoding/json`) reads as that one, or the key given twice, is refused, not forwarded.
+#[tokio::test]
+async fn a_resource_or_completion_ref_with_a_lookalike_key_is_refused() {
+    let (_gw, c) = two().await;
+    for (id, method, params, said) in [
+        (
+            1,
+            "resources/read",
+            r#"{"uri":"example://b/readme","URI":"example://a/readme"}"#,
+            "too like uri",
+        ),
+        (
+            2,
+            "resources/subscribe",
+            r#"{"uri":"example://b/readme","uri":"example://a/readme"}"#,
+            "params.uri is given twice",
+        ),
+        (
+            3,
+            "completion/complete",
+            r#"{"ref":{"type":"ref/prompt","name":"b__greeting","Name":"a__greeting"},"argument":{"name":"name","value":"A"}}"#,
+            "too like name",
+        ),
+        (
+            4,
+            "completion/complete",
+            r#"{"ref":{"type":"ref/prompt","name":"b__greeting"},"REF":{},"argument":{"name":"name","value":"A"}}"#,
+            "too like ref",
+        ),
+    ] {
+        let body =
+            format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"{method}","params":{params}}}"#);
+        let r: serde_json::Value = serde_json::from_str(&c.post(body).await.body).unwrap();
+        assert_eq!(r["error"]["code"], -32602, "{method} {params}: {r}");
+        let message = r["error"]["message"].as_str().unwrap();
+        assert!(message.contains(said), "{message}");
+    }
+    // The same reads without the decoys pass.
+    let read = c
+        .call(5, "resources/read", json!({"uri":"example://b/readme"}))
+        .await;
+    assert_eq!(read["result"]["contents"][0]["uri"], "example://b/readme");
+}
+
 #[tokio::test]
 async fn progress_streams_back_as_sse_with_the_clients_token() {
     let (_gw, c) = two().await;

@@ -135,12 +135,20 @@ fn target_of(method: &str, params: Option<&[u8]>) -> Target {
     fn string(raw: Option<&RawValue>) -> Option<String> {
         serde_json::from_str(raw?.get()).ok()
     }
+    // A key a lenient server reads as the target's (`Name`, `URI`), or the target given twice:
+    // not readable, so every rule that could apply does.
+    use crate::mcp::lookalike::check_members;
+    let plain = |json: &[u8], owned: &[&str]| check_members(json, owned, "params").ok();
     let read = || -> Option<String> {
         let f: Fields<'_> = serde_json::from_slice(params?).ok()?;
         match method {
-            "tools/call" | "prompts/get" => string(f.name),
-            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => string(f.uri),
+            "tools/call" | "prompts/get" => plain(params?, &["name"]).and_then(|()| string(f.name)),
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+                plain(params?, &["uri"]).and_then(|()| string(f.uri))
+            }
             "completion/complete" => {
+                plain(params?, &["ref"])?;
+                plain(f.reference?.get().as_bytes(), &["type", "name", "uri"])?;
                 let r: Fields<'_> = serde_json::from_str(f.reference?.get()).ok()?;
                 match string(r.kind)?.as_str() {
                     "ref/prompt" => string(r.name),
@@ -174,6 +182,34 @@ fn listened_uris(params: Option<&[u8]>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_target_a_server_could_read_otherwise_is_not_read() {
+        let read = |method, params: &str| match target_of(method, Some(params.as_bytes())) {
+            Target::Read(t) => Some(t),
+            Target::None => None,
+        };
+        assert_eq!(
+            read("tools/call", r#"{"name":"echo"}"#).as_deref(),
+            Some("echo")
+        );
+        assert_eq!(
+            read("tools/call", r#"{"name":"echo","Name":"delete_repo"}"#),
+            None
+        );
+        assert_eq!(
+            read("tools/call", r#"{"name":"echo","name":"delete_repo"}"#),
+            None
+        );
+        assert_eq!(
+            read("resources/read", r#"{"uri":"a://x","URI":"a://y"}"#),
+            None
+        );
+        let complete = r#"{"ref":{"type":"ref/prompt","name":"p","NAME":"q"}}"#;
+        assert_eq!(read("completion/complete", complete), None);
+        let complete = r#"{"ref":{"type":"ref/prompt","name":"p"}}"#;
+        assert_eq!(read("completion/complete", complete).as_deref(), Some("p"));
+    }
 
     #[test]
     fn a_scope_covers_itself_and_what_is_below_it() {

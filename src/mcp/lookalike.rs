@@ -27,9 +27,62 @@ pub(crate) fn read_as<'o>(key: &str, owned: &[&'o str]) -> Option<&'o str> {
     })
 }
 
+/// Refuses an object (`what`: `params`, `params.ref`) whose members a lenient decoder could
+/// read otherwise than the gateway: a key of `owned` given twice (which one counts differs
+/// between decoders), or another key such a decoder reads as one of `owned`. JSON that is not
+/// an object is refused too.
+pub(crate) fn check_members(object: &[u8], owned: &[&str], what: &str) -> Result<(), String> {
+    struct Members<'o> {
+        owned: &'o [&'o str],
+    }
+    impl<'de> serde::de::Visitor<'de> for Members<'_> {
+        /// The JSON's own errors outside, the members' refusal inside.
+        type Value = Result<(), String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut seen: Vec<&str> = Vec::new();
+            let mut refused = None;
+            while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if refused.is_some() {
+                    continue; // read to the end all the same: the JSON's own errors come first
+                }
+                refused = match read_as(&key, self.owned) {
+                    Some(owned) if owned == key => {
+                        if seen.contains(&owned) {
+                            Some(format!("{owned} is given twice"))
+                        } else {
+                            seen.push(owned);
+                            None
+                        }
+                    }
+                    Some(owned) => Some(format!(
+                        "{:?} is too like {owned}: servers differ on which they read",
+                        key.char_indices()
+                            .nth(64)
+                            .map_or(&*key, |(at, _)| &key[..at])
+                    )),
+                    None => None,
+                };
+            }
+            Ok(refused.map_or(Ok(()), Err))
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(object);
+    serde::Deserializer::deserialize_map(&mut de, Members { owned })
+        .and_then(|r| de.end().map(|()| r))
+        .map_err(|e| format!("{what} must be an object: {e}"))?
+        .map_err(|why| format!("{what}.{why}"))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::read_as;
+    use super::{check_members, read_as};
 
     #[test]
     fn case_long_s_kelvin_and_trailing_nuls_fold() {
@@ -49,5 +102,35 @@ mod tests {
         ] {
             assert_eq!(read_as(key, &OWNED), want, "{key:?}");
         }
+    }
+
+    #[test]
+    fn members_a_server_could_read_otherwise_are_refused() {
+        const OWNED: [&str; 2] = ["uri", "_meta"];
+        let check = |json: &str| check_members(json.as_bytes(), &OWNED, "params");
+        assert_eq!(check(r#"{"uri":"a","_meta":{},"other":1}"#), Ok(()));
+        assert_eq!(check("{}"), Ok(()));
+        for (json, said) in [
+            (
+                r#"{"uri":"a","URI":"b"}"#,
+                r#"params."URI" is too like uri"#,
+            ),
+            (
+                r#"{"Uri":"b","uri":"a"}"#,
+                r#"params."Uri" is too like uri"#,
+            ),
+            (r#"{"uri":"a","uri\u0000":"b"}"#, "is too like uri"),
+            (r#"{"uri":"a","uri":"b"}"#, "params.uri is given twice"),
+            (r#"{"_META":{},"uri":"a"}"#, "is too like _meta"),
+        ] {
+            let e = check(json).unwrap_err();
+            assert!(e.contains(said), "{json}: {e}");
+        }
+        assert!(
+            check("[1]")
+                .unwrap_err()
+                .starts_with("params must be an object")
+        );
+        assert!(check(r#"{"uri":"a""#).is_err());
     }
 }

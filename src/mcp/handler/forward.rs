@@ -72,6 +72,16 @@ pub(super) async fn complete(
     let Some(r) = f.get("ref") else {
         return invalid_params(&id, "missing params.ref");
     };
+    // The ref is routed and checked as read here: no member a server could read otherwise.
+    use crate::mcp::lookalike::check_members;
+    let checked = params.as_deref().map_or(Ok(()), |p| {
+        check_members(p, &["ref", "argument", "context", "_meta"], "params")
+    });
+    if let Err(e) = checked
+        .and_then(|()| check_members(r.get().as_bytes(), &["type", "name", "uri"], "params.ref"))
+    {
+        return invalid_params(&id, &e);
+    }
     let mut rf: Fields<'_> = match serde_json::from_str(r.get()) {
         Ok(v) => v,
         Err(_) => return invalid_params(&id, "params.ref must be an object"),

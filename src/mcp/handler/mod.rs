@@ -338,7 +338,14 @@ pub async fn request(
             forward::forward(sv, session, index, id, method, Some(out), policy, target).await
         }
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" if !direct => {
-            let uri = match fields(params.as_deref()).and_then(|f| string_field(&f, "uri")) {
+            // The URI is routed, checked and audited as read here; the params go as sent.
+            let checked = params.as_deref().map_or(Ok(()), |p| {
+                crate::mcp::lookalike::check_members(p, &["uri", "_meta"], "params")
+            });
+            let uri = match checked
+                .and_then(|()| fields(params.as_deref()))
+                .and_then(|f| string_field(&f, "uri"))
+            {
                 Ok(u) => u,
                 Err(e) => return invalid_params(&id, &e),
             };
