@@ -92,9 +92,10 @@ pub struct Gateway {
     pub sessions: DashMap<Arc<str>, Arc<Session>>,
     /// Open sessions per authenticated principal (bounded by `mcp.max_sessions_per_principal`).
     sessions_per_principal: DashMap<Arc<str>, usize>,
-    /// Where stateless (2026-07-28) requests run: one hidden session per principal, holding the
-    /// upstream sessions the gateway keeps for them (principals never share one).
-    stateless: DashMap<(Option<Principal>, Option<String>), Arc<Session>>,
+    /// Where stateless (2026-07-28) requests run: one hidden session per principal, profile
+    /// and token grants, holding the upstream sessions the gateway keeps for them (principals
+    /// never share one).
+    stateless: DashMap<StatelessKey, Arc<Session>>,
     /// Stateless sessions a topology change replaced, ended once their requests finish.
     draining: std::sync::Mutex<Vec<Arc<Session>>>,
     /// 2024-11-05 HTTP+SSE clients by the id their endpoint names.
@@ -595,19 +596,43 @@ impl Gateway {
         self.stateless.len()
     }
 
-    /// The session stateless requests of `principal` run in, on the current topology. A topology
-    /// change replaces it; requests still running keep the old one until they finish.
+    /// The session stateless requests of `principal` with a token granting `claims` run in,
+    /// on the current topology. A topology change replaces it; requests still running keep the
+    /// old one until they finish.
+    ///
+    /// Requests whose tokens grant different groups or scopes run in different sessions: a
+    /// session holds its latest request's claims for policy, and one token's request must never
+    /// be judged by another's grants. `None` when the principal already has as many
+    /// (`mcp.max_sessions_per_principal`) as it may.
     pub fn stateless_session(
         &self,
         principal: Option<Principal>,
         profile: Option<&Arc<ProfileConfig>>,
-    ) -> Arc<Session> {
+        claims: Option<&Arc<crate::auth::Claims>>,
+    ) -> Option<Arc<Session>> {
         let topology = self.topology();
-        let key = (principal, profile.map(|p| p.name.clone()));
-        if let Some(s) = self.stateless.get(&key)
-            && Arc::ptr_eq(s.topology(), &topology)
-        {
-            return s.clone();
+        let key = (
+            principal,
+            profile.map(|p| p.name.clone()),
+            Grants(claims.cloned()),
+        );
+        match self.stateless.get(&key) {
+            Some(s) if Arc::ptr_eq(s.topology(), &topology) => return Some(s.clone()),
+            Some(_) => {}
+            None => {
+                // Counted before the entry is taken (its shard stays locked until dropped);
+                // concurrent first requests may pass the cap by a few, no more.
+                if let Some(p) = &key.0 {
+                    let held = self
+                        .stateless
+                        .iter()
+                        .filter(|s| s.key().0.as_ref() == Some(p))
+                        .count();
+                    if held >= self.config.mcp.max_sessions_per_principal {
+                        return None;
+                    }
+                }
+            }
         }
         let fresh = || {
             Session::new(
@@ -630,7 +655,9 @@ impl Gateway {
         };
         use dashmap::mapref::entry::Entry;
         match self.stateless.entry(key.clone()) {
-            Entry::Occupied(e) if Arc::ptr_eq(e.get().topology(), &topology) => e.get().clone(),
+            Entry::Occupied(e) if Arc::ptr_eq(e.get().topology(), &topology) => {
+                Some(e.get().clone())
+            }
             Entry::Occupied(mut e) => {
                 let session = fresh();
                 let old = e.insert(session.clone());
@@ -639,9 +666,9 @@ impl Gateway {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(old);
-                session
+                Some(session)
             }
-            Entry::Vacant(e) => e.insert(fresh()).clone(),
+            Entry::Vacant(e) => Some(e.insert(fresh()).clone()),
         }
     }
 
@@ -747,5 +774,35 @@ impl Gateway {
         let shared: Vec<Arc<SharedServer>> =
             self.shared.iter().map(|s| s.value().clone()).collect();
         futures_util::future::join_all(shared.iter().map(|s| s.close())).await;
+    }
+}
+
+/// What a hidden stateless session is keyed by: principal, profile, and token grants.
+type StatelessKey = (Option<Principal>, Option<String>, Grants);
+
+/// A token's groups and scopes, compared and hashed without the token itself: requests whose
+/// tokens grant the same may share a hidden session (the token is refreshed in place).
+#[derive(Clone)]
+struct Grants(Option<Arc<crate::auth::Claims>>);
+
+impl Grants {
+    fn parts(&self) -> (&[Box<str>], &[Box<str>]) {
+        self.0
+            .as_deref()
+            .map_or((&[], &[]), |c| (&c.groups, &c.scopes))
+    }
+}
+
+impl PartialEq for Grants {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for Grants {}
+
+impl std::hash::Hash for Grants {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
     }
 }

@@ -152,16 +152,21 @@ fn parse_block(block: &Bytes) -> Option<Event> {
     })
 }
 
-/// Encodes a JSON-RPC frame as one `message` event. JSON frames from the gateway contain no raw newlines.
+/// Encodes a JSON-RPC frame as one `message` event.
+///
+/// A frame (an upstream's, as it sent it) may hold raw line breaks where JSON allows
+/// whitespace; SSE ends a line at CR, LF or CRLF, so each of them starts a new `data:` line
+/// (read back as LF, whitespace all the same), else a bare CR would cut the event short.
 pub fn encode_message(frame: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(frame.len() + 24);
     b.put_slice(b"event: message\ndata: ");
-    for (i, line) in frame.split(|c| *c == b'\n').enumerate() {
-        if i > 0 {
-            b.put_slice(b"\ndata: ");
-        }
-        b.put_slice(line.strip_suffix(b"\r").unwrap_or(line));
+    let mut start = 0;
+    for at in memchr::memchr2_iter(b'\n', b'\r', frame) {
+        b.put_slice(&frame[start..at]);
+        b.put_slice(b"\ndata: ");
+        start = at + 1;
     }
+    b.put_slice(&frame[start..]);
     b.put_slice(b"\n\n");
     b.freeze()
 }
@@ -186,6 +191,21 @@ mod tests {
         );
         let e = d.next_event().unwrap().unwrap();
         assert_eq!(&e.data[..], b"x\ny");
+        assert_eq!(d.next_event().unwrap(), None);
+    }
+
+    #[test]
+    fn line_breaks_inside_a_frame_stay_inside_its_event() {
+        let frame = b"{\"a\":1,\r\"b\":\r\n2,\n\"c\":3}";
+        let mut d = Decoder::new(1024);
+        d.feed(&encode_message(frame));
+        d.feed(&encode_message(b"{}"));
+        let e = d.next_event().unwrap().unwrap();
+        assert_eq!(e.event, "message");
+        let read: serde_json::Value = serde_json::from_slice(&e.data).unwrap();
+        assert_eq!(read, serde_json::json!({"a":1,"b":2,"c":3}));
+        assert!(!e.data.contains(&b'\r'));
+        assert_eq!(&d.next_event().unwrap().unwrap().data[..], b"{}");
         assert_eq!(d.next_event().unwrap(), None);
     }
 

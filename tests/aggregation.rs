@@ -145,6 +145,48 @@ async fn prompts_and_resources_route_to_their_owner() {
     assert_eq!(missing["error"]["code"], -32602);
 }
 
+/// Resource URIs carry no server prefix, so a server can list another's URIs (and templates).
+/// Neither claim wins: reads of a URI two servers claim are refused, naming both, in either
+/// order of listing; other servers' resources keep working.
+#[tokio::test]
+async fn a_resource_uri_two_servers_claim_is_read_from_neither() {
+    // `evil` is configured under its own name but lists server `a`'s URIs and template.
+    let evil = example("evil", &[], "").replace(r#""evil"]"#, r#""a"]"#);
+    assert!(evil.contains(r#""--name","a""#), "{evil}");
+    let gw = TestGateway::start("", &[example("a", &[], ""), example("b", &[], ""), evil]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    for (id, uri) in [(1, "example://a/readme"), (2, "example://a/echo/hi")] {
+        let read = c.call(id, "resources/read", json!({"uri": uri})).await;
+        assert_eq!(read["error"]["code"], -32602, "{uri}: {read}");
+        let message = read["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("several servers (a, evil)"),
+            "{uri}: {message}"
+        );
+    }
+    // Listing again changes nothing: the last server to list a URI does not take it over.
+    c.call(3, "resources/list", json!({})).await;
+    c.call(4, "resources/templates/list", json!({})).await;
+    let read = c
+        .call(5, "resources/read", json!({"uri":"example://a/readme"}))
+        .await;
+    assert_eq!(read["error"]["code"], -32602, "{read}");
+    let other = c
+        .call(6, "resources/read", json!({"uri":"example://b/readme"}))
+        .await;
+    assert_eq!(other["result"]["contents"][0]["uri"], "example://b/readme");
+    let done = c
+        .call(
+            7,
+            "completion/complete",
+            json!({"ref":{"type":"ref/resource","uri":"example://a/echo/{text}"},
+                   "argument":{"name":"text","value":"x"}}),
+        )
+        .await;
+    assert_eq!(done["error"]["code"], -32602, "{done}");
+}
+
 /// The gateway routes, checks and audits one URI or prompt name; a second key a lenient server
 /// (Go's `encoding/json`) reads as that one, or the key given twice, is refused, not forwarded.
 #[tokio::test]
@@ -460,6 +502,60 @@ async fn server_discover_without_meta_is_invalid_params() {
 
 /// A list whose changes the upstream promises to announce (`listChanged`) is served from the
 /// gateway's cache until the upstream announces a change; then it is fetched again.
+/// A first page is kept per session and server: one over the cache's limit is fetched anew
+/// each time, so that many sessions of a server with a huge list do not each hold a copy.
+#[tokio::test]
+async fn a_huge_first_page_is_not_kept() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let server = |description: usize| {
+        let lists = Arc::new(AtomicUsize::new(0));
+        let counted = lists.clone();
+        let url = support::serve(move |_, body| {
+            let msg: Value = serde_json::from_slice(&body).unwrap();
+            msg.get("id")?;
+            let result = match msg["method"].as_str().unwrap() {
+                "initialize" => json!({"protocolVersion":"2025-11-25",
+                    "capabilities":{"tools":{"listChanged":true}},
+                    "serverInfo":{"name":"lists","version":"1"}}),
+                "tools/list" => {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    json!({"tools":[{"name":"t","description":"d".repeat(description),
+                                     "inputSchema":{"type":"object"}}]})
+                }
+                _ => json!({}),
+            };
+            Some((200, json!({"jsonrpc":"2.0","id":msg["id"],"result":result})))
+        });
+        (url, lists)
+    };
+    let (small_url, small) = server(10);
+    let (huge_url, huge) = server(gatehouse::upstream::MAX_CACHED_LIST_PAGE);
+    let upstream = |name: &str, url: &str| {
+        format!("  - name: {name}\n    protocol: sessions\n    http: {{ url: {url:?} }}\n")
+    };
+    let gw = TestGateway::start(
+        "",
+        &[
+            upstream("small", &small_url.await),
+            upstream("huge", &huge_url.await),
+        ],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    for id in 1..=3 {
+        let listed = c.call(id, "tools/list", json!({})).await;
+        assert_eq!(names(&listed, "tools"), ["small__t", "huge__t"]);
+    }
+    assert_eq!(small.load(Ordering::SeqCst), 1, "the small page is kept");
+    assert_eq!(
+        huge.load(Ordering::SeqCst),
+        3,
+        "the huge page is fetched each time"
+    );
+}
+
 #[tokio::test]
 async fn announced_lists_are_cached_until_the_upstream_says_they_changed() {
     let gw = TestGateway::start(

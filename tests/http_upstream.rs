@@ -360,3 +360,314 @@ async fn an_endless_event_in_answer_to_the_probe_is_not_buffered() {
     list.abort();
     gw.stop().await;
 }
+
+/// Open GET streams per upstream session id, as the expiring server counts them.
+type OpenStreams = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+
+/// An open GET stream: a comment every 20 ms (so a closed connection is noticed), counted
+/// while it lives.
+struct Heartbeat {
+    tick: tokio::time::Interval,
+    session: String,
+    open: OpenStreams,
+}
+
+impl http_body::Body for Heartbeat {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::ready!(self.tick.poll_tick(cx));
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+            b": beat\n\n",
+        )))))
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        *self
+            .open
+            .lock()
+            .unwrap()
+            .entry(self.session.clone())
+            .or_default() -= 1;
+    }
+}
+
+/// A Streamable HTTP server whose sessions expire (POSTs then answer 404, and `initialize`
+/// starts the next one) while their GET streams stay open, as behind a load balancer whose
+/// replicas disagree. It never answers a POST of method `stall`. Returns its URL, the open
+/// streams, and the first session still live.
+async fn expiring_server(
+    stall: &'static str,
+) -> (
+    String,
+    OpenStreams,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use http_body_util::{BodyExt, Either};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let open = OpenStreams::default();
+    let live_from = std::sync::Arc::new(AtomicUsize::new(0));
+    let next = std::sync::Arc::new(AtomicUsize::new(0));
+    let (o, l) = (open.clone(), live_from.clone());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (open, live_from, next) = (o.clone(), l.clone(), next.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| {
+                        let (open, live_from, next) =
+                            (open.clone(), live_from.clone(), next.clone());
+                        async move {
+                            let respond = |status: u16, body: String| {
+                                let mut r =
+                                    http::Response::new(Either::Left(Full::new(Bytes::from(body))));
+                                *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                                r.headers_mut()
+                                    .insert("content-type", "application/json".parse().unwrap());
+                                r
+                            };
+                            let session = req
+                                .headers()
+                                .get("mcp-session-id")
+                                .map(|v| v.to_str().unwrap().to_owned());
+                            let number = session
+                                .as_deref()
+                                .and_then(|s| s.strip_prefix('s')?.parse::<usize>().ok());
+                            if req.method() == http::Method::GET {
+                                let Some(session) = session else {
+                                    return Ok::<_, std::convert::Infallible>(respond(
+                                        400,
+                                        String::new(),
+                                    ));
+                                };
+                                *open.lock().unwrap().entry(session.clone()).or_default() += 1;
+                                let mut r = http::Response::new(Either::Right(Heartbeat {
+                                    tick: tokio::time::interval(std::time::Duration::from_millis(
+                                        20,
+                                    )),
+                                    session,
+                                    open,
+                                }));
+                                r.headers_mut()
+                                    .insert("content-type", "text/event-stream".parse().unwrap());
+                                return Ok(r);
+                            }
+                            if req.method() == http::Method::DELETE {
+                                return Ok(respond(200, String::new()));
+                            }
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let msg: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                            let method = msg["method"].as_str().unwrap_or("").to_owned();
+                            if method == stall {
+                                std::future::pending::<()>().await;
+                            }
+                            if method == "initialize" {
+                                let n = next.fetch_add(1, Ordering::SeqCst);
+                                let result = json!({"protocolVersion": "2025-11-25",
+                                "capabilities": {"tools": {}},
+                                "serverInfo": {"name": "expiring", "version": "1"}});
+                                let mut r = respond(
+                                    200,
+                                    json!({"jsonrpc":"2.0","id":msg["id"],"result":result})
+                                        .to_string(),
+                                );
+                                r.headers_mut()
+                                    .insert("mcp-session-id", format!("s{n}").parse().unwrap());
+                                return Ok(r);
+                            }
+                            if number.is_none_or(|n| n < live_from.load(Ordering::SeqCst)) {
+                                return Ok(respond(404, String::new()));
+                            }
+                            let result = match method.as_str() {
+                                "tools/list" => {
+                                    json!({"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]})
+                                }
+                                "tools/call" => {
+                                    json!({"content": [{"type": "text", "text": session}]})
+                                }
+                                _ if msg.get("id").is_none() => {
+                                    return Ok(respond(202, String::new()));
+                                }
+                                _ => json!({}),
+                            };
+                            Ok(respond(
+                                200,
+                                json!({"jsonrpc":"2.0","id":msg["id"],"result":result}).to_string(),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            });
+        }
+    });
+    (url, open, live_from)
+}
+
+/// A session that expires upstream is initialized anew; the old connection is ended, not only
+/// forgotten: its GET stream would otherwise stay open for ever, delivering the old session's
+/// messages beside the new one's (one more stream for every expiry).
+#[tokio::test]
+async fn an_expired_upstream_session_leaves_no_stream_behind() {
+    let (url, open, live_from) = expiring_server("").await;
+    let gw = TestGateway::start(
+        "",
+        &[format!(
+            "  - name: up\n    protocol: sessions\n    http: {{ url: {url:?} }}\n"
+        )],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let listen = c
+        .http
+        .request(
+            c.request("GET", Bytes::new())
+                .header("accept", "text/event-stream")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(listen.status(), 200);
+    assert_eq!(c.tool_text(1, "echo", json!({})).await, "s0");
+    let streams = |session: &'static str| {
+        let open = open.clone();
+        move || {
+            let open = open.clone();
+            async move { open.lock().unwrap().get(session).copied().unwrap_or(0) }
+        }
+    };
+    let s0 = streams("s0");
+    eventually("the first session's GET stream", || {
+        let f = s0();
+        async move { f.await == 1 }
+    })
+    .await;
+    for round in 1..=3usize {
+        live_from.store(round, std::sync::atomic::Ordering::SeqCst);
+        let text = c.tool_text(1 + round as u64, "echo", json!({})).await;
+        assert_eq!(text, format!("s{round}"));
+    }
+    eventually("one GET stream, the live session's", || {
+        let open = open.clone();
+        async move {
+            let open = open.lock().unwrap();
+            open.values().sum::<usize>() == 1 && open.get("s3") == Some(&1)
+        }
+    })
+    .await;
+    drop(listen);
+}
+
+/// A frame that expects no answer still waits on the server (its HTTP answer): a server that
+/// never gives one holds neither the client's POST nor the other servers' copies.
+#[tokio::test]
+async fn a_server_that_never_takes_a_notification_holds_nobody() {
+    let (stalling, _, _) = expiring_server("notifications/roots/list_changed").await;
+    let (other, _, _) = expiring_server("").await;
+    let upstream = |name: &str, url: &str| {
+        format!(
+            "  - name: {name}\n    protocol: sessions\n    connect_timeout: 1s\n    http: {{ url: {url:?} }}\n"
+        )
+    };
+    let gw = TestGateway::start(
+        "",
+        &[upstream("stalls", &stalling), upstream("other", &other)],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({"roots":{"listChanged":true}})).await;
+    // Both links connected, so both are told.
+    assert_eq!(c.tool_text(1, "stalls__echo", json!({})).await, "s0");
+    assert_eq!(c.tool_text(2, "other__echo", json!({})).await, "s0");
+    let notification = json!({"jsonrpc":"2.0","method":"notifications/roots/list_changed"});
+    let started = std::time::Instant::now();
+    let sent = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        c.post(notification.to_string()),
+    )
+    .await
+    .expect("the client's notification is held by a server that never answers");
+    assert_eq!(sent.status, 202);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(c.tool_text(3, "other__echo", json!({})).await, "s0");
+}
+
+/// What a server says about a failure outside a JSON-RPC answer to the client's request (a
+/// failed `initialize`, an HTTP error body, an error to a merged list) has not been through
+/// the result plugins: it stays in the gateway's log, and the client hears the gateway's words.
+#[tokio::test]
+async fn a_servers_words_about_a_failure_reach_only_the_log() {
+    let fails_initialize = support::serve(|_, body| {
+        let msg: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        msg.get("id")?;
+        Some((
+            200,
+            json!({"jsonrpc":"2.0","id":msg["id"],
+                   "error":{"code":-32000,"message":"SECRET-INIT password=hunter2"}}),
+        ))
+    })
+    .await;
+    let fails_calls = support::serve(|_, body| {
+        let msg: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        msg.get("id")?;
+        let answer = match msg["method"].as_str().unwrap() {
+            "initialize" => json!({"jsonrpc":"2.0","id":msg["id"],"result":{
+                "protocolVersion":"2025-11-25","capabilities":{"tools":{}},
+                "serverInfo":{"name":"fails","version":"1"}}}),
+            "tools/list" => json!({"jsonrpc":"2.0","id":msg["id"],
+                "error":{"code":-32001,"message":"SECRET-LIST"}}),
+            _ => return Some((500, json!("SECRET-HTTP stack trace"))),
+        };
+        Some((200, answer))
+    })
+    .await;
+    let upstream = |name: &str, url: &str| {
+        format!("  - name: {name}\n    protocol: sessions\n    http: {{ url: {url:?} }}\n")
+    };
+    let gw = TestGateway::start(
+        "",
+        &[
+            upstream("init", &fails_initialize),
+            upstream("calls", &fails_calls),
+        ],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let answers = [
+        c.call(1, "tools/call", json!({"name":"init__x","arguments":{}}))
+            .await,
+        c.call(2, "tools/call", json!({"name":"calls__x","arguments":{}}))
+            .await,
+        c.call(3, "tools/list", json!({})).await,
+    ];
+    for (answer, said) in answers.iter().zip([
+        "initialize failed with error -32000",
+        "HTTP 500",
+        "calls: answered error -32001",
+    ]) {
+        let message = answer["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{answer}"));
+        assert!(message.contains(said), "{message}");
+        assert!(!message.contains("SECRET"), "{message}");
+    }
+}

@@ -196,6 +196,20 @@ async fn gateway_with(issuer: &Issuer, oauth: &str) -> TestGateway {
     TestGateway::start(&top, &[example("ex", &[], "")]).await
 }
 
+/// A gateway whose only callers are `issuer`'s (no scope rules), with `top` before `auth`.
+async fn trusting_only(issuer: &Issuer, top: &str) -> TestGateway {
+    let top = format!(
+        "{top}auth:
+  oauth:
+    resource: {RESOURCE}
+    issuers: [{{ issuer: {iss:?}, jwks_uri: {jwks:?} }}]
+",
+        iss = issuer.url,
+        jwks = format!("{}/jwks", issuer.url),
+    );
+    TestGateway::start(&top, &[example("ex", &[], "")]).await
+}
+
 fn with_token(gw: &TestGateway, token: &str) -> Client {
     let mut c = gw.client();
     c.token = Some(token.into());
@@ -569,16 +583,7 @@ async fn plugins_see_the_tokens_groups_and_the_latest_tokens_scopes() {
 ",
         support::wasm("list_filter")
     );
-    let top = format!(
-        "{plugins}auth:
-  oauth:
-    resource: {RESOURCE}
-    issuers: [{{ issuer: {iss:?}, jwks_uri: {jwks:?} }}]
-",
-        iss = issuer.url,
-        jwks = format!("{}/jwks", issuer.url),
-    );
-    let gw = TestGateway::start(&top, &[example("ex", &[], "")]).await;
+    let gw = trusting_only(&issuer, &plugins).await;
     let tools = |c: Client| async move {
         let list = c.call(9, "tools/list", json!({})).await;
         let mut names: Vec<String> = list["result"]["tools"]
@@ -1026,4 +1031,55 @@ fn token_exchange_settings_are_checked() {
     ))
     .unwrap();
     assert!(!format!("{:?}", ok.upstreams[0].credentials).contains("do-not-print"));
+}
+
+/// Stateless requests of one principal whose tokens grant different scopes run in hidden
+/// sessions of their own (one token's request is never judged by another's grants); a
+/// principal with more sets in use than it may hold sessions is told so, and a refreshed
+/// token with the same grants is not a new set.
+#[tokio::test]
+async fn stateless_tokens_with_other_grants_are_kept_apart_and_counted() {
+    let key = SigningKey::es256("k");
+    let issuer = Issuer::start(&[&key]).await;
+    let gw = trusting_only(&issuer, "mcp: { max_sessions_per_principal: 1 }\n").await;
+    let list = |token: String| {
+        let mut c = gw.client();
+        c.token = Some(token);
+        async move {
+            let body = json!({"jsonrpc":"2.0","id":1,"method":"tools/list","params":{
+                "_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",
+                         "io.modelcontextprotocol/clientCapabilities":{}}}})
+            .to_string();
+            let req = c
+                .request("POST", body.clone())
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("mcp-protocol-version", "2026-07-28")
+                .header("mcp-method", "tools/list")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            c.send(req).await
+        }
+    };
+    let first = list(key.sign(&issuer.claims("alice", "mcp"))).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let other = list(key.sign(&issuer.claims("alice", "mcp deploy:prod"))).await;
+    assert_eq!(other.status, 429, "{}", other.body);
+    assert_eq!(other.error_code(), -32012, "{}", other.body);
+    assert!(
+        other.body.contains("max_sessions_per_principal"),
+        "{}",
+        other.body
+    );
+    // A new token with the same grants, and another principal, are served.
+    let mut refreshed = issuer.claims("alice", "mcp");
+    refreshed["jti"] = json!("second");
+    assert_eq!(list(key.sign(&refreshed)).await.status, 200);
+    assert_eq!(
+        list(key.sign(&issuer.claims("bob", "mcp deploy:prod")))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(gw.gateway().stateless_sessions(), 2);
 }

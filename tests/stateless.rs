@@ -625,7 +625,7 @@ async fn listen_streams_hear_what_they_asked_for() {
     );
 
     // Closing a stream forgets it.
-    let session = gw.gateway().stateless_session(None, None);
+    let session = gw.gateway().stateless_session(None, None, None).unwrap();
     assert_eq!(session.subscriptions.len(), 2);
     drop(a);
     support::eventually("the closed listen stream to be forgotten", || async {
@@ -755,5 +755,52 @@ async fn marked_arguments_must_be_mirrored_in_headers() {
     )
     .await;
     assert_eq!(other.status, 200, "{}", other.body);
+    gw.stop().await;
+}
+
+/// Stateless requests of one principal run in a hidden session per set of token grants: a
+/// session holds its latest request's claims for policy and plugins, so a request must never
+/// share one with a token that grants other groups or scopes. A refreshed token with the same
+/// grants keeps the session; the principal's sets are capped.
+#[tokio::test]
+async fn tokens_with_other_grants_never_share_a_hidden_session() {
+    use gatehouse::auth::Claims;
+    use std::sync::Arc;
+    let gw = TestGateway::start(
+        "mcp: { max_sessions_per_principal: 2 }",
+        &[example("a", &[], "")],
+    )
+    .await;
+    let g = gw.gateway();
+    let claims = |scopes: &[&str], groups: &[&str]| {
+        Arc::new(Claims {
+            groups: groups.iter().map(|s| (*s).into()).collect(),
+            scopes: scopes.iter().map(|s| (*s).into()).collect(),
+            token: None,
+        })
+    };
+    let alice = || Some(Arc::<str>::from("alice"));
+    let read = claims(&["read"], &[]);
+    let admin = claims(&["read", "admin"], &[]);
+    let s_read = g.stateless_session(alice(), None, Some(&read)).unwrap();
+    let s_admin = g.stateless_session(alice(), None, Some(&admin)).unwrap();
+    assert!(
+        !Arc::ptr_eq(&s_read, &s_admin),
+        "other scopes, other session"
+    );
+    // Equal grants (a refreshed token) find the same session.
+    let again = g
+        .stateless_session(alice(), None, Some(&claims(&["read"], &[])))
+        .unwrap();
+    assert!(Arc::ptr_eq(&s_read, &again));
+    // A third set is over alice's cap; bob is not affected.
+    assert!(
+        g.stateless_session(alice(), None, Some(&claims(&[], &["ops"])))
+            .is_none()
+    );
+    let bob = g
+        .stateless_session(Some("bob".into()), None, Some(&read))
+        .unwrap();
+    assert!(!Arc::ptr_eq(&bob, &s_read), "principals never share one");
     gw.stop().await;
 }

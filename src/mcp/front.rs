@@ -824,9 +824,14 @@ pub(crate) async fn on_notification(session: &Arc<Session>, method: &str, params
             }
         }
         "notifications/roots/list_changed" => {
-            for link in session.links() {
-                link.notify(method, params).await;
-            }
+            // Side by side: each within its own deadline, none waits on another.
+            futures_util::future::join_all(
+                session
+                    .links()
+                    .iter()
+                    .map(|link| link.notify(method, params)),
+            )
+            .await;
         }
         other => {
             tracing::debug!(session = %session.log_id(), method = other, "ignored client notification")

@@ -1,21 +1,59 @@
 //! Routing: which upstream serves a tool, prompt or resource, and how names are prefixed.
 
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
 use crate::config::PrefixNames;
 
-/// Most resource URIs remembered for routing; beyond this, lookups fall back to a refresh.
+/// Most resource URIs remembered for routing, shared out evenly between the upstreams so that
+/// one server listing endless URIs cannot keep the others' from being learned.
 const MAX_KNOWN_RESOURCES: usize = 100_000;
+
+/// Most resource templates remembered for routing, shared out like the URIs.
+const MAX_KNOWN_TEMPLATES: usize = 10_000;
 
 /// The routing table of one gateway.
 pub struct Router {
     names: Vec<String>,
     separator: String,
     prefixing: bool,
-    resource_owner: DashMap<Box<str>, usize>,
+    /// Every upstream that listed a URI: resource URIs carry no server prefix, so two servers
+    /// can claim the same one, and the router must not let the later claim win.
+    resource_owners: DashMap<Box<str>, Vec<usize>>,
     template_prefixes: RwLock<Vec<(String, usize)>>,
+    /// URIs learned per upstream, against its share of the limit.
+    learned_resources: Box<[AtomicUsize]>,
+    /// Templates learned per upstream, against its share of the limit.
+    learned_templates: Box<[AtomicUsize]>,
+    /// Which of each upstream's lists ([`Listed`]) have been learned to their last page: until
+    /// both are, its silence is no evidence that it does not claim a URI too.
+    listed: Box<[AtomicU8]>,
+}
+
+/// The resource lists of an upstream the router learns from.
+#[derive(Debug, Clone, Copy)]
+pub enum Listed {
+    /// `resources/list`.
+    Resources = 1,
+    /// `resources/templates/list`.
+    Templates = 2,
+}
+
+/// Both lists learned.
+const LISTED_BOTH: u8 = Listed::Resources as u8 | Listed::Templates as u8;
+
+/// Where a resource URI routes, for one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResourceRoute {
+    /// No upstream the session may use is known to serve the URI.
+    Unknown,
+    /// Exactly one upstream claims it.
+    One(usize),
+    /// Several upstreams claim it (listed as a resource, or matched by a template): none of
+    /// them may take it, since any could be lying.
+    Ambiguous(Vec<usize>),
 }
 
 impl Router {
@@ -26,12 +64,16 @@ impl Router {
             PrefixNames::Never => false,
             PrefixNames::Auto => names.len() > 1,
         };
+        let n = names.len();
         Router {
             names,
             separator,
             prefixing,
-            resource_owner: DashMap::new(),
+            resource_owners: DashMap::new(),
             template_prefixes: RwLock::new(Vec::new()),
+            learned_resources: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            learned_templates: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            listed: (0..n).map(|_| AtomicU8::new(0)).collect(),
         }
     }
 
@@ -82,11 +124,38 @@ impl Router {
         Some((self.index_of(server)?, name))
     }
 
-    /// Remembers that `uri` belongs to upstream `index`.
+    /// Takes one from upstream `index`'s share of `limit`, counted in `learned`; false once
+    /// it is spent.
+    fn take_share(&self, learned: &[AtomicUsize], index: usize, limit: usize) -> bool {
+        let share = (limit / self.names.len().max(1)).max(1);
+        learned[index]
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < share).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Marks that upstream `index`'s `list` has been learned to its last page (or that it has
+    /// no such list).
+    pub fn listed(&self, index: usize, list: Listed) {
+        self.listed[index].fetch_or(list as u8, Ordering::Relaxed);
+    }
+
+    /// Remembers that upstream `index` lists `uri`.
     pub fn learn_resource(&self, uri: &str, index: usize) {
-        if self.resource_owner.len() < MAX_KNOWN_RESOURCES || self.resource_owner.contains_key(uri)
-        {
-            self.resource_owner.insert(uri.into(), index);
+        if let Some(mut owners) = self.resource_owners.get_mut(uri) {
+            if !owners.contains(&index)
+                && self.take_share(&self.learned_resources, index, MAX_KNOWN_RESOURCES)
+            {
+                owners.push(index);
+            }
+            return;
+        }
+        if self.take_share(&self.learned_resources, index, MAX_KNOWN_RESOURCES) {
+            let mut owners = self.resource_owners.entry(uri.into()).or_default();
+            if !owners.contains(&index) {
+                owners.push(index);
+            }
         }
     }
 
@@ -100,33 +169,82 @@ impl Router {
             .template_prefixes
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        if !t.iter().any(|(p, i)| p == prefix && *i == index) && t.len() < 10_000 {
+        if !t.iter().any(|(p, i)| p == prefix && *i == index)
+            && self.take_share(&self.learned_templates, index, MAX_KNOWN_TEMPLATES)
+        {
             t.push((prefix.to_owned(), index));
         }
     }
 
-    /// The upstream that owns `uri`, if known.
-    pub fn resource(&self, uri: &str) -> Option<usize> {
+    /// Where `uri` routes for a session that may use the upstreams `serves` accepts: to the
+    /// one server that claims it, by listing it or by a template that matches it.
+    ///
+    /// With `settled` false, a route counts only once every usable upstream's lists have been
+    /// learned (the caller refreshes them and asks again with `settled` true): a router that
+    /// has not heard from every server cannot tell that a URI is claimed only once.
+    pub fn resource(
+        &self,
+        uri: &str,
+        serves: impl Fn(usize) -> bool,
+        settled: bool,
+    ) -> ResourceRoute {
         if self.names.len() == 1 {
-            return Some(0);
+            return if serves(0) {
+                ResourceRoute::One(0)
+            } else {
+                ResourceRoute::Unknown
+            };
         }
-        if let Some(i) = self.resource_owner.get(uri) {
-            return Some(*i);
+        let mut claimants: Vec<usize> = self
+            .resource_owners
+            .get(uri)
+            .map(|owners| owners.iter().copied().filter(|i| serves(*i)).collect())
+            .unwrap_or_default();
+        {
+            let t = self
+                .template_prefixes
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            claimants.extend(
+                t.iter()
+                    .filter(|(p, i)| uri.starts_with(p.as_str()) && serves(*i))
+                    .map(|(_, i)| *i),
+            );
         }
-        let t = self
-            .template_prefixes
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
-        t.iter()
-            .filter(|(p, _)| uri.starts_with(p.as_str()))
-            .max_by_key(|(p, _)| p.len())
-            .map(|(_, i)| *i)
+        claimants.sort_unstable();
+        claimants.dedup();
+        let route = one_of(claimants.into_iter());
+        let unheard = || {
+            (0..self.names.len())
+                .any(|i| serves(i) && self.listed[i].load(Ordering::Relaxed) != LISTED_BOTH)
+        };
+        if matches!(route, ResourceRoute::One(_)) && !settled && unheard() {
+            return ResourceRoute::Unknown;
+        }
+        route
+    }
+}
+
+/// The route for a set of distinct claimants.
+fn one_of(mut owners: impl Iterator<Item = usize>) -> ResourceRoute {
+    let Some(first) = owners.next() else {
+        return ResourceRoute::Unknown;
+    };
+    match owners.next() {
+        None => ResourceRoute::One(first),
+        Some(second) => {
+            ResourceRoute::Ambiguous([first, second].into_iter().chain(owners).collect())
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn two() -> Router {
+        Router::new(vec!["a".into(), "b".into()], "__".into(), PrefixNames::Auto)
+    }
 
     #[test]
     fn prefixes_only_with_several_upstreams_by_default() {
@@ -145,15 +263,120 @@ mod tests {
         assert_eq!(two.resolve("echo"), None);
     }
 
+    /// Both upstreams heard from, in full.
+    fn heard(r: &Router) {
+        for i in 0..r.len() {
+            r.listed(i, Listed::Resources);
+            r.listed(i, Listed::Templates);
+        }
+    }
+
     #[test]
     fn routes_resources_by_uri_and_template_prefix() {
-        let r = Router::new(vec!["a".into(), "b".into()], "__".into(), PrefixNames::Auto);
+        let r = two();
         r.learn_resource("file:///x", 1);
         r.learn_template("test://t/{id}", 0);
+        heard(&r);
+        let all = |_| true;
+        assert_eq!(r.resource("file:///x", all, false), ResourceRoute::One(1));
+        assert_eq!(r.resource("test://t/7", all, false), ResourceRoute::One(0));
+        assert_eq!(r.resource("other://", all, false), ResourceRoute::Unknown);
+    }
+
+    #[test]
+    fn a_uri_two_servers_claim_belongs_to_neither() {
+        let r = two();
+        heard(&r);
+        // Listed by both: the later listing does not take it over.
+        r.learn_resource("file:///secret", 0);
+        r.learn_resource("file:///secret", 1);
+        r.learn_resource("file:///secret", 1);
+        let all = |_| true;
+        assert_eq!(
+            r.resource("file:///secret", all, true),
+            ResourceRoute::Ambiguous(vec![0, 1])
+        );
+        // A session that may use only one of them reads from it.
+        assert_eq!(
+            r.resource("file:///secret", |i| i == 0, true),
+            ResourceRoute::One(0)
+        );
+        // A longer template prefix of another server does not win over a shorter one.
+        r.learn_template("test://t/{id}", 0);
         r.learn_template("test://t/special/{id}", 1);
-        assert_eq!(r.resource("file:///x"), Some(1));
-        assert_eq!(r.resource("test://t/7"), Some(0));
-        assert_eq!(r.resource("test://t/special/7"), Some(1));
-        assert_eq!(r.resource("other://"), None);
+        assert_eq!(
+            r.resource("test://t/special/7", all, true),
+            ResourceRoute::Ambiguous(vec![0, 1])
+        );
+        assert_eq!(r.resource("test://t/7", all, true), ResourceRoute::One(0));
+        // Nor does a URI listed outright under another server's template.
+        r.learn_resource("test://t/own", 1);
+        assert_eq!(
+            r.resource("test://t/own", all, true),
+            ResourceRoute::Ambiguous(vec![0, 1])
+        );
+    }
+
+    #[test]
+    fn a_route_counts_once_every_server_has_been_heard_from() {
+        let r = two();
+        r.learn_template("file:///{path}", 1);
+        let all = |_| true;
+        // Server a may list file:///x itself: ask for a refresh first.
+        assert_eq!(r.resource("file:///x", all, false), ResourceRoute::Unknown);
+        assert_eq!(r.resource("file:///x", all, true), ResourceRoute::One(1));
+        // Its resources alone are not enough: a template of its own may match too.
+        r.listed(0, Listed::Resources);
+        r.listed(1, Listed::Resources);
+        r.listed(1, Listed::Templates);
+        assert_eq!(r.resource("file:///x", all, false), ResourceRoute::Unknown);
+        r.listed(0, Listed::Templates);
+        assert_eq!(r.resource("file:///x", all, false), ResourceRoute::One(1));
+        // A session that cannot use server a need not hear from it.
+        let r = two();
+        r.learn_template("file:///{path}", 1);
+        r.listed(1, Listed::Resources);
+        r.listed(1, Listed::Templates);
+        assert_eq!(
+            r.resource("file:///x", |i| i == 1, false),
+            ResourceRoute::One(1)
+        );
+    }
+
+    #[test]
+    fn one_server_cannot_spend_the_others_share_of_the_table() {
+        let r = two();
+        for n in 0..MAX_KNOWN_RESOURCES {
+            r.learn_resource(&format!("flood://{n}"), 1);
+        }
+        assert_eq!(r.resource_owners.len(), MAX_KNOWN_RESOURCES / 2);
+        r.learn_resource("file:///x", 0);
+        assert_eq!(
+            r.resource("file:///x", |_| true, true),
+            ResourceRoute::One(0)
+        );
+        for n in 0..MAX_KNOWN_TEMPLATES {
+            r.learn_template(&format!("flood://{n}/{{x}}"), 1);
+        }
+        r.learn_template("mine://{x}", 0);
+        assert_eq!(
+            r.resource("mine://1", |_| true, true),
+            ResourceRoute::One(0)
+        );
+        // Server b's URIs did not spend its share of templates, nor the reverse.
+        r.learn_template("late://{x}", 1);
+        assert_eq!(
+            r.resource("late://1", |_| true, true),
+            ResourceRoute::Unknown
+        );
+        let fresh = two();
+        for n in 0..MAX_KNOWN_RESOURCES {
+            fresh.learn_resource(&format!("many://{n}"), 1);
+        }
+        fresh.learn_template("tmpl://{x}", 1);
+        assert_eq!(
+            fresh.resource("tmpl://1", |_| true, true),
+            ResourceRoute::One(1)
+        );
     }
 }

@@ -142,6 +142,9 @@ pub struct Session {
     listen: Mutex<Listen>,
     epoch: Instant,
     last_active_ms: AtomicU64,
+    /// When (ms after `epoch`, plus one: 0 is never) a read of an unknown resource last had
+    /// every server's resource lists fetched.
+    resources_refreshed_ms: AtomicU64,
     busy: AtomicUsize,
     /// Set once the session has ended: every stream and task it owns watches it.
     ended: tokio::sync::watch::Sender<bool>,
@@ -286,6 +289,7 @@ impl Session {
                 tool_headers_reading: tokio::sync::Mutex::new(()),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
+                resources_refreshed_ms: AtomicU64::new(0),
                 busy: AtomicUsize::new(0),
                 ended: tokio::sync::watch::Sender::new(false),
                 policy,
@@ -430,6 +434,18 @@ impl Session {
         }
         let init = o.listings.init(&usage)?;
         Some((usage, init))
+    }
+
+    /// Whether a read of an unknown resource may fetch every server's resource lists now (at
+    /// most once a second per session); if so, the time is taken.
+    pub fn may_refresh_resources(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let last = self.resources_refreshed_ms.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= 1000)
+            && self
+                .resources_refreshed_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Marks activity now; the returned guard keeps the session from expiring while a request runs.

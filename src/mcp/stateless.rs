@@ -30,6 +30,7 @@ use crate::mcp::revision::envelope::{
     CAPABILITIES as CAPS_KEY, KEYS as ENVELOPE_KEYS, LEVEL as LEVEL_KEY, VERSION as VERSION_KEY,
 };
 use crate::mcp::round_trip;
+use crate::mcp::router::ResourceRoute;
 use crate::mcp::session::{BusyGuard, Session, caps};
 use crate::mcp::subscriptions;
 
@@ -765,7 +766,19 @@ pub(crate) async fn post(
             Err(e) => return invalid(&e.to_string()),
         }
     }
-    let session = gw.stateless_session(principal, profile);
+    let Some(session) = gw.stateless_session(principal, profile, claims.as_ref()) else {
+        return json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            jsonrpc::error_response(
+                Some(&id),
+                code::TOO_BUSY,
+                &format!(
+                    "this principal already has {} hidden sessions, one for each set of groups and scopes its tokens grant (mcp.max_sessions_per_principal); retry once one has idled",
+                    gw.config.mcp.max_sessions_per_principal
+                ),
+            ),
+        );
+    };
     if let Some(claims) = &claims {
         session.hold_claims(claims);
     }
@@ -1024,10 +1037,15 @@ impl Round {
         let index = match (self.method.as_str(), self.target.as_deref()) {
             ("tools/call", Some(name)) => session.resolve_tool(name).map(|r| r.0),
             ("prompts/get", Some(name)) => session.resolve_prompt(name).map(|r| r.0),
-            ("resources/read", Some(uri)) => topology
-                .router
-                .resource(uri)
-                .filter(|i| session.serves_resource(*i, uri)),
+            ("resources/read", Some(uri)) => {
+                match topology
+                    .router
+                    .resource(uri, |i| session.serves_resource(i, uri), true)
+                {
+                    ResourceRoute::One(i) => Some(i),
+                    ResourceRoute::Unknown | ResourceRoute::Ambiguous(_) => None,
+                }
+            }
             _ => None,
         };
         let Some(index) = index else {
@@ -1061,15 +1079,12 @@ impl Round {
         let mut requests = String::from("{");
         for (key, raw) in &asked {
             let Ok(q) = serde_json::from_str::<Question<'_>>(raw.get()) else {
-                return Some(
-                    self.refused_state(&format!("input request {key:?} is not a request")),
-                );
+                return Some(self.refused_state("an input request is not a request"));
             };
             let Some(cap) = round_trip::capability_needed(&q.method) else {
-                return Some(self.refused_state(&format!(
-                    "input request {key:?} asks {:?}, which is not a request a client answers",
-                    q.method
-                )));
+                return Some(self.refused_state(
+                    "an input request asks for a method a client does not answer (elicitation/create, sampling/createMessage and roots/list are)",
+                ));
             };
             if !self.meta.declares(cap) {
                 let data = format!(r#"{{"requiredCapabilities":{{"{cap}":{{}}}}}}"#);

@@ -13,8 +13,11 @@ pub enum UpstreamError {
     Unavailable {
         /// Upstream name.
         server: Arc<str>,
-        /// What happened.
+        /// What happened, in the gateway's words: this reaches the client.
         reason: String,
+        /// What the server said about it (an error body, a name it sent), capped: for the
+        /// gateway's log only, since it has not been through the result plugins.
+        said: Option<Box<str>>,
     },
     /// No answer within the deadline.
     #[error("upstream '{server}' did not answer within {}", humantime::format_duration(*.timeout))]
@@ -54,6 +57,14 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// What the server said about the failure, for the log (never sent to the client).
+    pub fn said(&self) -> &str {
+        match self {
+            UpstreamError::Unavailable { said: Some(s), .. } => s,
+            _ => "",
+        }
+    }
+
     /// The JSON-RPC error code sent to the client.
     pub fn code(&self) -> i64 {
         match self {
@@ -63,4 +74,13 @@ impl UpstreamError {
             _ => code::UPSTREAM_UNAVAILABLE,
         }
     }
+}
+
+/// Most bytes of a server's own words kept for the log.
+const MAX_SAID: usize = 1024;
+
+/// A server's own words, capped, for the log.
+pub fn server_text(bytes: &[u8]) -> Box<str> {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_SAID)]);
+    text.trim().into()
 }

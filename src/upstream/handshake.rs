@@ -27,10 +27,13 @@ pub(crate) async fn initialize(
         Ok(Outcome::Result(r)) => r,
         Ok(Outcome::Error(e)) => {
             conn.shutdown().await;
-            return Err(conn.server().unavailable(format!(
-                "initialize failed: {}",
-                String::from_utf8_lossy(&e)
-            )));
+            return Err(conn.server().unavailable_saying(
+                format!(
+                    "initialize failed with error {}",
+                    crate::mcp::jsonrpc::error_code(&e).unwrap_or(0)
+                ),
+                &e,
+            ));
         }
         Err(e) => {
             conn.shutdown().await;

@@ -362,9 +362,10 @@ impl Connection {
             let body = read_limited(resp.into_body(), 512)
                 .await
                 .unwrap_or_default();
+            tracing::debug!(server = %self.server.name, "the session was refused: HTTP {status}: {}", super::error::server_text(&body));
             return Err(UpstreamError::SessionExpired {
                 server: self.server.name.clone(),
-                detail: format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
+                detail: format!("HTTP {status}"),
             });
         }
         if let Some(s) = resp.headers().get(MCP_SESSION_ID)
@@ -399,10 +400,7 @@ impl Connection {
             let body = read_limited(resp.into_body(), 512)
                 .await
                 .unwrap_or_default();
-            return Err(self.server.unavailable(format!(
-                "HTTP {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            )));
+            return Err(self.server.unavailable_saying(refusal(status), &body));
         }
         Ok(resp)
     }
@@ -427,8 +425,10 @@ impl Connection {
             let body = read_limited(resp.into_body(), MAX_MESSAGE)
                 .await
                 .map_err(|e| self.server.unavailable(e))?;
-            let msg = jsonrpc::parse(body)
-                .map_err(|e| self.server.unavailable(format!("bad response: {e}")))?;
+            let msg = jsonrpc::parse(body).map_err(|e| {
+                self.server
+                    .unavailable_saying("the response is not a JSON-RPC message", e.to_string())
+            })?;
             return match msg.kind {
                 Kind::Response { id: rid, outcome } if jsonrpc::id_as_u64(&rid) == Some(id) => {
                     Ok(outcome)
@@ -501,10 +501,10 @@ impl Connection {
         req.headers_mut().insert("last-event-id", value);
         let resp = self.send_request(req).await?;
         if !resp.status().is_success() || !is_event_stream(resp.headers()) {
-            return Err(self.server.unavailable(format!(
-                "the stream could not be resumed after event {last:?}: HTTP {}",
-                resp.status()
-            )));
+            return Err(self.server.unavailable_saying(
+                format!("the stream could not be resumed: HTTP {}", resp.status()),
+                format!("after event {last:?}"),
+            ));
         }
         Ok(resp.into_body())
     }
@@ -716,7 +716,8 @@ impl Connection {
         }
     }
 
-    pub(crate) async fn shutdown(&self) {
+    /// Stops the listen stream's task, if one runs.
+    pub(crate) fn stop_listening(&self) {
         if let Some(t) = self
             .listen_task
             .lock()
@@ -725,6 +726,10 @@ impl Connection {
         {
             t.abort();
         }
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        self.stop_listening();
         let has_session = self
             .session_id
             .lock()
@@ -747,6 +752,19 @@ impl Connection {
             }
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), delete).await;
+    }
+}
+
+/// The gateway's words for an HTTP refusal (the body is the server's, kept for the log).
+pub(super) fn refusal(status: StatusCode) -> String {
+    match status {
+        // A gateway in the way answers so when the request went through it once already.
+        StatusCode::LOOP_DETECTED => {
+            format!(
+                "HTTP {status}: the server's URL leads back to a gateway the request came through"
+            )
+        }
+        _ => format!("HTTP {status}"),
     }
 }
 

@@ -48,10 +48,10 @@ pub(crate) async fn connect(
         let body = read_limited(resp.into_body(), 512)
             .await
             .unwrap_or_default();
-        return Err(server.unavailable(format!(
-            "GET {url}: HTTP {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        )));
+        return Err(server.unavailable_saying(
+            format!("GET {url}: {}", super::http::refusal(status)),
+            &body,
+        ));
     }
     if !is_event_stream(resp.headers()) {
         return Err(server.unavailable(format!("GET {url} did not answer an SSE stream")));
@@ -61,13 +61,14 @@ pub(crate) async fn connect(
     let endpoint = loop {
         match decoder.next_event() {
             Ok(Some(ev)) if ev.event == "endpoint" => {
-                break endpoint_of(url, &ev.data).map_err(|e| server.unavailable(e))?;
+                break endpoint_of(url, &ev.data)
+                    .map_err(|e| server.unavailable_saying(e, &ev.data))?;
             }
             Ok(Some(ev)) => {
-                return Err(server.unavailable(format!(
-                    "the SSE stream's first event is {:?}, not \"endpoint\"",
-                    ev.event
-                )));
+                return Err(server.unavailable_saying(
+                    "the SSE stream's first event is not \"endpoint\"",
+                    ev.event.as_bytes(),
+                ));
             }
             Ok(None) => {}
             Err(e) => return Err(server.unavailable(e.to_string())),
@@ -138,9 +139,7 @@ fn endpoint_of(stream: &Uri, data: &[u8]) -> Result<Uri, String> {
     // Browsers read `\` as `/` in http URLs; nothing honest needs one, so no reading of it is
     // guessed at.
     if text.contains('\\') {
-        return Err(format!(
-            "the endpoint event names {text:?}, which holds a backslash"
-        ));
+        return Err("the endpoint event names a URL with a backslash".to_owned());
     }
     let scheme = stream.scheme_str().unwrap_or("http");
     let base = format!(
@@ -168,10 +167,10 @@ fn endpoint_of(stream: &Uri, data: &[u8]) -> Result<Uri, String> {
     };
     let uri: Uri = resolved
         .parse()
-        .map_err(|e| format!("the endpoint event names no URL ({text:?}: {e})"))?;
+        .map_err(|e| format!("the endpoint event names no URL ({e})"))?;
     if origin(&uri) != origin(stream) {
         return Err(format!(
-            "the endpoint event names {text:?}, outside the stream's origin {base}"
+            "the endpoint event names a URL outside the stream's origin {base}"
         ));
     }
     Ok(uri)

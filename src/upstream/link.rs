@@ -89,6 +89,11 @@ struct ListCache {
     pages: Vec<(&'static str, u64, Bytes)>,
 }
 
+/// Largest first page of a list kept between lists. Pages are kept per session and server,
+/// so a larger one (up to the 64 MiB message limit) is fetched each time instead: what a
+/// thousand sessions hold stays bounded by what they are sent.
+pub const MAX_CACHED_LIST_PAGE: usize = 1 << 20;
+
 /// The list methods a `listChanged` capability covers: (method, capability).
 const CACHED_LISTS: [(&str, &str); 4] = [
     ("tools/list", "tools"),
@@ -200,6 +205,7 @@ impl Link {
         // A 2026-07-28 server announces changes only on a listen stream, which links do not
         // always hold: nothing would invalidate the copy.
         if let Outcome::Result(page) = &outcome
+            && page.len() <= MAX_CACHED_LIST_PAGE
             && !relayed
             && !self.live().is_some_and(|c| c.is_stateless())
             && let Some(capability) = capability
@@ -888,10 +894,13 @@ impl Link {
                 {
                     // What the gateway sent was refused, not what the client asked: the
                     // server's fault or ours, either way not the client's to fix.
-                    return Err(self.server.unavailable(format!(
-                        "the server refused the gateway's request: {}",
-                        String::from_utf8_lossy(e)
-                    )));
+                    return Err(self.server.unavailable_saying(
+                        format!(
+                            "the server refused the gateway's request with error {}",
+                            jsonrpc::error_code(e).unwrap_or(0)
+                        ),
+                        e,
+                    ));
                 }
                 let Outcome::Result(result) = &outcome else {
                     return Ok(outcome);
@@ -1143,8 +1152,17 @@ impl Link {
         )
         .with_credential(self.credential())
         .in_session(session, version);
+        // Within the connect timeout, as every frame that expects no answer.
+        let timeout = self.server.config.connect_timeout;
         if let Some(conn) = conn
-            && let Err(e) = conn.send(jsonrpc::response(id, outcome)).await
+            && let Err(e) = tokio::time::timeout(timeout, conn.send(jsonrpc::response(id, outcome)))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(UpstreamError::Timeout {
+                        server: self.server.name.clone(),
+                        timeout,
+                    })
+                })
         {
             tracing::debug!(upstream = %self.server.name, "an answer for another replica's server request failed: {e}");
         }
@@ -1175,10 +1193,23 @@ impl Link {
         }
     }
 
+    /// Drops `conn` as the link's connection and stops its listen stream: forgotten alone, that
+    /// would go on for ever (delivering an old session's messages beside the new one's). The
+    /// server lost the session, or cannot be reached: nothing is sent to end it (a DELETE
+    /// would wake a sleeping server for nothing). A shared connection is others' too; its
+    /// owner replaces it.
     fn forget(&self, conn: &Arc<Connection>) {
-        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
-            *cur = None;
+        let forgotten = {
+            let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            match cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+                true => cur.take(),
+                false => None,
+            }
+        };
+        if let Some(old) = forgotten
+            && !self.is_shared()
+        {
+            old.stop_listening();
         }
     }
 

@@ -21,9 +21,9 @@ pub mod stdio;
 pub mod token_exchange;
 pub mod via;
 
-pub use error::UpstreamError;
+pub use error::{UpstreamError, server_text};
 pub(crate) use handshake::initialize;
-pub use link::Link;
+pub use link::{Link, MAX_CACHED_LIST_PAGE};
 pub use params::request_progress_token;
 pub(crate) use params::uri_of;
 use params::{progress_token_of, with_progress_token};
@@ -160,6 +160,21 @@ impl Server {
         UpstreamError::Unavailable {
             server: self.name.clone(),
             reason: reason.into(),
+            said: None,
+        }
+    }
+
+    /// Unavailable for `reason`, the gateway's words, with what the server said kept apart
+    /// (for the log: it never reaches the client unscreened).
+    pub(crate) fn unavailable_saying(
+        &self,
+        reason: impl Into<String>,
+        said: impl AsRef<[u8]>,
+    ) -> UpstreamError {
+        UpstreamError::Unavailable {
+            server: self.name.clone(),
+            reason: reason.into(),
+            said: Some(error::server_text(said.as_ref())),
         }
     }
 }
@@ -298,17 +313,39 @@ impl Connection {
         result
     }
 
+    /// Stops the connection's listen stream, if it has one, without telling the server.
+    pub(crate) fn stop_listening(&self) {
+        if let Connection::Http(c) = self {
+            c.stop_listening();
+        }
+    }
+
     /// Sends a notification.
     pub async fn notify(&self, method: &str, params: Option<&[u8]>) -> Result<(), UpstreamError> {
         self.send(jsonrpc::notification(method, params)).await
     }
 
     /// Sends a frame that expects no answer (a notification or our response to a server request).
+    ///
+    /// Within the server's connect timeout: even a frame that expects no answer waits on the
+    /// server (for its HTTP answer, or room in its stdin pipe), and one that never takes it
+    /// must not hold whoever sent it.
     pub async fn send(&self, frame: Bytes) -> Result<(), UpstreamError> {
-        match self {
-            Connection::Stdio(c) => c.send(frame).await,
-            Connection::Http(c) => c.send(frame).await,
-        }
+        let sent = async {
+            match self {
+                Connection::Stdio(c) => c.send(frame).await,
+                Connection::Http(c) => c.send(frame).await,
+            }
+        };
+        let timeout = self.server().config.connect_timeout;
+        tokio::time::timeout(timeout, sent)
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::Timeout {
+                    server: self.server().name.clone(),
+                    timeout,
+                })
+            })
     }
 
     /// Whether the server speaks 2026-07-28 (no session; see [`http::Connection::set_stateless`]).

@@ -307,15 +307,15 @@ pub(crate) fn input_required(result: &[u8]) -> Option<Result<InputRequired, Stri
         let mut requests = Vec::with_capacity(r.requests.len());
         for (key, raw) in r.requests {
             let q: Q<'_> = serde_json::from_str(raw.get())
-                .map_err(|_| format!("input request {key:?} is not a request"))?;
+                .map_err(|_| "an input request is not a request".to_owned())?;
             if !matches!(
                 q.method.as_str(),
                 "elicitation/create" | "sampling/createMessage" | "roots/list"
             ) {
-                return Err(format!(
-                    "input request {key:?} asks {:?}, which is not a request a client answers",
-                    q.method
-                ));
+                return Err(
+                    "an input request asks for a method a client does not answer (elicitation/create, sampling/createMessage and roots/list are)"
+                        .to_owned(),
+                );
             }
             requests.push(InputRequest {
                 key,
@@ -472,7 +472,10 @@ mod tests {
             br#"{"resultType":"input_required","inputRequests":{"k":{"method":"tools/call"}}}"#,
         )
         .unwrap();
-        assert!(odd.unwrap_err().contains("not a request a client answers"));
+        assert!(
+            odd.unwrap_err()
+                .contains("a method a client does not answer")
+        );
         let many: String = (0..17)
             .map(|i| format!(r#""k{i}":{{"method":"roots/list"}}"#))
             .collect::<Vec<_>>()

@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use crate::mcp::jsonrpc::{self, Outcome, code};
 use crate::mcp::policy;
 use crate::mcp::profile::{Profile, Shown};
-use crate::mcp::router::Router;
+use crate::mcp::router::{Listed, Router};
 use crate::mcp::session::{Session, capability_bits, caps};
 use crate::upstream::CallOpts;
 
@@ -28,6 +28,17 @@ pub(super) struct ListKind {
     key: &'static str,
     cap: u8,
     rename: bool,
+}
+
+impl ListKind {
+    /// The resource list the router learns from this kind, if it is one.
+    fn listed(&self) -> Option<Listed> {
+        match self.key {
+            "resources" => Some(Listed::Resources),
+            "resourceTemplates" => Some(Listed::Templates),
+            _ => None,
+        }
+    }
 }
 
 pub(super) const TOOLS: ListKind = ListKind {
@@ -152,6 +163,10 @@ pub(super) async fn list(
         let name = session.topology().router.name(*index);
         let page = match r {
             Ok(None) => {
+                // No such list: nothing it could claim by it.
+                if let Some(list) = kind.listed() {
+                    session.topology().router.listed(*index, list);
+                }
                 answered += 1;
                 continue;
             }
@@ -162,17 +177,25 @@ pub(super) async fn list(
                 page
             }
             Ok(Some((Outcome::Error(e), _))) => {
+                // The server's words stay in the log: they have not been through the result
+                // plugins.
+                let code = jsonrpc::error_code(&e).unwrap_or(0);
                 tracing::warn!(
                     upstream = name,
                     method = kind.method,
                     "list failed: {}",
-                    String::from_utf8_lossy(&e)
+                    crate::upstream::server_text(&e)
                 );
-                failures.push(format!("{name}: {}", String::from_utf8_lossy(&e)));
+                failures.push(format!("{name}: answered error {code}"));
                 continue;
             }
             Err(e) => {
-                tracing::warn!(upstream = name, method = kind.method, "list failed: {e}");
+                tracing::warn!(
+                    upstream = name,
+                    method = kind.method,
+                    said = e.said(),
+                    "list failed: {e}"
+                );
                 failures.push(e.to_string());
                 continue;
             }
@@ -181,6 +204,7 @@ pub(super) async fn list(
         // (whose verdicts may change) what was made of it then still holds.
         // Nor tools under pinning (each listing is checked).
         let reusable = cursor.is_none()
+            && page.len() <= crate::upstream::MAX_CACHED_LIST_PAGE
             && sv.plugins.current().is_empty()
             && (sv.pins.is_none() || kind.key != "tools");
         let merged = match reusable
@@ -210,6 +234,11 @@ pub(super) async fn list(
         match merged {
             Ok((part, cursor)) => {
                 answered += 1;
+                if cursor.is_none()
+                    && let Some(list) = kind.listed()
+                {
+                    session.topology().router.listed(*index, list);
+                }
                 if !part.is_empty() {
                     if !items.is_empty() {
                         items.put_u8(b',');
@@ -496,7 +525,15 @@ async fn pin_check(pinning: &Pinning, session: &Arc<Session>, index: usize) -> R
             };
             let page = match page.map_err(|e| e.to_string())? {
                 Outcome::Result(page) => page,
-                Outcome::Error(e) => return Err(String::from_utf8_lossy(&e).into_owned()),
+                // The server's words stay in the log (they reach the client in a refusal,
+                // unscreened by the result plugins).
+                Outcome::Error(e) => {
+                    tracing::warn!(upstream = %server.name, "tools/list for the pin check failed: {}", crate::upstream::server_text(&e));
+                    return Err(format!(
+                        "its tools/list answered error {}",
+                        jsonrpc::error_code(&e).unwrap_or(0)
+                    ));
+                }
             };
             #[derive(serde::Deserialize)]
             struct Page<'a> {
@@ -505,7 +542,10 @@ async fn pin_check(pinning: &Pinning, session: &Arc<Session>, index: usize) -> R
                 #[serde(rename = "nextCursor")]
                 next: Option<String>,
             }
-            let p: Page<'_> = serde_json::from_slice(&page).map_err(|e| e.to_string())?;
+            let p: Page<'_> = serde_json::from_slice(&page).map_err(|e| {
+                tracing::warn!(upstream = %server.name, "tools/list for the pin check is malformed: {e}");
+                "its tools/list result is malformed".to_owned()
+            })?;
             for tool in p.tools {
                 pins.observe(
                     &server.name,

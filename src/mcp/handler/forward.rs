@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::mcp::jsonrpc::{self, code};
 use crate::mcp::policy::Policy;
+use crate::mcp::router::ResourceRoute;
 use crate::mcp::session::Session;
 use crate::metrics::method_label;
 use crate::plugins::{Decision, EntryKind};
@@ -131,11 +132,9 @@ pub(super) async fn complete(
         }
         "ref/resource" => {
             let uri = string_field(&rf, "uri").unwrap_or_default();
-            let Some(index) = resource_owner(sv, session, &uri)
-                .await
-                .filter(|i| session.serves_resource(*i, &uri))
-            else {
-                return invalid_params(&id, &format!("no upstream serves resource {uri}"));
+            let index = match resource_owner(sv, session, &uri).await {
+                Ok(i) => i,
+                Err(e) => return invalid_params(&id, &e),
             };
             // A template URI, or a resource's own: hidden as either, it cannot be completed.
             let kinds = [EntryKind::ResourceTemplate, EntryKind::Resource];
@@ -160,53 +159,73 @@ pub(super) async fn complete(
     }
 }
 
-/// Finds the upstream of a resource URI, refreshing the resource lists once if it is unknown.
+/// Finds the one upstream that serves a resource URI for this session, hearing from every
+/// server first (their resource lists and templates, once per second at most: a client cannot
+/// make a refresh of every server out of each read); the error says why there is none.
 pub(super) async fn resource_owner(
     sv: Services<'_>,
     session: &Arc<Session>,
     uri: &str,
-) -> Option<usize> {
-    if let Some(i) = session.topology().router.resource(uri) {
-        return Some(i);
-    }
-    for kind in [RESOURCES, TEMPLATES] {
-        let mut cursor: Option<String> = None;
-        for _ in 0..20 {
-            let params = cursor
-                .as_ref()
-                .map(|c| format!("{{\"cursor\":{}}}", json_string(c).get()));
-            let Reply::Json(page) = list(
-                sv,
-                session,
-                b"0",
-                kind,
-                params.as_deref().map(str::as_bytes),
-            )
-            .await
-            else {
-                break;
-            };
-            #[derive(Deserialize)]
-            struct Page {
-                result: Option<Next>,
-            }
-            #[derive(Deserialize)]
-            struct Next {
-                #[serde(rename = "nextCursor")]
-                next: Option<String>,
-            }
-            cursor = serde_json::from_slice::<Page>(&page)
-                .ok()
-                .and_then(|p| p.result?.next);
-            if cursor.is_none() {
-                break;
+) -> Result<usize, String> {
+    let router = &session.topology().router;
+    let serves = |i| session.serves_resource(i, uri);
+    let mut route = router.resource(uri, serves, false);
+    if route == ResourceRoute::Unknown {
+        if session.may_refresh_resources() {
+            for kind in [RESOURCES, TEMPLATES] {
+                list_all(sv, session, kind).await;
             }
         }
-        if let Some(i) = session.topology().router.resource(uri) {
-            return Some(i);
+        route = router.resource(uri, serves, true);
+    }
+    match route {
+        ResourceRoute::One(i) => Ok(i),
+        ResourceRoute::Unknown => Err(format!("no upstream serves resource {uri}")),
+        ResourceRoute::Ambiguous(owners) => {
+            let names: Vec<&str> = owners.iter().map(|i| router.name(*i)).collect();
+            Err(format!(
+                "resource {uri} is claimed by several servers ({}), so it is not read from any \
+                 of them; a profile that serves only one of them can read it",
+                names.join(", ")
+            ))
         }
     }
-    None
+}
+
+/// Lists every page of `kind` (up to 20), for what the router learns from them.
+async fn list_all(sv: Services<'_>, session: &Arc<Session>, kind: super::aggregate::ListKind) {
+    let mut cursor: Option<String> = None;
+    for _ in 0..20 {
+        let params = cursor
+            .as_ref()
+            .map(|c| format!("{{\"cursor\":{}}}", json_string(c).get()));
+        let Reply::Json(page) = list(
+            sv,
+            session,
+            b"0",
+            kind,
+            params.as_deref().map(str::as_bytes),
+        )
+        .await
+        else {
+            return;
+        };
+        #[derive(Deserialize)]
+        struct Page {
+            result: Option<Next>,
+        }
+        #[derive(Deserialize)]
+        struct Next {
+            #[serde(rename = "nextCursor")]
+            next: Option<String>,
+        }
+        cursor = serde_json::from_slice::<Page>(&page)
+            .ok()
+            .and_then(|p| p.result?.next);
+        if cursor.is_none() {
+            return;
+        }
+    }
 }
 
 /// A call's audit record: written when the call ends, or as `abandoned` when the call is
@@ -504,7 +523,7 @@ pub(super) async fn forward(
                     span.fail(format!("the call failed with {}", e.code()));
                 }
                 if !matches!(e, UpstreamError::Cancelled) {
-                    tracing::warn!(upstream = %server.name, method = %method, "call failed: {e}");
+                    tracing::warn!(upstream = %server.name, method = %method, said = e.said(), "call failed: {e}");
                 }
                 (
                     jsonrpc::error_response(Some(&id), e.code(), &e.to_string()),

@@ -349,11 +349,9 @@ pub async fn request(
                 Ok(u) => u,
                 Err(e) => return invalid_params(&id, &e),
             };
-            let Some(index) = forward::resource_owner(sv, session, &uri)
-                .await
-                .filter(|i| session.serves_resource(*i, &uri))
-            else {
-                return invalid_params(&id, &format!("no upstream serves resource {uri}"));
+            let index = match forward::resource_owner(sv, session, &uri).await {
+                Ok(i) => i,
+                Err(e) => return invalid_params(&id, &e),
             };
             let policy = Policy::for_call(
                 &plugins,
