@@ -274,6 +274,56 @@ async fn sampling_requests_reach_the_client_and_answers_reach_the_upstream() {
     assert_eq!(done["result"]["content"][0]["text"], "model said: four");
 }
 
+/// A server has a share of the requests that may wait for one client's answers: one that asks
+/// without end (or whose questions the client leaves unanswered) is refused past its share,
+/// and another server's questions still reach the client.
+#[tokio::test]
+async fn one_server_cannot_take_every_slot_for_the_clients_answers() {
+    let (_gw, c) = two().await;
+    let sample = |id: u64, tool: &str| {
+        json!({"jsonrpc":"2.0","id":id,"method":"tools/call",
+               "params":{"name":tool,"arguments":{"prompt":format!("q{id}")}}})
+    };
+    let mut waiting = Vec::new();
+    for id in 0..16 {
+        let mut s = c.stream(sample(id, "a__sample")).await;
+        let req = s.next().await.expect("sampling request");
+        assert_eq!(req["method"], "sampling/createMessage");
+        waiting.push(s);
+    }
+    // The seventeenth question of server a is refused, and its call says so.
+    let done = c
+        .call(16, "tools/call", sample(16, "a__sample")["params"].clone())
+        .await;
+    assert_eq!(done["id"], 16, "{done}");
+    let message = done["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+        + done["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default();
+    assert!(message.contains("too many requests are waiting"), "{done}");
+    // Server b still asks, and its answer gets through.
+    let mut s = c.stream(sample(17, "b__sample")).await;
+    let req = s.next().await.expect("b's sampling request");
+    assert_eq!(req["params"]["messages"][0]["content"]["text"], "q17");
+    let ack = c
+        .post(
+            json!({"jsonrpc":"2.0","id":req["id"],"result":{"role":"assistant","model":"m",
+                     "content":{"type":"text","text":"yes"}}})
+            .to_string(),
+        )
+        .await;
+    assert_eq!(ack.status, 202);
+    let done = s.next().await.expect("b's answer");
+    assert_eq!(
+        done["result"]["content"][0]["text"], "model said: yes",
+        "{done}"
+    );
+    drop(waiting);
+}
+
 #[tokio::test]
 async fn concurrent_calls_with_colliding_ids_do_not_mix() {
     let (_gw, c) = two().await;

@@ -855,7 +855,11 @@ impl Session {
                     {
                         pending.remove(&oldest);
                     }
-                    let room = pending.len() < MAX_SERVER_REQUESTS;
+                    // Each server has a share: one that asks without end (or whose questions
+                    // the client ignores) leaves room for the others'.
+                    let its_own = pending.values().filter(|(i, _, _)| *i == index).count();
+                    let room = pending.len() < MAX_SERVER_REQUESTS
+                        && its_own < MAX_SERVER_REQUESTS_PER_SERVER;
                     if room {
                         pending.insert(n, (index, id.clone(), wire.clone()));
                     }
@@ -869,7 +873,7 @@ impl Session {
                         if admitted {
                             "the client has no open stream to receive this request"
                         } else {
-                            "too many requests are waiting for this client's answers"
+                            "too many requests are waiting for this client's answers (at most 16 of one server's, 64 in all)"
                         },
                     );
                     tokio::spawn(async move {
@@ -964,6 +968,9 @@ pub const MAX_INFLIGHT: usize = 256;
 const SERVER_REQUEST_TTL_MS: u64 = 10 * 60 * 1000;
 /// Server→client requests waiting for one session's answers.
 const MAX_SERVER_REQUESTS: usize = 64;
+
+/// Most of them from one server (the refusal names both numbers).
+const MAX_SERVER_REQUESTS_PER_SERVER: usize = 16;
 
 /// A session id as logs show it (see [`Session::log_id`]).
 pub fn log_id(id: &str) -> &str {
