@@ -219,7 +219,7 @@ async fn oversized_body_is_413_with_or_without_content_length() {
 #[tokio::test]
 async fn unknown_session_is_404_and_missing_session_is_400() {
     let (gw, healthy) = setup().await;
-    let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    let body = r#"{"jsonrpc":"2.0","id":"req-7","method":"tools/list"}"#;
     let r = raw_post(
         &gw,
         Some("no-such-session"),
@@ -230,9 +230,12 @@ async fn unknown_session_is_404_and_missing_session_is_400() {
     .await;
     assert_eq!(r.status, 404);
     assert!(r.body.contains("session not found"));
+    // Refused after the body was read: the answer names the request it refuses.
+    assert_eq!(r.json()["id"], "req-7", "{}", r.body);
     let r = raw_post(&gw, None, "application/json", ACCEPT, body).await;
     assert_eq!(r.status, 400);
     assert!(r.body.contains("Mcp-Session-Id"));
+    assert_eq!(r.json()["id"], "req-7", "{}", r.body);
     still_healthy(&healthy).await;
 }
 
@@ -256,6 +259,7 @@ async fn unsupported_protocol_version_is_400() {
         "{}",
         r.body
     );
+    assert_eq!(r.json()["id"], 1, "{}", r.body);
     still_healthy(&healthy).await;
 }
 

@@ -651,21 +651,25 @@ async fn post(
         let claims = identity.map(|i| &i.claims);
         return initialize(gw, principal, claims, profile, id, params.as_deref()).await;
     }
-    let refused = |mut span: Option<crate::trace::Span>, e: &FrontError| {
+    // Refused once the body is read: the answer carries the request's id, so a client that
+    // sends several requests can tell which one was refused.
+    let refused = |mut span: Option<crate::trace::Span>, e: FrontError| {
+        tracing::debug!("refused MCP request: {e}");
         if let Some(span) = &mut span {
             span.fail(e.to_string());
         }
+        let id = match &msg.kind {
+            Kind::Request { id, .. } => Some(&id[..]),
+            _ => None,
+        };
+        Ok(refusal(gw, e, id, profile.map(|p| p.name.as_str())))
     };
     if let Err(e) = version_check {
-        refused(span, &e);
-        return Err(e);
+        return refused(span, e);
     }
     let session = match session_of(gw, &principal, profile, session_header.as_ref()) {
         Ok(s) => s,
-        Err(e) => {
-            refused(span, &e);
-            return Err(e);
-        }
+        Err(e) => return refused(span, e),
     };
     let _busy = session.touch();
     if let Some(identity) = identity {
