@@ -780,22 +780,15 @@ impl Gateway {
 /// What a hidden stateless session is keyed by: principal, profile, and token grants.
 type StatelessKey = (Option<Principal>, Option<String>, Grants);
 
-/// A token's groups and scopes, compared and hashed without the token itself: requests whose
-/// tokens grant the same may share a hidden session (the token is refreshed in place).
+/// A token's groups and scopes, compared (in any order) and hashed without the token itself:
+/// requests whose tokens grant the same may share a hidden session (the token is refreshed in
+/// place).
 #[derive(Clone)]
 struct Grants(Option<Arc<crate::auth::Claims>>);
 
-impl Grants {
-    fn parts(&self) -> (&[Box<str>], &[Box<str>]) {
-        self.0
-            .as_deref()
-            .map_or((&[], &[]), |c| (&c.groups, &c.scopes))
-    }
-}
-
 impl PartialEq for Grants {
     fn eq(&self, other: &Self) -> bool {
-        self.parts() == other.parts()
+        crate::auth::Claims::same_grants(self.0.as_deref(), other.0.as_deref())
     }
 }
 
@@ -803,6 +796,6 @@ impl Eq for Grants {}
 
 impl std::hash::Hash for Grants {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.parts().hash(state);
+        state.write_u64(crate::auth::Claims::grants_hash(self.0.as_deref()));
     }
 }

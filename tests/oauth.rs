@@ -1042,25 +1042,7 @@ async fn stateless_tokens_with_other_grants_are_kept_apart_and_counted() {
     let key = SigningKey::es256("k");
     let issuer = Issuer::start(&[&key]).await;
     let gw = trusting_only(&issuer, "mcp: { max_sessions_per_principal: 1 }\n").await;
-    let list = |token: String| {
-        let mut c = gw.client();
-        c.token = Some(token);
-        async move {
-            let body = json!({"jsonrpc":"2.0","id":1,"method":"tools/list","params":{
-                "_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",
-                         "io.modelcontextprotocol/clientCapabilities":{}}}})
-            .to_string();
-            let req = c
-                .request("POST", body.clone())
-                .header("content-type", "application/json")
-                .header("accept", "application/json, text/event-stream")
-                .header("mcp-protocol-version", "2026-07-28")
-                .header("mcp-method", "tools/list")
-                .body(Full::new(Bytes::from(body)))
-                .unwrap();
-            c.send(req).await
-        }
-    };
+    let list = |token: String| stateless(&gw, token, "tools/list", json!({}));
     let first = list(key.sign(&issuer.claims("alice", "mcp"))).await;
     assert_eq!(first.status, 200, "{}", first.body);
     let other = list(key.sign(&issuer.claims("alice", "mcp deploy:prod"))).await;
@@ -1082,4 +1064,68 @@ async fn stateless_tokens_with_other_grants_are_kept_apart_and_counted() {
         200
     );
     assert_eq!(gw.gateway().stateless_sessions(), 2);
+}
+
+/// A 2026-07-28 request of `token`'s caller, `params` given their `_meta` (sampling declared).
+async fn stateless(
+    gw: &TestGateway,
+    token: String,
+    method: &str,
+    mut params: Value,
+) -> support::Resp {
+    let mut c = gw.client();
+    c.token = Some(token);
+    params["_meta"] = json!({"io.modelcontextprotocol/protocolVersion":"2026-07-28",
+                             "io.modelcontextprotocol/clientCapabilities":{"sampling":{}}});
+    let body = json!({"jsonrpc":"2.0","id":1,"method":method,"params":params}).to_string();
+    let mut req = c
+        .request("POST", body.clone())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", method);
+    if let Some(name) = params["name"].as_str() {
+        req = req.header("mcp-name", name);
+    }
+    c.send(req.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+}
+
+/// A call parked for its client's input was judged by the grants of the token that began it:
+/// a retry with a token of the same principal granting other scopes does not pick it up (nor
+/// spend it); one granting the same does.
+#[tokio::test]
+async fn a_parked_call_is_resumed_only_with_the_grants_that_began_it() {
+    let key = SigningKey::es256("k");
+    let issuer = Issuer::start(&[&key]).await;
+    let gw = trusting_only(&issuer, "").await;
+    let call = json!({"name": "sample", "arguments": {"prompt": "q"}});
+    let first = stateless(
+        &gw,
+        key.sign(&issuer.claims("alice", "mcp")),
+        "tools/call",
+        call.clone(),
+    )
+    .await
+    .response();
+    assert_eq!(first["result"]["resultType"], "input_required", "{first}");
+    let question = first["result"]["inputRequests"].as_object().unwrap();
+    let asked = question.keys().next().unwrap().clone();
+    let mut retry = call.clone();
+    retry["requestState"] = first["result"]["requestState"].clone();
+    retry["inputResponses"] = json!({ asked: {"role": "assistant", "model": "m",
+                                             "content": {"type": "text", "text": "yes"}} });
+    let wider = key.sign(&issuer.claims("alice", "mcp deploy:prod"));
+    let r = stateless(&gw, wider, "tools/call", retry.clone()).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("not issued to this caller"), "{}", r.body);
+    let mut same = issuer.claims("alice", "mcp");
+    same["jti"] = json!("refreshed");
+    let done = stateless(&gw, key.sign(&same), "tools/call", retry)
+        .await
+        .response();
+    assert_eq!(
+        done["result"]["content"][0]["text"], "model said: yes",
+        "{done}"
+    );
 }

@@ -42,6 +42,42 @@ pub struct Claims {
     pub token: Option<SubjectToken>,
 }
 
+impl Claims {
+    /// Whether two tokens' claims grant the same groups and scopes (as sets: in any order,
+    /// repeats aside; `None` grants nothing): what a policy decision about one holds for the
+    /// other.
+    pub fn same_grants(a: Option<&Claims>, b: Option<&Claims>) -> bool {
+        fn parts(c: Option<&Claims>) -> (&[Box<str>], &[Box<str>]) {
+            c.map_or((&[], &[]), |c| (&c.groups, &c.scopes))
+        }
+        let (a, b) = (parts(a), parts(b));
+        let same = |x: &[Box<str>], y: &[Box<str>]| {
+            x.iter().all(|s| y.contains(s)) && y.iter().all(|s| x.contains(s))
+        };
+        same(a.0, b.0) && same(a.1, b.1)
+    }
+
+    /// A hash of the groups and scopes as sets: equal for [`Claims::same_grants`].
+    pub fn grants_hash(c: Option<&Claims>) -> u64 {
+        use std::hash::BuildHasher;
+        let hasher = foldhash::fast::FixedState::with_seed(0);
+        let mut sum = 0u64;
+        if let Some(c) = c {
+            // Each distinct item once, in any order: equal sets hash alike.
+            let mut seen = |kind: u8, items: &[Box<str>]| {
+                for (i, s) in items.iter().enumerate() {
+                    if !items[..i].contains(s) {
+                        sum = sum.wrapping_add(hasher.hash_one((kind, &**s)));
+                    }
+                }
+            };
+            seen(0, &c.groups);
+            seen(1, &c.scopes);
+        }
+        sum
+    }
+}
+
 /// A caller's verified OAuth access token, held for token exchange, with its `exp`. Its
 /// `Debug` says nothing of it.
 #[derive(Clone, PartialEq, Eq)]
@@ -420,6 +456,37 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
         h
+    }
+
+    #[test]
+    fn grants_compare_and_hash_as_sets() {
+        let c = |groups: &[&str], scopes: &[&str]| Claims {
+            groups: groups.iter().map(|s| (*s).into()).collect(),
+            scopes: scopes.iter().map(|s| (*s).into()).collect(),
+            token: None,
+        };
+        let same = [
+            (c(&["eng"], &["a", "b"]), c(&["eng"], &["b", "a"])),
+            (c(&[], &["a", "a", "b"]), c(&[], &["b", "a"])),
+            (c(&[], &["a", "b", "b"]), c(&[], &["a", "a", "b"])),
+        ];
+        for (x, y) in &same {
+            assert!(Claims::same_grants(Some(x), Some(y)), "{x:?} {y:?}");
+            assert_eq!(Claims::grants_hash(Some(x)), Claims::grants_hash(Some(y)));
+        }
+        assert!(Claims::same_grants(None, Some(&c(&[], &[]))));
+        assert_eq!(
+            Claims::grants_hash(None),
+            Claims::grants_hash(Some(&c(&[], &[])))
+        );
+        let other = [
+            (c(&["eng"], &["a"]), c(&["eng"], &["a", "admin"])),
+            (c(&["eng"], &[]), c(&[], &["eng"])),
+            (c(&["a"], &[]), c(&["b"], &[])),
+        ];
+        for (x, y) in &other {
+            assert!(!Claims::same_grants(Some(x), Some(y)), "{x:?} {y:?}");
+        }
     }
 
     #[tokio::test]

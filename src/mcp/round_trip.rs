@@ -259,11 +259,13 @@ impl RoundTrips {
         self.sealer.seal(RELAYED, &plain)
     }
 
-    /// Takes what `token` stands for, for `principal`'s retry of `method` on `target`: the
-    /// call it parks, or the server state it carries.
+    /// Takes what `token` stands for, for `principal`'s retry of `method` on `target` with a
+    /// token granting `claims`: the call it parks (only for a token granting what the one
+    /// that began it did: the call was judged by those grants), or the server state it carries.
     pub fn resume(
         &self,
         (principal, profile): (Option<&Principal>, Option<&str>),
+        claims: Option<&crate::auth::Claims>,
         token: &str,
         method: &str,
         target: Option<&str>,
@@ -285,14 +287,19 @@ impl RoundTrips {
         }
         // Taken only by the retry of its own request, on its own endpoint: a mismatched one
         // leaves it in place.
+        let granted =
+            |p: &Parked| crate::auth::Claims::same_grants(Some(&p.session.caller().claims), claims);
         let taken = self.parked.remove_if(&state.i, |_, p| {
             p.method == method
                 && p.target.as_deref() == target
                 && p.session.profile_name() == profile
+                && granted(p)
         });
         let Some((_, mut parked)) = taken else {
             return Err(match self.parked.get(&state.i) {
-                Some(p) if p.session.profile_name() != profile => ResumeError::Foreign,
+                Some(p) if p.session.profile_name() != profile || !granted(&p) => {
+                    ResumeError::Foreign
+                }
                 Some(p) => ResumeError::Mismatch(
                     format!("{} {}", p.method, p.target.as_deref().unwrap_or(""))
                         .trim_end()

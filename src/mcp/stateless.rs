@@ -748,6 +748,7 @@ pub(crate) async fn post(
     if let Some(state) = retry.state {
         let resumed = gw.round_trips.resume(
             (principal.as_ref(), profile.map(|p| p.name.as_str())),
+            claims.as_deref(),
             &state,
             &round.method,
             round.target.as_deref(),
