@@ -397,34 +397,45 @@ impl Drop for Heartbeat {
     }
 }
 
+/// What the expiring server shows of itself.
+struct Expiring {
+    url: String,
+    /// Open GET streams per session.
+    open: OpenStreams,
+    /// The first session still live (set it to expire those before).
+    live_from: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// `(session, uri)` of every `resources/subscribe`.
+    subscribed: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
 /// A Streamable HTTP server whose sessions expire (POSTs then answer 404, and `initialize`
 /// starts the next one) while their GET streams stay open, as behind a load balancer whose
 /// replicas disagree. It never answers a POST of method `stall`. Returns its URL, the open
 /// streams, and the first session still live.
-async fn expiring_server(
-    stall: &'static str,
-) -> (
-    String,
-    OpenStreams,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
+async fn expiring_server(stall: &'static str) -> Expiring {
     use http_body_util::{BodyExt, Either};
     use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/mcp", listener.local_addr().unwrap());
     let open = OpenStreams::default();
     let live_from = std::sync::Arc::new(AtomicUsize::new(0));
+    let subscribed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let next = std::sync::Arc::new(AtomicUsize::new(0));
-    let (o, l) = (open.clone(), live_from.clone());
+    let (o, l, s) = (open.clone(), live_from.clone(), subscribed.clone());
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            let (open, live_from, next) = (o.clone(), l.clone(), next.clone());
+            let (open, live_from, next, subscribed) =
+                (o.clone(), l.clone(), next.clone(), s.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     move |req: http::Request<hyper::body::Incoming>| {
-                        let (open, live_from, next) =
-                            (open.clone(), live_from.clone(), next.clone());
+                        let (open, live_from, next, subscribed) = (
+                            open.clone(),
+                            live_from.clone(),
+                            next.clone(),
+                            subscribed.clone(),
+                        );
                         async move {
                             let respond = |status: u16, body: String| {
                                 let mut r =
@@ -472,7 +483,7 @@ async fn expiring_server(
                             if method == "initialize" {
                                 let n = next.fetch_add(1, Ordering::SeqCst);
                                 let result = json!({"protocolVersion": "2025-11-25",
-                                "capabilities": {"tools": {}},
+                                "capabilities": {"tools": {}, "resources": {"subscribe": true}},
                                 "serverInfo": {"name": "expiring", "version": "1"}});
                                 let mut r = respond(
                                     200,
@@ -487,6 +498,14 @@ async fn expiring_server(
                                 return Ok(respond(404, String::new()));
                             }
                             let result = match method.as_str() {
+                                "resources/subscribe" => {
+                                    let uri = msg["params"]["uri"].as_str().unwrap_or("");
+                                    subscribed
+                                        .lock()
+                                        .unwrap()
+                                        .push((session.clone().unwrap(), uri.to_owned()));
+                                    json!({})
+                                }
                                 "tools/list" => {
                                     json!({"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]})
                                 }
@@ -513,7 +532,12 @@ async fn expiring_server(
             });
         }
     });
-    (url, open, live_from)
+    Expiring {
+        url,
+        open,
+        live_from,
+        subscribed,
+    }
 }
 
 /// A session that expires upstream is initialized anew; the old connection is ended, not only
@@ -521,7 +545,12 @@ async fn expiring_server(
 /// messages beside the new one's (one more stream for every expiry).
 #[tokio::test]
 async fn an_expired_upstream_session_leaves_no_stream_behind() {
-    let (url, open, live_from) = expiring_server("").await;
+    let Expiring {
+        url,
+        open,
+        live_from,
+        ..
+    } = expiring_server("").await;
     let gw = TestGateway::start(
         "",
         &[format!(
@@ -576,8 +605,10 @@ async fn an_expired_upstream_session_leaves_no_stream_behind() {
 /// never gives one holds neither the client's POST nor the other servers' copies.
 #[tokio::test]
 async fn a_server_that_never_takes_a_notification_holds_nobody() {
-    let (stalling, _, _) = expiring_server("notifications/roots/list_changed").await;
-    let (other, _, _) = expiring_server("").await;
+    let stalling = expiring_server("notifications/roots/list_changed")
+        .await
+        .url;
+    let other = expiring_server("").await.url;
     let upstream = |name: &str, url: &str| {
         format!(
             "  - name: {name}\n    protocol: sessions\n    connect_timeout: 1s\n    http: {{ url: {url:?} }}\n"
@@ -670,4 +701,55 @@ async fn a_servers_words_about_a_failure_reach_only_the_log() {
         assert!(message.contains(said), "{message}");
         assert!(!message.contains("SECRET"), "{message}");
     }
+}
+
+/// A new upstream session knows none of the old one's subscriptions: the gateway subscribes
+/// it anew to every resource the old one watched, so the client's updates keep coming.
+#[tokio::test]
+async fn a_new_upstream_session_is_subscribed_to_what_the_old_one_watched() {
+    let server = expiring_server("").await;
+    let gw = TestGateway::start(
+        "",
+        &[format!(
+            "  - name: up\n    protocol: sessions\n    http: {{ url: {:?} }}\n",
+            server.url
+        )],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    for (id, uri) in [(1, "file:///watched"), (2, "file:///also")] {
+        let r = c
+            .call(id, "resources/subscribe", json!({ "uri": uri }))
+            .await;
+        assert!(r["result"].is_object(), "{r}");
+    }
+    let r = c
+        .call(3, "resources/unsubscribe", json!({"uri": "file:///also"}))
+        .await;
+    assert!(r["result"].is_object(), "{r}");
+    server
+        .live_from
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(c.tool_text(4, "echo", json!({})).await, "s1");
+    let subscribed = server.subscribed.clone();
+    eventually("s1 subscribed to the watched resource", || {
+        let subscribed = subscribed.clone();
+        async move {
+            subscribed
+                .lock()
+                .unwrap()
+                .contains(&("s1".to_owned(), "file:///watched".to_owned()))
+        }
+    })
+    .await;
+    let s1: Vec<String> = server
+        .subscribed
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(s, _)| s == "s1")
+        .map(|(_, u)| u.clone())
+        .collect();
+    assert_eq!(s1, ["file:///watched"], "what was unsubscribed stays so");
 }

@@ -22,6 +22,8 @@ use super::{
 const PROBE_INIT: &str = r#"{"capabilities":{"sampling":{},"elicitation":{},"roots":{}},"clientInfo":{"name":"gatehouse","version":"probe"}}"#;
 /// Most rounds of input one call to a 2026-07-28 server may ask of a session's client.
 const MAX_INPUT_ROUNDS: usize = 8;
+/// Most resources a link subscribes to anew on a new connection.
+const MAX_RESUBSCRIBED: usize = 256;
 /// Most pages of a 2026-07-28 server's tool list read to learn its mirrored arguments.
 const MAX_MARK_PAGES: usize = 20;
 /// Prefix of the ids of requests the link itself sends the client (for a 2026 server's input).
@@ -50,6 +52,9 @@ pub struct Link {
     closed: AtomicBool,
     /// First pages of the lists whose changes the upstream promises to announce.
     lists: Mutex<ListCache>,
+    /// The resources the server agreed to watch for this link: subscribed anew on the next
+    /// connection (a new upstream session knows none of them).
+    subscribed: Mutex<Vec<Box<str>>>,
     /// Held while the link's own process of an orchestrated server runs.
     private_slot: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
     /// The server definition the link's own process runs (`SharedServer::definition`).
@@ -156,6 +161,7 @@ impl Link {
             shared: Mutex::new(None),
             closed: AtomicBool::new(false),
             lists: Mutex::new(ListCache::default()),
+            subscribed: Mutex::new(Vec::new()),
             private_slot: Mutex::new(None),
             private_definition: AtomicU64::new(0),
             remote_endpoint: AtomicU64::new(0),
@@ -398,12 +404,69 @@ impl Link {
             self.generation.fetch_add(1, Ordering::AcqRel);
             *current = Some(conn.clone());
         }
+        self.resubscribe(&conn);
         if self.listen.load(Ordering::Relaxed)
             && let Connection::Http(h) = &*conn
         {
             h.open_listen_stream(conn.clone());
         }
         Ok(conn)
+    }
+
+    /// Remembers that the server agreed to watch `uri` for this link (`on`), or no longer.
+    fn note_subscription(&self, uri: &str, on: bool) {
+        let mut subscribed = self.subscribed.lock().unwrap_or_else(|e| e.into_inner());
+        let at = subscribed.iter().position(|u| &**u == uri);
+        match (on, at) {
+            (true, None) if subscribed.len() < MAX_RESUBSCRIBED => subscribed.push(uri.into()),
+            (false, Some(i)) => {
+                subscribed.swap_remove(i);
+            }
+            _ => {}
+        }
+    }
+
+    /// Subscribes a new connection to what the link's earlier ones watched: on a 2026-07-28
+    /// server's listen stream (before it opens), else with `resources/subscribe` in the
+    /// background. A shared connection keeps its own subscriptions.
+    fn resubscribe(&self, conn: &Arc<Connection>) {
+        if self.is_shared() {
+            return;
+        }
+        let uris = self
+            .subscribed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if uris.is_empty() {
+            return;
+        }
+        if let Connection::Http(h) = &**conn
+            && h.is_stateless()
+        {
+            for uri in &uris {
+                let _ = h.watch(uri, true);
+            }
+            return;
+        }
+        let conn = conn.clone();
+        let timeout = self.server.config.call_timeout;
+        tokio::spawn(async move {
+            for uri in uris {
+                let params = serde_json::json!({ "uri": &*uri }).to_string();
+                let subscribed = conn
+                    .request(
+                        "resources/subscribe",
+                        Some(params.as_bytes()),
+                        CallOpts::default(),
+                        timeout,
+                    )
+                    .await;
+                if !matches!(subscribed, Ok(Outcome::Result(_))) {
+                    tracing::info!(server = %conn.server().name, %uri, "could not subscribe anew to a resource on the new upstream session");
+                }
+            }
+        });
     }
 
     /// The headers of an HTTP upstream's requests for this link's caller: the operator's own,
@@ -777,6 +840,16 @@ impl Link {
                     "the server answered input_required, which a server of its revision cannot mean",
                 ))
             }
+            Ok(Outcome::Result(r))
+                if matches!(method, "resources/subscribe" | "resources/unsubscribe") =>
+            {
+                if let Some(uri) = params.and_then(uri_of)
+                    && !self.is_shared()
+                {
+                    self.note_subscription(&uri, method == "resources/subscribe");
+                }
+                Ok(Outcome::Result(r))
+            }
             other => other,
         }
     }
@@ -813,8 +886,10 @@ impl Link {
                         &format!("{method} needs params.uri"),
                     )));
                 };
-                return Ok(match h.watch(&uri, method == "resources/subscribe") {
+                let on = method == "resources/subscribe";
+                return Ok(match h.watch(&uri, on) {
                     Ok(changed) => {
+                        self.note_subscription(&uri, on);
                         if changed && self.listen.load(Ordering::Relaxed) {
                             h.reopen_listen_stream(conn.clone());
                         }
