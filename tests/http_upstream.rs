@@ -752,4 +752,44 @@ async fn a_new_upstream_session_is_subscribed_to_what_the_old_one_watched() {
         .map(|(_, u)| u.clone())
         .collect();
     assert_eq!(s1, ["file:///watched"], "what was unsubscribed stays so");
+    // An unsubscribe that meets an expired session is retried on a new one, and counts.
+    server
+        .live_from
+        .store(2, std::sync::atomic::Ordering::SeqCst);
+    let r = c
+        .call(
+            5,
+            "resources/unsubscribe",
+            json!({"uri": "file:///watched"}),
+        )
+        .await;
+    assert!(r["result"].is_object(), "{r}");
+    let r = c
+        .call(6, "resources/subscribe", json!({"uri": "file:///later"}))
+        .await;
+    assert!(r["result"].is_object(), "{r}");
+    server
+        .live_from
+        .store(3, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(c.tool_text(7, "echo", json!({})).await, "s3");
+    let subscribed = server.subscribed.clone();
+    eventually("s3 subscribed to the later resource", || {
+        let subscribed = subscribed.clone();
+        async move {
+            subscribed
+                .lock()
+                .unwrap()
+                .contains(&("s3".to_owned(), "file:///later".to_owned()))
+        }
+    })
+    .await;
+    let s3: Vec<String> = server
+        .subscribed
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(s, _)| s == "s3")
+        .map(|(_, u)| u.clone())
+        .collect();
+    assert_eq!(s3, ["file:///later"]);
 }

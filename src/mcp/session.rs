@@ -142,9 +142,9 @@ pub struct Session {
     listen: Mutex<Listen>,
     epoch: Instant,
     last_active_ms: AtomicU64,
-    /// When (ms after `epoch`, plus one: 0 is never) a read of an unknown resource last had
-    /// every server's resource lists fetched.
-    resources_refreshed_ms: AtomicU64,
+    /// When a read of an unknown resource last had every server's resource lists walked;
+    /// held while a walk runs.
+    resource_walk: tokio::sync::Mutex<Option<Instant>>,
     busy: AtomicUsize,
     /// Set once the session has ended: every stream and task it owns watches it.
     ended: tokio::sync::watch::Sender<bool>,
@@ -289,7 +289,7 @@ impl Session {
                 tool_headers_reading: tokio::sync::Mutex::new(()),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
-                resources_refreshed_ms: AtomicU64::new(0),
+                resource_walk: tokio::sync::Mutex::new(None),
                 busy: AtomicUsize::new(0),
                 ended: tokio::sync::watch::Sender::new(false),
                 policy,
@@ -436,16 +436,10 @@ impl Session {
         Some((usage, init))
     }
 
-    /// Whether a read of an unknown resource may fetch every server's resource lists now (at
-    /// most once a second per session); if so, the time is taken.
-    pub fn may_refresh_resources(&self) -> bool {
-        let now = self.epoch.elapsed().as_millis() as u64 + 1;
-        let last = self.resources_refreshed_ms.load(Ordering::Relaxed);
-        (last == 0 || now.saturating_sub(last) >= 1000)
-            && self
-                .resources_refreshed_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+    /// When a read of an unknown resource last walked every server's resource lists; held
+    /// while a walk runs, so that one runs at a time.
+    pub fn resource_walk(&self) -> &tokio::sync::Mutex<Option<Instant>> {
+        &self.resource_walk
     }
 
     /// Marks activity now; the returned guard keeps the session from expiring while a request runs.
@@ -847,17 +841,18 @@ impl Session {
                 };
                 let admitted = {
                     let mut pending = lock(&self.server_requests);
+                    // Each server has a share: one that asks without end (or whose questions
+                    // the client ignores) leaves room for the others', and makes none.
+                    let its_own = pending.values().filter(|(i, _, _)| *i == index).count();
                     // In a portable session an answer may go upstream through another replica
                     // and never come back here: the oldest entry makes room.
                     if self.portable.is_some()
+                        && its_own < MAX_SERVER_REQUESTS_PER_SERVER
                         && pending.len() >= MAX_SERVER_REQUESTS
                         && let Some(oldest) = pending.keys().min().copied()
                     {
                         pending.remove(&oldest);
                     }
-                    // Each server has a share: one that asks without end (or whose questions
-                    // the client ignores) leaves room for the others'.
-                    let its_own = pending.values().filter(|(i, _, _)| *i == index).count();
                     let room = pending.len() < MAX_SERVER_REQUESTS
                         && its_own < MAX_SERVER_REQUESTS_PER_SERVER;
                     if room {

@@ -54,7 +54,11 @@ pub struct Link {
     lists: Mutex<ListCache>,
     /// The resources the server agreed to watch for this link: subscribed anew on the next
     /// connection (a new upstream session knows none of them).
-    subscribed: Mutex<Vec<Box<str>>>,
+    subscribed: Arc<Mutex<Vec<Box<str>>>>,
+    /// The connection last given up on, whose listen stream goes on until the next one's
+    /// opens: a 2026-07-28 server's stream needs no session, so a listening client hears on
+    /// (once, never from two streams) until a call connects anew.
+    retired: Mutex<Option<Arc<Connection>>>,
     /// Held while the link's own process of an orchestrated server runs.
     private_slot: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
     /// The server definition the link's own process runs (`SharedServer::definition`).
@@ -161,7 +165,8 @@ impl Link {
             shared: Mutex::new(None),
             closed: AtomicBool::new(false),
             lists: Mutex::new(ListCache::default()),
-            subscribed: Mutex::new(Vec::new()),
+            subscribed: Arc::default(),
+            retired: Mutex::new(None),
             private_slot: Mutex::new(None),
             private_definition: AtomicU64::new(0),
             remote_endpoint: AtomicU64::new(0),
@@ -404,6 +409,14 @@ impl Link {
             self.generation.fetch_add(1, Ordering::AcqRel);
             *current = Some(conn.clone());
         }
+        let retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(old) = retired {
+            old.stop_listening();
+        }
         self.resubscribe(&conn);
         if self.listen.load(Ordering::Relaxed)
             && let Connection::Http(h) = &*conn
@@ -450,22 +463,36 @@ impl Link {
             return;
         }
         let conn = conn.clone();
+        let kept = self.subscribed.clone();
         let timeout = self.server.config.call_timeout;
+        // Side by side, within one call's deadline in all; one unsubscribed meanwhile is left.
         tokio::spawn(async move {
-            for uri in uris {
-                let params = serde_json::json!({ "uri": &*uri }).to_string();
-                let subscribed = conn
-                    .request(
-                        "resources/subscribe",
-                        Some(params.as_bytes()),
-                        CallOpts::default(),
-                        timeout,
-                    )
-                    .await;
-                if !matches!(subscribed, Ok(Outcome::Result(_))) {
-                    tracing::info!(server = %conn.server().name, %uri, "could not subscribe anew to a resource on the new upstream session");
+            let each = uris.iter().map(|uri| {
+                let (conn, kept) = (&conn, &kept);
+                async move {
+                    let still = kept
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains(uri);
+                    if !still {
+                        return;
+                    }
+                    let params = serde_json::json!({ "uri": &**uri }).to_string();
+                    let subscribed = conn
+                        .request(
+                            "resources/subscribe",
+                            Some(params.as_bytes()),
+                            CallOpts::default(),
+                            timeout,
+                        )
+                        .await;
+                    if !matches!(subscribed, Ok(Outcome::Result(_))) {
+                        tracing::info!(server = %conn.server().name, %uri, "could not subscribe anew to a resource on the new upstream session");
+                    }
                 }
-            }
+            });
+            let all = futures_util::future::join_all(each);
+            let _ = tokio::time::timeout(timeout, all).await;
         });
     }
 
@@ -805,7 +832,7 @@ impl Link {
         let progress_token = opts.progress_token.clone();
         let origin = opts.origin.clone();
         let traceparent = opts.traceparent.clone();
-        match conn.request(method, params, opts, timeout).await {
+        let result = match conn.request(method, params, opts, timeout).await {
             Err(UpstreamError::SessionExpired { .. }) => {
                 // 404 means the request was not processed: safe to retry on a new session.
                 self.forget(&conn);
@@ -840,18 +867,17 @@ impl Link {
                     "the server answered input_required, which a server of its revision cannot mean",
                 ))
             }
-            Ok(Outcome::Result(r))
-                if matches!(method, "resources/subscribe" | "resources/unsubscribe") =>
-            {
-                if let Some(uri) = params.and_then(uri_of)
-                    && !self.is_shared()
-                {
-                    self.note_subscription(&uri, method == "resources/subscribe");
-                }
-                Ok(Outcome::Result(r))
-            }
             other => other,
+        };
+        // Kept for the next connection (retried or not, what the server agreed to).
+        if let Ok(Outcome::Result(_)) = &result
+            && matches!(method, "resources/subscribe" | "resources/unsubscribe")
+            && !self.is_shared()
+            && let Some(uri) = params.and_then(uri_of)
+        {
+            self.note_subscription(&uri, method == "resources/subscribe");
         }
+        result
     }
 
     /// Calls a 2026-07-28 server: the envelope in `_meta`, the request mirrored in headers.
@@ -1268,11 +1294,11 @@ impl Link {
         }
     }
 
-    /// Drops `conn` as the link's connection and stops its listen stream: forgotten alone, that
-    /// would go on for ever (delivering an old session's messages beside the new one's). The
-    /// server lost the session, or cannot be reached: nothing is sent to end it (a DELETE
-    /// would wake a sleeping server for nothing). A shared connection is others' too; its
-    /// owner replaces it.
+    /// Drops `conn` as the link's connection; its listen stream stops when the next
+    /// connection's opens (forgotten alone, it would go on for ever, delivering an old
+    /// session's messages beside the new one's). The server lost the session, or cannot be
+    /// reached: nothing is sent to end it (a DELETE would wake a sleeping server for nothing).
+    /// A shared connection is others' too; its owner replaces it.
     fn forget(&self, conn: &Arc<Connection>) {
         let forgotten = {
             let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
@@ -1284,7 +1310,14 @@ impl Link {
         if let Some(old) = forgotten
             && !self.is_shared()
         {
-            old.stop_listening();
+            let earlier = self
+                .retired
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace(old);
+            if let Some(earlier) = earlier {
+                earlier.stop_listening();
+            }
         }
     }
 
@@ -1294,6 +1327,14 @@ impl Link {
         // holds `connecting`), so what it stores is shut down here rather than left running.
         self.closed.store(true, Ordering::Release);
         let _serial = self.connecting.lock().await;
+        let retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(old) = retired {
+            old.stop_listening();
+        }
         let conn = self
             .current
             .lock()

@@ -70,12 +70,18 @@ pub(super) const TEMPLATES: ListKind = ListKind {
 ///
 /// The cursor handed to the client encodes each upstream's own cursor, so pagination resumes only
 /// the upstreams that have more.
+///
+/// `walk`: the gateway's own walk from the first page (its cursors are the ones it was given):
+/// a server's last page then completes what the router heard of it. A client's cursor proves
+/// nothing of the pages before (it may be forged), so only a first page that is also the last
+/// does.
 pub(super) async fn list(
     sv: Services<'_>,
     session: &Arc<Session>,
     id: &[u8],
     kind: ListKind,
     params: Option<&[u8]>,
+    walk: bool,
 ) -> Reply {
     let f = match fields(params) {
         Ok(f) => f,
@@ -161,6 +167,7 @@ pub(super) async fn list(
     let mut asleep: Vec<&str> = Vec::new();
     for ((index, cursor), r) in targets.iter().zip(results) {
         let name = session.topology().router.name(*index);
+        let asked_from_start = cursor.is_none();
         let page = match r {
             Ok(None) => {
                 // No such list: nothing it could claim by it.
@@ -168,6 +175,17 @@ pub(super) async fn list(
                     session.topology().router.listed(*index, list);
                 }
                 answered += 1;
+                continue;
+            }
+            Ok(Some((Outcome::Error(e), _)))
+                if jsonrpc::error_code(&e) == Some(code::METHOD_NOT_FOUND)
+                    && (walk || asked_from_start) =>
+            {
+                // No such method: nothing it could claim by it either.
+                if let Some(list) = kind.listed() {
+                    session.topology().router.listed(*index, list);
+                }
+                failures.push(format!("{name}: answered error {}", code::METHOD_NOT_FOUND));
                 continue;
             }
             Ok(Some((Outcome::Result(page), cached))) => {
@@ -235,6 +253,7 @@ pub(super) async fn list(
             Ok((part, cursor)) => {
                 answered += 1;
                 if cursor.is_none()
+                    && (walk || asked_from_start)
                     && let Some(list) = kind.listed()
                 {
                     session.topology().router.listed(*index, list);

@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -160,8 +160,12 @@ pub(super) async fn complete(
 }
 
 /// Finds the one upstream that serves a resource URI for this session, hearing from every
-/// server first (their resource lists and templates, once per second at most: a client cannot
-/// make a refresh of every server out of each read); the error says why there is none.
+/// server first (their resource lists and templates, walked from the first page); the error
+/// says why there is none.
+///
+/// One walk at a time per session, at most one a second, within [`REFRESH_DEADLINE`]: a read
+/// that comes during a walk waits for it rather than trust lists half heard, and a client
+/// cannot make a walk of every server out of each read.
 pub(super) async fn resource_owner(
     sv: Services<'_>,
     session: &Arc<Session>,
@@ -171,12 +175,22 @@ pub(super) async fn resource_owner(
     let serves = |i| session.serves_resource(i, uri);
     let mut route = router.resource(uri, serves, false);
     if route == ResourceRoute::Unknown {
-        if session.may_refresh_resources() {
-            for kind in [RESOURCES, TEMPLATES] {
-                list_all(sv, session, kind).await;
+        let mut last = session.resource_walk().lock().await;
+        route = router.resource(uri, serves, false);
+        if route == ResourceRoute::Unknown {
+            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                let walk = async {
+                    for kind in [RESOURCES, TEMPLATES] {
+                        list_all(sv, session, kind).await;
+                    }
+                };
+                let _ = tokio::time::timeout(REFRESH_DEADLINE, walk).await;
+                *last = Some(Instant::now());
             }
+            // What could be heard has been: a server that could not be (down, or past the
+            // walk's pages) claims nothing it did not claim before.
+            route = router.resource(uri, serves, true);
         }
-        route = router.resource(uri, serves, true);
     }
     match route {
         ResourceRoute::One(i) => Ok(i),
@@ -192,6 +206,9 @@ pub(super) async fn resource_owner(
     }
 }
 
+/// Longest walk of every server's resource lists for one read.
+const REFRESH_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Lists every page of `kind` (up to 20), for what the router learns from them.
 async fn list_all(sv: Services<'_>, session: &Arc<Session>, kind: super::aggregate::ListKind) {
     let mut cursor: Option<String> = None;
@@ -205,6 +222,7 @@ async fn list_all(sv: Services<'_>, session: &Arc<Session>, kind: super::aggrega
             b"0",
             kind,
             params.as_deref().map(str::as_bytes),
+            true,
         )
         .await
         else {

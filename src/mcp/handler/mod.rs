@@ -269,16 +269,40 @@ pub async fn request(
             &Outcome::Result(Bytes::from_static(b"{}")),
         )),
         "tools/list" if !direct => {
-            aggregate::list(sv, session, &id, aggregate::TOOLS, params.as_deref()).await
+            aggregate::list(sv, session, &id, aggregate::TOOLS, params.as_deref(), false).await
         }
         "prompts/list" if !direct => {
-            aggregate::list(sv, session, &id, aggregate::PROMPTS, params.as_deref()).await
+            aggregate::list(
+                sv,
+                session,
+                &id,
+                aggregate::PROMPTS,
+                params.as_deref(),
+                false,
+            )
+            .await
         }
         "resources/list" if !direct => {
-            aggregate::list(sv, session, &id, aggregate::RESOURCES, params.as_deref()).await
+            aggregate::list(
+                sv,
+                session,
+                &id,
+                aggregate::RESOURCES,
+                params.as_deref(),
+                false,
+            )
+            .await
         }
         "resources/templates/list" if !direct => {
-            aggregate::list(sv, session, &id, aggregate::TEMPLATES, params.as_deref()).await
+            aggregate::list(
+                sv,
+                session,
+                &id,
+                aggregate::TEMPLATES,
+                params.as_deref(),
+                false,
+            )
+            .await
         }
         "tools/call" | "prompts/get" if !direct => {
             let Some(params) = params else {
