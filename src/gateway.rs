@@ -255,7 +255,8 @@ impl Gateway {
             upstreams.iter().map(|u| u.name.clone()).collect(),
             self.config.mcp.name_separator.clone(),
             self.config.mcp.prefix_names,
-        );
+        )
+        .with_resource_conflicts(self.config.mcp.resource_conflicts);
         let servers = upstreams
             .into_iter()
             .enumerate()

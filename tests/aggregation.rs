@@ -187,6 +187,24 @@ async fn a_resource_uri_two_servers_claim_is_read_from_neither() {
     assert_eq!(done["error"]["code"], -32602, "{done}");
 }
 
+/// An operator who knows two servers serve the same resources (one server reached two ways)
+/// says so: a URI both claim is read from the one configured first.
+#[tokio::test]
+async fn with_first_a_uri_two_servers_claim_is_read_from_the_first() {
+    let twin = example("twin", &[], "").replace(r#""twin"]"#, r#""a"]"#);
+    let gw = TestGateway::start(
+        "mcp: { resource_conflicts: first }",
+        &[example("a", &[], ""), twin],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    for (id, uri) in [(1, "example://a/readme"), (2, "example://a/echo/hi")] {
+        let read = c.call(id, "resources/read", json!({ "uri": uri })).await;
+        assert_eq!(read["result"]["contents"][0]["uri"], uri, "{read}");
+    }
+}
+
 /// The gateway routes, checks and audits one URI or prompt name; a second key a lenient server
 /// (Go's `encoding/json`) reads as that one, or the key given twice, is refused, not forwarded.
 #[tokio::test]

@@ -491,6 +491,10 @@ pub struct RawMcp {
     /// `auto` (prefix only with several upstreams), `always` or `never`.
     #[serde(default)]
     pub prefix_names: Option<PrefixNames>,
+    /// `refuse` (a resource URI several servers claim is read from none) or `first` (from the
+    /// one configured first).
+    #[serde(default)]
+    pub resource_conflicts: Option<ResourceConflicts>,
     /// Interval of keep-alive comments on SSE streams.
     #[serde(default, with = "humantime_serde")]
     pub sse_keepalive: Option<Duration>,
@@ -580,6 +584,19 @@ pub enum PrefixNames {
     Always,
     /// Never (names must not collide).
     Never,
+}
+
+/// What the router does with a resource URI several servers claim (resource URIs carry no
+/// server name, and any server may list any URI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResourceConflicts {
+    /// Reads it from none of them: no server may take over another's resources.
+    #[default]
+    Refuse,
+    /// Reads it from the claimant configured first: for servers the operator knows serve the
+    /// same resources (one server reached two ways, replicas).
+    First,
 }
 
 /// Raw upstream definition.
@@ -788,6 +805,8 @@ pub struct McpSettings {
     pub name_separator: String,
     /// Prefixing rule.
     pub prefix_names: PrefixNames,
+    /// What a resource URI several servers claim is read from.
+    pub resource_conflicts: ResourceConflicts,
     /// SSE keep-alive interval.
     pub sse_keepalive: Duration,
     /// Lifetime of a connection with no request in flight (after its first request).
@@ -1076,6 +1095,7 @@ impl RawConfig {
                 n => n.unwrap_or(1_000),
             },
             prefix_names: m.prefix_names.unwrap_or_default(),
+            resource_conflicts: m.resource_conflicts.unwrap_or_default(),
             sse_keepalive: positive(
                 "mcp.sse_keepalive",
                 m.sse_keepalive,

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
-use crate::config::PrefixNames;
+use crate::config::{PrefixNames, ResourceConflicts};
 
 /// Most resource URIs remembered for routing, shared out evenly between the upstreams so that
 /// one server listing endless URIs cannot keep the others' from being learned.
@@ -23,6 +23,8 @@ pub struct Router {
     /// can claim the same one, and the router must not let the later claim win.
     resource_owners: DashMap<Box<str>, Vec<usize>>,
     template_prefixes: RwLock<Vec<(String, usize)>>,
+    /// What a URI several servers claim is read from.
+    conflicts: ResourceConflicts,
     /// URIs learned per upstream, against its share of the limit.
     learned_resources: Box<[AtomicUsize]>,
     /// Templates learned per upstream, against its share of the limit.
@@ -71,10 +73,17 @@ impl Router {
             prefixing,
             resource_owners: DashMap::new(),
             template_prefixes: RwLock::new(Vec::new()),
+            conflicts: ResourceConflicts::Refuse,
             learned_resources: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             learned_templates: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             listed: (0..n).map(|_| AtomicU8::new(0)).collect(),
         }
+    }
+
+    /// With `rule` for URIs several servers claim (refused by default).
+    pub fn with_resource_conflicts(mut self, rule: ResourceConflicts) -> Self {
+        self.conflicts = rule;
+        self
     }
 
     /// Whether tool and prompt names carry their server's name.
@@ -213,7 +222,13 @@ impl Router {
         }
         claimants.sort_unstable();
         claimants.dedup();
-        let route = one_of(claimants.into_iter());
+        let route = match (one_of(claimants.into_iter()), self.conflicts) {
+            // Claimants are in configuration order.
+            (ResourceRoute::Ambiguous(owners), ResourceConflicts::First) => {
+                ResourceRoute::One(owners[0])
+            }
+            (route, _) => route,
+        };
         let unheard = || {
             (0..self.names.len())
                 .any(|i| serves(i) && self.listed[i].load(Ordering::Relaxed) != LISTED_BOTH)
@@ -314,6 +329,15 @@ mod tests {
         assert_eq!(
             r.resource("test://t/own", all, true),
             ResourceRoute::Ambiguous(vec![0, 1])
+        );
+        // Unless the operator says the claimant configured first serves it.
+        let r = r.with_resource_conflicts(ResourceConflicts::First);
+        for uri in ["file:///secret", "test://t/special/7", "test://t/own"] {
+            assert_eq!(r.resource(uri, all, true), ResourceRoute::One(0), "{uri}");
+        }
+        assert_eq!(
+            r.resource("file:///secret", |i| i == 1, true),
+            ResourceRoute::One(1)
         );
     }
 

@@ -106,6 +106,8 @@ def gateway(tools: Tools, workdir: Path, everything_http: HttpEverything) -> Ite
             {"name": EV_HTTP, "http": {"url": everything_http.url}, "call_timeout": "30s"},
             {"name": EXAMPLE, "stdio": example, "call_timeout": "30s"},
         ],
+        # One server reached two ways: a resource URI both claim is read from the first.
+        mcp={"resource_conflicts": "first"},
         tapdir=tapdir,
     )
     try:
