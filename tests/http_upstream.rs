@@ -728,30 +728,29 @@ async fn a_new_upstream_session_is_subscribed_to_what_the_old_one_watched() {
         .call(3, "resources/unsubscribe", json!({"uri": "file:///also"}))
         .await;
     assert!(r["result"].is_object(), "{r}");
-    server
-        .live_from
-        .store(1, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(c.tool_text(4, "echo", json!({})).await, "s1");
-    let subscribed = server.subscribed.clone();
-    eventually("s1 subscribed to the watched resource", || {
-        let subscribed = subscribed.clone();
+    // The session expires; the next call's new one is subscribed to `uri` (and only to it).
+    let expire_then_expect = |id: u64, session: usize, uri: &'static str| {
+        let (server, c) = (&server, &c);
         async move {
-            subscribed
-                .lock()
-                .unwrap()
-                .contains(&("s1".to_owned(), "file:///watched".to_owned()))
+            server
+                .live_from
+                .store(session, std::sync::atomic::Ordering::SeqCst);
+            let name = format!("s{session}");
+            assert_eq!(c.tool_text(id, "echo", json!({})).await, name);
+            let subscriptions = || {
+                let subscribed = server.subscribed.lock().unwrap();
+                let of_session = subscribed.iter().filter(|(s, _)| *s == name);
+                of_session.map(|(_, u)| u.clone()).collect::<Vec<String>>()
+            };
+            eventually(&format!("{name} subscribed to {uri}"), || {
+                let now = subscriptions();
+                async move { now.iter().any(|u| u == uri) }
+            })
+            .await;
+            assert_eq!(subscriptions(), [uri], "what was unsubscribed stays so");
         }
-    })
-    .await;
-    let s1: Vec<String> = server
-        .subscribed
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(s, _)| s == "s1")
-        .map(|(_, u)| u.clone())
-        .collect();
-    assert_eq!(s1, ["file:///watched"], "what was unsubscribed stays so");
+    };
+    expire_then_expect(4, 1, "file:///watched").await;
     // An unsubscribe that meets an expired session is retried on a new one, and counts.
     server
         .live_from
@@ -768,28 +767,5 @@ async fn a_new_upstream_session_is_subscribed_to_what_the_old_one_watched() {
         .call(6, "resources/subscribe", json!({"uri": "file:///later"}))
         .await;
     assert!(r["result"].is_object(), "{r}");
-    server
-        .live_from
-        .store(3, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(c.tool_text(7, "echo", json!({})).await, "s3");
-    let subscribed = server.subscribed.clone();
-    eventually("s3 subscribed to the later resource", || {
-        let subscribed = subscribed.clone();
-        async move {
-            subscribed
-                .lock()
-                .unwrap()
-                .contains(&("s3".to_owned(), "file:///later".to_owned()))
-        }
-    })
-    .await;
-    let s3: Vec<String> = server
-        .subscribed
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(s, _)| s == "s3")
-        .map(|(_, u)| u.clone())
-        .collect();
-    assert_eq!(s3, ["file:///later"]);
+    expire_then_expect(7, 3, "file:///later").await;
 }

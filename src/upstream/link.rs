@@ -409,6 +409,18 @@ impl Link {
             self.generation.fetch_add(1, Ordering::AcqRel);
             *current = Some(conn.clone());
         }
+        self.stop_retired();
+        self.resubscribe(&conn);
+        if self.listen.load(Ordering::Relaxed)
+            && let Connection::Http(h) = &*conn
+        {
+            h.open_listen_stream(conn.clone());
+        }
+        Ok(conn)
+    }
+
+    /// Stops the listen stream of the connection last given up on, if any.
+    fn stop_retired(&self) {
         let retired = self
             .retired
             .lock()
@@ -417,13 +429,6 @@ impl Link {
         if let Some(old) = retired {
             old.stop_listening();
         }
-        self.resubscribe(&conn);
-        if self.listen.load(Ordering::Relaxed)
-            && let Connection::Http(h) = &*conn
-        {
-            h.open_listen_stream(conn.clone());
-        }
-        Ok(conn)
     }
 
     /// Remembers that the server agreed to watch `uri` for this link (`on`), or no longer.
@@ -1327,14 +1332,7 @@ impl Link {
         // holds `connecting`), so what it stores is shut down here rather than left running.
         self.closed.store(true, Ordering::Release);
         let _serial = self.connecting.lock().await;
-        let retired = self
-            .retired
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(old) = retired {
-            old.stop_listening();
-        }
+        self.stop_retired();
         let conn = self
             .current
             .lock()
