@@ -53,6 +53,7 @@ struct Args {
     only_auth: bool,
     /// Only the instruction counts of the single-call cases (for quick before/after).
     only_instructions: bool,
+    only_memory: bool,
     /// Only a gateway with this configuration (top-level YAML) against one without.
     compare: Option<String>,
 }
@@ -69,6 +70,7 @@ fn args() -> Args {
         out: PathBuf::from("target/bench"),
         only_auth: false,
         only_instructions: false,
+        only_memory: false,
         compare: None,
     };
     let mut it = std::env::args().skip(1);
@@ -77,6 +79,7 @@ fn args() -> Args {
         match flag.as_str() {
             "--only-auth" => a.only_auth = true,
             "--only-instructions" => a.only_instructions = true,
+            "--only-memory" => a.only_memory = true,
             "--compare" => a.compare = Some(val()),
             "--duration-ms" => a.duration = Duration::from_millis(val().parse().expect("ms")),
             "--rounds" => a.rounds = val().parse().expect("rounds"),
@@ -648,6 +651,16 @@ async fn main() {
         println!(
             "with {yaml:?} against without, {clients} clients, medians of {} per-round ratios: throughput {rps:.3} ×, gateway CPU per request {cpu:.3} ×",
             a.rounds
+        );
+        return;
+    }
+    if a.only_memory {
+        let (gw, url) = start_gateway(&http_upstream("ex"));
+        let (idle, loaded, per_session) = session_memory(&gw, &url, a.sessions).await;
+        println!(
+            "gateway RSS idle {idle} KiB ({:.1} MiB); with {} sessions open {loaded} KiB; {per_session:.0} bytes per idle session",
+            idle as f64 / 1024.0,
+            a.sessions
         );
         return;
     }

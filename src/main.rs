@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod operator;
+mod startup_code;
 
 /// Gatehouse: one MCP endpoint in front of many MCP servers.
 #[derive(Parser)]
@@ -312,6 +313,11 @@ async fn serve(
         embedded_default = embedded,
         "gatehouse listening: MCP endpoint http://{addr}{}", gatehouse::listener::MCP_PATH
     );
+    // Start-up is over: the code only it ran need not stay mapped.
+    match startup_code::release() {
+        Ok(bytes) => tracing::debug!(bytes, "start-up code pages released"),
+        Err(e) => tracing::debug!(error = %e, "start-up code pages kept"),
+    }
     if console {
         let url = format!("http://{addr}{}/", gatehouse::console::PREFIX);
         match console_token {
