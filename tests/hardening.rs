@@ -356,3 +356,112 @@ async fn abandoned_calls_are_forgotten() {
     assert_eq!(c.tool_text(100, "echo", json!({"text":"ok"})).await, "ok");
     gw.stop().await;
 }
+
+/// Requests in flight are counted one by one, whatever their ids: many under one id do not
+/// count as one (and slip past the session's bound).
+#[tokio::test]
+async fn calls_under_one_id_each_count_against_the_in_flight_bound() {
+    let gw = TestGateway::start(
+        "mcp: { max_connections_per_ip: 1000 }",
+        &[example("a", &[], "")],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let session = gw
+        .gateway()
+        .sessions
+        .get(c.session.as_deref().unwrap())
+        .unwrap()
+        .clone();
+    let bound = gatehouse::mcp::session::MAX_INFLIGHT;
+    let calls: Vec<_> = (0..bound)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                c.call(
+                    7,
+                    "tools/call",
+                    json!({"name":"slow","arguments":{"seconds":60}}),
+                )
+                .await
+            })
+        })
+        .collect();
+    support::eventually("every call in flight", || {
+        let n = session.inflight();
+        async move { n == bound }
+    })
+    .await;
+    let one_more = c
+        .post(
+            json!({"jsonrpc":"2.0","id":7,"method":"tools/call",
+                     "params":{"name":"echo","arguments":{"text":"x"}}})
+            .to_string(),
+        )
+        .await;
+    assert_eq!(one_more.status, 429, "{}", one_more.body);
+    assert_eq!(one_more.error_code(), -32012, "{}", one_more.body);
+    for call in calls {
+        call.abort();
+    }
+    support::eventually("the abandoned calls to be forgotten", || {
+        let n = session.inflight();
+        async move { n == 0 }
+    })
+    .await;
+    assert_eq!(c.tool_text(8, "echo", json!({"text":"ok"})).await, "ok");
+    gw.stop().await;
+}
+
+/// A server that sends requests without end and never reads what the gateway writes back:
+/// the requests no client can be asked are refused by a bounded number of tasks (each waits
+/// for a server that does not read), not one task per request, and the session goes on.
+#[tokio::test]
+async fn a_server_that_asks_without_end_and_never_reads_holds_a_bounded_number_of_tasks() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-asker-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let done = dir.join("done");
+    let _ = std::fs::remove_file(&done);
+    const ASKED: usize = 50_000;
+    // Answers `initialize`, then asks and asks, never reading its stdin again.
+    let script = format!(
+        r#"read line
+id=$(printf '%s' "$line" | sed -n 's/.*"id":\([^,}}]*\).*/\1/p')
+printf '{{"jsonrpc":"2.0","id":%s,"result":{{"protocolVersion":"2025-11-25","capabilities":{{}},"serverInfo":{{"name":"asker","version":"1"}}}}}}\n' "$id"
+i=0
+while [ $i -lt {ASKED} ]; do i=$((i+1)); echo '{{"jsonrpc":"2.0","id":'$i',"method":"roots/list"}}'; done
+touch {done:?}
+sleep 120
+"#
+    );
+    let asker = format!(
+        "  - name: asker\n    stdio: {{ command: sh, args: [\"-c\", {}] }}\n",
+        serde_json::to_string(&script).unwrap()
+    );
+    let gw = TestGateway::start(
+        "runtime: { pinned_connections: false }",
+        &[asker, example("ex", &[], "")],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({"roots": {}})).await;
+    let done_ = done.clone();
+    support::eventually("the server to have asked everything", || {
+        let done = done_.clone();
+        async move { done.exists() }
+    })
+    .await;
+    // Nearly all of it read by now (what is left fits the pipe's buffer).
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert!(
+        tasks < 1_000,
+        "{tasks} tasks alive after {ASKED} requests nobody reads the answers to"
+    );
+    assert_eq!(
+        c.tool_text(1, "ex__echo", json!({"text": "on"})).await,
+        "on"
+    );
+}

@@ -131,7 +131,7 @@ pub struct Session {
     tools_pinned: Box<[tokio::sync::Mutex<(u64, u64)>]>,
     /// Per upstream: bumped by each `notifications/tools/list_changed`.
     tools_generation: Box<[AtomicU64]>,
-    inflight: Mutex<HashMap<Bytes, (u64, oneshot::Sender<()>)>>,
+    inflight: Mutex<InFlightTable>,
     next_ticket: AtomicU64,
     /// Server requests waiting for the client's answer: the session's number → (upstream,
     /// the server's id, the id the client was sent).
@@ -276,7 +276,7 @@ impl Session {
                     .collect(),
                 tools_generation: servers.iter().map(|_| AtomicU64::new(0)).collect(),
                 topology: topology.clone(),
-                inflight: Mutex::new(HashMap::new()),
+                inflight: Mutex::default(),
                 next_ticket: AtomicU64::new(0),
                 server_requests: Mutex::new(HashMap::new()),
                 portable,
@@ -488,10 +488,13 @@ impl Session {
         let (tx, rx) = oneshot::channel();
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let mut inflight = lock(&self.inflight);
-        if inflight.len() >= MAX_INFLIGHT && !inflight.contains_key(&id) {
+        // Counted apart from the ids: a client that sends many requests under one id must not
+        // have them counted as one.
+        if inflight.count >= MAX_INFLIGHT {
             return Err(TooBusy(MAX_INFLIGHT));
         }
-        inflight.insert(id.clone(), (ticket, tx));
+        inflight.count += 1;
+        inflight.by_id.insert(id.clone(), (ticket, tx));
         Ok(InFlight {
             session: self.clone(),
             id,
@@ -502,12 +505,12 @@ impl Session {
 
     /// Client requests in flight now.
     pub fn inflight(&self) -> usize {
-        lock(&self.inflight).len()
+        lock(&self.inflight).count
     }
 
     /// Cancels an in-flight request by its client id.
     pub fn cancel(&self, id: &[u8]) {
-        if let Some((_, tx)) = lock(&self.inflight).remove(id) {
+        if let Some((_, tx)) = lock(&self.inflight).by_id.remove(id) {
             let _ = tx.send(());
         }
     }
@@ -871,7 +874,8 @@ impl Session {
                             "too many requests are waiting for this client's answers (at most 16 of one server's, 64 in all)"
                         },
                     );
-                    tokio::spawn(async move {
+                    let server = self.topology.servers[index].clone();
+                    server.refuse_in_background(async move {
                         self.links[index].respond(&id, &Outcome::Error(error)).await;
                     });
                 }
@@ -977,6 +981,15 @@ pub fn log_id(id: &str) -> &str {
 #[error("too many requests in flight on this session (at most {0}); wait for some to finish")]
 pub struct TooBusy(pub usize);
 
+/// A session's client requests in flight.
+#[derive(Default)]
+struct InFlightTable {
+    /// By the client's id, for `notifications/cancelled`: the latest request under an id.
+    by_id: HashMap<Bytes, (u64, oneshot::Sender<()>)>,
+    /// Every request in flight, whatever its id.
+    count: usize,
+}
+
 /// A client request in flight; forgotten when dropped.
 pub struct InFlight {
     session: Arc<Session>,
@@ -989,10 +1002,11 @@ pub struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let mut inflight = lock(&self.session.inflight);
+        inflight.count -= 1;
         // One lookup (the id is hashed with SipHash): a later request that reused the id owns
         // the entry now.
         if let std::collections::hash_map::Entry::Occupied(entry) =
-            inflight.entry(std::mem::take(&mut self.id))
+            inflight.by_id.entry(std::mem::take(&mut self.id))
             && entry.get().0 == self.ticket
         {
             entry.remove();

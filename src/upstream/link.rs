@@ -1258,17 +1258,11 @@ impl Link {
         )
         .with_credential(self.credential())
         .in_session(session, version);
-        // Within the connect timeout, as every frame that expects no answer.
-        let timeout = self.server.config.connect_timeout;
         if let Some(conn) = conn
-            && let Err(e) = tokio::time::timeout(timeout, conn.send(jsonrpc::response(id, outcome)))
+            && let Err(e) = self
+                .server
+                .sent_in_time(conn.send(jsonrpc::response(id, outcome)))
                 .await
-                .unwrap_or_else(|_| {
-                    Err(UpstreamError::Timeout {
-                        server: self.server.name.clone(),
-                        timeout,
-                    })
-                })
         {
             tracing::debug!(upstream = %self.server.name, "an answer for another replica's server request failed: {e}");
         }

@@ -94,7 +94,14 @@ pub struct Server {
     era: std::sync::atomic::AtomicU8,
     /// Exchanges callers' tokens for this server's, when its credentials say so.
     pub token_exchange: Option<Arc<token_exchange::TokenExchange>>,
+    /// Room for refusals of its requests being written ([`Server::refuse_in_background`]).
+    refusals: Arc<tokio::sync::Semaphore>,
 }
+
+/// Refusals of one server's requests (those no client can be asked) written at once, at most,
+/// across its sessions: each may wait up to the connect timeout for a server that does not
+/// read, so one that asks without end must not hold a task per request.
+pub const MAX_REFUSALS_WRITING: usize = 64;
 
 /// Which revisions a server speaks, as far as the gateway knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +115,24 @@ pub(crate) enum Era {
 }
 
 impl Server {
+    /// Waits for a frame that expects no answer to be taken, within the connect timeout: even
+    /// such a frame waits on the server (for its HTTP answer, or room in its stdin pipe), and
+    /// one that never takes it must not hold whoever sent it.
+    pub(crate) async fn sent_in_time(
+        &self,
+        sent: impl std::future::Future<Output = Result<(), UpstreamError>>,
+    ) -> Result<(), UpstreamError> {
+        let timeout = self.config.connect_timeout;
+        tokio::time::timeout(timeout, sent)
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::Timeout {
+                    server: self.name.clone(),
+                    timeout,
+                })
+            })
+    }
+
     /// Builds the shared server record.
     pub fn new(
         index: usize,
@@ -133,7 +158,27 @@ impl Server {
             metrics,
             orchestrated: None,
             era: std::sync::atomic::AtomicU8::new(Era::Unknown as u8),
+            refusals: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS_WRITING)),
         }
+    }
+
+    /// Runs `refusal` (the writing of an answer that refuses one of the server's requests) in
+    /// the background, unless [`MAX_REFUSALS_WRITING`] already run: the request is then left
+    /// unanswered, as a server that asks faster than it takes answers has earned. Returns
+    /// whether it runs.
+    pub(crate) fn refuse_in_background(
+        &self,
+        refusal: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> bool {
+        let Ok(room) = self.refusals.clone().try_acquire_owned() else {
+            tracing::debug!(upstream = %self.name, "a server request left unanswered: {MAX_REFUSALS_WRITING} refusals are already being written to it");
+            return false;
+        };
+        tokio::spawn(async move {
+            refusal.await;
+            drop(room);
+        });
+        true
     }
 
     /// What the server's probe found.
@@ -325,11 +370,8 @@ impl Connection {
         self.send(jsonrpc::notification(method, params)).await
     }
 
-    /// Sends a frame that expects no answer (a notification or our response to a server request).
-    ///
-    /// Within the server's connect timeout: even a frame that expects no answer waits on the
-    /// server (for its HTTP answer, or room in its stdin pipe), and one that never takes it
-    /// must not hold whoever sent it.
+    /// Sends a frame that expects no answer (a notification or our response to a server
+    /// request), within the server's connect timeout ([`Server::sent_in_time`]).
     pub async fn send(&self, frame: Bytes) -> Result<(), UpstreamError> {
         let sent = async {
             match self {
@@ -337,15 +379,7 @@ impl Connection {
                 Connection::Http(c) => c.send(frame).await,
             }
         };
-        let timeout = self.server().config.connect_timeout;
-        tokio::time::timeout(timeout, sent)
-            .await
-            .unwrap_or_else(|_| {
-                Err(UpstreamError::Timeout {
-                    server: self.server().name.clone(),
-                    timeout,
-                })
-            })
+        self.server().sent_in_time(sent).await
     }
 
     /// Whether the server speaks 2026-07-28 (no session; see [`http::Connection::set_stateless`]).

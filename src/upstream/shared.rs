@@ -344,7 +344,8 @@ impl Recipient for AllMembers {
                 };
                 let frame = jsonrpc::response(id, &outcome);
                 if let Some(conn) = lock(&self.conn).upgrade() {
-                    tokio::spawn(async move {
+                    let server = conn.server().clone();
+                    server.refuse_in_background(async move {
                         let _ = conn.send(frame).await;
                     });
                 }
