@@ -328,7 +328,7 @@ fn tools(test_tools: bool) -> Vec<Value> {
         json!({"name": "whoami", "description": "Returns this server's name",
                "inputSchema": {"type": "object"}}),
         json!({"name": "sample", "description": "Asks the client's model to answer a prompt (sampling)",
-               "inputSchema": {"type": "object", "properties": {"prompt": {"type": "string"}}, "required": ["prompt"]}}),
+               "inputSchema": {"type": "object", "properties": {"prompt": {"type": "string"}, "delay": {"type": "number", "description": "Seconds to wait before asking"}}, "required": ["prompt"]}}),
     ];
     if test_tools {
         t.push(
@@ -430,6 +430,15 @@ async fn call_tool(
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_owned();
+            // A question asked a while into the call (tests: calls that overlap).
+            let delay = args
+                .get("delay")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0)
+                .clamp(0.0, 60.0);
+            if delay > 0.0 {
+                tokio::time::sleep(std::time::Duration::from_secs_f64(delay)).await;
+            }
             let (tx, rx) = oneshot::channel();
             let id = {
                 let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
