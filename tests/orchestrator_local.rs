@@ -316,6 +316,64 @@ async fn http_server_is_ready_when_its_port_accepts() {
     rt.shutdown().await;
 }
 
+/// The gateway reaches a local HTTP server by its port alone: two servers may not share one
+/// (one would take the other's calls), and a port another program holds is never taken for a
+/// server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_belongs_to_one_server() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let on_port = |name: &str| {
+        let mut def = server(
+            name,
+            GATEHOUSE,
+            &["example-server", "--http", &format!("127.0.0.1:{port}")],
+        );
+        def.spec.transport = TransportSpec {
+            kind: TransportKind::StreamableHttp,
+            port: Some(port),
+            path: None,
+        };
+        def.resolve().unwrap()
+    };
+    let rt = LocalRuntime::new(fast());
+    rt.apply(on_port("alpha")).await.unwrap();
+    // Another program listens there: alpha is not ready, and says why.
+    let err = rt
+        .wait_ready("alpha", Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("taken by another program"),
+        "{err}"
+    );
+    // A second server on alpha's port is refused, alone or in a set.
+    let err = rt.apply(on_port("beta")).await.unwrap_err();
+    assert!(matches!(err, OrchestratorError::Conflict(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("\"alpha\" listens on port {port} already")),
+        "{err}"
+    );
+    let err = rt
+        .sync(vec![on_port("alpha"), on_port("beta")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OrchestratorError::Conflict(_)), "{err}");
+    assert!(rt.watch_status("beta").is_err(), "beta never started");
+    // Once the port is free, alpha's next try takes it.
+    drop(holder);
+    let mut status = rt.watch_status("alpha").unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| matches!(s.phase, Phase::Ready)),
+    )
+    .await
+    .expect("alpha becomes ready")
+    .unwrap();
+    rt.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_executable_fails_fast() {
     let rt = LocalRuntime::new(fast());

@@ -94,6 +94,8 @@ pub struct LocalRuntime {
     changing: Arc<DashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Set by shutdown: no server starts after it.
     closed: Arc<AtomicBool>,
+    /// Held while a change checks that no other server listens on its port and takes it.
+    ports: Arc<std::sync::Mutex<()>>,
 }
 
 /// Holds the change lock of one server name; frees the name's entry when nobody waits.
@@ -121,6 +123,7 @@ impl LocalRuntime {
             servers: Arc::new(DashMap::new()),
             changing: Arc::new(DashMap::new()),
             closed: Arc::new(AtomicBool::new(false)),
+            ports: Arc::default(),
         }
     }
 
@@ -149,6 +152,7 @@ impl LocalRuntime {
             servers: self.servers.clone(),
             settings: self.settings.clone(),
             closed: self.closed.clone(),
+            ports: self.ports.clone(),
         };
         let work = f(ctx);
         let task = tokio::spawn(async move {
@@ -254,13 +258,21 @@ impl Runtime for LocalRuntime {
                         });
                     }
                     let old = ctx.servers.get(&ctx.name).map(|s| s.value().clone());
+                    if let Some(old) = &old
+                        && old.server == server
+                        && !old.stopping()
+                    {
+                        return Ok(());
+                    }
+                    // Refused before the old process is stopped: a refused change changes nothing.
+                    check_port(&ctx.servers, &server)?;
                     if let Some(old) = old {
-                        if old.server == server && !old.stopping() {
-                            return Ok(());
-                        }
                         // The old entry stays visible until its process is gone.
                         old.stop().await;
                     }
+                    // Checked again and taken at once: another change may have taken it since.
+                    let _ports = ctx.ports.lock().unwrap_or_else(|e| e.into_inner());
+                    check_port(&ctx.servers, &server)?;
                     let sup = Supervised::start(server, ctx.settings.clone());
                     ctx.servers.insert(ctx.name, sup);
                     Ok(())
@@ -285,6 +297,17 @@ impl Runtime for LocalRuntime {
                 });
             }
             // All refused before anything changes, as `apply` would refuse each.
+            let mut ports = BTreeMap::new();
+            for s in &servers {
+                if let Some(port) = local_port(s)
+                    && let Some(other) = ports.insert(port, &s.name)
+                {
+                    return Err(OrchestratorError::Conflict(format!(
+                        "servers {other:?} and {:?} both listen on port {port}: two servers on this machine cannot share a port",
+                        s.name
+                    )));
+                }
+            }
             if let Some(s) = servers.iter().find(|s| s.uses_stored_secrets()) {
                 return Err(OrchestratorError::Unsupported {
                     server: s.name.clone(),
@@ -517,6 +540,34 @@ struct ChangeCtx {
     servers: Arc<DashMap<String, Arc<Supervised>>>,
     settings: Arc<LocalSettings>,
     closed: Arc<AtomicBool>,
+    ports: Arc<std::sync::Mutex<()>>,
+}
+
+/// The loopback port a server's own process listens on (an HTTP server that is not remote).
+fn local_port(server: &ResolvedServer) -> Option<u16> {
+    match server.http_port_path() {
+        Some((port, _)) if server.spec.remote.is_none() && port != 0 => Some(port),
+        _ => None,
+    }
+}
+
+/// Refuses a server whose port another (not stopping) server of this machine listens on: the
+/// gateway reaches a local HTTP server by its port alone, so one would take the other's calls.
+fn check_port(servers: &DashMap<String, Arc<Supervised>>, server: &ResolvedServer) -> Result<()> {
+    let Some(port) = local_port(server) else {
+        return Ok(());
+    };
+    match servers.iter().find(|e| {
+        *e.key() != server.name
+            && !e.value().stopping()
+            && local_port(&e.value().server) == Some(port)
+    }) {
+        Some(other) => Err(OrchestratorError::Conflict(format!(
+            "server {:?} listens on port {port} already: two servers on this machine cannot share a port",
+            other.key()
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn describe(st: &ServerStatus) -> String {
@@ -926,6 +977,18 @@ async fn supervise(sup: Arc<Supervised>, settings: Arc<LocalSettings>) {
 
 fn spawn(sup: &Supervised, settings: &LocalSettings) -> std::io::Result<ServerProcess> {
     let spec = &sup.server.spec;
+    // The gateway reaches the server by its port alone: whatever listens there already (another
+    // program) would be taken for it, and answer its calls.
+    // (Only a port in use says so: one this process may not bind, the server's may.)
+    if let Some(port) = local_port(&sup.server)
+        && let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port))
+        && e.kind() == std::io::ErrorKind::AddrInUse
+    {
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("port {port} on 127.0.0.1 is taken by another program: {e}"),
+        ));
+    }
     let command = spec.command.as_deref().unwrap_or_default();
     let inherited = settings
         .inherit_env
