@@ -43,6 +43,16 @@ pub enum ConfigError {
     },
 }
 
+/// Whether a tool's public name `name{separator}tool` splits back at `name`: the first
+/// separator in it must be the one after `name` (`a_` with `__` gives `a___t`, read as `a`'s
+/// `_t`).
+pub fn separable(name: &str, separator: &str) -> bool {
+    let mut joined = String::with_capacity(name.len() + separator.len());
+    joined.push_str(name);
+    joined.push_str(separator);
+    joined.find(separator) == Some(name.len())
+}
+
 fn field_err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Field {
         field: field.into(),
@@ -1029,6 +1039,19 @@ impl RawConfig {
         if name_separator.is_empty() {
             return Err(field_err("mcp.name_separator", "must not be empty"));
         }
+        // Servers the orchestrator runs are named by DNS labels: a separator made of their
+        // characters could appear in one (`my-srv` with `-`), and split a tool's name wrongly.
+        if name_separator
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(field_err(
+                "mcp.name_separator",
+                format!(
+                    "{name_separator:?} must contain a character other than a-z, 0-9 and '-' (server names are made of those)"
+                ),
+            ));
+        }
         let max_body_bytes = m.max_body_bytes.unwrap_or(4 * 1024 * 1024);
         if max_body_bytes < 1024 {
             return Err(field_err("mcp.max_body_bytes", "must be at least 1024"));
@@ -1145,11 +1168,11 @@ impl RawConfig {
                     format!("{:?} must be 1-64 characters of [A-Za-z0-9_-]", u.name),
                 ));
             }
-            if u.name.contains(&mcp.name_separator) {
+            if !separable(&u.name, &mcp.name_separator) {
                 return Err(field_err(
                     format!("{field}.name"),
                     format!(
-                        "{:?} contains the name separator {:?}",
+                        "{:?} contains the name separator {:?}, or ends with its start (a tool's name could not be told from another server's)",
                         u.name, mcp.name_separator
                     ),
                 ));
@@ -1292,11 +1315,11 @@ impl RawConfig {
                     ),
                 ));
             }
-            if def.name.contains(&mcp.name_separator) {
+            if !separable(&def.name, &mcp.name_separator) {
                 return Err(field_err(
                     format!("{field}.name"),
                     format!(
-                        "{:?} contains the name separator {:?}",
+                        "{:?} contains the name separator {:?}, or ends with its start (a tool's name could not be told from another server's)",
                         def.name, mcp.name_separator
                     ),
                 ));
@@ -1804,6 +1827,41 @@ upstreams:
         assert_eq!(c.upstreams[0].call_timeout, Duration::from_secs(60));
         assert_eq!(c.mcp.name_separator, "__");
         assert!(matches!(c.upstreams[1].transport, Transport::Http { .. }));
+    }
+
+    /// A tool's public name must split back at its server: no server name that contains
+    /// the separator or ends with its start, and no separator a server's DNS name could hold.
+    #[test]
+    fn names_and_the_separator_keep_tool_names_unambiguous() {
+        for (name, sep, ok) in [
+            ("a", "__", true),
+            ("_a", "__", true),
+            ("a_", "__", false),
+            ("a__b", "__", false),
+            ("my-srv", ".", true),
+            ("ab", "b.", true),
+            ("b_a", "_a_", false),
+        ] {
+            assert_eq!(super::separable(name, sep), ok, "{name:?} with {sep:?}");
+        }
+        let e = err("upstreams: [{name: a_, stdio: {command: x}}]");
+        assert!(
+            e.contains("upstreams[0].name") && e.contains("ends with its start"),
+            "{e}"
+        );
+        for sep in ["-", "x", "a-1"] {
+            let e = err(&format!(
+                "mcp: {{ name_separator: {sep:?} }}\nupstreams: [{{name: a, stdio: {{command: x}}}}]"
+            ));
+            assert!(
+                e.contains("mcp.name_separator") && e.contains("other than a-z"),
+                "{sep}: {e}"
+            );
+        }
+        Config::from_yaml(
+            "mcp: { name_separator: \"::\" }\nupstreams: [{name: a_b, stdio: {command: x}}]",
+        )
+        .unwrap();
     }
 
     #[test]
