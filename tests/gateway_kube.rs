@@ -864,6 +864,91 @@ async fn stored_secrets_belong_to_their_server_only() {
     gw.stop().await;
 }
 
+/// A stored secret reaches only the workload it was given for: whoever may edit the
+/// `McpServer` (kubectl) but not read Secrets cannot have its pod run their command with it;
+/// given again through the gateway, it reaches the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_secrets_reach_only_the_workload_they_were_given_for() {
+    let fake = FakeKube::start().await;
+    let (gw, _rt) = replica(&fake, "replica-a").await;
+    let spec = |args: Value, token: Value| {
+        json!({"image": "ghcr.io/gatehouse/example:1", "command": BIN, "args": args,
+            "env": [token]})
+    };
+    let given = json!({"name": "TOKEN", "secretValue": "s-7b21"});
+    let r = admin(
+        &gw,
+        "PUT",
+        "/admin/v1/servers/s",
+        Some(spec(
+            json!(["example-server", "--name", "s"]),
+            given.clone(),
+        )),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let container = || {
+        fake.get(Kind::Deployment, NS, "mcp-s")
+            .map(|d| d["spec"]["template"]["spec"]["containers"][0].clone())
+    };
+    eventually("the Deployment with the stored secret", || {
+        container().is_some_and(|c| {
+            env_of(&c, "TOKEN")["valueFrom"]["secretKeyRef"]["name"] == "mcp-s.values"
+        })
+    })
+    .await;
+    let values = fake.get(Kind::Secret, NS, "mcp-s.values").unwrap();
+    assert!(
+        values["metadata"]["annotations"]["gatehouse.dev/values-for"].is_string(),
+        "{values}"
+    );
+
+    // Edited behind the gateway: a command that prints its environment.
+    fake.patch(
+        Kind::McpServer,
+        NS,
+        "s",
+        json!({"spec": {"command": "sh", "args": ["-c", "echo $TOKEN >&2; sleep 3600"]}}),
+    );
+    // Refused, and the resource says why (as a Degraded condition and an Event).
+    eventually("the edit refused", || {
+        fake.get(Kind::McpServer, NS, "s")
+            .is_some_and(|r| r["status"].to_string().contains("give them again"))
+    })
+    .await;
+    let running = container().unwrap();
+    assert_eq!(running["command"][0], BIN, "{running}");
+    assert!(!running.to_string().contains("echo $TOKEN"), "{running}");
+
+    // Given again through the gateway, for a new workload: it runs.
+    let r = admin(
+        &gw,
+        "PUT",
+        "/admin/v1/servers/s",
+        Some(spec(json!(["example-server", "--name", "s2"]), given)),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually("the new workload", || {
+        container().is_some_and(|c| c["args"][2] == "s2")
+    })
+    .await;
+    // A values Secret from before the mark (an older gateway's) is marked for what runs now.
+    fake.patch(
+        Kind::Secret,
+        NS,
+        "mcp-s.values",
+        json!({"metadata": {"annotations": {"gatehouse.dev/values-for": null}}}),
+    );
+    eventually("the values marked again", || {
+        fake.get(Kind::Secret, NS, "mcp-s.values")
+            .is_some_and(|v| v["metadata"]["annotations"]["gatehouse.dev/values-for"].is_string())
+    })
+    .await;
+    gw.stop().await;
+    fake.assert_within_deployed_role();
+}
+
 /// Tool names a new session on `gw` lists.
 async fn tools_listed(gw: &TestGateway) -> Vec<String> {
     let mut c = gw.client();

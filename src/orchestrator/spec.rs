@@ -506,6 +506,38 @@ impl McpServerSpec {
         .collect()
     }
 
+    /// What a server's stored secrets are given for: a digest of what runs with them and where
+    /// it may send them (image, command, arguments, environment, egress, service account).
+    /// Whoever may change a definition but not read Secrets must not hand its stored secrets to
+    /// a program of their choosing.
+    pub fn workload_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        #[derive(Serialize)]
+        struct Runs<'a> {
+            image: &'a Option<String>,
+            command: &'a Option<String>,
+            args: &'a [String],
+            env: &'a [EnvVarSpec],
+            egress: &'a Option<super::egress::EgressSpec>,
+            service_account_name: &'a Option<String>,
+            automount_service_account_token: bool,
+        }
+        let runs = serde_json::to_vec(&Runs {
+            image: &self.image,
+            command: &self.command,
+            args: &self.args,
+            env: &self.env,
+            egress: &self.egress,
+            service_account_name: &self.service_account_name,
+            automount_service_account_token: self.automount_service_account_token,
+        })
+        .unwrap_or_default();
+        Sha256::digest(&runs)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// Where a remote's stored header values may be sent: its URL's origin
     /// (`https://host:port`).
     pub fn remote_origin(&self) -> Option<String> {

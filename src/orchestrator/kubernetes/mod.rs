@@ -117,6 +117,9 @@ pub const ASLEEP_ANNOTATION: &str = "gatehouse.dev/asleep";
 /// On a values Secret: the origin (`https://host:port`) its remote header values were given
 /// for, the only one they are sent to.
 pub const REMOTE_ORIGIN_ANNOTATION: &str = "gatehouse.dev/remote-origin";
+/// On a values Secret: the workload its values were given for
+/// ([`McpServerSpec::workload_digest`]); they reach no other.
+pub const VALUES_FOR_ANNOTATION: &str = "gatehouse.dev/values-for";
 
 /// Where the client's configuration comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -634,6 +637,7 @@ impl KubeRuntime {
         data: Option<BTreeMap<String, k8s_openapi::ByteString>>,
         owner: &str,
         origin: Option<String>,
+        runs: String,
     ) -> Result<()> {
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
         let api: Api<Secret> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
@@ -657,8 +661,13 @@ impl KubeRuntime {
                     name,
                     owner,
                 )]),
-                annotations: origin
-                    .map(|o| BTreeMap::from([(REMOTE_ORIGIN_ANNOTATION.to_owned(), o)])),
+                annotations: Some(
+                    origin
+                        .map(|o| (REMOTE_ORIGIN_ANNOTATION.to_owned(), o))
+                        .into_iter()
+                        .chain([(VALUES_FOR_ANNOTATION.to_owned(), runs)])
+                        .collect(),
+                ),
                 ..ObjectMeta::default()
             },
             data: Some(data),
@@ -726,10 +735,12 @@ impl KubeRuntime {
         if stored.is_some() {
             self.own_values(&def.name).await?;
         }
+        // Given through the gateway now: the values are for what the definition runs now.
+        let runs = spec.workload_digest();
         let obj = self.write_resource(&api, &def.name, spec, new_only).await?;
         let uid = obj.uid().unwrap_or_default();
         if let Err(e) = self
-            .write_values(&def.name, stored, &uid, def.spec.remote_origin())
+            .write_values(&def.name, stored, &uid, def.spec.remote_origin(), runs)
             .await
         {
             // An install is all or nothing: the resource it made goes (that one, by uid).
@@ -1362,6 +1373,9 @@ impl Inner {
                 .get(name, &obj)
                 .and_then(|d| deployment_owner(&d)),
         };
+        if resource_owner.is_some() && server.uses_stored_secrets() {
+            self.values_given_for(name, &server.spec).await?;
+        }
         let rendered = objects::render(
             &server,
             &self.ns,
@@ -1510,6 +1524,33 @@ impl Inner {
                 .iter()
                 .any(|r| r.kind == McpServer::kind(&()))
         })
+    }
+
+    /// Refuses to run `spec` with server `name`'s stored secrets when they were given for
+    /// another workload: someone who may edit its `McpServer` but not read Secrets (an image,
+    /// a command that prints its environment) gets nothing from them. A values Secret from
+    /// before the mark is marked for what runs now.
+    async fn values_given_for(&self, name: &str, spec: &McpServerSpec) -> Result<()> {
+        let secret_name = values_secret_name(name);
+        let Some(secret) = self.secrets.get(name, &secret_name) else {
+            return Ok(()); // none yet: the pod waits for it
+        };
+        let runs = spec.workload_digest();
+        match secret.annotations().get(VALUES_FOR_ANNOTATION) {
+            Some(given_for) if *given_for == runs => Ok(()),
+            Some(_) => Err(OrchestratorError::Conflict(format!(
+                "{secret_name} holds secrets given for another image, command, arguments, environment or egress than the definition has now: give them again (secretValue) through the gateway"
+            ))),
+            None => {
+                let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+                let mark =
+                    serde_json::json!({"metadata": {"annotations": {VALUES_FOR_ANNOTATION: runs}}});
+                api.patch(&secret_name, &PatchParams::default(), &Patch::Merge(&mark))
+                    .await
+                    .map_err(|e| OrchestratorError::kube(format!("mark {secret_name}"), e))?;
+                Ok(())
+            }
+        }
     }
 
     /// Recomputes a server's status from its pod; returns whether it changed.
