@@ -669,3 +669,26 @@ async fn sleep_wake_restart_and_a_sleep_overtaken_by_a_call() {
     assert_eq!(st.phase, Phase::Ready);
     assert_eq!(st.restarts, restarts, "no restart happened: {st:?}");
 }
+
+/// The gateway reaches a local backend's remotes from its own machine: whatever a remote's
+/// host name resolves to, a link-local address (a cloud's metadata service) is refused at
+/// each connection; this machine's and its network's addresses are the operator's to reach.
+#[test]
+fn remotes_never_reach_link_local_addresses() {
+    let rt = LocalRuntime::new(fast());
+    let check = rt
+        .remote_addresses()
+        .expect("the local backend checks addresses");
+    for refused in [
+        "169.254.169.254",
+        "::ffff:169.254.169.254",
+        "fe80::1",
+        "0.0.0.0",
+    ] {
+        let err = check(refused.parse().unwrap()).unwrap_err();
+        assert!(err.contains("metadata"), "{refused}: {err}");
+    }
+    for allowed in ["127.0.0.1", "10.1.2.3", "::1", "93.184.216.34"] {
+        assert!(check(allowed.parse().unwrap()).is_ok(), "{allowed}");
+    }
+}

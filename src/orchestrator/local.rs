@@ -448,6 +448,12 @@ impl Runtime for LocalRuntime {
         async move { Ok(self.get(name)?.status.borrow().clone()) }.boxed()
     }
 
+    fn remote_addresses(&self) -> Option<super::remote::AddressCheck> {
+        // A literal address is checked with the definition; a name is checked at each
+        // connection, for what it resolves to then.
+        Some(Arc::new(super::remote::outside_link_local))
+    }
+
     fn egress(&self, name: &str) -> Option<String> {
         let server = self.get(name).ok()?;
         server

@@ -9,6 +9,27 @@ use super::{Endpoint, OrchestratorError, Result};
 pub type AddressCheck =
     std::sync::Arc<dyn Fn(std::net::IpAddr) -> std::result::Result<(), String> + Send + Sync>;
 
+/// Refuses the addresses a remote may never be reached at from the gateway's own machine:
+/// link-local ones (a cloud's metadata service, `169.254.169.254`, `fe80::/10`) and the
+/// unspecified one, whatever name resolves to them. Loopback and private addresses stay
+/// the operator's to reach (the local backend's remotes may run beside it).
+pub fn outside_link_local(ip: std::net::IpAddr) -> std::result::Result<(), String> {
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    let refused = match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified(),
+        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80 || v6.is_unspecified(),
+    };
+    match refused {
+        true => Err(format!(
+            "{ip} is a link-local or unspecified address (a cloud's metadata service lives there)"
+        )),
+        false => Ok(()),
+    }
+}
+
 /// A remote server's endpoint, with its headers' values (`stored`: the values Secret's,
 /// by header name); `None` for a server that runs here.
 pub fn endpoint(

@@ -924,6 +924,14 @@ const RESERVED_ENV: &[&str] = &[
     "ENV",
     "SSL_CERT_FILE",
     "SSL_CERT_DIR",
+    // Where the runners download from, and whether they check whom they talk to.
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "NODE_TLS_REJECT_UNAUTHORIZED",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
 ];
 const RESERVED_ENV_PREFIXES: &[&str] = &[
     "NPM_CONFIG_",
@@ -934,6 +942,7 @@ const RESERVED_ENV_PREFIXES: &[&str] = &[
     "LD_",
     "DYLD_",
     "GATEHOUSE_",
+    "XDG_",
 ];
 
 /// Checks a variable a catalog entry declares: a plain name, and none the gateway reserves.
@@ -1640,6 +1649,9 @@ X-Evil: 1",
             "LD_PRELOAD",
             "PATH",
             "Pip_Index_Url",
+            "https_proxy",
+            "NODE_TLS_REJECT_UNAUTHORIZED",
+            "XDG_CACHE_HOME",
             "A-B",
             "",
         ] {
