@@ -196,6 +196,45 @@ async fn a_trapping_plugin_fails_only_its_calls() {
     }
 }
 
+/// A plugin's rewrite reaches the upstream where the gateway rewrites (a tool's arguments);
+/// elsewhere (a resource read, a completion) the request is refused, naming the plugin, not
+/// sent on unchanged as though the plugin had allowed it.
+#[tokio::test]
+async fn a_rewrite_the_gateway_cannot_apply_refuses_the_request() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - {{ name: sanitize, path: {:?}, config: {{ rewrite_requests: true }} }}\n  chains:\n    - {{ name: all, plugins: [sanitize] }}",
+        wasm("fault_malformed")
+    );
+    let (_gw, c) = gateway(&cfg).await;
+    assert_eq!(
+        c.tool_text(1, "a__echo", json!({"text":"secret-original"}))
+            .await,
+        "rewritten"
+    );
+    for (id, method, params) in [
+        (
+            2,
+            "resources/read",
+            json!({"uri":"example://a/echo/secret-original"}),
+        ),
+        (
+            3,
+            "completion/complete",
+            json!({"ref":{"type":"ref/prompt","name":"a__greeting"},
+                   "argument":{"name":"name","value":"secret-original"}}),
+        ),
+    ] {
+        let r = c.call(id, method, params).await;
+        let (code, msg) = err(&r);
+        assert_eq!(code, -32031, "{method}: {msg}");
+        assert!(
+            msg.contains("sanitize") && msg.contains("refused rather than sent unchanged"),
+            "{method}: {msg}"
+        );
+        assert!(!r.to_string().contains("secret-original\"}]"), "{r}");
+    }
+}
+
 #[tokio::test]
 async fn a_bad_plugin_config_names_the_field() {
     let yaml = format!(

@@ -76,6 +76,16 @@ impl Policy {
         decision
     }
 
+    /// Runs the on-request chain over params the gateway sends as they are: a rewrite is
+    /// refused ([`crate::plugins::PluginSet::on_request_as_is`]).
+    pub async fn on_request_as_is(&self, params: &str) -> Decision {
+        let decision = self.set.on_request_as_is(&self.ctx(), params).await;
+        if let Decision::Deny(d) = &decision {
+            self.record_denial(d);
+        }
+        decision
+    }
+
     /// Denies the call when the caller may not see the `kind` entry `name` it uses.
     pub async fn check_target(&self, kind: EntryKind, name: &str) -> Option<Denied> {
         let denied = self.set.check_target(&self.ctx(), kind, name).await;

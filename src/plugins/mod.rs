@@ -170,6 +170,15 @@ pub struct Denied {
     pub fault: Option<FaultKind>,
 }
 
+/// Whether the caller applies a chain's rewrite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rewrites {
+    /// It does (call arguments, results).
+    Applied,
+    /// It sends the request as it is: a rewrite is refused.
+    Refused,
+}
+
 /// Which hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Hook {
@@ -332,23 +341,49 @@ impl PluginSet {
     /// Runs the on-request chain. For a call to a tool, prompt or resource,
     /// first checks that the filter-list plugins let the caller see it.
     pub async fn on_request(&self, ctx: &CallContext<'_>, arguments_json: &str) -> Decision {
-        self.request(ctx, arguments_json, Mode::Async).await
+        self.request(ctx, arguments_json, Mode::Async, Rewrites::Applied)
+            .await
     }
 
     /// [`Self::on_request`], blocking the calling thread (not for runtime workers).
     pub fn on_request_blocking(&self, ctx: &CallContext<'_>, arguments_json: &str) -> Decision {
-        futures_executor::block_on(self.request(ctx, arguments_json, Mode::Blocking))
+        futures_executor::block_on(self.request(
+            ctx,
+            arguments_json,
+            Mode::Blocking,
+            Rewrites::Applied,
+        ))
+    }
+
+    /// Runs the on-request chain over a request the gateway sends as it is (its params are not
+    /// the plugins' to change): a plugin that answers `rewrite` is refused, naming it, rather
+    /// than have the request go on unchanged as though the plugin had allowed it.
+    pub async fn on_request_as_is(&self, ctx: &CallContext<'_>, params_json: &str) -> Decision {
+        self.request(ctx, params_json, Mode::Async, Rewrites::Refused)
+            .await
     }
 
     /// Runs the on-response chain over a JSON-RPC result.
     pub async fn on_response(&self, ctx: &CallContext<'_>, result_json: &str) -> Decision {
-        self.run_chain(Hook::Response, ctx, result_json, Mode::Async)
-            .await
+        self.run_chain(
+            Hook::Response,
+            ctx,
+            result_json,
+            Mode::Async,
+            Rewrites::Applied,
+        )
+        .await
     }
 
     /// [`Self::on_response`], blocking the calling thread (not for runtime workers).
     pub fn on_response_blocking(&self, ctx: &CallContext<'_>, result_json: &str) -> Decision {
-        futures_executor::block_on(self.run_chain(Hook::Response, ctx, result_json, Mode::Blocking))
+        futures_executor::block_on(self.run_chain(
+            Hook::Response,
+            ctx,
+            result_json,
+            Mode::Blocking,
+            Rewrites::Applied,
+        ))
     }
 
     /// Which entries the caller may see (`true` = visible), asking every
@@ -372,14 +407,20 @@ impl PluginSet {
         futures_executor::block_on(self.visible(ctx, entries, Mode::Blocking))
     }
 
-    async fn request(&self, ctx: &CallContext<'_>, arguments_json: &str, mode: Mode) -> Decision {
+    async fn request(
+        &self,
+        ctx: &CallContext<'_>,
+        arguments_json: &str,
+        mode: Mode,
+        rewrites: Rewrites,
+    ) -> Decision {
         if self.is_empty() {
             return Decision::Allow;
         }
         if let Some(denied) = self.check_visible(ctx, mode).await {
             return Decision::Deny(denied);
         }
-        self.run_chain(Hook::Request, ctx, arguments_json, mode)
+        self.run_chain(Hook::Request, ctx, arguments_json, mode, rewrites)
             .await
     }
 
@@ -559,6 +600,7 @@ impl PluginSet {
         ctx: &CallContext<'_>,
         payload: &str,
         mode: Mode,
+        rewrites: Rewrites,
     ) -> Decision {
         if self.is_empty() {
             return Decision::Allow;
@@ -602,6 +644,18 @@ impl PluginSet {
                 record_time(plugin, started);
                 match result {
                     Ok(bindings::Decision::Allow) => {}
+                    Ok(bindings::Decision::Rewrite(_)) if rewrites == Rewrites::Refused => {
+                        plugin.metrics.fault(FaultKind::Malformed);
+                        return Decision::Deny(Denied {
+                            plugin: plugin.name.clone(),
+                            code: PLUGIN_FAILED,
+                            message: format!(
+                                "rewrote a {} request, whose params the gateway sends as they are (it rewrites only the arguments of tools/call and prompts/get): refused rather than sent unchanged",
+                                ctx.method
+                            ),
+                            fault: Some(FaultKind::Malformed),
+                        });
+                    }
                     Ok(bindings::Decision::Rewrite(json)) => {
                         plugin.metrics.rewrites.fetch_add(1, Ordering::Relaxed);
                         rewritten = Some(json);

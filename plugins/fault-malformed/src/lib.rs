@@ -1,18 +1,23 @@
 //! Fault plugin for tests: answers malformed output: a rewrite that is not
 //! JSON for calls to the tool named by `trigger` (default `trigger`), and a
 //! filter-list answer of the wrong length for a listing with an entry named
-//! by `list_trigger` (default `trigger-list`). Allows everything else.
+//! by `list_trigger` (default `trigger-list`). With `rewrite_requests: true`, it
+//! rewrites every other request's params to `{"text":"rewritten"}` (well-formed:
+//! what a sanitizing plugin does). Allows everything else.
 use gatehouse_plugin::{CallContext, Decision, ListEntry, Plugin, export_plugin, parse_config};
 
 #[derive(serde::Deserialize, Default)]
 struct Config {
     trigger: Option<String>,
     list_trigger: Option<String>,
+    #[serde(default)]
+    rewrite_requests: bool,
 }
 
 pub struct FaultMalformed {
     trigger: String,
     list_trigger: String,
+    rewrite_requests: bool,
 }
 
 impl FaultMalformed {
@@ -27,12 +32,16 @@ impl Plugin for FaultMalformed {
         Ok(FaultMalformed {
             trigger: c.trigger.unwrap_or_else(|| "trigger".into()),
             list_trigger: c.list_trigger.unwrap_or_else(|| "trigger-list".into()),
+            rewrite_requests: c.rewrite_requests,
         })
     }
 
     fn on_request(&mut self, ctx: &CallContext, _arguments: &str) -> Decision {
         if self.triggered(ctx) {
             return Decision::Rewrite("{\"unterminated\": ".into());
+        }
+        if self.rewrite_requests {
+            return Decision::Rewrite("{\"text\":\"rewritten\"}".into());
         }
         Decision::Allow
     }

@@ -52,9 +52,10 @@ pub(super) async fn completion_policy(
         }
     }
     let argument = f.get("argument").map_or("{}", |a| a.get());
-    match super::on_request(sv, &policy, argument).await {
+    // A completion's argument is not rewritten (it is what the user is typing): a plugin that
+    // would change it refuses the completion rather than let it go on unchanged.
+    match super::on_request_as_is(sv, &policy, argument).await {
         Decision::Deny(d) => Err(d),
-        // A completion's argument is not rewritten: it is what the user is typing.
         Decision::Allow | Decision::Rewrite(_) => Ok(Some(policy)),
     }
 }

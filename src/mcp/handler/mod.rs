@@ -214,11 +214,21 @@ fn is_error_object(raw: &[u8]) -> bool {
 
 /// Runs the on-request chains, in a child span of the request's when it is traced.
 async fn on_request(sv: Services<'_>, policy: &Policy, arguments: &str) -> Decision {
+    traced(sv, policy.on_request(arguments)).await
+}
+
+/// [`on_request`] over params the gateway sends as they are: a rewrite is refused.
+async fn on_request_as_is(sv: Services<'_>, policy: &Policy, params: &str) -> Decision {
+    traced(sv, policy.on_request_as_is(params)).await
+}
+
+/// A policy decision, in a span of its own when the request is traced.
+async fn traced(sv: Services<'_>, decide: impl std::future::Future<Output = Decision>) -> Decision {
     let Some(parent) = sv.trace else {
-        return policy.on_request(arguments).await;
+        return decide.await;
     };
     let mut span = parent.child("policy on-request", SpanKind::Internal);
-    let decision = policy.on_request(arguments).await;
+    let decision = decide.await;
     trace_decision(&mut span, &decision);
     decision
 }
@@ -386,7 +396,8 @@ pub async fn request(
                 Some(&uri),
             );
             if let Some(p) = &policy
-                && let Decision::Deny(d) = on_request(sv, p, "{}").await
+                && let Decision::Deny(d) =
+                    on_request_as_is(sv, p, params_text(params.as_deref())).await
             {
                 return denied(&id, &d);
             }
@@ -428,7 +439,8 @@ pub async fn request(
                 None,
             );
             if let Some(p) = &policy
-                && let Decision::Deny(d) = on_request(sv, p, params_text(params.as_deref())).await
+                && let Decision::Deny(d) =
+                    on_request_as_is(sv, p, params_text(params.as_deref())).await
             {
                 return denied(&id, &d);
             }
