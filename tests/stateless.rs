@@ -848,3 +848,42 @@ async fn a_question_that_cannot_be_tied_to_a_call_reaches_no_other_caller() {
     );
     gw.stop().await;
 }
+
+/// Anonymous stateless callers share a hidden session, and each chooses its own progress
+/// token: two calls under one token each hear only their own progress (over stdio a
+/// notification says nothing else of its call).
+#[tokio::test]
+async fn progress_reaches_only_its_own_caller_whatever_token_it_chose() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let call = |steps: u64| {
+        let c = gw.client();
+        async move {
+            let mut m = meta(json!({}));
+            m["progressToken"] = json!("t");
+            let params =
+                json!({"name": "slow", "arguments": {"seconds": 1, "steps": steps}, "_meta": m});
+            send(&c, 1, "tools/call", params, &[]).await
+        }
+    };
+    let (a, b) = tokio::join!(call(3), call(30));
+    for (r, steps) in [(a, 3), (b, 30)] {
+        let msgs = r.messages();
+        let heard: Vec<&Value> = msgs
+            .iter()
+            .filter(|m| m["method"] == "notifications/progress")
+            .collect();
+        assert_eq!(heard.len(), steps, "{msgs:?}");
+        assert!(
+            heard
+                .iter()
+                .all(|m| m["params"]["progressToken"] == "t" && m["params"]["total"] == steps),
+            "{msgs:?}"
+        );
+        assert_eq!(
+            msgs.last().unwrap()["result"]["resultType"],
+            "complete",
+            "{msgs:?}"
+        );
+    }
+    gw.stop().await;
+}

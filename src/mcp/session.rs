@@ -254,6 +254,11 @@ impl Session {
                                 init_params.clone(),
                                 Some(claims.clone() as Arc<dyn CallerToken>),
                             )
+                            // Every anonymous stateless caller shares this session.
+                            .for_many_callers(
+                                principal.is_none()
+                                    && protocol_version == crate::mcp::revision::STATELESS,
+                            )
                         })
                         .collect();
                     if eager_listen {

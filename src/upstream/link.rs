@@ -87,6 +87,9 @@ pub struct Link {
     next_ask: AtomicU64,
     /// Random, so the ids of the link's questions are its own (see [`Link::ask_id`]).
     ask_nonce: u64,
+    /// The session's calls may be different callers' (an anonymous stateless session): their
+    /// progress tokens, chosen by each, may be the same.
+    many_callers: bool,
 }
 
 /// First pages of list methods, valid for one upstream session (link generation) until the
@@ -183,7 +186,14 @@ impl Link {
                 getrandom::fill(&mut raw).expect("the OS random source is available");
                 u64::from_le_bytes(raw)
             },
+            many_callers: false,
         }
+    }
+
+    /// For a session whose calls may be different callers' (an anonymous stateless session).
+    pub fn for_many_callers(mut self, many: bool) -> Self {
+        self.many_callers = many;
+        self
     }
 
     /// A link that reaches a stdio server only by attaching, never through another replica's
@@ -792,11 +802,15 @@ impl Link {
             legacy = stripped;
             params = Some(&legacy);
         }
-        // Several sessions share this connection: give the call a progress token no other
-        // session uses, and remember whose call it is.
+        // Several sessions share this connection (or several callers this session, which
+        // cannot tell them apart): give the call a progress token nobody else's call uses, and
+        // remember whose call it is. Over stdio a progress notification says nothing else of
+        // the call it belongs to.
         let rewritten;
-        if self.is_shared() {
+        let shared = self.is_shared();
+        if shared || (self.many_callers && matches!(&*conn, Connection::Stdio(_))) {
             match method {
+                _ if !shared => {}
                 // One session must not change what the shared server logs for all of them.
                 "logging/setLevel" => return Ok(Outcome::Result(Bytes::from_static(b"{}"))),
                 "resources/subscribe" | "resources/unsubscribe" => {

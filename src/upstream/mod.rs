@@ -414,4 +414,9 @@ impl Inbox {
     pub(crate) fn deliver(&self, route: Route, msg: Message) {
         self.recipient.deliver(self.index, route, msg);
     }
+
+    /// Whether both deliver to the same session's same server.
+    pub(crate) fn is(&self, other: &Inbox) -> bool {
+        self.index == other.index && Arc::ptr_eq(&self.recipient, &other.recipient)
+    }
 }

@@ -95,7 +95,8 @@ impl Pending {
             // this way, since the call it waits on is the only one that can be answering it; a
             // log line may be about anything, and another principal must never see it.
             None if waiters.len() == 1 => waiters.values().next().filter(|w| {
-                w.route.origin.is_none() || matches!(msg.kind, jsonrpc::Kind::Request { .. })
+                w.route.origin.as_ref().is_none_or(|(o, _)| o.is(owner))
+                    || matches!(msg.kind, jsonrpc::Kind::Request { .. })
             }),
             None => None,
         };
