@@ -9,8 +9,13 @@
 
 /// Unmaps the executable's read-only segments (code, constants, unwind tables) from this
 /// process; returns how many bytes were asked back. Writable segments, the relocated ones
-/// included, are never touched: their pages differ from the file's.
+/// included, are never touched: their pages differ from the file's. Nothing is released
+/// under a debugger (its breakpoints are written into code pages, which a release would
+/// undo) or when the headers do not say where the program was loaded.
 pub fn release() -> std::io::Result<usize> {
+    if traced() {
+        return Ok(0);
+    }
     // SAFETY: `getauxval` only reads the auxiliary vector the kernel gave this process.
     let (phdr, phnum) = unsafe {
         (
@@ -26,10 +31,17 @@ pub fn release() -> std::io::Result<usize> {
     let headers = unsafe { std::slice::from_raw_parts(phdr as *const libc::Elf64_Phdr, phnum) };
     // A position-independent executable is loaded at an offset from its link addresses,
     // known from where its own headers landed; without PT_PHDR it is not relocated.
-    let bias = headers
+    let Some(bias) = headers
         .iter()
         .find(|h| h.p_type == libc::PT_PHDR)
-        .map_or(0, |h| phdr.wrapping_sub(h.p_vaddr as usize));
+        .map(|h| phdr.wrapping_sub(h.p_vaddr as usize))
+    else {
+        return Ok(0);
+    };
+    // Code the loader had to patch (text relocations) differs from the file: keep it all.
+    if text_relocated(headers, bias) {
+        return Ok(0);
+    }
     // SAFETY: sysconf has no preconditions.
     let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
         n if n > 0 => n as usize,
@@ -40,9 +52,10 @@ pub fn release() -> std::io::Result<usize> {
         .iter()
         .filter(|h| h.p_type == libc::PT_LOAD && h.p_flags & libc::PF_W == 0)
     {
-        // Whole pages inside the segment only: a page it shares with a writable one stays.
+        // Whole pages of what the file holds only: a page shared with a writable segment, or
+        // the zeroed tail past the file's bytes, stays.
         let start = (bias + h.p_vaddr as usize).next_multiple_of(page);
-        let end = (bias + (h.p_vaddr + h.p_memsz) as usize) / page * page;
+        let end = (bias + (h.p_vaddr + h.p_filesz) as usize) / page * page;
         if end <= start {
             continue;
         }
@@ -57,6 +70,39 @@ pub fn release() -> std::io::Result<usize> {
         released += end - start;
     }
     Ok(released)
+}
+
+/// Whether a debugger or tracer is attached (`TracerPid` in `/proc/self/status`).
+fn traced() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("TracerPid:"))
+            .is_some_and(|pid| pid.trim() != "0")
+    })
+}
+
+/// Whether the dynamic section asks for text relocations (`DT_TEXTREL`, or `DF_TEXTREL` in
+/// `DT_FLAGS`).
+fn text_relocated(headers: &[libc::Elf64_Phdr], bias: usize) -> bool {
+    const DT_NULL: i64 = 0;
+    const DT_TEXTREL: i64 = 22;
+    const DT_FLAGS: i64 = 30;
+    const DF_TEXTREL: u64 = 0x4;
+    let Some(dynamic) = headers.iter().find(|h| h.p_type == libc::PT_DYNAMIC) else {
+        return false;
+    };
+    // An Elf64_Dyn: a tag and a value, each 8 bytes.
+    let count = dynamic.p_memsz as usize / 16;
+    // SAFETY: PT_DYNAMIC describes the dynamic section, mapped for the life of the process.
+    let entries = unsafe {
+        std::slice::from_raw_parts((bias + dynamic.p_vaddr as usize) as *const [u64; 2], count)
+    };
+    entries
+        .iter()
+        .map(|&[tag, value]| (tag as i64, value))
+        .take_while(|&(tag, _)| tag != DT_NULL)
+        .any(|(tag, value)| tag == DT_TEXTREL || (tag == DT_FLAGS && value & DF_TEXTREL != 0))
 }
 
 #[cfg(test)]

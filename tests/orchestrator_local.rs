@@ -684,11 +684,21 @@ fn remotes_never_reach_link_local_addresses() {
         "::ffff:169.254.169.254",
         "fe80::1",
         "0.0.0.0",
+        "fd00:ec2::254",
+        "100.100.100.200",
+        "64:ff9b::a9fe:a9fe",
+        "2002:a9fe:a9fe::",
     ] {
         let err = check(refused.parse().unwrap()).unwrap_err();
         assert!(err.contains("metadata"), "{refused}: {err}");
     }
-    for allowed in ["127.0.0.1", "10.1.2.3", "::1", "93.184.216.34"] {
+    for allowed in [
+        "127.0.0.1",
+        "10.1.2.3",
+        "::1",
+        "93.184.216.34",
+        "64:ff9b::5db8:d822",
+    ] {
         assert!(check(allowed.parse().unwrap()).is_ok(), "{allowed}");
     }
 }

@@ -877,6 +877,11 @@ async fn supervise(sup: Arc<Supervised>, settings: Arc<LocalSettings>) {
             s.set_phase(Phase::Starting);
             s.message = None;
         });
+        // The last run's processes (a wrapper's children, killed with its group) may hold the
+        // port a moment after it ended: not taken for another program's.
+        if let Some(port) = local_port(&sup.server) {
+            port_free_within(port, settings.stop_grace).await;
+        }
         let started = Instant::now();
         let end = match spawn(&sup, &settings) {
             Ok(child) => run(&sup, child, &settings, &mut stop_rx).await,
@@ -979,6 +984,18 @@ async fn supervise(sup: Arc<Supervised>, settings: Arc<LocalSettings>) {
     });
     // Whoever waits for a sleep waits no more.
     sup.slept.send_modify(|n| *n += 1);
+}
+
+/// Waits until nothing listens on loopback `port`, at most `wait`.
+async fn port_free_within(port: u16, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    while matches!(
+        std::net::TcpListener::bind(("127.0.0.1", port)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse
+    ) && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn spawn(sup: &Supervised, settings: &LocalSettings) -> std::io::Result<ServerProcess> {

@@ -507,7 +507,8 @@ impl McpServerSpec {
     }
 
     /// What a server's stored secrets are given for: a digest of what runs with them and where
-    /// it may send them (image, command, arguments, environment, egress, service account).
+    /// it may send them (image, command, arguments, environment, egress, pod labels, service
+    /// account).
     /// Whoever may change a definition but not read Secrets must not hand its stored secrets to
     /// a program of their choosing.
     pub fn workload_digest(&self) -> String {
@@ -519,6 +520,8 @@ impl McpServerSpec {
             args: &'a [String],
             env: &'a [EnvVarSpec],
             egress: &'a Option<super::egress::EgressSpec>,
+            // Pod labels: another NetworkPolicy may let a labelled pod out.
+            labels: &'a BTreeMap<String, String>,
             service_account_name: &'a Option<String>,
             automount_service_account_token: bool,
         }
@@ -528,6 +531,7 @@ impl McpServerSpec {
             args: &self.args,
             env: &self.env,
             egress: &self.egress,
+            labels: &self.labels,
             service_account_name: &self.service_account_name,
             automount_service_account_token: self.automount_service_account_token,
         })
@@ -718,10 +722,7 @@ fn remote_headers(
             std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
             v4 => v4,
         });
-    let link_local = |ip: std::net::IpAddr| match ip {
-        std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified(),
-        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80 || v6.is_unspecified(),
-    };
+    let link_local = |ip: std::net::IpAddr| super::remote::outside_link_local(ip).is_err();
     // `0251.0376.0251.0376`, `169.254.43518`, `0x7f.1`: addresses the resolver reads, in
     // forms no check here would see as one.
     let number = |l: &str| {

@@ -1532,8 +1532,12 @@ impl Inner {
     /// before the mark is marked for what runs now.
     async fn values_given_for(&self, name: &str, spec: &McpServerSpec) -> Result<()> {
         let secret_name = values_secret_name(name);
+        // None yet (an install writes it just after the resource): nothing is rolled out, or
+        // a pod of a definition edited meanwhile would wait for values given for another.
         let Some(secret) = self.secrets.get(name, &secret_name) else {
-            return Ok(()); // none yet: the pod waits for it
+            return Err(OrchestratorError::Conflict(format!(
+                "waiting for {secret_name}, which holds its stored secrets"
+            )));
         };
         let runs = spec.workload_digest();
         match secret.annotations().get(VALUES_FOR_ANNOTATION) {

@@ -338,12 +338,17 @@ mod tests {
         let remote = |url: &str| server(&format!("name: a\nremote: {{ url: '{url}' }}"));
         assert!(p.admit(&remote("https://mcp.example.com/mcp")).is_ok());
         assert!(p.admit(&remote("https://93.184.216.34/mcp")).is_ok());
+        // A metadata address is no remote anywhere: refused with the definition itself.
+        let metadata = serde_saphyr::from_str::<ServerDef>(
+            "name: a\nremote: { url: 'http://[fd00:ec2::254]/mcp' }",
+        )
+        .unwrap();
+        assert!(metadata.resolve_declared().is_err());
         for url in [
             "http://10.1.2.3:8080/mcp",
             "http://127.0.0.1:9000/mcp",
             "http://[::1]:9000/mcp",
             "http://[::ffff:10.0.0.1]/mcp",
-            "http://[fd00:ec2::254]/mcp",
             "https://kubernetes.default.svc/api",
             "http://mcp-other.mcp.svc.cluster.local:8080/mcp",
             "http://gatehouse:9000/mcp",
