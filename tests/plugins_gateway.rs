@@ -175,6 +175,34 @@ async fn rate_limit_counts_per_session() {
     );
 }
 
+/// A limit counts every call it matches together: a caller that changes the name it asks for
+/// (a resource URI of its own making) neither dodges the limit nor makes a counter per name.
+#[tokio::test]
+async fn rate_limit_counts_a_limit_whatever_the_names() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - name: rl\n      path: {:?}\n      config: {{ limits: [ {{ server: a, calls: 3, window: 60s, per: session }} ] }}\n  chains:\n    - {{ name: all, plugins: [rl] }}",
+        wasm("rate_limit")
+    );
+    let (gw, c) = gateway(&cfg).await;
+    for i in 0..3 {
+        let r = c
+            .call(
+                i,
+                "resources/read",
+                json!({"uri": format!("example://a/echo/{i}")}),
+            )
+            .await;
+        assert_eq!(r["result"]["contents"][0]["text"], format!("{i}"), "{r}");
+    }
+    let r = c
+        .call(9, "resources/read", json!({"uri": "example://a/echo/new"}))
+        .await;
+    let (code, msg) = err(&r);
+    assert_eq!(code, -32029, "{msg}");
+    assert_eq!(c.tool_text(10, "b__echo", json!({"text":"b"})).await, "b");
+    drop(gw);
+}
+
 #[tokio::test]
 async fn a_trapping_plugin_fails_only_its_calls() {
     let cfg = format!(

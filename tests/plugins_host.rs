@@ -549,7 +549,7 @@ chains: [ { methods: ["tools/list"], tools: ["admin_*"], plugins: [hide-all] } ]
 // ----------------------------------------------------------------- rate-limit
 
 #[test]
-fn rate_limit_per_principal_and_tool() {
+fn rate_limit_per_principal_and_limit() {
     let set = load(
         r#"
 modules:
@@ -573,9 +573,10 @@ chains: [ { plugins: [limit] } ]
     assert_eq!(&*d.plugin, "limit");
     assert_eq!(d.code, -32029);
     assert!(d.message.contains("3 calls per 1h"), "{}", d.message);
-    // Another tool and another principal have their own counters; so has
-    // another session of the same principal not: the limit is per principal.
-    assert!(is_allow(
+    // Another tool the limit matches counts against it too (a limit is one counter,
+    // whatever the names); another principal has its own counter; another session of the
+    // same principal has not: the limit is per principal.
+    assert!(!is_allow(
         &set.on_request_blocking(&as_("rl-alice", "search_docs"), "{}")
     ));
     assert!(is_allow(

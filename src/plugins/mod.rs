@@ -170,6 +170,19 @@ pub struct Denied {
     pub fault: Option<FaultKind>,
 }
 
+/// The code a plugin's denial is answered with: its own, unless it is one the protocol or
+/// the gateway gives a meaning (a parse error, "method not found", a resource not found,
+/// "too busy" that clients retry, the 2026-07-28 header and version errors, a plugin fault):
+/// a plugin says no, it does not speak for the protocol.
+fn denial_code(code: i32) -> i64 {
+    let claimed = matches!(code, -32768..=-32100 | -32022..=-32000 | -32031 | -32042 | -32800);
+    if claimed {
+        POLICY_DENIED
+    } else {
+        i64::from(code)
+    }
+}
+
 /// Whether the caller applies a chain's rewrite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rewrites {
@@ -664,7 +677,7 @@ impl PluginSet {
                         plugin.metrics.denials.fetch_add(1, Ordering::Relaxed);
                         return Decision::Deny(Denied {
                             plugin: plugin.name.clone(),
-                            code: denial.code.map_or(POLICY_DENIED, i64::from),
+                            code: denial.code.map_or(POLICY_DENIED, denial_code),
                             message: denial.message,
                             fault: None,
                         });
@@ -746,5 +759,24 @@ fn to_wit_entry<'a>(e: &'a ListEntry, labels: &'a [&'a str]) -> bindings::ListEn
         name: &e.name,
         description: e.description.as_deref(),
         labels,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_denial_code_the_protocol_claims_becomes_the_policy_code() {
+        for claimed in [
+            -32700, -32601, -32602, -32002, -32012, -32020, -32022, -32031, -32800,
+        ] {
+            assert_eq!(
+                super::denial_code(claimed),
+                super::POLICY_DENIED,
+                "{claimed}"
+            );
+        }
+        for own in [-32029, -32050, 403, 1] {
+            assert_eq!(super::denial_code(own), i64::from(own), "{own}");
+        }
     }
 }

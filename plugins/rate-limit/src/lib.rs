@@ -1,4 +1,4 @@
-//! `rate-limit`: calls per principal (or session) and tool per window.
+//! `rate-limit`: calls per principal (or session) per window.
 //!
 //! ```json
 //! {"limits": [
@@ -7,7 +7,10 @@
 //!  ]}
 //! ```
 //! Every limit whose `tool` / `server` globs match the call counts it, per
-//! `per` (`principal`, the default; `session`; `global`) and per tool. The
+//! `per` (`principal`, the default; `session`; `global`): one counter per
+//! limit, for every call it matches together (not one per name, which the
+//! caller chooses: a new name each time would dodge the limit and fill the
+//! host's key space for everyone). The
 //! window is fixed and starts with the first call; windows are `500ms`,
 //! `30s`, `5m`, `1h`. Counters live in the host, shared by all instances.
 use gatehouse_plugin::state::{self, Scope};
@@ -104,7 +107,7 @@ impl Plugin for RateLimit {
             if !limit.target.matches(ctx) {
                 continue;
             }
-            let key = format!("{i}:{}/{tool}", ctx.server);
+            let key = format!("limit-{i}");
             match state::incr(limit.scope, &key, 1, Some(limit.window_ms)) {
                 Ok(n) if n > i64::from(limit.calls) => {
                     return Decision::deny_with_code(
@@ -139,7 +142,7 @@ mod tests {
     }
 
     #[test]
-    fn counts_per_tool() {
+    fn counts_every_call_a_limit_matches_together() {
         let mut p =
             RateLimit::init(r#"{"limits": [{"tool": "a*", "calls": 2, "window": "1h"}]}"#).unwrap();
         let ctx = |name: &str| CallContext {
@@ -153,9 +156,10 @@ mod tests {
             scopes: Vec::new(),
         };
         assert!(matches!(p.on_request(&ctx("ab"), "{}"), Decision::Allow));
-        assert!(matches!(p.on_request(&ctx("ab"), "{}"), Decision::Allow));
-        assert!(matches!(p.on_request(&ctx("ab"), "{}"), Decision::Deny(_)));
         assert!(matches!(p.on_request(&ctx("ac"), "{}"), Decision::Allow));
+        // Another name the glob matches counts against the same limit.
+        assert!(matches!(p.on_request(&ctx("ad"), "{}"), Decision::Deny(_)));
+        assert!(matches!(p.on_request(&ctx("ab"), "{}"), Decision::Deny(_)));
         assert!(matches!(p.on_request(&ctx("zz"), "{}"), Decision::Allow));
     }
 }
