@@ -322,37 +322,42 @@ async fn sessions_per_principal_are_bounded() {
     gw.stop().await;
 }
 
+/// The gateway's session of client `c`.
+fn session_of(gw: &TestGateway, c: &Client) -> Arc<gatehouse::mcp::session::Session> {
+    gw.gateway()
+        .sessions
+        .get(c.session.as_deref().unwrap())
+        .unwrap()
+        .clone()
+}
+
+/// Waits until `session` has `n` client requests in flight.
+async fn in_flight(session: &gatehouse::mcp::session::Session, n: usize, what: &str) {
+    support::eventually(what, || {
+        let now = session.inflight();
+        async move { now == n }
+    })
+    .await;
+}
+
 /// A client that goes away mid-call leaves nothing behind in its session's in-flight table.
 #[tokio::test]
 async fn abandoned_calls_are_forgotten() {
     let gw = TestGateway::start("", &[example("a", &[], "")]).await;
     let mut c = gw.client();
     c.initialize(json!({})).await;
-    let session = gw
-        .gateway()
-        .sessions
-        .get(c.session.as_deref().unwrap())
-        .unwrap()
-        .clone();
+    let session = session_of(&gw, &c);
     let calls: Vec<_> = (0..8)
         .map(|i| {
             let c = c.clone();
             tokio::spawn(async move { c.tool_text(i, "slow", json!({"seconds":30})).await })
         })
         .collect();
-    support::eventually("8 calls in flight", || {
-        let n = session.inflight();
-        async move { n == 8 }
-    })
-    .await;
+    in_flight(&session, 8, "8 calls in flight").await;
     for call in calls {
         call.abort();
     }
-    support::eventually("the abandoned calls to be forgotten", || {
-        let n = session.inflight();
-        async move { n == 0 }
-    })
-    .await;
+    in_flight(&session, 0, "the abandoned calls to be forgotten").await;
     assert_eq!(c.tool_text(100, "echo", json!({"text":"ok"})).await, "ok");
     gw.stop().await;
 }
@@ -368,12 +373,7 @@ async fn calls_under_one_id_each_count_against_the_in_flight_bound() {
     .await;
     let mut c = gw.client();
     c.initialize(json!({})).await;
-    let session = gw
-        .gateway()
-        .sessions
-        .get(c.session.as_deref().unwrap())
-        .unwrap()
-        .clone();
+    let session = session_of(&gw, &c);
     let bound = gatehouse::mcp::session::MAX_INFLIGHT;
     let calls: Vec<_> = (0..bound)
         .map(|_| {
@@ -388,11 +388,7 @@ async fn calls_under_one_id_each_count_against_the_in_flight_bound() {
             })
         })
         .collect();
-    support::eventually("every call in flight", || {
-        let n = session.inflight();
-        async move { n == bound }
-    })
-    .await;
+    in_flight(&session, bound, "every call in flight").await;
     let one_more = c
         .post(
             json!({"jsonrpc":"2.0","id":7,"method":"tools/call",
@@ -405,11 +401,7 @@ async fn calls_under_one_id_each_count_against_the_in_flight_bound() {
     for call in calls {
         call.abort();
     }
-    support::eventually("the abandoned calls to be forgotten", || {
-        let n = session.inflight();
-        async move { n == 0 }
-    })
-    .await;
+    in_flight(&session, 0, "the abandoned calls to be forgotten").await;
     assert_eq!(c.tool_text(8, "echo", json!({"text":"ok"})).await, "ok");
     gw.stop().await;
 }

@@ -451,7 +451,7 @@ impl Runtime for LocalRuntime {
     fn remote_addresses(&self) -> Option<super::remote::AddressCheck> {
         // A literal address is checked with the definition; a name is checked at each
         // connection, for what it resolves to then.
-        Some(Arc::new(super::remote::outside_link_local))
+        Some(Arc::new(super::spec::outside_link_local))
     }
 
     fn egress(&self, name: &str) -> Option<String> {

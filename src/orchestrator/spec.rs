@@ -722,7 +722,7 @@ fn remote_headers(
             std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
             v4 => v4,
         });
-    let link_local = |ip: std::net::IpAddr| super::remote::outside_link_local(ip).is_err();
+    let link_local = |ip: std::net::IpAddr| outside_link_local(ip).is_err();
     // `0251.0376.0251.0376`, `169.254.43518`, `0x7f.1`: addresses the resolver reads, in
     // forms no check here would see as one.
     let number = |l: &str| {
@@ -757,6 +757,43 @@ fn remote_headers(
         ));
     }
     Ok(headers)
+}
+
+/// Refuses the addresses a remote may never be reached at from the gateway's own machine:
+/// link-local ones (a cloud's metadata service, `169.254.169.254`, `fe80::/10`) and the
+/// unspecified one, whatever name resolves to them. Loopback and private addresses stay
+/// the operator's to reach (the local backend's remotes may run beside it).
+pub fn outside_link_local(ip: std::net::IpAddr) -> std::result::Result<(), String> {
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    let refused = match ip {
+        std::net::IpAddr::V4(v4) => {
+            // Alibaba Cloud's metadata service is not link-local.
+            v4.is_link_local() || v4.is_unspecified() || v4.octets() == [100, 100, 100, 200]
+        }
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let embedded_v4 = |hi: u16, lo: u16| {
+                let v4 = std::net::Ipv4Addr::from(((hi as u32) << 16) | lo as u32);
+                v4.is_link_local() || v4.octets() == [100, 100, 100, 200]
+            };
+            (s[0] & 0xffc0) == 0xfe80
+                || v6.is_unspecified()
+                // AWS's IPv6 metadata service.
+                || v6 == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) reach IPv4 addresses through them.
+                || (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && embedded_v4(s[6], s[7]))
+                || (s[0] == 0x2002 && embedded_v4(s[1], s[2]))
+        }
+    };
+    match refused {
+        true => Err(format!(
+            "{ip} is a link-local or unspecified address (a cloud's metadata service lives there)"
+        )),
+        false => Ok(()),
+    }
 }
 
 /// Most headers a remote server's definition sets.
