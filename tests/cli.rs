@@ -519,8 +519,10 @@ async fn serves_concurrent_sessions(
     )
     .await
     .expect("all calls answered");
-    // The serving threads, and that each served: a thread that only waited was woken once or
-    // twice, one that served dozens of calls far more often.
+    // The serving threads, and that each served: a thread that only waited was woken once (its
+    // first park), one that served a single request about five times. Serving many calls on
+    // a loaded machine wakes a thread less often than one might think (one wake takes every
+    // connection ready by then): CI saw 6 and 9 for threads that served their share.
     let pid = gateway.id().expect("running");
     let mut threads: Vec<(String, u64)> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -541,7 +543,7 @@ async fn serves_concurrent_sessions(
     threads.sort();
     for (name, woken) in &threads {
         assert!(
-            *woken >= 10,
+            *woken >= 3,
             "{name} was woken {woken} times: it served nothing"
         );
     }
