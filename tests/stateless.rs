@@ -805,50 +805,6 @@ async fn tokens_with_other_grants_never_share_a_hidden_session() {
     gw.stop().await;
 }
 
-/// Stateless callers of one principal (every anonymous one) share a hidden session, and a
-/// stdio server's question says nothing of the call it belongs to: with several calls in
-/// progress it is put to none of them, never to the newest caller, who would see another's
-/// question and be asked to answer it.
-#[tokio::test]
-async fn a_question_that_cannot_be_tied_to_a_call_reaches_no_other_caller() {
-    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
-    let hidden = gw.gateway().stateless_session(None, None, None).unwrap();
-    let caps = json!({"sampling": {}});
-    let asker = {
-        let (c, caps) = (gw.client(), caps.clone());
-        tokio::spawn(async move {
-            let call = json!({"name": "sample", "arguments": {"prompt": "SECRET-of-the-asker", "delay": 2}});
-            stateless(&c, 1, "tools/call", call, caps).await
-        })
-    };
-    support::eventually("the asker's call in progress", || {
-        let n = hidden.inflight();
-        async move { n == 1 }
-    })
-    .await;
-    // Begun after the asker's call, before its server asks: the newest call in progress.
-    let other = stateless(
-        &gw.client(),
-        1,
-        "tools/call",
-        json!({"name": "slow", "arguments": {"seconds": 3}}),
-        caps,
-    )
-    .await;
-    let other = other.response();
-    assert_eq!(other["result"]["resultType"], "complete", "{other}");
-    assert!(!other.to_string().contains("SECRET"), "{other}");
-    // The asker is not left waiting: its server was told nobody can be asked.
-    let asked = asker.await.unwrap();
-    assert!(!asked.body.contains("input_required"), "{}", asked.body);
-    assert!(
-        asked.body.contains("cannot tell which of the calls"),
-        "{}",
-        asked.body
-    );
-    gw.stop().await;
-}
-
 /// Anonymous stateless callers share a hidden session, and each chooses its own progress
 /// token: two calls under one token each hear only their own progress (over stdio a
 /// notification says nothing else of its call).

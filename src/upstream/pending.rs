@@ -120,7 +120,7 @@ impl Pending {
         }
         let newest = waiters.iter().max_by_key(|(id, _)| **id).map(|(_, w)| w);
         let fallback = newest
-            .filter(|w| w.route.origin.is_none())
+            .filter(|w| w.route.origin.as_ref().is_none_or(|(o, _)| o.is(owner)))
             .and_then(|w| w.route.events.clone());
         drop(waiters);
         owner.deliver(
