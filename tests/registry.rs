@@ -893,7 +893,15 @@ async fn a_remote_entry_is_reached_with_its_secret_header_and_uninstalled() {
     .await;
     assert_eq!(up.status, 200, "{}", up.body);
     assert!(!up.body.contains(SECRET), "{}", up.body);
-    let listed = admin("GET", "/admin/v1/servers".into(), None).await;
+    // The upgraded remote's status names its new URL once it is ready again.
+    let mut listed = admin("GET", "/admin/v1/servers".into(), None).await;
+    for _ in 0..100 {
+        if listed.body.contains("/mcp?v=1.1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        listed = admin("GET", "/admin/v1/servers".into(), None).await;
+    }
     assert!(!listed.body.contains(SECRET), "{}", listed.body);
     assert!(listed.body.contains("/mcp?v=1.1"), "{}", listed.body);
     assert!(listed.body.contains("\"1.1.0\""), "{}", listed.body);
