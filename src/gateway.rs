@@ -232,6 +232,7 @@ impl Gateway {
             pins: self.pins.as_ref(),
             envelope: None,
             trace: None,
+            awaiting: None,
         }
     }
 

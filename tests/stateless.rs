@@ -843,3 +843,86 @@ async fn progress_reaches_only_its_own_caller_whatever_token_it_chose() {
     }
     gw.stop().await;
 }
+
+/// Stateless callers of one principal (every anonymous one) share a hidden session, and a
+/// stdio server's question says nothing of the call it belongs to: with several calls working
+/// it is put to none of them, never to the newest caller, who would see another's question and
+/// be asked to answer it.
+#[tokio::test]
+async fn a_question_that_cannot_be_tied_to_a_call_reaches_no_other_caller() {
+    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let hidden = gw.gateway().stateless_session(None, None, None).unwrap();
+    let caps = json!({"sampling": {}});
+    let asker = {
+        let (c, caps) = (gw.client(), caps.clone());
+        tokio::spawn(async move {
+            let call = json!({"name": "sample", "arguments": {"prompt": "SECRET-of-the-asker", "delay": 2}});
+            stateless(&c, 1, "tools/call", call, caps).await
+        })
+    };
+    support::eventually("the asker's call in progress", || {
+        let n = hidden.inflight();
+        async move { n == 1 }
+    })
+    .await;
+    // Begun after the asker's call, before its server asks: the newest call in progress.
+    let other = stateless(
+        &gw.client(),
+        1,
+        "tools/call",
+        json!({"name": "slow", "arguments": {"seconds": 3}}),
+        caps,
+    )
+    .await;
+    let other = other.response();
+    assert_eq!(other["result"]["resultType"], "complete", "{other}");
+    assert!(!other.to_string().contains("SECRET"), "{other}");
+    // The asker is not left waiting: its server was told nobody can be asked.
+    let asked = asker.await.unwrap();
+    assert!(!asked.body.contains("input_required"), "{}", asked.body);
+    assert!(
+        asked.body.contains("cannot tell which of the calls"),
+        "{}",
+        asked.body
+    );
+    gw.stop().await;
+}
+
+/// A call parked on `input_required` waits for its client, not its server: a call its client
+/// abandoned there does not make the next caller's question ambiguous, and the parked one is
+/// still answered when its client comes back.
+#[tokio::test]
+async fn a_parked_call_leaves_the_next_callers_question_to_it() {
+    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let (c, caps) = (gw.client(), json!({"sampling": {}}));
+    let call = |prompt: &str| json!({"name": "sample", "arguments": {"prompt": prompt}});
+    let first = stateless(&c, 1, "tools/call", call("first?"), caps.clone()).await;
+    let first = first.response();
+    let (first_key, q) = only_question(&first);
+    assert_eq!(q["params"]["messages"][0]["content"]["text"], "first?");
+
+    let second = stateless(&c, 2, "tools/call", call("second?"), caps.clone()).await;
+    let second = second.response();
+    let (key, q) = only_question(&second);
+    assert_eq!(q["params"]["messages"][0]["content"]["text"], "second?");
+    let mut retry = call("second?");
+    retry["inputResponses"] = json!({ key: sampled("two") });
+    retry["requestState"] = second["result"]["requestState"].clone();
+    let done = stateless(&c, 3, "tools/call", retry, caps.clone())
+        .await
+        .response();
+    assert_eq!(
+        done["result"]["content"][0]["text"], "model said: two",
+        "{done}"
+    );
+
+    let mut retry = call("first?");
+    retry["inputResponses"] = json!({ first_key: sampled("one") });
+    retry["requestState"] = first["result"]["requestState"].clone();
+    let done = stateless(&c, 4, "tools/call", retry, caps).await.response();
+    assert_eq!(
+        done["result"]["content"][0]["text"], "model said: one",
+        "{done}"
+    );
+    gw.stop().await;
+}

@@ -21,6 +21,7 @@ use crate::auth::Principal;
 use crate::mcp::jsonrpc::{self, Outcome, code};
 use crate::mcp::seal::Sealer;
 use crate::mcp::session::{BusyGuard, Session};
+use crate::upstream::AwaitingClient;
 
 /// What `requestState` tokens are sealed for.
 const PURPOSE: &[u8] = b"gatehouse/requestState/v1";
@@ -46,12 +47,23 @@ pub struct Asked {
 pub struct CallStream {
     rx: mpsc::Receiver<Bytes>,
     held: Option<Bytes>,
+    awaiting: AwaitingClient,
 }
 
 impl CallStream {
-    /// The stream of a call's messages.
-    pub fn new(rx: mpsc::Receiver<Bytes>) -> CallStream {
-        CallStream { rx, held: None }
+    /// The stream of a call's messages; `awaiting` is the mark its upstream call was given.
+    pub fn new(rx: mpsc::Receiver<Bytes>, awaiting: AwaitingClient) -> CallStream {
+        CallStream {
+            rx,
+            held: None,
+            awaiting,
+        }
+    }
+
+    /// Marks the call as waiting for its client's answers (parked), or working again: a server
+    /// message that names no call is not inferred to be a parked one's.
+    pub fn awaiting_client(&self, awaiting: bool) {
+        self.awaiting.set(awaiting);
     }
 
     /// The next message; `None` once the call has ended.

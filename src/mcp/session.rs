@@ -875,6 +875,8 @@ impl Session {
                         code::INTERNAL_ERROR,
                         if !admitted {
                             "too many requests are waiting for this client's answers (at most 16 of one server's, 64 in all)"
+                        } else if route.related.is_none() && !self.has_listen_stream() {
+                            "the gateway cannot tell which of the calls in progress this request belongs to, so it asks no client"
                         } else {
                             "the client has no open stream to receive this request"
                         },
@@ -957,10 +959,13 @@ impl Session {
             return true;
         }
         drop(listen);
-        route
-            .fallback
-            .as_ref()
-            .is_some_and(|tx| tx.try_send(frame).is_ok())
+        // A stateless session's calls may be different clients' (every anonymous caller shares
+        // one): what cannot be tied to a call goes to none of them.
+        self.has_listen_stream()
+            && route
+                .fallback
+                .as_ref()
+                .is_some_and(|tx| tx.try_send(frame).is_ok())
     }
 }
 

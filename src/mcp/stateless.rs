@@ -805,9 +805,11 @@ pub(crate) async fn post(
     if let Some(span) = &mut span {
         span.attr("mcp.protocol.version", revision::STATELESS);
     }
+    let awaiting = crate::upstream::AwaitingClient::default();
     let services = crate::mcp::handler::Services {
         envelope: Some(&envelope),
         trace: span.as_deref(),
+        awaiting: Some(&awaiting),
         ..gw.services()
     };
     match handler::request(services, &session, id, &method, params).await {
@@ -821,7 +823,7 @@ pub(crate) async fn post(
         Reply::Refused(status, frame) => json_response(status, frame),
         Reply::Stream(rx) => {
             round
-                .drive(session, busy, round_trip::CallStream::new(rx))
+                .drive(session, busy, round_trip::CallStream::new(rx, awaiting))
                 .await
         }
     }
@@ -871,6 +873,8 @@ impl Round {
             expires,
             ..
         } = parked;
+        // Working again before the server hears the answers: its next question may follow.
+        stream.awaiting_client(false);
         let mut missing = Vec::new();
         for a in asked {
             match responses.get(&a.key) {
@@ -898,6 +902,7 @@ impl Round {
         expires: Option<tokio::time::Instant>,
     ) -> Bytes {
         let requests = round_trip::input_requests(&asked);
+        stream.awaiting_client(true);
         let mut parked = round_trip::Parked::new(
             session,
             stream,

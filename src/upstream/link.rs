@@ -851,6 +851,7 @@ impl Link {
         let progress_token = opts.progress_token.clone();
         let origin = opts.origin.clone();
         let traceparent = opts.traceparent.clone();
+        let awaiting = opts.awaiting.clone();
         let result = match conn.request(method, params, opts, timeout).await {
             Err(UpstreamError::SessionExpired { .. }) => {
                 // 404 means the request was not processed: safe to retry on a new session.
@@ -866,6 +867,7 @@ impl Link {
                     client_envelope: None,
                     traceparent: traceparent.clone(),
                     on_connection,
+                    awaiting,
                 };
                 conn.request(method, params, retry, timeout).await
             }

@@ -44,6 +44,24 @@ use crate::metrics::Metrics;
 /// Frames (JSON-RPC messages) bound for one downstream stream.
 pub type EventSink = mpsc::Sender<Bytes>;
 
+/// Set while a call's client has been asked something and the call waits for the answers (a
+/// stateless call parked on `input_required`). A server message that names no call is never
+/// inferred to be such a call's: it is not the one still working.
+#[derive(Clone, Default)]
+pub struct AwaitingClient(Arc<std::sync::atomic::AtomicBool>);
+
+impl AwaitingClient {
+    /// Marks the call as waiting for its client, or as working again.
+    pub fn set(&self, awaiting: bool) {
+        self.0.store(awaiting, Ordering::Release);
+    }
+
+    /// Whether the call waits for its client.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// Which downstream streams a server message may take.
 #[derive(Default, Clone)]
 pub struct Route {
@@ -263,6 +281,8 @@ pub struct CallOpts {
     /// Send only on the link's connection of this generation (the one the call was checked
     /// for); on another, the call fails with [`UpstreamError::Reconnected`], unsent.
     pub on_connection: Option<u64>,
+    /// Set while the call waits for its client's answers (see [`AwaitingClient`]).
+    pub awaiting: Option<AwaitingClient>,
 }
 
 /// What a stdio connection remembers about a call to route the server's related messages.
@@ -270,6 +290,14 @@ pub(crate) struct CallRoute {
     events: Option<EventSink>,
     progress_token: Option<Bytes>,
     origin: Option<(Inbox, Option<Bytes>)>,
+    awaiting: Option<AwaitingClient>,
+}
+
+impl CallRoute {
+    /// Whether the call is still working (not waiting for its client's answers).
+    fn is_working(&self) -> bool {
+        self.awaiting.as_ref().is_none_or(|a| !a.is_set())
+    }
 }
 
 /// A live connection to one upstream.
@@ -317,6 +345,7 @@ impl Connection {
                         events: opts.events.take(),
                         progress_token: opts.progress_token.take(),
                         origin: opts.origin.take(),
+                        awaiting: opts.awaiting.take(),
                     };
                     c.exchange(id, frame, route).await
                 }

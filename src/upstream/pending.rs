@@ -71,8 +71,9 @@ impl Pending {
     }
 
     /// Hands a server message to where it most likely belongs (stdio carries no relation):
-    /// the request with its progress token, else the only request in flight; with several in
-    /// flight, the newest one is only a fallback stream. Messages go to `owner` (the session
+    /// the request with its progress token, else the only request still working (one waiting
+    /// for its client's answers is not asking more); with several working, the newest one is
+    /// only a fallback stream. Messages go to `owner` (the session
     /// owning the connection; for a shared connection, a broadcast to every session), except on a
     /// shared connection those related to a call go to the calling session (progress under the
     /// client's own token).
@@ -94,11 +95,16 @@ impl Pending {
             // On a shared connection only a server request (sampling, elicitation) is inferred
             // this way, since the call it waits on is the only one that can be answering it; a
             // log line may be about anything, and another principal must never see it.
-            None if waiters.len() == 1 => waiters.values().next().filter(|w| {
-                w.route.origin.as_ref().is_none_or(|(o, _)| o.is(owner))
-                    || matches!(msg.kind, jsonrpc::Kind::Request { .. })
-            }),
-            None => None,
+            None => {
+                let mut working = waiters.values().filter(|w| w.route.is_working());
+                match (working.next(), working.next()) {
+                    (Some(w), None) => Some(w).filter(|w| {
+                        w.route.origin.as_ref().is_none_or(|(o, _)| o.is(owner))
+                            || matches!(msg.kind, jsonrpc::Kind::Request { .. })
+                    }),
+                    _ => None,
+                }
+            }
         };
         if let Some(w) = related {
             let route = Route::related(w.route.events.clone());
@@ -118,7 +124,11 @@ impl Pending {
             }
             return;
         }
-        let newest = waiters.iter().max_by_key(|(id, _)| **id).map(|(_, w)| w);
+        let newest = waiters
+            .iter()
+            .filter(|(_, w)| w.route.is_working())
+            .max_by_key(|(id, _)| **id)
+            .map(|(_, w)| w);
         let fallback = newest
             .filter(|w| w.route.origin.as_ref().is_none_or(|(o, _)| o.is(owner)))
             .and_then(|w| w.route.events.clone());

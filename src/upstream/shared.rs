@@ -484,6 +484,7 @@ mod tests {
                     },
                     Some(Bytes::from_static(b"42")),
                 )),
+                awaiting: None,
             },
         );
         pending.dispatch(

@@ -442,6 +442,7 @@ pub(super) async fn forward(
         progress_token: progress_token.clone(),
         client_envelope: sv.envelope.cloned(),
         traceparent: traceparent.clone(),
+        awaiting: sv.awaiting.cloned(),
         ..CallOpts::default()
     };
     // A call checked against the pins is sent only on the connection checked; met with a new
@@ -453,6 +454,7 @@ pub(super) async fn forward(
             progress_token,
             client_envelope: sv.envelope.cloned(),
             traceparent,
+            awaiting: sv.awaiting.cloned(),
             ..CallOpts::default()
         });
         // A call the pins refuse, or abandoned while checked, is not recorded as a call.

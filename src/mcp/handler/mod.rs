@@ -107,6 +107,8 @@ pub struct Services<'a> {
     pub envelope: Option<&'a Arc<str>>,
     /// The request's span, when it is traced.
     pub trace: Option<&'a crate::trace::Span>,
+    /// The mark a stateless call's upstream call is given while it waits for its client.
+    pub awaiting: Option<&'a crate::upstream::AwaitingClient>,
 }
 
 /// A params object parsed one level deep: values stay raw.
