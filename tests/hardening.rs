@@ -457,3 +457,54 @@ sleep 120
         "on"
     );
 }
+
+/// A list asks every upstream, and counts against the session's bound on requests in flight
+/// as a call does: lists that a server never answers cannot pile up without end.
+#[tokio::test]
+async fn lists_in_flight_count_against_the_session_bound() {
+    // Answers `initialize`, then reads and never answers.
+    let script = r#"read line
+id=$(printf '%s' "$line" | sed -n 's/.*"id":\([^,}]*\).*/\1/p')
+printf '{"jsonrpc":"2.0","id":%s,"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"mute","version":"1"}}}\n' "$id"
+cat >/dev/null
+"#;
+    let mute = format!(
+        "  - name: mute\n    stdio: {{ command: sh, args: [\"-c\", {}] }}\n",
+        serde_json::to_string(script).unwrap()
+    );
+    let gw = TestGateway::start(
+        "mcp: { max_connections_per_ip: 1000 }",
+        &[mute, example("a", &[], "")],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let session = session_of(&gw, &c);
+    let bound = gatehouse::mcp::session::MAX_INFLIGHT;
+    let lists: Vec<_> = (0..bound)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { c.call(i as u64, "tools/list", json!({})).await })
+        })
+        .collect();
+    in_flight(&session, bound, "every list in flight").await;
+    for (method, params) in [
+        ("tools/list", json!({})),
+        (
+            "tools/call",
+            json!({"name":"a__echo","arguments":{"text":"x"}}),
+        ),
+    ] {
+        let one_more = c
+            .post(json!({"jsonrpc":"2.0","id":"more","method":method,"params":params}).to_string())
+            .await;
+        assert_eq!(one_more.status, 429, "{method}: {}", one_more.body);
+        assert_eq!(one_more.error_code(), -32012, "{method}: {}", one_more.body);
+    }
+    for list in lists {
+        list.abort();
+    }
+    in_flight(&session, 0, "the abandoned lists to be forgotten").await;
+    assert_eq!(c.tool_text(1, "a__echo", json!({"text":"ok"})).await, "ok");
+    gw.stop().await;
+}

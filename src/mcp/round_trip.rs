@@ -130,6 +130,9 @@ impl Parked {
 impl Parked {
     /// Answers the questions still open with an error, so the server stops waiting.
     async fn abandon(self) {
+        // Its server may react to the refusal: the call is working again, if briefly (its
+        // stream goes with it, which ends the call upstream).
+        self.stream.awaiting_client(false);
         let error =
             jsonrpc::error_object(code::REQUEST_CANCELLED, "the client did not answer in time");
         for asked in &self.asked {

@@ -298,6 +298,15 @@ impl CallRoute {
     fn is_working(&self) -> bool {
         self.awaiting.as_ref().is_none_or(|a| !a.is_set())
     }
+
+    /// Whether both calls come from the same session.
+    fn same_session(&self, other: &CallRoute) -> bool {
+        match (&self.origin, &other.origin) {
+            (None, None) => true,
+            (Some((a, _)), Some((b, _))) => a.is(b),
+            _ => false,
+        }
+    }
 }
 
 /// A live connection to one upstream.

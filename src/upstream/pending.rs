@@ -96,14 +96,27 @@ impl Pending {
             // this way, since the call it waits on is the only one that can be answering it; a
             // log line may be about anything, and another principal must never see it.
             None => {
+                let request = matches!(msg.kind, jsonrpc::Kind::Request { .. });
                 let mut working = waiters.values().filter(|w| w.route.is_working());
-                match (working.next(), working.next()) {
-                    (Some(w), None) => Some(w).filter(|w| {
-                        w.route.origin.as_ref().is_none_or(|(o, _)| o.is(owner))
-                            || matches!(msg.kind, jsonrpc::Kind::Request { .. })
-                    }),
+                let speaker = match (working.next(), working.next()) {
+                    // Calls parked for their clients' answers seldom hear more from their
+                    // server meanwhile, so the working call is taken to be the one asking; but
+                    // a log line is not guessed at, and a parked call of another session
+                    // leaves the question to nobody (never another principal's).
+                    (Some(w), None) => {
+                        let parked = waiters.len() > 1;
+                        let parked_elsewhere = parked
+                            && waiters
+                                .values()
+                                .any(|p| !p.route.is_working() && !p.route.same_session(&w.route));
+                        (!parked_elsewhere && (request || !parked)).then_some(w)
+                    }
+                    // A lone parked call: its server asks it more (heard in its next round).
+                    (None, _) if waiters.len() == 1 => waiters.values().next(),
                     _ => None,
-                }
+                };
+                speaker
+                    .filter(|w| w.route.origin.as_ref().is_none_or(|(o, _)| o.is(owner)) || request)
             }
         };
         if let Some(w) = related {
@@ -144,5 +157,117 @@ impl Pending {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::{AwaitingClient, Recipient};
+
+    /// Records what it is handed: (had a related stream, method).
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(bool, String)>>);
+
+    impl Recipient for Recorder {
+        fn deliver(&self, _: usize, route: Route, msg: Message) {
+            let method = msg.method().unwrap_or_default().to_owned();
+            let mut got = self.0.lock().unwrap();
+            got.push((route.related.is_some(), method));
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<(bool, String)> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    fn inbox(r: &Arc<Recorder>) -> Inbox {
+        Inbox {
+            recipient: r.clone(),
+            index: 0,
+        }
+    }
+
+    /// A call of `origin`'s, parked (waiting for its client) or working; the caller keeps its
+    /// stream.
+    fn call(
+        pending: &Pending,
+        id: u64,
+        origin: &Arc<Recorder>,
+        parked: bool,
+    ) -> tokio::sync::mpsc::Receiver<bytes::Bytes> {
+        let (events, rx) = tokio::sync::mpsc::channel(4);
+        let (tx, _) = oneshot::channel();
+        let awaiting = AwaitingClient::default();
+        awaiting.set(parked);
+        let route = CallRoute {
+            events: Some(events),
+            progress_token: None,
+            origin: Some((inbox(origin), None)),
+            awaiting: Some(awaiting),
+        };
+        pending.insert(id, tx, route);
+        rx
+    }
+
+    fn ask() -> Message {
+        jsonrpc::parse(jsonrpc::request(
+            b"1",
+            "sampling/createMessage",
+            Some(b"{}"),
+        ))
+        .unwrap()
+    }
+
+    fn asked() -> (bool, String) {
+        (true, "sampling/createMessage".to_owned())
+    }
+
+    fn log() -> Message {
+        let params = br#"{"level":"info","data":"x"}"#;
+        jsonrpc::parse(jsonrpc::notification("notifications/message", Some(params))).unwrap()
+    }
+
+    #[test]
+    fn a_question_is_inferred_only_where_no_one_else_could_have_asked_it() {
+        let (a, b, owner) = (
+            Arc::new(Recorder::default()),
+            Arc::new(Recorder::default()),
+            Arc::new(Recorder::default()),
+        );
+
+        // A parked call of one session and a working call of another: the question may be
+        // the parked one's, and goes to neither caller.
+        let pending = Pending::default();
+        let _s1a = call(&pending, 1, &a, true);
+        let _s2b = call(&pending, 2, &b, false);
+        pending.dispatch(ask(), &inbox(&owner));
+        assert!(a.take().is_empty() && b.take().is_empty());
+        assert_eq!(owner.take(), vec![(false, "sampling/createMessage".into())]);
+
+        // Both of one session: the working call is taken to be asking; a log line is not
+        // guessed at.
+        let pending = Pending::default();
+        let _s1a = call(&pending, 1, &a, true);
+        let _s2a = call(&pending, 2, &a, false);
+        pending.dispatch(ask(), &inbox(&owner));
+        assert_eq!(a.take(), vec![asked()]);
+        pending.dispatch(log(), &inbox(&a));
+        assert_eq!(a.take(), vec![(false, "notifications/message".into())]);
+
+        // Two working calls: nobody's.
+        let _s3a = call(&pending, 3, &a, false);
+        pending.dispatch(ask(), &inbox(&owner));
+        assert!(a.take().is_empty());
+        assert_eq!(owner.take().len(), 1);
+
+        // A lone parked call: its server asks it more.
+        let pending = Pending::default();
+        let _s1b = call(&pending, 1, &b, true);
+        pending.dispatch(ask(), &inbox(&owner));
+        assert_eq!(b.take(), vec![asked()]);
+        assert!(owner.take().is_empty());
     }
 }

@@ -382,14 +382,9 @@ pub(super) async fn forward(
     let started = Instant::now();
     let server = session.topology().servers[index].clone();
     let (ev_tx, ev_rx) = mpsc::channel::<Bytes>(64);
-    let mut inflight = match session.track(id.clone()) {
+    let mut inflight = match super::tracked(session, &id) {
         Ok(t) => t,
-        Err(busy) => {
-            return Reply::Refused(
-                http::StatusCode::TOO_MANY_REQUESTS,
-                jsonrpc::error_response(Some(&id), code::TOO_BUSY, &busy.to_string()),
-            );
-        }
+        Err(refused) => return refused,
     };
     // What the audit trail records of the call, taken before the params go upstream.
     let mut audited = sv.audit.is_on().then(|| CallRecord {

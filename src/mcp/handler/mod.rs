@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::mcp::jsonrpc::{self, Outcome, code};
 use crate::mcp::policy::Policy;
-use crate::mcp::session::{Session, caps};
+use crate::mcp::session::{InFlight, Session, caps};
 use crate::metrics::{Metrics, method_label};
 use crate::plugins::{Decision, Plugins};
 use crate::trace::SpanKind;
@@ -41,8 +41,8 @@ pub enum Reply {
 /// Answers with the call's frame as JSON when it comes before any related message, or else as
 /// an SSE stream of the related messages ending with the call's frame.
 ///
-/// The stream's task ends when `ended` resolves (the session is over) or the client stops
-/// listening; either way dropping `call` cancels it upstream.
+/// The stream's task ends when `ended` resolves (the session is over) or the stream's reader
+/// is gone; either way dropping `call` cancels it upstream.
 ///
 /// `call` comes boxed: an upstream call's future is kilobytes, and held inline it would make
 /// every future around it as large, each move of them a copy of it.
@@ -64,6 +64,10 @@ pub(crate) async fn json_or_stream(
                     tokio::select! {
                         biased;
                         _ = &mut ended => return,
+                        // Nobody can hear the rest (a stateless call abandoned while parked, a
+                        // client gone from a stream that cannot be resumed): the call ends now,
+                        // not at its next message.
+                        _ = tx.closed() => return,
                         Some(ev) = events.recv() => {
                             // A client that stops reading must not keep the task past the
                             // session's end.
@@ -88,6 +92,16 @@ pub(crate) async fn json_or_stream(
         }
         frame = &mut call => Reply::Json(frame),
     }
+}
+
+/// Counts a request against the session's bound on requests in flight, or refuses it (429).
+fn tracked(session: &Arc<Session>, id: &Bytes) -> Result<InFlight, Reply> {
+    session.track(id.clone()).map_err(|busy| {
+        Reply::Refused(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            jsonrpc::error_response(Some(id), code::TOO_BUSY, &busy.to_string()),
+        )
+    })
 }
 
 /// What the method handlers use of the gateway (its policy plugins and its metrics), and of a
@@ -275,6 +289,20 @@ pub async fn request(
     // (With pinning on, tools are checked by name: through the table too. A server that may
     // sleep is listed through it too: from what it last listed, while it sleeps.)
     let direct = single && plugins.is_empty() && sv.pins.is_none() && !session.may_sleep(0);
+    // What asks every upstream counts against the session's bound as a forwarded call does.
+    let fans_out = match method {
+        "tools/list" | "prompts/list" | "resources/list" | "resources/templates/list" => !direct,
+        "logging/setLevel" => !single,
+        _ => false,
+    };
+    let _inflight = if fans_out {
+        match tracked(session, &id) {
+            Ok(t) => Some(t),
+            Err(refused) => return refused,
+        }
+    } else {
+        None
+    };
     let reply = match method {
         "ping" => Reply::Json(jsonrpc::response(
             &id,
