@@ -374,6 +374,67 @@ async fn a_port_belongs_to_one_server() {
     rt.shutdown().await;
 }
 
+/// A program that takes a server's port after the server was started (before the server
+/// binds it) answers there, but is not taken for the server: only a listener of the server's
+/// own processes makes it ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_taken_after_the_start_is_not_taken_for_the_server() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // The server says it started, then waits before it binds, as a slow one does.
+    let started = std::env::temp_dir().join(format!("gatehouse-slowbind-{port}"));
+    let _ = std::fs::remove_file(&started);
+    let script = format!(
+        "touch {started:?}; sleep 1; exec {GATEHOUSE} example-server --http 127.0.0.1:{port}"
+    );
+    let mut def = server("slowbind", "sh", &["-c", &script]);
+    def.spec.transport = TransportSpec {
+        kind: TransportKind::StreamableHttp,
+        port: Some(port),
+        path: None,
+    };
+    let rt = LocalRuntime::new(fast());
+    rt.apply(def.resolve().unwrap()).await.unwrap();
+    let mut status = rt.watch_status("slowbind").unwrap();
+    while !started.exists() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = std::fs::remove_file(&started);
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let seen = tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| {
+            matches!(s.phase, Phase::Ready)
+                || s.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("not from this server's processes"))
+        }),
+    )
+    .await
+    .expect("the squatter is noticed")
+    .unwrap()
+    .clone();
+    assert!(!matches!(seen.phase, Phase::Ready), "{seen:?}");
+    // Once the program lets go, the server's next try takes the port.
+    drop(squatter);
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        status.wait_for(|s| matches!(s.phase, Phase::Ready)),
+    )
+    .await
+    .expect("the server becomes ready")
+    .unwrap();
+    let endpoint = rt.endpoint("slowbind").await.unwrap();
+    assert!(
+        format!("{endpoint:?}").contains(&port.to_string()),
+        "{endpoint:?}"
+    );
+    rt.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_executable_fails_fast() {
     let rt = LocalRuntime::new(fast());

@@ -1075,12 +1075,31 @@ async fn run(
     let probe = async {
         match http {
             Some((port, _)) => {
+                let mut foreign = false;
                 loop {
                     if tokio::net::TcpStream::connect(("127.0.0.1", port))
                         .await
                         .is_ok()
                     {
-                        break;
+                        // Another program may have taken the port after `spawn` found it
+                        // free: what answers must be the server's own (its process group).
+                        match pid.and_then(|group| super::port_owner::group_listens_on(group, port))
+                        {
+                            Some(false) => {
+                                if !foreign {
+                                    foreign = true;
+                                    tracing::warn!(server = %sup.server.name, port, "another program listens on the server's port");
+                                    sup.update(|s| {
+                                        s.message = Some(format!(
+                                            "port {port} on 127.0.0.1 answers, but not from this server's processes: another program holds it"
+                                        ))
+                                    });
+                                }
+                                tokio::time::sleep(Duration::from_millis(250)).await;
+                                continue;
+                            }
+                            Some(true) | None => break,
+                        }
                     }
                     tokio::time::sleep(Duration::from_millis(25)).await;
                 }

@@ -23,6 +23,7 @@ pub mod idle;
 pub mod kubernetes;
 pub mod local;
 pub mod logbuf;
+mod port_owner;
 pub mod remote;
 pub mod spec;
 
