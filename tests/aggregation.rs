@@ -391,6 +391,43 @@ async fn cancellation_ends_the_call_and_the_session_keeps_working() {
     );
 }
 
+/// A list sent under the id of a call in flight (ids are the client's to choose) counts
+/// against the session's bound but does not take the call's place: cancelling that id still
+/// ends the call.
+#[tokio::test]
+async fn a_list_under_a_calls_id_leaves_it_cancellable() {
+    let (gw, c) = two().await;
+    let session = gw
+        .gateway()
+        .sessions
+        .get(c.session.as_deref().unwrap())
+        .unwrap()
+        .clone();
+    let c2 = c.clone();
+    let started = Instant::now();
+    let call = tokio::spawn(async move {
+        c2.post(json!({"jsonrpc":"2.0","id":77,"method":"tools/call","params":{"name":"a__slow","arguments":{"seconds":20}}}).to_string())
+            .await
+    });
+    eventually("the call in flight", || {
+        let n = session.inflight();
+        async move { n == 1 }
+    })
+    .await;
+    let list = c.call(77, "tools/list", json!({})).await;
+    assert!(list["result"]["tools"].is_array(), "{list}");
+    let n = c
+        .post(json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":77,"reason":"user"}}).to_string())
+        .await;
+    assert_eq!(n.status, 202);
+    let r = call.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cancel did not end the call"
+    );
+    assert_eq!(r.response()["error"]["code"], -32800);
+}
+
 #[tokio::test]
 async fn a_slow_upstream_hits_its_deadline_and_others_are_unaffected() {
     let gw = TestGateway::start(

@@ -374,11 +374,40 @@ async fn a_port_belongs_to_one_server() {
     rt.shutdown().await;
 }
 
-/// A program that takes a server's port after the server was started (before the server
-/// binds it) answers there, but is not taken for the server: only a listener of the server's
-/// own processes makes it ready.
+/// Listens on 127.0.0.1:`port` as user `nobody` (another user than the gateway's) until
+/// killed; `None` when this process may not switch users (not root).
+fn squat_as_another_user(port: u16) -> Option<std::process::Child> {
+    use std::io::BufRead;
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").ok()?.uid() != 0 {
+        return None;
+    }
+    let script = format!(
+        "import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1', {port}))\ns.listen()\nprint('listening', flush=True)\ntime.sleep(120)"
+    );
+    let mut child = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv and /usr/bin/python3");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        "listening",
+        "the squatter could not bind {port}"
+    );
+    Some(child)
+}
+
+/// Another user's program that takes a server's port after the server was started (before
+/// the server binds it) answers there, but is not taken for the server: the server is ready
+/// only when what listens where the gateway connects is its own user's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_port_taken_after_the_start_is_not_taken_for_the_server() {
+async fn a_port_taken_by_another_user_is_not_taken_for_the_server() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -403,14 +432,17 @@ async fn a_port_taken_after_the_start_is_not_taken_for_the_server() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = std::fs::remove_file(&started);
-    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let Some(mut squatter) = squat_as_another_user(port) else {
+        eprintln!("not root: another user's program cannot be started here");
+        return;
+    };
     let seen = tokio::time::timeout(
         Duration::from_secs(10),
         status.wait_for(|s| {
             matches!(s.phase, Phase::Ready)
                 || s.message
                     .as_deref()
-                    .is_some_and(|m| m.contains("not from this server's processes"))
+                    .is_some_and(|m| m.contains("held by another user's program"))
         }),
     )
     .await
@@ -418,20 +450,84 @@ async fn a_port_taken_after_the_start_is_not_taken_for_the_server() {
     .unwrap()
     .clone();
     assert!(!matches!(seen.phase, Phase::Ready), "{seen:?}");
-    // Once the program lets go, the server's next try takes the port.
-    drop(squatter);
-    tokio::time::timeout(
+    // Once it lets go, the server's next try takes the port, and the message goes.
+    squatter.kill().unwrap();
+    squatter.wait().unwrap();
+    let ready = tokio::time::timeout(
         Duration::from_secs(15),
         status.wait_for(|s| matches!(s.phase, Phase::Ready)),
     )
     .await
     .expect("the server becomes ready")
-    .unwrap();
+    .unwrap()
+    .clone();
+    assert!(ready.message.is_none(), "{ready:?}");
     let endpoint = rt.endpoint("slowbind").await.unwrap();
     assert!(
         format!("{endpoint:?}").contains(&port.to_string()),
         "{endpoint:?}"
     );
+    rt.shutdown().await;
+}
+
+/// A program of the gateway's own user on the port is not told apart from the server (that
+/// user can do anything to the gateway already), but one of another user's that takes a ready
+/// server's port (while it rebinds, say) makes the server not ready until it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_servers_port_taken_by_another_user_makes_it_not_ready() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // The server (a stand-in that never binds) is answered for by a listener of the gateway's
+    // user (this test), which then goes, as a rebinding server's does for a moment.
+    let started = std::env::temp_dir().join(format!("gatehouse-rebinds-{port}"));
+    let _ = std::fs::remove_file(&started);
+    let script = format!("touch {started:?}; exec sleep 120");
+    let mut def = server("rebinds", "sh", &["-c", &script]);
+    def.spec.transport = TransportSpec {
+        kind: TransportKind::StreamableHttp,
+        port: Some(port),
+        path: None,
+    };
+    let rt = LocalRuntime::new(fast());
+    rt.apply(def.resolve().unwrap()).await.unwrap();
+    let mut status = rt.watch_status("rebinds").unwrap();
+    // After the spawn's check (which refuses a port in use).
+    while !started.exists() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = std::fs::remove_file(&started);
+    let own = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| matches!(s.phase, Phase::Ready)),
+    )
+    .await
+    .expect("a listener of the gateway's user is taken for the server")
+    .unwrap();
+    drop(own);
+    let Some(mut squatter) = squat_as_another_user(port) else {
+        eprintln!("not root: another user's program cannot be started here");
+        return;
+    };
+    let seen = tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| !matches!(s.phase, Phase::Ready)),
+    )
+    .await
+    .expect("the ready server is seen to lose its port")
+    .unwrap()
+    .clone();
+    assert!(
+        seen.message
+            .as_deref()
+            .is_some_and(|m| m.contains("held by another user's program")),
+        "{seen:?}"
+    );
+    squatter.kill().unwrap();
+    squatter.wait().unwrap();
     rt.shutdown().await;
 }
 

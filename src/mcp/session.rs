@@ -508,6 +508,23 @@ impl Session {
         })
     }
 
+    /// Counts a request no `notifications/cancelled` reaches (a list that asks every upstream)
+    /// against [`MAX_INFLIGHT`], without taking its id from a call under the same id.
+    pub fn count(self: &Arc<Self>) -> Result<InFlight, TooBusy> {
+        let mut inflight = lock(&self.inflight);
+        if inflight.count >= MAX_INFLIGHT {
+            return Err(TooBusy(MAX_INFLIGHT));
+        }
+        inflight.count += 1;
+        Ok(InFlight {
+            session: self.clone(),
+            id: Bytes::new(),
+            // No request's ticket: its drop removes no entry.
+            ticket: u64::MAX,
+            cancelled: None,
+        })
+    }
+
     /// Client requests in flight now.
     pub fn inflight(&self) -> usize {
         lock(&self.inflight).count

@@ -33,6 +33,7 @@ use tokio::sync::{Notify, OwnedMutexGuard, mpsc, watch};
 use super::backoff::{Backoff, random_unit};
 use super::idle::Usage;
 use super::logbuf::LogBuffer;
+use super::port_owner::{self, Listeners};
 use super::spec::{EnvValue, ResolvedServer};
 use super::{
     Endpoint, FailureReason, LogOptions, OrchestratorError, Phase, Result, Runtime, ServerStatus,
@@ -606,6 +607,9 @@ struct SecretFiles {
 /// Prefix of the directories of [`SecretFiles`] under the temporary directory.
 const SECRET_FILES_PREFIX: &str = "gatehouse-secrets-";
 
+/// How often a ready HTTP server's port is checked for another user's listener.
+const RECHECK_READY: Duration = Duration::from_secs(2);
+
 impl SecretFiles {
     /// Where `server`'s file secrets will be kept (`None`: it has none). Nothing is written
     /// yet: [`SecretFiles::ensure`] does, before each process starts.
@@ -1075,36 +1079,55 @@ async fn run(
     let probe = async {
         match http {
             Some((port, _)) => {
-                let mut foreign = false;
+                // Ready once it answers there, and it is the gateway's user's own (another
+                // user's program may take the port before the server binds it, or while it
+                // rebinds); checked again while ready.
+                let uid = own_uid();
+                let mut foreign = None;
+                let mut ready = false;
                 loop {
-                    if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                        .await
-                        .is_ok()
-                    {
-                        // Another program may have taken the port after `spawn` found it
-                        // free: what answers must be the server's own (its process group).
-                        match pid.and_then(|group| super::port_owner::group_listens_on(group, port))
-                        {
-                            Some(false) => {
-                                if !foreign {
-                                    foreign = true;
-                                    tracing::warn!(server = %sup.server.name, port, "another program listens on the server's port");
-                                    sup.update(|s| {
-                                        s.message = Some(format!(
-                                            "port {port} on 127.0.0.1 answers, but not from this server's processes: another program holds it"
-                                        ))
-                                    });
-                                }
-                                tokio::time::sleep(Duration::from_millis(250)).await;
-                                continue;
-                            }
-                            Some(true) | None => break,
+                    // Once ready, only the tables are read (no connection every few seconds).
+                    let answers = ready
+                        || tokio::net::TcpStream::connect(("127.0.0.1", port))
+                            .await
+                            .is_ok();
+                    let holder = match uid {
+                        Some(uid) if answers || foreign.is_some() => {
+                            tokio::task::spawn_blocking(move || port_owner::listeners_on(port, uid))
+                                .await
+                                .unwrap_or(Listeners::Unknown)
                         }
+                        _ => Listeners::Unknown,
+                    };
+                    let now = match holder {
+                        Listeners::Foreign(other) => Some(other),
+                        _ => None,
+                    };
+                    if now != foreign {
+                        foreign = now;
+                        if let Some(other) = foreign {
+                            tracing::warn!(server = %sup.server.name, port, uid = other, "another user's program listens on the server's port");
+                        }
+                        sup.update(|s| {
+                            s.message = foreign.map(|other| {
+                                format!("port {port} on 127.0.0.1 is held by another user's program (uid {other}): it is not taken for the server")
+                            });
+                        });
                     }
-                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    let now_ready = answers && foreign.is_none();
+                    if now_ready != ready {
+                        ready = now_ready;
+                        sup.update(|s| {
+                            s.set_phase(if ready { Phase::Ready } else { Phase::Starting })
+                        });
+                    }
+                    tokio::time::sleep(match (ready, foreign) {
+                        (true, _) => RECHECK_READY,
+                        (false, Some(_)) => Duration::from_millis(250),
+                        (false, None) => Duration::from_millis(25),
+                    })
+                    .await;
                 }
-                sup.update(|s| s.set_phase(Phase::Ready));
-                std::future::pending::<()>().await
             }
             None => std::future::pending::<()>().await,
         }

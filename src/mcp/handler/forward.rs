@@ -382,9 +382,9 @@ pub(super) async fn forward(
     let started = Instant::now();
     let server = session.topology().servers[index].clone();
     let (ev_tx, ev_rx) = mpsc::channel::<Bytes>(64);
-    let mut inflight = match super::tracked(session, &id) {
+    let mut inflight = match session.track(id.clone()) {
         Ok(t) => t,
-        Err(refused) => return refused,
+        Err(busy) => return super::too_busy(&id, busy),
     };
     // What the audit trail records of the call, taken before the params go upstream.
     let mut audited = sv.audit.is_on().then(|| CallRecord {

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::mcp::jsonrpc::{self, Outcome, code};
 use crate::mcp::policy::Policy;
-use crate::mcp::session::{InFlight, Session, caps};
+use crate::mcp::session::{Session, TooBusy, caps};
 use crate::metrics::{Metrics, method_label};
 use crate::plugins::{Decision, Plugins};
 use crate::trace::SpanKind;
@@ -94,14 +94,12 @@ pub(crate) async fn json_or_stream(
     }
 }
 
-/// Counts a request against the session's bound on requests in flight, or refuses it (429).
-fn tracked(session: &Arc<Session>, id: &Bytes) -> Result<InFlight, Reply> {
-    session.track(id.clone()).map_err(|busy| {
-        Reply::Refused(
-            http::StatusCode::TOO_MANY_REQUESTS,
-            jsonrpc::error_response(Some(id), code::TOO_BUSY, &busy.to_string()),
-        )
-    })
+/// The refusal of a request past the session's bound on requests in flight (429).
+fn too_busy(id: &[u8], busy: TooBusy) -> Reply {
+    Reply::Refused(
+        http::StatusCode::TOO_MANY_REQUESTS,
+        jsonrpc::error_response(Some(id), code::TOO_BUSY, &busy.to_string()),
+    )
 }
 
 /// What the method handlers use of the gateway (its policy plugins and its metrics), and of a
@@ -296,9 +294,9 @@ pub async fn request(
         _ => false,
     };
     let _inflight = if fans_out {
-        match tracked(session, &id) {
+        match session.count() {
             Ok(t) => Some(t),
-            Err(refused) => return refused,
+            Err(busy) => return too_busy(&id, busy),
         }
     } else {
         None
