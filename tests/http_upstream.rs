@@ -769,3 +769,84 @@ async fn a_new_upstream_session_is_subscribed_to_what_the_old_one_watched() {
     assert!(r["result"].is_object(), "{r}");
     expire_then_expect(7, 3, "file:///later").await;
 }
+
+/// A session client's subscriptions reach a 2026-07-28 upstream on its listen stream, which
+/// the gateway opens anew with every change of what the session watches: updates of what is
+/// watched arrive, and an unsubscribed resource's stop. (The URIs are the inner server's
+/// template's: the inner gateway watches only what a server of its serves.)
+#[tokio::test]
+async fn a_2026_upstreams_listen_stream_follows_what_the_session_watches() {
+    let inner = TestGateway::start("", &[example("ex", &["--test-tools"], "")]).await;
+    let http = format!(
+        "  - name: inner\n    protocol: auto\n    http: {{ url: {:?} }}\n",
+        inner.url()
+    );
+    let outer = TestGateway::start("", &[http]).await;
+    let mut c = outer.client();
+    c.initialize(json!({})).await;
+    let get = c
+        .request("GET", Bytes::new())
+        .header("accept", "text/event-stream")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let got = c.http.request(get).await.unwrap();
+    assert_eq!(got.status(), 200);
+    let mut events = support::SseReader::new(got.into_body());
+    let touch = |id: u64, uri: &'static str| {
+        let c = c.clone();
+        async move {
+            let text = c.tool_text(id, "touch", json!({ "uri": uri })).await;
+            assert_eq!(text, "touched");
+        }
+    };
+    let subscribe = |id: u64, method: &'static str, uri: &'static str| {
+        let c = c.clone();
+        async move {
+            let r = c.call(id, method, json!({ "uri": uri })).await;
+            assert!(r["result"].is_object(), "{method} {uri}: {r}");
+        }
+    };
+    const ONE: &str = "example://ex/echo/one";
+    const TWO: &str = "example://ex/echo/two";
+    // The stream is opened anew in the background: a touch may come before it listens, so
+    // each step touches until it is heard (`until`), and reports what it heard by then.
+    let mut id = 10;
+    let mut heard_until =
+        async |events: &mut support::SseReader, touched: &[&'static str], until: &str| {
+            for _ in 0..40 {
+                for uri in touched {
+                    id += 1;
+                    touch(id, uri).await;
+                }
+                let mut heard = Vec::new();
+                while let Some(m) = events
+                    .next_within(std::time::Duration::from_millis(250))
+                    .await
+                {
+                    if m["method"] == "notifications/resources/updated" {
+                        heard.push(m["params"]["uri"].as_str().unwrap().to_owned());
+                        if heard.last().unwrap() == until {
+                            return heard;
+                        }
+                    }
+                }
+            }
+            panic!("never heard of {until}");
+        };
+    subscribe(1, "resources/subscribe", ONE).await;
+    heard_until(&mut events, &[ONE], ONE).await;
+    // A second subscription opens the stream anew, asking for both.
+    subscribe(2, "resources/subscribe", TWO).await;
+    heard_until(&mut events, &[TWO], TWO).await;
+    assert_eq!(heard_until(&mut events, &[ONE, TWO], TWO).await, [ONE, TWO]);
+    // Unsubscribed: once the stream is open anew, its updates stop and the other's go on.
+    subscribe(3, "resources/unsubscribe", ONE).await;
+    let mut rounds = 0;
+    while heard_until(&mut events, &[ONE, TWO], TWO).await != [TWO] {
+        rounds += 1;
+        assert!(rounds < 40, "updates of {ONE} never stopped");
+    }
+    assert_eq!(heard_until(&mut events, &[ONE, TWO], TWO).await, [TWO]);
+    outer.stop().await;
+    inner.stop().await;
+}

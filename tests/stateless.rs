@@ -926,3 +926,49 @@ async fn a_parked_call_leaves_the_next_callers_question_to_it() {
     );
     gw.stop().await;
 }
+
+/// A stateless client pages a merged list with the cursors the gateway hands it, each page a
+/// request of its own; a cursor it did not get (unreadable, or naming a server the gateway
+/// does not have) is refused as invalid params, never passed on.
+#[tokio::test]
+async fn list_cursors_work_across_requests_and_forged_ones_are_refused() {
+    let gw = TestGateway::start(
+        "",
+        &[
+            example("a", &["--page-size", "2"], ""),
+            example("b", &[], ""),
+        ],
+    )
+    .await;
+    let c = gw.client();
+    let mut names = Vec::new();
+    let mut cursor: Option<String> = None;
+    for page in 1.. {
+        assert!(page < 20, "the pages never end");
+        let params = cursor.map_or(json!({}), |c| json!({ "cursor": c }));
+        let r = stateless(&c, page, "tools/list", params, json!({})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = r.response();
+        assert_eq!(r["result"]["resultType"], "complete", "{r}");
+        for t in r["result"]["tools"].as_array().unwrap() {
+            names.push(t["name"].as_str().unwrap().to_owned());
+        }
+        cursor = r["result"]["nextCursor"].as_str().map(str::to_owned);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let unique: std::collections::BTreeSet<&String> = names.iter().collect();
+    assert_eq!(unique.len(), names.len(), "a tool listed twice: {names:?}");
+    assert!(names.contains(&"a__echo".to_owned()), "{names:?}");
+    assert!(names.contains(&"b__echo".to_owned()), "{names:?}");
+
+    let unknown_server =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"nobody":"c1"}"#);
+    for forged in ["!!not-a-cursor".to_owned(), unknown_server] {
+        let r = stateless(&c, 99, "tools/list", json!({ "cursor": forged }), json!({})).await;
+        assert_eq!(r.error_code(), -32602, "{forged}: {}", r.body);
+        assert!(r.body.contains("invalid cursor"), "{forged}: {}", r.body);
+    }
+    gw.stop().await;
+}
