@@ -403,35 +403,51 @@ fn squat_as_another_user(port: u16) -> Option<std::process::Child> {
     Some(child)
 }
 
-/// Another user's program that takes a server's port after the server was started (before
-/// the server binds it) answers there, but is not taken for the server: the server is ready
-/// only when what listens where the gateway connects is its own user's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_port_taken_by_another_user_is_not_taken_for_the_server() {
+/// Starts `name`, an HTTP server on a free port that runs `then` (a shell command, given the
+/// port) once started, and returns when its process has started (after the spawn's check of
+/// the port), with the port and the server's status.
+async fn start_http_server_then(
+    rt: &LocalRuntime,
+    name: &str,
+    then: impl FnOnce(u16) -> String,
+) -> (
+    u16,
+    tokio::sync::watch::Receiver<gatehouse::orchestrator::ServerStatus>,
+) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    // The server says it started, then waits before it binds, as a slow one does.
-    let started = std::env::temp_dir().join(format!("gatehouse-slowbind-{port}"));
+    let started = std::env::temp_dir().join(format!("gatehouse-{name}-{port}"));
     let _ = std::fs::remove_file(&started);
-    let script = format!(
-        "touch {started:?}; sleep 1; exec {GATEHOUSE} example-server --http 127.0.0.1:{port}"
-    );
-    let mut def = server("slowbind", "sh", &["-c", &script]);
+    let script = format!("touch {started:?}; {}", then(port));
+    let mut def = server(name, "sh", &["-c", &script]);
     def.spec.transport = TransportSpec {
         kind: TransportKind::StreamableHttp,
         port: Some(port),
         path: None,
     };
-    let rt = LocalRuntime::new(fast());
     rt.apply(def.resolve().unwrap()).await.unwrap();
-    let mut status = rt.watch_status("slowbind").unwrap();
+    let status = rt.watch_status(name).unwrap();
     while !started.exists() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = std::fs::remove_file(&started);
+    (port, status)
+}
+
+/// Another user's program that takes a server's port after the server was started (before
+/// the server binds it) answers there, but is not taken for the server: the server is ready
+/// only when what listens where the gateway connects is its own user's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_taken_by_another_user_is_not_taken_for_the_server() {
+    let rt = LocalRuntime::new(fast());
+    // The server waits before it binds, as a slow one does.
+    let (port, mut status) = start_http_server_then(&rt, "slowbind", |port| {
+        format!("sleep 1; exec {GATEHOUSE} example-server --http 127.0.0.1:{port}")
+    })
+    .await;
     let Some(mut squatter) = squat_as_another_user(port) else {
         eprintln!("not root: another user's program cannot be started here");
         return;
@@ -475,30 +491,11 @@ async fn a_port_taken_by_another_user_is_not_taken_for_the_server() {
 /// server's port (while it rebinds, say) makes the server not ready until it goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ready_servers_port_taken_by_another_user_makes_it_not_ready() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     // The server (a stand-in that never binds) is answered for by a listener of the gateway's
     // user (this test), which then goes, as a rebinding server's does for a moment.
-    let started = std::env::temp_dir().join(format!("gatehouse-rebinds-{port}"));
-    let _ = std::fs::remove_file(&started);
-    let script = format!("touch {started:?}; exec sleep 120");
-    let mut def = server("rebinds", "sh", &["-c", &script]);
-    def.spec.transport = TransportSpec {
-        kind: TransportKind::StreamableHttp,
-        port: Some(port),
-        path: None,
-    };
     let rt = LocalRuntime::new(fast());
-    rt.apply(def.resolve().unwrap()).await.unwrap();
-    let mut status = rt.watch_status("rebinds").unwrap();
-    // After the spawn's check (which refuses a port in use).
-    while !started.exists() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let _ = std::fs::remove_file(&started);
+    let (port, mut status) =
+        start_http_server_then(&rt, "rebinds", |_| "exec sleep 120".to_owned()).await;
     let own = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     tokio::time::timeout(
         Duration::from_secs(10),
