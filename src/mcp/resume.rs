@@ -30,6 +30,8 @@ const READ_TAIL_EVENTS: usize = 64;
 const READ_TAIL_BYTES: usize = 256 * 1024;
 /// Bytes of events one session keeps over all its streams.
 const SESSION_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes the streams of every session may keep together.
+const ALL_SESSIONS_BYTES: usize = 256 * 1024 * 1024;
 /// How long a finished stream stays resumable.
 const KEEP_FINISHED: Duration = Duration::from_secs(60);
 /// How long a client should wait before reconnecting (the `retry` field).
@@ -52,11 +54,43 @@ pub enum ResumeError {
 }
 
 /// The resumable streams of one session.
-#[derive(Default)]
 pub struct Streams {
     inner: Arc<Mutex<Registry>>,
     /// Bytes all its streams keep.
     kept: Arc<AtomicUsize>,
+    /// What the streams of every session keep, and the most they may.
+    all: &'static Budget,
+}
+
+/// Bytes the streams of many sessions keep together, and the most they may: past it, what a
+/// stream records is sent but not kept (it cannot be resumed), whoever holds the rest.
+pub struct Budget {
+    kept: AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub const fn new(limit: usize) -> Budget {
+        Budget {
+            kept: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    fn over(&self) -> bool {
+        self.kept.load(Ordering::Relaxed) > self.limit
+    }
+}
+
+/// Every session's streams in this process: many sessions of one principal (each within
+/// [`SESSION_BYTES`]) must not hold the gateway's memory.
+static ALL_SESSIONS: Budget = Budget::new(ALL_SESSIONS_BYTES);
+
+impl Default for Streams {
+    fn default() -> Streams {
+        Streams::within(&ALL_SESSIONS)
+    }
 }
 
 #[derive(Default)]
@@ -73,12 +107,26 @@ struct Log {
     /// Woken when another client takes the stream over (see [`Streams::resume`]).
     taken: tokio::sync::Notify,
     kept: Arc<AtomicUsize>,
+    all: &'static Budget,
+}
+
+impl Log {
+    /// Counts `bytes` more (or fewer) kept, in the session and in all.
+    fn count(&self, bytes: usize, more: bool) {
+        for counter in [&*self.kept, &self.all.kept] {
+            if more {
+                counter.fetch_add(bytes, Ordering::Relaxed);
+            } else {
+                counter.fetch_sub(bytes, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 impl Drop for Log {
     fn drop(&mut self) {
         let bytes = lock(&self.state).bytes;
-        self.kept.fetch_sub(bytes, Ordering::Relaxed);
+        self.count(bytes, false);
     }
 }
 
@@ -95,6 +143,29 @@ struct LogState {
 }
 
 impl Streams {
+    /// A session's streams, within `all` (with every other session's). Stream numbers start
+    /// at random: a portable session served by several replicas (or brought back after it
+    /// idled out) has streams on each, and an event id must name one stream only.
+    pub fn within(all: &'static Budget) -> Streams {
+        let mut random = [0u8; 8];
+        // Without randomness, numbers from 0: resumption stays exact on one replica.
+        let _ = getrandom::fill(&mut random);
+        Streams::numbered_after(all, u64::from_le_bytes(random) >> 16)
+    }
+
+    /// A session's streams, numbered from `last + 1`.
+    fn numbered_after(all: &'static Budget, last: u64) -> Streams {
+        let registry = Registry {
+            next: last,
+            ..Registry::default()
+        };
+        Streams {
+            inner: Arc::new(Mutex::new(registry)),
+            kept: Arc::default(),
+            all,
+        }
+    }
+
     /// Records the frames of `frames` as a new stream; returns the first client's events (the
     /// priming event first, when `prime`: clients of revisions before 2025-11-25 do not expect
     /// an event without data). `frames` end the stream; an empty frame is a keep-alive. With
@@ -127,6 +198,7 @@ impl Streams {
                 stream: reg.next,
                 taken: tokio::sync::Notify::new(),
                 kept: self.kept.clone(),
+                all: self.all,
                 state: Mutex::new(LogState {
                     events: VecDeque::new(),
                     bytes: 0,
@@ -201,7 +273,7 @@ async fn pump(log: Arc<Log>, mut frames: mpsc::Receiver<Bytes>, registry: Weak<M
                 state.next_seq += 1;
                 let event = encode(log.stream, seq, &frame);
                 state.bytes += event.len();
-                log.kept.fetch_add(event.len(), Ordering::Relaxed);
+                log.count(event.len(), true);
                 state.events.push_back((seq, event.clone()));
                 let (max_events, max_bytes) = match state.client {
                     Some(_) => (READ_TAIL_EVENTS, READ_TAIL_BYTES),
@@ -210,12 +282,13 @@ async fn pump(log: Arc<Log>, mut frames: mpsc::Receiver<Bytes>, registry: Weak<M
                 while state.events.len() > max_events
                     || state.bytes > max_bytes
                     || (log.kept.load(Ordering::Relaxed) > SESSION_BYTES && state.events.len() > 1)
+                    || log.all.over()
                 {
                     let Some((n, old)) = state.events.pop_front() else {
                         break;
                     };
                     state.bytes -= old.len();
-                    log.kept.fetch_sub(old.len(), Ordering::Relaxed);
+                    log.count(old.len(), false);
                     state.first_kept = n + 1;
                 }
                 (event, state.client.clone())
@@ -281,6 +354,59 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    /// Streams numbered from 1, within every session's budget.
+    fn from_one() -> Streams {
+        Streams::numbered_after(&ALL_SESSIONS, 0)
+    }
+
+    /// A session served by two replicas (or brought back after it idled out) has streams on
+    /// each: their event ids never name each other's.
+    #[tokio::test]
+    async fn one_sessions_streams_elsewhere_have_ids_of_their_own() {
+        let (here, there) = (Streams::default(), Streams::default());
+        let (_tx, frames) = mpsc::channel::<Bytes>(8);
+        let mut a = here.open(frames, true).unwrap();
+        let (_tx2, frames) = mpsc::channel::<Bytes>(8);
+        let mut b = there.open(frames, true).unwrap();
+        let id_of = |event: String| event.lines().next().unwrap().to_owned();
+        let (a, b) = (id_of(next(&mut a).await), id_of(next(&mut b).await));
+        assert_ne!(a, b);
+        let a = a.strip_prefix("id: ").unwrap();
+        assert!(matches!(there.resume(a), Err(ResumeError::Gone(_))), "{a}");
+        assert!(here.resume(a).is_ok());
+    }
+
+    /// Many sessions' unread streams keep no more than their common budget: past it, events
+    /// are sent but not kept, and resuming before them says so.
+    #[tokio::test]
+    async fn every_sessions_streams_stay_within_their_common_budget() {
+        static SMALL: Budget = Budget::new(64 * 1024);
+        let frame = Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(4000)));
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let streams = Streams::numbered_after(&SMALL, 0);
+            let (tx, frames) = mpsc::channel(8);
+            drop(streams.open(frames, false).unwrap()); // nobody reads
+            for _ in 0..40 {
+                tx.send(frame.clone()).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(
+                SMALL.kept.load(Ordering::Relaxed) <= SMALL.limit,
+                "{} bytes kept",
+                SMALL.kept.load(Ordering::Relaxed)
+            );
+            held.push((streams, tx));
+        }
+        // The last session's early events were not kept.
+        let (last, _) = held.last().unwrap();
+        assert!(matches!(last.resume("1.1"), Err(ResumeError::Truncated(_))));
+        // Sessions that end give their bytes back.
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(SMALL.kept.load(Ordering::Relaxed), 0);
+    }
+
     async fn next(rx: &mut mpsc::Receiver<Bytes>) -> String {
         let b = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
@@ -291,7 +417,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_is_primed_numbered_and_resumed_after_the_last_seen_event() {
-        let streams = Streams::default();
+        let streams = from_one();
         let (tx, frames) = mpsc::channel(8);
         let mut first = streams.open(frames, true).unwrap();
         assert_eq!(next(&mut first).await, "id: 1.0\nretry: 1000\ndata: \n\n");
@@ -322,7 +448,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stalled_connection_does_not_hold_up_the_client_that_resumes() {
-        let streams = Streams::default();
+        let streams = from_one();
         let (tx, frames) = mpsc::channel(8);
         // The first connection is never read again (half-open): its queue fills up.
         let _stalled = streams.open(frames, false).unwrap();
@@ -363,7 +489,7 @@ mod tests {
 
     #[tokio::test]
     async fn ids_from_elsewhere_are_refused_by_kind() {
-        let streams = Streams::default();
+        let streams = from_one();
         let (_tx, frames) = mpsc::channel(8);
         let _rx = streams.open(frames, true).unwrap();
         for bad in ["", "7", "x.1", "1.x", "1.5", "-1.0"] {
@@ -378,7 +504,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_long_stream_keeps_only_its_newest_events() {
-        let streams = Streams::default();
+        let streams = from_one();
         let (tx, frames) = mpsc::channel(8);
         let rx = streams.open(frames, true).unwrap();
         drop(rx);
@@ -405,7 +531,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_session_holds_a_bounded_number_of_live_streams() {
-        let streams = Streams::default();
+        let streams = from_one();
         let mut senders = Vec::new();
         for _ in 0..MAX_STREAMS {
             let (tx, frames) = mpsc::channel(1);
