@@ -468,6 +468,17 @@ fn in_place<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<B
     Box::into_pin(Box::write(Box::<F>::new_uninit(), make()))
 }
 
+/// Marks a response of the console's origin as the type it says it is: the admin API and the
+/// registry echo what they were sent (in errors, in entries), and a browser that guessed a
+/// type could run it on the console's origin.
+fn nosniff(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut().insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
 async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
     if crate::upstream::via::came_from(req.headers(), &gw.via) {
         return text(
@@ -484,7 +495,7 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
             match gw.profile(name) {
                 Some(profile) if crate::registry::api::is_registry_path(tail) => {
                     let profile = profile.clone();
-                    Box::pin(registry(gw, &req, Some(&profile), tail)).await
+                    nosniff(Box::pin(registry(gw, &req, Some(&profile), tail)).await)
                 }
                 Some(profile) if tail.is_empty() => {
                     let profile = profile.clone();
@@ -501,12 +512,14 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
         http_sse::MESSAGES_PATH if gw.config.mcp.http_sse => {
             Box::pin(http_sse::serve_message(gw.clone(), req)).await
         }
-        path if path.starts_with(crate::admin::PREFIX) => match operator_refusal(gw, &req) {
-            None => Box::pin(crate::admin::serve(gw.clone(), req)).await,
-            Some(refused) => refused,
-        },
+        path if path.starts_with(crate::admin::PREFIX) => {
+            nosniff(match operator_refusal(gw, &req) {
+                None => Box::pin(crate::admin::serve(gw.clone(), req)).await,
+                Some(refused) => refused,
+            })
+        }
         path if crate::registry::api::is_registry_path(path) => {
-            Box::pin(registry(gw, &req, None, path)).await
+            nosniff(Box::pin(registry(gw, &req, None, path)).await)
         }
         // The console is a client of the admin API: where that is off, there is none.
         path if (path == crate::console::PREFIX || path.starts_with("/ui/"))

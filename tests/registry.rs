@@ -110,6 +110,15 @@ async fn a_new_gateway_serves_its_default_catalog_as_the_official_api_does() {
     assert_eq!(r.status, 200, "{}", r.body);
     // No authentication (loopback): no other site's page may read it.
     assert!(!r.headers.contains_key("access-control-allow-origin"));
+    // What the registry and the admin API echo is never taken for another type.
+    for path in [
+        "/v0.1/servers",
+        "/v0.1/servers/nowhere%2Fnothing/versions",
+        "/admin/v1/nothing",
+    ] {
+        let r = get(&gw, path).await;
+        assert_eq!(r.headers["x-content-type-options"], "nosniff", "{path}");
+    }
     let names = assert_list_response(&r.json());
     assert!(
         names.contains(&"dev.gatehouse/example-server".to_string()),
