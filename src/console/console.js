@@ -7,6 +7,9 @@ const TOKEN_KEY = "gatehouse.admin-token";
 const OFFICIAL = "io.modelcontextprotocol.registry/official";
 const PAGES = { catalog: catalogPage, servers: serversPage, sessions: sessionsPage, activity: activityPage, plugins: pluginsPage };
 
+/** Attributes a browser follows or loads as a URL. */
+const URL_ATTRIBUTES = new Set(["href", "src", "action", "formaction", "xlink:href", "srcset", "poster", "data", "ping", "background"]);
+
 /** An element with attributes (`on…` are listeners, `text` its text) and children (strings become text). */
 function h(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -18,6 +21,11 @@ function h(tag, attrs, ...children) {
       e.addEventListener(k.slice(2).toLowerCase(), v);
     }
     else if (k === "text") e.textContent = v;
+    // A link leads only within the console (a fragment or a path of this origin): whatever
+    // data reaches an attribute can never make it `javascript:` or another site.
+    else if (URL_ATTRIBUTES.has(k.toLowerCase()) && !/^(#[\w-]*|\/(?![\/\\])[^\s]*)$/.test(String(v))) {
+      throw new Error(`${k} must be a fragment or a path of this console, not ${JSON.stringify(String(v).slice(0, 64))}`);
+    }
     else e.setAttribute(k, v === true ? "" : String(v));
   }
   for (const c of children.flat()) {

@@ -80,6 +80,10 @@ try {
     expect(seen.pwned === null, `nothing run, but ${seen.pwned}`);
     expect(await page.locator('#catalog-list img, #install img, #install iframe, #catalog-list script').count() === 0, 'no element made from the markup');
     await shot('hostile');
+    // Should a future page take a link from data, it can lead nowhere but within the console.
+    const links = await page.evaluate(() => ['javascript:alert(1)', ' javascript:x', '//evil.example/', '/\\evil.example', 'https://evil.example/', '#servers', '/ui/#catalog']
+      .map(href => { try { return h('a', { HREF: href }).getAttribute('href'); } catch { return 'refused'; } }));
+    expect(JSON.stringify(links) === JSON.stringify(['refused', 'refused', 'refused', 'refused', 'refused', '#servers', '/ui/#catalog']), `links from data: ${links}`);
     await page.getByRole('button', { name: 'Cancel' }).click();
 
     step('a form from environment variables');
