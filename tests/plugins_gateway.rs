@@ -116,6 +116,98 @@ async fn list_filter_hides_tools_and_denies_calling_them() {
     assert!(msg.contains("lists"), "{msg}");
 }
 
+/// A tool hidden by a label (its server's `destructiveHint`, or `_meta["gatehouse/labels"]`)
+/// cannot be called either, on a second page of the list too; and a tool shown because of a
+/// label (an allow rule) can be called. The call is judged by the entry the listing shows.
+#[tokio::test]
+async fn a_tool_hidden_by_its_labels_cannot_be_called() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let called = calls.clone();
+    let url = support::serve(move |_, body| {
+        let msg: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        msg.get("id")?;
+        let tool = |name: &str, extra: serde_json::Value| {
+            let mut t =
+                json!({"name": name, "description": name, "inputSchema": {"type": "object"}});
+            t.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            t
+        };
+        let result = match msg["method"].as_str().unwrap() {
+            "initialize" => json!({"protocolVersion":"2025-11-25",
+                "capabilities":{"tools":{}}, "serverInfo":{"name":"labels","version":"1"}}),
+            "tools/list" if msg["params"]["cursor"].is_null() => json!({
+                "tools": [tool("wipe", json!({"annotations": {"destructiveHint": true}})),
+                          tool("look", json!({"annotations": {"readOnlyHint": true}}))],
+                "nextCursor": "2"}),
+            "tools/list" => json!({"tools": [
+                tool("shred", json!({"_meta": {"gatehouse/labels": ["destructive"]}}))]}),
+            "tools/call" => {
+                called.fetch_add(1, Ordering::SeqCst);
+                json!({"content": [{"type": "text", "text": "done"}]})
+            }
+            _ => json!({}),
+        };
+        Some((200, json!({"jsonrpc":"2.0","id":msg["id"],"result":result})))
+    })
+    .await;
+    let cfg = format!(
+        "plugins:\n  modules:\n    - name: lists\n      path: {:?}\n      config: {{ rules: [ {{ deny_labels: [destructive] }} ] }}\n  chains:\n    - {{ name: all, plugins: [lists] }}",
+        wasm("list_filter")
+    );
+    let upstream = format!("  - name: u\n    protocol: sessions\n    http: {{ url: {url:?} }}\n");
+    let gw = TestGateway::start(&cfg, &[upstream.clone(), example("a", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let mut listed = Vec::new();
+    let mut params = json!({});
+    for id in 1..=3 {
+        let page = c.call(id, "tools/list", params.clone()).await;
+        listed.extend(
+            page["result"]["tools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["name"].as_str().unwrap().to_owned()),
+        );
+        match page["result"]["nextCursor"].as_str() {
+            Some(next) => params = json!({"cursor": next}),
+            None => break,
+        }
+    }
+    assert!(listed.contains(&"u__look".to_owned()), "{listed:?}");
+    assert!(
+        !listed.iter().any(|n| n == "u__wipe" || n == "u__shred"),
+        "{listed:?}"
+    );
+    for (id, tool) in [(10, "u__wipe"), (11, "u__shred")] {
+        let r = c
+            .call(id, "tools/call", json!({"name": tool, "arguments": {}}))
+            .await;
+        let (code, msg) = err(&r);
+        assert_eq!(code, -32030, "{tool}: {r}");
+        assert!(msg.contains("lists"), "{msg}");
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "no hidden tool reached the server"
+    );
+    assert_eq!(c.tool_text(12, "u__look", json!({})).await, "done");
+    // Shown because of a label: an allow rule lets the call through too.
+    let cfg = cfg.replace("deny_labels: [destructive]", "allow_labels: [read-only]");
+    let gw = TestGateway::start(&cfg, &[upstream]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    assert_eq!(c.tool_text(1, "look", json!({})).await, "done");
+    let r = c
+        .call(2, "tools/call", json!({"name": "wipe", "arguments": {}}))
+        .await;
+    assert_eq!(err(&r).0, -32030, "{r}");
+}
+
 #[tokio::test]
 async fn trusted_data_blocks_sensitive_tools_after_untrusted_results() {
     let cfg = format!(

@@ -29,6 +29,8 @@ pub struct Policy {
     session_id: Arc<str>,
     /// Where denials are recorded (when the trail is on).
     audit: Option<Arc<Audit>>,
+    /// The target as its server lists it ([`Policy::learn_target`]).
+    listed: Option<ListEntry>,
 }
 
 impl Policy {
@@ -51,7 +53,20 @@ impl Policy {
             claims: caller.claims.clone(),
             session_id: caller.session_id.clone(),
             audit: audit.filter(|a| a.is_on()).cloned(),
+            listed: None,
         })
+    }
+
+    /// Reads how upstream `index` lists the call's target (a `kind` entry), when a plugin
+    /// filters listings: such a plugin then judges the call by the entry the caller's listing
+    /// would show, labels and description included, not by its name alone.
+    pub async fn learn_target(&mut self, session: &Session, index: usize, kind: EntryKind) {
+        if !self.set.filters_lists() {
+            return;
+        }
+        if let Some(name) = self.name.as_deref() {
+            self.listed = listed_target(session, index, kind, name).await;
+        }
     }
 
     fn ctx(&self) -> CallContext<'_> {
@@ -69,7 +84,10 @@ impl Policy {
 
     /// Runs the on-request chain over the call's arguments (raw JSON).
     pub async fn on_request(&self, arguments: &str) -> Decision {
-        let decision = self.set.on_request(&self.ctx(), arguments).await;
+        let decision = self
+            .set
+            .on_request_listed(&self.ctx(), self.listed.as_ref(), arguments)
+            .await;
         if let Decision::Deny(d) = &decision {
             self.record_denial(d);
         }
@@ -79,7 +97,10 @@ impl Policy {
     /// Runs the on-request chain over params the gateway sends as they are: a rewrite is
     /// refused ([`crate::plugins::PluginSet::on_request_as_is`]).
     pub async fn on_request_as_is(&self, params: &str) -> Decision {
-        let decision = self.set.on_request_as_is(&self.ctx(), params).await;
+        let decision = self
+            .set
+            .on_request_as_is(&self.ctx(), self.listed.as_ref(), params)
+            .await;
         if let Decision::Deny(d) = &decision {
             self.record_denial(d);
         }
@@ -88,7 +109,10 @@ impl Policy {
 
     /// Denies the call when the caller may not see the `kind` entry `name` it uses.
     pub async fn check_target(&self, kind: EntryKind, name: &str) -> Option<Denied> {
-        let denied = self.set.check_target(&self.ctx(), kind, name).await;
+        let denied = self
+            .set
+            .check_target(&self.ctx(), kind, name, self.listed.as_ref())
+            .await;
         if let Some(d) = &denied {
             self.record_denial(d);
         }
@@ -231,6 +255,68 @@ pub async fn visible(
         scopes: &caller.claims.scopes,
     };
     set.filter_list(&ctx, &entries).await
+}
+
+/// Most pages of a server's list read to find how it lists a call's target.
+const MAX_TARGET_PAGES: usize = 20;
+
+/// The entry upstream `index` lists for `name` (a tool's or prompt's name, a resource's URI, a
+/// template's URI template), read from its list pages (the first one cached where the server
+/// announces changes); `None` when it does not list it or its list cannot be read.
+async fn listed_target(
+    session: &Session,
+    index: usize,
+    kind: EntryKind,
+    name: &str,
+) -> Option<ListEntry> {
+    let (method, key, named_by) = match kind {
+        EntryKind::Tool => ("tools/list", "tools", "name"),
+        EntryKind::Prompt => ("prompts/list", "prompts", "name"),
+        EntryKind::Resource => ("resources/list", "resources", "uri"),
+        EntryKind::ResourceTemplate => (
+            "resources/templates/list",
+            "resourceTemplates",
+            "uriTemplate",
+        ),
+        EntryKind::Server => return None,
+    };
+    let link = session.links().get(index)?;
+    let mut cursor: Option<String> = None;
+    for _ in 0..MAX_TARGET_PAGES {
+        let page = match &cursor {
+            None => link.first_page(method).await,
+            Some(c) => {
+                let mut p = b"{\"cursor\":".to_vec();
+                crate::json_string::put(&mut p, c);
+                p.push(b'}');
+                link.call(method, Some(&p), crate::upstream::CallOpts::default())
+                    .await
+            }
+        };
+        let Ok(jsonrpc::Outcome::Result(page)) = page else {
+            return None;
+        };
+        let fields: BTreeMap<Cow<'_, str>, &RawValue> = serde_json::from_slice(&page).ok()?;
+        let items: Vec<&RawValue> = serde_json::from_str(fields.get(key)?.get()).ok()?;
+        for item in items {
+            let named: BTreeMap<Cow<'_, str>, &RawValue> =
+                serde_json::from_str(item.get()).unwrap_or_default();
+            let is_target = named
+                .get(named_by)
+                .and_then(|raw| serde_json::from_str::<Cow<'_, str>>(raw.get()).ok())
+                .is_some_and(|n| n == name);
+            if is_target {
+                return Some(entry(kind, item));
+            }
+        }
+        cursor = fields
+            .get("nextCursor")
+            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+        if cursor.is_none() {
+            return None;
+        }
+    }
+    None
 }
 
 /// A listing item as a [`ListEntry`]: its name (URI for resources), description and labels.

@@ -354,14 +354,33 @@ impl PluginSet {
     /// Runs the on-request chain. For a call to a tool, prompt or resource,
     /// first checks that the filter-list plugins let the caller see it.
     pub async fn on_request(&self, ctx: &CallContext<'_>, arguments_json: &str) -> Decision {
-        self.request(ctx, arguments_json, Mode::Async, Rewrites::Applied)
+        self.request(ctx, None, arguments_json, Mode::Async, Rewrites::Applied)
             .await
+    }
+
+    /// [`Self::on_request`] for a call whose target's server lists it as `listed`: the
+    /// filter-list plugins judge the entry the caller's listing would show (its labels and
+    /// description too), so an entry hidden by a label cannot be called either.
+    pub async fn on_request_listed(
+        &self,
+        ctx: &CallContext<'_>,
+        listed: Option<&ListEntry>,
+        arguments_json: &str,
+    ) -> Decision {
+        self.request(ctx, listed, arguments_json, Mode::Async, Rewrites::Applied)
+            .await
+    }
+
+    /// Whether any plugin filters listings (and so judges the targets of calls).
+    pub fn filters_lists(&self) -> bool {
+        self.plugins.iter().any(|p| p.hooks.filter_list)
     }
 
     /// [`Self::on_request`], blocking the calling thread (not for runtime workers).
     pub fn on_request_blocking(&self, ctx: &CallContext<'_>, arguments_json: &str) -> Decision {
         futures_executor::block_on(self.request(
             ctx,
+            None,
             arguments_json,
             Mode::Blocking,
             Rewrites::Applied,
@@ -371,8 +390,13 @@ impl PluginSet {
     /// Runs the on-request chain over a request the gateway sends as it is (its params are not
     /// the plugins' to change): a plugin that answers `rewrite` is refused, naming it, rather
     /// than have the request go on unchanged as though the plugin had allowed it.
-    pub async fn on_request_as_is(&self, ctx: &CallContext<'_>, params_json: &str) -> Decision {
-        self.request(ctx, params_json, Mode::Async, Rewrites::Refused)
+    pub async fn on_request_as_is(
+        &self,
+        ctx: &CallContext<'_>,
+        listed: Option<&ListEntry>,
+        params_json: &str,
+    ) -> Decision {
+        self.request(ctx, listed, params_json, Mode::Async, Rewrites::Refused)
             .await
     }
 
@@ -423,6 +447,7 @@ impl PluginSet {
     async fn request(
         &self,
         ctx: &CallContext<'_>,
+        listed: Option<&ListEntry>,
         arguments_json: &str,
         mode: Mode,
         rewrites: Rewrites,
@@ -430,7 +455,7 @@ impl PluginSet {
         if self.is_empty() {
             return Decision::Allow;
         }
-        if let Some(denied) = self.check_visible(ctx, mode).await {
+        if let Some(denied) = self.check_visible(ctx, listed, mode).await {
             return Decision::Deny(denied);
         }
         self.run_chain(Hook::Request, ctx, arguments_json, mode, rewrites)
@@ -451,7 +476,12 @@ impl PluginSet {
     }
 
     /// For calls to a named target, the single-entry visibility check.
-    async fn check_visible(&self, ctx: &CallContext<'_>, mode: Mode) -> Option<Denied> {
+    async fn check_visible(
+        &self,
+        ctx: &CallContext<'_>,
+        listed: Option<&ListEntry>,
+        mode: Mode,
+    ) -> Option<Denied> {
         let kind = match ctx.method {
             "tools/call" => EntryKind::Tool,
             "prompts/get" => EntryKind::Prompt,
@@ -461,7 +491,7 @@ impl PluginSet {
             }
             _ => return None,
         };
-        self.target_hidden(ctx, kind, ctx.name?, mode).await
+        self.target_hidden(ctx, kind, ctx.name?, listed, mode).await
     }
 
     /// Whether the caller may use the `kind` entry `name`: a hidden entry is denied, whatever
@@ -471,8 +501,10 @@ impl PluginSet {
         ctx: &CallContext<'_>,
         kind: EntryKind,
         name: &str,
+        listed: Option<&ListEntry>,
     ) -> Option<Denied> {
-        self.target_hidden(ctx, kind, name, Mode::Async).await
+        self.target_hidden(ctx, kind, name, listed, Mode::Async)
+            .await
     }
 
     async fn target_hidden(
@@ -480,10 +512,11 @@ impl PluginSet {
         ctx: &CallContext<'_>,
         kind: EntryKind,
         name: &str,
+        listed: Option<&ListEntry>,
         mode: Mode,
     ) -> Option<Denied> {
         // Asked before every call: skip building the one-entry listing when no plugin filters.
-        if !self.plugins.iter().any(|p| p.hooks.filter_list) {
+        if !self.filters_lists() {
             return None;
         }
         let list_method = match kind {
@@ -498,11 +531,15 @@ impl PluginSet {
             name: None,
             ..*ctx
         };
-        let entry = ListEntry {
-            kind,
-            name: name.to_string(),
-            description: None,
-            labels: Vec::new(),
+        // As listed when the server lists it (a label may be what hides it), else by name.
+        let entry = match listed {
+            Some(e) if e.kind == kind && e.name == name => e.clone(),
+            _ => ListEntry {
+                kind,
+                name: name.to_string(),
+                description: None,
+                labels: Vec::new(),
+            },
         };
         match self
             .hidden_by(&list_ctx, std::slice::from_ref(&entry), mode)

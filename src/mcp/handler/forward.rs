@@ -36,7 +36,7 @@ pub(super) async fn completion_policy(
     f: &Fields<'_>,
 ) -> Result<Option<Policy>, crate::plugins::Denied> {
     let plugins = sv.plugins.current();
-    let Some(policy) = Policy::for_call(
+    let Some(mut policy) = Policy::for_call(
         &plugins,
         Some(sv.audit),
         session.caller(),
@@ -47,6 +47,7 @@ pub(super) async fn completion_policy(
         return Ok(None);
     };
     for kind in kinds {
+        policy.learn_target(session, index, *kind).await;
         if let Some(d) = policy.check_target(*kind, name).await {
             return Err(d);
         }

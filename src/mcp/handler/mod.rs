@@ -23,7 +23,7 @@ use crate::mcp::jsonrpc::{self, Outcome, code};
 use crate::mcp::policy::Policy;
 use crate::mcp::session::{Session, TooBusy, caps};
 use crate::metrics::{Metrics, method_label};
-use crate::plugins::{Decision, Plugins};
+use crate::plugins::{Decision, EntryKind, Plugins};
 use crate::trace::SpanKind;
 use crate::upstream::CallOpts;
 use call_params::CallParams;
@@ -369,7 +369,7 @@ pub async fn request(
             };
             // With pinning on, the tool's definition is checked in `forward`: reading the
             // list may wake a sleeping server, which a client that asked for progress hears of.
-            let policy = Policy::for_call(
+            let mut policy = Policy::for_call(
                 &plugins,
                 Some(sv.audit),
                 session.caller(),
@@ -377,6 +377,14 @@ pub async fn request(
                 &session.topology().servers[index].name,
                 Some(local),
             );
+            if let Some(p) = &mut policy {
+                let kind = if method == "tools/call" {
+                    EntryKind::Tool
+                } else {
+                    EntryKind::Prompt
+                };
+                p.learn_target(session, index, kind).await;
+            }
             let mut rewritten = None;
             if let Some(p) = &policy {
                 match on_request(sv, p, call.arguments()).await {
@@ -415,7 +423,7 @@ pub async fn request(
                 Ok(i) => i,
                 Err(e) => return invalid_params(&id, &e),
             };
-            let policy = Policy::for_call(
+            let mut policy = Policy::for_call(
                 &plugins,
                 Some(sv.audit),
                 session.caller(),
@@ -423,6 +431,9 @@ pub async fn request(
                 &session.topology().servers[index].name,
                 Some(&uri),
             );
+            if let Some(p) = &mut policy {
+                p.learn_target(session, index, EntryKind::Resource).await;
+            }
             if let Some(p) = &policy
                 && let Decision::Deny(d) =
                     on_request_as_is(sv, p, params_text(params.as_deref())).await
