@@ -26,6 +26,9 @@ pub enum TooLarge {
     Stream(u64),
 }
 
+/// Room a decoder keeps between events; a larger buffer, left by a large event, is given back.
+const SPARE_CAPACITY: usize = 1 << 20;
+
 /// Incremental SSE decoder: feed chunks, take complete events.
 ///
 /// Decoding is linear in the bytes received: each byte is scanned for an event boundary once,
@@ -83,6 +86,10 @@ impl Decoder {
             let block = self.buf.split_to(end).freeze();
             self.buf.advance(sep);
             self.scanned = 0;
+            // A long-lived stream does not keep its largest event's room for good.
+            if self.buf.is_empty() && self.buf.capacity() > SPARE_CAPACITY {
+                self.buf = BytesMut::new();
+            }
             if let Some(ev) = parse_block(&block) {
                 return Ok(Some(ev));
             }
@@ -177,6 +184,16 @@ pub const KEEPALIVE: &[u8] = b": keep-alive\n\n";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_events_room_is_given_back_once_it_is_read() {
+        let mut d = Decoder::new(8 << 20);
+        d.feed(format!("data: {}\n\n", "x".repeat(4 << 20)).as_bytes());
+        assert_eq!(d.next_event().unwrap().unwrap().data.len(), 4 << 20);
+        assert!(d.buf.capacity() <= SPARE_CAPACITY, "{}", d.buf.capacity());
+        d.feed(b"data: small\n\n");
+        assert_eq!(&d.next_event().unwrap().unwrap().data[..], b"small");
+    }
 
     #[test]
     fn decodes_events_split_across_chunks() {

@@ -141,6 +141,10 @@ struct Envelope<'a> {
 /// reaching (and crashing, or stalling) an upstream or a client.
 pub const MAX_DEPTH: usize = 64;
 
+/// Bytes of a frame outside its members (unknown members, whitespace) that the members taken
+/// from it may keep alive, beyond as many as the members themselves hold.
+const MAX_PADDING: usize = 4096;
+
 /// Whether `json` nests arrays/objects deeper than `max`. One pass; string contents are skipped
 /// with `memchr`, so long arguments cost little.
 fn nesting_exceeds(json: &[u8], max: usize) -> bool {
@@ -217,7 +221,22 @@ pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
     if env.jsonrpc.as_deref() != Some("2.0") {
         return Err(ParseError::Invalid("\"jsonrpc\" must be \"2.0\""));
     }
-    let slice = |raw: &RawValue| frame.slice_ref(raw.get().as_bytes());
+    // What is kept of a message (a cached list page, an initialize result, a request id)
+    // must not hold its whole frame: a peer could pad a tiny result with megabytes of members
+    // nobody reads. Where most of the frame is such padding, the members are copied out.
+    let kept: usize = [env.id, env.params, env.result, env.error]
+        .into_iter()
+        .flatten()
+        .map(|raw| raw.get().len())
+        .sum();
+    let padded = frame.len() - kept > MAX_PADDING.max(kept);
+    let slice = |raw: &RawValue| {
+        if padded {
+            Bytes::copy_from_slice(raw.get().as_bytes())
+        } else {
+            frame.slice_ref(raw.get().as_bytes())
+        }
+    };
     let id = env.id.map(slice);
     // Only an error response may carry `"id": null` (its request's id could not be read).
     let null_error = env.error.is_some() && id.as_deref() == Some(b"null");
@@ -391,6 +410,45 @@ mod tests {
 
     fn p(s: &str) -> Result<Message, ParseError> {
         parse(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn what_is_kept_of_a_padded_message_does_not_hold_its_frame() {
+        let within = |part: &Bytes, frame: &Bytes| {
+            let (start, end) = (
+                frame.as_ptr() as usize,
+                frame.as_ptr() as usize + frame.len(),
+            );
+            (start..end).contains(&(part.as_ptr() as usize))
+        };
+        let pad = "x".repeat(1 << 20);
+        let padded = Bytes::from(format!(
+            r#"{{"jsonrpc":"2.0","id":7,"result":{{"tools":[]}},"pad":"{pad}"}}"#
+        ));
+        let m = parse(padded.clone()).unwrap();
+        let Kind::Response {
+            id,
+            outcome: Outcome::Result(result),
+        } = &m.kind
+        else {
+            panic!("a response");
+        };
+        assert_eq!((&id[..], &result[..]), (&b"7"[..], &br#"{"tools":[]}"#[..]));
+        assert!(!within(id, &padded) && !within(result, &padded));
+        // An ordinary message, however large, is not copied: its members are most of it.
+        let large = Bytes::from(format!(
+            r#"{{"jsonrpc":"2.0","id":7,"result":{{"text":"{pad}"}},"extra":"{}"}}"#,
+            "y".repeat(1000)
+        ));
+        let m = parse(large.clone()).unwrap();
+        let Kind::Response {
+            outcome: Outcome::Result(result),
+            ..
+        } = &m.kind
+        else {
+            panic!("a response");
+        };
+        assert!(within(result, &large));
     }
 
     #[test]

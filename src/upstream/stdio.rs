@@ -272,6 +272,10 @@ async fn read_loop(
     let mut line = Vec::new();
     loop {
         line.clear();
+        // One long line does not keep its room for the life of the process.
+        if line.capacity() > 1 << 20 {
+            line = Vec::new();
+        }
         let n = match (&mut reader)
             .take(MAX_LINE + 1)
             .read_until(b'\n', &mut line)
