@@ -225,9 +225,29 @@ async fn define_server_runs_hardened_pod_and_attach_speaks_mcp() {
     assert!(tool_names(&list).contains(&"add".to_string()));
     drop(second);
 
-    // Logs come from pods/log.
+    // Logs come from pods/log, bounded like the local backend's buffer.
+    fake.clear_requests();
     let logs = rt.logs("example", LogOptions::default()).await.unwrap();
     assert!(logs.contains("protocolVersion"), "{logs}");
+    let asked: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/log"))
+        .collect();
+    assert_eq!(
+        asked.len(),
+        1,
+        "{:?}",
+        asked.iter().map(|r| r.line()).collect::<Vec<_>>()
+    );
+    assert!(
+        asked[0].query.contains(&format!(
+            "limitBytes={}",
+            gatehouse::orchestrator::logbuf::LOG_BYTES
+        )),
+        "{}",
+        asked[0].line()
+    );
 
     // Steady state: the reconcile loop is watch-driven, it does not poll.
     fake.clear_requests();
@@ -1044,6 +1064,12 @@ async fn mcpserver_resources_cannot_escalate() {
             json!({"env": [{"name": "STOLEN", "secretFromEnv": var}]}),
             "env[0].secretFromEnv",
         ),
+        // The metadata endpoint as an IPv4-mapped IPv6 range.
+        (
+            "mapped-metadata",
+            json!({"egress": {"allow": [{"cidr": "::ffff:169.254.169.254/128"}]}}),
+            "egress.allow[0].cidr",
+        ),
     ];
     for (name, extra, _) in &attacks {
         let mut spec = json!({"image": "ghcr.io/gatehouse/example:1", "command": GATEHOUSE,
@@ -1408,20 +1434,39 @@ async fn egress_becomes_a_network_policy_kept_with_the_server() {
                      "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]});
 
     // A range reaching private or metadata addresses the operator did not allow is refused,
-    // naming the rule; nothing is written for it.
-    for (name, cidr) in [
-        ("metadata", "169.254.169.254/32"),
-        ("everywhere", "0.0.0.0/0"),
-        ("cluster", "10.0.0.0/8"),
-        ("mapped", "fd00:ec2::254/128"),
+    // naming the rule; nothing is written for it. An IPv4-mapped range is IPv4 on the wire
+    // (the API server reads `::ffff:10.0.0.0/104` as 10.0.0.0/8): refused with the
+    // definition, which must write it as IPv4.
+    for (name, cidr, says) in [
+        ("metadata", "169.254.169.254/32", "private"),
+        ("everywhere", "0.0.0.0/0", "private"),
+        ("cluster", "10.0.0.0/8", "private"),
+        ("metadata-v6", "fd00:ec2::254/128", "private"),
+        (
+            "mapped-all",
+            "::ffff:0.0.0.0/96",
+            "write it as IPv4, 0.0.0.0/0",
+        ),
+        (
+            "mapped-metadata",
+            "::ffff:169.254.169.254/128",
+            "write it as IPv4, 169.254.169.254/32",
+        ),
+        (
+            "mapped-cluster",
+            "::ffff:10.0.0.0/104",
+            "write it as IPv4, 10.0.0.0/8",
+        ),
     ] {
-        let err = rt
-            .apply(with_egress(name, json!({"allow": [{"cidr": cidr}]})))
-            .await
-            .unwrap_err()
-            .to_string();
+        let mut def = example(name, "ghcr.io/gatehouse/example:1", &[]);
+        let egress = json!({"allow": [{"cidr": cidr}]});
+        def.spec.egress = Some(serde_json::from_value(egress).unwrap());
+        let err = match def.resolve() {
+            Ok(server) => rt.apply(server).await.unwrap_err().to_string(),
+            Err(e) => e.to_string(),
+        };
         assert!(
-            err.contains("egress.allow[0].cidr") && err.contains("private"),
+            err.contains("egress.allow[0].cidr") && err.contains(says),
             "{err}"
         );
         assert!(
@@ -1580,13 +1625,15 @@ async fn the_operators_default_egress_applies_to_servers_that_declare_none() {
 
 /// Where the operator says the cluster runs Cilium, host names are enforced by a
 /// CiliumNetworkPolicy (`toFQDNs`, DNS through Cilium's proxy) instead of opening their ports to
-/// every public address; it is kept and removed like the NetworkPolicy.
+/// every public address, and never reach private, cluster or metadata addresses (`egressDeny`);
+/// it is kept and removed like the NetworkPolicy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_cilium_host_names_become_to_fqdns() {
     let fake = FakeKube::start().await;
     let mut opts = options();
     opts.policy.cilium = true;
     opts.policy.egress_private_cidrs = vec!["10.9.0.0/16".into()];
+    opts.policy.egress_except = vec!["203.0.113.10/32".into()];
     let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts);
     let mut def = example("gh", "ghcr.io/gatehouse/example:1", &[]);
     def.spec.egress = Some(
@@ -1610,7 +1657,28 @@ async fn with_cilium_host_names_become_to_fqdns() {
                  "toPorts": [{"ports": [{"port": "53", "protocol": "ANY"}], "rules": {"dns": [{"matchPattern": "*"}]}}]},
                 {"toFQDNs": [{"matchName": "api.github.com"}], "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}]},
                 {"toFQDNs": [{"matchPattern": "*.githubusercontent.com"}]},
-            ]
+            ],
+            // Whoever controls a name chooses its addresses: none of the ranges the
+            // NetworkPolicy's "public" excepts (the operator's too), whatever allows them,
+            // except the range the definition names itself.
+            "egressDeny": [{"toCIDRSet": [
+                {"cidr": "0.0.0.0/8"},
+                {"cidr": "10.0.0.0/8", "except": ["10.9.0.0/16"]},
+                {"cidr": "172.16.0.0/12"},
+                {"cidr": "192.168.0.0/16"},
+                {"cidr": "169.254.0.0/16"},
+                {"cidr": "100.64.0.0/10"},
+                {"cidr": "127.0.0.0/8"},
+                {"cidr": "192.0.0.0/24"},
+                {"cidr": "198.18.0.0/15"},
+                {"cidr": "fc00::/7"},
+                {"cidr": "fe80::/10"},
+                {"cidr": "::1/128"},
+                {"cidr": "64:ff9b::/96"},
+                {"cidr": "64:ff9b:1::/48"},
+                {"cidr": "2002::/16"},
+                {"cidr": "203.0.113.10/32"},
+            ]}]
         })
     );
     // The NetworkPolicy keeps DNS and the named range, and opens nothing for the hosts.
@@ -1624,12 +1692,13 @@ async fn with_cilium_host_names_become_to_fqdns() {
     assert!(!np.to_string().contains("0.0.0.0/0"), "{np}");
     assert!(rt.egress("gh").unwrap().contains("CiliumNetworkPolicy"));
 
-    // Widened behind our back: replaced whole. Hosts dropped from the definition: removed.
+    // Widened behind our back (the deny dropped too): replaced whole. Hosts dropped from
+    // the definition: removed.
     fake.patch(
         Kind::CiliumNetworkPolicy,
         NS,
         "mcp-gh",
-        json!({"spec": {"egress": [{"toEntities": ["world"]}]}}),
+        json!({"spec": {"egress": [{"toEntities": ["world"]}], "egressDeny": null}}),
     );
     eventually("the Cilium policy restored", Duration::from_secs(5), || {
         fake.get(Kind::CiliumNetworkPolicy, NS, "mcp-gh")

@@ -129,8 +129,20 @@ impl EgressSpec {
             let field = format!("egress.allow[{i}]");
             match (&rule.cidr, &rule.host) {
                 (Some(cidr), None) => {
-                    parse_cidr(cidr)
+                    let range = parse_cidr(cidr)
                         .map_err(|why| EgressError::new(format!("{field}.cidr"), why))?;
+                    // The API server and the network plugin read `::ffff:10.0.0.0/104` as
+                    // 10.0.0.0/8, while every check here would see an IPv6 range: one form only.
+                    if range.0.is_ipv6()
+                        && let (IpAddr::V4(v4), len) = unmapped(range)
+                    {
+                        return Err(EgressError::new(
+                            format!("{field}.cidr"),
+                            format!(
+                                "{cidr} is IPv4-mapped (IPv4 addresses on the wire, where private, cluster and metadata ranges are checked): write it as IPv4, {v4}/{len}"
+                            ),
+                        ));
+                    }
                 }
                 (None, Some(host)) => {
                     check_host(host)
@@ -238,8 +250,22 @@ pub fn overlaps(a: (IpAddr, u8), b: (IpAddr, u8)) -> bool {
     contains(a, b) || contains(b, a)
 }
 
-/// The private, cluster and metadata ranges a rule overlaps (see [`PRIVATE_V4`]).
+/// An IPv4-mapped range (`::ffff:10.0.0.0/104`) as the IPv4 range it is on the wire
+/// (`10.0.0.0/8`); any other range as it is.
+pub fn unmapped(range: (IpAddr, u8)) -> (IpAddr, u8) {
+    match range {
+        // A valid range whose network address is mapped has a prefix of 96 or more.
+        (IpAddr::V6(a), len) if len >= 96 => a
+            .to_ipv4_mapped()
+            .map_or(range, |v4| (IpAddr::V4(v4), len - 96)),
+        _ => range,
+    }
+}
+
+/// The private, cluster and metadata ranges a rule overlaps (see [`PRIVATE_V4`]); an
+/// IPv4-mapped range is compared as the IPv4 range it is.
 pub fn private_overlap(range: (IpAddr, u8)) -> Option<&'static str> {
+    let range = unmapped(range);
     PRIVATE_V4
         .iter()
         .chain(PRIVATE_V6.iter())
@@ -335,6 +361,26 @@ mod tests {
                 "egress.allow[0].ports",
                 "not a port",
             ),
+            (
+                rule(Some("::ffff:0.0.0.0/96"), None, &[]),
+                "egress.allow[0].cidr",
+                "write it as IPv4, 0.0.0.0/0",
+            ),
+            (
+                rule(Some("::ffff:169.254.169.254/128"), None, &[]),
+                "egress.allow[0].cidr",
+                "write it as IPv4, 169.254.169.254/32",
+            ),
+            (
+                rule(Some("::ffff:10.0.0.0/104"), None, &[]),
+                "egress.allow[0].cidr",
+                "write it as IPv4, 10.0.0.0/8",
+            ),
+            (
+                rule(Some("::ffff:203.0.113.0/120"), None, &[]),
+                "egress.allow[0].cidr",
+                "write it as IPv4, 203.0.113.0/24",
+            ),
         ] {
             let e = spec.validate().unwrap_err();
             assert_eq!(e.field, field, "{e}");
@@ -364,6 +410,19 @@ mod tests {
         assert_eq!(private_overlap(c("fd00:ec2::254/128")), Some("fc00::/7"));
         assert_eq!(private_overlap(c("203.0.113.0/24")), None);
         assert_eq!(private_overlap(c("2001:db8::/32")), None);
+        // IPv4-mapped ranges are IPv4 on the wire: the IPv4 list applies.
+        assert_eq!(private_overlap(c("::ffff:0.0.0.0/96")), Some("0.0.0.0/8"));
+        assert_eq!(
+            private_overlap(c("::ffff:169.254.169.254/128")),
+            Some("169.254.0.0/16")
+        );
+        assert_eq!(
+            private_overlap(c("::ffff:10.0.0.0/104")),
+            Some("10.0.0.0/8")
+        );
+        assert_eq!(private_overlap(c("::ffff:203.0.113.0/120")), None);
+        // Only a range inside ::ffff:0:0/96 is IPv4: one around it is an IPv6 range.
+        assert_eq!(unmapped(c("::fffe:0:0/95")), c("::fffe:0:0/95"));
         // Every excepted range lies inside the block it is excepted from (the API server
         // refuses an ipBlock whose except is not a strict subset of its cidr).
         for p in PRIVATE_V4 {

@@ -69,7 +69,7 @@ impl Default for LocalSettings {
     fn default() -> Self {
         LocalSettings {
             backoff: Backoff::default(),
-            log_bytes: 256 * 1024,
+            log_bytes: super::logbuf::LOG_BYTES,
             max_consecutive_failures: None,
             crashloop_after: 3,
             stop_grace: Duration::from_secs(2),

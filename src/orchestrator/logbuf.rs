@@ -6,6 +6,10 @@
 
 use std::collections::VecDeque;
 
+/// Bytes of a run's output a backend hands out at most: what the local backend keeps by
+/// default, and what the kubernetes backend asks of the API server.
+pub const LOG_BYTES: usize = 256 * 1024;
+
 /// Recent output lines of one run, bounded in bytes.
 #[derive(Debug, Clone)]
 pub struct LogBuffer {

@@ -542,6 +542,14 @@ pub fn logs(
         let skip = lines.len().saturating_sub(n);
         out = lines[skip..].iter().map(|l| format!("{l}\n")).collect();
     }
+    // Like the kubelet: the first `limitBytes` of what it would send (after `tailLines`).
+    if let Some(n) = q.get("limitBytes").and_then(|v| v.parse::<usize>().ok()) {
+        let mut end = n.min(out.len());
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+    }
     text(200, out)
 }
 

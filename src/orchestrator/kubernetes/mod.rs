@@ -69,6 +69,10 @@ use super::{
     ServerStatus, StdioEndpoint,
 };
 
+/// Lines of a pod's log asked for when the caller names no tail (the newest, within
+/// [`crate::orchestrator::logbuf::LOG_BYTES`]).
+const DEFAULT_LOG_LINES: i64 = 5000;
+
 /// Environment variable: path of a kubeconfig file.
 pub const ENV_KUBECONFIG: &str = "GATEHOUSE_ORCHESTRATOR_KUBECONFIG";
 /// Environment variable: `true` to use the pod's service account (in-cluster config).
@@ -2683,7 +2687,15 @@ impl Runtime for KubeRuntime {
             let params = LogParams {
                 container: Some(objects::CONTAINER.into()),
                 previous: opts.previous,
-                tail_lines: opts.tail_lines.and_then(|n| i64::try_from(n).ok()),
+                // The kubelet keeps megabytes per container, all read into memory here: bound
+                // it as the local backend does. The API server counts the bytes from the first
+                // line it sends, so a tail is always asked for: the bound keeps the newest.
+                tail_lines: Some(
+                    opts.tail_lines
+                        .and_then(|n| i64::try_from(n).ok())
+                        .unwrap_or(DEFAULT_LOG_LINES),
+                ),
+                limit_bytes: i64::try_from(crate::orchestrator::logbuf::LOG_BYTES).ok(),
                 ..LogParams::default()
             };
             match api.logs(&pod, &params).await {

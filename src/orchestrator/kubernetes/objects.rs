@@ -361,6 +361,7 @@ pub fn render(
                 selector_labels(&server.name),
                 egress,
                 meta(server, namespace, child_owner),
+                &policy.egress_except,
             )
         });
     Ok(Rendered {

@@ -376,6 +376,32 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv4_mapped_range_is_checked_as_the_ipv4_range_it_is() {
+        let mut p = PodPolicy::default();
+        // The definition's own check refuses such a range; admission does not rely on it.
+        let mut s = server("name: a\nimage: x");
+        for cidr in [
+            "::ffff:0.0.0.0/96",
+            "::ffff:169.254.169.254/128",
+            "::ffff:10.0.0.0/104",
+        ] {
+            s.spec.egress = Some(EgressSpec {
+                preset: EgressPreset::None,
+                allow: vec![crate::orchestrator::egress::EgressRule {
+                    cidr: Some(cidr.into()),
+                    ..Default::default()
+                }],
+            });
+            let e = p.admit(&s).unwrap_err();
+            assert_eq!(e.field, "egress.allow[0].cidr", "{cidr}: {e}");
+            assert!(e.message.contains("private"), "{cidr}: {e}");
+        }
+        // An operator's IPv4 range does not open its mapped form either.
+        p.egress_private_cidrs = vec!["10.0.0.0/8".into()];
+        assert!(p.admit(&s).is_err());
+    }
+
+    #[test]
     fn accounts_are_the_operators_choice() {
         let mut p = PodPolicy::default();
         let field = |p: &PodPolicy, yaml: &str| p.admit(&server(yaml)).unwrap_err().field;
