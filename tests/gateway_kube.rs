@@ -779,6 +779,127 @@ async fn an_installed_entry_runs_as_a_pod_its_secret_never_in_the_resource_and_u
     fake.assert_within_deployed_role();
 }
 
+/// An upgrade carries stored values only into what they were given for: whoever may edit an
+/// installed server's `McpServer` (kubectl) but not read Secrets gets nothing by having an
+/// admin upgrade it afterwards, neither with an edit of what runs (a variable that loads
+/// their code) nor by repointing which entry it came from; an unedited install upgrades.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_does_not_carry_stored_values_into_an_edit_of_the_resource() {
+    const SECRET: &str = "tok-edited-91c4";
+    let fake = FakeKube::start().await;
+    fake.configure(|s| {
+        for v in ["1.0.0", "1.1.0"] {
+            s.images.insert(
+                format!("ghcr.io/gatehouse-test/example:{v}"),
+                vec![
+                    BIN.into(),
+                    "example-server".into(),
+                    "--name".into(),
+                    format!("v{v}"),
+                ],
+            );
+        }
+    });
+    let (gw, _rt) = replica(&fake, "replica-a").await;
+    // Another approved entry that declares a variable of the same name.
+    let mut other = oci_entry("1.0.0");
+    other["name"] = json!("io.github.gatehouse-test/other");
+    other["packages"][0]["identifier"] = json!("ghcr.io/gatehouse-test/other");
+    let entries = json!([oci_entry("1.0.0"), oci_entry("1.1.0"), other]);
+    let r = admin(&gw, "POST", "/admin/v1/registry/servers", Some(entries)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    for name in ["edited", "kept"] {
+        let install = json!({"entry": "io.github.gatehouse-test/example", "version": "1.0.0",
+            "name": name, "values": {"API_TOKEN": SECRET}});
+        let r = admin(&gw, "POST", "/admin/v1/registry/install", Some(install)).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let upgrade = |name: &'static str| {
+        let gw = &gw;
+        async move {
+            admin(
+                gw,
+                "POST",
+                "/admin/v1/registry/upgrade",
+                Some(json!({"name": name})),
+            )
+            .await
+        }
+    };
+
+    // Edited behind the gateway: a variable the server acts on (not one the gateway reserves,
+    // which an upgrade refuses whoever set it) and a pod label another NetworkPolicy may let
+    // out.
+    let mut env = fake.get(Kind::McpServer, NS, "edited").unwrap()["spec"]["env"].clone();
+    env.as_array_mut()
+        .unwrap()
+        .push(json!({"name": "DUMP_ENV_TO", "value": "https://collector.example"}));
+    fake.patch(
+        Kind::McpServer,
+        NS,
+        "edited",
+        json!({"spec": {"env": env, "labels": {"egress": "open"}}}),
+    );
+    eventually("the edit refused", || {
+        fake.get(Kind::McpServer, NS, "edited")
+            .is_some_and(|r| r["status"].to_string().contains("give them again"))
+    })
+    .await;
+    // An upgrade is refused, and nothing is written: the values stay given for 1.0.0 as
+    // installed, and no pod runs the edit with them.
+    let r = upgrade("edited").await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body.contains("changed since its values were given"),
+        "{}",
+        r.body
+    );
+    assert!(!r.body.contains(SECRET), "{}", r.body);
+    let cr = fake.get(Kind::McpServer, NS, "edited").unwrap();
+    assert_eq!(cr["spec"]["registry"]["version"], "1.0.0", "{cr}");
+    assert_eq!(cr["spec"]["image"], "ghcr.io/gatehouse-test/example:1.0.0");
+    let given_for = |name: &str| {
+        fake.get(Kind::Secret, NS, &format!("mcp-{name}.values"))
+            .unwrap()["metadata"]["annotations"]["gatehouse.dev/values-for"]
+            .clone()
+    };
+    let before = given_for("edited");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(given_for("edited"), before, "not marked for the edit");
+    let dep = fake.get(Kind::Deployment, NS, "mcp-edited");
+    assert!(
+        dep.as_ref()
+            .is_none_or(|d| !d.to_string().contains("DUMP_ENV_TO")),
+        "{dep:?}"
+    );
+
+    // Unedited, it upgrades with its stored value.
+    let r = upgrade("kept").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let cr = fake.get(Kind::McpServer, NS, "kept").unwrap();
+    assert_eq!(cr["spec"]["image"], "ghcr.io/gatehouse-test/example:1.1.0");
+    assert_eq!(
+        cr["spec"]["env"][0],
+        json!({"name": "API_TOKEN", "storedSecret": true})
+    );
+
+    // Repointed at another entry declaring the same variable: what runs is unchanged (the
+    // values' mark holds), but the upgrade would run the other entry's package with them.
+    fake.patch(
+        Kind::McpServer,
+        NS,
+        "kept",
+        json!({"spec": {"registry": {"entry": "io.github.gatehouse-test/other", "version": "1.0.0"}}}),
+    );
+    let r = upgrade("kept").await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("registry"), "{}", r.body);
+    let cr = fake.get(Kind::McpServer, NS, "kept").unwrap();
+    assert_eq!(cr["spec"]["image"], "ghcr.io/gatehouse-test/example:1.1.0");
+    gw.stop().await;
+    fake.assert_within_deployed_role();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_secrets_belong_to_their_server_only() {
     let fake = FakeKube::start().await;

@@ -657,6 +657,31 @@ async fn installing_an_entry_defines_a_server_and_bad_installs_change_nothing() 
     let back = upgrade(json!({"name": "up", "version": "9.9.9"})).await;
     assert_eq!(back.status, 404, "{}", back.body);
     assert_eq!(running.gateway.definition("up").unwrap(), spec, "unchanged");
+
+    // A variable of the operator's own that steers the runner or the loader is not carried
+    // into a new version, as no entry may set it: said, nothing changed.
+    let mut own = serde_json::to_value(&spec).unwrap();
+    own["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "NODE_OPTIONS", "value": "--require /tmp/x.js"}));
+    let r = admin_request(addr, Some(ADMIN), "PUT", "/admin/v1/servers/up", Some(own)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let edited = running.gateway.definition("up").unwrap();
+    assert_eq!(import(version("1.2.0")).await.status, 201);
+    let refused = upgrade(json!({"name": "up"})).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(
+        refused.body.contains("env.NODE_OPTIONS"),
+        "{}",
+        refused.body
+    );
+    assert!(!refused.body.contains("s3cret-value"), "{}", refused.body);
+    assert_eq!(
+        running.gateway.definition("up").unwrap(),
+        edited,
+        "unchanged"
+    );
     running.shutdown().await;
 }
 
@@ -777,6 +802,156 @@ plugins:
     assert!(runtime.list().await.is_empty(), "nothing installed");
     let allowed = install(ADMIN).await;
     assert_eq!(allowed.status, 201, "{}", allowed.body);
+    running.shutdown().await;
+}
+
+/// An admin the registry's filters hide a version from can no more change it than read it:
+/// labelling it approved for itself, deprecating, deleting or replacing it answers as for an
+/// absent version (a 404, the document not in it) and changes nothing; an admin who sees it
+/// can, and what it approves is then the other's to change too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_cannot_change_or_read_back_a_version_hidden_from_it() {
+    const INTERN: &str = "intern-token-0123456789";
+    let config = gatehouse::Config::from_yaml(&format!(
+        "listen: 127.0.0.1:0
+admin: {{tokens: [{{principal: ops, token: {ADMIN}}}, {{principal: intern, token: {INTERN}}}]}}
+plugins:
+  modules:
+    - name: lists
+      path: {:?}
+      config: {{rules: [{{principals: [intern], kinds: [server], allow_labels: [\"approved=yes\"]}}]}}
+  chains:
+    - {{name: registry, methods: [registry/list], plugins: [lists]}}
+",
+        support::wasm("list_filter")
+    ))
+    .unwrap();
+    let (running, runtime) = with_local_runtime(config).await;
+    let addr = running.listening.local_addr;
+    let doc = json!({"name": "io.example/unvetted", "description": "not approved yet",
+        "version": "1.0.0",
+        "packages": [{"registryType": "pypi", "identifier": "unvetted-server", "version": "1.0.0",
+            "transport": {"type": "stdio"}}]});
+    let r = admin_request(
+        addr,
+        Some(ADMIN),
+        "POST",
+        "/admin/v1/registry/servers",
+        Some(json!([doc])),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let at = |name: &str, suffix: &str| {
+        format!("/admin/v1/registry/servers/{name}/versions/1.0.0{suffix}")
+    };
+    let changes = |name: &str| {
+        let mut replaced = doc.clone();
+        replaced["name"] = json!(name.replace("%2F", "/"));
+        [
+            (
+                "PUT",
+                at(name, "/labels"),
+                json!({"labels": {"approved": "yes"}}),
+            ),
+            (
+                "PUT",
+                at(name, "/labels"),
+                json!({"labels": {"bad key": "x"}}),
+            ),
+            (
+                "PATCH",
+                at(name, "/status"),
+                json!({"status": "deprecated"}),
+            ),
+            ("PATCH", at(name, "/status"), json!({"status": "deleted"})),
+            ("PUT", at(name, ""), replaced),
+            ("DELETE", at(name, ""), Value::Null),
+        ]
+    };
+    let send = |token: &'static str, method: &'static str, path: String, body: Value| async move {
+        let body = (!body.is_null()).then_some(body);
+        admin_request(addr, Some(token), method, &path, body).await
+    };
+    // Each answers as it does for a version that is not there, whatever its body.
+    for ((method, hidden, body), (_, absent, same)) in changes("io.example%2Funvetted")
+        .into_iter()
+        .zip(changes("io.example%2Fabsent"))
+    {
+        let r = send(INTERN, method, hidden.clone(), body).await;
+        let a = send(INTERN, method, absent, same).await;
+        assert_eq!(
+            (r.status, &r.body),
+            (a.status, &a.body),
+            "{method} {hidden}"
+        );
+        assert!(
+            matches!(r.status, 404 | 400),
+            "{method} {hidden}: {}",
+            r.body
+        );
+        assert!(!r.body.contains("unvetted-server"), "{}", r.body);
+        assert!(!r.body.contains("not approved yet"), "{}", r.body);
+    }
+    // Nothing changed: still unlabelled, active, and not the intern's to install.
+    let read = || async move {
+        let r = admin_request(
+            addr,
+            Some(ADMIN),
+            "GET",
+            "/admin/v1/registry/servers?search=unvetted",
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["servers"][0].clone()
+    };
+    let seen = read().await;
+    assert!(
+        seen["_meta"].get("dev.gatehouse/registry").is_none(),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["_meta"]["io.modelcontextprotocol.registry/official"]["status"], "active",
+        "{seen}"
+    );
+    let install = |token: &'static str| async move {
+        admin_request(
+            addr,
+            Some(token),
+            "POST",
+            "/admin/v1/registry/install",
+            Some(json!({"entry": "io.example/unvetted"})),
+        )
+        .await
+    };
+    let denied = install(INTERN).await;
+    assert_eq!(denied.status, 403, "{}", denied.body);
+    assert!(runtime.list().await.is_empty(), "nothing installed");
+
+    // The admin who sees it labels it (and reads it back); then the intern sees it too.
+    let r = send(
+        ADMIN,
+        "PUT",
+        at("io.example%2Funvetted", "/labels"),
+        json!({"labels": {"approved": "yes"}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["server"]["description"], "not approved yet");
+    let r = send(
+        INTERN,
+        "PATCH",
+        at("io.example%2Funvetted", "/status"),
+        json!({"status": "deprecated", "statusMessage": "use another"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["server"]["name"],
+        "io.example/unvetted",
+        "{}",
+        r.body
+    );
     running.shutdown().await;
 }
 

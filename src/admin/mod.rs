@@ -76,6 +76,10 @@ enum AdminError {
     Installed(String),
     #[error("{0}")]
     Hidden(String),
+    #[error(
+        "{0:?} was changed since its values were given: its McpServer no longer runs what its stored values were given for, so no upgrade carries them; give them again (PUT the server with secretValue, or uninstall and install it again)"
+    )]
+    ValuesGivenForAnother(String),
     #[error("the registry's filter failed, so nothing is shown")]
     Filter,
     #[error(transparent)]
@@ -108,8 +112,11 @@ impl AdminError {
             AdminError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AdminError::Body(FrontError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             AdminError::Body(FrontError::BodyTimeout) => StatusCode::REQUEST_TIMEOUT,
+            AdminError::Body(FrontError::BodiesBusy) => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::Body(_) | AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
-            AdminError::Configured(_) | AdminError::Installed(_) => StatusCode::CONFLICT,
+            AdminError::Configured(_)
+            | AdminError::Installed(_)
+            | AdminError::ValuesGivenForAnother(_) => StatusCode::CONFLICT,
             AdminError::Hidden(_) => StatusCode::FORBIDDEN,
             AdminError::Filter => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::Orchestrator(e) => match e {
@@ -426,6 +433,11 @@ async fn registry(
         return Err(AdminError::NoRoute(path.clone()));
     };
     let (name, version) = (decode(name)?, decode(version)?);
+    // A version the registry's filters hide from `who` is absent to its changes too, as to
+    // its reads: it may not label one approved for itself, nor read one back through the
+    // answer. Each change finds the version after reading its input, as for an absent one, so
+    // that no answer tells a hidden version from an absent one.
+    let visible = visible_to_admin(gw, &catalog, who).await?;
     if labels_path {
         allow(&method, &[Method::PUT], "PUT")?;
         #[derive(serde::Deserialize)]
@@ -437,8 +449,10 @@ async fn registry(
         let l: Labels =
             serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
         tracing::info!(entry = %name, %version, labels = ?l.labels, by = who, "labelling a registry entry");
-        catalog.set_labels(&name, &version, l.labels).await?;
-        let (server, meta) = catalog.version(&name, &version, true)?;
+        catalog
+            .set_labels(&name, &version, l.labels, &visible)
+            .await?;
+        let (server, meta) = catalog.version_seen(&name, &version, true, &visible)?;
         return Ok(json(
             StatusCode::OK,
             &serde_json::json!({"server": server, "_meta": meta}),
@@ -457,7 +471,7 @@ async fn registry(
             let c: Change =
                 serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
             catalog
-                .set_status(&name, &version, c.status, c.status_message)
+                .set_status(&name, &version, c.status, c.status_message, &visible)
                 .await?;
         }
         (true, _) => {
@@ -470,11 +484,11 @@ async fn registry(
             let body = json_body(gw, req).await?;
             let doc: serde_json::Value =
                 serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(e.to_string()))?;
-            catalog.replace(&name, &version, doc).await?;
+            catalog.replace(&name, &version, doc, &visible).await?;
         }
         (false, &Method::DELETE) => {
             catalog
-                .set_status(&name, &version, Status::Deleted, None)
+                .set_status(&name, &version, Status::Deleted, None, &visible)
                 .await?;
         }
         (false, _) => {
@@ -484,7 +498,7 @@ async fn registry(
             });
         }
     }
-    let (server, meta) = catalog.version(&name, &version, true)?;
+    let (server, meta) = catalog.version_seen(&name, &version, true, &visible)?;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"server": server, "_meta": meta}),
@@ -769,7 +783,12 @@ async fn upgrade(
     // The backend's (an McpServer resource: the same for every replica, and it outlives
     // the gateway that made it), else this gateway's own record.
     let current = match runtime.definition(&ask.name).await {
-        Some(d) => d,
+        Some(d) => {
+            // Anyone who may edit the resource may have: only what its values were given for
+            // is upgraded with them.
+            values_given_for(runtime, &ask.name, &d).await?;
+            d
+        }
         None => gw.definition(&ask.name).ok_or_else(|| {
             AdminError::Invalid(format!(
                 "the definition of {:?} was not made through the admin API: install it again",
@@ -797,6 +816,42 @@ async fn upgrade(
     .map_err(|e| AdminError::Invalid(format!("the new version cannot run as installed: {e}")))?;
     tracing::info!(server = %ask.name, entry = %source.entry, from = %source.version, to = %server["version"], by = who, "upgrading an installed server");
     put(gw, runtime, &ask.name, spec, who, false).await
+}
+
+/// Refuses an upgrade of server `name` from `current` (its `McpServer` as read now) when its
+/// values Secret was given for another workload than `current` runs: someone who may edit
+/// McpServers but not read Secrets (a variable like NODE_OPTIONS, egress, a service account,
+/// another entry) would otherwise have the upgrade carry the stored values into their edit
+/// and mark them as given for it, which the backend then runs.
+async fn values_given_for(
+    runtime: &dyn Runtime,
+    name: &str,
+    current: &McpServerSpec,
+) -> Result<(), AdminError> {
+    use crate::orchestrator::kubernetes::VALUES_FOR_ANNOTATION;
+    use k8s_openapi::api::core::v1::Secret;
+    // Nothing stored, nothing carried (plain values are in the resource for all to read).
+    if current.stored_secret_names().is_empty() {
+        return Ok(());
+    }
+    let Some((client, namespace)) = runtime.cluster() else {
+        return Ok(());
+    };
+    let secret_name = crate::orchestrator::spec::values_secret_name(name);
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(client, &namespace);
+    let secret = secrets
+        .get_opt(&secret_name)
+        .await
+        .map_err(|e| OrchestratorError::kube(format!("read the stored secrets of {name}"), e))?;
+    // No mark (nor Secret) vouches for nothing: the values are given again.
+    let given_for = secret
+        .as_ref()
+        .and_then(|s| s.metadata.annotations.as_ref())
+        .and_then(|a| a.get(VALUES_FOR_ANNOTATION));
+    if given_for.map(String::as_str) != Some(current.workload_digest().as_str()) {
+        return Err(AdminError::ValuesGivenForAnother(name.to_owned()));
+    }
+    Ok(())
 }
 
 async fn spec_of(

@@ -872,12 +872,14 @@ impl Catalog {
         Ok((published, skipped))
     }
 
-    /// Replaces the document of an existing version (same name and version).
+    /// Replaces the document of an existing version (same name and version) that `visible`
+    /// shows.
     pub async fn replace(
         &self,
         name: &str,
         version: &str,
         mut server: Value,
+        visible: &Visible,
     ) -> Result<(), CatalogError> {
         validate(&server)?;
         take_our_meta(&mut server);
@@ -892,7 +894,7 @@ impl Catalog {
             .into());
         }
         self.change(|state| {
-            let v = find(state, name, version)?;
+            let v = find(state, name, version, visible)?;
             // Another document is not what the operator labelled (approved).
             if v.server != server {
                 v.labels.clear();
@@ -904,13 +906,14 @@ impl Catalog {
         .await
     }
 
-    /// Sets a version's status (deprecate, delete, or make active again).
+    /// Sets the status of a version `visible` shows (deprecate, delete, or make active again).
     pub async fn set_status(
         &self,
         name: &str,
         version: &str,
         status: Status,
         message: Option<String>,
+        visible: &Visible,
     ) -> Result<(), CatalogError> {
         if let Some(m) = &message
             && m.chars().count() > 500
@@ -918,7 +921,7 @@ impl Catalog {
             return Err(refuse("$.statusMessage", "at most 500 characters").into());
         }
         self.change(|state| {
-            let v = find(state, name, version)?;
+            let v = find(state, name, version, visible)?;
             let at = now();
             if v.status != status {
                 v.status_changed_at = at.clone();
@@ -931,17 +934,18 @@ impl Catalog {
         .await
     }
 
-    /// Sets a version's labels (the operator's: what the registry's filters see), replacing
-    /// the ones it had.
+    /// Sets the labels of a version `visible` shows (the operator's: what the registry's
+    /// filters see), replacing the ones it had.
     pub async fn set_labels(
         &self,
         name: &str,
         version: &str,
         labels: BTreeMap<String, String>,
+        visible: &Visible,
     ) -> Result<(), CatalogError> {
         check_labels(&labels)?;
         self.change(|state| {
-            let v = find(state, name, version)?;
+            let v = find(state, name, version, visible)?;
             v.labels = labels.clone();
             v.updated_at = now();
             Ok(())
@@ -1118,14 +1122,18 @@ fn save(file: &std::path::Path, state: &State) -> Result<(), CatalogError> {
     })
 }
 
+/// Version `version` of `name`, when `visible` shows it: what a caller does not see is
+/// absent to its changes too (or it could read it back, or approve it for itself).
 fn find<'a>(
     state: &'a mut State,
     name: &str,
     version: &str,
+    visible: &Visible,
 ) -> Result<&'a mut Version, CatalogError> {
     state
         .get_mut(name)
         .and_then(|vs| vs.iter_mut().find(|v| v.version() == version))
+        .filter(|v| visible.shows(name, v.version()))
         .ok_or(CatalogError::NotFound)
 }
 
@@ -1604,6 +1612,7 @@ mod tests {
             "2.0.0-rc.1",
             Status::Deleted,
             Some("withdrawn".into()),
+            &Visible::All,
         )
         .await
         .unwrap();
@@ -1614,9 +1623,15 @@ mod tests {
         let (_, meta) = c.version("io.github.a/b", "latest", true).unwrap();
         assert_eq!(meta[OFFICIAL_META]["status"], "deleted");
         assert_eq!(meta[OFFICIAL_META]["statusMessage"], "withdrawn");
-        c.set_status("io.github.a/b", "1.0.0", Status::Deprecated, None)
-            .await
-            .unwrap();
+        c.set_status(
+            "io.github.a/b",
+            "1.0.0",
+            Status::Deprecated,
+            None,
+            &Visible::All,
+        )
+        .await
+        .unwrap();
 
         // Pages of two, by name then version, deleted ones hidden.
         let mut q = Query {
@@ -1669,10 +1684,15 @@ mod tests {
         assert!(later.items.is_empty());
         // Replace keeps name and version.
         assert_eq!(
-            c.replace("io.github.a/a", "0.1.0", doc("io.github.a/a", "0.2.0"))
-                .await
-                .unwrap_err()
-                .to_string(),
+            c.replace(
+                "io.github.a/a",
+                "0.1.0",
+                doc("io.github.a/a", "0.2.0"),
+                &Visible::All
+            )
+            .await
+            .unwrap_err()
+            .to_string(),
             "$.version: must be \"0.1.0\", the version in the path"
         );
     }
@@ -1708,12 +1728,12 @@ mod tests {
         let mut labels = BTreeMap::new();
         labels.insert("approved".to_owned(), "yes".to_owned());
         migrated
-            .set_labels("io.github.a/b", "1.0.0", labels)
+            .set_labels("io.github.a/b", "1.0.0", labels, &Visible::All)
             .await
             .unwrap();
         let same = doc("io.github.a/b", "1.0.0");
         migrated
-            .replace("io.github.a/b", "1.0.0", same.clone())
+            .replace("io.github.a/b", "1.0.0", same.clone(), &Visible::All)
             .await
             .unwrap();
         let (_, meta) = migrated.version("io.github.a/b", "1.0.0", false).unwrap();
@@ -1721,7 +1741,7 @@ mod tests {
         let mut changed = same;
         changed["description"] = serde_json::json!("something else now");
         migrated
-            .replace("io.github.a/b", "1.0.0", changed)
+            .replace("io.github.a/b", "1.0.0", changed, &Visible::All)
             .await
             .unwrap();
         let (_, meta) = migrated.version("io.github.a/b", "1.0.0", false).unwrap();
@@ -1900,9 +1920,15 @@ mod tests {
         let mut labelled = stored("io.github.a/a", "1.0.0", 0);
         labelled.labels.insert("team".into(), "b".into());
         shared.put(labelled);
-        c.set_status("io.github.a/a", "1.0.0", Status::Deprecated, None)
-            .await
-            .unwrap();
+        c.set_status(
+            "io.github.a/a",
+            "1.0.0",
+            Status::Deprecated,
+            None,
+            &Visible::All,
+        )
+        .await
+        .unwrap();
         let a = shared.objects.lock().unwrap().1[&("io.github.a/a".to_owned(), "1.0.0".to_owned())]
             .clone();
         assert_eq!(a.status, Status::Deprecated);

@@ -603,6 +603,22 @@ pub fn upgrade(
         }
         None => (source.package, Vec::new()),
     };
+    // `registry` says which entry and package runs, and an edit of the resource may have
+    // repointed it (to another entry declaring the same secret's name) without changing what
+    // runs, which is all the stored values' mark covers: what is upgraded, with the values,
+    // is the package that runs.
+    let upgraded = &new["packages"][package];
+    if !runs_package(current, upgraded) {
+        return Err(refuse(
+            "registry",
+            format!(
+                "the server does not run {}'s {} package {} (its definition was changed since it was installed): install it again",
+                source.entry,
+                upgraded["registryType"].as_str().unwrap_or("missing"),
+                upgraded["identifier"].as_str().unwrap_or_default()
+            ),
+        ));
+    }
     let new_vars = variables(new, package);
     // A stored secret's value is not here (the backend keeps it): it is passed through as a
     // mark, and stays stored.
@@ -686,6 +702,14 @@ pub fn upgrade(
     for c in current.env.iter().filter(|c| !from_runner(&c.name)) {
         let declared = |vars: &[Value]| vars.iter().any(|v| v["name"] == c.name.as_str());
         if !declared(&old_vars) && !declared(&new_vars) && !env.iter().any(|e| e.name == c.name) {
+            // Kept, it runs with the new version: no more the operator's to steer the runner
+            // or the loader with than an entry's (an edit of the resource may have added it).
+            if reserved(&c.name) {
+                return Err(refuse(
+                    format!("env.{}", c.name),
+                    "changes how the package runs, which the gateway decides: remove it from the server's definition, then upgrade",
+                ));
+            }
             env.push(c.clone());
         }
     }
@@ -955,15 +979,47 @@ fn env_name(name: &str) -> Result<(), String> {
             "{name:?} is not a variable name (letters, digits and _)"
         ));
     }
-    let upper = name.to_ascii_uppercase();
-    if RESERVED_ENV.contains(&upper.as_str())
-        || RESERVED_ENV_PREFIXES.iter().any(|p| upper.starts_with(p))
-    {
+    if reserved(name) {
         return Err(format!(
             "{name} changes how the package runs, which the gateway decides; an entry may not set it"
         ));
     }
     Ok(())
+}
+
+/// Whether the gateway reserves variable `name` (any case): see [`RESERVED_ENV`].
+fn reserved(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    RESERVED_ENV.contains(&upper.as_str())
+        || RESERVED_ENV_PREFIXES.iter().any(|p| upper.starts_with(p))
+}
+
+/// Whether `spec` runs package `pkg` (any version of it): as npx's or uvx's package, or as
+/// its image.
+fn runs_package(spec: &McpServerSpec, pkg: &Value) -> bool {
+    let Some(id) = pkg["identifier"].as_str() else {
+        return false;
+    };
+    // The identifier, then nothing or a version after its separator (not a longer name).
+    let names = |r: &str, sep: &str| {
+        r.strip_prefix(id)
+            .is_some_and(|v| v.is_empty() || v.starts_with(sep))
+    };
+    match pkg["registryType"].as_str() {
+        Some("npm") => {
+            spec.command.as_deref() == Some("npx")
+                && spec.args.get(1).is_some_and(|a| names(a, "@"))
+        }
+        Some("pypi") => {
+            spec.command.as_deref() == Some("uvx")
+                && spec.args.first().is_some_and(|a| names(a, "=="))
+        }
+        Some("oci") => spec
+            .image
+            .as_deref()
+            .is_some_and(|i| names(i, ":") || names(i, "@")),
+        _ => false,
+    }
 }
 
 /// Refuses a template that would put a secret variable's value in the open.
