@@ -123,6 +123,9 @@ pub struct Gateway {
     pub pins: Option<Arc<Pins>>,
     /// Records request spans (when traces are on).
     pub tracer: Option<Arc<crate::trace::Tracer>>,
+    /// Bytes of request bodies that may be read at once (`mcp.max_bodies_bytes`), one permit
+    /// a byte.
+    pub bodies: tokio::sync::Semaphore,
     epoch: Instant,
 }
 
@@ -137,6 +140,7 @@ impl Gateway {
         outbound_tls: Arc<rustls::ClientConfig>,
     ) -> Result<Arc<Gateway>, PluginError> {
         let plugins = Plugins::load(&config.plugins)?;
+        let max_bodies_bytes = config.mcp.max_bodies_bytes;
         let round_trip_wait = ROUND_TRIP_WAIT.min(config.mcp.session_idle_timeout);
         let keys = config.mcp.session_keys.clone();
         // Servers may be defined later (admin API, McpServer resources): a profile naming one
@@ -216,6 +220,7 @@ impl Gateway {
             deleted: std::sync::Mutex::new(Default::default()),
             restoring: std::sync::Mutex::new(()),
             metrics,
+            bodies: tokio::sync::Semaphore::new(max_bodies_bytes),
             epoch: Instant::now(),
         };
         gw.topology

@@ -480,6 +480,9 @@ pub struct RawMcp {
     /// Largest accepted request body in bytes.
     #[serde(default)]
     pub max_body_bytes: Option<usize>,
+    /// Most bytes of request bodies read at once, all callers together.
+    #[serde(default)]
+    pub max_bodies_bytes: Option<usize>,
     /// Time allowed to receive request headers.
     #[serde(default, with = "humantime_serde")]
     pub header_timeout: Option<Duration>,
@@ -801,6 +804,9 @@ pub struct McpSettings {
     pub allowed_hosts: Vec<String>,
     /// Body size limit.
     pub max_body_bytes: usize,
+    /// Bytes of request bodies being read at once, all callers together (a caller's many
+    /// slow bodies over HTTP/2 streams would otherwise each hold up to `max_body_bytes`).
+    pub max_bodies_bytes: usize,
     /// Header read deadline.
     pub header_timeout: Duration,
     /// Body read deadline.
@@ -1056,6 +1062,13 @@ impl RawConfig {
         if max_body_bytes < 1024 {
             return Err(field_err("mcp.max_body_bytes", "must be at least 1024"));
         }
+        let max_bodies_bytes = m.max_bodies_bytes.unwrap_or(256 * 1024 * 1024);
+        if max_bodies_bytes < max_body_bytes || max_bodies_bytes > u32::MAX as usize {
+            return Err(field_err(
+                "mcp.max_bodies_bytes",
+                format!("must be between mcp.max_body_bytes ({max_body_bytes}) and 4 GiB"),
+            ));
+        }
         for (i, o) in m.allowed_origins.iter().enumerate() {
             if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
                 return Err(field_err(
@@ -1096,6 +1109,7 @@ impl RawConfig {
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
             max_body_bytes,
+            max_bodies_bytes,
             header_timeout: positive(
                 "mcp.header_timeout",
                 m.header_timeout,

@@ -11,7 +11,7 @@ use http::header::{
     ACCEPT, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, ORIGIN, WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
 use crate::auth::{AuthError, Identity, Principal};
@@ -74,6 +74,9 @@ pub enum FrontError {
     /// Body not received in time.
     #[error("request body not received within the time limit")]
     BodyTimeout,
+    /// Other bodies being read hold the room bodies may take (`mcp.max_bodies_bytes`).
+    #[error("the gateway is reading as many request bodies as it may at once; try again shortly")]
+    BodiesBusy,
     /// Body could not be read.
     #[error("cannot read request body: {0}")]
     Body(String),
@@ -124,7 +127,7 @@ impl FrontError {
             FrontError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             FrontError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             FrontError::UnknownSession => StatusCode::NOT_FOUND,
-            FrontError::TooManySessions => StatusCode::SERVICE_UNAVAILABLE,
+            FrontError::TooManySessions | FrontError::BodiesBusy => StatusCode::SERVICE_UNAVAILABLE,
             FrontError::TooManySessionsForPrincipal(_) | FrontError::StreamBusy(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -556,14 +559,50 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(FrontError::TooLarge(limit));
     }
-    let collect = Limited::new(req.into_body(), limit).collect();
-    match tokio::time::timeout(gw.config.mcp.body_timeout, collect).await {
-        Err(_) => Err(FrontError::BodyTimeout),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(FrontError::TooLarge(limit))
+    // Room for what is read is taken from the room all bodies share as it arrives (the
+    // declared length at once): past it, the request is refused rather than buffered, so
+    // that many slow bodies (one caller's HTTP/2 streams) cannot hold the gateway's memory.
+    let mut room = match declared {
+        Some(n) => gw
+            .bodies
+            .try_acquire_many(n as u32)
+            .map_err(|_| FrontError::BodiesBusy)?,
+        None => gw
+            .bodies
+            .try_acquire_many(0)
+            .map_err(|_| FrontError::BodiesBusy)?,
+    };
+    let read = async {
+        let mut body = req.into_body();
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut len = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| FrontError::Body(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            len += data.len();
+            if len > limit {
+                return Err(FrontError::TooLarge(limit));
+            }
+            if let Some(more) = len.checked_sub(room.num_permits()).filter(|n| *n > 0) {
+                room.merge(
+                    gw.bodies
+                        .try_acquire_many(more as u32)
+                        .map_err(|_| FrontError::BodiesBusy)?,
+                );
+            }
+            chunks.push(data);
         }
-        Ok(Err(e)) => Err(FrontError::Body(e.to_string())),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.pop().expect("one chunk"),
+            _ => Bytes::from(chunks.concat()),
+        })
+    };
+    match tokio::time::timeout(gw.config.mcp.body_timeout, read).await {
+        Err(_) => Err(FrontError::BodyTimeout),
+        Ok(read) => read,
     }
 }
 
