@@ -17,6 +17,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use futures_util::StreamExt;
@@ -95,7 +96,7 @@ pub struct Definition {
     /// SHA-256 (hex) of the canonical JSON of `definition`.
     pub digest: String,
     /// name, title, description, inputSchema, outputSchema, annotations (those present).
-    pub definition: Value,
+    pub definition: Canonical,
     /// When it was approved or first seen (Unix seconds).
     pub at: u64,
     /// Who approved it (`first-sight` or the admin principal); none for a seen one.
@@ -182,21 +183,133 @@ const DEFINING: [&str; 6] = [
 ];
 
 /// A tool's definition as pinned, from its listing item (`None`: not an object with a name).
-pub fn definition_of(item: &str) -> Option<(String, Value, String)> {
-    let Value::Object(mut all) = serde_json::from_str::<Value>(item).ok()? else {
-        return None;
-    };
-    let name = all.get("name")?.as_str()?.to_owned();
-    let mut def = serde_json::Map::new();
-    for key in DEFINING {
-        if let Some(v) = all.remove(key) {
-            def.insert(key.to_owned(), v);
+pub fn definition_of(item: &str) -> Option<(String, Canonical, String)> {
+    let item: &RawValue = serde_json::from_str(item).ok()?;
+    // The last of a member given twice, as a map keeps it.
+    let mut fields: [Option<&RawValue>; DEFINING.len()] = [None; DEFINING.len()];
+    crate::mcp::jsonrpc::each_member(item, |key, value| {
+        if let Some(i) = DEFINING.iter().position(|k| *k == key) {
+            fields[i] = Some(value);
         }
+    })
+    .ok()?;
+    let name: String = serde_json::from_str(fields[0]?.get()).ok()?;
+    let mut present: Vec<(&str, &RawValue)> = DEFINING
+        .iter()
+        .zip(fields)
+        .filter_map(|(k, v)| Some((*k, v?)))
+        .collect();
+    present.sort_by_key(|(k, _)| *k);
+    let mut text = Vec::with_capacity(item.get().len());
+    text.push(b'{');
+    for (i, (key, value)) in present.into_iter().enumerate() {
+        if i > 0 {
+            text.push(b',');
+        }
+        crate::json_string::put(&mut text, key);
+        text.push(b':');
+        canonical_into(value, &mut text).ok()?;
     }
-    let def = Value::Object(def);
-    // serde_json's maps are sorted: the encoding is canonical.
-    let digest = hex(&Sha256::digest(def.to_string().as_bytes()));
+    text.push(b'}');
+    let def = Canonical::from_canonical(text)?;
+    let digest = hex(&Sha256::digest(def.get().as_bytes()));
     Some((name, def, digest))
+}
+
+/// A JSON value in the gateway's canonical encoding (members sorted by key, the last of a key
+/// given twice, no spaces, numbers and strings as serde_json writes them), kept as its text:
+/// what a digest is taken of, and what a value read into memory would take many times the
+/// room of.
+#[derive(Debug, Clone)]
+pub struct Canonical(Box<RawValue>);
+
+impl Canonical {
+    /// Wraps text that [`canonical_into`] wrote.
+    fn from_canonical(text: Vec<u8>) -> Option<Canonical> {
+        RawValue::from_string(String::from_utf8(text).ok()?)
+            .ok()
+            .map(Canonical)
+    }
+
+    /// The canonical text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Its members' canonical texts by key (an empty list for a value that is not an object).
+    fn members(&self) -> Vec<(String, &RawValue)> {
+        let mut out = Vec::new();
+        let _ = crate::mcp::jsonrpc::each_member(&self.0, |k, v| out.push((k, v)));
+        out
+    }
+}
+
+impl PartialEq for Canonical {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for Canonical {}
+
+impl Serialize for Canonical {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Canonical {
+    /// Any JSON value, re-encoded canonically (a file may be pretty-printed by hand).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        let mut text = Vec::with_capacity(raw.get().len());
+        canonical_into(&raw, &mut text).map_err(serde::de::Error::custom)?;
+        Canonical::from_canonical(text)
+            .ok_or_else(|| serde::de::Error::custom("not canonical JSON"))
+    }
+}
+
+/// Writes `value` in the canonical encoding of [`Canonical`], level by level: only an
+/// object's or array's member list at a time is held (no value tree, which takes up to a
+/// hundred times the room of its text).
+fn canonical_into(value: &RawValue, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    match value.get().as_bytes().first() {
+        Some(b'{') => {
+            let mut members: Vec<(String, &RawValue)> = Vec::new();
+            crate::mcp::jsonrpc::each_member(value, |k, v| members.push((k, v)))?;
+            // Stable: of a key given twice, the last stays last, and is the one kept.
+            members.sort_by(|a, b| a.0.cmp(&b.0));
+            out.push(b'{');
+            let mut first = true;
+            for (i, (key, member)) in members.iter().enumerate() {
+                if members.get(i + 1).is_some_and(|next| next.0 == *key) {
+                    continue;
+                }
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                crate::json_string::put(out, key);
+                out.push(b':');
+                canonical_into(member, out)?;
+            }
+            out.push(b'}');
+        }
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_str(value.get())?;
+            out.push(b'[');
+            for (i, item) in items.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical_into(item, out)?;
+            }
+            out.push(b']');
+        }
+        // A scalar: as serde_json writes the value it reads.
+        _ => serde_json::to_writer(&mut *out, &serde_json::from_str::<Value>(value.get())?)?,
+    }
+    Ok(())
 }
 
 /// The name a server's instructions are pinned under (a space: no tool has it).
@@ -252,7 +365,7 @@ impl File {
                     ));
                 }
                 for d in pin.approved.iter().chain(pin.waiting.iter()) {
-                    if hex(&Sha256::digest(d.definition.to_string().as_bytes())) != d.digest {
+                    if hex(&Sha256::digest(d.definition.get().as_bytes())) != d.digest {
                         return Err(format!(
                             "the digest of {server}/{tool} does not match its definition"
                         ));
@@ -567,8 +680,9 @@ impl Pins {
         metrics: &Metrics,
     ) -> bool {
         // What cannot be read as a definition cannot be checked: not shown while blocking.
-        let Some((name, definition, digest)) =
-            definition_of(item).filter(|_| item.len() <= MAX_DEFINITION)
+        let Some((name, definition, digest)) = (item.len() <= MAX_DEFINITION)
+            .then(|| definition_of(item))
+            .flatten()
         else {
             return !self.blocks();
         };
@@ -848,10 +962,17 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// The defining fields that differ between two definitions.
-pub fn changed_fields(old: &Value, new: &Value) -> Vec<&'static str> {
+pub fn changed_fields(old: &Canonical, new: &Canonical) -> Vec<&'static str> {
+    let (old, new) = (old.members(), new.members());
+    let get = |members: &[(String, &RawValue)], key: &str| {
+        members
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.get().to_owned())
+    };
     DEFINING
         .into_iter()
-        .filter(|k| old.get(k) != new.get(k))
+        .filter(|k| get(&old, k) != get(&new, k))
         .collect()
 }
 
@@ -863,6 +984,40 @@ mod tests {
         serde_json::json!({"name": "echo", "description": description,
             "inputSchema": {"type": "object"}, "_meta": {"ignored": true}})
         .to_string()
+    }
+
+    /// The canonical text is byte for byte what a value tree writes (pins kept before it was
+    /// streamed keep their digests), whatever the numbers, escapes and duplicate keys.
+    #[test]
+    fn canonical_text_is_what_a_value_writes() {
+        let items = [
+            r#"{"name":"t","inputSchema":{"b":1,"a":[1.0,1e2,-0,12345678901234567890,-1.5e-7,true,null]},"description":"caf\u00e9 \"q\" \ud83d\ude00 \/"}"#,
+            r#"{ "name" : "t" , "annotations" : { "z" : { "y" : 1 , "x" : 2 } , "a" : "b" , "a" : "c" } , "title" : "\u0000\t" , "outputSchema" : [ ] , "extra" : 1 }"#,
+            r#"{"name":"first","name":"t","description":"d","description":"e","inputSchema":{"\u0061":1,"a":2}}"#,
+        ];
+        for item in items {
+            let (name, def, digest) = definition_of(item).unwrap();
+            let Value::Object(mut all) = serde_json::from_str::<Value>(item).unwrap() else {
+                unreachable!()
+            };
+            let mut tree = serde_json::Map::new();
+            for key in DEFINING {
+                if let Some(v) = all.remove(key) {
+                    tree.insert(key.to_owned(), v);
+                }
+            }
+            let tree = Value::Object(tree).to_string();
+            assert_eq!((name.as_str(), def.get()), ("t", tree.as_str()));
+            assert_eq!(digest, hex(&Sha256::digest(tree.as_bytes())));
+            // Read back from a file, however it is spaced, it is the same.
+            let spaced =
+                serde_json::to_string_pretty(&serde_json::from_str::<Value>(def.get()).unwrap())
+                    .unwrap();
+            assert_eq!(serde_json::from_str::<Canonical>(&spaced).unwrap(), def);
+        }
+        assert!(definition_of(r#"{"name":3}"#).is_none());
+        assert!(definition_of("[1]").is_none());
+        assert!(definition_of(r#"{"description":"no name"}"#).is_none());
     }
 
     #[tokio::test]
@@ -879,7 +1034,20 @@ mod tests {
         assert_eq!(pins.check("a", "echo"), Ok(()));
         assert!(pins.check("a", "hidden").is_err(), "a tool never listed");
         // An item that cannot be read as a definition is not shown while blocking.
-        assert!(!pins.observe(&s, "a", r#"{"name": "deep", "x": 1e400}"#, &audit, &metrics));
+        assert!(!pins.observe(
+            &s,
+            "a",
+            r#"{"name": "deep", "inputSchema": {"x": 1e400}}"#,
+            &audit,
+            &metrics
+        ));
+        assert!(!pins.observe(
+            &s,
+            "a",
+            r#"{"name": "deep", "annotations": 1e400}"#,
+            &audit,
+            &metrics
+        ));
         assert!(!pins.observe(&s, "a", r#"{"nameless": true}"#, &audit, &metrics));
         // What is not part of the definition may change.
         let same = serde_json::json!({"name": "echo", "description": "Echoes",

@@ -284,6 +284,52 @@ pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
     Ok(Message { frame, kind })
 }
 
+/// Calls `f` with each member of the JSON object `object`, in order; nothing is kept between
+/// members, so a huge object costs no memory beyond its text. `Err` if it is not an object.
+pub fn each_member<'a>(
+    object: &'a RawValue,
+    f: impl FnMut(String, &'a RawValue),
+) -> Result<(), serde_json::Error> {
+    struct Members<F>(F);
+    impl<'de, F: FnMut(String, &'de RawValue)> serde::de::Visitor<'de> for Members<F> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<String>()? {
+                let value: &'de RawValue = map.next_value()?;
+                (self.0)(key, value);
+            }
+            Ok(())
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(object.get());
+    serde::Deserializer::deserialize_map(&mut de, Members(f))
+}
+
+/// The JSON object `object` with its member `key` (every one so named) replaced by `value`,
+/// or added: written member by member, never read into values (a peer's object may be
+/// large). `None` if `object` is not an object.
+pub fn with_member(object: &RawValue, key: &str, value: &RawValue) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(object.get().len() + key.len() + value.get().len() + 4);
+    out.push(b'{');
+    each_member(object, |k, v| {
+        if k != key {
+            crate::json_string::put(&mut out, &k);
+            out.push(b':');
+            out.extend_from_slice(v.get().as_bytes());
+            out.push(b',');
+        }
+    })
+    .ok()?;
+    crate::json_string::put(&mut out, key);
+    out.push(b':');
+    out.extend_from_slice(value.get().as_bytes());
+    out.push(b'}');
+    Some(out)
+}
+
 /// The id a `notifications/cancelled` names (`params.requestId`, raw JSON).
 pub fn cancelled_request(params: Option<&[u8]>) -> Option<&[u8]> {
     #[derive(Deserialize)]

@@ -9,6 +9,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::mcp::jsonrpc::each_member;
+
 /// Longest header name suffix honored (longer marks are ignored: no client can send them).
 const MAX_NAME: usize = 128;
 
@@ -31,15 +33,20 @@ impl ToolHeaders {
             next: Option<String>,
         }
         #[derive(Deserialize)]
-        struct Tool {
+        struct Tool<'a> {
             name: String,
-            #[serde(rename = "inputSchema")]
-            schema: Option<Schema>,
+            #[serde(borrow, rename = "inputSchema")]
+            schema: Option<&'a RawValue>,
         }
         #[derive(Deserialize)]
-        struct Schema {
-            #[serde(default)]
-            properties: HashMap<String, Value>,
+        struct Schema<'a> {
+            #[serde(borrow)]
+            properties: Option<&'a RawValue>,
+        }
+        #[derive(Deserialize)]
+        struct Property<'a> {
+            #[serde(borrow, rename = "x-mcp-header")]
+            header: Option<&'a RawValue>,
         }
         let page: Page<'_> = serde_json::from_slice(page)?;
         for raw in page.tools {
@@ -55,20 +62,34 @@ impl ToolHeaders {
             else {
                 continue;
             };
-            let marked: Vec<(String, String)> = schema
-                .properties
-                .into_iter()
-                .filter_map(|(arg, p)| {
-                    let header = p.get("x-mcp-header")?.as_str()?;
-                    let valid = !header.is_empty()
-                        && header.len() <= MAX_NAME
-                        && header
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
-                    valid.then(|| (arg, header.to_ascii_lowercase()))
-                })
-                .collect();
-            if !marked.is_empty() {
+            let Ok(Schema {
+                properties: Some(properties),
+            }) = serde_json::from_str::<Schema>(schema.get())
+            else {
+                continue;
+            };
+            // Property by property: a schema's size costs no memory beyond its text.
+            let mut marked: Vec<(String, String)> = Vec::new();
+            let read = each_member(properties, |arg, p| {
+                let Ok(Property { header: Some(h) }) = serde_json::from_str::<Property>(p.get())
+                else {
+                    return;
+                };
+                let Ok(header) = serde_json::from_str::<String>(h.get()) else {
+                    return;
+                };
+                let valid = !header.is_empty()
+                    && header.len() <= MAX_NAME
+                    && header
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                if valid {
+                    // The last of a property given twice, as a map would keep it.
+                    marked.retain(|(a, _)| *a != arg);
+                    marked.push((arg, header.to_ascii_lowercase()));
+                }
+            });
+            if read.is_ok() && !marked.is_empty() {
                 self.by_tool.insert(name, marked);
             }
         }
@@ -81,20 +102,52 @@ impl ToolHeaders {
     }
 }
 
-/// Checks a call's `Mcp-Param-*` headers against its arguments. `header` finds a header's
-/// decoded text by its lowercase suffix (`None` if absent; `Some(None)` if not decodable).
+/// The values of the `marked` arguments in a call's `arguments` object (the last of one given
+/// twice), read in one pass that keeps nothing else of them.
+pub fn marked_values<'a>(
+    marked: &[(String, String)],
+    arguments: &'a RawValue,
+) -> Result<Vec<Option<&'a RawValue>>, serde_json::Error> {
+    let mut found = vec![None; marked.len()];
+    each_member(arguments, |key, value| {
+        if let Some(i) = marked.iter().position(|(arg, _)| *arg == key) {
+            found[i] = Some(value);
+        }
+    })?;
+    Ok(found)
+}
+
+/// The text an argument's value is mirrored as: `None` for an array or object (only
+/// primitive values are mirrored), `Some(None)` for null.
+pub fn mirrored_text(value: &RawValue) -> Option<Option<String>> {
+    if matches!(value.get().as_bytes().first(), Some(b'[' | b'{')) {
+        return None;
+    }
+    match serde_json::from_str::<Value>(value.get()).ok()? {
+        Value::Null => Some(None),
+        Value::String(s) => Some(Some(s)),
+        v => Some(Some(v.to_string())),
+    }
+}
+
+/// Checks a call's `Mcp-Param-*` headers against its arguments (raw JSON). `header` finds a
+/// header's decoded text by its lowercase suffix (`None` if absent; `Some(None)` if not
+/// decodable).
 pub fn check<'a>(
     marked: &[(String, String)],
-    arguments: Option<&serde_json::Map<String, Value>>,
+    arguments: Option<&RawValue>,
     header: impl Fn(&str) -> Option<Option<String>> + 'a,
 ) -> Result<(), String> {
-    for (arg, suffix) in marked {
-        let expected = match arguments.and_then(|a| a.get(arg)) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(v @ (Value::Number(_) | Value::Bool(_))) => Some(v.to_string()),
-            // Only primitive values are mirrored.
-            Some(Value::Array(_) | Value::Object(_)) => continue,
+    let values = match arguments {
+        Some(a) => marked_values(marked, a)
+            .map_err(|e| format!("params.arguments must be an object: {e}"))?,
+        None => vec![None; marked.len()],
+    };
+    for ((arg, suffix), value) in marked.iter().zip(values) {
+        let expected = match value.map(mirrored_text) {
+            None | Some(Some(None)) => None,
+            Some(Some(Some(text))) => Some(text),
+            Some(None) => continue,
         };
         match (expected, header(suffix)) {
             (None, None) => {}
@@ -111,9 +164,8 @@ pub fn check<'a>(
             (Some(want), Some(got)) if got.as_deref() == Some(want.as_str()) => {}
             // The same number however written (`42` and `42.0`).
             (Some(_), Some(Some(got)))
-                if arguments
-                    .and_then(|a| a.get(arg))
-                    .and_then(Value::as_f64)
+                if value
+                    .and_then(|v| serde_json::from_str::<f64>(v.get()).ok())
                     .is_some_and(|n| got.trim().parse::<f64>().is_ok_and(|g| g == n)) => {}
             (Some(want), Some(got)) => {
                 return Err(match got {
@@ -169,8 +221,11 @@ mod tests {
     #[test]
     fn headers_must_mirror_the_marked_arguments() {
         let h = learned();
-        let args = json!({"region": "eu-west", "n": 3, "obj": {"x": 1}});
-        let args = args.as_object();
+        let args = RawValue::from_string(
+            json!({"region": "eu-west", "n": 3, "obj": {"x": 1}}).to_string(),
+        )
+        .unwrap();
+        let args = Some(&*args);
         let headers = |pairs: &'static [(&'static str, Option<&'static str>)]| {
             move |s: &str| {
                 pairs
@@ -202,9 +257,9 @@ mod tests {
                 .contains("not valid")
         );
         let extra = &[("region", Some("eu-west")), ("n", Some("3"))];
-        let no_n = json!({"region": "eu-west"});
+        let no_n = RawValue::from_string(json!({"region": "eu-west"}).to_string()).unwrap();
         assert!(
-            check(h.of("routed"), no_n.as_object(), headers(extra))
+            check(h.of("routed"), Some(&no_n), headers(extra))
                 .unwrap_err()
                 .contains("is not")
         );

@@ -309,12 +309,12 @@ async fn listed_target(
                 return Some(entry(kind, item));
             }
         }
-        cursor = fields
-            .get("nextCursor")
-            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
-        if cursor.is_none() {
-            return None;
-        }
+        // The last page read without finding it: the server does not list it.
+        cursor = Some(
+            fields
+                .get("nextCursor")
+                .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())?,
+        );
     }
     None
 }

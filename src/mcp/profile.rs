@@ -11,10 +11,12 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use serde_json::value::RawValue;
 use wildmatch::WildMatch;
 
 use crate::auth::{Claims, covers};
 use crate::config::profiles::{Grantees, ProfileConfig};
+use crate::mcp::jsonrpc;
 use crate::mcp::router::Router;
 
 /// What a profile shows of one tool.
@@ -36,28 +38,73 @@ impl ToolView {
         self.title.is_some() || self.description.is_some() || self.annotations.is_some()
     }
 
-    /// Applies the overrides to a listed tool (a JSON object).
-    pub fn apply(&self, tool: &mut serde_json::Map<String, serde_json::Value>) {
-        use serde_json::Value;
+    /// The listed tool `tool` (a JSON object) as the profile shows it: named `name`, with the
+    /// overrides in place. Written member by member (a server's item is never read into
+    /// values, whatever its size); `None` if it is not an object.
+    pub fn rewrite(&self, tool: &RawValue, name: &str) -> Option<Vec<u8>> {
+        let replaced = |key: &str| match key {
+            "name" => true,
+            "title" => self.title.is_some(),
+            "description" => self.description.is_some(),
+            "annotations" => self.annotations.is_some(),
+            _ => false,
+        };
+        let mut out = Vec::with_capacity(tool.get().len() + 64);
+        out.push(b'{');
+        let mut annotations = None;
+        jsonrpc::each_member(tool, |key, value| {
+            if key == "annotations" {
+                annotations = Some(value);
+            }
+            if !replaced(&key) {
+                crate::json_string::put(&mut out, &key);
+                out.push(b':');
+                out.extend_from_slice(value.get().as_bytes());
+                out.push(b',');
+            }
+        })
+        .ok()?;
+        let member = |out: &mut Vec<u8>, key: &str, text: &str| {
+            crate::json_string::put(out, key);
+            out.push(b':');
+            crate::json_string::put(out, text);
+        };
+        member(&mut out, "name", name);
         if let Some(t) = &self.title {
-            tool.insert("title".into(), Value::String(t.clone()));
+            out.push(b',');
+            member(&mut out, "title", t);
         }
         if let Some(d) = &self.description {
-            tool.insert("description".into(), Value::String(d.clone()));
+            out.push(b',');
+            member(&mut out, "description", d);
         }
         if let Some(over) = &self.annotations {
-            let slot = tool
-                .entry("annotations")
-                .or_insert_with(|| Value::Object(Default::default()));
-            if !slot.is_object() {
-                *slot = Value::Object(Default::default());
+            // Merged over the server's own (when they are an object).
+            out.extend_from_slice(b",\"annotations\":{");
+            if let Some(theirs) = annotations.filter(|a| a.get().starts_with('{')) {
+                jsonrpc::each_member(theirs, |key, value| {
+                    if !over.contains_key(&key) {
+                        crate::json_string::put(&mut out, &key);
+                        out.push(b':');
+                        out.extend_from_slice(value.get().as_bytes());
+                        out.push(b',');
+                    }
+                })
+                .ok()?;
             }
-            if let Value::Object(a) = slot {
-                for (k, v) in over {
-                    a.insert(k.clone(), v.clone());
-                }
+            for (key, value) in over {
+                crate::json_string::put(&mut out, key);
+                out.push(b':');
+                out.extend_from_slice(value.to_string().as_bytes());
+                out.push(b',');
             }
+            if out.last() == Some(&b',') {
+                out.pop();
+            }
+            out.push(b'}');
         }
+        out.push(b'}');
+        Some(out)
     }
 }
 
@@ -80,14 +127,17 @@ fn globs(patterns: &Option<Vec<String>>) -> Option<Vec<WildMatch>> {
         .map(|p| p.iter().map(|g| WildMatch::new(g)).collect())
 }
 
-/// Whether `uri` has a part a server may resolve to another path than the text says.
+/// Whether `uri` has a part a server may resolve to another path than the text says. The
+/// query and fragment are checked too: a glob's `*` matches across `?` and `#`, and a server
+/// that takes the URI's text as a path (`path.resolve`, `normpath`) reads them as part of it.
 fn escapes(uri: &str) -> bool {
-    let path = uri.split(['?', '#']).next().unwrap_or(uri);
-    path.contains('\\')
-        || path.split('/').any(|seg| seg == "." || seg == "..")
+    uri.contains('\\')
+        || uri
+            .split(['/', '?', '#'])
+            .any(|seg| seg == "." || seg == "..")
         || ["%2e", "%2f", "%5c", "%00"]
             .iter()
-            .any(|bad| path.to_ascii_lowercase().contains(bad))
+            .any(|bad| uri.to_ascii_lowercase().contains(bad))
 }
 
 /// Whether a listing item shows, and how.
@@ -294,6 +344,10 @@ mod tests {
         assert_eq!(p.prompt(&router, "files__p"), None);
         assert_eq!(p.prompt(&router, "gh__p"), Some((1, "p")));
         assert!(p.shows_resource(0, "file:///repo/a"));
+        assert!(
+            p.shows_resource(0, "file:///repo/a?rev=1..5#L10"),
+            "dots that are not a segment"
+        );
         assert!(!p.shows_resource(0, "file:///etc/passwd"));
         for sneaky in [
             "file:///repo/../etc/passwd",
@@ -301,6 +355,11 @@ mod tests {
             "file:///repo/a%2Fb",
             "file:///repo/..",
             "file:///repo/.\\x",
+            "file:///repo/x?/../../etc/passwd",
+            "file:///repo/x#/../../etc/passwd",
+            "file:///repo/x?a=/../secret",
+            "file:///repo/x?..",
+            "file:///repo/x?a=..%2f..%2fsecret",
         ] {
             assert!(!p.shows_resource(0, sneaky), "{sneaky}");
         }
@@ -313,11 +372,34 @@ mod tests {
         let Shown::Tool(view) = p.shows_tool(0, "read") else {
             panic!("read has overrides")
         };
-        let mut item = serde_json::json!({"name": "read", "description": "x", "annotations": {"destructiveHint": false}});
-        view.apply(item.as_object_mut().unwrap());
-        assert_eq!(item["description"], "Reads the repo");
-        assert_eq!(item["annotations"]["readOnlyHint"], true);
-        assert_eq!(item["annotations"]["destructiveHint"], false);
+        let rewrite = |item: serde_json::Value| -> serde_json::Value {
+            let raw = RawValue::from_string(item.to_string()).unwrap();
+            serde_json::from_slice(&view.rewrite(&raw, "read_repo").unwrap()).unwrap()
+        };
+        let item = rewrite(serde_json::json!({"name": "read", "description": "x",
+            "annotations": {"destructiveHint": false, "readOnlyHint": false}, "inputSchema": {"type": "object"}}));
+        assert_eq!(
+            item,
+            serde_json::json!({"name": "read_repo", "description": "Reads the repo",
+                "annotations": {"destructiveHint": false, "readOnlyHint": true}, "inputSchema": {"type": "object"}})
+        );
+        // Annotations that are not an object, a name given twice: the profile's view only.
+        let item = rewrite(serde_json::from_str(r#"{"name": "read", "annotations": 3}"#).unwrap());
+        assert_eq!(
+            item["annotations"],
+            serde_json::json!({"readOnlyHint": true})
+        );
+        let twice = RawValue::from_string(
+            r#"{"name":"a","name":"b","description":"x","description":"y"}"#.into(),
+        )
+        .unwrap();
+        let text = String::from_utf8(view.rewrite(&twice, "read_repo").unwrap()).unwrap();
+        assert_eq!(text.matches("\"name\"").count(), 1, "{text}");
+        assert_eq!(text.matches("\"description\"").count(), 1, "{text}");
+        assert!(
+            view.rewrite(&RawValue::from_string("[1]".into()).unwrap(), "x")
+                .is_none()
+        );
     }
 
     #[test]

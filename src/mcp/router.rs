@@ -14,6 +14,10 @@ const MAX_KNOWN_RESOURCES: usize = 100_000;
 /// Most resource templates remembered for routing, shared out like the URIs.
 const MAX_KNOWN_TEMPLATES: usize = 10_000;
 
+/// Longest URI (or template prefix) remembered: the table bounds how many a server lists, this
+/// how large each may be (the bound listen streams put on the URIs clients watch).
+pub const MAX_LEARNED_URI: usize = 4096;
+
 /// The routing table of one gateway.
 pub struct Router {
     names: Vec<String>,
@@ -152,6 +156,9 @@ impl Router {
 
     /// Remembers that upstream `index` lists `uri`.
     pub fn learn_resource(&self, uri: &str, index: usize) {
+        if uri.len() > MAX_LEARNED_URI {
+            return;
+        }
         if let Some(mut owners) = self.resource_owners.get_mut(uri) {
             if !owners.contains(&index)
                 && self.take_share(&self.learned_resources, index, MAX_KNOWN_RESOURCES)
@@ -171,7 +178,7 @@ impl Router {
     /// Remembers a resource template of upstream `index` by its literal prefix.
     pub fn learn_template(&self, template: &str, index: usize) {
         let prefix = template.split('{').next().unwrap_or_default();
-        if prefix.is_empty() {
+        if prefix.is_empty() || prefix.len() > MAX_LEARNED_URI {
             return;
         }
         let mut t = self
@@ -296,6 +303,16 @@ mod tests {
         assert_eq!(r.resource("file:///x", all, false), ResourceRoute::One(1));
         assert_eq!(r.resource("test://t/7", all, false), ResourceRoute::One(0));
         assert_eq!(r.resource("other://", all, false), ResourceRoute::Unknown);
+        // A URI or prefix past the bound is not kept (nor routed by).
+        let long = format!("long://{}", "x".repeat(MAX_LEARNED_URI));
+        r.learn_resource(&long, 1);
+        r.learn_template(&format!("{long}/{{id}}"), 1);
+        assert_eq!(r.resource(&long, all, false), ResourceRoute::Unknown);
+        assert_eq!(
+            r.resource(&format!("{long}/7"), all, false),
+            ResourceRoute::Unknown
+        );
+        assert_eq!(r.resource_owners.len(), 1);
     }
 
     #[test]

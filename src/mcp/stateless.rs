@@ -621,16 +621,21 @@ async fn check_param_headers(
         return Ok(());
     }
     #[derive(Deserialize)]
-    struct Call {
-        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    struct Call<'a> {
+        #[serde(borrow)]
+        arguments: Option<&'a RawValue>,
     }
-    let call: Call = params
+    let call: Call<'_> = params
         .map(serde_json::from_slice)
         .transpose()
         .map_err(|e| Refusal::Params(format!("params.arguments must be an object: {e}")))?
         .unwrap_or(Call { arguments: None });
-    crate::mcp::param_headers::check(marked, call.arguments.as_ref(), |s| mirrored.param(s))
-        .map_err(Refusal::Header)
+    crate::mcp::param_headers::check(marked, call.arguments, |s| mirrored.param(s)).map_err(|e| {
+        match e.starts_with("params.arguments") {
+            true => Refusal::Params(e),
+            false => Refusal::Header(e),
+        }
+    })
 }
 
 /// Checks that the headers mirror the body: version, method, and the target's name.
@@ -1517,9 +1522,14 @@ impl Completion {
                 && jsonrpc::error_code(&error) == Some(RESOURCE_NOT_FOUND_2025) =>
             {
                 // 2025-era servers say -32002 for an unknown resource; 2026-07-28 says -32602.
-                let mut e: serde_json::Map<String, serde_json::Value> =
+                // Its members as text: the server's error is not read into values.
+                let mut e: std::collections::BTreeMap<String, Box<RawValue>> =
                     serde_json::from_slice(&error).unwrap_or_default();
-                e.insert("code".into(), code::INVALID_PARAMS.into());
+                e.insert(
+                    "code".into(),
+                    RawValue::from_string(code::INVALID_PARAMS.to_string())
+                        .expect("a number is JSON"),
+                );
                 let error = serde_json::to_vec(&e).map_or(error, Bytes::from);
                 jsonrpc::response(id, &Outcome::Error(error))
             }

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::mcp::jsonrpc;
@@ -265,23 +266,32 @@ impl Subscriptions {
     }
 }
 
-/// `params` with the subscription id added to its `_meta`.
+/// `params` with the subscription id added to its `_meta` (member by member: a server's
+/// notification is never read into values, whatever its size).
 pub fn tagged(params: Option<&[u8]>, id: &[u8]) -> Vec<u8> {
-    let mut p: Map<String, Value> = params
-        .and_then(|p| serde_json::from_slice(p).ok())
-        .unwrap_or_default();
-    let id: Value = serde_json::from_slice(id).unwrap_or(Value::Null);
-    match p.get_mut("_meta") {
-        Some(Value::Object(meta)) => {
-            meta.insert(SUBSCRIPTION_ID.into(), id);
-        }
-        _ => {
-            let mut meta = Map::new();
-            meta.insert(SUBSCRIPTION_ID.into(), id);
-            p.insert("_meta".into(), Value::Object(meta));
-        }
+    fn raw(b: &[u8]) -> Option<&RawValue> {
+        std::str::from_utf8(b)
+            .ok()
+            .and_then(|t| serde_json::from_str::<&RawValue>(t).ok())
     }
-    serde_json::to_vec(&p).expect("JSON values encode")
+    let null = RawValue::NULL;
+    let id = raw(id).unwrap_or(null);
+    let params = params.and_then(raw).filter(|p| p.get().starts_with('{'));
+    let meta = params.and_then(|p| {
+        let mut meta = None;
+        jsonrpc::each_member(p, |k, v| {
+            if k == "_meta" {
+                meta = Some(v);
+            }
+        })
+        .ok()?;
+        meta.filter(|m| m.get().starts_with('{'))
+    });
+    let empty = raw(b"{}").expect("an object");
+    let meta = jsonrpc::with_member(meta.unwrap_or(empty), SUBSCRIPTION_ID, id)
+        .and_then(|m| RawValue::from_string(String::from_utf8(m).ok()?).ok())
+        .expect("an object with a member is JSON");
+    jsonrpc::with_member(params.unwrap_or(empty), "_meta", &meta).expect("params are an object")
 }
 
 #[cfg(test)]
@@ -331,6 +341,36 @@ mod tests {
         assert!(!wants("file:///p/config2") && !wants("file:///p"));
         assert!(!f.wants("notifications/tools/list_changed", None));
         assert!(!f.wants("notifications/message", None));
+    }
+
+    #[test]
+    fn tags_are_spliced_in_whatever_the_params() {
+        let tag = |params: Option<&str>| -> Value {
+            serde_json::from_slice(&tagged(params.map(str::as_bytes), b"\"L\"")).unwrap()
+        };
+        let id = |v: &Value| v["_meta"][SUBSCRIPTION_ID].clone();
+        assert_eq!(
+            tag(None),
+            serde_json::json!({"_meta": {SUBSCRIPTION_ID: "L"}})
+        );
+        let v = tag(Some(r#"{"uri":"a","_meta":{"x":[1,{"y":2}],"\u0069d":3}}"#));
+        assert_eq!(
+            (id(&v), &v["uri"], &v["_meta"]["x"][1]["y"]),
+            ("L".into(), &"a".into(), &2.into())
+        );
+        assert_eq!(
+            v["_meta"]["id"], 3,
+            "an escaped key is read as what it spells"
+        );
+        // A client's own tag, or a `_meta` that is not an object, is replaced.
+        let forged = format!(r#"{{"_meta":{{"{SUBSCRIPTION_ID}":"X","{SUBSCRIPTION_ID}":"Y"}}}}"#);
+        assert_eq!(id(&tag(Some(&forged))), "L");
+        assert_eq!(
+            tag(Some(r#"{"_meta":5,"_meta":7}"#)),
+            serde_json::json!({"_meta": {SUBSCRIPTION_ID: "L"}})
+        );
+        assert_eq!(tag(Some("[1]")), tag(None));
+        assert_eq!(tag(Some("not json")), tag(None));
     }
 
     #[tokio::test]

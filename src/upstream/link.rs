@@ -734,6 +734,7 @@ impl Link {
         let frame = stateless::discover_frame(&stateless::envelope(PROBE_INIT.as_bytes(), None));
         match h.discover(frame).await? {
             Discovered::Stateless(discovered) => {
+                super::handshake::kept_result(conn, &discovered)?;
                 h.set_stateless(stateless::envelope(&self.init_params, None));
                 self.server.set_era(Era::Stateless);
                 Ok(Some(discovered))

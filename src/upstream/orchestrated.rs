@@ -206,6 +206,17 @@ impl SharedListings {
     /// Keeps `last` as what server `name` lists under `definition`, when it differs from
     /// what the document holds (written in the background; a conflict is read again).
     fn put(self: &Arc<Self>, name: &str, definition: u64, last: &LastLists) {
+        // Measured before anything is parsed: a server's lists are read into values only when
+        // they could be shared (a value takes many times the memory of its text).
+        let text: usize = last.init.as_ref().map_or(0, Bytes::len)
+            + last.pages.iter().map(|(_, p)| p.len()).sum::<usize>();
+        if text > MAX_SHARED_ENTRY {
+            tracing::debug!(
+                server = name,
+                "its lists are too large to share with the other replicas"
+            );
+            return;
+        }
         let parse = |b: &Bytes| serde_json::from_slice::<serde_json::Value>(b).ok();
         let mut pages = serde_json::Map::new();
         for (m, p) in &last.pages {

@@ -23,10 +23,11 @@ pub(super) fn with_progress_token(msg: Message, token: &[u8]) -> Message {
         else {
             return None;
         };
-        let mut params: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(p).ok()?;
-        params.insert("progressToken".into(), serde_json::from_slice(token).ok()?);
-        let params = serde_json::to_vec(&params).ok()?;
+        // Member by member: a server's notification is never read into values.
+        let params: &serde_json::value::RawValue =
+            serde_json::from_str(std::str::from_utf8(p).ok()?).ok()?;
+        let token = serde_json::from_str(std::str::from_utf8(token).ok()?).ok()?;
+        let params = jsonrpc::with_member(params, "progressToken", token)?;
         jsonrpc::parse(jsonrpc::notification(
             "notifications/progress",
             Some(&params),

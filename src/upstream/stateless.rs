@@ -91,7 +91,7 @@ pub(crate) struct Prepared {
     /// `input_required` results itself.
     pub client_driven: bool,
     /// `params.arguments` of a tool call (what `Mcp-Param-*` headers mirror).
-    pub arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    pub arguments: Option<Box<RawValue>>,
 }
 
 /// Puts `envelope` (members of `_meta`) in a request's params, in place of any envelope
@@ -138,9 +138,7 @@ pub(crate) fn prepare(
         .and_then(|k| fields.get(k))
         .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
     let arguments = if method == "tools/call" {
-        fields
-            .get("arguments")
-            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+        fields.get("arguments").map(|raw| (*raw).to_owned())
     } else {
         None
     };
@@ -347,14 +345,13 @@ pub(crate) fn mirrored_headers(
     if let Some(target) = &prepared.target {
         out.push((HeaderName::from_static("mcp-name"), header_value(target)));
     }
-    if let (Some(marks), Some(tool), Some(args)) = (marks, &prepared.target, &prepared.arguments) {
-        for (arg, suffix) in marks.of(tool) {
-            let text = match args.get(arg) {
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
-                    v.to_string()
-                }
-                _ => continue,
+    if let (Some(marks), Some(tool), Some(args)) = (marks, &prepared.target, &prepared.arguments)
+        && let marked = marks.of(tool)
+        && let Ok(values) = crate::mcp::param_headers::marked_values(marked, args)
+    {
+        for ((_, suffix), value) in marked.iter().zip(values) {
+            let Some(Some(Some(text))) = value.map(crate::mcp::param_headers::mirrored_text) else {
+                continue;
             };
             if let Ok(name) = HeaderName::try_from(format!("mcp-param-{suffix}")) {
                 out.push((name, header_value(&text)));

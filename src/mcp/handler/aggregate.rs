@@ -451,19 +451,14 @@ fn profile_item(
                     return Ok(ProfileItem::AsIs);
                 }
                 Shown::Tool(view) => {
-                    let mut tool: serde_json::Map<String, serde_json::Value> =
-                        serde_json::from_str(raw).map_err(|e| e.to_string())?;
-                    view.apply(&mut tool);
                     let public = profile
                         .public_tool_name(router, index, &name)
                         .unwrap_or(Cow::Borrowed(&*name));
-                    tool.insert(
-                        "name".into(),
-                        serde_json::Value::String(public.into_owned()),
-                    );
-                    return serde_json::to_vec(&tool)
+                    let tool: &RawValue = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+                    return view
+                        .rewrite(tool, &public)
                         .map(ProfileItem::Rewritten)
-                        .map_err(|e| e.to_string());
+                        .ok_or_else(|| "a tool must be an object".to_owned());
                 }
             }
         }
