@@ -273,6 +273,23 @@ impl<'de> Deserialize<'de> for Canonical {
 /// object's or array's member list at a time is held (no value tree, which takes up to a
 /// hundred times the room of its text).
 fn canonical_into(value: &RawValue, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    canonical_at(value, out, 0)
+}
+
+/// Deepest nesting [`canonical_into`] writes (a value tree's own bound): a stored document
+/// deeper than that is refused, not a stack overflowed.
+const MAX_CANONICAL_DEPTH: usize = 128;
+
+fn canonical_at(
+    value: &RawValue,
+    out: &mut Vec<u8>,
+    depth: usize,
+) -> Result<(), serde_json::Error> {
+    if depth > MAX_CANONICAL_DEPTH {
+        return Err(serde::de::Error::custom(format!(
+            "nested deeper than {MAX_CANONICAL_DEPTH} levels"
+        )));
+    }
     match value.get().as_bytes().first() {
         Some(b'{') => {
             let mut members: Vec<(String, &RawValue)> = Vec::new();
@@ -291,7 +308,7 @@ fn canonical_into(value: &RawValue, out: &mut Vec<u8>) -> Result<(), serde_json:
                 first = false;
                 crate::json_string::put(out, key);
                 out.push(b':');
-                canonical_into(member, out)?;
+                canonical_at(member, out, depth + 1)?;
             }
             out.push(b'}');
         }
@@ -302,7 +319,7 @@ fn canonical_into(value: &RawValue, out: &mut Vec<u8>) -> Result<(), serde_json:
                 if i > 0 {
                     out.push(b',');
                 }
-                canonical_into(item, out)?;
+                canonical_at(item, out, depth + 1)?;
             }
             out.push(b']');
         }
@@ -1016,6 +1033,9 @@ mod tests {
             assert_eq!(serde_json::from_str::<Canonical>(&spaced).unwrap(), def);
         }
         assert!(definition_of(r#"{"name":3}"#).is_none());
+        // A stored document nested past the bound is refused, not a stack overflowed.
+        let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(serde_json::from_str::<Canonical>(&deep).is_err());
         assert!(definition_of("[1]").is_none());
         assert!(definition_of(r#"{"description":"no name"}"#).is_none());
     }

@@ -382,7 +382,7 @@ impl State {
         session: Option<Result<Arc<RelaySession>, RelayError>>,
         req: Request<hyper::body::Incoming>,
     ) -> Result<Response<Body>, RelayError> {
-        let body = front::read_body(&self.gw, req).await?;
+        let body = front::read_trusted_body(&self.gw, req).await?;
         let msg = jsonrpc::parse(body)?;
         let session = match (session, &msg.kind) {
             (None, Kind::Request { id, method, params }) if &**method == "initialize" => {

@@ -475,9 +475,10 @@ async fn http2_clients_are_served_on_loopback() {
     gw.stop().await;
 }
 
-/// Request bodies being read share one room (`mcp.max_bodies_bytes`): slow bodies that fill it
-/// (by their declared length, or chunk by chunk) make the next request a 503 at once, not one
-/// more buffer; the slow ones, once sent, are served, and so is everyone after them.
+/// Request bodies being read share one room (`mcp.max_bodies_bytes`), taken as their bytes
+/// arrive: bodies only declared cost nothing; slow bodies that fill it make the next request
+/// a 503 (with Retry-After) at once, not one more buffer; the slow ones, once sent, are served,
+/// and so is everyone after them.
 #[tokio::test]
 async fn slow_bodies_share_a_bounded_room() {
     const BODY: usize = 64 * 1024;
@@ -490,6 +491,7 @@ async fn slow_bodies_share_a_bounded_room() {
     )
     .await;
     let addr = gw.addr;
+    let room = || gw.gateway().bodies.available_permits();
     let head = "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n";
     // An initialize request of exactly `BODY` bytes.
     let pad = BODY - INIT.len() - r#","pad":"""#.len();
@@ -508,55 +510,70 @@ async fn slow_bodies_share_a_bounded_room() {
             .unwrap();
         String::from_utf8_lossy(&out).into_owned()
     };
-    // Two slow bodies, declared whole, half sent: the room is full.
+    let declared = format!("{head}connection: close\r\ncontent-length: {BODY}\r\n\r\n");
+    // Declaring costs nothing: fifty bodies announced whole and never sent take no room.
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(declared.as_bytes()).await.unwrap();
+        idle.push(s);
+    }
+    let ok = raw_exchange(addr, head, INIT).await;
+    assert_eq!(status(&ok), "200", "{ok}");
+    assert_eq!(room(), 2 * BODY);
+    // Two slow bodies sent but for their last byte: the room is full.
     let mut slow = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        let req = format!(
-            "{head}connection: close\r\ncontent-length: {BODY}\r\n\r\n{}",
-            &full[..BODY / 2]
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
+        s.write_all(format!("{declared}{}", &full[..BODY - 1]).as_bytes())
+            .await
+            .unwrap();
         slow.push(s);
     }
-    support::eventually("both slow bodies are being read", || async {
-        gw.gateway().bodies.available_permits() == 0
-    })
-    .await;
+    support::eventually("both slow bodies are being read", || async { room() == 2 }).await;
     let refused = raw_exchange(addr, head, INIT).await;
     assert_eq!(status(&refused), "503", "{refused}");
     assert!(refused.contains("request bodies"), "{refused}");
-    // A chunked body is counted as it comes: with the room full, its first byte is refused;
-    // with room, each chunk takes its share until the body is read.
+    assert!(
+        refused.to_ascii_lowercase().contains("retry-after: 1"),
+        "{refused}"
+    );
+    // A chunked body is counted as it comes: three bytes do not fit in two.
     let chunk = |text: &str| format!("{:x}\r\n{text}\r\n", text.len());
     let chunked_head = format!("{head}connection: close\r\ntransfer-encoding: chunked\r\n\r\n");
     let mut refused = TcpStream::connect(addr).await.unwrap();
     refused
-        .write_all(format!("{chunked_head}{}", chunk("{")).as_bytes())
+        .write_all(format!("{chunked_head}{}", chunk("{\"j")).as_bytes())
         .await
         .unwrap();
     assert_eq!(status(&read_all(refused).await), "503");
+    // Ended, a slow body is served and gives its room back; a chunked body takes its share
+    // chunk by chunk.
     let mut first = slow.remove(0);
-    first.write_all(&full.as_bytes()[BODY / 2..]).await.unwrap();
+    first.write_all(&full.as_bytes()[BODY - 1..]).await.unwrap();
     assert_eq!(status(&read_all(first).await), "200");
+    support::eventually("the first body's room is given back", || async {
+        room() == BODY + 1
+    })
+    .await;
     let mut chunked = TcpStream::connect(addr).await.unwrap();
     let req = format!("{chunked_head}{}", chunk(&full[..BODY / 2]));
     chunked.write_all(req.as_bytes()).await.unwrap();
     support::eventually("the chunked body's first half is counted", || async {
-        gw.gateway().bodies.available_permits() == BODY / 2
+        room() == BODY / 2 + 1
     })
     .await;
     let rest = format!("{}0\r\n\r\n", chunk(&full[BODY / 2..]));
     chunked.write_all(rest.as_bytes()).await.unwrap();
     assert_eq!(status(&read_all(chunked).await), "200");
-    // The other slow body is served when it ends, and the room is whole again.
     let mut second = slow.remove(0);
-    second.write_all(&full.as_bytes()[BODY / 2..]).await.unwrap();
+    second
+        .write_all(&full.as_bytes()[BODY - 1..])
+        .await
+        .unwrap();
     assert_eq!(status(&read_all(second).await), "200");
-    support::eventually("the room is given back", || async {
-        gw.gateway().bodies.available_permits() == 2 * BODY
-    })
-    .await;
+    support::eventually("the room is whole again", || async { room() == 2 * BODY }).await;
     let ok = raw_exchange(addr, head, INIT).await;
     assert_eq!(status(&ok), "200", "{ok}");
+    drop(idle);
 }

@@ -137,7 +137,12 @@ async fn a_tool_hidden_by_its_labels_cannot_be_called() {
         };
         let result = match msg["method"].as_str().unwrap() {
             "initialize" => json!({"protocolVersion":"2025-11-25",
-                "capabilities":{"tools":{}}, "serverInfo":{"name":"labels","version":"1"}}),
+                "capabilities":{"tools":{}, "resources":{}}, "serverInfo":{"name":"labels","version":"1"}}),
+            "resources/list" => json!({"resources": [{"uri": "mem://plain", "name": "plain"}]}),
+            "resources/templates/list" => json!({"resourceTemplates": [
+                {"uriTemplate": "secret://{id}", "name": "secret", "_meta": {"gatehouse/labels": ["destructive"]}},
+                {"uriTemplate": "open://{id}", "name": "open"}]}),
+            "resources/read" => json!({"contents": [{"uri": msg["params"]["uri"], "text": "read"}]}),
             "tools/list" if msg["params"]["cursor"].is_null() => json!({
                 "tools": [tool("wipe", json!({"annotations": {"destructiveHint": true}})),
                           tool("look", json!({"annotations": {"readOnlyHint": true}}))],
@@ -196,6 +201,37 @@ async fn a_tool_hidden_by_its_labels_cannot_be_called() {
         "no hidden tool reached the server"
     );
     assert_eq!(c.tool_text(12, "u__look", json!({})).await, "done");
+    // A tool its server does not list cannot be judged by the filters: refused, not let by.
+    let r = c
+        .call(
+            13,
+            "tools/call",
+            json!({"name": "u__ghost", "arguments": {}}),
+        )
+        .await;
+    let (code, msg) = err(&r);
+    assert_eq!(code, -32030, "{r}");
+    assert!(msg.contains("cannot be judged"), "{msg}");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "only the shown tool reached the server"
+    );
+    // A resource is judged as itself and as the template it matches.
+    let read = |id: u64, uri: &'static str| {
+        let c = &c;
+        async move { c.call(id, "resources/read", json!({"uri": uri})).await }
+    };
+    assert_eq!(
+        read(14, "mem://plain").await["result"]["contents"][0]["text"],
+        "read"
+    );
+    assert_eq!(
+        read(15, "open://1").await["result"]["contents"][0]["text"],
+        "read"
+    );
+    let r = read(16, "secret://1").await;
+    assert_eq!(err(&r).0, -32030, "an instance of a hidden template: {r}");
     // Shown because of a label: an allow rule lets the call through too.
     let cfg = cfg.replace("deny_labels: [destructive]", "allow_labels: [read-only]");
     let gw = TestGateway::start(&cfg, &[upstream]).await;

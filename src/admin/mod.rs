@@ -35,7 +35,7 @@ mod views;
 use crate::auth::AuthError;
 use crate::body::Body;
 use crate::gateway::Gateway;
-use crate::mcp::front::{FrontError, read_body};
+use crate::mcp::front::{FrontError, read_trusted_body};
 use crate::orchestrator::{
     LogOptions, McpServerSpec, OrchestratorError, Runtime, ServerDef, ServerStatus,
 };
@@ -873,7 +873,7 @@ async fn json_body(gw: &Gateway, req: Request<hyper::body::Incoming>) -> Result<
     if !is_json {
         return Err(AdminError::ContentType);
     }
-    read_body(gw, req).await.map_err(AdminError::Body)
+    read_trusted_body(gw, req).await.map_err(AdminError::Body)
 }
 
 fn configured_here(gw: &Gateway, name: &str) -> Result<(), AdminError> {

@@ -173,6 +173,10 @@ impl FrontError {
                 resp.headers_mut()
                     .insert(ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
             }
+            FrontError::BodiesBusy => {
+                resp.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
             _ => {}
         }
         resp
@@ -545,12 +549,33 @@ fn session_of(
     Ok(session)
 }
 
-/// Reads a request body within the configured size and time limits.
+/// Reads a client's request body within the configured size and time limits, and within the
+/// room all clients' bodies share.
 pub(crate) async fn read_body(
     gw: &Gateway,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Bytes, FrontError> {
     let limit = gw.config.mcp.max_body_bytes;
+    read_within(gw, req, limit, Some(&gw.bodies)).await
+}
+
+/// Reads the body of a request from the gateway's operators or its other replicas (the admin
+/// API, the relay), already authenticated: not from the room clients' bodies share, which
+/// clients could fill.
+pub(crate) async fn read_trusted_body(
+    gw: &Gateway,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Bytes, FrontError> {
+    let limit = gw.config.mcp.max_body_bytes;
+    read_within(gw, req, limit, None).await
+}
+
+async fn read_within(
+    gw: &Gateway,
+    req: Request<hyper::body::Incoming>,
+    limit: usize,
+    shared: Option<&tokio::sync::Semaphore>,
+) -> Result<Bytes, FrontError> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -559,19 +584,11 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(FrontError::TooLarge(limit));
     }
-    // Room for what is read is taken from the room all bodies share as it arrives (the
-    // declared length at once): past it, the request is refused rather than buffered, so
-    // that many slow bodies (one caller's HTTP/2 streams) cannot hold the gateway's memory.
-    let mut room = match declared {
-        Some(n) => gw
-            .bodies
-            .try_acquire_many(n as u32)
-            .map_err(|_| FrontError::BodiesBusy)?,
-        None => gw
-            .bodies
-            .try_acquire_many(0)
-            .map_err(|_| FrontError::BodiesBusy)?,
-    };
+    // Room for what is read is taken from the room all bodies share as bytes arrive (not as
+    // declared: a declared length costs nothing to send): past it, the request is refused
+    // rather than buffered, so that many slow bodies (one caller's HTTP/2 streams) cannot
+    // hold the gateway's memory.
+    let mut room: Option<tokio::sync::SemaphorePermit<'_>> = None;
     let read = async {
         let mut body = req.into_body();
         let mut chunks: Vec<Bytes> = Vec::new();
@@ -585,12 +602,17 @@ pub(crate) async fn read_body(
             if len > limit {
                 return Err(FrontError::TooLarge(limit));
             }
-            if let Some(more) = len.checked_sub(room.num_permits()).filter(|n| *n > 0) {
-                room.merge(
-                    gw.bodies
+            if let Some(shared) = shared {
+                let held = room.as_ref().map_or(0, |r| r.num_permits());
+                if let Some(more) = len.checked_sub(held).filter(|n| *n > 0) {
+                    let taken = shared
                         .try_acquire_many(more as u32)
-                        .map_err(|_| FrontError::BodiesBusy)?,
-                );
+                        .map_err(|_| FrontError::BodiesBusy)?;
+                    match &mut room {
+                        Some(r) => r.merge(taken),
+                        None => room = Some(taken),
+                    }
+                }
             }
             chunks.push(data);
         }

@@ -30,7 +30,17 @@ pub struct Policy {
     /// Where denials are recorded (when the trail is on).
     audit: Option<Arc<Audit>>,
     /// The target as its server lists it ([`Policy::learn_target`]).
-    listed: Option<ListEntry>,
+    target: Target,
+}
+
+/// How a call's target is listed, for the filter-list plugins.
+enum Target {
+    /// Not read (no plugin filters listings, or the call names no target).
+    NotRead,
+    /// The entries that stand for it: its own, or a resource's URI and its template.
+    Listed(Vec<ListEntry>),
+    /// Its server does not list it, or its lists could not be read: why.
+    Unlisted(String),
 }
 
 impl Policy {
@@ -53,19 +63,70 @@ impl Policy {
             claims: caller.claims.clone(),
             session_id: caller.session_id.clone(),
             audit: audit.filter(|a| a.is_on()).cloned(),
-            listed: None,
+            target: Target::NotRead,
         })
     }
 
-    /// Reads how upstream `index` lists the call's target (a `kind` entry), when a plugin
-    /// filters listings: such a plugin then judges the call by the entry the caller's listing
-    /// would show, labels and description included, not by its name alone.
-    pub async fn learn_target(&mut self, session: &Session, index: usize, kind: EntryKind) {
+    /// Reads how upstream `index` lists the call's target (an entry of one of `kinds`, the
+    /// first found), when a plugin filters listings: such a plugin then judges the call by the
+    /// entries the caller's listing would show, labels and description included, not by its
+    /// name alone. A resource that no listed resource is, is judged as its URI and as the
+    /// template it matches. A target its server does not list, or whose lists cannot be read,
+    /// cannot be judged, and is refused: the filters fail closed.
+    pub async fn learn_target(&mut self, session: &Session, index: usize, kinds: &[EntryKind]) {
         if !self.set.filters_lists() {
             return;
         }
-        if let Some(name) = self.name.as_deref() {
-            self.listed = listed_target(session, index, kind, name).await;
+        let Some(name) = self.name.clone() else {
+            return;
+        };
+        let mut unreadable = None;
+        for kind in kinds {
+            match listed_target(session, index, *kind, &name).await {
+                Ok(Some(entry)) => {
+                    self.target = Target::Listed(vec![entry]);
+                    return;
+                }
+                Ok(None) => {}
+                Err(why) => unreadable = Some(why),
+            }
+        }
+        if kinds.contains(&EntryKind::Resource) {
+            match matching_template(session, index, &name).await {
+                Ok(Some(template)) => {
+                    let own = ListEntry {
+                        kind: EntryKind::Resource,
+                        name: name.clone(),
+                        description: None,
+                        labels: Vec::new(),
+                    };
+                    self.target = Target::Listed(vec![own, template]);
+                    return;
+                }
+                Ok(None) => {}
+                Err(why) => unreadable = Some(why),
+            }
+        }
+        self.target = Target::Unlisted(unreadable.unwrap_or_else(|| {
+            format!("its server does not list it (within {MAX_TARGET_PAGES} pages)")
+        }));
+    }
+
+    /// The entries the plugins judge the target by (`None`: by name), or the refusal of a
+    /// target that cannot be judged.
+    fn listed(&self) -> Result<Option<&[ListEntry]>, Denied> {
+        match &self.target {
+            Target::NotRead => Ok(None),
+            Target::Listed(entries) => Ok(Some(entries)),
+            Target::Unlisted(why) => Err(Denied {
+                plugin: self.set.list_filter().unwrap_or_else(|| Arc::from("lists")),
+                code: crate::plugins::POLICY_DENIED,
+                message: format!(
+                    "{} cannot be judged by the list filters: {why}",
+                    self.name.as_deref().unwrap_or_default()
+                ),
+                fault: None,
+            }),
         }
     }
 
@@ -84,10 +145,14 @@ impl Policy {
 
     /// Runs the on-request chain over the call's arguments (raw JSON).
     pub async fn on_request(&self, arguments: &str) -> Decision {
-        let decision = self
-            .set
-            .on_request_listed(&self.ctx(), self.listed.as_ref(), arguments)
-            .await;
+        let decision = match self.listed() {
+            Ok(listed) => {
+                self.set
+                    .on_request_listed(&self.ctx(), listed, arguments)
+                    .await
+            }
+            Err(d) => Decision::Deny(d),
+        };
         if let Decision::Deny(d) = &decision {
             self.record_denial(d);
         }
@@ -97,10 +162,10 @@ impl Policy {
     /// Runs the on-request chain over params the gateway sends as they are: a rewrite is
     /// refused ([`crate::plugins::PluginSet::on_request_as_is`]).
     pub async fn on_request_as_is(&self, params: &str) -> Decision {
-        let decision = self
-            .set
-            .on_request_as_is(&self.ctx(), self.listed.as_ref(), params)
-            .await;
+        let decision = match self.listed() {
+            Ok(listed) => self.set.on_request_as_is(&self.ctx(), listed, params).await,
+            Err(d) => Decision::Deny(d),
+        };
         if let Decision::Deny(d) = &decision {
             self.record_denial(d);
         }
@@ -109,10 +174,10 @@ impl Policy {
 
     /// Denies the call when the caller may not see the `kind` entry `name` it uses.
     pub async fn check_target(&self, kind: EntryKind, name: &str) -> Option<Denied> {
-        let denied = self
-            .set
-            .check_target(&self.ctx(), kind, name, self.listed.as_ref())
-            .await;
+        let denied = match self.listed() {
+            Ok(listed) => self.set.check_target(&self.ctx(), kind, name, listed).await,
+            Err(d) => Some(d),
+        };
         if let Some(d) = &denied {
             self.record_denial(d);
         }
@@ -258,29 +323,22 @@ pub async fn visible(
 }
 
 /// Most pages of a server's list read to find how it lists a call's target.
-const MAX_TARGET_PAGES: usize = 20;
+const MAX_TARGET_PAGES: usize = 50;
 
-/// The entry upstream `index` lists for `name` (a tool's or prompt's name, a resource's URI, a
-/// template's URI template), read from its list pages (the first one cached where the server
-/// announces changes); `None` when it does not list it or its list cannot be read.
-async fn listed_target(
+/// Calls `each` with every item of upstream `index`'s `method` list (`key` in its pages), page
+/// by page (the first cached where the server announces changes), until it returns true;
+/// `Err` says why a page could not be read.
+async fn walk_list(
     session: &Session,
     index: usize,
-    kind: EntryKind,
-    name: &str,
-) -> Option<ListEntry> {
-    let (method, key, named_by) = match kind {
-        EntryKind::Tool => ("tools/list", "tools", "name"),
-        EntryKind::Prompt => ("prompts/list", "prompts", "name"),
-        EntryKind::Resource => ("resources/list", "resources", "uri"),
-        EntryKind::ResourceTemplate => (
-            "resources/templates/list",
-            "resourceTemplates",
-            "uriTemplate",
-        ),
-        EntryKind::Server => return None,
-    };
-    let link = session.links().get(index)?;
+    method: &'static str,
+    key: &str,
+    mut each: impl FnMut(&RawValue) -> bool,
+) -> Result<(), String> {
+    let link = session
+        .links()
+        .get(index)
+        .ok_or_else(|| "no such server".to_owned())?;
     let mut cursor: Option<String> = None;
     for _ in 0..MAX_TARGET_PAGES {
         let page = match &cursor {
@@ -293,30 +351,97 @@ async fn listed_target(
                     .await
             }
         };
-        let Ok(jsonrpc::Outcome::Result(page)) = page else {
-            return None;
+        let page = match page {
+            Ok(jsonrpc::Outcome::Result(page)) => page,
+            Ok(jsonrpc::Outcome::Error(_)) => return Err(format!("its {method} failed")),
+            Err(e) => return Err(format!("its {method} failed: {e}")),
         };
-        let fields: BTreeMap<Cow<'_, str>, &RawValue> = serde_json::from_slice(&page).ok()?;
-        let items: Vec<&RawValue> = serde_json::from_str(fields.get(key)?.get()).ok()?;
-        for item in items {
-            let named: BTreeMap<Cow<'_, str>, &RawValue> =
-                serde_json::from_str(item.get()).unwrap_or_default();
-            let is_target = named
-                .get(named_by)
-                .and_then(|raw| serde_json::from_str::<Cow<'_, str>>(raw.get()).ok())
-                .is_some_and(|n| n == name);
-            if is_target {
-                return Some(entry(kind, item));
+        let fields: BTreeMap<Cow<'_, str>, &RawValue> = serde_json::from_slice(&page)
+            .map_err(|_| format!("its {method} answer is not an object"))?;
+        if let Some(items) = fields.get(key) {
+            let items: Vec<&RawValue> = serde_json::from_str(items.get())
+                .map_err(|_| format!("its {method} {key} are not a list"))?;
+            if items.into_iter().any(&mut each) {
+                return Ok(());
             }
         }
-        // The last page read without finding it: the server does not list it.
-        cursor = Some(
-            fields
-                .get("nextCursor")
-                .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())?,
-        );
+        cursor = match fields
+            .get("nextCursor")
+            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+        {
+            Some(next) => Some(next),
+            None => return Ok(()),
+        };
     }
-    None
+    Ok(())
+}
+
+/// The text of member `key` of a listing item, when it is a string.
+fn member_text<'a>(item: &'a RawValue, key: &str) -> Option<Cow<'a, str>> {
+    let members: BTreeMap<Cow<'_, str>, &RawValue> = serde_json::from_str(item.get()).ok()?;
+    serde_json::from_str::<Cow<'_, str>>(members.get(key)?.get())
+        .ok()
+        .map(|t| Cow::Owned(t.into_owned()))
+}
+
+/// The entry upstream `index` lists for `name` (a tool's or prompt's name, a resource's URI, a
+/// template's URI template): `Ok(None)` when it does not list it.
+async fn listed_target(
+    session: &Session,
+    index: usize,
+    kind: EntryKind,
+    name: &str,
+) -> Result<Option<ListEntry>, String> {
+    let (method, key, named_by) = match kind {
+        EntryKind::Tool => ("tools/list", "tools", "name"),
+        EntryKind::Prompt => ("prompts/list", "prompts", "name"),
+        EntryKind::Resource => ("resources/list", "resources", "uri"),
+        EntryKind::ResourceTemplate => (
+            "resources/templates/list",
+            "resourceTemplates",
+            "uriTemplate",
+        ),
+        EntryKind::Server => return Ok(None),
+    };
+    let mut found = None;
+    walk_list(session, index, method, key, |item| {
+        if member_text(item, named_by).is_some_and(|n| n == name) {
+            found = Some(entry(kind, item));
+        }
+        found.is_some()
+    })
+    .await?;
+    Ok(found)
+}
+
+/// The template of upstream `index` that resource `uri` matches (the longest literal prefix,
+/// as the router routes by), if any.
+async fn matching_template(
+    session: &Session,
+    index: usize,
+    uri: &str,
+) -> Result<Option<ListEntry>, String> {
+    let mut best: Option<(usize, ListEntry)> = None;
+    walk_list(
+        session,
+        index,
+        "resources/templates/list",
+        "resourceTemplates",
+        |item| {
+            if let Some(template) = member_text(item, "uriTemplate") {
+                let prefix = template.split('{').next().unwrap_or_default();
+                if !prefix.is_empty()
+                    && uri.starts_with(prefix)
+                    && best.as_ref().is_none_or(|(len, _)| prefix.len() > *len)
+                {
+                    best = Some((prefix.len(), entry(EntryKind::ResourceTemplate, item)));
+                }
+            }
+            false
+        },
+    )
+    .await?;
+    Ok(best.map(|(_, e)| e))
 }
 
 /// A listing item as a [`ListEntry`]: its name (URI for resources), description and labels.
@@ -331,8 +456,9 @@ fn entry(kind: EntryKind, item: &RawValue) -> ListEntry {
         #[serde(rename = "uriTemplate")]
         uri_template: Option<String>,
         description: Option<String>,
-        #[serde(default)]
-        annotations: BTreeMap<String, serde_json::Value>,
+        // Read as text: a server's annotations are never a value tree of its choosing.
+        #[serde(borrow, default)]
+        annotations: BTreeMap<Cow<'a, str>, &'a RawValue>,
         #[serde(borrow, rename = "_meta")]
         meta: Option<BTreeMap<Cow<'a, str>, &'a RawValue>>,
     }
@@ -349,7 +475,7 @@ fn entry(kind: EntryKind, item: &RawValue) -> ListEntry {
         ("openWorldHint", "open-world"),
     ]
     .iter()
-    .filter(|(hint, _)| it.annotations.get(*hint) == Some(&serde_json::Value::Bool(true)))
+    .filter(|(hint, _)| it.annotations.get(*hint).is_some_and(|v| v.get() == "true"))
     .map(|(_, label)| (*label).to_owned())
     .collect();
     if let Some(extra) = it

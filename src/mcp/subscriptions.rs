@@ -289,9 +289,14 @@ pub fn tagged(params: Option<&[u8]>, id: &[u8]) -> Vec<u8> {
     });
     let empty = raw(b"{}").expect("an object");
     let meta = jsonrpc::with_member(meta.unwrap_or(empty), SUBSCRIPTION_ID, id)
+        .or_else(|| jsonrpc::with_member(empty, SUBSCRIPTION_ID, id))
         .and_then(|m| RawValue::from_string(String::from_utf8(m).ok()?).ok())
         .expect("an object with a member is JSON");
-    jsonrpc::with_member(params.unwrap_or(empty), "_meta", &meta).expect("params are an object")
+    // Params the splice cannot read (a key no string can hold: a lone surrogate) are not
+    // passed on; the tag alone is.
+    jsonrpc::with_member(params.unwrap_or(empty), "_meta", &meta)
+        .or_else(|| jsonrpc::with_member(empty, "_meta", &meta))
+        .expect("an empty object with a member is JSON")
 }
 
 #[cfg(test)]
@@ -370,6 +375,9 @@ mod tests {
             serde_json::json!({"_meta": {SUBSCRIPTION_ID: "L"}})
         );
         assert_eq!(tag(Some("[1]")), tag(None));
+        // A key or `_meta` key no string can hold (a lone surrogate): the tag alone.
+        assert_eq!(tag(Some(r#"{"\ud800":1}"#)), tag(None));
+        assert_eq!(tag(Some(r#"{"_meta":{"\ud800":1}}"#)), tag(None));
         assert_eq!(tag(Some("not json")), tag(None));
     }
 

@@ -358,13 +358,14 @@ impl PluginSet {
             .await
     }
 
-    /// [`Self::on_request`] for a call whose target's server lists it as `listed`: the
-    /// filter-list plugins judge the entry the caller's listing would show (its labels and
-    /// description too), so an entry hidden by a label cannot be called either.
+    /// [`Self::on_request`] for a call whose target's server lists it as the `listed` entries
+    /// (a resource: its own entry, or its URI and the template it matches): the filter-list
+    /// plugins judge what the caller's listing would show (labels and description too), so
+    /// an entry hidden by a label cannot be called either; hidden as any, it is refused.
     pub async fn on_request_listed(
         &self,
         ctx: &CallContext<'_>,
-        listed: Option<&ListEntry>,
+        listed: Option<&[ListEntry]>,
         arguments_json: &str,
     ) -> Decision {
         self.request(ctx, listed, arguments_json, Mode::Async, Rewrites::Applied)
@@ -393,7 +394,7 @@ impl PluginSet {
     pub async fn on_request_as_is(
         &self,
         ctx: &CallContext<'_>,
-        listed: Option<&ListEntry>,
+        listed: Option<&[ListEntry]>,
         params_json: &str,
     ) -> Decision {
         self.request(ctx, listed, params_json, Mode::Async, Rewrites::Refused)
@@ -447,7 +448,7 @@ impl PluginSet {
     async fn request(
         &self,
         ctx: &CallContext<'_>,
-        listed: Option<&ListEntry>,
+        listed: Option<&[ListEntry]>,
         arguments_json: &str,
         mode: Mode,
         rewrites: Rewrites,
@@ -479,7 +480,7 @@ impl PluginSet {
     async fn check_visible(
         &self,
         ctx: &CallContext<'_>,
-        listed: Option<&ListEntry>,
+        listed: Option<&[ListEntry]>,
         mode: Mode,
     ) -> Option<Denied> {
         let kind = match ctx.method {
@@ -501,7 +502,7 @@ impl PluginSet {
         ctx: &CallContext<'_>,
         kind: EntryKind,
         name: &str,
-        listed: Option<&ListEntry>,
+        listed: Option<&[ListEntry]>,
     ) -> Option<Denied> {
         self.target_hidden(ctx, kind, name, listed, Mode::Async)
             .await
@@ -512,47 +513,60 @@ impl PluginSet {
         ctx: &CallContext<'_>,
         kind: EntryKind,
         name: &str,
-        listed: Option<&ListEntry>,
+        listed: Option<&[ListEntry]>,
         mode: Mode,
     ) -> Option<Denied> {
         // Asked before every call: skip building the one-entry listing when no plugin filters.
         if !self.filters_lists() {
             return None;
         }
-        let list_method = match kind {
-            EntryKind::Tool => "tools/list",
-            EntryKind::Prompt => "prompts/list",
-            EntryKind::Resource => "resources/list",
-            EntryKind::ResourceTemplate => "resources/templates/list",
-            EntryKind::Server => "servers/list",
-        };
-        let list_ctx = CallContext {
-            method: list_method,
-            name: None,
-            ..*ctx
-        };
         // As listed when the server lists it (a label may be what hides it), else by name.
-        let entry = match listed {
-            Some(e) if e.kind == kind && e.name == name => e.clone(),
-            _ => ListEntry {
-                kind,
-                name: name.to_string(),
-                description: None,
-                labels: Vec::new(),
-            },
-        };
-        match self
-            .hidden_by(&list_ctx, std::slice::from_ref(&entry), mode)
-            .await
-        {
-            Ok(hidden) => hidden[0].map(|i| Denied {
-                plugin: self.plugins[i].name.clone(),
-                code: POLICY_DENIED,
-                message: format!("{name} is not available to this caller"),
-                fault: None,
-            }),
-            Err(denied) => Some(denied),
+        let bare = [ListEntry {
+            kind,
+            name: name.to_string(),
+            description: None,
+            labels: Vec::new(),
+        }];
+        for entry in listed.unwrap_or(&bare) {
+            let list_method = match entry.kind {
+                EntryKind::Tool => "tools/list",
+                EntryKind::Prompt => "prompts/list",
+                EntryKind::Resource => "resources/list",
+                EntryKind::ResourceTemplate => "resources/templates/list",
+                EntryKind::Server => "servers/list",
+            };
+            let list_ctx = CallContext {
+                method: list_method,
+                name: None,
+                ..*ctx
+            };
+            match self
+                .hidden_by(&list_ctx, std::slice::from_ref(entry), mode)
+                .await
+            {
+                Ok(hidden) => {
+                    if let Some(i) = hidden[0] {
+                        return Some(Denied {
+                            plugin: self.plugins[i].name.clone(),
+                            code: POLICY_DENIED,
+                            message: format!("{name} is not available to this caller"),
+                            fault: None,
+                        });
+                    }
+                }
+                Err(denied) => return Some(denied),
+            }
         }
+        None
+    }
+
+    /// The first plugin that filters listings (it speaks for them when a call's target cannot
+    /// be judged).
+    pub fn list_filter(&self) -> Option<Arc<str>> {
+        self.plugins
+            .iter()
+            .find(|p| p.hooks.filter_list)
+            .map(|p| p.name.clone())
     }
 
     /// For each entry, the plugin that hid it, if any.

@@ -46,8 +46,8 @@ pub(super) async fn completion_policy(
     ) else {
         return Ok(None);
     };
+    policy.learn_target(session, index, kinds).await;
     for kind in kinds {
-        policy.learn_target(session, index, *kind).await;
         if let Some(d) = policy.check_target(*kind, name).await {
             return Err(d);
         }

@@ -383,7 +383,7 @@ pub async fn request(
                 } else {
                     EntryKind::Prompt
                 };
-                p.learn_target(session, index, kind).await;
+                p.learn_target(session, index, &[kind]).await;
             }
             let mut rewritten = None;
             if let Some(p) = &policy {
@@ -432,7 +432,7 @@ pub async fn request(
                 Some(&uri),
             );
             if let Some(p) = &mut policy {
-                p.learn_target(session, index, EntryKind::Resource).await;
+                p.learn_target(session, index, &[EntryKind::Resource]).await;
             }
             if let Some(p) = &policy
                 && let Decision::Deny(d) =
