@@ -288,7 +288,10 @@ impl Credentials {
         let value = match principal {
             Some(p) => match self.per_principal.get(p) {
                 Some(v) => Some(v.clone()),
-                // A principal that cannot be a header value (non-ASCII) has no credentials.
+                // A principal that cannot be a header value (non-ASCII), or could add to the
+                // template's structure (a `,`, `;`, `=`, quote or space: `alice; role=admin`
+                // in `user={principal}; role=reader`), has no credentials.
+                None if !fits_template(p) => None,
                 None => self.template.as_ref().and_then(|t| {
                     let mut v = HeaderValue::from_str(&t.replace("{principal}", p)).ok()?;
                     v.set_sensitive(true);
@@ -306,6 +309,16 @@ impl Credentials {
             None => Ok(None),
         }
     }
+}
+
+/// Whether `principal` may be put in a credentials template as it is: an HTTP token's
+/// characters, and the `@`, `:` and `/` of e-mail addresses and issuer-prefixed subjects;
+/// nothing that separates a header's parameters or list items.
+fn fits_template(principal: &str) -> bool {
+    !principal.is_empty()
+        && principal
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~@:/".contains(&b))
 }
 
 #[cfg(test)]
@@ -333,6 +346,25 @@ mod tests {
             v(Some("bad\nname")).is_err(),
             "a value that would break the header is refused"
         );
+        // Nothing a principal says can add to the template's structure.
+        for bad in [
+            "alice; role=admin",
+            "x, Bearer y",
+            "a b",
+            "a=b",
+            "a\"b",
+            "a\\b",
+        ] {
+            assert!(v(Some(bad)).is_err(), "{bad:?}");
+        }
+        for good in [
+            "alice@example.com",
+            "auth0|123",
+            "https://issuer/|sub",
+            "okta:alice",
+        ] {
+            assert_eq!(v(Some(good)), Ok(Some(format!("user={good}"))));
+        }
         assert!(!format!("{c:?}").contains("a-secret"), "not printed");
         let optional = creds("{template: 'x', required: false}").unwrap();
         assert_eq!(optional.for_principal(None), Ok(None));
