@@ -610,3 +610,77 @@ async fn the_plugin_engine_writes_a_perf_map_only_when_asked() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// A server process that writes its stderr as fast as it can does not flood the gateway's log:
+/// at most 100 of its lines a second are logged, and the rest are counted in one line.
+#[tokio::test]
+async fn a_chatty_servers_stderr_is_logged_within_a_rate() {
+    use tokio::io::AsyncBufReadExt;
+    let (port, dir) = scratch("chatty");
+    let config = dir.join("gatehouse.yaml");
+    // 20,000 lines on stderr, then an ordinary example server.
+    let script = r#"i=0; while [ $i -lt 20000 ]; do echo "noise $i"; i=$((i+1)); done >&2; exec "$0" example-server --name loud"#;
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{port}\nupstreams:\n  - name: loud\n    stdio: {{ command: sh, args: [\"-c\", {script:?}, {BIN:?}] }}\n"
+        ),
+    )
+    .unwrap();
+    let mut gateway = tokio::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("runs");
+    let mut lines = tokio::io::BufReader::new(gateway.stderr.take().unwrap()).lines();
+    // A session starts the server; its first call waits until the noise is written.
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let reading = tokio::spawn(async move {
+        let (mut noise, mut counted) = (0u64, 0u64);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("stderr: noise") {
+                noise += 1;
+            }
+            if let Some(n) = line
+                .split(" more stderr lines not logged")
+                .next()
+                .filter(|_| line.contains("more stderr lines not logged"))
+                .and_then(|head| head.rsplit(' ').next())
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                counted += n;
+            }
+            if noise + counted >= 20_000 {
+                break;
+            }
+        }
+        (noise, counted)
+    });
+    let mut client = None;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            let mut c = support::Client::new(url.clone());
+            c.initialize(serde_json::json!({})).await;
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let c = client.expect("the gateway listens");
+    assert_eq!(
+        c.tool_text(1, "echo", serde_json::json!({"text": "heard"}))
+            .await,
+        "heard"
+    );
+    let (noise, counted) = tokio::time::timeout(std::time::Duration::from_secs(30), reading)
+        .await
+        .expect("every line logged or counted")
+        .unwrap();
+    assert_eq!(noise + counted, 20_000);
+    assert!(noise <= 500, "{noise} lines logged");
+    let _ = gateway.kill().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -26,6 +26,8 @@ use crate::process::{self, ServerProcess, Stopped};
 const MAX_LINE: u64 = 64 * 1024 * 1024;
 /// Longest stderr line logged; the rest of a longer line is skipped, not buffered.
 const MAX_STDERR_LINE: usize = 8 * 1024;
+/// Most stderr lines of one server process logged a second.
+const STDERR_LINES_PER_SECOND: u32 = 100;
 /// Grace periods between shutdown steps.
 const GRACE: Duration = Duration::from_secs(2);
 
@@ -76,10 +78,48 @@ impl Connection {
         tokio::spawn(async move {
             let mut reader = BufReader::new(stderr);
             let mut line = Vec::new();
-            while let Ok(Some(cut)) = bounded_line(&mut reader, &mut line, MAX_STDERR_LINE).await {
+            // A chatty (or hostile) process cannot flood the gateway's log: past a number of
+            // lines a second, lines are counted, and the count is logged when the second ends.
+            let mut second = std::time::Instant::now();
+            let (mut logged, mut unlogged) = (0u32, 0u64);
+            let untold = |name: &str, n: u64| {
+                tracing::warn!(server = %name, "{n} more stderr lines not logged (over {STDERR_LINES_PER_SECOND} a second)");
+            };
+            loop {
+                let got = {
+                    let read = bounded_line(&mut reader, &mut line, MAX_STDERR_LINE);
+                    tokio::pin!(read);
+                    loop {
+                        let ends = tokio::time::Instant::from_std(second + Duration::from_secs(1));
+                        tokio::select! {
+                            got = &mut read => break got,
+                            () = tokio::time::sleep_until(ends), if unlogged > 0 => {
+                                untold(&name, unlogged);
+                                (second, logged, unlogged) = (std::time::Instant::now(), 0, 0);
+                            }
+                        }
+                    }
+                };
+                let Ok(Some(cut)) = got else {
+                    break;
+                };
+                if second.elapsed() >= Duration::from_secs(1) {
+                    if unlogged > 0 {
+                        untold(&name, unlogged);
+                    }
+                    (second, logged, unlogged) = (std::time::Instant::now(), 0, 0);
+                }
+                if logged >= STDERR_LINES_PER_SECOND {
+                    unlogged += 1;
+                    continue;
+                }
+                logged += 1;
                 let text = String::from_utf8_lossy(line.trim_ascii_end());
                 let more = if cut { " [line cut]" } else { "" };
                 tracing::info!(server = %name, "stderr: {text}{more}");
+            }
+            if unlogged > 0 {
+                untold(&name, unlogged);
             }
         });
         Ok(Connection::over(server, stdout, stdin, inbox, Some(proc)))
