@@ -141,7 +141,10 @@ async fn a_tool_hidden_by_its_labels_cannot_be_called() {
             "resources/list" => json!({"resources": [{"uri": "mem://plain", "name": "plain"}]}),
             "resources/templates/list" => json!({"resourceTemplates": [
                 {"uriTemplate": "secret://{id}", "name": "secret", "_meta": {"gatehouse/labels": ["destructive"]}},
-                {"uriTemplate": "open://{id}", "name": "open"}]}),
+                {"uriTemplate": "open://{id}", "name": "open", "_meta": {"gatehouse/labels": ["read-only"]}},
+                // Two templates with one literal prefix: an instance is judged by its own.
+                {"uriTemplate": "repo://{o}/readme", "name": "readme", "_meta": {"gatehouse/labels": ["read-only"]}},
+                {"uriTemplate": "repo://{o}/secrets", "name": "secrets", "_meta": {"gatehouse/labels": ["destructive"]}}]}),
             "resources/read" => json!({"contents": [{"uri": msg["params"]["uri"], "text": "read"}]}),
             "tools/list" if msg["params"]["cursor"].is_null() => json!({
                 "tools": [tool("wipe", json!({"annotations": {"destructiveHint": true}})),
@@ -211,7 +214,11 @@ async fn a_tool_hidden_by_its_labels_cannot_be_called() {
         .await;
     let (code, msg) = err(&r);
     assert_eq!(code, -32030, "{r}");
-    assert!(msg.contains("cannot be judged"), "{msg}");
+    // Said as of a hidden tool: a caller cannot tell what the server lists.
+    assert!(
+        msg.contains("ghost is not available to this caller"),
+        "{msg}"
+    );
     assert_eq!(
         calls.load(Ordering::SeqCst),
         1,
@@ -232,6 +239,12 @@ async fn a_tool_hidden_by_its_labels_cannot_be_called() {
     );
     let r = read(16, "secret://1").await;
     assert_eq!(err(&r).0, -32030, "an instance of a hidden template: {r}");
+    assert_eq!(
+        read(17, "repo://x/readme").await["result"]["contents"][0]["text"],
+        "read"
+    );
+    let r = read(18, "repo://x/secrets").await;
+    assert_eq!(err(&r).0, -32030, "judged by its own template: {r}");
     // Shown because of a label: an allow rule lets the call through too.
     let cfg = cfg.replace("deny_labels: [destructive]", "allow_labels: [read-only]");
     let gw = TestGateway::start(&cfg, &[upstream]).await;
@@ -242,6 +255,26 @@ async fn a_tool_hidden_by_its_labels_cannot_be_called() {
         .call(2, "tools/call", json!({"name": "wipe", "arguments": {}}))
         .await;
     assert_eq!(err(&r).0, -32030, "{r}");
+    // An instance carries its template's labels: shown by them, it can be read.
+    let read = |id: u64, uri: &'static str| {
+        let c = &c;
+        async move { c.call(id, "resources/read", json!({"uri": uri})).await }
+    };
+    assert_eq!(
+        read(3, "open://1").await["result"]["contents"][0]["text"],
+        "read"
+    );
+    assert_eq!(
+        read(4, "repo://x/readme").await["result"]["contents"][0]["text"],
+        "read"
+    );
+    for (id, uri) in [
+        (5, "secret://1"),
+        (6, "repo://x/secrets"),
+        (7, "mem://plain"),
+    ] {
+        assert_eq!(err(&read(id, uri).await).0, -32030, "{uri}");
+    }
 }
 
 #[tokio::test]

@@ -16,6 +16,7 @@ use crate::auth::Claims;
 use crate::mcp::jsonrpc::{self, Kind, Message};
 use crate::mcp::session::{Caller, MessagePolicy, Session};
 use crate::plugins::{CallContext, Decision, Denied, EntryKind, ListEntry, PluginSet};
+use crate::upstream::UpstreamError;
 
 /// One call as the plugins see it: method, upstream, and the name the upstream knows.
 pub struct Policy {
@@ -39,8 +40,8 @@ enum Target {
     NotRead,
     /// The entries that stand for it: its own, or a resource's URI and its template.
     Listed(Vec<ListEntry>),
-    /// Its server does not list it, or its lists could not be read: why.
-    Unlisted(String),
+    /// Its server does not list it (within [`MAX_TARGET_PAGES`]).
+    Unlisted,
 }
 
 impl Policy {
@@ -70,46 +71,46 @@ impl Policy {
     /// Reads how upstream `index` lists the call's target (an entry of one of `kinds`, the
     /// first found), when a plugin filters listings: such a plugin then judges the call by the
     /// entries the caller's listing would show, labels and description included, not by its
-    /// name alone. A resource that no listed resource is, is judged as its URI and as the
-    /// template it matches. A target its server does not list, or whose lists cannot be read,
-    /// cannot be judged, and is refused: the filters fail closed.
-    pub async fn learn_target(&mut self, session: &Session, index: usize, kinds: &[EntryKind]) {
+    /// name alone. A resource that no listed resource is, is judged as an instance of the
+    /// templates it matches (with their labels) and as each of them. A target its server does
+    /// not list cannot be judged, and is refused: the filters fail closed. `Err`: the server
+    /// failed, and the call answers with its failure.
+    pub async fn learn_target(
+        &mut self,
+        session: &Session,
+        index: usize,
+        kinds: &[EntryKind],
+    ) -> Result<(), UpstreamError> {
         if !self.set.filters_lists() {
-            return;
+            return Ok(());
         }
         let Some(name) = self.name.clone() else {
-            return;
+            return Ok(());
         };
-        let mut unreadable = None;
         for kind in kinds {
-            match listed_target(session, index, *kind, &name).await {
-                Ok(Some(entry)) => {
-                    self.target = Target::Listed(vec![entry]);
-                    return;
-                }
-                Ok(None) => {}
-                Err(why) => unreadable = Some(why),
+            if let Some(entry) = listed_target(session, index, *kind, &name).await? {
+                self.target = Target::Listed(vec![entry]);
+                return Ok(());
             }
         }
         if kinds.contains(&EntryKind::Resource) {
-            match matching_template(session, index, &name).await {
-                Ok(Some(template)) => {
-                    let own = ListEntry {
-                        kind: EntryKind::Resource,
-                        name: name.clone(),
-                        description: None,
-                        labels: Vec::new(),
-                    };
-                    self.target = Target::Listed(vec![own, template]);
-                    return;
-                }
-                Ok(None) => {}
-                Err(why) => unreadable = Some(why),
+            let templates = matching_templates(session, index, &name).await?;
+            if !templates.is_empty() {
+                let instance = ListEntry {
+                    kind: EntryKind::Resource,
+                    name: name.clone(),
+                    description: templates.iter().find_map(|t| t.description.clone()),
+                    labels: templates.iter().flat_map(|t| t.labels.clone()).collect(),
+                };
+                let mut entries = vec![instance];
+                entries.extend(templates);
+                self.target = Target::Listed(entries);
+                return Ok(());
             }
         }
-        self.target = Target::Unlisted(unreadable.unwrap_or_else(|| {
-            format!("its server does not list it (within {MAX_TARGET_PAGES} pages)")
-        }));
+        tracing::debug!(server = %self.server, target = %name, "not in its server's lists: refused while a plugin filters listings");
+        self.target = Target::Unlisted;
+        Ok(())
     }
 
     /// The entries the plugins judge the target by (`None`: by name), or the refusal of a
@@ -118,11 +119,12 @@ impl Policy {
         match &self.target {
             Target::NotRead => Ok(None),
             Target::Listed(entries) => Ok(Some(entries)),
-            Target::Unlisted(why) => Err(Denied {
+            // Said as a hidden entry is: a caller cannot tell what its server lists.
+            Target::Unlisted => Err(Denied {
                 plugin: self.set.list_filter().unwrap_or_else(|| Arc::from("lists")),
                 code: crate::plugins::POLICY_DENIED,
                 message: format!(
-                    "{} cannot be judged by the list filters: {why}",
+                    "{} is not available to this caller",
                     self.name.as_deref().unwrap_or_default()
                 ),
                 fault: None,
@@ -326,41 +328,41 @@ pub async fn visible(
 const MAX_TARGET_PAGES: usize = 50;
 
 /// Calls `each` with every item of upstream `index`'s `method` list (`key` in its pages), page
-/// by page (the first cached where the server announces changes), until it returns true;
-/// `Err` says why a page could not be read.
+/// by page (the first cached where the server announces changes), until it returns true. A
+/// page that is an error or cannot be read ends the walk (what it would have listed is not
+/// listed); `Err` is the upstream's failure, for the call to answer with.
 async fn walk_list(
     session: &Session,
     index: usize,
     method: &'static str,
     key: &str,
     mut each: impl FnMut(&RawValue) -> bool,
-) -> Result<(), String> {
-    let link = session
-        .links()
-        .get(index)
-        .ok_or_else(|| "no such server".to_owned())?;
+) -> Result<(), UpstreamError> {
+    let Some(link) = session.links().get(index) else {
+        return Ok(());
+    };
     let mut cursor: Option<String> = None;
     for _ in 0..MAX_TARGET_PAGES {
         let page = match &cursor {
-            None => link.first_page(method).await,
+            None => link.first_page(method).await?,
             Some(c) => {
                 let mut p = b"{\"cursor\":".to_vec();
                 crate::json_string::put(&mut p, c);
                 p.push(b'}');
                 link.call(method, Some(&p), crate::upstream::CallOpts::default())
-                    .await
+                    .await?
             }
         };
-        let page = match page {
-            Ok(jsonrpc::Outcome::Result(page)) => page,
-            Ok(jsonrpc::Outcome::Error(_)) => return Err(format!("its {method} failed")),
-            Err(e) => return Err(format!("its {method} failed: {e}")),
+        let jsonrpc::Outcome::Result(page) = page else {
+            return Ok(());
         };
-        let fields: BTreeMap<Cow<'_, str>, &RawValue> = serde_json::from_slice(&page)
-            .map_err(|_| format!("its {method} answer is not an object"))?;
+        let Ok(fields) = serde_json::from_slice::<BTreeMap<Cow<'_, str>, &RawValue>>(&page) else {
+            return Ok(());
+        };
         if let Some(items) = fields.get(key) {
-            let items: Vec<&RawValue> = serde_json::from_str(items.get())
-                .map_err(|_| format!("its {method} {key} are not a list"))?;
+            let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(items.get()) else {
+                return Ok(());
+            };
             if items.into_iter().any(&mut each) {
                 return Ok(());
             }
@@ -391,7 +393,7 @@ async fn listed_target(
     index: usize,
     kind: EntryKind,
     name: &str,
-) -> Result<Option<ListEntry>, String> {
+) -> Result<Option<ListEntry>, UpstreamError> {
     let (method, key, named_by) = match kind {
         EntryKind::Tool => ("tools/list", "tools", "name"),
         EntryKind::Prompt => ("prompts/list", "prompts", "name"),
@@ -414,34 +416,84 @@ async fn listed_target(
     Ok(found)
 }
 
-/// The template of upstream `index` that resource `uri` matches (the longest literal prefix,
-/// as the router routes by), if any.
-async fn matching_template(
+/// The templates of upstream `index` that resource `uri` is an instance of.
+async fn matching_templates(
     session: &Session,
     index: usize,
     uri: &str,
-) -> Result<Option<ListEntry>, String> {
-    let mut best: Option<(usize, ListEntry)> = None;
+) -> Result<Vec<ListEntry>, UpstreamError> {
+    let mut found = Vec::new();
     walk_list(
         session,
         index,
         "resources/templates/list",
         "resourceTemplates",
         |item| {
-            if let Some(template) = member_text(item, "uriTemplate") {
-                let prefix = template.split('{').next().unwrap_or_default();
-                if !prefix.is_empty()
-                    && uri.starts_with(prefix)
-                    && best.as_ref().is_none_or(|(len, _)| prefix.len() > *len)
-                {
-                    best = Some((prefix.len(), entry(EntryKind::ResourceTemplate, item)));
-                }
+            if member_text(item, "uriTemplate").is_some_and(|t| template_matches(&t, uri)) {
+                found.push(entry(EntryKind::ResourceTemplate, item));
             }
             false
         },
     )
     .await?;
-    Ok(best.map(|(_, e)| e))
+    Ok(found)
+}
+
+/// Longest template or URI matched against one another.
+const MAX_MATCHED: usize = 4096;
+
+/// Whether `uri` is an expansion of URI template `template` (RFC 6570, read loosely: each
+/// expression matches any run of the characters its operator may expand to). Linear in the
+/// URI per part of the template: a server's template cannot make it backtrack.
+fn template_matches(template: &str, uri: &str) -> bool {
+    if template.len() > MAX_MATCHED || uri.len() > MAX_MATCHED {
+        return false;
+    }
+    let uri = uri.as_bytes();
+    // Positions of `uri` the template's parts so far can end at.
+    let mut at = vec![false; uri.len() + 1];
+    at[0] = true;
+    let mut rest = template;
+    while !rest.is_empty() {
+        let mut next = vec![false; uri.len() + 1];
+        match rest.find('{') {
+            Some(0) => {
+                let Some(close) = rest.find('}') else {
+                    return false;
+                };
+                let op = rest[1..close].chars().next().unwrap_or(' ');
+                // The characters an expansion with this operator may hold.
+                let allowed = |b: u8| match op {
+                    '+' | '#' => true,
+                    '/' => !matches!(b, b'?' | b'#'),
+                    '?' | '&' => b != b'#',
+                    _ => !matches!(b, b'/' | b'?' | b'#'),
+                };
+                let mut open = false;
+                for i in 0..=uri.len() {
+                    open |= at[i];
+                    if open {
+                        next[i] = true;
+                    }
+                    if i < uri.len() && !allowed(uri[i]) {
+                        open = false;
+                    }
+                }
+                rest = &rest[close + 1..];
+            }
+            found => {
+                let literal = &rest[..found.unwrap_or(rest.len())];
+                for i in 0..uri.len() {
+                    if at[i] && uri[i..].starts_with(literal.as_bytes()) {
+                        next[i + literal.len()] = true;
+                    }
+                }
+                rest = &rest[literal.len()..];
+            }
+        }
+        at = next;
+    }
+    at[uri.len()]
 }
 
 /// A listing item as a [`ListEntry`]: its name (URI for resources), description and labels.
@@ -497,6 +549,36 @@ fn entry(kind: EntryKind, item: &RawValue) -> ListEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resources_match_the_templates_they_expand() {
+        for (template, uri) in [
+            ("file:///{path}", "file:///a.txt"),
+            ("repo://{o}/{r}/readme", "repo://me/x/readme"),
+            ("repo://{o}/readme", "repo://me/readme"),
+            ("docs://{+path}", "docs://a/b/c"),
+            ("search://q{?term,page}", "search://q?term=x&page=2"),
+            ("search://q{?term}", "search://q"),
+            ("tree://{/segments}", "tree:///a/b"),
+            ("page://x{#frag}", "page://x#top"),
+            ("exact://here", "exact://here"),
+        ] {
+            assert!(template_matches(template, uri), "{template} {uri}");
+        }
+        for (template, uri) in [
+            ("repo://{o}/readme", "repo://me/secrets"),
+            ("repo://{o}/secrets", "repo://me/x/secrets"),
+            ("file:///{path}", "file:///a/b"),
+            ("exact://here", "exact://here2"),
+            ("a{x}b", "ab/b"),
+            ("unclosed://{x", "unclosed://y"),
+        ] {
+            assert!(!template_matches(template, uri), "{template} {uri}");
+        }
+        // A template of many expressions costs linear work, not a backtracking search.
+        let many = "{a}".repeat(1000);
+        assert!(!template_matches(&many, &format!("{}/", "x".repeat(3000))));
+    }
 
     #[test]
     fn entries_carry_hints_and_meta_labels() {

@@ -25,6 +25,23 @@ use super::{
     string_field,
 };
 
+/// Why a completion is not sent.
+pub(super) enum Refused {
+    /// A plugin said no.
+    Denied(crate::plugins::Denied),
+    /// The server failed while its lists were read for the plugins.
+    Upstream(UpstreamError),
+}
+
+impl Refused {
+    fn reply(&self, id: &[u8]) -> Reply {
+        match self {
+            Refused::Denied(d) => denied(id, d),
+            Refused::Upstream(e) => super::upstream_failed(id, e),
+        }
+    }
+}
+
 /// The policy of a completion of the entry `name` on upstream `index`: denied when the caller
 /// may not see it as any of `kinds`, or when the on-request chain refuses the `argument`.
 pub(super) async fn completion_policy(
@@ -34,7 +51,7 @@ pub(super) async fn completion_policy(
     kinds: &[EntryKind],
     name: &str,
     f: &Fields<'_>,
-) -> Result<Option<Policy>, crate::plugins::Denied> {
+) -> Result<Option<Policy>, Refused> {
     let plugins = sv.plugins.current();
     let Some(mut policy) = Policy::for_call(
         &plugins,
@@ -46,17 +63,20 @@ pub(super) async fn completion_policy(
     ) else {
         return Ok(None);
     };
-    policy.learn_target(session, index, kinds).await;
+    policy
+        .learn_target(session, index, kinds)
+        .await
+        .map_err(Refused::Upstream)?;
     for kind in kinds {
         if let Some(d) = policy.check_target(*kind, name).await {
-            return Err(d);
+            return Err(Refused::Denied(d));
         }
     }
     let argument = f.get("argument").map_or("{}", |a| a.get());
     // A completion's argument is not rewritten (it is what the user is typing): a plugin that
     // would change it refuses the completion rather than let it go on unchanged.
     match super::on_request_as_is(sv, &policy, argument).await {
-        Decision::Deny(d) => Err(d),
+        Decision::Deny(d) => Err(Refused::Denied(d)),
         Decision::Allow | Decision::Rewrite(_) => Ok(Some(policy)),
     }
 }
@@ -110,7 +130,7 @@ pub(super) async fn complete(
             .await
             {
                 Ok(p) => p,
-                Err(d) => return denied(&id, &d),
+                Err(r) => return r.reply(&id),
             };
             let local = json_string(local);
             rf.insert(Cow::Borrowed("name"), &local);
@@ -154,7 +174,7 @@ pub(super) async fn complete(
                     )
                     .await
                 }
-                Err(d) => denied(&id, &d),
+                Err(r) => r.reply(&id),
             }
         }
         _ => invalid_params(&id, "params.ref.type must be ref/prompt or ref/resource"),

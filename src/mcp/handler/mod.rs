@@ -155,6 +155,11 @@ fn denied(id: &[u8], d: &crate::plugins::Denied) -> Reply {
     Reply::Json(jsonrpc::error_response(Some(id), d.code, &d.to_string()))
 }
 
+/// The answer to a request whose server failed before it was sent (its code, as a call's).
+fn upstream_failed(id: &[u8], e: &crate::upstream::UpstreamError) -> Reply {
+    Reply::Json(jsonrpc::error_response(Some(id), e.code(), &e.to_string()))
+}
+
 /// Runs an upstream's answer (result or error) through the result chains: the frame for the
 /// client and the metric outcome. A rewrite must keep the answer's shape (valid JSON for a
 /// result, a JSON-RPC error object for an error).
@@ -383,7 +388,9 @@ pub async fn request(
                 } else {
                     EntryKind::Prompt
                 };
-                p.learn_target(session, index, &[kind]).await;
+                if let Err(e) = p.learn_target(session, index, &[kind]).await {
+                    return upstream_failed(&id, &e);
+                }
             }
             let mut rewritten = None;
             if let Some(p) = &policy {
@@ -431,8 +438,10 @@ pub async fn request(
                 &session.topology().servers[index].name,
                 Some(&uri),
             );
-            if let Some(p) = &mut policy {
-                p.learn_target(session, index, &[EntryKind::Resource]).await;
+            if let Some(p) = &mut policy
+                && let Err(e) = p.learn_target(session, index, &[EntryKind::Resource]).await
+            {
+                return upstream_failed(&id, &e);
             }
             if let Some(p) = &policy
                 && let Decision::Deny(d) =
