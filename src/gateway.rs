@@ -546,6 +546,11 @@ impl Gateway {
             self.forget_portable(id);
         }
         self.end_session(id);
+        if self.portable.is_some() {
+            // Its plugins' state too, wherever it is kept: a portable session ends only so
+            // (it may have been served here long ago, or never).
+            self.plugins.current().end_session(id);
+        }
     }
 
     /// Remembers that a portable session was deleted, so that its id opens nothing here again.
@@ -681,7 +686,11 @@ impl Gateway {
 
     /// Ends a session that no map holds any more: its streams now, its upstreams in the background.
     fn retire(&self, session: Arc<Session>) {
-        self.plugins.current().end_session(&session.id);
+        match session.is_portable() {
+            // Its client may come back to another replica, or to this one once it is restored.
+            true => self.plugins.current().leave_session(&session.id),
+            false => self.plugins.current().end_session(&session.id),
+        }
         session.end();
         tokio::spawn(async move { session.close().await });
     }

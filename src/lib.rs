@@ -181,7 +181,18 @@ pub async fn start_with(
     gateway.refresh_topology().await;
     gateway.listings_loaded().await;
     let relay = match gateway.orchestrator.as_ref().and_then(|o| o.relay()) {
-        Some(access) => Some(relay::serve(gateway.clone(), access).await?),
+        Some(access) => {
+            // Replicas that elect a leader share the plugins' state through it.
+            let leader =
+                plugins::leader::Leader::new(access.leading(), access.holder(), access.secrets());
+            let session_idle = gateway.config.mcp.session_idle_timeout.saturating_mul(2);
+            gateway
+                .plugins
+                .current()
+                .state()
+                .share_through(leader, session_idle);
+            Some(relay::serve(gateway.clone(), access).await?)
+        }
         None => None,
     };
     let tls_reload = listener_tls.as_ref().map(|t| t.spawn_reload());

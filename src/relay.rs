@@ -21,6 +21,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use http::header::{ACCEPT, AUTHORIZATION, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sha2::{Digest, Sha256};
@@ -34,6 +35,7 @@ use crate::mcp::handler::{Reply, json_or_stream};
 use crate::mcp::jsonrpc::{self, Kind, Message, code};
 use crate::mcp::{front, session};
 use crate::orchestrator::RelayAccess;
+use crate::plugins;
 use crate::upstream::{CallOpts, Link, Recipient, Route, request_progress_token};
 
 /// Path prefix of the relayed servers.
@@ -79,6 +81,8 @@ enum RelayError {
     Parse(#[from] jsonrpc::ParseError),
     #[error(transparent)]
     Upstream(#[from] crate::upstream::UpstreamError),
+    #[error("not a plugin state operation: {0}")]
+    State(String),
 }
 
 impl RelayError {
@@ -94,7 +98,7 @@ impl RelayError {
             RelayError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             RelayError::Accept => StatusCode::NOT_ACCEPTABLE,
             RelayError::Front(e) => e.status(),
-            RelayError::Parse(_) => StatusCode::BAD_REQUEST,
+            RelayError::Parse(_) | RelayError::State(_) => StatusCode::BAD_REQUEST,
             RelayError::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -333,6 +337,9 @@ impl State {
         if !self.access.is_leading() {
             return Err(RelayError::NotLeading);
         }
+        if req.uri().path() == plugins::leader::PATH {
+            return self.plugin_state(req).await;
+        }
         let name = req
             .uri()
             .path()
@@ -365,6 +372,29 @@ impl State {
             }
             ref m => Err(RelayError::Method(m.clone())),
         }
+    }
+
+    /// A plugin state operation of another replica's call, run on the state this leader keeps.
+    async fn plugin_state(
+        &self,
+        req: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Body>, RelayError> {
+        if req.method() != Method::POST {
+            return Err(RelayError::Method(req.method().clone()));
+        }
+        let body = Limited::new(req.into_body(), plugins::leader::MAX_ASKED)
+            .collect()
+            .await
+            .map_err(|e| RelayError::State(e.to_string()))?
+            .to_bytes();
+        let asked: plugins::Asked =
+            serde_json::from_slice(&body).map_err(|e| RelayError::State(e.to_string()))?;
+        let outcome = self.gw.plugins.current().state().apply(&asked);
+        let answer = serde_json::to_vec(&outcome).map_err(|e| RelayError::State(e.to_string()))?;
+        Ok(Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Body::full(answer))
+            .expect("a valid response"))
     }
 
     fn session(&self, server: &str, id: &HeaderValue) -> Result<Arc<RelaySession>, RelayError> {

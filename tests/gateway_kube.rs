@@ -201,6 +201,16 @@ async fn replica_serving(
     id: &str,
     servers: &str,
 ) -> (TestGateway, Arc<KubeRuntime>) {
+    replica_with(fake, id, servers, "").await
+}
+
+/// A replica with `servers` and more top-level configuration (YAML).
+async fn replica_with(
+    fake: &FakeKube,
+    id: &str,
+    servers: &str,
+    extra: &str,
+) -> (TestGateway, Arc<KubeRuntime>) {
     let lease = LeaseSettings {
         lease_duration: Duration::from_millis(800),
         renew_every: Duration::from_millis(150),
@@ -228,7 +238,10 @@ async fn replica_serving(
     if !servers.is_empty() {
         yaml = format!("{yaml}\nservers:\n{servers}");
     }
-    let config = gatehouse::Config::from_yaml(&yaml).unwrap();
+    if !extra.is_empty() {
+        yaml = format!("{yaml}\n{extra}");
+    }
+    let config = gatehouse::Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     let runtime: Arc<dyn Runtime> = rt.clone();
     let running = gatehouse::start_with(config, Some(runtime)).await.unwrap();
     let gw = TestGateway {
@@ -387,8 +400,17 @@ async fn the_admin_api_cannot_escalate_through_a_definition() {
 
 /// Two replicas serving the same configuration; returns them as (leader, follower).
 async fn two_replicas(fake: &FakeKube, servers: &str) -> [(TestGateway, Arc<KubeRuntime>); 2] {
-    let a = replica_serving(fake, "replica-a", servers).await;
-    let b = replica_serving(fake, "replica-b", servers).await;
+    two_replicas_with(fake, servers, "").await
+}
+
+/// [`two_replicas`] with more top-level configuration.
+async fn two_replicas_with(
+    fake: &FakeKube,
+    servers: &str,
+    extra: &str,
+) -> [(TestGateway, Arc<KubeRuntime>); 2] {
+    let a = replica_with(fake, "replica-a", servers, extra).await;
+    let b = replica_with(fake, "replica-b", servers, extra).await;
     for _ in 0..250 {
         if a.1.is_leader() || b.1.is_leader() {
             break;
@@ -603,6 +625,34 @@ async fn the_relay_answers_only_the_replicas_and_only_on_the_leader() {
     )
     .await;
     assert_eq!(r.status, 400, "no session, no call: {}", r.body);
+    // Plugin state operations: the replicas' alone, and only the leader's.
+    let incr = json!({"plugin":"p","session":"","principal":"alice",
+        "action":{"op":"incr","scope":"principal","key":"k","delta":2,"ttl_ms":null}})
+    .to_string();
+    let r = post(leader_relay, "/plugin-state", None, incr.clone()).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = post(
+        relay_of(&follower),
+        "/plugin-state",
+        Some(&secret),
+        incr.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    let r = post(leader_relay, "/plugin-state", Some(&secret), "[1]".into()).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let huge = format!(r#"{{"plugin":"{}"}}"#, "p".repeat(600 * 1024));
+    let r = post(leader_relay, "/plugin-state", Some(&secret), huge).await;
+    assert_eq!(r.status, 400, "bounded: {}", r.body);
+    for want in [2, 4] {
+        let r = post(leader_relay, "/plugin-state", Some(&secret), incr.clone()).await;
+        assert_eq!(
+            (r.status, r.json()),
+            (200, json!({"count": want})),
+            "{}",
+            r.body
+        );
+    }
     let r = post(leader_relay, "/relay/tools", Some(&secret), init).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.headers.contains_key("mcp-session-id"));
@@ -614,6 +664,106 @@ async fn the_relay_answers_only_the_replicas_and_only_on_the_leader() {
     );
     leader.stop().await;
     follower.stop().await;
+}
+
+/// Plugin state is the leading replica's: a limit counts the calls of every replica, a portable
+/// session's count follows it from replica to replica and goes when it is deleted, and the
+/// follower keeps nothing itself. When the leader goes, the follower leads and counts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_count_a_limit_together_through_the_leader() {
+    let fake = FakeKube::start().await;
+    let dir = std::env::temp_dir().join(format!("gatehouse-kube-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("session-key");
+    std::fs::write(
+        &key,
+        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n",
+    )
+    .unwrap();
+    let extra = format!(
+        "upstreams:\n{}plugins:\n  modules:\n    - name: rl\n      path: {:?}\n      config: {{ limits: [ {{ tool: echo, calls: 4, window: 60s }}, {{ tool: add, calls: 2, window: 60s, per: session }} ] }}\n  chains:\n    - {{ name: all, plugins: [rl] }}\nmcp:\n  session_keys:\n    - {{ id: 1, file: {:?} }}",
+        support::example("a", &[], ""),
+        support::wasm("rate_limit"),
+        key
+    );
+    let [(leader, _rt_l), (follower, _rt_f)] = two_replicas_with(&fake, "", &extra).await;
+    let mut on_leader = leader.client();
+    on_leader.initialize(json!({})).await;
+    let mut on_follower = follower.client();
+    on_follower.initialize(json!({})).await;
+    let tools = on_follower.call(1, "tools/list", json!({})).await;
+    let name = |suffix: &str| {
+        support::tool_names(&tools)
+            .into_iter()
+            .find(|n| n.ends_with(suffix))
+            .unwrap_or_else(|| panic!("a tool named *{suffix}: {tools}"))
+    };
+    let (echo, add) = (name("echo"), name("add"));
+    let echo_call = json!({"name": echo, "arguments": {"text": "x"}});
+    // Four calls in all, two on each replica (the caller is anonymous on both: one principal).
+    for i in 0..2 {
+        for c in [&on_leader, &on_follower] {
+            let r = c.call(10 + i, "tools/call", echo_call.clone()).await;
+            assert_eq!(r["result"]["content"][0]["text"], "x", "{r}");
+        }
+    }
+    for c in [&on_follower, &on_leader] {
+        let r = c.call(20, "tools/call", echo_call.clone()).await;
+        assert_eq!(r["error"]["code"], -32029, "the fifth call, wherever: {r}");
+    }
+    let state_of = |gw: &TestGateway| gw.gateway().plugins.current().state().clone();
+    // A portable session's own limit (two calls) follows it to the other replica.
+    let add_call = json!({"name": add, "arguments": {"a": 1, "b": 2}});
+    let mut moving = follower.client();
+    moving.initialize(json!({})).await;
+    let r = moving.call(30, "tools/call", add_call.clone()).await;
+    assert_eq!(r["result"]["content"][0]["text"], "3", "{r}");
+    let mut there = moving.clone();
+    there.url = leader.url();
+    let r = there.call(31, "tools/call", add_call.clone()).await;
+    assert_eq!(r["result"]["content"][0]["text"], "3", "{r}");
+    let r = moving.call(32, "tools/call", add_call.clone()).await;
+    assert_eq!(r["error"]["code"], -32029, "the session's third call: {r}");
+    assert_eq!(state_of(&leader).sessions_with_state(), 1);
+    assert_eq!(
+        state_of(&follower).sessions_with_state(),
+        0,
+        "the follower keeps none"
+    );
+    // Deleted through the follower, the session's state goes from the leader.
+    let del = moving
+        .request("DELETE", Bytes::new())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = moving.send(del).await;
+    assert!(r.status == 200 || r.status == 202, "{}", r.body);
+    support::eventually("the deleted session's state goes", || {
+        let state = state_of(&leader);
+        async move { state.sessions_with_state() == 0 }
+    })
+    .await;
+    // The leader goes: the follower leads, and counts afresh (what it meanwhile cannot count
+    // it refuses, as a plugin failure).
+    leader.stop().await;
+    let mut served = false;
+    for i in 0..250 {
+        let r = on_follower
+            .call(40 + i, "tools/call", echo_call.clone())
+            .await;
+        if r["result"]["content"][0]["text"] == "x" {
+            served = true;
+            break;
+        }
+        let code = r["error"]["code"].as_i64();
+        assert!(
+            code == Some(-32031) || code == Some(-32029),
+            "refused while no leader counts, never let through uncounted: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "the follower leads and serves");
+    follower.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A catalog entry whose package is an OCI image (which the fake node runs as the example

@@ -336,6 +336,71 @@ async fn rate_limit_counts_per_session() {
     );
 }
 
+/// Where replicas share plugin state, a replica that does not lead asks the leader for each
+/// operation; when that cannot be done the plugin's call fails and the request is refused
+/// (fail closed): a limit that could not count must not let the call through.
+#[tokio::test]
+async fn a_state_operation_the_leader_cannot_run_refuses_the_call() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - name: rl\n      path: {:?}\n      config: {{ limits: [ {{ tool: echo, calls: 2, window: 60s }} ] }}\n  chains:\n    - {{ name: all, plugins: [rl] }}",
+        wasm("rate_limit")
+    );
+    let (gw, c) = gateway(&cfg).await;
+    // A port nothing listens on: the leader is known, and gone.
+    let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = format!("http://{}", gone.local_addr().unwrap());
+    drop(gone);
+    let (leading, leads) = tokio::sync::watch::channel(false);
+    let (_relay, relay) = tokio::sync::watch::channel(Some(dead));
+    let (_secret, secret) = tokio::sync::watch::channel(Some(std::sync::Arc::from("s")));
+    let state = gw.gateway().plugins.current().state().clone();
+    state.share_through(
+        gatehouse::plugins::leader::Leader::new(leads, relay, secret),
+        std::time::Duration::from_secs(60),
+    );
+    let call = json!({"name":"a__echo","arguments":{"text":"x"}});
+    let r = c.call(1, "tools/call", call.clone()).await;
+    let (code, msg) = err(&r);
+    assert_eq!(code, -32031, "{msg}");
+    assert!(
+        msg.contains("rl") && msg.contains("leading replica"),
+        "{msg}"
+    );
+    assert_eq!(
+        c.tool_text(2, "a__add", json!({"a":1,"b":1})).await,
+        "2",
+        "a call the plugin does not count for is served"
+    );
+    // Leading itself, the replica keeps the state: the limit counts from there.
+    leading.send_replace(true);
+    for i in 3..5 {
+        assert_eq!(c.tool_text(i, "a__echo", json!({"text":"x"})).await, "x");
+    }
+    let (code, msg) = err(&c.call(5, "tools/call", call.clone()).await);
+    assert_eq!(code, -32029, "{msg}");
+    // And what it kept goes when it stops leading (the next leader starts afresh).
+    leading.send_replace(false);
+    support::eventually("the state is dropped", || {
+        let state = state.clone();
+        async move { state.apply(&probe()) == gatehouse::plugins::Outcome::Value(None) }
+    })
+    .await;
+    gw.stop().await;
+}
+
+/// A read of the rate limit's first counter, as the anonymous caller.
+fn probe() -> gatehouse::plugins::Asked {
+    gatehouse::plugins::Asked {
+        plugin: "rl".into(),
+        session: String::new(),
+        principal: None,
+        action: gatehouse::plugins::Action::Get {
+            scope: gatehouse::plugins::Scope::Principal,
+            key: "limit-0".into(),
+        },
+    }
+}
+
 /// A limit counts every call it matches together: a caller that changes the name it asks for
 /// (a resource URI of its own making) neither dodges the limit nor makes a counter per name.
 #[tokio::test]

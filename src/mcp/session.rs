@@ -468,6 +468,11 @@ impl Session {
         lock(&self.listen).is_open()
     }
 
+    /// Whether any replica may serve it (its id is a sealed token).
+    pub fn is_portable(&self) -> bool {
+        self.portable.is_some()
+    }
+
     /// Whether a request is running in the session now.
     pub fn is_busy(&self) -> bool {
         self.busy.load(Ordering::Relaxed) > 0

@@ -177,6 +177,8 @@ pub struct RelayAccess {
     leading: tokio::sync::watch::Receiver<bool>,
     /// The replicas' shared secret, once read (or created).
     secret: tokio::sync::watch::Receiver<Option<Arc<str>>>,
+    /// The leader's relay (its base URL), when another replica leads.
+    holder: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 impl RelayAccess {
@@ -185,12 +187,14 @@ impl RelayAccess {
         listen: std::net::SocketAddr,
         leading: tokio::sync::watch::Receiver<bool>,
         secret: tokio::sync::watch::Receiver<Option<Arc<str>>>,
+        holder: tokio::sync::watch::Receiver<Option<String>>,
     ) -> Self {
         RelayAccess {
             listen,
             advertised: tokio::sync::watch::Sender::new(None),
             leading,
             secret,
+            holder,
         }
     }
 
@@ -217,6 +221,17 @@ impl RelayAccess {
     /// The shared secret, when known.
     pub fn secret(&self) -> Option<Arc<str>> {
         self.secret.borrow().clone()
+    }
+
+    /// Changes of the shared secret.
+    pub fn secrets(&self) -> tokio::sync::watch::Receiver<Option<Arc<str>>> {
+        self.secret.clone()
+    }
+
+    /// The leader's relay (its base URL) as it changes; `None` while this replica leads or
+    /// no leader is known.
+    pub fn holder(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.holder.clone()
     }
 }
 

@@ -4,9 +4,11 @@
 wasmtime::component::bindgen!({
     path: "wit",
     world: "plugin",
-    // Exports are called with `call_async` so a long call can yield to the runtime;
-    // imports stay synchronous (they never wait).
+    // Exports are called with `call_async` so a long call can yield to the runtime.
+    // Imports are synchronous (they never wait), except state: where replicas share it, an
+    // operation is a request to the leading replica, and one that cannot be made traps.
     exports: { default: async },
+    imports: { "gatehouse:plugin/state": async | trappable },
     // The call context and list entries go in as borrowed strings: the host already holds
     // them, and owned copies cost an allocation per string on every hook call.
     ownership: Borrowing { duplicate_if_necessary: false },

@@ -99,6 +99,9 @@ pub enum Fault {
     /// No instance could be created (instance pool exhausted, ...).
     #[error("could not be instantiated: {0}")]
     Unavailable(String),
+    /// A state operation could not be run (the replica that keeps the state is unreachable).
+    #[error("could not use its state: {0}")]
+    State(String),
 }
 
 impl Fault {
@@ -110,7 +113,7 @@ impl Fault {
             Fault::Trap(_) => FaultKind::Trap,
             Fault::Malformed(_) => FaultKind::Malformed,
             Fault::InitRejected(_) => FaultKind::Init,
-            Fault::Unavailable(_) => FaultKind::Unavailable,
+            Fault::Unavailable(_) | Fault::State(_) => FaultKind::Unavailable,
         }
     }
 }
@@ -129,6 +132,6 @@ pub enum FaultKind {
     /// See [`Fault::InitRejected`]. (A deadline or trap during `init` of a
     /// fresh instance counts as [`FaultKind::Deadline`] / [`FaultKind::Trap`].)
     Init,
-    /// See [`Fault::Unavailable`].
+    /// See [`Fault::Unavailable`] and [`Fault::State`].
     Unavailable,
 }

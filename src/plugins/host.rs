@@ -17,7 +17,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::gatehouse::plugin::{clock, log, state, types};
 use super::budget::{Budget, Mode};
-use super::state::{Caller, Scope, StateStore};
+use super::leader::Unavailable;
+use super::state::{Action, Asked, Caller, Outcome, Scope, StateStore};
 
 /// Longest log line kept from a plugin, in bytes.
 const MAX_LOG_LINE: usize = 4096;
@@ -218,52 +219,127 @@ fn scope(s: state::Scope) -> Scope {
     }
 }
 
+impl HostState {
+    /// Runs a state operation for the current call, here or on the leading replica. One that
+    /// cannot be run traps the guest: the call fails (closed, unless the plugin fails open)
+    /// rather than go on as though it had counted or remembered.
+    /// (The future holds no reference to the store data, which is not `Sync`.)
+    fn state(
+        &self,
+        action: Action,
+    ) -> impl Future<Output = wasmtime::Result<Outcome>> + Send + 'static {
+        let blocking = self.budget.mode == Mode::Blocking;
+        let store = self.store.clone();
+        let asked = Asked {
+            plugin: self.plugin.clone(),
+            session: self.session.clone(),
+            principal: self.principal.clone(),
+            action,
+        };
+        async move {
+            if blocking {
+                return Err(Unavailable::Blocking.into());
+            }
+            Ok(store.run(asked).await?)
+        }
+    }
+}
+
+/// What a state operation gave, where another was expected: a leader of another version.
+fn unexpected(outcome: Outcome) -> wasmtime::Error {
+    wasmtime::Error::msg(format!("unexpected plugin state outcome: {outcome:?}"))
+}
+
 impl state::Host for HostState {
-    fn get(&mut self, s: state::Scope, key: String) -> Option<String> {
-        self.store.get(&self.plugin, scope(s), self.caller(), &key)
+    async fn get(&mut self, s: state::Scope, key: String) -> wasmtime::Result<Option<String>> {
+        let scope = scope(s);
+        if self.store.local() {
+            return Ok(self.store.get(&self.plugin, scope, self.caller(), &key));
+        }
+        match self.state(Action::Get { scope, key }).await? {
+            Outcome::Value(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
     }
 
-    fn set(
+    async fn set(
         &mut self,
         s: state::Scope,
         key: String,
         value: String,
         ttl_ms: Option<u64>,
-    ) -> Result<(), String> {
-        self.store
-            .set(
-                &self.plugin,
-                scope(s),
-                self.caller(),
-                &key,
-                value,
-                ttl_ms.map(Duration::from_millis),
-            )
-            .map_err(|e| e.to_string())
+    ) -> wasmtime::Result<Result<(), String>> {
+        let scope = scope(s);
+        if self.store.local() {
+            return Ok(self
+                .store
+                .set(
+                    &self.plugin,
+                    scope,
+                    self.caller(),
+                    &key,
+                    value,
+                    ttl_ms.map(Duration::from_millis),
+                )
+                .map_err(|e| e.to_string()));
+        }
+        let action = Action::Set {
+            scope,
+            key,
+            value,
+            ttl_ms,
+        };
+        match self.state(action).await? {
+            Outcome::Done => Ok(Ok(())),
+            Outcome::Refused(e) => Ok(Err(e)),
+            other => Err(unexpected(other)),
+        }
     }
 
-    fn remove(&mut self, s: state::Scope, key: String) {
-        self.store
-            .remove(&self.plugin, scope(s), self.caller(), &key)
+    async fn remove(&mut self, s: state::Scope, key: String) -> wasmtime::Result<()> {
+        let scope = scope(s);
+        if self.store.local() {
+            self.store.remove(&self.plugin, scope, self.caller(), &key);
+            return Ok(());
+        }
+        match self.state(Action::Remove { scope, key }).await? {
+            Outcome::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
     }
 
-    fn incr(
+    async fn incr(
         &mut self,
         s: state::Scope,
         key: String,
         delta: i64,
         ttl_ms: Option<u64>,
-    ) -> Result<i64, String> {
-        self.store
-            .incr(
-                &self.plugin,
-                scope(s),
-                self.caller(),
-                &key,
-                delta,
-                ttl_ms.map(Duration::from_millis),
-            )
-            .map_err(|e| e.to_string())
+    ) -> wasmtime::Result<Result<i64, String>> {
+        let scope = scope(s);
+        if self.store.local() {
+            return Ok(self
+                .store
+                .incr(
+                    &self.plugin,
+                    scope,
+                    self.caller(),
+                    &key,
+                    delta,
+                    ttl_ms.map(Duration::from_millis),
+                )
+                .map_err(|e| e.to_string()));
+        }
+        let action = Action::Incr {
+            scope,
+            key,
+            delta,
+            ttl_ms,
+        };
+        match self.state(action).await? {
+            Outcome::Count(n) => Ok(Ok(n)),
+            Outcome::Refused(e) => Ok(Err(e)),
+            other => Err(unexpected(other)),
+        }
     }
 }
 

@@ -345,6 +345,9 @@ fn classify(
             asked,
         };
     }
+    if let Some(e) = err.downcast_ref::<super::leader::Unavailable>() {
+        return Fault::State(e.to_string());
+    }
     match err.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => Fault::Deadline(match phase {
             Phase::Call => cfg.deadline,

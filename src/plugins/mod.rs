@@ -61,6 +61,7 @@ mod engine;
 mod error;
 mod host;
 mod instance;
+pub mod leader;
 mod metrics;
 mod reload;
 mod state;
@@ -77,7 +78,7 @@ pub use error::{Fault, FaultKind, PluginError};
 pub use instance::Hooks;
 pub use metrics::{MetricsSnapshot, PluginMetrics};
 pub use reload::{Plugins, Watcher};
-pub use state::{Scope, StateError, StateStore};
+pub use state::{Action, Asked, Outcome, Scope, StateError, StateStore};
 
 use budget::Mode;
 use chain::Chain;
@@ -349,6 +350,12 @@ impl PluginSet {
     /// Drops the plugins' state for a session; call when it ends.
     pub fn end_session(&self, session_id: &str) {
         self.shared.state.end_session(session_id);
+    }
+
+    /// A portable session is no longer served here (it idled), though its client may come back
+    /// to any replica: see [`StateStore::leave_session`].
+    pub fn leave_session(&self, session_id: &str) {
+        self.shared.state.leave_session(session_id);
     }
 
     /// Runs the on-request chain. For a call to a tool, prompt or resource,

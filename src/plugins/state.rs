@@ -5,12 +5,20 @@
 //! scope owner (a session id, a principal, or the plugin itself), then by
 //! plugin name, so a plugin sees only its own keys and ending a session drops
 //! all of that session's state in one removal.
+//!
+//! With several replicas (Kubernetes, leader election and the relay), the state is the leading
+//! replica's: the others ask it for every operation ([`super::leader`]), so a rate limit counts
+//! every replica's calls and a taint follows a session to whichever replica serves it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+
+use super::leader::{Leader, Unavailable};
 
 /// Longest key a plugin may use, in bytes.
 pub const MAX_KEY_BYTES: usize = 256;
@@ -20,7 +28,8 @@ pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 pub const MAX_KEYS_PER_OWNER: usize = 1024;
 
 /// Whose state a key belongs to (mirrors the WIT `scope` enum).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Scope {
     /// The current MCP session.
     Session,
@@ -49,8 +58,25 @@ impl Slot {
 
 /// One plugin's keys for one owner.
 type Bucket = HashMap<String, Slot>;
+
 /// All plugins' buckets for one owner.
-type Owner = HashMap<Arc<str>, Bucket>;
+#[derive(Debug)]
+struct Owner {
+    plugins: HashMap<Arc<str>, Bucket>,
+    /// When a plugin last used it, in milliseconds since the store began: a portable session's
+    /// state held for other replicas is dropped once unused for long (none of them says when
+    /// it ends, unless deleted).
+    used: AtomicU64,
+}
+
+impl Owner {
+    fn new(now: u64) -> Owner {
+        Owner {
+            plugins: HashMap::new(),
+            used: AtomicU64::new(now),
+        }
+    }
+}
 
 /// Why a write was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,11 +97,83 @@ pub enum StateError {
 
 /// The host's plugin state, shared by a [`super::PluginSet`] and the sets
 /// that replace it on reload.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StateStore {
     sessions: DashMap<Box<str>, Owner>,
     principals: DashMap<Box<str>, Owner>,
     global: DashMap<Box<str>, Owner>,
+    /// Where `used` times count from.
+    epoch: Instant,
+    /// The replica that keeps the state when replicas share it, and how long a session's
+    /// state is kept unused there.
+    leader: OnceLock<(Leader, Duration)>,
+}
+
+impl Default for StateStore {
+    fn default() -> Self {
+        StateStore {
+            sessions: DashMap::new(),
+            principals: DashMap::new(),
+            global: DashMap::new(),
+            epoch: Instant::now(),
+            leader: OnceLock::new(),
+        }
+    }
+}
+
+/// One operation on a plugin's state: what a plugin asked, with whom it asked for; what a
+/// replica that does not lead sends the leader.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Asked {
+    /// The plugin whose keys these are.
+    pub plugin: Arc<str>,
+    /// The calling session's id (empty outside of a request).
+    pub session: String,
+    /// The calling principal.
+    pub principal: Option<String>,
+    /// What to do.
+    pub action: Action,
+}
+
+/// What a plugin (or the gateway) asks of the state: the WIT `state` functions, and the end of
+/// a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Action {
+    /// `get`.
+    Get { scope: Scope, key: String },
+    /// `set`.
+    Set {
+        scope: Scope,
+        key: String,
+        value: String,
+        ttl_ms: Option<u64>,
+    },
+    /// `remove`.
+    Remove { scope: Scope, key: String },
+    /// `incr`.
+    Incr {
+        scope: Scope,
+        key: String,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    },
+    /// The session ended: every plugin's state for it goes.
+    EndSession,
+}
+
+/// What an [`Action`] gave.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// `get`'s value.
+    Value(Option<String>),
+    /// `incr`'s new count.
+    Count(i64),
+    /// Done (`set`, `remove`, the end of a session).
+    Done,
+    /// A bound refused it.
+    Refused(String),
 }
 
 /// Who is calling, for resolving scope owners.
@@ -101,11 +199,116 @@ impl StateStore {
         })
     }
 
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Keeps the state on the leading replica from now on: while this replica does not lead,
+    /// every operation asks `leader`'s (and this store holds nothing), and a session's state is
+    /// kept there until the session is deleted, ends on a replica that does not carry it
+    /// elsewhere, or goes unused for `session_idle`. Call once, inside the runtime.
+    pub fn share_through(self: &Arc<Self>, leader: Leader, session_idle: Duration) {
+        let mut leading = leader.leading();
+        if self.leader.set((leader, session_idle)).is_err() {
+            return;
+        }
+        // What a replica kept while it led is not the state any more once another leads (that
+        // one starts afresh): dropped, so that it neither lingers nor comes back stale.
+        let store = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while leading.changed().await.is_ok() {
+                let led = *leading.borrow_and_update();
+                match store.upgrade() {
+                    Some(store) if !led => store.clear(),
+                    Some(_) => {}
+                    None => return,
+                }
+            }
+        });
+    }
+
+    /// Whether the state is kept here now (no other replica keeps it): operations can be
+    /// applied at once, without building what asking another replica takes.
+    pub fn local(&self) -> bool {
+        self.kept_elsewhere().is_none()
+    }
+
+    /// Whether replicas share the state (whichever keeps it now).
+    pub fn shared(&self) -> bool {
+        self.leader.get().is_some()
+    }
+
+    /// Whether another replica keeps the state.
+    fn kept_elsewhere(&self) -> Option<&Leader> {
+        self.leader.get().map(|(l, _)| l).filter(|l| !l.leads())
+    }
+
+    /// Runs what a plugin asked: here, or on the leading replica when replicas share state
+    /// (`None` when that one cannot be reached).
+    pub async fn run(&self, asked: Asked) -> Result<Outcome, Unavailable> {
+        match self.kept_elsewhere() {
+            Some(leader) => match leader.ask(&asked).await {
+                // It came to lead while waiting for a leader to be known.
+                Err(Unavailable::NoLeader) if leader.leads() => Ok(self.apply(&asked)),
+                asked => asked,
+            },
+            None => Ok(self.apply(&asked)),
+        }
+    }
+
+    /// Applies `asked` to this replica's state: what the leader does for the others too.
+    pub fn apply(&self, asked: &Asked) -> Outcome {
+        let caller = Caller {
+            session: &asked.session,
+            principal: asked.principal.as_deref(),
+        };
+        let ttl = |ms: &Option<u64>| ms.map(Duration::from_millis);
+        match &asked.action {
+            Action::Get { scope, key } => {
+                Outcome::Value(self.get(&asked.plugin, *scope, caller, key))
+            }
+            Action::Set {
+                scope,
+                key,
+                value,
+                ttl_ms,
+            } => match self.set(
+                &asked.plugin,
+                *scope,
+                caller,
+                key,
+                value.clone(),
+                ttl(ttl_ms),
+            ) {
+                Ok(()) => Outcome::Done,
+                Err(e) => Outcome::Refused(e.to_string()),
+            },
+            Action::Remove { scope, key } => {
+                self.remove(&asked.plugin, *scope, caller, key);
+                Outcome::Done
+            }
+            Action::Incr {
+                scope,
+                key,
+                delta,
+                ttl_ms,
+            } => match self.incr(&asked.plugin, *scope, caller, key, *delta, ttl(ttl_ms)) {
+                Ok(n) => Outcome::Count(n),
+                Err(e) => Outcome::Refused(e.to_string()),
+            },
+            Action::EndSession => {
+                self.sessions.remove(&*asked.session);
+                Outcome::Done
+            }
+        }
+    }
+
     /// The live value of `key`.
     pub fn get(&self, plugin: &str, scope: Scope, caller: Caller<'_>, key: &str) -> Option<String> {
         let (map, owner) = self.owner_of(scope, caller).ok()?;
         let owner = map.get(owner)?;
-        let slot = owner.get(plugin)?.get(key)?;
+        owner.used.store(self.now(), Ordering::Relaxed);
+        let slot = owner.plugins.get(plugin)?.get(key)?;
         slot.live(Instant::now()).then(|| slot.value.clone())
     }
 
@@ -125,8 +328,10 @@ impl StateStore {
         }
         let (map, owner) = self.owner_of(scope, caller)?;
         let now = Instant::now();
-        let mut owner = map.entry(owner.into()).or_default();
-        let bucket = owner.entry(plugin.clone()).or_default();
+        let used = self.now();
+        let mut owner = map.entry(owner.into()).or_insert_with(|| Owner::new(used));
+        *owner.used.get_mut() = used;
+        let bucket = owner.plugins.entry(plugin.clone()).or_default();
         make_room(bucket, key, now)?;
         bucket.insert(
             key.to_string(),
@@ -142,7 +347,7 @@ impl StateStore {
     pub fn remove(&self, plugin: &str, scope: Scope, caller: Caller<'_>, key: &str) {
         if let Ok((map, owner)) = self.owner_of(scope, caller)
             && let Some(mut owner) = map.get_mut(owner)
-            && let Some(bucket) = owner.get_mut(plugin)
+            && let Some(bucket) = owner.plugins.get_mut(plugin)
         {
             bucket.remove(key);
         }
@@ -163,9 +368,11 @@ impl StateStore {
         check_key(key)?;
         let (map, owner) = self.owner_of(scope, caller)?;
         let now = Instant::now();
+        let used = self.now();
         // The shard lock of `entry` makes read-modify-write atomic.
-        let mut owner = map.entry(owner.into()).or_default();
-        let bucket = owner.entry(plugin.clone()).or_default();
+        let mut owner = map.entry(owner.into()).or_insert_with(|| Owner::new(used));
+        *owner.used.get_mut() = used;
+        let bucket = owner.plugins.entry(plugin.clone()).or_default();
         if let Some(slot) = bucket.get_mut(key)
             && slot.live(now)
         {
@@ -184,21 +391,55 @@ impl StateStore {
         Ok(delta)
     }
 
-    /// Drops everything kept for a session (call when the session ends).
+    /// Drops everything kept for a session (call when the session ends): here, or on the
+    /// leading replica when replicas share state (in the background; what it cannot be told
+    /// goes once unused for long).
     pub fn end_session(&self, session: &str) {
-        self.sessions.remove(session);
+        match self.kept_elsewhere() {
+            Some(leader) => leader.tell(&Asked {
+                plugin: Arc::from(""),
+                session: session.to_owned(),
+                principal: None,
+                action: Action::EndSession,
+            }),
+            None => {
+                self.sessions.remove(session);
+            }
+        }
     }
 
-    /// Drops expired keys and empty owners.
+    /// A portable session is no longer served here, though its client may come back to any
+    /// replica: its state stays where replicas share it, and goes when they do not.
+    pub fn leave_session(&self, session: &str) {
+        if self.leader.get().is_none() {
+            self.sessions.remove(session);
+        }
+    }
+
+    /// Drops everything.
+    fn clear(&self) {
+        self.sessions.clear();
+        self.principals.clear();
+        self.global.clear();
+    }
+
+    /// Drops expired keys and empty owners, and where replicas share state, the state of
+    /// sessions unused for longer than they may idle.
     pub fn sweep(&self) {
         let now = Instant::now();
+        let idle = self.leader.get().map(|(_, idle)| idle.as_millis() as u64);
+        let used_since = self.now().saturating_sub(idle.unwrap_or(u64::MAX));
         for map in [&self.sessions, &self.principals, &self.global] {
+            let sessions = std::ptr::eq(map, &self.sessions);
             map.retain(|_, owner| {
-                owner.retain(|_, bucket| {
+                if sessions && idle.is_some() && *owner.used.get_mut() < used_since {
+                    return false;
+                }
+                owner.plugins.retain(|_, bucket| {
                     bucket.retain(|_, slot| slot.live(now));
                     !bucket.is_empty()
                 });
-                !owner.is_empty()
+                !owner.plugins.is_empty()
             });
         }
     }
@@ -287,6 +528,103 @@ mod tests {
         std::thread::sleep(Duration::from_millis(40));
         store.sweep();
         assert_eq!(store.get("p", Scope::Global, c, "n"), None);
+    }
+
+    /// The state of a session that another replica may still serve is kept when this one
+    /// lets it go, and dropped once unused for as long as it may idle (or deleted).
+    #[tokio::test]
+    async fn shared_session_state_outlives_a_replica_not_its_use() {
+        let store = Arc::new(StateStore::default());
+        let (_lead, leads) = tokio::sync::watch::channel(true);
+        let (_relay, relay) = tokio::sync::watch::channel(None);
+        let (_secret, secret) = tokio::sync::watch::channel(None);
+        let idle = Duration::from_millis(200);
+        store.share_through(Leader::new(leads, relay, secret), idle);
+        let p: Arc<str> = "p".into();
+        for s in ["kept", "idle", "deleted"] {
+            store
+                .set(&p, Scope::Session, caller(s), "taint", "1".into(), None)
+                .unwrap();
+            store.leave_session(s);
+        }
+        store.end_session("deleted");
+        assert_eq!(store.sessions_with_state(), 2, "left, not ended: kept");
+        let started = Instant::now();
+        while started.elapsed() < idle + Duration::from_millis(50) {
+            assert!(
+                store
+                    .get("p", Scope::Session, caller("kept"), "taint")
+                    .is_some()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        store.sweep();
+        assert_eq!(
+            store
+                .get("p", Scope::Session, caller("kept"), "taint")
+                .as_deref(),
+            Some("1"),
+            "in use"
+        );
+        assert_eq!(
+            store.sessions_with_state(),
+            1,
+            "unused for longer than idle"
+        );
+    }
+
+    #[test]
+    fn operations_travel_as_json_and_apply_as_called() {
+        let store = StateStore::default();
+        let asked = |action| Asked {
+            plugin: "p".into(),
+            session: "s".into(),
+            principal: Some("alice".into()),
+            action,
+        };
+        let incr = asked(Action::Incr {
+            scope: Scope::Principal,
+            key: "n".into(),
+            delta: 5,
+            ttl_ms: Some(60_000),
+        });
+        let wire = serde_json::to_string(&incr).unwrap();
+        assert_eq!(
+            wire,
+            r#"{"plugin":"p","session":"s","principal":"alice","action":{"op":"incr","scope":"principal","key":"n","delta":5,"ttl_ms":60000}}"#
+        );
+        let back: Asked = serde_json::from_str(&wire).unwrap();
+        assert_eq!(back, incr);
+        assert_eq!(store.apply(&back), Outcome::Count(5));
+        assert_eq!(
+            store
+                .get("p", Scope::Principal, caller("other"), "n")
+                .as_deref(),
+            Some("5")
+        );
+        let too_big = asked(Action::Set {
+            scope: Scope::Session,
+            key: "k".into(),
+            value: "v".repeat(MAX_VALUE_BYTES + 1),
+            ttl_ms: None,
+        });
+        assert_eq!(
+            store.apply(&too_big),
+            Outcome::Refused(StateError::ValueTooLarge.to_string())
+        );
+        let get = asked(Action::Get {
+            scope: Scope::Principal,
+            key: "n".into(),
+        });
+        assert_eq!(
+            serde_json::to_string(&store.apply(&get)).unwrap(),
+            r#"{"value":"5"}"#
+        );
+        store.apply(&asked(Action::Remove {
+            scope: Scope::Principal,
+            key: "n".into(),
+        }));
+        assert_eq!(store.apply(&get), Outcome::Value(None));
     }
 
     #[test]

@@ -955,6 +955,7 @@ impl KubeRuntime {
                     listen,
                     leading,
                     inner.relay_secret.clone(),
+                    inner.holder_relay.clone(),
                 )))
             }
             _ => None,
