@@ -548,8 +548,9 @@ impl Gateway {
         self.end_session(id);
         if self.portable.is_some() {
             // Its plugins' state too, wherever it is kept: a portable session ends only so
-            // (it may have been served here long ago, or never).
-            self.plugins.current().end_session(id);
+            // (it may have been served here long ago, or never, and other replicas may still
+            // serve it: where they share plugin state, it refuses the session from now on).
+            self.plugins.current().delete_session(id);
         }
     }
 

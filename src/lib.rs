@@ -185,12 +185,17 @@ pub async fn start_with(
             // Replicas that elect a leader share the plugins' state through it.
             let leader =
                 plugins::leader::Leader::new(access.leading(), access.holder(), access.secrets());
-            let session_idle = gateway.config.mcp.session_idle_timeout.saturating_mul(2);
+            // A session's state outlives its use as long as the session may: a portable one
+            // may come back until its id expires.
+            let mcp = &gateway.config.mcp;
+            let retention = mcp
+                .session_max_age
+                .max(mcp.session_idle_timeout.saturating_mul(2));
             gateway
                 .plugins
                 .current()
                 .state()
-                .share_through(leader, session_idle);
+                .share_through(leader, retention);
             Some(relay::serve(gateway.clone(), access).await?)
         }
         None => None,

@@ -389,6 +389,10 @@ impl State {
             .to_bytes();
         let asked: plugins::Asked =
             serde_json::from_slice(&body).map_err(|e| RelayError::State(e.to_string()))?;
+        // Leadership may have gone while the body came: the state is no longer this one's.
+        if !self.access.is_leading() {
+            return Err(RelayError::NotLeading);
+        }
         let outcome = self.gw.plugins.current().state().apply(&asked);
         let answer = serde_json::to_vec(&outcome).map_err(|e| RelayError::State(e.to_string()))?;
         Ok(Response::builder()

@@ -742,6 +742,27 @@ async fn replicas_count_a_limit_together_through_the_leader() {
         async move { state.sessions_with_state() == 0 }
     })
     .await;
+    // The leader still serves it (it did not see the DELETE), but its plugins' state is gone
+    // for good: a call that would count is refused, not counted afresh.
+    let r = there.call(33, "tools/call", add_call.clone()).await;
+    assert_eq!(r["error"]["code"], -32031, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("the session was deleted")),
+        "{r}"
+    );
+    let r = there
+        .call(
+            34,
+            "tools/call",
+            json!({"name": echo, "arguments": {"text": "y"}}),
+        )
+        .await;
+    assert_eq!(
+        r["error"]["code"], -32029,
+        "a principal's limit still holds: {r}"
+    );
     // The leader goes: the follower leads, and counts afresh (what it meanwhile cannot count
     // it refuses, as a plugin failure).
     leader.stop().await;

@@ -351,7 +351,7 @@ async fn a_state_operation_the_leader_cannot_run_refuses_the_call() {
     let dead = format!("http://{}", gone.local_addr().unwrap());
     drop(gone);
     let (leading, leads) = tokio::sync::watch::channel(false);
-    let (_relay, relay) = tokio::sync::watch::channel(Some(dead));
+    let (relay_at, relay) = tokio::sync::watch::channel(Some(dead));
     let (_secret, secret) = tokio::sync::watch::channel(Some(std::sync::Arc::from("s")));
     let state = gw.gateway().plugins.current().state().clone();
     state.share_through(
@@ -371,14 +371,33 @@ async fn a_state_operation_the_leader_cannot_run_refuses_the_call() {
         "2",
         "a call the plugin does not count for is served"
     );
+    // A leader that takes the request and never answers: the plugin's deadline (100 ms by
+    // default) bounds the wait, which nothing else could interrupt.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    relay_at.send_replace(Some(format!("http://{}", silent.local_addr().unwrap())));
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            kept.push(stream);
+        }
+    });
+    let (code, msg) = err(&c.call(3, "tools/call", call.clone()).await);
+    assert_eq!(code, -32031, "{msg}");
+    assert!(msg.contains("within the plugin's deadline"), "{msg}");
+    held.abort();
     // Leading itself, the replica keeps the state: the limit counts from there.
     leading.send_replace(true);
-    for i in 3..5 {
+    for i in 4..6 {
         assert_eq!(c.tool_text(i, "a__echo", json!({"text":"x"})).await, "x");
     }
-    let (code, msg) = err(&c.call(5, "tools/call", call.clone()).await);
+    let (code, msg) = err(&c.call(6, "tools/call", call.clone()).await);
     assert_eq!(code, -32029, "{msg}");
     // And what it kept goes when it stops leading (the next leader starts afresh).
+    assert_eq!(
+        state.apply(&probe()),
+        gatehouse::plugins::Outcome::Value(Some("3".into())),
+        "counted here while leading"
+    );
     leading.send_replace(false);
     support::eventually("the state is dropped", || {
         let state = state.clone();

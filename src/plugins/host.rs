@@ -229,6 +229,12 @@ impl HostState {
         action: Action,
     ) -> impl Future<Output = wasmtime::Result<Outcome>> + Send + 'static {
         let blocking = self.budget.mode == Mode::Blocking;
+        // The plugin's deadline cannot interrupt it while it waits here: the wait is bounded
+        // by what is left of it.
+        let left = self
+            .budget
+            .limit
+            .saturating_sub(self.budget.started.elapsed());
         let store = self.store.clone();
         let asked = Asked {
             plugin: self.plugin.clone(),
@@ -240,20 +246,28 @@ impl HostState {
             if blocking {
                 return Err(Unavailable::Blocking.into());
             }
-            Ok(store.run(asked).await?)
+            Ok(store.run(asked, left).await?)
         }
     }
 }
 
 /// What a state operation gave, where another was expected: a leader of another version.
 fn unexpected(outcome: Outcome) -> wasmtime::Error {
-    wasmtime::Error::msg(format!("unexpected plugin state outcome: {outcome:?}"))
+    let what = match outcome {
+        Outcome::Value(_) => "a value",
+        Outcome::Count(_) => "a count",
+        Outcome::Done => "done",
+        Outcome::Refused(_) => "a refusal",
+        Outcome::SessionDeleted => "a deleted session",
+    };
+    tracing::warn!("the leading replica answered a plugin state operation with {what}");
+    Unavailable::Refused.into()
 }
 
 impl state::Host for HostState {
     async fn get(&mut self, s: state::Scope, key: String) -> wasmtime::Result<Option<String>> {
         let scope = scope(s);
-        if self.store.local() {
+        if !self.store.shared() {
             return Ok(self.store.get(&self.plugin, scope, self.caller(), &key));
         }
         match self.state(Action::Get { scope, key }).await? {
@@ -270,7 +284,7 @@ impl state::Host for HostState {
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<Result<(), String>> {
         let scope = scope(s);
-        if self.store.local() {
+        if !self.store.shared() {
             return Ok(self
                 .store
                 .set(
@@ -298,7 +312,7 @@ impl state::Host for HostState {
 
     async fn remove(&mut self, s: state::Scope, key: String) -> wasmtime::Result<()> {
         let scope = scope(s);
-        if self.store.local() {
+        if !self.store.shared() {
             self.store.remove(&self.plugin, scope, self.caller(), &key);
             return Ok(());
         }
@@ -316,7 +330,7 @@ impl state::Host for HostState {
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<Result<i64, String>> {
         let scope = scope(s);
-        if self.store.local() {
+        if !self.store.shared() {
             return Ok(self
                 .store
                 .incr(

@@ -4,23 +4,23 @@
 //! them and a taint must follow a session to whichever replica serves it next. So, where
 //! replicas elect a leader and reach it through its relay (Kubernetes), the leader keeps the
 //! state and the others send it each operation: one POST to its relay's [`PATH`], with the
-//! replicas' shared secret. An operation that cannot reach it fails the plugin's call (the
-//! gateway then refuses the request, unless the plugin fails open): a policy that counts or
-//! remembers must not go on as though it had counted or remembered.
+//! replicas' shared secret, on the one HTTP/2 connection this replica holds to the relay. An
+//! operation that cannot be run fails the plugin's call (the gateway then refuses the request,
+//! unless the plugin fails open): a policy that counts or remembers must not go on as though
+//! it had counted or remembered.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use tokio::sync::watch;
-
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::{Semaphore, watch};
 
-use crate::upstream::pool::{Endpoint, Pool};
+use crate::upstream::client::relay_client;
 
 /// Path of the state operations on the leader's relay.
 pub const PATH: &str = "/plugin-state";
@@ -29,12 +29,14 @@ pub const PATH: &str = "/plugin-state";
 pub const MAX_ASKED: usize = 512 * 1024;
 /// Largest answer read (a value, escaped).
 const MAX_ANSWER: usize = 512 * 1024;
-/// How long an operation waits for a leader to be known (an election under way, a new pod).
+/// How long an operation waits for a leader to be known (an election under way, a new pod),
+/// within the plugin's own deadline.
 const WAIT_FOR_LEADER: Duration = Duration::from_secs(2);
-/// How long an operation may take on the leader, the round trip included: well inside a
-/// plugin's deadline is not possible for every deadline, and a slow leader must not hold calls
-/// for long.
+/// How long the exchange with the leader may take, within the plugin's own deadline: a slow
+/// leader must not hold calls for long.
 const TIMEOUT: Duration = Duration::from_secs(1);
+/// Ends of sessions told at once; more are not told (their state goes once unused).
+const MAX_TELLING: usize = 64;
 
 /// Why a state operation could not be run.
 #[derive(Debug, thiserror::Error)]
@@ -45,9 +47,12 @@ pub enum Unavailable {
     /// The leader did not answer in time, or not at all.
     #[error("the leading replica, which keeps plugin state, did not answer: {0}")]
     Unreachable(String),
-    /// It answered something other than an outcome.
-    #[error("the leading replica refused a plugin state operation: {0}")]
-    Refused(String),
+    /// It answered something other than an outcome (what it said is logged).
+    #[error("the leading replica refused a plugin state operation")]
+    Refused,
+    /// The session was deleted: what its plugins kept is gone, and it cannot go on.
+    #[error("the session was deleted")]
+    SessionDeleted,
     /// A hook called outside the runtime (a tool, a test) cannot ask another replica.
     #[error("plugin state is kept by the leading replica, not reachable outside the runtime")]
     Blocking,
@@ -62,9 +67,8 @@ struct Inner {
     /// Its relay's base URL while another replica leads.
     relay: watch::Receiver<Option<String>>,
     secret: watch::Receiver<Option<Arc<str>>>,
-    pool: Arc<Pool>,
-    /// The endpoint of the last relay asked, worked out once per leader.
-    endpoint: Mutex<Option<(String, Arc<Endpoint>)>>,
+    /// Room for ends of sessions being told.
+    telling: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Leader {
@@ -88,8 +92,7 @@ impl Leader {
             leading,
             relay,
             secret,
-            pool: Arc::new(Pool::default()),
-            endpoint: Mutex::new(None),
+            telling: Arc::new(Semaphore::new(MAX_TELLING)),
         }))
     }
 
@@ -103,25 +106,39 @@ impl Leader {
         self.0.leading.clone()
     }
 
-    /// Runs `asked` on the leader, and reads what it gave.
+    /// Runs `asked` on the leader within `deadline` (what is left of the plugin's), and reads
+    /// what it gave.
     pub async fn ask<A: Serialize, O: DeserializeOwned>(
         &self,
         asked: &A,
+        deadline: Duration,
     ) -> Result<O, Unavailable> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Unavailable::Blocking);
         }
-        let body = serde_json::to_vec(asked).map_err(|e| Unavailable::Refused(e.to_string()))?;
-        let answer = tokio::time::timeout(TIMEOUT, self.send(Bytes::from(body)))
+        let body = serde_json::to_vec(asked).map_err(|e| {
+            tracing::warn!("a plugin state operation cannot be written: {e}");
+            Unavailable::Refused
+        })?;
+        let answer = tokio::time::timeout(deadline, self.send(Bytes::from(body)))
             .await
-            .map_err(|_| Unavailable::Unreachable(format!("no answer within {TIMEOUT:?}")))??;
-        serde_json::from_slice(&answer).map_err(|e| Unavailable::Refused(e.to_string()))
+            .map_err(|_| {
+                Unavailable::Unreachable("no answer within the plugin's deadline".into())
+            })??;
+        serde_json::from_slice(&answer).map_err(|e| {
+            tracing::warn!("the leading replica answered a plugin state operation unreadably: {e}");
+            Unavailable::Refused
+        })
     }
 
     /// Tells the leader `told`, in the background, for what it is worth (nothing waits for the
-    /// answer).
+    /// answer, and beyond [`MAX_TELLING`] at once nothing is told).
     pub fn tell<A: Serialize>(&self, told: &A) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Ok(permit) = self.0.telling.clone().try_acquire_owned() else {
+            tracing::debug!("too many session ends being told to the leading replica");
             return;
         };
         let Ok(body) = serde_json::to_vec(told) else {
@@ -129,15 +146,18 @@ impl Leader {
         };
         let leader = self.clone();
         runtime.spawn(async move {
-            let sent = tokio::time::timeout(TIMEOUT, leader.send(Bytes::from(body))).await;
+            let _permit = permit;
+            let sent =
+                tokio::time::timeout(WAIT_FOR_LEADER + TIMEOUT, leader.send(Bytes::from(body)))
+                    .await;
             if !matches!(sent, Ok(Ok(_))) {
-                tracing::debug!("could not tell the leading replica something about plugin state");
+                tracing::debug!("could not tell the leading replica that a session ended");
             }
         });
     }
 
     /// The leader's relay and the secret, waiting a little for them to be known.
-    async fn target(&self) -> Result<(Arc<Endpoint>, Arc<str>), Unavailable> {
+    async fn target(&self) -> Result<(Uri, Arc<str>), Unavailable> {
         let (mut relay, mut secret) = (self.0.relay.clone(), self.0.secret.clone());
         // (A sender may be gone once its value is final: the secret, read once.)
         let known = async {
@@ -155,53 +175,50 @@ impl Leader {
             }
         });
         let (url, key) = found.await.ok().flatten().ok_or(Unavailable::NoLeader)?;
-        let mut cached = lock(&self.0.endpoint);
-        if let Some((at, endpoint)) = &*cached
-            && *at == url
-        {
-            return Ok((endpoint.clone(), key));
-        }
         // (Its address is not told: the message reaches the client.)
         let uri: Uri = format!("{url}{PATH}")
             .parse()
             .map_err(|_| Unavailable::Unreachable("its relay's address is not a URL".into()))?;
-        let endpoint = Arc::new(Endpoint::new(&uri).map_err(|_| {
-            Unavailable::Unreachable("its relay's address is not an http URL".into())
-        })?);
-        *cached = Some((url, endpoint.clone()));
-        Ok((endpoint, key))
+        Ok((uri, key))
     }
 
     async fn send(&self, body: Bytes) -> Result<Bytes, Unavailable> {
-        let (endpoint, secret) = self.target().await?;
-        let bearer = HeaderValue::from_str(&format!("Bearer {secret}"))
-            .map_err(|_| Unavailable::Refused("the relay secret is not a header value".into()))?;
+        let (uri, secret) = self.target().await?;
+        let bearer = HeaderValue::from_str(&format!("Bearer {secret}")).map_err(|_| {
+            tracing::warn!("the replicas' secret is not a header value");
+            Unavailable::Refused
+        })?;
         let req = Request::builder()
             .method(Method::POST)
+            .uri(uri)
             .header(AUTHORIZATION, bearer)
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(body))
-            .map_err(|e| Unavailable::Refused(e.to_string()))?;
-        let resp = self
-            .0
-            .pool
-            .send(&endpoint, req)
+            .map_err(|e| {
+                tracing::warn!("a plugin state request cannot be built: {e}");
+                Unavailable::Refused
+            })?;
+        let exchange = async {
+            let resp = relay_client()
+                .request(req)
+                .await
+                .map_err(|e| Unavailable::Unreachable(crate::upstream::pool::reason(&e)))?;
+            let status = resp.status();
+            let answer = Limited::new(resp.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| Unavailable::Unreachable(e.to_string()))?
+                .to_bytes();
+            Ok::<_, Unavailable>((status, answer))
+        };
+        let (status, answer) = tokio::time::timeout(TIMEOUT, exchange)
             .await
-            .map_err(Unavailable::Unreachable)?;
-        let status = resp.status();
-        let answer = Limited::new(resp.into_body(), MAX_ANSWER)
-            .collect()
-            .await
-            .map_err(|e| Unavailable::Unreachable(e.to_string()))?
-            .to_bytes();
+            .map_err(|_| Unavailable::Unreachable(format!("no answer within {TIMEOUT:?}")))??;
         if status != StatusCode::OK {
             let text = String::from_utf8_lossy(&answer[..answer.len().min(256)]).into_owned();
-            return Err(Unavailable::Refused(format!("{status}: {text}")));
+            tracing::warn!(%status, "the leading replica refused a plugin state operation: {text}");
+            return Err(Unavailable::Refused);
         }
         Ok(answer)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

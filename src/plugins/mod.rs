@@ -352,6 +352,12 @@ impl PluginSet {
         self.shared.state.end_session(session_id);
     }
 
+    /// Drops the plugins' state for a session its client deleted: see
+    /// [`StateStore::delete_session`].
+    pub fn delete_session(&self, session_id: &str) {
+        self.shared.state.delete_session(session_id);
+    }
+
     /// A portable session is no longer served here (it idled), though its client may come back
     /// to any replica: see [`StateStore::leave_session`].
     pub fn leave_session(&self, session_id: &str) {

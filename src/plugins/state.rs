@@ -10,9 +10,9 @@
 //! replica's: the others ask it for every operation ([`super::leader`]), so a rate limit counts
 //! every replica's calls and a taint follows a session to whichever replica serves it.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -26,6 +26,14 @@ pub const MAX_KEY_BYTES: usize = 256;
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 /// Most keys one plugin may hold for one scope owner.
 pub const MAX_KEYS_PER_OWNER: usize = 1024;
+/// Most sessions holding state at once: where replicas share it, the leader holds every
+/// replica's (each may serve `mcp.max_sessions`, 100,000 by default), and a session another
+/// replica left is counted by no session limit. (Small in unit tests, which fill it.)
+pub const MAX_SESSIONS: usize = if cfg!(test) { 1000 } else { 1_000_000 };
+/// Most deleted sessions remembered (their state operations refused) at once.
+const MAX_DELETED: usize = 100_000;
+/// How often a store that replicas share drops what has expired.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// Whose state a key belongs to (mirrors the WIT `scope` enum).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +66,9 @@ impl Slot {
 
 /// One plugin's keys for one owner.
 type Bucket = HashMap<String, Slot>;
+
+/// Deleted sessions: their ids, and each with when it was deleted, oldest first.
+type Deleted = (HashSet<Box<str>>, VecDeque<(Box<str>, u64)>);
 
 /// All plugins' buckets for one owner.
 #[derive(Debug)]
@@ -93,6 +104,9 @@ pub enum StateError {
     /// Session scope outside of a request (for example in `init`).
     #[error("no session in this context")]
     NoSession,
+    /// [`MAX_SESSIONS`] sessions already hold state.
+    #[error("more than {MAX_SESSIONS} sessions hold plugin state")]
+    TooManySessions,
 }
 
 /// The host's plugin state, shared by a [`super::PluginSet`] and the sets
@@ -107,6 +121,13 @@ pub struct StateStore {
     /// The replica that keeps the state when replicas share it, and how long a session's
     /// state is kept unused there.
     leader: OnceLock<(Leader, Duration)>,
+    /// Sessions deleted (where replicas share state), oldest first, with when: their state
+    /// operations are refused, since another replica may still serve them.
+    deleted: Mutex<Deleted>,
+    /// Whether what it holds was all applied while this replica leads (where replicas share
+    /// state); [`Self::settle`] makes it so, one caller at a time.
+    fresh: AtomicBool,
+    settling: Mutex<()>,
 }
 
 impl Default for StateStore {
@@ -117,6 +138,9 @@ impl Default for StateStore {
             global: DashMap::new(),
             epoch: Instant::now(),
             leader: OnceLock::new(),
+            deleted: Mutex::new(Default::default()),
+            fresh: AtomicBool::new(false),
+            settling: Mutex::new(()),
         }
     }
 }
@@ -160,6 +184,9 @@ pub enum Action {
     },
     /// The session ended: every plugin's state for it goes.
     EndSession,
+    /// The session was deleted: its state goes, and operations for it are refused from now on
+    /// (another replica may still serve it).
+    DeleteSession,
 }
 
 /// What an [`Action`] gave.
@@ -174,6 +201,8 @@ pub enum Outcome {
     Done,
     /// A bound refused it.
     Refused(String),
+    /// The session was deleted.
+    SessionDeleted,
 }
 
 /// Who is calling, for resolving scope owners.
@@ -206,34 +235,49 @@ impl StateStore {
     /// Keeps the state on the leading replica from now on: while this replica does not lead,
     /// every operation asks `leader`'s (and this store holds nothing), and a session's state is
     /// kept there until the session is deleted, ends on a replica that does not carry it
-    /// elsewhere, or goes unused for `session_idle`. Call once, inside the runtime.
-    pub fn share_through(self: &Arc<Self>, leader: Leader, session_idle: Duration) {
+    /// elsewhere, or goes unused by its plugins for `retention` (longer than a session may
+    /// live unused: a portable session may come back until its id expires). Call once, inside
+    /// the runtime.
+    pub fn share_through(self: &Arc<Self>, leader: Leader, retention: Duration) {
         let mut leading = leader.leading();
-        if self.leader.set((leader, session_idle)).is_err() {
+        if self.leader.set((leader, retention)).is_err() {
             return;
         }
-        // What a replica kept while it led is not the state any more once another leads (that
-        // one starts afresh): dropped, so that it neither lingers nor comes back stale.
+        // Kept only while leading: what a replica kept while it led is not the state once
+        // another leads (that one starts afresh), and what it wrote before (an `init`) or
+        // after (a hook that began as leadership went) must not come back if it leads again:
+        // dropped when leadership goes, and again before the first operation when it comes.
+        self.clear();
         let store = Arc::downgrade(self);
         tokio::spawn(async move {
-            while leading.changed().await.is_ok() {
-                let led = *leading.borrow_and_update();
-                match store.upgrade() {
-                    Some(store) if !led => store.clear(),
-                    Some(_) => {}
-                    None => return,
+            let mut sweep = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                tokio::select! {
+                    changed = leading.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let leads = *leading.borrow_and_update();
+                        match store.upgrade() {
+                            Some(store) if !leads => {
+                                store.fresh.store(false, Ordering::Release);
+                                store.clear();
+                            }
+                            Some(_) => {}
+                            None => return,
+                        }
+                    }
+                    _ = sweep.tick() => match store.upgrade() {
+                        Some(store) => store.sweep(),
+                        None => return,
+                    },
                 }
             }
         });
     }
 
-    /// Whether the state is kept here now (no other replica keeps it): operations can be
-    /// applied at once, without building what asking another replica takes.
-    pub fn local(&self) -> bool {
-        self.kept_elsewhere().is_none()
-    }
-
-    /// Whether replicas share the state (whichever keeps it now).
+    /// Whether replicas share the state (whichever keeps it now): where they do not, an
+    /// operation can be applied at once, without building what asking another replica takes.
     pub fn shared(&self) -> bool {
         self.leader.get().is_some()
     }
@@ -243,26 +287,61 @@ impl StateStore {
         self.leader.get().map(|(l, _)| l).filter(|l| !l.leads())
     }
 
-    /// Runs what a plugin asked: here, or on the leading replica when replicas share state
-    /// (`None` when that one cannot be reached).
-    pub async fn run(&self, asked: Asked) -> Result<Outcome, Unavailable> {
-        match self.kept_elsewhere() {
-            Some(leader) => match leader.ask(&asked).await {
+    /// Runs what a plugin asked, within `deadline`: here, or on the leading replica when
+    /// replicas share state (`Err` when that one cannot be reached, or the session was
+    /// deleted).
+    pub async fn run(&self, asked: Asked, deadline: Duration) -> Result<Outcome, Unavailable> {
+        let outcome = match self.kept_elsewhere() {
+            Some(leader) => match leader.ask(&asked, deadline).await {
                 // It came to lead while waiting for a leader to be known.
-                Err(Unavailable::NoLeader) if leader.leads() => Ok(self.apply(&asked)),
-                asked => asked,
+                Err(Unavailable::NoLeader) if leader.leads() => self.apply(&asked),
+                asked => asked?,
             },
-            None => Ok(self.apply(&asked)),
+            None => self.apply(&asked),
+        };
+        match outcome {
+            Outcome::SessionDeleted => Err(Unavailable::SessionDeleted),
+            outcome => Ok(outcome),
         }
+    }
+
+    /// Before the first operation a replica that has come to lead applies, drops what it
+    /// kept from before (not asynchronously: nothing it applies as leader is dropped).
+    fn settle(&self) {
+        if self.fresh.load(Ordering::Acquire) || !self.leader.get().is_some_and(|(l, _)| l.leads())
+        {
+            return;
+        }
+        let _one = lock(&self.settling);
+        if !self.fresh.load(Ordering::Acquire) {
+            self.clear();
+            self.fresh.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether `session` was deleted (where replicas share state).
+    fn was_deleted(&self, session: &str) -> bool {
+        !session.is_empty() && self.shared() && lock(&self.deleted).0.contains(session)
     }
 
     /// Applies `asked` to this replica's state: what the leader does for the others too.
     pub fn apply(&self, asked: &Asked) -> Outcome {
+        self.settle();
         let caller = Caller {
             session: &asked.session,
             principal: asked.principal.as_deref(),
         };
         let ttl = |ms: &Option<u64>| ms.map(Duration::from_millis);
+        let session_scope = match &asked.action {
+            Action::Get { scope, .. }
+            | Action::Set { scope, .. }
+            | Action::Remove { scope, .. }
+            | Action::Incr { scope, .. } => *scope == Scope::Session,
+            Action::EndSession | Action::DeleteSession => false,
+        };
+        if session_scope && self.was_deleted(&asked.session) {
+            return Outcome::SessionDeleted;
+        }
         match &asked.action {
             Action::Get { scope, key } => {
                 Outcome::Value(self.get(&asked.plugin, *scope, caller, key))
@@ -300,6 +379,10 @@ impl StateStore {
                 self.sessions.remove(&*asked.session);
                 Outcome::Done
             }
+            Action::DeleteSession => {
+                self.delete_here(&asked.session);
+                Outcome::Done
+            }
         }
     }
 
@@ -327,6 +410,7 @@ impl StateStore {
             return Err(StateError::ValueTooLarge);
         }
         let (map, owner) = self.owner_of(scope, caller)?;
+        self.room_for(map, owner)?;
         let now = Instant::now();
         let used = self.now();
         let mut owner = map.entry(owner.into()).or_insert_with(|| Owner::new(used));
@@ -367,6 +451,7 @@ impl StateStore {
     ) -> Result<i64, StateError> {
         check_key(key)?;
         let (map, owner) = self.owner_of(scope, caller)?;
+        self.room_for(map, owner)?;
         let now = Instant::now();
         let used = self.now();
         // The shard lock of `entry` makes read-modify-write atomic.
@@ -391,19 +476,59 @@ impl StateStore {
         Ok(delta)
     }
 
+    /// Refuses a new session owner when [`MAX_SESSIONS`] sessions hold state.
+    fn room_for(&self, map: &DashMap<Box<str>, Owner>, owner: &str) -> Result<(), StateError> {
+        if std::ptr::eq(map, &self.sessions)
+            && self.sessions.len() >= MAX_SESSIONS
+            && !map.contains_key(owner)
+        {
+            return Err(StateError::TooManySessions);
+        }
+        Ok(())
+    }
+
     /// Drops everything kept for a session (call when the session ends): here, or on the
     /// leading replica when replicas share state (in the background; what it cannot be told
     /// goes once unused for long).
     pub fn end_session(&self, session: &str) {
+        self.tell_or_apply(session, Action::EndSession);
+    }
+
+    /// A session was deleted: its state goes, and where replicas share state (another one may
+    /// still serve it) its plugins' operations are refused from now on.
+    pub fn delete_session(&self, session: &str) {
+        self.tell_or_apply(session, Action::DeleteSession);
+    }
+
+    fn tell_or_apply(&self, session: &str, action: Action) {
+        let asked = Asked {
+            plugin: Arc::from(""),
+            session: session.to_owned(),
+            principal: None,
+            action,
+        };
         match self.kept_elsewhere() {
-            Some(leader) => leader.tell(&Asked {
-                plugin: Arc::from(""),
-                session: session.to_owned(),
-                principal: None,
-                action: Action::EndSession,
-            }),
+            Some(leader) => leader.tell(&asked),
             None => {
-                self.sessions.remove(session);
+                self.apply(&asked);
+            }
+        }
+    }
+
+    /// Drops a deleted session's state and, where replicas share state, remembers it.
+    fn delete_here(&self, session: &str) {
+        self.sessions.remove(session);
+        if session.is_empty() || !self.shared() {
+            return;
+        }
+        let now = self.now();
+        let mut deleted = lock(&self.deleted);
+        if deleted.0.insert(session.into()) {
+            deleted.1.push_back((session.into(), now));
+        }
+        while deleted.1.len() > MAX_DELETED {
+            if let Some((old, _)) = deleted.1.pop_front() {
+                deleted.0.remove(&old);
             }
         }
     }
@@ -421,14 +546,26 @@ impl StateStore {
         self.sessions.clear();
         self.principals.clear();
         self.global.clear();
+        *lock(&self.deleted) = Default::default();
     }
 
-    /// Drops expired keys and empty owners, and where replicas share state, the state of
-    /// sessions unused for longer than they may idle.
+    /// Drops expired keys and empty owners, and where replicas share state, the state (and
+    /// the deletion) of sessions unused for longer than they may be.
     pub fn sweep(&self) {
         let now = Instant::now();
-        let idle = self.leader.get().map(|(_, idle)| idle.as_millis() as u64);
+        let idle = self
+            .leader
+            .get()
+            .map(|(_, kept)| u64::try_from(kept.as_millis()).unwrap_or(u64::MAX));
         let used_since = self.now().saturating_sub(idle.unwrap_or(u64::MAX));
+        {
+            let mut deleted = lock(&self.deleted);
+            while deleted.1.front().is_some_and(|(_, at)| *at < used_since) {
+                if let Some((old, _)) = deleted.1.pop_front() {
+                    deleted.0.remove(&old);
+                }
+            }
+        }
         for map in [&self.sessions, &self.principals, &self.global] {
             let sessions = std::ptr::eq(map, &self.sessions);
             map.retain(|_, owner| {
@@ -448,6 +585,10 @@ impl StateStore {
     pub fn sessions_with_state(&self) -> usize {
         self.sessions.len()
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn check_key(key: &str) -> Result<(), StateError> {
@@ -541,14 +682,42 @@ mod tests {
         let idle = Duration::from_millis(200);
         store.share_through(Leader::new(leads, relay, secret), idle);
         let p: Arc<str> = "p".into();
+        let asked = |session: &str, action| Asked {
+            plugin: p.clone(),
+            session: session.into(),
+            principal: None,
+            action,
+        };
         for s in ["kept", "idle", "deleted"] {
-            store
-                .set(&p, Scope::Session, caller(s), "taint", "1".into(), None)
-                .unwrap();
+            let set = Action::Set {
+                scope: Scope::Session,
+                key: "taint".into(),
+                value: "1".into(),
+                ttl_ms: None,
+            };
+            assert_eq!(store.apply(&asked(s, set)), Outcome::Done);
             store.leave_session(s);
         }
-        store.end_session("deleted");
+        store.delete_session("deleted");
         assert_eq!(store.sessions_with_state(), 2, "left, not ended: kept");
+        let incr = Action::Incr {
+            scope: Scope::Session,
+            key: "n".into(),
+            delta: 1,
+            ttl_ms: None,
+        };
+        assert_eq!(
+            store.apply(&asked("deleted", incr.clone())),
+            Outcome::SessionDeleted,
+            "another replica may still serve it: refused, not counted afresh"
+        );
+        let global = Action::Incr {
+            scope: Scope::Global,
+            key: "n".into(),
+            delta: 1,
+            ttl_ms: None,
+        };
+        assert_eq!(store.apply(&asked("deleted", global)), Outcome::Count(1));
         let started = Instant::now();
         while started.elapsed() < idle + Duration::from_millis(50) {
             assert!(
@@ -570,6 +739,36 @@ mod tests {
             store.sessions_with_state(),
             1,
             "unused for longer than idle"
+        );
+        assert_eq!(
+            store.apply(&asked("deleted", incr)),
+            Outcome::Count(1),
+            "a deletion is remembered as long as the session's state would be"
+        );
+    }
+
+    #[test]
+    fn sessions_holding_state_are_bounded() {
+        let store = StateStore::default();
+        let p: Arc<str> = "p".into();
+        for i in 0..MAX_SESSIONS {
+            store
+                .incr(&p, Scope::Session, caller(&i.to_string()), "n", 1, None)
+                .unwrap();
+        }
+        assert_eq!(
+            store.incr(&p, Scope::Session, caller("one more"), "n", 1, None),
+            Err(StateError::TooManySessions)
+        );
+        assert_eq!(
+            store.incr(&p, Scope::Session, caller("7"), "n", 1, None),
+            Ok(2),
+            "a session that holds state keeps using it"
+        );
+        store.end_session("7");
+        assert_eq!(
+            store.incr(&p, Scope::Session, caller("one more"), "n", 1, None),
+            Ok(1)
         );
     }
 

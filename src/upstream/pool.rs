@@ -249,7 +249,7 @@ fn host_header(authority: &Authority) -> Result<HeaderValue, String> {
 }
 
 /// An error and its causes, as one line.
-pub(super) fn reason(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn reason(e: &(dyn std::error::Error + 'static)) -> String {
     let mut reason = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
