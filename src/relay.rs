@@ -269,9 +269,17 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
                                 .http1()
                                 .timer(TokioTimer::new())
                                 .header_read_timeout(state.gw.config.mcp.header_timeout);
+                            // One connection carries every relay session of a replica, each
+                            // with its listen stream and calls: hyper's default of 200 streams
+                            // would hold calls behind idle streams.
+                            let streams = u32::try_from(state.gw.config.orchestrator.max_relay_sessions)
+                                .unwrap_or(u32::MAX)
+                                .saturating_mul(2)
+                                .saturating_add(256);
                             builder
                                 .http2()
                                 .timer(TokioTimer::new())
+                                .max_concurrent_streams(streams)
                                 .keep_alive_interval(Some(PING.0))
                                 .keep_alive_timeout(PING.1);
                             let service = service_fn(move |req| {

@@ -681,8 +681,9 @@ async fn replicas_count_a_limit_together_through_the_leader() {
     )
     .unwrap();
     let extra = format!(
-        "upstreams:\n{}plugins:\n  modules:\n    - name: rl\n      path: {:?}\n      config: {{ limits: [ {{ tool: echo, calls: 4, window: 60s }}, {{ tool: add, calls: 2, window: 60s, per: session }} ] }}\n  chains:\n    - {{ name: all, plugins: [rl] }}\nmcp:\n  session_keys:\n    - {{ id: 1, file: {:?} }}",
+        "upstreams:\n{}plugins:\n  modules:\n    - name: rl\n      path: {:?}\n      config: {{ limits: [ {{ tool: echo, calls: 4, window: 60s }}, {{ tool: add, calls: 2, window: 60s, per: session }} ] }}\n    - name: lenient\n      path: {:?}\n      fail_open: true\n      config: {{ limits: [ {{ tool: whoami, calls: 100, window: 60s, per: session }} ] }}\n  chains:\n    - {{ name: all, plugins: [rl, lenient] }}\nmcp:\n  session_keys:\n    - {{ id: 1, file: {:?} }}",
         support::example("a", &[], ""),
+        support::wasm("rate_limit"),
         support::wasm("rate_limit"),
         key
     );
@@ -698,7 +699,7 @@ async fn replicas_count_a_limit_together_through_the_leader() {
             .find(|n| n.ends_with(suffix))
             .unwrap_or_else(|| panic!("a tool named *{suffix}: {tools}"))
     };
-    let (echo, add) = (name("echo"), name("add"));
+    let (echo, add, whoami) = (name("echo"), name("add"), name("whoami"));
     let echo_call = json!({"name": echo, "arguments": {"text": "x"}});
     // Four calls in all, two on each replica (the caller is anonymous on both: one principal).
     for i in 0..2 {
@@ -752,6 +753,11 @@ async fn replicas_count_a_limit_together_through_the_leader() {
             .is_some_and(|m| m.contains("the session was deleted")),
         "{r}"
     );
+    // Even a plugin that fails open: a deleted session is the client's doing, not an outage.
+    let r = there
+        .call(35, "tools/call", json!({"name": whoami, "arguments": {}}))
+        .await;
+    assert_eq!(r["error"]["code"], -32031, "{r}");
     let r = there
         .call(
             34,

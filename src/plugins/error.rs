@@ -102,6 +102,10 @@ pub enum Fault {
     /// A state operation could not be run (the replica that keeps the state is unreachable).
     #[error("could not use its state: {0}")]
     State(String),
+    /// A state operation was refused because the session was deleted (on another replica): the
+    /// client's doing, not an outage, so it refuses the call even where the plugin fails open.
+    #[error("cannot go on: the session was deleted")]
+    SessionDeleted,
 }
 
 impl Fault {
@@ -113,7 +117,9 @@ impl Fault {
             Fault::Trap(_) => FaultKind::Trap,
             Fault::Malformed(_) => FaultKind::Malformed,
             Fault::InitRejected(_) => FaultKind::Init,
-            Fault::Unavailable(_) | Fault::State(_) => FaultKind::Unavailable,
+            Fault::Unavailable(_) | Fault::State(_) | Fault::SessionDeleted => {
+                FaultKind::Unavailable
+            }
         }
     }
 }

@@ -243,7 +243,8 @@ impl HostState {
             action,
         };
         async move {
-            if blocking {
+            // A replica that leads applies it at once, wherever it is called from.
+            if blocking && !store.kept_here() {
                 return Err(Unavailable::Blocking.into());
             }
             Ok(store.run(asked, left).await?)

@@ -345,8 +345,10 @@ fn classify(
             asked,
         };
     }
-    if let Some(e) = err.downcast_ref::<super::leader::Unavailable>() {
-        return Fault::State(e.to_string());
+    match err.downcast_ref::<super::leader::Unavailable>() {
+        Some(super::leader::Unavailable::SessionDeleted) => return Fault::SessionDeleted,
+        Some(e) => return Fault::State(e.to_string()),
+        None => {}
     }
     match err.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => Fault::Deadline(match phase {

@@ -4,7 +4,7 @@
 //! them and a taint must follow a session to whichever replica serves it next. So, where
 //! replicas elect a leader and reach it through its relay (Kubernetes), the leader keeps the
 //! state and the others send it each operation: one POST to its relay's [`PATH`], with the
-//! replicas' shared secret, on the one HTTP/2 connection this replica holds to the relay. An
+//! replicas' shared secret, on one HTTP/2 connection this replica holds for them. An
 //! operation that cannot be run fails the plugin's call (the gateway then refuses the request,
 //! unless the plugin fails open): a policy that counts or remembers must not go on as though
 //! it had counted or remembered.
@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, watch};
 
-use crate::upstream::client::relay_client;
+use crate::upstream::client::plugin_state_client;
 
 /// Path of the state operations on the leader's relay.
 pub const PATH: &str = "/plugin-state";
@@ -199,7 +199,7 @@ impl Leader {
                 Unavailable::Refused
             })?;
         let exchange = async {
-            let resp = relay_client()
+            let resp = plugin_state_client()
                 .request(req)
                 .await
                 .map_err(|e| Unavailable::Unreachable(crate::upstream::pool::reason(&e)))?;

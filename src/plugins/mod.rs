@@ -763,7 +763,7 @@ impl PluginSet {
     /// Counts and logs a fault; the denial, unless the plugin is fail-open.
     fn fault(&self, plugin: &LoadedPlugin, fault: Fault) -> Option<Denied> {
         plugin.metrics.fault(fault.kind());
-        if plugin.cfg.fail_open {
+        if plugin.cfg.fail_open && !matches!(fault, Fault::SessionDeleted) {
             plugin
                 .metrics
                 .fail_open_skips

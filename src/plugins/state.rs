@@ -11,6 +11,7 @@
 //! every replica's calls and a taint follows a session to whichever replica serves it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -67,8 +68,9 @@ impl Slot {
 /// One plugin's keys for one owner.
 type Bucket = HashMap<String, Slot>;
 
-/// Deleted sessions: their ids, and each with when it was deleted, oldest first.
-type Deleted = (HashSet<Box<str>>, VecDeque<(Box<str>, u64)>);
+/// Deleted sessions: their ids' hashes (a few bytes each, however long an id), and each with
+/// when it was deleted, oldest first.
+type Deleted = (HashSet<u64>, VecDeque<(u64, u64)>);
 
 /// All plugins' buckets for one owner.
 #[derive(Debug)]
@@ -124,6 +126,8 @@ pub struct StateStore {
     /// Sessions deleted (where replicas share state), oldest first, with when: their state
     /// operations are refused, since another replica may still serve them.
     deleted: Mutex<Deleted>,
+    /// Hashes deleted ids (keyed per process: ids cannot be chosen to collide).
+    hasher: std::collections::hash_map::RandomState,
     /// Whether what it holds was all applied while this replica leads (where replicas share
     /// state); [`Self::settle`] makes it so, one caller at a time.
     fresh: AtomicBool,
@@ -139,6 +143,7 @@ impl Default for StateStore {
             epoch: Instant::now(),
             leader: OnceLock::new(),
             deleted: Mutex::new(Default::default()),
+            hasher: Default::default(),
             fresh: AtomicBool::new(false),
             settling: Mutex::new(()),
         }
@@ -282,6 +287,11 @@ impl StateStore {
         self.leader.get().is_some()
     }
 
+    /// Whether this replica keeps the state now (it leads, or replicas do not share it).
+    pub fn kept_here(&self) -> bool {
+        self.kept_elsewhere().is_none()
+    }
+
     /// Whether another replica keeps the state.
     fn kept_elsewhere(&self) -> Option<&Leader> {
         self.leader.get().map(|(l, _)| l).filter(|l| !l.leads())
@@ -321,7 +331,11 @@ impl StateStore {
 
     /// Whether `session` was deleted (where replicas share state).
     fn was_deleted(&self, session: &str) -> bool {
-        !session.is_empty() && self.shared() && lock(&self.deleted).0.contains(session)
+        !session.is_empty()
+            && self.shared()
+            && lock(&self.deleted)
+                .0
+                .contains(&self.hasher.hash_one(session))
     }
 
     /// Applies `asked` to this replica's state: what the leader does for the others too.
@@ -421,7 +435,7 @@ impl StateStore {
             key.to_string(),
             Slot {
                 value,
-                expires: ttl.map(|t| now + t),
+                expires: ttl.and_then(|t| now.checked_add(t)),
             },
         );
         Ok(())
@@ -470,7 +484,7 @@ impl StateStore {
             key.to_string(),
             Slot {
                 value: delta.to_string(),
-                expires: ttl.map(|t| now + t),
+                expires: ttl.and_then(|t| now.checked_add(t)),
             },
         );
         Ok(delta)
@@ -522,9 +536,10 @@ impl StateStore {
             return;
         }
         let now = self.now();
+        let id = self.hasher.hash_one(session);
         let mut deleted = lock(&self.deleted);
-        if deleted.0.insert(session.into()) {
-            deleted.1.push_back((session.into(), now));
+        if deleted.0.insert(id) {
+            deleted.1.push_back((id, now));
         }
         while deleted.1.len() > MAX_DELETED {
             if let Some((old, _)) = deleted.1.pop_front() {

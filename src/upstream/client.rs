@@ -47,6 +47,18 @@ pub fn relay_client() -> &'static Client {
     })
 }
 
+/// The client plugin state operations go to the leading replica with: like
+/// [`relay_client`], on a connection of its own, so that relayed sessions' long streams never
+/// hold up (or fill the stream limit before) a call's state operation.
+pub fn plugin_state_client() -> &'static Client {
+    static STATE: std::sync::OnceLock<Client> = std::sync::OnceLock::new();
+    STATE.get_or_init(|| {
+        let tls = crate::outbound_tls::client_config(&Default::default())
+            .expect("the bundled roots load");
+        builder(true, &tls, Resolver::default())
+    })
+}
+
 fn builder(http2_only: bool, tls: &Arc<rustls::ClientConfig>, resolver: Resolver) -> Client {
     let mut http = HttpConnector::new_with_resolver(resolver);
     http.set_nodelay(true);
