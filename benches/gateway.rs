@@ -208,6 +208,22 @@ fn two_plugins_yaml() -> Option<String> {
     ))
 }
 
+/// A list filter (hiding destructive tools) on every listing and call: a call's target is
+/// judged by how its server lists it.
+fn list_filter_yaml() -> Option<String> {
+    let filter = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/target/plugins/list_filter.wasm"
+    );
+    if !std::path::Path::new(filter).exists() {
+        eprintln!("plugins not built (run plugins/build.sh): skipping the list filter");
+        return None;
+    }
+    Some(format!(
+        "plugins:\n  modules:\n    - name: lists\n      path: {filter:?}\n      config: {{ rules: [ {{ deny_labels: [destructive] }} ] }}\n  chains:\n    - {{ name: all, plugins: [lists] }}\n"
+    ))
+}
+
 fn start_gateway(upstreams_yaml: &str) -> (Proc, String) {
     start_gateway_with("", upstreams_yaml)
 }
@@ -696,13 +712,15 @@ async fn main() {
     if a.only_instructions {
         let two = format!("{}{}", http_upstream("u0"), http_upstream("u1"));
         // Valgrind cannot reserve the address space of the default instance pool.
-        let plugins = two_plugins_yaml().map(|p| {
+        let small_pool = |p: String| {
             p.replacen(
                 "plugins:\n",
                 "plugins:\n  engine: { max_instances: 4 }\n",
                 1,
             )
-        });
+        };
+        let plugins = two_plugins_yaml().map(small_pool);
+        let filter = list_filter_yaml().map(small_pool);
         for (name, top, yaml, w) in [
             (
                 "gateway→http",
@@ -742,8 +760,14 @@ async fn main() {
                 http_upstream("ex"),
                 Workload::Call64k,
             ),
+            (
+                "+ list filter",
+                filter.as_deref(),
+                http_upstream("ex"),
+                Workload::CallSmall,
+            ),
         ] {
-            if name == "+ 2 plugins" && top.is_none() {
+            if (name == "+ 2 plugins" || name == "+ list filter") && top.is_none() {
                 continue;
             }
             // GATEHOUSE_INSTRUCTION_CASES=stateless (any part of "name workload") counts only

@@ -336,6 +336,56 @@ async fn rate_limit_counts_per_session() {
     );
 }
 
+/// A call is judged by its server's list as the caller would see it now: the session reads
+/// the kept first page once, and reads it again when the server announces a change.
+#[tokio::test]
+async fn a_call_is_judged_by_the_list_its_server_announced_last() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - name: lists\n      path: {:?}\n      config: {{ rules: [ {{ deny_labels: [destructive] }} ] }}\n  chains:\n    - {{ name: all, plugins: [lists] }}",
+        wasm("list_filter")
+    );
+    let gw = TestGateway::start(
+        &cfg,
+        &[example("a", &["--test-tools"], ""), example("b", &[], "")],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let extra = json!({"name": "a__extra", "arguments": {}});
+    let unlisted = |r: &serde_json::Value| r["error"]["code"] == -32030;
+    for id in 1..4 {
+        let r = c.call(id, "tools/call", extra.clone()).await;
+        assert!(unlisted(&r), "not listed yet: {r}");
+        assert_eq!(
+            c.tool_text(10 + id, "a__echo", json!({"text": "x"})).await,
+            "x",
+            "a listed tool, judged by the same page"
+        );
+    }
+    let toggle =
+        |notify: bool| json!({"name": "a__toggle", "arguments": {"on": true, "notify": notify}});
+    assert_eq!(
+        c.call(20, "tools/call", toggle(false)).await["result"]["content"][0]["text"],
+        "on"
+    );
+    let r = c.call(21, "tools/call", extra.clone()).await;
+    assert!(
+        unlisted(&r),
+        "listed now, but not announced: the kept page holds: {r}"
+    );
+    assert_eq!(
+        c.call(22, "tools/call", toggle(true)).await["result"]["content"][0]["text"],
+        "on"
+    );
+    support::eventually("the announced change reaches the judge", || {
+        let c = &c;
+        let extra = extra.clone();
+        async move { !unlisted(&c.call(23, "tools/call", extra).await) }
+    })
+    .await;
+    gw.stop().await;
+}
+
 /// Where replicas share plugin state, a replica that does not lead asks the leader for each
 /// operation; when that cannot be done the plugin's call fails and the request is refused
 /// (fail closed): a limit that could not count must not let the call through.

@@ -5,6 +5,7 @@ pub mod front;
 pub mod handler;
 pub mod http_sse;
 pub mod jsonrpc;
+pub mod list_page;
 pub(crate) mod lookalike;
 pub mod param_headers;
 pub mod policy;

@@ -14,6 +14,7 @@ use futures_util::future::BoxFuture;
 use crate::audit::Audit;
 use crate::auth::Claims;
 use crate::mcp::jsonrpc::{self, Kind, Message};
+use crate::mcp::list_page::ListPage;
 use crate::mcp::session::{Caller, MessagePolicy, Session};
 use crate::plugins::{CallContext, Decision, Denied, EntryKind, ListEntry, PluginSet};
 use crate::upstream::UpstreamError;
@@ -310,7 +311,7 @@ pub async fn visible(
         "resources/list" => EntryKind::Resource,
         _ => EntryKind::ResourceTemplate,
     };
-    let entries: Vec<ListEntry> = items.iter().map(|i| entry(kind, i)).collect();
+    let entries: Vec<ListEntry> = items.iter().map(|i| entry(kind, i.get())).collect();
     let ctx = CallContext {
         method: list_method,
         server,
@@ -327,16 +328,17 @@ pub async fn visible(
 /// Most pages of a server's list read to find how it lists a call's target.
 const MAX_TARGET_PAGES: usize = 50;
 
-/// Calls `each` with every item of upstream `index`'s `method` list (`key` in its pages), page
-/// by page (the first cached where the server announces changes), until it returns true. A
-/// page that is an error or cannot be read ends the walk (what it would have listed is not
-/// listed); `Err` is the upstream's failure, for the call to answer with.
+/// Calls `each` with the name and text of every item of upstream `index`'s `method` list
+/// (`key` in its pages), page by page (the first read once while the server's link keeps it),
+/// until it returns true. A page that is an error or cannot be read ends the walk (what it
+/// would have listed is not listed); `Err` is the upstream's failure, for the call to answer
+/// with.
 async fn walk_list(
     session: &Session,
     index: usize,
     method: &'static str,
     key: &str,
-    mut each: impl FnMut(&RawValue) -> bool,
+    mut each: impl FnMut(&str, &str) -> bool,
 ) -> Result<(), UpstreamError> {
     let Some(link) = session.links().get(index) else {
         return Ok(());
@@ -344,46 +346,35 @@ async fn walk_list(
     let mut cursor: Option<String> = None;
     for _ in 0..MAX_TARGET_PAGES {
         let page = match &cursor {
-            None => link.first_page(method).await?,
+            None => match link.first_page(method).await? {
+                jsonrpc::Outcome::Result(page) => session.list_page(index, method, key, page),
+                jsonrpc::Outcome::Error(_) => return Ok(()),
+            },
             Some(c) => {
                 let mut p = b"{\"cursor\":".to_vec();
                 crate::json_string::put(&mut p, c);
                 p.push(b'}');
-                link.call(method, Some(&p), crate::upstream::CallOpts::default())
+                match link
+                    .call(method, Some(&p), crate::upstream::CallOpts::default())
                     .await?
+                {
+                    jsonrpc::Outcome::Result(page) => ListPage::read(page, key).map(Arc::new),
+                    jsonrpc::Outcome::Error(_) => return Ok(()),
+                }
             }
         };
-        let jsonrpc::Outcome::Result(page) = page else {
+        let Some(page) = page else {
             return Ok(());
         };
-        let Ok(fields) = serde_json::from_slice::<BTreeMap<Cow<'_, str>, &RawValue>>(&page) else {
+        if page.items().any(|(name, item)| each(name, item)) {
             return Ok(());
-        };
-        if let Some(items) = fields.get(key) {
-            let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(items.get()) else {
-                return Ok(());
-            };
-            if items.into_iter().any(&mut each) {
-                return Ok(());
-            }
         }
-        cursor = match fields
-            .get("nextCursor")
-            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
-        {
-            Some(next) => Some(next),
+        cursor = match page.next_cursor() {
+            Some(next) => Some(next.to_owned()),
             None => return Ok(()),
         };
     }
     Ok(())
-}
-
-/// The text of member `key` of a listing item, when it is a string.
-fn member_text<'a>(item: &'a RawValue, key: &str) -> Option<Cow<'a, str>> {
-    let members: BTreeMap<Cow<'_, str>, &RawValue> = serde_json::from_str(item.get()).ok()?;
-    serde_json::from_str::<Cow<'_, str>>(members.get(key)?.get())
-        .ok()
-        .map(|t| Cow::Owned(t.into_owned()))
 }
 
 /// The entry upstream `index` lists for `name` (a tool's or prompt's name, a resource's URI, a
@@ -394,20 +385,16 @@ async fn listed_target(
     kind: EntryKind,
     name: &str,
 ) -> Result<Option<ListEntry>, UpstreamError> {
-    let (method, key, named_by) = match kind {
-        EntryKind::Tool => ("tools/list", "tools", "name"),
-        EntryKind::Prompt => ("prompts/list", "prompts", "name"),
-        EntryKind::Resource => ("resources/list", "resources", "uri"),
-        EntryKind::ResourceTemplate => (
-            "resources/templates/list",
-            "resourceTemplates",
-            "uriTemplate",
-        ),
+    let (method, key) = match kind {
+        EntryKind::Tool => ("tools/list", "tools"),
+        EntryKind::Prompt => ("prompts/list", "prompts"),
+        EntryKind::Resource => ("resources/list", "resources"),
+        EntryKind::ResourceTemplate => ("resources/templates/list", "resourceTemplates"),
         EntryKind::Server => return Ok(None),
     };
     let mut found = None;
-    walk_list(session, index, method, key, |item| {
-        if member_text(item, named_by).is_some_and(|n| n == name) {
+    walk_list(session, index, method, key, |listed, item| {
+        if listed == name {
             found = Some(entry(kind, item));
         }
         found.is_some()
@@ -428,8 +415,8 @@ async fn matching_templates(
         index,
         "resources/templates/list",
         "resourceTemplates",
-        |item| {
-            if member_text(item, "uriTemplate").is_some_and(|t| template_matches(&t, uri)) {
+        |template, item| {
+            if template_matches(template, uri) {
                 found.push(entry(EntryKind::ResourceTemplate, item));
             }
             false
@@ -500,7 +487,7 @@ fn template_matches(template: &str, uri: &str) -> bool {
 ///
 /// Labels come from the tool's behaviour hints (`destructive`, `read-only`, `idempotent`,
 /// `open-world` when the hint is true) and from `_meta["gatehouse/labels"]`.
-fn entry(kind: EntryKind, item: &RawValue) -> ListEntry {
+fn entry(kind: EntryKind, item: &str) -> ListEntry {
     #[derive(Deserialize, Default)]
     struct Item<'a> {
         name: Option<String>,
@@ -514,7 +501,7 @@ fn entry(kind: EntryKind, item: &RawValue) -> ListEntry {
         #[serde(borrow, rename = "_meta")]
         meta: Option<BTreeMap<Cow<'a, str>, &'a RawValue>>,
     }
-    let it: Item<'_> = serde_json::from_str(item.get()).unwrap_or_default();
+    let it: Item<'_> = serde_json::from_str(item).unwrap_or_default();
     let name = match kind {
         EntryKind::Resource => it.uri,
         EntryKind::ResourceTemplate => it.uri_template,
@@ -587,11 +574,11 @@ mod tests {
                 "_meta":{"gatehouse/labels":["fs"]},"inputSchema":{"type":"object"}}"#,
         )
         .unwrap();
-        let e = entry(EntryKind::Tool, &raw);
+        let e = entry(EntryKind::Tool, raw.get());
         assert_eq!(e.name, "rm");
         assert_eq!(e.description.as_deref(), Some("Deletes"));
         assert_eq!(e.labels, ["destructive", "fs"]);
         let r: Box<RawValue> = serde_json::from_str(r#"{"uri":"file:///a","name":"a"}"#).unwrap();
-        assert_eq!(entry(EntryKind::Resource, &r).name, "file:///a");
+        assert_eq!(entry(EntryKind::Resource, r.get()).name, "file:///a");
     }
 }

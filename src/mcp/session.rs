@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::auth::Claims;
 use crate::config::profiles::ProfileConfig;
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
+use crate::mcp::list_page::ListPage;
 use crate::mcp::param_headers::ToolHeaders;
 use crate::mcp::profile::Profile;
 use crate::mcp::session_token;
@@ -154,6 +155,8 @@ pub struct Session {
     policy_queue: std::sync::OnceLock<mpsc::Sender<(usize, Route, Message)>>,
     /// What list handlers made of upstream first pages (see [`Session::merged_page`]).
     merged: Mutex<Vec<MergedPage>>,
+    /// What [`Self::list_page`] made of each upstream's kept first pages: (upstream, method).
+    list_pages: Mutex<Vec<(usize, &'static str, Arc<ListPage>)>>,
     /// Listen streams (`subscriptions/listen`) of a stateless session's clients.
     pub subscriptions: Subscriptions,
     /// Its POST response streams, kept for resumption (`Last-Event-ID`).
@@ -288,6 +291,7 @@ impl Session {
                 next_server_request: AtomicU64::new(1),
                 listen: Mutex::new(Listen::default()),
                 merged: Mutex::new(Vec::new()),
+                list_pages: Mutex::new(Vec::new()),
                 subscriptions: Subscriptions::default(),
                 streams: crate::mcp::resume::Streams::default(),
                 tool_headers: Mutex::new(vec![None; servers.len()]),
@@ -736,6 +740,38 @@ impl Session {
             .map(|m| (m.items.clone(), m.cursor.clone()))
     }
 
+    /// Upstream `index`'s first page of `method` (`page`) read for its items under `key`: read
+    /// once while the upstream's link keeps that page (until the server announces a change),
+    /// and each time otherwise. `None`: not a list page.
+    pub fn list_page(
+        &self,
+        index: usize,
+        method: &'static str,
+        key: &str,
+        page: Bytes,
+    ) -> Option<Arc<ListPage>> {
+        let same =
+            |p: &ListPage| p.page().as_ptr() == page.as_ptr() && p.page().len() == page.len();
+        if let Some((_, _, kept)) = lock(&self.list_pages)
+            .iter()
+            .find(|(i, m, p)| *i == index && *m == method && same(p))
+        {
+            return Some(kept.clone());
+        }
+        let keep = self
+            .links
+            .get(index)
+            .is_some_and(|link| link.keeps_page(method, &page));
+        let read = Arc::new(ListPage::read(page, key)?);
+        if keep {
+            // Held with its page, whose address then names no other page while it is kept.
+            let mut kept = lock(&self.list_pages);
+            kept.retain(|(i, m, _)| *i != index || *m != method);
+            kept.push((index, method, read.clone()));
+        }
+        Some(read)
+    }
+
     /// Keeps what a list handler made of upstream `index`'s first page of `method`.
     pub fn keep_merged_page(
         &self,
@@ -745,6 +781,15 @@ impl Session {
         items: Bytes,
         cursor: Option<String>,
     ) {
+        // Only a page its link keeps is met again: holding a page fetched for this list alone
+        // (a server that does not announce changes) would only hold memory, per session.
+        if !self
+            .links
+            .get(index)
+            .is_some_and(|link| link.keeps_page(method, &page))
+        {
+            return;
+        }
         let mut merged = lock(&self.merged);
         merged.retain(|m| m.index != index || m.method != method);
         merged.push(MergedPage {

@@ -244,6 +244,14 @@ impl Link {
         Ok(outcome)
     }
 
+    /// Whether `page` is the first page of `method` this link keeps now (the same buffer).
+    pub fn keeps_page(&self, method: &str, page: &Bytes) -> bool {
+        let cache = self.lists.lock().unwrap_or_else(|e| e.into_inner());
+        cache.pages.iter().any(|(m, _, kept)| {
+            *m == method && kept.as_ptr() == page.as_ptr() && kept.len() == page.len()
+        })
+    }
+
     /// Forgets cached lists after `notifications/<kind>/list_changed` from the upstream.
     pub fn list_changed(&self, notification: &str) {
         let Some(kind) = notification

@@ -1,0 +1,160 @@
+//! One page of a server's list (`tools/list`, `prompts/list`, `resources/list`,
+//! `resources/templates/list`) read once: its items with the name each is listed under, and
+//! where the list goes on. A session keeps what it made of each server's cached first page
+//! ([`crate::mcp::session::Session::list_page`]), so a call judged by how its target is listed
+//! reads an index, not the page.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::ops::Range;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// A list page's items, by name.
+pub struct ListPage {
+    /// The page, held: item texts are ranges of it, and its address tells it apart.
+    page: Bytes,
+    /// Each item's name (empty when it has none) and where its text is in the page, in order.
+    items: Vec<(Box<str>, Range<usize>)>,
+    /// The first item listed under each name.
+    by_name: HashMap<Box<str>, usize>,
+    next_cursor: Option<String>,
+}
+
+/// The members a page and an item are read for.
+#[derive(Deserialize)]
+struct Page<'a> {
+    #[serde(borrow, default)]
+    tools: Option<Vec<&'a RawValue>>,
+    #[serde(borrow, default)]
+    prompts: Option<Vec<&'a RawValue>>,
+    #[serde(borrow, default)]
+    resources: Option<Vec<&'a RawValue>>,
+    #[serde(borrow, default, rename = "resourceTemplates")]
+    resource_templates: Option<Vec<&'a RawValue>>,
+    #[serde(default, rename = "nextCursor")]
+    next_cursor: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Named<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    uri: Option<Cow<'a, str>>,
+    #[serde(borrow, default, rename = "uriTemplate")]
+    uri_template: Option<Cow<'a, str>>,
+}
+
+impl ListPage {
+    /// Reads `page` (a list result) for its items under `key` (`tools`, `prompts`,
+    /// `resources` or `resourceTemplates`), each named by its `name`, `uri` or `uriTemplate`
+    /// member as `key` says. `None`: not a list page (what it would have listed is not
+    /// listed).
+    pub fn read(page: Bytes, key: &str) -> Option<ListPage> {
+        let (items, next_cursor) = {
+            let text = std::str::from_utf8(&page).ok()?;
+            let read: Page<'_> = serde_json::from_str(text).ok()?;
+            let items = match key {
+                "tools" => read.tools,
+                "prompts" => read.prompts,
+                "resources" => read.resources,
+                "resourceTemplates" => read.resource_templates,
+                _ => None,
+            };
+            let base = text.as_ptr() as usize;
+            let items: Vec<(Box<str>, Range<usize>)> = items
+                .unwrap_or_default()
+                .into_iter()
+                .map(|item| {
+                    let named: Option<Named<'_>> = serde_json::from_str(item.get()).ok();
+                    let name = named.and_then(|n| match key {
+                        "resources" => n.uri,
+                        "resourceTemplates" => n.uri_template,
+                        _ => n.name,
+                    });
+                    // A borrowed raw value is a slice of the page's text.
+                    let start = item.get().as_ptr() as usize - base;
+                    (
+                        name.map(|n| n.into_owned().into_boxed_str())
+                            .unwrap_or_default(),
+                        start..start + item.get().len(),
+                    )
+                })
+                .collect();
+            (items, read.next_cursor)
+        };
+        let mut by_name = HashMap::with_capacity(items.len());
+        for (i, (name, _)) in items.iter().enumerate() {
+            if !name.is_empty() {
+                by_name.entry(name.clone()).or_insert(i);
+            }
+        }
+        Some(ListPage {
+            page,
+            items,
+            by_name,
+            next_cursor,
+        })
+    }
+
+    /// The page it was read from.
+    pub fn page(&self) -> &Bytes {
+        &self.page
+    }
+
+    /// The text of the first item listed under `name`.
+    pub fn find(&self, name: &str) -> Option<&str> {
+        self.by_name.get(name).map(|i| self.text(&self.items[*i].1))
+    }
+
+    /// Each item's name and text, in order.
+    pub fn items(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.items.iter().map(|(n, r)| (&**n, self.text(r)))
+    }
+
+    /// Where the list goes on, if it does.
+    pub fn next_cursor(&self) -> Option<&str> {
+        self.next_cursor.as_deref()
+    }
+
+    fn text(&self, range: &Range<usize>) -> &str {
+        // The page was read as UTF-8 and each range is a whole JSON value of it.
+        std::str::from_utf8(&self.page[range.clone()]).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_are_found_by_the_name_they_are_listed_under() {
+        let page = Bytes::from_static(
+            br#"{"tools":[{"name":"a","description":"first \"a\""},{"description":"no name"},{"name":"b"},{"name":"a","description":"second"}],"nextCursor":"c2","other":[1,{"x":[]}]}"#,
+        );
+        let read = ListPage::read(page.clone(), "tools").unwrap();
+        assert_eq!(
+            read.find("a"),
+            Some(r#"{"name":"a","description":"first \"a\""}"#)
+        );
+        assert_eq!(read.find("b"), Some(r#"{"name":"b"}"#));
+        assert_eq!(read.find("c"), None);
+        assert_eq!(read.next_cursor(), Some("c2"));
+        let names: Vec<&str> = read.items().map(|(n, _)| n).collect();
+        assert_eq!(names, ["a", "", "b", "a"]);
+        assert_eq!(read.page().as_ptr(), page.as_ptr());
+        let templates = Bytes::from_static(
+            br#"{"resourceTemplates":[{"uriTemplate":"file:///{p}","name":"files"}]}"#,
+        );
+        let read = ListPage::read(templates, "resourceTemplates").unwrap();
+        assert!(read.find("files").is_none(), "named by its template");
+        assert!(read.find("file:///{p}").is_some());
+        assert_eq!(read.next_cursor(), None);
+        assert!(ListPage::read(Bytes::from_static(b"[1]"), "tools").is_none());
+        let empty = ListPage::read(Bytes::from_static(b"{}"), "tools").unwrap();
+        assert_eq!(empty.items().count(), 0);
+    }
+}
