@@ -39,12 +39,7 @@ pub fn checked_client(tls: &Arc<rustls::ClientConfig>, check: AddressCheck) -> C
 /// of holding one each.
 pub fn relay_client() -> &'static Client {
     static RELAY: std::sync::OnceLock<Client> = std::sync::OnceLock::new();
-    RELAY.get_or_init(|| {
-        // Plain http to a replica: the TLS settings are never used.
-        let tls = crate::outbound_tls::client_config(&Default::default())
-            .expect("the bundled roots load");
-        builder(true, &tls, Resolver::default())
-    })
+    RELAY.get_or_init(replica_client)
 }
 
 /// The client plugin state operations go to the leading replica with: like
@@ -52,11 +47,15 @@ pub fn relay_client() -> &'static Client {
 /// hold up (or fill the stream limit before) a call's state operation.
 pub fn plugin_state_client() -> &'static Client {
     static STATE: std::sync::OnceLock<Client> = std::sync::OnceLock::new();
-    STATE.get_or_init(|| {
-        let tls = crate::outbound_tls::client_config(&Default::default())
-            .expect("the bundled roots load");
-        builder(true, &tls, Resolver::default())
-    })
+    STATE.get_or_init(replica_client)
+}
+
+/// HTTP/2 without TLS (prior knowledge) to another replica.
+fn replica_client() -> Client {
+    // Plain http to a replica: the TLS settings are never used.
+    let tls =
+        crate::outbound_tls::client_config(&Default::default()).expect("the bundled roots load");
+    builder(true, &tls, Resolver::default())
 }
 
 fn builder(http2_only: bool, tls: &Arc<rustls::ClientConfig>, resolver: Resolver) -> Client {
