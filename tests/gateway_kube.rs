@@ -793,6 +793,26 @@ async fn replicas_count_a_limit_together_through_the_leader() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A fake API server whose node runs the images of [`oci_entry`]'s versions 1.0.0 and 1.1.0 as
+/// the example server, named after the version.
+async fn fake_with_example_images() -> FakeKube {
+    let fake = FakeKube::start().await;
+    fake.configure(|s| {
+        for v in ["1.0.0", "1.1.0"] {
+            s.images.insert(
+                format!("ghcr.io/gatehouse-test/example:{v}"),
+                vec![
+                    BIN.into(),
+                    "example-server".into(),
+                    "--name".into(),
+                    format!("v{v}"),
+                ],
+            );
+        }
+    });
+    fake
+}
+
 /// A catalog entry whose package is an OCI image (which the fake node runs as the example
 /// server named after its version), with a required secret.
 fn oci_entry(version: &str) -> Value {
@@ -828,20 +848,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 async fn an_installed_entry_runs_as_a_pod_its_secret_never_in_the_resource_and_upgrades_after_a_restart()
  {
     const SECRET: &str = "tok-installed-7f3a";
-    let fake = FakeKube::start().await;
-    fake.configure(|s| {
-        for v in ["1.0.0", "1.1.0"] {
-            s.images.insert(
-                format!("ghcr.io/gatehouse-test/example:{v}"),
-                vec![
-                    BIN.into(),
-                    "example-server".into(),
-                    "--name".into(),
-                    format!("v{v}"),
-                ],
-            );
-        }
-    });
+    let fake = fake_with_example_images().await;
     let (a, rt_a) = replica(&fake, "replica-a").await;
     let r = admin(
         &a,
@@ -963,20 +970,7 @@ async fn an_installed_entry_runs_as_a_pod_its_secret_never_in_the_resource_and_u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_does_not_carry_stored_values_into_an_edit_of_the_resource() {
     const SECRET: &str = "tok-edited-91c4";
-    let fake = FakeKube::start().await;
-    fake.configure(|s| {
-        for v in ["1.0.0", "1.1.0"] {
-            s.images.insert(
-                format!("ghcr.io/gatehouse-test/example:{v}"),
-                vec![
-                    BIN.into(),
-                    "example-server".into(),
-                    "--name".into(),
-                    format!("v{v}"),
-                ],
-            );
-        }
-    });
+    let fake = fake_with_example_images().await;
     let (gw, _rt) = replica(&fake, "replica-a").await;
     // Another approved entry that declares a variable of the same name.
     let mut other = oci_entry("1.0.0");
