@@ -91,12 +91,10 @@ pub enum StartError {
 }
 
 impl Running {
-    /// Stops accepting, ends every session and its upstreams.
+    /// Stops accepting, ends every session and its upstreams, and (where replicas elect a
+    /// leader) gives leadership up, handing what the leader keeps to the next one.
     pub async fn shutdown(self) {
         self.listening.stop().await;
-        if let Some(r) = self.relay {
-            r.stop().await;
-        }
         self.sweeper.abort();
         if let Some(r) = &self.refresher {
             r.abort();
@@ -111,6 +109,12 @@ impl Running {
         if let Some(o) = &self.gateway.orchestrator {
             o.shutdown().await;
         }
+        if let Some(r) = self.relay {
+            // No longer leading, the relay serves the next leader what this one kept.
+            let state = self.gateway.plugins.current().state().clone();
+            state.handed_over(HANDOVER_WAIT).await;
+            r.stop().await;
+        }
         // The connections still open end with their threads, before the audit trail closes:
         // what their drop records (an abandoned call) is written.
         if let Some(serving) = self.serving.and_then(|s| Arc::try_unwrap(s).ok()) {
@@ -120,6 +124,9 @@ impl Running {
     }
 }
 
+/// How long a replica that led waits, as it stops, for the next leader to take over what it
+/// kept (a candidate retries the lease every 2 s).
+const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often the topology is compared with the orchestrator's (in-memory) list of servers.
 const TOPOLOGY_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often idle servers are looked for (a scan of in-memory state).
@@ -183,8 +190,12 @@ pub async fn start_with(
     let relay = match gateway.orchestrator.as_ref().and_then(|o| o.relay()) {
         Some(access) => {
             // Replicas that elect a leader share the plugins' state through it.
-            let leader =
-                plugins::leader::Leader::new(access.leading(), access.holder(), access.secrets());
+            let leader = plugins::leader::Leader::new(
+                access.leading(),
+                access.holder(),
+                access.secrets(),
+                access.handover(),
+            );
             // A session's state outlives its use as long as the session may: a portable one
             // may come back until its id expires.
             let mcp = &gateway.config.mcp;

@@ -83,15 +83,24 @@ enum RelayError {
     Upstream(#[from] crate::upstream::UpstreamError),
     #[error("not a plugin state operation: {0}")]
     State(String),
+    #[error("the plugin state operation cannot run now: {0}")]
+    StateUnavailable(String),
+    #[error("this replica leads: what it keeps is not handed over")]
+    Leading,
+    #[error("no plugin state to hand over (replicas do not share it, or it is too large)")]
+    NothingToHandOver,
 }
 
 impl RelayError {
     fn status(&self) -> StatusCode {
         match self {
             RelayError::Unauthorized => StatusCode::UNAUTHORIZED,
-            RelayError::NotLeading | RelayError::NoSecret | RelayError::TooManySessions(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            RelayError::NotLeading
+            | RelayError::NoSecret
+            | RelayError::TooManySessions(_)
+            | RelayError::StateUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RelayError::Leading => StatusCode::CONFLICT,
+            RelayError::NothingToHandOver => StatusCode::NOT_FOUND,
             RelayError::UnknownServer(_) | RelayError::UnknownSession(_) => StatusCode::NOT_FOUND,
             RelayError::NoSession | RelayError::DuplicateId(_) => StatusCode::BAD_REQUEST,
             RelayError::TooBusy(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -342,6 +351,9 @@ impl State {
         req: Request<hyper::body::Incoming>,
     ) -> Result<Response<Body>, RelayError> {
         self.authorize(&req)?;
+        if req.uri().path() == plugins::leader::HANDOVER_PATH {
+            return self.hand_over(&req);
+        }
         if !self.access.is_leading() {
             return Err(RelayError::NotLeading);
         }
@@ -401,11 +413,38 @@ impl State {
         if !self.access.is_leading() {
             return Err(RelayError::NotLeading);
         }
-        let outcome = self.gw.plugins.current().state().apply(&asked);
+        let state = self.gw.plugins.current().state().clone();
+        let outcome = state
+            .run_here(&asked, plugins::leader::TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                plugins::leader::Unavailable::NoLeader => RelayError::NotLeading,
+                e => RelayError::StateUnavailable(e.to_string()),
+            })?;
         let answer = serde_json::to_vec(&outcome).map_err(|e| RelayError::State(e.to_string()))?;
         Ok(Response::builder()
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Body::full(answer))
+            .expect("a valid response"))
+    }
+
+    /// What this replica kept while it led, for the replica that leads now: only once this one
+    /// no longer leads.
+    fn hand_over(
+        &self,
+        req: &Request<hyper::body::Incoming>,
+    ) -> Result<Response<Body>, RelayError> {
+        if req.method() != Method::GET {
+            return Err(RelayError::Method(req.method().clone()));
+        }
+        if self.access.is_leading() {
+            return Err(RelayError::Leading);
+        }
+        let snapshot = self.gw.plugins.current().state().hand_over();
+        let snapshot = snapshot.ok_or(RelayError::NothingToHandOver)?;
+        Ok(Response::builder()
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Body::full(snapshot))
             .expect("a valid response"))
     }
 

@@ -653,6 +653,28 @@ async fn the_relay_answers_only_the_replicas_and_only_on_the_leader() {
             r.body
         );
     }
+    // What a replica kept as leader: the replicas' alone, and only once it no longer leads.
+    let get = |addr: std::net::SocketAddr, path: &str, token: Option<&str>| {
+        let c = Client::new(format!("http://{addr}{path}"));
+        let mut req = http::Request::builder().method("GET").uri(&c.url);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(Bytes::new())).unwrap();
+        async move { c.send(req).await }
+    };
+    let handover = "/plugin-state/handover";
+    let r = get(relay_of(&follower), handover, None).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = get(relay_of(&follower), handover, Some(&wrong)).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = get(leader_relay, handover, Some(&secret)).await;
+    assert_eq!(r.status, 409, "the leader hands nothing over: {}", r.body);
+    let r = post(relay_of(&follower), handover, Some(&secret), String::new()).await;
+    assert_eq!(r.status, 405, "{}", r.body);
+    let r = get(relay_of(&follower), handover, Some(&secret)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["owners"], json!([]), "it never led: {}", r.body);
     let r = post(leader_relay, "/relay/tools", Some(&secret), init).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.headers.contains_key("mcp-session-id"));
@@ -668,7 +690,8 @@ async fn the_relay_answers_only_the_replicas_and_only_on_the_leader() {
 
 /// Plugin state is the leading replica's: a limit counts the calls of every replica, a portable
 /// session's count follows it from replica to replica and goes when it is deleted, and the
-/// follower keeps nothing itself. When the leader goes, the follower leads and counts afresh.
+/// follower keeps nothing itself. When the leader goes, the follower leads and takes the counts
+/// over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_count_a_limit_together_through_the_leader() {
     let fake = FakeKube::start().await;
@@ -769,26 +792,37 @@ async fn replicas_count_a_limit_together_through_the_leader() {
         r["error"]["code"], -32029,
         "a principal's limit still holds: {r}"
     );
-    // The leader goes: the follower leads, and counts afresh (what it meanwhile cannot count
-    // it refuses, as a plugin failure).
+    // A session served by the follower makes one call of its two before the leader goes.
+    let mut staying = follower.client();
+    staying.initialize(json!({})).await;
+    let r = staying.call(36, "tools/call", add_call.clone()).await;
+    assert_eq!(r["result"]["content"][0]["text"], "3", "{r}");
+    // The leader goes, handing what it kept over: the follower leads and goes on counting
+    // (what it cannot count meanwhile it refuses, as a plugin failure; never lets through).
     leader.stop().await;
-    let mut served = false;
+    let mut counted = None;
     for i in 0..250 {
         let r = on_follower
             .call(40 + i, "tools/call", echo_call.clone())
             .await;
-        if r["result"]["content"][0]["text"] == "x" {
-            served = true;
+        if r["error"]["code"] != -32031 {
+            counted = Some(r);
             break;
         }
-        let code = r["error"]["code"].as_i64();
-        assert!(
-            code == Some(-32031) || code == Some(-32029),
-            "refused while no leader counts, never let through uncounted: {r}"
-        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(served, "the follower leads and serves");
+    let r = counted.expect("the follower leads");
+    assert_eq!(
+        r["error"]["code"], -32029,
+        "the principal's four calls still count on the new leader: {r}"
+    );
+    let r = staying.call(300, "tools/call", add_call.clone()).await;
+    assert_eq!(r["result"]["content"][0]["text"], "3", "{r}");
+    let r = staying.call(301, "tools/call", add_call.clone()).await;
+    assert_eq!(
+        r["error"]["code"], -32029,
+        "the session's third call, two of them counted by the last leader: {r}"
+    );
     follower.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -15,7 +15,7 @@ use gatehouse::orchestrator::spec::{
     EnvVarSpec, McpServerSpec, ServerDef, TransportKind, TransportSpec,
 };
 use gatehouse::orchestrator::{
-    Endpoint, FailureReason, LogOptions, OrchestratorError, Phase, Runtime,
+    Endpoint, FailureReason, Handover, LogOptions, OrchestratorError, Phase, Runtime,
 };
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
@@ -2117,4 +2117,84 @@ async fn failed_reconciles_back_off_and_then_converge() {
     rt.wait_ready("refused", Duration::from_secs(10))
         .await
         .unwrap();
+}
+
+/// A replica that comes to lead learns whom it took the lease from, to take the leader's state
+/// over: the holder that gave it up, or the one whose lease expired; only ever a relay that
+/// replica signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_learns_whom_it_took_the_lease_from_by_its_signed_relay() {
+    let fake = FakeKube::start().await;
+    let replica = |id: &str, port: u16| {
+        let lease = LeaseSettings {
+            lease_duration: Duration::from_secs(2),
+            renew_every: Duration::from_millis(150),
+            retry_every: Duration::from_millis(100),
+            ..LeaseSettings::new("gatehouse-orchestrator", id)
+        };
+        let rt = KubeRuntime::start_with_client(
+            fake.client(NS),
+            NS.into(),
+            Some(lease),
+            KubeOptions {
+                relay_listen: Some("127.0.0.1:0".parse().unwrap()),
+                ..options()
+            },
+        );
+        // (No relay listens in this test: where it would is all that is handed on.)
+        rt.relay().unwrap().serving(([127, 0, 0, 1], port).into());
+        rt
+    };
+    let leads = |rt: &KubeRuntime| rt.is_leader().then_some(());
+    let handover = |rt: &KubeRuntime| rt.relay().unwrap().handover().borrow().clone();
+    let relay_annotation = || {
+        let lease = fake.get(Kind::Lease, NS, "gatehouse-orchestrator")?;
+        lease["metadata"]["annotations"]["gatehouse.dev/relay"]
+            .as_str()
+            .map(str::to_owned)
+    };
+
+    let a = replica("replica-a", 1111);
+    eventually("a leads", Duration::from_secs(10), || leads(&a)).await;
+    assert_eq!(handover(&a), Handover::Nobody, "nobody led before");
+    eventually("a's relay in the lease", Duration::from_secs(5), || {
+        (relay_annotation()? == "http://127.0.0.1:1111").then_some(())
+    })
+    .await;
+    let b = replica("replica-b", 2222);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!b.is_leader());
+
+    // Given up: the next holder takes over from it.
+    a.shutdown().await;
+    eventually("b leads", Duration::from_secs(10), || leads(&b)).await;
+    assert_eq!(handover(&b), Handover::From("http://127.0.0.1:1111".into()));
+    eventually("b's relay in the lease", Duration::from_secs(5), || {
+        (relay_annotation()? == "http://127.0.0.1:2222").then_some(())
+    })
+    .await;
+
+    // Gone without giving it up (its tasks stop, nothing is written): taken once expired,
+    // from it still.
+    drop(b);
+    let c = replica("replica-c", 3333);
+    eventually("c leads", Duration::from_secs(10), || leads(&c)).await;
+    assert_eq!(handover(&c), Handover::From("http://127.0.0.1:2222".into()));
+
+    // A writer of the Lease names someone's relay as the one that gave it up: not signed by
+    // that one, not followed.
+    drop(c);
+    fake.patch(
+        Kind::Lease,
+        NS,
+        "gatehouse-orchestrator",
+        json!({"metadata": {"annotations": {
+            "gatehouse.dev/released-by": "mallory",
+            "gatehouse.dev/relay": "http://evil.example:80"}},
+            "spec": {"holderIdentity": null}}),
+    );
+    let d = replica("replica-d", 4444);
+    eventually("d leads", Duration::from_secs(10), || leads(&d)).await;
+    assert_eq!(handover(&d), Handover::Nobody);
+    d.shutdown().await;
 }

@@ -403,9 +403,10 @@ async fn a_state_operation_the_leader_cannot_run_refuses_the_call() {
     let (leading, leads) = tokio::sync::watch::channel(false);
     let (relay_at, relay) = tokio::sync::watch::channel(Some(dead));
     let (_secret, secret) = tokio::sync::watch::channel(Some(std::sync::Arc::from("s")));
+    let (handing, handover) = tokio::sync::watch::channel(gatehouse::orchestrator::Handover::Kept);
     let state = gw.gateway().plugins.current().state().clone();
     state.share_through(
-        gatehouse::plugins::leader::Leader::new(leads, relay, secret),
+        gatehouse::plugins::leader::Leader::new(leads, relay, secret, handover),
         std::time::Duration::from_secs(60),
     );
     let call = json!({"name":"a__echo","arguments":{"text":"x"}});
@@ -442,14 +443,28 @@ async fn a_state_operation_the_leader_cannot_run_refuses_the_call() {
     }
     let (code, msg) = err(&c.call(6, "tools/call", call.clone()).await);
     assert_eq!(code, -32029, "{msg}");
-    // And what it kept goes when it stops leading (the next leader starts afresh).
     assert_eq!(
         state.apply(&probe()),
         gatehouse::plugins::Outcome::Value(Some("3".into())),
         "counted here while leading"
     );
+    // Leading, it hands nothing over; once it no longer leads, what it kept, for the next.
+    assert!(state.hand_over().is_none());
     leading.send_replace(false);
-    support::eventually("the state is dropped", || {
+    let handed = loop {
+        if let Some(bytes) = state.hand_over() {
+            break String::from_utf8(bytes).unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert!(
+        handed.contains(r#""key":"limit-0","value":"3""#),
+        "{handed}"
+    );
+    // Leading again, with the lease taken from nobody: it starts afresh.
+    handing.send_replace(gatehouse::orchestrator::Handover::Nobody);
+    leading.send_replace(true);
+    support::eventually("the state starts afresh", || {
         let state = state.clone();
         async move { state.apply(&probe()) == gatehouse::plugins::Outcome::Value(None) }
     })

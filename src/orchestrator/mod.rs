@@ -179,6 +179,21 @@ pub struct RelayAccess {
     secret: tokio::sync::watch::Receiver<Option<Arc<str>>>,
     /// The leader's relay (its base URL), when another replica leads.
     holder: tokio::sync::watch::Receiver<Option<String>>,
+    /// Whom this replica took the lease from, as it last came to lead.
+    handover: tokio::sync::watch::Receiver<Handover>,
+}
+
+/// Whom a replica that has come to lead takes what the leader keeps (the plugins' state) from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Handover {
+    /// Nobody: no replica held the lease before, or the one that did signed no relay.
+    #[default]
+    Nobody,
+    /// Itself: it held the lease before and nobody took it since (its renewals failed for a
+    /// while), so what it kept stands.
+    Kept,
+    /// The replica that held the lease before, at its relay's base URL (signed by it).
+    From(String),
 }
 
 impl RelayAccess {
@@ -188,6 +203,7 @@ impl RelayAccess {
         leading: tokio::sync::watch::Receiver<bool>,
         secret: tokio::sync::watch::Receiver<Option<Arc<str>>>,
         holder: tokio::sync::watch::Receiver<Option<String>>,
+        handover: tokio::sync::watch::Receiver<Handover>,
     ) -> Self {
         RelayAccess {
             listen,
@@ -195,6 +211,7 @@ impl RelayAccess {
             leading,
             secret,
             holder,
+            handover,
         }
     }
 
@@ -232,6 +249,12 @@ impl RelayAccess {
     /// no leader is known.
     pub fn holder(&self) -> tokio::sync::watch::Receiver<Option<String>> {
         self.holder.clone()
+    }
+
+    /// Whom this replica took the lease from, as it last came to lead (set before `leading`
+    /// turns true).
+    pub fn handover(&self) -> tokio::sync::watch::Receiver<Handover> {
+        self.handover.clone()
     }
 }
 

@@ -8,6 +8,10 @@
 //! operation that cannot be run fails the plugin's call (the gateway then refuses the request,
 //! unless the plugin fails open): a policy that counts or remembers must not go on as though
 //! it had counted or remembered.
+//!
+//! A replica that comes to lead takes the state over from the one it took the lease from
+//! ([`Handover`]): it reads that one's [`HANDOVER_PATH`] before it applies anything, so a
+//! rolling upgrade neither resets a limit nor clears a taint.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,10 +24,17 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, watch};
 
+use crate::orchestrator::Handover;
 use crate::upstream::client::plugin_state_client;
 
 /// Path of the state operations on the leader's relay.
 pub const PATH: &str = "/plugin-state";
+/// Path, on the relay of a replica that led, of the state it kept (for the next leader).
+pub const HANDOVER_PATH: &str = "/plugin-state/handover";
+/// Largest state handed over (what the previous leader writes and the next one reads).
+pub const MAX_HANDOVER: usize = 256 * 1024 * 1024;
+/// How long taking the state over may take (it is as large as the state).
+pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest operation sent (a key, a 64 KiB value escaped as JSON at worst 6 bytes a byte, a
 /// session id and a principal), and what the relay reads at most.
 pub const MAX_ASKED: usize = 512 * 1024;
@@ -34,7 +45,7 @@ const MAX_ANSWER: usize = 512 * 1024;
 const WAIT_FOR_LEADER: Duration = Duration::from_secs(2);
 /// How long the exchange with the leader may take, within the plugin's own deadline: a slow
 /// leader must not hold calls for long.
-const TIMEOUT: Duration = Duration::from_secs(1);
+pub const TIMEOUT: Duration = Duration::from_secs(1);
 /// Ends of sessions told at once; more are not told (their state goes once unused).
 const MAX_TELLING: usize = 64;
 
@@ -50,6 +61,9 @@ pub enum Unavailable {
     /// It answered something other than an outcome (what it said is logged).
     #[error("the leading replica refused a plugin state operation")]
     Refused,
+    /// This replica has come to lead and is taking the state over from the previous leader.
+    #[error("the replica that has come to lead is still taking plugin state over")]
+    TakingOver,
     /// The session was deleted: what its plugins kept is gone, and it cannot go on.
     #[error("the session was deleted")]
     SessionDeleted,
@@ -67,6 +81,8 @@ struct Inner {
     /// Its relay's base URL while another replica leads.
     relay: watch::Receiver<Option<String>>,
     secret: watch::Receiver<Option<Arc<str>>>,
+    /// Whom this replica took the lease from, as it last came to lead.
+    handover: watch::Receiver<Handover>,
     /// Room for ends of sessions being told.
     telling: Arc<Semaphore>,
 }
@@ -81,17 +97,19 @@ impl std::fmt::Debug for Leader {
 }
 
 impl Leader {
-    /// The leader as this replica sees it: whether it leads itself, the leader's relay, and the
-    /// replicas' secret, each as it changes.
+    /// The leader as this replica sees it: whether it leads itself, the leader's relay, the
+    /// replicas' secret, and whom it took the lease from, each as it changes.
     pub fn new(
         leading: watch::Receiver<bool>,
         relay: watch::Receiver<Option<String>>,
         secret: watch::Receiver<Option<Arc<str>>>,
+        handover: watch::Receiver<Handover>,
     ) -> Leader {
         Leader(Arc::new(Inner {
             leading,
             relay,
             secret,
+            handover,
             telling: Arc::new(Semaphore::new(MAX_TELLING)),
         }))
     }
@@ -104,6 +122,28 @@ impl Leader {
     /// Changes of leadership.
     pub fn leading(&self) -> watch::Receiver<bool> {
         self.0.leading.clone()
+    }
+
+    /// Whom this replica took the lease from, each time it comes to lead (a new value each
+    /// time, even the same).
+    pub fn handovers(&self) -> watch::Receiver<Handover> {
+        self.0.handover.clone()
+    }
+
+    /// The state the replica whose relay is at `relay` kept while it led (it hands it over
+    /// only once it no longer leads).
+    pub async fn take_over_from(&self, relay: &str) -> Result<Bytes, Unavailable> {
+        let secret = self
+            .0
+            .secret
+            .borrow()
+            .clone()
+            .ok_or(Unavailable::NoLeader)?;
+        let uri: Uri = format!("{relay}{HANDOVER_PATH}")
+            .parse()
+            .map_err(|_| Unavailable::Unreachable("its relay's address is not a URL".into()))?;
+        let req = authorized(Method::GET, uri, &secret, Bytes::new())?;
+        exchange(req, MAX_HANDOVER, HANDOVER_TIMEOUT).await
     }
 
     /// Runs `asked` on the leader within `deadline` (what is left of the plugin's), and reads
@@ -184,41 +224,60 @@ impl Leader {
 
     async fn send(&self, body: Bytes) -> Result<Bytes, Unavailable> {
         let (uri, secret) = self.target().await?;
-        let bearer = HeaderValue::from_str(&format!("Bearer {secret}")).map_err(|_| {
-            tracing::warn!("the replicas' secret is not a header value");
-            Unavailable::Refused
-        })?;
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(uri)
-            .header(AUTHORIZATION, bearer)
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|e| {
-                tracing::warn!("a plugin state request cannot be built: {e}");
-                Unavailable::Refused
-            })?;
-        let exchange = async {
-            let resp = plugin_state_client()
-                .request(req)
-                .await
-                .map_err(|e| Unavailable::Unreachable(crate::upstream::pool::reason(&e)))?;
-            let status = resp.status();
-            let answer = Limited::new(resp.into_body(), MAX_ANSWER)
-                .collect()
-                .await
-                .map_err(|e| Unavailable::Unreachable(e.to_string()))?
-                .to_bytes();
-            Ok::<_, Unavailable>((status, answer))
-        };
-        let (status, answer) = tokio::time::timeout(TIMEOUT, exchange)
-            .await
-            .map_err(|_| Unavailable::Unreachable(format!("no answer within {TIMEOUT:?}")))??;
-        if status != StatusCode::OK {
-            let text = String::from_utf8_lossy(&answer[..answer.len().min(256)]).into_owned();
-            tracing::warn!(%status, "the leading replica refused a plugin state operation: {text}");
-            return Err(Unavailable::Refused);
-        }
-        Ok(answer)
+        let req = authorized(Method::POST, uri, &secret, body)?;
+        exchange(req, MAX_ANSWER, TIMEOUT).await
     }
+}
+
+/// A request to another replica's relay, with the replicas' secret.
+fn authorized(
+    method: Method,
+    uri: Uri,
+    secret: &str,
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, Unavailable> {
+    let bearer = HeaderValue::from_str(&format!("Bearer {secret}")).map_err(|_| {
+        tracing::warn!("the replicas' secret is not a header value");
+        Unavailable::Refused
+    })?;
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(AUTHORIZATION, bearer)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .map_err(|e| {
+            tracing::warn!("a plugin state request cannot be built: {e}");
+            Unavailable::Refused
+        })
+}
+
+/// Sends `req`, and reads an answer of at most `limit` bytes within `timeout`.
+async fn exchange(
+    req: Request<Full<Bytes>>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, Unavailable> {
+    let exchange = async {
+        let resp = plugin_state_client()
+            .request(req)
+            .await
+            .map_err(|e| Unavailable::Unreachable(crate::upstream::pool::reason(&e)))?;
+        let status = resp.status();
+        let answer = Limited::new(resp.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| Unavailable::Unreachable(e.to_string()))?
+            .to_bytes();
+        Ok::<_, Unavailable>((status, answer))
+    };
+    let (status, answer) = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| Unavailable::Unreachable(format!("no answer within {timeout:?}")))??;
+    if status != StatusCode::OK {
+        let text = String::from_utf8_lossy(&answer[..answer.len().min(256)]).into_owned();
+        tracing::warn!(%status, "another replica refused a plugin state request: {text}");
+        return Err(Unavailable::Refused);
+    }
+    Ok(answer)
 }

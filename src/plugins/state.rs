@@ -8,18 +8,23 @@
 //!
 //! With several replicas (Kubernetes, leader election and the relay), the state is the leading
 //! replica's: the others ask it for every operation ([`super::leader`]), so a rate limit counts
-//! every replica's calls and a taint follows a session to whichever replica serves it.
+//! every replica's calls and a taint follows a session to whichever replica serves it. A
+//! replica that comes to lead takes the state over from the previous leader first (a
+//! [`Snapshot`] of it), so a change of leader (a rolling upgrade) loses none of it; where the
+//! previous leader cannot hand it over (it crashed), the new one starts afresh.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use super::leader::{Leader, Unavailable};
+use super::leader::{self, Leader, Unavailable};
+use crate::orchestrator::Handover;
 
 /// Longest key a plugin may use, in bytes.
 pub const MAX_KEY_BYTES: usize = 256;
@@ -35,6 +40,9 @@ pub const MAX_SESSIONS: usize = if cfg!(test) { 1000 } else { 1_000_000 };
 const MAX_DELETED: usize = 100_000;
 /// How often a store that replicas share drops what has expired.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// How long a replica that no longer leads keeps what it kept, for the next leader to take
+/// over: longer than a lease takes to expire (15 s) and be taken.
+const HANDED_OVER_WITHIN: Duration = Duration::from_secs(60);
 
 /// Whose state a key belongs to (mirrors the WIT `scope` enum).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,7 +78,47 @@ type Bucket = HashMap<String, Slot>;
 
 /// Deleted sessions: their ids' hashes (a few bytes each, however long an id), and each with
 /// when it was deleted, oldest first.
-type Deleted = (HashSet<u64>, VecDeque<(u64, u64)>);
+#[derive(Debug)]
+struct Deleted {
+    ids: HashSet<u64>,
+    order: VecDeque<(u64, u64)>,
+    /// The seed ids are hashed with: random (ids cannot be chosen to collide), and handed over
+    /// with the hashes, so the next leader's hashes mean the same.
+    seed: u64,
+}
+
+impl Deleted {
+    fn new(seed: u64) -> Deleted {
+        Deleted {
+            ids: HashSet::new(),
+            order: VecDeque::new(),
+            seed,
+        }
+    }
+
+    fn hash(&self, session: &str) -> u64 {
+        foldhash::quality::FixedState::with_seed(self.seed).hash_one(session)
+    }
+
+    fn insert(&mut self, id: u64, at: u64) {
+        if self.ids.insert(id) {
+            self.order.push_back((id, at));
+        }
+        while self.order.len() > MAX_DELETED {
+            if let Some((old, _)) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+}
+
+fn random_seed() -> u64 {
+    let mut seed = [0u8; 8];
+    // (Without the OS's randomness, a fixed seed: ids could then be chosen to collide, which
+    // refuses another session's plugin state, no more.)
+    let _ = getrandom::fill(&mut seed);
+    u64::from_le_bytes(seed)
+}
 
 /// All plugins' buckets for one owner.
 #[derive(Debug)]
@@ -126,12 +174,13 @@ pub struct StateStore {
     /// Sessions deleted (where replicas share state), oldest first, with when: their state
     /// operations are refused, since another replica may still serve them.
     deleted: Mutex<Deleted>,
-    /// Hashes deleted ids (keyed per process: ids cannot be chosen to collide).
-    hasher: std::collections::hash_map::RandomState,
-    /// Whether what it holds was all applied while this replica leads (where replicas share
-    /// state); [`Self::settle`] makes it so, one caller at a time.
-    fresh: AtomicBool,
-    settling: Mutex<()>,
+    /// Whether what it holds is the state (where replicas share it): false from when this
+    /// replica comes to lead until it has taken the state over from the previous leader.
+    settled: watch::Sender<bool>,
+    /// Whether the next leader has taken over what this replica kept since it last led.
+    handed: watch::Sender<bool>,
+    /// Itself, for what it finishes in the background (where replicas share state).
+    this: OnceLock<std::sync::Weak<StateStore>>,
 }
 
 impl Default for StateStore {
@@ -142,10 +191,10 @@ impl Default for StateStore {
             global: DashMap::new(),
             epoch: Instant::now(),
             leader: OnceLock::new(),
-            deleted: Mutex::new(Default::default()),
-            hasher: Default::default(),
-            fresh: AtomicBool::new(false),
-            settling: Mutex::new(()),
+            deleted: Mutex::new(Deleted::new(random_seed())),
+            settled: watch::Sender::new(false),
+            handed: watch::Sender::new(false),
+            this: OnceLock::new(),
         }
     }
 }
@@ -210,6 +259,35 @@ pub enum Outcome {
     SessionDeleted,
 }
 
+/// What a leader kept, as it hands it over to the next one.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Snapshot {
+    /// The seed `deleted` was hashed with.
+    seed: u64,
+    /// Deleted sessions' hashes, oldest first, each with how long ago (ms).
+    deleted: Vec<(u64, u64)>,
+    owners: Vec<KeptOwner>,
+}
+
+/// One scope owner's keys, handed over.
+#[derive(Debug, Serialize, Deserialize)]
+struct KeptOwner {
+    scope: Scope,
+    owner: String,
+    /// How long since a plugin last used it (ms).
+    unused_ms: u64,
+    plugins: Vec<(Arc<str>, Vec<KeptKey>)>,
+}
+
+/// One live key, handed over.
+#[derive(Debug, Serialize, Deserialize)]
+struct KeptKey {
+    key: String,
+    value: String,
+    /// What is left of its time to live (ms).
+    ttl_ms: Option<u64>,
+}
+
 /// Who is calling, for resolving scope owners.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller<'a> {
@@ -238,47 +316,150 @@ impl StateStore {
     }
 
     /// Keeps the state on the leading replica from now on: while this replica does not lead,
-    /// every operation asks `leader`'s (and this store holds nothing), and a session's state is
-    /// kept there until the session is deleted, ends on a replica that does not carry it
-    /// elsewhere, or goes unused by its plugins for `retention` (longer than a session may
-    /// live unused: a portable session may come back until its id expires). Call once, inside
-    /// the runtime.
+    /// every operation asks `leader`'s (and this store holds nothing of its own), and a
+    /// session's state is kept there until the session is deleted, ends on a replica that does
+    /// not carry it elsewhere, or goes unused by its plugins for `retention` (longer than a
+    /// session may live unused: a portable session may come back until its id expires). Call
+    /// once, inside the runtime.
     pub fn share_through(self: &Arc<Self>, leader: Leader, retention: Duration) {
         let mut leading = leader.leading();
-        if self.leader.set((leader, retention)).is_err() {
+        let mut handovers = leader.handovers();
+        if self.leader.set((leader.clone(), retention)).is_err() {
             return;
         }
-        // Kept only while leading: what a replica kept while it led is not the state once
-        // another leads (that one starts afresh), and what it wrote before (an `init`) or
-        // after (a hook that began as leadership went) must not come back if it leads again:
-        // dropped when leadership goes, and again before the first operation when it comes.
+        let _ = self.this.set(Arc::downgrade(self));
+        // What it wrote before it took part (an `init`) is not the state.
         self.clear();
         let store = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut sweep = tokio::time::interval(SWEEP_EVERY);
+            let mut led = false;
+            // When what it kept as leader goes, once another may have taken it over.
+            let mut forget: Option<tokio::time::Instant> = None;
             loop {
-                tokio::select! {
-                    changed = leading.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                        let leads = *leading.borrow_and_update();
-                        match store.upgrade() {
-                            Some(store) if !leads => {
-                                store.fresh.store(false, Ordering::Release);
-                                store.clear();
-                            }
-                            Some(_) => {}
-                            None => return,
-                        }
+                let leads = *leading.borrow_and_update();
+                // Each time it comes to lead, whom from is told anew: a change of leadership
+                // that came and went between two looks here is not missed.
+                let came_again = leads && led && handovers.has_changed().unwrap_or(false);
+                if !leads {
+                    handovers.borrow_and_update();
+                }
+                if leads != led || came_again {
+                    led = leads;
+                    let Some(store) = store.upgrade() else { return };
+                    if leads {
+                        forget = None;
+                        let from = handovers.borrow_and_update().clone();
+                        store.take_over(from, &leader, &mut leading).await;
+                        continue;
                     }
+                    // Nothing is applied here from now on: what it holds stays as it was,
+                    // for the next leader to take over.
+                    store.settled.send_replace(false);
+                    forget = Some(tokio::time::Instant::now() + HANDED_OVER_WITHIN);
+                }
+                let forgetting = async {
+                    match forget {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    changed = leading.changed() => if changed.is_err() {
+                        return;
+                    },
+                    Ok(()) = handovers.changed() => {}
                     _ = sweep.tick() => match store.upgrade() {
                         Some(store) => store.sweep(),
                         None => return,
                     },
+                    _ = forgetting => {
+                        forget = None;
+                        match store.upgrade() {
+                            Some(store) => store.clear(),
+                            None => return,
+                        }
+                    }
                 }
             }
         });
+    }
+
+    /// This replica has come to lead: before it applies anything, what it holds becomes the
+    /// state the previous leader kept (or nothing, where none can hand it over).
+    async fn take_over(
+        &self,
+        from: Handover,
+        leader: &Leader,
+        leading: &mut watch::Receiver<bool>,
+    ) {
+        self.settled.send_replace(false);
+        self.handed.send_replace(false);
+        match from {
+            Handover::Kept => {}
+            Handover::Nobody => self.clear(),
+            Handover::From(relay) => {
+                let taken = tokio::select! {
+                    taken = leader.take_over_from(&relay) => taken,
+                    // Leadership went meanwhile: nothing to settle.
+                    _ = leading.wait_for(|l| !*l) => return,
+                };
+                self.clear();
+                match taken.map(|bytes| serde_json::from_slice::<Snapshot>(&bytes)) {
+                    Ok(Ok(snapshot)) => {
+                        let kept = self.restore(snapshot);
+                        tracing::info!(
+                            kept,
+                            "took the plugins' state over from the previous leader"
+                        );
+                    }
+                    Ok(Err(e)) => tracing::warn!(
+                        "the previous leader handed over unreadable plugin state ({e}); starting afresh"
+                    ),
+                    Err(e) => tracing::warn!(
+                        "the previous leader could not hand its plugin state over ({e}); starting afresh"
+                    ),
+                }
+            }
+        }
+        self.settled.send_replace(true);
+    }
+
+    /// What this replica kept while it led, for the next leader: only once it no longer
+    /// leads (nothing is applied here after), and only where replicas share state.
+    pub fn hand_over(&self) -> Option<Vec<u8>> {
+        let (leader, _) = self.leader.get()?;
+        if leader.leads() {
+            return None;
+        }
+        let snapshot = serde_json::to_vec(&self.snapshot()).ok()?;
+        if snapshot.len() > leader::MAX_HANDOVER {
+            tracing::warn!(
+                bytes = snapshot.len(),
+                "the plugins' state is larger than can be handed over; the next leader starts afresh"
+            );
+            return None;
+        }
+        self.handed.send_replace(true);
+        Some(snapshot)
+    }
+
+    /// Waits, at most `within`, for the next leader to take over what this replica kept
+    /// while it led (call once it no longer leads, before its relay stops): at once where
+    /// it kept nothing, or replicas do not share state.
+    pub async fn handed_over(&self, within: Duration) {
+        if !self.shared() || self.is_empty() {
+            return;
+        }
+        let mut handed = self.handed.subscribe();
+        let _ = tokio::time::timeout(within, handed.wait_for(|h| *h)).await;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+            && self.principals.is_empty()
+            && self.global.is_empty()
+            && lock(&self.deleted).ids.is_empty()
     }
 
     /// Whether replicas share the state (whichever keeps it now): where they do not, an
@@ -304,10 +485,12 @@ impl StateStore {
         let outcome = match self.kept_elsewhere() {
             Some(leader) => match leader.ask(&asked, deadline).await {
                 // It came to lead while waiting for a leader to be known.
-                Err(Unavailable::NoLeader) if leader.leads() => self.apply(&asked),
+                Err(Unavailable::NoLeader) if leader.leads() => {
+                    self.run_here(&asked, deadline).await?
+                }
                 asked => asked?,
             },
-            None => self.apply(&asked),
+            None => self.run_here(&asked, deadline).await?,
         };
         match outcome {
             Outcome::SessionDeleted => Err(Unavailable::SessionDeleted),
@@ -315,32 +498,37 @@ impl StateStore {
         }
     }
 
-    /// Before the first operation a replica that has come to lead applies, drops what it
-    /// kept from before (not asynchronously: nothing it applies as leader is dropped).
-    fn settle(&self) {
-        if self.fresh.load(Ordering::Acquire) || !self.leader.get().is_some_and(|(l, _)| l.leads())
-        {
-            return;
+    /// Applies `asked` here, as the replica that keeps the state: once it has taken the state
+    /// over (waiting at most `deadline`), and only while it still leads.
+    pub async fn run_here(
+        &self,
+        asked: &Asked,
+        deadline: Duration,
+    ) -> Result<Outcome, Unavailable> {
+        if let Some((leader, _)) = self.leader.get() {
+            let mut settled = self.settled.subscribe();
+            tokio::time::timeout(deadline, settled.wait_for(|s| *s))
+                .await
+                .map_err(|_| Unavailable::TakingOver)?
+                .map_err(|_| Unavailable::NoLeader)?;
+            if !leader.leads() {
+                return Err(Unavailable::NoLeader);
+            }
         }
-        let _one = lock(&self.settling);
-        if !self.fresh.load(Ordering::Acquire) {
-            self.clear();
-            self.fresh.store(true, Ordering::Release);
-        }
+        Ok(self.apply(asked))
     }
 
     /// Whether `session` was deleted (where replicas share state).
     fn was_deleted(&self, session: &str) -> bool {
-        !session.is_empty()
-            && self.shared()
-            && lock(&self.deleted)
-                .0
-                .contains(&self.hasher.hash_one(session))
+        if session.is_empty() || !self.shared() {
+            return false;
+        }
+        let deleted = lock(&self.deleted);
+        !deleted.ids.is_empty() && deleted.ids.contains(&deleted.hash(session))
     }
 
     /// Applies `asked` to this replica's state: what the leader does for the others too.
     pub fn apply(&self, asked: &Asked) -> Outcome {
-        self.settle();
         let caller = Caller {
             session: &asked.session,
             principal: asked.principal.as_deref(),
@@ -523,6 +711,18 @@ impl StateStore {
         };
         match self.kept_elsewhere() {
             Some(leader) => leader.tell(&asked),
+            // Taking the state over: applied once it is (what is taken over would replace it).
+            None if self.shared() && !*self.settled.borrow() => {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let Some(store) = self.this.get().and_then(std::sync::Weak::upgrade) else {
+                    return;
+                };
+                runtime.spawn(async move {
+                    let _ = store.run_here(&asked, leader::HANDOVER_TIMEOUT).await;
+                });
+            }
             None => {
                 self.apply(&asked);
             }
@@ -536,16 +736,9 @@ impl StateStore {
             return;
         }
         let now = self.now();
-        let id = self.hasher.hash_one(session);
         let mut deleted = lock(&self.deleted);
-        if deleted.0.insert(id) {
-            deleted.1.push_back((id, now));
-        }
-        while deleted.1.len() > MAX_DELETED {
-            if let Some((old, _)) = deleted.1.pop_front() {
-                deleted.0.remove(&old);
-            }
-        }
+        let id = deleted.hash(session);
+        deleted.insert(id, now);
     }
 
     /// A portable session is no longer served here, though its client may come back to any
@@ -561,7 +754,7 @@ impl StateStore {
         self.sessions.clear();
         self.principals.clear();
         self.global.clear();
-        *lock(&self.deleted) = Default::default();
+        *lock(&self.deleted) = Deleted::new(random_seed());
     }
 
     /// Drops expired keys and empty owners, and where replicas share state, the state (and
@@ -575,9 +768,13 @@ impl StateStore {
         let used_since = self.now().saturating_sub(idle.unwrap_or(u64::MAX));
         {
             let mut deleted = lock(&self.deleted);
-            while deleted.1.front().is_some_and(|(_, at)| *at < used_since) {
-                if let Some((old, _)) = deleted.1.pop_front() {
-                    deleted.0.remove(&old);
+            while deleted
+                .order
+                .front()
+                .is_some_and(|(_, at)| *at < used_since)
+            {
+                if let Some((old, _)) = deleted.order.pop_front() {
+                    deleted.ids.remove(&old);
                 }
             }
         }
@@ -594,6 +791,105 @@ impl StateStore {
                 !owner.plugins.is_empty()
             });
         }
+    }
+
+    /// Everything it holds, live, as the next leader takes it over.
+    fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let used_now = self.now();
+        let deleted = lock(&self.deleted);
+        let mut snapshot = Snapshot {
+            seed: deleted.seed,
+            deleted: (deleted.order.iter())
+                .map(|(id, at)| (*id, used_now.saturating_sub(*at)))
+                .collect(),
+            owners: Vec::new(),
+        };
+        drop(deleted);
+        let scopes = [
+            (Scope::Session, &self.sessions),
+            (Scope::Principal, &self.principals),
+            (Scope::Global, &self.global),
+        ];
+        for (scope, map) in scopes {
+            for owner in map.iter() {
+                let plugins: Vec<_> = (owner.plugins.iter())
+                    .map(|(plugin, bucket)| {
+                        let keys = (bucket.iter())
+                            .filter(|(_, slot)| slot.live(now))
+                            .map(|(key, slot)| KeptKey {
+                                key: key.clone(),
+                                value: slot.value.clone(),
+                                ttl_ms: slot.expires.map(|t| {
+                                    u64::try_from(t.duration_since(now).as_millis())
+                                        .unwrap_or(u64::MAX)
+                                }),
+                            })
+                            .collect();
+                        (plugin.clone(), keys)
+                    })
+                    .collect();
+                snapshot.owners.push(KeptOwner {
+                    scope,
+                    owner: owner.key().to_string(),
+                    unused_ms: used_now.saturating_sub(owner.used.load(Ordering::Relaxed)),
+                    plugins,
+                });
+            }
+        }
+        snapshot
+    }
+
+    /// Holds what `snapshot` holds, within this store's bounds (another version's may be
+    /// wider), added to what it holds; returns how many keys it took.
+    fn restore(&self, snapshot: Snapshot) -> usize {
+        let now = Instant::now();
+        let used_now = self.now();
+        let mut deleted = Deleted::new(snapshot.seed);
+        for (id, ago) in snapshot.deleted {
+            deleted.insert(id, used_now.saturating_sub(ago));
+        }
+        *lock(&self.deleted) = deleted;
+        let mut kept = 0;
+        for taken in snapshot.owners {
+            let map = match taken.scope {
+                Scope::Session => &self.sessions,
+                Scope::Principal => &self.principals,
+                Scope::Global => &self.global,
+            };
+            if self.room_for(map, &taken.owner).is_err() {
+                continue;
+            }
+            let mut owner = Owner::new(used_now.saturating_sub(taken.unused_ms));
+            for (plugin, keys) in taken.plugins {
+                let mut bucket = Bucket::new();
+                for k in keys {
+                    if check_key(&k.key).is_err()
+                        || k.value.len() > MAX_VALUE_BYTES
+                        || bucket.len() >= MAX_KEYS_PER_OWNER
+                    {
+                        continue;
+                    }
+                    let expires = k
+                        .ttl_ms
+                        .map(|ms| now.checked_add(Duration::from_millis(ms)));
+                    let slot = Slot {
+                        value: k.value,
+                        // A time to live too long to count is none.
+                        expires: expires.flatten(),
+                    };
+                    bucket.insert(k.key, slot);
+                    kept += 1;
+                }
+                if !bucket.is_empty() {
+                    owner.plugins.insert(plugin, bucket);
+                }
+            }
+            if !owner.plugins.is_empty() {
+                map.insert(taken.owner.into(), owner);
+            }
+        }
+        kept
     }
 
     /// Number of live sessions that hold state (for tests and metrics).
@@ -694,8 +990,11 @@ mod tests {
         let (_lead, leads) = tokio::sync::watch::channel(true);
         let (_relay, relay) = tokio::sync::watch::channel(None);
         let (_secret, secret) = tokio::sync::watch::channel(None);
+        let (_handover, handover) = tokio::sync::watch::channel(Handover::Nobody);
         let idle = Duration::from_millis(200);
-        store.share_through(Leader::new(leads, relay, secret), idle);
+        store.share_through(Leader::new(leads, relay, secret, handover), idle);
+        // It leads, with nobody to take over from: settled at once.
+        store.settled.subscribe().wait_for(|s| *s).await.unwrap();
         let p: Arc<str> = "p".into();
         let asked = |session: &str, action| Asked {
             plugin: p.clone(),
@@ -759,6 +1058,121 @@ mod tests {
             store.apply(&asked("deleted", incr)),
             Outcome::Count(1),
             "a deletion is remembered as long as the session's state would be"
+        );
+    }
+
+    /// What a leader kept reaches the next one whole: every scope, what is left of each time
+    /// to live, and the deleted sessions (still refused there); never beyond its bounds.
+    #[tokio::test]
+    async fn the_next_leader_takes_over_what_the_last_one_kept() {
+        let (_lead, leads) = tokio::sync::watch::channel(true);
+        let (_relay, relay) = tokio::sync::watch::channel(None);
+        let (_secret, secret) = tokio::sync::watch::channel(None);
+        let (_handover, handover) = tokio::sync::watch::channel(Handover::Nobody);
+        let leader = Leader::new(leads, relay, secret, handover);
+        let [old, new] = [(); 2].map(|_| Arc::new(StateStore::default()));
+        for store in [&old, &new] {
+            store.share_through(leader.clone(), Duration::from_secs(600));
+            store.settled.subscribe().wait_for(|s| *s).await.unwrap();
+        }
+        let p: Arc<str> = "p".into();
+        let asked = |session: &str, principal: Option<&str>, action| Asked {
+            plugin: p.clone(),
+            session: session.into(),
+            principal: principal.map(str::to_owned),
+            action,
+        };
+        let set = |scope, key: &str, ttl_ms| Action::Set {
+            scope,
+            key: key.into(),
+            value: format!("{key}-value"),
+            ttl_ms,
+        };
+        let incr = |scope| Action::Incr {
+            scope,
+            key: "n".into(),
+            delta: 3,
+            ttl_ms: None,
+        };
+        old.apply(&asked(
+            "s1",
+            Some("alice"),
+            set(Scope::Session, "taint", None),
+        ));
+        old.apply(&asked("s1", Some("alice"), incr(Scope::Principal)));
+        old.apply(&asked("s1", None, incr(Scope::Global)));
+        old.apply(&asked(
+            "s1",
+            None,
+            set(Scope::Global, "brief", Some(60_000)),
+        ));
+        old.apply(&asked("s1", None, set(Scope::Global, "gone", Some(1))));
+        old.apply(&asked("s2", None, set(Scope::Session, "taint", None)));
+        old.apply(&asked("s2", None, Action::DeleteSession));
+        std::thread::sleep(Duration::from_millis(5));
+
+        let bytes = serde_json::to_vec(&old.snapshot()).unwrap();
+        let mut snapshot: Snapshot = serde_json::from_slice(&bytes).unwrap();
+        // Beyond this version's bounds (another's may be wider): left out, not refused whole.
+        snapshot.owners.push(KeptOwner {
+            scope: Scope::Principal,
+            owner: "mallory".into(),
+            unused_ms: 0,
+            plugins: vec![(
+                p.clone(),
+                vec![
+                    KeptKey {
+                        key: "k".repeat(MAX_KEY_BYTES + 1),
+                        value: "v".into(),
+                        ttl_ms: None,
+                    },
+                    KeptKey {
+                        key: "big".into(),
+                        value: "v".repeat(MAX_VALUE_BYTES + 1),
+                        ttl_ms: None,
+                    },
+                ],
+            )],
+        });
+        assert_eq!(new.restore(snapshot), 4, "the live keys that fit");
+        let on_new = |session: &str, principal: Option<&str>, action| {
+            new.apply(&asked(session, principal, action))
+        };
+        let get = |scope, key: &str| Action::Get {
+            scope,
+            key: key.into(),
+        };
+        assert_eq!(
+            on_new("s1", None, get(Scope::Session, "taint")),
+            Outcome::Value(Some("taint-value".into()))
+        );
+        assert_eq!(
+            on_new("s9", Some("alice"), incr(Scope::Principal)),
+            Outcome::Count(6)
+        );
+        assert_eq!(on_new("s9", None, incr(Scope::Global)), Outcome::Count(6));
+        assert_eq!(
+            on_new("s9", None, get(Scope::Global, "brief")),
+            Outcome::Value(Some("brief-value".into()))
+        );
+        assert_eq!(
+            on_new("s9", None, get(Scope::Global, "gone")),
+            Outcome::Value(None)
+        );
+        assert_eq!(
+            on_new("s2", None, get(Scope::Session, "taint")),
+            Outcome::SessionDeleted,
+            "a deleted session stays refused"
+        );
+        assert_eq!(
+            on_new("s3", Some("mallory"), get(Scope::Principal, "big")),
+            Outcome::Value(None)
+        );
+        let brief = new.global.get(GLOBAL).unwrap().plugins[&p]["brief"].expires;
+        let left = brief.unwrap().duration_since(Instant::now());
+        assert!(
+            left <= Duration::from_secs(60) && left > Duration::from_secs(50),
+            "what is left of its time to live: {left:?}"
         );
     }
 

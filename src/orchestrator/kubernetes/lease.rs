@@ -14,6 +14,10 @@
 //! replicas' secret together with its identity ([`RELAY_SIGNATURE_ANNOTATION`]): the other
 //! replicas reach stdio servers through it, since only the holder attaches to their pods, and
 //! they follow (and send the secret to) no address a mere writer of the Lease put there.
+//!
+//! A holder that gives the lease up leaves its signed relay in it and says who it was
+//! ([`RELEASED_BY_ANNOTATION`]): the replica that takes the lease next learns whom to take the
+//! leader's state from ([`Handover`]), whether the lease was given up or taken once expired.
 
 use std::time::{Duration, Instant};
 
@@ -23,10 +27,15 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
 
+use crate::orchestrator::Handover;
+
 /// Annotation of the Lease naming the holder's relay (its base URL).
 pub const RELAY_ANNOTATION: &str = "gatehouse.dev/relay";
 /// Annotation of the Lease: HMAC-SHA256 (the replicas' secret) of the holder and its relay.
 pub const RELAY_SIGNATURE_ANNOTATION: &str = "gatehouse.dev/relay-signature";
+/// Annotation of a Lease given up: the identity of the holder that gave it up (its relay
+/// annotations stay, signed for that identity).
+pub const RELEASED_BY_ANNOTATION: &str = "gatehouse.dev/released-by";
 
 /// HMAC-SHA256 keyed by the replicas' secret over the holder and its relay's address.
 fn relay_mac(secret: &str, holder: &str, url: &str) -> hmac::Hmac<sha2::Sha256> {
@@ -106,6 +115,8 @@ pub struct Elector {
     secret: watch::Receiver<Option<std::sync::Arc<str>>>,
     /// The current holder's relay, as its lease says (none while we hold it or nobody does).
     holder_relay: watch::Sender<Option<String>>,
+    /// Whom we took the lease from, published as we come to lead.
+    handover: watch::Sender<Handover>,
 }
 
 impl Elector {
@@ -119,26 +130,31 @@ impl Elector {
             advertise: watch::Sender::new(None).subscribe(),
             secret: watch::Sender::new(None).subscribe(),
             holder_relay: watch::Sender::new(None),
+            handover: watch::Sender::new(Handover::Nobody),
         }
     }
 
-    /// Writes `advertise` (our relay) into the lease we hold, signed with `secret`, and
-    /// publishes the holder's (when its signature holds) on `holder_relay`.
+    /// Writes `advertise` (our relay) into the lease we hold, signed with `secret`, publishes
+    /// the holder's (when its signature holds) on `holder_relay`, and, as we come to lead,
+    /// whom we took the lease from on `handover`.
     pub fn with_relay(
         mut self,
         advertise: watch::Receiver<Option<String>>,
         secret: watch::Receiver<Option<std::sync::Arc<str>>>,
         holder_relay: watch::Sender<Option<String>>,
+        handover: watch::Sender<Handover>,
     ) -> Self {
         self.advertise = advertise;
         self.secret = secret;
         self.holder_relay = holder_relay;
+        self.handover = handover;
         self
     }
 
     /// Our relay's annotations, on a lease we are about to write.
     fn annotate(&self, meta: &mut ObjectMeta) {
         let annotations = meta.annotations.get_or_insert_with(Default::default);
+        annotations.remove(RELEASED_BY_ANNOTATION);
         let url = self.advertise.borrow().clone();
         let secret = self.secret.borrow().clone();
         match url.zip(secret) {
@@ -185,7 +201,25 @@ impl Elector {
         i32::try_from(self.settings.lease_duration.as_secs().max(1)).unwrap_or(i32::MAX)
     }
 
-    async fn round(&mut self) -> Result<Round, kube::Error> {
+    /// Whom taking `lease` (held by `holder`, or by us when `mine`) takes over from.
+    fn handover_of(&self, lease: &Lease, holder: Option<&str>, mine: bool) -> Handover {
+        if mine {
+            return Handover::Kept;
+        }
+        let released_by = || {
+            let annotations = lease.metadata.annotations.as_ref()?;
+            annotations.get(RELEASED_BY_ANNOTATION).map(String::as_str)
+        };
+        holder
+            .or_else(released_by)
+            .filter(|h| *h != self.settings.identity)
+            .and_then(|h| self.signed_relay(lease, h))
+            .map_or(Handover::Nobody, Handover::From)
+    }
+
+    /// One round: reads the lease, and takes or renews it when it may. `leading` says whether
+    /// we lead now (as we come to, whom we take over from is published).
+    async fn round(&mut self, leading: bool) -> Result<Round, kube::Error> {
         let me = &self.settings.identity;
         let Some(lease) = self.api.get_opt(&self.settings.name).await? else {
             let mut metadata = ObjectMeta {
@@ -205,7 +239,10 @@ impl Elector {
                 }),
             };
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(Round::Leading),
+                Ok(_) => {
+                    self.handover.send_replace(Handover::Nobody);
+                    Ok(Round::Leading)
+                }
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(Round::Following),
                 Err(e) => Err(e),
             };
@@ -238,6 +275,7 @@ impl Elector {
         }
         // Nobody (else) holds a valid lease: there is no relay to follow until someone does.
         self.publish_holder_relay(None);
+        let handover = (!leading).then(|| self.handover_of(&lease, holder.as_deref(), mine));
         let mut next = lease.clone();
         self.annotate(&mut next.metadata);
         let mut spec = spec;
@@ -260,6 +298,9 @@ impl Elector {
                     .metadata
                     .resource_version
                     .map(|rv| (rv, Instant::now()));
+                if let Some(handover) = handover {
+                    self.handover.send_replace(handover);
+                }
                 Ok(Round::Leading)
             }
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(Round::Following),
@@ -276,7 +317,7 @@ impl Elector {
         loop {
             let was = *leading.borrow();
             let sent = Instant::now();
-            let round = tokio::time::timeout(round_limit, self.round()).await;
+            let round = tokio::time::timeout(round_limit, self.round(was)).await;
             let now_leading = match round {
                 Ok(Ok(Round::Leading)) => {
                     self.renewed = Some(sent);
@@ -323,7 +364,8 @@ impl Elector {
         }
     }
 
-    /// Gives the lease up if we hold it, so another replica takes over at once.
+    /// Gives the lease up if we hold it, so another replica takes over at once (and takes the
+    /// leader's state from us: our relay stays in the lease, and who we were).
     pub async fn release(api: &Api<Lease>, settings: &LeaseSettings) -> Result<(), kube::Error> {
         let Some(mut lease) = api.get_opt(&settings.name).await? else {
             return Ok(());
@@ -335,6 +377,11 @@ impl Elector {
         spec.holder_identity = None;
         spec.renew_time = Some(Self::now());
         spec.lease_duration_seconds = Some(1);
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(RELEASED_BY_ANNOTATION.into(), settings.identity.clone());
         match api
             .replace(&settings.name, &PostParams::default(), &lease)
             .await

@@ -529,6 +529,9 @@ pub struct KubeRuntime {
     inner: Arc<Inner>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     lease: Option<(Api<Lease>, LeaseSettings)>,
+    /// Says whether this replica leads; also turned off here at shutdown, before the lease
+    /// is given up, so nothing is applied as leader after.
+    leading: watch::Sender<bool>,
     relay: Option<Arc<RelayAccess>>,
 }
 
@@ -882,6 +885,7 @@ impl KubeRuntime {
     ) -> Self {
         let (leading_tx, leading) = watch::channel(leader_election.is_none());
         let holder_relay = watch::Sender::new(None);
+        let handover = watch::Sender::new(super::Handover::Nobody);
         let relay_secret = watch::Sender::new(None);
         let inner = Arc::new(Inner {
             client: client.clone(),
@@ -956,6 +960,7 @@ impl KubeRuntime {
                     leading,
                     inner.relay_secret.clone(),
                     inner.holder_relay.clone(),
+                    handover.subscribe(),
                 )))
             }
             _ => None,
@@ -968,9 +973,10 @@ impl KubeRuntime {
                     relay.advertised(),
                     inner.relay_secret.clone(),
                     holder_relay,
+                    handover,
                 );
             }
-            tasks.push(tokio::spawn(elector.run(leading_tx)));
+            tasks.push(tokio::spawn(elector.run(leading_tx.clone())));
             (api, settings)
         });
         // Whoever becomes the leader re-checks everything. Calls to servers that may sleep
@@ -1004,6 +1010,7 @@ impl KubeRuntime {
             inner,
             tasks: std::sync::Mutex::new(tasks),
             lease,
+            leading: leading_tx,
             relay,
         }
     }
@@ -1053,6 +1060,9 @@ impl KubeRuntime {
             t.abort();
         }
         if let Some((api, settings)) = &self.lease {
+            // Nothing this replica still does as leader (a relayed plugin state operation)
+            // may follow the state's handing over.
+            self.leading.send_replace(false);
             // Bounded: a gateway stopping during a partition must still stop (the lease then
             // expires on its own).
             match tokio::time::timeout(settings.lease_duration, Elector::release(api, settings))
