@@ -352,7 +352,7 @@ impl State {
     ) -> Result<Response<Body>, RelayError> {
         self.authorize(&req)?;
         if req.uri().path() == plugins::leader::HANDOVER_PATH {
-            return self.hand_over(&req);
+            return self.hand_over(&req).await;
         }
         if !self.access.is_leading() {
             return Err(RelayError::NotLeading);
@@ -430,17 +430,24 @@ impl State {
 
     /// What this replica kept while it led, for the replica that leads now: only once this one
     /// no longer leads.
-    fn hand_over(
+    /// (A POST says the next leader took it over: this one may stop.)
+    async fn hand_over(
         &self,
         req: &Request<hyper::body::Incoming>,
     ) -> Result<Response<Body>, RelayError> {
-        if req.method() != Method::GET {
-            return Err(RelayError::Method(req.method().clone()));
-        }
         if self.access.is_leading() {
             return Err(RelayError::Leading);
         }
-        let snapshot = self.gw.plugins.current().state().hand_over();
+        let state = self.gw.plugins.current().state().clone();
+        match *req.method() {
+            Method::GET => {}
+            Method::POST => {
+                state.taken_over();
+                return Ok(Response::new(Body::full(Bytes::new())));
+            }
+            ref m => return Err(RelayError::Method(m.clone())),
+        }
+        let snapshot = state.hand_over().await;
         let snapshot = snapshot.ok_or(RelayError::NothingToHandOver)?;
         Ok(Response::builder()
             .header(http::header::CONTENT_TYPE, "application/json")

@@ -449,11 +449,11 @@ async fn a_state_operation_the_leader_cannot_run_refuses_the_call() {
         "counted here while leading"
     );
     // Leading, it hands nothing over; once it no longer leads, what it kept, for the next.
-    assert!(state.hand_over().is_none());
+    assert!(state.hand_over().await.is_none());
     leading.send_replace(false);
     let handed = loop {
-        if let Some(bytes) = state.hand_over() {
-            break String::from_utf8(bytes).unwrap();
+        if let Some(bytes) = state.hand_over().await {
+            break String::from_utf8(bytes.to_vec()).unwrap();
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     };

@@ -32,7 +32,7 @@ pub const PATH: &str = "/plugin-state";
 /// Path, on the relay of a replica that led, of the state it kept (for the next leader).
 pub const HANDOVER_PATH: &str = "/plugin-state/handover";
 /// Largest state handed over (what the previous leader writes and the next one reads).
-pub const MAX_HANDOVER: usize = 256 * 1024 * 1024;
+pub const MAX_HANDOVER: usize = 64 * 1024 * 1024;
 /// How long taking the state over may take (it is as large as the state).
 pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest operation sent (a key, a 64 KiB value escaped as JSON at worst 6 bytes a byte, a
@@ -61,6 +61,9 @@ pub enum Unavailable {
     /// It answered something other than an outcome (what it said is logged).
     #[error("the leading replica refused a plugin state operation")]
     Refused,
+    /// The previous leader has nothing to hand over.
+    #[error("the previous leader has no plugin state to hand over")]
+    NothingThere,
     /// This replica has come to lead and is taking the state over from the previous leader.
     #[error("the replica that has come to lead is still taking plugin state over")]
     TakingOver,
@@ -133,17 +136,46 @@ impl Leader {
     /// The state the replica whose relay is at `relay` kept while it led (it hands it over
     /// only once it no longer leads).
     pub async fn take_over_from(&self, relay: &str) -> Result<Bytes, Unavailable> {
-        let secret = self
-            .0
-            .secret
-            .borrow()
-            .clone()
-            .ok_or(Unavailable::NoLeader)?;
+        let req = self.to_handover(relay, Method::GET)?;
+        let (status, answer) = exchange(req, MAX_HANDOVER, HANDOVER_TIMEOUT).await?;
+        match status {
+            StatusCode::OK => Ok(answer),
+            // Nothing kept, or a version that hands nothing over (it answers that it does not
+            // lead).
+            StatusCode::NOT_FOUND | StatusCode::SERVICE_UNAVAILABLE => {
+                Err(Unavailable::NothingThere)
+            }
+            status => Err(Unavailable::Unreachable(format!(
+                "it answered {status} (it may not have stepped down yet)"
+            ))),
+        }
+    }
+
+    /// Tells the replica whose relay is at `relay` that what it kept was taken over (it may
+    /// stop now), for what it is worth.
+    pub async fn acknowledge(&self, relay: &str) {
+        let Ok(req) = self.to_handover(relay, Method::POST) else {
+            return;
+        };
+        if !matches!(
+            exchange(req, MAX_ANSWER, TIMEOUT).await,
+            Ok((StatusCode::OK, _))
+        ) {
+            tracing::debug!("could not tell the previous leader that its state was taken over");
+        }
+    }
+
+    fn to_handover(
+        &self,
+        relay: &str,
+        method: Method,
+    ) -> Result<Request<Full<Bytes>>, Unavailable> {
+        let secret = self.0.secret.borrow().clone();
+        let secret = secret.ok_or(Unavailable::NoLeader)?;
         let uri: Uri = format!("{relay}{HANDOVER_PATH}")
             .parse()
             .map_err(|_| Unavailable::Unreachable("its relay's address is not a URL".into()))?;
-        let req = authorized(Method::GET, uri, &secret, Bytes::new())?;
-        exchange(req, MAX_HANDOVER, HANDOVER_TIMEOUT).await
+        authorized(method, uri, &secret, Bytes::new())
     }
 
     /// Runs `asked` on the leader within `deadline` (what is left of the plugin's), and reads
@@ -225,7 +257,13 @@ impl Leader {
     async fn send(&self, body: Bytes) -> Result<Bytes, Unavailable> {
         let (uri, secret) = self.target().await?;
         let req = authorized(Method::POST, uri, &secret, body)?;
-        exchange(req, MAX_ANSWER, TIMEOUT).await
+        let (status, answer) = exchange(req, MAX_ANSWER, TIMEOUT).await?;
+        if status != StatusCode::OK {
+            let text = String::from_utf8_lossy(&answer[..answer.len().min(256)]).into_owned();
+            tracing::warn!(%status, "the leading replica refused a plugin state operation: {text}");
+            return Err(Unavailable::Refused);
+        }
+        Ok(answer)
     }
 }
 
@@ -257,7 +295,7 @@ async fn exchange(
     req: Request<Full<Bytes>>,
     limit: usize,
     timeout: Duration,
-) -> Result<Bytes, Unavailable> {
+) -> Result<(StatusCode, Bytes), Unavailable> {
     let exchange = async {
         let resp = plugin_state_client()
             .request(req)
@@ -271,13 +309,7 @@ async fn exchange(
             .to_bytes();
         Ok::<_, Unavailable>((status, answer))
     };
-    let (status, answer) = tokio::time::timeout(timeout, exchange)
+    tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| Unavailable::Unreachable(format!("no answer within {timeout:?}")))??;
-    if status != StatusCode::OK {
-        let text = String::from_utf8_lossy(&answer[..answer.len().min(256)]).into_owned();
-        tracing::warn!(%status, "another replica refused a plugin state request: {text}");
-        return Err(Unavailable::Refused);
-    }
-    Ok(answer)
+        .map_err(|_| Unavailable::Unreachable(format!("no answer within {timeout:?}")))?
 }

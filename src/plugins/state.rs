@@ -181,6 +181,11 @@ pub struct StateStore {
     handed: watch::Sender<bool>,
     /// Itself, for what it finishes in the background (where replicas share state).
     this: OnceLock<std::sync::Weak<StateStore>>,
+    /// Whether what it holds was kept while it led (since it last dropped it): only then is
+    /// there anything to hand over.
+    led: std::sync::atomic::AtomicBool,
+    /// What it hands over, once written (per change of leader).
+    handing: tokio::sync::Mutex<Option<bytes::Bytes>>,
 }
 
 impl Default for StateStore {
@@ -195,6 +200,8 @@ impl Default for StateStore {
             settled: watch::Sender::new(false),
             handed: watch::Sender::new(false),
             this: OnceLock::new(),
+            led: std::sync::atomic::AtomicBool::new(false),
+            handing: tokio::sync::Mutex::new(None),
         }
     }
 }
@@ -279,6 +286,148 @@ struct KeptOwner {
     plugins: Vec<(Arc<str>, Vec<KeptKey>)>,
 }
 
+/// A store as it serializes into a [`Snapshot`], borrowing what it holds.
+struct SnapshotOf<'a>(&'a StateStore);
+
+/// One scope owner as it serializes into a [`KeptOwner`].
+struct OwnerOf<'a> {
+    scope: Scope,
+    entry: dashmap::mapref::multiple::RefMulti<'a, Box<str>, Owner>,
+    now: Instant,
+    used_now: u64,
+}
+
+/// One live key as it serializes into a [`KeptKey`].
+#[derive(Serialize)]
+struct KeyOf<'a> {
+    key: &'a str,
+    value: &'a str,
+    ttl_ms: Option<u64>,
+}
+
+impl Serialize for SnapshotOf<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let store = self.0;
+        let (now, used_now) = (Instant::now(), store.now());
+        let (seed, deleted) = {
+            let deleted = lock(&store.deleted);
+            let ids: Vec<(u64, u64)> = (deleted.order.iter())
+                .map(|(id, at)| (*id, used_now.saturating_sub(*at)))
+                .collect();
+            (deleted.seed, ids)
+        };
+        let scopes = [
+            (Scope::Session, &store.sessions),
+            (Scope::Principal, &store.principals),
+            (Scope::Global, &store.global),
+        ];
+        let owners = scopes.into_iter().flat_map(|(scope, map)| {
+            map.iter().map(move |entry| OwnerOf {
+                scope,
+                entry,
+                now,
+                used_now,
+            })
+        });
+        let mut out = s.serialize_struct("Snapshot", 3)?;
+        out.serialize_field("seed", &seed)?;
+        out.serialize_field("deleted", &deleted)?;
+        out.serialize_field("owners", &Owners(std::cell::RefCell::new(Some(owners))))?;
+        out.end()
+    }
+}
+
+/// A sequence written once from an iterator.
+struct Owners<I>(std::cell::RefCell<Option<I>>);
+
+impl<'a, I: Iterator<Item = OwnerOf<'a>>> Serialize for Owners<I> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let owners = self.0.borrow_mut().take();
+        s.collect_seq(owners.into_iter().flatten())
+    }
+}
+
+impl Serialize for OwnerOf<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let owner = self.entry.value();
+        let plugins: Vec<(&Arc<str>, Vec<KeyOf>)> = (owner.plugins.iter())
+            .map(|(plugin, bucket)| {
+                let keys = (bucket.iter())
+                    .filter(|(_, slot)| slot.live(self.now))
+                    .map(|(key, slot)| KeyOf {
+                        key,
+                        value: &slot.value,
+                        ttl_ms: slot.expires.map(|t| {
+                            u64::try_from(t.duration_since(self.now).as_millis())
+                                .unwrap_or(u64::MAX)
+                        }),
+                    })
+                    .collect();
+                (plugin, keys)
+            })
+            .collect();
+        let unused = (self.used_now).saturating_sub(owner.used.load(Ordering::Relaxed));
+        let mut out = s.serialize_struct("KeptOwner", 4)?;
+        out.serialize_field("scope", &self.scope)?;
+        out.serialize_field("owner", &**self.entry.key())?;
+        out.serialize_field("unused_ms", &unused)?;
+        out.serialize_field("plugins", &plugins)?;
+        out.end()
+    }
+}
+
+/// A writer that refuses to grow beyond `limit` bytes.
+struct Bounded {
+    written: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written.len() + buf.len() > self.limit {
+            return Err(std::io::Error::other(format!(
+                "larger than {} bytes as JSON",
+                self.limit
+            )));
+        }
+        self.written.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads what the replica whose relay is at `relay` kept while it led, retrying within
+/// [`leader::HANDOVER_TIMEOUT`] (it may not have stepped down quite yet), and parses it off the
+/// runtime's threads.
+async fn take_over_from(leader: &Leader, relay: &str) -> Result<Snapshot, String> {
+    let until = tokio::time::Instant::now() + leader::HANDOVER_TIMEOUT;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let error = match leader.take_over_from(relay).await {
+            Ok(bytes) => {
+                let parsed =
+                    tokio::task::spawn_blocking(move || serde_json::from_slice::<Snapshot>(&bytes))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                return parsed.map_err(|e| format!("unreadable: {e}"));
+            }
+            // Nothing to hand over: it never led, or dropped it (or is of a version without).
+            Err(Unavailable::NothingThere) => return Err("it has nothing to hand over".into()),
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() + pause >= until {
+            return Err(error);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
 /// One live key, handed over.
 #[derive(Debug, Serialize, Deserialize)]
 struct KeptKey {
@@ -336,11 +485,14 @@ impl StateStore {
             let mut led = false;
             // When what it kept as leader goes, once another may have taken it over.
             let mut forget: Option<tokio::time::Instant> = None;
+            // Whom from was told anew since the last look (`changed` marks it seen).
+            let mut told = false;
             loop {
                 let leads = *leading.borrow_and_update();
                 // Each time it comes to lead, whom from is told anew: a change of leadership
                 // that came and went between two looks here is not missed.
-                let came_again = leads && led && handovers.has_changed().unwrap_or(false);
+                let came_again = leads && led && (told || handovers.has_changed().unwrap_or(false));
+                told = false;
                 if !leads {
                     handovers.borrow_and_update();
                 }
@@ -368,7 +520,7 @@ impl StateStore {
                     changed = leading.changed() => if changed.is_err() {
                         return;
                     },
-                    Ok(()) = handovers.changed() => {}
+                    Ok(()) = handovers.changed() => told = true,
                     _ = sweep.tick() => match store.upgrade() {
                         Some(store) => store.sweep(),
                         None => return,
@@ -395,53 +547,70 @@ impl StateStore {
     ) {
         self.settled.send_replace(false);
         self.handed.send_replace(false);
+        *self.handing.lock().await = None;
         match from {
             Handover::Kept => {}
             Handover::Nobody => self.clear(),
             Handover::From(relay) => {
+                self.clear();
                 let taken = tokio::select! {
-                    taken = leader.take_over_from(&relay) => taken,
-                    // Leadership went meanwhile: nothing to settle.
+                    taken = take_over_from(leader, &relay) => taken,
+                    // Leadership went meanwhile: nothing to settle, nothing of its own kept.
                     _ = leading.wait_for(|l| !*l) => return,
                 };
-                self.clear();
-                match taken.map(|bytes| serde_json::from_slice::<Snapshot>(&bytes)) {
-                    Ok(Ok(snapshot)) => {
+                match taken {
+                    Ok(snapshot) => {
                         let kept = self.restore(snapshot);
                         tracing::info!(
                             kept,
                             "took the plugins' state over from the previous leader"
                         );
+                        leader.acknowledge(&relay).await;
                     }
-                    Ok(Err(e)) => tracing::warn!(
-                        "the previous leader handed over unreadable plugin state ({e}); starting afresh"
-                    ),
                     Err(e) => tracing::warn!(
                         "the previous leader could not hand its plugin state over ({e}); starting afresh"
                     ),
                 }
             }
         }
+        self.led.store(true, Ordering::Release);
         self.settled.send_replace(true);
     }
 
-    /// What this replica kept while it led, for the next leader: only once it no longer
-    /// leads (nothing is applied here after), and only where replicas share state.
-    pub fn hand_over(&self) -> Option<Vec<u8>> {
+    /// What this replica kept while it led, as JSON, for the next leader: only once it no
+    /// longer leads (nothing is applied here after), where it led since it last dropped what
+    /// it kept, and within [`leader::MAX_HANDOVER`]. Written once per change of leader, off
+    /// the runtime's threads, and handed to every asker alike.
+    pub async fn hand_over(self: &Arc<Self>) -> Option<bytes::Bytes> {
         let (leader, _) = self.leader.get()?;
-        if leader.leads() {
+        let mut handing = self.handing.lock().await;
+        if leader.leads() || !self.led.load(Ordering::Acquire) {
             return None;
         }
-        let snapshot = serde_json::to_vec(&self.snapshot()).ok()?;
-        if snapshot.len() > leader::MAX_HANDOVER {
-            tracing::warn!(
-                bytes = snapshot.len(),
-                "the plugins' state is larger than can be handed over; the next leader starts afresh"
-            );
-            return None;
+        if let Some(written) = &*handing {
+            return Some(written.clone());
         }
+        let store = self.clone();
+        let written =
+            tokio::task::spawn_blocking(move || store.snapshot_json(leader::MAX_HANDOVER))
+                .await
+                .ok()?;
+        let written = match written {
+            Ok(w) => bytes::Bytes::from(w),
+            Err(e) => {
+                tracing::warn!(
+                    "the plugins' state cannot be handed over ({e}); the next leader starts afresh"
+                );
+                return None;
+            }
+        };
+        *handing = Some(written.clone());
+        Some(written)
+    }
+
+    /// The next leader has taken over what this replica kept.
+    pub fn taken_over(&self) {
         self.handed.send_replace(true);
-        Some(snapshot)
     }
 
     /// Waits, at most `within`, for the next leader to take over what this replica kept
@@ -751,6 +920,10 @@ impl StateStore {
 
     /// Drops everything.
     fn clear(&self) {
+        self.led.store(false, Ordering::Release);
+        if let Ok(mut handing) = self.handing.try_lock() {
+            *handing = None;
+        }
         self.sessions.clear();
         self.principals.clear();
         self.global.clear();
@@ -793,51 +966,15 @@ impl StateStore {
         }
     }
 
-    /// Everything it holds, live, as the next leader takes it over.
-    fn snapshot(&self) -> Snapshot {
-        let now = Instant::now();
-        let used_now = self.now();
-        let deleted = lock(&self.deleted);
-        let mut snapshot = Snapshot {
-            seed: deleted.seed,
-            deleted: (deleted.order.iter())
-                .map(|(id, at)| (*id, used_now.saturating_sub(*at)))
-                .collect(),
-            owners: Vec::new(),
+    /// Everything it holds, live, as JSON the next leader reads as a [`Snapshot`]: written
+    /// straight from the maps (no copy of the values), and refused once beyond `limit` bytes.
+    fn snapshot_json(&self, limit: usize) -> std::io::Result<Vec<u8>> {
+        let mut out = Bounded {
+            written: Vec::new(),
+            limit,
         };
-        drop(deleted);
-        let scopes = [
-            (Scope::Session, &self.sessions),
-            (Scope::Principal, &self.principals),
-            (Scope::Global, &self.global),
-        ];
-        for (scope, map) in scopes {
-            for owner in map.iter() {
-                let plugins: Vec<_> = (owner.plugins.iter())
-                    .map(|(plugin, bucket)| {
-                        let keys = (bucket.iter())
-                            .filter(|(_, slot)| slot.live(now))
-                            .map(|(key, slot)| KeptKey {
-                                key: key.clone(),
-                                value: slot.value.clone(),
-                                ttl_ms: slot.expires.map(|t| {
-                                    u64::try_from(t.duration_since(now).as_millis())
-                                        .unwrap_or(u64::MAX)
-                                }),
-                            })
-                            .collect();
-                        (plugin.clone(), keys)
-                    })
-                    .collect();
-                snapshot.owners.push(KeptOwner {
-                    scope,
-                    owner: owner.key().to_string(),
-                    unused_ms: used_now.saturating_sub(owner.used.load(Ordering::Relaxed)),
-                    plugins,
-                });
-            }
-        }
-        snapshot
+        serde_json::to_writer(&mut out, &SnapshotOf(self)).map_err(std::io::Error::other)?;
+        Ok(out.written)
     }
 
     /// Holds what `snapshot` holds, within this store's bounds (another version's may be
@@ -1111,7 +1248,11 @@ mod tests {
         old.apply(&asked("s2", None, Action::DeleteSession));
         std::thread::sleep(Duration::from_millis(5));
 
-        let bytes = serde_json::to_vec(&old.snapshot()).unwrap();
+        let bytes = old.snapshot_json(usize::MAX).unwrap();
+        assert!(
+            old.snapshot_json(bytes.len() - 1).is_err(),
+            "bounded as it is written"
+        );
         let mut snapshot: Snapshot = serde_json::from_slice(&bytes).unwrap();
         // Beyond this version's bounds (another's may be wider): left out, not refused whole.
         snapshot.owners.push(KeptOwner {
