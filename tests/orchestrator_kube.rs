@@ -2196,5 +2196,28 @@ async fn a_new_leader_learns_whom_it_took_the_lease_from_by_its_signed_relay() {
     let d = replica("replica-d", 4444);
     eventually("d leads", Duration::from_secs(10), || leads(&d)).await;
     assert_eq!(handover(&d), Handover::Nobody);
-    d.shutdown().await;
+    eventually("d's relay in the lease", Duration::from_secs(5), || {
+        (relay_annotation()? == "http://127.0.0.1:4444").then_some(())
+    })
+    .await;
+
+    // Taken, but the answer lost: the next round finds the lease naming it, and it took it
+    // from d still (not from itself).
+    let e = replica("replica-e", 5555);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!e.is_leader());
+    let lease_path = format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases");
+    fake.configure(|s| s.lost_answers = vec![("PUT".into(), lease_path.clone())]);
+    let stopping = tokio::spawn(async move { d.shutdown().await });
+    eventually("e's write taken", Duration::from_secs(10), || {
+        let lease = fake.get(Kind::Lease, NS, "gatehouse-orchestrator")?;
+        (lease["spec"]["holderIdentity"] == "replica-e").then_some(())
+    })
+    .await;
+    assert!(!e.is_leader(), "its answer never came");
+    fake.configure(|s| s.lost_answers.clear());
+    eventually("e leads", Duration::from_secs(10), || leads(&e)).await;
+    assert_eq!(handover(&e), Handover::From("http://127.0.0.1:4444".into()));
+    stopping.await.unwrap();
+    e.shutdown().await;
 }

@@ -286,9 +286,6 @@ struct KeptOwner {
     plugins: Vec<(Arc<str>, Vec<KeptKey>)>,
 }
 
-/// A store as it serializes into a [`Snapshot`], borrowing what it holds.
-struct SnapshotOf<'a>(&'a StateStore);
-
 /// One scope owner as it serializes into a [`KeptOwner`].
 struct OwnerOf<'a> {
     scope: Scope,
@@ -303,49 +300,6 @@ struct KeyOf<'a> {
     key: &'a str,
     value: &'a str,
     ttl_ms: Option<u64>,
-}
-
-impl Serialize for SnapshotOf<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let store = self.0;
-        let (now, used_now) = (Instant::now(), store.now());
-        let (seed, deleted) = {
-            let deleted = lock(&store.deleted);
-            let ids: Vec<(u64, u64)> = (deleted.order.iter())
-                .map(|(id, at)| (*id, used_now.saturating_sub(*at)))
-                .collect();
-            (deleted.seed, ids)
-        };
-        let scopes = [
-            (Scope::Session, &store.sessions),
-            (Scope::Principal, &store.principals),
-            (Scope::Global, &store.global),
-        ];
-        let owners = scopes.into_iter().flat_map(|(scope, map)| {
-            map.iter().map(move |entry| OwnerOf {
-                scope,
-                entry,
-                now,
-                used_now,
-            })
-        });
-        let mut out = s.serialize_struct("Snapshot", 3)?;
-        out.serialize_field("seed", &seed)?;
-        out.serialize_field("deleted", &deleted)?;
-        out.serialize_field("owners", &Owners(std::cell::RefCell::new(Some(owners))))?;
-        out.end()
-    }
-}
-
-/// A sequence written once from an iterator.
-struct Owners<I>(std::cell::RefCell<Option<I>>);
-
-impl<'a, I: Iterator<Item = OwnerOf<'a>>> Serialize for Owners<I> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let owners = self.0.borrow_mut().take();
-        s.collect_seq(owners.into_iter().flatten())
-    }
 }
 
 impl Serialize for OwnerOf<'_> {
@@ -375,29 +329,6 @@ impl Serialize for OwnerOf<'_> {
         out.serialize_field("unused_ms", &unused)?;
         out.serialize_field("plugins", &plugins)?;
         out.end()
-    }
-}
-
-/// A writer that refuses to grow beyond `limit` bytes.
-struct Bounded {
-    written: Vec<u8>,
-    limit: usize,
-}
-
-impl std::io::Write for Bounded {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.written.len() + buf.len() > self.limit {
-            return Err(std::io::Error::other(format!(
-                "larger than {} bytes as JSON",
-                self.limit
-            )));
-        }
-        self.written.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -591,19 +522,17 @@ impl StateStore {
             return Some(written.clone());
         }
         let store = self.clone();
-        let written =
+        let (written, left_out) =
             tokio::task::spawn_blocking(move || store.snapshot_json(leader::MAX_HANDOVER))
                 .await
                 .ok()?;
-        let written = match written {
-            Ok(w) => bytes::Bytes::from(w),
-            Err(e) => {
-                tracing::warn!(
-                    "the plugins' state cannot be handed over ({e}); the next leader starts afresh"
-                );
-                return None;
-            }
-        };
+        if left_out > 0 {
+            tracing::warn!(
+                left_out,
+                "the plugins' state is larger than can be handed over: the next leader starts without what some scope owners kept"
+            );
+        }
+        let written = bytes::Bytes::from(written);
         *handing = Some(written.clone());
         Some(written)
     }
@@ -966,15 +895,54 @@ impl StateStore {
         }
     }
 
-    /// Everything it holds, live, as JSON the next leader reads as a [`Snapshot`]: written
-    /// straight from the maps (no copy of the values), and refused once beyond `limit` bytes.
-    fn snapshot_json(&self, limit: usize) -> std::io::Result<Vec<u8>> {
-        let mut out = Bounded {
-            written: Vec::new(),
-            limit,
-        };
-        serde_json::to_writer(&mut out, &SnapshotOf(self)).map_err(std::io::Error::other)?;
-        Ok(out.written)
+    /// Everything it holds, live, as JSON the next leader reads as a [`Snapshot`], written
+    /// straight from the maps (no copy of the values) within `limit` bytes: the deleted
+    /// sessions, then the plugins', the principals' and the sessions' keys, one owner at a
+    /// time, as long as each fits (so one session holding much cannot cost every principal
+    /// its limits). Returns it and how many owners did not fit.
+    fn snapshot_json(&self, limit: usize) -> (Vec<u8>, usize) {
+        let (now, used_now) = (Instant::now(), self.now());
+        let mut out = Vec::new();
+        {
+            // (They fit whatever the limit: at most 100,000 pairs of numbers.)
+            let deleted = lock(&self.deleted);
+            let ids: Vec<(u64, u64)> = (deleted.order.iter())
+                .map(|(id, at)| (*id, used_now.saturating_sub(*at)))
+                .collect();
+            out.extend_from_slice(format!("{{\"seed\":{},\"deleted\":", deleted.seed).as_bytes());
+            serde_json::to_writer(&mut out, &ids).expect("numbers serialize");
+        }
+        out.extend_from_slice(b",\"owners\":[");
+        let (mut first, mut left_out) = (true, 0);
+        let mut one = Vec::new();
+        let scopes = [
+            (Scope::Global, &self.global),
+            (Scope::Principal, &self.principals),
+            (Scope::Session, &self.sessions),
+        ];
+        for (scope, map) in scopes {
+            for entry in map.iter() {
+                one.clear();
+                let owner = OwnerOf {
+                    scope,
+                    entry,
+                    now,
+                    used_now,
+                };
+                if serde_json::to_writer(&mut one, &owner).is_err()
+                    || out.len() + one.len() + 3 > limit
+                {
+                    left_out += 1;
+                    continue;
+                }
+                if !std::mem::take(&mut first) {
+                    out.push(b',');
+                }
+                out.extend_from_slice(&one);
+            }
+        }
+        out.extend_from_slice(b"]}");
+        (out, left_out)
     }
 
     /// Holds what `snapshot` holds, within this store's bounds (another version's may be
@@ -1248,11 +1216,15 @@ mod tests {
         old.apply(&asked("s2", None, Action::DeleteSession));
         std::thread::sleep(Duration::from_millis(5));
 
-        let bytes = old.snapshot_json(usize::MAX).unwrap();
-        assert!(
-            old.snapshot_json(bytes.len() - 1).is_err(),
-            "bounded as it is written"
-        );
+        let (bytes, left_out) = old.snapshot_json(usize::MAX);
+        assert_eq!(left_out, 0);
+        // Within a bound: whole owners left out (the last written, a session), and still
+        // readable.
+        let (bounded, left_out) = old.snapshot_json(bytes.len() - 1);
+        assert!(bounded.len() < bytes.len() && left_out == 1, "{left_out}");
+        let partial: Snapshot = serde_json::from_slice(&bounded).unwrap();
+        assert!(partial.owners.iter().any(|o| o.scope == Scope::Global));
+        assert_eq!(partial.deleted.len(), 1);
         let mut snapshot: Snapshot = serde_json::from_slice(&bytes).unwrap();
         // Beyond this version's bounds (another's may be wider): left out, not refused whole.
         snapshot.owners.push(KeptOwner {

@@ -303,6 +303,9 @@ pub struct Settings {
     pub fail_paths: Vec<String>,
     /// Paths (prefixes) that never answer, as behind a network partition.
     pub stall_paths: Vec<String>,
+    /// Requests of one method to one path (a prefix) that are served (a write is made) but
+    /// whose answer is lost, as when the connection breaks after the API server took it.
+    pub lost_answers: Vec<(String, String)>,
     /// Requests held before they are served until released ([`FakeKube::hold`]).
     pub holds: Vec<Hold>,
     /// Attach websockets stay open after their pod is deleted, as when the node holding
@@ -345,6 +348,7 @@ impl Default for Settings {
             attach_protocols: vec!["v5.channel.k8s.io", "v4.channel.k8s.io"],
             fail_paths: Vec::new(),
             stall_paths: Vec::new(),
+            lost_answers: Vec::new(),
             holds: Vec::new(),
             attachments_outlive_pods: false,
             images: std::collections::HashMap::new(),
@@ -885,7 +889,19 @@ impl FakeKube {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                        async move {
+                            let lost = shared.settings.lock().unwrap().lost_answers.iter().any(
+                                |(m, p)| {
+                                    req.method() == m.as_str()
+                                        && req.uri().path().starts_with(p.as_str())
+                                },
+                            );
+                            let resp = handle(shared, req).await;
+                            if lost {
+                                std::future::pending::<()>().await;
+                            }
+                            Ok::<_, Infallible>(resp)
+                        }
                     });
                     let builder = hyper::server::conn::http1::Builder::new();
                     match acceptor {

@@ -117,6 +117,9 @@ pub struct Elector {
     holder_relay: watch::Sender<Option<String>>,
     /// Whom we took the lease from, published as we come to lead.
     handover: watch::Sender<Handover>,
+    /// Whom our last attempt to take the lease took it from, while its outcome is unknown (no
+    /// answer): if it was written, the lease names us next round, and that one is whom from.
+    attempted: Option<Handover>,
 }
 
 impl Elector {
@@ -131,6 +134,7 @@ impl Elector {
             secret: watch::Sender::new(None).subscribe(),
             holder_relay: watch::Sender::new(None),
             handover: watch::Sender::new(Handover::Nobody),
+            attempted: None,
         }
     }
 
@@ -202,9 +206,10 @@ impl Elector {
     }
 
     /// Whom taking `lease` (held by `holder`, or by us when `mine`) takes over from.
-    fn handover_of(&self, lease: &Lease, holder: Option<&str>, mine: bool) -> Handover {
+    fn handover_of(&mut self, lease: &Lease, holder: Option<&str>, mine: bool) -> Handover {
         if mine {
-            return Handover::Kept;
+            // Ours since an attempt whose answer was lost: taken from whom that one took it.
+            return self.attempted.take().unwrap_or(Handover::Kept);
         }
         let released_by = || {
             let annotations = lease.metadata.annotations.as_ref()?;
@@ -220,7 +225,7 @@ impl Elector {
     /// One round: reads the lease, and takes or renews it when it may. `leading` says whether
     /// we lead now (as we come to, whom we take over from is published).
     async fn round(&mut self, leading: bool) -> Result<Round, kube::Error> {
-        let me = &self.settings.identity;
+        let me = self.settings.identity.clone();
         let Some(lease) = self.api.get_opt(&self.settings.name).await? else {
             let mut metadata = ObjectMeta {
                 name: Some(self.settings.name.clone()),
@@ -276,6 +281,8 @@ impl Elector {
         // Nobody (else) holds a valid lease: there is no relay to follow until someone does.
         self.publish_holder_relay(None);
         let handover = (!leading).then(|| self.handover_of(&lease, holder.as_deref(), mine));
+        // Until the answer comes, whether it was written is unknown.
+        self.attempted = handover.clone().filter(|_| !mine);
         let mut next = lease.clone();
         self.annotate(&mut next.metadata);
         let mut spec = spec;
@@ -298,12 +305,16 @@ impl Elector {
                     .metadata
                     .resource_version
                     .map(|rv| (rv, Instant::now()));
+                self.attempted = None;
                 if let Some(handover) = handover {
                     self.handover.send_replace(handover);
                 }
                 Ok(Round::Leading)
             }
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Round::Following),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                self.attempted = None;
+                Ok(Round::Following)
+            }
             Err(e) => Err(e),
         }
     }
