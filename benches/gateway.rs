@@ -37,7 +37,65 @@ use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 
-type Http = Client<HttpConnector, Full<Bytes>>;
+/// How the load generator sends: on pooled connections, or (counting instructions) on one
+/// connection, so that every call takes the same path through the gateway (a pooled client
+/// spreads even sequential calls over two connections, which two gateway threads serve, in a
+/// share that changes from run to run).
+#[derive(Clone)]
+enum Http {
+    Pooled(Box<Client<HttpConnector, Full<Bytes>>>),
+    One(Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>),
+}
+
+impl Http {
+    fn pooled(max_idle_per_host: usize) -> Http {
+        Http::Pooled(Box::new(
+            Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(max_idle_per_host)
+                .build_http(),
+        ))
+    }
+
+    /// One connection to `url`'s host.
+    async fn one(url: &str) -> Http {
+        let uri: http::Uri = url.parse().expect("a URL");
+        let authority = uri.authority().expect("a host").as_str().to_owned();
+        let tcp = tokio::net::TcpStream::connect(&authority)
+            .await
+            .expect("connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        Http::One(Arc::new(tokio::sync::Mutex::new(sender)))
+    }
+
+    async fn request(
+        &self,
+        mut req: http::Request<Full<Bytes>>,
+    ) -> http::Response<hyper::body::Incoming> {
+        match self {
+            Http::Pooled(client) => client.request(req).await.expect("request"),
+            Http::One(sender) => {
+                // On a connection: the target in origin form, the host in its header.
+                let uri = req.uri().clone();
+                let host = uri.authority().expect("a host").as_str().parse().unwrap();
+                req.headers_mut().insert(http::header::HOST, host);
+                *req.uri_mut() = uri
+                    .path_and_query()
+                    .expect("a path")
+                    .as_str()
+                    .parse()
+                    .unwrap();
+                let mut sender = sender.lock().await;
+                sender.ready().await.expect("the connection is open");
+                sender.send_request(req).await.expect("request")
+            }
+        }
+    }
+}
 
 struct Args {
     duration: Duration,
@@ -295,10 +353,7 @@ async fn post(
             .header("mcp-session-id", s)
             .header("mcp-protocol-version", "2025-11-25");
     }
-    let resp = http
-        .request(b.body(Full::new(body)).unwrap())
-        .await
-        .expect("request");
+    let resp = http.request(b.body(Full::new(body)).unwrap()).await;
     assert!(resp.status().is_success(), "HTTP {}", resp.status());
     let sid = resp
         .headers()
@@ -317,7 +372,7 @@ async fn post_stateless(http: &Http, url: &str, tool: &str, body: Bytes) -> Byte
         .header("mcp-name", tool)
         .body(Full::new(body))
         .unwrap();
-    let resp = http.request(req).await.expect("request");
+    let resp = http.request(req).await;
     assert!(resp.status().is_success(), "HTTP {}", resp.status());
     resp.into_body().collect().await.unwrap().to_bytes()
 }
@@ -434,7 +489,7 @@ async fn instructions_per_call(
         let top = top.replace("AUDIT_FILE", &audit.display().to_string());
         let (mut gw, url) =
             start_gateway_wrapped(&top, upstreams_yaml, &wrapper, Duration::from_secs(120));
-        let http: Http = Client::builder(TokioExecutor::new()).build_http();
+        let http = Http::one(&url).await;
         let sid = open_session(&http, &url).await;
         let body = w.body(tool);
         for _ in 0..calls {
@@ -510,9 +565,7 @@ async fn measure(
     clients: usize,
     duration: Duration,
 ) -> Sample {
-    let http: Http = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(clients * 2)
-        .build_http();
+    let http = Http::pooled(clients * 2);
     let mut sessions = Vec::new();
     for _ in 0..clients {
         sessions.push(open_session(&http, url).await);
@@ -615,7 +668,7 @@ fn summarize(config: &str, w: Workload, clients: usize, samples: &[Sample]) -> R
 
 async fn session_memory(gateway: &Proc, url: &str, sessions: usize) -> (u64, u64, f64) {
     // Warm the allocator and the upstream pool with one session so "idle" is a serving gateway.
-    let http: Http = Client::builder(TokioExecutor::new()).build_http();
+    let http = Http::pooled(32);
     open_session(&http, url).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle = gateway.rss_kib();

@@ -85,7 +85,7 @@ enum RelayError {
     State(String),
     #[error("the plugin state operation cannot run now: {0}")]
     StateUnavailable(String),
-    #[error("this replica leads: what it keeps is not handed over")]
+    #[error("this replica leads, or is taking the state over: ask again once it has stepped down")]
     Leading,
     #[error("no plugin state to hand over (replicas do not share it, or it is too large)")]
     NothingToHandOver,
@@ -435,10 +435,10 @@ impl State {
         &self,
         req: &Request<hyper::body::Incoming>,
     ) -> Result<Response<Body>, RelayError> {
-        if self.access.is_leading() {
+        let state = self.gw.plugins.current().state().clone();
+        if self.access.is_leading() || state.taking_over() {
             return Err(RelayError::Leading);
         }
-        let state = self.gw.plugins.current().state().clone();
         match *req.method() {
             Method::GET => {}
             Method::POST => {

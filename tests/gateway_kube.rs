@@ -800,7 +800,14 @@ async fn replicas_count_a_limit_together_through_the_leader() {
     assert_eq!(r["result"]["content"][0]["text"], "3", "{r}");
     // The leader goes, handing what it kept over: the follower leads and goes on counting
     // (what it cannot count meanwhile it refuses, as a plugin failure; never lets through).
+    // It stops once the follower says it took the state over, well before its 5 s wait ends.
+    let stopping = std::time::Instant::now();
     leader.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(4),
+        "the follower's confirmation ends the wait: {:?}",
+        stopping.elapsed()
+    );
     let mut counted = None;
     for i in 0..250 {
         let r = on_follower

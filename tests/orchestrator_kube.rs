@@ -2215,6 +2215,9 @@ async fn a_new_leader_learns_whom_it_took_the_lease_from_by_its_signed_relay() {
     })
     .await;
     assert!(!e.is_leader(), "its answer never came");
+    // Its next rounds' answers are lost too (each round is bounded by a third of the lease).
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert!(!e.is_leader(), "their answers never came");
     fake.configure(|s| s.lost_answers.clear());
     eventually("e leads", Duration::from_secs(10), || leads(&e)).await;
     assert_eq!(handover(&e), Handover::From("http://127.0.0.1:4444".into()));

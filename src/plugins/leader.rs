@@ -48,6 +48,9 @@ const WAIT_FOR_LEADER: Duration = Duration::from_secs(2);
 pub const TIMEOUT: Duration = Duration::from_secs(1);
 /// Ends of sessions told at once; more are not told (their state goes once unused).
 const MAX_TELLING: usize = 64;
+/// How long telling the leader of a session's end may take, leadership moving meanwhile (a
+/// lease duration, once expired, and a retry).
+const TELL_WITHIN: Duration = Duration::from_secs(20);
 
 /// Why a state operation could not be run.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +64,9 @@ pub enum Unavailable {
     /// It answered something other than an outcome (what it said is logged).
     #[error("the leading replica refused a plugin state operation")]
     Refused,
+    /// The previous leader has not stepped down yet.
+    #[error("the previous leader has not stepped down yet")]
+    StillLeading,
     /// The previous leader has nothing to hand over.
     #[error("the previous leader has no plugin state to hand over")]
     NothingThere,
@@ -122,6 +128,11 @@ impl Leader {
         *self.0.leading.borrow()
     }
 
+    /// Whether another replica is known to lead now.
+    pub fn another_leads(&self) -> bool {
+        !self.leads() && self.0.relay.borrow().is_some()
+    }
+
     /// Changes of leadership.
     pub fn leading(&self) -> watch::Receiver<bool> {
         self.0.leading.clone()
@@ -145,9 +156,9 @@ impl Leader {
             StatusCode::NOT_FOUND | StatusCode::SERVICE_UNAVAILABLE => {
                 Err(Unavailable::NothingThere)
             }
-            status => Err(Unavailable::Unreachable(format!(
-                "it answered {status} (it may not have stepped down yet)"
-            ))),
+            // It has not stepped down yet, or is taking the state over itself.
+            StatusCode::CONFLICT => Err(Unavailable::StillLeading),
+            status => Err(Unavailable::Unreachable(format!("it answered {status}"))),
         }
     }
 
@@ -217,13 +228,26 @@ impl Leader {
             return;
         };
         let leader = self.clone();
+        let body = Bytes::from(body);
         runtime.spawn(async move {
             let _permit = permit;
-            let sent =
-                tokio::time::timeout(WAIT_FOR_LEADER + TIMEOUT, leader.send(Bytes::from(body)))
-                    .await;
-            if !matches!(sent, Ok(Ok(_))) {
-                tracing::debug!("could not tell the leading replica that a session ended");
+            // Again while leadership moves (the old leader refuses, the new one is not known
+            // yet): a deleted session's state must not outlive its deletion for that.
+            let until = tokio::time::Instant::now() + TELL_WITHIN;
+            let mut pause = Duration::from_millis(100);
+            loop {
+                let sent =
+                    tokio::time::timeout(WAIT_FOR_LEADER + TIMEOUT, leader.send(body.clone()))
+                        .await;
+                if matches!(sent, Ok(Ok(_))) {
+                    return;
+                }
+                if leader.leads() || tokio::time::Instant::now() + pause >= until {
+                    tracing::debug!("could not tell the leading replica that a session ended");
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
             }
         });
     }
@@ -312,4 +336,65 @@ async fn exchange(
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| Unavailable::Unreachable(format!("no answer within {timeout:?}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A session's end told while leadership moves (the old leader refuses it) is told again
+    /// until a leader takes it.
+    #[tokio::test]
+    async fn an_end_refused_while_leadership_moves_is_told_again() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counted = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let asked = counted.clone();
+                let service = hyper::service::service_fn(move |req: Request<_>| {
+                    let n = asked.fetch_add(1, Ordering::SeqCst);
+                    let authorized = req.headers().get(AUTHORIZATION)
+                        == Some(&HeaderValue::from_static("Bearer s"));
+                    async move {
+                        // Twice "not leading" (503), then taken.
+                        let status = match (authorized, n) {
+                            (false, _) => StatusCode::UNAUTHORIZED,
+                            (true, 0 | 1) => StatusCode::SERVICE_UNAVAILABLE,
+                            (true, _) => StatusCode::OK,
+                        };
+                        let mut resp = http::Response::new(Full::new(Bytes::from("\"done\"")));
+                        *resp.status_mut() = status;
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+                );
+            }
+        });
+        let (_leading, leading) = watch::channel(false);
+        let (_relay, relay) = watch::channel(Some(url));
+        let (_secret, secret) = watch::channel(Some(Arc::from("s")));
+        let (_handover, handover) = watch::channel(Handover::Nobody);
+        let leader = Leader::new(leading, relay, secret, handover);
+        leader.tell(&serde_json::json!({"op": "end-session"}));
+        let started = std::time::Instant::now();
+        while asked.load(Ordering::SeqCst) < 3 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "told {} times",
+                asked.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Taken: not told again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(asked.load(Ordering::SeqCst), 3);
+        assert_eq!(leader.0.telling.available_permits(), MAX_TELLING);
+    }
 }

@@ -42,7 +42,9 @@ const MAX_DELETED: usize = 100_000;
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// How long a replica that no longer leads keeps what it kept, for the next leader to take
 /// over: longer than a lease takes to expire (15 s) and be taken.
-const HANDED_OVER_WITHIN: Duration = Duration::from_secs(60);
+const HANDED_OVER_WITHIN: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 60 });
+/// How long what was written for the next leader is handed out again (askers retrying).
+const HANDING_FRESH: Duration = Duration::from_secs(1);
 
 /// Whose state a key belongs to (mirrors the WIT `scope` enum).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,8 +186,10 @@ pub struct StateStore {
     /// Whether what it holds was kept while it led (since it last dropped it): only then is
     /// there anything to hand over.
     led: std::sync::atomic::AtomicBool,
-    /// What it hands over, once written (per change of leader).
-    handing: tokio::sync::Mutex<Option<bytes::Bytes>>,
+    /// What it hands over, once written (per change of leader), and when.
+    handing: tokio::sync::Mutex<Option<(Instant, bytes::Bytes)>>,
+    /// Whether it is taking the state over from the previous leader.
+    taking: std::sync::atomic::AtomicBool,
 }
 
 impl Default for StateStore {
@@ -202,6 +206,7 @@ impl Default for StateStore {
             this: OnceLock::new(),
             led: std::sync::atomic::AtomicBool::new(false),
             handing: tokio::sync::Mutex::new(None),
+            taking: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -332,31 +337,56 @@ impl Serialize for OwnerOf<'_> {
     }
 }
 
+/// Fewer bytes than any scope owner takes as JSON.
+const SMALLEST_OWNER: usize = 48;
+
+/// A writer that refuses to grow beyond `limit` bytes.
+struct Bounded<'a> {
+    written: &'a mut Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Bounded<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written.len() + buf.len() > self.limit {
+            return Err(std::io::Error::other("beyond the limit"));
+        }
+        self.written.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Reads what the replica whose relay is at `relay` kept while it led, retrying within
 /// [`leader::HANDOVER_TIMEOUT`] (it may not have stepped down quite yet), and parses it off the
 /// runtime's threads.
 async fn take_over_from(leader: &Leader, relay: &str) -> Result<Snapshot, String> {
-    let until = tokio::time::Instant::now() + leader::HANDOVER_TIMEOUT;
-    let mut pause = Duration::from_millis(50);
-    loop {
-        let error = match leader.take_over_from(relay).await {
-            Ok(bytes) => {
-                let parsed =
-                    tokio::task::spawn_blocking(move || serde_json::from_slice::<Snapshot>(&bytes))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                return parsed.map_err(|e| format!("unreadable: {e}"));
+    let taking = async {
+        let mut pause = Duration::from_millis(50);
+        let bytes = loop {
+            match leader.take_over_from(relay).await {
+                Ok(bytes) => break bytes,
+                // It has not stepped down yet (a lease given up as it stops): again.
+                Err(Unavailable::StillLeading) => {}
+                // Nothing to hand over: it never led, or dropped it (or is of a version
+                // without); or it cannot be reached (it crashed): no waiting on it.
+                Err(e) => return Err(e.to_string()),
             }
-            // Nothing to hand over: it never led, or dropped it (or is of a version without).
-            Err(Unavailable::NothingThere) => return Err("it has nothing to hand over".into()),
-            Err(e) => e.to_string(),
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
         };
-        if tokio::time::Instant::now() + pause >= until {
-            return Err(error);
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(1));
-    }
+        let parsed =
+            tokio::task::spawn_blocking(move || serde_json::from_slice::<Snapshot>(&bytes))
+                .await
+                .map_err(|e| e.to_string())?;
+        parsed.map_err(|e| format!("unreadable: {e}"))
+    };
+    tokio::time::timeout(leader::HANDOVER_TIMEOUT, taking)
+        .await
+        .map_err(|_| format!("not done within {:?}", leader::HANDOVER_TIMEOUT))?
 }
 
 /// One live key, handed over.
@@ -457,6 +487,12 @@ impl StateStore {
                         None => return,
                     },
                     _ = forgetting => {
+                        // Kept while no other replica is known to lead (the API server
+                        // unreachable, say): this one may well take its own lease back.
+                        if !leader.another_leads() {
+                            forget = Some(tokio::time::Instant::now() + HANDED_OVER_WITHIN);
+                            continue;
+                        }
                         forget = None;
                         match store.upgrade() {
                             Some(store) => store.clear(),
@@ -479,15 +515,21 @@ impl StateStore {
         self.settled.send_replace(false);
         self.handed.send_replace(false);
         *self.handing.lock().await = None;
+        let mut took_from = None;
         match from {
             Handover::Kept => {}
             Handover::Nobody => self.clear(),
             Handover::From(relay) => {
                 self.clear();
+                // Asked meanwhile (it lost leadership again), it says to ask again.
+                self.taking.store(true, Ordering::Release);
                 let taken = tokio::select! {
                     taken = take_over_from(leader, &relay) => taken,
                     // Leadership went meanwhile: nothing to settle, nothing of its own kept.
-                    _ = leading.wait_for(|l| !*l) => return,
+                    _ = leading.wait_for(|l| !*l) => {
+                        self.taking.store(false, Ordering::Release);
+                        return;
+                    }
                 };
                 match taken {
                     Ok(snapshot) => {
@@ -496,7 +538,7 @@ impl StateStore {
                             kept,
                             "took the plugins' state over from the previous leader"
                         );
-                        leader.acknowledge(&relay).await;
+                        took_from = Some(relay);
                     }
                     Err(e) => tracing::warn!(
                         "the previous leader could not hand its plugin state over ({e}); starting afresh"
@@ -505,7 +547,21 @@ impl StateStore {
             }
         }
         self.led.store(true, Ordering::Release);
+        self.taking.store(false, Ordering::Release);
         self.settled.send_replace(true);
+        // The previous leader may stop now: once this one holds the state, and still leads.
+        if let Some(relay) = took_from
+            && leader.leads()
+        {
+            let leader = leader.clone();
+            tokio::spawn(async move { leader.acknowledge(&relay).await });
+        }
+    }
+
+    /// Whether it is taking the state over (having come to lead): asked for it meanwhile, it
+    /// has nothing to hand over yet.
+    pub fn taking_over(&self) -> bool {
+        self.taking.load(Ordering::Acquire)
     }
 
     /// What this replica kept while it led, as JSON, for the next leader: only once it no
@@ -518,7 +574,10 @@ impl StateStore {
         if leader.leads() || !self.led.load(Ordering::Acquire) {
             return None;
         }
-        if let Some(written) = &*handing {
+        // (Ages and times to live in it count from when it was written.)
+        if let Some((at, written)) = &*handing
+            && at.elapsed() < HANDING_FRESH
+        {
             return Some(written.clone());
         }
         let store = self.clone();
@@ -532,8 +591,12 @@ impl StateStore {
                 "the plugins' state is larger than can be handed over: the next leader starts without what some scope owners kept"
             );
         }
+        // Dropped meanwhile (it was kept long enough): what was written may be torn.
+        if !self.led.load(Ordering::Acquire) {
+            return None;
+        }
         let written = bytes::Bytes::from(written);
-        *handing = Some(written.clone());
+        *handing = Some((Instant::now(), written.clone()));
         Some(written)
     }
 
@@ -818,7 +881,7 @@ impl StateStore {
                     return;
                 };
                 runtime.spawn(async move {
-                    let _ = store.run_here(&asked, leader::HANDOVER_TIMEOUT).await;
+                    let _ = store.run_here(&asked, 2 * leader::HANDOVER_TIMEOUT).await;
                 });
             }
             None => {
@@ -922,6 +985,12 @@ impl StateStore {
         ];
         for (scope, map) in scopes {
             for entry in map.iter() {
+                // (Room for this owner, a comma and the closing brackets.)
+                let room = limit.saturating_sub(out.len() + 3);
+                if room < SMALLEST_OWNER {
+                    left_out += 1;
+                    continue;
+                }
                 one.clear();
                 let owner = OwnerOf {
                     scope,
@@ -929,9 +998,12 @@ impl StateStore {
                     now,
                     used_now,
                 };
-                if serde_json::to_writer(&mut one, &owner).is_err()
-                    || out.len() + one.len() + 3 > limit
-                {
+                // Written only as far as it fits: one owner may hold more than the limit.
+                let mut bounded = Bounded {
+                    written: &mut one,
+                    limit: room,
+                };
+                if serde_json::to_writer(&mut bounded, &owner).is_err() {
                     left_out += 1;
                     continue;
                 }
@@ -1287,6 +1359,46 @@ mod tests {
             left <= Duration::from_secs(60) && left > Duration::from_secs(50),
             "what is left of its time to live: {left:?}"
         );
+    }
+
+    /// A replica that no longer leads keeps what it kept for the next leader, and drops it
+    /// once another is known to lead and has had time to take it over; not before (the API
+    /// server unreachable, it may take its own lease back).
+    #[tokio::test]
+    async fn what_a_replica_kept_goes_once_another_leads() {
+        let (lead, leads) = tokio::sync::watch::channel(true);
+        let (relay_at, relay) = tokio::sync::watch::channel(None);
+        let (_secret, secret) = tokio::sync::watch::channel(None);
+        let (_handover, handover) = tokio::sync::watch::channel(Handover::Nobody);
+        let store = Arc::new(StateStore::default());
+        store.share_through(
+            Leader::new(leads, relay, secret, handover),
+            Duration::from_secs(600),
+        );
+        store.settled.subscribe().wait_for(|s| *s).await.unwrap();
+        let asked = Asked {
+            plugin: "p".into(),
+            session: String::new(),
+            principal: None,
+            action: Action::Incr {
+                scope: Scope::Global,
+                key: "n".into(),
+                delta: 1,
+                ttl_ms: None,
+            },
+        };
+        assert_eq!(store.apply(&asked), Outcome::Count(1));
+        lead.send_replace(false);
+        tokio::time::sleep(HANDED_OVER_WITHIN * 2).await;
+        assert!(!store.is_empty(), "nobody else leads: kept");
+        assert!(store.hand_over().await.is_some());
+        relay_at.send_replace(Some("http://127.0.0.1:9".into()));
+        let started = Instant::now();
+        while !store.is_empty() {
+            assert!(started.elapsed() < HANDED_OVER_WITHIN * 3, "dropped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(store.hand_over().await.is_none());
     }
 
     #[test]

@@ -206,10 +206,10 @@ impl Elector {
     }
 
     /// Whom taking `lease` (held by `holder`, or by us when `mine`) takes over from.
-    fn handover_of(&mut self, lease: &Lease, holder: Option<&str>, mine: bool) -> Handover {
+    fn handover_of(&self, lease: &Lease, holder: Option<&str>, mine: bool) -> Handover {
         if mine {
             // Ours since an attempt whose answer was lost: taken from whom that one took it.
-            return self.attempted.take().unwrap_or(Handover::Kept);
+            return self.attempted.clone().unwrap_or(Handover::Kept);
         }
         let released_by = || {
             let annotations = lease.metadata.annotations.as_ref()?;
@@ -243,12 +243,18 @@ impl Elector {
                     ..LeaseSpec::default()
                 }),
             };
+            // (Until the answer comes, whether it was made is unknown.)
+            self.attempted = Some(Handover::Nobody);
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(_) => {
+                    self.attempted = None;
                     self.handover.send_replace(Handover::Nobody);
                     Ok(Round::Leading)
                 }
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(Round::Following),
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    self.attempted = None;
+                    Ok(Round::Following)
+                }
                 Err(e) => Err(e),
             };
         };
@@ -276,13 +282,18 @@ impl Elector {
         {
             let relay = self.signed_relay(&lease, holder);
             self.publish_holder_relay(relay);
+            // Another holds it: no attempt of ours took it.
+            self.attempted = None;
             return Ok(Round::Following);
         }
         // Nobody (else) holds a valid lease: there is no relay to follow until someone does.
         self.publish_holder_relay(None);
         let handover = (!leading).then(|| self.handover_of(&lease, holder.as_deref(), mine));
-        // Until the answer comes, whether it was written is unknown.
-        self.attempted = handover.clone().filter(|_| !mine);
+        // Until the answer comes, whether it was written is unknown (kept as it is while the
+        // lease already names us: that attempt's outcome is still the one that counts).
+        if !mine {
+            self.attempted = handover.clone();
+        }
         let mut next = lease.clone();
         self.annotate(&mut next.metadata);
         let mut spec = spec;
