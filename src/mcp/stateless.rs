@@ -1684,6 +1684,22 @@ mod tests {
             check_headers(&headers(&encoded), &call, "prompts/get"),
             Err(Refusal::Header(_))
         ));
+        // A name that reads as encoded itself must be sent encoded: sent as is, the header
+        // says what it decodes to, not the name.
+        let odd = format!(r#"{{"name":"=?base64?YWJj?=",{META}}}"#);
+        let odd = read(Some(odd.as_bytes()), "tools/call").unwrap();
+        assert!(matches!(
+            check_headers(&headers("=?base64?YWJj?="), &odd, "tools/call"),
+            Err(Refusal::Header(_))
+        ));
+        let as_sent = format!(
+            "=?base64?{}?=",
+            base64::engine::general_purpose::STANDARD.encode("=?base64?YWJj?=")
+        );
+        assert_eq!(
+            check_headers(&headers(&as_sent), &odd, "tools/call"),
+            Ok(())
+        );
         // A call must name its tool.
         let nameless = format!(r#"{{"name":7,{META}}}"#);
         assert!(matches!(
