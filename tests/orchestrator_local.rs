@@ -44,15 +44,10 @@ fn server(name: &str, command: &str, args: &[&str]) -> ServerDef {
     }
 }
 
-/// A loopback port nothing listens on, distinct per call: tests run side by side, and the
-/// runtime's check that a port is free binds it for a moment.
-fn unused_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// A loopback port nothing listens on for a server that never listens: below the ephemeral
+/// range, so no client socket of this process takes it as its own end, and one per test, since
+/// the runtime's check that a server's port is free binds it for a moment.
+const NEVER_LISTENED_ON: [u16; 2] = [1, 2];
 
 async fn open(rt: &LocalRuntime, name: &str) -> Mcp {
     match rt.endpoint(name).await.unwrap() {
@@ -179,7 +174,7 @@ async fn restarts_back_off_exponentially_up_to_the_cap() {
     let mut def = server("flaky-http", "sh", &["-c", "exit 1"]);
     def.spec.transport = TransportSpec {
         kind: TransportKind::StreamableHttp,
-        port: Some(unused_port()),
+        port: Some(NEVER_LISTENED_ON[0]),
         path: None,
     };
     rt.apply(def.resolve().unwrap()).await.unwrap();
@@ -211,7 +206,7 @@ async fn logs_keep_this_run_and_the_previous_one() {
     let mut def = server("noisy", "sh", &["-c", script]);
     def.spec.transport = TransportSpec {
         kind: TransportKind::StreamableHttp,
-        port: Some(unused_port()),
+        port: Some(NEVER_LISTENED_ON[1]),
         path: None,
     };
     def.spec.env = vec![EnvVarSpec {
@@ -424,7 +419,11 @@ async fn start_http_server_then(
     u16,
     tokio::sync::watch::Receiver<gatehouse::orchestrator::ServerStatus>,
 ) {
-    let port = unused_port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let started = std::env::temp_dir().join(format!("gatehouse-{name}-{port}"));
     let _ = std::fs::remove_file(&started);
     let script = format!("touch {started:?}; {}", then(port));
