@@ -17,6 +17,7 @@ pub mod config;
 pub mod console;
 pub mod example_server;
 pub mod gateway;
+pub mod json_scan;
 pub mod json_string;
 pub mod listener;
 pub mod mcp;

@@ -6,9 +6,11 @@
 use std::borrow::Cow;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use serde::Deserialize;
+
+use crate::json_scan::{self, ScanError};
 use crate::json_string;
 
 /// JSON-RPC and gateway error codes.
@@ -119,23 +121,6 @@ pub struct Message {
     pub kind: Kind,
 }
 
-#[derive(Deserialize)]
-struct Envelope<'a> {
-    #[serde(borrow, default)]
-    jsonrpc: Option<Cow<'a, str>>,
-    // `"id": null` must stay distinguishable from a missing id (a notification).
-    #[serde(borrow, default, deserialize_with = "present")]
-    id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    method: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    params: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    result: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    error: Option<&'a RawValue>,
-}
-
 /// Deepest nesting of arrays and objects accepted in a message. Raw members are forwarded
 /// without being parsed into values, so nothing else would stop a deeply nested payload from
 /// reaching (and crashing, or stalling) an upstream or a client.
@@ -145,46 +130,54 @@ pub const MAX_DEPTH: usize = 64;
 /// from it may keep alive, beyond as many as the members themselves hold.
 const MAX_PADDING: usize = 4096;
 
-/// Whether `json` nests arrays/objects deeper than `max`. One pass; string contents are skipped
-/// with `memchr`, so long arguments cost little.
-fn nesting_exceeds(json: &[u8], max: usize) -> bool {
-    let mut depth = 0usize;
-    let mut i = 0;
-    while i < json.len() {
-        match json[i] {
-            b'"' => {
-                i += 1;
-                loop {
-                    let Some(off) = memchr::memchr2(b'"', b'\\', &json[i..]) else {
-                        return false; // unterminated: the parser reports it
-                    };
-                    i += off;
-                    if json[i] == b'"' {
-                        break;
-                    }
-                    i += 2; // an escape and the character it escapes
-                    if i >= json.len() {
-                        return false;
-                    }
-                }
-            }
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > max {
-                    return true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-        i += 1;
-    }
-    false
+/// The members of an envelope, as written: `None` if absent, `Some(None)` if `null`.
+#[derive(Default)]
+struct Envelope<'a> {
+    jsonrpc: Option<Option<&'a str>>,
+    id: Option<Option<&'a str>>,
+    method: Option<Option<&'a str>>,
+    params: Option<Option<&'a str>>,
+    result: Option<Option<&'a str>>,
+    error: Option<Option<&'a str>>,
 }
 
-/// A member that is present, whatever its value (`null` included).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(d).map(Some)
+impl<'a> Envelope<'a> {
+    /// Records member `key` (with its quotes); the first member named twice, or a name that
+    /// is no text, is the error.
+    fn take(&mut self, key: &str, value: &'a str, problem: &mut Option<ParseError>) {
+        // A name written with escapes is the name it decodes to (`"\u0069d"` is `id`); one
+        // that does not decode (a lone surrogate) is no text, and peers read it differently.
+        let name = match json_scan::unquote(key) {
+            Ok(name) => name,
+            Err(e) => {
+                problem.get_or_insert(ParseError::Json(format!("a member's name: {e}")));
+                return;
+            }
+        };
+        let (slot, name) = match &*name {
+            "jsonrpc" => (&mut self.jsonrpc, "\"jsonrpc\" is given twice"),
+            "id" => (&mut self.id, "\"id\" is given twice"),
+            "method" => (&mut self.method, "\"method\" is given twice"),
+            "params" => (&mut self.params, "\"params\" is given twice"),
+            "result" => (&mut self.result, "\"result\" is given twice"),
+            "error" => (&mut self.error, "\"error\" is given twice"),
+            _ => return,
+        };
+        if slot.is_some() {
+            problem.get_or_insert(ParseError::Invalid(name));
+        }
+        *slot = Some((value != "null").then_some(value));
+    }
+}
+
+/// The text of a JSON string member (`None` if it is not a string), escapes decoded.
+fn string_value(raw: &str) -> Result<Option<Cow<'_, str>>, ParseError> {
+    if !raw.starts_with('"') {
+        return Ok(None);
+    }
+    json_scan::unquote(raw)
+        .map(Some)
+        .map_err(|e| ParseError::Json(e.to_string()))
 }
 
 /// Parses one JSON-RPC 2.0 message; batches and non-objects are rejected.
@@ -204,42 +197,71 @@ pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
             };
         }
     }
-    // serde_json skips unknown members without checking their UTF-8; JSON text must be UTF-8.
-    // Checked once here for the whole frame, so the parse below reads a `str` and does not
-    // check every string and raw value again.
+    // JSON text must be UTF-8; checked once here for the whole frame.
     let text = match std::str::from_utf8(&frame) {
         Ok(text) => text,
         Err(e) => return Err(ParseError::Json(format!("not UTF-8: {e}"))),
     };
-    if nesting_exceeds(&frame, MAX_DEPTH) {
-        return Err(ParseError::Invalid(
-            "JSON nested deeper than 64 levels is not accepted",
-        ));
+    // One pass checks the whole frame is JSON and finds the envelope's members; nothing is
+    // decoded but the names and the two strings routing reads (`jsonrpc`, `method`).
+    let mut env = Envelope::default();
+    let mut problem = None;
+    json_scan::members(text, MAX_DEPTH, |key, value| {
+        env.take(key, value, &mut problem)
+    })
+    .map_err(|e| match e {
+        ScanError::TooDeep(_) => {
+            ParseError::Invalid("JSON nested deeper than 64 levels is not accepted")
+        }
+        e @ ScanError::Syntax { .. } => ParseError::Json(e.to_string()),
+    })?;
+    if let Some(problem) = problem {
+        return Err(problem);
     }
-    let env: Envelope<'_> =
-        serde_json::from_str(text).map_err(|e| ParseError::Json(e.to_string()))?;
-    if env.jsonrpc.as_deref() != Some("2.0") {
+    let jsonrpc = env
+        .jsonrpc
+        .flatten()
+        .map(string_value)
+        .transpose()?
+        .flatten();
+    if jsonrpc.as_deref() != Some("2.0") {
         return Err(ParseError::Invalid("\"jsonrpc\" must be \"2.0\""));
     }
+    let method = match env.method.flatten() {
+        None => None,
+        Some(raw) => {
+            Some(string_value(raw)?.ok_or(ParseError::Invalid("\"method\" must be a string"))?)
+        }
+    };
+    // `"id": null` stays distinguishable from a missing id (a notification); a `null` params,
+    // result or error counts as absent.
+    let id_raw = env.id.map(|id| id.unwrap_or("null"));
+    let (params, result, error) = (
+        env.params.flatten(),
+        env.result.flatten(),
+        env.error.flatten(),
+    );
     // What is kept of a message (a cached list page, an initialize result, a request id)
     // must not hold its whole frame: a peer could pad a tiny result with megabytes of members
     // nobody reads. Where most of the frame is such padding, the members are copied out.
-    let kept: usize = [env.id, env.params, env.result, env.error]
+    let kept: usize = [id_raw, params, result, error]
         .into_iter()
         .flatten()
-        .map(|raw| raw.get().len())
+        .map(str::len)
         .sum();
     let padded = frame.len() - kept > MAX_PADDING.max(kept);
-    let slice = |raw: &RawValue| {
+    let slice = |raw: &str| {
         if padded {
-            Bytes::copy_from_slice(raw.get().as_bytes())
+            Bytes::copy_from_slice(raw.as_bytes())
+        } else if raw == "null" {
+            Bytes::from_static(b"null")
         } else {
-            frame.slice_ref(raw.get().as_bytes())
+            frame.slice_ref(raw.as_bytes())
         }
     };
-    let id = env.id.map(slice);
+    let id = id_raw.map(slice);
     // Only an error response may carry `"id": null` (its request's id could not be read).
-    let null_error = env.error.is_some() && id.as_deref() == Some(b"null");
+    let null_error = error.is_some() && id.as_deref() == Some(b"null");
     if let Some(id) = &id
         && !null_error
     {
@@ -250,9 +272,9 @@ pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
             ));
         }
     }
-    let kind = match (env.method, id, env.result, env.error) {
+    let kind = match (method, id, result, error) {
         (Some(method), id, None, None) => {
-            let params = env.params.map(slice);
+            let params = params.map(slice);
             if let Some(p) = &params
                 && !matches!(p.first(), Some(b'{' | b'['))
             {
@@ -548,6 +570,27 @@ mod tests {
 
     #[test]
     fn classifies_notifications_and_responses() {
+        // Names and the routed strings are read decoded; every other byte stays as written.
+        let m = p(r#"{"j\u0073onrpc":"2\u002e0","id":"\u0031","method":"tools\/call","params":{"a":"\u00e9"}}"#)
+            .unwrap();
+        let Kind::Request { id, method, params } = m.kind else {
+            panic!("a request")
+        };
+        assert_eq!(&*method, "tools/call");
+        assert_eq!(&id[..], br#""\u0031""#);
+        assert_eq!(params.as_deref(), Some(&br#"{"a":"\u00e9"}"#[..]));
+        // `null` members other than `id` count as absent.
+        assert!(matches!(
+            p(r#"{"jsonrpc":"2.0","method":"x","params":null,"id":null,"result":null,"error":null}"#)
+                .map(|m| m.kind),
+            Err(ParseError::Invalid(_))
+        ));
+        assert!(matches!(
+            p(r#"{"jsonrpc":"2.0","method":"x","params":null}"#)
+                .unwrap()
+                .kind,
+            Kind::Notification { params: None, .. }
+        ));
         assert!(matches!(
             p(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
                 .unwrap()
@@ -613,6 +656,65 @@ mod tests {
             (
                 r#"{"jsonrpc":"2.0","id":1,"method":"x","params":3}"#,
                 code::INVALID_REQUEST,
+            ),
+            // Valid JSON of the wrong shape is an invalid request, not a parse error.
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":5}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                r#"{"jsonrpc":2.0,"id":1,"method":"x"}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                r#"{"jsonrpc":null,"id":1,"method":"x"}"#,
+                code::INVALID_REQUEST,
+            ),
+            // A member named twice, however its name is written: which one would a peer read?
+            (
+                r#"{"jsonrpc":"2.0","id":1,"id":2,"method":"x"}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"\u0069d":2,"method":"x"}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"x","params":null,"params":{}}"#,
+                code::INVALID_REQUEST,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"x","metho\u0064":"y"}"#,
+                code::INVALID_REQUEST,
+            ),
+            // Not JSON, wherever it stops being JSON.
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"x",}"#,
+                code::PARSE_ERROR,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":01,"method":"x"}"#,
+                code::PARSE_ERROR,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"a":"\q"}}"#,
+                code::PARSE_ERROR,
+            ),
+            (
+                "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"a\nb\"}",
+                code::PARSE_ERROR,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"x"} x"#,
+                code::PARSE_ERROR,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"\uD800"}"#,
+                code::PARSE_ERROR,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"x","\uDCCC":1}"#,
+                code::PARSE_ERROR,
             ),
             (
                 r#"{"jsonrpc":"2.0","id":1,"method":"x","result":{}}"#,

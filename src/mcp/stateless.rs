@@ -8,6 +8,7 @@
 //! ([`Gateway::stateless_session`]), whose upstream sessions the gateway keeps, and every result
 //! carries `resultType`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -22,9 +23,10 @@ use crate::body::Body;
 use crate::body::{accepted, json_response, sse_response};
 use crate::config::profiles::ProfileConfig;
 use crate::gateway::Gateway;
+use crate::json_scan;
 use crate::mcp::handler::{self, Reply};
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
-use crate::mcp::lookalike::{self, Key};
+use crate::mcp::lookalike;
 use crate::mcp::revision;
 use crate::mcp::revision::envelope::{
     CAPABILITIES as CAPS_KEY, KEYS as ENVELOPE_KEYS, LEVEL as LEVEL_KEY, VERSION as VERSION_KEY,
@@ -304,22 +306,12 @@ fn put_key(out: &mut Vec<u8>, key: &str, plain: bool) {
     }
 }
 
-/// `_meta` read in one pass, in the order its members came: the envelope's values, the
-/// envelope's members (`"key":value,…`), and the members that stay, written as an object
-/// straight into the params being rebuilt.
-struct MetaMembers<'o> {
-    /// Where the members that stay go (the stripped params, being written).
-    kept: &'o mut Vec<u8>,
-    /// The length of `_meta`'s text: room enough for the envelope's members.
-    len: usize,
-}
-
-/// What [`MetaMembers`] read of the envelope.
+/// What [`read_meta`] read of the envelope.
 #[derive(Default)]
 struct Envelope<'a> {
-    version: Option<&'a RawValue>,
-    capabilities: Option<&'a RawValue>,
-    level: Option<&'a RawValue>,
+    version: Option<&'a str>,
+    capabilities: Option<&'a str>,
+    level: Option<&'a str>,
     /// The envelope's members as text, to be sent on to servers of this revision.
     members: Vec<u8>,
 }
@@ -343,77 +335,80 @@ fn shown(key: &str) -> &str {
     key.char_indices().nth(64).map_or(key, |(at, _)| &key[..at])
 }
 
-impl<'de> serde::de::Visitor<'de> for MetaMembers<'_> {
-    /// The JSON's own errors outside, the members' refusal inside.
-    type Value = Result<Envelope<'de>, Refusal>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("params._meta as an object")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut envelope = Envelope {
-            members: Vec::with_capacity(self.len),
-            ..Envelope::default()
+/// Reads `_meta` (the JSON text `meta`) in one pass, in the order its members came: the
+/// envelope's values, the envelope's members (`"key":value,…`), and the members that stay,
+/// written as an object onto `kept` (the params being rebuilt without the envelope).
+fn read_meta<'a>(meta: &'a str, kept: &mut Vec<u8>) -> Result<Envelope<'a>, Refusal> {
+    let not_object = || Refusal::Meta("params._meta must be an object".into());
+    let mut envelope = Envelope {
+        members: Vec::with_capacity(meta.len()),
+        ..Envelope::default()
+    };
+    // Every key, to refuse one given twice: the gateway would read one value and the server
+    // perhaps the other (a version, a progress token it routes by).
+    let mut keys: Vec<Cow<'a, str>> = Vec::with_capacity(4);
+    let mut too_like = None;
+    let mut undecodable = false;
+    kept.push(b'{');
+    let opened = kept.len();
+    json_scan::members(meta, json_scan::MAX_DEPTH, |raw_key, value| {
+        let Ok(key) = json_scan::unquote(raw_key) else {
+            undecodable = true;
+            return;
         };
-        // Every key, to refuse one given twice: the gateway would read one value and the
-        // server perhaps the other (a version, a progress token it routes by).
-        let mut keys: Vec<std::borrow::Cow<'de, str>> = Vec::with_capacity(4);
-        let mut too_like = None;
-        self.kept.push(b'{');
-        let opened = self.kept.len();
-        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
-            let value: &'de RawValue = map.next_value()?;
-            let slot = match &*key {
-                VERSION_KEY => Some(&mut envelope.version),
-                CAPS_KEY => Some(&mut envelope.capabilities),
-                LEVEL_KEY => Some(&mut envelope.level),
-                _ => None,
-            };
-            let (out, first) = if let Some(slot) = slot {
-                *slot = Some(value);
-                (&mut envelope.members, 0)
-            } else if ENVELOPE_KEYS.contains(&&*key) {
-                (&mut envelope.members, 0)
-            } else {
-                if too_like.is_none()
-                    && &*key != PROGRESS_KEY
-                    && let Some(owned) = lookalike::read_as(&key, &READ_BY_GATEWAY)
-                {
-                    too_like = Some(format!(
-                        "params._meta[{:?}] is too like params._meta[{owned:?}]: servers differ on which they read",
-                        shown(&key)
-                    ));
-                }
-                (&mut *self.kept, opened)
-            };
-            if out.len() > first {
-                out.push(b',');
-            }
-            put_key(out, &key, matches!(key, std::borrow::Cow::Borrowed(_)));
-            out.push(b':');
-            out.extend_from_slice(value.get().as_bytes());
-            keys.push(key);
-        }
-        self.kept.push(b'}');
-        // Few keys in the common case: compared pairwise; many: sorted.
-        let twice = if keys.len() <= 16 {
-            keys.iter()
-                .enumerate()
-                .find_map(|(i, k)| keys[..i].contains(k).then(|| k.clone()))
+        let slot = match &*key {
+            VERSION_KEY => Some(&mut envelope.version),
+            CAPS_KEY => Some(&mut envelope.capabilities),
+            LEVEL_KEY => Some(&mut envelope.level),
+            _ => None,
+        };
+        let (out, first) = if let Some(slot) = slot {
+            *slot = Some(value);
+            (&mut envelope.members, 0)
+        } else if ENVELOPE_KEYS.contains(&&*key) {
+            (&mut envelope.members, 0)
         } else {
-            keys.sort_unstable();
-            keys.windows(2)
-                .find_map(|w| (w[0] == w[1]).then(|| w[0].clone()))
+            if too_like.is_none()
+                && &*key != PROGRESS_KEY
+                && let Some(owned) = lookalike::read_as(&key, &READ_BY_GATEWAY)
+            {
+                too_like = Some(format!(
+                    "params._meta[{:?}] is too like params._meta[{owned:?}]: servers differ on which they read",
+                    shown(&key)
+                ));
+            }
+            (&mut *kept, opened)
         };
-        Ok(match (twice, too_like) {
-            (Some(key), _) => Err(Refusal::Meta(format!(
-                "params._meta[{:?}] is given twice",
-                shown(&key)
-            ))),
-            (None, Some(why)) => Err(Refusal::Meta(why)),
-            (None, None) => Ok(envelope),
-        })
+        if out.len() > first {
+            out.push(b',');
+        }
+        put_key(out, &key, matches!(key, Cow::Borrowed(_)));
+        out.push(b':');
+        out.extend_from_slice(value.as_bytes());
+        keys.push(key);
+    })
+    .map_err(|_| not_object())?;
+    if undecodable {
+        return Err(not_object());
+    }
+    kept.push(b'}');
+    // Few keys in the common case: compared pairwise; many: sorted.
+    let twice = if keys.len() <= 16 {
+        keys.iter()
+            .enumerate()
+            .find_map(|(i, k)| keys[..i].contains(k).then(|| k.clone()))
+    } else {
+        keys.sort_unstable();
+        keys.windows(2)
+            .find_map(|w| (w[0] == w[1]).then(|| w[0].clone()))
+    };
+    match (twice, too_like) {
+        (Some(key), _) => Err(Refusal::Meta(format!(
+            "params._meta[{:?}] is given twice",
+            shown(&key)
+        ))),
+        (None, Some(why)) => Err(Refusal::Meta(why)),
+        (None, None) => Ok(envelope),
     }
 }
 
@@ -421,63 +416,73 @@ impl<'de> serde::de::Visitor<'de> for MetaMembers<'_> {
 /// members (a key given twice is refused: which one counts would be a guess), then `_meta` in
 /// one pass that writes the params without the envelope.
 pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal> {
-    #[derive(Deserialize)]
+    /// The members of the params the gateway reads: `None` if absent, `Some(None)` if `null`
+    /// (which counts as absent, but not when the key comes again).
+    #[derive(Default)]
     struct Top<'a> {
-        #[serde(borrow, rename = "_meta")]
-        meta: Option<&'a RawValue>,
-        #[serde(borrow)]
-        name: Option<&'a RawValue>,
-        #[serde(borrow)]
-        uri: Option<&'a RawValue>,
-        #[serde(borrow, rename = "requestState")]
-        state: Option<&'a RawValue>,
-        #[serde(borrow, rename = "inputResponses")]
-        responses: Option<&'a RawValue>,
+        meta: Option<Option<&'a str>>,
+        name: Option<Option<&'a str>>,
+        uri: Option<Option<&'a str>>,
+        state: Option<Option<&'a str>>,
+        responses: Option<Option<&'a str>>,
     }
+    let refused = |why: &dyn std::fmt::Display| {
+        Refusal::Meta(format!("params must be an object carrying _meta: {why}"))
+    };
     let bytes = params
         .filter(|p| p.trim_ascii_start().starts_with(b"{"))
         .ok_or_else(|| Refusal::Meta("params must be an object carrying _meta".into()))?;
-    let top: Top<'_> = serde_json::from_slice(bytes)
-        .map_err(|e| Refusal::Meta(format!("params must be an object carrying _meta: {e}")))?;
-    let meta_raw = top
-        .meta
+    let text = std::str::from_utf8(bytes).map_err(|e| refused(&e))?;
+    let mut top = Top::default();
+    let mut problem: Option<String> = None;
+    json_scan::members(text, json_scan::MAX_DEPTH, |raw_key, value| {
+        let key = match json_scan::unquote(raw_key) {
+            Ok(key) => key,
+            Err(e) => {
+                problem.get_or_insert_with(|| e.to_string());
+                return;
+            }
+        };
+        let slot = match &*key {
+            "_meta" => &mut top.meta,
+            "name" => &mut top.name,
+            "uri" => &mut top.uri,
+            "requestState" => &mut top.state,
+            "inputResponses" => &mut top.responses,
+            _ => return,
+        };
+        if slot.is_some() {
+            problem.get_or_insert_with(|| format!("{key} is given twice"));
+        }
+        *slot = Some((value != "null").then_some(value));
+    })
+    .map_err(|e| refused(&e))?;
+    if let Some(problem) = problem {
+        return Err(refused(&problem));
+    }
+    let (meta, name, uri, state, responses) = (
+        top.meta.flatten(),
+        top.name.flatten(),
+        top.uri.flatten(),
+        top.state.flatten(),
+        top.responses.flatten(),
+    );
+    let meta_raw = meta
         .ok_or_else(|| Refusal::Meta(format!("params._meta is required (with {VERSION_KEY})")))?;
     // The params without the envelope: what comes before `_meta`, the members that stay,
-    // what comes after.
-    let start = (meta_raw.get().as_ptr() as usize).wrapping_sub(bytes.as_ptr() as usize);
-    let end = start.wrapping_add(meta_raw.get().len());
-    if end > bytes.len() || start > end {
-        return Err(Refusal::Meta("params._meta cannot be re-encoded".into()));
-    }
+    // what comes after. `meta_raw` is a slice of `text`.
+    let start = meta_raw.as_ptr() as usize - text.as_ptr() as usize;
+    let end = start + meta_raw.len();
     let mut stripped = Vec::with_capacity(bytes.len());
     stripped.extend_from_slice(&bytes[..start]);
-    // A raw value's text is valid JSON and UTF-8: read from it, nothing is checked twice.
-    let mut de = serde_json::Deserializer::from_str(meta_raw.get());
-    let envelope = serde::Deserializer::deserialize_map(
-        &mut de,
-        MetaMembers {
-            kept: &mut stripped,
-            len: meta_raw.get().len(),
-        },
-    )
-    .map_err(|_| Refusal::Meta("params._meta must be an object".into()))??;
+    let envelope = read_meta(meta_raw, &mut stripped)?;
     stripped.extend_from_slice(&bytes[end..]);
-    fn string<'a>(
-        raw: &'a RawValue,
-        what: impl Fn() -> String,
-    ) -> Result<std::borrow::Cow<'a, str>, Refusal> {
-        // A raw value is valid JSON: between quotes and without a backslash, it is the text.
-        if let Some(text) = raw
-            .get()
-            .strip_prefix('"')
-            .and_then(|t| t.strip_suffix('"'))
-            && !text.contains('\\')
-        {
-            return Ok(text.into());
+    fn string<'a>(raw: &'a str, what: impl Fn() -> String) -> Result<Cow<'a, str>, Refusal> {
+        let not_string = || Refusal::Meta(format!("{} must be a string", what()));
+        if !raw.starts_with('"') {
+            return Err(not_string());
         }
-        serde_json::from_str::<String>(raw.get())
-            .map(Into::into)
-            .map_err(|_| Refusal::Meta(format!("{} must be a string", what())))
+        json_scan::unquote(raw).map_err(|_| not_string())
     }
     let version = match envelope.version {
         // The revision served is a constant: no copy of it per request.
@@ -492,7 +497,7 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
         }
     };
     let capabilities = match envelope.capabilities {
-        Some(raw) if raw.get().starts_with('{') => raw.get().to_owned(),
+        Some(raw) if raw.starts_with('{') => raw.to_owned(),
         Some(_) => {
             return Err(Refusal::Meta(format!(
                 "params._meta[{CAPS_KEY:?}] must be an object"
@@ -517,8 +522,8 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
         }
     };
     let target = match method {
-        "tools/call" | "prompts/get" => Some(("name", top.name)),
-        "resources/read" => Some(("uri", top.uri)),
+        "tools/call" | "prompts/get" => Some(("name", name)),
+        "resources/read" => Some(("uri", uri)),
         _ => None,
     }
     .map(|(key, raw)| match raw {
@@ -528,13 +533,13 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
     .transpose()?;
     // Only these may answer `input_required`, so only their retries carry answers.
     let mut retry = round_trip::Retry::default();
-    let retrying = target.is_some() && (top.state.is_some() || top.responses.is_some());
+    let retrying = target.is_some() && (state.is_some() || responses.is_some());
     if retrying {
-        if let Some(raw) = top.state {
+        if let Some(raw) = state {
             retry.state = Some(string(raw, || "params.requestState".into())?.into_owned());
         }
-        if let Some(raw) = top.responses {
-            retry.responses = serde_json::from_str(raw.get())
+        if let Some(raw) = responses {
+            retry.responses = serde_json::from_str(raw)
                 .map_err(|_| Refusal::Meta("params.inputResponses must be an object".into()))?;
         }
     }
@@ -1913,12 +1918,23 @@ mod tests {
         let r = read(Some(retry.as_bytes()), "tools/call").unwrap();
         assert_eq!(r.retry.state.as_deref(), Some("abc"));
         assert_eq!(r.retry.responses["1"].get(), r#"{"action":"accept"}"#);
-        // A key given twice is ambiguous: refused.
-        let twice = format!(r#"{{"name":"a","name":"b",{META}}}"#);
-        assert!(matches!(
-            read(Some(twice.as_bytes()), "tools/call"),
-            Err(Refusal::Meta(_))
-        ));
+        // A key given twice is ambiguous, however it is spelled and even where the first is
+        // `null` (which a server reading the first would take): refused.
+        for twice in [
+            format!(r#"{{"name":"a","name":"b",{META}}}"#),
+            format!(r#"{{"name":"a","n\u0061me":"b",{META}}}"#),
+            format!(r#"{{"name":null,"name":"b",{META}}}"#),
+            format!(r#"{{"name":"t","requestState":null,"requestState":"s",{META}}}"#),
+            format!(r#"{{"name":"t","_meta":null,{META}}}"#),
+        ] {
+            assert!(
+                matches!(
+                    read(Some(twice.as_bytes()), "tools/call"),
+                    Err(Refusal::Meta(ref why)) if why.contains("given twice")
+                ),
+                "{twice}"
+            );
+        }
         // Only requests that may be asked back carry a retry's members.
         let listed = read(Some(retry.as_bytes()), "tools/list").unwrap();
         assert!(listed.retry.state.is_none());

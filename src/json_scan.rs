@@ -1,0 +1,469 @@
+//! One pass over a JSON text (RFC 8259) that checks it is JSON and hands back the members of
+//! its top-level object as slices of the text: what the gateway reads of every message it
+//! forwards, without building values or decoding strings it only passes on.
+//!
+//! It accepts exactly what `serde_json` accepts (the fuzz target `jsonrpc` holds it to that),
+//! with a bound on nesting that `serde_json` places at 128.
+
+use std::borrow::Cow;
+
+/// The deepest nesting [`members`] can bound a text to: one bit per level, in a `u128`.
+pub const MAX_DEPTH: usize = 128;
+
+/// Why a text is not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScanError {
+    /// Not JSON: what was expected at byte `offset`.
+    #[error("{expected} at byte {offset}")]
+    Syntax {
+        /// Where the text stops being JSON.
+        offset: usize,
+        /// What would have been JSON there.
+        expected: &'static str,
+    },
+    /// Arrays and objects nested deeper than the bound.
+    #[error("nested deeper than {0} levels")]
+    TooDeep(usize),
+}
+
+/// Walks the JSON object `text`, calling `each(key, value)` for every top-level member in
+/// order: `key` is the member's name with its quotes, escapes not decoded; `value` is the
+/// member's value as written, without surrounding whitespace. The whole text is checked, so
+/// `Ok` means it is one JSON object, nested no deeper than `max_depth` (the object itself is
+/// level 1; at most [`MAX_DEPTH`]), with nothing but whitespace around it.
+pub fn members<'a>(
+    text: &'a str,
+    max_depth: usize,
+    mut each: impl FnMut(&'a str, &'a str),
+) -> Result<(), ScanError> {
+    assert!(
+        max_depth <= MAX_DEPTH,
+        "one bit per level of nesting, in a u128"
+    );
+    let bytes = text.as_bytes();
+    let mut at = whitespace(bytes, 0);
+    if bytes.get(at) != Some(&b'{') {
+        return Err(syntax(at, "'{' opening an object"));
+    }
+    if max_depth == 0 {
+        return Err(ScanError::TooDeep(max_depth));
+    }
+    at = whitespace(bytes, at + 1);
+    if bytes.get(at) == Some(&b'}') {
+        at += 1;
+    } else {
+        loop {
+            let key_start = at;
+            let key_end = member_name(bytes, at)?;
+            let value_start = after_colon(bytes, key_end)?;
+            at = value_end(bytes, value_start, max_depth - 1, max_depth)?;
+            // Each boundary is at an ASCII byte, so both slices are `str` boundaries.
+            each(&text[key_start..key_end], &text[value_start..at]);
+            at = whitespace(bytes, at);
+            match bytes.get(at) {
+                Some(b',') => at = whitespace(bytes, at + 1),
+                Some(b'}') => {
+                    at += 1;
+                    break;
+                }
+                _ => return Err(syntax(at, "',' or '}' after a member")),
+            }
+        }
+    }
+    at = whitespace(bytes, at);
+    if at != bytes.len() {
+        return Err(syntax(at, "the end of the text after the object"));
+    }
+    Ok(())
+}
+
+/// The text of a JSON string as [`members`] hands it out (quotes included): borrowed unless
+/// it has escapes, which are decoded. `Err` for an escape that is no text (a lone surrogate).
+pub fn unquote(string: &str) -> Result<Cow<'_, str>, serde_json::Error> {
+    match string.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        Some(plain) if !plain.contains('\\') => Ok(Cow::Borrowed(plain)),
+        _ => serde_json::from_str::<String>(string).map(Cow::Owned),
+    }
+}
+
+fn syntax(offset: usize, expected: &'static str) -> ScanError {
+    ScanError::Syntax { offset, expected }
+}
+
+/// The first index from `at` that is not JSON whitespace.
+#[inline(always)]
+fn whitespace(text: &[u8], mut at: usize) -> usize {
+    // Every whitespace byte is at most b' ': most bytes leave at the first comparison.
+    while let Some(&b) = text.get(at)
+        && b <= b' '
+        && matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+    {
+        at += 1;
+    }
+    at
+}
+
+/// A member's name at `at`: the index just past its closing quote.
+#[inline(always)]
+fn member_name(text: &[u8], at: usize) -> Result<usize, ScanError> {
+    if text.get(at) != Some(&b'"') {
+        return Err(syntax(at, "a string naming a member"));
+    }
+    string_end(text, at)
+}
+
+/// After a member's name ending at `at`: the index where its value starts.
+#[inline(always)]
+fn after_colon(text: &[u8], at: usize) -> Result<usize, ScanError> {
+    let at = whitespace(text, at);
+    if text.get(at) != Some(&b':') {
+        return Err(syntax(at, "':' after a member's name"));
+    }
+    Ok(whitespace(text, at + 1))
+}
+
+/// The value starting at `at` (no whitespace before it), nested at most `room` more levels:
+/// the index just past it. Iterative, so depth costs no stack.
+fn value_end(
+    text: &[u8],
+    mut at: usize,
+    room: usize,
+    max_depth: usize,
+) -> Result<usize, ScanError> {
+    // One bit per open array or object, the innermost lowest: set for an object.
+    let mut objects: u128 = 0;
+    let mut depth = 0usize;
+    'value: loop {
+        match text.get(at) {
+            Some(b'"') => at = string_end(text, at)?,
+            Some(&open @ (b'{' | b'[')) => {
+                depth += 1;
+                if depth > room {
+                    return Err(ScanError::TooDeep(max_depth));
+                }
+                let object = open == b'{';
+                objects = objects << 1 | u128::from(object);
+                at = whitespace(text, at + 1);
+                let close = if object { b'}' } else { b']' };
+                if text.get(at) == Some(&close) {
+                    at += 1;
+                    depth -= 1;
+                    objects >>= 1;
+                } else {
+                    if object {
+                        at = after_colon(text, member_name(text, at)?)?;
+                    }
+                    continue 'value;
+                }
+            }
+            Some(b'-' | b'0'..=b'9') => at = number_end(text, at)?,
+            Some(b't') => at = literal_end(text, at, b"true")?,
+            Some(b'f') => at = literal_end(text, at, b"false")?,
+            Some(b'n') => at = literal_end(text, at, b"null")?,
+            _ => return Err(syntax(at, "a value")),
+        }
+        // Past a value: close what it ends, or go on to the next element or member.
+        while depth > 0 {
+            at = whitespace(text, at);
+            let object = objects & 1 == 1;
+            match (text.get(at), object) {
+                (Some(b','), _) => {
+                    at = whitespace(text, at + 1);
+                    if object {
+                        at = after_colon(text, member_name(text, at)?)?;
+                    }
+                    continue 'value;
+                }
+                (Some(b'}'), true) | (Some(b']'), false) => {
+                    at += 1;
+                    depth -= 1;
+                    objects >>= 1;
+                }
+                (_, true) => return Err(syntax(at, "',' or '}' after a member")),
+                (_, false) => return Err(syntax(at, "',' or ']' after an element")),
+            }
+        }
+        return Ok(at);
+    }
+}
+
+/// The string at `at` (on its opening quote): the index just past its closing quote.
+#[inline(always)]
+fn string_end(text: &[u8], at: usize) -> Result<usize, ScanError> {
+    // Most strings (names, methods, short text) hold no escape: one run to the quote.
+    let end = plain_run(text, at + 1);
+    if text.get(end) == Some(&b'"') {
+        return Ok(end + 1);
+    }
+    string_rest(text, end)
+}
+
+/// The rest of a string from an escape, a control character or the end of the text.
+#[inline(never)]
+fn string_rest(text: &[u8], mut at: usize) -> Result<usize, ScanError> {
+    loop {
+        match text.get(at) {
+            Some(b'"') => return Ok(at + 1),
+            Some(b'\\') => {
+                at += 1;
+                match text.get(at) {
+                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => at += 1,
+                    Some(b'u') => {
+                        let hex = text.get(at + 1..at + 5);
+                        if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                            // Where the first non-hex character is, as serde_json reports.
+                            let bad = text[at + 1..]
+                                .iter()
+                                .take(4)
+                                .take_while(|b| b.is_ascii_hexdigit())
+                                .count();
+                            return Err(syntax(at + 1 + bad, "four hex digits after \\u"));
+                        }
+                        at += 5;
+                    }
+                    _ => return Err(syntax(at, "an escape (one of \"\\/bfnrtu) after '\\'")),
+                }
+            }
+            Some(_) => return Err(syntax(at, "a control character escaped in a string")),
+            None => return Err(syntax(at, "'\"' closing a string")),
+        }
+        at = plain_run(text, at);
+    }
+}
+
+/// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?` at `at`: the index just past it.
+fn number_end(text: &[u8], mut at: usize) -> Result<usize, ScanError> {
+    let digit = |at: usize| text.get(at).is_some_and(u8::is_ascii_digit);
+    let digits = |mut at: usize| {
+        while digit(at) {
+            at += 1;
+        }
+        at
+    };
+    at += usize::from(text[at] == b'-');
+    match text.get(at) {
+        Some(b'0') => at += 1,
+        Some(b'1'..=b'9') => at = digits(at),
+        _ => return Err(syntax(at, "a digit in a number")),
+    }
+    if text.get(at) == Some(&b'.') {
+        if !digit(at + 1) {
+            return Err(syntax(at + 1, "a digit after a decimal point"));
+        }
+        at = digits(at + 1);
+    }
+    if let Some(b'e' | b'E') = text.get(at) {
+        at += 1;
+        if let Some(b'+' | b'-') = text.get(at) {
+            at += 1;
+        }
+        if !digit(at) {
+            return Err(syntax(at, "a digit in an exponent"));
+        }
+        at = digits(at);
+    }
+    Ok(at)
+}
+
+fn literal_end(text: &[u8], at: usize, word: &'static [u8]) -> Result<usize, ScanError> {
+    if text[at..].starts_with(word) {
+        Ok(at + word.len())
+    } else {
+        Err(syntax(at, "true, false or null"))
+    }
+}
+
+/// The first index from `at` of a byte that ends a run of plain string content: `"`, `\` or
+/// a control character (or the text's length).
+#[inline]
+fn plain_run(text: &[u8], mut at: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Short runs (names, methods, most values) end within two words: eight bytes at a time.
+    for _ in 0..2 {
+        let Some(chunk) = text.get(at..).and_then(<[u8]>::first_chunk::<8>) else {
+            break;
+        };
+        let x = u64::from_le_bytes(*chunk);
+        // A byte of `v - ONES * n` borrows, and with `!v` sets its high bit, where that byte of
+        // `v` is below `n` (XOR first turns "equals c" into "is zero"). A borrow can only
+        // wrongly mark bytes above a rightly marked one, so the lowest mark is the first match.
+        let quote = x ^ (ONES * u64::from(b'"'));
+        let backslash = x ^ (ONES * u64::from(b'\\'));
+        let found = ((quote.wrapping_sub(ONES) & !quote)
+            | (backslash.wrapping_sub(ONES) & !backslash)
+            | (x.wrapping_sub(ONES * 0x20) & !x))
+            & HIGH;
+        if found != 0 {
+            return at + (found.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    if text.len() - at >= 8 {
+        return long_run(text, at);
+    }
+    while let Some(&b) = text.get(at) {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            break;
+        }
+        at += 1;
+    }
+    at
+}
+
+/// [`plain_run`] past its first sixteen bytes (an argument, a document): memchr's vector
+/// search finds the run's end, and the smallest byte before it, a reduction the compiler
+/// vectorizes, says whether a control character came first.
+#[inline(never)]
+fn long_run(text: &[u8], at: usize) -> usize {
+    let end = memchr::memchr2(b'"', b'\\', &text[at..]).map_or(text.len(), |i| at + i);
+    let run = &text[at..end];
+    if run.iter().fold(u8::MAX, |least, &b| least.min(b)) >= 0x20 {
+        return end;
+    }
+    at + run.iter().position(|&b| b < 0x20).unwrap_or(run.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(text: &str, depth: usize) -> Result<Vec<(&str, &str)>, ScanError> {
+        let mut out = Vec::new();
+        members(text, depth, |k, v| out.push((k, v)))?;
+        Ok(out)
+    }
+
+    /// Whether `serde_json` takes `text` as one JSON value.
+    fn serde_accepts(text: &str) -> bool {
+        serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+    }
+
+    #[test]
+    fn members_are_slices_of_the_text_as_written() {
+        let text = " {\"a\" : 1 , \"b\\u0022\":{\"c\":[true,false,null,\"x\"]},\"\":-0.5e+3 }\n";
+        assert_eq!(
+            collect(text, 64).unwrap(),
+            [
+                ("\"a\"", "1"),
+                ("\"b\\u0022\"", "{\"c\":[true,false,null,\"x\"]}"),
+                ("\"\"", "-0.5e+3"),
+            ]
+        );
+        assert_eq!(collect("{}", 64).unwrap(), []);
+        assert_eq!(collect("\t{ }\r\n", 64).unwrap(), []);
+    }
+
+    #[test]
+    fn accepts_what_serde_json_accepts_and_nothing_else() {
+        let cases = [
+            r#"{"a":"plain text longer than eight bytes, then more"}"#,
+            r#"{"a":"esc \" \\ \/ \b \f \n \r \t \u00e9 \uD800 end"}"#,
+            "{\"a\":\"non-ASCII é ✓ 𝄞 in a string\"}",
+            r#"{"a":[1,-1,0,-0,1.5,1e5,1E+5,1e-5,123456789012345678901234567890,1e400]}"#,
+            r#"{"a":[[],{},[{}],{"b":[]}]}"#,
+            r#"{"a":"\u12"}"#,
+            r#"{"a":"\u12G4"}"#,
+            r#"{"a":"\x"}"#,
+            r#"{"a":"unterminated}"#,
+            r#"{"a":"trailing backslash\"#,
+            "{\"a\":\"tab\tin a string\"}",
+            "{\"a\":\"newline\nin a string\"}",
+            "{\"a\":\"\u{7f} is not a control character\"}",
+            r#"{"a":01}"#,
+            r#"{"a":1.}"#,
+            r#"{"a":.5}"#,
+            r#"{"a":1e}"#,
+            r#"{"a":1e+}"#,
+            r#"{"a":-}"#,
+            r#"{"a":+1}"#,
+            r#"{"a":- 1}"#,
+            r#"{"a":tru}"#,
+            r#"{"a":nul}"#,
+            r#"{"a":truex}"#,
+            r#"{"a":NaN}"#,
+            r#"{"a":[1,]}"#,
+            r#"{"a":1,}"#,
+            r#"{"a":[1 2]}"#,
+            r#"{"a" 1}"#,
+            r#"{a:1}"#,
+            r#"{'a':1}"#,
+            r#"{"a":1}}"#,
+            r#"{"a":1} {}"#,
+            r#"{"a":1"#,
+            r#"{"a":"#,
+            r#"{"a""#,
+            r#"{"#,
+            "{\"a\":1}\u{c}",
+            "\u{c}{\"a\":1}",
+            "{\"a\":\u{a0}1}",
+            r#"{"a":[}"#,
+            r#"{"a":{]}"#,
+            r#"{"a":{"b"}}"#,
+            r#"{"a":{"b":}}"#,
+            r#"{"a":{1:2}}"#,
+        ];
+        for text in cases {
+            assert_eq!(
+                collect(text, 64).is_ok(),
+                serde_accepts(text),
+                "{text:?}: {:?}",
+                collect(text, 64)
+            );
+        }
+    }
+
+    #[test]
+    fn a_control_character_in_a_string_is_found_wherever_it_falls_in_a_word() {
+        for at in 0..17 {
+            let mut s = "x".repeat(16);
+            s.insert(at, '\u{1f}');
+            let text = format!("{{\"a\":\"{s}\"}}");
+            assert!(
+                matches!(collect(&text, 64), Err(ScanError::Syntax { offset, .. }) if offset == 6 + at),
+                "{at}"
+            );
+            // An escaped quote in the same word ends no run early.
+            let quoted = format!("{{\"a\":\"{}\\\"{}\"}}", "x".repeat(at), "y".repeat(16));
+            assert_eq!(collect(&quoted, 64).unwrap()[0].1.len(), at + 20, "{at}");
+        }
+    }
+
+    #[test]
+    fn a_long_string_ends_at_its_quote_and_not_after_a_control_character() {
+        for len in [16, 17, 40, 1000] {
+            let long = "y".repeat(len);
+            let text = format!("{{\"a\":\"{long}\",\"b\":\"\\\"{long}\"}}");
+            assert_eq!(collect(&text, 64).unwrap()[1].1.len(), len + 4, "{len}");
+            for at in [0, 15, 16, len - 1] {
+                let mut s = long.clone();
+                s.insert(at, '\n');
+                let text = format!("{{\"a\":\"{s}\"}}");
+                assert!(
+                    matches!(collect(&text, 64), Err(ScanError::Syntax { offset, .. }) if offset == 6 + at),
+                    "{len} {at}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nesting_is_bounded_and_the_object_is_level_one() {
+        let nested = |n: usize| format!("{{\"a\":{}1{}}}", "[".repeat(n), "]".repeat(n));
+        assert!(collect(&nested(63), 64).is_ok());
+        assert_eq!(collect(&nested(64), 64), Err(ScanError::TooDeep(64)));
+        // Brackets inside strings are text.
+        assert!(collect(&format!("{{\"a\":\"{}\"}}", "[".repeat(100)), 64).is_ok());
+        assert_eq!(collect("{}", 0), Err(ScanError::TooDeep(0)));
+    }
+
+    #[test]
+    fn only_an_object_is_walked() {
+        for text in ["[]", "1", "\"a\"", "null", "", " "] {
+            assert!(
+                matches!(collect(text, 64), Err(ScanError::Syntax { .. })),
+                "{text:?}"
+            );
+        }
+    }
+}
