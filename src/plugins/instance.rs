@@ -347,7 +347,14 @@ fn classify(
     }
     match err.downcast_ref::<super::leader::Unavailable>() {
         Some(super::leader::Unavailable::SessionDeleted) => return Fault::SessionDeleted,
-        Some(e) => return Fault::State(e.to_string()),
+        Some(e) => {
+            // The client is told the reason; where the leader was, and how reaching it
+            // failed, is the operator's to read.
+            if let super::leader::Unavailable::Unreachable(why) = e {
+                tracing::warn!(why, "plugin state: the leading replica did not answer");
+            }
+            return Fault::State(e.for_client());
+        }
         None => {}
     }
     match err.downcast_ref::<wasmtime::Trap>() {

@@ -58,9 +58,12 @@ pub enum Unavailable {
     /// No replica leads, or its relay or the secret are not known yet.
     #[error("plugin state is kept by the leading replica, and none is known")]
     NoLeader,
-    /// The leader did not answer in time, or not at all.
+    /// The leader could not be reached, or its answer not read (why, for the log).
     #[error("the leading replica, which keeps plugin state, did not answer: {0}")]
     Unreachable(String),
+    /// The leader did not answer within the time given.
+    #[error("the leading replica, which keeps plugin state, did not answer within {0}")]
+    Late(&'static str),
     /// It answered something other than an outcome (what it said is logged).
     #[error("the leading replica refused a plugin state operation")]
     Refused,
@@ -79,6 +82,19 @@ pub enum Unavailable {
     /// A hook called outside the runtime (a tool, a test) cannot ask another replica.
     #[error("plugin state is kept by the leading replica, not reachable outside the runtime")]
     Blocking,
+}
+
+impl Unavailable {
+    /// What a client may be told: the reason, but no replica's address, status or network
+    /// error (those go to the log).
+    pub fn for_client(&self) -> String {
+        match self {
+            Unavailable::Unreachable(_) => {
+                "the leading replica, which keeps plugin state, did not answer".into()
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 /// The leading replica, as the others reach it.
@@ -205,9 +221,7 @@ impl Leader {
         })?;
         let answer = tokio::time::timeout(deadline, self.send(Bytes::from(body)))
             .await
-            .map_err(|_| {
-                Unavailable::Unreachable("no answer within the plugin's deadline".into())
-            })??;
+            .map_err(|_| Unavailable::Late("the plugin's deadline"))??;
         serde_json::from_slice(&answer).map_err(|e| {
             tracing::warn!("the leading replica answered a plugin state operation unreadably: {e}");
             Unavailable::Refused
@@ -335,7 +349,7 @@ async fn exchange(
     };
     tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| Unavailable::Unreachable(format!("no answer within {timeout:?}")))?
+        .map_err(|_| Unavailable::Late("the time a replica waits for another"))?
 }
 
 #[cfg(test)]
@@ -396,5 +410,27 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(asked.load(Ordering::SeqCst), 3);
         assert_eq!(leader.0.telling.available_permits(), MAX_TELLING);
+    }
+
+    /// An unreachable leader: the log learns why, the client only that it did not answer.
+    #[tokio::test]
+    async fn a_client_is_not_told_how_reaching_the_leader_failed() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let (_leading, leading) = watch::channel(false);
+        let (_relay, relay) = watch::channel(Some(format!("http://127.0.0.1:{port}")));
+        let (_secret, secret) = watch::channel(Some(Arc::from("s")));
+        let (_handover, handover) = watch::channel(Handover::Nobody);
+        let leader = Leader::new(leading, relay, secret, handover);
+        let err = leader.send(Bytes::from_static(b"{}")).await.unwrap_err();
+        assert!(matches!(err, Unavailable::Unreachable(_)), "{err}");
+        assert!(err.to_string().contains("os error"), "{err}");
+        let told = err.for_client();
+        assert!(
+            !told.contains("os error") && !told.contains("tcp") && !told.contains("127.0.0.1"),
+            "{told}"
+        );
+        assert!(told.contains("did not answer"), "{told}");
     }
 }
