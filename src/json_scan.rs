@@ -3,7 +3,7 @@
 //! forwards, without building values or decoding strings it only passes on.
 //!
 //! It accepts exactly what `serde_json` accepts (the fuzz target `jsonrpc` holds it to that),
-//! with a bound on nesting that `serde_json` places at 128.
+//! but for nesting, which the caller bounds (`serde_json`'s own bound is 128 levels).
 
 use std::borrow::Cow;
 
