@@ -461,13 +461,6 @@ async fn route(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Respons
     resp
 }
 
-/// `make()`'s future on the heap, built there: allocated first, so the compiler can write the
-/// future straight into its box rather than build it on the stack and copy it whole (an MCP
-/// request's future is many KiB, and hyper would otherwise copy it once more into its own box).
-fn in_place<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
-    Box::into_pin(Box::write(Box::<F>::new_uninit(), make()))
-}
-
 /// Marks a response of the console's origin as the type it says it is: the admin API and the
 /// registry echo what they were sent (in errors, in entries), and a browser that guessed a
 /// type could run it on the console's origin.
@@ -487,7 +480,7 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
         );
     }
     match req.uri().path() {
-        MCP_PATH => in_place(|| front::serve(gw.clone(), req, None)).await,
+        MCP_PATH => crate::boxed::in_place(|| front::serve(gw.clone(), req, None)).await,
         path if path.starts_with(PROFILE_PREFIX) => {
             let rest = &path[PROFILE_PREFIX.len()..];
             // `/mcp/{profile}/v0.1/servers…`: the registry as that profile's callers see it.
@@ -499,7 +492,7 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
                 }
                 Some(profile) if tail.is_empty() => {
                     let profile = profile.clone();
-                    in_place(|| front::serve(gw.clone(), req, Some(&profile))).await
+                    crate::boxed::in_place(|| front::serve(gw.clone(), req, Some(&profile))).await
                 }
                 _ => not_found(path),
             }

@@ -347,7 +347,9 @@ impl Connection {
             conn: Some(self.clone()),
             id,
         };
-        let exchange = async {
+        // Pinned where they are built: `select!` would otherwise move each future (the
+        // exchange is KiB) into its own state.
+        let exchange = std::pin::pin!(async {
             match &**self {
                 Connection::Stdio(c) => {
                     let route = CallRoute {
@@ -369,8 +371,8 @@ impl Connection {
                     c.exchange(id, frame, opts.events.take(), mirrored).await
                 }
             }
-        };
-        let cancelled = async {
+        });
+        let cancelled = std::pin::pin!(async {
             match opts.cancel.take() {
                 Some(rx) => {
                     if rx.await.is_err() {
@@ -379,7 +381,7 @@ impl Connection {
                 }
                 None => std::future::pending().await,
             }
-        };
+        });
         let result = tokio::select! {
             r = exchange => r,
             _ = tokio::time::sleep(timeout) => Err(UpstreamError::Timeout { server: self.server().name.clone(), timeout }),

@@ -478,7 +478,7 @@ pub(super) async fn forward(
     }
     let session2 = session.clone();
     let method = method.to_owned();
-    let call = Box::pin(async move {
+    let call = crate::boxed::in_place(|| async move {
         let mut opts = opts;
         let checked = loop {
             if let Some(p) = &mut pinned {
