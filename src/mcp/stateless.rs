@@ -35,33 +35,11 @@ use crate::mcp::round_trip;
 use crate::mcp::router::ResourceRoute;
 use crate::mcp::session::{BusyGuard, Session, caps};
 use crate::mcp::subscriptions;
+use crate::needle::Needle;
 
 const VERSION_HEADER: HeaderName = HeaderName::from_static("mcp-protocol-version");
 const METHOD_HEADER: HeaderName = HeaderName::from_static("mcp-method");
 const NAME_HEADER: HeaderName = HeaderName::from_static("mcp-name");
-
-/// A substring search made on every stateless answer, built once: building one is most of
-/// what a search of a small frame costs.
-struct Needle {
-    text: &'static str,
-    finder: std::sync::OnceLock<memchr::memmem::Finder<'static>>,
-}
-
-impl Needle {
-    const fn new(text: &'static str) -> Needle {
-        Needle {
-            text,
-            finder: std::sync::OnceLock::new(),
-        }
-    }
-
-    fn is_in(&self, haystack: &[u8]) -> bool {
-        let finder = self
-            .finder
-            .get_or_init(|| memchr::memmem::Finder::new(self.text.as_bytes()));
-        finder.find(haystack).is_some()
-    }
-}
 
 static INPUT_REQUIRED: Needle = Needle::new("input_required");
 static ERROR_MEMBER: Needle = Needle::new("\"error\"");
@@ -167,7 +145,8 @@ pub(crate) fn is_stateless(mirrored: &Mirrored, msg: &Message) -> bool {
 /// Whether params carry `_meta[VERSION_KEY]` (found literally, else by a parse when a key may
 /// be escaped).
 fn names_a_version(params: &[u8]) -> bool {
-    if memchr::memmem::find(params, VERSION_KEY.as_bytes()).is_some() {
+    static VERSION: Needle = Needle::new(VERSION_KEY);
+    if VERSION.is_in(params) {
         return true;
     }
     if memchr::memchr(b'\\', params).is_none() {

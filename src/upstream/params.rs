@@ -51,8 +51,8 @@ pub(super) fn progress_token_of(params: &[u8]) -> Option<Bytes> {
 /// Whether a key in `params` could spell `progressToken`: it is there literally, or something
 /// is escaped (`\u0070rogressToken`). Most calls carry no token, and this skips their parse.
 pub(crate) fn may_name_progress_token(params: &[u8]) -> bool {
-    memchr::memmem::find(params, b"progressToken").is_some()
-        || memchr::memchr(b'\\', params).is_some()
+    static PROGRESS_TOKEN: crate::needle::Needle = crate::needle::Needle::new("progressToken");
+    PROGRESS_TOKEN.is_in(params) || memchr::memchr(b'\\', params).is_some()
 }
 
 /// Extracts `_meta.progressToken` (raw JSON) from request params.

@@ -271,9 +271,8 @@ pub(crate) struct InputRequired {
 /// The questions of a result, if it is `input_required`; `Err` if it is one the gateway cannot
 /// relay (too many questions, or one that is not a client request).
 pub(crate) fn input_required(result: &[u8]) -> Option<Result<InputRequired, String>> {
-    if memchr::memmem::find(result, b"input_required").is_none()
-        && memchr::memchr(b'\\', result).is_none()
-    {
+    static INPUT_REQUIRED: crate::needle::Needle = crate::needle::Needle::new("input_required");
+    if !INPUT_REQUIRED.is_in(result) && memchr::memchr(b'\\', result).is_none() {
         return None;
     }
     #[derive(Deserialize)]
