@@ -4,15 +4,17 @@
 //! into a map and no re-encoding of a 64 KiB argument).
 
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::mcp::lookalike::{self, Key};
+use crate::json_scan;
+use crate::mcp::lookalike;
 
 /// The members the gateway reads, as views into the params.
 pub(super) struct CallParams<'a> {
-    name: Option<&'a RawValue>,
-    arguments: Option<&'a RawValue>,
+    /// The name's JSON text.
+    name: Option<&'a str>,
+    /// The arguments' JSON text.
+    arguments: Option<&'a str>,
 }
 
 /// The top-level members whose meaning the gateway fixes: each must be given once, and no
@@ -28,14 +30,58 @@ impl<'a> CallParams<'a> {
                 arguments: None,
             });
         };
-        let mut de = serde_json::Deserializer::from_slice(p);
-        serde::Deserializer::deserialize_map(&mut de, Members)
-            .and_then(|r| de.end().map(|()| r))
-            .map_err(|e| format!("params must be an object: {e}"))?
+        let bad = |e: &dyn std::fmt::Display| format!("params must be an object: {e}");
+        let text = std::str::from_utf8(p).map_err(|e| bad(&e))?;
+        let mut read = CallParams {
+            name: None,
+            arguments: None,
+        };
+        let mut meta = false;
+        let mut refused = None;
+        let mut undecodable = None;
+        // The whole text is checked before any refusal is told: the JSON's own errors come
+        // first.
+        json_scan::members(text, json_scan::MAX_DEPTH, |raw_key, value| {
+            let key = match json_scan::unquote(raw_key) {
+                Ok(key) => key,
+                Err(e) => {
+                    undecodable.get_or_insert(e);
+                    return;
+                }
+            };
+            if refused.is_some() {
+                return;
+            }
+            let twice = match &*key {
+                "name" => read.name.replace(value).is_some(),
+                "arguments" => read.arguments.replace(value).is_some(),
+                "_meta" => std::mem::replace(&mut meta, true),
+                other => {
+                    if let Some(owned) = lookalike::read_as(other, &OWNED) {
+                        refused = Some(format!(
+                            "params.{other:?} is too like params.{owned}: servers differ on which they read"
+                        ));
+                    }
+                    false
+                }
+            };
+            if twice {
+                refused = Some(format!("params.{key} is given twice"));
+            }
+        })
+        .map_err(|e| bad(&e))?;
+        if let Some(e) = undecodable {
+            return Err(bad(&e));
+        }
+        match refused {
+            Some(why) => Err(why),
+            None => Ok(read),
+        }
     }
+
     /// The name called.
     pub(super) fn name(&self) -> Result<String, String> {
-        let raw = self.name.ok_or("missing params.name")?.get();
+        let raw = self.name.ok_or("missing params.name")?;
         // Most names need no unescaping: taken as they are, without a second parse.
         if let Some(plain) = raw
             .strip_prefix('"')
@@ -49,7 +95,7 @@ impl<'a> CallParams<'a> {
 
     /// The arguments as JSON text (`{}` when absent).
     pub(super) fn arguments(&self) -> &'a str {
-        self.arguments.map_or("{}", |a| a.get())
+        self.arguments.unwrap_or("{}")
     }
 
     /// `params` (the bytes these views were read from) with the name replaced by `name` when
@@ -101,61 +147,9 @@ impl<'a> CallParams<'a> {
     }
 }
 
-/// Reads the members of a params object; the outer `Result` is the JSON's, the inner the
-/// members' (a refusal that names the member).
-struct Members;
-
-impl<'de> Visitor<'de> for Members {
-    type Value = Result<CallParams<'de>, String>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut read = CallParams {
-            name: None,
-            arguments: None,
-        };
-        let mut meta = false;
-        let mut refused = None;
-        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
-            if refused.is_some() {
-                // Read to the end all the same: the JSON's own errors come first.
-                map.next_value::<IgnoredAny>()?;
-                continue;
-            }
-            let twice = match &*key {
-                "name" => read.name.replace(map.next_value()?).is_some(),
-                "arguments" => read.arguments.replace(map.next_value()?).is_some(),
-                "_meta" => {
-                    map.next_value::<IgnoredAny>()?;
-                    std::mem::replace(&mut meta, true)
-                }
-                other => {
-                    map.next_value::<IgnoredAny>()?;
-                    if let Some(owned) = lookalike::read_as(other, &OWNED) {
-                        refused = Some(format!(
-                            "params.{other:?} is too like params.{owned}: servers differ on which they read"
-                        ));
-                    }
-                    false
-                }
-            };
-            if twice {
-                refused = Some(format!("params.{key} is given twice"));
-            }
-        }
-        Ok(match refused {
-            Some(why) => Err(why),
-            None => Ok(read),
-        })
-    }
-}
-
 /// Where `value` (a view borrowed from `params` while reading) lies in `params`.
-fn span(params: &[u8], value: &RawValue) -> (usize, usize) {
-    let text = value.get().as_bytes();
+fn span(params: &[u8], value: &str) -> (usize, usize) {
+    let text = value.as_bytes();
     let start = (text.as_ptr() as usize).wrapping_sub(params.as_ptr() as usize);
     assert!(
         start <= params.len() && text.len() <= params.len() - start,
@@ -251,8 +245,19 @@ mod tests {
             let e = read(text).err().unwrap();
             assert!(e.starts_with("params must be an object"), "{text}: {e}");
         }
-        // A bad JSON after a refusal is told as bad JSON.
-        let e = read(r#"{"name":"a","name":"b","x":}"#).err().unwrap();
+        // A bad JSON after a refusal is told as bad JSON, and so is a name that is no text
+        // (a lone surrogate) or params that are not UTF-8.
+        for text in [
+            r#"{"name":"a","name":"b","x":}"#,
+            r#"{"name":"a","\ud800":1}"#,
+            r#"{"name":"a","name":"b","\udc00x":1}"#,
+        ] {
+            let e = read(text).err().unwrap();
+            assert!(e.starts_with("params must be an object"), "{text}: {e}");
+        }
+        let e = CallParams::read(Some(b"{\"name\":\"\xff\"}"))
+            .err()
+            .unwrap();
         assert!(e.starts_with("params must be an object"), "{e}");
         assert_eq!(
             read(r#"{"name":7}"#).unwrap().name().unwrap_err(),
