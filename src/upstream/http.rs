@@ -54,8 +54,8 @@ pub struct Connection {
     /// (Boxed: held beside the stdio connection in one enum.)
     endpoint: Option<Box<super::pool::Endpoint>>,
     headers: http::HeaderMap,
-    session_id: Mutex<Option<HeaderValue>>,
-    protocol_version: Mutex<Option<HeaderValue>>,
+    /// The session and revision, once known, and the headers of a call built from them.
+    sent: Mutex<Sent>,
     listen_task: Mutex<Option<tokio::task::AbortHandle>>,
     /// The server speaks 2026-07-28: no session, every request mirrored in headers.
     stateless: AtomicBool,
@@ -65,6 +65,69 @@ pub struct Connection {
     watched: Mutex<Vec<String>>,
     /// Credentials exchanged per request for the caller's token (RFC 8693), if any.
     credential: Option<super::token_exchange::Credential>,
+}
+
+/// What a call's request says of the connection: its upstream session and revision, once
+/// known, and the headers of a call (a JSON-RPC POST) built from them and the configured
+/// headers. A call clones them rather than inserting each header again; they are built anew
+/// when the session or the revision changes, which is rare.
+struct Sent {
+    session_id: Option<HeaderValue>,
+    protocol_version: Option<HeaderValue>,
+    call: http::HeaderMap,
+}
+
+/// What a call's POST accepts (a JSON answer or a stream).
+const CALL_ACCEPT: &str = "application/json, text/event-stream";
+
+impl Sent {
+    fn new(configured: &http::HeaderMap) -> Sent {
+        let mut sent = Sent {
+            session_id: None,
+            protocol_version: None,
+            call: http::HeaderMap::new(),
+        };
+        sent.call = sent.headers(configured, true, CALL_ACCEPT);
+        sent
+    }
+
+    /// The headers of a request, with a body or not, accepting `accept`.
+    fn headers(
+        &self,
+        configured: &http::HeaderMap,
+        has_body: bool,
+        accept: &'static str,
+    ) -> http::HeaderMap {
+        let mut h = http::HeaderMap::with_capacity(configured.len() + 4);
+        h.extend(configured.iter().map(|(k, v)| (k.clone(), v.clone())));
+        h.insert(ACCEPT, HeaderValue::from_static(accept));
+        if has_body {
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        if let Some(s) = &self.session_id {
+            h.insert(MCP_SESSION_ID, s.clone());
+        }
+        if let Some(v) = &self.protocol_version {
+            h.insert(MCP_PROTOCOL_VERSION, v.clone());
+        }
+        h
+    }
+
+    /// Sends `session_id` and `protocol_version` from now on (`None` keeps what is sent).
+    fn set(
+        &mut self,
+        configured: &http::HeaderMap,
+        session_id: Option<HeaderValue>,
+        protocol_version: Option<HeaderValue>,
+    ) {
+        if let Some(s) = session_id {
+            self.session_id = Some(s);
+        }
+        if let Some(v) = protocol_version {
+            self.protocol_version = Some(v);
+        }
+        self.call = self.headers(configured, true, CALL_ACCEPT);
+    }
 }
 
 /// Resources one session may watch on a 2026-07-28 server.
@@ -88,9 +151,8 @@ impl Connection {
             inbox,
             endpoint,
             url,
+            sent: Mutex::new(Sent::new(&headers)),
             headers,
-            session_id: Mutex::new(None),
-            protocol_version: Mutex::new(None),
             listen_task: Mutex::new(None),
             stateless: AtomicBool::new(false),
             listen_envelope: Mutex::new(String::new()),
@@ -130,19 +192,18 @@ impl Connection {
         let id = HeaderValue::from_str(session_id).ok()?;
         let version =
             HeaderValue::from_str(version.unwrap_or(crate::mcp::revision::LATEST)).ok()?;
-        *self.session_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
-        *self
-            .protocol_version
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(version);
+        self.sent().set(&self.headers, Some(id), Some(version));
         Some(self)
+    }
+
+    fn sent(&self) -> std::sync::MutexGuard<'_, Sent> {
+        self.sent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The revision the upstream session speaks (its `MCP-Protocol-Version`), once known.
     pub(crate) fn protocol_version(&self) -> Option<String> {
-        self.protocol_version
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.sent()
+            .protocol_version
             .as_ref()
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
@@ -150,9 +211,8 @@ impl Connection {
 
     /// The upstream session's id, once the server gave one.
     pub(crate) fn session_id(&self) -> Option<String> {
-        self.session_id
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.sent()
+            .session_id
             .as_ref()
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
@@ -199,19 +259,14 @@ impl Connection {
         if let Ok(R { v: Some(v) }) = serde_json::from_slice::<R<'_>>(init_result)
             && let Ok(h) = HeaderValue::from_str(&v)
         {
-            *self
-                .protocol_version
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(h);
+            self.sent().set(&self.headers, None, Some(h));
         }
     }
 
     /// Asks the server whether it speaks 2026-07-28 (`server/discover`, outside any session).
     /// Only a failure to get an answer at all is an error; see [`Discovered`] for the rest.
     pub(crate) async fn discover(&self, frame: Bytes) -> Result<Discovered, UpstreamError> {
-        let mut req = self
-            .authorized(Method::POST, frame, "application/json, text/event-stream")
-            .await?;
+        let mut req = self.authorized(Method::POST, frame, CALL_ACCEPT).await?;
         let h = req.headers_mut();
         h.remove(MCP_SESSION_ID);
         h.insert(MCP_PROTOCOL_VERSION, HeaderValue::from_static(STATELESS));
@@ -294,10 +349,11 @@ impl Connection {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = envelope;
         self.stateless.store(true, Ordering::Release);
-        *self
-            .protocol_version
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(HeaderValue::from_static(STATELESS));
+        self.sent().set(
+            &self.headers,
+            None,
+            Some(HeaderValue::from_static(STATELESS)),
+        );
     }
 
     /// Whether the server speaks 2026-07-28 (see [`Connection::set_stateless`]).
@@ -313,29 +369,12 @@ impl Connection {
             // The pool writes its own (origin-form) target.
             *req.uri_mut() = self.url.clone();
         }
-        let h = req.headers_mut();
-        h.reserve(self.headers.len() + 4);
-        h.extend(self.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
-        h.insert(ACCEPT, HeaderValue::from_static(accept));
-        if has_body {
-            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        }
-        if let Some(s) = self
-            .session_id
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
-            h.insert(MCP_SESSION_ID, s);
-        }
-        if let Some(v) = self
-            .protocol_version
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
-            h.insert(MCP_PROTOCOL_VERSION, v);
-        }
+        let sent = self.sent();
+        *req.headers_mut() = if has_body && accept == CALL_ACCEPT {
+            sent.call.clone()
+        } else {
+            sent.headers(&self.headers, has_body, accept)
+        };
         req
     }
 
@@ -344,9 +383,7 @@ impl Connection {
         frame: Bytes,
         mirrored: Vec<(http::HeaderName, HeaderValue)>,
     ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
-        let mut req = self
-            .authorized(Method::POST, frame, "application/json, text/event-stream")
-            .await?;
+        let mut req = self.authorized(Method::POST, frame, CALL_ACCEPT).await?;
         req.headers_mut().extend(mirrored);
         let had_session = req.headers().contains_key(MCP_SESSION_ID);
         let resp = self.send_request(req).await?;
@@ -382,9 +419,9 @@ impl Connection {
                     s.len()
                 )));
             }
-            let mut cur = self.session_id.lock().unwrap_or_else(|e| e.into_inner());
-            if cur.is_none() {
-                *cur = Some(s.clone());
+            let mut sent = self.sent();
+            if sent.session_id.is_none() {
+                sent.set(&self.headers, Some(s.clone()), None);
             }
         }
         // A 2026-07-28 server answers a refused request with its JSON-RPC error and a 4xx
@@ -651,11 +688,7 @@ impl Connection {
     async fn listen_once(&self, idle: Duration) -> Result<ListenEnd, UpstreamError> {
         let req = if self.is_stateless() {
             let mut req = self
-                .authorized(
-                    Method::POST,
-                    self.listen_frame(),
-                    "application/json, text/event-stream",
-                )
+                .authorized(Method::POST, self.listen_frame(), CALL_ACCEPT)
                 .await?;
             req.headers_mut().insert(
                 "mcp-method",
@@ -730,22 +763,14 @@ impl Connection {
 
     pub(crate) async fn shutdown(&self) {
         self.stop_listening();
-        let has_session = self
-            .session_id
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some();
+        let has_session = self.sent().session_id.is_some();
         if !has_session {
             return;
         }
         // 5 s in all, a token exchange included.
         let delete = async {
             if let Ok(req) = self
-                .authorized(
-                    Method::DELETE,
-                    Bytes::new(),
-                    "application/json, text/event-stream",
-                )
+                .authorized(Method::DELETE, Bytes::new(), CALL_ACCEPT)
                 .await
             {
                 let _ = self.send_request(req).await;
@@ -866,17 +891,11 @@ mod tests {
         // The gateway's own Accept wins over a configured one.
         configured.insert(ACCEPT, HeaderValue::from_static("text/plain"));
         let c = connection(configured);
-        let post = |c: &Connection| {
-            c.request(
-                Method::POST,
-                Bytes::from_static(b"{}"),
-                "application/json, text/event-stream",
-            )
-        };
+        let post = |c: &Connection| c.request(Method::POST, Bytes::from_static(b"{}"), CALL_ACCEPT);
         assert_eq!(
             headers(&post(&c)),
             pairs(&[
-                ("accept", "application/json, text/event-stream"),
+                ("accept", CALL_ACCEPT),
                 ("content-type", "application/json"),
                 ("x-team", "blue"),
             ])
@@ -888,7 +907,7 @@ mod tests {
         assert_eq!(
             headers(&post(&c)),
             pairs(&[
-                ("accept", "application/json, text/event-stream"),
+                ("accept", CALL_ACCEPT),
                 ("content-type", "application/json"),
                 ("mcp-protocol-version", "2025-11-25"),
                 ("mcp-session-id", "s-1"),
@@ -906,11 +925,7 @@ mod tests {
                 ("x-team", "blue"),
             ])
         );
-        let delete = c.request(
-            Method::DELETE,
-            Bytes::new(),
-            "application/json, text/event-stream",
-        );
+        let delete = c.request(Method::DELETE, Bytes::new(), CALL_ACCEPT);
         assert!(!delete.headers().contains_key(CONTENT_TYPE));
         // A request's own additions stay its own.
         let mut one = post(&c);
@@ -923,6 +938,11 @@ mod tests {
         );
         c.set_stateless(String::new());
         assert_eq!(c.protocol_version().as_deref(), Some(STATELESS));
+        // A call's headers, built once, follow the change.
+        assert_eq!(
+            post(&c).headers().get(MCP_PROTOCOL_VERSION).unwrap(),
+            STATELESS
+        );
     }
 
     #[test]
@@ -930,11 +950,7 @@ mod tests {
         let c = connection(http::HeaderMap::new())
             .in_session("abc", Some("2025-06-18"))
             .unwrap();
-        let req = c.request(
-            Method::POST,
-            Bytes::from_static(b"{}"),
-            "application/json, text/event-stream",
-        );
+        let req = c.request(Method::POST, Bytes::from_static(b"{}"), CALL_ACCEPT);
         assert_eq!(req.headers()[MCP_SESSION_ID], "abc");
         assert_eq!(req.headers()[MCP_PROTOCOL_VERSION], "2025-06-18");
         // Not a header value: refused, not sent.
