@@ -38,16 +38,15 @@ impl<'a> CallParams<'a> {
         };
         let mut meta = false;
         let mut refused = None;
+        // Where a member name that is no text (a lone surrogate) starts.
         let mut undecodable = None;
         // The whole text is checked before any refusal is told: the JSON's own errors come
         // first.
         json_scan::members(text, json_scan::MAX_DEPTH, |raw_key, value| {
-            let key = match json_scan::unquote(raw_key) {
-                Ok(key) => key,
-                Err(e) => {
-                    undecodable.get_or_insert(e);
-                    return;
-                }
+            let Ok(key) = json_scan::unquote(raw_key) else {
+                // `raw_key` is a slice of `text`.
+                undecodable.get_or_insert(raw_key.as_ptr() as usize - text.as_ptr() as usize);
+                return;
             };
             if refused.is_some() {
                 return;
@@ -70,8 +69,10 @@ impl<'a> CallParams<'a> {
             }
         })
         .map_err(|e| bad(&e))?;
-        if let Some(e) = undecodable {
-            return Err(bad(&e));
+        if let Some(at) = undecodable {
+            return Err(bad(&format_args!(
+                "the member name at byte {at} is not text (a lone surrogate)"
+            )));
         }
         match refused {
             Some(why) => Err(why),
@@ -255,6 +256,11 @@ mod tests {
             let e = read(text).err().unwrap();
             assert!(e.starts_with("params must be an object"), "{text}: {e}");
         }
+        // The position is the name's in the params, not in the name alone.
+        assert_eq!(
+            read(r#"{"name":"a","\ud800":1}"#).err().unwrap(),
+            "params must be an object: the member name at byte 12 is not text (a lone surrogate)"
+        );
         let e = CallParams::read(Some(b"{\"name\":\"\xff\"}"))
             .err()
             .unwrap();
