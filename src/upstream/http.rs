@@ -55,7 +55,8 @@ pub struct Connection {
     endpoint: Option<Box<super::pool::Endpoint>>,
     headers: http::HeaderMap,
     /// The session and revision, once known, and the headers of a call built from them.
-    sent: Mutex<Sent>,
+    /// (Boxed: held beside the stdio connection in one enum.)
+    sent: Mutex<Box<Sent>>,
     listen_task: Mutex<Option<tokio::task::AbortHandle>>,
     /// The server speaks 2026-07-28: no session, every request mirrored in headers.
     stateless: AtomicBool,
@@ -151,7 +152,7 @@ impl Connection {
             inbox,
             endpoint,
             url,
-            sent: Mutex::new(Sent::new(&headers)),
+            sent: Mutex::new(Box::new(Sent::new(&headers))),
             headers,
             listen_task: Mutex::new(None),
             stateless: AtomicBool::new(false),
@@ -196,7 +197,7 @@ impl Connection {
         Some(self)
     }
 
-    fn sent(&self) -> std::sync::MutexGuard<'_, Sent> {
+    fn sent(&self) -> std::sync::MutexGuard<'_, Box<Sent>> {
         self.sent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
