@@ -8,7 +8,7 @@
 //! cargo bench --bench gateway -- [--duration-ms 2000] [--rounds 3] [--clients 1,64]
 //!                                [--sessions 10000] [--other-url URL] [--out target/bench]
 //!                                [--other-pid PID] [--only-auth] [--only-instructions]
-//!                                [--compare YAML]
+//!                                [--compare YAML] [--write-link-order PROFILE [--binary B]]
 //! ```
 //! `--compare 'runtime: { workers: 1 }'` measures only a gateway configured with that
 //! top-level YAML against one without, in alternating rounds (small calls, the largest
@@ -16,6 +16,8 @@
 //! `--only-auth` counts only what authentication and the audit trail add to a call.
 //! `--only-instructions` counts only the instructions per call of single calls; with
 //! `GATEHOUSE_INSTRUCTION_CASES=stateless` (any part of a case's name), only those cases.
+//! `--write-link-order PROFILE` ranks the functions a serving gateway runs (this build's, or
+//! binary `B`'s) and writes them as that profile's block of `deploy/link-order.txt` (build.rs).
 //! `--other-url` adds another gateway (already running, fronting the upstream URL this program
 //! prints, or set with `--upstream-port`) measured exactly like ours; with `--other-pid`, its CPU
 //! per request too.
@@ -112,6 +114,10 @@ struct Args {
     /// Only the instruction counts of the single-call cases (for quick before/after).
     only_instructions: bool,
     only_memory: bool,
+    /// Write this build profile's block of the link order, from `binary`, and nothing else.
+    write_link_order: Option<String>,
+    /// The gateway binary to profile for the link order (default: this profile's).
+    binary: String,
     /// Only a gateway with this configuration (top-level YAML) against one without.
     compare: Option<String>,
 }
@@ -129,6 +135,8 @@ fn args() -> Args {
         only_auth: false,
         only_instructions: false,
         only_memory: false,
+        write_link_order: None,
+        binary: BIN.to_owned(),
         compare: None,
     };
     let mut it = std::env::args().skip(1);
@@ -139,6 +147,8 @@ fn args() -> Args {
             "--only-instructions" => a.only_instructions = true,
             "--only-memory" => a.only_memory = true,
             "--compare" => a.compare = Some(val()),
+            "--write-link-order" => a.write_link_order = Some(val()),
+            "--binary" => a.binary = val(),
             "--duration-ms" => a.duration = Duration::from_millis(val().parse().expect("ms")),
             "--rounds" => a.rounds = val().parse().expect("rounds"),
             "--clients" => {
@@ -287,11 +297,12 @@ fn start_gateway(upstreams_yaml: &str) -> (Proc, String) {
 }
 
 fn start_gateway_with(top: &str, upstreams_yaml: &str) -> (Proc, String) {
-    start_gateway_wrapped(top, upstreams_yaml, &[], Duration::from_secs(10))
+    start_gateway_wrapped(BIN, top, upstreams_yaml, &[], Duration::from_secs(10))
 }
 
-/// Starts a gateway, run by `wrapper` (say, valgrind) when it is not empty.
+/// Starts gateway binary `bin`, run by `wrapper` (say, valgrind) when it is not empty.
 fn start_gateway_wrapped(
+    bin: &str,
     top: &str,
     upstreams_yaml: &str,
     wrapper: &[String],
@@ -309,10 +320,10 @@ fn start_gateway_wrapped(
     let mut cmd = match wrapper.split_first() {
         Some((program, args)) => {
             let mut c = Command::new(program);
-            c.args(args).arg(BIN);
+            c.args(args).arg(bin);
             c
         }
-        None => Command::new(BIN),
+        None => Command::new(bin),
     };
     let child = cmd
         .args(["serve", "--config"])
@@ -487,8 +498,13 @@ async fn instructions_per_call(
         // the long run's start, and counted as calls).
         let audit = std::env::temp_dir().join(format!("gatehouse-bench-audit-{}", free_port()));
         let top = top.replace("AUDIT_FILE", &audit.display().to_string());
-        let (mut gw, url) =
-            start_gateway_wrapped(&top, upstreams_yaml, &wrapper, Duration::from_secs(120));
+        let (mut gw, url) = start_gateway_wrapped(
+            BIN,
+            &top,
+            upstreams_yaml,
+            &wrapper,
+            Duration::from_secs(120),
+        );
         let http = Http::one(&url).await;
         let sid = open_session(&http, &url).await;
         let body = w.body(tool);
@@ -667,6 +683,12 @@ fn summarize(config: &str, w: Workload, clients: usize, samples: &[Sample]) -> R
 }
 
 async fn session_memory(gateway: &Proc, url: &str, sessions: usize) -> (u64, u64, f64) {
+    // The kernel maps code around a faulting page only from what the page cache holds, so a
+    // binary read whole (as one just built or installed is) is the case measured, every time.
+    let _ = std::io::copy(
+        &mut std::fs::File::open(BIN).expect("the gateway binary"),
+        &mut std::io::sink(),
+    );
     // Warm the allocator and the upstream pool with one session so "idle" is a serving gateway.
     let http = Http::pooled(32);
     open_session(&http, url).await;
@@ -723,6 +745,10 @@ async fn main() {
         );
         return;
     }
+    if let Some(profile) = &a.write_link_order {
+        write_link_order(profile, &a.binary, &upstream_url).await;
+        return;
+    }
     if a.only_memory {
         let (gw, url) = start_gateway(&http_upstream("ex"));
         let (idle, loaded, per_session) = session_memory(&gw, &url, a.sessions).await;
@@ -731,6 +757,7 @@ async fn main() {
             idle as f64 / 1024.0,
             a.sessions
         );
+        println!("{}", link_order_coverage(BIN));
         return;
     }
     if a.only_auth {
@@ -1001,8 +1028,8 @@ async fn main() {
         }
     }
     md.push_str(&format!(
-        "\nGateway memory: RSS idle {} KiB; with {} sessions open {} KiB; **{:.0} bytes per idle session**.\n",
-        idle_kib, a.sessions, loaded_kib, per_session
+        "\nGateway memory: RSS idle {} KiB; with {} sessions open {} KiB; **{:.0} bytes per idle session**; {}.\n",
+        idle_kib, a.sessions, loaded_kib, per_session, link_order_coverage(BIN)
     ));
     md.push_str(
         "\n(tools/list over 20 upstreams is compared with tools/list on one upstream directly.)\n",
@@ -1199,4 +1226,311 @@ async fn paired_throughput(
         v[v.len() / 2]
     };
     (median(rps_ratios), median(cpu_ratios))
+}
+
+/// The list `build.rs` hands the linker: the functions a serving gateway runs, hottest first.
+const LINK_ORDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/link-order.txt");
+
+/// Writes `profile`'s block of [`LINK_ORDER`]: the functions of gateway binary `bin` that a
+/// serving gateway runs, counted by callgrind in a plain gateway and in one with what
+/// deployments add (JWT, an audit trail, two plugins): first those the requests ran, hottest
+/// first, then those run between start-up giving its code back and the first request (tasks
+/// start-up spawned). Symbol names differ between builds (profile, and the features Cargo
+/// unifies with dev-dependencies under `cargo bench`), so each keeps its own block.
+async fn write_link_order(profile: &str, bin: &str, upstream_url: &str) {
+    assert!(
+        !profile.is_empty() && !profile.contains(char::is_whitespace),
+        "--write-link-order needs a profile name (release, bench, production)"
+    );
+    let bin = std::fs::canonicalize(bin).unwrap_or_else(|e| panic!("{bin}: {e}"));
+    let upstreams = format!(
+        "  - name: u0\n    http: {{ url: {upstream_url:?} }}\n  - name: ex\n    stdio: {{ command: {bin:?}, args: [example-server] }}\n"
+    );
+    let (_, deployed, jwt) = auth_cases()
+        .into_iter()
+        .find(|c| c.0 == "JWT (warm) + audit")
+        .expect("the JWT + audit case");
+    // Valgrind cannot reserve the address space of the default instance pool.
+    let plugins = two_plugins_yaml()
+        .map(|p| {
+            p.replacen(
+                "plugins:\n",
+                "plugins:\n  engine: { max_instances: 4 }\n",
+                1,
+            )
+        })
+        .unwrap_or_default();
+    // Serving first, hottest first; then what start-up ran, which the serving gateway still
+    // reaches now and then (tasks start-up spawned, first-use paths), kept out of the rest.
+    let mut serving: BTreeMap<String, u64> = BTreeMap::new();
+    let mut start_up: BTreeMap<String, u64> = BTreeMap::new();
+    for (top, token) in [(String::new(), None), (format!("{deployed}{plugins}"), jwt)] {
+        let out = std::env::temp_dir().join(format!("gatehouse-link-order-{}", free_port()));
+        let audit =
+            std::env::temp_dir().join(format!("gatehouse-link-order-audit-{}", free_port()));
+        let top = top.replace("AUDIT_FILE", &audit.display().to_string());
+        // Counting starts afresh where the gateway gives start-up's code back.
+        let wrapper: Vec<String> = [
+            "valgrind",
+            "--tool=callgrind",
+            "--demangle=no",
+            "--zero-before=*startup_code*release*",
+        ]
+        .map(str::to_owned)
+        .into_iter()
+        .chain([format!("--callgrind-out-file={}", out.display())])
+        .collect();
+        *TOKEN.lock().unwrap() = token;
+        let (mut gw, url) = start_gateway_wrapped(
+            bin.to_str().expect("a UTF-8 path"),
+            &top,
+            &upstreams,
+            &wrapper,
+            Duration::from_secs(300),
+        );
+        // Each dump writes the counts so far to `out.N` and starts counting afresh.
+        let dump = |n: u32| -> String {
+            let status = Command::new("callgrind_control")
+                .args(["--dump", &gw.pid().to_string()])
+                .stdout(Stdio::null())
+                .status()
+                .expect("callgrind_control runs");
+            assert!(status.success(), "callgrind_control --dump failed");
+            let file = PathBuf::from(format!("{}.{n}", out.display()));
+            let text = std::fs::read_to_string(&file).expect("callgrind dumped its counts");
+            let _ = std::fs::remove_file(&file);
+            text
+        };
+        let counted_start_up = dump(1);
+        serving_workload(&url).await;
+        let counted_serving = dump(2);
+        let pid = nix::unistd::Pid::from_raw(gw.pid() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = gw.0.wait();
+        let _ = std::fs::remove_file(&audit);
+        for n in ["", ".3"] {
+            let _ = std::fs::remove_file(format!("{}{n}", out.display()));
+        }
+        for (into, text) in [
+            (&mut serving, counted_serving),
+            (&mut start_up, counted_start_up),
+        ] {
+            for (name, n) in self_costs(&text, &bin) {
+                *into.entry(name).or_default() += n;
+            }
+        }
+    }
+    *TOKEN.lock().unwrap() = None;
+    let rank = |costs: BTreeMap<String, u64>| {
+        // Valgrind's own names ("(below main)", "???") are no symbols.
+        let symbol =
+            |name: &str| !name.contains(char::is_whitespace) && !name.starts_with(['(', '?']);
+        let mut ranked: Vec<(String, u64)> = costs
+            .into_iter()
+            .filter(|c| c.1 > 0 && symbol(&c.0))
+            .collect();
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        ranked.into_iter().map(|c| c.0)
+    };
+    start_up.retain(|name, _| !serving.contains_key(name));
+    let ranked: Vec<String> = rank(serving).chain(rank(start_up)).collect();
+    // The other profiles' blocks stay; this one's is replaced.
+    let header = format!("# profile: {profile}");
+    let old = std::fs::read_to_string(LINK_ORDER).unwrap_or_default();
+    let mut text = LINK_ORDER_PREAMBLE.to_owned();
+    // `None` before the first block (the preamble, written afresh).
+    let mut ours = None;
+    for line in old.lines() {
+        if line.starts_with("# profile: ") {
+            ours = Some(line == header);
+        }
+        if ours == Some(false) {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    text.push_str(&header);
+    text.push('\n');
+    for name in &ranked {
+        text.push_str(name);
+        text.push('\n');
+    }
+    std::fs::write(LINK_ORDER, text).expect("write the link order");
+    println!(
+        "{LINK_ORDER}: {} functions of {} for profile {profile}",
+        ranked.len(),
+        bin.display()
+    );
+}
+
+/// How much of [`LINK_ORDER`] gateway binary `bin` was laid out by: the block with the most of
+/// its names in the binary (`nm`), and how many; a low count means the list is stale.
+fn link_order_coverage(bin: &str) -> String {
+    let Ok(out) = Command::new("nm").args(["--defined-only", bin]).output() else {
+        return "link order not checked (no nm)".to_owned();
+    };
+    let defined: std::collections::HashSet<&str> = std::str::from_utf8(&out.stdout)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.rsplit(' ').next())
+        .collect();
+    let order = std::fs::read_to_string(LINK_ORDER).unwrap_or_default();
+    let mut best = ("none", 0, 0);
+    let mut block = ("", 0, 0);
+    for line in order.lines().chain(["# profile: "]) {
+        if let Some(name) = line.strip_prefix("# profile: ") {
+            if block.1 > best.1 {
+                best = block;
+            }
+            block = (name, 0, 0);
+        } else if !line.starts_with('#') && !block.0.is_empty() {
+            block.2 += 1;
+            block.1 += usize::from(defined.contains(line));
+        }
+    }
+    format!(
+        "link order: {} of the {} names of block {:?} in the binary",
+        best.1, best.2, best.0
+    )
+}
+
+/// What heads [`LINK_ORDER`] (lines the linker reads as names no build has, so skips).
+const LINK_ORDER_PREAMBLE: &str = "\
+# The functions a serving gateway runs, hottest first: build.rs passes this file to the linker,
+# which lays them out together at the start of the text. Symbol names differ between builds,
+# so there is a block per build; a name no build has is skipped (so are these lines).
+#   bench:      cargo bench --bench gateway -- --write-link-order bench
+#   release:    cargo build --release && cp target/release/gatehouse /tmp/gh &&
+#               cargo bench --bench gateway -- --write-link-order release --binary /tmp/gh
+#   production: cargo build --profile production &&
+#               cargo bench --bench gateway -- --write-link-order production \\
+#                 --binary target/production/gatehouse
+";
+
+/// What a serving gateway does, for the link order: sessions, lists, calls through an HTTP
+/// and a stdio upstream, a 64 KiB call, errors, 2026-07-28 stateless requests, probes.
+async fn serving_workload(url: &str) {
+    let base = url.strip_suffix("/mcp").expect("an /mcp URL");
+    let rpc = |method: &str, params: serde_json::Value| {
+        Bytes::from(json!({"jsonrpc":"2.0","id":1,"method":method,"params":params}).to_string())
+    };
+    // A request whose answer may be an error: only its completion matters.
+    async fn exchange(http: &Http, req: http::Request<Full<Bytes>>) {
+        let resp = http.request(req).await;
+        resp.into_body().collect().await.expect("a body");
+    }
+    let meta = json!({"io.modelcontextprotocol/protocolVersion":"2026-07-28",
+                      "io.modelcontextprotocol/clientCapabilities":{}});
+    for _ in 0..3 {
+        let http = Http::one(url).await;
+        let sid = open_session(&http, url).await;
+        for method in [
+            "tools/list",
+            "prompts/list",
+            "resources/list",
+            "resources/templates/list",
+            "ping",
+        ] {
+            post(&http, url, Some(&sid), rpc(method, json!({}))).await;
+        }
+        for _ in 0..20 {
+            for tool in ["u0__echo", "ex__echo"] {
+                let body = Workload::CallSmall.body(tool);
+                let (_, answer) = post(&http, url, Some(&sid), body).await;
+                assert!(
+                    answer.windows(5).any(|w| w == b"hello"),
+                    "{tool} answers: {}",
+                    String::from_utf8_lossy(&answer)
+                );
+            }
+        }
+        post(&http, url, Some(&sid), Workload::Call64k.body("u0__echo")).await;
+        post(
+            &http,
+            url,
+            Some(&sid),
+            Workload::CallSmall.body("u0__absent"),
+        )
+        .await;
+        post(&http, url, Some(&sid), rpc("absent/method", json!({}))).await;
+        let stateless = |method: &str, name: Option<&str>, params: serde_json::Value| {
+            let mut b = with_token(http::Request::post(url))
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("mcp-protocol-version", "2026-07-28")
+                .header("mcp-method", method);
+            if let Some(name) = name {
+                b = b.header("mcp-name", name);
+            }
+            b.body(Full::new(rpc(method, params))).unwrap()
+        };
+        exchange(
+            &http,
+            stateless("server/discover", None, json!({"_meta": meta})),
+        )
+        .await;
+        for _ in 0..20 {
+            let body = Workload::CallStateless.body("u0__echo");
+            let answer = post_stateless(&http, url, "u0__echo", body).await;
+            assert!(
+                answer.windows(5).any(|w| w == b"hello"),
+                "a stateless call answers"
+            );
+        }
+        exchange(&http, stateless("tools/list", None, json!({"_meta": meta}))).await;
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let req = with_token(http::Request::get(format!("{base}{path}")));
+            exchange(&http, req.body(Full::new(Bytes::new())).unwrap()).await;
+        }
+        let delete = with_token(http::Request::delete(url))
+            .header("mcp-session-id", &sid)
+            .header("mcp-protocol-version", "2025-11-25");
+        exchange(&http, delete.body(Full::new(Bytes::new())).unwrap()).await;
+    }
+}
+
+/// The instructions each function of object `bin` ran by itself, from a callgrind profile
+/// (`--demangle=no`, so names are the linker's). Names and objects are compressed: `(n) name`
+/// defines `n`, a later `(n)` refers to it; the cost line after `calls=` is a callee's, not
+/// the function's own.
+fn self_costs(profile: &str, bin: &std::path::Path) -> BTreeMap<String, u64> {
+    let bin = bin.to_str().unwrap_or_default();
+    let mut names: [BTreeMap<String, String>; 2] = Default::default();
+    let mut resolve = |kind: usize, v: &str| -> String {
+        match v.strip_prefix('(').and_then(|r| r.split_once(')')) {
+            Some((id, rest)) if !rest.is_empty() => {
+                let name = rest.trim_start().to_owned();
+                names[kind].insert(id.to_owned(), name.clone());
+                name
+            }
+            Some((id, _)) => names[kind].get(id).cloned().unwrap_or_default(),
+            None => v.to_owned(),
+        }
+    };
+    let mut costs = BTreeMap::new();
+    let (mut in_bin, mut function, mut callee_line) = (false, String::new(), false);
+    for line in profile.lines() {
+        if let Some(v) = line.strip_prefix("ob=") {
+            in_bin = resolve(0, v) == bin;
+        } else if let Some(v) = line.strip_prefix("cob=") {
+            resolve(0, v);
+        } else if let Some(v) = line.strip_prefix("fn=") {
+            function = resolve(1, v);
+        } else if let Some(v) = line.strip_prefix("cfn=") {
+            resolve(1, v);
+        } else if line.starts_with("calls=") {
+            callee_line = true;
+        } else if line.starts_with(|c: char| c.is_ascii_digit() || "+-*".contains(c)) {
+            if std::mem::take(&mut callee_line) || !in_bin {
+                continue;
+            }
+            let n: u64 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            *costs.entry(function.clone()).or_default() += n;
+        }
+    }
+    costs
 }
