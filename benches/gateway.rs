@@ -1243,6 +1243,18 @@ async fn write_link_order(profile: &str, bin: &str, upstream_url: &str) {
         "--write-link-order needs a profile name (release, bench, production)"
     );
     let bin = std::fs::canonicalize(bin).unwrap_or_else(|e| panic!("{bin}: {e}"));
+    // Counting starts afresh where start-up gives its code back: a function of its own, or
+    // start-up would be counted as what the serving gateway reaches.
+    let symbols = Command::new("nm")
+        .arg("--defined-only")
+        .arg(&bin)
+        .output()
+        .expect("nm runs");
+    assert!(
+        String::from_utf8_lossy(&symbols.stdout).contains("startup_code7release"),
+        "{}: no startup_code::release symbol (inlined?)",
+        bin.display()
+    );
     let upstreams = format!(
         "  - name: u0\n    http: {{ url: {upstream_url:?} }}\n  - name: ex\n    stdio: {{ command: {bin:?}, args: [example-server] }}\n"
     );
@@ -1269,7 +1281,6 @@ async fn write_link_order(profile: &str, bin: &str, upstream_url: &str) {
         let audit =
             std::env::temp_dir().join(format!("gatehouse-link-order-audit-{}", free_port()));
         let top = top.replace("AUDIT_FILE", &audit.display().to_string());
-        // Counting starts afresh where the gateway gives start-up's code back.
         let wrapper: Vec<String> = [
             "valgrind",
             "--tool=callgrind",
@@ -1335,27 +1346,43 @@ async fn write_link_order(profile: &str, bin: &str, upstream_url: &str) {
     start_up.retain(|name, _| !serving.contains_key(name));
     let ranked: Vec<String> = rank(serving).chain(rank(start_up)).collect();
     // The other profiles' blocks stay; this one's is replaced.
+    // A profile that matched nothing of `bin` must not replace a good block.
+    assert!(
+        ranked.len() >= 500,
+        "only {} functions of {} counted: not writing the link order",
+        ranked.len(),
+        bin.display()
+    );
     let header = format!("# profile: {profile}");
+    let mut block = format!("{header}\n");
+    for name in &ranked {
+        block.push_str(name);
+        block.push('\n');
+    }
+    // The preamble is written afresh; the other blocks stay where they are, and so does this
+    // one (the linker ranks a name by its first line, so moving a block would move names).
     let old = std::fs::read_to_string(LINK_ORDER).unwrap_or_default();
     let mut text = LINK_ORDER_PREAMBLE.to_owned();
-    // `None` before the first block (the preamble, written afresh).
-    let mut ours = None;
+    let mut ours = None; // `None` before the first block
+    let mut written = false;
     for line in old.lines() {
         if line.starts_with("# profile: ") {
             ours = Some(line == header);
+            if line == header && !std::mem::replace(&mut written, true) {
+                text.push_str(&block);
+            }
         }
         if ours == Some(false) {
             text.push_str(line);
             text.push('\n');
         }
     }
-    text.push_str(&header);
-    text.push('\n');
-    for name in &ranked {
-        text.push_str(name);
-        text.push('\n');
+    if !written {
+        text.push_str(&block);
     }
-    std::fs::write(LINK_ORDER, text).expect("write the link order");
+    let part = format!("{LINK_ORDER}.part");
+    std::fs::write(&part, text).expect("write the link order");
+    std::fs::rename(&part, LINK_ORDER).expect("replace the link order");
     println!(
         "{LINK_ORDER}: {} functions of {} for profile {profile}",
         ranked.len(),
@@ -1509,13 +1536,24 @@ fn self_costs(profile: &str, bin: &std::path::Path) -> BTreeMap<String, u64> {
     };
     let mut costs = BTreeMap::new();
     let (mut in_bin, mut function, mut callee_line) = (false, String::new(), false);
+    // A cost line is its positions (`line`, or `instr line` with --dump-instr) then the events
+    // (`Ir` first).
+    let mut cost_column = 1;
     for line in profile.lines() {
-        if let Some(v) = line.strip_prefix("ob=") {
+        if let Some(v) = line.strip_prefix("positions:") {
+            cost_column = v.split_whitespace().count();
+        } else if let Some(v) = line.strip_prefix("ob=") {
             in_bin = resolve(0, v) == bin;
         } else if let Some(v) = line.strip_prefix("cob=") {
             resolve(0, v);
         } else if let Some(v) = line.strip_prefix("fn=") {
             function = resolve(1, v);
+            // A recursion level callgrind tells apart (`name'2`) is the same function.
+            if let Some((name, level)) = function.rsplit_once('\'')
+                && level.bytes().all(|b| b.is_ascii_digit())
+            {
+                function.truncate(name.len());
+            }
         } else if let Some(v) = line.strip_prefix("cfn=") {
             resolve(1, v);
         } else if line.starts_with("calls=") {
@@ -1526,7 +1564,7 @@ fn self_costs(profile: &str, bin: &std::path::Path) -> BTreeMap<String, u64> {
             }
             let n: u64 = line
                 .split_whitespace()
-                .nth(1)
+                .nth(cost_column)
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
             *costs.entry(function.clone()).or_default() += n;
