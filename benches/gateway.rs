@@ -1245,13 +1245,10 @@ async fn write_link_order(profile: &str, bin: &str, upstream_url: &str) {
     let bin = std::fs::canonicalize(bin).unwrap_or_else(|e| panic!("{bin}: {e}"));
     // Counting starts afresh where start-up gives its code back: a function of its own, or
     // start-up would be counted as what the serving gateway reaches.
-    let symbols = Command::new("nm")
-        .arg("--defined-only")
-        .arg(&bin)
-        .output()
-        .expect("nm runs");
     assert!(
-        String::from_utf8_lossy(&symbols.stdout).contains("startup_code7release"),
+        defined_symbols(bin.to_str().expect("a UTF-8 path"))
+            .expect("nm runs")
+            .contains("startup_code7release"),
         "{}: no startup_code::release symbol (inlined?)",
         bin.display()
     );
@@ -1390,14 +1387,22 @@ async fn write_link_order(profile: &str, bin: &str, upstream_url: &str) {
     );
 }
 
+/// The symbols `bin` defines, as `nm` lists them; `None` without `nm`.
+fn defined_symbols(bin: &str) -> Option<String> {
+    let out = Command::new("nm")
+        .args(["--defined-only", bin])
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// How much of [`LINK_ORDER`] gateway binary `bin` was laid out by: the block with the most of
 /// its names in the binary (`nm`), and how many; a low count means the list is stale.
 fn link_order_coverage(bin: &str) -> String {
-    let Ok(out) = Command::new("nm").args(["--defined-only", bin]).output() else {
+    let Some(symbols) = defined_symbols(bin) else {
         return "link order not checked (no nm)".to_owned();
     };
-    let defined: std::collections::HashSet<&str> = std::str::from_utf8(&out.stdout)
-        .unwrap_or_default()
+    let defined: std::collections::HashSet<&str> = symbols
         .lines()
         .filter_map(|l| l.rsplit(' ').next())
         .collect();
