@@ -89,7 +89,9 @@ pub struct Gateway {
     /// This gateway's mark on requests to remote servers (one that leads back is refused).
     pub via: ::http::HeaderValue,
     /// Open sessions by id.
-    pub sessions: DashMap<Arc<str>, Arc<Session>>,
+    /// Hashed with foldhash, not SipHash: looked up on every request; the keys are the
+    /// gateway's own random ids.
+    pub sessions: DashMap<Arc<str>, Arc<Session>, foldhash::fast::RandomState>,
     /// Open sessions per authenticated principal (bounded by `mcp.max_sessions_per_principal`).
     sessions_per_principal: DashMap<Arc<str>, usize>,
     /// Where stateless (2026-07-28) requests run: one hidden session per principal, profile
@@ -203,7 +205,7 @@ impl Gateway {
             remote_client,
             via,
             config: Arc::new(config),
-            sessions: DashMap::new(),
+            sessions: DashMap::default(),
             sessions_per_principal: DashMap::new(),
             stateless: DashMap::new(),
             draining: std::sync::Mutex::new(Vec::new()),

@@ -57,6 +57,9 @@ pub struct Metrics {
     pub sessions: Gauge,
     upstream_up: Family<ServerLabels, Gauge>,
     http_responses: Family<StatusLabels, Counter>,
+    /// The series of the statuses most responses have, resolved on first use: the family's
+    /// lookup (a lock and a SipHash) is not made per response.
+    common_statuses: [std::sync::OnceLock<Counter>; COMMON_STATUSES.len()],
     tool_changes: Family<ServerLabels, Counter>,
     /// Tools whose definitions wait for an operator's approval (changed, or new).
     pub tools_unapproved: Gauge,
@@ -65,6 +68,9 @@ pub struct Metrics {
     asleep_seconds: Family<ServerLabels, Gauge>,
     wakes: Family<ServerLabels, Gauge>,
 }
+
+/// Statuses whose series [`Metrics::http_response`] keeps at hand.
+const COMMON_STATUSES: [u16; 4] = [200, 202, 400, 404];
 
 const KNOWN_METHODS: &[&str] = &[
     "initialize",
@@ -249,6 +255,7 @@ impl Metrics {
             sessions,
             upstream_up,
             http_responses,
+            common_statuses: Default::default(),
             wake_latency,
             asleep,
             asleep_seconds,
@@ -323,9 +330,14 @@ impl Metrics {
 
     /// Counts an HTTP response.
     pub fn http_response(&self, status: u16) {
-        self.http_responses
-            .get_or_create(&StatusLabels { status })
-            .inc();
+        let family = || self.http_responses.get_or_create(&StatusLabels { status });
+        match COMMON_STATUSES.iter().position(|s| *s == status) {
+            // A clone shares the series' value.
+            Some(i) => self.common_statuses[i]
+                .get_or_init(|| family().clone())
+                .inc(),
+            None => family().inc(),
+        };
     }
 
     /// Renders the Prometheus text format.
@@ -343,6 +355,29 @@ mod tests {
 
     fn line<'a>(text: &'a str, start: &str) -> Option<&'a str> {
         text.lines().find(|l| l.starts_with(start))
+    }
+
+    #[test]
+    fn responses_count_by_status_kept_at_hand_or_not_and_only_statuses_seen_show() {
+        let m = Metrics::new();
+        m.http_response(200);
+        m.http_response(200);
+        m.http_response(503);
+        let text = m.render();
+        let count = |status: u16| {
+            line(
+                &text,
+                &format!("gatehouse_http_responses_total{{status=\"{status}\"}}"),
+            )
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+        };
+        assert_eq!(count(200).as_deref(), Some("2"), "{text}");
+        assert_eq!(count(503).as_deref(), Some("1"), "{text}");
+        assert_eq!(
+            count(404),
+            None,
+            "a status kept at hand shows once seen: {text}"
+        );
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::mcp::jsonrpc::{self, Kind, Message, code};
 use crate::mcp::{front, session};
 use crate::orchestrator::RelayAccess;
 use crate::plugins;
-use crate::upstream::{CallOpts, Link, Recipient, Route, request_progress_token};
+use crate::upstream::{CallOpts, EventSink, Link, Recipient, Route, request_progress_token};
 
 /// Path prefix of the relayed servers.
 pub const PATH: &str = "/relay/";
@@ -218,7 +218,7 @@ impl Recipient for RelayRecipient {
             .related
             .filter(|s| !s.is_closed())
             .or(route.fallback)
-            .or_else(|| lock(&self.listen).clone());
+            .or_else(|| lock(&self.listen).clone().map(EventSink::from));
         if to.is_none_or(|tx| tx.try_send(msg.frame).is_err()) {
             tracing::debug!("relay: dropped a server message nobody listens for");
         }
@@ -594,7 +594,8 @@ impl State {
             session: session.clone(),
             id: id.clone(),
         };
-        let (events, events_rx) = mpsc::channel::<Bytes>(64);
+        let (events, events_rx) =
+            crate::upstream::event_sink::call_queue(crate::mcp::handler::CALL_QUEUE);
         let opts = CallOpts {
             events: Some(events),
             cancel: Some(cancel),

@@ -923,7 +923,7 @@ async fn get(
         return Ok(crate::body::events_response(session.streams.resume(last)?));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(256);
-    if !session.open_listen_stream(tx.clone()) {
+    if !session.open_listen_stream(tx.clone().into()) {
         return Err(FrontError::StreamOpen);
     }
     keep_alive(tx, gw.config.mcp.sse_keepalive, session.ended());

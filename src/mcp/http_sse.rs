@@ -365,7 +365,7 @@ async fn initialize(
         return Ok(accepted());
     }
     // The answer first: what servers send outside any request follows it on the one stream.
-    session.open_listen_stream(client.stream.clone());
+    session.open_listen_stream(client.stream.clone().into());
     Ok(accepted())
 }
 

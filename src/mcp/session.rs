@@ -1062,7 +1062,9 @@ pub struct TooBusy(pub usize);
 #[derive(Default)]
 struct InFlightTable {
     /// By the client's id, for `notifications/cancelled`: the latest request under an id.
-    by_id: HashMap<Bytes, (u64, oneshot::Sender<()>)>,
+    /// foldhash, not SipHash: looked up twice per call; the ids are the client's own, and at most
+    /// [`MAX_INFLIGHT`] of them.
+    by_id: HashMap<Bytes, (u64, oneshot::Sender<()>), foldhash::fast::RandomState>,
     /// Every request in flight, whatever its id.
     count: usize,
 }

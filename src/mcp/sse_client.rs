@@ -6,14 +6,15 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::mcp::session::Session;
-use crate::upstream::EventSink;
+use bytes::Bytes;
+use tokio::sync::mpsc;
 
 /// One HTTP+SSE client, from its GET until its stream closes.
 pub struct SseClient {
     /// Who opened the stream; every POST must come from the same principal.
     pub principal: Option<Arc<str>>,
     /// The client's SSE stream: answers, and whatever servers send it.
-    pub stream: EventSink,
+    pub stream: mpsc::Sender<Bytes>,
     state: Mutex<State>,
     bound: Notify,
     /// Requests of this client whose answers are not yet on its stream: the POST answers at
@@ -43,7 +44,11 @@ pub enum BindError {
 
 impl SseClient {
     /// A client whose stream is `stream`, with at most `max_requests` answers outstanding.
-    pub fn new(principal: Option<Arc<str>>, stream: EventSink, max_requests: usize) -> Self {
+    pub fn new(
+        principal: Option<Arc<str>>,
+        stream: mpsc::Sender<Bytes>,
+        max_requests: usize,
+    ) -> Self {
         SseClient {
             principal,
             stream,

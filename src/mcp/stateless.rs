@@ -1328,7 +1328,9 @@ async fn listen(
         Some(&subscriptions::tagged(Some(ack.as_bytes()), &id)),
     );
     let _ = tx.try_send(ack);
-    let key = session.subscriptions.add(id.clone(), honored, tx.clone());
+    let key = session
+        .subscriptions
+        .add(id.clone(), honored, tx.clone().into());
     let every = gw.config.mcp.sse_keepalive;
     tokio::spawn(async move {
         // A client that leaves its queue full (it stopped reading) loses the stream.

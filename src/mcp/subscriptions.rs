@@ -390,8 +390,8 @@ mod tests {
             tools: true,
             ..Filter::default()
         };
-        subs.add(Bytes::from_static(b"\"L1\""), all, tx);
-        let k = subs.add(Bytes::from_static(b"7"), Filter::default(), other);
+        subs.add(Bytes::from_static(b"\"L1\""), all, tx.into());
+        let k = subs.add(Bytes::from_static(b"7"), Filter::default(), other.into());
         subs.deliver(
             "notifications/tools/list_changed",
             Some(br#"{"_meta":{"x":1}}"#),

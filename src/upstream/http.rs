@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+use http::header::{ACCEPT, CONTENT_TYPE, HOST, HeaderValue};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
@@ -75,6 +75,9 @@ pub struct Connection {
 struct Sent {
     session_id: Option<HeaderValue>,
     protocol_version: Option<HeaderValue>,
+    /// `Host`, for requests the server's own pool sends: written here rather than by the pool,
+    /// which would grow every call's cloned map by one header (a reallocation).
+    host: Option<HeaderValue>,
     call: http::HeaderMap,
 }
 
@@ -82,10 +85,11 @@ struct Sent {
 const CALL_ACCEPT: &str = "application/json, text/event-stream";
 
 impl Sent {
-    fn new(configured: &http::HeaderMap) -> Sent {
+    fn new(configured: &http::HeaderMap, host: Option<HeaderValue>) -> Sent {
         let mut sent = Sent {
             session_id: None,
             protocol_version: None,
+            host,
             call: http::HeaderMap::new(),
         };
         sent.call = sent.headers(configured, true, CALL_ACCEPT);
@@ -99,8 +103,13 @@ impl Sent {
         has_body: bool,
         accept: &'static str,
     ) -> http::HeaderMap {
-        let mut h = http::HeaderMap::with_capacity(configured.len() + 4);
+        let mut h = http::HeaderMap::with_capacity(configured.len() + 5);
         h.extend(configured.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Some(host) = &self.host
+            && !h.contains_key(HOST)
+        {
+            h.insert(HOST, host.clone());
+        }
         h.insert(ACCEPT, HeaderValue::from_static(accept));
         if has_body {
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -145,6 +154,7 @@ impl Connection {
         let endpoint = (url.scheme() == Some(&http::uri::Scheme::HTTP))
             .then(|| super::pool::Endpoint::new(&url).ok().map(Box::new))
             .flatten();
+        let sent = Sent::new(&headers, endpoint.as_ref().map(|e| e.host().clone()));
         Connection {
             client: None,
             server,
@@ -152,7 +162,7 @@ impl Connection {
             inbox,
             endpoint,
             url,
-            sent: Mutex::new(Box::new(Sent::new(&headers))),
+            sent: Mutex::new(Box::new(sent)),
             headers,
             listen_task: Mutex::new(None),
             stateless: AtomicBool::new(false),
@@ -223,6 +233,10 @@ impl Connection {
     pub fn with_client(mut self, client: Client) -> Self {
         self.client = Some(Box::new(client));
         self.endpoint = None;
+        // That client writes its own `Host` (or `:authority`).
+        let sent = self.sent.get_mut().unwrap_or_else(|e| e.into_inner());
+        sent.host = None;
+        sent.set(&self.headers, None, None);
         self
     }
 
@@ -898,6 +912,8 @@ mod tests {
             pairs(&[
                 ("accept", CALL_ACCEPT),
                 ("content-type", "application/json"),
+                // The pool's endpoint's, written with the rest rather than added per call.
+                ("host", "127.0.0.1:1"),
                 ("x-team", "blue"),
             ])
         );
@@ -910,6 +926,7 @@ mod tests {
             pairs(&[
                 ("accept", CALL_ACCEPT),
                 ("content-type", "application/json"),
+                ("host", "127.0.0.1:1"),
                 ("mcp-protocol-version", "2025-11-25"),
                 ("mcp-session-id", "s-1"),
                 ("x-team", "blue"),
@@ -921,6 +938,7 @@ mod tests {
             headers(&get),
             pairs(&[
                 ("accept", "text/event-stream"),
+                ("host", "127.0.0.1:1"),
                 ("mcp-protocol-version", "2025-11-25"),
                 ("mcp-session-id", "s-1"),
                 ("x-team", "blue"),
@@ -944,6 +962,25 @@ mod tests {
             post(&c).headers().get(MCP_PROTOCOL_VERSION).unwrap(),
             STATELESS
         );
+    }
+
+    #[test]
+    fn host_is_the_configured_one_else_the_endpoints_and_none_through_another_client() {
+        let mut configured = http::HeaderMap::new();
+        configured.insert(HOST, HeaderValue::from_static("virtual.example"));
+        let c = connection(configured);
+        let req = c.request(Method::POST, Bytes::from_static(b"{}"), CALL_ACCEPT);
+        let hosts: Vec<_> = req.headers().get_all(HOST).iter().collect();
+        assert_eq!(hosts, ["virtual.example"]);
+        // A relay's HTTP/2 client or a checked remote one writes its own.
+        let tls = crate::outbound_tls::client_config(&Default::default()).unwrap();
+        let c = connection(http::HeaderMap::new()).with_client(super::super::client::client(&tls));
+        for req in [
+            c.request(Method::POST, Bytes::from_static(b"{}"), CALL_ACCEPT),
+            c.request(Method::GET, Bytes::new(), "text/event-stream"),
+        ] {
+            assert!(!req.headers().contains_key(HOST), "{:?}", req.headers());
+        }
     }
 
     #[test]

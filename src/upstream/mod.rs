@@ -7,6 +7,7 @@
 
 pub mod client;
 mod error;
+pub mod event_sink;
 mod handshake;
 pub mod http;
 mod http_sse;
@@ -22,6 +23,7 @@ pub mod token_exchange;
 pub mod via;
 
 pub use error::{UpstreamError, server_text};
+pub use event_sink::EventSink;
 pub(crate) use handshake::initialize;
 pub use link::{Link, MAX_CACHED_LIST_PAGE};
 pub use params::request_progress_token;
@@ -35,14 +37,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::config::UpstreamConfig;
 use crate::mcp::jsonrpc::{self, Message, Outcome};
 use crate::metrics::Metrics;
-
-/// Frames (JSON-RPC messages) bound for one downstream stream.
-pub type EventSink = mpsc::Sender<Bytes>;
 
 /// Set while a call's client has been asked something and the call waits for the answers (a
 /// stateless call parked on `input_required`). A server message that names no call is never

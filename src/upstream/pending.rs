@@ -203,7 +203,7 @@ mod tests {
         let awaiting = AwaitingClient::default();
         awaiting.set(parked);
         let route = CallRoute {
-            events: Some(events),
+            events: Some(events.into()),
             progress_token: None,
             origin: Some((inbox(origin), None)),
             awaiting: Some(awaiting),

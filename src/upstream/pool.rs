@@ -218,6 +218,11 @@ impl Endpoint {
         &self.authority
     }
 
+    /// The `Host` header its requests carry.
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
+    }
+
     /// The endpoint of `url`, an absolute `http://` URL.
     pub fn new(url: &Uri) -> Result<Endpoint, String> {
         let authority = url

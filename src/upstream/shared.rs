@@ -475,7 +475,7 @@ mod tests {
             7,
             tx,
             CallRoute {
-                events: Some(events),
+                events: Some(events.into()),
                 progress_token: Some(Bytes::from_static(b"\"gatehouse-1\"")),
                 origin: Some((
                     Inbox {

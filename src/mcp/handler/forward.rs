@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 
 use crate::mcp::jsonrpc::{self, code};
 use crate::mcp::policy::Policy;
@@ -17,7 +16,7 @@ use crate::mcp::session::Session;
 use crate::metrics::method_label;
 use crate::plugins::{Decision, EntryKind};
 use crate::trace::SpanKind;
-use crate::upstream::{CallOpts, UpstreamError, request_progress_token};
+use crate::upstream::{CallOpts, EventSink, UpstreamError, request_progress_token};
 
 use super::aggregate::{RESOURCES, TEMPLATES, list};
 use super::{
@@ -334,7 +333,7 @@ struct PinnedCall {
 
 /// A client that asked for progress hears that the call waits for a sleeping server to wake
 /// (one notification at progress 0: the server's own progress follows).
-fn tell_if_waking(server: &crate::upstream::Server, token: &[u8], events: &mpsc::Sender<Bytes>) {
+fn tell_if_waking(server: &crate::upstream::Server, token: &[u8], events: &EventSink) {
     let asleep = server
         .orchestrated
         .as_ref()
@@ -402,7 +401,7 @@ pub(super) async fn forward(
     let label = method_label(method);
     let started = Instant::now();
     let server = session.topology().servers[index].clone();
-    let (ev_tx, ev_rx) = mpsc::channel::<Bytes>(64);
+    let (ev_tx, ev_rx) = crate::upstream::event_sink::call_queue(super::CALL_QUEUE);
     let mut inflight = match session.track(id.clone()) {
         Ok(t) => t,
         Err(busy) => return super::too_busy(&id, busy),

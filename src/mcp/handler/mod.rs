@@ -26,6 +26,7 @@ use crate::metrics::{Metrics, method_label};
 use crate::plugins::{Decision, EntryKind, Plugins};
 use crate::trace::SpanKind;
 use crate::upstream::CallOpts;
+use crate::upstream::event_sink::CallEvents;
 use call_params::CallParams;
 
 /// How a request is answered.
@@ -38,6 +39,9 @@ pub enum Reply {
     Stream(mpsc::Receiver<Bytes>),
 }
 
+/// Frames a call's queue holds for its client before more are dropped (as a stream's would be).
+pub(crate) const CALL_QUEUE: usize = 64;
+
 /// Answers with the call's frame as JSON when it comes before any related message, or else as
 /// an SSE stream of the related messages ending with the call's frame.
 ///
@@ -48,12 +52,12 @@ pub enum Reply {
 /// every future around it as large, each move of them a copy of it.
 pub(crate) async fn json_or_stream(
     mut call: std::pin::Pin<Box<impl Future<Output = Bytes> + Send + 'static>>,
-    mut events: mpsc::Receiver<Bytes>,
+    mut events: CallEvents,
     ended: impl Future<Output = ()> + Send + 'static,
 ) -> Reply {
     tokio::select! {
         biased;
-        Some(first) = events.recv() => {
+        first = events.recv() => {
             let (tx, rx) = mpsc::channel::<Bytes>(64);
             let mut ended = Box::pin(ended);
             tokio::spawn(async move {
@@ -68,7 +72,7 @@ pub(crate) async fn json_or_stream(
                         // client gone from a stream that cannot be resumed): the call ends now,
                         // not at its next message.
                         _ = tx.closed() => return,
-                        Some(ev) = events.recv() => {
+                        ev = events.recv() => {
                             // A client that stops reading must not keep the task past the
                             // session's end.
                             tokio::select! {
@@ -79,7 +83,7 @@ pub(crate) async fn json_or_stream(
                             }
                         }
                         frame = &mut call => {
-                            while let Ok(ev) = events.try_recv() {
+                            while let Some(ev) = events.try_recv() {
                                 let _ = tx.send(ev).await;
                             }
                             let _ = tx.send(frame).await;
