@@ -395,7 +395,11 @@ mod tests {
                 "{len}"
             );
             let escaped = format!(r#"{{"k":"{run}\"{run}"}}"#);
-            assert_eq!(collect(&escaped, 4).unwrap()[0].1.len(), 2 * len + 4, "{len}");
+            assert_eq!(
+                collect(&escaped, 4).unwrap()[0].1.len(),
+                2 * len + 4,
+                "{len}"
+            );
             let control = format!("{{\"k\":\"{run}\u{1}\"}}");
             assert!(!serde_accepts(&control));
             assert_eq!(

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{ACCEPT, CONTENT_TYPE, HOST, HeaderValue};
+use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
@@ -92,8 +92,17 @@ impl Sent {
             host,
             call: http::HeaderMap::new(),
         };
-        sent.call = sent.headers(configured, true, CALL_ACCEPT);
+        sent.call = sent.call_headers(configured);
         sent
+    }
+
+    /// The headers of a call, with room kept for its `Content-Length` ([`Connection::request`]
+    /// writes it): a clone's entries have no spare capacity, and hyper adding the header would
+    /// reallocate them per call.
+    fn call_headers(&self, configured: &http::HeaderMap) -> http::HeaderMap {
+        let mut h = self.headers(configured, true, CALL_ACCEPT);
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+        h
     }
 
     /// The headers of a request, with a body or not, accepting `accept`.
@@ -103,7 +112,9 @@ impl Sent {
         has_body: bool,
         accept: &'static str,
     ) -> http::HeaderMap {
-        let mut h = http::HeaderMap::with_capacity(configured.len() + 5);
+        // Room to spare in the index (which a clone keeps): hyper looks up `Transfer-Encoding`
+        // with `entry`, which grows a full map (rehashing it) even to insert nothing.
+        let mut h = http::HeaderMap::with_capacity(configured.len() + 8);
         h.extend(configured.iter().map(|(k, v)| (k.clone(), v.clone())));
         if let Some(host) = &self.host
             && !h.contains_key(HOST)
@@ -136,7 +147,7 @@ impl Sent {
         if let Some(v) = protocol_version {
             self.protocol_version = Some(v);
         }
-        self.call = self.headers(configured, true, CALL_ACCEPT);
+        self.call = self.call_headers(configured);
     }
 }
 
@@ -377,7 +388,8 @@ impl Connection {
     }
 
     fn request(&self, method: Method, body: Bytes, accept: &'static str) -> Request<Full<Bytes>> {
-        let has_body = !body.is_empty();
+        let len = body.len() as u64;
+        let has_body = len > 0;
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method;
         if self.endpoint.is_none() {
@@ -386,7 +398,12 @@ impl Connection {
         }
         let sent = self.sent();
         *req.headers_mut() = if has_body && accept == CALL_ACCEPT {
-            sent.call.clone()
+            let mut h = sent.call.clone();
+            // In place of the one kept (`insert` would make room for one more first).
+            if let Some(kept) = h.get_mut(CONTENT_LENGTH) {
+                *kept = HeaderValue::from(len);
+            }
+            h
         } else {
             sent.headers(&self.headers, has_body, accept)
         };
@@ -911,6 +928,8 @@ mod tests {
             headers(&post(&c)),
             pairs(&[
                 ("accept", CALL_ACCEPT),
+                // The body's, written in place of the one the prebuilt map keeps room for.
+                ("content-length", "2"),
                 ("content-type", "application/json"),
                 // The pool's endpoint's, written with the rest rather than added per call.
                 ("host", "127.0.0.1:1"),
@@ -918,6 +937,9 @@ mod tests {
             ])
         );
         assert_eq!((c.session_id(), c.protocol_version()), (None, None));
+        // Room for hyper's `entry` look-up, which grows a full map even to insert nothing.
+        let h = post(&c).headers().clone();
+        assert!(h.capacity() > h.len(), "{} of {}", h.len(), h.capacity());
 
         let c = c.in_session("s-1", Some("2025-06-18")).unwrap();
         c.set_protocol_version(br#"{"protocolVersion":"2025-11-25","capabilities":{}}"#);
@@ -925,6 +947,7 @@ mod tests {
             headers(&post(&c)),
             pairs(&[
                 ("accept", CALL_ACCEPT),
+                ("content-length", "2"),
                 ("content-type", "application/json"),
                 ("host", "127.0.0.1:1"),
                 ("mcp-protocol-version", "2025-11-25"),
