@@ -88,16 +88,15 @@ pub struct Gateway {
     remote_client: http::Client,
     /// This gateway's mark on requests to remote servers (one that leads back is refused).
     pub via: ::http::HeaderValue,
-    /// Open sessions by id.
-    /// Hashed with foldhash, not SipHash: looked up on every request; the keys are the
-    /// gateway's own random ids.
+    /// Open sessions by id (foldhash, not SipHash: looked up on every request, by ids the
+    /// gateway drew at random).
     pub sessions: DashMap<Arc<str>, Arc<Session>, foldhash::fast::RandomState>,
     /// Open sessions per authenticated principal (bounded by `mcp.max_sessions_per_principal`).
     sessions_per_principal: DashMap<Arc<str>, usize>,
     /// Where stateless (2026-07-28) requests run: one hidden session per principal, profile
     /// and token grants, holding the upstream sessions the gateway keeps for them (principals
-    /// never share one).
-    stateless: DashMap<StatelessKey, Arc<Session>>,
+    /// never share one). foldhash: looked up on every stateless request.
+    stateless: DashMap<StatelessKey, Arc<Session>, foldhash::fast::RandomState>,
     /// Stateless sessions a topology change replaced, ended once their requests finish.
     draining: std::sync::Mutex<Vec<Arc<Session>>>,
     /// 2024-11-05 HTTP+SSE clients by the id their endpoint names.
@@ -207,7 +206,7 @@ impl Gateway {
             config: Arc::new(config),
             sessions: DashMap::default(),
             sessions_per_principal: DashMap::new(),
-            stateless: DashMap::new(),
+            stateless: DashMap::default(),
             draining: std::sync::Mutex::new(Vec::new()),
             sse_clients: DashMap::new(),
             // With session keys, a requestState sealed by one replica opens on the others.
