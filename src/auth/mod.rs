@@ -60,7 +60,16 @@ impl Claims {
     /// A hash of the groups and scopes as sets: equal for [`Claims::same_grants`].
     pub fn grants_hash(c: Option<&Claims>) -> u64 {
         use std::hash::BuildHasher;
-        let hasher = foldhash::fast::FixedState::with_seed(0);
+        // Seeded once per process at random: with a known seed, sets of groups chosen to
+        // collide would share one bucket of the hidden sessions' map whatever its own seed.
+        static SEED: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+            let mut b = [0u8; 8];
+            getrandom::fill(&mut b).map_or_else(
+                |_| foldhash::fast::RandomState::default().hash_one(0u8),
+                |()| u64::from_ne_bytes(b),
+            )
+        });
+        let hasher = foldhash::fast::FixedState::with_seed(*SEED);
         let mut sum = 0u64;
         if let Some(c) = c {
             // Each distinct item once, in any order: equal sets hash alike.

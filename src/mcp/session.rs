@@ -1082,8 +1082,8 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let mut inflight = lock(&self.session.inflight);
         inflight.count -= 1;
-        // One lookup (the id is hashed with SipHash): a later request that reused the id owns
-        // the entry now.
+        // One lookup (the id is hashed once): a later request that reused the id owns the entry
+        // now.
         if let std::collections::hash_map::Entry::Occupied(entry) =
             inflight.by_id.entry(std::mem::take(&mut self.id))
             && entry.get().0 == self.ticket

@@ -95,7 +95,7 @@ impl CallQueue {
             // pushed as the reader goes is dropped now, not with the last sink.
             self.queued.store(frames.len(), Ordering::SeqCst);
             if self.closed.load(Ordering::SeqCst) {
-                frames.clear();
+                *frames = VecDeque::new();
                 self.queued.store(0, Ordering::SeqCst);
                 return Err(Refused::Closed);
             }
@@ -159,6 +159,9 @@ impl CallEvents {
 impl Drop for CallEvents {
     fn drop(&mut self) {
         self.0.closed.store(true, Ordering::SeqCst);
+        // The reading task's waker goes too: a sink a route keeps must not keep that task's
+        // memory.
+        drop(self.0.reader.take());
         // What waits is dropped now, not when the last sink goes (a route kept by a server
         // connection, say).
         if self.0.queued.load(Ordering::SeqCst) > 0 {
