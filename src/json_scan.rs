@@ -276,16 +276,23 @@ fn literal_end(text: &[u8], at: usize, word: &'static [u8]) -> Result<usize, Sca
 /// The first index from `at` of a byte that ends a run of plain string content: `"`, `\` or
 /// a control character (or the text's length).
 #[inline]
-fn plain_run(text: &[u8], mut at: usize) -> usize {
+fn plain_run(text: &[u8], at: usize) -> usize {
     // Short runs (names, methods, most values) end within two words: looked at here, inline.
-    for _ in 0..2 {
+    words(text, at, 2).unwrap_or_else(|at| medium_run(text, at))
+}
+
+/// Up to `n` words of a run from `at`: `Ok` with its end if it ends among them (or in the
+/// last few bytes of the text), else `Err` with where the words stop.
+#[inline(always)]
+fn words(text: &[u8], mut at: usize, n: usize) -> Result<usize, usize> {
+    for _ in 0..n {
         match word_end(text, at) {
-            Some(Ok(end)) => return end,
+            Some(Ok(end)) => return Ok(end),
             Some(Err(())) => at += 8,
-            None => return tail_run(text, at),
+            None => return Ok(tail_run(text, at)),
         }
     }
-    medium_run(text, at)
+    Err(at)
 }
 
 /// Where a plain run ends in the eight bytes at `at`: `Ok(index)` if it does, `Err` if all
@@ -313,18 +320,12 @@ fn word_end(text: &[u8], at: usize) -> Option<Result<usize, ()>> {
 /// [`plain_run`] past its first sixteen bytes, up to 64 (the 2026-07-28 `_meta` keys are
 /// about 40): still a word at a time, which costs less than a vector search's set-up.
 #[inline(never)]
-fn medium_run(text: &[u8], mut at: usize) -> usize {
-    for _ in 0..6 {
-        match word_end(text, at) {
-            Some(Ok(end)) => return end,
-            Some(Err(())) => at += 8,
-            None => return tail_run(text, at),
-        }
+fn medium_run(text: &[u8], at: usize) -> usize {
+    match words(text, at, 6) {
+        Ok(end) => end,
+        Err(at) if text.len() - at >= 8 => long_run(text, at),
+        Err(at) => tail_run(text, at),
     }
-    if text.len() - at >= 8 {
-        return long_run(text, at);
-    }
-    tail_run(text, at)
 }
 
 /// The end of a plain run in the last few bytes of the text.
