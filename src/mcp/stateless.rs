@@ -723,12 +723,14 @@ pub(crate) async fn post(
             jsonrpc::error_response(Some(&id), code::INVALID_PARAMS, message),
         )
     };
+    let completion = Completion::of(&method);
     let round = Round {
         gw: gw.clone(),
         id: id.clone(),
-        method: method.to_string(),
+        // The message's own string, not a copy: the round names the method from here on.
+        method: method.into_string(),
         target,
-        completion: Completion::of(&method),
+        completion,
         log_level: meta.log_level,
         meta,
         principal: principal.clone(),
@@ -773,18 +775,18 @@ pub(crate) async fn post(
         session.hold_claims(claims);
     }
     let busy = session.touch();
-    if &*method == "tools/call"
+    if round.method == "tools/call"
         && let Err(refusal) =
             check_param_headers(&session, &mirrored, &round, params.as_deref()).await
     {
-        tracing::debug!(%method, "refused a stateless request: {refusal}");
+        tracing::debug!(method = %round.method, "refused a stateless request: {refusal}");
         return json_response(refusal.status(), refusal.frame(&id));
     }
-    if &*method == "subscriptions/listen" {
+    if round.method == "subscriptions/listen" {
         // Boxed: a listen is long-lived and rare, and would double every call's future.
         return Box::pin(listen(gw, session, busy, id, params)).await;
     }
-    if &*method == "server/discover" {
+    if round.method == "server/discover" {
         let result = discover(gw, &session).await;
         return json_response(
             StatusCode::OK,
@@ -801,7 +803,7 @@ pub(crate) async fn post(
         awaiting: Some(&awaiting),
         ..gw.services()
     };
-    match handler::request(services, &session, id, &method, params).await {
+    match handler::request(services, &session, id, &round.method, params).await {
         Reply::Json(frame) => {
             let frame = round.answer(&session, frame).await;
             if let Some(span) = span {
