@@ -464,14 +464,20 @@ mod tests {
             .expect("the clock is past two seconds");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn on_a_shared_runtime_any_threads_idle_connection_is_taken() {
+    /// A pool holding one ready connection to a test server, marked as another thread's.
+    async fn with_a_foreign_connection() -> (Uri, Arc<AtomicUsize>, Arc<Pool>) {
         let (url, accepted, _) = server().await;
         let pool = Arc::new(Pool::default());
         text(pool.send(&at(&url), get()).await.unwrap()).await;
         all_ready(&pool).await;
-        // As if opened by another worker: on a shared runtime its task runs on any of them.
         foreign(&pool, 0);
+        (url, accepted, pool)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_a_shared_runtime_any_threads_idle_connection_is_taken() {
+        // As if opened by another worker: on a shared runtime its task runs on any of them.
+        let (url, accepted, pool) = with_a_foreign_connection().await;
         text(pool.send(&at(&url), get()).await.unwrap()).await;
         assert_eq!(
             accepted.load(Ordering::SeqCst),
@@ -482,11 +488,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pinned_thread_opens_its_own_connection_unless_anothers_has_idled() {
-        let (url, accepted, _) = server().await;
-        let pool = Arc::new(Pool::default());
-        text(pool.send(&at(&url), get()).await.unwrap()).await;
-        all_ready(&pool).await;
-        foreign(&pool, 0);
+        let (url, accepted, pool) = with_a_foreign_connection().await;
         // Used moments ago by its own thread: a connection of this thread's own is opened.
         text(pool.send(&at(&url), get()).await.unwrap()).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
