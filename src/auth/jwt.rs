@@ -210,7 +210,7 @@ struct Cached {
 
 /// A foldhash state seeded from the OS random source (foldhash's own seed comes from addresses
 /// and the clock), falling back to foldhash's own if that source fails.
-fn random_hash_state() -> foldhash::fast::SeedableRandomState {
+pub(super) fn random_hash_state() -> foldhash::fast::SeedableRandomState {
     static SHARED: OnceLock<Option<foldhash::SharedSeed>> = OnceLock::new();
     let random = || {
         let mut b = [0u8; 8];

@@ -62,14 +62,9 @@ impl Claims {
         use std::hash::BuildHasher;
         // Seeded once per process at random: with a known seed, sets of groups chosen to
         // collide would share one bucket of the hidden sessions' map whatever its own seed.
-        static SEED: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
-            let mut b = [0u8; 8];
-            getrandom::fill(&mut b).map_or_else(
-                |_| foldhash::fast::RandomState::default().hash_one(0u8),
-                |()| u64::from_ne_bytes(b),
-            )
-        });
-        let hasher = foldhash::fast::FixedState::with_seed(*SEED);
+        static HASHER: std::sync::LazyLock<foldhash::fast::SeedableRandomState> =
+            std::sync::LazyLock::new(jwt::random_hash_state);
+        let hasher = &*HASHER;
         let mut sum = 0u64;
         if let Some(c) = c {
             // Each distinct item once, in any order: equal sets hash alike.
