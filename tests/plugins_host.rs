@@ -965,6 +965,136 @@ chains:
     assert_eq!(metrics["trust"].calls, 1);
 }
 
+/// The context a plugin reads, field by field, call after call on one warm instance: each
+/// call sees its own values and nothing of the call before (the host reuses its buffers).
+#[test]
+fn each_call_context_field_reaches_the_plugin_and_nothing_stale_does() {
+    let set = load(
+        r#"
+modules:
+  - { name: echo, path: "{dir}/echo_context.wasm", max_warm: 1 }
+chains: [ { plugins: [echo] } ]
+"#,
+    )
+    .unwrap();
+    let groups: Vec<Box<str>> = vec!["staff".into(), "eng".into(), "ops".into()];
+    let scopes: Vec<Box<str>> = vec!["mcp".into()];
+    let one_group: Vec<Box<str>> = vec!["x".into()];
+    let calls = [
+        CallContext {
+            method: "tools/call",
+            server: "files",
+            name: Some("read"),
+            principal: Some("alice"),
+            session_id: "session-1",
+            profile: Some("team"),
+            groups: &groups,
+            scopes: &scopes,
+        },
+        CallContext {
+            method: "prompts/get",
+            server: "s",
+            name: Some("p"),
+            principal: Some("bo"),
+            session_id: "2",
+            profile: None,
+            groups: &one_group,
+            scopes: &[],
+        },
+        CallContext {
+            method: "tools/list",
+            server: "",
+            name: None,
+            principal: None,
+            session_id: "",
+            profile: None,
+            groups: &[],
+            scopes: &[],
+        },
+        CallContext {
+            method: "resources/read",
+            server: "a-much-longer-server-name",
+            name: Some("file:///a/much/longer/uri"),
+            principal: Some("carol"),
+            session_id: "session-4",
+            profile: Some("p"),
+            groups: &groups,
+            scopes: &[],
+        },
+    ];
+    for ctx in &calls {
+        let echoed: serde_json::Value =
+            serde_json::from_str(&denied(set.on_request_blocking(ctx, "{}")).message).unwrap();
+        let strs = |items: &[Box<str>]| items.iter().map(|i| i.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            echoed,
+            serde_json::json!({
+                "method": ctx.method,
+                "server": ctx.server,
+                "name": ctx.name,
+                "principal": ctx.principal,
+                "session_id": ctx.session_id,
+                "profile": ctx.profile,
+                "groups": strs(ctx.groups),
+                "scopes": strs(ctx.scopes),
+                "name_again": ctx.name,
+            }),
+        );
+    }
+    assert_eq!(
+        set.warm_instances("echo"),
+        Some(1),
+        "one instance served them all"
+    );
+    let m = set
+        .metrics()
+        .into_iter()
+        .find(|(n, _)| n == "echo")
+        .unwrap()
+        .1;
+    assert_eq!(m.instances, 1);
+}
+
+/// A component built against an older `gatehouse:plugin` is refused at load, and the error
+/// says which version it was built for and what to do.
+#[test]
+fn a_component_of_an_older_interface_is_refused_with_what_to_do() {
+    // The smallest such component, encoded by hand: it imports `now-ms` from the 0.2.0
+    // clock interface (a type section holding the instance type, then the import).
+    let name = b"gatehouse:plugin/clock@0.2.0";
+    let mut bytes = b"\0asm\x0d\0\x01\0".to_vec();
+    let instance_type: &[u8] = &[
+        0x01, 0x42, 0x02, // one type: an instance type of two declarations
+        0x01, 0x40, 0x00, 0x00, 0x77, // a func type: no parameters, one u64 result
+        0x04, 0x00, 0x06, b'n', b'o', b'w', b'-', b'm', b's', 0x01,
+        0x00, // export "now-ms" of it
+    ];
+    bytes.extend([0x07, instance_type.len() as u8]);
+    bytes.extend(instance_type);
+    let mut import = vec![0x01, 0x00, name.len() as u8];
+    import.extend(name);
+    import.extend([0x05, 0x00]); // an instance of type 0
+    bytes.extend([0x0a, import.len() as u8]);
+    bytes.extend(import);
+    let dir = std::env::temp_dir().join(format!("gatehouse-old-plugin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("old.wasm");
+    std::fs::write(&path, &bytes).unwrap();
+    let yaml = format!(
+        "modules: [ {{ name: old, path: {path:?} }} ]\nchains: [ {{ plugins: [old] }} ]\nengine: {{ cache_dir: {:?} }}\n",
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/plugin-cache-tests")
+    );
+    let cfg: PluginsConfig = serde_saphyr::from_str(&yaml).unwrap();
+    let err = PluginSet::load(&cfg).unwrap_err().to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        err.contains("does not implement gatehouse:plugin/plugin@0.3.0")
+            && err.contains("built against gatehouse:plugin@0.2.0")
+            && err.contains("rebuild it against wit/plugin.wit"),
+        "{err}"
+    );
+}
+
 #[test]
 fn warm_instances_are_reused_and_recycled() {
     let set = load(
@@ -1058,7 +1188,7 @@ fn plugin_check_reports_the_decision() {
     .unwrap();
     let report = gatehouse::plugins::check(&wasm("tool_policy"), Some(&sample)).unwrap();
     assert!(
-        report.contains("interface: gatehouse:plugin/plugin@0.2.0 ok"),
+        report.contains("interface: gatehouse:plugin/plugin@0.3.0 ok"),
         "{report}"
     );
     assert!(report.contains("hooks: on-request"), "{report}");

@@ -131,7 +131,7 @@ pub fn check(path: &Path, input: Option<&Path>) -> Result<String, PluginError> {
         engine::sha256_hex(&bytes),
         bytes.len()
     ));
-    out.push_str("interface: gatehouse:plugin/plugin@0.2.0 ok\n");
+    out.push_str("interface: gatehouse:plugin/plugin@0.3.0 ok\n");
     let mut names = Vec::new();
     if hooks.on_request {
         names.push("on-request");

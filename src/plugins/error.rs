@@ -37,7 +37,7 @@ pub enum PluginError {
     },
     /// The component does not fit the `gatehouse:plugin` interface (missing
     /// export, wrong types, or an import the gateway does not provide).
-    #[error("plugin {plugin}: does not implement gatehouse:plugin/plugin@0.2.0: {message}")]
+    #[error("plugin {plugin}: does not implement gatehouse:plugin/plugin@0.3.0: {message}")]
     Interface {
         /// The plugin's name.
         plugin: String,

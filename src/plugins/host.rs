@@ -10,11 +10,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::CallContext;
+use super::bindings::CallHandle;
 use super::bindings::gatehouse::plugin::{clock, log, state, types};
 use super::budget::{Budget, Mode};
 use super::leader::Unavailable;
@@ -36,10 +38,9 @@ pub(crate) struct HostState {
     /// The plugin's name, for logs and state keys.
     plugin: Arc<str>,
     store: Arc<StateStore>,
-    /// The current call's session id (empty in `init`).
-    session: String,
-    /// The current call's principal.
-    principal: Option<String>,
+    /// The running call's context (empty in `init`), answered to the guest's
+    /// `call-context` methods and naming the owners of state scopes.
+    call: CallFields,
     log_lines: u32,
     /// The last bytes the guest wrote to stdout/stderr (a panic message).
     pub(crate) output: OutputTail,
@@ -66,25 +67,17 @@ impl HostState {
             limits: Limits::new(memory_limit),
             plugin,
             store,
-            session: String::new(),
-            principal: None,
+            call: CallFields::default(),
             log_lines: 0,
             output,
             budget: Budget::new(Duration::ZERO, Mode::Blocking),
         }
     }
 
-    /// Sets who the next call is for (state scopes) and resets per-call counters.
-    pub(crate) fn begin_call(&mut self, session: &str, principal: Option<&str>) {
-        self.session.clear();
-        self.session.push_str(session);
-        match (principal, &mut self.principal) {
-            (Some(p), Some(current)) => {
-                current.clear();
-                current.push_str(p);
-            }
-            (p, current) => *current = p.map(str::to_string),
-        }
+    /// Sets the call the next hook runs for (its context, the owners of state scopes) and
+    /// resets per-call counters.
+    pub(crate) fn begin_call(&mut self, ctx: &CallContext<'_>) {
+        self.call.set(ctx);
         self.log_lines = 0;
         self.limits.denied_memory = None;
         self.output.clear();
@@ -92,8 +85,8 @@ impl HostState {
 
     fn caller(&self) -> Caller<'_> {
         Caller {
-            session: &self.session,
-            principal: self.principal.as_deref(),
+            session: &self.call.session_id,
+            principal: self.call.principal.as_deref(),
         }
     }
 }
@@ -166,7 +159,89 @@ impl wasmtime::ResourceLimiter for Limits {
 
 // ---- gatehouse:plugin imports ----
 
+/// A call's context, copied into buffers the store keeps between calls (so a warm instance
+/// copies without allocating), for the guest to read field by field.
+#[derive(Default)]
+struct CallFields {
+    method: String,
+    server: String,
+    name: Option<String>,
+    principal: Option<String>,
+    session_id: String,
+    profile: Option<String>,
+    groups: Vec<String>,
+    scopes: Vec<String>,
+}
+
+impl CallFields {
+    fn set(&mut self, ctx: &CallContext<'_>) {
+        copy(&mut self.method, ctx.method);
+        copy(&mut self.server, ctx.server);
+        copy_option(&mut self.name, ctx.name);
+        copy_option(&mut self.principal, ctx.principal);
+        copy(&mut self.session_id, ctx.session_id);
+        copy_option(&mut self.profile, ctx.profile);
+        copy_list(&mut self.groups, ctx.groups);
+        copy_list(&mut self.scopes, ctx.scopes);
+    }
+}
+
+fn copy(to: &mut String, from: &str) {
+    to.clear();
+    to.push_str(from);
+}
+
+fn copy_option(to: &mut Option<String>, from: Option<&str>) {
+    match (from, to.as_mut()) {
+        (Some(from), Some(to)) => copy(to, from),
+        (from, _) => *to = from.map(str::to_string),
+    }
+}
+
+fn copy_list(to: &mut Vec<String>, from: &[Box<str>]) {
+    to.truncate(from.len());
+    for (i, item) in from.iter().enumerate() {
+        match to.get_mut(i) {
+            Some(kept) => copy(kept, item),
+            None => to.push(item.to_string()),
+        }
+    }
+}
+
 impl types::Host for HostState {}
+
+/// The guest only ever holds a borrowed handle, for the length of one hook call, and the
+/// store runs one call at a time: every handle means the running call.
+impl types::HostCallContext for HostState {
+    fn method(&mut self, _: Resource<CallHandle>) -> String {
+        self.call.method.clone()
+    }
+    fn server(&mut self, _: Resource<CallHandle>) -> String {
+        self.call.server.clone()
+    }
+    fn name(&mut self, _: Resource<CallHandle>) -> Option<String> {
+        self.call.name.clone()
+    }
+    fn principal(&mut self, _: Resource<CallHandle>) -> Option<String> {
+        self.call.principal.clone()
+    }
+    fn session_id(&mut self, _: Resource<CallHandle>) -> String {
+        self.call.session_id.clone()
+    }
+    fn profile(&mut self, _: Resource<CallHandle>) -> Option<String> {
+        self.call.profile.clone()
+    }
+    fn groups(&mut self, _: Resource<CallHandle>) -> Vec<String> {
+        self.call.groups.clone()
+    }
+    fn scopes(&mut self, _: Resource<CallHandle>) -> Vec<String> {
+        self.call.scopes.clone()
+    }
+    fn drop(&mut self, _: Resource<CallHandle>) -> wasmtime::Result<()> {
+        // Never owned by the guest, so never dropped by it; nothing to free either way.
+        Ok(())
+    }
+}
 
 impl log::Host for HostState {
     fn log(&mut self, level: log::Level, message: String) {
@@ -238,8 +313,8 @@ impl HostState {
         let store = self.store.clone();
         let asked = Asked {
             plugin: self.plugin.clone(),
-            session: self.session.clone(),
-            principal: self.principal.clone(),
+            session: self.call.session_id.clone(),
+            principal: self.call.principal.clone(),
             action,
         };
         async move {

@@ -16,10 +16,11 @@ use std::time::SystemTime;
 
 use crossbeam_queue::ArrayQueue;
 use futures_util::FutureExt;
-use wasmtime::component::Component;
+use wasmtime::component::{Component, Resource};
 use wasmtime::{Store, StoreContextMut, UpdateDeadline};
 
-use super::bindings::{self, HookSet};
+use super::CallContext;
+use super::bindings::{self, CallHandle, HookSet};
 use super::budget::{Budget, Mode};
 use super::config::PluginConfig;
 use super::engine::Runtime;
@@ -83,15 +84,28 @@ fn on_tick(store: StoreContextMut<'_, HostState>) -> wasmtime::Result<UpdateDead
     })
 }
 
-/// One hook call's input.
+/// One hook call's input (besides its context).
 pub(crate) enum HookCall<'a> {
     /// `on-request` over the arguments.
-    Request(&'a bindings::CallContext<'a>, &'a str),
+    Request(&'a str),
     /// `on-response` over the result.
-    Response(&'a bindings::CallContext<'a>, &'a str),
+    Response(&'a str),
     /// `filter-list` over entries.
-    FilterList(&'a bindings::CallContext<'a>, &'a [bindings::ListEntry<'a>]),
+    FilterList(&'a [bindings::ListEntry<'a>]),
 }
+
+/// The context `init` runs in: no call, so nothing to name (and no owner for session or
+/// principal state).
+const NO_CALL: CallContext<'static> = CallContext {
+    method: "",
+    server: "",
+    name: None,
+    principal: None,
+    session_id: "",
+    profile: None,
+    groups: &[],
+    scopes: &[],
+};
 
 /// One hook call's answer.
 pub(crate) enum HookAnswer {
@@ -192,7 +206,7 @@ impl LoadedPlugin {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_callback(on_tick);
         store.set_epoch_deadline(1);
-        store.data_mut().begin_call("", None);
+        store.data_mut().begin_call(&NO_CALL);
         store.data_mut().budget = Budget::new(self.cfg.init_deadline, mode);
         self.metrics.instances.fetch_add(1, Ordering::Relaxed);
         let plugin = match guard(self.pre.instantiate_async(&mut store)).await? {
@@ -225,8 +239,7 @@ impl LoadedPlugin {
     /// dropped before it finished (its future cancelled).
     pub(crate) async fn call(
         &self,
-        session: &str,
-        principal: Option<&str>,
+        ctx: &CallContext<'_>,
         input: HookCall<'_>,
         mode: Mode,
     ) -> Result<HookAnswer, Fault> {
@@ -234,23 +247,25 @@ impl LoadedPlugin {
             Some(w) => w,
             None => self.instantiate(mode).await?.0,
         };
-        warm.store.data_mut().begin_call(session, principal);
+        warm.store.data_mut().begin_call(ctx);
         warm.store.data_mut().budget = Budget::new(self.cfg.deadline, mode);
         warm.store.set_epoch_deadline(1);
         let hooks = warm.plugin.gatehouse_plugin_hooks();
         let store = &mut warm.store;
+        // The handle's number means nothing: the host answers from the call it runs.
+        let ctx = || Resource::<CallHandle>::new_borrow(0);
         let result = guard(async move {
             match input {
-                HookCall::Request(ctx, args) => hooks
-                    .call_on_request(store, ctx.clone(), args)
+                HookCall::Request(args) => hooks
+                    .call_on_request(store, ctx(), args)
                     .await
                     .map(HookAnswer::Decision),
-                HookCall::Response(ctx, result) => hooks
-                    .call_on_response(store, ctx.clone(), result)
+                HookCall::Response(result) => hooks
+                    .call_on_response(store, ctx(), result)
                     .await
                     .map(HookAnswer::Decision),
-                HookCall::FilterList(ctx, entries) => hooks
-                    .call_filter_list(store, ctx.clone(), entries)
+                HookCall::FilterList(entries) => hooks
+                    .call_filter_list(store, ctx(), entries)
                     .await
                     .map(HookAnswer::Visible),
             }
@@ -294,8 +309,35 @@ pub(crate) fn link(
     let instance_pre = runtime
         .linker
         .instantiate_pre(component)
-        .map_err(|e| format!("{e:#}"))?;
+        .map_err(|e| with_version_hint(format!("{e:#}")))?;
     bindings::PluginPre::new(instance_pre).map_err(|e| format!("{e:#}"))
+}
+
+/// The version of `gatehouse:plugin` this gateway implements.
+const INTERFACE_VERSION: &str = "0.3.0";
+
+/// Adds what to do when the component was built against another version of the interface
+/// (wasmtime only says which import it could not find).
+fn with_version_hint(mut message: String) -> String {
+    let other = message
+        .match_indices("gatehouse:plugin/")
+        .find_map(|(at, prefix)| {
+            let rest = &message[at + prefix.len()..];
+            let name_end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))?;
+            let version = rest[name_end..].strip_prefix('@')?;
+            let end = version
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+                .unwrap_or(version.len());
+            let version = &version[..end];
+            (version != INTERFACE_VERSION).then(|| version.to_string())
+        });
+    if let Some(version) = other {
+        message.push_str(&format!(
+            " (the component was built against gatehouse:plugin@{version}: rebuild it against \
+             wit/plugin.wit, version {INTERFACE_VERSION}; plugins/README.md says what changed)"
+        ));
+    }
+    message
 }
 
 /// Runs `f`, turning a panic in a host function it reached into a fault

@@ -606,8 +606,6 @@ impl PluginSet {
         if order.is_empty() {
             return Ok(hidden);
         }
-        let (groups, scopes) = (as_strs(ctx.groups), as_strs(ctx.scopes));
-        let wit_ctx = to_wit_ctx(ctx, &groups, &scopes);
         for (i, chains) in order {
             let plugin = &self.plugins[i];
             let picked: Vec<usize> = (0..entries.len())
@@ -632,12 +630,7 @@ impl PluginSet {
                 .collect();
             let started = Instant::now();
             let result = plugin
-                .call(
-                    ctx.session_id,
-                    ctx.principal,
-                    HookCall::FilterList(&wit_ctx, &wit_entries),
-                    mode,
-                )
+                .call(ctx, HookCall::FilterList(&wit_entries), mode)
                 .await;
             let result = result.and_then(|answer| match answer {
                 HookAnswer::Visible(v) if v.len() == picked.len() => Ok(v),
@@ -683,8 +676,6 @@ impl PluginSet {
             return Decision::Allow;
         }
         let mut rewritten: Option<String> = None;
-        let (groups, scopes) = (as_strs(ctx.groups), as_strs(ctx.scopes));
-        let wit_ctx = to_wit_ctx(ctx, &groups, &scopes);
         let mut seen: Vec<usize> = Vec::new();
         for chain in self.chains.iter().filter(|c| c.matches_call(ctx)) {
             for &i in &chain.plugins {
@@ -700,10 +691,10 @@ impl PluginSet {
                 let input = rewritten.as_deref().unwrap_or(payload);
                 let started = Instant::now();
                 let call = match hook {
-                    Hook::Request => HookCall::Request(&wit_ctx, input),
-                    Hook::Response => HookCall::Response(&wit_ctx, input),
+                    Hook::Request => HookCall::Request(input),
+                    Hook::Response => HookCall::Response(input),
                 };
-                let result = plugin.call(ctx.session_id, ctx.principal, call, mode).await;
+                let result = plugin.call(ctx, call, mode).await;
                 let result = result.and_then(|answer| match answer {
                     HookAnswer::Visible(_) => {
                         unreachable!("on-request/on-response answer a decision")
@@ -787,28 +778,6 @@ fn record_time(plugin: &LoadedPlugin, started: Instant) {
         .metrics
         .call_nanos
         .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-}
-
-/// The strings of `items`, borrowed (no allocation when there are none, the usual case).
-fn as_strs(items: &[Box<str>]) -> Vec<&str> {
-    items.iter().map(|i| &**i).collect()
-}
-
-fn to_wit_ctx<'a>(
-    ctx: &CallContext<'a>,
-    groups: &'a [&'a str],
-    scopes: &'a [&'a str],
-) -> bindings::CallContext<'a> {
-    bindings::CallContext {
-        method: ctx.method,
-        server: ctx.server,
-        name: ctx.name,
-        principal: ctx.principal,
-        session_id: ctx.session_id,
-        profile: ctx.profile,
-        groups,
-        scopes,
-    }
 }
 
 fn to_wit_entry<'a>(e: &'a ListEntry, labels: &'a [&'a str]) -> bindings::ListEntry<'a> {

@@ -20,7 +20,7 @@ impl Plugin for FaultLoop {
     }
 
     fn on_request(&mut self, ctx: &CallContext, _arguments: &str) -> Decision {
-        if ctx.name.as_deref() == Some(self.trigger.as_str()) {
+        if ctx.name() == Some(self.trigger.as_str()) {
             let mut n: u64 = 0;
             loop {
                 n = std::hint::black_box(n.wrapping_add(1));

@@ -22,7 +22,7 @@ pub struct FaultMalformed {
 
 impl FaultMalformed {
     fn triggered(&self, ctx: &CallContext) -> bool {
-        ctx.name.as_deref() == Some(self.trigger.as_str())
+        ctx.name() == Some(self.trigger.as_str())
     }
 }
 

@@ -20,7 +20,7 @@ impl Plugin for FaultOom {
     }
 
     fn on_request(&mut self, ctx: &CallContext, _arguments: &str) -> Decision {
-        if ctx.name.as_deref() == Some(self.trigger.as_str()) {
+        if ctx.name() == Some(self.trigger.as_str()) {
             let mut hoard: Vec<Vec<u8>> = Vec::new();
             loop {
                 // 1 MiB at a time, touched so it is really committed.

@@ -20,14 +20,14 @@ impl Plugin for FaultTrap {
     }
 
     fn on_request(&mut self, ctx: &CallContext, _arguments: &str) -> Decision {
-        if ctx.name.as_deref() == Some(self.trigger.as_str()) {
+        if ctx.name() == Some(self.trigger.as_str()) {
             panic!("fault-trap: trap requested by the test");
         }
         Decision::Allow
     }
 
     fn on_response(&mut self, ctx: &CallContext, _result: &str) -> Decision {
-        if ctx.name.as_deref() == Some(self.trigger.as_str()) {
+        if ctx.name() == Some(self.trigger.as_str()) {
             panic!("fault-trap: trap requested by the test");
         }
         Decision::Allow

@@ -164,9 +164,10 @@ class Rule {
     }
   }
 
-  targets(ctx) {
-    if (this.tool !== null && (ctx.name == null || !this.tool(ctx.name))) return false;
-    return this.server === null || this.server(ctx.server);
+  // `target` holds the call's name and server, read once from the gateway's call-context.
+  targets(target) {
+    if (this.tool !== null && (target.name == null || !this.tool(target.name))) return false;
+    return this.server === null || this.server(target.server);
   }
 
   holds(args) {
@@ -240,8 +241,10 @@ export const hooks = {
 
   onRequest(ctx, argumentsText) {
     let parsed = MISSING;
+    // Each method of the call-context asks the gateway: read the two fields rules use once.
+    const target = { name: ctx.name(), server: ctx.server() };
     for (const rule of policy.rules) {
-      if (!rule.targets(ctx)) continue;
+      if (!rule.targets(target)) continue;
       if (rule.path !== null) {
         if (parsed === MISSING) {
           try {

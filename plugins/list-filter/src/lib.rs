@@ -78,26 +78,31 @@ fn kind_of(k: EntryKind) -> Kind {
     }
 }
 
-fn any_glob(patterns: &Option<Vec<String>>, value: &str) -> bool {
-    patterns
-        .as_ref()
-        .is_none_or(|ps| ps.iter().any(|p| glob::matches(p, value)))
+/// Whether `value` matches one of `patterns` (absent: any caller). The value is read only
+/// when a pattern needs it: each field of the context read is a call to the gateway.
+fn any_glob<'a>(patterns: &Option<Vec<String>>, value: impl FnOnce() -> &'a str) -> bool {
+    patterns.as_ref().is_none_or(|ps| {
+        let value = value();
+        ps.iter().any(|p| glob::matches(p, value))
+    })
 }
 
 /// Whether one of `held` matches one of `patterns` (absent: any caller).
-fn any_held(patterns: &Option<Vec<String>>, held: &[String]) -> bool {
-    patterns
-        .as_ref()
-        .is_none_or(|ps| held.iter().any(|h| ps.iter().any(|p| glob::matches(p, h))))
+fn any_held<'a>(patterns: &Option<Vec<String>>, held: impl FnOnce() -> &'a [String]) -> bool {
+    patterns.as_ref().is_none_or(|ps| {
+        held()
+            .iter()
+            .any(|h| ps.iter().any(|p| glob::matches(p, h)))
+    })
 }
 
 impl Rule {
     fn applies_to_caller(&self, ctx: &CallContext) -> bool {
-        any_glob(&self.principals, ctx.principal.as_deref().unwrap_or(""))
-            && any_held(&self.groups, &ctx.groups)
-            && any_held(&self.scopes, &ctx.scopes)
-            && any_glob(&self.profiles, ctx.profile.as_deref().unwrap_or(""))
-            && any_glob(&self.servers, &ctx.server)
+        any_glob(&self.principals, || ctx.principal().unwrap_or(""))
+            && any_held(&self.groups, || ctx.groups())
+            && any_held(&self.scopes, || ctx.scopes())
+            && any_glob(&self.profiles, || ctx.profile().unwrap_or(""))
+            && any_glob(&self.servers, || ctx.server())
     }
 
     fn applies_to_entry(&self, entry: &ListEntry) -> bool {
@@ -173,16 +178,11 @@ export_plugin!(ListFilter: filter_list);
 mod tests {
     use super::*;
 
-    fn ctx(principal: Option<&str>) -> CallContext {
-        CallContext {
-            method: "tools/list".into(),
-            server: "files".into(),
-            name: None,
-            principal: principal.map(Into::into),
-            session_id: "s".into(),
-            profile: None,
-            groups: Vec::new(),
-            scopes: Vec::new(),
+    fn ctx(principal: Option<&str>) -> CallContext<'static> {
+        let ctx = CallContext::new("tools/list", "files").with_session_id("s");
+        match principal {
+            Some(p) => ctx.with_principal(p),
+            None => ctx,
         }
     }
 
@@ -232,19 +232,16 @@ mod tests {
         )
         .unwrap();
         let entries = [entry("deploy", &[])];
-        let mut engineer = ctx(Some("alice"));
-        engineer.groups = vec!["staff".into(), "engineering".into()];
+        let engineer = ctx(Some("alice")).with_groups(&["staff", "engineering"]);
         assert_eq!(p.filter_list(&engineer, &entries), [true]);
-        let mut other = ctx(Some("bob"));
-        other.groups = vec!["sales".into()];
+        let other = ctx(Some("bob")).with_groups(&["sales"]);
         assert_eq!(p.filter_list(&other, &entries), [false]);
         assert_eq!(p.filter_list(&ctx(Some("machine")), &entries), [false]);
         let mut p = ListFilter::init(
             r#"{"rules": [{"scopes": ["deploy:*"], "allow": ["deploy"]}], "default": "deny"}"#,
         )
         .unwrap();
-        let mut granted = ctx(Some("carol"));
-        granted.scopes = vec!["mcp".into(), "deploy:prod".into()];
+        let granted = ctx(Some("carol")).with_scopes(&["mcp", "deploy:prod"]);
         assert_eq!(p.filter_list(&granted, &entries), [true]);
         assert_eq!(p.filter_list(&engineer, &entries), [false]);
     }

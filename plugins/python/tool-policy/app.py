@@ -87,10 +87,10 @@ class Rule:
                 except re.error as e:
                     raise ValueError(f"rules[{i}].value: {e}")
 
-    def targets(self, ctx):
-        if self.tool is not None and (ctx.name is None or not glob(self.tool, ctx.name)):
+    def targets(self, name, server):
+        if self.tool is not None and (name is None or not glob(self.tool, name)):
             return False
-        return self.server is None or glob(self.server, ctx.server)
+        return self.server is None or glob(self.server, server)
 
     def holds(self, args):
         actual = lookup(args, self.path)
@@ -158,8 +158,10 @@ class Hooks(exports.Hooks):
     def on_request(self, ctx, arguments):
         policy = _policy
         parsed = _MISSING
+        # Each method of the call-context asks the gateway: read the two fields rules use once.
+        name, server = ctx.name(), ctx.server()
         for rule in policy.rules:
-            if not rule.targets(ctx):
+            if not rule.targets(name, server):
                 continue
             if rule.path is not None:
                 if parsed is _MISSING:

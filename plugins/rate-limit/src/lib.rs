@@ -102,7 +102,7 @@ impl Plugin for RateLimit {
     }
 
     fn on_request(&mut self, ctx: &CallContext, _arguments: &str) -> Decision {
-        let tool = ctx.name.as_deref().unwrap_or("");
+        let tool = ctx.name().unwrap_or("");
         for (i, limit) in self.limits.iter().enumerate() {
             if !limit.target.matches(ctx) {
                 continue;
@@ -145,15 +145,11 @@ mod tests {
     fn counts_every_call_a_limit_matches_together() {
         let mut p =
             RateLimit::init(r#"{"limits": [{"tool": "a*", "calls": 2, "window": "1h"}]}"#).unwrap();
-        let ctx = |name: &str| CallContext {
-            method: "tools/call".into(),
-            server: "s".into(),
-            name: Some(name.into()),
-            principal: Some("p".into()),
-            session_id: "s".into(),
-            profile: None,
-            groups: Vec::new(),
-            scopes: Vec::new(),
+        let ctx = |name: &str| {
+            CallContext::new("tools/call", "s")
+                .with_name(name)
+                .with_principal("p")
+                .with_session_id("s")
         };
         assert!(matches!(p.on_request(&ctx("ab"), "{}"), Decision::Allow));
         assert!(matches!(p.on_request(&ctx("ac"), "{}"), Decision::Allow));

@@ -247,16 +247,9 @@ mod tests {
     #[test]
     fn rewrites_nested_json_only_when_needed() {
         let mut p = plugin();
-        let ctx = CallContext {
-            method: "tools/call".into(),
-            server: "s".into(),
-            name: Some("t".into()),
-            principal: None,
-            session_id: "s".into(),
-            profile: None,
-            groups: Vec::new(),
-            scopes: Vec::new(),
-        };
+        let ctx = CallContext::new("tools/call", "s")
+            .with_name("t")
+            .with_session_id("s");
         let d = p.on_response(
             &ctx,
             r#"{"content":[{"type":"text","text":"reach me at a@b.io"}],"isError":false}"#,

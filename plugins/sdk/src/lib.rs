@@ -13,7 +13,7 @@
 //!         Ok(DenyDelete)
 //!     }
 //!     fn on_request(&mut self, ctx: &CallContext, _arguments: &str) -> Decision {
-//!         match ctx.name.as_deref() {
+//!         match ctx.name() {
 //!             Some(name) if name.starts_with("delete") => Decision::deny("deleting is not allowed"),
 //!             _ => Decision::Allow,
 //!         }
@@ -45,9 +45,164 @@ pub mod bindings {
 
 pub mod glob;
 
-pub use bindings::gatehouse::plugin::types::{
-    CallContext, Decision, Denial, EntryKind, HookSet, ListEntry,
-};
+pub use bindings::gatehouse::plugin::types::{Decision, Denial, EntryKind, HookSet, ListEntry};
+
+use bindings::gatehouse::plugin::types::CallContext as HostCall;
+use std::cell::OnceCell;
+
+/// What `export_plugin!`'s hooks receive from the bindings: the gateway's handle.
+#[doc(hidden)]
+pub type __HostCall<'a> = &'a HostCall;
+
+/// The request a hook runs for. Each field is asked of the gateway the first time the
+/// plugin reads it, then kept for the rest of the hook call: a field never read costs
+/// nothing.
+pub struct CallContext<'a> {
+    host: Option<&'a HostCall>,
+    method: OnceCell<String>,
+    server: OnceCell<String>,
+    name: OnceCell<Option<String>>,
+    principal: OnceCell<Option<String>>,
+    session_id: OnceCell<String>,
+    profile: OnceCell<Option<String>>,
+    groups: OnceCell<Vec<String>>,
+    scopes: OnceCell<Vec<String>>,
+}
+
+impl<'a> CallContext<'a> {
+    #[doc(hidden)]
+    pub fn from_host(host: &'a HostCall) -> CallContext<'a> {
+        CallContext {
+            host: Some(host),
+            method: OnceCell::new(),
+            server: OnceCell::new(),
+            name: OnceCell::new(),
+            principal: OnceCell::new(),
+            session_id: OnceCell::new(),
+            profile: OnceCell::new(),
+            groups: OnceCell::new(),
+            scopes: OnceCell::new(),
+        }
+    }
+
+    /// A context with these values and no others, for unit tests of a plugin on a native
+    /// target; the `with_` methods add the rest.
+    pub fn new(method: &str, server: &str) -> CallContext<'static> {
+        CallContext {
+            host: None,
+            method: OnceCell::from(method.to_string()),
+            server: OnceCell::from(server.to_string()),
+            name: OnceCell::from(None),
+            principal: OnceCell::from(None),
+            session_id: OnceCell::from(String::new()),
+            profile: OnceCell::from(None),
+            groups: OnceCell::from(Vec::new()),
+            scopes: OnceCell::from(Vec::new()),
+        }
+    }
+
+    /// The JSON-RPC method (`tools/call`, `tools/list`, ...; `registry/list` for a
+    /// registry listing).
+    pub fn method(&self) -> &str {
+        self.method.get_or_init(|| self.ask(HostCall::method))
+    }
+
+    /// The upstream server (empty when the request fans out to several).
+    pub fn server(&self) -> &str {
+        self.server.get_or_init(|| self.ask(HostCall::server))
+    }
+
+    /// The tool or prompt name as the upstream knows it, or the resource URI; none on
+    /// listings.
+    pub fn name(&self) -> Option<&str> {
+        self.name
+            .get_or_init(|| self.ask(HostCall::name))
+            .as_deref()
+    }
+
+    /// Who is calling, as the gateway authenticated it; none when anonymous.
+    pub fn principal(&self) -> Option<&str> {
+        self.principal
+            .get_or_init(|| self.ask(HostCall::principal))
+            .as_deref()
+    }
+
+    /// The gateway's MCP session id.
+    pub fn session_id(&self) -> &str {
+        self.session_id
+            .get_or_init(|| self.ask(HostCall::session_id))
+    }
+
+    /// The gateway profile (`/mcp/{profile}`), if any.
+    pub fn profile(&self) -> Option<&str> {
+        self.profile
+            .get_or_init(|| self.ask(HostCall::profile))
+            .as_deref()
+    }
+
+    /// The caller's groups, as its OAuth access token lists them.
+    pub fn groups(&self) -> &[String] {
+        self.groups.get_or_init(|| self.ask(HostCall::groups))
+    }
+
+    /// The scopes the caller's OAuth access token grants.
+    pub fn scopes(&self) -> &[String] {
+        self.scopes.get_or_init(|| self.ask(HostCall::scopes))
+    }
+
+    /// A field from the gateway (a test context has them all already).
+    fn ask<T: Default>(&self, field: fn(&HostCall) -> T) -> T {
+        self.host.map(field).unwrap_or_default()
+    }
+
+    /// Sets the tool or prompt name (or resource URI).
+    pub fn with_name(self, name: &str) -> Self {
+        CallContext {
+            name: OnceCell::from(Some(name.to_string())),
+            ..self
+        }
+    }
+
+    /// Sets the principal.
+    pub fn with_principal(self, principal: &str) -> Self {
+        CallContext {
+            principal: OnceCell::from(Some(principal.to_string())),
+            ..self
+        }
+    }
+
+    /// Sets the session id.
+    pub fn with_session_id(self, session_id: &str) -> Self {
+        CallContext {
+            session_id: OnceCell::from(session_id.to_string()),
+            ..self
+        }
+    }
+
+    /// Sets the profile.
+    pub fn with_profile(self, profile: &str) -> Self {
+        CallContext {
+            profile: OnceCell::from(Some(profile.to_string())),
+            ..self
+        }
+    }
+
+    /// Sets the groups.
+    pub fn with_groups(self, groups: &[&str]) -> Self {
+        CallContext {
+            groups: OnceCell::from(groups.iter().map(|g| g.to_string()).collect::<Vec<_>>()),
+            ..self
+        }
+    }
+
+    /// Sets the scopes.
+    pub fn with_scopes(self, scopes: &[&str]) -> Self {
+        CallContext {
+            scopes: OnceCell::from(scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+            ..self
+        }
+    }
+}
 pub use serde_json;
 
 /// A Gatehouse plugin. One value lives in each instance of the component;
@@ -147,18 +302,27 @@ macro_rules! export_plugin {
                     ::core::result::Result::Ok($crate::HookSet::empty() $(| $crate::__hook_flag!($hook))*)
                 }
 
-                fn on_request(ctx: $crate::CallContext, arguments: ::std::string::String) -> $crate::Decision {
+                fn on_request(
+                    ctx: $crate::__HostCall<'_>,
+                    arguments: ::std::string::String,
+                ) -> $crate::Decision {
+                    let ctx = $crate::CallContext::from_host(ctx);
                     __with_plugin(|p| <$plugin as $crate::Plugin>::on_request(p, &ctx, &arguments))
                 }
 
-                fn on_response(ctx: $crate::CallContext, result: ::std::string::String) -> $crate::Decision {
+                fn on_response(
+                    ctx: $crate::__HostCall<'_>,
+                    result: ::std::string::String,
+                ) -> $crate::Decision {
+                    let ctx = $crate::CallContext::from_host(ctx);
                     __with_plugin(|p| <$plugin as $crate::Plugin>::on_response(p, &ctx, &result))
                 }
 
                 fn filter_list(
-                    ctx: $crate::CallContext,
+                    ctx: $crate::__HostCall<'_>,
                     entries: ::std::vec::Vec<$crate::ListEntry>,
                 ) -> ::std::vec::Vec<bool> {
+                    let ctx = $crate::CallContext::from_host(ctx);
                     __with_plugin(|p| <$plugin as $crate::Plugin>::filter_list(p, &ctx, &entries))
                 }
             }
@@ -365,7 +529,7 @@ pub struct Target {
 impl Target {
     /// Whether this target matches the context.
     pub fn matches(&self, ctx: &CallContext) -> bool {
-        let name_ok = match (&self.tool, &ctx.name) {
+        let name_ok = match (&self.tool, ctx.name()) {
             (None, _) => true,
             (Some(pattern), Some(name)) => glob::matches(pattern, name),
             (Some(_), None) => false,
@@ -374,7 +538,7 @@ impl Target {
             && self
                 .server
                 .as_deref()
-                .is_none_or(|pattern| glob::matches(pattern, &ctx.server))
+                .is_none_or(|pattern| glob::matches(pattern, ctx.server()))
     }
 }
 
@@ -419,16 +583,11 @@ impl Targets {
 mod tests {
     use super::*;
 
-    fn ctx(server: &str, name: Option<&str>) -> CallContext {
-        CallContext {
-            method: "tools/call".into(),
-            server: server.into(),
-            name: name.map(Into::into),
-            principal: None,
-            session_id: "s".into(),
-            profile: None,
-            groups: Vec::new(),
-            scopes: Vec::new(),
+    fn ctx(server: &str, name: Option<&str>) -> CallContext<'static> {
+        let ctx = CallContext::new("tools/call", server).with_session_id("s");
+        match name {
+            Some(name) => ctx.with_name(name),
+            None => ctx,
         }
     }
 

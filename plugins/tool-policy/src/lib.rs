@@ -231,17 +231,10 @@ export_plugin!(ToolPolicy: on_request);
 mod tests {
     use super::*;
 
-    fn ctx(name: &str) -> CallContext {
-        CallContext {
-            method: "tools/call".into(),
-            server: "files".into(),
-            name: Some(name.into()),
-            principal: None,
-            session_id: "s".into(),
-            profile: None,
-            groups: Vec::new(),
-            scopes: Vec::new(),
-        }
+    fn ctx(name: &str) -> CallContext<'static> {
+        CallContext::new("tools/call", "files")
+            .with_name(name)
+            .with_session_id("s")
     }
 
     fn denied(d: &Decision) -> bool {

@@ -44,7 +44,7 @@ impl Plugin for TrustedData {
         match state::get(Scope::Session, TAINT_KEY) {
             Some(source) => Decision::deny(format!(
                 "the session holds untrusted data (from {source}); sensitive tool {} is blocked in this session",
-                ctx.name.as_deref().unwrap_or("?")
+                ctx.name().unwrap_or("?")
             )),
             None => Decision::Allow,
         }
@@ -52,7 +52,7 @@ impl Plugin for TrustedData {
 
     fn on_response(&mut self, ctx: &CallContext, _result: &str) -> Decision {
         if self.untrusted.matches(ctx) {
-            let source = format!("{}/{}", ctx.server, ctx.name.as_deref().unwrap_or("?"));
+            let source = format!("{}/{}", ctx.server(), ctx.name().unwrap_or("?"));
             if let Err(e) = state::set(Scope::Session, TAINT_KEY, &source, None) {
                 // Fail closed: if the taint cannot be recorded, the data must not flow.
                 return Decision::deny(format!("trusted-data: cannot record taint: {e}"));
