@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use gatehouse::plugins::{CallContext, Decision, PluginSet, PluginsConfig};
+use gatehouse::plugins::{CallContext, Decision, JsonText, PluginSet, PluginsConfig};
 use serde_json::Value;
 
 const ARGS: &str = r#"{"path": "/home/alice/notes/todo.txt", "mode": "read", "encoding": "utf-8"}"#;
@@ -235,7 +235,8 @@ fn main() {
                     .enable_time()
                     .build()
                     .expect("tokio runtime");
-                Box::new(move || rt.block_on(s.on_request(&ctx, ARGS)))
+                let args = JsonText::from(ARGS);
+                Box::new(move || rt.block_on(s.on_request(&ctx, &args)))
             },
             samples: Vec::new(),
         },

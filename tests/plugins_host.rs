@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gatehouse::plugins::{
-    CallContext, Decision, Denied, EntryKind, FaultKind, ListEntry, PLUGIN_FAILED, POLICY_DENIED,
-    PluginError, PluginSet, PluginsConfig,
+    CallContext, Decision, Denied, EntryKind, FaultKind, JsonText, ListEntry, PLUGIN_FAILED,
+    POLICY_DENIED, PluginError, PluginSet, PluginsConfig,
 };
 
 /// The folder `plugins/build.sh` writes components to.
@@ -171,7 +171,7 @@ fn check_policy(set: &PluginSet, component: &str) {
         ("other", r#"{}"#, None),
     ];
     for (tool, args, expect) in cases {
-        let d = set.on_request_blocking(&ctx("files", tool), args);
+        let d = set.on_request_blocking(&ctx("files", tool), *args);
         match expect {
             None => assert!(is_allow(&d), "{component}: {tool} {args}: {d:?}"),
             Some(reason) => {
@@ -792,7 +792,10 @@ chains: [ { plugins: [loop] } ]
     tokio::task::yield_now().await;
     let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
     let started = Instant::now();
-    let d = denied(set.on_request(&ctx("s", "trigger"), "{}").await);
+    let d = denied(
+        set.on_request(&ctx("s", "trigger"), &JsonText::EMPTY_OBJECT)
+            .await,
+    );
     let took = started.elapsed();
     let during = ticks.load(std::sync::atomic::Ordering::Relaxed) - before;
     ticker.abort();
@@ -821,7 +824,8 @@ chains: [ { plugins: [loop] } ]
     )
     .unwrap();
     let trigger = ctx("s", "trigger");
-    let spin = set.on_request(&trigger, "{}");
+    let empty = JsonText::EMPTY_OBJECT;
+    let spin = set.on_request(&trigger, &empty);
     let started = Instant::now();
     assert!(
         tokio::time::timeout(Duration::from_millis(50), spin)
@@ -830,7 +834,7 @@ chains: [ { plugins: [loop] } ]
         "the looping call cannot finish"
     );
     assert!(started.elapsed() < Duration::from_secs(1));
-    assert!(is_allow(&set.on_request(&ctx("s", "other"), "{}").await));
+    assert!(is_allow(&set.on_request(&ctx("s", "other"), &empty).await));
     assert_eq!(set.warm_instances("loop"), Some(1));
 }
 
@@ -1022,9 +1026,16 @@ chains: [ { plugins: [echo] } ]
             scopes: &[],
         },
     ];
-    for ctx in &calls {
+    // Arguments long then short: a copy that kept the longer one's tail would show.
+    let payloads = [
+        r#"{"path":"/a/long/path/to/read","mode":"r"}"#,
+        "{}",
+        r#"{"a":1}"#,
+        r#"{"uri":"file:///x"}"#,
+    ];
+    for (ctx, payload) in calls.iter().zip(payloads) {
         let echoed: serde_json::Value =
-            serde_json::from_str(&denied(set.on_request_blocking(ctx, "{}")).message).unwrap();
+            serde_json::from_str(&denied(set.on_request_blocking(ctx, payload)).message).unwrap();
         let strs = |items: &[Box<str>]| items.iter().map(|i| i.to_string()).collect::<Vec<_>>();
         assert_eq!(
             echoed,
@@ -1038,6 +1049,7 @@ chains: [ { plugins: [echo] } ]
                 "groups": strs(ctx.groups),
                 "scopes": strs(ctx.scopes),
                 "name_again": ctx.name,
+                "arguments": payload,
             }),
         );
     }

@@ -179,7 +179,7 @@ pub fn check(path: &Path, input: Option<&Path>) -> Result<String, PluginError> {
             format!(
                 "on-request ({}): {}",
                 target.trim(),
-                describe(&set.on_request_blocking(&ctx, &args))
+                describe(&set.on_request_blocking(&ctx, args.as_str()))
             )
         }
         "on-response" => {
@@ -190,7 +190,7 @@ pub fn check(path: &Path, input: Option<&Path>) -> Result<String, PluginError> {
             format!(
                 "on-response ({}): {}",
                 target.trim(),
-                describe(&set.on_response_blocking(&ctx, &result))
+                describe(&set.on_response_blocking(&ctx, result.as_str()))
             )
         }
         "filter-list" => {

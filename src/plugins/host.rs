@@ -15,12 +15,12 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::CallContext;
 use super::bindings::CallHandle;
 use super::bindings::gatehouse::plugin::{clock, log, state, types};
 use super::budget::{Budget, Mode};
 use super::leader::Unavailable;
 use super::state::{Action, Asked, Caller, Outcome, Scope, StateStore};
+use super::{CallContext, JsonText};
 
 /// Longest log line kept from a plugin, in bytes.
 const MAX_LOG_LINE: usize = 4096;
@@ -74,10 +74,11 @@ impl HostState {
         }
     }
 
-    /// Sets the call the next hook runs for (its context, the owners of state scopes) and
-    /// resets per-call counters.
-    pub(crate) fn begin_call(&mut self, ctx: &CallContext<'_>) {
+    /// Sets the call the next hook runs for (its context and payload, the owners of state
+    /// scopes) and resets per-call counters.
+    pub(crate) fn begin_call(&mut self, ctx: &CallContext<'_>, payload: Option<&JsonText>) {
         self.call.set(ctx);
+        self.call.payload = payload.cloned();
         self.log_lines = 0;
         self.limits.denied_memory = None;
         self.output.clear();
@@ -171,6 +172,8 @@ struct CallFields {
     profile: Option<String>,
     groups: Vec<String>,
     scopes: Vec<String>,
+    /// Shared with the gateway's buffer: copied only into a guest that asks for it.
+    payload: Option<JsonText>,
 }
 
 impl CallFields {
@@ -236,6 +239,16 @@ impl types::HostCallContext for HostState {
     }
     fn scopes(&mut self, _: Resource<CallHandle>) -> Vec<String> {
         self.call.scopes.clone()
+    }
+    fn payload(&mut self, _: Resource<CallHandle>) -> String {
+        let Some(payload) = &self.call.payload else {
+            return String::new();
+        };
+        match std::str::from_utf8(payload.as_bytes()) {
+            Ok(text) => text.to_owned(),
+            // Never: a payload is made from text.
+            Err(_) => String::from_utf8_lossy(payload.as_bytes()).into_owned(),
+        }
     }
     fn drop(&mut self, _: Resource<CallHandle>) -> wasmtime::Result<()> {
         // Never owned by the guest, so never dropped by it; nothing to free either way.

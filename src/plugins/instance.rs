@@ -19,7 +19,6 @@ use futures_util::FutureExt;
 use wasmtime::component::{Component, Resource};
 use wasmtime::{Store, StoreContextMut, UpdateDeadline};
 
-use super::CallContext;
 use super::bindings::{self, CallHandle, HookSet};
 use super::budget::{Budget, Mode};
 use super::config::PluginConfig;
@@ -28,6 +27,7 @@ use super::error::{Fault, PluginError};
 use super::host::HostState;
 use super::metrics::PluginMetrics;
 use super::state::StateStore;
+use super::{CallContext, JsonText};
 
 /// The hooks a plugin implements (answered by its `init`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -87,9 +87,9 @@ fn on_tick(store: StoreContextMut<'_, HostState>) -> wasmtime::Result<UpdateDead
 /// One hook call's input (besides its context).
 pub(crate) enum HookCall<'a> {
     /// `on-request` over the arguments.
-    Request(&'a str),
+    Request(&'a JsonText),
     /// `on-response` over the result.
-    Response(&'a str),
+    Response(&'a JsonText),
     /// `filter-list` over entries.
     FilterList(&'a [bindings::ListEntry<'a>]),
 }
@@ -206,7 +206,7 @@ impl LoadedPlugin {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_callback(on_tick);
         store.set_epoch_deadline(1);
-        store.data_mut().begin_call(&NO_CALL);
+        store.data_mut().begin_call(&NO_CALL, None);
         store.data_mut().budget = Budget::new(self.cfg.init_deadline, mode);
         self.metrics.instances.fetch_add(1, Ordering::Relaxed);
         let plugin = match guard(self.pre.instantiate_async(&mut store)).await? {
@@ -247,7 +247,11 @@ impl LoadedPlugin {
             Some(w) => w,
             None => self.instantiate(mode).await?.0,
         };
-        warm.store.data_mut().begin_call(ctx);
+        let payload = match input {
+            HookCall::Request(json) | HookCall::Response(json) => Some(json),
+            HookCall::FilterList(_) => None,
+        };
+        warm.store.data_mut().begin_call(ctx, payload);
         warm.store.data_mut().budget = Budget::new(self.cfg.deadline, mode);
         warm.store.set_epoch_deadline(1);
         let hooks = warm.plugin.gatehouse_plugin_hooks();
@@ -256,12 +260,12 @@ impl LoadedPlugin {
         let ctx = || Resource::<CallHandle>::new_borrow(0);
         let result = guard(async move {
             match input {
-                HookCall::Request(args) => hooks
-                    .call_on_request(store, ctx(), args)
+                HookCall::Request(_) => hooks
+                    .call_on_request(store, ctx())
                     .await
                     .map(HookAnswer::Decision),
-                HookCall::Response(result) => hooks
-                    .call_on_response(store, ctx(), result)
+                HookCall::Response(_) => hooks
+                    .call_on_response(store, ctx())
                     .await
                     .map(HookAnswer::Decision),
                 HookCall::FilterList(entries) => hooks

@@ -61,11 +61,13 @@ mod engine;
 mod error;
 mod host;
 mod instance;
+mod json_text;
 pub mod leader;
 mod metrics;
 mod reload;
 mod state;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -76,6 +78,7 @@ pub use check::check;
 pub use config::{ByteSize, ChainConfig, EngineConfig, PluginConfig, PluginsConfig};
 pub use error::{Fault, FaultKind, PluginError};
 pub use instance::Hooks;
+pub use json_text::JsonText;
 pub use metrics::{MetricsSnapshot, PluginMetrics};
 pub use reload::{Plugins, Watcher};
 pub use state::{Action, Asked, Outcome, Scope, StateError, StateStore};
@@ -366,8 +369,8 @@ impl PluginSet {
 
     /// Runs the on-request chain. For a call to a tool, prompt or resource,
     /// first checks that the filter-list plugins let the caller see it.
-    pub async fn on_request(&self, ctx: &CallContext<'_>, arguments_json: &str) -> Decision {
-        self.request(ctx, None, arguments_json, Mode::Async, Rewrites::Applied)
+    pub async fn on_request(&self, ctx: &CallContext<'_>, arguments: &JsonText) -> Decision {
+        self.request(ctx, None, arguments, Mode::Async, Rewrites::Applied)
             .await
     }
 
@@ -379,9 +382,9 @@ impl PluginSet {
         &self,
         ctx: &CallContext<'_>,
         listed: Option<&[ListEntry]>,
-        arguments_json: &str,
+        arguments: &JsonText,
     ) -> Decision {
-        self.request(ctx, listed, arguments_json, Mode::Async, Rewrites::Applied)
+        self.request(ctx, listed, arguments, Mode::Async, Rewrites::Applied)
             .await
     }
 
@@ -391,11 +394,15 @@ impl PluginSet {
     }
 
     /// [`Self::on_request`], blocking the calling thread (not for runtime workers).
-    pub fn on_request_blocking(&self, ctx: &CallContext<'_>, arguments_json: &str) -> Decision {
+    pub fn on_request_blocking(
+        &self,
+        ctx: &CallContext<'_>,
+        arguments: impl Into<JsonText>,
+    ) -> Decision {
         futures_executor::block_on(self.request(
             ctx,
             None,
-            arguments_json,
+            &arguments.into(),
             Mode::Blocking,
             Rewrites::Applied,
         ))
@@ -408,30 +415,28 @@ impl PluginSet {
         &self,
         ctx: &CallContext<'_>,
         listed: Option<&[ListEntry]>,
-        params_json: &str,
+        params: &JsonText,
     ) -> Decision {
-        self.request(ctx, listed, params_json, Mode::Async, Rewrites::Refused)
+        self.request(ctx, listed, params, Mode::Async, Rewrites::Refused)
             .await
     }
 
     /// Runs the on-response chain over a JSON-RPC result.
-    pub async fn on_response(&self, ctx: &CallContext<'_>, result_json: &str) -> Decision {
-        self.run_chain(
-            Hook::Response,
-            ctx,
-            result_json,
-            Mode::Async,
-            Rewrites::Applied,
-        )
-        .await
+    pub async fn on_response(&self, ctx: &CallContext<'_>, result: &JsonText) -> Decision {
+        self.run_chain(Hook::Response, ctx, result, Mode::Async, Rewrites::Applied)
+            .await
     }
 
     /// [`Self::on_response`], blocking the calling thread (not for runtime workers).
-    pub fn on_response_blocking(&self, ctx: &CallContext<'_>, result_json: &str) -> Decision {
+    pub fn on_response_blocking(
+        &self,
+        ctx: &CallContext<'_>,
+        result: impl Into<JsonText>,
+    ) -> Decision {
         futures_executor::block_on(self.run_chain(
             Hook::Response,
             ctx,
-            result_json,
+            &result.into(),
             Mode::Blocking,
             Rewrites::Applied,
         ))
@@ -462,7 +467,7 @@ impl PluginSet {
         &self,
         ctx: &CallContext<'_>,
         listed: Option<&[ListEntry]>,
-        arguments_json: &str,
+        arguments: &JsonText,
         mode: Mode,
         rewrites: Rewrites,
     ) -> Decision {
@@ -472,7 +477,7 @@ impl PluginSet {
         if let Some(denied) = self.check_visible(ctx, listed, mode).await {
             return Decision::Deny(denied);
         }
-        self.run_chain(Hook::Request, ctx, arguments_json, mode, rewrites)
+        self.run_chain(Hook::Request, ctx, arguments, mode, rewrites)
             .await
     }
 
@@ -668,15 +673,17 @@ impl PluginSet {
         &self,
         hook: Hook,
         ctx: &CallContext<'_>,
-        payload: &str,
+        payload: &JsonText,
         mode: Mode,
         rewrites: Rewrites,
     ) -> Decision {
         if self.is_empty() {
             return Decision::Allow;
         }
+        // What the next plugin judges: the payload, or the last rewrite of it.
+        let mut input = Cow::Borrowed(payload);
         let mut rewritten: Option<String> = None;
-        let mut seen: Vec<usize> = Vec::new();
+        let mut seen = Seen::default();
         for chain in self.chains.iter().filter(|c| c.matches_call(ctx)) {
             for &i in &chain.plugins {
                 let plugin = &self.plugins[i];
@@ -684,15 +691,13 @@ impl PluginSet {
                     Hook::Request => plugin.hooks.on_request,
                     Hook::Response => plugin.hooks.on_response,
                 };
-                if !implements || seen.contains(&i) {
+                if !implements || !seen.insert(i) {
                     continue;
                 }
-                seen.push(i);
-                let input = rewritten.as_deref().unwrap_or(payload);
                 let started = Instant::now();
                 let call = match hook {
-                    Hook::Request => HookCall::Request(input),
-                    Hook::Response => HookCall::Response(input),
+                    Hook::Request => HookCall::Request(&input),
+                    Hook::Response => HookCall::Response(&input),
                 };
                 let result = plugin.call(ctx, call, mode).await;
                 let result = result.and_then(|answer| match answer {
@@ -726,6 +731,7 @@ impl PluginSet {
                     }
                     Ok(bindings::Decision::Rewrite(json)) => {
                         plugin.metrics.rewrites.fetch_add(1, Ordering::Relaxed);
+                        input = Cow::Owned(JsonText::from(json.as_str()));
                         rewritten = Some(json);
                     }
                     Ok(bindings::Decision::Deny(denial)) => {
@@ -772,6 +778,32 @@ impl PluginSet {
     }
 }
 
+/// The plugins already run on one hook (a plugin in several matching chains runs once): a bit
+/// each for the first 64, so the usual walk allocates nothing, and a list past those.
+#[derive(Default)]
+struct Seen {
+    low: u64,
+    high: Vec<usize>,
+}
+
+impl Seen {
+    /// Adds `i`; false if it was there.
+    fn insert(&mut self, i: usize) -> bool {
+        match u32::try_from(i).ok().and_then(|i| 1u64.checked_shl(i)) {
+            Some(bit) => {
+                let new = self.low & bit == 0;
+                self.low |= bit;
+                new
+            }
+            None if self.high.contains(&i) => false,
+            None => {
+                self.high.push(i);
+                true
+            }
+        }
+    }
+}
+
 fn record_time(plugin: &LoadedPlugin, started: Instant) {
     plugin.metrics.calls.fetch_add(1, Ordering::Relaxed);
     plugin
@@ -797,6 +829,17 @@ fn to_wit_entry<'a>(e: &'a ListEntry, labels: &'a [&'a str]) -> bindings::ListEn
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn seen_holds_each_index_once_below_and_above_64() {
+        let mut seen = super::Seen::default();
+        for i in [0, 1, 63, 64, 65, 1000, usize::MAX] {
+            assert!(seen.insert(i), "{i} first");
+            assert!(!seen.insert(i), "{i} again");
+        }
+        assert!(seen.insert(2));
+        assert_eq!(seen.high, [64, 65, 1000, usize::MAX]);
+    }
+
     #[test]
     fn a_denial_code_the_protocol_claims_becomes_the_policy_code() {
         for claimed in [

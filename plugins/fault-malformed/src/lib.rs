@@ -4,7 +4,9 @@
 //! by `list_trigger` (default `trigger-list`). With `rewrite_requests: true`, it
 //! rewrites every other request's params to `{"text":"rewritten"}` (well-formed:
 //! what a sanitizing plugin does). Allows everything else.
-use gatehouse_plugin::{CallContext, Decision, ListEntry, Plugin, export_plugin, parse_config};
+use gatehouse_plugin::{
+    CallContext, Decision, ListEntry, Payload, Plugin, export_plugin, parse_config,
+};
 
 #[derive(serde::Deserialize, Default)]
 struct Config {
@@ -36,7 +38,7 @@ impl Plugin for FaultMalformed {
         })
     }
 
-    fn on_request(&mut self, ctx: &CallContext, _arguments: &str) -> Decision {
+    fn on_request(&mut self, ctx: &CallContext, _arguments: &Payload) -> Decision {
         if self.triggered(ctx) {
             return Decision::Rewrite("{\"unterminated\": ".into());
         }
@@ -46,7 +48,7 @@ impl Plugin for FaultMalformed {
         Decision::Allow
     }
 
-    fn on_response(&mut self, ctx: &CallContext, _result: &str) -> Decision {
+    fn on_response(&mut self, ctx: &CallContext, _result: &Payload) -> Decision {
         if self.triggered(ctx) {
             return Decision::Rewrite("not json at all".into());
         }

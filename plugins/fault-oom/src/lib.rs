@@ -1,6 +1,6 @@
 //! Fault plugin for tests: allocates memory without bound on a call to the
 //! tool named by `trigger` (default `trigger`); allows every other call.
-use gatehouse_plugin::{CallContext, Decision, Plugin, export_plugin, parse_config};
+use gatehouse_plugin::{CallContext, Decision, Payload, Plugin, export_plugin, parse_config};
 
 #[derive(serde::Deserialize, Default)]
 struct Config {
@@ -19,7 +19,7 @@ impl Plugin for FaultOom {
         })
     }
 
-    fn on_request(&mut self, ctx: &CallContext, _arguments: &str) -> Decision {
+    fn on_request(&mut self, ctx: &CallContext, _arguments: &Payload) -> Decision {
         if ctx.name() == Some(self.trigger.as_str()) {
             let mut hoard: Vec<Vec<u8>> = Vec::new();
             loop {

@@ -1,6 +1,6 @@
 //! Fault plugin for tests: panics (a trap) on a call to the tool named by
 //! `trigger` (default `trigger`); allows every other call.
-use gatehouse_plugin::{CallContext, Decision, Plugin, export_plugin, parse_config};
+use gatehouse_plugin::{CallContext, Decision, Payload, Plugin, export_plugin, parse_config};
 
 #[derive(serde::Deserialize, Default)]
 struct Config {
@@ -19,14 +19,14 @@ impl Plugin for FaultTrap {
         })
     }
 
-    fn on_request(&mut self, ctx: &CallContext, _arguments: &str) -> Decision {
+    fn on_request(&mut self, ctx: &CallContext, _arguments: &Payload) -> Decision {
         if ctx.name() == Some(self.trigger.as_str()) {
             panic!("fault-trap: trap requested by the test");
         }
         Decision::Allow
     }
 
-    fn on_response(&mut self, ctx: &CallContext, _result: &str) -> Decision {
+    fn on_response(&mut self, ctx: &CallContext, _result: &Payload) -> Decision {
         if ctx.name() == Some(self.trigger.as_str()) {
             panic!("fault-trap: trap requested by the test");
         }

@@ -239,7 +239,7 @@ export const hooks = {
     return { onRequest: true, onResponse: false, filterList: false };
   },
 
-  onRequest(ctx, argumentsText) {
+  onRequest(ctx) {
     let parsed = MISSING;
     // Each method of the call-context asks the gateway: read the two fields rules use once.
     const target = { name: ctx.name(), server: ctx.server() };
@@ -248,7 +248,8 @@ export const hooks = {
       if (rule.path !== null) {
         if (parsed === MISSING) {
           try {
-            parsed = parseArguments(argumentsText);
+            // Copied in only now: a call no argument rule applies to never pays for it.
+            parsed = parseArguments(ctx.payload());
           } catch {
             parsed = null;
           }
@@ -260,7 +261,7 @@ export const hooks = {
     return verdict(policy.default, policy.defaultReason);
   },
 
-  onResponse(_ctx, _result) {
+  onResponse(_ctx) {
     return { tag: "allow" };
   },
 

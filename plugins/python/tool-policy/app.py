@@ -155,7 +155,7 @@ class Hooks(exports.Hooks):
             raise Err(f"invalid configuration: {e}")
         return types.HookSet.ON_REQUEST
 
-    def on_request(self, ctx, arguments):
+    def on_request(self, ctx):
         policy = _policy
         parsed = _MISSING
         # Each method of the call-context asks the gateway: read the two fields rules use once.
@@ -166,7 +166,8 @@ class Hooks(exports.Hooks):
             if rule.path is not None:
                 if parsed is _MISSING:
                     try:
-                        parsed = json.loads(arguments)
+                        # Copied in only now: a call no argument rule applies to never pays for it.
+                        parsed = json.loads(ctx.payload())
                     except ValueError:
                         parsed = None
                 if not rule.holds(parsed):
@@ -174,7 +175,7 @@ class Hooks(exports.Hooks):
             return verdict(rule.action, rule.reason)
         return verdict(policy.default, policy.default_reason)
 
-    def on_response(self, ctx, result):
+    def on_response(self, ctx):
         return types.Decision_Allow()
 
     def filter_list(self, ctx, entries):

@@ -14,7 +14,9 @@
 //! window is fixed and starts with the first call; windows are `500ms`,
 //! `30s`, `5m`, `1h`. Counters live in the host, shared by all instances.
 use gatehouse_plugin::state::{self, Scope};
-use gatehouse_plugin::{CallContext, Decision, Plugin, Target, export_plugin, parse_config};
+use gatehouse_plugin::{
+    CallContext, Decision, Payload, Plugin, Target, export_plugin, parse_config,
+};
 use serde::Deserialize;
 
 #[derive(Deserialize, Default)]
@@ -101,7 +103,7 @@ impl Plugin for RateLimit {
         Ok(RateLimit { limits })
     }
 
-    fn on_request(&mut self, ctx: &CallContext, _arguments: &str) -> Decision {
+    fn on_request(&mut self, ctx: &CallContext, _arguments: &Payload) -> Decision {
         let tool = ctx.name().unwrap_or("");
         for (i, limit) in self.limits.iter().enumerate() {
             if !limit.target.matches(ctx) {
@@ -151,11 +153,26 @@ mod tests {
                 .with_principal("p")
                 .with_session_id("s")
         };
-        assert!(matches!(p.on_request(&ctx("ab"), "{}"), Decision::Allow));
-        assert!(matches!(p.on_request(&ctx("ac"), "{}"), Decision::Allow));
+        assert!(matches!(
+            p.on_request(&ctx("ab"), &Payload::new("{}")),
+            Decision::Allow
+        ));
+        assert!(matches!(
+            p.on_request(&ctx("ac"), &Payload::new("{}")),
+            Decision::Allow
+        ));
         // Another name the glob matches counts against the same limit.
-        assert!(matches!(p.on_request(&ctx("ad"), "{}"), Decision::Deny(_)));
-        assert!(matches!(p.on_request(&ctx("ab"), "{}"), Decision::Deny(_)));
-        assert!(matches!(p.on_request(&ctx("zz"), "{}"), Decision::Allow));
+        assert!(matches!(
+            p.on_request(&ctx("ad"), &Payload::new("{}")),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            p.on_request(&ctx("ab"), &Payload::new("{}")),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            p.on_request(&ctx("zz"), &Payload::new("{}")),
+            Decision::Allow
+        ));
     }
 }

@@ -11,7 +11,7 @@
 //! ```
 //! The result is rewritten only when something was masked.
 use gatehouse_plugin::serde_json::{self, Value};
-use gatehouse_plugin::{CallContext, Decision, Plugin, export_plugin, parse_config};
+use gatehouse_plugin::{CallContext, Decision, Payload, Plugin, export_plugin, parse_config};
 use regex::{Captures, Regex};
 use serde::Deserialize;
 use std::borrow::Cow;
@@ -198,8 +198,8 @@ impl Plugin for Redact {
         })
     }
 
-    fn on_response(&mut self, _ctx: &CallContext, result: &str) -> Decision {
-        let Ok(mut value) = serde_json::from_str::<Value>(result) else {
+    fn on_response(&mut self, _ctx: &CallContext, result: &Payload) -> Decision {
+        let Ok(mut value) = serde_json::from_str::<Value>(result.text()) else {
             return Decision::deny("redact: the result is not JSON");
         };
         if self.redact_value(&mut value) {
@@ -252,7 +252,9 @@ mod tests {
             .with_session_id("s");
         let d = p.on_response(
             &ctx,
-            r#"{"content":[{"type":"text","text":"reach me at a@b.io"}],"isError":false}"#,
+            &Payload::new(
+                r#"{"content":[{"type":"text","text":"reach me at a@b.io"}],"isError":false}"#,
+            ),
         );
         match d {
             Decision::Rewrite(s) => {
@@ -263,7 +265,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            p.on_response(&ctx, r#"{"content":[{"type":"text","text":"hi"}]}"#),
+            p.on_response(
+                &ctx,
+                &Payload::new(r#"{"content":[{"type":"text","text":"hi"}]}"#)
+            ),
             Decision::Allow
         ));
     }

@@ -4,7 +4,7 @@
 //! [`export_plugin!`], naming the hooks it implements:
 //!
 //! ```ignore
-//! use gatehouse_plugin::{CallContext, Decision, Plugin, export_plugin};
+//! use gatehouse_plugin::{CallContext, Decision, Payload, Plugin, export_plugin};
 //!
 //! struct DenyDelete;
 //!
@@ -12,7 +12,7 @@
 //!     fn init(_config: &str) -> Result<Self, String> {
 //!         Ok(DenyDelete)
 //!     }
-//!     fn on_request(&mut self, ctx: &CallContext, _arguments: &str) -> Decision {
+//!     fn on_request(&mut self, ctx: &CallContext, _arguments: &Payload) -> Decision {
 //!         match ctx.name() {
 //!             Some(name) if name.starts_with("delete") => Decision::deny("deleting is not allowed"),
 //!             _ => Decision::Allow,
@@ -46,6 +46,38 @@ pub mod bindings {
 pub mod glob;
 
 pub use bindings::gatehouse::plugin::types::{Decision, Denial, EntryKind, HookSet, ListEntry};
+
+/// The JSON text a hook judges (a request's arguments, a result), asked of the gateway the
+/// first time it is read and kept for the rest of the hook call: a plugin that decides
+/// without it never has it copied in, however large.
+pub struct Payload<'a> {
+    host: Option<&'a HostCall>,
+    text: OnceCell<String>,
+}
+
+impl<'a> Payload<'a> {
+    #[doc(hidden)]
+    pub fn from_host(host: &'a HostCall) -> Payload<'a> {
+        Payload {
+            host: Some(host),
+            text: OnceCell::new(),
+        }
+    }
+
+    /// A payload of this text, for unit tests of a plugin on a native target.
+    pub fn new(text: &str) -> Payload<'static> {
+        Payload {
+            host: None,
+            text: OnceCell::from(text.to_string()),
+        }
+    }
+
+    /// The JSON text.
+    pub fn text(&self) -> &str {
+        self.text
+            .get_or_init(|| self.host.map(HostCall::payload).unwrap_or_default())
+    }
+}
 
 use bindings::gatehouse::plugin::types::CallContext as HostCall;
 use std::cell::OnceCell;
@@ -214,14 +246,14 @@ pub trait Plugin: Sized + 'static {
     /// gateway config gives none). An error fails loading the plugin.
     fn init(config: &str) -> Result<Self, String>;
 
-    /// Before a request goes upstream. `arguments` is JSON text.
-    fn on_request(&mut self, ctx: &CallContext, arguments: &str) -> Decision {
+    /// Before a request goes upstream, over its arguments.
+    fn on_request(&mut self, ctx: &CallContext, arguments: &Payload) -> Decision {
         let _ = (ctx, arguments);
         Decision::Allow
     }
 
-    /// Before a response goes back to the client. `result` is JSON text.
-    fn on_response(&mut self, ctx: &CallContext, result: &str) -> Decision {
+    /// Before a response goes back to the client, over its result.
+    fn on_response(&mut self, ctx: &CallContext, result: &Payload) -> Decision {
         let _ = (ctx, result);
         Decision::Allow
     }
@@ -302,19 +334,15 @@ macro_rules! export_plugin {
                     ::core::result::Result::Ok($crate::HookSet::empty() $(| $crate::__hook_flag!($hook))*)
                 }
 
-                fn on_request(
-                    ctx: $crate::__HostCall<'_>,
-                    arguments: ::std::string::String,
-                ) -> $crate::Decision {
-                    let ctx = $crate::CallContext::from_host(ctx);
+                fn on_request(host: $crate::__HostCall<'_>) -> $crate::Decision {
+                    let ctx = $crate::CallContext::from_host(host);
+                    let arguments = $crate::Payload::from_host(host);
                     __with_plugin(|p| <$plugin as $crate::Plugin>::on_request(p, &ctx, &arguments))
                 }
 
-                fn on_response(
-                    ctx: $crate::__HostCall<'_>,
-                    result: ::std::string::String,
-                ) -> $crate::Decision {
-                    let ctx = $crate::CallContext::from_host(ctx);
+                fn on_response(host: $crate::__HostCall<'_>) -> $crate::Decision {
+                    let ctx = $crate::CallContext::from_host(host);
+                    let result = $crate::Payload::from_host(host);
                     __with_plugin(|p| <$plugin as $crate::Plugin>::on_response(p, &ctx, &result))
                 }
 

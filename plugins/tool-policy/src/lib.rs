@@ -21,7 +21,9 @@
 //! other value by its JSON text. `contains` on an array checks its elements.
 //! A condition on a missing argument never matches.
 use gatehouse_plugin::serde_json::{self, Value};
-use gatehouse_plugin::{CallContext, Decision, Plugin, Target, export_plugin, parse_config};
+use gatehouse_plugin::{
+    CallContext, Decision, Payload, Plugin, Target, export_plugin, parse_config,
+};
 use regex::Regex;
 use serde::Deserialize;
 
@@ -148,7 +150,7 @@ impl Condition {
 }
 
 impl ToolPolicy {
-    fn decide(&self, ctx: &CallContext, arguments: &str) -> Decision {
+    fn decide(&self, ctx: &CallContext, arguments: &Payload) -> Decision {
         // Parse the arguments only if some applicable rule looks at them.
         let mut parsed: Option<Value> = None;
         for rule in &self.rules {
@@ -156,8 +158,9 @@ impl ToolPolicy {
                 continue;
             }
             if let Some(cond) = &rule.condition {
-                let args = parsed
-                    .get_or_insert_with(|| serde_json::from_str(arguments).unwrap_or(Value::Null));
+                let args = parsed.get_or_insert_with(|| {
+                    serde_json::from_str(arguments.text()).unwrap_or(Value::Null)
+                });
                 if !cond.holds(args) {
                     continue;
                 }
@@ -220,7 +223,7 @@ impl Plugin for ToolPolicy {
         })
     }
 
-    fn on_request(&mut self, ctx: &CallContext, arguments: &str) -> Decision {
+    fn on_request(&mut self, ctx: &CallContext, arguments: &Payload) -> Decision {
         self.decide(ctx, arguments)
     }
 }
@@ -250,13 +253,15 @@ mod tests {
             ], "default": "block"}"#,
         )
         .unwrap();
-        assert!(denied(
-            &p.decide(&ctx("fs_read"), r#"{"path": "/etc/passwd"}"#)
-        ));
-        assert!(!denied(
-            &p.decide(&ctx("fs_read"), r#"{"path": "/home/a"}"#)
-        ));
-        assert!(denied(&p.decide(&ctx("shell"), "{}")));
+        assert!(denied(&p.decide(
+            &ctx("fs_read"),
+            &Payload::new(r#"{"path": "/etc/passwd"}"#)
+        )));
+        assert!(!denied(&p.decide(
+            &ctx("fs_read"),
+            &Payload::new(r#"{"path": "/home/a"}"#)
+        )));
+        assert!(denied(&p.decide(&ctx("shell"), &Payload::new("{}"))));
     }
 
     #[test]
@@ -280,7 +285,7 @@ mod tests {
             );
             let p = ToolPolicy::init(&cfg).unwrap();
             assert_eq!(
-                denied(&p.decide(&ctx("t"), args)),
+                denied(&p.decide(&ctx("t"), &Payload::new(args))),
                 expect,
                 "{op} {value} {args}"
             );
@@ -294,9 +299,17 @@ mod tests {
                           {"argument": "items.1", "operator": "equal", "value": "bad", "action": "block"}]}"#,
         )
         .unwrap();
-        assert!(denied(&p.decide(&ctx("t"), r#"{"opts": {"mode": "rw"}}"#)));
-        assert!(denied(&p.decide(&ctx("t"), r#"{"items": ["ok", "bad"]}"#)));
-        assert!(!denied(&p.decide(&ctx("t"), r#"{"items": ["bad"]}"#)));
+        assert!(denied(&p.decide(
+            &ctx("t"),
+            &Payload::new(r#"{"opts": {"mode": "rw"}}"#)
+        )));
+        assert!(denied(&p.decide(
+            &ctx("t"),
+            &Payload::new(r#"{"items": ["ok", "bad"]}"#)
+        )));
+        assert!(!denied(
+            &p.decide(&ctx("t"), &Payload::new(r#"{"items": ["bad"]}"#))
+        ));
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! the host's session state, so it holds across instances and reloads and
 //! ends with the session.
 use gatehouse_plugin::state::{self, Scope};
-use gatehouse_plugin::{CallContext, Decision, Plugin, Targets, export_plugin, parse_config};
+use gatehouse_plugin::{
+    CallContext, Decision, Payload, Plugin, Targets, export_plugin, parse_config,
+};
 use serde::Deserialize;
 
 const TAINT_KEY: &str = "tainted-by";
@@ -37,7 +39,7 @@ impl Plugin for TrustedData {
         })
     }
 
-    fn on_request(&mut self, ctx: &CallContext, _arguments: &str) -> Decision {
+    fn on_request(&mut self, ctx: &CallContext, _arguments: &Payload) -> Decision {
         if !self.sensitive.matches(ctx) {
             return Decision::Allow;
         }
@@ -50,7 +52,7 @@ impl Plugin for TrustedData {
         }
     }
 
-    fn on_response(&mut self, ctx: &CallContext, _result: &str) -> Decision {
+    fn on_response(&mut self, ctx: &CallContext, _result: &Payload) -> Decision {
         if self.untrusted.matches(ctx) {
             let source = format!("{}/{}", ctx.server(), ctx.name().unwrap_or("?"));
             if let Err(e) = state::set(Scope::Session, TAINT_KEY, &source, None) {

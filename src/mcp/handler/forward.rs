@@ -74,7 +74,7 @@ pub(super) async fn completion_policy(
     let argument = f.get("argument").map_or("{}", |a| a.get());
     // A completion's argument is not rewritten (it is what the user is typing): a plugin that
     // would change it refuses the completion rather than let it go on unchanged.
-    match super::on_request_as_is(sv, &policy, argument).await {
+    match super::on_request_as_is(sv, &policy, &argument.into()).await {
         Decision::Deny(d) => Err(Refused::Denied(d)),
         Decision::Allow | Decision::Rewrite(_) => Ok(Some(policy)),
     }

@@ -23,7 +23,7 @@ use crate::mcp::jsonrpc::{self, Outcome, code};
 use crate::mcp::policy::Policy;
 use crate::mcp::session::{Session, TooBusy, caps};
 use crate::metrics::{Metrics, method_label};
-use crate::plugins::{Decision, EntryKind, Plugins};
+use crate::plugins::{Decision, EntryKind, JsonText, Plugins};
 use crate::trace::SpanKind;
 use crate::upstream::CallOpts;
 use crate::upstream::event_sink::CallEvents;
@@ -236,12 +236,12 @@ fn is_error_object(raw: &[u8]) -> bool {
 }
 
 /// Runs the on-request chains, in a child span of the request's when it is traced.
-async fn on_request(sv: Services<'_>, policy: &Policy, arguments: &str) -> Decision {
+async fn on_request(sv: Services<'_>, policy: &Policy, arguments: &JsonText) -> Decision {
     traced(sv, policy.on_request(arguments)).await
 }
 
 /// [`on_request`] over params the gateway sends as they are: a rewrite is refused.
-async fn on_request_as_is(sv: Services<'_>, policy: &Policy, params: &str) -> Decision {
+async fn on_request_as_is(sv: Services<'_>, policy: &Policy, params: &JsonText) -> Decision {
     traced(sv, policy.on_request_as_is(params)).await
 }
 
@@ -271,10 +271,8 @@ fn trace_decision(span: &mut crate::trace::Span, decision: &Decision) {
 }
 
 /// Params as text for the plugins (`{}` when absent; frames were validated as JSON).
-fn params_text(params: Option<&[u8]>) -> &str {
-    params
-        .and_then(|p| std::str::from_utf8(p).ok())
-        .unwrap_or("{}")
+fn params_text(params: Option<&Bytes>) -> JsonText {
+    params.map_or(JsonText::EMPTY_OBJECT, JsonText::from_utf8)
 }
 
 /// Handles one client request within a session.
@@ -398,7 +396,7 @@ pub async fn request(
             }
             let mut rewritten = None;
             if let Some(p) = &policy {
-                match on_request(sv, p, call.arguments()).await {
+                match on_request(sv, p, &JsonText::within(&params, call.arguments())).await {
                     Decision::Allow => {}
                     Decision::Deny(d) => return denied(&id, &d),
                     Decision::Rewrite(new) => match RawValue::from_string(new) {
@@ -449,7 +447,7 @@ pub async fn request(
             }
             if let Some(p) = &policy
                 && let Decision::Deny(d) =
-                    on_request_as_is(sv, p, params_text(params.as_deref())).await
+                    on_request_as_is(sv, p, &params_text(params.as_ref())).await
             {
                 return denied(&id, &d);
             }
@@ -492,7 +490,7 @@ pub async fn request(
             );
             if let Some(p) = &policy
                 && let Decision::Deny(d) =
-                    on_request_as_is(sv, p, params_text(params.as_deref())).await
+                    on_request_as_is(sv, p, &params_text(params.as_ref())).await
             {
                 return denied(&id, &d);
             }
