@@ -1071,40 +1071,80 @@ chains: [ { plugins: [echo] } ]
 /// says which version it was built for and what to do.
 #[test]
 fn a_component_of_an_older_interface_is_refused_with_what_to_do() {
-    // The smallest such component, encoded by hand: it imports `now-ms` from the 0.2.0
-    // clock interface (a type section holding the instance type, then the import).
-    let name = b"gatehouse:plugin/clock@0.2.0";
+    // Built against 0.2.0 and importing from it (as a plugin that uses `state` does), or only
+    // exporting its hooks under the old name (as the no-op does): either way the error names
+    // the version, though wasmtime's own words name only the first item it missed.
+    for component in [
+        component_of(Some("gatehouse:plugin/clock@0.2.0"), None),
+        component_of(None, Some("gatehouse:plugin/hooks@0.2.0")),
+    ] {
+        let err = load_component(&component).unwrap_err().to_string();
+        assert!(
+            err.contains("does not implement gatehouse:plugin/plugin@0.3.0")
+                && err.contains("built against gatehouse:plugin@0.2.0")
+                && err.contains("rebuild it against wit/plugin.wit"),
+            "{err}"
+        );
+    }
+    // A component of nothing of ours gets no hint about versions.
+    let err = load_component(&component_of(Some("example:other/clock"), None))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not implement") && !err.contains("built against"),
+        "{err}"
+    );
+}
+
+/// The smallest component, encoded by hand, that imports an instance `import` holding a
+/// function `now-ms` (a type section with the instance type, then the import), or exports an
+/// empty instance of its own as `export`.
+fn component_of(import: Option<&str>, export: Option<&str>) -> Vec<u8> {
     let mut bytes = b"\0asm\x0d\0\x01\0".to_vec();
-    let instance_type: &[u8] = &[
-        0x01, 0x42, 0x02, // one type: an instance type of two declarations
-        0x01, 0x40, 0x00, 0x00, 0x77, // a func type: no parameters, one u64 result
-        0x04, 0x00, 0x06, b'n', b'o', b'w', b'-', b'm', b's', 0x01,
-        0x00, // export "now-ms" of it
-    ];
-    bytes.extend([0x07, instance_type.len() as u8]);
-    bytes.extend(instance_type);
-    let mut import = vec![0x01, 0x00, name.len() as u8];
-    import.extend(name);
-    import.extend([0x05, 0x00]); // an instance of type 0
-    bytes.extend([0x0a, import.len() as u8]);
-    bytes.extend(import);
-    let dir = std::env::temp_dir().join(format!("gatehouse-old-plugin-{}", std::process::id()));
+    if let Some(import) = import {
+        let instance_type: &[u8] = &[
+            0x01, 0x42, 0x02, // one type: an instance type of two declarations
+            0x01, 0x40, 0x00, 0x00, 0x77, // a func type: no parameters, one u64 result
+            0x04, 0x00, 0x06, b'n', b'o', b'w', b'-', b'm', b's', 0x01,
+            0x00, // export "now-ms" of it
+        ];
+        bytes.extend([0x07, instance_type.len() as u8]);
+        bytes.extend(instance_type);
+        let mut section = vec![0x01, 0x00, import.len() as u8];
+        section.extend(import.as_bytes());
+        section.extend([0x05, 0x00]); // an instance of type 0
+        bytes.extend([0x0a, section.len() as u8]);
+        bytes.extend(section);
+    }
+    if let Some(export) = export {
+        bytes.extend([0x05, 0x03, 0x01, 0x01, 0x00]); // one instance: of no exports, inline
+        let mut section = vec![0x01, 0x00, export.len() as u8];
+        section.extend(export.as_bytes());
+        section.extend([0x05, 0x00, 0x00]); // instance 0, no type ascribed
+        bytes.extend([0x0b, section.len() as u8]);
+        bytes.extend(section);
+    }
+    bytes
+}
+
+/// Loads a set of one plugin, the component `bytes`.
+fn load_component(bytes: &[u8]) -> Result<Arc<PluginSet>, PluginError> {
+    let dir = std::env::temp_dir().join(format!(
+        "gatehouse-component-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("old.wasm");
-    std::fs::write(&path, &bytes).unwrap();
+    let path = dir.join("component.wasm");
+    std::fs::write(&path, bytes).unwrap();
     let yaml = format!(
-        "modules: [ {{ name: old, path: {path:?} }} ]\nchains: [ {{ plugins: [old] }} ]\nengine: {{ cache_dir: {:?} }}\n",
+        "modules: [ {{ name: it, path: {path:?} }} ]\nchains: [ {{ plugins: [it] }} ]\nengine: {{ cache_dir: {:?} }}\n",
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/plugin-cache-tests")
     );
     let cfg: PluginsConfig = serde_saphyr::from_str(&yaml).unwrap();
-    let err = PluginSet::load(&cfg).unwrap_err().to_string();
+    let loaded = PluginSet::load(&cfg);
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        err.contains("does not implement gatehouse:plugin/plugin@0.3.0")
-            && err.contains("built against gatehouse:plugin@0.2.0")
-            && err.contains("rebuild it against wit/plugin.wit"),
-        "{err}"
-    );
+    loaded
 }
 
 #[test]

@@ -84,6 +84,13 @@ impl HostState {
         self.output.clear();
     }
 
+    /// Forgets the call just run: its payload (a slice that would keep the whole request or
+    /// answer alive in a warm instance until its next call), its caller's fields, and any field
+    /// buffer a large value grew past [`KEPT_FIELD_BYTES`].
+    pub(crate) fn end_call(&mut self) {
+        self.call.forget();
+    }
+
     fn caller(&self) -> Caller<'_> {
         Caller {
             session: &self.call.session_id,
@@ -186,6 +193,42 @@ impl CallFields {
         copy_option(&mut self.profile, ctx.profile);
         copy_list(&mut self.groups, ctx.groups);
         copy_list(&mut self.scopes, ctx.scopes);
+    }
+}
+
+/// The largest field buffer a warm instance keeps between calls; a longer value's buffer is
+/// freed after its call (names and URIs are short; a client may send a long one).
+const KEPT_FIELD_BYTES: usize = 1024;
+
+impl CallFields {
+    fn forget(&mut self) {
+        self.payload = None;
+        for field in [&mut self.method, &mut self.server, &mut self.session_id] {
+            forget(field);
+        }
+        for kept in [&mut self.name, &mut self.principal, &mut self.profile]
+            .into_iter()
+            .flatten()
+        {
+            forget(kept);
+        }
+        for list in [&mut self.groups, &mut self.scopes] {
+            let held: usize = list.iter().map(String::capacity).sum();
+            if held > KEPT_FIELD_BYTES {
+                *list = Vec::new();
+            } else {
+                list.iter_mut().for_each(String::clear);
+            }
+        }
+    }
+}
+
+/// Empties `field`, freeing its buffer if it grew past [`KEPT_FIELD_BYTES`].
+fn forget(field: &mut String) {
+    if field.capacity() > KEPT_FIELD_BYTES {
+        *field = String::new();
+    } else {
+        field.clear();
     }
 }
 
@@ -811,5 +854,50 @@ impl sync_poll::HostPollable for SyncIoView<'_> {
 
     fn drop(&mut self, pollable: Res<DynPollable>) -> wasmtime::Result<()> {
         sync_poll::HostPollable::drop(self.0, pollable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_finished_call_leaves_no_payload_nor_caller_and_no_large_buffer() {
+        let long = "x".repeat(KEPT_FIELD_BYTES * 4);
+        let groups: Vec<Box<str>> = vec![long.as_str().into(), "staff".into()];
+        let ctx = CallContext {
+            method: "tools/call",
+            server: "files",
+            name: Some(&long),
+            principal: Some("alice"),
+            session_id: "s-1",
+            profile: None,
+            groups: &groups,
+            scopes: &[],
+        };
+        let payload = JsonText::from(r#"{"a":1}"#);
+        let mut fields = CallFields::default();
+        fields.set(&ctx);
+        fields.payload = Some(payload.clone());
+        fields.forget();
+        assert!(fields.payload.is_none(), "the request's buffer is let go");
+        assert_eq!(fields.name.as_ref().map(String::capacity), Some(0));
+        assert_eq!(fields.principal.as_deref(), Some(""));
+        assert!(
+            fields.method.is_empty() && fields.method.capacity() > 0,
+            "a short one is kept"
+        );
+        assert!(fields.groups.is_empty());
+        // The next call sees only its own values.
+        let next = CallContext {
+            name: Some("read"),
+            principal: None,
+            groups: &[],
+            ..ctx
+        };
+        fields.set(&next);
+        assert_eq!(fields.name.as_deref(), Some("read"));
+        assert_eq!(fields.principal, None);
+        assert!(fields.groups.is_empty());
     }
 }

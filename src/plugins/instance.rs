@@ -275,6 +275,7 @@ impl LoadedPlugin {
             }
         })
         .await?;
+        warm.store.data_mut().end_call();
         match result {
             Ok(out) => {
                 warm.calls += 1;
@@ -310,38 +311,35 @@ pub(crate) fn link(
     runtime: &Runtime,
     component: &Component,
 ) -> Result<bindings::PluginPre<HostState>, String> {
-    let instance_pre = runtime
-        .linker
-        .instantiate_pre(component)
-        .map_err(|e| with_version_hint(format!("{e:#}")))?;
-    bindings::PluginPre::new(instance_pre).map_err(|e| format!("{e:#}"))
+    let explain = |e: wasmtime::Error| {
+        let mut message = format!("{e:#}");
+        if let Some(version) = other_version(runtime, component) {
+            message.push_str(&format!(
+                " (the component was built against gatehouse:plugin@{version}: rebuild it \
+                 against wit/plugin.wit, version {INTERFACE_VERSION}; plugins/README.md says \
+                 what changed)"
+            ));
+        }
+        message
+    };
+    let instance_pre = runtime.linker.instantiate_pre(component).map_err(explain)?;
+    bindings::PluginPre::new(instance_pre).map_err(explain)
 }
 
 /// The version of `gatehouse:plugin` this gateway implements.
 const INTERFACE_VERSION: &str = "0.3.0";
 
-/// Adds what to do when the component was built against another version of the interface
-/// (wasmtime only says which import it could not find).
-fn with_version_hint(mut message: String) -> String {
-    let other = message
-        .match_indices("gatehouse:plugin/")
-        .find_map(|(at, prefix)| {
-            let rest = &message[at + prefix.len()..];
-            let name_end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))?;
-            let version = rest[name_end..].strip_prefix('@')?;
-            let end = version
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-'))
-                .unwrap_or(version.len());
-            let version = &version[..end];
-            (version != INTERFACE_VERSION).then(|| version.to_string())
-        });
-    if let Some(version) = other {
-        message.push_str(&format!(
-            " (the component was built against gatehouse:plugin@{version}: rebuild it against \
-             wit/plugin.wit, version {INTERFACE_VERSION}; plugins/README.md says what changed)"
-        ));
-    }
-    message
+/// Another version of `gatehouse:plugin` the component imports or exports, if any: what to
+/// tell its author when it does not link (wasmtime names only the first item it missed).
+fn other_version(runtime: &Runtime, component: &Component) -> Option<String> {
+    let ty = component.component_type();
+    ty.imports(&runtime.engine)
+        .chain(ty.exports(&runtime.engine))
+        .map(|(name, _)| name)
+        .filter_map(|name| name.strip_prefix("gatehouse:plugin/")?.split_once('@'))
+        .map(|(_, version)| version)
+        .find(|version| *version != INTERFACE_VERSION)
+        .map(str::to_string)
 }
 
 /// Runs `f`, turning a panic in a host function it reached into a fault
