@@ -742,15 +742,20 @@ fn faults_under_concurrency_do_not_leak_into_other_calls() {
     });
 }
 
-#[test]
-fn deadline_interrupts_a_loop_promptly() {
-    let set = load(
+/// The loop plugin, with a 30 ms deadline, on every call.
+fn loop_set() -> Arc<PluginSet> {
+    load(
         r#"
 modules: [ { name: loop, path: "{dir}/fault_loop.wasm", deadline: 30ms } ]
 chains: [ { plugins: [loop] } ]
 "#,
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn deadline_interrupts_a_loop_promptly() {
+    let set = loop_set();
     for _ in 0..3 {
         let started = Instant::now();
         let d = denied(set.on_request_blocking(&ctx("s", "trigger"), "{}"));
@@ -764,6 +769,26 @@ chains: [ { plugins: [loop] } ]
             took < Duration::from_secs(2),
             "interrupted too late: {took:?}"
         );
+    }
+}
+
+/// The epoch ticker sleeps once no guest has run for a while (100 ms): a loop that starts
+/// after the gateway idled still ends at its deadline.
+#[test]
+fn a_loop_after_an_idle_spell_is_still_interrupted() {
+    let set = loop_set();
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(300));
+        // On a thread of its own: were the ticker left asleep, the loop would never end.
+        let (done, answer) = std::sync::mpsc::channel();
+        let spinning = set.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(spinning.on_request_blocking(&ctx("s", "trigger"), "{}"));
+        });
+        let d = answer
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the loop was never interrupted");
+        assert_eq!(denied(d).fault, Some(FaultKind::Deadline));
     }
 }
 

@@ -1,5 +1,5 @@
 //! The process-wide wasm engine: one `wasmtime::Engine` with the pooling
-//! instance allocator, epoch interruption driven by a 1 ms ticker thread,
+//! instance allocator, epoch interruption driven by a 1 ms ticker thread (`ticker.rs`),
 //! and an on-disk cache of compiled components.
 //!
 //! The compiled-code cache is wasmtime's own (`Config::cache`): entries are
@@ -10,7 +10,7 @@
 //! (0700): whoever can write to it can run code in the gateway.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -23,6 +23,7 @@ use super::bindings;
 use super::config::EngineConfig;
 use super::error::PluginError;
 use super::host::{HostState, add_wasi_to_linker};
+use super::ticker::Ticker;
 
 /// Length of one epoch tick: deadlines are counted in these.
 pub const TICK: Duration = Duration::from_millis(1);
@@ -33,6 +34,8 @@ pub(crate) struct Runtime {
     pub(crate) linker: Linker<HostState>,
     cache: Option<Cache>,
     pub(crate) settings: EngineConfig,
+    /// Bounds running guests' time; enter it around guest code.
+    pub(crate) ticker: Arc<Ticker>,
 }
 
 static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
@@ -94,12 +97,13 @@ impl Runtime {
             |s| s,
         )
         .map_err(|e| format!("{e:#}"))?;
-        spawn_ticker(engine.clone());
+        let ticker = Ticker::start(engine.clone(), TICK);
         Ok(Runtime {
             engine,
             linker,
             cache,
             settings,
+            ticker,
         })
     }
 
@@ -185,22 +189,6 @@ fn make_private_dir(dir: &Path) -> std::io::Result<()> {
     #[cfg(not(unix))]
     {
         std::fs::create_dir_all(dir)
-    }
-}
-
-/// Advances the engine's epoch every [`TICK`]; at each tick a running call
-/// checks its deadline and may yield. The thread lives as long as the process.
-fn spawn_ticker(engine: Engine) {
-    let spawned = std::thread::Builder::new()
-        .name("gatehouse-wasm-epoch".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(TICK);
-                engine.increment_epoch();
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start the plugin deadline ticker: {e}");
     }
 }
 

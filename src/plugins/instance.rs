@@ -195,6 +195,7 @@ impl LoadedPlugin {
 
     /// A fresh instance with `init` run, under the init deadline.
     async fn instantiate(&self, mode: Mode) -> Result<(Warm, Hooks), Fault> {
+        let _running = self.runtime.ticker.enter();
         let mut store = Store::new(
             &self.runtime.engine,
             HostState::new(
@@ -243,6 +244,7 @@ impl LoadedPlugin {
         input: HookCall<'_>,
         mode: Mode,
     ) -> Result<HookAnswer, Fault> {
+        let _running = self.runtime.ticker.enter();
         let mut warm = match self.warm.pop() {
             Some(w) => w,
             None => self.instantiate(mode).await?.0,

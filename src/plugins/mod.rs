@@ -66,6 +66,7 @@ pub mod leader;
 mod metrics;
 mod reload;
 mod state;
+mod ticker;
 
 use std::borrow::Cow;
 use std::sync::Arc;
