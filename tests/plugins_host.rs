@@ -772,26 +772,6 @@ fn deadline_interrupts_a_loop_promptly() {
     }
 }
 
-/// The epoch ticker sleeps once no guest has run for a while (100 ms): a loop that starts
-/// after the gateway idled still ends at its deadline.
-#[test]
-fn a_loop_after_an_idle_spell_is_still_interrupted() {
-    let set = loop_set();
-    for _ in 0..2 {
-        std::thread::sleep(Duration::from_millis(300));
-        // On a thread of its own: were the ticker left asleep, the loop would never end.
-        let (done, answer) = std::sync::mpsc::channel();
-        let spinning = set.clone();
-        std::thread::spawn(move || {
-            let _ = done.send(spinning.on_request_blocking(&ctx("s", "trigger"), "{}"));
-        });
-        let d = answer
-            .recv_timeout(Duration::from_secs(5))
-            .expect("the loop was never interrupted");
-        assert_eq!(denied(d).fault, Some(FaultKind::Deadline));
-    }
-}
-
 /// On the async path a looping call yields to the runtime at every tick: on a one-thread
 /// runtime another task keeps running while the call spins, and the call still ends at its
 /// deadline.

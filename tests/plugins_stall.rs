@@ -120,3 +120,49 @@ async fn a_spinning_plugin_does_not_delay_other_sessions() {
     );
     gw.stop().await;
 }
+
+/// The epoch ticker that stops a looping guest sleeps once no guest has run for 100 ms. In
+/// this process no other test runs plugins, so it does sleep here: a loop still ends at its
+/// deadline when it starts after an idle spell (the ticker is woken), and when its deadline is
+/// longer than the ticker's idle time (the ticker stays awake while the guest runs). Either
+/// mistake would leave the loop spinning, which the test reports after 5 s.
+#[test]
+fn a_loop_is_stopped_at_its_deadline_whatever_the_ticker_was_doing() {
+    use gatehouse::plugins::{CallContext, Decision, FaultKind, PluginSet, PluginsConfig};
+
+    let root = env!("CARGO_MANIFEST_DIR");
+    let cfg: PluginsConfig = serde_saphyr::from_str(&format!(
+        "modules: [ {{ name: loop, path: \"{root}/target/plugins/fault_loop.wasm\", deadline: 400ms }} ]\nchains: [ {{ plugins: [loop] }} ]\nengine: {{ cache_dir: \"{root}/target/plugin-cache-tests\" }}\n"
+    ))
+    .unwrap();
+    let set = PluginSet::load(&cfg).unwrap();
+    for idle in [
+        Duration::ZERO,
+        Duration::from_millis(300),
+        Duration::from_millis(300),
+    ] {
+        std::thread::sleep(idle);
+        let (done, answer) = std::sync::mpsc::channel();
+        let spinning = Arc::clone(&set);
+        std::thread::spawn(move || {
+            let ctx = CallContext {
+                method: "tools/call",
+                server: "s",
+                name: Some("trigger"),
+                principal: None,
+                session_id: "s-1",
+                profile: None,
+                groups: &[],
+                scopes: &[],
+            };
+            let _ = done.send(spinning.on_request_blocking(&ctx, "{}"));
+        });
+        let started = Instant::now();
+        match answer.recv_timeout(Duration::from_secs(5)) {
+            Ok(Decision::Deny(d)) => assert_eq!(d.fault, Some(FaultKind::Deadline)),
+            Ok(other) => panic!("expected the deadline, got {other:?}"),
+            Err(_) => panic!("the loop was never stopped (after {idle:?} idle)"),
+        }
+        assert!(started.elapsed() >= Duration::from_millis(350));
+    }
+}

@@ -97,7 +97,8 @@ impl Runtime {
             |s| s,
         )
         .map_err(|e| format!("{e:#}"))?;
-        let ticker = Ticker::start(engine.clone(), TICK);
+        let ticker = Ticker::start(engine.clone(), TICK)
+            .map_err(|e| format!("cannot start the plugin deadline ticker: {e}"))?;
         Ok(Runtime {
             engine,
             linker,
