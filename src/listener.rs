@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use http::{Request, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::body::{Body, response};
 use crate::config::McpSettings;
@@ -166,10 +166,10 @@ async fn serve_connection<S>(
     // HTTP/2 streams on the shared runtime (see `Streams`); HTTP/1 calls run in the
     // connection's own task.
     let mut builder = hyper_util::server::conn::auto::Builder::new(streams);
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(mcp.header_timeout);
+    // hyper's own header deadline armed, and dropped, a timer on every request (a clock read,
+    // an allocation, a timer-wheel insert and removal); the idle watch below keeps the same
+    // deadline lazily, looking only when a deadline it set passes.
+    builder.http1().header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -180,7 +180,7 @@ async fn serve_connection<S>(
         let activity = activity.clone();
         let gw = gw.clone();
         service_fn(move |mut req: Request<hyper::body::Incoming>| {
-            let in_flight = InFlight::start(&activity);
+            let in_flight = InFlight::start(&activity, req.version());
             let gw = gw.clone();
             if let Some(c) = &certificate {
                 req.extensions_mut().insert(c.clone());
@@ -198,7 +198,12 @@ async fn serve_connection<S>(
     tokio::pin!(conn);
     // The first request must begin within the header deadline of accept, so a connection that
     // never sends a byte (or only the HTTP/2 preface) is not held any longer than a slow one.
-    let idle = idle_deadline(activity, first, mcp.idle_connection_timeout);
+    let deadlines = Deadlines {
+        first,
+        idle: mcp.idle_connection_timeout,
+        header: mcp.header_timeout,
+    };
+    let idle = idle_deadline(activity, deadlines);
     let ended = tokio::select! {
         r = conn.as_mut() => r,
         () = idle => {
@@ -231,20 +236,17 @@ fn configure_socket(stream: &TcpStream, keepalive: Duration) {
 /// Requests of one connection: how many are in flight, how many ever started, and when the
 /// last one ended.
 ///
-/// Plain atomics, so a request costs two increments and a clock read: the idle timer is not
-/// woken per request, it looks at these when its deadline passes (and is woken only when the
-/// last request in flight ends).
+/// Plain atomics, so a request costs two increments and a clock read: the idle watch is never
+/// woken by a request, it looks at these when a deadline it set passes.
 struct Activity {
     in_flight: AtomicUsize,
     started: AtomicU64,
     /// Milliseconds from `since` to the end of the last request.
     last_end_ms: AtomicU64,
+    /// Whether the connection speaks HTTP/2 (known from its first request): its streams have
+    /// no header deadline between them.
+    http2: AtomicBool,
     since: tokio::time::Instant,
-    /// Signalled when `in_flight` drops to zero.
-    quiet: Notify,
-    /// Signalled when the connection's first request starts: its deadline changes from the
-    /// header deadline to the idle one.
-    first_request: Notify,
 }
 
 impl Activity {
@@ -253,9 +255,8 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             started: AtomicU64::new(0),
             last_end_ms: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
             since: tokio::time::Instant::now(),
-            quiet: Notify::new(),
-            first_request: Notify::new(),
         })
     }
 }
@@ -265,10 +266,12 @@ impl Activity {
 struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn start(activity: &Arc<Activity>) -> InFlight {
+    fn start(activity: &Arc<Activity>, version: http::Version) -> InFlight {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
         if activity.started.fetch_add(1, Ordering::AcqRel) == 0 {
-            activity.first_request.notify_one();
+            activity
+                .http2
+                .store(version == http::Version::HTTP_2, Ordering::Relaxed);
         }
         InFlight(activity.clone())
     }
@@ -279,35 +282,56 @@ impl Drop for InFlight {
         let a = &self.0;
         let ms = a.since.elapsed().as_millis() as u64;
         a.last_end_ms.fetch_max(ms, Ordering::Relaxed);
-        if a.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // A stored permit if the timer is not waiting yet: no wake-up is lost.
-            a.quiet.notify_one();
-        }
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// Resolves once the connection has had no request in flight for the deadline: `first` while
-/// no request has started yet (counted from accept), `later` after the last request ended.
-async fn idle_deadline(activity: Arc<Activity>, first: Duration, later: Duration) {
-    loop {
-        while activity.in_flight.load(Ordering::Acquire) > 0 {
-            activity.quiet.notified().await;
-        }
-        let seen = activity.started.load(Ordering::Acquire);
-        if seen == 0 {
-            tokio::select! {
-                () = tokio::time::sleep_until(activity.since + first) => {}
-                () = activity.first_request.notified() => continue,
-            }
+/// How long a connection may go without a request in flight.
+#[derive(Clone, Copy)]
+struct Deadlines {
+    /// From accept to the first request (what is left of the header deadline).
+    first: Duration,
+    /// After the last request ended.
+    idle: Duration,
+    /// An HTTP/1 connection's next request head is due this long after the last request
+    /// ended (the header deadline hyper would keep, shorter than `idle` by default).
+    header: Duration,
+}
+
+impl Deadlines {
+    /// When the idle watch is to look again at `now`, or `None` if the connection is idle past
+    /// its deadline.
+    fn next_look(&self, a: &Activity, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let later = if a.http2.load(Ordering::Relaxed) {
+            self.idle
         } else {
-            let ended = activity.last_end_ms.load(Ordering::Relaxed);
-            tokio::time::sleep_until(activity.since + Duration::from_millis(ended) + later).await;
+            self.idle.min(self.header)
+        };
+        if a.in_flight.load(Ordering::Acquire) > 0 {
+            // Busy: looked at again a deadline from now, never woken per request.
+            return Some(now + later);
         }
-        // Idle only if nothing started meanwhile (a request may have come and gone).
-        if activity.in_flight.load(Ordering::Acquire) == 0
-            && activity.started.load(Ordering::Acquire) == seen
-        {
-            return;
+        let due = match a.started.load(Ordering::Acquire) {
+            0 => a.since + self.first,
+            _ => a.since + Duration::from_millis(a.last_end_ms.load(Ordering::Relaxed)) + later,
+        };
+        (due > now).then_some(due)
+    }
+}
+
+/// Resolves once the connection has had no request in flight for its deadline: `first` while
+/// no request has started yet (counted from accept), then `idle` (and for HTTP/1 `header`)
+/// after the last request ended. One timer per connection, reset only when it fires: a
+/// request that comes and goes in the meantime moves the deadline without waking anything.
+async fn idle_deadline(activity: Arc<Activity>, deadlines: Deadlines) {
+    let first_look = deadlines.first.min(deadlines.idle).min(deadlines.header);
+    let sleep = tokio::time::sleep_until(activity.since + first_look);
+    tokio::pin!(sleep);
+    loop {
+        sleep.as_mut().await;
+        match deadlines.next_look(&activity, tokio::time::Instant::now()) {
+            Some(at) => sleep.as_mut().reset(at),
+            None => return,
         }
     }
 }
@@ -742,10 +766,17 @@ mod tests {
 
     const FIRST: Duration = Duration::from_secs(10);
     const LATER: Duration = Duration::from_secs(1);
+    /// No shorter header deadline: the idle one decides.
+    const DEADLINES: Deadlines = Deadlines {
+        first: FIRST,
+        idle: LATER,
+        header: Duration::from_secs(3600),
+    };
+    const H1: http::Version = http::Version::HTTP_11;
 
     async fn resolves_after(activity: Arc<Activity>) -> Duration {
         let start = tokio::time::Instant::now();
-        idle_deadline(activity, FIRST, LATER).await;
+        idle_deadline(activity, DEADLINES).await;
         start.elapsed()
     }
 
@@ -757,14 +788,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_served_before_the_first_look_switches_to_the_idle_deadline() {
         let activity = Activity::new();
-        drop(InFlight::start(&activity));
+        drop(InFlight::start(&activity, H1));
         assert_eq!(resolves_after(activity).await, LATER);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_request_in_flight_is_never_idle() {
         let activity = Activity::new();
-        let request = InFlight::start(&activity);
+        let request = InFlight::start(&activity, H1);
         let idle = tokio::spawn(resolves_after(activity.clone()));
         tokio::time::sleep(FIRST * 3).await;
         assert!(!idle.is_finished());
@@ -776,25 +807,65 @@ mod tests {
     async fn a_first_request_switches_a_long_header_deadline_to_the_short_idle_one() {
         let activity = Activity::new();
         let start = tokio::time::Instant::now();
-        let idle = tokio::spawn(idle_deadline(activity.clone(), LATER * 30, LATER));
-        tokio::time::sleep(LATER).await;
-        drop(InFlight::start(&activity));
+        let deadlines = Deadlines {
+            first: LATER * 30,
+            ..DEADLINES
+        };
+        let idle = tokio::spawn(idle_deadline(activity.clone(), deadlines));
+        tokio::time::sleep(LATER / 2).await;
+        drop(InFlight::start(&activity, H1));
         idle.await.unwrap();
-        assert_eq!(start.elapsed(), LATER * 2);
+        assert_eq!(start.elapsed(), LATER / 2 + LATER);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_request_during_the_idle_wait_restarts_it_from_its_end() {
         let activity = Activity::new();
-        drop(InFlight::start(&activity));
+        drop(InFlight::start(&activity, H1));
         let idle = tokio::spawn(resolves_after(activity.clone()));
         // Half-way through the idle deadline, a request comes and lasts a while.
         tokio::time::sleep(LATER / 2).await;
-        let request = InFlight::start(&activity);
+        let request = InFlight::start(&activity, H1);
         tokio::time::sleep(LATER * 2).await;
         assert!(!idle.is_finished(), "idle while a request was in flight");
         drop(request);
         assert_eq!(idle.await.unwrap(), LATER / 2 + LATER * 2 + LATER);
+    }
+
+    /// Many requests coming and going between two looks move the deadline to the last one's end.
+    #[tokio::test(start_paused = true)]
+    async fn requests_between_looks_move_the_deadline_to_the_last_end() {
+        let activity = Activity::new();
+        let start = tokio::time::Instant::now();
+        let idle = tokio::spawn(resolves_after(activity.clone()));
+        for _ in 0..25 {
+            tokio::time::sleep(LATER / 10).await;
+            drop(InFlight::start(&activity, H1));
+        }
+        idle.await.unwrap();
+        assert_eq!(start.elapsed(), LATER * 5 / 2 + LATER);
+    }
+
+    /// hyper's header deadline, kept by the watch: an HTTP/1 connection's next request is due
+    /// `header` after the last one ended when that is shorter than `idle`; HTTP/2 streams have
+    /// no header deadline between them.
+    #[tokio::test(start_paused = true)]
+    async fn http1_keeps_the_header_deadline_between_requests_and_http2_the_idle_one() {
+        let deadlines = Deadlines {
+            first: FIRST,
+            idle: LATER * 60,
+            header: LATER * 10,
+        };
+        for (version, after) in [
+            (http::Version::HTTP_11, LATER * 10),
+            (http::Version::HTTP_2, LATER * 60),
+        ] {
+            let activity = Activity::new();
+            let start = tokio::time::Instant::now();
+            drop(InFlight::start(&activity, version));
+            idle_deadline(activity, deadlines).await;
+            assert_eq!(start.elapsed(), after, "{version:?}");
+        }
     }
 
     #[test]

@@ -160,6 +160,47 @@ async fn idle_keep_alive_connections_close_but_sse_streams_stay() {
     gw.stop().await;
 }
 
+/// The header deadline holds between requests too: a kept-alive HTTP/1 connection whose next
+/// request head starts and never finishes is closed `header_timeout` after the last response,
+/// though the idle deadline is far longer; one that says nothing at all likewise.
+#[tokio::test]
+async fn a_next_request_head_that_never_finishes_is_cut_off_at_the_header_deadline() {
+    let gw = TestGateway::start(
+        "mcp: { header_timeout: 1s, idle_connection_timeout: 60s }",
+        &[example("a", &[], "")],
+    )
+    .await;
+    let healthy = healthy_session(&gw).await;
+    let mut slow = TcpStream::connect(gw.addr).await.unwrap();
+    let mut quiet = TcpStream::connect(gw.addr).await.unwrap();
+    for s in [&mut slow, &mut quiet] {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    }
+    let served = Instant::now();
+    slow.write_all(b"POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: ")
+        .await
+        .unwrap();
+    // Open a while (a head may take up to the deadline)...
+    assert!(!closed_within(&mut slow, Duration::from_millis(300)).await);
+    still_healthy(&healthy).await;
+    // ...and closed once it is overdue, long before the idle deadline (the margin is for a
+    // loaded CI machine).
+    for (name, s) in [("a started head", &mut slow), ("a silent one", &mut quiet)] {
+        assert!(
+            closed_within(s, Duration::from_secs(8)).await,
+            "a kept-alive connection with {name} is still open after {:?}",
+            served.elapsed()
+        );
+    }
+    still_healthy(&healthy).await;
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn connections_over_the_per_address_cap_are_closed_at_once() {
     let gw = TestGateway::start(

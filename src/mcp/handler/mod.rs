@@ -120,7 +120,7 @@ pub struct Services<'a> {
     pub pins: Option<&'a Arc<crate::pins::Pins>>,
     /// A 2026-07-28 client's envelope (the `_meta` members the stateless front took out of
     /// its params): what a 2026-07-28 server is sent on its behalf.
-    pub envelope: Option<&'a Arc<str>>,
+    pub envelope: Option<&'a Bytes>,
     /// The request's span, when it is traced.
     pub trace: Option<&'a crate::trace::Span>,
     /// The mark a stateless call's upstream call is given while it waits for its client.
@@ -283,7 +283,6 @@ pub async fn request(
     method: &str,
     params: Option<Bytes>,
 ) -> Reply {
-    let started = Instant::now();
     let label = method_label(method);
     let plugins = sv.plugins.current();
     // One upstream, names unchanged and no plugins: forward everything untouched.
@@ -291,6 +290,19 @@ pub async fn request(
     let single = session.topology().servers.len() == 1
         && !session.topology().router.prefixing()
         && session.profile().is_none();
+    // What the gateway answers itself is timed here; a forwarded call, where it is forwarded
+    // (no clock read for it here).
+    let answered_here = !single
+        && matches!(
+            label,
+            "ping"
+                | "tools/list"
+                | "prompts/list"
+                | "resources/list"
+                | "resources/templates/list"
+                | "logging/setLevel"
+        );
+    let started = answered_here.then(Instant::now);
     // (With pinning on, tools are checked by name: through the table too. A server that may
     // sleep is listed through it too: from what it last listed, while it sleeps.)
     let direct = single && plugins.is_empty() && sv.pins.is_none() && !session.may_sleep(0);
@@ -502,16 +514,7 @@ pub async fn request(
             &format!("method not found: {method}"),
         )),
     };
-    if matches!(
-        label,
-        "ping"
-            | "tools/list"
-            | "prompts/list"
-            | "resources/list"
-            | "resources/templates/list"
-            | "logging/setLevel"
-    ) && !single
-    {
+    if let Some(started) = started {
         sv.metrics.record(label, "gateway", "ok", started.elapsed());
     }
     reply
