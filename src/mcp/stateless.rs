@@ -227,14 +227,15 @@ pub(crate) struct RequestMeta {
     pub version: std::borrow::Cow<'static, str>,
     /// The lowest log severity the client wants on this request's stream; `None`: no logs.
     pub log_level: Option<u8>,
-    /// The client capabilities the request declares (a JSON object, as sent).
-    pub capabilities: String,
+    /// The client capabilities the request declares (a JSON object, as sent: a slice of the
+    /// request).
+    pub capabilities: Bytes,
 }
 
 impl RequestMeta {
     /// Whether the request declares client capability `name`.
     fn declares(&self, name: &str) -> bool {
-        serde_json::from_str::<std::collections::BTreeMap<std::borrow::Cow<'_, str>, &RawValue>>(
+        serde_json::from_slice::<std::collections::BTreeMap<std::borrow::Cow<'_, str>, &RawValue>>(
             &self.capabilities,
         )
         .is_ok_and(|c| c.contains_key(name))
@@ -251,9 +252,10 @@ pub(crate) struct Read {
     pub target: Option<String>,
     /// A retry's `requestState` and `inputResponses`.
     pub retry: round_trip::Retry,
-    /// The envelope's members of `_meta` (`"key":value,…`), taken out of the params: a server
-    /// of an earlier revision must not see them, one of this revision is sent them.
-    pub envelope: Arc<str>,
+    /// The envelope's members of `_meta` (`"key":value,…`, UTF-8), taken out of the params: a
+    /// server of an earlier revision must not see them, one of this revision is sent them. A
+    /// slice of the request when `_meta` holds nothing else.
+    pub envelope: Bytes,
     /// The params without the envelope.
     pub params: Bytes,
 }
@@ -274,8 +276,9 @@ fn severity(level: &str) -> Option<u8> {
     LEVELS.iter().position(|l| *l == level).map(|p| p as u8)
 }
 
-/// Writes `key` as a JSON string: as it came when it was `plain` (nothing in it escaped).
-fn put_key(out: &mut Vec<u8>, key: &str, plain: bool) {
+/// Writes the member `key: value`: the key as it came when it was `plain` (nothing in it was
+/// escaped), else escaped as serde escapes it; the value as written.
+fn put_member(out: &mut Vec<u8>, key: &str, plain: bool, value: &str) {
     if plain {
         out.push(b'"');
         out.extend_from_slice(key.as_bytes());
@@ -283,6 +286,25 @@ fn put_key(out: &mut Vec<u8>, key: &str, plain: bool) {
     } else {
         serde_json::to_writer(&mut *out, key).expect("a string serializes into a vector")
     }
+    out.push(b':');
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// The envelope's members of `_meta` (the JSON text `meta`, read and checked by [`read_meta`]),
+/// written one after another with their keys as the gateway spells them.
+fn envelope_members(meta: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(meta.len());
+    let _ = json_scan::members(meta, json_scan::MAX_DEPTH, |raw_key, value| {
+        if let Ok(key) = json_scan::unquote(raw_key)
+            && ENVELOPE_KEYS.contains(&&*key)
+        {
+            if !out.is_empty() {
+                out.push(b',');
+            }
+            put_member(&mut out, &key, matches!(key, Cow::Borrowed(_)), value);
+        }
+    });
+    out
 }
 
 /// What [`read_meta`] read of the envelope.
@@ -291,8 +313,9 @@ struct Envelope<'a> {
     version: Option<&'a str>,
     capabilities: Option<&'a str>,
     level: Option<&'a str>,
-    /// The envelope's members as text, to be sent on to servers of this revision.
-    members: Vec<u8>,
+    /// Whether `_meta` is the envelope alone, every key as the gateway spells it: its members
+    /// are then sent on as they came, not written again.
+    alone: bool,
 }
 
 /// The progress token's key in `_meta`: the gateway routes progress notifications by it.
@@ -320,7 +343,7 @@ fn shown(key: &str) -> &str {
 fn read_meta<'a>(meta: &'a str, kept: &mut Vec<u8>) -> Result<Envelope<'a>, Refusal> {
     let not_object = || Refusal::Meta("params._meta must be an object".into());
     let mut envelope = Envelope {
-        members: Vec::with_capacity(meta.len()),
+        alone: true,
         ..Envelope::default()
     };
     // Every key, to refuse one given twice: the gateway would read one value and the server
@@ -341,12 +364,13 @@ fn read_meta<'a>(meta: &'a str, kept: &mut Vec<u8>) -> Result<Envelope<'a>, Refu
             LEVEL_KEY => Some(&mut envelope.level),
             _ => None,
         };
-        let (out, first) = if let Some(slot) = slot {
+        if let Some(slot) = slot {
             *slot = Some(value);
-            (&mut envelope.members, 0)
+            envelope.alone &= matches!(key, Cow::Borrowed(_));
         } else if ENVELOPE_KEYS.contains(&&*key) {
-            (&mut envelope.members, 0)
+            envelope.alone &= matches!(key, Cow::Borrowed(_));
         } else {
+            envelope.alone = false;
             if too_like.is_none()
                 && &*key != PROGRESS_KEY
                 && let Some(owned) = lookalike::read_as(&key, &READ_BY_GATEWAY)
@@ -356,14 +380,11 @@ fn read_meta<'a>(meta: &'a str, kept: &mut Vec<u8>) -> Result<Envelope<'a>, Refu
                     shown(&key)
                 ));
             }
-            (&mut *kept, opened)
-        };
-        if out.len() > first {
-            out.push(b',');
+            if kept.len() > opened {
+                kept.push(b',');
+            }
+            put_member(kept, &key, matches!(key, Cow::Borrowed(_)), value);
         }
-        put_key(out, &key, matches!(key, Cow::Borrowed(_)));
-        out.push(b':');
-        out.extend_from_slice(value.as_bytes());
         keys.push(key);
     })
     .map_err(|_| not_object())?;
@@ -394,7 +415,7 @@ fn read_meta<'a>(meta: &'a str, kept: &mut Vec<u8>) -> Result<Envelope<'a>, Refu
 /// Reads and checks the params of a stateless request of `method`: the top level as borrowed
 /// members (a key given twice is refused: which one counts would be a guess), then `_meta` in
 /// one pass that writes the params without the envelope.
-pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal> {
+pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal> {
     /// The members of the params the gateway reads: `None` if absent, `Some(None)` if `null`
     /// (which counts as absent, but not when the key comes again).
     #[derive(Default)]
@@ -476,7 +497,7 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
         }
     };
     let capabilities = match envelope.capabilities {
-        Some(raw) if raw.starts_with('{') => raw.to_owned(),
+        Some(raw) if raw.starts_with('{') => bytes.slice_ref(raw.as_bytes()),
         Some(_) => {
             return Err(Refusal::Meta(format!(
                 "params._meta[{CAPS_KEY:?}] must be an object"
@@ -530,12 +551,13 @@ pub(crate) fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal>
         },
         target,
         retry,
-        // Written from keys and raw values of a `str`: UTF-8 (checked, not decoded lossily
-        // byte by byte).
-        envelope: std::str::from_utf8(&envelope.members).map_or_else(
-            |_| String::from_utf8_lossy(&envelope.members).into(),
-            Arc::from,
-        ),
+        // Slices and keys of a `str`: UTF-8.
+        envelope: if envelope.alone {
+            let inner = meta_raw[1..meta_raw.len() - 1].trim_matches([' ', '\t', '\n', '\r']);
+            bytes.slice_ref(inner.as_bytes())
+        } else {
+            Bytes::from(envelope_members(meta_raw))
+        },
         params: Bytes::from(stripped),
     })
 }
@@ -692,7 +714,7 @@ pub(crate) async fn post(
             );
         }
     };
-    let checked = read(params.as_deref(), &method).and_then(|read| {
+    let checked = read(params.as_ref(), &method).and_then(|read| {
         // Headers first: a header that disagrees with the body is the request's own fault,
         // whichever version it names.
         check_headers(&mirrored, &read, &method)?;
@@ -1603,6 +1625,11 @@ fn log_wanted(params: Option<&[u8]>, wanted: Option<u8>) -> bool {
 mod tests {
     use super::*;
 
+    /// [`super::read`] of a copy of `params`.
+    fn read(params: Option<&[u8]>, method: &str) -> Result<Read, Refusal> {
+        super::read(params.map(Bytes::copy_from_slice).as_ref(), method)
+    }
+
     fn meta(params: &str) -> Result<RequestMeta, Refusal> {
         read(Some(params.as_bytes()), "tools/list").map(|r| r.meta)
     }
@@ -1785,7 +1812,7 @@ mod tests {
             br#"{"name":"t","_meta":{"progressToken":4,"io.modelcontextprotocol/related-task":{"taskId":"x"}},"arguments":{"_meta":1}}"#
         );
         assert_eq!(
-            &*r.envelope,
+            r.envelope,
             r#""io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}"#
         );
         // An escaped key is the envelope's all the same.
@@ -1795,6 +1822,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(&escaped.params[..], br#"{"_meta":{}}"#);
+        assert_eq!(
+            escaped.envelope,
+            r#""io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}"#,
+            "written again with the key as the gateway spells it"
+        );
+        // `_meta` that is the envelope alone, spaced out: its members go on as they came,
+        // shared with the request, without the space around them.
+        let request = Bytes::from_static(
+            b"{\"name\":\"t\", \"_meta\": {\n \"io.modelcontextprotocol/protocolVersion\" : \"2026-07-28\" ,\t\"io.modelcontextprotocol/clientCapabilities\":{ } \r\n} }",
+        );
+        let alone = super::read(Some(&request), "tools/call").unwrap();
+        assert_eq!(
+            alone.envelope,
+            "\"io.modelcontextprotocol/protocolVersion\" : \"2026-07-28\" ,\t\"io.modelcontextprotocol/clientCapabilities\":{ }"
+        );
+        let within = request.as_ptr_range();
+        assert!(within.contains(&alone.envelope.as_ptr()), "a copy");
+        assert_eq!(alone.meta.capabilities, "{ }");
+        assert!(within.contains(&alone.meta.capabilities.as_ptr()), "a copy");
+        assert_eq!(&alone.params[..], b"{\"name\":\"t\", \"_meta\": {} }");
+        // Put in a server's `_meta`, it is JSON.
+        let sent: serde_json::Value = serde_json::from_str(&format!(
+            "{{{}}}",
+            std::str::from_utf8(&alone.envelope).unwrap()
+        ))
+        .unwrap();
+        assert_eq!(
+            sent["io.modelcontextprotocol/protocolVersion"],
+            "2026-07-28"
+        );
     }
 
     #[test]
@@ -1808,7 +1865,7 @@ mod tests {
         assert_eq!(r.meta.version, "2026-07-28");
         assert_eq!(r.meta.capabilities, r#"{"a":1}"#);
         assert_eq!(
-            &*r.envelope,
+            r.envelope,
             r#""io.modelcontextprotocol/protocolVersion":"2026\u002d07-28","io.modelcontextprotocol/clientCapabilities":{"a":1}"#
         );
         // What stays is written escaped where it must be, plain where it came plain.

@@ -960,10 +960,14 @@ impl Link {
         // session's.
         let own;
         let (envelope, client_driven) = match &opts.client_envelope {
-            Some(client) => (&**client, true),
+            // UTF-8: the front took it out of a `str`.
+            Some(client) => {
+                own = String::from_utf8_lossy(client);
+                (&*own, true)
+            }
             None => {
-                own = self.envelope();
-                (own.as_str(), false)
+                own = self.envelope().into();
+                (&*own, false)
             }
         };
         let prepared = match stateless::prepare(method, params, envelope, client_driven) {

@@ -273,7 +273,7 @@ pub struct CallOpts {
     /// The caller is a 2026-07-28 client, checked at the stateless front, with this envelope
     /// (`_meta` members): a 2026-07-28 server is sent it and the call's retry members as they
     /// are, and `input_required` comes back.
-    pub client_envelope: Option<Arc<str>>,
+    pub client_envelope: Option<Bytes>,
     /// The call's span as `traceparent` (and `tracestate`) headers, when traced (HTTP only;
     /// `_meta` carries them for every transport).
     pub traceparent: Option<crate::trace::TraceHeaders>,
