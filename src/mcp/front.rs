@@ -414,14 +414,20 @@ fn hostname(authority: &str) -> Option<&str> {
 /// only (what nearly every `Host` header is): what [`hostname`] answers for it, without the
 /// copy and scan of a full authority parse. `None` means "parse it fully", not "refused".
 fn plain_hostname(authority: &str) -> Option<&str> {
-    let (host, port) = authority.split_once(':').unwrap_or((authority, ""));
-    let name = |b: u8| b.is_ascii_alphanumeric() || b == b'.' || b == b'-';
-    (!host.is_empty() && host.bytes().all(name) && port.bytes().all(|b| b.is_ascii_digit()))
-        .then_some(host)
+    // Byte by byte, in one pass: these are a few bytes long, shorter than a searcher's setup.
+    let bytes = authority.as_bytes();
+    let colon = bytes.iter().position(|&b| b == b':').unwrap_or(bytes.len());
+    let (host, port) = bytes.split_at(colon);
+    let name = |&b: &u8| b.is_ascii_alphanumeric() || b == b'.' || b == b'-';
+    let digits = port.get(1..).unwrap_or_default();
+    (!host.is_empty() && host.iter().all(name) && digits.iter().all(u8::is_ascii_digit))
+        .then(|| &authority[..colon])
 }
 
 fn is_loopback_name(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
+    // The usual spelling first, without parsing it as an address.
+    host == "127.0.0.1"
+        || host.eq_ignore_ascii_case("localhost")
         || host == "[::1]"
         || host
             .parse::<std::net::Ipv4Addr>()
@@ -469,13 +475,17 @@ pub fn check_host_and_origin(
 
 /// Whether a `Content-Type` says JSON.
 pub(crate) fn is_json(content_type: Option<&HeaderValue>) -> bool {
-    content_type.and_then(|v| v.to_str().ok()).is_some_and(|v| {
-        v.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .eq_ignore_ascii_case("application/json")
-    })
+    content_type.is_some_and(|v| media_type(v.as_bytes()).eq_ignore_ascii_case(b"application/json"))
+}
+
+/// The media type (or range) of a `Content-Type` or of one element of an `Accept` list: its
+/// parameters (after `;`) and the spaces around it left out.
+fn media_type(element: &[u8]) -> &[u8] {
+    let end = element
+        .iter()
+        .position(|&b| b == b';')
+        .unwrap_or(element.len());
+    element[..end].trim_ascii()
 }
 
 /// Whether an `Accept` header lists each of `media` (itself, `*/*`, or its type with `/*`):
@@ -484,11 +494,14 @@ pub(crate) fn accepts(headers: &HeaderMap, media: &[&str]) -> bool {
     debug_assert!(media.len() < 32, "one bit per media type");
     let mut missing: u32 = (1 << media.len()) - 1;
     for value in headers.get_all(ACCEPT) {
+        // The list as the MCP SDKs send it: compared whole, not taken apart.
+        if lists_exactly(value.as_bytes(), media) {
+            return true;
+        }
         // Split byte by byte: these lists are short, and a searcher's setup costs more than the
         // scan.
         for part in value.as_bytes().split(|&b| b == b',') {
-            let m = part.split(|&b| b == b';').next().unwrap_or_default();
-            let m = m.trim_ascii();
+            let m = media_type(part);
             for (i, want) in media.iter().enumerate() {
                 let want = want.as_bytes();
                 if m.eq_ignore_ascii_case(want)
@@ -504,6 +517,24 @@ pub(crate) fn accepts(headers: &HeaderMap, media: &[&str]) -> bool {
         }
     }
     missing == 0
+}
+
+/// Whether `value` is exactly `media`, in order, separated by ", ".
+fn lists_exactly(value: &[u8], media: &[&str]) -> bool {
+    let mut rest = value;
+    for (i, m) in media.iter().enumerate() {
+        if i > 0 {
+            let Some(r) = rest.strip_prefix(b", ") else {
+                return false;
+            };
+            rest = r;
+        }
+        let Some(r) = rest.strip_prefix(m.as_bytes()) else {
+            return false;
+        };
+        rest = r;
+    }
+    rest.is_empty()
 }
 
 fn check_version(headers: &HeaderMap) -> Result<(), FrontError> {
@@ -1095,6 +1126,110 @@ mod tests {
         assert_eq!(plain_hostname("localhost:@evil.com"), None);
         assert_eq!(hostname("localhost:@evil.com"), None);
         assert_eq!(plain_hostname("[::1]:9000"), None);
+    }
+
+    /// The byte-by-byte readers answer as the splitting they replaced did, and the whole-list
+    /// comparison only ever says yes where the element-by-element reading does.
+    #[test]
+    fn header_readers_agree_with_splitting_them() {
+        fn accepts_by_splitting(values: &[&str], media: &[&str]) -> bool {
+            media.iter().all(|want| {
+                values.iter().any(|v| {
+                    v.split(',').any(|part| {
+                        let m = part.split(';').next().unwrap_or("").trim();
+                        m.eq_ignore_ascii_case(want)
+                            || m == "*/*"
+                            || (m.ends_with("/*") && want.starts_with(&m[..m.len() - 1]))
+                    })
+                })
+            })
+        }
+        let lists = [
+            "application/json, text/event-stream",
+            "text/event-stream, application/json",
+            "application/json,text/event-stream",
+            "APPLICATION/JSON, text/event-stream",
+            "application/json;q=0.9, text/event-stream; charset=utf-8",
+            "application/json, text/event-stream, ",
+            "application/json, text/event-streamx",
+            "application/jsonx, text/event-stream",
+            "application/json,  text/event-stream",
+            "application/json",
+            "text/event-stream",
+            "*/*",
+            "application/*, text/*",
+            "text/*",
+            "",
+            ", ,",
+            ";",
+        ];
+        let media_lists: [&[&str]; 3] = [
+            &["application/json", "text/event-stream"],
+            &["text/event-stream"],
+            &[],
+        ];
+        for media in media_lists {
+            for a in lists {
+                for b in [None, Some("text/event-stream"), Some("application/json")] {
+                    let mut headers = HeaderMap::new();
+                    headers.append(ACCEPT, HeaderValue::from_str(a).unwrap());
+                    let mut values = vec![a];
+                    if let Some(b) = b {
+                        headers.append(ACCEPT, HeaderValue::from_static(b));
+                        values.push(b);
+                    }
+                    assert_eq!(
+                        accepts(&headers, media),
+                        accepts_by_splitting(&values, media),
+                        "{values:?} for {media:?}"
+                    );
+                }
+            }
+        }
+        for ct in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            " application/json ;x",
+            "application/jsonx",
+            "text/plain",
+            "",
+            ";application/json",
+        ] {
+            let by_splitting = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/json");
+            assert_eq!(
+                is_json(Some(&HeaderValue::from_str(ct).unwrap())),
+                by_splitting,
+                "{ct:?}"
+            );
+        }
+        assert!(!is_json(None));
+        for authority in [
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "localhost:",
+            "localhost:80:90",
+            ":80",
+            "a:b",
+            "ex-ample.com:443",
+            "[::1]:9000",
+            "",
+            "h\u{e9}.com",
+            "127.0.0.1:\u{ff18}",
+        ] {
+            let (host, port) = authority.split_once(':').unwrap_or((authority, ""));
+            let name = |b: u8| b.is_ascii_alphanumeric() || b == b'.' || b == b'-';
+            let by_splitting = (!host.is_empty()
+                && host.bytes().all(name)
+                && port.bytes().all(|b| b.is_ascii_digit()))
+            .then_some(host);
+            assert_eq!(plain_hostname(authority), by_splitting, "{authority:?}");
+        }
     }
 
     #[test]
