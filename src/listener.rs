@@ -205,11 +205,15 @@ async fn serve_connection<S>(
     };
     let idle = idle_deadline(activity, deadlines);
     let ended = tokio::select! {
+        // The connection first: a request head that came with the deadline is served.
+        biased;
         r = conn.as_mut() => r,
-        () = idle => {
+        grace = idle => {
             tracing::debug!(%peer, "closing idle connection");
+            // Idle between requests, hyper closes at once; still writing an answer to a slow
+            // reader, it has the grace to finish.
             conn.as_mut().graceful_shutdown();
-            match tokio::time::timeout(SHUTDOWN_GRACE, conn).await {
+            match tokio::time::timeout(grace, conn).await {
                 Ok(r) => r,
                 Err(_) => return,
             }
@@ -299,6 +303,19 @@ struct Deadlines {
 }
 
 impl Deadlines {
+    /// How long a connection found idle may take to close. A request's end is when hyper
+    /// drops its answer's body, which may be before the answer's last bytes are written to a
+    /// slow reader: over HTTP/1, where the header deadline cut the idle one short, the writing
+    /// has the rest of the idle deadline to finish (what it had before hyper's header timer
+    /// was replaced).
+    fn grace(&self, a: &Activity) -> Duration {
+        if a.started.load(Ordering::Acquire) > 0 && !a.http2.load(Ordering::Relaxed) {
+            SHUTDOWN_GRACE.max(self.idle.saturating_sub(self.header))
+        } else {
+            SHUTDOWN_GRACE
+        }
+    }
+
     /// When the idle watch is to look again at `now`, or `None` if the connection is idle past
     /// its deadline.
     fn next_look(&self, a: &Activity, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
@@ -321,9 +338,10 @@ impl Deadlines {
 
 /// Resolves once the connection has had no request in flight for its deadline: `first` while
 /// no request has started yet (counted from accept), then `idle` (and for HTTP/1 `header`)
-/// after the last request ended. One timer per connection, reset only when it fires: a
-/// request that comes and goes in the meantime moves the deadline without waking anything.
-async fn idle_deadline(activity: Arc<Activity>, deadlines: Deadlines) {
+/// after the last request ended; to how long its closing may take. One timer per connection,
+/// reset only when it fires: a request that comes and goes in the meantime moves the deadline
+/// without waking anything.
+async fn idle_deadline(activity: Arc<Activity>, deadlines: Deadlines) -> Duration {
     let first_look = deadlines.first.min(deadlines.idle).min(deadlines.header);
     let sleep = tokio::time::sleep_until(activity.since + first_look);
     tokio::pin!(sleep);
@@ -331,7 +349,7 @@ async fn idle_deadline(activity: Arc<Activity>, deadlines: Deadlines) {
         sleep.as_mut().await;
         match deadlines.next_look(&activity, tokio::time::Instant::now()) {
             Some(at) => sleep.as_mut().reset(at),
-            None => return,
+            None => return deadlines.grace(&activity),
         }
     }
 }
@@ -849,6 +867,36 @@ mod tests {
     /// hyper's header deadline, kept by the watch: an HTTP/1 connection's next request is due
     /// `header` after the last one ended when that is shorter than `idle`; HTTP/2 streams have
     /// no header deadline between them.
+    /// An HTTP/1 connection closed at the header deadline may still be writing its last
+    /// answer: it has the rest of the idle deadline to finish; otherwise the usual grace.
+    #[test]
+    fn a_connection_closed_at_the_header_deadline_has_the_rest_of_the_idle_one_to_finish() {
+        let deadlines = Deadlines {
+            first: FIRST,
+            idle: LATER * 60,
+            header: LATER * 10,
+        };
+        let served = |version| {
+            let activity = Activity::new();
+            drop(InFlight::start(&activity, version));
+            deadlines.grace(&activity)
+        };
+        assert_eq!(served(http::Version::HTTP_11), LATER * 50);
+        assert_eq!(served(http::Version::HTTP_2), SHUTDOWN_GRACE);
+        assert_eq!(
+            deadlines.grace(&Activity::new()),
+            SHUTDOWN_GRACE,
+            "no request yet"
+        );
+        let longer_header = Deadlines {
+            header: LATER * 120,
+            ..deadlines
+        };
+        let activity = Activity::new();
+        drop(InFlight::start(&activity, http::Version::HTTP_11));
+        assert_eq!(longer_header.grace(&activity), SHUTDOWN_GRACE);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn http1_keeps_the_header_deadline_between_requests_and_http2_the_idle_one() {
         let deadlines = Deadlines {

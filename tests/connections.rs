@@ -162,15 +162,25 @@ async fn idle_keep_alive_connections_close_but_sse_streams_stay() {
 
 /// The header deadline holds between requests too: a kept-alive HTTP/1 connection whose next
 /// request head starts and never finishes is closed `header_timeout` after the last response,
-/// though the idle deadline is far longer; one that says nothing at all likewise.
+/// though the idle deadline is far longer; one that says nothing at all likewise. A request
+/// that lasts longer than the header deadline (an SSE stream) is not cut off.
 #[tokio::test]
 async fn a_next_request_head_that_never_finishes_is_cut_off_at_the_header_deadline() {
     let gw = TestGateway::start(
-        "mcp: { header_timeout: 1s, idle_connection_timeout: 60s }",
+        "mcp: { header_timeout: 1s, idle_connection_timeout: 60s, sse_keepalive: 200ms }",
         &[example("a", &[], "")],
     )
     .await;
     let healthy = healthy_session(&gw).await;
+    let mut sse = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "GET /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\nmcp-session-id: {}\r\n\r\n",
+        healthy.session.as_deref().unwrap()
+    );
+    sse.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = sse.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     let mut slow = TcpStream::connect(gw.addr).await.unwrap();
     let mut quiet = TcpStream::connect(gw.addr).await.unwrap();
     for s in [&mut slow, &mut quiet] {
@@ -186,7 +196,7 @@ async fn a_next_request_head_that_never_finishes_is_cut_off_at_the_header_deadli
         .await
         .unwrap();
     // Open a while (a head may take up to the deadline)...
-    assert!(!closed_within(&mut slow, Duration::from_millis(300)).await);
+    assert!(!closed_within(&mut slow, Duration::from_millis(700)).await);
     still_healthy(&healthy).await;
     // ...and closed once it is overdue, long before the idle deadline (the margin is for a
     // loaded CI machine).
@@ -197,7 +207,76 @@ async fn a_next_request_head_that_never_finishes_is_cut_off_at_the_header_deadli
             served.elapsed()
         );
     }
+    // Past both deadlines, the stream still delivers keep-alive comments.
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < deadline {
+        let n = tokio::time::timeout(Duration::from_secs(2), sse.read(&mut buf))
+            .await
+            .expect("SSE stream delivers keep-alives")
+            .unwrap();
+        assert!(n > 0, "the SSE stream was closed at the header deadline");
+    }
     still_healthy(&healthy).await;
+    gw.stop().await;
+}
+
+/// A large answer to a client that reads it slowly is not cut off at the header deadline: a
+/// request ends when the gateway has handed its answer over, which can be long before a slow
+/// reader has it all. The client here reads nothing for longer than the header deadline and
+/// the usual closing grace together, then reads the whole answer.
+#[tokio::test]
+async fn a_large_answer_to_a_slow_reader_is_not_cut_off_at_the_header_deadline() {
+    let gw = TestGateway::start(
+        "mcp: { header_timeout: 1s, idle_connection_timeout: 60s, max_body_bytes: 33554432 }",
+        &[example("a", &[], "")],
+    )
+    .await;
+    let c = healthy_session(&gw).await;
+    // Larger than what the kernel buffers between the two sockets: the gateway is still
+    // writing while the client waits.
+    let text = "x".repeat(12 << 20);
+    let body = json!({"jsonrpc":"2.0","id":5,"method":"tools/call",
+        "params":{"name":"echo","arguments":{"text": text}}})
+    .to_string();
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let mut s = socket.connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\nmcp-session-id: {}\r\ncontent-length: {}\r\n\r\n",
+        c.session.as_deref().unwrap(),
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut reader = BufReader::new(s);
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).await.unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = Some(value.trim().parse::<usize>().unwrap());
+        }
+    }
+    let length = length.expect("a JSON answer with a length");
+    let mut answer = vec![0u8; length];
+    tokio::time::timeout(Duration::from_secs(20), reader.read_exact(&mut answer))
+        .await
+        .expect("the answer within 20 s")
+        .expect("the whole answer, not cut off");
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(
+        answer["result"]["content"][0]["text"]
+            .as_str()
+            .map(str::len),
+        Some(12 << 20)
+    );
+    still_healthy(&c).await;
     gw.stop().await;
 }
 

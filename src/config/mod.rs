@@ -1684,6 +1684,10 @@ fn http_endpoint(field: &str, h: RawHttp) -> Result<(http::Uri, http::HeaderMap)
     Ok((url, headers))
 }
 
+/// The longest deadline or interval a setting may name: far past any use, and far short of
+/// what would overflow a clock reading it is added to (a panic on every connection).
+const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
 fn positive(
     field: &str,
     value: Option<Duration>,
@@ -1691,6 +1695,7 @@ fn positive(
 ) -> Result<Duration, ConfigError> {
     match value {
         Some(d) if d.is_zero() => Err(field_err(field, "must be greater than zero")),
+        Some(d) if d > MAX_DURATION => Err(field_err(field, "must be at most 10 years")),
         Some(d) => Ok(d),
         None => Ok(default),
     }
@@ -1952,6 +1957,14 @@ upstreams:
             err(&format!("mcp: {{idle_connection_timeout: 0s}}\n{up}"))
                 .contains("mcp.idle_connection_timeout")
         );
+        // A deadline so long that adding it to a clock reading would overflow (and panic on
+        // every connection) is refused, naming the field.
+        let huge = err(&format!("mcp: {{header_timeout: 300000000000y}}\n{up}"));
+        assert!(
+            huge.contains("mcp.header_timeout") && huge.contains("at most 10 years"),
+            "{huge}"
+        );
+        assert!(Config::from_yaml(&format!("mcp: {{session_idle_timeout: 3650d}}\n{up}")).is_ok());
         assert!(
             err(&format!("mcp: {{keepalive_interval: 0s}}\n{up}"))
                 .contains("mcp.keepalive_interval")
