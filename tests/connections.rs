@@ -75,6 +75,37 @@ async fn still_healthy(c: &Client) {
     );
 }
 
+/// Opens a GET SSE stream for `c`'s session on a connection of its own.
+async fn open_sse_stream(gw: &TestGateway, c: &Client) -> TcpStream {
+    let mut sse = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "GET /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\nmcp-session-id: {}\r\n\r\n",
+        c.session.as_deref().unwrap()
+    );
+    sse.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = sse.read(&mut buf).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    sse
+}
+
+/// Asserts that `sse` keeps delivering (keep-alive comments) for `span`.
+async fn keeps_delivering(sse: &mut TcpStream, span: Duration) {
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + span;
+    while Instant::now() < deadline {
+        let n = tokio::time::timeout(Duration::from_secs(2), sse.read(&mut buf))
+            .await
+            .expect("SSE stream delivers keep-alives")
+            .unwrap();
+        assert!(n > 0, "the SSE stream was closed");
+    }
+}
+
 #[tokio::test]
 async fn silent_connections_are_closed_from_accept_http1_and_http2() {
     let gw = TestGateway::start(
@@ -124,18 +155,7 @@ async fn idle_keep_alive_connections_close_but_sse_streams_stay() {
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 
     // An SSE stream on another connection, open longer than the idle deadline.
-    let mut sse = TcpStream::connect(gw.addr).await.unwrap();
-    let head = format!(
-        "GET /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\nmcp-session-id: {}\r\n\r\n",
-        healthy.session.as_deref().unwrap()
-    );
-    sse.write_all(head.as_bytes()).await.unwrap();
-    let n = sse.read(&mut buf).await.unwrap();
-    assert!(
-        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&buf[..n])
-    );
+    let mut sse = open_sse_stream(&gw, &healthy).await;
 
     // The deadline is 1 s; the margin is for a loaded CI machine.
     let idle_since = Instant::now();
@@ -148,14 +168,7 @@ async fn idle_keep_alive_connections_close_but_sse_streams_stay() {
         idle_since.elapsed()
     );
     // Well past the idle deadline, the stream still delivers keep-alive comments.
-    let deadline = Instant::now() + Duration::from_millis(2500);
-    while Instant::now() < deadline {
-        let n = tokio::time::timeout(Duration::from_secs(2), sse.read(&mut buf))
-            .await
-            .expect("SSE stream delivers keep-alives")
-            .unwrap();
-        assert!(n > 0, "the SSE stream was closed as idle");
-    }
+    keeps_delivering(&mut sse, Duration::from_millis(2500)).await;
     still_healthy(&healthy).await;
     gw.stop().await;
 }
@@ -172,15 +185,7 @@ async fn a_next_request_head_that_never_finishes_is_cut_off_at_the_header_deadli
     )
     .await;
     let healthy = healthy_session(&gw).await;
-    let mut sse = TcpStream::connect(gw.addr).await.unwrap();
-    let head = format!(
-        "GET /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\nmcp-session-id: {}\r\n\r\n",
-        healthy.session.as_deref().unwrap()
-    );
-    sse.write_all(head.as_bytes()).await.unwrap();
-    let mut buf = [0u8; 1024];
-    let n = sse.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let mut sse = open_sse_stream(&gw, &healthy).await;
     let mut slow = TcpStream::connect(gw.addr).await.unwrap();
     let mut quiet = TcpStream::connect(gw.addr).await.unwrap();
     for s in [&mut slow, &mut quiet] {
@@ -208,14 +213,7 @@ async fn a_next_request_head_that_never_finishes_is_cut_off_at_the_header_deadli
         );
     }
     // Past both deadlines, the stream still delivers keep-alive comments.
-    let deadline = Instant::now() + Duration::from_millis(1500);
-    while Instant::now() < deadline {
-        let n = tokio::time::timeout(Duration::from_secs(2), sse.read(&mut buf))
-            .await
-            .expect("SSE stream delivers keep-alives")
-            .unwrap();
-        assert!(n > 0, "the SSE stream was closed at the header deadline");
-    }
+    keeps_delivering(&mut sse, Duration::from_millis(1500)).await;
     still_healthy(&healthy).await;
     gw.stop().await;
 }
