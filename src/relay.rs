@@ -566,7 +566,7 @@ impl State {
         &self,
         session: &Arc<RelaySession>,
         id: Bytes,
-        method: Box<str>,
+        method: crate::mcp::jsonrpc::MethodName,
         params: Option<Bytes>,
     ) -> Result<Response<Body>, RelayError> {
         // The server is reached anew (a new process, a new upstream session): the session the

@@ -7,9 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{
-    ACCEPT, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, ORIGIN, WWW_AUTHENTICATE,
-};
+use http::header::{ACCEPT, ALLOW, CONTENT_TYPE, HOST, HeaderValue, ORIGIN, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
@@ -607,12 +605,9 @@ async fn read_within(
     limit: usize,
     shared: Option<&tokio::sync::Semaphore>,
 ) -> Result<Bytes, FrontError> {
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    let mut body = req.into_body();
+    // What `Content-Length` declared (hyper holds the body to it).
+    if hyper::body::Body::size_hint(&body).lower() > limit as u64 {
         return Err(FrontError::TooLarge(limit));
     }
     // Room for what is read is taken from the room all bodies share as bytes arrive (not as
@@ -621,8 +616,9 @@ async fn read_within(
     // hold the gateway's memory.
     let mut room: Option<tokio::sync::SemaphorePermit<'_>> = None;
     let read = async {
-        let mut body = req.into_body();
-        let mut chunks: Vec<Bytes> = Vec::new();
+        // Most bodies are one frame, kept as it came; more are joined.
+        let mut first: Option<Bytes> = None;
+        let mut joined: Vec<u8> = Vec::new();
         let mut len = 0usize;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| FrontError::Body(e.to_string()))?;
@@ -645,14 +641,28 @@ async fn read_within(
                     }
                 }
             }
-            chunks.push(data);
+            match first.take() {
+                None if joined.is_empty() => first = Some(data),
+                earlier => {
+                    if let Some(earlier) = earlier {
+                        joined.extend_from_slice(&earlier);
+                    }
+                    joined.extend_from_slice(&data);
+                }
+            }
         }
-        Ok(match chunks.len() {
-            0 => Bytes::new(),
-            1 => chunks.pop().expect("one chunk"),
-            _ => Bytes::from(chunks.concat()),
+        Ok(match first {
+            Some(only) => only,
+            None => Bytes::from(joined),
         })
     };
+    // A body that has come with its head is read without arming the deadline.
+    let mut read = std::pin::pin!(read);
+    if let std::task::Poll::Ready(read) =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await
+    {
+        return read;
+    }
     match tokio::time::timeout(gw.config.mcp.body_timeout, read).await {
         Err(_) => Err(FrontError::BodyTimeout),
         Ok(read) => read,

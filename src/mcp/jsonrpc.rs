@@ -75,6 +75,29 @@ impl ParseError {
     }
 }
 
+/// A method's name: borrowed when it is one of MCP's, so that most messages need no copy.
+pub type MethodName = Cow<'static, str>;
+
+/// The name `method` as a message keeps it.
+fn method_name(method: Cow<'_, str>) -> MethodName {
+    let known: &'static str = match &*method {
+        "tools/call" => "tools/call",
+        "tools/list" => "tools/list",
+        "resources/read" => "resources/read",
+        "resources/list" => "resources/list",
+        "resources/templates/list" => "resources/templates/list",
+        "prompts/get" => "prompts/get",
+        "prompts/list" => "prompts/list",
+        "completion/complete" => "completion/complete",
+        "ping" => "ping",
+        "notifications/progress" => "notifications/progress",
+        "notifications/message" => "notifications/message",
+        "notifications/cancelled" => "notifications/cancelled",
+        _ => return Cow::Owned(method.into_owned()),
+    };
+    Cow::Borrowed(known)
+}
+
 /// What a message is, with raw slices of its members.
 #[derive(Debug, Clone)]
 pub enum Kind {
@@ -83,14 +106,14 @@ pub enum Kind {
         /// Raw JSON id (number or string).
         id: Bytes,
         /// Method name.
-        method: Box<str>,
+        method: MethodName,
         /// Raw JSON params, if any.
         params: Option<Bytes>,
     },
     /// A one-way message.
     Notification {
         /// Method name.
-        method: Box<str>,
+        method: MethodName,
         /// Raw JSON params, if any.
         params: Option<Bytes>,
     },
@@ -282,7 +305,7 @@ pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
                     "\"params\" must be an object or an array",
                 ));
             }
-            let method: Box<str> = method.into();
+            let method = method_name(method);
             match id {
                 Some(id) => Kind::Request { id, method, params },
                 None => Kind::Notification { method, params },

@@ -451,16 +451,19 @@ impl Session {
         &self.resource_walk
     }
 
-    /// Marks activity now; the returned guard keeps the session from expiring while a request runs.
+    /// Marks a request running; the returned guard keeps the session from expiring until it
+    /// ends, and then marks the session active. (A busy session is never idle: the time its
+    /// request began is not needed.)
     pub fn touch(self: &Arc<Self>) -> BusyGuard {
-        self.last_active_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         self.busy.fetch_add(1, Ordering::Relaxed);
         BusyGuard(self.clone())
     }
 
-    /// How long since its last request began.
+    /// How long since its last request ended (zero while one runs).
     pub fn idle_for(&self) -> std::time::Duration {
+        if self.is_busy() {
+            return std::time::Duration::ZERO;
+        }
         let now = self.epoch.elapsed().as_millis() as u64;
         std::time::Duration::from_millis(
             now.saturating_sub(self.last_active_ms.load(Ordering::Relaxed)),

@@ -750,7 +750,7 @@ pub(crate) async fn post(
         gw: gw.clone(),
         id: id.clone(),
         // The message's own string, not a copy: the round names the method from here on.
-        method: method.into_string(),
+        method,
         target,
         completion,
         log_level: meta.log_level,
@@ -847,7 +847,7 @@ struct Round {
     gw: Arc<Gateway>,
     /// The client's id for this round (a retry has its own).
     id: Bytes,
-    method: String,
+    method: jsonrpc::MethodName,
     target: Option<String>,
     completion: Completion,
     log_level: Option<u8>,
@@ -921,7 +921,7 @@ impl Round {
             stream,
             asked,
             self.principal.clone(),
-            (self.method.clone(), self.target.clone()),
+            (self.method.to_string(), self.target.clone()),
             busy,
         );
         parked.expires = expires;
@@ -1053,7 +1053,7 @@ impl Round {
             return None;
         }
         let topology = session.topology();
-        let index = match (self.method.as_str(), self.target.as_deref()) {
+        let index = match (&*self.method, self.target.as_deref()) {
             ("tools/call", Some(name)) => session.resolve_tool(name).map(|r| r.0),
             ("prompts/get", Some(name)) => session.resolve_prompt(name).map(|r| r.0),
             ("resources/read", Some(uri)) => {

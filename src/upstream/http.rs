@@ -8,7 +8,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue};
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use serde::Deserialize;
 
 pub use super::client::{Client, checked_client, client, relay_client};
@@ -79,6 +80,52 @@ struct Sent {
     /// which would grow every call's cloned map by one header (a reallocation).
     host: Option<HeaderValue>,
     call: http::HeaderMap,
+}
+
+/// Bodies shorter than this have their `Content-Length` value in [`LENGTHS`].
+const LISTED_LENGTHS: usize = 10_000;
+
+/// The decimal digits of every length below [`LISTED_LENGTHS`], four bytes per length
+/// (left-aligned): a call's `Content-Length` is a slice of it, where a value formatted per call
+/// would be an allocation (and its free) on every request.
+static LENGTHS: [u8; 4 * LISTED_LENGTHS] = {
+    let mut table = [0u8; 4 * LISTED_LENGTHS];
+    let mut n = 0;
+    while n < LISTED_LENGTHS {
+        let (mut value, mut at) = (n, 4 * n + digits(n));
+        loop {
+            at -= 1;
+            table[at] = b'0' + (value % 10) as u8;
+            value /= 10;
+            if value == 0 {
+                break;
+            }
+        }
+        n += 1;
+    }
+    table
+};
+
+/// How many decimal digits `n` (below [`LISTED_LENGTHS`]) has.
+const fn digits(n: usize) -> usize {
+    match n {
+        0..=9 => 1,
+        10..=99 => 2,
+        100..=999 => 3,
+        _ => 4,
+    }
+}
+
+/// The `Content-Length` value for a body of `len` bytes.
+fn content_length(len: u64) -> HeaderValue {
+    match usize::try_from(len) {
+        Ok(n) if n < LISTED_LENGTHS => {
+            let digits = &LENGTHS[4 * n..4 * n + digits(n)];
+            HeaderValue::from_maybe_shared(Bytes::from_static(digits))
+                .expect("decimal digits are a header value")
+        }
+        _ => HeaderValue::from(len),
+    }
 }
 
 /// What a call's POST accepts (a JSON answer or a stream).
@@ -401,7 +448,7 @@ impl Connection {
             let mut h = sent.call.clone();
             // In place of the one kept (`insert` would make room for one more first).
             if let Some(kept) = h.get_mut(CONTENT_LENGTH) {
-                *kept = HeaderValue::from(len);
+                *kept = content_length(len);
             }
             h
         } else {
@@ -837,15 +884,44 @@ pub(super) fn connect_reason(e: &hyper_util::client::legacy::Error) -> String {
     super::pool::reason(e)
 }
 
+/// The whole of `body`, refused past `limit` bytes. A body of one frame (what a JSON answer
+/// with a `Content-Length` is) comes back as that frame, not copied.
 pub(super) async fn read_limited(
-    body: hyper::body::Incoming,
+    mut body: hyper::body::Incoming,
     limit: usize,
 ) -> Result<Bytes, String> {
-    Limited::new(body, limit)
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| format!("cannot read response body: {e}"))
+    let too_long = || "cannot read response body: length limit exceeded".to_owned();
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_long());
+    }
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("cannot read response body: {e}"))?;
+        // Trailers carry nothing an answer needs.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        len += data.len();
+        if len > limit {
+            return Err(too_long());
+        }
+        match (&mut joined, first.take()) {
+            (Some(joined), _) => joined.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(earlier)) => {
+                let mut both = BytesMut::with_capacity(earlier.len() + data.len());
+                both.extend_from_slice(&earlier);
+                both.extend_from_slice(&data);
+                joined = Some(both);
+            }
+        }
+    }
+    Ok(match joined {
+        Some(joined) => joined.freeze(),
+        None => first.unwrap_or_default(),
+    })
 }
 
 /// What a `server/discover` probe found.
@@ -914,6 +990,30 @@ mod tests {
             .collect();
         all.sort();
         all
+    }
+
+    #[test]
+    fn content_lengths_are_the_lengths_in_decimal() {
+        for len in [
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            999,
+            1000,
+            4321,
+            9999,
+            10_000,
+            123_456,
+            u64::MAX,
+        ] {
+            assert_eq!(content_length(len), HeaderValue::from(len), "{len}");
+        }
+        for len in 0..LISTED_LENGTHS as u64 {
+            assert_eq!(content_length(len).to_str().unwrap(), len.to_string());
+        }
     }
 
     #[test]

@@ -341,7 +341,7 @@ impl Connection {
         timeout: Duration,
     ) -> Result<Outcome, UpstreamError> {
         let id = self.next_id();
-        let frame = jsonrpc::request(id.to_string().as_bytes(), method, params);
+        let frame = jsonrpc::request(itoa::Buffer::new().format(id).as_bytes(), method, params);
         let mut guard = CancelOnDrop {
             conn: Some(self.clone()),
             id,

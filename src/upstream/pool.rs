@@ -375,6 +375,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_answer_is_read_whole_in_one_frame_or_several_and_refused_past_its_limit() {
+        use super::super::http::read_limited;
+        let (url, _, release) = server().await;
+        let pool = Arc::new(Pool::default());
+        let said = format!("/mcp?x=1 {}", url.authority().unwrap());
+        let one = pool.send(&at(&url), get()).await.unwrap().into_body();
+        assert_eq!(read_limited(one, said.len()).await.unwrap(), said);
+        // Its length is known before it is read: refused at once.
+        let one = pool.send(&at(&url), get()).await.unwrap().into_body();
+        let refused = read_limited(one, said.len() - 1).await.unwrap_err();
+        assert!(refused.contains("length limit exceeded"), "{refused}");
+        // Two frames, of unknown length up front, joined.
+        let two = streaming(&pool, &url).await;
+        release.notify_one();
+        assert_eq!(read_limited(two, 10).await.unwrap(), "first last");
+        // Refused once what came passes the limit.
+        let two = streaming(&pool, &url).await;
+        release.notify_one();
+        let refused = read_limited(two, 9).await.unwrap_err();
+        assert!(refused.contains("length limit exceeded"), "{refused}");
+    }
+
+    #[tokio::test]
     async fn a_connection_whose_answer_is_still_coming_is_not_taken() {
         let (url, accepted, release) = server().await;
         let pool = Arc::new(Pool::default());

@@ -3,6 +3,8 @@
 //! params with only those members replaced, every other byte as the client sent it (no parse
 //! into a map and no re-encoding of a 64 KiB argument).
 
+use std::borrow::Cow;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::value::RawValue;
 
@@ -81,17 +83,19 @@ impl<'a> CallParams<'a> {
     }
 
     /// The name called.
-    pub(super) fn name(&self) -> Result<String, String> {
+    pub(super) fn name(&self) -> Result<Cow<'a, str>, String> {
         let raw = self.name.ok_or("missing params.name")?;
-        // Most names need no unescaping: taken as they are, without a second parse.
+        // Most names need no unescaping: borrowed as they are, without a second parse.
         if let Some(plain) = raw
             .strip_prefix('"')
             .and_then(|r| r.strip_suffix('"'))
             .filter(|r| !r.contains('\\'))
         {
-            return Ok(plain.to_owned());
+            return Ok(Cow::Borrowed(plain));
         }
-        serde_json::from_str(raw).map_err(|_| "params.name must be a string".into())
+        serde_json::from_str::<String>(raw)
+            .map(Cow::Owned)
+            .map_err(|_| "params.name must be a string".into())
     }
 
     /// The arguments as JSON text (`{}` when absent).

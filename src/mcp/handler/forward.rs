@@ -312,7 +312,8 @@ fn audit_target(method: &str, params: Option<&[u8]>) -> Option<String> {
         "tools/call" | "prompts/get" => super::call_params::CallParams::read(params)
             .ok()?
             .name()
-            .ok(),
+            .ok()
+            .map(Cow::into_owned),
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
             serde_json::from_slice::<Target>(params?).ok()?.uri
         }
