@@ -132,12 +132,15 @@ impl Pool {
         // that limits its connections still gets one back from a thread that no longer calls.
         let here = std::thread::current().id();
         let usable = |k: &Kept| k.authority.as_str() == authority.as_str() && k.sender.is_ready();
-        let pinned = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        // Asked only when this thread has none of its own (it clones the runtime's handle).
+        let pinned = || {
+            tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+        };
         let chosen = kept
             .iter()
             .rposition(|k| k.thread == here && usable(k))
-            .or_else(|| match pinned {
+            .or_else(|| match pinned() {
                 false => kept.iter().rposition(usable),
                 // The oldest first: the least likely to be wanted back by its thread.
                 true => kept
