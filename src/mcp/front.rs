@@ -605,6 +605,7 @@ async fn read_within(
     limit: usize,
     shared: Option<&tokio::sync::Semaphore>,
 ) -> Result<Bytes, FrontError> {
+    let http1 = req.version() <= http::Version::HTTP_11;
     let mut body = req.into_body();
     // What `Content-Length` declared (hyper holds the body to it).
     if hyper::body::Body::size_hint(&body).lower() > limit as u64 {
@@ -661,12 +662,32 @@ async fn read_within(
     if let std::task::Poll::Ready(read) =
         std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await
     {
+        if http1 && read.as_ref().is_ok_and(|b| !b.is_empty()) {
+            // Taking a frame from hyper's HTTP/1 body channel wakes its sender, which is this
+            // connection's own task: it is polled again at once whatever it waits on. Waiting
+            // for that poll here, before the call goes upstream, makes it the one that sends
+            // the call, rather than one more walk down the whole call's future to find it
+            // still waiting for its answer.
+            once_more().await;
+        }
         return read;
     }
     match tokio::time::timeout(gw.config.mcp.body_timeout, read).await {
         Err(_) => Err(FrontError::BodyTimeout),
         Ok(read) => read,
     }
+}
+
+/// Ready at its second poll; its first asks for that poll (a no-op for a task already woken).
+fn once_more() -> impl Future<Output = ()> {
+    let mut polled = false;
+    std::future::poll_fn(move |cx| {
+        if std::mem::replace(&mut polled, true) {
+            return std::task::Poll::Ready(());
+        }
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
 }
 
 async fn post(

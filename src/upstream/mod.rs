@@ -381,7 +381,9 @@ impl Connection {
                 None => std::future::pending().await,
             }
         });
+        // In this order: an answer that has come wins, and no random start is drawn per call.
         let result = tokio::select! {
+            biased;
             r = exchange => r,
             _ = tokio::time::sleep(timeout) => Err(UpstreamError::Timeout { server: self.server().name.clone(), timeout }),
             _ = cancelled => Err(UpstreamError::Cancelled),
