@@ -23,6 +23,7 @@ use crate::mcp::profile::Profile;
 use crate::mcp::session_token;
 use crate::mcp::subscriptions::{self, Subscriptions};
 use crate::topology::Topology;
+use crate::upstream::event_sink::OnTheWay;
 use crate::upstream::token_exchange::{CallerToken, Subject};
 use crate::upstream::{EventSink, Link, Recipient, Route};
 
@@ -152,7 +153,7 @@ pub struct Session {
     policy: Option<Arc<dyn MessagePolicy>>,
     /// Feeds the task that runs server messages through the policy, one at a time in arrival
     /// order (plugin hooks are async; the upstream readers that deliver messages are not).
-    policy_queue: std::sync::OnceLock<mpsc::Sender<(usize, Route, Message)>>,
+    policy_queue: std::sync::OnceLock<mpsc::Sender<PolicyItem>>,
     /// What list handlers made of upstream first pages (see [`Session::merged_page`]).
     merged: Mutex<Vec<MergedPage>>,
     /// What [`Self::list_page`] made of each upstream's kept first pages: (upstream, method).
@@ -842,7 +843,10 @@ impl Session {
         }
         if self.policy.as_ref().is_some_and(|p| p.active()) {
             let queue = self.policy_queue.get_or_init(|| self.spawn_policy_task());
-            if queue.try_send((index, route, msg)).is_err() {
+            // The call the message is about answers only once the message has reached it (or
+            // the policy withheld it): the answer must not overtake what came before it.
+            let held = route.related.as_ref().and_then(EventSink::on_the_way);
+            if queue.try_send((index, route, msg, held)).is_err() {
                 tracing::warn!(session = %self.log_id(), "dropped a server message: the policy stage is behind");
             }
             return;
@@ -852,13 +856,14 @@ impl Session {
 
     /// The task that runs this session's server messages through the policy, in order. It
     /// holds the session weakly and ends with it.
-    fn spawn_policy_task(&self) -> mpsc::Sender<(usize, Route, Message)> {
-        let (tx, mut rx) = mpsc::channel::<(usize, Route, Message)>(POLICY_QUEUE);
+    fn spawn_policy_task(&self) -> mpsc::Sender<PolicyItem> {
+        let (tx, mut rx) = mpsc::channel::<PolicyItem>(POLICY_QUEUE);
         let weak = self.weak.clone();
         let ended = self.ended();
         tokio::spawn(async move {
             let work = async {
-                while let Some((index, route, msg)) = rx.recv().await {
+                // `_held` goes at the end of each turn: once the message is routed or withheld.
+                while let Some((index, route, msg, _held)) = rx.recv().await {
                     let Some(session) = weak.upgrade() else {
                         return;
                     };
@@ -1095,6 +1100,10 @@ impl Drop for InFlight {
         }
     }
 }
+
+/// A server message waiting for the session's policy stage: its upstream, where it goes, and
+/// the mark that keeps the call it is about from answering before it arrives.
+type PolicyItem = (usize, Route, Message, Option<OnTheWay>);
 
 /// The client's GET stream, and what waits for it.
 #[derive(Default)]

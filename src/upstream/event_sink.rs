@@ -52,6 +52,19 @@ impl EventSink {
         }
     }
 
+    /// Marks a message for this sink as on its way (held by the policy stage): a call's
+    /// reader waits for it before it answers ([`CallEvents::recv_or_settled`]) until the
+    /// returned mark is dropped. `None` for a stream, whose reader waits for nothing.
+    pub fn on_the_way(&self) -> Option<OnTheWay> {
+        match &self.0 {
+            Sink::Stream(_) => None,
+            Sink::Call(queue) => {
+                queue.on_the_way.fetch_add(1, Ordering::SeqCst);
+                Some(OnTheWay(queue.clone()))
+            }
+        }
+    }
+
     /// Whether nobody reads the stream any more.
     pub fn is_closed(&self) -> bool {
         match &self.0 {
@@ -77,6 +90,20 @@ struct CallQueue {
     reader: AtomicWaker,
     /// Set once the reader is dropped.
     closed: AtomicBool,
+    /// Messages for this call still held on their way ([`EventSink::on_the_way`]).
+    on_the_way: AtomicUsize,
+}
+
+/// A message on its way to a call's queue; dropped once it is there (or will never be).
+#[derive(Debug)]
+pub struct OnTheWay(Arc<CallQueue>);
+
+impl Drop for OnTheWay {
+    fn drop(&mut self) {
+        if self.0.on_the_way.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.reader.wake();
+        }
+    }
 }
 
 impl CallQueue {
@@ -128,6 +155,7 @@ pub fn call_queue(capacity: usize) -> (EventSink, CallEvents) {
         capacity,
         reader: AtomicWaker::new(),
         closed: AtomicBool::new(false),
+        on_the_way: AtomicUsize::new(0),
     });
     (EventSink(Sink::Call(queue.clone())), CallEvents(queue))
 }
@@ -153,6 +181,31 @@ impl CallEvents {
     /// The next frame, if one waits.
     pub fn try_recv(&mut self) -> Option<Bytes> {
         self.0.pop()
+    }
+
+    /// The next frame, waiting while any is on its way; `None` once none waits and none is on
+    /// its way. What a call reads after its answer: the messages its server sent before the
+    /// answer may still be in the policy stage, and come first.
+    pub async fn recv_or_settled(&mut self) -> Option<Bytes> {
+        poll_fn(|cx| {
+            // The count first: a message is queued before its mark is dropped, so a count of
+            // zero read before the queue means the queue holds whatever came.
+            let on_the_way = self.0.on_the_way.load(Ordering::SeqCst);
+            if let Some(frame) = self.0.pop() {
+                return Poll::Ready(Some(frame));
+            }
+            if on_the_way == 0 {
+                return Poll::Ready(None);
+            }
+            self.0.reader.register(cx.waker());
+            let on_the_way = self.0.on_the_way.load(Ordering::SeqCst);
+            match self.0.pop() {
+                Some(frame) => Poll::Ready(Some(frame)),
+                None if on_the_way == 0 => Poll::Ready(None),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 }
 
@@ -200,6 +253,34 @@ mod tests {
             sink.try_send(Bytes::from_static(b"3")),
             Err(Refused::Closed)
         );
+    }
+
+    #[tokio::test]
+    async fn a_reader_waits_for_what_is_on_its_way_and_no_longer() {
+        let (sink, mut events) = call_queue(4);
+        assert_eq!(events.recv_or_settled().await, None, "nothing on its way");
+        let held = sink.on_the_way().expect("a call's sink");
+        let reader = tokio::spawn(async move {
+            let first = events.recv_or_settled().await;
+            let then = events.recv_or_settled().await;
+            (first, then)
+        });
+        tokio::task::yield_now().await;
+        assert!(!reader.is_finished(), "waits while a message is on its way");
+        sink.try_send(Bytes::from_static(b"log")).unwrap();
+        drop(held);
+        let (first, then) = reader.await.unwrap();
+        assert_eq!(first.as_deref(), Some(&b"log"[..]));
+        assert_eq!(then, None);
+        // A message that never comes (withheld) settles the reader too.
+        let (sink, mut events) = call_queue(4);
+        let held = sink.on_the_way();
+        let reader = tokio::spawn(async move { events.recv_or_settled().await });
+        tokio::task::yield_now().await;
+        drop(held);
+        assert_eq!(reader.await.unwrap(), None);
+        let (tx, _rx) = mpsc::channel(1);
+        assert!(EventSink::from(tx).on_the_way().is_none());
     }
 
     #[test]

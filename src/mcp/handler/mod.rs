@@ -42,8 +42,9 @@ pub enum Reply {
 /// Frames a call's queue holds for its client before more are dropped (as a stream's would be).
 pub(crate) const CALL_QUEUE: usize = 64;
 
-/// Answers with the call's frame as JSON when it comes before any related message, or else as
-/// an SSE stream of the related messages ending with the call's frame.
+/// Answers with the call's frame as JSON when it comes before any related message (and none
+/// is on its way through the policy stage), or else as an SSE stream of the related messages
+/// ending with the call's frame.
 ///
 /// The stream's task ends when `ended` resolves (the session is over) or the stream's reader
 /// is gone; either way dropping `call` cancels it upstream.
@@ -55,47 +56,62 @@ pub(crate) async fn json_or_stream(
     mut events: CallEvents,
     ended: impl Future<Output = ()> + Send + 'static,
 ) -> Reply {
-    tokio::select! {
+    // A message the server sent before its answer may still be in the policy stage when the
+    // answer comes: it is waited for, and the answer is then a stream that carries it first.
+    let (first, answer) = tokio::select! {
         biased;
-        first = events.recv() => {
-            let (tx, rx) = mpsc::channel::<Bytes>(64);
-            let mut ended = Box::pin(ended);
-            tokio::spawn(async move {
-                if tx.send(first).await.is_err() {
-                    return;
-                }
-                loop {
-                    tokio::select! {
-                        biased;
-                        _ = &mut ended => return,
-                        // Nobody can hear the rest (a stateless call abandoned while parked, a
-                        // client gone from a stream that cannot be resumed): the call ends now,
-                        // not at its next message.
-                        _ = tx.closed() => return,
-                        ev = events.recv() => {
-                            // A client that stops reading must not keep the task past the
-                            // session's end.
-                            tokio::select! {
-                                sent = tx.send(ev) => if sent.is_err() {
-                                    return; // the client went away
-                                },
-                                _ = &mut ended => return,
-                            }
-                        }
-                        frame = &mut call => {
-                            while let Some(ev) = events.try_recv() {
-                                let _ = tx.send(ev).await;
-                            }
-                            let _ = tx.send(frame).await;
-                            return;
+        first = events.recv() => (first, None),
+        frame = &mut call => match events.recv_or_settled().await {
+            None => return Reply::Json(frame),
+            Some(first) => (first, Some(frame)),
+        },
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let mut ended = Box::pin(ended);
+    tokio::spawn(async move {
+        if tx.send(first).await.is_err() {
+            return;
+        }
+        let frame = match answer {
+            Some(frame) => frame,
+            None => loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut ended => return,
+                    // Nobody can hear the rest (a stateless call abandoned while parked, a
+                    // client gone from a stream that cannot be resumed): the call ends now,
+                    // not at its next message.
+                    _ = tx.closed() => return,
+                    ev = events.recv() => {
+                        // A client that stops reading must not keep the task past the
+                        // session's end.
+                        tokio::select! {
+                            sent = tx.send(ev) => if sent.is_err() {
+                                return; // the client went away
+                            },
+                            _ = &mut ended => return,
                         }
                     }
+                    frame = &mut call => break frame,
                 }
-            });
-            Reply::Stream(rx)
+            },
+        };
+        // What came before the answer (some perhaps still in the policy stage), then the answer.
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut ended => return,
+                ev = events.recv_or_settled() => match ev {
+                    Some(ev) => if tx.send(ev).await.is_err() {
+                        return;
+                    },
+                    None => break,
+                },
+            }
         }
-        frame = &mut call => Reply::Json(frame),
-    }
+        let _ = tx.send(frame).await;
+    });
+    Reply::Stream(rx)
 }
 
 /// The refusal of a request past the session's bound on requests in flight (429).
@@ -518,4 +534,40 @@ pub async fn request(
         sv.metrics.record(label, "gateway", "ok", started.elapsed());
     }
     reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::event_sink::call_queue;
+
+    #[tokio::test]
+    async fn an_answer_does_not_overtake_a_message_still_in_the_policy_stage() {
+        // Nothing on its way: the answer is JSON.
+        let (_sink, events) = call_queue(CALL_QUEUE);
+        let call = Box::pin(async { Bytes::from_static(b"answer") });
+        let reply = json_or_stream(call, events, std::future::pending()).await;
+        assert!(matches!(reply, Reply::Json(ref f) if &f[..] == b"answer"));
+        // The server's log line is held by the policy when its answer comes: it comes first.
+        let (sink, events) = call_queue(CALL_QUEUE);
+        let held = sink.on_the_way();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let later = release.clone();
+        tokio::spawn(async move {
+            later.notified().await;
+            sink.try_send(Bytes::from_static(b"log")).unwrap();
+            drop(held);
+        });
+        let call = Box::pin(async { Bytes::from_static(b"answer") });
+        let replying = tokio::spawn(json_or_stream(call, events, std::future::pending()));
+        tokio::task::yield_now().await;
+        assert!(!replying.is_finished(), "waits for the held message");
+        release.notify_one();
+        let Reply::Stream(mut rx) = replying.await.unwrap() else {
+            panic!("a stream carries the held message")
+        };
+        assert_eq!(rx.recv().await.as_deref(), Some(&b"log"[..]));
+        assert_eq!(rx.recv().await.as_deref(), Some(&b"answer"[..]));
+        assert_eq!(rx.recv().await, None);
+    }
 }
