@@ -883,9 +883,16 @@ impl Session {
                                     code::INVALID_REQUEST,
                                     "the gateway's policy withheld this request from the client",
                                 );
-                                session.links[index]
-                                    .respond(&id, &Outcome::Error(error))
-                                    .await;
+                                // In the background: a server slow to take the refusal must
+                                // not hold the session's other messages (nor the calls that
+                                // wait for them) behind it.
+                                let server = session.topology.servers[index].clone();
+                                let session = session.clone();
+                                server.refuse_in_background(async move {
+                                    session.links[index]
+                                        .respond(&id, &Outcome::Error(error))
+                                        .await;
+                                });
                             }
                         }
                     }

@@ -183,6 +183,12 @@ impl CallEvents {
         self.0.pop()
     }
 
+    /// Whether no frame waits and none is on its way: [`Self::recv_or_settled`] would answer
+    /// `None` at once.
+    pub fn is_settled(&self) -> bool {
+        self.0.on_the_way.load(Ordering::SeqCst) == 0 && self.0.queued.load(Ordering::SeqCst) == 0
+    }
+
     /// The next frame, waiting while any is on its way; `None` once none waits and none is on
     /// its way. What a call reads after its answer: the messages its server sent before the
     /// answer may still be in the policy stage, and come first.

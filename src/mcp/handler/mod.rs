@@ -42,6 +42,10 @@ pub enum Reply {
 /// Frames a call's queue holds for its client before more are dropped (as a stream's would be).
 pub(crate) const CALL_QUEUE: usize = 64;
 
+/// How long a call's answer waits, once it has come, for its server's earlier messages still
+/// in the session's policy stage; past it the answer goes, and they are dropped.
+const HELD_MESSAGES_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Answers with the call's frame as JSON when it comes before any related message (and none
 /// is on its way through the policy stage), or else as an SSE stream of the related messages
 /// ending with the call's frame.
@@ -57,13 +61,20 @@ pub(crate) async fn json_or_stream(
     ended: impl Future<Output = ()> + Send + 'static,
 ) -> Reply {
     // A message the server sent before its answer may still be in the policy stage when the
-    // answer comes: it is waited for, and the answer is then a stream that carries it first.
+    // answer comes: it is waited for (a while: the stage is the session's, and other servers'
+    // messages may be ahead of it), and the answer is then a stream that carries it first.
     let (first, answer) = tokio::select! {
         biased;
         first = events.recv() => (first, None),
-        frame = &mut call => match events.recv_or_settled().await {
-            None => return Reply::Json(frame),
-            Some(first) => (first, Some(frame)),
+        frame = &mut call => {
+            if events.is_settled() {
+                return Reply::Json(frame);
+            }
+            let held = tokio::time::timeout(HELD_MESSAGES_WAIT, events.recv_or_settled());
+            match held.await {
+                Ok(Some(first)) => (first, Some(frame)),
+                Ok(None) | Err(_) => return Reply::Json(frame),
+            }
         },
     };
     let (tx, rx) = mpsc::channel::<Bytes>(64);
@@ -96,17 +107,22 @@ pub(crate) async fn json_or_stream(
                 }
             },
         };
-        // What came before the answer (some perhaps still in the policy stage), then the answer.
+        // What came before the answer (some perhaps still in the policy stage, waited for a
+        // while), then the answer.
+        let held = tokio::time::sleep(HELD_MESSAGES_WAIT);
+        tokio::pin!(held);
         loop {
             tokio::select! {
                 biased;
                 _ = &mut ended => return,
+                _ = tx.closed() => return,
                 ev = events.recv_or_settled() => match ev {
                     Some(ev) => if tx.send(ev).await.is_err() {
                         return;
                     },
                     None => break,
                 },
+                _ = &mut held => break,
             }
         }
         let _ = tx.send(frame).await;
@@ -568,6 +584,32 @@ mod tests {
         };
         assert_eq!(rx.recv().await.as_deref(), Some(&b"log"[..]));
         assert_eq!(rx.recv().await.as_deref(), Some(&b"answer"[..]));
+        assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_waits_for_held_messages_only_a_while() {
+        // Held behind a stage that never lets it through: the answer goes after the wait.
+        let (sink, events) = call_queue(CALL_QUEUE);
+        let _held = sink.on_the_way();
+        let call = Box::pin(async { Bytes::from_static(b"answer") });
+        let started = tokio::time::Instant::now();
+        let reply = json_or_stream(call, events, std::future::pending()).await;
+        assert!(matches!(reply, Reply::Json(ref f) if &f[..] == b"answer"));
+        assert_eq!(started.elapsed(), HELD_MESSAGES_WAIT);
+        // On a stream (a message came before the answer), likewise.
+        let (sink, events) = call_queue(CALL_QUEUE);
+        sink.try_send(Bytes::from_static(b"progress")).unwrap();
+        let _held = sink.on_the_way();
+        let call = Box::pin(async { Bytes::from_static(b"answer") });
+        let Reply::Stream(mut rx) = json_or_stream(call, events, std::future::pending()).await
+        else {
+            panic!("a message came first")
+        };
+        assert_eq!(rx.recv().await.as_deref(), Some(&b"progress"[..]));
+        let started = tokio::time::Instant::now();
+        assert_eq!(rx.recv().await.as_deref(), Some(&b"answer"[..]));
+        assert!(started.elapsed() <= HELD_MESSAGES_WAIT);
         assert_eq!(rx.recv().await, None);
     }
 }
