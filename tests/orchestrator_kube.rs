@@ -479,10 +479,16 @@ async fn deleted_or_drifted_deployment_is_restored() {
         .await
         .unwrap();
     let old_uid = fake.get(Kind::Deployment, NS, "mcp-steady").unwrap()["metadata"]["uid"].clone();
+    let old_secret = fake.get(Kind::Secret, NS, "mcp-steady").unwrap()["metadata"]["uid"].clone();
 
-    // Deleted behind our back (the garbage collector takes the Secret and Pod too).
+    // Deleted behind our back (the garbage collector takes the Secret and Pod too). The
+    // reconcile loop runs meanwhile and may already have made a new Secret: the old one is gone.
     fake.delete(Kind::Deployment, NS, "mcp-steady");
-    assert!(fake.get(Kind::Secret, NS, "mcp-steady").is_none());
+    let secret = fake.get(Kind::Secret, NS, "mcp-steady");
+    assert!(
+        secret.is_none_or(|s| s["metadata"]["uid"] != old_secret),
+        "the garbage collector took the Secret with its Deployment"
+    );
     let dep = eventually("deployment recreated", Duration::from_secs(5), || {
         fake.get(Kind::Deployment, NS, "mcp-steady")
     })
