@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
@@ -138,18 +138,27 @@ pub async fn run(opts: Options) -> std::io::Result<()> {
     let opts = Arc::new(opts);
     let (out_tx, mut out_rx) = mpsc::channel::<Value>(256);
     let writer = tokio::spawn(async move {
-        let mut stdout = tokio::io::stdout();
+        let mut stdout = stdout();
+        let mut lines = Vec::new();
         while let Some(v) = out_rx.recv().await {
-            let mut line = v.to_string();
-            line.push('\n');
-            if stdout.write_all(line.as_bytes()).await.is_err() || stdout.flush().await.is_err() {
+            // What else is ready goes in the same write: one system call for a burst.
+            let mut next = Some(v);
+            while let Some(v) = next {
+                if serde_json::to_writer(&mut lines, &v).is_err() {
+                    return;
+                }
+                lines.push(b'\n');
+                next = out_rx.try_recv().ok();
+            }
+            if stdout.write_all(&lines).await.is_err() || stdout.flush().await.is_err() {
                 return;
             }
+            lines.clear();
         }
     });
     let pending: Pending = Arc::default();
     let running: Running = Arc::default();
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut lines = BufReader::new(stdin()).lines();
     while let Some(line) = lines.next_line().await? {
         let Ok(msg) = serde_json::from_str::<Value>(&line) else {
             let _ = out_tx
@@ -209,6 +218,36 @@ pub async fn run(opts: Options) -> std::io::Result<()> {
     drop(out_tx);
     let _ = writer.await;
     Ok(())
+}
+
+/// Standard input, read as the runtime's other sockets are when it is a pipe (as it is under a
+/// gateway): `tokio::io::stdin` hands every read to a blocking thread, a cross-thread round
+/// trip per message. Anything else (a terminal, a file) is read that way still.
+fn stdin() -> Box<dyn AsyncRead + Unpin + Send> {
+    use std::os::fd::AsFd as _;
+    let pipe = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .and_then(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok());
+    match pipe {
+        Some(pipe) => Box::new(pipe),
+        None => Box::new(tokio::io::stdin()),
+    }
+}
+
+/// Standard output, written without a blocking thread when it is a pipe (see [`stdin`]).
+fn stdout() -> Box<dyn AsyncWrite + Unpin + Send> {
+    use std::os::fd::AsFd as _;
+    let pipe = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .and_then(|fd| tokio::net::unix::pipe::Sender::from_owned_fd(fd).ok());
+    match pipe {
+        Some(pipe) => Box::new(pipe),
+        None => Box::new(tokio::io::stdout()),
+    }
 }
 
 type Handled = Result<Value, (i64, String)>;

@@ -684,3 +684,71 @@ async fn a_chatty_servers_stderr_is_logged_within_a_rate() {
     let _ = gateway.kill().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The example server's stdio: a burst of requests over pipes (as a gateway runs it) gets every
+/// answer, each on a line of its own, and so do requests read from a file into a file (as
+/// `gatehouse example-server < requests > answers` runs it: not pipes, read another way).
+#[test]
+fn the_example_server_answers_over_pipes_and_files() {
+    use std::io::{Read as _, Write as _};
+    use std::process::{Command, Stdio};
+    const CALLS: u64 = 300;
+    let mut requests = String::from(
+        r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#,
+    );
+    requests.push('\n');
+    for id in 1..=CALLS {
+        requests.push_str(&format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"tools/call\",\"params\":{{\"name\":\"echo\",\"arguments\":{{\"text\":\"call {id}\"}}}}}}\n"
+        ));
+    }
+    let check = |answers: &str| {
+        let mut seen = std::collections::BTreeSet::new();
+        for line in answers.lines() {
+            let v: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not one JSON answer per line ({e}): {line:?}"));
+            let id = v["id"].as_u64().expect("an id");
+            if id > 0 {
+                assert_eq!(
+                    v["result"]["content"][0]["text"],
+                    format!("call {id}"),
+                    "{v}"
+                );
+            }
+            assert!(seen.insert(id), "answered twice: {id}");
+        }
+        assert_eq!(seen.len() as u64, CALLS + 1, "every request answered");
+    };
+
+    let mut child = Command::new(BIN)
+        .arg("example-server")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(requests.as_bytes()).map(|_| requests));
+    let mut answers = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut answers)
+        .unwrap();
+    let requests = writer.join().unwrap().unwrap();
+    assert!(child.wait().unwrap().success());
+    check(&answers);
+
+    let dir = std::env::temp_dir().join(format!("gatehouse-example-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("requests"), &requests).unwrap();
+    let status = Command::new(BIN)
+        .arg("example-server")
+        .stdin(std::fs::File::open(dir.join("requests")).unwrap())
+        .stdout(std::fs::File::create(dir.join("answers")).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    check(&std::fs::read_to_string(dir.join("answers")).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
