@@ -139,7 +139,12 @@ fn main() -> anyhow::Result<()> {
                 Some(addr) => {
                     runtime(None)?.block_on(gatehouse::example_server::run_http(opts, addr))?
                 }
-                None => runtime(None)?.block_on(gatehouse::example_server::run(opts))?,
+                // Over stdio a gateway runs one per session: one thread each is lighter, and
+                // its messages cross no threads.
+                None => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(gatehouse::example_server::run(opts))?,
             }
         }
         Command::Servers { target, command } => {
