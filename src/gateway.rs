@@ -124,9 +124,9 @@ pub struct Gateway {
     pub pins: Option<Arc<Pins>>,
     /// Records request spans (when traces are on).
     pub tracer: Option<Arc<crate::trace::Tracer>>,
-    /// Bytes of request bodies that may be read at once (`mcp.max_bodies_bytes`), one permit
-    /// a byte.
-    pub bodies: tokio::sync::Semaphore,
+    /// Bytes of client request bodies that may be held at once (`mcp.max_bodies_bytes`), one
+    /// permit a byte: a body holds its room as long as any part of it is kept.
+    pub bodies: Arc<tokio::sync::Semaphore>,
     epoch: Instant,
 }
 
@@ -221,7 +221,7 @@ impl Gateway {
             deleted: std::sync::Mutex::new(Default::default()),
             restoring: std::sync::Mutex::new(()),
             metrics,
-            bodies: tokio::sync::Semaphore::new(max_bodies_bytes),
+            bodies: Arc::new(tokio::sync::Semaphore::new(max_bodies_bytes)),
             epoch: Instant::now(),
         };
         gw.topology

@@ -474,3 +474,37 @@ async fn requests_without_a_valid_token_are_401() {
     );
     gw.stop().await;
 }
+
+/// A session keeps the client's capabilities and info for its life: more than 64 KiB of them
+/// (within a body the gateway takes) is refused with 400 / -32602, and no session is made.
+#[tokio::test]
+async fn an_initialize_offering_too_much_is_refused() {
+    // The body limit is the default (4 MiB) here.
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let mut healthy = gw.client();
+    healthy.initialize(json!({})).await;
+    let pad = "x".repeat(64 * 1024);
+    let init = json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
+        "protocolVersion":"2025-11-25","capabilities":{},
+        "clientInfo":{"name":"big","version":"1","description":pad}}})
+    .to_string();
+    let sessions = gw.gateway().sessions.len();
+    let r = gw.client().post(init).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.error_code(), -32602, "{}", r.body);
+    assert!(
+        r.body
+            .contains("params.capabilities and params.clientInfo take"),
+        "{}",
+        r.body
+    );
+    assert!(r.headers.get("mcp-session-id").is_none());
+    assert_eq!(gw.gateway().sessions.len(), sessions);
+    assert_eq!(
+        healthy
+            .tool_text(2, "echo", json!({"text":"still here"}))
+            .await,
+        "still here"
+    );
+    gw.stop().await;
+}

@@ -698,3 +698,61 @@ async fn slow_bodies_share_a_bounded_room() {
     assert_eq!(status(&ok), "200", "{ok}");
     drop(idle);
 }
+
+/// A call's body keeps its room in `mcp.max_bodies_bytes` while the call runs upstream (its
+/// arguments are kept until it ends), not only while it arrives: otherwise many slow calls,
+/// each sent quickly, hold any amount of memory. Calls that fill the room make the next large
+/// body a 503; a small request still fits; the room comes back whole when the calls end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_keep_their_room_while_their_calls_run() {
+    const BODY: usize = 64 * 1024;
+    let gw = TestGateway::start(
+        &format!(
+            "mcp: {{ max_body_bytes: {BODY}, max_bodies_bytes: {} }}",
+            2 * BODY
+        ),
+        &[example("ex", &["--test-tools"], "")],
+    )
+    .await;
+    let room = || gw.gateway().bodies.available_permits();
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    support::eventually("the initialize bodies' room given back", || async {
+        room() == 2 * BODY
+    })
+    .await;
+    // A slow call whose body is a little under BODY.
+    let call = |id: u64, seconds: u64| {
+        let envelope = json!({"jsonrpc":"2.0","id":id,"method":"tools/call",
+            "params":{"name":"slow","arguments":{"seconds":seconds,"pad":""}}})
+        .to_string();
+        let pad = "x".repeat(BODY - 2048 - envelope.len());
+        Bytes::from(envelope.replace(r#""pad":"""#, &format!(r#""pad":"{pad}""#)))
+    };
+    let one = call(1, 10);
+    let held = one.len();
+    let (c1, c2) = (c.clone(), c.clone());
+    let running = tokio::spawn(async move {
+        let (a, b) = tokio::join!(c1.post(one), c2.post(call(2, 10)));
+        (a.status, b.status)
+    });
+    support::eventually("both running calls hold their bodies' room", || async {
+        room() == 2 * BODY - 2 * held
+    })
+    .await;
+    let refused = c.post(call(3, 0)).await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(refused.body.contains("request bodies"), "{}", refused.body);
+    // A small request fits in what is left, and gives its room back when answered.
+    let pong = c.call(4, "ping", json!({})).await;
+    assert_eq!(pong["result"], json!({}), "{pong}");
+    assert_eq!(room(), 2 * BODY - 2 * held);
+    assert_eq!(running.await.unwrap(), (200, 200));
+    support::eventually("the calls' room given back", || async {
+        room() == 2 * BODY
+    })
+    .await;
+    let served = c.post(call(5, 0)).await;
+    assert_eq!(served.status, 200, "{}", served.body);
+    gw.stop().await;
+}

@@ -72,8 +72,8 @@ pub enum FrontError {
     /// Body not received in time.
     #[error("request body not received within the time limit")]
     BodyTimeout,
-    /// Other bodies being read hold the room bodies may take (`mcp.max_bodies_bytes`).
-    #[error("the gateway is reading as many request bodies as it may at once; try again shortly")]
+    /// Other bodies hold the room bodies may take (`mcp.max_bodies_bytes`).
+    #[error("the gateway holds as many request bodies as it may at once; try again shortly")]
     BodiesBusy,
     /// Body could not be read.
     #[error("cannot read request body: {0}")]
@@ -579,7 +579,9 @@ fn session_of(
 }
 
 /// Reads a client's request body within the configured size and time limits, and within the
-/// room all clients' bodies share.
+/// room all clients' bodies share: the body holds its room until the last of its bytes is
+/// dropped (a call's arguments are kept while it runs upstream, so counting them only while
+/// they arrive would let many slow calls hold any amount of memory).
 pub(crate) async fn read_body(
     gw: &Gateway,
     req: Request<hyper::body::Incoming>,
@@ -603,7 +605,7 @@ async fn read_within(
     gw: &Gateway,
     req: Request<hyper::body::Incoming>,
     limit: usize,
-    shared: Option<&tokio::sync::Semaphore>,
+    shared: Option<&Arc<tokio::sync::Semaphore>>,
 ) -> Result<Bytes, FrontError> {
     let http1 = req.version() <= http::Version::HTTP_11;
     let mut body = req.into_body();
@@ -615,7 +617,7 @@ async fn read_within(
     // declared: a declared length costs nothing to send): past it, the request is refused
     // rather than buffered, so that many slow bodies (one caller's HTTP/2 streams) cannot
     // hold the gateway's memory.
-    let mut room: Option<tokio::sync::SemaphorePermit<'_>> = None;
+    let mut room: Option<tokio::sync::OwnedSemaphorePermit> = None;
     let read = async {
         // Most bodies are one frame, kept as it came; more are joined.
         let mut first: Option<Bytes> = None;
@@ -634,7 +636,8 @@ async fn read_within(
                 let held = room.as_ref().map_or(0, |r| r.num_permits());
                 if let Some(more) = len.checked_sub(held).filter(|n| *n > 0) {
                     let taken = shared
-                        .try_acquire_many(more as u32)
+                        .clone()
+                        .try_acquire_many_owned(more as u32)
                         .map_err(|_| FrontError::BodiesBusy)?;
                     match &mut room {
                         Some(r) => r.merge(taken),
@@ -652,9 +655,13 @@ async fn read_within(
                 }
             }
         }
-        Ok(match first {
+        let body = match first {
             Some(only) => only,
             None => Bytes::from(joined),
+        };
+        Ok(match room.take() {
+            Some(room) => Bytes::from_owner(Held { body, _room: room }),
+            None => body,
         })
     };
     // A body that has come with its head is read without arming the deadline.
@@ -675,6 +682,19 @@ async fn read_within(
     match tokio::time::timeout(gw.config.mcp.body_timeout, read).await {
         Err(_) => Err(FrontError::BodyTimeout),
         Ok(read) => read,
+    }
+}
+
+/// A client's body with the room it holds in `mcp.max_bodies_bytes`, given back when the last
+/// `Bytes` sliced from it is dropped.
+struct Held {
+    body: Bytes,
+    _room: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
     }
 }
 

@@ -24,6 +24,12 @@ pub struct Negotiated {
     pub offers_roots: bool,
 }
 
+/// The most a client's capabilities and info may take together. A session keeps them for its
+/// life (each server it reaches is initialized with them), so a bound on the body alone would
+/// let each of a principal's sessions hold a body's worth of memory; real clients send well
+/// under a kilobyte, and icons as data URIs fit.
+pub const MAX_CLIENT_OFFER: usize = 64 * 1024;
+
 /// Reads a client's `initialize` params and picks the revision.
 pub fn negotiate(params: Option<&[u8]>) -> Result<Negotiated, String> {
     let f = fields(params)?;
@@ -43,6 +49,12 @@ pub fn negotiate(params: Option<&[u8]>) -> Result<Negotiated, String> {
         .map_or(r#"{"name":"unknown","version":"0"}"#, |r| r.get());
     if !client_info.starts_with('{') {
         return Err("params.clientInfo must be an object".into());
+    }
+    if client_caps.len() + client_info.len() > MAX_CLIENT_OFFER {
+        return Err(format!(
+            "params.capabilities and params.clientInfo take {} bytes together; at most {MAX_CLIENT_OFFER} are kept for a session",
+            client_caps.len() + client_info.len()
+        ));
     }
     let init_params = Bytes::from(format!(
         r#"{{"protocolVersion":"{version}","capabilities":{client_caps},"clientInfo":{client_info}}}"#
@@ -188,4 +200,40 @@ fn instructions_of(init_result: &[u8]) -> Option<String> {
         .ok()?
         .instructions
         .filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(caps: &str, info: &str) -> Vec<u8> {
+        format!(r#"{{"protocolVersion":"2025-11-25","capabilities":{caps},"clientInfo":{info}}}"#)
+            .into_bytes()
+    }
+
+    #[test]
+    fn a_client_offer_is_kept_only_up_to_its_bound() {
+        let info = |pad: usize| {
+            format!(
+                r#"{{"name":"c","version":"1","pad":"{}"}}"#,
+                "x".repeat(pad)
+            )
+        };
+        let fixed = "{}".len() + info(0).len();
+        let at_bound = params("{}", &info(MAX_CLIENT_OFFER - fixed));
+        let kept = negotiate(Some(&at_bound)).expect("at the bound");
+        assert!(kept.init_params.len() > MAX_CLIENT_OFFER);
+        let over = params("{}", &info(MAX_CLIENT_OFFER - fixed + 1));
+        let refused = negotiate(Some(&over)).err().expect("over the bound");
+        assert!(
+            refused.contains("params.capabilities and params.clientInfo take 65537 bytes"),
+            "{refused}"
+        );
+        // Large capabilities count as much as a large clientInfo.
+        let caps = format!(
+            r#"{{"experimental":{{"pad":"{}"}}}}"#,
+            "x".repeat(MAX_CLIENT_OFFER)
+        );
+        assert!(negotiate(Some(&params(&caps, &info(0)))).is_err());
+    }
 }
