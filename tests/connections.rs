@@ -756,3 +756,93 @@ async fn bodies_keep_their_room_while_their_calls_run() {
     assert_eq!(served.status, 200, "{}", served.body);
     gw.stop().await;
 }
+
+/// Nothing a client sends keeps its body's room after the request is answered: a live session
+/// (its initialize, lists, reads, subscriptions, notifications, a cancelled id) and 2026-07-28
+/// requests (a question and the retry that answers it) leave `mcp.max_bodies_bytes` whole.
+/// A kept slice of a body would hold its room for good, and enough of them would refuse every
+/// client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_requests_give_all_their_room_back() {
+    let gw = TestGateway::start("", &[example("ex", &["--test-tools"], "")]).await;
+    let room = || gw.gateway().bodies.available_permits();
+    let whole = room();
+    let mut c = gw.client();
+    c.initialize(json!({"roots": {"listChanged": true}, "sampling": {}}))
+        .await;
+    for (id, method, params) in [
+        (1, "tools/list", json!({})),
+        (
+            2,
+            "tools/call",
+            json!({"name":"echo","arguments":{"text":"kept?"}}),
+        ),
+        (3, "prompts/list", json!({})),
+        (4, "resources/list", json!({})),
+        (5, "logging/setLevel", json!({"level":"debug"})),
+        (6, "ping", json!({})),
+    ] {
+        let r = c.call(id, method, params).await;
+        assert!(r.get("result").is_some(), "{method}: {r}");
+    }
+    let uri = c.call(7, "resources/list", json!({})).await["result"]["resources"][0]["uri"]
+        .as_str()
+        .expect("a resource")
+        .to_owned();
+    c.call(8, "resources/subscribe", json!({ "uri": uri }))
+        .await;
+    c.call(9, "resources/read", json!({ "uri": uri })).await;
+    for note in [
+        json!({"jsonrpc":"2.0","method":"notifications/roots/list_changed"}),
+        json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"gone"}}),
+    ] {
+        assert_eq!(c.post(note.to_string()).await.status, 202);
+    }
+    support::eventually("the session's requests give their room back", || async {
+        room() == whole
+    })
+    .await;
+    // 2026-07-28: a question asked as input_required, and the retry that answers it.
+    let stateless = |id: u64, params: serde_json::Value| {
+        let mut params = params;
+        params["_meta"] = json!({
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {"sampling": {}},
+        });
+        let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":params});
+        let plain = gw.client();
+        let req = plain
+            .request("POST", Bytes::new())
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "sample")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        async move { plain.send(req).await }
+    };
+    let call = json!({"name":"sample","arguments":{"prompt":"capital?"}});
+    let first = stateless(10, call.clone()).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let first = first.response();
+    let questions = first["result"]["inputRequests"]
+        .as_object()
+        .expect("a question");
+    let key = questions.keys().next().unwrap().clone();
+    let mut retry = call;
+    retry["requestState"] = first["result"]["requestState"].clone();
+    retry["inputResponses"] = json!({ key: {"role":"assistant","model":"m",
+        "content":{"type":"text","text":"Paris"}}});
+    let done = stateless(11, retry).await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_eq!(
+        done.response()["result"]["content"][0]["text"],
+        "model said: Paris"
+    );
+    support::eventually("the stateless requests give their room back", || async {
+        room() == whole
+    })
+    .await;
+    gw.stop().await;
+}
