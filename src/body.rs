@@ -108,6 +108,20 @@ pub(crate) fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
     r
 }
 
+/// How long a stream's feeder waits for its reader to take a message: past it the reader is
+/// taken for gone, and what feeds it (a call, cancelled upstream when it is dropped) stops
+/// rather than wait on it for good, holding the call and its request.
+pub(crate) const STALLED_READER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sends `frame` to a stream's reader unless it is gone or takes nothing for
+/// [`STALLED_READER`]: `false` then.
+pub(crate) async fn send_to_reader(tx: &mpsc::Sender<Bytes>, frame: Bytes) -> bool {
+    matches!(
+        tokio::time::timeout(STALLED_READER, tx.send(frame)).await,
+        Ok(Ok(()))
+    )
+}
+
 /// An SSE response fed by `rx`.
 pub(crate) fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
     sse_response_after(None, rx)

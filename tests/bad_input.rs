@@ -508,3 +508,32 @@ async fn an_initialize_offering_too_much_is_refused() {
     );
     gw.stop().await;
 }
+
+/// A subscription is kept for the session's life: a URI over 4096 bytes is refused with
+/// -32602, whether the gateway reads the request (two servers) or passes it through (one).
+#[tokio::test]
+async fn a_subscription_to_an_overlong_uri_is_refused() {
+    let uri = format!("demo://{}", "x".repeat(4096));
+    let (gw, healthy) = setup().await;
+    let one = TestGateway::start("", &[example("a", &[], "")]).await;
+    for c in [&healthy, &one.client()] {
+        let mut c = c.clone();
+        if c.session.is_none() {
+            c.initialize(json!({})).await;
+        }
+        for method in ["resources/subscribe", "resources/unsubscribe"] {
+            let r = c
+                .post(
+                    json!({"jsonrpc":"2.0","id":5,"method":method,"params":{"uri":uri}})
+                        .to_string(),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(r.error_code(), -32602, "{}", r.body);
+            assert!(r.body.contains("at most 4096 bytes"), "{}", r.body);
+        }
+    }
+    still_healthy(&healthy).await;
+    one.stop().await;
+    gw.stop().await;
+}

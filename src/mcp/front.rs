@@ -736,7 +736,7 @@ async fn post(
     // Traced: the client's trace context, if it sent one in headers.
     let trace_header = gw.tracer.as_ref().and_then(|_| trace_header(headers));
     let body = read_body(gw, req).await?;
-    let msg = jsonrpc::parse(body)?;
+    let msg = jsonrpc::parse_client_body(body)?;
     if let Kind::Request { id, method, params } = &msg.kind
         && let Err(e) = authorize(gw, identity, profile, method, params.as_deref())
     {

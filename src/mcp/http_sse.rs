@@ -197,7 +197,7 @@ async fn message(
         .as_ref()
         .and_then(|_| front::trace_header(req.headers()));
     let body = front::read_body(gw, req).await?;
-    let msg = jsonrpc::parse(body)?;
+    let msg = jsonrpc::parse_client_body(body)?;
     if let Kind::Request { method, params, .. } = &msg.kind {
         gw.auth
             .authorize(identity.as_ref(), method, params.as_deref())?;

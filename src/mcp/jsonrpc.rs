@@ -205,6 +205,17 @@ fn string_value(raw: &str) -> Result<Option<Cow<'_, str>>, ParseError> {
 
 /// Parses one JSON-RPC 2.0 message; batches and non-objects are rejected.
 pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
+    parse_frame(frame, true)
+}
+
+/// Parses a client's request body ([`parse`] otherwise): its members stay slices of it however
+/// much of it is padding, since the body holds its share of `mcp.max_bodies_bytes` for as long
+/// as any of it is kept, and copies would be memory nobody counts.
+pub fn parse_client_body(body: Bytes) -> Result<Message, ParseError> {
+    parse_frame(body, false)
+}
+
+fn parse_frame(frame: Bytes, copy_from_padding: bool) -> Result<Message, ParseError> {
     let first = frame.iter().find(|b| !b.is_ascii_whitespace());
     match first {
         None => return Err(ParseError::Invalid("empty body")),
@@ -272,7 +283,7 @@ pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
         .flatten()
         .map(str::len)
         .sum();
-    let padded = frame.len() - kept > MAX_PADDING.max(kept);
+    let padded = copy_from_padding && frame.len() - kept > MAX_PADDING.max(kept);
     let slice = |raw: &str| {
         if padded {
             Bytes::copy_from_slice(raw.as_bytes())
@@ -282,7 +293,13 @@ pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
             frame.slice_ref(raw.as_bytes())
         }
     };
-    let id = id_raw.map(slice);
+    // An id is copied whatever the frame: it is small, and it is what outlives a request (a
+    // listen stream's subscription id, the in-flight map, a parked call), where a slice would
+    // keep the whole frame (and a client body's share of `mcp.max_bodies_bytes`) alive.
+    let id = id_raw.map(|raw| match raw {
+        "null" => Bytes::from_static(b"null"),
+        raw => Bytes::copy_from_slice(raw.as_bytes()),
+    });
     // Only an error response may carry `"id": null` (its request's id could not be read).
     let null_error = error.is_some() && id.as_deref() == Some(b"null");
     if let Some(id) = &id
@@ -540,6 +557,22 @@ mod tests {
             panic!("a response");
         };
         assert!(within(result, &large));
+        // A client's body keeps its params as slices of it whatever the padding (it is counted
+        // while any of it lives); its id is a copy, so that nothing kept for long holds it.
+        let body = Bytes::from(format!(
+            r#"{{"jsonrpc":"2.0","id":"call-1","method":"tools/call","params":{{"name":"t"}},"pad":"{pad}"}}"#
+        ));
+        for (m, sliced) in [
+            (parse_client_body(body.clone()).unwrap(), true),
+            (parse(body.clone()).unwrap(), false),
+        ] {
+            let Kind::Request { id, params, .. } = &m.kind else {
+                panic!("a request");
+            };
+            assert_eq!(&id[..], br#""call-1""#);
+            assert!(!within(id, &body));
+            assert_eq!(within(params.as_ref().unwrap(), &body), sliced);
+        }
     }
 
     #[test]

@@ -298,9 +298,10 @@ async fn pump(log: Arc<Log>, mut frames: mpsc::Receiver<Bytes>, registry: Weak<M
         // event in its replay: the event was recorded before it came).
         while let Some(c) = client.take() {
             tokio::select! {
-                sent = c.send(event.clone()) => {
-                    if sent.is_err() {
-                        // The client went away: the stream goes on without it, for its return.
+                sent = crate::body::send_to_reader(&c, event.clone()) => {
+                    if !sent {
+                        // The client went away (or stopped reading): the stream goes on
+                        // without it, for its return.
                         let mut state = lock(&log.state);
                         if state.client.as_ref().is_some_and(|cur| cur.same_channel(&c)) {
                             state.client = None;

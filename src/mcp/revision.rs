@@ -9,6 +9,18 @@ pub const LATEST: &str = SUPPORTED[0];
 /// The stateless revision: no sessions, every request carries its version in `_meta`.
 pub const STATELESS: &str = "2026-07-28";
 
+/// Log severities, lowest first (RFC 5424 names, as every revision uses them).
+pub const LOG_LEVELS: [&str; 8] = [
+    "debug",
+    "info",
+    "notice",
+    "warning",
+    "error",
+    "critical",
+    "alert",
+    "emergency",
+];
+
 /// Every revision the endpoint answers, newest first (what an unsupported-version error lists).
 pub const ALL: &[&str] = &[
     STATELESS,

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::{Claims, Principal};
 use crate::body::Body;
-use crate::body::{accepted, json_response, sse_response};
+use crate::body::{accepted, json_response, send_to_reader, sse_response};
 use crate::config::profiles::ProfileConfig;
 use crate::gateway::Gateway;
 use crate::json_scan;
@@ -260,20 +260,11 @@ pub(crate) struct Read {
     pub params: Bytes,
 }
 
-/// Log severities, lowest first (RFC 5424 names, as MCP uses them).
-const LEVELS: [&str; 8] = [
-    "debug",
-    "info",
-    "notice",
-    "warning",
-    "error",
-    "critical",
-    "alert",
-    "emergency",
-];
-
 fn severity(level: &str) -> Option<u8> {
-    LEVELS.iter().position(|l| *l == level).map(|p| p as u8)
+    revision::LOG_LEVELS
+        .iter()
+        .position(|l| *l == level)
+        .map(|p| p as u8)
 }
 
 /// Writes the member `key: value`: the key as it came when it was `plain` (nothing in it was
@@ -516,7 +507,7 @@ pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal
             Some(severity(&level).ok_or_else(|| {
                 Refusal::Meta(format!(
                     "params._meta[{LEVEL_KEY:?}] must be one of {}",
-                    LEVELS.join(", ")
+                    revision::LOG_LEVELS.join(", ")
                 ))
             })?)
         }
@@ -969,14 +960,16 @@ impl Round {
         tx: mpsc::Sender<Bytes>,
         first: Bytes,
     ) {
-        if tx.send(first).await.is_err() {
-            return; // the client went away: dropping the stream ends the call
+        // A client gone, or not reading (see `body::STALLED_READER`): dropping the stream
+        // ends the call.
+        if !send_to_reader(&tx, first).await {
+            return;
         }
         while let Some(frame) = stream.recv().await {
             let last = match self.step(&session, frame).await {
                 Step::Skip => continue,
                 Step::Event(frame) => {
-                    if tx.send(frame).await.is_err() {
+                    if !send_to_reader(&tx, frame).await {
                         return;
                     }
                     continue;
@@ -987,10 +980,10 @@ impl Round {
                     self.park(session, stream, asked, busy, None)
                 }
             };
-            let _ = tx.send(last).await;
+            send_to_reader(&tx, last).await;
             return;
         }
-        let _ = tx.send(self.ended()).await;
+        send_to_reader(&tx, self.ended()).await;
     }
 
     /// The questions a server asks together: `first`, and those that follow it within

@@ -925,7 +925,11 @@ impl Link {
             // The revision has neither: the level travels with each request, and a server
             // that answers is alive.
             "logging/setLevel" => {
-                let level = params.and_then(level_of);
+                // A level of the revision's, or none (a client's string is kept for the
+                // session's life, and sent with every request).
+                let level = params
+                    .and_then(level_of)
+                    .filter(|l| crate::mcp::revision::LOG_LEVELS.contains(&l.as_str()));
                 *self.log_level.lock().unwrap_or_else(|e| e.into_inner()) = level;
                 return Ok(Outcome::Result(Bytes::from_static(b"{}")));
             }

@@ -19,8 +19,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
+use crate::body::send_to_reader;
 use crate::mcp::jsonrpc::{self, Outcome, code};
 use crate::mcp::policy::Policy;
+use crate::mcp::router::MAX_LEARNED_URI;
 use crate::mcp::session::{Session, TooBusy, caps};
 use crate::metrics::{Metrics, method_label};
 use crate::plugins::{Decision, EntryKind, JsonText, Plugins};
@@ -80,7 +82,7 @@ pub(crate) async fn json_or_stream(
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let mut ended = Box::pin(ended);
     tokio::spawn(async move {
-        if tx.send(first).await.is_err() {
+        if !send_to_reader(&tx, first).await {
             return;
         }
         let frame = match answer {
@@ -95,12 +97,25 @@ pub(crate) async fn json_or_stream(
                     _ = tx.closed() => return,
                     ev = events.recv() => {
                         // A client that stops reading must not keep the task past the
-                        // session's end.
+                        // session's end, nor the call past its deadline: the call is still
+                        // polled meanwhile.
+                        let send = send_to_reader(&tx, ev);
+                        tokio::pin!(send);
                         tokio::select! {
-                            sent = tx.send(ev) => if sent.is_err() {
-                                return; // the client went away
+                            sent = &mut send => if !sent {
+                                return; // the client went away, or stopped reading
                             },
                             _ = &mut ended => return,
+                            frame = &mut call => {
+                                // The message still goes before the answer.
+                                tokio::select! {
+                                    sent = &mut send => if !sent {
+                                        return;
+                                    },
+                                    _ = &mut ended => return,
+                                }
+                                break frame;
+                            }
                         }
                     }
                     frame = &mut call => break frame,
@@ -117,7 +132,7 @@ pub(crate) async fn json_or_stream(
                 _ = &mut ended => return,
                 _ = tx.closed() => return,
                 ev = events.recv_or_settled() => match ev {
-                    Some(ev) => if tx.send(ev).await.is_err() {
+                    Some(ev) => if !send_to_reader(&tx, ev).await {
                         return;
                     },
                     None => break,
@@ -125,7 +140,7 @@ pub(crate) async fn json_or_stream(
                 _ = &mut held => break,
             }
         }
-        let _ = tx.send(frame).await;
+        send_to_reader(&tx, frame).await;
     });
     Reply::Stream(rx)
 }
@@ -181,6 +196,14 @@ fn encode_fields(f: &Fields<'_>) -> Bytes {
 fn json_string(s: &str) -> Box<RawValue> {
     RawValue::from_string(serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()))
         .unwrap_or_else(|_| RawValue::from_string("\"\"".into()).expect("valid JSON"))
+}
+
+/// The length of the URI a subscription names (0 when it names none: refused further on).
+fn subscribed_uri_len(params: Option<&[u8]>) -> usize {
+    fields(params)
+        .ok()
+        .and_then(|f| string_field(&f, "uri").ok())
+        .map_or(0, |uri| uri.len())
 }
 
 fn invalid_params(id: &[u8], msg: &str) -> Reply {
@@ -353,6 +376,16 @@ pub async fn request(
         None
     };
     let reply = match method {
+        // A subscription is kept for the session's life (to subscribe again on a new
+        // connection), so its URI is bounded as the URIs learnt from servers are.
+        "resources/subscribe" | "resources/unsubscribe"
+            if subscribed_uri_len(params.as_deref()) > MAX_LEARNED_URI =>
+        {
+            invalid_params(
+                &id,
+                &format!("params.uri must be at most {MAX_LEARNED_URI} bytes"),
+            )
+        }
         "ping" => Reply::Json(jsonrpc::response(
             &id,
             &Outcome::Result(Bytes::from_static(b"{}")),
@@ -611,5 +644,48 @@ mod tests {
         assert_eq!(rx.recv().await.as_deref(), Some(&b"answer"[..]));
         assert!(started.elapsed() <= HELD_MESSAGES_WAIT);
         assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_stops_reading_holds_neither_the_call_nor_the_stream() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (sink, events) = call_queue(CALL_QUEUE);
+        sink.try_send(Bytes::from_static(b"progress")).unwrap();
+        // The call's own deadline answers it after 10 s.
+        let answered = Arc::new(AtomicBool::new(false));
+        let call = {
+            let answered = answered.clone();
+            Box::pin(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                answered.store(true, Ordering::SeqCst);
+                Bytes::from_static(b"timed out")
+            })
+        };
+        // The server keeps talking, far more than the stream holds.
+        let talking = tokio::spawn(async move {
+            for _ in 0..2_000 {
+                let _ = sink.try_send(Bytes::from_static(b"progress"));
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        });
+        let Reply::Stream(mut rx) = json_or_stream(call, events, std::future::pending()).await
+        else {
+            panic!("a message came first")
+        };
+        // Nobody reads: the call is still polled, and its deadline ends it.
+        tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+        assert!(
+            answered.load(Ordering::SeqCst),
+            "the call ran to its deadline"
+        );
+        // The reader is given up on: what the stream held, then its end.
+        tokio::time::sleep(crate::body::STALLED_READER).await;
+        let mut held = 0;
+        while let Some(frame) = rx.recv().await {
+            assert_eq!(&frame[..], b"progress");
+            held += 1;
+        }
+        assert_eq!(held, 64, "the stream held what it could, then ended");
+        talking.abort();
     }
 }
