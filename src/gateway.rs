@@ -124,9 +124,8 @@ pub struct Gateway {
     pub pins: Option<Arc<Pins>>,
     /// Records request spans (when traces are on).
     pub tracer: Option<Arc<crate::trace::Tracer>>,
-    /// Bytes of client request bodies that may be held at once (`mcp.max_bodies_bytes`), one
-    /// permit a byte: a body holds its room as long as any part of it is kept.
-    pub bodies: Arc<tokio::sync::Semaphore>,
+    /// The room client request bodies share (`mcp.max_bodies_bytes`), and each caller's part.
+    pub bodies: crate::body_room::BodyRoom,
     epoch: Instant,
 }
 
@@ -141,7 +140,8 @@ impl Gateway {
         outbound_tls: Arc<rustls::ClientConfig>,
     ) -> Result<Arc<Gateway>, PluginError> {
         let plugins = Plugins::load(&config.plugins)?;
-        let max_bodies_bytes = config.mcp.max_bodies_bytes;
+        let bodies =
+            crate::body_room::BodyRoom::new(config.mcp.max_bodies_bytes, config.mcp.max_body_bytes);
         let round_trip_wait = ROUND_TRIP_WAIT.min(config.mcp.session_idle_timeout);
         let keys = config.mcp.session_keys.clone();
         // Servers may be defined later (admin API, McpServer resources): a profile naming one
@@ -221,7 +221,7 @@ impl Gateway {
             deleted: std::sync::Mutex::new(Default::default()),
             restoring: std::sync::Mutex::new(()),
             metrics,
-            bodies: Arc::new(tokio::sync::Semaphore::new(max_bodies_bytes)),
+            bodies,
             epoch: Instant::now(),
         };
         gw.topology

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod body;
+pub mod body_room;
 pub mod boxed;
 pub mod config;
 pub mod console;

@@ -45,6 +45,30 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
     .is_ok()
 }
 
+/// Reads one HTTP/1.1 response (its status line and its body) off `r`, without waiting for
+/// the connection to close.
+async fn response(r: &mut BufReader<TcpStream>) -> (String, String) {
+    let mut status = String::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut status))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    r.read_exact(&mut body).await.unwrap();
+    (status, String::from_utf8(body).unwrap())
+}
+
 /// Sends one raw HTTP/1.1 request (the caller writes the head; `connection: close` is added)
 /// and returns the whole response text.
 async fn raw_exchange(addr: SocketAddr, head: &str, body: &str) -> String {
@@ -612,7 +636,7 @@ async fn slow_bodies_share_a_bounded_room() {
     )
     .await;
     let addr = gw.addr;
-    let room = || gw.gateway().bodies.available_permits();
+    let room = || gw.gateway().bodies.available();
     let head = "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n";
     // An initialize request of exactly `BODY` bytes.
     let pad = BODY - INIT.len() - r#","pad":"""#.len();
@@ -667,7 +691,9 @@ async fn slow_bodies_share_a_bounded_room() {
         .write_all(format!("{chunked_head}{}", chunk("{\"j")).as_bytes())
         .await
         .unwrap();
-    assert_eq!(status(&read_all(refused).await), "503");
+    // (Answered at once; the connection stays to read the rest of the body, and drop it.)
+    let (refused, _) = response(&mut BufReader::new(refused)).await;
+    assert_eq!(status(&refused), "503");
     // Ended, a slow body is served and gives its room back; a chunked body takes its share
     // chunk by chunk.
     let mut first = slow.remove(0);
@@ -714,7 +740,7 @@ async fn bodies_keep_their_room_while_their_calls_run() {
         &[example("ex", &["--test-tools"], "")],
     )
     .await;
-    let room = || gw.gateway().bodies.available_permits();
+    let room = || gw.gateway().bodies.available();
     let mut c = gw.client();
     c.initialize(json!({})).await;
     support::eventually("the initialize bodies' room given back", || async {
@@ -765,7 +791,7 @@ async fn bodies_keep_their_room_while_their_calls_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answered_requests_give_all_their_room_back() {
     let gw = TestGateway::start("", &[example("ex", &["--test-tools"], "")]).await;
-    let room = || gw.gateway().bodies.available_permits();
+    let room = || gw.gateway().bodies.available();
     let whole = room();
     let mut c = gw.client();
     c.initialize(json!({"roots": {"listChanged": true}, "sampling": {}}))
@@ -844,5 +870,128 @@ async fn answered_requests_give_all_their_room_back() {
         room() == whole
     })
     .await;
+    gw.stop().await;
+}
+
+/// One principal's bodies hold at most a quarter of `mcp.max_bodies_bytes` (at least one body):
+/// past it that caller gets 429 with Retry-After, while another principal is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_principal_holds_at_most_its_share_of_the_room() {
+    const BODY: usize = 64 * 1024;
+    let gw = TestGateway::start(
+        &format!(
+            "auth: {{ tokens: [{{ principal: alice, token: alice-token-0123456789 }}, {{ principal: bob, token: bob-token-0123456789ab }}] }}\nmcp: {{ max_body_bytes: {BODY}, max_bodies_bytes: {} }}",
+            4 * BODY
+        ),
+        &[example("ex", &["--test-tools"], "")],
+    )
+    .await;
+    let bodies = || &gw.gateway().bodies;
+    assert_eq!(bodies().share(), BODY);
+    let client = |token: &str| {
+        let mut c = gw.client();
+        c.token = Some(token.into());
+        c
+    };
+    let (mut alice, mut bob) = (
+        client("alice-token-0123456789"),
+        client("bob-token-0123456789ab"),
+    );
+    alice.initialize(json!({})).await;
+    bob.initialize(json!({})).await;
+    let call = |id: u64, seconds: u64| {
+        let envelope = json!({"jsonrpc":"2.0","id":id,"method":"tools/call",
+            "params":{"name":"slow","arguments":{"seconds":seconds,"pad":""}}})
+        .to_string();
+        let pad = "x".repeat(BODY - 2048 - envelope.len());
+        Bytes::from(envelope.replace(r#""pad":"""#, &format!(r#""pad":"{pad}""#)))
+    };
+    let held = call(1, 10).len();
+    let running = {
+        let alice = alice.clone();
+        tokio::spawn(async move { alice.post(call(1, 10)).await.status })
+    };
+    let alices: gatehouse::auth::Principal = "alice".into();
+    support::eventually("alice's call holds her body", || async {
+        bodies().available_to(&alices) == BODY - held
+    })
+    .await;
+    let refused = alice.post(call(2, 0)).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert!(
+        refused.body.contains("this caller's requests"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(
+        refused.headers.get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    // Bob is served meanwhile, and so is a small request of Alice's.
+    let served = bob.post(call(3, 0)).await;
+    assert_eq!(served.status, 200, "{}", served.body);
+    assert_eq!(alice.call(4, "ping", json!({})).await["result"], json!({}));
+    assert_eq!(running.await.unwrap(), 200);
+    support::eventually("her share given back", || async {
+        bodies().available_to(&alices) == BODY
+    })
+    .await;
+    assert_eq!(alice.post(call(5, 0)).await.status, 200);
+    gw.stop().await;
+}
+
+/// A body refused while it arrives (no room) is still read to its end, and dropped: its sender
+/// hears the 503 and finishes sending, and the connection then serves its next request (it is
+/// not closed on unread bytes, which would reset it under a client still writing).
+#[tokio::test]
+async fn a_refused_body_is_read_to_its_end_and_its_connection_kept() {
+    const BODY: usize = 64 * 1024;
+    let gw = TestGateway::start(
+        &format!("mcp: {{ max_body_bytes: {BODY}, max_bodies_bytes: {BODY} }}"),
+        &[example("ex", &[], "")],
+    )
+    .await;
+    let room = || gw.gateway().bodies.available();
+    let head = "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n";
+    // A slow body holds all of the room but a byte.
+    let mut slow = TcpStream::connect(gw.addr).await.unwrap();
+    slow.write_all(
+        format!(
+            "{head}content-length: {BODY}\r\n\r\n{}",
+            "x".repeat(BODY - 1)
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    support::eventually("the slow body holds the room", || async { room() == 1 }).await;
+    // Half a body: refused at once, the answer before the rest is sent.
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"ping","pad":"{}"}}"#,
+        "y".repeat(8000)
+    );
+    let (first, rest) = body.split_at(4000);
+    let mut s = BufReader::new(TcpStream::connect(gw.addr).await.unwrap());
+    s.get_mut()
+        .write_all(format!("{head}content-length: {}\r\n\r\n{first}", body.len()).as_bytes())
+        .await
+        .unwrap();
+    let (status, text) = response(&mut s).await;
+    assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+    assert!(text.contains("request bodies"), "{text}");
+    // The rest goes, and is read and dropped: the room is untouched.
+    s.get_mut().write_all(rest.as_bytes()).await.unwrap();
+    drop(slow);
+    support::eventually("the slow body's room given back", || async {
+        room() == BODY
+    })
+    .await;
+    // The same connection serves the next request.
+    s.get_mut()
+        .write_all(format!("{head}content-length: {}\r\n\r\n{INIT}", INIT.len()).as_bytes())
+        .await
+        .unwrap();
+    let (status, text) = response(&mut s).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status} {text}");
     gw.stop().await;
 }

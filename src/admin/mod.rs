@@ -113,6 +113,7 @@ impl AdminError {
             AdminError::Body(FrontError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             AdminError::Body(FrontError::BodyTimeout) => StatusCode::REQUEST_TIMEOUT,
             AdminError::Body(FrontError::BodiesBusy) => StatusCode::SERVICE_UNAVAILABLE,
+            AdminError::Body(FrontError::CallerBodiesBusy(_)) => StatusCode::TOO_MANY_REQUESTS,
             AdminError::Body(_) | AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
             AdminError::Configured(_)
             | AdminError::Installed(_)

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::{AuthError, Identity, Principal};
 use crate::body::{Body, response};
+use crate::body_room::{BodyRoom, Full, Room};
 use crate::config::Config;
 use crate::config::profiles::ProfileConfig;
 use crate::gateway::Gateway;
@@ -75,6 +76,11 @@ pub enum FrontError {
     /// Other bodies hold the room bodies may take (`mcp.max_bodies_bytes`).
     #[error("the gateway holds as many request bodies as it may at once; try again shortly")]
     BodiesBusy,
+    /// The caller's other bodies hold its share of that room.
+    #[error(
+        "this caller's requests hold as much body as one caller may at once ({0} bytes of mcp.max_bodies_bytes); try again when they end"
+    )]
+    CallerBodiesBusy(usize),
     /// Body could not be read.
     #[error("cannot read request body: {0}")]
     Body(String),
@@ -126,9 +132,9 @@ impl FrontError {
             FrontError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             FrontError::UnknownSession => StatusCode::NOT_FOUND,
             FrontError::TooManySessions | FrontError::BodiesBusy => StatusCode::SERVICE_UNAVAILABLE,
-            FrontError::TooManySessionsForPrincipal(_) | FrontError::StreamBusy(_) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            FrontError::TooManySessionsForPrincipal(_)
+            | FrontError::StreamBusy(_)
+            | FrontError::CallerBodiesBusy(_) => StatusCode::TOO_MANY_REQUESTS,
             FrontError::StreamOpen => StatusCode::CONFLICT,
             FrontError::Version(_)
             | FrontError::DuplicateHost(_)
@@ -171,7 +177,7 @@ impl FrontError {
                 resp.headers_mut()
                     .insert(ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
             }
-            FrontError::BodiesBusy => {
+            FrontError::BodiesBusy | FrontError::CallerBodiesBusy(_) => {
                 resp.headers_mut()
                     .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
@@ -584,10 +590,11 @@ fn session_of(
 /// they arrive would let many slow calls hold any amount of memory).
 pub(crate) async fn read_body(
     gw: &Gateway,
+    principal: Option<&Principal>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Bytes, FrontError> {
     let limit = gw.config.mcp.max_body_bytes;
-    read_within(gw, req, limit, Some(&gw.bodies)).await
+    read_within(gw, req, limit, Some((&gw.bodies, principal))).await
 }
 
 /// Reads the body of a request from the gateway's operators or its other replicas (the admin
@@ -605,7 +612,7 @@ async fn read_within(
     gw: &Gateway,
     req: Request<hyper::body::Incoming>,
     limit: usize,
-    shared: Option<&Arc<tokio::sync::Semaphore>>,
+    shared: Option<(&BodyRoom, Option<&Principal>)>,
 ) -> Result<Bytes, FrontError> {
     let http1 = req.version() <= http::Version::HTTP_11;
     let mut body = req.into_body();
@@ -617,7 +624,7 @@ async fn read_within(
     // declared: a declared length costs nothing to send): past it, the request is refused
     // rather than buffered, so that many slow bodies (one caller's HTTP/2 streams) cannot
     // hold the gateway's memory.
-    let mut room: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut room = Room::default();
     let read = async {
         // Most bodies are one frame, kept as it came; more are joined.
         let mut first: Option<Bytes> = None;
@@ -632,18 +639,15 @@ async fn read_within(
             if len > limit {
                 return Err(FrontError::TooLarge(limit));
             }
-            if let Some(shared) = shared {
-                let held = room.as_ref().map_or(0, |r| r.num_permits());
-                if let Some(more) = len.checked_sub(held).filter(|n| *n > 0) {
-                    let taken = shared
-                        .clone()
-                        .try_acquire_many_owned(more as u32)
-                        .map_err(|_| FrontError::BodiesBusy)?;
-                    match &mut room {
-                        Some(r) => r.merge(taken),
-                        None => room = Some(taken),
-                    }
-                }
+            if let Some((shared, principal)) = shared
+                && let Some(more) = len.checked_sub(room.bytes()).filter(|n| *n > 0)
+            {
+                shared
+                    .grow(&mut room, principal, more)
+                    .map_err(|full| match full {
+                        Full::All => FrontError::BodiesBusy,
+                        Full::Caller => FrontError::CallerBodiesBusy(shared.share()),
+                    })?;
             }
             match first.take() {
                 None if joined.is_empty() => first = Some(data),
@@ -659,37 +663,69 @@ async fn read_within(
             Some(only) => only,
             None => Bytes::from(joined),
         };
-        Ok(match room.take() {
-            Some(room) => Bytes::from_owner(Held { body, _room: room }),
-            None => body,
+        Ok(if room.bytes() > 0 {
+            Bytes::from_owner(Held {
+                body,
+                _room: std::mem::take(&mut room),
+            })
+        } else {
+            body
         })
     };
-    // A body that has come with its head is read without arming the deadline.
-    let mut read = std::pin::pin!(read);
-    if let std::task::Poll::Ready(read) =
-        std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await
-    {
-        if http1 && read.as_ref().is_ok_and(|b| !b.is_empty()) {
-            // Taking a frame from hyper's HTTP/1 body channel wakes its sender, which is this
-            // connection's own task: it is polled again at once whatever it waits on. Waiting
-            // for that poll here, before the call goes upstream, makes it the one that sends
-            // the call, rather than one more walk down the whole call's future to find it
-            // still waiting for its answer.
-            once_more().await;
+    let read = {
+        // A body that has come with its head is read without arming the deadline.
+        let mut read = std::pin::pin!(read);
+        match std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await {
+            std::task::Poll::Ready(read) => {
+                if http1 && read.as_ref().is_ok_and(|b| !b.is_empty()) {
+                    // Taking a frame from hyper's HTTP/1 body channel wakes its sender, which
+                    // is this connection's own task: it is polled again at once whatever it
+                    // waits on. Waiting for that poll here, before the call goes upstream,
+                    // makes it the one that sends the call, rather than one more walk down
+                    // the whole call's future to find it still waiting for its answer.
+                    once_more().await;
+                }
+                read
+            }
+            std::task::Poll::Pending => {
+                match tokio::time::timeout(gw.config.mcp.body_timeout, read).await {
+                    Err(_) => Err(FrontError::BodyTimeout),
+                    Ok(read) => read,
+                }
+            }
         }
-        return read;
+    };
+    if let Err(FrontError::TooLarge(_) | FrontError::BodiesBusy | FrontError::CallerBodiesBusy(_)) =
+        &read
+    {
+        drain(body, limit, gw.config.mcp.body_timeout);
     }
-    match tokio::time::timeout(gw.config.mcp.body_timeout, read).await {
-        Err(_) => Err(FrontError::BodyTimeout),
-        Ok(read) => read,
-    }
+    read
+}
+
+/// Reads and drops the rest of a body refused while it arrives (at most `limit` bytes more,
+/// within `within`): its sender, still sending, then reads the refusal, where a connection
+/// closed on unread bytes would have been reset under it.
+fn drain(mut body: hyper::body::Incoming, limit: usize, within: std::time::Duration) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(within, async {
+            let mut read = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                read += frame.data_ref().map_or(0, Bytes::len);
+                if read > limit {
+                    return;
+                }
+            }
+        })
+        .await;
+    });
 }
 
 /// A client's body with the room it holds in `mcp.max_bodies_bytes`, given back when the last
 /// `Bytes` sliced from it is dropped.
 struct Held {
     body: Bytes,
-    _room: tokio::sync::OwnedSemaphorePermit,
+    _room: Room,
 }
 
 impl AsRef<[u8]> for Held {
@@ -735,7 +771,7 @@ async fn post(
         .then(|| stateless::Mirrored::of(headers));
     // Traced: the client's trace context, if it sent one in headers.
     let trace_header = gw.tracer.as_ref().and_then(|_| trace_header(headers));
-    let body = read_body(gw, req).await?;
+    let body = read_body(gw, principal.as_ref(), req).await?;
     let msg = jsonrpc::parse_client_body(body)?;
     if let Kind::Request { id, method, params } = &msg.kind
         && let Err(e) = authorize(gw, identity, profile, method, params.as_deref())

@@ -196,7 +196,7 @@ async fn message(
         .tracer
         .as_ref()
         .and_then(|_| front::trace_header(req.headers()));
-    let body = front::read_body(gw, req).await?;
+    let body = front::read_body(gw, principal.as_ref(), req).await?;
     let msg = jsonrpc::parse_client_body(body)?;
     if let Kind::Request { method, params, .. } = &msg.kind {
         gw.auth

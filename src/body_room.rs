@@ -1,0 +1,184 @@
+//! The memory client request bodies may hold at once (`mcp.max_bodies_bytes`), and each
+//! principal's part of it: a body takes room as its bytes arrive and holds it until the last of
+//! them is dropped, so that neither many slow bodies nor many slow calls hold any amount of
+//! memory, and no one caller holds all of it.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::auth::Principal;
+
+/// Principals past which the idle ones are forgotten (each keeps a small semaphore).
+const KEPT_PRINCIPALS: usize = 1024;
+
+/// The room all clients' bodies share, and each principal's share of it.
+pub struct BodyRoom {
+    all: Arc<Semaphore>,
+    /// Per principal. Callers without one (no authentication: nothing tells them apart) have
+    /// the whole room together.
+    principals: DashMap<Principal, Arc<Semaphore>, foldhash::fast::RandomState>,
+    share: usize,
+}
+
+/// Room a body holds, one permit a byte; given back when dropped.
+#[derive(Default)]
+pub struct Room {
+    all: Option<OwnedSemaphorePermit>,
+    own: Option<OwnedSemaphorePermit>,
+}
+
+impl Room {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.all.as_ref().map_or(0, |p| p.num_permits())
+    }
+}
+
+/// Why a body cannot have more room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// All clients' bodies hold the whole room.
+    All,
+    /// The caller's bodies hold its whole share.
+    Caller,
+}
+
+impl BodyRoom {
+    /// `total` bytes for all clients; a quarter of it (at least `one_body`) for any one
+    /// principal.
+    pub fn new(total: usize, one_body: usize) -> BodyRoom {
+        BodyRoom {
+            all: Arc::new(Semaphore::new(total)),
+            principals: DashMap::default(),
+            share: (total / 4).max(one_body).min(total),
+        }
+    }
+
+    /// Bytes no body holds.
+    pub fn available(&self) -> usize {
+        self.all.available_permits()
+    }
+
+    /// Bytes of `principal`'s share no body of its holds.
+    pub fn available_to(&self, principal: &Principal) -> usize {
+        self.principals
+            .get(principal)
+            .map_or(self.share, |s| s.available_permits())
+    }
+
+    /// The most one caller's bodies may hold at once.
+    pub fn share(&self) -> usize {
+        self.share
+    }
+
+    /// Grows `room` by `more` bytes for a body of `principal`'s, or refuses it (`room` is
+    /// then unchanged).
+    pub fn grow(
+        &self,
+        room: &mut Room,
+        principal: Option<&Principal>,
+        more: usize,
+    ) -> Result<(), Full> {
+        let more = u32::try_from(more).map_err(|_| Full::All)?;
+        let own = match principal {
+            Some(p) => Some(
+                self.principal(p)
+                    .try_acquire_many_owned(more)
+                    .map_err(|_| Full::Caller)?,
+            ),
+            None => None,
+        };
+        let all = self
+            .all
+            .clone()
+            .try_acquire_many_owned(more)
+            .map_err(|_| Full::All)?;
+        if let Some(own) = own {
+            merge(&mut room.own, own);
+        }
+        merge(&mut room.all, all);
+        Ok(())
+    }
+
+    fn principal(&self, principal: &Principal) -> Arc<Semaphore> {
+        if let Some(s) = self.principals.get(principal) {
+            return s.clone();
+        }
+        if self.principals.len() >= KEPT_PRINCIPALS {
+            // A share nobody's body holds is as good as a new one.
+            self.principals
+                .retain(|_, s| s.available_permits() < self.share || Arc::strong_count(s) > 1);
+        }
+        self.principals
+            .entry(principal.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.share)))
+            .clone()
+    }
+}
+
+fn merge(held: &mut Option<OwnedSemaphorePermit>, more: OwnedSemaphorePermit) {
+    match held {
+        Some(h) => h.merge(more),
+        None => *held = Some(more),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_caller_holds_at_most_its_share_and_all_callers_at_most_the_room() {
+        let room = BodyRoom::new(1000, 100);
+        assert_eq!(room.share(), 250);
+        let (alice, bob): (Principal, Principal) = ("alice".into(), "bob".into());
+        let mut a = Room::default();
+        room.grow(&mut a, Some(&alice), 200).unwrap();
+        assert_eq!(room.grow(&mut a, Some(&alice), 51), Err(Full::Caller));
+        assert_eq!(a.bytes(), 200, "a refusal leaves the room as it was");
+        room.grow(&mut a, Some(&alice), 50).unwrap();
+        assert_eq!((room.available(), room.available_to(&alice)), (750, 0));
+        // Others are not held back by her; all together are held back by the room.
+        let mut others = Vec::new();
+        for who in [&bob, &"carol".into()] {
+            let mut r = Room::default();
+            room.grow(&mut r, Some(who), 250).unwrap();
+            others.push(r);
+        }
+        // Callers without a principal cannot be told apart: they share the whole room.
+        let mut anonymous = Room::default();
+        room.grow(&mut anonymous, None, 200).unwrap();
+        room.grow(&mut anonymous, None, 50).unwrap();
+        assert_eq!(room.available(), 0);
+        let dave: Principal = "dave".into();
+        let mut held = Room::default();
+        assert_eq!(room.grow(&mut held, Some(&dave), 1), Err(Full::All));
+        assert_eq!(room.available_to(&dave), 250, "nothing kept");
+        assert_eq!(room.grow(&mut held, None, 1), Err(Full::All));
+        drop(a);
+        assert_eq!((room.available(), room.available_to(&alice)), (250, 250));
+        room.grow(&mut held, Some(&dave), 250).unwrap();
+    }
+
+    #[test]
+    fn idle_callers_are_forgotten_and_busy_ones_kept() {
+        let room = BodyRoom::new(1 << 20, 1);
+        let busy: Principal = "busy".into();
+        let mut held = Room::default();
+        room.grow(&mut held, Some(&busy), 10).unwrap();
+        for i in 0..KEPT_PRINCIPALS * 2 {
+            let mut r = Room::default();
+            room.grow(&mut r, Some(&format!("p{i}").into()), 1).unwrap();
+        }
+        assert!(room.principals.len() <= KEPT_PRINCIPALS + 1);
+        assert_eq!(room.available_to(&busy), room.share() - 10);
+    }
+
+    #[test]
+    fn a_share_is_at_least_one_body_and_at_most_the_room() {
+        assert_eq!(BodyRoom::new(1000, 400).share(), 400);
+        assert_eq!(BodyRoom::new(1000, 1000).share(), 1000);
+    }
+}
