@@ -45,6 +45,16 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
     .is_ok()
 }
 
+/// A `tools/call` of the example server's `slow` tool (`seconds` long), its body padded to
+/// `size` bytes.
+fn slow_call(id: u64, seconds: u64, size: usize) -> Bytes {
+    let envelope = json!({"jsonrpc":"2.0","id":id,"method":"tools/call",
+        "params":{"name":"slow","arguments":{"seconds":seconds,"pad":""}}})
+    .to_string();
+    let pad = "x".repeat(size - envelope.len());
+    Bytes::from(envelope.replace(r#""pad":"""#, &format!(r#""pad":"{pad}""#)))
+}
+
 /// Reads one HTTP/1.1 response (its status line and its body) off `r`, without waiting for
 /// the connection to close.
 async fn response(r: &mut BufReader<TcpStream>) -> (String, String) {
@@ -748,13 +758,7 @@ async fn bodies_keep_their_room_while_their_calls_run() {
     })
     .await;
     // A slow call whose body is a little under BODY.
-    let call = |id: u64, seconds: u64| {
-        let envelope = json!({"jsonrpc":"2.0","id":id,"method":"tools/call",
-            "params":{"name":"slow","arguments":{"seconds":seconds,"pad":""}}})
-        .to_string();
-        let pad = "x".repeat(BODY - 2048 - envelope.len());
-        Bytes::from(envelope.replace(r#""pad":"""#, &format!(r#""pad":"{pad}""#)))
-    };
+    let call = |id, seconds| slow_call(id, seconds, BODY - 2048);
     let one = call(1, 10);
     let held = one.len();
     let (c1, c2) = (c.clone(), c.clone());
@@ -899,13 +903,7 @@ async fn one_principal_holds_at_most_its_share_of_the_room() {
     );
     alice.initialize(json!({})).await;
     bob.initialize(json!({})).await;
-    let call = |id: u64, seconds: u64| {
-        let envelope = json!({"jsonrpc":"2.0","id":id,"method":"tools/call",
-            "params":{"name":"slow","arguments":{"seconds":seconds,"pad":""}}})
-        .to_string();
-        let pad = "x".repeat(BODY - 2048 - envelope.len());
-        Bytes::from(envelope.replace(r#""pad":"""#, &format!(r#""pad":"{pad}""#)))
-    };
+    let call = |id, seconds| slow_call(id, seconds, BODY - 2048);
     let held = call(1, 10).len();
     let running = {
         let alice = alice.clone();
