@@ -4,7 +4,9 @@
 //! memory, and no one caller holds all of it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -19,6 +21,9 @@ pub struct BodyRoom {
     /// Per principal. Callers without one (no authentication: nothing tells them apart) have
     /// the whole room together.
     principals: DashMap<Principal, Arc<Semaphore>, foldhash::fast::RandomState>,
+    /// Principals kept past which the idle ones are next forgotten: twice those left by the
+    /// last sweep (at least [`KEPT_PRINCIPALS`]), so that sweeps cost O(1) a new principal.
+    sweep_at: AtomicUsize,
     share: usize,
 }
 
@@ -52,6 +57,7 @@ impl BodyRoom {
         BodyRoom {
             all: Arc::new(Semaphore::new(total)),
             principals: DashMap::default(),
+            sweep_at: AtomicUsize::new(KEPT_PRINCIPALS),
             share: (total / 4).max(one_body).min(total),
         }
     }
@@ -106,16 +112,39 @@ impl BodyRoom {
         if let Some(s) = self.principals.get(principal) {
             return s.clone();
         }
-        if self.principals.len() >= KEPT_PRINCIPALS {
+        if self.principals.len() >= self.sweep_at.load(Ordering::Relaxed) {
             // A share nobody's body holds is as good as a new one.
             self.principals
                 .retain(|_, s| s.available_permits() < self.share || Arc::strong_count(s) > 1);
+            let left = self.principals.len();
+            self.sweep_at
+                .store((2 * left).max(KEPT_PRINCIPALS), Ordering::Relaxed);
         }
         self.principals
             .entry(principal.clone())
             .or_insert_with(|| Arc::new(Semaphore::new(self.share)))
             .clone()
     }
+}
+
+/// Bytes made from `source` (a rewrite of a client body's params) that keep `source` alive as
+/// long as they live: a body holds its room until its last byte is dropped, and a copy that
+/// outlived it would be memory nobody counts. (The count is then short by the copies, a few
+/// at most: a rewrite, a trace context, a shared connection's token.)
+pub fn derived(copy: Vec<u8>, source: &Bytes) -> Bytes {
+    struct Derived {
+        copy: Vec<u8>,
+        _source: Bytes,
+    }
+    impl AsRef<[u8]> for Derived {
+        fn as_ref(&self) -> &[u8] {
+            &self.copy
+        }
+    }
+    Bytes::from_owner(Derived {
+        copy,
+        _source: source.clone(),
+    })
 }
 
 fn merge(held: &mut Option<OwnedSemaphorePermit>, more: OwnedSemaphorePermit) {
@@ -174,6 +203,22 @@ mod tests {
         }
         assert!(room.principals.len() <= KEPT_PRINCIPALS + 1);
         assert_eq!(room.available_to(&busy), room.share() - 10);
+        // More busy callers than are kept: a sweep frees nobody, and the next waits until
+        // the map has doubled, rather than every new caller walking it again.
+        let busy: Vec<Room> = (0..KEPT_PRINCIPALS + 100)
+            .map(|i| {
+                let mut r = Room::default();
+                room.grow(&mut r, Some(&format!("b{i}").into()), 1).unwrap();
+                r
+            })
+            .collect();
+        let kept = room.principals.len();
+        assert!(kept > KEPT_PRINCIPALS + 100);
+        assert!(
+            room.sweep_at.load(Ordering::Relaxed) > kept,
+            "the next sweep is further off"
+        );
+        drop(busy);
     }
 
     #[test]

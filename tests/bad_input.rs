@@ -537,3 +537,50 @@ async fn a_subscription_to_an_overlong_uri_is_refused() {
     one.stop().await;
     gw.stop().await;
 }
+
+/// A request's id and its progress token are kept while it runs (the in-flight map, a listen
+/// stream, every progress notification): one over 1024 bytes is refused, the id with 400 and
+/// -32600 (and `"id": null`, since it cannot be echoed), the token with -32602, through one
+/// server or several.
+#[tokio::test]
+async fn an_overlong_request_id_or_progress_token_is_refused() {
+    let long = "i".repeat(1025);
+    let (gw, healthy) = setup().await;
+    let r = healthy
+        .post(json!({"jsonrpc":"2.0","id":long,"method":"ping"}).to_string())
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.error_code(), -32600, "{}", r.body);
+    assert!(r.body.contains("longer than 1024 bytes"), "{}", r.body);
+    assert_eq!(r.json()["id"], json!(null), "{}", r.body);
+    // 1024 bytes is an id like any other.
+    let fits = "i".repeat(1022);
+    let r = healthy
+        .post(json!({"jsonrpc":"2.0","id":fits,"method":"ping"}).to_string())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["id"], json!(fits), "{}", r.body);
+    let one = TestGateway::start("", &[example("a", &[], "")]).await;
+    for (c, tool) in [(&healthy, "a__echo"), (&one.client(), "echo")] {
+        let mut c = c.clone();
+        if c.session.is_none() {
+            c.initialize(json!({})).await;
+        }
+        let r = c
+            .post(
+                json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":tool,
+                    "arguments":{"text":"hi"},"_meta":{"progressToken":long}}})
+                .to_string(),
+            )
+            .await;
+        assert_eq!(r.error_code(), -32602, "{}", r.body);
+        assert!(
+            r.body.contains("progressToken is longer than 1024 bytes"),
+            "{}",
+            r.body
+        );
+    }
+    still_healthy(&healthy).await;
+    one.stop().await;
+    gw.stop().await;
+}

@@ -787,6 +787,53 @@ async fn bodies_keep_their_room_while_their_calls_run() {
     gw.stop().await;
 }
 
+/// A call the gateway rewrites on its way (renamed for its server, here) runs on a copy of its
+/// params: the copy keeps the body's room while the call runs, also once its answer has become
+/// a stream and the request that brought it is gone; and gives it back when the call ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewritten_call_holds_its_bodys_room_while_it_runs() {
+    const BODY: usize = 64 * 1024;
+    let gw = TestGateway::start(
+        &format!(
+            "mcp: {{ max_body_bytes: {BODY}, max_bodies_bytes: {} }}",
+            4 * BODY
+        ),
+        &[
+            example("ex", &["--test-tools"], ""),
+            example("other", &[], ""),
+        ],
+    )
+    .await;
+    let room = || gw.gateway().bodies.available();
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    support::eventually("the initialize bodies' room given back", || async {
+        room() == 4 * BODY
+    })
+    .await;
+    let call = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{
+        "name":"ex__slow","_meta":{"progressToken":"p"},
+        "arguments":{"seconds":1.5,"steps":3,"pad":"x".repeat(BODY - 2048)}}});
+    let held = call.to_string().len();
+    let mut answer = c.stream(call).await;
+    let first = answer.next().await.expect("a progress notification");
+    assert_eq!(first["method"], "notifications/progress", "{first}");
+    assert_eq!(room(), 4 * BODY - held, "the running call holds its body");
+    let mut last = first;
+    while let Some(m) = answer.next().await {
+        last = m;
+    }
+    assert_eq!(
+        last["result"]["content"][0]["text"], "done after 1.5s",
+        "{last}"
+    );
+    support::eventually("the call's room given back", || async {
+        room() == 4 * BODY
+    })
+    .await;
+    gw.stop().await;
+}
+
 /// Nothing a client sends keeps its body's room after the request is answered: a live session
 /// (its initialize, lists, reads, subscriptions, notifications, a cancelled id) and 2026-07-28
 /// requests (a question and the retry that answers it) leave `mcp.max_bodies_bytes` whole.
@@ -833,13 +880,15 @@ async fn answered_requests_give_all_their_room_back() {
     })
     .await;
     // 2026-07-28: a question asked as input_required, and the retry that answers it.
-    let stateless = |id: u64, params: serde_json::Value| {
-        let mut params = params;
+    let body = |id: u64, mut params: serde_json::Value| {
         params["_meta"] = json!({
             "io.modelcontextprotocol/protocolVersion": "2026-07-28",
             "io.modelcontextprotocol/clientCapabilities": {"sampling": {}},
         });
-        let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":params});
+        json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":params})
+    };
+    let stateless = |id: u64, params: serde_json::Value| {
+        let body = body(id, params);
         let plain = gw.client();
         let req = plain
             .request("POST", Bytes::new())
@@ -860,6 +909,13 @@ async fn answered_requests_give_all_their_room_back() {
         .as_object()
         .expect("a question");
     let key = questions.keys().next().unwrap().clone();
+    // The parked call runs on a copy of the params (without the envelope): the copy keeps the
+    // body's room until the retry ends the call.
+    let asked = body(10, call.clone()).to_string().len();
+    support::eventually("the parked call holds its body", || async {
+        room() == whole - asked
+    })
+    .await;
     let mut retry = call;
     retry["requestState"] = first["result"]["requestState"].clone();
     retry["inputResponses"] = json!({ key: {"role":"assistant","model":"m",
@@ -925,6 +981,7 @@ async fn one_principal_holds_at_most_its_share_of_the_room() {
         refused.headers.get("retry-after").map(|v| v.as_bytes()),
         Some(&b"1"[..])
     );
+    assert_eq!(refused.error_code(), -32012, "{}", refused.body);
     // Bob is served meanwhile, and so is a small request of Alice's.
     let served = bob.post(call(3, 0)).await;
     assert_eq!(served.status, 200, "{}", served.body);

@@ -156,7 +156,9 @@ impl FrontError {
             | FrontError::MissingStreamId
             | FrontError::Version(_)
             | FrontError::Body(_) => code::INVALID_REQUEST,
-            FrontError::StreamBusy(_) => code::TOO_BUSY,
+            FrontError::StreamBusy(_)
+            | FrontError::BodiesBusy
+            | FrontError::CallerBodiesBusy(_) => code::TOO_BUSY,
             FrontError::Resume(_) => code::INVALID_REQUEST,
             _ => -32000,
         }
@@ -617,7 +619,8 @@ async fn read_within(
     let http1 = req.version() <= http::Version::HTTP_11;
     let mut body = req.into_body();
     // What `Content-Length` declared (hyper holds the body to it).
-    if hyper::body::Body::size_hint(&body).lower() > limit as u64 {
+    let declared = hyper::body::Body::size_hint(&body).lower();
+    if declared > limit as u64 {
         return Err(FrontError::TooLarge(limit));
     }
     // Room for what is read is taken from the room all bodies share as bytes arrive (not as
@@ -653,16 +656,16 @@ async fn read_within(
                 None if joined.is_empty() => first = Some(data),
                 earlier => {
                     if let Some(earlier) = earlier {
+                        // The declared length (within the limit), when there is one: the
+                        // frames then join without growing.
+                        joined.reserve_exact((declared as usize).max(earlier.len() + data.len()));
                         joined.extend_from_slice(&earlier);
                     }
                     joined.extend_from_slice(&data);
                 }
             }
         }
-        let body = match first {
-            Some(only) => only,
-            None => Bytes::from(joined),
-        };
+        let body = kept_body(first, joined);
         Ok(if room.bytes() > 0 {
             Bytes::from_owner(Held {
                 body,
@@ -723,6 +726,25 @@ fn drain(mut body: hyper::body::Incoming, limit: usize, within: std::time::Durat
 
 /// A client's body with the room it holds in `mcp.max_bodies_bytes`, given back when the last
 /// `Bytes` sliced from it is dropped.
+/// Bodies shorter than this that came in one frame are copied out of it: the frame is a slice
+/// of the connection's read buffer (8 KiB to a few hundred), which a kept slice would hold
+/// whole while only the body's own bytes are counted.
+const COPIED_BELOW: usize = 64 * 1024;
+
+/// A body as it is kept: its one frame (copied when small), or the frames joined, holding
+/// no more than their bytes.
+fn kept_body(first: Option<Bytes>, mut joined: Vec<u8>) -> Bytes {
+    match first {
+        Some(only) if only.len() < COPIED_BELOW => Bytes::copy_from_slice(&only),
+        Some(only) => only,
+        None => {
+            // Grown by doubling: up to twice its bytes.
+            joined.shrink_to_fit();
+            Bytes::from(joined)
+        }
+    }
+}
+
 struct Held {
     body: Bytes,
     _room: Room,
@@ -1088,6 +1110,31 @@ async fn delete(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_body_holds_its_own_bytes_not_the_buffer_it_was_read_into() {
+        // A small body read as a slice of a large read buffer, as hyper hands it over.
+        let mut buffer = bytes::BytesMut::from(&vec![b'x'; 1 << 20][..]);
+        let small = buffer.split_to(200).freeze();
+        let range = small.as_ptr() as usize..small.as_ptr() as usize + (1 << 20);
+        let kept = kept_body(Some(small), Vec::new());
+        assert_eq!(kept.len(), 200);
+        assert!(
+            !range.contains(&(kept.as_ptr() as usize)),
+            "a copy of its own"
+        );
+        // A large one stays as it came: the buffer is mostly it.
+        let large = Bytes::from(vec![b'y'; COPIED_BELOW]);
+        let at = large.as_ptr();
+        assert_eq!(kept_body(Some(large), Vec::new()).as_ptr(), at);
+        // Joined frames hold no spare capacity.
+        let mut joined = Vec::with_capacity(4096);
+        joined.extend_from_slice(b"{}");
+        let kept = kept_body(None, joined);
+        assert_eq!(&kept[..], b"{}");
+        let vec: Vec<u8> = kept.into();
+        assert_eq!(vec.capacity(), 2);
+    }
 
     #[test]
     fn accept_parsing() {

@@ -153,6 +153,11 @@ pub const MAX_DEPTH: usize = 64;
 /// from it may keep alive, beyond as many as the members themselves hold.
 const MAX_PADDING: usize = 4096;
 
+/// The longest request id (its JSON text) and method name accepted, and the longest progress
+/// token: each is kept while its request runs (the in-flight map, a listen stream, every
+/// progress notification), apart from the body that brought it.
+pub const MAX_KEPT_NAME: usize = 1024;
+
 /// The members of an envelope, as written: `None` if absent, `Some(None)` if `null`.
 #[derive(Default)]
 struct Envelope<'a> {
@@ -293,6 +298,19 @@ fn parse_frame(frame: Bytes, copy_from_padding: bool) -> Result<Message, ParseEr
             frame.slice_ref(raw.as_bytes())
         }
     };
+    // A response's id is only looked up; a request's is kept while it runs.
+    if let Some(method) = &method {
+        if id_raw.is_some_and(|id| id.len() > MAX_KEPT_NAME) {
+            return Err(ParseError::Invalid(
+                "a request's \"id\" longer than 1024 bytes is not accepted",
+            ));
+        }
+        if method.len() > MAX_KEPT_NAME {
+            return Err(ParseError::Invalid(
+                "a \"method\" longer than 1024 bytes is not accepted",
+            ));
+        }
+    }
     // An id is copied whatever the frame: it is small, and it is what outlives a request (a
     // listen stream's subscription id, the in-flight map, a parked call), where a slice would
     // keep the whole frame (and a client body's share of `mcp.max_bodies_bytes`) alive.
@@ -518,6 +536,35 @@ mod tests {
 
     fn p(s: &str) -> Result<Message, ParseError> {
         parse(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn a_requests_id_and_method_are_bounded_and_a_responses_id_is_not() {
+        let id = |n: usize| format!("\"{}\"", "i".repeat(n - 2));
+        let request = |id: &str, method: &str| {
+            p(&format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"{method}"}}"#
+            ))
+        };
+        assert!(request(&id(MAX_KEPT_NAME), "ping").is_ok());
+        let long = request(&id(MAX_KEPT_NAME + 1), "ping").unwrap_err();
+        assert_eq!(long.code(), code::INVALID_REQUEST);
+        assert!(
+            long.to_string().contains("\"id\" longer than 1024"),
+            "{long}"
+        );
+        let notification = format!(
+            r#"{{"jsonrpc":"2.0","method":"{}"}}"#,
+            "m".repeat(MAX_KEPT_NAME + 1)
+        );
+        assert!(p(&notification).is_err());
+        assert!(request("1", &"m".repeat(MAX_KEPT_NAME)).is_ok());
+        // A response's id (a sealed server request's, say) is looked up, not kept.
+        let response = format!(
+            r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#,
+            id(4 * MAX_KEPT_NAME)
+        );
+        assert!(p(&response).is_ok());
     }
 
     #[test]

@@ -547,9 +547,10 @@ pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal
             let inner = meta_raw[1..meta_raw.len() - 1].trim_matches([' ', '\t', '\n', '\r']);
             bytes.slice_ref(inner.as_bytes())
         } else {
-            Bytes::from(envelope_members(meta_raw))
+            crate::body_room::derived(envelope_members(meta_raw), bytes)
         },
-        params: Bytes::from(stripped),
+        // The call runs on the copy: it keeps the client's body (and its room) alive.
+        params: crate::body_room::derived(stripped, bytes),
     })
 }
 
@@ -763,7 +764,7 @@ pub(crate) async fn post(
             }
             // The server's own state goes back to it in place of the gateway's token.
             Ok(round_trip::Resumed::Relayed(state)) => {
-                match with_request_state(params.as_deref(), &state) {
+                match with_request_state(params.as_ref(), &state) {
                     Some(p) => params = Some(p),
                     None => return invalid("params cannot carry requestState"),
                 }
@@ -1270,12 +1271,14 @@ fn status_of(frame: &[u8]) -> StatusCode {
 }
 
 /// Params with `requestState` set to `state` (a retry's params, for the server that issued it).
-fn with_request_state(params: Option<&[u8]>, state: &str) -> Option<Bytes> {
+fn with_request_state(params: Option<&Bytes>, state: &str) -> Option<Bytes> {
     type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
-    let mut fields: Object<'_> = serde_json::from_slice(params?).ok()?;
+    let params = params?;
+    let mut fields: Object<'_> = serde_json::from_slice(params).ok()?;
     let state = RawValue::from_string(serde_json::to_string(state).ok()?).ok()?;
     fields.insert("requestState".into(), &state);
-    serde_json::to_vec(&fields).ok().map(Bytes::from)
+    let out = serde_json::to_vec(&fields).ok()?;
+    Some(crate::body_room::derived(out, params))
 }
 
 /// Serves `subscriptions/listen`: the acknowledgement first (what is honored: the kinds some

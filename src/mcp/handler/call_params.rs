@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use crate::json_scan;
@@ -140,15 +140,16 @@ impl<'a> CallParams<'a> {
         }
         edits.sort_unstable_by_key(|e| e.0);
         let grown: usize = edits.iter().map(|e| e.2.len()).sum();
-        let mut out = BytesMut::with_capacity(params.len() + grown);
+        let mut out = Vec::with_capacity(params.len() + grown);
         let mut at = 0;
         for (start, end, new) in edits {
-            out.put_slice(&params[at..start]);
-            out.put_slice(new);
+            out.extend_from_slice(&params[at..start]);
+            out.extend_from_slice(new);
             at = end;
         }
-        out.put_slice(&params[at..]);
-        out.freeze()
+        out.extend_from_slice(&params[at..]);
+        // The call runs on the copy: it keeps the client's body (and its room) alive.
+        crate::body_room::derived(out, params)
     }
 }
 

@@ -399,6 +399,19 @@ pub(super) async fn forward(
         Some(t) => Some(t.to_owned()),
         None => audit_target(method, params.as_deref()),
     };
+    // Routed by and written into every progress notification while the call runs.
+    let progress_token = params.as_deref().and_then(request_progress_token);
+    if progress_token
+        .as_ref()
+        .is_some_and(|t| t.len() > jsonrpc::MAX_KEPT_NAME)
+    {
+        return super::invalid_params(&id, "params._meta.progressToken is longer than 1024 bytes");
+    }
+    // The params as the request gave them (or a rewrite that keeps the request's body alive):
+    // kept until the call ends, so that the body holds its room in `mcp.max_bodies_bytes`
+    // while copies made of it on the way upstream (a trace context, a shared connection's
+    // token) live.
+    let given = params.clone();
     let label = method_label(method);
     let started = Instant::now();
     let server = session.topology().servers[index].clone();
@@ -448,7 +461,6 @@ pub(super) async fn forward(
         None => (params, None),
     };
     let response_trace = sv.trace.map(crate::trace::Span::parent);
-    let progress_token = params.as_deref().and_then(request_progress_token);
     if let Some(token) = &progress_token {
         tell_if_waking(&server, token, &ev_tx);
     }
@@ -479,6 +491,7 @@ pub(super) async fn forward(
     let session2 = session.clone();
     let method = method.to_owned();
     let call = crate::boxed::in_place(|| async move {
+        let _given = given;
         let mut opts = opts;
         let checked = loop {
             if let Some(p) = &mut pinned {
