@@ -599,7 +599,10 @@ impl State {
         let opts = CallOpts {
             events: Some(events),
             cancel: Some(cancel),
-            progress_token: params.as_deref().and_then(request_progress_token),
+            // Checked by the replica the client reached.
+            progress_token: params
+                .as_deref()
+                .and_then(|p| request_progress_token(p).ok().flatten()),
             on_connection: Some(session.generation),
             ..CallOpts::default()
         };

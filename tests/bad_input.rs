@@ -541,7 +541,7 @@ async fn a_subscription_to_an_overlong_uri_is_refused() {
 /// A request's id and its progress token are kept while it runs (the in-flight map, a listen
 /// stream, every progress notification): one over 1024 bytes is refused, the id with 400 and
 /// -32600 (and `"id": null`, since it cannot be echoed), the token with -32602, through one
-/// server or several.
+/// server or several; so is a token named twice (a server may read the other one).
 #[tokio::test]
 async fn an_overlong_request_id_or_progress_token_is_refused() {
     let long = "i".repeat(1025);
@@ -579,6 +579,13 @@ async fn an_overlong_request_id_or_progress_token_is_refused() {
             "{}",
             r.body
         );
+        // Named twice, the long one last (where a server reading the last key finds it).
+        let twice = format!(
+            r#"{{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{{"name":"{tool}","arguments":{{"text":"hi"}},"_meta":{{"progressToken":1,"progressToken":"{long}"}}}}}}"#
+        );
+        let r = c.post(twice).await;
+        assert_eq!(r.error_code(), -32602, "{}", r.body);
+        assert!(r.body.contains("more than once"), "{}", r.body);
     }
     still_healthy(&healthy).await;
     one.stop().await;

@@ -619,8 +619,7 @@ async fn read_within(
     let http1 = req.version() <= http::Version::HTTP_11;
     let mut body = req.into_body();
     // What `Content-Length` declared (hyper holds the body to it).
-    let declared = hyper::body::Body::size_hint(&body).lower();
-    if declared > limit as u64 {
+    if hyper::body::Body::size_hint(&body).lower() > limit as u64 {
         return Err(FrontError::TooLarge(limit));
     }
     // Room for what is read is taken from the room all bodies share as bytes arrive (not as
@@ -656,9 +655,6 @@ async fn read_within(
                 None if joined.is_empty() => first = Some(data),
                 earlier => {
                     if let Some(earlier) = earlier {
-                        // The declared length (within the limit), when there is one: the
-                        // frames then join without growing.
-                        joined.reserve_exact((declared as usize).max(earlier.len() + data.len()));
                         joined.extend_from_slice(&earlier);
                     }
                     joined.extend_from_slice(&data);
@@ -726,19 +722,14 @@ fn drain(mut body: hyper::body::Incoming, limit: usize, within: std::time::Durat
 
 /// A client's body with the room it holds in `mcp.max_bodies_bytes`, given back when the last
 /// `Bytes` sliced from it is dropped.
-/// Bodies shorter than this that came in one frame are copied out of it: the frame is a slice
-/// of the connection's read buffer (8 KiB to a few hundred), which a kept slice would hold
-/// whole while only the body's own bytes are counted.
-const COPIED_BELOW: usize = 64 * 1024;
-
-/// A body as it is kept: its one frame (copied when small), or the frames joined, holding
-/// no more than their bytes.
+/// A body as it is kept: its bytes in an allocation of their own, holding no more than
+/// they are. A frame is a slice of the connection's read buffer (8 KiB, and up to about
+/// 400 KiB once a large body has grown it), which a kept slice would hold whole while only
+/// the body's bytes are counted; joined frames grew by doubling.
 fn kept_body(first: Option<Bytes>, mut joined: Vec<u8>) -> Bytes {
     match first {
-        Some(only) if only.len() < COPIED_BELOW => Bytes::copy_from_slice(&only),
-        Some(only) => only,
+        Some(only) => Bytes::copy_from_slice(&only),
         None => {
-            // Grown by doubling: up to twice its bytes.
             joined.shrink_to_fit();
             Bytes::from(joined)
         }
@@ -1123,10 +1114,13 @@ mod tests {
             !range.contains(&(kept.as_ptr() as usize)),
             "a copy of its own"
         );
-        // A large one stays as it came: the buffer is mostly it.
-        let large = Bytes::from(vec![b'y'; COPIED_BELOW]);
-        let at = large.as_ptr();
-        assert_eq!(kept_body(Some(large), Vec::new()).as_ptr(), at);
+        // A large one too: the buffer may be several times its size.
+        let mut buffer = bytes::BytesMut::from(&vec![b'y'; 417 * 1024][..]);
+        let large = buffer.split_to(65 * 1024).freeze();
+        let range = large.as_ptr() as usize..large.as_ptr() as usize + 417 * 1024;
+        let kept = kept_body(Some(large), Vec::new());
+        assert_eq!(kept.len(), 65 * 1024);
+        assert!(!range.contains(&(kept.as_ptr() as usize)));
         // Joined frames hold no spare capacity.
         let mut joined = Vec::with_capacity(4096);
         joined.extend_from_slice(b"{}");

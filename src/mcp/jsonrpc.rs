@@ -210,17 +210,31 @@ fn string_value(raw: &str) -> Result<Option<Cow<'_, str>>, ParseError> {
 
 /// Parses one JSON-RPC 2.0 message; batches and non-objects are rejected.
 pub fn parse(frame: Bytes) -> Result<Message, ParseError> {
-    parse_frame(frame, true)
+    parse_frame(frame, Origin::Peer)
 }
 
 /// Parses a client's request body ([`parse`] otherwise): its members stay slices of it however
 /// much of it is padding, since the body holds its share of `mcp.max_bodies_bytes` for as long
 /// as any of it is kept, and copies would be memory nobody counts.
+///
+/// A request's id and method are at most [`MAX_KEPT_NAME`] bytes here (kept apart from the
+/// counted body while the request runs). An upstream's are not bounded so: a server request
+/// refused unread would leave the call that waits on it hanging.
 pub fn parse_client_body(body: Bytes) -> Result<Message, ParseError> {
-    parse_frame(body, false)
+    parse_frame(body, Origin::ClientBody)
 }
 
-fn parse_frame(frame: Bytes, copy_from_padding: bool) -> Result<Message, ParseError> {
+/// Whose frame is parsed.
+#[derive(Clone, Copy, PartialEq)]
+enum Origin {
+    /// A client's request body: counted in `mcp.max_bodies_bytes` while any of it is kept.
+    ClientBody,
+    /// An upstream's message, a replica's, the gateway's own.
+    Peer,
+}
+
+fn parse_frame(frame: Bytes, from: Origin) -> Result<Message, ParseError> {
+    let copy_from_padding = from == Origin::Peer;
     let first = frame.iter().find(|b| !b.is_ascii_whitespace());
     match first {
         None => return Err(ParseError::Invalid("empty body")),
@@ -299,7 +313,9 @@ fn parse_frame(frame: Bytes, copy_from_padding: bool) -> Result<Message, ParseEr
         }
     };
     // A response's id is only looked up; a request's is kept while it runs.
-    if let Some(method) = &method {
+    if from == Origin::ClientBody
+        && let Some(method) = &method
+    {
         if id_raw.is_some_and(|id| id.len() > MAX_KEPT_NAME) {
             return Err(ParseError::Invalid(
                 "a request's \"id\" longer than 1024 bytes is not accepted",
@@ -539,8 +555,9 @@ mod tests {
     }
 
     #[test]
-    fn a_requests_id_and_method_are_bounded_and_a_responses_id_is_not() {
+    fn a_clients_request_id_and_method_are_bounded_and_a_responses_id_is_not() {
         let id = |n: usize| format!("\"{}\"", "i".repeat(n - 2));
+        let p = |s: &str| parse_client_body(Bytes::copy_from_slice(s.as_bytes()));
         let request = |id: &str, method: &str| {
             p(&format!(
                 r#"{{"jsonrpc":"2.0","id":{id},"method":"{method}"}}"#
@@ -565,6 +582,12 @@ mod tests {
             id(4 * MAX_KEPT_NAME)
         );
         assert!(p(&response).is_ok());
+        // A server's question with a long id is read, to be answered.
+        let asked = format!(
+            r#"{{"jsonrpc":"2.0","id":{},"method":"sampling/createMessage"}}"#,
+            id(4 * MAX_KEPT_NAME)
+        );
+        assert!(parse(Bytes::from(asked)).is_ok());
     }
 
     #[test]

@@ -991,6 +991,9 @@ impl Link {
         let opts_checked = opts.on_connection.is_some();
         let rounds = async {
             let mut params = prepared.params.clone();
+            // The client's answers the retry's params were copied from: slices of its
+            // response bodies, kept so that those hold their room while the copy lives.
+            let mut _answered: Vec<(String, Bytes)> = Vec::new();
             let mut marks_reread = false;
             let mut round = 0;
             loop {
@@ -1062,6 +1065,7 @@ impl Link {
                     Err(refusal) => return Ok(refusal),
                 };
                 params = prepared.retry(&answers, asked.state.as_deref());
+                _answered = answers;
             }
         };
         // One deadline for the whole call, questions and all, as for a server of an earlier

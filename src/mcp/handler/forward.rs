@@ -400,13 +400,11 @@ pub(super) async fn forward(
         None => audit_target(method, params.as_deref()),
     };
     // Routed by and written into every progress notification while the call runs.
-    let progress_token = params.as_deref().and_then(request_progress_token);
-    if progress_token
-        .as_ref()
-        .is_some_and(|t| t.len() > jsonrpc::MAX_KEPT_NAME)
-    {
-        return super::invalid_params(&id, "params._meta.progressToken is longer than 1024 bytes");
-    }
+    let progress_token = match params.as_deref().map(request_progress_token) {
+        Some(Err(why)) => return super::invalid_params(&id, &why),
+        Some(Ok(token)) => token,
+        None => None,
+    };
     // The params as the request gave them (or a rewrite that keeps the request's body alive):
     // kept until the call ends, so that the body holds its room in `mcp.max_bodies_bytes`
     // while copies made of it on the way upstream (a trace context, a shared connection's
