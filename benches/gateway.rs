@@ -829,6 +829,12 @@ async fn main() {
             ),
             ("gateway→2 upstreams", None, two.clone(), Workload::Call64k),
             (
+                "gateway→20 upstreams",
+                None,
+                (0..20).map(|i| http_upstream(&format!("u{i}"))).collect(),
+                Workload::List,
+            ),
+            (
                 "+ 2 plugins",
                 plugins.as_deref(),
                 http_upstream("ex"),
@@ -859,7 +865,7 @@ async fn main() {
             }
             let top = top.unwrap_or_default();
             // Two upstreams: tools are prefixed, and a call's name is rewritten on its way.
-            let tool = if name == "gateway→2 upstreams" {
+            let tool = if name.starts_with("gateway→2") {
                 "u0__echo"
             } else {
                 "echo"
