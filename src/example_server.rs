@@ -495,6 +495,15 @@ async fn call_tool(
             if let Some(e) = answer.get("error") {
                 return Err((-32603, format!("sampling failed: {e}")));
             }
+            // Still working a while after the answer (tests: what the answer holds meanwhile).
+            let after = args
+                .get("after")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0)
+                .clamp(0.0, 60.0);
+            if after > 0.0 {
+                tokio::time::sleep(std::time::Duration::from_secs_f64(after)).await;
+            }
             let said = answer
                 .pointer("/result/content/text")
                 .and_then(Value::as_str)

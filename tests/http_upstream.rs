@@ -850,3 +850,51 @@ async fn a_2026_upstreams_listen_stream_follows_what_the_session_watches() {
     outer.stop().await;
     inner.stop().await;
 }
+
+/// A 2026-07-28 upstream's question answered by a session client: the gateway retries the call
+/// upstream with the answer copied into its params, and the answer's body keeps its room in
+/// `mcp.max_bodies_bytes` while that retry runs (the copy would otherwise be memory nobody
+/// counts), and gives it back when the call ends.
+#[tokio::test]
+async fn a_retried_calls_answer_holds_its_room_while_the_retry_runs() {
+    let (_inner, outer) = chain_with("auto").await;
+    let room = || outer.gateway().bodies.available();
+    let mut c = outer.client();
+    c.initialize(json!({"sampling":{}})).await;
+    let whole = room();
+    // The call's own body is held while it runs, and the answer's while the retry does.
+    let body = json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{
+        "name":"inner__sample","arguments":{"prompt":"hi","after":1.5}}})
+    .to_string();
+    let c2 = c.clone();
+    let held_by_call = body.len();
+    let call = tokio::spawn(async move { c2.post(body).await });
+    let text = "p".repeat(32 * 1024);
+    let answer = json!({"jsonrpc":"2.0","id":1,"result":{"role":"assistant","model":"m",
+        "content":{"type":"text","text":text}}})
+    .to_string();
+    let held = held_by_call + answer.len();
+    let mut taken = false;
+    for _ in 0..200 {
+        assert_eq!(c.post(answer.clone()).await.status, 202);
+        if room() == whole - held {
+            taken = true;
+            break;
+        }
+        if call.is_finished() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let msgs = call.await.unwrap().messages();
+    assert!(
+        taken,
+        "the answer holds its room while the retry runs: {msgs:?}"
+    );
+    assert_eq!(
+        msgs.last().unwrap()["result"]["content"][0]["text"],
+        format!("model said: {text}"),
+        "{msgs:?}"
+    );
+    eventually("the answer's room given back", || async { room() == whole }).await;
+}
