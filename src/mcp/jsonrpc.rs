@@ -327,12 +327,14 @@ fn parse_frame(frame: Bytes, from: Origin) -> Result<Message, ParseError> {
             ));
         }
     }
-    // An id is copied whatever the frame: it is small, and it is what outlives a request (a
-    // listen stream's subscription id, the in-flight map, a parked call), where a slice would
-    // keep the whole frame (and a client body's share of `mcp.max_bodies_bytes`) alive.
+    // A request's id is copied whatever the frame: it is small, and it is what outlives a
+    // request (a listen stream's subscription id, the in-flight map, a parked call), where a
+    // slice would keep the whole frame (and a client body's share of `mcp.max_bodies_bytes`)
+    // alive. A response's id is only looked up, and lives no longer than its outcome's slice.
     let id = id_raw.map(|raw| match raw {
         "null" => Bytes::from_static(b"null"),
-        raw => Bytes::copy_from_slice(raw.as_bytes()),
+        raw if method.is_some() => Bytes::copy_from_slice(raw.as_bytes()),
+        raw => slice(raw),
     });
     // Only an error response may carry `"id": null` (its request's id could not be read).
     let null_error = error.is_some() && id.as_deref() == Some(b"null");
@@ -627,6 +629,13 @@ mod tests {
             panic!("a response");
         };
         assert!(within(result, &large));
+        let Kind::Response { id, .. } = &m.kind else {
+            unreachable!()
+        };
+        assert!(
+            within(id, &large),
+            "a response's id is a slice, like its outcome"
+        );
         // A client's body keeps its params as slices of it whatever the padding (it is counted
         // while any of it lives); its id is a copy, so that nothing kept for long holds it.
         let body = Bytes::from(format!(
