@@ -470,14 +470,7 @@ async fn call_tool(
                 .unwrap_or("")
                 .to_owned();
             // A question asked a while into the call (tests: calls that overlap).
-            let delay = args
-                .get("delay")
-                .and_then(Value::as_f64)
-                .unwrap_or(0.0)
-                .clamp(0.0, 60.0);
-            if delay > 0.0 {
-                tokio::time::sleep(std::time::Duration::from_secs_f64(delay)).await;
-            }
+            pause(&args, "delay").await;
             let (tx, rx) = oneshot::channel();
             let id = {
                 let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -496,14 +489,7 @@ async fn call_tool(
                 return Err((-32603, format!("sampling failed: {e}")));
             }
             // Still working a while after the answer (tests: what the answer holds meanwhile).
-            let after = args
-                .get("after")
-                .and_then(Value::as_f64)
-                .unwrap_or(0.0)
-                .clamp(0.0, 60.0);
-            if after > 0.0 {
-                tokio::time::sleep(std::time::Duration::from_secs_f64(after)).await;
-            }
+            pause(&args, "after").await;
             let said = answer
                 .pointer("/result/content/text")
                 .and_then(Value::as_str)
@@ -557,6 +543,18 @@ async fn call_tool(
         other => Ok(
             json!({"content":[{"type":"text","text":format!("unknown tool: {other}")}],"isError":true}),
         ),
+    }
+}
+
+/// Waits the seconds argument `key` asks for (up to a minute), if any.
+async fn pause(args: &Value, key: &str) {
+    let seconds = args
+        .get(key)
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0)
+        .clamp(0.0, 60.0);
+    if seconds > 0.0 {
+        tokio::time::sleep(std::time::Duration::from_secs_f64(seconds)).await;
     }
 }
 
