@@ -898,3 +898,107 @@ async fn a_retried_calls_answer_holds_its_room_while_the_retry_runs() {
     );
     eventually("the answer's room given back", || async { room() == whole }).await;
 }
+
+/// An upstream's session id goes back to it on every request, so it is held to what the
+/// specification allows when a session opens: one that is not visible ASCII, or longer than
+/// 1024 bytes, leaves its server unavailable with a message that says so, and the other servers
+/// serve on. Once a session is open, its answers are not read for a new id (nor refused for
+/// one the gateway would never send).
+#[tokio::test]
+async fn an_upstream_session_id_is_checked_when_the_session_opens_and_kept_after() {
+    use std::sync::{Arc, Mutex};
+    type Seen = Arc<Mutex<Vec<Option<String>>>>;
+    let server = |ids: fn(usize) -> http::HeaderValue, seen: Seen| {
+        support::serve_naming_sessions(ids, move |headers, body| {
+            let msg: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            msg.get("id")?;
+            let method = msg["method"].as_str().unwrap().to_owned();
+            if method != "initialize" {
+                let id = headers.get("mcp-session-id");
+                seen.lock()
+                    .unwrap()
+                    .push(id.map(|v| v.to_str().unwrap().to_owned()));
+            }
+            let result = match &*method {
+                "initialize" => json!({"protocolVersion":"2025-11-25",
+                    "capabilities":{"tools":{}},"serverInfo":{"name":"ids","version":"1"}}),
+                "tools/list" => json!({"tools":[{"name":"t","inputSchema":{"type":"object"}}]}),
+                _ => json!({"content":[{"type":"text","text":"answered"}]}),
+            };
+            Some((200, json!({"jsonrpc":"2.0","id":msg["id"],"result":result})))
+        })
+    };
+    let spaced: Seen = Seen::default();
+    let long: Seen = Seen::default();
+    let changing: Seen = Seen::default();
+    let upstreams = [
+        (
+            "spaced",
+            server(|_| http::HeaderValue::from_static("a b"), spaced.clone()).await,
+        ),
+        (
+            "nonascii",
+            server(
+                |_| http::HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+                spaced.clone(),
+            )
+            .await,
+        ),
+        (
+            "long",
+            server(
+                |_| http::HeaderValue::from_str(&"x".repeat(1025)).unwrap(),
+                long.clone(),
+            )
+            .await,
+        ),
+        (
+            "changing",
+            server(
+                |n| match n {
+                    0 => http::HeaderValue::from_static("s-0"),
+                    n => http::HeaderValue::from_str(&format!("not {n} id")).unwrap(),
+                },
+                changing.clone(),
+            )
+            .await,
+        ),
+    ]
+    .map(|(name, url)| {
+        format!("  - name: {name}\n    protocol: sessions\n    http: {{ url: {url:?} }}\n")
+    });
+    let gw = TestGateway::start("", &upstreams).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let list = c.call(1, "tools/list", json!({})).await;
+    assert_eq!(support::tool_names(&list), ["changing__t"], "{list}");
+    for (id, name, bytes) in [(2, "spaced", 3), (3, "nonascii", 5), (4, "long", 1025)] {
+        let answer = c
+            .call(
+                id,
+                "tools/call",
+                json!({"name":format!("{name}__t"),"arguments":{}}),
+            )
+            .await;
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("invalid Mcp-Session-Id ({bytes} bytes")),
+            "{name}: {answer}"
+        );
+    }
+    // No request went out in a session the gateway refused.
+    assert!(spaced.lock().unwrap().is_empty());
+    assert!(long.lock().unwrap().is_empty());
+    for id in 5..8 {
+        let text = c.tool_text(id, "changing__t", json!({})).await;
+        assert_eq!(text, "answered");
+    }
+    // Every request after `initialize` (answer 0, "s-0") went in that session, though each
+    // later answer named another, and no valid one.
+    let sent = changing.lock().unwrap().clone();
+    assert!(sent.len() >= 4, "{sent:?}");
+    assert!(
+        sent.iter().all(|id| id.as_deref() == Some("s-0")),
+        "{sent:?}"
+    );
+}

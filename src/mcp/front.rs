@@ -494,12 +494,63 @@ fn media_type(element: &[u8]) -> &[u8] {
     element[..end].trim_ascii()
 }
 
+/// The headers a POST's checks read, found in one pass over its headers: a look-up hashes
+/// the name it looks for, and a request carries few headers, not all of these.
+#[derive(Default)]
+struct PostHeaders<'a> {
+    /// The first of each, as `HeaderMap::get` answers.
+    content_type: Option<&'a HeaderValue>,
+    version: Option<&'a HeaderValue>,
+    session: Option<&'a HeaderValue>,
+    accept: Accept<'a>,
+}
+
+/// The `Accept` headers a request carries.
+#[derive(Default)]
+enum Accept<'a> {
+    #[default]
+    None,
+    One(&'a HeaderValue),
+    /// More than one: read again, all of them, by [`accepts`].
+    Several,
+}
+
+impl<'a> PostHeaders<'a> {
+    fn of(headers: &'a HeaderMap) -> Self {
+        let mut seen = PostHeaders::default();
+        for (name, value) in headers {
+            let first = if name == CONTENT_TYPE {
+                &mut seen.content_type
+            } else if name == SESSION_HEADER {
+                &mut seen.session
+            } else if name == VERSION_HEADER {
+                &mut seen.version
+            } else if name == ACCEPT {
+                seen.accept = match seen.accept {
+                    Accept::None => Accept::One(value),
+                    _ => Accept::Several,
+                };
+                continue;
+            } else {
+                continue;
+            };
+            first.get_or_insert(value);
+        }
+        seen
+    }
+}
+
 /// Whether an `Accept` header lists each of `media` (itself, `*/*`, or its type with `/*`):
 /// one pass over the header, whatever the number of media asked about.
 pub(crate) fn accepts(headers: &HeaderMap, media: &[&str]) -> bool {
+    accepts_in(headers.get_all(ACCEPT), media)
+}
+
+/// [`accepts`], over a request's `Accept` values.
+fn accepts_in<'a>(values: impl IntoIterator<Item = &'a HeaderValue>, media: &[&str]) -> bool {
     debug_assert!(media.len() < 32, "one bit per media type");
     let mut missing: u32 = (1 << media.len()) - 1;
-    for value in headers.get_all(ACCEPT) {
+    for value in values {
         // The list as the MCP SDKs send it: compared whole, not taken apart.
         if lists_exactly(value.as_bytes(), media) {
             return true;
@@ -544,7 +595,12 @@ fn lists_exactly(value: &[u8], media: &[&str]) -> bool {
 }
 
 fn check_version(headers: &HeaderMap) -> Result<(), FrontError> {
-    if let Some(v) = headers.get(VERSION_HEADER) {
+    check_version_value(headers.get(VERSION_HEADER))
+}
+
+/// Refuses an `MCP-Protocol-Version` this gateway does not speak (none: the default).
+fn check_version_value(version: Option<&HeaderValue>) -> Result<(), FrontError> {
+    if let Some(v) = version {
         let v = v.to_str().unwrap_or("");
         if !revision::SUPPORTED.contains(&v) {
             return Err(FrontError::Version(v.to_owned()));
@@ -767,16 +823,23 @@ async fn post(
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, FrontError> {
     let headers = req.headers();
-    if !is_json(headers.get(CONTENT_TYPE)) {
+    let seen = PostHeaders::of(headers);
+    if !is_json(seen.content_type) {
         return Err(FrontError::ContentType);
     }
-    if !accepts(headers, &["application/json", "text/event-stream"]) {
+    let both = ["application/json", "text/event-stream"];
+    let acceptable = match seen.accept {
+        Accept::None => false,
+        Accept::One(value) => accepts_in([value], &both),
+        Accept::Several => accepts(headers, &both),
+    };
+    if !acceptable {
         return Err(FrontError::Accept(
             "both application/json and text/event-stream",
         ));
     }
-    let version_check = check_version(headers);
-    let session_header = headers.get(SESSION_HEADER).cloned();
+    let version_check = check_version_value(seen.version);
+    let session_header = seen.session.cloned();
     // Without a session, the request may be a stateless one (2026-07-28) that mirrors its body
     // in headers: keep them before the body is read.
     let mirrored = session_header
@@ -1128,6 +1191,30 @@ mod tests {
         assert_eq!(&kept[..], b"{}");
         let vec: Vec<u8> = kept.into();
         assert_eq!(vec.capacity(), 2);
+    }
+
+    #[test]
+    fn a_posts_headers_read_in_one_pass_are_what_look_ups_would_find() {
+        let v = HeaderValue::from_static;
+        let mut h = HeaderMap::new();
+        h.insert("x-other", v("1"));
+        let seen = PostHeaders::of(&h);
+        assert!(seen.content_type.is_none() && seen.session.is_none() && seen.version.is_none());
+        assert!(matches!(seen.accept, Accept::None));
+        // Repeated headers: the first, as `get` answers; several `Accept`s are read again.
+        h.append(CONTENT_TYPE, v("application/json"));
+        h.append(CONTENT_TYPE, v("text/plain"));
+        h.append(SESSION_HEADER, v("s1"));
+        h.append(SESSION_HEADER, v("s2"));
+        h.append("MCP-Protocol-Version", v("2025-11-25"));
+        h.append(ACCEPT, v("application/json"));
+        let seen = PostHeaders::of(&h);
+        assert_eq!(seen.content_type, h.get(CONTENT_TYPE));
+        assert_eq!(seen.session, Some(&v("s1")));
+        assert_eq!(seen.version, Some(&v("2025-11-25")));
+        assert!(matches!(seen.accept, Accept::One(a) if a == "application/json"));
+        h.append(ACCEPT, v("text/event-stream"));
+        assert!(matches!(PostHeaders::of(&h).accept, Accept::Several));
     }
 
     #[test]

@@ -484,7 +484,10 @@ impl Connection {
                 detail: format!("HTTP {status}"),
             });
         }
-        if let Some(s) = resp.headers().get(MCP_SESSION_ID)
+        // The session's id comes with the answer that opens it; a request sent in a session
+        // has no use for the header (nor for a new id, from an answer to the old session).
+        if !had_session
+            && let Some(s) = resp.headers().get(MCP_SESSION_ID)
             && !self.is_stateless()
         {
             // Sent back on every request: only what the specification allows (visible ASCII),

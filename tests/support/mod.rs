@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Request};
+use http::{HeaderMap, HeaderValue, Request};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client as HyperClient;
@@ -373,9 +373,18 @@ pub async fn serve<F>(handle: F) -> String
 where
     F: Fn(http::HeaderMap, Bytes) -> Option<(u16, Value)> + Send + Sync + 'static,
 {
+    serve_naming_sessions(|_| HeaderValue::from_static("traced-session"), handle).await
+}
+
+/// [`serve`], whose `n`th answer (from 0) carries the `mcp-session-id` `session(n)`.
+pub async fn serve_naming_sessions<S, F>(session: S, handle: F) -> String
+where
+    S: Fn(usize) -> HeaderValue + Send + Sync + 'static,
+    F: Fn(http::HeaderMap, Bytes) -> Option<(u16, Value)> + Send + Sync + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let handle = Arc::new(handle);
+    let handle = Arc::new((handle, session, std::sync::atomic::AtomicUsize::new(0)));
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
@@ -384,6 +393,7 @@ where
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let handle = handle.clone();
                     async move {
+                        let (handle, session, answered) = &*handle;
                         let mut resp = http::Response::new(Full::new(Bytes::new()));
                         if req.method() != http::Method::POST {
                             *resp.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
@@ -397,7 +407,8 @@ where
                                 *resp.body_mut() = Full::new(Bytes::from(answer.to_string()));
                                 let h = resp.headers_mut();
                                 h.insert("content-type", "application/json".parse().unwrap());
-                                h.insert("mcp-session-id", "traced-session".parse().unwrap());
+                                let n = answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                h.insert("mcp-session-id", session(n));
                             }
                             None => *resp.status_mut() = http::StatusCode::ACCEPTED,
                         }
