@@ -494,8 +494,9 @@ fn descriptor_budget() -> Option<usize> {
 }
 
 async fn route(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
-    // Two Host headers, or a target naming another host than Host, are refused on every path
-    // (the MCP endpoint's own checks begin with this one: not looked at twice there).
+    // Two Host headers, or a target naming another host than Host, are refused on every path.
+    // `/mcp` is refused by `front::serve`, whose checks begin with this one (not made twice),
+    // after the loop check below.
     let checked_by_front = req.uri().path() == MCP_PATH;
     let refused = (!checked_by_front)
         .then(|| front::request_authority(&req).err())

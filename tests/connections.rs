@@ -520,14 +520,22 @@ async fn two_host_headers_are_refused_with_400() {
     .await;
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     assert!(r.contains("2 Host headers"), "{r}");
-    // Every path, not only the MCP endpoint.
-    let r = raw_exchange(
-        gw.addr,
-        "GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nhost: 127.0.0.1\r\n",
-        "",
-    )
-    .await;
-    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    // Every method of the MCP endpoint, and every other path.
+    for head in [
+        "GET /mcp HTTP/1.1\r\naccept: text/event-stream\r\n",
+        "DELETE /mcp HTTP/1.1\r\n",
+        "GET /healthz HTTP/1.1\r\n",
+        "GET /mcp/any/v0.1/servers HTTP/1.1\r\n",
+    ] {
+        let r = raw_exchange(
+            gw.addr,
+            &format!("{head}host: 127.0.0.1\r\nhost: 127.0.0.1\r\n"),
+            "",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 400"), "{head}: {r}");
+        assert!(r.contains("2 Host headers"), "{head}: {r}");
+    }
     assert_eq!(gw.gateway().sessions.len(), 1);
     still_healthy(&healthy).await;
     gw.stop().await;

@@ -216,6 +216,12 @@ impl Credentials {
                 format!("{header:?} is not a header name"),
             )
         })?;
+        if super::is_exchange_header(&header) {
+            return Err((
+                format!("{field}.header"),
+                format!("{header} is the gateway's to send; credentials go in another header"),
+            ));
+        }
         let mut per_principal = HashMap::new();
         for (i, s) in raw.per_principal.into_iter().enumerate() {
             let at = format!("{field}.per_principal[{i}]");
@@ -377,6 +383,11 @@ mod tests {
             creds("{header: 'a b', template: x}").unwrap_err().0,
             "c.header"
         );
+        for own in ["Mcp-Session-Id", "content-length", "Transfer-Encoding"] {
+            let (field, why) = creds(&format!("{{header: {own}, template: x}}")).unwrap_err();
+            assert_eq!(field, "c.header");
+            assert!(why.contains("the gateway's to send"), "{why}");
+        }
         assert_eq!(
             creds("{per_principal: [{principal: a}]}").unwrap_err().0,
             "c.per_principal[0]"

@@ -1673,6 +1673,12 @@ fn http_endpoint(field: &str, h: RawHttp) -> Result<(http::Uri, http::HeaderMap)
                 format!("{k:?} is not a header name"),
             )
         })?;
+        if is_exchange_header(&name) {
+            return Err(field_err(
+                format!("{field}.headers.{k}"),
+                "is the gateway's to send (it frames the exchange or carries the MCP session)",
+            ));
+        }
         let value = http::HeaderValue::try_from(v.as_str()).map_err(|_| {
             field_err(
                 format!("{field}.headers.{k}"),
@@ -1682,6 +1688,28 @@ fn http_endpoint(field: &str, h: RawHttp) -> Result<(http::Uri, http::HeaderMap)
         headers.insert(name, value);
     }
     Ok((url, headers))
+}
+
+/// Headers the gateway sets on every upstream request itself: those that frame the HTTP
+/// exchange, the MCP session's, and the loop mark. Written in configuration they would contend
+/// with its own (a configured `Mcp-Session-Id` would make every request look already in a
+/// session, and the server's id would never be taken).
+pub(crate) fn is_exchange_header(name: &http::HeaderName) -> bool {
+    const NAMES: &[&str] = &[
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",
+        "trailer",
+        "keep-alive",
+        "proxy-connection",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "last-event-id",
+        "gatehouse-via",
+    ];
+    NAMES.contains(&name.as_str())
 }
 
 /// The longest deadline or interval a setting may name: far past any use, and far short of
@@ -1903,6 +1931,16 @@ upstreams:
             err("upstreams: [{name: a, sse: {url: 'http://h/sse', headers: {'a b': x}}}]")
                 .contains("upstreams[0].sse.headers")
         );
+        for own in ["Mcp-Session-Id", "transfer-encoding", "gatehouse-via"] {
+            let e = err(&format!(
+                "upstreams: [{{name: a, http: {{url: 'http://h/mcp', headers: {{{own}: x}}}}}}]"
+            ));
+            assert!(
+                e.contains(&format!("upstreams[0].http.headers.{own}"))
+                    && e.contains("the gateway's to send"),
+                "{e}"
+            );
+        }
         assert!(
             err("upstreams: [{name: a, sse: {url: '/sse'}, http: {url: 'http://h/mcp'}}]")
                 .contains("upstreams[0]: set exactly one of stdio, http or sse")

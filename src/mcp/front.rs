@@ -341,6 +341,7 @@ async fn route(
     req: Request<hyper::body::Incoming>,
     profile: Option<&Arc<ProfileConfig>>,
 ) -> Result<Response<Body>, FrontError> {
+    // First: the listener leaves this check of `/mcp` to us.
     let authority = request_authority(&req)?;
     check_host_and_origin(&gw.config, authority, req.headers())?;
     let name = profile.map(|p| p.name.as_str());
