@@ -173,23 +173,7 @@ const CLIENT_TOKEN: &str = "client-token-0123456789";
 /// answer to the forged request would complete the other caller's call.
 #[tokio::test]
 async fn a_session_cannot_answer_another_sessions_call_on_a_shared_server() {
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nauth: {{tokens: [{{principal: app, token: {CLIENT_TOKEN}}}]}}\norchestrator: {{connect_timeout: 20s, call_timeout: 20s}}\nservers:\n  - name: shared\n    command: {BIN:?}\n    args: [example-server, --name, shared, --test-tools]\n"
-    );
-    let config = gatehouse::Config::from_yaml(&yaml).unwrap();
-    let runtime: Arc<dyn Runtime> = Arc::new(LocalRuntime::new(LocalSettings::default()));
-    let running = gatehouse::start_with(config, Some(runtime)).await.unwrap();
-    let addr = running.listening.local_addr;
-    let gw = TestGateway {
-        running: Some(running),
-        addr,
-    };
-    let mut victim = gw.client();
-    victim.token = Some(CLIENT_TOKEN.into());
-    victim.initialize(json!({})).await;
-    let mut attacker = gw.client();
-    attacker.token = Some(CLIENT_TOKEN.into());
-    attacker.initialize(json!({})).await;
+    let (gw, [victim, attacker]) = shared_server().await;
 
     let v = victim.clone();
     let slow = tokio::spawn(async move { v.tool_text(1, "slow", json!({"seconds":1})).await });
@@ -208,6 +192,71 @@ async fn a_session_cannot_answer_another_sessions_call_on_a_shared_server() {
     let resp = post_raw(&attacker, body).await;
     assert_eq!(resp["result"]["content"][0]["text"], "mine", "{resp}");
     assert_eq!(slow.await.unwrap(), "done after 1s");
+    gw.stop().await;
+}
+
+/// A gateway whose one orchestrated stdio server (`shared`, with the test tools) is shared by
+/// every session, and two sessions of it.
+async fn shared_server() -> (TestGateway, [Client; 2]) {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nauth: {{tokens: [{{principal: app, token: {CLIENT_TOKEN}}}]}}\norchestrator: {{connect_timeout: 20s, call_timeout: 20s}}\nservers:\n  - name: shared\n    command: {BIN:?}\n    args: [example-server, --name, shared, --test-tools]\n"
+    );
+    let config = gatehouse::Config::from_yaml(&yaml).unwrap();
+    let runtime: Arc<dyn Runtime> = Arc::new(LocalRuntime::new(LocalSettings::default()));
+    let running = gatehouse::start_with(config, Some(runtime)).await.unwrap();
+    let addr = running.listening.local_addr;
+    let gw = TestGateway {
+        running: Some(running),
+        addr,
+    };
+    let mut clients = [gw.client(), gw.client()];
+    for c in &mut clients {
+        c.token = Some(CLIENT_TOKEN.into());
+        c.initialize(json!({})).await;
+    }
+    (gw, clients)
+}
+
+/// A shared server's question asked while two sessions' calls run cannot be tied to one
+/// caller: no session sees it (it could reach the wrong user), and the server is told why.
+#[tokio::test]
+async fn a_shared_servers_question_reaches_no_session_when_it_belongs_to_none() {
+    let (gw, clients) = shared_server().await;
+    let call = |c: &Client| {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.post(
+                json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{
+                    "name":"sample","arguments":{"prompt":"whose?","delay":0.3}}})
+                .to_string(),
+            )
+            .await
+        })
+    };
+    let calls = [call(&clients[0]), call(&clients[1])];
+    for call in calls {
+        let resp = call.await.unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.body);
+        let messages = resp.messages();
+        assert!(
+            messages.iter().all(|m| m.get("method").is_none()),
+            "a question reached a session: {messages:?}"
+        );
+        let answer = resp.response();
+        let said = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            said.contains("is not related to a client call in progress"),
+            "{answer}"
+        );
+    }
+    // The server and both sessions carry on.
+    for (i, c) in clients.iter().enumerate() {
+        assert_eq!(
+            c.tool_text(4 + i as u64, "echo", json!({"text":"on"}))
+                .await,
+            "on"
+        );
+    }
     gw.stop().await;
 }
 
@@ -319,6 +368,41 @@ async fn sessions_per_principal_are_bounded() {
         .unwrap();
     assert_eq!(first.send(del).await.status, 200);
     client("alice-token-0123456789").initialize(json!({})).await;
+    gw.stop().await;
+}
+
+/// The gateway's sessions are capped (`mcp.max_sessions`) whoever opens them: past the cap an
+/// `initialize` is refused with 503, the sessions already open keep working, and ending one
+/// makes room.
+#[tokio::test]
+async fn sessions_are_bounded_for_everyone() {
+    let gw = TestGateway::start("mcp: { max_sessions: 2 }", &[example("a", &[], "")]).await;
+    let mut first = gw.client();
+    first.initialize(json!({})).await;
+    let mut second = gw.client();
+    second.initialize(json!({})).await;
+    let initialize = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+        "protocolVersion":"2025-11-25","capabilities":{},
+        "clientInfo":{"name":"t","version":"1"}}})
+    .to_string();
+    for _ in 0..3 {
+        let third = gw.client().post(initialize.clone()).await;
+        assert_eq!(third.status, 503, "{}", third.body);
+        assert!(third.body.contains("too many sessions"), "{}", third.body);
+    }
+    assert_eq!(gw.gateway().sessions.len(), 2);
+    assert_eq!(
+        second.tool_text(1, "echo", json!({"text":"ok"})).await,
+        "ok"
+    );
+    let del = first
+        .request("DELETE", Bytes::new())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(first.send(del).await.status, 200);
+    let mut third = gw.client();
+    third.initialize(json!({})).await;
+    assert_eq!(third.tool_text(2, "echo", json!({"text":"in"})).await, "in");
     gw.stop().await;
 }
 

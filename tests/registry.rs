@@ -805,6 +805,62 @@ plugins:
     running.shutdown().await;
 }
 
+/// A registry filter that fails (here a real component answering a list of the wrong length)
+/// fails closed: the registry API and the admin API's catalog show nothing (503, the fault
+/// kept for the log), and nothing can be installed past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_registry_filter_shows_nothing_and_installs_nothing() {
+    let fetch = "io.github.modelcontextprotocol/server-fetch";
+    let config = gatehouse::Config::from_yaml(&format!(
+        "listen: 127.0.0.1:0
+auth: {{tokens: [{{principal: alice, token: alice-token-0123456789}}]}}
+admin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}
+plugins:
+  modules:
+    - name: broken
+      path: {:?}
+      config: {{list_trigger: {fetch:?}}}
+  chains:
+    - {{name: registry, methods: [registry/list], plugins: [broken]}}
+",
+        support::wasm("fault_malformed")
+    ))
+    .unwrap();
+    let (running, runtime) = with_local_runtime(config).await;
+    let addr = running.listening.local_addr;
+    let one = "/v0.1/servers/io.github.modelcontextprotocol%2Fserver-fetch/versions/latest";
+    for (token, path) in [
+        ("alice-token-0123456789", "/v0.1/servers"),
+        ("alice-token-0123456789", one),
+        ("alice-token-0123456789", "/v0.1/servers?search=fetch"),
+        (ADMIN, "/admin/v1/registry/servers"),
+    ] {
+        let r = admin_request(addr, Some(token), "GET", path, None).await;
+        assert_eq!(r.status, 503, "{path}: {}", r.body);
+        assert!(!r.body.contains("server-fetch"), "{path}: {}", r.body);
+    }
+    let r = admin_request(
+        addr,
+        Some("alice-token-0123456789"),
+        "GET",
+        "/v0.1/servers",
+        None,
+    )
+    .await;
+    assert!(r.body.contains("filter failed"), "{}", r.body);
+    let install = admin_request(
+        addr,
+        Some(ADMIN),
+        "POST",
+        "/admin/v1/registry/install",
+        Some(json!({"entry": fetch})),
+    )
+    .await;
+    assert_eq!(install.status, 503, "{}", install.body);
+    assert!(runtime.list().await.is_empty(), "nothing installed");
+    running.shutdown().await;
+}
+
 /// An admin the registry's filters hide a version from can no more change it than read it:
 /// labelling it approved for itself, deprecating, deleting or replacing it answers as for an
 /// absent version (a 404, the document not in it) and changes nothing; an admin who sees it
