@@ -65,6 +65,43 @@ async fn log_lines_and_errors_are_redacted_like_results() {
     }
 }
 
+/// A server's request to the client passes the policy chains like its results: one a plugin
+/// refuses (here fails on: the same branch) never reaches the client, the server is told the
+/// gateway withheld it, and the session carries on.
+#[tokio::test]
+async fn a_servers_request_a_plugin_refuses_never_reaches_the_client() {
+    let plugins = format!(
+        "plugins:\n  modules:\n    - {{ name: trap, path: {:?}, config: {{ method: sampling/createMessage }} }}\n  chains:\n    - {{ name: questions, methods: [sampling/createMessage], plugins: [trap] }}",
+        wasm("fault_trap")
+    );
+    for multi in [false, true] {
+        let (gw, c, prefix) = gateway(&plugins, multi).await;
+        let r = c
+            .post(
+                json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{
+                    "name":format!("{prefix}sample"),"arguments":{"prompt":"secret?"}}})
+                .to_string(),
+            )
+            .await;
+        let messages = r.messages();
+        assert!(
+            messages.iter().all(|m| m.get("method").is_none()),
+            "multi={multi}: the question reached the client: {messages:?}"
+        );
+        let answer = r.response();
+        let said = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            said.contains("the gateway's policy withheld this request"),
+            "multi={multi}: {answer}"
+        );
+        let echo = c
+            .tool_text(2, &format!("{prefix}echo"), json!({"text":"still"}))
+            .await;
+        assert_eq!(echo, "still");
+        gw.stop().await;
+    }
+}
+
 fn hide(kinds: &str, names: &str) -> String {
     format!(
         "plugins:\n  modules:\n    - name: lists\n      path: {:?}\n      config: {{ rules: [ {{ kinds: {kinds}, deny: {names} }} ] }}\n  chains:\n    - {{ name: all, plugins: [lists] }}",

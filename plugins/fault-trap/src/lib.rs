@@ -1,14 +1,23 @@
 //! Fault plugin for tests: panics (a trap) on a call to the tool named by
-//! `trigger` (default `trigger`); allows every other call.
+//! `trigger` (default `trigger`), and on every message of the method `method`
+//! when one is set (a server's request to the client, say); allows the rest.
 use gatehouse_plugin::{CallContext, Decision, Payload, Plugin, export_plugin, parse_config};
 
 #[derive(serde::Deserialize, Default)]
 struct Config {
     trigger: Option<String>,
+    method: Option<String>,
 }
 
 pub struct FaultTrap {
     trigger: String,
+    method: Option<String>,
+}
+
+impl FaultTrap {
+    fn triggered(&self, ctx: &CallContext) -> bool {
+        ctx.name() == Some(self.trigger.as_str()) || self.method.as_deref() == Some(ctx.method())
+    }
 }
 
 impl Plugin for FaultTrap {
@@ -16,18 +25,19 @@ impl Plugin for FaultTrap {
         let c: Config = parse_config(config)?;
         Ok(FaultTrap {
             trigger: c.trigger.unwrap_or_else(|| "trigger".into()),
+            method: c.method,
         })
     }
 
     fn on_request(&mut self, ctx: &CallContext, _arguments: &Payload) -> Decision {
-        if ctx.name() == Some(self.trigger.as_str()) {
+        if self.triggered(ctx) {
             panic!("fault-trap: trap requested by the test");
         }
         Decision::Allow
     }
 
     fn on_response(&mut self, ctx: &CallContext, _result: &Payload) -> Decision {
-        if ctx.name() == Some(self.trigger.as_str()) {
+        if self.triggered(ctx) {
             panic!("fault-trap: trap requested by the test");
         }
         Decision::Allow
