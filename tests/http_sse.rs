@@ -233,3 +233,43 @@ async fn the_front_can_be_turned_off() {
     assert_eq!(get(&gw.client(), &base(&gw)).await.status(), 404);
     gw.stop().await;
 }
+
+/// A legacy client that posts requests faster than it reads their answers is bounded: past
+/// 256 requests whose answers wait on its stream, a POST is refused with 429 and says why, and
+/// once the stream is read the client is served again.
+#[tokio::test]
+async fn requests_waiting_on_an_unread_stream_are_bounded() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let c = gw.client();
+    let mut stream = Stream::open(&c, &base(&gw)).await;
+    assert_eq!(post(&c, &stream.endpoint, initialize(1)).await.status, 202);
+    assert_eq!(stream.message().await["id"], 1);
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert_eq!(post(&c, &stream.endpoint, initialized).await.status, 202);
+    let slow = |id: u64| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+               "params": {"name": "slow", "arguments": {"seconds": 2}}})
+    };
+    for id in 10..10 + 256 {
+        let r = post(&c, &stream.endpoint, slow(id)).await;
+        assert_eq!(r.status, 202, "request {id}: {}", r.body);
+    }
+    let refused = post(&c, &stream.endpoint, slow(9999)).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert!(
+        refused.body.contains("at most 256") && refused.body.contains("read the stream"),
+        "{}",
+        refused.body
+    );
+    // Reading the stream frees the slots: every answer comes, and the client is served again.
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < 256 {
+        let m = stream.message().await;
+        assert_eq!(m["result"]["content"][0]["text"], "done after 2s", "{m}");
+        answered.insert(m["id"].as_u64().unwrap());
+    }
+    let ping = json!({"jsonrpc": "2.0", "id": 2, "method": "ping"});
+    assert_eq!(post(&c, &stream.endpoint, ping).await.status, 202);
+    assert_eq!(stream.message().await["id"], 2);
+    gw.stop().await;
+}
