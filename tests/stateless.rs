@@ -530,6 +530,18 @@ async fn an_abandoned_round_frees_its_call() {
 
 /// Opens a listen stream asking for `notifications`; the response must be an SSE stream.
 async fn listen(c: &Client, id: Value, notifications: Value) -> support::SseReader {
+    match try_listen(c, id, notifications).await {
+        Ok(stream) => stream,
+        Err(status) => panic!("listen refused with {status}"),
+    }
+}
+
+/// [`listen`], or the status it was refused with.
+async fn try_listen(
+    c: &Client,
+    id: Value,
+    notifications: Value,
+) -> Result<support::SseReader, u16> {
     let mut params = json!({ "notifications": notifications });
     params["_meta"] = meta(json!({}));
     let body =
@@ -543,9 +555,11 @@ async fn listen(c: &Client, id: Value, notifications: Value) -> support::SseRead
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap();
     let resp = c.http.request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
+    if resp.status() != 200 {
+        return Err(resp.status().as_u16());
+    }
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    support::SseReader::new(resp.into_body())
+    Ok(support::SseReader::new(resp.into_body()))
 }
 
 const SUBSCRIPTION: &str = "io.modelcontextprotocol/subscriptionId";
@@ -669,6 +683,49 @@ async fn listen_refusals_say_what_was_wrong() {
     )
     .await;
     assert_eq!((r.status, r.error_code()), (400, -32020), "{}", r.body);
+    gw.stop().await;
+}
+
+/// One caller's listen streams are bounded (each holds upstream streams open): the 65th is
+/// refused with 429 / -32012 and says why, another caller still listens, and closing one of
+/// the 64 makes room.
+#[tokio::test]
+async fn a_callers_listen_streams_are_bounded() {
+    let gw = two_principals().await;
+    let (alice, bob) = (with_token(&gw, ALICE), with_token(&gw, BOB));
+    let mut open = Vec::new();
+    for i in 0..64 {
+        let mut s = listen(&alice, json!(i), json!({"toolsListChanged": true})).await;
+        let ack = s.next().await.expect("an acknowledgement");
+        assert_eq!(ack["method"], "notifications/subscriptions/acknowledged");
+        open.push(s);
+    }
+    let mut params = json!({"notifications": {"toolsListChanged": true}});
+    params["_meta"] = meta(json!({}));
+    let refused = send(&alice, 99, "subscriptions/listen", params, &[]).await;
+    assert_eq!(
+        (refused.status, refused.error_code()),
+        (429, -32012),
+        "{}",
+        refused.body
+    );
+    assert!(refused.body.contains("at most 64"), "{}", refused.body);
+    let mut other = listen(&bob, json!("b"), json!({"toolsListChanged": true})).await;
+    assert!(other.next().await.is_some());
+    drop(open.pop());
+    let mut again = None;
+    for _ in 0..200 {
+        match try_listen(&alice, json!(100), json!({"toolsListChanged": true})).await {
+            Ok(s) => {
+                again = Some(s);
+                break;
+            }
+            Err(status) => assert_eq!(status, 429),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let mut again = again.expect("room once a stream closed");
+    assert!(again.next().await.is_some());
     gw.stop().await;
 }
 
