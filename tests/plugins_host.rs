@@ -718,6 +718,34 @@ fn faults_fail_only_their_call() {
     );
 }
 
+/// A hook that waits (here `std::thread::sleep`, which polls a clock) would hold the thread
+/// every session's calls run on: the host refuses to wait, so the call fails at once as a
+/// trap, and the plugin serves the next call.
+#[test]
+fn a_plugin_that_waits_fails_at_once() {
+    let set = load(
+        r#"
+modules:
+  - { name: trap, path: "{dir}/fault_trap.wasm", config: { sleep_on: nap }, deadline: 30s }
+chains:
+  - { plugins: [trap] }
+"#,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let d = denied(set.on_request_blocking(&ctx("any", "nap"), "{}"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(d.fault, Some(FaultKind::Trap), "{d:?}");
+    assert!(d.message.contains("may not block"), "{}", d.message);
+    assert!(is_allow(
+        &set.on_request_blocking(&ctx("any", "fine"), "{}")
+    ));
+}
+
 #[test]
 fn faults_under_concurrency_do_not_leak_into_other_calls() {
     let set = fault_set();

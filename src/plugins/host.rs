@@ -738,7 +738,7 @@ impl sync_streams::HostOutputStream for SyncIoView<'_> {
         bytes: Vec<u8>,
     ) -> StreamResult<()> {
         if bytes.len() > MAX_BLOCKING_WRITE {
-            return Err(StreamError::Trap(wasmtime::Error::msg(
+            return Err(StreamError::Trap(refused(
                 "buffer too large for blocking-write-and-flush (at most 4096 bytes)",
             )));
         }
@@ -747,7 +747,7 @@ impl sync_streams::HostOutputStream for SyncIoView<'_> {
         while !bytes.is_empty() {
             let permit = s.check_write()?;
             if permit == 0 {
-                return Err(StreamError::Trap(wasmtime::Error::msg(
+                return Err(StreamError::Trap(refused(
                     "plugins may not wait on a stream",
                 )));
             }
@@ -779,7 +779,7 @@ impl sync_streams::HostOutputStream for SyncIoView<'_> {
     ) -> StreamResult<()> {
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         if len > MAX_BLOCKING_WRITE {
-            return Err(StreamError::Trap(wasmtime::Error::msg(
+            return Err(StreamError::Trap(refused(
                 "too many zeroes for blocking-write-zeroes-and-flush (at most 4096)",
             )));
         }
@@ -833,8 +833,18 @@ impl sync_streams::HostInputStream for SyncIoView<'_> {
     }
 }
 
+/// A host call the gateway refuses a plugin (one that would wait, or write too much at once):
+/// it ends the hook call as a trap would.
+#[derive(Debug, thiserror::Error)]
+#[error("the host refused a call: {0}")]
+pub(crate) struct Refused(&'static str);
+
+fn refused(why: &'static str) -> wasmtime::Error {
+    wasmtime::Error::new(Refused(why))
+}
+
 fn no_waiting() -> wasmtime::Error {
-    wasmtime::Error::msg("plugins may not block (wasi:io/poll): hooks must answer at once")
+    refused("plugins may not block (wasi:io/poll): hooks must answer at once")
 }
 
 impl sync_poll::Host for SyncIoView<'_> {

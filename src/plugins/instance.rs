@@ -403,6 +403,10 @@ fn classify(
         }
         None => {}
     }
+    // Raised by the host, not answered by the guest: the guest did nothing malformed.
+    if let Some(refused) = err.downcast_ref::<super::host::Refused>() {
+        return Fault::Trap(refused.to_string());
+    }
     match err.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => Fault::Deadline(match phase {
             Phase::Call => cfg.deadline,
