@@ -1002,3 +1002,466 @@ async fn an_upstream_session_id_is_checked_when_the_session_opens_and_kept_after
         "{sent:?}"
     );
 }
+
+/// YAML for an HTTP upstream `name` at `url`, spoken to with `protocol`.
+fn http_upstream(name: &str, protocol: &str, url: &str) -> String {
+    format!("  - name: {name}\n    protocol: {protocol}\n    http: {{ url: {url:?} }}\n")
+}
+
+/// The error message of a JSON-RPC error response, after checking its code.
+fn error_message(answer: &serde_json::Value, code: i64) -> String {
+    assert_eq!(answer["error"]["code"], code, "{answer}");
+    answer["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{answer}"))
+        .to_owned()
+}
+
+/// An upstream of an earlier revision whose answer to a call is not a JSON-RPC message, or
+/// answers another request: the call fails with the gateway's words (none of the server's),
+/// and the server and the others serve on.
+#[tokio::test]
+async fn an_upstream_answer_that_is_not_the_calls_response_fails_the_call() {
+    let odd = support::serve(|_, body| {
+        let msg: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        msg.get("id")?;
+        let id = msg["id"].clone();
+        let result = match msg["method"].as_str().unwrap() {
+            "initialize" => json!({"protocolVersion":"2025-11-25","capabilities":{"tools":{}},
+                "serverInfo":{"name":"odd","version":"1"}}),
+            "tools/list" => json!({"tools":[{"name":"t","inputSchema":{"type":"object"}}]}),
+            _ => match msg["params"]["arguments"]["answer"].as_str().unwrap_or("") {
+                "array" => return Some((200, json!(["SECRET-ARRAY", 2]))),
+                "object" => return Some((200, json!({"hello":"SECRET-OBJECT"}))),
+                "other-id" => {
+                    return Some((
+                        200,
+                        json!({"jsonrpc":"2.0","id":999,"result":{
+                            "content":[{"type":"text","text":"SECRET-RESULT"}]}}),
+                    ));
+                }
+                "request" => {
+                    return Some((
+                        200,
+                        json!({"jsonrpc":"2.0","id":id,"method":"SECRET-METHOD"}),
+                    ));
+                }
+                _ => json!({"content":[{"type":"text","text":"fine"}]}),
+            },
+        };
+        Some((200, json!({"jsonrpc":"2.0","id":id,"result":result})))
+    })
+    .await;
+    let gw = TestGateway::start(
+        "",
+        &[
+            http_upstream("odd", "sessions", &odd),
+            example("ex", &[], ""),
+        ],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    for (id, answer, reason) in [
+        (1, "array", "the response is not a JSON-RPC message"),
+        (2, "object", "the response is not a JSON-RPC message"),
+        (3, "other-id", "response does not answer the request"),
+        (4, "request", "response does not answer the request"),
+    ] {
+        let r = c
+            .call(
+                id,
+                "tools/call",
+                json!({"name":"odd__t","arguments":{"answer":answer}}),
+            )
+            .await;
+        assert_eq!(
+            error_message(&r, -32010),
+            format!("upstream 'odd' is unavailable: {reason}"),
+            "{answer}: {r}"
+        );
+        assert!(!r.to_string().contains("SECRET"), "{r}");
+    }
+    assert_eq!(
+        c.tool_text(5, "odd__t", json!({"answer":"fine"})).await,
+        "fine"
+    );
+    assert_eq!(c.tool_text(6, "ex__echo", json!({"text":"hi"})).await, "hi");
+    gw.stop().await;
+}
+
+/// `tools/call` params a scripted server saw, in order.
+type SeenCalls = std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+
+/// A scripted 2026-07-28 server (it answers the `server/discover` probe) with one tool, `t`:
+/// a call's result is `answer(n, params)`, `n` the calls seen before it. Returns its URL and
+/// the params of every call.
+async fn asking_server(
+    answer: fn(usize, &serde_json::Value) -> serde_json::Value,
+) -> (String, SeenCalls) {
+    let seen = SeenCalls::default();
+    let calls = seen.clone();
+    let url = support::serve(move |_, body| {
+        let msg: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        msg.get("id")?;
+        let result = match msg["method"].as_str().unwrap() {
+            "server/discover" => json!({"resultType":"complete","supportedVersions":["2026-07-28"],
+                "capabilities":{"tools":{}},
+                "_meta":{"io.modelcontextprotocol/serverInfo":{"name":"asks","version":"1"}}}),
+            "tools/list" => json!({"resultType":"complete",
+                "tools":[{"name":"t","inputSchema":{"type":"object"}}]}),
+            "tools/call" => {
+                let mut calls = calls.lock().unwrap();
+                calls.push(msg["params"].clone());
+                answer(calls.len() - 1, &msg["params"])
+            }
+            _ => {
+                return Some((
+                    200,
+                    json!({"jsonrpc":"2.0","id":msg["id"],
+                        "error":{"code":-32601,"message":"no such method"}}),
+                ));
+            }
+        };
+        Some((200, json!({"jsonrpc":"2.0","id":msg["id"],"result":result})))
+    })
+    .await;
+    (url, seen)
+}
+
+/// An `input_required` result asking `count` elicitation questions, with `state`.
+fn asking(count: usize, state: &str) -> serde_json::Value {
+    let questions: serde_json::Map<String, serde_json::Value> = (0..count)
+        .map(|i| {
+            let q = json!({"method":"elicitation/create","params":{"message":format!("q{i}?"),
+                "requestedSchema":{"type":"object","properties":{}}}});
+            (format!("q{i:02}"), q)
+        })
+        .collect();
+    json!({"resultType":"input_required","inputRequests":questions,"requestState":state})
+}
+
+/// A gateway in front of the scripted 2026-07-28 server `asks` and an example server `ex`,
+/// and a session client of it that can answer elicitation and sampling.
+async fn asked_gateway(url: &str) -> (TestGateway, support::Client) {
+    let gw = TestGateway::start(
+        "",
+        &[http_upstream("asks", "auto", url), example("ex", &[], "")],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({"elicitation":{},"sampling":{}})).await;
+    (gw, c)
+}
+
+/// Calls `asks__t` with `arguments` on the session client's stream, answering every server
+/// request that comes on it with `accept`; the final response and the requests answered.
+async fn call_answering_questions(
+    c: &support::Client,
+    id: u64,
+    arguments: serde_json::Value,
+) -> (serde_json::Value, Vec<serde_json::Value>) {
+    use http_body_util::BodyExt;
+    let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call",
+        "params":{"name":"asks__t","arguments":arguments}});
+    let req = c
+        .request("POST", Bytes::new())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-11-25")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = c.http.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let sse = resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
+    if !sse {
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        return (serde_json::from_slice(&bytes).unwrap(), Vec::new());
+    }
+    let mut events = support::SseReader::new(resp.into_body());
+    let mut asked = Vec::new();
+    loop {
+        let m = events
+            .next()
+            .await
+            .expect("the call's stream ends with its answer");
+        if m.get("method").is_some() && m.get("id").is_some() {
+            let answer = json!({"jsonrpc":"2.0","id":m["id"],
+                "result":{"action":"accept","content":{}}});
+            assert_eq!(c.post(answer.to_string()).await.status, 202);
+            asked.push(m);
+        } else if m["id"] == id {
+            return (m, asked);
+        }
+    }
+}
+
+/// A 2026-07-28 server that answers every round of a session client's call with
+/// `input_required` is retried at most 8 times (MAX_INPUT_ROUNDS), then the call fails; the
+/// server and the other servers serve on.
+#[tokio::test]
+async fn a_2026_upstream_asking_without_end_is_retried_at_most_eight_times() {
+    let (url, seen) = asking_server(|n, params| match params["arguments"]["ask"].as_bool() {
+        Some(false) => json!({"resultType":"complete","content":[{"type":"text","text":"done"}]}),
+        _ => asking(1, &format!("round-{n}")),
+    })
+    .await;
+    let (gw, c) = asked_gateway(&url).await;
+    let (r, asked) = call_answering_questions(&c, 1, json!({"ask":true})).await;
+    assert_eq!(
+        error_message(&r, -32010),
+        "upstream 'asks' is unavailable: the server asked for input more than 8 times in one call",
+        "{r}"
+    );
+    assert_eq!(asked.len(), 8, "{asked:?}");
+    assert!(
+        asked.iter().all(|q| q["method"] == "elicitation/create"),
+        "{asked:?}"
+    );
+    let calls = seen.lock().unwrap().clone();
+    assert_eq!(calls.len(), 9, "the call and its 8 retries: {calls:?}");
+    for (n, retry) in calls.iter().enumerate().skip(1) {
+        assert_eq!(retry["requestState"], format!("round-{}", n - 1), "{retry}");
+        assert_eq!(
+            retry["inputResponses"]["q00"]["action"], "accept",
+            "{retry}"
+        );
+    }
+    assert_eq!(
+        c.tool_text(2, "asks__t", json!({"ask":false})).await,
+        "done"
+    );
+    assert_eq!(c.tool_text(3, "ex__echo", json!({"text":"hi"})).await, "hi");
+    gw.stop().await;
+}
+
+/// A 2026-07-28 server may ask a session client 16 questions at once (MAX_INPUT_REQUESTS),
+/// not 17: those are not put to the client, and the call fails without another retry.
+#[tokio::test]
+async fn a_2026_upstream_asking_more_than_sixteen_questions_at_once_fails_the_call() {
+    let (url, seen) = asking_server(|n, _| asking(if n == 0 { 16 } else { 17 }, "s")).await;
+    let (gw, c) = asked_gateway(&url).await;
+    let (r, asked) = call_answering_questions(&c, 1, json!({})).await;
+    assert_eq!(
+        error_message(&r, -32010),
+        "upstream 'asks' is unavailable: the server asked 17 questions at once (at most 16)",
+        "{r}"
+    );
+    assert_eq!(
+        asked.len(),
+        16,
+        "the first round's 16 were asked: {asked:?}"
+    );
+    let calls = seen.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(
+        calls[1]["inputResponses"].as_object().map(|a| a.len()),
+        Some(16),
+        "{}",
+        calls[1]
+    );
+    assert_eq!(c.tool_text(2, "ex__echo", json!({"text":"hi"})).await, "hi");
+    gw.stop().await;
+}
+
+/// An `input_required` result whose question is not a request (a string, or no method), or
+/// asks for a method a client does not answer, fails a session client's call at once: nothing
+/// is asked, and the server is not called again.
+#[tokio::test]
+async fn a_2026_upstreams_question_that_is_not_a_client_request_fails_the_call() {
+    let (url, seen) = asking_server(|_, params| {
+        let question = match params["arguments"]["question"].as_str().unwrap() {
+            "string" => json!("SECRET-QUESTION"),
+            "no-method" => json!({"params":{"message":"SECRET-QUESTION"}}),
+            "tools/list" => json!({"method":"tools/list"}),
+            // Results that say input_required in a shape that is not one.
+            "array" => {
+                return json!({"resultType":"input_required",
+                    "inputRequests":[{"method":"elicitation/create"}],"requestState":"SECRET-STATE"});
+            }
+            "state" => {
+                return json!({"resultType":"input_required",
+                    "inputRequests":{"q":{"method":"roots/list"}},"requestState":5,"x":"SECRET"});
+            }
+            _ => return json!({"resultType":"complete","content":[{"type":"text","text":"done"}]}),
+        };
+        json!({"resultType":"input_required","inputRequests":{"q":question},"requestState":"s"})
+    })
+    .await;
+    let (gw, c) = asked_gateway(&url).await;
+    let unavailable = "upstream 'asks' is unavailable: ";
+    let not_a_request = "upstream 'asks' is unavailable: an input request is not a request";
+    let wrong_method = "upstream 'asks' is unavailable: an input request asks for a method a client does not answer (elicitation/create, sampling/createMessage and roots/list are)";
+    let not_an_object = format!("{unavailable}the server's inputRequests is not an object");
+    let not_a_string = format!("{unavailable}the server's requestState is not a string");
+    for (id, question, reason) in [
+        (1, "string", not_a_request),
+        (2, "no-method", not_a_request),
+        (3, "tools/list", wrong_method),
+        (4, "array", &not_an_object),
+        (5, "state", &not_a_string),
+    ] {
+        let (r, asked) = call_answering_questions(&c, id, json!({ "question": question })).await;
+        assert_eq!(error_message(&r, -32010), reason, "{question}: {r}");
+        assert!(!r.to_string().contains("SECRET"), "{r}");
+        assert!(asked.is_empty(), "{question}: {asked:?}");
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            id as usize,
+            "no retry of {question}"
+        );
+    }
+    assert_eq!(
+        c.tool_text(6, "asks__t", json!({"question":"none"})).await,
+        "done"
+    );
+    assert_eq!(c.tool_text(7, "ex__echo", json!({"text":"hi"})).await, "hi");
+    gw.stop().await;
+}
+
+/// Calls tool `name` as a 2026-07-28 client that declares elicitation (no session).
+async fn stateless_call(
+    gw: &TestGateway,
+    id: u64,
+    name: &str,
+    arguments: serde_json::Value,
+) -> support::Resp {
+    let params = json!({"name":name,"arguments":arguments,"_meta":{
+        "io.modelcontextprotocol/protocolVersion":"2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities":{"elicitation":{}}}});
+    let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":params});
+    let c = gw.client();
+    let req = c
+        .request("POST", Bytes::new())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", name)
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    c.send(req).await
+}
+
+/// A 2026-07-28 client's call meets the same bounds on a 2026 upstream's `input_required` as a
+/// session client's (17 questions, one not a request, `inputRequests` not an object,
+/// `requestState` not a string: the link's refusals); a sound one is relayed with the state
+/// sealed.
+#[tokio::test]
+async fn a_2026_clients_call_meets_the_bounds_on_a_2026_upstreams_questions() {
+    let (url, seen) = asking_server(|_, params| {
+        let question = json!({"method":"elicitation/create","params":{"message":"m",
+            "requestedSchema":{"type":"object","properties":{}}}});
+        match params["arguments"]["shape"].as_str().unwrap() {
+            "many" => asking(17, "SECRET-STATE"),
+            "string" => json!({"resultType":"input_required",
+                "inputRequests":{"q":"SECRET-QUESTION"},"requestState":"SECRET-STATE"}),
+            "array" => json!({"resultType":"input_required",
+                "inputRequests":[question],"requestState":"SECRET-STATE"}),
+            "number-state" => json!({"resultType":"input_required",
+                "inputRequests":{"q":question},"requestState":5}),
+            _ => asking(16, "SECRET-STATE"),
+        }
+    })
+    .await;
+    let (gw, c) = asked_gateway(&url).await;
+    for (id, shape, message) in [
+        (
+            1,
+            "many",
+            "upstream 'asks' is unavailable: the server asked 17 questions at once (at most 16)",
+        ),
+        (
+            2,
+            "string",
+            "upstream 'asks' is unavailable: an input request is not a request",
+        ),
+        (
+            3,
+            "array",
+            "upstream 'asks' is unavailable: the server's inputRequests is not an object",
+        ),
+        (
+            4,
+            "number-state",
+            "upstream 'asks' is unavailable: the server's requestState is not a string",
+        ),
+    ] {
+        let r = stateless_call(&gw, id, "asks__t", json!({ "shape": shape })).await;
+        assert_eq!(r.status, 200, "{shape}: {}", r.body);
+        let r = r.json();
+        assert_eq!(error_message(&r, -32010), message, "{shape}: {r}");
+        assert!(!r.to_string().contains("SECRET"), "{r}");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 4, "no retries");
+    let sound = stateless_call(&gw, 5, "asks__t", json!({"shape":"sixteen"})).await;
+    let r = sound.json();
+    assert_eq!(r["result"]["resultType"], "input_required", "{r}");
+    assert_eq!(r["result"]["inputRequests"].as_object().unwrap().len(), 16);
+    let state = r["result"]["requestState"].as_str().unwrap();
+    assert!(!state.contains("SECRET"), "sealed: {state}");
+    assert_eq!(c.tool_text(6, "ex__echo", json!({"text":"hi"})).await, "hi");
+    gw.stop().await;
+}
+
+/// A session may watch at most 64 resources (MAX_WATCHED) of a 2026-07-28 upstream: the 65th
+/// subscription is refused with -32602, while one already watched, one after an unsubscribe,
+/// another session's, and other calls still succeed.
+#[tokio::test]
+async fn a_session_watches_at_most_64_resources_of_a_2026_upstream() {
+    let inner = TestGateway::start("", &[example("ex", &["--test-tools"], "")]).await;
+    let outer = TestGateway::start(
+        "",
+        &[
+            http_upstream("inner", "auto", &inner.url()),
+            example("local", &[], ""),
+        ],
+    )
+    .await;
+    let mut c = outer.client();
+    c.initialize(json!({})).await;
+    let uri = |n: usize| format!("example://ex/echo/r{n}");
+    let subscribe = |c: &support::Client, id: u64, method: &'static str, uri: String| {
+        let c = c.clone();
+        async move { c.call(id, method, json!({ "uri": uri })).await }
+    };
+    for n in 0..64 {
+        let r = subscribe(&c, n as u64 + 1, "resources/subscribe", uri(n)).await;
+        assert!(r["result"].is_object(), "{}: {r}", uri(n));
+    }
+    let refused = subscribe(&c, 100, "resources/subscribe", uri(64)).await;
+    assert_eq!(
+        error_message(&refused, -32602),
+        "this session already watches 64 resources of the server",
+        "{refused}"
+    );
+    // One already watched changes nothing, so is no 65th.
+    let again = subscribe(&c, 101, "resources/subscribe", uri(0)).await;
+    assert!(again["result"].is_object(), "{again}");
+    // Another session watches its own.
+    let mut other = outer.client();
+    other.initialize(json!({})).await;
+    let r = subscribe(&other, 1, "resources/subscribe", uri(64)).await;
+    assert!(r["result"].is_object(), "{r}");
+    // Room made by an unsubscribe is taken by the next.
+    let r = subscribe(&c, 102, "resources/unsubscribe", uri(0)).await;
+    assert!(r["result"].is_object(), "{r}");
+    let r = subscribe(&c, 103, "resources/subscribe", uri(64)).await;
+    assert!(r["result"].is_object(), "{r}");
+    let refused = subscribe(&c, 104, "resources/subscribe", uri(0)).await;
+    assert_eq!(refused["error"]["code"], -32602, "{refused}");
+    assert_eq!(
+        c.tool_text(105, "inner__echo", json!({"text":"hi"})).await,
+        "hi"
+    );
+    assert_eq!(
+        c.tool_text(106, "local__echo", json!({"text":"hi"})).await,
+        "hi"
+    );
+    assert!(inner.gateway().sessions.is_empty(), "spoken to statelessly");
+    outer.stop().await;
+    inner.stop().await;
+}

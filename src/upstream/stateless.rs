@@ -268,6 +268,41 @@ pub(crate) struct InputRequired {
     pub state: Option<String>,
 }
 
+/// Why `result`, which does not read as an `input_required` result, cannot be one; `None` if it
+/// does not say it is one.
+fn malformed_input_required(result: &[u8]) -> Option<String> {
+    use crate::json_scan::{MAX_DEPTH, members, unquote};
+    let text = std::str::from_utf8(result).ok()?;
+    let (mut says, mut kinds, mut requests_ok, mut state_ok) = (false, 0, true, true);
+    members(text, MAX_DEPTH, |key, value| {
+        match unquote(key).as_deref() {
+            Ok("resultType") => {
+                kinds += 1;
+                says |= unquote(value).is_ok_and(|v| v == "input_required");
+            }
+            Ok("inputRequests") => requests_ok &= value.starts_with('{') || value == "null",
+            Ok("requestState") => state_ok &= value.starts_with('"') || value == "null",
+            _ => {}
+        }
+    })
+    .ok()?;
+    if !says {
+        return None;
+    }
+    Some(
+        if kinds > 1 {
+            "the server's result names its resultType more than once"
+        } else if !requests_ok {
+            "the server's inputRequests is not an object"
+        } else if !state_ok {
+            "the server's requestState is not a string"
+        } else {
+            "the server's input_required result is malformed"
+        }
+        .to_owned(),
+    )
+}
+
 /// The questions of a result, if it is `input_required`; `Err` if it is one the gateway cannot
 /// relay (too many questions, or one that is not a client request).
 pub(crate) fn input_required(result: &[u8]) -> Option<Result<InputRequired, String>> {
@@ -290,7 +325,13 @@ pub(crate) fn input_required(result: &[u8]) -> Option<Result<InputRequired, Stri
         #[serde(borrow)]
         params: Option<&'a RawValue>,
     }
-    let r: R<'_> = serde_json::from_slice(result).ok()?;
+    let r: R<'_> = match serde_json::from_slice(result) {
+        Ok(r) => r,
+        // Not this shape: an `input_required` result it does not fit is refused, not passed
+        // on as an answer (a client of sessions would be handed the server's questions and
+        // state as the call's result).
+        Err(_) => return malformed_input_required(result).map(Err),
+    };
     if r.kind.as_deref() != Some("input_required") {
         return None;
     }
@@ -480,6 +521,37 @@ mod tests {
         assert!(input_required(many.as_bytes()).unwrap().is_err());
         let empty = input_required(br#"{"resultType":"input_required"}"#).unwrap();
         assert!(empty.is_err());
+        // Shapes that do not read as one are refused, saying which field is wrong.
+        for (result, why) in [
+            (
+                r#"{"resultType":"input_required","inputRequests":[{"method":"roots/list"}],"requestState":"s"}"#,
+                "the server's inputRequests is not an object",
+            ),
+            (
+                r#"{"resultType":"input_required","inputRequests":{"k":{"method":"roots/list"}},"requestState":5}"#,
+                "the server's requestState is not a string",
+            ),
+            (
+                r#"{"resultType":"input_required","inputRequests":{"k":{"method":"roots/list"}},"requestState":"s","resultType":"x"}"#,
+                "the server's result names its resultType more than once",
+            ),
+            (
+                r#"{"result\u0054ype":"input_required","inputRequests":{"k":{"method":"roots/list"}},"requestState":"s","resultType":"input_required"}"#,
+                "the server's result names its resultType more than once",
+            ),
+        ] {
+            let refused = input_required(result.as_bytes()).expect(result);
+            assert_eq!(refused.unwrap_err(), why, "{result}");
+        }
+        // What does not say it is one still passes.
+        assert!(
+            input_required(br#"{"resultType":5,"inputRequests":[],"x":"input_required"}"#)
+                .is_none()
+        );
+        assert!(
+            input_required(br#"{"resultType":"complete","requestState":5,"y":"input_required"}"#)
+                .is_none()
+        );
     }
 
     #[test]
