@@ -127,3 +127,194 @@ async fn credentials_are_checked_when_the_config_is_read() {
     let path = std::env::var("PATH").unwrap();
     assert!(!format!("{ok:?}").contains(&path));
 }
+
+/// The resource the OAuth callers' tokens are meant for.
+const RESOURCE: &str = "http://localhost/mcp";
+
+/// A local issuer of Ed25519-signed access tokens: its JWKS served at `{url}/jwks`, and a
+/// token for any subject.
+struct Issuer {
+    url: String,
+    key: ring::signature::Ed25519KeyPair,
+}
+
+impl Issuer {
+    async fn start() -> Issuer {
+        use base64::Engine;
+        use ring::signature::KeyPair;
+        let pkcs8 =
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .unwrap();
+        let key = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.public_key().as_ref());
+        let jwks = json!({"keys":[{"kty":"OKP","crv":"Ed25519","kid":"k1","x":x}]}).to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let jwks = jwks.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let body = bytes::Bytes::from(jwks.clone());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(body),
+                            ))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+                });
+            }
+        });
+        Issuer { url, key }
+    }
+
+    /// A valid access token of `sub` (signed by hand: EdDSA over `header.claims`).
+    fn token(&self, sub: &str) -> String {
+        use base64::Engine;
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let signed = format!(
+            "{}.{}",
+            b64(json!({"alg":"EdDSA","typ":"at+jwt","kid":"k1"})),
+            b64(json!({"iss":self.url,"sub":sub,"aud":RESOURCE,"exp":now + 600,"iat":now}))
+        );
+        let signature = self.key.sign(signed.as_bytes());
+        format!(
+            "{signed}.{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signature.as_ref())
+        )
+    }
+}
+
+/// An RFC 8693 token endpoint whose answer is `issue(sub)` for the subject token's `sub`:
+/// `(token_type, access_token)`.
+async fn token_endpoint(issue: fn(&str) -> (String, String)) -> String {
+    use base64::Engine;
+    let url = support::serve(move |_, body| {
+        let form: std::collections::HashMap<String, String> =
+            form_urlencoded::parse(&body).into_owned().collect();
+        let payload = form.get("subject_token")?.split('.').nth(1)?;
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .ok()?,
+        )
+        .ok()?;
+        let (token_type, access_token) = issue(claims["sub"].as_str()?);
+        Some((
+            200,
+            json!({"access_token": access_token, "token_type": token_type,
+                   "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                   "expires_in": 600}),
+        ))
+    })
+    .await;
+    format!("{url}/token")
+}
+
+/// What the authorization server issues in a token exchange is checked before it goes
+/// upstream: a token type other than bearer (its name made printable), a token over 8192
+/// bytes (MAX_ISSUED) or one that cannot be a header value (empty, a line break) refuses the
+/// caller with -32042, the token unechoed and never sent; a bearer token (any case) of exactly
+/// 8192 bytes is used, and other callers and servers are unaffected.
+#[tokio::test]
+async fn an_exchanged_token_that_is_not_a_sound_bearer_token_is_refused() {
+    let issuer = Issuer::start().await;
+    let rec = Recorder::start().await;
+    let endpoint = token_endpoint(|sub| {
+        let (kind, token) = match sub {
+            "dpop" => ("DPoP\r\nX-Injected: 1", "SECRET-dpop".to_owned()),
+            "huge" => ("Bearer", format!("SECRET{}", "x".repeat(8 * 1024 + 1 - 6))),
+            "line-break" => ("Bearer", "SECRET\r\nX-Injected: 1".to_owned()),
+            "control" => ("Bearer", "SECRET\u{1}".to_owned()),
+            "empty" => ("Bearer", String::new()),
+            "limit" => ("bearer", "L".repeat(8 * 1024)),
+            other => ("Bearer", format!("upstream-{other}")),
+        };
+        (kind.to_owned(), token)
+    })
+    .await;
+    let top = format!(
+        "auth:\n  oauth:\n    resource: {RESOURCE}\n    issuers: [{{ issuer: {iss:?}, jwks_uri: {jwks:?} }}]",
+        iss = issuer.url,
+        jwks = format!("{}/jwks", issuer.url),
+    );
+    let files = format!(
+        "  - name: files\n    protocol: sessions\n    http: {{ url: {:?} }}\n    credentials:\n      token_exchange: {{ token_endpoint: {endpoint:?}, client_id: gatehouse }}\n",
+        rec.url
+    );
+    let gw = TestGateway::start(&top, &[files, support::example("ex", &[], "")]).await;
+    let session = |sub: &'static str| {
+        let (gw, token) = (&gw, issuer.token(sub));
+        async move {
+            let mut c = gw.client();
+            c.token = Some(token.clone());
+            c.initialize(json!({})).await;
+            (c, token)
+        }
+    };
+    let (alice, _) = session("alice").await;
+    assert_eq!(
+        alice.tool_text(1, "files__whoami", json!({})).await,
+        "Bearer upstream-alice"
+    );
+    let printable = "upstream 'files': the authorization server issued a \"DPoPX-Injected: 1\" token, not a bearer token";
+    let over = "upstream 'files': the authorization server issued a token over 8192 bytes";
+    let unsafe_header =
+        "upstream 'files': the authorization server issued a token that cannot be a header";
+    for (id, sub, said) in [
+        (2, "dpop", printable),
+        (3, "huge", over),
+        (4, "line-break", unsafe_header),
+        (5, "control", unsafe_header),
+        (6, "empty", unsafe_header),
+    ] {
+        let (c, token) = session(sub).await;
+        let r = c
+            .call(
+                id,
+                "tools/call",
+                json!({"name": "files__whoami", "arguments": {}}),
+            )
+            .await;
+        assert_eq!(r["error"]["code"], -32042, "{sub}: {r}");
+        assert_eq!(r["error"]["message"], said, "{sub}: {r}");
+        let text = r.to_string();
+        assert!(
+            !text.contains("SECRET") && !text.contains(&token),
+            "{sub}: {r}"
+        );
+        // Its other server is still served.
+        assert_eq!(c.tool_text(id + 10, "ex__whoami", json!({})).await, "ex");
+    }
+    let (limit, _) = session("limit").await;
+    assert_eq!(
+        limit.tool_text(7, "files__whoami", json!({})).await,
+        format!("Bearer {}", "L".repeat(8 * 1024))
+    );
+    assert_eq!(
+        alice.tool_text(8, "files__whoami", json!({})).await,
+        "Bearer upstream-alice"
+    );
+    // None of the refused tokens went upstream, in any header.
+    for headers in rec.seen.lock().unwrap().iter() {
+        for (name, value) in headers {
+            assert!(
+                !String::from_utf8_lossy(value.as_bytes()).contains("SECRET"),
+                "a refused token went upstream in {name}"
+            );
+        }
+    }
+    gw.stop().await;
+}

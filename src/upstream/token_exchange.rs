@@ -207,8 +207,7 @@ impl TokenExchange {
             .map_err(|_| {
                 format!("the authorization server did not answer within {EXCHANGE_TIMEOUT:?}")
             })??;
-        // Its words go to the caller and the logs: never the caller's token in them.
-        let quote = |text: &str| printable(&text.replace(subject, "[the caller's token]"));
+        let quote = |text: &str| quoted(text, subject);
         if !status.is_success() {
             return Err(match serde_json::from_slice::<Refused>(&body) {
                 Ok(r) => format!(
@@ -300,10 +299,19 @@ impl Credential {
 
 /// Text from the authorization server, safe to put in an error: bounded, printable (no
 /// control characters, no invisible or direction-changing format characters).
-fn printable(s: &str) -> String {
+/// The authorization server's words as they may be shown: they go to the caller and the logs,
+/// so never with the caller's token in them (looked for once the characters that are not shown
+/// are gone: one of them inside the token would hide it from the search), and at most 200
+/// characters.
+fn quoted(text: &str, subject: &str) -> String {
     let invisible = |c: &char| matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}');
-    s.chars()
+    let shown: String = text
+        .chars()
         .filter(|c| !c.is_control() && !invisible(c))
+        .collect();
+    shown
+        .replace(subject, "[the caller's token]")
+        .chars()
         .take(200)
         .collect()
 }
@@ -312,6 +320,18 @@ fn printable(s: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_callers_token_is_never_quoted_back() {
+        let token = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhbGljZSJ9.c2ln";
+        for hidden in ["\u{1}", "\u{200B}", "\u{FEFF}", "\r\n"] {
+            let sent = format!("{}{hidden}{} tail", &token[..10], &token[10..]);
+            let shown = quoted(&sent, token);
+            assert_eq!(shown, "[the caller's token] tail", "{hidden:?}");
+        }
+        assert_eq!(quoted(&"x".repeat(500), token).len(), 200);
+        assert_eq!(quoted("invalid_grant", token), "invalid_grant");
+    }
 
     #[test]
     fn expires_in_is_read_leniently_and_never_negative() {
@@ -333,8 +353,11 @@ mod tests {
 
     #[test]
     fn server_text_is_made_printable_and_bounded() {
-        assert_eq!(printable("bad\r\nX-Injected: 1"), "badX-Injected: 1");
-        assert_eq!(printable("a\u{202E}b\u{200B}c\u{FEFF}"), "abc");
-        assert_eq!(printable(&"é".repeat(500)).chars().count(), 200);
+        assert_eq!(
+            quoted("bad\r\nX-Injected: 1", "subject"),
+            "badX-Injected: 1"
+        );
+        assert_eq!(quoted("a\u{202E}b\u{200B}c\u{FEFF}", "subject"), "abc");
+        assert_eq!(quoted(&"é".repeat(500), "subject").chars().count(), 200);
     }
 }
