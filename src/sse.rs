@@ -146,7 +146,9 @@ fn parse_block(block: &Bytes) -> Option<Event> {
                 None => data = Some(BytesMut::from(value)),
             },
             b"event" => event = String::from_utf8_lossy(value).into_owned(),
-            b"id" => id = Some(String::from_utf8_lossy(value).into_owned()),
+            // An id holding NUL is ignored (the HTML standard's event stream rules).
+            b"id" if !value.contains(&0) => id = Some(String::from_utf8_lossy(value).into_owned()),
+            b"id" => {}
             b"retry" => retry = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()),
             _ => {}
         }
@@ -209,6 +211,9 @@ mod tests {
         let e = d.next_event().unwrap().unwrap();
         assert_eq!(&e.data[..], b"x\ny");
         assert_eq!(d.next_event().unwrap(), None);
+        // An id with NUL in it is ignored, not kept.
+        d.feed(b"id: 7\nid: a\0b\ndata: z\n\n");
+        assert_eq!(d.next_event().unwrap().unwrap().id.as_deref(), Some("7"));
     }
 
     #[test]

@@ -702,3 +702,90 @@ async fn announced_lists_are_cached_until_the_upstream_says_they_changed() {
     // Pages after the first always go upstream, and b's pages still merge in.
     assert!(after.iter().any(|n| n.starts_with("b__")), "{after:?}");
 }
+
+/// An upstream's `nextCursor` rides inside the gateway's own cursor, so one over 4096 bytes
+/// (MAX_UPSTREAM_CURSOR) drops that server's page as malformed, unechoed, while the other
+/// servers' entries are still listed; one of exactly 4096 bytes is carried and handed back.
+#[tokio::test]
+async fn an_upstream_cursor_over_4096_bytes_drops_its_page_and_others_list_on() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let cursor_len = Arc::new(AtomicUsize::new(4097));
+    let returned: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (len, seen) = (cursor_len.clone(), returned.clone());
+    let url = support::serve(move |_, body| {
+        let msg: Value = serde_json::from_slice(&body).unwrap();
+        msg.get("id")?;
+        let result = match msg["method"].as_str().unwrap() {
+            "initialize" => json!({"protocolVersion":"2025-11-25","capabilities":{"tools":{}},
+                "serverInfo":{"name":"big","version":"1"}}),
+            "tools/list" => match msg["params"]["cursor"].as_str() {
+                Some(c) => {
+                    seen.lock().unwrap().push(c.to_owned());
+                    json!({"tools":[{"name":"t2","inputSchema":{"type":"object"}}]})
+                }
+                None => {
+                    let n = len.load(Ordering::SeqCst);
+                    json!({"tools":[{"name":"t","inputSchema":{"type":"object"}}],
+                        "nextCursor": format!("SECRET{}", "c".repeat(n - 6))})
+                }
+            },
+            "tools/call" => json!({"content":[{"type":"text","text":"called"}]}),
+            _ => json!({}),
+        };
+        Some((200, json!({"jsonrpc":"2.0","id":msg["id"],"result":result})))
+    })
+    .await;
+    let big = format!("  - name: big\n    protocol: sessions\n    http: {{ url: {url:?} }}\n");
+    let gw = TestGateway::start("", &[big.clone(), example("a", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let r = c
+        .post(json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}).to_string())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.body.contains("SECRET"), "{}", r.body);
+    let listed = r.response();
+    let tools = names(&listed, "tools");
+    assert!(tools.contains(&"a__echo".to_owned()), "{tools:?}");
+    assert!(!tools.iter().any(|t| t.starts_with("big__")), "{tools:?}");
+    assert!(listed["result"].get("nextCursor").is_none(), "{listed}");
+    // The server still serves calls, and a cursor of exactly the limit is carried.
+    assert_eq!(c.tool_text(2, "big__t", json!({})).await, "called");
+    cursor_len.store(4096, Ordering::SeqCst);
+    let listed = c.call(3, "tools/list", json!({})).await;
+    assert!(
+        names(&listed, "tools").contains(&"big__t".to_owned()),
+        "{listed}"
+    );
+    let next = listed["result"]["nextCursor"]
+        .as_str()
+        .expect("a next page");
+    let page = c.call(4, "tools/list", json!({ "cursor": next })).await;
+    assert_eq!(names(&page, "tools"), ["big__t2"], "{page}");
+    let handed_back = returned.lock().unwrap().clone();
+    assert_eq!(handed_back.len(), 1);
+    assert_eq!(handed_back[0].len(), 4096);
+    assert!(handed_back[0].starts_with("SECRET"));
+
+    // The only server, listed through the gateway's table (its names prefixed): no upstream
+    // answered, and the gateway says why in its own words.
+    cursor_len.store(4097, Ordering::SeqCst);
+    let alone = TestGateway::start("mcp: { prefix_names: always }", &[big]).await;
+    let mut c = alone.client();
+    c.initialize(json!({})).await;
+    let r = c
+        .post(json!({"jsonrpc":"2.0","id":5,"method":"tools/list"}).to_string())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let answer = r.response();
+    assert_eq!(answer["error"]["code"], -32010, "{answer}");
+    assert_eq!(
+        answer["error"]["message"], "no upstream answered tools/list: big: malformed result",
+        "{answer}"
+    );
+    assert!(!r.body.contains("SECRET"), "{}", r.body);
+    assert_eq!(c.tool_text(6, "big__t", json!({})).await, "called");
+    alone.stop().await;
+    gw.stop().await;
+}

@@ -1465,3 +1465,307 @@ async fn a_session_watches_at_most_64_resources_of_a_2026_upstream() {
     outer.stop().await;
     inner.stop().await;
 }
+
+/// A 2025-11-25 (session) upstream cannot mean `input_required`: a call result claiming it,
+/// well-formed or not, fails the call with -32010 in the gateway's words, for a session client
+/// (asked nothing) and a 2026 client alike, and the server and the others serve on.
+#[tokio::test]
+async fn a_session_upstreams_input_required_result_fails_the_call() {
+    let old = support::serve(|_, body| {
+        let msg: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        msg.get("id")?;
+        let question = json!({"method":"elicitation/create","params":{"message":"SECRET-QUESTION",
+            "requestedSchema":{"type":"object","properties":{}}}});
+        let result = match msg["method"].as_str().unwrap() {
+            "initialize" => json!({"protocolVersion":"2025-11-25","capabilities":{"tools":{}},
+                "serverInfo":{"name":"old","version":"1"}}),
+            "tools/list" => json!({"tools":[{"name":"t","inputSchema":{"type":"object"}}]}),
+            _ => match msg["params"]["arguments"]["shape"].as_str().unwrap_or("") {
+                "sound" => json!({"resultType":"input_required","inputRequests":{"q":question},
+                    "requestState":"SECRET-STATE"}),
+                "state-only" => {
+                    json!({"resultType":"input_required","requestState":"SECRET-STATE"})
+                }
+                "array" => json!({"resultType":"input_required","inputRequests":[question],
+                    "requestState":"SECRET-STATE"}),
+                "wrong-method" => json!({"resultType":"input_required",
+                    "inputRequests":{"q":{"method":"tools/list","params":{"x":"SECRET"}}}}),
+                _ => json!({"content":[{"type":"text","text":"fine"}]}),
+            },
+        };
+        Some((200, json!({"jsonrpc":"2.0","id":msg["id"],"result":result})))
+    })
+    .await;
+    let gw = TestGateway::start(
+        "",
+        &[
+            http_upstream("old", "sessions", &old),
+            example("ex", &[], ""),
+        ],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({"elicitation":{},"sampling":{}})).await;
+    let said = "upstream 'old' is unavailable: the server answered input_required, which a server of its revision cannot mean";
+    for (id, shape) in [
+        (1, "sound"),
+        (2, "state-only"),
+        (3, "array"),
+        (4, "wrong-method"),
+    ] {
+        let r = c
+            .post(
+                json!({"jsonrpc":"2.0","id":id,"method":"tools/call",
+                    "params":{"name":"old__t","arguments":{"shape":shape}}})
+                .to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{shape}: {}", r.body);
+        let msgs = r.messages();
+        assert_eq!(
+            msgs.len(),
+            1,
+            "{shape}: nothing asked of the client: {msgs:?}"
+        );
+        assert_eq!(msgs[0]["id"], id, "{shape}: {msgs:?}");
+        assert_eq!(error_message(&msgs[0], -32010), said, "{shape}");
+        assert!(!r.body.contains("SECRET"), "{shape}: {}", r.body);
+        let r = stateless_call(&gw, 10 + id, "old__t", json!({ "shape": shape })).await;
+        assert_eq!(r.status, 200, "{shape}: {}", r.body);
+        assert_eq!(error_message(&r.response(), -32010), said, "{shape}");
+        assert!(!r.body.contains("SECRET"), "{shape}: {}", r.body);
+    }
+    assert_eq!(
+        c.tool_text(5, "old__t", json!({"shape":"none"})).await,
+        "fine"
+    );
+    assert_eq!(c.tool_text(6, "ex__echo", json!({"text":"hi"})).await, "hi");
+    let r = stateless_call(&gw, 20, "old__t", json!({"shape":"none"})).await;
+    assert_eq!(
+        r.response()["result"]["content"][0]["text"],
+        "fine",
+        "{}",
+        r.body
+    );
+    gw.stop().await;
+}
+
+/// Retries `asks__t` as a 2026-07-28 client (elicitation declared) with `state` and `responses`.
+async fn stateless_retry(
+    gw: &TestGateway,
+    id: u64,
+    arguments: serde_json::Value,
+    state: &str,
+    responses: serde_json::Value,
+) -> support::Resp {
+    let params = json!({"name":"asks__t","arguments":arguments,"requestState":state,
+        "inputResponses":responses,"_meta":{
+        "io.modelcontextprotocol/protocolVersion":"2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities":{"elicitation":{}}}});
+    let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":params});
+    let c = gw.client();
+    let req = c
+        .request("POST", Bytes::new())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "asks__t")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    c.send(req).await
+}
+
+/// A 2026 upstream's `requestState` is relayed to a 2026 client sealed, up to 256 KiB
+/// (MAX_RELAYED_STATE): one byte more is refused with -32010 saying its size, never echoed,
+/// and the server, a state of exactly the limit (handed back whole on the retry) and the other
+/// servers still serve.
+#[tokio::test]
+async fn a_2026_upstreams_request_state_over_256_kib_is_not_relayed() {
+    let (url, seen) = asking_server(|_, params| {
+        if params.get("requestState").is_some() {
+            return json!({"resultType":"complete","content":[{"type":"text","text":"done"}]});
+        }
+        let size = params["arguments"]["size"].as_u64().unwrap() as usize;
+        asking(1, &format!("SECRET{}", "s".repeat(size - 6)))
+    })
+    .await;
+    let (gw, c) = asked_gateway(&url).await;
+    let limit = 256 * 1024;
+    let r = stateless_call(&gw, 1, "asks__t", json!({ "size": limit + 1 })).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        error_message(&r.response(), -32010),
+        format!(
+            "the server's requestState is {} bytes (at most {limit})",
+            limit + 1
+        )
+    );
+    assert!(
+        !r.body.contains("SECRET"),
+        "{}",
+        &r.body[..r.body.len().min(500)]
+    );
+    assert!(!r.body.contains("q00"), "no question relayed: {}", r.body);
+    assert_eq!(seen.lock().unwrap().len(), 1, "no retry");
+
+    let r = stateless_call(&gw, 2, "asks__t", json!({ "size": limit })).await;
+    let relayed = r.response();
+    assert_eq!(relayed["result"]["resultType"], "input_required");
+    let sealed = relayed["result"]["requestState"].as_str().unwrap();
+    assert!(!sealed.contains("SECRET"), "sealed");
+    let answers = json!({"q00":{"action":"accept","content":{}}});
+    let done = stateless_retry(&gw, 3, json!({ "size": limit }), sealed, answers).await;
+    assert_eq!(
+        done.response()["result"]["content"][0]["text"],
+        "done",
+        "{}",
+        &done.body[..done.body.len().min(500)]
+    );
+    let handed_back = seen.lock().unwrap().last().unwrap()["requestState"].clone();
+    let handed_back = handed_back.as_str().unwrap();
+    assert_eq!(handed_back.len(), limit);
+    assert!(handed_back.starts_with("SECRETsss"));
+    assert_eq!(c.tool_text(4, "ex__echo", json!({"text":"hi"})).await, "hi");
+    gw.stop().await;
+}
+
+/// A session (2025-11-25) server that answers `tools/call` on an SSE stream: for arguments
+/// `{"id": text}` one event with that `id:` (retry 0) and no data, then the stream ends with
+/// no response (so the gateway would resume it after that id); otherwise the answer, as an
+/// event. Returns its URL and the `Last-Event-ID` of every GET it was sent.
+async fn sse_answering_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let resumes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = resumes.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let kept = kept.clone();
+                        async move {
+                            let respond = |status: u16, kind: &str, body: String| {
+                                let mut r = http::Response::new(Full::new(Bytes::from(body)));
+                                *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                                r.headers_mut()
+                                    .insert("content-type", kind.parse().unwrap());
+                                r.headers_mut()
+                                    .insert("mcp-session-id", "sse-1".parse().unwrap());
+                                Ok::<_, std::convert::Infallible>(r)
+                            };
+                            if req.method() == http::Method::GET {
+                                let last = req
+                                    .headers()
+                                    .get("last-event-id")
+                                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                                if let Some(last) = last {
+                                    kept.lock().unwrap().push(last);
+                                }
+                                return respond(405, "text/plain", String::new());
+                            }
+                            if req.method() != http::Method::POST {
+                                return respond(200, "text/plain", String::new());
+                            }
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let msg: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                            if msg.get("id").is_none() {
+                                return respond(202, "text/plain", String::new());
+                            }
+                            let json = "application/json";
+                            let answer = |result| {
+                                json!({"jsonrpc":"2.0","id":msg["id"],"result":result}).to_string()
+                            };
+                            match msg["method"].as_str().unwrap() {
+                                "initialize" => respond(
+                                    200,
+                                    json,
+                                    answer(json!({"protocolVersion":"2025-11-25",
+                                        "capabilities":{"tools":{}},
+                                        "serverInfo":{"name":"sse","version":"1"}})),
+                                ),
+                                "tools/list" => respond(
+                                    200,
+                                    json,
+                                    answer(json!({"tools":[{"name":"t",
+                                        "inputSchema":{"type":"object"}}]})),
+                                ),
+                                _ => {
+                                    let events = match msg["params"]["arguments"]["id"].as_str() {
+                                        Some(id) => format!("id: {id}\nretry: 0\ndata:\n\n"),
+                                        None => format!(
+                                            "id: ok-1\ndata: {}\n\n",
+                                            answer(json!({"content":[{"type":"text",
+                                                "text":"streamed"}]}))
+                                        ),
+                                    };
+                                    respond(200, "text/event-stream", events)
+                                }
+                            }
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            });
+        }
+    });
+    (url, resumes)
+}
+
+/// An SSE answer whose event `id:` cannot be a header (a control character, DEL) is never
+/// sent back as `Last-Event-ID`: the call fails with -32010 saying so, the id unechoed, and the
+/// server (a valid id resumed as usual) and the other servers serve on.
+#[tokio::test]
+async fn an_sse_event_id_that_is_not_a_header_value_fails_the_call() {
+    let (url, resumes) = sse_answering_server().await;
+    let gw = TestGateway::start(
+        "",
+        &[
+            http_upstream("sse", "sessions", &url),
+            example("ex", &[], ""),
+        ],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    for (id, event_id) in [(1, "SECRET\u{1}id"), (2, "SECRET\u{7f}id")] {
+        let r = c
+            .call(
+                id,
+                "tools/call",
+                json!({"name":"sse__t","arguments":{"id":event_id}}),
+            )
+            .await;
+        assert_eq!(
+            error_message(&r, -32010),
+            "upstream 'sse' is unavailable: the server's event id is not a header value",
+            "{r}"
+        );
+        assert!(!r.to_string().contains("SECRET"), "{r}");
+    }
+    assert!(
+        resumes.lock().unwrap().is_empty(),
+        "no resume asked: {:?}",
+        resumes.lock().unwrap()
+    );
+    assert_eq!(c.tool_text(3, "sse__t", json!({})).await, "streamed");
+    // A valid id is resumed with (the server refuses the GET: the call fails on that).
+    let r = c
+        .call(
+            4,
+            "tools/call",
+            json!({"name":"sse__t","arguments":{"id":"fine-7"}}),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], -32010, "{r}");
+    assert_eq!(*resumes.lock().unwrap(), ["fine-7"]);
+    assert_eq!(c.tool_text(5, "ex__echo", json!({"text":"hi"})).await, "hi");
+    gw.stop().await;
+}

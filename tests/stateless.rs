@@ -1029,3 +1029,59 @@ async fn list_cursors_work_across_requests_and_forged_ones_are_refused() {
     }
     gw.stop().await;
 }
+
+/// A JSON-RPC response POSTed by a stateless (2026-07-28, no session) client answers nothing:
+/// it is refused with 400/-32600 under no id, echoing none of it, and the endpoint serves on.
+#[tokio::test]
+async fn a_stateless_clients_response_is_refused_and_not_echoed() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let c = gw.client();
+    let post = |body: Value| {
+        let c = c.clone();
+        async move {
+            let req = c
+                .request("POST", Bytes::new())
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("mcp-protocol-version", "2026-07-28")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap();
+            c.send(req).await
+        }
+    };
+    for answer in [
+        json!({"jsonrpc":"2.0","id":"SECRET-ID","result":{"action":"accept","content":{"k":"SECRET"}}}),
+        json!({"jsonrpc":"2.0","id":7,"error":{"code":-1,"message":"SECRET-ERROR"}}),
+    ] {
+        let r = post(answer.clone()).await;
+        assert_eq!(r.status, 400, "{answer}: {}", r.body);
+        let body = r.json();
+        assert_eq!(body["error"]["code"], -32600, "{body}");
+        assert_eq!(body["id"], Value::Null, "{body}");
+        assert_eq!(
+            body["error"]["message"],
+            "a stateless client has no server requests to answer; send input responses with the retried request",
+            "{body}"
+        );
+        assert!(!r.body.contains("SECRET"), "{}", r.body);
+        assert!(r.headers.get("mcp-session-id").is_none());
+    }
+    assert!(gw.gateway().sessions.is_empty(), "no session was made");
+    let call = stateless(
+        &c,
+        1,
+        "tools/call",
+        json!({"name": "echo", "arguments": {"text": "still"}}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(call.status, 200, "{}", call.body);
+    assert_eq!(call.response()["result"]["content"][0]["text"], "still");
+    let mut legacy = gw.client();
+    legacy.initialize(json!({})).await;
+    assert_eq!(
+        legacy.tool_text(1, "echo", json!({"text": "old"})).await,
+        "old"
+    );
+    gw.stop().await;
+}
