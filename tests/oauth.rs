@@ -259,6 +259,9 @@ async fn forged_and_misdirected_tokens_are_refused_with_a_challenge() {
     // A good token works.
     let good = key.sign(&issuer.claims("alice", "mcp:connect mcp:tools"));
     assert_eq!(initialize(&gw, Some(&good)).await.status, 200);
+    // A principal of 256 bytes, the longest taken, works too.
+    let longest = key.sign(&issuer.claims(&"a".repeat(256), "mcp:connect"));
+    assert_eq!(initialize(&gw, Some(&longest)).await.status, 200);
 
     let stranger = SigningKey::es256("k1"); // same kid, another key
     let mut forged: Vec<(&str, String, &str)> = vec![
@@ -271,6 +274,12 @@ async fn forged_and_misdirected_tokens_are_refused_with_a_challenge() {
         ("an untrusted issuer", key.sign(&json!({"iss": "https://evil.example", "sub": "alice", "aud": RESOURCE, "exp": now() + 600, "scope": "mcp:connect"})), "issuer"),
         ("no subject", key.sign(&json!({"iss": issuer.url, "aud": RESOURCE, "exp": now() + 600, "scope": "mcp:connect"})), "sub"),
         ("a machine principal's name", key.sign(&issuer.claims("machine", "mcp:connect")), "static-token"),
+        ("a subject with a line break", key.sign(&issuer.claims("alice\nINFO forged", "mcp:connect")), "valid sub claim"),
+        ("a subject with a terminal escape", key.sign(&issuer.claims("alice\u{1b}[2K", "mcp:connect")), "valid sub claim"),
+        ("a subject with a C1 control", key.sign(&issuer.claims("alice\u{85}root", "mcp:connect")), "valid sub claim"),
+        ("an empty subject", key.sign(&issuer.claims("", "mcp:connect")), "valid sub claim"),
+        ("a subject over 256 bytes", key.sign(&issuer.claims(&"a".repeat(257), "mcp:connect")), "valid sub claim"),
+        ("a subject that is not a string", key.sign(&json!({"iss": issuer.url, "sub": 42, "aud": RESOURCE, "exp": now() + 600, "scope": "mcp:connect"})), "valid sub claim"),
         ("garbage", "not.a.jwt".into(), "well-formed"),
         ("too long", format!("{}.{}.{}", "a".repeat(9000), "b".repeat(9000), "c"), "well-formed"),
     ];
@@ -1128,4 +1137,160 @@ async fn a_parked_call_is_resumed_only_with_the_grants_that_began_it() {
         done["result"]["content"][0]["text"], "model said: yes",
         "{done}"
     );
+}
+
+/// POSTs an initialize with `token` to `path` of `gw`.
+async fn initialize_at(gw: &TestGateway, path: &str, token: &str) -> support::Resp {
+    let mut c = Client::new(format!("http://{}{path}", gw.addr));
+    c.token = Some(token.to_owned());
+    c.post(
+        json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+            "protocolVersion":"2025-11-25","capabilities":{},
+            "clientInfo":{"name":"t","version":"1"}}})
+        .to_string(),
+    )
+    .await
+}
+
+/// With several issuers, each one's principals and groups carry its `principal_prefix`: issuer
+/// B's `alice` (or `a:alice`, or group `eng`) is not issuer A's, neither for A's alice's session
+/// nor for profiles granted to A's names; and a token naming A as `iss` but signed with one of
+/// B's keys (even under a key id A uses too) is refused.
+#[tokio::test]
+async fn several_issuers_keep_their_principals_and_groups_apart() {
+    let key_a = SigningKey::es256("k");
+    let key_b = SigningKey::es256("k"); // the same key id at the other issuer
+    let only_b = SigningKey::ed25519("b-only");
+    let a = Issuer::start(&[&key_a]).await;
+    let b = Issuer::start(&[&key_b, &only_b]).await;
+    let top = format!(
+        "auth:
+  oauth:
+    resource: {RESOURCE}
+    key_refetch_interval: 300ms
+    issuers:
+      - {{ issuer: {ia:?}, jwks_uri: {ja:?}, principal_prefix: \"a:\" }}
+      - {{ issuer: {ib:?}, jwks_uri: {jb:?}, principal_prefix: \"b:\" }}
+mcp:
+  root_access: {{ everyone: true }}
+profiles:
+  - {{ name: alice, grant: {{ principals: [\"a:alice\"] }}, servers: [{{ name: ex }}] }}
+  - {{ name: eng, grant: {{ groups: [\"a:eng\"] }}, servers: [{{ name: ex }}] }}
+  - {{ name: bare, grant: {{ principals: [alice], groups: [eng] }}, servers: [{{ name: ex }}] }}
+",
+        ia = a.url,
+        ja = format!("{}/jwks", a.url),
+        ib = b.url,
+        jb = format!("{}/jwks", b.url),
+    );
+    let gw = TestGateway::start(&top, &[example("ex", &[], "")]).await;
+    // A token `key` signs for `issuer`'s `sub`, with `groups`, for the endpoint `aud`.
+    let token = |key: &SigningKey, issuer: &Issuer, sub: &str, groups: Value, aud: &str| {
+        let mut claims = issuer.claims(sub, "mcp");
+        claims["groups"] = groups;
+        claims["aud"] = json!(aud);
+        key.sign(&claims)
+    };
+    let list = json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}).to_string();
+
+    // A's alice opens a session; another token of hers uses it, B's alice cannot (it does not
+    // exist for her), nor can B's `a:alice`.
+    let mut alice_a = with_token(&gw, &token(&key_a, &a, "alice", json!([]), RESOURCE));
+    alice_a.initialize(json!({})).await;
+    let mut again = a.claims("alice", "mcp");
+    again["jti"] = json!("again");
+    let mut same = with_token(&gw, &key_a.sign(&again));
+    same.session = alice_a.session.clone();
+    let r = same.post(list.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for (what, sub) in [("B's alice", "alice"), ("B's a:alice", "a:alice")] {
+        let mut intruder = with_token(&gw, &token(&key_b, &b, sub, json!([]), RESOURCE));
+        intruder.session = alice_a.session.clone();
+        let r = intruder.post(list.clone()).await;
+        assert_eq!(r.status, 404, "{what}: {}", r.body);
+    }
+    // B's alice has sessions of her own, which A's alice cannot use either.
+    let mut alice_b = with_token(&gw, &token(&key_b, &b, "alice", json!([]), RESOURCE));
+    alice_b.initialize(json!({})).await;
+    let mut intruder = alice_a.clone();
+    intruder.session = alice_b.session.clone();
+    let r = intruder.post(list.clone()).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+
+    // A profile granted to principal `a:alice` opens to A's alice only.
+    let at = |p: &str| format!("{RESOURCE}/{p}");
+    let r = initialize_at(
+        &gw,
+        "/mcp/alice",
+        &token(&key_a, &a, "alice", json!([]), &at("alice")),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for sub in ["alice", "a:alice"] {
+        let r = initialize_at(
+            &gw,
+            "/mcp/alice",
+            &token(&key_b, &b, sub, json!([]), &at("alice")),
+        )
+        .await;
+        assert_eq!(r.status, 403, "B's {sub}: {}", r.body);
+    }
+    // One granted to group `a:eng` opens to A's group eng only: B's eng is `b:eng`, and B's
+    // `a:eng` is `b:a:eng`.
+    let r = initialize_at(
+        &gw,
+        "/mcp/eng",
+        &token(&key_a, &a, "carol", json!(["eng"]), &at("eng")),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for group in ["eng", "a:eng"] {
+        let r = initialize_at(
+            &gw,
+            "/mcp/eng",
+            &token(&key_b, &b, "carol", json!([group]), &at("eng")),
+        )
+        .await;
+        assert_eq!(r.status, 403, "B's group {group}: {}", r.body);
+    }
+    // The bare names grant no one: every principal and group of either issuer is prefixed.
+    for (key, issuer) in [(&key_a, &a), (&key_b, &b)] {
+        let r = initialize_at(
+            &gw,
+            "/mcp/bare",
+            &token(key, issuer, "alice", json!(["eng"]), &at("bare")),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{}'s alice: {}", issuer.url, r.body);
+    }
+
+    // A token claiming A as its issuer but signed by B is refused: under the key id both use
+    // (A's key does not verify it), or under one only B publishes (A has no such key).
+    for (what, forged, says) in [
+        (
+            "B's key under A's key id",
+            token(&key_b, &a, "alice", json!([]), RESOURCE),
+            "signature",
+        ),
+        (
+            "a key only B has",
+            token(&only_b, &a, "alice", json!([]), RESOURCE),
+            "no signing key",
+        ),
+        (
+            "A's key, claiming B",
+            token(&key_a, &b, "alice", json!([]), RESOURCE),
+            "signature",
+        ),
+    ] {
+        let r = initialize(&gw, Some(&forged)).await;
+        assert_eq!(r.status, 401, "{what}: {}", r.body);
+        let c = challenge(&r);
+        assert!(c.contains("error=\"invalid_token\""), "{what}: {c}");
+        assert!(
+            c.contains(says),
+            "{what}: the description should mention {says:?}: {c}"
+        );
+    }
+    gw.stop().await;
 }

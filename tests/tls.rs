@@ -476,3 +476,178 @@ async fn required_client_certificates_refuse_connections_without_one() {
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
+
+/// An ES256 key of a test OAuth issuer: its private half and its public JWK (kid `k`).
+struct JwtKey {
+    encoding: jsonwebtoken::EncodingKey,
+    jwk: Value,
+}
+
+impl JwtKey {
+    fn new() -> JwtKey {
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+        let b64 = |b: &[u8]| {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+        };
+        let rng = ring::rand::SystemRandom::new();
+        let alg = &ECDSA_P256_SHA256_FIXED_SIGNING;
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
+        let point = pair.public_key().as_ref(); // 0x04 ‖ x ‖ y
+        JwtKey {
+            encoding: jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+            jwk: json!({"kty": "EC", "crv": "P-256", "kid": "k", "use": "sig", "alg": "ES256",
+                        "x": b64(&point[1..33]), "y": b64(&point[33..])}),
+        }
+    }
+
+    /// A token of `iss` for `sub`, valid for ten minutes at the endpoint `aud`.
+    fn sign(&self, iss: &str, sub: &str, aud: &str) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("k".into());
+        let claims = json!({"iss": iss, "sub": sub, "aud": aud, "exp": now + 600, "iat": now});
+        jsonwebtoken::encode(&header, &claims, &self.encoding).unwrap()
+    }
+}
+
+/// Serves the JWK set `{"keys": [jwk]}` on a loopback port, whatever is asked; `http://addr`.
+async fn serve_jwks(jwk: Value) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let set = Bytes::from(json!({"keys": [jwk]}).to_string());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let set = set.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let set = set.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(set)))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    url
+}
+
+/// POSTs an initialize to `path` with `token`; the HTTP status and the `WWW-Authenticate`
+/// challenge, if any.
+async fn initialize_challenge(
+    client: &Https,
+    gw: &TestGateway,
+    path: &str,
+    token: &str,
+) -> (u16, String) {
+    let body = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+        "protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}});
+    let req = http::Request::post(format!("https://localhost:{}{path}", gw.addr.port()))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let challenge = resp
+        .headers()
+        .get("www-authenticate")
+        .map_or(String::new(), |v| v.to_str().unwrap().to_owned());
+    (resp.status().as_u16(), challenge)
+}
+
+/// An OAuth access token whose `sub` names a principal client certificates map to is refused
+/// (401, saying so) with or without that certificate, so an issuer cannot mint the agent's
+/// identity or open the profile granted to it; the certificate itself still does.
+#[tokio::test]
+async fn an_access_token_cannot_pose_as_a_client_certificate_principal() {
+    let pki = Pki::new("oauth");
+    let key = JwtKey::new();
+    let issuer = serve_jwks(key.jwk.clone()).await;
+    let resource = "https://localhost/mcp";
+    let agents = format!("{resource}/agents");
+    let top = format!(
+        "auth:
+  oauth:
+    resource: {resource}
+    issuers: [{{ issuer: {issuer:?}, jwks_uri: {jwks:?} }}]
+tls:
+  cert_file: {cert:?}
+  key_file: {key_file:?}
+  client_auth:
+    ca_file: {ca:?}
+    principals: [{{uri: \"spiffe://test/agent\", principal: agent}}, {{dns: agent.test, principal: other-agent}}]
+mcp:
+  root_access: {{principals: [agent, carol]}}
+profiles:
+  - {{name: agents, grant: {{principals: [agent, other-agent]}}, servers: [{{name: a}}]}}",
+        jwks = format!("{issuer}/jwks"),
+        cert = pki.path("cert.pem"),
+        key_file = pki.path("key.pem"),
+        ca = pki.path("client-ca.pem"),
+    );
+    let gw = TestGateway::start(&top, &[example("a", &[], "")]).await;
+    let plain = https(pki.client(None));
+
+    // The issuer is trusted: its token for another principal works where that one is granted,
+    // and only there.
+    let (status, c) =
+        initialize_challenge(&plain, &gw, "/mcp", &key.sign(&issuer, "carol", resource)).await;
+    assert_eq!(status, 200, "{c}");
+    let (status, _) = initialize_challenge(
+        &plain,
+        &gw,
+        "/mcp/agents",
+        &key.sign(&issuer, "carol", &agents),
+    )
+    .await;
+    assert_eq!(status, 403);
+
+    // Its tokens naming a certificate's principal are refused, at the root and at the
+    // profile granted to that principal.
+    for (path, sub, aud) in [
+        ("/mcp", "agent", resource),
+        ("/mcp/agents", "agent", agents.as_str()),
+        ("/mcp/agents", "other-agent", agents.as_str()),
+    ] {
+        let (status, c) =
+            initialize_challenge(&plain, &gw, path, &key.sign(&issuer, sub, aud)).await;
+        assert_eq!(status, 401, "{sub} at {path}: {c}");
+        assert!(
+            c.contains("error=\"invalid_token\""),
+            "{sub} at {path}: {c}"
+        );
+        assert!(
+            c.contains("client-certificate principal"),
+            "{sub} at {path}: {c}"
+        );
+    }
+
+    // Over the agent's own connection the token is still judged by itself (no fall-back to the
+    // certificate), and the certificate alone still opens the profile.
+    let agent = https(pki.client(Some(Pki::client_cert(
+        &pki.client_ca,
+        "spiffe://test/agent",
+    ))));
+    let (status, c) = initialize_challenge(
+        &agent,
+        &gw,
+        "/mcp/agents",
+        &key.sign(&issuer, "agent", &agents),
+    )
+    .await;
+    assert_eq!(status, 401, "{c}");
+    assert!(c.contains("client-certificate principal"), "{c}");
+    let (status, _, _) = initialize(&agent, &gw, "/mcp/agents", None).await.unwrap();
+    assert_eq!(status, 200);
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
