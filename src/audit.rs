@@ -988,15 +988,6 @@ fn last_link(path: &Path, public_key: Option<&[u8]>) -> std::io::Result<(u64, St
             source.display()
         ))
     })?;
-    if public_key.is_some()
-        && checked.records > checked.unsigned_tail
-        && checked.signed_checkpoints == 0
-    {
-        return Err(std::io::Error::other(format!(
-            "{} has no checkpoint signed by audit.signing_key: move it aside to start a new trail",
-            source.display()
-        )));
-    }
     Ok((
         checked.last_seq,
         sha256_hex(last.as_bytes()),
@@ -1040,6 +1031,10 @@ pub struct Verified {
     pub last_seq: u64,
     /// Records after the last checkpoint (not yet covered by a signature).
     pub unsigned_tail: u64,
+    /// Records a restart found after the last checkpoint (a crash before one, or someone
+    /// else's hand), which later checkpoints sign only as that restart found them; with the
+    /// 1-based line of the first such restart.
+    pub found_unsigned: Option<(u64, usize)>,
 }
 
 /// Where and why a chain is broken.
@@ -1106,6 +1101,7 @@ pub fn verify(text: &str, public_key: Option<&[u8]>) -> Result<Verified, Broken>
         first_seq: 0,
         last_seq: 0,
         unsigned_tail: 0,
+        found_unsigned: None,
     };
     let mut prev: Option<String> = None;
     for (i, line) in text.lines().enumerate() {
@@ -1155,6 +1151,27 @@ pub fn verify(text: &str, public_key: Option<&[u8]>) -> Result<Verified, Broken>
                         out.last_seq
                     )));
                 }
+            }
+        }
+        if kind == "restart" {
+            let said = v
+                .get("unsigned_before")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            // What a restart says it found is what the chain holds before it (but for a
+            // file's first record, which may speak of the file before it: a restart just
+            // after a rotation).
+            if out.records > 0 && said != out.unsigned_tail {
+                return Err(broken(format!(
+                    "a restart says {said} records came after the last checkpoint; {} did",
+                    out.unsigned_tail
+                )));
+            }
+            if said > 0 {
+                out.found_unsigned = Some(match out.found_unsigned {
+                    Some((count, line)) => (count + said, line),
+                    None => (said, i + 1),
+                });
             }
         }
         out.unsigned_tail += 1;

@@ -187,6 +187,17 @@ fn main() -> anyhow::Result<()> {
                         "ok: {} records (seq {} to {}), chain anchored at {}; {signatures}; {} records after the last checkpoint",
                         v.records, v.first_seq, v.last_seq, v.anchor, v.unsigned_tail,
                     );
+                    // Signed, but only as a restart found them: the signature proves nothing
+                    // of what they were before. Said, and (where signatures were asked to be
+                    // checked) exit status 2, for scripts.
+                    if let Some((count, line)) = v.found_unsigned {
+                        println!(
+                            "warning: a restart (line {line}) found {count} records after the last checkpoint (a crash before one, or someone else's hand): the checkpoints after it sign them only as found"
+                        );
+                        if key.is_some() {
+                            std::process::exit(2);
+                        }
+                    }
                 }
                 Err(broken) => {
                     println!("broken: {}: {broken}", file.display());

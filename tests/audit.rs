@@ -14,6 +14,12 @@ use support::{BIN, TestGateway, example, wasm};
 const SEED: [u8; 32] = [42; 32];
 
 fn verify(file: &std::path::Path, key: Option<&str>) -> (bool, String) {
+    let (code, out) = verify_status(file, key);
+    (code == 0, out)
+}
+
+/// `gatehouse audit verify`'s exit status and what it printed.
+fn verify_status(file: &std::path::Path, key: Option<&str>) -> (i32, String) {
     let mut cmd = Command::new(BIN);
     cmd.args(["audit", "verify"]).arg(file);
     if let Some(k) = key {
@@ -21,7 +27,7 @@ fn verify(file: &std::path::Path, key: Option<&str>) -> (bool, String) {
     }
     let out = cmd.output().unwrap();
     (
-        out.status.success(),
+        out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
 }
@@ -384,4 +390,218 @@ async fn a_collector_that_is_down_loses_nothing_from_the_file() {
         .count();
     assert_eq!(calls, 5);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A fresh directory for one test's trail, named after `what`.
+fn trail_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("gatehouse-audit-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The `top` YAML of a gateway writing its trail to `file`, signed with [`SEED`] (its key
+/// file written in `dir`).
+fn signed_audit_top(dir: &std::path::Path, file: &std::path::Path) -> String {
+    let key_file = dir.join("audit.key");
+    std::fs::write(&key_file, format!("{}\n", "2a".repeat(32))).unwrap();
+    format!("audit:\n  file: {file:?}\n  signing_key: {{ file: {key_file:?} }}\n")
+}
+
+/// Writes a trail in `dir` through a gateway signing with [`SEED`]: three calls, then the
+/// checkpoint at shutdown. Returns the file, its gateway's `top` YAML, and the public key.
+async fn signed_trail(dir: &std::path::Path) -> (std::path::PathBuf, String, String) {
+    let file = dir.join("audit.jsonl");
+    let top = signed_audit_top(dir, &file);
+    let gw = TestGateway::start(&top, &[example("ex", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    for id in 1..=3 {
+        assert_eq!(c.tool_text(id, "echo", json!({"text": "x"})).await, "x");
+    }
+    gw.stop().await;
+    let public = Ed25519KeyPair::from_seed_unchecked(&SEED).unwrap();
+    let public = base64::engine::general_purpose::STANDARD.encode(public.public_key().as_ref());
+    let (ok, out) = verify(&file, Some(&public));
+    assert!(ok, "the trail as written verifies: {out}");
+    (file, top, public)
+}
+
+/// Why a gateway configured with `top` (and an example upstream) does not start.
+async fn start_refusal(top: &str) -> String {
+    let yaml = format!(
+        "listen: 127.0.0.1:0\n{top}\nupstreams:\n{}",
+        example("ex", &[], "")
+    );
+    let config = gatehouse::Config::from_yaml(&yaml).unwrap();
+    match gatehouse::start(config).await {
+        Ok(running) => {
+            running.shutdown().await;
+            panic!("the gateway started over the trail");
+        }
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A trail whose last checkpoint lost its `signature` is refused when a public key is given
+/// ("an unsigned checkpoint", at that line), as is a gateway reopening it with its signing
+/// key; without a key the chain alone still verifies.
+#[tokio::test]
+async fn a_checkpoint_stripped_of_its_signature_is_refused_with_a_key() {
+    let dir = trail_dir("unsigned-cp");
+    let (file, top, public) = signed_trail(&dir).await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let last = lines.len() - 1;
+    assert!(
+        lines[last].contains(r#""kind":"checkpoint""#),
+        "the trail ends with its checkpoint: {text}"
+    );
+    // The signature member cut out; the line is still the last, so the chain holds.
+    let at = lines[last].find(r#","signature":""#).expect("a signature");
+    let value = at + r#","signature":""#.len();
+    let end = value + lines[last][value..].find('"').unwrap() + 1;
+    lines[last].replace_range(at..end, "");
+    assert!(!lines[last].contains("signature"), "{}", lines[last]);
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+
+    let (ok, out) = verify(&file, Some(&public));
+    assert!(!ok, "{out}");
+    assert_eq!(
+        out.trim_end(),
+        format!(
+            "broken: {}: line {}: an unsigned checkpoint",
+            file.display(),
+            last + 1
+        )
+    );
+    let (ok, out) = verify(&file, None);
+    assert!(ok, "the chain itself is intact: {out}");
+    assert!(out.contains("signatures not checked"), "{out}");
+    // The library says the same.
+    let key = gatehouse::audit::public_key(&public).unwrap();
+    let broken =
+        gatehouse::audit::verify(&std::fs::read_to_string(&file).unwrap(), Some(&key)).unwrap_err();
+    assert_eq!(
+        (broken.line, broken.reason.as_str()),
+        (last + 1, "an unsigned checkpoint")
+    );
+    // A gateway with the signing key will not sign on over it.
+    let refusal = start_refusal(&top).await;
+    assert!(
+        refusal.contains("does not verify")
+            && refusal.contains(&format!("line {}: an unsigned checkpoint", last + 1)),
+        "{refusal}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The SHA-256 of `line`, in hex, as the trail chains its lines.
+fn line_hash(line: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, line.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A trail with every checkpoint removed and the rest re-chained from the genesis (sequence
+/// numbers and `prev` hashes recomputed as the writer does) is a sound chain, but
+/// `audit verify --public-key` refuses it: no checkpoint signed by the key. A gateway that
+/// then reopens it signs on, but its restart record says how many records it found unsigned,
+/// and verify says so (exit status 2 with a key): the later signature proves nothing of them.
+#[tokio::test]
+async fn a_trail_rechained_without_checkpoints_has_none_signed_by_the_key() {
+    let dir = trail_dir("no-cp");
+    let (file, top, public) = signed_trail(&dir).await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut prev = "0".repeat(64);
+    let mut forged = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.contains(r#""kind":"checkpoint""#))
+    {
+        // The writer ends each line with `"seq":N,"prev":"…","time":"…"}`.
+        let seq_at = line.rfind(r#""seq":"#).unwrap();
+        let time_at = line.rfind(r#","time":""#).unwrap();
+        let rewritten = format!(
+            "{}\"seq\":{},\"prev\":\"{prev}\"{}",
+            &line[..seq_at],
+            forged.len() + 1,
+            &line[time_at..]
+        );
+        prev = line_hash(&rewritten);
+        forged.push(rewritten);
+    }
+    assert!(forged.len() >= 3, "{text}");
+    std::fs::write(&file, forged.join("\n") + "\n").unwrap();
+
+    // Without a key the chain verifies, from the genesis, with every record unsigned.
+    let (ok, out) = verify(&file, None);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "ok: {} records (seq 1 to {})",
+            forged.len(),
+            forged.len()
+        )) && out.contains(&format!("chain anchored at {}", "0".repeat(64)))
+            && out.contains(&format!(
+                "{} records after the last checkpoint",
+                forged.len()
+            )),
+        "{out}"
+    );
+    let (ok, out) = verify(&file, Some(&public));
+    assert!(!ok, "{out}");
+    assert_eq!(
+        out.trim_end(),
+        format!(
+            "broken: {}: no checkpoint signed by the key ({} records)",
+            file.display(),
+            forged.len()
+        )
+    );
+
+    // The gateway carries on over it (as over a crash before its first checkpoint), saying so.
+    let gw = TestGateway::start(&top, &[example("ex", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    assert_eq!(c.tool_text(1, "echo", json!({"text": "x"})).await, "x");
+    gw.stop().await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    let restart = text.lines().nth(forged.len()).unwrap();
+    assert!(
+        restart.contains(&format!(r#""unsigned_before":{}"#, forged.len())),
+        "{restart}"
+    );
+    let warning = format!(
+        "warning: a restart (line {}) found {} records after the last checkpoint",
+        forged.len() + 1,
+        forged.len()
+    );
+    let (code, out) = verify_status(&file, Some(&public));
+    assert_eq!(code, 2, "{out}");
+    assert!(out.starts_with("ok: ") && out.contains(&warning), "{out}");
+    let (code, out) = verify_status(&file, None);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&warning), "{out}");
+    // The admission cannot be shrunk: a restart that says fewer than it found is refused.
+    let shrunk = text.replace(
+        &format!(r#""unsigned_before":{}"#, forged.len()),
+        r#""unsigned_before":1"#,
+    );
+    // Kept up to the restart, its last line: no later `prev` to mend.
+    let kept: Vec<&str> = shrunk.lines().take(forged.len() + 1).collect();
+    std::fs::write(&file, kept.join("\n") + "\n").unwrap();
+    let (ok, out) = verify(&file, None);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "line {}: a restart says 1 records came after the last checkpoint; {} did",
+            forged.len() + 1,
+            forged.len()
+        )),
+        "{out}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

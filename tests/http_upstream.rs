@@ -1769,3 +1769,185 @@ async fn an_sse_event_id_that_is_not_a_header_value_fails_the_call() {
     assert_eq!(c.tool_text(5, "ex__echo", json!({"text":"hi"})).await, "hi");
     gw.stop().await;
 }
+
+const ALICE: &str = "alice-token-0123456789";
+const BOB: &str = "bob-token-0123456789";
+
+/// Calls tool `name` as a 2026-07-28 client (elicitation declared) through `c` (its URL and
+/// token), with `extra` params (a retry's `requestState` and `inputResponses`).
+async fn stateless_call_as(
+    c: &support::Client,
+    id: u64,
+    name: &str,
+    arguments: serde_json::Value,
+    extra: serde_json::Value,
+) -> support::Resp {
+    let mut params = json!({"name":name,"arguments":arguments,"_meta":{
+        "io.modelcontextprotocol/protocolVersion":"2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities":{"elicitation":{}}}});
+    for (k, v) in extra.as_object().unwrap() {
+        params[k] = v.clone();
+    }
+    let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":params});
+    let req = c
+        .request("POST", Bytes::new())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", name)
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    c.send(req).await
+}
+
+/// A client of `gw` at `path` with bearer `token`.
+fn client_at(gw: &TestGateway, path: &str, token: &str) -> support::Client {
+    let mut c = support::Client::new(format!("http://{}{path}", gw.addr));
+    c.token = Some(token.into());
+    c
+}
+
+/// A 2026-07-28 server that asks one question (its state `UPSTREAM-STATE`) on a first call and
+/// on a retry answers with the state and answers it was handed back.
+async fn asking_once_server() -> (String, SeenCalls) {
+    asking_server(|_, params| match params.get("requestState") {
+        Some(state) => json!({"resultType":"complete","content":[{"type":"text",
+            "text":format!("done {state} {}", params["inputResponses"])}]}),
+        None => asking(1, "UPSTREAM-STATE"),
+    })
+    .await
+}
+
+/// A 2026 upstream's `requestState`, relayed sealed to a 2026-07-28 client, opens only the
+/// retry of its own call by its own principal on its own endpoint: replayed on another tool,
+/// by another principal, or at a profile's endpoint it is refused (400, -32602, saying why)
+/// and never reaches the server; the caller's own retry then finishes the call.
+#[tokio::test]
+async fn a_relayed_request_state_is_refused_on_another_tool_principal_or_endpoint() {
+    let (url, seen) = asking_once_server().await;
+    let top = format!(
+        "auth: {{tokens: [{{principal: alice, token: {ALICE}}}, {{principal: bob, token: {BOB}}}]}}
+mcp: {{root_access: {{principals: [alice, bob]}}}}
+profiles:
+  - name: p
+    grant: {{principals: [alice, bob]}}
+    servers: [{{name: asks}}, {{name: ex}}]
+"
+    );
+    let gw = TestGateway::start(
+        &top,
+        &[http_upstream("asks", "auto", &url), example("ex", &[], "")],
+    )
+    .await;
+    let alice = client_at(&gw, "/mcp", ALICE);
+    let bob = client_at(&gw, "/mcp", BOB);
+    let at_profile = client_at(&gw, "/mcp/p", ALICE);
+    let args = json!({"q": 1});
+    let first = stateless_call_as(&alice, 1, "asks__t", args.clone(), json!({})).await;
+    let first = first.response();
+    assert_eq!(first["result"]["resultType"], "input_required", "{first}");
+    let state = first["result"]["requestState"].as_str().unwrap().to_owned();
+    assert!(!state.contains("UPSTREAM-STATE"), "sealed: {state}");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    let answers = json!({"q00":{"action":"accept","content":{"forged":true}}});
+    let retry = json!({"requestState": state, "inputResponses": answers});
+    let refused = |r: &support::Resp, message: &str| {
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert_eq!(error_message(&r.json(), -32602), message, "{}", r.body);
+        assert!(!r.body.contains("UPSTREAM-STATE"), "{}", r.body);
+    };
+    // Another tool, same caller: the echo server never sees it either.
+    let r = stateless_call_as(&alice, 2, "ex__echo", json!({"text":"hi"}), retry.clone()).await;
+    refused(
+        &r,
+        "requestState belongs to another request (tools/call asks__t)",
+    );
+    // Another principal, same tool.
+    let r = stateless_call_as(&bob, 3, "asks__t", args.clone(), retry.clone()).await;
+    refused(
+        &r,
+        "requestState was not issued to this caller on this endpoint",
+    );
+    // The same caller and tool at a profile's endpoint.
+    let r = stateless_call_as(&at_profile, 4, "asks__t", args.clone(), retry.clone()).await;
+    refused(
+        &r,
+        "requestState was not issued to this caller on this endpoint",
+    );
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "no refused retry reached the server"
+    );
+    // None of them spent it: the caller's own retry finishes the call, the state handed back.
+    let answers = json!({"q00":{"action":"accept","content":{"real":true}}});
+    let done = stateless_call_as(
+        &alice,
+        5,
+        "asks__t",
+        args.clone(),
+        json!({"requestState": state, "inputResponses": answers}),
+    )
+    .await
+    .response();
+    let text = done["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{done}"));
+    assert!(
+        text.starts_with(r#"done "UPSTREAM-STATE""#)
+            && text.contains("real")
+            && !text.contains("forged"),
+        "{done}"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    assert_eq!(
+        seen.lock().unwrap()[1]["requestState"],
+        "UPSTREAM-STATE",
+        "the server's own state handed back"
+    );
+    gw.stop().await;
+}
+
+/// A relayed `requestState` lives as long as a parked call may wait (here the 1 s session idle
+/// timeout): retried after that it is refused as expired (400, -32602) without reaching the
+/// server, and the call asked afresh goes on as usual.
+#[tokio::test]
+async fn an_expired_relayed_request_state_is_refused() {
+    let (url, seen) = asking_once_server().await;
+    let gw = TestGateway::start(
+        "mcp: {session_idle_timeout: 1s}",
+        &[http_upstream("asks", "auto", &url), example("ex", &[], "")],
+    )
+    .await;
+    let args = json!({"q": 1});
+    let first = stateless_call(&gw, 1, "asks__t", args.clone())
+        .await
+        .response();
+    let state = first["result"]["requestState"].as_str().unwrap().to_owned();
+    let answers = json!({"q00":{"action":"accept","content":{}}});
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let r = stateless_retry(&gw, 2, args.clone(), &state, answers.clone()).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(
+        error_message(&r.json(), -32602),
+        "requestState has expired or was already used; send the request again without it"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1, "the server saw no retry");
+    // Asked again, the fresh state is taken at once.
+    let again = stateless_call(&gw, 3, "asks__t", args.clone())
+        .await
+        .response();
+    let state = again["result"]["requestState"].as_str().unwrap().to_owned();
+    let done = stateless_retry(&gw, 4, args, &state, answers)
+        .await
+        .response();
+    assert!(
+        done["result"]["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with(r#"done "UPSTREAM-STATE""#)),
+        "{done}"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 3);
+    gw.stop().await;
+}

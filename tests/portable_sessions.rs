@@ -184,3 +184,75 @@ async fn an_old_id_or_a_full_replica_is_told_apart_from_a_gone_session() {
     assert_eq!(at(&alice, &young).post(list.clone()).await.status, 404);
     assert_eq!(alice.post(list).await.status, 200);
 }
+
+/// A portable session's sealed server-request id is answered only by its own session: the
+/// same principal's other session and another principal's session, posting a forged result
+/// with that id on either replica, are not delivered (whatever the front answers them), and
+/// the server receives the real answer.
+#[tokio::test]
+async fn a_sealed_server_request_id_is_answered_only_by_its_own_session() {
+    let dir = key_dir();
+    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
+    let a = replica(&inner, &[(1, KEY)], &dir).await;
+    let b = replica(&inner, &[(1, KEY)], &dir).await;
+
+    let mut on_a = a.client();
+    on_a.token = Some(ALICE.into());
+    on_a.initialize(json!({"sampling": {}})).await;
+    let on_b = at(&on_a, &b);
+    let mut alice_again = a.client();
+    alice_again.token = Some(ALICE.into());
+    alice_again.initialize(json!({"sampling": {}})).await;
+    assert_ne!(alice_again.session, on_a.session);
+    let mut bob = a.client();
+    bob.token = Some(BOB.into());
+    bob.initialize(json!({"sampling": {}})).await;
+
+    let mut stream = on_b
+        .stream(json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"sample","arguments":{"prompt":"hi"}}}))
+        .await;
+    let ask = stream.next().await.expect("the sampling request");
+    assert_eq!(ask["method"], "sampling/createMessage", "{ask}");
+    assert!(ask["id"].is_string(), "sealed: {ask}");
+    let answer = |text: &str| {
+        json!({"jsonrpc":"2.0","id":ask["id"],"result":{"role":"assistant","model":"m",
+            "content":{"type":"text","text":text}}})
+        .to_string()
+    };
+    // The forgeries, on the replica that relayed the request and on the other one.
+    for (who, c) in [
+        ("alice's other session on A", alice_again.clone()),
+        ("alice's other session on B", at(&alice_again, &b)),
+        ("bob's session on A", bob.clone()),
+        ("bob's session on B", at(&bob, &b)),
+    ] {
+        let r = c.post(answer(&format!("forged by {who}"))).await;
+        assert!(r.status < 500, "{who}: {} {}", r.status, r.body);
+    }
+    // Nothing was delivered: the call still waits for its answer.
+    assert!(
+        stream
+            .next_within(std::time::Duration::from_millis(300))
+            .await
+            .is_none(),
+        "the call ended on a forged answer"
+    );
+    assert_eq!(on_a.post(answer("the real one")).await.status, 202);
+    let done = stream.next().await.expect("the call's result");
+    assert_eq!(done["id"], 1);
+    assert_eq!(
+        done["result"]["content"][0]["text"], "model said: the real one",
+        "{done}"
+    );
+    // The other sessions serve on.
+    assert_eq!(
+        bob.tool_text(2, "echo", json!({"text": "bob"})).await,
+        "bob"
+    );
+    assert_eq!(
+        alice_again
+            .tool_text(3, "echo", json!({"text": "again"}))
+            .await,
+        "again"
+    );
+}
