@@ -592,3 +592,79 @@ cat >/dev/null
     assert_eq!(c.tool_text(1, "a__echo", json!({"text":"ok"})).await, "ok");
     gw.stop().await;
 }
+
+/// The resident set size of this process (the gateway runs in it), in bytes.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A stdio server that answers a call with one stdout line longer than the 64 MiB bound (and
+/// no newline) fails that call with -32010 within seconds rather than buffering without end;
+/// doing it again does not grow the gateway's memory by another line's worth, and another
+/// upstream keeps answering.
+#[tokio::test]
+async fn a_stdout_line_over_the_bound_fails_the_call_and_spares_the_rest() {
+    // Answers initialize and tools/list like a server; a call gets 70 MB of `a` and no newline.
+    let script = r#"while IFS= read -r line; do
+id=$(printf '%s' "$line" | sed -n 's/.*"id":\([^,}]*\).*/\1/p')
+case "$line" in
+*'"initialize"'*) printf '{"jsonrpc":"2.0","id":%s,"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"flood","version":"1"}}}\n' "$id";;
+*'"tools/list"'*) printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[{"name":"flood","inputSchema":{"type":"object"}}]}}\n' "$id";;
+*'"tools/call"'*) head -c 70000000 /dev/zero | tr '\0' a; sleep 60;;
+esac
+done
+"#;
+    let flood = format!(
+        "  - name: flood\n    stdio: {{ command: sh, args: [\"-c\", {}] }}\n    call_timeout: 60s\n",
+        serde_json::to_string(script).unwrap()
+    );
+    let gw = TestGateway::start("", &[flood, example("ex", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let mut rss = Vec::new();
+    for round in 0..3u64 {
+        let started = std::time::Instant::now();
+        let resp = tokio::time::timeout(
+            Duration::from_secs(30),
+            c.call(
+                10 + round,
+                "tools/call",
+                json!({"name":"flood__flood","arguments":{}}),
+            ),
+        )
+        .await
+        .expect("the call ends");
+        let took = started.elapsed();
+        assert_eq!(resp["error"]["code"], -32010, "round {round}: {resp}");
+        assert!(
+            took < Duration::from_secs(10),
+            "round {round}: took {took:?}"
+        );
+        assert!(
+            resp["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("'flood' is unavailable")
+                    && m.contains("sent a line over 64 MiB")),
+            "{resp}"
+        );
+        rss.push(rss_bytes());
+        assert_eq!(
+            c.tool_text(20 + round, "ex__echo", json!({"text": "still here"}))
+                .await,
+            "still here"
+        );
+    }
+    // An over-long line's room is given back: another two do not add another line's worth.
+    assert!(
+        rss[2] < rss[0] + (64 << 20),
+        "resident set grew from {} to {} bytes",
+        rss[0],
+        rss[2]
+    );
+    gw.stop().await;
+}

@@ -2230,3 +2230,340 @@ async fn a_new_leader_learns_whom_it_took_the_lease_from_by_its_signed_relay() {
     stopping.await.unwrap();
     e.shutdown().await;
 }
+
+/// Creates a well-behaved McpServer `name` and waits until the runtime runs it: the watch
+/// has then delivered every change made before.
+async fn take_up_sentinel(fake: &FakeKube, rt: &KubeRuntime, name: &str) {
+    fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": name}, "spec": {"image": "ghcr.io/gatehouse/example:1",
+            "command": GATEHOUSE, "args": ["example-server", "--name", name]}}),
+    );
+    let start = Instant::now();
+    while rt.status(name).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(5), "{name} seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rt.wait_ready(name, Duration::from_secs(10)).await.unwrap();
+}
+
+/// With `watch_mcpservers` on, an McpServer named like a server of the configuration file
+/// does not replace it, whether it appears while the gateway runs, is edited, is there when
+/// the gateway restarts, or is deleted: nothing it says reaches the API server, the operator's
+/// pod keeps running its configured image without an McpServer owner, and other resources
+/// are still taken up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcpserver_named_like_a_config_server_does_not_replace_it() {
+    let fake = FakeKube::start().await;
+    let opts = KubeOptions {
+        watch_mcpservers: true,
+        ..options()
+    };
+    let configured = example("keep", "ghcr.io/gatehouse/example:1", &[])
+        .resolve()
+        .unwrap();
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts.clone());
+    rt.sync(vec![configured.clone()]).await.unwrap();
+    rt.wait_ready("keep", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let pod_before = fake.pod_of(NS, "mcp-keep").unwrap()["metadata"]["uid"].clone();
+    let evil = |step: &str| {
+        json!({"image": "evil.example/x:1", "command": GATEHOUSE,
+            "args": ["example-server", "--name", format!("evil-{step}")],
+            "env": [{"name": "STOLEN", "secretValue": format!("evil-value-{step}")}]})
+    };
+    let no_mcpserver_owner = |obj: &serde_json::Value| {
+        obj["metadata"]["ownerReferences"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|r| r["kind"] != "McpServer")
+    };
+    let check = |step: &str| {
+        let dep = fake.get(Kind::Deployment, NS, "mcp-keep").expect(step);
+        let c = &dep["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["image"], "ghcr.io/gatehouse/example:1", "{step}: {dep}");
+        assert_eq!(
+            c["args"],
+            json!(["example-server", "--name", "keep"]),
+            "{step}"
+        );
+        assert!(no_mcpserver_owner(&dep), "{step}: {dep}");
+        let pod = fake.pod_of(NS, "mcp-keep").expect(step);
+        assert_eq!(pod["metadata"]["uid"], pod_before, "{step}: pod replaced");
+        assert_eq!(
+            pod["spec"]["containers"][0]["image"], "ghcr.io/gatehouse/example:1",
+            "{step}"
+        );
+        assert!(no_mcpserver_owner(&pod), "{step}: {pod}");
+        let secret = fake.get(Kind::Secret, NS, "mcp-keep").expect(step);
+        assert!(no_mcpserver_owner(&secret), "{step}: {secret}");
+        assert!(secret["data"].get("STOLEN").is_none(), "{step}: {secret}");
+        for needle in ["evil.example", "evil-"] {
+            let found = sent(&fake, needle);
+            assert!(found.is_empty(), "{step}: {needle} sent: {found:#?}");
+        }
+    };
+    let answers_as_itself = async |rt: &KubeRuntime| {
+        let mut mcp = open(rt, "keep").await;
+        mcp.handshake().await;
+        let who = mcp
+            .call(2, "tools/call", json!({"name": "whoami", "arguments": {}}))
+            .await;
+        assert_eq!(who["result"]["content"][0]["text"], "keep", "{who}");
+    };
+
+    // Created while the gateway runs.
+    fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": "keep"}, "spec": evil("created")}),
+    );
+    take_up_sentinel(&fake, &rt, "sentinel-1").await;
+    check("created");
+    answers_as_itself(&rt).await;
+
+    // Edited (a MODIFIED event).
+    fake.patch(Kind::McpServer, NS, "keep", json!({"spec": evil("edited")}));
+    take_up_sentinel(&fake, &rt, "sentinel-2").await;
+    check("edited");
+
+    // There when the gateway restarts (configured at once, as `gatehouse::start` does): the
+    // watch's first list does not take it either.
+    rt.shutdown().await;
+    drop(rt);
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts);
+    rt.sync(vec![configured]).await.unwrap();
+    take_up_sentinel(&fake, &rt, "sentinel-3").await;
+    rt.wait_ready("keep", Duration::from_secs(10))
+        .await
+        .unwrap();
+    check("restarted");
+
+    // Deleted: the configured server stays.
+    fake.delete(Kind::McpServer, NS, "keep");
+    take_up_sentinel(&fake, &rt, "sentinel-4").await;
+    check("deleted");
+    assert!(rt.status("keep").await.unwrap().is_ready());
+    answers_as_itself(&rt).await;
+    rt.shutdown().await;
+}
+
+/// A replicas' relay secret found shorter than 32 characters is not taken (not even by a
+/// follower): a Lease relay signed with it is never followed. Once the Secret holds a value of
+/// 32 characters, a relay signed with that is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weak_relay_secret_is_not_used() {
+    let fake = FakeKube::start().await;
+    let b64 = |v: &str| base64::engine::general_purpose::STANDARD.encode(v);
+    // Made beforehand by someone who may write Secrets, guessable or not: one short.
+    let weak = "w".repeat(31);
+    fake.create(
+        Kind::Secret,
+        NS,
+        json!({"metadata": {"name": "gatehouse-orchestrator-relay"},
+               "data": {"secret": b64(&weak)}}),
+    );
+    let signed = |secret: &str| {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(b"mallory\nhttp://evil.example:80");
+        let sig =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        json!({"gatehouse.dev/relay": "http://evil.example:80",
+               "gatehouse.dev/relay-signature": sig})
+    };
+    fake.create(
+        Kind::Lease,
+        NS,
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "gatehouse-orchestrator", "annotations": signed(&weak)},
+            "spec": {"holderIdentity": "mallory", "leaseDurationSeconds": 3600}}),
+    );
+    let lease = LeaseSettings {
+        lease_duration: Duration::from_millis(800),
+        renew_every: Duration::from_millis(150),
+        retry_every: Duration::from_millis(100),
+        ..LeaseSettings::new("gatehouse-orchestrator", "replica-a")
+    };
+    let rt = KubeRuntime::start_with_client(
+        fake.client(NS),
+        NS.into(),
+        Some(lease),
+        KubeOptions {
+            relay_listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..options()
+        },
+    );
+    rt.apply(
+        example("s", "ghcr.io/gatehouse/example:1", &[])
+            .resolve()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    // Several election rounds and reads of the Secret: the relay is never followed.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(800) {
+        assert!(!rt.is_leader());
+        match rt.endpoint("s").await {
+            Err(e) => assert!(e.to_string().contains("relay"), "{e}"),
+            Ok(ep) => panic!("followed a relay signed with a weak secret: {ep:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It was read again and again (`retry_after` is 200 ms), and never taken.
+    let path = format!("/api/v1/namespaces/{NS}/secrets/gatehouse-orchestrator-relay");
+    let reads = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == path)
+        .count();
+    assert!(reads >= 2, "read {reads} times");
+    // Neither replaced nor written: the operator's Secret is theirs to fix.
+    let secret = fake
+        .get(Kind::Secret, NS, "gatehouse-orchestrator-relay")
+        .unwrap();
+    assert_eq!(secret["data"]["secret"], b64(&weak));
+    assert!(
+        sent(&fake, "gatehouse-orchestrator-relay")
+            .iter()
+            .all(|r| r.starts_with("GET ")),
+        "{:#?}",
+        sent(&fake, "gatehouse-orchestrator-relay")
+    );
+
+    // Fixed with a value of 32 characters: a relay signed with it is followed.
+    let strong = "s".repeat(32);
+    fake.patch(
+        Kind::Secret,
+        NS,
+        "gatehouse-orchestrator-relay",
+        json!({"data": {"secret": b64(&strong)}}),
+    );
+    fake.patch(
+        Kind::Lease,
+        NS,
+        "gatehouse-orchestrator",
+        json!({"metadata": {"annotations": signed(&strong)}}),
+    );
+    let start = Instant::now();
+    let url = loop {
+        if let Ok(Endpoint::Relay { url, .. }) = rt.endpoint("s").await {
+            break url;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the relay signed with a good secret is followed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(url, "http://evil.example:80/relay/s");
+    rt.shutdown().await;
+}
+
+/// A pod status whose `podIP` is not an IP address (written by anyone who may patch
+/// `pods/status`) never becomes an HTTP server's URL: no other host, port or path is reached
+/// through it; an IPv6 address is bracketed, and other servers keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_ip_that_is_not_an_address_never_becomes_a_url() {
+    let fake = FakeKube::start().await;
+    let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, options());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let web = ServerDef {
+        name: "web".into(),
+        spec: McpServerSpec {
+            image: Some("ghcr.io/gatehouse/example:1".into()),
+            command: Some(GATEHOUSE.into()),
+            args: vec![
+                "example-server".into(),
+                "--http".into(),
+                format!("127.0.0.1:{port}"),
+            ],
+            transport: TransportSpec {
+                kind: TransportKind::StreamableHttp,
+                port: Some(port),
+                path: None,
+            },
+            ..McpServerSpec::default()
+        },
+    };
+    rt.apply(web.resolve().unwrap()).await.unwrap();
+    rt.apply(
+        example("other", "ghcr.io/gatehouse/example:1", &[])
+            .resolve()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let good = format!("http://127.0.0.1:{port}/mcp");
+    match rt.wait_ready("web", Duration::from_secs(10)).await.unwrap() {
+        Endpoint::Http { url } => assert_eq!(url, good),
+        other => panic!("{other:?}"),
+    }
+    let pod = fake.pod_of(NS, "mcp-web").unwrap();
+    let pod = pod["metadata"]["name"].as_str().unwrap().to_owned();
+    let set_ip = |ip: &str| {
+        fake.patch(Kind::Pod, NS, &pod, json!({"status": {"podIP": ip}}));
+    };
+    // Waits until the runtime's endpoint for "web" is `url`.
+    let shows = async |url: &str| {
+        let start = Instant::now();
+        while !matches!(rt.endpoint("web").await, Ok(Endpoint::Http { url: u }) if u == url) {
+            assert!(start.elapsed() < Duration::from_secs(5), "{url} seen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // The endpoint once it is no longer `from` (None if it still is after `within`).
+    let changed = async |from: &str, within: Duration| {
+        let start = Instant::now();
+        loop {
+            let now = rt.endpoint("web").await;
+            if !matches!(&now, Ok(Endpoint::Http { url }) if url == from) {
+                return Some(now);
+            }
+            if start.elapsed() > within {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    for (i, bad) in [
+        "10.0.0.1/evil",
+        "evil.example",
+        "1.2.3.4:99@x",
+        "127.0.0.1:1/x?",
+        "",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // First a valid IPv6 address of its own, seen bracketed: the status after it is new.
+        let v6 = format!("http://[fd00::{}]:{port}/mcp", i + 1);
+        set_ip(&format!("fd00::{}", i + 1));
+        shows(&v6).await;
+        set_ip(bad);
+        // No endpoint, saying why.
+        match changed(&v6, Duration::from_secs(5)).await {
+            Some(Err(e)) => assert!(
+                e.to_string().contains("is not an IP address"),
+                "podIP {bad:?}: {e}"
+            ),
+            other => panic!("podIP {bad:?}: {other:?}"),
+        }
+    }
+
+    // Back to its address: reached there again; the other server was never disturbed.
+    set_ip("127.0.0.1");
+    shows(&good).await;
+    let mut mcp = open(&rt, "other").await;
+    mcp.handshake().await;
+    rt.shutdown().await;
+}

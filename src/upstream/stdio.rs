@@ -7,8 +7,8 @@
 //! orchestrator owns the process).
 
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,7 +37,8 @@ pub struct Connection {
     pub(crate) next_id: AtomicU64,
     writer: std::sync::Mutex<Option<mpsc::Sender<Bytes>>>,
     pending: Arc<Pending>,
-    alive: Arc<AtomicBool>,
+    /// Why the message stream ended, once it has (what a call that is left unanswered hears).
+    ended: Arc<OnceLock<&'static str>>,
     child: tokio::sync::Mutex<Option<ServerProcess>>,
     /// What carries the messages, as errors name it ("process", "SSE stream").
     peer: &'static str,
@@ -135,13 +136,13 @@ impl Connection {
     ) -> Self {
         let (tx, rx) = mpsc::channel(256);
         let pending = Arc::new(Pending::default());
-        let alive = Arc::new(AtomicBool::new(true));
+        let ended = Arc::new(OnceLock::new());
         tokio::spawn(write_loop(writer, rx));
         tokio::spawn(read_loop(
             reader,
             server.clone(),
             pending.clone(),
-            alive.clone(),
+            ended.clone(),
             inbox,
         ));
         Connection {
@@ -149,7 +150,7 @@ impl Connection {
             next_id: AtomicU64::new(1),
             writer: std::sync::Mutex::new(Some(tx)),
             pending,
-            alive,
+            ended,
             child: tokio::sync::Mutex::new(child),
             peer: "process",
         }
@@ -162,7 +163,7 @@ impl Connection {
     }
 
     pub(crate) fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
+        self.ended.get().is_none()
     }
 
     fn sender(&self) -> Result<mpsc::Sender<Bytes>, UpstreamError> {
@@ -195,8 +196,8 @@ impl Connection {
         let remove = RemoveOnDrop(&self.pending, id);
         self.send(frame).await?;
         let out = rx.await.map_err(|_| {
-            self.server
-                .unavailable(format!("the {} ended before answering", self.peer))
+            let why = self.ended.get().copied().unwrap_or(ENDED);
+            self.server.unavailable(format!("the {} {why}", self.peer))
         });
         drop(remove);
         out
@@ -301,11 +302,14 @@ pub(crate) fn one_line(frame: Bytes) -> Bytes {
     Bytes::from(line)
 }
 
+/// Why a stream ended, unless something more precise is known.
+const ENDED: &str = "ended before answering";
+
 async fn read_loop(
     stdout: impl AsyncRead + Unpin,
     server: Arc<Server>,
     pending: Arc<Pending>,
-    alive: Arc<AtomicBool>,
+    ended: Arc<OnceLock<&'static str>>,
     inbox: Inbox,
 ) {
     let mut reader = BufReader::with_capacity(64 * 1024, stdout);
@@ -332,6 +336,7 @@ async fn read_loop(
         }
         if line.last() != Some(&b'\n') && n as u64 > MAX_LINE {
             tracing::error!(server = %server.name, "stdout line exceeds {MAX_LINE} bytes; dropping the connection");
+            let _ = ended.set("sent a line over 64 MiB, so the gateway dropped the connection");
             break;
         }
         let trimmed = line.trim_ascii();
@@ -357,7 +362,7 @@ async fn read_loop(
             _ => pending.dispatch(msg, &inbox),
         }
     }
-    alive.store(false, Ordering::Release);
+    let _ = ended.set(ENDED);
     pending.fail_all();
     tracing::info!(server = %server.name, "upstream message stream ended");
 }

@@ -2100,12 +2100,20 @@ impl Inner {
                 server: name.to_string(),
                 detail: "no pod of its Deployment has an IP yet".into(),
             })?;
-        let host = match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
-            _ => ip,
-        };
+        // Whoever may write the pod's status writes this: only an address goes into the URL
+        // (a host name, a path or userinfo would send the server's calls elsewhere).
+        let addr = std::net::SocketAddr::new(
+            ip.parse().map_err(|_| OrchestratorError::NotRunning {
+                server: name.to_string(),
+                detail: format!(
+                    "its pod's IP {:?} is not an IP address",
+                    ip.chars().take(64).collect::<String>()
+                ),
+            })?,
+            port,
+        );
         Ok(Endpoint::Http {
-            url: format!("http://{host}:{port}{path}"),
+            url: format!("http://{addr}{path}"),
         })
     }
 }
