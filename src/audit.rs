@@ -568,6 +568,9 @@ struct Writer {
     checkpoint_every: u64,
     checkpoint_interval: Duration,
     since_checkpoint: u64,
+    /// A checkpoint is being written (the line that fills a file is signed before it is
+    /// moved aside; the checkpoint's own line then moves it).
+    signing: bool,
     /// Records that could not be written, to be told in the next `gap`.
     pending_loss: u64,
     /// The line being written (reused: a line costs no allocation).
@@ -640,6 +643,7 @@ impl Writer {
             checkpoint_every: s.checkpoint_every,
             checkpoint_interval: s.checkpoint_interval,
             since_checkpoint: 0,
+            signing: false,
             pending_loss: 0,
             line: Vec::with_capacity(1024),
             stamp: Stamp::default(),
@@ -770,6 +774,7 @@ impl Writer {
             return;
         }
         self.since_checkpoint = 0;
+        self.signing = true;
         let mut m = Map::new();
         m.insert("kind".into(), "checkpoint".into());
         if let Some(key) = &self.key {
@@ -785,6 +790,7 @@ impl Writer {
             );
         }
         self.write_kept(m, Keep::Nowhere);
+        self.signing = false;
         let _ = self.out.flush();
     }
 
@@ -863,7 +869,14 @@ impl Writer {
             }
         }
         if self.written >= self.max_bytes {
-            self.rotate();
+            if self.signing {
+                self.rotate();
+            } else {
+                // A file moved aside ends with a signed checkpoint: rewriting its tail then
+                // needs the key, as anywhere else in the chain (its checkpoint's line rotates).
+                self.since_checkpoint += 1;
+                self.checkpoint_if_new();
+            }
         }
     }
 
@@ -1614,6 +1627,20 @@ mod tests {
         assert_eq!(v_new.anchor, sha256_hex(last_old.as_bytes()));
         assert!(v_old.records > 0 && v_new.records > 0);
         assert!(!dir.join("a.jsonl.4").exists(), "at most `keep` old files");
+        // Each file moved aside ends with a signed checkpoint (checkpoint_every is 1000 here):
+        // its tail cannot be rewritten without the key.
+        let public = Ed25519KeyPair::from_seed_unchecked(&[1u8; 32]).unwrap();
+        for n in 1..=3 {
+            let text = std::fs::read_to_string(dir.join(format!("a.jsonl.{n}"))).unwrap();
+            let v = verify(&text, Some(public.public_key().as_ref())).unwrap();
+            assert_eq!(v.unsigned_tail, 0, "a.jsonl.{n}");
+            assert!(
+                text.lines()
+                    .last()
+                    .unwrap()
+                    .contains(r#""kind":"checkpoint""#)
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

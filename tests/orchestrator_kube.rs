@@ -2541,6 +2541,13 @@ async fn a_pod_ip_that_is_not_an_address_never_becomes_a_url() {
         "1.2.3.4:99@x",
         "127.0.0.1:1/x?",
         "",
+        "169.254.169.254",
+        "::ffff:169.254.169.254",
+        "0.0.0.0",
+        "::",
+        "fe80::1",
+        "224.0.0.1",
+        "255.255.255.255",
     ]
     .into_iter()
     .enumerate()
@@ -2553,7 +2560,8 @@ async fn a_pod_ip_that_is_not_an_address_never_becomes_a_url() {
         // No endpoint, saying why.
         match changed(&v6, Duration::from_secs(5)).await {
             Some(Err(e)) => assert!(
-                e.to_string().contains("is not an IP address"),
+                e.to_string().contains("is not an IP address")
+                    || e.to_string().contains("is not a pod's address"),
                 "podIP {bad:?}: {e}"
             ),
             other => panic!("podIP {bad:?}: {other:?}"),

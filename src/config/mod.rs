@@ -1690,8 +1690,8 @@ fn http_endpoint(field: &str, h: RawHttp) -> Result<(http::Uri, http::HeaderMap)
     Ok((url, headers))
 }
 
-/// Headers the gateway sets on every upstream request itself: those that frame the HTTP
-/// exchange, the MCP session's, and the loop mark. Written in configuration they would contend
+/// Headers the gateway sets on upstream requests itself: those that frame the HTTP exchange,
+/// the MCP protocol's, trace context, and its own (the loop mark). Written in configuration they would contend
 /// with its own (a configured `Mcp-Session-Id` would make every request look already in a
 /// session, and the server's id would never be taken).
 pub(crate) fn is_exchange_header(name: &http::HeaderName) -> bool {
@@ -1704,12 +1704,14 @@ pub(crate) fn is_exchange_header(name: &http::HeaderName) -> bool {
         "trailer",
         "keep-alive",
         "proxy-connection",
-        "mcp-session-id",
-        "mcp-protocol-version",
         "last-event-id",
-        "gatehouse-via",
+        "traceparent",
+        "tracestate",
     ];
-    NAMES.contains(&name.as_str())
+    // The protocol's own (`Mcp-Session-Id`, and the 2026 revision's `Mcp-Method`, `Mcp-Name`
+    // and `Mcp-Param-*`, which the gateway mirrors from each call), and the gateway's.
+    let name = name.as_str();
+    NAMES.contains(&name) || name.starts_with("mcp-") || name.starts_with("gatehouse-")
 }
 
 /// The longest deadline or interval a setting may name: far past any use, and far short of
@@ -1931,7 +1933,13 @@ upstreams:
             err("upstreams: [{name: a, sse: {url: 'http://h/sse', headers: {'a b': x}}}]")
                 .contains("upstreams[0].sse.headers")
         );
-        for own in ["Mcp-Session-Id", "transfer-encoding", "gatehouse-via"] {
+        for own in [
+            "Mcp-Session-Id",
+            "transfer-encoding",
+            "gatehouse-via",
+            "Mcp-Method",
+            "traceparent",
+        ] {
             let e = err(&format!(
                 "upstreams: [{{name: a, http: {{url: 'http://h/mcp', headers: {{{own}: x}}}}}}]"
             ));

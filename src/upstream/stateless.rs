@@ -310,6 +310,10 @@ pub(crate) fn input_required(result: &[u8]) -> Option<Result<InputRequired, Stri
     if !INPUT_REQUIRED.is_in(result) && memchr::memchr(b'\\', result).is_none() {
         return None;
     }
+    // Only an object is a result (serde's derive would read an array as the struct's fields).
+    if !result.trim_ascii_start().starts_with(b"{") {
+        return None;
+    }
     #[derive(Deserialize)]
     struct R<'a> {
         #[serde(rename = "resultType")]
@@ -543,6 +547,10 @@ mod tests {
             let refused = input_required(result.as_bytes()).expect(result);
             assert_eq!(refused.unwrap_err(), why, "{result}");
         }
+        // An array is no result, whatever it holds.
+        assert!(
+            input_required(br#"["input_required",{"q":{"method":"roots/list"}},"s"]"#).is_none()
+        );
         // What does not say it is one still passes.
         assert!(
             input_required(br#"{"resultType":5,"inputRequests":[],"x":"input_required"}"#)

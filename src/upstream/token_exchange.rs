@@ -300,20 +300,25 @@ impl Credential {
 /// Text from the authorization server, safe to put in an error: bounded, printable (no
 /// control characters, no invisible or direction-changing format characters).
 /// The authorization server's words as they may be shown: they go to the caller and the logs,
-/// so never with the caller's token in them (looked for once the characters that are not shown
-/// are gone: one of them inside the token would hide it from the search), and at most 200
-/// characters.
+/// so only the characters RFC 6749 §5.2 allows in an error (visible ASCII but `"` and `\`,
+/// and space), at most 200 of them, and none at all when they hold a run of 16 characters of
+/// the caller's token (a server that split it, or hid it behind other characters, shows
+/// nothing of it).
 fn quoted(text: &str, subject: &str) -> String {
-    let invisible = |c: &char| matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}');
+    const RUN: usize = 16;
     let shown: String = text
         .chars()
-        .filter(|c| !c.is_control() && !invisible(c))
+        .filter(|c| matches!(c, ' '..='~') && !matches!(c, '"' | '\\'))
         .collect();
-    shown
-        .replace(subject, "[the caller's token]")
-        .chars()
-        .take(200)
-        .collect()
+    let echoes = subject.len() >= RUN
+        && subject
+            .as_bytes()
+            .windows(RUN)
+            .any(|run| memchr::memmem::find(shown.as_bytes(), run).is_some());
+    if echoes {
+        return "[withheld: it held part of the caller's token]".to_owned();
+    }
+    shown.chars().take(200).collect()
 }
 
 #[cfg(test)]
@@ -324,13 +329,25 @@ mod tests {
     #[test]
     fn the_callers_token_is_never_quoted_back() {
         let token = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhbGljZSJ9.c2ln";
-        for hidden in ["\u{1}", "\u{200B}", "\u{FEFF}", "\r\n"] {
+        let withheld = "[withheld: it held part of the caller's token]";
+        for hidden in [
+            "\u{1}",
+            "\u{200B}",
+            "\u{FEFF}",
+            "\r\n",
+            "\u{AD}",
+            "\u{E0041}",
+        ] {
             let sent = format!("{}{hidden}{} tail", &token[..10], &token[10..]);
-            let shown = quoted(&sent, token);
-            assert_eq!(shown, "[the caller's token] tail", "{hidden:?}");
+            assert_eq!(quoted(&sent, token), withheld, "{hidden:?}");
         }
+        // Half of it in each of two fields: neither half is shown.
+        let (a, b) = token.split_at(token.len() / 2);
+        assert_eq!(quoted(a, token), withheld);
+        assert_eq!(quoted(b, token), withheld);
         assert_eq!(quoted(&"x".repeat(500), token).len(), 200);
         assert_eq!(quoted("invalid_grant", token), "invalid_grant");
+        assert_eq!(quoted("bad \"scope\" é", token), "bad scope ");
     }
 
     #[test]
@@ -358,6 +375,11 @@ mod tests {
             "badX-Injected: 1"
         );
         assert_eq!(quoted("a\u{202E}b\u{200B}c\u{FEFF}", "subject"), "abc");
-        assert_eq!(quoted(&"é".repeat(500), "subject").chars().count(), 200);
+        assert_eq!(
+            quoted(&"é".repeat(500), "subject"),
+            "",
+            "not ASCII: not shown"
+        );
+        assert_eq!(quoted(&"e".repeat(500), "subject").len(), 200);
     }
 }

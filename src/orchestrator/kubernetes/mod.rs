@@ -2100,18 +2100,36 @@ impl Inner {
                 server: name.to_string(),
                 detail: "no pod of its Deployment has an IP yet".into(),
             })?;
-        // Whoever may write the pod's status writes this: only an address goes into the URL
-        // (a host name, a path or userinfo would send the server's calls elsewhere).
-        let addr = std::net::SocketAddr::new(
-            ip.parse().map_err(|_| OrchestratorError::NotRunning {
-                server: name.to_string(),
-                detail: format!(
-                    "its pod's IP {:?} is not an IP address",
-                    ip.chars().take(64).collect::<String>()
-                ),
-            })?,
-            port,
-        );
+        // Whoever may write the pod's status writes this: only a pod's kind of address goes
+        // into the URL (a host name, a path or userinfo would send the server's calls
+        // elsewhere; so would the link-local metadata address, or none at all). Loopback
+        // stays: a cluster never gives it a pod, and the tests' fake does.
+        let refused = |why: &str| OrchestratorError::NotRunning {
+            server: name.to_string(),
+            detail: format!(
+                "its pod's IP {:?} is {why}",
+                ip.chars().take(64).collect::<String>()
+            ),
+        };
+        let addr: std::net::IpAddr = ip
+            .parse::<std::net::IpAddr>()
+            .map_err(|_| refused("not an IP address"))?
+            .to_canonical();
+        let pod_address = match addr {
+            std::net::IpAddr::V4(v4) => {
+                !(v4.is_unspecified()
+                    || v4.is_link_local()
+                    || v4.is_multicast()
+                    || v4.is_broadcast())
+            }
+            std::net::IpAddr::V6(v6) => {
+                !(v6.is_unspecified() || v6.is_unicast_link_local() || v6.is_multicast())
+            }
+        };
+        if !pod_address {
+            return Err(refused("not a pod's address"));
+        }
+        let addr = std::net::SocketAddr::new(addr, port);
         Ok(Endpoint::Http {
             url: format!("http://{addr}{path}"),
         })
