@@ -216,7 +216,7 @@ impl Credentials {
                 format!("{header:?} is not a header name"),
             )
         })?;
-        if super::is_exchange_header(&header) {
+        if crate::orchestrator::spec::is_exchange_header(header.as_str()) {
             return Err((
                 format!("{field}.header"),
                 format!("{header} is the gateway's to send; credentials go in another header"),

@@ -1673,7 +1673,7 @@ fn http_endpoint(field: &str, h: RawHttp) -> Result<(http::Uri, http::HeaderMap)
                 format!("{k:?} is not a header name"),
             )
         })?;
-        if is_exchange_header(&name) {
+        if crate::orchestrator::spec::is_exchange_header(name.as_str()) {
             return Err(field_err(
                 format!("{field}.headers.{k}"),
                 "is the gateway's to send (it frames the exchange or carries the MCP session)",
@@ -1688,30 +1688,6 @@ fn http_endpoint(field: &str, h: RawHttp) -> Result<(http::Uri, http::HeaderMap)
         headers.insert(name, value);
     }
     Ok((url, headers))
-}
-
-/// Headers the gateway sets on upstream requests itself: those that frame the HTTP exchange,
-/// the MCP protocol's, trace context, and its own (the loop mark). Written in configuration they would contend
-/// with its own (a configured `Mcp-Session-Id` would make every request look already in a
-/// session, and the server's id would never be taken).
-pub(crate) fn is_exchange_header(name: &http::HeaderName) -> bool {
-    const NAMES: &[&str] = &[
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "upgrade",
-        "te",
-        "trailer",
-        "keep-alive",
-        "proxy-connection",
-        "last-event-id",
-        "traceparent",
-        "tracestate",
-    ];
-    // The protocol's own (`Mcp-Session-Id`, and the 2026 revision's `Mcp-Method`, `Mcp-Name`
-    // and `Mcp-Param-*`, which the gateway mirrors from each call), and the gateway's.
-    let name = name.as_str();
-    NAMES.contains(&name) || name.starts_with("mcp-") || name.starts_with("gatehouse-")
 }
 
 /// The longest deadline or interval a setting may name: far past any use, and far short of

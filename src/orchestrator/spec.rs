@@ -153,26 +153,27 @@ pub struct HeaderSpec {
     pub stored_secret: bool,
 }
 
-/// Headers a remote server's definition may not set: the gateway's own for every request,
-/// and those that frame the HTTP exchange.
-const GATEWAY_HEADERS: &[&str] = &[
-    "host",
-    "content-length",
-    "content-type",
-    "accept",
-    "transfer-encoding",
-    "connection",
-    "upgrade",
-    "te",
-    "trailer",
-    "keep-alive",
-    "proxy-connection",
-    "mcp-session-id",
-    "mcp-protocol-version",
-    "last-event-id",
-    "traceparent",
-    "tracestate",
-];
+/// Whether the gateway sets the header `lower` (a lowercase name) on upstream requests itself:
+/// those that frame the HTTP exchange, the MCP protocol's (`Mcp-Session-Id`, and the 2026
+/// revision's `Mcp-Method`, `Mcp-Name` and `Mcp-Param-*`, mirrored from each call), trace
+/// context, and its own (`Gatehouse-Via`). Set by anyone else, they would contend with the
+/// gateway's: a configured `Mcp-Session-Id` makes every request look already in a session.
+pub(crate) fn is_exchange_header(lower: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",
+        "trailer",
+        "keep-alive",
+        "proxy-connection",
+        "last-event-id",
+        "traceparent",
+        "tracestate",
+    ];
+    NAMES.contains(&lower) || lower.starts_with("mcp-") || lower.starts_with("gatehouse-")
+}
 
 /// A registry entry a server was installed from.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -838,10 +839,11 @@ pub fn remote_header_name(name: &str) -> Result<(), String> {
         ));
     }
     let lower = name.to_ascii_lowercase();
-    if GATEWAY_HEADERS.contains(&lower.as_str())
-        || ["proxy-", "mcp-", "sec-", "gatehouse-"]
-            .iter()
-            .any(|p| lower.starts_with(p))
+    // A remote definition may not name its host or media types either (an operator's
+    // configuration may set `Host`).
+    if is_exchange_header(&lower)
+        || ["host", "content-type", "accept"].contains(&lower.as_str())
+        || ["proxy-", "sec-"].iter().any(|p| lower.starts_with(p))
     {
         return Err(format!("{name} is the gateway's to send"));
     }
