@@ -1329,21 +1329,7 @@ async fn stateless_call(
     name: &str,
     arguments: serde_json::Value,
 ) -> support::Resp {
-    let params = json!({"name":name,"arguments":arguments,"_meta":{
-        "io.modelcontextprotocol/protocolVersion":"2026-07-28",
-        "io.modelcontextprotocol/clientCapabilities":{"elicitation":{}}}});
-    let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":params});
-    let c = gw.client();
-    let req = c
-        .request("POST", Bytes::new())
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2026-07-28")
-        .header("mcp-method", "tools/call")
-        .header("mcp-name", name)
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    c.send(req).await
+    stateless_call_as(&gw.client(), id, name, arguments, json!({})).await
 }
 
 /// A 2026-07-28 client's call meets the same bounds on a 2026 upstream's `input_required` as a
@@ -1558,22 +1544,8 @@ async fn stateless_retry(
     state: &str,
     responses: serde_json::Value,
 ) -> support::Resp {
-    let params = json!({"name":"asks__t","arguments":arguments,"requestState":state,
-        "inputResponses":responses,"_meta":{
-        "io.modelcontextprotocol/protocolVersion":"2026-07-28",
-        "io.modelcontextprotocol/clientCapabilities":{"elicitation":{}}}});
-    let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":params});
-    let c = gw.client();
-    let req = c
-        .request("POST", Bytes::new())
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2026-07-28")
-        .header("mcp-method", "tools/call")
-        .header("mcp-name", "asks__t")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    c.send(req).await
+    let extra = json!({"requestState": state, "inputResponses": responses});
+    stateless_call_as(&gw.client(), id, "asks__t", arguments, extra).await
 }
 
 /// A 2026 upstream's `requestState` is relayed to a 2026 client sealed, up to 256 KiB
