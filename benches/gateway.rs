@@ -13,6 +13,8 @@
 //! `--compare 'runtime: { workers: 1 }'` measures only a gateway configured with that
 //! top-level YAML against one without, in alternating rounds (small calls, the largest
 //! `--clients`).
+//! `--only-floor` measures only small calls direct, through the gateway and through the floor
+//! proxies (`floor_proxy.rs`: the least any HTTP proxy does), in alternating rounds.
 //! `--only-auth` counts only what authentication and the audit trail add to a call.
 //! `--only-instructions` counts only the instructions per call of single calls; with
 //! `GATEHOUSE_INSTRUCTION_CASES=stateless` (any part of a case's name), only those cases.
@@ -36,6 +38,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
+
+#[path = "gateway/floor_proxy.rs"]
+mod floor_proxy;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 
@@ -114,6 +119,8 @@ struct Args {
     /// Only the instruction counts of the single-call cases (for quick before/after).
     only_instructions: bool,
     only_memory: bool,
+    /// Only small calls: direct, the gateway and the floor proxies.
+    only_floor: bool,
     /// Write this build profile's block of the link order, from `binary`, and nothing else.
     write_link_order: Option<String>,
     /// The gateway binary to profile for the link order (default: this profile's).
@@ -135,6 +142,7 @@ fn args() -> Args {
         only_auth: false,
         only_instructions: false,
         only_memory: false,
+        only_floor: false,
         write_link_order: None,
         binary: BIN.to_owned(),
         compare: None,
@@ -146,6 +154,7 @@ fn args() -> Args {
             "--only-auth" => a.only_auth = true,
             "--only-instructions" => a.only_instructions = true,
             "--only-memory" => a.only_memory = true,
+            "--only-floor" => a.only_floor = true,
             "--compare" => a.compare = Some(val()),
             "--write-link-order" => a.write_link_order = Some(val()),
             "--binary" => a.binary = val(),
@@ -714,8 +723,42 @@ async fn session_memory(gateway: &Proc, url: &str, sessions: usize) -> (u64, u64
     (idle, loaded, per_session)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
+    // The bench starts itself again as the floor proxy, a process of its own.
+    let argv: Vec<String> = std::env::args().collect();
+    if let [_, flag, model, upstream, ..] = argv.as_slice()
+        && flag == "--floor-proxy"
+    {
+        floor_proxy::serve(model, upstream);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(bench());
+}
+
+/// Starts this program as a floor proxy of `upstream_url` in runtime `model`.
+fn start_floor_proxy(model: &str, upstream_url: &str) -> (Proc, String) {
+    let mut child = Command::new(std::env::current_exe().expect("this program"))
+        .args(["--floor-proxy", model, upstream_url])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("floor proxy starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .expect("floor proxy prints its URL")
+        .to_owned();
+    (Proc(child), url)
+}
+
+async fn bench() {
     let a = args();
     let upstream_port = if a.upstream_port == 0 {
         free_port()
@@ -880,6 +923,24 @@ async fn main() {
         return;
     }
     let (gw_http, gw_http_url) = start_gateway(&http_upstream("ex"));
+    let floors = [
+        ("floor proxy, shared runtime", "shared"),
+        ("floor proxy, thread per CPU", "per-thread"),
+    ]
+    .map(|(name, model)| (name, start_floor_proxy(model, &upstream_url)));
+    if a.only_floor {
+        let small = [Workload::CallSmall];
+        let mut configs = vec![
+            Target::new("direct", &upstream_url, None, "echo", &small),
+            Target::new("gateway→http", &gw_http_url, Some(&gw_http), "echo", &small),
+        ];
+        for (name, (proc_, url)) in &floors {
+            configs.push(Target::new(name, url, Some(proc_), "echo", &small));
+        }
+        let results = measure_rounds(&configs, &a).await;
+        println!("{}", results_table(&results).0);
+        return;
+    }
     let (gw_stdio, gw_stdio_url) = start_gateway(&stdio_upstream);
     let twenty: String = (0..20).map(|i| http_upstream(&format!("u{i}"))).collect();
     let (gw_20, gw_20_url) = start_gateway(&twenty);
@@ -922,43 +983,16 @@ async fn main() {
             &calls,
         ));
     }
+    for (name, (proc_, url)) in &floors {
+        configs.push(Target::new(name, url, Some(proc_), "echo", &calls));
+    }
     if let Some(other) = &a.other_url {
         let mut t = Target::new("other gateway", other, None, "echo", &all);
         t.pid = a.other_pid;
         configs.push(t);
     }
 
-    let mut samples: BTreeMap<(usize, usize, usize), Vec<Sample>> = BTreeMap::new();
-    for round in 0..a.rounds {
-        for &clients in &a.clients {
-            for (ci, t) in configs.iter().enumerate() {
-                let name = &t.name;
-                for (wi, w) in t.workloads.iter().enumerate() {
-                    let s = measure(&t.url, t.pid, &t.tool, *w, clients, a.duration).await;
-                    eprintln!(
-                        "round {round} {name:>22} {:>18} c={clients:<3} {:>9.0} req/s",
-                        w.name(),
-                        s.requests as f64 / s.elapsed.as_secs_f64()
-                    );
-                    samples.entry((clients, ci, wi)).or_default().push(s);
-                }
-            }
-        }
-    }
-
-    let mut results = Vec::new();
-    for ((clients, ci, wi), s) in &samples {
-        let t = &configs[*ci];
-        results.push(summarize(&t.name, t.workloads[*wi], *clients, s));
-    }
-    let baseline = |r: &Result_| {
-        results
-            .iter()
-            .find(|b| {
-                b.config == "direct" && b.clients == r.clients && b.workload == r.baseline.name()
-            })
-            .map(|b| (b.rps, b.p50))
-    };
+    let results = measure_rounds(&configs, &a).await;
 
     eprintln!("counting instructions per call with callgrind…");
     let mut counts = Vec::new();
@@ -995,31 +1029,12 @@ async fn main() {
     let auth_costs = auth_costs(&http_upstream("ex")).await;
 
     eprintln!("measuring memory with {} sessions…", a.sessions);
-    drop((gw_http, gw_stdio, gw_20, with_plugins));
+    drop((gw_http, gw_stdio, gw_20, with_plugins, floors));
     let (gw_mem, gw_mem_url) = start_gateway(&http_upstream("ex"));
     let (idle_kib, loaded_kib, per_session) =
         session_memory(&gw_mem, &gw_mem_url, a.sessions).await;
 
-    let mut md = String::from(
-        "| configuration | workload | clients | req/s | × direct | p50 µs | p99 µs | p99.9 µs | added p50 µs | gateway CPU µs/req |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-    );
-    let mut rows = Vec::new();
-    for r in &results {
-        let (ratio, added) = match baseline(r) {
-            Some((rps, p50)) => (r.rps / rps, r.p50 - p50),
-            None => (f64::NAN, f64::NAN),
-        };
-        let cpu = r
-            .cpu_per_request_us
-            .map_or("–".to_owned(), |c| format!("{c:.0}"));
-        md.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {} |\n",
-            r.config, r.workload, r.clients, r.rps, ratio, r.p50, r.p99, r.p999, added, cpu
-        ));
-        rows.push(json!({"config": r.config, "workload": r.workload, "clients": r.clients, "rps": r.rps,
-            "ratio_to_direct": ratio, "p50_us": r.p50, "p99_us": r.p99, "p999_us": r.p999, "added_p50_us": added,
-            "gateway_cpu_us_per_request": r.cpu_per_request_us}));
-    }
+    let (mut md, rows) = results_table(&results);
     if !auth_costs.is_empty() {
         let base = auth_costs[0].1;
         md.push_str("\n| callers | gateway instructions per call (callgrind) | × no auth |\n|---|---:|---:|\n");
@@ -1055,6 +1070,68 @@ async fn main() {
     std::fs::write(a.out.join("gateway.md"), &md).unwrap();
     println!("{md}");
     println!("wrote {}/gateway.json and gateway.md", a.out.display());
+}
+
+/// Measures every workload of every configuration at every client count, in alternating rounds.
+async fn measure_rounds(configs: &[Target], a: &Args) -> Vec<Result_> {
+    let mut samples: BTreeMap<(usize, usize, usize), Vec<Sample>> = BTreeMap::new();
+    for round in 0..a.rounds {
+        for &clients in &a.clients {
+            for (ci, t) in configs.iter().enumerate() {
+                let name = &t.name;
+                for (wi, w) in t.workloads.iter().enumerate() {
+                    let s = measure(&t.url, t.pid, &t.tool, *w, clients, a.duration).await;
+                    eprintln!(
+                        "round {round} {name:>22} {:>18} c={clients:<3} {:>9.0} req/s",
+                        w.name(),
+                        s.requests as f64 / s.elapsed.as_secs_f64()
+                    );
+                    samples.entry((clients, ci, wi)).or_default().push(s);
+                }
+            }
+        }
+    }
+
+    let mut results = Vec::new();
+    for ((clients, ci, wi), s) in &samples {
+        let t = &configs[*ci];
+        results.push(summarize(&t.name, t.workloads[*wi], *clients, s));
+    }
+    results
+}
+
+/// The results as a Markdown table with ratios to the direct rows, and as JSON rows.
+fn results_table(results: &[Result_]) -> (String, Vec<serde_json::Value>) {
+    let baseline = |r: &Result_| {
+        results
+            .iter()
+            .find(|b| {
+                b.config == "direct" && b.clients == r.clients && b.workload == r.baseline.name()
+            })
+            .map(|b| (b.rps, b.p50))
+    };
+
+    let mut md = String::from(
+        "| configuration | workload | clients | req/s | × direct | p50 µs | p99 µs | p99.9 µs | added p50 µs | gateway CPU µs/req |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut rows = Vec::new();
+    for r in results {
+        let (ratio, added) = match baseline(r) {
+            Some((rps, p50)) => (r.rps / rps, r.p50 - p50),
+            None => (f64::NAN, f64::NAN),
+        };
+        let cpu = r
+            .cpu_per_request_us
+            .map_or("–".to_owned(), |c| format!("{c:.0}"));
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {} |\n",
+            r.config, r.workload, r.clients, r.rps, ratio, r.p50, r.p99, r.p999, added, cpu
+        ));
+        rows.push(json!({"config": r.config, "workload": r.workload, "clients": r.clients, "rps": r.rps,
+            "ratio_to_direct": ratio, "p50_us": r.p50, "p99_us": r.p99, "p999_us": r.p999, "added_p50_us": added,
+            "gateway_cpu_us_per_request": r.cpu_per_request_us}));
+    }
+    (md, rows)
 }
 
 /// The callers measured: no authentication, a static token, and a JWT access token (its
