@@ -1294,3 +1294,280 @@ profiles:
     }
     gw.stop().await;
 }
+
+/// A gateway over `ex` trusting `issuer`, whose resources under `example://ex/echo/secret`
+/// need `mcp:secret` (reading and watching), besides the tool rules of [`gateway_with`]; with
+/// a profile `dev` (granted by `mcp:dev`) and the root endpoint everyone's.
+async fn guarded(issuer: &Issuer) -> TestGateway {
+    let top = format!(
+        "auth:
+  oauth:
+    resource: {RESOURCE}
+    issuers: [{{ issuer: {iss:?}, jwks_uri: {jwks:?} }}]
+    required_scopes: [mcp:connect]
+    scope_rules:
+      - {{ methods: [tools/call], scopes: [mcp:tools] }}
+      - {{ methods: [tools/call], names: [echo], scopes: [mcp:tools:echo] }}
+      - {{ methods: [resources/read, resources/subscribe, completion/complete], names: [\"example://ex/echo/secret*\"], scopes: [mcp:secret] }}
+mcp:
+  root_access: {{ everyone: true }}
+profiles:
+  - {{ name: dev, grant: {{ scopes: [mcp:dev] }}, servers: [{{ name: ex }}] }}
+",
+        iss = issuer.url,
+        jwks = format!("{}/jwks", issuer.url),
+    );
+    TestGateway::start(&top, &[example("ex", &[], "")]).await
+}
+
+/// Spellings of `example://ex/echo/secret` that a server resolving URIs reads as it.
+const SECRET_SPELLINGS: [&str; 7] = [
+    "example://ex/echo/secret",
+    "example://ex/echo/public/../secret",
+    "example://ex/echo/./secret",
+    "example://ex/echo/public/%2e%2e/secret",
+    "example://ex/echo/%73ecret",
+    "EXAMPLE://ex/echo/secret",
+    "example://EX/echo/secret",
+];
+
+/// A resource a scope rule guards by URI glob is guarded however its URI is spelled: dot
+/// segments, percent-escapes and case that a server resolving URIs reads away do not take a
+/// request out of the rule, by any method that names a resource (read, subscribe, a listen
+/// stream, a completion), with or without a session; other resources need nothing more.
+#[tokio::test]
+async fn a_uri_spelled_to_miss_a_scope_rule_does_not() {
+    let key = SigningKey::es256("k");
+    let issuer = Issuer::start(&[&key]).await;
+    let gw = guarded(&issuer).await;
+    let mut low = with_token(&gw, &key.sign(&issuer.claims("alice", "mcp:connect")));
+    low.initialize(json!({})).await;
+    let post = |c: &Client, id: u64, method: &str, params: Value| {
+        let c = c.clone();
+        let body = json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}).to_string();
+        async move { c.post(body).await }
+    };
+    for uri in SECRET_SPELLINGS {
+        for method in ["resources/read", "resources/subscribe"] {
+            let r = post(&low, 1, method, json!({"uri": uri})).await;
+            assert_eq!(r.status, 403, "{method} {uri}: {}", r.body);
+            let c = challenge(&r);
+            assert!(c.contains("error=\"insufficient_scope\""), "{c}");
+            assert!(c.contains("mcp:secret"), "{method} {uri}: {c}");
+        }
+        let r = post(
+            &low,
+            2,
+            "completion/complete",
+            json!({"ref": {"type": "ref/resource", "uri": format!("{uri}/{{x}}")},
+                   "argument": {"name": "x", "value": ""}}),
+        )
+        .await;
+        assert_eq!(r.status, 403, "completion {uri}: {}", r.body);
+    }
+    // Another resource needs nothing more.
+    let r = post(
+        &low,
+        3,
+        "resources/read",
+        json!({"uri": "example://ex/echo/public"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["result"]["contents"][0]["text"], "public");
+    // A listen stream (2026-07-28) watching a spelling of it.
+    let mut stateless = gw.client();
+    stateless.token = low.token.clone();
+    let body = json!({"jsonrpc":"2.0","id":4,"method":"subscriptions/listen","params":{
+        "notifications": {"resourceSubscriptions": ["example://ex/echo/public/../secret"]},
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                  "io.modelcontextprotocol/clientCapabilities": {}}}})
+    .to_string();
+    let req = stateless
+        .request("POST", Bytes::new())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "subscriptions/listen")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let r = stateless.send(req).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(challenge(&r).contains("mcp:secret"), "{}", challenge(&r));
+    // With the scope, the same spelling goes through.
+    let high = {
+        let mut c = low.clone();
+        c.token = Some(key.sign(&issuer.claims("alice", "mcp:connect mcp:secret")));
+        c
+    };
+    let r = post(
+        &high,
+        5,
+        "resources/read",
+        json!({"uri": "example://ex/echo/public/../secret"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    gw.stop().await;
+}
+
+/// An HTTP+SSE client's stream, read one event at a time.
+struct SseStream {
+    body: hyper::body::Incoming,
+    buf: String,
+    /// The URL its `endpoint` event named.
+    endpoint: String,
+}
+
+impl SseStream {
+    /// Opens `GET /sse` with `token`; `Err` is the status it was refused with.
+    async fn open(gw: &TestGateway, token: &str) -> Result<SseStream, u16> {
+        let c = gw.client();
+        let req = http::Request::get(format!("http://{}/sse", gw.addr))
+            .header("accept", "text/event-stream")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = c.http.request(req).await.unwrap();
+        if resp.status() != 200 {
+            return Err(resp.status().as_u16());
+        }
+        let mut s = SseStream {
+            body: resp.into_body(),
+            buf: String::new(),
+            endpoint: String::new(),
+        };
+        let (event, data) = s.next(std::time::Duration::from_secs(10)).await.unwrap();
+        assert_eq!(event, "endpoint");
+        s.endpoint = format!("http://{}/{data}", gw.addr);
+        Ok(s)
+    }
+
+    /// The next event with data, if one comes within `wait`.
+    async fn next(&mut self, wait: std::time::Duration) -> Option<(String, String)> {
+        use http_body_util::BodyExt;
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let ev: String = self.buf.drain(..end + 2).collect();
+                let mut name = String::new();
+                let mut data = Vec::new();
+                for line in ev.lines() {
+                    if let Some(n) = line.strip_prefix("event: ") {
+                        name = n.to_owned();
+                    } else if let Some(d) = line.strip_prefix("data: ") {
+                        data.push(d);
+                    }
+                }
+                if !data.is_empty() {
+                    return Some((name, data.join("\n")));
+                }
+                continue;
+            }
+            let frame = tokio::time::timeout(wait, self.body.frame())
+                .await
+                .ok()??
+                .ok()?;
+            if let Ok(d) = frame.into_data() {
+                self.buf.push_str(&String::from_utf8_lossy(&d));
+            }
+        }
+    }
+
+    /// The next JSON-RPC message on the stream (within 10 s).
+    async fn message(&mut self) -> Value {
+        let (event, data) = self
+            .next(std::time::Duration::from_secs(10))
+            .await
+            .expect("a message");
+        assert_eq!(event, "message");
+        serde_json::from_str(&data).unwrap()
+    }
+
+    /// POSTs `body` to the stream's endpoint with `token`.
+    async fn post(&self, gw: &TestGateway, token: &str, body: Value) -> support::Resp {
+        let c = gw.client();
+        let req = http::Request::post(&self.endpoint)
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        c.send(req).await
+    }
+}
+
+/// The 2024-11-05 HTTP+SSE front applies the scope rules as `/mcp` does: a request that lacks
+/// a scope is refused with the step-up challenge (403, not 202) and nothing of it reaches the
+/// stream or the server; a stepped-up token of the same principal goes on on the same stream;
+/// another principal's token, or a token for a profile's resource, opens nothing.
+#[tokio::test]
+async fn scopes_hold_on_the_http_sse_front() {
+    let key = SigningKey::es256("k");
+    let issuer = Issuer::start(&[&key]).await;
+    let gw = guarded(&issuer).await;
+    let low = key.sign(&issuer.claims("alice", "mcp:connect"));
+    let none = key.sign(&issuer.claims("alice", "mcp:tools"));
+    // Without the scope every request needs: initialize is refused.
+    let mut stream = SseStream::open(&gw, &low).await.expect("a stream");
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let r = stream.post(&gw, &none, init.clone()).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(
+        challenge(&r).contains("scope=\"mcp:connect\""),
+        "{}",
+        challenge(&r)
+    );
+    assert_eq!(stream.post(&gw, &low, init).await.status, 202);
+    assert_eq!(stream.message().await["id"], 1);
+
+    let call = |id: u64, name: &str| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": name, "arguments": {"text": "x"}}})
+    };
+    let r = stream.post(&gw, &low, call(2, "echo")).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let c = challenge(&r);
+    assert!(c.contains("error=\"insufficient_scope\""), "{c}");
+    assert!(
+        c.contains("scope=\"mcp:connect mcp:tools mcp:tools:echo\""),
+        "{c}"
+    );
+    for (id, uri) in SECRET_SPELLINGS.iter().enumerate() {
+        let r = stream
+            .post(
+                &gw,
+                &low,
+                json!({"jsonrpc": "2.0", "id": 10 + id, "method": "resources/read",
+                    "params": {"uri": uri}}),
+            )
+            .await;
+        assert_eq!(r.status, 403, "{uri}: {}", r.body);
+    }
+    // Nothing of the refused requests came on the stream.
+    assert!(
+        stream
+            .next(std::time::Duration::from_millis(300))
+            .await
+            .is_none(),
+        "a refused request was answered on the stream"
+    );
+    // Stepped up: the same principal's wider token goes on, on the same stream.
+    let wide = key.sign(&issuer.claims("alice", "mcp:connect mcp:tools mcp:tools:echo"));
+    assert_eq!(stream.post(&gw, &wide, call(3, "echo")).await.status, 202);
+    let answer = stream.message().await;
+    assert_eq!(answer["id"], 3);
+    assert_eq!(answer["result"]["content"][0]["text"], "x");
+    // Another principal with every scope: the stream does not exist for it.
+    let bob = key.sign(&issuer.claims("bob", "mcp:connect mcp:tools mcp:tools:echo"));
+    assert_eq!(stream.post(&gw, &bob, call(4, "echo")).await.status, 404);
+    // A token issued for the profile's resource is not one for these URLs.
+    let mut for_dev = issuer.claims("alice", "mcp:connect mcp:dev mcp:tools");
+    for_dev["aud"] = json!(format!("{RESOURCE}/dev"));
+    let for_dev = key.sign(&for_dev);
+    assert_eq!(SseStream::open(&gw, &for_dev).await.err(), Some(401));
+    assert_eq!(
+        stream.post(&gw, &for_dev, call(5, "echo")).await.status,
+        401
+    );
+    gw.stop().await;
+}

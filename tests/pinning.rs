@@ -293,3 +293,135 @@ async fn a_call_that_meets_a_restarted_http_server_is_checked_again_before_it_is
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A gateway over `a` pinning into `dir`, with a profile `dev` that renames echo and gives it
+/// a description of its own (which must not hide a change the server makes).
+async fn profiled(dir: &std::path::Path, echo_description: Option<&str>) -> TestGateway {
+    let top = format!(
+        "pinning: {{file: {pins:?}}}
+mcp:
+  root_access: {{everyone: true}}
+profiles:
+  - name: dev
+    grant: {{everyone: true}}
+    servers: [{{name: a, tools: [{{name: echo, rename: say, description: \"Says it back\"}}, {{name: add}}]}}]",
+        pins = dir.join("pins.json"),
+    );
+    let args: Vec<&str> = match echo_description {
+        Some(d) => vec!["--echo-description", d],
+        None => vec![],
+    };
+    TestGateway::start(&top, &[example("a", &args, "")]).await
+}
+
+/// A stateless (2026-07-28) call of tool `name` at `c`'s endpoint.
+async fn stateless_call(c: &Client, name: &str) -> Value {
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": name, "arguments": {"text": "x"},
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                  "io.modelcontextprotocol/clientCapabilities": {}}}});
+    let req = c
+        .request("POST", Bytes::new())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", name)
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    c.send(req).await.response()
+}
+
+/// A 2024-11-05 HTTP+SSE call of tool `name`: the answer from the client's stream.
+async fn sse_call(gw: &TestGateway, name: &str) -> Value {
+    use http_body_util::BodyExt;
+    let c = gw.client();
+    let req = http::Request::get(format!("http://{}/sse", gw.addr))
+        .header("accept", "text/event-stream")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.http.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut buf = String::new();
+    let mut next = async || loop {
+        if let Some(end) = buf.find("\n\n") {
+            let ev: String = buf.drain(..end + 2).collect();
+            if let Some(data) = ev.lines().find_map(|l| l.strip_prefix("data: ")) {
+                return data.to_owned();
+            }
+            continue;
+        }
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+            .await
+            .expect("an event within 10 s")
+            .expect("the stream goes on")
+            .unwrap();
+        if let Ok(d) = frame.into_data() {
+            buf.push_str(&String::from_utf8_lossy(&d));
+        }
+    };
+    let endpoint = format!("http://{}/{}", gw.addr, next().await);
+    for msg in [
+        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}),
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": name, "arguments": {"text": "x"}}}),
+    ] {
+        let req = http::Request::post(&endpoint)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(msg.to_string())))
+            .unwrap();
+        assert_eq!(c.send(req).await.status, 202);
+    }
+    let _initialized = next().await;
+    serde_json::from_str(&next().await).unwrap()
+}
+
+/// A changed tool is refused by every front and every name it goes by: the 2024-11-05
+/// HTTP+SSE stream, 2026-07-28 requests without a session, and a profile that renames the tool
+/// and describes it in its own words (the pin is of the server's definition, not the profile's
+/// view of it); nor is it listed at the profile.
+#[tokio::test]
+async fn a_changed_tool_is_refused_on_every_front_and_under_every_name() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-pinning-fronts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(dir.join("pins.json"));
+    let gw = profiled(&dir, None).await;
+    let mut dev = Client::new(format!("http://{}/mcp/dev", gw.addr));
+    dev.initialize(json!({})).await;
+    assert!(tool_names(&dev.call(1, "tools/list", json!({})).await).contains(&"say".to_owned()));
+    assert_eq!(dev.tool_text(2, "say", json!({"text": "hi"})).await, "hi");
+    gw.stop().await;
+
+    let gw = profiled(&dir, Some(POISON)).await;
+    let changed = |r: &Value, what: &str| {
+        assert_eq!(r["error"]["code"], -32040, "{what}: {r}");
+    };
+    let mut dev = Client::new(format!("http://{}/mcp/dev", gw.addr));
+    dev.initialize(json!({})).await;
+    changed(
+        &dev.call(
+            3,
+            "tools/call",
+            json!({"name": "say", "arguments": {"text": "x"}}),
+        )
+        .await,
+        "a session at dev, by the profile's name",
+    );
+    let listed = tool_names(&dev.call(4, "tools/list", json!({})).await);
+    assert!(!listed.contains(&"say".to_owned()), "{listed:?}");
+    assert!(listed.contains(&"add".to_owned()), "{listed:?}");
+    changed(
+        &stateless_call(&Client::new(format!("http://{}/mcp/dev", gw.addr)), "say").await,
+        "stateless at dev",
+    );
+    changed(
+        &stateless_call(&gw.client(), "echo").await,
+        "stateless at /mcp",
+    );
+    changed(&sse_call(&gw, "echo").await, "HTTP+SSE");
+    assert_eq!(dev.tool_text(5, "add", json!({"a": 1, "b": 2})).await, "3");
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

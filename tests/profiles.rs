@@ -502,3 +502,547 @@ async fn profiles_that_would_be_wrong_are_refused_naming_the_field() {
     let cfg = gatehouse::Config::from_yaml(base).unwrap();
     assert!(cfg.mcp.root_access.everyone, "no profiles: as before");
 }
+
+/// The `_meta` envelope of a 2026-07-28 request declaring `caps`.
+fn envelope(caps: Value) -> Value {
+    json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": caps,
+        "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"},
+    })
+}
+
+/// Sends a stateless (2026-07-28) request with the headers such a client mirrors.
+async fn stateless(
+    c: &Client,
+    id: u64,
+    method: &str,
+    mut params: Value,
+    caps: Value,
+) -> support::Resp {
+    params["_meta"] = envelope(caps);
+    let mut req = c
+        .request("POST", Bytes::new())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", method);
+    if let Some(n) = params
+        .get("name")
+        .or(params.get("uri"))
+        .and_then(Value::as_str)
+    {
+        // Text a header cannot carry as it is goes base64-encoded, as clients send it.
+        let plain = n.bytes().all(|b| b.is_ascii_graphic() || b == b' ') && n.trim() == n;
+        req = req.header(
+            "mcp-name",
+            if plain {
+                n.to_owned()
+            } else {
+                use base64::Engine;
+                let encoded = base64::engine::general_purpose::STANDARD.encode(n);
+                format!("=?base64?{encoded}?=")
+            },
+        );
+    }
+    let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+    c.send(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+        .await
+}
+
+/// Asserts the gateway's own "unknown" refusal (not a server's answer about a tool it lacks).
+fn unknown(r: &Value, what: &str) {
+    assert_eq!(r["error"]["code"], -32602, "{what}: {r}");
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("unknown") || message.contains("no upstream serves"),
+        "{what}: {r}"
+    );
+}
+
+/// Names that are not, byte for byte, one the profile shows: case, NUL, spaces, lookalike
+/// letters, separators doubled or moved, another server's prefix, a very long name. None
+/// reaches a server (the example server would answer a name it lacks with a result, not
+/// -32602); nor does a name given twice or beside a key a lenient server reads as `name`.
+#[tokio::test]
+async fn name_tricks_reach_nothing_a_profile_hides() {
+    let gw = gateway("").await;
+    let mut dev = client(&gw, "/mcp/dev", ALICE);
+    dev.initialize(json!({})).await;
+    let long = format!("say{}", "y".repeat(64 * 1024));
+    for name in [
+        "SAY",
+        "Say",
+        "say\u{0}",
+        "say ",
+        " say",
+        "\u{ff53}\u{ff41}\u{ff59}", // fullwidth "say"
+        "a__ECHO",
+        "A__echo",
+        "a__echo\u{0}",
+        "a__Echo",
+        "a___echo",
+        "a__a__echo",
+        "a____echo",
+        "__a__echo",
+        "a\u{ff3f}\u{ff3f}echo", // fullwidth low lines
+        "a__",
+        "c__echo\u{0}",
+        "C__echo",
+        "dev__say",
+        long.as_str(),
+    ] {
+        let r = dev
+            .call(
+                1,
+                "tools/call",
+                json!({"name": name, "arguments": {"text": "x"}}),
+            )
+            .await;
+        let shown: String = name.chars().take(20).collect();
+        unknown(&r, &format!("tools/call {shown:?}"));
+    }
+    for name in [
+        "a__greeting\u{0}",
+        "a__Greeting",
+        "A__greeting",
+        "c__greeting",
+    ] {
+        let r = dev
+            .call(
+                2,
+                "prompts/get",
+                json!({"name": name, "arguments": {"name": "x"}}),
+            )
+            .await;
+        unknown(&r, &format!("prompts/get {name:?}"));
+    }
+    // The visible name with the hidden one beside it: refused whichever a server would read.
+    for params in [
+        r#"{"name":"say","name":"a__echo","arguments":{"text":"x"}}"#,
+        r#"{"name":"a__echo","name":"say","arguments":{"text":"x"}}"#,
+        r#"{"name":"say","Name":"a__echo","arguments":{"text":"x"}}"#,
+        r#"{"name":"say","NAME":"echo","arguments":{"text":"x"}}"#,
+        r#"{"name":"say","name\u0000":"a__echo","arguments":{"text":"x"}}"#,
+        r#"{"name":"say","\u017fay":"x","nam\u0065":"a__echo","arguments":{"text":"x"}}"#,
+    ] {
+        let r = dev
+            .post(format!(
+                r#"{{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{params}}}"#
+            ))
+            .await;
+        assert_eq!(r.json()["error"]["code"], -32602, "{params}: {}", r.body);
+    }
+    // The same names without a session (2026-07-28): refused alike.
+    let stateless_dev = client(&gw, "/mcp/dev", ALICE);
+    for name in ["SAY", "a__echo", "a__echo\u{0}", "c__echo"] {
+        let r = stateless(
+            &stateless_dev,
+            4,
+            "tools/call",
+            json!({"name": name, "arguments": {"text": "x"}}),
+            json!({}),
+        )
+        .await;
+        unknown(&r.json(), &format!("stateless tools/call {name:?}"));
+    }
+    assert_eq!(dev.tool_text(5, "say", json!({"text": "ok"})).await, "ok");
+    gw.stop().await;
+}
+
+/// A session id opened at one profile is unknown at another profile's endpoint by every HTTP
+/// method (POST, GET, GET resuming a stream, DELETE), and at the root endpoint; the refusals
+/// leave the session working where it belongs.
+#[tokio::test]
+async fn a_session_is_unknown_to_every_method_at_another_endpoint() {
+    let gw = gateway("").await;
+    let mut dev = client(&gw, "/mcp/dev", ALICE);
+    dev.initialize(json!({})).await;
+    let id = dev.session.clone().unwrap();
+    // A recorded stream of dev's, to try to resume elsewhere.
+    let r = dev
+        .post(
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{
+                "name":"b__slow","arguments":{"seconds":0.2,"steps":2},"_meta":{"progressToken":"p"}}})
+            .to_string(),
+        )
+        .await;
+    let event_id = r
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("a numbered stream: {}", r.body));
+    // Alice at ops (granted it), the admin at the root endpoint (granted it).
+    for (path, token) in [("/mcp/ops", ALICE), ("/mcp", ADMIN)] {
+        let other = client(&gw, path, token);
+        let with_id = |method: &str| {
+            other
+                .request(method, Bytes::new())
+                .header("mcp-session-id", &id)
+                .header("mcp-protocol-version", "2025-11-25")
+        };
+        let r = other
+            .send(
+                with_id("POST")
+                    .header("content-type", "application/json")
+                    .header("accept", "application/json, text/event-stream")
+                    .body(Full::new(Bytes::from(
+                        json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{
+                            "name":"say","arguments":{"text":"x"}}})
+                        .to_string(),
+                    )))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.status, 404, "POST at {path}: {}", r.body);
+        let r = other
+            .send(
+                with_id("GET")
+                    .header("accept", "text/event-stream")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.status, 404, "GET at {path}: {}", r.body);
+        let r = other
+            .send(
+                with_id("GET")
+                    .header("accept", "text/event-stream")
+                    .header("last-event-id", &event_id)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.status, 404, "GET resuming at {path}: {}", r.body);
+        let r = other
+            .send(with_id("DELETE").body(Full::new(Bytes::new())).unwrap())
+            .await;
+        assert_eq!(r.status, 404, "DELETE at {path}: {}", r.body);
+    }
+    // Still alive at its own endpoint.
+    assert_eq!(
+        dev.tool_text(3, "say", json!({"text": "here"})).await,
+        "here"
+    );
+    gw.stop().await;
+}
+
+/// List cursors carry the servers they page: one minted at another profile (or forged to name
+/// a server this profile lacks beside one it has) is refused, by every list; a completion
+/// refers to nothing a served server's part of the profile hides.
+#[tokio::test]
+async fn cursors_and_completion_refs_of_what_a_profile_hides_are_refused() {
+    let gw = gateway("").await;
+    let mut dev = client(&gw, "/mcp/dev", ALICE);
+    dev.initialize(json!({})).await;
+    let mut ops = client(&gw, "/mcp/ops", ALICE);
+    ops.initialize(json!({})).await;
+    let next = |page: &Value| {
+        page["result"]["nextCursor"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a next page: {page}"))
+            .to_owned()
+    };
+    let from_ops = next(&ops.call(1, "tools/list", json!({})).await);
+    let from_dev = next(&dev.call(2, "tools/list", json!({})).await);
+    for method in [
+        "tools/list",
+        "prompts/list",
+        "resources/list",
+        "resources/templates/list",
+    ] {
+        let r = dev.call(3, method, json!({"cursor": from_ops})).await;
+        assert_eq!(
+            r["error"]["code"], -32602,
+            "ops' cursor at dev {method}: {r}"
+        );
+        let r = ops.call(4, method, json!({"cursor": from_dev})).await;
+        assert_eq!(
+            r["error"]["code"], -32602,
+            "dev's cursor at ops {method}: {r}"
+        );
+    }
+    // Forged: a server dev has, and one it does not.
+    use base64::Engine;
+    let forge =
+        |map: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(map.to_string());
+    let r = dev
+        .call(
+            5,
+            "tools/list",
+            json!({"cursor": forge(json!({"b": "2", "c": "0"}))}),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    let r = dev
+        .call(6, "tools/list", json!({"cursor": forge(json!({"b": "2"}))}))
+        .await;
+    assert!(
+        r["result"]["tools"].is_array(),
+        "a cursor of dev's own: {r}"
+    );
+    // Pages through a cursor are filtered like first pages: a's hidden tools stay hidden.
+    let r = dev
+        .call(7, "tools/list", json!({"cursor": forge(json!({"a": "0"}))}))
+        .await;
+    let listed = names(&r, "tools", "name");
+    assert!(
+        listed.iter().all(|n| n == "say" || n.starts_with("a__ad")),
+        "{listed:?}"
+    );
+
+    // Completions: a served server's prompt the profile hides (a's prompts: none), and its
+    // template outside the resource globs.
+    let r = dev
+        .call(
+            8,
+            "completion/complete",
+            json!({"ref": {"type": "ref/prompt", "name": "a__greeting"}, "argument": {"name": "name", "value": ""}}),
+        )
+        .await;
+    unknown(&r, "completion of a__greeting");
+    let r = dev
+        .call(
+            9,
+            "completion/complete",
+            json!({"ref": {"type": "ref/resource", "uri": "example://a/echo/{text}"}, "argument": {"name": "text", "value": ""}}),
+        )
+        .await;
+    unknown(&r, "completion of a's template");
+    // The ref given twice, or beside a lookalike: refused rather than guessed.
+    for params in [
+        r#"{"ref":{"type":"ref/prompt","name":"b__greeting","name":"a__greeting"},"argument":{"name":"name","value":""}}"#,
+        r#"{"ref":{"type":"ref/prompt","name":"b__greeting","Name":"a__greeting"},"argument":{"name":"name","value":""}}"#,
+        r#"{"ref":{"type":"ref/prompt","name":"b__greeting"},"Ref":{"type":"ref/prompt","name":"a__greeting"},"argument":{"name":"name","value":""}}"#,
+    ] {
+        let r = dev
+            .post(format!(
+                r#"{{"jsonrpc":"2.0","id":10,"method":"completion/complete","params":{params}}}"#
+            ))
+            .await;
+        assert_eq!(r.json()["error"]["code"], -32602, "{params}: {}", r.body);
+    }
+    gw.stop().await;
+}
+
+/// A profile `dev2` that shows server b, as dev does, granted to alice.
+const DEV2: &str = "  - name: dev2
+    grant: {principals: [alice]}
+    servers: [{name: b}]
+  - name: narrow
+    grant: {principals: [alice]}
+    servers: [{name: a, resources: [\"example://a/readme\"]}]";
+
+/// An `input_required` state handed out at one profile's endpoint resumes its call there only:
+/// not at another profile showing the same server, nor at the root endpoint, and the refusals
+/// do not spend it.
+#[tokio::test]
+async fn request_state_resumes_only_on_the_profile_that_issued_it() {
+    let gw = gateway(DEV2).await;
+    let caps = json!({"sampling": {}});
+    let dev = client(&gw, "/mcp/dev", ALICE);
+    let call = json!({"name": "b__sample", "arguments": {"prompt": "secret?"}});
+    let first = stateless(&dev, 1, "tools/call", call.clone(), caps.clone())
+        .await
+        .response();
+    assert_eq!(first["result"]["resultType"], "input_required", "{first}");
+    let (key, _) = first["result"]["inputRequests"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .next()
+        .unwrap();
+    let mut retry = call.clone();
+    retry["inputResponses"] = json!({ key.clone(): {"role": "assistant",
+        "content": {"type": "text", "text": "stolen"}, "model": "m"} });
+    retry["requestState"] = first["result"]["requestState"].clone();
+    // Alice at another profile showing b, and at one that does not; the admin at the root.
+    for (path, token) in [("/mcp/dev2", ALICE), ("/mcp/ops", ALICE), ("/mcp", ADMIN)] {
+        let other = client(&gw, path, token);
+        let r = stateless(&other, 2, "tools/call", retry.clone(), caps.clone()).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.body);
+        assert_eq!(r.error_code(), -32602, "{path}: {}", r.body);
+        assert!(
+            r.body
+                .contains("not issued to this caller on this endpoint"),
+            "{path}: {}",
+            r.body
+        );
+    }
+    let mut answer = retry.clone();
+    answer["inputResponses"][key.as_str()]["content"]["text"] = json!("mine");
+    let done = stateless(&dev, 3, "tools/call", answer, caps)
+        .await
+        .response();
+    assert_eq!(
+        done["result"]["content"][0]["text"], "model said: mine",
+        "{done}"
+    );
+    gw.stop().await;
+}
+
+/// Opens a `subscriptions/listen` stream at `c`'s endpoint.
+async fn listen(c: &Client, id: Value, notifications: Value) -> support::SseReader {
+    let params = json!({ "notifications": notifications, "_meta": envelope(json!({})) });
+    let body =
+        json!({"jsonrpc": "2.0", "id": id, "method": "subscriptions/listen", "params": params});
+    let req = c
+        .request("POST", Bytes::new())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "subscriptions/listen")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = c.http.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    support::SseReader::new(resp.into_body())
+}
+
+/// A listen stream at a profile watches only resources the profile shows, and hears no update
+/// of a resource it hides, even one below a resource it watches.
+#[tokio::test]
+async fn a_listen_stream_at_a_profile_hears_only_what_it_shows() {
+    let gw = gateway(DEV2).await;
+    let narrow = client(&gw, "/mcp/narrow", ALICE);
+    let watched = "example://a/readme";
+    let mut stream = listen(
+        &narrow,
+        json!("l"),
+        json!({"resourceSubscriptions": [
+            watched, "example://a/echo/x", "example://b/readme", "example://c/readme",
+            "example://a/readme/../../b/readme"
+        ]}),
+    )
+    .await;
+    let ack = stream.next().await.expect("an acknowledgement");
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged");
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({"resourceSubscriptions": [watched]}),
+        "{ack}"
+    );
+    let touch = |id: u64, uri: &'static str| {
+        let narrow = narrow.clone();
+        async move {
+            let r = stateless(
+                &narrow,
+                id,
+                "tools/call",
+                json!({"name": "a__touch", "arguments": {"uri": uri}}),
+                json!({}),
+            )
+            .await;
+            assert_eq!(
+                r.response()["result"]["content"][0]["text"],
+                "touched",
+                "{}",
+                r.body
+            );
+        }
+    };
+    // Below the watched resource, but hidden by the profile's glob: not heard.
+    touch(1, "example://a/readme/hidden").await;
+    touch(2, "example://a/readme#part").await;
+    touch(3, watched).await;
+    let heard = stream.next().await.expect("the watched resource's update");
+    assert_eq!(heard["method"], "notifications/resources/updated");
+    assert_eq!(heard["params"]["uri"], watched, "{heard}");
+    // Subscribing to a hidden resource through the method table: unknown too.
+    let r = stateless(
+        &narrow,
+        4,
+        "resources/read",
+        json!({"uri": "example://a/echo/x"}),
+        json!({}),
+    )
+    .await;
+    unknown(&r.json(), "read of a hidden template's resource");
+    gw.stop().await;
+}
+
+/// A caller cannot cancel another caller's request by naming its id: not from another
+/// principal's session at the same profile, not from the same principal's session at another
+/// profile, not without a session; and batches, which would carry several targets past one
+/// check, are refused at a profile with or without a session.
+#[tokio::test]
+async fn another_callers_request_cannot_be_cancelled_and_batches_are_refused() {
+    let gw = gateway("").await;
+    let mut alice = client(&gw, "/mcp/ops", ALICE);
+    alice.initialize(json!({})).await;
+    let slow = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            alice
+                .call(
+                    7,
+                    "tools/call",
+                    json!({"name": "c__slow", "arguments": {"seconds": 1.0}}),
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+        "params": {"requestId": 7, "reason": "not yours"}})
+    .to_string();
+    let mut bob = client(&gw, "/mcp/ops", BOB);
+    bob.initialize(json!({})).await;
+    assert_eq!(bob.post(cancel.clone()).await.status, 202);
+    let mut alice_dev = client(&gw, "/mcp/dev", ALICE);
+    alice_dev.initialize(json!({})).await;
+    assert_eq!(alice_dev.post(cancel.clone()).await.status, 202);
+    let bob_stateless = client(&gw, "/mcp/ops", BOB);
+    let r = bob_stateless
+        .send(
+            bob_stateless
+                .request("POST", Bytes::new())
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("mcp-protocol-version", "2026-07-28")
+                .header("mcp-method", "notifications/cancelled")
+                .body(Full::new(Bytes::from(
+                    json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                        "params": {"requestId": 7, "_meta": envelope(json!({}))}})
+                    .to_string(),
+                )))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let done = slow.await.unwrap();
+    assert_eq!(
+        done["result"]["content"][0]["text"], "done after 1s",
+        "{done}"
+    );
+
+    // Batches: a visible call and a hidden one together.
+    let batch = json!([
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "say", "arguments": {"text": "x"}}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "a__echo", "arguments": {"text": "x"}}}
+    ])
+    .to_string();
+    let mut dev = client(&gw, "/mcp/dev", ALICE);
+    dev.initialize(json!({})).await;
+    let r = dev.post(batch.clone()).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.error_code(), -32600, "{}", r.body);
+    let no_session = client(&gw, "/mcp/dev", ALICE);
+    let r = no_session
+        .send(
+            no_session
+                .request("POST", Bytes::new())
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .header("mcp-protocol-version", "2026-07-28")
+                .header("mcp-method", "tools/call")
+                .header("mcp-name", "say")
+                .body(Full::new(Bytes::from(batch)))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.error_code(), -32600, "{}", r.body);
+    gw.stop().await;
+}

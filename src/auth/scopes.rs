@@ -72,9 +72,7 @@ impl Rules {
         if method == "subscriptions/listen" {
             let uris = listened_uris(params);
             for uri in &uris {
-                self.add(&mut needed, "resources/subscribe", || {
-                    Target::Read(uri.clone())
-                });
+                self.add(&mut needed, "resources/subscribe", || Target::uri(uri));
             }
             self.add(&mut needed, method, || Target::None);
             return needed;
@@ -94,10 +92,15 @@ impl Rules {
                 // Read once, and only when a rule narrows by name.
                 let t = read.get_or_insert_with(|| target.take().map_or(Target::None, |f| f()));
                 // Without a readable target the rule applies: the request cannot be shown to
-                // fall outside it.
-                if let Target::Read(name) = t
-                    && !names.iter().any(|n| n.matches(name))
-                {
+                // fall outside it. A URI counts as sent and as a server may resolve it.
+                let outside = match t {
+                    Target::Read(name) => !names.iter().any(|n| n.matches(name)),
+                    Target::Uri(forms) => !forms
+                        .iter()
+                        .any(|form| names.iter().any(|n| n.matches(form))),
+                    Target::None => false,
+                };
+                if outside {
                     continue;
                 }
             }
@@ -112,10 +115,126 @@ impl Rules {
 
 /// What a request is about, read the way the router reads it.
 enum Target {
-    /// The tool or prompt name as clients see it, or the resource URI.
+    /// The tool or prompt name as clients see it.
     Read(String),
+    /// A resource URI: as sent, and as a server that resolves it would read it (when that
+    /// differs).
+    Uri(Vec<String>),
     /// Nothing to read (or nothing readable).
     None,
+}
+
+impl Target {
+    /// A resource URI. A rule narrowed by name applies when either form matches: rules add
+    /// what a request needs, so a URI spelled to miss a rule's glob (`file:///pub/../secret/k`,
+    /// `FILE:///secret/k`, `file:///s%65cret/k`) must not miss it where its server would read
+    /// the file the rule guards.
+    fn uri(uri: &str) -> Target {
+        let resolved = resolved_uri(uri);
+        let mut forms = vec![uri.to_owned()];
+        if resolved != uri {
+            forms.push(resolved);
+        }
+        Target::Uri(forms)
+    }
+}
+
+/// `uri` as a server that resolves URIs may read it: percent-escapes decoded (every one: a
+/// form that matches more rules only asks for more), backslashes read as slashes, cut at a NUL,
+/// the scheme and authority in lower case, and dot segments of the path removed (RFC 3986
+/// §5.2.4).
+fn resolved_uri(uri: &str) -> String {
+    let mut text = uri.to_owned();
+    // Twice encoded (`%252e`) is read by a server that decodes twice; a few rounds at most.
+    for _ in 0..3 {
+        let decoded = percent_decoded(&text);
+        if decoded == text {
+            break;
+        }
+        text = decoded;
+    }
+    if let Some(nul) = text.find('\0') {
+        text.truncate(nul);
+    }
+    let text = text.replace('\\', "/");
+    // The scheme, and the authority after `//`, are case-insensitive.
+    let (scheme, rest) = match text.split_once(':') {
+        Some((scheme, rest))
+            if !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')) =>
+        {
+            (Some(scheme.to_ascii_lowercase()), rest)
+        }
+        _ => (None, text.as_str()),
+    };
+    let (authority, rest) = match rest.strip_prefix("//") {
+        Some(after) => {
+            let end = after.find(['/', '?', '#']).unwrap_or(after.len());
+            (Some(after[..end].to_lowercase()), &after[end..])
+        }
+        None => (None, rest),
+    };
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    let (path, tail) = rest.split_at(end);
+    let mut out = String::with_capacity(text.len());
+    if let Some(s) = scheme {
+        out.push_str(&s);
+        out.push(':');
+    }
+    if let Some(a) = authority {
+        out.push_str("//");
+        out.push_str(&a);
+    }
+    out.push_str(&without_dot_segments(path));
+    out.push_str(tail);
+    out
+}
+
+/// Every `%XX` of `text` decoded (bytes that are no UTF-8 text replaced).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A path with its `.` and `..` segments resolved (never above its root).
+fn without_dot_segments(path: &str) -> String {
+    let segments: Vec<&str> = path.split('/').collect();
+    let last = segments.len() - 1;
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." | ".." => {
+                // The leading empty segment of an absolute path is its root: kept.
+                if *seg == ".." && out.len() > 1 {
+                    out.pop();
+                }
+                if i == last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    out.join("/")
 }
 
 /// The field the router routes `method` by: `name` for tools and prompts, `uri` for resources,
@@ -139,27 +258,39 @@ fn target_of(method: &str, params: Option<&[u8]>) -> Target {
     // not readable, so every rule that could apply does.
     use crate::mcp::lookalike::check_members;
     let plain = |json: &[u8], owned: &[&str]| check_members(json, owned, "params").ok();
-    let read = || -> Option<String> {
+    /// What was read: a name, or a URI.
+    enum Read {
+        Name(String),
+        Uri(String),
+    }
+    use Read::{Name, Uri};
+    let read = || -> Option<Read> {
         let f: Fields<'_> = serde_json::from_slice(params?).ok()?;
         match method {
-            "tools/call" | "prompts/get" => plain(params?, &["name"]).and_then(|()| string(f.name)),
+            "tools/call" | "prompts/get" => {
+                plain(params?, &["name"]).and_then(|()| string(f.name).map(Name))
+            }
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
-                plain(params?, &["uri"]).and_then(|()| string(f.uri))
+                plain(params?, &["uri"]).and_then(|()| string(f.uri).map(Uri))
             }
             "completion/complete" => {
                 plain(params?, &["ref"])?;
                 plain(f.reference?.get().as_bytes(), &["type", "name", "uri"])?;
                 let r: Fields<'_> = serde_json::from_str(f.reference?.get()).ok()?;
                 match string(r.kind)?.as_str() {
-                    "ref/prompt" => string(r.name),
-                    "ref/resource" => string(r.uri),
+                    "ref/prompt" => string(r.name).map(Name),
+                    "ref/resource" => string(r.uri).map(Uri),
                     _ => None,
                 }
             }
             _ => None,
         }
     };
-    read().map_or(Target::None, Target::Read)
+    match read() {
+        Some(Name(name)) => Target::Read(name),
+        Some(Uri(uri)) => Target::uri(&uri),
+        None => Target::None,
+    }
 }
 
 /// The resource URIs a `subscriptions/listen` request watches.
@@ -187,6 +318,7 @@ mod tests {
     fn a_target_a_server_could_read_otherwise_is_not_read() {
         let read = |method, params: &str| match target_of(method, Some(params.as_bytes())) {
             Target::Read(t) => Some(t),
+            Target::Uri(mut forms) => Some(forms.swap_remove(0)),
             Target::None => None,
         };
         assert_eq!(
@@ -336,5 +468,63 @@ mod tests {
                 )
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_uri_spelled_to_miss_a_rule_does_not() {
+        let rules = Rules::new(&[ScopeRule {
+            methods: vec![
+                "resources/read".into(),
+                "resources/subscribe".into(),
+                "completion/complete".into(),
+            ],
+            names: vec!["file:///secret/*".into(), "note://host/key".into()],
+            scopes: vec!["secret".into()],
+        }]);
+        let read = |uri: &str| {
+            let params = serde_json::json!({ "uri": uri }).to_string();
+            rules.needed("resources/read", Some(params.as_bytes()))
+        };
+        for uri in [
+            "file:///secret/k",
+            "file:///pub/../secret/k",
+            "file:///pub/./../secret/k",
+            "file:///pub/%2e%2e/secret/k",
+            "file:///pub/%252e%252e/secret/k",
+            "file:///%73ecret/k",
+            "FILE:///secret/k",
+            "file:///pub\\..\\secret\\k",
+            "file:///pub/..%2Fsecret/k",
+            "note://HOST/key",
+            "note://host/key%00.txt",
+            "note://host/x/../key",
+            "note://host/./key",
+            // As sent, it matches (a server that does not resolve it reads under secret/).
+            "file:///secret/../pub/k",
+        ] {
+            assert_eq!(read(uri), ["secret"], "{uri}");
+        }
+        for uri in [
+            "file:///pub/k",
+            "file:///secret",
+            "note://host/keys",
+            "note://other/key",
+            "file:///pub/a?x=../../secret/k",
+        ] {
+            assert!(read(uri).is_empty(), "{uri}");
+        }
+        let listen = br#"{"notifications":{"resourceSubscriptions":["file:///a/../secret/k"]}}"#;
+        assert_eq!(
+            rules.needed("subscriptions/listen", Some(listen)),
+            ["secret"]
+        );
+        let complete = br#"{"ref":{"type":"ref/resource","uri":"file:///a/../secret/{k}"},"argument":{"name":"k","value":""}}"#;
+        assert_eq!(
+            rules.needed("completion/complete", Some(complete)),
+            ["secret"]
+        );
+        assert_eq!(resolved_uri("file:///a/b/../../.."), "file:///");
+        assert_eq!(resolved_uri("x:a/./b/."), "x:a/b/");
+        assert_eq!(resolved_uri("HTTP://Ex.COM/A/%41"), "http://ex.com/A/A");
     }
 }

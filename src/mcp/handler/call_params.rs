@@ -17,6 +17,9 @@ pub(super) struct CallParams<'a> {
     name: Option<&'a str>,
     /// The arguments' JSON text.
     arguments: Option<&'a str>,
+    /// Whether the call asks to run as a task (2025-11-25), by `task` or a key a lenient
+    /// server reads as it.
+    task: bool,
 }
 
 /// The top-level members whose meaning the gateway fixes: each must be given once, and no
@@ -30,6 +33,7 @@ impl<'a> CallParams<'a> {
             return Ok(CallParams {
                 name: None,
                 arguments: None,
+                task: false,
             });
         };
         let bad = |e: &dyn std::fmt::Display| format!("params must be an object: {e}");
@@ -37,6 +41,7 @@ impl<'a> CallParams<'a> {
         let mut read = CallParams {
             name: None,
             arguments: None,
+            task: false,
         };
         let mut meta = false;
         let mut refused = None;
@@ -58,6 +63,7 @@ impl<'a> CallParams<'a> {
                 "arguments" => read.arguments.replace(value).is_some(),
                 "_meta" => std::mem::replace(&mut meta, true),
                 other => {
+                    read.task |= lookalike::read_as(other, &["task"]).is_some();
                     if let Some(owned) = lookalike::read_as(other, &OWNED) {
                         refused = Some(format!(
                             "params.{other:?} is too like params.{owned}: servers differ on which they read"
@@ -96,6 +102,12 @@ impl<'a> CallParams<'a> {
         serde_json::from_str::<String>(raw)
             .map(Cow::Owned)
             .map_err(|_| "params.name must be a string".into())
+    }
+
+    /// Whether the call asks its server to run it as a task: the answer is then the task, and
+    /// the call's result comes later, to `tasks/result`.
+    pub(super) fn is_task(&self) -> bool {
+        self.task
     }
 
     /// The arguments as JSON text (`{}` when absent).
@@ -329,5 +341,23 @@ mod tests {
         // Other keys pass, whatever they hold.
         let call = read(r#"{"name":"t","names":[1],"argument":0,"x_meta":{},"_meta":{}}"#);
         assert_eq!(call.unwrap().name().unwrap(), "t");
+    }
+
+    #[test]
+    fn a_call_run_as_a_task_is_told_by_any_spelling_of_task() {
+        for text in [
+            r#"{"name":"t","task":{"ttl":1}}"#,
+            r#"{"name":"t","Task":{}}"#,
+            r#"{"name":"t","TASK\u0000":{}}"#,
+            r#"{"name":"t","ta\u0073k":{}}"#,
+        ] {
+            assert!(read(text).unwrap().is_task(), "{text}");
+        }
+        for text in [
+            r#"{"name":"t"}"#,
+            r#"{"name":"t","tasks":{},"arguments":{"task":1}}"#,
+        ] {
+            assert!(!read(text).unwrap().is_task(), "{text}");
+        }
     }
 }

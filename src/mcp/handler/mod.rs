@@ -461,6 +461,16 @@ pub async fn request(
                 &session.topology().servers[index].name,
                 Some(local),
             );
+            // A task's result comes back to `tasks/result`, a request that names neither
+            // the tool nor the call: the result chains this call selected would never screen
+            // it (a redaction walked around). Refused while plugins judge the call.
+            if policy.is_some() && call.is_task() {
+                return invalid_params(
+                    &id,
+                    "params.task: a call run as a task would bring its result back past the \
+                     gateway's result policy (to tasks/result); call it without task",
+                );
+            }
             if let Some(p) = &mut policy {
                 let kind = if method == "tools/call" {
                     EntryKind::Tool
