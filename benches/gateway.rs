@@ -13,6 +13,8 @@
 //! `--compare 'runtime: { workers: 1 }'` measures only a gateway configured with that
 //! top-level YAML against one without, in alternating rounds (small calls, the largest
 //! `--clients`).
+//! `--only-configs stdio,floor` measures only the configurations whose names contain one of
+//! the parts (and direct), and prints their table: no instruction counts, no memory.
 //! `--only-floor` measures only small calls direct, through the gateway and through the floor
 //! proxies (`floor_proxy.rs`: the least any HTTP proxy does), in alternating rounds.
 //! `--only-auth` counts only what authentication and the audit trail add to a call.
@@ -121,6 +123,8 @@ struct Args {
     only_memory: bool,
     /// Only small calls: direct, the gateway and the floor proxies.
     only_floor: bool,
+    /// Only the configurations whose names contain one of these (and direct), no counts.
+    only_configs: Vec<String>,
     /// Write this build profile's block of the link order, from `binary`, and nothing else.
     write_link_order: Option<String>,
     /// The gateway binary to profile for the link order (default: this profile's).
@@ -143,6 +147,7 @@ fn args() -> Args {
         only_instructions: false,
         only_memory: false,
         only_floor: false,
+        only_configs: Vec::new(),
         write_link_order: None,
         binary: BIN.to_owned(),
         compare: None,
@@ -155,6 +160,7 @@ fn args() -> Args {
             "--only-instructions" => a.only_instructions = true,
             "--only-memory" => a.only_memory = true,
             "--only-floor" => a.only_floor = true,
+            "--only-configs" => a.only_configs = val().split(',').map(str::to_owned).collect(),
             "--compare" => a.compare = Some(val()),
             "--write-link-order" => a.write_link_order = Some(val()),
             "--binary" => a.binary = val(),
@@ -990,6 +996,12 @@ async fn bench() {
         let mut t = Target::new("other gateway", other, None, "echo", &all);
         t.pid = a.other_pid;
         configs.push(t);
+    }
+    if !a.only_configs.is_empty() {
+        configs.retain(|t| t.name == "direct" || a.only_configs.iter().any(|c| t.name.contains(c)));
+        let results = measure_rounds(&configs, &a).await;
+        println!("{}", results_table(&results).0);
+        return;
     }
 
     let results = measure_rounds(&configs, &a).await;
