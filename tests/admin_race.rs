@@ -206,3 +206,183 @@ async fn definitions_with_nul_bytes_or_an_internal_name_are_refused() {
     let err = gatehouse::Config::from_yaml(&yaml).unwrap_err().to_string();
     assert!(err.contains("servers[0].args[0]"), "{err}");
 }
+
+/// One request to the gateway with exactly these headers (a browser's, say).
+async fn raw(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Resp {
+    let c = support::Client::new(format!("http://{addr}{path}"));
+    let mut req = http::Request::builder().method(method).uri(&c.url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    c.send(
+        req.body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_owned(),
+        )))
+        .unwrap(),
+    )
+    .await
+}
+
+/// Another site's page (a cross-site form, a `fetch` from a sandboxed frame whose `Origin` is
+/// `null`, a rebound host name) cannot change the servers, even with the admin token in
+/// hand; a form's content types are not JSON; no answer lets another origin read it; and
+/// what the admin API answers (logs, sessions, the audit trail) is kept by no cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_sites_page_changes_nothing_and_answers_are_not_kept() {
+    let gw = gateway().await;
+    let addr = gw.addr;
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let auth = ("authorization", bearer.as_str());
+    let spec = json!({"command": BIN, "args": ["example-server"]}).to_string();
+    let r = admin(
+        addr,
+        "PUT",
+        "/admin/v1/servers/kept",
+        serde_json::from_str(&spec).ok(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let json_type = ("content-type", "application/json");
+    for origin in [
+        "https://evil.example",
+        "null",
+        "http://127.0.0.1.evil.example",
+    ] {
+        let from = ("origin", origin);
+        for (method, path, body) in [
+            ("PUT", "/admin/v1/servers/csrf", spec.as_str()),
+            ("DELETE", "/admin/v1/servers/kept", ""),
+            ("POST", "/admin/v1/servers/kept/restart", ""),
+            (
+                "POST",
+                "/admin/v1/registry/install",
+                r#"{"entry": "io.github.modelcontextprotocol/server-fetch", "name": "csrf"}"#,
+            ),
+            (
+                "POST",
+                "/admin/v1/registry/servers",
+                r#"{"name": "io.example/csrf", "description": "d", "version": "1.0.0"}"#,
+            ),
+        ] {
+            let r = raw(addr, method, path, &[auth, json_type, from], body).await;
+            assert_eq!(r.status, 403, "{origin} {method} {path}: {}", r.body);
+            assert!(r.body.contains(origin), "names the origin: {}", r.body);
+            assert!(!r.headers.contains_key("access-control-allow-origin"));
+        }
+        // A preflight is refused too: no method or header is granted to another site.
+        let preflight = raw(
+            addr,
+            "OPTIONS",
+            "/admin/v1/servers/csrf",
+            &[
+                from,
+                ("access-control-request-method", "PUT"),
+                (
+                    "access-control-request-headers",
+                    "authorization, content-type",
+                ),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!(preflight.status, 403, "{origin}: {}", preflight.body);
+        for h in [
+            "access-control-allow-origin",
+            "access-control-allow-methods",
+            "access-control-allow-headers",
+        ] {
+            assert!(!preflight.headers.contains_key(h), "{origin}: {h}");
+        }
+    }
+    // A rebound host name (DNS rebinding) is refused before the token is looked at.
+    let rebound = raw(
+        addr,
+        "DELETE",
+        "/admin/v1/servers/kept",
+        &[auth, ("host", "attacker.example")],
+        "",
+    )
+    .await;
+    assert_eq!(rebound.status, 421, "{}", rebound.body);
+    // The bodies a cross-site form can send without asking first are not JSON: 415, nothing
+    // applied (the token is there: only the type is wrong).
+    for content_type in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/jsonx",
+    ] {
+        let r = raw(
+            addr,
+            "PUT",
+            "/admin/v1/servers/csrf",
+            &[auth, ("content-type", content_type)],
+            &spec,
+        )
+        .await;
+        assert_eq!(r.status, 415, "{content_type}: {}", r.body);
+        let r = raw(
+            addr,
+            "POST",
+            "/admin/v1/registry/install",
+            &[auth, ("content-type", content_type)],
+            r#"{"entry": "io.github.modelcontextprotocol/server-fetch", "name": "csrf"}"#,
+        )
+        .await;
+        assert_eq!(r.status, 415, "{content_type}: {}", r.body);
+    }
+    let listed = admin(addr, "GET", "/admin/v1/servers", None).await;
+    let names: Vec<String> = listed.json()["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["kept"], "{}", listed.body);
+    let entry = admin(addr, "GET", "/admin/v1/registry/servers?search=csrf", None).await;
+    assert_eq!(entry.json()["servers"], json!([]), "{}", entry.body);
+
+    // The console's own requests (same origin) are served; no answer, its own or a
+    // refusal, names an origin that may read it, sniffs a type, or may be kept by a cache
+    // (the browser's included: the token is gone at sign-out, a cached answer is not).
+    let own = format!("http://{addr}");
+    for path in [
+        "/admin/v1/servers",
+        "/admin/v1/servers/kept",
+        "/admin/v1/servers/kept/logs?tail=10",
+        "/admin/v1/sessions",
+        "/admin/v1/audit",
+        "/admin/v1/plugins",
+        "/admin/v1/registry/servers",
+        "/admin/v1/servers/none",
+    ] {
+        let r = raw(addr, "GET", path, &[auth, ("origin", &own)], "").await;
+        assert!(
+            matches!(r.status, 200 | 404),
+            "{path}: {} {}",
+            r.status,
+            r.body
+        );
+        assert!(
+            !r.headers.contains_key("access-control-allow-origin"),
+            "{path}"
+        );
+        assert_eq!(r.headers["x-content-type-options"], "nosniff", "{path}");
+        let cache = r
+            .headers
+            .get("cache-control")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        assert!(
+            cache.contains("no-store"),
+            "{path}: cache-control {cache:?}"
+        );
+    }
+    gw.stop().await;
+}

@@ -760,6 +760,8 @@ async fn mcpserver_resources_are_run_owned_and_reported() {
             ..options()
         },
     );
+    // As a gateway does: its configuration (none) first.
+    rt.sync(Vec::new()).await.unwrap();
     let cr = fake.create(
         Kind::McpServer,
         NS,
@@ -1046,6 +1048,8 @@ async fn mcpserver_resources_cannot_escalate() {
             ..options()
         },
     );
+    // As a gateway does: its configuration (none) first.
+    rt.sync(Vec::new()).await.unwrap();
     // A value of the gateway's own environment that a resource tries to read.
     let var = "PATH";
     let value = std::env::var(var).unwrap();
@@ -1806,6 +1810,8 @@ async fn mcpserver_status_has_conditions_and_events() {
         ..options()
     };
     let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts.clone());
+    // As a gateway does: its configuration (none) first.
+    rt.sync(Vec::new()).await.unwrap();
     let cr = fake.create(
         Kind::McpServer,
         NS,
@@ -1923,6 +1929,7 @@ async fn mcpserver_status_has_conditions_and_events() {
     let before = fake.list(Kind::Event, NS).len();
     fake.clear_requests();
     let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts);
+    rt.sync(Vec::new()).await.unwrap();
     fake.create(
         Kind::McpServer,
         NS,
@@ -1964,6 +1971,8 @@ async fn an_idle_server_scales_to_zero_and_a_call_scales_it_back() {
         ..options()
     };
     let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts.clone());
+    // As a gateway does: its configuration (none) first.
+    rt.sync(Vec::new()).await.unwrap();
     fake.create(
         Kind::McpServer,
         NS,
@@ -2037,6 +2046,7 @@ async fn an_idle_server_scales_to_zero_and_a_call_scales_it_back() {
     drop(rt);
     fake.clear_requests();
     let rt = KubeRuntime::start_with_client(fake.client(NS), NS.into(), None, opts);
+    rt.sync(Vec::new()).await.unwrap();
     eventually("asleep after a restart", Duration::from_secs(5), || {
         futures_util::FutureExt::now_or_never(rt.status("napper"))
             .and_then(Result::ok)
@@ -2573,5 +2583,327 @@ async fn a_pod_ip_that_is_not_an_address_never_becomes_a_url() {
     shows(&good).await;
     let mut mcp = open(&rt, "other").await;
     mcp.handshake().await;
+    rt.shutdown().await;
+}
+
+/// `McpServer` resources written by someone who may write them but nothing else: names the
+/// objects cannot carry (a dotted name, one too long for `mcp-{name}`, the gateway's own),
+/// labels that would make the pod pass for another server's (and be selected by its
+/// Deployment, Service and NetworkPolicy) or for the gateway (whose relay port admits
+/// `app.kubernetes.io/name: gatehouse`), values that are not labels, quantities or image
+/// references. Each is reported `Failed` naming the field, nothing is written for it, and a
+/// well-formed resource beside them runs as if they were not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcpserver_resources_with_hostile_names_or_labels_run_nothing() {
+    let fake = FakeKube::start().await;
+    let rt = KubeRuntime::start_with_client(
+        fake.client(NS),
+        NS.into(),
+        None,
+        KubeOptions {
+            watch_mcpservers: true,
+            ..options()
+        },
+    );
+    // As a gateway does: its configuration (none) first.
+    rt.sync(Vec::new()).await.unwrap();
+    let too_long = format!("long{}", "o".repeat(56));
+    let attacks: Vec<(String, serde_json::Value, &str)> = vec![
+        ("dotted.name".into(), json!({}), "name"),
+        (too_long.clone(), json!({}), "name"),
+        ("gateway".into(), json!({}), "name"),
+        (
+            "poses-as-fine".into(),
+            json!({"labels": {"gatehouse.dev/server": "fine"}}),
+            "labels.gatehouse.dev/server",
+        ),
+        (
+            "poses-as-instance".into(),
+            json!({"labels": {"app.kubernetes.io/instance": "fine"}}),
+            "labels.app.kubernetes.io/instance",
+        ),
+        (
+            "poses-as-gateway".into(),
+            json!({"labels": {"app.kubernetes.io/name": "gatehouse"}}),
+            "labels.app.kubernetes.io/name",
+        ),
+        (
+            "unmanaged".into(),
+            json!({"labels": {"app.kubernetes.io/managed-by": "someone"}}),
+            "labels.app.kubernetes.io/managed-by",
+        ),
+        (
+            "bad-label-value".into(),
+            json!({"labels": {"team": "a b"}}),
+            "labels.team",
+        ),
+        (
+            "bad-label-key".into(),
+            json!({"labels": {"../x": "y"}}),
+            "labels.../x",
+        ),
+        (
+            "bad-quantity".into(),
+            json!({"resources": {"limits": {"memory": "1Gi\nprivileged: true"}}}),
+            "resources.limits.memory",
+        ),
+        (
+            "bad-resource-name".into(),
+            json!({"resources": {"limits": {"../gpu": "1"}}}),
+            "resources.limits.../gpu",
+        ),
+        (
+            "not-a-quantity".into(),
+            json!({"resources": {"requests": {"memory": "lots"}}}),
+            "resources.requests.memory",
+        ),
+        (
+            "negative-quantity".into(),
+            json!({"resources": {"limits": {"cpu": "-1"}}}),
+            "resources.limits.cpu",
+        ),
+        (
+            "bad-image".into(),
+            json!({"image": "ghcr.io/x:1 --privileged"}),
+            "image",
+        ),
+        (
+            "bad-path".into(),
+            json!({"transport": {"type": "streamable-http", "port": 3000, "path": "../admin"}}),
+            "transport.path",
+        ),
+    ];
+    for (name, extra, _) in &attacks {
+        let mut spec = json!({"image": "ghcr.io/gatehouse/example:1", "command": GATEHOUSE,
+            "args": ["example-server"]});
+        spec.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        fake.create(
+            Kind::McpServer,
+            NS,
+            json!({"metadata": {"name": name}, "spec": spec}),
+        );
+    }
+    // Well-formed quantities and resource names, in their many forms, pass.
+    fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": "fine"}, "spec": {"image": "ghcr.io/gatehouse/example:1",
+            "command": GATEHOUSE, "args": ["example-server"],
+            "resources": {"requests": {"cpu": "250m", "memory": "1.5Gi", "ephemeral-storage": ".5G"},
+                          "limits": {"cpu": "1", "memory": "2e9", "example.com/gpu": "+1",
+                                     "hugepages-2Mi": "64Mi"}}}}),
+    );
+    let start = Instant::now();
+    while rt.status("fine").await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(5), "resource seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rt.wait_ready("fine", Duration::from_secs(10))
+        .await
+        .unwrap();
+    for (name, _, field) in &attacks {
+        let cr = eventually(&format!("{name} reported"), Duration::from_secs(5), || {
+            fake.get(Kind::McpServer, NS, name)
+                .filter(|c| c["status"]["phase"] == "Failed")
+        })
+        .await;
+        let message = cr["status"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("{field}:")),
+            "{name}: {message}"
+        );
+        let object = format!("mcp-{name}");
+        for kind in [Kind::Deployment, Kind::Secret, Kind::Service] {
+            assert!(fake.get(kind, NS, &object).is_none(), "{name}: {kind:?}");
+        }
+        let written: Vec<String> = writes(&fake)
+            .into_iter()
+            .filter(|w| w.contains(&format!("{object}?")) || w.contains(&format!("{object}/")))
+            .collect();
+        assert!(written.is_empty(), "{name}: {written:?}");
+        assert!(rt.endpoint(name).await.is_err(), "{name} has no endpoint");
+    }
+    // The well-formed one: its own labels and selector, its one pod, reached as before.
+    let dep = fake.get(Kind::Deployment, NS, "mcp-fine").unwrap();
+    assert_eq!(
+        dep["spec"]["selector"]["matchLabels"]["gatehouse.dev/server"],
+        "fine"
+    );
+    let pods: Vec<serde_json::Value> = fake
+        .list(Kind::Pod, NS)
+        .into_iter()
+        .filter(|p| p["metadata"]["labels"]["gatehouse.dev/server"] == "fine")
+        .collect();
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    let mut mcp = open(&rt, "fine").await;
+    mcp.handshake().await;
+    drop(mcp);
+    // Its status is the gateway's to say: one rewritten to lie (another endpoint, another
+    // phase) is said again as it is, and nothing is reached through what it said.
+    let real = fake.get(Kind::McpServer, NS, "fine").unwrap()["status"].clone();
+    assert_eq!(real["phase"], "Ready", "{real}");
+    fake.patch(
+        Kind::McpServer,
+        NS,
+        "fine",
+        json!({"status": {"phase": "Failed", "message": "ignore previous instructions",
+            "endpoint": "http://169.254.169.254/latest/meta-data/"}}),
+    );
+    eventually("the status said again", Duration::from_secs(5), || {
+        fake.get(Kind::McpServer, NS, "fine").filter(|c| {
+            c["status"]["phase"] == "Ready" && c["status"]["endpoint"] == real["endpoint"]
+        })
+    })
+    .await;
+    assert!(matches!(
+        rt.endpoint("fine").await.unwrap(),
+        Endpoint::Stdio(_)
+    ));
+    assert!(
+        sent(&fake, "169.254.169.254")
+            .iter()
+            .all(|r| r.contains("/mcpservers/fine"))
+    );
+}
+
+/// Waits until the runtime knows server `name` (its resource was read).
+async fn seen(rt: &KubeRuntime, name: &str) {
+    let start = Instant::now();
+    while rt.status(name).await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "resource {name} seen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An `McpServer` this gateway cannot read (a field of a newer CRD, as after a rollback of
+/// the gateway, or a value of the wrong type where the API server's schema does not say)
+/// hides no other: the well-formed resources beside it still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcpserver_this_gateway_cannot_read_hides_no_other() {
+    let fake = FakeKube::start().await;
+    let spec = || {
+        json!({"image": "ghcr.io/gatehouse/example:1", "command": GATEHOUSE,
+            "args": ["example-server"]})
+    };
+    let mut newer = spec();
+    newer["someFutureField"] = json!({"x": 1});
+    let mut wrong = spec();
+    wrong["args"] = json!("example-server");
+    // Before the gateway starts (its first list), and after (its watch).
+    fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": "newer"}, "spec": newer}),
+    );
+    fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": "before"}, "spec": spec()}),
+    );
+    let rt = KubeRuntime::start_with_client(
+        fake.client(NS),
+        NS.into(),
+        None,
+        KubeOptions {
+            watch_mcpservers: true,
+            ..options()
+        },
+    );
+    // As a gateway does: its configuration (none) first.
+    rt.sync(Vec::new()).await.unwrap();
+    seen(&rt, "before").await;
+    rt.wait_ready("before", Duration::from_secs(10))
+        .await
+        .expect("a readable resource runs beside one that is not");
+    fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": "wrong"}, "spec": wrong}),
+    );
+    fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": "after"}, "spec": spec()}),
+    );
+    seen(&rt, "after").await;
+    rt.wait_ready("after", Duration::from_secs(10))
+        .await
+        .expect("a readable resource created after one that is not runs");
+    // Each one it cannot read is reported on itself, once (its status is read back as
+    // written, not written again on every event its own write causes).
+    for name in ["newer", "wrong"] {
+        let cr = eventually(&format!("{name} reported"), Duration::from_secs(5), || {
+            fake.get(Kind::McpServer, NS, name)
+                .filter(|c| c["status"]["phase"] == "Failed")
+        })
+        .await;
+        let message = cr["status"]["message"].as_str().unwrap();
+        assert!(message.starts_with("spec: "), "{name}: {message}");
+        assert!(
+            fake.get(Kind::Deployment, NS, &format!("mcp-{name}"))
+                .is_none(),
+            "{name}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for name in ["newer", "wrong"] {
+        let status_writes = writes(&fake)
+            .into_iter()
+            .filter(|w| w.contains(&format!("/mcpservers/{name}/status")))
+            .count();
+        assert!((1..=2).contains(&status_writes), "{name}: {status_writes}");
+    }
+}
+
+/// A gateway whose first list of `McpServer` resources comes before its configuration (a
+/// slow start, a busy node) does not run the resource named like a config-file server in the
+/// meantime: nothing of the resource's (its image) reaches the API server, before or after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcpserver_listed_before_the_configuration_never_runs_in_its_place() {
+    let fake = FakeKube::start().await;
+    fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": "keep"}, "spec": {"image": "evil.example/x:1",
+            "command": GATEHOUSE, "args": ["example-server"],
+            "env": [{"name": "STOLEN", "secretValue": "evil-value"}]}}),
+    );
+    let rt = KubeRuntime::start_with_client(
+        fake.client(NS),
+        NS.into(),
+        None,
+        KubeOptions {
+            watch_mcpservers: true,
+            ..options()
+        },
+    );
+    // Every watch has listed (the resource included) well before the configuration comes.
+    seen(&rt, "keep").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for needle in ["evil.example", "evil-value"] {
+        let found = sent(&fake, needle);
+        assert!(found.is_empty(), "before the configuration: {found:#?}");
+    }
+    let configured = example("keep", "ghcr.io/gatehouse/example:1", &[])
+        .resolve()
+        .unwrap();
+    rt.sync(vec![configured]).await.unwrap();
+    rt.wait_ready("keep", Duration::from_secs(10))
+        .await
+        .unwrap();
+    for needle in ["evil.example", "evil-value"] {
+        let found = sent(&fake, needle);
+        assert!(found.is_empty(), "after the configuration: {found:#?}");
+    }
+    let dep = fake.get(Kind::Deployment, NS, "mcp-keep").unwrap();
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["containers"][0]["image"],
+        "ghcr.io/gatehouse/example:1"
+    );
     rt.shutdown().await;
 }

@@ -26,7 +26,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use serde::Serialize;
 
@@ -167,7 +167,12 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
             .flatten(),
         None => None,
     };
-    let resp = respond(&gw, req).await;
+    let mut resp = respond(&gw, req).await;
+    // What the API answers (logs, sessions, the audit trail, the servers' definitions) is
+    // for the token's holder only: no cache keeps it, the browser's included, whose copy would
+    // outlive the console's sign-out.
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Some((method, path)) = change {
         let authenticated = who.is_some();
         let event = crate::audit::Event {

@@ -614,6 +614,42 @@ fn is_env_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
 }
 
+/// Whether `s` is a quantity the API server takes for a container's resources (`250m`,
+/// `1.5Gi`, `2e3`): a number, not negative, then a binary or decimal suffix or an exponent.
+/// Checked here so that a definition the API server would refuse (each Deployment write,
+/// after the definition was accepted) is refused naming its field instead.
+fn is_quantity(s: &str) -> bool {
+    let s = s.strip_prefix('+').unwrap_or(s);
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(end);
+    let number_ok = number.chars().any(|c| c.is_ascii_digit()) && number.matches('.').count() <= 1;
+    let exponent = |e: &str| {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !e.is_empty() && e.len() <= 3 && e.chars().all(|c| c.is_ascii_digit())
+    };
+    let suffix_ok = matches!(
+        suffix,
+        "" | "Ki"
+            | "Mi"
+            | "Gi"
+            | "Ti"
+            | "Pi"
+            | "Ei"
+            | "n"
+            | "u"
+            | "m"
+            | "k"
+            | "M"
+            | "G"
+            | "T"
+            | "P"
+            | "E"
+    ) || suffix.strip_prefix(['e', 'E']).is_some_and(exponent);
+    s.len() <= 64 && number_ok && suffix_ok
+}
+
 fn is_label_value(s: &str) -> bool {
     s.len() <= 63
         && (s.is_empty()
@@ -631,8 +667,12 @@ fn is_label_key(s: &str) -> bool {
     let prefix_ok = prefix.is_none_or(|p| {
         !p.is_empty()
             && p.len() <= 253
-            && p.split('.')
-                .all(|part| is_dns_label(part, 63) || part.chars().all(|c| c.is_ascii_digit()))
+            // Every part non-empty: `..` and `.x` are no DNS subdomain (the API server would
+            // refuse each object carrying the label, after the definition was accepted).
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && (is_dns_label(part, 63) || part.chars().all(|c| c.is_ascii_digit()))
+            })
     });
     prefix_ok && !name.is_empty() && is_label_value(name)
 }
@@ -1051,8 +1091,14 @@ impl ServerDef {
         if let Some(res) = &spec.resources {
             for (field, map) in [("requests", &res.requests), ("limits", &res.limits)] {
                 for (k, v) in map {
-                    if v.trim().is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control())
-                    {
+                    // A resource is named like a label key (`cpu`, `example.com/gpu`).
+                    if !is_label_key(k) {
+                        return Err(SpecError::new(
+                            format!("resources.{field}.{k}"),
+                            "not a resource name",
+                        ));
+                    }
+                    if !is_quantity(v) {
                         return Err(SpecError::new(
                             format!("resources.{field}.{k}"),
                             format!("{v:?} is not a quantity"),

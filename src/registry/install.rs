@@ -956,8 +956,24 @@ const RESERVED_ENV: &[&str] = &[
     "NODE_TLS_REJECT_UNAUTHORIZED",
     "REQUESTS_CA_BUNDLE",
     "CURL_CA_BUNDLE",
+    // Code the interpreter runs besides the package's: Python imports the module a
+    // `PYTHONWARNINGS` category names at start (`ignore::antigravity.X` opens the page
+    // `BROWSER` names, and `BROWSER` is a command line), and calls `PYTHONBREAKPOINT`'s.
+    "PYTHONWARNINGS",
+    "PYTHONBREAKPOINT",
+    "BROWSER",
+    // Commands git runs when npm or uv fetch a git dependency.
+    "GIT_SSH",
+    "GIT_SSH_COMMAND",
+    "GIT_ASKPASS",
+    "SSH_ASKPASS",
+    "GIT_EXEC_PATH",
+    "GIT_PROXY_COMMAND",
 ];
 const RESERVED_ENV_PREFIXES: &[&str] = &[
+    // `GIT_CONFIG_COUNT`/`_KEY_n`/`_VALUE_n`, `GIT_CONFIG_PARAMETERS`, `GIT_CONFIG_GLOBAL`:
+    // any git setting, `core.sshCommand` and aliases (`!cmd`) included.
+    "GIT_CONFIG",
     "NPM_CONFIG_",
     "NPX_",
     "COREPACK_",

@@ -46,13 +46,13 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, LogParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, LogParams, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use self::index::Index;
@@ -877,6 +877,8 @@ impl KubeRuntime {
     }
 
     /// Starts with a ready client (embedding, tests). Must run inside a Tokio runtime.
+    /// `McpServer` resources run once [`Runtime::sync`] has given the configuration (empty,
+    /// when there is none), which wins over a resource of the same name.
     pub fn start_with_client(
         client: Client,
         namespace: String,
@@ -1360,6 +1362,13 @@ impl Inner {
             }
             return self.delete_workload(name, false).await;
         };
+        // An `McpServer` named like a config-file server loses to it, but only once the
+        // configuration is known: at start the watch's first list may come before it, and
+        // the resource's workload would run (its image, its values) until it does. `sync`
+        // reconciles everything again once it is known.
+        if matches!(source, Source::Resource { .. }) && !self.config_known.load(Ordering::Acquire) {
+            return Ok(());
+        }
         if server.spec.remote.is_some() {
             // Nothing runs for a remote, nor sleeps: what ran for an earlier definition of it
             // goes, and a sleep asked of that one is forgotten.
@@ -1742,7 +1751,9 @@ impl Inner {
         if prev.as_ref() == Some(&status) {
             return;
         }
-        let api: Api<McpServer> = Api::namespaced(self.client.clone(), &self.ns);
+        // Untyped: the answer is the whole resource, which may hold what this gateway cannot
+        // read (the status is written all the same, and must be taken as written).
+        let api = mcpservers_untyped(self.client.clone(), &self.ns);
         let patch = serde_json::json!({
             "apiVersion": McpServer::api_version(&()),
             "kind": McpServer::kind(&()),
@@ -2301,11 +2312,40 @@ fn desired_from_resource(obj: &McpServer, policy: &PodPolicy) -> Desired {
     }
 }
 
+/// The `McpServer` resources, read untyped.
+fn mcpservers_untyped(client: Client, ns: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client, ns, &ApiResource::erase::<McpServer>(&()))
+}
+
+/// An `McpServer` decoded alone from its untyped object; why not, for one this gateway
+/// cannot read (a field of a newer CRD, after a rollback of the gateway, say). Its status is
+/// read apart: one this gateway cannot read is written again.
+fn read_mcpserver(obj: &DynamicObject) -> std::result::Result<McpServer, String> {
+    let spec = obj.data.get("spec").unwrap_or(&serde_json::Value::Null);
+    let spec = McpServerSpec::deserialize(spec)
+        .map_err(|e| format!("spec: this gateway cannot read it: {e}"))?;
+    let mut server = McpServer::new(&obj.name_any(), spec);
+    server.metadata = obj.metadata.clone();
+    server.status = status_of(obj);
+    Ok(server)
+}
+
+/// The status an untyped `McpServer` holds, when this gateway can read it.
+fn status_of(obj: &DynamicObject) -> Option<McpServerStatus> {
+    obj.data
+        .get("status")
+        .filter(|s| !s.is_null())
+        .and_then(|s| McpServerStatus::deserialize(s).ok())
+}
+
 async fn watch_mcpservers(inner: Arc<Inner>) {
-    let api: Api<McpServer> = Api::namespaced(inner.client.clone(), &inner.ns);
+    // Each resource is decoded alone: a typed list fails whole on one resource this gateway
+    // cannot read, and would hide every other server (none run, none are reported). That one
+    // is reported `Failed` on itself instead.
+    let api = mcpservers_untyped(inner.client.clone(), &inner.ns);
     let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
-    let mut relist: Option<Vec<McpServer>> = None;
+    let mut relist: Option<Vec<DynamicObject>> = None;
     let is_resource = |d: &Desired| {
         matches!(
             d,
@@ -2316,7 +2356,7 @@ async fn watch_mcpservers(inner: Arc<Inner>) {
                 }
         )
     };
-    let upsert = |obj: &McpServer| {
+    let upsert = |obj: &DynamicObject| {
         let name = obj.name_any();
         if matches!(
             inner.desired.get(&name).as_deref(),
@@ -2328,10 +2368,11 @@ async fn watch_mcpservers(inner: Arc<Inner>) {
             tracing::warn!(server = %name, "an McpServer resource has the name of a config-file server; the config file wins");
             return;
         }
-        inner.desired.insert(
-            name.clone(),
-            desired_from_resource(obj, &inner.options.policy),
-        );
+        let desired = match read_mcpserver(obj) {
+            Ok(server) => desired_from_resource(&server, &inner.options.policy),
+            Err(message) => Desired::Invalid { message },
+        };
+        inner.desired.insert(name.clone(), desired);
         inner.resources.insert(
             name.clone(),
             ResourceRef {
@@ -2341,8 +2382,8 @@ async fn watch_mcpservers(inner: Arc<Inner>) {
         );
         // What the resource says now is what the next status write compares with: a
         // restarted gateway rewrites nothing that did not change, nor records it again.
-        match &obj.status {
-            Some(status) => inner.written.insert(name.clone(), status.clone()),
+        match status_of(obj) {
+            Some(status) => inner.written.insert(name.clone(), status),
             None => inner.written.remove(&name).map(|(_, s)| s),
         };
         inner.enqueue(name);
