@@ -789,3 +789,67 @@ async fn an_upstream_cursor_over_4096_bytes_drops_its_page_and_others_list_on() 
     alone.stop().await;
     gw.stop().await;
 }
+
+/// The `notifications/resources/updated` URIs in a response's messages.
+fn updated(r: &support::Resp) -> Vec<String> {
+    r.messages()
+        .iter()
+        .filter(|m| m["method"] == "notifications/resources/updated")
+        .map(|m| m["params"]["uri"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// A server may announce updates of its own resources only: once the gateway knows that a URI
+/// is another server's (it routes reads of it there), a server's `resources/updated` for it is
+/// dropped (the client would re-read the other server's resource on a stranger's word), while
+/// updates of its own resources, and the owner's of that URI, reach the client.
+#[tokio::test]
+async fn a_server_cannot_announce_updates_of_another_servers_resource() {
+    let gw = TestGateway::start(
+        "",
+        &[
+            example("a", &["--test-tools"], ""),
+            example("b", &["--test-tools"], ""),
+        ],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let read = c
+        .call(1, "resources/read", json!({"uri":"example://b/readme"}))
+        .await;
+    assert_eq!(read["result"]["contents"][0]["uri"], "example://b/readme");
+    let touch = |id: u64, tool: &str, uri: &str| {
+        let c = c.clone();
+        let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call",
+            "params":{"name":tool,"arguments":{"uri":uri}}})
+        .to_string();
+        async move {
+            let r = c.post(body).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(
+                r.response()["result"]["content"][0]["text"],
+                "touched",
+                "{}",
+                r.body
+            );
+            updated(&r)
+        }
+    };
+    assert_eq!(
+        touch(2, "a__touch", "example://b/readme").await,
+        Vec::<String>::new(),
+        "a server announced another's resource"
+    );
+    assert_eq!(
+        touch(3, "a__touch", "example://a/readme").await,
+        ["example://a/readme"]
+    );
+    assert_eq!(
+        touch(4, "b__touch", "example://b/readme").await,
+        ["example://b/readme"]
+    );
+    // A URI nobody is known to own is the announcing server's business.
+    assert_eq!(touch(5, "a__touch", "other://x").await, ["other://x"]);
+    gw.stop().await;
+}

@@ -668,3 +668,44 @@ done
     );
     gw.stop().await;
 }
+
+/// A server may ask a session's client only what the client declared it can answer
+/// (`capabilities` in its `initialize`): a server that asks anyway (here a stdio server asking
+/// for sampling of a client that declared nothing) is refused by the gateway on the client's
+/// behalf, and the client is never sent the request.
+#[tokio::test]
+async fn a_server_cannot_ask_a_client_for_what_it_did_not_declare() {
+    let gw = TestGateway::start(
+        "",
+        &[example("a", &["--test-tools"], "    call_timeout: 5s\n")],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({"elicitation":{}})).await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(4),
+        c.post(
+            json!({"jsonrpc":"2.0","id":3,"method":"tools/call",
+                "params":{"name":"sample","arguments":{"prompt":"undeclared"}}})
+            .to_string(),
+        ),
+    )
+    .await
+    .expect("the call is refused at once, not left waiting for an answer the client never gives");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let messages = r.messages();
+    assert!(
+        messages.iter().all(|m| m.get("method").is_none()),
+        "the client was asked: {messages:?}"
+    );
+    let answer = r.response();
+    let said = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("sampling failed")
+            && said.contains("did not declare the sampling capability"),
+        "{answer}"
+    );
+    // The session and its server carry on.
+    assert_eq!(c.tool_text(4, "echo", json!({"text":"on"})).await, "on");
+    gw.stop().await;
+}

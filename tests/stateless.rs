@@ -1085,3 +1085,63 @@ async fn a_stateless_clients_response_is_refused_and_not_echoed() {
     );
     gw.stop().await;
 }
+
+/// A listen stream watching one server's resource hears its updates from that server only:
+/// another server announcing the same URI (one the gateway routes to the first) wakes nobody.
+#[tokio::test]
+async fn a_listen_stream_hears_a_resources_updates_from_its_owner_only() {
+    let gw = TestGateway::start(
+        "",
+        &[
+            example("a", &["--test-tools"], ""),
+            example("b", &["--test-tools"], ""),
+        ],
+    )
+    .await;
+    let c = gw.client();
+    let watched = "example://b/readme";
+    let mut stream = listen(
+        &c,
+        json!("watch-b"),
+        json!({"resourceSubscriptions": [watched]}),
+    )
+    .await;
+    let ack = stream.next().await.expect("an acknowledgement");
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({"resourceSubscriptions": [watched]}),
+        "{ack}"
+    );
+    let touch = |id: u64, tool: &'static str| {
+        let c = c.clone();
+        async move {
+            let r = stateless(
+                &c,
+                id,
+                "tools/call",
+                json!({"name": tool, "arguments": {"uri": watched}}),
+                json!({}),
+            )
+            .await;
+            assert_eq!(
+                r.response()["result"]["content"][0]["text"],
+                "touched",
+                "{}",
+                r.body
+            );
+        }
+    };
+    touch(1, "a__touch").await;
+    assert!(
+        stream
+            .next_within(std::time::Duration::from_millis(300))
+            .await
+            .is_none(),
+        "a stranger's word woke the stream"
+    );
+    touch(2, "b__touch").await;
+    let updated = stream.next().await.expect("the owner's update");
+    assert_eq!(updated["method"], "notifications/resources/updated");
+    assert_eq!(updated["params"]["uri"], watched);
+    gw.stop().await;
+}

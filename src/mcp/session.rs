@@ -12,6 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::Claims;
@@ -135,6 +136,10 @@ pub struct Session {
     tools_generation: Box<[AtomicU64]>,
     inflight: Mutex<InFlightTable>,
     next_ticket: AtomicU64,
+    /// The `capabilities` the client declared (raw JSON object): a server may ask it nothing
+    /// else. `None` in a stateless session, whose requests each declare their own (checked by
+    /// `stateless.rs`, per request).
+    client_capabilities: Option<Bytes>,
     /// Server requests waiting for the client's answer: the session's number → (upstream,
     /// the server's id, the id the client was sent).
     server_requests: Mutex<HashMap<u64, (usize, Bytes, Bytes)>>,
@@ -196,21 +201,29 @@ impl Recipient for SessionRecipient {
 
 /// Whether `msg` is a `notifications/resources/updated` about a resource `profile` hides.
 fn hidden_resource_update(profile: &Profile, index: usize, msg: &Message) -> bool {
+    updated_uri(msg).is_some_and(|uri| uri.is_none_or(|uri| !profile.shows_resource(index, &uri)))
+}
+
+/// The URI of a `notifications/resources/updated` (`Some(None)`: one that names none the
+/// gateway can read); `None` for any other message.
+fn updated_uri(msg: &Message) -> Option<Option<std::borrow::Cow<'_, str>>> {
     let Kind::Notification { method, params } = &msg.kind else {
-        return false;
+        return None;
     };
     if &**method != "notifications/resources/updated" {
-        return false;
+        return None;
     }
     #[derive(Deserialize)]
     struct Updated<'a> {
         #[serde(borrow)]
         uri: std::borrow::Cow<'a, str>,
     }
-    params
-        .as_deref()
-        .and_then(|p| serde_json::from_slice::<Updated<'_>>(p).ok())
-        .is_none_or(|u| !profile.shows_resource(index, &u.uri))
+    Some(
+        params
+            .as_deref()
+            .and_then(|p| serde_json::from_slice::<Updated<'_>>(p).ok())
+            .map(|u| u.uri),
+    )
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -288,6 +301,8 @@ impl Session {
                 inflight: Mutex::default(),
                 next_ticket: AtomicU64::new(0),
                 server_requests: Mutex::new(HashMap::new()),
+                client_capabilities: (protocol_version != crate::mcp::revision::STATELESS)
+                    .then(|| declared_capabilities(&init_params)),
                 portable,
                 next_server_request: AtomicU64::new(1),
                 listen: Mutex::new(Listen::default()),
@@ -830,6 +845,19 @@ impl Session {
         {
             return;
         }
+        // A server speaks only of its own resources: an update of a URI the gateway routes to
+        // another server (reads of it go there) would have the client re-read that server's
+        // resource, or a listen stream watching it wake, on a stranger's word.
+        if let Some(Some(uri)) = updated_uri(&msg)
+            && let crate::mcp::router::ResourceRoute::One(owner) =
+                self.topology
+                    .router
+                    .resource(&uri, |i| self.serves(i), true)
+            && owner != index
+        {
+            tracing::debug!(session = %self.log_id(), upstream = %self.topology.servers[index].name, "dropped an update of another server's resource");
+            return;
+        }
         // Before any policy: a withheld announcement must still invalidate the cache.
         if let Kind::Notification { method, .. } = &msg.kind
             && method.ends_with("/list_changed")
@@ -846,8 +874,22 @@ impl Session {
             // The call the message is about answers only once the message has reached it (or
             // the policy withheld it): the answer must not overtake what came before it.
             let held = route.related.as_ref().and_then(EventSink::on_the_way);
-            if queue.try_send((index, route, msg, held)).is_err() {
+            if let Err(full) = queue.try_send((index, route, msg, held)) {
                 tracing::warn!(session = %self.log_id(), "dropped a server message: the policy stage is behind");
+                // A request still gets an answer: dropped silently, it would leave its server
+                // (and the call it asks for) waiting until the call's deadline; and a server
+                // that floods the queue could so stall any other server's requests.
+                let (index, _, msg, _) = full.into_inner();
+                if let Kind::Request { id, .. } = msg.kind {
+                    let error = jsonrpc::error_object(
+                        code::INTERNAL_ERROR,
+                        "the gateway's policy stage is behind on this session's server messages, so this request was not put to the client",
+                    );
+                    let server = self.topology.servers[index].clone();
+                    server.refuse_in_background(async move {
+                        self.links[index].respond(&id, &Outcome::Error(error)).await;
+                    });
+                }
             }
             return;
         }
@@ -909,6 +951,46 @@ impl Session {
     fn route_server_message(self: Arc<Self>, index: usize, route: Route, msg: Message) {
         match msg.kind {
             Kind::Request { id, method, params } => {
+                // The server's id is kept until the client answers, which may be never (or
+                // until the session ends): bounded as a client's id is, else each session would
+                // keep 16 ids of up to 64 MiB per server. Refused at once, so the server does
+                // not wait on it.
+                if id.len() > jsonrpc::MAX_KEPT_NAME {
+                    let error = jsonrpc::error_object(
+                        code::INVALID_REQUEST,
+                        &format!(
+                            "the request's id is over {} bytes, so the gateway does not ask its client",
+                            jsonrpc::MAX_KEPT_NAME
+                        ),
+                    );
+                    let server = self.topology.servers[index].clone();
+                    server.refuse_in_background(async move {
+                        self.links[index].respond(&id, &Outcome::Error(error)).await;
+                    });
+                    return;
+                }
+                // The client is asked only what it declared it answers: its session's servers
+                // were told so at `initialize`, and one that asks anyway is refused on the
+                // client's behalf (as a client without the capability would answer).
+                if let Some(missing) = self
+                    .client_capabilities
+                    .as_deref()
+                    .and_then(|caps| undeclared(caps, &method, params.as_deref()))
+                {
+                    tracing::info!(session = %self.log_id(), upstream = %self.topology.servers[index].name, %method, "refused a server request the client declared no capability for");
+                    let error = jsonrpc::error_object(
+                        code::METHOD_NOT_FOUND,
+                        &format!(
+                            "the client did not declare the {} capability",
+                            missing.capability
+                        ),
+                    );
+                    let server = self.topology.servers[index].clone();
+                    server.refuse_in_background(async move {
+                        self.links[index].respond(&id, &Outcome::Error(error)).await;
+                    });
+                    return;
+                }
                 let n = self.next_server_request.fetch_add(1, Ordering::Relaxed);
                 let wire = match &self.portable {
                     Some(sealer) => {
@@ -1049,6 +1131,127 @@ impl Session {
                 .as_ref()
                 .is_some_and(|tx| tx.try_send(frame).is_ok())
     }
+}
+
+/// A server request the client's declared capabilities do not cover: the capability (dotted
+/// for a member, `elicitation.url`) and `data` of the refusal (`{"requiredCapabilities":…}`).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Undeclared {
+    /// What the client would have had to declare: `sampling`, `elicitation.url`, ...
+    pub capability: &'static str,
+    /// `{"requiredCapabilities":{…}}`, for a -32021 error's `data`.
+    pub data: &'static str,
+}
+
+/// What a client that declared `capabilities` (its `capabilities` object, raw JSON) did not
+/// declare for a server to ask it `method` with `params`, if anything. Besides the capability
+/// itself (`round_trip::capability_needed`), a mode needs its member (2025-11-25): an
+/// elicitation in URL mode needs `elicitation.url`, one in form mode `elicitation.form` or an
+/// `elicitation` with neither member (what earlier revisions declare), a sampling request
+/// offering tools `sampling.tools`. A server must not ask beyond that; a hostile one would have
+/// the gateway send a client (a browser, a user) what it never agreed to handle, a URL to open
+/// above all. The params are read as a lenient client decoder could read them (`Mode`,
+/// `mode\u0000`): anything that could be read as a URL mode counts as one.
+pub(crate) fn undeclared(
+    capabilities: &[u8],
+    method: &str,
+    params: Option<&[u8]>,
+) -> Option<Undeclared> {
+    let declared = members(capabilities);
+    let member = |cap: &str| declared.iter().find(|(k, _)| k == cap).map(|(_, v)| *v);
+    // Whether a declared capability object has member `name` (none, if it is not an object).
+    let has =
+        |cap: &RawValue, name: &str| members(cap.get().as_bytes()).iter().any(|(k, _)| k == name);
+    let asked = members(params.unwrap_or(b"{}"));
+    // The values of the params' members a lenient decoder could read as `name`.
+    let read_as = |name: &'static str| {
+        asked
+            .iter()
+            .filter(move |(k, _)| crate::mcp::lookalike::read_as(k, &[name]).is_some())
+            .map(|(_, v)| v.get())
+    };
+    let missing = |capability, data| Some(Undeclared { capability, data });
+    match method {
+        "sampling/createMessage" => {
+            let Some(sampling) = member("sampling") else {
+                return missing("sampling", r#"{"requiredCapabilities":{"sampling":{}}}"#);
+            };
+            if read_as("tools").any(|v| v != "null") && !has(sampling, "tools") {
+                return missing(
+                    "sampling.tools",
+                    r#"{"requiredCapabilities":{"sampling":{"tools":{}}}}"#,
+                );
+            }
+            None
+        }
+        "elicitation/create" => {
+            let Some(elicitation) = member("elicitation") else {
+                return missing(
+                    "elicitation",
+                    r#"{"requiredCapabilities":{"elicitation":{}}}"#,
+                );
+            };
+            let form = read_as("mode").all(|m| m == r#""form""#);
+            let (url, form_declared) = (has(elicitation, "url"), has(elicitation, "form"));
+            if !form && !url {
+                return missing(
+                    "elicitation.url",
+                    r#"{"requiredCapabilities":{"elicitation":{"url":{}}}}"#,
+                );
+            }
+            if form && url && !form_declared {
+                return missing(
+                    "elicitation.form",
+                    r#"{"requiredCapabilities":{"elicitation":{"form":{}}}}"#,
+                );
+            }
+            None
+        }
+        "roots/list" if member("roots").is_none() => {
+            missing("roots", r#"{"requiredCapabilities":{"roots":{}}}"#)
+        }
+        _ => None,
+    }
+}
+
+/// The `capabilities` object of a client's `initialize` params (`{}` if it has none).
+fn declared_capabilities(init_params: &[u8]) -> Bytes {
+    #[derive(Deserialize)]
+    struct P<'a> {
+        #[serde(borrow)]
+        capabilities: Option<&'a RawValue>,
+    }
+    serde_json::from_slice::<P<'_>>(init_params)
+        .ok()
+        .and_then(|p| p.capabilities)
+        .map_or(Bytes::from_static(b"{}"), |c| {
+            Bytes::copy_from_slice(c.get().as_bytes())
+        })
+}
+
+/// The members of a JSON object, keys as read (unescaped); none if it is not an object.
+fn members(object: &[u8]) -> Vec<(std::borrow::Cow<'_, str>, &RawValue)> {
+    struct Members;
+    impl<'de> serde::de::Visitor<'de> for Members {
+        type Value = Vec<(std::borrow::Cow<'de, str>, &'de RawValue)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some((k, v)) =
+                map.next_entry::<crate::mcp::lookalike::Key<'de>, &'de RawValue>()?
+            {
+                out.push((k.0, v));
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(object);
+    serde::Deserializer::deserialize_map(&mut de, Members).unwrap_or_default()
 }
 
 /// Frames that may wait for the client's GET stream.

@@ -232,16 +232,6 @@ pub(crate) struct RequestMeta {
     pub capabilities: Bytes,
 }
 
-impl RequestMeta {
-    /// Whether the request declares client capability `name`.
-    fn declares(&self, name: &str) -> bool {
-        serde_json::from_slice::<std::collections::BTreeMap<std::borrow::Cow<'_, str>, &RawValue>>(
-            &self.capabilities,
-        )
-        .is_ok_and(|c| c.contains_key(name))
-    }
-}
-
 /// A stateless request's params, read in one pass: what `_meta` says, the target its headers
 /// must name, and a retry's members. The params go on as they are: a link to a server of an
 /// earlier revision takes out what that server would not understand.
@@ -1094,21 +1084,26 @@ impl Round {
             let Ok(q) = serde_json::from_str::<Question<'_>>(raw.get()) else {
                 return Some(self.refused_state("an input request is not a request"));
             };
-            let Some(cap) = round_trip::capability_needed(&q.method) else {
+            if round_trip::capability_needed(&q.method).is_none() {
                 return Some(self.refused_state(
                     "an input request asks for a method a client does not answer (elicitation/create, sampling/createMessage and roots/list are)",
                 ));
-            };
-            if !self.meta.declares(cap) {
-                let data = format!(r#"{{"requiredCapabilities":{{"{cap}":{{}}}}}}"#);
+            }
+            // The capability, and the member a mode needs (URL-mode elicitation, sampling
+            // with tools): a 2026 server must not ask beyond what this request declares.
+            if let Some(missing) = crate::mcp::session::undeclared(
+                &self.meta.capabilities,
+                &q.method,
+                q.params.map(|p| p.get().as_bytes()),
+            ) {
                 return Some(jsonrpc::error_response_with_data(
                     Some(&self.id),
                     code::MISSING_CLIENT_CAPABILITY,
                     &format!(
-                        "the server asked for {}, which needs the client capability {cap:?}; declare it in _meta to allow this",
-                        q.method
+                        "the server asked for {}, which needs the client capability {:?}; declare it in _meta to allow this",
+                        q.method, missing.capability
                     ),
-                    data.as_bytes(),
+                    missing.data.as_bytes(),
                 ));
             }
             let params = q.params.map(|p| p.get().as_bytes());
@@ -1207,7 +1202,14 @@ impl Round {
                         session.on_client_response(&id, &outcome).await;
                         Step::Skip
                     }
-                    Some(cap) if !self.meta.declares(cap) => {
+                    Some(_)
+                        if let Some(missing) = crate::mcp::session::undeclared(
+                            &self.meta.capabilities,
+                            &method,
+                            params.as_deref(),
+                        ) =>
+                    {
+                        let cap = missing.capability;
                         let refusal = Outcome::Error(jsonrpc::error_object(
                             code::METHOD_NOT_FOUND,
                             &format!("the client did not declare the {cap} capability"),
@@ -1220,14 +1222,13 @@ impl Round {
                         if cap == "roots" {
                             return Step::Skip;
                         }
-                        let data = format!(r#"{{"requiredCapabilities":{{"{cap}":{{}}}}}}"#);
                         Step::Missing(jsonrpc::error_response_with_data(
                             Some(&self.id),
                             code::MISSING_CLIENT_CAPABILITY,
                             &format!(
                                 "the server asked for {method}, which needs the client capability {cap:?}; declare it in _meta to allow this"
                             ),
-                            data.as_bytes(),
+                            missing.data.as_bytes(),
                         ))
                     }
                     Some(_) => Step::Ask(round_trip::Asked {

@@ -1050,6 +1050,14 @@ impl Link {
                 let asked = match stateless::input_required(result) {
                     None => return Ok(outcome),
                     Some(Err(why)) => return Err(self.server.unavailable(why)),
+                    // Only the methods whose retries carry answers may ask: questions put in
+                    // answer to a list or a completion would be asked of the client for
+                    // nothing (the retry cannot carry them), round after round.
+                    Some(Ok(_)) if !stateless::may_ask(method) => {
+                        return Err(self.server.unavailable(format!(
+                            "the server answered {method} with input_required, which only tools/call, prompts/get and resources/read may"
+                        )));
+                    }
                     // A 2026 client answers for itself (the front checks each question).
                     Some(Ok(_)) if prepared.client_driven => return Ok(outcome),
                     Some(Ok(asked)) => asked,

@@ -30,7 +30,7 @@ fn is_envelope_key(key: &str) -> bool {
 }
 
 /// Methods whose results may ask for input, so whose retries carry answers.
-fn may_ask(method: &str) -> bool {
+pub(crate) fn may_ask(method: &str) -> bool {
     matches!(method, "tools/call" | "prompts/get" | "resources/read")
 }
 
