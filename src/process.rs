@@ -9,6 +9,13 @@
 //!   (stdin closed, then SIGTERM, then SIGKILL, all to the group) reaches its children too
 //!   (`npx` → `node`, `sh -c` → the real server). Dropping a [`ServerProcess`] kills whatever is
 //!   left of its group.
+//! - **Nowhere of the gateway's.** A server whose command names no working directory starts in
+//!   an empty, private (0700) directory of its own, made for that process and removed with it
+//!   ([`ServerProcess::spawn`]), never in the gateway's. Runners and servers read project
+//!   configuration from the working directory and its parents (`.npmrc`, `uv.toml`,
+//!   `pyproject.toml`, `.env`): a file in the gateway's directory could otherwise redirect where
+//!   a package is fetched from. The directories live beside the `HOME`s (see [`server_home`]):
+//!   under the gateway's cache directory, whose parents are its user's own, when it has one.
 //! - **Even when the owner is SIGKILLed.** A killed gateway runs no cleanup, and
 //!   `PR_SET_PDEATHSIG` would only reach direct children (grandchildren in the group survive),
 //!   needs `pre_exec` (unsafe, which this crate forbids), and fires when the *thread* that
@@ -80,33 +87,53 @@ where
 /// directory. Private to the gateway's user either way.
 fn homes_root() -> Result<&'static Path, String> {
     static ROOT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    ROOT.get_or_init(|| gateway_dir("server-homes"))
+        .as_deref()
+        .map_err(Clone::clone)
+}
+
+/// Where servers get their working directories ([`WorkDir`]), as [`homes_root`]; what a killed
+/// gateway left there is removed when it is first used.
+fn work_root() -> Result<&'static Path, String> {
+    static ROOT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     ROOT.get_or_init(|| {
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .filter(|p| p.is_absolute());
-        if let Some(cache) = cache {
-            let root = cache.join("gatehouse").join("server-homes");
-            if private_dir(&root).is_ok() {
-                return Ok(root);
-            }
-        }
-        // A fresh, unguessable directory with mode 0700 (creation fails if it exists).
-        let mut raw = [0u8; 12];
-        getrandom::fill(&mut raw).map_err(|e| format!("no random source: {e}"))?;
-        let suffix: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-        let dir = std::env::temp_dir().join(format!("gatehouse-server-homes-{suffix}"));
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&dir)
-                .map_err(|e| format!("cannot create {dir:?}: {e}"))?;
-        }
-        Ok(dir)
+        let root = gateway_dir("server-work")?;
+        sweep_work_dirs(&root);
+        Ok(root)
     })
     .as_deref()
     .map_err(Clone::clone)
+}
+
+/// A directory private to the gateway's user for `kind`: `gatehouse/{kind}` under its cache
+/// directory, else a fresh one under the temporary directory.
+fn gateway_dir(kind: &str) -> Result<PathBuf, String> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .filter(|p| p.is_absolute());
+    if let Some(cache) = cache {
+        let root = cache.join("gatehouse").join(kind);
+        if private_dir(&root).is_ok() {
+            return Ok(root);
+        }
+    }
+    // A fresh, unguessable directory with mode 0700 (creation fails if it exists).
+    let dir = std::env::temp_dir().join(format!("gatehouse-{kind}-{}", random_hex(12)?));
+    new_private_dir(&dir).map_err(|e| format!("cannot create {dir:?}: {e}"))?;
+    Ok(dir)
+}
+
+fn random_hex(bytes: usize) -> Result<String, String> {
+    let mut raw = vec![0u8; bytes];
+    getrandom::fill(&mut raw).map_err(|e| format!("no random source: {e}"))?;
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Creates `dir` with mode 0700; fails if anything is there already.
+fn new_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().mode(0o700).create(dir)
 }
 
 fn private_dir(dir: &Path) -> std::io::Result<()> {
@@ -139,6 +166,46 @@ pub fn server_home(name: &str) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// The working directory of one server process whose command names none: empty when it
+/// starts, private (0700), removed (with whatever the server wrote there) when dropped. Named
+/// after the gateway's pid, so that a later gateway can sweep what a killed one left.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn create() -> std::io::Result<WorkDir> {
+        let root = work_root().map_err(std::io::Error::other)?;
+        let nonce = random_hex(8).map_err(std::io::Error::other)?;
+        let dir = root.join(format!("{}-{nonce}", std::process::id()));
+        new_private_dir(&dir)?;
+        Ok(WorkDir(dir))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes the working directories under `root` of gateways that are gone.
+fn sweep_work_dirs(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let pid = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.split('-').next()?.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// How [`ServerProcess::stop`] ended the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
@@ -157,11 +224,26 @@ pub struct ServerProcess {
     pub child: Child,
     /// `None` once the group has been swept.
     pgid: Option<Pid>,
+    /// Its own working directory, when its command named none; removed after the group is
+    /// swept (fields drop after [`Drop::drop`]).
+    _workdir: Option<WorkDir>,
 }
 
 impl ServerProcess {
     /// Starts `cmd` (from [`command`]) and tells the guard, if there is one, about its group.
+    /// A command that names no working directory (`current_dir`) is given an empty one of its
+    /// own (see the module docs); when that cannot be made, nothing starts.
     pub fn spawn(cmd: &mut Command) -> std::io::Result<Self> {
+        let workdir = match cmd.as_std().get_current_dir() {
+            Some(_) => None,
+            None => {
+                let dir = WorkDir::create().map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot make its working directory: {e}"))
+                })?;
+                cmd.current_dir(&dir.0);
+                Some(dir)
+            }
+        };
         let child = cmd.spawn()?;
         // `process_group(0)`: the group id is the leader's pid.
         let pgid = child
@@ -171,7 +253,11 @@ impl ServerProcess {
         if let Some(pgid) = pgid {
             guard_send(Some(pgid.as_raw()), None);
         }
-        Ok(ServerProcess { child, pgid })
+        Ok(ServerProcess {
+            child,
+            pgid,
+            _workdir: workdir,
+        })
     }
 
     /// Sends `signal` to the whole group.
@@ -348,5 +434,34 @@ pub fn run_guard(grace: Duration) {
     }
     for &g in &pgids {
         let _ = killpg(g, Signal::SIGKILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_working_directory_is_private_empty_and_goes_with_its_process_or_its_gateway() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = WorkDir::create().unwrap();
+        let path = dir.0.clone();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0);
+        std::fs::write(path.join("left"), "x").unwrap();
+        drop(dir);
+        assert!(!path.exists());
+        // What a gateway that is gone left is swept; a live one's is not.
+        let root = work_root().unwrap();
+        let dead = root.join("999999999-0000000000000000");
+        let live = root.join(format!("{}-test-sweep", std::process::id()));
+        for d in [&dead, &live] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        sweep_work_dirs(root);
+        assert!(!dead.exists());
+        assert!(live.exists());
+        let _ = std::fs::remove_dir_all(&live);
     }
 }

@@ -1411,6 +1411,80 @@ async fn a_uri_spelled_to_miss_a_scope_rule_does_not() {
     gw.stop().await;
 }
 
+/// A tool or prompt a scope rule guards by name is guarded however its name is spelled: case,
+/// a NUL and what follows it, and surrounding whitespace, which a server looking names up
+/// leniently reads away, do not take a call out of the rule; other tools need nothing more.
+#[tokio::test]
+async fn a_name_spelled_to_miss_a_scope_rule_does_not() {
+    let key = SigningKey::es256("k");
+    let issuer = Issuer::start(&[&key]).await;
+    let gw = gateway_with(
+        &issuer,
+        "      - { methods: [tools/call, prompts/get], names: [add, greeting], scopes: [math] }\n",
+    )
+    .await;
+    let mut low = with_token(
+        &gw,
+        &key.sign(&issuer.claims("alice", "mcp:connect mcp:tools")),
+    );
+    low.initialize(json!({})).await;
+    let post = |c: &Client, id: u64, method: &str, params: Value| {
+        let c = c.clone();
+        let body = json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}).to_string();
+        async move { c.post(body).await }
+    };
+    for name in [
+        "add",
+        "Add",
+        "ADD",
+        "add\u{0}",
+        "add\u{0}x",
+        "add ",
+        " add",
+        "\tAdd\n",
+    ] {
+        let r = post(
+            &low,
+            1,
+            "tools/call",
+            json!({"name": name, "arguments": {"a": 1, "b": 2}}),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{name:?}: {}", r.body);
+        let c = challenge(&r);
+        assert!(c.contains("error=\"insufficient_scope\""), "{c}");
+        assert!(c.contains("math"), "{name:?}: {c}");
+    }
+    for name in ["Greeting", "greeting\u{0}", " greeting "] {
+        let r = post(
+            &low,
+            2,
+            "prompts/get",
+            json!({"name": name, "arguments": {"name": "x"}}),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{name:?}: {}", r.body);
+        assert!(challenge(&r).contains("math"), "{name:?}");
+    }
+    // Another tool needs nothing more; with the scope, the guarded one is called.
+    assert_eq!(low.tool_text(3, "echo", json!({"text": "hi"})).await, "hi");
+    let high = {
+        let mut c = low.clone();
+        c.token = Some(key.sign(&issuer.claims("alice", "mcp:connect mcp:tools math")));
+        c
+    };
+    let r = post(
+        &high,
+        4,
+        "tools/call",
+        json!({"name": "add", "arguments": {"a": 1, "b": 2}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.json()["result"].is_object(), "{}", r.body);
+    gw.stop().await;
+}
+
 /// An HTTP+SSE client's stream, read one event at a time.
 struct SseStream {
     body: hyper::body::Incoming,

@@ -1,6 +1,7 @@
 //! The kubernetes backend end to end against the fake API server (tests/fake_kube).
 
 mod fake_kube;
+mod support;
 
 use fake_kube::mcp::{Mcp, tool_names};
 
@@ -2858,6 +2859,95 @@ async fn an_mcpserver_this_gateway_cannot_read_hides_no_other() {
             .count();
         assert!((1..=2).contains(&status_writes), "{name}: {status_writes}");
     }
+}
+
+/// An `McpServer` this gateway cannot read (reported `Failed`) is given a new definition
+/// through the admin API like any other: the PUT replaces its spec whole (the unreadable field
+/// gone) and answers 200, and the server then runs it, as a GET shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcpserver_this_gateway_cannot_read_is_replaced_by_an_admin_put() {
+    const ADMIN_TOKEN: &str = "admin-token-for-the-unreadable-put";
+    let fake = FakeKube::start().await;
+    fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"metadata": {"name": "newer"}, "spec": {"image": "ghcr.io/gatehouse/example:1",
+            "command": GATEHOUSE, "args": ["example-server"], "someFutureField": {"x": 1}}}),
+    );
+    let rt = KubeRuntime::start_with_client(
+        fake.client(NS),
+        NS.into(),
+        None,
+        KubeOptions {
+            watch_mcpservers: true,
+            ..options()
+        },
+    );
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadmin: {{tokens: [{{principal: ops, token: {ADMIN_TOKEN}}}]}}\norchestrator: {{connect_timeout: 20s, call_timeout: 20s}}"
+    );
+    let config = gatehouse::Config::from_yaml(&yaml).unwrap();
+    let running = gatehouse::start_with(config, Some(std::sync::Arc::new(rt)))
+        .await
+        .expect("gateway starts");
+    let gw = support::TestGateway {
+        addr: running.listening.local_addr,
+        running: Some(running),
+    };
+    let admin = |method: &'static str, body: Option<serde_json::Value>| {
+        support::admin_request(
+            gw.addr,
+            Some(ADMIN_TOKEN),
+            method,
+            "/admin/v1/servers/newer",
+            body,
+        )
+    };
+    eventually("newer reported", Duration::from_secs(5), || {
+        fake.get(Kind::McpServer, NS, "newer")
+            .filter(|c| c["status"]["phase"] == "Failed")
+    })
+    .await;
+
+    let spec = json!({"image": "ghcr.io/gatehouse/example:1", "command": GATEHOUSE,
+        "args": ["example-server", "--name", "replaced"]});
+    let r = admin("PUT", Some(spec)).await;
+    assert_eq!(r.status, 200, "an update like any other: {}", r.body);
+    let cr = fake.get(Kind::McpServer, NS, "newer").unwrap();
+    assert_eq!(
+        cr["spec"]["args"],
+        json!(["example-server", "--name", "replaced"]),
+        "{cr}"
+    );
+    assert!(cr["spec"].get("someFutureField").is_none(), "{cr}");
+    // The new definition runs, and the GET says so.
+    eventually("the new definition runs", Duration::from_secs(10), || {
+        fake.get(Kind::Deployment, NS, "mcp-newer")
+            .filter(|d| d.to_string().contains("replaced"))
+    })
+    .await;
+    let start = Instant::now();
+    loop {
+        let r = admin("GET", None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let status = &r.json()["status"];
+        assert!(
+            !status["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("cannot read"),
+            "{status}"
+        );
+        if status["phase"] == "ready" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not ready: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.stop().await;
 }
 
 /// A gateway whose first list of `McpServer` resources comes before its configuration (a

@@ -638,6 +638,65 @@ async fn sync_makes_the_configured_set_exact() {
     rt.shutdown().await;
 }
 
+/// The working directory of the server process `name` (asked for its pid by the `pid` test
+/// tool), read from `/proc`.
+async fn cwd_of(rt: &LocalRuntime, name: &str) -> std::path::PathBuf {
+    rt.wait_ready(name, Duration::from_secs(10)).await.unwrap();
+    let mut c = open(rt, name).await;
+    c.handshake().await;
+    let r = c
+        .call(2, "tools/call", json!({"name": "pid", "arguments": {}}))
+        .await;
+    let pid = r["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap()
+}
+
+/// A server whose definition names no directory starts in one of its own: not the gateway's
+/// (where a `.npmrc` or `uv.toml` could steer its runner), nor under it, empty, private
+/// (0700), another for each server and each start, and removed with the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_starts_in_an_empty_private_directory_of_its_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let rt = LocalRuntime::new(fast());
+    let gateway_cwd = std::env::current_dir().unwrap().canonicalize().unwrap();
+    for name in ["one", "two"] {
+        let def = server(name, GATEHOUSE, &["example-server", "--test-tools"]);
+        rt.apply(def.resolve().unwrap()).await.unwrap();
+    }
+    let one = cwd_of(&rt, "one").await;
+    let two = cwd_of(&rt, "two").await;
+    for dir in [&one, &two] {
+        assert!(!dir.starts_with(&gateway_cwd), "{dir:?} in {gateway_cwd:?}");
+        let meta = std::fs::metadata(dir).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{dir:?}");
+        assert_eq!(
+            std::fs::read_dir(dir).unwrap().count(),
+            0,
+            "{dir:?} is empty"
+        );
+    }
+    assert_ne!(one, two, "each server its own");
+    // What a run leaves there is not the next run's: a restart starts in a new, empty one.
+    std::fs::write(one.join(".npmrc"), "registry=http://127.0.0.1:1/\n").unwrap();
+    rt.restart("one").await.unwrap();
+    let start = Instant::now();
+    while one.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "{one:?} removed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let again = cwd_of(&rt, "one").await;
+    assert_ne!(again, one);
+    assert_eq!(std::fs::read_dir(&again).unwrap().count(), 0);
+    // Removed with the server.
+    rt.remove("two").await.unwrap();
+    assert!(!two.exists(), "{two:?} removed with its server");
+    rt.shutdown().await;
+    assert!(!again.exists(), "{again:?} removed at shutdown");
+}
+
 /// A secret delivered as a file: the process's variable holds the path of a read-only file
 /// (0400, in a private 0700 directory) with the secret, which is in no process environment;
 /// the directory goes with the server.

@@ -256,6 +256,56 @@ async fn servers_get_only_the_environment_their_definition_names() {
     }
 }
 
+/// (a) A config-file stdio upstream runs where its `cwd` says, and without one in an empty,
+/// private directory of its own (never the gateway's, whose `.npmrc` or `uv.toml` could steer
+/// its runner), removed when the process ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdio_upstream_runs_where_its_cwd_says_or_in_a_directory_of_its_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let given = TempDir::new("cwd");
+    let upstream = |name: &str, cwd: &str| {
+        format!(
+            "  - name: {name}\n    stdio: {{command: {BIN:?}, args: [example-server, --test-tools]{cwd}}}\n"
+        )
+    };
+    let gw = TestGateway::start(
+        "",
+        &[
+            upstream("own", ""),
+            upstream("given", &format!(", cwd: {:?}", given.0)),
+        ],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let cwd_of = |pid: String| std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+    let own = cwd_of(c.tool_text(1, "own__pid", json!({})).await);
+    let explicit = cwd_of(c.tool_text(2, "given__pid", json!({})).await);
+    assert_eq!(
+        explicit,
+        given.0.canonicalize().unwrap(),
+        "an explicit cwd is kept"
+    );
+    let gateway_cwd = std::env::current_dir().unwrap().canonicalize().unwrap();
+    assert!(!own.starts_with(&gateway_cwd), "{own:?} in {gateway_cwd:?}");
+    let meta = std::fs::metadata(&own).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{own:?}");
+    assert_eq!(
+        std::fs::read_dir(&own).unwrap().count(),
+        0,
+        "{own:?} is empty"
+    );
+    gw.stop().await;
+    wait_for("its directory removed", Duration::from_secs(10), || {
+        !own.exists()
+    })
+    .await;
+    assert!(
+        given.0.exists(),
+        "a given directory is the operator's: kept"
+    );
+}
+
 /// (b) Ending a session stops its stdio upstream, and the upstream's own child with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ending_a_session_stops_the_upstreams_grandchildren() {

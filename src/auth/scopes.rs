@@ -43,7 +43,28 @@ impl Grant {
 /// The scope rules, compiled: what each request needs besides the required scopes.
 #[derive(Debug, Default)]
 pub(crate) struct Rules {
-    rules: Vec<(Vec<String>, Vec<wildmatch::WildMatch>, Vec<String>)>,
+    rules: Vec<(Vec<String>, Vec<Glob>, Vec<String>)>,
+}
+
+/// One glob of a rule's `names`: as written, and lower-cased for folded tool and prompt names.
+#[derive(Debug)]
+struct Glob {
+    written: wildmatch::WildMatch,
+    folded: wildmatch::WildMatch,
+}
+
+impl Glob {
+    fn new(glob: &str) -> Self {
+        Glob {
+            written: wildmatch::WildMatch::new(glob),
+            folded: wildmatch::WildMatch::new(&glob.to_lowercase()),
+        }
+    }
+
+    /// Whether a tool or prompt name matches, as sent or folded (see [`folded_name`]).
+    fn matches_name(&self, name: &str, folded: &str) -> bool {
+        self.written.matches(name) || self.folded.matches(folded)
+    }
 }
 
 impl Rules {
@@ -54,10 +75,7 @@ impl Rules {
                 .map(|r| {
                     (
                         r.methods.clone(),
-                        r.names
-                            .iter()
-                            .map(|n| wildmatch::WildMatch::new(n))
-                            .collect(),
+                        r.names.iter().map(|n| Glob::new(n)).collect(),
                         r.scopes.clone(),
                     )
                 })
@@ -92,12 +110,15 @@ impl Rules {
                 // Read once, and only when a rule narrows by name.
                 let t = read.get_or_insert_with(|| target.take().map_or(Target::None, |f| f()));
                 // Without a readable target the rule applies: the request cannot be shown to
-                // fall outside it. A URI counts as sent and as a server may resolve it.
+                // fall outside it. A name counts as sent and folded; a URI as sent and as a
+                // server may resolve it.
                 let outside = match t {
-                    Target::Read(name) => !names.iter().any(|n| n.matches(name)),
+                    Target::Read { name, folded } => {
+                        !names.iter().any(|n| n.matches_name(name, folded))
+                    }
                     Target::Uri(forms) => !forms
                         .iter()
-                        .any(|form| names.iter().any(|n| n.matches(form))),
+                        .any(|form| names.iter().any(|n| n.written.matches(form))),
                     Target::None => false,
                 };
                 if outside {
@@ -115,8 +136,9 @@ impl Rules {
 
 /// What a request is about, read the way the router reads it.
 enum Target {
-    /// The tool or prompt name as clients see it.
-    Read(String),
+    /// The tool or prompt name as clients see it, and folded as a lenient server may look
+    /// it up ([`folded_name`]).
+    Read { name: String, folded: String },
     /// A resource URI: as sent, and as a server that resolves it would read it (when that
     /// differs).
     Uri(Vec<String>),
@@ -125,6 +147,14 @@ enum Target {
 }
 
 impl Target {
+    /// A tool or prompt name. A rule narrowed by name applies when either form matches:
+    /// rules add what a request needs, so a name spelled to miss a rule's glob (`Echo`,
+    /// `echo\0`, `echo `) must not miss it where its server finds the tool the rule guards.
+    fn name(name: String) -> Target {
+        let folded = folded_name(&name);
+        Target::Read { name, folded }
+    }
+
     /// A resource URI. A rule narrowed by name applies when either form matches: rules add
     /// what a request needs, so a URI spelled to miss a rule's glob (`file:///pub/../secret/k`,
     /// `FILE:///secret/k`, `file:///s%65cret/k`) must not miss it where its server would read
@@ -137,6 +167,13 @@ impl Target {
         }
         Target::Uri(forms)
     }
+}
+
+/// `name` as a server that looks names up leniently may read it: cut at a NUL (a C string
+/// ends there), trimmed of whitespace, in lower case.
+fn folded_name(name: &str) -> String {
+    let cut = name.split('\0').next().unwrap_or_default();
+    cut.trim().to_lowercase()
 }
 
 /// `uri` as a server that resolves URIs may read it: percent-escapes decoded (every one: a
@@ -287,7 +324,7 @@ fn target_of(method: &str, params: Option<&[u8]>) -> Target {
         }
     };
     match read() {
-        Some(Name(name)) => Target::Read(name),
+        Some(Name(name)) => Target::name(name),
         Some(Uri(uri)) => Target::uri(&uri),
         None => Target::None,
     }
@@ -317,7 +354,7 @@ mod tests {
     #[test]
     fn a_target_a_server_could_read_otherwise_is_not_read() {
         let read = |method, params: &str| match target_of(method, Some(params.as_bytes())) {
-            Target::Read(t) => Some(t),
+            Target::Read { name, .. } => Some(name),
             Target::Uri(mut forms) => Some(forms.swap_remove(0)),
             Target::None => None,
         };
@@ -466,6 +503,61 @@ mod tests {
                     "subscriptions/listen",
                     Some(listen(r#"["file:///pub"]"#).as_bytes())
                 )
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_name_spelled_to_miss_a_rule_does_not() {
+        let rules = Rules::new(&[ScopeRule {
+            methods: vec![
+                "tools/call".into(),
+                "prompts/get".into(),
+                "completion/complete".into(),
+            ],
+            names: vec!["echo".into(), "GitHub__*".into()],
+            scopes: vec!["guarded".into()],
+        }]);
+        let call = |method: &str, name: &str| {
+            let params = serde_json::json!({ "name": name, "arguments": {} }).to_string();
+            rules.needed(method, Some(params.as_bytes()))
+        };
+        for name in [
+            "echo",
+            "Echo",
+            "ECHO",
+            "echo\0",
+            "echo\0.anything",
+            "echo ",
+            " echo",
+            "\techo\n",
+            " Echo\0",
+            "github__push",
+            "GITHUB__push",
+            " GitHub__push",
+        ] {
+            assert_eq!(call("tools/call", name), ["guarded"], "{name:?}");
+            assert_eq!(call("prompts/get", name), ["guarded"], "{name:?}");
+        }
+        for name in ["echoes", "ech o", "add", "\0echo", "git__push"] {
+            assert!(call("tools/call", name).is_empty(), "{name:?}");
+        }
+        let complete =
+            br#"{"ref":{"type":"ref/prompt","name":"ECHO "},"argument":{"name":"a","value":""}}"#;
+        assert_eq!(
+            rules.needed("completion/complete", Some(complete)),
+            ["guarded"]
+        );
+        assert_eq!(folded_name(" Echo\0 rest"), "echo");
+        // URIs are not folded as names: their case is the resolved form's business.
+        let uri_rules = Rules::new(&[ScopeRule {
+            methods: vec!["resources/read".into()],
+            names: vec!["file:///Secret/*".into()],
+            scopes: vec!["secret".into()],
+        }]);
+        assert!(
+            uri_rules
+                .needed("resources/read", Some(br#"{"uri":"file:///secret/k"}"#))
                 .is_empty()
         );
     }

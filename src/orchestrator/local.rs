@@ -12,8 +12,8 @@
 //!
 //! The child's environment is cleared except for [`LocalSettings::inherit_env`] (nothing by
 //! default) plus the definition's own variables, so the gateway's secrets do not leak into
-//! servers; it runs in its own process group, which is what stopping it signals (see
-//! [`crate::process`]).
+//! servers; it runs in its own process group, which is what stopping it signals, and starts in
+//! an empty private directory of its own, never the gateway's (see [`crate::process`]).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;

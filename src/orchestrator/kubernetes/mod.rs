@@ -729,7 +729,9 @@ impl KubeRuntime {
                 what: "an image",
             });
         }
-        let api: Api<McpServer> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+        // Untyped: a resource this gateway cannot read (a field of a newer CRD) is replaced
+        // like any other, not refused as undecodable.
+        let api = mcpservers_untyped(self.inner.client.clone(), &self.inner.ns);
         // The resource never holds a secret value (anyone who may read McpServers would
         // read it, and etcd encrypts only Secrets): the values go to the server's values
         // Secret, and the resource names them.
@@ -771,7 +773,7 @@ impl KubeRuntime {
         self.inner.removed.remove(&def.name);
         self.inner.desired.insert(
             def.name.clone(),
-            desired_from_resource(&obj, &self.inner.options.policy),
+            desired_from_untyped(&obj, &self.inner.options.policy),
         );
         self.inner.refresh_status(&def.name, None);
         self.inner.enqueue(def.name);
@@ -824,29 +826,34 @@ impl KubeRuntime {
     /// Writes server `name`'s `McpServer` with `spec`: created, or (unless `new_only`) its
     /// spec replaced, its other metadata kept. A replace, not an apply: a field the new spec
     /// leaves out is gone, whoever wrote it first; and a change made meanwhile by another
-    /// replica is not overwritten unseen (tried again on the fresh object).
+    /// replica is not overwritten unseen (tried again on the fresh object). Read and written
+    /// untyped, so that a resource whose spec this gateway cannot read (reported `Failed`)
+    /// can still be given a definition it can.
     async fn write_resource(
         &self,
-        api: &Api<McpServer>,
+        api: &Api<DynamicObject>,
         name: &str,
         spec: McpServerSpec,
         new_only: bool,
-    ) -> Result<McpServer> {
+    ) -> Result<DynamicObject> {
         let params = kube::api::PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
         let kube_err = |e| OrchestratorError::kube(format!("declare server {name}"), e);
+        let spec = serde_json::to_value(&spec).map_err(|e| kube_err(kube::Error::SerdeError(e)))?;
         for _ in 0..3 {
             let written = match api.get_opt(name).await.map_err(kube_err)? {
                 Some(_) if new_only => return Err(OrchestratorError::Exists(name.to_owned())),
                 Some(mut current) => {
-                    current.spec = spec.clone();
+                    // The whole spec, whatever it held: nothing unreadable is left behind.
+                    current.data["spec"] = spec.clone();
                     api.replace(name, &params, &current).await
                 }
                 None => {
-                    api.create(&params, &McpServer::new(name, spec.clone()))
-                        .await
+                    let fresh = DynamicObject::new(name, &ApiResource::erase::<McpServer>(&()))
+                        .data(serde_json::json!({ "spec": spec }));
+                    api.create(&params, &fresh).await
                 }
             };
             match written {
@@ -2330,6 +2337,15 @@ fn read_mcpserver(obj: &DynamicObject) -> std::result::Result<McpServer, String>
     Ok(server)
 }
 
+/// What an untyped `McpServer` defines; `Invalid`, saying why, when this gateway cannot read
+/// its spec.
+fn desired_from_untyped(obj: &DynamicObject, policy: &PodPolicy) -> Desired {
+    match read_mcpserver(obj) {
+        Ok(server) => desired_from_resource(&server, policy),
+        Err(message) => Desired::Invalid { message },
+    }
+}
+
 /// The status an untyped `McpServer` holds, when this gateway can read it.
 fn status_of(obj: &DynamicObject) -> Option<McpServerStatus> {
     obj.data
@@ -2368,10 +2384,7 @@ async fn watch_mcpservers(inner: Arc<Inner>) {
             tracing::warn!(server = %name, "an McpServer resource has the name of a config-file server; the config file wins");
             return;
         }
-        let desired = match read_mcpserver(obj) {
-            Ok(server) => desired_from_resource(&server, &inner.options.policy),
-            Err(message) => Desired::Invalid { message },
-        };
+        let desired = desired_from_untyped(obj, &inner.options.policy);
         inner.desired.insert(name.clone(), desired);
         inner.resources.insert(
             name.clone(),
@@ -2533,9 +2546,16 @@ impl Runtime for KubeRuntime {
             if !self.inner.options.watch_mcpservers {
                 return None;
             }
-            let api: Api<McpServer> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
+            // Untyped, as watched: one whose spec this gateway cannot read is said so.
+            let api = mcpservers_untyped(self.inner.client.clone(), &self.inner.ns);
             match api.get_opt(name).await {
-                Ok(found) => found.map(|o| o.spec),
+                Ok(found) => found.and_then(|o| match read_mcpserver(&o) {
+                    Ok(server) => Some(server.spec),
+                    Err(e) => {
+                        tracing::warn!(server = name, "reading its McpServer: {e}");
+                        None
+                    }
+                }),
                 Err(e) => {
                     tracing::warn!(server = name, "reading its McpServer: {e}");
                     None
