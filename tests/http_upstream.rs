@@ -1742,6 +1742,183 @@ async fn an_sse_event_id_that_is_not_a_header_value_fails_the_call() {
     gw.stop().await;
 }
 
+/// When a server was sent a call's POST (`post`) or a resume of its stream (the
+/// `Last-Event-ID`).
+type Asked = std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, String)>>>;
+
+/// A session (2025-11-25) server that never answers `tools/call`: it ends each of the call's
+/// streams at once with `retry: 0` and a new event id (`{mode}-{n}`), and for arguments
+/// `{"chatty": true}` a log message in the same event (so each stream brings something).
+/// Returns its URL and every POST and resume of a call it was sent.
+async fn ever_ending_server() -> (String, Asked) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let asked = Asked::default();
+    let kept = asked.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let kept = kept.clone();
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let kept = kept.clone();
+                    async move {
+                        let respond = |status: u16, kind: &str, body: String| {
+                            let mut r = http::Response::new(Full::new(Bytes::from(body)));
+                            *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            r.headers_mut()
+                                .insert("content-type", kind.parse().unwrap());
+                            r.headers_mut()
+                                .insert("mcp-session-id", "ends-1".parse().unwrap());
+                            Ok::<_, std::convert::Infallible>(r)
+                        };
+                        // One event: its id, `retry: 0`, and a log message if chatty.
+                        let event = |mode: &str, n: u64| {
+                            let data = if mode == "chatty" {
+                                json!({"jsonrpc":"2.0","method":"notifications/message",
+                                "params":{"level":"info","data":"still working"}})
+                                .to_string()
+                            } else {
+                                String::new()
+                            };
+                            format!("id: {mode}-{n}\nretry: 0\ndata: {data}\n\n")
+                        };
+                        let last = req
+                            .headers()
+                            .get("last-event-id")
+                            .map(|v| v.to_str().unwrap().to_owned());
+                        if req.method() == http::Method::GET {
+                            let Some(last) = last else {
+                                return respond(405, "text/plain", String::new());
+                            };
+                            kept.lock()
+                                .unwrap()
+                                .push((std::time::Instant::now(), last.clone()));
+                            let (mode, n) = last.split_once('-').unwrap();
+                            let events = event(mode, n.parse::<u64>().unwrap() + 1);
+                            return respond(200, "text/event-stream", events);
+                        }
+                        if req.method() != http::Method::POST {
+                            return respond(200, "text/plain", String::new());
+                        }
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let msg: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        if msg.get("id").is_none() {
+                            return respond(202, "text/plain", String::new());
+                        }
+                        let answer = |result| {
+                            json!({"jsonrpc":"2.0","id":msg["id"],"result":result}).to_string()
+                        };
+                        match msg["method"].as_str().unwrap() {
+                            "initialize" => respond(
+                                200,
+                                "application/json",
+                                answer(json!({"protocolVersion":"2025-11-25",
+                                "capabilities":{"tools":{},"logging":{}},
+                                "serverInfo":{"name":"ends","version":"1"}})),
+                            ),
+                            "tools/list" => respond(
+                                200,
+                                "application/json",
+                                answer(json!({"tools":[{"name":"t",
+                                "inputSchema":{"type":"object"}}]})),
+                            ),
+                            "tools/call" => {
+                                let chatty = msg["params"]["arguments"]["chatty"] == true;
+                                let mode = if chatty { "chatty" } else { "silent" };
+                                kept.lock()
+                                    .unwrap()
+                                    .push((std::time::Instant::now(), format!("post {mode}")));
+                                respond(200, "text/event-stream", event(mode, 0))
+                            }
+                            _ => respond(200, "application/json", answer(json!({}))),
+                        }
+                    }
+                });
+            tokio::spawn(
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), svc)
+                    .into_owned(),
+            );
+        }
+    });
+    (url, asked)
+}
+
+/// The waits between a call's POST in `mode` and each resume that followed it.
+fn waits(asked: &Asked, mode: &str) -> Vec<std::time::Duration> {
+    let asked = asked.lock().unwrap();
+    let times: Vec<_> = asked
+        .iter()
+        .filter(|(_, what)| {
+            what == &format!("post {mode}") || what.starts_with(&format!("{mode}-"))
+        })
+        .map(|(at, _)| *at)
+        .collect();
+    times.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+/// A server that ends a call's stream at once, again and again, each time with a new event id
+/// and `retry: 0`, is not asked again at once: at least 100 ms pass before a resume, twice as
+/// long after each stream that brought nothing; and one call gets 32 resumes in all, whatever
+/// ids and messages the streams bring, then fails with -32010 saying so.
+#[tokio::test]
+async fn a_server_that_ends_its_streams_at_once_is_resumed_slowly_and_not_for_ever() {
+    let (url, asked) = ever_ending_server().await;
+    let gw = TestGateway::start(
+        "",
+        &[
+            format!(
+                "  - name: quick\n    protocol: sessions\n    call_timeout: 2s\n    http: {{ url: {url:?} }}\n"
+            ),
+            http_upstream("ends", "sessions", &url),
+        ],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let ms = std::time::Duration::from_millis;
+
+    // Streams that bring nothing: 100, 200, 400, 800 ms... until the call's deadline.
+    let r = c
+        .call(
+            1,
+            "tools/call",
+            json!({"name":"quick__t","arguments":{"chatty":false}}),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], -32011, "the call's deadline: {r}");
+    let silent = waits(&asked, "silent");
+    assert!(
+        (2..=5).contains(&silent.len()),
+        "resumes within 2 s: {silent:?}"
+    );
+    for (n, wait) in silent.iter().enumerate() {
+        assert!(
+            *wait >= ms(100 << n),
+            "resume {n} came after {wait:?}: {silent:?}"
+        );
+    }
+
+    // Streams that each bring a message: paced at the floor, and 32 resumes for the call.
+    let r = c
+        .call(
+            2,
+            "tools/call",
+            json!({"name":"ends__t","arguments":{"chatty":true}}),
+        )
+        .await;
+    assert_eq!(
+        error_message(&r, -32010),
+        "upstream 'ends' is unavailable: stream ended without a response after 32 resumes (the most one call gets)"
+    );
+    let chatty = waits(&asked, "chatty");
+    assert_eq!(chatty.len(), 32, "{chatty:?}");
+    assert!(chatty.iter().all(|w| *w >= ms(100)), "{chatty:?}");
+    gw.stop().await;
+}
+
 const ALICE: &str = "alice-token-0123456789";
 const BOB: &str = "bob-token-0123456789";
 

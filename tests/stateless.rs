@@ -1145,3 +1145,144 @@ async fn a_listen_stream_hears_a_resources_updates_from_its_owner_only() {
     assert_eq!(updated["params"]["uri"], watched);
     gw.stop().await;
 }
+
+/// A stdio server (Python) that floods: `flood` sends `notifications/tools/list_changed` in
+/// bursts of `burst` (each padded with `pad` bytes) for `seconds` (one burst at least), then
+/// answers; `announce` sends one `notifications/prompts/list_changed`, then answers.
+const FLOODING_SERVER: &str = r#"
+import json, sys, time
+def send(m):
+    sys.stdout.write(json.dumps(m) + "\n")
+    sys.stdout.flush()
+for line in sys.stdin:
+    m = json.loads(line)
+    if "id" not in m or "method" not in m:
+        continue
+    method, params = m["method"], m.get("params") or {}
+    if method == "initialize":
+        result = {"protocolVersion": params["protocolVersion"],
+                  "capabilities": {"tools": {"listChanged": True}, "prompts": {"listChanged": True}},
+                  "serverInfo": {"name": "flood", "version": "1"}}
+    elif method == "tools/list":
+        result = {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in ("flood", "announce")]}
+    elif method == "prompts/list":
+        result = {"prompts": []}
+    elif method == "tools/call" and params["name"] == "flood":
+        args = params["arguments"]
+        burst = json.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
+                            "params": {"_meta": {"pad": "x" * args["pad"]}}}) + "\n"
+        end = time.time() + args["seconds"]
+        while True:
+            sys.stdout.write(burst * args["burst"])
+            sys.stdout.flush()
+            if time.time() >= end:
+                break
+        result = {"content": [{"type": "text", "text": "flooded"}]}
+    elif method == "tools/call":
+        send({"jsonrpc": "2.0", "method": "notifications/prompts/list_changed"})
+        result = {"content": [{"type": "text", "text": "announced"}]}
+    else:
+        send({"jsonrpc": "2.0", "id": m["id"], "error": {"code": -32601, "message": method}})
+        continue
+    send({"jsonrpc": "2.0", "id": m["id"], "result": result})
+"#;
+
+/// A server flooding `tools/list_changed` costs a listen stream one queue entry, not its whole
+/// queue: a client that reads (more slowly than the flood comes) keeps its stream through
+/// every keep-alive and hears what comes next; a client that reads nothing is still cut off
+/// (its queue fills with keep-alives), so it holds no more than its queue.
+#[tokio::test]
+async fn a_list_changed_flood_ends_no_stream_whose_client_reads() {
+    let args = serde_json::to_string(&["-u", "-c", FLOODING_SERVER]).unwrap();
+    let gw = TestGateway::start(
+        "mcp: { sse_keepalive: 20ms }",
+        &[format!(
+            "  - name: f\n    stdio: {{ command: /usr/bin/python3, args: {args} }}\n"
+        )],
+    )
+    .await;
+    let c = gw.client();
+    let call = |id: u64, tool: &'static str, args: Value| {
+        let c = c.clone();
+        async move {
+            let r = stateless(
+                &c,
+                id,
+                "tools/call",
+                json!({"name": tool, "arguments": args}),
+                json!({}),
+            )
+            .await;
+            r.response()["result"]["content"][0]["text"].clone()
+        }
+    };
+    let asked = json!({"toolsListChanged": true, "promptsListChanged": true});
+    let mut reading = listen(&c, json!("reads"), asked.clone()).await;
+    let ack = reading.next().await.expect("an acknowledgement");
+    assert_eq!(ack["params"]["notifications"], asked, "{ack}");
+    // The client reads every message, one a millisecond while `slow`: slower than the flood.
+    let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (heard, mut methods) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn({
+        let slow = slow.clone();
+        async move {
+            while let Some(m) = reading
+                .next_within(std::time::Duration::from_secs(60))
+                .await
+            {
+                let _ = heard.send(m["method"].as_str().unwrap_or_default().to_owned());
+                if slow.load(std::sync::atomic::Ordering::Relaxed) {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+        }
+    });
+    let session = gw.gateway().stateless_session(None, None, None).unwrap();
+    assert_eq!(
+        call(1, "flood", json!({"seconds": 1, "burst": 100, "pad": 0})).await,
+        "flooded"
+    );
+    assert_eq!(
+        session.subscriptions.len(),
+        1,
+        "the reading client's stream was ended during the flood"
+    );
+    slow.store(false, std::sync::atomic::Ordering::Relaxed);
+
+    // A client that stops reading after its acknowledgement: once the connection's buffers are
+    // full (40 MiB of notifications fill them), its queue fills (the flood's one entry, then
+    // keep-alives) and the stream ends.
+    let mut idle = listen(&c, json!("idle"), asked.clone()).await;
+    assert!(idle.next().await.is_some(), "an acknowledgement");
+    assert_eq!(session.subscriptions.len(), 2);
+    assert_eq!(
+        call(
+            2,
+            "flood",
+            json!({"seconds": 0, "burst": 40, "pad": 1 << 20})
+        )
+        .await,
+        "flooded"
+    );
+    support::eventually("the stream nobody reads to end", || async {
+        session.subscriptions.len() == 1
+    })
+    .await;
+
+    // The reading client's stream is still open, and hears the next change.
+    assert_eq!(call(3, "announce", json!({})).await, "announced");
+    let next = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(m) = methods.recv().await {
+            if m != "notifications/tools/list_changed" {
+                return Some(m);
+            }
+        }
+        None
+    })
+    .await
+    .expect("the reading client hears the next change");
+    assert_eq!(next.as_deref(), Some("notifications/prompts/list_changed"));
+    assert!(!reader.is_finished());
+    drop(idle);
+    gw.stop().await;
+}

@@ -138,12 +138,58 @@ pub fn carried(method: &str) -> bool {
     )
 }
 
+/// What a change notification tells a listener: two with the same topic say the same thing
+/// (a list changed; this resource changed), so the second adds nothing while the first waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Topic {
+    /// `notifications/{tools,prompts,resources}/list_changed`.
+    ListChanged(&'static str),
+    /// `notifications/resources/updated` of this URI.
+    Updated(String),
+}
+
+impl Topic {
+    fn of(method: &str, uri: Option<&str>) -> Option<Topic> {
+        match method {
+            "notifications/tools/list_changed" => Some(Topic::ListChanged("tools")),
+            "notifications/prompts/list_changed" => Some(Topic::ListChanged("prompts")),
+            "notifications/resources/list_changed" => Some(Topic::ListChanged("resources")),
+            "notifications/resources/updated" => uri.map(|u| Topic::Updated(u.to_owned())),
+            _ => None,
+        }
+    }
+}
+
 struct Listener {
     key: u64,
     /// The listen request's id (raw JSON): the subscription id.
     id: Bytes,
     filter: Filter,
     sink: EventSink,
+    /// The notifications queued on the stream, with a copy of each frame's handle: once the
+    /// stream's body has taken a frame (it encodes it and drops it), this copy is the frame's
+    /// only one. While a topic's frame waits, the same topic again is not queued: a server's
+    /// flood costs one queue entry per distinct notification, not the whole queue (which a
+    /// stream whose client reads would otherwise lose at its next keep-alive). Never longer
+    /// than the queue; a frame already taken is let go at the stream's next notification.
+    queued: Vec<(Topic, Bytes)>,
+}
+
+impl Listener {
+    /// Queues the notification (`topic` is what it says) unless one saying the same waits
+    /// already; false if the queue refused it.
+    fn send(&mut self, topic: Topic, method: &str, params: Option<&[u8]>) -> bool {
+        self.queued.retain(|(_, frame)| !frame.is_unique());
+        if self.queued.iter().any(|(t, _)| *t == topic) {
+            return true;
+        }
+        let frame = jsonrpc::notification(method, Some(&tagged(params, &self.id)));
+        if self.sink.try_send(frame.clone()).is_err() {
+            return false;
+        }
+        self.queued.push((topic, frame));
+        true
+    }
 }
 
 /// The listen streams of one session.
@@ -223,6 +269,7 @@ impl Subscriptions {
             id,
             filter,
             sink,
+            queued: Vec::new(),
         });
         key
     }
@@ -233,20 +280,18 @@ impl Subscriptions {
     }
 
     /// Sends a server's change notification to every stream that asked for it, tagged with its
-    /// subscription id. A stream too slow to drain its queue misses it rather than holding the
-    /// upstream reader.
+    /// subscription id, unless the same notification still waits in its queue. A stream too
+    /// slow to drain its queue misses it rather than holding the upstream reader.
     pub fn deliver(&self, method: &str, params: Option<&[u8]>) {
         let uri = (method == "notifications/resources/updated")
             .then(|| params.and_then(crate::upstream::uri_of))
             .flatten();
-        let wanting: Vec<(Bytes, EventSink)> = lock(&self.listeners)
-            .iter()
-            .filter(|l| l.filter.wants(method, uri.as_deref()))
-            .map(|l| (l.id.clone(), l.sink.clone()))
-            .collect();
-        for (id, sink) in wanting {
-            let frame = jsonrpc::notification(method, Some(&tagged(params, &id)));
-            if sink.try_send(frame).is_err() {
+        let Some(topic) = Topic::of(method, uri.as_deref()) else {
+            return;
+        };
+        // Under the lock: whether a topic waits and queueing it are one step.
+        for l in lock(&self.listeners).iter_mut() {
+            if l.filter.wants(method, uri.as_deref()) && !l.send(topic.clone(), method, params) {
                 tracing::debug!(%method, "a listen stream missed a notification: its queue is full");
             }
         }
@@ -404,5 +449,53 @@ mod tests {
         assert_eq!(subs.len(), 1);
         assert!(subs.watch("a") && !subs.watch("a") && !subs.unwatch("a") && subs.unwatch("a"));
         assert!(!subs.unwatch("a"));
+    }
+
+    #[tokio::test]
+    async fn a_notification_that_waits_already_is_not_queued_again() {
+        let subs = Subscriptions::default();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let all = Filter {
+            tools: true,
+            prompts: true,
+            uris: vec!["r://a".into(), "r://b".into()],
+            ..Filter::default()
+        };
+        subs.add(Bytes::from_static(b"1"), all, tx.into());
+        for _ in 0..1000 {
+            for (method, params) in [
+                ("notifications/tools/list_changed", None),
+                ("notifications/prompts/list_changed", None),
+                (
+                    "notifications/resources/updated",
+                    Some(&br#"{"uri":"r://a"}"#[..]),
+                ),
+                (
+                    "notifications/resources/updated",
+                    Some(&br#"{"uri":"r://b"}"#[..]),
+                ),
+            ] {
+                subs.deliver(method, params);
+            }
+        }
+        // One of each distinct notification, in the order they first came.
+        let mut said = Vec::new();
+        while let Ok(frame) = rx.try_recv() {
+            let v: Value = serde_json::from_slice(&frame).unwrap();
+            said.push(format!("{} {}", v["method"], v["params"]["uri"]));
+        }
+        assert_eq!(
+            said,
+            [
+                r#""notifications/tools/list_changed" null"#,
+                r#""notifications/prompts/list_changed" null"#,
+                r#""notifications/resources/updated" "r://a""#,
+                r#""notifications/resources/updated" "r://b""#,
+            ]
+        );
+        // Taken (and dropped) by the stream, a notification is news again.
+        subs.deliver("notifications/tools/list_changed", None);
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err());
     }
 }

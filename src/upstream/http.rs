@@ -28,11 +28,16 @@ const MAX_STREAM: u64 = 256 * 1024 * 1024;
 const LISTEN_IDLE: Duration = Duration::from_secs(300);
 /// Longest upstream `Mcp-Session-Id` accepted.
 const MAX_SESSION_ID: usize = 1024;
-/// Times one call's response stream is resumed after the server ended it.
-const MAX_RESUMES: u32 = 16;
-/// Wait before resuming a response stream, unless the server said (`retry`), and the most it
-/// may say.
+/// Times one call's response stream may be resumed in all, whatever event ids the server
+/// sends: a server that ends every stream at once, with a new id each time, would otherwise be
+/// asked again until the call's deadline. (A server polling every 2 s fits the default 60 s
+/// deadline.)
+const MAX_RESUMES: u32 = 32;
+/// Wait before resuming a response stream, unless the server said (`retry`); the least and the
+/// most it may say. The wait doubles after each stream that brought no message (up to the
+/// most), so a server that ends its streams at once is asked ever more slowly.
 const RESUME_WAIT: Duration = Duration::from_millis(500);
+const RESUME_WAIT_MIN: Duration = Duration::from_millis(100);
 const RESUME_WAIT_MAX: Duration = Duration::from_secs(10);
 /// Waits between attempts to re-open a GET stream that failed.
 const LISTEN_RETRY: Duration = Duration::from_secs(1);
@@ -565,22 +570,20 @@ impl Connection {
         let mut body = resp.into_body();
         let mut decoder = sse::Decoder::new(MAX_MESSAGE).with_stream_limit(MAX_STREAM);
         let mut last_id: Option<String> = None;
-        let mut wait = RESUME_WAIT;
-        let mut resumed = 0;
+        let mut pace = ResumePace::default();
         loop {
             while let Some(ev) = decoder
                 .next_event()
                 .map_err(|e| self.server.unavailable(e.to_string()))?
             {
                 if let Some(id) = &ev.id {
-                    // A server that polls gets as many returns as it needs, while it moves on.
-                    if last_id.as_deref() != Some(id.as_str()) {
-                        resumed = 0;
-                    }
                     last_id = Some(id.clone());
                 }
                 if let Some(ms) = ev.retry {
-                    wait = Duration::from_millis(ms).min(RESUME_WAIT_MAX);
+                    pace.asked(ms);
+                }
+                if is_message(&ev) {
+                    pace.heard();
                 }
                 if let Some(outcome) = self.on_event(ev, Some(id), events.as_ref()) {
                     return Ok(outcome);
@@ -598,10 +601,14 @@ impl Connection {
             };
             // A server that ends the stream mid-call (2025-11-25 polling), or whose connection
             // broke, is asked for the rest with the last event id it gave.
-            let Some(last) = last_id.as_deref().filter(|_| resumed < MAX_RESUMES) else {
+            let Some(last) = last_id.as_deref() else {
                 return Err(self.server.unavailable(ended));
             };
-            resumed += 1;
+            let Some(wait) = pace.next() else {
+                return Err(self.server.unavailable(format!(
+                    "{ended} after {MAX_RESUMES} resumes (the most one call gets)"
+                )));
+            };
             tokio::time::sleep(wait).await;
             body = self.resume_stream(last).await?;
             decoder = sse::Decoder::new(MAX_MESSAGE).with_stream_limit(MAX_STREAM);
@@ -635,7 +642,7 @@ impl Connection {
         waiting_for: Option<u64>,
         events: Option<&EventSink>,
     ) -> Option<Outcome> {
-        if !(ev.event.is_empty() || ev.event == "message") || ev.data.trim_ascii().is_empty() {
+        if !is_message(&ev) {
             return None;
         }
         let msg: Message = match jsonrpc::parse(ev.data) {
@@ -875,6 +882,60 @@ pub(super) fn refusal(status: StatusCode) -> String {
     }
 }
 
+/// Whether an SSE event carries a JSON-RPC message (not a priming event, a comment or another
+/// event type).
+fn is_message(ev: &sse::Event) -> bool {
+    (ev.event.is_empty() || ev.event == "message") && !ev.data.trim_ascii().is_empty()
+}
+
+/// How often, and how soon, one call's response stream is resumed after its server ended it.
+#[derive(Debug)]
+struct ResumePace {
+    /// What the server asked for (`retry`), within [`RESUME_WAIT_MIN`]..[`RESUME_WAIT_MAX`].
+    asked: Duration,
+    /// Streams in a row that brought no message: each doubles the wait.
+    silent: u32,
+    /// Resumes so far, for the whole call (new event ids do not reset it).
+    resumed: u32,
+}
+
+impl Default for ResumePace {
+    fn default() -> Self {
+        ResumePace {
+            asked: RESUME_WAIT,
+            silent: 0,
+            resumed: 0,
+        }
+    }
+}
+
+impl ResumePace {
+    /// The server's `retry` (milliseconds): honoured, but never below the floor (`retry: 0`
+    /// would have the gateway ask again at once) nor above the ceiling.
+    fn asked(&mut self, ms: u64) {
+        self.asked = Duration::from_millis(ms).clamp(RESUME_WAIT_MIN, RESUME_WAIT_MAX);
+    }
+
+    /// The stream brought a message: the server is moving on, so the next wait is its own.
+    fn heard(&mut self) {
+        self.silent = 0;
+    }
+
+    /// How long to wait before the next resume; `None` once the call had its [`MAX_RESUMES`].
+    fn next(&mut self) -> Option<Duration> {
+        if self.resumed >= MAX_RESUMES {
+            return None;
+        }
+        self.resumed += 1;
+        let wait = self
+            .asked
+            .saturating_mul(1 << self.silent.min(16))
+            .min(RESUME_WAIT_MAX);
+        self.silent += 1;
+        Some(wait)
+    }
+}
+
 /// Whether a response is an SSE stream.
 pub(super) fn is_event_stream(headers: &http::HeaderMap) -> bool {
     headers
@@ -951,6 +1012,27 @@ enum ListenEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resumes_are_paced_and_counted_for_the_whole_call() {
+        let ms = Duration::from_millis;
+        let mut pace = ResumePace::default();
+        pace.asked(0);
+        // `retry: 0` is raised to the floor, and silent streams double the wait.
+        assert_eq!(
+            [pace.next(), pace.next(), pace.next()],
+            [Some(ms(100)), Some(ms(200)), Some(ms(400))]
+        );
+        // A message resets the wait, not the count; the wait never passes the ceiling.
+        pace.heard();
+        assert_eq!(pace.next(), Some(ms(100)));
+        pace.asked(60_000);
+        assert_eq!(pace.next(), Some(RESUME_WAIT_MAX));
+        while pace.next().is_some() {}
+        assert_eq!(pace.resumed, MAX_RESUMES);
+        pace.heard();
+        assert_eq!(pace.next(), None, "exhausted for the whole call");
+    }
 
     struct Nobody;
 
