@@ -12,11 +12,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{
-    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
-};
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
+use tokio::sync::oneshot;
 
+use super::line_writer::LineWriter;
 use super::{CallRoute, Inbox, Pending, Server, UpstreamError};
 use crate::config::Transport;
 use crate::mcp::jsonrpc::{self, Kind, Outcome};
@@ -35,7 +34,7 @@ const GRACE: Duration = Duration::from_secs(2);
 pub struct Connection {
     pub(crate) server: Arc<Server>,
     pub(crate) next_id: AtomicU64,
-    writer: std::sync::Mutex<Option<mpsc::Sender<Bytes>>>,
+    writer: Arc<LineWriter>,
     pending: Arc<Pending>,
     /// Why the message stream ended, once it has (what a call that is left unanswered hears).
     ended: Arc<OnceLock<&'static str>>,
@@ -134,10 +133,9 @@ impl Connection {
         inbox: Inbox,
         child: Option<ServerProcess>,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(256);
         let pending = Arc::new(Pending::default());
         let ended = Arc::new(OnceLock::new());
-        tokio::spawn(write_loop(writer, rx));
+        let writer = LineWriter::start(writer);
         tokio::spawn(read_loop(
             reader,
             server.clone(),
@@ -148,7 +146,7 @@ impl Connection {
         Connection {
             server,
             next_id: AtomicU64::new(1),
-            writer: std::sync::Mutex::new(Some(tx)),
+            writer,
             pending,
             ended,
             child: tokio::sync::Mutex::new(child),
@@ -166,20 +164,13 @@ impl Connection {
         self.ended.get().is_none()
     }
 
-    fn sender(&self) -> Result<mpsc::Sender<Bytes>, UpstreamError> {
-        self.writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .filter(|_| self.is_alive())
-            .ok_or_else(|| {
-                self.server
-                    .unavailable(format!("the {} has ended", self.peer))
-            })
-    }
-
     pub(crate) async fn send(&self, frame: Bytes) -> Result<(), UpstreamError> {
-        self.sender()?.send(frame).await.map_err(|_| {
+        if !self.is_alive() {
+            return Err(self
+                .server
+                .unavailable(format!("the {} has ended", self.peer)));
+        }
+        self.writer.send(one_line(frame)).await.map_err(|_| {
             self.server
                 .unavailable(format!("cannot write to the {}", self.peer))
         })
@@ -204,8 +195,8 @@ impl Connection {
     }
 
     pub(crate) async fn shutdown(&self) {
-        // Closing the channel ends the writer task, which closes the child's stdin.
-        self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // The writer task writes what was sent, then closes the child's stdin.
+        self.writer.close();
         let Some(mut proc) = self.child.lock().await.take() else {
             return;
         };
@@ -257,31 +248,6 @@ async fn bounded_line(
             }
         }
     }
-}
-
-async fn write_loop(stdin: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<Bytes>) {
-    let mut w = BufWriter::new(stdin);
-    while let Some(frame) = rx.recv().await {
-        if write_line(&mut w, frame).await.is_err() {
-            return;
-        }
-        // Batch whatever is already queued into one flush.
-        while let Ok(frame) = rx.try_recv() {
-            if write_line(&mut w, frame).await.is_err() {
-                return;
-            }
-        }
-        if w.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = w.shutdown().await;
-}
-
-/// Writes one message as exactly one line, whatever bytes it holds.
-async fn write_line(w: &mut (impl AsyncWrite + Unpin), frame: Bytes) -> std::io::Result<()> {
-    w.write_all(&one_line(frame)).await?;
-    w.write_all(b"\n").await
 }
 
 /// One message, one line: the wire is newline-delimited, so a raw CR or LF inside a frame would
