@@ -587,3 +587,46 @@ async fn a_bad_plugin_config_names_the_field() {
     let e = gatehouse::Config::from_yaml(&yaml).unwrap_err().to_string();
     assert!(e.contains("plugins") && e.contains("nope"), "{e}");
 }
+
+/// A hostile plugin's answers reach the client well-formed and named: a denial code of the
+/// gateway's own (-32040, a tool waiting for an operator's approval) is answered as a policy
+/// denial; a rewrite of the arguments or of the result that is JSON but not an object is
+/// refused (-32031, naming the plugin) rather than sent on as `arguments` or `result`; and the
+/// session serves its next call.
+#[tokio::test]
+async fn a_hostile_plugins_answers_reach_the_client_well_formed() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - {{ name: mimic, path: {p:?}, config: {{ deny_code: -32040, act_on: add }} }}\n    - {{ name: shaper, path: {p:?}, config: {{ rewrite: \"[\\\"not\\\", \\\"an object\\\"]\", act_on: add }} }}\n  chains:\n    - {{ name: calls, methods: [\"tools/call\"], servers: [a], plugins: [mimic] }}\n    - {{ name: shapes, servers: [b], plugins: [shaper] }}",
+        p = wasm("fault_trap")
+    );
+    let (_gw, c) = gateway(&cfg).await;
+    let r = c
+        .call(
+            1,
+            "tools/call",
+            json!({"name":"a__add","arguments":{"a":1,"b":2}}),
+        )
+        .await;
+    let (code, msg) = err(&r);
+    assert_eq!(code, -32030, "{r}");
+    assert!(
+        msg.contains("mimic") && msg.contains("hostile denial -32040"),
+        "{msg}"
+    );
+    assert_eq!(c.tool_text(2, "a__echo", json!({"text":"ok"})).await, "ok");
+    let r = c
+        .call(
+            3,
+            "tools/call",
+            json!({"name":"b__add","arguments":{"a":1,"b":2}}),
+        )
+        .await;
+    assert_eq!(r["id"], json!(3), "{r}");
+    let (code, msg) = err(&r);
+    assert_eq!(code, -32031, "{r}");
+    assert!(
+        msg.contains("shaper") && msg.contains("not an object"),
+        "{msg}"
+    );
+    assert_eq!(c.tool_text(4, "b__echo", json!({"text":"ok"})).await, "ok");
+}

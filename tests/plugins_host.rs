@@ -1355,3 +1355,227 @@ fn hooks_run_inside_a_tokio_runtime() {
         task.await.expect("hook calls inside a tokio task");
     });
 }
+
+// ------------------------------------------------------------ hostile plugins
+//
+// What a plugin controls (its answers, what it asks of the host) cannot make the gateway
+// speak for the protocol, send something malformed on, or reach past the state's bounds.
+
+/// A plugin's denial codes: one the protocol or the gateway gives a meaning (a parse error,
+/// "resource not found", "too busy", a tool that waits for approval, a plugin fault, ...) is
+/// answered as the policy code; its own code, outside those, is kept.
+#[test]
+fn a_denial_code_the_gateway_gives_a_meaning_is_answered_as_a_policy_denial() {
+    let claimed = [
+        -32700, -32603, -32002, -32010, -32012, -32020, -32031, -32040, -32042, -32800,
+    ];
+    let own = [-32030, -32050, -32099 + 1, 403];
+    let modules: String = claimed
+        .iter()
+        .chain(&own)
+        .map(|code| {
+            format!(
+                "  - {{ name: \"p{code}\", path: \"{{dir}}/fault_trap.wasm\", config: {{ deny_code: {code} }} }}\n"
+            )
+        })
+        .collect();
+    let chains: String = claimed
+        .iter()
+        .chain(&own)
+        .map(|code| format!("  - {{ servers: [\"s{code}\"], plugins: [\"p{code}\"] }}\n"))
+        .collect();
+    let set = load(&format!("modules:\n{modules}chains:\n{chains}")).unwrap();
+    for code in claimed.iter().chain(&own) {
+        let server = format!("s{code}");
+        let d = denied(set.on_request_blocking(&ctx(&server, "deny"), "{}"));
+        let expected = if own.contains(code) {
+            i64::from(*code)
+        } else {
+            POLICY_DENIED
+        };
+        assert_eq!(d.code, expected, "a denial with {code}: {d:?}");
+        assert_eq!(&*d.plugin, format!("p{code}"));
+        assert_eq!(d.fault, None);
+        assert_eq!(d.message, format!("hostile denial {code}"));
+        assert!(
+            d.to_string()
+                .starts_with(&format!("denied by plugin p{code}: ")),
+            "{d}"
+        );
+    }
+}
+
+/// A rewrite stands for the call's arguments or its result, both JSON objects: JSON that is
+/// not an object (an array, a string, `null`, a number) would reach the upstream as
+/// `arguments`, or the client as a `result`, that the protocol does not allow. It fails the
+/// plugin (naming it) as a rewrite that is not JSON does.
+#[test]
+fn a_rewrite_that_is_not_a_json_object_fails_the_plugin() {
+    for bad in [
+        "[1,2]", "\"text\"", "null", "42", "true", " [] ", "{} {}", "",
+    ] {
+        let set = load(&format!(
+            "modules: [ {{ name: shaper, path: \"{{dir}}/fault_trap.wasm\", config: {{ rewrite: {} }} }} ]\nchains: [ {{ plugins: [shaper] }} ]",
+            serde_json::to_string(bad).unwrap()
+        ))
+        .unwrap();
+        let d = denied(set.on_request_blocking(&ctx("s", "rewrite"), r#"{"a":1}"#));
+        assert_eq!(
+            d.fault,
+            Some(FaultKind::Malformed),
+            "request {bad:?}: {d:?}"
+        );
+        assert_eq!(d.code, PLUGIN_FAILED);
+        assert_eq!(&*d.plugin, "shaper");
+        assert!(d.message.contains("plugin shaper"), "{}", d.message);
+        let d = denied(set.on_response_blocking(&ctx("s", "rewrite"), r#"{"content":[]}"#));
+        assert_eq!(d.fault, Some(FaultKind::Malformed), "result {bad:?}: {d:?}");
+        assert_eq!(&*d.plugin, "shaper");
+        // Other calls go on.
+        assert!(is_allow(&set.on_request_blocking(&ctx("s", "fine"), "{}")));
+    }
+    for good in [r#"{"a":2}"#, " {\"a\": [1]}\n", "{}"] {
+        let set = load(&format!(
+            "modules: [ {{ name: shaper, path: \"{{dir}}/fault_trap.wasm\", config: {{ rewrite: {} }} }} ]\nchains: [ {{ plugins: [shaper] }} ]",
+            serde_json::to_string(good).unwrap()
+        ))
+        .unwrap();
+        assert_eq!(
+            set.on_request_blocking(&ctx("s", "rewrite"), r#"{"a":1}"#),
+            Decision::Rewrite(good.into())
+        );
+        assert_eq!(
+            set.on_response_blocking(&ctx("s", "rewrite"), "{}"),
+            Decision::Rewrite(good.into())
+        );
+    }
+}
+
+/// The state bounds hold as a plugin meets them through the host (keys of 256 bytes, values
+/// of 64 KiB, 1024 keys per owner), a counter saturates, and `init`, which runs for no caller,
+/// has neither a session's nor a principal's state to write (it would be the anonymous
+/// callers'); each principal and each plugin sees only its own keys.
+#[test]
+fn state_bounds_hold_through_the_host_and_init_has_no_caller() {
+    let set = load(
+        r#"
+modules:
+  - { name: probe, path: "{dir}/fault_trap.wasm", config: { state_probe: true } }
+  - { name: other, path: "{dir}/fault_trap.wasm", config: { state_probe: true } }
+chains:
+  - { servers: [one], plugins: [probe] }
+  - { servers: [two], plugins: [other] }
+"#,
+    )
+    .unwrap();
+    let report = |server: &str, principal: Option<&str>, session: &str| {
+        let c = CallContext {
+            principal,
+            session_id: session,
+            ..ctx(server, "state")
+        };
+        let message = denied(set.on_request_blocking(&c, "{}")).message;
+        let answers: std::collections::HashMap<String, String> = message
+            .split(';')
+            .filter(|s| !s.is_empty())
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (k.to_owned(), v.to_owned())
+            })
+            .collect();
+        answers
+    };
+    let a = report("one", Some("alice"), "s-alice");
+    assert_eq!(a["init.session"], "err:no session in this context", "{a:?}");
+    assert_eq!(a["init.principal"], "err:no caller in init", "{a:?}");
+    assert_eq!(a["init.global"], "ok", "{a:?}");
+    assert_eq!(a["key256"], "ok");
+    assert_eq!(a["key257"], "err:key longer than 256 bytes");
+    assert_eq!(a["value64k"], "ok");
+    assert_eq!(a["value64k+1"], "err:value larger than 65536 bytes");
+    assert_eq!(a["fill1024"], "ok");
+    assert_eq!(a["key1025"], "err:more than 1024 keys in this scope");
+    assert_eq!(a["overwrite"], "ok");
+    assert_eq!(
+        a["incr-new-past-bound"],
+        "err:more than 1024 keys in this scope"
+    );
+    assert_eq!(a["incr-saturates"], i64::MAX.to_string());
+    assert_eq!(a["ttl-max"], "ok");
+    assert_eq!(
+        a["forever-read"], "1",
+        "a time to live past the clock's end is none"
+    );
+    assert_eq!(a["init-global-read"], "init");
+    // What init wrote is no caller's: not even an anonymous one reads it as its own.
+    let anonymous = report("one", None, "s-anon");
+    assert_eq!(anonymous["init-principal-read"], "none", "{anonymous:?}");
+    assert_eq!(
+        anonymous["fill1024"], "ok",
+        "the anonymous owner is not alice"
+    );
+    // Another principal, and another plugin of the same file, start with room for their own.
+    let b = report("one", Some("bob"), "s-bob");
+    assert_eq!(b["fill1024"], "ok", "{b:?}");
+    let other = report("two", Some("alice"), "s-alice");
+    assert_eq!(other["fill1024"], "ok", "{other:?}");
+    assert_eq!(other["value64k"], "ok");
+    // The bounds are per owner: what alice filled stays full.
+    let again = report("one", Some("alice"), "s-alice-2");
+    assert_eq!(again["key1025"], "err:more than 1024 keys in this scope");
+    assert_eq!(again["key256"], "ok", "a new session has room");
+}
+
+/// A plugin's log lines go to the gateway's log bounded (64 lines a call, 4 KiB a line), and
+/// as one line each: a line break or another control character in a plugin's message cannot
+/// forge a record of the gateway's own in a text log.
+#[test]
+fn a_plugin_cannot_flood_or_forge_the_gateways_log() {
+    use std::io::Write;
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let forged =
+        "x\n2030-01-01T00:00:00.000000Z  INFO gatehouse::admin: operator token accepted\r\u{1b}[2K";
+    let text = format!("{forged}{}", "y".repeat(10_000));
+    let set = load(&format!(
+        "modules: [ {{ name: chatty, path: \"{{dir}}/fault_trap.wasm\", config: {{ log_lines: 1000, log_text: {} }} }} ]\nchains: [ {{ plugins: [chatty] }} ]",
+        serde_json::to_string(&text).unwrap()
+    ))
+    .unwrap();
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        for _ in 0..2 {
+            assert!(is_allow(&set.on_request_blocking(&ctx("s", "log"), "{}")));
+        }
+    });
+    let out = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("chatty")).collect();
+    assert_eq!(lines.len(), 2 * 64, "64 lines a call");
+    assert_eq!(
+        out.lines().count(),
+        lines.len(),
+        "no line of another's: {out:.2000}"
+    );
+    assert!(
+        !out.contains('\r') && !out.contains('\u{1b}'),
+        "{out:.2000}"
+    );
+    for line in lines {
+        assert!(line.len() < 4096 + 512, "{} bytes", line.len());
+    }
+}

@@ -19,7 +19,7 @@ use super::bindings::CallHandle;
 use super::bindings::gatehouse::plugin::{clock, log, state, types};
 use super::budget::{Budget, Mode};
 use super::leader::Unavailable;
-use super::state::{Action, Asked, Caller, Outcome, Scope, StateStore};
+use super::state::{Action, Asked, Caller, Outcome, Scope, StateError, StateStore};
 use super::{CallContext, JsonText};
 
 /// Longest log line kept from a plugin, in bytes.
@@ -42,6 +42,8 @@ pub(crate) struct HostState {
     /// `call-context` methods and naming the owners of state scopes.
     call: CallFields,
     log_lines: u32,
+    /// Whether `init` is running: no call, so no caller whose state the principal scope is.
+    in_init: bool,
     /// The last bytes the guest wrote to stdout/stderr (a panic message).
     pub(crate) output: OutputTail,
     /// The running call's deadline (read by the epoch callback).
@@ -69,6 +71,7 @@ impl HostState {
             store,
             call: CallFields::default(),
             log_lines: 0,
+            in_init: false,
             output,
             budget: Budget::new(Duration::ZERO, Mode::Blocking),
         }
@@ -77,6 +80,7 @@ impl HostState {
     /// Sets the call the next hook runs for (its context and payload, the owners of state
     /// scopes) and resets per-call counters.
     pub(crate) fn begin_call(&mut self, ctx: &CallContext<'_>, payload: Option<&JsonText>) {
+        self.in_init = false;
         self.call.set(ctx);
         self.call.payload = payload.cloned();
         self.log_lines = 0;
@@ -84,11 +88,24 @@ impl HostState {
         self.output.clear();
     }
 
+    /// Sets up the store for `init`: no call, so no session and no principal to own state.
+    pub(crate) fn begin_init(&mut self, no_call: &CallContext<'_>) {
+        self.begin_call(no_call, None);
+        self.in_init = true;
+    }
+
     /// Forgets the call just run: its payload (a slice that would keep the whole request or
     /// answer alive in a warm instance until its next call), its caller's fields, and any field
     /// buffer a large value grew past [`KEPT_FIELD_BYTES`].
     pub(crate) fn end_call(&mut self) {
         self.call.forget();
+    }
+
+    /// Why `scope` has no owner now, if it has none the store would not see: `init` runs for
+    /// no caller, and a principal scope there would be the anonymous callers' (the session
+    /// scope has none either, which the store tells by the empty session id).
+    fn no_owner(&self, scope: Scope) -> Option<StateError> {
+        (self.in_init && scope == Scope::Principal).then_some(StateError::NoCaller)
     }
 
     fn caller(&self) -> Caller<'_> {
@@ -305,7 +322,7 @@ impl log::Host for HostState {
             return;
         }
         self.log_lines += 1;
-        let message = truncate(&message, MAX_LOG_LINE);
+        let message = one_line(&message, MAX_LOG_LINE);
         let plugin = &*self.plugin;
         match level {
             log::Level::Trace => tracing::trace!(target: "gatehouse::plugin", plugin, "{message}"),
@@ -315,6 +332,32 @@ impl log::Host for HostState {
             log::Level::Error => tracing::error!(target: "gatehouse::plugin", plugin, "{message}"),
         }
     }
+}
+
+/// A plugin's text as one log line of at most `max` bytes: its control characters escaped
+/// (`\n`, `\r`, `\u{1b}`), since a line break in a text log would start a record the plugin
+/// wrote in the gateway's name, and a carriage return or a terminal escape would hide the
+/// line it is on.
+pub(crate) fn one_line(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    let head = truncate(s, max);
+    if !head.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(head);
+    }
+    let mut out = String::with_capacity(head.len());
+    for c in head.chars() {
+        let escaped = c.is_control().then(|| c.escape_default());
+        let len = escaped
+            .as_ref()
+            .map_or(c.len_utf8(), ExactSizeIterator::len);
+        if out.len() + len > max {
+            break;
+        }
+        match escaped {
+            Some(escaped) => out.extend(escaped),
+            None => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -399,6 +442,9 @@ fn unexpected(outcome: Outcome) -> wasmtime::Error {
 impl state::Host for HostState {
     async fn get(&mut self, s: state::Scope, key: String) -> wasmtime::Result<Option<String>> {
         let scope = scope(s);
+        if self.no_owner(scope).is_some() {
+            return Ok(None);
+        }
         if !self.store.shared() {
             return Ok(self.store.get(&self.plugin, scope, self.caller(), &key));
         }
@@ -416,6 +462,9 @@ impl state::Host for HostState {
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<Result<(), String>> {
         let scope = scope(s);
+        if let Some(e) = self.no_owner(scope) {
+            return Ok(Err(e.to_string()));
+        }
         if !self.store.shared() {
             return Ok(self
                 .store
@@ -444,6 +493,9 @@ impl state::Host for HostState {
 
     async fn remove(&mut self, s: state::Scope, key: String) -> wasmtime::Result<()> {
         let scope = scope(s);
+        if self.no_owner(scope).is_some() {
+            return Ok(());
+        }
         if !self.store.shared() {
             self.store.remove(&self.plugin, scope, self.caller(), &key);
             return Ok(());
@@ -462,6 +514,9 @@ impl state::Host for HostState {
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<Result<i64, String>> {
         let scope = scope(s);
+        if let Some(e) = self.no_owner(scope) {
+            return Ok(Err(e.to_string()));
+        }
         if !self.store.shared() {
             return Ok(self
                 .store
@@ -524,7 +579,8 @@ impl OutputTail {
             return None;
         }
         let from = lines.len().saturating_sub(8);
-        Some(lines[from..].join(" | "))
+        // It is logged, and told the client, with the fault: one line, as a log line is.
+        Some(one_line(&lines[from..].join(" | "), OUTPUT_TAIL_BYTES * 2).into_owned())
     }
 }
 

@@ -107,6 +107,9 @@ const NO_CALL: CallContext<'static> = CallContext {
     scopes: &[],
 };
 
+/// Longest reason for refusing its configuration a plugin's `init` may give, in bytes.
+const MAX_INIT_ERROR: usize = 4096;
+
 /// One hook call's answer.
 pub(crate) enum HookAnswer {
     /// From `on-request` or `on-response`.
@@ -207,7 +210,7 @@ impl LoadedPlugin {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_callback(on_tick);
         store.set_epoch_deadline(1);
-        store.data_mut().begin_call(&NO_CALL, None);
+        store.data_mut().begin_init(&NO_CALL);
         store.data_mut().budget = Budget::new(self.cfg.init_deadline, mode);
         self.metrics.instances.fetch_add(1, Ordering::Relaxed);
         let plugin = match guard(self.pre.instantiate_async(&mut store)).await? {
@@ -222,7 +225,11 @@ impl LoadedPlugin {
         .await?;
         let hooks = match init {
             Ok(Ok(set)) => Hooks::from(set),
-            Ok(Err(message)) => return Err(Fault::InitRejected(message)),
+            // The plugin's own words, logged when a reload is refused: one line, bounded.
+            Ok(Err(message)) => {
+                let message = super::host::one_line(&message, MAX_INIT_ERROR).into_owned();
+                return Err(Fault::InitRejected(message));
+            }
             Err(e) => return Err(classify(e, &store, Phase::Init, &self.cfg)),
         };
         Ok((

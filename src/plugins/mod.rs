@@ -177,10 +177,16 @@ pub struct Denied {
 
 /// The code a plugin's denial is answered with: its own, unless it is one the protocol or
 /// the gateway gives a meaning (a parse error, "method not found", a resource not found,
-/// "too busy" that clients retry, the 2026-07-28 header and version errors, a plugin fault):
+/// "too busy" that clients retry, the 2026-07-28 header and version errors, a plugin fault, a
+/// tool that waits for an operator's approval):
 /// a plugin says no, it does not speak for the protocol.
 fn denial_code(code: i32) -> i64 {
-    let claimed = matches!(code, -32768..=-32100 | -32022..=-32000 | -32031 | -32042 | -32800);
+    // -32040 is the gateway's "tool not approved" (pinning): a client told so waits for an
+    // operator, and must not be told so by a plugin.
+    let claimed = matches!(
+        code,
+        -32768..=-32100 | -32022..=-32000 | -32031 | -32040 | -32042 | -32800
+    );
     if claimed {
         POLICY_DENIED
     } else {
@@ -707,7 +713,18 @@ impl PluginSet {
                     }
                     HookAnswer::Decision(bindings::Decision::Rewrite(json)) => {
                         match serde_json::from_str::<&serde_json::value::RawValue>(&json) {
-                            Ok(_) => Ok(bindings::Decision::Rewrite(json)),
+                            // What a rewrite stands for is an object: a call's arguments, a
+                            // result, an error, a message's params. Anything else would go on
+                            // to the upstream or the client as something the protocol does not
+                            // allow (`"arguments": [1]`, `"result": null`).
+                            Ok(raw) if raw.get().starts_with('{') => {
+                                Ok(bindings::Decision::Rewrite(json))
+                            }
+                            Ok(_) => Err(Fault::Malformed(
+                                "rewrite is a JSON document but not an object (it stands for \
+                                 arguments or a result, which are objects)"
+                                    .into(),
+                            )),
                             Err(e) => Err(Fault::Malformed(format!(
                                 "rewrite is not a JSON document: {e}"
                             ))),
@@ -844,7 +861,7 @@ mod tests {
     #[test]
     fn a_denial_code_the_protocol_claims_becomes_the_policy_code() {
         for claimed in [
-            -32700, -32601, -32602, -32002, -32012, -32020, -32022, -32031, -32800,
+            -32700, -32601, -32602, -32002, -32012, -32020, -32022, -32031, -32040, -32042, -32800,
         ] {
             assert_eq!(
                 super::denial_code(claimed),

@@ -156,6 +156,10 @@ pub enum StateError {
     /// Session scope outside of a request (for example in `init`).
     #[error("no session in this context")]
     NoSession,
+    /// Principal scope in `init`, which runs for no caller: it would otherwise be the anonymous
+    /// callers' state, written before any of them calls.
+    #[error("no caller in init")]
+    NoCaller,
     /// [`MAX_SESSIONS`] sessions already hold state.
     #[error("more than {MAX_SESSIONS} sessions hold plugin state")]
     TooManySessions,
