@@ -709,3 +709,115 @@ async fn a_server_cannot_ask_a_client_for_what_it_did_not_declare() {
     assert_eq!(c.tool_text(4, "echo", json!({"text":"on"})).await, "on");
     gw.stop().await;
 }
+
+/// A stdio server that, once asked (`flood`), floods `tools/list_changed` from a thread of its
+/// own (no call in flight, so it all goes to the session's GET stream), puts one question to
+/// the client (elicitation) in the middle of it, and says `prompts/list_changed` when done;
+/// `answers` tells what came back for its question.
+const ASKING_FLOODER: &str = r#"
+import json, sys, threading
+out = threading.Lock()
+answers = []
+def send(m):
+    with out:
+        sys.stdout.write(json.dumps(m) + "\n")
+        sys.stdout.flush()
+def flood(before, after, pad):
+    line = json.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
+                       "params": {"_meta": {"pad": "x" * pad}}}) + "\n"
+    for n in (before, after):
+        for _ in range(n // 16):
+            with out:
+                sys.stdout.write(line * 16)
+                sys.stdout.flush()
+        if n is before:
+            send({"jsonrpc": "2.0", "id": "ask-1", "method": "elicitation/create",
+                  "params": {"mode": "form", "message": "Your name?", "requestedSchema":
+                             {"type": "object", "properties": {"name": {"type": "string"}}}}})
+    send({"jsonrpc": "2.0", "method": "notifications/prompts/list_changed"})
+for line in sys.stdin:
+    m = json.loads(line)
+    if "method" not in m:
+        answers.append(m)
+        continue
+    if "id" not in m:
+        continue
+    method, params = m["method"], m.get("params") or {}
+    if method == "initialize":
+        result = {"protocolVersion": params["protocolVersion"],
+                  "capabilities": {"tools": {"listChanged": True}, "prompts": {"listChanged": True}},
+                  "serverInfo": {"name": "asking-flood", "version": "1"}}
+    elif method == "tools/list":
+        result = {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in ("flood", "answers")]}
+    elif method == "tools/call" and params["name"] == "flood":
+        a = params["arguments"]
+        send({"jsonrpc": "2.0", "id": m["id"], "result": {"content": [{"type": "text", "text": "flooding"}]}})
+        threading.Thread(target=flood, args=(a["before"], a["after"], a["pad"]), daemon=True).start()
+        continue
+    elif method == "tools/call":
+        result = {"content": [{"type": "text", "text": json.dumps(answers)}]}
+    else:
+        send({"jsonrpc": "2.0", "id": m["id"], "error": {"code": -32601, "message": method}})
+        continue
+    send({"jsonrpc": "2.0", "id": m["id"], "result": result})
+"#;
+
+/// A server flooding `list_changed` costs a session's GET stream one queue entry, not its whole
+/// queue: a question a server puts to the client in the middle of the flood still reaches the
+/// client (which reads more slowly than the flood comes), and the client's answer reaches the
+/// server. Before, the flood kept the stream's 256 entries full, and the question was refused
+/// ("the client has no open stream to receive this request").
+#[tokio::test]
+async fn a_list_changed_flood_leaves_room_for_a_servers_question() {
+    let args = serde_json::to_string(&["-u", "-c", ASKING_FLOODER]).unwrap();
+    let gw = TestGateway::start(
+        "",
+        &[format!(
+            "  - name: f\n    stdio: {{ command: /usr/bin/python3, args: {args} }}\n"
+        )],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({"elicitation":{}})).await;
+    let get = c
+        .request("GET", Bytes::new())
+        .header("accept", "text/event-stream")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let stream = c.http.request(get).await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut stream = support::SseReader::new(stream.into_body());
+    // 16 KiB a notice: what the connection's buffers hold is soon read once the question is in.
+    // 2,000 before the question: far more than those buffers and the stream's queue hold.
+    let flood = json!({"before": 2000, "after": 400, "pad": 16 * 1024});
+    assert_eq!(c.tool_text(1, "flood", flood).await, "flooding");
+    let mut asked = false;
+    while let Some(m) = stream.next_within(Duration::from_secs(10)).await {
+        match m["method"].as_str() {
+            Some("notifications/tools/list_changed") => {}
+            Some("notifications/prompts/list_changed") => break,
+            Some("elicitation/create") => {
+                assert_eq!(m["params"]["message"], "Your name?", "{m}");
+                let answer = json!({"jsonrpc":"2.0","id":m["id"],"result":{
+                    "action":"accept","content":{"name":"gatehouse"}}});
+                assert_eq!(c.post(answer.to_string()).await.status, 202);
+                asked = true;
+            }
+            _ => panic!("unexpected on the GET stream: {m}"),
+        }
+        // Slower than the flood, until the question is in.
+        if !asked {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let answers: Value = serde_json::from_str(&c.tool_text(2, "answers", json!({})).await).unwrap();
+    assert!(
+        asked,
+        "the client was never asked; the server heard: {answers}"
+    );
+    assert_eq!(
+        answers,
+        json!([{"jsonrpc":"2.0","id":"ask-1","result":{"action":"accept","content":{"name":"gatehouse"}}}]),
+    );
+    gw.stop().await;
+}

@@ -22,7 +22,7 @@ use crate::mcp::list_page::ListPage;
 use crate::mcp::param_headers::ToolHeaders;
 use crate::mcp::profile::Profile;
 use crate::mcp::session_token;
-use crate::mcp::subscriptions::{self, Subscriptions};
+use crate::mcp::subscriptions::{self, Queued, Subscriptions, Topic};
 use crate::topology::Topology;
 use crate::upstream::event_sink::OnTheWay;
 use crate::upstream::token_exchange::{CallerToken, Subject};
@@ -1033,7 +1033,7 @@ impl Session {
                     room
                 };
                 let frame = jsonrpc::request(&wire, &method, params.as_deref());
-                if !admitted || !self.push(&route, frame) {
+                if !admitted || !self.push(&route, frame, None) {
                     lock(&self.server_requests).remove(&n);
                     let error = jsonrpc::error_object(
                         code::INTERNAL_ERROR,
@@ -1057,6 +1057,7 @@ impl Session {
                     self.subscriptions.deliver(&method, params.as_deref());
                     return;
                 }
+                let topic = Topic::of(&method, params.as_deref());
                 let frame = if &*method == "notifications/cancelled" {
                     // The server cancels one of its own requests: translate its id to ours.
                     match params
@@ -1075,7 +1076,7 @@ impl Session {
                 } else {
                     msg.frame
                 };
-                if !self.push(&route, frame) {
+                if !self.push(&route, frame, topic) {
                     tracing::debug!(session = %self.log_id(), %method, "dropped a notification: no client stream open");
                 }
             }
@@ -1101,28 +1102,49 @@ impl Session {
     /// Sends a frame on the related stream, else the GET stream, else a fallback stream of the
     /// same session; before the client opens its GET stream, a few frames wait for it. Queues are
     /// bounded: a client too slow to drain them loses messages rather than growing our memory.
-    fn push(&self, route: &Route, frame: Bytes) -> bool {
+    /// A change notice (`topic`) bound for the GET stream that says what one still waiting
+    /// there says is not queued again (it is as good as delivered): a server's flood costs the
+    /// stream one entry, not the room a server request or another server's messages need.
+    fn push(&self, route: &Route, frame: Bytes, topic: Option<Topic>) -> bool {
         if let Some(tx) = &route.related
             && tx.try_send(frame.clone()).is_ok()
         {
             return true;
         }
-        let mut listen = lock(&self.listen);
-        if listen.is_open() {
+        let mut guard = lock(&self.listen);
+        let listen = &mut *guard;
+        let open = listen.is_open();
+        let to_backlog = !open && route.fallback.is_none() && self.has_listen_stream();
+        if let Some(topic) = &topic
+            && (open || to_backlog)
+            && listen.queued.holds(topic)
+        {
+            return true;
+        }
+        // The handle kept of a notice must be its frame's only other one: a server's frame may
+        // be a slice of its read buffer (or share it with its params), never unique.
+        let frame = match topic {
+            Some(_) => Bytes::copy_from_slice(&frame),
+            None => frame,
+        };
+        if open {
             if let Some(tx) = &listen.sink
                 && tx.try_send(frame.clone()).is_ok()
             {
+                if let Some(topic) = topic {
+                    listen.queued.push(topic, frame);
+                }
                 return true;
             }
-        } else if route.fallback.is_none()
-            && listen.backlog.len() < LISTEN_BACKLOG
-            && self.has_listen_stream()
-        {
+        } else if to_backlog && listen.backlog.len() < LISTEN_BACKLOG {
             listen.sink = None;
-            listen.backlog.push_back(frame);
+            listen.backlog.push_back(frame.clone());
+            if let Some(topic) = topic {
+                listen.queued.push(topic, frame);
+            }
             return true;
         }
-        drop(listen);
+        drop(guard);
         // A stateless session's calls may be different clients' (every anonymous caller shares
         // one): what cannot be tied to a call goes to none of them.
         self.has_listen_stream()
@@ -1320,6 +1342,8 @@ type PolicyItem = (usize, Route, Message, Option<OnTheWay>);
 struct Listen {
     sink: Option<EventSink>,
     backlog: std::collections::VecDeque<Bytes>,
+    /// The change notices in `backlog` or in the stream's queue, not yet taken by its body.
+    queued: Queued,
 }
 
 impl Listen {

@@ -138,10 +138,10 @@ pub fn carried(method: &str) -> bool {
     )
 }
 
-/// What a change notification tells a listener: two with the same topic say the same thing
-/// (a list changed; this resource changed), so the second adds nothing while the first waits.
+/// What a change notification tells a client: two with the same topic say the same thing (a
+/// list changed; this resource changed), so the second adds nothing while the first waits.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Topic {
+pub(crate) enum Topic {
     /// `notifications/{tools,prompts,resources}/list_changed`.
     ListChanged(&'static str),
     /// `notifications/resources/updated` of this URI.
@@ -149,14 +149,43 @@ enum Topic {
 }
 
 impl Topic {
-    fn of(method: &str, uri: Option<&str>) -> Option<Topic> {
+    /// The topic of a server's notification; `None` for one that is not a change notice (or
+    /// an update that names no URI).
+    pub(crate) fn of(method: &str, params: Option<&[u8]>) -> Option<Topic> {
         match method {
             "notifications/tools/list_changed" => Some(Topic::ListChanged("tools")),
             "notifications/prompts/list_changed" => Some(Topic::ListChanged("prompts")),
             "notifications/resources/list_changed" => Some(Topic::ListChanged("resources")),
-            "notifications/resources/updated" => uri.map(|u| Topic::Updated(u.to_owned())),
+            "notifications/resources/updated" => {
+                params.and_then(crate::upstream::uri_of).map(Topic::Updated)
+            }
             _ => None,
         }
+    }
+}
+
+/// The change notices queued on one client stream (a listen stream, a session's GET stream),
+/// with a copy of each frame's handle: once the stream's body has taken a frame (it encodes it
+/// and drops it), this copy is the frame's only one. While a topic's frame waits, the same
+/// topic again is not queued: a server's flood costs one queue entry per distinct notice, not
+/// the whole queue (which a stream whose client reads would otherwise lose, and with it the
+/// messages that matter). Never longer than the queue; a frame already taken is let go at the
+/// stream's next notice.
+#[derive(Default)]
+pub(crate) struct Queued(Vec<(Topic, Bytes)>);
+
+impl Queued {
+    /// Whether a notice saying what `topic` says still waits for the stream to take it.
+    pub(crate) fn holds(&mut self, topic: &Topic) -> bool {
+        self.0.retain(|(_, frame)| !frame.is_unique());
+        self.0.iter().any(|(t, _)| t == topic)
+    }
+
+    /// Notes that the stream's queue took a copy of `frame`, which says `topic`. The frame
+    /// must be an allocation of its own, with no other handle kept: a slice of a larger buffer
+    /// (a server's read buffer) would never be unique, and its topic never news again.
+    pub(crate) fn push(&mut self, topic: Topic, frame: Bytes) {
+        self.0.push((topic, frame));
     }
 }
 
@@ -166,28 +195,22 @@ struct Listener {
     id: Bytes,
     filter: Filter,
     sink: EventSink,
-    /// The notifications queued on the stream, with a copy of each frame's handle: once the
-    /// stream's body has taken a frame (it encodes it and drops it), this copy is the frame's
-    /// only one. While a topic's frame waits, the same topic again is not queued: a server's
-    /// flood costs one queue entry per distinct notification, not the whole queue (which a
-    /// stream whose client reads would otherwise lose at its next keep-alive). Never longer
-    /// than the queue; a frame already taken is let go at the stream's next notification.
-    queued: Vec<(Topic, Bytes)>,
+    /// The notices waiting in the stream's queue.
+    queued: Queued,
 }
 
 impl Listener {
     /// Queues the notification (`topic` is what it says) unless one saying the same waits
     /// already; false if the queue refused it.
     fn send(&mut self, topic: Topic, method: &str, params: Option<&[u8]>) -> bool {
-        self.queued.retain(|(_, frame)| !frame.is_unique());
-        if self.queued.iter().any(|(t, _)| *t == topic) {
+        if self.queued.holds(&topic) {
             return true;
         }
         let frame = jsonrpc::notification(method, Some(&tagged(params, &self.id)));
         if self.sink.try_send(frame.clone()).is_err() {
             return false;
         }
-        self.queued.push((topic, frame));
+        self.queued.push(topic, frame);
         true
     }
 }
@@ -269,7 +292,7 @@ impl Subscriptions {
             id,
             filter,
             sink,
-            queued: Vec::new(),
+            queued: Queued::default(),
         });
         key
     }
@@ -283,15 +306,16 @@ impl Subscriptions {
     /// subscription id, unless the same notification still waits in its queue. A stream too
     /// slow to drain its queue misses it rather than holding the upstream reader.
     pub fn deliver(&self, method: &str, params: Option<&[u8]>) {
-        let uri = (method == "notifications/resources/updated")
-            .then(|| params.and_then(crate::upstream::uri_of))
-            .flatten();
-        let Some(topic) = Topic::of(method, uri.as_deref()) else {
+        let Some(topic) = Topic::of(method, params) else {
             return;
+        };
+        let uri = match &topic {
+            Topic::Updated(uri) => Some(uri.as_str()),
+            Topic::ListChanged(_) => None,
         };
         // Under the lock: whether a topic waits and queueing it are one step.
         for l in lock(&self.listeners).iter_mut() {
-            if l.filter.wants(method, uri.as_deref()) && !l.send(topic.clone(), method, params) {
+            if l.filter.wants(method, uri) && !l.send(topic.clone(), method, params) {
                 tracing::debug!(%method, "a listen stream missed a notification: its queue is full");
             }
         }
@@ -497,5 +521,31 @@ mod tests {
         subs.deliver("notifications/tools/list_changed", None);
         assert!(rx.try_recv().is_ok());
         assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_notice_waits_while_any_queue_holds_its_frame() {
+        let mut queued = Queued::default();
+        let tools = Topic::of("notifications/tools/list_changed", None).unwrap();
+        let updated = |uri: &str| {
+            let params = format!(r#"{{"uri":"{uri}"}}"#);
+            Topic::of("notifications/resources/updated", Some(params.as_bytes())).unwrap()
+        };
+        assert_eq!(Topic::of("notifications/resources/updated", None), None);
+        assert_eq!(Topic::of("notifications/message", None), None);
+        // Frames held by a queue (a channel, a backlog): their topics wait.
+        let mut backlog = std::collections::VecDeque::new();
+        for topic in [tools.clone(), updated("r://a")] {
+            let frame = Bytes::from(b"{}".to_vec());
+            backlog.push_back(frame.clone());
+            queued.push(topic, frame);
+        }
+        assert!(queued.holds(&tools) && queued.holds(&updated("r://a")));
+        assert!(!queued.holds(&updated("r://b")));
+        // Taken off the queue and dropped, the first is news again; the second still waits.
+        drop(backlog.pop_front());
+        assert!(!queued.holds(&tools) && queued.holds(&updated("r://a")));
+        drop(backlog);
+        assert!(!queued.holds(&updated("r://a")));
     }
 }
