@@ -487,6 +487,7 @@ fn probe() -> gatehouse::plugins::Asked {
             scope: gatehouse::plugins::Scope::Principal,
             key: "limit-0".into(),
         },
+        limits: Default::default(),
     }
 }
 
@@ -629,4 +630,117 @@ async fn a_hostile_plugins_answers_reach_the_client_well_formed() {
         "{msg}"
     );
     assert_eq!(c.tool_text(4, "b__echo", json!({"text":"ok"})).await, "ok");
+}
+
+/// A client that opens session after session cannot grow a plugin's state (here, one that
+/// keeps twenty 1 KB keys a session) past the plugin's `state_max_bytes`: the plugin is refused
+/// the write, told which limit it met, and denies the call (-32030, naming itself); other calls
+/// go on, and a session that ends gives its room back to the next.
+#[tokio::test]
+async fn a_client_cannot_grow_a_plugins_state_past_its_bound() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - {{ name: filler, path: {:?}, state_max_bytes: 64KiB, config: {{ state_fill: {{ keys: 20, value_bytes: 1000, scope: session }}, act_on: add }} }}\n  chains:\n    - {{ name: calls, methods: [\"tools/call\"], plugins: [filler] }}",
+        wasm("fault_trap")
+    );
+    let (gw, first) = gateway(&cfg).await;
+    let add = json!({"name":"a__add","arguments":{"a":1,"b":2}});
+    let mut clients = vec![first];
+    for _ in 0..3 {
+        let mut c = gw.client();
+        c.initialize(json!({})).await;
+        clients.push(c);
+    }
+    for (i, c) in clients[..3].iter().enumerate() {
+        let r = c.call(1, "tools/call", add.clone()).await;
+        assert!(r.get("error").is_none(), "session {i}: {r}");
+    }
+    let last = &clients[3];
+    let (code, msg) = err(&last.call(1, "tools/call", add.clone()).await);
+    assert_eq!(code, -32030, "{msg}");
+    assert!(
+        msg.starts_with("denied by plugin filler: state_fill: 5 written; ")
+            && msg.contains("(state_max_bytes)"),
+        "{msg}"
+    );
+    let (bytes, _) = gw.gateway().plugins.current().state().held_by("filler");
+    assert!(bytes <= 64 * 1024, "{bytes}");
+    assert_eq!(
+        last.tool_text(2, "a__echo", json!({"text":"ok"})).await,
+        "ok"
+    );
+    // The first client leaves: its session's keys go, and the last one's fill fits.
+    let mut bye = clients[0].request("DELETE", "");
+    bye = bye.header("mcp-protocol-version", "2025-11-25");
+    let r = clients[0]
+        .send(
+            bye.body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert!(r.status < 300, "{}: {}", r.status, r.body);
+    let r = last.call(3, "tools/call", add.clone()).await;
+    assert!(r.get("error").is_none(), "{r}");
+    gw.stop().await;
+}
+
+/// A plugin's denial reason reaches the client bounded (1 KiB after escaping, cut on a
+/// character boundary and marked `…`) and on one line, whatever the plugin answered (a
+/// megabyte of line breaks, quotes and terminal escapes), with the plugin's own code; the
+/// session serves its next call.
+#[tokio::test]
+async fn a_plugins_denial_reaches_the_client_bounded_and_on_one_line() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - {{ name: loud, path: {:?}, config: {{ deny_code: -32050, deny_bytes: 1000000, deny_text: {}, act_on: add }} }}\n  chains:\n    - {{ name: calls, methods: [\"tools/call\"], plugins: [loud] }}",
+        wasm("fault_trap"),
+        serde_json::to_string("é\n\"\u{1b}[2K\\").unwrap()
+    );
+    let (_gw, c) = gateway(&cfg).await;
+    let r = c
+        .post(
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call",
+                   "params":{"name":"a__add","arguments":{"a":1,"b":2}}})
+            .to_string(),
+        )
+        .await;
+    assert!(r.body.len() < 2048, "{} bytes", r.body.len());
+    let (code, msg) = err(&r.response());
+    assert_eq!(code, -32050, "{msg}");
+    let reason = msg
+        .strip_prefix("denied by plugin loud: ")
+        .unwrap_or_else(|| panic!("{msg:.100}"));
+    let escaped = serde_json::to_string(reason).unwrap().len() - 2;
+    assert!(escaped <= 1024 && escaped > 1000, "{escaped} bytes");
+    assert!(reason.ends_with('…'), "{reason:.100}");
+    assert!(
+        !reason.contains(['\n', '\r', '\u{1b}']),
+        "one line: {reason:.100}"
+    );
+    assert!(reason.starts_with("é\\n\"\\u{1b}[2K\\é"), "{reason:.100}");
+    assert_eq!(c.tool_text(2, "a__echo", json!({"text":"ok"})).await, "ok");
+}
+
+/// A rewrite of a call's arguments larger than the gateway takes from an upstream (64 MiB) is
+/// refused (-32031, naming the plugin) rather than sent on; the session serves its next call.
+#[tokio::test]
+async fn a_rewrite_larger_than_the_gateway_takes_is_refused() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - {{ name: bloat, path: {:?}, memory_limit: 256MiB, deadline: 10s, config: {{ rewrite_bytes: {}, act_on: add }} }}\n  chains:\n    - {{ name: calls, methods: [\"tools/call\"], plugins: [bloat] }}",
+        wasm("fault_trap"),
+        gatehouse::plugins::MAX_REWRITE_BYTES + 1
+    );
+    let (_gw, c) = gateway(&cfg).await;
+    let r = c
+        .call(
+            1,
+            "tools/call",
+            json!({"name":"a__add","arguments":{"a":1,"b":2}}),
+        )
+        .await;
+    let (code, msg) = err(&r);
+    assert_eq!(code, -32031, "{msg:.200}");
+    assert!(
+        msg.contains("bloat") && msg.contains("larger than the gateway takes"),
+        "{msg:.200}"
+    );
+    assert_eq!(c.tool_text(2, "a__echo", json!({"text":"ok"})).await, "ok");
 }

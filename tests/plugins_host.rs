@@ -1543,8 +1543,7 @@ fn a_plugin_cannot_flood_or_forge_the_gateways_log() {
             Ok(())
         }
     }
-    let forged =
-        "x\n2030-01-01T00:00:00.000000Z  INFO gatehouse::admin: operator token accepted\r\u{1b}[2K";
+    let forged = "x\n2030-01-01T00:00:00.000000Z  INFO gatehouse::admin: operator token accepted\r\u{1b}[2K\u{2028}\u{202e}";
     let text = format!("{forged}{}", "y".repeat(10_000));
     let set = load(&format!(
         "modules: [ {{ name: chatty, path: \"{{dir}}/fault_trap.wasm\", config: {{ log_lines: 1000, log_text: {} }} }} ]\nchains: [ {{ plugins: [chatty] }} ]",
@@ -1572,10 +1571,212 @@ fn a_plugin_cannot_flood_or_forge_the_gateways_log() {
         "no line of another's: {out:.2000}"
     );
     assert!(
-        !out.contains('\r') && !out.contains('\u{1b}'),
-        "{out:.2000}"
+        !out.contains(['\r', '\u{1b}', '\u{2028}', '\u{202e}']),
+        "a line separator or a bidirectional override is escaped too: {out:.2000}"
     );
     for line in lines {
         assert!(line.len() < 4096 + 512, "{} bytes", line.len());
     }
+}
+
+/// What a JSON string of `s` takes, between its quotes.
+fn json_len(s: &str) -> usize {
+    serde_json::to_string(s).unwrap().len() - 2
+}
+
+/// A plugin that keys its state by what a client chooses (a session each, a principal each)
+/// cannot grow the gateway's memory past its `state_max_bytes` / `state_max_entries`, every
+/// owner together: the write past them is refused, and the plugin is told which limit it met
+/// (here it denies the call with what it was told). Calls that write nothing go on, another
+/// plugin of the same file has room of its own, and a session's end gives its room back.
+#[test]
+fn a_plugins_state_is_bounded_every_owner_together() {
+    let set = load(
+        r#"
+modules:
+  - { name: filler, path: "{dir}/fault_trap.wasm", state_max_bytes: 64KiB, config: { state_fill: { keys: 20, value_bytes: 1000, scope: session } } }
+  - { name: keyed, path: "{dir}/fault_trap.wasm", state_max_entries: 50, config: { state_fill: { keys: 20, value_bytes: 1, scope: principal } } }
+  - { name: roomy, path: "{dir}/fault_trap.wasm", config: { state_fill: { keys: 20, value_bytes: 1000, scope: session } } }
+chains:
+  - { servers: [one], plugins: [filler] }
+  - { servers: [two], plugins: [keyed] }
+  - { servers: [three], plugins: [roomy] }
+"#,
+    )
+    .unwrap();
+    let fill = |server: &str, principal: &str, session: &str| {
+        let c = CallContext {
+            principal: Some(principal),
+            session_id: session,
+            ..ctx(server, "fill")
+        };
+        set.on_request_blocking(&c, "{}")
+    };
+    // Twenty keys of about 1 KB a session: three sessions fit in 64 KiB, the fourth does not.
+    for session in ["s1", "s2", "s3"] {
+        assert!(is_allow(&fill("one", "alice", session)), "{session}");
+    }
+    let d = denied(fill("one", "alice", "s4"));
+    assert_eq!(d.code, POLICY_DENIED);
+    assert_eq!(d.fault, None, "the plugin chose to deny: {d:?}");
+    assert_eq!(
+        d.message,
+        "state_fill: 5 written; the plugin's state is full: its keys and values would take more than 65536 bytes (state_max_bytes)"
+    );
+    let (bytes, entries) = set.state().held_by("filler");
+    assert!(bytes <= 64 * 1024, "{bytes}");
+    assert_eq!(entries, 65);
+    // Another client's session: refused too (the bound is the plugin's), and it holds nothing.
+    assert!(
+        denied(fill("one", "bob", "s5"))
+            .message
+            .starts_with("state_fill: 0 written;")
+    );
+    assert_eq!(set.state().held_by("filler"), (bytes, entries));
+    // A call that writes nothing goes on; so does a session that writes what it held.
+    assert!(is_allow(
+        &set.on_request_blocking(&ctx("one", "other"), "{}")
+    ));
+    assert!(is_allow(&fill("one", "alice", "s1")));
+    // Another plugin of the same file has its own room.
+    for session in ["s1", "s2", "s3", "s4", "s5"] {
+        assert!(is_allow(&fill("three", "alice", session)), "{session}");
+    }
+    // A session's end gives back what it held.
+    set.end_session("s2");
+    assert!(is_allow(&fill("one", "bob", "s5")));
+    assert!(set.state().held_by("filler").0 <= 64 * 1024);
+
+    // Keys: twenty a principal, at most fifty in all.
+    assert!(is_allow(&fill("two", "alice", "s1")));
+    assert!(is_allow(&fill("two", "bob", "s1")));
+    let d = denied(fill("two", "carol", "s1"));
+    assert_eq!(
+        d.message,
+        "state_fill: 10 written; the plugin's state is full: it would hold more than 50 keys (state_max_entries)"
+    );
+    assert_eq!(set.state().held_by("keyed").1, 50);
+    assert!(
+        is_allow(&fill("two", "alice", "s9")),
+        "what alice holds, rewritten"
+    );
+}
+
+/// A plugin at its limits has its expired keys dropped to make room (nothing live is evicted):
+/// what a client's sessions wrote with a time to live does not hold the plugin full after it
+/// expires, even where no sweep ran.
+#[test]
+fn expired_state_makes_room_for_a_plugin_at_its_limits() {
+    let set = load(
+        r#"
+modules:
+  - { name: brief, path: "{dir}/fault_trap.wasm", state_max_entries: 40, config: { state_fill: { keys: 20, value_bytes: 10, scope: session, ttl_ms: 200 } } }
+chains:
+  - { plugins: [brief] }
+"#,
+    )
+    .unwrap();
+    let fill = |session: &str| {
+        let c = CallContext {
+            session_id: session,
+            ..ctx("one", "fill")
+        };
+        set.on_request_blocking(&c, "{}")
+    };
+    assert!(is_allow(&fill("s1")));
+    assert!(is_allow(&fill("s2")));
+    assert!(
+        denied(fill("s3")).message.contains("state_max_entries"),
+        "full while they live"
+    );
+    // Past their time to live, and past how often a full plugin's keys are looked over (1 s).
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(is_allow(&fill("s3")));
+    assert_eq!(set.state().held_by("brief").1, 20);
+}
+
+/// A plugin's denial reason reaches the caller bounded (1 KiB as the JSON string holds it, cut
+/// on a character boundary and marked `…`) and on one line (a line break, a quote, a terminal
+/// escape cannot end the message or forge a record of the log or the audit trail, which get
+/// the same text). Its code is kept.
+#[test]
+fn a_plugins_denial_reason_is_bounded_and_one_line() {
+    let text = "é\n\"\u{1b}[2K\u{2028}\\ ";
+    let set = load(&format!(
+        "modules: [ {{ name: loud, path: \"{{dir}}/fault_trap.wasm\", config: {{ deny_code: -32050, deny_bytes: 1000000, deny_text: {} }} }} ]\nchains: [ {{ plugins: [loud] }} ]",
+        serde_json::to_string(text).unwrap()
+    ))
+    .unwrap();
+    for _ in 0..2 {
+        let d = denied(set.on_request_blocking(&ctx("s", "deny"), "{}"));
+        assert_eq!(d.code, -32050);
+        assert_eq!(d.fault, None);
+        assert!(
+            json_len(&d.message) <= gatehouse::plugins::MAX_REASON_BYTES,
+            "{} bytes",
+            json_len(&d.message)
+        );
+        assert!(
+            json_len(&d.message) > 1000,
+            "cut near the bound, not before"
+        );
+        assert!(d.message.ends_with('…'), "{:.100}", d.message);
+        assert!(
+            !d.message.contains(['\n', '\r', '\u{1b}', '\u{2028}']),
+            "one line: {:.100}",
+            d.message
+        );
+        assert!(
+            d.message.starts_with("é\\n\"\\u{1b}[2K\\u{2028}\\ é"),
+            "{:.100}",
+            d.message
+        );
+        let shown = d.to_string();
+        assert!(
+            shown.starts_with("denied by plugin loud: é"),
+            "{shown:.100}"
+        );
+        assert!(shown.len() < 1100, "{}", shown.len());
+    }
+    // A short reason is left as it is.
+    let set = load(
+        "modules: [ { name: short, path: \"{dir}/fault_trap.wasm\", config: { deny_code: -32050, deny_bytes: 40, deny_text: \"no: \" } } ]\nchains: [ { plugins: [short] } ]",
+    )
+    .unwrap();
+    let d = denied(set.on_request_blocking(&ctx("s", "deny"), "{}"));
+    assert_eq!(d.message, "no: ".repeat(10));
+}
+
+/// A rewrite larger than the gateway takes from an upstream (64 MiB) fails the plugin (-32031,
+/// naming it), of the arguments and of the result alike, rather than reach the upstream or the
+/// client; one within it is applied.
+#[test]
+fn a_rewrite_larger_than_the_gateway_takes_fails_the_plugin() {
+    let over = gatehouse::plugins::MAX_REWRITE_BYTES + 1;
+    let set = load(&format!(
+        "modules:\n  - {{ name: bloat, path: \"{{dir}}/fault_trap.wasm\", memory_limit: 256MiB, deadline: 10s, config: {{ rewrite_bytes: {over} }} }}\n  - {{ name: fits, path: \"{{dir}}/fault_trap.wasm\", memory_limit: 256MiB, deadline: 10s, config: {{ rewrite_bytes: 1048576 }} }}\nchains:\n  - {{ servers: [big], plugins: [bloat] }}\n  - {{ servers: [small], plugins: [fits] }}"
+    ))
+    .unwrap();
+    for d in [
+        denied(set.on_request_blocking(&ctx("big", "rewrite"), r#"{"a":1}"#)),
+        denied(set.on_response_blocking(&ctx("big", "rewrite"), "{}")),
+    ] {
+        assert_eq!(d.code, PLUGIN_FAILED, "{d:?}");
+        assert_eq!(d.fault, Some(FaultKind::Malformed));
+        assert_eq!(&*d.plugin, "bloat");
+        assert!(
+            d.message.contains(&format!(
+                "rewrite of {over} bytes is larger than the gateway takes"
+            )),
+            "{}",
+            d.message
+        );
+    }
+    match set.on_request_blocking(&ctx("small", "rewrite"), r#"{"a":1}"#) {
+        Decision::Rewrite(json) => assert_eq!(json.len(), 1 << 20),
+        other => panic!("expected a rewrite, got {other:?}"),
+    }
+    assert!(is_allow(
+        &set.on_request_blocking(&ctx("big", "other"), "{}")
+    ));
 }

@@ -11,6 +11,8 @@
 //!       deadline: 100ms         # per hook call (epoch-interrupted)
 //!       init_deadline: 2s       # instantiation + init of one instance
 //!       memory_limit: 64MiB     # linear memory per instance
+//!       state_max_bytes: 16MiB  # keys and values kept in the host's state, all owners together
+//!       state_max_entries: 200000  # keys kept there, all owners together
 //!   chains:
 //!     - name: tools
 //!       methods: ["tools/*"]    # globs; empty or absent = any
@@ -26,6 +28,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use super::error::PluginError;
+use super::state::{DEFAULT_STATE_BYTES, DEFAULT_STATE_ENTRIES, StateLimits};
 
 /// The `plugins` section of the gateway config.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -76,6 +79,13 @@ pub struct PluginConfig {
     /// An instance is replaced by a fresh one after this many calls.
     #[serde(default = "default_recycle_after")]
     pub recycle_after: u32,
+    /// Most bytes of keys and values the plugin keeps in the host's state (WIT `state`), every
+    /// session, principal and the global scope together: a write past it is refused.
+    #[serde(default = "default_state_max_bytes")]
+    pub state_max_bytes: ByteSize,
+    /// Most keys the plugin keeps in the host's state, every owner together.
+    #[serde(default = "default_state_max_entries")]
+    pub state_max_entries: u64,
 }
 
 impl PluginConfig {
@@ -91,6 +101,16 @@ impl PluginConfig {
             memory_limit: default_memory_limit(),
             max_warm: default_max_warm(),
             recycle_after: default_recycle_after(),
+            state_max_bytes: default_state_max_bytes(),
+            state_max_entries: default_state_max_entries(),
+        }
+    }
+
+    /// What the plugin may keep in the host's state.
+    pub fn state_limits(&self) -> StateLimits {
+        StateLimits {
+            bytes: self.state_max_bytes.0,
+            entries: self.state_max_entries,
         }
     }
 }
@@ -178,12 +198,23 @@ fn default_max_warm() -> usize {
 fn default_recycle_after() -> u32 {
     10_000
 }
+fn default_state_max_bytes() -> ByteSize {
+    ByteSize(DEFAULT_STATE_BYTES)
+}
+fn default_state_max_entries() -> u64 {
+    DEFAULT_STATE_ENTRIES
+}
 fn default_max_instances() -> u32 {
     256
 }
 fn default_max_memory() -> ByteSize {
     ByteSize(512 << 20)
 }
+
+/// Range of `state_max_bytes`.
+pub const STATE_BYTES_RANGE: std::ops::RangeInclusive<u64> = 1024..=(1 << 30);
+/// Range of `state_max_entries`.
+pub const STATE_ENTRIES_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000_000;
 
 /// Shortest deadline accepted: epoch ticks are 1 ms and the machine may be
 /// busy, so anything shorter would interrupt healthy calls.
@@ -272,6 +303,22 @@ impl PluginsConfig {
                     "must be at least 1",
                 ));
             }
+            if !STATE_BYTES_RANGE.contains(&p.state_max_bytes.0) {
+                return Err(PluginError::config(
+                    field("state_max_bytes"),
+                    "must be between 1KiB and 1GiB",
+                ));
+            }
+            if !STATE_ENTRIES_RANGE.contains(&p.state_max_entries) {
+                return Err(PluginError::config(
+                    field("state_max_entries"),
+                    format!(
+                        "must be between {} and {}",
+                        STATE_ENTRIES_RANGE.start(),
+                        STATE_ENTRIES_RANGE.end()
+                    ),
+                ));
+            }
         }
         for (i, c) in self.chains.iter().enumerate() {
             for (j, name) in c.plugins.iter().enumerate() {
@@ -322,6 +369,46 @@ chains:
         assert_eq!(p.config["rules"][0]["tool"], "shell");
         assert_eq!(cfg.chains[0].plugins, ["policy"]);
         assert_eq!(cfg.watch_interval, Duration::from_secs(1));
+        assert_eq!(
+            p.state_limits(),
+            StateLimits {
+                bytes: 16 << 20,
+                entries: 200_000
+            },
+            "a plugin's state is bounded unless told otherwise"
+        );
+    }
+
+    #[test]
+    fn state_limits_are_read_and_checked() {
+        let cfg: PluginsConfig = serde_saphyr::from_str(
+            "modules: [{name: a, path: a.wasm, state_max_bytes: 64KiB, state_max_entries: 10}]",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.modules[0].state_limits(),
+            StateLimits {
+                bytes: 64 << 10,
+                entries: 10
+            }
+        );
+        for (bad, field) in [
+            ("state_max_bytes: 1000", "state_max_bytes"),
+            ("state_max_bytes: 2GiB", "state_max_bytes"),
+            ("state_max_entries: 0", "state_max_entries"),
+            ("state_max_entries: 10000001", "state_max_entries"),
+        ] {
+            let cfg: PluginsConfig = serde_saphyr::from_str(&format!(
+                "modules: [{{name: a, path: a.wasm}}, {{name: b, path: b.wasm, {bad}}}]"
+            ))
+            .unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("plugins.modules[1].{field}:")),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use super::bindings::CallHandle;
 use super::bindings::gatehouse::plugin::{clock, log, state, types};
 use super::budget::{Budget, Mode};
 use super::leader::Unavailable;
-use super::state::{Action, Asked, Caller, Outcome, Scope, StateError, StateStore};
+use super::state::{Action, Asked, Caller, Holder, Outcome, Scope, StateError, StateStore};
 use super::{CallContext, JsonText};
 
 /// Longest log line kept from a plugin, in bytes.
@@ -35,8 +35,8 @@ pub(crate) struct HostState {
     table: ResourceTable,
     /// Memory and table bounds of this store.
     pub(crate) limits: Limits,
-    /// The plugin's name, for logs and state keys.
-    plugin: Arc<str>,
+    /// The plugin's name, for logs and state keys, and what it may keep in the state.
+    holder: Holder,
     store: Arc<StateStore>,
     /// The running call's context (empty in `init`), answered to the guest's
     /// `call-context` methods and naming the owners of state scopes.
@@ -51,7 +51,7 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(plugin: Arc<str>, store: Arc<StateStore>, memory_limit: usize) -> Self {
+    pub(crate) fn new(holder: Holder, store: Arc<StateStore>, memory_limit: usize) -> Self {
         let output = OutputTail::default();
         // No environment, arguments, files, sockets or stdin: a plugin sees
         // only clocks and randomness from WASI. Its stdout/stderr are kept
@@ -67,7 +67,7 @@ impl HostState {
             wasi,
             table: ResourceTable::new(),
             limits: Limits::new(memory_limit),
-            plugin,
+            holder,
             store,
             call: CallFields::default(),
             log_lines: 0,
@@ -323,7 +323,7 @@ impl log::Host for HostState {
         }
         self.log_lines += 1;
         let message = one_line(&message, MAX_LOG_LINE);
-        let plugin = &*self.plugin;
+        let plugin = &*self.holder.plugin;
         match level {
             log::Level::Trace => tracing::trace!(target: "gatehouse::plugin", plugin, "{message}"),
             log::Level::Debug => tracing::debug!(target: "gatehouse::plugin", plugin, "{message}"),
@@ -340,12 +340,12 @@ impl log::Host for HostState {
 /// line it is on.
 pub(crate) fn one_line(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     let head = truncate(s, max);
-    if !head.chars().any(char::is_control) {
+    if !head.chars().any(escaped) {
         return std::borrow::Cow::Borrowed(head);
     }
     let mut out = String::with_capacity(head.len());
     for c in head.chars() {
-        let escaped = c.is_control().then(|| c.escape_default());
+        let escaped = escaped(c).then(|| c.escape_default());
         let len = escaped
             .as_ref()
             .map_or(c.len_utf8(), ExactSizeIterator::len);
@@ -358,6 +358,56 @@ pub(crate) fn one_line(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// Whether a plugin's character is written escaped where a person reads it: a control
+/// character (a line break, a carriage return, a terminal escape), a Unicode line or paragraph
+/// separator (a line break to some readers), or a bidirectional override or isolate (which
+/// would show the text around it reordered).
+fn escaped(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// Where a plugin's text was cut.
+const CUT: char = '…';
+
+/// A plugin's text as a client reads it (in a JSON-RPC error), and the audit trail, the log
+/// and a trace with it: one line ([`escaped`] characters written as `\n`, `\u{1b}`, ...), and
+/// at most `max` bytes as a JSON string holds it (a quote or a backslash counts twice), cut on
+/// a character boundary with `…` where it was longer. Reads at most what fits, whatever the
+/// text's length.
+pub(crate) fn bounded_text(s: &str, max: usize) -> String {
+    let room = max.saturating_sub(CUT.len_utf8());
+    let (mut out, mut cost) = (String::new(), 0);
+    // The longest prefix that leaves room for the mark.
+    let mut cut_at = None;
+    for c in s.chars() {
+        let escape = escaped(c).then(|| c.escape_default());
+        let piece_cost = match &escape {
+            // `\n`, `\u{1b}`: its backslash counts twice in JSON.
+            Some(e) => e.len() + 1,
+            None if matches!(c, '"' | '\\') => 2,
+            None => c.len_utf8(),
+        };
+        if cut_at.is_none() && cost + piece_cost > room {
+            cut_at = Some(out.len());
+        }
+        if cost + piece_cost > max {
+            out.truncate(cut_at.unwrap_or(0));
+            out.push(CUT);
+            return out;
+        }
+        match escape {
+            Some(e) => out.extend(e),
+            None => out.push(c),
+        }
+        cost += piece_cost;
+    }
+    out
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -411,10 +461,11 @@ impl HostState {
             .saturating_sub(self.budget.started.elapsed());
         let store = self.store.clone();
         let asked = Asked {
-            plugin: self.plugin.clone(),
+            plugin: self.holder.plugin.clone(),
             session: self.call.session_id.clone(),
             principal: self.call.principal.clone(),
             action,
+            limits: self.holder.limits,
         };
         async move {
             // A replica that leads applies it at once, wherever it is called from.
@@ -446,7 +497,9 @@ impl state::Host for HostState {
             return Ok(None);
         }
         if !self.store.shared() {
-            return Ok(self.store.get(&self.plugin, scope, self.caller(), &key));
+            return Ok(self
+                .store
+                .get(&self.holder.plugin, scope, self.caller(), &key));
         }
         match self.state(Action::Get { scope, key }).await? {
             Outcome::Value(v) => Ok(v),
@@ -469,7 +522,7 @@ impl state::Host for HostState {
             return Ok(self
                 .store
                 .set(
-                    &self.plugin,
+                    &self.holder,
                     scope,
                     self.caller(),
                     &key,
@@ -497,7 +550,8 @@ impl state::Host for HostState {
             return Ok(());
         }
         if !self.store.shared() {
-            self.store.remove(&self.plugin, scope, self.caller(), &key);
+            self.store
+                .remove(&self.holder.plugin, scope, self.caller(), &key);
             return Ok(());
         }
         match self.state(Action::Remove { scope, key }).await? {
@@ -521,7 +575,7 @@ impl state::Host for HostState {
             return Ok(self
                 .store
                 .incr(
-                    &self.plugin,
+                    &self.holder,
                     scope,
                     self.caller(),
                     &key,
@@ -926,6 +980,45 @@ impl sync_poll::HostPollable for SyncIoView<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a JSON string of `s` takes, between its quotes.
+    fn json_len(s: &str) -> usize {
+        serde_json::to_string(s).unwrap().len() - 2
+    }
+
+    #[test]
+    fn a_plugins_text_is_one_line_within_its_bound_as_json_holds_it() {
+        assert_eq!(bounded_text("no secrets here", 1024), "no secrets here");
+        assert_eq!(bounded_text("", 8), "");
+        let fits = "x".repeat(1024);
+        assert_eq!(bounded_text(&fits, 1024), fits, "exactly the bound: whole");
+        for text in [
+            "d".repeat(100_000),
+            "é".repeat(10_000),
+            "\"\\".repeat(5_000),
+            "line\nforged record\r\u{1b}[2K\u{2028}\u{202e}".repeat(1000),
+            format!("{}€", "x".repeat(1022)),
+        ] {
+            let out = bounded_text(&text, 1024);
+            assert!(
+                json_len(&out) <= 1024,
+                "{} bytes: {out:.80}",
+                json_len(&out)
+            );
+            assert!(out.ends_with(CUT), "{out:.80}");
+            assert!(
+                json_len(&out) > 1024 - 8,
+                "cut near the bound: {}",
+                json_len(&out)
+            );
+            assert!(!out.chars().any(escaped), "one line: {out:.80}");
+            assert!(text.starts_with(out.trim_end_matches(CUT)) || text.contains('\n'));
+        }
+        // An escaped character is written whole or not at all.
+        let out = bounded_text(&format!("{}\n{}", "x".repeat(1019), "y".repeat(10)), 1024);
+        assert_eq!(out, format!("{}…", "x".repeat(1019)));
+        assert_eq!(bounded_text("a\nb", 1024), "a\\nb");
+    }
 
     #[test]
     fn a_finished_call_leaves_no_payload_nor_caller_and_no_large_buffer() {

@@ -26,7 +26,7 @@ use super::engine::Runtime;
 use super::error::{Fault, PluginError};
 use super::host::HostState;
 use super::metrics::PluginMetrics;
-use super::state::StateStore;
+use super::state::{Holder, StateStore};
 use super::{CallContext, JsonText};
 
 /// The hooks a plugin implements (answered by its `init`).
@@ -202,7 +202,10 @@ impl LoadedPlugin {
         let mut store = Store::new(
             &self.runtime.engine,
             HostState::new(
-                self.name.clone(),
+                Holder {
+                    plugin: self.name.clone(),
+                    limits: self.cfg.state_limits(),
+                },
                 self.state.clone(),
                 self.cfg.memory_limit.0 as usize,
             ),

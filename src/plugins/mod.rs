@@ -82,7 +82,7 @@ pub use instance::Hooks;
 pub use json_text::JsonText;
 pub use metrics::{MetricsSnapshot, PluginMetrics};
 pub use reload::{Plugins, Watcher};
-pub use state::{Action, Asked, Outcome, Scope, StateError, StateStore};
+pub use state::{Action, Asked, Holder, Outcome, Scope, StateError, StateLimits, StateStore};
 
 use budget::Mode;
 use chain::Chain;
@@ -99,6 +99,14 @@ pub fn compile_cache_stats() -> (usize, usize) {
 pub const POLICY_DENIED: i64 = -32030;
 /// JSON-RPC error code of a request denied because a plugin failed (was -32021).
 pub const PLUGIN_FAILED: i64 = -32031;
+/// Most bytes of a plugin's denial reason that reach the client, as its JSON string holds it,
+/// and the audit trail, the log and a trace with it: one line, cut on a character boundary
+/// with `…` where it was longer.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// Largest rewrite a plugin may answer (of a call's arguments, a result, a server's message),
+/// in bytes: the largest message the gateway reads from an upstream (an HTTP answer, a stdio
+/// line). A larger one fails the plugin (-32031).
+pub const MAX_REWRITE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The request a hook runs for.
 #[derive(Debug, Clone, Copy)]
@@ -169,7 +177,7 @@ pub struct Denied {
     /// JSON-RPC error code: the plugin's own, [`POLICY_DENIED`], or
     /// [`PLUGIN_FAILED`].
     pub code: i64,
-    /// The reason.
+    /// The reason: a plugin's own on one line, within [`MAX_REASON_BYTES`].
     pub message: String,
     /// Set when the denial comes from a plugin failure, not a decision.
     pub fault: Option<FaultKind>,
@@ -571,6 +579,8 @@ impl PluginSet {
             {
                 Ok(hidden) => {
                     if let Some(i) = hidden[0] {
+                        // (The name is the client's: as long as its request, on one line or not.)
+                        let name = host::bounded_text(name, MAX_REASON_BYTES);
                         return Some(Denied {
                             plugin: self.plugins[i].name.clone(),
                             code: POLICY_DENIED,
@@ -711,6 +721,14 @@ impl PluginSet {
                     HookAnswer::Visible(_) => {
                         unreachable!("on-request/on-response answer a decision")
                     }
+                    HookAnswer::Decision(bindings::Decision::Rewrite(json))
+                        if json.len() > MAX_REWRITE_BYTES =>
+                    {
+                        Err(Fault::Malformed(format!(
+                            "rewrite of {} bytes is larger than the gateway takes ({MAX_REWRITE_BYTES} bytes)",
+                            json.len()
+                        )))
+                    }
                     HookAnswer::Decision(bindings::Decision::Rewrite(json)) => {
                         match serde_json::from_str::<&serde_json::value::RawValue>(&json) {
                             // What a rewrite stands for is an object: a call's arguments, a
@@ -757,7 +775,7 @@ impl PluginSet {
                         return Decision::Deny(Denied {
                             plugin: plugin.name.clone(),
                             code: denial.code.map_or(POLICY_DENIED, denial_code),
-                            message: denial.message,
+                            message: host::bounded_text(&denial.message, MAX_REASON_BYTES),
                             fault: None,
                         });
                     }

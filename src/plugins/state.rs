@@ -6,6 +6,12 @@
 //! plugin name, so a plugin sees only its own keys and ending a session drops
 //! all of that session's state in one removal.
 //!
+//! Besides the bounds per key, value and owner, everything one plugin keeps, every owner
+//! together, is bounded by its [`StateLimits`] (its `state_max_bytes` and `state_max_entries`):
+//! each owner's [`Bucket`] counts what it takes in the plugin's [`Usage`] as it changes and
+//! gives it all back when it goes, whichever way its owner goes. A write past the limits is
+//! refused; nothing live is evicted for it.
+//!
 //! With several replicas (Kubernetes, leader election and the relay), the state is the leading
 //! replica's: the others ask it for every operation ([`super::leader`]), so a rate limit counts
 //! every replica's calls and a taint follows a session to whichever replica serves it. A
@@ -32,6 +38,14 @@ pub const MAX_KEY_BYTES: usize = 256;
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 /// Most keys one plugin may hold for one scope owner.
 pub const MAX_KEYS_PER_OWNER: usize = 1024;
+/// Default of a plugin's `state_max_bytes`: bytes of keys and values it keeps, every scope
+/// owner together.
+pub const DEFAULT_STATE_BYTES: u64 = 16 << 20;
+/// Default of a plugin's `state_max_entries`: keys it keeps, every scope owner together.
+pub const DEFAULT_STATE_ENTRIES: u64 = 200_000;
+/// How often, at most, a plugin at its limits has its expired keys dropped from every owner to
+/// make room (a plugin kept full cannot make each write walk the whole store).
+const PURGE_EVERY_MS: u64 = if cfg!(test) { 10 } else { 1000 };
 /// Most sessions holding state at once: where replicas share it, the leader holds every
 /// replica's (each may serve `mcp.max_sessions`, 100,000 by default), and a session another
 /// replica left is counted by no session limit. (Small in unit tests, which fill it.)
@@ -75,8 +89,226 @@ impl Slot {
     }
 }
 
-/// One plugin's keys for one owner.
-type Bucket = HashMap<String, Slot>;
+/// What one plugin may keep in the state, every scope owner together (its sessions', its
+/// principals' and its global keys): a plugin that keys its state by something a client chooses
+/// (a session, a principal, a tool name, an argument) cannot grow the gateway's memory beyond
+/// it. A write past it is refused ([`StateError::PluginBytes`], [`StateError::PluginEntries`]);
+/// nothing live is evicted for it (expired keys are dropped first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateLimits {
+    /// Bytes of keys and values.
+    pub bytes: u64,
+    /// Keys.
+    pub entries: u64,
+}
+
+impl Default for StateLimits {
+    fn default() -> Self {
+        StateLimits {
+            bytes: DEFAULT_STATE_BYTES,
+            entries: DEFAULT_STATE_ENTRIES,
+        }
+    }
+}
+
+/// A plugin as its state knows it: the name its keys are kept under, and what it may keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// The plugin's name.
+    pub plugin: Arc<str>,
+    /// Its bounds, every owner together.
+    pub limits: StateLimits,
+}
+
+impl Holder {
+    /// A plugin with the default limits.
+    pub fn new(plugin: impl Into<Arc<str>>) -> Holder {
+        Holder {
+            plugin: plugin.into(),
+            limits: StateLimits::default(),
+        }
+    }
+}
+
+/// What one plugin keeps, every owner together: its buckets count what they take as they
+/// change, and give it back as they go (a bucket's drop gives back all it holds, however its
+/// owner goes: a session's end, a sweep, a reset).
+#[derive(Debug, Default)]
+struct Usage {
+    bytes: AtomicU64,
+    entries: AtomicU64,
+    /// When its expired keys may next be dropped to make room (ms since the store began).
+    purge_from: AtomicU64,
+}
+
+impl Usage {
+    /// Takes `bytes` and `entries` more, if they fit within `limits`.
+    fn take(&self, bytes: u64, entries: u64, limits: StateLimits) -> Result<(), StateError> {
+        let within =
+            |limit: u64, more: u64| move |held: u64| held.checked_add(more).filter(|n| *n <= limit);
+        if entries > 0
+            && (self.entries)
+                .fetch_update(
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                    within(limits.entries, entries),
+                )
+                .is_err()
+        {
+            return Err(StateError::PluginEntries(limits.entries));
+        }
+        if bytes > 0
+            && (self.bytes)
+                .fetch_update(
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                    within(limits.bytes, bytes),
+                )
+                .is_err()
+        {
+            self.entries.fetch_sub(entries, Ordering::AcqRel);
+            return Err(StateError::PluginBytes(limits.bytes));
+        }
+        Ok(())
+    }
+
+    /// Takes `bytes` and `entries` more, whatever the limits (state taken over from another
+    /// leader, which kept it within its own).
+    fn add(&self, bytes: u64, entries: u64) {
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        self.entries.fetch_add(entries, Ordering::AcqRel);
+    }
+
+    fn give_back(&self, bytes: u64, entries: u64) {
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        self.entries.fetch_sub(entries, Ordering::AcqRel);
+    }
+
+    /// Whether one more key of `bytes` would fit within `limits`.
+    fn fits(&self, bytes: u64, limits: StateLimits) -> bool {
+        let held = |n: &AtomicU64| n.load(Ordering::Acquire);
+        held(&self.entries) < limits.entries
+            && held(&self.bytes).saturating_add(bytes) <= limits.bytes
+    }
+}
+
+/// What a key and its value count for.
+fn size(key: &str, value: &str) -> u64 {
+    (key.len() + value.len()) as u64
+}
+
+/// One plugin's keys for one owner, counted in the plugin's [`Usage`].
+#[derive(Debug)]
+struct Bucket {
+    slots: HashMap<String, Slot>,
+    /// Bytes of its keys and values.
+    bytes: u64,
+    usage: Arc<Usage>,
+}
+
+impl Drop for Bucket {
+    fn drop(&mut self) {
+        (self.usage).give_back(self.bytes, self.slots.len() as u64);
+    }
+}
+
+impl Bucket {
+    fn new(usage: Arc<Usage>) -> Bucket {
+        Bucket {
+            slots: HashMap::new(),
+            bytes: 0,
+            usage,
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&Slot> {
+        self.slots.get(key)
+    }
+
+    fn contains_key(&self, key: &str) -> bool {
+        self.slots.contains_key(key)
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &Slot)> {
+        self.slots.iter()
+    }
+
+    /// Sets `key` to `value`, expiring at `expires`: refused if what it adds (a new key, or a
+    /// longer value) does not fit within `limits`, every owner of the plugin together.
+    fn put(
+        &mut self,
+        key: &str,
+        value: String,
+        expires: Option<Instant>,
+        limits: StateLimits,
+    ) -> Result<(), StateError> {
+        let new = size(key, &value);
+        match self.slots.get(key).map(|slot| size(key, &slot.value)) {
+            None => {
+                self.usage.take(new, 1, limits)?;
+                self.slots.insert(key.to_owned(), Slot { value, expires });
+            }
+            Some(old) => {
+                if new > old {
+                    self.usage.take(new - old, 0, limits)?;
+                } else {
+                    self.usage.give_back(old - new, 0);
+                }
+                self.bytes -= old;
+                if let Some(slot) = self.slots.get_mut(key) {
+                    *slot = Slot { value, expires };
+                }
+            }
+        }
+        self.bytes += new;
+        Ok(())
+    }
+
+    /// Holds `slot` under `key` whatever the limits (taken over from another leader).
+    fn put_taken(&mut self, key: String, slot: Slot) {
+        let new = size(&key, &slot.value);
+        let key_len = key.len() as u64;
+        self.usage.add(new, 1);
+        self.bytes += new;
+        if let Some(old) = self.slots.insert(key, slot) {
+            // (Never: keys are taken over once each.)
+            let old = key_len + old.value.len() as u64;
+            self.bytes -= old;
+            self.usage.give_back(old, 1);
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some(slot) = self.slots.remove(key) {
+            let gone = size(key, &slot.value);
+            self.bytes -= gone;
+            self.usage.give_back(gone, 1);
+        }
+    }
+
+    /// Drops what has expired.
+    fn retain_live(&mut self, now: Instant) {
+        let (mut bytes, mut entries) = (0, 0);
+        self.slots.retain(|key, slot| {
+            let live = slot.live(now);
+            if !live {
+                bytes += size(key, &slot.value);
+                entries += 1;
+            }
+            live
+        });
+        self.bytes -= bytes;
+        self.usage.give_back(bytes, entries);
+    }
+}
 
 /// Deleted sessions: their ids' hashes (a few bytes each, however long an id), and each with
 /// when it was deleted, oldest first.
@@ -163,12 +395,23 @@ pub enum StateError {
     /// [`MAX_SESSIONS`] sessions already hold state.
     #[error("more than {MAX_SESSIONS} sessions hold plugin state")]
     TooManySessions,
+    /// The plugin's keys and values, every owner together, would take more than its
+    /// `state_max_bytes`.
+    #[error(
+        "the plugin's state is full: its keys and values would take more than {0} bytes (state_max_bytes)"
+    )]
+    PluginBytes(u64),
+    /// The plugin would hold more keys, every owner together, than its `state_max_entries`.
+    #[error("the plugin's state is full: it would hold more than {0} keys (state_max_entries)")]
+    PluginEntries(u64),
 }
 
 /// The host's plugin state, shared by a [`super::PluginSet`] and the sets
 /// that replace it on reload.
 #[derive(Debug)]
 pub struct StateStore {
+    /// What each plugin keeps, every owner together (by plugin name).
+    usage: DashMap<Arc<str>, Arc<Usage>>,
     sessions: DashMap<Box<str>, Owner>,
     principals: DashMap<Box<str>, Owner>,
     global: DashMap<Box<str>, Owner>,
@@ -199,6 +442,7 @@ pub struct StateStore {
 impl Default for StateStore {
     fn default() -> Self {
         StateStore {
+            usage: DashMap::new(),
             sessions: DashMap::new(),
             principals: DashMap::new(),
             global: DashMap::new(),
@@ -227,6 +471,10 @@ pub struct Asked {
     pub principal: Option<String>,
     /// What to do.
     pub action: Action,
+    /// What the plugin may keep, as the asking replica's configuration says (the default
+    /// where it does not say: a version without limits).
+    #[serde(default)]
+    pub limits: StateLimits,
 }
 
 /// What a plugin (or the gateway) asks of the state: the WIT `state` functions, and the end of
@@ -709,6 +957,10 @@ impl StateStore {
         if session_scope && self.was_deleted(&asked.session) {
             return Outcome::SessionDeleted;
         }
+        let holder = Holder {
+            plugin: asked.plugin.clone(),
+            limits: asked.limits,
+        };
         match &asked.action {
             Action::Get { scope, key } => {
                 Outcome::Value(self.get(&asked.plugin, *scope, caller, key))
@@ -718,14 +970,7 @@ impl StateStore {
                 key,
                 value,
                 ttl_ms,
-            } => match self.set(
-                &asked.plugin,
-                *scope,
-                caller,
-                key,
-                value.clone(),
-                ttl(ttl_ms),
-            ) {
+            } => match self.set(&holder, *scope, caller, key, value.clone(), ttl(ttl_ms)) {
                 Ok(()) => Outcome::Done,
                 Err(e) => Outcome::Refused(e.to_string()),
             },
@@ -738,7 +983,7 @@ impl StateStore {
                 key,
                 delta,
                 ttl_ms,
-            } => match self.incr(&asked.plugin, *scope, caller, key, *delta, ttl(ttl_ms)) {
+            } => match self.incr(&holder, *scope, caller, key, *delta, ttl(ttl_ms)) {
                 Ok(n) => Outcome::Count(n),
                 Err(e) => Outcome::Refused(e.to_string()),
             },
@@ -765,7 +1010,7 @@ impl StateStore {
     /// Sets `key`, with an optional time to live.
     pub fn set(
         &self,
-        plugin: &Arc<str>,
+        holder: &Holder,
         scope: Scope,
         caller: Caller<'_>,
         key: &str,
@@ -777,21 +1022,12 @@ impl StateStore {
             return Err(StateError::ValueTooLarge);
         }
         let (map, owner) = self.owner_of(scope, caller)?;
-        self.room_for(map, owner)?;
-        let now = Instant::now();
-        let used = self.now();
-        let mut owner = map.entry(owner.into()).or_insert_with(|| Owner::new(used));
-        *owner.used.get_mut() = used;
-        let bucket = owner.plugins.entry(plugin.clone()).or_default();
-        make_room(bucket, key, now)?;
-        bucket.insert(
-            key.to_string(),
-            Slot {
-                value,
-                expires: ttl.and_then(|t| now.checked_add(t)),
-            },
-        );
-        Ok(())
+        let adds = size(key, &value);
+        self.write(holder, map, owner, adds, |bucket, now| {
+            make_room(bucket, key, now)?;
+            let expires = ttl.and_then(|t| now.checked_add(t));
+            bucket.put(key, value, expires, holder.limits)
+        })
     }
 
     /// Removes `key`.
@@ -809,7 +1045,7 @@ impl StateStore {
     /// when the counter is (re)created.
     pub fn incr(
         &self,
-        plugin: &Arc<str>,
+        holder: &Holder,
         scope: Scope,
         caller: Caller<'_>,
         key: &str,
@@ -818,29 +1054,109 @@ impl StateStore {
     ) -> Result<i64, StateError> {
         check_key(key)?;
         let (map, owner) = self.owner_of(scope, caller)?;
+        // (The longest count: `-9223372036854775808`.)
+        let adds = size(key, "") + 20;
+        // The shard lock `write` holds makes read-modify-write atomic.
+        self.write(holder, map, owner, adds, |bucket, now| {
+            if let Some(slot) = bucket.get(key)
+                && slot.live(now)
+            {
+                let value = slot.value.parse::<i64>().unwrap_or(0).saturating_add(delta);
+                let expires = slot.expires;
+                bucket.put(key, value.to_string(), expires, holder.limits)?;
+                return Ok(value);
+            }
+            make_room(bucket, key, now)?;
+            let expires = ttl.and_then(|t| now.checked_add(t));
+            bucket.put(key, delta.to_string(), expires, holder.limits)?;
+            Ok(delta)
+        })
+    }
+
+    /// Runs `op` on the holder's bucket of `owner` in `map` (made if need be), under the
+    /// owner's shard lock, once the plugin has room for a new key of `adds` bytes where it can
+    /// be made (its expired keys dropped). A bucket, and an owner, that a refused write leaves
+    /// empty go.
+    fn write<T>(
+        &self,
+        holder: &Holder,
+        map: &DashMap<Box<str>, Owner>,
+        owner: &str,
+        adds: u64,
+        op: impl FnOnce(&mut Bucket, Instant) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
         self.room_for(map, owner)?;
+        let usage = self.usage_of(&holder.plugin);
+        if !usage.fits(adds, holder.limits) {
+            self.purge_expired(&holder.plugin, &usage);
+        }
         let now = Instant::now();
         let used = self.now();
-        // The shard lock of `entry` makes read-modify-write atomic.
-        let mut owner = map.entry(owner.into()).or_insert_with(|| Owner::new(used));
-        *owner.used.get_mut() = used;
-        let bucket = owner.plugins.entry(plugin.clone()).or_default();
-        if let Some(slot) = bucket.get_mut(key)
-            && slot.live(now)
-        {
-            let value = slot.value.parse::<i64>().unwrap_or(0).saturating_add(delta);
-            slot.value = value.to_string();
-            return Ok(value);
+        let mut entry = map.entry(owner.into()).or_insert_with(|| Owner::new(used));
+        *entry.used.get_mut() = used;
+        let bucket = (entry.plugins)
+            .entry(holder.plugin.clone())
+            .or_insert_with(|| Bucket::new(usage));
+        let result = op(bucket, now);
+        if result.is_err() && bucket.is_empty() {
+            entry.plugins.remove(&*holder.plugin);
         }
-        make_room(bucket, key, now)?;
-        bucket.insert(
-            key.to_string(),
-            Slot {
-                value: delta.to_string(),
-                expires: ttl.and_then(|t| now.checked_add(t)),
-            },
-        );
-        Ok(delta)
+        let emptied = entry.plugins.is_empty();
+        drop(entry);
+        if emptied {
+            map.remove_if(owner, |_, o| o.plugins.is_empty());
+        }
+        result
+    }
+
+    /// What `plugin` keeps, every owner together.
+    fn usage_of(&self, plugin: &Arc<str>) -> Arc<Usage> {
+        if let Some(usage) = self.usage.get(&**plugin) {
+            return usage.clone();
+        }
+        self.usage.entry(plugin.clone()).or_default().clone()
+    }
+
+    /// Drops `plugin`'s expired keys from every owner, to make room: at most once per
+    /// [`PURGE_EVERY_MS`] for a plugin (the sweep drops them all every 30 s anyway).
+    fn purge_expired(&self, plugin: &str, usage: &Usage) {
+        let now_ms = self.now();
+        let from = usage.purge_from.load(Ordering::Acquire);
+        if now_ms < from
+            || (usage.purge_from)
+                .compare_exchange(
+                    from,
+                    now_ms + PURGE_EVERY_MS,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_err()
+        {
+            return;
+        }
+        let now = Instant::now();
+        for map in [&self.sessions, &self.principals, &self.global] {
+            map.retain(|_, owner| {
+                if let Some(bucket) = owner.plugins.get_mut(plugin) {
+                    bucket.retain_live(now);
+                    if bucket.is_empty() {
+                        owner.plugins.remove(plugin);
+                    }
+                }
+                !owner.plugins.is_empty()
+            });
+        }
+    }
+
+    /// Bytes of keys and values, and keys, that `plugin` keeps, every owner together (expired
+    /// keys not yet dropped included).
+    pub fn held_by(&self, plugin: &str) -> (u64, u64) {
+        self.usage.get(plugin).map_or((0, 0), |u| {
+            (
+                u.bytes.load(Ordering::Acquire),
+                u.entries.load(Ordering::Acquire),
+            )
+        })
     }
 
     /// Refuses a new session owner when [`MAX_SESSIONS`] sessions hold state.
@@ -873,6 +1189,7 @@ impl StateStore {
             session: session.to_owned(),
             principal: None,
             action,
+            limits: StateLimits::default(),
         };
         match self.kept_elsewhere() {
             Some(leader) => leader.tell(&asked),
@@ -954,7 +1271,7 @@ impl StateStore {
                     return false;
                 }
                 owner.plugins.retain(|_, bucket| {
-                    bucket.retain(|_, slot| slot.live(now));
+                    bucket.retain_live(now);
                     !bucket.is_empty()
                 });
                 !owner.plugins.is_empty()
@@ -1043,7 +1360,7 @@ impl StateStore {
             }
             let mut owner = Owner::new(used_now.saturating_sub(taken.unused_ms));
             for (plugin, keys) in taken.plugins {
-                let mut bucket = Bucket::new();
+                let mut bucket = Bucket::new(self.usage_of(&plugin));
                 for k in keys {
                     if check_key(&k.key).is_err()
                         || k.value.len() > MAX_VALUE_BYTES
@@ -1059,7 +1376,7 @@ impl StateStore {
                         // A time to live too long to count is none.
                         expires: expires.flatten(),
                     };
-                    bucket.insert(k.key, slot);
+                    bucket.put_taken(k.key, slot);
                     kept += 1;
                 }
                 if !bucket.is_empty() {
@@ -1095,7 +1412,7 @@ fn make_room(bucket: &mut Bucket, key: &str, now: Instant) -> Result<(), StateEr
     if bucket.len() < MAX_KEYS_PER_OWNER || bucket.contains_key(key) {
         return Ok(());
     }
-    bucket.retain(|_, slot| slot.live(now));
+    bucket.retain_live(now);
     if bucket.len() < MAX_KEYS_PER_OWNER {
         Ok(())
     } else {
@@ -1117,8 +1434,8 @@ mod tests {
     #[test]
     fn scopes_and_plugins_are_separate() {
         let store = StateStore::default();
-        let a: Arc<str> = "a".into();
-        let b: Arc<str> = "b".into();
+        let a = Holder::new("a");
+        let b = Holder::new("b");
         store
             .set(&a, Scope::Session, caller("s1"), "k", "1".into(), None)
             .unwrap();
@@ -1151,7 +1468,7 @@ mod tests {
     #[test]
     fn counters_expire() {
         let store = StateStore::default();
-        let p: Arc<str> = "p".into();
+        let p = Holder::new("p");
         let ttl = Some(Duration::from_millis(30));
         let c = caller("s");
         assert_eq!(store.incr(&p, Scope::Global, c, "n", 1, ttl), Ok(1));
@@ -1176,12 +1493,13 @@ mod tests {
         store.share_through(Leader::new(leads, relay, secret, handover), idle);
         // It leads, with nobody to take over from: settled at once.
         store.settled.subscribe().wait_for(|s| *s).await.unwrap();
-        let p: Arc<str> = "p".into();
+        let p = Holder::new("p");
         let asked = |session: &str, action| Asked {
-            plugin: p.clone(),
+            plugin: p.plugin.clone(),
             session: session.into(),
             principal: None,
             action,
+            limits: StateLimits::default(),
         };
         for s in ["kept", "idle", "deleted"] {
             let set = Action::Set {
@@ -1256,12 +1574,13 @@ mod tests {
             store.share_through(leader.clone(), Duration::from_secs(600));
             store.settled.subscribe().wait_for(|s| *s).await.unwrap();
         }
-        let p: Arc<str> = "p".into();
+        let p = Holder::new("p");
         let asked = |session: &str, principal: Option<&str>, action| Asked {
-            plugin: p.clone(),
+            plugin: p.plugin.clone(),
             session: session.into(),
             principal: principal.map(str::to_owned),
             action,
+            limits: StateLimits::default(),
         };
         let set = |scope, key: &str, ttl_ms| Action::Set {
             scope,
@@ -1308,7 +1627,7 @@ mod tests {
             owner: "mallory".into(),
             unused_ms: 0,
             plugins: vec![(
-                p.clone(),
+                p.plugin.clone(),
                 vec![
                     KeptKey {
                         key: "k".repeat(MAX_KEY_BYTES + 1),
@@ -1357,7 +1676,10 @@ mod tests {
             on_new("s3", Some("mallory"), get(Scope::Principal, "big")),
             Outcome::Value(None)
         );
-        let brief = new.global.get(GLOBAL).unwrap().plugins[&p]["brief"].expires;
+        let brief = new.global.get(GLOBAL).unwrap().plugins[&p.plugin]
+            .get("brief")
+            .unwrap()
+            .expires;
         let left = brief.unwrap().duration_since(Instant::now());
         assert!(
             left <= Duration::from_secs(60) && left > Duration::from_secs(50),
@@ -1390,6 +1712,7 @@ mod tests {
                 delta: 1,
                 ttl_ms: None,
             },
+            limits: StateLimits::default(),
         };
         assert_eq!(store.apply(&asked), Outcome::Count(1));
         lead.send_replace(false);
@@ -1408,7 +1731,7 @@ mod tests {
     #[test]
     fn sessions_holding_state_are_bounded() {
         let store = StateStore::default();
-        let p: Arc<str> = "p".into();
+        let p = Holder::new("p");
         for i in 0..MAX_SESSIONS {
             store
                 .incr(&p, Scope::Session, caller(&i.to_string()), "n", 1, None)
@@ -1438,6 +1761,7 @@ mod tests {
             session: "s".into(),
             principal: Some("alice".into()),
             action,
+            limits: StateLimits::default(),
         };
         let incr = asked(Action::Incr {
             scope: Scope::Principal,
@@ -1448,10 +1772,13 @@ mod tests {
         let wire = serde_json::to_string(&incr).unwrap();
         assert_eq!(
             wire,
-            r#"{"plugin":"p","session":"s","principal":"alice","action":{"op":"incr","scope":"principal","key":"n","delta":5,"ttl_ms":60000}}"#
+            r#"{"plugin":"p","session":"s","principal":"alice","action":{"op":"incr","scope":"principal","key":"n","delta":5,"ttl_ms":60000},"limits":{"bytes":16777216,"entries":200000}}"#
         );
         let back: Asked = serde_json::from_str(&wire).unwrap();
         assert_eq!(back, incr);
+        // From a replica of a version without limits: the default ones.
+        let older = r#"{"plugin":"p","session":"s","principal":"alice","action":{"op":"incr","scope":"principal","key":"n","delta":5,"ttl_ms":60000}}"#;
+        assert_eq!(serde_json::from_str::<Asked>(older).unwrap(), incr);
         assert_eq!(store.apply(&back), Outcome::Count(5));
         assert_eq!(
             store
@@ -1484,10 +1811,237 @@ mod tests {
         assert_eq!(store.apply(&get), Outcome::Value(None));
     }
 
+    /// What `plugin` holds, counted afresh from the maps.
+    fn recount(store: &StateStore, plugin: &str) -> (u64, u64) {
+        let (mut bytes, mut entries) = (0, 0);
+        for map in [&store.sessions, &store.principals, &store.global] {
+            for owner in map.iter() {
+                if let Some(bucket) = owner.plugins.get(plugin) {
+                    for (k, slot) in bucket.iter() {
+                        bytes += size(k, &slot.value);
+                        entries += 1;
+                    }
+                }
+            }
+        }
+        (bytes, entries)
+    }
+
+    /// A plugin keyed by what clients choose (a session each) cannot hold more than its limits,
+    /// every owner together; the write past them is refused with the limit it met, and another
+    /// plugin is not affected. What an owner's end gives back makes room again.
+    #[test]
+    fn a_plugins_state_is_bounded_every_owner_together() {
+        let store = StateStore::default();
+        let small = Holder {
+            plugin: "small".into(),
+            limits: StateLimits {
+                bytes: 9_500,
+                entries: 1_000,
+            },
+        };
+        let value = || "v".repeat(999);
+        for i in 0..9 {
+            let session = format!("s{i}");
+            store
+                .set(&small, Scope::Session, caller(&session), "k", value(), None)
+                .unwrap();
+        }
+        assert_eq!(store.held_by("small"), (9000, 9));
+        assert_eq!(
+            store.set(&small, Scope::Session, caller("s9"), "k", value(), None),
+            Err(StateError::PluginBytes(9_500))
+        );
+        assert_eq!(
+            store.incr(&small, Scope::Principal, caller("s9"), "n", 1, None),
+            Ok(1),
+            "a counter still fits"
+        );
+        assert_eq!(
+            store.set(
+                &small,
+                Scope::Session,
+                caller("s0"),
+                "k",
+                "v".repeat(1990),
+                None
+            ),
+            Err(StateError::PluginBytes(9_500)),
+            "nor can a value grow past it"
+        );
+        assert_eq!(
+            store.sessions_with_state(),
+            9,
+            "a refused write leaves no owner behind"
+        );
+        let other = Holder::new("other");
+        store
+            .set(&other, Scope::Session, caller("s9"), "k", value(), None)
+            .unwrap();
+        assert_eq!(store.held_by("other"), (1000, 1));
+        assert!(
+            StateError::PluginBytes(9_500)
+                .to_string()
+                .contains("state_max_bytes"),
+            "the plugin is told which limit"
+        );
+        // A smaller value gives bytes back; a session's end gives back all it held.
+        store
+            .set(&small, Scope::Session, caller("s0"), "k", "v".into(), None)
+            .unwrap();
+        assert_eq!(store.held_by("small"), (9002 - 998, 10));
+        store.end_session("s1");
+        store
+            .set(&small, Scope::Session, caller("s9"), "k", value(), None)
+            .unwrap();
+        assert_eq!(store.held_by("small"), recount(&store, "small"));
+
+        let few = Holder {
+            plugin: "few".into(),
+            limits: StateLimits {
+                bytes: 1 << 20,
+                entries: 3,
+            },
+        };
+        for key in ["a", "b", "c"] {
+            store
+                .set(&few, Scope::Global, caller("s"), key, "1".into(), None)
+                .unwrap();
+        }
+        assert_eq!(
+            store.set(&few, Scope::Principal, caller("s"), "d", "1".into(), None),
+            Err(StateError::PluginEntries(3))
+        );
+        assert_eq!(
+            store.incr(&few, Scope::Session, caller("s"), "n", 1, None),
+            Err(StateError::PluginEntries(3))
+        );
+        assert!(
+            StateError::PluginEntries(3)
+                .to_string()
+                .contains("state_max_entries")
+        );
+        store
+            .set(&few, Scope::Global, caller("s"), "a", "2".into(), None)
+            .unwrap();
+        store.remove("few", Scope::Global, caller("s"), "b");
+        store
+            .set(&few, Scope::Principal, caller("s"), "d", "1".into(), None)
+            .unwrap();
+        assert_eq!(store.held_by("few"), (6, 3));
+        assert_eq!(store.held_by("few"), recount(&store, "few"));
+    }
+
+    /// Expired keys make room: a plugin at its limits has them dropped from every owner before
+    /// a write is refused (nothing live is evicted).
+    #[test]
+    fn expired_keys_make_room_for_a_plugin_at_its_limits() {
+        let store = StateStore::default();
+        let p = Holder {
+            plugin: "p".into(),
+            limits: StateLimits {
+                bytes: 1 << 20,
+                entries: 10,
+            },
+        };
+        let brief = Some(Duration::from_millis(20));
+        for i in 0..5 {
+            let session = format!("s{i}");
+            let c = Caller {
+                session: &session,
+                principal: None,
+            };
+            store
+                .set(&p, Scope::Session, c, "k", "1".into(), brief)
+                .unwrap();
+            store
+                .set(&p, Scope::Session, c, "kept", "1".into(), None)
+                .unwrap();
+        }
+        assert_eq!(
+            store.set(&p, Scope::Global, caller("x"), "k", "1".into(), None),
+            Err(StateError::PluginEntries(10))
+        );
+        std::thread::sleep(Duration::from_millis(30));
+        for i in 0..5 {
+            store
+                .set(
+                    &p,
+                    Scope::Global,
+                    caller("x"),
+                    &i.to_string(),
+                    "1".into(),
+                    None,
+                )
+                .unwrap();
+        }
+        assert_eq!(store.held_by("p"), (35, 10));
+        assert_eq!(
+            store.set(&p, Scope::Global, caller("x"), "one more", "1".into(), None),
+            Err(StateError::PluginEntries(10)),
+            "the live keys stay"
+        );
+        assert_eq!(store.held_by("p"), recount(&store, "p"));
+    }
+
+    /// What a plugin holds is counted exactly however its keys go (a sweep, a reset, a
+    /// handover), and writers racing for the last room never take more than the limits.
+    #[test]
+    fn what_a_plugin_holds_is_counted_exactly() {
+        let store = Arc::new(StateStore::default());
+        let p = Holder {
+            plugin: "p".into(),
+            limits: StateLimits {
+                bytes: 50_000,
+                entries: 400,
+            },
+        };
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let (store, p) = (&store, &p);
+                s.spawn(move || {
+                    for i in 0..200 {
+                        let session = format!("t{t}-{}", i % 50);
+                        let c = Caller {
+                            session: &session,
+                            principal: Some("alice"),
+                        };
+                        let _ = store.set(
+                            p,
+                            Scope::Session,
+                            c,
+                            &format!("k{i}"),
+                            "v".repeat(i % 300),
+                            None,
+                        );
+                        let _ = store.incr(p, Scope::Principal, c, &format!("n{}", i % 7), 1, None);
+                        if i % 3 == 0 {
+                            store.remove("p", Scope::Session, c, &format!("k{}", i / 2));
+                        }
+                    }
+                });
+            }
+        });
+        let (bytes, entries) = store.held_by("p");
+        assert!(bytes <= 50_000 && entries <= 400, "{bytes} {entries}");
+        assert_eq!((bytes, entries), recount(&store, "p"));
+        let (snapshot, _) = store.snapshot_json(usize::MAX);
+        store.sweep();
+        assert_eq!(store.held_by("p"), recount(&store, "p"));
+        store.clear();
+        assert_eq!(store.held_by("p"), (0, 0), "a reset gives it all back");
+        store.restore(serde_json::from_slice(&snapshot).unwrap());
+        assert_eq!(store.held_by("p"), (bytes, entries), "taken over: counted");
+        for i in 0..50 {
+            store.end_session(&format!("t0-{i}"));
+        }
+        assert_eq!(store.held_by("p"), recount(&store, "p"));
+    }
+
     #[test]
     fn bounds() {
         let store = StateStore::default();
-        let p: Arc<str> = "p".into();
+        let p = Holder::new("p");
         let c = caller("s");
         let long = "k".repeat(MAX_KEY_BYTES + 1);
         assert_eq!(

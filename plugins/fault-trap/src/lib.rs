@@ -8,9 +8,13 @@
 //! the tool it names (or to the tool `act_on` names, for the gateway's tests, whose servers
 //! list tools of their own):
 //! - `deny_code` (tool `deny`): denies with that JSON-RPC code, and a message of `deny_bytes`
-//!   bytes when given;
+//!   bytes when given (`deny_text`, default `d`, repeated and cut there);
 //! - `rewrite` (tool `rewrite`, or every call with `rewrite_all: true`): answers that text as
-//!   the rewrite, of the arguments and of the result alike;
+//!   the rewrite, of the arguments and of the result alike; `rewrite_bytes` instead answers a
+//!   JSON object of that many bytes (`{"x":"xxx…"}`);
+//! - `state_fill: {keys, value_bytes, scope, ttl_ms}` (tool `fill`): sets `keys` keys
+//!   (`fill-0`, ...) of `value_bytes` bytes each in `scope` (`session`, `principal` or
+//!   `global`), and denies with the first refusal (`state_fill: N written; why`), else allows;
 //! - `log_lines` (tool `log`): writes that many log lines of `log_text`;
 //! - `state_probe: true` (tool `state`): runs state operations at and past the documented
 //!   bounds, and denies with what each answered (`name=answer;...`), along with what the same
@@ -25,14 +29,60 @@ struct Config {
     sleep_on: Option<String>,
     deny_code: Option<i32>,
     deny_bytes: Option<usize>,
+    deny_text: Option<String>,
     rewrite: Option<String>,
+    rewrite_bytes: Option<usize>,
     #[serde(default)]
     rewrite_all: bool,
     log_lines: Option<u32>,
     log_text: Option<String>,
     #[serde(default)]
     state_probe: bool,
+    state_fill: Option<Fill>,
     act_on: Option<String>,
+}
+
+/// What `state_fill` writes.
+#[derive(serde::Deserialize)]
+struct Fill {
+    keys: u32,
+    value_bytes: usize,
+    scope: String,
+    ttl_ms: Option<u64>,
+}
+
+impl Fill {
+    fn scope(&self) -> Result<Scope, String> {
+        match self.scope.as_str() {
+            "session" => Ok(Scope::Session),
+            "principal" => Ok(Scope::Principal),
+            "global" => Ok(Scope::Global),
+            other => Err(format!("state_fill.scope: unknown scope {other:?}")),
+        }
+    }
+
+    /// Writes its keys; the first refusal, with how many were written before it.
+    fn run(&self) -> Result<(), String> {
+        let scope = self.scope()?;
+        let value = "v".repeat(self.value_bytes);
+        for i in 0..self.keys {
+            state::set(scope, &format!("fill-{i}"), &value, self.ttl_ms)
+                .map_err(|e| format!("state_fill: {i} written; {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// `text` repeated, cut to `bytes` bytes (on a character boundary).
+fn repeated(text: &str, bytes: usize) -> String {
+    let text = if text.is_empty() { "d" } else { text };
+    let mut out = text.repeat(bytes / text.len() + 1);
+    let mut end = bytes.min(out.len());
+    while !out.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.truncate(end);
+    out
 }
 
 pub struct FaultTrap {
@@ -57,8 +107,19 @@ impl FaultTrap {
 
     /// The rewrite to answer, if the settings ask for one on this call.
     fn rewrite(&self, ctx: &CallContext) -> Option<Decision> {
+        if !(self.c.rewrite_all || self.on(ctx, "rewrite")) {
+            return None;
+        }
+        if let Some(bytes) = self.c.rewrite_bytes {
+            // `{"x":"` and `"}`: 8 bytes around the padding.
+            let mut text = String::with_capacity(bytes.max(8));
+            text.push_str("{\"x\":\"");
+            text.extend(std::iter::repeat_n('x', bytes.saturating_sub(8)));
+            text.push_str("\"}");
+            return Some(Decision::Rewrite(text));
+        }
         let text = self.c.rewrite.as_ref()?;
-        (self.c.rewrite_all || self.on(ctx, "rewrite")).then(|| Decision::Rewrite(text.clone()))
+        Some(Decision::Rewrite(text.clone()))
     }
 
     /// The hostile answer to a call, if its settings and the tool name ask for one.
@@ -70,7 +131,7 @@ impl FaultTrap {
             && self.on(ctx, "deny")
         {
             let message = match self.c.deny_bytes {
-                Some(n) => "d".repeat(n),
+                Some(n) => repeated(self.c.deny_text.as_deref().unwrap_or("d"), n),
                 None => format!("hostile denial {code}"),
             };
             return Some(Decision::deny_with_code(code, message));
@@ -86,6 +147,14 @@ impl FaultTrap {
         }
         if self.c.state_probe && self.on(ctx, "state") {
             return Some(Decision::deny(format!("{}{}", self.init_report, probe())));
+        }
+        if let Some(fill) = &self.c.state_fill
+            && self.on(ctx, "fill")
+        {
+            return Some(match fill.run() {
+                Ok(()) => Decision::Allow,
+                Err(e) => Decision::deny(e),
+            });
         }
         None
     }
@@ -158,6 +227,9 @@ fn probe() -> String {
 impl Plugin for FaultTrap {
     fn init(config: &str) -> Result<Self, String> {
         let c: Config = parse_config(config)?;
+        if let Some(fill) = &c.state_fill {
+            fill.scope()?;
+        }
         let mut init_report = String::new();
         if c.state_probe {
             for (name, scope) in [
