@@ -2,11 +2,14 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use http::{Response, StatusCode};
@@ -22,12 +25,14 @@ pub enum Body {
     Full(Option<Bytes>),
     /// Server-Sent Events: `prelude` (whole events) first, then each JSON-RPC frame from the
     /// channel as one `message` event; an empty frame becomes a keep-alive comment. Ends when
-    /// every sender is gone.
+    /// every sender is gone (or, watched, once its stream is ended for a stalled reader).
     Sse {
         /// Events sent before any frame (the HTTP+SSE `endpoint` event).
         prelude: Option<Bytes>,
         /// The frames.
         frames: mpsc::Receiver<Bytes>,
+        /// The watch on a long-lived stream's reader.
+        uptake: Option<Arc<Uptake>>,
     },
     /// Server-Sent Events already encoded (numbered, for resumption).
     Events(mpsc::Receiver<Bytes>),
@@ -51,19 +56,31 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::Sse { prelude, .. } if prelude.is_some() => {
-                Poll::Ready(prelude.take().map(|p| Ok(Frame::data(p))))
+            Body::Sse {
+                prelude,
+                frames,
+                uptake,
+            } => {
+                if uptake.as_ref().is_some_and(|u| u.is_ended()) {
+                    return Poll::Ready(None);
+                }
+                let polled = match prelude.take() {
+                    Some(p) => Poll::Ready(Some(p)),
+                    None => frames.poll_recv(cx).map(|o| {
+                        o.map(|frame| {
+                            if frame.is_empty() {
+                                Bytes::from_static(sse::KEEPALIVE)
+                            } else {
+                                sse::encode_message(&frame)
+                            }
+                        })
+                    }),
+                };
+                if let Some(u) = uptake {
+                    u.saw(&polled);
+                }
+                polled.map(|o| o.map(|event| Ok(Frame::data(event))))
             }
-            Body::Sse { frames, .. } => frames.poll_recv(cx).map(|o| {
-                o.map(|frame| {
-                    let event = if frame.is_empty() {
-                        Bytes::from_static(sse::KEEPALIVE)
-                    } else {
-                        sse::encode_message(&frame)
-                    };
-                    Ok(Frame::data(event))
-                })
-            }),
             Body::Events(events) => events.poll_recv(cx).map(|o| o.map(|e| Ok(Frame::data(e)))),
         }
     }
@@ -124,23 +141,116 @@ pub(crate) async fn send_to_reader(tx: &mpsc::Sender<Bytes>, frame: Bytes) -> bo
 
 /// An SSE response fed by `rx`.
 pub(crate) fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
-    sse_response_after(None, rx)
+    sse(None, rx, None)
 }
 
-/// An SSE response that sends the events of `prelude` first, then what `rx` is fed.
-pub(crate) fn sse_response_after(
+/// The SSE response of a long-lived stream (a session's GET stream, a listen stream, an
+/// HTTP+SSE client's stream): the events of `prelude` first, then what `rx` is fed; and the
+/// watch on its reader, for the task that feeds it ([`Uptake::stalled`]).
+pub(crate) fn watched_sse_response(
     prelude: Option<Bytes>,
     rx: mpsc::Receiver<Bytes>,
+) -> (Response<Body>, Arc<Uptake>) {
+    let uptake = Arc::new(Uptake::default());
+    (sse(prelude, rx, Some(uptake.clone())), uptake)
+}
+
+fn sse(
+    prelude: Option<Bytes>,
+    frames: mpsc::Receiver<Bytes>,
+    uptake: Option<Arc<Uptake>>,
 ) -> Response<Body> {
     let mut r = response(Body::Sse {
         prelude,
-        frames: rx,
+        frames,
+        uptake,
     });
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     r.headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
+}
+
+/// Whether a long-lived stream's connection still takes what its body hands it, as the body
+/// sees it: shared by the body, which notes each frame it hands over and each poll that finds
+/// none, and the task that feeds the stream, which waits on [`Uptake::stalled`].
+///
+/// A connection asks its body for more only while it can write: one whose reader stopped
+/// takes a last frame and asks for nothing more (HTTP/1: its write buffer is full; HTTP/2: the
+/// stream's window is spent), while one with nothing to send found the body empty at its last
+/// poll and waits for it. Neither is polled for: the watch sleeps while the connection waits
+/// for the body, is woken by the next frame handed over, and then looks once per period. A
+/// frame costs the body an increment and two flag writes; nothing is allocated.
+#[derive(Debug, Default)]
+pub struct Uptake {
+    /// Frames handed to the connection.
+    taken: AtomicU64,
+    /// Whether the body's last poll found nothing to hand over: the connection waits for the
+    /// body, not for its reader.
+    caught_up: AtomicBool,
+    /// Whether the watch sleeps until the body hands a frame over.
+    parked: AtomicBool,
+    /// Wakes a parked watch.
+    handed: Notify,
+    /// Set once the stream is ended for its reader: at its next poll (if the reader ever reads
+    /// again) the body ends, what still waits in its queue unsent.
+    ended: AtomicBool,
+}
+
+impl Uptake {
+    /// Notes what a poll of the body found.
+    fn saw(&self, polled: &Poll<Option<Bytes>>) {
+        match polled {
+            Poll::Ready(Some(_)) => {
+                self.taken.fetch_add(1, Ordering::SeqCst);
+                self.caught_up.store(false, Ordering::SeqCst);
+                if self.parked.load(Ordering::SeqCst) && self.parked.swap(false, Ordering::SeqCst) {
+                    self.handed.notify_one();
+                }
+            }
+            Poll::Pending => self.caught_up.store(true, Ordering::SeqCst),
+            Poll::Ready(None) => {}
+        }
+    }
+
+    /// Resolves once the stream's reader has taken nothing for a whole `within` while
+    /// something waited for it: the body handed the connection a frame (or had one ready
+    /// since the stream opened), and the connection, unable to write what it holds, asked for
+    /// nothing more. A reader that takes something in every period, however slowly, and a
+    /// stream with nothing to send, never resolve it. A reader that stops is found between
+    /// `within` and twice `within` after its last frame.
+    pub(crate) async fn stalled(&self, within: Duration) {
+        let mut mark = self.taken.load(Ordering::SeqCst);
+        loop {
+            tokio::time::sleep(within).await;
+            let taken = self.taken.load(Ordering::SeqCst);
+            if taken != mark {
+                mark = taken;
+                continue;
+            }
+            if !self.caught_up.load(Ordering::SeqCst) {
+                return;
+            }
+            // The connection waits for the body: asleep until a frame is handed over (checked
+            // again once parked, so a frame handed over meanwhile is not missed).
+            self.parked.store(true, Ordering::SeqCst);
+            if self.taken.load(Ordering::SeqCst) == mark {
+                self.handed.notified().await;
+            }
+            self.parked.store(false, Ordering::SeqCst);
+            mark = self.taken.load(Ordering::SeqCst);
+        }
+    }
+
+    /// Ends the body at its next poll, whatever still waits in its queue.
+    pub(crate) fn end(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+    }
+
+    fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
+    }
 }
 
 /// An SSE response of events already encoded.
@@ -158,4 +268,87 @@ pub(crate) fn accepted() -> Response<Body> {
     let mut r = response(Body::Empty);
     *r.status_mut() = StatusCode::ACCEPTED;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WITHIN: Duration = STALLED_READER;
+
+    /// Polls the body as its connection would, with no waker to speak of.
+    fn poll(body: &mut Body) -> Poll<Option<Bytes>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        http_body::Body::poll_frame(Pin::new(body), &mut cx)
+            .map(|o| o.map(|f| f.unwrap().into_data().unwrap()))
+    }
+
+    fn watch(uptake: &Arc<Uptake>) -> tokio::task::JoinHandle<()> {
+        let uptake = uptake.clone();
+        tokio::spawn(async move { uptake.stalled(WITHIN).await })
+    }
+
+    /// A stream with nothing to send is kept however long it idles (its keep-alives written),
+    /// and one whose connection takes a frame and then asks for nothing more is found within
+    /// two periods; ended, its body ends, what waited unsent.
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_stops_is_found_and_an_idle_stream_is_kept() {
+        let (tx, rx) = mpsc::channel(8);
+        let (response, uptake) = watched_sse_response(None, rx);
+        let mut body = response.into_body();
+        assert!(poll(&mut body).is_pending(), "nothing to send");
+        let stalled = watch(&uptake);
+        tokio::time::sleep(WITHIN * 10).await;
+        assert!(!stalled.is_finished(), "an idle stream is kept");
+        for _ in 0..10 {
+            // A keep-alive, written at once: the connection asks for more.
+            tx.send(Bytes::new()).await.unwrap();
+            assert!(poll(&mut body).is_ready());
+            assert!(poll(&mut body).is_pending());
+            tokio::time::sleep(WITHIN / 2).await;
+        }
+        tokio::time::sleep(WITHIN * 3).await;
+        assert!(!stalled.is_finished(), "an idle stream is kept");
+        // A frame taken, then nothing more asked for: the connection cannot write it.
+        tx.send(Bytes::from_static(b"{}")).await.unwrap();
+        assert!(poll(&mut body).is_ready());
+        let handed = tokio::time::Instant::now();
+        tx.send(Bytes::from_static(b"{}")).await.unwrap();
+        stalled.await.unwrap();
+        let after = handed.elapsed();
+        assert!(after >= WITHIN && after <= WITHIN * 2, "{after:?}");
+        uptake.end();
+        assert!(matches!(poll(&mut body), Poll::Ready(None)));
+    }
+
+    /// A reader that takes a frame now and then while more always wait, slower than they come
+    /// but within every period, is kept; once it stops, it is found within two periods.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_is_kept_until_it_stops() {
+        let (tx, rx) = mpsc::channel(64);
+        let (response, uptake) = watched_sse_response(Some(Bytes::from_static(b"prelude")), rx);
+        let mut body = response.into_body();
+        let stalled = watch(&uptake);
+        for _ in 0..20 {
+            for _ in 0..2 {
+                let _ = tx.try_send(Bytes::from_static(b"{}"));
+            }
+            assert!(poll(&mut body).is_ready());
+            tokio::time::sleep(WITHIN * 9 / 10).await;
+            assert!(!stalled.is_finished(), "a slow reader is kept");
+        }
+        let stopped = tokio::time::Instant::now();
+        stalled.await.unwrap();
+        assert!(stopped.elapsed() <= WITHIN * 2, "{:?}", stopped.elapsed());
+    }
+
+    /// A connection that never asked for the first frame (it could not even write the
+    /// response's head) is found too.
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_never_reads_is_found() {
+        let (_tx, rx) = mpsc::channel::<Bytes>(8);
+        let (_response, uptake) = watched_sse_response(Some(Bytes::from_static(b"x")), rx);
+        let stalled = tokio::time::timeout(WITHIN * 2, uptake.stalled(WITHIN)).await;
+        assert!(stalled.is_ok());
+    }
 }

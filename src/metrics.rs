@@ -44,6 +44,14 @@ pub struct StatusLabels {
     pub status: u16,
 }
 
+/// Labels naming a kind of long-lived client stream.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// `get` (a session's GET stream), `listen` (`subscriptions/listen`) or `sse` (an
+    /// HTTP+SSE client's stream).
+    pub stream: &'static str,
+}
+
 /// All gateway metrics.
 pub struct Metrics {
     registry: Registry,
@@ -67,6 +75,7 @@ pub struct Metrics {
     asleep: Family<ServerLabels, Gauge>,
     asleep_seconds: Family<ServerLabels, Gauge>,
     wakes: Family<ServerLabels, Gauge>,
+    streams_stalled: Family<StreamLabels, Counter>,
 }
 
 /// Statuses whose series [`Metrics::http_response`] keeps at hand.
@@ -244,7 +253,14 @@ impl Metrics {
             "Audit lines not shipped to the OTLP collector: the queue was full or the export failed (the trail itself has them)",
             audit_export_dropped.clone(),
         );
+        let streams_stalled = Family::<StreamLabels, Counter>::default();
+        registry.register(
+            "streams_stalled",
+            "Long-lived client streams ended because their reader took nothing while messages waited",
+            streams_stalled.clone(),
+        );
         Arc::new(Metrics {
+            streams_stalled,
             audit_export_dropped,
             trace_spans_dropped,
             tool_changes,
@@ -261,6 +277,13 @@ impl Metrics {
             asleep_seconds,
             wakes,
         })
+    }
+
+    /// Counts a long-lived stream of kind `stream` ended for its stalled reader.
+    pub fn stream_stalled(&self, stream: &'static str) {
+        self.streams_stalled
+            .get_or_create(&StreamLabels { stream })
+            .inc();
     }
 
     /// Records how long a call waited for a sleeping server to wake.

@@ -1,7 +1,9 @@
 //! Connections that cannot exhaust the gateway: a deadline from accept for silent HTTP/1 and
 //! HTTP/2 connections, an idle deadline that spares SSE streams, caps per source address and
 //! overall, a gateway that keeps serving under a low open-file limit; and requests whose target
-//! is ambiguous (two Host headers, absolute form) refused with 400.
+//! is ambiguous (two Host headers, absolute form) refused with 400; long-lived streams (a
+//! session's GET stream, a listen stream, an HTTP+SSE stream) whose client stops reading are
+//! ended, while slow readers and idle streams keep theirs.
 
 mod support;
 
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use serde_json::json;
+use serde_json::{Value, json};
 use support::{BIN, Client, TestGateway, example};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
@@ -1056,5 +1058,450 @@ async fn a_refused_body_is_read_to_its_end_and_its_connection_kept() {
         .unwrap();
     let (status, text) = response(&mut s).await;
     assert!(status.starts_with("HTTP/1.1 200"), "{status} {text}");
+    gw.stop().await;
+}
+
+/// A stdio server whose `flood` tool answers at once, then announces `tools/list_changed`
+/// (padded to `pad` bytes) every `every` seconds for `seconds`: notices that come outside any
+/// call, so they travel on a session's GET stream (or an HTTP+SSE client's stream), or on a
+/// 2026-07-28 caller's listen streams.
+const FLOODER: &str = r#"
+import json, sys, threading, time
+lock = threading.Lock()
+def send(line):
+    with lock:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+def flood(seconds, pad, every):
+    notice = json.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
+                         "params": {"_meta": {"pad": "x" * pad}}}) + "\n"
+    end = time.time() + seconds
+    while time.time() < end:
+        send(notice)
+        time.sleep(every)
+for line in sys.stdin:
+    m = json.loads(line)
+    if "id" not in m or "method" not in m:
+        continue
+    method, params = m["method"], m.get("params") or {}
+    answer = {"jsonrpc": "2.0", "id": m["id"]}
+    if method == "initialize":
+        answer["result"] = {"protocolVersion": params["protocolVersion"],
+                            "capabilities": {"tools": {"listChanged": True}},
+                            "serverInfo": {"name": "flood", "version": "1"}}
+    elif method == "tools/list":
+        answer["result"] = {"tools": [{"name": "flood", "inputSchema": {"type": "object"}}]}
+    elif method == "tools/call":
+        answer["result"] = {"content": [{"type": "text", "text": "flooding"}]}
+    else:
+        answer["error"] = {"code": -32601, "message": method}
+    send(json.dumps(answer) + "\n")
+    if method == "tools/call":
+        a = params["arguments"]
+        threading.Thread(target=flood, args=(a["seconds"], a["pad"], a["every"]), daemon=True).start()
+"#;
+
+fn flooder() -> String {
+    let args = serde_json::to_string(&["-u", "-c", FLOODER]).unwrap();
+    format!("  - name: f\n    stdio: {{ command: /usr/bin/python3, args: {args} }}\n")
+}
+
+/// A flood of 32 KiB notices every 5 ms: the buffers between a client that reads nothing
+/// and the gateway are full within a second.
+fn flood() -> Value {
+    json!({"seconds": 30, "pad": 32768, "every": 0.005})
+}
+
+/// Streams whose reader takes nothing for a second while messages wait are ended;
+/// keep-alives every 200 ms; a connection idle between requests for a second is closed.
+fn stall_config(extra: &str) -> String {
+    format!(
+        "mcp: {{ stalled_stream_timeout: 1s, sse_keepalive: 200ms, header_timeout: 1s, idle_connection_timeout: 2s{extra} }}"
+    )
+}
+
+/// A receive buffer small enough that a client that reads nothing blocks the gateway soon.
+const SMALL_RCVBUF: u32 = 4096;
+
+/// Sends `request` on a new connection (its receive buffer `rcvbuf` bytes, if given) and
+/// reads until the response head has come, and `until` after it: the connection, and what was
+/// read (the head first).
+async fn open_raw(
+    addr: SocketAddr,
+    request: &str,
+    rcvbuf: Option<u32>,
+    until: &str,
+) -> (TcpStream, String) {
+    let socket = TcpSocket::new_v4().unwrap();
+    if let Some(size) = rcvbuf {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let mut s = socket.connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut read = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let text = String::from_utf8_lossy(&read);
+            if let Some(head) = text.find("\r\n\r\n")
+                && text[head..].contains(until)
+            {
+                return;
+            }
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {text}");
+            read.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("an answer within 10 s");
+    (s, String::from_utf8_lossy(&read).into_owned())
+}
+
+/// The status a request is answered with (a stream it opens is closed at once).
+async fn status_of(addr: SocketAddr, request: &str) -> u16 {
+    let (_, head) = open_raw(addr, request, None, "").await;
+    head.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// A session's GET stream.
+fn get_request(c: &Client) -> String {
+    format!(
+        "GET /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\nmcp-session-id: {}\r\n\r\n",
+        c.session.as_deref().unwrap()
+    )
+}
+
+/// A 2026-07-28 request (no session) of `method`, its `Mcp-Name` `name`: its head (without
+/// its length) and body.
+fn stateless_parts(
+    id: &str,
+    method: &str,
+    name: Option<&str>,
+    mut params: Value,
+) -> (String, String) {
+    params["_meta"] = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"},
+    });
+    let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+    let name = name.map_or(String::new(), |n| format!("mcp-name: {n}\r\n"));
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2026-07-28\r\nmcp-method: {method}\r\n{name}"
+    );
+    (head, body)
+}
+
+/// A listen stream asking for `notifications`.
+fn listen_request(id: &str, notifications: Value) -> String {
+    let params = json!({ "notifications": notifications });
+    let (head, body) = stateless_parts(id, "subscriptions/listen", None, params);
+    format!("{head}content-length: {}\r\n\r\n{body}", body.len())
+}
+
+const SSE_REQUEST: &str =
+    "GET /sse HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\n\r\n";
+
+/// Opens an HTTP+SSE stream: the connection, and the message URL its `endpoint` event names.
+async fn open_sse(addr: SocketAddr, rcvbuf: Option<u32>) -> (TcpStream, String) {
+    let (s, read) = open_raw(addr, SSE_REQUEST, rcvbuf, "\n\n").await;
+    assert!(read.starts_with("HTTP/1.1 200"), "{read}");
+    let data = read.split("data: ").nth(1).expect("an endpoint event");
+    (s, format!("/{}", &data[..data.find('\n').unwrap()]))
+}
+
+/// POSTs `body` to an HTTP+SSE client's message URL: the status.
+async fn post_message(addr: SocketAddr, endpoint: &str, body: &str) -> u16 {
+    let head = format!(
+        "POST {endpoint} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+    );
+    let answer = raw_exchange(addr, &head, body).await;
+    answer.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// Initializes an HTTP+SSE client's session (its answers go to its stream).
+async fn initialize_sse(addr: SocketAddr, endpoint: &str) {
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}});
+    assert_eq!(post_message(addr, endpoint, &init.to_string()).await, 202);
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert_eq!(
+        post_message(addr, endpoint, &initialized.to_string()).await,
+        202
+    );
+}
+
+/// Reads `s` until it ends, counting the `list_changed` notices it carries; the count is
+/// published as it grows (and its sender dropped when the stream ends).
+fn count_notices(mut s: TcpStream) -> tokio::sync::watch::Receiver<usize> {
+    const NOTICE: &[u8] = b"list_changed";
+    let (tx, rx) = tokio::sync::watch::channel(0);
+    tokio::spawn(async move {
+        let (mut buf, mut tail, mut heard) = (vec![0u8; 64 * 1024], Vec::new(), 0);
+        while let Ok(n @ 1..) = s.read(&mut buf).await {
+            tail.extend_from_slice(&buf[..n]);
+            let mut from = 0;
+            while let Some(at) = tail[from..].windows(NOTICE.len()).position(|w| w == NOTICE) {
+                heard += 1;
+                from += at + NOTICE.len();
+            }
+            // Past the last one, what could be the start of the next.
+            let keep = from.max(tail.len().saturating_sub(NOTICE.len() - 1));
+            tail.drain(..keep);
+            tx.send_replace(heard);
+        }
+    });
+    rx
+}
+
+/// Waits (at most 10 s) for a reading stream to hear another notice.
+async fn hears_more(heard: &mut tokio::sync::watch::Receiver<usize>) {
+    let now = *heard.borrow_and_update();
+    tokio::time::timeout(Duration::from_secs(10), heard.wait_for(|n| *n > now))
+        .await
+        .expect("the reading client hears more notices within 10 s")
+        .expect("the reading client's stream is open");
+}
+
+/// How many streams of `kind` the gateway ended for their stalled readers.
+fn stalled(gw: &TestGateway, kind: &str) -> u64 {
+    let prefix = format!("gatehouse_streams_stalled_total{{stream=\"{kind}\"}} ");
+    gw.gateway()
+        .metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until the gateway has ended a stream of `kind` for its stalled reader.
+async fn one_stalled(gw: &TestGateway, kind: &str) {
+    support::counter_reaches(
+        gw,
+        &format!("gatehouse_streams_stalled_total{{stream=\"{kind}\"}}"),
+        1.0,
+    )
+    .await;
+}
+
+/// A client that opens its session's GET stream and then reads nothing, while its server
+/// floods it (each notice coalesced with the one still waiting, so the stream's queue never
+/// fills), loses the stream once it has taken nothing for `stalled_stream_timeout`: the
+/// session may open another, and the connection ends as soon as the client reads again.
+/// Another session's client, reading, hears notices throughout.
+#[tokio::test]
+async fn a_get_stream_whose_client_stops_reading_is_ended() {
+    let gw = TestGateway::start(&stall_config(""), &[flooder()]).await;
+    let (stopped, reading) = (healthy_session(&gw).await, healthy_session(&gw).await);
+    let (mut stalled_stream, head) =
+        open_raw(gw.addr, &get_request(&stopped), Some(SMALL_RCVBUF), "").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (s, head) = open_raw(gw.addr, &get_request(&reading), None, "").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut heard = count_notices(s);
+    assert_eq!(
+        status_of(gw.addr, &get_request(&stopped)).await,
+        409,
+        "the session's one GET stream is taken"
+    );
+    for c in [&stopped, &reading] {
+        assert_eq!(c.tool_text(1, "flood", flood()).await, "flooding");
+    }
+    hears_more(&mut heard).await;
+    one_stalled(&gw, "get").await;
+    support::eventually("another GET stream for the session", || async {
+        status_of(gw.addr, &get_request(&stopped)).await == 200
+    })
+    .await;
+    hears_more(&mut heard).await;
+    assert!(
+        closed_within(&mut stalled_stream, Duration::from_secs(10)).await,
+        "the ended stream's connection is still open once its client read again"
+    );
+    hears_more(&mut heard).await;
+    assert_eq!(stalled(&gw, "get"), 1, "only the stream nobody read");
+    gw.stop().await;
+}
+
+/// A listen stream whose client reads nothing while its servers flood it is ended, and its
+/// slot (one of the caller's 64) is free again; the caller's stream that reads hears notices
+/// throughout, and its 62 idle ones (nothing to hear) are kept.
+#[tokio::test]
+async fn a_listen_stream_whose_client_stops_reading_is_ended_and_its_slot_freed() {
+    let gw = TestGateway::start(&stall_config(""), &[flooder()]).await;
+    let tools = json!({"toolsListChanged": true});
+    let (mut stalled_stream, head) = open_raw(
+        gw.addr,
+        &listen_request("stops", tools.clone()),
+        Some(SMALL_RCVBUF),
+        "",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (s, head) = open_raw(gw.addr, &listen_request("reads", tools), None, "").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut heard = count_notices(s);
+    let mut idle = Vec::new();
+    for i in 0..62 {
+        let (s, head) = open_raw(
+            gw.addr,
+            &listen_request(&format!("idle-{i}"), json!({})),
+            None,
+            "",
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        idle.push(s);
+    }
+    assert_eq!(
+        status_of(gw.addr, &listen_request("one-more", json!({}))).await,
+        429,
+        "every slot is taken"
+    );
+    let call = json!({"name": "flood", "arguments": flood()});
+    let (head, body) = stateless_parts("1", "tools/call", Some("flood"), call);
+    let answer = raw_exchange(gw.addr, &head, &body).await;
+    assert!(answer.contains("flooding"), "{answer}");
+    hears_more(&mut heard).await;
+    one_stalled(&gw, "listen").await;
+    support::eventually("a listen stream in the slot let go of", || async {
+        status_of(gw.addr, &listen_request("again", json!({}))).await == 200
+    })
+    .await;
+    hears_more(&mut heard).await;
+    assert!(
+        closed_within(&mut stalled_stream, Duration::from_secs(10)).await,
+        "the ended stream's connection is still open once its client read again"
+    );
+    hears_more(&mut heard).await;
+    assert_eq!(stalled(&gw, "listen"), 1, "only the stream nobody read");
+    drop(idle);
+    gw.stop().await;
+}
+
+/// An HTTP+SSE client that reads nothing while its server floods it loses its stream and its
+/// session (a place under `max_sessions` again); another client, reading, hears notices
+/// throughout.
+#[tokio::test]
+async fn an_http_sse_stream_whose_client_stops_reading_is_ended_with_its_session() {
+    let gw = TestGateway::start(&stall_config(", max_sessions: 2"), &[flooder()]).await;
+    let (mut stalled_stream, stopped) = open_sse(gw.addr, Some(SMALL_RCVBUF)).await;
+    let (s, reading) = open_sse(gw.addr, None).await;
+    let mut heard = count_notices(s);
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "flood", "arguments": flood()}});
+    for endpoint in [&stopped, &reading] {
+        initialize_sse(gw.addr, endpoint).await;
+        assert_eq!(
+            post_message(gw.addr, endpoint, &call.to_string()).await,
+            202
+        );
+    }
+    assert_eq!(
+        status_of(gw.addr, SSE_REQUEST).await,
+        503,
+        "two sessions: no room for a third"
+    );
+    hears_more(&mut heard).await;
+    one_stalled(&gw, "sse").await;
+    let ping = json!({"jsonrpc": "2.0", "id": 3, "method": "ping"}).to_string();
+    support::eventually("the stopped client's session to end", || async {
+        post_message(gw.addr, &stopped, &ping).await == 404
+    })
+    .await;
+    support::eventually("a stream in its place", || async {
+        status_of(gw.addr, SSE_REQUEST).await == 200
+    })
+    .await;
+    hears_more(&mut heard).await;
+    assert!(
+        closed_within(&mut stalled_stream, Duration::from_secs(10)).await,
+        "the ended stream's connection is still open once its client read again"
+    );
+    hears_more(&mut heard).await;
+    assert_eq!(stalled(&gw, "sse"), 1, "only the stream nobody read");
+    gw.stop().await;
+}
+
+/// A client that reads its GET stream slowly, far more slowly than its server floods it (the
+/// connection is blocked most of the time), but takes something in every period, keeps its
+/// stream. What a connection takes is what its buffers make room for: a client that reads is
+/// seen to take something once it has read a good part of them (the kernel's send buffer
+/// wakes a writer only once a third of it is free).
+#[tokio::test]
+async fn a_slow_reader_keeps_its_stream() {
+    let gw = TestGateway::start(
+        "mcp: { stalled_stream_timeout: 2s, sse_keepalive: 200ms }",
+        &[flooder()],
+    )
+    .await;
+    let c = healthy_session(&gw).await;
+    let (mut s, head) = open_raw(gw.addr, &get_request(&c), Some(SMALL_RCVBUF), "").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let fast = json!({"seconds": 30, "pad": 32768, "every": 0.001});
+    assert_eq!(c.tool_text(1, "flood", fast).await, "flooding");
+    let started = Instant::now();
+    let (until, mut read) = (started + Duration::from_secs(8), 0);
+    let mut buf = [0u8; 8192];
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+            .await
+            .expect("notices wait to be read")
+            .unwrap();
+        assert!(n > 0, "the stream of a slow reader was ended");
+        read += n;
+    }
+    eprintln!(
+        "the slow reader read {read} bytes in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(stalled(&gw, "get"), 0);
+    assert_eq!(
+        status_of(gw.addr, &get_request(&c)).await,
+        409,
+        "the session's GET stream is still the slow reader's"
+    );
+    keeps_delivering(&mut s, Duration::from_millis(500)).await;
+    gw.stop().await;
+}
+
+/// Streams with nothing to send are kept however long their clients leave them unread: a
+/// session's GET stream, a listen stream and an HTTP+SSE stream, unread for eight periods
+/// (keep-alives come less often than that), are still theirs and deliver keep-alives.
+#[tokio::test]
+async fn idle_streams_are_kept_however_long_they_go_unread() {
+    let gw = TestGateway::start(
+        "mcp: { stalled_stream_timeout: 500ms, sse_keepalive: 1500ms }",
+        &[flooder()],
+    )
+    .await;
+    let c = healthy_session(&gw).await;
+    let (mut get, head) = open_raw(gw.addr, &get_request(&c), Some(SMALL_RCVBUF), "").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let tools = json!({"toolsListChanged": true});
+    let (mut listen, head) = open_raw(
+        gw.addr,
+        &listen_request("idle", tools),
+        Some(SMALL_RCVBUF),
+        "",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (mut sse, endpoint) = open_sse(gw.addr, Some(SMALL_RCVBUF)).await;
+    initialize_sse(gw.addr, &endpoint).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for kind in ["get", "listen", "sse"] {
+        assert_eq!(stalled(&gw, kind), 0, "{kind}");
+    }
+    assert_eq!(status_of(gw.addr, &get_request(&c)).await, 409);
+    let listening = gw.gateway().stateless_session(None, None, None).unwrap();
+    assert_eq!(listening.subscriptions.len(), 1);
+    let ping = json!({"jsonrpc": "2.0", "id": 3, "method": "ping"}).to_string();
+    assert_eq!(post_message(gw.addr, &endpoint, &ping).await, 202);
+    for s in [&mut get, &mut listen, &mut sse] {
+        keeps_delivering(s, Duration::from_secs(2)).await;
+    }
     gw.stop().await;
 }

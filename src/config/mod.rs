@@ -511,6 +511,10 @@ pub struct RawMcp {
     /// Interval of keep-alive comments on SSE streams.
     #[serde(default, with = "humantime_serde")]
     pub sse_keepalive: Option<Duration>,
+    /// A long-lived stream (a session's GET stream, a listen stream, an HTTP+SSE stream)
+    /// whose reader takes nothing this long while messages wait for it is ended.
+    #[serde(default, with = "humantime_serde")]
+    pub stalled_stream_timeout: Option<Duration>,
     /// A connection with no request in flight is closed after this long.
     #[serde(default, with = "humantime_serde")]
     pub idle_connection_timeout: Option<Duration>,
@@ -825,6 +829,8 @@ pub struct McpSettings {
     pub resource_conflicts: ResourceConflicts,
     /// SSE keep-alive interval.
     pub sse_keepalive: Duration,
+    /// How long a long-lived stream's reader may take nothing while messages wait for it.
+    pub stalled_stream_timeout: Duration,
     /// Lifetime of a connection with no request in flight (after its first request).
     pub idle_connection_timeout: Duration,
     /// Global connection cap.
@@ -1137,6 +1143,11 @@ impl RawConfig {
                 "mcp.sse_keepalive",
                 m.sse_keepalive,
                 Duration::from_secs(25),
+            )?,
+            stalled_stream_timeout: positive(
+                "mcp.stalled_stream_timeout",
+                m.stalled_stream_timeout,
+                crate::body::STALLED_READER,
             )?,
             name_separator,
             http_sse: m.http_sse.unwrap_or(true),
@@ -1991,6 +2002,10 @@ upstreams:
             err(&format!("mcp: {{keepalive_interval: 0s}}\n{up}"))
                 .contains("mcp.keepalive_interval")
         );
+        assert!(
+            err(&format!("mcp: {{stalled_stream_timeout: 0s}}\n{up}"))
+                .contains("mcp.stalled_stream_timeout")
+        );
     }
 
     #[test]
@@ -1999,6 +2014,7 @@ upstreams:
         assert_eq!(c.mcp.max_connections, 10_000);
         assert_eq!(c.mcp.max_connections_per_ip, 256);
         assert_eq!(c.mcp.idle_connection_timeout, Duration::from_secs(60));
+        assert_eq!(c.mcp.stalled_stream_timeout, Duration::from_secs(30));
         let small = Config::from_yaml(
             "mcp: {max_connections: 8}\nupstreams: [{name: a, stdio: {command: x}}]",
         )

@@ -650,10 +650,11 @@ fn session_of(
 pub(crate) async fn read_body(
     gw: &Gateway,
     principal: Option<&Principal>,
-    req: Request<hyper::body::Incoming>,
+    version: http::Version,
+    body: hyper::body::Incoming,
 ) -> Result<Bytes, FrontError> {
     let limit = gw.config.mcp.max_body_bytes;
-    read_within(gw, req, limit, Some((&gw.bodies, principal))).await
+    read_within(gw, version, body, limit, Some((&gw.bodies, principal))).await
 }
 
 /// Reads the body of a request from the gateway's operators or its other replicas (the admin
@@ -664,17 +665,17 @@ pub(crate) async fn read_trusted_body(
     req: Request<hyper::body::Incoming>,
 ) -> Result<Bytes, FrontError> {
     let limit = gw.config.mcp.max_body_bytes;
-    read_within(gw, req, limit, None).await
+    read_within(gw, req.version(), req.into_body(), limit, None).await
 }
 
 async fn read_within(
     gw: &Gateway,
-    req: Request<hyper::body::Incoming>,
+    version: http::Version,
+    mut body: hyper::body::Incoming,
     limit: usize,
     shared: Option<(&BodyRoom, Option<&Principal>)>,
 ) -> Result<Bytes, FrontError> {
-    let http1 = req.version() <= http::Version::HTTP_11;
-    let mut body = req.into_body();
+    let http1 = version <= http::Version::HTTP_11;
     // What `Content-Length` declared (hyper holds the body to it).
     if hyper::body::Body::size_hint(&body).lower() > limit as u64 {
         return Err(FrontError::TooLarge(limit));
@@ -823,7 +824,10 @@ async fn post(
     profile: Option<&Arc<ProfileConfig>>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, FrontError> {
-    let headers = req.headers();
+    // The head is kept while the body is read: what a stateless request mirrors in headers
+    // is read in place, after its body.
+    let (head, body) = req.into_parts();
+    let headers = &head.headers;
     let seen = PostHeaders::of(headers);
     if !is_json(seen.content_type) {
         return Err(FrontError::ContentType);
@@ -839,8 +843,7 @@ async fn post(
             "both application/json and text/event-stream",
         ));
     }
-    let version_check = check_version_value(seen.version);
-    let session_header = seen.session.cloned();
+    let session_header = seen.session;
     // Without a session, the request may be a stateless one (2026-07-28) that mirrors its body
     // in headers: keep them before the body is read.
     let mirrored = session_header
@@ -848,7 +851,7 @@ async fn post(
         .then(|| stateless::Mirrored::of(headers));
     // Traced: the client's trace context, if it sent one in headers.
     let trace_header = gw.tracer.as_ref().and_then(|_| trace_header(headers));
-    let body = read_body(gw, principal.as_ref(), req).await?;
+    let body = read_body(gw, principal.as_ref(), head.version, body).await?;
     let msg = jsonrpc::parse_client_body(body)?;
     if let Kind::Request { id, method, params } = &msg.kind
         && let Err(e) = authorize(gw, identity, profile, method, params.as_deref())
@@ -920,10 +923,10 @@ async fn post(
         };
         Ok(refusal(gw, e, id, profile.map(|p| p.name.as_str())))
     };
-    if let Err(e) = version_check {
+    if let Err(e) = check_version_value(seen.version) {
         return refused(span, e);
     }
-    let session = match session_of(gw, &principal, profile, session_header.as_ref()) {
+    let session = match session_of(gw, &principal, profile, session_header) {
         Ok(s) => s,
         Err(e) => return refused(span, e),
     };
@@ -1118,11 +1121,50 @@ async fn get(
         return Ok(crate::body::events_response(session.streams.resume(last)?));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(256);
-    if !session.open_listen_stream(tx.clone().into()) {
+    let Some(stream) = session.open_listen_stream(tx.clone().into()) else {
         return Err(FrontError::StreamOpen);
-    }
-    keep_alive(tx, gw.config.mcp.sse_keepalive, session.ended());
-    Ok(sse_response(rx))
+    };
+    let (response, uptake) = crate::body::watched_sse_response(None, rx);
+    watch_get_stream(gw, session, stream, tx, uptake);
+    Ok(response)
+}
+
+/// Keeps a session's GET stream alive (keep-alive comments) until its client leaves or the
+/// session ends, and lets go of it once its reader has taken nothing for
+/// `mcp.stalled_stream_timeout` while messages waited: a client that stops reading then holds
+/// neither the session's one GET stream (messages wait for the next) nor this task, and its
+/// session may idle out.
+fn watch_get_stream(
+    gw: &Gateway,
+    session: Arc<Session>,
+    stream: u64,
+    tx: mpsc::Sender<Bytes>,
+    uptake: Arc<crate::body::Uptake>,
+) {
+    let every = gw.config.mcp.sse_keepalive;
+    let stall = gw.config.mcp.stalled_stream_timeout;
+    let metrics = gw.metrics.clone();
+    tokio::spawn(async move {
+        let keepalive = async {
+            loop {
+                tokio::time::sleep(every).await;
+                if tx.send(Bytes::new()).await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = keepalive => {}
+            _ = tx.closed() => {}
+            _ = session.ended() => {}
+            _ = uptake.stalled(stall) => {
+                tracing::info!(session = %session.log_id(), "ended a GET stream whose client took nothing for {stall:?} while messages waited");
+                metrics.stream_stalled("get");
+                uptake.end();
+                session.close_listen_stream(stream);
+            }
+        }
+    });
 }
 
 /// Sends a keep-alive comment on a listen stream every `every` until `ended` resolves or the

@@ -18,7 +18,7 @@ use http::{Method, Request, Response};
 use tokio::sync::mpsc;
 
 use crate::auth::Identity;
-use crate::body::{Body, accepted, sse_response_after};
+use crate::body::{Body, Uptake, accepted, watched_sse_response};
 use crate::gateway::Gateway;
 use crate::mcp::front::{self, FrontError};
 use crate::mcp::handler::{self, Reply};
@@ -116,24 +116,30 @@ async fn open_stream(
     let (tx, rx) = mpsc::channel::<Bytes>(STREAM_QUEUE);
     let client = Arc::new(SseClient::new(principal, tx.clone(), session::MAX_INFLIGHT));
     gw.sse_clients.insert(id.clone(), client.clone());
-    tokio::spawn(watch_stream(gw.clone(), id.clone(), client, tx));
     let endpoint = Bytes::from(format!(
         "event: endpoint\ndata: {}?sessionId={id}\n\n",
         &MESSAGES_PATH[1..]
     ));
-    Ok(sse_response_after(Some(endpoint), rx))
+    let (response, uptake) = watched_sse_response(Some(endpoint), rx);
+    tokio::spawn(watch_stream(gw.clone(), id, client, tx, uptake));
+    Ok(response)
 }
 
 /// Keeps a client's stream alive (keep-alive comments) until the client leaves, its session
-/// ends, or it has not initialized in time (a minute, or the session idle timeout if shorter);
-/// then forgets the client and ends its session.
+/// ends, it has not initialized in time (a minute, or the session idle timeout if shorter), or
+/// its reader has taken nothing for `mcp.stalled_stream_timeout` while messages waited (what
+/// servers send outside any request, or keep-alives, never wait on the stream, so without this
+/// a client that stops reading would keep its session for good); then forgets the client and
+/// ends its session.
 async fn watch_stream(
     gw: Arc<Gateway>,
     id: Arc<str>,
     client: Arc<SseClient>,
     tx: mpsc::Sender<Bytes>,
+    uptake: Arc<Uptake>,
 ) {
     let every = gw.config.mcp.sse_keepalive;
+    let stall = gw.config.mcp.stalled_stream_timeout;
     let keep_alive = async {
         loop {
             tokio::time::sleep(every).await;
@@ -159,6 +165,13 @@ async fn watch_stream(
     tokio::select! {
         _ = keep_alive => {}
         _ = lifetime => {}
+        _ = uptake.stalled(stall) => {
+            let session = client.session();
+            let session = session.as_ref().map_or("(none yet)", |s| s.log_id());
+            tracing::info!(%session, "ending an HTTP+SSE stream (and its session) whose client took nothing for {stall:?} while messages waited");
+            gw.metrics.stream_stalled("sse");
+            uptake.end();
+        }
     }
     gw.sse_clients.remove(&id);
     if let Some(session) = client.close() {
@@ -196,7 +209,8 @@ async fn message(
         .tracer
         .as_ref()
         .and_then(|_| front::trace_header(req.headers()));
-    let body = front::read_body(gw, principal.as_ref(), req).await?;
+    let (head, body) = req.into_parts();
+    let body = front::read_body(gw, principal.as_ref(), head.version, body).await?;
     let msg = jsonrpc::parse_client_body(body)?;
     if let Kind::Request { method, params, .. } = &msg.kind {
         gw.auth
@@ -365,7 +379,7 @@ async fn initialize(
         return Ok(accepted());
     }
     // The answer first: what servers send outside any request follows it on the one stream.
-    session.open_listen_stream(client.stream.clone().into());
+    let _ = session.open_listen_stream(client.stream.clone().into());
     Ok(accepted())
 }
 

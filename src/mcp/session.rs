@@ -565,15 +565,16 @@ impl Session {
         }
     }
 
-    /// Installs the client's GET stream, flushing what waited for it; false if one is open.
-    pub fn open_listen_stream(&self, sink: EventSink) -> bool {
+    /// Installs the client's GET stream, flushing what waited for it; `None` if one is open,
+    /// else the stream's number (to let go of it with [`Session::close_listen_stream`]).
+    pub fn open_listen_stream(&self, sink: EventSink) -> Option<u64> {
         let mut listen = lock(&self.listen);
         // Checked under the lock `end` takes after setting `ended`: no sink outlives the end.
         if *self.ended.borrow() {
-            return false;
+            return None;
         }
         if listen.is_open() {
-            return false;
+            return None;
         }
         while let Some(frame) = listen.backlog.pop_front() {
             if sink.try_send(frame).is_err() {
@@ -581,13 +582,27 @@ impl Session {
             }
         }
         listen.sink = Some(sink);
+        listen.stream += 1;
+        let stream = listen.stream;
         drop(listen);
         for (i, link) in self.links.iter().enumerate() {
             if self.serves(i) {
                 link.open_listen_stream();
             }
         }
-        true
+        Some(stream)
+    }
+
+    /// Lets go of GET stream `stream` while its body lives on (its client stopped reading):
+    /// the session counts as not listening (it may idle out, and the client may open another
+    /// stream), and what comes next waits for the next stream, as before the first. The
+    /// notices still in the old stream's queue no longer stand for the new one's.
+    pub fn close_listen_stream(&self, stream: u64) {
+        let mut listen = lock(&self.listen);
+        if listen.stream == stream && listen.sink.is_some() {
+            listen.sink = None;
+            listen.queued = Queued::default();
+        }
     }
 
     /// Relays the client's answer to a server→client request back to its upstream. In a
@@ -1341,6 +1356,8 @@ type PolicyItem = (usize, Route, Message, Option<OnTheWay>);
 #[derive(Default)]
 struct Listen {
     sink: Option<EventSink>,
+    /// The number of the last stream opened (see [`Session::close_listen_stream`]).
+    stream: u64,
     backlog: std::collections::VecDeque<Bytes>,
     /// The change notices in `backlog` or in the stream's queue, not yet taken by its body.
     queued: Queued,

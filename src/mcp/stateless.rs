@@ -67,21 +67,22 @@ fn is_request(frame: &Bytes) -> bool {
 const DISCOVER_TTL_MS: u64 = 60_000;
 
 /// The headers a stateless request mirrors its body in, taken before the body is read.
+/// Borrowed from the request's headers, kept while its body is read: no copies per request.
 #[derive(Default)]
-pub(crate) struct Mirrored {
-    version: Option<HeaderValue>,
-    method: Option<HeaderValue>,
-    name: Option<HeaderValue>,
+pub(crate) struct Mirrored<'h> {
+    version: Option<&'h HeaderValue>,
+    method: Option<&'h HeaderValue>,
+    name: Option<&'h HeaderValue>,
     /// `Mcp-Param-*` headers by lowercase suffix.
-    params: Vec<(String, HeaderValue)>,
+    params: Vec<(&'h str, &'h HeaderValue)>,
     /// A header of the three above given more than once: which one a proxy or server reads
     /// would be a guess, so the request is refused.
     twice: Option<&'static str>,
 }
 
-impl Mirrored {
+impl<'h> Mirrored<'h> {
     /// Takes the mirrored headers of a request.
-    pub(crate) fn of(headers: &HeaderMap) -> Mirrored {
+    pub(crate) fn of(headers: &'h HeaderMap) -> Mirrored<'h> {
         // One walk over the few headers a request has, rather than a hashed lookup for each
         // name and a walk for the prefix.
         let mut m = Mirrored::default();
@@ -92,13 +93,13 @@ impl Mirrored {
                 n if n == NAME_HEADER.as_str() => (&mut m.name, "Mcp-Name"),
                 n => {
                     if let Some(suffix) = n.strip_prefix(PARAM_HEADER_PREFIX) {
-                        m.params.push((suffix.to_owned(), v.clone()));
+                        m.params.push((suffix, v));
                     }
                     continue;
                 }
             };
             if slot.is_none() {
-                *slot = Some(v.clone());
+                *slot = Some(v);
             } else {
                 m.twice.get_or_insert(name);
             }
@@ -109,7 +110,7 @@ impl Mirrored {
     /// The decoded text of the `Mcp-Param-{suffix}` header: `None` if absent, `Some(None)` if
     /// it cannot be decoded (or is sent twice).
     fn param(&self, suffix: &str) -> Option<Option<String>> {
-        let mut sent = self.params.iter().filter(|(s, _)| s == suffix);
+        let mut sent = self.params.iter().filter(|(s, _)| *s == suffix);
         let (_, value) = sent.next()?;
         Some(if sent.next().is_some() {
             None
@@ -123,7 +124,7 @@ impl Mirrored {
 const PARAM_HEADER_PREFIX: &str = "mcp-param-";
 
 /// Whether a message without a session is a 2026-07-28 stateless one.
-pub(crate) fn is_stateless(mirrored: &Mirrored, msg: &Message) -> bool {
+pub(crate) fn is_stateless(mirrored: &Mirrored<'_>, msg: &Message) -> bool {
     if mirrored
         .version
         .as_ref()
@@ -329,7 +330,7 @@ fn read_meta<'a>(meta: &'a str, kept: &mut Vec<u8>) -> Result<Envelope<'a>, Refu
     };
     // Every key, to refuse one given twice: the gateway would read one value and the server
     // perhaps the other (a version, a progress token it routes by).
-    let mut keys: Vec<Cow<'a, str>> = Vec::with_capacity(4);
+    let mut keys: smallvec::SmallVec<[Cow<'a, str>; 8]> = smallvec::SmallVec::new();
     let mut too_like = None;
     let mut undecodable = false;
     kept.push(b'{');
@@ -579,6 +580,10 @@ fn header_form(value: &HeaderValue) -> Option<HeaderForm<'_>> {
 /// Whether a mirrored header says `body` (compared in place when it is plain text, as it
 /// mostly is).
 fn header_says(value: &HeaderValue, body: &str) -> bool {
+    // The header as sent is the body's text (not a `=?…?=` form that reads otherwise).
+    if value.as_bytes() == body.as_bytes() && !body.starts_with("=?") {
+        return true;
+    }
     match header_form(value) {
         Some(HeaderForm::Plain(text)) => text == body,
         Some(HeaderForm::Base64(encoded)) => base64::engine::general_purpose::STANDARD
@@ -592,7 +597,7 @@ fn header_says(value: &HeaderValue, body: &str) -> bool {
 /// marks `x-mcp-header`.
 async fn check_param_headers(
     session: &Session,
-    mirrored: &Mirrored,
+    mirrored: &Mirrored<'_>,
     round: &Round,
     params: Option<&[u8]>,
 ) -> Result<(), Refusal> {
@@ -627,13 +632,13 @@ async fn check_param_headers(
 }
 
 /// Checks that the headers mirror the body: version, method, and the target's name.
-fn check_headers(mirrored: &Mirrored, read: &Read, method: &str) -> Result<(), Refusal> {
+fn check_headers(mirrored: &Mirrored<'_>, read: &Read, method: &str) -> Result<(), Refusal> {
     if let Some(name) = mirrored.twice {
         return Err(Refusal::Header(format!(
             "the {name} header is given more than once"
         )));
     }
-    let agree = |header: &Option<HeaderValue>, name: &str, body: &str| match header {
+    let agree = |header: Option<&HeaderValue>, name: &str, body: &str| match header {
         None => Err(Refusal::Header(format!(
             "the {name} header is required and must be {body:?}"
         ))),
@@ -642,14 +647,10 @@ fn check_headers(mirrored: &Mirrored, read: &Read, method: &str) -> Result<(), R
             "the {name} header {v:?} does not match the body's {body:?}"
         ))),
     };
-    agree(
-        &mirrored.version,
-        "MCP-Protocol-Version",
-        &read.meta.version,
-    )?;
-    agree(&mirrored.method, "Mcp-Method", method)?;
+    agree(mirrored.version, "MCP-Protocol-Version", &read.meta.version)?;
+    agree(mirrored.method, "Mcp-Method", method)?;
     match &read.target {
-        Some(target) => agree(&mirrored.name, "Mcp-Name", target),
+        Some(target) => agree(mirrored.name, "Mcp-Name", target),
         None => Ok(()),
     }
 }
@@ -677,7 +678,7 @@ pub(crate) async fn post(
     principal: Option<Principal>,
     profile: Option<&Arc<ProfileConfig>>,
     claims: Option<Arc<Claims>>,
-    mirrored: Mirrored,
+    mirrored: Mirrored<'_>,
     msg: Message,
     mut span: Option<&mut crate::trace::Span>,
 ) -> Response<Body> {
@@ -813,7 +814,7 @@ pub(crate) async fn post(
             if let Some(span) = span {
                 span.record_answer(&frame);
             }
-            json_response(status_of(&frame), frame)
+            json_response(status_of(&frame, &round.id), frame)
         }
         Reply::Refused(status, frame) => json_response(status, frame),
         Reply::Stream(rx) => {
@@ -926,7 +927,7 @@ impl Round {
             };
             match self.step(&session, frame).await {
                 Step::Skip => {}
-                Step::Answer(frame) => return json_response(status_of(&frame), frame),
+                Step::Answer(frame) => return json_response(status_of(&frame, &self.id), frame),
                 Step::Missing(frame) => return json_response(StatusCode::BAD_REQUEST, frame),
                 Step::Ask(asked) => {
                     let asked = self.gather(&session, &mut stream, asked).await;
@@ -1245,8 +1246,9 @@ impl Round {
 
 /// The HTTP status of a final answer: 400 for the errors the revision says are the request's
 /// fault at the protocol level (an upstream of this revision may answer them), else 200.
-fn status_of(frame: &[u8]) -> StatusCode {
-    if !ERROR_MEMBER.is_in(frame) {
+fn status_of(frame: &[u8], id: &[u8]) -> StatusCode {
+    // A result the gateway framed under this id is no error: no search of its text.
+    if own_result(frame, id).is_some() || !ERROR_MEMBER.is_in(frame) {
         return StatusCode::OK;
     }
     #[derive(Deserialize)]
@@ -1353,6 +1355,9 @@ async fn listen(
         .subscriptions
         .add(id.clone(), honored, tx.clone().into());
     let every = gw.config.mcp.sse_keepalive;
+    let stall = gw.config.mcp.stalled_stream_timeout;
+    let metrics = gw.metrics.clone();
+    let (mut resp, uptake) = crate::body::watched_sse_response(None, rx);
     tokio::spawn(async move {
         // A client that leaves its queue full (it stopped reading) loses the stream.
         let keep_alive = async {
@@ -1366,6 +1371,14 @@ async fn listen(
         let graceful = tokio::select! {
             _ = keep_alive => false,
             _ = tx.closed() => false,
+            // So does one that takes nothing while notices wait (they are coalesced: its
+            // queue may never fill), with its slot and watches.
+            _ = uptake.stalled(stall) => {
+                tracing::info!(session = %session.log_id(), "ended a listen stream whose client took nothing for {stall:?} while messages waited");
+                metrics.stream_stalled("listen");
+                uptake.end();
+                false
+            }
             _ = session.subscriptions.closed() => true,
             _ = session.ended() => true,
         };
@@ -1383,7 +1396,6 @@ async fn listen(
         }
         drop((tx, watches, slot, busy));
     });
-    let mut resp = sse_response(rx);
     resp.headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
     resp
@@ -1590,16 +1602,22 @@ impl Completion {
             )
         };
         const HEAD: &[u8] = br#"{"jsonrpc":"2.0","id":"#;
-        let mut out = Vec::with_capacity(HEAD.len() + id.len() + owned.len() + rest.len() + 16);
+        const RESULT: &[u8] = br#","result":{"#;
+        let comma = !rest.trim_ascii_start().starts_with(b"}");
+        // Exactly the frame's length: a vector with room to spare becomes `Bytes` through one
+        // more allocation.
+        let len = HEAD.len() + id.len() + RESULT.len() + owned.len() + usize::from(comma);
+        let mut out = Vec::with_capacity(len + rest.len() + 1);
         out.extend_from_slice(HEAD);
         out.extend_from_slice(id);
-        out.extend_from_slice(br#","result":{"#);
+        out.extend_from_slice(RESULT);
         out.extend_from_slice(owned.as_bytes());
-        if !rest.trim_ascii_start().starts_with(b"}") {
+        if comma {
             out.push(b',');
         }
         out.extend_from_slice(&rest);
         out.push(b'}');
+        debug_assert_eq!(out.len(), out.capacity());
         Ok(Bytes::from(out))
     }
 }
@@ -1663,12 +1681,12 @@ mod tests {
         let body = format!(r#"{{"name":"caf\u00e9",{META}}}"#);
         let call = read(Some(body.as_bytes()), "tools/call").unwrap();
         assert_eq!(call.target.as_deref(), Some("café"));
-        let headers = |name: &str| Mirrored {
-            version: Some(HeaderValue::from_static("2026-07-28")),
-            method: Some(HeaderValue::from_static("tools/call")),
-            name: Some(HeaderValue::from_str(name).unwrap()),
-            params: Vec::new(),
-            twice: None,
+        let map = |name: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(VERSION_HEADER, HeaderValue::from_static("2026-07-28"));
+            h.insert(METHOD_HEADER, HeaderValue::from_static("tools/call"));
+            h.insert(NAME_HEADER, HeaderValue::from_str(name).unwrap());
+            h
         };
         // "café" base64-encoded, as a client must send a non-ASCII name.
         let encoded = format!(
@@ -1676,16 +1694,17 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode("café")
         );
         assert_eq!(
-            check_headers(&headers(&encoded), &call, "tools/call"),
+            check_headers(&Mirrored::of(&map(&encoded)), &call, "tools/call"),
             Ok(())
         );
         for bad in ["other", "=?base64?!!?="] {
             assert!(matches!(
-                check_headers(&headers(bad), &call, "tools/call"),
+                check_headers(&Mirrored::of(&map(bad)), &call, "tools/call"),
                 Err(Refusal::Header(_))
             ));
         }
-        let mut missing = headers(&encoded);
+        let all = map(&encoded);
+        let mut missing = Mirrored::of(&all);
         missing.method = None;
         assert!(matches!(
             check_headers(&missing, &call, "tools/call"),
@@ -1693,7 +1712,7 @@ mod tests {
         ));
         // The method header must name the body's method.
         assert!(matches!(
-            check_headers(&headers(&encoded), &call, "prompts/get"),
+            check_headers(&Mirrored::of(&map(&encoded)), &call, "prompts/get"),
             Err(Refusal::Header(_))
         ));
         // A name that reads as encoded itself must be sent encoded: sent as is, the header
@@ -1701,7 +1720,7 @@ mod tests {
         let odd = format!(r#"{{"name":"=?base64?YWJj?=",{META}}}"#);
         let odd = read(Some(odd.as_bytes()), "tools/call").unwrap();
         assert!(matches!(
-            check_headers(&headers("=?base64?YWJj?="), &odd, "tools/call"),
+            check_headers(&Mirrored::of(&map("=?base64?YWJj?=")), &odd, "tools/call"),
             Err(Refusal::Header(_))
         ));
         let as_sent = format!(
@@ -1709,7 +1728,7 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode("=?base64?YWJj?=")
         );
         assert_eq!(
-            check_headers(&headers(&as_sent), &odd, "tools/call"),
+            check_headers(&Mirrored::of(&map(&as_sent)), &odd, "tools/call"),
             Ok(())
         );
         // A call must name its tool.
