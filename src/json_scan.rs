@@ -273,6 +273,12 @@ fn literal_end(text: &[u8], at: usize, word: &'static [u8]) -> Result<usize, Sca
     }
 }
 
+/// Whether `text` is plain string content, written in a JSON string as it is: no `"`, `\` or
+/// control character (looked at a word at a time).
+pub fn is_plain(text: &[u8]) -> bool {
+    plain_run(text, 0) == text.len()
+}
+
 /// The first index from `at` of a byte that ends a run of plain string content: `"`, `\` or
 /// a control character (or the text's length).
 #[inline]

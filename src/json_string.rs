@@ -6,7 +6,7 @@ use bytes::BufMut;
 /// Writes `s` as a JSON string, byte for byte what `serde_json` writes.
 pub fn put<B: BufMut>(out: &mut B, s: &str) {
     // Most text (method names, principals, outcomes) needs no escape: copied as it is.
-    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+    if crate::json_scan::is_plain(s.as_bytes()) {
         out.put_u8(b'"');
         out.put_slice(s.as_bytes());
         out.put_u8(b'"');
