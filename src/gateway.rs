@@ -1,7 +1,8 @@
 //! The gateway's shared state: configuration, upstream servers and their names (the
 //! [`Topology`]), the orchestrator, sessions, metrics.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::BTreeSet;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,11 +40,66 @@ pub enum NoRoom {
     Principal(usize),
 }
 
-/// Deleted portable session ids, as a set and in deletion order.
-type DeletedIds = (HashSet<Arc<str>>, VecDeque<Arc<str>>);
+/// Deleted portable sessions a replica keeps a record of (about 32 bytes each).
+pub const MAX_DELETED_SESSIONS: usize = 100_000;
 
-/// Deleted portable session ids a replica remembers.
-const MAX_DELETED: usize = 10_000;
+/// Portable sessions deleted here (DELETE), each refused until its id expires
+/// (`mcp.session_max_age` after it was issued). Bounded: past [`MAX_DELETED_SESSIONS`], the one
+/// that expires soonest makes room, and every id issued no later than it is refused from then
+/// on (`floor`). So a session deleted here is never restored here; at worst, after that many
+/// deletions within `session_max_age`, an older session that was not deleted is not restored
+/// here either (its client opens a new one).
+struct Deleted {
+    /// When each id was issued (Unix ms) and a keyed hash of it: soonest to expire first.
+    ids: BTreeSet<(u64, u64)>,
+    /// Ids issued at or before this (Unix ms) are refused.
+    floor: u64,
+    /// The hash's key, random: ids cannot be chosen to collide.
+    keys: std::hash::RandomState,
+}
+
+impl Default for Deleted {
+    fn default() -> Self {
+        Deleted {
+            ids: BTreeSet::new(),
+            floor: 0,
+            keys: std::hash::RandomState::new(),
+        }
+    }
+}
+
+impl Deleted {
+    fn entry(&self, id: &str, issued: u64) -> (u64, u64) {
+        (issued, self.keys.hash_one(id))
+    }
+
+    /// Whether the id issued at `issued` is refused here.
+    fn holds(&self, id: &str, issued: u64) -> bool {
+        issued <= self.floor || self.ids.contains(&self.entry(id, issued))
+    }
+
+    /// Records a deleted id until it expires, `max_age` after `issued`.
+    fn insert(&mut self, id: &str, issued: u64, now: u64, max_age: u64) {
+        while let Some(&(at, _)) = self.ids.first()
+            && at.saturating_add(max_age) < now
+        {
+            self.ids.pop_first();
+        }
+        if issued.saturating_add(max_age) < now {
+            return;
+        }
+        self.ids.insert(self.entry(id, issued));
+        while self.ids.len() > MAX_DELETED_SESSIONS {
+            if let Some((at, _)) = self.ids.pop_first() {
+                self.floor = self.floor.max(at);
+                tracing::debug!(
+                    floor = at,
+                    "more deleted portable sessions than a replica records: ids issued no later than the oldest are no longer restored here"
+                );
+            }
+        }
+    }
+}
 
 /// The `initialize` params of the upstream sessions kept for stateless clients. They declare what
 /// the gateway can ask a stateless client within its request (`input_required`); whether the
@@ -108,8 +164,8 @@ pub struct Gateway {
     portable: Option<Arc<Sealer>>,
     /// Serializes restoring portable sessions.
     restoring: std::sync::Mutex<()>,
-    /// Portable session ids deleted here (DELETE), refused from now on; bounded, oldest out.
-    deleted: std::sync::Mutex<DeletedIds>,
+    /// Portable sessions deleted here (DELETE), refused until their ids expire.
+    deleted: std::sync::Mutex<Deleted>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Client authentication.
@@ -478,42 +534,31 @@ impl Gateway {
 
     /// A portable session (its id sealed by this gateway's session keys) that another replica
     /// opened, or this one before it ended here for idleness: opened again from its id, for
-    /// its own principal only, within `mcp.session_max_age` of its opening. `Ok(None)`: not
-    /// such an id (or deleted here); `Err`: no room for it now.
-    pub fn restore_session(
+    /// its own principal and profile only, within `mcp.session_max_age` of its opening, unless
+    /// it was deleted (here, or where replicas share state, on any of them). `Ok(None)`: not
+    /// such an id; `Err`: no room for it now.
+    pub async fn restore_session(
         &self,
         id: &str,
         principal: Option<&Principal>,
         profile: Option<&Arc<ProfileConfig>>,
     ) -> Result<Option<Arc<Session>>, NoRoom> {
-        let Some(sealer) = self.portable.as_ref() else {
+        let Some((token, version)) = self.portable_token(id, principal, profile) else {
             return Ok(None);
         };
-        let Some(token) = session_token::open(sealer, id) else {
-            return Ok(None);
-        };
-        let max_age = self.config.mcp.session_max_age.as_millis() as u64;
-        if token.p.as_deref() != principal.map(|p| &**p)
-            || token.f.as_deref() != profile.map(|p| p.name.as_str())
-            || token.t.saturating_add(max_age) < session_token::now_ms()
-        {
+        if self.deleted_elsewhere(id).await {
+            // Asked again, this replica answers itself.
+            self.record_deleted(id, token.t);
             return Ok(None);
         }
-        let Some(version) = crate::mcp::revision::SUPPORTED
-            .iter()
-            .find(|v| **v == token.v)
-        else {
-            return Ok(None);
-        };
-        // Under the one lock that DELETE's tombstone also takes: a session deleted here is not
+        // Under the one lock that DELETE's record also takes: a session deleted here is not
         // restored by a request racing the DELETE, and two restores share one session.
         let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
         if self
             .deleted
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .0
-            .contains(id)
+            .holds(id, token.t)
         {
             return Ok(None);
         }
@@ -540,33 +585,124 @@ impl Gateway {
         )))
     }
 
-    /// Ends a session the client deleted; a portable one's id opens nothing here from now on.
-    pub fn delete_session(&self, id: &str) {
-        if self.portable.is_some() {
-            let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
-            self.forget_portable(id);
+    /// What a portable session id carries, and its revision, if this replica honors it for
+    /// `principal` at `profile` now: sealed by its keys, issued to that principal on that
+    /// endpoint, within `mcp.session_max_age` (and not in the future), of a revision spoken
+    /// here, and not deleted here. Anything else is no session (404), whatever is wrong.
+    fn portable_token(
+        &self,
+        id: &str,
+        principal: Option<&Principal>,
+        profile: Option<&Arc<ProfileConfig>>,
+    ) -> Option<(session_token::SessionToken, &'static str)> {
+        let token = session_token::open(self.portable.as_ref()?, id)?;
+        let max_age = self.config.mcp.session_max_age.as_millis() as u64;
+        if token.p.as_deref() != principal.map(|p| &**p)
+            || token.f.as_deref() != profile.map(|p| p.name.as_str())
+            || !token.honored_at(session_token::now_ms(), max_age)
+        {
+            return None;
         }
-        self.end_session(id);
-        if self.portable.is_some() {
-            // Its plugins' state too, wherever it is kept: a portable session ends only so
-            // (it may have been served here long ago, or never, and other replicas may still
-            // serve it: where they share plugin state, it refuses the session from now on).
-            self.plugins.current().delete_session(id);
+        let version = crate::mcp::revision::SUPPORTED
+            .iter()
+            .find(|v| **v == token.v)?;
+        let deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+        (!deleted.holds(id, token.t)).then_some((token, *version))
+    }
+
+    /// Whether the replicas' shared record says `id` was deleted: where replicas share plugin
+    /// state, the leading replica keeps the deletions every replica tells it (each DELETE), and
+    /// refuses any session-scope operation of a deleted session; one such read is the question.
+    /// State not shared: `false`. The leader not answering within [`leader::TIMEOUT`]: `false`,
+    /// logged (a restore is not refused while leadership moves, for a record that a leader
+    /// that crashed loses anyway).
+    ///
+    /// [`leader::TIMEOUT`]: crate::plugins::leader::TIMEOUT
+    async fn deleted_elsewhere(&self, id: &str) -> bool {
+        let state = self.plugins.current().state().clone();
+        if !state.shared() {
+            return false;
+        }
+        let probe = crate::plugins::Asked {
+            plugin: Arc::from(""),
+            session: id.to_owned(),
+            principal: None,
+            action: crate::plugins::Action::Get {
+                scope: crate::plugins::Scope::Session,
+                key: String::new(),
+            },
+            limits: Default::default(),
+        };
+        match state.run(probe, crate::plugins::leader::TIMEOUT).await {
+            Ok(_) => false,
+            Err(crate::plugins::leader::Unavailable::SessionDeleted) => true,
+            Err(e) => {
+                tracing::warn!(session = %crate::mcp::session::log_id(id), "could not ask the leading replica whether a portable session was deleted ({e}); restoring it");
+                false
+            }
         }
     }
 
-    /// Remembers that a portable session was deleted, so that its id opens nothing here again.
-    fn forget_portable(&self, id: &str) {
-        let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
-        let id: Arc<str> = Arc::from(id);
-        if deleted.0.insert(id.clone()) {
-            deleted.1.push_back(id);
-        }
-        while deleted.1.len() > MAX_DELETED {
-            if let Some(old) = deleted.1.pop_front() {
-                deleted.0.remove(&old);
+    /// Ends the session `id` its client deleted (DELETE), if `principal` opened it at
+    /// `profile`: one held here, or a portable one held elsewhere or nowhere, which is not
+    /// restored for that (no room needed, no upstream session opened to be closed): its id is
+    /// checked as a restore would check it. A portable id opens nothing here from then on, and
+    /// where replicas share state, is restored by none of them. `false`: no such session.
+    pub async fn delete_session(
+        &self,
+        id: &str,
+        principal: Option<&Principal>,
+        profile: Option<&Arc<ProfileConfig>>,
+    ) -> bool {
+        let held = self.sessions.get(id).map(|s| s.clone());
+        let issued = match held {
+            Some(s) => {
+                if s.principal.as_ref() != principal
+                    || s.profile_name() != profile.map(|p| p.name.as_str())
+                {
+                    return false;
+                }
+                // A portable session's id says when it was issued.
+                self.portable
+                    .as_ref()
+                    .filter(|_| s.is_portable())
+                    .and_then(|sealer| session_token::open(sealer, id))
+                    .map(|token| token.t)
             }
+            None => {
+                let Some((token, _)) = self.portable_token(id, principal, profile) else {
+                    return false;
+                };
+                if self.deleted_elsewhere(id).await {
+                    self.record_deleted(id, token.t);
+                    return false;
+                }
+                Some(token.t)
+            }
+        };
+        if let Some(issued) = issued {
+            self.record_deleted(id, issued);
         }
+        self.end_session(id);
+        if issued.is_some() {
+            // Its plugins' state too, wherever it is kept: a portable session ends only so
+            // (it may have been served here long ago, or never, and other replicas may still
+            // serve it: where they share plugin state, it refuses the session from now on,
+            // and no replica restores it).
+            self.plugins.current().delete_session(id);
+        }
+        true
+    }
+
+    /// Records that a portable session issued at `issued` was deleted, so that its id opens
+    /// nothing here again.
+    fn record_deleted(&self, id: &str, issued: u64) {
+        let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
+        let max_age = self.config.mcp.session_max_age.as_millis() as u64;
+        self.deleted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, issued, session_token::now_ms(), max_age);
     }
 
     #[allow(clippy::too_many_arguments)] // the parts of a session, as Session::new takes them
@@ -815,5 +951,36 @@ impl Eq for Grants {}
 impl std::hash::Hash for Grants {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         state.write_u64(crate::auth::Claims::grants_hash(self.0.as_deref()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deleted id is refused until it expires, and only it; expired ids give their room back
+    /// without refusing anything else; past the bound, the soonest to expire makes room and
+    /// nothing issued no later than it is restored.
+    #[test]
+    fn the_record_of_deleted_sessions_holds_each_until_it_expires() {
+        let mut d = Deleted::default();
+        d.insert("a", 1_000, 1_000, 100);
+        assert!(d.holds("a", 1_000));
+        assert!(!d.holds("a", 1_001), "another id, issued later");
+        assert!(!d.holds("b", 1_000));
+        // Expired ids are not kept, and go as others come.
+        d.insert("old", 500, 1_000, 100);
+        assert!(!d.holds("old", 500));
+        d.insert("c", 1_150, 1_150, 100);
+        assert_eq!(d.ids.len(), 1, "a expired and gave its room back");
+        assert_eq!(d.floor, 0);
+        for i in 0..=MAX_DELETED_SESSIONS as u64 {
+            d.insert(&format!("x{i}"), 1_151 + i, 1_200, 1_000_000);
+        }
+        assert_eq!(d.ids.len(), MAX_DELETED_SESSIONS);
+        assert_eq!(d.floor, 1_151, "c and x0, the soonest to expire, made room");
+        assert!(d.holds("c", 1_150) && d.holds("x0", 1_151) && d.holds("x1", 1_152));
+        assert!(d.holds("never deleted", 1_100), "issued before the floor");
+        assert!(!d.holds("never deleted", 1_152));
     }
 }

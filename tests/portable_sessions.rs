@@ -256,3 +256,249 @@ async fn a_sealed_server_request_id_is_answered_only_by_its_own_session() {
         "again"
     );
 }
+
+// ---- Revocation, binding and forgery (the adversarial audit) ----
+
+/// The 32 bytes of a hex key.
+fn key_bytes(hex: &str) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    key
+}
+
+/// A session id sealed with `KEY` (key id 1), as a replica would issue it, for `principal`.
+fn minted(
+    principal: &str,
+    f: impl FnOnce(&mut gatehouse::mcp::session_token::SessionToken),
+) -> String {
+    use gatehouse::mcp::session_token::{SessionToken, issue, now_ms};
+    let mut token = SessionToken {
+        p: Some(principal.into()),
+        v: "2025-11-25".into(),
+        i: r#"{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"rust-test","version":"1"}}"#.into(),
+        l: false,
+        t: now_ms(),
+        f: None,
+    };
+    f(&mut token);
+    let sealer = gatehouse::mcp::seal::Sealer::from_key(1, &key_bytes(KEY));
+    issue(&sealer, &token).expect("a short token")
+}
+
+async fn delete(c: &Client) -> support::Resp {
+    c.send(
+        c.request("DELETE", Bytes::new())
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+}
+
+fn list() -> String {
+    json!({"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}).to_string()
+}
+
+/// However many sessions are deleted after it, a session deleted on a replica is never
+/// restored there from its id (the record of deletions is bounded, not forgetful).
+#[tokio::test]
+async fn a_replica_never_restores_a_session_deleted_there() {
+    let dir = key_dir();
+    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
+    let a = replica(&inner, &[(1, KEY)], &dir).await;
+    let mut alice = a.client();
+    alice.token = Some(ALICE.into());
+    alice.initialize(json!({})).await;
+    assert_eq!(delete(&alice).await.status, 200);
+    assert_eq!(alice.post(list()).await.status, 404);
+    // Many other sessions of alice's deleted since (as many as the record holds, and one),
+    // each issued later than hers.
+    let principal: gatehouse::auth::Principal = std::sync::Arc::from("alice");
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    for _ in 0..=gatehouse::gateway::MAX_DELETED_SESSIONS {
+        let id = minted("alice", |_| {});
+        assert!(
+            a.gateway()
+                .delete_session(&id, Some(&principal), None)
+                .await
+        );
+    }
+    assert_eq!(alice.post(list()).await.status, 404, "resurrected");
+    // A fresh session of alice's is served as ever.
+    let mut again = a.client();
+    again.token = Some(ALICE.into());
+    again.initialize(json!({})).await;
+    assert_eq!(again.post(list()).await.status, 200);
+}
+
+/// A session deleted on one replica is not restored by another (or by the same one after a
+/// restart) where replicas share state through the leading replica.
+#[tokio::test]
+async fn a_session_deleted_on_one_replica_is_not_restored_by_another_sharing_state() {
+    use gatehouse::orchestrator::Handover;
+    use gatehouse::plugins::leader::Leader;
+    use tokio::sync::watch;
+    let dir = key_dir();
+    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
+    let a = replica(&inner, &[(1, KEY)], &dir).await;
+    let b = replica(&inner, &[(1, KEY)], &dir).await;
+    // A leads and keeps the state; B asks it (a stand-in for A's relay, applying what B asks).
+    let kept = a.gateway().plugins.current().state().clone();
+    let (_a_leads, leads) = watch::channel(true);
+    let (_a_relay, relay) = watch::channel(None);
+    let (_a_secret, secret) = watch::channel(Some(std::sync::Arc::from("s")));
+    let (_a_handover, handover) = watch::channel(Handover::Kept);
+    kept.share_through(
+        Leader::new(leads, relay, secret, handover),
+        std::time::Duration::from_secs(600),
+    );
+    let at_a = kept.clone();
+    let relay_url = support::serve(move |_, body| {
+        let asked: gatehouse::plugins::Asked = serde_json::from_slice(&body).unwrap();
+        Some((200, serde_json::to_value(at_a.apply(&asked)).unwrap()))
+    })
+    .await;
+    let (_b_leads, leads) = watch::channel(false);
+    let (_b_relay, relay) = watch::channel(Some(relay_url));
+    let (_b_secret, secret) = watch::channel(Some(std::sync::Arc::from("s")));
+    let (_b_handover, handover) = watch::channel(Handover::Nobody);
+    b.gateway().plugins.current().state().share_through(
+        Leader::new(leads, relay, secret, handover),
+        std::time::Duration::from_secs(600),
+    );
+
+    let mut alice = a.client();
+    alice.token = Some(ALICE.into());
+    alice.initialize(json!({})).await;
+    // Another session of alice's, served by B too: restoring asks the leader, and goes on.
+    let mut other = a.client();
+    other.token = Some(ALICE.into());
+    other.initialize(json!({})).await;
+    assert_eq!(at(&other, &b).post(list()).await.status, 200);
+
+    assert_eq!(delete(&alice).await.status, 200);
+    let id = alice.session.clone().unwrap();
+    let probe = gatehouse::plugins::Asked {
+        plugin: "".into(),
+        session: id.clone(),
+        principal: None,
+        action: gatehouse::plugins::Action::Get {
+            scope: gatehouse::plugins::Scope::Session,
+            key: String::new(),
+        },
+        limits: Default::default(),
+    };
+    support::eventually("the leader to record the deletion", || {
+        let kept = kept.clone();
+        let probe = probe.clone();
+        async move { kept.apply(&probe) == gatehouse::plugins::Outcome::SessionDeleted }
+    })
+    .await;
+    // B (or A restarted: a replica that never saw the DELETE) refuses the id.
+    assert_eq!(at(&alice, &b).post(list()).await.status, 404);
+    assert!(b.gateway().sessions.get(id.as_str()).is_none());
+    assert_eq!(at(&other, &b).post(list()).await.status, 200);
+}
+
+/// DELETE of a portable session this replica does not hold needs no room here and opens no
+/// upstream session: the id is checked and recorded as deleted, not restored first.
+#[tokio::test]
+async fn deleting_a_session_held_elsewhere_restores_nothing() {
+    let dir = key_dir();
+    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
+    let a = replica(&inner, &[(1, KEY)], &dir).await;
+    let full = replica_with(
+        &inner,
+        &[(1, KEY)],
+        &dir,
+        "  max_sessions_per_principal: 1\n",
+    )
+    .await;
+    let mut alice = a.client();
+    alice.token = Some(ALICE.into());
+    alice.initialize(json!({})).await;
+    let mut occupying = full.client();
+    occupying.token = Some(ALICE.into());
+    occupying.initialize(json!({})).await;
+    let there = at(&alice, &full);
+    assert_eq!(there.post(list()).await.status, 429, "no room to serve it");
+    assert_eq!(delete(&there).await.status, 200, "but room to delete it");
+    assert_eq!(full.gateway().sessions.len(), 1);
+    assert_eq!(there.post(list()).await.status, 404);
+    assert_eq!(delete(&there).await.status, 404, "deleted already");
+    // Another principal's DELETE of it is no DELETE (and says nothing of it).
+    let mut bob = at(&alice, &a);
+    bob.token = Some(BOB.into());
+    assert_eq!(delete(&bob).await.status, 404);
+    assert_eq!(alice.post(list()).await.status, 200);
+}
+
+/// What is not an id this gateway issued (or no longer honors) is an unknown session (404),
+/// whatever is wrong with it, and is refused before any work on an enormous one.
+#[tokio::test]
+async fn ids_that_are_not_sessions_are_unknown_sessions() {
+    let dir = key_dir();
+    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
+    let a = replica(&inner, &[(2, OTHER_KEY), (1, KEY)], &dir).await;
+    let mut alice = a.client();
+    alice.token = Some(ALICE.into());
+    // An id minted as a replica mints them opens (the control).
+    alice.session = Some(minted("alice", |_| {}));
+    assert_eq!(alice.post(list()).await.status, 200);
+    let good = minted("alice", |_| {});
+    let raw =
+        base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &good).unwrap();
+    let with_key_id = |id: u8| {
+        let mut r = raw.clone();
+        r[0] = id;
+        base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, r)
+    };
+    let now = gatehouse::mcp::session_token::now_ms();
+    let cases: Vec<(&str, String)> = vec![
+        ("non-ASCII", format!("{}é", &good[..good.len() - 1])),
+        ("truncated", good[..good.len() - 1].to_owned()),
+        ("extended", format!("{good}AA")),
+        ("another configured key id", with_key_id(2)),
+        ("a key id not configured", with_key_id(9)),
+        ("enormous", "A".repeat(8 * 1024)),
+        ("bob's", minted("bob", |_| {})),
+        (
+            "another profile's",
+            minted("alice", |t| t.f = Some("p".into())),
+        ),
+        (
+            "an unknown revision",
+            minted("alice", |t| t.v = "1999-01-01".into()),
+        ),
+        (
+            "older than session_max_age",
+            minted("alice", |t| t.t = now - 25 * 3600 * 1000),
+        ),
+        (
+            "opened in the future",
+            minted("alice", |t| t.t = now + 3600 * 1000),
+        ),
+        ("sealed with a key no longer held", {
+            let old = gatehouse::mcp::seal::Sealer::from_key(3, &[9; 32]);
+            let mut t = serde_json::from_slice::<gatehouse::mcp::session_token::SessionToken>(
+                br#"{"p":"alice","v":"2025-11-25","i":"{}","l":false,"t":1}"#,
+            )
+            .unwrap();
+            t.t = now;
+            gatehouse::mcp::session_token::issue(&old, &t).unwrap()
+        }),
+    ];
+    for (what, id) in cases {
+        let mut c = alice.clone();
+        c.session = Some(id);
+        let r = c.post(list()).await;
+        assert_eq!(r.status, 404, "{what}: {}", r.body);
+        assert_eq!(delete(&c).await.status, 404, "{what} (DELETE)");
+    }
+    assert_eq!(
+        a.gateway().sessions.len(),
+        1,
+        "only the control was restored"
+    );
+}

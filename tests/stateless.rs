@@ -1286,3 +1286,71 @@ async fn a_list_changed_flood_ends_no_stream_whose_client_reads() {
     drop(idle);
     gw.stop().await;
 }
+
+/// A `requestState` past its call's wait is refused as expired (400, -32602), whoever sends
+/// it: the call was abandoned, nothing waits for the answers.
+#[tokio::test]
+async fn a_request_state_past_its_wait_is_refused() {
+    let gw = TestGateway::start(
+        "mcp: {session_idle_timeout: 1s}",
+        &[example("a", &["--test-tools"], "")],
+    )
+    .await;
+    let c = gw.client();
+    let caps = json!({"sampling": {}});
+    let call = json!({"name": "sample", "arguments": {"prompt": "p"}});
+    let first = stateless(&c, 1, "tools/call", call.clone(), caps.clone())
+        .await
+        .response();
+    let (key, _) = only_question(&first);
+    support::eventually("the parked call to be abandoned", || async {
+        gw.gateway().round_trips.waiting() == 0
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let mut retry = call;
+    retry["inputResponses"] = json!({ key: sampled("late") });
+    retry["requestState"] = first["result"]["requestState"].clone();
+    let r = stateless(&c, 2, "tools/call", retry, caps).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.error_code(), -32602);
+    assert!(r.body.contains("expired"), "{}", r.body);
+    gw.stop().await;
+}
+
+/// An enormous `requestState` is refused for its length before it is decoded or opened, and
+/// answers for questions that were not asked are not delivered anywhere (the question that
+/// was asked is asked again).
+#[tokio::test]
+async fn an_enormous_request_state_is_refused_unopened() {
+    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let c = gw.client();
+    let caps = json!({"sampling": {}});
+    let call = json!({"name": "sample", "arguments": {"prompt": "p"}});
+    let first = stateless(&c, 1, "tools/call", call.clone(), caps.clone())
+        .await
+        .response();
+    let (key, _) = only_question(&first);
+    let mut huge = call.clone();
+    huge["inputResponses"] = json!({ key.clone(): sampled("x") });
+    huge["requestState"] = json!("A".repeat(3 * 1024 * 1024));
+    let r = stateless(&c, 2, "tools/call", huge, caps.clone()).await;
+    assert_eq!(r.status, 400, "{}", &r.body[..r.body.len().min(300)]);
+    assert_eq!(r.error_code(), -32602);
+    assert!(r.body.contains("longer than"), "{}", r.body);
+    // Answers to questions never asked, with the real state: the call asks its question again.
+    let mut stray = call.clone();
+    stray["inputResponses"] = json!({"not-asked": sampled("stray"), "9999": sampled("stray")});
+    stray["requestState"] = first["result"]["requestState"].clone();
+    let again = stateless(&c, 3, "tools/call", stray, caps.clone())
+        .await
+        .response();
+    let (same, _) = only_question(&again);
+    assert_eq!(same, key);
+    let mut retry = call;
+    retry["inputResponses"] = json!({ key: sampled("mine") });
+    retry["requestState"] = again["result"]["requestState"].clone();
+    let done = stateless(&c, 4, "tools/call", retry, caps).await.response();
+    assert_eq!(done["result"]["content"][0]["text"], "model said: mine");
+    gw.stop().await;
+}

@@ -610,20 +610,28 @@ fn check_version_value(version: Option<&HeaderValue>) -> Result<(), FrontError> 
     Ok(())
 }
 
-fn session_of(
+/// The session id a request names: required, and visible ASCII (what ids are made of; any
+/// other names no session).
+fn session_id(header: Option<&HeaderValue>) -> Result<&str, FrontError> {
+    header
+        .ok_or(FrontError::MissingSession)?
+        .to_str()
+        .map_err(|_| FrontError::UnknownSession)
+}
+
+async fn session_of(
     gw: &Gateway,
     principal: &Option<Principal>,
     profile: Option<&Arc<ProfileConfig>>,
     header: Option<&HeaderValue>,
 ) -> Result<Arc<Session>, FrontError> {
-    let id = header
-        .and_then(|v| v.to_str().ok())
-        .ok_or(FrontError::MissingSession)?;
+    let id = session_id(header)?;
     // A portable session opened by another replica (or ended here for idleness) is served
     // here too, rebuilt from its id.
-    let session = match gw.sessions.get(id).map(|s| s.clone()) {
+    let held = gw.sessions.get(id).map(|s| s.clone());
+    let session = match held {
         Some(s) => s,
-        None => match gw.restore_session(id, principal.as_ref(), profile) {
+        None => match gw.restore_session(id, principal.as_ref(), profile).await {
             Ok(Some(s)) => s,
             Ok(None) => return Err(FrontError::UnknownSession),
             // The session exists; this replica has no room for it now (not a 404, which
@@ -926,7 +934,7 @@ async fn post(
     if let Err(e) = check_version_value(seen.version) {
         return refused(span, e);
     }
-    let session = match session_of(gw, &principal, profile, session_header) {
+    let session = match session_of(gw, &principal, profile, session_header).await {
         Ok(s) => s,
         Err(e) => return refused(span, e),
     };
@@ -1112,7 +1120,7 @@ async fn get(
         return Err(FrontError::Accept("text/event-stream"));
     }
     check_version(headers)?;
-    let session = session_of(gw, &principal, profile, headers.get(SESSION_HEADER))?;
+    let session = session_of(gw, &principal, profile, headers.get(SESSION_HEADER)).await?;
     // A client resuming a response stream whose connection broke gets the rest of it.
     if let Some(last) = headers.get("last-event-id") {
         let last = last
@@ -1197,8 +1205,12 @@ async fn delete(
     profile: Option<&Arc<ProfileConfig>>,
     headers: &HeaderMap,
 ) -> Result<Response<Body>, FrontError> {
-    let session = session_of(gw, &principal, profile, headers.get(SESSION_HEADER))?;
-    gw.delete_session(&session.id);
+    let id = session_id(headers.get(SESSION_HEADER))?;
+    // A session held elsewhere (a portable one) is not restored here to be deleted: that would
+    // need room here, and open upstream sessions only to close them.
+    if !gw.delete_session(id, principal.as_ref(), profile).await {
+        return Err(FrontError::UnknownSession);
+    }
     let mut r = response(Body::Empty);
     *r.status_mut() = StatusCode::OK;
     Ok(r)

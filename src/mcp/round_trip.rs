@@ -29,6 +29,10 @@ const PURPOSE: &[u8] = b"gatehouse/requestState/v1";
 const RELAYED: &[u8] = b"gatehouse/requestState/relayed/v1";
 /// Longest `requestState` of a server the gateway carries for it.
 pub const MAX_RELAYED_STATE: usize = 256 * 1024;
+/// Longest `requestState` a client may send back: the longest this gateway issues (a server's
+/// state, JSON-escaped at up to six bytes for each of its own, with the names it is bound to,
+/// sealed). A longer one is refused before it is decoded or opened.
+pub const MAX_STATE_TOKEN: usize = crate::mcp::seal::sealed_len(MAX_RELAYED_STATE * 6 + 64 * 1024);
 
 /// A server's question to the client, waiting for the client's answer.
 pub struct Asked {
@@ -277,6 +281,11 @@ impl RoundTrips {
     /// Takes what `token` stands for, for `principal`'s retry of `method` on `target` with a
     /// token granting `claims`: the call it parks (only for a token granting what the one
     /// that began it did: the call was judged by those grants), or the server state it carries.
+    ///
+    /// A parked call's state is taken once: a replay finds nothing. A server's state, carried
+    /// for it, is the server's to honor once or more: a replay within its expiry, by its caller
+    /// for its request, reaches the server again as a new request (judged again by the policy
+    /// with that request's grants), exactly as the server's own state would without the gateway.
     pub fn resume(
         &self,
         (principal, profile): (Option<&Principal>, Option<&str>),
@@ -285,6 +294,12 @@ impl RoundTrips {
         method: &str,
         target: Option<&str>,
     ) -> Result<Resumed, ResumeError> {
+        if token.len() > MAX_STATE_TOKEN {
+            return Err(ResumeError::Invalid(format!(
+                "{} bytes, longer than any this gateway issues",
+                token.len()
+            )));
+        }
         let plain = match self.sealer.open(PURPOSE, token) {
             Ok(plain) => plain,
             Err(crate::mcp::seal::SealError::Forged) => {
@@ -409,6 +424,88 @@ pub struct Retry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server's state carried for a 2026-07-28 server opens for its own caller, endpoint,
+    /// method and target only, until its expiry; a replay is the server's to judge; an enormous
+    /// token is refused unopened.
+    #[test]
+    fn a_relayed_state_is_bound_to_its_caller_request_and_expiry() {
+        let trips = RoundTrips::new(Sealer::random(1), Duration::from_secs(60));
+        let alice: Principal = Arc::from("alice");
+        let bob: Principal = Arc::from("bob");
+        let token = trips.relay(
+            (Some(&alice), Some("dev")),
+            ("tools/call", Some("t")),
+            "server-state",
+        );
+        assert!(token.len() <= MAX_STATE_TOKEN);
+        let resume = |who: Option<&Principal>, profile: Option<&str>, method, target| {
+            trips.resume((who, profile), None, &token, method, target)
+        };
+        let carried = |r: Result<Resumed, ResumeError>| match r {
+            Ok(Resumed::Relayed(s)) => s,
+            Ok(Resumed::Parked(_)) => panic!("not a parked call"),
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(
+            carried(resume(Some(&alice), Some("dev"), "tools/call", Some("t"))),
+            "server-state"
+        );
+        // Twice: the server's own state, as replayable as it would be without the gateway.
+        assert_eq!(
+            carried(resume(Some(&alice), Some("dev"), "tools/call", Some("t"))),
+            "server-state"
+        );
+        for (who, profile) in [
+            (Some(&bob), Some("dev")),
+            (None, Some("dev")),
+            (Some(&alice), None),
+            (Some(&alice), Some("ops")),
+        ] {
+            assert_eq!(
+                resume(who, profile, "tools/call", Some("t")).err(),
+                Some(ResumeError::Foreign),
+                "{who:?} at {profile:?}"
+            );
+        }
+        for (method, target) in [
+            ("tools/call", Some("u")),
+            ("tools/call", None),
+            ("prompts/get", Some("t")),
+        ] {
+            assert!(matches!(
+                resume(Some(&alice), Some("dev"), method, target),
+                Err(ResumeError::Mismatch(_))
+            ));
+        }
+        // Sealed by another gateway (another key): not valid.
+        let stranger = RoundTrips::new(Sealer::random(1), Duration::from_secs(60));
+        assert!(matches!(
+            stranger.resume(
+                (Some(&alice), Some("dev")),
+                None,
+                &token,
+                "tools/call",
+                Some("t")
+            ),
+            Err(ResumeError::Invalid(_))
+        ));
+        let enormous = "A".repeat(MAX_STATE_TOKEN + 1);
+        match trips.resume((Some(&alice), None), None, &enormous, "tools/call", None) {
+            Err(ResumeError::Invalid(why)) => assert!(why.contains("longer than"), "{why}"),
+            _ => panic!("an enormous token is refused for its length"),
+        }
+        // Expired.
+        let brief = RoundTrips::new(Sealer::random(1), Duration::ZERO);
+        let token = brief.relay((None, None), ("tools/call", Some("t")), "s");
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            brief
+                .resume((None, None), None, &token, "tools/call", Some("t"))
+                .err(),
+            Some(ResumeError::Gone)
+        );
+    }
 
     #[test]
     fn input_required_lists_every_question() {

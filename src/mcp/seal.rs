@@ -8,6 +8,12 @@ use ring::aead::{self, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 
 const NONCE: usize = 12;
 
+/// The length of the token sealing `plain` bytes: callers bound what they open by it, before
+/// any decoding.
+pub const fn sealed_len(plain: usize) -> usize {
+    (4 * (1 + NONCE + plain + aead::MAX_TAG_LEN)).div_ceil(3)
+}
+
 /// Why a token did not open.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SealError {
@@ -138,5 +144,50 @@ mod tests {
             sealer.open(b"state", "not base64 !"),
             Err(SealError::Malformed)
         );
+    }
+
+    /// A token has one spelling: what keeps a record of tokens by their text (deleted session
+    /// ids) cannot be walked around with another spelling of the same bytes. Cut, lengthened,
+    /// padded or with any character changed, it opens nothing.
+    #[test]
+    fn a_token_opens_only_as_it_was_spelled() {
+        let sealer = Sealer::random(1);
+        for len in 0..4 {
+            // Each length modulo 3, so the last character carries unused bits or none.
+            let token = sealer.seal(b"s", &vec![7u8; 40 + len]);
+            assert_eq!(token.len(), sealed_len(40 + len));
+            assert!(sealer.open(b"s", &token).is_ok());
+            let alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+            for at in [0, 1, token.len() / 2, token.len() - 1] {
+                for c in alphabet.chars() {
+                    let mut other: Vec<char> = token.chars().collect();
+                    if other[at] == c {
+                        continue;
+                    }
+                    other[at] = c;
+                    let other: String = other.into_iter().collect();
+                    assert!(
+                        sealer.open(b"s", &other).is_err(),
+                        "{other} opens as {token}"
+                    );
+                }
+            }
+            for other in [
+                &token[..token.len() - 1],
+                &format!("{token}A"),
+                &format!("{token}AA"),
+                &format!("{token}="),
+                &format!("{token}=="),
+                &format!(" {token}"),
+                &token.replace('-', "+").replace('_', "/"),
+            ] {
+                if *other != token {
+                    assert!(
+                        sealer.open(b"s", other).is_err(),
+                        "{other} opens as {token}"
+                    );
+                }
+            }
+        }
     }
 }

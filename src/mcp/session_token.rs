@@ -15,6 +15,11 @@ const SERVER_REQUEST: &[u8] = b"gatehouse/server-request/v1";
 /// Longest portable session id issued (a header every request repeats); a session whose token
 /// would be longer (huge client capabilities) gets a random id and lives on one replica.
 pub const MAX_SESSION_ID: usize = 1024;
+/// Longest server request id opened (raw JSON); an id is refused longer before it is decoded.
+pub const MAX_REQUEST_ID: usize = 16 * 1024;
+/// How far ahead of a replica's clock another replica's may run: a token issued later than
+/// that is absurd, and honored nowhere.
+pub const MAX_CLOCK_SKEW_MS: u64 = 60_000;
 
 /// What a portable session id carries.
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +37,14 @@ pub struct SessionToken {
     /// The profile it was opened on (`/mcp/{profile}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub f: Option<String>,
+}
+
+impl SessionToken {
+    /// Whether a replica honors it at `now` (Unix ms) with tokens honored `max_age` ms: issued
+    /// at most `max_age` ago, and not later than now (give or take [`MAX_CLOCK_SKEW_MS`]).
+    pub fn honored_at(&self, now: u64, max_age: u64) -> bool {
+        self.t <= now.saturating_add(MAX_CLOCK_SKEW_MS) && self.t.saturating_add(max_age) >= now
+    }
 }
 
 /// What a server request's id carries in a portable session.
@@ -78,7 +91,8 @@ pub fn issue(sealer: &Sealer, token: &SessionToken) -> Option<String> {
     (id.len() <= MAX_SESSION_ID).then_some(id)
 }
 
-/// Opens a session id sealed by one of `sealer`'s keys.
+/// Opens a session id sealed by one of `sealer`'s keys (an id longer than any issued is not
+/// decoded). Whether it is still honored is [`SessionToken::honored_at`].
 pub fn open(sealer: &Sealer, id: &str) -> Option<SessionToken> {
     if id.len() > MAX_SESSION_ID {
         return None;
@@ -95,6 +109,9 @@ pub fn seal_request_id(sealer: &Sealer, id: &ServerRequestId) -> String {
 
 /// Opens a server request's id (raw JSON, a string) that `sealer` sealed.
 pub fn open_request_id(sealer: &Sealer, raw: &[u8]) -> Option<ServerRequestId> {
+    if raw.len() > MAX_REQUEST_ID {
+        return None;
+    }
     let token: String = serde_json::from_slice(raw).ok()?;
     let plain = sealer.open(SERVER_REQUEST, &token).ok()?;
     serde_json::from_slice(&plain).ok()
@@ -145,6 +162,76 @@ mod tests {
         assert_eq!(open_request_id(&b, raw.as_bytes()), Some(ask));
         assert_eq!(open(&b, raw.trim_matches('"')), None);
         assert_eq!(open_request_id(&b, format!("{id:?}").as_bytes()), None);
+    }
+
+    /// Cut, lengthened, sealed with a key id the sealer lacks (or an old key under a known id),
+    /// or too long to be one: nothing opens, and a too-long id is not even decoded (a valid
+    /// token of that length would open, were it decoded).
+    #[test]
+    fn altered_foreign_and_enormous_ids_open_nothing() {
+        let sealer = Sealer::from_keys(&[(2, [2; 32]), (1, [1; 32])]);
+        let id = issue(&sealer, &token()).unwrap();
+        assert_eq!(open(&sealer, &id), Some(token()));
+        assert_eq!(open(&sealer, &id[..id.len() - 1]), None);
+        assert_eq!(open(&sealer, &format!("{id}AA")), None);
+        assert_eq!(open(&sealer, ""), None);
+        let retired = issue(&Sealer::from_key(1, &[9; 32]), &token()).unwrap();
+        assert_eq!(
+            open(&sealer, &retired),
+            None,
+            "an old key under a reused id"
+        );
+        let unknown = issue(&Sealer::from_key(7, &[1; 32]), &token()).unwrap();
+        assert_eq!(open(&sealer, &unknown), None, "a key id not configured");
+        let long = SessionToken {
+            i: "x".repeat(MAX_SESSION_ID),
+            ..token()
+        };
+        let plain = serde_json::to_vec(&long).unwrap();
+        let enormous = sealer.seal(SESSION, &plain);
+        assert!(sealer.open(SESSION, &enormous).is_ok());
+        assert_eq!(open(&sealer, &enormous), None);
+        // A server request id likewise.
+        let ask = ServerRequestId {
+            p: None,
+            g: digest("s"),
+            e: 1,
+            s: "x".into(),
+            u: Some("u".repeat(MAX_REQUEST_ID)),
+            v: None,
+            o: "1".into(),
+            n: 1,
+        };
+        let raw = seal_request_id(&sealer, &ask);
+        assert!(raw.len() > MAX_REQUEST_ID);
+        assert_eq!(open_request_id(&sealer, raw.as_bytes()), None);
+        let ask = ServerRequestId { u: None, ..ask };
+        let raw = seal_request_id(&sealer, &ask);
+        assert_eq!(open_request_id(&sealer, raw.as_bytes()), Some(ask));
+    }
+
+    #[test]
+    fn a_token_is_honored_from_its_issue_for_max_age_and_never_before() {
+        let t = SessionToken {
+            t: 1_000_000,
+            ..token()
+        };
+        assert!(t.honored_at(1_000_000, 10));
+        assert!(t.honored_at(1_000_010, 10));
+        assert!(!t.honored_at(1_000_011, 10), "expired");
+        assert!(
+            t.honored_at(1_000_000 - MAX_CLOCK_SKEW_MS, 10),
+            "a clock a little behind"
+        );
+        assert!(
+            !t.honored_at(1_000_000 - MAX_CLOCK_SKEW_MS - 1, 10),
+            "issued in the future"
+        );
+        let absurd = SessionToken {
+            t: u64::MAX,
+            ..token()
+        };
+        assert!(!absurd.honored_at(now_ms(), u64::MAX));
     }
 
     #[test]
