@@ -2,8 +2,8 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -196,6 +196,24 @@ pub struct Uptake {
     /// Set once the stream is ended for its reader: at its next poll (if the reader ever reads
     /// again) the body ends, what still waits in its queue unsent.
     ended: AtomicBool,
+    /// The connection that carries the stream, told once the stream is ended: the connection
+    /// polls the body only when it can write, so it would not see the end by itself.
+    carrier: Mutex<Option<Arc<dyn Carrier>>>,
+}
+
+/// The connection that carries a watched stream, as the stream sees it: told once the stream
+/// is ended for a reader that stopped, so that it lets go of the stream (the listener closes an
+/// HTTP/1 connection, which can serve nothing else while the answer is unfinished, and counts
+/// an HTTP/2 stream no longer in flight).
+pub(crate) trait Carrier: Send + Sync {
+    /// The stream is ended for its reader; called at most once per stream.
+    fn reader_gone(&self);
+}
+
+impl std::fmt::Debug for dyn Carrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Carrier")
+    }
 }
 
 impl Uptake {
@@ -243,9 +261,31 @@ impl Uptake {
         }
     }
 
-    /// Ends the body at its next poll, whatever still waits in its queue.
+    /// Ends the body at its next poll, whatever still waits in its queue, and tells the
+    /// connection that carries it (which may never poll it again).
     pub(crate) fn end(&self) {
         self.ended.store(true, Ordering::SeqCst);
+        let carrier = self.carrier().take();
+        if let Some(c) = carrier {
+            c.reader_gone();
+        }
+    }
+
+    /// Names the connection that carries the stream; told at once if the stream is already
+    /// ended.
+    pub(crate) fn carried_by(&self, carrier: Arc<dyn Carrier>) {
+        let mut slot = self.carrier();
+        // Under the lock: `end` either finds the carrier here or has set `ended` before.
+        if self.ended.load(Ordering::SeqCst) {
+            drop(slot);
+            carrier.reader_gone();
+        } else {
+            *slot = Some(carrier);
+        }
+    }
+
+    fn carrier(&self) -> std::sync::MutexGuard<'_, Option<Arc<dyn Carrier>>> {
+        self.carrier.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn is_ended(&self) -> bool {
@@ -340,6 +380,32 @@ mod tests {
         let stopped = tokio::time::Instant::now();
         stalled.await.unwrap();
         assert!(stopped.elapsed() <= WITHIN * 2, "{:?}", stopped.elapsed());
+    }
+
+    /// The connection carrying a stream is told once when the stream is ended for its reader,
+    /// whether it was named before or after; and never while the stream lives.
+    #[test]
+    fn the_carrier_is_told_once_when_the_stream_is_ended() {
+        #[derive(Default)]
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl Carrier for Count {
+            fn reader_gone(&self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let told = |c: &Arc<Count>| c.0.load(Ordering::SeqCst);
+        let (_tx, rx) = mpsc::channel::<Bytes>(1);
+        let (_response, uptake) = watched_sse_response(None, rx);
+        let before = Arc::new(Count::default());
+        uptake.carried_by(before.clone());
+        assert_eq!(told(&before), 0, "the stream lives");
+        uptake.end();
+        uptake.end();
+        assert_eq!(told(&before), 1);
+        let after = Arc::new(Count::default());
+        uptake.carried_by(after.clone());
+        assert_eq!(told(&after), 1, "named once the stream had ended");
+        assert_eq!(told(&before), 1);
     }
 
     /// A connection that never asked for the first frame (it could not even write the

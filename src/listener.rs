@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::body::{Body, response};
+use crate::body::{Body, Carrier, response};
 use crate::config::McpSettings;
 use crate::gateway::Gateway;
 use crate::mcp::{front, http_sse, jsonrpc};
@@ -36,6 +36,19 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// TCP keep-alive probes unanswered before the kernel drops the connection.
 const KEEPALIVE_RETRIES: u32 = 3;
+/// Most HTTP/2 streams a client may have open at once on one connection (beyond: the stream
+/// is refused, REFUSED_STREAM). hyper's default is 200; 100 is the least RFC 9113 advises.
+/// Each stream is a request in flight on the shared runtime, so one connection holds at most
+/// what 100 HTTP/1 connections would.
+const MAX_STREAMS: u32 = 100;
+/// Most bytes of header fields an HTTP/2 request may carry (decoded, 32 bytes counted per
+/// field): over it, 431; a header block that keeps growing past it (a CONTINUATION flood)
+/// ends the connection (GOAWAY ENHANCE_YOUR_CALM). hyper's default, made explicit: HTTP/1
+/// heads are bounded by hyper's read buffer (about 400 KiB) and 100 fields, 431 beyond.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Most HTTP/2 streams a client may open and reset before the gateway has taken them up
+/// (rapid reset): past it, GOAWAY ENHANCE_YOUR_CALM. The h2 crate's default, made explicit.
+const MAX_PENDING_RESETS: usize = 20;
 
 /// A running listener.
 pub struct Listening {
@@ -174,7 +187,10 @@ async fn serve_connection<S>(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(mcp.keepalive_interval))
-        .keep_alive_timeout(PING_TIMEOUT);
+        .keep_alive_timeout(PING_TIMEOUT)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS);
     let activity = Activity::new();
     let service = {
         let activity = activity.clone();
@@ -187,6 +203,7 @@ async fn serve_connection<S>(
             }
             async move {
                 let resp = route(gw, req).await;
+                let in_flight = in_flight.follow(resp.body());
                 Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
                     body,
                     _in_flight: in_flight,
@@ -251,6 +268,10 @@ struct Activity {
     /// no header deadline between them.
     http2: AtomicBool,
     since: tokio::time::Instant,
+    /// Wakes the idle watch of an HTTP/1 connection whose answer was a stream ended for a
+    /// reader that stopped: the answer will never be finished, so the connection can serve
+    /// nothing more.
+    reader_gone: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -261,13 +282,30 @@ impl Activity {
             last_end_ms: AtomicU64::new(0),
             http2: AtomicBool::new(false),
             since: tokio::time::Instant::now(),
+            reader_gone: tokio::sync::Notify::new(),
         })
+    }
+
+    fn request_ended(&self) {
+        let ms = self.since.elapsed().as_millis() as u64;
+        self.last_end_ms.fetch_max(ms, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// One request in flight; it stays counted until its response body is dropped, so a long
-/// SSE stream keeps its connection busy.
-struct InFlight(Arc<Activity>);
+/// One request in flight: counted from its start until its answer is whole (a body of one
+/// buffer is, when made: what is left is the connection's writing, as over HTTP/1, where
+/// hyper takes such a body at once), or for a stream until hyper drops its body, so a long
+/// SSE stream keeps its connection busy; or until a watched stream is ended for a reader that
+/// stopped (hyper, which polls a body only when it can write, may never drop it).
+struct InFlight(Mark);
+
+enum Mark {
+    /// Given back when dropped.
+    Request(Arc<Activity>),
+    /// A watched stream's, shared with its [`Uptake`](crate::body::Uptake).
+    Stream(Arc<StreamMark>),
+}
 
 impl InFlight {
     fn start(activity: &Arc<Activity>, version: http::Version) -> InFlight {
@@ -277,16 +315,68 @@ impl InFlight {
                 .http2
                 .store(version == http::Version::HTTP_2, Ordering::Relaxed);
         }
-        InFlight(activity.clone())
+        InFlight(Mark::Request(activity.clone()))
+    }
+
+    /// The mark the answer `body` holds: none once it is whole; shared with the watch on its
+    /// reader for a long-lived stream (only these pay an allocation); else this one.
+    fn follow(mut self, body: &Body) -> Option<InFlight> {
+        let uptake = match body {
+            Body::Empty | Body::Full(_) => return None,
+            Body::Sse { uptake, .. } => uptake.as_ref(),
+            Body::Events(_) => None,
+        };
+        if let (Some(uptake), Mark::Request(activity)) = (uptake, &self.0) {
+            let mark = Arc::new(StreamMark {
+                activity: activity.clone(),
+                held: AtomicBool::new(true),
+            });
+            self.0 = Mark::Stream(mark.clone());
+            uptake.carried_by(mark);
+        }
+        Some(self)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let a = &self.0;
-        let ms = a.since.elapsed().as_millis() as u64;
-        a.last_end_ms.fetch_max(ms, Ordering::Relaxed);
-        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+        match &self.0 {
+            Mark::Request(a) => a.request_ended(),
+            Mark::Stream(m) => {
+                m.release();
+            }
+        }
+    }
+}
+
+/// A watched stream's request mark, given back once: when hyper drops the stream's body or
+/// when the stream is ended for a reader that stopped, whichever comes first.
+struct StreamMark {
+    activity: Arc<Activity>,
+    held: AtomicBool,
+}
+
+impl StreamMark {
+    /// Gives the mark back unless it was: whether this call did.
+    fn release(&self) -> bool {
+        let held = self.held.swap(false, Ordering::AcqRel);
+        if held {
+            self.activity.request_ended();
+        }
+        held
+    }
+}
+
+impl Carrier for StreamMark {
+    /// The stream no longer counts as in flight. An HTTP/1 connection is closed now: its
+    /// answer will never end, so it can serve nothing more (a reader that comes back within
+    /// the closing grace sees the stream end). An HTTP/2 connection may be serving other
+    /// streams: the idle watch closes it once none is in flight for the idle deadline (the
+    /// stalled stream is dropped with it).
+    fn reader_gone(&self) {
+        if self.release() && !self.activity.http2.load(Ordering::Relaxed) {
+            self.activity.reader_gone.notify_one();
+        }
     }
 }
 
@@ -303,9 +393,9 @@ struct Deadlines {
 }
 
 impl Deadlines {
-    /// How long a connection found idle may take to close. A request's end is when hyper
-    /// drops its answer's body, which may be before the answer's last bytes are written to a
-    /// slow reader: over HTTP/1, where the header deadline cut the idle one short, the writing
+    /// How long a connection found idle may take to close. A request's end is when its answer
+    /// is whole or hyper drops its body (see [`InFlight`]), which may be before the answer's
+    /// last bytes are written to a slow reader: over HTTP/1, where the header deadline cut the idle one short, the writing
     /// has the rest of the idle deadline to finish (what it had before hyper's header timer
     /// was replaced).
     fn grace(&self, a: &Activity) -> Duration {
@@ -340,13 +430,17 @@ impl Deadlines {
 /// no request has started yet (counted from accept), then `idle` (and for HTTP/1 `header`)
 /// after the last request ended; to how long its closing may take. One timer per connection,
 /// reset only when it fires: a request that comes and goes in the meantime moves the deadline
-/// without waking anything.
+/// without waking anything. An HTTP/1 connection whose answer was a stream ended for a reader
+/// that stopped resolves it at once.
 async fn idle_deadline(activity: Arc<Activity>, deadlines: Deadlines) -> Duration {
     let first_look = deadlines.first.min(deadlines.idle).min(deadlines.header);
     let sleep = tokio::time::sleep_until(activity.since + first_look);
     tokio::pin!(sleep);
     loop {
-        sleep.as_mut().await;
+        tokio::select! {
+            () = activity.reader_gone.notified() => return SHUTDOWN_GRACE,
+            () = sleep.as_mut() => {}
+        }
         match deadlines.next_look(&activity, tokio::time::Instant::now()) {
             Some(at) => sleep.as_mut().reset(at),
             None => return deadlines.grace(&activity),
@@ -354,10 +448,11 @@ async fn idle_deadline(activity: Arc<Activity>, deadlines: Deadlines) -> Duratio
     }
 }
 
-/// A response body that holds its request's [`InFlight`] mark until hyper is done with it.
+/// A response body that holds its request's [`InFlight`] mark (if its answer is not whole yet)
+/// until hyper is done with it.
 struct Tracked {
     body: Body,
-    _in_flight: InFlight,
+    _in_flight: Option<InFlight>,
 }
 
 impl http_body::Body for Tracked {
@@ -920,6 +1015,87 @@ mod tests {
             idle_deadline(activity, deadlines).await;
             assert_eq!(start.elapsed(), after, "{version:?}");
         }
+    }
+
+    /// A watched stream's answer with its request's mark, as the service hands it to hyper.
+    fn watched_answer(
+        activity: &Arc<Activity>,
+        version: http::Version,
+    ) -> (Tracked, Arc<crate::body::Uptake>) {
+        let (_tx, rx) = tokio::sync::mpsc::channel(1);
+        let (resp, uptake) = crate::body::watched_sse_response(None, rx);
+        let in_flight = InFlight::start(activity, version).follow(resp.body());
+        assert!(in_flight.is_some());
+        let tracked = Tracked {
+            body: resp.into_body(),
+            _in_flight: in_flight,
+        };
+        (tracked, uptake)
+    }
+
+    fn in_flight(a: &Activity) -> usize {
+        a.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// An answer of one buffer is whole when made: its request is no longer in flight, though
+    /// the connection (a client that grants no HTTP/2 window) may never write it. A stream's
+    /// request stays in flight while hyper holds its body.
+    #[test]
+    fn a_whole_answer_ends_its_request_and_a_stream_holds_it() {
+        let activity = Activity::new();
+        let full = InFlight::start(&activity, H1).follow(&Body::full("ok"));
+        assert!(full.is_none());
+        assert_eq!(in_flight(&activity), 0);
+        let (_tx, rx) = tokio::sync::mpsc::channel(1);
+        let stream = InFlight::start(&activity, H1).follow(&Body::Events(rx));
+        assert_eq!(in_flight(&activity), 1);
+        drop(stream);
+        assert_eq!(in_flight(&activity), 0);
+    }
+
+    /// A watched stream ended for its reader gives its request's mark back once, whether
+    /// hyper drops the body before or after; and closes an HTTP/1 connection at once (with the
+    /// usual grace), while an HTTP/2 one is closed only once idle for its deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_ended_for_its_reader_lets_go_of_its_connection() {
+        for version in [H1, http::Version::HTTP_2] {
+            let activity = Activity::new();
+            let (tracked, uptake) = watched_answer(&activity, version);
+            let start = tokio::time::Instant::now();
+            let idle = tokio::spawn(idle_deadline(activity.clone(), DEADLINES));
+            tokio::time::sleep(FIRST * 3).await;
+            assert!(!idle.is_finished(), "{version:?}: the stream is in flight");
+            uptake.end();
+            assert_eq!(in_flight(&activity), 0, "{version:?}");
+            drop(tracked);
+            assert_eq!(in_flight(&activity), 0, "{version:?}: given back once");
+            assert_eq!(idle.await.unwrap(), SHUTDOWN_GRACE, "{version:?}");
+            let closing = start.elapsed();
+            if version == H1 {
+                assert_eq!(closing, FIRST * 3, "HTTP/1: closed at once");
+            } else {
+                assert!(closing > FIRST * 3 + LATER / 2, "HTTP/2: {closing:?}");
+                assert!(closing <= FIRST * 3 + LATER * 2, "HTTP/2: {closing:?}");
+            }
+        }
+    }
+
+    /// A stream whose body hyper dropped first (it ended, or its client left) gives its mark
+    /// back then; ending it afterwards changes nothing, and does not close the connection,
+    /// which may be serving the next request.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_ended_first_leaves_its_connection_alone() {
+        let activity = Activity::new();
+        let (tracked, uptake) = watched_answer(&activity, H1);
+        drop(tracked);
+        let next = InFlight::start(&activity, H1);
+        uptake.end();
+        assert_eq!(in_flight(&activity), 1, "the next request is still counted");
+        let idle = tokio::spawn(idle_deadline(activity.clone(), DEADLINES));
+        tokio::time::sleep(FIRST * 3).await;
+        assert!(!idle.is_finished(), "the next request's connection is kept");
+        drop(next);
+        idle.await.unwrap();
     }
 
     #[test]

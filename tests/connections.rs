@@ -1505,3 +1505,802 @@ async fn idle_streams_are_kept_however_long_they_go_unread() {
     }
     gw.stop().await;
 }
+
+/// A connection from `src` (any address of 127/8), its receive buffer `rcvbuf` bytes if given.
+async fn connect_with(src: Ipv4Addr, rcvbuf: Option<u32>, to: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    if let Some(size) = rcvbuf {
+        s.set_recv_buffer_size(size).unwrap();
+    }
+    s.bind(SocketAddr::new(src.into(), 0)).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+/// Sends `request` on `s` and reads until its response head has come: what was read.
+async fn head_of(s: &mut TcpStream, request: &str) -> String {
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut read = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !read.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {}", String::from_utf8_lossy(&read));
+            read.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("a response head within 10 s");
+    String::from_utf8_lossy(&read).into_owned()
+}
+
+/// Whether a new connection from `src` is admitted within `within` (an admitted one is kept
+/// open a while; a refused one is closed at once).
+async fn admitted_within(src: Ipv4Addr, to: SocketAddr, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let mut s = connect_from(src, to).await;
+        if !closed_within(&mut s, Duration::from_millis(200)).await {
+            return true;
+        }
+    }
+    false
+}
+
+/// A keep-alive HTTP/1 connection from `src` that asks for `/healthz` every 250 ms until told
+/// to stop: how many answers it read on that one connection (a closed connection fails it).
+fn keep_asking(
+    src: Ipv4Addr,
+    to: SocketAddr,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<usize>,
+) {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut r = BufReader::new(connect_from(src, to).await);
+        let mut answered = 0;
+        loop {
+            r.get_mut()
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+                .await
+                .expect("the keep-alive connection takes another request");
+            let (status, body) = response(&mut r).await;
+            assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+            assert_eq!(body, "ok\n");
+            answered += 1;
+            tokio::select! {
+                _ = &mut stopped => return answered,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    });
+    (stop, task)
+}
+
+/// A client that stops reading its session's GET stream while its server floods it holds
+/// neither the stream nor its connection: once the stream is ended for its stalled reader the
+/// gateway closes the connection (the client never reads again, so hyper would never see the
+/// stream end), within the closing grace, and its place under `mcp.max_connections_per_ip` is
+/// given back. The same address's idle listen stream, and another address's keep-alive
+/// connection asking all along, are kept.
+#[tokio::test]
+async fn a_stalled_streams_connection_is_closed_and_its_place_given_back() {
+    let gw = TestGateway::start(&stall_config(", max_connections_per_ip: 2"), &[flooder()]).await;
+    let stopped = healthy_session(&gw).await;
+    let (peer, asker) = (Ipv4Addr::new(127, 0, 0, 7), Ipv4Addr::new(127, 0, 0, 8));
+    let mut stalled_stream = connect_with(peer, Some(SMALL_RCVBUF), gw.addr).await;
+    let head = head_of(&mut stalled_stream, &get_request(&stopped)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut idle = connect_from(peer, gw.addr).await;
+    let head = head_of(&mut idle, &listen_request("idle", json!({}))).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut third = connect_from(peer, gw.addr).await;
+    assert!(
+        closed_within(&mut third, Duration::from_secs(2)).await,
+        "a third connection from the peer was admitted over max_connections_per_ip: 2"
+    );
+    let (stop_asking, asking) = keep_asking(asker, gw.addr);
+    assert_eq!(stopped.tool_text(1, "flood", flood()).await, "flooding");
+    one_stalled(&gw, "get").await;
+    let stalled_at = Instant::now();
+    // The stream is found within twice the stall timeout of its last frame; its connection
+    // is closed within the closing grace (2 s) after (the margin is for a loaded machine).
+    assert!(
+        admitted_within(peer, gw.addr, Duration::from_secs(10)).await,
+        "the stalled stream's connection still holds its place after {:?}",
+        stalled_at.elapsed()
+    );
+    eprintln!(
+        "the stalled stream's place was given back {:?} after it was ended",
+        stalled_at.elapsed()
+    );
+    // Closed by the gateway, though the client read nothing: what was sent, then the end.
+    assert!(
+        closed_within(&mut stalled_stream, Duration::from_secs(10)).await,
+        "the stalled stream's connection is still open"
+    );
+    keeps_delivering(&mut idle, Duration::from_secs(1)).await;
+    stop_asking.send(()).unwrap();
+    let answered = asking
+        .await
+        .expect("the keep-alive connection was never closed");
+    assert!(answered >= 8, "only {answered} answers");
+    assert_eq!(status_of(gw.addr, &get_request(&stopped)).await, 200);
+    assert_eq!(stalled(&gw, "get"), 1, "only the stream nobody read");
+    gw.stop().await;
+}
+
+/// What `open_raw` does, from `src`.
+async fn open_raw_from(
+    src: Ipv4Addr,
+    addr: SocketAddr,
+    request: &str,
+    rcvbuf: Option<u32>,
+    until: &str,
+) -> (TcpStream, String) {
+    let mut s = connect_with(src, rcvbuf, addr).await;
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut read = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let text = String::from_utf8_lossy(&read);
+            if let Some(head) = text.find("\r\n\r\n")
+                && text[head..].contains(until)
+            {
+                return;
+            }
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {text}");
+            read.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("an answer within 10 s");
+    (s, String::from_utf8_lossy(&read).into_owned())
+}
+
+/// A listen stream and an HTTP+SSE stream whose clients stop reading while their servers flood
+/// them lose their connections too, and their places under `mcp.max_connections_per_ip`, though
+/// the clients never read again; each address's idle listen streams are kept.
+#[tokio::test]
+async fn stalled_listen_and_sse_streams_lose_their_connections_too() {
+    let gw = TestGateway::start(&stall_config(", max_connections_per_ip: 3"), &[flooder()]).await;
+    let (listener, sse_client) = (Ipv4Addr::new(127, 0, 0, 11), Ipv4Addr::new(127, 0, 0, 12));
+    let tools = json!({"toolsListChanged": true});
+    let request = listen_request("stops", tools);
+    let (_listen, head) = open_raw_from(listener, gw.addr, &request, Some(SMALL_RCVBUF), "").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (_sse, read) =
+        open_raw_from(sse_client, gw.addr, SSE_REQUEST, Some(SMALL_RCVBUF), "\n\n").await;
+    let data = read.split("data: ").nth(1).expect("an endpoint event");
+    let endpoint = format!("/{}", &data[..data.find('\n').unwrap()]);
+    let mut idle = Vec::new();
+    for (i, peer) in [listener, listener, sse_client, sse_client]
+        .into_iter()
+        .enumerate()
+    {
+        let request = listen_request(&format!("idle-{i}"), json!({}));
+        let (s, head) = open_raw_from(peer, gw.addr, &request, None, "").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        idle.push(s);
+    }
+    for peer in [listener, sse_client] {
+        assert!(
+            !admitted_within(peer, gw.addr, Duration::from_millis(500)).await,
+            "a fourth connection from {peer} was admitted"
+        );
+    }
+    let call = json!({"name": "flood", "arguments": flood()});
+    let (head, body) = stateless_parts("1", "tools/call", Some("flood"), call);
+    let answer = raw_exchange(gw.addr, &head, &body).await;
+    assert!(answer.contains("flooding"), "{answer}");
+    initialize_sse(gw.addr, &endpoint).await;
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "flood", "arguments": flood()}});
+    assert_eq!(
+        post_message(gw.addr, &endpoint, &call.to_string()).await,
+        202
+    );
+    for (kind, peer) in [("listen", listener), ("sse", sse_client)] {
+        one_stalled(&gw, kind).await;
+        assert!(
+            admitted_within(peer, gw.addr, Duration::from_secs(10)).await,
+            "the stalled {kind} stream's connection still holds its place"
+        );
+    }
+    for s in &mut idle {
+        keeps_delivering(s, Duration::from_millis(500)).await;
+    }
+    gw.stop().await;
+}
+
+/// A watched stream that ends on its own (its session is deleted) leaves its keep-alive
+/// connection to serve the next request: only a stream ended for its stalled reader closes
+/// its connection.
+#[tokio::test]
+async fn a_stream_that_ends_on_its_own_leaves_its_connection_serving() {
+    let gw = TestGateway::start(
+        "mcp: { sse_keepalive: 200ms, stalled_stream_timeout: 1s }",
+        &[example("a", &[], "")],
+    )
+    .await;
+    let c = healthy_session(&gw).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let head = head_of(&mut s, &get_request(&c)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Read a while, past the stall timeout: an idle stream is kept.
+    keeps_delivering(&mut s, Duration::from_millis(2500)).await;
+    let del = c
+        .request("DELETE", Bytes::new())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(c.send(del).await.status, 200);
+    // The chunked stream's last chunk, then the connection is ready for another request.
+    let mut tail = Vec::new();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !tail.ends_with(b"0\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the connection was closed with its stream");
+            tail.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the GET stream ends with its session");
+    let mut r = BufReader::new(s);
+    r.get_mut()
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = response(&mut r).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, "ok\n");
+    assert_eq!(stalled(&gw, "get"), 0);
+    gw.stop().await;
+}
+
+/// Raw HTTP/2 frames, so that a test can play a client no library would be.
+mod h2_raw {
+    use super::*;
+
+    pub const DATA: u8 = 0x0;
+    pub const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const PING: u8 = 0x6;
+    pub const GOAWAY: u8 = 0x7;
+    pub const CONTINUATION: u8 = 0x9;
+    pub const END_STREAM: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+    pub const ACK: u8 = 0x1;
+
+    pub const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    pub const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+    pub const SETTINGS_MAX_HEADER_LIST_SIZE: u16 = 0x6;
+
+    pub const PROTOCOL_ERROR: u32 = 0x1;
+    pub const FLOW_CONTROL_ERROR: u32 = 0x3;
+    pub const REFUSED_STREAM: u32 = 0x7;
+    pub const CANCEL: u32 = 0x8;
+    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(9 + payload.len());
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    pub fn settings(values: &[(u16, u32)]) -> Vec<u8> {
+        let payload: Vec<u8> = values
+            .iter()
+            .flat_map(|(id, v)| id.to_be_bytes().into_iter().chain(v.to_be_bytes()))
+            .collect();
+        frame(SETTINGS, 0, 0, &payload)
+    }
+
+    /// An HPACK integer of `prefix` bits.
+    fn integer(out: &mut Vec<u8>, prefix: u8, v: usize) {
+        let max = (1usize << prefix) - 1;
+        if v < max {
+            out.push(v as u8);
+            return;
+        }
+        out.push(max as u8);
+        let mut rest = v - max;
+        while rest >= 128 {
+            out.push((rest % 128) as u8 | 0x80);
+            rest /= 128;
+        }
+        out.push(rest as u8);
+    }
+
+    fn string(out: &mut Vec<u8>, s: &[u8]) {
+        integer(out, 7, s.len());
+        out.extend_from_slice(s);
+    }
+
+    /// A header block of literal fields, never indexed nor Huffman-coded.
+    pub fn block(fields: &[(&str, &str)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, value) in fields {
+            out.push(0);
+            string(&mut out, name.as_bytes());
+            string(&mut out, value.as_bytes());
+        }
+        out
+    }
+
+    /// The fields of a request for `path` on the gateway, then `extra`.
+    pub fn request<'a>(
+        method: &'a str,
+        path: &'a str,
+        extra: &[(&'a str, &'a str)],
+    ) -> Vec<(&'a str, &'a str)> {
+        let mut fields = vec![
+            (":method", method),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "127.0.0.1"),
+        ];
+        fields.extend_from_slice(extra);
+        fields
+    }
+
+    pub struct Frame {
+        pub kind: u8,
+        pub flags: u8,
+        pub stream: u32,
+        pub payload: Vec<u8>,
+    }
+
+    /// An HTTP/2 connection played frame by frame.
+    pub struct Conn {
+        pub s: TcpStream,
+        /// The gateway's settings.
+        pub settings: Vec<(u16, u32)>,
+    }
+
+    impl Conn {
+        /// Connects with `settings`, reads the gateway's and acknowledges them.
+        pub async fn open(to: SocketAddr, settings: &[(u16, u32)]) -> Conn {
+            let s = TcpStream::connect(to).await.unwrap();
+            Conn::over(s, settings).await
+        }
+
+        pub async fn over(mut s: TcpStream, settings: &[(u16, u32)]) -> Conn {
+            let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            hello.extend(self::settings(settings));
+            s.write_all(&hello).await.unwrap();
+            let mut c = Conn {
+                s,
+                settings: Vec::new(),
+            };
+            loop {
+                let f = c.next().await.expect("the gateway's settings");
+                if f.kind == SETTINGS && f.flags & ACK == 0 {
+                    c.settings = f
+                        .payload
+                        .chunks(6)
+                        .map(|v| {
+                            (
+                                u16::from_be_bytes([v[0], v[1]]),
+                                u32::from_be_bytes([v[2], v[3], v[4], v[5]]),
+                            )
+                        })
+                        .collect();
+                    break;
+                }
+            }
+            c.send(&frame(SETTINGS, ACK, 0, &[])).await;
+            c
+        }
+
+        pub fn setting(&self, id: u16) -> Option<u32> {
+            self.settings
+                .iter()
+                .find(|(i, _)| *i == id)
+                .map(|(_, v)| *v)
+        }
+
+        pub async fn send(&mut self, bytes: &[u8]) {
+            self.s.write_all(bytes).await.unwrap();
+        }
+
+        /// The next frame, or `None` once the connection has ended.
+        pub async fn next(&mut self) -> Option<Frame> {
+            let mut head = [0u8; 9];
+            self.s.read_exact(&mut head).await.ok()?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            self.s.read_exact(&mut payload).await.ok()?;
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            Some(Frame {
+                kind: head[3],
+                flags: head[4],
+                stream,
+                payload,
+            })
+        }
+
+        /// Reads frames (each seen by `each`) until the connection ends, within `within`: the
+        /// error code of the GOAWAY that ended it, if one did.
+        pub async fn ends_within(
+            &mut self,
+            within: Duration,
+            mut each: impl FnMut(&Frame),
+        ) -> Option<u32> {
+            tokio::time::timeout(within, async {
+                let mut goaway = None;
+                while let Some(f) = self.next().await {
+                    if f.kind == GOAWAY {
+                        goaway = Some(u32::from_be_bytes(f.payload[4..8].try_into().unwrap()));
+                    }
+                    each(&f);
+                }
+                goaway
+            })
+            .await
+            .unwrap_or_else(|_| panic!("the HTTP/2 connection still open after {within:?}"))
+        }
+    }
+}
+
+use h2_raw::*;
+
+/// The gateway's HTTP/2 limits are the ones it says: at most 100 streams at once per
+/// connection (the 101st is refused, REFUSED_STREAM, the others go on), 16 KiB of header
+/// fields (a larger request is answered 431), and a CONTINUATION flood ends the connection
+/// (GOAWAY ENHANCE_YOUR_CALM); other clients are served throughout.
+#[tokio::test]
+async fn http2_streams_and_header_lists_are_bounded() {
+    let gw = TestGateway::start("mcp: { body_timeout: 30s }", &[example("a", &[], "")]).await;
+    let healthy = healthy_session(&gw).await;
+    let mut c = Conn::open(gw.addr, &[]).await;
+    assert_eq!(c.setting(SETTINGS_MAX_CONCURRENT_STREAMS), Some(100));
+    assert_eq!(c.setting(SETTINGS_MAX_HEADER_LIST_SIZE), Some(16 * 1024));
+    // 101 calls whose bodies never come: each stays in flight.
+    let fields = request(
+        "POST",
+        "/mcp",
+        &[
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+            ("content-length", "100"),
+        ],
+    );
+    let block = block(&fields);
+    let mut burst = Vec::new();
+    for i in 0..101 {
+        burst.extend(frame(HEADERS, END_HEADERS, 1 + 2 * i, &block));
+    }
+    c.send(&burst).await;
+    let refused = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let f = c.next().await.expect("the connection stays open");
+            if f.kind == RST_STREAM {
+                let code = u32::from_be_bytes(f.payload[..4].try_into().unwrap());
+                return (f.stream, code);
+            }
+        }
+    })
+    .await
+    .expect("the 101st stream refused within 5 s");
+    assert_eq!(refused, (201, REFUSED_STREAM));
+    still_healthy(&healthy).await;
+
+    // A request with 20 KiB of header fields: 431 on its stream, the connection kept.
+    let mut big = Conn::open(gw.addr, &[]).await;
+    let large = "x".repeat(20 * 1024);
+    let block = h2_raw::block(&request("GET", "/healthz", &[("x-large", &large)]));
+    let (first, rest) = block.split_at(16 * 1024);
+    let mut frames = frame(HEADERS, END_STREAM, 1, first);
+    frames.extend(frame(CONTINUATION, END_HEADERS, 1, rest));
+    big.send(&frames).await;
+    let answer = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let f = big.next().await.expect("the connection stays open");
+            if f.kind == HEADERS && f.stream == 1 {
+                return f.payload;
+            }
+        }
+    })
+    .await
+    .expect("an answer within 5 s");
+    // `:status` (static index 8) and 431, as text or Huffman-coded.
+    assert!(
+        answer
+            .windows(3)
+            .any(|w| w == b"431" || w == [0x69, 0x90, 0xff]),
+        "not 431: {answer:?}"
+    );
+    let small = h2_raw::block(&request("GET", "/healthz", &[]));
+    big.send(&frame(HEADERS, END_STREAM | END_HEADERS, 3, &small))
+        .await;
+    let data = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let f = big.next().await.expect("the connection stays open");
+            if f.kind == DATA && f.stream == 3 {
+                return f.payload;
+            }
+        }
+    })
+    .await
+    .expect("the next request answered");
+    assert_eq!(data, b"ok\n");
+
+    // A header block that never ends: CONTINUATION frames of a value that keeps growing.
+    let mut flood = Conn::open(gw.addr, &[]).await;
+    let mut start = vec![0u8, 7];
+    start.extend_from_slice(b"x-flood");
+    // A literal value of a million bytes announced (an HPACK integer: 127 then the rest).
+    start.push(0x7f);
+    let mut rest = 1_000_000 - 127;
+    while rest >= 128 {
+        start.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    start.push(rest as u8);
+    let mut frames = frame(HEADERS, END_STREAM, 1, &start);
+    for _ in 0..64 {
+        frames.extend(frame(CONTINUATION, 0, 1, &[b'x'; 64]));
+    }
+    // The gateway may end the connection before it has read them all.
+    let _ = flood.s.write_all(&frames).await;
+    assert_eq!(
+        flood.ends_within(Duration::from_secs(5), |_| {}).await,
+        Some(ENHANCE_YOUR_CALM)
+    );
+    still_healthy(&healthy).await;
+    gw.stop().await;
+}
+
+/// HTTP/2 rapid reset: a client that opens streams and resets them at once, as fast as it can
+/// write, is told to go away (GOAWAY ENHANCE_YOUR_CALM) and its connection ends; nothing it
+/// asked for is left in flight, and other clients are served.
+#[tokio::test]
+async fn http2_rapid_reset_ends_the_connection() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let healthy = healthy_session(&gw).await;
+    let mut c = Conn::open(gw.addr, &[]).await;
+    let block = h2_raw::block(&request("GET", "/healthz", &[]));
+    let mut burst = Vec::new();
+    for i in 0..2000u32 {
+        let id = 1 + 2 * i;
+        burst.extend(frame(HEADERS, END_STREAM | END_HEADERS, id, &block));
+        burst.extend(frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
+    }
+    let writer = tokio::spawn(async move {
+        let _ = c.s.write_all(&burst).await;
+        c
+    });
+    let mut c = writer.await.unwrap();
+    let mut answered = 0;
+    let code = c
+        .ends_within(Duration::from_secs(10), |f| {
+            if f.kind == HEADERS {
+                answered += 1;
+            }
+        })
+        .await;
+    eprintln!("rapid reset: {answered} of 2000 streams answered before the end");
+    assert_eq!(code, Some(ENHANCE_YOUR_CALM));
+    assert!(answered < 2000);
+    still_healthy(&healthy).await;
+    gw.stop().await;
+}
+
+/// Clients that grant no HTTP/2 window (SETTINGS_INITIAL_WINDOW_SIZE 0, never a
+/// WINDOW_UPDATE) get their answers' heads and nothing more. A plain answer (`/healthz`) is
+/// whole when made, so its request is over and the connection is closed once idle; a session's
+/// GET stream, whose reader takes nothing while keep-alives wait, is ended for its stalled
+/// reader (the session may open another) and its connection closed the same way. A window
+/// over 2^31-1 ends the connection (h2 reads it as a PROTOCOL_ERROR; RFC 9113 names it a
+/// FLOW_CONTROL_ERROR). Other clients are served throughout.
+#[tokio::test]
+async fn http2_clients_that_grant_no_window_are_let_go_of() {
+    let gw = TestGateway::start(&stall_config(""), &[example("a", &[], "")]).await;
+    let c = healthy_session(&gw).await;
+    let no_window = [(SETTINGS_INITIAL_WINDOW_SIZE, 0)];
+    let mut plain = Conn::open(gw.addr, &no_window).await;
+    let block = h2_raw::block(&request("GET", "/healthz", &[]));
+    plain
+        .send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block))
+        .await;
+    let mut stream = Conn::open(gw.addr, &no_window).await;
+    let session = c.session.clone().unwrap();
+    let block = h2_raw::block(&request(
+        "GET",
+        "/mcp",
+        &[
+            ("accept", "text/event-stream"),
+            ("mcp-protocol-version", "2025-11-25"),
+            ("mcp-session-id", &session),
+        ],
+    ));
+    stream
+        .send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block))
+        .await;
+    let started = Instant::now();
+    for (name, conn) in [("/healthz", &mut plain), ("a GET stream", &mut stream)] {
+        let (mut heads, mut data) = (0, 0);
+        // Stall (1-2 s) for the stream, then the idle deadline (2 s, looked at every 2 s) and
+        // the closing grace (2 s); the margin is for a loaded machine.
+        let code = conn
+            .ends_within(Duration::from_secs(20), |f| match f.kind {
+                HEADERS => heads += 1,
+                DATA => data += 1,
+                _ => {}
+            })
+            .await;
+        eprintln!("{name}: closed after {:?} ({code:?})", started.elapsed());
+        assert_eq!((heads, data), (1, 0), "{name}: the head and nothing more");
+        still_healthy(&c).await;
+    }
+    assert_eq!(stalled(&gw, "get"), 1);
+    assert_eq!(status_of(gw.addr, &get_request(&c)).await, 200);
+
+    let mut huge = TcpStream::connect(gw.addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(settings(&[(SETTINGS_INITIAL_WINDOW_SIZE, 1 << 31)]));
+    huge.write_all(&hello).await.unwrap();
+    let mut huge = Conn {
+        s: huge,
+        settings: Vec::new(),
+    };
+    let code = huge.ends_within(Duration::from_secs(5), |_| {}).await;
+    assert!(
+        matches!(code, Some(PROTOCOL_ERROR | FLOW_CONTROL_ERROR)),
+        "{code:?}"
+    );
+    still_healthy(&c).await;
+    gw.stop().await;
+}
+
+/// A PING flood from a client that reads nothing: the gateway answers what its buffers take
+/// and then reads no more (the flood is held to the kernel's buffers, not the gateway's
+/// memory), and the connection, which never asks for anything, is closed at the deadline from
+/// accept; other clients are served meanwhile.
+#[tokio::test]
+async fn an_http2_ping_flood_is_bounded() {
+    let gw = TestGateway::start(
+        "mcp: { header_timeout: 6s, idle_connection_timeout: 60s }",
+        &[example("a", &[], "")],
+    )
+    .await;
+    let c = healthy_session(&gw).await;
+    let s = connect_with(Ipv4Addr::LOCALHOST, Some(SMALL_RCVBUF), gw.addr).await;
+    let flooder = Conn::over(s, &[]).await;
+    let started = Instant::now();
+    let mut pings = Vec::new();
+    for i in 0..10_000u64 {
+        pings.extend(frame(PING, 0, 0, &i.to_be_bytes()));
+    }
+    let (mut read, mut write) = flooder.s.into_split();
+    let mut sent = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), write.write_all(&pings)).await {
+            Ok(Ok(())) => sent += pings.len(),
+            // Held, or already closed: either way the flood stopped here.
+            Err(_) | Ok(Err(_)) => break,
+        }
+        assert!(
+            sent < 64 << 20,
+            "the gateway read 64 MiB of PINGs whose answers went unread"
+        );
+    }
+    eprintln!(
+        "PING flood: {} KiB taken in {:?} before the gateway read no more",
+        sent >> 10,
+        started.elapsed()
+    );
+    still_healthy(&c).await;
+    let mut sink = [0u8; 64 * 1024];
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Ok(1..) = read.read(&mut sink).await {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the flooding connection still open after {:?}",
+        started.elapsed()
+    );
+    eprintln!("PING flood: closed after {:?}", started.elapsed());
+    still_healthy(&c).await;
+    gw.stop().await;
+}
+
+/// HTTP/1 heads are bounded: more than 100 header fields, or a head larger than hyper's read
+/// buffer (about 400 KiB), is answered 431 and the connection closed; other clients are served.
+#[tokio::test]
+async fn http1_heads_over_the_bounds_are_431() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let c = healthy_session(&gw).await;
+    let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let long = format!("x-long: {}\r\n", "y".repeat(512 * 1024));
+    for (name, fields) in [("101 fields", many), ("a 512 KiB field", long)] {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        let request = format!("GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n{fields}\r\n");
+        let (mut read, mut write) = s.split();
+        // The gateway may answer, and close, before it has read it all.
+        let (_, answer) = tokio::join!(write.write_all(request.as_bytes()), async {
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut out)).await;
+            out
+        });
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 431"), "{name}: {answer}");
+        still_healthy(&c).await;
+    }
+    gw.stop().await;
+}
+
+/// Pipelined HTTP/1 requests are answered one after another, in order, however many come at
+/// once; a client that pipelines without end and reads nothing holds the gateway to what its
+/// buffers take, and its connection is closed within the header deadline and the closing grace
+/// (its place given back).
+#[tokio::test]
+async fn pipelined_requests_are_bounded() {
+    let gw = TestGateway::start(
+        "mcp: { header_timeout: 1s, idle_connection_timeout: 2s, max_connections_per_ip: 1 }",
+        &[example("a", &[], "")],
+    )
+    .await;
+    let one = b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n";
+    let (reader_ip, flooder_ip) = (Ipv4Addr::new(127, 0, 0, 9), Ipv4Addr::new(127, 0, 0, 10));
+    let mut r = BufReader::new(connect_from(reader_ip, gw.addr).await);
+    let (mut read, mut write) = tokio::io::split(&mut r);
+    let writing = async {
+        for _ in 0..2000 {
+            write.write_all(one).await.unwrap();
+        }
+    };
+    let reading = async {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 64 * 1024];
+        while all.windows(3).filter(|w| w == b"ok\n").count() < 2000 {
+            let n = read.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before every answer");
+            all.extend_from_slice(&buf[..n]);
+        }
+        all.windows(15).filter(|w| w == b"HTTP/1.1 200 OK").count()
+    };
+    let (_, answered) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(writing, reading)
+    })
+    .await
+    .expect("2000 pipelined requests answered within 30 s");
+    assert_eq!(answered, 2000);
+
+    let s = connect_with(flooder_ip, Some(SMALL_RCVBUF), gw.addr).await;
+    let (mut read, mut write) = s.into_split();
+    let flood = tokio::spawn(async move {
+        let many = one.repeat(1000);
+        while write.write_all(&many).await.is_ok() {}
+    });
+    let started = Instant::now();
+    // Refused while the flood holds the address's one place...
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!admitted_within(flooder_ip, gw.addr, Duration::from_millis(300)).await);
+    // ...given back within the header deadline and the grace (the margin for a loaded machine).
+    assert!(
+        admitted_within(flooder_ip, gw.addr, Duration::from_secs(10)).await,
+        "the pipelining connection still holds its place after {:?}",
+        started.elapsed()
+    );
+    eprintln!(
+        "the pipelining connection was closed after {:?}",
+        started.elapsed()
+    );
+    let mut sink = [0u8; 64 * 1024];
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(1..) = read.read(&mut sink).await {}
+    })
+    .await;
+    assert!(ended.is_ok());
+    flood.abort();
+    gw.stop().await;
+}
