@@ -268,10 +268,12 @@ struct Activity {
     /// no header deadline between them.
     http2: AtomicBool,
     since: tokio::time::Instant,
-    /// Wakes the idle watch of an HTTP/1 connection whose answer was a stream ended for a
-    /// reader that stopped: the answer will never be finished, so the connection can serve
-    /// nothing more.
-    reader_gone: tokio::sync::Notify,
+    /// Set for an HTTP/1 connection whose answer was a stream ended for a reader that
+    /// stopped: the answer will never be finished, so the connection can serve nothing more.
+    reader_gone: AtomicBool,
+    /// Wakes the idle watch when `reader_gone` is set (a register per poll costs a few
+    /// instructions: the watch is polled whenever its connection's task is).
+    watch: futures_util::task::AtomicWaker,
 }
 
 impl Activity {
@@ -282,7 +284,8 @@ impl Activity {
             last_end_ms: AtomicU64::new(0),
             http2: AtomicBool::new(false),
             since: tokio::time::Instant::now(),
-            reader_gone: tokio::sync::Notify::new(),
+            reader_gone: AtomicBool::new(false),
+            watch: futures_util::task::AtomicWaker::new(),
         })
     }
 
@@ -375,7 +378,8 @@ impl Carrier for StreamMark {
     /// stalled stream is dropped with it).
     fn reader_gone(&self) {
         if self.release() && !self.activity.http2.load(Ordering::Relaxed) {
-            self.activity.reader_gone.notify_one();
+            self.activity.reader_gone.store(true, Ordering::Release);
+            self.activity.watch.wake();
         }
     }
 }
@@ -437,9 +441,15 @@ async fn idle_deadline(activity: Arc<Activity>, deadlines: Deadlines) -> Duratio
     let sleep = tokio::time::sleep_until(activity.since + first_look);
     tokio::pin!(sleep);
     loop {
-        tokio::select! {
-            () = activity.reader_gone.notified() => return SHUTDOWN_GRACE,
-            () = sleep.as_mut() => {}
+        let reader_gone = std::future::poll_fn(|cx| {
+            activity.watch.register(cx.waker());
+            if activity.reader_gone.load(Ordering::Acquire) {
+                return Poll::Ready(true);
+            }
+            sleep.as_mut().poll(cx).map(|()| false)
+        });
+        if reader_gone.await {
+            return SHUTDOWN_GRACE;
         }
         match deadlines.next_look(&activity, tokio::time::Instant::now()) {
             Some(at) => sleep.as_mut().reset(at),
