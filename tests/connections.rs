@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use serde_json::{Value, json};
 use support::{BIN, Client, TestGateway, example};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// The HTTP/2 connection preface and an empty SETTINGS frame: a client that then says nothing.
@@ -24,16 +24,95 @@ const H2_PREFACE_ONLY: &[u8] =
 
 const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#;
 
-/// Connects from a chosen loopback source address (Linux routes all of 127/8 to lo), so a test
-/// can play several peers.
+/// A request for `/healthz`, on a connection kept alive.
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n";
+
+/// How a test client connects: from which loopback source address (Linux routes all of 127/8
+/// to lo, so a test can play several peers), and with what receive buffer.
+#[derive(Clone, Copy)]
+struct Peer {
+    src: Ipv4Addr,
+    rcvbuf: Option<u32>,
+}
+
+/// A client on 127.0.0.1 with the system's buffers.
+const LOCAL: Peer = Peer {
+    src: Ipv4Addr::LOCALHOST,
+    rcvbuf: None,
+};
+
+impl Peer {
+    /// A client on `src` (any address of 127/8) with the system's buffers.
+    fn at(src: Ipv4Addr) -> Peer {
+        Peer { src, rcvbuf: None }
+    }
+
+    /// This client with a receive buffer of `SMALL_RCVBUF`: reading nothing, it soon blocks
+    /// the gateway.
+    fn small_buffer(self) -> Peer {
+        Peer {
+            rcvbuf: Some(SMALL_RCVBUF),
+            ..self
+        }
+    }
+
+    /// A new connection to `to`.
+    async fn connect(self, to: SocketAddr) -> TcpStream {
+        let s = TcpSocket::new_v4().unwrap();
+        if let Some(size) = self.rcvbuf {
+            s.set_recv_buffer_size(size).unwrap();
+        }
+        s.bind(SocketAddr::new(self.src.into(), 0)).unwrap();
+        s.connect(to).await.unwrap()
+    }
+
+    /// Sends `request` on a new connection and reads until the response head has come, and
+    /// `until` after it: the connection, and what was read (the head first).
+    async fn open_raw(self, to: SocketAddr, request: &str, until: &str) -> (TcpStream, String) {
+        let mut s = self.connect(to).await;
+        let read = request_on(&mut s, request, until).await;
+        (s, read)
+    }
+
+    /// The stream `request` opens (it is answered 200) on a new connection.
+    async fn open_stream(self, to: SocketAddr, request: &str) -> TcpStream {
+        let (s, head) = self.open_raw(to, request, "").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        s
+    }
+}
+
+/// Connects from a chosen loopback source address.
 async fn connect_from(src: Ipv4Addr, to: SocketAddr) -> TcpStream {
-    let s = TcpSocket::new_v4().unwrap();
-    s.bind(SocketAddr::new(src.into(), 0)).unwrap();
-    s.connect(to).await.unwrap()
+    Peer::at(src).connect(to).await
+}
+
+/// Sends `request` on `s` and reads until the response head has come, and `until` after it:
+/// what was read (the head first).
+async fn request_on(s: &mut TcpStream, request: &str, until: &str) -> String {
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut read = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let text = String::from_utf8_lossy(&read);
+            if let Some(head) = text.find("\r\n\r\n")
+                && text[head..].contains(until)
+            {
+                return;
+            }
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {text}");
+            read.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("an answer within 10 s");
+    String::from_utf8_lossy(&read).into_owned()
 }
 
 /// Whether the server closes `s` (EOF or reset) within `within`, discarding anything it sends.
-async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+async fn closed_within(s: &mut (impl AsyncRead + Unpin), within: Duration) -> bool {
     tokio::time::timeout(within, async {
         let mut buf = [0u8; 1024];
         loop {
@@ -45,6 +124,19 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
     })
     .await
     .is_ok()
+}
+
+/// Whether a new connection from `src` is admitted within `within` (an admitted one is kept
+/// open a while; a refused one is closed at once).
+async fn admitted_within(src: Ipv4Addr, to: SocketAddr, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let mut s = connect_from(src, to).await;
+        if !closed_within(&mut s, Duration::from_millis(200)).await {
+            return true;
+        }
+    }
+    false
 }
 
 /// A `tools/call` of the example server's `slow` tool (`seconds` long), its body padded to
@@ -104,6 +196,14 @@ async fn healthy_session(gw: &TestGateway) -> Client {
     c
 }
 
+/// A gateway (`top` its YAML before `upstreams:`) in front of `upstream`, and a client with a
+/// session on it.
+async fn gateway_and_session(top: &str, upstream: String) -> (TestGateway, Client) {
+    let gw = TestGateway::start(top, &[upstream]).await;
+    let c = healthy_session(&gw).await;
+    (gw, c)
+}
+
 async fn still_healthy(c: &Client) {
     assert_eq!(
         c.tool_text(99, "echo", json!({"text":"still here"})).await,
@@ -113,20 +213,7 @@ async fn still_healthy(c: &Client) {
 
 /// Opens a GET SSE stream for `c`'s session on a connection of its own.
 async fn open_sse_stream(gw: &TestGateway, c: &Client) -> TcpStream {
-    let mut sse = TcpStream::connect(gw.addr).await.unwrap();
-    let head = format!(
-        "GET /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\nmcp-session-id: {}\r\n\r\n",
-        c.session.as_deref().unwrap()
-    );
-    sse.write_all(head.as_bytes()).await.unwrap();
-    let mut buf = [0u8; 1024];
-    let n = sse.read(&mut buf).await.unwrap();
-    assert!(
-        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&buf[..n])
-    );
-    sse
+    LOCAL.open_stream(gw.addr, &get_request(c)).await
 }
 
 /// Asserts that `sse` keeps delivering (keep-alive comments) for `span`.
@@ -144,12 +231,11 @@ async fn keeps_delivering(sse: &mut TcpStream, span: Duration) {
 
 #[tokio::test]
 async fn silent_connections_are_closed_from_accept_http1_and_http2() {
-    let gw = TestGateway::start(
+    let (gw, healthy) = gateway_and_session(
         "mcp: { header_timeout: 1s, idle_connection_timeout: 60s }",
-        &[example("a", &[], "")],
+        example("a", &[], ""),
     )
     .await;
-    let healthy = healthy_session(&gw).await;
     let mut silent = TcpStream::connect(gw.addr).await.unwrap();
     let mut h2 = TcpStream::connect(gw.addr).await.unwrap();
     h2.write_all(H2_PREFACE_ONLY).await.unwrap();
@@ -174,18 +260,15 @@ async fn silent_connections_are_closed_from_accept_http1_and_http2() {
 
 #[tokio::test]
 async fn idle_keep_alive_connections_close_but_sse_streams_stay() {
-    let gw = TestGateway::start(
+    let (gw, healthy) = gateway_and_session(
         "mcp: { header_timeout: 30s, idle_connection_timeout: 1s, sse_keepalive: 200ms }",
-        &[example("a", &[], "")],
+        example("a", &[], ""),
     )
     .await;
-    let healthy = healthy_session(&gw).await;
 
     // A keep-alive connection that served one request, then went quiet.
     let mut kept = TcpStream::connect(gw.addr).await.unwrap();
-    kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
-        .await
-        .unwrap();
+    kept.write_all(HEALTHZ).await.unwrap();
     let mut buf = [0u8; 1024];
     let n = kept.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
@@ -215,19 +298,16 @@ async fn idle_keep_alive_connections_close_but_sse_streams_stay() {
 /// that lasts longer than the header deadline (an SSE stream) is not cut off.
 #[tokio::test]
 async fn a_next_request_head_that_never_finishes_is_cut_off_at_the_header_deadline() {
-    let gw = TestGateway::start(
+    let (gw, healthy) = gateway_and_session(
         "mcp: { header_timeout: 1s, idle_connection_timeout: 60s, sse_keepalive: 200ms }",
-        &[example("a", &[], "")],
+        example("a", &[], ""),
     )
     .await;
-    let healthy = healthy_session(&gw).await;
     let mut sse = open_sse_stream(&gw, &healthy).await;
     let mut slow = TcpStream::connect(gw.addr).await.unwrap();
     let mut quiet = TcpStream::connect(gw.addr).await.unwrap();
     for s in [&mut slow, &mut quiet] {
-        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
-            .await
-            .unwrap();
+        s.write_all(HEALTHZ).await.unwrap();
         let mut buf = [0u8; 1024];
         let n = s.read(&mut buf).await.unwrap();
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
@@ -260,12 +340,11 @@ async fn a_next_request_head_that_never_finishes_is_cut_off_at_the_header_deadli
 /// the usual closing grace together, then reads the whole answer.
 #[tokio::test]
 async fn a_large_answer_to_a_slow_reader_is_not_cut_off_at_the_header_deadline() {
-    let gw = TestGateway::start(
+    let (gw, c) = gateway_and_session(
         "mcp: { header_timeout: 1s, idle_connection_timeout: 60s, max_body_bytes: 33554432 }",
-        &[example("a", &[], "")],
+        example("a", &[], ""),
     )
     .await;
-    let c = healthy_session(&gw).await;
     // Larger than what the kernel buffers between the two sockets: the gateway is still
     // writing while the client waits.
     let text = "x".repeat(12 << 20);
@@ -316,12 +395,11 @@ async fn a_large_answer_to_a_slow_reader_is_not_cut_off_at_the_header_deadline()
 
 #[tokio::test]
 async fn connections_over_the_per_address_cap_are_closed_at_once() {
-    let gw = TestGateway::start(
+    let (gw, healthy) = gateway_and_session(
         "mcp: { header_timeout: 30s, max_connections_per_ip: 3 }",
-        &[example("a", &[], "")],
+        example("a", &[], ""),
     )
     .await;
-    let healthy = healthy_session(&gw).await;
     let other = Ipv4Addr::new(127, 0, 0, 2);
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -342,17 +420,8 @@ async fn connections_over_the_per_address_cap_are_closed_at_once() {
     drop(held.pop());
     // Bounded by time, not by attempts: a refused attempt is quick, and under load the gateway
     // may take a while to read the dropped connection's end.
-    let mut admitted = false;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let mut s = connect_from(other, gw.addr).await;
-        if !closed_within(&mut s, Duration::from_millis(200)).await {
-            admitted = true;
-            break;
-        }
-    }
     assert!(
-        admitted,
+        admitted_within(other, gw.addr, Duration::from_secs(10)).await,
         "a place freed by a closed connection was never given back"
     );
     gw.stop().await;
@@ -512,8 +581,7 @@ async fn under_a_low_file_limit_real_clients_get_in_while_silent_connections_are
 
 #[tokio::test]
 async fn two_host_headers_are_refused_with_400() {
-    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
-    let healthy = healthy_session(&gw).await;
+    let (gw, healthy) = gateway_and_session("", example("a", &[], "")).await;
     let r = raw_exchange(
         gw.addr,
         "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\nhost: evil.example\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n",
@@ -545,8 +613,7 @@ async fn two_host_headers_are_refused_with_400() {
 
 #[tokio::test]
 async fn absolute_form_targets_must_agree_with_host_and_pass_the_host_rules() {
-    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
-    let healthy = healthy_session(&gw).await;
+    let (gw, healthy) = gateway_and_session("", example("a", &[], "")).await;
     let headers =
         "content-type: application/json\r\naccept: application/json, text/event-stream\r\n";
 
@@ -1123,44 +1190,9 @@ fn stall_config(extra: &str) -> String {
 /// A receive buffer small enough that a client that reads nothing blocks the gateway soon.
 const SMALL_RCVBUF: u32 = 4096;
 
-/// Sends `request` on a new connection (its receive buffer `rcvbuf` bytes, if given) and
-/// reads until the response head has come, and `until` after it: the connection, and what was
-/// read (the head first).
-async fn open_raw(
-    addr: SocketAddr,
-    request: &str,
-    rcvbuf: Option<u32>,
-    until: &str,
-) -> (TcpStream, String) {
-    let socket = TcpSocket::new_v4().unwrap();
-    if let Some(size) = rcvbuf {
-        socket.set_recv_buffer_size(size).unwrap();
-    }
-    let mut s = socket.connect(addr).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut read = Vec::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let text = String::from_utf8_lossy(&read);
-            if let Some(head) = text.find("\r\n\r\n")
-                && text[head..].contains(until)
-            {
-                return;
-            }
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed after {text}");
-            read.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("an answer within 10 s");
-    (s, String::from_utf8_lossy(&read).into_owned())
-}
-
 /// The status a request is answered with (a stream it opens is closed at once).
 async fn status_of(addr: SocketAddr, request: &str) -> u16 {
-    let (_, head) = open_raw(addr, request, None, "").await;
+    let (_, head) = LOCAL.open_raw(addr, request, "").await;
     head.split(' ').nth(1).unwrap().parse().unwrap()
 }
 
@@ -1203,9 +1235,10 @@ fn listen_request(id: &str, notifications: Value) -> String {
 const SSE_REQUEST: &str =
     "GET /sse HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\n\r\n";
 
-/// Opens an HTTP+SSE stream: the connection, and the message URL its `endpoint` event names.
-async fn open_sse(addr: SocketAddr, rcvbuf: Option<u32>) -> (TcpStream, String) {
-    let (s, read) = open_raw(addr, SSE_REQUEST, rcvbuf, "\n\n").await;
+/// Opens an HTTP+SSE stream from `peer`: the connection, and the message URL its `endpoint`
+/// event names.
+async fn open_sse(peer: Peer, addr: SocketAddr) -> (TcpStream, String) {
+    let (s, read) = peer.open_raw(addr, SSE_REQUEST, "\n\n").await;
     assert!(read.starts_with("HTTP/1.1 200"), "{read}");
     let data = read.split("data: ").nth(1).expect("an endpoint event");
     (s, format!("/{}", &data[..data.find('\n').unwrap()]))
@@ -1230,6 +1263,28 @@ async fn initialize_sse(addr: SocketAddr, endpoint: &str) {
         post_message(addr, endpoint, &initialized.to_string()).await,
         202
     );
+}
+
+/// The `i`th of a caller's listen streams that ask for nothing (so stay idle), from `peer`.
+async fn open_idle_listen(peer: Peer, addr: SocketAddr, i: usize) -> TcpStream {
+    let request = listen_request(&format!("idle-{i}"), json!({}));
+    peer.open_stream(addr, &request).await
+}
+
+/// Starts the flooder's flood on the listen streams of 2026-07-28 callers.
+async fn flood_listen_streams(addr: SocketAddr) {
+    let call = json!({"name": "flood", "arguments": flood()});
+    let (head, body) = stateless_parts("1", "tools/call", Some("flood"), call);
+    let answer = raw_exchange(addr, &head, &body).await;
+    assert!(answer.contains("flooding"), "{answer}");
+}
+
+/// Starts the flooder's flood on an HTTP+SSE client's stream (the client's session
+/// initialized).
+async fn flood_sse_stream(addr: SocketAddr, endpoint: &str) {
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "flood", "arguments": flood()}});
+    assert_eq!(post_message(addr, endpoint, &call.to_string()).await, 202);
 }
 
 /// Reads `s` until it ends, counting the `list_changed` notices it carries; the count is
@@ -1285,6 +1340,24 @@ async fn one_stalled(gw: &TestGateway, kind: &str) {
     .await;
 }
 
+/// Once a stream of `kind` was ended for its stalled reader and the stream's place was taken
+/// again: its connection ends as soon as its client reads again, the reading client (its
+/// count `heard`) hears notices throughout, and no other stream was ended.
+async fn only_the_stalled_stream_ended(
+    gw: &TestGateway,
+    kind: &str,
+    stalled_stream: &mut TcpStream,
+    heard: &mut tokio::sync::watch::Receiver<usize>,
+) {
+    hears_more(heard).await;
+    assert!(
+        closed_within(stalled_stream, Duration::from_secs(10)).await,
+        "the ended stream's connection is still open once its client read again"
+    );
+    hears_more(heard).await;
+    assert_eq!(stalled(gw, kind), 1, "only the stream nobody read");
+}
+
 /// A client that opens its session's GET stream and then reads nothing, while its server
 /// floods it (each notice coalesced with the one still waiting, so the stream's queue never
 /// fills), loses the stream once it has taken nothing for `stalled_stream_timeout`: the
@@ -1294,12 +1367,11 @@ async fn one_stalled(gw: &TestGateway, kind: &str) {
 async fn a_get_stream_whose_client_stops_reading_is_ended() {
     let gw = TestGateway::start(&stall_config(""), &[flooder()]).await;
     let (stopped, reading) = (healthy_session(&gw).await, healthy_session(&gw).await);
-    let (mut stalled_stream, head) =
-        open_raw(gw.addr, &get_request(&stopped), Some(SMALL_RCVBUF), "").await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let (s, head) = open_raw(gw.addr, &get_request(&reading), None, "").await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let mut heard = count_notices(s);
+    let mut stalled_stream = LOCAL
+        .small_buffer()
+        .open_stream(gw.addr, &get_request(&stopped))
+        .await;
+    let mut heard = count_notices(LOCAL.open_stream(gw.addr, &get_request(&reading)).await);
     assert_eq!(
         status_of(gw.addr, &get_request(&stopped)).await,
         409,
@@ -1314,13 +1386,7 @@ async fn a_get_stream_whose_client_stops_reading_is_ended() {
         status_of(gw.addr, &get_request(&stopped)).await == 200
     })
     .await;
-    hears_more(&mut heard).await;
-    assert!(
-        closed_within(&mut stalled_stream, Duration::from_secs(10)).await,
-        "the ended stream's connection is still open once its client read again"
-    );
-    hears_more(&mut heard).await;
-    assert_eq!(stalled(&gw, "get"), 1, "only the stream nobody read");
+    only_the_stalled_stream_ended(&gw, "get", &mut stalled_stream, &mut heard).await;
     gw.stop().await;
 }
 
@@ -1331,51 +1397,31 @@ async fn a_get_stream_whose_client_stops_reading_is_ended() {
 async fn a_listen_stream_whose_client_stops_reading_is_ended_and_its_slot_freed() {
     let gw = TestGateway::start(&stall_config(""), &[flooder()]).await;
     let tools = json!({"toolsListChanged": true});
-    let (mut stalled_stream, head) = open_raw(
-        gw.addr,
-        &listen_request("stops", tools.clone()),
-        Some(SMALL_RCVBUF),
-        "",
-    )
-    .await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let (s, head) = open_raw(gw.addr, &listen_request("reads", tools), None, "").await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let mut heard = count_notices(s);
+    let mut stalled_stream = LOCAL
+        .small_buffer()
+        .open_stream(gw.addr, &listen_request("stops", tools.clone()))
+        .await;
+    let reading = LOCAL
+        .open_stream(gw.addr, &listen_request("reads", tools))
+        .await;
+    let mut heard = count_notices(reading);
     let mut idle = Vec::new();
     for i in 0..62 {
-        let (s, head) = open_raw(
-            gw.addr,
-            &listen_request(&format!("idle-{i}"), json!({})),
-            None,
-            "",
-        )
-        .await;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        idle.push(s);
+        idle.push(open_idle_listen(LOCAL, gw.addr, i).await);
     }
     assert_eq!(
         status_of(gw.addr, &listen_request("one-more", json!({}))).await,
         429,
         "every slot is taken"
     );
-    let call = json!({"name": "flood", "arguments": flood()});
-    let (head, body) = stateless_parts("1", "tools/call", Some("flood"), call);
-    let answer = raw_exchange(gw.addr, &head, &body).await;
-    assert!(answer.contains("flooding"), "{answer}");
+    flood_listen_streams(gw.addr).await;
     hears_more(&mut heard).await;
     one_stalled(&gw, "listen").await;
     support::eventually("a listen stream in the slot let go of", || async {
         status_of(gw.addr, &listen_request("again", json!({}))).await == 200
     })
     .await;
-    hears_more(&mut heard).await;
-    assert!(
-        closed_within(&mut stalled_stream, Duration::from_secs(10)).await,
-        "the ended stream's connection is still open once its client read again"
-    );
-    hears_more(&mut heard).await;
-    assert_eq!(stalled(&gw, "listen"), 1, "only the stream nobody read");
+    only_the_stalled_stream_ended(&gw, "listen", &mut stalled_stream, &mut heard).await;
     drop(idle);
     gw.stop().await;
 }
@@ -1386,17 +1432,12 @@ async fn a_listen_stream_whose_client_stops_reading_is_ended_and_its_slot_freed(
 #[tokio::test]
 async fn an_http_sse_stream_whose_client_stops_reading_is_ended_with_its_session() {
     let gw = TestGateway::start(&stall_config(", max_sessions: 2"), &[flooder()]).await;
-    let (mut stalled_stream, stopped) = open_sse(gw.addr, Some(SMALL_RCVBUF)).await;
-    let (s, reading) = open_sse(gw.addr, None).await;
+    let (mut stalled_stream, stopped) = open_sse(LOCAL.small_buffer(), gw.addr).await;
+    let (s, reading) = open_sse(LOCAL, gw.addr).await;
     let mut heard = count_notices(s);
-    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-        "params": {"name": "flood", "arguments": flood()}});
     for endpoint in [&stopped, &reading] {
         initialize_sse(gw.addr, endpoint).await;
-        assert_eq!(
-            post_message(gw.addr, endpoint, &call.to_string()).await,
-            202
-        );
+        flood_sse_stream(gw.addr, endpoint).await;
     }
     assert_eq!(
         status_of(gw.addr, SSE_REQUEST).await,
@@ -1414,13 +1455,7 @@ async fn an_http_sse_stream_whose_client_stops_reading_is_ended_with_its_session
         status_of(gw.addr, SSE_REQUEST).await == 200
     })
     .await;
-    hears_more(&mut heard).await;
-    assert!(
-        closed_within(&mut stalled_stream, Duration::from_secs(10)).await,
-        "the ended stream's connection is still open once its client read again"
-    );
-    hears_more(&mut heard).await;
-    assert_eq!(stalled(&gw, "sse"), 1, "only the stream nobody read");
+    only_the_stalled_stream_ended(&gw, "sse", &mut stalled_stream, &mut heard).await;
     gw.stop().await;
 }
 
@@ -1431,14 +1466,15 @@ async fn an_http_sse_stream_whose_client_stops_reading_is_ended_with_its_session
 /// wakes a writer only once a third of it is free).
 #[tokio::test]
 async fn a_slow_reader_keeps_its_stream() {
-    let gw = TestGateway::start(
+    let (gw, c) = gateway_and_session(
         "mcp: { stalled_stream_timeout: 2s, sse_keepalive: 200ms }",
-        &[flooder()],
+        flooder(),
     )
     .await;
-    let c = healthy_session(&gw).await;
-    let (mut s, head) = open_raw(gw.addr, &get_request(&c), Some(SMALL_RCVBUF), "").await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut s = LOCAL
+        .small_buffer()
+        .open_stream(gw.addr, &get_request(&c))
+        .await;
     let fast = json!({"seconds": 30, "pad": 32768, "every": 0.001});
     assert_eq!(c.tool_text(1, "flood", fast).await, "flooding");
     let started = Instant::now();
@@ -1472,24 +1508,18 @@ async fn a_slow_reader_keeps_its_stream() {
 /// (keep-alives come less often than that), are still theirs and deliver keep-alives.
 #[tokio::test]
 async fn idle_streams_are_kept_however_long_they_go_unread() {
-    let gw = TestGateway::start(
+    let (gw, c) = gateway_and_session(
         "mcp: { stalled_stream_timeout: 500ms, sse_keepalive: 1500ms }",
-        &[flooder()],
+        flooder(),
     )
     .await;
-    let c = healthy_session(&gw).await;
-    let (mut get, head) = open_raw(gw.addr, &get_request(&c), Some(SMALL_RCVBUF), "").await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let unread = LOCAL.small_buffer();
+    let mut get = unread.open_stream(gw.addr, &get_request(&c)).await;
     let tools = json!({"toolsListChanged": true});
-    let (mut listen, head) = open_raw(
-        gw.addr,
-        &listen_request("idle", tools),
-        Some(SMALL_RCVBUF),
-        "",
-    )
-    .await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let (mut sse, endpoint) = open_sse(gw.addr, Some(SMALL_RCVBUF)).await;
+    let mut listen = unread
+        .open_stream(gw.addr, &listen_request("idle", tools))
+        .await;
+    let (mut sse, endpoint) = open_sse(unread, gw.addr).await;
     initialize_sse(gw.addr, &endpoint).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     for kind in ["get", "listen", "sse"] {
@@ -1506,44 +1536,26 @@ async fn idle_streams_are_kept_however_long_they_go_unread() {
     gw.stop().await;
 }
 
-/// A connection from `src` (any address of 127/8), its receive buffer `rcvbuf` bytes if given.
-async fn connect_with(src: Ipv4Addr, rcvbuf: Option<u32>, to: SocketAddr) -> TcpStream {
-    let s = TcpSocket::new_v4().unwrap();
-    if let Some(size) = rcvbuf {
-        s.set_recv_buffer_size(size).unwrap();
-    }
-    s.bind(SocketAddr::new(src.into(), 0)).unwrap();
-    s.connect(to).await.unwrap()
+/// Asserts that `src`, one of whose connections (`what`) held its last place, is admitted again
+/// within 10 s of `since` (the margin is for a loaded machine).
+async fn place_given_back(src: Ipv4Addr, to: SocketAddr, what: &str, since: Instant) {
+    assert!(
+        admitted_within(src, to, Duration::from_secs(10)).await,
+        "{what} still holds its place after {:?}",
+        since.elapsed()
+    );
+    eprintln!("{what} gave its place back after {:?}", since.elapsed());
 }
 
-/// Sends `request` on `s` and reads until its response head has come: what was read.
-async fn head_of(s: &mut TcpStream, request: &str) -> String {
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut read = Vec::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !read.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed after {}", String::from_utf8_lossy(&read));
-            read.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("a response head within 10 s");
-    String::from_utf8_lossy(&read).into_owned()
-}
-
-/// Whether a new connection from `src` is admitted within `within` (an admitted one is kept
-/// open a while; a refused one is closed at once).
-async fn admitted_within(src: Ipv4Addr, to: SocketAddr, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        let mut s = connect_from(src, to).await;
-        if !closed_within(&mut s, Duration::from_millis(200)).await {
-            return true;
-        }
-    }
-    false
+/// Asks for `/healthz` again on the kept-alive connection `r`, and reads its answer.
+async fn healthz_again(r: &mut BufReader<TcpStream>) {
+    r.get_mut()
+        .write_all(HEALTHZ)
+        .await
+        .expect("the keep-alive connection takes another request");
+    let (status, body) = response(r).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, "ok\n");
 }
 
 /// A keep-alive HTTP/1 connection from `src` that asks for `/healthz` every 250 ms until told
@@ -1560,13 +1572,7 @@ fn keep_asking(
         let mut r = BufReader::new(connect_from(src, to).await);
         let mut answered = 0;
         loop {
-            r.get_mut()
-                .write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
-                .await
-                .expect("the keep-alive connection takes another request");
-            let (status, body) = response(&mut r).await;
-            assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-            assert_eq!(body, "ok\n");
+            healthz_again(&mut r).await;
             answered += 1;
             tokio::select! {
                 _ = &mut stopped => return answered,
@@ -1585,15 +1591,15 @@ fn keep_asking(
 /// connection asking all along, are kept.
 #[tokio::test]
 async fn a_stalled_streams_connection_is_closed_and_its_place_given_back() {
-    let gw = TestGateway::start(&stall_config(", max_connections_per_ip: 2"), &[flooder()]).await;
-    let stopped = healthy_session(&gw).await;
+    let (gw, stopped) =
+        gateway_and_session(&stall_config(", max_connections_per_ip: 2"), flooder()).await;
     let (peer, asker) = (Ipv4Addr::new(127, 0, 0, 7), Ipv4Addr::new(127, 0, 0, 8));
-    let mut stalled_stream = connect_with(peer, Some(SMALL_RCVBUF), gw.addr).await;
-    let head = head_of(&mut stalled_stream, &get_request(&stopped)).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let mut idle = connect_from(peer, gw.addr).await;
-    let head = head_of(&mut idle, &listen_request("idle", json!({}))).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut stalled_stream = Peer::at(peer)
+        .small_buffer()
+        .open_stream(gw.addr, &get_request(&stopped))
+        .await;
+    let idle_listen = listen_request("idle", json!({}));
+    let mut idle = Peer::at(peer).open_stream(gw.addr, &idle_listen).await;
     let mut third = connect_from(peer, gw.addr).await;
     assert!(
         closed_within(&mut third, Duration::from_secs(2)).await,
@@ -1604,16 +1610,8 @@ async fn a_stalled_streams_connection_is_closed_and_its_place_given_back() {
     one_stalled(&gw, "get").await;
     let stalled_at = Instant::now();
     // The stream is found within twice the stall timeout of its last frame; its connection
-    // is closed within the closing grace (2 s) after (the margin is for a loaded machine).
-    assert!(
-        admitted_within(peer, gw.addr, Duration::from_secs(10)).await,
-        "the stalled stream's connection still holds its place after {:?}",
-        stalled_at.elapsed()
-    );
-    eprintln!(
-        "the stalled stream's place was given back {:?} after it was ended",
-        stalled_at.elapsed()
-    );
+    // is closed within the closing grace (2 s) after.
+    place_given_back(peer, gw.addr, "the stalled stream's connection", stalled_at).await;
     // Closed by the gateway, though the client read nothing: what was sent, then the end.
     assert!(
         closed_within(&mut stalled_stream, Duration::from_secs(10)).await,
@@ -1630,36 +1628,6 @@ async fn a_stalled_streams_connection_is_closed_and_its_place_given_back() {
     gw.stop().await;
 }
 
-/// What `open_raw` does, from `src`.
-async fn open_raw_from(
-    src: Ipv4Addr,
-    addr: SocketAddr,
-    request: &str,
-    rcvbuf: Option<u32>,
-    until: &str,
-) -> (TcpStream, String) {
-    let mut s = connect_with(src, rcvbuf, addr).await;
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut read = Vec::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let text = String::from_utf8_lossy(&read);
-            if let Some(head) = text.find("\r\n\r\n")
-                && text[head..].contains(until)
-            {
-                return;
-            }
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed after {text}");
-            read.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("an answer within 10 s");
-    (s, String::from_utf8_lossy(&read).into_owned())
-}
-
 /// A listen stream and an HTTP+SSE stream whose clients stop reading while their servers flood
 /// them lose their connections too, and their places under `mcp.max_connections_per_ip`, though
 /// the clients never read again; each address's idle listen streams are kept.
@@ -1669,21 +1637,17 @@ async fn stalled_listen_and_sse_streams_lose_their_connections_too() {
     let (listener, sse_client) = (Ipv4Addr::new(127, 0, 0, 11), Ipv4Addr::new(127, 0, 0, 12));
     let tools = json!({"toolsListChanged": true});
     let request = listen_request("stops", tools);
-    let (_listen, head) = open_raw_from(listener, gw.addr, &request, Some(SMALL_RCVBUF), "").await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let (_sse, read) =
-        open_raw_from(sse_client, gw.addr, SSE_REQUEST, Some(SMALL_RCVBUF), "\n\n").await;
-    let data = read.split("data: ").nth(1).expect("an endpoint event");
-    let endpoint = format!("/{}", &data[..data.find('\n').unwrap()]);
+    let _listen = Peer::at(listener)
+        .small_buffer()
+        .open_stream(gw.addr, &request)
+        .await;
+    let (_sse, endpoint) = open_sse(Peer::at(sse_client).small_buffer(), gw.addr).await;
     let mut idle = Vec::new();
     for (i, peer) in [listener, listener, sse_client, sse_client]
         .into_iter()
         .enumerate()
     {
-        let request = listen_request(&format!("idle-{i}"), json!({}));
-        let (s, head) = open_raw_from(peer, gw.addr, &request, None, "").await;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        idle.push(s);
+        idle.push(open_idle_listen(Peer::at(peer), gw.addr, i).await);
     }
     for peer in [listener, sse_client] {
         assert!(
@@ -1691,23 +1655,13 @@ async fn stalled_listen_and_sse_streams_lose_their_connections_too() {
             "a fourth connection from {peer} was admitted"
         );
     }
-    let call = json!({"name": "flood", "arguments": flood()});
-    let (head, body) = stateless_parts("1", "tools/call", Some("flood"), call);
-    let answer = raw_exchange(gw.addr, &head, &body).await;
-    assert!(answer.contains("flooding"), "{answer}");
+    flood_listen_streams(gw.addr).await;
     initialize_sse(gw.addr, &endpoint).await;
-    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-        "params": {"name": "flood", "arguments": flood()}});
-    assert_eq!(
-        post_message(gw.addr, &endpoint, &call.to_string()).await,
-        202
-    );
+    flood_sse_stream(gw.addr, &endpoint).await;
     for (kind, peer) in [("listen", listener), ("sse", sse_client)] {
         one_stalled(&gw, kind).await;
-        assert!(
-            admitted_within(peer, gw.addr, Duration::from_secs(10)).await,
-            "the stalled {kind} stream's connection still holds its place"
-        );
+        let what = format!("the stalled {kind} stream's connection");
+        place_given_back(peer, gw.addr, &what, Instant::now()).await;
     }
     for s in &mut idle {
         keeps_delivering(s, Duration::from_millis(500)).await;
@@ -1720,15 +1674,12 @@ async fn stalled_listen_and_sse_streams_lose_their_connections_too() {
 /// its connection.
 #[tokio::test]
 async fn a_stream_that_ends_on_its_own_leaves_its_connection_serving() {
-    let gw = TestGateway::start(
+    let (gw, c) = gateway_and_session(
         "mcp: { sse_keepalive: 200ms, stalled_stream_timeout: 1s }",
-        &[example("a", &[], "")],
+        example("a", &[], ""),
     )
     .await;
-    let c = healthy_session(&gw).await;
-    let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    let head = head_of(&mut s, &get_request(&c)).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut s = LOCAL.open_stream(gw.addr, &get_request(&c)).await;
     // Read a while, past the stall timeout: an idle stream is kept.
     keeps_delivering(&mut s, Duration::from_millis(2500)).await;
     let del = c
@@ -1748,14 +1699,7 @@ async fn a_stream_that_ends_on_its_own_leaves_its_connection_serving() {
     })
     .await
     .expect("the GET stream ends with its session");
-    let mut r = BufReader::new(s);
-    r.get_mut()
-        .write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
-        .await
-        .unwrap();
-    let (status, body) = response(&mut r).await;
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-    assert_eq!(body, "ok\n");
+    healthz_again(&mut BufReader::new(s)).await;
     assert_eq!(stalled(&gw, "get"), 0);
     gw.stop().await;
 }
@@ -1785,6 +1729,9 @@ mod h2_raw {
     pub const CANCEL: u32 = 0x8;
     pub const ENHANCE_YOUR_CALM: u32 = 0xb;
 
+    /// The connection preface a client begins with.
+    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
     pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let mut f = Vec::with_capacity(9 + payload.len());
         f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
@@ -1803,7 +1750,7 @@ mod h2_raw {
     }
 
     /// An HPACK integer of `prefix` bits.
-    fn integer(out: &mut Vec<u8>, prefix: u8, v: usize) {
+    pub fn integer(out: &mut Vec<u8>, prefix: u8, v: usize) {
         let max = (1usize << prefix) - 1;
         if v < max {
             out.push(v as u8);
@@ -1818,7 +1765,7 @@ mod h2_raw {
         out.push(rest as u8);
     }
 
-    fn string(out: &mut Vec<u8>, s: &[u8]) {
+    pub fn string(out: &mut Vec<u8>, s: &[u8]) {
         integer(out, 7, s.len());
         out.extend_from_slice(s);
     }
@@ -1871,14 +1818,10 @@ mod h2_raw {
             Conn::over(s, settings).await
         }
 
-        pub async fn over(mut s: TcpStream, settings: &[(u16, u32)]) -> Conn {
-            let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-            hello.extend(self::settings(settings));
-            s.write_all(&hello).await.unwrap();
-            let mut c = Conn {
-                s,
-                settings: Vec::new(),
-            };
+        /// Over `s`, sends the preface and `settings`, reads the gateway's and acknowledges
+        /// them.
+        pub async fn over(s: TcpStream, settings: &[(u16, u32)]) -> Conn {
+            let mut c = Conn::greet(s, settings).await;
             loop {
                 let f = c.next().await.expect("the gateway's settings");
                 if f.kind == SETTINGS && f.flags & ACK == 0 {
@@ -1897,6 +1840,17 @@ mod h2_raw {
             }
             c.send(&frame(SETTINGS, ACK, 0, &[])).await;
             c
+        }
+
+        /// Over `s`, sends the preface and `settings`, and reads nothing yet.
+        pub async fn greet(mut s: TcpStream, settings: &[(u16, u32)]) -> Conn {
+            let mut hello = PREFACE.to_vec();
+            hello.extend(self::settings(settings));
+            s.write_all(&hello).await.unwrap();
+            Conn {
+                s,
+                settings: Vec::new(),
+            }
         }
 
         pub fn setting(&self, id: u16) -> Option<u32> {
@@ -1924,6 +1878,21 @@ mod h2_raw {
                 stream,
                 payload,
             })
+        }
+
+        /// The next frame `wanted` picks out (others are passed over), within 5 s; the
+        /// connection must stay open.
+        pub async fn next_where(&mut self, what: &str, wanted: impl Fn(&Frame) -> bool) -> Frame {
+            tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    let f = self.next().await.expect("the connection stays open");
+                    if wanted(&f) {
+                        return f;
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{what} within 5 s"))
         }
 
         /// Reads frames (each seen by `each`) until the connection ends, within `within`: the
@@ -1957,8 +1926,8 @@ use h2_raw::*;
 /// (GOAWAY ENHANCE_YOUR_CALM); other clients are served throughout.
 #[tokio::test]
 async fn http2_streams_and_header_lists_are_bounded() {
-    let gw = TestGateway::start("mcp: { body_timeout: 30s }", &[example("a", &[], "")]).await;
-    let healthy = healthy_session(&gw).await;
+    let (gw, healthy) =
+        gateway_and_session("mcp: { body_timeout: 30s }", example("a", &[], "")).await;
     let mut c = Conn::open(gw.addr, &[]).await;
     assert_eq!(c.setting(SETTINGS_MAX_CONCURRENT_STREAMS), Some(100));
     assert_eq!(c.setting(SETTINGS_MAX_HEADER_LIST_SIZE), Some(16 * 1024));
@@ -1978,18 +1947,11 @@ async fn http2_streams_and_header_lists_are_bounded() {
         burst.extend(frame(HEADERS, END_HEADERS, 1 + 2 * i, &block));
     }
     c.send(&burst).await;
-    let refused = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let f = c.next().await.expect("the connection stays open");
-            if f.kind == RST_STREAM {
-                let code = u32::from_be_bytes(f.payload[..4].try_into().unwrap());
-                return (f.stream, code);
-            }
-        }
-    })
-    .await
-    .expect("the 101st stream refused within 5 s");
-    assert_eq!(refused, (201, REFUSED_STREAM));
+    let reset = c
+        .next_where("the 101st stream refused", |f| f.kind == RST_STREAM)
+        .await;
+    let code = u32::from_be_bytes(reset.payload[..4].try_into().unwrap());
+    assert_eq!((reset.stream, code), (201, REFUSED_STREAM));
     still_healthy(&healthy).await;
 
     // A request with 20 KiB of header fields: 431 on its stream, the connection kept.
@@ -2000,16 +1962,10 @@ async fn http2_streams_and_header_lists_are_bounded() {
     let mut frames = frame(HEADERS, END_STREAM, 1, first);
     frames.extend(frame(CONTINUATION, END_HEADERS, 1, rest));
     big.send(&frames).await;
-    let answer = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let f = big.next().await.expect("the connection stays open");
-            if f.kind == HEADERS && f.stream == 1 {
-                return f.payload;
-            }
-        }
-    })
-    .await
-    .expect("an answer within 5 s");
+    let answer = big
+        .next_where("an answer", |f| f.kind == HEADERS && f.stream == 1)
+        .await
+        .payload;
     // `:status` (static index 8) and 431, as text or Huffman-coded.
     assert!(
         answer
@@ -2020,30 +1976,20 @@ async fn http2_streams_and_header_lists_are_bounded() {
     let small = h2_raw::block(&request("GET", "/healthz", &[]));
     big.send(&frame(HEADERS, END_STREAM | END_HEADERS, 3, &small))
         .await;
-    let data = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let f = big.next().await.expect("the connection stays open");
-            if f.kind == DATA && f.stream == 3 {
-                return f.payload;
-            }
-        }
-    })
-    .await
-    .expect("the next request answered");
+    let data = big
+        .next_where("the next request answered", |f| {
+            f.kind == DATA && f.stream == 3
+        })
+        .await
+        .payload;
     assert_eq!(data, b"ok\n");
 
     // A header block that never ends: CONTINUATION frames of a value that keeps growing.
     let mut flood = Conn::open(gw.addr, &[]).await;
-    let mut start = vec![0u8, 7];
-    start.extend_from_slice(b"x-flood");
-    // A literal value of a million bytes announced (an HPACK integer: 127 then the rest).
-    start.push(0x7f);
-    let mut rest = 1_000_000 - 127;
-    while rest >= 128 {
-        start.push((rest % 128) as u8 | 0x80);
-        rest /= 128;
-    }
-    start.push(rest as u8);
+    let mut start = vec![0u8];
+    string(&mut start, b"x-flood");
+    // A literal value of a million bytes announced.
+    integer(&mut start, 7, 1_000_000);
     let mut frames = frame(HEADERS, END_STREAM, 1, &start);
     for _ in 0..64 {
         frames.extend(frame(CONTINUATION, 0, 1, &[b'x'; 64]));
@@ -2063,8 +2009,7 @@ async fn http2_streams_and_header_lists_are_bounded() {
 /// asked for is left in flight, and other clients are served.
 #[tokio::test]
 async fn http2_rapid_reset_ends_the_connection() {
-    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
-    let healthy = healthy_session(&gw).await;
+    let (gw, healthy) = gateway_and_session("", example("a", &[], "")).await;
     let mut c = Conn::open(gw.addr, &[]).await;
     let block = h2_raw::block(&request("GET", "/healthz", &[]));
     let mut burst = Vec::new();
@@ -2102,8 +2047,7 @@ async fn http2_rapid_reset_ends_the_connection() {
 /// FLOW_CONTROL_ERROR). Other clients are served throughout.
 #[tokio::test]
 async fn http2_clients_that_grant_no_window_are_let_go_of() {
-    let gw = TestGateway::start(&stall_config(""), &[example("a", &[], "")]).await;
-    let c = healthy_session(&gw).await;
+    let (gw, c) = gateway_and_session(&stall_config(""), example("a", &[], "")).await;
     let no_window = [(SETTINGS_INITIAL_WINDOW_SIZE, 0)];
     let mut plain = Conn::open(gw.addr, &no_window).await;
     let block = h2_raw::block(&request("GET", "/healthz", &[]));
@@ -2143,14 +2087,8 @@ async fn http2_clients_that_grant_no_window_are_let_go_of() {
     assert_eq!(stalled(&gw, "get"), 1);
     assert_eq!(status_of(gw.addr, &get_request(&c)).await, 200);
 
-    let mut huge = TcpStream::connect(gw.addr).await.unwrap();
-    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    hello.extend(settings(&[(SETTINGS_INITIAL_WINDOW_SIZE, 1 << 31)]));
-    huge.write_all(&hello).await.unwrap();
-    let mut huge = Conn {
-        s: huge,
-        settings: Vec::new(),
-    };
+    let s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut huge = Conn::greet(s, &[(SETTINGS_INITIAL_WINDOW_SIZE, 1 << 31)]).await;
     let code = huge.ends_within(Duration::from_secs(5), |_| {}).await;
     assert!(
         matches!(code, Some(PROTOCOL_ERROR | FLOW_CONTROL_ERROR)),
@@ -2166,14 +2104,12 @@ async fn http2_clients_that_grant_no_window_are_let_go_of() {
 /// accept; other clients are served meanwhile.
 #[tokio::test]
 async fn an_http2_ping_flood_is_bounded() {
-    let gw = TestGateway::start(
+    let (gw, c) = gateway_and_session(
         "mcp: { header_timeout: 6s, idle_connection_timeout: 60s }",
-        &[example("a", &[], "")],
+        example("a", &[], ""),
     )
     .await;
-    let c = healthy_session(&gw).await;
-    let s = connect_with(Ipv4Addr::LOCALHOST, Some(SMALL_RCVBUF), gw.addr).await;
-    let flooder = Conn::over(s, &[]).await;
+    let flooder = Conn::over(LOCAL.small_buffer().connect(gw.addr).await, &[]).await;
     let started = Instant::now();
     let mut pings = Vec::new();
     for i in 0..10_000u64 {
@@ -2198,13 +2134,8 @@ async fn an_http2_ping_flood_is_bounded() {
         started.elapsed()
     );
     still_healthy(&c).await;
-    let mut sink = [0u8; 64 * 1024];
-    let ended = tokio::time::timeout(Duration::from_secs(15), async {
-        while let Ok(1..) = read.read(&mut sink).await {}
-    })
-    .await;
     assert!(
-        ended.is_ok(),
+        closed_within(&mut read, Duration::from_secs(15)).await,
         "the flooding connection still open after {:?}",
         started.elapsed()
     );
@@ -2217,8 +2148,7 @@ async fn an_http2_ping_flood_is_bounded() {
 /// buffer (about 400 KiB), is answered 431 and the connection closed; other clients are served.
 #[tokio::test]
 async fn http1_heads_over_the_bounds_are_431() {
-    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
-    let c = healthy_session(&gw).await;
+    let (gw, c) = gateway_and_session("", example("a", &[], "")).await;
     let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
     let long = format!("x-long: {}\r\n", "y".repeat(512 * 1024));
     for (name, fields) in [("101 fields", many), ("a 512 KiB field", long)] {
@@ -2249,13 +2179,12 @@ async fn pipelined_requests_are_bounded() {
         &[example("a", &[], "")],
     )
     .await;
-    let one = b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n";
     let (reader_ip, flooder_ip) = (Ipv4Addr::new(127, 0, 0, 9), Ipv4Addr::new(127, 0, 0, 10));
     let mut r = BufReader::new(connect_from(reader_ip, gw.addr).await);
     let (mut read, mut write) = tokio::io::split(&mut r);
     let writing = async {
         for _ in 0..2000 {
-            write.write_all(one).await.unwrap();
+            write.write_all(HEALTHZ).await.unwrap();
         }
     };
     let reading = async {
@@ -2275,32 +2204,19 @@ async fn pipelined_requests_are_bounded() {
     .expect("2000 pipelined requests answered within 30 s");
     assert_eq!(answered, 2000);
 
-    let s = connect_with(flooder_ip, Some(SMALL_RCVBUF), gw.addr).await;
+    let s = Peer::at(flooder_ip).small_buffer().connect(gw.addr).await;
     let (mut read, mut write) = s.into_split();
     let flood = tokio::spawn(async move {
-        let many = one.repeat(1000);
+        let many = HEALTHZ.repeat(1000);
         while write.write_all(&many).await.is_ok() {}
     });
     let started = Instant::now();
     // Refused while the flood holds the address's one place...
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!admitted_within(flooder_ip, gw.addr, Duration::from_millis(300)).await);
-    // ...given back within the header deadline and the grace (the margin for a loaded machine).
-    assert!(
-        admitted_within(flooder_ip, gw.addr, Duration::from_secs(10)).await,
-        "the pipelining connection still holds its place after {:?}",
-        started.elapsed()
-    );
-    eprintln!(
-        "the pipelining connection was closed after {:?}",
-        started.elapsed()
-    );
-    let mut sink = [0u8; 64 * 1024];
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Ok(1..) = read.read(&mut sink).await {}
-    })
-    .await;
-    assert!(ended.is_ok());
+    // ...given back within the header deadline and the grace.
+    place_given_back(flooder_ip, gw.addr, "the pipelining connection", started).await;
+    assert!(closed_within(&mut read, Duration::from_secs(5)).await);
     flood.abort();
     gw.stop().await;
 }

@@ -22,6 +22,20 @@ fn err(r: &serde_json::Value) -> (i64, String) {
     )
 }
 
+/// Asserts that `r` is the error `code` whose message names `plugin` and says `says` (the
+/// message shown cut to 200 characters).
+fn assert_denied(r: &serde_json::Value, code: i64, plugin: &str, says: &str) {
+    let (got, msg) = err(r);
+    assert_eq!(got, code, "{msg:.200}");
+    assert!(msg.contains(plugin) && msg.contains(says), "{msg:.200}");
+}
+
+/// Calls `server`'s `add` tool (1 + 2) as request `id`: the response.
+async fn call_add(c: &support::Client, id: u64, server: &str) -> serde_json::Value {
+    let args = json!({"name": format!("{server}__add"), "arguments": {"a": 1, "b": 2}});
+    c.call(id, "tools/call", args).await
+}
+
 #[tokio::test]
 async fn tool_policy_blocks_on_arguments_and_names_itself() {
     let cfg = format!(
@@ -45,12 +59,7 @@ async fn tool_policy_blocks_on_arguments_and_names_itself() {
             json!({"name":"a__echo","arguments":{"text":"my secret"}}),
         )
         .await;
-    let (code, msg) = err(&r);
-    assert_eq!(code, -32030);
-    assert!(
-        msg.contains("policy") && msg.contains("no secrets"),
-        "{msg}"
-    );
+    assert_denied(&r, -32030, "policy", "no secrets");
     // The rule names the tool as its upstream knows it, whatever the prefix.
     let r = c
         .call(
@@ -104,13 +113,7 @@ async fn list_filter_hides_tools_and_denies_calling_them() {
         "{names:?}"
     );
     assert!(!names.iter().any(|n| n.ends_with("__add")), "{names:?}");
-    let r = c
-        .call(
-            2,
-            "tools/call",
-            json!({"name":"a__add","arguments":{"a":1,"b":2}}),
-        )
-        .await;
+    let r = call_add(&c, 2, "a").await;
     let (code, msg) = err(&r);
     assert_eq!(code, -32030);
     assert!(msg.contains("lists"), "{msg}");
@@ -286,13 +289,7 @@ async fn trusted_data_blocks_sensitive_tools_after_untrusted_results() {
     let (gw, c) = gateway(&cfg).await;
     assert_eq!(c.tool_text(1, "a__add", json!({"a":1,"b":2})).await, "3");
     assert_eq!(c.tool_text(2, "a__whoami", json!({})).await, "a");
-    let r = c
-        .call(
-            3,
-            "tools/call",
-            json!({"name":"b__add","arguments":{"a":1,"b":2}}),
-        )
-        .await;
+    let r = call_add(&c, 3, "b").await;
     assert_eq!(err(&r).0, -32030, "the session is tainted: {r}");
     // Another session is not tainted.
     let mut other = gw.client();
@@ -601,34 +598,12 @@ async fn a_hostile_plugins_answers_reach_the_client_well_formed() {
         p = wasm("fault_trap")
     );
     let (_gw, c) = gateway(&cfg).await;
-    let r = c
-        .call(
-            1,
-            "tools/call",
-            json!({"name":"a__add","arguments":{"a":1,"b":2}}),
-        )
-        .await;
-    let (code, msg) = err(&r);
-    assert_eq!(code, -32030, "{r}");
-    assert!(
-        msg.contains("mimic") && msg.contains("hostile denial -32040"),
-        "{msg}"
-    );
+    let r = call_add(&c, 1, "a").await;
+    assert_denied(&r, -32030, "mimic", "hostile denial -32040");
     assert_eq!(c.tool_text(2, "a__echo", json!({"text":"ok"})).await, "ok");
-    let r = c
-        .call(
-            3,
-            "tools/call",
-            json!({"name":"b__add","arguments":{"a":1,"b":2}}),
-        )
-        .await;
+    let r = call_add(&c, 3, "b").await;
     assert_eq!(r["id"], json!(3), "{r}");
-    let (code, msg) = err(&r);
-    assert_eq!(code, -32031, "{r}");
-    assert!(
-        msg.contains("shaper") && msg.contains("not an object"),
-        "{msg}"
-    );
+    assert_denied(&r, -32031, "shaper", "not an object");
     assert_eq!(c.tool_text(4, "b__echo", json!({"text":"ok"})).await, "ok");
 }
 
@@ -643,7 +618,6 @@ async fn a_client_cannot_grow_a_plugins_state_past_its_bound() {
         wasm("fault_trap")
     );
     let (gw, first) = gateway(&cfg).await;
-    let add = json!({"name":"a__add","arguments":{"a":1,"b":2}});
     let mut clients = vec![first];
     for _ in 0..3 {
         let mut c = gw.client();
@@ -651,11 +625,11 @@ async fn a_client_cannot_grow_a_plugins_state_past_its_bound() {
         clients.push(c);
     }
     for (i, c) in clients[..3].iter().enumerate() {
-        let r = c.call(1, "tools/call", add.clone()).await;
+        let r = call_add(c, 1, "a").await;
         assert!(r.get("error").is_none(), "session {i}: {r}");
     }
     let last = &clients[3];
-    let (code, msg) = err(&last.call(1, "tools/call", add.clone()).await);
+    let (code, msg) = err(&call_add(last, 1, "a").await);
     assert_eq!(code, -32030, "{msg}");
     assert!(
         msg.starts_with("denied by plugin filler: state_fill: 5 written; ")
@@ -678,7 +652,7 @@ async fn a_client_cannot_grow_a_plugins_state_past_its_bound() {
         )
         .await;
     assert!(r.status < 300, "{}: {}", r.status, r.body);
-    let r = last.call(3, "tools/call", add.clone()).await;
+    let r = call_add(last, 3, "a").await;
     assert!(r.get("error").is_none(), "{r}");
     gw.stop().await;
 }
@@ -729,18 +703,7 @@ async fn a_rewrite_larger_than_the_gateway_takes_is_refused() {
         gatehouse::plugins::MAX_REWRITE_BYTES + 1
     );
     let (_gw, c) = gateway(&cfg).await;
-    let r = c
-        .call(
-            1,
-            "tools/call",
-            json!({"name":"a__add","arguments":{"a":1,"b":2}}),
-        )
-        .await;
-    let (code, msg) = err(&r);
-    assert_eq!(code, -32031, "{msg:.200}");
-    assert!(
-        msg.contains("bloat") && msg.contains("larger than the gateway takes"),
-        "{msg:.200}"
-    );
+    let r = call_add(&c, 1, "a").await;
+    assert_denied(&r, -32031, "bloat", "larger than the gateway takes");
     assert_eq!(c.tool_text(2, "a__echo", json!({"text":"ok"})).await, "ok");
 }

@@ -7,7 +7,7 @@ mod support;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use serde_json::json;
+use serde_json::{Value, json};
 use support::{Client, TestGateway, example};
 
 const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
@@ -43,6 +43,9 @@ async fn replica_with(
     TestGateway::start(&top, &[upstream]).await
 }
 
+/// `mcp` settings for a replica where a principal may hold one session at a time.
+const ONE_SESSION_EACH: &str = "  max_sessions_per_principal: 1\n";
+
 /// A fresh directory for key files.
 fn key_dir() -> std::path::PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -50,6 +53,29 @@ fn key_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("gatehouse-keys-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// The gateway the replicas front: an example server.
+async fn inner_gateway() -> TestGateway {
+    TestGateway::start("", &[example("ex", &[], "")]).await
+}
+
+/// A fresh directory for key files, the gateway the replicas front, and a replica in front of
+/// it sealing with `KEY`.
+async fn first_replica() -> (std::path::PathBuf, TestGateway, TestGateway) {
+    let dir = key_dir();
+    let inner = inner_gateway().await;
+    let a = replica(&inner, &[(1, KEY)], &dir).await;
+    (dir, inner, a)
+}
+
+/// A client of `gw` presenting `token`, with a session it initialized declaring
+/// `capabilities`.
+async fn session_on(gw: &TestGateway, token: &str, capabilities: Value) -> Client {
+    let mut c = gw.client();
+    c.token = Some(token.into());
+    c.initialize(capabilities).await;
+    c
 }
 
 /// The client `c` pointed at another replica, same session and token.
@@ -61,14 +87,10 @@ fn at(c: &Client, gw: &TestGateway) -> Client {
 
 #[tokio::test]
 async fn a_session_is_served_by_whichever_replica_a_request_reaches() {
-    let dir = key_dir();
-    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
-    let a = replica(&inner, &[(1, KEY)], &dir).await;
+    let (dir, inner, a) = first_replica().await;
     let b = replica(&inner, &[(1, KEY)], &dir).await;
 
-    let mut on_a = a.client();
-    on_a.token = Some(ALICE.into());
-    on_a.initialize(json!({"sampling": {}})).await;
+    let on_a = session_on(&a, ALICE, json!({"sampling": {}})).await;
     let on_b = at(&on_a, &b);
     assert!(b.gateway().sessions.is_empty());
 
@@ -109,14 +131,7 @@ async fn a_session_is_served_by_whichever_replica_a_request_reaches() {
     );
 
     // DELETE on one replica ends the session there; that replica refuses the id from now on.
-    let d = on_b
-        .send(
-            on_b.request("DELETE", Bytes::new())
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await;
-    assert_eq!(d.status, 200);
+    assert_eq!(delete(&on_b).await.status, 200);
     let after = on_b
         .post(json!({"jsonrpc":"2.0","id":5,"method":"tools/list","params":{}}).to_string())
         .await;
@@ -125,64 +140,44 @@ async fn a_session_is_served_by_whichever_replica_a_request_reaches() {
 
 #[tokio::test]
 async fn foreign_tampered_and_other_principals_ids_open_nothing() {
-    let dir = key_dir();
-    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
-    let a = replica(&inner, &[(1, KEY)], &dir).await;
+    let (dir, inner, a) = first_replica().await;
     let stranger = replica(&inner, &[(1, OTHER_KEY)], &dir).await;
     // A replica that rotated: a new key first, the old one still accepted.
     let rotated = replica(&inner, &[(2, OTHER_KEY), (1, KEY)], &dir).await;
 
-    let mut alice = a.client();
-    alice.token = Some(ALICE.into());
-    alice.initialize(json!({})).await;
-    let list = json!({"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}).to_string();
+    let alice = session_on(&a, ALICE, json!({})).await;
 
-    assert_eq!(at(&alice, &stranger).post(list.clone()).await.status, 404);
-    assert_eq!(at(&alice, &rotated).post(list.clone()).await.status, 200);
+    assert_eq!(at(&alice, &stranger).post(list()).await.status, 404);
+    assert_eq!(at(&alice, &rotated).post(list()).await.status, 200);
     let mut bob = at(&alice, &a);
     bob.token = Some(BOB.into());
-    assert_eq!(at(&bob, &rotated).post(list.clone()).await.status, 404);
+    assert_eq!(at(&bob, &rotated).post(list()).await.status, 404);
     let mut tampered = at(&alice, &rotated);
     let mut id = tampered.session.clone().unwrap().into_bytes();
     let i = id.len() / 2;
     id[i] = if id[i] == b'A' { b'B' } else { b'A' };
     tampered.session = Some(String::from_utf8(id).unwrap());
-    assert_eq!(tampered.post(list.clone()).await.status, 404);
+    assert_eq!(tampered.post(list()).await.status, 404);
     // The rotated replica seals new sessions with its new key, which the old replica lacks.
-    let mut fresh = rotated.client();
-    fresh.token = Some(ALICE.into());
-    fresh.initialize(json!({})).await;
-    assert_eq!(at(&fresh, &a).post(list.clone()).await.status, 404);
-    assert_eq!(at(&fresh, &rotated).post(list).await.status, 200);
+    let fresh = session_on(&rotated, ALICE, json!({})).await;
+    assert_eq!(at(&fresh, &a).post(list()).await.status, 404);
+    assert_eq!(at(&fresh, &rotated).post(list()).await.status, 200);
 }
 
 #[tokio::test]
 async fn an_old_id_or_a_full_replica_is_told_apart_from_a_gone_session() {
-    let dir = key_dir();
-    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
-    let a = replica(&inner, &[(1, KEY)], &dir).await;
+    let (dir, inner, a) = first_replica().await;
     let young = replica_with(&inner, &[(1, KEY)], &dir, "  session_max_age: 1s\n").await;
-    let full = replica_with(
-        &inner,
-        &[(1, KEY)],
-        &dir,
-        "  max_sessions_per_principal: 1\n",
-    )
-    .await;
-    let list = json!({"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}).to_string();
+    let full = replica_with(&inner, &[(1, KEY)], &dir, ONE_SESSION_EACH).await;
 
-    let mut alice = a.client();
-    alice.token = Some(ALICE.into());
-    alice.initialize(json!({})).await;
+    let alice = session_on(&a, ALICE, json!({})).await;
     // A replica at its cap for the principal says so (429), not that the session is gone.
-    let mut occupying = full.client();
-    occupying.token = Some(ALICE.into());
-    occupying.initialize(json!({})).await;
-    assert_eq!(at(&alice, &full).post(list.clone()).await.status, 429);
+    let _occupying = session_on(&full, ALICE, json!({})).await;
+    assert_eq!(at(&alice, &full).post(list()).await.status, 429);
     // Past session_max_age, an id restores nothing (404); where the session lives, it goes on.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    assert_eq!(at(&alice, &young).post(list.clone()).await.status, 404);
-    assert_eq!(alice.post(list).await.status, 200);
+    assert_eq!(at(&alice, &young).post(list()).await.status, 404);
+    assert_eq!(alice.post(list()).await.status, 200);
 }
 
 /// A portable session's sealed server-request id is answered only by its own session: the
@@ -191,22 +186,14 @@ async fn an_old_id_or_a_full_replica_is_told_apart_from_a_gone_session() {
 /// the server receives the real answer.
 #[tokio::test]
 async fn a_sealed_server_request_id_is_answered_only_by_its_own_session() {
-    let dir = key_dir();
-    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
-    let a = replica(&inner, &[(1, KEY)], &dir).await;
+    let (dir, inner, a) = first_replica().await;
     let b = replica(&inner, &[(1, KEY)], &dir).await;
 
-    let mut on_a = a.client();
-    on_a.token = Some(ALICE.into());
-    on_a.initialize(json!({"sampling": {}})).await;
+    let on_a = session_on(&a, ALICE, json!({"sampling": {}})).await;
     let on_b = at(&on_a, &b);
-    let mut alice_again = a.client();
-    alice_again.token = Some(ALICE.into());
-    alice_again.initialize(json!({"sampling": {}})).await;
+    let alice_again = session_on(&a, ALICE, json!({"sampling": {}})).await;
     assert_ne!(alice_again.session, on_a.session);
-    let mut bob = a.client();
-    bob.token = Some(BOB.into());
-    bob.initialize(json!({"sampling": {}})).await;
+    let bob = session_on(&a, BOB, json!({"sampling": {}})).await;
 
     let mut stream = on_b
         .stream(json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"sample","arguments":{"prompt":"hi"}}}))
@@ -304,12 +291,8 @@ fn list() -> String {
 /// restored there from its id (the record of deletions is bounded, not forgetful).
 #[tokio::test]
 async fn a_replica_never_restores_a_session_deleted_there() {
-    let dir = key_dir();
-    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
-    let a = replica(&inner, &[(1, KEY)], &dir).await;
-    let mut alice = a.client();
-    alice.token = Some(ALICE.into());
-    alice.initialize(json!({})).await;
+    let (_dir, _inner, a) = first_replica().await;
+    let alice = session_on(&a, ALICE, json!({})).await;
     assert_eq!(delete(&alice).await.status, 200);
     assert_eq!(alice.post(list()).await.status, 404);
     // Many other sessions of alice's deleted since (as many as the record holds, and one),
@@ -326,9 +309,7 @@ async fn a_replica_never_restores_a_session_deleted_there() {
     }
     assert_eq!(alice.post(list()).await.status, 404, "resurrected");
     // A fresh session of alice's is served as ever.
-    let mut again = a.client();
-    again.token = Some(ALICE.into());
-    again.initialize(json!({})).await;
+    let again = session_on(&a, ALICE, json!({})).await;
     assert_eq!(again.post(list()).await.status, 200);
 }
 
@@ -339,9 +320,7 @@ async fn a_session_deleted_on_one_replica_is_not_restored_by_another_sharing_sta
     use gatehouse::orchestrator::Handover;
     use gatehouse::plugins::leader::Leader;
     use tokio::sync::watch;
-    let dir = key_dir();
-    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
-    let a = replica(&inner, &[(1, KEY)], &dir).await;
+    let (dir, inner, a) = first_replica().await;
     let b = replica(&inner, &[(1, KEY)], &dir).await;
     // A leads and keeps the state; B asks it (a stand-in for A's relay, applying what B asks).
     let kept = a.gateway().plugins.current().state().clone();
@@ -368,13 +347,9 @@ async fn a_session_deleted_on_one_replica_is_not_restored_by_another_sharing_sta
         std::time::Duration::from_secs(600),
     );
 
-    let mut alice = a.client();
-    alice.token = Some(ALICE.into());
-    alice.initialize(json!({})).await;
+    let alice = session_on(&a, ALICE, json!({})).await;
     // Another session of alice's, served by B too: restoring asks the leader, and goes on.
-    let mut other = a.client();
-    other.token = Some(ALICE.into());
-    other.initialize(json!({})).await;
+    let other = session_on(&a, ALICE, json!({})).await;
     assert_eq!(at(&other, &b).post(list()).await.status, 200);
 
     assert_eq!(delete(&alice).await.status, 200);
@@ -405,22 +380,10 @@ async fn a_session_deleted_on_one_replica_is_not_restored_by_another_sharing_sta
 /// upstream session: the id is checked and recorded as deleted, not restored first.
 #[tokio::test]
 async fn deleting_a_session_held_elsewhere_restores_nothing() {
-    let dir = key_dir();
-    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
-    let a = replica(&inner, &[(1, KEY)], &dir).await;
-    let full = replica_with(
-        &inner,
-        &[(1, KEY)],
-        &dir,
-        "  max_sessions_per_principal: 1\n",
-    )
-    .await;
-    let mut alice = a.client();
-    alice.token = Some(ALICE.into());
-    alice.initialize(json!({})).await;
-    let mut occupying = full.client();
-    occupying.token = Some(ALICE.into());
-    occupying.initialize(json!({})).await;
+    let (dir, inner, a) = first_replica().await;
+    let full = replica_with(&inner, &[(1, KEY)], &dir, ONE_SESSION_EACH).await;
+    let alice = session_on(&a, ALICE, json!({})).await;
+    let _occupying = session_on(&full, ALICE, json!({})).await;
     let there = at(&alice, &full);
     assert_eq!(there.post(list()).await.status, 429, "no room to serve it");
     assert_eq!(delete(&there).await.status, 200, "but room to delete it");
@@ -439,7 +402,7 @@ async fn deleting_a_session_held_elsewhere_restores_nothing() {
 #[tokio::test]
 async fn ids_that_are_not_sessions_are_unknown_sessions() {
     let dir = key_dir();
-    let inner = TestGateway::start("", &[example("ex", &[], "")]).await;
+    let inner = inner_gateway().await;
     let a = replica(&inner, &[(2, OTHER_KEY), (1, KEY)], &dir).await;
     let mut alice = a.client();
     alice.token = Some(ALICE.into());

@@ -63,13 +63,16 @@ fn with_token(gw: &TestGateway, token: &str) -> Client {
     c
 }
 
+/// A gateway (`top` its YAML before `upstreams:`) in front of the example server with its test
+/// tools.
+async fn with_test_tools(top: &str) -> TestGateway {
+    TestGateway::start(top, &[example("a", &["--test-tools"], "")]).await
+}
+
 async fn two_principals() -> TestGateway {
-    TestGateway::start(
-        &format!(
-            "auth: {{tokens: [{{principal: alice, token: {ALICE}}}, {{principal: bob, token: {BOB}}}]}}"
-        ),
-        &[example("a", &["--test-tools"], "")],
-    )
+    with_test_tools(&format!(
+        "auth: {{tokens: [{{principal: alice, token: {ALICE}}}, {{principal: bob, token: {BOB}}}]}}"
+    ))
     .await
 }
 
@@ -271,12 +274,80 @@ fn sampled(text: &str) -> Value {
     json!({"role": "assistant", "content": {"type": "text", "text": text}, "model": "m"})
 }
 
+/// What a client that can be asked for sampling declares.
+fn can_sample() -> Value {
+    json!({"sampling": {}})
+}
+
+/// A call of the test server's `sample` tool, which asks its client for sampling.
+fn sample_call() -> Value {
+    json!({"name": "sample", "arguments": {"prompt": "p"}})
+}
+
+/// Calls `sample` (id 1) as a client that can sample: the `input_required` answer, and the key
+/// of its one question.
+async fn asked_to_sample(c: &Client) -> (Value, String) {
+    let first = stateless(c, 1, "tools/call", sample_call(), can_sample())
+        .await
+        .response();
+    let (key, _) = only_question(&first);
+    (first, key)
+}
+
+/// `call` retried with `answers` to its questions and the `requestState` it was given.
+fn retried(mut call: Value, answers: Value, state: Value) -> Value {
+    call["inputResponses"] = answers;
+    call["requestState"] = state;
+    call
+}
+
+/// The `requestState` an `input_required` answer carries.
+fn state_of(asked: &Value) -> Value {
+    asked["result"]["requestState"].clone()
+}
+
+/// Retries `sample_call()` (as request `id`, a client that can sample) with `answers` and the
+/// `requestState` `state`.
+async fn retry_sample(c: &Client, id: u64, answers: Value, state: Value) -> Resp {
+    let retry = retried(sample_call(), answers, state);
+    stateless(c, id, "tools/call", retry, can_sample()).await
+}
+
+/// Asserts that `r` refuses its request's params (400, -32602), saying `what` (its body shown
+/// cut to 300 characters).
+fn refused(r: &Resp, what: &str) {
+    let body: String = r.body.chars().take(300).collect();
+    assert_eq!(r.status, 400, "{body}");
+    assert_eq!(r.error_code(), -32602, "{body}");
+    assert!(r.body.contains(what), "{what}: {body}");
+}
+
+/// Retries (as request `id`) the sampling call that `asked` the question `key`, with `answers`
+/// that leave it unanswered: the call asks it again, in the answer returned.
+async fn asked_again(c: &Client, id: u64, asked: &Value, key: &str, answers: Value) -> Value {
+    let again = retry_sample(c, id, answers, state_of(asked))
+        .await
+        .response();
+    let (same, _) = only_question(&again);
+    assert_eq!(same, key);
+    again
+}
+
+/// Retries (as request `id`) the sampling call that `asked` the question `key`, with `text` as
+/// the model's answer: the call's answer.
+async fn answered(c: &Client, id: u64, asked: &Value, key: &str, text: &str) -> Value {
+    let answers = json!({ key: sampled(text) });
+    retry_sample(c, id, answers, state_of(asked))
+        .await
+        .response()
+}
+
 /// A server of an earlier revision asks its client mid-call; a stateless client gets the
 /// question as `input_required`, and its retry (a new id, the answers, the state) finishes the
 /// very same call.
 #[tokio::test]
 async fn a_server_question_becomes_input_required_and_the_retry_answers_it() {
-    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let gw = with_test_tools("").await;
     let c = gw.client();
     let caps = json!({"sampling": {}});
     let call = json!({"name": "sample", "arguments": {"prompt": "capital of France?"}});
@@ -302,9 +373,7 @@ async fn a_server_question_becomes_input_required_and_the_retry_answers_it() {
     assert_eq!(done["result"]["content"][0]["text"], "model said: Paris");
     // The state opened its call once: replaying it finds nothing.
     let replay = stateless(&c, 3, "tools/call", retry, caps).await;
-    assert_eq!(replay.status, 400, "{}", replay.body);
-    assert_eq!(replay.error_code(), -32602);
-    assert!(replay.body.contains("already used"), "{}", replay.body);
+    refused(&replay, "already used");
     assert_eq!(gw.gateway().round_trips.waiting(), 0);
     gw.stop().await;
 }
@@ -313,26 +382,11 @@ async fn a_server_question_becomes_input_required_and_the_retry_answers_it() {
 /// leaves nothing waiting past the gateway's patience (here, the session idle timeout).
 #[tokio::test]
 async fn unanswered_questions_are_asked_again() {
-    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let gw = with_test_tools("").await;
     let c = gw.client();
-    let caps = json!({"sampling": {}});
-    let call = json!({"name": "sample", "arguments": {"prompt": "p"}});
-    let first = stateless(&c, 1, "tools/call", call.clone(), caps.clone())
-        .await
-        .response();
-    let (key, _) = only_question(&first);
-    let mut retry = call.clone();
-    retry["inputResponses"] = json!({"wrong": sampled("x")});
-    retry["requestState"] = first["result"]["requestState"].clone();
-    let again = stateless(&c, 2, "tools/call", retry, caps.clone())
-        .await
-        .response();
-    let (same, _) = only_question(&again);
-    assert_eq!(same, key);
-    let mut retry = call;
-    retry["inputResponses"] = json!({ key: sampled("fine") });
-    retry["requestState"] = again["result"]["requestState"].clone();
-    let done = stateless(&c, 3, "tools/call", retry, caps).await.response();
+    let (first, key) = asked_to_sample(&c).await;
+    let again = asked_again(&c, 2, &first, &key, json!({"wrong": sampled("x")})).await;
+    let done = answered(&c, 3, &again, &key, "fine").await;
     assert_eq!(done["result"]["content"][0]["text"], "model said: fine");
     gw.stop().await;
 }
@@ -341,7 +395,7 @@ async fn unanswered_questions_are_asked_again() {
 /// hears which capability was missing (-32021), the server hears a refusal.
 #[tokio::test]
 async fn an_undeclared_capability_is_reported_missing() {
-    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let gw = with_test_tools("").await;
     let c = gw.client();
     let r = stateless(
         &c,
@@ -392,11 +446,6 @@ async fn request_state_is_bound_to_its_caller_and_request() {
         r["inputResponses"] = json!({ key.clone(): sampled("stolen") });
         r["requestState"] = json!(state);
         r
-    };
-    let refused = |r: &Resp, what: &str| {
-        assert_eq!(r.status, 400, "{}", r.body);
-        assert_eq!(r.error_code(), -32602, "{}", r.body);
-        assert!(r.body.contains(what), "{what}: {}", r.body);
     };
     // Another principal.
     let r = stateless(&bob, 2, "tools/call", retry(&state, "sample"), caps.clone()).await;
@@ -468,7 +517,7 @@ async fn principals_get_their_own_upstream_sessions() {
 /// above the level it asked for.
 #[tokio::test]
 async fn logs_follow_the_level_each_request_asks_for() {
-    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let gw = with_test_tools("").await;
     let c = gw.client();
     let call = json!({"name": "log", "arguments": {"text": "hello log"}});
     let quiet = stateless(&c, 1, "tools/call", call.clone(), json!({})).await;
@@ -496,11 +545,7 @@ async fn logs_follow_the_level_each_request_asks_for() {
 /// parked, and the principal's next call is served.
 #[tokio::test]
 async fn an_abandoned_round_frees_its_call() {
-    let gw = TestGateway::start(
-        "mcp: {session_idle_timeout: 1s}",
-        &[example("a", &["--test-tools"], "")],
-    )
-    .await;
+    let gw = with_test_tools("mcp: {session_idle_timeout: 1s}").await;
     let c = gw.client();
     let first = stateless(
         &c,
@@ -568,7 +613,7 @@ const SUBSCRIPTION: &str = "io.modelcontextprotocol/subscriptionId";
 /// for, tagged with its id; closing it stops the watching.
 #[tokio::test]
 async fn listen_streams_hear_what_they_asked_for() {
-    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let gw = with_test_tools("").await;
     let c = gw.client();
     let discover = stateless(&c, 1, "server/discover", json!({}), json!({})).await;
     let caps = &discover.json()["result"]["capabilities"];
@@ -733,7 +778,7 @@ async fn a_callers_listen_streams_are_bounded() {
 /// base64), and agree with the body.
 #[tokio::test]
 async fn marked_arguments_must_be_mirrored_in_headers() {
-    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let gw = with_test_tools("").await;
     let c = gw.client();
     let call = |args: Value, headers: &'static [(&'static str, &'static str)]| {
         let c = c.clone();
@@ -907,7 +952,7 @@ async fn progress_reaches_only_its_own_caller_whatever_token_it_chose() {
 /// be asked to answer it.
 #[tokio::test]
 async fn a_question_that_cannot_be_tied_to_a_call_reaches_no_other_caller() {
-    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let gw = with_test_tools("").await;
     let hidden = gw.gateway().stateless_session(None, None, None).unwrap();
     let caps = json!({"sampling": {}});
     let asker = {
@@ -950,7 +995,7 @@ async fn a_question_that_cannot_be_tied_to_a_call_reaches_no_other_caller() {
 /// still answered when its client comes back.
 #[tokio::test]
 async fn a_parked_call_leaves_the_next_callers_question_to_it() {
-    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let gw = with_test_tools("").await;
     let (c, caps) = (gw.client(), json!({"sampling": {}}));
     let call = |prompt: &str| json!({"name": "sample", "arguments": {"prompt": prompt}});
     let first = stateless(&c, 1, "tools/call", call("first?"), caps.clone()).await;
@@ -962,9 +1007,8 @@ async fn a_parked_call_leaves_the_next_callers_question_to_it() {
     let second = second.response();
     let (key, q) = only_question(&second);
     assert_eq!(q["params"]["messages"][0]["content"]["text"], "second?");
-    let mut retry = call("second?");
-    retry["inputResponses"] = json!({ key: sampled("two") });
-    retry["requestState"] = second["result"]["requestState"].clone();
+    let answers = json!({ key: sampled("two") });
+    let retry = retried(call("second?"), answers, state_of(&second));
     let done = stateless(&c, 3, "tools/call", retry, caps.clone())
         .await
         .response();
@@ -973,9 +1017,8 @@ async fn a_parked_call_leaves_the_next_callers_question_to_it() {
         "{done}"
     );
 
-    let mut retry = call("first?");
-    retry["inputResponses"] = json!({ first_key: sampled("one") });
-    retry["requestState"] = first["result"]["requestState"].clone();
+    let answers = json!({ first_key: sampled("one") });
+    let retry = retried(call("first?"), answers, state_of(&first));
     let done = stateless(&c, 4, "tools/call", retry, caps).await.response();
     assert_eq!(
         done["result"]["content"][0]["text"], "model said: one",
@@ -1291,30 +1334,16 @@ async fn a_list_changed_flood_ends_no_stream_whose_client_reads() {
 /// it: the call was abandoned, nothing waits for the answers.
 #[tokio::test]
 async fn a_request_state_past_its_wait_is_refused() {
-    let gw = TestGateway::start(
-        "mcp: {session_idle_timeout: 1s}",
-        &[example("a", &["--test-tools"], "")],
-    )
-    .await;
+    let gw = with_test_tools("mcp: {session_idle_timeout: 1s}").await;
     let c = gw.client();
-    let caps = json!({"sampling": {}});
-    let call = json!({"name": "sample", "arguments": {"prompt": "p"}});
-    let first = stateless(&c, 1, "tools/call", call.clone(), caps.clone())
-        .await
-        .response();
-    let (key, _) = only_question(&first);
+    let (first, key) = asked_to_sample(&c).await;
     support::eventually("the parked call to be abandoned", || async {
         gw.gateway().round_trips.waiting() == 0
     })
     .await;
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let mut retry = call;
-    retry["inputResponses"] = json!({ key: sampled("late") });
-    retry["requestState"] = first["result"]["requestState"].clone();
-    let r = stateless(&c, 2, "tools/call", retry, caps).await;
-    assert_eq!(r.status, 400, "{}", r.body);
-    assert_eq!(r.error_code(), -32602);
-    assert!(r.body.contains("expired"), "{}", r.body);
+    let r = retry_sample(&c, 2, json!({ key: sampled("late") }), state_of(&first)).await;
+    refused(&r, "expired");
     gw.stop().await;
 }
 
@@ -1323,34 +1352,16 @@ async fn a_request_state_past_its_wait_is_refused() {
 /// was asked is asked again).
 #[tokio::test]
 async fn an_enormous_request_state_is_refused_unopened() {
-    let gw = TestGateway::start("", &[example("a", &["--test-tools"], "")]).await;
+    let gw = with_test_tools("").await;
     let c = gw.client();
-    let caps = json!({"sampling": {}});
-    let call = json!({"name": "sample", "arguments": {"prompt": "p"}});
-    let first = stateless(&c, 1, "tools/call", call.clone(), caps.clone())
-        .await
-        .response();
-    let (key, _) = only_question(&first);
-    let mut huge = call.clone();
-    huge["inputResponses"] = json!({ key.clone(): sampled("x") });
-    huge["requestState"] = json!("A".repeat(3 * 1024 * 1024));
-    let r = stateless(&c, 2, "tools/call", huge, caps.clone()).await;
-    assert_eq!(r.status, 400, "{}", &r.body[..r.body.len().min(300)]);
-    assert_eq!(r.error_code(), -32602);
-    assert!(r.body.contains("longer than"), "{}", r.body);
+    let (first, key) = asked_to_sample(&c).await;
+    let huge = json!("A".repeat(3 * 1024 * 1024));
+    let r = retry_sample(&c, 2, json!({ key.clone(): sampled("x") }), huge).await;
+    refused(&r, "longer than");
     // Answers to questions never asked, with the real state: the call asks its question again.
-    let mut stray = call.clone();
-    stray["inputResponses"] = json!({"not-asked": sampled("stray"), "9999": sampled("stray")});
-    stray["requestState"] = first["result"]["requestState"].clone();
-    let again = stateless(&c, 3, "tools/call", stray, caps.clone())
-        .await
-        .response();
-    let (same, _) = only_question(&again);
-    assert_eq!(same, key);
-    let mut retry = call;
-    retry["inputResponses"] = json!({ key: sampled("mine") });
-    retry["requestState"] = again["result"]["requestState"].clone();
-    let done = stateless(&c, 4, "tools/call", retry, caps).await.response();
+    let stray = json!({"not-asked": sampled("stray"), "9999": sampled("stray")});
+    let again = asked_again(&c, 3, &first, &key, stray).await;
+    let done = answered(&c, 4, &again, &key, "mine").await;
     assert_eq!(done["result"]["content"][0]["text"], "model said: mine");
     gw.stop().await;
 }

@@ -1149,21 +1149,10 @@ fn watch_get_stream(
     tx: mpsc::Sender<Bytes>,
     uptake: Arc<crate::body::Uptake>,
 ) {
-    let every = gw.config.mcp.sse_keepalive;
     let stall = gw.config.mcp.stalled_stream_timeout;
     let metrics = gw.metrics.clone();
-    tokio::spawn(async move {
-        let keepalive = async {
-            loop {
-                tokio::time::sleep(every).await;
-                if tx.send(Bytes::new()).await.is_err() {
-                    return;
-                }
-            }
-        };
+    let ended = async move {
         tokio::select! {
-            _ = keepalive => {}
-            _ = tx.closed() => {}
             _ = session.ended() => {}
             _ = uptake.stalled(stall) => {
                 tracing::info!(session = %session.log_id(), "ended a GET stream whose client took nothing for {stall:?} while messages waited");
@@ -1172,12 +1161,13 @@ fn watch_get_stream(
                 session.close_listen_stream(stream);
             }
         }
-    });
+    };
+    keep_alive(tx, gw.config.mcp.sse_keepalive, ended);
 }
 
-/// Sends a keep-alive comment on a listen stream every `every` until `ended` resolves or the
-/// client is gone: comments hold idle proxies open and notice a departed client. Ending drops
-/// the task's sender, which ends the client's stream.
+/// Sends a keep-alive comment on a stream every `every` until its client is gone or `ended`
+/// resolves: comments hold idle proxies open and notice a departed client. Ending drops the
+/// task's sender, which ends the client's stream.
 pub(crate) fn keep_alive(
     tx: mpsc::Sender<Bytes>,
     every: std::time::Duration,
@@ -1194,6 +1184,7 @@ pub(crate) fn keep_alive(
         };
         tokio::select! {
             _ = keepalive => {}
+            _ = tx.closed() => {}
             _ = ended => {}
         }
     });
