@@ -1414,7 +1414,7 @@ async fn an_idle_http_server_sleeps_under_leader_election_only_when_no_replica_u
     let web = format!(
         "  - name: web\n    image: ghcr.io/gatehouse/example:1\n    command: {BIN:?}\n    args: [example-server, --name, web, --test-tools, --http, \"127.0.0.1:{port}\"]\n    transport: {{type: streamable-http, port: {port}}}\n    idle: {{after: 2s}}\n"
     );
-    let [(leader, _rt_leader), (follower, _rt_follower)] = two_replicas(&fake, &web).await;
+    let [(leader, _rt_leader), (follower, rt_follower)] = two_replicas(&fake, &web).await;
     let asleep = || {
         fake.get(Kind::Deployment, NS, "mcp-web")
             .is_some_and(|d| d["spec"]["replicas"] == 0)
@@ -1458,6 +1458,12 @@ async fn an_idle_http_server_sleeps_under_leader_election_only_when_no_replica_u
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(asleep(), "idle on every replica: scaled to zero");
+    // The follower learns it from the Deployment's watch, a moment later (a listing before
+    // that goes through the leader, as a call would).
+    eventually("the follower sees it asleep", || {
+        rt_follower.usage("web").is_some_and(|u| u.is_asleep())
+    })
+    .await;
     // What it listed through the follower is listed while it sleeps, without waking it.
     let listing = tools_listed(&follower).await;
     assert!(listing.contains(&"pid".to_owned()), "{listing:?}");
