@@ -3,7 +3,8 @@
 
 use std::collections::BTreeSet;
 use std::hash::BuildHasher;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -42,6 +43,13 @@ pub enum NoRoom {
 
 /// Deleted portable sessions a replica keeps a record of (about 32 bytes each).
 pub const MAX_DELETED_SESSIONS: usize = 100_000;
+
+/// How often a replica holding portable sessions asks the leading replica which sessions were
+/// deleted on others (where replicas share plugin state): a deleted session ends everywhere
+/// within about this.
+const DELETIONS_EVERY: Duration = Duration::from_secs(1);
+/// The longest it waits between two looks while the leader cannot answer.
+const DELETIONS_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Portable sessions deleted here (DELETE), each refused until its id expires
 /// (`mcp.session_max_age` after it was issued). Bounded: past [`MAX_DELETED_SESSIONS`], the one
@@ -166,6 +174,9 @@ pub struct Gateway {
     restoring: std::sync::Mutex<()>,
     /// Portable sessions deleted here (DELETE), refused until their ids expire.
     deleted: std::sync::Mutex<Deleted>,
+    /// Pages of the leader's log of deletions read so far that named any (changed under
+    /// `restoring`): a restore that a page may have missed asks the leader again.
+    deletions_heard: AtomicU64,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Client authentication.
@@ -275,6 +286,7 @@ impl Gateway {
             ),
             portable: (!keys.0.is_empty()).then(|| Arc::new(Sealer::from_keys(&keys.0))),
             deleted: std::sync::Mutex::new(Default::default()),
+            deletions_heard: AtomicU64::new(0),
             restoring: std::sync::Mutex::new(()),
             metrics,
             bodies,
@@ -546,43 +558,55 @@ impl Gateway {
         let Some((token, version)) = self.portable_token(id, principal, profile) else {
             return Ok(None);
         };
+        let heard = self.deletions_heard.load(Ordering::Acquire);
         if self.deleted_elsewhere(id).await {
             // Asked again, this replica answers itself.
             self.record_deleted(id, token.t);
             return Ok(None);
         }
-        // Under the one lock that DELETE's record also takes: a session deleted here is not
-        // restored by a request racing the DELETE, and two restores share one session.
-        let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
-        if self
-            .deleted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .holds(id, token.t)
+        let session = {
+            // Under the one lock that DELETE's record also takes: a session deleted here is
+            // not restored by a request racing the DELETE, and two restores share one session.
+            let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
+            if self
+                .deleted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .holds(id, token.t)
+            {
+                return Ok(None);
+            }
+            if let Some(s) = self.sessions.get(id) {
+                return Ok(Some(s.clone()));
+            }
+            if self.sessions.len() >= self.config.mcp.max_sessions {
+                return Err(NoRoom::Sessions);
+            }
+            if !self.may_open_session(principal, 0) {
+                return Err(NoRoom::Principal(
+                    self.config.mcp.max_sessions_per_principal,
+                ));
+            }
+            tracing::debug!(session = %crate::mcp::session::log_id(id), "restored a portable session opened elsewhere");
+            self.open_session(
+                Arc::from(id),
+                principal.cloned(),
+                profile,
+                version,
+                Bytes::from(token.i),
+                token.l,
+                true,
+            )
+        };
+        // Deleted after the leader answered, and read in its log before the session was held
+        // here (so not ended for it): the leader is asked again, and now knows.
+        if self.deletions_heard.load(Ordering::Acquire) != heard && self.deleted_elsewhere(id).await
         {
+            self.record_deleted(id, token.t);
+            self.end_session(id);
             return Ok(None);
         }
-        if let Some(s) = self.sessions.get(id) {
-            return Ok(Some(s.clone()));
-        }
-        if self.sessions.len() >= self.config.mcp.max_sessions {
-            return Err(NoRoom::Sessions);
-        }
-        if !self.may_open_session(principal, 0) {
-            return Err(NoRoom::Principal(
-                self.config.mcp.max_sessions_per_principal,
-            ));
-        }
-        tracing::debug!(session = %crate::mcp::session::log_id(id), "restored a portable session opened elsewhere");
-        Ok(Some(self.open_session(
-            Arc::from(id),
-            principal.cloned(),
-            profile,
-            version,
-            Bytes::from(token.i),
-            token.l,
-            true,
-        )))
+        Ok(Some(session))
     }
 
     /// What a portable session id carries, and its revision, if this replica honors it for
@@ -647,7 +671,8 @@ impl Gateway {
     /// `profile`: one held here, or a portable one held elsewhere or nowhere, which is not
     /// restored for that (no room needed, no upstream session opened to be closed): its id is
     /// checked as a restore would check it. A portable id opens nothing here from then on, and
-    /// where replicas share state, is restored by none of them. `false`: no such session.
+    /// where replicas share state, is restored by none of them, and the replicas that hold it
+    /// end it too (they read the leader's log of deletions). `false`: no such session.
     pub async fn delete_session(
         &self,
         id: &str,
@@ -698,11 +723,125 @@ impl Gateway {
     /// nothing here again.
     fn record_deleted(&self, id: &str, issued: u64) {
         let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
+        self.note_deleted(id, issued);
+    }
+
+    /// [`Gateway::record_deleted`], `restoring` held.
+    fn note_deleted(&self, id: &str, issued: u64) {
         let max_age = self.config.mcp.session_max_age.as_millis() as u64;
         self.deleted
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, issued, session_token::now_ms(), max_age);
+    }
+
+    /// Whether this replica follows the leader's log of deletions now: it has session keys,
+    /// shares plugin state with other replicas, and holds a portable session.
+    fn follows_deletions(&self) -> bool {
+        self.portable.is_some()
+            && self.plugins.current().state().shared()
+            && self.sessions.iter().any(|s| s.is_portable())
+    }
+
+    /// Ends the portable sessions held here that `page` of the leader's log says were deleted
+    /// (on any replica), as their DELETE would have here: their ids open nothing here again.
+    fn end_deleted(&self, page: &crate::plugins::Deletions) {
+        let Some(sealer) = &self.portable else {
+            return;
+        };
+        if page.ids.is_empty() {
+            return;
+        }
+        let deleted: std::collections::HashSet<u64> = page.ids.iter().copied().collect();
+        // Under the restores' lock: one that a page may have missed sees `deletions_heard` move.
+        let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
+        let ended: Vec<Arc<str>> = self
+            .sessions
+            .iter()
+            .filter(|s| s.is_portable() && deleted.contains(&page.hash(s.key())))
+            .map(|s| s.key().clone())
+            .collect();
+        for id in &ended {
+            if let Some(token) = session_token::open(sealer, id) {
+                self.note_deleted(id, token.t);
+            }
+            tracing::info!(session = %crate::mcp::session::log_id(id), "ended a portable session its client deleted on another replica");
+            // (Its plugins' state went when the leader logged the deletion.)
+            self.end_session(id);
+        }
+        self.deletions_heard.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Reads what the leader logged since `read` (every page of it, within one look), and ends
+    /// the sessions held here that were deleted. `Err`: the leader could not be asked, or
+    /// answered something else (a version without the log); `read` stays where it got.
+    async fn read_deletions(
+        &self,
+        read: &mut crate::plugins::DeletionsRead,
+    ) -> Result<(), crate::plugins::leader::Unavailable> {
+        use crate::plugins::{Deletions, Joined, leader::Unavailable};
+        let state = self.plugins.current().state().clone();
+        for _ in 0..crate::plugins::DELETION_PAGES_AT_ONCE {
+            let asked = crate::plugins::Asked {
+                plugin: Arc::from(""),
+                session: String::new(),
+                principal: None,
+                action: read.ask(),
+                limits: Default::default(),
+            };
+            let outcome = state.run(asked, crate::plugins::leader::TIMEOUT).await?;
+            let page = Deletions::from_outcome(&outcome).ok_or(Unavailable::Refused)?;
+            match read.read(&page) {
+                Joined::Continued => {}
+                Joined::Afresh => {
+                    tracing::debug!(
+                        "reading the leading replica's log of deleted sessions from its start"
+                    )
+                }
+                Joined::Missed(missed) => tracing::warn!(
+                    missed,
+                    "the leading replica no longer keeps some deletions of portable sessions this replica had not read: sessions held here that they name are not ended for them"
+                ),
+            }
+            self.end_deleted(&page);
+            if !page.more() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows the leader's log of deletions while the gateway lives: every
+    /// [`DELETIONS_EVERY`] while this replica holds a portable session (and at once where it
+    /// leads and logs one), so that a session deleted on another replica ends here too.
+    async fn follow_deletions(gw: Weak<Gateway>) {
+        let mut read = crate::plugins::DeletionsRead::default();
+        let mut logged = match gw.upgrade() {
+            Some(gw) => gw.plugins.current().state().deletions_logged(),
+            None => return,
+        };
+        let mut pause = DELETIONS_EVERY;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                // (A store that is gone changes no more: the sleep goes on.)
+                Ok(()) = logged.changed() => {}
+            }
+            let Some(gw) = gw.upgrade() else { return };
+            if !gw.follows_deletions() {
+                pause = DELETIONS_EVERY;
+                continue;
+            }
+            pause = match gw.read_deletions(&mut read).await {
+                Ok(()) => DELETIONS_EVERY,
+                Err(e) => {
+                    tracing::debug!(
+                        "could not read the leading replica's log of deleted sessions: {e}"
+                    );
+                    (pause * 2).min(DELETIONS_RETRY_MAX)
+                }
+            };
+        }
     }
 
     #[allow(clippy::too_many_arguments)] // the parts of a session, as Session::new takes them
@@ -894,12 +1033,14 @@ impl Gateway {
         }
     }
 
-    /// Runs [`Gateway::sweep`] periodically.
+    /// Runs [`Gateway::sweep`] periodically, and ends the portable sessions held here that
+    /// were deleted on other replicas (where they share plugin state).
     pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let gw = Arc::downgrade(self);
         let every = (self.config.mcp.session_idle_timeout / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(30));
-        tokio::spawn(async move {
+        let deletions = Gateway::follow_deletions(gw.clone());
+        let sweeping = async move {
             loop {
                 tokio::time::sleep(every).await;
                 match gw.upgrade() {
@@ -907,6 +1048,10 @@ impl Gateway {
                     None => return,
                 }
             }
+        };
+        // One task: aborting it stops both.
+        tokio::spawn(async move {
+            tokio::join!(sweeping, deletions);
         })
     }
 

@@ -690,9 +690,9 @@ async fn the_relay_answers_only_the_replicas_and_only_on_the_leader() {
 }
 
 /// Plugin state is the leading replica's: a limit counts the calls of every replica, a portable
-/// session's count follows it from replica to replica and goes when it is deleted, and the
-/// follower keeps nothing itself. When the leader goes, the follower leads and takes the counts
-/// over.
+/// session's count follows it from replica to replica and goes when it is deleted (the session
+/// then ends on the leader too), and the follower keeps nothing itself. When the leader goes,
+/// the follower leads and takes the counts over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_count_a_limit_together_through_the_leader() {
     let fake = FakeKube::start().await;
@@ -767,22 +767,41 @@ async fn replicas_count_a_limit_together_through_the_leader() {
         async move { state.sessions_with_state() == 0 }
     })
     .await;
-    // The leader still serves it (it did not see the DELETE), but its plugins' state is gone
-    // for good: a call that would count is refused, not counted afresh.
-    let r = there.call(33, "tools/call", add_call.clone()).await;
-    assert_eq!(r["error"]["code"], -32031, "{r}");
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("the session was deleted")),
-        "{r}"
-    );
-    // Even a plugin that fails open: a deleted session is the client's doing, not an outage.
-    let r = there
-        .call(35, "tools/call", json!({"name": whoami, "arguments": {}}))
+    // The leader, which held it too (it served it before the DELETE), ends it: the id opens
+    // nothing there either.
+    let ping = json!({"jsonrpc": "2.0", "id": 33, "method": "ping"}).to_string();
+    support::eventually("the leader refuses the deleted session", || {
+        let (there, ping) = (there.clone(), ping.clone());
+        async move { there.post(ping).await.status == 404 }
+    })
+    .await;
+    let id = moving.session.clone().unwrap();
+    assert!(!leader.gateway().sessions.contains_key(id.as_str()));
+    // Its plugins' state is gone for good: a session-scope operation for it, as a plugin on
+    // the follower would run it, is refused by the leader, not started afresh. (Through the
+    // session itself this is now seen only in the moment before a replica that holds it ends
+    // it: every replica ends it, so a call can no longer reach a plugin with it.)
+    let probe = gatehouse::plugins::Asked {
+        plugin: "rl".into(),
+        session: id.clone(),
+        principal: None,
+        action: gatehouse::plugins::Action::Get {
+            scope: gatehouse::plugins::Scope::Session,
+            key: String::new(),
+        },
+        limits: Default::default(),
+    };
+    let refused = state_of(&follower)
+        .run(probe, gatehouse::plugins::leader::TIMEOUT)
         .await;
-    assert_eq!(r["error"]["code"], -32031, "{r}");
-    let r = there
+    assert!(
+        matches!(
+            refused,
+            Err(gatehouse::plugins::leader::Unavailable::SessionDeleted)
+        ),
+        "{refused:?}"
+    );
+    let r = on_leader
         .call(
             34,
             "tools/call",
@@ -793,6 +812,11 @@ async fn replicas_count_a_limit_together_through_the_leader() {
         r["error"]["code"], -32029,
         "a principal's limit still holds: {r}"
     );
+    // Another session's plugin that fails open goes on.
+    let r = on_leader
+        .call(35, "tools/call", json!({"name": whoami, "arguments": {}}))
+        .await;
+    assert!(r["result"]["content"][0]["text"].is_string(), "{r}");
     // A session served by the follower makes one call of its two before the leader goes.
     let mut staying = follower.client();
     staying.initialize(json!({})).await;
@@ -831,6 +855,86 @@ async fn replicas_count_a_limit_together_through_the_leader() {
         r["error"]["code"], -32029,
         "the session's third call, two of them counted by the last leader: {r}"
     );
+    follower.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A portable session deleted on one replica ends on every replica that holds it: the leader
+/// logs the deletion, and the follower, which served the session too, reads that log and ends
+/// it within about a second (404 from then on, its upstream sessions closed), as the leader
+/// ends its own at once. Another client's session, served by both replicas, goes on throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_deleted_on_one_replica_ends_on_every_replica_that_holds_it() {
+    let fake = FakeKube::start().await;
+    let dir = std::env::temp_dir().join(format!("gatehouse-kube-deleted-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("session-key");
+    std::fs::write(
+        &key,
+        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n",
+    )
+    .unwrap();
+    let extra = format!(
+        "upstreams:\n{}mcp:\n  session_keys:\n    - {{ id: 1, file: {:?} }}",
+        support::example("a", &[], ""),
+        key
+    );
+    let [(leader, _rt_l), (follower, _rt_f)] = two_replicas_with(&fake, "", &extra).await;
+    let on = |c: &Client, gw: &TestGateway| {
+        let mut c = c.clone();
+        c.url = gw.url();
+        c
+    };
+    let lists = |c: Client| async move {
+        let r = c.call(1, "tools/list", json!({})).await;
+        !support::tool_names(&r).is_empty()
+    };
+    let ping = |c: Client| async move {
+        c.post(json!({"jsonrpc": "2.0", "id": 2, "method": "ping"}).to_string())
+            .await
+            .status
+    };
+    // Each opened on one replica, and used on both.
+    let mut ending = leader.client();
+    ending.initialize(json!({})).await;
+    let mut staying = follower.client();
+    staying.initialize(json!({})).await;
+    for c in [&ending, &staying] {
+        for gw in [&leader, &follower] {
+            assert!(lists(on(c, gw)).await);
+        }
+    }
+    let id = ending.session.clone().unwrap();
+    for gw in [&leader, &follower] {
+        assert!(gw.gateway().sessions.contains_key(id.as_str()));
+    }
+    // Deleted through the leader: the follower, which still holds it, ends it too.
+    let del = ending
+        .request("DELETE", Bytes::new())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = ending.send(del).await;
+    assert!(r.status == 200 || r.status == 202, "{}", r.body);
+    assert_eq!(ping(on(&ending, &leader)).await, 404);
+    support::eventually("the follower refuses the deleted session", || {
+        let c = on(&ending, &follower);
+        async move { ping(c).await == 404 }
+    })
+    .await;
+    assert!(
+        !follower.gateway().sessions.contains_key(id.as_str()),
+        "ended there, not only refused"
+    );
+    // The other client's session goes on, on both replicas.
+    for gw in [&leader, &follower] {
+        assert!(lists(on(&staying, gw)).await);
+        assert_eq!(ping(on(&staying, gw)).await, 200);
+    }
+    // And the deleted one stays refused everywhere.
+    for gw in [&leader, &follower] {
+        assert_eq!(ping(on(&ending, gw)).await, 404);
+    }
+    leader.stop().await;
     follower.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -82,7 +82,10 @@ pub use instance::Hooks;
 pub use json_text::JsonText;
 pub use metrics::{MetricsSnapshot, PluginMetrics};
 pub use reload::{Plugins, Watcher};
-pub use state::{Action, Asked, Holder, Outcome, Scope, StateError, StateLimits, StateStore};
+pub use state::{
+    Action, Asked, DELETION_PAGES_AT_ONCE, Deletions, DeletionsRead, Holder, Joined, Outcome,
+    Scope, StateError, StateLimits, StateStore,
+};
 
 use budget::Mode;
 use chain::Chain;

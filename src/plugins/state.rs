@@ -17,7 +17,10 @@
 //! every replica's calls and a taint follows a session to whichever replica serves it. A
 //! replica that comes to lead takes the state over from the previous leader first (a
 //! [`Snapshot`] of it), so a change of leader (a rolling upgrade) loses none of it; where the
-//! previous leader cannot hand it over (it crashed), the new one starts afresh.
+//! previous leader cannot hand it over (it crashed), the new one starts afresh. The leader's
+//! record of deleted sessions is also a log, numbered, that the other replicas read
+//! ([`Action::DeletedSince`], [`DeletionsRead`]) to end the sessions they hold that were
+//! deleted elsewhere.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
@@ -311,7 +314,8 @@ impl Bucket {
 }
 
 /// Deleted sessions: their ids' hashes (a few bytes each, however long an id), and each with
-/// when it was deleted, oldest first.
+/// when it was deleted, oldest first. In that order it is also the log replicas read to end
+/// the deleted sessions they still hold ([`Deletions`]): each deletion has a number in it.
 #[derive(Debug)]
 struct Deleted {
     ids: HashSet<u64>,
@@ -319,6 +323,11 @@ struct Deleted {
     /// The seed ids are hashed with: random (ids cannot be chosen to collide), and handed over
     /// with the hashes, so the next leader's hashes mean the same.
     seed: u64,
+    /// Which log this is: drawn anew each time the record starts afresh (another leader, a
+    /// reset), never 0, so that a replica that read another log reads this one whole.
+    incarnation: u64,
+    /// The number of the oldest deletion kept (`order`'s first) in this log.
+    first: u64,
 }
 
 impl Deleted {
@@ -327,22 +336,178 @@ impl Deleted {
             ids: HashSet::new(),
             order: VecDeque::new(),
             seed,
+            incarnation: random_seed().max(1),
+            first: 0,
         }
     }
 
     fn hash(&self, session: &str) -> u64 {
-        foldhash::quality::FixedState::with_seed(self.seed).hash_one(session)
+        deletion_hash(self.seed, session)
     }
 
-    fn insert(&mut self, id: u64, at: u64) {
-        if self.ids.insert(id) {
+    /// Logs a deletion; whether it is new.
+    fn insert(&mut self, id: u64, at: u64) -> bool {
+        let new = self.ids.insert(id);
+        if new {
             self.order.push_back((id, at));
         }
         while self.order.len() > MAX_DELETED {
-            if let Some((old, _)) = self.order.pop_front() {
-                self.ids.remove(&old);
-            }
+            self.pop_oldest();
         }
+        new
+    }
+
+    /// Forgets the oldest deletion (its session is refused no longer).
+    fn pop_oldest(&mut self) {
+        if let Some((old, _)) = self.order.pop_front() {
+            self.ids.remove(&old);
+            self.first += 1;
+        }
+    }
+
+    /// The number the next deletion logged will have.
+    fn end(&self) -> u64 {
+        self.first + self.order.len() as u64
+    }
+
+    /// At most `most` deletions logged from number `after` on, for a replica that read this log
+    /// up to there; or, where it read another log (`incarnation`), or a part this one no longer
+    /// keeps, or a number it never reached, from the oldest kept on: the reader then sees from
+    /// [`Deletions::from`] where it stands.
+    fn since(&self, incarnation: u64, after: u64, most: usize) -> Deletions {
+        let from =
+            match incarnation == self.incarnation && (self.first..=self.end()).contains(&after) {
+                true => after,
+                false => self.first,
+            };
+        let skip = usize::try_from(from - self.first).unwrap_or(usize::MAX);
+        let ids = (self.order.range(skip.min(self.order.len())..))
+            .take(most)
+            .map(|(id, _)| *id)
+            .collect();
+        Deletions {
+            incarnation: self.incarnation,
+            seed: self.seed,
+            from,
+            ids,
+            end: self.end(),
+        }
+    }
+}
+
+/// A deleted session's id as the leader's record keeps it: hashed with the record's seed.
+fn deletion_hash(seed: u64, session: &str) -> u64 {
+    foldhash::quality::FixedState::with_seed(seed).hash_one(session)
+}
+
+/// Most deletions one answer names: each is a number of at most 20 digits, so a page stays well
+/// within what a replica reads of an answer (512 KiB), and the whole record (100,000) takes a
+/// few.
+pub const DELETIONS_PER_PAGE: usize = 16_384;
+/// Most pages a replica reads of the log in one look: the whole record, and a few more logged
+/// meanwhile (beyond, it reads on at its next look).
+pub const DELETION_PAGES_AT_ONCE: usize = MAX_DELETED.div_ceil(DELETIONS_PER_PAGE) + 2;
+
+/// Part of the leader's log of deleted sessions, as a replica asked for it ([`Action::DeletedSince`]):
+/// the hashes of the deleted ids, oldest first, numbered from [`Deletions::from`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deletions {
+    /// The log's incarnation (see [`DeletionsRead`]).
+    pub incarnation: u64,
+    /// The seed the ids are hashed with.
+    pub seed: u64,
+    /// The number of the first deletion given.
+    pub from: u64,
+    /// The deleted ids' hashes, oldest first.
+    pub ids: Vec<u64>,
+    /// The number the next deletion logged will have: more follow while the page ends before it.
+    pub end: u64,
+}
+
+impl Deletions {
+    /// The answer to [`Action::DeletedSince`].
+    fn into_outcome(self) -> Outcome {
+        Outcome::Value(Some(
+            serde_json::to_string(&self).expect("numbers serialize"),
+        ))
+    }
+
+    /// The page an answer to [`Action::DeletedSince`] holds (`None`: it holds none, as from a
+    /// leader of another version).
+    pub fn from_outcome(outcome: &Outcome) -> Option<Deletions> {
+        match outcome {
+            Outcome::Value(Some(page)) => serde_json::from_str(page).ok(),
+            _ => None,
+        }
+    }
+
+    /// `id` as the log names it.
+    pub fn hash(&self, id: &str) -> u64 {
+        deletion_hash(self.seed, id)
+    }
+
+    /// The number after the last deletion given.
+    pub fn next(&self) -> u64 {
+        self.from + self.ids.len() as u64
+    }
+
+    /// Whether more deletions follow this page (ask again at once).
+    pub fn more(&self) -> bool {
+        self.next() < self.end
+    }
+}
+
+/// Where a replica stands in the leader's log of deletions: which log (each leader's, each
+/// time its record starts afresh, is another) and how far it read it. A replica that finds
+/// another log reads it whole; one that finds its log no longer keeps what it had not read yet
+/// is told how much it missed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeletionsRead {
+    /// The log read (0: none yet).
+    incarnation: u64,
+    /// The number of the next deletion to read in it.
+    next: u64,
+}
+
+/// How a page of the log follows what a replica read of it before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// Right after it.
+    Continued,
+    /// Another log (another leader, or its record started afresh): read from its start.
+    Afresh,
+    /// The log no longer keeps this many deletions that were not read yet (more were logged
+    /// than it keeps, or they are older than a session's state is kept): their sessions are
+    /// not ended here for it (nor refused by the leader any more).
+    Missed(u64),
+}
+
+impl DeletionsRead {
+    /// What to ask the leader for next.
+    pub fn ask(&self) -> Action {
+        Action::DeletedSince {
+            incarnation: self.incarnation,
+            after: self.next,
+        }
+    }
+
+    /// Moves past `page`, and says how it followed what was read before.
+    pub fn read(&mut self, page: &Deletions) -> Joined {
+        let joined = if self.incarnation == 0 || page.incarnation != self.incarnation {
+            Joined::Afresh
+        } else if page.from == self.next {
+            Joined::Continued
+        } else if page.from > self.next {
+            Joined::Missed(page.from - self.next)
+        } else {
+            // (Read past the log's end: never, within one log. Read again from its start.)
+            Joined::Afresh
+        };
+        *self = DeletionsRead {
+            incarnation: page.incarnation,
+            next: page.next(),
+        };
+        joined
     }
 }
 
@@ -423,6 +588,8 @@ pub struct StateStore {
     /// Sessions deleted (where replicas share state), oldest first, with when: their state
     /// operations are refused, since another replica may still serve them.
     deleted: Mutex<Deleted>,
+    /// Deletions logged here, and fresh starts of the record (see `deletions_logged`).
+    logged: watch::Sender<u64>,
     /// Whether what it holds is the state (where replicas share it): false from when this
     /// replica comes to lead until it has taken the state over from the previous leader.
     settled: watch::Sender<bool>,
@@ -449,6 +616,7 @@ impl Default for StateStore {
             epoch: Instant::now(),
             leader: OnceLock::new(),
             deleted: Mutex::new(Deleted::new(random_seed())),
+            logged: watch::Sender::new(0),
             settled: watch::Sender::new(false),
             handed: watch::Sender::new(false),
             this: OnceLock::new(),
@@ -505,6 +673,11 @@ pub enum Action {
     /// The session was deleted: its state goes, and operations for it are refused from now on
     /// (another replica may still serve it).
     DeleteSession,
+    /// Which sessions were deleted: the log of deletions from number `after` of the log
+    /// `incarnation` on (see [`DeletionsRead`]), a page at most, answered as a
+    /// [`Outcome::Value`] holding the [`Deletions`] as JSON (every replica already reads that
+    /// outcome).
+    DeletedSince { incarnation: u64, after: u64 },
 }
 
 /// What an [`Action`] gave.
@@ -952,7 +1125,7 @@ impl StateStore {
             | Action::Set { scope, .. }
             | Action::Remove { scope, .. }
             | Action::Incr { scope, .. } => *scope == Scope::Session,
-            Action::EndSession | Action::DeleteSession => false,
+            Action::EndSession | Action::DeleteSession | Action::DeletedSince { .. } => false,
         };
         if session_scope && self.was_deleted(&asked.session) {
             return Outcome::SessionDeleted;
@@ -994,6 +1167,10 @@ impl StateStore {
             Action::DeleteSession => {
                 self.delete_here(&asked.session);
                 Outcome::Done
+            }
+            Action::DeletedSince { incarnation, after } => {
+                let page = lock(&self.deleted).since(*incarnation, *after, DELETIONS_PER_PAGE);
+                page.into_outcome()
             }
         }
     }
@@ -1220,7 +1397,18 @@ impl StateStore {
         let now = self.now();
         let mut deleted = lock(&self.deleted);
         let id = deleted.hash(session);
-        deleted.insert(id, now);
+        if deleted.insert(id, now) {
+            drop(deleted);
+            // This replica's own sessions of that id end at once (see `deletions_logged`).
+            self.logged.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Counts the deletions this replica logs, and each time its record starts afresh: where
+    /// it leads, whoever holds its sessions reads the log at once when this changes, not at its
+    /// next look.
+    pub fn deletions_logged(&self) -> watch::Receiver<u64> {
+        self.logged.subscribe()
     }
 
     /// A portable session is no longer served here, though its client may come back to any
@@ -1241,6 +1429,7 @@ impl StateStore {
         self.principals.clear();
         self.global.clear();
         *lock(&self.deleted) = Deleted::new(random_seed());
+        self.logged.send_modify(|n| *n += 1);
     }
 
     /// Drops expired keys and empty owners, and where replicas share state, the state (and
@@ -1259,9 +1448,7 @@ impl StateStore {
                 .front()
                 .is_some_and(|(_, at)| *at < used_since)
             {
-                if let Some((old, _)) = deleted.order.pop_front() {
-                    deleted.ids.remove(&old);
-                }
+                deleted.pop_oldest();
             }
         }
         for map in [&self.sessions, &self.principals, &self.global] {
@@ -1348,6 +1535,7 @@ impl StateStore {
             deleted.insert(id, used_now.saturating_sub(ago));
         }
         *lock(&self.deleted) = deleted;
+        self.logged.send_modify(|n| *n += 1);
         let mut kept = 0;
         for taken in snapshot.owners {
             let map = match taken.scope {
@@ -1478,6 +1666,151 @@ mod tests {
         std::thread::sleep(Duration::from_millis(40));
         store.sweep();
         assert_eq!(store.get("p", Scope::Global, c, "n"), None);
+    }
+
+    /// What a replica asks next of `log`, in pages of `most`.
+    fn page_of(log: &Deleted, read: &DeletionsRead, most: usize) -> Deletions {
+        match read.ask() {
+            Action::DeletedSince { incarnation, after } => log.since(incarnation, after, most),
+            other => panic!("asked {other:?}"),
+        }
+    }
+
+    /// The log of deletions replicas read is numbered within one log and read in pages; a
+    /// reader of another log (another leader, a record started afresh), or of a number the log
+    /// never reached, reads it from its start; one the log's bound left behind is told how
+    /// many it missed; and neither the log nor a page grows beyond its bound.
+    #[test]
+    fn the_log_of_deletions_is_read_in_pages_and_afresh_from_another_log() {
+        let mut log = Deleted::new(7);
+        for i in 0..10 {
+            assert!(log.insert(log.hash(&format!("s{i}")), i));
+        }
+        assert!(!log.insert(log.hash("s3"), 20), "told twice, logged once");
+        let mut read = DeletionsRead::default();
+        let page = page_of(&log, &read, 4);
+        assert_eq!(read.read(&page), Joined::Afresh, "nothing read yet");
+        assert_eq!((page.from, page.ids.len(), page.more()), (0, 4, true));
+        assert_eq!(page.ids[0], page.hash("s0"), "named as the record names it");
+        let page = page_of(&log, &read, 4);
+        assert_eq!(read.read(&page), Joined::Continued);
+        assert_eq!((page.from, page.ids.len(), page.more()), (4, 4, true));
+        let page = page_of(&log, &read, 4);
+        assert_eq!((page.ids.len(), page.more()), (2, false));
+        assert_eq!(read.read(&page), Joined::Continued);
+        let page = page_of(&log, &read, 4);
+        assert_eq!((page.ids.len(), page.more()), (0, false));
+        assert_eq!(read.read(&page), Joined::Continued);
+        log.insert(log.hash("s10"), 30);
+        let page = page_of(&log, &read, 4);
+        assert_eq!(page.ids, [page.hash("s10")]);
+        assert_eq!(read.read(&page), Joined::Continued);
+
+        // Another leader's log (or this one's, afresh) is read from its start, whatever
+        // number the reader reached: nothing it holds is skipped.
+        let mut other = Deleted::new(7);
+        other.insert(other.hash("s0"), 0);
+        assert_ne!(other.incarnation, log.incarnation);
+        let page = page_of(&other, &read, 4);
+        assert_eq!((page.from, page.ids.clone()), (0, vec![page.hash("s0")]));
+        assert_eq!(read.read(&page), Joined::Afresh);
+        // A number the log never reached (asked wrong): from its start too.
+        let ahead = log.since(log.incarnation, log.end() + 5, 4);
+        assert_eq!(ahead.from, log.first);
+
+        // Past its bound the log drops its oldest: a reader that had not read them is told.
+        let mut log = Deleted::new(1);
+        let mut read = DeletionsRead::default();
+        for i in 0..3 {
+            log.insert(log.hash(&format!("a{i}")), 0);
+        }
+        let page = page_of(&log, &read, DELETIONS_PER_PAGE);
+        read.read(&page);
+        for i in 0..MAX_DELETED + 2 {
+            log.insert(log.hash(&format!("b{i}")), 1);
+        }
+        assert_eq!((log.order.len(), log.ids.len()), (MAX_DELETED, MAX_DELETED));
+        assert_eq!(log.first, 5, "a0..a2, b0 and b1 dropped");
+        let mut page = page_of(&log, &read, DELETIONS_PER_PAGE);
+        assert_eq!(read.read(&page), Joined::Missed(2), "b0 and b1, never read");
+        assert_eq!(page.ids.len(), DELETIONS_PER_PAGE, "a page at most");
+        let mut pages = 1;
+        while page.more() {
+            page = page_of(&log, &read, DELETIONS_PER_PAGE);
+            assert_eq!(read.read(&page), Joined::Continued);
+            pages += 1;
+        }
+        assert_eq!(read.next, log.end(), "read to the end");
+        assert!(pages < DELETION_PAGES_AT_ONCE, "{pages} pages in one look");
+        // A sweep drops the oldest too, and the numbers go on.
+        let end = log.end();
+        log.pop_oldest();
+        assert_eq!((log.first, log.end()), (6, end));
+        // A full page of the largest hashes fits in what a replica reads of an answer.
+        let full = Deletions {
+            incarnation: u64::MAX,
+            seed: u64::MAX,
+            from: u64::MAX,
+            ids: vec![u64::MAX; DELETIONS_PER_PAGE],
+            end: u64::MAX,
+        };
+        let outcome = full.clone().into_outcome();
+        let wire = serde_json::to_vec(&outcome).unwrap();
+        assert!(wire.len() < 512 * 1024, "{} bytes", wire.len());
+        let back: Outcome = serde_json::from_slice(&wire).unwrap();
+        assert_eq!(Deletions::from_outcome(&back), Some(full));
+        assert_eq!(Deletions::from_outcome(&Outcome::Value(None)), None);
+    }
+
+    /// A leader logs each session deleted (once), says so at once to whoever follows its log,
+    /// and answers a replica's question with the page; the next leader takes the deletions over
+    /// as a new log, which a replica that read the last one reads whole, its ids named alike.
+    #[tokio::test]
+    async fn a_leader_logs_deletions_and_the_next_one_serves_them_as_a_new_log() {
+        let (_lead, leads) = tokio::sync::watch::channel(true);
+        let (_relay, relay) = tokio::sync::watch::channel(None);
+        let (_secret, secret) = tokio::sync::watch::channel(None);
+        let (_handover, handover) = tokio::sync::watch::channel(Handover::Nobody);
+        let leader = Leader::new(leads, relay, secret, handover);
+        let [old, new] = [(); 2].map(|_| Arc::new(StateStore::default()));
+        for store in [&old, &new] {
+            store.share_through(leader.clone(), Duration::from_secs(600));
+            store.settled.subscribe().wait_for(|s| *s).await.unwrap();
+        }
+        let asked = |session: &str, action| Asked {
+            plugin: Arc::from(""),
+            session: session.into(),
+            principal: None,
+            action,
+            limits: StateLimits::default(),
+        };
+        let mut logged = old.deletions_logged();
+        logged.borrow_and_update();
+        old.apply(&asked("s1", Action::DeleteSession));
+        assert!(logged.has_changed().unwrap(), "told at once");
+        logged.borrow_and_update();
+        old.apply(&asked("s1", Action::DeleteSession));
+        assert!(
+            !logged.has_changed().unwrap(),
+            "a deletion told again is not new"
+        );
+        old.apply(&asked("s2", Action::DeleteSession));
+        let mut read = DeletionsRead::default();
+        let ask = |store: &StateStore, read: &DeletionsRead| {
+            let outcome = store.apply(&asked("", read.ask()));
+            Deletions::from_outcome(&outcome).expect("a page")
+        };
+        let page = ask(&old, &read);
+        assert_eq!(page.ids, [page.hash("s1"), page.hash("s2")]);
+        read.read(&page);
+        assert!(ask(&old, &read).ids.is_empty());
+
+        let (bytes, _) = old.snapshot_json(usize::MAX);
+        new.restore(serde_json::from_slice(&bytes).unwrap());
+        let page = ask(&new, &read);
+        assert_eq!(read.read(&page), Joined::Afresh);
+        assert_eq!(page.ids, [page.hash("s1"), page.hash("s2")]);
+        assert!(ask(&new, &read).ids.is_empty());
     }
 
     /// The state of a session that another replica may still serve is kept when this one
