@@ -35,7 +35,28 @@ pub enum Body {
         uptake: Option<Arc<Uptake>>,
     },
     /// Server-Sent Events already encoded (numbered, for resumption).
-    Events(mpsc::Receiver<Bytes>),
+    Events {
+        /// The events.
+        events: mpsc::Receiver<Bytes>,
+        /// The watch on the stream's reader.
+        uptake: Option<Arc<Uptake>>,
+    },
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        // The connection let go of the stream (written whole, or the client left): whoever
+        // watches its reader stops.
+        if let Body::Sse {
+            uptake: Some(u), ..
+        }
+        | Body::Events {
+            uptake: Some(u), ..
+        } = self
+        {
+            u.body_gone();
+        }
+    }
 }
 
 impl Body {
@@ -81,7 +102,16 @@ impl http_body::Body for Body {
                 }
                 polled.map(|o| o.map(|event| Ok(Frame::data(event))))
             }
-            Body::Events(events) => events.poll_recv(cx).map(|o| o.map(|e| Ok(Frame::data(e)))),
+            Body::Events { events, uptake } => {
+                if uptake.as_ref().is_some_and(|u| u.is_ended()) {
+                    return Poll::Ready(None);
+                }
+                let polled = events.poll_recv(cx);
+                if let Some(u) = uptake {
+                    u.saw(&polled);
+                }
+                polled.map(|o| o.map(|e| Ok(Frame::data(e))))
+            }
         }
     }
 
@@ -89,7 +119,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
-            Body::Sse { .. } | Body::Events(_) => false,
+            Body::Sse { .. } | Body::Events { .. } => false,
         }
     }
 
@@ -98,7 +128,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) => SizeHint::with_exact(0),
-            Body::Sse { .. } | Body::Events(_) => SizeHint::default(),
+            Body::Sse { .. } | Body::Events { .. } => SizeHint::default(),
         }
     }
 }
@@ -129,6 +159,45 @@ pub(crate) fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
 /// taken for gone, and what feeds it (a call, cancelled upstream when it is dropped) stops
 /// rather than wait on it for good, holding the call and its request.
 pub(crate) const STALLED_READER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How a frame offered to a watched stream fared ([`feed`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Fed {
+    /// Queued for the reader.
+    Sent,
+    /// The reader is gone (its connection dropped the stream).
+    ReaderGone,
+    /// The reader took nothing for the stall timeout while frames waited: the stream is ended
+    /// and its connection let go.
+    Stalled,
+}
+
+/// Queues `frame` on a watched stream (`tx` feeding the body that `uptake` watches): at once
+/// when there is room, else once the reader takes something, unless it takes nothing for
+/// `within` ([`Fed::Stalled`]: the stream is then ended, [`Uptake::end`]).
+pub(crate) async fn feed(
+    tx: &mpsc::Sender<Bytes>,
+    uptake: &Uptake,
+    within: Duration,
+    frame: Bytes,
+) -> Fed {
+    // Room in the queue, as a reading client leaves it: no timer.
+    let frame = match tx.try_send(frame) {
+        Ok(()) => return Fed::Sent,
+        Err(mpsc::error::TrySendError::Closed(_)) => return Fed::ReaderGone,
+        Err(mpsc::error::TrySendError::Full(frame)) => frame,
+    };
+    tokio::select! {
+        sent = tx.send(frame) => match sent {
+            Ok(()) => Fed::Sent,
+            Err(_) => Fed::ReaderGone,
+        },
+        () = uptake.stalled(within) => {
+            uptake.end();
+            Fed::Stalled
+        }
+    }
+}
 
 /// Sends `frame` to a stream's reader unless it is gone or takes nothing for
 /// [`STALLED_READER`]: `false` then.
@@ -199,6 +268,10 @@ pub struct Uptake {
     /// The connection that carries the stream, told once the stream is ended: the connection
     /// polls the body only when it can write, so it would not see the end by itself.
     carrier: Mutex<Option<Arc<dyn Carrier>>>,
+    /// Set once the connection dropped the body (written whole, or its client left).
+    gone: AtomicBool,
+    /// Wakes [`Uptake::delivered`] when the body goes.
+    went: Notify,
 }
 
 /// The connection that carries a watched stream, as the stream sees it: told once the stream
@@ -291,11 +364,45 @@ impl Uptake {
     fn is_ended(&self) -> bool {
         self.ended.load(Ordering::Relaxed)
     }
+
+    fn body_gone(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+        self.went.notify_waiters();
+    }
+
+    /// For a feeder that sent its last frame (and dropped its sender): resolves once the
+    /// connection has let go of the body, `true`; or, `false`, once the reader took nothing
+    /// for `within` while frames waited, the stream then ended ([`Uptake::end`]): a client
+    /// that stops reading does not hold its connection with the end of an answer unwritten.
+    pub(crate) async fn delivered(&self, within: Duration) -> bool {
+        let went = self.went.notified();
+        tokio::pin!(went);
+        // Registered before the flag is read: a body going in between still wakes it.
+        went.as_mut().enable();
+        if self.gone.load(Ordering::SeqCst) {
+            return true;
+        }
+        tokio::select! {
+            () = went => true,
+            () = self.stalled(within) => {
+                self.end();
+                false
+            }
+        }
+    }
 }
 
-/// An SSE response of events already encoded.
-pub(crate) fn events_response(events: mpsc::Receiver<Bytes>) -> Response<Body> {
-    let mut r = response(Body::Events(events));
+/// An SSE response of events already encoded, watched by `uptake` for the task that feeds it
+/// ([`feed`], [`Uptake::delivered`]).
+pub(crate) fn watched_events_response(
+    events: mpsc::Receiver<Bytes>,
+    uptake: Arc<Uptake>,
+) -> Response<Body> {
+    events_body(events, Some(uptake))
+}
+
+fn events_body(events: mpsc::Receiver<Bytes>, uptake: Option<Arc<Uptake>>) -> Response<Body> {
+    let mut r = response(Body::Events { events, uptake });
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     r.headers_mut()

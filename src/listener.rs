@@ -327,7 +327,7 @@ impl InFlight {
         let uptake = match body {
             Body::Empty | Body::Full(_) => return None,
             Body::Sse { uptake, .. } => uptake.as_ref(),
-            Body::Events(_) => None,
+            Body::Events { uptake, .. } => uptake.as_ref(),
         };
         if let (Some(uptake), Mark::Request(activity)) = (uptake, &self.0) {
             let mark = Arc::new(StreamMark {
@@ -1057,7 +1057,10 @@ mod tests {
         assert!(full.is_none());
         assert_eq!(in_flight(&activity), 0);
         let (_tx, rx) = tokio::sync::mpsc::channel(1);
-        let stream = InFlight::start(&activity, H1).follow(&Body::Events(rx));
+        let stream = InFlight::start(&activity, H1).follow(&Body::Events {
+            events: rx,
+            uptake: None,
+        });
         assert_eq!(in_flight(&activity), 1);
         drop(stream);
         assert_eq!(in_flight(&activity), 0);

@@ -286,6 +286,14 @@ impl Metrics {
             .inc();
     }
 
+    /// The counter of streams of kind `stream` ended for their stalled readers, for a task
+    /// that counts them itself.
+    pub fn stalled_streams(&self, stream: &'static str) -> Counter {
+        self.streams_stalled
+            .get_or_create(&StreamLabels { stream })
+            .clone()
+    }
+
     /// Records how long a call waited for a sleeping server to wake.
     pub fn record_wake(&self, server: &'static str, elapsed: Duration) {
         self.wake_latency

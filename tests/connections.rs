@@ -1146,18 +1146,34 @@ def flood(seconds, pad, every):
     while time.time() < end:
         send(notice)
         time.sleep(every)
+def stream(id, token, seconds, pad, every):
+    end = time.time() + seconds
+    i = 0
+    while time.time() < end:
+        i += 1
+        send(json.dumps({"jsonrpc": "2.0", "method": "notifications/progress",
+                         "params": {"progressToken": token, "progress": i, "message": "x" * pad}}) + "\n")
+        time.sleep(every)
+    send(json.dumps({"jsonrpc": "2.0", "id": id,
+                     "result": {"content": [{"type": "text", "text": "streamed"}]}}) + "\n")
 for line in sys.stdin:
     m = json.loads(line)
     if "id" not in m or "method" not in m:
         continue
     method, params = m["method"], m.get("params") or {}
+    if method == "tools/call" and params.get("name") == "stream":
+        a = params["arguments"]
+        token = params["_meta"]["progressToken"]
+        threading.Thread(target=stream, args=(m["id"], token, a["seconds"], a["pad"], a["every"]), daemon=True).start()
+        continue
     answer = {"jsonrpc": "2.0", "id": m["id"]}
     if method == "initialize":
         answer["result"] = {"protocolVersion": params["protocolVersion"],
                             "capabilities": {"tools": {"listChanged": True}},
                             "serverInfo": {"name": "flood", "version": "1"}}
     elif method == "tools/list":
-        answer["result"] = {"tools": [{"name": "flood", "inputSchema": {"type": "object"}}]}
+        answer["result"] = {"tools": [{"name": "flood", "inputSchema": {"type": "object"}},
+                                      {"name": "stream", "inputSchema": {"type": "object"}}]}
     elif method == "tools/call":
         answer["result"] = {"content": [{"type": "text", "text": "flooding"}]}
     else:
@@ -1625,6 +1641,66 @@ async fn a_stalled_streams_connection_is_closed_and_its_place_given_back() {
     assert!(answered >= 8, "only {answered} answers");
     assert_eq!(status_of(gw.addr, &get_request(&stopped)).await, 200);
     assert_eq!(stalled(&gw, "get"), 1, "only the stream nobody read");
+    gw.stop().await;
+}
+
+/// A tool call's stream of progress notices, 32 KiB each every 5 ms for 30 s, as a session's
+/// request on `c`: the request's head and body, on a raw connection.
+fn session_stream_call(c: &Client, id: &str) -> String {
+    let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+        "name": "stream", "arguments": flood(), "_meta": {"progressToken": id}}})
+    .to_string();
+    format!(
+        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\nmcp-session-id: {}\r\ncontent-length: {}\r\n\r\n{body}",
+        c.session.as_deref().unwrap(),
+        body.len()
+    )
+}
+
+/// The same call as a 2026-07-28 request, without a session.
+fn stateless_stream_call(id: &str) -> String {
+    let (head, body) = stateless_parts(
+        id,
+        "tools/call",
+        Some("stream"),
+        json!({"name": "stream", "arguments": flood()}),
+    );
+    let mut body: Value = serde_json::from_str(&body).unwrap();
+    body["params"]["_meta"]["progressToken"] = json!(id);
+    let body = body.to_string();
+    format!("{head}content-length: {}\r\n\r\n{body}", body.len())
+}
+
+/// A call's streamed answer whose client stops reading while the server floods it with
+/// progress loses its stream once it took nothing for `stalled_stream_timeout`, and its
+/// connection its place under `mcp.max_connections_per_ip`, though the client never reads
+/// again: a 2026-07-28 call's stream, and a session's resumable one. The session goes on.
+#[tokio::test]
+async fn a_calls_stream_whose_client_stops_reading_loses_its_connection() {
+    let (gw, c) =
+        gateway_and_session(&stall_config(", max_connections_per_ip: 1"), flooder()).await;
+    let (stateless, session) = (Ipv4Addr::new(127, 0, 0, 21), Ipv4Addr::new(127, 0, 0, 22));
+    let _stalled = Peer::at(stateless)
+        .small_buffer()
+        .open_stream(gw.addr, &stateless_stream_call("s1"))
+        .await;
+    assert!(
+        !admitted_within(stateless, gw.addr, Duration::from_millis(500)).await,
+        "a second connection from {stateless} was admitted"
+    );
+    one_stalled(&gw, "call").await;
+    let what = "the stalled stateless call's connection";
+    place_given_back(stateless, gw.addr, what, Instant::now()).await;
+
+    let _stalled = Peer::at(session)
+        .small_buffer()
+        .open_stream(gw.addr, &session_stream_call(&c, "s2"))
+        .await;
+    support::counter_reaches(&gw, "gatehouse_streams_stalled_total{stream=\"call\"}", 2.0).await;
+    let what = "the stalled session call's connection";
+    place_given_back(session, gw.addr, what, Instant::now()).await;
+    let listed = c.call(3, "tools/list", json!({})).await;
+    assert_eq!(support::tool_names(&listed).len(), 2, "{listed}");
     gw.stop().await;
 }
 

@@ -511,8 +511,9 @@ pub struct RawMcp {
     /// Interval of keep-alive comments on SSE streams.
     #[serde(default, with = "humantime_serde")]
     pub sse_keepalive: Option<Duration>,
-    /// A long-lived stream (a session's GET stream, a listen stream, an HTTP+SSE stream)
-    /// whose reader takes nothing this long while messages wait for it is ended.
+    /// A stream (a session's GET stream, a listen stream, an HTTP+SSE stream, a call's
+    /// streamed answer) whose reader takes nothing this long while messages wait for it is
+    /// ended.
     #[serde(default, with = "humantime_serde")]
     pub stalled_stream_timeout: Option<Duration>,
     /// A connection with no request in flight is closed after this long.
@@ -829,7 +830,7 @@ pub struct McpSettings {
     pub resource_conflicts: ResourceConflicts,
     /// SSE keep-alive interval.
     pub sse_keepalive: Duration,
-    /// How long a long-lived stream's reader may take nothing while messages wait for it.
+    /// How long a stream's reader may take nothing while messages wait for it.
     pub stalled_stream_timeout: Duration,
     /// Lifetime of a connection with no request in flight (after its first request).
     pub idle_connection_timeout: Duration,

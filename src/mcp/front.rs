@@ -969,8 +969,10 @@ async fn post(
                     }
                     let prime = session.protocol_version >= "2025-11-25";
                     // Past what a session may keep, the stream is sent as it comes.
-                    Ok(match session.streams.open(rx, prime) {
-                        Ok(events) => crate::body::events_response(events),
+                    Ok(match session.streams.open(rx, prime, reader_watch(gw)) {
+                        Ok((events, uptake)) => {
+                            crate::body::watched_events_response(events, uptake)
+                        }
                         Err(rx) => sse_response(rx),
                     })
                 }
@@ -986,6 +988,14 @@ async fn post(
             }
             Ok(accepted())
         }
+    }
+}
+
+/// How the readers of a session's call streams are watched.
+fn reader_watch(gw: &Gateway) -> crate::mcp::resume::ReaderWatch {
+    crate::mcp::resume::ReaderWatch {
+        stall: gw.config.mcp.stalled_stream_timeout,
+        stalled: gw.metrics.stalled_streams("call"),
     }
 }
 
@@ -1126,7 +1136,8 @@ async fn get(
         let last = last
             .to_str()
             .map_err(|_| crate::mcp::resume::ResumeError::Malformed("(not text)".into()))?;
-        return Ok(crate::body::events_response(session.streams.resume(last)?));
+        let (events, uptake) = session.streams.resume(last)?;
+        return Ok(crate::body::watched_events_response(events, uptake));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let Some(stream) = session.open_listen_stream(tx.clone().into()) else {

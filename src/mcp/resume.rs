@@ -14,6 +14,9 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
 
+use prometheus_client::metrics::counter::Counter;
+
+use crate::body::{Fed, Uptake, feed};
 use crate::sse;
 
 /// Streams one session keeps for resumption; opening one more forgets the oldest finished one
@@ -138,8 +141,36 @@ struct LogState {
     /// The lowest sequence number not forgotten.
     first_kept: u64,
     /// The client reading now, if any.
-    client: Option<mpsc::Sender<Bytes>>,
+    client: Option<Reader>,
     finished: bool,
+}
+
+/// A client reading a stream: the queue its connection takes events from, and the watch on
+/// what it takes.
+#[derive(Clone)]
+struct Reader {
+    tx: mpsc::Sender<Bytes>,
+    uptake: Arc<Uptake>,
+}
+
+impl Reader {
+    fn new(tx: mpsc::Sender<Bytes>) -> Reader {
+        Reader {
+            tx,
+            uptake: Arc::new(Uptake::default()),
+        }
+    }
+}
+
+/// How the readers of a session's streams are watched: how long one may take nothing while
+/// events wait before it loses the stream (which goes on being recorded for its return) and
+/// its connection is let go, and what counts those.
+#[derive(Clone)]
+pub struct ReaderWatch {
+    /// `mcp.stalled_stream_timeout`.
+    pub stall: Duration,
+    /// Streams ended for a stalled reader.
+    pub stalled: Counter,
 }
 
 impl Streams {
@@ -168,14 +199,16 @@ impl Streams {
 
     /// Records the frames of `frames` as a new stream; returns the first client's events (the
     /// priming event first, when `prime`: clients of revisions before 2025-11-25 do not expect
-    /// an event without data). `frames` end the stream; an empty frame is a keep-alive. With
+    /// an event without data) and the watch on what it takes (for its body), its reader
+    /// watched as `watch` says. `frames` end the stream; an empty frame is a keep-alive. With
     /// as many live streams as it may keep (or once the session ended), `frames` come back, to
     /// be sent as they come, without resumption.
     pub fn open(
         &self,
         frames: mpsc::Receiver<Bytes>,
         prime: bool,
-    ) -> Result<mpsc::Receiver<Bytes>, mpsc::Receiver<Bytes>> {
+        watch: ReaderWatch,
+    ) -> Result<(mpsc::Receiver<Bytes>, Arc<Uptake>), mpsc::Receiver<Bytes>> {
         let log = {
             let mut reg = lock(&self.inner);
             if reg.closed {
@@ -215,13 +248,19 @@ impl Streams {
         if prime {
             let _ = tx.try_send(priming(log.stream));
         }
-        lock(&log.state).client = Some(tx);
-        tokio::spawn(pump(log, frames, Arc::downgrade(&self.inner)));
-        Ok(rx)
+        let reader = Reader::new(tx);
+        let uptake = reader.uptake.clone();
+        lock(&log.state).client = Some(reader);
+        tokio::spawn(pump(log, frames, Arc::downgrade(&self.inner), watch));
+        Ok((rx, uptake))
     }
 
-    /// The rest of the stream that `last_event_id` belongs to, for a client that resumes it.
-    pub fn resume(&self, last_event_id: &str) -> Result<mpsc::Receiver<Bytes>, ResumeError> {
+    /// The rest of the stream that `last_event_id` belongs to, for a client that resumes it,
+    /// and the watch on what it takes (for its body).
+    pub fn resume(
+        &self,
+        last_event_id: &str,
+    ) -> Result<(mpsc::Receiver<Bytes>, Arc<Uptake>), ResumeError> {
         let malformed = || ResumeError::Malformed(last_event_id.chars().take(64).collect());
         let (stream, seq) = last_event_id.trim().split_once('.').ok_or_else(malformed)?;
         let stream: u64 = stream.parse().map_err(|_| malformed())?;
@@ -243,14 +282,20 @@ impl Streams {
             let _ = tx.try_send(event.clone());
         }
         // A finished stream's client gets what it missed and the end; a live one takes over
-        // from whoever read before (that connection is broken, or about to be).
+        // from whoever read before (that connection is broken, or about to be: it is let go,
+        // whatever it still held unwritten).
+        let reader = Reader::new(tx);
+        let uptake = reader.uptake.clone();
         if !state.finished {
-            state.client = Some(tx);
+            let before = state.client.replace(reader);
             drop(state);
+            if let Some(before) = before {
+                before.uptake.end();
+            }
             // A pump blocked on the broken connection gives up on it.
             log.taken.notify_one();
         }
-        Ok(rx)
+        Ok((rx, uptake))
     }
 
     /// Forgets every stream (the session ended): their records go now, not when they expire.
@@ -262,7 +307,12 @@ impl Streams {
 }
 
 /// Records frames as they come and hands them to the attached client.
-async fn pump(log: Arc<Log>, mut frames: mpsc::Receiver<Bytes>, registry: Weak<Mutex<Registry>>) {
+async fn pump(
+    log: Arc<Log>,
+    mut frames: mpsc::Receiver<Bytes>,
+    registry: Weak<Mutex<Registry>>,
+    watch: ReaderWatch,
+) {
     while let Some(frame) = frames.recv().await {
         let (event, mut client) = {
             let mut state = lock(&log.state);
@@ -298,12 +348,15 @@ async fn pump(log: Arc<Log>, mut frames: mpsc::Receiver<Bytes>, registry: Weak<M
         // event in its replay: the event was recorded before it came).
         while let Some(c) = client.take() {
             tokio::select! {
-                sent = crate::body::send_to_reader(&c, event.clone()) => {
-                    if !sent {
+                fed = feed(&c.tx, &c.uptake, watch.stall, event.clone()) => {
+                    if fed != Fed::Sent {
+                        if fed == Fed::Stalled {
+                            watch.stalled.inc();
+                        }
                         // The client went away (or stopped reading): the stream goes on
                         // without it, for its return.
                         let mut state = lock(&log.state);
-                        if state.client.as_ref().is_some_and(|cur| cur.same_channel(&c)) {
+                        if state.client.as_ref().is_some_and(|cur| cur.tx.same_channel(&c.tx)) {
                             state.client = None;
                         }
                     }
@@ -312,21 +365,29 @@ async fn pump(log: Arc<Log>, mut frames: mpsc::Receiver<Bytes>, registry: Weak<M
                     // A stale wake-up (the client is still the one taken over by nobody): try
                     // again.
                     let state = lock(&log.state);
-                    if state.client.as_ref().is_some_and(|cur| cur.same_channel(&c)) {
+                    if state.client.as_ref().is_some_and(|cur| cur.tx.same_channel(&c.tx)) {
                         client = Some(c);
                     }
                 }
             }
         }
     }
-    {
+    let last = {
         let mut state = lock(&log.state);
         state.finished = true;
-        state.client = None; // ends the client's stream
-    }
+        state.client.take()
+    };
     // The record lingers in the registry alone: evicted or closed, it goes at once.
     let stream = log.stream;
     drop(log);
+    if let Some(Reader { tx, uptake }) = last {
+        // Its queue ends the client's stream once written; a client that stops reading then
+        // does not hold its connection with the end unwritten.
+        drop(tx);
+        if !uptake.delivered(watch.stall).await {
+            watch.stalled.inc();
+        }
+    }
     tokio::time::sleep(KEEP_FINISHED).await;
     if let Some(registry) = registry.upgrade() {
         lock(&registry).logs.remove(&stream);
@@ -355,6 +416,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    /// A watch that never finds a reader stalled within a test.
+    fn watch() -> ReaderWatch {
+        ReaderWatch {
+            stall: Duration::from_secs(30),
+            stalled: Counter::default(),
+        }
+    }
+
     /// Streams numbered from 1, within every session's budget.
     fn from_one() -> Streams {
         Streams::numbered_after(&ALL_SESSIONS, 0)
@@ -366,9 +435,9 @@ mod tests {
     async fn one_sessions_streams_elsewhere_have_ids_of_their_own() {
         let (here, there) = (Streams::default(), Streams::default());
         let (_tx, frames) = mpsc::channel::<Bytes>(8);
-        let mut a = here.open(frames, true).unwrap();
+        let mut a = here.open(frames, true, watch()).unwrap().0;
         let (_tx2, frames) = mpsc::channel::<Bytes>(8);
-        let mut b = there.open(frames, true).unwrap();
+        let mut b = there.open(frames, true, watch()).unwrap().0;
         let id_of = |event: String| event.lines().next().unwrap().to_owned();
         let (a, b) = (id_of(next(&mut a).await), id_of(next(&mut b).await));
         assert_ne!(a, b);
@@ -387,7 +456,7 @@ mod tests {
         for _ in 0..4 {
             let streams = Streams::numbered_after(&SMALL, 0);
             let (tx, frames) = mpsc::channel(8);
-            drop(streams.open(frames, false).unwrap()); // nobody reads
+            drop(streams.open(frames, false, watch()).unwrap()); // nobody reads
             for _ in 0..40 {
                 tx.send(frame.clone()).await.unwrap();
             }
@@ -420,7 +489,7 @@ mod tests {
     async fn a_stream_is_primed_numbered_and_resumed_after_the_last_seen_event() {
         let streams = from_one();
         let (tx, frames) = mpsc::channel(8);
-        let mut first = streams.open(frames, true).unwrap();
+        let mut first = streams.open(frames, true, watch()).unwrap().0;
         assert_eq!(next(&mut first).await, "id: 1.0\nretry: 1000\ndata: \n\n");
         tx.send(Bytes::from_static(b"{\"a\":1}")).await.unwrap();
         assert_eq!(
@@ -431,7 +500,7 @@ mod tests {
         drop(first);
         tx.send(Bytes::from_static(b"{\"a\":2}")).await.unwrap();
         tx.send(Bytes::from_static(b"{\"a\":3}")).await.unwrap();
-        let mut again = streams.resume("1.1").unwrap();
+        let mut again = streams.resume("1.1").unwrap().0;
         assert!(next(&mut again).await.starts_with("id: 1.2\n"));
         assert!(next(&mut again).await.starts_with("id: 1.3\n"));
         tx.send(Bytes::from_static(b"{\"a\":4}")).await.unwrap();
@@ -442,7 +511,7 @@ mod tests {
             "the stream ends with its frames"
         );
         // Finished, it still replays for a while, then ends at once.
-        let mut late = streams.resume("1.3").unwrap();
+        let mut late = streams.resume("1.3").unwrap().0;
         assert!(next(&mut late).await.starts_with("id: 1.4\n"));
         assert!(late.recv().await.is_none());
     }
@@ -452,7 +521,7 @@ mod tests {
         let streams = from_one();
         let (tx, frames) = mpsc::channel(8);
         // The first connection is never read again (half-open): its queue fills up.
-        let _stalled = streams.open(frames, false).unwrap();
+        let _stalled = streams.open(frames, false, watch()).unwrap();
         for i in 0..CLIENT_QUEUE + 8 {
             tx.send(Bytes::from(format!("{{\"n\":{i}}}")))
                 .await
@@ -460,7 +529,7 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         // The last event the broken connection delivered lies within the tail kept.
-        let mut resumed = streams.resume("1.10").unwrap();
+        let mut resumed = streams.resume("1.10").unwrap().0;
         tx.send(Bytes::from_static(b"{\"last\":true}"))
             .await
             .unwrap();
@@ -492,7 +561,7 @@ mod tests {
     async fn ids_from_elsewhere_are_refused_by_kind() {
         let streams = from_one();
         let (_tx, frames) = mpsc::channel(8);
-        let _rx = streams.open(frames, true).unwrap();
+        let _rx = streams.open(frames, true, watch()).unwrap();
         for bad in ["", "7", "x.1", "1.x", "1.5", "-1.0"] {
             assert!(
                 matches!(streams.resume(bad), Err(ResumeError::Malformed(_))),
@@ -507,7 +576,7 @@ mod tests {
     async fn a_long_stream_keeps_only_its_newest_events() {
         let streams = from_one();
         let (tx, frames) = mpsc::channel(8);
-        let rx = streams.open(frames, true).unwrap();
+        let rx = streams.open(frames, true, watch()).unwrap();
         drop(rx);
         for i in 0..MAX_EVENTS + 10 {
             tx.send(Bytes::from(format!("{{\"n\":{i}}}")))
@@ -522,7 +591,7 @@ mod tests {
             streams.resume("1.3"),
             Err(ResumeError::Truncated(_))
         ));
-        let mut tail = streams.resume(&format!("1.{}", MAX_EVENTS)).unwrap();
+        let mut tail = streams.resume(&format!("1.{}", MAX_EVENTS)).unwrap().0;
         assert!(
             next(&mut tail)
                 .await
@@ -537,15 +606,15 @@ mod tests {
         for _ in 0..MAX_STREAMS {
             let (tx, frames) = mpsc::channel(1);
             senders.push(tx);
-            streams.open(frames, true).unwrap();
+            streams.open(frames, true, watch()).unwrap();
         }
         // One more is sent as it comes, without a record.
         let (_tx, frames) = mpsc::channel(1);
-        assert!(streams.open(frames, true).is_err());
+        assert!(streams.open(frames, true, watch()).is_err());
         // One finishes: its place can be taken.
         drop(senders.remove(0));
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (_tx, frames) = mpsc::channel(1);
-        assert!(streams.open(frames, true).is_ok());
+        assert!(streams.open(frames, true, watch()).is_ok());
     }
 }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::{Claims, Principal};
 use crate::body::Body;
-use crate::body::{accepted, json_response, send_to_reader, sse_response};
+use crate::body::{Fed, Uptake, accepted, json_response, watched_sse_response};
 use crate::config::profiles::ProfileConfig;
 use crate::gateway::Gateway;
 use crate::json_scan;
@@ -839,6 +839,18 @@ struct Round {
     principal: Option<Principal>,
 }
 
+/// The sending end of a call's SSE stream, and the watch on its reader.
+struct Feed {
+    tx: mpsc::Sender<Bytes>,
+    uptake: Arc<Uptake>,
+}
+
+impl Feed {
+    async fn send(&self, stall: std::time::Duration, frame: Bytes) -> Fed {
+        crate::body::feed(&self.tx, &self.uptake, stall, frame).await
+    }
+}
+
 /// What a message of the call's stream means for the client.
 enum Step {
     /// Nothing for the client (a log it did not ask for, a question the gateway answered).
@@ -936,46 +948,69 @@ impl Round {
                 }
                 Step::Event(first) => {
                     let (tx, out) = mpsc::channel::<Bytes>(64);
-                    tokio::spawn(self.relay(session, busy, stream, tx, first));
-                    return sse_response(out);
+                    let (response, uptake) = watched_sse_response(None, out);
+                    let feed = Feed { tx, uptake };
+                    tokio::spawn(self.relay(session, busy, stream, feed, first));
+                    return response;
                 }
             }
         }
     }
 
-    /// Relays the rest of the call's stream once it is an SSE stream.
+    /// Relays the rest of the call's stream once it is an SSE stream. A client that takes
+    /// nothing for `mcp.stalled_stream_timeout` while messages wait loses the stream (and the
+    /// call, cancelled upstream as its stream is dropped), and its connection is let go, also
+    /// when only the end of the answer is left to write.
     async fn relay(
         self,
         session: Arc<Session>,
         busy: crate::mcp::session::BusyGuard,
         mut stream: round_trip::CallStream,
-        tx: mpsc::Sender<Bytes>,
+        feed: Feed,
         first: Bytes,
     ) {
-        // A client gone, or not reading (see `body::STALLED_READER`): dropping the stream
-        // ends the call.
-        if !send_to_reader(&tx, first).await {
+        let stall = self.gw.config.mcp.stalled_stream_timeout;
+        let sent = |fed: Fed| match fed {
+            Fed::Sent => true,
+            Fed::ReaderGone => false,
+            Fed::Stalled => {
+                self.call_stream_stalled();
+                false
+            }
+        };
+        if !sent(feed.send(stall, first).await) {
             return;
         }
-        while let Some(frame) = stream.recv().await {
-            let last = match self.step(&session, frame).await {
-                Step::Skip => continue,
+        let last = loop {
+            let Some(frame) = stream.recv().await else {
+                break self.ended();
+            };
+            match self.step(&session, frame).await {
+                Step::Skip => {}
                 Step::Event(frame) => {
-                    if !send_to_reader(&tx, frame).await {
+                    if !sent(feed.send(stall, frame).await) {
                         return;
                     }
-                    continue;
                 }
-                Step::Answer(frame) | Step::Missing(frame) => frame,
+                Step::Answer(frame) | Step::Missing(frame) => break frame,
                 Step::Ask(asked) => {
                     let asked = self.gather(&session, &mut stream, asked).await;
-                    self.park(session, stream, asked, busy, None)
+                    break self.park(session, stream, asked, busy, None);
                 }
-            };
-            send_to_reader(&tx, last).await;
-            return;
+            }
+        };
+        if sent(feed.send(stall, last).await) {
+            let Feed { tx, uptake } = feed;
+            drop(tx);
+            if !uptake.delivered(stall).await {
+                self.call_stream_stalled();
+            }
         }
-        send_to_reader(&tx, self.ended()).await;
+    }
+
+    fn call_stream_stalled(&self) {
+        tracing::info!(method = %self.method, "ended a call's stream whose client took nothing while messages waited");
+        self.gw.metrics.stream_stalled("call");
     }
 
     /// The questions a server asks together: `first`, and those that follow it within
