@@ -174,7 +174,9 @@ pub(crate) enum Fed {
 
 /// Queues `frame` on a watched stream (`tx` feeding the body that `uptake` watches): at once
 /// when there is room, else once the reader takes something, unless it takes nothing for
-/// `within` ([`Fed::Stalled`]: the stream is then ended, [`Uptake::end`]).
+/// `within` ([`Fed::Stalled`]: the stream is then ended, [`Uptake::end`]). The queue being
+/// full, a frame taken frees a place: a send that waits `within` is a reader that took
+/// nothing for as long while frames waited.
 pub(crate) async fn feed(
     tx: &mpsc::Sender<Bytes>,
     uptake: &Uptake,
@@ -187,12 +189,10 @@ pub(crate) async fn feed(
         Err(mpsc::error::TrySendError::Closed(_)) => return Fed::ReaderGone,
         Err(mpsc::error::TrySendError::Full(frame)) => frame,
     };
-    tokio::select! {
-        sent = tx.send(frame) => match sent {
-            Ok(()) => Fed::Sent,
-            Err(_) => Fed::ReaderGone,
-        },
-        () = uptake.stalled(within) => {
+    match tokio::time::timeout(within, tx.send(frame)).await {
+        Ok(Ok(())) => Fed::Sent,
+        Ok(Err(_)) => Fed::ReaderGone,
+        Err(_) => {
             uptake.end();
             Fed::Stalled
         }
@@ -213,9 +213,10 @@ pub(crate) fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
     sse(None, rx, None)
 }
 
-/// The SSE response of a long-lived stream (a session's GET stream, a listen stream, an
-/// HTTP+SSE client's stream): the events of `prelude` first, then what `rx` is fed; and the
-/// watch on its reader, for the task that feeds it ([`Uptake::stalled`]).
+/// The SSE response of a watched stream (a session's GET stream, a listen stream, an HTTP+SSE
+/// client's stream, a call's streamed answer): the events of `prelude` first, then what `rx`
+/// is fed; and the watch on its reader, for the task that feeds it ([`Uptake::stalled`],
+/// [`feed`], [`Uptake::delivered`]).
 pub(crate) fn watched_sse_response(
     prelude: Option<Bytes>,
     rx: mpsc::Receiver<Bytes>,
@@ -361,7 +362,8 @@ impl Uptake {
         self.carrier.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn is_ended(&self) -> bool {
+    /// Whether the stream was ended for its reader.
+    pub(crate) fn is_ended(&self) -> bool {
         self.ended.load(Ordering::Relaxed)
     }
 
@@ -383,6 +385,9 @@ impl Uptake {
             return true;
         }
         tokio::select! {
+            // The body gone and a stall seen at once: gone (a stall the connection no longer
+            // carries is none).
+            biased;
             () = went => true,
             () = self.stalled(within) => {
                 self.end();
@@ -513,6 +518,70 @@ mod tests {
         uptake.carried_by(after.clone());
         assert_eq!(told(&after), 1, "named once the stream had ended");
         assert_eq!(told(&before), 1);
+    }
+
+    /// A feeder that sent its last frame waits until the connection lets go of the body, or
+    /// until the reader takes nothing for the stall timeout: the stream is then ended, its
+    /// body ends at its next poll and the carrier is told.
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_an_answer_is_delivered_or_its_stalled_reader_let_go() {
+        // Read to its end: the connection drops the body.
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let (response, uptake) = watched_sse_response(None, rx);
+        let mut body = response.into_body();
+        tx.try_send(Bytes::from_static(b"{}")).unwrap();
+        drop(tx);
+        let delivered = tokio::spawn({
+            let uptake = uptake.clone();
+            async move { uptake.delivered(WITHIN).await }
+        });
+        assert!(matches!(poll(&mut body), Poll::Ready(Some(_))));
+        assert!(matches!(poll(&mut body), Poll::Ready(None)));
+        drop(body);
+        assert!(delivered.await.unwrap(), "delivered");
+        assert!(!uptake.is_ended());
+
+        // Never read: found within twice the timeout, and ended.
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let (response, uptake) = watched_sse_response(None, rx);
+        let mut body = response.into_body();
+        tx.try_send(Bytes::from_static(b"{}")).unwrap();
+        tx.try_send(Bytes::from_static(b"{}")).unwrap();
+        drop(tx);
+        // The connection took the first frame and could write no more.
+        assert!(matches!(poll(&mut body), Poll::Ready(Some(_))));
+        let started = tokio::time::Instant::now();
+        assert!(!uptake.delivered(WITHIN).await, "stalled");
+        assert!(started.elapsed() <= WITHIN * 2);
+        assert!(uptake.is_ended());
+        assert!(
+            matches!(poll(&mut body), Poll::Ready(None)),
+            "the body ends, the second frame unsent"
+        );
+    }
+
+    /// A feed into a full queue that the reader does not empty gives up after the timeout and
+    /// ends the stream; one the reader makes room in goes through.
+    #[tokio::test(start_paused = true)]
+    async fn a_feed_waits_for_room_only_while_the_reader_takes_something() {
+        let (tx, rx) = mpsc::channel::<Bytes>(1);
+        let (response, uptake) = watched_sse_response(None, rx);
+        let mut body = response.into_body();
+        let frame = || Bytes::from_static(b"{}");
+        assert_eq!(feed(&tx, &uptake, WITHIN, frame()).await, Fed::Sent);
+        let reading = tokio::spawn(async move {
+            tokio::time::sleep(WITHIN / 2).await;
+            assert!(matches!(poll(&mut body), Poll::Ready(Some(_))));
+            body
+        });
+        assert_eq!(feed(&tx, &uptake, WITHIN, frame()).await, Fed::Sent);
+        let body = reading.await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(feed(&tx, &uptake, WITHIN, frame()).await, Fed::Stalled);
+        assert_eq!(started.elapsed(), WITHIN);
+        assert!(uptake.is_ended());
+        drop(body);
+        assert_eq!(feed(&tx, &uptake, WITHIN, frame()).await, Fed::ReaderGone);
     }
 
     /// A connection that never asked for the first frame (it could not even write the

@@ -48,6 +48,9 @@ pub const MAX_DELETED_SESSIONS: usize = 100_000;
 /// deleted on others (where replicas share plugin state): a deleted session ends everywhere
 /// within about this.
 const DELETIONS_EVERY: Duration = Duration::from_secs(1);
+/// Where the leader logs a deletion, how long it waits to look (deletions logged meanwhile are
+/// read in the same look).
+const DELETIONS_LOGGED_GAP: Duration = Duration::from_millis(200);
 /// The longest it waits between two looks while the leader cannot answer.
 const DELETIONS_RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -753,14 +756,15 @@ impl Gateway {
             return;
         }
         let deleted: std::collections::HashSet<u64> = page.ids.iter().copied().collect();
-        // Under the restores' lock: one that a page may have missed sees `deletions_heard` move.
-        let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
+        // Found before the restores' lock is taken (a hash per held session); a session
+        // restored meanwhile sees `deletions_heard` move below, and asks the leader again.
         let ended: Vec<Arc<str>> = self
             .sessions
             .iter()
             .filter(|s| s.is_portable() && deleted.contains(&page.hash(s.key())))
             .map(|s| s.key().clone())
             .collect();
+        let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
         for id in &ended {
             if let Some(token) = session_token::open(sealer, id) {
                 self.note_deleted(id, token.t);
@@ -825,10 +829,17 @@ impl Gateway {
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 // (A store that is gone changes no more: the sleep goes on.)
-                Ok(()) = logged.changed() => {}
+                Ok(()) = logged.changed() => {
+                    // Paced: a client deleting sessions in a loop does not have the leader
+                    // look through every session it holds at each one.
+                    tokio::time::sleep(DELETIONS_LOGGED_GAP).await;
+                }
             }
             let Some(gw) = gw.upgrade() else { return };
             if !gw.follows_deletions() {
+                // Read afresh when it follows again: what it missed meanwhile named none of
+                // its sessions.
+                read = crate::plugins::DeletionsRead::default();
                 pause = DELETIONS_EVERY;
                 continue;
             }

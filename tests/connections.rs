@@ -1644,14 +1644,17 @@ async fn a_stalled_streams_connection_is_closed_and_its_place_given_back() {
     gw.stop().await;
 }
 
-/// A tool call's stream of progress notices, 32 KiB each every 5 ms for 30 s, as a session's
-/// request on `c`: the request's head and body, on a raw connection.
-fn session_stream_call(c: &Client, id: &str) -> String {
+/// A tool call's stream of progress notices, 32 KiB each every 5 ms for 30 s, as a request of
+/// `c`'s session (its `MCP-Protocol-Version` header `version`): the request's head and body,
+/// on a raw connection.
+fn session_stream_call(c: &Client, version: Option<&str>, id: &str) -> String {
     let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
         "name": "stream", "arguments": flood(), "_meta": {"progressToken": id}}})
     .to_string();
+    // Clients of revisions before 2025-06-18 send no version header.
+    let version = version.map_or(String::new(), |v| format!("mcp-protocol-version: {v}\r\n"));
     format!(
-        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2025-11-25\r\nmcp-session-id: {}\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\n{version}mcp-session-id: {}\r\ncontent-length: {}\r\n\r\n{body}",
         c.session.as_deref().unwrap(),
         body.len()
     )
@@ -1671,10 +1674,39 @@ fn stateless_stream_call(id: &str) -> String {
     format!("{head}content-length: {}\r\n\r\n{body}", body.len())
 }
 
+/// A session of revision 2024-11-05 (over Streamable HTTP, as such clients of later gateways
+/// do), opened through `through`'s connections: its streamed answers are not recorded for
+/// resumption.
+async fn session_of_2024(through: &Client) -> Client {
+    let mut c = through.clone();
+    c.session = None;
+    let r = c
+        .post(
+            json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": "2024-11-05", "capabilities": {},
+                "clientInfo": {"name": "old", "version": "1"}}})
+            .to_string(),
+        )
+        .await;
+    assert_eq!(
+        r.json()["result"]["protocolVersion"],
+        "2024-11-05",
+        "{}",
+        r.body
+    );
+    c.session = Some(r.headers["mcp-session-id"].to_str().unwrap().to_owned());
+    let ok = c
+        .post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string())
+        .await;
+    assert_eq!(ok.status, 202);
+    c
+}
+
 /// A call's streamed answer whose client stops reading while the server floods it with
 /// progress loses its stream once it took nothing for `stalled_stream_timeout`, and its
 /// connection its place under `mcp.max_connections_per_ip`, though the client never reads
-/// again: a 2026-07-28 call's stream, and a session's resumable one. The session goes on.
+/// again: a 2026-07-28 call's stream, a session's resumable one, and a 2024-11-05 session's
+/// unrecorded one. The sessions go on.
 #[tokio::test]
 async fn a_calls_stream_whose_client_stops_reading_loses_its_connection() {
     let (gw, c) =
@@ -1694,12 +1726,24 @@ async fn a_calls_stream_whose_client_stops_reading_loses_its_connection() {
 
     let _stalled = Peer::at(session)
         .small_buffer()
-        .open_stream(gw.addr, &session_stream_call(&c, "s2"))
+        .open_stream(gw.addr, &session_stream_call(&c, Some("2025-11-25"), "s2"))
         .await;
     support::counter_reaches(&gw, "gatehouse_streams_stalled_total{stream=\"call\"}", 2.0).await;
     let what = "the stalled session call's connection";
     place_given_back(session, gw.addr, what, Instant::now()).await;
     let listed = c.call(3, "tools/list", json!({})).await;
+    assert_eq!(support::tool_names(&listed).len(), 2, "{listed}");
+
+    let old = session_of_2024(&c).await;
+    let from = Ipv4Addr::new(127, 0, 0, 23);
+    let _stalled = Peer::at(from)
+        .small_buffer()
+        .open_stream(gw.addr, &session_stream_call(&old, None, "s3"))
+        .await;
+    support::counter_reaches(&gw, "gatehouse_streams_stalled_total{stream=\"call\"}", 3.0).await;
+    let what = "the stalled 2024-11-05 call's connection";
+    place_given_back(from, gw.addr, what, Instant::now()).await;
+    let listed = old.call(4, "tools/list", json!({})).await;
     assert_eq!(support::tool_names(&listed).len(), 2, "{listed}");
     gw.stop().await;
 }

@@ -965,7 +965,7 @@ async fn post(
                     // `Last-Event-ID`) rather than the call lost; revisions before ids get the
                     // stream as it comes.
                     if session.protocol_version < "2025-03-26" {
-                        return Ok(sse_response(rx));
+                        return Ok(unrecorded_stream(gw, rx));
                     }
                     let prime = session.protocol_version >= "2025-11-25";
                     // Past what a session may keep, the stream is sent as it comes.
@@ -973,7 +973,7 @@ async fn post(
                         Ok((events, uptake)) => {
                             crate::body::watched_events_response(events, uptake)
                         }
-                        Err(rx) => sse_response(rx),
+                        Err(rx) => unrecorded_stream(gw, rx),
                     })
                 }
             }
@@ -991,12 +991,47 @@ async fn post(
     }
 }
 
-/// How the readers of a session's call streams are watched.
+/// How the readers of a session's call streams are watched. At most [`STALLED_READER`] (the
+/// handler gives up on a stream that takes nothing for as long: a recorded stream must drop
+/// its stalled reader first, to go on recording).
+///
+/// [`STALLED_READER`]: crate::body::STALLED_READER
 fn reader_watch(gw: &Gateway) -> crate::mcp::resume::ReaderWatch {
     crate::mcp::resume::ReaderWatch {
-        stall: gw.config.mcp.stalled_stream_timeout,
+        stall: gw
+            .config
+            .mcp
+            .stalled_stream_timeout
+            .min(crate::body::STALLED_READER),
         stalled: gw.metrics.stalled_streams("call"),
     }
+}
+
+/// The SSE answer of a call whose stream is not recorded (for a client of a revision before
+/// 2025-03-26, or past what its session may record), watched as a recorded one is: a client
+/// that takes nothing while events wait loses it, its call, and its connection.
+fn unrecorded_stream(gw: &Gateway, mut rx: mpsc::Receiver<Bytes>) -> Response<Body> {
+    let (tx, out) = mpsc::channel(64);
+    let (response, uptake) = crate::body::watched_sse_response(None, out);
+    let watch = reader_watch(gw);
+    tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            match crate::body::feed(&tx, &uptake, watch.stall, frame).await {
+                crate::body::Fed::Sent => {}
+                // Dropping `rx` ends the call, as a client gone does.
+                crate::body::Fed::ReaderGone => return,
+                crate::body::Fed::Stalled => {
+                    watch.stalled.inc();
+                    return;
+                }
+            }
+        }
+        drop(tx);
+        if !uptake.delivered(watch.stall).await {
+            watch.stalled.inc();
+        }
+    });
+    response
 }
 
 /// The `traceparent` and `tracestate` headers, when there is a `traceparent` (one of each:
@@ -1136,7 +1171,7 @@ async fn get(
         let last = last
             .to_str()
             .map_err(|_| crate::mcp::resume::ResumeError::Malformed("(not text)".into()))?;
-        let (events, uptake) = session.streams.resume(last)?;
+        let (events, uptake) = session.streams.resume(last, reader_watch(gw))?;
         return Ok(crate::body::watched_events_response(events, uptake));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(256);

@@ -256,10 +256,11 @@ impl Streams {
     }
 
     /// The rest of the stream that `last_event_id` belongs to, for a client that resumes it,
-    /// and the watch on what it takes (for its body).
+    /// and the watch on what it takes (for its body), its reader watched as `watch` says.
     pub fn resume(
         &self,
         last_event_id: &str,
+        watch: ReaderWatch,
     ) -> Result<(mpsc::Receiver<Bytes>, Arc<Uptake>), ResumeError> {
         let malformed = || ResumeError::Malformed(last_event_id.chars().take(64).collect());
         let (stream, seq) = last_event_id.trim().split_once('.').ok_or_else(malformed)?;
@@ -294,6 +295,16 @@ impl Streams {
             }
             // A pump blocked on the broken connection gives up on it.
             log.taken.notify_one();
+        } else {
+            drop(state);
+            // Only the replay to write (its queue ends with it): a client that stops reading
+            // does not hold its connection with it.
+            let watched = uptake.clone();
+            tokio::spawn(async move {
+                if !watched.delivered(watch.stall).await {
+                    watch.stalled.inc();
+                }
+            });
         }
         Ok((rx, uptake))
     }
@@ -442,8 +453,11 @@ mod tests {
         let (a, b) = (id_of(next(&mut a).await), id_of(next(&mut b).await));
         assert_ne!(a, b);
         let a = a.strip_prefix("id: ").unwrap();
-        assert!(matches!(there.resume(a), Err(ResumeError::Gone(_))), "{a}");
-        assert!(here.resume(a).is_ok());
+        assert!(
+            matches!(there.resume(a, watch()), Err(ResumeError::Gone(_))),
+            "{a}"
+        );
+        assert!(here.resume(a, watch()).is_ok());
     }
 
     /// Many sessions' unread streams keep no more than their common budget: past it, events
@@ -470,7 +484,10 @@ mod tests {
         }
         // The last session's early events were not kept.
         let (last, _) = held.last().unwrap();
-        assert!(matches!(last.resume("1.1"), Err(ResumeError::Truncated(_))));
+        assert!(matches!(
+            last.resume("1.1", watch()),
+            Err(ResumeError::Truncated(_))
+        ));
         // Sessions that end give their bytes back.
         drop(held);
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -500,7 +517,7 @@ mod tests {
         drop(first);
         tx.send(Bytes::from_static(b"{\"a\":2}")).await.unwrap();
         tx.send(Bytes::from_static(b"{\"a\":3}")).await.unwrap();
-        let mut again = streams.resume("1.1").unwrap().0;
+        let mut again = streams.resume("1.1", watch()).unwrap().0;
         assert!(next(&mut again).await.starts_with("id: 1.2\n"));
         assert!(next(&mut again).await.starts_with("id: 1.3\n"));
         tx.send(Bytes::from_static(b"{\"a\":4}")).await.unwrap();
@@ -511,7 +528,7 @@ mod tests {
             "the stream ends with its frames"
         );
         // Finished, it still replays for a while, then ends at once.
-        let mut late = streams.resume("1.3").unwrap().0;
+        let mut late = streams.resume("1.3", watch()).unwrap().0;
         assert!(next(&mut late).await.starts_with("id: 1.4\n"));
         assert!(late.recv().await.is_none());
     }
@@ -521,15 +538,17 @@ mod tests {
         let streams = from_one();
         let (tx, frames) = mpsc::channel(8);
         // The first connection is never read again (half-open): its queue fills up.
-        let _stalled = streams.open(frames, false, watch()).unwrap();
+        let stalled = streams.open(frames, false, watch()).unwrap();
         for i in 0..CLIENT_QUEUE + 8 {
             tx.send(Bytes::from(format!("{{\"n\":{i}}}")))
                 .await
                 .unwrap();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!stalled.1.is_ended());
         // The last event the broken connection delivered lies within the tail kept.
-        let mut resumed = streams.resume("1.10").unwrap().0;
+        let mut resumed = streams.resume("1.10", watch()).unwrap().0;
+        assert!(stalled.1.is_ended(), "the connection taken over is let go");
         tx.send(Bytes::from_static(b"{\"last\":true}"))
             .await
             .unwrap();
@@ -557,6 +576,28 @@ mod tests {
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
     }
 
+    /// A finished stream's replay that its client does not read is let go once the reader
+    /// took nothing for the stall timeout, and counted.
+    #[tokio::test(start_paused = true)]
+    async fn a_replay_nobody_reads_is_let_go() {
+        let streams = from_one();
+        let (tx, frames) = mpsc::channel(8);
+        drop(streams.open(frames, false, watch()).unwrap());
+        tx.send(Bytes::from_static(b"{}")).await.unwrap();
+        drop(tx);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let counted = Counter::default();
+        let stall = Duration::from_secs(1);
+        let watch = ReaderWatch {
+            stall,
+            stalled: counted.clone(),
+        };
+        let (_events, uptake) = streams.resume("1.0", watch).unwrap();
+        tokio::time::sleep(stall * 2 + Duration::from_millis(10)).await;
+        assert!(uptake.is_ended());
+        assert_eq!(counted.get(), 1);
+    }
+
     #[tokio::test]
     async fn ids_from_elsewhere_are_refused_by_kind() {
         let streams = from_one();
@@ -564,12 +605,15 @@ mod tests {
         let _rx = streams.open(frames, true, watch()).unwrap();
         for bad in ["", "7", "x.1", "1.x", "1.5", "-1.0"] {
             assert!(
-                matches!(streams.resume(bad), Err(ResumeError::Malformed(_))),
+                matches!(streams.resume(bad, watch()), Err(ResumeError::Malformed(_))),
                 "{bad}"
             );
         }
-        assert!(matches!(streams.resume("9.0"), Err(ResumeError::Gone(_))));
-        assert!(streams.resume("1.0").is_ok());
+        assert!(matches!(
+            streams.resume("9.0", watch()),
+            Err(ResumeError::Gone(_))
+        ));
+        assert!(streams.resume("1.0", watch()).is_ok());
     }
 
     #[tokio::test]
@@ -588,10 +632,13 @@ mod tests {
         tx.send(Bytes::from_static(b"{}")).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(matches!(
-            streams.resume("1.3"),
+            streams.resume("1.3", watch()),
             Err(ResumeError::Truncated(_))
         ));
-        let mut tail = streams.resume(&format!("1.{}", MAX_EVENTS)).unwrap().0;
+        let mut tail = streams
+            .resume(&format!("1.{}", MAX_EVENTS), watch())
+            .unwrap()
+            .0;
         assert!(
             next(&mut tail)
                 .await

@@ -965,45 +965,69 @@ impl Round {
         self,
         session: Arc<Session>,
         busy: crate::mcp::session::BusyGuard,
-        mut stream: round_trip::CallStream,
+        stream: round_trip::CallStream,
         feed: Feed,
         first: Bytes,
     ) {
         let stall = self.gw.config.mcp.stalled_stream_timeout;
-        let sent = |fed: Fed| match fed {
+        // The call (its session, its stream) is let go once its last frame is queued.
+        let Some(last) = self
+            .relay_until_last(session, busy, stream, &feed, first, stall)
+            .await
+        else {
+            return;
+        };
+        if self.sent(feed.send(stall, last).await) {
+            let Feed { tx, uptake } = feed;
+            drop(tx);
+            if !uptake.delivered(stall).await {
+                self.call_stream_stalled();
+            }
+        }
+    }
+
+    /// Relays the call's stream up to its last frame (the answer, or the round's end), which
+    /// it returns; `None` if the client is gone or stopped reading before.
+    async fn relay_until_last(
+        &self,
+        session: Arc<Session>,
+        busy: crate::mcp::session::BusyGuard,
+        mut stream: round_trip::CallStream,
+        feed: &Feed,
+        first: Bytes,
+        stall: std::time::Duration,
+    ) -> Option<Bytes> {
+        if !self.sent(feed.send(stall, first).await) {
+            return None;
+        }
+        loop {
+            let Some(frame) = stream.recv().await else {
+                return Some(self.ended());
+            };
+            match self.step(&session, frame).await {
+                Step::Skip => {}
+                Step::Event(frame) => {
+                    if !self.sent(feed.send(stall, frame).await) {
+                        return None;
+                    }
+                }
+                Step::Answer(frame) | Step::Missing(frame) => return Some(frame),
+                Step::Ask(asked) => {
+                    let asked = self.gather(&session, &mut stream, asked).await;
+                    return Some(self.park(session, stream, asked, busy, None));
+                }
+            }
+        }
+    }
+
+    /// Whether a frame reached the stream's queue (a stall counted).
+    fn sent(&self, fed: Fed) -> bool {
+        match fed {
             Fed::Sent => true,
             Fed::ReaderGone => false,
             Fed::Stalled => {
                 self.call_stream_stalled();
                 false
-            }
-        };
-        if !sent(feed.send(stall, first).await) {
-            return;
-        }
-        let last = loop {
-            let Some(frame) = stream.recv().await else {
-                break self.ended();
-            };
-            match self.step(&session, frame).await {
-                Step::Skip => {}
-                Step::Event(frame) => {
-                    if !sent(feed.send(stall, frame).await) {
-                        return;
-                    }
-                }
-                Step::Answer(frame) | Step::Missing(frame) => break frame,
-                Step::Ask(asked) => {
-                    let asked = self.gather(&session, &mut stream, asked).await;
-                    break self.park(session, stream, asked, busy, None);
-                }
-            }
-        };
-        if sent(feed.send(stall, last).await) {
-            let Feed { tx, uptake } = feed;
-            drop(tx);
-            if !uptake.delivered(stall).await {
-                self.call_stream_stalled();
             }
         }
     }
