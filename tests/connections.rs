@@ -1644,12 +1644,19 @@ async fn a_stalled_streams_connection_is_closed_and_its_place_given_back() {
     gw.stop().await;
 }
 
-/// A tool call's stream of progress notices, 32 KiB each every 5 ms for 30 s, as a request of
+/// Progress notices on a call's stream, 32 KiB every 5 ms for 10 s: past what the buffers
+/// between the gateway and a client that reads nothing hold within a second, not so long that
+/// the floods of one test (each goes on once its stream is given up) weigh on the next.
+fn stream_flood() -> Value {
+    json!({"seconds": 10, "pad": 32768, "every": 0.005})
+}
+
+/// A tool call's stream of progress notices ([`stream_flood`]), as a request of
 /// `c`'s session (its `MCP-Protocol-Version` header `version`): the request's head and body,
 /// on a raw connection.
 fn session_stream_call(c: &Client, version: Option<&str>, id: &str) -> String {
     let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
-        "name": "stream", "arguments": flood(), "_meta": {"progressToken": id}}})
+        "name": "stream", "arguments": stream_flood(), "_meta": {"progressToken": id}}})
     .to_string();
     // Clients of revisions before 2025-06-18 send no version header.
     let version = version.map_or(String::new(), |v| format!("mcp-protocol-version: {v}\r\n"));
@@ -1666,7 +1673,7 @@ fn stateless_stream_call(id: &str) -> String {
         id,
         "tools/call",
         Some("stream"),
-        json!({"name": "stream", "arguments": flood()}),
+        json!({"name": "stream", "arguments": stream_flood()}),
     );
     let mut body: Value = serde_json::from_str(&body).unwrap();
     body["params"]["_meta"]["progressToken"] = json!(id);
