@@ -696,14 +696,7 @@ async fn the_relay_answers_only_the_replicas_and_only_on_the_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_count_a_limit_together_through_the_leader() {
     let fake = FakeKube::start().await;
-    let dir = std::env::temp_dir().join(format!("gatehouse-kube-state-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("session-key");
-    std::fs::write(
-        &key,
-        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n",
-    )
-    .unwrap();
+    let key = support::session_key_file("kube-state");
     let extra = format!(
         "upstreams:\n{}plugins:\n  modules:\n    - name: rl\n      path: {:?}\n      config: {{ limits: [ {{ tool: echo, calls: 4, window: 60s }}, {{ tool: add, calls: 2, window: 60s, per: session }} ] }}\n    - name: lenient\n      path: {:?}\n      fail_open: true\n      config: {{ limits: [ {{ tool: whoami, calls: 100, window: 60s, per: session }} ] }}\n  chains:\n    - {{ name: all, plugins: [rl, lenient] }}\nmcp:\n  session_keys:\n    - {{ id: 1, file: {:?} }}",
         support::example("a", &[], ""),
@@ -781,16 +774,7 @@ async fn replicas_count_a_limit_together_through_the_leader() {
     // the follower would run it, is refused by the leader, not started afresh. (Through the
     // session itself this is now seen only in the moment before a replica that holds it ends
     // it: every replica ends it, so a call can no longer reach a plugin with it.)
-    let probe = gatehouse::plugins::Asked {
-        plugin: "rl".into(),
-        session: id.clone(),
-        principal: None,
-        action: gatehouse::plugins::Action::Get {
-            scope: gatehouse::plugins::Scope::Session,
-            key: String::new(),
-        },
-        limits: Default::default(),
-    };
+    let probe = support::session_state_probe("rl", &id);
     let refused = state_of(&follower)
         .run(probe, gatehouse::plugins::leader::TIMEOUT)
         .await;
@@ -856,7 +840,7 @@ async fn replicas_count_a_limit_together_through_the_leader() {
         "the session's third call, two of them counted by the last leader: {r}"
     );
     follower.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&key);
 }
 
 /// A portable session deleted on one replica ends on every replica that holds it: the leader
@@ -866,14 +850,7 @@ async fn replicas_count_a_limit_together_through_the_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_deleted_on_one_replica_ends_on_every_replica_that_holds_it() {
     let fake = FakeKube::start().await;
-    let dir = std::env::temp_dir().join(format!("gatehouse-kube-deleted-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("session-key");
-    std::fs::write(
-        &key,
-        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n",
-    )
-    .unwrap();
+    let key = support::session_key_file("kube-deleted");
     let extra = format!(
         "upstreams:\n{}mcp:\n  session_keys:\n    - {{ id: 1, file: {:?} }}",
         support::example("a", &[], ""),
@@ -936,7 +913,7 @@ async fn a_session_deleted_on_one_replica_ends_on_every_replica_that_holds_it() 
     }
     leader.stop().await;
     follower.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&key);
 }
 
 /// A fake API server whose node runs the images of [`oci_entry`]'s versions 1.0.0 and 1.1.0 as

@@ -10,7 +10,7 @@ use http_body_util::Full;
 use serde_json::{Value, json};
 use support::{Client, TestGateway, example};
 
-const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+const KEY: &str = support::SESSION_KEY;
 const OTHER_KEY: &str = "ff0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 const ALICE: &str = "alice-token-0123456789";
 const BOB: &str = "bob-token-0123456789";
@@ -354,16 +354,7 @@ async fn a_session_deleted_on_one_replica_is_not_restored_by_another_sharing_sta
 
     assert_eq!(delete(&alice).await.status, 200);
     let id = alice.session.clone().unwrap();
-    let probe = gatehouse::plugins::Asked {
-        plugin: "".into(),
-        session: id.clone(),
-        principal: None,
-        action: gatehouse::plugins::Action::Get {
-            scope: gatehouse::plugins::Scope::Session,
-            key: String::new(),
-        },
-        limits: Default::default(),
-    };
+    let probe = support::session_state_probe("", &id);
     support::eventually("the leader to record the deletion", || {
         let kept = kept.clone();
         let probe = probe.clone();

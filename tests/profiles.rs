@@ -310,12 +310,7 @@ async fn every_route_out_of_a_profile_is_refused() {
 /// endpoint only.
 #[tokio::test]
 async fn a_portable_session_is_restored_on_its_own_profile_only() {
-    let key = std::env::temp_dir().join(format!("gatehouse-profile-key-{}", std::process::id()));
-    std::fs::write(
-        &key,
-        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n",
-    )
-    .unwrap();
+    let key = support::session_key_file("profile");
     let keys = format!("  session_keys: [{{ id: 1, file: {key:?} }}]");
     let one = gateway_with(&keys, "").await;
     let two = gateway_with(&keys, "").await;

@@ -19,6 +19,32 @@ use std::sync::Arc;
 /// The gateway binary, which also runs the example server.
 pub const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 
+/// A session key (32 bytes, hex) for tests whose gateways share portable sessions.
+pub const SESSION_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+/// A file holding [`SESSION_KEY`], for `mcp.session_keys` (`name` tells the tests' files
+/// apart).
+pub fn session_key_file(name: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("gatehouse-{name}-key-{}", std::process::id()));
+    std::fs::write(&path, format!("{SESSION_KEY}\n")).unwrap();
+    path
+}
+
+/// A read of `plugin`'s state in `session`'s scope, as a plugin running on a replica asks it
+/// (`plugin` empty: as the gateway asks whether a session was deleted).
+pub fn session_state_probe(plugin: &str, session: &str) -> gatehouse::plugins::Asked {
+    gatehouse::plugins::Asked {
+        plugin: plugin.into(),
+        session: session.to_owned(),
+        principal: None,
+        action: gatehouse::plugins::Action::Get {
+            scope: gatehouse::plugins::Scope::Session,
+            key: String::new(),
+        },
+        limits: Default::default(),
+    }
+}
+
 /// YAML for an example-server upstream.
 pub fn example(name: &str, extra_args: &[&str], extra: &str) -> String {
     let mut args = vec![
