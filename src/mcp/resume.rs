@@ -12,9 +12,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::sync::mpsc;
-
 use prometheus_client::metrics::counter::Counter;
+use tokio::sync::mpsc;
 
 use crate::body::{Fed, Uptake, feed};
 use crate::sse;
@@ -285,9 +284,12 @@ impl Streams {
         // A finished stream's client gets what it missed and the end; a live one takes over
         // from whoever read before (that connection is broken, or about to be: it is let go,
         // whatever it still held unwritten).
-        let reader = Reader::new(tx);
-        let uptake = reader.uptake.clone();
+        let uptake = Arc::new(Uptake::default());
         if !state.finished {
+            let reader = Reader {
+                tx,
+                uptake: uptake.clone(),
+            };
             let before = state.client.replace(reader);
             drop(state);
             if let Some(before) = before {
