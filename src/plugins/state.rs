@@ -1767,16 +1767,7 @@ mod tests {
     /// as a new log, which a replica that read the last one reads whole, its ids named alike.
     #[tokio::test]
     async fn a_leader_logs_deletions_and_the_next_one_serves_them_as_a_new_log() {
-        let (_lead, leads) = tokio::sync::watch::channel(true);
-        let (_relay, relay) = tokio::sync::watch::channel(None);
-        let (_secret, secret) = tokio::sync::watch::channel(None);
-        let (_handover, handover) = tokio::sync::watch::channel(Handover::Nobody);
-        let leader = Leader::new(leads, relay, secret, handover);
-        let [old, new] = [(); 2].map(|_| Arc::new(StateStore::default()));
-        for store in [&old, &new] {
-            store.share_through(leader.clone(), Duration::from_secs(600));
-            store.settled.subscribe().wait_for(|s| *s).await.unwrap();
-        }
+        let (_leading, [old, new]) = led_alone(Duration::from_secs(600)).await;
         let asked = |session: &str, action| Asked {
             plugin: Arc::from(""),
             session: session.into(),
@@ -1813,19 +1804,43 @@ mod tests {
         assert!(ask(&new, &read).ids.is_empty());
     }
 
+    /// The senders behind a [`Leader`] that leads with nobody to take over from: kept while
+    /// it is to go on leading so.
+    struct Leading {
+        _lead: tokio::sync::watch::Sender<bool>,
+        _relay: tokio::sync::watch::Sender<Option<String>>,
+        _secret: tokio::sync::watch::Sender<Option<Arc<str>>>,
+        _handover: tokio::sync::watch::Sender<Handover>,
+    }
+
+    /// `N` stores sharing state through one such leader (sessions idle for `idle`), settled.
+    async fn led_alone<const N: usize>(idle: Duration) -> (Leading, [Arc<StateStore>; N]) {
+        let (lead, leads) = tokio::sync::watch::channel(true);
+        let (relay_at, relay) = tokio::sync::watch::channel(None);
+        let (secret_is, secret) = tokio::sync::watch::channel(None);
+        let (handing, handover) = tokio::sync::watch::channel(Handover::Nobody);
+        let leader = Leader::new(leads, relay, secret, handover);
+        let stores = [(); N].map(|_| Arc::new(StateStore::default()));
+        for store in &stores {
+            store.share_through(leader.clone(), idle);
+            store.settled.subscribe().wait_for(|s| *s).await.unwrap();
+        }
+        let leading = Leading {
+            _lead: lead,
+            _relay: relay_at,
+            _secret: secret_is,
+            _handover: handing,
+        };
+        (leading, stores)
+    }
+
     /// The state of a session that another replica may still serve is kept when this one
     /// lets it go, and dropped once unused for as long as it may idle (or deleted).
     #[tokio::test]
     async fn shared_session_state_outlives_a_replica_not_its_use() {
-        let store = Arc::new(StateStore::default());
-        let (_lead, leads) = tokio::sync::watch::channel(true);
-        let (_relay, relay) = tokio::sync::watch::channel(None);
-        let (_secret, secret) = tokio::sync::watch::channel(None);
-        let (_handover, handover) = tokio::sync::watch::channel(Handover::Nobody);
         let idle = Duration::from_millis(200);
-        store.share_through(Leader::new(leads, relay, secret, handover), idle);
         // It leads, with nobody to take over from: settled at once.
-        store.settled.subscribe().wait_for(|s| *s).await.unwrap();
+        let (_leading, [store]) = led_alone(idle).await;
         let p = Holder::new("p");
         let asked = |session: &str, action| Asked {
             plugin: p.plugin.clone(),
@@ -1897,16 +1912,7 @@ mod tests {
     /// to live, and the deleted sessions (still refused there); never beyond its bounds.
     #[tokio::test]
     async fn the_next_leader_takes_over_what_the_last_one_kept() {
-        let (_lead, leads) = tokio::sync::watch::channel(true);
-        let (_relay, relay) = tokio::sync::watch::channel(None);
-        let (_secret, secret) = tokio::sync::watch::channel(None);
-        let (_handover, handover) = tokio::sync::watch::channel(Handover::Nobody);
-        let leader = Leader::new(leads, relay, secret, handover);
-        let [old, new] = [(); 2].map(|_| Arc::new(StateStore::default()));
-        for store in [&old, &new] {
-            store.share_through(leader.clone(), Duration::from_secs(600));
-            store.settled.subscribe().wait_for(|s| *s).await.unwrap();
-        }
+        let (_leading, [old, new]) = led_alone(Duration::from_secs(600)).await;
         let p = Holder::new("p");
         let asked = |session: &str, principal: Option<&str>, action| Asked {
             plugin: p.plugin.clone(),
