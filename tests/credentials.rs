@@ -318,3 +318,73 @@ async fn an_exchanged_token_that_is_not_a_sound_bearer_token_is_refused() {
     }
     gw.stop().await;
 }
+
+/// Credentials of the caller's own that the upstream refuses are the caller's failure
+/// (-32042, saying so), not the server's: it stays up, and other callers go on.
+#[tokio::test]
+async fn a_callers_refused_credentials_leave_the_server_up_for_the_others() {
+    let url = support::serve(|headers, body| {
+        let auth = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_owned();
+        if auth == "Bearer user-bob" {
+            return Some((401, json!({"error": "invalid_token"})));
+        }
+        let msg: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        let id = msg.get("id")?.clone();
+        let result = match msg["method"].as_str()? {
+            "initialize" => json!({"protocolVersion": "2025-11-25",
+                "capabilities": {"tools": {}}, "serverInfo": {"name": "files", "version": "1"}}),
+            "tools/list" => {
+                json!({"tools": [{"name": "whoami", "inputSchema": {"type": "object"}}]})
+            }
+            "tools/call" => json!({"content": [{"type": "text", "text": auth}]}),
+            _ => json!({}),
+        };
+        Some((200, json!({"jsonrpc": "2.0", "id": id, "result": result})))
+    })
+    .await;
+    let gw = TestGateway::start(
+        &format!(
+            "auth: {{tokens: [{{principal: alice, token: {ALICE}}}, {{principal: bob, token: {BOB}}}]}}"
+        ),
+        &[upstream(
+            "files",
+            &format!("{url}/mcp"),
+            "{template: 'Bearer user-{principal}'}",
+        )],
+    )
+    .await;
+    let client = |token: &str| {
+        let mut c = gw.client();
+        c.token = Some(token.to_owned());
+        c
+    };
+    let mut bob = client(BOB);
+    bob.initialize(json!({})).await;
+    let r = bob
+        .call(1, "tools/call", json!({"name": "whoami", "arguments": {}}))
+        .await;
+    assert_eq!(r["error"]["code"], -32042, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'files': the server refused the caller's credentials (HTTP 401"),
+        "{r}"
+    );
+    let mut alice = client(ALICE);
+    alice.initialize(json!({})).await;
+    assert_eq!(
+        alice.tool_text(2, "whoami", json!({})).await,
+        "Bearer user-alice"
+    );
+    let metrics = gw.gateway().metrics.render();
+    assert!(
+        metrics.contains("gatehouse_upstream_up{server=\"files\"} 1"),
+        "{metrics}"
+    );
+    gw.stop().await;
+}

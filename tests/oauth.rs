@@ -1000,6 +1000,213 @@ async fn callers_tokens_are_exchanged_for_the_upstreams_own() {
     gw.stop().await;
 }
 
+/// An MCP server like [`recording_upstream`] that answers 401 to the `Authorization` values
+/// starting with any of `revoked`'s prefixes, as a server does with a token its authorization
+/// server revoked.
+async fn refusing_upstream() -> (Arc<std::sync::Mutex<Vec<String>>>, String) {
+    let revoked: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let kept = revoked.clone();
+    let url = support::serve(move |headers, body| {
+        let auth = headers
+            .get("authorization")
+            .map_or("none".to_owned(), |v| v.to_str().unwrap().to_owned());
+        if kept.lock().unwrap().iter().any(|p| auth.starts_with(p)) {
+            return Some((401, json!({"error": "invalid_token"})));
+        }
+        let msg: Value = serde_json::from_slice(&body).ok()?;
+        let id = msg.get("id")?.clone();
+        let result = match msg["method"].as_str()? {
+            "initialize" => json!({"protocolVersion": "2025-11-25",
+                "capabilities": {"tools": {}}, "serverInfo": {"name": "files", "version": "1"}}),
+            "tools/list" => {
+                json!({"tools": [{"name": "whoami", "inputSchema": {"type": "object"}}]})
+            }
+            "tools/call" => json!({"content": [{"type": "text", "text": auth}]}),
+            _ => json!({}),
+        };
+        Some((200, json!({"jsonrpc": "2.0", "id": id, "result": result})))
+    })
+    .await;
+    (revoked, format!("{url}/mcp"))
+}
+
+/// The oauth settings of a gateway trusting `issuer`, and an upstream `files` whose credentials
+/// are exchanged at `token_endpoint`.
+fn exchanging(issuer: &Issuer, upstream_url: &str, token_endpoint: &str) -> (String, String) {
+    let top = format!(
+        "auth:
+  oauth:
+    resource: {RESOURCE}
+    issuers: [{{ issuer: {iss:?}, jwks_uri: {jwks:?} }}]",
+        iss = issuer.url,
+        jwks = format!("{}/jwks", issuer.url),
+    );
+    let files = format!(
+        "  - name: files
+    protocol: sessions
+    http: {{ url: {upstream_url:?} }}
+    credentials:
+      token_exchange: {{ token_endpoint: {token_endpoint:?}, client_id: gatehouse, client_secret: s3cret, audience: files-api }}
+"
+    );
+    (top, files)
+}
+
+/// A token the upstream stops accepting (revoked before it expires) is exchanged again and
+/// the call goes through; a replacement refused too is not replaced again at once (an upstream
+/// refusing everything costs the authorization server one exchange per caller per pace, not
+/// one per call), and the caller gets -32042 saying its credentials were refused, while the
+/// server stays up for everyone else.
+#[tokio::test]
+async fn an_exchanged_token_the_upstream_refuses_is_exchanged_again_once() {
+    let key = SigningKey::es256("k1");
+    let issuer = Issuer::start(&[&key]).await;
+    let (exchange, token_endpoint) = ExchangeServer::start().await;
+    let (revoked, upstream_url) = refusing_upstream().await;
+    let (top, files) = exchanging(&issuer, &upstream_url, &token_endpoint);
+    let gw = TestGateway::start(&top, &[example("ex", &[], ""), files]).await;
+    let alice = with_token(&gw, &key.sign(&issuer.claims("alice", "mcp:connect")));
+    let mut alice = alice;
+    alice.initialize(json!({})).await;
+    assert_eq!(
+        alice.tool_text(1, "files__whoami", json!({})).await,
+        "Bearer upstream-alice-1"
+    );
+    let issued = || exchange.issued.load(Ordering::SeqCst);
+    assert_eq!(issued(), 1);
+
+    // Revoked at the upstream: exchanged again, and the call is answered.
+    revoked
+        .lock()
+        .unwrap()
+        .push("Bearer upstream-alice-1".into());
+    assert_eq!(
+        alice.tool_text(2, "files__whoami", json!({})).await,
+        "Bearer upstream-alice-2"
+    );
+    assert_eq!(issued(), 2);
+    assert_eq!(
+        alice.tool_text(3, "files__whoami", json!({})).await,
+        "Bearer upstream-alice-2",
+        "the new token is kept"
+    );
+
+    // Everything of alice's refused: her replacement is not replaced again within the pace.
+    revoked
+        .lock()
+        .unwrap()
+        .push("Bearer upstream-alice-".into());
+    for id in 4..7 {
+        let r = alice
+            .call(
+                id,
+                "tools/call",
+                json!({"name": "files__whoami", "arguments": {}}),
+            )
+            .await;
+        assert_eq!(r["error"]["code"], -32042, "{r}");
+        let message = r["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("'files'")
+                && message.contains("refused the caller's credentials (HTTP 401"),
+            "{message}"
+        );
+    }
+    assert_eq!(issued(), 2, "one exchange per pace, not one per call");
+
+    // Nobody else is affected: another caller, alice's other server, the server's health.
+    let mut bob = with_token(&gw, &key.sign(&issuer.claims("bob", "mcp:connect")));
+    bob.initialize(json!({})).await;
+    assert_eq!(
+        bob.tool_text(7, "files__whoami", json!({})).await,
+        "Bearer upstream-bob-3"
+    );
+    assert_eq!(alice.tool_text(8, "ex__whoami", json!({})).await, "ex");
+    let metrics = gw.gateway().metrics.render();
+    assert!(
+        metrics.contains("gatehouse_upstream_up{server=\"files\"} 1"),
+        "{metrics}"
+    );
+    gw.stop().await;
+}
+
+/// A token endpoint issuing as [`ExchangeServer`] does, which holds each answer until
+/// `together` exchanges have come or `within` has passed: exchanges asked at the same time
+/// meet there.
+async fn holding_token_endpoint(
+    together: usize,
+    within: std::time::Duration,
+) -> (Arc<AtomicUsize>, String) {
+    let asked = Arc::new(AtomicUsize::new(0));
+    let came = Arc::new(tokio::sync::Notify::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/token", listener.local_addr().unwrap());
+    let counted = asked.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (asked, came) = (counted.clone(), came.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    let (asked, came) = (asked.clone(), came.clone());
+                    async move {
+                        let n = asked.fetch_add(1, Ordering::SeqCst) + 1;
+                        came.notify_waiters();
+                        let _ = tokio::time::timeout(within, async {
+                            while asked.load(Ordering::SeqCst) < together {
+                                came.notified().await;
+                            }
+                        })
+                        .await;
+                        let body = json!({"access_token": format!("upstream-{n}"),
+                            "token_type": "Bearer", "expires_in": 600});
+                        let mut resp =
+                            http::Response::new(Full::new(Bytes::from(body.to_string())));
+                        resp.headers_mut()
+                            .insert("content-type", "application/json".parse().unwrap());
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (asked, url)
+}
+
+/// Sessions a caller opens at the same time, with one token, wait on one exchange rather
+/// than each making its own.
+#[tokio::test]
+async fn concurrent_first_requests_of_a_caller_share_one_exchange() {
+    const SESSIONS: usize = 8;
+    let key = SigningKey::es256("k1");
+    let issuer = Issuer::start(&[&key]).await;
+    // Without sharing, all eight exchanges come and are answered at once; with it, the one
+    // that comes is held the whole second, while the others wait on it.
+    let (asked, token_endpoint) =
+        holding_token_endpoint(SESSIONS, std::time::Duration::from_secs(1)).await;
+    let (_, upstream_url) = recording_upstream().await;
+    let (top, files) = exchanging(&issuer, &upstream_url, &token_endpoint);
+    let gw = TestGateway::start(&top, &[files]).await;
+    let token = key.sign(&issuer.claims("alice", "mcp:connect"));
+    let opened = futures::future::join_all((0..SESSIONS).map(|i| {
+        let mut c = with_token(&gw, &token);
+        async move {
+            c.initialize(json!({})).await;
+            c.tool_text(i as u64 + 1, "files__whoami", json!({})).await
+        }
+    }))
+    .await;
+    assert_eq!(asked.load(Ordering::SeqCst), 1, "one exchange for all");
+    assert!(
+        opened.iter().all(|t| t == "Bearer upstream-1"),
+        "{opened:?}"
+    );
+    gw.stop().await;
+}
+
 #[test]
 fn token_exchange_settings_are_checked() {
     let base = "listen: 127.0.0.1:0\nupstreams:\n";

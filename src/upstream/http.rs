@@ -72,6 +72,9 @@ pub struct Connection {
     watched: Mutex<Vec<String>>,
     /// Credentials exchanged per request for the caller's token (RFC 8693), if any.
     credential: Option<super::token_exchange::Credential>,
+    /// The configured headers carry the caller's own credentials (a secret per principal, a
+    /// template): a refusal of them is the caller's, not the server's.
+    caller_headers: bool,
 }
 
 /// What a call's request says of the connection: its upstream session and revision, once
@@ -232,15 +235,19 @@ impl Connection {
             listen_envelope: Mutex::new(String::new()),
             watched: Mutex::new(Vec::new()),
             credential: None,
+            caller_headers: false,
         }
     }
 
-    /// Sends `credential` with every request.
+    /// Sends `credential` with every request; `caller_headers`: the configured headers carry
+    /// the caller's own credentials.
     pub(crate) fn with_credential(
         mut self,
         credential: Option<super::token_exchange::Credential>,
+        caller_headers: bool,
     ) -> Self {
         self.credential = credential;
+        self.caller_headers = caller_headers;
         self
     }
 
@@ -251,13 +258,25 @@ impl Connection {
         body: Bytes,
         accept: &'static str,
     ) -> Result<http::Request<Full<Bytes>>, UpstreamError> {
+        Ok(self.authorized_with(method, body, accept).await?.0)
+    }
+
+    /// [`authorized`](Self::authorized), and the exchanged credential it carries.
+    async fn authorized_with(
+        &self,
+        method: Method,
+        body: Bytes,
+        accept: &'static str,
+    ) -> Result<(http::Request<Full<Bytes>>, Option<HeaderValue>), UpstreamError> {
         let mut req = self.request(method, body, accept);
+        let mut sent = None;
         if let Some(c) = &self.credential
             && let Some((name, value)) = c.header(&self.server.name).await?
         {
+            sent = Some(value.clone());
             req.headers_mut().insert(name, value);
         }
-        Ok(req)
+        Ok((req, sent))
     }
 
     /// Joins an upstream session already open (another replica opened it, speaking
@@ -467,10 +486,49 @@ impl Connection {
         frame: Bytes,
         mirrored: Vec<(http::HeaderName, HeaderValue)>,
     ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
-        let mut req = self.authorized(Method::POST, frame, CALL_ACCEPT).await?;
+        // Kept for a second try only where one can happen.
+        let again = self
+            .credential
+            .is_some()
+            .then(|| (frame.clone(), mirrored.clone()));
+        let (mut req, mut exchanged) = self
+            .authorized_with(Method::POST, frame, CALL_ACCEPT)
+            .await?;
         req.headers_mut().extend(mirrored);
         let had_session = req.headers().contains_key(MCP_SESSION_ID);
-        let resp = self.send_request(req).await?;
+        let mut resp = self.send_request(req).await?;
+        // An exchanged token the server refuses (revoked, or expired early) is exchanged
+        // again and the request sent once more: a refused request was not processed.
+        if resp.status() == StatusCode::UNAUTHORIZED
+            && let (Some(c), Some(sent), Some((frame, mirrored))) =
+                (&self.credential, &exchanged, again)
+            && c.refused(sent)
+        {
+            tracing::debug!(server = %self.server.name, "the server refused an exchanged token: exchanging it again");
+            let (mut req, sent) = self
+                .authorized_with(Method::POST, frame, CALL_ACCEPT)
+                .await?;
+            req.headers_mut().extend(mirrored);
+            exchanged = sent;
+            resp = self.send_request(req).await?;
+        }
+        // Credentials of the caller's own that the server refuses are the caller's failure:
+        // the server is up for everyone else.
+        if matches!(
+            resp.status(),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ) && (exchanged.is_some() || self.caller_headers)
+        {
+            let status = resp.status();
+            let body = read_limited(resp.into_body(), 512)
+                .await
+                .unwrap_or_default();
+            tracing::debug!(server = %self.server.name, "the server refused the caller's credentials: HTTP {status}: {}", super::error::server_text(&body));
+            return Err(UpstreamError::NoCredentials {
+                server: self.server.name.clone(),
+                reason: format!("the server refused the caller's credentials (HTTP {status})"),
+            });
+        }
         // 404 is the spec's answer to an unknown session; some servers (server-everything among
         // them) answer 400 instead. Either way the request was not processed, so the link
         // re-initializes and retries once; a genuine 400 then fails on the fresh session too.

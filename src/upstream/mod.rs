@@ -390,9 +390,14 @@ impl Connection {
             _ = cancelled => Err(UpstreamError::Cancelled),
         };
         match &result {
-            // The server answered, or will never see the request again: nothing to cancel.
+            // The server answered, refused it, or will never see the request again: nothing
+            // to cancel.
             Ok(_)
-            | Err(UpstreamError::Unavailable { .. } | UpstreamError::SessionExpired { .. }) => {
+            | Err(
+                UpstreamError::Unavailable { .. }
+                | UpstreamError::SessionExpired { .. }
+                | UpstreamError::NoCredentials { .. },
+            ) => {
                 guard.conn = None;
             }
             Err(_) => {}

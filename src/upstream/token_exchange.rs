@@ -1,7 +1,9 @@
 //! OAuth 2.0 Token Exchange (RFC 8693) for an upstream's credentials: the caller's access
 //! token is exchanged at the upstream's authorization server for a token meant for that
 //! upstream, so the client's own token never goes upstream. Exchanged tokens are cached per
-//! caller token until shortly before they expire; the cache is bounded.
+//! caller token until shortly before they expire; the cache is bounded. Concurrent requests of
+//! one caller token share one exchange; a token the upstream refuses is exchanged again (at
+//! most once per [`REFUSED_PACE`]) rather than sent until it expires.
 
 use std::time::{Duration, Instant};
 
@@ -37,12 +39,34 @@ const MAX_ANSWER: usize = 64 * 1024;
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a token without `expires_in` is reused.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(60);
+/// A token exchanged because the upstream refused the one before is not replaced again, if
+/// the upstream refuses it too, for this long: an upstream that refuses every token costs the
+/// authorization server one exchange per caller per this, not one per call.
+pub const REFUSED_PACE: Duration = Duration::from_secs(10);
+
+/// The SHA-256 of a caller's token: what the cache and the exchanges in flight are keyed by
+/// (the token itself is not kept).
+type Key = [u8; 32];
+
+/// An exchanged token, kept for reuse.
+struct Cached {
+    value: HeaderValue,
+    until: Instant,
+    /// When it was exchanged in place of a token the upstream refused.
+    replaced_refused: Option<Instant>,
+    /// The upstream refused it: the next request exchanges anew.
+    refused: bool,
+}
+
+/// One exchange under way, which every request of the same caller token waits on.
+type InFlight = Arc<tokio::sync::OnceCell<Result<HeaderValue, String>>>;
 
 /// Exchanges callers' tokens for one upstream.
 pub struct TokenExchange {
     config: TokenExchangeConfig,
     client: Client,
-    cache: DashMap<[u8; 32], (HeaderValue, Instant)>,
+    cache: DashMap<Key, Cached>,
+    in_flight: DashMap<Key, InFlight>,
 }
 
 /// What the authorization server answers (RFC 8693 §2.2.1).
@@ -94,46 +118,97 @@ impl TokenExchange {
             config,
             client,
             cache: DashMap::new(),
+            in_flight: DashMap::new(),
         }
     }
 
-    /// The `Authorization` value for the caller holding `subject`: cached, or exchanged now.
-    /// Never past the caller's own token's expiry. The error says why the caller has no token
-    /// for the upstream (never the token).
+    /// The `Authorization` value for the caller holding `subject`: cached, or exchanged now
+    /// (once for all the requests that ask at the same time). Never past the caller's own
+    /// token's expiry. The error says why the caller has no token for the upstream (never the
+    /// token).
     pub async fn bearer(&self, subject: &Subject) -> Result<HeaderValue, String> {
         let now = unix_now();
         if now >= subject.expires_at {
             return Err("the caller's access token has expired".into());
         }
         let left = Duration::from_secs(subject.expires_at - now);
-        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, subject.token.as_bytes())
-            .as_ref()
-            .try_into()
-            .expect("SHA-256 is 32 bytes");
+        let key = key_of(subject);
         if let Some(hit) = self.cache.get(&key)
-            && hit.1 > Instant::now()
+            && !hit.refused
+            && hit.until > Instant::now()
         {
-            return Ok(hit.0.clone());
+            return Ok(hit.value.clone());
         }
-        let (value, lifetime) = self.exchange(&subject.token).await?;
+        let cell = self.in_flight.entry(key).or_default().clone();
+        let waiting = Waiting {
+            in_flight: &self.in_flight,
+            key,
+            cell: Some(cell),
+        };
+        let cell = waiting.cell.as_ref().expect("set above");
+        // If the request that started the exchange goes away, the next waiter carries it on.
+        cell.get_or_init(|| self.fetch(key, &subject.token, left))
+            .await
+            .clone()
+    }
+
+    /// Exchanges `token` and keeps the result for reuse, for at most `left`.
+    async fn fetch(&self, key: Key, token: &str, left: Duration) -> Result<HeaderValue, String> {
+        let (value, lifetime) = self.exchange(token).await?;
         let lifetime = lifetime.min(left).min(MAX_LIFETIME);
-        if let Some(until) = Instant::now().checked_add(lifetime)
-            && !lifetime.is_zero()
-        {
-            if self.cache.len() >= MAX_CACHED {
-                let now = Instant::now();
-                self.cache.retain(|_, (_, until)| *until > now);
-                // Still full of live tokens: a tenth goes, not everyone's.
-                let excess = self.cache.len().saturating_sub(MAX_CACHED * 9 / 10);
-                let victims: Vec<[u8; 32]> =
-                    self.cache.iter().take(excess).map(|e| *e.key()).collect();
-                for k in victims {
-                    self.cache.remove(&k);
-                }
+        let Some(until) = Instant::now()
+            .checked_add(lifetime)
+            .filter(|_| !lifetime.is_zero())
+        else {
+            return Ok(value);
+        };
+        let replaced_refused = self
+            .cache
+            .get(&key)
+            .is_some_and(|c| c.refused)
+            .then(Instant::now);
+        if self.cache.len() >= MAX_CACHED && !self.cache.contains_key(&key) {
+            let now = Instant::now();
+            self.cache.retain(|_, c| c.until > now);
+            // Still full of live tokens: a tenth goes, not everyone's.
+            let excess = self.cache.len().saturating_sub(MAX_CACHED * 9 / 10);
+            let victims: Vec<Key> = self.cache.iter().take(excess).map(|e| *e.key()).collect();
+            for k in victims {
+                self.cache.remove(&k);
             }
-            self.cache.insert(key, (value.clone(), until));
         }
+        self.cache.insert(
+            key,
+            Cached {
+                value: value.clone(),
+                until,
+                replaced_refused,
+                refused: false,
+            },
+        );
         Ok(value)
+    }
+
+    /// The upstream refused `sent`, exchanged for `subject`: whether to try once more (with
+    /// the token [`bearer`](Self::bearer) gives next). Yes when `sent` is no longer the token
+    /// kept (another request replaced it, or is replacing it) or may be replaced now; no when
+    /// it was itself exchanged for a refused token within [`REFUSED_PACE`], or never kept (a
+    /// token used once: exchanging again would give the same).
+    pub fn refused(&self, subject: &Subject, sent: &HeaderValue) -> bool {
+        let Some(mut kept) = self.cache.get_mut(&key_of(subject)) else {
+            return false;
+        };
+        if kept.value != *sent || kept.refused {
+            return true;
+        }
+        if kept
+            .replaced_refused
+            .is_some_and(|at| at.elapsed() < REFUSED_PACE)
+        {
+            return false;
+        }
+        kept.refused = true;
+        true
     }
 
     /// The form of a token-exchange request, and the client's Basic credentials when it has
@@ -255,6 +330,34 @@ impl TokenExchange {
     }
 }
 
+fn key_of(subject: &Subject) -> Key {
+    ring::digest::digest(&ring::digest::SHA256, subject.token.as_bytes())
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
+}
+
+/// A request's wait on an exchange in flight: the last one to stop waiting (with the answer,
+/// or cancelled) takes the exchange out of the map, so that nothing stays there.
+struct Waiting<'a> {
+    in_flight: &'a DashMap<Key, InFlight>,
+    key: Key,
+    cell: Option<InFlight>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let Some(cell) = self.cell.take() else {
+            return;
+        };
+        // Done, or nobody but the map and this request holds it: new requests start anew.
+        // (Requests join under the map's lock on this key, which `remove_if` holds.)
+        self.in_flight.remove_if(&self.key, |_, held| {
+            Arc::ptr_eq(held, &cell) && (held.initialized() || Arc::strong_count(held) <= 2)
+        });
+    }
+}
+
 /// The caller's current access token, as its session holds it (the latest one it presented).
 pub trait CallerToken: Send + Sync {
     /// The token, if the caller authenticated with one.
@@ -294,6 +397,14 @@ impl Credential {
             )),
             None => Ok(None),
         }
+    }
+
+    /// The upstream refused `sent`, this credential's last header: whether to send the request
+    /// once more with a new one (see [`TokenExchange::refused`]).
+    pub fn refused(&self, sent: &HeaderValue) -> bool {
+        self.caller
+            .current()
+            .is_some_and(|subject| self.exchange.refused(&subject, sent))
     }
 }
 
@@ -366,6 +477,93 @@ mod tests {
         ] {
             assert_eq!(seconds(&bad), None, "{bad}");
         }
+    }
+
+    fn exchanger(endpoint: &str) -> TokenExchange {
+        TokenExchange::new(
+            TokenExchangeConfig {
+                token_endpoint: endpoint.parse().unwrap(),
+                client_id: "gatehouse".into(),
+                client_secret: None,
+                audience: None,
+                resource: None,
+                scope: None,
+            },
+            crate::upstream::client::relay_client().clone(),
+        )
+    }
+
+    fn subject(token: &str) -> Subject {
+        Subject {
+            token: token.into(),
+            expires_at: unix_now() + 600,
+        }
+    }
+
+    #[test]
+    fn a_refused_token_is_replaced_once_per_pace() {
+        let x = exchanger("http://127.0.0.1:1/token");
+        let alice = subject("alice-token");
+        let bearer = |v: &str| HeaderValue::from_str(v).unwrap();
+        let keep = |value: &str, replaced_refused: Option<Instant>| {
+            x.cache.insert(
+                key_of(&alice),
+                Cached {
+                    value: bearer(value),
+                    until: Instant::now() + Duration::from_secs(600),
+                    replaced_refused,
+                    refused: false,
+                },
+            );
+        };
+        assert!(!x.refused(&alice, &bearer("Bearer t1")), "nothing kept");
+        keep("Bearer t1", None);
+        assert!(x.refused(&alice, &bearer("Bearer t1")));
+        assert!(x.cache.get(&key_of(&alice)).unwrap().refused);
+        // Requests that sent it too retry, on the one exchange that replaces it.
+        assert!(x.refused(&alice, &bearer("Bearer t1")));
+        // Its replacement, refused at once: not replaced again within the pace.
+        keep("Bearer t2", Some(Instant::now()));
+        assert!(!x.refused(&alice, &bearer("Bearer t2")));
+        assert!(!x.cache.get(&key_of(&alice)).unwrap().refused);
+        // A request that sent the old one retries with the kept one.
+        assert!(x.refused(&alice, &bearer("Bearer t1")));
+        // Past the pace, it may be replaced.
+        keep(
+            "Bearer t2",
+            Instant::now().checked_sub(REFUSED_PACE + Duration::from_secs(1)),
+        );
+        assert!(x.refused(&alice, &bearer("Bearer t2")));
+        // Another caller's token is its own.
+        assert!(!x.refused(&subject("bob-token"), &bearer("Bearer t2")));
+    }
+
+    #[tokio::test]
+    async fn an_exchange_nobody_waits_for_any_more_leaves_nothing_behind() {
+        // An authorization server that takes the connections and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let (came_tx, mut came) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+                let _ = came_tx.send(());
+            }
+        });
+        let x = exchanger(&url);
+        let alice = subject("alice-token");
+        {
+            let waiting = futures_util::future::join_all((0..3).map(|_| x.bearer(&alice)));
+            tokio::pin!(waiting);
+            tokio::select! {
+                _ = &mut waiting => panic!("nothing answers"),
+                _ = came.recv() => {}
+            }
+            assert_eq!(x.in_flight.len(), 1, "one exchange for the three");
+        }
+        assert!(x.in_flight.is_empty(), "cancelled: nothing kept");
+        assert!(came.try_recv().is_err(), "only one exchange was asked");
     }
 
     #[test]
