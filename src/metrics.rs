@@ -76,6 +76,7 @@ pub struct Metrics {
     asleep_seconds: Family<ServerLabels, Gauge>,
     wakes: Family<ServerLabels, Gauge>,
     streams_stalled: Family<StreamLabels, Counter>,
+    credentials_refused: Family<ServerLabels, Counter>,
 }
 
 /// Statuses whose series [`Metrics::http_response`] keeps at hand.
@@ -203,6 +204,12 @@ impl Metrics {
             "HTTP responses by status",
             http_responses.clone(),
         );
+        let credentials_refused = Family::<ServerLabels, Counter>::default();
+        registry.register(
+            "upstream_credentials_refused",
+            "Requests an upstream refused (401, 403) for the caller's own credentials: the caller's failure, which leaves upstream_up as it was",
+            credentials_refused.clone(),
+        );
         let tool_changes = Family::<ServerLabels, Counter>::default();
         registry.register(
             "tool_definition_changes",
@@ -261,6 +268,7 @@ impl Metrics {
         );
         Arc::new(Metrics {
             streams_stalled,
+            credentials_refused,
             audit_export_dropped,
             trace_spans_dropped,
             tool_changes,
@@ -350,6 +358,13 @@ impl Metrics {
         self.upstream_up
             .get_or_create(&ServerLabels { server })
             .set(i64::from(up));
+    }
+
+    /// Counts a request `server` refused for the caller's own credentials.
+    pub fn credentials_refused(&self, server: &'static str) {
+        self.credentials_refused
+            .get_or_create(&ServerLabels { server })
+            .inc();
     }
 
     /// Counts a tool definition seen changed.

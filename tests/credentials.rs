@@ -375,6 +375,12 @@ async fn a_callers_refused_credentials_leave_the_server_up_for_the_others() {
             .contains("'files': the server refused the caller's credentials (HTTP 401"),
         "{r}"
     );
+    let metrics = gw.gateway().metrics.render();
+    assert!(
+        !metrics.contains("gatehouse_upstream_up{server=\"files\"} 0")
+            && metrics.contains("gatehouse_upstream_credentials_refused_total{server=\"files\"}"),
+        "{metrics}"
+    );
     let mut alice = client(ALICE);
     alice.initialize(json!({})).await;
     assert_eq!(

@@ -1000,34 +1000,104 @@ async fn callers_tokens_are_exchanged_for_the_upstreams_own() {
     gw.stop().await;
 }
 
-/// An MCP server like [`recording_upstream`] that answers 401 to the `Authorization` values
-/// starting with any of `revoked`'s prefixes, as a server does with a token its authorization
-/// server revoked.
-async fn refusing_upstream() -> (Arc<std::sync::Mutex<Vec<String>>>, String) {
-    let revoked: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
-    let kept = revoked.clone();
-    let url = support::serve(move |headers, body| {
-        let auth = headers
-            .get("authorization")
-            .map_or("none".to_owned(), |v| v.to_str().unwrap().to_owned());
-        if kept.lock().unwrap().iter().any(|p| auth.starts_with(p)) {
-            return Some((401, json!({"error": "invalid_token"})));
+/// What [`refusing_upstream`] refuses, by the start of the `Authorization` value, and every
+/// `Authorization` value it was sent, in order.
+#[derive(Clone, Default)]
+struct Refusals {
+    /// 401 with a `Bearer` challenge (RFC 6750 §3), as a server refuses a revoked token.
+    revoked: Arc<std::sync::Mutex<Vec<String>>>,
+    /// 403: the token is good, but not for this.
+    forbidden: Arc<std::sync::Mutex<Vec<String>>>,
+    /// 401 without a challenge (not a bearer token's refusal).
+    plain: Arc<std::sync::Mutex<Vec<String>>>,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Refusals {
+    fn add(list: &Arc<std::sync::Mutex<Vec<String>>>, prefix: &str) {
+        list.lock().unwrap().push(prefix.into());
+    }
+
+    fn seen_since(&self, n: usize) -> Vec<String> {
+        self.seen.lock().unwrap()[n..].to_vec()
+    }
+}
+
+/// An MCP server like [`recording_upstream`] that refuses the `Authorization` values
+/// [`Refusals`] names.
+async fn refusing_upstream() -> (Refusals, String) {
+    let refusals = Refusals::default();
+    let kept = refusals.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let kept = kept.clone();
+                    async move {
+                        use http_body_util::BodyExt;
+                        let auth = req
+                            .headers()
+                            .get("authorization")
+                            .map_or("none".to_owned(), |v| v.to_str().unwrap().to_owned());
+                        kept.seen.lock().unwrap().push(auth.clone());
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let listed = |l: &Arc<std::sync::Mutex<Vec<String>>>| {
+                            l.lock().unwrap().iter().any(|p| auth.starts_with(p))
+                        };
+                        let (status, challenge, answer) = if listed(&kept.revoked) {
+                            (401, Some(r#"Bearer error="invalid_token""#), json!({}))
+                        } else if listed(&kept.forbidden) {
+                            (403, None, json!({}))
+                        } else if listed(&kept.plain) {
+                            (401, None, json!({}))
+                        } else {
+                            let msg: Value = serde_json::from_slice(&body).unwrap_or_default();
+                            let result = match msg["method"].as_str().unwrap_or("") {
+                                "initialize" => json!({"protocolVersion": "2025-11-25",
+                                    "capabilities": {"tools": {}},
+                                    "serverInfo": {"name": "files", "version": "1"}}),
+                                "tools/list" => json!({"tools": [
+                                    {"name": "whoami", "inputSchema": {"type": "object"}}]}),
+                                "tools/call" => {
+                                    json!({"content": [{"type": "text", "text": auth}]})
+                                }
+                                _ => json!({}),
+                            };
+                            match msg.get("id") {
+                                Some(id) => (
+                                    200,
+                                    None,
+                                    json!({"jsonrpc": "2.0", "id": id, "result": result}),
+                                ),
+                                None => (202, None, Value::Null),
+                            }
+                        };
+                        let mut resp = http::Response::new(Full::new(if answer.is_null() {
+                            Bytes::new()
+                        } else {
+                            Bytes::from(answer.to_string())
+                        }));
+                        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        let h = resp.headers_mut();
+                        h.insert("content-type", "application/json".parse().unwrap());
+                        h.insert("mcp-session-id", "files-session".parse().unwrap());
+                        if let Some(challenge) = challenge {
+                            h.insert("www-authenticate", challenge.parse().unwrap());
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
         }
-        let msg: Value = serde_json::from_slice(&body).ok()?;
-        let id = msg.get("id")?.clone();
-        let result = match msg["method"].as_str()? {
-            "initialize" => json!({"protocolVersion": "2025-11-25",
-                "capabilities": {"tools": {}}, "serverInfo": {"name": "files", "version": "1"}}),
-            "tools/list" => {
-                json!({"tools": [{"name": "whoami", "inputSchema": {"type": "object"}}]})
-            }
-            "tools/call" => json!({"content": [{"type": "text", "text": auth}]}),
-            _ => json!({}),
-        };
-        Some((200, json!({"jsonrpc": "2.0", "id": id, "result": result})))
-    })
-    .await;
-    (revoked, format!("{url}/mcp"))
+    });
+    (refusals, url)
 }
 
 /// The oauth settings of a gateway trusting `issuer`, and an upstream `files` whose credentials
@@ -1062,11 +1132,10 @@ async fn an_exchanged_token_the_upstream_refuses_is_exchanged_again_once() {
     let key = SigningKey::es256("k1");
     let issuer = Issuer::start(&[&key]).await;
     let (exchange, token_endpoint) = ExchangeServer::start().await;
-    let (revoked, upstream_url) = refusing_upstream().await;
+    let (refusals, upstream_url) = refusing_upstream().await;
     let (top, files) = exchanging(&issuer, &upstream_url, &token_endpoint);
     let gw = TestGateway::start(&top, &[example("ex", &[], ""), files]).await;
-    let alice = with_token(&gw, &key.sign(&issuer.claims("alice", "mcp:connect")));
-    let mut alice = alice;
+    let mut alice = with_token(&gw, &key.sign(&issuer.claims("alice", "mcp:connect")));
     alice.initialize(json!({})).await;
     assert_eq!(
         alice.tool_text(1, "files__whoami", json!({})).await,
@@ -1074,59 +1143,91 @@ async fn an_exchanged_token_the_upstream_refuses_is_exchanged_again_once() {
     );
     let issued = || exchange.issued.load(Ordering::SeqCst);
     assert_eq!(issued(), 1);
+    let whoami = |id: u64| {
+        let alice = &alice;
+        async move {
+            alice
+                .call(
+                    id,
+                    "tools/call",
+                    json!({"name": "files__whoami", "arguments": {}}),
+                )
+                .await
+        }
+    };
+    let refused = |r: &Value, status: &str| {
+        assert_eq!(r["error"]["code"], -32042, "{r}");
+        let message = r["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("'files'")
+                && message.contains(&format!("refused the caller's credentials (HTTP {status}")),
+            "{message}"
+        );
+    };
+    let up = |gw: &TestGateway| {
+        let metrics = gw.gateway().metrics.render();
+        assert!(
+            metrics.contains("gatehouse_upstream_up{server=\"files\"} 1"),
+            "{metrics}"
+        );
+    };
 
-    // Revoked at the upstream: exchanged again, and the call is answered.
-    revoked
-        .lock()
-        .unwrap()
-        .push("Bearer upstream-alice-1".into());
+    // Refused, but not as a bearer token (no challenge), or for want of rights (403): the
+    // caller's failure, with no second exchange nor a second try.
+    for (list, status) in [(&refusals.plain, "401"), (&refusals.forbidden, "403")] {
+        Refusals::add(list, "Bearer upstream-alice-1");
+        let before = refusals.seen.lock().unwrap().len();
+        refused(&whoami(2).await, status);
+        assert_eq!(
+            refusals.seen_since(before),
+            ["Bearer upstream-alice-1"],
+            "sent once"
+        );
+        assert_eq!(issued(), 1);
+        up(&gw);
+        list.lock().unwrap().clear();
+    }
+
+    // Revoked at the upstream: exchanged again, the request sent once more, and answered.
+    Refusals::add(&refusals.revoked, "Bearer upstream-alice-1");
+    let before = refusals.seen.lock().unwrap().len();
     assert_eq!(
-        alice.tool_text(2, "files__whoami", json!({})).await,
+        alice.tool_text(3, "files__whoami", json!({})).await,
         "Bearer upstream-alice-2"
+    );
+    assert_eq!(
+        refusals.seen_since(before),
+        ["Bearer upstream-alice-1", "Bearer upstream-alice-2"]
     );
     assert_eq!(issued(), 2);
     assert_eq!(
-        alice.tool_text(3, "files__whoami", json!({})).await,
+        alice.tool_text(4, "files__whoami", json!({})).await,
         "Bearer upstream-alice-2",
         "the new token is kept"
     );
 
     // Everything of alice's refused: her replacement is not replaced again within the pace.
-    revoked
-        .lock()
-        .unwrap()
-        .push("Bearer upstream-alice-".into());
-    for id in 4..7 {
-        let r = alice
-            .call(
-                id,
-                "tools/call",
-                json!({"name": "files__whoami", "arguments": {}}),
-            )
-            .await;
-        assert_eq!(r["error"]["code"], -32042, "{r}");
-        let message = r["error"]["message"].as_str().unwrap();
-        assert!(
-            message.contains("'files'")
-                && message.contains("refused the caller's credentials (HTTP 401"),
-            "{message}"
-        );
+    Refusals::add(&refusals.revoked, "Bearer upstream-alice-");
+    for id in 5..8 {
+        refused(&whoami(id).await, "401");
     }
     assert_eq!(issued(), 2, "one exchange per pace, not one per call");
+    // The server is up: these were alice's failures.
+    up(&gw);
+    let metrics = gw.gateway().metrics.render();
+    assert!(
+        metrics.contains("gatehouse_upstream_credentials_refused_total{server=\"files\"} 5"),
+        "{metrics}"
+    );
 
-    // Nobody else is affected: another caller, alice's other server, the server's health.
+    // Nobody else is affected: another caller, alice's other server.
     let mut bob = with_token(&gw, &key.sign(&issuer.claims("bob", "mcp:connect")));
     bob.initialize(json!({})).await;
     assert_eq!(
-        bob.tool_text(7, "files__whoami", json!({})).await,
+        bob.tool_text(8, "files__whoami", json!({})).await,
         "Bearer upstream-bob-3"
     );
-    assert_eq!(alice.tool_text(8, "ex__whoami", json!({})).await, "ex");
-    let metrics = gw.gateway().metrics.render();
-    assert!(
-        metrics.contains("gatehouse_upstream_up{server=\"files\"} 1"),
-        "{metrics}"
-    );
+    assert_eq!(alice.tool_text(9, "ex__whoami", json!({})).await, "ex");
     gw.stop().await;
 }
 

@@ -72,9 +72,6 @@ pub struct Connection {
     watched: Mutex<Vec<String>>,
     /// Credentials exchanged per request for the caller's token (RFC 8693), if any.
     credential: Option<super::token_exchange::Credential>,
-    /// The configured headers carry the caller's own credentials (a secret per principal, a
-    /// template): a refusal of them is the caller's, not the server's.
-    caller_headers: bool,
 }
 
 /// What a call's request says of the connection: its upstream session and revision, once
@@ -235,19 +232,15 @@ impl Connection {
             listen_envelope: Mutex::new(String::new()),
             watched: Mutex::new(Vec::new()),
             credential: None,
-            caller_headers: false,
         }
     }
 
-    /// Sends `credential` with every request; `caller_headers`: the configured headers carry
-    /// the caller's own credentials.
+    /// Sends `credential` with every request.
     pub(crate) fn with_credential(
         mut self,
         credential: Option<super::token_exchange::Credential>,
-        caller_headers: bool,
     ) -> Self {
         self.credential = credential;
-        self.caller_headers = caller_headers;
         self
     }
 
@@ -277,6 +270,59 @@ impl Connection {
             req.headers_mut().insert(name, value);
         }
         Ok((req, sent))
+    }
+
+    /// Sends an authorized request (see `request`) with `extra` headers. An exchanged token
+    /// the server refuses as a bearer token (401 with a `Bearer` challenge, RFC 6750 §3:
+    /// revoked, or expired early) is exchanged again and the request sent once more: a
+    /// refused request was not processed. Credentials of the caller's own that the server
+    /// refuses (401, 403) fail the caller's request only ([`UpstreamError::NoCredentials`]):
+    /// the server is up for everyone else.
+    async fn send_authorized(
+        &self,
+        method: Method,
+        body: Bytes,
+        accept: &'static str,
+        extra: Vec<(http::HeaderName, HeaderValue)>,
+    ) -> Result<Sending, UpstreamError> {
+        // Kept for a second try only where one can happen.
+        let again = self
+            .credential
+            .is_some()
+            .then(|| (method.clone(), body.clone(), extra.clone()));
+        let (mut req, exchanged) = self.authorized_with(method, body, accept).await?;
+        req.headers_mut().extend(extra);
+        let in_session = req.headers().contains_key(MCP_SESSION_ID);
+        let mut resp = self.send_request(req).await?;
+        if let (Some(c), Some(sent), Some((method, body, extra))) =
+            (&self.credential, &exchanged, again)
+            && refuses_bearer(&resp)
+            && c.refused(sent)
+        {
+            // Read (a little of it), so that the connection is kept.
+            let said = read_limited(resp.into_body(), 512)
+                .await
+                .unwrap_or_default();
+            tracing::debug!(server = %self.server.name, "the server refused an exchanged token, exchanging it again: {}", super::error::server_text(&said));
+            let (mut req, _) = self.authorized_with(method, body, accept).await?;
+            req.headers_mut().extend(extra);
+            resp = self.send_request(req).await?;
+        }
+        let status = resp.status();
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+            && self.server.config.credentials.is_some()
+        {
+            let said = read_limited(resp.into_body(), 512)
+                .await
+                .unwrap_or_default();
+            tracing::debug!(server = %self.server.name, "the server refused the caller's credentials: HTTP {status}: {}", super::error::server_text(&said));
+            self.server.metrics.credentials_refused(self.server.label);
+            return Err(UpstreamError::NoCredentials {
+                server: self.server.name.clone(),
+                reason: format!("the server refused the caller's credentials (HTTP {status})"),
+            });
+        }
+        Ok(Sending { resp, in_session })
     }
 
     /// Joins an upstream session already open (another replica opened it, speaking
@@ -486,49 +532,12 @@ impl Connection {
         frame: Bytes,
         mirrored: Vec<(http::HeaderName, HeaderValue)>,
     ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
-        // Kept for a second try only where one can happen.
-        let again = self
-            .credential
-            .is_some()
-            .then(|| (frame.clone(), mirrored.clone()));
-        let (mut req, mut exchanged) = self
-            .authorized_with(Method::POST, frame, CALL_ACCEPT)
+        let Sending {
+            resp,
+            in_session: had_session,
+        } = self
+            .send_authorized(Method::POST, frame, CALL_ACCEPT, mirrored)
             .await?;
-        req.headers_mut().extend(mirrored);
-        let had_session = req.headers().contains_key(MCP_SESSION_ID);
-        let mut resp = self.send_request(req).await?;
-        // An exchanged token the server refuses (revoked, or expired early) is exchanged
-        // again and the request sent once more: a refused request was not processed.
-        if resp.status() == StatusCode::UNAUTHORIZED
-            && let (Some(c), Some(sent), Some((frame, mirrored))) =
-                (&self.credential, &exchanged, again)
-            && c.refused(sent)
-        {
-            tracing::debug!(server = %self.server.name, "the server refused an exchanged token: exchanging it again");
-            let (mut req, sent) = self
-                .authorized_with(Method::POST, frame, CALL_ACCEPT)
-                .await?;
-            req.headers_mut().extend(mirrored);
-            exchanged = sent;
-            resp = self.send_request(req).await?;
-        }
-        // Credentials of the caller's own that the server refuses are the caller's failure:
-        // the server is up for everyone else.
-        if matches!(
-            resp.status(),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-        ) && (exchanged.is_some() || self.caller_headers)
-        {
-            let status = resp.status();
-            let body = read_limited(resp.into_body(), 512)
-                .await
-                .unwrap_or_default();
-            tracing::debug!(server = %self.server.name, "the server refused the caller's credentials: HTTP {status}: {}", super::error::server_text(&body));
-            return Err(UpstreamError::NoCredentials {
-                server: self.server.name.clone(),
-                reason: format!("the server refused the caller's credentials (HTTP {status})"),
-            });
-        }
         // 404 is the spec's answer to an unknown session; some servers (server-everything among
         // them) answer 400 instead. Either way the request was not processed, so the link
         // re-initializes and retries once; a genuine 400 then fails on the fresh session too.
@@ -675,15 +684,19 @@ impl Connection {
 
     /// Re-opens a response stream after event `last` (GET with `Last-Event-ID`).
     async fn resume_stream(&self, last: &str) -> Result<hyper::body::Incoming, UpstreamError> {
-        let mut req = self
-            .authorized(Method::GET, Bytes::new(), "text/event-stream")
-            .await?;
         let value = HeaderValue::from_str(last).map_err(|_| {
             self.server
                 .unavailable("the server's event id is not a header value")
         })?;
-        req.headers_mut().insert("last-event-id", value);
-        let resp = self.send_request(req).await?;
+        let resp = self
+            .send_authorized(
+                Method::GET,
+                Bytes::new(),
+                "text/event-stream",
+                vec![(http::HeaderName::from_static("last-event-id"), value)],
+            )
+            .await?
+            .resp;
         if !resp.status().is_success() || !is_event_stream(resp.headers()) {
             return Err(self.server.unavailable_saying(
                 format!("the stream could not be resumed: HTTP {}", resp.status()),
@@ -833,22 +846,23 @@ impl Connection {
     /// Reads one GET stream (a `subscriptions/listen` stream, for a 2026-07-28 server) until it
     /// ends, stays silent for `idle`, or breaks a size limit.
     async fn listen_once(&self, idle: Duration) -> Result<ListenEnd, UpstreamError> {
-        let req = if self.is_stateless() {
-            let mut req = self
-                .authorized(Method::POST, self.listen_frame(), CALL_ACCEPT)
-                .await?;
-            req.headers_mut().insert(
-                "mcp-method",
-                HeaderValue::from_static("subscriptions/listen"),
-            );
-            req
+        let opened = if self.is_stateless() {
+            self.send_authorized(
+                Method::POST,
+                self.listen_frame(),
+                CALL_ACCEPT,
+                vec![(
+                    http::HeaderName::from_static("mcp-method"),
+                    HeaderValue::from_static("subscriptions/listen"),
+                )],
+            )
         } else {
-            self.authorized(Method::GET, Bytes::new(), "text/event-stream")
-                .await?
+            self.send_authorized(Method::GET, Bytes::new(), "text/event-stream", Vec::new())
         };
-        let resp = tokio::time::timeout(idle, self.send_request(req))
+        let resp = tokio::time::timeout(idle, opened)
             .await
-            .map_err(|_| self.server.unavailable("GET stream: no answer"))??;
+            .map_err(|_| self.server.unavailable("GET stream: no answer"))??
+            .resp;
         match resp.status() {
             s if s.is_success() => {}
             // 405: the server offers no such stream, which is fine. 404: the session is gone;
@@ -928,6 +942,29 @@ impl Connection {
 }
 
 /// The gateway's words for an HTTP refusal (the body is the server's, kept for the log).
+/// A request sent: the server's response, and whether the request went in the upstream
+/// session.
+struct Sending {
+    resp: http::Response<hyper::body::Incoming>,
+    in_session: bool,
+}
+
+/// Whether a response refuses the request's bearer token: 401 with a `Bearer` challenge
+/// (RFC 6750 §3), which a server answers before it processes the request.
+fn refuses_bearer(resp: &http::Response<hyper::body::Incoming>) -> bool {
+    resp.status() == StatusCode::UNAUTHORIZED
+        && resp
+            .headers()
+            .get_all(http::header::WWW_AUTHENTICATE)
+            .iter()
+            .any(|v| {
+                v.as_bytes()
+                    .get(..6)
+                    .is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"bearer"))
+                    && v.as_bytes().get(6).is_none_or(|b| *b == b' ')
+            })
+}
+
 pub(super) fn refusal(status: StatusCode) -> String {
     match status {
         // A gateway in the way answers so when the request went through it once already.

@@ -542,16 +542,6 @@ impl Link {
         Ok(headers)
     }
 
-    /// Whether this link's headers carry credentials of its caller's own (a secret per
-    /// principal, a template).
-    fn caller_headers(&self) -> bool {
-        self.server
-            .config
-            .credentials
-            .as_ref()
-            .is_some_and(|c| matches!(c.for_principal(self.principal.as_deref()), Ok(Some(_))))
-    }
-
     /// The per-request credential of an upstream that exchanges the caller's token.
     fn credential(&self) -> Option<super::token_exchange::Credential> {
         let exchange = self.server.token_exchange.clone()?;
@@ -578,7 +568,7 @@ impl Link {
                     self.headers(headers)?,
                     self.inbox.clone(),
                 )
-                .with_credential(self.credential(), self.caller_headers()),
+                .with_credential(self.credential()),
             ),
             Transport::HttpSse { url, headers } => Connection::Stdio(
                 super::http_sse::connect(
@@ -1311,7 +1301,7 @@ impl Link {
             headers,
             self.inbox.clone(),
         )
-        .with_credential(self.credential(), self.caller_headers())
+        .with_credential(self.credential())
         .in_session(session, version);
         if let Some(conn) = conn
             && let Err(e) = self

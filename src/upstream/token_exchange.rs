@@ -350,11 +350,17 @@ impl Drop for Waiting<'_> {
         let Some(cell) = self.cell.take() else {
             return;
         };
-        // Done, or nobody but the map and this request holds it: new requests start anew.
-        // (Requests join under the map's lock on this key, which `remove_if` holds.)
-        self.in_flight.remove_if(&self.key, |_, held| {
-            Arc::ptr_eq(held, &cell) && (held.initialized() || Arc::strong_count(held) <= 2)
-        });
+        // Under the map's lock on this key, under which requests join: this request's hold is
+        // let go first, so that of two leaving at once on two threads, the second sees the
+        // first gone. Done, or held by the map alone: new requests start anew.
+        if let dashmap::Entry::Occupied(held) = self.in_flight.entry(self.key)
+            && Arc::ptr_eq(held.get(), &cell)
+        {
+            drop(cell);
+            if held.get().initialized() || Arc::strong_count(held.get()) == 1 {
+                held.remove();
+            }
+        }
     }
 }
 
@@ -538,32 +544,88 @@ mod tests {
         assert!(!x.refused(&subject("bob-token"), &bearer("Bearer t2")));
     }
 
-    #[tokio::test]
-    async fn an_exchange_nobody_waits_for_any_more_leaves_nothing_behind() {
-        // An authorization server that takes the connections and never answers.
+    /// An authorization server that reads requests and never answers them; each request is
+    /// told on the channel.
+    async fn silent_endpoint() -> (String, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/token", listener.local_addr().unwrap());
-        let (came_tx, mut came) = tokio::sync::mpsc::unbounded_channel();
+        let (came_tx, came) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
-            let mut held = Vec::new();
             while let Ok((stream, _)) = listener.accept().await {
-                held.push(stream);
-                let _ = came_tx.send(());
+                let came_tx = came_tx.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let _ = came_tx.send(());
+                        std::future::pending::<
+                            Result<http::Response<Full<Bytes>>, std::convert::Infallible>,
+                        >()
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
             }
         });
+        (url, came)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_exchange_nobody_waits_for_any_more_leaves_nothing_behind() {
+        let (url, mut came) = silent_endpoint().await;
+        let x = Arc::new(exchanger(&url));
+        for round in 0..20 {
+            // Waits on two threads, all cancelled at once.
+            let waits: Vec<_> = (0..4)
+                .map(|_| {
+                    let x = x.clone();
+                    tokio::spawn(async move { x.bearer(&subject("alice-token")).await })
+                })
+                .collect();
+            if round == 0 {
+                came.recv().await.expect("the exchange is asked");
+            }
+            tokio::task::yield_now().await;
+            for w in &waits {
+                w.abort();
+            }
+            for w in waits {
+                let _ = w.await;
+            }
+            assert!(x.in_flight.is_empty(), "round {round}: nothing kept");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_others_carry_on_an_exchange_whose_starter_went_away() {
+        let (url, mut came) = silent_endpoint().await;
         let x = exchanger(&url);
         let alice = subject("alice-token");
-        {
-            let waiting = futures_util::future::join_all((0..3).map(|_| x.bearer(&alice)));
-            tokio::pin!(waiting);
-            tokio::select! {
-                _ = &mut waiting => panic!("nothing answers"),
-                _ = came.recv() => {}
-            }
-            assert_eq!(x.in_flight.len(), 1, "one exchange for the three");
+        let mut first = Box::pin(x.bearer(&alice));
+        tokio::select! {
+            _ = &mut first => panic!("nothing answers"),
+            _ = came.recv() => {}
         }
-        assert!(x.in_flight.is_empty(), "cancelled: nothing kept");
-        assert!(came.try_recv().is_err(), "only one exchange was asked");
+        let mut second = Box::pin(x.bearer(&alice));
+        tokio::select! {
+            biased;
+            _ = &mut second => panic!("nothing answers"),
+            _ = tokio::task::yield_now() => {}
+        }
+        assert_eq!(
+            x.in_flight.len(),
+            1,
+            "the second waits on the first's exchange"
+        );
+        drop(first);
+        assert_eq!(x.in_flight.len(), 1, "still wanted");
+        // The second takes the exchange over: asked again, as the first's went with it.
+        tokio::select! {
+            _ = &mut second => panic!("nothing answers"),
+            _ = came.recv() => {}
+        }
+        drop(second);
+        assert!(x.in_flight.is_empty());
     }
 
     #[test]
