@@ -254,6 +254,12 @@ fn main() -> anyhow::Result<()> {
                 _ => None,
             };
             gatehouse::telemetry::init(cfg.log_format, &cfg.log_level);
+            // Before any server starts: none may read the gateway's tokens through /proc.
+            if let Err(e) = gatehouse::process::keep_proc_private() {
+                tracing::error!(
+                    "cannot keep the gateway's /proc entries private; servers running as its user may read its environment: {e}"
+                );
+            }
             // Servers must not outlive a gateway that is killed without a chance to stop them.
             let exe = std::env::current_exe().context("cannot locate the gatehouse binary")?;
             if let Err(e) = gatehouse::process::enable_guard(exe, std::time::Duration::from_secs(2))

@@ -9,6 +9,8 @@
 //!   (stdin closed, then SIGTERM, then SIGKILL, all to the group) reaches its children too
 //!   (`npx` → `node`, `sh -c` → the real server). Dropping a [`ServerProcess`] kills whatever is
 //!   left of its group.
+//! - **Nor through `/proc`.** The `gatehouse` binary makes its own `/proc` entries unreadable
+//!   to its user ([`keep_proc_private`]), so a server cannot read the gateway's environment there.
 //! - **Nowhere of the gateway's.** A server whose command names no working directory starts in
 //!   an empty, private (0700) directory of its own, made for that process and removed with it
 //!   ([`ServerProcess::spawn`]), never in the gateway's. Runners and servers read project
@@ -315,6 +317,15 @@ struct Guard {
 struct GuardState {
     proc: Option<std::process::Child>,
     groups: BTreeSet<i32>,
+}
+
+/// Makes this process's `/proc` entries (its environment, memory, open files) readable by root
+/// only, and refuses tracing it to processes of its own user (`PR_SET_DUMPABLE` 0, which also
+/// turns off its core dumps): a server running as the gateway's user would otherwise read the
+/// gateway's tokens from `/proc/<pid>/environ`, however cleared the server's own environment
+/// is. Servers are not affected: the flag is set anew at `exec`.
+pub fn keep_proc_private() -> nix::Result<()> {
+    nix::sys::prctl::set_dumpable(false)
 }
 
 static GUARD: OnceLock<Guard> = OnceLock::new();

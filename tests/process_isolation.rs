@@ -98,6 +98,12 @@ struct GatewayProcess {
 
 impl GatewayProcess {
     async fn start(yaml: &str, env: &[(&str, &str)]) -> GatewayProcess {
+        GatewayProcess::start_as(yaml, env, None).await
+    }
+
+    /// [`start`](Self::start), as the user `uid` when given (with a `HOME` of that user's in
+    /// the gateway's directory).
+    async fn start_as(yaml: &str, env: &[(&str, &str)], uid: Option<u32>) -> GatewayProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -106,13 +112,22 @@ impl GatewayProcess {
         let dir = TempDir::new("gw");
         let config = dir.0.join("gateway.yaml");
         std::fs::write(&config, format!("listen: 127.0.0.1:{port}\n{yaml}")).unwrap();
-        let child = std::process::Command::new(BIN)
+        let mut command = std::process::Command::new(BIN);
+        command
             .args(["serve", "--config"])
             .arg(&config)
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stdin(Stdio::null());
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt;
+            let home = dir.0.join("home");
+            std::fs::create_dir_all(&home).unwrap();
+            for path in [&dir.0, &home] {
+                std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
+            }
+            command.uid(uid).gid(uid).env("HOME", &home);
+        }
+        let child = command.spawn().unwrap();
         let mut gw = GatewayProcess {
             child,
             port,
@@ -415,4 +430,59 @@ async fn a_gateway_killed_with_sigkill_leaves_no_servers_behind() {
     )
     .await;
     println!("servers gone {took:?} after the gateway was SIGKILLed");
+}
+
+/// (e) A server running as the gateway's user cannot read the gateway's environment (its
+/// tokens) through `/proc/<pid>/environ`, as it can any other process of that user's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_of_the_gateways_user_cannot_read_its_environment() {
+    use std::os::unix::process::CommandExt;
+    // Root reads every process's entries: as root, the gateway and the reader run as nobody.
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+    let uid = root.then_some(65534u32);
+    let as_user = |command: &mut std::process::Command| {
+        if let Some(uid) = uid {
+            command.uid(uid).gid(uid);
+        }
+    };
+    let secret = unique("gateway-secret");
+    let mut gw = GatewayProcess::start_as(
+        "upstreams:\n  - name: up\n    stdio: {command: sh, args: [-c, 'exec cat']}\n",
+        &[("GH_TEST_GATEWAY_SECRET", secret.as_str())],
+        uid,
+    )
+    .await;
+    let read = |pid: u32| {
+        let mut cat = std::process::Command::new("cat");
+        cat.arg(format!("/proc/{pid}/environ"));
+        as_user(&mut cat);
+        cat.output().unwrap()
+    };
+    // The reader can read a process of its user's that does not keep its entries private.
+    let mut other = std::process::Command::new("sleep");
+    other
+        .arg("60")
+        .env("GH_TEST_GATEWAY_SECRET", &secret)
+        .stdin(Stdio::null());
+    as_user(&mut other);
+    let mut other = other.spawn().unwrap();
+    let seen = read(other.id());
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(
+        String::from_utf8_lossy(&seen.stdout).contains(&secret),
+        "a process of the same user is readable: {seen:?}"
+    );
+    // The gateway's are not.
+    let seen = read(gw.child.id());
+    assert!(
+        !seen.status.success() && !String::from_utf8_lossy(&seen.stdout).contains(&secret),
+        "{seen:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&seen.stderr).contains("Permission denied"),
+        "{seen:?}"
+    );
+    // And it still serves.
+    assert!(gw.child.try_wait().unwrap().is_none());
 }
