@@ -1009,6 +1009,32 @@ impl RawConfig {
         let pinned_connections = self.runtime.pinned_connections.unwrap_or(true);
         let tokens = bearer_tokens("auth.tokens", self.auth.tokens)?;
         let admin_tokens = bearer_tokens("admin.tokens", self.admin.tokens)?;
+        // A client holding a token the admin API also takes would open it; a principal named
+        // in both lists would share the registry filter's decisions and the audit trail's name.
+        if let Some((i, (_, principal))) = admin_tokens
+            .iter()
+            .enumerate()
+            .find(|(_, (t, _))| tokens.iter().any(|(c, _)| c == t))
+        {
+            return Err(field_err(
+                format!("admin.tokens[{i}].token"),
+                format!(
+                    "{principal:?}'s token is also a client token in auth.tokens: a client would open the admin API"
+                ),
+            ));
+        }
+        if let Some((i, (_, principal))) = admin_tokens
+            .iter()
+            .enumerate()
+            .find(|(_, (_, p))| tokens.iter().any(|(_, c)| c == p))
+        {
+            return Err(field_err(
+                format!("admin.tokens[{i}].principal"),
+                format!(
+                    "{principal:?} is also a client principal in auth.tokens: name admins and clients apart (they share the registry filter's decisions and the audit trail's names)"
+                ),
+            ));
+        }
         let oauth = self.auth.oauth.map(oauth_settings).transpose()?;
         tls::validate(self.tls.as_ref(), &self.outbound_tls)
             .map_err(|(field, reason)| field_err(field, reason))?;
@@ -1657,6 +1683,13 @@ fn bearer_tokens(field: &str, raw: Vec<RawToken>) -> Result<Vec<(String, Arc<str
                 "must be at least 16 characters",
             ));
         }
+        // One token, one principal: which of two a request would be is a guess.
+        if let Some((_, other)) = tokens.iter().find(|(known, _)| *known == token) {
+            return Err(field_err(
+                format!("{field}.token"),
+                format!("{other:?}'s token too: give each principal its own"),
+            ));
+        }
         tokens.push((token, Arc::from(t.principal)));
     }
     Ok(tokens)
@@ -1784,6 +1817,41 @@ mod tests {
 
     fn err(yaml: &str) -> String {
         Config::from_yaml(yaml).expect_err(yaml).to_string()
+    }
+
+    #[test]
+    fn a_token_opens_one_door_for_one_principal() {
+        const A: &str = "aaaaaaaaaaaaaaaa";
+        const B: &str = "bbbbbbbbbbbbbbbb";
+        let up = "upstreams: [{name: u, stdio: {command: x}}]\n";
+        // A client token that the admin API also takes.
+        let e = err(&format!(
+            "{up}auth: {{tokens: [{{principal: ci, token: {A}}}]}}\nadmin: {{tokens: [{{principal: ops, token: {A}}}]}}"
+        ));
+        assert!(
+            e.contains("admin.tokens[0].token") && e.contains("a client would open the admin API"),
+            "{e}"
+        );
+        assert!(!e.contains(A), "the token is not quoted: {e}");
+        // A principal in both lists.
+        let e = err(&format!(
+            "{up}auth: {{tokens: [{{principal: ops, token: {A}}}]}}\nadmin: {{tokens: [{{principal: ops, token: {B}}}]}}"
+        ));
+        assert!(e.contains("admin.tokens[0].principal"), "{e}");
+        // One token for two principals, in either list.
+        for list in ["auth", "admin"] {
+            let e = err(&format!(
+                "{up}{list}: {{tokens: [{{principal: one, token: {A}}}, {{principal: two, token: {A}}}]}}"
+            ));
+            assert!(e.contains(&format!("{list}.tokens[1].token")), "{e}");
+            assert!(!e.contains(A), "{e}");
+        }
+        // Apart, both are taken.
+        let cfg = Config::from_yaml(&format!(
+            "{up}auth: {{tokens: [{{principal: ci, token: {A}}}]}}\nadmin: {{tokens: [{{principal: ops, token: {B}}}]}}"
+        ))
+        .unwrap();
+        assert_eq!(cfg.admin_tokens.len(), 1);
     }
 
     #[test]
