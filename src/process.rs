@@ -2,7 +2,9 @@
 //! orchestrator: one place, so both get the same isolation.
 //!
 //! - **Only what they are given.** A server starts with a cleared environment, a minimal `PATH`
-//!   ([`DEFAULT_PATH`]) and a `HOME` of its own, then the variables its definition names. The
+//!   ([`DEFAULT_PATH`]) and a `HOME` of its own (the server's; for a process it runs for one
+//!   principal alone, that principal's: [`principal_home`]; removed with the server), then the
+//!   variables its definition names. The
 //!   gateway's own environment (its client and admin tokens, cloud credentials, ...) never
 //!   reaches a server or anything the server starts.
 //! - **They die with their owner.** A server runs in its own process group, so stopping it
@@ -61,6 +63,20 @@ where
     K: AsRef<OsStr>,
     V: AsRef<OsStr>,
 {
+    command_at_home(server_home(name), name, program, env)
+}
+
+/// [`command`], with `home` as the process's `HOME` (unless `env` sets one).
+pub fn command_at_home<K, V>(
+    home: Result<PathBuf, String>,
+    name: &str,
+    program: &str,
+    env: impl IntoIterator<Item = (K, V)>,
+) -> Command
+where
+    K: AsRef<OsStr>,
+    V: AsRef<OsStr>,
+{
     let env: Vec<(K, V)> = env.into_iter().collect();
     let names = |key: &str| env.iter().any(|(k, _)| k.as_ref() == key);
     let mut cmd = Command::new(program);
@@ -70,7 +86,7 @@ where
         cmd.env("PATH", DEFAULT_PATH);
     }
     if !names("HOME") {
-        match server_home(name) {
+        match home {
             Ok(home) => {
                 cmd.env("HOME", home);
             }
@@ -147,8 +163,61 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
+/// Where the processes a server runs for one principal alone get their `HOME`s: apart from
+/// [`homes_root`], so that no server's shared process (whatever its name) has them under its own.
+fn principal_homes_root() -> Result<&'static Path, String> {
+    static ROOT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    ROOT.get_or_init(|| gateway_dir("principal-homes"))
+        .as_deref()
+        .map_err(Clone::clone)
+}
+
 /// The `HOME` of server `name` (created if missing).
 pub fn server_home(name: &str) -> Result<PathBuf, String> {
+    let dir = homes_root()?.join(home_leaf(name));
+    private_dir(&dir).map_err(|e| format!("cannot create {dir:?}: {e}"))?;
+    Ok(dir)
+}
+
+/// The `HOME` of the processes server `name` runs for `principal` alone (`None`: for
+/// unauthenticated sessions), created if missing: neither the server's shared `HOME` nor any
+/// other principal's, so that what a process keeps there (a memory file, a login, packages it
+/// writes into) is no other principal's to read. Processes of one principal (its sessions'
+/// own, under `per-session`) share it.
+pub fn principal_home(name: &str, principal: Option<&str>) -> Result<PathBuf, String> {
+    // A digest: any principal's name, one path component, none like another's.
+    let leaf = match principal {
+        Some(p) => {
+            let digest = ring::digest::digest(&ring::digest::SHA256, p.as_bytes());
+            let hex: String = digest.as_ref()[..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("p-{hex}")
+        }
+        None => "anonymous".into(),
+    };
+    let dir = principal_homes_root()?.join(home_leaf(name)).join(leaf);
+    private_dir(&dir).map_err(|e| format!("cannot create {dir:?}: {e}"))?;
+    Ok(dir)
+}
+
+/// Removes every `HOME` of server `name` (when it is removed: a server later defined under the
+/// name starts with none of its files).
+pub fn remove_homes(name: &str) {
+    let leaf = home_leaf(name);
+    for root in [homes_root(), principal_homes_root()].into_iter().flatten() {
+        let dir = root.join(&leaf);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(server = name, "cannot remove {dir:?}: {e}");
+        }
+    }
+}
+
+/// Server `name` as one path component.
+fn home_leaf(name: &str) -> String {
     // Names are validated elsewhere; this only keeps a path component a path component.
     let mut leaf: String = name
         .chars()
@@ -163,9 +232,7 @@ pub fn server_home(name: &str) -> Result<PathBuf, String> {
     if leaf.is_empty() || leaf.starts_with('.') {
         leaf.insert(0, '_');
     }
-    let dir = homes_root()?.join(leaf);
-    private_dir(&dir).map_err(|e| format!("cannot create {dir:?}: {e}"))?;
-    Ok(dir)
+    leaf
 }
 
 /// The working directory of one server process whose command names none: empty when it

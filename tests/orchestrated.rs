@@ -463,6 +463,16 @@ fn alive(pid: &str) -> bool {
     nix::sys::signal::kill(pid, None).is_ok()
 }
 
+/// The `HOME` the process `pid` was given.
+fn home_of(pid: &str) -> String {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    environ
+        .split(|b| *b == 0)
+        .find_map(|v| v.strip_prefix(b"HOME="))
+        .map(|h| String::from_utf8_lossy(h).into_owned())
+        .unwrap_or_else(|| panic!("process {pid} has no HOME"))
+}
+
 /// Waits until the process `pid` is gone.
 async fn stopped(what: &str, pid: String) {
     eventually(what, || {
@@ -522,6 +532,24 @@ async fn sharing_gives_principals_and_sessions_their_own_processes() {
     // per-session: each session its own.
     assert_ne!(pid("a1", "ps"), pid("a2", "ps"));
     assert_ne!(pid("a1", "ps"), pid("b1", "ps"));
+    // Principals never share a HOME (what a process keeps there is its principal's): not
+    // with each other, nor with the server's shared process; a principal's sessions share its.
+    let home = |who, server| home_of(&pid(who, server));
+    assert_eq!(home("a1", "pp"), home("a2", "pp"));
+    assert_ne!(home("a1", "pp"), home("b1", "pp"));
+    assert_ne!(home("a1", "pp"), home("a1", "sh"));
+    assert_eq!(home("a1", "ps"), home("a2", "ps"));
+    assert_ne!(home("a1", "ps"), home("b1", "ps"));
+    let homes: std::collections::BTreeSet<String> = ["a1", "b1"]
+        .iter()
+        .flat_map(|who| ["sh", "pp", "ps"].map(|server| home(who, server)))
+        .collect();
+    assert_eq!(homes.len(), 5, "{homes:?}");
+    for a in &homes {
+        for b in homes.iter().filter(|b| *b != a) {
+            assert!(!std::path::Path::new(a).starts_with(b), "{a} is in {b}");
+        }
+    }
     // Each asks again: the same process answers (the link keeps it).
     assert_eq!(a1.tool_text(8, "ps__pid", json!({})).await, pid("a1", "ps"));
     assert_eq!(a2.tool_text(8, "pp__pid", json!({})).await, pid("a1", "pp"));
@@ -615,35 +643,37 @@ async fn a_redefined_server_restarts_its_private_processes() {
     let gw = gateway(&example_server("ex")).await;
     let tok = Some(ADMIN_TOKEN);
     let spec = |name: &str, sharing: &str| json!({"command": BIN, "args": ["example-server", "--name", name, "--test-tools"], "sharing": sharing});
-    for (server, sharing) in [("ps", "per-session"), ("pp", "per-principal")] {
+    for (server, sharing) in [("rps", "per-session"), ("rpp", "per-principal")] {
         let path = format!("/admin/v1/servers/{server}");
         let r = admin(&gw, "PUT", &path, tok, Some(spec("one", sharing))).await;
         assert_eq!(r.status, 201, "{}", r.body);
     }
     let c = client(&gw).await;
-    assert_eq!(c.tool_text(2, "ps__whoami", json!({})).await, "one");
-    assert_eq!(c.tool_text(3, "pp__whoami", json!({})).await, "one");
+    assert_eq!(c.tool_text(2, "rps__whoami", json!({})).await, "one");
+    assert_eq!(c.tool_text(3, "rpp__whoami", json!({})).await, "one");
     let pids = (
-        c.tool_text(4, "ps__pid", json!({})).await,
-        c.tool_text(5, "pp__pid", json!({})).await,
+        c.tool_text(4, "rps__pid", json!({})).await,
+        c.tool_text(5, "rpp__pid", json!({})).await,
     );
+    let homes = [home_of(&pids.0), home_of(&pids.1)];
+    assert!(homes.iter().all(|h| std::path::Path::new(h).is_dir()));
     // The same definition again: the same processes answer.
-    for (server, sharing) in [("ps", "per-session"), ("pp", "per-principal")] {
+    for (server, sharing) in [("rps", "per-session"), ("rpp", "per-principal")] {
         let path = format!("/admin/v1/servers/{server}");
         let r = admin(&gw, "PUT", &path, tok, Some(spec("one", sharing))).await;
         assert_eq!(r.status, 200, "{}", r.body);
     }
-    assert_eq!(c.tool_text(6, "ps__pid", json!({})).await, pids.0);
-    assert_eq!(c.tool_text(7, "pp__pid", json!({})).await, pids.1);
+    assert_eq!(c.tool_text(6, "rps__pid", json!({})).await, pids.0);
+    assert_eq!(c.tool_text(7, "rpp__pid", json!({})).await, pids.1);
     // A new definition: the old processes stop, the session's next calls reach the new one.
-    for (server, sharing) in [("ps", "per-session"), ("pp", "per-principal")] {
+    for (server, sharing) in [("rps", "per-session"), ("rpp", "per-principal")] {
         let path = format!("/admin/v1/servers/{server}");
         let r = admin(&gw, "PUT", &path, tok, Some(spec("two", sharing))).await;
         assert_eq!(r.status, 200, "{}", r.body);
     }
     // A principal's process stops at once; a session's own at the session's next call.
     stopped("the old per-principal process stops", pids.1.clone()).await;
-    for (id, tool) in [(8, "ps__whoami"), (9, "pp__whoami")] {
+    for (id, tool) in [(8, "rps__whoami"), (9, "rpp__whoami")] {
         let mut said = None;
         for attempt in 0..200 {
             let r = c
@@ -662,6 +692,16 @@ async fn a_redefined_server_restarts_its_private_processes() {
         assert_eq!(said.as_deref(), Some("two"), "{tool}");
     }
     stopped("the old per-session process stops", pids.0.clone()).await;
+    // Removed: its files go with it, so that a server defined later under its name (another
+    // package, say) starts with none of them.
+    for server in ["rps", "rpp"] {
+        let path = format!("/admin/v1/servers/{server}");
+        let r = admin(&gw, "DELETE", &path, tok, None).await;
+        assert!(r.status < 300, "{}: {}", r.status, r.body);
+    }
+    for home in &homes {
+        assert!(!std::path::Path::new(home).exists(), "{home} is left");
+    }
     gw.stop().await;
 }
 

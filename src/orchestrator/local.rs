@@ -531,6 +531,8 @@ impl Runtime for LocalRuntime {
                         sup.stop().await;
                         ctx.servers.remove(&ctx.name);
                     }
+                    // A server defined later under this name starts with none of its files.
+                    process::remove_homes(&ctx.name);
                     Ok(())
                 }
                 .boxed()
@@ -887,7 +889,7 @@ async fn supervise(sup: Arc<Supervised>, settings: Arc<LocalSettings>) {
             port_free_within(port, settings.stop_grace).await;
         }
         let started = Instant::now();
-        let end = match spawn(&sup, &settings) {
+        let end = match spawn(&sup, &settings, Owner::Server) {
             Ok(child) => run(&sup, child, &settings, &mut stop_rx).await,
             Err(e) => {
                 let msg = format!(
@@ -1002,7 +1004,20 @@ async fn port_free_within(port: u16, wait: Duration) {
     }
 }
 
-fn spawn(sup: &Supervised, settings: &LocalSettings) -> std::io::Result<ServerProcess> {
+/// Whose process [`spawn`] starts.
+#[derive(Clone, Copy)]
+enum Owner<'a> {
+    /// The server's own, which its callers share.
+    Server,
+    /// One for a principal alone (`None`: an unauthenticated session).
+    Principal(Option<&'a str>),
+}
+
+fn spawn(
+    sup: &Supervised,
+    settings: &LocalSettings,
+    owner: Owner<'_>,
+) -> std::io::Result<ServerProcess> {
     let spec = &sup.server.spec;
     // The gateway reaches the server by its port alone: whatever listens there already (another
     // program) would be taken for it, and answer its calls.
@@ -1037,7 +1052,12 @@ fn spawn(sup: &Supervised, settings: &LocalSettings) -> std::io::Result<ServerPr
     });
     // Later entries win: the definition over what the settings inherit (see crate::process).
     let env: BTreeMap<OsString, OsString> = inherited.chain(own).collect();
-    let mut cmd = process::command(&sup.server.name, command, env);
+    let name = &sup.server.name;
+    let home = match owner {
+        Owner::Server => process::server_home(name),
+        Owner::Principal(principal) => process::principal_home(name, principal),
+    };
+    let mut cmd = process::command_at_home(home, name, command, env);
     cmd.args(&spec.args)
         .stdin(if sup.server.is_stdio() {
             Stdio::piped()
@@ -1292,7 +1312,10 @@ impl StdioConnector for LocalAttach {
         .boxed()
     }
 
-    fn open_private(&self) -> BoxFuture<'_, Result<StdioStream>> {
+    fn open_private<'a>(
+        &'a self,
+        principal: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<StdioStream>> {
         async move {
             let name = &self.sup.server.name;
             if !self.sup.server.is_stdio() {
@@ -1304,9 +1327,11 @@ impl StdioConnector for LocalAttach {
             // The same command, environment and process group rules as the supervised
             // process; its stderr joins the server's logs.
             let mut proc =
-                spawn(&self.sup, &self.settings).map_err(|e| OrchestratorError::NotRunning {
-                    server: name.clone(),
-                    detail: format!("cannot start a private process: {e}"),
+                spawn(&self.sup, &self.settings, Owner::Principal(principal)).map_err(|e| {
+                    OrchestratorError::NotRunning {
+                        server: name.clone(),
+                        detail: format!("cannot start a private process: {e}"),
+                    }
                 })?;
             let child = &mut proc.child;
             let (Some(stdin), Some(stdout), Some(stderr)) =

@@ -332,8 +332,10 @@ pub trait StdioConnector: Send + Sync {
     /// Attaches a fresh reader/writer pair to the server's stdout/stdin.
     fn open(&self) -> BoxFuture<'_, Result<StdioStream>>;
     /// Starts a process of the server for one session or one principal alone (the stream
-    /// owns it: shutting the connection down stops it).
-    fn open_private(&self) -> BoxFuture<'_, Result<StdioStream>>;
+    /// owns it: shutting the connection down stops it), for `principal` (`None`: an
+    /// unauthenticated session): it keeps its files apart from every other principal's.
+    fn open_private<'a>(&'a self, principal: Option<&'a str>)
+    -> BoxFuture<'a, Result<StdioStream>>;
     /// Who shares the server's process.
     fn sharing(&self) -> Sharing;
     /// A short description for logs, e.g. `local process` or `pod ns/mcp-x (attach)`.
@@ -355,9 +357,9 @@ impl StdioEndpoint {
         self.0.open().await
     }
 
-    /// Starts a process of the server for one session or principal alone.
-    pub async fn open_private(&self) -> Result<StdioStream> {
-        self.0.open_private().await
+    /// Starts a process of the server for one session or principal alone, for `principal`.
+    pub async fn open_private(&self, principal: Option<&str>) -> Result<StdioStream> {
+        self.0.open_private(principal).await
     }
 
     /// Who shares the server's process.

@@ -675,7 +675,7 @@ impl Link {
                         })?;
                         *self.private_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(slot);
                         let stream = endpoint
-                            .open_private()
+                            .open_private(self.principal.as_deref())
                             .await
                             .map_err(|e| server.unavailable(format!("cannot start: {e}")))?;
                         Connection::Stdio(stdio::Connection::over(
@@ -707,8 +707,9 @@ impl Link {
                         };
                         let private = sharing == Sharing::PerPrincipal;
                         let epoch = o.runtime.usage(&server.name).map_or(0, |u| u.epoch());
-                        let (conn, result) =
-                            shared.connect(server, &endpoint, private, epoch).await?;
+                        let (conn, result) = shared
+                            .connect(server, &endpoint, private, epoch, self.principal.as_deref())
+                            .await?;
                         *self.init_result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
                         return Ok(conn);
                     }

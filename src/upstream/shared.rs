@@ -136,15 +136,16 @@ impl SharedConnection {
     /// first when there is none (first use, or the process was restarted).
     ///
     /// `private`: the connection is to a process of its own (`per-principal`), not to the
-    /// server's one process. `epoch`: the server's idle epoch; a connection from another
-    /// (before the last sleep, or a change of leader) is to a process that is gone or going,
-    /// or no longer ours to reach, however alive it looks.
+    /// server's one process, started for `principal`. `epoch`: the server's idle epoch; a
+    /// connection from another (before the last sleep, or a change of leader) is to a process
+    /// that is gone or going, or no longer ours to reach, however alive it looks.
     pub async fn connect(
         &self,
         server: &Arc<Server>,
         endpoint: &StdioEndpoint,
         private: bool,
         epoch: u64,
+        principal: Option<&str>,
     ) -> Result<(Arc<Connection>, Bytes), UpstreamError> {
         let mut current = self.current.lock().await;
         if let Some((conn, result, made)) = current.as_ref()
@@ -157,7 +158,7 @@ impl SharedConnection {
             old.shutdown().await;
         }
         let stream = if private {
-            endpoint.open_private().await
+            endpoint.open_private(principal).await
         } else {
             endpoint.open().await
         }

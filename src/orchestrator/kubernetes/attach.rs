@@ -180,7 +180,10 @@ impl StdioConnector for KubeAttach {
         .boxed()
     }
 
-    fn open_private(&self) -> BoxFuture<'_, Result<StdioStream>> {
+    fn open_private<'a>(
+        &'a self,
+        _principal: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<StdioStream>> {
         // The backend admits `sharing: shared` only (PodPolicy::admit): one pod per server.
         async move {
             Err(OrchestratorError::Unsupported {
