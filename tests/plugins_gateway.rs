@@ -707,3 +707,47 @@ async fn a_rewrite_larger_than_the_gateway_takes_is_refused() {
     assert_denied(&r, -32031, "bloat", "larger than the gateway takes");
     assert_eq!(c.tool_text(2, "a__echo", json!({"text":"ok"})).await, "ok");
 }
+
+/// `logging/setLevel` with several servers is told to each of them by the gateway: the chains
+/// judge it for each server, as for any request with one server, and a denial for any answers
+/// it (no server is told); params that are no level are refused, not sent on to every server.
+#[tokio::test]
+async fn a_level_set_for_every_server_passes_the_chains() {
+    let cfg = |blocked: &str| {
+        format!(
+            r#"plugins:
+  modules:
+    - name: policy
+      path: {:?}
+      config:
+        rules:
+          - {{ server: {blocked}, action: block, reason: "no levels here" }}
+        default: allow
+  chains:
+    - {{ name: levels, methods: ["logging/setLevel"], plugins: [policy] }}"#,
+            wasm("tool_policy")
+        )
+    };
+    let (_gw, c) = gateway(&cfg("b")).await;
+    let r = c
+        .call(1, "logging/setLevel", json!({"level": "debug"}))
+        .await;
+    assert_denied(&r, -32030, "policy", "no levels here");
+    for (id, params) in [
+        (2, json!({"level": "loud"})),
+        (3, json!({"level": 7})),
+        (4, json!({})),
+        (5, json!(["debug"])),
+    ] {
+        let r = c.call(id, "logging/setLevel", params.clone()).await;
+        let (code, msg) = err(&r);
+        assert_eq!(code, -32602, "{params}: {msg}");
+        assert!(msg.contains("params.level must be one of debug"), "{msg}");
+    }
+    assert_eq!(c.tool_text(6, "a__echo", json!({"text":"ok"})).await, "ok");
+    let (_gw, c) = gateway(&cfg("nobody")).await;
+    let r = c
+        .call(7, "logging/setLevel", json!({"level": "debug"}))
+        .await;
+    assert_eq!(r["result"], json!({}), "{r}");
+}

@@ -214,6 +214,40 @@ fn denied(id: &[u8], d: &crate::plugins::Denied) -> Reply {
     Reply::Json(jsonrpc::error_response(Some(id), d.code, &d.to_string()))
 }
 
+/// The params of `logging/setLevel` are `{"level": L}` with L one of the revision's levels (and
+/// whatever else the client adds): else why not.
+fn log_level(params: Option<&[u8]>) -> Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Params<'a> {
+        #[serde(borrow)]
+        level: std::borrow::Cow<'a, str>,
+    }
+    let levels = crate::mcp::revision::LOG_LEVELS;
+    // An object: serde would read a struct from an array too.
+    let object = params.filter(|p| p.trim_ascii_start().starts_with(b"{"));
+    match object.map(serde_json::from_slice::<Params<'_>>) {
+        Some(Ok(p)) if levels.contains(&&*p.level) => Ok(()),
+        _ => Err(format!("params.level must be one of {}", levels.join(", "))),
+    }
+}
+
+/// Records in the audit trail that `server` was told a request of the session's client that
+/// no call of its carried (a level set for every server).
+fn audit_told(sv: Services<'_>, session: &Session, server: &Arc<str>, method: &str) {
+    if sv.audit.is_on() {
+        sv.audit.record(crate::audit::Event {
+            kind: "call",
+            principal: session.principal.clone(),
+            session: Some(crate::audit::SessionName::new(session.id.clone())),
+            profile: session.profile().map(|p| p.name.clone()),
+            server: Some(server.clone()),
+            method: method.to_owned().into(),
+            decision: "allowed",
+            ..Default::default()
+        });
+    }
+}
+
 /// The answer to a request whose server failed before it was sent (its code, as a call's).
 fn upstream_failed(id: &[u8], e: &crate::upstream::UpstreamError) -> Reply {
     Reply::Json(jsonrpc::error_response(Some(id), e.code(), &e.to_string()))
@@ -545,18 +579,49 @@ pub async fn request(
             Box::pin(forward::complete(sv, session, id, params)).await
         }
         "logging/setLevel" if !single => {
+            // Sent on to every server as it came: it must be what the method takes.
+            if let Err(why) = log_level(params.as_deref()) {
+                return Reply::Json(jsonrpc::error_response(
+                    Some(&id),
+                    code::INVALID_PARAMS,
+                    &why,
+                ));
+            }
+            // The chains judge it for each server, as they do with one server: a denial for any
+            // answers the request, and no server is told.
+            let servers = session.topology().servers.clone();
+            let text = params_text(params.as_ref());
+            let mut told = Vec::new();
             for (i, link) in session.links().iter().enumerate() {
                 // A sleeping server is not woken to set a level it forgets with its process.
-                if session.serves(i)
-                    && session.resting(i).is_none()
-                    && session
-                        .connect(i)
-                        .await
-                        .is_ok_and(|b| b & caps::LOGGING != 0)
+                if !session.serves(i) || session.resting(i).is_some() {
+                    continue;
+                }
+                let policy = Policy::for_call(
+                    &plugins,
+                    Some(sv.audit),
+                    session.caller(),
+                    method,
+                    &servers[i].name,
+                    None,
+                );
+                if let Some(p) = &policy
+                    && let Decision::Deny(d) = on_request_as_is(sv, p, &text).await
+                {
+                    return denied(&id, &d);
+                }
+                told.push((i, link));
+            }
+            for (i, link) in told {
+                if session
+                    .connect(i)
+                    .await
+                    .is_ok_and(|b| b & caps::LOGGING != 0)
                 {
                     let _ = link
                         .call(method, params.as_deref(), CallOpts::default())
                         .await;
+                    audit_told(sv, session, &servers[i].name, method);
                 }
             }
             Reply::Json(jsonrpc::response(
