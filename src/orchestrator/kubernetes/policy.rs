@@ -101,7 +101,8 @@ impl PodPolicy {
     }
 
     /// Refuses an address a remote's host is (or resolves to) when it is private, cluster,
-    /// metadata or loopback and outside the operator's `egress_private_cidrs`.
+    /// metadata or loopback and outside the operator's `egress_private_cidrs`, or in the
+    /// cluster's own public ranges (`egress_except`), which no server pod may reach either.
     pub fn remote_address(&self, ip: std::net::IpAddr) -> Result<(), String> {
         let ip = match ip {
             std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
@@ -112,6 +113,17 @@ impl PodPolicy {
             return Err(format!("{ip} is this host (unspecified)"));
         }
         let range = (ip, if ip.is_ipv4() { 32 } else { 128 });
+        let allowed = |cidrs: &[String]| {
+            cidrs
+                .iter()
+                .filter_map(|a| parse_cidr(a).ok())
+                .any(|a| contains(a, range))
+        };
+        if allowed(&self.egress_except) && !allowed(&self.egress_private_cidrs) {
+            return Err(format!(
+                "{ip} is one of the cluster's own addresses the operator excepts from public egress (GATEHOUSE_ORCHESTRATOR_EGRESS_EXCEPT)"
+            ));
+        }
         match private_overlap(range) {
             Some(private)
                 if !self
@@ -373,6 +385,17 @@ mod tests {
         p.egress_private_cidrs = vec!["10.1.0.0/16".into()];
         assert!(p.admit(&remote("http://10.1.2.3:8080/mcp")).is_ok());
         assert!(p.admit(&remote("http://10.2.0.1:8080/mcp")).is_err());
+        // The cluster's own public addresses (its API server, nodes, load balancers) are no
+        // remote's, as they are no server pod's to reach.
+        p.egress_except = vec!["203.0.113.0/24".into()];
+        let e = p.admit(&remote("https://203.0.113.7/mcp")).unwrap_err();
+        assert!(e.message.contains("EGRESS_EXCEPT"), "{e}");
+        assert!(p.remote_address("203.0.113.9".parse().unwrap()).is_err());
+        assert!(
+            p.remote_address("::ffff:203.0.113.9".parse().unwrap())
+                .is_err()
+        );
+        assert!(p.remote_address("203.0.114.1".parse().unwrap()).is_ok());
     }
 
     #[test]
