@@ -1092,3 +1092,123 @@ async fn a_pinned_call_that_wakes_a_server_is_told_and_checks_the_new_process() 
     gw.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// One session cannot grow what the gateway keeps for a shared server's subscriptions: it may
+/// hold 256, a subscription the server refused holds no room, and others are not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_subscribes_to_a_bounded_number_of_a_shared_servers_resources() {
+    let gw = gateway(&example_server("ex")).await;
+    let a = client(&gw).await;
+    let b = client(&gw).await;
+    let subscribe = |c: &Client, id: u64, method: &'static str, uri: String| {
+        let c = c.clone();
+        async move { c.call(id, method, json!({ "uri": uri })).await }
+    };
+    // The server refuses this URI: the next subscriber is refused by the server too, not
+    // told it is subscribed because the first one's attempt was kept.
+    for (c, id) in [(&a, 1), (&b, 1), (&a, 2)] {
+        let r = subscribe(c, id, "resources/subscribe", "file:///not-its".into()).await;
+        assert_eq!(r["error"]["code"], -32602, "{r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("no such resource"),
+            "{r}"
+        );
+    }
+    let uri = |n: usize| format!("example://ex/echo/r{n}");
+    for n in 0..256 {
+        let r = subscribe(&a, 10 + n as u64, "resources/subscribe", uri(n)).await;
+        assert!(r["result"].is_object(), "{}: {r}", uri(n));
+    }
+    let refused = subscribe(&a, 300, "resources/subscribe", uri(256)).await;
+    assert_eq!(refused["error"]["code"], -32602, "{refused}");
+    assert_eq!(
+        refused["error"]["message"],
+        "this session already subscribes to 256 resources of the server, as many as a session may",
+        "{refused}"
+    );
+    // One it holds is no new one; room made by an unsubscribe is taken by the next.
+    let again = subscribe(&a, 301, "resources/subscribe", uri(0)).await;
+    assert!(again["result"].is_object(), "{again}");
+    let r = subscribe(&a, 302, "resources/unsubscribe", uri(0)).await;
+    assert!(r["result"].is_object(), "{r}");
+    let r = subscribe(&a, 303, "resources/subscribe", uri(256)).await;
+    assert!(r["result"].is_object(), "{r}");
+    // The other session subscribes (to one of the first's, and to its own) and calls as before.
+    for (id, n) in [(2, 1), (3, 257)] {
+        let r = subscribe(&b, id, "resources/subscribe", uri(n)).await;
+        assert!(r["result"].is_object(), "{r}");
+    }
+    assert_eq!(b.tool_text(4, "echo", json!({"text": "hi"})).await, "hi");
+    assert_eq!(a.tool_text(304, "echo", json!({"text": "hi"})).await, "hi");
+    gw.stop().await;
+}
+
+/// A `_meta` key a lenient server reads as `progressToken` would carry a token of the
+/// client's choosing past the gateway's rewrite (another session's, on a shared server): it
+/// is refused, and the other sessions' calls and progress go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_look_alike_progress_token_is_refused_on_a_shared_server() {
+    let gw = gateway(&example_server("ex")).await;
+    let a = client(&gw).await;
+    let b = client(&gw).await;
+    let slow = |c: Client, meta: Value| async move {
+        c.post(
+            json!({"jsonrpc":"2.0","id":9,"method":"tools/call","params":{
+                "name":"slow","arguments":{"seconds":0.3,"steps":3},"_meta":meta}})
+            .to_string(),
+        )
+        .await
+    };
+    for key in [
+        "ProgressToken",
+        "PROGRESSTOKEN",
+        "progre\u{17F}sToken",
+        "progressTo\u{212A}en",
+        "progressToken\u{0}",
+    ] {
+        let meta = json!({ key: "gatehouse-1" });
+        let (refused, other) = tokio::join!(
+            slow(a.clone(), meta),
+            slow(b.clone(), json!({"progressToken": 7}))
+        );
+        let refused = refused.response();
+        assert_eq!(refused["error"]["code"], -32602, "{key:?}: {refused}");
+        assert_eq!(
+            refused["error"]["message"],
+            format!(
+                "params._meta[{key:?}] is too like params._meta[\"progressToken\"]: servers differ on which they read"
+            ),
+            "{refused}"
+        );
+        let msgs = other.messages();
+        let progress: Vec<&Value> = msgs
+            .iter()
+            .filter(|m| m["method"] == "notifications/progress")
+            .collect();
+        assert_eq!(progress.len(), 3, "{msgs:?}");
+        assert!(
+            progress.iter().all(|p| p["params"]["progressToken"] == 7),
+            "{msgs:?}"
+        );
+        assert!(other.response()["result"].is_object(), "{msgs:?}");
+    }
+    // `_meta` itself spelled so: the gateway would not replace the token in it.
+    let r = a
+        .call(
+            1,
+            "tools/call",
+            json!({"name":"echo","arguments":{"text":"hi"},"_META":{"progressToken":"gatehouse-1"}}),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    assert_eq!(
+        r["error"]["message"],
+        r#"params."_META" is too like params._meta: servers differ on which they read"#,
+        "{r}"
+    );
+    assert_eq!(a.tool_text(2, "echo", json!({"text": "hi"})).await, "hi");
+    gw.stop().await;
+}

@@ -27,6 +27,12 @@ pub(crate) fn read_as<'o>(key: &str, owned: &[&'o str]) -> Option<&'o str> {
     })
 }
 
+/// A client's key as an error message shows it: cut to 64 characters, so that the answer stays
+/// small whatever the key.
+pub(crate) fn shown(key: &str) -> &str {
+    key.char_indices().nth(64).map_or(key, |(at, _)| &key[..at])
+}
+
 /// Refuses an object (`what`: `params`, `params.ref`) whose members a lenient decoder could
 /// read otherwise than the gateway: a key of `owned` given twice (which one counts differs
 /// between decoders), or another key such a decoder reads as one of `owned`. JSON that is not
@@ -63,9 +69,7 @@ pub(crate) fn check_members(object: &[u8], owned: &[&str], what: &str) -> Result
                     }
                     Some(owned) => Some(format!(
                         "{:?} is too like {owned}: servers differ on which they read",
-                        key.char_indices()
-                            .nth(64)
-                            .map_or(&*key, |(at, _)| &key[..at])
+                        shown(&key)
                     )),
                     None => None,
                 };

@@ -313,12 +313,6 @@ const READ_BY_GATEWAY: [&str; 5] = [
     PROGRESS_KEY,
 ];
 
-/// A client's key as an error message shows it: cut, so that the answer stays small whatever
-/// the key.
-fn shown(key: &str) -> &str {
-    key.char_indices().nth(64).map_or(key, |(at, _)| &key[..at])
-}
-
 /// Reads `_meta` (the JSON text `meta`) in one pass, in the order its members came: the
 /// envelope's values, the envelope's members (`"key":value,…`), and the members that stay,
 /// written as an object onto `kept` (the params being rebuilt without the envelope).
@@ -359,7 +353,7 @@ fn read_meta<'a>(meta: &'a str, kept: &mut Vec<u8>) -> Result<Envelope<'a>, Refu
             {
                 too_like = Some(format!(
                     "params._meta[{:?}] is too like params._meta[{owned:?}]: servers differ on which they read",
-                    shown(&key)
+                    lookalike::shown(&key)
                 ));
             }
             if kept.len() > opened {
@@ -387,7 +381,7 @@ fn read_meta<'a>(meta: &'a str, kept: &mut Vec<u8>) -> Result<Envelope<'a>, Refu
     match (twice, too_like) {
         (Some(key), _) => Err(Refusal::Meta(format!(
             "params._meta[{:?}] is given twice",
-            shown(&key)
+            lookalike::shown(&key)
         ))),
         (None, Some(why)) => Err(Refusal::Meta(why)),
         (None, None) => Ok(envelope),

@@ -29,6 +29,24 @@ const MAX_MARK_PAGES: usize = 20;
 /// Prefix of the ids of requests the link itself sends the client (for a 2026 server's input).
 const ASK_ID_PREFIX: &str = "\"gatehouse-input-";
 
+/// A `resources/subscribe` forwarded to a shared server: forgotten again unless the server
+/// takes it (it failed, or the call was dropped), so that a refused URI holds no room.
+struct SharedSubscribe<'a> {
+    link: &'a Link,
+    uri: String,
+    taken: bool,
+}
+
+impl Drop for SharedSubscribe<'_> {
+    fn drop(&mut self) {
+        if !self.taken
+            && let Some((member, _)) = &*self.link.shared.lock().unwrap_or_else(|e| e.into_inner())
+        {
+            member.subscribe_failed(&self.uri);
+        }
+    }
+}
+
 /// One downstream session's connection to one upstream server.
 ///
 /// Usually the connection is the link's own upstream session. For a stdio server run by the
@@ -818,6 +836,7 @@ impl Link {
         // the call it belongs to.
         let rewritten;
         let shared = self.is_shared();
+        let mut subscribing = None;
         if shared || (self.many_callers && matches!(&*conn, Connection::Stdio(_))) {
             match method {
                 _ if !shared => {}
@@ -829,14 +848,28 @@ impl Link {
                             .unavailable("resources/subscribe needs params.uri")
                     })?;
                     let on = method == "resources/subscribe";
-                    let forward = self
+                    let recorded = self
                         .shared
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .as_ref()
                         .map(|(m, _)| m.subscribe(&uri, on));
-                    if forward != Some(shared::Subscription::Forward) {
-                        return Ok(Outcome::Result(Bytes::from_static(b"{}")));
+                    match recorded {
+                        Some(Ok(shared::Subscription::Forward)) => {}
+                        Some(Err(refused)) => {
+                            return Ok(Outcome::Error(jsonrpc::error_object(
+                                refused.code(),
+                                &refused.to_string(),
+                            )));
+                        }
+                        _ => return Ok(Outcome::Result(Bytes::from_static(b"{}"))),
+                    }
+                    if on {
+                        subscribing = Some(SharedSubscribe {
+                            link: self,
+                            uri,
+                            taken: false,
+                        });
                     }
                 }
                 _ => {}
@@ -900,6 +933,9 @@ impl Link {
             }
             other => other,
         };
+        if let (Some(s), Ok(Outcome::Result(_))) = (&mut subscribing, &result) {
+            s.taken = true;
+        }
         // Kept for the next connection (retried or not, what the server agreed to).
         if let Ok(Outcome::Result(_)) = &result
             && matches!(method, "resources/subscribe" | "resources/unsubscribe")

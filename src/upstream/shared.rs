@@ -30,11 +30,24 @@ use super::{Connection, Inbox, Recipient, Route, Server, UpstreamError, initiali
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
 use crate::orchestrator::{Sharing, StdioEndpoint};
 
+/// Most resources one session may subscribe to on a shared connection (as many as a link
+/// subscribes to anew on a new connection of its own).
+pub const MAX_MEMBER_SUBSCRIPTIONS: usize = 256;
+/// Most resources the sessions of one shared connection may subscribe to, all together.
+pub const MAX_SHARED_SUBSCRIPTIONS: usize = 4096;
+
 /// Sessions by membership number, and resource subscriptions by URI.
 #[derive(Default)]
 struct Members {
-    sessions: HashMap<u64, Inbox>,
+    sessions: HashMap<u64, Joined>,
     subscriptions: HashMap<String, HashSet<u64>>,
+}
+
+/// A session in a shared connection.
+struct Joined {
+    inbox: Inbox,
+    /// How many URIs of `Members::subscriptions` hold it.
+    subscribed: usize,
 }
 
 /// What a session's (un)subscription means for the upstream.
@@ -44,6 +57,32 @@ pub enum Subscription {
     Forward,
     /// Answer locally: the upstream's subscription is unchanged.
     Local,
+}
+
+/// Why a session may not subscribe to one more resource of a shared server.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TooManySubscriptions {
+    /// The session holds [`MAX_MEMBER_SUBSCRIPTIONS`] already.
+    #[error(
+        "this session already subscribes to {MAX_MEMBER_SUBSCRIPTIONS} resources of the server, as many as a session may"
+    )]
+    Session,
+    /// The sessions sharing the server hold [`MAX_SHARED_SUBSCRIPTIONS`] already.
+    #[error(
+        "the sessions sharing this server already subscribe to {MAX_SHARED_SUBSCRIPTIONS} resources of it, as many as they may together; retry once some unsubscribe"
+    )]
+    Shared,
+}
+
+impl TooManySubscriptions {
+    /// The JSON-RPC error code: the session's own cap is its request's fault; the shared one
+    /// is other sessions' load.
+    pub fn code(&self) -> i64 {
+        match self {
+            TooManySubscriptions::Session => code::INVALID_PARAMS,
+            TooManySubscriptions::Shared => code::TOO_BUSY,
+        }
+    }
 }
 
 /// The shared upstream session of one orchestrated stdio server.
@@ -60,34 +99,74 @@ pub struct Member {
 }
 
 impl Member {
-    /// Records a `resources/subscribe` (`on`) or `resources/unsubscribe` of `uri`.
-    pub fn subscribe(&self, uri: &str, on: bool) -> Subscription {
+    /// Records a `resources/subscribe` (`on`) or `resources/unsubscribe` of `uri`; `Err` when
+    /// a new subscription would pass a cap (the map is kept for the session's life).
+    pub fn subscribe(&self, uri: &str, on: bool) -> Result<Subscription, TooManySubscriptions> {
         let Some(a) = self.members.upgrade() else {
-            return Subscription::Local;
+            return Ok(Subscription::Local);
         };
         let mut m = lock(&a);
-        if on {
-            let subscribers = m.subscriptions.entry(uri.to_owned()).or_default();
-            let first = subscribers.is_empty();
-            subscribers.insert(self.id);
-            if first {
+        if !on {
+            return Ok(if m.leave(self.id, uri) {
                 Subscription::Forward
             } else {
                 Subscription::Local
-            }
+            });
+        }
+        let Members {
+            sessions,
+            subscriptions,
+        } = &mut *m;
+        let Some(joined) = sessions.get_mut(&self.id) else {
+            return Ok(Subscription::Local);
+        };
+        let subscribers = subscriptions.get(uri);
+        if subscribers.is_some_and(|s| s.contains(&self.id)) {
+            return Ok(Subscription::Local);
+        }
+        if joined.subscribed >= MAX_MEMBER_SUBSCRIPTIONS {
+            return Err(TooManySubscriptions::Session);
+        }
+        if subscribers.is_none() && subscriptions.len() >= MAX_SHARED_SUBSCRIPTIONS {
+            return Err(TooManySubscriptions::Shared);
+        }
+        joined.subscribed += 1;
+        let subscribers = subscriptions.entry(uri.to_owned()).or_default();
+        let first = subscribers.is_empty();
+        subscribers.insert(self.id);
+        Ok(if first {
+            Subscription::Forward
         } else {
-            let Some(subscribers) = m.subscriptions.get_mut(uri) else {
-                return Subscription::Local;
-            };
-            if !subscribers.remove(&self.id) {
-                return Subscription::Local;
-            }
-            if subscribers.is_empty() {
-                m.subscriptions.remove(uri);
-                Subscription::Forward
-            } else {
-                Subscription::Local
-            }
+            Subscription::Local
+        })
+    }
+
+    /// Forgets the session's subscription to `uri` that the upstream did not take (its
+    /// forwarded `resources/subscribe` failed), so that it holds no room in the caps.
+    pub fn subscribe_failed(&self, uri: &str) {
+        if let Some(a) = self.members.upgrade() {
+            lock(&a).leave(self.id, uri);
+        }
+    }
+}
+
+impl Members {
+    /// Takes session `id` off the subscribers of `uri`; whether it was the last one.
+    fn leave(&mut self, id: u64, uri: &str) -> bool {
+        let Some(subscribers) = self.subscriptions.get_mut(uri) else {
+            return false;
+        };
+        if !subscribers.remove(&id) {
+            return false;
+        }
+        if let Some(joined) = self.sessions.get_mut(&id) {
+            joined.subscribed -= 1;
+        }
+        if subscribers.is_empty() {
+            self.subscriptions.remove(uri);
+            true
+        } else {
+            false
         }
     }
 }
@@ -188,7 +267,13 @@ impl SharedConnection {
     /// Adds a session to the members (who hear unrelated notifications).
     pub fn join(&self, inbox: Inbox) -> Member {
         let id = self.next_member.fetch_add(1, Ordering::Relaxed);
-        lock(&self.members).sessions.insert(id, inbox);
+        lock(&self.members).sessions.insert(
+            id,
+            Joined {
+                inbox,
+                subscribed: 0,
+            },
+        );
         Member {
             members: Arc::downgrade(&self.members),
             id,
@@ -358,7 +443,7 @@ impl Recipient for AllMembers {
                         "notifications/tools/list_changed"
                         | "notifications/prompts/list_changed"
                         | "notifications/resources/list_changed" => {
-                            m.sessions.values().cloned().collect()
+                            m.sessions.values().map(|j| j.inbox.clone()).collect()
                         }
                         "notifications/resources/updated" => {
                             let uri = params.as_deref().and_then(super::uri_of);
@@ -366,7 +451,7 @@ impl Recipient for AllMembers {
                                 .map(|ids| {
                                     ids.iter()
                                         .filter_map(|id| m.sessions.get(id))
-                                        .cloned()
+                                        .map(|j| j.inbox.clone())
                                         .collect()
                                 })
                                 .unwrap_or_default()
@@ -402,9 +487,11 @@ pub(crate) struct SharedParams {
 /// send progress to that session. The token is read the way a server reads it (keys
 /// unescaped, the last of duplicate keys) and the params are re-encoded, so the server sees
 /// exactly one `_meta` holding exactly the gateway's token, whatever its parser does with
-/// duplicate keys. `None`: the params cannot carry a token (no key can spell `progressToken`,
-/// or they are not an object) and go as they are.
+/// duplicate keys; keys a lenient server could read as `_meta` or `progressToken` are
+/// dropped. `None`: the params cannot carry a token (no key can spell `progressToken`, or they
+/// are not an object) and go as they are.
 pub(crate) fn unique_progress_token(params: &[u8]) -> Option<SharedParams> {
+    use crate::mcp::lookalike::read_as;
     use serde_json::value::RawValue;
     type RawObject = std::collections::BTreeMap<String, Box<RawValue>>;
     static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -413,11 +500,16 @@ pub(crate) fn unique_progress_token(params: &[u8]) -> Option<SharedParams> {
     }
     // Raw values keep every other member byte for byte (a large integer token included).
     let mut p: RawObject = serde_json::from_slice(params).ok()?;
+    // Refused on the way in (`request_progress_token`), and dropped here all the same: a key a
+    // lenient server reads as `_meta` or `progressToken` would carry a token of the client's.
+    p.retain(|key, _| key == "_meta" || read_as(key, &["_meta"]).is_none());
     let mut tokens = None;
     if let Some(meta) = p.get("_meta")
         && let Ok(mut meta) = serde_json::from_str::<RawObject>(meta.get())
     {
-        if let Some(client) = meta.remove("progressToken") {
+        let client = meta.remove("progressToken");
+        meta.retain(|key, _| read_as(key, &["progressToken"]).is_none());
+        if let Some(client) = client {
             let token = format!("gatehouse-{}", NEXT.fetch_add(1, Ordering::Relaxed));
             let wire = serde_json::value::to_raw_value(&token).ok()?;
             tokens = Some((
@@ -541,8 +633,8 @@ mod tests {
             members: shared.members.clone(),
             conn: Mutex::new(Weak::new()),
         };
-        assert_eq!(ma.subscribe("file:///a", true), Subscription::Forward);
-        assert_eq!(ma.subscribe("file:///a", true), Subscription::Local);
+        assert_eq!(ma.subscribe("file:///a", true), Ok(Subscription::Forward));
+        assert_eq!(ma.subscribe("file:///a", true), Ok(Subscription::Local));
         for (method, params) in [
             (
                 "notifications/message",
@@ -581,12 +673,106 @@ mod tests {
             )]
         );
         // The last subscriber leaving unsubscribes upstream; a member leaving drops the rest.
-        assert_eq!(ma.subscribe("file:///a", false), Subscription::Forward);
-        assert_eq!(ma.subscribe("file:///a", false), Subscription::Local);
-        assert_eq!(ma.subscribe("file:///c", true), Subscription::Forward);
+        assert_eq!(ma.subscribe("file:///a", false), Ok(Subscription::Forward));
+        assert_eq!(ma.subscribe("file:///a", false), Ok(Subscription::Local));
+        assert_eq!(ma.subscribe("file:///c", true), Ok(Subscription::Forward));
         drop(ma);
         assert!(lock(&shared.members).subscriptions.is_empty());
         assert_eq!(shared.members(), 1);
+    }
+
+    fn member(shared: &SharedConnection) -> Member {
+        shared.join(Inbox {
+            recipient: Arc::new(Recorder::default()),
+            index: 0,
+        })
+    }
+
+    /// One session cannot grow the map kept for the shared server without bound, nor all of
+    /// them together; a refusal changes nothing.
+    #[test]
+    fn subscriptions_are_capped_per_session_and_per_shared_connection() {
+        let shared = SharedConnection::default();
+        let a = member(&shared);
+        let uri = |who: usize, n: usize| format!("file:///{who}/{n}");
+        for n in 0..MAX_MEMBER_SUBSCRIPTIONS {
+            assert_eq!(a.subscribe(&uri(0, n), true), Ok(Subscription::Forward));
+        }
+        assert_eq!(
+            a.subscribe(&uri(0, MAX_MEMBER_SUBSCRIPTIONS), true),
+            Err(TooManySubscriptions::Session)
+        );
+        // Subscribing again to what it holds is no new subscription.
+        assert_eq!(a.subscribe(&uri(0, 0), true), Ok(Subscription::Local));
+        // Another session is not held back by this one's cap, and shares its URIs.
+        let b = member(&shared);
+        assert_eq!(b.subscribe(&uri(0, 0), true), Ok(Subscription::Local));
+        assert_eq!(a.subscribe(&uri(0, 0), false), Ok(Subscription::Local));
+        assert_eq!(
+            a.subscribe(&uri(0, MAX_MEMBER_SUBSCRIPTIONS), true),
+            Ok(Subscription::Forward)
+        );
+        drop(b);
+        assert_eq!(
+            lock(&shared.members).subscriptions.len(),
+            MAX_MEMBER_SUBSCRIPTIONS
+        );
+
+        // Sessions together: fill the connection to its cap.
+        let mut others = Vec::new();
+        let mut held = MAX_MEMBER_SUBSCRIPTIONS;
+        for who in 1.. {
+            let m = member(&shared);
+            for n in 0..MAX_MEMBER_SUBSCRIPTIONS.min(MAX_SHARED_SUBSCRIPTIONS - held) {
+                assert_eq!(m.subscribe(&uri(who, n), true), Ok(Subscription::Forward));
+                held += 1;
+            }
+            others.push(m);
+            if held == MAX_SHARED_SUBSCRIPTIONS {
+                break;
+            }
+        }
+        let late = member(&shared);
+        let refused = late.subscribe("file:///new", true).unwrap_err();
+        assert_eq!(refused, TooManySubscriptions::Shared);
+        assert_eq!(refused.code(), code::TOO_BUSY);
+        assert!(refused.to_string().contains("4096"), "{refused}");
+        // A URI someone holds costs the connection nothing more.
+        assert_eq!(late.subscribe(&uri(1, 0), true), Ok(Subscription::Local));
+        assert_eq!(
+            lock(&shared.members).subscriptions.len(),
+            MAX_SHARED_SUBSCRIPTIONS
+        );
+        // A session leaving gives its room back.
+        drop(others.pop());
+        assert_eq!(
+            late.subscribe("file:///new", true),
+            Ok(Subscription::Forward)
+        );
+        assert_eq!(TooManySubscriptions::Session.code(), code::INVALID_PARAMS);
+        assert!(TooManySubscriptions::Session.to_string().contains("256"));
+    }
+
+    /// A subscription the upstream refused holds no room, and the next subscriber asks the
+    /// upstream again.
+    #[test]
+    fn a_failed_subscribe_is_forgotten() {
+        let shared = SharedConnection::default();
+        let a = member(&shared);
+        for n in 0..MAX_MEMBER_SUBSCRIPTIONS + 10 {
+            let uri = format!("file:///refused/{n}");
+            assert_eq!(a.subscribe(&uri, true), Ok(Subscription::Forward));
+            a.subscribe_failed(&uri);
+        }
+        assert!(lock(&shared.members).subscriptions.is_empty());
+        let b = member(&shared);
+        assert_eq!(b.subscribe("file:///x", true), Ok(Subscription::Forward));
+        b.subscribe_failed("file:///x");
+        assert_eq!(a.subscribe("file:///x", true), Ok(Subscription::Forward));
+        // Another session's subscription to the URI stays.
+        assert_eq!(b.subscribe("file:///x", true), Ok(Subscription::Local));
+        a.subscribe_failed("file:///x");
+        assert_eq!(b.subscribe("file:///x", false), Ok(Subscription::Forward));
     }
 
     #[test]
@@ -626,6 +812,15 @@ mod tests {
             r#"{"_meta":{},"_meta":{"progressToken":"gatehouse-999999"}}"#,
             // An escaped key.
             r#"{"_meta":{"\u0070rogressToken":"gatehouse-999999"}}"#,
+            // Keys a lenient decoder reads as `progressToken` (Go's is case-insensitive).
+            r#"{"_meta":{"ProgressToken":"gatehouse-999999"}}"#,
+            r#"{"_meta":{"progressToken":1,"PROGRESSTOKEN":"gatehouse-999999"}}"#,
+            "{\"_meta\":{\"progre\u{17F}sToken\":\"gatehouse-999999\"}}",
+            "{\"_meta\":{\"progressTo\u{212A}en\":\"gatehouse-999999\"}}",
+            r#"{"_meta":{"progressToken\u0000":"gatehouse-999999"}}"#,
+            r#"{"_meta":{"Progress\u0054oken":"gatehouse-999999"}}"#,
+            r#"{"_META":{"progressToken":"gatehouse-999999"}}"#,
+            r#"{"_meta":{"progressToken":1},"_Meta":{"progressToken":"gatehouse-999999"}}"#,
         ] {
             let r = unique_progress_token(params.as_bytes()).expect(params);
             let sent = String::from_utf8(r.params.clone()).unwrap();
