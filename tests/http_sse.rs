@@ -277,6 +277,10 @@ async fn requests_waiting_on_an_unread_stream_are_bounded() {
 /// What a hostile 2024-11-05 server has seen: every POST (path and query, body).
 type Posts = std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>;
 
+/// The `Authorization` value [`old_server`] refuses (401), as a server refuses a caller's
+/// credentials.
+const REFUSED: &str = "Bearer user-bob";
+
 /// A scripted 2024-11-05 HTTP+SSE server: `GET /sse` opens its stream, whose first events are
 /// `first` (raw SSE text: the `endpoint` event, or whatever the script wants); each POST is
 /// recorded and answered 202, and the SSE events `reply(message)` makes of it are written to
@@ -312,6 +316,18 @@ async fn old_server(
                                 Bytes,
                                 std::convert::Infallible,
                             >;
+                            if req.method() == http::Method::GET
+                                && req
+                                    .headers()
+                                    .get("authorization")
+                                    .is_some_and(|v| v == REFUSED)
+                            {
+                                let resp = http::Response::builder()
+                                    .status(401)
+                                    .body(Body::new(Full::new(Bytes::new())))
+                                    .unwrap();
+                                return Ok::<_, std::convert::Infallible>(resp);
+                            }
                             if req.method() == http::Method::GET {
                                 let (tx, rx) = futures::channel::mpsc::unbounded::<String>();
                                 tx.unbounded_send(first(base)).unwrap();
@@ -768,4 +784,44 @@ async fn a_server_request_with_an_id_over_1_kib_is_refused() {
     );
     assert_eq!(c.tool_text(3, "ex__echo", json!({"text":"hi"})).await, "hi");
     gw.stop().await;
+}
+
+/// A 2024-11-05 server that refuses a caller's own credentials (a template per principal)
+/// fails that caller's requests with -32042, saying so; the server is up for everyone else.
+#[tokio::test]
+async fn a_2024_server_refusing_a_callers_credentials_fails_that_caller_alone() {
+    let (url, _posts) = old_server(
+        |base| format!("event: endpoint\ndata: {base}/messages?sessionId=1\n\n"),
+        plain_answers,
+    )
+    .await;
+    let gw = TestGateway::start(
+        "auth: {tokens: [{principal: alice, token: alice-token-0123456789}, {principal: bob, token: bob-token-0123456789ab}]}",
+        &[format!(
+            "  - name: old\n    sse: {{url: '{url}/sse'}}\n    credentials: {{template: 'Bearer user-{{principal}}'}}\n    connect_timeout: 2s\n    call_timeout: 3s\n"
+        )],
+    )
+    .await;
+    let mut bob = with_token(&gw, "bob-token-0123456789ab");
+    bob.initialize(json!({})).await;
+    let r = bob
+        .call(1, "tools/call", json!({"name": "t", "arguments": {}}))
+        .await;
+    assert_eq!(r["error"]["code"], -32042, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'old': the server refused the caller's credentials (HTTP 401"),
+        "{r}"
+    );
+    let metrics = gw.gateway().metrics.render();
+    assert!(
+        !metrics.contains("gatehouse_upstream_up{server=\"old\"} 0")
+            && metrics.contains("gatehouse_upstream_credentials_refused_total{server=\"old\"}"),
+        "{metrics}"
+    );
+    let mut alice = with_token(&gw, "alice-token-0123456789");
+    alice.initialize(json!({})).await;
+    assert_eq!(alice.tool_text(2, "t", json!({})).await, "ok");
 }

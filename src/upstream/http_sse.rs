@@ -48,6 +48,18 @@ pub(crate) async fn connect(
         let body = read_limited(resp.into_body(), 512)
             .await
             .unwrap_or_default();
+        // Credentials of the caller's own that the server refuses are the caller's failure:
+        // the server is up for everyone else.
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+            && server.config.credentials.is_some()
+        {
+            tracing::debug!(server = %server.name, "the server refused the caller's credentials: HTTP {status}: {}", super::error::server_text(&body));
+            server.metrics.credentials_refused(server.label);
+            return Err(UpstreamError::NoCredentials {
+                server: server.name.clone(),
+                reason: format!("the server refused the caller's credentials (HTTP {status})"),
+            });
+        }
         return Err(server.unavailable_saying(
             format!("GET {url}: {}", super::http::refusal(status)),
             &body,
