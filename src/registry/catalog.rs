@@ -419,10 +419,17 @@ fn latest_shown(versions: &[Version], shown: impl Fn(&Version) -> bool) -> Optio
 fn changed(before: &State, next: &State) -> Vec<Version> {
     next.iter()
         .flat_map(|(name, versions)| {
-            let old = before.get(name);
+            // Each version is compared with the one of its number alone: a name with thousands
+            // of versions costs a look-up each, not a comparison with every other.
+            let old: BTreeMap<&str, &Version> = before
+                .get(name)
+                .into_iter()
+                .flatten()
+                .map(|o| (o.version(), o))
+                .collect();
             versions
                 .iter()
-                .filter(move |v| !old.is_some_and(|old| old.iter().any(|o| o == *v)))
+                .filter(move |v| old.get(v.version()).is_none_or(|o| *o != *v))
         })
         .cloned()
         .collect()

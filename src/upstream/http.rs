@@ -285,6 +285,26 @@ impl Connection {
         accept: &'static str,
         extra: Vec<(http::HeaderName, HeaderValue)>,
     ) -> Result<Sending, UpstreamError> {
+        if self.server.config.credentials.is_none() {
+            // Nothing to exchange, and a refusal says nothing of the caller: the plain send
+            // (most servers, every call), without the credentials' state in its future.
+            let mut req = self.request(method, body, accept);
+            req.headers_mut().extend(extra);
+            let in_session = req.headers().contains_key(MCP_SESSION_ID);
+            let resp = self.send_request(req).await?;
+            return Ok(Sending { resp, in_session });
+        }
+        Box::pin(self.send_with_credentials(method, body, accept, extra)).await
+    }
+
+    /// [`send_authorized`](Self::send_authorized) to a server with credentials of its callers'.
+    async fn send_with_credentials(
+        &self,
+        method: Method,
+        body: Bytes,
+        accept: &'static str,
+        extra: Vec<(http::HeaderName, HeaderValue)>,
+    ) -> Result<Sending, UpstreamError> {
         // Kept for a second try only where one can happen.
         let again = self
             .credential
@@ -309,9 +329,7 @@ impl Connection {
             resp = self.send_request(req).await?;
         }
         let status = resp.status();
-        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
-            && self.server.config.credentials.is_some()
-        {
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
             let said = read_limited(resp.into_body(), 512)
                 .await
                 .unwrap_or_default();
