@@ -44,6 +44,11 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(60);
 /// authorization server one exchange per caller per this, not one per call.
 pub const REFUSED_PACE: Duration = Duration::from_secs(10);
 
+/// A failed exchange is answered again, without asking, for this long: a caller whose token the
+/// authorization server refuses (or an authorization server that is down) costs it one
+/// exchange per caller token per this, not one per call.
+pub const FAILED_PACE: Duration = Duration::from_secs(2);
+
 /// The SHA-256 of a caller's token: what the cache and the exchanges in flight are keyed by
 /// (the token itself is not kept).
 type Key = [u8; 32];
@@ -67,6 +72,8 @@ pub struct TokenExchange {
     client: Client,
     cache: DashMap<Key, Cached>,
     in_flight: DashMap<Key, InFlight>,
+    /// Exchanges that failed lately: why, and until when that is the answer.
+    failed: DashMap<Key, (String, Instant)>,
 }
 
 /// What the authorization server answers (RFC 8693 §2.2.1).
@@ -119,6 +126,7 @@ impl TokenExchange {
             client,
             cache: DashMap::new(),
             in_flight: DashMap::new(),
+            failed: DashMap::new(),
         }
     }
 
@@ -139,6 +147,11 @@ impl TokenExchange {
         {
             return Ok(hit.value.clone());
         }
+        if let Some(failed) = self.failed.get(&key)
+            && failed.1 > Instant::now()
+        {
+            return Err(failed.0.clone());
+        }
         let cell = self.in_flight.entry(key).or_default().clone();
         let waiting = Waiting {
             in_flight: &self.in_flight,
@@ -154,7 +167,16 @@ impl TokenExchange {
 
     /// Exchanges `token` and keeps the result for reuse, for at most `left`.
     async fn fetch(&self, key: Key, token: &str, left: Duration) -> Result<HeaderValue, String> {
-        let (value, lifetime) = self.exchange(token).await?;
+        let (value, lifetime) = match self.exchange(token).await {
+            Ok(issued) => {
+                self.failed.remove(&key);
+                issued
+            }
+            Err(why) => {
+                self.remember_failure(key, &why);
+                return Err(why);
+            }
+        };
         let lifetime = lifetime.min(left).min(MAX_LIFETIME);
         let Some(until) = Instant::now()
             .checked_add(lifetime)
@@ -187,6 +209,22 @@ impl TokenExchange {
             },
         );
         Ok(value)
+    }
+
+    /// Keeps `why` as the answer for `key` for [`FAILED_PACE`] (in a map as bounded as the
+    /// cache: when it is full of fresh failures, this one is not kept).
+    fn remember_failure(&self, key: Key, why: &str) {
+        let Some(until) = Instant::now().checked_add(FAILED_PACE) else {
+            return;
+        };
+        if self.failed.len() >= MAX_CACHED && !self.failed.contains_key(&key) {
+            let now = Instant::now();
+            self.failed.retain(|_, (_, until)| *until > now);
+            if self.failed.len() >= MAX_CACHED {
+                return;
+            }
+        }
+        self.failed.insert(key, (why.to_owned(), until));
     }
 
     /// The upstream refused `sent`, exchanged for `subject`: whether to try once more (with
@@ -504,6 +542,47 @@ mod tests {
             token: token.into(),
             expires_at: unix_now() + 600,
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_exchange_is_the_answer_for_a_while_for_that_token_alone() {
+        // An authorization server that refuses every subject, counting what it is asked.
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let mut resp = http::Response::new(Full::new(Bytes::from_static(
+                            br#"{"error":"invalid_grant"}"#,
+                        )));
+                        *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+                        async move { Ok::<_, std::convert::Infallible>(resp) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        let x = exchanger(&url);
+        let alice = subject("alice-token");
+        let first = x.bearer(&alice).await.unwrap_err();
+        assert!(first.contains("invalid_grant"), "{first}");
+        assert_eq!(x.bearer(&alice).await.unwrap_err(), first);
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Another caller's token is asked about on its own.
+        assert!(x.bearer(&subject("bob-token")).await.is_err());
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // Past the pace, asked again.
+        x.failed.get_mut(&key_of(&alice)).unwrap().1 = Instant::now();
+        assert!(x.bearer(&alice).await.is_err());
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     #[test]
