@@ -751,3 +751,41 @@ async fn a_level_set_for_every_server_passes_the_chains() {
         .await;
     assert_eq!(r["result"], json!({}), "{r}");
 }
+
+/// A chain that selects tools by name runs on every spelling a lenient server may look the
+/// name up as (case, surrounding spaces, a NUL and what follows): none walks around it.
+#[tokio::test]
+async fn a_tools_chain_cannot_be_walked_around_by_spelling_the_name_otherwise() {
+    let cfg = format!(
+        r#"plugins:
+  modules:
+    - name: policy
+      path: {:?}
+      config:
+        rules: []
+        default: block
+        default_reason: "echo is not for you"
+  chains:
+    - {{ name: echoes, methods: ["tools/call"], tools: ["ech*"], plugins: [policy] }}"#,
+        wasm("tool_policy")
+    );
+    let (_gw, c) = gateway(&cfg).await;
+    for (id, name) in [
+        (1, "a__echo"),
+        (2, "a__ECHO"),
+        (3, "a__Echo "),
+        (4, "a__echo\u{0}x"),
+    ] {
+        let r = c
+            .call(
+                id,
+                "tools/call",
+                json!({"name": name, "arguments": {"text": "hi"}}),
+            )
+            .await;
+        assert_denied(&r, -32030, "policy", "echo is not for you");
+    }
+    // Other tools are not selected.
+    let r = call_add(&c, 5, "a").await;
+    assert!(r["result"].is_object(), "add is not denied: {r}");
+}

@@ -61,7 +61,7 @@ impl Glob {
         }
     }
 
-    /// Whether a tool or prompt name matches, as sent or folded (see [`folded_name`]).
+    /// Whether a tool or prompt name matches, as sent or folded (see [`folded_name`](crate::mcp::lookalike::folded_name)).
     fn matches_name(&self, name: &str, folded: &str) -> bool {
         self.written.matches(name) || self.folded.matches(folded)
     }
@@ -137,7 +137,7 @@ impl Rules {
 /// What a request is about, read the way the router reads it.
 enum Target {
     /// The tool or prompt name as clients see it, and folded as a lenient server may look
-    /// it up ([`folded_name`]).
+    /// it up ([`folded_name`](crate::mcp::lookalike::folded_name)).
     Read { name: String, folded: String },
     /// A resource URI: as sent, and as a server that resolves it would read it (when that
     /// differs).
@@ -151,7 +151,7 @@ impl Target {
     /// rules add what a request needs, so a name spelled to miss a rule's glob (`Echo`,
     /// `echo\0`, `echo `) must not miss it where its server finds the tool the rule guards.
     fn name(name: String) -> Target {
-        let folded = folded_name(&name);
+        let folded = crate::mcp::lookalike::folded_name(&name);
         Target::Read { name, folded }
     }
 
@@ -167,13 +167,6 @@ impl Target {
         }
         Target::Uri(forms)
     }
-}
-
-/// `name` as a server that looks names up leniently may read it: cut at a NUL (a C string
-/// ends there), trimmed of whitespace, in lower case.
-fn folded_name(name: &str) -> String {
-    let cut = name.split('\0').next().unwrap_or_default();
-    cut.trim().to_lowercase()
 }
 
 /// `uri` as a server that resolves URIs may read it: percent-escapes decoded (every one: a
@@ -548,7 +541,7 @@ mod tests {
             rules.needed("completion/complete", Some(complete)),
             ["guarded"]
         );
-        assert_eq!(folded_name(" Echo\0 rest"), "echo");
+        assert_eq!(crate::mcp::lookalike::folded_name(" Echo\0 rest"), "echo");
         // URIs are not folded as names: their case is the resolved form's business.
         let uri_rules = Rules::new(&[ScopeRule {
             methods: vec!["resources/read".into()],

@@ -27,6 +27,14 @@ pub(crate) fn read_as<'o>(key: &str, owned: &[&'o str]) -> Option<&'o str> {
     })
 }
 
+/// A tool or prompt name as a lenient server may look it up: cut at a NUL, trimmed, in lower
+/// case. What selects names for a check (a scope rule, a plugin chain) matches this too, so
+/// that `FS_read`, `fs_read ` or `fs_read\0` is checked as `fs_read` is.
+pub(crate) fn folded_name(name: &str) -> String {
+    let cut = name.split('\0').next().unwrap_or_default();
+    cut.trim().to_lowercase()
+}
+
 /// A client's key as an error message shows it: cut to 64 characters, so that the answer stays
 /// small whatever the key.
 pub(crate) fn shown(key: &str) -> &str {

@@ -14,10 +14,6 @@ impl Selector {
         Selector(patterns.iter().map(|p| WildMatch::new(p)).collect())
     }
 
-    pub(crate) fn is_any(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// Whether `value` matches (an empty selector matches even `None`).
     pub(crate) fn matches(&self, value: Option<&str>) -> bool {
         if self.0.is_empty() {
@@ -27,12 +23,48 @@ impl Selector {
     }
 }
 
+/// The `tools` globs: a name matches as sent, or as a lenient server may look it up
+/// ([`folded_name`](crate::mcp::lookalike::folded_name)) against the glob in lower case, so that
+/// `FS_read` or `fs_read ` cannot walk around a chain that selects `fs_*`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NameSelector(Vec<(WildMatch, WildMatch)>);
+
+impl NameSelector {
+    pub(crate) fn new(patterns: &[String]) -> Self {
+        NameSelector(
+            patterns
+                .iter()
+                .map(|p| (WildMatch::new(p), WildMatch::new(&p.to_lowercase())))
+                .collect(),
+        )
+    }
+
+    pub(crate) fn is_any(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `value` matches (an empty selector matches even `None`).
+    pub(crate) fn matches(&self, value: Option<&str>) -> bool {
+        if self.0.is_empty() {
+            return true;
+        }
+        let Some(v) = value else {
+            return false;
+        };
+        if self.0.iter().any(|(written, _)| written.matches(v)) {
+            return true;
+        }
+        let folded = crate::mcp::lookalike::folded_name(v);
+        self.0.iter().any(|(_, lower)| lower.matches(&folded))
+    }
+}
+
 /// A resolved chain: selectors and plugin indices into the set.
 #[derive(Debug, Clone)]
 pub(crate) struct Chain {
     pub(crate) methods: Selector,
     pub(crate) servers: Selector,
-    pub(crate) tools: Selector,
+    pub(crate) tools: NameSelector,
     pub(crate) profiles: Selector,
     pub(crate) plugins: Vec<usize>,
 }
@@ -42,7 +74,7 @@ impl Chain {
         Chain {
             methods: Selector::new(&cfg.methods),
             servers: Selector::new(&cfg.servers),
-            tools: Selector::new(&cfg.tools),
+            tools: NameSelector::new(&cfg.tools),
             profiles: Selector::new(&cfg.profiles),
             plugins: cfg.plugins.iter().map(|n| index_of(n)).collect(),
         }
@@ -65,6 +97,27 @@ impl Chain {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chain_selecting_tools_runs_on_every_spelling_a_server_may_read_as_them() {
+        let tools = NameSelector::new(&["fs_*".to_owned(), "Exact".to_owned()]);
+        for name in [
+            "fs_read",
+            "FS_read",
+            "fs_read ",
+            " Fs_Read",
+            "fs_read\0anything",
+            "Exact",
+            "exact",
+        ] {
+            assert!(tools.matches(Some(name)), "{name:?}");
+        }
+        for name in ["f_read", "xfs_read", "inexact", ""] {
+            assert!(!tools.matches(Some(name)), "{name:?}");
+        }
+        assert!(!tools.matches(None));
+        assert!(NameSelector::new(&[]).matches(None));
+    }
 
     fn glob(pattern: &str, text: &str) -> bool {
         Selector::new(&[pattern.to_owned()]).matches(Some(text))
