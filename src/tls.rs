@@ -195,6 +195,30 @@ fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
+/// The CRLs of one `crl_files` entry: PEM (`X509 CRL` blocks), or one DER list (what CAs
+/// publish at their distribution points). A file with none is refused, not read as "nothing
+/// revoked": with no CRLs rustls checks no revocation at all, and a file caught half-written
+/// by a reload must keep the last good configuration rather than let revoked certificates in.
+fn revocation_lists(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let pem = CertificateRevocationListDer::pem_slice_iter(bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(path, e))?;
+    if !pem.is_empty() {
+        return Ok(pem);
+    }
+    // DER: an ASN.1 SEQUENCE (its content is checked when the verifier is built).
+    if bytes.first() == Some(&0x30) {
+        return Ok(vec![CertificateRevocationListDer::from(bytes.to_vec())]);
+    }
+    Err(file_err(
+        path,
+        "no certificate revocation list in it (PEM \"X509 CRL\" blocks or one DER list)",
+    ))
+}
+
 /// The server configuration from the files, and their digest.
 fn build(s: &Settings) -> Result<(rustls::ServerConfig, [u8; 32]), TlsError> {
     let files = Files::read(s)?;
@@ -213,10 +237,8 @@ fn build(s: &Settings) -> Result<(rustls::ServerConfig, [u8; 32]), TlsError> {
                 roots.add(ca).map_err(|e| file_err(&c.ca_file, e))?;
             }
             let mut crls = Vec::new();
-            for (path, pem) in c.crl_files.iter().zip(&files.crls) {
-                for crl in CertificateRevocationListDer::pem_slice_iter(pem) {
-                    crls.push(crl.map_err(|e| file_err(path, e))?);
-                }
+            for (path, bytes) in c.crl_files.iter().zip(&files.crls) {
+                crls.extend(revocation_lists(path, bytes)?);
             }
             let verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())

@@ -82,8 +82,18 @@ impl Pki {
         uri: &str,
         dns: &[&str],
     ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        Pki::client_cert_numbered(by, uri, dns, None)
+    }
+
+    fn client_cert_numbered(
+        by: &CertifiedIssuer<'static, KeyPair>,
+        uri: &str,
+        dns: &[&str],
+        serial: Option<u64>,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.serial_number = serial.map(rcgen::SerialNumber::from);
         p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
         for d in dns {
             p.subject_alt_names
@@ -127,7 +137,17 @@ fn write_replacing(path: &Path, text: &str) {
 }
 
 async fn gateway(pki: &Pki) -> TestGateway {
-    let top = format!(
+    gateway_revoking(pki, None).await
+}
+
+/// [`gateway`], with `crl_file` as the client CA's revocation list when given.
+async fn gateway_revoking(pki: &Pki, crl_file: Option<&Path>) -> TestGateway {
+    TestGateway::start(&tls_top(pki, crl_file), &[example("a", &[], "")]).await
+}
+
+fn tls_top(pki: &Pki, crl_file: Option<&Path>) -> String {
+    let crls = crl_file.map_or(String::new(), |f| format!("\n    crl_files: [{f:?}]"));
+    format!(
         "auth: {{tokens: [{{principal: app, token: {APP}}}]}}
 tls:
   cert_file: {cert:?}
@@ -135,7 +155,7 @@ tls:
   reload_interval: 100ms
   client_auth:
     ca_file: {ca:?}
-    principals: [{{uri: \"spiffe://test/agent\", principal: agent}}, {{dns: agent.test, principal: other-agent}}]
+    principals: [{{uri: \"spiffe://test/agent\", principal: agent}}, {{dns: agent.test, principal: other-agent}}]{crls}
 mcp:
   root_access: {{principals: [app, agent]}}
 profiles:
@@ -143,8 +163,7 @@ profiles:
         cert = pki.path("cert.pem"),
         key = pki.path("key.pem"),
         ca = pki.path("client-ca.pem"),
-    );
-    TestGateway::start(&top, &[example("a", &[], "")]).await
+    )
 }
 
 type Https = HyperClient<
@@ -648,6 +667,103 @@ profiles:
     assert!(c.contains("client-certificate principal"), "{c}");
     let (status, _, _) = initialize(&agent, &gw, "/mcp/agents", None).await.unwrap();
     assert_eq!(status, 200);
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}
+
+/// Whether a client with the agent's certificate numbered `serial` initializes on the agents'
+/// profile. A new client (a new handshake) each time: a pooled connection is not checked again.
+async fn admitted(pki: &Pki, serial: u64, gw: &TestGateway) -> bool {
+    let c = https(pki.client(Some(Pki::client_cert_numbered(
+        &pki.client_ca,
+        "spiffe://test/agent",
+        &[],
+        Some(serial),
+    ))));
+    initialize(&c, gw, "/mcp/agents", None)
+        .await
+        .is_ok_and(|(status, _, _)| status == 200)
+}
+
+/// The client CA's revocation list, revoking the certificates numbered `serials`.
+fn revocation_list(pki: &Pki, serials: &[u64]) -> rcgen::CertificateRevocationList {
+    rcgen::CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2025, 1, 1),
+        next_update: rcgen::date_time_ymd(2035, 1, 1),
+        crl_number: rcgen::SerialNumber::from(serials.len() as u64 + 1),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .iter()
+            .map(|n| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from(*n),
+                revocation_time: rcgen::date_time_ymd(2025, 6, 1),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&pki.client_ca)
+    .unwrap()
+}
+
+/// A revoked client certificate is refused, whether its CA publishes PEM or DER lists; a
+/// revocation file with no list in it stops the start (naming it) rather than turning
+/// revocation off, and one caught empty by a reload keeps the last good list.
+#[tokio::test]
+async fn revoked_client_certificates_are_refused_and_an_empty_list_never_lets_them_in() {
+    let pki = Pki::new("crl");
+    let crl = revocation_list(&pki, &[77]);
+    for (name, bytes) in [
+        ("crl.pem", crl.pem().unwrap().into_bytes()),
+        ("crl.der", crl.der().to_vec()),
+    ] {
+        std::fs::write(pki.path(name), &bytes).unwrap();
+        let gw = gateway_revoking(&pki, Some(&pki.path(name))).await;
+        assert!(!admitted(&pki, 77, &gw).await, "{name}: revoked");
+        assert!(admitted(&pki, 78, &gw).await, "{name}: not revoked");
+        gw.stop().await;
+    }
+
+    // A file with no list (empty, or another PEM block) stops the start, naming the file.
+    for (name, text) in [
+        ("empty.crl", String::new()),
+        ("cert.crl", pki.client_ca.pem()),
+    ] {
+        std::fs::write(pki.path(name), text).unwrap();
+        let yaml = format!(
+            "listen: 127.0.0.1:0\n{}\nupstreams: [{{name: a, stdio: {{command: \"true\"}}}}]\n",
+            tls_top(&pki, Some(&pki.path(name)))
+        );
+        let e = gatehouse::start(gatehouse::Config::from_yaml(&yaml).unwrap())
+            .await
+            .err()
+            .expect("a revocation file without a list is refused");
+        assert!(
+            e.to_string().contains(name)
+                && e.to_string().contains("no certificate revocation list"),
+            "{e}"
+        );
+    }
+
+    // Running: the list caught empty by a reload keeps the last good one; a new list is taken up.
+    let path = pki.path("live.crl");
+    std::fs::write(&path, crl.pem().unwrap()).unwrap();
+    let gw = gateway_revoking(&pki, Some(&path)).await;
+    assert!(!admitted(&pki, 77, &gw).await);
+    write_replacing(&path, "");
+    // Several reloads (every 100 ms) find it empty: the revoked certificate stays refused.
+    for _ in 0..5 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!admitted(&pki, 77, &gw).await, "an empty list let it in");
+    }
+    write_replacing(&path, &revocation_list(&pki, &[78]).pem().unwrap());
+    support::eventually("the new list is taken up", || {
+        let seen = admitted(&pki, 78, &gw);
+        async move { !seen.await }
+    })
+    .await;
+    assert!(admitted(&pki, 77, &gw).await, "77 is no longer listed");
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
