@@ -65,7 +65,7 @@ impl HostState {
             .build();
         HostState {
             wasi,
-            table: ResourceTable::new(),
+            table: resource_table(),
             limits: Limits::new(memory_limit),
             holder,
             store,
@@ -130,17 +130,35 @@ impl WasiView for HostState {
 /// limit exceeded" rather than as a bare trap.
 pub(crate) struct Limits {
     memory_limit: usize,
+    /// The bytes of every linear memory of the instance: the limit is the instance's, not each
+    /// memory's (a component may hold several).
+    memory: usize,
+    /// The elements of every table of the instance.
+    table_elements: usize,
     /// The size a refused `memory.grow` asked for, in this call.
     pub(crate) denied_memory: Option<usize>,
 }
 
-/// Most table elements a plugin may have (function references).
+/// Most table elements a plugin may have (function references), every table together.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// A plugin's table of host resources, bounded by [`MAX_RESOURCES`].
+fn resource_table() -> ResourceTable {
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(MAX_RESOURCES);
+    table
+}
+
+/// Most host resources a plugin may hold at once (WASI streams and pollables, the gateway's
+/// own handles): a plugin that leaks them each call fails instead of growing the host.
+pub(crate) const MAX_RESOURCES: usize = 10_000;
 
 impl Limits {
     fn new(memory_limit: usize) -> Self {
         Limits {
             memory_limit,
+            memory: 0,
+            table_elements: 0,
             denied_memory: None,
         }
     }
@@ -149,24 +167,32 @@ impl Limits {
 impl wasmtime::ResourceLimiter for Limits {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_limit {
-            self.denied_memory = Some(desired);
+        let total = (self.memory - current.min(self.memory)).saturating_add(desired);
+        if total > self.memory_limit {
+            self.denied_memory = Some(total);
             return Ok(false);
         }
+        self.memory = total;
         Ok(true)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
+        let total =
+            (self.table_elements - current.min(self.table_elements)).saturating_add(desired);
+        if total > MAX_TABLE_ELEMENTS {
+            return Ok(false);
+        }
+        self.table_elements = total;
+        Ok(true)
     }
 
     fn instances(&self) -> usize {
@@ -980,6 +1006,33 @@ impl sync_poll::HostPollable for SyncIoView<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wasmtime::ResourceLimiter;
+
+    #[test]
+    fn the_memory_limit_is_the_instances_whatever_its_memories() {
+        const MIB: usize = 1 << 20;
+        let mut l = Limits::new(64 * MIB);
+        // Two memories of 30 MiB fit; a third does not, nor one of them grown past the rest.
+        assert!(l.memory_growing(0, 30 * MIB, None).unwrap());
+        assert!(l.memory_growing(0, 30 * MIB, None).unwrap());
+        assert!(!l.memory_growing(0, 30 * MIB, None).unwrap());
+        assert_eq!(l.denied_memory, Some(90 * MIB));
+        assert!(!l.memory_growing(30 * MIB, 40 * MIB, None).unwrap());
+        assert!(l.memory_growing(30 * MIB, 34 * MIB, None).unwrap());
+        // Tables likewise, every table together.
+        assert!(l.table_growing(0, MAX_TABLE_ELEMENTS / 2, None).unwrap());
+        assert!(l.table_growing(0, MAX_TABLE_ELEMENTS / 2, None).unwrap());
+        assert!(!l.table_growing(0, 1, None).unwrap());
+    }
+
+    #[test]
+    fn a_plugin_holds_a_bounded_number_of_host_resources() {
+        let mut table = resource_table();
+        for _ in 0..MAX_RESOURCES {
+            table.push(()).unwrap();
+        }
+        assert!(table.push(()).is_err(), "the table is full");
+    }
 
     /// What a JSON string of `s` takes, between its quotes.
     fn json_len(s: &str) -> usize {
