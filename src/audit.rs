@@ -613,6 +613,10 @@ impl Writer {
                 None => None,
             };
         let public = key.as_ref().map(|k| k.public_key().as_ref().to_vec());
+        let torn = match &s.file {
+            Some(path) => cut_torn_tail(path)?,
+            None => None,
+        };
         let (seq, prev, unsigned_tail) = match &s.file {
             Some(path) => last_link(path, public.as_deref())?,
             None => (0, GENESIS.to_owned(), 0),
@@ -654,10 +658,14 @@ impl Writer {
         .map(|mut w| {
             // Records after the file's last checkpoint were not signed (a crash, or someone
             // else's hand): the chain goes on, and says so before it signs anything again.
-            if unsigned_tail > 0 {
+            if unsigned_tail > 0 || torn.is_some() {
                 let mut m = Map::new();
                 m.insert("kind".into(), "restart".into());
                 m.insert("unsigned_before".into(), unsigned_tail.into());
+                if let Some((bytes, aside)) = &torn {
+                    m.insert("torn_tail_bytes".into(), (*bytes).into());
+                    m.insert("torn_tail_file".into(), aside.display().to_string().into());
+                }
                 w.write(m);
                 w.since_checkpoint += 1;
             }
@@ -980,6 +988,42 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// sequence number and line hash, and how many records follow its last checkpoint. A file
 /// that does not verify (with `public_key`, when the trail signs) is refused: the gateway will
 /// not sign over a chain it cannot vouch for.
+/// A last line the writer did not finish (the disk filled, the process was killed mid-write):
+/// moved aside to `<file>.torn-<seconds>` and cut from the file, so that the trail goes on from
+/// the last whole line; the `restart` record says how many bytes went and where. Anything else
+/// that does not verify still stops the start.
+fn cut_torn_tail(path: &Path) -> std::io::Result<Option<(u64, PathBuf)>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(None);
+    }
+    let whole = bytes
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |at| at + 1);
+    let torn = &bytes[whole..];
+    let seconds = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = PathBuf::from(format!("{}.torn-{seconds}", path.display()));
+    std::fs::write(&aside, torn)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(whole as u64)?;
+    tracing::warn!(
+        file = %path.display(),
+        aside = %aside.display(),
+        bytes = torn.len(),
+        "the audit trail's last line was not finished: moved aside, the trail goes on from the line before"
+    );
+    Ok(Some((torn.len() as u64, aside)))
+}
+
 fn last_link(path: &Path, public_key: Option<&[u8]>) -> std::io::Result<(u64, String, u64)> {
     let read = |p: &Path| match std::fs::read_to_string(p) {
         Ok(t) => Ok(t),
@@ -1314,6 +1358,48 @@ mod tests {
             .public_key()
             .as_ref()
             .to_vec()
+    }
+
+    #[test]
+    fn a_last_line_left_unfinished_is_moved_aside_and_the_trail_goes_on() {
+        let dir = std::env::temp_dir().join(format!("gatehouse-audit-torn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.jsonl");
+        let seed = [7u8; 32];
+        let mut w =
+            Writer::open(&settings(&file, seed, 100), Arc::default(), Arc::default()).unwrap();
+        for n in 0..3 {
+            w.write_event(&call(n));
+        }
+        drop(w);
+        // The disk filled in the middle of the next line.
+        let torn = r#"{"kind":"call","principal":"ali"#;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap();
+        f.write_all(torn.as_bytes()).unwrap();
+        drop(f);
+        let mut w =
+            Writer::open(&settings(&file, seed, 100), Arc::default(), Arc::default()).unwrap();
+        w.write_event(&call(3));
+        w.checkpoint_if_new();
+        drop(w);
+        let text = std::fs::read_to_string(&file).unwrap();
+        let ok = verify(&text, Some(&public(seed))).unwrap();
+        assert_eq!(
+            ok.records, 6,
+            "three, the restart, one more, the checkpoint: {text}"
+        );
+        let restart: Value = serde_json::from_str(text.lines().nth(3).unwrap()).unwrap();
+        assert_eq!(restart["kind"], "restart");
+        assert_eq!(restart["torn_tail_bytes"], torn.len());
+        let aside = PathBuf::from(restart["torn_tail_file"].as_str().unwrap());
+        assert_eq!(std::fs::read_to_string(&aside).unwrap(), torn);
+        // A whole line that does not verify still stops the start.
+        std::fs::write(&file, format!("{text}{{\"kind\":\"call\"}}\n")).unwrap();
+        assert!(Writer::open(&settings(&file, seed, 100), Arc::default(), Arc::default()).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
