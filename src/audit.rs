@@ -984,14 +984,11 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
-/// Where to go on from in `path` (or, when it is empty, the file rotated before it): its last
-/// sequence number and line hash, and how many records follow its last checkpoint. A file
-/// that does not verify (with `public_key`, when the trail signs) is refused: the gateway will
-/// not sign over a chain it cannot vouch for.
 /// A last line the writer did not finish (the disk filled, the process was killed mid-write):
-/// moved aside to `<file>.torn-<seconds>` and cut from the file, so that the trail goes on from
-/// the last whole line; the `restart` record says how many bytes went and where. Anything else
-/// that does not verify still stops the start.
+/// moved aside to a new file `<file>.torn-<seconds>-<random>` and cut from the file, so that the
+/// trail goes on from the last whole line; the `restart` record says how many bytes went and
+/// where. A last line whole but for its newline (that one byte lost, or taken) gets it back.
+/// Anything else that does not verify still stops the start.
 fn cut_torn_tail(path: &Path) -> std::io::Result<Option<(u64, PathBuf)>> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
@@ -999,6 +996,15 @@ fn cut_torn_tail(path: &Path) -> std::io::Result<Option<(u64, PathBuf)>> {
         Err(e) => return Err(e),
     };
     if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(None);
+    }
+    if let Ok(text) = std::str::from_utf8(&bytes)
+        && verify(&format!("{text}\n"), None).is_ok()
+    {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)?
+            .write_all(b"\n")?;
         return Ok(None);
     }
     let whole = bytes
@@ -1009,8 +1015,23 @@ fn cut_torn_tail(path: &Path) -> std::io::Result<Option<(u64, PathBuf)>> {
     let seconds = SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let aside = PathBuf::from(format!("{}.torn-{seconds}", path.display()));
-    std::fs::write(&aside, torn)?;
+    let mut random = [0u8; 6];
+    getrandom::fill(&mut random).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let aside = PathBuf::from(format!(
+        "{}.torn-{seconds}-{}",
+        path.display(),
+        hex(&random)
+    ));
+    // A new file only its user reads: never written through a link put in its place.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&aside)?
+            .write_all(torn)?;
+    }
     std::fs::OpenOptions::new()
         .write(true)
         .open(path)?
@@ -1024,6 +1045,10 @@ fn cut_torn_tail(path: &Path) -> std::io::Result<Option<(u64, PathBuf)>> {
     Ok(Some((torn.len() as u64, aside)))
 }
 
+/// Where to go on from in `path` (or, when it is empty, the file rotated before it): its last
+/// sequence number and line hash, and how many records follow its last checkpoint. A file
+/// that does not verify (with `public_key`, when the trail signs) is refused: the gateway will
+/// not sign over a chain it cannot vouch for.
 fn last_link(path: &Path, public_key: Option<&[u8]>) -> std::io::Result<(u64, String, u64)> {
     let read = |p: &Path| match std::fs::read_to_string(p) {
         Ok(t) => Ok(t),
@@ -1396,6 +1421,14 @@ mod tests {
         assert_eq!(restart["torn_tail_bytes"], torn.len());
         let aside = PathBuf::from(restart["torn_tail_file"].as_str().unwrap());
         assert_eq!(std::fs::read_to_string(&aside).unwrap(), torn);
+        // A last line whole but for its newline gets it back: nothing is cut.
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, text.trim_end_matches('\n')).unwrap();
+        drop(Writer::open(&settings(&file, seed, 100), Arc::default(), Arc::default()).unwrap());
+        let again = std::fs::read_to_string(&file).unwrap();
+        assert!(again.starts_with(&text), "the last record is kept");
+        assert!(!again[text.len()..].contains("torn_tail"), "{again}");
+        let text = again;
         // A whole line that does not verify still stops the start.
         std::fs::write(&file, format!("{text}{{\"kind\":\"call\"}}\n")).unwrap();
         assert!(Writer::open(&settings(&file, seed, 100), Arc::default(), Arc::default()).is_err());

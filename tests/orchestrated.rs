@@ -702,6 +702,23 @@ async fn a_redefined_server_restarts_its_private_processes() {
     for home in &homes {
         assert!(!std::path::Path::new(home).exists(), "{home} is left");
     }
+    // A process of the removed server may outlive the removal and write there again: defined
+    // anew, the server starts with none of it.
+    let left = std::path::Path::new(&homes[1]).join("left-behind");
+    std::fs::create_dir_all(&homes[1]).unwrap();
+    std::fs::write(&left, "old").unwrap();
+    let r = admin(
+        &gw,
+        "PUT",
+        "/admin/v1/servers/rpp",
+        tok,
+        Some(spec("three", "per-principal")),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(!left.exists(), "the old definition's file is gone");
+    let fresh = client(&gw).await;
+    assert_eq!(fresh.tool_text(20, "rpp__whoami", json!({})).await, "three");
     gw.stop().await;
 }
 

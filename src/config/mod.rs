@@ -1023,15 +1023,20 @@ impl RawConfig {
                 ),
             ));
         }
-        if let Some((i, (_, principal))) = admin_tokens
+        let certificate_names: Vec<&str> = self
+            .tls
             .iter()
-            .enumerate()
-            .find(|(_, (_, p))| tokens.iter().any(|(_, c)| c == p))
-        {
+            .flat_map(|t| t.client_auth.iter())
+            .flat_map(|c| c.principals.iter())
+            .map(|p| p.principal.as_str())
+            .collect();
+        if let Some((i, (_, principal))) = admin_tokens.iter().enumerate().find(|(_, (_, p))| {
+            tokens.iter().any(|(_, c)| c == p) || certificate_names.contains(&&**p)
+        }) {
             return Err(field_err(
                 format!("admin.tokens[{i}].principal"),
                 format!(
-                    "{principal:?} is also a client principal in auth.tokens: name admins and clients apart (they share the registry filter's decisions and the audit trail's names)"
+                    "{principal:?} is also a client principal (auth.tokens or tls.client_auth.principals): name admins and clients apart (they share the registry filter's decisions and the audit trail's names)"
                 ),
             ));
         }
@@ -1836,6 +1841,11 @@ mod tests {
         // A principal in both lists.
         let e = err(&format!(
             "{up}auth: {{tokens: [{{principal: ops, token: {A}}}]}}\nadmin: {{tokens: [{{principal: ops, token: {B}}}]}}"
+        ));
+        assert!(e.contains("admin.tokens[0].principal"), "{e}");
+        // Or a client certificate's principal.
+        let e = err(&format!(
+            "{up}tls: {{cert_file: c.pem, key_file: k.pem, client_auth: {{ca_file: ca.pem, principals: [{{dns: ops.example, principal: ops}}]}}}}\nadmin: {{tokens: [{{principal: ops, token: {B}}}]}}"
         ));
         assert!(e.contains("admin.tokens[0].principal"), "{e}");
         // One token for two principals, in either list.

@@ -97,6 +97,9 @@ pub struct LocalRuntime {
     closed: Arc<AtomicBool>,
     /// Held while a change checks that no other server listens on its port and takes it.
     ports: Arc<std::sync::Mutex<()>>,
+    /// Servers removed while this gateway ran: defined again, they start with none of the
+    /// files a process of the old definition may have written after the removal.
+    removed: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// Holds the change lock of one server name; frees the name's entry when nobody waits.
@@ -125,6 +128,7 @@ impl LocalRuntime {
             changing: Arc::new(DashMap::new()),
             closed: Arc::new(AtomicBool::new(false)),
             ports: Arc::default(),
+            removed: Arc::default(),
         }
     }
 
@@ -154,6 +158,7 @@ impl LocalRuntime {
             settings: self.settings.clone(),
             closed: self.closed.clone(),
             ports: self.ports.clone(),
+            removed: self.removed.clone(),
         };
         let work = f(ctx);
         let task = tokio::spawn(async move {
@@ -270,6 +275,8 @@ impl Runtime for LocalRuntime {
                     if let Some(old) = old {
                         // The old entry stays visible until its process is gone.
                         old.stop().await;
+                    } else if lock_removed(&ctx.removed).remove(&ctx.name) {
+                        process::remove_homes(&ctx.name);
                     }
                     // Checked again and taken at once: another change may have taken it since.
                     let _ports = ctx.ports.lock().unwrap_or_else(|e| e.into_inner());
@@ -531,8 +538,10 @@ impl Runtime for LocalRuntime {
                         sup.stop().await;
                         ctx.servers.remove(&ctx.name);
                     }
-                    // A server defined later under this name starts with none of its files.
+                    // A server defined later under this name starts with none of its files
+                    // (removed again then: private processes of this one may still run).
                     process::remove_homes(&ctx.name);
+                    lock_removed(&ctx.removed).insert(ctx.name.clone());
                     Ok(())
                 }
                 .boxed()
@@ -543,6 +552,12 @@ impl Runtime for LocalRuntime {
     }
 }
 
+fn lock_removed(
+    removed: &std::sync::Mutex<std::collections::HashSet<String>>,
+) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+    removed.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// What a change to one server works on, owned so that it can outlive its caller.
 struct ChangeCtx {
     name: String,
@@ -550,6 +565,9 @@ struct ChangeCtx {
     settings: Arc<LocalSettings>,
     closed: Arc<AtomicBool>,
     ports: Arc<std::sync::Mutex<()>>,
+    /// Servers removed while this gateway ran: defined again, they start with none of the
+    /// files a process of the old definition may have written after the removal.
+    removed: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// The loopback port a server's own process listens on (an HTTP server that is not remote).

@@ -169,8 +169,12 @@ impl wasmtime::ResourceLimiter for Limits {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        // Past the memory's own maximum the grow fails after this: not counted.
+        if maximum.is_some_and(|m| desired > m) {
+            return Ok(false);
+        }
         let total = (self.memory - current.min(self.memory)).saturating_add(desired);
         if total > self.memory_limit {
             self.denied_memory = Some(total);
@@ -184,8 +188,11 @@ impl wasmtime::ResourceLimiter for Limits {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|m| desired > m) {
+            return Ok(false);
+        }
         let total =
             (self.table_elements - current.min(self.table_elements)).saturating_add(desired);
         if total > MAX_TABLE_ELEMENTS {
@@ -1019,6 +1026,15 @@ mod tests {
         assert_eq!(l.denied_memory, Some(90 * MIB));
         assert!(!l.memory_growing(30 * MIB, 40 * MIB, None).unwrap());
         assert!(l.memory_growing(30 * MIB, 34 * MIB, None).unwrap());
+        // A grow past a memory's own maximum fails, and counts for nothing.
+        assert!(
+            !l.memory_growing(34 * MIB, 40 * MIB, Some(35 * MIB))
+                .unwrap()
+        );
+        assert!(l.memory_growing(34 * MIB, 34 * MIB, None).unwrap());
+        let mut fresh = Limits::new(64 * MIB);
+        assert!(!fresh.memory_growing(0, 60 * MIB, Some(MIB)).unwrap());
+        assert!(fresh.memory_growing(0, 60 * MIB, None).unwrap());
         // Tables likewise, every table together.
         assert!(l.table_growing(0, MAX_TABLE_ELEMENTS / 2, None).unwrap());
         assert!(l.table_growing(0, MAX_TABLE_ELEMENTS / 2, None).unwrap());

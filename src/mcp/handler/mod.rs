@@ -231,8 +231,8 @@ fn log_level(params: Option<&[u8]>) -> Result<(), String> {
     }
 }
 
-/// Records in the audit trail that `server` was told a request of the session's client that
-/// no call of its carried (a level set for every server).
+/// Records in the audit trail that `server` took a request of the session's client that no
+/// call of its carried (a level set for every server).
 fn audit_told(sv: Services<'_>, session: &Session, server: &Arc<str>, method: &str) {
     if sv.audit.is_on() {
         sv.audit.record(crate::audit::Event {
@@ -617,10 +617,10 @@ pub async fn request(
                     .connect(i)
                     .await
                     .is_ok_and(|b| b & caps::LOGGING != 0)
-                {
-                    let _ = link
+                    && let Ok(Outcome::Result(_)) = link
                         .call(method, params.as_deref(), CallOpts::default())
-                        .await;
+                        .await
+                {
                     audit_told(sv, session, &servers[i].name, method);
                 }
             }
