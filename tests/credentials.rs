@@ -332,18 +332,7 @@ async fn a_callers_refused_credentials_leave_the_server_up_for_the_others() {
         if auth == "Bearer user-bob" {
             return Some((401, json!({"error": "invalid_token"})));
         }
-        let msg: serde_json::Value = serde_json::from_slice(&body).ok()?;
-        let id = msg.get("id")?.clone();
-        let result = match msg["method"].as_str()? {
-            "initialize" => json!({"protocolVersion": "2025-11-25",
-                "capabilities": {"tools": {}}, "serverInfo": {"name": "files", "version": "1"}}),
-            "tools/list" => {
-                json!({"tools": [{"name": "whoami", "inputSchema": {"type": "object"}}]})
-            }
-            "tools/call" => json!({"content": [{"type": "text", "text": auth}]}),
-            _ => json!({}),
-        };
-        Some((200, json!({"jsonrpc": "2.0", "id": id, "result": result})))
+        Some((200, support::whoami_answer(&body, &auth)?))
     })
     .await;
     let gw = TestGateway::start(

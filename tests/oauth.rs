@@ -855,18 +855,7 @@ async fn recording_upstream() -> (Arc<std::sync::Mutex<Vec<http::HeaderMap>>>, S
             .get("authorization")
             .map_or("none".to_owned(), |v| v.to_str().unwrap().to_owned());
         kept.lock().unwrap().push(headers);
-        let msg: Value = serde_json::from_slice(&body).ok()?;
-        let id = msg.get("id")?.clone();
-        let result = match msg["method"].as_str()? {
-            "initialize" => json!({"protocolVersion": "2025-11-25",
-                "capabilities": {"tools": {}}, "serverInfo": {"name": "files", "version": "1"}}),
-            "tools/list" => {
-                json!({"tools": [{"name": "whoami", "inputSchema": {"type": "object"}}]})
-            }
-            "tools/call" => json!({"content": [{"type": "text", "text": auth}]}),
-            _ => json!({}),
-        };
-        Some((200, json!({"jsonrpc": "2.0", "id": id, "result": result})))
+        Some((200, support::whoami_answer(&body, &auth)?))
     })
     .await;
     (seen, format!("{url}/mcp"))
@@ -878,22 +867,17 @@ async fn callers_tokens_are_exchanged_for_the_upstreams_own() {
     let issuer = Issuer::start(&[&key]).await;
     let (exchange, token_endpoint) = ExchangeServer::start().await;
     let (seen, upstream_url) = recording_upstream().await;
-    let top = format!(
-        "auth:
-  tokens: [{{ principal: machine, token: {MACHINE} }}]
-  oauth:
-    resource: {RESOURCE}
-    issuers: [{{ issuer: {iss:?}, jwks_uri: {jwks:?} }}]",
-        iss = issuer.url,
-        jwks = format!("{}/jwks", issuer.url),
+    let (top, files) = exchanging(&issuer, &upstream_url, &token_endpoint);
+    // A machine with a static token besides, and a scope asked for.
+    let top = top.replacen(
+        "auth:\n",
+        &format!("auth:\n  tokens: [{{ principal: machine, token: {MACHINE} }}]\n"),
+        1,
     );
-    let files = format!(
-        "  - name: files
-    protocol: sessions
-    http: {{ url: {upstream_url:?} }}
-    credentials:
-      token_exchange: {{ token_endpoint: {token_endpoint:?}, client_id: gatehouse, client_secret: s3cret, audience: files-api, scope: files.read }}
-"
+    let files = files.replacen(
+        "audience: files-api",
+        "audience: files-api, scope: files.read",
+        1,
     );
     let gw = TestGateway::start(&top, &[example("ex", &[], ""), files]).await;
     let session = |token: String| {
@@ -1055,24 +1039,8 @@ async fn refusing_upstream() -> (Refusals, String) {
                         } else if listed(&kept.plain) {
                             (401, None, json!({}))
                         } else {
-                            let msg: Value = serde_json::from_slice(&body).unwrap_or_default();
-                            let result = match msg["method"].as_str().unwrap_or("") {
-                                "initialize" => json!({"protocolVersion": "2025-11-25",
-                                    "capabilities": {"tools": {}},
-                                    "serverInfo": {"name": "files", "version": "1"}}),
-                                "tools/list" => json!({"tools": [
-                                    {"name": "whoami", "inputSchema": {"type": "object"}}]}),
-                                "tools/call" => {
-                                    json!({"content": [{"type": "text", "text": auth}]})
-                                }
-                                _ => json!({}),
-                            };
-                            match msg.get("id") {
-                                Some(id) => (
-                                    200,
-                                    None,
-                                    json!({"jsonrpc": "2.0", "id": id, "result": result}),
-                                ),
+                            match support::whoami_answer(&body, &auth) {
+                                Some(answer) => (200, None, answer),
                                 None => (202, None, Value::Null),
                             }
                         };

@@ -393,6 +393,22 @@ impl Client {
     }
 }
 
+/// A recording MCP server's answer to the message `body`: `initialize`, one tool `whoami`
+/// whose call answers `auth` (the `Authorization` value the request carried), `{}` to other
+/// requests; `None` for a notification (answered 202).
+pub fn whoami_answer(body: &[u8], auth: &str) -> Option<Value> {
+    let msg: Value = serde_json::from_slice(body).ok()?;
+    let id = msg.get("id")?.clone();
+    let result = match msg["method"].as_str()? {
+        "initialize" => json!({"protocolVersion": "2025-11-25",
+            "capabilities": {"tools": {}}, "serverInfo": {"name": "files", "version": "1"}}),
+        "tools/list" => json!({"tools": [{"name": "whoami", "inputSchema": {"type": "object"}}]}),
+        "tools/call" => json!({"content": [{"type": "text", "text": auth}]}),
+        _ => json!({}),
+    };
+    Some(json!({"jsonrpc": "2.0", "id": id, "result": result}))
+}
+
 /// Serves `handle` on a loopback port (POST only) and returns `http://addr`: its JSON answer
 /// and status go back with a `mcp-session-id`, none is 202.
 pub async fn serve<F>(handle: F) -> String
