@@ -356,20 +356,7 @@ async fn a_callers_refused_credentials_leave_the_server_up_for_the_others() {
     let r = bob
         .call(1, "tools/call", json!({"name": "whoami", "arguments": {}}))
         .await;
-    assert_eq!(r["error"]["code"], -32042, "{r}");
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("'files': the server refused the caller's credentials (HTTP 401"),
-        "{r}"
-    );
-    let metrics = gw.gateway().metrics.render();
-    assert!(
-        !metrics.contains("gatehouse_upstream_up{server=\"files\"} 0")
-            && metrics.contains("gatehouse_upstream_credentials_refused_total{server=\"files\"}"),
-        "{metrics}"
-    );
+    support::assert_credentials_refused(&gw, &r, "files");
     let mut alice = client(ALICE);
     alice.initialize(json!({})).await;
     assert_eq!(

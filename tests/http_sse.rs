@@ -807,20 +807,7 @@ async fn a_2024_server_refusing_a_callers_credentials_fails_that_caller_alone() 
     let r = bob
         .call(1, "tools/call", json!({"name": "t", "arguments": {}}))
         .await;
-    assert_eq!(r["error"]["code"], -32042, "{r}");
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("'old': the server refused the caller's credentials (HTTP 401"),
-        "{r}"
-    );
-    let metrics = gw.gateway().metrics.render();
-    assert!(
-        !metrics.contains("gatehouse_upstream_up{server=\"old\"} 0")
-            && metrics.contains("gatehouse_upstream_credentials_refused_total{server=\"old\"}"),
-        "{metrics}"
-    );
+    support::assert_credentials_refused(&gw, &r, "old");
     let mut alice = with_token(&gw, "alice-token-0123456789");
     alice.initialize(json!({})).await;
     assert_eq!(alice.tool_text(2, "t", json!({})).await, "ok");

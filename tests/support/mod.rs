@@ -393,6 +393,26 @@ impl Client {
     }
 }
 
+/// Asserts that `r` is -32042 for `server` refusing the caller's credentials with HTTP 401, and
+/// that the refusal was counted without marking the server down.
+pub fn assert_credentials_refused(gw: &TestGateway, r: &Value, server: &str) {
+    assert_eq!(r["error"]["code"], -32042, "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains(&format!(
+            "'{server}': the server refused the caller's credentials (HTTP 401"
+        )),
+        "{r}"
+    );
+    let metrics = gw.gateway().metrics.render();
+    assert!(
+        !metrics.contains(&format!("gatehouse_upstream_up{{server=\"{server}\"}} 0"))
+            && metrics.contains(&format!(
+                "gatehouse_upstream_credentials_refused_total{{server=\"{server}\"}}"
+            )),
+        "{metrics}"
+    );
+}
+
 /// A recording MCP server's answer to the message `body`: `initialize`, one tool `whoami`
 /// whose call answers `auth` (the `Authorization` value the request carried), `{}` to other
 /// requests; `None` for a notification (answered 202).
