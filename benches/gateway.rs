@@ -871,6 +871,12 @@ async fn bench() {
             ),
             ("gateway→http", None, http_upstream("ex"), Workload::Call64k),
             (
+                "gateway→stdio",
+                None,
+                stdio_upstream.clone(),
+                Workload::Call64k,
+            ),
+            (
                 "gateway→2 upstreams",
                 None,
                 two.clone(),

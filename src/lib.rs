@@ -29,6 +29,7 @@ pub mod orchestrator;
 pub mod otlp;
 pub mod outbound_tls;
 pub mod pins;
+pub mod pipe;
 pub mod plugins;
 pub mod process;
 pub mod registry;

@@ -1363,8 +1363,8 @@ impl StdioConnector for LocalAttach {
             tracing::debug!(server = %name, pid = ?child.id(), "started a private process");
             tokio::spawn(capture(stderr, self.sup.clone()));
             Ok(StdioStream {
-                reader: Box::pin(stdout),
-                writer: Box::pin(stdin),
+                reader: Box::pin(crate::pipe::Pipe::new(stdout)),
+                writer: Box::pin(crate::pipe::Pipe::new(stdin)),
                 process: Some(proc),
             })
         }

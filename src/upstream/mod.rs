@@ -11,6 +11,7 @@ pub mod event_sink;
 mod handshake;
 pub mod http;
 mod http_sse;
+mod line_reader;
 mod line_writer;
 mod link;
 pub mod orchestrated;

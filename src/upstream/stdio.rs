@@ -15,14 +15,16 @@ use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::sync::oneshot;
 
+use super::line_reader::{Line, LineReader};
 use super::line_writer::LineWriter;
 use super::{CallRoute, Inbox, Pending, Server, UpstreamError};
 use crate::config::Transport;
 use crate::mcp::jsonrpc::{self, Kind, Outcome};
+use crate::pipe::Pipe;
 use crate::process::{self, ServerProcess, Stopped};
 
 /// Largest line accepted from a server's stdout.
-const MAX_LINE: u64 = 64 * 1024 * 1024;
+const MAX_LINE: usize = 64 * 1024 * 1024;
 /// Longest stderr line logged; the rest of a longer line is skipped, not buffered.
 const MAX_STDERR_LINE: usize = 8 * 1024;
 /// Most stderr lines of one server process logged a second.
@@ -122,7 +124,13 @@ impl Connection {
                 untold(&name, unlogged);
             }
         });
-        Ok(Connection::over(server, stdout, stdin, inbox, Some(proc)))
+        Ok(Connection::over(
+            server,
+            Pipe::new(stdout),
+            Pipe::new(stdin),
+            inbox,
+            Some(proc),
+        ))
     }
 
     /// Speaks JSON-RPC over an existing byte stream (`child` is shut down with the connection).
@@ -278,38 +286,26 @@ async fn read_loop(
     ended: Arc<OnceLock<&'static str>>,
     inbox: Inbox,
 ) {
-    let mut reader = BufReader::with_capacity(64 * 1024, stdout);
-    let mut line = Vec::new();
+    let mut reader = LineReader::new(stdout, MAX_LINE);
     loop {
-        line.clear();
-        // One long line does not keep its room for the life of the process.
-        if line.capacity() > 1 << 20 {
-            line = Vec::new();
-        }
-        let n = match (&mut reader)
-            .take(MAX_LINE + 1)
-            .read_until(b'\n', &mut line)
-            .await
-        {
-            Ok(n) => n,
+        let line = match reader.next().await {
+            Ok(Line::Message(line)) => line,
+            Ok(Line::End) => break,
+            Ok(Line::TooLong) => {
+                tracing::error!(server = %server.name, "stdout line exceeds {MAX_LINE} bytes; dropping the connection");
+                let _ = ended.set("sent a line over 64 MiB, so the gateway dropped the connection");
+                break;
+            }
             Err(e) => {
                 tracing::warn!(server = %server.name, "reading stdout failed: {e}");
                 break;
             }
         };
-        if n == 0 {
-            break;
-        }
-        if line.last() != Some(&b'\n') && n as u64 > MAX_LINE {
-            tracing::error!(server = %server.name, "stdout line exceeds {MAX_LINE} bytes; dropping the connection");
-            let _ = ended.set("sent a line over 64 MiB, so the gateway dropped the connection");
-            break;
-        }
         let trimmed = line.trim_ascii();
         if trimmed.is_empty() {
             continue;
         }
-        let frame = Bytes::copy_from_slice(trimmed);
+        let frame = line.slice_ref(trimmed);
         let msg = match jsonrpc::parse(frame) {
             Ok(m) => m,
             Err(e) => {
