@@ -281,6 +281,10 @@ type Posts = std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>;
 /// credentials.
 const REFUSED: &str = "Bearer user-bob";
 
+/// The `Authorization` value whose tool calls [`old_server`] refuses (401) once its stream is
+/// open, as a server refuses credentials revoked during a session.
+const REFUSED_ON_CALLS: &str = "Bearer user-carol";
+
 /// A scripted 2024-11-05 HTTP+SSE server: `GET /sse` opens its stream, whose first events are
 /// `first` (raw SSE text: the `endpoint` event, or whatever the script wants); each POST is
 /// recorded and answered 202, and the SSE events `reply(message)` makes of it are written to
@@ -342,9 +346,20 @@ async fn old_server(
                                 return Ok::<_, std::convert::Infallible>(resp);
                             }
                             let path = req.uri().to_string();
+                            let revoked = req
+                                .headers()
+                                .get("authorization")
+                                .is_some_and(|v| v == REFUSED_ON_CALLS);
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let msg: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                             posts.lock().unwrap().push((path, msg.clone()));
+                            if revoked && msg["method"] == "tools/call" {
+                                let resp = http::Response::builder()
+                                    .status(401)
+                                    .body(Body::new(Full::new(Bytes::from("token revoked"))))
+                                    .unwrap();
+                                return Ok(resp);
+                            }
                             if let Some(tx) = &*events.lock().unwrap() {
                                 for e in reply(&msg) {
                                     let _ = tx.unbounded_send(e);
@@ -796,7 +811,7 @@ async fn a_2024_server_refusing_a_callers_credentials_fails_that_caller_alone() 
     )
     .await;
     let gw = TestGateway::start(
-        "auth: {tokens: [{principal: alice, token: alice-token-0123456789}, {principal: bob, token: bob-token-0123456789ab}]}",
+        "auth: {tokens: [{principal: alice, token: alice-token-0123456789}, {principal: bob, token: bob-token-0123456789ab}, {principal: carol, token: carol-token-0123456789a}]}",
         &[format!(
             "  - name: old\n    sse: {{url: '{url}/sse'}}\n    credentials: {{template: 'Bearer user-{{principal}}'}}\n    connect_timeout: 2s\n    call_timeout: 3s\n"
         )],
@@ -806,6 +821,13 @@ async fn a_2024_server_refusing_a_callers_credentials_fails_that_caller_alone() 
     bob.initialize(json!({})).await;
     let r = bob
         .call(1, "tools/call", json!({"name": "t", "arguments": {}}))
+        .await;
+    support::assert_credentials_refused(&gw, &r, "old");
+    // Credentials refused on a call's POST, the stream being open, are the caller's failure too.
+    let mut carol = with_token(&gw, "carol-token-0123456789a");
+    carol.initialize(json!({})).await;
+    let r = carol
+        .call(3, "tools/call", json!({"name": "t", "arguments": {}}))
         .await;
     support::assert_credentials_refused(&gw, &r, "old");
     let mut alice = with_token(&gw, "alice-token-0123456789");

@@ -12,10 +12,11 @@ use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
+use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
 
 use super::http::{Client, MAX_MESSAGE, connect_reason, is_event_stream, read_limited};
+use super::line_reader::{Line, LineReader};
 use super::{Inbox, Server, UpstreamError, stdio};
 use crate::mcp::jsonrpc::{self, Kind, code};
 use crate::sse;
@@ -48,17 +49,8 @@ pub(crate) async fn connect(
         let body = read_limited(resp.into_body(), 512)
             .await
             .unwrap_or_default();
-        // Credentials of the caller's own that the server refuses are the caller's failure:
-        // the server is up for everyone else.
-        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
-            && server.config.credentials.is_some()
-        {
-            tracing::debug!(server = %server.name, "the server refused the caller's credentials: HTTP {status}: {}", super::error::server_text(&body));
-            server.metrics.credentials_refused(server.label);
-            return Err(UpstreamError::NoCredentials {
-                server: server.name.clone(),
-                reason: format!("the server refused the caller's credentials (HTTP {status})"),
-            });
+        if let Some(refused) = credentials_refused(&server, status, &body) {
+            return Err(refused);
         }
         return Err(server.unavailable_saying(
             format!("GET {url}: {}", super::http::refusal(status)),
@@ -139,6 +131,22 @@ fn request(
     }
     req.body(Full::new(body))
         .map_err(|e| server.unavailable(format!("cannot build request: {e}")))
+}
+
+/// Credentials of the caller's own that the server refuses (401, 403) are the caller's
+/// failure, counted: the server is up for everyone else.
+fn credentials_refused(server: &Server, status: StatusCode, body: &[u8]) -> Option<UpstreamError> {
+    if !matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+        || server.config.credentials.is_none()
+    {
+        return None;
+    }
+    tracing::debug!(server = %server.name, "the server refused the caller's credentials: HTTP {status}: {}", super::error::server_text(body));
+    server.metrics.credentials_refused(server.label);
+    Some(UpstreamError::NoCredentials {
+        server: server.name.clone(),
+        reason: format!("the server refused the caller's credentials (HTTP {status})"),
+    })
 }
 
 /// The URL an `endpoint` event names, resolved against the stream's URL. It must stay on the
@@ -275,59 +283,72 @@ async fn post_messages(
     pipe: DuplexStream,
     refusals: mpsc::Sender<Bytes>,
 ) {
-    let mut lines = BufReader::new(pipe);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match lines.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        let frame = Bytes::copy_from_slice(line.trim_ascii());
+    // The connection writes whole lines of its own making; any length it may send.
+    let mut lines = LineReader::new(pipe, usize::MAX);
+    while let Ok(Line::Message(line)) = lines.next().await {
+        let frame = line.slice_ref(line.trim_ascii());
         if frame.is_empty() {
             continue;
         }
-        let Err((why, gone)) = post(&server, &client, &endpoint, &headers, frame.clone()).await
-        else {
+        let Err(refused) = post(&server, &client, &endpoint, &headers, frame.clone()).await else {
             continue;
         };
-        tracing::warn!(server = %server.name, "POST {endpoint}: {why}");
+        let (code, message) = match &refused {
+            Refused::Credentials(e) => (e.code(), e.to_string()),
+            Refused::Other { why, .. } => {
+                tracing::warn!(server = %server.name, "POST {endpoint}: {why}");
+                (
+                    code::INTERNAL_ERROR,
+                    format!("upstream {} refused the message: {why}", server.name),
+                )
+            }
+        };
         if let Ok(jsonrpc::Message {
             kind: Kind::Request { id, .. },
             ..
         }) = jsonrpc::parse(frame)
         {
-            let error = jsonrpc::error_response(
-                Some(&id),
-                code::INTERNAL_ERROR,
-                &format!("upstream {} refused the message: {why}", server.name),
-            );
-            let _ = refusals.send(error).await;
+            let _ = refusals
+                .send(jsonrpc::error_response(Some(&id), code, &message))
+                .await;
         }
-        if gone {
+        if matches!(refused, Refused::Other { gone: true, .. }) {
             break;
         }
     }
     // Dropping `refusals` ends the stream's task, and so the connection.
 }
 
+/// Why a POST failed.
+enum Refused {
+    /// The server refused the caller's own credentials.
+    Credentials(UpstreamError),
+    /// Anything else; `gone` when the server has forgotten the session.
+    Other { why: String, gone: bool },
+}
+
+impl Refused {
+    fn other(why: String) -> Refused {
+        Refused::Other { why, gone: false }
+    }
+}
+
 /// One POST, answered (headers and body) within the connect timeout: the server only has to
-/// accept the message, its answer comes on the stream. On failure, why, and whether the server
-/// has forgotten the session.
+/// accept the message, its answer comes on the stream.
 async fn post(
     server: &Server,
     client: &Client,
     endpoint: &Uri,
     headers: &HeaderMap,
     frame: Bytes,
-) -> Result<(), (String, bool)> {
+) -> Result<(), Refused> {
     let req = request(server, http::Method::POST, endpoint.clone(), headers, frame)
-        .map_err(|e| (e.to_string(), false))?;
+        .map_err(|e| Refused::other(e.to_string()))?;
     let exchange = async {
         let resp = client
             .request(req)
             .await
-            .map_err(|e| (connect_reason(&e), false))?;
+            .map_err(|e| Refused::other(connect_reason(&e)))?;
         let status = resp.status();
         let body = read_limited(resp.into_body(), 512)
             .await
@@ -335,14 +356,17 @@ async fn post(
         if status.is_success() {
             return Ok(());
         }
-        Err((
-            format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
-            status == StatusCode::NOT_FOUND,
-        ))
+        if let Some(refused) = credentials_refused(server, status, &body) {
+            return Err(Refused::Credentials(refused));
+        }
+        Err(Refused::Other {
+            why: format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
+            gone: status == StatusCode::NOT_FOUND,
+        })
     };
     tokio::time::timeout(server.config.connect_timeout, exchange)
         .await
-        .unwrap_or_else(|_| Err(("no answer in time".into(), false)))
+        .unwrap_or_else(|_| Err(Refused::other("no answer in time".into())))
 }
 
 #[cfg(test)]
