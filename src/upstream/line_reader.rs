@@ -1,20 +1,18 @@
 //! The read side of a newline-delimited message stream (a stdio server's stdout, the pipe an
 //! HTTP+SSE upstream's messages are copied into, an attachment to a pod).
 //!
-//! Each message is read once from the stream into one buffer and handed on as a slice of it:
-//! a large message is not copied again (a `BufReader` and `read_until` copied each line twice
-//! more, into the line and into its `Bytes`: 130 k instructions of a 64 KiB answer). A small
-//! message is copied out, so that it does not keep a whole read block alive for as long as it
-//! is kept (a cached list page, say), and a large one keeps a block at most twice its size.
+//! Each message is read once from the stream into one buffer. A message that is at least half
+//! of its buffer block is handed on as a slice of it, not copied again (a `BufReader` and
+//! `read_until` copied each line twice more, into the line and into its `Bytes`: 130 k
+//! instructions of a 64 KiB answer), so it keeps at most twice its size alive. Any other is
+//! copied out, so that it does not keep a block alive for as long as it is kept (a cached list
+//! page, say).
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// What one read asks of the stream at least (and a fresh buffer's room).
 const READ_BLOCK: usize = 128 * 1024;
-/// Messages at least this long are handed on as slices of the read buffer, at least half of
-/// their block. Shorter ones are copied out.
-const SHARED_FROM: usize = READ_BLOCK / 2;
 
 /// What the next read found.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,6 +33,8 @@ pub(crate) struct LineReader<R> {
     scanned: usize,
     /// Longest line accepted (its newline not counted).
     max: usize,
+    /// Bytes of the block `buf` is in that lie before it (messages taken).
+    front: usize,
 }
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
@@ -45,6 +45,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             buf: BytesMut::new(),
             scanned: 0,
             max,
+            front: 0,
         }
     }
 
@@ -67,10 +68,16 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 // A message begins with a block's room before it, so that one up to a block
                 // long is read without moving: the block's front once every slice of it is
                 // gone, else a new block (nothing to copy either way).
+                let at = self.buf.as_ptr();
                 self.buf.reserve(READ_BLOCK);
+                if self.buf.as_ptr() != at {
+                    self.front = 0;
+                }
             } else if self.buf.capacity() - self.buf.len() < READ_BLOCK / 8 {
-                // A longer message moves as it grows.
-                self.buf.reserve(READ_BLOCK.max(self.buf.len()));
+                // A longer message moves to a block twice its size as it grows.
+                let mut fresh = BytesMut::with_capacity(READ_BLOCK.max(2 * self.buf.len()));
+                fresh.extend_from_slice(&self.buf);
+                (self.buf, self.front) = (fresh, 0);
             }
             if self.reader.read_buf(&mut self.buf).await? == 0 {
                 // A last line without its newline is still a line.
@@ -87,18 +94,19 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         }
     }
 
-    /// Takes the first `len` bytes of the buffer as a message, and `skip` more after them.
+    /// Takes the first `len` bytes of the buffer as a message, and `skip` more after them: a
+    /// slice of the block when the message is at least half of it (so a kept message holds at
+    /// most twice its size; blocks are at least [`READ_BLOCK`] long), else a copy.
     fn take(&mut self, len: usize, skip: usize) -> Bytes {
-        if len < SHARED_FROM {
+        let block = self.front + self.buf.capacity();
+        self.front += len + skip;
+        if 2 * len < block {
             let copy = Bytes::copy_from_slice(&self.buf[..len]);
             let _ = self.buf.split_to(len + skip);
             return copy;
         }
         let message = self.buf.split_to(len).freeze();
         let _ = self.buf.split_to(skip);
-        // What follows goes to a block of its own: a kept message holds its block alone, at
-        // most twice its size (a block grows by doubling), never a later message's too.
-        self.buf = BytesMut::from(&self.buf[..]);
         message
     }
 }
@@ -178,26 +186,60 @@ mod tests {
             let got = all(LineReader::new(pieces(data, 3), 10)).await;
             assert_eq!(got, vec![message(b"ok"), Line::TooLong], "{data:?}");
         }
-        // Exactly at the limit is a line.
-        let got = all(LineReader::new(pieces(b"1234567890\n", 4), 10)).await;
-        assert_eq!(got, vec![message(b"1234567890"), Line::End]);
+        // Exactly at the limit is a line, its newline in the same read or the next, or none.
+        for (data, size) in [
+            (&b"1234567890\n"[..], 4),
+            (b"1234567890\n", 10),
+            (b"1234567890", 10),
+        ] {
+            let got = all(LineReader::new(pieces(data, size), 10)).await;
+            assert_eq!(
+                got,
+                vec![message(b"1234567890"), Line::End],
+                "{data:?} by {size}"
+            );
+        }
     }
 
     #[tokio::test]
-    async fn a_long_line_keeps_its_block_alone_and_short_ones_keep_none() {
-        let long = vec![b'y'; SHARED_FROM];
+    async fn a_long_line_is_a_slice_of_its_block_and_a_short_one_a_copy() {
+        let long = vec![b'y'; READ_BLOCK / 2 + 100];
         let mut data = long.clone();
-        data.extend_from_slice(b"\nshort\nrest");
+        data.extend_from_slice(b"\nshort\n");
         let mut r = LineReader::new(pieces(&data, data.len()), 1 << 20);
-        let Line::Message(first) = r.next().await.unwrap() else {
-            panic!("a line");
-        };
-        assert_eq!(first, long);
-        // What came after it moved to a block of its own, exactly its size.
-        assert_eq!((&r.buf[..], r.buf.capacity()), (&b"short\nrest"[..], 10));
-        let Line::Message(second) = r.next().await.unwrap() else {
-            panic!("a line");
-        };
-        assert_eq!(second, &b"short"[..]);
+        let mut lines = Vec::new();
+        while let Line::Message(line) = r.next().await.unwrap() {
+            lines.push(line);
+        }
+        assert_eq!(lines, [&long[..], b"short"]);
+        // Both were read into one block at once: the long line is its first bytes, and the
+        // short one is not a slice after it.
+        let block = lines[0].as_ptr() as usize..lines[0].as_ptr() as usize + READ_BLOCK;
+        assert!(!block.contains(&(lines[1].as_ptr() as usize)));
+    }
+
+    #[tokio::test]
+    async fn a_long_line_in_the_tail_of_a_larger_block_is_copied_rather_than_hold_it() {
+        // The first line grows its block past two read blocks and is handed on as a slice of
+        // it; the second, read into what is left of that block, is less than half of it:
+        // sharing it would keep the whole block for it.
+        let first = vec![b'a'; READ_BLOCK + READ_BLOCK / 8];
+        let second = vec![b'b'; READ_BLOCK / 2 + READ_BLOCK / 16];
+        let mut data = first.clone();
+        data.push(b'\n');
+        data.extend_from_slice(&second);
+        data.push(b'\n');
+        let mut r = LineReader::new(pieces(&data, data.len()), 1 << 20);
+        let mut lines = Vec::new();
+        while let Line::Message(line) = r.next().await.unwrap() {
+            lines.push(line);
+        }
+        assert_eq!(lines, [first, second]);
+        let after_first = lines[0].as_ptr() as usize + lines[0].len() + 1;
+        assert_ne!(
+            lines[1].as_ptr() as usize,
+            after_first,
+            "a slice of the first's block"
+        );
     }
 }
