@@ -821,3 +821,121 @@ async fn a_list_changed_flood_leaves_room_for_a_servers_question() {
     );
     gw.stop().await;
 }
+
+/// A stdio server that, once asked (`noisy`), says from a thread of its own what a hostile
+/// server says unasked: a 2 MiB log message, a log message with a `PARAMS` twin, a
+/// `resources/updated` naming its URI twice, a 5 MiB question to the client, then a plain
+/// update and `last`; `answers` tells what came back for its question.
+const NOISY: &str = r#"
+import json, sys, threading
+out = threading.Lock()
+answers = []
+def raw(text):
+    with out:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+def send(m):
+    raw(json.dumps(m))
+def noise():
+    send({"jsonrpc": "2.0", "method": "notifications/message",
+          "params": {"level": "info", "data": "x" * (2 << 20)}})
+    raw('{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"shown"},"PARAMS":{"level":"info","data":"hidden"}}')
+    raw('{"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":"mem://f/a","uri":"mem://other/b"}}')
+    send({"jsonrpc": "2.0", "id": "big-1", "method": "elicitation/create",
+          "params": {"mode": "form", "message": "y" * (5 << 20), "requestedSchema":
+                     {"type": "object", "properties": {"name": {"type": "string"}}}}})
+    send({"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": "mem://f/a"}})
+    send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "last"}})
+for line in sys.stdin:
+    m = json.loads(line)
+    if "method" not in m:
+        answers.append(m)
+        continue
+    if "id" not in m:
+        continue
+    method, params = m["method"], m.get("params") or {}
+    if method == "initialize":
+        result = {"protocolVersion": params["protocolVersion"],
+                  "capabilities": {"tools": {}, "resources": {}, "logging": {}},
+                  "serverInfo": {"name": "noisy", "version": "1"}}
+    elif method == "tools/list":
+        result = {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in ("noisy", "answers")]}
+    elif method == "resources/list":
+        result = {"resources": [{"uri": "mem://f/a", "name": "a"}]}
+    elif method == "tools/call" and params["name"] == "noisy":
+        send({"jsonrpc": "2.0", "id": m["id"], "result": {"content": [{"type": "text", "text": "noisy"}]}})
+        threading.Thread(target=noise, daemon=True).start()
+        continue
+    elif method == "tools/call":
+        result = {"content": [{"type": "text", "text": json.dumps(answers)}]}
+    else:
+        send({"jsonrpc": "2.0", "id": m["id"], "error": {"code": -32601, "message": method}})
+        continue
+    send({"jsonrpc": "2.0", "id": m["id"], "result": result})
+"#;
+
+/// What a server says unasked is bounded and passed on as the gateway read it: a notification
+/// over 1 MiB is dropped, a question over 4 MiB is refused to the server, a frame's look-alike
+/// members (`PARAMS`) do not reach the client, and an update whose URI cannot be read (given
+/// twice) is dropped. Before, the server's frames went to the client as sent, whatever their
+/// size, so a server could make a session's queues hold gigabytes.
+#[tokio::test]
+async fn what_a_server_says_unasked_is_bounded_and_passed_on_as_read() {
+    let args = serde_json::to_string(&["-u", "-c", NOISY]).unwrap();
+    let gw = TestGateway::start(
+        "",
+        &[format!(
+            "  - name: f\n    stdio: {{ command: /usr/bin/python3, args: {args} }}\n"
+        )],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({"elicitation":{}})).await;
+    let get = c
+        .request("GET", Bytes::new())
+        .header("accept", "text/event-stream")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let stream = c.http.request(get).await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut stream = support::SseReader::new(stream.into_body());
+    assert_eq!(c.tool_text(1, "noisy", json!({})).await, "noisy");
+    let mut heard = Vec::new();
+    while let Some(m) = stream.next_within(Duration::from_secs(10)).await {
+        let last = m["params"]["data"] == "last";
+        heard.push(m);
+        if last {
+            break;
+        }
+    }
+    let shown: Vec<String> = heard
+        .iter()
+        .map(|m| {
+            let text = m.to_string();
+            text[..text.len().min(200)].to_owned()
+        })
+        .collect();
+    assert_eq!(
+        heard.len(),
+        3,
+        "the shown log, the plain update, last: {shown:?}"
+    );
+    assert_eq!(
+        heard[0],
+        json!({"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"shown"}})
+    );
+    assert_eq!(
+        heard[1],
+        json!({"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":"mem://f/a"}})
+    );
+    let answers: Value = serde_json::from_str(&c.tool_text(2, "answers", json!({})).await).unwrap();
+    assert_eq!(answers[0]["id"], "big-1", "{answers}");
+    assert!(
+        answers[0]["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("at most 4194304 bytes"),
+        "{answers}"
+    );
+    gw.stop().await;
+}

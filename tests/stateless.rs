@@ -1302,7 +1302,8 @@ async fn a_list_changed_flood_ends_no_stream_whose_client_reads() {
         call(
             2,
             "flood",
-            json!({"seconds": 0, "burst": 40, "pad": 1 << 20})
+            // Each just under the 1 MiB a notification may have.
+            json!({"seconds": 0, "burst": 40, "pad": (1 << 20) - 1024})
         )
         .await,
         "flooded"

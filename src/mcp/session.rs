@@ -221,6 +221,7 @@ fn updated_uri(msg: &Message) -> Option<Option<std::borrow::Cow<'_, str>>> {
     Some(
         params
             .as_deref()
+            .filter(|p| crate::mcp::lookalike::check_members(p, &["uri"], "params").is_ok())
             .and_then(|p| serde_json::from_slice::<Updated<'_>>(p).ok())
             .map(|u| u.uri),
     )
@@ -849,9 +850,34 @@ impl Session {
         futures_util::future::join_all(self.links.iter().map(Link::close)).await;
     }
 
-    fn on_server_message(self: Arc<Self>, index: usize, route: Route, msg: Message) {
-        if matches!(msg.kind, Kind::Response { .. }) {
+    fn on_server_message(self: Arc<Self>, index: usize, route: Route, mut msg: Message) {
+        let most = match &msg.kind {
+            Kind::Response { .. } => return,
+            Kind::Notification { .. } => MAX_SERVER_NOTIFICATION,
+            Kind::Request { .. } => MAX_SERVER_REQUEST,
+        };
+        // What a server says unasked waits in this session's queues (up to hundreds of
+        // messages) until a client reads it: bounded, so that a server cannot make them hold
+        // gigabytes.
+        if msg.frame.len() > most {
+            tracing::debug!(session = %self.log_id(), upstream = %self.topology.servers[index].name, bytes = msg.frame.len(), "dropped a server message over {most} bytes");
+            if let Kind::Request { id, .. } = msg.kind {
+                let error = jsonrpc::error_object(
+                    code::INTERNAL_ERROR,
+                    &format!("the gateway passes on requests of at most {most} bytes"),
+                );
+                let server = self.topology.servers[index].clone();
+                server.refuse_in_background(async move {
+                    self.links[index].respond(&id, &Outcome::Error(error)).await;
+                });
+            }
             return;
+        }
+        // The client gets what the gateway read and checked, not the server's frame: members
+        // beside `method` and `params` that a lenient client could read in their place
+        // (`PARAMS`, `Method`) do not reach it.
+        if let Kind::Notification { method, params } = &msg.kind {
+            msg.frame = jsonrpc::notification(method, params.as_deref());
         }
         // A profile's session hears nothing of what it does not see (a shared upstream session
         // speaks to all its members).
@@ -863,15 +889,24 @@ impl Session {
         // A server speaks only of its own resources: an update of a URI the gateway routes to
         // another server (reads of it go there) would have the client re-read that server's
         // resource, or a listen stream watching it wake, on a stranger's word.
-        if let Some(Some(uri)) = updated_uri(&msg)
-            && let crate::mcp::router::ResourceRoute::One(owner) =
-                self.topology
+        match updated_uri(&msg) {
+            Some(Some(uri))
+                if let crate::mcp::router::ResourceRoute::One(owner) = self
+                    .topology
                     .router
                     .resource(&uri, |i| self.serves(i), true)
-            && owner != index
-        {
-            tracing::debug!(session = %self.log_id(), upstream = %self.topology.servers[index].name, "dropped an update of another server's resource");
-            return;
+                    && owner != index =>
+            {
+                tracing::debug!(session = %self.log_id(), upstream = %self.topology.servers[index].name, "dropped an update of another server's resource");
+                return;
+            }
+            // An update whose URI the gateway cannot read (none, a second `uri`, a `URI`)
+            // could name anything to a client that reads it otherwise.
+            Some(None) => {
+                tracing::debug!(session = %self.log_id(), upstream = %self.topology.servers[index].name, "dropped an update whose uri cannot be read");
+                return;
+            }
+            _ => {}
         }
         // Before any policy: a withheld announcement must still invalidate the cache.
         if let Kind::Notification { method, .. } = &msg.kind
@@ -1299,6 +1334,11 @@ pub const MAX_INFLIGHT: usize = 256;
 const SERVER_REQUEST_TTL_MS: u64 = 10 * 60 * 1000;
 /// Server→client requests waiting for one session's answers.
 const MAX_SERVER_REQUESTS: usize = 64;
+/// Largest notification a server may send the session's clients.
+const MAX_SERVER_NOTIFICATION: usize = 1 << 20;
+/// Largest request a server may put to the session's clients (a sampling request may carry
+/// images).
+const MAX_SERVER_REQUEST: usize = 4 << 20;
 
 /// Most of them from one server (the refusal names both numbers).
 const MAX_SERVER_REQUESTS_PER_SERVER: usize = 16;

@@ -79,8 +79,37 @@ impl UpstreamError {
 /// Most bytes of a server's own words kept for the log.
 const MAX_SAID: usize = 1024;
 
-/// A server's own words, capped, for the log.
+/// A server's own words, capped, for the log: its control characters escaped, so that what it
+/// says cannot begin a log line of its own (a text log line ends at a line break).
 pub fn server_text(bytes: &[u8]) -> Box<str> {
     let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_SAID)]);
-    text.trim().into()
+    let text = text.trim();
+    if !text.contains(char::is_control) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_servers_words_stay_on_one_log_line_and_are_capped() {
+        let forged =
+            b"bad gateway\r\n2026-12-06T00:00:00Z  INFO gatehouse: admin token accepted\x1b[2J";
+        let text = server_text(forged);
+        assert!(!text.contains(['\r', '\n', '\x1b']), "{text}");
+        assert!(text.starts_with("bad gateway\\r\\n2026"), "{text}");
+        assert_eq!(&*server_text(b" plain words \n"), "plain words");
+        assert_eq!(server_text(&[b'a'; 5000]).len(), MAX_SAID);
+    }
 }

@@ -295,8 +295,8 @@ async fn post_messages(
         };
         let (code, message) = match &refused {
             Refused::Credentials(e) => (e.code(), e.to_string()),
-            Refused::Other { why, .. } => {
-                tracing::warn!(server = %server.name, "POST {endpoint}: {why}");
+            Refused::Other { why, said, .. } => {
+                tracing::warn!(server = %server.name, said = %said, "POST {endpoint}: {why}");
                 (
                     code::INTERNAL_ERROR,
                     format!("upstream {} refused the message: {why}", server.name),
@@ -323,13 +323,22 @@ async fn post_messages(
 enum Refused {
     /// The server refused the caller's own credentials.
     Credentials(UpstreamError),
-    /// Anything else; `gone` when the server has forgotten the session.
-    Other { why: String, gone: bool },
+    /// Anything else (`said`: the server's words, for the log only); `gone` when the server
+    /// has forgotten the session.
+    Other {
+        why: String,
+        said: Box<str>,
+        gone: bool,
+    },
 }
 
 impl Refused {
     fn other(why: String) -> Refused {
-        Refused::Other { why, gone: false }
+        Refused::Other {
+            why,
+            said: "".into(),
+            gone: false,
+        }
     }
 }
 
@@ -360,7 +369,8 @@ async fn post(
             return Err(Refused::Credentials(refused));
         }
         Err(Refused::Other {
-            why: format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
+            why: format!("HTTP {status}"),
+            said: super::error::server_text(&body),
             gone: status == StatusCode::NOT_FOUND,
         })
     };
