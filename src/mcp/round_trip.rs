@@ -174,14 +174,23 @@ struct Relayed {
     /// The profile whose endpoint it was issued on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     f: Option<String>,
+    /// The server whose state it is: a retry that reaches another (the topology changed)
+    /// does not carry it there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    u: Option<String>,
 }
 
 /// What a retry's `requestState` picks up.
 pub enum Resumed {
     /// A call parked here, waiting for the answers.
     Parked(Parked),
-    /// A 2026-07-28 server's own state, for the retry to carry to it.
-    Relayed(String),
+    /// A 2026-07-28 server's own state, for the retry to carry to that server (by name).
+    Relayed {
+        /// The server's state.
+        state: String,
+        /// The server it came from.
+        server: Option<String>,
+    },
 }
 
 /// Why a retry could not pick up its call.
@@ -258,15 +267,18 @@ impl RoundTrips {
         self.sealer.seal(PURPOSE, &plain)
     }
 
-    /// Seals a 2026-07-28 server's `requestState` for `principal`'s retry of `method` on
-    /// `target`: the client cannot read or change it, nor use it for another request or caller.
+    /// Seals server `server`'s 2026-07-28 `requestState` for `principal`'s retry of `method`
+    /// on `target`: the client cannot read or change it, nor use it for another request,
+    /// caller or server.
     pub fn relay(
         &self,
         (principal, profile): (Option<&Principal>, Option<&str>),
         (method, target): (&str, Option<&str>),
+        server: &str,
         state: &str,
     ) -> String {
         let relayed = Relayed {
+            u: Some(server.to_owned()),
             f: profile.map(str::to_owned),
             p: principal.map(|p| p.to_string()),
             e: now_ms() + self.ttl.as_millis() as u64,
@@ -370,7 +382,10 @@ impl RoundTrips {
                     .to_owned(),
             ));
         }
-        Ok(Resumed::Relayed(r.s))
+        Ok(Resumed::Relayed {
+            state: r.s,
+            server: r.u,
+        })
     }
 }
 
@@ -436,6 +451,7 @@ mod tests {
         let token = trips.relay(
             (Some(&alice), Some("dev")),
             ("tools/call", Some("t")),
+            "s1",
             "server-state",
         );
         assert!(token.len() <= MAX_STATE_TOKEN);
@@ -443,7 +459,10 @@ mod tests {
             trips.resume((who, profile), None, &token, method, target)
         };
         let carried = |r: Result<Resumed, ResumeError>| match r {
-            Ok(Resumed::Relayed(s)) => s,
+            Ok(Resumed::Relayed { state, server }) => {
+                assert_eq!(server.as_deref(), Some("s1"), "it names its server");
+                state
+            }
             Ok(Resumed::Parked(_)) => panic!("not a parked call"),
             Err(e) => panic!("{e}"),
         };
@@ -497,7 +516,7 @@ mod tests {
         }
         // Expired.
         let brief = RoundTrips::new(Sealer::random(1), Duration::ZERO);
-        let token = brief.relay((None, None), ("tools/call", Some("t")), "s");
+        let token = brief.relay((None, None), ("tools/call", Some("t")), "s1", "s");
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(
             brief

@@ -388,6 +388,25 @@ fn read_meta<'a>(meta: &'a str, kept: &mut Vec<u8>) -> Result<Envelope<'a>, Refu
     }
 }
 
+/// The server a request that may ask for input (`method` on `target`) reaches in `session`.
+fn server_asked(session: &Session, method: &str, target: Option<&str>) -> Option<usize> {
+    match (method, target) {
+        ("tools/call", Some(name)) => session.resolve_tool(name).map(|r| r.0),
+        ("prompts/get", Some(name)) => session.resolve_prompt(name).map(|r| r.0),
+        ("resources/read", Some(uri)) => {
+            match session
+                .topology()
+                .router
+                .resource(uri, |i| session.serves_resource(i, uri), true)
+            {
+                ResourceRoute::One(i) => Some(i),
+                ResourceRoute::Unknown | ResourceRoute::Ambiguous(_) => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 /// Reads and checks the params of a stateless request of `method`: the top level as borrowed
 /// members (a key given twice is refused: which one counts would be a guess), then `_meta` in
 /// one pass that writes the params without the envelope.
@@ -735,6 +754,8 @@ pub(crate) async fn post(
         principal: principal.clone(),
     };
     let mut params = Some(params);
+    // The server whose own state the retry carries, to be the one it reaches.
+    let mut relayed_from = None;
     if let Some(state) = retry.state {
         let resumed = gw.round_trips.resume(
             (principal.as_ref(), profile.map(|p| p.name.as_str())),
@@ -748,11 +769,12 @@ pub(crate) async fn post(
                 return round.resume(parked, retry.responses).await;
             }
             // The server's own state goes back to it in place of the gateway's token.
-            Ok(round_trip::Resumed::Relayed(state)) => {
+            Ok(round_trip::Resumed::Relayed { state, server }) => {
                 match with_request_state(params.as_ref(), &state) {
                     Some(p) => params = Some(p),
                     None => return invalid("params cannot carry requestState"),
                 }
+                relayed_from = server;
             }
             Err(e) => return invalid(&e.to_string()),
         }
@@ -772,6 +794,14 @@ pub(crate) async fn post(
     };
     if let Some(claims) = &claims {
         session.hold_claims(claims);
+    }
+    if let Some(from) = relayed_from
+        && server_asked(&session, &round.method, round.target.as_deref())
+            .is_none_or(|i| *session.topology().servers[i].name != *from)
+    {
+        return invalid(
+            "requestState was issued by another server than the one this request reaches now; send the request again without it",
+        );
     }
     let busy = session.touch();
     if round.method == "tools/call"
@@ -1091,21 +1121,7 @@ impl Round {
             return None;
         }
         let topology = session.topology();
-        let index = match (&*self.method, self.target.as_deref()) {
-            ("tools/call", Some(name)) => session.resolve_tool(name).map(|r| r.0),
-            ("prompts/get", Some(name)) => session.resolve_prompt(name).map(|r| r.0),
-            ("resources/read", Some(uri)) => {
-                match topology
-                    .router
-                    .resource(uri, |i| session.serves_resource(i, uri), true)
-                {
-                    ResourceRoute::One(i) => Some(i),
-                    ResourceRoute::Unknown | ResourceRoute::Ambiguous(_) => None,
-                }
-            }
-            _ => None,
-        };
-        let Some(index) = index else {
+        let Some(index) = server_asked(session, &self.method, self.target.as_deref()) else {
             return Some(self.refused_state(&format!(
                 "{} cannot ask for input (only tools/call, prompts/get and resources/read of a known server can)",
                 self.method
@@ -1201,6 +1217,7 @@ impl Round {
             let token = self.gw.round_trips.relay(
                 (self.principal.as_ref(), session.profile_name()),
                 (&self.method, self.target.as_deref()),
+                &topology.servers[index].name,
                 &state,
             );
             sealed = RawValue::from_string(serde_json::to_string(&token).ok()?).ok()?;
