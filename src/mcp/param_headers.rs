@@ -14,6 +14,11 @@ use crate::mcp::jsonrpc::each_member;
 /// Longest header name suffix honored (longer marks are ignored: no client can send them).
 const MAX_NAME: usize = 128;
 
+/// Most tools of one server whose marked arguments are kept.
+const MAX_MARKED_TOOLS: usize = 4096;
+/// Most marked arguments of one tool kept (each is a header on every call of it).
+const MAX_MARKS_PER_TOOL: usize = 32;
+
 /// Which arguments of one upstream's tools are mirrored in headers: tool → (argument, header
 /// suffix). Tools without marked arguments are absent.
 #[derive(Debug, Default)]
@@ -90,6 +95,12 @@ impl ToolHeaders {
                 }
             });
             if read.is_ok() && !marked.is_empty() {
+                // Bounded whatever a server lists: past the bounds, a tool's marks are not
+                // kept (its calls are sent without them, and such a server may refuse them).
+                if self.by_tool.len() >= MAX_MARKED_TOOLS && !self.by_tool.contains_key(&name) {
+                    continue;
+                }
+                marked.truncate(MAX_MARKS_PER_TOOL);
                 self.by_tool.insert(name, marked);
             }
         }
@@ -263,5 +274,31 @@ mod tests {
                 .unwrap_err()
                 .contains("is not")
         );
+    }
+
+    #[test]
+    fn what_is_kept_of_a_servers_marks_is_bounded() {
+        let marked = |n: usize| {
+            let props: serde_json::Map<String, serde_json::Value> = (0..n)
+                .map(|i| {
+                    (
+                        format!("a{i}"),
+                        json!({"type": "string", "x-mcp-header": format!("H{i}")}),
+                    )
+                })
+                .collect();
+            json!({"type": "object", "properties": props})
+        };
+        let tools: Vec<_> = (0..MAX_MARKED_TOOLS + 10)
+            .map(|i| json!({"name": format!("t{i}"), "inputSchema": marked(1)}))
+            .chain([json!({"name": "t0", "inputSchema": marked(MAX_MARKS_PER_TOOL + 8)})])
+            .collect();
+        let mut h = ToolHeaders::default();
+        h.learn(json!({"tools": tools}).to_string().as_bytes())
+            .unwrap();
+        assert_eq!(h.by_tool.len(), MAX_MARKED_TOOLS);
+        assert!(h.of(&format!("t{}", MAX_MARKED_TOOLS)).is_empty());
+        // A tool already kept is still learned anew, its marks cut to the bound.
+        assert_eq!(h.of("t0").len(), MAX_MARKS_PER_TOOL);
     }
 }

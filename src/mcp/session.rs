@@ -170,8 +170,9 @@ pub struct Session {
     /// Each upstream's tool arguments mirrored in `Mcp-Param-*` headers, once read, with the
     /// link generation they were read on (stateless sessions only).
     tool_headers: Mutex<Vec<Option<ReadHeaders>>>,
-    /// One reading of a tool list at a time (concurrent calls wait for it, not ask again).
-    tool_headers_reading: tokio::sync::Mutex<()>,
+    /// One reading of each server's tool list at a time (concurrent calls wait for it, not
+    /// ask again).
+    tool_headers_reading: Box<[tokio::sync::Mutex<()>]>,
     weak: Weak<Session>,
 }
 
@@ -312,7 +313,9 @@ impl Session {
                 subscriptions: Subscriptions::default(),
                 streams: crate::mcp::resume::Streams::default(),
                 tool_headers: Mutex::new(vec![None; servers.len()]),
-                tool_headers_reading: tokio::sync::Mutex::new(()),
+                tool_headers_reading: (0..servers.len())
+                    .map(|_| tokio::sync::Mutex::new(()))
+                    .collect(),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
                 resource_walk: tokio::sync::Mutex::new(None),
@@ -705,7 +708,8 @@ impl Session {
         if let Some(h) = known() {
             return h;
         }
-        let _reading = self.tool_headers_reading.lock().await;
+        // One reading per server: a server slow to list holds up no other server's calls.
+        let _reading = self.tool_headers_reading[index].lock().await;
         if let Some(h) = known() {
             return h;
         }
