@@ -54,16 +54,28 @@ const DELETIONS_LOGGED_GAP: Duration = Duration::from_millis(200);
 /// The longest it waits between two looks while the leader cannot answer.
 const DELETIONS_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Most deleted portable sessions of one principal a replica keeps a record of: one caller
+/// deleting sessions without end makes room among its own.
+const MAX_DELETED_PER_PRINCIPAL: usize = MAX_DELETED_SESSIONS / 4;
+
 /// Portable sessions deleted here (DELETE), each refused until its id expires
-/// (`mcp.session_max_age` after it was issued). Bounded: past [`MAX_DELETED_SESSIONS`], the one
-/// that expires soonest makes room, and every id issued no later than it is refused from then
-/// on (`floor`). So a session deleted here is never restored here; at worst, after that many
+/// (`mcp.session_max_age` after it was issued). Bounded: past [`MAX_DELETED_PER_PRINCIPAL`]
+/// of one principal's, its deleted id that expires soonest makes room, and every id issued to
+/// that principal no later than it is refused from then on (its `floors`); past
+/// [`MAX_DELETED_SESSIONS`] in all (more than four principals near their bound), the same for everyone
+/// (`floor`). So a session deleted here is never restored here; at worst, after that many
 /// deletions within `session_max_age`, an older session that was not deleted is not restored
-/// here either (its client opens a new one).
+/// here either (its client opens a new one), and one principal's deletions cost only its own
+/// sessions so.
 struct Deleted {
-    /// When each id was issued (Unix ms) and a keyed hash of it: soonest to expire first.
-    ids: BTreeSet<(u64, u64)>,
-    /// Ids issued at or before this (Unix ms) are refused.
+    /// When each id was issued (Unix ms), a keyed hash of it, and one of its principal:
+    /// soonest to expire first.
+    ids: BTreeSet<(u64, u64, u64)>,
+    /// Each principal's entries (issued, id hash), by the principal's hash.
+    by_principal: std::collections::HashMap<u64, BTreeSet<(u64, u64)>>,
+    /// Ids issued to a principal at or before its floor (Unix ms) are refused.
+    floors: std::collections::HashMap<u64, u64>,
+    /// Ids issued at or before this (Unix ms) are refused, whoever they were issued to.
     floor: u64,
     /// The hash's key, random: ids cannot be chosen to collide.
     keys: std::hash::RandomState,
@@ -73,6 +85,8 @@ impl Default for Deleted {
     fn default() -> Self {
         Deleted {
             ids: BTreeSet::new(),
+            by_principal: Default::default(),
+            floors: Default::default(),
             floor: 0,
             keys: std::hash::RandomState::new(),
         }
@@ -80,28 +94,57 @@ impl Default for Deleted {
 }
 
 impl Deleted {
-    fn entry(&self, id: &str, issued: u64) -> (u64, u64) {
-        (issued, self.keys.hash_one(id))
+    fn principal(&self, principal: Option<&str>) -> u64 {
+        self.keys.hash_one(principal)
     }
 
-    /// Whether the id issued at `issued` is refused here.
-    fn holds(&self, id: &str, issued: u64) -> bool {
-        issued <= self.floor || self.ids.contains(&self.entry(id, issued))
+    /// Whether the id issued to `principal` at `issued` is refused here.
+    fn holds(&self, id: &str, issued: u64, principal: Option<&str>) -> bool {
+        let p = self.principal(principal);
+        issued <= self.floor
+            || self.floors.get(&p).is_some_and(|f| issued <= *f)
+            || self.ids.contains(&(issued, self.keys.hash_one(id), p))
     }
 
-    /// Records a deleted id until it expires, `max_age` after `issued`.
-    fn insert(&mut self, id: &str, issued: u64, now: u64, max_age: u64) {
-        while let Some(&(at, _)) = self.ids.first()
+    /// Forgets one entry of principal `p`'s.
+    fn forget(&mut self, p: u64, entry: (u64, u64)) {
+        if let Some(its) = self.by_principal.get_mut(&p) {
+            its.remove(&entry);
+            if its.is_empty() {
+                self.by_principal.remove(&p);
+            }
+        }
+    }
+
+    /// Records a deleted id of `principal`'s until it expires, `max_age` after `issued`.
+    fn insert(&mut self, id: &str, issued: u64, principal: Option<&str>, now: u64, max_age: u64) {
+        while let Some(&(at, h, p)) = self.ids.first()
             && at.saturating_add(max_age) < now
         {
             self.ids.pop_first();
+            self.forget(p, (at, h));
         }
+        self.floors
+            .retain(|_, floor| floor.saturating_add(max_age) >= now);
         if issued.saturating_add(max_age) < now {
             return;
         }
-        self.ids.insert(self.entry(id, issued));
+        let (h, p) = (self.keys.hash_one(id), self.principal(principal));
+        if !self.ids.insert((issued, h, p)) {
+            return;
+        }
+        let its = self.by_principal.entry(p).or_default();
+        its.insert((issued, h));
+        if its.len() > MAX_DELETED_PER_PRINCIPAL
+            && let Some((at, oldest)) = its.pop_first()
+        {
+            self.ids.remove(&(at, oldest, p));
+            let floor = self.floors.entry(p).or_default();
+            *floor = (*floor).max(at);
+        }
         while self.ids.len() > MAX_DELETED_SESSIONS {
-            if let Some((at, _)) = self.ids.pop_first() {
+            if let Some((at, h, p)) = self.ids.pop_first() {
+                self.forget(p, (at, h));
                 self.floor = self.floor.max(at);
                 tracing::debug!(
                     floor = at,
@@ -564,7 +607,7 @@ impl Gateway {
         let heard = self.deletions_heard.load(Ordering::Acquire);
         if self.deleted_elsewhere(id).await {
             // Asked again, this replica answers itself.
-            self.record_deleted(id, token.t);
+            self.record_deleted(id, token.t, token.p.as_deref());
             return Ok(None);
         }
         let session = {
@@ -575,7 +618,7 @@ impl Gateway {
                 .deleted
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .holds(id, token.t)
+                .holds(id, token.t, token.p.as_deref())
             {
                 return Ok(None);
             }
@@ -605,7 +648,7 @@ impl Gateway {
         // here (so not ended for it): the leader is asked again, and now knows.
         if self.deletions_heard.load(Ordering::Acquire) != heard && self.deleted_elsewhere(id).await
         {
-            self.record_deleted(id, token.t);
+            self.record_deleted(id, token.t, token.p.as_deref());
             self.end_session(id);
             return Ok(None);
         }
@@ -634,7 +677,7 @@ impl Gateway {
             .iter()
             .find(|v| **v == token.v)?;
         let deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
-        (!deleted.holds(id, token.t)).then_some((token, *version))
+        (!deleted.holds(id, token.t, token.p.as_deref())).then_some((token, *version))
     }
 
     /// Whether the replicas' shared record says `id` was deleted: where replicas share plugin
@@ -702,14 +745,14 @@ impl Gateway {
                     return false;
                 };
                 if self.deleted_elsewhere(id).await {
-                    self.record_deleted(id, token.t);
+                    self.record_deleted(id, token.t, token.p.as_deref());
                     return false;
                 }
                 Some(token.t)
             }
         };
         if let Some(issued) = issued {
-            self.record_deleted(id, issued);
+            self.record_deleted(id, issued, principal.map(|p| &**p));
         }
         self.end_session(id);
         if issued.is_some() {
@@ -722,20 +765,20 @@ impl Gateway {
         true
     }
 
-    /// Records that a portable session issued at `issued` was deleted, so that its id opens
-    /// nothing here again.
-    fn record_deleted(&self, id: &str, issued: u64) {
+    /// Records that a portable session issued to `principal` at `issued` was deleted, so that
+    /// its id opens nothing here again.
+    fn record_deleted(&self, id: &str, issued: u64, principal: Option<&str>) {
         let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
-        self.note_deleted(id, issued);
+        self.note_deleted(id, issued, principal);
     }
 
     /// [`Gateway::record_deleted`], `restoring` held.
-    fn note_deleted(&self, id: &str, issued: u64) {
+    fn note_deleted(&self, id: &str, issued: u64, principal: Option<&str>) {
         let max_age = self.config.mcp.session_max_age.as_millis() as u64;
         self.deleted
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, issued, session_token::now_ms(), max_age);
+            .insert(id, issued, principal, session_token::now_ms(), max_age);
     }
 
     /// Whether this replica follows the leader's log of deletions now: it has session keys,
@@ -767,7 +810,7 @@ impl Gateway {
         let _serial = self.restoring.lock().unwrap_or_else(|e| e.into_inner());
         for id in &ended {
             if let Some(token) = session_token::open(sealer, id) {
-                self.note_deleted(id, token.t);
+                self.note_deleted(id, token.t, token.p.as_deref());
             }
             tracing::info!(session = %crate::mcp::session::log_id(id), "ended a portable session its client deleted on another replica");
             // (Its plugins' state went when the leader logged the deletion.)
@@ -1120,23 +1163,59 @@ mod tests {
     #[test]
     fn the_record_of_deleted_sessions_holds_each_until_it_expires() {
         let mut d = Deleted::default();
-        d.insert("a", 1_000, 1_000, 100);
-        assert!(d.holds("a", 1_000));
-        assert!(!d.holds("a", 1_001), "another id, issued later");
-        assert!(!d.holds("b", 1_000));
+        d.insert("a", 1_000, None, 1_000, 100);
+        assert!(d.holds("a", 1_000, None));
+        assert!(!d.holds("a", 1_001, None), "another id, issued later");
+        assert!(!d.holds("b", 1_000, None));
         // Expired ids are not kept, and go as others come.
-        d.insert("old", 500, 1_000, 100);
-        assert!(!d.holds("old", 500));
-        d.insert("c", 1_150, 1_150, 100);
+        d.insert("old", 500, None, 1_000, 100);
+        assert!(!d.holds("old", 500, None));
+        d.insert("c", 1_150, Some("p0"), 1_150, 100);
         assert_eq!(d.ids.len(), 1, "a expired and gave its room back");
         assert_eq!(d.floor, 0);
+        // Five principals within their bounds, past the bound of all: the soonest to expire
+        // of all makes room, and nothing issued no later than it is restored, whoever it was
+        // issued to.
         for i in 0..=MAX_DELETED_SESSIONS as u64 {
-            d.insert(&format!("x{i}"), 1_151 + i, 1_200, 1_000_000);
+            let who = format!("p{}", i % 5);
+            d.insert(&format!("x{i}"), 1_151 + i, Some(&who), 1_200, 1_000_000);
         }
         assert_eq!(d.ids.len(), MAX_DELETED_SESSIONS);
         assert_eq!(d.floor, 1_151, "c and x0, the soonest to expire, made room");
-        assert!(d.holds("c", 1_150) && d.holds("x0", 1_151) && d.holds("x1", 1_152));
-        assert!(d.holds("never deleted", 1_100), "issued before the floor");
-        assert!(!d.holds("never deleted", 1_152));
+        assert!(d.holds("c", 1_150, Some("p0")) && d.holds("x0", 1_151, Some("p0")));
+        assert!(d.holds("x1", 1_152, Some("p1")));
+        assert!(
+            d.holds("never deleted", 1_100, Some("p9")),
+            "issued before the floor"
+        );
+        assert!(!d.holds("never deleted", 1_152, Some("p9")));
+    }
+
+    /// One principal deleting sessions without end makes room among its own: past its bound
+    /// its own older sessions are no longer restored here, and no one else's.
+    #[test]
+    fn one_principals_deletions_cost_only_its_own_sessions() {
+        let mut d = Deleted::default();
+        d.insert("bobs", 999, Some("bob"), 1_000, 1_000_000);
+        for i in 0..(MAX_DELETED_PER_PRINCIPAL + 10) as u64 {
+            d.insert(
+                &format!("m{i}"),
+                1_000 + i,
+                Some("mallory"),
+                1_000,
+                1_000_000,
+            );
+        }
+        assert_eq!(d.ids.len(), MAX_DELETED_PER_PRINCIPAL + 1);
+        assert_eq!(d.floor, 0, "no floor for everyone");
+        assert!(
+            d.holds("m0", 1_000, Some("mallory")),
+            "made room, still refused"
+        );
+        assert!(d.holds("another of mallory's", 1_005, Some("mallory")));
+        assert!(!d.holds("alice's", 1_005, Some("alice")), "restored");
+        assert!(d.holds("bobs", 999, Some("bob")) && !d.holds("bobs2", 999, Some("bob")));
+        // The id's principal counts: mallory's deleted id is not another's.
+        assert!(!d.holds("m20", 1_020, Some("alice")));
     }
 }
