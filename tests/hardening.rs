@@ -710,31 +710,13 @@ async fn a_server_cannot_ask_a_client_for_what_it_did_not_declare() {
     gw.stop().await;
 }
 
-/// A stdio server that, once asked (`flood`), floods `tools/list_changed` from a thread of its
-/// own (no call in flight, so it all goes to the session's GET stream), puts one question to
-/// the client (elicitation) in the middle of it, and says `prompts/list_changed` when done;
-/// `answers` tells what came back for its question.
-const ASKING_FLOODER: &str = r#"
-import json, sys, threading
-out = threading.Lock()
-answers = []
-def send(m):
-    with out:
-        sys.stdout.write(json.dumps(m) + "\n")
-        sys.stdout.flush()
-def flood(before, after, pad):
-    line = json.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
-                       "params": {"_meta": {"pad": "x" * pad}}}) + "\n"
-    for n in (before, after):
-        for _ in range(n // 16):
-            with out:
-                sys.stdout.write(line * 16)
-                sys.stdout.flush()
-        if n is before:
-            send({"jsonrpc": "2.0", "id": "ask-1", "method": "elicitation/create",
-                  "params": {"mode": "form", "message": "Your name?", "requestedSchema":
-                             {"type": "object", "properties": {"name": {"type": "string"}}}}})
-    send({"jsonrpc": "2.0", "method": "notifications/prompts/list_changed"})
+/// A stdio server (Python) that says things unasked: `script` defines `start(arguments)`, which
+/// the tool `start` runs (answering "started" at once), with `send(message)`, `raw(text)` (a
+/// line as is) and the thread-safe output they share; the tool `answers` tells what the client
+/// answered to the server's requests. The gateway in front of it, and a session (elicitation
+/// declared) with its GET stream open.
+async fn unasked_server_session(script: &str) -> (TestGateway, Client, support::SseReader) {
+    const LOOP: &str = r#"
 for line in sys.stdin:
     m = json.loads(line)
     if "method" not in m:
@@ -746,13 +728,12 @@ for line in sys.stdin:
     if method == "initialize":
         result = {"protocolVersion": params["protocolVersion"],
                   "capabilities": {"tools": {"listChanged": True}, "prompts": {"listChanged": True}},
-                  "serverInfo": {"name": "asking-flood", "version": "1"}}
+                  "serverInfo": {"name": "unasked", "version": "1"}}
     elif method == "tools/list":
-        result = {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in ("flood", "answers")]}
-    elif method == "tools/call" and params["name"] == "flood":
-        a = params["arguments"]
-        send({"jsonrpc": "2.0", "id": m["id"], "result": {"content": [{"type": "text", "text": "flooding"}]}})
-        threading.Thread(target=flood, args=(a["before"], a["after"], a["pad"]), daemon=True).start()
+        result = {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in ("start", "answers")]}
+    elif method == "tools/call" and params["name"] == "start":
+        send({"jsonrpc": "2.0", "id": m["id"], "result": {"content": [{"type": "text", "text": "started"}]}})
+        start(params.get("arguments") or {})
         continue
     elif method == "tools/call":
         result = {"content": [{"type": "text", "text": json.dumps(answers)}]}
@@ -761,15 +742,19 @@ for line in sys.stdin:
         continue
     send({"jsonrpc": "2.0", "id": m["id"], "result": result})
 "#;
-
-/// A server flooding `list_changed` costs a session's GET stream one queue entry, not its whole
-/// queue: a question a server puts to the client in the middle of the flood still reaches the
-/// client (which reads more slowly than the flood comes), and the client's answer reaches the
-/// server. Before, the flood kept the stream's 256 entries full, and the question was refused
-/// ("the client has no open stream to receive this request").
-#[tokio::test]
-async fn a_list_changed_flood_leaves_room_for_a_servers_question() {
-    let args = serde_json::to_string(&["-u", "-c", ASKING_FLOODER]).unwrap();
+    const PRELUDE: &str = r#"
+import json, sys, threading
+out = threading.Lock()
+answers = []
+def raw(text):
+    with out:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+def send(m):
+    raw(json.dumps(m))
+"#;
+    let program = format!("{PRELUDE}{script}{LOOP}");
+    let args = serde_json::to_string(&["-u", "-c", &program]).unwrap();
     let gw = TestGateway::start(
         "",
         &[format!(
@@ -786,11 +771,42 @@ async fn a_list_changed_flood_leaves_room_for_a_servers_question() {
         .unwrap();
     let stream = c.http.request(get).await.unwrap();
     assert_eq!(stream.status(), 200);
-    let mut stream = support::SseReader::new(stream.into_body());
+    (gw, c, support::SseReader::new(stream.into_body()))
+}
+
+/// For [`unasked_server_session`]: once started, floods `tools/list_changed` from a thread of
+/// its own (no call in flight, so it all goes to the session's GET stream), puts one question
+/// to the client (elicitation) in the middle of it, and says `prompts/list_changed` when done.
+const ASKING_FLOODER: &str = r#"
+def flood(before, after, pad):
+    line = json.dumps({"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
+                       "params": {"_meta": {"pad": "x" * pad}}}) + "\n"
+    for n in (before, after):
+        for _ in range(n // 16):
+            with out:
+                sys.stdout.write(line * 16)
+                sys.stdout.flush()
+        if n is before:
+            send({"jsonrpc": "2.0", "id": "ask-1", "method": "elicitation/create",
+                  "params": {"mode": "form", "message": "Your name?", "requestedSchema":
+                             {"type": "object", "properties": {"name": {"type": "string"}}}}})
+    send({"jsonrpc": "2.0", "method": "notifications/prompts/list_changed"})
+def start(a):
+    threading.Thread(target=flood, args=(a["before"], a["after"], a["pad"]), daemon=True).start()
+"#;
+
+/// A server flooding `list_changed` costs a session's GET stream one queue entry, not its whole
+/// queue: a question a server puts to the client in the middle of the flood still reaches the
+/// client (which reads more slowly than the flood comes), and the client's answer reaches the
+/// server. Before, the flood kept the stream's 256 entries full, and the question was refused
+/// ("the client has no open stream to receive this request").
+#[tokio::test]
+async fn a_list_changed_flood_leaves_room_for_a_servers_question() {
+    let (gw, c, mut stream) = unasked_server_session(ASKING_FLOODER).await;
     // 16 KiB a notice: what the connection's buffers hold is soon read once the question is in.
     // 2,000 before the question: far more than those buffers and the stream's queue hold.
     let flood = json!({"before": 2000, "after": 400, "pad": 16 * 1024});
-    assert_eq!(c.tool_text(1, "flood", flood).await, "flooding");
+    assert_eq!(c.tool_text(1, "start", flood).await, "started");
     let mut asked = false;
     while let Some(m) = stream.next_within(Duration::from_secs(10)).await {
         match m["method"].as_str() {
@@ -822,20 +838,11 @@ async fn a_list_changed_flood_leaves_room_for_a_servers_question() {
     gw.stop().await;
 }
 
-/// A stdio server that, once asked (`noisy`), says from a thread of its own what a hostile
+/// For [`unasked_server_session`]: once started, says from a thread of its own what a hostile
 /// server says unasked: a 2 MiB log message, a log message with a `PARAMS` twin, a
 /// `resources/updated` naming its URI twice, a 5 MiB question to the client, then a plain
-/// update and `last`; `answers` tells what came back for its question.
+/// update and `last`.
 const NOISY: &str = r#"
-import json, sys, threading
-out = threading.Lock()
-answers = []
-def raw(text):
-    with out:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-def send(m):
-    raw(json.dumps(m))
 def noise():
     send({"jsonrpc": "2.0", "method": "notifications/message",
           "params": {"level": "info", "data": "x" * (2 << 20)}})
@@ -846,32 +853,8 @@ def noise():
                      {"type": "object", "properties": {"name": {"type": "string"}}}}})
     send({"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": "mem://f/a"}})
     send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "last"}})
-for line in sys.stdin:
-    m = json.loads(line)
-    if "method" not in m:
-        answers.append(m)
-        continue
-    if "id" not in m:
-        continue
-    method, params = m["method"], m.get("params") or {}
-    if method == "initialize":
-        result = {"protocolVersion": params["protocolVersion"],
-                  "capabilities": {"tools": {}, "resources": {}, "logging": {}},
-                  "serverInfo": {"name": "noisy", "version": "1"}}
-    elif method == "tools/list":
-        result = {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in ("noisy", "answers")]}
-    elif method == "resources/list":
-        result = {"resources": [{"uri": "mem://f/a", "name": "a"}]}
-    elif method == "tools/call" and params["name"] == "noisy":
-        send({"jsonrpc": "2.0", "id": m["id"], "result": {"content": [{"type": "text", "text": "noisy"}]}})
-        threading.Thread(target=noise, daemon=True).start()
-        continue
-    elif method == "tools/call":
-        result = {"content": [{"type": "text", "text": json.dumps(answers)}]}
-    else:
-        send({"jsonrpc": "2.0", "id": m["id"], "error": {"code": -32601, "message": method}})
-        continue
-    send({"jsonrpc": "2.0", "id": m["id"], "result": result})
+def start(a):
+    threading.Thread(target=noise, daemon=True).start()
 "#;
 
 /// What a server says unasked is bounded and passed on as the gateway read it: a notification
@@ -881,25 +864,8 @@ for line in sys.stdin:
 /// size, so a server could make a session's queues hold gigabytes.
 #[tokio::test]
 async fn what_a_server_says_unasked_is_bounded_and_passed_on_as_read() {
-    let args = serde_json::to_string(&["-u", "-c", NOISY]).unwrap();
-    let gw = TestGateway::start(
-        "",
-        &[format!(
-            "  - name: f\n    stdio: {{ command: /usr/bin/python3, args: {args} }}\n"
-        )],
-    )
-    .await;
-    let mut c = gw.client();
-    c.initialize(json!({"elicitation":{}})).await;
-    let get = c
-        .request("GET", Bytes::new())
-        .header("accept", "text/event-stream")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let stream = c.http.request(get).await.unwrap();
-    assert_eq!(stream.status(), 200);
-    let mut stream = support::SseReader::new(stream.into_body());
-    assert_eq!(c.tool_text(1, "noisy", json!({})).await, "noisy");
+    let (gw, c, mut stream) = unasked_server_session(NOISY).await;
+    assert_eq!(c.tool_text(1, "start", json!({})).await, "started");
     let mut heard = Vec::new();
     while let Some(m) = stream.next_within(Duration::from_secs(10)).await {
         let last = m["params"]["data"] == "last";
