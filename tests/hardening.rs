@@ -627,7 +627,7 @@ done
     let mut c = gw.client();
     c.initialize(json!({})).await;
     let mut rss = Vec::new();
-    for round in 0..3u64 {
+    for round in 0..4u64 {
         let started = std::time::Instant::now();
         let resp = tokio::time::timeout(
             Duration::from_secs(30),
@@ -659,12 +659,15 @@ done
             "still here"
         );
     }
-    // An over-long line's room is given back: another two do not add another line's worth.
+    // An over-long line's room is given back: two more add less than the two lines' worth
+    // (128 MiB) they would if it were kept. The baseline is after the second: the first's freed
+    // 64 MiB block raises glibc's mmap threshold, so the next line's smaller blocks come from,
+    // and partly stay in, the heap (30 to 60 MiB in all, measured), however many lines follow.
     assert!(
-        rss[2] < rss[0] + (64 << 20),
+        rss[3] < rss[1] + (96 << 20),
         "resident set grew from {} to {} bytes",
-        rss[0],
-        rss[2]
+        rss[1],
+        rss[3]
     );
     gw.stop().await;
 }

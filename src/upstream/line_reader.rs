@@ -74,8 +74,12 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                     self.front = 0;
                 }
             } else if self.buf.capacity() - self.buf.len() < READ_BLOCK / 8 {
-                // A longer message moves to a block twice its size as it grows.
-                let mut fresh = BytesMut::with_capacity(READ_BLOCK.max(2 * self.buf.len()));
+                // A longer message moves to a block twice its size as it grows, but never to
+                // one much past the limit: a line over it needs only one byte more to be seen.
+                let size = READ_BLOCK
+                    .max(2 * self.buf.len())
+                    .min(self.max.saturating_add(READ_BLOCK));
+                let mut fresh = BytesMut::with_capacity(size);
                 fresh.extend_from_slice(&self.buf);
                 (self.buf, self.front) = (fresh, 0);
             }
@@ -199,6 +203,21 @@ mod tests {
                 "{data:?} by {size}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_line_over_the_limit_grows_no_block_much_past_the_limit() {
+        // Doubling alone would take a block from 1.7 read blocks to 3.4 just before the line
+        // passes the limit.
+        let max = READ_BLOCK * 7 / 4;
+        let data = vec![b'z'; 4 * READ_BLOCK];
+        let mut r = LineReader::new(pieces(&data, 4096), max);
+        assert_eq!(r.next().await.unwrap(), Line::TooLong);
+        assert!(
+            r.buf.capacity() <= max + READ_BLOCK,
+            "a block of {} for a limit of {max}",
+            r.buf.capacity()
+        );
     }
 
     #[tokio::test]

@@ -324,6 +324,9 @@ async fn read_loop(
             _ => pending.dispatch(msg, &inbox),
         }
     }
+    // The buffer goes before the calls hear: an over-long line's room is given back by the
+    // time anyone can ask again.
+    drop(reader);
     let _ = ended.set(ENDED);
     pending.fail_all();
     tracing::info!(server = %server.name, "upstream message stream ended");
