@@ -853,3 +853,58 @@ async fn a_server_cannot_announce_updates_of_another_servers_resource() {
     assert_eq!(touch(5, "a__touch", "other://x").await, ["other://x"]);
     gw.stop().await;
 }
+
+/// A server whose resource list never reaches its last page (here: every page points to a next
+/// one) cannot tell the router it claims no other server's URI, so the first read walks it.
+/// But reads of another server's resources do not wait for another walk of it at every turn
+/// (in this session or another) until a while has passed; then they walk it again.
+#[tokio::test]
+async fn a_server_listing_without_end_does_not_hold_up_every_read() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-endless-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let asked = dir.join("asked");
+    let _ = std::fs::remove_file(&asked);
+    let script = format!(
+        r#"while IFS= read -r line; do
+id=$(printf '%s' "$line" | sed -n 's/.*"id":\([^,}}]*\).*/\1/p')
+case "$line" in
+*'"initialize"'*) printf '{{"jsonrpc":"2.0","id":%s,"result":{{"protocolVersion":"2025-11-25","capabilities":{{"resources":{{}}}},"serverInfo":{{"name":"endless","version":"1"}}}}}}\n' "$id";;
+*'"resources/list"'*) printf 'L' >> {asked:?}; printf '{{"jsonrpc":"2.0","id":%s,"result":{{"resources":[],"nextCursor":"more"}}}}\n' "$id";;
+*'"resources/templates/list"'*) printf '{{"jsonrpc":"2.0","id":%s,"result":{{"resourceTemplates":[]}}}}\n' "$id";;
+esac
+done
+"#
+    );
+    let endless = format!(
+        "  - name: endless\n    stdio: {{ command: sh, args: [\"-c\", {}] }}\n",
+        serde_json::to_string(&script).unwrap()
+    );
+    let gw = TestGateway::start("", &[example("a", &[], ""), endless]).await;
+    let lists = || std::fs::read(&asked).map_or(0, |b| b.len());
+    let read = |c: Client, id: u64| async move {
+        let r = c
+            .call(id, "resources/read", json!({"uri":"example://a/readme"}))
+            .await;
+        assert_eq!(
+            r["result"]["contents"][0]["uri"], "example://a/readme",
+            "{r}"
+        );
+    };
+    let (mut c, mut other) = (gw.client(), gw.client());
+    c.initialize(json!({})).await;
+    other.initialize(json!({})).await;
+    read(c.clone(), 1).await;
+    let walked = lists();
+    assert!(walked > 1, "the first read walked its pages ({walked})");
+    // Past the session's own one walk a second, in this session and another: no walk.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    read(c.clone(), 2).await;
+    read(other, 1).await;
+    assert_eq!(lists(), walked, "a read walked the endless list again");
+    // The excuse runs out (two seconds after the first walk): the next read walks again.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    read(c, 3).await;
+    assert!(lists() > walked, "no walk after the excuse ran out");
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,7 +1,8 @@
 //! Routing: which upstream serves a tool, prompt or resource, and how names are prefixed.
 
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
@@ -36,7 +37,27 @@ pub struct Router {
     /// Which of each upstream's lists ([`Listed`]) have been learned to their last page: until
     /// both are, its silence is no evidence that it does not claim a URI too.
     listed: Box<[AtomicU8]>,
+    /// Upstreams whose lists a walk could not finish: reads do not wait for them again for a
+    /// while (see [`Router::walked`]).
+    excused: Box<[Excuse]>,
+    /// What [`Excuse::until_ms`] counts from.
+    started: Instant,
 }
+
+/// How long reads go on without waiting for an upstream whose lists were not heard to the end.
+#[derive(Default)]
+struct Excuse {
+    /// Walks in a row that ended before its lists' last pages.
+    misses: AtomicU32,
+    /// Until when (milliseconds from [`Router::started`]) it is excused.
+    until_ms: AtomicU64,
+}
+
+/// How long a first unfinished walk excuses an upstream; each one in a row doubles it.
+const FIRST_EXCUSE: Duration = Duration::from_secs(2);
+
+/// Longest excuse: how long a server that was down at a walk may go unheard at most.
+const LONGEST_EXCUSE: Duration = Duration::from_secs(64);
 
 /// The resource lists of an upstream the router learns from.
 #[derive(Debug, Clone, Copy)]
@@ -81,6 +102,8 @@ impl Router {
             learned_resources: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             learned_templates: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             listed: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            excused: (0..n).map(|_| Excuse::default()).collect(),
+            started: Instant::now(),
         }
     }
 
@@ -154,6 +177,30 @@ impl Router {
         self.listed[index].fetch_or(list as u8, Ordering::Relaxed);
     }
 
+    /// After a walk of the resource lists of the upstreams `serves` accepts: each whose lists
+    /// it could not hear to the end (down, slow, or listing without end) is not waited for
+    /// again for a while, twice as long after each such walk in a row. Otherwise a server that
+    /// never finishes its list would make every read, of any server's resource, wait for a
+    /// walk of it.
+    pub fn walked(&self, serves: impl Fn(usize) -> bool) {
+        let now = self.now_ms();
+        for (i, excuse) in self.excused.iter().enumerate() {
+            if !serves(i) || self.listed[i].load(Ordering::Relaxed) == LISTED_BOTH {
+                continue;
+            }
+            let misses = excuse.misses.fetch_add(1, Ordering::Relaxed).min(16);
+            let excuse_for = FIRST_EXCUSE.saturating_mul(1 << misses).min(LONGEST_EXCUSE);
+            excuse
+                .until_ms
+                .store(now + excuse_for.as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Milliseconds since the router was made.
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     /// Remembers that upstream `index` lists `uri`.
     pub fn learn_resource(&self, uri: &str, index: usize) {
         if uri.len() > MAX_LEARNED_URI {
@@ -196,8 +243,9 @@ impl Router {
     /// one server that claims it, by listing it or by a template that matches it.
     ///
     /// With `settled` false, a route counts only once every usable upstream's lists have been
-    /// learned (the caller refreshes them and asks again with `settled` true): a router that
-    /// has not heard from every server cannot tell that a URI is claimed only once.
+    /// learned, or a walk could not learn them a short while ago ([`Router::walked`]) (else the
+    /// caller walks them and asks again with `settled` true): a router that has not heard
+    /// from every server cannot tell that a URI is claimed only once.
     pub fn resource(
         &self,
         uri: &str,
@@ -237,8 +285,12 @@ impl Router {
             (route, _) => route,
         };
         let unheard = || {
-            (0..self.names.len())
-                .any(|i| serves(i) && self.listed[i].load(Ordering::Relaxed) != LISTED_BOTH)
+            let now = self.now_ms();
+            (0..self.names.len()).any(|i| {
+                serves(i)
+                    && self.listed[i].load(Ordering::Relaxed) != LISTED_BOTH
+                    && self.excused[i].until_ms.load(Ordering::Relaxed) <= now
+            })
         };
         if matches!(route, ResourceRoute::One(_)) && !settled && unheard() {
             return ResourceRoute::Unknown;
@@ -382,6 +434,44 @@ mod tests {
             r.resource("file:///x", |i| i == 1, false),
             ResourceRoute::One(1)
         );
+    }
+
+    #[test]
+    fn a_server_a_walk_could_not_hear_is_not_waited_for_again_for_a_while() {
+        let r = two();
+        r.learn_template("file:///{path}", 1);
+        r.listed(1, Listed::Resources);
+        r.listed(1, Listed::Templates);
+        let all = |_| true;
+        assert_eq!(r.resource("file:///x", all, false), ResourceRoute::Unknown);
+        // Server a's lists could not be walked to the end: reads go on without it a while.
+        let excused_for = |r: &Router| r.excused[0].until_ms.load(Ordering::Relaxed) - r.now_ms();
+        r.walked(all);
+        assert_eq!(r.resource("file:///x", all, false), ResourceRoute::One(1));
+        assert!(
+            (1900..=2000).contains(&excused_for(&r)),
+            "{}",
+            excused_for(&r)
+        );
+        // Twice as long after each such walk in a row, up to the longest excuse.
+        r.walked(all);
+        assert!(
+            (3900..=4000).contains(&excused_for(&r)),
+            "{}",
+            excused_for(&r)
+        );
+        for _ in 0..40 {
+            r.walked(all);
+        }
+        assert!((63_900..=64_000).contains(&excused_for(&r)));
+        // Server b, heard to the end, was never excused; nor is a server the walk was not for.
+        assert_eq!(r.excused[1].until_ms.load(Ordering::Relaxed), 0);
+        let other = two();
+        other.walked(|i| i == 1);
+        assert_eq!(other.excused[0].until_ms.load(Ordering::Relaxed), 0);
+        // Once the excuse runs out, a read waits for a walk again.
+        r.excused[0].until_ms.store(0, Ordering::Relaxed);
+        assert_eq!(r.resource("file:///x", all, false), ResourceRoute::Unknown);
     }
 
     #[test]

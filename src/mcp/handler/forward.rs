@@ -206,6 +206,7 @@ pub(super) async fn resource_owner(
                     }
                 };
                 let _ = tokio::time::timeout(REFRESH_DEADLINE, walk).await;
+                router.walked(serves);
                 *last = Some(Instant::now());
             }
             // What could be heard has been: a server that could not be (down, or past the
