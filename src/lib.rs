@@ -22,6 +22,7 @@ pub mod gateway;
 pub mod json_scan;
 pub mod json_string;
 pub mod listener;
+pub mod log_rate;
 pub mod mcp;
 pub mod metrics;
 pub mod needle;

@@ -612,14 +612,16 @@ async fn the_plugin_engine_writes_a_perf_map_only_when_asked() {
 }
 
 /// A server process that writes its stderr as fast as it can does not flood the gateway's log:
-/// at most 100 of its lines a second are logged, and the rest are counted in one line.
+/// at most 100 of its lines a second are logged, and the rest are counted in one line. Nor do
+/// lines on its stdout that are not JSON-RPC: at most 5 a second are logged, each later one
+/// telling how many were held back before it.
 #[tokio::test]
-async fn a_chatty_servers_stderr_is_logged_within_a_rate() {
+async fn a_chatty_servers_stderr_and_stdout_junk_are_logged_within_a_rate() {
     use tokio::io::AsyncBufReadExt;
     let (port, dir) = scratch("chatty");
     let config = dir.join("gatehouse.yaml");
-    // 20,000 lines on stderr, then an ordinary example server.
-    let script = r#"i=0; while [ $i -lt 20000 ]; do echo "noise $i"; i=$((i+1)); done >&2; exec "$0" example-server --name loud"#;
+    // 20,000 lines on stderr, 20,000 junk lines on stdout, then an ordinary example server.
+    let script = r#"i=0; while [ $i -lt 20000 ]; do echo "noise $i"; i=$((i+1)); done >&2; i=0; while [ $i -lt 20000 ]; do echo "junk $i"; i=$((i+1)); done; exec "$0" example-server --name loud"#;
     std::fs::write(
         &config,
         format!(
@@ -636,28 +638,31 @@ async fn a_chatty_servers_stderr_is_logged_within_a_rate() {
         .spawn()
         .expect("runs");
     let mut lines = tokio::io::BufReader::new(gateway.stderr.take().unwrap()).lines();
+    // The count in a line `… N <marker> …`.
+    let count = |line: &str, marker: &str| {
+        line.split(marker)
+            .next()
+            .filter(|_| line.contains(marker))
+            .and_then(|head| head.rsplit(' ').next())
+            .and_then(|n| n.trim_start_matches('(').parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // A session starts the server; its first call waits until the noise is written.
     let url = format!("http://127.0.0.1:{port}/mcp");
+    let (all_noise_heard, heard) = tokio::sync::oneshot::channel();
     let reading = tokio::spawn(async move {
-        let (mut noise, mut counted) = (0u64, 0u64);
+        let (mut noise, mut counted, mut junk, mut junk_counted) = (0u64, 0u64, 0u64, 0u64);
+        let mut all_noise_heard = Some(all_noise_heard);
         while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("stderr: noise") {
-                noise += 1;
-            }
-            if let Some(n) = line
-                .split(" more stderr lines not logged")
-                .next()
-                .filter(|_| line.contains("more stderr lines not logged"))
-                .and_then(|head| head.rsplit(' ').next())
-                .and_then(|n| n.parse::<u64>().ok())
-            {
-                counted += n;
-            }
+            noise += u64::from(line.contains("stderr: noise"));
+            counted += count(&line, " more stderr lines not logged");
+            junk += u64::from(line.contains("ignoring non-JSON-RPC output on stdout"));
+            junk_counted += count(&line, " more like it not logged");
             if noise + counted >= 20_000 {
-                break;
+                all_noise_heard.take().map(|tx| tx.send(()));
             }
         }
-        (noise, counted)
+        (noise, counted, junk, junk_counted)
     });
     let mut client = None;
     for _ in 0..100 {
@@ -675,13 +680,19 @@ async fn a_chatty_servers_stderr_is_logged_within_a_rate() {
             .await,
         "heard"
     );
-    let (noise, counted) = tokio::time::timeout(std::time::Duration::from_secs(30), reading)
+    // The junk came before the server's first answer, so its lines were logged by now; the
+    // stderr count is logged when its second ends.
+    tokio::time::timeout(std::time::Duration::from_secs(30), heard)
         .await
-        .expect("every line logged or counted")
+        .expect("every stderr line logged or counted")
         .unwrap();
+    let _ = gateway.kill().await;
+    let (noise, counted, junk, junk_counted) = reading.await.unwrap();
     assert_eq!(noise + counted, 20_000);
     assert!(noise <= 500, "{noise} lines logged");
-    let _ = gateway.kill().await;
+    assert!((1..=50).contains(&junk), "{junk} junk lines logged");
+    // The last ones held back are told only with a next line logged (none came).
+    assert!(junk + junk_counted <= 20_000, "{junk} + {junk_counted}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

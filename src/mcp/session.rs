@@ -173,6 +173,8 @@ pub struct Session {
     /// One reading of each server's tool list at a time (concurrent calls wait for it, not
     /// ask again).
     tool_headers_reading: Box<[tokio::sync::Mutex<()>]>,
+    /// Paces the log lines for server messages dropped because the policy stage is behind.
+    dropped_logs: crate::log_rate::LogRate,
     weak: Weak<Session>,
 }
 
@@ -316,6 +318,7 @@ impl Session {
                 tool_headers_reading: (0..servers.len())
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
+                dropped_logs: crate::log_rate::LogRate::new(5),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
                 resource_walk: tokio::sync::Mutex::new(None),
@@ -929,7 +932,10 @@ impl Session {
             // the policy withheld it): the answer must not overtake what came before it.
             let held = route.related.as_ref().and_then(EventSink::on_the_way);
             if let Err(full) = queue.try_send((index, route, msg, held)) {
-                tracing::warn!(session = %self.log_id(), "dropped a server message: the policy stage is behind");
+                if let Some(n) = self.dropped_logs.admit() {
+                    let more = crate::log_rate::held_back(n);
+                    tracing::warn!(session = %self.log_id(), "dropped a server message: the policy stage is behind{more}");
+                }
                 // A request still gets an answer: dropped silently, it would leave its server
                 // (and the call it asks for) waiting until the call's deadline; and a server
                 // that floods the queue could so stall any other server's requests.

@@ -737,7 +737,10 @@ impl Connection {
         let msg: Message = match jsonrpc::parse(ev.data) {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(server = %self.server.name, "ignoring malformed SSE message: {e}");
+                if let Some(n) = self.server.unreadable.admit() {
+                    let more = crate::log_rate::held_back(n);
+                    tracing::warn!(server = %self.server.name, "ignoring malformed SSE message: {e}{more}");
+                }
                 return None;
             }
         };

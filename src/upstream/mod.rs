@@ -115,7 +115,12 @@ pub struct Server {
     pub token_exchange: Option<Arc<token_exchange::TokenExchange>>,
     /// Room for refusals of its requests being written ([`Server::refuse_in_background`]).
     refusals: Arc<tokio::sync::Semaphore>,
+    /// Paces the log lines for messages of its that cannot be read.
+    pub(crate) unreadable: crate::log_rate::LogRate,
 }
+
+/// Log lines a second for one server's unreadable messages.
+const UNREADABLE_LOGGED_PER_SECOND: u32 = 5;
 
 /// Refusals of one server's requests (those no client can be asked) written at once, at most,
 /// across its sessions: each may wait up to the connect timeout for a server that does not
@@ -178,6 +183,7 @@ impl Server {
             orchestrated: None,
             era: std::sync::atomic::AtomicU8::new(Era::Unknown as u8),
             refusals: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS_WRITING)),
+            unreadable: crate::log_rate::LogRate::new(UNREADABLE_LOGGED_PER_SECOND),
         }
     }
 

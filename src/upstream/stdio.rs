@@ -309,7 +309,10 @@ async fn read_loop(
         let msg = match jsonrpc::parse(frame) {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(server = %server.name, "ignoring non-JSON-RPC output on stdout: {e}");
+                if let Some(n) = server.unreadable.admit() {
+                    let more = crate::log_rate::held_back(n);
+                    tracing::warn!(server = %server.name, "ignoring non-JSON-RPC output on stdout: {e}{more}");
+                }
                 continue;
             }
         };
