@@ -34,6 +34,9 @@ const READ_TAIL_BYTES: usize = 256 * 1024;
 const SESSION_BYTES: usize = 16 * 1024 * 1024;
 /// Bytes the streams of every session may keep together.
 const ALL_SESSIONS_BYTES: usize = 256 * 1024 * 1024;
+/// What one principal's sessions may keep of their common budget: one caller whose streams go
+/// unread cannot take it all and leave everyone else's streams unresumable.
+const PRINCIPAL_SHARE: usize = 8;
 /// How long a finished stream stays resumable.
 const KEEP_FINISHED: Duration = Duration::from_secs(60);
 /// How long a client should wait before reconnecting (the `retry` field).
@@ -60,6 +63,8 @@ pub struct Streams {
     inner: Arc<Mutex<Registry>>,
     /// Bytes all its streams keep.
     kept: Arc<AtomicUsize>,
+    /// Bytes the streams of every session of its principal keep (none when unauthenticated).
+    principal: Option<Arc<AtomicUsize>>,
     /// What the streams of every session keep, and the most they may.
     all: &'static Budget,
 }
@@ -69,19 +74,43 @@ pub struct Streams {
 pub struct Budget {
     kept: AtomicUsize,
     limit: usize,
+    /// What each principal's sessions keep, while any of them lives.
+    principals: Mutex<Option<HashMap<Arc<str>, Weak<AtomicUsize>>>>,
 }
 
 impl Budget {
-    /// A budget of `limit` bytes.
+    /// A budget of `limit` bytes, of which one principal's sessions may keep an eighth.
     pub const fn new(limit: usize) -> Budget {
         Budget {
             kept: AtomicUsize::new(0),
             limit,
+            principals: Mutex::new(None),
         }
     }
 
     fn over(&self) -> bool {
         self.kept.load(Ordering::Relaxed) > self.limit
+    }
+
+    /// Whether `principal`'s sessions keep more than their share.
+    fn over_share(&self, principal: &AtomicUsize) -> bool {
+        principal.load(Ordering::Relaxed) > self.limit / PRINCIPAL_SHARE
+    }
+
+    /// The count of what `principal`'s sessions keep, shared by all of them.
+    fn principal(&self, principal: &Arc<str>) -> Arc<AtomicUsize> {
+        let mut principals = lock(&self.principals);
+        let principals = principals.get_or_insert_with(HashMap::new);
+        if let Some(kept) = principals.get(principal).and_then(Weak::upgrade) {
+            return kept;
+        }
+        // Principals whose sessions are all gone are forgotten as the table doubles.
+        if principals.len() >= 64 && principals.len().is_power_of_two() {
+            principals.retain(|_, kept| kept.strong_count() > 0);
+        }
+        let kept = Arc::new(AtomicUsize::new(0));
+        principals.insert(principal.clone(), Arc::downgrade(&kept));
+        kept
     }
 }
 
@@ -109,13 +138,18 @@ struct Log {
     /// Woken when another client takes the stream over (see [`Streams::resume`]).
     taken: tokio::sync::Notify,
     kept: Arc<AtomicUsize>,
+    principal: Option<Arc<AtomicUsize>>,
     all: &'static Budget,
 }
 
 impl Log {
-    /// Counts `bytes` more (or fewer) kept, in the session and in all.
+    /// Counts `bytes` more (or fewer) kept, in the session, its principal's and in all.
     fn count(&self, bytes: usize, more: bool) {
-        for counter in [&*self.kept, &self.all.kept] {
+        let principal = self.principal.as_deref();
+        for counter in [Some(&*self.kept), principal, Some(&self.all.kept)]
+            .into_iter()
+            .flatten()
+        {
             if more {
                 counter.fetch_add(bytes, Ordering::Relaxed);
             } else {
@@ -192,8 +226,19 @@ impl Streams {
         Streams {
             inner: Arc::new(Mutex::new(registry)),
             kept: Arc::default(),
+            principal: None,
             all,
         }
+    }
+
+    /// A session's streams, of `principal`: within its share of every session's budget too.
+    pub fn of(principal: Option<&Arc<str>>) -> Streams {
+        Streams::within(&ALL_SESSIONS).with_principal(principal)
+    }
+
+    fn with_principal(mut self, principal: Option<&Arc<str>>) -> Streams {
+        self.principal = principal.map(|p| self.all.principal(p));
+        self
     }
 
     /// Records the frames of `frames` as a new stream; returns the first client's events (the
@@ -230,6 +275,7 @@ impl Streams {
                 stream: reg.next,
                 taken: tokio::sync::Notify::new(),
                 kept: self.kept.clone(),
+                principal: self.principal.clone(),
                 all: self.all,
                 state: Mutex::new(LogState {
                     events: VecDeque::new(),
@@ -345,6 +391,10 @@ async fn pump(
                 while state.events.len() > max_events
                     || state.bytes > max_bytes
                     || (log.kept.load(Ordering::Relaxed) > SESSION_BYTES && state.events.len() > 1)
+                    || log
+                        .principal
+                        .as_deref()
+                        .is_some_and(|p| log.all.over_share(p))
                     || log.all.over()
                 {
                     let Some((n, old)) = state.events.pop_front() else {
@@ -494,6 +544,63 @@ mod tests {
         drop(held);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(SMALL.kept.load(Ordering::Relaxed), 0);
+    }
+
+    /// One principal whose sessions' streams go unread keeps no more than its share of the
+    /// common budget: another principal's stream is kept whole, and can be resumed.
+    #[tokio::test]
+    async fn one_principals_unread_streams_leave_the_others_room() {
+        static SMALL: Budget = Budget::new(64 * 1024);
+        let frame = Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(1000)));
+        let greedy: Arc<str> = Arc::from("greedy");
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            let streams = Streams::numbered_after(&SMALL, 0).with_principal(Some(&greedy));
+            let (tx, frames) = mpsc::channel(8);
+            drop(streams.open(frames, false, watch()).unwrap()); // nobody reads
+            for _ in 0..40 {
+                tx.send(frame.clone()).await.unwrap();
+            }
+            drop(tx);
+            eventually_finished(&streams).await;
+            held.push(streams);
+        }
+        let other = Streams::numbered_after(&SMALL, 0).with_principal(Some(&Arc::from("other")));
+        let (tx, frames) = mpsc::channel(8);
+        drop(other.open(frames, false, watch()).unwrap());
+        for _ in 0..6 {
+            tx.send(frame.clone()).await.unwrap();
+        }
+        drop(tx);
+        eventually_finished(&other).await;
+        let (mut rx, _) = other
+            .resume("1.0", watch())
+            .expect("the other's stream is kept");
+        for n in 1..=6 {
+            assert!(next(&mut rx).await.starts_with(&format!("id: 1.{n}\n")));
+        }
+        let greedy_kept = SMALL.principal(&greedy).load(Ordering::Relaxed);
+        assert!(
+            greedy_kept <= SMALL.limit / PRINCIPAL_SHARE,
+            "{greedy_kept}"
+        );
+        // The principals' counts go with their last session.
+        drop((held, other));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(SMALL.kept.load(Ordering::Relaxed), 0);
+        assert_eq!(SMALL.principal(&greedy).load(Ordering::Relaxed), 0);
+    }
+
+    /// Waits until the first stream of `streams` has recorded its end.
+    async fn eventually_finished(streams: &Streams) {
+        for _ in 0..500 {
+            let log = lock(&streams.inner).logs.get(&1).cloned();
+            if log.is_some_and(|l| lock(&l.state).finished) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("the stream did not finish");
     }
 
     async fn next(rx: &mut mpsc::Receiver<Bytes>) -> String {

@@ -313,7 +313,7 @@ impl Session {
                 merged: Mutex::new(Vec::new()),
                 list_pages: Mutex::new(Vec::new()),
                 subscriptions: Subscriptions::default(),
-                streams: crate::mcp::resume::Streams::default(),
+                streams: crate::mcp::resume::Streams::of(principal.as_ref()),
                 tool_headers: Mutex::new(vec![None; servers.len()]),
                 tool_headers_reading: (0..servers.len())
                     .map(|_| tokio::sync::Mutex::new(()))
