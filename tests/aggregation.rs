@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use serde_json::{Value, json};
-use support::{Client, TestGateway, eventually, example};
+use support::{Client, TestGateway, eventually, example, sh_server};
 
 async fn two() -> (TestGateway, Client) {
     let gw = TestGateway::start(
@@ -864,20 +864,19 @@ async fn a_server_listing_without_end_does_not_hold_up_every_read() {
     std::fs::create_dir_all(&dir).unwrap();
     let asked = dir.join("asked");
     let _ = std::fs::remove_file(&asked);
-    let script = format!(
-        r#"while IFS= read -r line; do
-id=$(printf '%s' "$line" | sed -n 's/.*"id":\([^,}}]*\).*/\1/p')
-case "$line" in
-*'"initialize"'*) printf '{{"jsonrpc":"2.0","id":%s,"result":{{"protocolVersion":"2025-11-25","capabilities":{{"resources":{{}}}},"serverInfo":{{"name":"endless","version":"1"}}}}}}\n' "$id";;
-*'"resources/list"'*) printf 'L' >> {asked:?}; printf '{{"jsonrpc":"2.0","id":%s,"result":{{"resources":[],"nextCursor":"more"}}}}\n' "$id";;
-*'"resources/templates/list"'*) printf '{{"jsonrpc":"2.0","id":%s,"result":{{"resourceTemplates":[]}}}}\n' "$id";;
-esac
-done
-"#
+    let list = format!(
+        r#"printf 'L' >> {asked:?}; printf '{{"jsonrpc":"2.0","id":%s,"result":{{"resources":[],"nextCursor":"more"}}}}\n' "$id""#
     );
-    let endless = format!(
-        "  - name: endless\n    stdio: {{ command: sh, args: [\"-c\", {}] }}\n",
-        serde_json::to_string(&script).unwrap()
+    let endless = sh_server(
+        "endless",
+        r#"{"resources":{}}"#,
+        &[
+            ("resources/list", &list),
+            (
+                "resources/templates/list",
+                r#"printf '{"jsonrpc":"2.0","id":%s,"result":{"resourceTemplates":[]}}\n' "$id""#,
+            ),
+        ],
     );
     let gw = TestGateway::start("", &[example("a", &[], ""), endless]).await;
     let lists = || std::fs::read(&asked).map_or(0, |b| b.len());

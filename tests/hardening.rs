@@ -12,7 +12,7 @@ use gatehouse::orchestrator::Runtime;
 use gatehouse::orchestrator::local::{LocalRuntime, LocalSettings};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
-use support::{BIN, Client, TestGateway, example};
+use support::{BIN, Client, TestGateway, example, sh_server};
 
 /// A complete JSON-RPC request, alone on its own line, hidden inside a client message: on a
 /// newline-delimited upstream it would be read as a second message that no policy saw.
@@ -610,18 +610,22 @@ fn rss_bytes() -> u64 {
 #[tokio::test]
 async fn a_stdout_line_over_the_bound_fails_the_call_and_spares_the_rest() {
     // Answers initialize and tools/list like a server; a call gets 70 MB of `a` and no newline.
-    let script = r#"while IFS= read -r line; do
-id=$(printf '%s' "$line" | sed -n 's/.*"id":\([^,}]*\).*/\1/p')
-case "$line" in
-*'"initialize"'*) printf '{"jsonrpc":"2.0","id":%s,"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"flood","version":"1"}}}\n' "$id";;
-*'"tools/list"'*) printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[{"name":"flood","inputSchema":{"type":"object"}}]}}\n' "$id";;
-*'"tools/call"'*) head -c 70000000 /dev/zero | tr '\0' a; sleep 60;;
-esac
-done
-"#;
     let flood = format!(
-        "  - name: flood\n    stdio: {{ command: sh, args: [\"-c\", {}] }}\n    call_timeout: 60s\n",
-        serde_json::to_string(script).unwrap()
+        "{}    call_timeout: 60s\n",
+        sh_server(
+            "flood",
+            r#"{"tools":{}}"#,
+            &[
+                (
+                    "tools/list",
+                    r#"printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[{"name":"flood","inputSchema":{"type":"object"}}]}}\n' "$id""#,
+                ),
+                (
+                    "tools/call",
+                    "head -c 70000000 /dev/zero | tr '\\0' a; sleep 60",
+                ),
+            ],
+        )
     );
     let gw = TestGateway::start("", &[flood, example("ex", &[], "")]).await;
     let mut c = gw.client();

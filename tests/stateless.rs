@@ -1366,3 +1366,55 @@ async fn an_enormous_request_state_is_refused_unopened() {
     assert_eq!(done["result"]["content"][0]["text"], "model said: mine");
     gw.stop().await;
 }
+
+/// A server whose tool list never reaches its last page (every page points to a next one) is
+/// read for its `x-mcp-header` marks once, within one call's deadline, and what its pages
+/// marked is used for a while: a stateless call does not read the whole list again each time.
+#[tokio::test]
+async fn a_tool_list_without_end_is_not_read_again_for_every_call() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-endless-tools-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let asked = dir.join("asked");
+    let _ = std::fs::remove_file(&asked);
+    let list = format!(
+        r#"printf 'L' >> {asked:?}; printf '{{"jsonrpc":"2.0","id":%s,"result":{{"tools":[{{"name":"t","inputSchema":{{"type":"object","properties":{{"region":{{"type":"string","x-mcp-header":"Region"}}}}}}}}],"nextCursor":"more"}}}}\n' "$id""#
+    );
+    let endless = support::sh_server(
+        "endless",
+        r#"{"tools":{}}"#,
+        &[
+            ("tools/list", &list),
+            (
+                "tools/call",
+                r#"printf '{"jsonrpc":"2.0","id":%s,"result":{"content":[{"type":"text","text":"called"}]}}\n' "$id""#,
+            ),
+        ],
+    );
+    let gw = TestGateway::start("", &[endless]).await;
+    let c = gw.client();
+    let lists = || std::fs::read(&asked).map_or(0, |b| b.len());
+    let call = |id: u64| {
+        let c = c.clone();
+        async move {
+            let mut params = json!({"name": "t", "arguments": {"region": "eu"}});
+            params["_meta"] = meta(json!({}));
+            let r = send(&c, id, "tools/call", params, &[("mcp-param-region", "eu")]).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(r.json()["result"]["content"][0]["text"], "called");
+        }
+    };
+    call(1).await;
+    let read = lists();
+    assert!(read >= 20, "the first call read its pages ({read})");
+    for id in 2..5 {
+        call(id).await;
+    }
+    assert_eq!(lists(), read, "a call read the endless list again");
+    // Its marks still hold: a call without the header is refused.
+    let mut params = json!({"name": "t", "arguments": {"region": "eu"}});
+    params["_meta"] = meta(json!({}));
+    let r = send(&c, 9, "tools/call", params, &[]).await;
+    assert_eq!((r.status, r.error_code()), (400, -32020), "{}", r.body);
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -178,8 +178,16 @@ pub struct Session {
     weak: Weak<Session>,
 }
 
-/// An upstream's tool-argument marks and the link generation they were read on.
-type ReadHeaders = (u64, Arc<ToolHeaders>);
+/// An upstream's tool-argument marks, the link generation they were read on, and, for a list
+/// that could not be read to its end, when that reading ended.
+type ReadHeaders = (u64, Arc<ToolHeaders>, Option<Instant>);
+
+/// How long the marks of a tool list that could not be read to its end are used before it is
+/// read again: a server that never ends its list must not make every call read it anew.
+const UNFINISHED_TOOL_LIST_KEPT: Duration = Duration::from_secs(30);
+
+/// Most pages of a tool list read for its marks.
+const MAX_TOOL_LIST_PAGES: usize = 20;
 
 /// An upstream's first page of a list, as the gateway rewrote it for this session: the items
 /// (renamed, comma-separated) and the upstream's next cursor.
@@ -697,16 +705,20 @@ impl Session {
     }
 
     /// Which arguments of upstream `index`'s tools are mirrored in headers: its whole tool list
-    /// read once (at most 20 pages), and again after it announces a change or reconnects. A
-    /// list that cannot be read marks nothing (the call goes on; the server judges it).
+    /// read once (at most 20 pages, within one call's deadline), and again after it announces
+    /// a change or reconnects. What a list that cannot be read to its end marks is used for
+    /// [`UNFINISHED_TOOL_LIST_KEPT`] (the call goes on; the server judges it).
     pub async fn tool_headers(&self, index: usize) -> Arc<ToolHeaders> {
         let link = &self.links[index];
         let known = || {
             let generation = link.generation.load(Ordering::Acquire);
             lock(&self.tool_headers)[index]
                 .as_ref()
-                .filter(|(g, _)| *g == generation)
-                .map(|(_, h)| h.clone())
+                .filter(|(g, _, unfinished)| {
+                    *g == generation
+                        && unfinished.is_none_or(|t| t.elapsed() < UNFINISHED_TOOL_LIST_KEPT)
+                })
+                .map(|(_, h, _)| h.clone())
         };
         if let Some(h) = known() {
             return h;
@@ -716,37 +728,38 @@ impl Session {
         if let Some(h) = known() {
             return h;
         }
-        let generation = link.generation.load(Ordering::Acquire);
         let mut headers = ToolHeaders::default();
-        let mut page = link.first_page("tools/list").await;
-        let mut complete = false;
-        for _ in 0..20 {
-            let Ok(Outcome::Result(result)) = &page else {
-                break;
-            };
-            match headers.learn(result) {
-                Ok(None) => {
-                    complete = true;
-                    break;
+        let read = async {
+            let mut page = link.first_page("tools/list").await;
+            for _ in 0..MAX_TOOL_LIST_PAGES {
+                let Ok(Outcome::Result(result)) = &page else {
+                    return false;
+                };
+                match headers.learn(result) {
+                    Ok(None) => return true,
+                    Ok(Some(cursor)) => {
+                        let params = serde_json::json!({ "cursor": cursor }).to_string();
+                        page = link
+                            .call(
+                                "tools/list",
+                                Some(params.as_bytes()),
+                                crate::upstream::CallOpts::default(),
+                            )
+                            .await;
+                    }
+                    Err(_) => return false,
                 }
-                Ok(Some(cursor)) => {
-                    let params = serde_json::json!({ "cursor": cursor }).to_string();
-                    page = link
-                        .call(
-                            "tools/list",
-                            Some(params.as_bytes()),
-                            crate::upstream::CallOpts::default(),
-                        )
-                        .await;
-                }
-                Err(_) => break,
             }
-        }
+            false
+        };
+        let deadline = self.topology.servers[index].config.call_timeout;
+        let complete = tokio::time::timeout(deadline, read).await.unwrap_or(false);
+        // The generation of the connection the list was read on (its first page may have
+        // connected the link).
+        let generation = link.generation.load(Ordering::Acquire);
         let headers = Arc::new(headers);
-        // A list that could not be read is asked again next time.
-        if complete {
-            lock(&self.tool_headers)[index] = Some((generation, headers.clone()));
-        }
+        let unfinished = (!complete).then(Instant::now);
+        lock(&self.tool_headers)[index] = Some((generation, headers.clone(), unfinished));
         headers
     }
 

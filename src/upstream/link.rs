@@ -1244,36 +1244,41 @@ impl Link {
             return marks.clone();
         }
         let mut marks = ToolHeaders::default();
-        let mut cursor: Option<String> = None;
-        for _ in 0..MAX_MARK_PAGES {
-            let params = match &cursor {
-                Some(c) => format!(
-                    r#"{{"cursor":{},"_meta":{{{}}}}}"#,
-                    serde_json::to_string(c).unwrap_or_default(),
-                    self.envelope()
-                ),
-                None => format!(r#"{{"_meta":{{{}}}}}"#, self.envelope()),
-            };
-            let opts = CallOpts {
-                mirrored: vec![(
-                    ::http::HeaderName::from_static("mcp-method"),
-                    ::http::HeaderValue::from_static("tools/list"),
-                )],
-                ..CallOpts::default()
-            };
-            let timeout = self.server.config.call_timeout;
-            let page = match conn
-                .request("tools/list", Some(params.as_bytes()), opts, timeout)
-                .await
-            {
-                Ok(Outcome::Result(page)) => page,
-                _ => break,
-            };
-            match marks.learn(&page) {
-                Ok(Some(next)) => cursor = Some(next),
-                _ => break,
+        let timeout = self.server.config.call_timeout;
+        // The whole list within one call's deadline: a server slow to page does not hold the
+        // link's calls for a deadline a page.
+        let read = async {
+            let mut cursor: Option<String> = None;
+            for _ in 0..MAX_MARK_PAGES {
+                let params = match &cursor {
+                    Some(c) => format!(
+                        r#"{{"cursor":{},"_meta":{{{}}}}}"#,
+                        serde_json::to_string(c).unwrap_or_default(),
+                        self.envelope()
+                    ),
+                    None => format!(r#"{{"_meta":{{{}}}}}"#, self.envelope()),
+                };
+                let opts = CallOpts {
+                    mirrored: vec![(
+                        ::http::HeaderName::from_static("mcp-method"),
+                        ::http::HeaderValue::from_static("tools/list"),
+                    )],
+                    ..CallOpts::default()
+                };
+                let page = match conn
+                    .request("tools/list", Some(params.as_bytes()), opts, timeout)
+                    .await
+                {
+                    Ok(Outcome::Result(page)) => page,
+                    _ => break,
+                };
+                match marks.learn(&page) {
+                    Ok(Some(next)) => cursor = Some(next),
+                    _ => break,
+                }
             }
-        }
+        };
+        let _ = tokio::time::timeout(timeout, read).await;
         let marks = Arc::new(marks);
         *known = Some((generation, marks.clone()));
         marks

@@ -59,6 +59,30 @@ pub fn example(name: &str, extra_args: &[&str], extra: &str) -> String {
     )
 }
 
+/// YAML for a stdio upstream written in `sh`: a request line whose method is one of `answers`
+/// runs that answer's shell command, in which `$id` is the request's (numeric) id; an
+/// `initialize` is answered with `capabilities` (JSON). Other lines are ignored.
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn sh_server(name: &str, capabilities: &str, answers: &[(&str, &str)]) -> String {
+    let mut script = String::from(
+        "while IFS= read -r line; do\nid=$(printf '%s' \"$line\" | sed -n 's/.*\"id\":\\([^,}]*\\).*/\\1/p')\ncase \"$line\" in\n",
+    );
+    let initialize = format!(
+        r#"printf '{{"jsonrpc":"2.0","id":%s,"result":{{"protocolVersion":"2025-11-25","capabilities":{capabilities},"serverInfo":{{"name":"{name}","version":"1"}}}}}}\n' "$id""#
+    );
+    for (method, command) in [("initialize", initialize.as_str())]
+        .into_iter()
+        .chain(answers.iter().copied())
+    {
+        script.push_str(&format!("*'\"{method}\"'*) {command};;\n"));
+    }
+    script.push_str("esac\ndone\n");
+    format!(
+        "  - name: {name}\n    stdio: {{ command: sh, args: [\"-c\", {}] }}\n",
+        serde_json::to_string(&script).unwrap()
+    )
+}
+
 /// The path of a plugin component built by `plugins/build.sh` (into `target/plugins/`).
 pub fn wasm(name: &str) -> String {
     let path = format!("{}/target/plugins/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
