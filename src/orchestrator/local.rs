@@ -1031,6 +1031,14 @@ enum Owner<'a> {
     Principal(Option<&'a str>),
 }
 
+/// Binds a socket to 127.0.0.1:`port` (as a listener would, address reuse allowed) without
+/// listening on it, and closes it.
+fn bind_only(port: u16) -> std::io::Result<()> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind((std::net::Ipv4Addr::LOCALHOST, port).into())
+}
+
 fn spawn(
     sup: &Supervised,
     settings: &LocalSettings,
@@ -1039,9 +1047,11 @@ fn spawn(
     let spec = &sup.server.spec;
     // The gateway reaches the server by its port alone: whatever listens there already (another
     // program) would be taken for it, and answer its calls.
-    // (Only a port in use says so: one this process may not bind, the server's may.)
+    // (Only a port in use says so: one this process may not bind, the server's may.) Bound,
+    // not listened on: a listener, even for a moment, would take a connection meant for the
+    // server (its readiness check, say), and leave the port held by it.
     if let Some(port) = local_port(&sup.server)
-        && let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port))
+        && let Err(e) = bind_only(port)
         && e.kind() == std::io::ErrorKind::AddrInUse
     {
         return Err(std::io::Error::new(
