@@ -789,3 +789,65 @@ async fn a_tools_chain_cannot_be_walked_around_by_spelling_the_name_otherwise() 
     let r = call_add(&c, 5, "a").await;
     assert!(r["result"].is_object(), "add is not denied: {r}");
 }
+
+/// A client's answer to a server's request goes to that server through the on-request chains,
+/// judged as the request's method (here `sampling/createMessage`, its result the payload): a
+/// denied answer reaches the server as an error that names the plugin, a rewritten one as
+/// rewritten, and an allowed one as it is.
+#[tokio::test]
+async fn a_clients_answer_to_a_server_passes_the_request_chains() {
+    let cfg = format!(
+        r#"plugins:
+  modules:
+    - name: answers
+      path: {:?}
+      config:
+        rules:
+          - {{ argument: content.text, operator: contains, value: SECRET, action: block, reason: "no secrets to servers" }}
+        default: allow
+    - name: sanitize
+      path: {:?}
+      config: {{ rewrite_requests: true }}
+  chains:
+    - {{ name: answers, methods: ["sampling/createMessage"], plugins: [answers] }}
+    - {{ name: sanitize, methods: ["sampling/createMessage"], servers: [b], plugins: [sanitize] }}"#,
+        wasm("tool_policy"),
+        wasm("fault_malformed"),
+    );
+    let gw = TestGateway::start(&cfg, &[example("a", &[], ""), example("b", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({"sampling": {}})).await;
+    // Asks server `server` to sample, answers with `text`: what the call ends with.
+    let sample = |id: u64, server: &'static str, text: &'static str| {
+        let c = c.clone();
+        async move {
+            let call = json!({"jsonrpc":"2.0","id":id,"method":"tools/call",
+                "params":{"name": format!("{server}__sample"),"arguments":{"prompt":"p"}}});
+            let mut stream = c.stream(call).await;
+            let asked = stream.next().await.expect("the server's request");
+            assert_eq!(asked["method"], "sampling/createMessage", "{asked}");
+            let answer = json!({"jsonrpc":"2.0","id":asked["id"],"result":{
+                "role":"assistant","model":"m","content":{"type":"text","text":text}}});
+            assert_eq!(c.post(answer.to_string()).await.status, 202);
+            stream.next().await.expect("the call's answer")
+        }
+    };
+    let told = sample(1, "a", "the SECRET is 42").await;
+    let (_, message) = err(&told);
+    assert!(
+        message.contains("refused the client's answer")
+            && message.contains("answers")
+            && message.contains("no secrets to servers")
+            && !message.contains("42"),
+        "{told}"
+    );
+    let fine = sample(2, "a", "all fine").await;
+    assert_eq!(fine["result"]["content"][0]["text"], "model said: all fine");
+    // Server b's answers are rewritten (to params with no content): it hears none of the text.
+    let rewritten = sample(3, "b", "all fine").await;
+    assert_eq!(
+        rewritten["result"]["content"][0]["text"], "model said: ",
+        "{rewritten}"
+    );
+    gw.stop().await;
+}

@@ -1418,3 +1418,38 @@ async fn a_tool_list_without_end_is_not_read_again_for_every_call() {
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A stateless client's answer (in `inputResponses`) to a server's question goes to that server
+/// through the on-request chains too, as a session client's does: a denied one reaches it as
+/// an error, and the call fails saying so.
+#[tokio::test]
+async fn an_answer_in_a_retry_passes_the_request_chains() {
+    let gw = with_test_tools(&format!(
+        r#"plugins:
+  modules:
+    - name: answers
+      path: {:?}
+      config:
+        rules:
+          - {{ argument: content.text, operator: contains, value: SECRET, action: block, reason: "no secrets to servers" }}
+        default: allow
+  chains:
+    - {{ name: answers, methods: ["sampling/createMessage"], plugins: [answers] }}"#,
+        support::wasm("tool_policy")
+    ))
+    .await;
+    let c = gw.client();
+    let (asked, key) = asked_to_sample(&c).await;
+    let told = answered(&c, 2, &asked, &key, "the SECRET is 42").await;
+    let message = told["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("refused the client's answer")
+            && message.contains("no secrets to servers")
+            && !message.contains("42"),
+        "{told}"
+    );
+    let (asked, key) = asked_to_sample(&c).await;
+    let fine = answered(&c, 4, &asked, &key, "all fine").await;
+    assert_eq!(fine["result"]["content"][0]["text"], "model said: all fine");
+    gw.stop().await;
+}

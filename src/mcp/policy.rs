@@ -13,7 +13,7 @@ use futures_util::future::BoxFuture;
 
 use crate::audit::Audit;
 use crate::auth::Claims;
-use crate::mcp::jsonrpc::{self, Kind, Message};
+use crate::mcp::jsonrpc::{self, Kind, Message, Outcome};
 use crate::mcp::list_page::ListPage;
 use crate::mcp::session::{Caller, MessagePolicy, Session};
 use crate::plugins::{CallContext, Decision, Denied, EntryKind, JsonText, ListEntry, PluginSet};
@@ -226,6 +226,8 @@ impl Policy {
 /// Runs what servers send to a client (log lines, progress, sampling and elicitation requests)
 /// through the result chains, as the method it is: a redaction that applies to results applies
 /// to a log line too. A denied message is dropped (and audited); a rewrite replaces its params.
+/// And the client's answers to those requests through the request chains, as what goes to a
+/// server: a denied answer reaches the server as an error (and is audited).
 pub struct PluginMessagePolicy {
     plugins: Arc<crate::plugins::Plugins>,
     audit: Arc<Audit>,
@@ -293,6 +295,74 @@ impl MessagePolicy for PluginMessagePolicy {
                 }
             }
         })
+    }
+
+    fn client_answer<'a>(
+        &'a self,
+        session: &'a Session,
+        index: usize,
+        method: &'a str,
+        outcome: &'a Outcome,
+    ) -> BoxFuture<'a, Option<Outcome>> {
+        Box::pin(async move {
+            let set = self.plugins.current();
+            let server = session.topology().servers.get(index)?.name.clone();
+            let policy = Policy::for_call(
+                &set,
+                Some(&self.audit),
+                session.caller(),
+                method,
+                &server,
+                None,
+            )?;
+            let (Outcome::Result(answer) | Outcome::Error(answer)) = outcome;
+            let decision = policy.on_request(&JsonText::from_utf8(answer)).await;
+            judged_answer(outcome, decision)
+        })
+    }
+}
+
+/// The code and message every JSON-RPC error object has (a rewritten error answer must too).
+#[derive(Deserialize)]
+struct ErrorObject<'a> {
+    #[allow(dead_code)] // read for its presence
+    code: i64,
+    #[allow(dead_code)]
+    #[serde(borrow)]
+    message: Cow<'a, str>,
+}
+
+/// What replaces a client's answer that `set`'s on-request chains judged: its rewrite when it
+/// is still an answer of the same kind (a result a JSON object, an error one with a code and a
+/// message), else an error that says it was refused.
+fn judged_answer(outcome: &Outcome, decision: Decision) -> Option<Outcome> {
+    match decision {
+        Decision::Allow => None,
+        Decision::Deny(d) => Some(Outcome::Error(jsonrpc::error_object(
+            d.code,
+            &format!("the gateway refused the client's answer: {d}"),
+        ))),
+        Decision::Rewrite(new) => {
+            let object = new.trim_ascii_start().starts_with('{');
+            let kept = match outcome {
+                Outcome::Result(_) if object && serde_json::from_str::<&RawValue>(&new).is_ok() => {
+                    Some(Outcome::Result(Bytes::from(new)))
+                }
+                Outcome::Error(_)
+                    if object && serde_json::from_str::<ErrorObject>(&new).is_ok() =>
+                {
+                    Some(Outcome::Error(Bytes::from(new)))
+                }
+                _ => None,
+            };
+            kept.or_else(|| {
+                tracing::warn!("a plugin rewrote a client's answer to a server into something that is not one; refused it");
+                Some(Outcome::Error(jsonrpc::error_object(
+                    crate::plugins::PLUGIN_FAILED,
+                    "the gateway refused the client's answer: a plugin rewrote it into something that is not one",
+                )))
+            })
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::Claims;
 use crate::config::profiles::ProfileConfig;
-use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
+use crate::mcp::jsonrpc::{self, Kind, Message, MethodName, Outcome, code};
 use crate::mcp::list_page::ListPage;
 use crate::mcp::param_headers::ToolHeaders;
 use crate::mcp::profile::Profile;
@@ -41,6 +41,28 @@ pub trait MessagePolicy: Send + Sync {
         index: usize,
         msg: Message,
     ) -> BoxFuture<'a, Option<Message>>;
+    /// What upstream `index` is sent for the client's answer (`outcome`) to its request
+    /// `method`: `None` the answer as it is, `Some` another (rewritten, or an error that says
+    /// the answer was refused).
+    fn client_answer<'a>(
+        &'a self,
+        session: &'a Session,
+        index: usize,
+        method: &'a str,
+        outcome: &'a Outcome,
+    ) -> BoxFuture<'a, Option<Outcome>>;
+}
+
+/// A server's request waiting for the client's answer.
+struct WaitingAnswer {
+    /// The upstream that asked.
+    index: usize,
+    /// The server's own id for it.
+    original: Bytes,
+    /// The id the client was sent.
+    wire: Bytes,
+    /// What it asks: the policy judges the answer as that method's.
+    method: MethodName,
 }
 
 /// How a session's upstream sessions start.
@@ -140,9 +162,8 @@ pub struct Session {
     /// else. `None` in a stateless session, whose requests each declare their own (checked by
     /// `stateless.rs`, per request).
     client_capabilities: Option<Bytes>,
-    /// Server requests waiting for the client's answer: the session's number → (upstream,
-    /// the server's id, the id the client was sent).
-    server_requests: Mutex<HashMap<u64, (usize, Bytes, Bytes)>>,
+    /// Server requests waiting for the client's answer, by the session's number for them.
+    server_requests: Mutex<HashMap<u64, WaitingAnswer>>,
     /// Seals server request ids when the session is portable (answered on any replica).
     portable: Option<Arc<crate::mcp::seal::Sealer>>,
     next_server_request: AtomicU64,
@@ -625,10 +646,12 @@ impl Session {
     /// answer to a request another replica relayed goes straight to that upstream session.
     pub async fn on_client_response(&self, id: &[u8], outcome: &Outcome) -> bool {
         if let Some(n) = jsonrpc::id_as_u64(id) {
-            let Some((index, original, _)) = lock(&self.server_requests).remove(&n) else {
+            let Some(waiting) = lock(&self.server_requests).remove(&n) else {
                 return false;
             };
-            self.links[index].respond(&original, outcome).await;
+            let index = waiting.index;
+            let outcome = self.screened(index, &waiting.method, outcome).await;
+            self.links[index].respond(&waiting.original, &outcome).await;
             return true;
         }
         let Some(asked) = self
@@ -656,11 +679,14 @@ impl Session {
         let local = {
             let mut pending = lock(&self.server_requests);
             match pending.get(&asked.n) {
-                Some((i, _, wire)) if *i == index && wire[..] == *id => pending.remove(&asked.n),
+                Some(w) if w.index == index && w.wire[..] == *id => pending.remove(&asked.n),
                 _ => None,
             }
         };
         let original = Bytes::from(asked.o);
+        let method = asked.m.unwrap_or_default();
+        let outcome = self.screened(index, &method, outcome).await;
+        let outcome = &*outcome;
         if local.is_some() {
             self.links[index].respond(&original, outcome).await;
             return true;
@@ -683,6 +709,23 @@ impl Session {
                 tracing::info!(session = %self.log_id(), upstream = %asked.s, "dropped an answer to a server request no longer waiting here");
                 false
             }
+        }
+    }
+
+    /// The client's answer to upstream `index`'s request `method`, as the policy has it go
+    /// back: the on-request chains judge what goes to a server, answers included.
+    async fn screened<'a>(
+        &self,
+        index: usize,
+        method: &str,
+        outcome: &'a Outcome,
+    ) -> std::borrow::Cow<'a, Outcome> {
+        let Some(policy) = self.policy.as_ref().filter(|p| p.active()) else {
+            return std::borrow::Cow::Borrowed(outcome);
+        };
+        match policy.client_answer(self, index, method, outcome).await {
+            None => std::borrow::Cow::Borrowed(outcome),
+            Some(other) => std::borrow::Cow::Owned(other),
         }
     }
 
@@ -1079,6 +1122,7 @@ impl Session {
                                 u: upstream.map(|(u, _)| u),
                                 o: String::from_utf8_lossy(&id).into_owned(),
                                 n,
+                                m: Some(method.to_string()),
                             },
                         ))
                     }
@@ -1088,7 +1132,7 @@ impl Session {
                     let mut pending = lock(&self.server_requests);
                     // Each server has a share: one that asks without end (or whose questions
                     // the client ignores) leaves room for the others', and makes none.
-                    let its_own = pending.values().filter(|(i, _, _)| *i == index).count();
+                    let its_own = pending.values().filter(|w| w.index == index).count();
                     // In a portable session an answer may go upstream through another replica
                     // and never come back here: the oldest entry makes room.
                     if self.portable.is_some()
@@ -1101,7 +1145,13 @@ impl Session {
                     let room = pending.len() < MAX_SERVER_REQUESTS
                         && its_own < MAX_SERVER_REQUESTS_PER_SERVER;
                     if room {
-                        pending.insert(n, (index, id.clone(), wire.clone()));
+                        let waiting = WaitingAnswer {
+                            index,
+                            original: id.clone(),
+                            wire: wire.clone(),
+                            method: method.clone(),
+                        };
+                        pending.insert(n, waiting);
                     }
                     room
                 };
@@ -1167,9 +1217,9 @@ impl Session {
         let mut map = lock(&self.server_requests);
         let n = *map
             .iter()
-            .find(|(_, (i, orig, _))| *i == index && orig[..] == *p.id.get().as_bytes())?
+            .find(|(_, w)| w.index == index && w.original[..] == *p.id.get().as_bytes())?
             .0;
-        map.remove(&n).map(|(_, _, wire)| wire)
+        map.remove(&n).map(|w| w.wire)
     }
 
     /// Sends a frame on the related stream, else the GET stream, else a fallback stream of the

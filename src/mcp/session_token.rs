@@ -66,6 +66,10 @@ pub struct ServerRequestId {
     pub o: String,
     /// The session's number for it.
     pub n: u64,
+    /// What the server asked (`sampling/createMessage`, ...): the policy judges the answer as
+    /// that method's. Absent in an id sealed before it was carried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub m: Option<String>,
 }
 
 /// A short digest of a session id (SHA-256, first 16 bytes, hex).
@@ -157,6 +161,7 @@ mod tests {
             v: None,
             o: "1".into(),
             n: 1,
+            m: Some("sampling/createMessage".into()),
         };
         let raw = seal_request_id(&a, &ask);
         assert_eq!(open_request_id(&b, raw.as_bytes()), Some(ask));
@@ -201,6 +206,7 @@ mod tests {
             v: None,
             o: "1".into(),
             n: 1,
+            m: Some("sampling/createMessage".into()),
         };
         let raw = seal_request_id(&sealer, &ask);
         assert!(raw.len() > MAX_REQUEST_ID);
