@@ -1,8 +1,7 @@
 //! Routing: which upstream serves a tool, prompt or resource, and how names are prefixed.
 
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
@@ -37,27 +36,7 @@ pub struct Router {
     /// Which of each upstream's lists ([`Listed`]) have been learned to their last page: until
     /// both are, its silence is no evidence that it does not claim a URI too.
     listed: Box<[AtomicU8]>,
-    /// Upstreams whose lists a walk could not finish: reads do not wait for them again for a
-    /// while (see [`Router::walked`]).
-    excused: Box<[Excuse]>,
-    /// What [`Excuse::until_ms`] counts from.
-    started: Instant,
 }
-
-/// How long reads go on without waiting for an upstream whose lists were not heard to the end.
-#[derive(Default)]
-struct Excuse {
-    /// Walks in a row that ended before its lists' last pages.
-    misses: AtomicU32,
-    /// Until when (milliseconds from [`Router::started`]) it is excused.
-    until_ms: AtomicU64,
-}
-
-/// How long a first unfinished walk excuses an upstream; each one in a row doubles it.
-const FIRST_EXCUSE: Duration = Duration::from_secs(2);
-
-/// Longest excuse: how long a server that was down at a walk may go unheard at most.
-const LONGEST_EXCUSE: Duration = Duration::from_secs(64);
 
 /// The resource lists of an upstream the router learns from.
 #[derive(Debug, Clone, Copy)]
@@ -102,8 +81,6 @@ impl Router {
             learned_resources: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             learned_templates: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             listed: (0..n).map(|_| AtomicU8::new(0)).collect(),
-            excused: (0..n).map(|_| Excuse::default()).collect(),
-            started: Instant::now(),
         }
     }
 
@@ -177,28 +154,9 @@ impl Router {
         self.listed[index].fetch_or(list as u8, Ordering::Relaxed);
     }
 
-    /// After a walk of the resource lists of the upstreams `serves` accepts: each whose lists
-    /// it could not hear to the end (down, slow, or listing without end) is not waited for
-    /// again for a while, twice as long after each such walk in a row. Otherwise a server that
-    /// never finishes its list would make every read, of any server's resource, wait for a
-    /// walk of it.
-    pub fn walked(&self, serves: impl Fn(usize) -> bool) {
-        let now = self.now_ms();
-        for (i, excuse) in self.excused.iter().enumerate() {
-            if !serves(i) || self.listed[i].load(Ordering::Relaxed) == LISTED_BOTH {
-                continue;
-            }
-            let misses = excuse.misses.fetch_add(1, Ordering::Relaxed).min(16);
-            let excuse_for = FIRST_EXCUSE.saturating_mul(1 << misses).min(LONGEST_EXCUSE);
-            excuse
-                .until_ms
-                .store(now + excuse_for.as_millis() as u64, Ordering::Relaxed);
-        }
-    }
-
-    /// Milliseconds since the router was made.
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+    /// Whether upstream `index`'s lists have both been learned to their last page.
+    pub fn heard(&self, index: usize) -> bool {
+        self.listed[index].load(Ordering::Relaxed) == LISTED_BOTH
     }
 
     /// Remembers that upstream `index` lists `uri`.
@@ -242,15 +200,14 @@ impl Router {
     /// Where `uri` routes for a session that may use the upstreams `serves` accepts: to the
     /// one server that claims it, by listing it or by a template that matches it.
     ///
-    /// With `settled` false, a route counts only once every usable upstream's lists have been
-    /// learned, or a walk could not learn them a short while ago ([`Router::walked`]) (else the
-    /// caller walks them and asks again with `settled` true): a router that has not heard
-    /// from every server cannot tell that a URI is claimed only once.
+    /// A route counts only once every usable upstream's lists have been learned, but for those
+    /// `waived` (else the caller walks them and asks again, waiving all): a router that has
+    /// not heard from every server cannot tell that a URI is claimed only once.
     pub fn resource(
         &self,
         uri: &str,
         serves: impl Fn(usize) -> bool,
-        settled: bool,
+        waived: impl Fn(usize) -> bool,
     ) -> ResourceRoute {
         if self.names.len() == 1 {
             return if serves(0) {
@@ -284,15 +241,8 @@ impl Router {
             }
             (route, _) => route,
         };
-        let unheard = || {
-            let now = self.now_ms();
-            (0..self.names.len()).any(|i| {
-                serves(i)
-                    && self.listed[i].load(Ordering::Relaxed) != LISTED_BOTH
-                    && self.excused[i].until_ms.load(Ordering::Relaxed) <= now
-            })
-        };
-        if matches!(route, ResourceRoute::One(_)) && !settled && unheard() {
+        let unheard = || (0..self.names.len()).any(|i| serves(i) && !self.heard(i) && !waived(i));
+        if matches!(route, ResourceRoute::One(_)) && unheard() {
             return ResourceRoute::Unknown;
         }
         route
@@ -315,6 +265,16 @@ fn one_of(mut owners: impl Iterator<Item = usize>) -> ResourceRoute {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits to hear from every server.
+    fn waive_none(_: usize) -> bool {
+        false
+    }
+
+    /// Hears from nobody more (after a walk).
+    fn waive_all(_: usize) -> bool {
+        true
+    }
 
     fn two() -> Router {
         Router::new(vec!["a".into(), "b".into()], "__".into(), PrefixNames::Auto)
@@ -352,16 +312,25 @@ mod tests {
         r.learn_template("test://t/{id}", 0);
         heard(&r);
         let all = |_| true;
-        assert_eq!(r.resource("file:///x", all, false), ResourceRoute::One(1));
-        assert_eq!(r.resource("test://t/7", all, false), ResourceRoute::One(0));
-        assert_eq!(r.resource("other://", all, false), ResourceRoute::Unknown);
+        assert_eq!(
+            r.resource("file:///x", all, waive_none),
+            ResourceRoute::One(1)
+        );
+        assert_eq!(
+            r.resource("test://t/7", all, waive_none),
+            ResourceRoute::One(0)
+        );
+        assert_eq!(
+            r.resource("other://", all, waive_none),
+            ResourceRoute::Unknown
+        );
         // A URI or prefix past the bound is not kept (nor routed by).
         let long = format!("long://{}", "x".repeat(MAX_LEARNED_URI));
         r.learn_resource(&long, 1);
         r.learn_template(&format!("{long}/{{id}}"), 1);
-        assert_eq!(r.resource(&long, all, false), ResourceRoute::Unknown);
+        assert_eq!(r.resource(&long, all, waive_none), ResourceRoute::Unknown);
         assert_eq!(
-            r.resource(&format!("{long}/7"), all, false),
+            r.resource(&format!("{long}/7"), all, waive_none),
             ResourceRoute::Unknown
         );
         assert_eq!(r.resource_owners.len(), 1);
@@ -377,35 +346,42 @@ mod tests {
         r.learn_resource("file:///secret", 1);
         let all = |_| true;
         assert_eq!(
-            r.resource("file:///secret", all, true),
+            r.resource("file:///secret", all, waive_all),
             ResourceRoute::Ambiguous(vec![0, 1])
         );
         // A session that may use only one of them reads from it.
         assert_eq!(
-            r.resource("file:///secret", |i| i == 0, true),
+            r.resource("file:///secret", |i| i == 0, waive_all),
             ResourceRoute::One(0)
         );
         // A longer template prefix of another server does not win over a shorter one.
         r.learn_template("test://t/{id}", 0);
         r.learn_template("test://t/special/{id}", 1);
         assert_eq!(
-            r.resource("test://t/special/7", all, true),
+            r.resource("test://t/special/7", all, waive_all),
             ResourceRoute::Ambiguous(vec![0, 1])
         );
-        assert_eq!(r.resource("test://t/7", all, true), ResourceRoute::One(0));
+        assert_eq!(
+            r.resource("test://t/7", all, waive_all),
+            ResourceRoute::One(0)
+        );
         // Nor does a URI listed outright under another server's template.
         r.learn_resource("test://t/own", 1);
         assert_eq!(
-            r.resource("test://t/own", all, true),
+            r.resource("test://t/own", all, waive_all),
             ResourceRoute::Ambiguous(vec![0, 1])
         );
         // Unless the operator says the claimant configured first serves it.
         let r = r.with_resource_conflicts(ResourceConflicts::First);
         for uri in ["file:///secret", "test://t/special/7", "test://t/own"] {
-            assert_eq!(r.resource(uri, all, true), ResourceRoute::One(0), "{uri}");
+            assert_eq!(
+                r.resource(uri, all, waive_all),
+                ResourceRoute::One(0),
+                "{uri}"
+            );
         }
         assert_eq!(
-            r.resource("file:///secret", |i| i == 1, true),
+            r.resource("file:///secret", |i| i == 1, waive_all),
             ResourceRoute::One(1)
         );
     }
@@ -416,62 +392,49 @@ mod tests {
         r.learn_template("file:///{path}", 1);
         let all = |_| true;
         // Server a may list file:///x itself: ask for a refresh first.
-        assert_eq!(r.resource("file:///x", all, false), ResourceRoute::Unknown);
-        assert_eq!(r.resource("file:///x", all, true), ResourceRoute::One(1));
+        assert_eq!(
+            r.resource("file:///x", all, waive_none),
+            ResourceRoute::Unknown
+        );
+        assert_eq!(
+            r.resource("file:///x", all, waive_all),
+            ResourceRoute::One(1)
+        );
         // Its resources alone are not enough: a template of its own may match too.
         r.listed(0, Listed::Resources);
         r.listed(1, Listed::Resources);
         r.listed(1, Listed::Templates);
-        assert_eq!(r.resource("file:///x", all, false), ResourceRoute::Unknown);
+        assert_eq!(
+            r.resource("file:///x", all, waive_none),
+            ResourceRoute::Unknown
+        );
         r.listed(0, Listed::Templates);
-        assert_eq!(r.resource("file:///x", all, false), ResourceRoute::One(1));
+        assert_eq!(
+            r.resource("file:///x", all, waive_none),
+            ResourceRoute::One(1)
+        );
+        // Nor is a server waited for that the caller waives (a walk could not hear it).
+        let r = two();
+        r.learn_template("file:///{path}", 1);
+        r.listed(1, Listed::Resources);
+        r.listed(1, Listed::Templates);
+        assert_eq!(
+            r.resource("file:///x", all, |i| i == 0),
+            ResourceRoute::One(1)
+        );
+        assert_eq!(
+            r.resource("file:///x", all, |i| i == 1),
+            ResourceRoute::Unknown
+        );
         // A session that cannot use server a need not hear from it.
         let r = two();
         r.learn_template("file:///{path}", 1);
         r.listed(1, Listed::Resources);
         r.listed(1, Listed::Templates);
         assert_eq!(
-            r.resource("file:///x", |i| i == 1, false),
+            r.resource("file:///x", |i| i == 1, waive_none),
             ResourceRoute::One(1)
         );
-    }
-
-    #[test]
-    fn a_server_a_walk_could_not_hear_is_not_waited_for_again_for_a_while() {
-        let r = two();
-        r.learn_template("file:///{path}", 1);
-        r.listed(1, Listed::Resources);
-        r.listed(1, Listed::Templates);
-        let all = |_| true;
-        assert_eq!(r.resource("file:///x", all, false), ResourceRoute::Unknown);
-        // Server a's lists could not be walked to the end: reads go on without it a while.
-        let excused_for = |r: &Router| r.excused[0].until_ms.load(Ordering::Relaxed) - r.now_ms();
-        r.walked(all);
-        assert_eq!(r.resource("file:///x", all, false), ResourceRoute::One(1));
-        assert!(
-            (1900..=2000).contains(&excused_for(&r)),
-            "{}",
-            excused_for(&r)
-        );
-        // Twice as long after each such walk in a row, up to the longest excuse.
-        r.walked(all);
-        assert!(
-            (3900..=4000).contains(&excused_for(&r)),
-            "{}",
-            excused_for(&r)
-        );
-        for _ in 0..40 {
-            r.walked(all);
-        }
-        assert!((63_900..=64_000).contains(&excused_for(&r)));
-        // Server b, heard to the end, was never excused; nor is a server the walk was not for.
-        assert_eq!(r.excused[1].until_ms.load(Ordering::Relaxed), 0);
-        let other = two();
-        other.walked(|i| i == 1);
-        assert_eq!(other.excused[0].until_ms.load(Ordering::Relaxed), 0);
-        // Once the excuse runs out, a read waits for a walk again.
-        r.excused[0].until_ms.store(0, Ordering::Relaxed);
-        assert_eq!(r.resource("file:///x", all, false), ResourceRoute::Unknown);
     }
 
     #[test]
@@ -483,7 +446,7 @@ mod tests {
         assert_eq!(r.resource_owners.len(), MAX_KNOWN_RESOURCES / 2);
         r.learn_resource("file:///x", 0);
         assert_eq!(
-            r.resource("file:///x", |_| true, true),
+            r.resource("file:///x", |_| true, waive_all),
             ResourceRoute::One(0)
         );
         for n in 0..MAX_KNOWN_TEMPLATES {
@@ -491,13 +454,13 @@ mod tests {
         }
         r.learn_template("mine://{x}", 0);
         assert_eq!(
-            r.resource("mine://1", |_| true, true),
+            r.resource("mine://1", |_| true, waive_all),
             ResourceRoute::One(0)
         );
         // Server b's URIs did not spend its share of templates, nor the reverse.
         r.learn_template("late://{x}", 1);
         assert_eq!(
-            r.resource("late://1", |_| true, true),
+            r.resource("late://1", |_| true, waive_all),
             ResourceRoute::Unknown
         );
         let fresh = two();
@@ -506,7 +469,7 @@ mod tests {
         }
         fresh.learn_template("tmpl://{x}", 1);
         assert_eq!(
-            fresh.resource("tmpl://1", |_| true, true),
+            fresh.resource("tmpl://1", |_| true, waive_all),
             ResourceRoute::One(1)
         );
     }

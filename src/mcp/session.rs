@@ -172,7 +172,7 @@ pub struct Session {
     last_active_ms: AtomicU64,
     /// When a read of an unknown resource last had every server's resource lists walked;
     /// held while a walk runs.
-    resource_walk: tokio::sync::Mutex<Option<Instant>>,
+    resource_walk: crate::mcp::resource_walk::ResourceWalks,
     busy: AtomicUsize,
     /// Set once the session has ended: every stream and task it owns watches it.
     ended: tokio::sync::watch::Sender<bool>,
@@ -350,7 +350,7 @@ impl Session {
                 dropped_logs: crate::log_rate::LogRate::new(5),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
-                resource_walk: tokio::sync::Mutex::new(None),
+                resource_walk: crate::mcp::resource_walk::ResourceWalks::new(servers.len()),
                 busy: AtomicUsize::new(0),
                 ended: tokio::sync::watch::Sender::new(false),
                 policy,
@@ -499,7 +499,7 @@ impl Session {
 
     /// When a read of an unknown resource last walked every server's resource lists; held
     /// while a walk runs, so that one runs at a time.
-    pub fn resource_walk(&self) -> &tokio::sync::Mutex<Option<Instant>> {
+    pub fn resource_walk(&self) -> &crate::mcp::resource_walk::ResourceWalks {
         &self.resource_walk
     }
 
@@ -957,7 +957,7 @@ impl Session {
                 if let crate::mcp::router::ResourceRoute::One(owner) = self
                     .topology
                     .router
-                    .resource(&uri, |i| self.serves(i), true)
+                    .resource(&uri, |i| self.serves(i), |_| true)
                     && owner != index =>
             {
                 tracing::debug!(session = %self.log_id(), upstream = %self.topology.servers[index].name, "dropped an update of another server's resource");

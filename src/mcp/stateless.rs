@@ -394,11 +394,11 @@ fn server_asked(session: &Session, method: &str, target: Option<&str>) -> Option
         ("tools/call", Some(name)) => session.resolve_tool(name).map(|r| r.0),
         ("prompts/get", Some(name)) => session.resolve_prompt(name).map(|r| r.0),
         ("resources/read", Some(uri)) => {
-            match session
-                .topology()
-                .router
-                .resource(uri, |i| session.serves_resource(i, uri), true)
-            {
+            match session.topology().router.resource(
+                uri,
+                |i| session.serves_resource(i, uri),
+                |_| true,
+            ) {
                 ResourceRoute::One(i) => Some(i),
                 ResourceRoute::Unknown | ResourceRoute::Ambiguous(_) => None,
             }

@@ -186,7 +186,8 @@ pub(super) async fn complete(
 ///
 /// One walk at a time per session, at most one a second, within [`REFRESH_DEADLINE`]: a read
 /// that comes during a walk waits for it rather than trust lists half heard, and a client
-/// cannot make a walk of every server out of each read.
+/// cannot make a walk of every server out of each read. A server a walk could not hear to
+/// the end is not waited for again for a while ([`crate::mcp::resource_walk`]).
 pub(super) async fn resource_owner(
     sv: Services<'_>,
     session: &Arc<Session>,
@@ -194,10 +195,12 @@ pub(super) async fn resource_owner(
 ) -> Result<usize, String> {
     let router = &session.topology().router;
     let serves = |i| session.serves_resource(i, uri);
-    let mut route = router.resource(uri, serves, false);
+    let walks = session.resource_walk();
+    let excused = |i| walks.excused(i);
+    let mut route = router.resource(uri, serves, excused);
     if route == ResourceRoute::Unknown {
-        let mut last = session.resource_walk().lock().await;
-        route = router.resource(uri, serves, false);
+        let mut last = walks.lock().await;
+        route = router.resource(uri, serves, excused);
         if route == ResourceRoute::Unknown {
             if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 let walk = async {
@@ -206,12 +209,12 @@ pub(super) async fn resource_owner(
                     }
                 };
                 let _ = tokio::time::timeout(REFRESH_DEADLINE, walk).await;
-                router.walked(serves);
+                walks.walked(|i| serves(i) && !router.heard(i));
                 *last = Some(Instant::now());
             }
             // What could be heard has been: a server that could not be (down, or past the
             // walk's pages) claims nothing it did not claim before.
-            route = router.resource(uri, serves, true);
+            route = router.resource(uri, serves, |_| true);
         }
     }
     match route {
