@@ -391,10 +391,11 @@ async fn pump(
                 while state.events.len() > max_events
                     || state.bytes > max_bytes
                     || (log.kept.load(Ordering::Relaxed) > SESSION_BYTES && state.events.len() > 1)
-                    || log
+                    || (log
                         .principal
                         .as_deref()
                         .is_some_and(|p| log.all.over_share(p))
+                        && state.events.len() > 1)
                     || log.all.over()
                 {
                     let Some((n, old)) = state.events.pop_front() else {
@@ -579,16 +580,21 @@ mod tests {
         for n in 1..=6 {
             assert!(next(&mut rx).await.starts_with(&format!("id: 1.{n}\n")));
         }
+        // Each of its streams keeps at most its newest event past the share.
         let greedy_kept = SMALL.principal(&greedy).load(Ordering::Relaxed);
+        let newest_each = held.len() * (frame.len() + 64);
         assert!(
-            greedy_kept <= SMALL.limit / PRINCIPAL_SHARE,
+            greedy_kept <= SMALL.limit / PRINCIPAL_SHARE + newest_each,
             "{greedy_kept}"
         );
         // The principals' counts go with their last session.
         drop((held, other));
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(SMALL.kept.load(Ordering::Relaxed), 0);
-        assert_eq!(SMALL.principal(&greedy).load(Ordering::Relaxed), 0);
+        let counted = lock(&SMALL.principals)
+            .as_ref()
+            .and_then(|m| m.get(&greedy).map(Weak::strong_count));
+        assert_eq!(counted, Some(0), "greedy's count is gone with its sessions");
     }
 
     /// Waits until the first stream of `streams` has recorded its end.
