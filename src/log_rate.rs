@@ -37,6 +37,13 @@ impl LogRate {
         self.admit_at(Instant::now())
     }
 
+    /// The number of lines held back since the last one logged, to be told now (a stream
+    /// ends, and no next line will tell it).
+    pub fn take_held_back(&self) -> u64 {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut w.held_back)
+    }
+
     fn admit_at(&self, now: Instant) -> Option<u64> {
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
         if w.started
@@ -81,6 +88,12 @@ mod tests {
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(rate.admit_at(t1), Some(8));
         assert_eq!(rate.admit_at(t1), Some(0));
+        // What is held back when the stream ends is told then, once.
+        let t2 = t1 + Duration::from_millis(10);
+        assert_eq!(rate.admit_at(t2), Some(0));
+        assert_eq!(rate.admit_at(t2), None);
+        assert_eq!(rate.take_held_back(), 1);
+        assert_eq!(rate.take_held_back(), 0);
         assert_eq!(held_back(8), " (8 more like it not logged: over the rate)");
         assert_eq!(held_back(0), "");
     }

@@ -687,7 +687,11 @@ async fn a_chatty_servers_stderr_and_stdout_junk_are_logged_within_a_rate() {
         .expect("every stderr line logged or counted")
         .unwrap();
     let _ = gateway.kill().await;
-    let (noise, counted, junk, junk_counted) = reading.await.unwrap();
+    let (noise, counted, junk, junk_counted) =
+        tokio::time::timeout(std::time::Duration::from_secs(30), reading)
+            .await
+            .expect("the gateway's stderr ends once it is killed")
+            .unwrap();
     assert_eq!(noise + counted, 20_000);
     assert!(noise <= 500, "{noise} lines logged");
     assert!((1..=50).contains(&junk), "{junk} junk lines logged");

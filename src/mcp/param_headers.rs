@@ -16,6 +16,11 @@ const MAX_NAME: usize = 128;
 
 /// Most tools of one server whose marked arguments are kept.
 const MAX_MARKED_TOOLS: usize = 4096;
+
+/// How long the marks of a tool list that could not be read to its end (within one call's
+/// deadline) are used before it is read again: a server that never ends its list must not
+/// make every call read it anew, nor one that was slow once go unread for good.
+pub const UNFINISHED_LIST_KEPT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Most marked arguments of one tool kept (each is a header on every call of it).
 const MAX_MARKS_PER_TOOL: usize = 32;
 

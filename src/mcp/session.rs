@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -202,10 +202,6 @@ pub struct Session {
 /// An upstream's tool-argument marks, the link generation they were read on, and, for a list
 /// that could not be read to its end, when that reading ended.
 type ReadHeaders = (u64, Arc<ToolHeaders>, Option<Instant>);
-
-/// How long the marks of a tool list that could not be read to its end are used before it is
-/// read again: a server that never ends its list must not make every call read it anew.
-const UNFINISHED_TOOL_LIST_KEPT: Duration = Duration::from_secs(30);
 
 /// Most pages of a tool list read for its marks.
 const MAX_TOOL_LIST_PAGES: usize = 20;
@@ -750,7 +746,7 @@ impl Session {
     /// Which arguments of upstream `index`'s tools are mirrored in headers: its whole tool list
     /// read once (at most 20 pages, within one call's deadline), and again after it announces
     /// a change or reconnects. What a list that cannot be read to its end marks is used for
-    /// [`UNFINISHED_TOOL_LIST_KEPT`] (the call goes on; the server judges it).
+    /// [`crate::mcp::param_headers::UNFINISHED_LIST_KEPT`] (the call goes on; the server judges it).
     pub async fn tool_headers(&self, index: usize) -> Arc<ToolHeaders> {
         let link = &self.links[index];
         let known = || {
@@ -759,7 +755,9 @@ impl Session {
                 .as_ref()
                 .filter(|(g, _, unfinished)| {
                     *g == generation
-                        && unfinished.is_none_or(|t| t.elapsed() < UNFINISHED_TOOL_LIST_KEPT)
+                        && unfinished.is_none_or(|t| {
+                            t.elapsed() < crate::mcp::param_headers::UNFINISHED_LIST_KEPT
+                        })
                 })
                 .map(|(_, h, _)| h.clone())
         };
@@ -771,6 +769,15 @@ impl Session {
         if let Some(h) = known() {
             return h;
         }
+        // Connected first: the marks are of this connection's list, kept under its generation
+        // (unless it changes, or the server announces a change, while the list is read).
+        if self.connect(index).await.is_err() {
+            return Arc::default();
+        }
+        let before = (
+            link.generation.load(Ordering::Acquire),
+            self.tools_generation[index].load(Ordering::Acquire),
+        );
         let mut headers = ToolHeaders::default();
         let read = async {
             let mut page = link.first_page("tools/list").await;
@@ -797,10 +804,15 @@ impl Session {
         };
         let deadline = self.topology.servers[index].config.call_timeout;
         let complete = tokio::time::timeout(deadline, read).await.unwrap_or(false);
-        // The generation of the connection the list was read on (its first page may have
-        // connected the link).
-        let generation = link.generation.load(Ordering::Acquire);
+        let after = (
+            link.generation.load(Ordering::Acquire),
+            self.tools_generation[index].load(Ordering::Acquire),
+        );
         let headers = Arc::new(headers);
+        if after != before {
+            return headers;
+        }
+        let generation = before.0;
         let unfinished = (!complete).then(Instant::now);
         lock(&self.tool_headers)[index] = Some((generation, headers.clone(), unfinished));
         headers

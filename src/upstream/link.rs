@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 
 use crate::config::{Transport, UpstreamProtocol};
 use crate::mcp::jsonrpc::{self, Outcome, code};
-use crate::mcp::param_headers::ToolHeaders;
+use crate::mcp::param_headers::{ToolHeaders, UNFINISHED_LIST_KEPT};
 use crate::orchestrator::Sharing;
 
 use super::http::Discovered;
@@ -98,8 +98,8 @@ pub struct Link {
     /// For a 2026-07-28 server: the log level the session's client asked for.
     log_level: Mutex<Option<String>>,
     /// For a 2026-07-28 server: its tools' mirrored arguments, with the link generation they
-    /// were read on.
-    marks: tokio::sync::Mutex<Option<(u64, Arc<ToolHeaders>)>>,
+    /// were read on, and when that reading ended if the list was not read to its end.
+    marks: tokio::sync::Mutex<Option<(u64, Arc<ToolHeaders>, Option<std::time::Instant>)>>,
     /// Questions of a 2026-07-28 server put to the session's client, by id, awaiting answers.
     asks: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
     next_ask: AtomicU64,
@@ -1232,14 +1232,16 @@ impl Link {
     }
 
     /// The tool arguments a 2026-07-28 server's schemas mark for `Mcp-Param-*` headers: its
-    /// tool list read once per connection (and again when `reread`, after the server said the
-    /// headers were wrong). A list that cannot be read marks nothing.
+    /// tool list read once per connection, within one call's deadline (and again when
+    /// `reread`, after the server said the headers were wrong, or [`UNFINISHED_LIST_KEPT`]
+    /// after a reading that did not reach its end). A list that cannot be read marks nothing.
     async fn tool_marks(&self, conn: &Arc<Connection>, reread: bool) -> Arc<ToolHeaders> {
         let generation = self.generation.load(Ordering::Acquire);
         let mut known = self.marks.lock().await;
-        if let Some((g, marks)) = &*known
+        if let Some((g, marks, unfinished)) = &*known
             && *g == generation
             && !reread
+            && unfinished.is_none_or(|t| t.elapsed() < UNFINISHED_LIST_KEPT)
         {
             return marks.clone();
         }
@@ -1270,17 +1272,20 @@ impl Link {
                     .await
                 {
                     Ok(Outcome::Result(page)) => page,
-                    _ => break,
+                    _ => return false,
                 };
                 match marks.learn(&page) {
                     Ok(Some(next)) => cursor = Some(next),
-                    _ => break,
+                    Ok(None) => return true,
+                    Err(_) => return false,
                 }
             }
+            false
         };
-        let _ = tokio::time::timeout(timeout, read).await;
+        let complete = tokio::time::timeout(timeout, read).await.unwrap_or(false);
         let marks = Arc::new(marks);
-        *known = Some((generation, marks.clone()));
+        let unfinished = (!complete).then(std::time::Instant::now);
+        *known = Some((generation, marks.clone(), unfinished));
         marks
     }
 

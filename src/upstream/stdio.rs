@@ -330,6 +330,10 @@ async fn read_loop(
     // The buffer goes before the calls hear: an over-long line's room is given back by the
     // time anyone can ask again.
     drop(reader);
+    let untold = server.unreadable.take_held_back();
+    if untold > 0 {
+        tracing::warn!(server = %server.name, "{untold} more lines of non-JSON-RPC output on stdout not logged (over the rate)");
+    }
     let _ = ended.set(ENDED);
     pending.fail_all();
     tracing::info!(server = %server.name, "upstream message stream ended");

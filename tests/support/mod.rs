@@ -60,12 +60,13 @@ pub fn example(name: &str, extra_args: &[&str], extra: &str) -> String {
 }
 
 /// YAML for a stdio upstream written in `sh`: a request line whose method is one of `answers`
-/// runs that answer's shell command, in which `$id` is the request's (numeric) id; an
-/// `initialize` is answered with `capabilities` (JSON). Other lines are ignored.
+/// runs that answer's shell command, in which `$id` is the request's (numeric) id, the line's
+/// first `"id":` (the gateway writes it before the params); an `initialize` is answered with
+/// `capabilities` (JSON). Other lines are ignored.
 #[allow(dead_code)] // not every test binary uses every helper
 pub fn sh_server(name: &str, capabilities: &str, answers: &[(&str, &str)]) -> String {
     let mut script = String::from(
-        "while IFS= read -r line; do\nid=$(printf '%s' \"$line\" | sed -n 's/.*\"id\":\\([^,}]*\\).*/\\1/p')\ncase \"$line\" in\n",
+        "while IFS= read -r line; do\nid=$(printf '%s' \"$line\" | grep -o '\"id\":[0-9]*' | head -n 1 | cut -d: -f2)\ncase \"$line\" in\n",
     );
     let initialize = format!(
         r#"printf '{{"jsonrpc":"2.0","id":%s,"result":{{"protocolVersion":"2025-11-25","capabilities":{capabilities},"serverInfo":{{"name":"{name}","version":"1"}}}}}}\n' "$id""#
