@@ -47,6 +47,10 @@ impl Drop for SharedSubscribe<'_> {
     }
 }
 
+/// A 2026-07-28 server's tool-argument marks, the link generation they were read on, and when
+/// that reading ended if it did not reach the list's end.
+type ReadMarks = (u64, Arc<ToolHeaders>, Option<std::time::Instant>);
+
 /// One downstream session's connection to one upstream server.
 ///
 /// Usually the connection is the link's own upstream session. For a stdio server run by the
@@ -99,7 +103,7 @@ pub struct Link {
     log_level: Mutex<Option<String>>,
     /// For a 2026-07-28 server: its tools' mirrored arguments, with the link generation they
     /// were read on, and when that reading ended if the list was not read to its end.
-    marks: tokio::sync::Mutex<Option<(u64, Arc<ToolHeaders>, Option<std::time::Instant>)>>,
+    marks: tokio::sync::Mutex<Option<ReadMarks>>,
     /// Questions of a 2026-07-28 server put to the session's client, by id, awaiting answers.
     asks: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
     next_ask: AtomicU64,
