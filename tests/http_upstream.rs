@@ -2258,3 +2258,100 @@ async fn a_2026_upstream_cannot_ask_through_a_list_or_completion() {
     }
     gw.stop().await;
 }
+
+/// A 2026 client's answers to a 2026 upstream's questions (relayed, the server's state carried
+/// for it or none given) pass the on-request chains as the questions' method before the retry
+/// reaches the server: a denied one fails the retry, which never reaches the server; an allowed
+/// one reaches it as sent, without the gateway's token. Answers without the gateway's token,
+/// or to a question nobody asked, are refused while plugins judge answers.
+#[tokio::test]
+async fn a_2026_clients_answers_to_a_2026_upstream_pass_the_request_chains() {
+    let (url, seen) = asking_server(|_, params| match params.get("inputResponses") {
+        Some(answers) => {
+            json!({"resultType":"complete","content":[{"type":"text","text":answers.to_string()}]})
+        }
+        // No requestState of its own.
+        None => json!({"resultType":"input_required","inputRequests":{"q00":{
+            "method":"elicitation/create","params":{"message":"secret?",
+            "requestedSchema":{"type":"object","properties":{}}}}}}),
+    })
+    .await;
+    let plugins = format!(
+        r#"plugins:
+  modules:
+    - name: answers
+      path: {:?}
+      config:
+        rules:
+          - {{ argument: content.secret, operator: contains, value: SECRET, action: block, reason: "no secrets to servers" }}
+        default: allow
+  chains:
+    - {{ name: answers, methods: ["elicitation/create"], plugins: [answers] }}"#,
+        support::wasm("tool_policy")
+    );
+    let gw = TestGateway::start(
+        &plugins,
+        &[http_upstream("asks", "auto", &url), example("ex", &[], "")],
+    )
+    .await;
+    let args = json!({});
+    let asked = stateless_call(&gw, 1, "asks__t", args.clone())
+        .await
+        .response();
+    assert_eq!(asked["result"]["resultType"], "input_required", "{asked}");
+    let state = asked["result"]["requestState"]
+        .as_str()
+        .expect("the gateway seals the questions even when the server gave no state")
+        .to_owned();
+    let denied = stateless_retry(
+        &gw,
+        2,
+        args.clone(),
+        &state,
+        json!({"q00":{"action":"accept","content":{"secret":"SECRET 42"}}}),
+    )
+    .await;
+    let message = error_message(&denied.response(), -32030);
+    assert!(
+        message.contains("refused the client's answer") && message.contains("no secrets"),
+        "{message}"
+    );
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "the denied retry reached nobody"
+    );
+    for (id, extra, says) in [
+        (
+            3,
+            json!({"inputResponses":{"q00":{"action":"decline"}}}),
+            "answer no questions this gateway relayed",
+        ),
+        (
+            4,
+            json!({"requestState": state, "inputResponses":{"q99":{"action":"decline"}}}),
+            "inputResponses.q99 answers no question",
+        ),
+    ] {
+        let r = stateless_call_as(&gw.client(), id, "asks__t", args.clone(), extra).await;
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.body.contains(says), "{says}: {}", r.body);
+    }
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "no refused retry reached the server"
+    );
+    let fine = json!({"q00":{"action":"accept","content":{"secret":"none"}}});
+    let done = stateless_retry(&gw, 5, args, &state, fine.clone())
+        .await
+        .response();
+    assert_eq!(done["result"]["resultType"], "complete", "{done}");
+    let retry = seen.lock().unwrap().last().unwrap().clone();
+    assert_eq!(retry["inputResponses"], fine);
+    assert!(
+        retry.get("requestState").is_none(),
+        "the gateway's token stays here: {retry}"
+    );
+    gw.stop().await;
+}

@@ -169,8 +169,13 @@ struct Relayed {
     /// The request's method and target.
     m: String,
     t: Option<String>,
-    /// The server's own `requestState`.
-    s: String,
+    /// The server's own `requestState`, if it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    s: Option<String>,
+    /// The server's questions: each key the client answers under, and the method it asks
+    /// (what the policy judges the answer as).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    q: Vec<(String, String)>,
     /// The profile whose endpoint it was issued on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     f: Option<String>,
@@ -186,10 +191,12 @@ pub enum Resumed {
     Parked(Parked),
     /// A 2026-07-28 server's own state, for the retry to carry to that server (by name).
     Relayed {
-        /// The server's state.
-        state: String,
+        /// The server's state, if it gave one.
+        state: Option<String>,
         /// The server it came from.
         server: Option<String>,
+        /// Its questions: the key of each, and the method it asks.
+        questions: Vec<(String, String)>,
     },
 }
 
@@ -267,24 +274,26 @@ impl RoundTrips {
         self.sealer.seal(PURPOSE, &plain)
     }
 
-    /// Seals server `server`'s 2026-07-28 `requestState` for `principal`'s retry of `method`
-    /// on `target`: the client cannot read or change it, nor use it for another request,
-    /// caller or server.
+    /// Seals server `server`'s 2026-07-28 `requestState` (if it gave one) and `questions` (key,
+    /// method) for `principal`'s retry of `method` on `target`: the client cannot read or
+    /// change it, nor use it for another request, caller or server; and its answers are judged
+    /// as answers to those questions.
     pub fn relay(
         &self,
         (principal, profile): (Option<&Principal>, Option<&str>),
         (method, target): (&str, Option<&str>),
         server: &str,
-        state: &str,
+        (state, questions): (Option<&str>, Vec<(String, String)>),
     ) -> String {
         let relayed = Relayed {
+            q: questions,
             u: Some(server.to_owned()),
             f: profile.map(str::to_owned),
             p: principal.map(|p| p.to_string()),
             e: now_ms() + self.ttl.as_millis() as u64,
             m: method.to_owned(),
             t: target.map(str::to_owned),
-            s: state.to_owned(),
+            s: state.map(str::to_owned),
         };
         let plain = serde_json::to_vec(&relayed).expect("the state encodes");
         self.sealer.seal(RELAYED, &plain)
@@ -385,6 +394,7 @@ impl RoundTrips {
         Ok(Resumed::Relayed {
             state: r.s,
             server: r.u,
+            questions: r.q,
         })
     }
 }
@@ -452,16 +462,24 @@ mod tests {
             (Some(&alice), Some("dev")),
             ("tools/call", Some("t")),
             "s1",
-            "server-state",
+            (
+                Some("server-state"),
+                vec![("q1".into(), "sampling/createMessage".into())],
+            ),
         );
         assert!(token.len() <= MAX_STATE_TOKEN);
         let resume = |who: Option<&Principal>, profile: Option<&str>, method, target| {
             trips.resume((who, profile), None, &token, method, target)
         };
         let carried = |r: Result<Resumed, ResumeError>| match r {
-            Ok(Resumed::Relayed { state, server }) => {
+            Ok(Resumed::Relayed {
+                state,
+                server,
+                questions,
+            }) => {
                 assert_eq!(server.as_deref(), Some("s1"), "it names its server");
-                state
+                assert_eq!(questions, [("q1".into(), "sampling/createMessage".into())]);
+                state.unwrap_or_default()
             }
             Ok(Resumed::Parked(_)) => panic!("not a parked call"),
             Err(e) => panic!("{e}"),
@@ -516,7 +534,12 @@ mod tests {
         }
         // Expired.
         let brief = RoundTrips::new(Sealer::random(1), Duration::ZERO);
-        let token = brief.relay((None, None), ("tools/call", Some("t")), "s1", "s");
+        let token = brief.relay(
+            (None, None),
+            ("tools/call", Some("t")),
+            "s1",
+            (Some("s"), Vec::new()),
+        );
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(
             brief

@@ -708,6 +708,11 @@ impl Session {
         }
     }
 
+    /// The policy stage over what servers send and clients answer, when there is one.
+    pub fn policy(&self) -> Option<&Arc<dyn MessagePolicy>> {
+        self.policy.as_ref()
+    }
+
     /// The client's answer to upstream `index`'s request `method`, as the policy has it go
     /// back: the on-request chains judge what goes to a server, answers included.
     async fn screened<'a>(

@@ -756,6 +756,8 @@ pub(crate) async fn post(
     let mut params = Some(params);
     // The server whose own state the retry carries, to be the one it reaches.
     let mut relayed_from = None;
+    // The questions the retry's answers answer, as the token relayed them.
+    let mut questions = None;
     if let Some(state) = retry.state {
         let resumed = gw.round_trips.resume(
             (principal.as_ref(), profile.map(|p| p.name.as_str())),
@@ -769,12 +771,17 @@ pub(crate) async fn post(
                 return round.resume(parked, retry.responses).await;
             }
             // The server's own state goes back to it in place of the gateway's token.
-            Ok(round_trip::Resumed::Relayed { state, server }) => {
-                match with_request_state(params.as_ref(), &state) {
+            Ok(round_trip::Resumed::Relayed {
+                state,
+                server,
+                questions: asked,
+            }) => {
+                match with_member(params.as_ref(), "requestState", state.as_deref()) {
                     Some(p) => params = Some(p),
                     None => return invalid("params cannot carry requestState"),
                 }
                 relayed_from = server;
+                questions = Some(asked);
             }
             Err(e) => return invalid(&e.to_string()),
         }
@@ -802,6 +809,52 @@ pub(crate) async fn post(
         return invalid(
             "requestState was issued by another server than the one this request reaches now; send the request again without it",
         );
+    }
+    if !retry.responses.is_empty()
+        && let Some(policy) = session.policy().filter(|p| p.active())
+    {
+        // Answers reach a server only as answers to its questions, judged as such: rebuilt
+        // from what the policy passed.
+        let Some(questions) = &questions else {
+            return invalid(
+                "inputResponses answer no questions this gateway relayed: send them with the requestState that came with the questions",
+            );
+        };
+        let Some(index) = server_asked(&session, &round.method, round.target.as_deref()) else {
+            return invalid("the server that asked is no longer reached by this request");
+        };
+        let mut answers = b"{".to_vec();
+        for (key, answer) in &retry.responses {
+            let Some((_, method)) = questions.iter().find(|(k, _)| k == key) else {
+                return invalid(&format!(
+                    "params.inputResponses.{key} answers no question the server asked"
+                ));
+            };
+            let asked = Outcome::Result(Bytes::copy_from_slice(answer.get().as_bytes()));
+            let judged = policy.client_answer(&session, index, method, &asked).await;
+            let answer = match &judged {
+                None => answer.get().as_bytes(),
+                Some(Outcome::Result(rewritten)) => &rewritten[..],
+                Some(Outcome::Error(refused)) => {
+                    return json_response(
+                        StatusCode::OK,
+                        jsonrpc::response(&id, &Outcome::Error(refused.clone())),
+                    );
+                }
+            };
+            if answers.len() > 1 {
+                answers.push(b',');
+            }
+            crate::json_string::put(&mut answers, key);
+            answers.push(b':');
+            answers.extend_from_slice(answer);
+        }
+        answers.push(b'}');
+        let answers = String::from_utf8(answers).unwrap_or_default();
+        match with_raw_member(params.as_ref(), "inputResponses", &answers) {
+            Some(p) => params = Some(p),
+            None => return invalid("params cannot carry inputResponses"),
+        }
     }
     let busy = session.touch();
     if round.method == "tools/call"
@@ -1150,6 +1203,7 @@ impl Round {
             )));
         }
         let mut requests = String::from("{");
+        let mut questions = Vec::with_capacity(asked.len());
         for (key, raw) in &asked {
             let Ok(q) = serde_json::from_str::<Question<'_>>(raw.get()) else {
                 return Some(self.refused_state("an input request is not a request"));
@@ -1193,6 +1247,7 @@ impl Round {
             requests.push_str(&serde_json::to_string(key).ok()?);
             requests.push_str(r#":{"method":"#);
             requests.push_str(&serde_json::to_string(&q.method).ok()?);
+            questions.push((key.to_string(), q.method.to_string()));
             if let Some(p) = params {
                 requests.push_str(r#","params":"#);
                 requests.push_str(std::str::from_utf8(&p).ok()?);
@@ -1202,27 +1257,32 @@ impl Round {
         requests.push('}');
         let requests = RawValue::from_string(requests).ok()?;
         fields.insert("inputRequests".into(), &requests);
-        let sealed;
-        if let Some(raw) = fields.get("requestState") {
-            let Ok(state) = serde_json::from_str::<String>(raw.get()) else {
-                return Some(self.refused_state("the server's requestState is not a string"));
-            };
-            if state.len() > round_trip::MAX_RELAYED_STATE {
-                return Some(self.refused_state(&format!(
-                    "the server's requestState is {} bytes (at most {})",
-                    state.len(),
-                    round_trip::MAX_RELAYED_STATE
-                )));
+        // Sealed whether or not the server gave a state: the retry's answers are judged as
+        // answers to these questions, and only with this token.
+        let state = match fields.get("requestState") {
+            None => None,
+            Some(raw) => {
+                let Ok(state) = serde_json::from_str::<String>(raw.get()) else {
+                    return Some(self.refused_state("the server's requestState is not a string"));
+                };
+                if state.len() > round_trip::MAX_RELAYED_STATE {
+                    return Some(self.refused_state(&format!(
+                        "the server's requestState is {} bytes (at most {})",
+                        state.len(),
+                        round_trip::MAX_RELAYED_STATE
+                    )));
+                }
+                Some(state)
             }
-            let token = self.gw.round_trips.relay(
-                (self.principal.as_ref(), session.profile_name()),
-                (&self.method, self.target.as_deref()),
-                &topology.servers[index].name,
-                &state,
-            );
-            sealed = RawValue::from_string(serde_json::to_string(&token).ok()?).ok()?;
-            fields.insert("requestState".into(), &sealed);
-        }
+        };
+        let token = self.gw.round_trips.relay(
+            (self.principal.as_ref(), session.profile_name()),
+            (&self.method, self.target.as_deref()),
+            &topology.servers[index].name,
+            (state.as_deref(), questions),
+        );
+        let sealed = RawValue::from_string(serde_json::to_string(&token).ok()?).ok()?;
+        fields.insert("requestState".into(), &sealed);
         let result = serde_json::to_vec(&fields).ok()?;
         Some(jsonrpc::response(
             &self.id,
@@ -1343,16 +1403,33 @@ fn status_of(frame: &[u8], id: &[u8]) -> StatusCode {
     }
 }
 
-/// Params with `requestState` set to `state` (a retry's params, for the server that issued it).
-fn with_request_state(params: Option<&Bytes>, state: &str) -> Option<Bytes> {
-    type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
+/// `params` with member `key` set to the string `value`, or without it for `None` (a retry's
+/// `requestState`: the server's own, or none when it gave none).
+fn with_member(params: Option<&Bytes>, key: &str, value: Option<&str>) -> Option<Bytes> {
+    match value {
+        Some(v) => with_raw_member(params, key, &serde_json::to_string(v).ok()?),
+        None => {
+            let params = params?;
+            let mut fields: Object<'_> = serde_json::from_slice(params).ok()?;
+            fields.remove(key);
+            let out = serde_json::to_vec(&fields).ok()?;
+            Some(crate::body_room::derived(out, params))
+        }
+    }
+}
+
+/// `params` with member `key` set to the JSON text `raw`.
+fn with_raw_member(params: Option<&Bytes>, key: &str, raw: &str) -> Option<Bytes> {
     let params = params?;
     let mut fields: Object<'_> = serde_json::from_slice(params).ok()?;
-    let state = RawValue::from_string(serde_json::to_string(state).ok()?).ok()?;
-    fields.insert("requestState".into(), &state);
+    let value = RawValue::from_string(raw.to_owned()).ok()?;
+    fields.insert(key.to_owned().into(), &value);
     let out = serde_json::to_vec(&fields).ok()?;
     Some(crate::body_room::derived(out, params))
 }
+
+/// A JSON object's members, borrowed.
+type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
 
 /// Serves `subscriptions/listen`: the acknowledgement first (what is honored: the kinds some
 /// server offers, the resources their servers agreed to watch), then the servers' change
