@@ -847,8 +847,8 @@ async fn a_list_changed_flood_leaves_room_for_a_servers_question() {
 
 /// For [`unasked_server_session`]: once started, says from a thread of its own what a hostile
 /// server says unasked: a 2 MiB log message, a log message with a `PARAMS` twin, a
-/// `resources/updated` naming its URI twice, a 5 MiB question to the client, then a plain
-/// update and `last`.
+/// `resources/updated` naming its URI twice, a 5 MiB question to the client, a question whose
+/// method is 2,000 bytes, then a plain update and `last`.
 const NOISY: &str = r#"
 def noise():
     send({"jsonrpc": "2.0", "method": "notifications/message",
@@ -858,6 +858,7 @@ def noise():
     send({"jsonrpc": "2.0", "id": "big-1", "method": "elicitation/create",
           "params": {"mode": "form", "message": "y" * (5 << 20), "requestedSchema":
                      {"type": "object", "properties": {"name": {"type": "string"}}}}})
+    send({"jsonrpc": "2.0", "id": "long-1", "method": "m" * 2000, "params": {}})
     send({"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": "mem://f/a"}})
     send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "last"}})
 def start(a):
@@ -865,7 +866,8 @@ def start(a):
 "#;
 
 /// What a server says unasked is bounded and passed on as the gateway read it: a notification
-/// over 1 MiB is dropped, a question over 4 MiB is refused to the server, a frame's look-alike
+/// over 1 MiB is dropped, a question over 4 MiB (or with a method over 1 KiB) is refused to
+/// the server, a frame's look-alike
 /// members (`PARAMS`) do not reach the client, and an update whose URI cannot be read (given
 /// twice) is dropped. Before, the server's frames went to the client as sent, whatever their
 /// size, so a server could make a session's queues hold gigabytes.
@@ -902,13 +904,11 @@ async fn what_a_server_says_unasked_is_bounded_and_passed_on_as_read() {
         json!({"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":"mem://f/a"}})
     );
     let answers: Value = serde_json::from_str(&c.tool_text(2, "answers", json!({})).await).unwrap();
+    let said = |n: usize| answers[n]["error"]["message"].as_str().unwrap_or_default();
     assert_eq!(answers[0]["id"], "big-1", "{answers}");
-    assert!(
-        answers[0]["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("at most 4194304 bytes"),
-        "{answers}"
-    );
+    assert!(said(0).contains("at most 4194304 bytes"), "{answers}");
+    // A method the gateway would keep while the client does not answer is bounded like an id.
+    assert_eq!(answers[1]["id"], "long-1", "{answers}");
+    assert!(said(1).contains("method is over 1024 bytes"), "{answers}");
     gw.stop().await;
 }

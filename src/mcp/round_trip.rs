@@ -141,7 +141,7 @@ impl Parked {
             jsonrpc::error_object(code::REQUEST_CANCELLED, "the client did not answer in time");
         for asked in &self.asked {
             self.session
-                .on_client_response(&asked.id, &Outcome::Error(error.clone()))
+                .answer_for_client(&asked.id, &Outcome::Error(error.clone()))
                 .await;
         }
     }

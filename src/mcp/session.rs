@@ -637,16 +637,31 @@ impl Session {
         }
     }
 
-    /// Relays the client's answer to a server→client request back to its upstream. In a
-    /// portable session the id is sealed and names the upstream session that asked, so an
-    /// answer to a request another replica relayed goes straight to that upstream session.
+    /// Relays the client's answer to a server→client request back to its upstream, as the
+    /// policy judges it. In a portable session the id is sealed and names the upstream session
+    /// that asked, so an answer to a request another replica relayed goes straight to that
+    /// upstream session.
     pub async fn on_client_response(&self, id: &[u8], outcome: &Outcome) -> bool {
+        self.answer(id, outcome, true).await
+    }
+
+    /// Answers a server→client request on the client's behalf (the gateway's own answer: a
+    /// `ping`, a refusal, a question the client left unanswered): not judged as the client's.
+    pub async fn answer_for_client(&self, id: &[u8], outcome: &Outcome) -> bool {
+        self.answer(id, outcome, false).await
+    }
+
+    /// Where the answer to the request the client knows as `id` goes: decided before it is
+    /// judged (`judged`), so an answer that reaches nobody costs no plugin call nor audit.
+    async fn answer(&self, id: &[u8], outcome: &Outcome, judged: bool) -> bool {
         if let Some(n) = jsonrpc::id_as_u64(id) {
             let Some(waiting) = lock(&self.server_requests).remove(&n) else {
                 return false;
             };
             let index = waiting.index;
-            let outcome = self.screened(index, &waiting.method, outcome).await;
+            let outcome = self
+                .screened(judged, index, Some(&waiting.method), outcome)
+                .await;
             self.links[index].respond(&waiting.original, &outcome).await;
             return true;
         }
@@ -680,11 +695,11 @@ impl Session {
             }
         };
         let original = Bytes::from(asked.o);
-        let method = asked.m.unwrap_or_default();
-        let outcome = self.screened(index, &method, outcome).await;
-        let outcome = &*outcome;
-        if local.is_some() {
-            self.links[index].respond(&original, outcome).await;
+        if let Some(waiting) = local {
+            let outcome = self
+                .screened(judged, index, Some(&waiting.method), outcome)
+                .await;
+            self.links[index].respond(&original, &outcome).await;
             return true;
         }
         // Not asked through this replica: only an HTTP upstream session of another replica's
@@ -696,8 +711,11 @@ impl Session {
                     .upstream_session()
                     .is_none_or(|(own, _)| own != u) =>
             {
+                let outcome = self
+                    .screened(judged, index, asked.m.as_deref(), outcome)
+                    .await;
                 self.links[index]
-                    .respond_in(&u, asked.v.as_deref(), &original, outcome)
+                    .respond_in(&u, asked.v.as_deref(), &original, &outcome)
                     .await;
                 true
             }
@@ -714,15 +732,25 @@ impl Session {
     }
 
     /// The client's answer to upstream `index`'s request `method`, as the policy has it go
-    /// back: the on-request chains judge what goes to a server, answers included.
+    /// back (when `judged`: the gateway's own answers are not the client's): the on-request
+    /// chains judge what goes to a server, answers included. An answer
+    /// whose request's method is unknown (its id sealed by a version that did not carry it)
+    /// cannot be judged, and is refused while a policy judges answers.
     async fn screened<'a>(
         &self,
+        judged: bool,
         index: usize,
-        method: &str,
+        method: Option<&str>,
         outcome: &'a Outcome,
     ) -> std::borrow::Cow<'a, Outcome> {
-        let Some(policy) = self.policy.as_ref().filter(|p| p.active()) else {
+        let Some(policy) = self.policy.as_ref().filter(|p| judged && p.active()) else {
             return std::borrow::Cow::Borrowed(outcome);
+        };
+        let Some(method) = method else {
+            return std::borrow::Cow::Owned(Outcome::Error(jsonrpc::error_object(
+                code::INTERNAL_ERROR,
+                "the gateway refused the client's answer: it cannot tell which request the answer is for, so it cannot judge it",
+            )));
         };
         match policy.client_answer(self, index, method, outcome).await {
             None => std::borrow::Cow::Borrowed(outcome),
@@ -1084,15 +1112,18 @@ impl Session {
     fn route_server_message(self: Arc<Self>, index: usize, route: Route, msg: Message) {
         match msg.kind {
             Kind::Request { id, method, params } => {
-                // The server's id is kept until the client answers, which may be never (or
-                // until the session ends): bounded as a client's id is, else each session would
-                // keep 16 ids of up to 64 MiB per server. Refused at once, so the server does
-                // not wait on it.
-                if id.len() > jsonrpc::MAX_KEPT_NAME {
+                // The server's id and method are kept until the client answers, which may be
+                // never (or until the session ends): bounded as a client's id is, else each
+                // session would keep 16 of up to 4 MiB per server. Refused at once, so the
+                // server does not wait on it.
+                let over = [("id", id.len()), ("method", method.len())]
+                    .into_iter()
+                    .find(|(_, len)| *len > jsonrpc::MAX_KEPT_NAME);
+                if let Some((what, _)) = over {
                     let error = jsonrpc::error_object(
                         code::INVALID_REQUEST,
                         &format!(
-                            "the request's id is over {} bytes, so the gateway does not ask its client",
+                            "the request's {what} is over {} bytes, so the gateway does not ask its client",
                             jsonrpc::MAX_KEPT_NAME
                         ),
                     );

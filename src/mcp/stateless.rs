@@ -1330,7 +1330,7 @@ impl Round {
                                 &format!("{method} is not a request a client can be asked"),
                             ))
                         };
-                        session.on_client_response(&id, &outcome).await;
+                        session.answer_for_client(&id, &outcome).await;
                         Step::Skip
                     }
                     Some(_)
@@ -1345,7 +1345,7 @@ impl Round {
                             code::METHOD_NOT_FOUND,
                             &format!("the client did not declare the {cap} capability"),
                         ));
-                        session.on_client_response(&id, &refusal).await;
+                        session.answer_for_client(&id, &refusal).await;
                         // Servers ask for roots on their own (after initialize, on a change),
                         // and over stdio such a question lands on whatever call is in flight:
                         // it is no sign that this call needs roots. The server heard the
