@@ -169,6 +169,22 @@ fn check_policy(set: &PluginSet, component: &str) {
         ),
         ("count", r#"{"options": {"n": 4}}"#, None),
         ("other", r#"{}"#, None),
+        // A name in another case, padded or cut by a NUL is judged as a lenient server reads it.
+        (
+            "FS_read",
+            r#"{"path": "/etc/passwd", "mode": "read"}"#,
+            Some("system files are off limits"),
+        ),
+        (
+            "fs_read ",
+            r#"{"path": "/etc/passwd", "mode": "read"}"#,
+            Some("system files are off limits"),
+        ),
+        (
+            "HTTP_GET\u{0}",
+            r#"{"url": "https://evil.test/"}"#,
+            Some("only example.com"),
+        ),
     ];
     for (tool, args, expect) in cases {
         let d = set.on_request_blocking(&ctx("files", tool), *args);

@@ -32,6 +32,21 @@ function globMatcher(pattern) {
   return (text) => globMatch(p, Array.from(text));
 }
 
+// A tool or prompt name matches as written, or as a lenient server may look
+// it up (cut at a NUL, trimmed, in lower case) against the pattern in lower
+// case: `FS_read` does not walk around a rule for `fs_*` (the Rust SDK's
+// `matches_name`).
+function nameMatcher(pattern) {
+  const written = globMatcher(pattern);
+  const lower = globMatcher(pattern.toLowerCase());
+  return (name) => {
+    if (written(name)) return true;
+    const folded = name.split("\0")[0].trim().toLowerCase();
+    if (folded === name && pattern === pattern.toLowerCase()) return false;
+    return lower(folded);
+  };
+}
+
 function globMatch(p, t) {
   let pi = 0, ti = 0, star = -1, mark = 0;
   while (ti < t.length) {
@@ -138,7 +153,7 @@ class Rule {
         throw new Error(`rules[${i}].${field}: expected a string`);
       }
     }
-    this.tool = spec.tool == null ? null : globMatcher(spec.tool);
+    this.tool = spec.tool == null ? null : nameMatcher(spec.tool);
     this.server = spec.server == null ? null : globMatcher(spec.server);
     this.action = ACTIONS[spec.action];
     this.reason = spec.reason || `blocked by tool-policy rule ${i}`;

@@ -26,6 +26,18 @@ def glob(pattern, text):
     return fnmatchcase(text, pattern.replace("[", "[[]"))
 
 
+def name_glob(pattern, name):
+    # As written, or as a lenient server may look the name up (cut at a NUL,
+    # trimmed, in lower case) against the pattern in lower case: `FS_read`
+    # does not walk around a rule for `fs_*` (the Rust SDK's `matches_name`).
+    if glob(pattern, name):
+        return True
+    folded = name.split("\0")[0].strip().lower()
+    if folded == name and pattern == pattern.lower():
+        return False
+    return glob(pattern.lower(), folded)
+
+
 def text_of(value):
     if isinstance(value, str):
         return value
@@ -88,7 +100,7 @@ class Rule:
                     raise ValueError(f"rules[{i}].value: {e}")
 
     def targets(self, name, server):
-        if self.tool is not None and (name is None or not glob(self.tool, name)):
+        if self.tool is not None and (name is None or not name_glob(self.tool, name)):
             return False
         return self.server is None or glob(self.server, server)
 

@@ -1,5 +1,26 @@
 //! Glob patterns: `*` matches any run of characters (also none), `?` one
-//! character; everything else matches itself. Case-sensitive.
+//! character; everything else matches itself. Case-sensitive, but for names
+//! ([`matches_name`]), which a lenient server may look up in any case.
+
+/// Whether a tool or prompt name matches the glob `pattern` as written, or as a lenient
+/// server may look it up (cut at a NUL, trimmed, in lower case) against the pattern in lower
+/// case: `FS_read`, `fs_read ` or `fs_read\0` is judged as `fs_read` is, as the gateway's
+/// own chain selectors judge it (a rule for `fs_*` is not walked around by a name's case).
+pub fn matches_name(pattern: &str, name: &str) -> bool {
+    if matches(pattern, name) {
+        return true;
+    }
+    let folded = name
+        .split('\0')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_lowercase();
+    if folded == name && pattern.to_lowercase() == pattern {
+        return false;
+    }
+    matches(&pattern.to_lowercase(), &folded)
+}
 
 /// Whether `text` matches the glob `pattern`.
 ///
@@ -63,7 +84,29 @@ fn char_len(lead: u8) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::matches;
+    use super::*;
+
+    #[test]
+    fn a_name_matches_as_a_lenient_server_would_look_it_up() {
+        for name in [
+            "fs_read",
+            "FS_read",
+            "fs_READ ",
+            " fs_read",
+            "fs_read\0x",
+            "Fs_Read\t",
+        ] {
+            assert!(matches_name("fs_*", name), "{name:?}");
+        }
+        assert!(
+            matches_name("FS_*", "fs_read"),
+            "the pattern in lower case too"
+        );
+        assert!(!matches_name("fs_*", "f s_read"));
+        assert!(!matches_name("fs_*", "xfs_read"));
+        // Only names fold: a plain glob stays case-sensitive.
+        assert!(!matches("fs_*", "FS_read"));
+    }
 
     #[test]
     fn globs() {

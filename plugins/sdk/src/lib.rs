@@ -559,7 +559,7 @@ impl Target {
     pub fn matches(&self, ctx: &CallContext) -> bool {
         let name_ok = match (&self.tool, ctx.name()) {
             (None, _) => true,
-            (Some(pattern), Some(name)) => glob::matches(pattern, name),
+            (Some(pattern), Some(name)) => glob::matches_name(pattern, name),
             (Some(_), None) => false,
         };
         name_ok
