@@ -912,3 +912,63 @@ async fn what_a_server_says_unasked_is_bounded_and_passed_on_as_read() {
     assert!(said(1).contains("method is over 1024 bytes"), "{answers}");
     gw.stop().await;
 }
+
+/// For [`unasked_server_session`]: once started, says from a thread of its own 64 log messages
+/// of 900 KB each (under the 1 MiB bound of one) and a small `last`, then writes the file
+/// `done` names.
+const LARGE_TALKER: &str = r#"
+def talk(done):
+    for _ in range(64):
+        send({"jsonrpc": "2.0", "method": "notifications/message",
+              "params": {"level": "info", "data": "x" * 900000}})
+    send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "last"}})
+    open(done, "w").close()
+def start(a):
+    threading.Thread(target=talk, args=(a["done"],), daemon=True).start()
+"#;
+
+/// What a server says to a client that does not read is bounded in bytes, not only in
+/// messages: of 64 messages just under the 1 MiB bound of one (57 MB), those waiting for a
+/// GET stream nobody reads hold at most 16 MiB, the rest dropped, while small messages still
+/// pass; once the client reads, the session's queues hold nothing.
+#[tokio::test]
+async fn what_waits_for_a_client_that_does_not_read_is_bounded_in_bytes() {
+    let (gw, c, mut stream) = unasked_server_session(LARGE_TALKER).await;
+    let session = session_of(&gw, &c);
+    let done = std::env::temp_dir().join(format!("gatehouse-talked-{}", std::process::id()));
+    let _ = std::fs::remove_file(&done);
+    let args = json!({"done": done.to_str().unwrap()});
+    assert_eq!(c.tool_text(1, "start", args).await, "started");
+    support::eventually("the server to have said it all", || {
+        let done = done.clone();
+        async move { done.exists() }
+    })
+    .await;
+    // A call's answer comes after everything the server said before it (and, the server done
+    // talking, takes none of it on its own stream).
+    let _ = c.tool_text(2, "answers", json!({})).await;
+    let held = session.queued_bytes();
+    assert!(
+        (8 << 20..=16 << 20).contains(&held),
+        "{held} bytes wait for the client"
+    );
+    // What the connection took before its reader stopped (socket buffers) was not held.
+    let mut large = 0;
+    while let Some(m) = stream.next_within(Duration::from_secs(10)).await {
+        if m["params"]["data"] == "last" {
+            break;
+        }
+        large += 1;
+    }
+    assert!(
+        (9..48).contains(&large),
+        "{large} of 64 large messages kept"
+    );
+    support::eventually("the queues to be empty once read", || {
+        let session = session.clone();
+        async move { session.queued_bytes() == 0 }
+    })
+    .await;
+    let _ = std::fs::remove_file(&done);
+    gw.stop().await;
+}

@@ -10,6 +10,7 @@ pub(crate) mod lookalike;
 pub mod param_headers;
 pub mod policy;
 pub mod profile;
+pub mod queued_bytes;
 pub mod resource_walk;
 pub mod resume;
 pub mod revision;

@@ -80,6 +80,9 @@ pub struct UpstreamInit {
 /// Server messages waiting for the policy stage, per session (in order; bounded).
 const POLICY_QUEUE: usize = 256;
 
+/// Why a server's request is not put to a client whose queues are full.
+const QUEUES_FULL: &str = "this client's queues hold too much of what servers said that it has not read yet, so this request was not put to it";
+
 /// Capability bits an upstream advertised.
 pub mod caps {
     /// `tools`.
@@ -194,8 +197,11 @@ pub struct Session {
     /// One reading of each server's tool list at a time (concurrent calls wait for it, not
     /// ask again).
     tool_headers_reading: Box<[tokio::sync::Mutex<()>]>,
-    /// Paces the log lines for server messages dropped because the policy stage is behind.
+    /// Paces the log lines for server messages dropped (the policy stage is behind, or the
+    /// queues are full).
     dropped_logs: crate::log_rate::LogRate,
+    /// Bytes its queues hold of what servers said that its clients have not read.
+    queued: crate::mcp::queued_bytes::QueuedBytes,
     weak: Weak<Session>,
 }
 
@@ -344,6 +350,7 @@ impl Session {
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
                 dropped_logs: crate::log_rate::LogRate::new(5),
+                queued: Default::default(),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
                 resource_walk: crate::mcp::resource_walk::ResourceWalks::new(servers.len()),
@@ -851,6 +858,12 @@ impl Session {
         headers
     }
 
+    /// Bytes its queues hold of what servers said that its clients have not read (counted
+    /// frames only: see [`crate::mcp::queued_bytes`]).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.held()
+    }
+
     /// Whether the session has ended.
     pub fn is_ended(&self) -> bool {
         *self.ended.borrow()
@@ -994,6 +1007,25 @@ impl Session {
         {
             return;
         }
+        // Counted while any queue holds it: past the session's share, what a server says is
+        // dropped (a request refused) until its clients read what waits.
+        msg.frame = match self.queued.admit(std::mem::take(&mut msg.frame)) {
+            Some(frame) => frame,
+            None => {
+                if let Some(n) = self.dropped_logs.admit() {
+                    let more = crate::log_rate::held_back(n);
+                    tracing::warn!(session = %self.log_id(), upstream = %self.topology.servers[index].name, "dropped a server message: the session's queues hold {} bytes its clients have not read{more}", self.queued.held());
+                }
+                if let Kind::Request { id, .. } = msg.kind {
+                    let error = jsonrpc::error_object(code::INTERNAL_ERROR, QUEUES_FULL);
+                    let server = self.topology.servers[index].clone();
+                    server.refuse_in_background(async move {
+                        self.links[index].respond(&id, &Outcome::Error(error)).await;
+                    });
+                }
+                return;
+            }
+        };
         // A server speaks only of its own resources: an update of a URI the gateway routes to
         // another server (reads of it go there) would have the client re-read that server's
         // resource, or a listen stream watching it wake, on a stranger's word.
@@ -1203,13 +1235,18 @@ impl Session {
                     }
                     room
                 };
-                let frame = jsonrpc::request(&wire, &method, params.as_deref());
-                if !admitted || !self.push(&route, frame, None) {
+                let frame = self
+                    .queued
+                    .admit(jsonrpc::request(&wire, &method, params.as_deref()));
+                let queued = frame.is_some();
+                if !admitted || !frame.is_some_and(|f| self.push(&route, f, None)) {
                     lock(&self.server_requests).remove(&n);
                     let error = jsonrpc::error_object(
                         code::INTERNAL_ERROR,
                         if !admitted {
                             "too many requests are waiting for this client's answers (at most 16 of one server's, 64 in all)"
+                        } else if !queued {
+                            QUEUES_FULL
                         } else if route.related.is_none() && !self.has_listen_stream() {
                             "the gateway cannot tell which of the calls in progress this request belongs to, so it asks no client"
                         } else {
