@@ -243,7 +243,7 @@ async fn serve_connection<S>(
 
 /// TCP keep-alive finds peers that vanished without a FIN (a half-open connection would
 /// otherwise hold its slot and descriptor until the idle deadline, or forever while streaming).
-fn configure_socket(stream: &TcpStream, keepalive: Duration) {
+pub(crate) fn configure_socket(stream: &TcpStream, keepalive: Duration) {
     let _ = stream.set_nodelay(true);
     let probes = socket2::TcpKeepalive::new()
         .with_time(keepalive)

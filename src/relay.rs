@@ -43,6 +43,9 @@ pub const PATH: &str = "/relay/";
 /// Connections served at once. Other replicas hold one each (HTTP/2, every session and stream
 /// multiplexed); the rest is headroom for their reconnections.
 const MAX_CONNECTIONS: usize = 256;
+/// Connections one peer address may hold: a replica holds one (HTTP/2), so a peer that opens
+/// many cannot take every slot.
+const MAX_CONNECTIONS_PER_PEER: usize = 16;
 /// How often an idle HTTP/2 connection is pinged, and how long a ping may go unanswered.
 const PING: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(20));
 /// Calls in flight per relay session (the other replica bounds its own sessions' calls too).
@@ -151,6 +154,44 @@ struct State {
     sessions: DashMap<Arc<str>, Arc<RelaySession>>,
     /// One permit per relay session (`orchestrator.max_relay_sessions`).
     session_slots: Arc<Semaphore>,
+    /// Connections held, by peer address.
+    peers: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// One of a peer's [`MAX_CONNECTIONS_PER_PEER`] connections, given back when dropped.
+struct PeerSlot {
+    peers: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    fn take(
+        peers: &Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<PeerSlot> {
+        let mut held = peers.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(ip).or_default();
+        if *n >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            peers: peers.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut held = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// One client session of another replica, on one server.
@@ -236,6 +277,7 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
     access.serving(local_addr);
     let state = Arc::new(State {
         session_slots: Arc::new(Semaphore::new(gw.config.orchestrator.max_relay_sessions)),
+        peers: Arc::default(),
         gw,
         access,
         sessions: DashMap::new(),
@@ -266,13 +308,17 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
                             continue;
                         };
                         let Ok(slot) = slots.clone().try_acquire_owned() else {
-                            tracing::debug!(%peer, "relay: too many connections");
+                            tracing::warn!(%peer, "relay: too many connections ({MAX_CONNECTIONS}); refused one");
+                            continue;
+                        };
+                        let Some(peer_slot) = PeerSlot::take(&state.peers, peer.ip()) else {
+                            tracing::warn!(%peer, "relay: this peer holds {MAX_CONNECTIONS_PER_PEER} connections already; refused one");
                             continue;
                         };
                         let state = state.clone();
                         tokio::spawn(async move {
-                            let _slot = slot;
-                            let _ = stream.set_nodelay(true);
+                            let _slots = (slot, peer_slot);
+                            crate::listener::configure_socket(&stream, state.gw.config.mcp.keepalive_interval);
                             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                             builder
                                 .http1()
@@ -291,13 +337,37 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
                                 .max_concurrent_streams(streams)
                                 .keep_alive_interval(Some(PING.0))
                                 .keep_alive_timeout(PING.1);
-                            let service = service_fn(move |req| {
-                                let state = state.clone();
-                                async move {
-                                    Ok::<_, std::convert::Infallible>(state.handle(req).await)
+                            // A peer must show the secret within the header deadline of connecting:
+                            // one that sends nothing (or only refused requests) holds no slot longer.
+                            let trusted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                            let deadline = state.gw.config.mcp.header_timeout;
+                            let service = {
+                                let trusted = trusted.clone();
+                                service_fn(move |req| {
+                                    let state = state.clone();
+                                    let trusted = trusted.clone();
+                                    async move {
+                                        Ok::<_, std::convert::Infallible>(state.handle(req, &trusted).await)
+                                    }
+                                })
+                            };
+                            let conn = builder.serve_connection(TokioIo::new(stream), service);
+                            tokio::pin!(conn);
+                            let untrusted = async {
+                                tokio::time::sleep(deadline).await;
+                                if trusted.load(std::sync::atomic::Ordering::Relaxed) {
+                                    std::future::pending::<()>().await;
                                 }
-                            });
-                            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+                            };
+                            let ended = tokio::select! {
+                                biased;
+                                r = conn.as_mut() => r,
+                                () = untrusted => {
+                                    tracing::debug!(%peer, "relay: closing a connection that showed no secret in {deadline:?}");
+                                    return;
+                                }
+                            };
+                            if let Err(e) = ended {
                                 tracing::debug!(%peer, "relay connection ended: {e}");
                             }
                         });
@@ -315,8 +385,13 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
 }
 
 impl State {
-    async fn handle(self: &Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Body> {
-        match self.route(req).await {
+    /// Answers one request; `trusted` is set once a request shows the secret.
+    async fn handle(
+        self: &Arc<Self>,
+        req: Request<hyper::body::Incoming>,
+        trusted: &std::sync::atomic::AtomicBool,
+    ) -> Response<Body> {
+        match self.route(req, trusted).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!("relay refused a request: {e}");
@@ -349,8 +424,10 @@ impl State {
     async fn route(
         self: &Arc<Self>,
         req: Request<hyper::body::Incoming>,
+        trusted: &std::sync::atomic::AtomicBool,
     ) -> Result<Response<Body>, RelayError> {
         self.authorize(&req)?;
+        trusted.store(true, std::sync::atomic::Ordering::Relaxed);
         if req.uri().path() == plugins::leader::HANDOVER_PATH {
             return self.hand_over(&req).await;
         }

@@ -689,6 +689,57 @@ async fn the_relay_answers_only_the_replicas_and_only_on_the_leader() {
     follower.stop().await;
 }
 
+/// The relay holds no connection that shows no secret: one that sends nothing is closed at the
+/// header deadline, and one peer address holds at most 16 connections (more are closed at
+/// once); the replicas' own relaying goes on once the silent ones are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_lets_go_of_connections_that_show_no_secret() {
+    use tokio::io::AsyncReadExt;
+    let fake = FakeKube::start().await;
+    let servers = server("tools", "ghcr.io/gatehouse/example:1");
+    let [(leader, _rt_l), (follower, _rt_f)] =
+        two_replicas_with(&fake, &servers, "mcp: { header_timeout: 1s }").await;
+    let relay = leader
+        .running
+        .as_ref()
+        .unwrap()
+        .relay
+        .as_ref()
+        .unwrap()
+        .local_addr;
+    // Whether the relay closes `stream` within `wait` (an end or a reset, not a timeout).
+    async fn closed(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(wait, stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+    let started = std::time::Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..16 {
+        silent.push(tokio::net::TcpStream::connect(relay).await.unwrap());
+    }
+    let mut one_more = tokio::net::TcpStream::connect(relay).await.unwrap();
+    assert!(
+        closed(&mut one_more, Duration::from_millis(500)).await,
+        "a 17th connection of one address is closed at once"
+    );
+    for s in &mut silent {
+        assert!(
+            closed(s, Duration::from_secs(5)).await,
+            "a silent connection is let go"
+        );
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before the header deadline"
+    );
+    assert_eq!(whoami_of(&follower).await, "tools");
+    leader.stop().await;
+    follower.stop().await;
+}
+
 /// Plugin state is the leading replica's: a limit counts the calls of every replica, a portable
 /// session's count follows it from replica to replica and goes when it is deleted (the session
 /// then ends on the leader too), and the follower keeps nothing itself. When the leader goes,

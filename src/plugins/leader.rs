@@ -298,7 +298,8 @@ impl Leader {
         let (status, answer) = exchange(req, MAX_ANSWER, TIMEOUT).await?;
         if status != StatusCode::OK {
             let text = String::from_utf8_lossy(&answer[..answer.len().min(256)]).into_owned();
-            tracing::warn!(%status, "the leading replica refused a plugin state operation: {text}");
+            // Escaped: a peer's words cannot forge log lines.
+            tracing::warn!(%status, "the leading replica refused a plugin state operation: {text:?}");
             return Err(Unavailable::Refused);
         }
         Ok(answer)
