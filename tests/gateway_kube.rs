@@ -736,6 +736,13 @@ async fn the_relay_lets_go_of_connections_that_show_no_secret() {
         "not before the header deadline"
     );
     assert_eq!(whoami_of(&follower).await, "tools");
+    // The public listener serves none of the relay's paths.
+    let public = leader.url().replace("/mcp", "");
+    for path in ["/relay/tools", "/plugin-state", "/plugin-state/handover"] {
+        let c = Client::new(format!("{public}{path}"));
+        let r = c.post("{}").await;
+        assert_eq!(r.status, 404, "{path}: {}", r.body);
+    }
     leader.stop().await;
     follower.stop().await;
 }
