@@ -479,9 +479,12 @@ impl State {
         if req.method() != Method::POST {
             return Err(RelayError::Method(req.method().clone()));
         }
-        let body = Limited::new(req.into_body(), plugins::leader::MAX_ASKED)
-            .collect()
+        // Within the header deadline too: a peer that sends its body slowly holds no task.
+        let deadline = self.gw.config.mcp.header_timeout;
+        let body = Limited::new(req.into_body(), plugins::leader::MAX_ASKED).collect();
+        let body = tokio::time::timeout(deadline, body)
             .await
+            .map_err(|_| RelayError::State(format!("the body did not come within {deadline:?}")))?
             .map_err(|e| RelayError::State(e.to_string()))?
             .to_bytes();
         let asked: plugins::Asked =

@@ -565,17 +565,7 @@ async fn the_relay_answers_only_the_replicas_and_only_on_the_leader() {
             .unwrap()
             .local_addr
     };
-    let secret = fake
-        .get(Kind::Secret, NS, "gatehouse-orchestrator-relay")
-        .expect("the replicas' secret");
-    let secret = String::from_utf8(
-        base64::Engine::decode(
-            &base64::engine::general_purpose::STANDARD,
-            secret["data"]["secret"].as_str().unwrap(),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let secret = relay_secret(&fake);
     assert!(secret.len() >= 32);
     let init = json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
         "protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"x","version":"1"}}})
@@ -689,9 +679,25 @@ async fn the_relay_answers_only_the_replicas_and_only_on_the_leader() {
     follower.stop().await;
 }
 
+/// The replicas' secret, as the fake API server holds it.
+fn relay_secret(fake: &FakeKube) -> String {
+    let secret = fake
+        .get(Kind::Secret, NS, "gatehouse-orchestrator-relay")
+        .expect("the replicas' secret");
+    String::from_utf8(
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            secret["data"]["secret"].as_str().unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap()
+}
+
 /// The relay holds no connection that shows no secret: one that sends nothing is closed at the
 /// header deadline, and one peer address holds at most 16 connections (more are closed at
-/// once); the replicas' own relaying goes on once the silent ones are gone.
+/// once); a plugin state operation whose body does not come within that deadline is refused;
+/// the replicas' own relaying goes on once the silent ones are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_lets_go_of_connections_that_show_no_secret() {
     use tokio::io::AsyncReadExt;
@@ -735,6 +741,22 @@ async fn the_relay_lets_go_of_connections_that_show_no_secret() {
         started.elapsed() >= Duration::from_millis(900),
         "not before the header deadline"
     );
+    // With the secret, a body that stops coming is refused at the deadline.
+    use tokio::io::AsyncWriteExt;
+    let mut slow = tokio::net::TcpStream::connect(relay).await.unwrap();
+    let head = format!(
+        "POST /plugin-state HTTP/1.1\r\nhost: relay\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"plugin\"",
+        relay_secret(&fake)
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut answer))
+        .await
+        .expect("an answer within the deadline")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("did not come within"), "{answer}");
     assert_eq!(whoami_of(&follower).await, "tools");
     // The public listener serves none of the relay's paths.
     let public = leader.url().replace("/mcp", "");
