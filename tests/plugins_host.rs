@@ -185,6 +185,13 @@ fn check_policy(set: &PluginSet, component: &str) {
             r#"{"url": "https://evil.test/"}"#,
             Some("only example.com"),
         ),
+        // Every build trims Unicode's White_Space, and only that (U+0085 is, U+FEFF is not).
+        (
+            "\u{85}FS_read",
+            r#"{"path": "/etc/passwd", "mode": "read"}"#,
+            Some("system files are off limits"),
+        ),
+        ("HTTP_GET\u{feff}", r#"{"url": "https://evil.test/"}"#, None),
     ];
     for (tool, args, expect) in cases {
         let d = set.on_request_blocking(&ctx("files", tool), *args);
@@ -321,6 +328,14 @@ chains: [ {{ plugins: [strict] }} ]
             "not on the list",
             "{component}"
         );
+        // An allow rule allows the name as written only: folding would widen what it allows.
+        for other in ["FS_read", "fs_read ", "fs_read\u{0}x"] {
+            assert_eq!(
+                denied(set.on_request_blocking(&ctx("s", other), "{}")).message,
+                "not on the list",
+                "{component}: {other:?}"
+            );
+        }
 
         let err = load(&format!(
             r#"

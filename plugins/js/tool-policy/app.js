@@ -36,12 +36,20 @@ function globMatcher(pattern) {
 // it up (cut at a NUL, trimmed, in lower case) against the pattern in lower
 // case: `FS_read` does not walk around a rule for `fs_*` (the Rust SDK's
 // `matches_name`).
+// Unicode's White_Space, what Rust's `str::trim` (the SDK, the gateway) takes off:
+// `trim()` would also take U+FEFF and leave U+0085.
+const EDGE_SPACE = /^[\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+|[\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+$/g;
+
+function trimWhiteSpace(text) {
+  return text.replace(EDGE_SPACE, "");
+}
+
 function nameMatcher(pattern) {
   const written = globMatcher(pattern);
   const lower = globMatcher(pattern.toLowerCase());
   return (name) => {
     if (written(name)) return true;
-    const folded = name.split("\0")[0].trim().toLowerCase();
+    const folded = trimWhiteSpace(name.split("\0")[0]).toLowerCase();
     if (folded === name && pattern === pattern.toLowerCase()) return false;
     return lower(folded);
   };
@@ -153,7 +161,10 @@ class Rule {
         throw new Error(`rules[${i}].${field}: expected a string`);
       }
     }
-    this.tool = spec.tool == null ? null : nameMatcher(spec.tool);
+    // A rule that blocks matches a name as a lenient server may look it up; one that
+    // allows only the name as written.
+    const block = ACTIONS[spec.action] === "block";
+    this.tool = spec.tool == null ? null : block ? nameMatcher(spec.tool) : globMatcher(spec.tool);
     this.server = spec.server == null ? null : globMatcher(spec.server);
     this.action = ACTIONS[spec.action];
     this.reason = spec.reason || `blocked by tool-policy rule ${i}`;

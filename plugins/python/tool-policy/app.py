@@ -26,13 +26,19 @@ def glob(pattern, text):
     return fnmatchcase(text, pattern.replace("[", "[[]"))
 
 
+# Unicode's White_Space, what Rust's `str::trim` (the SDK, the gateway) takes off: `strip()`
+# alone would also take U+001C..U+001F, and JavaScript's `trim()` U+FEFF.
+WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+               "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+
+
 def name_glob(pattern, name):
     # As written, or as a lenient server may look the name up (cut at a NUL,
     # trimmed, in lower case) against the pattern in lower case: `FS_read`
     # does not walk around a rule for `fs_*` (the Rust SDK's `matches_name`).
     if glob(pattern, name):
         return True
-    folded = name.split("\0")[0].strip().lower()
+    folded = name.split("\0")[0].strip(WHITE_SPACE).lower()
     if folded == name and pattern == pattern.lower():
         return False
     return glob(pattern.lower(), folded)
@@ -100,7 +106,10 @@ class Rule:
                     raise ValueError(f"rules[{i}].value: {e}")
 
     def targets(self, name, server):
-        if self.tool is not None and (name is None or not name_glob(self.tool, name)):
+        # A rule that blocks matches a name as a lenient server may look it up; one that
+        # allows only the name as written.
+        matches = name_glob if self.action == "block" else glob
+        if self.tool is not None and (name is None or not matches(self.tool, name)):
             return False
         return self.server is None or glob(self.server, server)
 

@@ -106,7 +106,8 @@ impl Plugin for RateLimit {
     fn on_request(&mut self, ctx: &CallContext, _arguments: &Payload) -> Decision {
         let tool = ctx.name().unwrap_or("");
         for (i, limit) in self.limits.iter().enumerate() {
-            if !limit.target.matches(ctx) {
+            // Leniently: a name in another case counts against the limit too.
+            if !limit.target.matches_leniently(ctx) {
                 continue;
             }
             let key = format!("limit-{i}");

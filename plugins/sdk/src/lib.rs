@@ -555,11 +555,23 @@ pub struct Target {
 }
 
 impl Target {
-    /// Whether this target matches the context.
+    /// Whether this target matches the context, its name as written: what a rule that
+    /// allows uses (a name in another case is not the name it allows).
     pub fn matches(&self, ctx: &CallContext) -> bool {
+        self.matches_with(ctx, glob::matches)
+    }
+
+    /// Whether this target matches the context, its name as written or as a lenient server
+    /// may look it up ([`glob::matches_name`]): what a rule that blocks, limits or taints
+    /// uses, so that `FS_read` is not a way around a rule for `fs_*`.
+    pub fn matches_leniently(&self, ctx: &CallContext) -> bool {
+        self.matches_with(ctx, glob::matches_name)
+    }
+
+    fn matches_with(&self, ctx: &CallContext, names: fn(&str, &str) -> bool) -> bool {
         let name_ok = match (&self.tool, ctx.name()) {
             (None, _) => true,
-            (Some(pattern), Some(name)) => glob::matches_name(pattern, name),
+            (Some(pattern), Some(name)) => names(pattern, name),
             (Some(_), None) => false,
         };
         name_ok
@@ -601,9 +613,14 @@ impl From<Vec<TargetSpec>> for Targets {
 }
 
 impl Targets {
-    /// Whether any target matches the context.
+    /// Whether any target matches the context ([`Target::matches`]).
     pub fn matches(&self, ctx: &CallContext) -> bool {
         self.0.iter().any(|t| t.matches(ctx))
+    }
+
+    /// Whether any target matches the context leniently ([`Target::matches_leniently`]).
+    pub fn matches_leniently(&self, ctx: &CallContext) -> bool {
+        self.0.iter().any(|t| t.matches_leniently(ctx))
     }
 }
 

@@ -154,7 +154,14 @@ impl ToolPolicy {
         // Parse the arguments only if some applicable rule looks at them.
         let mut parsed: Option<Value> = None;
         for rule in &self.rules {
-            if !rule.target.matches(ctx) {
+            // A rule that blocks matches a name as a lenient server may look it up; one that
+            // allows only the name as written (`allow file:///home/Alice/*` must not allow
+            // `file:///home/alice/...`).
+            let matched = match rule.action {
+                Action::Block => rule.target.matches_leniently(ctx),
+                Action::Allow => rule.target.matches(ctx),
+            };
+            if !matched {
                 continue;
             }
             if let Some(cond) = &rule.condition {

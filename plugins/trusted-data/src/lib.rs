@@ -40,7 +40,9 @@ impl Plugin for TrustedData {
     }
 
     fn on_request(&mut self, ctx: &CallContext, _arguments: &Payload) -> Decision {
-        if !self.sensitive.matches(ctx) {
+        // Leniently: both lists only restrict, and a name in another case is the same tool to
+        // a lenient server.
+        if !self.sensitive.matches_leniently(ctx) {
             return Decision::Allow;
         }
         match state::get(Scope::Session, TAINT_KEY) {
@@ -53,7 +55,7 @@ impl Plugin for TrustedData {
     }
 
     fn on_response(&mut self, ctx: &CallContext, _result: &Payload) -> Decision {
-        if self.untrusted.matches(ctx) {
+        if self.untrusted.matches_leniently(ctx) {
             let source = format!("{}/{}", ctx.server(), ctx.name().unwrap_or("?"));
             if let Err(e) = state::set(Scope::Session, TAINT_KEY, &source, None) {
                 // Fail closed: if the taint cannot be recorded, the data must not flow.
