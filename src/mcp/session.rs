@@ -1007,24 +1007,8 @@ impl Session {
         {
             return;
         }
-        // Counted while any queue holds it: past the session's share, what a server says is
-        // dropped (a request refused) until its clients read what waits.
-        msg.frame = match self.queued.admit(std::mem::take(&mut msg.frame)) {
-            Some(frame) => frame,
-            None => {
-                if let Some(n) = self.dropped_logs.admit() {
-                    let more = crate::log_rate::held_back(n);
-                    tracing::warn!(session = %self.log_id(), upstream = %self.topology.servers[index].name, "dropped a server message: the session's queues hold {} bytes its clients have not read{more}", self.queued.held());
-                }
-                if let Kind::Request { id, .. } = msg.kind {
-                    let error = jsonrpc::error_object(code::INTERNAL_ERROR, QUEUES_FULL);
-                    let server = self.topology.servers[index].clone();
-                    server.refuse_in_background(async move {
-                        self.links[index].respond(&id, &Outcome::Error(error)).await;
-                    });
-                }
-                return;
-            }
+        let Some(msg) = self.clone().counted(index, msg) else {
+            return;
         };
         // A server speaks only of its own resources: an update of a URI the gateway routes to
         // another server (reads of it go there) would have the client re-read that server's
@@ -1089,6 +1073,28 @@ impl Session {
         self.route_server_message(index, route, msg);
     }
 
+    /// `msg`, counted while any queue holds it ([`crate::mcp::queued_bytes`]); past the
+    /// session's share, `None`: what a server says is dropped (a request refused) until its
+    /// clients read what waits.
+    fn counted(self: Arc<Self>, index: usize, mut msg: Message) -> Option<Message> {
+        if let Some(frame) = self.queued.admit(std::mem::take(&mut msg.frame)) {
+            msg.frame = frame;
+            return Some(msg);
+        }
+        if let Some(n) = self.dropped_logs.admit() {
+            let more = crate::log_rate::held_back(n);
+            tracing::warn!(session = %self.log_id(), upstream = %self.topology.servers[index].name, "dropped a server message: the session's queues hold {} bytes its clients have not read{more}", self.queued.held());
+        }
+        if let Kind::Request { id, .. } = msg.kind {
+            let error = jsonrpc::error_object(code::INTERNAL_ERROR, QUEUES_FULL);
+            let server = self.topology.servers[index].clone();
+            server.refuse_in_background(async move {
+                self.links[index].respond(&id, &Outcome::Error(error)).await;
+            });
+        }
+        None
+    }
+
     /// The task that runs this session's server messages through the policy, in order. It
     /// holds the session weakly and ends with it.
     fn spawn_policy_task(&self) -> mpsc::Sender<PolicyItem> {
@@ -1109,7 +1115,14 @@ impl Session {
                         Kind::Request { id, .. } => Some(id.clone()),
                         _ => None,
                     };
+                    let counted = msg.frame.as_ptr() as usize;
                     match policy.server_message(&session, index, msg).await {
+                        // A rewrite is a frame of its own, counted anew.
+                        Some(m) if m.frame.as_ptr() as usize != counted => {
+                            if let Some(m) = session.clone().counted(index, m) {
+                                session.route_server_message(index, route, m);
+                            }
+                        }
                         Some(m) => session.route_server_message(index, route, m),
                         // A withheld request still gets an answer, so the server stops waiting.
                         None => {
@@ -1142,8 +1155,12 @@ impl Session {
     }
 
     fn route_server_message(self: Arc<Self>, index: usize, route: Route, msg: Message) {
-        match msg.kind {
+        let Message { frame, kind } = msg;
+        match kind {
             Kind::Request { id, method, params } => {
+                // Rebuilt under the session's id below: the server's frame goes first, so that
+                // the request is not counted twice in the session's queued bytes.
+                drop(frame);
                 // The server's id and method are kept until the client answers, which may be
                 // never (or until the session ends): bounded as a client's id is, else each
                 // session would keep 16 of up to 4 MiB per server. Refused at once, so the
@@ -1282,7 +1299,7 @@ impl Session {
                         None => return,
                     }
                 } else {
-                    msg.frame
+                    frame
                 };
                 if !self.push(&route, frame, topic) {
                     tracing::debug!(session = %self.log_id(), %method, "dropped a notification: no client stream open");
@@ -1344,7 +1361,11 @@ impl Session {
                 }
                 return true;
             }
-        } else if to_backlog && listen.backlog.len() < LISTEN_BACKLOG {
+        } else if to_backlog
+            && listen.backlog.len() < LISTEN_BACKLOG
+            && listen.backlog.iter().map(Bytes::len).sum::<usize>() + frame.len()
+                <= LISTEN_BACKLOG_BYTES
+        {
             listen.sink = None;
             listen.backlog.push_back(frame.clone());
             if let Some(topic) = topic {
@@ -1486,6 +1507,10 @@ fn members(object: &[u8]) -> Vec<(std::borrow::Cow<'_, str>, &RawValue)> {
 
 /// Frames that may wait for the client's GET stream.
 const LISTEN_BACKLOG: usize = 32;
+
+/// Bytes the backlog may hold: it waits for a GET stream that may never open (nor time out as
+/// an unread stream does), so it must not pin much of the sessions' common queue budget.
+const LISTEN_BACKLOG_BYTES: usize = 2 << 20;
 /// Client requests one session may have in flight at once.
 pub const MAX_INFLIGHT: usize = 256;
 /// How long a portable session's server request may be answered (through any replica).
