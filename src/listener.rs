@@ -517,7 +517,7 @@ struct Open {
 /// The source a connection counts against: an IPv4 peer on a dual-stack socket is one
 /// address however it is spelled; an IPv6 peer is its /64, which one host usually holds
 /// whole (counting single addresses would give it 2^64 shares of the cap).
-fn source(ip: IpAddr) -> IpAddr {
+pub(crate) fn source(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
         v4 => v4,

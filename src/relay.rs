@@ -43,9 +43,13 @@ pub const PATH: &str = "/relay/";
 /// Connections served at once. Other replicas hold one each (HTTP/2, every session and stream
 /// multiplexed); the rest is headroom for their reconnections.
 const MAX_CONNECTIONS: usize = 256;
-/// Connections one peer address may hold: a replica holds one (HTTP/2), so a peer that opens
-/// many cannot take every slot.
+/// Connections one peer address (an IPv6 peer: its /64) may hold before they show the
+/// replicas' secret: a peer that opens many cannot take every slot. A connection that showed
+/// it no longer counts (replicas behind one address, a node's SNAT, stay served).
 const MAX_CONNECTIONS_PER_PEER: usize = 16;
+
+/// Log lines a second for refused relay connections.
+static REFUSED_LOGS: crate::log_rate::LogRate = crate::log_rate::LogRate::new(5);
 /// How often an idle HTTP/2 connection is pinged, and how long a ping may go unanswered.
 const PING: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(20));
 /// Calls in flight per relay session (the other replica bounds its own sessions' calls too).
@@ -308,16 +312,24 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
                             continue;
                         };
                         let Ok(slot) = slots.clone().try_acquire_owned() else {
-                            tracing::warn!(%peer, "relay: too many connections ({MAX_CONNECTIONS}); refused one");
+                            if let Some(n) = REFUSED_LOGS.admit() {
+                                let more = crate::log_rate::held_back(n);
+                                tracing::warn!(%peer, "relay: too many connections ({MAX_CONNECTIONS}); refused one{more}");
+                            }
                             continue;
                         };
-                        let Some(peer_slot) = PeerSlot::take(&state.peers, peer.ip()) else {
-                            tracing::warn!(%peer, "relay: this peer holds {MAX_CONNECTIONS_PER_PEER} connections already; refused one");
+                        let Some(peer_slot) = PeerSlot::take(&state.peers, crate::listener::source(peer.ip())) else {
+                            if let Some(n) = REFUSED_LOGS.admit() {
+                                let more = crate::log_rate::held_back(n);
+                                tracing::warn!(%peer, "relay: this peer holds {MAX_CONNECTIONS_PER_PEER} connections that showed no secret yet; refused one{more}");
+                            }
                             continue;
                         };
                         let state = state.clone();
                         tokio::spawn(async move {
-                            let _slots = (slot, peer_slot);
+                            let _slot = slot;
+                            // Given back once the connection shows the secret.
+                            let peer_slot = Arc::new(Mutex::new(Some(peer_slot)));
                             crate::listener::configure_socket(&stream, state.gw.config.mcp.keepalive_interval);
                             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                             builder
@@ -343,11 +355,17 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
                             let deadline = state.gw.config.mcp.header_timeout;
                             let service = {
                                 let trusted = trusted.clone();
+                                let peer_slot = peer_slot.clone();
                                 service_fn(move |req| {
                                     let state = state.clone();
                                     let trusted = trusted.clone();
+                                    let peer_slot = peer_slot.clone();
                                     async move {
-                                        Ok::<_, std::convert::Infallible>(state.handle(req, &trusted).await)
+                                        let answer = state.handle(req, &trusted).await;
+                                        if trusted.load(std::sync::atomic::Ordering::Relaxed) {
+                                            peer_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                                        }
+                                        Ok::<_, std::convert::Infallible>(answer)
                                     }
                                 })
                             };

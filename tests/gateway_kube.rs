@@ -757,6 +757,30 @@ async fn the_relay_lets_go_of_connections_that_show_no_secret() {
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("did not come within"), "{answer}");
+    // Connections that showed the secret no longer count against their address's share.
+    let mut trusted = Vec::new();
+    for _ in 0..16 {
+        let mut c = tokio::net::TcpStream::connect(relay).await.unwrap();
+        let ask = format!(
+            "GET /plugin-state/handover HTTP/1.1\r\nhost: relay\r\nauthorization: Bearer {}\r\n\r\n",
+            relay_secret(&fake)
+        );
+        c.write_all(ask.as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 64];
+        let n = c.read(&mut head).await.unwrap();
+        assert!(
+            head[..n].starts_with(b"HTTP/1.1 409"),
+            "{:?}",
+            String::from_utf8_lossy(&head[..n])
+        );
+        trusted.push(c);
+    }
+    let mut seventeenth = tokio::net::TcpStream::connect(relay).await.unwrap();
+    assert!(
+        !closed(&mut seventeenth, Duration::from_millis(300)).await,
+        "16 trusted connections leave the address its share"
+    );
+    drop((trusted, seventeenth));
     assert_eq!(whoami_of(&follower).await, "tools");
     // The public listener serves none of the relay's paths.
     let public = leader.url().replace("/mcp", "");
