@@ -657,6 +657,14 @@ impl State {
             _slot: slot,
         });
         self.sessions.insert(session.id.clone(), session.clone());
+        // Leadership may have gone between the check above and the insert, and the sweep of
+        // every session with it: looked at again once the session is in the map, so that
+        // either the sweep ends it or this does.
+        if !self.access.is_leading() {
+            self.sessions.remove(&session.id);
+            session.end().await;
+            return Err(RelayError::NotLeading);
+        }
         Ok(front::initialized(id, result, &session.id))
     }
 
