@@ -505,13 +505,27 @@ impl State {
             .map_err(|_| RelayError::State(format!("the body did not come within {deadline:?}")))?
             .map_err(|e| RelayError::State(e.to_string()))?
             .to_bytes();
-        let asked: plugins::Asked =
+        let mut asked: plugins::Asked =
             serde_json::from_slice(&body).map_err(|e| RelayError::State(e.to_string()))?;
         // Leadership may have gone while the body came: the state is no longer this one's.
         if !self.access.is_leading() {
             return Err(RelayError::NotLeading);
         }
-        let state = self.gw.plugins.current().state().clone();
+        let plugins = self.gw.plugins.current();
+        // The leader keeps the state: a peer's limits count only below its own configuration's
+        // for that plugin (a replica configured otherwise, mid-rollout, or a compromised one
+        // cannot raise them).
+        if let Some(own) = plugins
+            .config()
+            .modules
+            .iter()
+            .find(|m| *m.name == *asked.plugin)
+            .map(plugins::PluginConfig::state_limits)
+        {
+            asked.limits.bytes = asked.limits.bytes.min(own.bytes);
+            asked.limits.entries = asked.limits.entries.min(own.entries);
+        }
+        let state = plugins.state().clone();
         let outcome = state
             .run_here(&asked, plugins::leader::TIMEOUT)
             .await
