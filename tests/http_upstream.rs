@@ -2276,19 +2276,7 @@ async fn a_2026_clients_answers_to_a_2026_upstream_pass_the_request_chains() {
             "requestedSchema":{"type":"object","properties":{}}}}}}),
     })
     .await;
-    let plugins = format!(
-        r#"plugins:
-  modules:
-    - name: answers
-      path: {:?}
-      config:
-        rules:
-          - {{ argument: content.secret, operator: contains, value: SECRET, action: block, reason: "no secrets to servers" }}
-        default: allow
-  chains:
-    - {{ name: answers, methods: ["elicitation/create"], plugins: [answers] }}"#,
-        support::wasm("tool_policy")
-    );
+    let plugins = support::answers_policy("elicitation/create", "content.secret", "", "");
     let gw = TestGateway::start(
         &plugins,
         &[http_upstream("asks", "auto", &url), example("ex", &[], "")],

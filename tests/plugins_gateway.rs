@@ -796,23 +796,14 @@ async fn a_tools_chain_cannot_be_walked_around_by_spelling_the_name_otherwise() 
 /// rewritten, and an allowed one as it is.
 #[tokio::test]
 async fn a_clients_answer_to_a_server_passes_the_request_chains() {
-    let cfg = format!(
-        r#"plugins:
-  modules:
-    - name: answers
-      path: {:?}
-      config:
-        rules:
-          - {{ argument: content.text, operator: contains, value: SECRET, action: block, reason: "no secrets to servers" }}
-        default: allow
-    - name: sanitize
-      path: {:?}
-      config: {{ rewrite_requests: true }}
-  chains:
-    - {{ name: answers, methods: ["sampling/createMessage"], plugins: [answers] }}
-    - {{ name: sanitize, methods: ["sampling/createMessage"], servers: [b], plugins: [sanitize] }}"#,
-        wasm("tool_policy"),
-        wasm("fault_malformed"),
+    let cfg = support::answers_policy(
+        "sampling/createMessage",
+        "content.text",
+        &format!(
+            "    - {{ name: sanitize, path: {:?}, config: {{ rewrite_requests: true }} }}\n",
+            wasm("fault_malformed")
+        ),
+        "    - { name: sanitize, methods: [\"sampling/createMessage\"], servers: [b], plugins: [sanitize] }\n",
     );
     let gw = TestGateway::start(&cfg, &[example("a", &[], ""), example("b", &[], "")]).await;
     let mut c = gw.client();

@@ -1424,18 +1424,11 @@ async fn a_tool_list_without_end_is_not_read_again_for_every_call() {
 /// an error, and the call fails saying so.
 #[tokio::test]
 async fn an_answer_in_a_retry_passes_the_request_chains() {
-    let gw = with_test_tools(&format!(
-        r#"plugins:
-  modules:
-    - name: answers
-      path: {:?}
-      config:
-        rules:
-          - {{ argument: content.text, operator: contains, value: SECRET, action: block, reason: "no secrets to servers" }}
-        default: allow
-  chains:
-    - {{ name: answers, methods: ["sampling/createMessage"], plugins: [answers] }}"#,
-        support::wasm("tool_policy")
+    let gw = with_test_tools(&support::answers_policy(
+        "sampling/createMessage",
+        "content.text",
+        "",
+        "",
     ))
     .await;
     let c = gw.client();

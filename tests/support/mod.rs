@@ -84,6 +84,32 @@ pub fn sh_server(name: &str, capabilities: &str, answers: &[(&str, &str)]) -> St
     )
 }
 
+/// The `plugins` YAML of a gateway whose plugin `answers` (tool-policy) refuses clients'
+/// answers to servers' `method` requests whose `argument` holds `SECRET` ("no secrets to
+/// servers"); `more_modules` and `more_chains` are YAML list items added to each list.
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn answers_policy(
+    method: &str,
+    argument: &str,
+    more_modules: &str,
+    more_chains: &str,
+) -> String {
+    format!(
+        r#"plugins:
+  modules:
+    - name: answers
+      path: {:?}
+      config:
+        rules:
+          - {{ argument: {argument}, operator: contains, value: SECRET, action: block, reason: "no secrets to servers" }}
+        default: allow
+{more_modules}  chains:
+    - {{ name: answers, methods: ["{method}"], plugins: [answers] }}
+{more_chains}"#,
+        wasm("tool_policy")
+    )
+}
+
 /// The path of a plugin component built by `plugins/build.sh` (into `target/plugins/`).
 pub fn wasm(name: &str) -> String {
     let path = format!("{}/target/plugins/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
