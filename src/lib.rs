@@ -35,6 +35,7 @@ pub mod plugins;
 pub mod process;
 pub mod registry;
 pub mod relay;
+pub mod replica_key;
 pub mod serving;
 pub mod sse;
 pub mod telemetry;
@@ -199,7 +200,7 @@ pub async fn start_with(
             let leader = plugins::leader::Leader::new(
                 access.leading(),
                 access.holder(),
-                access.secrets(),
+                access.keys(),
                 access.handover(),
             );
             // A session's state outlives its use as long as the session may: a portable one

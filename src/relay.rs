@@ -8,9 +8,11 @@
 //! Each relay session stands for one client session of another replica. It joins the server's
 //! shared session through its own [`Link`], exactly as a client session of this replica would,
 //! so what the shared server sends about one caller reaches only that caller's replica and
-//! session. Policy runs on the replica the client talks to, never twice. Every request carries
-//! the replicas' shared secret as a bearer token; a replica that does not lead refuses with
-//! 503, and the caller's next call follows the lease to the new leader.
+//! session. Policy runs on the replica the client talks to, never twice. The relay speaks TLS
+//! 1.3 only, and both ends prove the key every replica derives from the replicas' shared secret
+//! ([`ReplicaKey`]): a connection that does not is closed before any request is read. A
+//! replica that does not lead refuses with 503, and the caller's next call follows the lease
+//! to the new leader.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,12 +21,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use http::header::{ACCEPT, AUTHORIZATION, HeaderValue};
+use http::header::{ACCEPT, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
@@ -43,13 +44,22 @@ pub const PATH: &str = "/relay/";
 /// Connections served at once. Other replicas hold one each (HTTP/2, every session and stream
 /// multiplexed); the rest is headroom for their reconnections.
 const MAX_CONNECTIONS: usize = 256;
-/// Connections one peer address (an IPv6 peer: its /64) may hold before they show the
-/// replicas' secret: a peer that opens many cannot take every slot. A connection that showed
-/// it no longer counts (replicas behind one address, a node's SNAT, stay served).
+/// Connections one peer address (an IPv6 peer: its /64) may hold before they prove the
+/// replicas' key: a peer that opens many cannot take every slot. A connection that proved it
+/// no longer counts (replicas behind one address, a node's SNAT, stay served).
 const MAX_CONNECTIONS_PER_PEER: usize = 16;
+/// Connections that have not proved the key yet, in all: the rest of [`MAX_CONNECTIONS`]
+/// stays for replicas, whatever others open.
+const MAX_UNPROVEN: usize = 64;
+const _: () = assert!(MAX_UNPROVEN < MAX_CONNECTIONS);
+/// Handshakes one peer address may start a second (each costs the relay a key exchange and a
+/// signature); replicas behind one address reconnecting at once stay under it.
+const HANDSHAKES_PER_PEER: u32 = 32;
 
-/// Log lines a second for refused relay connections.
+/// Log lines a second for relay connections refused for want of room.
 static REFUSED_LOGS: crate::log_rate::LogRate = crate::log_rate::LogRate::new(5);
+/// Log lines a second for failed handshakes (their own: a prober cannot hide the others).
+static HANDSHAKE_LOGS: crate::log_rate::LogRate = crate::log_rate::LogRate::new(5);
 /// How often an idle HTTP/2 connection is pinged, and how long a ping may go unanswered.
 const PING: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(20));
 /// Calls in flight per relay session (the other replica bounds its own sessions' calls too).
@@ -60,12 +70,8 @@ const LISTEN_BUFFER: usize = 256;
 /// Why the relay refused a request.
 #[derive(Debug, thiserror::Error)]
 enum RelayError {
-    #[error("the relay secret is wrong or missing")]
-    Unauthorized,
     #[error("this replica does not lead; ask the lease holder")]
     NotLeading,
-    #[error("the relay secret is not known yet")]
-    NoSecret,
     #[error("no orchestrated server is named {0:?}")]
     UnknownServer(String),
     #[error("no relay session {0:?} for this server")]
@@ -101,9 +107,7 @@ enum RelayError {
 impl RelayError {
     fn status(&self) -> StatusCode {
         match self {
-            RelayError::Unauthorized => StatusCode::UNAUTHORIZED,
             RelayError::NotLeading
-            | RelayError::NoSecret
             | RelayError::TooManySessions(_)
             | RelayError::StateUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             RelayError::Leading => StatusCode::CONFLICT,
@@ -124,7 +128,7 @@ impl RelayError {
             RelayError::Parse(e) => e.code(),
             RelayError::Upstream(e) => e.code(),
             RelayError::TooBusy(_) | RelayError::TooManySessions(_) => code::TOO_BUSY,
-            RelayError::NotLeading | RelayError::NoSecret => code::UPSTREAM_UNAVAILABLE,
+            RelayError::NotLeading => code::UPSTREAM_UNAVAILABLE,
             _ => code::INVALID_REQUEST,
         };
         front::json_response(
@@ -158,42 +162,115 @@ struct State {
     sessions: DashMap<Arc<str>, Arc<RelaySession>>,
     /// One permit per relay session (`orchestrator.max_relay_sessions`).
     session_slots: Arc<Semaphore>,
-    /// Connections held, by peer address.
-    peers: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    /// Who may start a handshake.
+    admission: Arc<Admission>,
 }
 
-/// One of a peer's [`MAX_CONNECTIONS_PER_PEER`] connections, given back when dropped.
-struct PeerSlot {
-    peers: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
-    ip: std::net::IpAddr,
+/// Who may start a TLS handshake with the relay. A handshake costs the relay a key exchange
+/// and a signature before the peer has proved anything, so connections that have not proved
+/// the replicas' key yet are bounded: [`MAX_UNPROVEN`] in all (the other slots stay for the
+/// replicas), [`MAX_CONNECTIONS_PER_PEER`] and [`HANDSHAKES_PER_PEER`] a second per peer address.
+struct Admission {
+    unproven: Arc<Semaphore>,
+    peers: Mutex<HashMap<std::net::IpAddr, Peer>>,
 }
 
-impl PeerSlot {
-    fn take(
-        peers: &Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
-        ip: std::net::IpAddr,
-    ) -> Option<PeerSlot> {
-        let mut held = peers.lock().unwrap_or_else(|e| e.into_inner());
-        let n = held.entry(ip).or_default();
-        if *n >= MAX_CONNECTIONS_PER_PEER {
-            return None;
+/// What one peer address is doing.
+struct Peer {
+    /// Its connections that have not proved the key yet.
+    unproven: usize,
+    /// The second its handshakes are being counted in, and how many it started in it.
+    window: Instant,
+    started: u32,
+}
+
+/// Why a connection was not let start a handshake.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// [`MAX_UNPROVEN`] connections are proving themselves already.
+    Busy,
+    /// The peer holds [`MAX_CONNECTIONS_PER_PEER`] that have not proved the key.
+    PeerHolds,
+    /// The peer started [`HANDSHAKES_PER_PEER`] handshakes in the last second.
+    PeerTooFast,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Busy => write!(f, "{MAX_UNPROVEN} connections have not proved the key yet"),
+            Refusal::PeerHolds => write!(
+                f,
+                "this peer holds {MAX_CONNECTIONS_PER_PEER} connections that have not proved the key yet"
+            ),
+            Refusal::PeerTooFast => write!(
+                f,
+                "this peer started {HANDSHAKES_PER_PEER} handshakes in the last second"
+            ),
         }
-        *n += 1;
-        Some(PeerSlot {
-            peers: peers.clone(),
+    }
+}
+
+impl Admission {
+    /// Peers remembered before the idle ones are forgotten.
+    const REMEMBERED: usize = 4096;
+
+    fn new() -> Arc<Admission> {
+        Arc::new(Admission {
+            unproven: Arc::new(Semaphore::new(MAX_UNPROVEN)),
+            peers: Mutex::default(),
+        })
+    }
+
+    /// Lets a connection of `ip` start its handshake at `now`, or says why not.
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr, now: Instant) -> Result<Unproven, Refusal> {
+        let mut peers = lock(&self.peers);
+        if peers.len() >= Self::REMEMBERED {
+            peers.retain(|_, p| p.unproven > 0 || now.duration_since(p.window) < WINDOW);
+        }
+        let peer = peers.entry(ip).or_insert(Peer {
+            unproven: 0,
+            window: now,
+            started: 0,
+        });
+        if now.duration_since(peer.window) >= WINDOW {
+            (peer.window, peer.started) = (now, 0);
+        }
+        if peer.unproven >= MAX_CONNECTIONS_PER_PEER {
+            return Err(Refusal::PeerHolds);
+        }
+        if peer.started >= HANDSHAKES_PER_PEER {
+            return Err(Refusal::PeerTooFast);
+        }
+        let permit = self
+            .unproven
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::Busy)?;
+        peer.unproven += 1;
+        peer.started += 1;
+        Ok(Unproven {
+            admission: self.clone(),
             ip,
+            _permit: permit,
         })
     }
 }
 
-impl Drop for PeerSlot {
+/// The window [`HANDSHAKES_PER_PEER`] counts in.
+const WINDOW: Duration = Duration::from_secs(1);
+
+/// A connection that has not proved the key yet; its place is given back when dropped.
+struct Unproven {
+    admission: Arc<Admission>,
+    ip: std::net::IpAddr,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Unproven {
     fn drop(&mut self) {
-        let mut held = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = held.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.ip);
-            }
+        if let Some(peer) = lock(&self.admission.peers).get_mut(&self.ip) {
+            peer.unproven -= 1;
         }
     }
 }
@@ -281,7 +358,7 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
     access.serving(local_addr);
     let state = Arc::new(State {
         session_slots: Arc::new(Semaphore::new(gw.config.orchestrator.max_relay_sessions)),
-        peers: Arc::default(),
+        admission: Admission::new(),
         gw,
         access,
         sessions: DashMap::new(),
@@ -318,19 +395,48 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
                             }
                             continue;
                         };
-                        let Some(peer_slot) = PeerSlot::take(&state.peers, crate::listener::source(peer.ip())) else {
-                            if let Some(n) = REFUSED_LOGS.admit() {
-                                let more = crate::log_rate::held_back(n);
-                                tracing::warn!(%peer, "relay: this peer holds {MAX_CONNECTIONS_PER_PEER} connections that showed no secret yet; refused one{more}");
+                        let peer_slot = match state.admission.admit(crate::listener::source(peer.ip()), Instant::now()) {
+                            Ok(unproven) => unproven,
+                            Err(refusal) => {
+                                if let Some(n) = REFUSED_LOGS.admit() {
+                                    let more = crate::log_rate::held_back(n);
+                                    tracing::warn!(%peer, "relay: {refusal}; refused a connection{more}");
+                                }
+                                continue;
                             }
-                            continue;
                         };
                         let state = state.clone();
                         tokio::spawn(async move {
                             let _slot = slot;
-                            // Given back once the connection shows the secret.
-                            let peer_slot = Arc::new(Mutex::new(Some(peer_slot)));
+                            let Some(key) = state.access.key() else {
+                                tracing::debug!(%peer, "relay: the replicas' key is not known yet; closed a connection");
+                                return;
+                            };
                             crate::listener::configure_socket(&stream, state.gw.config.mcp.keepalive_interval);
+                            // A peer must prove the replicas' key within the header deadline of
+                            // connecting: one that sends nothing, or not that, holds no slot longer.
+                            let deadline = state.gw.config.mcp.header_timeout;
+                            let acceptor = tokio_rustls::TlsAcceptor::from(key.server_config());
+                            let stream = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => stream,
+                                // (A peer that hung up, or spoke no TLS: nobody to tell.)
+                                Ok(Err(e)) if e.kind() != std::io::ErrorKind::InvalidData => {
+                                    tracing::debug!(%peer, "relay: a connection ended before it proved the replicas' key: {e}");
+                                    return;
+                                }
+                                Ok(Err(e)) => {
+                                    if let Some(n) = HANDSHAKE_LOGS.admit() {
+                                        let more = crate::log_rate::held_back(n);
+                                        tracing::warn!(%peer, "relay: refused a connection that did not prove the replicas' key: {e}{more}");
+                                    }
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "relay: closing a connection that proved no key in {deadline:?}");
+                                    return;
+                                }
+                            };
+                            drop(peer_slot);
                             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                             builder
                                 .http1()
@@ -349,43 +455,11 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
                                 .max_concurrent_streams(streams)
                                 .keep_alive_interval(Some(PING.0))
                                 .keep_alive_timeout(PING.1);
-                            // A peer must show the secret within the header deadline of connecting:
-                            // one that sends nothing (or only refused requests) holds no slot longer.
-                            let trusted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                            let deadline = state.gw.config.mcp.header_timeout;
-                            let service = {
-                                let trusted = trusted.clone();
-                                let peer_slot = peer_slot.clone();
-                                service_fn(move |req| {
-                                    let state = state.clone();
-                                    let trusted = trusted.clone();
-                                    let peer_slot = peer_slot.clone();
-                                    async move {
-                                        let answer = state.handle(req, &trusted).await;
-                                        if trusted.load(std::sync::atomic::Ordering::Relaxed) {
-                                            peer_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-                                        }
-                                        Ok::<_, std::convert::Infallible>(answer)
-                                    }
-                                })
-                            };
-                            let conn = builder.serve_connection(TokioIo::new(stream), service);
-                            tokio::pin!(conn);
-                            let untrusted = async {
-                                tokio::time::sleep(deadline).await;
-                                if trusted.load(std::sync::atomic::Ordering::Relaxed) {
-                                    std::future::pending::<()>().await;
-                                }
-                            };
-                            let ended = tokio::select! {
-                                biased;
-                                r = conn.as_mut() => r,
-                                () = untrusted => {
-                                    tracing::debug!(%peer, "relay: closing a connection that showed no secret in {deadline:?}");
-                                    return;
-                                }
-                            };
-                            if let Err(e) = ended {
+                            let service = service_fn(move |req| {
+                                let state = state.clone();
+                                async move { Ok::<_, std::convert::Infallible>(state.handle(req).await) }
+                            });
+                            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
                                 tracing::debug!(%peer, "relay connection ended: {e}");
                             }
                         });
@@ -403,13 +477,9 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
 }
 
 impl State {
-    /// Answers one request; `trusted` is set once a request shows the secret.
-    async fn handle(
-        self: &Arc<Self>,
-        req: Request<hyper::body::Incoming>,
-        trusted: &std::sync::atomic::AtomicBool,
-    ) -> Response<Body> {
-        match self.route(req, trusted).await {
+    /// Answers one request (of a peer that proved the replicas' key).
+    async fn handle(self: &Arc<Self>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        match self.route(req).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!("relay refused a request: {e}");
@@ -418,34 +488,10 @@ impl State {
         }
     }
 
-    /// Compares digests, so the time taken says nothing about the secret.
-    fn authorize(&self, req: &Request<hyper::body::Incoming>) -> Result<(), RelayError> {
-        let secret = self.access.secret().ok_or(RelayError::NoSecret)?;
-        let presented = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let a = Sha256::digest(presented.as_bytes());
-        let b = Sha256::digest(secret.as_bytes());
-        let differ = a
-            .iter()
-            .zip(b.iter())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y));
-        if differ != 0 {
-            return Err(RelayError::Unauthorized);
-        }
-        Ok(())
-    }
-
     async fn route(
         self: &Arc<Self>,
         req: Request<hyper::body::Incoming>,
-        trusted: &std::sync::atomic::AtomicBool,
     ) -> Result<Response<Body>, RelayError> {
-        self.authorize(&req)?;
-        trusted.store(true, std::sync::atomic::Ordering::Relaxed);
         if req.uri().path() == plugins::leader::HANDOVER_PATH {
             return self.hand_over(&req).await;
         }
@@ -791,5 +837,65 @@ impl State {
         let all: Vec<Arc<RelaySession>> = self.sessions.iter().map(|s| s.value().clone()).collect();
         self.sessions.clear();
         futures_util::future::join_all(all.iter().map(|s| s.end())).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> std::net::IpAddr {
+        std::net::IpAddr::from([10, 0, 0, last])
+    }
+
+    #[test]
+    fn a_peer_holds_few_unproven_connections_and_starts_few_handshakes_a_second() {
+        let admission = Admission::new();
+        let t0 = Instant::now();
+        let held: Vec<Unproven> = (0..MAX_CONNECTIONS_PER_PEER)
+            .map(|_| admission.admit(ip(1), t0).unwrap())
+            .collect();
+        assert_eq!(admission.admit(ip(1), t0).err(), Some(Refusal::PeerHolds));
+        // Another address is not held up.
+        let other = admission.admit(ip(2), t0).unwrap();
+        drop(held);
+        // Proved (or gone): room again, until the peer's handshakes of this second run out.
+        for _ in MAX_CONNECTIONS_PER_PEER..HANDSHAKES_PER_PEER as usize {
+            drop(admission.admit(ip(1), t0).unwrap());
+        }
+        assert_eq!(admission.admit(ip(1), t0).err(), Some(Refusal::PeerTooFast));
+        assert!(admission.admit(ip(1), t0 + WINDOW).is_ok(), "a new second");
+        drop(other);
+    }
+
+    #[test]
+    fn unproven_connections_leave_room_for_the_replicas() {
+        let admission = Admission::new();
+        let now = Instant::now();
+        let held: Vec<Unproven> = (0..MAX_UNPROVEN)
+            .map(|i| admission.admit(ip((i / MAX_CONNECTIONS_PER_PEER) as u8), now))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(admission.admit(ip(200), now).err(), Some(Refusal::Busy));
+        drop(held);
+        assert!(admission.admit(ip(200), now).is_ok());
+        // A refused attempt started no handshake.
+        assert_eq!(lock(&admission.peers)[&ip(200)].started, 1);
+    }
+
+    #[test]
+    fn idle_peers_are_forgotten_once_many_are_remembered() {
+        let admission = Admission::new();
+        let t0 = Instant::now();
+        for i in 0..Admission::REMEMBERED as u32 {
+            drop(
+                admission
+                    .admit(std::net::IpAddr::from(i.to_be_bytes()), t0)
+                    .unwrap(),
+            );
+        }
+        let kept = admission.admit(ip(1), t0 + WINDOW).unwrap();
+        assert_eq!(lock(&admission.peers).len(), 1, "only the one holding on");
+        drop(kept);
     }
 }

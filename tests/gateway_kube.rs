@@ -13,6 +13,7 @@ use fake_kube::{FakeKube, Kind};
 use gatehouse::orchestrator::Runtime;
 use gatehouse::orchestrator::kubernetes::lease::LeaseSettings;
 use gatehouse::orchestrator::kubernetes::{KubeOptions, KubeRuntime};
+use gatehouse::replica_key::ReplicaKey;
 use http_body_util::Full;
 use serde_json::{Value, json};
 use support::{BIN, Client, Resp, TestGateway};
@@ -567,75 +568,54 @@ async fn the_relay_answers_only_the_replicas_and_only_on_the_leader() {
     };
     let secret = relay_secret(&fake);
     assert!(secret.len() >= 32);
+    let key = ReplicaKey::derive(&secret).unwrap();
+    // The same secret but its last character: another key altogether.
+    let wrong = ReplicaKey::derive(&format!("{}x", &secret[..secret.len() - 1])).unwrap();
     let init = json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
         "protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"x","version":"1"}}})
     .to_string();
-    let post = |addr: std::net::SocketAddr, path: &str, token: Option<&str>, body: String| {
-        let c = Client::new(format!("http://{addr}{path}"));
-        let mut req = http::Request::builder()
-            .method("POST")
-            .uri(&c.url)
-            .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream");
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        let req = req.body(Full::new(Bytes::from(body))).unwrap();
-        async move { c.send(req).await }
-    };
     let leader_relay = relay_of(&leader);
-    let r = post(leader_relay, "/relay/tools", None, init.clone()).await;
-    assert_eq!(r.status, 401, "{}", r.body);
-    let wrong = format!("{}x", &secret[..secret.len() - 1]);
-    let r = post(leader_relay, "/relay/tools", Some(&wrong), init.clone()).await;
-    assert_eq!(r.status, 401, "{}", r.body);
-    let r = post(
-        relay_of(&follower),
-        "/relay/tools",
-        Some(&secret),
-        init.clone(),
-    )
-    .await;
+    let post = |addr, path: &'static str, body: String| {
+        let key = &key;
+        async move { relay_request(addr, key, "POST", path, body).await.unwrap() }
+    };
+
+    // Without the replicas' key there is no relay to talk to: in plain HTTP, with another
+    // key, nothing is answered, on the leader or a follower.
+    for addr in [leader_relay, relay_of(&follower)] {
+        assert_eq!(plain_http_answer(addr, "/relay/tools").await, None);
+        let refused = relay_request(addr, &wrong, "POST", "/relay/tools", init.clone()).await;
+        assert!(refused.is_err(), "{refused:?}");
+        let refused = relay_request(addr, &wrong, "GET", "/plugin-state/handover", "".into()).await;
+        assert!(refused.is_err(), "{refused:?}");
+    }
+
+    let r = post(relay_of(&follower), "/relay/tools", init.clone()).await;
     assert_eq!(r.status, 503, "a follower never attaches: {}", r.body);
-    let r = post(leader_relay, "/relay/nope", Some(&secret), init.clone()).await;
+    let r = post(leader_relay, "/relay/nope", init.clone()).await;
     assert_eq!(r.status, 404, "{}", r.body);
-    let r = post(
-        leader_relay,
-        "/relay/tools",
-        Some(&secret),
-        "{not json".into(),
-    )
-    .await;
+    let r = post(leader_relay, "/relay/tools", "{not json".into()).await;
     assert_eq!(r.status, 400, "{}", r.body);
     let r = post(
         leader_relay,
         "/relay/tools",
-        Some(&secret),
         json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}).to_string(),
     )
     .await;
     assert_eq!(r.status, 400, "no session, no call: {}", r.body);
-    // Plugin state operations: the replicas' alone, and only the leader's.
+    // Plugin state operations: only the leader's.
     let incr = json!({"plugin":"p","session":"","principal":"alice",
         "action":{"op":"incr","scope":"principal","key":"k","delta":2,"ttl_ms":null}})
     .to_string();
-    let r = post(leader_relay, "/plugin-state", None, incr.clone()).await;
-    assert_eq!(r.status, 401, "{}", r.body);
-    let r = post(
-        relay_of(&follower),
-        "/plugin-state",
-        Some(&secret),
-        incr.clone(),
-    )
-    .await;
+    let r = post(relay_of(&follower), "/plugin-state", incr.clone()).await;
     assert_eq!(r.status, 503, "{}", r.body);
-    let r = post(leader_relay, "/plugin-state", Some(&secret), "[1]".into()).await;
+    let r = post(leader_relay, "/plugin-state", "[1]".into()).await;
     assert_eq!(r.status, 400, "{}", r.body);
     let huge = format!(r#"{{"plugin":"{}"}}"#, "p".repeat(600 * 1024));
-    let r = post(leader_relay, "/plugin-state", Some(&secret), huge).await;
+    let r = post(leader_relay, "/plugin-state", huge).await;
     assert_eq!(r.status, 400, "bounded: {}", r.body);
     for want in [2, 4] {
-        let r = post(leader_relay, "/plugin-state", Some(&secret), incr.clone()).await;
+        let r = post(leader_relay, "/plugin-state", incr.clone()).await;
         assert_eq!(
             (r.status, r.json()),
             (200, json!({"count": want})),
@@ -643,30 +623,18 @@ async fn the_relay_answers_only_the_replicas_and_only_on_the_leader() {
             r.body
         );
     }
-    // What a replica kept as leader: the replicas' alone, and only once it no longer leads.
-    let get = |addr: std::net::SocketAddr, path: &str, token: Option<&str>| {
-        let c = Client::new(format!("http://{addr}{path}"));
-        let mut req = http::Request::builder().method("GET").uri(&c.url);
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        let req = req.body(Full::new(Bytes::new())).unwrap();
-        async move { c.send(req).await }
-    };
+    // What a replica kept as leader: only once it no longer leads.
     let handover = "/plugin-state/handover";
-    let r = get(relay_of(&follower), handover, None).await;
-    assert_eq!(r.status, 401, "{}", r.body);
-    let r = get(relay_of(&follower), handover, Some(&wrong)).await;
-    assert_eq!(r.status, 401, "{}", r.body);
-    let r = get(leader_relay, handover, Some(&secret)).await;
+    let get = |addr| relay_request(addr, &key, "GET", handover, String::new());
+    let r = get(leader_relay).await.unwrap();
     assert_eq!(r.status, 409, "the leader hands nothing over: {}", r.body);
-    let r = get(relay_of(&follower), handover, Some(&secret)).await;
+    let r = get(relay_of(&follower)).await.unwrap();
     assert_eq!(
         r.status, 404,
         "it never led, nothing to hand over: {}",
         r.body
     );
-    let r = post(leader_relay, "/relay/tools", Some(&secret), init).await;
+    let r = post(leader_relay, "/relay/tools", init).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.headers.contains_key("mcp-session-id"));
     assert_eq!(
@@ -694,13 +662,82 @@ fn relay_secret(fake: &FakeKube) -> String {
     .unwrap()
 }
 
-/// The relay holds no connection that shows no secret: one that sends nothing is closed at the
-/// header deadline, and one peer address holds at most 16 connections (more are closed at
-/// once); a plugin state operation whose body does not come within that deadline is refused;
-/// the replicas' own relaying goes on once the silent ones are gone.
+/// A TLS connection to the relay at `addr` as a replica makes it (proving `key`), speaking
+/// HTTP/1.1.
+async fn relay_tls(
+    addr: std::net::SocketAddr,
+    key: &ReplicaKey,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut config = (*key.client_config()).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::from(addr.ip());
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// One request to the relay at `addr` over TLS with `key`; an error when the connection or
+/// the exchange failed (a relay that does not accept the key answers nothing).
+async fn relay_request(
+    addr: std::net::SocketAddr,
+    key: &ReplicaKey,
+    method: &str,
+    path: &str,
+    body: String,
+) -> Result<Resp, String> {
+    use http_body_util::BodyExt;
+    let tls = relay_tls(addr, key).await.map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "relay")
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(30), send.send_request(req))
+        .await
+        .map_err(|_| "no answer within 30 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(Resp {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// What the relay at `addr` answers a plain HTTP/1.1 request for `path`: the start of its
+/// answer, `None` when it closes the connection answering nothing that is HTTP.
+async fn plain_http_answer(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let ask = format!("GET {path} HTTP/1.1\r\nhost: relay\r\n\r\n");
+    tcp.write_all(ask.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    answer.starts_with("HTTP/").then_some(answer)
+}
+
+/// The relay holds no connection that proves no key: one that sends nothing is closed at the
+/// header deadline, and one peer address holds at most 16 connections before they prove it
+/// (more are closed at once); a plugin state operation whose body does not come within that
+/// deadline is refused; the replicas' own relaying goes on once the silent ones are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_relay_lets_go_of_connections_that_show_no_secret() {
-    use tokio::io::AsyncReadExt;
+async fn the_relay_lets_go_of_connections_that_prove_no_key() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fake = FakeKube::start().await;
     let servers = server("tools", "ghcr.io/gatehouse/example:1");
     let [(leader, _rt_l), (follower, _rt_f)] =
@@ -713,8 +750,9 @@ async fn the_relay_lets_go_of_connections_that_show_no_secret() {
         .as_ref()
         .unwrap()
         .local_addr;
+    let key = ReplicaKey::derive(&relay_secret(&fake)).unwrap();
     // Whether the relay closes `stream` within `wait` (an end or a reset, not a timeout).
-    async fn closed(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    async fn closed<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, wait: Duration) -> bool {
         let mut byte = [0u8; 1];
         matches!(
             tokio::time::timeout(wait, stream.read(&mut byte)).await,
@@ -741,14 +779,11 @@ async fn the_relay_lets_go_of_connections_that_show_no_secret() {
         started.elapsed() >= Duration::from_millis(900),
         "not before the header deadline"
     );
-    // With the secret, a body that stops coming is refused at the deadline.
-    use tokio::io::AsyncWriteExt;
-    let mut slow = tokio::net::TcpStream::connect(relay).await.unwrap();
-    let head = format!(
-        "POST /plugin-state HTTP/1.1\r\nhost: relay\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"plugin\"",
-        relay_secret(&fake)
-    );
+    // With the key, a body that stops coming is refused at the deadline.
+    let mut slow = relay_tls(relay, &key).await.unwrap();
+    let head = "POST /plugin-state HTTP/1.1\r\nhost: relay\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"plugin\"";
     slow.write_all(head.as_bytes()).await.unwrap();
+    slow.flush().await.unwrap();
     let mut answer = vec![0u8; 512];
     let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut answer))
         .await
@@ -757,15 +792,14 @@ async fn the_relay_lets_go_of_connections_that_show_no_secret() {
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("did not come within"), "{answer}");
-    // Connections that showed the secret no longer count against their address's share.
+    // Connections that proved the key no longer count against their address's share.
     let mut trusted = Vec::new();
     for _ in 0..16 {
-        let mut c = tokio::net::TcpStream::connect(relay).await.unwrap();
-        let ask = format!(
-            "GET /plugin-state/handover HTTP/1.1\r\nhost: relay\r\nauthorization: Bearer {}\r\n\r\n",
-            relay_secret(&fake)
-        );
-        c.write_all(ask.as_bytes()).await.unwrap();
+        let mut c = relay_tls(relay, &key).await.unwrap();
+        c.write_all(b"GET /plugin-state/handover HTTP/1.1\r\nhost: relay\r\n\r\n")
+            .await
+            .unwrap();
+        c.flush().await.unwrap();
         let mut head = vec![0u8; 64];
         let n = c.read(&mut head).await.unwrap();
         assert!(

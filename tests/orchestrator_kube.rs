@@ -1335,13 +1335,24 @@ async fn a_follower_goes_only_to_a_relay_its_leader_signed() {
     let err = rt.endpoint("s").await.unwrap_err();
     assert!(err.to_string().contains("relay"), "{err}");
 
-    // Signed with the secret, for that holder: followed.
-    let sign = |holder: &str| {
+    // Signed with the replicas' lease key, for that holder: followed.
+    let key = gatehouse::replica_key::ReplicaKey::derive(&secret).unwrap();
+    let sign_with = |key: &[u8], holder: &str| {
         use hmac::Mac;
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
         mac.update(format!("{holder}\nhttp://evil.example:80").as_bytes());
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
     };
+    let sign = |holder: &str| sign_with(key.lease_key(), holder);
+    // Keyed by the secret itself (not the key derived for leases): not followed.
+    fake.patch(
+        Kind::Lease,
+        NS,
+        "gatehouse-orchestrator",
+        json!({"metadata": {"annotations": forged(&sign_with(secret.as_bytes(), "mallory"))}}),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rt.endpoint("s").await.is_err());
     // A signature of another holder's relay does not carry over.
     fake.patch(
         Kind::Lease,
@@ -2175,7 +2186,7 @@ async fn a_new_leader_learns_whom_it_took_the_lease_from_by_its_signed_relay() {
     eventually("a leads", Duration::from_secs(10), || leads(&a)).await;
     assert_eq!(handover(&a), Handover::Nobody, "nobody led before");
     eventually("a's relay in the lease", Duration::from_secs(5), || {
-        (relay_annotation()? == "http://127.0.0.1:1111").then_some(())
+        (relay_annotation()? == "https://127.0.0.1:1111").then_some(())
     })
     .await;
     let b = replica("replica-b", 2222);
@@ -2185,9 +2196,12 @@ async fn a_new_leader_learns_whom_it_took_the_lease_from_by_its_signed_relay() {
     // Given up: the next holder takes over from it.
     a.shutdown().await;
     eventually("b leads", Duration::from_secs(10), || leads(&b)).await;
-    assert_eq!(handover(&b), Handover::From("http://127.0.0.1:1111".into()));
+    assert_eq!(
+        handover(&b),
+        Handover::From("https://127.0.0.1:1111".into())
+    );
     eventually("b's relay in the lease", Duration::from_secs(5), || {
-        (relay_annotation()? == "http://127.0.0.1:2222").then_some(())
+        (relay_annotation()? == "https://127.0.0.1:2222").then_some(())
     })
     .await;
 
@@ -2196,7 +2210,10 @@ async fn a_new_leader_learns_whom_it_took_the_lease_from_by_its_signed_relay() {
     drop(b);
     let c = replica("replica-c", 3333);
     eventually("c leads", Duration::from_secs(10), || leads(&c)).await;
-    assert_eq!(handover(&c), Handover::From("http://127.0.0.1:2222".into()));
+    assert_eq!(
+        handover(&c),
+        Handover::From("https://127.0.0.1:2222".into())
+    );
 
     // A writer of the Lease names someone's relay as the one that gave it up: not signed by
     // that one, not followed.
@@ -2214,7 +2231,7 @@ async fn a_new_leader_learns_whom_it_took_the_lease_from_by_its_signed_relay() {
     eventually("d leads", Duration::from_secs(10), || leads(&d)).await;
     assert_eq!(handover(&d), Handover::Nobody);
     eventually("d's relay in the lease", Duration::from_secs(5), || {
-        (relay_annotation()? == "http://127.0.0.1:4444").then_some(())
+        (relay_annotation()? == "https://127.0.0.1:4444").then_some(())
     })
     .await;
 
@@ -2237,7 +2254,10 @@ async fn a_new_leader_learns_whom_it_took_the_lease_from_by_its_signed_relay() {
     assert!(!e.is_leader(), "their answers never came");
     fake.configure(|s| s.lost_answers.clear());
     eventually("e leads", Duration::from_secs(10), || leads(&e)).await;
-    assert_eq!(handover(&e), Handover::From("http://127.0.0.1:4444".into()));
+    assert_eq!(
+        handover(&e),
+        Handover::From("https://127.0.0.1:4444".into())
+    );
     stopping.await.unwrap();
     e.shutdown().await;
 }
@@ -2377,9 +2397,13 @@ async fn a_weak_relay_secret_is_not_used() {
         json!({"metadata": {"name": "gatehouse-orchestrator-relay"},
                "data": {"secret": b64(&weak)}}),
     );
+    // (Keyed as the replicas would key it; a weak secret keys nothing, so the secret itself.)
     let signed = |secret: &str| {
         use hmac::Mac;
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        let key = gatehouse::replica_key::ReplicaKey::derive(secret)
+            .map(|k| k.lease_key().to_vec())
+            .unwrap_or_else(|_| secret.as_bytes().to_vec());
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
         mac.update(b"mallory\nhttp://evil.example:80");
         let sig =
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());

@@ -395,11 +395,12 @@ async fn a_state_operation_the_leader_cannot_run_refuses_the_call() {
     let (gw, c) = gateway(&cfg).await;
     // A port nothing listens on: the leader is known, and gone.
     let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead = format!("http://{}", gone.local_addr().unwrap());
+    let dead = format!("https://{}", gone.local_addr().unwrap());
     drop(gone);
     let (leading, leads) = tokio::sync::watch::channel(false);
     let (relay_at, relay) = tokio::sync::watch::channel(Some(dead));
-    let (_secret, secret) = tokio::sync::watch::channel(Some(std::sync::Arc::from("s")));
+    let key = gatehouse::replica_key::ReplicaKey::derive(&"s".repeat(43)).unwrap();
+    let (_secret, secret) = tokio::sync::watch::channel(Some(std::sync::Arc::new(key)));
     let (handing, handover) = tokio::sync::watch::channel(gatehouse::orchestrator::Handover::Kept);
     let state = gw.gateway().plugins.current().state().clone();
     state.share_through(
@@ -427,7 +428,7 @@ async fn a_state_operation_the_leader_cannot_run_refuses_the_call() {
     // A leader that takes the request and never answers: the plugin's deadline (100 ms by
     // default) bounds the wait, which nothing else could interrupt.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    relay_at.send_replace(Some(format!("http://{}", silent.local_addr().unwrap())));
+    relay_at.send_replace(Some(format!("https://{}", silent.local_addr().unwrap())));
     let held = tokio::spawn(async move {
         let mut kept = Vec::new();
         while let Ok((stream, _)) = silent.accept().await {

@@ -326,21 +326,23 @@ async fn a_session_deleted_on_one_replica_is_not_restored_by_another_sharing_sta
     let kept = a.gateway().plugins.current().state().clone();
     let (_a_leads, leads) = watch::channel(true);
     let (_a_relay, relay) = watch::channel(None);
-    let (_a_secret, secret) = watch::channel(Some(std::sync::Arc::from("s")));
+    let key =
+        std::sync::Arc::new(gatehouse::replica_key::ReplicaKey::derive(&"s".repeat(43)).unwrap());
+    let (_a_secret, secret) = watch::channel(Some(key.clone()));
     let (_a_handover, handover) = watch::channel(Handover::Kept);
     kept.share_through(
         Leader::new(leads, relay, secret, handover),
         std::time::Duration::from_secs(600),
     );
     let at_a = kept.clone();
-    let relay_url = support::serve(move |_, body| {
+    let relay_url = support::serve_tls(key.server_config(), move |_, body| {
         let asked: gatehouse::plugins::Asked = serde_json::from_slice(&body).unwrap();
         Some((200, serde_json::to_value(at_a.apply(&asked)).unwrap()))
     })
     .await;
     let (_b_leads, leads) = watch::channel(false);
     let (_b_relay, relay) = watch::channel(Some(relay_url));
-    let (_b_secret, secret) = watch::channel(Some(std::sync::Arc::from("s")));
+    let (_b_secret, secret) = watch::channel(Some(key));
     let (_b_handover, handover) = watch::channel(Handover::Nobody);
     b.gateway().plugins.current().state().share_through(
         Leader::new(leads, relay, secret, handover),

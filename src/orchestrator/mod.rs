@@ -40,6 +40,7 @@ pub use error::OrchestratorError;
 pub use spec::{McpServer, McpServerSpec, ResolvedServer, ServerDef, Sharing, SpecError};
 
 use crate::process::ServerProcess;
+use crate::replica_key::ReplicaKey;
 
 /// Result of orchestrator operations.
 pub type Result<T, E = OrchestratorError> = std::result::Result<T, E>;
@@ -175,8 +176,8 @@ pub struct RelayAccess {
     advertised: tokio::sync::watch::Sender<Option<String>>,
     /// Whether this replica leads (only the leader serves the relay).
     leading: tokio::sync::watch::Receiver<bool>,
-    /// The replicas' shared secret, once read (or created).
-    secret: tokio::sync::watch::Receiver<Option<Arc<str>>>,
+    /// The keys of the replicas' shared secret, once it is read (or created).
+    key: tokio::sync::watch::Receiver<Option<Arc<ReplicaKey>>>,
     /// The leader's relay (its base URL), when another replica leads.
     holder: tokio::sync::watch::Receiver<Option<String>>,
     /// Whom this replica took the lease from, as it last came to lead.
@@ -201,7 +202,7 @@ impl RelayAccess {
     pub fn new(
         listen: std::net::SocketAddr,
         leading: tokio::sync::watch::Receiver<bool>,
-        secret: tokio::sync::watch::Receiver<Option<Arc<str>>>,
+        key: tokio::sync::watch::Receiver<Option<Arc<ReplicaKey>>>,
         holder: tokio::sync::watch::Receiver<Option<String>>,
         handover: tokio::sync::watch::Receiver<Handover>,
     ) -> Self {
@@ -209,7 +210,7 @@ impl RelayAccess {
             listen,
             advertised: tokio::sync::watch::Sender::new(None),
             leading,
-            secret,
+            key,
             holder,
             handover,
         }
@@ -217,7 +218,8 @@ impl RelayAccess {
 
     /// The relay is bound to `addr`: other replicas will be told to use it.
     pub fn serving(&self, addr: std::net::SocketAddr) {
-        self.advertised.send_replace(Some(format!("http://{addr}")));
+        self.advertised
+            .send_replace(Some(format!("https://{addr}")));
     }
 
     /// The advertised base URL, once serving.
@@ -235,14 +237,14 @@ impl RelayAccess {
         self.leading.clone()
     }
 
-    /// The shared secret, when known.
-    pub fn secret(&self) -> Option<Arc<str>> {
-        self.secret.borrow().clone()
+    /// The replicas' key, when known.
+    pub fn key(&self) -> Option<Arc<ReplicaKey>> {
+        self.key.borrow().clone()
     }
 
-    /// Changes of the shared secret.
-    pub fn secrets(&self) -> tokio::sync::watch::Receiver<Option<Arc<str>>> {
-        self.secret.clone()
+    /// The replicas' key, as it becomes known.
+    pub fn keys(&self) -> tokio::sync::watch::Receiver<Option<Arc<ReplicaKey>>> {
+        self.key.clone()
     }
 
     /// The leader's relay (its base URL) as it changes; `None` while this replica leads or
@@ -290,10 +292,10 @@ pub enum Endpoint {
     /// attached to, an HTTP server that may sleep), through that replica's relay as
     /// Streamable HTTP (see [`RelayAccess`]).
     Relay {
-        /// The relay's URL for this server, e.g. `http://10.0.0.7:9091/relay/x`.
+        /// The relay's URL for this server, e.g. `https://10.0.0.7:9091/relay/x`.
         url: String,
-        /// The replicas' shared secret, sent as a bearer token.
-        secret: Arc<str>,
+        /// The replicas' key, which the relay and this replica prove to each other.
+        key: Arc<ReplicaKey>,
         /// The server answers every caller alike (an HTTP server, a shared stdio server):
         /// what it lists may be kept for all.
         alike: bool,

@@ -3,8 +3,8 @@
 //! Every replica runs the same plugins on its own calls, but a rate limit must count all of
 //! them and a taint must follow a session to whichever replica serves it next. So, where
 //! replicas elect a leader and reach it through its relay (Kubernetes), the leader keeps the
-//! state and the others send it each operation: one POST to its relay's [`PATH`], with the
-//! replicas' shared secret, on one HTTP/2 connection this replica holds for them. An
+//! state and the others send it each operation: one POST to its relay's [`PATH`], over TLS
+//! with the replicas' key, on one HTTP/2 connection this replica holds for them. An
 //! operation that cannot be run fails the plugin's call (the gateway then refuses the request,
 //! unless the plugin fails open): a policy that counts or remembers must not go on as though
 //! it had counted or remembered.
@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::header::CONTENT_TYPE;
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use serde::Serialize;
@@ -25,6 +25,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, watch};
 
 use crate::orchestrator::Handover;
+use crate::replica_key::ReplicaKey;
 use crate::upstream::client::plugin_state_client;
 
 /// Path of the state operations on the leader's relay.
@@ -55,7 +56,7 @@ const TELL_WITHIN: Duration = Duration::from_secs(20);
 /// Why a state operation could not be run.
 #[derive(Debug, thiserror::Error)]
 pub enum Unavailable {
-    /// No replica leads, or its relay or the secret are not known yet.
+    /// No replica leads, or its relay or the replicas' key are not known yet.
     #[error("plugin state is kept by the leading replica, and none is known")]
     NoLeader,
     /// The leader could not be reached, or its answer not read (why, for the log).
@@ -105,7 +106,7 @@ struct Inner {
     leading: watch::Receiver<bool>,
     /// Its relay's base URL while another replica leads.
     relay: watch::Receiver<Option<String>>,
-    secret: watch::Receiver<Option<Arc<str>>>,
+    key: watch::Receiver<Option<Arc<ReplicaKey>>>,
     /// Whom this replica took the lease from, as it last came to lead.
     handover: watch::Receiver<Handover>,
     /// Room for ends of sessions being told.
@@ -123,17 +124,17 @@ impl std::fmt::Debug for Leader {
 
 impl Leader {
     /// The leader as this replica sees it: whether it leads itself, the leader's relay, the
-    /// replicas' secret, and whom it took the lease from, each as it changes.
+    /// replicas' key, and whom it took the lease from, each as it changes.
     pub fn new(
         leading: watch::Receiver<bool>,
         relay: watch::Receiver<Option<String>>,
-        secret: watch::Receiver<Option<Arc<str>>>,
+        key: watch::Receiver<Option<Arc<ReplicaKey>>>,
         handover: watch::Receiver<Handover>,
     ) -> Leader {
         Leader(Arc::new(Inner {
             leading,
             relay,
-            secret,
+            key,
             handover,
             telling: Arc::new(Semaphore::new(MAX_TELLING)),
         }))
@@ -163,8 +164,8 @@ impl Leader {
     /// The state the replica whose relay is at `relay` kept while it led (it hands it over
     /// only once it no longer leads).
     pub async fn take_over_from(&self, relay: &str) -> Result<Bytes, Unavailable> {
-        let req = self.to_handover(relay, Method::GET)?;
-        let (status, answer) = exchange(req, MAX_HANDOVER, HANDOVER_TIMEOUT).await?;
+        let (key, req) = self.to_handover(relay, Method::GET)?;
+        let (status, answer) = exchange(&key, req, MAX_HANDOVER, HANDOVER_TIMEOUT).await?;
         match status {
             StatusCode::OK => Ok(answer),
             // Nothing kept, or a version that hands nothing over (it answers that it does not
@@ -181,11 +182,11 @@ impl Leader {
     /// Tells the replica whose relay is at `relay` that what it kept was taken over (it may
     /// stop now), for what it is worth.
     pub async fn acknowledge(&self, relay: &str) {
-        let Ok(req) = self.to_handover(relay, Method::POST) else {
+        let Ok((key, req)) = self.to_handover(relay, Method::POST) else {
             return;
         };
         if !matches!(
-            exchange(req, MAX_ANSWER, TIMEOUT).await,
+            exchange(&key, req, MAX_ANSWER, TIMEOUT).await,
             Ok((StatusCode::OK, _))
         ) {
             tracing::debug!("could not tell the previous leader that its state was taken over");
@@ -196,13 +197,13 @@ impl Leader {
         &self,
         relay: &str,
         method: Method,
-    ) -> Result<Request<Full<Bytes>>, Unavailable> {
-        let secret = self.0.secret.borrow().clone();
-        let secret = secret.ok_or(Unavailable::NoLeader)?;
+    ) -> Result<(Arc<ReplicaKey>, Request<Full<Bytes>>), Unavailable> {
+        let key = self.0.key.borrow().clone();
+        let key = key.ok_or(Unavailable::NoLeader)?;
         let uri: Uri = format!("{relay}{HANDOVER_PATH}")
             .parse()
             .map_err(|_| Unavailable::Unreachable("its relay's address is not a URL".into()))?;
-        authorized(method, uri, &secret, Bytes::new())
+        Ok((key, request(method, uri, Bytes::new())?))
     }
 
     /// Runs `asked` on the leader within `deadline` (what is left of the plugin's), and reads
@@ -266,13 +267,13 @@ impl Leader {
         });
     }
 
-    /// The leader's relay and the secret, waiting a little for them to be known.
-    async fn target(&self) -> Result<(Uri, Arc<str>), Unavailable> {
-        let (mut relay, mut secret) = (self.0.relay.clone(), self.0.secret.clone());
-        // (A sender may be gone once its value is final: the secret, read once.)
+    /// The leader's relay and the replicas' key, waiting a little for them to be known.
+    async fn target(&self) -> Result<(Uri, Arc<ReplicaKey>), Unavailable> {
+        let (mut relay, mut key) = (self.0.relay.clone(), self.0.key.clone());
+        // (A sender may be gone once its value is final: the key, derived once.)
         let known = async {
             let url = relay.wait_for(Option::is_some).await.ok()?.clone()?;
-            let key = secret.wait_for(Option::is_some).await.ok()?.clone()?;
+            let key = key.wait_for(Option::is_some).await.ok()?.clone()?;
             Some((url, key))
         };
         // Nor is there anyone to ask once this replica leads itself.
@@ -293,9 +294,9 @@ impl Leader {
     }
 
     async fn send(&self, body: Bytes) -> Result<Bytes, Unavailable> {
-        let (uri, secret) = self.target().await?;
-        let req = authorized(Method::POST, uri, &secret, body)?;
-        let (status, answer) = exchange(req, MAX_ANSWER, TIMEOUT).await?;
+        let (uri, key) = self.target().await?;
+        let req = request(Method::POST, uri, body)?;
+        let (status, answer) = exchange(&key, req, MAX_ANSWER, TIMEOUT).await?;
         if status != StatusCode::OK {
             let text = String::from_utf8_lossy(&answer[..answer.len().min(256)]).into_owned();
             // Escaped: a peer's words cannot forge log lines.
@@ -306,21 +307,11 @@ impl Leader {
     }
 }
 
-/// A request to another replica's relay, with the replicas' secret.
-fn authorized(
-    method: Method,
-    uri: Uri,
-    secret: &str,
-    body: Bytes,
-) -> Result<Request<Full<Bytes>>, Unavailable> {
-    let bearer = HeaderValue::from_str(&format!("Bearer {secret}")).map_err(|_| {
-        tracing::warn!("the replicas' secret is not a header value");
-        Unavailable::Refused
-    })?;
+/// A request to another replica's relay.
+fn request(method: Method, uri: Uri, body: Bytes) -> Result<Request<Full<Bytes>>, Unavailable> {
     Request::builder()
         .method(method)
         .uri(uri)
-        .header(AUTHORIZATION, bearer)
         .header(CONTENT_TYPE, "application/json")
         .body(Full::new(body))
         .map_err(|e| {
@@ -329,14 +320,16 @@ fn authorized(
         })
 }
 
-/// Sends `req`, and reads an answer of at most `limit` bytes within `timeout`.
+/// Sends `req` (over TLS with `key`), and reads an answer of at most `limit` bytes within
+/// `timeout`.
 async fn exchange(
+    key: &Arc<ReplicaKey>,
     req: Request<Full<Bytes>>,
     limit: usize,
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), Unavailable> {
     let exchange = async {
-        let resp = plugin_state_client()
+        let resp = plugin_state_client(key)
             .request(req)
             .await
             .map_err(|e| Unavailable::Unreachable(crate::upstream::pool::reason(&e)))?;
@@ -359,27 +352,31 @@ mod tests {
 
     use super::*;
 
+    const SECRET: &str = "a secret of the replicas, long enough";
+
     /// A session's end told while leadership moves (the old leader refuses it) is told again
     /// until a leader takes it.
     #[tokio::test]
     async fn an_end_refused_while_leadership_moves_is_told_again() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let key = Arc::new(ReplicaKey::derive(SECRET).unwrap());
+        let acceptor = tokio_rustls::TlsAcceptor::from(key.server_config());
         let asked = Arc::new(AtomicUsize::new(0));
         let counted = asked.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
                 let asked = counted.clone();
-                let service = hyper::service::service_fn(move |req: Request<_>| {
+                let service = hyper::service::service_fn(move |_: Request<_>| {
                     let n = asked.fetch_add(1, Ordering::SeqCst);
-                    let authorized = req.headers().get(AUTHORIZATION)
-                        == Some(&HeaderValue::from_static("Bearer s"));
                     async move {
                         // Twice "not leading" (503), then taken.
-                        let status = match (authorized, n) {
-                            (false, _) => StatusCode::UNAUTHORIZED,
-                            (true, 0 | 1) => StatusCode::SERVICE_UNAVAILABLE,
-                            (true, _) => StatusCode::OK,
+                        let status = match n {
+                            0 | 1 => StatusCode::SERVICE_UNAVAILABLE,
+                            _ => StatusCode::OK,
                         };
                         let mut resp = http::Response::new(Full::new(Bytes::from("\"done\"")));
                         *resp.status_mut() = status;
@@ -388,15 +385,15 @@ mod tests {
                 });
                 tokio::spawn(
                     hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service),
                 );
             }
         });
         let (_leading, leading) = watch::channel(false);
         let (_relay, relay) = watch::channel(Some(url));
-        let (_secret, secret) = watch::channel(Some(Arc::from("s")));
+        let (_key, key) = watch::channel(Some(key));
         let (_handover, handover) = watch::channel(Handover::Nobody);
-        let leader = Leader::new(leading, relay, secret, handover);
+        let leader = Leader::new(leading, relay, key, handover);
         leader.tell(&serde_json::json!({"op": "end-session"}));
         let started = std::time::Instant::now();
         while asked.load(Ordering::SeqCst) < 3 {
@@ -420,10 +417,11 @@ mod tests {
         let port = closed.local_addr().unwrap().port();
         drop(closed);
         let (_leading, leading) = watch::channel(false);
-        let (_relay, relay) = watch::channel(Some(format!("http://127.0.0.1:{port}")));
-        let (_secret, secret) = watch::channel(Some(Arc::from("s")));
+        let (_relay, relay) = watch::channel(Some(format!("https://127.0.0.1:{port}")));
+        let key = Arc::new(ReplicaKey::derive(SECRET).unwrap());
+        let (_key, key) = watch::channel(Some(key));
         let (_handover, handover) = watch::channel(Handover::Nobody);
-        let leader = Leader::new(leading, relay, secret, handover);
+        let leader = Leader::new(leading, relay, key, handover);
         let err = leader.send(Bytes::from_static(b"{}")).await.unwrap_err();
         assert!(matches!(err, Unavailable::Unreachable(_)), "{err}");
         assert!(err.to_string().contains("os error"), "{err}");

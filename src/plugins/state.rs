@@ -1809,7 +1809,7 @@ mod tests {
     struct Leading {
         _lead: tokio::sync::watch::Sender<bool>,
         _relay: tokio::sync::watch::Sender<Option<String>>,
-        _secret: tokio::sync::watch::Sender<Option<Arc<str>>>,
+        _secret: tokio::sync::watch::Sender<Option<Arc<crate::replica_key::ReplicaKey>>>,
         _handover: tokio::sync::watch::Sender<Handover>,
     }
 

@@ -16,6 +16,7 @@ use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::TokioExecutor;
 
 use crate::orchestrator::remote::AddressCheck;
+use crate::replica_key::ReplicaKey;
 
 /// The shared pooled HTTP client (http and https).
 pub type Client = hyper_util::client::legacy::Client<
@@ -25,40 +26,75 @@ pub type Client = hyper_util::client::legacy::Client<
 
 /// Builds the pooled client used for every HTTP upstream, with the outbound TLS settings.
 pub fn client(tls: &Arc<rustls::ClientConfig>) -> Client {
-    builder(false, tls, Resolver::default())
+    builder(tls, Resolver::default())
 }
 
 /// The client of remote servers: only addresses `check` allows are connected to, whatever
 /// their host resolves to at the time.
 pub fn checked_client(tls: &Arc<rustls::ClientConfig>, check: AddressCheck) -> Client {
-    builder(false, tls, Resolver::checked(check))
+    builder(tls, Resolver::checked(check))
 }
 
-/// The client of relayed servers: HTTP/2 without TLS (prior knowledge) to the leading
+/// The client of relayed servers: HTTP/2 over TLS with the replicas' key to the leading
 /// replica, so every session and listen stream of this replica shares one connection instead
 /// of holding one each.
-pub fn relay_client() -> &'static Client {
-    static RELAY: std::sync::OnceLock<Client> = std::sync::OnceLock::new();
-    RELAY.get_or_init(replica_client)
+pub fn relay_client(key: &Arc<ReplicaKey>) -> Client {
+    static RELAY: KeyedClients = KeyedClients::new();
+    RELAY.of(key)
 }
 
 /// The client plugin state operations go to the leading replica with: like
 /// [`relay_client`], on a connection of its own, so that relayed sessions' long streams never
 /// hold up (or fill the stream limit before) a call's state operation.
-pub fn plugin_state_client() -> &'static Client {
-    static STATE: std::sync::OnceLock<Client> = std::sync::OnceLock::new();
-    STATE.get_or_init(replica_client)
+pub fn plugin_state_client(key: &Arc<ReplicaKey>) -> Client {
+    static STATE: KeyedClients = KeyedClients::new();
+    STATE.of(key)
 }
 
-/// HTTP/2 without TLS (prior knowledge) to another replica.
-fn replica_client() -> Client {
-    // Plain http to a replica: the TLS settings are never used.
-    let tls =
-        crate::outbound_tls::client_config(&Default::default()).expect("the bundled roots load");
-    builder(true, &tls, Resolver::default())
+/// One pooled client per replicas' key (one in a gateway; tests run several gateways in one
+/// process), so that every request to the relay shares its connection.
+struct KeyedClients(std::sync::Mutex<Vec<(Arc<ReplicaKey>, Client)>>);
+
+impl KeyedClients {
+    /// More keys than this in one process are tests': the oldest client goes.
+    const KEPT: usize = 8;
+
+    const fn new() -> Self {
+        KeyedClients(std::sync::Mutex::new(Vec::new()))
+    }
+
+    fn of(&self, key: &Arc<ReplicaKey>) -> Client {
+        let mut clients = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, client)) = clients.iter().find(|(k, _)| k.same_as(key)) {
+            return client.clone();
+        }
+        if clients.len() == Self::KEPT {
+            clients.remove(0);
+        }
+        let client = replica_client(key);
+        clients.push((key.clone(), client.clone()));
+        client
+    }
 }
 
-fn builder(http2_only: bool, tls: &Arc<rustls::ClientConfig>, resolver: Resolver) -> Client {
+/// HTTP/2 over TLS to another replica, each end proving the replicas' key.
+fn replica_client(key: &ReplicaKey) -> Client {
+    let mut http = HttpConnector::new_with_resolver(Resolver::default());
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*key.client_config()).clone())
+        .https_only()
+        .enable_http2()
+        .wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(4))
+        .pool_max_idle_per_host(256)
+        .http2_only(true)
+        .build(https)
+}
+
+fn builder(tls: &Arc<rustls::ClientConfig>, resolver: Resolver) -> Client {
     let mut http = HttpConnector::new_with_resolver(resolver);
     http.set_nodelay(true);
     let https = crate::outbound_tls::connector(http, tls);
@@ -67,7 +103,6 @@ fn builder(http2_only: bool, tls: &Arc<rustls::ClientConfig>, resolver: Resolver
         // connection the server is closing: a POST that loses that race cannot be retried.
         .pool_idle_timeout(std::time::Duration::from_secs(4))
         .pool_max_idle_per_host(256)
-        .http2_only(http2_only)
         .build(https)
 }
 

@@ -626,7 +626,7 @@ impl Link {
                             "this replica no longer leads; ask the one that holds the lease",
                         ));
                     }
-                    orchestrated::Ready::Relay(url, headers, _) => {
+                    orchestrated::Ready::Relay(url, key, _) => {
                         // The leader's relay joins the shared session on our behalf; a
                         // membership from when this replica led is left.
                         drop(self.shared.lock().unwrap_or_else(|e| e.into_inner()).take());
@@ -634,10 +634,10 @@ impl Link {
                             super::http::Connection::new(
                                 server.clone(),
                                 url,
-                                headers,
+                                http::HeaderMap::new(),
                                 self.inbox.clone(),
                             )
-                            .with_client(super::http::relay_client().clone()),
+                            .with_client(super::http::relay_client(&key)),
                         )
                     }
                     orchestrated::Ready::Remote(url, headers, false, fingerprint) => {

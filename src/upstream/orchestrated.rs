@@ -299,9 +299,13 @@ pub enum Ready {
     Remote(http::Uri, http::HeaderMap, bool, u64),
     /// stdio through an attachment.
     Stdio(StdioEndpoint),
-    /// Through the leading replica's relay: Streamable HTTP at this URL, with these headers
-    /// (its credentials); whether the server answers every caller alike.
-    Relay(http::Uri, http::HeaderMap, bool),
+    /// Through the leading replica's relay: Streamable HTTP at this URL, over TLS with the
+    /// replicas' key; whether the server answers every caller alike.
+    Relay(
+        http::Uri,
+        std::sync::Arc<crate::replica_key::ReplicaKey>,
+        bool,
+    ),
 }
 
 impl Orchestrated {
@@ -361,16 +365,11 @@ impl Orchestrated {
                 Ok(Ready::Remote(uri, map, sse, fingerprint))
             }
             Ok(Endpoint::Stdio(endpoint)) => Ok(Ready::Stdio(endpoint)),
-            Ok(Endpoint::Relay { url, secret, alike }) => {
+            Ok(Endpoint::Relay { url, key, alike }) => {
                 let uri = url
                     .parse()
                     .map_err(|e| server.unavailable(format!("relay {url:?} is not a URL: {e}")))?;
-                let mut bearer = http::HeaderValue::try_from(format!("Bearer {secret}"))
-                    .map_err(|_| server.unavailable("the relay secret is not a header value"))?;
-                bearer.set_sensitive(true);
-                let mut headers = http::HeaderMap::new();
-                headers.insert(http::header::AUTHORIZATION, bearer);
-                Ok(Ready::Relay(uri, headers, alike))
+                Ok(Ready::Relay(uri, key, alike))
             }
             Err(e) => Err(server.unavailable(e.to_string())),
         }

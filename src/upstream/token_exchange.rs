@@ -533,7 +533,9 @@ mod tests {
                 resource: None,
                 scope: None,
             },
-            crate::upstream::client::relay_client().clone(),
+            crate::upstream::client::client(
+                &crate::outbound_tls::client_config(&Default::default()).unwrap(),
+            ),
         )
     }
 

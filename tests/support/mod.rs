@@ -495,13 +495,37 @@ where
     S: Fn(usize) -> HeaderValue + Send + Sync + 'static,
     F: Fn(http::HeaderMap, Bytes) -> Option<(u16, Value)> + Send + Sync + 'static,
 {
+    serve_over(None, session, handle).await
+}
+
+/// [`serve`] over TLS with `tls` (a stand-in for a replica's relay, say): an `https://` URL.
+pub async fn serve_tls<F>(tls: Arc<rustls::ServerConfig>, handle: F) -> String
+where
+    F: Fn(http::HeaderMap, Bytes) -> Option<(u16, Value)> + Send + Sync + 'static,
+{
+    let tls = tokio_rustls::TlsAcceptor::from(tls);
+    serve_over(
+        Some(tls),
+        |_| HeaderValue::from_static("traced-session"),
+        handle,
+    )
+    .await
+}
+
+async fn serve_over<S, F>(tls: Option<tokio_rustls::TlsAcceptor>, session: S, handle: F) -> String
+where
+    S: Fn(usize) -> HeaderValue + Send + Sync + 'static,
+    F: Fn(http::HeaderMap, Bytes) -> Option<(u16, Value)> + Send + Sync + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let handle = Arc::new((handle, session, std::sync::atomic::AtomicUsize::new(0)));
+    let scheme = if tls.is_some() { "https" } else { "http" };
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             let handle = handle.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let handle = handle.clone();
@@ -528,13 +552,18 @@ where
                         Ok(resp)
                     }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = match tls {
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(stream) => server.serve_connection(TokioIo::new(stream), svc).await,
+                        Err(_) => return,
+                    },
+                    None => server.serve_connection(TokioIo::new(stream), svc).await,
+                };
             });
         }
     });
-    format!("http://{addr}")
+    format!("{scheme}://{addr}")
 }
 
 /// Waits until the gateway's counter `name` (as `/metrics` renders it) reaches `at_least`.

@@ -10,10 +10,11 @@
 //! last successful renewal (each round is bounded by a third), so it has let go before any
 //! other replica may take the lease: two replicas never lead (and attach) at once.
 //!
-//! The holder also writes where its relay listens ([`RELAY_ANNOTATION`]), signed with the
-//! replicas' secret together with its identity ([`RELAY_SIGNATURE_ANNOTATION`]): the other
+//! The holder also writes where its relay listens ([`RELAY_ANNOTATION`]), signed with a key of
+//! the replicas' secret together with its identity ([`RELAY_SIGNATURE_ANNOTATION`]): the other
 //! replicas reach stdio servers through it, since only the holder attaches to their pods, and
-//! they follow (and send the secret to) no address a mere writer of the Lease put there.
+//! they follow no address a mere writer of the Lease put there (nor would a relay there prove
+//! the replicas' key to them).
 //!
 //! A holder that gives the lease up leaves its signed relay in it and says who it was
 //! ([`RELEASED_BY_ANNOTATION`]): the replica that takes the lease next learns whom to take the
@@ -28,20 +29,22 @@ use kube::api::{Api, PostParams};
 use tokio::sync::watch;
 
 use crate::orchestrator::Handover;
+use crate::replica_key::ReplicaKey;
 
 /// Annotation of the Lease naming the holder's relay (its base URL).
 pub const RELAY_ANNOTATION: &str = "gatehouse.dev/relay";
-/// Annotation of the Lease: HMAC-SHA256 (the replicas' secret) of the holder and its relay.
+/// Annotation of the Lease: HMAC-SHA256 (the replicas' lease key) of the holder and its relay.
 pub const RELAY_SIGNATURE_ANNOTATION: &str = "gatehouse.dev/relay-signature";
 /// Annotation of a Lease given up: the identity of the holder that gave it up (its relay
 /// annotations stay, signed for that identity).
 pub const RELEASED_BY_ANNOTATION: &str = "gatehouse.dev/released-by";
 
-/// HMAC-SHA256 keyed by the replicas' secret over the holder and its relay's address.
-fn relay_mac(secret: &str, holder: &str, url: &str) -> hmac::Hmac<sha2::Sha256> {
+/// HMAC-SHA256 keyed by the replicas' lease key ([`ReplicaKey::lease_key`]) over the holder
+/// and its relay's address.
+fn relay_mac(key: &[u8], holder: &str, url: &str) -> hmac::Hmac<sha2::Sha256> {
     use hmac::Mac;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
-        .expect("HMAC takes keys of any length");
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
     // Neither a pod name nor a URL holds a newline: the split is unambiguous.
     mac.update(holder.as_bytes());
     mac.update(b"\n");
@@ -50,20 +53,20 @@ fn relay_mac(secret: &str, holder: &str, url: &str) -> hmac::Hmac<sha2::Sha256> 
 }
 
 /// The signature of `holder`'s relay at `url`, base64url.
-fn relay_signature(secret: &str, holder: &str, url: &str) -> String {
+fn relay_signature(key: &[u8], holder: &str, url: &str) -> String {
     use base64::Engine;
     use hmac::Mac;
-    let tag = relay_mac(secret, holder, url).finalize().into_bytes();
+    let tag = relay_mac(key, holder, url).finalize().into_bytes();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag)
 }
 
 /// Whether `signature` signs `holder`'s relay at `url` (compared in constant time).
-fn relay_signed(secret: &str, holder: &str, url: &str, signature: &str) -> bool {
+fn relay_signed(key: &[u8], holder: &str, url: &str, signature: &str) -> bool {
     use base64::Engine;
     use hmac::Mac;
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(signature)
-        .is_ok_and(|tag| relay_mac(secret, holder, url).verify_slice(&tag).is_ok())
+        .is_ok_and(|tag| relay_mac(key, holder, url).verify_slice(&tag).is_ok())
 }
 
 /// Settings of the election.
@@ -111,8 +114,8 @@ pub struct Elector {
     renewed: Option<Instant>,
     /// Our relay's base URL, written into the lease while we hold it.
     advertise: watch::Receiver<Option<String>>,
-    /// The replicas' secret, which signs the relay's address.
-    secret: watch::Receiver<Option<std::sync::Arc<str>>>,
+    /// The replicas' key, which signs the relay's address.
+    key: watch::Receiver<Option<std::sync::Arc<ReplicaKey>>>,
     /// The current holder's relay, as its lease says (none while we hold it or nobody does).
     holder_relay: watch::Sender<Option<String>>,
     /// Whom we took the lease from, published as we come to lead.
@@ -131,25 +134,25 @@ impl Elector {
             seen: None,
             renewed: None,
             advertise: watch::Sender::new(None).subscribe(),
-            secret: watch::Sender::new(None).subscribe(),
+            key: watch::Sender::new(None).subscribe(),
             holder_relay: watch::Sender::new(None),
             handover: watch::Sender::new(Handover::Nobody),
             attempted: None,
         }
     }
 
-    /// Writes `advertise` (our relay) into the lease we hold, signed with `secret`, publishes
+    /// Writes `advertise` (our relay) into the lease we hold, signed with `key`, publishes
     /// the holder's (when its signature holds) on `holder_relay`, and, as we come to lead,
     /// whom we took the lease from on `handover`.
     pub fn with_relay(
         mut self,
         advertise: watch::Receiver<Option<String>>,
-        secret: watch::Receiver<Option<std::sync::Arc<str>>>,
+        key: watch::Receiver<Option<std::sync::Arc<ReplicaKey>>>,
         holder_relay: watch::Sender<Option<String>>,
         handover: watch::Sender<Handover>,
     ) -> Self {
         self.advertise = advertise;
-        self.secret = secret;
+        self.key = key;
         self.holder_relay = holder_relay;
         self.handover = handover;
         self
@@ -160,10 +163,10 @@ impl Elector {
         let annotations = meta.annotations.get_or_insert_with(Default::default);
         annotations.remove(RELEASED_BY_ANNOTATION);
         let url = self.advertise.borrow().clone();
-        let secret = self.secret.borrow().clone();
-        match url.zip(secret) {
-            Some((url, secret)) => {
-                let signature = relay_signature(&secret, &self.settings.identity, &url);
+        let key = self.key.borrow().clone();
+        match url.zip(key) {
+            Some((url, key)) => {
+                let signature = relay_signature(key.lease_key(), &self.settings.identity, &url);
                 annotations.insert(RELAY_ANNOTATION.into(), url);
                 annotations.insert(RELAY_SIGNATURE_ANNOTATION.into(), signature);
             }
@@ -179,8 +182,8 @@ impl Elector {
         let annotations = lease.metadata.annotations.as_ref()?;
         let url = annotations.get(RELAY_ANNOTATION)?;
         let signature = annotations.get(RELAY_SIGNATURE_ANNOTATION)?;
-        let secret = self.secret.borrow().clone()?;
-        if relay_signed(&secret, holder, url, signature) {
+        let key = self.key.borrow().clone()?;
+        if relay_signed(key.lease_key(), holder, url, signature) {
             Some(url.clone())
         } else {
             tracing::warn!(
@@ -381,7 +384,7 @@ impl Elector {
                 _ = tokio::time::sleep(pause) => {}
                 // Our relay is listening now: say where at once, not at the next renewal.
                 Ok(()) = self.advertise.changed(), if now_leading => {}
-                Ok(()) = self.secret.changed(), if now_leading => {}
+                Ok(()) = self.key.changed(), if now_leading => {}
             }
         }
     }
@@ -418,46 +421,29 @@ impl Elector {
 #[cfg(test)]
 mod tests {
     use super::{relay_signature, relay_signed};
+    use crate::replica_key::ReplicaKey;
 
     #[test]
     fn a_relay_signature_binds_secret_holder_and_address() {
-        let secret = "s".repeat(43);
-        let sig = relay_signature(&secret, "gw-1_0a", "http://10.0.0.7:9091");
-        assert!(relay_signed(
-            &secret,
+        let key = ReplicaKey::derive(&"s".repeat(43)).unwrap();
+        let other = ReplicaKey::derive(&"t".repeat(43)).unwrap();
+        let (key, other) = (key.lease_key(), other.lease_key());
+        let sig = relay_signature(key, "gw-1_0a", "http://10.0.0.7:9091");
+        assert!(relay_signed(key, "gw-1_0a", "http://10.0.0.7:9091", &sig));
+        assert!(!relay_signed(key, "gw-2_0b", "http://10.0.0.7:9091", &sig));
+        assert!(!relay_signed(key, "gw-1_0a", "http://10.0.0.8:9091", &sig));
+        assert!(!relay_signed(
+            other,
             "gw-1_0a",
             "http://10.0.0.7:9091",
             &sig
         ));
         assert!(!relay_signed(
-            &secret,
-            "gw-2_0b",
-            "http://10.0.0.7:9091",
-            &sig
-        ));
-        assert!(!relay_signed(
-            &secret,
-            "gw-1_0a",
-            "http://10.0.0.8:9091",
-            &sig
-        ));
-        assert!(!relay_signed(
-            &"t".repeat(43),
-            "gw-1_0a",
-            "http://10.0.0.7:9091",
-            &sig
-        ));
-        assert!(!relay_signed(
-            &secret,
+            key,
             "gw-1_0a",
             "http://10.0.0.7:9091",
             "not base64!"
         ));
-        assert!(!relay_signed(
-            &secret,
-            "gw-1_0a",
-            "http://10.0.0.7:9091",
-            ""
-        ));
+        assert!(!relay_signed(key, "gw-1_0a", "http://10.0.0.7:9091", ""));
     }
 }

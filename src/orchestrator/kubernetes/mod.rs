@@ -68,6 +68,7 @@ use super::{
     Endpoint, FailureReason, LogOptions, OrchestratorError, Phase, RelayAccess, Result, Runtime,
     ServerStatus, StdioEndpoint,
 };
+use crate::replica_key::ReplicaKey;
 
 /// Lines of a pod's log asked for when the caller names no tail (the newest, within
 /// [`crate::orchestrator::logbuf::LOG_BYTES`]).
@@ -515,8 +516,8 @@ pub(crate) struct Inner {
     leading: watch::Receiver<bool>,
     /// The lease holder's relay, when another replica holds it.
     holder_relay: watch::Receiver<Option<String>>,
-    /// The replicas' shared secret for the relay.
-    relay_secret: watch::Receiver<Option<Arc<str>>>,
+    /// The keys of the replicas' shared secret (the relay's TLS identity, the lease's signature).
+    relay_key: watch::Receiver<Option<Arc<ReplicaKey>>>,
     stats: Stats,
     /// `sync` has told us the whole configuration: leftovers may be deleted.
     config_known: AtomicBool,
@@ -895,7 +896,7 @@ impl KubeRuntime {
         let (leading_tx, leading) = watch::channel(leader_election.is_none());
         let holder_relay = watch::Sender::new(None);
         let handover = watch::Sender::new(super::Handover::Nobody);
-        let relay_secret = watch::Sender::new(None);
+        let relay_key = watch::Sender::new(None);
         let inner = Arc::new(Inner {
             client: client.clone(),
             ns: namespace.clone(),
@@ -924,7 +925,7 @@ impl KubeRuntime {
             queue: Arc::default(),
             leading: leading.clone(),
             holder_relay: holder_relay.subscribe(),
-            relay_secret: relay_secret.subscribe(),
+            relay_key: relay_key.subscribe(),
             stats: Stats::default(),
             config_known: AtomicBool::new(false),
             removed: DashMap::new(),
@@ -962,12 +963,12 @@ impl KubeRuntime {
                     Api::namespaced(client.clone(), &namespace),
                     format!("{}-relay", settings.name),
                     options.retry_after,
-                    relay_secret,
+                    relay_key,
                 )));
                 Some(Arc::new(RelayAccess::new(
                     listen,
                     leading,
-                    inner.relay_secret.clone(),
+                    inner.relay_key.clone(),
                     inner.holder_relay.clone(),
                     handover.subscribe(),
                 )))
@@ -980,7 +981,7 @@ impl KubeRuntime {
             if let Some(relay) = &relay {
                 elector = elector.with_relay(
                     relay.advertised(),
-                    inner.relay_secret.clone(),
+                    inner.relay_key.clone(),
                     holder_relay,
                     handover,
                 );
@@ -2022,7 +2023,7 @@ impl Inner {
         let (mut leading, mut holder, mut secret) = (
             self.leading.clone(),
             self.holder_relay.clone(),
-            self.relay_secret.clone(),
+            self.relay_key.clone(),
         );
         loop {
             if *leading.borrow_and_update()
@@ -2077,17 +2078,17 @@ impl Inner {
         let leader = self.holder_relay.borrow().clone().ok_or_else(|| {
             not_running("another replica leads (it attaches to stdio servers and alone scales servers that sleep), and its relay is not known yet (GATEHOUSE_ORCHESTRATOR_RELAY_PORT must be set on every replica)")
         })?;
-        let secret = self
-            .relay_secret
+        let key = self
+            .relay_key
             .borrow()
             .clone()
-            .ok_or_else(|| not_running("the relay secret has not been read yet"))?;
+            .ok_or_else(|| not_running("the replicas' secret has not been read yet"))?;
         let alike = self.valid(name).is_some_and(|(s, _)| {
             s.http_port_path().is_some() || s.spec.sharing == super::spec::Sharing::Shared
         });
         Ok(Endpoint::Relay {
             url: format!("{leader}/relay/{name}"),
-            secret,
+            key,
             alike,
         })
     }
@@ -2163,27 +2164,26 @@ fn for_origin(secret: &Secret, spec: &McpServerSpec) -> bool {
 }
 
 /// Reads the replicas' relay secret from its Secret, creating it (32 random bytes) when no
-/// replica has yet; retries until it has it.
+/// replica has yet, and derives its keys; retries until it has them.
 async fn relay_secret_task(
     api: Api<Secret>,
     name: String,
     retry_after: Duration,
-    secret: watch::Sender<Option<Arc<str>>>,
+    key: watch::Sender<Option<Arc<ReplicaKey>>>,
 ) {
     const KEY: &str = "secret";
     let read = |s: &Secret| {
-        s.data
+        let value = s
+            .data
             .as_ref()
             .and_then(|d| d.get(KEY))
             .and_then(|v| std::str::from_utf8(&v.0).ok())
-            .filter(|v| v.len() >= 32)
-            .map(Arc::<str>::from)
+            .ok_or_else(|| format!("Secret {name} has no key {KEY:?} in UTF-8"))?;
+        ReplicaKey::derive(value).map_err(|e| format!("Secret {name}, key {KEY:?}: {e}"))
     };
     loop {
         let found = match api.get_opt(&name).await {
-            Ok(Some(s)) => read(&s).ok_or_else(|| {
-                format!("Secret {name} has no key {KEY:?} of at least 32 characters")
-            }),
+            Ok(Some(s)) => read(&s),
             Ok(None) => {
                 let mut raw = [0u8; 32];
                 getrandom::fill(&mut raw).expect("the OS random source is available");
@@ -2203,7 +2203,7 @@ async fn relay_secret_task(
                     ..Default::default()
                 };
                 match api.create(&kube::api::PostParams::default(), &new).await {
-                    Ok(_) => Ok(Arc::from(value)),
+                    Ok(_) => ReplicaKey::derive(&value).map_err(|e| e.to_string()),
                     // Another replica created it first: read theirs next time round.
                     Err(kube::Error::Api(e)) if e.code == 409 => continue,
                     Err(e) => Err(format!("creating Secret {name}: {e}")),
@@ -2212,8 +2212,8 @@ async fn relay_secret_task(
             Err(e) => Err(format!("reading Secret {name}: {e}")),
         };
         match found {
-            Ok(value) => {
-                secret.send_replace(Some(value));
+            Ok(derived) => {
+                key.send_replace(Some(Arc::new(derived)));
                 return;
             }
             Err(why) => {
