@@ -7,24 +7,37 @@
 /// case: `FS_read`, `fs_read ` or `fs_read\0` is judged as `fs_read` is, as the gateway's
 /// own chain selectors judge it (a rule for `fs_*` is not walked around by a name's case).
 pub fn matches_name(pattern: &str, name: &str) -> bool {
+    matches_name_folded(pattern, name, fold_name(name).as_deref())
+}
+
+/// [`matches_name`], with the name's fold worked out already: `folded` is [`fold_name`] of
+/// `name` (a policy checks each of its rules against one name on every call).
+pub fn matches_name_folded(pattern: &str, name: &str, folded: Option<&str>) -> bool {
     if matches(pattern, name) {
         return true;
     }
-    // Most names are already what a lenient server looks up, and most patterns are in lower
-    // case: then folding changes neither, and nothing is allocated (a policy checks each of its
-    // rules on every call).
-    let folded_already = |s: &str| {
-        s.bytes()
-            .all(|b| b != 0 && b.is_ascii() && !b.is_ascii_uppercase())
-    };
-    let edge_space = |b: Option<&u8>| b.is_some_and(u8::is_ascii_whitespace);
+    // Most patterns are in lower case: then, for a name that folding leaves alone, there is
+    // nothing more to try, and nothing is allocated.
+    let lower_case = pattern
+        .bytes()
+        .all(|b| b.is_ascii() && !b.is_ascii_uppercase());
+    match (folded, lower_case) {
+        (None, true) => false,
+        (Some(folded), true) => matches(pattern, folded),
+        (folded, false) => matches(&pattern.to_lowercase(), folded.unwrap_or(name)),
+    }
+}
+
+/// `name` as a lenient server may look it up (cut at a NUL, trimmed, in lower case), or none
+/// when that is `name` itself.
+pub fn fold_name(name: &str) -> Option<String> {
     let bytes = name.as_bytes();
-    if folded_already(name)
-        && !edge_space(bytes.first())
-        && !edge_space(bytes.last())
-        && folded_already(pattern)
-    {
-        return false;
+    let edge_space = |b: Option<&u8>| b.is_some_and(u8::is_ascii_whitespace);
+    let folded_already = bytes
+        .iter()
+        .all(|&b| b != 0 && b.is_ascii() && !b.is_ascii_uppercase());
+    if folded_already && !edge_space(bytes.first()) && !edge_space(bytes.last()) {
+        return None;
     }
     let folded = name
         .split('\0')
@@ -32,10 +45,7 @@ pub fn matches_name(pattern: &str, name: &str) -> bool {
         .unwrap_or_default()
         .trim()
         .to_lowercase();
-    if folded == name && pattern.to_lowercase() == pattern {
-        return false;
-    }
-    matches(&pattern.to_lowercase(), &folded)
+    (folded != name).then_some(folded)
 }
 
 /// Whether `text` matches the glob `pattern`.
@@ -122,6 +132,15 @@ mod tests {
         assert!(!matches_name("fs_*", "xfs_read"));
         // Only names fold: a plain glob stays case-sensitive.
         assert!(!matches("fs_*", "FS_read"));
+        assert_eq!(fold_name("fs_read"), None);
+        assert_eq!(fold_name("Fs_Read\0x").as_deref(), Some("fs_read"));
+        assert_eq!(fold_name(" fs_read").as_deref(), Some("fs_read"));
+        assert_eq!(fold_name("ÉTÉ").as_deref(), Some("été"));
+        assert!(
+            matches_name("ÉT*", "été"),
+            "a pattern beyond ASCII folds too"
+        );
+        assert!(!matches_name("fs_*", "été"));
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub struct CallContext<'a> {
     method: OnceCell<String>,
     server: OnceCell<String>,
     name: OnceCell<Option<String>>,
+    /// The name as a lenient server looks it up, when that is not the name as written.
+    folded_name: OnceCell<Option<String>>,
     principal: OnceCell<Option<String>>,
     session_id: OnceCell<String>,
     profile: OnceCell<Option<String>>,
@@ -109,6 +111,7 @@ impl<'a> CallContext<'a> {
             method: OnceCell::new(),
             server: OnceCell::new(),
             name: OnceCell::new(),
+            folded_name: OnceCell::new(),
             principal: OnceCell::new(),
             session_id: OnceCell::new(),
             profile: OnceCell::new(),
@@ -125,6 +128,7 @@ impl<'a> CallContext<'a> {
             method: OnceCell::from(method.to_string()),
             server: OnceCell::from(server.to_string()),
             name: OnceCell::from(None),
+            folded_name: OnceCell::new(),
             principal: OnceCell::from(None),
             session_id: OnceCell::from(String::new()),
             profile: OnceCell::from(None),
@@ -149,6 +153,14 @@ impl<'a> CallContext<'a> {
     pub fn name(&self) -> Option<&str> {
         self.name
             .get_or_init(|| self.ask(HostCall::name))
+            .as_deref()
+    }
+
+    /// The name as a lenient server may look it up ([`glob::fold_name`]), when that is not
+    /// the name as written; worked out once per call, however many rules ask.
+    pub fn folded_name(&self) -> Option<&str> {
+        self.folded_name
+            .get_or_init(|| self.name().and_then(glob::fold_name))
             .as_deref()
     }
 
@@ -191,6 +203,7 @@ impl<'a> CallContext<'a> {
     pub fn with_name(self, name: &str) -> Self {
         CallContext {
             name: OnceCell::from(Some(name.to_string())),
+            folded_name: OnceCell::new(),
             ..self
         }
     }
@@ -558,27 +571,32 @@ impl Target {
     /// Whether this target matches the context, its name as written: what a rule that
     /// allows uses (a name in another case is not the name it allows).
     pub fn matches(&self, ctx: &CallContext) -> bool {
-        self.matches_with(ctx, glob::matches)
+        let name_ok = match (&self.tool, ctx.name()) {
+            (None, _) => true,
+            (Some(pattern), Some(name)) => glob::matches(pattern, name),
+            (Some(_), None) => false,
+        };
+        name_ok && self.server_matches(ctx)
     }
 
     /// Whether this target matches the context, its name as written or as a lenient server
     /// may look it up ([`glob::matches_name`]): what a rule that blocks, limits or taints
     /// uses, so that `FS_read` is not a way around a rule for `fs_*`.
     pub fn matches_leniently(&self, ctx: &CallContext) -> bool {
-        self.matches_with(ctx, glob::matches_name)
-    }
-
-    fn matches_with(&self, ctx: &CallContext, names: fn(&str, &str) -> bool) -> bool {
         let name_ok = match (&self.tool, ctx.name()) {
             (None, _) => true,
-            (Some(pattern), Some(name)) => names(pattern, name),
+            (Some(pattern), Some(name)) => {
+                glob::matches_name_folded(pattern, name, ctx.folded_name())
+            }
             (Some(_), None) => false,
         };
-        name_ok
-            && self
-                .server
-                .as_deref()
-                .is_none_or(|pattern| glob::matches(pattern, ctx.server()))
+        name_ok && self.server_matches(ctx)
+    }
+
+    fn server_matches(&self, ctx: &CallContext) -> bool {
+        self.server
+            .as_deref()
+            .is_none_or(|pattern| glob::matches(pattern, ctx.server()))
     }
 }
 
