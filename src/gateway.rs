@@ -300,7 +300,7 @@ impl Gateway {
             pins,
             plugins,
             auth: Auth::new(&config, &outbound_tls),
-            admin_auth: Auth::new_static(&config.admin_tokens),
+            admin_auth: Auth::admin(&config.admin_tokens),
             topology: ArcSwap::from_pointee(Topology {
                 servers: Vec::new(),
                 router: Router::new(Vec::new(), String::new(), Default::default()),

@@ -245,7 +245,11 @@ fn main() -> anyhow::Result<()> {
                         ),
                         _ => (new_admin_token(), true),
                     };
-                    cfg.admin_tokens.push((token.clone(), "admin".into()));
+                    cfg.admin_tokens.push(gatehouse::config::AdminToken {
+                        token: token.clone(),
+                        principal: "admin".into(),
+                        scopes: None,
+                    });
                     match told {
                         true => Some(tell_token(&token)?),
                         false => None,

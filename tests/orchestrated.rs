@@ -1229,3 +1229,128 @@ async fn a_look_alike_progress_token_is_refused_on_a_shared_server() {
     assert_eq!(a.tool_text(2, "echo", json!({"text": "hi"})).await, "hi");
     gw.stop().await;
 }
+
+/// An admin token does what its scopes grant and nothing else: a viewer reads but changes,
+/// restarts and reads logs of nothing; a token that may restart may not read; a refused change
+/// is recorded as denied, in the viewer's name, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_does_only_what_its_scopes_grant() {
+    const VIEWER: &str = "viewer-token-0123456789";
+    const RESTARTER: &str = "restarter-token-0123456789";
+    let dir = std::env::temp_dir().join(format!("gatehouse-admin-scopes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let audit = dir.join("audit.jsonl");
+    let gw = gateway_from(&format!(
+        "listen: 127.0.0.1:0
+admin:
+  tokens:
+    - {{principal: ops, token: {ADMIN_TOKEN}}}
+    - {{principal: viewer, token: {VIEWER}, scopes: [servers:read, sessions, audit, plugins, pins:read]}}
+    - {{principal: restarter, token: {RESTARTER}, scopes: [servers:restart]}}
+audit: {{file: {audit:?}}}
+servers:
+{}",
+        example_server("ex")
+    ))
+    .await;
+    let spec = json!({"command": BIN, "args": ["example-server", "--name", "extra"]});
+    let refused = |r: &Resp, scope: &str| {
+        assert_eq!(r.status, 403, "{}", r.body);
+        let msg = r.json()["error"].as_str().unwrap().to_owned();
+        assert!(msg.contains(scope), "{msg}");
+    };
+
+    // The viewer reads...
+    let viewer = Some(VIEWER);
+    let r = admin(&gw, "GET", "/admin/v1/servers", viewer, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for path in [
+        "/admin/v1/servers/ex",
+        "/admin/v1/sessions",
+        "/admin/v1/plugins",
+    ] {
+        let r = admin(&gw, "GET", path, viewer, None).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+    }
+    // ...and nothing more.
+    let r = admin(
+        &gw,
+        "PUT",
+        "/admin/v1/servers/extra",
+        viewer,
+        Some(spec.clone()),
+    )
+    .await;
+    refused(&r, "servers:write");
+    let r = admin(&gw, "DELETE", "/admin/v1/servers/ex", viewer, None).await;
+    refused(&r, "servers:write");
+    let r = admin(&gw, "POST", "/admin/v1/servers/ex/restart", viewer, None).await;
+    refused(&r, "servers:restart");
+    let r = admin(&gw, "GET", "/admin/v1/servers/ex/logs", viewer, None).await;
+    refused(&r, "servers:logs");
+    let r = admin(
+        &gw,
+        "POST",
+        "/admin/v1/registry/install",
+        viewer,
+        Some(json!({})),
+    )
+    .await;
+    refused(&r, "servers:write");
+    let r = admin(
+        &gw,
+        "GET",
+        "/admin/v1/servers/extra",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 404, "the refused PUT made nothing: {}", r.body);
+
+    // The restarter restarts, and reads nothing.
+    let restarter = Some(RESTARTER);
+    let r = admin(&gw, "POST", "/admin/v1/servers/ex/restart", restarter, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let r = admin(&gw, "GET", "/admin/v1/servers", restarter, None).await;
+    refused(&r, "servers:read");
+    let r = admin(&gw, "GET", "/admin/v1/audit", restarter, None).await;
+    refused(&r, "audit:read");
+
+    // A token without scopes may do everything.
+    let r = admin(
+        &gw,
+        "PUT",
+        "/admin/v1/servers/extra",
+        Some(ADMIN_TOKEN),
+        Some(spec),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = admin(
+        &gw,
+        "GET",
+        "/admin/v1/servers/ex/logs",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // The trail says who was refused what.
+    let r = admin(&gw, "GET", "/admin/v1/audit?limit=50", viewer, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let records = r.json();
+    let records = records["records"].as_array().expect("records").clone();
+    let denied: Vec<&Value> = records
+        .iter()
+        .filter(|e| e["principal"] == "viewer" && e["decision"] == "denied")
+        .collect();
+    assert!(
+        denied
+            .iter()
+            .any(|e| e["method"] == "PUT" && e["name"] == "/admin/v1/servers/extra"),
+        "{records:#?}"
+    );
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -52,6 +52,8 @@ enum AdminError {
     Auth(#[from] AuthError),
     #[error("no such admin endpoint: {0}")]
     NoRoute(String),
+    #[error("this token does not grant the admin scope {0} (its scopes are set in admin.tokens)")]
+    Scope(&'static str),
     #[error("method {method} is not allowed here (allowed: {allow})")]
     Method { method: Method, allow: &'static str },
     #[error("the body must be JSON (Content-Type: application/json)")]
@@ -108,6 +110,7 @@ impl AdminError {
                 crate::pins::ApproveError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
             AdminError::Auth(_) => StatusCode::UNAUTHORIZED,
+            AdminError::Scope(_) => StatusCode::FORBIDDEN,
             AdminError::Method { .. } => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AdminError::Body(FrontError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -245,11 +248,17 @@ async fn handle(
     if gw.config.admin_tokens.is_empty() {
         return Err(AdminError::Off);
     }
-    let principal = gw
+    let identity = gw
         .admin_auth
         .authenticate(req.headers(), None, None)
-        .await?
-        .map(|i| i.principal);
+        .await?;
+    if let (Some(identity), Some(needed)) =
+        (&identity, needed_scope(req.uri().path(), req.method()))
+        && !identity.grant.lacking([needed]).is_empty()
+    {
+        return Err(AdminError::Scope(needed));
+    }
+    let principal = identity.map(|i| i.principal);
     if req.uri().path().starts_with(PINS) {
         return pins(gw, req, principal.as_deref().unwrap_or("-")).await;
     }
@@ -359,6 +368,31 @@ async fn handle(
 }
 
 /// Where the pins are.
+/// The admin scope ([`crate::config::ADMIN_SCOPES`]) a request for `path` with `method`
+/// needs; none where no endpoint is (refused as such).
+fn needed_scope(path: &str, method: &Method) -> Option<&'static str> {
+    let read = *method == Method::GET || *method == Method::HEAD;
+    let either = |reads, writes| if read { reads } else { writes };
+    let parts: Vec<&str> = path
+        .strip_prefix(PREFIX)?
+        .trim_end_matches('/')
+        .split('/')
+        .collect();
+    Some(match parts.as_slice() {
+        ["servers", _, "restart"] => "servers:restart",
+        ["servers", _, "logs"] => "servers:logs",
+        ["servers", ..] => either("servers:read", "servers:write"),
+        // Installing or upgrading an entry is running a server.
+        ["registry", "install" | "upgrade"] => "servers:write",
+        ["registry", ..] => either("registry:read", "registry:write"),
+        ["sessions"] => "sessions:read",
+        ["audit"] => "audit:read",
+        ["plugins"] => "plugins:read",
+        ["pins", ..] => either("pins:read", "pins:write"),
+        _ => return None,
+    })
+}
+
 const PINS: &str = "/admin/v1/pins";
 const REGISTRY: &str = "/admin/v1/registry/servers";
 
@@ -1000,6 +1034,41 @@ fn empty(status: StatusCode) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_endpoint_needs_a_scope_the_configuration_knows() {
+        let endpoints = [
+            ("GET", "/admin/v1/servers", "servers:read"),
+            ("GET", "/admin/v1/servers/", "servers:read"),
+            ("GET", "/admin/v1/servers/a", "servers:read"),
+            ("PUT", "/admin/v1/servers/a", "servers:write"),
+            ("DELETE", "/admin/v1/servers/a", "servers:write"),
+            ("POST", "/admin/v1/servers/a/restart", "servers:restart"),
+            ("GET", "/admin/v1/servers/a/logs", "servers:logs"),
+            ("GET", "/admin/v1/sessions", "sessions:read"),
+            ("GET", "/admin/v1/audit", "audit:read"),
+            ("GET", "/admin/v1/plugins", "plugins:read"),
+            ("POST", "/admin/v1/registry/install", "servers:write"),
+            ("POST", "/admin/v1/registry/upgrade", "servers:write"),
+            ("GET", "/admin/v1/registry/servers", "registry:read"),
+            ("HEAD", "/admin/v1/registry/servers", "registry:read"),
+            ("POST", "/admin/v1/registry/servers", "registry:write"),
+            (
+                "PUT",
+                "/admin/v1/registry/servers/a/versions/1/labels",
+                "registry:write",
+            ),
+            ("GET", "/admin/v1/pins", "pins:read"),
+            ("POST", "/admin/v1/pins/approve", "pins:write"),
+        ];
+        for (method, path, scope) in endpoints {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            assert_eq!(needed_scope(path, &method), Some(scope), "{method} {path}");
+            assert!(crate::config::ADMIN_SCOPES.contains(&scope), "{scope}");
+        }
+        assert_eq!(needed_scope("/admin/v1/nothing", &Method::GET), None);
+        assert_eq!(needed_scope("/elsewhere", &Method::GET), None);
+    }
 
     #[test]
     fn the_log_never_repeats_what_a_body_said() {

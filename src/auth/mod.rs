@@ -198,7 +198,29 @@ impl Auth {
     /// An authenticator of static tokens only (the admin API's).
     pub fn new_static(tokens: &[(String, Principal)]) -> Self {
         Auth {
-            tokens: static_tokens::StaticTokens::new(tokens),
+            tokens: static_tokens::StaticTokens::new(
+                tokens
+                    .iter()
+                    .map(|(t, p)| (t.as_str(), p.clone(), Grant::All)),
+            ),
+            certificate_principals: Default::default(),
+            oauth: None,
+            no_claims: Arc::default(),
+        }
+    }
+
+    /// The admin API's authenticator: its tokens, each with the scopes it grants.
+    pub fn admin(tokens: &[crate::config::AdminToken]) -> Self {
+        let grant = |t: &crate::config::AdminToken| match &t.scopes {
+            None => Grant::All,
+            Some(scopes) => Grant::Scopes(scopes.clone()),
+        };
+        Auth {
+            tokens: static_tokens::StaticTokens::new(
+                tokens
+                    .iter()
+                    .map(|t| (t.token.as_str(), t.principal.clone(), grant(t))),
+            ),
             certificate_principals: Default::default(),
             oauth: None,
             no_claims: Arc::default(),
@@ -220,7 +242,12 @@ impl Auth {
             .collect();
         let profiles = &profiles;
         Auth {
-            tokens: static_tokens::StaticTokens::new(&config.tokens),
+            tokens: static_tokens::StaticTokens::new(
+                config
+                    .tokens
+                    .iter()
+                    .map(|(t, p)| (t.as_str(), p.clone(), Grant::All)),
+            ),
             certificate_principals: config
                 .tls
                 .iter()
@@ -296,10 +323,10 @@ impl Auth {
             return Err(AuthError::Missing);
         }
         let token = token.trim();
-        if let Some(principal) = self.tokens.principal(token) {
+        if let Some((principal, grant)) = self.tokens.principal(token) {
             return Ok(Some(Identity {
                 principal,
-                grant: Grant::All,
+                grant,
                 claims: self.no_claims.clone(),
             }));
         }

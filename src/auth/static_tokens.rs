@@ -5,20 +5,21 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::Principal;
+use super::{Grant, Principal};
 
-/// The configured tokens, as digests (the gateway keeps no token it could leak).
+/// The configured tokens, as digests (the gateway keeps no token it could leak), with the
+/// principal and the grant of each.
 pub(crate) struct StaticTokens {
-    digests: Vec<([u8; 32], Principal)>,
+    digests: Vec<([u8; 32], Principal, Grant)>,
 }
 
 impl StaticTokens {
     /// Digests each token.
-    pub(crate) fn new(tokens: &[(String, Principal)]) -> Self {
+    pub(crate) fn new<'a>(tokens: impl IntoIterator<Item = (&'a str, Principal, Grant)>) -> Self {
         StaticTokens {
             digests: tokens
-                .iter()
-                .map(|(t, p)| (Sha256::digest(t.as_bytes()).into(), p.clone()))
+                .into_iter()
+                .map(|(t, p, g)| (Sha256::digest(t.as_bytes()).into(), p, g))
                 .collect(),
         }
     }
@@ -27,9 +28,9 @@ impl StaticTokens {
         self.digests.is_empty()
     }
 
-    /// The principal `token` authenticates. Every digest is compared, all the way through, so
-    /// the time taken says nothing about which token came close.
-    pub(crate) fn principal(&self, token: &str) -> Option<Principal> {
+    /// The principal `token` authenticates, and its grant. Every digest is compared, all the
+    /// way through, so the time taken says nothing about which token came close.
+    pub(crate) fn principal(&self, token: &str) -> Option<(Principal, Grant)> {
         if self.digests.is_empty() {
             return None;
         }
@@ -37,9 +38,9 @@ impl StaticTokens {
         let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
         let digest: &[u8] = d.as_ref();
         let mut found = None;
-        for (d, p) in &self.digests {
+        for (d, p, g) in &self.digests {
             if bool::from(d.as_slice().ct_eq(digest)) {
-                found = Some(p.clone());
+                found = Some((p.clone(), g.clone()));
             }
         }
         found
@@ -48,13 +49,13 @@ impl StaticTokens {
     /// Whether `principal` is one a static token names (a token from elsewhere must not pose
     /// as it).
     pub(crate) fn names(&self, principal: &str) -> bool {
-        self.digests.iter().any(|(_, p)| **p == *principal)
+        self.digests.iter().any(|(_, p, _)| **p == *principal)
     }
 }
 
 impl std::fmt::Debug for StaticTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let principals: Vec<&Arc<str>> = self.digests.iter().map(|(_, p)| p).collect();
+        let principals: Vec<&Arc<str>> = self.digests.iter().map(|(_, p, _)| p).collect();
         f.debug_struct("StaticTokens")
             .field("principals", &principals)
             .finish()

@@ -319,7 +319,58 @@ pub struct RawOrchestrator {
 pub struct RawAdmin {
     /// Bearer tokens accepted by the admin API (separate from client tokens).
     #[serde(default)]
-    pub tokens: Vec<RawToken>,
+    pub tokens: Vec<RawAdminToken>,
+}
+
+/// A raw admin API token: a [`RawToken`] and what it may do.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdminToken {
+    /// Who the token identifies.
+    pub principal: String,
+    /// The token itself (prefer `token_env`).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Environment variable holding the token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// What it may do ([`ADMIN_SCOPES`]); none given: everything.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+}
+
+/// The admin API's scopes: an area (its reads and changes), or one kind of use of it.
+/// `servers:logs` is apart from `servers:read` (what a server prints may hold secrets), and
+/// `servers:restart` from `servers:write` (restarting changes no definition).
+pub const ADMIN_SCOPES: &[&str] = &[
+    "servers",
+    "servers:read",
+    "servers:write",
+    "servers:restart",
+    "servers:logs",
+    "sessions",
+    "sessions:read",
+    "audit",
+    "audit:read",
+    "plugins",
+    "plugins:read",
+    "registry",
+    "registry:read",
+    "registry:write",
+    "pins",
+    "pins:read",
+    "pins:write",
+];
+
+/// An admin API token.
+#[derive(Debug, Clone)]
+pub struct AdminToken {
+    /// The token itself.
+    pub token: String,
+    /// Who it identifies.
+    pub principal: Arc<str>,
+    /// The [`ADMIN_SCOPES`] it grants; `None`: every one.
+    pub scopes: Option<Arc<[Box<str>]>>,
 }
 
 /// Raw authentication settings.
@@ -753,8 +804,8 @@ pub struct Config {
     pub servers: Vec<ResolvedServer>,
     /// Settings of orchestrated servers.
     pub orchestrator: OrchestratorSettings,
-    /// Admin API bearer tokens → principal; empty means the admin API is off.
-    pub admin_tokens: Vec<(String, Arc<str>)>,
+    /// Admin API bearer tokens; none means the admin API is off.
+    pub admin_tokens: Vec<AdminToken>,
     /// The audit trail, if on.
     pub audit: Option<AuditSettings>,
     /// Profiles served at `/mcp/{name}`.
@@ -1008,13 +1059,13 @@ impl RawConfig {
         };
         let pinned_connections = self.runtime.pinned_connections.unwrap_or(true);
         let tokens = bearer_tokens("auth.tokens", self.auth.tokens)?;
-        let admin_tokens = bearer_tokens("admin.tokens", self.admin.tokens)?;
+        let admin_tokens = admin_tokens(self.admin.tokens)?;
         // A client holding a token the admin API also takes would open it; a principal named
         // in both lists would share the registry filter's decisions and the audit trail's name.
-        if let Some((i, (_, principal))) = admin_tokens
+        if let Some((i, AdminToken { principal, .. })) = admin_tokens
             .iter()
             .enumerate()
-            .find(|(_, (t, _))| tokens.iter().any(|(c, _)| c == t))
+            .find(|(_, a)| tokens.iter().any(|(c, _)| *c == a.token))
         {
             return Err(field_err(
                 format!("admin.tokens[{i}].token"),
@@ -1030,9 +1081,12 @@ impl RawConfig {
             .flat_map(|c| c.principals.iter())
             .map(|p| p.principal.as_str())
             .collect();
-        if let Some((i, (_, principal))) = admin_tokens.iter().enumerate().find(|(_, (_, p))| {
-            tokens.iter().any(|(_, c)| c == p) || certificate_names.contains(&&**p)
-        }) {
+        if let Some((i, AdminToken { principal, .. })) =
+            admin_tokens.iter().enumerate().find(|(_, a)| {
+                tokens.iter().any(|(_, c)| *c == a.principal)
+                    || certificate_names.contains(&&*a.principal)
+            })
+        {
             return Err(field_err(
                 format!("admin.tokens[{i}].principal"),
                 format!(
@@ -1700,6 +1754,54 @@ fn bearer_tokens(field: &str, raw: Vec<RawToken>) -> Result<Vec<(String, Arc<str
     Ok(tokens)
 }
 
+/// The admin tokens of `raw` (`admin.tokens`), their scopes checked.
+fn admin_tokens(raw: Vec<RawAdminToken>) -> Result<Vec<AdminToken>, ConfigError> {
+    let mut scopes = Vec::with_capacity(raw.len());
+    let mut plain = Vec::with_capacity(raw.len());
+    for (i, t) in raw.into_iter().enumerate() {
+        let granted = match t.scopes {
+            None => None,
+            Some(list) if list.is_empty() => {
+                return Err(field_err(
+                    format!("admin.tokens[{i}].scopes"),
+                    "must not be empty (leave it out for every scope)",
+                ));
+            }
+            Some(list) => {
+                if let Some((j, bad)) = list
+                    .iter()
+                    .enumerate()
+                    .find(|(_, s)| !ADMIN_SCOPES.contains(&s.as_str()))
+                {
+                    return Err(field_err(
+                        format!("admin.tokens[{i}].scopes[{j}]"),
+                        format!(
+                            "{bad:?} is not an admin scope (one of {})",
+                            ADMIN_SCOPES.join(", ")
+                        ),
+                    ));
+                }
+                Some(list.into_iter().map(String::into_boxed_str).collect())
+            }
+        };
+        scopes.push(granted);
+        plain.push(RawToken {
+            principal: t.principal,
+            token: t.token,
+            token_env: t.token_env,
+        });
+    }
+    Ok(bearer_tokens("admin.tokens", plain)?
+        .into_iter()
+        .zip(scopes)
+        .map(|((token, principal), scopes)| AdminToken {
+            token,
+            principal,
+            scopes,
+        })
+        .collect())
+}
+
 /// An HTTP upstream's URL (absolute http:// or https://) and extra headers; `field` names the
 /// block (`upstreams[0].http`) in errors.
 fn http_endpoint(field: &str, h: RawHttp) -> Result<(http::Uri, http::HeaderMap), ConfigError> {
@@ -1822,6 +1924,29 @@ mod tests {
 
     fn err(yaml: &str) -> String {
         Config::from_yaml(yaml).expect_err(yaml).to_string()
+    }
+
+    #[test]
+    fn admin_scopes_are_known_ones_or_none_for_all() {
+        let base = "admin: {tokens: [{principal: ops, token: 0123456789abcdef0";
+        let c = Config::from_yaml(&format!("{base}, scopes: [servers:read, pins]}}]}}")).unwrap();
+        let scopes = c.admin_tokens[0].scopes.as_deref().unwrap();
+        assert_eq!(scopes, ["servers:read".into(), "pins".into()]);
+        let e = err(&format!(
+            "{base}, scopes: [servers:read, server:write]}}]}}"
+        ));
+        assert!(
+            e.contains("admin.tokens[0].scopes[1]")
+                && e.contains("\"server:write\" is not an admin scope"),
+            "{e}"
+        );
+        let e = err(&format!("{base}, scopes: []}}]}}"));
+        assert!(
+            e.contains("admin.tokens[0].scopes") && e.contains("must not be empty"),
+            "{e}"
+        );
+        let e = err("auth: {tokens: [{principal: app, token: 0123456789abcdef0, scopes: [x]}]}");
+        assert!(e.contains("scopes"), "client tokens take none: {e}");
     }
 
     #[test]
@@ -2112,7 +2237,8 @@ upstreams:
         assert_eq!(c.upstreams[0].name, "everything");
         assert!(matches!(c.upstreams[0].transport, Transport::Orchestrated));
         assert_eq!(c.upstreams[0].call_timeout, Duration::from_secs(5));
-        assert_eq!(&*c.admin_tokens[0].1, "ops");
+        assert_eq!(&*c.admin_tokens[0].principal, "ops");
+        assert_eq!(c.admin_tokens[0].scopes, None, "every scope");
         // With the admin API on, a gateway may start with no server at all.
         let empty =
             Config::from_yaml("admin: {tokens: [{principal: ops, token: 0123456789abcdef0}]}")

@@ -138,8 +138,11 @@ document.getElementById("sign-in-form").addEventListener("submit", async e => {
   try {
     await api("GET", "/admin/v1/sessions");
   } catch (err) {
-    if (err.status !== 401) { sessionStorage.removeItem(TOKEN_KEY); say(err.message, true); }
-    return;
+    // 403: a good token whose scopes do not include reading sessions.
+    if (err.status !== 403) {
+      if (err.status !== 401) { sessionStorage.removeItem(TOKEN_KEY); say(err.message, true); }
+      return;
+    }
   }
   input.value = "";
   say("Signed in.");

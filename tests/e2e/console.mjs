@@ -6,10 +6,10 @@
 // expectation throws (exit status 1).
 //
 //   node console.mjs <playwright-core dir> <client module> <gateway URL> <admin token>
-//        <client token> <artifacts dir>
+//        <client token> <artifacts dir> <viewer token (scopes: servers:read, registry:read)>
 import { mkdirSync } from 'node:fs';
 
-const [playwrightDir, clientModule, base, adminToken, clientToken, artifacts] = process.argv.slice(2);
+const [playwrightDir, clientModule, base, adminToken, clientToken, artifacts, viewerToken] = process.argv.slice(2);
 const { chromium } = (await import(`${playwrightDir}/index.js`)).default;
 const { Client, StreamableHTTPClientTransport } = await import(clientModule);
 mkdirSync(artifacts, { recursive: true });
@@ -229,6 +229,19 @@ try {
     seen.tokenKept = await page.evaluate(() => sessionStorage.length);
     expect(seen.tokenKept === 0, 'no token kept after signing out');
     seen.status = await status();
+
+    step('a viewer signs in');
+    // Its token may not read sessions (what signing in checks): it is let in all the same,
+    // and the pages it may not read say so.
+    await page.locator('#token').fill(viewerToken);
+    await page.keyboard.press('Enter');
+    await page.locator('#sign-in').waitFor({ state: 'hidden' });
+    await page.getByRole('link', { name: 'Sessions' }).click();
+    await page.waitForFunction(() => document.querySelector('#status').textContent.includes('sessions:read'));
+    seen.viewerRefused = await status();
+    expect(seen.viewerRefused.includes('403'), `the refusal's status in ${seen.viewerRefused}`);
+    await page.getByRole('button', { name: 'Sign out' }).click();
+    await page.locator('#sign-in').waitFor();
     seen.errors = errors;
     expect(errors.length === 0, `no script or policy error on the page: ${errors}`);
     seen.violations = await page.evaluate(() => window.__violations);

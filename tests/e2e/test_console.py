@@ -26,6 +26,7 @@ SCRIPT = Path(__file__).resolve().parent / "console.mjs"
 ARTIFACTS = REPO / "target" / "artifacts" / "console"
 ADMIN = "console-e2e-admin-token-0123456789"
 ALICE = "console-e2e-alice-token-0123456789"
+VIEWER = "console-e2e-viewer-token-0123456789"
 PAGES = ["sign-in", "catalog", "hostile", "install-refused", "install", "servers", "logs", "sessions", "activity", "plugins", "servers-after-uninstall"]
 
 
@@ -52,7 +53,12 @@ def console_gateway(tools: Tools, workdir: Path) -> Iterator[Gateway]:
             "chains": [{"name": "guard", "methods": ["tools/call"], "plugins": ["tool_policy"]}],
         },
         extra={
-            "admin": {"tokens": [{"principal": "ops", "token": ADMIN}]},
+            "admin": {
+                "tokens": [
+                    {"principal": "ops", "token": ADMIN},
+                    {"principal": "viewer", "token": VIEWER, "scopes": ["servers:read", "registry:read"]},
+                ]
+            },
             "auth": {"tokens": [{"principal": "alice", "token": ALICE}]},
             "audit": {"file": str(workdir / "console-audit.jsonl")},
         },
@@ -131,7 +137,7 @@ def test_the_console_installs_watches_and_removes_a_server(console_gateway: Gate
         (ARTIFACTS / f"{page}.png").unlink(missing_ok=True)
     base = f"http://127.0.0.1:{console_gateway.port}"
     run = subprocess.run(
-        [str(NODE), str(SCRIPT), str(PLAYWRIGHT), str(CLIENT), base, ADMIN, ALICE, str(ARTIFACTS)],
+        [str(NODE), str(SCRIPT), str(PLAYWRIGHT), str(CLIENT), base, ADMIN, ALICE, str(ARTIFACTS), VIEWER],
         capture_output=True,
         text=True,
         timeout=420,
@@ -141,6 +147,7 @@ def test_the_console_installs_watches_and_removes_a_server(console_gateway: Gate
     assert seen["echo"] == "Echo: from the console"
     assert seen["afterRemove"] == 404
     assert seen["errors"] == []
+    assert "sessions:read" in seen["viewerRefused"]
     for page in PAGES:
         shot = ARTIFACTS / f"{page}.png"
         assert shot.exists() and shot.stat().st_size > 1000, f"no screenshot of {page}"
