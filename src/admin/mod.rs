@@ -252,11 +252,17 @@ async fn handle(
         .admin_auth
         .authenticate(req.headers(), None, None)
         .await?;
-    if let (Some(identity), Some(needed)) =
-        (&identity, needed_scope(req.uri().path(), req.method()))
-        && !identity.grant.lacking([needed]).is_empty()
-    {
-        return Err(AdminError::Scope(needed));
+    if let Some(identity) = &identity {
+        match needed_scope(req.uri().path(), req.method()) {
+            Some(needed) if !identity.grant.lacking([needed]).is_empty() => {
+                return Err(AdminError::Scope(needed));
+            }
+            // No endpoint needs no scope: a scoped token goes no further where none is.
+            None if identity.grant != crate::auth::Grant::All => {
+                return Err(AdminError::NoRoute(req.uri().path().to_owned()));
+            }
+            _ => {}
+        }
     }
     let principal = identity.map(|i| i.principal);
     if req.uri().path().starts_with(PINS) {
