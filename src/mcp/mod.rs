@@ -9,6 +9,7 @@ pub mod list_page;
 pub(crate) mod lookalike;
 pub mod param_headers;
 pub mod policy;
+pub mod principal_counts;
 pub mod profile;
 pub mod queued_bytes;
 pub mod resource_walk;

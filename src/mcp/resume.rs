@@ -16,6 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
 use crate::body::{Fed, Uptake, feed};
+use crate::mcp::principal_counts::PrincipalCounts;
 use crate::sse;
 
 /// Streams one session keeps for resumption; opening one more forgets the oldest finished one
@@ -75,7 +76,7 @@ pub struct Budget {
     kept: AtomicUsize,
     limit: usize,
     /// What each principal's sessions keep, while any of them lives.
-    principals: Mutex<Option<HashMap<Arc<str>, Weak<AtomicUsize>>>>,
+    principals: PrincipalCounts,
 }
 
 impl Budget {
@@ -84,7 +85,7 @@ impl Budget {
         Budget {
             kept: AtomicUsize::new(0),
             limit,
-            principals: Mutex::new(None),
+            principals: PrincipalCounts::new(),
         }
     }
 
@@ -99,18 +100,7 @@ impl Budget {
 
     /// The count of what `principal`'s sessions keep, shared by all of them.
     fn principal(&self, principal: &Arc<str>) -> Arc<AtomicUsize> {
-        let mut principals = lock(&self.principals);
-        let principals = principals.get_or_insert_with(HashMap::new);
-        if let Some(kept) = principals.get(principal).and_then(Weak::upgrade) {
-            return kept;
-        }
-        // Principals whose sessions are all gone are forgotten as the table doubles.
-        if principals.len() >= 64 && principals.len().is_power_of_two() {
-            principals.retain(|_, kept| kept.strong_count() > 0);
-        }
-        let kept = Arc::new(AtomicUsize::new(0));
-        principals.insert(principal.clone(), Arc::downgrade(&kept));
-        kept
+        self.principals.of(principal)
     }
 }
 
@@ -591,10 +581,10 @@ mod tests {
         drop((held, other));
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(SMALL.kept.load(Ordering::Relaxed), 0);
-        let counted = lock(&SMALL.principals)
-            .as_ref()
-            .and_then(|m| m.get(&greedy).map(Weak::strong_count));
-        assert_eq!(counted, Some(0), "greedy's count is gone with its sessions");
+        assert!(
+            !SMALL.principals.held(&greedy),
+            "greedy's count is gone with its sessions"
+        );
     }
 
     /// Waits until the first stream of `streams` has recorded its end.

@@ -350,7 +350,7 @@ impl Session {
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
                 dropped_logs: crate::log_rate::LogRate::new(5),
-                queued: Default::default(),
+                queued: crate::mcp::queued_bytes::QueuedBytes::of(principal.as_ref()),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
                 resource_walk: crate::mcp::resource_walk::ResourceWalks::new(servers.len()),
