@@ -64,6 +64,8 @@ static HANDSHAKE_LOGS: crate::log_rate::LogRate = crate::log_rate::LogRate::new(
 const PING: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(20));
 /// Calls in flight per relay session (the other replica bounds its own sessions' calls too).
 const MAX_IN_FLIGHT: usize = 256;
+/// How long a relay that stops lets its connections finish what they have in flight.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Messages waiting for a slow reader of a relay session's GET stream.
 const LISTEN_BUFFER: usize = 256;
 
@@ -406,6 +408,7 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
                             }
                         };
                         let state = state.clone();
+                        let mut stopping = stopped.clone();
                         tokio::spawn(async move {
                             let _slot = slot;
                             let Some(key) = state.access.key() else {
@@ -459,7 +462,17 @@ pub async fn serve(gw: Arc<Gateway>, access: Arc<RelayAccess>) -> std::io::Resul
                                 let state = state.clone();
                                 async move { Ok::<_, std::convert::Infallible>(state.handle(req).await) }
                             });
-                            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+                            let conn = builder.serve_connection(TokioIo::new(stream), service);
+                            tokio::pin!(conn);
+                            let ended = tokio::select! {
+                                r = conn.as_mut() => r,
+                                // The relay stops: what is in flight may finish, a while.
+                                () = async { drop(stopping.wait_for(|s| *s).await) } => {
+                                    conn.as_mut().graceful_shutdown();
+                                    tokio::time::timeout(STOP_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
+                                }
+                            };
+                            if let Err(e) = ended {
                                 tracing::debug!(%peer, "relay connection ended: {e}");
                             }
                         });

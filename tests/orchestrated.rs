@@ -1260,8 +1260,21 @@ servers:
         assert!(msg.contains(scope), "{msg}");
     };
 
-    // The viewer reads...
+    // Any token may ask what it may do.
     let viewer = Some(VIEWER);
+    let r = admin(&gw, "GET", "/admin/v1/whoami", viewer, None).await;
+    assert_eq!(
+        r.json(),
+        json!({"principal": "viewer", "scopes": ["servers:read", "sessions", "audit", "plugins", "pins:read"]})
+    );
+    let r = admin(&gw, "GET", "/admin/v1/whoami", Some(ADMIN_TOKEN), None).await;
+    assert_eq!(
+        r.json()["scopes"],
+        json!([
+            "servers", "sessions", "audit", "plugins", "registry", "pins"
+        ])
+    );
+    // The viewer reads...
     let r = admin(&gw, "GET", "/admin/v1/servers", viewer, None).await;
     assert_eq!(r.status, 200, "{}", r.body);
     for path in [
@@ -1349,6 +1362,13 @@ servers:
         denied
             .iter()
             .any(|e| e["method"] == "PUT" && e["name"] == "/admin/v1/servers/extra"),
+        "{records:#?}"
+    );
+    // A read its scopes refuse is recorded too.
+    assert!(
+        denied
+            .iter()
+            .any(|e| e["method"] == "GET" && e["name"] == "/admin/v1/servers/ex/logs"),
         "{records:#?}"
     );
     gw.stop().await;

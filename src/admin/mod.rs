@@ -2,6 +2,7 @@
 //! gateway runs.
 //!
 //! ```text
+//! GET    /admin/v1/whoami                       the token's principal and scopes
 //! GET    /admin/v1/servers                      every server with its status
 //! GET    /admin/v1/servers/{name}               one server
 //! PUT    /admin/v1/servers/{name}               add or update (body: an McpServer spec)
@@ -53,7 +54,7 @@ enum AdminError {
     #[error("no such admin endpoint: {0}")]
     NoRoute(String),
     #[error("this token does not grant the admin scope {0} (its scopes are set in admin.tokens)")]
-    Scope(&'static str),
+    Scope(&'static str, crate::auth::Principal),
     #[error("method {method} is not allowed here (allowed: {allow})")]
     Method { method: Method, allow: &'static str },
     #[error("the body must be JSON (Content-Type: application/json)")]
@@ -110,7 +111,7 @@ impl AdminError {
                 crate::pins::ApproveError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
             AdminError::Auth(_) => StatusCode::UNAUTHORIZED,
-            AdminError::Scope(_) => StatusCode::FORBIDDEN,
+            AdminError::Scope(..) => StatusCode::FORBIDDEN,
             AdminError::Method { .. } => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AdminError::Body(FrontError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -158,10 +159,14 @@ struct ServerView {
 
 /// Serves one admin request.
 pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Response<Body> {
-    // A change (anything but a read) is audited, allowed or not.
-    let change = (gw.audit.is_on() && !matches!(*req.method(), Method::GET | Method::HEAD))
+    // A change (anything but a read) is audited, allowed or not; so is a read the token's
+    // scopes refuse.
+    let change = !matches!(*req.method(), Method::GET | Method::HEAD);
+    let asked = gw
+        .audit
+        .is_on()
         .then(|| (req.method().to_string(), req.uri().path().to_owned()));
-    let who = match &change {
+    let who = match &asked {
         Some(_) => gw
             .admin_auth
             .authenticate(req.headers(), None, None)
@@ -176,7 +181,9 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
     // outlive the console's sign-out.
     resp.headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if let Some((method, path)) = change {
+    if let Some((method, path)) = asked
+        && (change || resp.status() == StatusCode::FORBIDDEN)
+    {
         let authenticated = who.is_some();
         let event = crate::audit::Event {
             kind: "admin",
@@ -212,6 +219,9 @@ fn log_line(e: &AdminError) -> Option<String> {
     match e {
         AdminError::Auth(_) | AdminError::Off | AdminError::NoRoute(_) => None,
         AdminError::Invalid(_) => Some("invalid server definition (see the response)".into()),
+        AdminError::Scope(needed, principal) => Some(format!(
+            "{principal:?}'s token does not grant the admin scope {needed}"
+        )),
         e => Some(e.to_string()),
     }
 }
@@ -248,23 +258,38 @@ async fn handle(
     if gw.config.admin_tokens.is_empty() {
         return Err(AdminError::Off);
     }
+    // (The admin API is on only with tokens: a request without one is refused here.)
     let identity = gw
         .admin_auth
         .authenticate(req.headers(), None, None)
-        .await?;
-    if let Some(identity) = &identity {
-        match needed_scope(req.uri().path(), req.method()) {
-            Some(needed) if !identity.grant.lacking([needed]).is_empty() => {
-                return Err(AdminError::Scope(needed));
-            }
-            // No endpoint needs no scope: a scoped token goes no further where none is.
-            None if identity.grant != crate::auth::Grant::All => {
-                return Err(AdminError::NoRoute(req.uri().path().to_owned()));
-            }
-            _ => {}
-        }
+        .await?
+        .ok_or(AdminError::Auth(AuthError::Missing))?;
+    if req.uri().path() == WHOAMI {
+        allow(req.method(), &[Method::GET], "GET")?;
+        let scopes = match &identity.grant {
+            crate::auth::Grant::All => crate::config::ADMIN_SCOPES
+                .iter()
+                .filter(|s| !s.contains(':'))
+                .map(|s| (*s).into())
+                .collect(),
+            crate::auth::Grant::Scopes(s) => s.to_vec(),
+        };
+        return Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"principal": &*identity.principal, "scopes": scopes}),
+        ));
     }
-    let principal = identity.map(|i| i.principal);
+    match needed_scope(req.uri().path(), req.method()) {
+        Some(needed) if !identity.grant.lacking([needed]).is_empty() => {
+            return Err(AdminError::Scope(needed, identity.principal));
+        }
+        // No endpoint needs no scope: a scoped token goes no further where none is.
+        None if identity.grant != crate::auth::Grant::All => {
+            return Err(AdminError::NoRoute(req.uri().path().to_owned()));
+        }
+        _ => {}
+    }
+    let principal = Some(identity.principal);
     if req.uri().path().starts_with(PINS) {
         return pins(gw, req, principal.as_deref().unwrap_or("-")).await;
     }
@@ -399,6 +424,8 @@ fn needed_scope(path: &str, method: &Method) -> Option<&'static str> {
     })
 }
 
+/// Who the token is and what it may do: `{principal, scopes}` (every token may ask).
+const WHOAMI: &str = "/admin/v1/whoami";
 const PINS: &str = "/admin/v1/pins";
 const REGISTRY: &str = "/admin/v1/registry/servers";
 

@@ -1791,7 +1791,7 @@ fn admin_tokens(raw: Vec<RawAdminToken>) -> Result<Vec<AdminToken>, ConfigError>
             token_env: t.token_env,
         });
     }
-    Ok(bearer_tokens("admin.tokens", plain)?
+    let tokens: Vec<AdminToken> = bearer_tokens("admin.tokens", plain)?
         .into_iter()
         .zip(scopes)
         .map(|((token, principal), scopes)| AdminToken {
@@ -1799,7 +1799,24 @@ fn admin_tokens(raw: Vec<RawAdminToken>) -> Result<Vec<AdminToken>, ConfigError>
             principal,
             scopes,
         })
-        .collect())
+        .collect();
+    // Two tokens of one principal (a rotation) must grant alike: the audit trail and the
+    // approvals name the principal, not which of its tokens acted.
+    for (i, t) in tokens.iter().enumerate() {
+        if let Some(other) = tokens[..i]
+            .iter()
+            .find(|o| o.principal == t.principal && o.scopes != t.scopes)
+        {
+            return Err(field_err(
+                format!("admin.tokens[{i}].scopes"),
+                format!(
+                    "{:?} has another token with other scopes: give each set of scopes its own principal",
+                    other.principal
+                ),
+            ));
+        }
+    }
+    Ok(tokens)
 }
 
 /// An HTTP upstream's URL (absolute http:// or https://) and extra headers; `field` names the
@@ -1943,6 +1960,16 @@ mod tests {
         let e = err(&format!("{base}, scopes: []}}]}}"));
         assert!(
             e.contains("admin.tokens[0].scopes") && e.contains("must not be empty"),
+            "{e}"
+        );
+        let two = "admin: {tokens: [{principal: ops, token: 0123456789abcdef0}, {principal: ops, token: 0123456789abcdef1";
+        assert!(
+            Config::from_yaml(&format!("{two}}}]}}")).is_ok(),
+            "a rotation"
+        );
+        let e = err(&format!("{two}, scopes: [pins]}}]}}"));
+        assert!(
+            e.contains("admin.tokens[1].scopes") && e.contains("another token"),
             "{e}"
         );
         let e = err("auth: {tokens: [{principal: app, token: 0123456789abcdef0, scopes: [x]}]}");

@@ -136,13 +136,11 @@ document.getElementById("sign-in-form").addEventListener("submit", async e => {
   const input = document.getElementById("token");
   sessionStorage.setItem(TOKEN_KEY, input.value.trim());
   try {
-    await api("GET", "/admin/v1/sessions");
+    // Any admin token may ask who it is, whatever its scopes.
+    await api("GET", "/admin/v1/whoami");
   } catch (err) {
-    // 403: a good token whose scopes do not include reading sessions.
-    if (err.status !== 403) {
-      if (err.status !== 401) { sessionStorage.removeItem(TOKEN_KEY); say(err.message, true); }
-      return;
-    }
+    if (err.status !== 401) { sessionStorage.removeItem(TOKEN_KEY); say(err.message, true); }
+    return;
   }
   input.value = "";
   say("Signed in.");

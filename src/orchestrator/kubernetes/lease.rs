@@ -189,7 +189,7 @@ impl Elector {
             tracing::warn!(
                 lease = %self.settings.name,
                 %holder,
-                "the lease names a relay its holder did not sign; not following it"
+                "the lease names a relay its holder did not sign with the replicas' key (a forged address, or a holder of an earlier version or of another secret); not following it"
             );
             None
         }
