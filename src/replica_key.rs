@@ -4,6 +4,11 @@
 //! self-signed certificate; each end accepts only a peer proving that key (mutual TLS, the key
 //! pinned, TLS 1.3), so the relay's traffic is private and the secret itself never crosses the
 //! network: someone who reads it there learns nothing that lets it in.
+//!
+//! Rotation: a replica may also accept the keys of other secrets (it presents and signs with
+//! its own alone), so that replicas of the old and the new secret reach each other while they
+//! are rolled: accept the new one everywhere, then present it (accepting the old), then drop
+//! the old.
 
 use std::sync::Arc;
 
@@ -39,8 +44,11 @@ pub enum ReplicaKeyError {
 /// The keys derived from the replicas' shared secret.
 pub struct ReplicaKey {
     lease: [u8; 32],
-    /// The certificate's subject public key info: what a peer must prove.
-    spki: Vec<u8>,
+    /// The lease keys of the secrets also accepted.
+    also_lease: Vec<[u8; 32]>,
+    /// What a peer may prove (subject public key infos): this replica's own key first, then
+    /// those of the secrets also accepted.
+    accepted: Vec<Vec<u8>>,
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
 }
@@ -54,12 +62,25 @@ impl std::fmt::Debug for ReplicaKey {
 impl ReplicaKey {
     /// The keys of `secret`: the same on every replica that shares it.
     pub fn derive(secret: &str) -> Result<ReplicaKey, ReplicaKeyError> {
+        ReplicaKey::accepting(secret, &[])
+    }
+
+    /// The keys of `secret`, accepting also peers (and leases) of the secrets `also` (while
+    /// the secret is rotated).
+    pub fn accepting(secret: &str, also: &[&str]) -> Result<ReplicaKey, ReplicaKeyError> {
         let (lease, seed) = seeds(secret)?;
         let Identity { spki, cert, pkcs8 } = Identity::of(&seed)?;
+        let mut also_lease = Vec::with_capacity(also.len());
+        let mut accepted = vec![spki.clone()];
+        for other in also {
+            let (lease, seed) = seeds(other)?;
+            also_lease.push(lease);
+            accepted.push(Identity::of(&seed)?.spki);
+        }
         let tls = |e: rustls::Error| ReplicaKeyError::Tls(e.to_string());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let pinned = Arc::new(PinnedKey {
-            spki: spki.clone(),
+            accepted: accepted.clone(),
             algorithms: provider.signature_verification_algorithms,
         });
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -78,7 +99,8 @@ impl ReplicaKey {
             .map_err(tls)?;
         Ok(ReplicaKey {
             lease,
-            spki,
+            also_lease,
+            accepted,
             server: Arc::new(server),
             client: Arc::new(client),
         })
@@ -87,6 +109,11 @@ impl ReplicaKey {
     /// The key that signs the relay address a lease holder publishes.
     pub fn lease_key(&self) -> &[u8] {
         &self.lease
+    }
+
+    /// Every key a lease holder's signature is accepted from: this one's first.
+    pub fn lease_keys(&self) -> impl Iterator<Item = &[u8]> {
+        std::iter::once(&self.lease[..]).chain(self.also_lease.iter().map(|k| &k[..]))
     }
 
     /// The relay's server side: it asks every client for the replicas' certificate.
@@ -100,9 +127,9 @@ impl ReplicaKey {
         self.client.clone()
     }
 
-    /// Whether two keys are the same (derived from the same secret).
+    /// Whether two keys are the same (derived from the same secrets, accepting the same).
     pub fn same_as(&self, other: &ReplicaKey) -> bool {
-        self.spki == other.spki
+        self.accepted == other.accepted
     }
 }
 
@@ -164,7 +191,8 @@ fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
 /// say nothing here: the key is the identity.
 #[derive(Debug)]
 struct PinnedKey {
-    spki: Vec<u8>,
+    /// The subject public key infos accepted.
+    accepted: Vec<Vec<u8>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -173,7 +201,8 @@ impl PinnedKey {
         let parsed = webpki::EndEntityCert::try_from(cert).map_err(|_| {
             rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
         })?;
-        if parsed.subject_public_key_info().as_ref() != self.spki.as_slice() {
+        let spki = parsed.subject_public_key_info();
+        if !self.accepted.iter().any(|k| k.as_slice() == spki.as_ref()) {
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             ));
@@ -313,7 +342,8 @@ mod tests {
         assert_eq!(a.lease_key(), b.lease_key());
         assert_ne!(a.lease_key(), c.lease_key());
         // Separate keys: the lease's is not the TLS key's public half.
-        assert_ne!(a.lease_key(), &a.spki[a.spki.len() - 32..]);
+        let spki = &a.accepted[0];
+        assert_ne!(a.lease_key(), &spki[spki.len() - 32..]);
         assert!(matches!(
             ReplicaKey::derive("short"),
             Err(ReplicaKeyError::TooShort(5))
@@ -338,7 +368,7 @@ mod tests {
             .unwrap()
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedKey {
-                spki: server.spki.clone(),
+                accepted: vec![server.accepted[0].clone()],
                 algorithms: provider().signature_verification_algorithms,
             }));
         match shown {
@@ -444,5 +474,48 @@ mod tests {
             handshake(&key, client_config(&key, shown)).await,
             (true, true)
         );
+    }
+
+    /// While a secret is rotated: a replica of the new secret that also accepts the old one
+    /// reaches, and is reached by, replicas of the old secret that accept the new; a third
+    /// secret is refused by both.
+    #[tokio::test]
+    async fn a_rotation_keeps_every_replica_reachable() {
+        const NEW: &str = "0123456789abcdef0123456789abcdef-new";
+        let old_accepting_new = ReplicaKey::accepting(SECRET, &[NEW]).unwrap();
+        let new_accepting_old = ReplicaKey::accepting(NEW, &[SECRET]).unwrap();
+        let stranger = ReplicaKey::derive(OTHER).unwrap();
+        for (server, client) in [
+            (&old_accepting_new, &new_accepting_old),
+            (&new_accepting_old, &old_accepting_new),
+        ] {
+            let config = client_config(server, Shows::Key(client));
+            assert_eq!(handshake(server, config).await, (true, true));
+        }
+        let (_, served) = handshake(
+            &old_accepting_new,
+            client_config(
+                &old_accepting_new,
+                Shows::Certificate {
+                    secret: OTHER,
+                    signer: OTHER,
+                },
+            ),
+        )
+        .await;
+        assert!(!served, "a third secret's key is refused");
+        assert_eq!(
+            handshake(
+                &stranger,
+                client_config(&stranger, Shows::Key(&old_accepting_new))
+            )
+            .await,
+            (false, false)
+        );
+        // A lease signed with either secret's key is accepted; with the presented one signed.
+        let keys: Vec<&[u8]> = new_accepting_old.lease_keys().collect();
+        assert_eq!(keys[0], ReplicaKey::derive(NEW).unwrap().lease_key());
+        assert_eq!(keys[1], ReplicaKey::derive(SECRET).unwrap().lease_key());
+        assert!(!new_accepting_old.same_as(&ReplicaKey::derive(NEW).unwrap()));
     }
 }

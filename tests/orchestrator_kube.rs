@@ -3021,3 +3021,87 @@ async fn an_mcpserver_listed_before_the_configuration_never_runs_in_its_place() 
     );
     rt.shutdown().await;
 }
+
+/// While the replicas' secret is rotated, the Secret's `also-accepted` names the other secret:
+/// a relay its holder signed with that one is followed too (the holder has not been rolled
+/// yet), one signed with a third secret is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_signed_with_a_secret_also_accepted_is_followed() {
+    let fake = FakeKube::start().await;
+    let b64 = |v: &str| base64::engine::general_purpose::STANDARD.encode(v);
+    let (new, old, third) = ("n".repeat(40), "o".repeat(40), "t".repeat(40));
+    fake.create(
+        Kind::Secret,
+        NS,
+        json!({"metadata": {"name": "gatehouse-orchestrator-relay"},
+               "data": {"secret": b64(&new), "also-accepted": b64(&format!("{old}\n"))}}),
+    );
+    let signed = |secret: &str, url: &str| {
+        use hmac::Mac;
+        let key = gatehouse::replica_key::ReplicaKey::derive(secret).unwrap();
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.lease_key()).unwrap();
+        mac.update(format!("mallory\n{url}").as_bytes());
+        let sig =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        json!({"gatehouse.dev/relay": url, "gatehouse.dev/relay-signature": sig})
+    };
+    fake.create(
+        Kind::Lease,
+        NS,
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "gatehouse-orchestrator",
+                         "annotations": signed(&third, "https://third.example:9091")},
+            "spec": {"holderIdentity": "mallory", "leaseDurationSeconds": 3600}}),
+    );
+    let lease = LeaseSettings {
+        lease_duration: Duration::from_millis(800),
+        renew_every: Duration::from_millis(150),
+        retry_every: Duration::from_millis(100),
+        ..LeaseSettings::new("gatehouse-orchestrator", "replica-a")
+    };
+    let rt = KubeRuntime::start_with_client(
+        fake.client(NS),
+        NS.into(),
+        Some(lease),
+        KubeOptions {
+            relay_listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..options()
+        },
+    );
+    rt.apply(
+        example("s", "ghcr.io/gatehouse/example:1", &[])
+            .resolve()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    // Signed with a secret neither presented nor accepted: never followed.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(600) {
+        assert!(!rt.is_leader());
+        if let Ok(ep) = rt.endpoint("s").await {
+            panic!("followed a relay signed with a third secret: {ep:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Signed with the old secret, which this replica also accepts: followed.
+    fake.patch(
+        Kind::Lease,
+        NS,
+        "gatehouse-orchestrator",
+        json!({"metadata": {"annotations": signed(&old, "https://old.example:9091")}}),
+    );
+    let start = Instant::now();
+    let url = loop {
+        if let Ok(Endpoint::Relay { url, .. }) = rt.endpoint("s").await {
+            break url;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the relay signed with the old secret is followed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(url, "https://old.example:9091/relay/s");
+    rt.shutdown().await;
+}

@@ -183,7 +183,11 @@ impl Elector {
         let url = annotations.get(RELAY_ANNOTATION)?;
         let signature = annotations.get(RELAY_SIGNATURE_ANNOTATION)?;
         let key = self.key.borrow().clone()?;
-        if relay_signed(key.lease_key(), holder, url, signature) {
+        // (A holder of the secret this replica also accepts, while it is rotated, too.)
+        if key
+            .lease_keys()
+            .any(|k| relay_signed(k, holder, url, signature))
+        {
             Some(url.clone())
         } else {
             tracing::warn!(

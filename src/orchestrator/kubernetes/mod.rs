@@ -2164,7 +2164,9 @@ fn for_origin(secret: &Secret, spec: &McpServerSpec) -> bool {
 }
 
 /// Reads the replicas' relay secret from its Secret, creating it (32 random bytes) when no
-/// replica has yet, and derives its keys; retries until it has them.
+/// replica has yet, and derives its keys; retries until it has them. While the secret is
+/// rotated, the Secret's `also-accepted` holds other secrets (one a line) whose replicas are
+/// accepted too.
 async fn relay_secret_task(
     api: Api<Secret>,
     name: String,
@@ -2172,14 +2174,28 @@ async fn relay_secret_task(
     key: watch::Sender<Option<Arc<ReplicaKey>>>,
 ) {
     const KEY: &str = "secret";
+    const ALSO: &str = "also-accepted";
     let read = |s: &Secret| {
-        let value = s
-            .data
-            .as_ref()
-            .and_then(|d| d.get(KEY))
-            .and_then(|v| std::str::from_utf8(&v.0).ok())
+        let text = |k: &str| {
+            s.data
+                .as_ref()
+                .and_then(|d| d.get(k))
+                .map(|v| std::str::from_utf8(&v.0))
+        };
+        let value = text(KEY)
+            .and_then(Result::ok)
             .ok_or_else(|| format!("Secret {name} has no key {KEY:?} in UTF-8"))?;
-        ReplicaKey::derive(value).map_err(|e| format!("Secret {name}, key {KEY:?}: {e}"))
+        let also: Vec<&str> = match text(ALSO) {
+            None => Vec::new(),
+            Some(Ok(lines)) => lines
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect(),
+            Some(Err(_)) => return Err(format!("Secret {name}, key {ALSO:?}: not UTF-8")),
+        };
+        ReplicaKey::accepting(value, &also)
+            .map_err(|e| format!("Secret {name}, key {KEY:?} or {ALSO:?}: {e}"))
     };
     loop {
         let found = match api.get_opt(&name).await {
