@@ -1292,35 +1292,7 @@ async fn a_follower_goes_only_to_a_relay_its_leader_signed() {
         json!({"gatehouse.dev/relay": "http://evil.example:80",
                "gatehouse.dev/relay-signature": signature})
     };
-    fake.create(
-        Kind::Lease,
-        NS,
-        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": "gatehouse-orchestrator", "annotations": forged("AAAA")},
-            "spec": {"holderIdentity": "mallory", "leaseDurationSeconds": 3600}}),
-    );
-    let lease = LeaseSettings {
-        lease_duration: Duration::from_millis(800),
-        renew_every: Duration::from_millis(150),
-        retry_every: Duration::from_millis(100),
-        ..LeaseSettings::new("gatehouse-orchestrator", "replica-a")
-    };
-    let rt = KubeRuntime::start_with_client(
-        fake.client(NS),
-        NS.into(),
-        Some(lease),
-        KubeOptions {
-            relay_listen: Some("127.0.0.1:0".parse().unwrap()),
-            ..options()
-        },
-    );
-    rt.apply(
-        example("s", "ghcr.io/gatehouse/example:1", &[])
-            .resolve()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let rt = follower_of_mallory(&fake, forged("AAAA")).await;
     let secret = eventually("the relay secret", Duration::from_secs(5), || {
         let s = fake.get(Kind::Secret, NS, "gatehouse-orchestrator-relay")?;
         let raw = base64::engine::general_purpose::STANDARD
@@ -1368,17 +1340,7 @@ async fn a_follower_goes_only_to_a_relay_its_leader_signed() {
         "gatehouse-orchestrator",
         json!({"metadata": {"annotations": forged(&sign("mallory"))}}),
     );
-    let start = Instant::now();
-    let url = loop {
-        if let Ok(Endpoint::Relay { url, .. }) = rt.endpoint("s").await {
-            break url;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the signed relay is followed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let url = followed_relay(&rt, "the signed relay is followed").await;
     assert_eq!(url, "http://evil.example:80/relay/s");
     rt.shutdown().await;
 }
@@ -2410,35 +2372,7 @@ async fn a_weak_relay_secret_is_not_used() {
         json!({"gatehouse.dev/relay": "http://evil.example:80",
                "gatehouse.dev/relay-signature": sig})
     };
-    fake.create(
-        Kind::Lease,
-        NS,
-        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": "gatehouse-orchestrator", "annotations": signed(&weak)},
-            "spec": {"holderIdentity": "mallory", "leaseDurationSeconds": 3600}}),
-    );
-    let lease = LeaseSettings {
-        lease_duration: Duration::from_millis(800),
-        renew_every: Duration::from_millis(150),
-        retry_every: Duration::from_millis(100),
-        ..LeaseSettings::new("gatehouse-orchestrator", "replica-a")
-    };
-    let rt = KubeRuntime::start_with_client(
-        fake.client(NS),
-        NS.into(),
-        Some(lease),
-        KubeOptions {
-            relay_listen: Some("127.0.0.1:0".parse().unwrap()),
-            ..options()
-        },
-    );
-    rt.apply(
-        example("s", "ghcr.io/gatehouse/example:1", &[])
-            .resolve()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let rt = follower_of_mallory(&fake, signed(&weak)).await;
     // Several election rounds and reads of the Secret: the relay is never followed.
     let start = Instant::now();
     while start.elapsed() < Duration::from_millis(800) {
@@ -2484,17 +2418,7 @@ async fn a_weak_relay_secret_is_not_used() {
         "gatehouse-orchestrator",
         json!({"metadata": {"annotations": signed(&strong)}}),
     );
-    let start = Instant::now();
-    let url = loop {
-        if let Ok(Endpoint::Relay { url, .. }) = rt.endpoint("s").await {
-            break url;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the relay signed with a good secret is followed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let url = followed_relay(&rt, "the relay signed with a good secret is followed").await;
     assert_eq!(url, "http://evil.example:80/relay/s");
     rt.shutdown().await;
 }
@@ -3045,12 +2969,36 @@ async fn a_relay_signed_with_a_secret_also_accepted_is_followed() {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
         json!({"gatehouse.dev/relay": url, "gatehouse.dev/relay-signature": sig})
     };
+    let rt = follower_of_mallory(&fake, signed(&third, "https://third.example:9091")).await;
+    // Signed with a secret neither presented nor accepted: never followed.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(600) {
+        assert!(!rt.is_leader());
+        if let Ok(ep) = rt.endpoint("s").await {
+            panic!("followed a relay signed with a third secret: {ep:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Signed with the old secret, which this replica also accepts: followed.
+    fake.patch(
+        Kind::Lease,
+        NS,
+        "gatehouse-orchestrator",
+        json!({"metadata": {"annotations": signed(&old, "https://old.example:9091")}}),
+    );
+    let url = followed_relay(&rt, "the relay signed with the old secret is followed").await;
+    assert_eq!(url, "https://old.example:9091/relay/s");
+    rt.shutdown().await;
+}
+
+/// A replica with a relay, serving server `s`, that finds the Lease held by "mallory" with
+/// these annotations (its relay and their signature).
+async fn follower_of_mallory(fake: &FakeKube, annotations: serde_json::Value) -> KubeRuntime {
     fake.create(
         Kind::Lease,
         NS,
         json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": "gatehouse-orchestrator",
-                         "annotations": signed(&third, "https://third.example:9091")},
+            "metadata": {"name": "gatehouse-orchestrator", "annotations": annotations},
             "spec": {"holderIdentity": "mallory", "leaseDurationSeconds": 3600}}),
     );
     let lease = LeaseSettings {
@@ -3075,33 +3023,18 @@ async fn a_relay_signed_with_a_secret_also_accepted_is_followed() {
     )
     .await
     .unwrap();
-    // Signed with a secret neither presented nor accepted: never followed.
+    rt
+}
+
+/// The relay `rt` reaches server `s` through, once it follows one (within 5 s: else `what`
+/// fails the test).
+async fn followed_relay(rt: &KubeRuntime, what: &str) -> String {
     let start = Instant::now();
-    while start.elapsed() < Duration::from_millis(600) {
-        assert!(!rt.is_leader());
-        if let Ok(ep) = rt.endpoint("s").await {
-            panic!("followed a relay signed with a third secret: {ep:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Signed with the old secret, which this replica also accepts: followed.
-    fake.patch(
-        Kind::Lease,
-        NS,
-        "gatehouse-orchestrator",
-        json!({"metadata": {"annotations": signed(&old, "https://old.example:9091")}}),
-    );
-    let start = Instant::now();
-    let url = loop {
+    loop {
         if let Ok(Endpoint::Relay { url, .. }) = rt.endpoint("s").await {
-            break url;
+            return url;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the relay signed with the old secret is followed"
-        );
+        assert!(start.elapsed() < Duration::from_secs(5), "{what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(url, "https://old.example:9091/relay/s");
-    rt.shutdown().await;
+    }
 }
