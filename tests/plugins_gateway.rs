@@ -843,3 +843,40 @@ async fn a_clients_answer_to_a_server_passes_the_request_chains() {
     );
     gw.stop().await;
 }
+
+/// The gateway's refusal of a server's question on behalf of a session client that did not
+/// declare the capability is not the client's answer, and is not judged as one: a chain that
+/// refuses every sampling answer lets the server hear the refusal, and refuses the answer of a
+/// client that can sample.
+#[tokio::test]
+async fn the_gateways_refusal_for_a_client_is_not_judged_as_its_answer() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - name: none\n      path: {:?}\n      config: {{ rules: [ {{ action: block, reason: \"no answers at all\" }} ], default: allow }}\n  chains:\n    - {{ name: answers, methods: [\"sampling/createMessage\"], plugins: [none] }}\n",
+        wasm("tool_policy")
+    );
+    let gw = TestGateway::start(&cfg, &[example("a", &[], "")]).await;
+    let call = json!({"name": "sample", "arguments": {"prompt": "p"}});
+    // A client that cannot sample: the gateway answers the server itself.
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let r = c.call(1, "tools/call", call.clone()).await;
+    let text = r.to_string();
+    assert!(text.contains("sampling failed"), "{r}");
+    assert!(
+        !text.contains("no answers at all"),
+        "the gateway's answer judged: {r}"
+    );
+    // A client that can: its answer is the chain's to refuse.
+    let mut c = gw.client();
+    c.initialize(json!({"sampling": {}})).await;
+    let mut stream = c
+        .stream(json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":call}))
+        .await;
+    let asked = stream.next().await.expect("the server's request");
+    let answer = json!({"jsonrpc":"2.0","id":asked["id"],"result":{
+        "role":"assistant","model":"m","content":{"type":"text","text":"fine"}}});
+    assert_eq!(c.post(answer.to_string()).await.status, 202);
+    let told = stream.next().await.expect("the call's answer");
+    assert!(told.to_string().contains("no answers at all"), "{told}");
+    gw.stop().await;
+}
