@@ -1446,3 +1446,58 @@ async fn an_answer_in_a_retry_passes_the_request_chains() {
     assert_eq!(fine["result"]["content"][0]["text"], "model said: all fine");
     gw.stop().await;
 }
+
+/// The gateway's own answer to a server's question (a refusal: the 2026 client did not declare
+/// the capability) is not the client's, and is not judged as the client's: a chain that
+/// refuses every sampling answer leaves it as it is, and the server hears the gateway's words.
+#[tokio::test]
+async fn the_gateways_own_answer_reaches_the_server_unjudged() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-own-answer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let heard = dir.join("heard");
+    let _ = std::fs::remove_file(&heard);
+    let record = format!(r#"printf '%s\n' "$line" >> {heard:?}"#);
+    let asking = support::sh_server(
+        "asking",
+        r#"{"tools":{}}"#,
+        &[
+            (
+                "tools/list",
+                r#"printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[{"name":"t","inputSchema":{"type":"object"}}]}}\n' "$id""#,
+            ),
+            (
+                "tools/call",
+                r#"printf '{"jsonrpc":"2.0","id":"q1","method":"sampling/createMessage","params":{"messages":[],"maxTokens":10}}\n'"#,
+            ),
+            // The answer to its question (an error): what it heard.
+            ("error", &record),
+        ],
+    );
+    let top = format!(
+        "plugins:\n  modules:\n    - name: none\n      path: {:?}\n      config: {{ rules: [ {{ action: block, reason: \"no answers at all\" }} ], default: allow }}\n  chains:\n    - {{ name: answers, methods: [\"sampling/createMessage\"], plugins: [none] }}\n",
+        support::wasm("tool_policy")
+    );
+    let gw = TestGateway::start(&top, &[asking]).await;
+    let c = gw.client();
+    let mut params = json!({"name": "t", "arguments": {}});
+    params["_meta"] = meta(json!({}));
+    let r = send(&c, 1, "tools/call", params, &[]).await;
+    assert_eq!(r.error_code(), -32021, "{}", r.body);
+    let read = || std::fs::read_to_string(&heard).unwrap_or_default();
+    support::eventually("the server hears the gateway's answer", || {
+        let text = read();
+        async move { !text.is_empty() }
+    })
+    .await;
+    let text = read();
+    assert!(
+        text.contains("did not declare the sampling capability"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("no answers at all"),
+        "judged as the client's: {text}"
+    );
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
