@@ -850,10 +850,7 @@ async fn a_clients_answer_to_a_server_passes_the_request_chains() {
 /// client that can sample.
 #[tokio::test]
 async fn the_gateways_refusal_for_a_client_is_not_judged_as_its_answer() {
-    let cfg = format!(
-        "plugins:\n  modules:\n    - name: none\n      path: {:?}\n      config: {{ rules: [ {{ action: block, reason: \"no answers at all\" }} ], default: allow }}\n  chains:\n    - {{ name: answers, methods: [\"sampling/createMessage\"], plugins: [none] }}\n",
-        wasm("tool_policy")
-    );
+    let cfg = support::no_answers_policy("sampling/createMessage");
     let gw = TestGateway::start(&cfg, &[example("a", &[], "")]).await;
     let call = json!({"name": "sample", "arguments": {"prompt": "p"}});
     // A client that cannot sample: the gateway answers the server itself.

@@ -1372,10 +1372,8 @@ async fn an_enormous_request_state_is_refused_unopened() {
 /// marked is used for a while: a stateless call does not read the whole list again each time.
 #[tokio::test]
 async fn a_tool_list_without_end_is_not_read_again_for_every_call() {
-    let dir = std::env::temp_dir().join(format!("gatehouse-endless-tools-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::scratch_dir("endless-tools");
     let asked = dir.join("asked");
-    let _ = std::fs::remove_file(&asked);
     let list = format!(
         r#"printf 'L' >> {asked:?}; printf '{{"jsonrpc":"2.0","id":%s,"result":{{"tools":[{{"name":"t","inputSchema":{{"type":"object","properties":{{"region":{{"type":"string","x-mcp-header":"Region"}}}}}}}}],"nextCursor":"more"}}}}\n' "$id""#
     );
@@ -1452,10 +1450,8 @@ async fn an_answer_in_a_retry_passes_the_request_chains() {
 /// refuses every sampling answer leaves it as it is, and the server hears the gateway's words.
 #[tokio::test]
 async fn the_gateways_own_answer_reaches_the_server_unjudged() {
-    let dir = std::env::temp_dir().join(format!("gatehouse-own-answer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::scratch_dir("own-answer");
     let heard = dir.join("heard");
-    let _ = std::fs::remove_file(&heard);
     let record = format!(r#"printf '%s\n' "$line" >> {heard:?}"#);
     let asking = support::sh_server(
         "asking",
@@ -1473,10 +1469,7 @@ async fn the_gateways_own_answer_reaches_the_server_unjudged() {
             ("error", &record),
         ],
     );
-    let top = format!(
-        "plugins:\n  modules:\n    - name: none\n      path: {:?}\n      config: {{ rules: [ {{ action: block, reason: \"no answers at all\" }} ], default: allow }}\n  chains:\n    - {{ name: answers, methods: [\"sampling/createMessage\"], plugins: [none] }}\n",
-        support::wasm("tool_policy")
-    );
+    let top = support::no_answers_policy("sampling/createMessage");
     let gw = TestGateway::start(&top, &[asking]).await;
     let c = gw.client();
     let mut params = json!({"name": "t", "arguments": {}});

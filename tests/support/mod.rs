@@ -110,6 +110,25 @@ pub fn answers_policy(
     )
 }
 
+/// The `plugins` YAML of a gateway whose plugin `none` (tool-policy) refuses every client's
+/// answer to a server's `method` request ("no answers at all").
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn no_answers_policy(method: &str) -> String {
+    format!(
+        "plugins:\n  modules:\n    - name: none\n      path: {:?}\n      config: {{ rules: [ {{ action: block, reason: \"no answers at all\" }} ], default: allow }}\n  chains:\n    - {{ name: answers, methods: [\"{method}\"], plugins: [none] }}\n",
+        wasm("tool_policy")
+    )
+}
+
+/// A fresh scratch directory for one test (`tag` and the process id name it), emptied first.
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("gatehouse-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// The path of a plugin component built by `plugins/build.sh` (into `target/plugins/`).
 pub fn wasm(name: &str) -> String {
     let path = format!("{}/target/plugins/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
