@@ -271,8 +271,9 @@ fn start_upstream(port: u16) -> (Proc, String) {
     (Proc(child), url)
 }
 
-/// Two policy plugins on every call: a no-op and tool-policy with ten rules that never match.
-fn two_plugins_yaml() -> Option<String> {
+/// Two policy plugins on every call: a no-op and tool-policy with ten rules that never match;
+/// `reused`: both with `reuse_decisions` (neither reads the call's arguments here).
+fn two_plugins_yaml(reused: bool) -> Option<String> {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/target/plugins");
     let noop = format!("{dir}/noop.wasm");
     let policy = format!("{dir}/tool_policy.wasm");
@@ -286,7 +287,7 @@ fn two_plugins_yaml() -> Option<String> {
         .map(|i| format!("{{ tool: blocked{i}, argument: text, operator: contains, value: x{i}, action: block }}"))
         .collect();
     Some(format!(
-        "plugins:\n  modules:\n    - {{ name: noop, path: {noop:?} }}\n    - name: policy\n      path: {policy:?}\n      config: {{ rules: [{}], default: allow }}\n  chains:\n    - {{ name: all, plugins: [noop, policy] }}\n",
+        "plugins:\n  modules:\n    - {{ name: noop, path: {noop:?}, reuse_decisions: {reused} }}\n    - name: policy\n      path: {policy:?}\n      reuse_decisions: {reused}\n      config: {{ rules: [{}], default: allow }}\n  chains:\n    - {{ name: all, plugins: [noop, policy] }}\n",
         rules.join(", ")
     ))
 }
@@ -848,7 +849,8 @@ async fn bench() {
                 1,
             )
         };
-        let plugins = two_plugins_yaml().map(small_pool);
+        let plugins = two_plugins_yaml(false).map(small_pool);
+        let reused = two_plugins_yaml(true).map(small_pool);
         let filter = list_filter_yaml().map(small_pool);
         for (name, top, yaml, w) in [
             (
@@ -902,13 +904,19 @@ async fn bench() {
                 Workload::Call64k,
             ),
             (
+                "+ 2 plugins, reused",
+                reused.as_deref(),
+                http_upstream("ex"),
+                Workload::CallSmall,
+            ),
+            (
                 "+ list filter",
                 filter.as_deref(),
                 http_upstream("ex"),
                 Workload::CallSmall,
             ),
         ] {
-            if (name == "+ 2 plugins" || name == "+ list filter") && top.is_none() {
+            if name.starts_with('+') && top.is_none() {
                 continue;
             }
             // GATEHOUSE_INSTRUCTION_CASES=stateless (any part of "name workload") counts only
@@ -985,10 +993,22 @@ async fn bench() {
             &[Workload::List],
         ),
     ];
-    let with_plugins = two_plugins_yaml().map(|top| start_gateway_with(&top, &http_upstream("ex")));
+    let with_plugins =
+        two_plugins_yaml(false).map(|top| start_gateway_with(&top, &http_upstream("ex")));
     if let Some((gw, url)) = &with_plugins {
         configs.push(Target::new(
             "gateway→http + 2 plugins",
+            url,
+            Some(gw),
+            "echo",
+            &calls,
+        ));
+    }
+    let with_reused =
+        two_plugins_yaml(true).map(|top| start_gateway_with(&top, &http_upstream("ex")));
+    if let Some((gw, url)) = &with_reused {
+        configs.push(Target::new(
+            "gateway→http + 2 plugins, reused",
             url,
             Some(gw),
             "echo",
@@ -1047,7 +1067,7 @@ async fn bench() {
     let auth_costs = auth_costs(&http_upstream("ex")).await;
 
     eprintln!("measuring memory with {} sessions…", a.sessions);
-    drop((gw_http, gw_stdio, gw_20, with_plugins, floors));
+    drop((gw_http, gw_stdio, gw_20, with_plugins, with_reused, floors));
     let (gw_mem, gw_mem_url) = start_gateway(&http_upstream("ex"));
     let (idle_kib, loaded_kib, per_session) =
         session_memory(&gw_mem, &gw_mem_url, a.sessions).await;
@@ -1361,7 +1381,7 @@ async fn write_link_order(profile: &str, bin: &str, upstream_url: &str) {
         .find(|c| c.0 == "JWT (warm) + audit")
         .expect("the JWT + audit case");
     // Valgrind cannot reserve the address space of the default instance pool.
-    let plugins = two_plugins_yaml()
+    let plugins = two_plugins_yaml(false)
         .map(|p| {
             p.replacen(
                 "plugins:\n",

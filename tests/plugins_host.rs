@@ -1811,3 +1811,187 @@ fn a_rewrite_larger_than_the_gateway_takes_fails_the_plugin() {
         &set.on_request_blocking(&ctx("big", "other"), "{}")
     ));
 }
+
+// ------------------------------------------------------------- reused decisions
+
+/// A set running `reuse_probe` (one instance, so its run count is one count) reading `reads`.
+fn probe_set(reads: &str, reuse: bool) -> Arc<PluginSet> {
+    load(&format!(
+        r#"
+modules:
+  - name: probe
+    path: "{{dir}}/reuse_probe.wasm"
+    config: {{ reads: {reads} }}
+    max_warm: 1
+    reuse_decisions: {reuse}
+chains: [ {{ plugins: [probe] }} ]
+"#
+    ))
+    .unwrap()
+}
+
+fn metrics_of(set: &PluginSet, plugin: &str) -> gatehouse::plugins::MetricsSnapshot {
+    set.metrics()
+        .into_iter()
+        .find(|(n, _)| n == plugin)
+        .expect("the plugin's counters")
+        .1
+}
+
+/// The probe's denial: which of its runs answered, and for whom.
+fn probe_answer(set: &PluginSet, ctx: &CallContext<'_>) -> String {
+    denied(set.on_request_blocking(ctx, r#"{"a":1}"#)).message
+}
+
+#[test]
+fn a_kept_decision_answers_calls_alike_and_only_those() {
+    let set = probe_set("nothing", true);
+    let alice = ctx("s", "t");
+    let bob = CallContext {
+        principal: Some("bob"),
+        ..alice
+    };
+    assert_eq!(probe_answer(&set, &alice), "run 1 for alice (0)");
+    // The same caller, tool and server, from another session and with other arguments: kept.
+    let other_session = CallContext {
+        session_id: "session-2",
+        ..alice
+    };
+    assert_eq!(probe_answer(&set, &other_session), "run 1 for alice (0)");
+    // Another principal, tool, server, group or scope is asked anew.
+    assert_eq!(probe_answer(&set, &bob), "run 2 for bob (0)");
+    assert_eq!(probe_answer(&set, &ctx("s", "u")), "run 3 for alice (0)");
+    assert_eq!(
+        probe_answer(&set, &ctx("other", "t")),
+        "run 4 for alice (0)"
+    );
+    let admins: [Box<str>; 1] = ["admins".into()];
+    let grouped = CallContext {
+        groups: &admins,
+        ..alice
+    };
+    assert_eq!(probe_answer(&set, &grouped), "run 5 for alice (0)");
+    let scoped = CallContext {
+        scopes: &admins,
+        ..alice
+    };
+    assert_eq!(probe_answer(&set, &scoped), "run 6 for alice (0)");
+    assert_eq!(probe_answer(&set, &bob), "run 2 for bob (0)");
+    let m = metrics_of(&set, "probe");
+    assert_eq!((m.calls, m.reused, m.denials), (8, 2, 8));
+
+    // Off (the default), the plugin decides every call.
+    let set = probe_set("nothing", false);
+    assert_eq!(probe_answer(&set, &alice), "run 1 for alice (0)");
+    assert_eq!(probe_answer(&set, &alice), "run 2 for alice (0)");
+    assert_eq!(metrics_of(&set, "probe").reused, 0);
+}
+
+#[test]
+fn a_call_that_reads_beyond_its_keyed_fields_is_never_kept() {
+    for reads in [
+        "payload",
+        "session",
+        "state",
+        "clock",
+        "log",
+        "wasi-wall-clock",
+        "wasi-monotonic-clock",
+        "wasi-random",
+    ] {
+        let set = probe_set(reads, true);
+        let alice = ctx("s", "t");
+        for run in 1..=3 {
+            let answer = probe_answer(&set, &alice);
+            assert!(
+                answer.starts_with(&format!("run {run} for alice")),
+                "{reads}: {answer}"
+            );
+        }
+        let m = metrics_of(&set, "probe");
+        assert_eq!((m.calls, m.reused), (3, 0), "{reads}");
+    }
+}
+
+#[test]
+fn every_instance_of_a_plugin_has_the_same_hash_seed() {
+    // A fresh instance each call: a plugin's hash maps must not iterate unlike in another
+    // instance, or a kept decision would be whichever instance answered first.
+    let set = load(
+        r#"
+modules:
+  - name: probe
+    path: "{dir}/reuse_probe.wasm"
+    config: { reads: hash-seed }
+    recycle_after: 1
+chains: [ { plugins: [probe] } ]
+"#,
+    )
+    .unwrap();
+    let seed = |answer: String| answer.rsplit_once('(').unwrap().1.to_string();
+    let first = seed(probe_answer(&set, &ctx("s", "t")));
+    for _ in 0..3 {
+        assert_eq!(seed(probe_answer(&set, &ctx("s", "t"))), first);
+    }
+    assert!(metrics_of(&set, "probe").instances >= 4);
+}
+
+#[test]
+fn a_rate_limit_keeps_counting_with_reuse_turned_on() {
+    let set = load(
+        r#"
+modules:
+  - name: limit
+    path: "{dir}/rate_limit.wasm"
+    config: { limits: [ { tool: search, calls: 3, window: 1h } ] }
+    reuse_decisions: true
+chains: [ { plugins: [limit] } ]
+"#,
+    )
+    .unwrap();
+    let alice = ctx("s", "search");
+    for _ in 0..3 {
+        assert!(is_allow(&set.on_request_blocking(&alice, "{}")));
+    }
+    let d = denied(set.on_request_blocking(&alice, "{}"));
+    assert_eq!(d.code, -32029);
+    assert_eq!(metrics_of(&set, "limit").reused, 0);
+}
+
+#[test]
+fn a_list_filters_answer_for_a_calls_target_is_kept() {
+    let set = load(
+        r#"
+modules:
+  - name: filter
+    path: "{dir}/list_filter.wasm"
+    config: { rules: [ { deny: ["*delete*"] } ] }
+    reuse_decisions: true
+chains: [ { plugins: [filter] } ]
+"#,
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let d = denied(set.on_request_blocking(&ctx("s", "fs_delete"), "{}"));
+        assert!(d.message.contains("not available"), "{}", d.message);
+        assert!(is_allow(
+            &set.on_request_blocking(&ctx("s", "fs_read"), "{}")
+        ));
+    }
+    let m = metrics_of(&set, "filter");
+    assert_eq!((m.calls, m.reused), (6, 4));
+    // A listing of several entries is asked each time (only one-entry answers are kept).
+    let entries = [entry("fs_read", &[]), entry("fs_delete", &[])];
+    let listing = CallContext {
+        method: "tools/list",
+        name: None,
+        ..ctx("s", "")
+    };
+    for _ in 0..2 {
+        assert_eq!(
+            set.filter_list_blocking(&listing, &entries).unwrap(),
+            [true, false]
+        );
+    }
+    assert_eq!(metrics_of(&set, "filter").reused, 4);
+}

@@ -111,6 +111,7 @@ pub fn plugins(plugins: &Plugins) -> serde_json::Value {
                 "calls": counters.map_or(0, |c| c.calls),
                 "denials": counters.map_or(0, |c| c.denials),
                 "rewrites": counters.map_or(0, |c| c.rewrites),
+                "reused": counters.map_or(0, |c| c.reused),
                 "faults": counters.map_or(0, |c| c.faults_deadline + c.faults_memory + c.faults_trap + c.faults_malformed + c.faults_init),
             })
         })

@@ -20,4 +20,4 @@ wasmtime::component::bindgen!({
 pub struct CallHandle;
 
 // `self::` keeps the generated `gatehouse` module apart from this crate, also in doctests.
-pub use self::gatehouse::plugin::types::{Decision, EntryKind, HookSet, ListEntry};
+pub use self::gatehouse::plugin::types::{Decision, Denial, EntryKind, HookSet, ListEntry};

@@ -86,6 +86,11 @@ pub struct PluginConfig {
     /// Most keys the plugin keeps in the host's state, every owner together.
     #[serde(default = "default_state_max_entries")]
     pub state_max_entries: u64,
+    /// Answer a call alike in method, server, name, principal, profile, groups and scopes
+    /// with the plugin's last decision, when that decision read nothing else and used no
+    /// state, clock, randomness or log. For plugins that keep nothing in memory between calls.
+    #[serde(default)]
+    pub reuse_decisions: bool,
 }
 
 impl PluginConfig {
@@ -103,6 +108,7 @@ impl PluginConfig {
             recycle_after: default_recycle_after(),
             state_max_bytes: default_state_max_bytes(),
             state_max_entries: default_state_max_entries(),
+            reuse_decisions: false,
         }
     }
 

@@ -4,7 +4,9 @@
 //! Lifecycle (stores, instances, deadlines) lives in `instance.rs`; this
 //! file only answers the guest's calls.
 
+use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock, MonotonicClock, WallClock};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -48,15 +51,102 @@ pub(crate) struct HostState {
     pub(crate) output: OutputTail,
     /// The running call's deadline (read by the epoch callback).
     pub(crate) budget: Budget,
+    /// Whether the running call used more than a reused decision is keyed on (a refused
+    /// memory growth, which the guest may see as a failed allocation, is told apart by
+    /// `limits.denied_memory`).
+    pub(crate) unkeyed: Unkeyed,
+}
+
+/// Whether the running hook call used anything a reused decision is not keyed on
+/// (`reuse.rs`): its payload or session id, the state, a clock, randomness or the log. Shared
+/// with the store's WASI clocks and random sources, which set it too.
+#[derive(Clone, Default)]
+pub(crate) struct Unkeyed(Arc<AtomicBool>);
+
+impl Unkeyed {
+    fn mark(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether it was set since the last take, clearing it.
+    pub(crate) fn take(&self) -> bool {
+        self.0.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// A WASI clock or random source that marks the call using it [`Unkeyed`].
+struct Marking<T> {
+    inner: T,
+    unkeyed: Unkeyed,
+}
+
+impl HostWallClock for Marking<WallClock> {
+    fn resolution(&self) -> Duration {
+        self.inner.resolution()
+    }
+    fn now(&self) -> Duration {
+        self.unkeyed.mark();
+        self.inner.now()
+    }
+}
+
+impl HostMonotonicClock for Marking<MonotonicClock> {
+    fn resolution(&self) -> u64 {
+        self.inner.resolution()
+    }
+    fn now(&self) -> u64 {
+        self.unkeyed.mark();
+        self.inner.now()
+    }
+}
+
+impl rand_core::TryRng for Marking<Box<dyn rand_core::Rng + Send>> {
+    type Error = Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+        self.unkeyed.mark();
+        Ok(self.inner.next_u32())
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
+        self.unkeyed.mark();
+        Ok(self.inner.next_u64())
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
+        self.unkeyed.mark();
+        self.inner.fill_bytes(dst);
+        Ok(())
+    }
 }
 
 impl HostState {
-    pub(crate) fn new(holder: Holder, store: Arc<StateStore>, memory_limit: usize) -> Self {
+    /// `seed`: WASI's `insecure-seed`, the same for every instance of a plugin (a plugin's
+    /// hash maps iterate alike in each, so no instance decides unlike the others).
+    pub(crate) fn new(
+        holder: Holder,
+        store: Arc<StateStore>,
+        memory_limit: usize,
+        seed: u128,
+    ) -> Self {
         let output = OutputTail::default();
+        let unkeyed = Unkeyed::default();
+        let marking = |inner| Marking {
+            inner,
+            unkeyed: unkeyed.clone(),
+        };
         // No environment, arguments, files, sockets or stdin: a plugin sees
         // only clocks and randomness from WASI. Its stdout/stderr are kept
         // in a small tail buffer to explain traps.
         let wasi = WasiCtx::builder()
+            .wall_clock(Marking {
+                inner: WallClock::new(),
+                unkeyed: unkeyed.clone(),
+            })
+            .monotonic_clock(Marking {
+                inner: MonotonicClock::new(),
+                unkeyed: unkeyed.clone(),
+            })
+            .secure_random(marking(wasmtime_wasi::random::thread_rng()))
+            .insecure_random(marking(wasmtime_wasi::random::thread_rng()))
+            .insecure_random_seed(seed)
             .stdout(output.clone())
             .stderr(output.clone())
             .allow_tcp(false)
@@ -74,6 +164,7 @@ impl HostState {
             in_init: false,
             output,
             budget: Budget::new(Duration::ZERO, Mode::Blocking),
+            unkeyed,
         }
     }
 
@@ -84,6 +175,7 @@ impl HostState {
         self.call.set(ctx);
         self.call.payload = payload.cloned();
         self.log_lines = 0;
+        self.unkeyed.take();
         self.limits.denied_memory = None;
         self.output.clear();
     }
@@ -322,6 +414,7 @@ impl types::HostCallContext for HostState {
         self.call.principal.clone()
     }
     fn session_id(&mut self, _: Resource<CallHandle>) -> String {
+        self.unkeyed.mark();
         self.call.session_id.clone()
     }
     fn profile(&mut self, _: Resource<CallHandle>) -> Option<String> {
@@ -334,6 +427,7 @@ impl types::HostCallContext for HostState {
         self.call.scopes.clone()
     }
     fn payload(&mut self, _: Resource<CallHandle>) -> String {
+        self.unkeyed.mark();
         let Some(payload) = &self.call.payload else {
             return String::new();
         };
@@ -351,6 +445,7 @@ impl types::HostCallContext for HostState {
 
 impl log::Host for HostState {
     fn log(&mut self, level: log::Level, message: String) {
+        self.unkeyed.mark();
         if self.log_lines >= MAX_LOG_LINES_PER_CALL {
             return;
         }
@@ -456,6 +551,7 @@ fn truncate(s: &str, max: usize) -> &str {
 
 impl clock::Host for HostState {
     fn now_ms(&mut self) -> u64 {
+        self.unkeyed.mark();
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -463,6 +559,7 @@ impl clock::Host for HostState {
     }
 
     fn monotonic_ns(&mut self) -> u64 {
+        self.unkeyed.mark();
         static START: OnceLock<Instant> = OnceLock::new();
         START.get_or_init(Instant::now).elapsed().as_nanos() as u64
     }
@@ -525,6 +622,7 @@ fn unexpected(outcome: Outcome) -> wasmtime::Error {
 
 impl state::Host for HostState {
     async fn get(&mut self, s: state::Scope, key: String) -> wasmtime::Result<Option<String>> {
+        self.unkeyed.mark();
         let scope = scope(s);
         if self.no_owner(scope).is_some() {
             return Ok(None);
@@ -547,6 +645,7 @@ impl state::Host for HostState {
         value: String,
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<Result<(), String>> {
+        self.unkeyed.mark();
         let scope = scope(s);
         if let Some(e) = self.no_owner(scope) {
             return Ok(Err(e.to_string()));
@@ -578,6 +677,7 @@ impl state::Host for HostState {
     }
 
     async fn remove(&mut self, s: state::Scope, key: String) -> wasmtime::Result<()> {
+        self.unkeyed.mark();
         let scope = scope(s);
         if self.no_owner(scope).is_some() {
             return Ok(());
@@ -600,6 +700,7 @@ impl state::Host for HostState {
         delta: i64,
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<Result<i64, String>> {
+        self.unkeyed.mark();
         let scope = scope(s);
         if let Some(e) = self.no_owner(scope) {
             return Ok(Err(e.to_string()));

@@ -26,6 +26,7 @@ use super::engine::Runtime;
 use super::error::{Fault, PluginError};
 use super::host::HostState;
 use super::metrics::PluginMetrics;
+use super::reuse::{Asked, Decisions};
 use super::state::{Holder, StateStore};
 use super::{CallContext, JsonText};
 
@@ -138,6 +139,10 @@ pub(crate) struct LoadedPlugin {
     state: Arc<StateStore>,
     pub(crate) metrics: Arc<PluginMetrics>,
     runtime: &'static Runtime,
+    /// Answers kept for calls alike (`reuse_decisions`).
+    decisions: Option<Decisions>,
+    /// WASI's `insecure-seed` for each of its instances.
+    seed: u128,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -185,6 +190,11 @@ impl LoadedPlugin {
             state,
             metrics,
             runtime,
+            decisions: cfg.reuse_decisions.then(Decisions::new),
+            seed: random_seed().map_err(|message| PluginError::Interface {
+                plugin: cfg.name.clone(),
+                message,
+            })?,
         };
         let (warm, hooks) = futures_executor::block_on(plugin.instantiate(Mode::Blocking))
             .map_err(|fault| PluginError::Init {
@@ -208,6 +218,7 @@ impl LoadedPlugin {
                 },
                 self.state.clone(),
                 self.cfg.memory_limit.0 as usize,
+                self.seed,
             ),
         );
         store.limiter(|s| &mut s.limits);
@@ -254,6 +265,24 @@ impl LoadedPlugin {
         input: HookCall<'_>,
         mode: Mode,
     ) -> Result<HookAnswer, Fault> {
+        let asked = match input {
+            HookCall::Request(_) => Some(Asked::Request),
+            HookCall::Response(_) => Some(Asked::Response),
+            HookCall::FilterList(entries) => match entries {
+                [entry] => Some(Asked::Visible(entry)),
+                _ => None,
+            },
+        };
+        let reuse = match (&self.decisions, asked) {
+            (Some(decisions), Some(asked)) => match decisions.answer(asked, ctx) {
+                Ok(answer) => {
+                    self.metrics.reused.fetch_add(1, Ordering::Relaxed);
+                    return Ok(answer);
+                }
+                Err(miss) => Some((decisions, asked, miss)),
+            },
+            _ => None,
+        };
         let _running = self.runtime.ticker.enter();
         let mut warm = match self.warm.pop() {
             Some(w) => w,
@@ -269,27 +298,36 @@ impl LoadedPlugin {
         let hooks = warm.plugin.gatehouse_plugin_hooks();
         let store = &mut warm.store;
         // The handle's number means nothing: the host answers from the call it runs.
-        let ctx = || Resource::<CallHandle>::new_borrow(0);
+        let handle = || Resource::<CallHandle>::new_borrow(0);
         let result = guard(async move {
             match input {
                 HookCall::Request(_) => hooks
-                    .call_on_request(store, ctx())
+                    .call_on_request(store, handle())
                     .await
                     .map(HookAnswer::Decision),
                 HookCall::Response(_) => hooks
-                    .call_on_response(store, ctx())
+                    .call_on_response(store, handle())
                     .await
                     .map(HookAnswer::Decision),
                 HookCall::FilterList(entries) => hooks
-                    .call_filter_list(store, ctx(), entries)
+                    .call_filter_list(store, handle(), entries)
                     .await
                     .map(HookAnswer::Visible),
             }
         })
         .await?;
         warm.store.data_mut().end_call();
+        // A call whose memory growth was refused may have answered from a failed allocation:
+        // its instance's history, not the keyed fields.
+        let unkeyed =
+            warm.store.data().unkeyed.take() || warm.store.data().limits.denied_memory.is_some();
         match result {
             Ok(out) => {
+                if let Some((decisions, asked, miss)) = reuse
+                    && !unkeyed
+                {
+                    decisions.keep(miss, asked, ctx, &out);
+                }
                 warm.calls += 1;
                 if warm.calls < self.cfg.recycle_after {
                     // A full queue drops the instance, freeing its slot.
@@ -315,6 +353,13 @@ impl LoadedPlugin {
     pub(crate) fn path(&self) -> &PathBuf {
         &self.cfg.path
     }
+}
+
+/// A random `insecure-seed` for a plugin's instances.
+fn random_seed() -> Result<u128, String> {
+    let mut seed = [0u8; 16];
+    getrandom::fill(&mut seed).map_err(|e| format!("no random source: {e}"))?;
+    Ok(u128::from_le_bytes(seed))
 }
 
 /// Links the component against the host (WASI + gatehouse imports) and

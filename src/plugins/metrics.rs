@@ -32,6 +32,8 @@ pub struct PluginMetrics {
     pub instances: AtomicU64,
     /// Total time spent in hook calls, in nanoseconds.
     pub call_nanos: AtomicU64,
+    /// Hook calls answered with a kept decision, the plugin not run (`reuse_decisions`).
+    pub reused: AtomicU64,
 }
 
 /// A copy of [`PluginMetrics`] at one moment.
@@ -61,6 +63,8 @@ pub struct MetricsSnapshot {
     pub instances: u64,
     /// See [`PluginMetrics::call_nanos`].
     pub call_nanos: u64,
+    /// See [`PluginMetrics::reused`].
+    pub reused: u64,
 }
 
 impl MetricsSnapshot {
@@ -104,6 +108,7 @@ impl PluginMetrics {
             fail_open_skips: r(&self.fail_open_skips),
             instances: r(&self.instances),
             call_nanos: r(&self.call_nanos),
+            reused: r(&self.reused),
         }
     }
 }

@@ -49,7 +49,8 @@
 //! wasmtime engine, pooling allocator, epoch ticker, compile cache),
 //! `instance` (lifecycle: link, instantiate, warm pool, deadlines, fault
 //! classification), `host` (host functions: log, clock, state, WASI view),
-//! `state` (the host's key/value store), `chain` (selectors), `reload`
+//! `state` (the host's key/value store), `reuse` (kept decisions, `reuse_decisions`),
+//! `chain` (selectors), `reload`
 //! (swapping and the file watcher), `check` (`gatehouse plugin check`).
 
 mod bindings;
@@ -65,6 +66,7 @@ mod json_text;
 pub mod leader;
 mod metrics;
 mod reload;
+mod reuse;
 mod state;
 mod ticker;
 
