@@ -293,8 +293,8 @@ fn two_plugins_yaml(reused: bool) -> Option<String> {
 }
 
 /// A list filter (hiding destructive tools) on every listing and call: a call's target is
-/// judged by how its server lists it.
-fn list_filter_yaml() -> Option<String> {
+/// judged by how its server lists it; `reused`: with `reuse_decisions`.
+fn list_filter_yaml(reused: bool) -> Option<String> {
     let filter = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/target/plugins/list_filter.wasm"
@@ -304,7 +304,7 @@ fn list_filter_yaml() -> Option<String> {
         return None;
     }
     Some(format!(
-        "plugins:\n  modules:\n    - name: lists\n      path: {filter:?}\n      config: {{ rules: [ {{ deny_labels: [destructive] }} ] }}\n  chains:\n    - {{ name: all, plugins: [lists] }}\n"
+        "plugins:\n  modules:\n    - name: lists\n      path: {filter:?}\n      reuse_decisions: {reused}\n      config: {{ rules: [ {{ deny_labels: [destructive] }} ] }}\n  chains:\n    - {{ name: all, plugins: [lists] }}\n"
     ))
 }
 
@@ -851,7 +851,8 @@ async fn bench() {
         };
         let plugins = two_plugins_yaml(false).map(small_pool);
         let reused = two_plugins_yaml(true).map(small_pool);
-        let filter = list_filter_yaml().map(small_pool);
+        let filter = list_filter_yaml(false).map(small_pool);
+        let filter_reused = list_filter_yaml(true).map(small_pool);
         for (name, top, yaml, w) in [
             (
                 "gateway→http",
@@ -912,6 +913,12 @@ async fn bench() {
             (
                 "+ list filter",
                 filter.as_deref(),
+                http_upstream("ex"),
+                Workload::CallSmall,
+            ),
+            (
+                "+ list filter, reused",
+                filter_reused.as_deref(),
                 http_upstream("ex"),
                 Workload::CallSmall,
             ),

@@ -5,8 +5,9 @@
 //! reads an index, not the page.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -21,6 +22,72 @@ pub struct ListPage {
     /// The first item listed under each name.
     by_name: HashMap<Box<str>, usize>,
     next_cursor: Option<String>,
+    /// Each item's description and labels, read when first asked for.
+    described: Vec<OnceLock<Described>>,
+}
+
+/// What a list filter judges an item by besides its name: its description, and labels from
+/// its behaviour hints (`destructive`, `read-only`, `idempotent`, `open-world` when the hint
+/// is true) and from `_meta["gatehouse/labels"]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Described {
+    /// The item's description.
+    pub description: Option<String>,
+    /// Its labels.
+    pub labels: Vec<String>,
+}
+
+impl Described {
+    fn read(item: &str) -> Described {
+        Described::read_listed(item, "").1
+    }
+
+    /// Reads an item of a `key` page (`tools`, `resources`, ...): the name it is listed under
+    /// (a URI for resources) and its description and labels (unreadable: none of them).
+    pub fn read_listed(item: &str, key: &str) -> (Option<String>, Described) {
+        #[derive(Deserialize, Default)]
+        struct Item<'a> {
+            name: Option<String>,
+            uri: Option<String>,
+            #[serde(rename = "uriTemplate")]
+            uri_template: Option<String>,
+            description: Option<String>,
+            // Read as text: a server's annotations are never a value tree of its choosing.
+            #[serde(borrow, default)]
+            annotations: BTreeMap<Cow<'a, str>, &'a RawValue>,
+            #[serde(borrow, rename = "_meta")]
+            meta: Option<BTreeMap<Cow<'a, str>, &'a RawValue>>,
+        }
+        let it: Item<'_> = serde_json::from_str(item).unwrap_or_default();
+        let mut labels: Vec<String> = [
+            ("destructiveHint", "destructive"),
+            ("readOnlyHint", "read-only"),
+            ("idempotentHint", "idempotent"),
+            ("openWorldHint", "open-world"),
+        ]
+        .iter()
+        .filter(|(hint, _)| it.annotations.get(*hint).is_some_and(|v| v.get() == "true"))
+        .map(|(_, label)| (*label).to_owned())
+        .collect();
+        if let Some(extra) = it
+            .meta
+            .as_ref()
+            .and_then(|m| m.get("gatehouse/labels"))
+            .and_then(|raw| serde_json::from_str::<Vec<String>>(raw.get()).ok())
+        {
+            labels.extend(extra);
+        }
+        let name = match key {
+            "resources" => it.uri,
+            "resourceTemplates" => it.uri_template,
+            _ => it.name,
+        };
+        let described = Described {
+            description: it.description,
+            labels,
+        };
+        (name, described)
+    }
 }
 
 /// The members a page and an item are read for.
@@ -92,11 +159,13 @@ impl ListPage {
                 by_name.entry(name.clone()).or_insert(i);
             }
         }
+        let described = (0..items.len()).map(|_| OnceLock::new()).collect();
         Some(ListPage {
             page,
             items,
             by_name,
             next_cursor,
+            described,
         })
     }
 
@@ -108,6 +177,16 @@ impl ListPage {
     /// The text of the first item listed under `name`.
     pub fn find(&self, name: &str) -> Option<&str> {
         self.by_name.get(name).map(|i| self.text(&self.items[*i].1))
+    }
+
+    /// The description and labels of item `i` (in [`Self::items`]' order).
+    pub fn described(&self, i: usize) -> &Described {
+        self.described[i].get_or_init(|| Described::read(self.text(&self.items[i].1)))
+    }
+
+    /// The description and labels of the first item listed under `name`.
+    pub fn find_described(&self, name: &str) -> Option<&Described> {
+        self.by_name.get(name).map(|&i| self.described(i))
     }
 
     /// Each item's name and text, in order.

@@ -2,7 +2,6 @@
 //! results and on listings, between the router and the upstream.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,7 +13,7 @@ use futures_util::future::BoxFuture;
 use crate::audit::Audit;
 use crate::auth::Claims;
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome};
-use crate::mcp::list_page::ListPage;
+use crate::mcp::list_page::{Described, ListPage};
 use crate::mcp::session::{Caller, MessagePolicy, Session};
 use crate::plugins::{CallContext, Decision, Denied, EntryKind, JsonText, ListEntry, PluginSet};
 use crate::upstream::UpstreamError;
@@ -374,13 +373,24 @@ pub async fn visible(
     server: &str,
     items: &[&RawValue],
 ) -> Result<Vec<bool>, Denied> {
-    let kind = match list_method {
-        "tools/list" => EntryKind::Tool,
-        "prompts/list" => EntryKind::Prompt,
-        "resources/list" => EntryKind::Resource,
-        _ => EntryKind::ResourceTemplate,
+    let (kind, key) = match list_method {
+        "tools/list" => (EntryKind::Tool, "tools"),
+        "prompts/list" => (EntryKind::Prompt, "prompts"),
+        "resources/list" => (EntryKind::Resource, "resources"),
+        _ => (EntryKind::ResourceTemplate, "resourceTemplates"),
     };
-    let entries: Vec<ListEntry> = items.iter().map(|i| entry(kind, i.get())).collect();
+    let entries: Vec<ListEntry> = items
+        .iter()
+        .map(|i| {
+            let (name, described) = Described::read_listed(i.get(), key);
+            ListEntry {
+                kind,
+                name: name.unwrap_or_default(),
+                description: described.description,
+                labels: described.labels,
+            }
+        })
+        .collect();
     let ctx = CallContext {
         method: list_method,
         server,
@@ -397,9 +407,8 @@ pub async fn visible(
 /// Most pages of a server's list read to find how it lists a call's target.
 const MAX_TARGET_PAGES: usize = 50;
 
-/// Calls `each` with the name and text of every item of upstream `index`'s `method` list
-/// (`key` in its pages), page by page (the first read once while the server's link keeps it),
-/// until it returns true. A page that is an error or cannot be read ends the walk (what it
+/// Calls `each` with every page of upstream `index`'s `method` list (`key` in its pages), in
+/// order (the first read once while the server's link keeps it), until it returns true. A page that is an error or cannot be read ends the walk (what it
 /// would have listed is not listed); `Err` is the upstream's failure, for the call to answer
 /// with.
 async fn walk_list(
@@ -407,7 +416,7 @@ async fn walk_list(
     index: usize,
     method: &'static str,
     key: &str,
-    mut each: impl FnMut(&str, &str) -> bool,
+    mut each: impl FnMut(&ListPage) -> bool,
 ) -> Result<(), UpstreamError> {
     let Some(link) = session.links().get(index) else {
         return Ok(());
@@ -435,7 +444,7 @@ async fn walk_list(
         let Some(page) = page else {
             return Ok(());
         };
-        if page.items().any(|(name, item)| each(name, item)) {
+        if each(&page) {
             return Ok(());
         }
         cursor = match page.next_cursor() {
@@ -462,10 +471,10 @@ async fn listed_target(
         EntryKind::Server => return Ok(None),
     };
     let mut found = None;
-    walk_list(session, index, method, key, |listed, item| {
-        if listed == name {
-            found = Some(entry(kind, item));
-        }
+    walk_list(session, index, method, key, |page| {
+        found = page
+            .find_described(name)
+            .map(|described| entry(kind, name, described));
         found.is_some()
     })
     .await?;
@@ -484,9 +493,12 @@ async fn matching_templates(
         index,
         "resources/templates/list",
         "resourceTemplates",
-        |template, item| {
-            if template_matches(template, uri) {
-                found.push(entry(EntryKind::ResourceTemplate, item));
+        |page| {
+            for (i, (template, _)) in page.items().enumerate() {
+                if template_matches(template, uri) {
+                    let described = page.described(i);
+                    found.push(entry(EntryKind::ResourceTemplate, template, described));
+                }
             }
             false
         },
@@ -552,53 +564,14 @@ fn template_matches(template: &str, uri: &str) -> bool {
     at[uri.len()]
 }
 
-/// A listing item as a [`ListEntry`]: its name (URI for resources), description and labels.
-///
-/// Labels come from the tool's behaviour hints (`destructive`, `read-only`, `idempotent`,
-/// `open-world` when the hint is true) and from `_meta["gatehouse/labels"]`.
-fn entry(kind: EntryKind, item: &str) -> ListEntry {
-    #[derive(Deserialize, Default)]
-    struct Item<'a> {
-        name: Option<String>,
-        uri: Option<String>,
-        #[serde(rename = "uriTemplate")]
-        uri_template: Option<String>,
-        description: Option<String>,
-        // Read as text: a server's annotations are never a value tree of its choosing.
-        #[serde(borrow, default)]
-        annotations: BTreeMap<Cow<'a, str>, &'a RawValue>,
-        #[serde(borrow, rename = "_meta")]
-        meta: Option<BTreeMap<Cow<'a, str>, &'a RawValue>>,
-    }
-    let it: Item<'_> = serde_json::from_str(item).unwrap_or_default();
-    let name = match kind {
-        EntryKind::Resource => it.uri,
-        EntryKind::ResourceTemplate => it.uri_template,
-        _ => it.name,
-    };
-    let mut labels: Vec<String> = [
-        ("destructiveHint", "destructive"),
-        ("readOnlyHint", "read-only"),
-        ("idempotentHint", "idempotent"),
-        ("openWorldHint", "open-world"),
-    ]
-    .iter()
-    .filter(|(hint, _)| it.annotations.get(*hint).is_some_and(|v| v.get() == "true"))
-    .map(|(_, label)| (*label).to_owned())
-    .collect();
-    if let Some(extra) = it
-        .meta
-        .as_ref()
-        .and_then(|m| m.get("gatehouse/labels"))
-        .and_then(|raw| serde_json::from_str::<Vec<String>>(raw.get()).ok())
-    {
-        labels.extend(extra);
-    }
+/// A listed item as a [`ListEntry`]: the name it is listed under (a URI for resources), and
+/// its description and labels as the page read them ([`Described`]).
+fn entry(kind: EntryKind, name: &str, described: &Described) -> ListEntry {
     ListEntry {
         kind,
-        name: name.unwrap_or_default(),
-        description: it.description,
-        labels,
+        name: name.to_owned(),
+        description: described.description.clone(),
+        labels: described.labels.clone(),
     }
 }
 
@@ -638,16 +611,24 @@ mod tests {
 
     #[test]
     fn entries_carry_hints_and_meta_labels() {
-        let raw: Box<RawValue> = serde_json::from_str(
-            r#"{"name":"rm","description":"Deletes","annotations":{"destructiveHint":true,"readOnlyHint":false},
-                "_meta":{"gatehouse/labels":["fs"]},"inputSchema":{"type":"object"}}"#,
+        let page = ListPage::read(
+            Bytes::from_static(
+                br#"{"tools":[{"name":"rm","description":"Deletes","annotations":{"destructiveHint":true,"readOnlyHint":false},
+                "_meta":{"gatehouse/labels":["fs"]},"inputSchema":{"type":"object"}}]}"#,
+            ),
+            "tools",
         )
         .unwrap();
-        let e = entry(EntryKind::Tool, raw.get());
+        let e = entry(EntryKind::Tool, "rm", page.find_described("rm").unwrap());
         assert_eq!(e.name, "rm");
         assert_eq!(e.description.as_deref(), Some("Deletes"));
         assert_eq!(e.labels, ["destructive", "fs"]);
-        let r: Box<RawValue> = serde_json::from_str(r#"{"uri":"file:///a","name":"a"}"#).unwrap();
-        assert_eq!(entry(EntryKind::Resource, r.get()).name, "file:///a");
+        let page = ListPage::read(
+            Bytes::from_static(br#"{"resources":[{"uri":"file:///a","name":"a"}]}"#),
+            "resources",
+        )
+        .unwrap();
+        assert!(page.find_described("file:///a").is_some());
+        assert!(page.find_described("a").is_none());
     }
 }
