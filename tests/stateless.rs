@@ -1494,3 +1494,53 @@ async fn the_gateways_own_answer_reaches_the_server_unjudged() {
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A question the client leaves unanswered: when its call is abandoned, the gateway answers
+/// the server itself ("did not answer in time"), and that answer is not judged as the client's
+/// (a chain that refuses every answer does not see it; the server hears the gateway's words).
+#[tokio::test]
+async fn an_abandoned_questions_answer_reaches_the_server_unjudged() {
+    let dir = support::scratch_dir("abandoned-answer");
+    let heard = dir.join("heard");
+    let record = format!(r#"printf '%s\n' "$line" >> {heard:?}"#);
+    let asking = support::sh_server(
+        "asking",
+        r#"{"tools":{}}"#,
+        &[
+            (
+                "tools/list",
+                r#"printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[{"name":"t","inputSchema":{"type":"object"}}]}}\n' "$id""#,
+            ),
+            (
+                "tools/call",
+                r#"printf '{"jsonrpc":"2.0","id":"q1","method":"sampling/createMessage","params":{"messages":[],"maxTokens":10}}\n'"#,
+            ),
+            ("error", &record),
+        ],
+    );
+    let top = format!(
+        "mcp: {{session_idle_timeout: 1s}}\n{}",
+        support::no_answers_policy("sampling/createMessage")
+    );
+    let gw = TestGateway::start(&top, &[asking]).await;
+    let c = gw.client();
+    let mut params = json!({"name": "t", "arguments": {}});
+    params["_meta"] = meta(json!({"sampling": {}}));
+    let r = send(&c, 1, "tools/call", params, &[]).await;
+    only_question(&r.response());
+    let read = || std::fs::read_to_string(&heard).unwrap_or_default();
+    support::eventually("the server hears the gateway's answer", || {
+        let text = read();
+        async move { !text.is_empty() }
+    })
+    .await;
+    let text = read();
+    assert!(text.contains("did not answer in time"), "{text}");
+    assert!(
+        !text.contains("no answers at all"),
+        "judged as the client's: {text}"
+    );
+    assert_eq!(gw.gateway().round_trips.waiting(), 0);
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
