@@ -273,6 +273,7 @@ impl LoadedPlugin {
                 _ => None,
             },
         };
+        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
         let reuse = match (&self.decisions, asked) {
             (Some(decisions), Some(asked)) => match decisions.answer(asked, ctx) {
                 Ok(answer) => {
@@ -282,6 +283,10 @@ impl LoadedPlugin {
                 Err(miss) => Some((decisions, asked, miss)),
             },
             _ => None,
+        };
+        let _timed = Timed {
+            started: std::time::Instant::now(),
+            metrics: &self.metrics,
         };
         let _running = self.runtime.ticker.enter();
         let mut warm = match self.warm.pop() {
@@ -352,6 +357,20 @@ impl LoadedPlugin {
 
     pub(crate) fn path(&self) -> &PathBuf {
         &self.cfg.path
+    }
+}
+
+/// Adds the time a hook call took, however it ended (a cancelled call too), to its plugin's
+/// [`PluginMetrics::call_nanos`].
+struct Timed<'a> {
+    started: std::time::Instant,
+    metrics: &'a PluginMetrics,
+}
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        let nanos = self.started.elapsed().as_nanos() as u64;
+        self.metrics.call_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 }
 

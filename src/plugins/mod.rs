@@ -73,7 +73,6 @@ mod ticker;
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use dashmap::DashMap;
 
@@ -655,7 +654,6 @@ impl PluginSet {
                 .zip(&labels)
                 .map(|(&e, labels)| to_wit_entry(&entries[e], labels))
                 .collect();
-            let started = Instant::now();
             let result = plugin
                 .call(ctx, HookCall::FilterList(&wit_entries), mode)
                 .await;
@@ -668,7 +666,6 @@ impl PluginSet {
                 ))),
                 HookAnswer::Decision(_) => unreachable!("filter-list answers booleans"),
             });
-            record_time(plugin, started);
             match result {
                 Ok(visible) => {
                     for (k, &e) in picked.iter().enumerate() {
@@ -716,7 +713,6 @@ impl PluginSet {
                 if !implements || !seen.insert(i) {
                     continue;
                 }
-                let started = Instant::now();
                 let call = match hook {
                     Hook::Request => HookCall::Request(&input),
                     Hook::Response => HookCall::Response(&input),
@@ -755,7 +751,6 @@ impl PluginSet {
                     }
                     HookAnswer::Decision(other) => Ok(other),
                 });
-                record_time(plugin, started);
                 match result {
                     Ok(bindings::Decision::Allow) => {}
                     Ok(bindings::Decision::Rewrite(_)) if rewrites == Rewrites::Refused => {
@@ -843,14 +838,6 @@ impl Seen {
             }
         }
     }
-}
-
-fn record_time(plugin: &LoadedPlugin, started: Instant) {
-    plugin.metrics.calls.fetch_add(1, Ordering::Relaxed);
-    plugin
-        .metrics
-        .call_nanos
-        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
 fn to_wit_entry<'a>(e: &'a ListEntry, labels: &'a [&'a str]) -> bindings::ListEntry<'a> {
