@@ -4,8 +4,25 @@
 "use strict";
 
 const TOKEN_KEY = "gatehouse.admin-token";
+const SCOPES_KEY = "gatehouse.admin-scopes";
 const OFFICIAL = "io.modelcontextprotocol.registry/official";
 const PAGES = { catalog: catalogPage, servers: serversPage, sessions: sessionsPage, activity: activityPage, plugins: pluginsPage };
+/** The admin scope each page reads with. */
+const PAGE_SCOPES = { catalog: "registry:read", servers: "servers:read", sessions: "sessions:read", activity: "audit:read", plugins: "plugins:read" };
+
+/** Whether the signed-in token grants `scope` (an area's name grants all of it). The
+ * gateway decides; this only keeps the page from offering what it would refuse. */
+function grants(scope) {
+  let scopes = [];
+  try { scopes = JSON.parse(sessionStorage.getItem(SCOPES_KEY) || "[]"); } catch { scopes = []; }
+  return Array.isArray(scopes) && (scopes.includes(scope) || scopes.includes(scope.split(":")[0]));
+}
+
+/** Asks the gateway who the token is, keeping its scopes for this tab. */
+async function learnScopes() {
+  const me = await api("GET", "/admin/v1/whoami");
+  sessionStorage.setItem(SCOPES_KEY, JSON.stringify(Array.isArray(me && me.scopes) ? me.scopes : []));
+}
 
 /** Attributes a browser follows or loads as a URL. */
 const URL_ATTRIBUTES = new Set(["href", "src", "action", "formaction", "xlink:href", "srcset", "poster", "data", "ping", "background"]);
@@ -80,6 +97,7 @@ let generation = 0; // bumped on every navigation: late answers of an old page a
 
 function signOut(message) {
   sessionStorage.removeItem(TOKEN_KEY);
+  sessionStorage.removeItem(SCOPES_KEY);
   stop();
   document.getElementById("nav").hidden = true;
   document.getElementById("page").hidden = true;
@@ -113,16 +131,31 @@ function every(ms, load) {
 async function show() {
   if (!sessionStorage.getItem(TOKEN_KEY)) return signOut("");
   stop();
-  const name = Object.hasOwn(PAGES, location.hash.slice(1)) ? location.hash.slice(1) : "catalog";
+  if (sessionStorage.getItem(SCOPES_KEY) === null) {
+    try { await learnScopes(); } catch (e) { if (e.status !== 401) say(e.message, true); return; }
+  }
+  const allowed = Object.keys(PAGES).filter(p => grants(PAGE_SCOPES[p]));
+  const asked = location.hash.slice(1);
+  const name = Object.hasOwn(PAGES, asked) && allowed.includes(asked) ? asked : allowed[0];
   document.getElementById("sign-in").hidden = true;
   document.getElementById("nav").hidden = false;
   for (const a of document.querySelectorAll("nav a")) {
-    if (a.getAttribute("href") === "#" + name) a.setAttribute("aria-current", "page");
+    const target = a.getAttribute("href").slice(1);
+    a.parentElement.hidden = !allowed.includes(target);
+    if (target === name) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   }
   const page = document.getElementById("page");
   page.hidden = false;
   page.replaceChildren();
+  if (!name) {
+    document.title = "Gatehouse console";
+    page.append(h("p", {}, "This token grants none of the console's pages."));
+    return;
+  }
+  if (Object.hasOwn(PAGES, asked) && asked !== name) {
+    page.append(h("p", { id: "not-granted", class: "muted" }, `This token does not grant ${PAGE_SCOPES[asked]}: ${asked} is not shown.`));
+  }
   document.title = `${name[0].toUpperCase()}${name.slice(1)} · Gatehouse console`;
   try {
     await PAGES[name](page, generation);
@@ -137,7 +170,7 @@ document.getElementById("sign-in-form").addEventListener("submit", async e => {
   sessionStorage.setItem(TOKEN_KEY, input.value.trim());
   try {
     // Any admin token may ask who it is, whatever its scopes.
-    await api("GET", "/admin/v1/whoami");
+    await learnScopes();
   } catch (err) {
     if (err.status !== 401) { sessionStorage.removeItem(TOKEN_KEY); say(err.message, true); }
     return;
@@ -194,7 +227,10 @@ async function catalogPage(page) {
           status,
           h("td", { class: "actions" }, as
             ? h("a", { href: "#servers" }, `Installed as ${as}`)
-            : h("button", { type: "button", disabled: status !== "active", "aria-label": `Install ${server.name}`, onclick: () => installForm(form, server) }, "Install")),
+            // Installing runs a server: a token without servers:write is not offered it.
+            : grants("servers:write")
+              ? h("button", { type: "button", disabled: status !== "active", "aria-label": `Install ${server.name}`, onclick: () => installForm(form, server) }, "Install")
+              : null),
         ];
       }), "No entry matches."));
     say(`${shown.length} ${shown.length === 1 ? "entry" : "entries"} shown${next ? " (more to show)" : ""}.`);
@@ -299,13 +335,15 @@ async function serversPage(page) {
           s.source,
           s.installed ? `${s.installed.entry} ${s.installed.version}` : "",
           h("td", { class: "actions" },
-            h("button", { type: "button", "data-key": `logs:${s.name}`, "aria-label": `Logs of ${s.name}`, onclick: () => openLogs(s.name) }, "Logs"),
-            s.source === "runtime" ? [
-              h("button", { type: "button", "data-key": `restart:${s.name}`, "aria-label": `Restart ${s.name}`, onclick: () => act("POST", s.name, "restart", `Restarting ${s.name}.`) }, "Restart"),
-              h("button", { type: "button", class: "danger", "data-key": `remove:${s.name}`, "aria-label": `Remove ${s.name}`, onclick: () => {
+            grants("servers:logs") ? h("button", { type: "button", "data-key": `logs:${s.name}`, "aria-label": `Logs of ${s.name}`, onclick: () => openLogs(s.name) }, "Logs") : null,
+            s.source === "runtime" && grants("servers:restart")
+              ? h("button", { type: "button", "data-key": `restart:${s.name}`, "aria-label": `Restart ${s.name}`, onclick: () => act("POST", s.name, "restart", `Restarting ${s.name}.`) }, "Restart")
+              : null,
+            s.source === "runtime" && grants("servers:write")
+              ? h("button", { type: "button", class: "danger", "data-key": `remove:${s.name}`, "aria-label": `Remove ${s.name}`, onclick: () => {
                 if (confirm(`Remove ${s.name}? Its process or pod stops and its secrets are deleted.`)) act("DELETE", s.name, "", `Removed ${s.name}.`);
-              } }, "Remove"),
-            ] : null),
+              } }, "Remove")
+              : null),
         ]), "No server runs. Install one from the catalog."));
     if (focused) { const again = list.querySelector(`[data-key="${CSS.escape(focused)}"]`); if (again) again.focus(); }
     if (following && !data.servers.some(s => s.name === following.name)) closeLogs();

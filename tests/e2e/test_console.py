@@ -148,6 +148,9 @@ def test_the_console_installs_watches_and_removes_a_server(console_gateway: Gate
     assert seen["afterRemove"] == 404
     assert seen["errors"] == []
     assert "sessions:read" in seen["viewerRefused"]
+    assert seen["viewerLinks"] == ["Catalog", "Servers"]
+    assert seen["viewerActions"] == 0 and seen["viewerInstall"] == 0
+    assert seen["viewerDirect"] == 403
     for page in PAGES:
         shot = ARTIFACTS / f"{page}.png"
         assert shot.exists() and shot.stat().st_size > 1000, f"no screenshot of {page}"
