@@ -1995,3 +1995,52 @@ chains: [ { plugins: [filter] } ]
     }
     assert_eq!(metrics_of(&set, "filter").reused, 4);
 }
+
+/// Each build of tool-policy reads the arguments only where a rule on them names the tool: its
+/// other decisions are kept (where its runtime lets the host see that they can be).
+#[test]
+fn every_build_of_tool_policy_has_its_name_only_decisions_kept() {
+    warm_interpreted();
+    for build in TOOL_POLICY_BUILDS {
+        let set = load(&format!(
+            r#"
+modules:
+  - name: policy
+    path: "{{dir}}/{build}.wasm"
+    reuse_decisions: true
+    config:
+      rules:
+        - {{ tool: "fs_*", argument: path, operator: startsWith, value: /etc, action: block, reason: "no /etc" }}
+        - {{ tool: shell, action: block, reason: "no shell" }}
+      default: allow
+chains: [ {{ plugins: [policy] }} ]
+"#
+        ))
+        .unwrap();
+        for _ in 0..3 {
+            assert_eq!(
+                denied(set.on_request_blocking(&ctx("s", "shell"), "{}")).message,
+                "no shell",
+                "{build}"
+            );
+            assert!(
+                is_allow(&set.on_request_blocking(&ctx("s", "search"), "{}")),
+                "{build}"
+            );
+            // A rule on the arguments names fs_*: those calls are judged each time.
+            assert!(
+                !is_allow(&set.on_request_blocking(&ctx("s", "fs_read"), r#"{"path":"/etc/x"}"#)),
+                "{build}"
+            );
+            assert!(
+                is_allow(&set.on_request_blocking(&ctx("s", "fs_read"), r#"{"path":"/home/x"}"#)),
+                "{build}"
+            );
+        }
+        let m = metrics_of(&set, "policy");
+        // The JavaScript build's runtime reads a WASI clock and draws randomness on every call,
+        // so nothing of it is kept (its decisions above are right all the same).
+        let kept = if build == "tool_policy_js" { 0 } else { 4 };
+        assert_eq!((m.calls, m.reused), (12, kept), "{build}");
+    }
+}
