@@ -266,7 +266,8 @@ impl Gateway {
                 }
             }
         }
-        let metrics = Metrics::new();
+        let metrics =
+            Metrics::with_collectors(vec![Box::new(crate::plugins::Exported(plugins.clone()))]);
         // The exporter needs a runtime: spawned here, it lives as long as any tracer does.
         let tracer = config.traces.as_ref().map(|t| {
             let (tracer, queue) = crate::trace::Tracer::new(t, metrics.trace_spans_dropped.clone());

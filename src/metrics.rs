@@ -172,7 +172,17 @@ impl ServerMetrics {
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Arc<Self> {
+        Self::with_collectors(Vec::new())
+    }
+
+    /// [`Self::new`], with families others keep, read at each scrape (the plugins' counters).
+    pub fn with_collectors(
+        collectors: Vec<Box<dyn prometheus_client::collector::Collector>>,
+    ) -> Arc<Self> {
         let mut registry = Registry::with_prefix("gatehouse");
+        for collector in collectors {
+            registry.register_collector(collector);
+        }
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "mcp_requests",

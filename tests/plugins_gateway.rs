@@ -75,6 +75,66 @@ async fn tool_policy_blocks_on_arguments_and_names_itself() {
     );
 }
 
+/// A kept decision reaches the client as the plugin's own would, and the plugins' counters
+/// (calls, kept answers, denials, faults, time) are on `/metrics`.
+#[tokio::test]
+async fn a_kept_denial_is_the_plugins_and_the_counters_are_on_the_metrics_page() {
+    let cfg = format!(
+        r#"plugins:
+  modules:
+    - name: policy
+      path: {:?}
+      reuse_decisions: true
+      config:
+        rules:
+          - {{ tool: add, action: block, reason: "no sums" }}
+        default: allow
+  chains:
+    - {{ name: tools, methods: ["tools/call"], plugins: [policy] }}"#,
+        wasm("tool_policy")
+    );
+    let (gw, c) = gateway(&cfg).await;
+    for id in 1..=3 {
+        assert_denied(&call_add(&c, id, "a").await, -32030, "policy", "no sums");
+    }
+    assert_eq!(c.tool_text(4, "a__echo", json!({"text":"hi"})).await, "hi");
+    let page = support::Client::new(format!("http://{}/metrics", gw.addr));
+    let text = page
+        .send(
+            page.request("GET", bytes::Bytes::new())
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .body;
+    let value = |series: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {series} in {text}"))
+            .to_owned()
+    };
+    assert_eq!(
+        value(r#"gatehouse_plugin_calls_total{plugin="policy"}"#),
+        "4"
+    );
+    assert_eq!(
+        value(r#"gatehouse_plugin_reused_total{plugin="policy"}"#),
+        "2"
+    );
+    assert_eq!(
+        value(r#"gatehouse_plugin_denials_total{plugin="policy"}"#),
+        "3"
+    );
+    assert_eq!(
+        value(r#"gatehouse_plugin_faults_total{plugin="policy",kind="trap"}"#),
+        "0"
+    );
+    let seconds: f64 = value(r#"gatehouse_plugin_call_seconds_total{plugin="policy"}"#)
+        .parse()
+        .unwrap();
+    assert!(seconds > 0.0 && seconds < 10.0, "{seconds}");
+}
+
 #[tokio::test]
 async fn redact_rewrites_results() {
     let cfg = format!(

@@ -1,9 +1,17 @@
-//! Per-plugin counters. They outlive reloads (keyed by plugin name) so the
-//! gateway can export them as Prometheus counters.
+//! Per-plugin counters. They outlive reloads (keyed by plugin name), and
+//! [`Exported`] shows them on the gateway's `/metrics` at each scrape.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::registry::Unit;
+
 use super::error::FaultKind;
+use super::reload::Plugins;
 
 /// Counters of one plugin.
 #[derive(Debug, Default)]
@@ -110,5 +118,87 @@ impl PluginMetrics {
             call_nanos: r(&self.call_nanos),
             reused: r(&self.reused),
         }
+    }
+}
+
+/// The plugins' counters as Prometheus counters labelled by plugin (`gatehouse_plugin_*`), read
+/// from their atomics at each scrape.
+pub struct Exported(pub Arc<Plugins>);
+
+impl std::fmt::Debug for Exported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Exported")
+    }
+}
+
+type Read = fn(&MetricsSnapshot) -> u64;
+
+/// Each counter family: name, help, and how to read it.
+const FAMILIES: [(&str, &str, Read); 6] = [
+    (
+        "plugin_calls",
+        "Hook calls, run by the plugin or answered with a kept decision",
+        |m| m.calls,
+    ),
+    (
+        "plugin_reused",
+        "Hook calls answered with a kept decision, the plugin not run (reuse_decisions)",
+        |m| m.reused,
+    ),
+    ("plugin_denials", "Hook calls that denied", |m| m.denials),
+    ("plugin_rewrites", "Hook calls that rewrote", |m| m.rewrites),
+    (
+        "plugin_fail_open_skips",
+        "Failed hook calls skipped (fail_open)",
+        |m| m.fail_open_skips,
+    ),
+    (
+        "plugin_instances",
+        "Instances created (first load, after a fault, after recycling)",
+        |m| m.instances,
+    ),
+];
+
+impl Collector for Exported {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counters = self.0.current().metrics();
+        for (name, help, read) in FAMILIES {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (plugin, m) in &counters {
+                let labels = [("plugin", plugin.as_str())];
+                ConstCounter::new(read(m)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut faults = encoder.encode_descriptor(
+            "plugin_faults",
+            "Failed hook calls and instances, by kind",
+            None,
+            MetricType::Counter,
+        )?;
+        for (plugin, m) in &counters {
+            for (kind, n) in [
+                ("deadline", m.faults_deadline),
+                ("memory", m.faults_memory),
+                ("trap", m.faults_trap),
+                ("malformed", m.faults_malformed),
+                ("init", m.faults_init),
+                ("unavailable", m.faults_unavailable),
+            ] {
+                let labels = [("plugin", plugin.as_str()), ("kind", kind)];
+                ConstCounter::new(n).encode(faults.encode_family(&labels)?)?;
+            }
+        }
+        let mut time = encoder.encode_descriptor(
+            "plugin_call",
+            "Time spent running hook calls",
+            Some(&Unit::Seconds),
+            MetricType::Counter,
+        )?;
+        for (plugin, m) in &counters {
+            let labels = [("plugin", plugin.as_str())];
+            let seconds = m.call_nanos as f64 / 1e9;
+            ConstCounter::new(seconds).encode(time.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }

@@ -81,7 +81,7 @@ pub use config::{ByteSize, ChainConfig, EngineConfig, PluginConfig, PluginsConfi
 pub use error::{Fault, FaultKind, PluginError};
 pub use instance::Hooks;
 pub use json_text::JsonText;
-pub use metrics::{MetricsSnapshot, PluginMetrics};
+pub use metrics::{Exported, MetricsSnapshot, PluginMetrics};
 pub use reload::{Plugins, Watcher};
 pub use state::{
     Action, Asked, DELETION_PAGES_AT_ONCE, Deletions, DeletionsRead, Holder, Joined, Outcome,
