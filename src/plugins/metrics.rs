@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::registry::Unit;
@@ -133,6 +135,28 @@ impl std::fmt::Debug for Exported {
 
 type Read = fn(&MetricsSnapshot) -> u64;
 
+/// A plugin's name as a label value, escaped as the text format asks: the encoder writes
+/// values as they are, and a name is whatever the configuration says (a quote or a line
+/// break in it would otherwise end the series and start another, or break the page).
+struct LabelText<'a>(&'a str);
+
+impl EncodeLabelValue for LabelText<'_> {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        let mut rest = self.0;
+        while let Some(at) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..at])?;
+            encoder.write_str(match rest.as_bytes()[at] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[at + 1..];
+        }
+        encoder.write_str(rest)
+    }
+}
+
 /// Each counter family: name, help, and how to read it.
 const FAMILIES: [(&str, &str, Read); 6] = [
     (
@@ -165,7 +189,7 @@ impl Collector for Exported {
         for (name, help, read) in FAMILIES {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for (plugin, m) in &counters {
-                let labels = [("plugin", plugin.as_str())];
+                let labels = [("plugin", LabelText(plugin))];
                 ConstCounter::new(read(m)).encode(family.encode_family(&labels)?)?;
             }
         }
@@ -184,7 +208,7 @@ impl Collector for Exported {
                 ("init", m.faults_init),
                 ("unavailable", m.faults_unavailable),
             ] {
-                let labels = [("plugin", plugin.as_str()), ("kind", kind)];
+                let labels = [("plugin", LabelText(plugin)), ("kind", LabelText(kind))];
                 ConstCounter::new(n).encode(faults.encode_family(&labels)?)?;
             }
         }
@@ -195,10 +219,36 @@ impl Collector for Exported {
             MetricType::Counter,
         )?;
         for (plugin, m) in &counters {
-            let labels = [("plugin", plugin.as_str())];
+            let labels = [("plugin", LabelText(plugin))];
             let seconds = m.call_nanos as f64 / 1e9;
             ConstCounter::new(seconds).encode(time.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plugin_name_is_one_label_value_whatever_its_characters() {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("gatehouse");
+        let plugins = Plugins::new(super::super::PluginSet::empty());
+        let odd = "a\"} 1\nforged_total 9\\";
+        plugins
+            .current()
+            .shared
+            .metrics_for(odd)
+            .calls
+            .fetch_add(3, Ordering::Relaxed);
+        registry.register_collector(Box::new(Exported(plugins)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(r#"gatehouse_plugin_calls_total{plugin="a\"} 1\nforged_total 9\\"} 3"#),
+            "{text}"
+        );
+        assert!(!text.lines().any(|l| l.starts_with("forged")), "{text}");
     }
 }
