@@ -1445,12 +1445,9 @@ async fn an_answer_in_a_retry_passes_the_request_chains() {
     gw.stop().await;
 }
 
-/// The gateway's own answer to a server's question (a refusal: the 2026 client did not declare
-/// the capability) is not the client's, and is not judged as the client's: a chain that
-/// refuses every sampling answer leaves it as it is, and the server hears the gateway's words.
-#[tokio::test]
-async fn the_gateways_own_answer_reaches_the_server_unjudged() {
-    let dir = support::scratch_dir("own-answer");
+/// A server whose tool `t` asks the client to sample, and which writes the answer it hears (an
+/// error) to the file it names, under `dir`.
+fn asking_server(dir: &std::path::Path) -> (String, std::path::PathBuf) {
     let heard = dir.join("heard");
     let record = format!(r#"printf '%s\n' "$line" >> {heard:?}"#);
     let asking = support::sh_server(
@@ -1465,10 +1462,19 @@ async fn the_gateways_own_answer_reaches_the_server_unjudged() {
                 "tools/call",
                 r#"printf '{"jsonrpc":"2.0","id":"q1","method":"sampling/createMessage","params":{"messages":[],"maxTokens":10}}\n'"#,
             ),
-            // The answer to its question (an error): what it heard.
             ("error", &record),
         ],
     );
+    (asking, heard)
+}
+
+/// The gateway's own answer to a server's question (a refusal: the 2026 client did not declare
+/// the capability) is not the client's, and is not judged as the client's: a chain that
+/// refuses every sampling answer leaves it as it is, and the server hears the gateway's words.
+#[tokio::test]
+async fn the_gateways_own_answer_reaches_the_server_unjudged() {
+    let dir = support::scratch_dir("own-answer");
+    let (asking, heard) = asking_server(&dir);
     let top = support::no_answers_policy("sampling/createMessage");
     let gw = TestGateway::start(&top, &[asking]).await;
     let c = gw.client();
@@ -1501,23 +1507,7 @@ async fn the_gateways_own_answer_reaches_the_server_unjudged() {
 #[tokio::test]
 async fn an_abandoned_questions_answer_reaches_the_server_unjudged() {
     let dir = support::scratch_dir("abandoned-answer");
-    let heard = dir.join("heard");
-    let record = format!(r#"printf '%s\n' "$line" >> {heard:?}"#);
-    let asking = support::sh_server(
-        "asking",
-        r#"{"tools":{}}"#,
-        &[
-            (
-                "tools/list",
-                r#"printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[{"name":"t","inputSchema":{"type":"object"}}]}}\n' "$id""#,
-            ),
-            (
-                "tools/call",
-                r#"printf '{"jsonrpc":"2.0","id":"q1","method":"sampling/createMessage","params":{"messages":[],"maxTokens":10}}\n'"#,
-            ),
-            ("error", &record),
-        ],
-    );
+    let (asking, heard) = asking_server(&dir);
     let top = format!(
         "mcp: {{session_idle_timeout: 1s}}\n{}",
         support::no_answers_policy("sampling/createMessage")

@@ -304,6 +304,13 @@ mod tests {
         }
     }
 
+    /// Asks `c`, which must miss, and keeps an allow for it.
+    fn keep_allow(d: &Decisions, c: &CallContext<'_>) {
+        let miss = d.answer(Asked::Request, c).err().expect("not kept yet");
+        let allow = HookAnswer::Decision(bindings::Decision::Allow);
+        d.keep(miss, Asked::Request, c, &allow);
+    }
+
     fn allowed(answer: Result<HookAnswer, Miss>) -> Option<bool> {
         match answer.ok()? {
             HookAnswer::Decision(bindings::Decision::Allow) => Some(true),
@@ -431,13 +438,7 @@ mod tests {
         for i in 0..MAX_KEPT * 2 + 7 {
             let name = format!("tool-{i}");
             let c = ctx(&name, Some("alice"), &[]);
-            let miss = d.answer(Asked::Request, &c).err().unwrap();
-            d.keep(
-                miss,
-                Asked::Request,
-                &c,
-                &HookAnswer::Decision(bindings::Decision::Allow),
-            );
+            keep_allow(&d, &c);
             assert!(d.len() <= MAX_KEPT);
         }
         // The newest is kept.
@@ -452,25 +453,13 @@ mod tests {
         for i in 0..2 * MAX_KEPT_BYTES / 2000 {
             let name = format!("{i:02000}");
             let c = ctx(&name, Some("alice"), &[]);
-            let miss = d.answer(Asked::Request, &c).err().unwrap();
-            d.keep(
-                miss,
-                Asked::Request,
-                &c,
-                &HookAnswer::Decision(bindings::Decision::Allow),
-            );
+            keep_allow(&d, &c);
             let book = d.kept.lock().unwrap();
             assert!(book.bytes <= MAX_KEPT_BYTES && book.answers.len() < MAX_KEPT_BYTES / 2000);
         }
         let long = "x".repeat(MAX_ONE_BYTES);
         let c = ctx(&long, Some("alice"), &[]);
-        let miss = d.answer(Asked::Request, &c).err().unwrap();
-        d.keep(
-            miss,
-            Asked::Request,
-            &c,
-            &HookAnswer::Decision(bindings::Decision::Allow),
-        );
+        keep_allow(&d, &c);
         assert!(d.answer(Asked::Request, &c).is_err());
     }
 }
