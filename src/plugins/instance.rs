@@ -26,7 +26,7 @@ use super::engine::Runtime;
 use super::error::{Fault, PluginError};
 use super::host::HostState;
 use super::metrics::PluginMetrics;
-use super::reuse::{Asked, Decisions};
+use super::reuse::{Answer, Asked, Decisions};
 use super::state::{Holder, StateStore};
 use super::{CallContext, JsonText};
 
@@ -117,6 +117,34 @@ pub(crate) enum HookAnswer {
     Decision(bindings::Decision),
     /// From `filter-list`: one boolean per entry.
     Visible(Vec<bool>),
+}
+
+impl HookAnswer {
+    /// The answer as kept for calls alike, if it may be: a rewrite depends on the payload, and
+    /// only a one-entry visibility is kept.
+    fn kept(&self) -> Option<Answer> {
+        match self {
+            HookAnswer::Decision(bindings::Decision::Allow) => Some(Answer::Allow),
+            HookAnswer::Decision(bindings::Decision::Deny(denial)) => {
+                Some(Answer::Deny(denial.clone()))
+            }
+            HookAnswer::Decision(bindings::Decision::Rewrite(_)) => None,
+            HookAnswer::Visible(shown) => match shown[..] {
+                [one] => Some(Answer::Visible(one)),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl From<Answer> for HookAnswer {
+    fn from(answer: Answer) -> HookAnswer {
+        match answer {
+            Answer::Allow => HookAnswer::Decision(bindings::Decision::Allow),
+            Answer::Deny(denial) => HookAnswer::Decision(bindings::Decision::Deny(denial)),
+            Answer::Visible(shown) => HookAnswer::Visible(vec![shown]),
+        }
+    }
 }
 
 /// One warm instance.
@@ -278,7 +306,7 @@ impl LoadedPlugin {
             (Some(decisions), Some(asked)) => match decisions.answer(asked, ctx) {
                 Ok(answer) => {
                     self.metrics.reused.fetch_add(1, Ordering::Relaxed);
-                    return Ok(answer);
+                    return Ok(HookAnswer::from(answer));
                 }
                 Err(miss) => Some((decisions, asked, miss)),
             },
@@ -330,8 +358,9 @@ impl LoadedPlugin {
             Ok(out) => {
                 if let Some((decisions, asked, miss)) = reuse
                     && !unkeyed
+                    && let Some(answer) = out.kept()
                 {
-                    decisions.keep(miss, asked, ctx, &out);
+                    decisions.keep(miss, asked, ctx, answer);
                 }
                 warm.calls += 1;
                 if warm.calls < self.cfg.recycle_after {
@@ -498,5 +527,31 @@ fn classify(
             Phase::Call | Phase::Init => Fault::Malformed(format!("{err:#}")),
             Phase::Instantiate => Fault::Unavailable(format!("{err:#}")),
         },
+    }
+}
+
+#[cfg(test)]
+mod kept_tests {
+    use super::*;
+
+    #[test]
+    fn only_an_allow_a_deny_or_a_one_entry_visibility_is_kept() {
+        let rewrite = HookAnswer::Decision(bindings::Decision::Rewrite("{}".into()));
+        assert!(rewrite.kept().is_none());
+        assert!(HookAnswer::Visible(vec![true, false]).kept().is_none());
+        assert!(HookAnswer::Visible(vec![]).kept().is_none());
+        assert!(matches!(
+            HookAnswer::Visible(vec![false]).kept(),
+            Some(Answer::Visible(false))
+        ));
+        assert!(matches!(
+            HookAnswer::Decision(bindings::Decision::Allow).kept(),
+            Some(Answer::Allow)
+        ));
+        let deny = HookAnswer::Decision(bindings::Decision::Deny(bindings::Denial {
+            code: None,
+            message: "no".into(),
+        }));
+        assert!(matches!(deny.kept(), Some(Answer::Deny(d)) if d.message == "no"));
     }
 }

@@ -60,6 +60,7 @@ mod check;
 mod config;
 mod engine;
 mod error;
+mod exported;
 mod host;
 mod instance;
 mod json_text;
@@ -79,9 +80,10 @@ use dashmap::DashMap;
 pub use check::check;
 pub use config::{ByteSize, ChainConfig, EngineConfig, PluginConfig, PluginsConfig};
 pub use error::{Fault, FaultKind, PluginError};
+pub use exported::Exported;
 pub use instance::Hooks;
 pub use json_text::JsonText;
-pub use metrics::{Exported, MetricsSnapshot, PluginMetrics};
+pub use metrics::{MetricsSnapshot, PluginMetrics};
 pub use reload::{Plugins, Watcher};
 pub use state::{
     Action, Asked, DELETION_PAGES_AT_ONCE, Deletions, DeletionsRead, Holder, Joined, Outcome,

@@ -13,7 +13,6 @@ use std::sync::{Mutex, PoisonError};
 
 use super::CallContext;
 use super::bindings::{self, EntryKind};
-use super::instance::HookAnswer;
 
 /// Most answers kept for one plugin, and most bytes their questions and reasons take. Past
 /// either they are all forgotten and kept anew: callers, names and entries are the client's
@@ -58,11 +57,14 @@ struct Kept {
     bytes: usize,
 }
 
-/// An answer worth keeping: a rewrite depends on the payload, which keeps nothing.
-#[derive(Clone)]
-enum Answer {
+/// An answer worth keeping (a rewrite depends on the payload, which is never kept).
+#[derive(Debug, Clone)]
+pub(crate) enum Answer {
+    /// `allow`.
     Allow,
+    /// `deny`, with the plugin's code and reason.
     Deny(bindings::Denial),
+    /// Whether `filter-list` showed its one entry.
     Visible(bool),
 }
 
@@ -214,39 +216,21 @@ impl Decisions {
     }
 
     /// The kept answer to this question, or where to keep the plugin's.
-    pub(crate) fn answer(
-        &self,
-        asked: Asked<'_>,
-        ctx: &CallContext<'_>,
-    ) -> Result<HookAnswer, Miss> {
+    pub(crate) fn answer(&self, asked: Asked<'_>, ctx: &CallContext<'_>) -> Result<Answer, Miss> {
         let hash = self.hash(asked, ctx);
         let book = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
         match book.answers.get(&hash) {
             // Another question of the same hash (never seen, but not assumed away) is a miss.
-            Some(k) if k.question.is(asked, ctx) => Ok(match k.answer.clone() {
-                Answer::Allow => HookAnswer::Decision(bindings::Decision::Allow),
-                Answer::Deny(denial) => HookAnswer::Decision(bindings::Decision::Deny(denial)),
-                Answer::Visible(shown) => HookAnswer::Visible(vec![shown]),
-            }),
+            Some(k) if k.question.is(asked, ctx) => Ok(k.answer.clone()),
             _ => Err(Miss(hash)),
         }
     }
 
     /// Keeps the plugin's answer to a question it answered from the keyed fields alone.
-    pub(crate) fn keep(
-        &self,
-        miss: Miss,
-        asked: Asked<'_>,
-        ctx: &CallContext<'_>,
-        answer: &HookAnswer,
-    ) {
-        let (answer, reason) = match answer {
-            HookAnswer::Decision(bindings::Decision::Allow) => (Answer::Allow, 0),
-            HookAnswer::Decision(bindings::Decision::Deny(denial)) => {
-                (Answer::Deny(denial.clone()), denial.message.len())
-            }
-            HookAnswer::Visible(shown) if shown.len() == 1 => (Answer::Visible(shown[0]), 0),
-            _ => return,
+    pub(crate) fn keep(&self, miss: Miss, asked: Asked<'_>, ctx: &CallContext<'_>, answer: Answer) {
+        let reason = match &answer {
+            Answer::Deny(denial) => denial.message.len(),
+            Answer::Allow | Answer::Visible(_) => 0,
         };
         let bytes = Question::bytes(asked, ctx) + reason;
         if bytes > MAX_ONE_BYTES {
@@ -306,16 +290,15 @@ mod tests {
 
     /// Asks `c`, which must miss, and keeps an allow for it.
     fn keep_allow(d: &Decisions, c: &CallContext<'_>) {
-        let miss = d.answer(Asked::Request, c).err().expect("not kept yet");
-        let allow = HookAnswer::Decision(bindings::Decision::Allow);
-        d.keep(miss, Asked::Request, c, &allow);
+        let miss = d.answer(Asked::Request, c).expect_err("not kept yet");
+        d.keep(miss, Asked::Request, c, Answer::Allow);
     }
 
-    fn allowed(answer: Result<HookAnswer, Miss>) -> Option<bool> {
+    fn allowed(answer: Result<Answer, Miss>) -> Option<bool> {
         match answer.ok()? {
-            HookAnswer::Decision(bindings::Decision::Allow) => Some(true),
-            HookAnswer::Decision(bindings::Decision::Deny(_)) => Some(false),
-            _ => None,
+            Answer::Allow => Some(true),
+            Answer::Deny(_) => Some(false),
+            Answer::Visible(_) => None,
         }
     }
 
@@ -326,16 +309,14 @@ mod tests {
         let alice = ctx("fs_read", Some("alice"), &admins);
         let miss = d
             .answer(Asked::Request, &alice)
-            .err()
-            .expect("nothing kept yet");
-        let deny = HookAnswer::Decision(bindings::Decision::Deny(bindings::Denial {
+            .expect_err("nothing kept yet");
+        let deny = Answer::Deny(bindings::Denial {
             code: Some(-32050),
             message: "no".into(),
-        }));
-        d.keep(miss, Asked::Request, &alice, &deny);
-        assert_eq!(allowed(d.answer(Asked::Request, &alice)), Some(false));
+        });
+        d.keep(miss, Asked::Request, &alice, deny);
         match d.answer(Asked::Request, &alice) {
-            Ok(HookAnswer::Decision(bindings::Decision::Deny(denial))) => {
+            Ok(Answer::Deny(denial)) => {
                 assert_eq!((denial.code, denial.message.as_str()), (Some(-32050), "no"));
             }
             _ => panic!("the kept denial, with its code and reason"),
@@ -383,19 +364,9 @@ mod tests {
     }
 
     #[test]
-    fn a_rewrite_is_not_kept_and_a_visibility_is_kept_per_entry() {
+    fn a_visibility_is_kept_per_entry() {
         let d = Decisions::new();
         let c = ctx("t", Some("alice"), &[]);
-        let miss = d.answer(Asked::Request, &c).err().unwrap();
-        d.keep(
-            miss,
-            Asked::Request,
-            &c,
-            &HookAnswer::Decision(bindings::Decision::Rewrite("{}".into())),
-        );
-        assert!(d.answer(Asked::Request, &c).is_err());
-        assert_eq!(d.len(), 0);
-
         let labels = ["destructive"];
         let entry = bindings::ListEntry {
             kind: EntryKind::Tool,
@@ -403,16 +374,11 @@ mod tests {
             description: None,
             labels: &labels,
         };
-        let miss = d.answer(Asked::Visible(&entry), &c).err().unwrap();
-        d.keep(
-            miss,
-            Asked::Visible(&entry),
-            &c,
-            &HookAnswer::Visible(vec![false]),
-        );
+        let miss = d.answer(Asked::Visible(&entry), &c).unwrap_err();
+        d.keep(miss, Asked::Visible(&entry), &c, Answer::Visible(false));
         assert!(matches!(
             d.answer(Asked::Visible(&entry), &c),
-            Ok(HookAnswer::Visible(v)) if v == [false]
+            Ok(Answer::Visible(false))
         ));
         let unlabelled = bindings::ListEntry {
             labels: &[],
