@@ -1349,26 +1349,37 @@ servers:
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
 
-    // The trail says who was refused what.
-    let r = admin(&gw, "GET", "/admin/v1/audit?limit=50", viewer, None).await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let records = r.json();
-    let records = records["records"].as_array().expect("records").clone();
-    let denied: Vec<&Value> = records
-        .iter()
-        .filter(|e| e["principal"] == "viewer" && e["decision"] == "denied")
-        .collect();
+    // The trail says who was refused what (its writer gathers records before it writes them:
+    // asked until both refusals are there).
+    let refused = |records: &Value, method: &str, name: &str| {
+        records["records"].as_array().is_some_and(|all| {
+            all.iter().any(|e| {
+                e["principal"] == "viewer"
+                    && e["decision"] == "denied"
+                    && e["method"] == method
+                    && e["name"] == name
+            })
+        })
+    };
+    let mut records = Value::Null;
+    for _ in 0..250 {
+        let r = admin(&gw, "GET", "/admin/v1/audit?limit=50", viewer, None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        records = r.json();
+        if refused(&records, "PUT", "/admin/v1/servers/extra")
+            && refused(&records, "GET", "/admin/v1/servers/ex/logs")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+    }
     assert!(
-        denied
-            .iter()
-            .any(|e| e["method"] == "PUT" && e["name"] == "/admin/v1/servers/extra"),
+        refused(&records, "PUT", "/admin/v1/servers/extra"),
         "{records:#?}"
     );
     // A read its scopes refuse is recorded too.
     assert!(
-        denied
-            .iter()
-            .any(|e| e["method"] == "GET" && e["name"] == "/admin/v1/servers/ex/logs"),
+        refused(&records, "GET", "/admin/v1/servers/ex/logs"),
         "{records:#?}"
     );
     gw.stop().await;
