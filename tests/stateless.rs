@@ -1468,6 +1468,17 @@ fn asking_server(dir: &std::path::Path) -> (String, std::path::PathBuf) {
     (asking, heard)
 }
 
+/// What [`asking_server`] heard in answer to its question, once it has heard it.
+async fn heard_answer(heard: &std::path::Path) -> String {
+    let read = || std::fs::read_to_string(heard).unwrap_or_default();
+    support::eventually("the server hears the gateway's answer", || {
+        let text = read();
+        async move { !text.is_empty() }
+    })
+    .await;
+    read()
+}
+
 /// The gateway's own answer to a server's question (a refusal: the 2026 client did not declare
 /// the capability) is not the client's, and is not judged as the client's: a chain that
 /// refuses every sampling answer leaves it as it is, and the server hears the gateway's words.
@@ -1482,13 +1493,7 @@ async fn the_gateways_own_answer_reaches_the_server_unjudged() {
     params["_meta"] = meta(json!({}));
     let r = send(&c, 1, "tools/call", params, &[]).await;
     assert_eq!(r.error_code(), -32021, "{}", r.body);
-    let read = || std::fs::read_to_string(&heard).unwrap_or_default();
-    support::eventually("the server hears the gateway's answer", || {
-        let text = read();
-        async move { !text.is_empty() }
-    })
-    .await;
-    let text = read();
+    let text = heard_answer(&heard).await;
     assert!(
         text.contains("did not declare the sampling capability"),
         "{text}"
@@ -1518,13 +1523,7 @@ async fn an_abandoned_questions_answer_reaches_the_server_unjudged() {
     params["_meta"] = meta(json!({"sampling": {}}));
     let r = send(&c, 1, "tools/call", params, &[]).await;
     only_question(&r.response());
-    let read = || std::fs::read_to_string(&heard).unwrap_or_default();
-    support::eventually("the server hears the gateway's answer", || {
-        let text = read();
-        async move { !text.is_empty() }
-    })
-    .await;
-    let text = read();
+    let text = heard_answer(&heard).await;
     assert!(text.contains("did not answer in time"), "{text}");
     assert!(
         !text.contains("no answers at all"),
