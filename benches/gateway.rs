@@ -953,6 +953,7 @@ async fn bench() {
     let floors = [
         ("floor proxy, shared runtime", "shared"),
         ("floor proxy, thread per CPU", "per-thread"),
+        ("floor relay, TCP bytes only", "tcp"),
     ]
     .map(|(name, model)| (name, start_floor_proxy(model, &upstream_url)));
     if a.only_floor {
