@@ -953,6 +953,7 @@ async fn bench() {
     let floors = [
         ("floor proxy, shared runtime", "shared"),
         ("floor proxy, thread per CPU", "per-thread"),
+        ("floor proxy, paired, one task", "paired"),
         ("floor relay, TCP bytes only", "tcp"),
     ]
     .map(|(name, model)| (name, start_floor_proxy(model, &upstream_url)));

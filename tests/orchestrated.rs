@@ -1385,3 +1385,45 @@ servers:
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every principal shares a shared server's one session: nothing one leaves in it may be
+/// reached by another. A method that reaches what earlier requests left there (another
+/// principal's task, by `tasks/list` and `tasks/result`) is refused, and so is a call asking
+/// to run as a task, however its `task` key is spelled; calls that stand alone go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_servers_session_keeps_nothing_one_principal_could_reach_of_anothers() {
+    let gw = gateway(&example_server("ex")).await;
+    let a = client(&gw).await;
+    for (i, method) in ["tasks/list", "tasks/get", "tasks/result", "tasks/cancel"]
+        .into_iter()
+        .enumerate()
+    {
+        let r = a.call(i as u64 + 1, method, json!({"taskId": "t-1"})).await;
+        assert_eq!(r["error"]["code"], -32601, "{method}: {r}");
+        let message = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("every principal shares its one session"),
+            "{method}: {r}"
+        );
+    }
+    for key in ["task", "Task", "TASK"] {
+        let r = a
+            .call(
+                9,
+                "tools/call",
+                json!({"name": "echo", "arguments": {"text": "hi"}, key: {"ttl": 60000}}),
+            )
+            .await;
+        assert_eq!(r["error"]["code"], -32602, "{key}: {r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("params.task:")),
+            "{key}: {r}"
+        );
+    }
+    assert_eq!(a.tool_text(10, "echo", json!({"text": "hi"})).await, "hi");
+    let listed = a.call(11, "tools/list", json!({})).await;
+    assert!(listed["result"]["tools"].is_array(), "{listed}");
+    gw.stop().await;
+}

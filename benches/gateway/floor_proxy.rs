@@ -8,6 +8,8 @@
 //! - `shared`: one multi-thread runtime (a worker per CPU), one listener, one upstream pool;
 //! - `per-thread`: a current-thread runtime per CPU, each with its own `SO_REUSEPORT` listener
 //!   and upstream pool, so a call never leaves the thread that accepted its connection;
+//! - `paired`: a thread per CPU as in `per-thread`, each client connection with an upstream
+//!   connection of its own, both driven by one task (no hand-off between tasks per call);
 //! - `tcp`: below any HTTP proxy, a relay of bytes: a thread per CPU as in `per-thread`, each
 //!   client connection paired with an upstream connection of its own and the bytes copied both
 //!   ways unread. What this costs is what the machine charges for one more hop at all.
@@ -44,8 +46,8 @@ pub fn serve(model: &str, upstream_url: &str) -> ! {
                 accept(listener, authority).await
             })
         }
-        "per-thread" | "tcp" => {
-            let relay = model == "tcp";
+        "per-thread" | "tcp" | "paired" => {
+            let model = model.to_owned();
             let first = reuse_port_listener("127.0.0.1:0".parse().unwrap());
             let addr = first.local_addr().unwrap();
             let mut listeners = vec![first];
@@ -55,6 +57,7 @@ pub fn serve(model: &str, upstream_url: &str) -> ! {
                 .into_iter()
                 .map(|l| {
                     let authority = authority.clone();
+                    let model = model.clone();
                     std::thread::spawn(move || {
                         let runtime = tokio::runtime::Builder::new_current_thread()
                             .enable_all()
@@ -62,10 +65,10 @@ pub fn serve(model: &str, upstream_url: &str) -> ! {
                             .unwrap();
                         runtime.block_on(async {
                             let listener = tokio::net::TcpListener::from_std(l).unwrap();
-                            if relay {
-                                relay_bytes(listener, authority).await
-                            } else {
-                                accept(listener, authority).await
+                            match model.as_str() {
+                                "tcp" => relay_bytes(listener, authority).await,
+                                "paired" => accept_paired(listener, authority).await,
+                                _ => accept(listener, authority).await,
                             }
                         })
                     })
@@ -76,7 +79,7 @@ pub fn serve(model: &str, upstream_url: &str) -> ! {
             }
             unreachable!("the serving threads never end")
         }
-        other => panic!("floor proxy model {other:?}: shared, per-thread or tcp"),
+        other => panic!("floor proxy model {other:?}: shared, per-thread, paired or tcp"),
     }
 }
 
@@ -111,6 +114,49 @@ async fn accept(listener: tokio::net::TcpListener, upstream: Authority) -> ! {
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+        });
+    }
+}
+
+/// Accepts forever; each connection gets an upstream connection of its own, and one task
+/// drives both.
+async fn accept_paired(listener: tokio::net::TcpListener, upstream: Authority) -> ! {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = client.set_nodelay(true);
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream.as_str()).await else {
+                return;
+            };
+            let _ = server.set_nodelay(true);
+            let Ok((sender, upstream_conn)) =
+                hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(server)).await
+            else {
+                return;
+            };
+            let sender = std::sync::Arc::new(tokio::sync::Mutex::new(sender));
+            let service = service_fn(move |mut req: http::Request<Incoming>| {
+                let sender = sender.clone();
+                async move {
+                    req.headers_mut().remove(http::header::HOST);
+                    let mut sender = sender.lock().await;
+                    Ok::<_, Infallible>(
+                        sender
+                            .send_request(req)
+                            .await
+                            .expect("the upstream answers the floor proxy"),
+                    )
+                }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(client), service);
+            tokio::select! {
+                _ = served => {}
+                _ = upstream_conn => {}
+            }
         });
     }
 }

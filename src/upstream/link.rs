@@ -18,6 +18,42 @@ use super::{
     orchestrated, shared, stateless, stdio, uri_of,
 };
 
+
+/// The requests forwarded to a server whose one session every principal shares (the rest are
+/// refused): each stands on its own, with nothing of one principal's left in the session for
+/// another to reach. Subscriptions and the log level are the gateway's own on such a server.
+const SHARED_METHODS: [&str; 12] = [
+    "ping",
+    "tools/list",
+    "tools/call",
+    "prompts/list",
+    "prompts/get",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "completion/complete",
+    "logging/setLevel",
+];
+
+/// Whether request params ask for the request to run as a task (a `task` member, or a key a
+/// lenient server reads as one); unreadable params count as asking.
+fn asks_for_a_task(params: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(params) else {
+        return true;
+    };
+    if !text.trim_ascii_start().starts_with('{') {
+        return false;
+    }
+    let mut task = false;
+    let read = crate::json_scan::members(text, crate::json_scan::MAX_DEPTH, |key, _| {
+        task |= crate::json_scan::unquote(key)
+            .map_or(true, |k| crate::mcp::lookalike::read_as(&k, &["task"]).is_some());
+    });
+    task || read.is_err()
+}
+
 /// What the probe declares: the gateway itself, able to answer everything a server may ask.
 const PROBE_INIT: &str = r#"{"capabilities":{"sampling":{},"elicitation":{},"roots":{}},"clientInfo":{"name":"gatehouse","version":"probe"}}"#;
 /// Most rounds of input one call to a 2026-07-28 server may ask of a session's client.
@@ -875,6 +911,28 @@ impl Link {
                             taken: false,
                         });
                     }
+                }
+                // The server holds one session for every principal: a method that reaches
+                // what earlier requests left in it (`tasks/list`, `tasks/result` of another
+                // principal's task) would let one principal see or cancel another's work.
+                _ if !SHARED_METHODS.contains(&method) => {
+                    return Ok(Outcome::Error(jsonrpc::error_object(
+                        code::METHOD_NOT_FOUND,
+                        &format!(
+                            "{method} is not available through server {:?}: every principal shares its one session, and {method} would reach what the others left in it",
+                            self.server.name
+                        ),
+                    )));
+                }
+                // A call run as a task leaves its result in that shared session.
+                _ if params.is_some_and(asks_for_a_task) => {
+                    return Ok(Outcome::Error(jsonrpc::error_object(
+                        code::INVALID_PARAMS,
+                        &format!(
+                            "params.task: server {:?} is shared by every principal in one session, where a task's result could be fetched by another; call it without task",
+                            self.server.name
+                        ),
+                    )));
                 }
                 _ => {}
             }
