@@ -9,10 +9,10 @@ use bytes::{Bytes, BytesMut};
 use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use serde::Deserialize;
 
 pub use super::client::{Client, checked_client, client, relay_client};
-use super::pool::UpstreamBody;
 use super::{EventSink, Inbox, Server, UpstreamError};
 use crate::mcp::jsonrpc::{self, Kind, Message, Outcome, code};
 use crate::mcp::revision::STATELESS;
@@ -391,7 +391,7 @@ impl Connection {
     async fn send_request(
         &self,
         req: Request<Full<Bytes>>,
-    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
         let sent = match &self.endpoint {
             Some(endpoint) => self.server.pool.send(endpoint, req).await,
             None => self
@@ -400,7 +400,6 @@ impl Connection {
                 .unwrap_or(&self.server.http)
                 .request(req)
                 .await
-                .map(|resp| resp.map(UpstreamBody::from))
                 .map_err(|e| connect_reason(&e)),
         };
         sent.map_err(|reason| self.server.unavailable(reason))
@@ -550,7 +549,7 @@ impl Connection {
         &self,
         frame: Bytes,
         mirrored: Vec<(http::HeaderName, HeaderValue)>,
-    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
         let Sending {
             resp,
             in_session: had_session,
@@ -702,7 +701,7 @@ impl Connection {
     }
 
     /// Re-opens a response stream after event `last` (GET with `Last-Event-ID`).
-    async fn resume_stream(&self, last: &str) -> Result<UpstreamBody, UpstreamError> {
+    async fn resume_stream(&self, last: &str) -> Result<hyper::body::Incoming, UpstreamError> {
         let value = HeaderValue::from_str(last).map_err(|_| {
             self.server
                 .unavailable("the server's event id is not a header value")
@@ -967,13 +966,13 @@ impl Connection {
 /// A request sent: the server's response, and whether the request went in the upstream
 /// session.
 struct Sending {
-    resp: http::Response<UpstreamBody>,
+    resp: http::Response<hyper::body::Incoming>,
     in_session: bool,
 }
 
 /// Whether a response refuses the request's bearer token: 401 with a `Bearer` challenge
 /// (RFC 6750 §3), which a server answers before it processes the request.
-fn refuses_bearer(resp: &http::Response<UpstreamBody>) -> bool {
+fn refuses_bearer(resp: &http::Response<hyper::body::Incoming>) -> bool {
     resp.status() == StatusCode::UNAUTHORIZED
         && resp
             .headers()
@@ -1067,11 +1066,10 @@ pub(super) fn connect_reason(e: &hyper_util::client::legacy::Error) -> String {
 
 /// The whole of `body`, refused past `limit` bytes. A body of one frame (what a JSON answer
 /// with a `Content-Length` is) comes back as that frame, not copied.
-pub(super) async fn read_limited<B>(mut body: B, limit: usize) -> Result<Bytes, String>
-where
-    B: hyper::body::Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-{
+pub(super) async fn read_limited(
+    mut body: hyper::body::Incoming,
+    limit: usize,
+) -> Result<Bytes, String> {
     let too_long = || "cannot read response body: length limit exceeded".to_owned();
     if body.size_hint().lower() > limit as u64 {
         return Err(too_long());

@@ -3,39 +3,30 @@
 //! and hashes that key three times per request with SipHash, a byte at a time (about 1 k
 //! instructions each for `127.0.0.1:PORT`, more for an in-cluster name); a server has one
 //! or two authorities, which this pool compares as bytes.
-//!
-//! A connection has no task of its own: whichever task waits on it (for an answer's head, then
-//! for its body) drives it. A call's answer then wakes the caller itself, not a connection task
-//! that hands the answer over and wakes the caller in turn (measured on the bench's floor
-//! proxies: 15 against 17 µs of CPU a call at 32 clients, 0.50 against 0.45 × direct).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
-use std::thread::ThreadId;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::Full;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{Connection, SendRequest};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tower_service::Service;
 
 use super::client::Resolver;
 
-/// How long after its last answer ended a connection may still be used (so it has been idle no
+/// How long after its last answer began a connection may still be used (so it has been idle no
 /// longer than this): below common server keep-alive
 /// timeouts (Node's is 5 s), so a request rarely meets a connection the server is closing.
-/// Tests run on loaded machines: a minute there.
+/// An answer that takes longer (a long call, a listen stream) leaves its connection to be closed
+/// rather than used again: safe, if not thrifty. Tests run on loaded machines: a minute there.
 const IDLE: Duration = Duration::from_secs(if cfg!(test) { 60 } else { 4 });
-/// Most idle connections kept per server (more are closed once their answer is read).
+/// Most connections kept per server, busy or idle (more are closed once their answer is read).
 const MAX_KEPT: usize = 1024;
 /// How long a thread pinned to its runtime leaves another thread's idle connection to it
 /// before taking it.
@@ -47,70 +38,19 @@ const RETRIES: usize = 2;
 /// Connections kept open to one server's plain-http endpoints.
 pub struct Pool {
     connector: HttpConnector<Resolver>,
-    /// Idle connections, newest last.
+    /// Connections kept, busy or idle, newest last.
     kept: Mutex<Vec<Kept>>,
     /// Whether a task closes the connections idle too long.
     reaping: AtomicBool,
 }
 
-/// The connection's socket state machine: it reads and writes when polled.
-type Conn = Connection<TokioIo<tokio::net::TcpStream>, Full<Bytes>>;
-
-/// One open connection: requests go in by `sender`, and `conn` moves them on the socket
-/// whenever the task waiting on the connection polls it.
-struct Open {
-    sender: SendRequest<Full<Bytes>>,
-    conn: Conn,
-    /// Whether `conn` has ended (it is not polled again).
-    ended: bool,
-    /// The thread it was opened on, whose runtime's reactor watches its socket.
-    thread: ThreadId,
-}
-
-impl Open {
-    /// Lets the connection read and write what it can, waking `cx` when it can do more.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        drive(&mut self.conn, &mut self.ended, cx);
-    }
-
-    /// Whether it can take a request now: its last answer read, and not closed by the server
-    /// while it sat idle (found by letting it read, with no task to wake: it is not watched
-    /// while idle).
-    fn ready(&mut self) -> bool {
-        self.drive(&mut Context::from_waker(Waker::noop()));
-        !self.ended && self.sender.is_ready()
-    }
-}
-
-/// Polls `conn` unless it has `ended`, noting when it does.
-fn drive(conn: &mut Conn, ended: &mut bool, cx: &mut Context<'_>) {
-    if *ended {
-        return;
-    }
-    if let Poll::Ready(result) = Pin::new(conn).poll(cx) {
-        *ended = true;
-        if let Err(e) = result {
-            tracing::debug!("upstream connection ended: {e}");
-        }
-    }
-}
-
-/// Waits for `fut` (a request sent on `conn`), driving the connection meanwhile.
-async fn alongside<F: Future>(conn: &mut Conn, ended: &mut bool, fut: F) -> F::Output {
-    let mut fut = std::pin::pin!(fut);
-    std::future::poll_fn(|cx| {
-        drive(conn, ended, cx);
-        fut.as_mut().poll(cx)
-    })
-    .await
-}
-
-/// An idle connection kept for later requests.
+/// A connection kept for later requests.
 struct Kept {
     authority: Authority,
-    /// Boxed: a connection's state is large, and moves between the pool and its answers.
-    open: Box<Open>,
-    /// When its last answer ended: it has been idle since then.
+    sender: SendRequest<Full<Bytes>>,
+    /// The thread it was opened on, where its task runs when the runtime pins tasks.
+    thread: std::thread::ThreadId,
+    /// When its last answer began: it has been idle no longer than since then.
     since: Instant,
 }
 
@@ -129,12 +69,12 @@ impl Default for Pool {
 impl Pool {
     /// Sends `req` to `endpoint` (its target and `Host` written here) on an idle connection to
     /// its authority, else on a new one; the connection is kept for the next request once its
-    /// answer has been read to the end.
+    /// answer has been read.
     pub async fn send(
         self: &Arc<Self>,
         endpoint: &Endpoint,
         mut req: Request<Full<Bytes>>,
-    ) -> Result<Response<UpstreamBody>, String> {
+    ) -> Result<Response<Incoming>, String> {
         *req.uri_mut() = endpoint.origin.clone();
         if !req.headers().contains_key(http::header::HOST) {
             req.headers_mut()
@@ -147,27 +87,17 @@ impl Pool {
             } else {
                 None
             };
-            let (mut open, reused) = match kept {
-                Some(open) => (open, true),
-                None => (self.connect(&endpoint.url).await?, false),
+            let (mut sender, thread, reused) = match kept {
+                Some((sender, thread)) => (sender, thread, true),
+                None => {
+                    let sender = self.connect(&endpoint.url).await?;
+                    (sender, std::thread::current().id(), false)
+                }
             };
-            let Open {
-                sender,
-                conn,
-                ended,
-                ..
-            } = &mut *open;
-            match alongside(conn, ended, sender.try_send_request(req)).await {
+            match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    let driver = Driver {
-                        pool: self.clone(),
-                        authority: endpoint.authority.clone(),
-                        open,
-                    };
-                    return Ok(resp.map(|body| UpstreamBody {
-                        body,
-                        driver: Some(driver),
-                    }));
+                    self.keep(endpoint.authority.clone(), sender, thread);
+                    return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
                     // Never written: the server closed a kept connection first.
@@ -181,62 +111,66 @@ impl Pool {
         }
     }
 
-    /// Takes the newest idle connection to `authority`, after closing those kept too long or
-    /// closed by the server.
-    fn take(&self, authority: &Authority) -> Option<Box<Open>> {
+    /// Takes the newest idle connection to `authority`, after closing those kept too long.
+    fn take(
+        &self,
+        authority: &Authority,
+    ) -> Option<(SendRequest<Full<Bytes>>, std::thread::ThreadId)> {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        // Kept in the order their answers ended: the expired ones lead.
+        // Kept in the order their answers began: the expired ones lead.
         let now = Instant::now();
         let expired = kept.partition_point(|k| now.duration_since(k.since) >= IDLE);
         kept.drain(..expired);
-        // One opened on this thread first: its socket is watched by this thread's reactor, so
-        // the call wakes no other thread.
+        // Closed by the server (a restart): left, they would fill the pool.
+        kept.retain(|k| !k.sender.is_closed());
+        // Ready: its last answer has been read. One opened on this thread first: its task
+        // runs here, so with connections pinned to threads the call wakes no other thread.
         // On such a thread (a runtime of its own), another thread's only once that thread has
-        // left it idle a while: taking one in use moments ago would have the two threads
-        // trade connections (measured: 3.6 context switches per call against 2.0, for a client
-        // alternating between two connections), where a connection of its own is opened once.
-        // A server that limits its connections still gets one back from a thread that no
-        // longer calls.
+        // left it idle a while: taking one in use moments ago would wake that thread twice per
+        // call (measured: 3.6 context switches per call against 2.0, for a client alternating
+        // between two connections), where a connection of its own is opened once. A server
+        // that limits its connections still gets one back from a thread that no longer calls.
         let here = std::thread::current().id();
-        let usable = |k: &Kept| k.authority.as_str() == authority.as_str();
+        let usable = |k: &Kept| k.authority.as_str() == authority.as_str() && k.sender.is_ready();
         // Asked only when this thread has none of its own (it clones the runtime's handle).
         let pinned = || {
             tokio::runtime::Handle::try_current()
                 .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
         };
-        loop {
-            let chosen = kept
-                .iter()
-                .rposition(|k| k.open.thread == here && usable(k))
-                .or_else(|| match pinned() {
-                    false => kept.iter().rposition(usable),
-                    // The oldest first: the least likely to be wanted back by its thread.
-                    true => kept.iter().position(|k| {
-                        now.duration_since(k.since) >= CROSS_THREAD_IDLE && usable(k)
-                    }),
-                })?;
-            let mut taken = kept.remove(chosen).open;
-            if taken.ready() {
-                return Some(taken);
-            }
-            // Closed by the server (a restart, its keep-alive timeout): dropped, and the next.
-        }
+        let chosen = kept
+            .iter()
+            .rposition(|k| k.thread == here && usable(k))
+            .or_else(|| match pinned() {
+                false => kept.iter().rposition(usable),
+                // The oldest first: the least likely to be wanted back by its thread.
+                true => kept
+                    .iter()
+                    .position(|k| now.duration_since(k.since) >= CROSS_THREAD_IDLE && usable(k)),
+            })?;
+        let taken = kept.remove(chosen);
+        Some((taken.sender, taken.thread))
     }
 
-    /// Keeps a connection whose answer has been read to the end for the next request.
-    /// Not polled here: `take` polls it before it is used, which both takes in the answer's end
-    /// and finds a connection the server has closed since.
-    fn keep(self: &Arc<Self>, authority: Authority, open: Box<Open>) {
-        if open.ended {
-            return;
-        }
+    /// Keeps a connection for the next request. An HTTP/1.1 connection carries one exchange at
+    /// a time: it is taken again only once hyper says it is ready, that is once this answer has
+    /// been read (kept at once, without a task to wait for that, as a call's answer is read on
+    /// the caller's task). A connection whose answer is left unread is closed by hyper, and
+    /// dropped when a request looks.
+    fn keep(
+        self: &Arc<Self>,
+        authority: Authority,
+        sender: SendRequest<Full<Bytes>>,
+        thread: std::thread::ThreadId,
+    ) {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         if kept.len() >= MAX_KEPT {
+            // Not kept: hyper closes it once its answer is read.
             return;
         }
         kept.push(Kept {
             authority,
-            open,
+            sender,
+            thread,
             since: Instant::now(),
         });
         // Under the lock, as the reaper decides to stop under it.
@@ -246,7 +180,7 @@ impl Pool {
     }
 
     /// Opens a connection to `target`'s host, resolved as the shared client resolves it.
-    async fn connect(&self, target: &Uri) -> Result<Box<Open>, String> {
+    async fn connect(&self, target: &Uri) -> Result<SendRequest<Full<Bytes>>, String> {
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -255,94 +189,16 @@ impl Pool {
             .call(target.clone())
             .await
             .map_err(|e| reason(&e))?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(|e| reason(&e))?;
-        let mut open = Box::new(Open {
-            sender,
-            conn,
-            ended: false,
-            thread: std::thread::current().id(),
-        });
-        let Open {
-            sender,
-            conn,
-            ended,
-            ..
-        } = &mut *open;
-        alongside(conn, ended, sender.ready())
-            .await
-            .map_err(|e| reason(&e))?;
-        Ok(open)
-    }
-}
-
-/// The body of an upstream's answer. One sent on a pooled connection drives that connection
-/// as it is read, and gives it back to the pool at its end; one left unread closes it.
-pub struct UpstreamBody {
-    body: Incoming,
-    driver: Option<Driver>,
-}
-
-/// The connection an answer came on, and where it goes once the answer is read.
-struct Driver {
-    pool: Arc<Pool>,
-    authority: Authority,
-    open: Box<Open>,
-}
-
-impl std::fmt::Debug for UpstreamBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamBody")
-            .field("pooled", &self.driver.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl From<Incoming> for UpstreamBody {
-    /// An answer through a client whose connections have tasks of their own.
-    fn from(body: Incoming) -> Self {
-        UpstreamBody { body, driver: None }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let mut polled = Pin::new(&mut this.body).poll_frame(cx);
-        if polled.is_pending()
-            && let Some(driver) = &mut this.driver
-        {
-            // The body asked for more: the connection reads it, and the body is asked again
-            // (rather than the task being woken to ask).
-            driver.open.drive(cx);
-            polled = Pin::new(&mut this.body).poll_frame(cx);
-        }
-        match &polled {
-            Poll::Ready(None) => {
-                if let Some(driver) = this.driver.take() {
-                    driver.pool.keep(driver.authority, driver.open);
-                }
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("upstream connection ended: {e}");
             }
-            // Broken: the connection goes with it.
-            Poll::Ready(Some(Err(_))) => this.driver = None,
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        });
+        sender.ready().await.map_err(|e| reason(&e))?;
+        Ok(sender)
     }
 }
 
@@ -497,13 +353,13 @@ mod tests {
     }
 
     /// The body of the server's streaming answer, its first part on its way.
-    async fn streaming(pool: &Arc<Pool>, url: &Uri) -> UpstreamBody {
+    async fn streaming(pool: &Arc<Pool>, url: &Uri) -> Incoming {
         let stream = format!("http://{}/stream", url.authority().unwrap());
         let resp = pool.send(&at(&stream.parse().unwrap()), get()).await;
         resp.unwrap().into_body()
     }
 
-    async fn text(resp: Response<UpstreamBody>) -> String {
+    async fn text(resp: Response<Incoming>) -> String {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(body.to_vec()).unwrap()
     }
@@ -600,8 +456,8 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
     }
 
-    /// Waits until every kept connection is ready (its last answer read, as a request taking
-    /// it finds), failing if one does not get there.
+    /// Waits until every kept connection is ready (its last answer read), failing if one
+    /// does not get there.
     async fn all_ready(pool: &Pool) {
         // By the clock, not by yields: on a shared runtime the connections' tasks run on other
         // workers, which a burst of yields here can outrun.
@@ -610,8 +466,8 @@ mod tests {
                 .kept
                 .lock()
                 .unwrap()
-                .iter_mut()
-                .all(|k| k.open.ready())
+                .iter()
+                .all(|k| k.sender.is_ready())
             {
                 return;
             }
@@ -625,7 +481,7 @@ mod tests {
         let other = std::thread::spawn(|| std::thread::current().id())
             .join()
             .unwrap();
-        pool.kept.lock().unwrap()[i].open.thread = other;
+        pool.kept.lock().unwrap()[i].thread = other;
     }
 
     /// Marks kept connection `i` as idle for longer than another thread waits to take it.
@@ -722,26 +578,25 @@ mod tests {
         let mut body = streaming(&pool, &url).await;
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(first, "first ");
-        // A busy connection is not among the idle ones the reaper closes.
+        // The reaper lets go of the busy connection: that must not cut its answer.
         tokio::time::sleep(IDLE * 2 + Duration::from_millis(1)).await;
         assert_eq!(pool.kept.lock().unwrap().len(), 0);
         release.notify_one();
         let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(last, "last");
         assert!(body.frame().await.is_none(), "the answer ends");
-        // Idle only from its answer's end: kept, and the next call takes it.
-        assert_eq!(pool.kept.lock().unwrap().len(), 1);
+        // Not kept, it was closed: the next call opens another.
         text(pool.send(&at(&url), get()).await.unwrap()).await;
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
     async fn a_connection_opened_on_this_thread_is_taken_before_a_newer_one_from_another() {
         let (url, accepted, release) = server().await;
         let pool = Arc::new(Pool::default());
-        // This thread's connection is busy with a streaming answer...
+        // This thread's connection is kept first, busy with a streaming answer...
         let mut body = streaming(&pool, &url).await;
-        // ...so another thread, with a runtime of its own, opens a second one, kept first.
+        // ...so another thread, with a runtime of its own, opens a second one (kept newest).
         let (other_pool, other_url) = (pool.clone(), url.clone());
         let (opened, parked) = tokio::sync::oneshot::channel();
         let other = std::thread::spawn(move || {
@@ -764,21 +619,21 @@ mod tests {
         all_ready(&pool).await;
         let authority = at(&url).authority().clone();
         let here = std::thread::current().id();
-        let taken = pool
+        let (_, thread) = pool
             .take(&authority)
             .expect("ready once its answer is read");
         assert_eq!(
-            taken.thread, here,
+            thread, here,
             "this thread's connection first, though not the newest"
         );
         // This runtime is pinned to its thread: the other thread's connection, used moments
         // ago, is left to it (a request here opens one of its own)...
         assert!(pool.take(&authority).is_none());
-        assert_eq!(pool.kept.lock().unwrap()[0].open.thread, elsewhere);
+        assert_eq!(pool.kept.lock().unwrap()[0].thread, elsewhere);
         // ...until that thread has left it idle a while.
         idled(&pool, 0);
-        let taken = pool.take(&authority).expect("idle long enough to take");
-        assert_eq!(taken.thread, elsewhere);
+        let (_, thread) = pool.take(&authority).expect("idle long enough to take");
+        assert_eq!(thread, elsewhere);
         other.thread().unpark();
     }
 
