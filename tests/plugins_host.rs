@@ -276,6 +276,15 @@ fn tool_policy_builds_agree() {
         r#"{"options": {"n": -3}}"#,
         r#"{"options": {"n": [3]}}"#,
         r#"{"options": null}"#,
+        // A lone surrogate (which serde refuses): every build reads the rest.
+        r#"{"path": "/etc/passwd", "mode": "read", "x": "\ud800"}"#,
+        r#"{"path": "/home/a/b", "mode": "read", "\udc00": "\ud800x"}"#,
+        r#"{"url": "https://example.com/", "x": "\ud800"}"#,
+        // A number past a double's range: no build reads the arguments, and the rules that
+        // block apply (fail closed), those that allow do not.
+        r#"{"path": "/home/a/b", "mode": "read", "n": 1e400}"#,
+        r#"{"url": "https://example.com/", "n": -1e400}"#,
+        r#"{"options": {"n": 1e999}, "tags": "public"}"#,
     ];
     let mut compared = 0;
     for tool in tools {

@@ -1408,12 +1408,16 @@ pub(crate) fn undeclared(
     method: &str,
     params: Option<&[u8]>,
 ) -> Option<Undeclared> {
-    let declared = members(capabilities);
+    let declared = members(capabilities).unwrap_or_default();
     let member = |cap: &str| declared.iter().find(|(k, _)| k == cap).map(|(_, v)| *v);
     // Whether a declared capability object has member `name` (none, if it is not an object).
     let has =
-        |cap: &RawValue, name: &str| members(cap.get().as_bytes()).iter().any(|(k, _)| k == name);
+        |cap: &RawValue, name: &str| members(cap.get().as_bytes()).is_some_and(|m| m.iter().any(|(k, _)| k == name));
+    // Params the gateway cannot read (a key that is no text: a lone surrogate) may still be
+    // read by a client's decoder, as anything: they are taken to ask for all they could.
     let asked = members(params.unwrap_or(b"{}"));
+    let unreadable = asked.is_none();
+    let asked = asked.unwrap_or_default();
     // The values of the params' members a lenient decoder could read as `name`.
     let read_as = |name: &'static str| {
         asked
@@ -1427,7 +1431,7 @@ pub(crate) fn undeclared(
             let Some(sampling) = member("sampling") else {
                 return missing("sampling", r#"{"requiredCapabilities":{"sampling":{}}}"#);
             };
-            if read_as("tools").any(|v| v != "null") && !has(sampling, "tools") {
+            if (unreadable || read_as("tools").any(|v| v != "null")) && !has(sampling, "tools") {
                 return missing(
                     "sampling.tools",
                     r#"{"requiredCapabilities":{"sampling":{"tools":{}}}}"#,
@@ -1442,7 +1446,7 @@ pub(crate) fn undeclared(
                     r#"{"requiredCapabilities":{"elicitation":{}}}"#,
                 );
             };
-            let form = read_as("mode").all(|m| m == r#""form""#);
+            let form = !unreadable && read_as("mode").all(|m| m == r#""form""#);
             let (url, form_declared) = (has(elicitation, "url"), has(elicitation, "form"));
             if !form && !url {
                 return missing(
@@ -1480,8 +1484,9 @@ fn declared_capabilities(init_params: &[u8]) -> Bytes {
         })
 }
 
-/// The members of a JSON object, keys as read (unescaped); none if it is not an object.
-fn members(object: &[u8]) -> Vec<(std::borrow::Cow<'_, str>, &RawValue)> {
+/// The members of a JSON object, keys as read (unescaped); `None` if it is no object serde
+/// reads (a key with a lone surrogate, say).
+fn members(object: &[u8]) -> Option<Vec<(std::borrow::Cow<'_, str>, &RawValue)>> {
     struct Members;
     impl<'de> serde::de::Visitor<'de> for Members {
         type Value = Vec<(std::borrow::Cow<'de, str>, &'de RawValue)>;
@@ -1502,7 +1507,7 @@ fn members(object: &[u8]) -> Vec<(std::borrow::Cow<'_, str>, &RawValue)> {
         }
     }
     let mut de = serde_json::Deserializer::from_slice(object);
-    serde::Deserializer::deserialize_map(&mut de, Members).unwrap_or_default()
+    serde::Deserializer::deserialize_map(&mut de, Members).ok()
 }
 
 /// Frames that may wait for the client's GET stream.
@@ -1634,4 +1639,39 @@ pub fn capability_bits(init_result: &[u8]) -> u8 {
         | bit(c.resources, caps::RESOURCES)
         | bit(c.logging, caps::LOGGING)
         | bit(c.completions, caps::COMPLETIONS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::undeclared;
+
+    /// Params the gateway cannot read as an object (a key with a lone surrogate, which a
+    /// JavaScript or Python client reads as text) are taken to ask for all they could: a URL
+    /// elicitation, sampling with tools.
+    #[test]
+    fn params_unreadable_to_the_gateway_ask_for_all_they_could() {
+        let url = br#"{"mode":"url","url":"https://evil.example","message":"m","elicitationId":"e","\udc00":0}"#;
+        let form = br#"{"mode":"form","message":"m","requestedSchema":{},"\udc00":0}"#;
+        let tools = br#"{"maxTokens":5,"messages":[],"tools":[{"name":"t"}],"\udc00":0}"#;
+        for params in [&url[..], &form[..]] {
+            let missing = undeclared(br#"{"elicitation":{}}"#, "elicitation/create", Some(params))
+                .expect("refused");
+            assert_eq!(missing.capability, "elicitation.url");
+            assert!(
+                undeclared(
+                    br#"{"elicitation":{"url":{},"form":{}}}"#,
+                    "elicitation/create",
+                    Some(params)
+                )
+                .is_none(),
+                "declared in full"
+            );
+        }
+        let missing =
+            undeclared(br#"{"sampling":{}}"#, "sampling/createMessage", Some(tools)).expect("refused");
+        assert_eq!(missing.capability, "sampling.tools");
+        // Readable params are read as they say.
+        let plain = br#"{"mode":"form","message":"m","requestedSchema":{}}"#;
+        assert!(undeclared(br#"{"elicitation":{}}"#, "elicitation/create", Some(plain)).is_none());
+    }
 }

@@ -15,6 +15,7 @@ const RULE_FIELDS = new Set(["tool", "server", "argument", "operator", "value", 
 const CONFIG_FIELDS = new Set(["rules", "default", "default_reason"]);
 const ACTIONS = { allow: "allow", block: "block", deny: "block" };
 const MISSING = Symbol("missing");
+const UNREADABLE = Symbol("unreadable");
 
 // Only `*` and `?` are special, as in the Rust SDK; `?` is one character (a
 // code point, as a Rust `char`). Compiled once per rule into a matcher: the
@@ -93,10 +94,19 @@ function parseArguments(text) {
   // Without numbers (the common case) a plain parse is the whole story.
   const plain = JSON.parse(text);
   if (!hasNumber(plain)) return plain;
+  // Numbers past a double's range are arguments the Rust build (serde) cannot read: no build
+  // reads them, so the three decide alike (rules that block apply).
+  if (!allFinite(plain)) throw new Error("number out of range");
   // `context.source` is JSON.parse source text access (ES2025).
   return JSON.parse(text, (_key, value, context) =>
     typeof value === "number" ? new JsonNumber(value, context?.source ?? String(value)) : value,
   );
+}
+
+function allFinite(value) {
+  if (typeof value === "number") return Number.isFinite(value);
+  if (value === null || typeof value !== "object") return true;
+  return Object.values(value).every(allFinite);
 }
 
 function hasNumber(value) {
@@ -277,8 +287,14 @@ export const hooks = {
             // Copied in only now: a call no argument rule applies to never pays for it.
             parsed = parseArguments(ctx.payload());
           } catch {
-            parsed = null;
+            parsed = UNREADABLE;
           }
+        }
+        if (parsed === UNREADABLE) {
+          // Arguments this policy cannot read: a rule that blocks on them applies, one that
+          // allows on them does not (fail closed).
+          if (rule.action === "block") return verdict(rule.action, rule.reason);
+          continue;
         }
         if (!rule.holds(parsed)) continue;
       }

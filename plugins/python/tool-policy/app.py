@@ -8,6 +8,7 @@ Rules: first match wins, then `default`. A rule matches when its `tool` /
 startsWith, endsWith, regex).
 """
 import json
+import math
 import re
 from fnmatch import fnmatchcase
 
@@ -57,6 +58,25 @@ def split_path(path):
 
 
 _MISSING = object()
+_UNREADABLE = object()
+
+
+# Numbers past a double's range are arguments the Rust build (serde) cannot read: no build
+# reads them, so the three decide alike (rules that block apply).
+def _finite_float(text):
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def _finite_int(text):
+    value = int(text)
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError("number out of range") from None
+    return value
 
 
 def lookup(value, path):
@@ -188,9 +208,17 @@ class Hooks(exports.Hooks):
                 if parsed is _MISSING:
                     try:
                         # Copied in only now: a call no argument rule applies to never pays for it.
-                        parsed = json.loads(ctx.payload())
+                        parsed = json.loads(
+                            ctx.payload(), parse_float=_finite_float, parse_int=_finite_int
+                        )
                     except ValueError:
-                        parsed = None
+                        parsed = _UNREADABLE
+                if parsed is _UNREADABLE:
+                    # Arguments this policy cannot read: a rule that blocks on them applies, one
+                    # that allows on them does not (fail closed).
+                    if rule.action == "block":
+                        return verdict(rule.action, rule.reason)
+                    continue
                 if not rule.holds(parsed):
                     continue
             return verdict(rule.action, rule.reason)

@@ -151,8 +151,9 @@ impl Condition {
 
 impl ToolPolicy {
     fn decide(&self, ctx: &CallContext, arguments: &Payload) -> Decision {
-        // Parse the arguments only if some applicable rule looks at them.
-        let mut parsed: Option<Value> = None;
+        // Parse the arguments only if some applicable rule looks at them; `None` inside when
+        // they cannot be read (serde refuses `1e400`, which a server's decoder may well read).
+        let mut parsed: Option<Option<Value>> = None;
         for rule in &self.rules {
             // A rule that blocks matches a name as a lenient server may look it up; one that
             // allows only the name as written (`allow file:///home/Alice/*` must not allow
@@ -166,15 +167,70 @@ impl ToolPolicy {
             }
             if let Some(cond) = &rule.condition {
                 let args = parsed.get_or_insert_with(|| {
-                    serde_json::from_str(arguments.text()).unwrap_or(Value::Null)
+                    serde_json::from_str(&without_lone_surrogates(arguments.text())).ok()
                 });
-                if !cond.holds(args) {
-                    continue;
+                match args {
+                    Some(args) if !cond.holds(args) => continue,
+                    Some(_) => {}
+                    // Arguments this policy cannot read: a rule that blocks on them applies,
+                    // one that allows on them does not (fail closed).
+                    None if rule.action == Action::Allow => continue,
+                    None => {}
                 }
             }
             return verdict(rule.action, &rule.reason);
         }
         verdict(self.default, &self.default_reason)
+    }
+}
+
+/// `text` with each escape of a lone surrogate (`\ud800` with no low half after it) written
+/// `\ufffd`: serde refuses them, where the Python and JavaScript builds (and servers' decoders)
+/// read them as text; the rest of a string, what rules look at, is read as it is.
+fn without_lone_surrogates(text: &str) -> std::borrow::Cow<'_, str> {
+    let bytes = text.as_bytes();
+    let unit = |at: usize| -> Option<u16> {
+        let hex = bytes.get(at..at + 6)?;
+        if hex[0] != b'\\' || hex[1] != b'u' {
+            return None;
+        }
+        u16::from_str_radix(std::str::from_utf8(&hex[2..]).ok()?, 16).ok()
+    };
+    let mut out: Option<String> = None;
+    let (mut copied, mut i, mut in_string) = (0, 0, false);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => in_string = !in_string,
+            b'\\' if in_string => {
+                let lone = match unit(i) {
+                    Some(0xD800..=0xDBFF) => !matches!(unit(i + 6), Some(0xDC00..=0xDFFF)),
+                    Some(0xDC00..=0xDFFF) => true,
+                    _ => false,
+                };
+                let width = match unit(i) {
+                    Some(0xD800..=0xDBFF) if !lone => 12,
+                    Some(_) => 6,
+                    None => 2,
+                };
+                if lone {
+                    let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+                    o.push_str(&text[copied..i]);
+                    o.push_str("\\ufffd");
+                    copied = i + 6;
+                }
+                i += width;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    match out {
+        Some(mut o) => {
+            o.push_str(&text[copied..]);
+            std::borrow::Cow::Owned(o)
+        }
+        None => std::borrow::Cow::Borrowed(text),
     }
 }
 
@@ -240,6 +296,43 @@ export_plugin!(ToolPolicy: on_request);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lone_surrogates_are_read_as_replacement_characters_and_nothing_else_changes() {
+        for (text, read) in [
+            (r#"{"a":"\ud800"}"#, r#"{"a":"\ufffd"}"#),
+            (r#"{"a":"x\udc00y"}"#, r#"{"a":"x\ufffdy"}"#),
+            (r#"{"\ud800":1,"b":"\ud800\ud800"}"#, r#"{"\ufffd":1,"b":"\ufffd\ufffd"}"#),
+            (r#"{"a":"\ud83d\ude00"}"#, r#"{"a":"\ud83d\ude00"}"#),
+            (r#"{"a":"\\ud800"}"#, r#"{"a":"\\ud800"}"#),
+            (r#"{"a":"\"\ud800"}"#, r#"{"a":"\"\ufffd"}"#),
+            (r#"{"a":"\ud800\n"}"#, r#"{"a":"\ufffd\n"}"#),
+        ] {
+            assert_eq!(without_lone_surrogates(text), read, "{text}");
+            assert!(serde_json::from_str::<Value>(read).is_ok(), "{read}");
+        }
+    }
+
+    #[test]
+    fn arguments_it_cannot_read_meet_the_rules_that_block_not_those_that_allow() {
+        let p = ToolPolicy::init(
+            r#"{"rules":[
+                {"tool":"get","argument":"url","operator":"startsWith","value":"https://ok/","action":"allow"},
+                {"tool":"get","action":"block","reason":"not ok"},
+                {"tool":"fs_*","argument":"path","operator":"startsWith","value":"/etc","action":"block","reason":"system"}
+            ],"default":"allow"}"#,
+        )
+        .unwrap();
+        let decide = |tool: &str, args: &str| p.decide(&ctx(tool), &Payload::new(args));
+        for args in [r#"{"path":"/home/a","n":1e400}"#, "not json"] {
+            assert!(denied(&decide("fs_read", args)), "{args}");
+            assert!(denied(&decide("get", args)), "{args}");
+        }
+        // A lone surrogate is read: the path decides.
+        assert!(!denied(&decide("fs_read", r#"{"path":"/home/a","x":"\ud800"}"#)));
+        assert!(denied(&decide("fs_read", r#"{"path":"/etc/passwd","x":"\ud800"}"#)));
+        assert!(!denied(&decide("get", r#"{"url":"https://ok/a","x":"\udc00"}"#)));
+    }
 
     fn ctx(name: &str) -> CallContext<'static> {
         CallContext::new("tools/call", "files")
