@@ -1411,8 +1411,9 @@ pub(crate) fn undeclared(
     let declared = members(capabilities).unwrap_or_default();
     let member = |cap: &str| declared.iter().find(|(k, _)| k == cap).map(|(_, v)| *v);
     // Whether a declared capability object has member `name` (none, if it is not an object).
-    let has =
-        |cap: &RawValue, name: &str| members(cap.get().as_bytes()).is_some_and(|m| m.iter().any(|(k, _)| k == name));
+    let has = |cap: &RawValue, name: &str| {
+        members(cap.get().as_bytes()).is_some_and(|m| m.iter().any(|(k, _)| k == name))
+    };
     // Params the gateway cannot read (a key that is no text: a lone surrogate) may still be
     // read by a client's decoder, as anything: they are taken to ask for all they could.
     let asked = members(params.unwrap_or(b"{}"));
@@ -1667,8 +1668,8 @@ mod tests {
                 "declared in full"
             );
         }
-        let missing =
-            undeclared(br#"{"sampling":{}}"#, "sampling/createMessage", Some(tools)).expect("refused");
+        let missing = undeclared(br#"{"sampling":{}}"#, "sampling/createMessage", Some(tools))
+            .expect("refused");
         assert_eq!(missing.capability, "sampling.tools");
         // Readable params are read as they say.
         let plain = br#"{"mode":"form","message":"m","requestedSchema":{}}"#;

@@ -96,9 +96,14 @@ pub enum Fault {
     /// `init` refused the configuration.
     #[error("init failed: {0}")]
     InitRejected(String),
-    /// No instance could be created (instance pool exhausted, ...).
+    /// No instance could be created (a resource other than the instance pool).
     #[error("could not be instantiated: {0}")]
     Unavailable(String),
+    /// Every instance slot (`plugins.engine.max_instances`) is taken: a load any client can
+    /// cause, so it refuses the call even where the plugin fails open (skipping would let a
+    /// flood of calls walk around the plugin).
+    #[error("has no free instance (plugins.engine.max_instances are all in use); retry shortly")]
+    Busy,
     /// A state operation could not be run (the replica that keeps the state is unreachable).
     #[error("could not use its state: {0}")]
     State(String),
@@ -117,7 +122,7 @@ impl Fault {
             Fault::Trap(_) => FaultKind::Trap,
             Fault::Malformed(_) => FaultKind::Malformed,
             Fault::InitRejected(_) => FaultKind::Init,
-            Fault::Unavailable(_) | Fault::State(_) | Fault::SessionDeleted => {
+            Fault::Unavailable(_) | Fault::Busy | Fault::State(_) | Fault::SessionDeleted => {
                 FaultKind::Unavailable
             }
         }

@@ -481,6 +481,9 @@ enum Phase {
 /// errors that are not traps are, during a call, answers the host could not
 /// lift (bad UTF-8, bad discriminants, out-of-bounds lists) and, during
 /// instantiation, resource exhaustion (pool slots).
+/// Most bytes of a fault's text (it reaches the log and the client's error).
+const MAX_FAULT_TEXT: usize = 1024;
+
 fn classify(
     err: wasmtime::Error,
     store: &Store<HostState>,
@@ -521,12 +524,23 @@ fn classify(
                 message.push_str(": ");
                 message.push_str(&output);
             }
-            Fault::Trap(message)
+            Fault::Trap(super::host::one_line(&message, MAX_FAULT_TEXT).into_owned())
         }
-        None => match phase {
-            Phase::Call | Phase::Init => Fault::Malformed(format!("{err:#}")),
-            Phase::Instantiate => Fault::Unavailable(format!("{err:#}")),
-        },
+        None if err
+            .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+            .is_some() =>
+        {
+            Fault::Busy
+        }
+        // One bounded line: wasmtime's error carries a backtrace naming the guest's own
+        // functions, whose names the plugin chooses (a line break, a forged log record).
+        None => {
+            let text = super::host::one_line(&format!("{err:#}"), MAX_FAULT_TEXT).into_owned();
+            match phase {
+                Phase::Call | Phase::Init => Fault::Malformed(text),
+                Phase::Instantiate => Fault::Unavailable(text),
+            }
+        }
     }
 }
 

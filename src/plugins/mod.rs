@@ -798,7 +798,7 @@ impl PluginSet {
     /// Counts and logs a fault; the denial, unless the plugin is fail-open.
     fn fault(&self, plugin: &LoadedPlugin, fault: Fault) -> Option<Denied> {
         plugin.metrics.fault(fault.kind());
-        if plugin.cfg.fail_open && !matches!(fault, Fault::SessionDeleted) {
+        if plugin.cfg.fail_open && !matches!(fault, Fault::SessionDeleted | Fault::Busy) {
             plugin
                 .metrics
                 .fail_open_skips
@@ -809,7 +809,10 @@ impl PluginSet {
         tracing::warn!(plugin = %plugin.name, "plugin {fault}; request denied");
         Some(Denied {
             plugin: plugin.name.clone(),
-            code: PLUGIN_FAILED,
+            code: match fault {
+                Fault::Busy => crate::mcp::jsonrpc::code::TOO_BUSY,
+                _ => PLUGIN_FAILED,
+            },
             message: format!("plugin {} {fault}", plugin.name),
             fault: Some(fault.kind()),
         })

@@ -18,7 +18,6 @@ use super::{
     orchestrated, shared, stateless, stdio, uri_of,
 };
 
-
 /// The requests forwarded to a server whose one session every principal shares (the rest are
 /// refused): each stands on its own, with nothing of one principal's left in the session for
 /// another to reach. Subscriptions and the log level are the gateway's own on such a server.
@@ -48,8 +47,9 @@ fn asks_for_a_task(params: &[u8]) -> bool {
     }
     let mut task = false;
     let read = crate::json_scan::members(text, crate::json_scan::MAX_DEPTH, |key, _| {
-        task |= crate::json_scan::unquote(key)
-            .map_or(true, |k| crate::mcp::lookalike::read_as(&k, &["task"]).is_some());
+        task |= crate::json_scan::unquote(key).map_or(true, |k| {
+            crate::mcp::lookalike::read_as(&k, &["task"]).is_some()
+        });
     });
     task || read.is_err()
 }
