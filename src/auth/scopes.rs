@@ -208,6 +208,20 @@ fn resolved_uri(uri: &str) -> String {
     };
     let end = rest.find(['?', '#']).unwrap_or(rest.len());
     let (path, tail) = rest.split_at(end);
+    // A file URI names the same file as `file:/x`, `file://localhost/x` and `file:////x`
+    // (WHATWG URLs and Node's `fileURLToPath` read all three as `/x`): one spelling.
+    let authority = match (scheme.as_deref(), authority) {
+        (Some("file"), None) => Some(String::new()),
+        (Some("file"), Some(a)) if a == "localhost" => Some(String::new()),
+        (_, authority) => authority,
+    };
+    let rooted;
+    let path = if scheme.as_deref() == Some("file") && authority.as_deref() == Some("") {
+        rooted = format!("/{}", path.trim_start_matches('/'));
+        rooted.as_str()
+    } else {
+        path
+    };
     let mut out = String::with_capacity(text.len());
     if let Some(s) = scheme {
         out.push_str(&s);
@@ -580,6 +594,13 @@ mod tests {
             "FILE:///secret/k",
             "file:///pub\\..\\secret\\k",
             "file:///pub/..%2Fsecret/k",
+            // One file, however the URI names it.
+            "file://localhost/secret/k",
+            "file://LOCALHOST/secret/k",
+            "file:/secret/k",
+            "file:////secret/k",
+            "file://///secret/k",
+            "file:secret/k",
             "note://HOST/key",
             "note://host/key%00.txt",
             "note://host/x/../key",
@@ -595,6 +616,7 @@ mod tests {
             "note://host/keys",
             "note://other/key",
             "file:///pub/a?x=../../secret/k",
+            "file://fileserver/secret/k",
         ] {
             assert!(read(uri).is_empty(), "{uri}");
         }

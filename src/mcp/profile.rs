@@ -136,12 +136,23 @@ fn escapes(uri: &str) -> bool {
     let path = uri.split(['?', '#']).next().unwrap_or(uri);
     uri.contains('\\')
         || uri.to_ascii_lowercase().contains("%00")
+        // A NUL or other control character a server may cut at.
+        || uri.chars().any(char::is_control)
         || uri
             .split(['/', '?', '#'])
             .any(|seg| seg == "." || seg == "..")
-        || ["%2e", "%2f", "%5c"]
+        // `%25`: an encoded `%`, which a server that decodes twice reads as the escape after.
+        || ["%2e", "%2f", "%5c", "%25"]
             .iter()
             .any(|bad| path.to_ascii_lowercase().contains(bad))
+}
+
+/// Whether `glob` shows the tool or prompt `name`: it matches the name as sent and as a lenient
+/// server looks it up (cut at a NUL, trimmed), so that `drop_all\0_read` is not shown by
+/// `*_read` to reach `drop_all` on a server that cuts at the NUL.
+fn glob_shows(glob: &WildMatch, name: &str) -> bool {
+    let cut = name.split('\0').next().unwrap_or_default().trim();
+    glob.matches(name) && glob.matches(cut)
 }
 
 /// Whether a listing item shows, and how.
@@ -265,7 +276,7 @@ impl Profile {
         if let Some(view) = tools.named.get(local) {
             return Shown::Tool(view);
         }
-        if tools.globs.iter().any(|g| g.matches(local)) {
+        if tools.globs.iter().any(|g| glob_shows(g, local)) {
             Shown::AsIs
         } else {
             Shown::Hidden
@@ -277,7 +288,7 @@ impl Profile {
         self.scope(index).is_some_and(|s| {
             s.prompts
                 .as_ref()
-                .is_none_or(|g| g.iter().any(|g| g.matches(local)))
+                .is_none_or(|g| g.iter().any(|g| glob_shows(g, local)))
         })
     }
 
@@ -315,6 +326,34 @@ mod tests {
     use crate::config::PrefixNames;
     use crate::config::profiles::from_yaml as profile;
 
+    /// A name a server that cuts at a NUL (and trims) reads as another tool or prompt is shown
+    /// only if the globs show that one too.
+    #[test]
+    fn a_glob_shows_a_name_only_as_a_lenient_server_reads_it_too() {
+        let cfg = profile(
+            r#"
+- name: dev
+  grant: {groups: [eng]}
+  servers:
+    - name: files
+      tools: [{name: "*_read"}]
+      prompts: ["*_p"]
+"#,
+        )
+        .unwrap();
+        let router = Router::new(vec!["files".into()], "__".into(), PrefixNames::Always);
+        let p = Profile::new(&cfg[0], &router);
+        assert_eq!(p.tool(&router, "files__fs_read"), Some((0, "fs_read")));
+        assert_eq!(p.tool(&router, "files__drop_all\u{0}_read"), None);
+        assert_eq!(p.tool(&router, "files__drop_all \u{0}x_read"), None);
+        assert_eq!(
+            p.tool(&router, "files__fs_read\u{0}_read"),
+            Some((0, "fs_read\u{0}_read"))
+        );
+        assert_eq!(p.prompt(&router, "files__a_p"), Some((0, "a_p")));
+        assert_eq!(p.prompt(&router, "files__secret\u{0}_p"), None);
+    }
+
     #[test]
     fn resolves_only_what_the_profile_lists() {
         let cfg = profile(
@@ -345,6 +384,7 @@ mod tests {
         assert_eq!(p.tool(&router, "secrets__get"), None);
         assert_eq!(p.tool(&router, "files__list_dir"), Some((0, "list_dir")));
         assert_eq!(p.tool(&router, "gh__anything"), Some((1, "anything")));
+
         assert_eq!(p.prompt(&router, "files__p"), None);
         assert_eq!(p.prompt(&router, "gh__p"), Some((1, "p")));
         assert!(p.shows_resource(0, "file:///repo/a"));
@@ -367,6 +407,11 @@ mod tests {
             "file:///repo/x#/../../etc/passwd",
             "file:///repo/x?a=/../secret",
             "file:///repo/x?..",
+            // Encoded twice (a server that decodes twice), and cut at a NUL.
+            "file:///repo/%252e%252e/%252e%252e/etc/passwd",
+            "file:///repo/a%252f..%252fsecret",
+            "file:///repo/id_rsa\u{0}.md",
+            "file:///repo/a\u{1}",
         ] {
             assert!(!p.shows_resource(0, sneaky), "{sneaky}");
         }
