@@ -108,6 +108,9 @@ pub struct Definition {
     pub generation: u64,
 }
 
+/// Most operator approvals a tool's pin counts (a document claiming more is refused).
+const MAX_GENERATION: u64 = 1 << 40;
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -382,6 +385,14 @@ impl File {
                     ));
                 }
                 for d in pin.approved.iter().chain(pin.waiting.iter()) {
+                    // Far past any count of approvals: a planted one would make the next
+                    // approval's `+ 1` overflow and rank below it.
+                    if d.generation > MAX_GENERATION {
+                        return Err(format!(
+                            "{server}/{tool} has generation {} (at most {MAX_GENERATION})",
+                            d.generation
+                        ));
+                    }
                     if hex(&Sha256::digest(d.definition.get().as_bytes())) != d.digest {
                         return Err(format!(
                             "the digest of {server}/{tool} does not match its definition"
@@ -768,7 +779,8 @@ impl Pins {
         }
         if let Some((kind, decision, outcome)) = event {
             if kind == "tool_change" {
-                tracing::warn!(server = %server, tool = %name, "tool definition flagged: {outcome}");
+                // `?`: the name is the server's, escaped (a line break would forge a record).
+                tracing::warn!(server = %server, tool = ?name, "tool definition flagged: {outcome}");
             }
             audit.record(Event {
                 kind,
@@ -819,7 +831,12 @@ impl Pins {
                 pin.waiting = Some(waiting);
                 return Err(err);
             }
-            let generation = pin.approved.as_ref().map_or(0, |a| a.generation) + 1;
+            let generation = pin
+                .approved
+                .as_ref()
+                .map_or(0, |a| a.generation)
+                .saturating_add(1)
+                .min(MAX_GENERATION);
             pin.approved = Some(Definition {
                 at: now(),
                 by: Some(by.to_owned()),
@@ -1287,6 +1304,27 @@ mod tests {
         let m = merged(&pin(Some(old.clone()), None), &other);
         assert_eq!(m.approved.as_ref(), Some(&old));
         assert!(m.waiting.is_some());
+    }
+
+    #[test]
+    fn a_document_claiming_a_generation_past_any_count_is_refused() {
+        let d = def("Echoes", 10);
+        let mut tools = BTreeMap::new();
+        tools.insert(
+            "echo".to_owned(),
+            pin(Some(by_operator(&d, 100, u64::MAX)), None),
+        );
+        let mut servers = BTreeMap::new();
+        servers.insert("ex".to_owned(), tools);
+        let planted = serde_json::to_vec(&File {
+            version: 1,
+            servers,
+        })
+        .unwrap();
+        let Err(err) = File::parse(&planted) else {
+            panic!("a planted generation is refused")
+        };
+        assert!(err.contains("generation"), "{err}");
     }
 
     #[test]
