@@ -937,3 +937,29 @@ async fn the_gateways_refusal_for_a_client_is_not_judged_as_its_answer() {
     assert!(told.to_string().contains("no answers at all"), "{told}");
     gw.stop().await;
 }
+
+/// A completion's `params` reach the on-request chain whole: the `argument` being typed and
+/// the `context` of arguments already given, which go on to the server too. A rule on a
+/// context argument decides the completion.
+#[tokio::test]
+async fn a_completions_context_is_judged_with_its_argument() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - {{ name: policy, path: {:?}, config: {{ rules: [ {{ tool: \"*\", argument: /context/arguments/account, operator: equal, value: secret, action: block, reason: \"no secret account\" }} ], default: allow }} }}\n  chains:\n    - {{ name: completions, methods: [\"completion/complete\"], plugins: [policy] }}",
+        wasm("tool_policy")
+    );
+    let (_gw, c) = gateway(&cfg).await;
+    let complete = |id: u64, account: &str| {
+        c.call(
+            id,
+            "completion/complete",
+            json!({"ref":{"type":"ref/prompt","name":"a__greeting"},
+                   "argument":{"name":"name","value":"Al"},
+                   "context":{"arguments":{"account": account}}}),
+        )
+    };
+    let r = complete(1, "secret").await;
+    assert_denied(&r, -32030, "policy", "no secret account");
+    // Allowed: it goes on to the server (which offers no completions).
+    let r = complete(2, "public").await;
+    assert_eq!(r["error"]["code"], -32601, "{r}");
+}

@@ -42,14 +42,16 @@ impl Refused {
 }
 
 /// The policy of a completion of the entry `name` on upstream `index`: denied when the caller
-/// may not see it as any of `kinds`, or when the on-request chain refuses the `argument`.
+/// may not see it as any of `kinds`, or when the on-request chain refuses its `params` (the
+/// `argument` being typed and the `context` of arguments already given, all of which go on
+/// to the server).
 pub(super) async fn completion_policy(
     sv: Services<'_>,
     session: &Arc<Session>,
     index: usize,
     kinds: &[EntryKind],
     name: &str,
-    f: &Fields<'_>,
+    params: Option<&Bytes>,
 ) -> Result<Option<Policy>, Refused> {
     let plugins = sv.plugins.current();
     let Some(mut policy) = Policy::for_call(
@@ -71,10 +73,9 @@ pub(super) async fn completion_policy(
             return Err(Refused::Denied(d));
         }
     }
-    let argument = f.get("argument").map_or("{}", |a| a.get());
-    // A completion's argument is not rewritten (it is what the user is typing): a plugin that
-    // would change it refuses the completion rather than let it go on unchanged.
-    match super::on_request_as_is(sv, &policy, &argument.into()).await {
+    // A completion is not rewritten (it is what the user is typing): a plugin that would
+    // change it refuses the completion rather than let it go on unchanged.
+    match super::on_request_as_is(sv, &policy, &super::params_text(params)).await {
         Decision::Deny(d) => Err(Refused::Denied(d)),
         Decision::Allow | Decision::Rewrite(_) => Ok(Some(policy)),
     }
@@ -124,7 +125,7 @@ pub(super) async fn complete(
                 index,
                 &[EntryKind::Prompt],
                 local,
-                &f,
+                params.as_ref(),
             )
             .await
             {
@@ -159,7 +160,7 @@ pub(super) async fn complete(
             };
             // A template URI, or a resource's own: hidden as either, it cannot be completed.
             let kinds = [EntryKind::ResourceTemplate, EntryKind::Resource];
-            match completion_policy(sv, session, index, &kinds, &uri, &f).await {
+            match completion_policy(sv, session, index, &kinds, &uri, params.as_ref()).await {
                 Ok(policy) => {
                     forward(
                         sv,
