@@ -1173,6 +1173,17 @@ impl Round {
         if fields.get("resultType").map(|k| k.get()) != Some(r#""input_required""#) {
             return None;
         }
+        // The result goes on re-encoded, every member kept: a key a lenient client reads as
+        // one the gateway checks and seals (`inputrequests`) would carry questions past it.
+        const CHECKED: [&str; 3] = ["resultType", "inputRequests", "requestState"];
+        if let Some(key) = fields.keys().find(|k| {
+            crate::mcp::lookalike::read_as(k, &CHECKED).is_some_and(|owned| owned != &***k)
+        }) {
+            return Some(self.refused_state(&format!(
+                "the server's result has a key {:?} that lenient clients read as another the gateway checks",
+                crate::mcp::lookalike::shown(key)
+            )));
+        }
         let topology = session.topology();
         let Some(index) = server_asked(session, &self.method, self.target.as_deref()) else {
             return Some(self.refused_state(&format!(
@@ -1208,6 +1219,19 @@ impl Round {
             let Ok(q) = serde_json::from_str::<Question<'_>>(raw.get()) else {
                 return Some(self.refused_state("an input request is not a request"));
             };
+            // `Method` beside `method`: a lenient client would answer another question than
+            // the one checked.
+            if crate::mcp::lookalike::check_members(
+                raw.get().as_bytes(),
+                &["method", "params"],
+                "inputRequests",
+            )
+            .is_err()
+            {
+                return Some(self.refused_state(
+                    "an input request has a key that lenient clients read as method or params",
+                ));
+            }
             if round_trip::capability_needed(&q.method).is_none() {
                 return Some(self.refused_state(
                     "an input request asks for a method a client does not answer (elicitation/create, sampling/createMessage and roots/list are)",
