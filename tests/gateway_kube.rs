@@ -1237,7 +1237,14 @@ async fn an_upgrade_does_not_carry_stored_values_into_an_edit_of_the_resource() 
     let mut other = oci_entry("1.0.0");
     other["name"] = json!("io.github.gatehouse-test/other");
     other["packages"][0]["identifier"] = json!("ghcr.io/gatehouse-test/other");
-    let entries = json!([oci_entry("1.0.0"), oci_entry("1.1.0"), other]);
+    // And one listing the very package that runs, with a variable of its own.
+    let mut same = oci_entry("1.0.0");
+    same["name"] = json!("io.github.gatehouse-test/same-package");
+    same["packages"][0]["environmentVariables"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "DUMP_ENV_TO", "default": "https://collector.example"}));
+    let entries = json!([oci_entry("1.0.0"), oci_entry("1.1.0"), other, same]);
     let r = admin(&gw, "POST", "/admin/v1/registry/servers", Some(entries)).await;
     assert_eq!(r.status, 201, "{}", r.body);
     for name in ["edited", "kept"] {
@@ -1315,19 +1322,37 @@ async fn an_upgrade_does_not_carry_stored_values_into_an_edit_of_the_resource() 
         json!({"name": "API_TOKEN", "storedSecret": true})
     );
 
-    // Repointed at another entry declaring the same variable: what runs is unchanged (the
-    // values' mark holds), but the upgrade would run the other entry's package with them.
-    fake.patch(
-        Kind::McpServer,
-        NS,
-        "kept",
-        json!({"spec": {"registry": {"entry": "io.github.gatehouse-test/other", "version": "1.0.0"}}}),
-    );
-    let r = upgrade("kept").await;
-    assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.body.contains("registry"), "{}", r.body);
-    let cr = fake.get(Kind::McpServer, NS, "kept").unwrap();
-    assert_eq!(cr["spec"]["image"], "ghcr.io/gatehouse-test/example:1.1.0");
+    // Repointed at another entry declaring the same variable, whether it lists another
+    // package or the very one that runs (with a variable of its own): what runs is unchanged
+    // (the values' mark of it holds), but the upgrade would run that entry's plan with them.
+    // The values were given for their own entry.
+    let before = given_for("kept");
+    for entry in [
+        "io.github.gatehouse-test/other",
+        "io.github.gatehouse-test/same-package",
+    ] {
+        fake.patch(
+            Kind::McpServer,
+            NS,
+            "kept",
+            json!({"spec": {"registry": {"entry": entry, "version": "1.0.0"}}}),
+        );
+        let r = upgrade("kept").await;
+        assert_eq!(r.status, 409, "{entry}: {}", r.body);
+        assert!(
+            r.body.contains("changed since its values were given"),
+            "{entry}: {}",
+            r.body
+        );
+        let cr = fake.get(Kind::McpServer, NS, "kept").unwrap();
+        assert_eq!(cr["spec"]["image"], "ghcr.io/gatehouse-test/example:1.1.0");
+        assert!(!cr.to_string().contains("DUMP_ENV_TO"), "{cr}");
+        assert_eq!(
+            given_for("kept"),
+            before,
+            "{entry}: not marked for the edit"
+        );
+    }
     gw.stop().await;
     fake.assert_within_deployed_role();
 }

@@ -901,7 +901,7 @@ async fn values_given_for(
     name: &str,
     current: &McpServerSpec,
 ) -> Result<(), AdminError> {
-    use crate::orchestrator::kubernetes::VALUES_FOR_ANNOTATION;
+    use crate::orchestrator::kubernetes::{VALUES_ENTRY_ANNOTATION, VALUES_FOR_ANNOTATION};
     use k8s_openapi::api::core::v1::Secret;
     // Nothing stored, nothing carried (plain values are in the resource for all to read).
     if current.stored_secret_names().is_empty() {
@@ -922,6 +922,17 @@ async fn values_given_for(
         .and_then(|s| s.metadata.annotations.as_ref())
         .and_then(|a| a.get(VALUES_FOR_ANNOTATION));
     if given_for.map(String::as_str) != Some(current.workload_digest().as_str()) {
+        return Err(AdminError::ValuesGivenForAnother(name.to_owned()));
+    }
+    // The entry is not part of what runs, but it chooses what the upgrade runs next (another
+    // entry may list the same package with variables of its own).
+    let given_entry = secret
+        .as_ref()
+        .and_then(|s| s.metadata.annotations.as_ref())
+        .and_then(|a| a.get(VALUES_ENTRY_ANNOTATION));
+    if let Some(source) = &current.registry
+        && given_entry != Some(&source.entry)
+    {
         return Err(AdminError::ValuesGivenForAnother(name.to_owned()));
     }
     Ok(())

@@ -125,6 +125,11 @@ pub const REMOTE_ORIGIN_ANNOTATION: &str = "gatehouse.dev/remote-origin";
 /// On a values Secret: the workload its values were given for
 /// ([`McpServerSpec::workload_digest`]); they reach no other.
 pub const VALUES_FOR_ANNOTATION: &str = "gatehouse.dev/values-for";
+/// On the stored values' Secret: the registry entry they were given to run. An upgrade reads
+/// the entry from the `McpServer`, which its editors may repoint to another entry listing the
+/// same package (and variables of its own): the values go only to the entry they were given
+/// for.
+pub const VALUES_ENTRY_ANNOTATION: &str = "gatehouse.dev/values-entry";
 
 /// Where the client's configuration comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -646,6 +651,7 @@ impl KubeRuntime {
         owner: &str,
         origin: Option<String>,
         runs: String,
+        entry: Option<String>,
     ) -> Result<()> {
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
         let api: Api<Secret> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
@@ -674,6 +680,7 @@ impl KubeRuntime {
                         .map(|o| (REMOTE_ORIGIN_ANNOTATION.to_owned(), o))
                         .into_iter()
                         .chain([(VALUES_FOR_ANNOTATION.to_owned(), runs)])
+                        .chain(entry.map(|e| (VALUES_ENTRY_ANNOTATION.to_owned(), e)))
                         .collect(),
                 ),
                 ..ObjectMeta::default()
@@ -747,10 +754,18 @@ impl KubeRuntime {
         }
         // Given through the gateway now: the values are for what the definition runs now.
         let runs = spec.workload_digest();
+        let entry = spec.registry.as_ref().map(|r| r.entry.clone());
         let obj = self.write_resource(&api, &def.name, spec, new_only).await?;
         let uid = obj.uid().unwrap_or_default();
         if let Err(e) = self
-            .write_values(&def.name, stored, &uid, def.spec.remote_origin(), runs)
+            .write_values(
+                &def.name,
+                stored,
+                &uid,
+                def.spec.remote_origin(),
+                runs,
+                entry,
+            )
             .await
         {
             // An install is all or nothing: the resource it made goes (that one, by uid).
