@@ -451,6 +451,10 @@ const MAX_TOOLS: usize = 2048;
 const MAX_DEFINITION: usize = 256 * 1024;
 /// Longest tool name pinned.
 const MAX_NAME: usize = 256;
+/// Most bytes of definitions (approved and waiting) pinned per server: 2,048 tools of 256 KiB
+/// each, every one changed, would otherwise have a hostile server hold a GiB of the gateway's
+/// memory (and of every write of the pins).
+const MAX_SERVER_BYTES: usize = 4 * 1024 * 1024;
 /// The key of the shared document (a ConfigMap's data) the pins are kept under.
 pub const DOCUMENT_KEY: &str = "pins.json";
 /// How often a write to the store that failed is tried again.
@@ -743,6 +747,17 @@ impl Pins {
             // A server cannot grow the pins without bound: past the cap, new names are not
             // kept, and so neither shown nor callable while blocking.
             if tools.len() >= MAX_TOOLS && !tools.contains_key(name.as_str()) {
+                return !self.blocks();
+            }
+            // Nor past the bytes a server's pins may hold: a definition that would take them
+            // past it is not kept (a changed one stays flagged under its old approval).
+            let held: usize = tools
+                .values()
+                .flat_map(|p| p.approved.iter().chain(p.waiting.iter()))
+                .map(|d| d.definition.get().len())
+                .sum();
+            if held + seen.definition.get().len() > MAX_SERVER_BYTES {
+                tracing::debug!(server = %server, "tool definitions past {MAX_SERVER_BYTES} bytes are not pinned");
                 return !self.blocks();
             }
             let pin = tools.entry(Box::from(name.as_str())).or_insert(Pin {
@@ -1055,6 +1070,34 @@ mod tests {
         assert!(serde_json::from_str::<Canonical>(&deep).is_err());
         assert!(definition_of("[1]").is_none());
         assert!(definition_of(r#"{"description":"no name"}"#).is_none());
+    }
+
+    /// A server's pins hold at most MAX_SERVER_BYTES of definitions: past it, a new tool is
+    /// not kept (and so neither shown nor callable while blocking); other servers pin on.
+    #[tokio::test]
+    async fn a_servers_pins_hold_a_bounded_number_of_bytes() {
+        let pins = Arc::new(Pins::open(&PinningConfig::default()).unwrap());
+        let (audit, metrics) = (Audit::default(), Metrics::new());
+        let s: Arc<str> = Arc::from("big");
+        let big = |i: usize| {
+            serde_json::json!({"name": format!("t{i}"), "description": "x".repeat(200 * 1024),
+                "inputSchema": {"type": "object"}})
+            .to_string()
+        };
+        let fits = MAX_SERVER_BYTES / (200 * 1024 + 100);
+        for i in 0..fits {
+            assert!(pins.observe(&s, "big", &big(i), &audit, &metrics), "{i}");
+        }
+        assert!(!pins.observe(&s, "big", &big(fits + 1), &audit, &metrics));
+        assert!(pins.check("big", &format!("t{}", fits + 1)).is_err());
+        let held: usize = pins.list()["big"]
+            .values()
+            .filter_map(|p| p.approved.as_ref())
+            .map(|d| d.definition.get().len())
+            .sum();
+        assert!(held <= MAX_SERVER_BYTES, "{held}");
+        let other: Arc<str> = Arc::from("other");
+        assert!(pins.observe(&other, "other", &tool("Echoes"), &audit, &metrics));
     }
 
     #[tokio::test]
