@@ -1604,7 +1604,9 @@ fn a_plugin_cannot_flood_or_forge_the_gateways_log() {
     });
     let out = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     let lines: Vec<&str> = out.lines().filter(|l| l.contains("chatty")).collect();
-    assert_eq!(lines.len(), 2 * 64, "64 lines a call");
+    // 64 lines a call, and 20 a second of each plugin however many calls log (two calls run
+    // within a second, or across the turn of one).
+    assert!((20..=40).contains(&lines.len()), "{} lines", lines.len());
     assert_eq!(
         out.lines().count(),
         lines.len(),

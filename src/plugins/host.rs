@@ -55,6 +55,8 @@ pub(crate) struct HostState {
     /// memory growth, which the guest may see as a failed allocation, is told apart by
     /// `limits.denied_memory`).
     pub(crate) unkeyed: Unkeyed,
+    /// The plugin's share of the gateway's log (every instance of it together).
+    log_rate: Arc<crate::log_rate::LogRate>,
 }
 
 /// Whether the running hook call used anything a reused decision is not keyed on
@@ -125,6 +127,7 @@ impl HostState {
         store: Arc<StateStore>,
         memory_limit: usize,
         seed: u128,
+        log_rate: Arc<crate::log_rate::LogRate>,
     ) -> Self {
         let output = OutputTail::default();
         let unkeyed = Unkeyed::default();
@@ -165,6 +168,7 @@ impl HostState {
             output,
             budget: Budget::new(Duration::ZERO, Mode::Blocking),
             unkeyed,
+            log_rate,
         }
     }
 
@@ -450,7 +454,11 @@ impl log::Host for HostState {
             return;
         }
         self.log_lines += 1;
+        let Some(held) = self.log_rate.admit() else {
+            return;
+        };
         let message = one_line(&message, MAX_LOG_LINE);
+        let message = format!("{message}{}", crate::log_rate::held_back(held));
         let plugin = &*self.holder.plugin;
         match level {
             log::Level::Trace => tracing::trace!(target: "gatehouse::plugin", plugin, "{message}"),

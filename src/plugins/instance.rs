@@ -171,6 +171,9 @@ pub(crate) struct LoadedPlugin {
     decisions: Option<Decisions>,
     /// WASI's `insecure-seed` for each of its instances.
     seed: u128,
+    /// The lines it may have the gateway log (its own, and its faults): as many calls as any
+    /// client makes could each log some.
+    pub(crate) log_rate: Arc<crate::log_rate::LogRate>,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -223,6 +226,7 @@ impl LoadedPlugin {
                 plugin: cfg.name.clone(),
                 message,
             })?,
+            log_rate: Arc::new(crate::log_rate::LogRate::new(LOG_LINES_PER_SECOND)),
         };
         let (warm, hooks) = futures_executor::block_on(plugin.instantiate(Mode::Blocking))
             .map_err(|fault| PluginError::Init {
@@ -247,6 +251,7 @@ impl LoadedPlugin {
                 self.state.clone(),
                 self.cfg.memory_limit.0 as usize,
                 self.seed,
+                self.log_rate.clone(),
             ),
         );
         store.limiter(|s| &mut s.limits);
@@ -481,6 +486,9 @@ enum Phase {
 /// errors that are not traps are, during a call, answers the host could not
 /// lift (bad UTF-8, bad discriminants, out-of-bounds lists) and, during
 /// instantiation, resource exhaustion (pool slots).
+/// Lines a plugin may have the gateway log a second (its `log` calls and its faults).
+const LOG_LINES_PER_SECOND: u32 = 20;
+
 /// Most bytes of a fault's text (it reaches the log and the client's error).
 const MAX_FAULT_TEXT: usize = 1024;
 

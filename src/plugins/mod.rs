@@ -803,10 +803,16 @@ impl PluginSet {
                 .metrics
                 .fail_open_skips
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(plugin = %plugin.name, "plugin {fault}; skipped (fail_open)");
+            if let Some(held) = plugin.log_rate.admit() {
+                let more = crate::log_rate::held_back(held);
+                tracing::warn!(plugin = %plugin.name, "plugin {fault}; skipped (fail_open){more}");
+            }
             return None;
         }
-        tracing::warn!(plugin = %plugin.name, "plugin {fault}; request denied");
+        if let Some(held) = plugin.log_rate.admit() {
+            let more = crate::log_rate::held_back(held);
+            tracing::warn!(plugin = %plugin.name, "plugin {fault}; request denied{more}");
+        }
         Some(Denied {
             plugin: plugin.name.clone(),
             code: match fault {
