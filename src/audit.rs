@@ -1,7 +1,9 @@
 //! A tamper-evident audit trail: every call and every policy denial as one JSON line, each line
 //! carrying the SHA-256 of the line before it (`prev`), with checkpoints signed by an Ed25519
 //! key every so many records and when the gateway stops. Editing, removing or reordering a line
-//! breaks the chain at that line; rewriting the whole tail needs the signing key.
+//! breaks the chain at that line; rewriting the tail after a checkpoint needs the signing key.
+//! Cutting the file back to a checkpoint is not seen from the file alone: a copy kept off the
+//! machine (the OTLP export) shows it.
 //!
 //! The request path only hands a record to a bounded queue; one task writes. Records the queue
 //! has no room for are counted and written as a `gap` record, so a loss shows in the chain too.
