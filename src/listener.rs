@@ -44,8 +44,11 @@ const MAX_STREAMS: u32 = 100;
 /// Most bytes of header fields an HTTP/2 request may carry (decoded, 32 bytes counted per
 /// field): over it, 431; a header block that keeps growing past it (a CONTINUATION flood)
 /// ends the connection (GOAWAY ENHANCE_YOUR_CALM). hyper's default, made explicit: HTTP/1
-/// heads are bounded by hyper's read buffer (about 400 KiB) and 100 fields, 431 beyond.
+/// heads are bounded by the read buffer ([`MAX_HTTP1_BUFFER`]) and 100 fields, 431 beyond.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Most bytes hyper buffers of an HTTP/1 connection's input (its default is about 400 KiB):
+/// room for a whole head and for body reads of a useful size.
+const MAX_HTTP1_BUFFER: usize = 64 * 1024;
 /// Most HTTP/2 streams a client may open and reset before the gateway has taken them up
 /// (rapid reset): past it, GOAWAY ENHANCE_YOUR_CALM. The h2 crate's default, made explicit.
 const MAX_PENDING_RESETS: usize = 20;
@@ -183,6 +186,9 @@ async fn serve_connection<S>(
     // an allocation, a timer-wheel insert and removal); the idle watch below keeps the same
     // deadline lazily, looking only when a deadline it set passes.
     builder.http1().header_read_timeout(None);
+    // An unfinished head is held until the header deadline: a connection holds no more than
+    // this of it (hyper's default is about 400 KiB), and a longer head is refused (431).
+    builder.http1().max_buf_size(MAX_HTTP1_BUFFER);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -679,6 +685,15 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
         path if path.starts_with(WELL_KNOWN_RESOURCE) => resource_metadata(gw, &req),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
+        // On loopback, a page whose name was rebound to 127.0.0.1 could read what the metrics
+        // name (servers, plugins, counts): its Host is checked as `/mcp`'s is. Off loopback a
+        // scraper names the pod's address, which `mcp.allowed_hosts` need not list.
+        "/metrics"
+            if gw.config.listen.ip().is_loopback()
+                && let Some(refused) = operator_refusal(gw, &req) =>
+        {
+            refused
+        }
         "/metrics" => {
             // Other replicas' approvals reach the pins without passing through a listing.
             if let Some(pins) = &gw.pins {

@@ -387,9 +387,9 @@ impl File {
                 for d in pin.approved.iter().chain(pin.waiting.iter()) {
                     // Far past any count of approvals: a planted one would make the next
                     // approval's `+ 1` overflow and rank below it.
-                    if d.generation > MAX_GENERATION {
+                    if d.generation >= MAX_GENERATION {
                         return Err(format!(
-                            "{server}/{tool} has generation {} (at most {MAX_GENERATION})",
+                            "{server}/{tool} has generation {} (under {MAX_GENERATION} expected)",
                             d.generation
                         ));
                     }
@@ -851,7 +851,7 @@ impl Pins {
                 .as_ref()
                 .map_or(0, |a| a.generation)
                 .saturating_add(1)
-                .min(MAX_GENERATION);
+                .min(MAX_GENERATION - 1);
             pin.approved = Some(Definition {
                 at: now(),
                 by: Some(by.to_owned()),

@@ -106,6 +106,9 @@ pub struct Link {
     listen: AtomicBool,
     /// Membership of a shared connection, once joined.
     shared: Mutex<Option<(shared::Member, Arc<shared::SharedConnection>)>>,
+    /// Whether the shared connection joined is shared by every principal (`sharing: shared`),
+    /// not by one principal's sessions alone.
+    across_principals: AtomicBool,
     /// Set by [`Link::close`]: the link never connects again.
     closed: AtomicBool,
     /// First pages of the lists whose changes the upstream promises to announce.
@@ -224,6 +227,7 @@ impl Link {
             generation: AtomicU64::new(0),
             listen: AtomicBool::new(false),
             shared: Mutex::new(None),
+            across_principals: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             lists: Mutex::new(ListCache::default()),
             subscribed: Arc::default(),
@@ -764,6 +768,8 @@ impl Link {
                             }
                         };
                         let private = sharing == Sharing::PerPrincipal;
+                        self.across_principals
+                            .store(sharing == Sharing::Shared, Ordering::Release);
                         let epoch = o.runtime.usage(&server.name).map_or(0, |u| u.epoch());
                         let (conn, result) = shared
                             .connect(server, &endpoint, private, epoch, self.principal.as_deref())
@@ -915,7 +921,9 @@ impl Link {
                 // The server holds one session for every principal: a method that reaches
                 // what earlier requests left in it (`tasks/list`, `tasks/result` of another
                 // principal's task) would let one principal see or cancel another's work.
-                _ if !SHARED_METHODS.contains(&method) => {
+                _ if !SHARED_METHODS.contains(&method)
+                    && self.across_principals.load(Ordering::Acquire) =>
+                {
                     return Ok(Outcome::Error(jsonrpc::error_object(
                         code::METHOD_NOT_FOUND,
                         &format!(
@@ -925,7 +933,9 @@ impl Link {
                     )));
                 }
                 // A call run as a task leaves its result in that shared session.
-                _ if params.is_some_and(asks_for_a_task) => {
+                _ if self.across_principals.load(Ordering::Acquire)
+                    && params.is_some_and(asks_for_a_task) =>
+                {
                     return Ok(Outcome::Error(jsonrpc::error_object(
                         code::INVALID_PARAMS,
                         &format!(

@@ -282,12 +282,19 @@ impl Elector {
             .seen
             .as_ref()
             .is_some_and(|(_, at)| now.duration_since(*at) >= duration);
-        let mine = holder.as_deref() == Some(me.as_str());
+        // A lease that names us is ours only if we wrote it: we lead (and renew it), or an
+        // attempt of ours is out whose answer was lost. Otherwise someone else wrote our name
+        // in it (whoever may update the Lease): taking that up would have two replicas lead at
+        // once until the real holder's next round. It is left to expire, as another's.
+        let named = holder.as_deref() == Some(me.as_str());
+        let mine = named && (leading || self.attempted.is_some());
         if !mine
             && !expired
             && let Some(holder) = &holder
         {
-            let relay = self.signed_relay(&lease, holder);
+            let relay = (!named)
+                .then(|| self.signed_relay(&lease, holder))
+                .flatten();
             self.publish_holder_relay(relay);
             // Another holds it: no attempt of ours took it.
             self.attempted = None;
