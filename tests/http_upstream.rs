@@ -2359,6 +2359,10 @@ async fn a_2026_upstreams_lookalike_keys_carry_no_question_past_the_gateway() {
                 "inputrequests":{"q":question},"requestState":"SECRET-STATE"}),
             "lookalike-state" => json!({"resultType":"input_required",
                 "inputRequests":{"q":question},"requestState":"s","REQUESTSTATE":"SECRET-STATE"}),
+            "lookalike-type" => json!({"ResultType":"input_required",
+                "inputRequests":{"q":question},"requestState":"SECRET-STATE"}),
+            "both-types" => json!({"resultType":"complete","ResultType":"input_required",
+                "inputRequests":{"q":question},"requestState":"SECRET-STATE"}),
             _ => json!({"resultType":"input_required","inputRequests":{"q":{
                 "method":"elicitation/create","Method":"sampling/createMessage",
                 "params":{"message":"SECRET-Q","requestedSchema":{"type":"object","properties":{}},
@@ -2367,14 +2371,18 @@ async fn a_2026_upstreams_lookalike_keys_carry_no_question_past_the_gateway() {
     })
     .await;
     let (gw, c) = asked_gateway(&url).await;
-    for (id, shape) in [
-        (1, "lookalike-requests"),
-        (2, "lookalike-state"),
-        (3, "lookalike-method"),
+    for (id, shape, code) in [
+        (1, "lookalike-requests", -32010),
+        (2, "lookalike-state", -32010),
+        (3, "lookalike-method", -32010),
+        // No `resultType` the gateway reads as `input_required`: the answer is refused as a
+        // result the gateway cannot complete.
+        (7, "lookalike-type", -32603),
+        (8, "both-types", -32603),
     ] {
         let r = stateless_call(&gw, id, "asks__t", json!({ "shape": shape })).await;
         let r = r.json();
-        let said = error_message(&r, -32010);
+        let said = error_message(&r, code);
         assert!(said.contains("lenient clients"), "{shape}: {said}");
         assert!(!r.to_string().contains("SECRET"), "{shape}: {r}");
     }

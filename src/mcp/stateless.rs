@@ -44,11 +44,22 @@ const NAME_HEADER: HeaderName = HeaderName::from_static("mcp-name");
 static INPUT_REQUIRED: Needle = Needle::new("input_required");
 static ERROR_MEMBER: Needle = Needle::new("\"error\"");
 /// The members of a result the gateway owns.
-static OWNED_MEMBERS: [Needle; 3] = [
-    Needle::new("resultType"),
-    Needle::new("ttlMs"),
-    Needle::new("cacheScope"),
-];
+const OWNED_MEMBERS: [&str; 3] = ["resultType", "ttlMs", "cacheScope"];
+
+/// Whether `result` may name a member the gateway owns: a string that reads as one of
+/// [`OWNED_MEMBERS`] to a lenient decoder (`ResultType`, `TTLMS`, with a long s), or any escape.
+/// One pass over its quotes: every key starts after one.
+fn may_name_owned(result: &[u8]) -> bool {
+    if memchr::memchr(b'\\', result).is_some() {
+        return true;
+    }
+    memchr::memchr_iter(b'"', result).any(|at| {
+        let rest = &result[at + 1..];
+        let end = rest.iter().take(24).position(|b| *b == b'"');
+        end.and_then(|end| std::str::from_utf8(&rest[..end]).ok())
+            .is_some_and(|token| crate::mcp::lookalike::read_as(token, &OWNED_MEMBERS).is_some())
+    })
+}
 
 /// How long to wait for more questions after a server's first one, to ask them in one round.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
@@ -1746,12 +1757,22 @@ impl Completion {
         } else {
             r#""resultType":"complete""#
         };
-        let could = memchr::memchr(b'\\', result).is_some()
-            || OWNED_MEMBERS.iter().any(|k| k.is_in(result));
+        let could = may_name_owned(result);
         let rest = if could {
             type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
             let mut fields: Object<'_> = serde_json::from_slice(text)
                 .map_err(|_| "the upstream's result is not a JSON object".to_owned())?;
+            // Written after the gateway's own: a lenient client would read this one instead.
+            if let Some((key, owned)) = fields.keys().find_map(|k| {
+                crate::mcp::lookalike::read_as(k, &OWNED_MEMBERS)
+                    .filter(|owned| owned != k)
+                    .map(|owned| (k, owned))
+            }) {
+                return Err(format!(
+                    "the upstream's result has a key {:?} that lenient clients read as {owned}",
+                    crate::mcp::lookalike::shown(key)
+                ));
+            }
             if let Some(kind) = fields.remove("resultType")
                 && kind.get() != r#""complete""#
             {
