@@ -962,4 +962,28 @@ async fn a_completions_context_is_judged_with_its_argument() {
     // Allowed: it goes on to the server (which offers no completions).
     let r = complete(2, "public").await;
     assert_eq!(r["error"]["code"], -32601, "{r}");
+    // A key a lenient server reads as the one the rule looks at is refused, not judged as
+    // absent.
+    for (id, params) in [
+        (
+            3,
+            json!({"ref":{"type":"ref/prompt","name":"a__greeting"},
+                   "argument":{"name":"name","value":"Al"},
+                   "context":{"Arguments":{"account":"secret"}}}),
+        ),
+        (
+            4,
+            json!({"ref":{"type":"ref/prompt","name":"a__greeting"},
+                   "argument":{"name":"name","value":"Al","VALUE":"secret"}}),
+        ),
+    ] {
+        let r = c.call(id, "completion/complete", params).await;
+        assert_eq!(r["error"]["code"], -32602, "{r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("servers differ on which they read")),
+            "{r}"
+        );
+    }
 }

@@ -100,8 +100,18 @@ pub(super) async fn complete(
     let checked = params.as_deref().map_or(Ok(()), |p| {
         check_members(p, &["ref", "argument", "context", "_meta"], "params")
     });
+    // The argument and the context are judged by the plugins as read: `Value` or `Arguments`
+    // beside them would reach a lenient server unjudged.
+    let nested = |key: &str, owned: &[&str]| match f.get(key) {
+        Some(v) if v.get() != "null" => {
+            check_members(v.get().as_bytes(), owned, &format!("params.{key}"))
+        }
+        _ => Ok(()),
+    };
     if let Err(e) = checked
         .and_then(|()| check_members(r.get().as_bytes(), &["type", "name", "uri"], "params.ref"))
+        .and_then(|()| nested("argument", &["name", "value"]))
+        .and_then(|()| nested("context", &["arguments"]))
     {
         return invalid_params(&id, &e);
     }
