@@ -2224,6 +2224,53 @@ async fn a_new_leader_learns_whom_it_took_the_lease_from_by_its_signed_relay() {
     e.shutdown().await;
 }
 
+/// A writer of the Lease who names a follower as the holder does not make it lead: it did not
+/// write that (no attempt of its own is out), so two replicas never lead at once; the lease so
+/// written is left to expire, and then one replica takes it as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_naming_a_follower_it_did_not_write_does_not_make_it_lead() {
+    let fake = FakeKube::start().await;
+    let replica = |id: &str| {
+        let lease = LeaseSettings {
+            lease_duration: Duration::from_secs(2),
+            renew_every: Duration::from_millis(600),
+            retry_every: Duration::from_millis(50),
+            ..LeaseSettings::new("gatehouse-orchestrator", id)
+        };
+        KubeRuntime::start_with_client(fake.client(NS), NS.into(), Some(lease), options())
+    };
+    let a = replica("replica-a");
+    eventually("a leads", Duration::from_secs(10), || {
+        a.is_leader().then_some(())
+    })
+    .await;
+    let b = replica("replica-b");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!b.is_leader());
+    fake.patch(
+        Kind::Lease,
+        NS,
+        "gatehouse-orchestrator",
+        json!({"spec": {"holderIdentity": "replica-b"}}),
+    );
+    // Until the lease so written expires (2 s) and after: never both.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert!(
+            !(a.is_leader() && b.is_leader()),
+            "two replicas lead at once"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // One of them leads again once the written lease has expired.
+    eventually("one leads", Duration::from_secs(10), || {
+        (a.is_leader() || b.is_leader()).then_some(())
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// Creates a well-behaved McpServer `name` and waits until the runtime runs it: the watch
 /// has then delivered every change made before.
 async fn take_up_sentinel(fake: &FakeKube, rt: &KubeRuntime, name: &str) {
