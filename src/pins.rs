@@ -111,6 +111,18 @@ pub struct Definition {
 /// Most operator approvals a tool's pin counts (a document claiming more is refused).
 const MAX_GENERATION: u64 = 1 << 40;
 
+/// The `name` of a listed tool too large to read as a definition.
+fn name_of(item: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Named {
+        name: String,
+    }
+    serde_json::from_str::<Named>(item)
+        .ok()
+        .map(|n| n.name)
+        .filter(|n| n.len() <= MAX_NAME)
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -139,11 +151,16 @@ pub struct Pin {
     /// The latest definition seen that differs from the approved one.
     #[serde(default)]
     pub waiting: Option<Definition>,
+    /// The server lists a definition unlike the approved one that is too large to keep (past
+    /// [`MAX_DEFINITION`], or the server's [`MAX_SERVER_BYTES`]): flagged all the same, here
+    /// only, until the server lists the approved one again.
+    #[serde(skip)]
+    pub unstored: bool,
 }
 
 impl Pin {
     fn is_flagged(&self) -> bool {
-        self.waiting.is_some()
+        self.waiting.is_some() || self.unstored
     }
 
     /// Merges another replica's pin into this one: the approval that ranks higher wins (see
@@ -690,6 +707,9 @@ impl Pins {
         };
         match tools.get(tool) {
             None => Err(unseen()),
+            Some(pin) if pin.unstored && pin.waiting.is_none() => Err(format!(
+                "tool {tool} of server {server} changed since it was approved, to a definition too large to pin ({MAX_DEFINITION} bytes a tool, {MAX_SERVER_BYTES} a server): refused until the server lists the approved one again"
+            )),
             Some(pin) if pin.is_flagged() => Err(match &pin.approved {
                 Some(_) => format!(
                     "tool {tool} of server {server} changed since it was approved; an operator must approve the new definition (admin API: /admin/v1/pins)"
@@ -716,6 +736,12 @@ impl Pins {
             .then(|| definition_of(item))
             .flatten()
         else {
+            // Too large to pin: a tool pinned under its name has changed all the same.
+            if item.len() > MAX_DEFINITION
+                && let Some(name) = name_of(item)
+            {
+                self.flag_unstored(server, &name, None, metrics);
+            }
             return !self.blocks();
         };
         if name.len() > MAX_NAME {
@@ -749,6 +775,21 @@ impl Pins {
             if tools.len() >= MAX_TOOLS && !tools.contains_key(name.as_str()) {
                 return !self.blocks();
             }
+            // The approved definition again after one too large to keep: no longer flagged for
+            // it (one kept as waiting still is).
+            if let Some(pin) = tools.get_mut(name.as_str())
+                && pin.unstored
+                && pin
+                    .approved
+                    .as_ref()
+                    .is_some_and(|a| a.digest == seen.digest)
+            {
+                pin.unstored = false;
+                let still = pin.is_flagged();
+                drop(tools);
+                metrics.tools_unapproved.set(self.count_flagged() as i64);
+                return !(still && self.blocks());
+            }
             // Nor past the bytes a server's pins may hold: a definition that would take them
             // past it is not kept (a changed one stays flagged under its old approval).
             let held: usize = tools
@@ -758,11 +799,14 @@ impl Pins {
                 .sum();
             if held + seen.definition.get().len() > MAX_SERVER_BYTES {
                 tracing::debug!(server = %server, "tool definitions past {MAX_SERVER_BYTES} bytes are not pinned");
+                drop(tools);
+                self.flag_unstored(server, &name, Some(&seen.digest), metrics);
                 return !self.blocks();
             }
             let pin = tools.entry(Box::from(name.as_str())).or_insert(Pin {
                 approved: None,
                 waiting: None,
+                unstored: false,
             });
             let approved_digest = pin.approved.as_ref().map(|a| a.digest.as_str());
             if approved_digest.is_none()
@@ -811,6 +855,28 @@ impl Pins {
             self.dirty.store(true, std::sync::atomic::Ordering::Release);
         }
         !(flagged && self.blocks())
+    }
+
+    /// Flags tool `name` of `server`, if pinned, as listed with a definition too large to keep
+    /// (whose digest is `digest`, when known) unlike its approved one.
+    fn flag_unstored(&self, server: &str, name: &str, digest: Option<&str>, metrics: &Metrics) {
+        let Some(mut tools) = self.servers.get_mut(server) else {
+            return;
+        };
+        let Some(pin) = tools.get_mut(name) else {
+            return;
+        };
+        let unlike = pin
+            .approved
+            .as_ref()
+            .is_none_or(|a| digest.is_none_or(|d| a.digest != d));
+        if !unlike || pin.unstored {
+            return;
+        }
+        pin.unstored = true;
+        drop(tools);
+        tracing::warn!(server = %server, tool = ?name, "tool definition flagged: changed, and too large to pin");
+        metrics.tools_unapproved.set(self.count_flagged() as i64);
     }
 
     /// Approves what waits for `tool` of `server` (only if its digest is `digest`, when given).
@@ -1098,6 +1164,27 @@ mod tests {
         assert!(held <= MAX_SERVER_BYTES, "{held}");
         let other: Arc<str> = Arc::from("other");
         assert!(pins.observe(&other, "other", &tool("Echoes"), &audit, &metrics));
+        // An approved tool changed to what cannot be kept is flagged all the same, and cleared
+        // when the server lists the approved definition again.
+        let changed = |d: &str| {
+            serde_json::json!({"name": "t0", "description": d, "inputSchema": {"type": "object"}})
+                .to_string()
+        };
+        assert!(!pins.observe(
+            &s,
+            "big",
+            &changed(&"y".repeat(100 * 1024)),
+            &audit,
+            &metrics
+        ));
+        let refused = pins.check("big", "t0").unwrap_err();
+        assert!(refused.contains("too large to pin"), "{refused}");
+        assert!(pins.observe(&s, "big", &big(0), &audit, &metrics));
+        assert_eq!(pins.check("big", "t0"), Ok(()));
+        // Past the size of one definition: flagged too.
+        let huge = changed(&"z".repeat(MAX_DEFINITION));
+        assert!(!pins.observe(&s, "big", &huge, &audit, &metrics));
+        assert!(pins.check("big", "t0").is_err());
     }
 
     #[tokio::test]
@@ -1266,7 +1353,11 @@ mod tests {
     }
 
     fn pin(approved: Option<Definition>, waiting: Option<Definition>) -> Pin {
-        Pin { approved, waiting }
+        Pin {
+            approved,
+            waiting,
+            unstored: false,
+        }
     }
 
     fn merged(a: &Pin, b: &Pin) -> Pin {
