@@ -162,9 +162,16 @@ impl Target {
     fn uri(uri: &str) -> Target {
         let resolved = resolved_uri(uri);
         let mut forms = vec![uri.to_owned()];
+        // A file URI's host is not read by every server (Python's `urlparse().path`, Go's
+        // `url.Parse().Path`): its path on this machine too.
+        let hostless = resolved
+            .strip_prefix("file://")
+            .filter(|rest| !rest.starts_with('/'))
+            .map(|rest| format!("file://{}", &rest[rest.find('/').unwrap_or(rest.len())..]));
         if resolved != uri {
             forms.push(resolved);
         }
+        forms.extend(hostless);
         Target::Uri(forms)
     }
 }
@@ -174,7 +181,13 @@ impl Target {
 /// the scheme and authority in lower case, and dot segments of the path removed (RFC 3986
 /// §5.2.4).
 fn resolved_uri(uri: &str) -> String {
-    let mut text = uri.to_owned();
+    // As a WHATWG URL parser reads it: tabs and line breaks anywhere dropped, and controls and
+    // spaces around it.
+    let trimmed = uri.trim_matches(|c: char| c <= ' ');
+    let mut text: String = trimmed
+        .chars()
+        .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
+        .collect();
     // Twice encoded (`%252e`) is read by a server that decodes twice; a few rounds at most.
     for _ in 0..3 {
         let decoded = percent_decoded(&text);
@@ -601,6 +614,12 @@ mod tests {
             "file:////secret/k",
             "file://///secret/k",
             "file:secret/k",
+            // Read without what a URL parser drops, or without a host some servers ignore.
+            "file:///se\tcret/k",
+            "file:///secret/\nk",
+            " file:///secret/k",
+            "\u{1}file:///secret/k ",
+            "file://fileserver/secret/k",
             "note://HOST/key",
             "note://host/key%00.txt",
             "note://host/x/../key",
@@ -616,7 +635,7 @@ mod tests {
             "note://host/keys",
             "note://other/key",
             "file:///pub/a?x=../../secret/k",
-            "file://fileserver/secret/k",
+            "file://fileserver/pub/k",
         ] {
             assert!(read(uri).is_empty(), "{uri}");
         }
