@@ -1250,7 +1250,19 @@ impl RawConfig {
                             format!("{} is used by another key", k.id),
                         ));
                     }
-                    keys.push((k.id, key_from(&field, &k.file, &k.env)?));
+                    let key = key_from(&field, &k.file, &k.env)?;
+                    // One key under two ids would open a sealed id with its id byte changed:
+                    // another spelling of the same session, which the record of deleted
+                    // sessions would not know.
+                    if let Some((other, _)) = keys.iter().find(|(_, known)| *known == key) {
+                        return Err(field_err(
+                            field,
+                            format!(
+                                "holds the same key as the one with id {other}: give each id a key of its own"
+                            ),
+                        ));
+                    }
+                    keys.push((k.id, key));
                 }
                 SessionKeys(keys)
             },
@@ -1920,6 +1932,8 @@ mod tests {
         for (yaml, field) in [
             (key.replace("id: 2", "id: 0"), "mcp.session_keys[0].id"),
             (format!("{one}\n    - {one}"), "mcp.session_keys[1].id"),
+            // One key under two ids.
+            (format!("{one}\n    - {key}"), "mcp.session_keys[1]"),
             ("{ id: 1 }".to_owned(), "mcp.session_keys[0]"),
             (
                 "{ id: 1, env: GATEHOUSE_NO_SUCH_VARIABLE }".to_owned(),
