@@ -111,15 +111,19 @@ pub struct Definition {
 /// Most operator approvals a tool's pin counts (a document claiming more is refused).
 const MAX_GENERATION: u64 = 1 << 40;
 
-/// The `name` of a listed tool too large to read as a definition.
+/// The `name` of a listed tool too large to read as a definition: the last one given, as
+/// [`definition_of`] reads it (a server that gives it twice is read as a client would).
 fn name_of(item: &str) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Named {
-        name: String,
-    }
-    serde_json::from_str::<Named>(item)
+    let item: &RawValue = serde_json::from_str(item).ok()?;
+    let mut name = None;
+    crate::mcp::jsonrpc::each_member(item, |key, value| {
+        if key == "name" {
+            name = Some(value);
+        }
+    })
+    .ok()?;
+    serde_json::from_str::<String>(name?.get())
         .ok()
-        .map(|n| n.name)
         .filter(|n| n.len() <= MAX_NAME)
 }
 
@@ -736,10 +740,9 @@ impl Pins {
             .then(|| definition_of(item))
             .flatten()
         else {
-            // Too large to pin: a tool pinned under its name has changed all the same.
-            if item.len() > MAX_DEFINITION
-                && let Some(name) = name_of(item)
-            {
+            // Too large to pin, or not read as a definition: a tool pinned under its name has
+            // changed all the same.
+            if let Some(name) = name_of(item) {
                 self.flag_unstored(server, &name, None, metrics);
             }
             return !self.blocks();
@@ -1181,9 +1184,14 @@ mod tests {
         assert!(refused.contains("too large to pin"), "{refused}");
         assert!(pins.observe(&s, "big", &big(0), &audit, &metrics));
         assert_eq!(pins.check("big", "t0"), Ok(()));
-        // Past the size of one definition: flagged too.
+        // Past the size of one definition: flagged too, its name given twice or not.
         let huge = changed(&"z".repeat(MAX_DEFINITION));
         assert!(!pins.observe(&s, "big", &huge, &audit, &metrics));
+        assert!(pins.check("big", "t0").is_err());
+        assert!(pins.observe(&s, "big", &big(0), &audit, &metrics));
+        let twice = huge.replacen(r#""name":"t0""#, r#""name":"t0","name":"t0""#, 1);
+        assert_ne!(twice, huge);
+        assert!(!pins.observe(&s, "big", &twice, &audit, &metrics));
         assert!(pins.check("big", "t0").is_err());
     }
 

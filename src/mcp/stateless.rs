@@ -55,8 +55,17 @@ fn may_name_owned(result: &[u8]) -> bool {
     }
     memchr::memchr_iter(b'"', result).any(|at| {
         let rest = &result[at + 1..];
-        let end = rest.iter().take(24).position(|b| *b == b'"');
-        end.and_then(|end| std::str::from_utf8(&rest[..end]).ok())
+        // Most strings are told apart by their first letter and length (5 to 11 bytes, a long
+        // s taking two): only the rest are read.
+        if !rest
+            .first()
+            .is_some_and(|b| matches!(b.to_ascii_lowercase(), b'r' | b't' | b'c'))
+        {
+            return false;
+        }
+        let end = rest.iter().take(12).position(|b| *b == b'"');
+        end.filter(|end| *end >= 5)
+            .and_then(|end| std::str::from_utf8(&rest[..end]).ok())
             .is_some_and(|token| crate::mcp::lookalike::read_as(token, &OWNED_MEMBERS).is_some())
     })
 }

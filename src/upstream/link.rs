@@ -762,14 +762,16 @@ impl Link {
                                         self.principal.as_ref(),
                                         self.inbox.clone(),
                                     );
+                                    // As joined, for the link's life (a redefinition may change
+                                    // the server's sharing, not the connection this link joined).
+                                    self.across_principals
+                                        .store(sharing != Sharing::PerPrincipal, Ordering::Release);
                                     *joined = Some((membership, shared.clone()));
                                     shared
                                 }
                             }
                         };
                         let private = sharing == Sharing::PerPrincipal;
-                        self.across_principals
-                            .store(sharing == Sharing::Shared, Ordering::Release);
                         let epoch = o.runtime.usage(&server.name).map_or(0, |u| u.epoch());
                         let (conn, result) = shared
                             .connect(server, &endpoint, private, epoch, self.principal.as_deref())

@@ -123,6 +123,10 @@ pub struct Elector {
     /// Whom our last attempt to take the lease took it from, while its outcome is unknown (no
     /// answer): if it was written, the lease names us next round, and that one is whom from.
     attempted: Option<Handover>,
+    /// The resourceVersion of the lease as our last write left it: a lease that names us and
+    /// still has it is ours (renewals that failed for a while do not make it another's), one
+    /// that names us with another was written by someone else.
+    wrote: Option<String>,
 }
 
 impl Elector {
@@ -138,6 +142,7 @@ impl Elector {
             holder_relay: watch::Sender::new(None),
             handover: watch::Sender::new(Handover::Nobody),
             attempted: None,
+            wrote: None,
         }
     }
 
@@ -253,7 +258,8 @@ impl Elector {
             // (Until the answer comes, whether it was made is unknown.)
             self.attempted = Some(Handover::Nobody);
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => {
+                Ok(created) => {
+                    self.wrote = created.metadata.resource_version;
                     self.attempted = None;
                     self.handover.send_replace(Handover::Nobody);
                     Ok(Round::Leading)
@@ -269,7 +275,7 @@ impl Elector {
         let now = Instant::now();
         match &self.seen {
             Some((seen_rv, _)) if *seen_rv == rv => {}
-            _ => self.seen = Some((rv, now)),
+            _ => self.seen = Some((rv.clone(), now)),
         }
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
@@ -287,7 +293,8 @@ impl Elector {
         // in it (whoever may update the Lease): taking that up would have two replicas lead at
         // once until the real holder's next round. It is left to expire, as another's.
         let named = holder.as_deref() == Some(me.as_str());
-        let mine = named && (leading || self.attempted.is_some());
+        let mine = named
+            && (leading || self.attempted.is_some() || self.wrote.as_deref() == Some(rv.as_str()));
         if !mine
             && !expired
             && let Some(holder) = &holder
@@ -307,6 +314,10 @@ impl Elector {
         // lease already names us: that attempt's outcome is still the one that counts).
         if !mine {
             self.attempted = handover.clone();
+        } else if self.attempted.is_none() {
+            // A renewal whose answer is lost may still have been written: the lease then names
+            // us with a version we never saw, and is ours all the same.
+            self.attempted = Some(Handover::Kept);
         }
         let mut next = lease.clone();
         self.annotate(&mut next.metadata);
@@ -326,6 +337,7 @@ impl Elector {
             .await
         {
             Ok(written) => {
+                self.wrote = written.metadata.resource_version.clone();
                 self.seen = written
                     .metadata
                     .resource_version
