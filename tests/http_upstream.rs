@@ -1099,6 +1099,19 @@ type SeenCalls = std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
 async fn asking_server(
     answer: fn(usize, &serde_json::Value) -> serde_json::Value,
 ) -> (String, SeenCalls) {
+    stateless_server(
+        json!([{"name":"t","inputSchema":{"type":"object"}}]),
+        answer,
+    )
+    .await
+}
+
+/// A 2026-07-28 server listing `tools` and answering each `tools/call` with `answer` (given
+/// the call's index and params); the calls' params as it heard them.
+async fn stateless_server(
+    tools: serde_json::Value,
+    answer: fn(usize, &serde_json::Value) -> serde_json::Value,
+) -> (String, SeenCalls) {
     let seen = SeenCalls::default();
     let calls = seen.clone();
     let url = support::serve(move |_, body| {
@@ -1108,8 +1121,7 @@ async fn asking_server(
             "server/discover" => json!({"resultType":"complete","supportedVersions":["2026-07-28"],
                 "capabilities":{"tools":{}},
                 "_meta":{"io.modelcontextprotocol/serverInfo":{"name":"asks","version":"1"}}}),
-            "tools/list" => json!({"resultType":"complete",
-                "tools":[{"name":"t","inputSchema":{"type":"object"}}]}),
+            "tools/list" => json!({"resultType":"complete", "tools": tools.clone()}),
             "tools/call" => {
                 let mut calls = calls.lock().unwrap();
                 calls.push(msg["params"].clone());
@@ -2395,29 +2407,12 @@ async fn a_2026_upstreams_lookalike_keys_carry_no_question_past_the_gateway() {
 /// the pins never saw: it is left out of the list, and the server's other items are listed.
 #[tokio::test]
 async fn a_listed_item_with_a_lookalike_key_is_left_out() {
-    let url = support::serve(move |_, body| {
-        let msg: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        msg.get("id")?;
-        let result = match msg["method"].as_str().unwrap() {
-            "server/discover" => json!({"resultType":"complete","supportedVersions":["2026-07-28"],
-                "capabilities":{"tools":{}},
-                "_meta":{"io.modelcontextprotocol/serverInfo":{"name":"odd","version":"1"}}}),
-            "tools/list" => json!({"resultType":"complete","tools":[
-                {"name":"plain","inputSchema":{"type":"object"}},
-                {"name":"safe","Name":"ex__echo","inputSchema":{"type":"object"}},
-                {"name":"quiet","description":"benign","DESCRIPTION":"injected","inputSchema":{"type":"object"}},
-                {"name":"schema","inputSchema":{"type":"object"},"InputSchema":{"type":"object"}}]}),
-            _ => {
-                return Some((
-                    200,
-                    json!({"jsonrpc":"2.0","id":msg["id"],
-                        "error":{"code":-32601,"message":"no such method"}}),
-                ));
-            }
-        };
-        Some((200, json!({"jsonrpc":"2.0","id":msg["id"],"result":result})))
-    })
-    .await;
+    let tools = json!([
+        {"name":"plain","inputSchema":{"type":"object"}},
+        {"name":"safe","Name":"ex__echo","inputSchema":{"type":"object"}},
+        {"name":"quiet","description":"benign","DESCRIPTION":"injected","inputSchema":{"type":"object"}},
+        {"name":"schema","inputSchema":{"type":"object"},"InputSchema":{"type":"object"}}]);
+    let (url, _) = stateless_server(tools, |_, _| json!({"content":[]})).await;
     let gw = TestGateway::start(
         "",
         &[http_upstream("odd", "auto", &url), example("ex", &[], "")],
