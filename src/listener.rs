@@ -207,12 +207,17 @@ async fn serve_connection<S>(
             if let Some(c) = &certificate {
                 req.extensions_mut().insert(c.clone());
             }
+            let http2 = req.version() == http::Version::HTTP_2;
+            let activity = activity.clone();
             async move {
                 let resp = route(gw, req).await;
                 let in_flight = in_flight.follow(resp.body());
+                let unsent = (http2 && matches!(resp.body(), Body::Full(Some(_))))
+                    .then(|| activity.unsent_answer());
                 Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
                     body,
                     _in_flight: in_flight,
+                    _unsent: unsent,
                 }))
             }
         })
@@ -225,6 +230,7 @@ async fn serve_connection<S>(
         first,
         idle: mcp.idle_connection_timeout,
         header: mcp.header_timeout,
+        unsent: mcp.stalled_stream_timeout,
     };
     let idle = idle_deadline(activity, deadlines);
     let ended = tokio::select! {
@@ -280,6 +286,14 @@ struct Activity {
     /// Wakes the idle watch when `reader_gone` is set (a register per poll costs a few
     /// instructions: the watch is polled whenever its connection's task is).
     watch: futures_util::task::AtomicWaker,
+    /// HTTP/2 answers of one buffer made and not yet taken by hyper (it takes one only as the
+    /// client's window lets it send): each with when it was made, so that a client granting no
+    /// window cannot have finished answers held for as long as it keeps the connection busy.
+    unsent: std::sync::Mutex<Vec<(u64, tokio::time::Instant)>>,
+    /// The number the next unsent answer is known by.
+    next_unsent: AtomicU64,
+    /// Set when the first unsent answer comes: the watch looks again.
+    recheck: AtomicBool,
 }
 
 impl Activity {
@@ -292,13 +306,56 @@ impl Activity {
             since: tokio::time::Instant::now(),
             reader_gone: AtomicBool::new(false),
             watch: futures_util::task::AtomicWaker::new(),
+            unsent: std::sync::Mutex::new(Vec::new()),
+            next_unsent: AtomicU64::new(0),
+            recheck: AtomicBool::new(false),
         })
+    }
+
+    /// Counts an HTTP/2 answer of one buffer as unsent until the returned mark is dropped.
+    fn unsent_answer(self: &Arc<Self>) -> Unsent {
+        let id = self.next_unsent.fetch_add(1, Ordering::Relaxed);
+        let mut unsent = self.unsent.lock().unwrap_or_else(|e| e.into_inner());
+        unsent.push((id, tokio::time::Instant::now()));
+        if unsent.len() == 1 {
+            self.recheck.store(true, Ordering::Release);
+            self.watch.wake();
+        }
+        Unsent {
+            activity: self.clone(),
+            id,
+        }
+    }
+
+    /// When the oldest unsent answer was made.
+    fn oldest_unsent(&self) -> Option<tokio::time::Instant> {
+        let unsent = self.unsent.lock().unwrap_or_else(|e| e.into_inner());
+        unsent.iter().map(|(_, at)| *at).min()
     }
 
     fn request_ended(&self) {
         let ms = self.since.elapsed().as_millis() as u64;
         self.last_end_ms.fetch_max(ms, Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An HTTP/2 answer of one buffer not yet taken by hyper (see [`Activity::unsent`]).
+struct Unsent {
+    activity: Arc<Activity>,
+    id: u64,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        let mut unsent = self
+            .activity
+            .unsent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = unsent.iter().position(|(id, _)| *id == self.id) {
+            unsent.swap_remove(i);
+        }
     }
 }
 
@@ -400,6 +457,9 @@ struct Deadlines {
     /// An HTTP/1 connection's next request head is due this long after the last request
     /// ended (the header deadline hyper would keep, shorter than `idle` by default).
     header: Duration,
+    /// How long an HTTP/2 answer of one buffer may wait for the client's window before the
+    /// connection is closed (`mcp.stalled_stream_timeout`, as for a stream's reader).
+    unsent: Duration,
 }
 
 impl Deadlines {
@@ -424,14 +484,20 @@ impl Deadlines {
         } else {
             self.idle.min(self.header)
         };
+        // An answer the client has left unread that long: it reads nothing, busy or not.
+        let unsent_due = a.oldest_unsent().map(|at| at + self.unsent);
+        if unsent_due.is_some_and(|due| due <= now) {
+            return None;
+        }
         if a.in_flight.load(Ordering::Acquire) > 0 {
             // Busy: looked at again a deadline from now, never woken per request.
-            return Some(now + later);
+            return Some(unsent_due.map_or(now + later, |due| due.min(now + later)));
         }
         let due = match a.started.load(Ordering::Acquire) {
             0 => a.since + self.first,
             _ => a.since + Duration::from_millis(a.last_end_ms.load(Ordering::Relaxed)) + later,
         };
+        let due = unsent_due.map_or(due, |unsent| unsent.min(due));
         (due > now).then_some(due)
     }
 }
@@ -452,6 +518,10 @@ async fn idle_deadline(activity: Arc<Activity>, deadlines: Deadlines) -> Duratio
             if activity.reader_gone.load(Ordering::Acquire) {
                 return Poll::Ready(true);
             }
+            // An unsent answer's deadline may come before the one slept to.
+            if activity.recheck.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(false);
+            }
             sleep.as_mut().poll(cx).map(|()| false)
         });
         if reader_gone.await {
@@ -469,6 +539,8 @@ async fn idle_deadline(activity: Arc<Activity>, deadlines: Deadlines) -> Duratio
 struct Tracked {
     body: Body,
     _in_flight: Option<InFlight>,
+    /// An HTTP/2 answer of one buffer, until hyper takes it.
+    _unsent: Option<Unsent>,
 }
 
 impl http_body::Body for Tracked {
@@ -915,6 +987,7 @@ mod tests {
         first: FIRST,
         idle: LATER,
         header: Duration::from_secs(3600),
+        unsent: Duration::from_secs(3600),
     };
     const H1: http::Version = http::Version::HTTP_11;
 
@@ -1001,6 +1074,7 @@ mod tests {
             first: FIRST,
             idle: LATER * 60,
             header: LATER * 10,
+            unsent: LATER * 600,
         };
         let served = |version| {
             let activity = Activity::new();
@@ -1029,6 +1103,7 @@ mod tests {
             first: FIRST,
             idle: LATER * 60,
             header: LATER * 10,
+            unsent: LATER * 600,
         };
         for (version, after) in [
             (http::Version::HTTP_11, LATER * 10),
@@ -1054,6 +1129,7 @@ mod tests {
         let tracked = Tracked {
             body: resp.into_body(),
             _in_flight: in_flight,
+            _unsent: None,
         };
         (tracked, uptake)
     }

@@ -2374,3 +2374,52 @@ async fn pipelined_requests_are_bounded() {
     flood.abort();
     gw.stop().await;
 }
+
+/// An HTTP/2 answer of one buffer waits at most `mcp.stalled_stream_timeout` for the client's
+/// window, even while another stream keeps the connection busy: a client that grants its GET
+/// stream a window and no other stream one cannot have finished answers held for as long as it
+/// likes (the connection is closed, not left to the idle deadline it never reaches).
+#[tokio::test]
+async fn http2_answers_left_without_a_window_do_not_hold_a_busy_connection() {
+    let (gw, c) = gateway_and_session(
+        "mcp: { stalled_stream_timeout: 1s, sse_keepalive: 200ms, idle_connection_timeout: 60s, keepalive_interval: 120s }",
+        example("a", &[], ""),
+    )
+    .await;
+    let mut conn = Conn::open(gw.addr, &[(SETTINGS_INITIAL_WINDOW_SIZE, 0)]).await;
+    let session = c.session.clone().unwrap();
+    // Stream 1: the session's GET stream, given a window: it keeps the connection busy.
+    let block = h2_raw::block(&request(
+        "GET",
+        "/mcp",
+        &[
+            ("accept", "text/event-stream"),
+            ("mcp-protocol-version", "2025-11-25"),
+            ("mcp-session-id", &session),
+        ],
+    ));
+    conn.send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block))
+        .await;
+    const WINDOW_UPDATE: u8 = 0x8;
+    let window = (1u32 << 30).to_be_bytes();
+    conn.send(&frame(WINDOW_UPDATE, 0, 1, &window)).await;
+    // Stream 3: a plain answer, never given a window.
+    let block = h2_raw::block(&request("GET", "/healthz", &[]));
+    conn.send(&frame(HEADERS, END_STREAM | END_HEADERS, 3, &block))
+        .await;
+    let started = Instant::now();
+    let mut keepalives = 0;
+    conn.ends_within(Duration::from_secs(20), |f| {
+        if f.kind == DATA && f.stream == 1 {
+            keepalives += 1;
+        }
+    })
+    .await;
+    let took = started.elapsed();
+    // The GET stream flowed (the connection was busy), and the wait was the stall (1 s) and
+    // the closing grace (2 s), not the idle deadline (60 s).
+    assert!(keepalives > 0, "the GET stream was read");
+    assert!(took < Duration::from_secs(15), "closed after {took:?}");
+    still_healthy(&c).await;
+    gw.stop().await;
+}
