@@ -2165,6 +2165,20 @@ async fn http2_rapid_reset_ends_the_connection() {
     gw.stop().await;
 }
 
+/// The HTTP/2 header block of session client `c`'s GET stream.
+fn get_stream_block(c: &Client) -> Vec<u8> {
+    let session = c.session.clone().unwrap();
+    h2_raw::block(&request(
+        "GET",
+        "/mcp",
+        &[
+            ("accept", "text/event-stream"),
+            ("mcp-protocol-version", "2025-11-25"),
+            ("mcp-session-id", &session),
+        ],
+    ))
+}
+
 /// Clients that grant no HTTP/2 window (SETTINGS_INITIAL_WINDOW_SIZE 0, never a
 /// WINDOW_UPDATE) get their answers' heads and nothing more. A plain answer (`/healthz`) is
 /// whole when made, so its request is over and the connection is closed once idle; a session's
@@ -2182,16 +2196,7 @@ async fn http2_clients_that_grant_no_window_are_let_go_of() {
         .send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block))
         .await;
     let mut stream = Conn::open(gw.addr, &no_window).await;
-    let session = c.session.clone().unwrap();
-    let block = h2_raw::block(&request(
-        "GET",
-        "/mcp",
-        &[
-            ("accept", "text/event-stream"),
-            ("mcp-protocol-version", "2025-11-25"),
-            ("mcp-session-id", &session),
-        ],
-    ));
+    let block = get_stream_block(&c);
     stream
         .send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block))
         .await;
@@ -2387,17 +2392,8 @@ async fn http2_answers_left_without_a_window_do_not_hold_a_busy_connection() {
     )
     .await;
     let mut conn = Conn::open(gw.addr, &[(SETTINGS_INITIAL_WINDOW_SIZE, 0)]).await;
-    let session = c.session.clone().unwrap();
     // Stream 1: the session's GET stream, given a window: it keeps the connection busy.
-    let block = h2_raw::block(&request(
-        "GET",
-        "/mcp",
-        &[
-            ("accept", "text/event-stream"),
-            ("mcp-protocol-version", "2025-11-25"),
-            ("mcp-session-id", &session),
-        ],
-    ));
+    let block = get_stream_block(&c);
     conn.send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block))
         .await;
     const WINDOW_UPDATE: u8 = 0x8;

@@ -2,45 +2,12 @@
 //! (and its pool of `plugins.engine.max_instances` slots) is created once per process, by the
 //! first set loaded, so this test's one-slot engine must be the only one here.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use gatehouse::plugins::{
-    CallContext, Decision, Denied, FaultKind, JsonText, PluginSet, PluginsConfig,
-};
+use gatehouse::plugins::{Decision, FaultKind, JsonText};
 
-fn load(yaml: &str) -> std::sync::Arc<PluginSet> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/plugins");
-    assert!(
-        dir.join("fault_loop.wasm").exists(),
-        "build the plugins first with `plugins/build.sh`"
-    );
-    let yaml = yaml.replace("{dir}", &dir.display().to_string());
-    let mut cfg: PluginsConfig = serde_saphyr::from_str(&yaml).expect("test config parses");
-    cfg.engine.cache_dir =
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/plugin-cache-tests"));
-    PluginSet::load(&cfg).expect("loads")
-}
-
-fn ctx(name: &str) -> CallContext<'_> {
-    CallContext {
-        method: "tools/call",
-        server: "s",
-        name: Some(name),
-        principal: Some("alice"),
-        session_id: "session-1",
-        profile: None,
-        groups: &[],
-        scopes: &[],
-    }
-}
-
-fn denied(d: Decision) -> Denied {
-    match d {
-        Decision::Deny(denied) => denied,
-        other => panic!("expected a denial, got {other:?}"),
-    }
-}
+mod plugin_sets;
+use plugin_sets::{ctx, denied, load};
 
 /// Instance slots (`plugins.engine.max_instances`) are a load any client can cause: with every
 /// slot taken, a call is refused as busy (-32012) even through a plugin that fails open, not
@@ -53,8 +20,9 @@ modules: [ { name: loop, path: "{dir}/fault_loop.wasm", deadline: 5s, fail_open:
 chains: [ { plugins: [loop] } ]
 engine: { max_instances: 1 }
 "#,
-    );
-    let (trigger, other) = (ctx("trigger"), ctx("other"));
+    )
+    .unwrap();
+    let (trigger, other) = (ctx("s", "trigger"), ctx("s", "other"));
     let empty = JsonText::EMPTY_OBJECT;
     {
         // A call that spins holds the one slot while it is suspended.
