@@ -462,14 +462,7 @@ impl Gateway {
             .iter()
             .filter(|s| !Arc::ptr_eq(s.topology(), &topology))
         {
-            for method in [
-                "notifications/tools/list_changed",
-                "notifications/prompts/list_changed",
-                "notifications/resources/list_changed",
-            ] {
-                session.subscriptions.deliver(method, None);
-            }
-            session.subscriptions.close();
+            end_listens_for_new_servers(&session);
         }
         for name in gone {
             self.definitions.remove(&name);
@@ -569,7 +562,7 @@ impl Gateway {
                 t: session_token::now_ms(),
                 f: profile.map(|p| p.name.clone()),
             };
-            let id = session_token::issue(sealer, &token).map(Arc::from);
+            let id = session_token::issue(sealer, &token).map(|id| (Arc::from(id), token.t));
             if id.is_none() {
                 tracing::warn!(
                     "the client's initialize params make too long a portable session id ({} bytes of params): this session lives on this replica only",
@@ -578,8 +571,8 @@ impl Gateway {
             }
             id
         });
-        let sealed = portable_id.is_some();
-        let id = portable_id.unwrap_or_else(crate::mcp::session::new_id);
+        let issued = portable_id.as_ref().map(|(_, t)| *t);
+        let id = portable_id.map_or_else(crate::mcp::session::new_id, |(id, _)| id);
         self.open_session(
             id,
             principal,
@@ -587,7 +580,7 @@ impl Gateway {
             version,
             init_params,
             eager_listen,
-            sealed,
+            issued,
         )
     }
 
@@ -642,7 +635,7 @@ impl Gateway {
                 version,
                 Bytes::from(token.i),
                 token.l,
-                true,
+                Some(token.t),
             )
         };
         // Deleted after the leader answered, and read in its log before the session was held
@@ -908,8 +901,9 @@ impl Gateway {
         version: &'static str,
         init_params: Bytes,
         eager_listen: bool,
-        portable: bool,
+        issued: Option<u64>,
     ) -> Arc<Session> {
+        let portable = issued.is_some();
         let session = Session::new(
             id.clone(),
             principal,
@@ -927,6 +921,10 @@ impl Gateway {
                 self.audit.clone(),
             )),
         );
+        if let Some(issued) = issued {
+            let max_age = self.config.mcp.session_max_age.as_millis() as u64;
+            session.honor_until(issued.saturating_add(max_age));
+        }
         if let Some(p) = &session.principal {
             *self.sessions_per_principal.entry(p.clone()).or_insert(0) += 1;
         }
@@ -1005,6 +1003,9 @@ impl Gateway {
             Entry::Occupied(mut e) => {
                 let session = fresh();
                 let old = e.insert(session.clone());
+                // Replaced before `set_topology` reached it (which now finds it gone): its
+                // listen streams are told and ended here.
+                end_listens_for_new_servers(&old);
                 // Calls running (or waiting for input) in the old one finish there.
                 self.draining
                     .lock()
@@ -1152,6 +1153,19 @@ impl std::hash::Hash for Grants {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         state.write_u64(crate::auth::Claims::grants_hash(self.0.as_deref()));
     }
+}
+
+/// Tells a stateless session's listen streams that every list may have changed, then ends
+/// them: their clients listen again, and so reach the servers of a new topology.
+fn end_listens_for_new_servers(session: &Session) {
+    for method in [
+        "notifications/tools/list_changed",
+        "notifications/prompts/list_changed",
+        "notifications/resources/list_changed",
+    ] {
+        session.subscriptions.deliver(method, None);
+    }
+    session.subscriptions.close();
 }
 
 #[cfg(test)]

@@ -274,6 +274,65 @@ async fn requests_waiting_on_an_unread_stream_are_bounded() {
     gw.stop().await;
 }
 
+/// Answers waiting on a stream its client does not read are counted with what the session
+/// may hold for it: past 16 MiB, an answer comes as an error in its place (80 answers of
+/// 512 KiB each were all held before).
+#[tokio::test]
+async fn answers_waiting_on_an_unread_stream_hold_bounded_bytes() {
+    let gw = TestGateway::start("", &[example("a", &[], "")]).await;
+    let c = gw.client();
+    let mut stream = Stream::open(&c, &base(&gw)).await;
+    assert_eq!(post(&c, &stream.endpoint, initialize(1)).await.status, 202);
+    assert_eq!(stream.message().await["id"], 1);
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert_eq!(post(&c, &stream.endpoint, initialized).await.status, 202);
+    let session = gw.gateway().sessions.iter().next().unwrap().clone();
+    let text = "x".repeat(512 * 1024);
+    let calls = 80;
+    for id in 0..calls {
+        let call = json!({"jsonrpc": "2.0", "id": 100 + id, "method": "tools/call",
+                          "params": {"name": "echo", "arguments": {"text": text}}});
+        assert_eq!(post(&c, &stream.endpoint, call).await.status, 202);
+    }
+    eventually("every call answered", || async { session.inflight() == 0 }).await;
+    assert!(
+        session.queued_bytes() <= 16 << 20,
+        "{} bytes held",
+        session.queued_bytes()
+    );
+    let (mut answered, mut refused) = (0, 0);
+    while answered + refused < calls {
+        let m = stream.message().await;
+        if m["error"]["code"] == -32012 {
+            assert!(
+                m["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("read the stream"),
+                "{m}"
+            );
+            refused += 1;
+        } else {
+            assert_eq!(
+                m["result"]["content"][0]["text"].as_str().unwrap().len(),
+                text.len()
+            );
+            answered += 1;
+        }
+    }
+    assert!(refused > 0, "every answer was held");
+    assert!(answered >= 16, "{answered} answered");
+    // Read, the stream holds nothing, and the session goes on.
+    eventually("the read answers let go", || async {
+        session.queued_bytes() == 0
+    })
+    .await;
+    let ping = json!({"jsonrpc": "2.0", "id": 2, "method": "ping"});
+    assert_eq!(post(&c, &stream.endpoint, ping).await.status, 202);
+    assert_eq!(stream.message().await["id"], 2);
+    gw.stop().await;
+}
+
 /// What a hostile 2024-11-05 server has seen: every POST (path and query, body).
 type Posts = std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>;
 

@@ -114,6 +114,8 @@ struct Issuer {
     keys: Arc<std::sync::Mutex<Vec<Value>>>,
     fetches: Arc<AtomicUsize>,
     failing: Arc<AtomicBool>,
+    /// How long each answer waits after the fetch is counted, in milliseconds.
+    delay_ms: Arc<AtomicUsize>,
 }
 
 impl Issuer {
@@ -127,6 +129,7 @@ impl Issuer {
             )),
             fetches: Arc::default(),
             failing: Arc::default(),
+            delay_ms: Arc::default(),
         };
         let served = issuer.clone();
         tokio::spawn(async move {
@@ -138,6 +141,8 @@ impl Issuer {
                         let served = served.clone();
                         async move {
                             served.fetches.fetch_add(1, Ordering::SeqCst);
+                            let delay = served.delay_ms.load(Ordering::SeqCst) as u64;
+                            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
                             let mut resp = hyper::Response::new(Full::new(Bytes::from(
                                 json!({"keys": *served.keys.lock().unwrap()}).to_string(),
                             )));
@@ -270,6 +275,10 @@ async fn forged_and_misdirected_tokens_are_refused_with_a_challenge() {
         ("no audience", key.sign(&json!({"iss": issuer.url, "sub": "alice", "exp": now() + 600, "scope": "mcp:connect"})), "aud"),
         ("expired beyond the leeway", key.sign(&json!({"iss": issuer.url, "sub": "alice", "aud": RESOURCE, "exp": now() - 120, "scope": "mcp:connect"})), "expired"),
         ("not valid yet", key.sign(&json!({"iss": issuer.url, "sub": "alice", "aud": RESOURCE, "exp": now() + 600, "nbf": now() + 300, "scope": "mcp:connect"})), "not yet valid"),
+        ("a not-before as a string", key.sign(&json!({"iss": issuer.url, "sub": "alice", "aud": RESOURCE, "exp": now() + 600, "nbf": "9999999999", "scope": "mcp:connect"})), "valid nbf claim"),
+        ("a negative not-before", key.sign(&json!({"iss": issuer.url, "sub": "alice", "aud": RESOURCE, "exp": now() + 600, "nbf": -1, "scope": "mcp:connect"})), "valid nbf claim"),
+        ("a not-before past 2^64", key.sign(&json!({"iss": issuer.url, "sub": "alice", "aud": RESOURCE, "exp": now() + 600, "nbf": 1e20, "scope": "mcp:connect"})), "valid nbf claim"),
+        ("a fractional not-before to come", key.sign(&json!({"iss": issuer.url, "sub": "alice", "aud": RESOURCE, "exp": now() + 600, "nbf": (now() + 300) as f64 + 0.5, "scope": "mcp:connect"})), "not yet valid"),
         ("no expiry", key.sign(&json!({"iss": issuer.url, "sub": "alice", "aud": RESOURCE, "scope": "mcp:connect"})), "exp"),
         ("an untrusted issuer", key.sign(&json!({"iss": "https://evil.example", "sub": "alice", "aud": RESOURCE, "exp": now() + 600, "scope": "mcp:connect"})), "issuer"),
         ("no subject", key.sign(&json!({"iss": issuer.url, "aud": RESOURCE, "exp": now() + 600, "scope": "mcp:connect"})), "sub"),
@@ -277,6 +286,8 @@ async fn forged_and_misdirected_tokens_are_refused_with_a_challenge() {
         ("a subject with a line break", key.sign(&issuer.claims("alice\nINFO forged", "mcp:connect")), "valid sub claim"),
         ("a subject with a terminal escape", key.sign(&issuer.claims("alice\u{1b}[2K", "mcp:connect")), "valid sub claim"),
         ("a subject with a C1 control", key.sign(&issuer.claims("alice\u{85}root", "mcp:connect")), "valid sub claim"),
+        ("a subject with a zero-width space", key.sign(&issuer.claims("admin\u{200B}", "mcp:connect")), "valid sub claim"),
+        ("a subject with a right-to-left override", key.sign(&issuer.claims("alice\u{202E}nimda", "mcp:connect")), "valid sub claim"),
         ("an empty subject", key.sign(&issuer.claims("", "mcp:connect")), "valid sub claim"),
         ("a subject over 256 bytes", key.sign(&issuer.claims(&"a".repeat(257), "mcp:connect")), "valid sub claim"),
         ("a subject that is not a string", key.sign(&json!({"iss": issuer.url, "sub": 42, "aud": RESOURCE, "exp": now() + 600, "scope": "mcp:connect"})), "valid sub claim"),
@@ -407,6 +418,46 @@ async fn keys_rotate_and_unknown_key_ids_cannot_make_the_gateway_hammer_the_issu
     .await;
     // The old key still works while it is published.
     assert_eq!(initialize(&gw, Some(&token)).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_request_abandoned_while_keys_are_fetched_does_not_leave_them_unfetched() {
+    use tokio::io::AsyncWriteExt;
+    let key = SigningKey::es256("k");
+    let issuer = Issuer::start(&[&key]).await;
+    issuer.delay_ms.store(500, Ordering::SeqCst);
+    let top = format!(
+        "auth:
+  oauth:
+    resource: {RESOURCE}
+    key_refetch_interval: 60s
+    issuers: [{{ issuer: {iss:?}, jwks_uri: {jwks:?} }}]
+",
+        iss = issuer.url,
+        jwks = format!("{}/jwks", issuer.url),
+    );
+    let gw = TestGateway::start(&top, &[example("ex", &[], "")]).await;
+    // Any token naming the issuer makes the gateway fetch its keys; the client leaves while
+    // the fetch runs (no valid token needed: a made-up key id does it).
+    let stranger = SigningKey::es256("made-up");
+    let token = stranger.sign(&issuer.claims("mallory", "mcp"));
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let body = r#"{"jsonrpc":"2.0","id":0,"method":"ping"}"#;
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    eventually("the keys are being fetched", || async {
+        issuer.fetches() == 1
+    })
+    .await;
+    drop(conn);
+    // The fetch finishes without the request that began it: the next token is checked with
+    // the keys it brought, not refused for a whole refetch interval.
+    let r = initialize(&gw, Some(&key.sign(&issuer.claims("alice", "mcp")))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(issuer.fetches(), 1, "one fetch served both");
 }
 
 #[tokio::test]
@@ -1428,6 +1479,102 @@ async fn initialize_at(gw: &TestGateway, path: &str, token: &str) -> support::Re
     .await
 }
 
+/// An issuer trusted for some scopes grants those only: a partner's token carrying `mcp` (which
+/// covers every `mcp:*`) or a profile's scope opens nothing more than its list allows.
+#[tokio::test]
+async fn an_issuer_grants_only_the_scopes_it_is_trusted_for() {
+    let (key_a, key_b) = (SigningKey::es256("a"), SigningKey::es256("b"));
+    let (a, b) = (
+        Issuer::start(&[&key_a]).await,
+        Issuer::start(&[&key_b]).await,
+    );
+    let top = format!(
+        "auth:
+  oauth:
+    resource: {RESOURCE}
+    required_scopes: [mcp:connect]
+    issuers:
+      - {{ issuer: {ia:?}, jwks_uri: {ja:?}, principal_prefix: \"corp:\" }}
+      - {{ issuer: {ib:?}, jwks_uri: {jb:?}, principal_prefix: \"partner:\", scopes: [mcp:connect] }}
+mcp:
+  root_access: {{ everyone: true }}
+profiles:
+  - {{ name: dev, grant: {{ scopes: [mcp:dev] }}, servers: [{{ name: ex }}] }}
+",
+        ia = a.url,
+        ja = format!("{}/jwks", a.url),
+        ib = b.url,
+        jb = format!("{}/jwks", b.url),
+    );
+    let gw = TestGateway::start(&top, &[example("ex", &[], "")]).await;
+    let token = |key: &SigningKey, issuer: &Issuer, scope: &str, aud: &str| {
+        let mut claims = issuer.claims("alice", scope);
+        claims["aud"] = json!(aud);
+        key.sign(&claims)
+    };
+    let dev = format!("{RESOURCE}/dev");
+    for (what, key, issuer, scope, path, aud, status) in [
+        (
+            "the partner's listed scope",
+            &key_b,
+            &b,
+            "mcp:connect",
+            "/mcp",
+            RESOURCE,
+            200,
+        ),
+        (
+            "the partner's `mcp`",
+            &key_b,
+            &b,
+            "mcp",
+            "/mcp",
+            RESOURCE,
+            403,
+        ),
+        (
+            "the partner's profile scope",
+            &key_b,
+            &b,
+            "mcp:connect mcp:dev",
+            "/mcp/dev",
+            &dev,
+            403,
+        ),
+        (
+            "corp's profile scope",
+            &key_a,
+            &a,
+            "mcp:connect mcp:dev",
+            "/mcp/dev",
+            &dev,
+            200,
+        ),
+        ("corp's `mcp`", &key_a, &a, "mcp", "/mcp", RESOURCE, 200),
+    ] {
+        let r = initialize_at(&gw, path, &token(key, issuer, scope, aud)).await;
+        assert_eq!(r.status, status, "{what}: {}", r.body);
+        if status == 403 {
+            assert!(
+                challenge(&r).contains("insufficient_scope"),
+                "{what}: {}",
+                challenge(&r)
+            );
+        }
+    }
+    // A list that is not scopes is refused at start, naming the field.
+    let bad = top.replace("scopes: [mcp:connect] }", "scopes: [\"mcp connect\"] }");
+    let e = gatehouse::Config::from_yaml(&format!(
+        "{bad}upstreams:\n  - {{name: ex, http: {{url: 'http://127.0.0.1:1/mcp'}}}}\n"
+    ))
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("auth.oauth.issuers[1].scopes[0]"),
+        "{e}"
+    );
+    gw.stop().await;
+}
+
 /// With several issuers, each one's principals and groups carry its `principal_prefix`: issuer
 /// B's `alice` (or `a:alice`, or group `eng`) is not issuer A's, neither for A's alice's session
 /// nor for profiles granted to A's names; and a token naming A as `iss` but signed with one of
@@ -1575,8 +1722,13 @@ profiles:
 /// need `mcp:secret` (reading and watching), besides the tool rules of [`gateway_with`]; with
 /// a profile `dev` (granted by `mcp:dev`) and the root endpoint everyone's.
 async fn guarded(issuer: &Issuer) -> TestGateway {
+    guarded_with(issuer, "").await
+}
+
+/// [`guarded`], with `top` before `auth`.
+async fn guarded_with(issuer: &Issuer, top: &str) -> TestGateway {
     let top = format!(
-        "auth:
+        "{top}auth:
   oauth:
     resource: {RESOURCE}
     issuers: [{{ issuer: {iss:?}, jwks_uri: {jwks:?} }}]
@@ -1853,7 +2005,9 @@ impl SseStream {
 async fn scopes_hold_on_the_http_sse_front() {
     let key = SigningKey::es256("k");
     let issuer = Issuer::start(&[&key]).await;
-    let gw = guarded(&issuer).await;
+    let audit = std::env::temp_dir().join(format!("gatehouse-sse-audit-{}", std::process::id()));
+    let _ = std::fs::remove_file(&audit);
+    let gw = guarded_with(&issuer, &format!("audit: {{file: {audit:?}}}\n")).await;
     let low = key.sign(&issuer.claims("alice", "mcp:connect"));
     let none = key.sign(&issuer.claims("alice", "mcp:tools"));
     // Without the scope every request needs: initialize is refused.
@@ -1919,5 +2073,26 @@ async fn scopes_hold_on_the_http_sse_front() {
         stream.post(&gw, &for_dev, call(5, "echo")).await.status,
         401
     );
+    // Each refusal left a denial in the audit trail, as on `/mcp`: the scope refusals with
+    // their principal and method, the refused tokens (the one lacking a scope every request
+    // needs, the ones for another resource) without.
+    let denials = |method: &str, principal: Option<&str>| {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| {
+                r["kind"] == "denial"
+                    && r["method"] == method
+                    && r["principal"].as_str() == principal
+            })
+            .count()
+    };
+    eventually("the refusals to be audited", || async {
+        denials("tools/call", Some("alice")) == 1
+            && denials("resources/read", Some("alice")) == SECRET_SPELLINGS.len()
+            && denials("", None) == 3
+    })
+    .await;
     gw.stop().await;
+    let _ = std::fs::remove_file(&audit);
 }

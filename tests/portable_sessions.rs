@@ -174,9 +174,13 @@ async fn an_old_id_or_a_full_replica_is_told_apart_from_a_gone_session() {
     // A replica at its cap for the principal says so (429), not that the session is gone.
     let _occupying = session_on(&full, ALICE, json!({})).await;
     assert_eq!(at(&alice, &full).post(list()).await.status, 429);
-    // Past session_max_age, an id restores nothing (404); where the session lives, it goes on.
+    let held = session_on(&young, ALICE, json!({})).await;
+    assert_eq!(held.post(list()).await.status, 200);
+    // Past session_max_age, an id restores nothing (404), and the replica serving it ends it
+    // (however busy it was kept); a replica whose bound is longer serves it on.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(at(&alice, &young).post(list()).await.status, 404);
+    assert_eq!(held.post(list()).await.status, 404);
     assert_eq!(alice.post(list()).await.status, 200);
 }
 

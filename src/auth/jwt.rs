@@ -176,6 +176,8 @@ struct Issuer {
     fetching: Arc<tokio::sync::Mutex<Option<Instant>>>,
     /// Put before its principals.
     principal_prefix: String,
+    /// The scopes its tokens may grant; `None`: any.
+    scopes: Option<Vec<String>>,
 }
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
@@ -206,6 +208,17 @@ struct Cached {
     verified: Verified,
     exp: u64,
     cached: Instant,
+}
+
+/// Whether `c` is a Unicode format character (general category Cf: zero-width characters,
+/// bidirectional controls, tags), which text shows as nothing or reorders.
+fn is_format(c: char) -> bool {
+    matches!(c,
+        '\u{AD}' | '\u{600}'..='\u{605}' | '\u{61C}' | '\u{6DD}' | '\u{70F}' | '\u{890}'..='\u{891}'
+        | '\u{8E2}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{110BD}' | '\u{110CD}' | '\u{13430}'..='\u{1343F}' | '\u{1BCA0}'..='\u{1BCA3}'
+        | '\u{1D173}'..='\u{1D17A}' | '\u{E0001}' | '\u{E0020}'..='\u{E007F}')
 }
 
 /// A foldhash state seeded from the OS random source (foldhash's own seed comes from addresses
@@ -244,6 +257,7 @@ impl Verifier {
                         keys: ArcSwap::from_pointee(KeySet::default()),
                         fetching: Arc::default(),
                         principal_prefix: i.principal_prefix.clone(),
+                        scopes: i.scopes.clone(),
                     })
                 })
                 .collect(),
@@ -360,7 +374,29 @@ impl Verifier {
                 .ok_or_else(|| TokenError::Claim("exp".into()))?,
             _ => return Err(TokenError::Claim("exp".into())),
         };
-        let read = self.claims(&issuer.principal_prefix, data.claims)?;
+        // jsonwebtoken skips an `nbf` it cannot read (a string, a negative number): a token
+        // its issuer meant for later would pass. Read here, and refused unless a time.
+        match data.claims.get("nbf") {
+            None => {}
+            Some(Value::Number(n)) => {
+                let nbf = n
+                    .as_u64()
+                    .or_else(|| {
+                        n.as_f64()
+                            .filter(|f| (0.0..u64::MAX as f64).contains(f))
+                            .map(|f| f.ceil() as u64)
+                    })
+                    .ok_or_else(|| TokenError::Claim("nbf".into()))?;
+                if nbf > unix_now().saturating_add(self.leeway) {
+                    return Err(TokenError::Expired);
+                }
+            }
+            Some(_) => return Err(TokenError::Claim("nbf".into())),
+        }
+        let mut read = self.claims(&issuer.principal_prefix, data.claims)?;
+        if let Some(granted) = &issuer.scopes {
+            read.scopes.retain(|s| granted.iter().any(|g| **g == **s));
+        }
         let scopes: Arc<[Box<str>]> = read.scopes.into();
         let verified = Verified {
             principal: Arc::from(read.principal),
@@ -379,12 +415,13 @@ impl Verifier {
         prefix: &str,
         mut c: serde_json::Map<String, Value>,
     ) -> Result<Read, TokenError> {
-        // Principals end up in logs, session tokens and plugin calls: printable text only.
+        // Principals end up in logs, session tokens and plugin calls: printable text only,
+        // and none of it invisible (`admin\u{200B}` would show as `admin` there).
         let principal = match c.remove(&self.principal_claim) {
             Some(Value::String(p))
                 if !p.is_empty()
                     && p.len() <= MAX_PRINCIPAL
-                    && !p.chars().any(char::is_control) =>
+                    && !p.chars().any(|c| c.is_control() || is_format(c)) =>
             {
                 format!("{prefix}{p}")
             }
@@ -454,11 +491,19 @@ impl Verifier {
             }
         }
         {
-            let mut last = issuer.fetching.lock().await;
+            let mut last = issuer.fetching.clone().lock_owned().await;
             // Another request may have fetched while this one waited.
             if last.is_none_or(|t| t.elapsed() >= self.refetch_interval) {
                 *last = Some(Instant::now());
-                fetch_into(&self.client, issuer).await;
+                // The fetch is a task of its own, holding the lock: a request cancelled while
+                // it waits (its client gone) must not end the fetch that the time just set
+                // says happened, leaving the keys unfetched for the whole interval.
+                let (client, issuer) = (self.client.clone(), issuer.clone());
+                let fetch = tokio::spawn(async move {
+                    fetch_into(&client, &issuer).await;
+                    drop(last);
+                });
+                let _ = fetch.await;
             }
         }
         let set = issuer.keys.load();

@@ -437,6 +437,11 @@ pub struct RawIssuer {
     /// issuer's `sub` must not name another's user).
     #[serde(default)]
     pub principal_prefix: Option<String>,
+    /// The scopes its tokens may grant here; others they carry are ignored. Unset: any (an
+    /// issuer trusted for some callers only should have one, or its tokens could carry any
+    /// scope a profile, a scope rule or `mcp.root_access` asks for).
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
 }
 
 /// Scopes a set of methods (optionally narrowed to target names) needs.
@@ -491,6 +496,8 @@ pub struct IssuerSettings {
     pub jwks_uri: http::Uri,
     /// Put before each of its principals.
     pub principal_prefix: String,
+    /// The scopes its tokens may grant; `None`: any.
+    pub scopes: Option<Vec<String>>,
 }
 
 /// A validated scope rule.
@@ -1645,10 +1652,14 @@ fn oauth_settings(raw: RawOAuth) -> Result<OAuthSettings, ConfigError> {
                 ));
             }
         }
+        if let Some(scopes) = &iss.scopes {
+            scope_list(&format!("{field}.scopes"), scopes)?;
+        }
         issuers.push(IssuerSettings {
             issuer: iss.issuer,
             jwks_uri,
             principal_prefix,
+            scopes: iss.scopes,
         });
     }
     scope_list("auth.oauth.required_scopes", &raw.required_scopes)?;

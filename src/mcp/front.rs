@@ -295,7 +295,7 @@ const MCP_ENDPOINT: &str = "/mcp";
 
 /// Records an authentication or scope refusal in the audit trail (the principal and method
 /// when known).
-fn audit_refusal(gw: &Gateway, known: Option<(Principal, &str)>, e: &str) {
+pub(crate) fn audit_refusal(gw: &Gateway, known: Option<(Principal, &str)>, e: &str) {
     if !gw.audit.is_on() {
         return;
     }
@@ -646,6 +646,12 @@ async fn session_of(
     // else, or on another endpoint, it does not exist.
     if session.principal != *principal || session.profile_name() != profile.map(|p| p.name.as_str())
     {
+        return Err(FrontError::UnknownSession);
+    }
+    // A portable id is honored `mcp.session_max_age` after its opening, by a replica serving
+    // it as by one that would restore it: kept busy, it would otherwise live for good here.
+    if session.is_portable() && session.outlived(crate::mcp::session_token::now_ms()) {
+        gw.end_session(id);
         return Err(FrontError::UnknownSession);
     }
     Ok(session)

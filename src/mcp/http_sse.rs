@@ -76,12 +76,18 @@ fn refusal(gw: &Gateway, e: FrontError, allow: &'static str) -> Response<Body> {
 async fn admit<B>(gw: &Gateway, req: &Request<B>) -> Result<Option<Identity>, FrontError> {
     let authority = front::request_authority(req)?;
     front::check_host_and_origin(&gw.config, authority, req.headers())?;
+    // Refusals are audited as on `/mcp`: guessing tokens here leaves the same trace.
     let identity = gw
         .auth
         .authenticate(req.headers(), None, front::certificate_of(req))
-        .await?;
+        .await
+        .inspect_err(|e| front::audit_refusal(gw, None, &e.to_string()))?;
     // Every server is behind these URLs: they are `/mcp`'s, granted as `/mcp` is.
-    front::check_access(gw, None, identity.as_ref())?;
+    if let Err(e) = front::check_access(gw, None, identity.as_ref()) {
+        let known = identity.as_ref().map(|i| (i.principal.clone(), ""));
+        front::audit_refusal(gw, known, &e.to_string());
+        return Err(e);
+    }
     Ok(identity)
 }
 
@@ -212,9 +218,14 @@ async fn message(
     let (head, body) = req.into_parts();
     let body = front::read_body(gw, principal.as_ref(), head.version, body).await?;
     let msg = jsonrpc::parse_client_body(body)?;
-    if let Kind::Request { method, params, .. } = &msg.kind {
-        gw.auth
-            .authorize(identity.as_ref(), method, params.as_deref())?;
+    if let Kind::Request { method, params, .. } = &msg.kind
+        && let Err(e) = gw
+            .auth
+            .authorize(identity.as_ref(), method, params.as_deref())
+    {
+        let known = identity.as_ref().map(|i| (i.principal.clone(), &**method));
+        front::audit_refusal(gw, known, &e.to_string());
+        return Err(e.into());
     }
     match msg.kind {
         Kind::Request { id, method, params } if &*method == "initialize" => {
@@ -258,16 +269,24 @@ async fn message(
                         trace: span.as_ref(),
                         ..gw.services()
                     };
-                    let reply = handler::request(services, &session, id, &method, params).await;
+                    let reply =
+                        handler::request(services, &session, id.clone(), &method, params).await;
                     match reply {
                         Reply::Json(frame) | Reply::Refused(_, frame) => {
                             if let Some(span) = &mut span {
                                 span.record_answer(&frame);
                             }
+                            let frame = counted_answer(&session, &id, frame);
                             send(&client, &session, frame, stall).await
                         }
                         Reply::Stream(mut frames) => {
                             while let Some(frame) = frames.recv().await {
+                                // What servers said on the way was counted as it came.
+                                let frame = if is_answer(&frame) {
+                                    counted_answer(&session, &id, frame)
+                                } else {
+                                    frame
+                                };
                                 if !send(&client, &session, frame, stall).await {
                                     return false;
                                 }
@@ -381,6 +400,28 @@ async fn initialize(
     // The answer first: what servers send outside any request follows it on the one stream.
     let _ = session.open_listen_stream(client.stream.clone().into());
     Ok(accepted())
+}
+
+/// An answer to request `id` as the stream queues it: counted with what the session's queues
+/// hold for a client that may not read them (else 256 answers of many MiB could wait on a
+/// stream left unread); past that, an error in its place.
+fn counted_answer(session: &Session, id: &[u8], frame: Bytes) -> Bytes {
+    session.admit_queued(frame).unwrap_or_else(|| {
+        jsonrpc::error_response(
+            Some(id),
+            code::TOO_BUSY,
+            "the answer does not fit in what this session may hold for its stream while it is unread: read the stream",
+        )
+    })
+}
+
+/// Whether a frame of a call's stream is its answer (one large enough to be counted).
+fn is_answer(frame: &Bytes) -> bool {
+    frame.len() >= crate::mcp::queued_bytes::COUNTED_FROM
+        && matches!(
+            jsonrpc::parse(frame.clone()).map(|m| m.kind),
+            Ok(Kind::Response { .. })
+        )
 }
 
 /// Puts a frame on the client's stream, waiting while the client is slow to read, but not past

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use crate::mcp::principal_counts::PrincipalCounts;
 
 /// Frames shorter than this are not counted (a queue of 256 of them holds at most 1 MiB).
-const COUNTED_FROM: usize = 4096;
+pub const COUNTED_FROM: usize = 4096;
 
 /// Bytes one session's queues may hold of counted frames.
 const SESSION_BYTES: usize = 16 << 20;

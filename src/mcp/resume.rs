@@ -378,14 +378,16 @@ async fn pump(
                     Some(_) => (READ_TAIL_EVENTS, READ_TAIL_BYTES),
                     None => (MAX_EVENTS, MAX_BYTES),
                 };
+                // The newest event goes too when a budget is over: sparing it let each of a
+                // session's 64 streams keep one event of up to 4 MiB, past the session's and
+                // the principal's bounds. It is sent all the same, only not resumable.
                 while state.events.len() > max_events
                     || state.bytes > max_bytes
-                    || (log.kept.load(Ordering::Relaxed) > SESSION_BYTES && state.events.len() > 1)
-                    || (log
+                    || log.kept.load(Ordering::Relaxed) > SESSION_BYTES
+                    || log
                         .principal
                         .as_deref()
                         .is_some_and(|p| log.all.over_share(p))
-                        && state.events.len() > 1)
                     || log.all.over()
                 {
                     let Some((n, old)) = state.events.pop_front() else {
@@ -570,11 +572,10 @@ mod tests {
         for n in 1..=6 {
             assert!(next(&mut rx).await.starts_with(&format!("id: 1.{n}\n")));
         }
-        // Each of its streams keeps at most its newest event past the share.
+        // Its streams keep no more than its share, their newest events included.
         let greedy_kept = SMALL.principal(&greedy).load(Ordering::Relaxed);
-        let newest_each = held.len() * (frame.len() + 64);
         assert!(
-            greedy_kept <= SMALL.limit / PRINCIPAL_SHARE + newest_each,
+            greedy_kept <= SMALL.limit / PRINCIPAL_SHARE,
             "{greedy_kept}"
         );
         // The principals' counts go with their last session.
@@ -584,6 +585,58 @@ mod tests {
         assert!(
             !SMALL.principals.held(&greedy),
             "greedy's count is gone with its sessions"
+        );
+    }
+
+    /// Streams of one event each, left unread, keep no more than the session's bound and the
+    /// principal's share: a newest event is not kept past them (64 streams of one 4 MiB event
+    /// each held a whole common budget).
+    #[tokio::test]
+    async fn streams_of_one_large_event_each_stay_within_the_bounds() {
+        static SMALL: Budget = Budget::new(64 * 1024);
+        let frame = Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(7_500)));
+        let greedy: Arc<str> = Arc::from("greedy");
+        let streams = Streams::numbered_after(&SMALL, 0).with_principal(Some(&greedy));
+        let mut senders = Vec::new();
+        for _ in 0..9 {
+            let (tx, frames) = mpsc::channel(8);
+            drop(streams.open(frames, false, watch()).unwrap()); // nobody reads
+            tx.send(frame.clone()).await.unwrap();
+            senders.push(tx);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let kept = SMALL.principal(&greedy).load(Ordering::Relaxed);
+        assert!(kept <= SMALL.limit / PRINCIPAL_SHARE, "{kept}");
+        // Another principal's stream is kept whole.
+        let other = Streams::numbered_after(&SMALL, 0).with_principal(Some(&Arc::from("other")));
+        let (tx, frames) = mpsc::channel(8);
+        drop(other.open(frames, false, watch()).unwrap());
+        for _ in 0..2 {
+            tx.send(Bytes::from_static(b"{\"small\":1}")).await.unwrap();
+        }
+        drop(tx);
+        eventually_finished(&other).await;
+        let (mut rx, _) = other.resume("1.0", watch()).expect("kept");
+        assert!(next(&mut rx).await.starts_with("id: 1.1\n"));
+
+        // One session's streams, whatever their principal: no more than SESSION_BYTES.
+        let one = from_one();
+        let big = Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(1 << 20)));
+        let mut senders = Vec::new();
+        for _ in 0..24 {
+            let (tx, frames) = mpsc::channel(8);
+            drop(one.open(frames, false, watch()).unwrap());
+            // The first finds the reader gone; the next is kept as for an unread stream.
+            tx.send(Bytes::from_static(b"{}")).await.unwrap();
+            tx.send(big.clone()).await.unwrap();
+            senders.push(tx);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let kept = one.kept.load(Ordering::Relaxed);
+        assert!(kept <= SESSION_BYTES, "{kept}");
+        assert!(
+            kept >= SESSION_BYTES / 2,
+            "still kept up to the bound: {kept}"
         );
     }
 

@@ -169,6 +169,9 @@ pub struct Session {
     server_requests: Mutex<HashMap<u64, WaitingAnswer>>,
     /// Seals server request ids when the session is portable (answered on any replica).
     portable: Option<Arc<crate::mcp::seal::Sealer>>,
+    /// When a portable session's id stops being honored (Unix ms; `u64::MAX`: never), here as
+    /// on any replica that would restore it.
+    honored_until_ms: AtomicU64,
     next_server_request: AtomicU64,
     listen: Mutex<Listen>,
     epoch: Instant,
@@ -339,6 +342,7 @@ impl Session {
                 client_capabilities: (protocol_version != crate::mcp::revision::STATELESS)
                     .then(|| declared_capabilities(&init_params)),
                 portable,
+                honored_until_ms: AtomicU64::new(u64::MAX),
                 next_server_request: AtomicU64::new(1),
                 listen: Mutex::new(Listen::default()),
                 merged: Mutex::new(Vec::new()),
@@ -533,6 +537,16 @@ impl Session {
     /// Whether any replica may serve it (its id is a sealed token).
     pub fn is_portable(&self) -> bool {
         self.portable.is_some()
+    }
+
+    /// Honors its id until `ms` (Unix ms) only: a portable id's age bound.
+    pub fn honor_until(&self, ms: u64) {
+        self.honored_until_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether its id is past the age it is honored to (at `now_ms`, Unix ms).
+    pub fn outlived(&self, now_ms: u64) -> bool {
+        now_ms > self.honored_until_ms.load(Ordering::Relaxed)
     }
 
     /// Whether a request is running in the session now.
@@ -862,6 +876,12 @@ impl Session {
     /// frames only: see [`crate::mcp::queued_bytes`]).
     pub fn queued_bytes(&self) -> usize {
         self.queued.held()
+    }
+
+    /// `frame` (an answer the gateway queues for a client that may not read it yet), counted
+    /// with what the session's queues hold; `None` when there is no room for it.
+    pub fn admit_queued(&self, frame: Bytes) -> Option<Bytes> {
+        self.queued.admit(frame)
     }
 
     /// Whether the session has ended.

@@ -63,8 +63,8 @@ struct Cached {
     refused: bool,
 }
 
-/// One exchange under way, which every request of the same caller token waits on.
-type InFlight = Arc<tokio::sync::OnceCell<Result<HeaderValue, String>>>;
+/// One exchange under way, whose answer every request of the same caller token waits for.
+type InFlight = tokio::sync::watch::Receiver<Option<Result<HeaderValue, String>>>;
 
 /// Exchanges callers' tokens for one upstream.
 pub struct TokenExchange {
@@ -134,7 +134,7 @@ impl TokenExchange {
     /// (once for all the requests that ask at the same time). Never past the caller's own
     /// token's expiry. The error says why the caller has no token for the upstream (never the
     /// token).
-    pub async fn bearer(&self, subject: &Subject) -> Result<HeaderValue, String> {
+    pub async fn bearer(self: &Arc<Self>, subject: &Subject) -> Result<HeaderValue, String> {
         let now = unix_now();
         if now >= subject.expires_at {
             return Err("the caller's access token has expired".into());
@@ -152,17 +152,30 @@ impl TokenExchange {
         {
             return Err(failed.0.clone());
         }
-        let cell = self.in_flight.entry(key).or_default().clone();
-        let waiting = Waiting {
-            in_flight: &self.in_flight,
-            key,
-            cell: Some(cell),
+        let mut answer = match self.in_flight.entry(key) {
+            dashmap::Entry::Occupied(held) => held.get().clone(),
+            dashmap::Entry::Vacant(free) => {
+                // The exchange is a task of its own: a caller that goes away does not end it,
+                // and the one after it finds its answer kept (or paced) rather than starting
+                // another (cancelling each request made one exchange per request).
+                let (tell, answer) = tokio::sync::watch::channel(None);
+                free.insert(answer.clone());
+                let (this, token) = (self.clone(), subject.token.clone());
+                tokio::spawn(async move {
+                    let result = this.fetch(key, &token, left).await;
+                    // Out of the map before the answer is told: a request after this finds
+                    // the answer kept.
+                    this.in_flight.remove(&key);
+                    let _ = tell.send(Some(result));
+                });
+                answer
+            }
         };
-        let cell = waiting.cell.as_ref().expect("set above");
-        // If the request that started the exchange goes away, the next waiter carries it on.
-        cell.get_or_init(|| self.fetch(key, &subject.token, left))
-            .await
-            .clone()
+        let told = answer.wait_for(Option::is_some).await;
+        match told.as_deref() {
+            Ok(Some(result)) => result.clone(),
+            _ => Err("the token exchange did not finish".into()),
+        }
     }
 
     /// Exchanges `token` and keeps the result for reuse, for at most `left`.
@@ -375,33 +388,6 @@ fn key_of(subject: &Subject) -> Key {
         .expect("SHA-256 is 32 bytes")
 }
 
-/// A request's wait on an exchange in flight: the last one to stop waiting (with the answer,
-/// or cancelled) takes the exchange out of the map, so that nothing stays there.
-struct Waiting<'a> {
-    in_flight: &'a DashMap<Key, InFlight>,
-    key: Key,
-    cell: Option<InFlight>,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        let Some(cell) = self.cell.take() else {
-            return;
-        };
-        // Under the map's lock on this key, under which requests join: this request's hold is
-        // let go first, so that of two leaving at once on two threads, the second sees the
-        // first gone. Done, or held by the map alone: new requests start anew.
-        if let dashmap::Entry::Occupied(held) = self.in_flight.entry(self.key)
-            && Arc::ptr_eq(held.get(), &cell)
-        {
-            drop(cell);
-            if held.get().initialized() || Arc::strong_count(held.get()) == 1 {
-                held.remove();
-            }
-        }
-    }
-}
-
 /// The caller's current access token, as its session holds it (the latest one it presented).
 pub trait CallerToken: Send + Sync {
     /// The token, if the caller authenticated with one.
@@ -572,7 +558,7 @@ mod tests {
                 });
             }
         });
-        let x = exchanger(&url);
+        let x = Arc::new(exchanger(&url));
         let alice = subject("alice-token");
         let first = x.bearer(&alice).await.unwrap_err();
         assert!(first.contains("invalid_grant"), "{first}");
@@ -625,22 +611,27 @@ mod tests {
         assert!(!x.refused(&subject("bob-token"), &bearer("Bearer t2")));
     }
 
-    /// An authorization server that reads requests and never answers them; each request is
-    /// told on the channel.
-    async fn silent_endpoint() -> (String, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    /// An authorization server that answers each exchange after `delay`, counting them.
+    async fn slow_endpoint(delay: Duration) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
         use hyper_util::rt::{TokioExecutor, TokioIo};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/token", listener.local_addr().unwrap());
-        let (came_tx, came) = tokio::sync::mpsc::unbounded_channel();
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = asked.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let came_tx = came_tx.clone();
+                let counted = counted.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |_req| {
-                        let _ = came_tx.send(());
-                        std::future::pending::<
-                            Result<http::Response<Full<Bytes>>, std::convert::Infallible>,
-                        >()
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        async move {
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from_static(
+                                    br#"{"access_token":"exchanged","token_type":"Bearer","expires_in":300}"#,
+                                ),
+                            )))
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -648,14 +639,16 @@ mod tests {
                 });
             }
         });
-        (url, came)
+        (url, asked)
     }
 
+    /// Callers that go away while their token is exchanged do not end the exchange: it is
+    /// made once, kept, and what the next caller gets.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_exchange_nobody_waits_for_any_more_leaves_nothing_behind() {
-        let (url, mut came) = silent_endpoint().await;
+    async fn an_exchange_its_callers_left_goes_on_once() {
+        let (url, asked) = slow_endpoint(Duration::from_millis(500)).await;
         let x = Arc::new(exchanger(&url));
-        for round in 0..20 {
+        for _ in 0..20 {
             // Waits on two threads, all cancelled at once.
             let waits: Vec<_> = (0..4)
                 .map(|_| {
@@ -663,9 +656,6 @@ mod tests {
                     tokio::spawn(async move { x.bearer(&subject("alice-token")).await })
                 })
                 .collect();
-            if round == 0 {
-                came.recv().await.expect("the exchange is asked");
-            }
             tokio::task::yield_now().await;
             for w in &waits {
                 w.abort();
@@ -673,39 +663,36 @@ mod tests {
             for w in waits {
                 let _ = w.await;
             }
-            assert!(x.in_flight.is_empty(), "round {round}: nothing kept");
         }
+        let token = x.bearer(&subject("alice-token")).await.unwrap();
+        assert_eq!(token, "Bearer exchanged");
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(x.in_flight.is_empty(), "nothing left in flight");
+        // Kept: asked of nobody.
+        assert_eq!(x.bearer(&subject("alice-token")).await.unwrap(), token);
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
     async fn the_others_carry_on_an_exchange_whose_starter_went_away() {
-        let (url, mut came) = silent_endpoint().await;
-        let x = exchanger(&url);
+        let (url, asked) = slow_endpoint(Duration::from_millis(300)).await;
+        let x = Arc::new(exchanger(&url));
         let alice = subject("alice-token");
         let mut first = Box::pin(x.bearer(&alice));
         tokio::select! {
-            _ = &mut first => panic!("nothing answers"),
-            _ = came.recv() => {}
-        }
-        let mut second = Box::pin(x.bearer(&alice));
-        tokio::select! {
             biased;
-            _ = &mut second => panic!("nothing answers"),
+            _ = &mut first => panic!("not answered yet"),
             _ = tokio::task::yield_now() => {}
         }
+        let second = x.bearer(&alice);
         assert_eq!(
             x.in_flight.len(),
             1,
             "the second waits on the first's exchange"
         );
         drop(first);
-        assert_eq!(x.in_flight.len(), 1, "still wanted");
-        // The second takes the exchange over: asked again, as the first's went with it.
-        tokio::select! {
-            _ = &mut second => panic!("nothing answers"),
-            _ = came.recv() => {}
-        }
-        drop(second);
+        assert_eq!(second.await.unwrap(), "Bearer exchanged");
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert!(x.in_flight.is_empty());
     }
 
