@@ -363,7 +363,7 @@ fn tools(test_tools: bool) -> Vec<Value> {
         json!({"name": "add", "description": "Adds two numbers",
                "inputSchema": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}),
         json!({"name": "slow", "description": "Waits, reporting progress each step",
-               "inputSchema": {"type": "object", "properties": {"seconds": {"type": "number"}, "steps": {"type": "integer"}}}}),
+               "inputSchema": {"type": "object", "properties": {"seconds": {"type": "number"}, "steps": {"type": "integer"}, "hold": {"type": "number", "description": "Seconds to wait after the last step"}}}}),
         json!({"name": "whoami", "description": "Returns this server's name",
                "inputSchema": {"type": "object"}}),
         json!({"name": "sample", "description": "Asks the client's model to answer a prompt (sampling)",
@@ -458,6 +458,7 @@ async fn call_tool(
                         .await;
                 }
             }
+            pause(&args, "hold").await;
             Ok(text(format!("done after {seconds}s")))
         }
         "sample" if out.is_closed() => {

@@ -1533,3 +1533,42 @@ async fn an_abandoned_questions_answer_reaches_the_server_unjudged() {
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A stateless client cancels a call by closing its stream: once the stream has begun (a
+/// progress message went out), the call ends as the client leaves, not at its server's next
+/// message.
+#[tokio::test]
+async fn closing_a_calls_stream_ends_the_call() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = with_test_tools("").await;
+    let hidden = gw.gateway().stateless_session(None, None, None).unwrap();
+    let mut params = json!({"name": "slow", "arguments": {"seconds": 0.1, "steps": 1, "hold": 60}});
+    params["_meta"] = meta(json!({}));
+    params["_meta"]["progressToken"] = json!("p1");
+    let body =
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}).to_string();
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: slow\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("notifications/progress") {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("the progress message comes")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(hidden.inflight(), 1);
+    drop(conn);
+    support::eventually("the call to end with its stream", || {
+        let n = hidden.inflight();
+        async move { n == 0 }
+    })
+    .await;
+    gw.stop().await;
+}

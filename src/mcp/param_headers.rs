@@ -178,11 +178,10 @@ pub fn check<'a>(
                 ));
             }
             (Some(want), Some(got)) if got.as_deref() == Some(want.as_str()) => {}
-            // The same number however written (`42` and `42.0`).
+            // The same number however written (`42` and `42.0`), compared exactly: as
+            // doubles, `9007199254740993` would pass for `9007199254740992`.
             (Some(_), Some(Some(got)))
-                if value
-                    .and_then(|v| serde_json::from_str::<f64>(v.get()).ok())
-                    .is_some_and(|n| got.trim().parse::<f64>().is_ok_and(|g| g == n)) => {}
+                if value.is_some_and(|v| same_number(v.get(), got.trim())) => {}
             (Some(want), Some(got)) => {
                 return Err(match got {
                     Some(got) => format!(
@@ -198,10 +197,85 @@ pub fn check<'a>(
     Ok(())
 }
 
+/// A JSON number as sign, significant digits and exponent: equal for equal values however
+/// written (`42`, `42.0`, `4.2e1`); `None` if `text` is not a JSON number.
+fn decimal(text: &str) -> Option<(bool, String, i64)> {
+    let (negative, rest) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(at) => {
+            let e = &rest[at + 1..];
+            let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
+            if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit())
+            {
+                return None;
+            }
+            (&rest[..at], e.parse::<i64>().ok()?)
+        }
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let well_formed = !int.is_empty()
+        && int.bytes().all(|b| b.is_ascii_digit())
+        && (int == "0" || !int.starts_with('0'))
+        && frac.bytes().all(|b| b.is_ascii_digit())
+        && (frac.is_empty() != mantissa.contains('.'));
+    if !well_formed {
+        return None;
+    }
+    let all = format!("{int}{frac}");
+    let significant = all.trim_start_matches('0');
+    let trimmed = significant.trim_end_matches('0');
+    if trimmed.is_empty() {
+        return Some((false, String::new(), 0)); // zero, whatever its sign
+    }
+    let exponent = exponent - frac.len() as i64 + (significant.len() - trimmed.len()) as i64;
+    Some((negative, trimmed.to_owned(), exponent))
+}
+
+/// Whether two JSON numbers have the same value, exactly.
+fn same_number(a: &str, b: &str) -> bool {
+    matches!((decimal(a), decimal(b)), (Some(a), Some(b)) if a == b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn numbers_are_the_same_only_when_their_values_are() {
+        for (a, b) in [
+            ("42", "42.0"),
+            ("42", "4.2e1"),
+            ("42", "420E-1"),
+            ("0", "-0.0"),
+            ("0.5", "5e-1"),
+            ("-1.50", "-1.5"),
+            ("1e400", "10e399"),
+        ] {
+            assert!(same_number(a, b), "{a} {b}");
+            assert!(same_number(b, a), "{b} {a}");
+        }
+        for (a, b) in [
+            ("9007199254740993", "9007199254740992"),
+            ("1", "1.0000000000000000001"),
+            ("1", "-1"),
+            ("42", "042"),
+            ("42", "42."),
+            ("42", ".42e2"),
+            ("42", "+42"),
+            ("42", "4 2"),
+            ("42", "0x2a"),
+            ("42", "42e"),
+            ("1", "1e9999999999"),
+            ("42", ""),
+        ] {
+            assert!(!same_number(a, b), "{a} {b}");
+        }
+    }
 
     fn learned() -> ToolHeaders {
         let mut h = ToolHeaders::default();

@@ -427,6 +427,9 @@ fn server_asked(session: &Session, method: &str, target: Option<&str>) -> Option
     }
 }
 
+/// The members of a stateless request's params that the gateway reads.
+const READ_KEYS: [&str; 5] = ["_meta", "name", "uri", "requestState", "inputResponses"];
+
 /// Reads and checks the params of a stateless request of `method`: the top level as borrowed
 /// members (a key given twice is refused: which one counts would be a guess), then `_meta` in
 /// one pass that writes the params without the envelope.
@@ -464,7 +467,19 @@ pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal
             "uri" => &mut top.uri,
             "requestState" => &mut top.state,
             "inputResponses" => &mut top.responses,
-            _ => return,
+            // A key a lenient server reads as one of these would carry a value past what the
+            // gateway read (answers no policy judged, a state of the client's choosing).
+            other => {
+                if let Some(owned) = lookalike::read_as(other, &READ_KEYS) {
+                    problem.get_or_insert_with(|| {
+                        format!(
+                            "{:?} is too like {owned}: servers differ on which they read",
+                            lookalike::shown(other)
+                        )
+                    });
+                }
+                return;
+            }
         };
         if slot.is_some() {
             problem.get_or_insert_with(|| format!("{key} is given twice"));
@@ -1098,7 +1113,14 @@ impl Round {
             return None;
         }
         loop {
-            let Some(frame) = stream.recv().await else {
+            // A stateless client cancels by closing its stream: the call ends then, not at
+            // its server's next message.
+            let next = tokio::select! {
+                biased;
+                () = feed.tx.closed() => return None,
+                next = stream.recv() => next,
+            };
+            let Some(frame) = next else {
                 return Some(self.ended());
             };
             match self.step(&session, frame).await {
@@ -1525,6 +1547,8 @@ async fn listen(
         uris: Vec::new(),
     };
     for uri in asked.uris {
+        // In turn: a second watcher waits for the first's subscription to be made or refused.
+        let _turn = session.subscriptions.upstream_turn().await;
         // Counted before the upstream is asked, so a client leaving meanwhile undoes it.
         let first = session.subscriptions.watch(&uri);
         watches.uris.push(uri.clone());
@@ -1614,8 +1638,10 @@ impl Drop for Watches {
         }
         let (gw, session) = (self.gw.clone(), self.session.clone());
         tokio::spawn(async move {
-            for uri in last {
-                subscribe(&gw, &session, "resources/unsubscribe", &uri).await;
+            let _turn = session.subscriptions.upstream_turn().await;
+            // Not if a watcher came meanwhile (and found it subscribed, or subscribed it).
+            for uri in last.iter().filter(|u| !session.subscriptions.is_watched(u)) {
+                subscribe(&gw, &session, "resources/unsubscribe", uri).await;
             }
         });
     }
@@ -2201,6 +2227,27 @@ mod tests {
                 read(Some(body.as_bytes()), "tools/call"),
                 Err(Refusal::Meta(_))
             ));
+        }
+        // A key a lenient server reads as one the gateway reads is refused, whatever the
+        // method: it would carry answers no policy judged, or a state of the client's own.
+        for lookalike in [
+            r#""inputRe\u017fponses":{"1":{}}"#,
+            r#""REQUESTSTATE":"mine""#,
+            r#""requestState\u0000":"mine""#,
+            r#""Name":"other""#,
+            r#""URI":"file:///etc/passwd""#,
+            r#""_META":{}"#,
+        ] {
+            for method in ["tools/call", "tools/list"] {
+                let body = format!(r#"{{"name":"t","requestState":"abc",{lookalike},{META}}}"#);
+                assert!(
+                    matches!(
+                        read(Some(body.as_bytes()), method),
+                        Err(Refusal::Meta(ref why)) if why.contains("too like")
+                    ),
+                    "{method} {lookalike}"
+                );
+            }
         }
     }
 

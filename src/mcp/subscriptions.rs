@@ -223,6 +223,10 @@ pub struct Subscriptions {
     next: AtomicU64,
     /// How many listen streams watch each resource (subscribed upstream while any does).
     watched: Mutex<HashMap<String, usize>>,
+    /// Held while a resource's first watcher subscribes it upstream, and while a last one
+    /// unsubscribes it: a watcher arriving meanwhile learns the outcome rather than being
+    /// acknowledged for a subscription that is then refused.
+    upstream: tokio::sync::Mutex<()>,
     /// Set when the session stops serving listeners (it was replaced or ended): each stream
     /// ends with its final result.
     closing: tokio::sync::watch::Sender<bool>,
@@ -235,6 +239,7 @@ impl Default for Subscriptions {
             slots: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LISTENERS)),
             next: AtomicU64::new(0),
             watched: Mutex::new(HashMap::new()),
+            upstream: tokio::sync::Mutex::new(()),
             closing: tokio::sync::watch::Sender::new(false),
         }
     }
@@ -253,6 +258,16 @@ impl Subscriptions {
     /// Whether no listen stream is open.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Serializes subscribing and unsubscribing upstream (see the field).
+    pub async fn upstream_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.upstream.lock().await
+    }
+
+    /// Whether any listen stream watches `uri`.
+    pub fn is_watched(&self, uri: &str) -> bool {
+        lock(&self.watched).contains_key(uri)
     }
 
     /// Counts one more watcher of `uri`; true when it is the first (subscribe upstream).

@@ -9,7 +9,7 @@ pub mod otlp;
 pub use context::SpanContext;
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,6 +33,10 @@ pub enum SpanKind {
 
 /// Longest text kept in an attribute or a span name (a client chooses names, URIs and ids).
 const MAX_TEXT: usize = 256;
+
+/// Keys of an object compared one by one for duplicates; past them, hashed.
+const LINEAR_KEYS: usize = 16;
+
 /// Longest failure message kept.
 const MAX_ERROR: usize = 256;
 
@@ -474,9 +478,18 @@ impl<'de> Deserialize<'de> for Members<'de> {
             ) -> Result<Self::Value, A::Error> {
                 let mut all: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::new();
                 let mut duplicate = false;
+                // Past a few keys, the ones seen are hashed: comparing each with all before it
+                // made a client's object of 400,000 keys cost minutes of CPU.
+                let mut seen: Option<HashSet<Cow<'de, str>>> = None;
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     let value: &'de RawValue = map.next_value()?;
-                    duplicate |= all.iter().any(|(k, _)| *k == key);
+                    if seen.is_none() && all.len() >= LINEAR_KEYS {
+                        seen = Some(all.iter().map(|(k, _)| k.clone()).collect());
+                    }
+                    duplicate |= match &mut seen {
+                        Some(seen) => !seen.insert(key.clone()),
+                        None => all.iter().any(|(k, _)| *k == key),
+                    };
                     all.push((key, value));
                 }
                 let meta = all.iter().find(|(k, _)| k == "_meta").map(|(_, v)| *v);
@@ -639,5 +652,29 @@ mod tests {
         // Not an object: left alone.
         let odd = Bytes::from_static(b"[1,2]");
         assert_eq!(span.inject(Some(odd.clone())), Some(odd));
+    }
+
+    #[test]
+    fn duplicates_are_found_among_many_keys_as_among_few() {
+        let (t, _q) = tracer(1.0);
+        let span = t.request_span("tools/call", None, None).unwrap();
+        // Many distinct keys (hashed past the first few): `_meta` is added.
+        let keys: Vec<String> = (0..100_000).map(|i| format!("\"k{i:06}\":0")).collect();
+        let many = Bytes::from(format!("{{{}}}", keys.join(",")));
+        let v: serde_json::Value =
+            serde_json::from_slice(&span.inject(Some(many)).unwrap()).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), 100_001);
+        assert_eq!(v["_meta"]["traceparent"], span.traceparent());
+        // A key given twice, once escaped, far apart or near: the params are left alone.
+        for (first, second) in [(0, 99_999), (3, 5), (20, 17), (0, 15), (16, 0)] {
+            let mut twice = keys.clone();
+            twice[second] = format!("\"\\u006b{:06}\":1", first);
+            let params = Bytes::from(format!("{{{}}}", twice.join(",")));
+            assert_eq!(
+                span.inject(Some(params.clone())),
+                Some(params),
+                "k{first:06} at {first} and {second}"
+            );
+        }
     }
 }

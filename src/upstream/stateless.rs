@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::mcp::jsonrpc;
+use crate::mcp::lookalike;
 use crate::mcp::param_headers::ToolHeaders;
 use crate::mcp::revision::STATELESS;
 use crate::mcp::revision::envelope::{
@@ -112,10 +113,16 @@ pub(crate) fn prepare(
             .map_err(|_| "params._meta must be an object".to_owned())?,
         None => Object::new(),
     };
-    if !client_driven || !may_ask(method) {
-        fields.remove("requestState");
-        fields.remove("inputResponses");
-    }
+    // A retry's members go unless the client runs its own round trips; keys a lenient server
+    // reads as them go always (they would carry answers no policy judged, or override the
+    // state the gateway put back).
+    let keeps_retry = client_driven && may_ask(method);
+    fields.retain(
+        |key, _| match lookalike::read_as(key, &["requestState", "inputResponses"]) {
+            Some(owned) => keeps_retry && owned == &**key,
+            None => true,
+        },
+    );
     let mut out = String::from("{");
     out.push_str(envelope);
     for (k, v) in meta.iter().filter(|(k, _)| !is_envelope_key(k)) {
@@ -481,6 +488,35 @@ mod tests {
         let listed = br#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"},"requestState":"s"}"#;
         let p = prepare("tools/list", Some(listed), "", true).unwrap();
         assert!(parse(&p.params).get("requestState").is_none());
+    }
+
+    #[test]
+    fn keys_read_as_a_retrys_members_never_reach_the_server() {
+        let raw = br#"{"name":"t","requestState":"sealed","inputRe\u017fponses":{"q":1},"REQUESTSTATE":"mine","InputResponses\u0000":{},"inputs":2}"#;
+        for (method, client_driven) in [
+            ("tools/call", true),
+            ("tools/call", false),
+            ("tools/list", true),
+        ] {
+            let p = prepare(method, Some(raw), "", client_driven).unwrap();
+            let v = parse(&p.params);
+            let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| &**k).collect();
+            let kept = client_driven && method == "tools/call";
+            let expected: &[&str] = if kept {
+                &["_meta", "inputs", "name", "requestState"]
+            } else {
+                &["_meta", "inputs", "name"]
+            };
+            assert_eq!(keys, expected, "{method}, client driven: {client_driven}");
+            // The retry puts back the gateway's own members and nothing else reads as them.
+            let retry = parse(&p.retry(&[("q".into(), Bytes::from_static(b"2"))], Some("s")));
+            assert_eq!(retry["requestState"], "s");
+            assert_eq!(retry["inputResponses"], json!({"q": 2}));
+            assert_eq!(
+                retry.as_object().unwrap().len(),
+                expected.len() + 1 + usize::from(!kept)
+            );
+        }
     }
 
     #[test]
