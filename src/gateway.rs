@@ -997,7 +997,12 @@ impl Gateway {
         };
         use dashmap::mapref::entry::Entry;
         match self.stateless.entry(key.clone()) {
-            Entry::Occupied(e) if Arc::ptr_eq(e.get().topology(), &topology) => {
+            // Held on this topology, or on one stored since it was read (a session this
+            // request must not replace with one on the servers of before).
+            Entry::Occupied(e)
+                if Arc::ptr_eq(e.get().topology(), &topology)
+                    || Arc::ptr_eq(e.get().topology(), &self.topology()) =>
+            {
                 Some(e.get().clone())
             }
             Entry::Occupied(mut e) => {
@@ -1051,18 +1056,28 @@ impl Gateway {
         }
     }
 
-    /// Ends sessions idle for longer than the configured timeout.
+    /// Ends sessions idle for longer than the configured timeout, and portable sessions past
+    /// `mcp.session_max_age` (however busy: a GET stream held open would keep one for good).
     pub fn sweep(&self) {
         let now = self.epoch.elapsed().as_millis() as u64;
         let idle = self.config.mcp.session_idle_timeout.as_millis() as u64;
-        let expired: Vec<Arc<str>> = self
+        let wall = session_token::now_ms();
+        let expired: Vec<(Arc<str>, &str)> = self
             .sessions
             .iter()
-            .filter(|s| s.expired(now, idle))
-            .map(|s| s.key().clone())
+            .filter_map(|s| {
+                let why = if s.expired(now, idle) {
+                    "idling"
+                } else if s.outlived(wall) {
+                    "reaching mcp.session_max_age"
+                } else {
+                    return None;
+                };
+                Some((s.key().clone(), why))
+            })
             .collect();
-        for id in expired {
-            tracing::info!(session = %crate::mcp::session::log_id(&id), "session expired after idling");
+        for (id, why) in expired {
+            tracing::info!(session = %crate::mcp::session::log_id(&id), "session expired after {why}");
             self.end_session(&id);
         }
         let drained: Vec<Arc<Session>> = {

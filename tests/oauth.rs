@@ -287,6 +287,8 @@ async fn forged_and_misdirected_tokens_are_refused_with_a_challenge() {
         ("a subject with a terminal escape", key.sign(&issuer.claims("alice\u{1b}[2K", "mcp:connect")), "valid sub claim"),
         ("a subject with a C1 control", key.sign(&issuer.claims("alice\u{85}root", "mcp:connect")), "valid sub claim"),
         ("a subject with a zero-width space", key.sign(&issuer.claims("admin\u{200B}", "mcp:connect")), "valid sub claim"),
+        ("a subject with a variation selector", key.sign(&issuer.claims("admin\u{FE0F}", "mcp:connect")), "valid sub claim"),
+        ("a subject with a line separator", key.sign(&issuer.claims("alice\u{2028}INFO forged", "mcp:connect")), "valid sub claim"),
         ("a subject with a right-to-left override", key.sign(&issuer.claims("alice\u{202E}nimda", "mcp:connect")), "valid sub claim"),
         ("an empty subject", key.sign(&issuer.claims("", "mcp:connect")), "valid sub claim"),
         ("a subject over 256 bytes", key.sign(&issuer.claims(&"a".repeat(257), "mcp:connect")), "valid sub claim"),
@@ -1570,6 +1572,17 @@ profiles:
     .unwrap_err();
     assert!(
         e.to_string().contains("auth.oauth.issuers[1].scopes[0]"),
+        "{e}"
+    );
+    // So is one under which no token could have the scopes every request needs.
+    let useless = top.replace("scopes: [mcp:connect] }", "scopes: [partner.read] }");
+    let e = gatehouse::Config::from_yaml(&format!(
+        "{useless}upstreams:\n  - {{name: ex, http: {{url: 'http://127.0.0.1:1/mcp'}}}}\n"
+    ))
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("auth.oauth.issuers[1].scopes")
+            && e.to_string().contains("mcp:connect"),
         "{e}"
     );
     gw.stop().await;

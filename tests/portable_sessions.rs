@@ -180,6 +180,11 @@ async fn an_old_id_or_a_full_replica_is_told_apart_from_a_gone_session() {
     // (however busy it was kept); a replica whose bound is longer serves it on.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(at(&alice, &young).post(list()).await.status, 404);
+    // Ended by the sweep too, with no request (a GET stream held open would keep it else).
+    let id = held.session.clone().unwrap();
+    assert!(young.gateway().sessions.contains_key(id.as_str()));
+    young.gateway().sweep();
+    assert!(!young.gateway().sessions.contains_key(id.as_str()));
     assert_eq!(held.post(list()).await.status, 404);
     assert_eq!(alice.post(list()).await.status, 200);
 }

@@ -210,10 +210,16 @@ struct Cached {
     cached: Instant,
 }
 
-/// Whether `c` is a Unicode format character (general category Cf: zero-width characters,
-/// bidirectional controls, tags), which text shows as nothing or reorders.
-fn is_format(c: char) -> bool {
+/// Whether text shows `c` as nothing, reorders around it, or breaks a line at it: Unicode
+/// format characters (Cf: zero-width characters, bidirectional controls, tags), the other
+/// default-ignorable code points (variation selectors, Hangul fillers), and the line and
+/// paragraph separators.
+fn is_invisible(c: char) -> bool {
     matches!(c,
+        '\u{34F}' | '\u{115F}'..='\u{1160}' | '\u{17B4}'..='\u{17B5}' | '\u{180B}'..='\u{180F}'
+        | '\u{2028}'..='\u{2029}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FFA0}'
+        | '\u{FFF0}'..='\u{FFF8}' | '\u{E0000}'..='\u{E0FFF}')
+        || matches!(c,
         '\u{AD}' | '\u{600}'..='\u{605}' | '\u{61C}' | '\u{6DD}' | '\u{70F}' | '\u{890}'..='\u{891}'
         | '\u{8E2}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
         | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}'
@@ -421,7 +427,7 @@ impl Verifier {
             Some(Value::String(p))
                 if !p.is_empty()
                     && p.len() <= MAX_PRINCIPAL
-                    && !p.chars().any(|c| c.is_control() || is_format(c)) =>
+                    && !p.chars().any(|c| c.is_control() || is_invisible(c)) =>
             {
                 format!("{prefix}{p}")
             }

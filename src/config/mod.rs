@@ -1654,6 +1654,24 @@ fn oauth_settings(raw: RawOAuth) -> Result<OAuthSettings, ConfigError> {
         }
         if let Some(scopes) = &iss.scopes {
             scope_list(&format!("{field}.scopes"), scopes)?;
+            // Its tokens could never be taken: say so now, not with every refusal.
+            let covers = |g: &String, r: &String| {
+                r == g
+                    || r.strip_prefix(g.as_str())
+                        .is_some_and(|l| l.starts_with(':'))
+            };
+            if let Some(r) = raw
+                .required_scopes
+                .iter()
+                .find(|r| !scopes.iter().any(|g| covers(g, r)))
+            {
+                return Err(field_err(
+                    format!("{field}.scopes"),
+                    format!(
+                        "grants nothing that covers {r:?}, which auth.oauth.required_scopes asks of every token"
+                    ),
+                ));
+            }
         }
         issuers.push(IssuerSettings {
             issuer: iss.issuer,

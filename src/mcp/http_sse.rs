@@ -276,14 +276,14 @@ async fn message(
                             if let Some(span) = &mut span {
                                 span.record_answer(&frame);
                             }
-                            let frame = counted_answer(&session, &id, frame);
+                            let frame = counted_answer(&client, &session, &id, frame);
                             send(&client, &session, frame, stall).await
                         }
                         Reply::Stream(mut frames) => {
                             while let Some(frame) = frames.recv().await {
                                 // What servers said on the way was counted as it came.
                                 let frame = if is_answer(&frame) {
-                                    counted_answer(&session, &id, frame)
+                                    counted_answer(&client, &session, &id, frame)
                                 } else {
                                     frame
                                 };
@@ -404,15 +404,20 @@ async fn initialize(
 
 /// An answer to request `id` as the stream queues it: counted with what the session's queues
 /// hold for a client that may not read them (else 256 answers of many MiB could wait on a
-/// stream left unread); past that, an error in its place.
-fn counted_answer(session: &Session, id: &[u8], frame: Bytes) -> Bytes {
-    session.admit_queued(frame).unwrap_or_else(|| {
-        jsonrpc::error_response(
+/// stream left unread). Past that, it goes uncounted to a stream with nothing waiting (its
+/// client reads: other sessions' unread queues must not cost it its results), and is an
+/// error in its place on one where answers pile up.
+fn counted_answer(client: &SseClient, session: &Session, id: &[u8], frame: Bytes) -> Bytes {
+    let idle = client.stream.capacity() == client.stream.max_capacity();
+    match session.admit_queued(frame.clone()) {
+        Some(counted) => counted,
+        None if idle => frame,
+        None => jsonrpc::error_response(
             Some(id),
             code::TOO_BUSY,
             "the answer does not fit in what this session may hold for its stream while it is unread: read the stream",
-        )
-    })
+        ),
+    }
 }
 
 /// Whether a frame of a call's stream is its answer (one large enough to be counted).

@@ -328,6 +328,15 @@ mod tests {
         assert!(check(h.of("routed"), args, headers(ok)).is_ok());
         let float = &[("region", Some("eu-west")), ("n", Some("3.0"))];
         assert!(check(h.of("routed"), args, headers(float)).is_ok());
+        // A number the header rounds (as a double would read both) does not match.
+        let big =
+            RawValue::from_string(r#"{"region":"eu-west","n":9007199254740993}"#.into()).unwrap();
+        let rounded = &[("region", Some("eu-west")), ("n", Some("9007199254740992"))];
+        assert!(
+            check(h.of("routed"), Some(&big), headers(rounded))
+                .unwrap_err()
+                .contains("does not match")
+        );
         let missing = &[("region", Some("eu-west"))];
         assert!(
             check(h.of("routed"), args, headers(missing))

@@ -380,7 +380,9 @@ async fn pump(
                 };
                 // The newest event goes too when a budget is over: sparing it let each of a
                 // session's 64 streams keep one event of up to 4 MiB, past the session's and
-                // the principal's bounds. It is sent all the same, only not resumable.
+                // the principal's bounds. It is sent all the same, only not resumable; and
+                // only the session's or the principal's own streams can have taken those
+                // budgets.
                 while state.events.len() > max_events
                     || state.bytes > max_bytes
                     || log.kept.load(Ordering::Relaxed) > SESSION_BYTES

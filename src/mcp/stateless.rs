@@ -1548,7 +1548,7 @@ async fn listen(
     };
     for uri in asked.uris {
         // In turn: a second watcher waits for the first's subscription to be made or refused.
-        let _turn = session.subscriptions.upstream_turn().await;
+        let _turn = session.subscriptions.upstream_turn(&uri).await;
         // Counted before the upstream is asked, so a client leaving meanwhile undoes it.
         let first = session.subscriptions.watch(&uri);
         watches.uris.push(uri.clone());
@@ -1638,10 +1638,12 @@ impl Drop for Watches {
         }
         let (gw, session) = (self.gw.clone(), self.session.clone());
         tokio::spawn(async move {
-            let _turn = session.subscriptions.upstream_turn().await;
-            // Not if a watcher came meanwhile (and found it subscribed, or subscribed it).
-            for uri in last.iter().filter(|u| !session.subscriptions.is_watched(u)) {
-                subscribe(&gw, &session, "resources/unsubscribe", uri).await;
+            for uri in &last {
+                let _turn = session.subscriptions.upstream_turn(uri).await;
+                // Not if a watcher came meanwhile (and found it subscribed, or subscribed it).
+                if !session.subscriptions.is_watched(uri) {
+                    subscribe(&gw, &session, "resources/unsubscribe", uri).await;
+                }
             }
         });
     }

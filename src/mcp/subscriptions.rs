@@ -6,8 +6,8 @@
 //! and the gateway agreed to (the acknowledgement says which).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -223,10 +223,11 @@ pub struct Subscriptions {
     next: AtomicU64,
     /// How many listen streams watch each resource (subscribed upstream while any does).
     watched: Mutex<HashMap<String, usize>>,
-    /// Held while a resource's first watcher subscribes it upstream, and while a last one
-    /// unsubscribes it: a watcher arriving meanwhile learns the outcome rather than being
-    /// acknowledged for a subscription that is then refused.
-    upstream: tokio::sync::Mutex<()>,
+    /// Per resource, held while its first watcher subscribes it upstream, and while a last
+    /// one unsubscribes it: a watcher arriving meanwhile learns the outcome rather than being
+    /// acknowledged for a subscription that is then refused. One per resource, so that a slow
+    /// server holds up the listens of its own resources only.
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Set when the session stops serving listeners (it was replaced or ended): each stream
     /// ends with its final result.
     closing: tokio::sync::watch::Sender<bool>,
@@ -239,8 +240,29 @@ impl Default for Subscriptions {
             slots: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LISTENERS)),
             next: AtomicU64::new(0),
             watched: Mutex::new(HashMap::new()),
-            upstream: tokio::sync::Mutex::new(()),
+            turns: Mutex::new(HashMap::new()),
             closing: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+/// One resource's turn to be subscribed or unsubscribed upstream; its entry goes with the
+/// last turn taken or waited for.
+pub struct Turn<'a> {
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+    uri: String,
+    turns: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        drop(self.held.take());
+        let mut turns = lock(self.turns);
+        if turns
+            .get(&self.uri)
+            .is_some_and(|t| Arc::strong_count(t) == 1)
+        {
+            turns.remove(&self.uri);
         }
     }
 }
@@ -260,9 +282,14 @@ impl Subscriptions {
         self.len() == 0
     }
 
-    /// Serializes subscribing and unsubscribing upstream (see the field).
-    pub async fn upstream_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.upstream.lock().await
+    /// Serializes subscribing and unsubscribing `uri` upstream (see the field).
+    pub async fn upstream_turn(&self, uri: &str) -> Turn<'_> {
+        let turn = lock(&self.turns).entry(uri.to_owned()).or_default().clone();
+        Turn {
+            held: Some(turn.lock_owned().await),
+            uri: uri.to_owned(),
+            turns: &self.turns,
+        }
     }
 
     /// Whether any listen stream watches `uri`.

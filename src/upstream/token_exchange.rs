@@ -162,10 +162,17 @@ impl TokenExchange {
                 free.insert(answer.clone());
                 let (this, token) = (self.clone(), subject.token.clone());
                 tokio::spawn(async move {
+                    // Out of the map however the task ends (a panic, the runtime shutting
+                    // down): a dead entry would answer every later request of the token.
+                    let entry = InFlightEntry {
+                        exchange: &this,
+                        key,
+                        answer: tell.subscribe(),
+                    };
                     let result = this.fetch(key, &token, left).await;
                     // Out of the map before the answer is told: a request after this finds
                     // the answer kept.
-                    this.in_flight.remove(&key);
+                    drop(entry);
                     let _ = tell.send(Some(result));
                 });
                 answer
@@ -386,6 +393,21 @@ fn key_of(subject: &Subject) -> Key {
         .as_ref()
         .try_into()
         .expect("SHA-256 is 32 bytes")
+}
+
+/// An exchange's place in the map of those in flight, taken out when dropped (if still its).
+struct InFlightEntry<'a> {
+    exchange: &'a TokenExchange,
+    key: Key,
+    answer: InFlight,
+}
+
+impl Drop for InFlightEntry<'_> {
+    fn drop(&mut self) {
+        self.exchange
+            .in_flight
+            .remove_if(&self.key, |_, held| held.same_channel(&self.answer));
+    }
 }
 
 /// The caller's current access token, as its session holds it (the latest one it presented).
@@ -648,7 +670,7 @@ mod tests {
     async fn an_exchange_its_callers_left_goes_on_once() {
         let (url, asked) = slow_endpoint(Duration::from_millis(500)).await;
         let x = Arc::new(exchanger(&url));
-        for _ in 0..20 {
+        for round in 0..20 {
             // Waits on two threads, all cancelled at once.
             let waits: Vec<_> = (0..4)
                 .map(|_| {
@@ -656,6 +678,10 @@ mod tests {
                     tokio::spawn(async move { x.bearer(&subject("alice-token")).await })
                 })
                 .collect();
+            // The first round's callers go once the exchange has reached the server.
+            while round == 0 && asked.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             tokio::task::yield_now().await;
             for w in &waits {
                 w.abort();
@@ -679,10 +705,12 @@ mod tests {
         let x = Arc::new(exchanger(&url));
         let alice = subject("alice-token");
         let mut first = Box::pin(x.bearer(&alice));
-        tokio::select! {
-            biased;
-            _ = &mut first => panic!("not answered yet"),
-            _ = tokio::task::yield_now() => {}
+        // The first waits until its exchange has reached the server.
+        while asked.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::select! {
+                _ = &mut first => panic!("not answered yet"),
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
         }
         let second = x.bearer(&alice);
         assert_eq!(
