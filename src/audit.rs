@@ -268,10 +268,16 @@ impl Queue {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends one serialized record, or counts it lost when the queue is full.
-    fn push(&self, record: &[u8], keep: Keep) {
+    /// Appends one serialized record, or counts it lost when the queue is full. Calls leave
+    /// the last eighth of it to other records: a client's flood of calls while the writer is
+    /// slow must not cost the trail its admin changes, approvals and denials.
+    fn push(&self, record: &[u8], keep: Keep, call: bool) {
+        let (records, bytes) = match call {
+            true => (QUEUE - QUEUE / 8, QUEUE_BYTES - QUEUE_BYTES / 8),
+            false => (QUEUE, QUEUE_BYTES),
+        };
         let mut w = self.lock();
-        if w.records.len() >= QUEUE || w.bytes.len() + record.len() > QUEUE_BYTES {
+        if w.records.len() >= records || w.bytes.len() + record.len() > bytes {
             w.lost += 1;
             return;
         }
@@ -472,7 +478,7 @@ impl Audit {
             let mut body = body.borrow_mut();
             body.clear();
             event.write_json(&mut body);
-            queue.0.push(&body, event.keep());
+            queue.0.push(&body, event.keep(), event.kind == "call");
             // A record with long texts is rare: its buffer is not kept.
             if body.capacity() > 4096 {
                 *body = Vec::new();
@@ -482,7 +488,7 @@ impl Audit {
         if written.is_err() {
             let mut body = Vec::new();
             event.write_json(&mut body);
-            queue.0.push(&body, event.keep());
+            queue.0.push(&body, event.keep(), event.kind == "call");
         }
     }
 }
@@ -625,10 +631,7 @@ impl Writer {
         };
         let (out, written): (Box<dyn Write + Send>, u64) = match &s.file {
             Some(path) => {
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?;
+                let f = trail_file(path)?;
                 let len = f.metadata()?.len();
                 (
                     Box::new(std::io::BufWriter::with_capacity(FILE_BUFFER, f)),
@@ -902,11 +905,7 @@ impl Writer {
             let _ = std::fs::rename(aside(n), aside(n + 1));
         }
         let _ = std::fs::rename(&path, aside(1));
-        match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-        {
+        match trail_file(&path) {
             Ok(f) => {
                 self.out = Box::new(std::io::BufWriter::with_capacity(FILE_BUFFER, f));
                 self.written = 0;
@@ -962,6 +961,17 @@ impl Blocks {
 }
 
 /// What a checkpoint signs: its own sequence number and the hash of the line before it.
+/// Opens the trail's file to append to, created readable by this user only: records name
+/// principals, tools and resources.
+fn trail_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
 fn checkpoint_message(seq: u64, prev: &str) -> Vec<u8> {
     format!("gatehouse-audit-checkpoint:{seq}:{prev}").into_bytes()
 }
@@ -1170,9 +1180,11 @@ fn members(line: &str) -> Result<Map<String, Value>, String> {
         }
     }
     use serde::Deserializer;
-    serde_json::Deserializer::from_str(line)
-        .deserialize_map(Unique)
-        .map_err(|e| e.to_string())
+    let mut de = serde_json::Deserializer::from_str(line);
+    let members = de.deserialize_map(Unique).map_err(|e| e.to_string())?;
+    // Nothing after the object: a reader of JSON lines would see otherwise than this check.
+    de.end().map_err(|e| e.to_string())?;
+    Ok(members)
 }
 
 /// Checks a file's chain, and each checkpoint's signature against `public_key` (raw 32 bytes)
@@ -1188,13 +1200,19 @@ pub fn verify(text: &str, public_key: Option<&[u8]>) -> Result<Verified, Broken>
         found_unsigned: None,
     };
     let mut prev: Option<String> = None;
-    for (i, line) in text.lines().enumerate() {
+    // Lines as the gateway writes them: each ends with `\n`, none is empty, none has `\r`
+    // (which other readers may take for a line break the chain never saw).
+    let body = text.strip_suffix('\n').unwrap_or(text);
+    for (i, line) in body.split('\n').enumerate().filter(|_| !text.is_empty()) {
         let broken = |reason: String| Broken {
             line: i + 1,
             reason,
         };
-        if line.trim().is_empty() {
-            continue;
+        if line.is_empty() {
+            return Err(broken("an empty line".into()));
+        }
+        if line.contains('\r') {
+            return Err(broken("a carriage return in a line".into()));
         }
         let v = members(line).map_err(|e| broken(format!("not an audit record ({e})")))?;
         let kind = v
@@ -1479,6 +1497,15 @@ mod tests {
         let mut swapped = lines.clone();
         swapped.swap(5, 6);
         assert!(verify(&swapped.join("\n"), None).unwrap_err().line <= 7);
+        // Lines other readers would read otherwise: text after a record, a CR, an empty line.
+        let mut trailing = lines.clone();
+        let after = format!("{} {{\"kind\":\"call\"}}", lines[2]);
+        trailing[2] = &after;
+        assert_eq!(verify(&trailing.join("\n"), None).unwrap_err().line, 3);
+        assert_eq!(verify(&lines.join("\r\n"), None).unwrap_err().line, 1);
+        let mut blank = lines.clone();
+        blank.insert(3, "");
+        assert_eq!(verify(&blank.join("\n"), None).unwrap_err().line, 4);
         // A rewritten tail with a recomputed chain still fails the signature (another key).
         let other = [9u8; 32];
         assert!(
@@ -1588,9 +1615,18 @@ mod tests {
             queue: Some(Intake(Arc::default())),
             ..Audit::default()
         };
-        for n in 0..QUEUE + 2 {
+        // Calls fill what they may (seven eighths); an admin change still has room after.
+        let calls = QUEUE - QUEUE / 8;
+        for n in 0..calls + 2 {
             audit.record(call(n));
         }
+        audit.record(Event {
+            kind: "admin",
+            principal: Some(Arc::from("ops")),
+            method: "upstreams/set".into(),
+            decision: "allowed",
+            ..Default::default()
+        });
         let queue = audit.queue.as_ref().unwrap().0.clone();
         assert_eq!(queue.lock().lost, 2);
         queue.close();
@@ -1606,19 +1642,24 @@ mod tests {
         let ok = verify(&text, Some(&public(seed))).unwrap();
         assert_eq!(
             ok.records as usize,
-            QUEUE + 2,
-            "the records, a gap, a checkpoint"
+            calls + 3,
+            "the calls, the admin change, a gap, a checkpoint"
         );
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].contains(r#""name":"tool0""#), "{}", lines[0]);
-        let last_kept = format!(r#""name":"tool{}""#, QUEUE - 1);
-        assert!(lines[QUEUE - 1].contains(&last_kept));
-        let gap = members(lines[QUEUE]).unwrap();
+        let last_kept = format!(r#""name":"tool{}""#, calls - 1);
+        assert!(lines[calls - 1].contains(&last_kept));
+        assert!(
+            lines[calls].contains(r#""kind":"admin""#),
+            "{}",
+            lines[calls]
+        );
+        let gap = members(lines[calls + 1]).unwrap();
         assert_eq!(
             (gap["kind"].as_str(), gap["lost"].as_u64()),
             (Some("gap"), Some(2))
         );
-        assert!(lines[QUEUE + 1].contains(r#""kind":"checkpoint""#));
+        assert!(lines[calls + 2].contains(r#""kind":"checkpoint""#));
         assert!(queue.lock().bytes.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -1748,6 +1789,15 @@ mod tests {
         assert_eq!(v_new.anchor, sha256_hex(last_old.as_bytes()));
         assert!(v_old.records > 0 && v_new.records > 0);
         assert!(!dir.join("a.jsonl.4").exists(), "at most `keep` old files");
+        // Readable by this user only, the first file as those made at each rotation.
+        use std::os::unix::fs::PermissionsExt;
+        for name in ["a.jsonl", "a.jsonl.1", "a.jsonl.3"] {
+            let mode = std::fs::metadata(dir.join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{name}: {mode:o}");
+        }
         // Each file moved aside ends with a signed checkpoint (checkpoint_every is 1000 here):
         // its tail cannot be rewritten without the key.
         let public = Ed25519KeyPair::from_seed_unchecked(&[1u8; 32]).unwrap();

@@ -619,7 +619,7 @@ impl Gateway {
             if let Some(s) = self.sessions.get(id) {
                 return Ok(Some(s.clone()));
             }
-            if self.sessions.len() >= self.config.mcp.max_sessions {
+            if self.sessions_held() >= self.config.mcp.max_sessions {
                 return Err(NoRoom::Sessions);
             }
             if !self.may_open_session(principal, 0) {
@@ -938,20 +938,25 @@ impl Gateway {
         self.stateless.len()
     }
 
+    /// Sessions held here, hidden ones included: what `mcp.max_sessions` bounds.
+    pub fn sessions_held(&self) -> usize {
+        self.sessions.len() + self.stateless.len()
+    }
+
     /// The session stateless requests of `principal` with a token granting `claims` run in,
     /// on the current topology. A topology change replaces it; requests still running keep the
     /// old one until they finish.
     ///
     /// Requests whose tokens grant different groups or scopes run in different sessions: a
     /// session holds its latest request's claims for policy, and one token's request must never
-    /// be judged by another's grants. `None` when the principal already has as many
-    /// (`mcp.max_sessions_per_principal`) as it may.
+    /// be judged by another's grants. `Err` when the principal already has as many
+    /// (`mcp.max_sessions_per_principal`) as it may, or the gateway holds `mcp.max_sessions`.
     pub fn stateless_session(
         &self,
         principal: Option<Principal>,
         profile: Option<&Arc<ProfileConfig>>,
         claims: Option<&Arc<crate::auth::Claims>>,
-    ) -> Option<Arc<Session>> {
+    ) -> Result<Arc<Session>, NoRoom> {
         let topology = self.topology();
         let key = (
             principal,
@@ -959,11 +964,15 @@ impl Gateway {
             Grants(claims.cloned()),
         );
         match self.stateless.get(&key) {
-            Some(s) if Arc::ptr_eq(s.topology(), &topology) => return Some(s.clone()),
+            Some(s) if Arc::ptr_eq(s.topology(), &topology) => return Ok(s.clone()),
             Some(_) => {}
             None => {
                 // Counted before the entry is taken (its shard stays locked until dropped);
-                // concurrent first requests may pass the cap by a few, no more.
+                // concurrent first requests may pass the caps by a few, no more. Hidden
+                // sessions count in `mcp.max_sessions` too: each has links to every server.
+                if self.sessions_held() >= self.config.mcp.max_sessions {
+                    return Err(NoRoom::Sessions);
+                }
                 if let Some(p) = &key.0 {
                     let held = self
                         .stateless
@@ -971,7 +980,9 @@ impl Gateway {
                         .filter(|s| s.key().0.as_ref() == Some(p))
                         .count();
                     if held >= self.config.mcp.max_sessions_per_principal {
-                        return None;
+                        return Err(NoRoom::Principal(
+                            self.config.mcp.max_sessions_per_principal,
+                        ));
                     }
                 }
             }
@@ -1003,7 +1014,7 @@ impl Gateway {
                 if Arc::ptr_eq(e.get().topology(), &topology)
                     || Arc::ptr_eq(e.get().topology(), &self.topology()) =>
             {
-                Some(e.get().clone())
+                Ok(e.get().clone())
             }
             Entry::Occupied(mut e) => {
                 let session = fresh();
@@ -1016,9 +1027,9 @@ impl Gateway {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(old);
-                Some(session)
+                Ok(session)
             }
-            Entry::Vacant(e) => Some(e.insert(fresh()).clone()),
+            Entry::Vacant(e) => Ok(e.insert(fresh()).clone()),
         }
     }
 

@@ -471,6 +471,29 @@ fn old_upstream(name: &str, url: &str) -> String {
     )
 }
 
+/// A 2024-11-05 server that refuses its stream: the call fails saying so, without quoting the
+/// configured URL (a key in its query or path would reach every caller).
+#[tokio::test]
+async fn a_refused_stream_is_told_without_its_url() {
+    let url = support::serve(|_, _| Some((503, json!({})))).await;
+    let upstream = format!(
+        "  - name: old\n    sse: {{url: '{url}/sse/k3y-in-the-path?key=s3cret-in-the-query'}}\n    connect_timeout: 2s\n"
+    );
+    let gw = TestGateway::start("", &[upstream]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let r = c
+        .call(2, "tools/call", json!({"name":"old__t","arguments":{}}))
+        .await;
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("SSE stream"), "{r}");
+    assert!(
+        !message.contains("s3cret") && !message.contains("k3y"),
+        "{r}"
+    );
+    gw.stop().await;
+}
+
 /// A 2024-11-05 server's `endpoint` event must name its own origin: one that points the
 /// gateway's POSTs (with the configured credentials) at another host is refused, that host
 /// hears nothing, the call fails saying why, and the gateway's other servers serve on.

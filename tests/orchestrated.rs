@@ -635,6 +635,65 @@ async fn anonymous_sessions_get_their_own_processes_up_to_the_cap() {
     gw.stop().await;
 }
 
+/// One principal's sessions hold at most a quarter of `orchestrator.max_private_processes`:
+/// its sessions past that are refused a process, and another principal still gets one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_holds_at_most_a_quarter_of_the_private_processes() {
+    let servers = example_server("ps") + "    sharing: per-session\n";
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nauth: {{tokens: [{{principal: alice, token: alice-token-0123456789}}, {{principal: bob, token: bob-token-0123456789}}]}}\norchestrator: {{connect_timeout: 20s, call_timeout: 20s, max_private_processes: 8}}\nservers:\n{servers}"
+    );
+    let gw = gateway_from(&yaml).await;
+    let session = |token: &str| {
+        let mut c = gw.client();
+        c.token = Some(token.into());
+        c
+    };
+    let call = |c: &Client, id: u64| {
+        let c = c.clone();
+        async move {
+            c.call(id, "tools/call", json!({"name": "pid", "arguments": {}}))
+                .await
+        }
+    };
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut alice = session("alice-token-0123456789");
+        alice.initialize(json!({})).await;
+        let r = call(&alice, 10 + i).await;
+        assert!(r["result"]["content"][0]["text"].is_string(), "{r}");
+        held.push(alice);
+    }
+    let mut third = session("alice-token-0123456789");
+    third.initialize(json!({})).await;
+    let r = call(&third, 20).await;
+    assert_eq!(r["error"]["code"], -32010, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("this principal's sessions 2"),
+        "{r}"
+    );
+    let mut bob = session("bob-token-0123456789");
+    bob.initialize(json!({})).await;
+    let r = call(&bob, 30).await;
+    assert!(r["result"]["content"][0]["text"].is_string(), "{r}");
+    // Once one of alice's sessions leaves, its slot of her share is free again.
+    leave(&held.pop().unwrap()).await;
+    eventually("alice's freed slot", || {
+        let third = third.clone();
+        async move {
+            third
+                .call(40, "tools/call", json!({"name": "pid", "arguments": {}}))
+                .await["result"]["content"][0]["text"]
+                .is_string()
+        }
+    })
+    .await;
+    gw.stop().await;
+}
+
 /// A server defined anew through the admin API: its single-session and per-principal
 /// processes stop, and the same sessions' next calls reach the new definition; applying the
 /// same definition again changes nothing.

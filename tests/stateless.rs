@@ -898,7 +898,7 @@ async fn tokens_with_other_grants_never_share_a_hidden_session() {
     // A third set is over alice's cap; bob is not affected.
     assert!(
         g.stateless_session(alice(), None, Some(&claims(&[], &["ops"])))
-            .is_none()
+            .is_err()
     );
     let bob = g
         .stateless_session(Some("bob".into()), None, Some(&read))
@@ -1570,5 +1570,47 @@ async fn closing_a_calls_stream_ends_the_call() {
         async move { n == 0 }
     })
     .await;
+    gw.stop().await;
+}
+
+/// Hidden sessions count in `mcp.max_sessions`: each holds links to every server, as a
+/// session does.
+#[tokio::test]
+async fn hidden_sessions_count_in_the_gateways_session_cap() {
+    let gw = TestGateway::start(
+        &format!(
+            "mcp: {{max_sessions: 2}}\nauth: {{tokens: [{{principal: alice, token: {ALICE}}}, {{principal: bob, token: {BOB}}}]}}"
+        ),
+        &[example("a", &["--test-tools"], "")],
+    )
+    .await;
+    let mut session = with_token(&gw, ALICE);
+    session.initialize(json!({})).await;
+    let echo = json!({"name": "echo", "arguments": {"text": "hi"}});
+    // Alice's hidden session is the second.
+    let r = stateless(
+        &with_token(&gw, ALICE),
+        1,
+        "tools/call",
+        echo.clone(),
+        json!({}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Bob's would be a third: refused, saying which bound.
+    let r = stateless(&with_token(&gw, BOB), 2, "tools/call", echo, json!({})).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.response()["error"]["code"], -32012);
+    assert!(r.body.contains("mcp.max_sessions"), "{}", r.body);
+    // So would a session.
+    let third = with_token(&gw, BOB);
+    let r = third
+        .post(
+            json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{
+                "protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}})
+            .to_string(),
+        )
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
     gw.stop().await;
 }

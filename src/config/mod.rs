@@ -265,12 +265,25 @@ fn audit_settings(raw: RawAudit) -> Result<AuditSettings, ConfigError> {
         otlp: raw.otlp,
         file: raw.file,
         max_bytes,
-        keep: raw.keep.unwrap_or(5).max(1),
+        keep: match raw.keep {
+            None => 5,
+            // Each rotation renames every file kept, on the writer's thread.
+            Some(k @ 1..=MAX_AUDIT_FILES) => k,
+            Some(_) => {
+                return Err(field_err(
+                    "audit.keep",
+                    format!("must be between 1 and {MAX_AUDIT_FILES}"),
+                ));
+            }
+        },
         signing_key,
         checkpoint_every,
         checkpoint_interval,
     })
 }
+
+/// Files of the audit trail kept at most (`audit.keep`).
+const MAX_AUDIT_FILES: usize = 1000;
 
 /// A 32-byte key from a file or an environment variable (64 hex digits or base64).
 fn key_from(
@@ -957,6 +970,55 @@ pub enum Transport {
     Orchestrated,
 }
 
+/// Parses config YAML. An error names where it is, without quoting the lines around it: they
+/// may hold a token or a header value.
+fn from_yaml_text<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    let options = serde_saphyr::options! { with_snippet: false };
+    serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+        // The keys of the line it names, to say which setting it is (never the values).
+        let keys = e
+            .location()
+            .and_then(|at| text.lines().nth(at.line().checked_sub(1)? as usize))
+            .map(keys_on_line)
+            .filter(|keys| !keys.is_empty());
+        ConfigError::Syntax(match keys {
+            Some(keys) => format!("{e} (the line of {})", keys.join(", ")),
+            None => e.to_string(),
+        })
+    })
+}
+
+/// The mapping keys written on one line of YAML (`name: value`, `{ a: 1, b: 2 }`), outside
+/// quotes: names made of letters, digits, `_`, `-` and `.`.
+fn keys_on_line(line: &str) -> Vec<&str> {
+    let mut keys = Vec::new();
+    let mut quote = None;
+    let mut start = None;
+    for (i, c) in line.char_indices() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                start = None;
+            }
+            (None, '#') => break,
+            (None, c) if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') => {
+                start.get_or_insert(i);
+            }
+            (None, ':') => {
+                let followed = line[i + 1..].chars().next().is_none_or(char::is_whitespace);
+                if let (Some(s), true) = (start, followed) {
+                    keys.push(&line[s..i]);
+                }
+                start = None;
+            }
+            (None, _) => start = None,
+        }
+    }
+    keys
+}
+
 /// The default listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9000";
 
@@ -973,8 +1035,7 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let mut raw: RawConfig =
-            serde_saphyr::from_str(&text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let mut raw: RawConfig = from_yaml_text(&text)?;
         if let Some(l) = listen {
             raw.listen = Some(l.to_string());
         }
@@ -983,8 +1044,7 @@ impl Config {
 
     /// Parses and validates YAML text.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig =
-            serde_saphyr::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let raw: RawConfig = from_yaml_text(text)?;
         raw.validate()
     }
 
@@ -1375,6 +1435,13 @@ impl RawConfig {
                             "applies to http (Streamable HTTP) upstreams",
                         ));
                     }
+                    // Per-caller secrets would cross the network in the clear.
+                    Some(_) if transport_url(&transport).is_some_and(|u| !secure_url_ok(u)) => {
+                        return Err(field_err(
+                            format!("{field}.credentials"),
+                            "callers' credentials would cross the network in the clear: use an https:// URL (plain http only to a loopback host)",
+                        ));
+                    }
                     Some(raw) => Some(
                         credentials::Credentials::validate(&format!("{field}.credentials"), raw)
                             .map_err(|(f, r)| field_err(f, r))?,
@@ -1535,11 +1602,16 @@ impl RawConfig {
     }
 }
 
-/// An absolute http(s) URL with a host and no fragment; plain http only to a loopback host.
-fn secure_url(field: &str, text: &str) -> Result<http::Uri, ConfigError> {
-    let url: http::Uri = text
-        .parse()
-        .map_err(|e| field_err(field, format!("{text:?} is not a URL ({e})")))?;
+/// The URL of an HTTP or SSE upstream.
+fn transport_url(t: &Transport) -> Option<&http::Uri> {
+    match t {
+        Transport::Http { url, .. } | Transport::HttpSse { url, .. } => Some(url),
+        _ => None,
+    }
+}
+
+/// Whether `url` is https, or plain http to a loopback host.
+fn secure_url_ok(url: &http::Uri) -> bool {
     let host = url.host().unwrap_or("");
     let loopback = host == "localhost"
         || host
@@ -1548,14 +1620,22 @@ fn secure_url(field: &str, text: &str) -> Result<http::Uri, ConfigError> {
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
     match url.scheme_str() {
-        Some("https") if !host.is_empty() => {}
-        Some("http") if loopback => {}
-        _ => {
-            return Err(field_err(
-                field,
-                format!("{text:?} must be an https:// URL (http:// only to a loopback host)"),
-            ));
-        }
+        Some("https") => !host.is_empty(),
+        Some("http") => loopback,
+        _ => false,
+    }
+}
+
+/// An absolute http(s) URL with a host and no fragment; plain http only to a loopback host.
+fn secure_url(field: &str, text: &str) -> Result<http::Uri, ConfigError> {
+    let url: http::Uri = text
+        .parse()
+        .map_err(|e| field_err(field, format!("{text:?} is not a URL ({e})")))?;
+    if !secure_url_ok(&url) {
+        return Err(field_err(
+            field,
+            format!("{text:?} must be an https:// URL (http:// only to a loopback host)"),
+        ));
     }
     if text.contains('#') {
         return Err(field_err(
@@ -1777,6 +1857,12 @@ fn bearer_tokens(field: &str, raw: Vec<RawToken>) -> Result<Vec<(String, Arc<str
             })?,
             _ => return Err(field_err(field, "set exactly one of token or token_env")),
         };
+        // A presented token is read trimmed: one kept with the newline of the file its
+        // variable came from would never match.
+        let token = match token.trim() {
+            trimmed if trimmed.len() == token.len() => token,
+            trimmed => trimmed.to_owned(),
+        };
         if token.len() < 16 {
             return Err(field_err(
                 format!("{field}.token"),
@@ -1875,6 +1961,13 @@ fn http_endpoint(field: &str, h: RawHttp) -> Result<(http::Uri, http::HeaderMap)
             format!("{:?} must be an absolute http:// or https:// URL", h.url),
         ));
     }
+    // Credentials go in `headers` (sensitive there), not in a URL that errors and logs show.
+    if url.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(field_err(
+            format!("{field}.url"),
+            "must not carry credentials (user:password@): put them in headers",
+        ));
+    }
     let mut headers = http::HeaderMap::new();
     for (k, v) in h.headers {
         let name = http::HeaderName::try_from(k.as_str()).map_err(|_| {
@@ -1927,6 +2020,86 @@ fn at_least_one(field: &str, value: Option<usize>, default: usize) -> Result<usi
 
 #[cfg(test)]
 mod tests {
+
+    const ONE_UPSTREAM: &str =
+        "upstreams:\n  - { name: u, http: { url: \"http://127.0.0.1:1/mcp\" } }\n";
+
+    #[test]
+    fn the_keys_of_a_line_are_read_without_its_values() {
+        assert_eq!(keys_on_line("  token: s3cret"), ["token"]);
+        assert_eq!(
+            keys_on_line("runtime: { pinned_connections: sometimes }"),
+            ["runtime", "pinned_connections"]
+        );
+        assert_eq!(
+            keys_on_line("- { url: \"http://a: b\", x: 'c: d' }"),
+            ["url", "x"]
+        );
+        assert_eq!(keys_on_line("  url: http://host:80/x # note: y"), ["url"]);
+        assert!(keys_on_line("  - plain").is_empty());
+    }
+
+    #[test]
+    fn a_syntax_error_does_not_quote_the_lines_around_it() {
+        let yaml = format!(
+            "{ONE_UPSTREAM}auth:\n  tokens:\n    - principal: ops\n      token: s3cret-0123456789abcdef\n      scope: x\n"
+        );
+        let e = Config::from_yaml(&yaml).unwrap_err().to_string();
+        assert!(e.contains("scope"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn values_that_parse_but_would_harm_are_refused_by_field() {
+        for (yaml, field) in [
+            ("audit: { keep: 0 }\n", "audit.keep"),
+            ("audit: { keep: 100000000 }\n", "audit.keep"),
+            (
+                "plugins: { watch_interval: 0s }\n",
+                "plugins.watch_interval",
+            ),
+            (
+                "plugins: { watch_interval: 2h }\n",
+                "plugins.watch_interval",
+            ),
+        ] {
+            let e = Config::from_yaml(&format!("{ONE_UPSTREAM}{yaml}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
+        assert!(Config::from_yaml(&format!("{ONE_UPSTREAM}audit: {{ keep: 1000 }}\n")).is_ok());
+    }
+
+    #[test]
+    fn callers_credentials_and_url_credentials_never_go_in_the_clear() {
+        let with = |url: &str| {
+            Config::from_yaml(&format!(
+                "upstreams:\n  - {{ name: u, http: {{ url: \"{url}\" }}, credentials: {{template: 'Bearer user-{{principal}}'}} }}\n"
+            ))
+        };
+        let e = with("http://10.0.0.5/mcp").unwrap_err().to_string();
+        assert!(e.contains("upstreams[0].credentials"), "{e}");
+        assert!(with("http://127.0.0.1:1/mcp").is_ok());
+        assert!(with("https://mcp.example.com/mcp").is_ok());
+        let e = Config::from_yaml(
+            "upstreams:\n  - { name: u, sse: { url: \"https://me:pw@mcp.example.com/sse\" } }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("upstreams[0].sse.url"), "{e}");
+        assert!(!e.contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn a_token_is_taken_without_the_newline_of_the_file_it_came_from() {
+        // As `token_env` of a variable read from a file would give it.
+        let c = Config::from_yaml(&format!(
+            "{ONE_UPSTREAM}auth:\n  tokens:\n    - {{ principal: ops, token: \"0123456789abcdef\\n\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.tokens[0].0, "0123456789abcdef");
+    }
 
     #[test]
     fn session_keys_are_read_in_every_usual_spelling_and_refused_by_field() {

@@ -1099,7 +1099,7 @@ async fn initialize(
     id: &Bytes,
     params: Option<&[u8]>,
 ) -> Result<Response<Body>, FrontError> {
-    if gw.sessions.len() >= gw.config.mcp.max_sessions {
+    if gw.sessions_held() >= gw.config.mcp.max_sessions {
         return Err(FrontError::TooManySessions);
     }
     if !gw.may_open_session(principal.as_ref(), 0) {

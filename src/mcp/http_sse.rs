@@ -110,7 +110,7 @@ async fn open_stream(
         pending += 1;
         pending_here += usize::from(c.principal == principal);
     }
-    if gw.sessions.len() + pending >= gw.config.mcp.max_sessions {
+    if gw.sessions_held() + pending >= gw.config.mcp.max_sessions {
         return Err(FrontError::TooManySessions);
     }
     if !gw.may_open_session(principal.as_ref(), pending_here) {
@@ -348,7 +348,7 @@ async fn initialize(
         }
         Err(BindError::Closed) => return Err(FrontError::UnknownSession),
     }
-    let refused = if gw.sessions.len() >= gw.config.mcp.max_sessions {
+    let refused = if gw.sessions_held() >= gw.config.mcp.max_sessions {
         Some(FrontError::TooManySessions.to_string())
     } else if !gw.may_open_session(client.principal.as_ref(), 0) {
         Some(

@@ -821,18 +821,30 @@ pub(crate) async fn post(
             Err(e) => return invalid(&e.to_string()),
         }
     }
-    let Some(session) = gw.stateless_session(principal, profile, claims.as_ref()) else {
-        return json_response(
-            StatusCode::TOO_MANY_REQUESTS,
-            jsonrpc::error_response(
-                Some(&id),
-                code::TOO_BUSY,
-                &format!(
-                    "this principal already has {} hidden sessions, one for each set of groups and scopes its tokens grant (mcp.max_sessions_per_principal); retry once one has idled",
-                    gw.config.mcp.max_sessions_per_principal
+    let session = match gw.stateless_session(principal, profile, claims.as_ref()) {
+        Ok(session) => session,
+        Err(crate::gateway::NoRoom::Principal(cap)) => {
+            return json_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                jsonrpc::error_response(
+                    Some(&id),
+                    code::TOO_BUSY,
+                    &format!(
+                        "this principal already has {cap} hidden sessions, one for each set of groups and scopes its tokens grant (mcp.max_sessions_per_principal); retry once one has idled"
+                    ),
                 ),
-            ),
-        );
+            );
+        }
+        Err(crate::gateway::NoRoom::Sessions) => {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                jsonrpc::error_response(
+                    Some(&id),
+                    code::TOO_BUSY,
+                    "the gateway holds as many sessions as it may (mcp.max_sessions); retry later",
+                ),
+            );
+        }
     };
     if let Some(claims) = &claims {
         session.hold_claims(claims);

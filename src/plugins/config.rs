@@ -31,7 +31,7 @@ use super::error::PluginError;
 use super::state::{DEFAULT_STATE_BYTES, DEFAULT_STATE_ENTRIES, StateLimits};
 
 /// The `plugins` section of the gateway config.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginsConfig {
     /// The plugins that may be used by chains.
@@ -46,6 +46,17 @@ pub struct PluginsConfig {
     /// How often plugin files are checked for changes (hot reload).
     #[serde(default = "default_watch_interval", with = "humantime_serde")]
     pub watch_interval: Duration,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            modules: Vec::new(),
+            chains: Vec::new(),
+            engine: EngineConfig::default(),
+            watch_interval: default_watch_interval(),
+        }
+    }
 }
 
 /// One plugin.
@@ -153,7 +164,9 @@ pub struct ChainConfig {
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
     /// Where compiled plugins are cached. Default: `$GATEHOUSE_PLUGIN_CACHE`,
-    /// else `$XDG_CACHE_HOME/gatehouse/wasm`, else `~/.cache/gatehouse/wasm`.
+    /// else `$XDG_CACHE_HOME/gatehouse/wasm`, else `~/.cache/gatehouse/wasm`; with none of
+    /// these, no cache. It must be this user's own directory, not a link, and not writable
+    /// by others.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
     /// Cache compiled plugins on disk.
@@ -273,6 +286,14 @@ impl PluginsConfig {
     /// Checks what serde cannot: unique names, known plugin references,
     /// limits within the engine's bounds. Errors name the field at fault.
     pub fn validate(&self) -> Result<(), PluginError> {
+        // Zero would have the watcher look at the files without pause.
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&self.watch_interval)
+        {
+            return Err(PluginError::config(
+                "plugins.watch_interval",
+                "must be between 100ms and 1h",
+            ));
+        }
         let max_memory = self.engine.max_memory.0;
         for (i, p) in self.modules.iter().enumerate() {
             let field = |f: &str| format!("plugins.modules[{i}].{f}");

@@ -67,23 +67,30 @@ impl Runtime {
         }
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(&settings)));
         let cache = if settings.cache {
-            let dir = cache_dir(&settings);
-            match make_private_dir(&dir) {
-                Ok(()) => {
-                    let mut cc = CacheConfig::new();
-                    cc.with_directory(&dir);
-                    match Cache::new(cc) {
-                        Ok(cache) => Some(cache),
-                        Err(e) => {
-                            tracing::warn!(dir = %dir.display(), "plugin compile cache disabled: {e}");
-                            None
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(dir = %dir.display(), "plugin compile cache disabled: {e}");
+            match cache_dir(&settings, |v| std::env::var_os(v)) {
+                None => {
+                    tracing::warn!(
+                        "plugin compile cache disabled: no engine.cache_dir, GATEHOUSE_PLUGIN_CACHE, XDG_CACHE_HOME or HOME to keep it in (a shared temporary directory would let others plant compiled code)"
+                    );
                     None
                 }
+                Some(dir) => match make_private_dir(&dir) {
+                    Ok(()) => {
+                        let mut cc = CacheConfig::new();
+                        cc.with_directory(&dir);
+                        match Cache::new(cc) {
+                            Ok(cache) => Some(cache),
+                            Err(e) => {
+                                tracing::warn!(dir = %dir.display(), "plugin compile cache disabled: {e}");
+                                None
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), "plugin compile cache disabled: {e}");
+                        None
+                    }
+                },
             }
         } else {
             None
@@ -146,44 +153,51 @@ fn pooling(settings: &EngineConfig) -> PoolingAllocationConfig {
     pool
 }
 
-/// The default cache directory (see [`EngineConfig::cache_dir`]).
-fn cache_dir(settings: &EngineConfig) -> PathBuf {
+/// The cache directory (see [`EngineConfig::cache_dir`]), `var` reading the environment;
+/// `None` when nothing names one (no shared temporary directory: wasmtime runs what it finds
+/// in the cache as native code).
+fn cache_dir(
+    settings: &EngineConfig,
+    var: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Option<PathBuf> {
     if let Some(dir) = &settings.cache_dir {
-        return absolute(dir);
+        return Some(absolute(dir));
     }
-    if let Some(dir) = std::env::var_os("GATEHOUSE_PLUGIN_CACHE") {
-        return absolute(Path::new(&dir));
+    if let Some(dir) = var("GATEHOUSE_PLUGIN_CACHE") {
+        return Some(absolute(Path::new(&dir)));
     }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        return absolute(&Path::new(&dir).join("gatehouse/wasm"));
+    if let Some(dir) = var("XDG_CACHE_HOME") {
+        return Some(absolute(&Path::new(&dir).join("gatehouse/wasm")));
     }
-    if let Some(home) = std::env::var_os("HOME") {
-        return Path::new(&home).join(".cache/gatehouse/wasm");
-    }
-    std::env::temp_dir().join("gatehouse-wasm-cache")
+    var("HOME").map(|home| Path::new(&home).join(".cache/gatehouse/wasm"))
 }
 
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// Creates `dir` readable and writable by this user only, and refuses an
-/// existing one that others may write to.
+/// Creates `dir` readable and writable by this user only, and refuses an existing one that
+/// is a link, is another user's, or others may write to: what wasmtime finds there it runs
+/// as native code.
 fn make_private_dir(dir: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)?;
-        let mode = std::fs::metadata(dir)?.permissions().mode();
+        let meta = std::fs::symlink_metadata(dir)?;
+        let refused = |why: String| Err(std::io::Error::other(format!("{}: {why}", dir.display())));
+        if !meta.is_dir() {
+            return refused("not a directory (a link is not followed)".into());
+        }
+        if meta.uid() != nix::unistd::geteuid().as_raw() {
+            return refused(format!("owned by user {}, not this one", meta.uid()));
+        }
+        let mode = meta.permissions().mode();
         if mode & 0o022 != 0 {
-            return Err(std::io::Error::other(format!(
-                "{} is writable by others (mode {:o})",
-                dir.display(),
-                mode & 0o777
-            )));
+            return refused(format!("writable by others (mode {:o})", mode & 0o777));
         }
         Ok(())
     }
@@ -202,4 +216,46 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
         let _ = write!(out, "{b:02x}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_is_where_the_settings_or_the_user_say_and_never_a_shared_directory() {
+        let settings = EngineConfig::default();
+        let none = |_: &str| None;
+        assert_eq!(cache_dir(&settings, none), None);
+        let home = |v: &str| (v == "HOME").then(|| "/home/u".into());
+        assert_eq!(
+            cache_dir(&settings, home),
+            Some(PathBuf::from("/home/u/.cache/gatehouse/wasm"))
+        );
+        let named = EngineConfig {
+            cache_dir: Some("/var/cache/g".into()),
+            ..EngineConfig::default()
+        };
+        assert_eq!(cache_dir(&named, none), Some(PathBuf::from("/var/cache/g")));
+    }
+
+    #[test]
+    fn a_cache_directory_others_could_fill_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let base =
+            std::env::temp_dir().join(format!("gatehouse-cache-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let own = base.join("own");
+        make_private_dir(&own).unwrap();
+        // A link to a directory, however private, is not followed.
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&own, &link).unwrap();
+        assert!(make_private_dir(&link).is_err());
+        // A directory others may write to is refused.
+        let open = base.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(make_private_dir(&open).is_err());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }

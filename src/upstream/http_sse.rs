@@ -52,13 +52,15 @@ pub(crate) async fn connect(
         if let Some(refused) = credentials_refused(&server, status, &body) {
             return Err(refused);
         }
+        // The URL is not quoted: these reasons reach clients, and a URL may carry a key in
+        // its path or query.
         return Err(server.unavailable_saying(
-            format!("GET {url}: {}", super::http::refusal(status)),
+            format!("the server's SSE stream: {}", super::http::refusal(status)),
             &body,
         ));
     }
     if !is_event_stream(resp.headers()) {
-        return Err(server.unavailable(format!("GET {url} did not answer an SSE stream")));
+        return Err(server.unavailable("the server's SSE URL did not answer an SSE stream"));
     }
     let mut body = resp.into_body();
     let mut decoder = sse::Decoder::new(MAX_MESSAGE);
@@ -189,9 +191,7 @@ fn endpoint_of(stream: &Uri, data: &[u8]) -> Result<Uri, String> {
         .parse()
         .map_err(|e| format!("the endpoint event names no URL ({e})"))?;
     if origin(&uri) != origin(stream) {
-        return Err(format!(
-            "the endpoint event names a URL outside the stream's origin {base}"
-        ));
+        return Err("the endpoint event names a URL outside the stream's origin".to_owned());
     }
     Ok(uri)
 }
@@ -296,7 +296,7 @@ async fn post_messages(
         let (code, message) = match &refused {
             Refused::Credentials(e) => (e.code(), e.to_string()),
             Refused::Other { why, said, .. } => {
-                tracing::warn!(server = %server.name, said = %said, "POST {endpoint}: {why}");
+                tracing::warn!(server = %server.name, said = %said, path = %endpoint.path(), "POST to the server's message URL: {why}");
                 (
                     code::INTERNAL_ERROR,
                     format!("upstream {} refused the message: {why}", server.name),

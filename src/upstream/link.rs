@@ -121,7 +121,7 @@ pub struct Link {
     /// (once, never from two streams) until a call connects anew.
     retired: Mutex<Option<Arc<Connection>>>,
     /// Held while the link's own process of an orchestrated server runs.
-    private_slot: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+    private_slot: Mutex<Option<super::shared::PrivateSlot>>,
     /// The server definition the link's own process runs (`SharedServer::definition`).
     private_definition: AtomicU64,
     /// For a remote server: the fingerprint of the endpoint the connection was made to (0:
@@ -729,10 +729,11 @@ impl Link {
                                 .unwrap_or_else(|e| e.into_inner())
                                 .take(),
                         );
-                        let slot = o.shared.private_slot().ok_or_else(|| {
+                        let slot = o.shared.private_slot(self.principal.as_ref()).ok_or_else(|| {
                             server.unavailable(format!(
-                                "the server already runs {} processes for single sessions (orchestrator.max_private_processes)",
-                                o.shared.max_private()
+                                "the server already runs {} processes for single sessions, or this principal's sessions {} (orchestrator.max_private_processes; a quarter of it per principal)",
+                                o.shared.max_private(),
+                                o.shared.principal_share()
                             ))
                         })?;
                         *self.private_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(slot);

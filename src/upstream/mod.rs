@@ -117,6 +117,9 @@ pub struct Server {
     refusals: Arc<tokio::sync::Semaphore>,
     /// Paces the log lines for messages of its that cannot be read.
     pub(crate) unreadable: crate::log_rate::LogRate,
+    /// Paces the log lines for its failures that clients' requests meet (a failing server
+    /// meets each one).
+    failures: crate::log_rate::LogRate,
 }
 
 /// Log lines a second for one server's unreadable messages.
@@ -184,6 +187,7 @@ impl Server {
             era: std::sync::atomic::AtomicU8::new(Era::Unknown as u8),
             refusals: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS_WRITING)),
             unreadable: crate::log_rate::LogRate::new(UNREADABLE_LOGGED_PER_SECOND),
+            failures: crate::log_rate::LogRate::new(UNREADABLE_LOGGED_PER_SECOND),
         }
     }
 
@@ -224,6 +228,12 @@ impl Server {
     pub fn with_orchestrator(mut self, o: orchestrated::Orchestrated) -> Self {
         self.orchestrated = Some(o);
         self
+    }
+
+    /// Whether to log one more failure of this server that a request met: `Some` with what
+    /// to add to the line (how many were held back since the last), `None` to hold it back.
+    pub(crate) fn failure_logged(&self) -> Option<String> {
+        self.failures.admit().map(crate::log_rate::held_back)
     }
 
     pub(crate) fn unavailable(&self, reason: impl Into<String>) -> UpstreamError {

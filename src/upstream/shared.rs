@@ -293,6 +293,43 @@ impl SharedConnection {
     }
 }
 
+/// The part of `orchestrator.max_private_processes` one principal may hold: a quarter.
+const PRINCIPAL_SHARE: usize = 4;
+
+/// A slot for one single-session process: one of the server's, and one of its principal's
+/// share (authenticated sessions).
+pub struct PrivateSlot {
+    _global: tokio::sync::OwnedSemaphorePermit,
+    _own: Option<OwnShare>,
+}
+
+/// A principal's part of a [`PrivateSlot`]; its share leaves the map with its last slot.
+struct OwnShare {
+    taken: Option<tokio::sync::OwnedSemaphorePermit>,
+    principal: Arc<str>,
+    share: usize,
+    shares: Arc<DashMap<Arc<str>, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl Drop for OwnShare {
+    fn drop(&mut self) {
+        drop(self.taken.take());
+        forget_idle(&self.shares, &self.principal, self.share);
+    }
+}
+
+/// Removes `principal`'s share from `shares` if all of it is free and only the map holds it
+/// (under the map's lock on the key, under which slots are taken).
+fn forget_idle(
+    shares: &DashMap<Arc<str>, Arc<tokio::sync::Semaphore>>,
+    principal: &Arc<str>,
+    share: usize,
+) {
+    shares.remove_if(principal, |_, s| {
+        Arc::strong_count(s) == 1 && s.available_permits() == share
+    });
+}
+
 /// The shared sessions of one orchestrated stdio server: one for every session (`shared`), or
 /// one per principal (`per-principal`), so that principals never share a process.
 pub struct SharedServer {
@@ -302,6 +339,9 @@ pub struct SharedServer {
     /// Processes for single sessions still allowed (`orchestrator.max_private_processes`).
     private: Arc<tokio::sync::Semaphore>,
     max_private: usize,
+    /// What each principal may take of them ([`PRINCIPAL_SHARE`]): one caller's sessions
+    /// cannot hold every slot and leave the server unreachable to everyone else.
+    private_by_principal: Arc<DashMap<Arc<str>, Arc<tokio::sync::Semaphore>>>,
     /// Set when the server is removed: single-session processes stop at their next use.
     closed: std::sync::atomic::AtomicBool,
     /// Bumped when the server is defined anew: older private processes stop at their next use.
@@ -316,6 +356,7 @@ impl SharedServer {
             by_principal: DashMap::new(),
             private: Arc::new(tokio::sync::Semaphore::new(max_private)),
             max_private,
+            private_by_principal: Arc::default(),
             closed: std::sync::atomic::AtomicBool::new(false),
             definition: AtomicU64::new(0),
         }
@@ -351,9 +392,55 @@ impl SharedServer {
         self.max_private
     }
 
-    /// A slot for one more single-session process, if the cap allows.
-    pub fn private_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.private.clone().try_acquire_owned().ok()
+    /// What one principal may hold of the processes for single sessions.
+    pub fn principal_share(&self) -> usize {
+        (self.max_private / PRINCIPAL_SHARE).max(1)
+    }
+
+    /// A slot for one more single-session process of a session of `principal`, if the cap
+    /// and the principal's share of it allow. (Unauthenticated sessions have no share of
+    /// their own: with authentication off, everyone is one caller.)
+    pub fn private_slot(&self, principal: Option<&Arc<str>>) -> Option<PrivateSlot> {
+        let share = self.principal_share();
+        let own = match principal {
+            Some(p) => {
+                let held = self
+                    .private_by_principal
+                    .entry(p.clone())
+                    .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(share)))
+                    .clone();
+                let taken = held.clone().try_acquire_owned().ok();
+                let Some(taken) = taken else {
+                    drop(held);
+                    self.forget_idle(p, share);
+                    return None;
+                };
+                Some((taken, held, p.clone()))
+            }
+            None => None,
+        };
+        let global = self.private.clone().try_acquire_owned().ok();
+        let Some(global) = global else {
+            if let Some((taken, held, p)) = own {
+                drop((taken, held));
+                self.forget_idle(&p, share);
+            }
+            return None;
+        };
+        Some(PrivateSlot {
+            _global: global,
+            _own: own.map(|(taken, _, principal)| OwnShare {
+                taken: Some(taken),
+                principal,
+                share,
+                shares: self.private_by_principal.clone(),
+            }),
+        })
+    }
+
+    /// Drops a principal's share once it holds nothing and nobody holds it.
+    fn forget_idle(&self, principal: &Arc<str>, share: usize) {
+        forget_idle(&self.private_by_principal, principal, share);
     }
 
     /// Joins the shared session a session of `principal` uses under `sharing`. With

@@ -198,22 +198,26 @@ pub(super) async fn list(
                 // The server's words stay in the log: they have not been through the result
                 // plugins.
                 let code = jsonrpc::error_code(&e).unwrap_or(0);
-                tracing::warn!(
-                    upstream = name,
-                    method = kind.method,
-                    "list failed: {}",
-                    crate::upstream::server_text(&e)
-                );
+                if let Some(more) = session.topology().servers[*index].failure_logged() {
+                    tracing::warn!(
+                        upstream = name,
+                        method = kind.method,
+                        "list failed: {}{more}",
+                        crate::upstream::server_text(&e)
+                    );
+                }
                 failures.push(format!("{name}: answered error {code}"));
                 continue;
             }
             Err(e) => {
-                tracing::warn!(
-                    upstream = name,
-                    method = kind.method,
-                    said = e.said(),
-                    "list failed: {e}"
-                );
+                if let Some(more) = session.topology().servers[*index].failure_logged() {
+                    tracing::warn!(
+                        upstream = name,
+                        method = kind.method,
+                        said = e.said(),
+                        "list failed: {e}{more}"
+                    );
+                }
                 failures.push(e.to_string());
                 continue;
             }
@@ -269,11 +273,13 @@ pub(super) async fn list(
                 }
             }
             Err(e) => {
-                tracing::warn!(
-                    upstream = name,
-                    method = kind.method,
-                    "malformed list result: {e}"
-                );
+                if let Some(more) = session.topology().servers[*index].failure_logged() {
+                    tracing::warn!(
+                        upstream = name,
+                        method = kind.method,
+                        "malformed list result: {e}{more}"
+                    );
+                }
                 failures.push(format!("{name}: malformed result"));
             }
         }

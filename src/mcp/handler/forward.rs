@@ -585,8 +585,10 @@ pub(super) async fn forward(
                     span.attr("rpc.response.status_code", e.code());
                     span.fail(format!("the call failed with {}", e.code()));
                 }
-                if !matches!(e, UpstreamError::Cancelled) {
-                    tracing::warn!(upstream = %server.name, method = %method, said = e.said(), "call failed: {e}");
+                if !matches!(e, UpstreamError::Cancelled)
+                    && let Some(more) = server.failure_logged()
+                {
+                    tracing::warn!(upstream = %server.name, method = %method, said = e.said(), "call failed: {e}{more}");
                 }
                 (
                     jsonrpc::error_response(Some(&id), e.code(), &e.to_string()),

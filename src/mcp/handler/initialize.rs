@@ -123,7 +123,9 @@ pub async fn offer(sv: Services<'_>, session: &Arc<Session>) -> Offer {
                 }
             }
             Err(e) => {
-                tracing::warn!(session = %session.log_id(), upstream = name, "upstream unavailable: {e}")
+                if let Some(more) = session.topology().servers[i].failure_logged() {
+                    tracing::warn!(session = %session.log_id(), upstream = name, "upstream unavailable: {e}{more}");
+                }
             }
         }
     }
