@@ -268,13 +268,14 @@ impl Queue {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends one serialized record, or counts it lost when the queue is full. Calls leave
-    /// the last eighth of it to other records: a client's flood of calls while the writer is
-    /// slow must not cost the trail its admin changes, approvals and denials.
-    fn push(&self, record: &[u8], keep: Keep, call: bool) {
-        let (records, bytes) = match call {
-            true => (QUEUE - QUEUE / 8, QUEUE_BYTES - QUEUE_BYTES / 8),
-            false => (QUEUE, QUEUE_BYTES),
+    /// Appends one serialized record, or counts it lost when the queue is full. Records a
+    /// client can cause (calls, denials, tool changes) leave the last eighth of it to those
+    /// only the operator's side makes (admin changes, approvals): a flood while the writer is
+    /// slow must not cost the trail those.
+    fn push(&self, record: &[u8], keep: Keep, reserved: bool) {
+        let (records, bytes) = match reserved {
+            false => (QUEUE - QUEUE / 8, QUEUE_BYTES - QUEUE_BYTES / 8),
+            true => (QUEUE, QUEUE_BYTES),
         };
         let mut w = self.lock();
         if w.records.len() >= records || w.bytes.len() + record.len() > bytes {
@@ -478,7 +479,7 @@ impl Audit {
             let mut body = body.borrow_mut();
             body.clear();
             event.write_json(&mut body);
-            queue.0.push(&body, event.keep(), event.kind == "call");
+            queue.0.push(&body, event.keep(), event.operators());
             // A record with long texts is rare: its buffer is not kept.
             if body.capacity() > 4096 {
                 *body = Vec::new();
@@ -488,7 +489,7 @@ impl Audit {
         if written.is_err() {
             let mut body = Vec::new();
             event.write_json(&mut body);
-            queue.0.push(&body, event.keep(), event.kind == "call");
+            queue.0.push(&body, event.keep(), event.operators());
         }
     }
 }
@@ -551,6 +552,11 @@ impl Event {
             }
         }
         out.push(b'}');
+    }
+
+    /// Whether only the operator's side makes it (no client can cause it in volume).
+    fn operators(&self) -> bool {
+        matches!(self.kind, "admin" | "approval")
     }
 
     /// Where its line is kept: decisions about identified callers in their own view too.
@@ -960,18 +966,20 @@ impl Blocks {
     }
 }
 
-/// What a checkpoint signs: its own sequence number and the hash of the line before it.
-/// Opens the trail's file to append to, created readable by this user only: records name
-/// principals, tools and resources.
+/// Opens the trail's file to append to, readable by this user only (a file an older version
+/// made too): records name principals, tools and resources.
 fn trail_file(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    std::fs::OpenOptions::new()
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
-        .open(path)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
 }
 
+/// What a checkpoint signs: its own sequence number and the hash of the line before it.
 fn checkpoint_message(seq: u64, prev: &str) -> Vec<u8> {
     format!("gatehouse-audit-checkpoint:{seq}:{prev}").into_bytes()
 }
@@ -1615,11 +1623,19 @@ mod tests {
             queue: Some(Intake(Arc::default())),
             ..Audit::default()
         };
-        // Calls fill what they may (seven eighths); an admin change still has room after.
+        // Calls fill what they may (seven eighths), and so would denials (any client causes
+        // them); an admin change still has room after.
         let calls = QUEUE - QUEUE / 8;
         for n in 0..calls + 2 {
             audit.record(call(n));
         }
+        audit.record(Event {
+            kind: "denial",
+            principal: Some(Arc::from("mallory")),
+            method: "tools/call".into(),
+            decision: "denied",
+            ..Default::default()
+        });
         audit.record(Event {
             kind: "admin",
             principal: Some(Arc::from("ops")),
@@ -1628,7 +1644,7 @@ mod tests {
             ..Default::default()
         });
         let queue = audit.queue.as_ref().unwrap().0.clone();
-        assert_eq!(queue.lock().lost, 2);
+        assert_eq!(queue.lock().lost, 3);
         queue.close();
         let seed = [5u8; 32];
         let w = Writer::open(
@@ -1657,7 +1673,7 @@ mod tests {
         let gap = members(lines[calls + 1]).unwrap();
         assert_eq!(
             (gap["kind"].as_str(), gap["lost"].as_u64()),
-            (Some("gap"), Some(2))
+            (Some("gap"), Some(3))
         );
         assert!(lines[calls + 2].contains(r#""kind":"checkpoint""#));
         assert!(queue.lock().bytes.is_empty());

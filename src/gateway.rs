@@ -392,6 +392,7 @@ impl Gateway {
                             .or_insert_with(|| {
                                 Arc::new(SharedServer::new(
                                     self.config.orchestrator.max_private_processes,
+                                    self.config.orchestrator.max_private_processes_per_principal,
                                 ))
                             })
                             .clone(),

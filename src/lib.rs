@@ -32,6 +32,7 @@ pub mod outbound_tls;
 pub mod pins;
 pub mod pipe;
 pub mod plugins;
+pub mod private_file;
 pub mod process;
 pub mod registry;
 pub mod relay;

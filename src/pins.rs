@@ -11,7 +11,7 @@
 //! in a JSON file, rewritten whole (write, then rename) on each change, so they survive restarts.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -993,10 +993,11 @@ impl Pins {
                         version: 1,
                         servers: pins.list(),
                     };
-                    write_atomically(&path, &serde_json::to_vec_pretty(&file).unwrap_or_default())
-                        .map_err(|e| {
-                            format!("cannot write the tool pins file {}: {e}", path.display())
-                        })
+                    crate::private_file::write_atomically(
+                        &path,
+                        &serde_json::to_vec_pretty(&file).unwrap_or_default(),
+                    )
+                    .map_err(|e| format!("cannot write the tool pins file {}: {e}", path.display()))
                 })
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));
@@ -1047,36 +1048,6 @@ impl Pins {
         );
         false
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    // A fresh name, created (not opened: a planted link is not followed), owner-only.
-    let mut nonce = [0u8; 8];
-    getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let tmp = path.with_extension(format!("tmp-{}", hex(&nonce)));
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // The rename itself survives a crash once the directory is synced.
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
 }
 
 /// The defining fields that differ between two definitions.

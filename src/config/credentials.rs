@@ -28,6 +28,10 @@ pub struct RawCredentials {
     /// token meant for the upstream (RFC 8693). Not with `per_principal` or `template`.
     #[serde(default)]
     pub token_exchange: Option<RawTokenExchange>,
+    /// Send them over plain http to a host that is not loopback (a network the operator
+    /// trusts: a service mesh's mTLS, say). Default false: refused.
+    #[serde(default)]
+    pub allow_plain_http: bool,
 }
 
 /// Token exchange as written.
@@ -150,7 +154,9 @@ impl TokenExchangeConfig {
                     "set client_secret or client_secret_env, not both".into(),
                 ));
             }
-        };
+        }
+        // Without the newline of the file a variable may have been read from.
+        .map(|secret| secret.trim().to_owned());
         Ok(TokenExchangeConfig {
             token_endpoint,
             client_id: raw.client_id,

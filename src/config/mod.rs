@@ -267,12 +267,13 @@ fn audit_settings(raw: RawAudit) -> Result<AuditSettings, ConfigError> {
         max_bytes,
         keep: match raw.keep {
             None => 5,
+            Some(0) => 1,
             // Each rotation renames every file kept, on the writer's thread.
             Some(k @ 1..=MAX_AUDIT_FILES) => k,
             Some(_) => {
                 return Err(field_err(
                     "audit.keep",
-                    format!("must be between 1 and {MAX_AUDIT_FILES}"),
+                    format!("must be at most {MAX_AUDIT_FILES}"),
                 ));
             }
         },
@@ -317,6 +318,9 @@ pub struct RawOrchestrator {
     /// unauthenticated sessions under `per-principal`).
     #[serde(default)]
     pub max_private_processes: Option<usize>,
+    /// Of those, what one principal's sessions may hold (default: a quarter).
+    #[serde(default)]
+    pub max_private_processes_per_principal: Option<usize>,
     /// Relay sessions the Lease holder serves to the other replicas (one per client session
     /// of theirs per stdio server).
     #[serde(default)]
@@ -851,6 +855,8 @@ pub struct OrchestratorSettings {
     pub call_timeout: Duration,
     /// Per-server cap on processes started for single sessions.
     pub max_private_processes: usize,
+    /// Of those, what one principal's sessions may hold.
+    pub max_private_processes_per_principal: usize,
     /// Cap on relay sessions served to the other replicas.
     pub max_relay_sessions: usize,
     /// How long a call waits for a sleeping (idle) server to wake.
@@ -975,17 +981,48 @@ pub enum Transport {
 fn from_yaml_text<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
     let options = serde_saphyr::options! { with_snippet: false };
     serde_saphyr::from_str_with_options(text, options).map_err(|e| {
-        // The keys of the line it names, to say which setting it is (never the values).
-        let keys = e
+        // Which setting it is, by the keys that lead to its line (never a value).
+        let path = e
             .location()
-            .and_then(|at| text.lines().nth(at.line().checked_sub(1)? as usize))
-            .map(keys_on_line)
-            .filter(|keys| !keys.is_empty());
-        ConfigError::Syntax(match keys {
-            Some(keys) => format!("{e} (the line of {})", keys.join(", ")),
+            .and_then(|at| setting_path(text, at.line().checked_sub(1)? as usize))
+            .filter(|path| !path.is_empty());
+        ConfigError::Syntax(match path {
+            Some(path) => format!("{e} (in {})", path.join(".")),
             None => e.to_string(),
         })
     })
+}
+
+/// The keys leading to line `at` of `text`: the block keys above it at lower indentation
+/// (lines that are `key:` alone), then the first key of the line itself. Only what can only
+/// be a key is taken: a line with a value (`token: s3cret`) gives its key, never its value.
+fn setting_path(text: &str, at: usize) -> Option<Vec<&str>> {
+    let lines: Vec<&str> = text.lines().collect();
+    let line = *lines.get(at)?;
+    let indent = |l: &str| l.len() - l.trim_start_matches([' ', '-']).len();
+    let mut path = Vec::new();
+    if let Some(first) = keys_on_line(line).first() {
+        path.push(*first);
+    }
+    let mut within = indent(line);
+    for above in lines[..at].iter().rev() {
+        if within == 0 {
+            break;
+        }
+        let trimmed = above.trim_start_matches([' ', '-']).trim_end();
+        if trimmed.is_empty() || trimmed.starts_with('#') || indent(above) >= within {
+            continue;
+        }
+        within = indent(above);
+        let keys = keys_on_line(above);
+        if let [key] = keys[..]
+            && trimmed == format!("{key}:")
+        {
+            path.push(key);
+        }
+    }
+    path.reverse();
+    Some(path)
 }
 
 /// The mapping keys written on one line of YAML (`name: value`, `{ a: 1, b: 2 }`), outside
@@ -1436,10 +1473,13 @@ impl RawConfig {
                         ));
                     }
                     // Per-caller secrets would cross the network in the clear.
-                    Some(_) if transport_url(&transport).is_some_and(|u| !secure_url_ok(u)) => {
+                    Some(raw)
+                        if !raw.allow_plain_http
+                            && transport_url(&transport).is_some_and(|u| !secure_url_ok(u)) =>
+                    {
                         return Err(field_err(
                             format!("{field}.credentials"),
-                            "callers' credentials would cross the network in the clear: use an https:// URL (plain http only to a loopback host)",
+                            "callers' credentials would cross the network in the clear: use an https:// URL (plain http only to a loopback host), or set allow_plain_http on a network you trust to protect them",
                         ));
                     }
                     Some(raw) => Some(
@@ -1468,6 +1508,21 @@ impl RawConfig {
                 self.orchestrator.max_private_processes,
                 64,
             )?,
+            max_private_processes_per_principal: {
+                let all = self.orchestrator.max_private_processes.unwrap_or(64).max(1);
+                let share = at_least_one(
+                    "orchestrator.max_private_processes_per_principal",
+                    self.orchestrator.max_private_processes_per_principal,
+                    (all / 4).max(1),
+                )?;
+                if share > all {
+                    return Err(field_err(
+                        "orchestrator.max_private_processes_per_principal",
+                        format!("must be at most orchestrator.max_private_processes ({all})"),
+                    ));
+                }
+                share
+            },
             max_relay_sessions: at_least_one(
                 "orchestrator.max_relay_sessions",
                 self.orchestrator.max_relay_sessions,
@@ -2040,19 +2095,33 @@ mod tests {
     }
 
     #[test]
+    fn a_setting_is_named_by_its_keys_not_its_values() {
+        let text = "auth:\n  tokens:\n    - principal: ops\n      token: ab12: cd34\n    - token: s3cret:\n";
+        assert_eq!(setting_path(text, 3).unwrap(), ["auth", "tokens", "token"]);
+        assert_eq!(setting_path(text, 4).unwrap(), ["auth", "tokens", "token"]);
+        assert_eq!(setting_path(text, 0).unwrap(), ["auth"]);
+        assert!(setting_path(text, 9).is_none());
+    }
+
+    #[test]
     fn a_syntax_error_does_not_quote_the_lines_around_it() {
         let yaml = format!(
             "{ONE_UPSTREAM}auth:\n  tokens:\n    - principal: ops\n      token: s3cret-0123456789abcdef\n      scope: x\n"
         );
         let e = Config::from_yaml(&yaml).unwrap_err().to_string();
-        assert!(e.contains("scope"), "{e}");
+        assert!(e.contains("auth.tokens.scope"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        // An unquoted value with `: ` in it: its line's key, not the value's pieces.
+        let yaml = format!(
+            "{ONE_UPSTREAM}auth:\n  tokens:\n    - principal: ops\n      token: s3cret-0123: 456789abcdef\n"
+        );
+        let e = Config::from_yaml(&yaml).unwrap_err().to_string();
         assert!(!e.contains("s3cret"), "{e}");
     }
 
     #[test]
     fn values_that_parse_but_would_harm_are_refused_by_field() {
         for (yaml, field) in [
-            ("audit: { keep: 0 }\n", "audit.keep"),
             ("audit: { keep: 100000000 }\n", "audit.keep"),
             (
                 "plugins: { watch_interval: 0s }\n",
@@ -2080,6 +2149,10 @@ mod tests {
         };
         let e = with("http://10.0.0.5/mcp").unwrap_err().to_string();
         assert!(e.contains("upstreams[0].credentials"), "{e}");
+        let trusted = Config::from_yaml(
+            "upstreams:\n  - { name: u, http: { url: \"http://mcp.ns.svc\" }, credentials: {template: 'Bearer user-{principal}', allow_plain_http: true} }\n",
+        );
+        assert!(trusted.is_ok(), "{:?}", trusted.err());
         assert!(with("http://127.0.0.1:1/mcp").is_ok());
         assert!(with("https://mcp.example.com/mcp").is_ok());
         let e = Config::from_yaml(
@@ -2251,7 +2324,7 @@ mod tests {
         let c = Config::from_yaml(&format!("{UP}runtime: {{ pinned_connections: false }}"));
         assert!(!c.unwrap().pinned_connections);
         let e = err(&format!("{UP}runtime: {{ pinned_connections: sometimes }}"));
-        assert!(e.contains("pinned_connections"), "{e}");
+        assert!(e.contains("runtime") && e.contains("column 32"), "{e}");
     }
 
     #[test]

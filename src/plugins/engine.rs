@@ -163,13 +163,16 @@ fn cache_dir(
     if let Some(dir) = &settings.cache_dir {
         return Some(absolute(dir));
     }
-    if let Some(dir) = var("GATEHOUSE_PLUGIN_CACHE") {
-        return Some(absolute(Path::new(&dir)));
+    // Only absolute paths from the environment (as the XDG rules say): an empty or relative
+    // one would be read from wherever the gateway was started.
+    let set = |name: &str| var(name).map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(dir) = set("GATEHOUSE_PLUGIN_CACHE") {
+        return Some(dir);
     }
-    if let Some(dir) = var("XDG_CACHE_HOME") {
-        return Some(absolute(&Path::new(&dir).join("gatehouse/wasm")));
+    if let Some(dir) = set("XDG_CACHE_HOME") {
+        return Some(dir.join("gatehouse/wasm"));
     }
-    var("HOME").map(|home| Path::new(&home).join(".cache/gatehouse/wasm"))
+    set("HOME").map(|home| home.join(".cache/gatehouse/wasm"))
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -192,12 +195,29 @@ fn make_private_dir(dir: &Path) -> std::io::Result<()> {
         if !meta.is_dir() {
             return refused("not a directory (a link is not followed)".into());
         }
-        if meta.uid() != nix::unistd::geteuid().as_raw() {
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != me {
             return refused(format!("owned by user {}, not this one", meta.uid()));
         }
         let mode = meta.permissions().mode();
         if mode & 0o022 != 0 {
             return refused(format!("writable by others (mode {:o})", mode & 0o777));
+        }
+        // Nor may anyone else move it aside and put another in its place: every directory
+        // above it is root's or this user's, and others may not write to it (unless sticky,
+        // as /tmp is, where only an entry's owner may rename it).
+        for above in dir.ancestors().skip(1) {
+            let Ok(meta) = std::fs::metadata(above) else {
+                continue;
+            };
+            let mode = meta.permissions().mode();
+            let sticky = mode & 0o1000 != 0;
+            if (meta.uid() != 0 && meta.uid() != me) || (mode & 0o022 != 0 && !sticky) {
+                return refused(format!(
+                    "{} above it is another user's or writable by others",
+                    above.display()
+                ));
+            }
         }
         Ok(())
     }
@@ -232,6 +252,13 @@ mod tests {
             cache_dir(&settings, home),
             Some(PathBuf::from("/home/u/.cache/gatehouse/wasm"))
         );
+        // Empty or relative values are not places.
+        let relative = |v: &str| match v {
+            "XDG_CACHE_HOME" => Some("".into()),
+            "HOME" => Some("here".into()),
+            _ => None,
+        };
+        assert_eq!(cache_dir(&settings, relative), None);
         let named = EngineConfig {
             cache_dir: Some("/var/cache/g".into()),
             ..EngineConfig::default()
@@ -251,11 +278,12 @@ mod tests {
         let link = base.join("link");
         std::os::unix::fs::symlink(&own, &link).unwrap();
         assert!(make_private_dir(&link).is_err());
-        // A directory others may write to is refused.
+        // A directory others may write to is refused, and so is one below such a directory.
         let open = base.join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(make_private_dir(&open).is_err());
+        assert!(make_private_dir(&open.join("below")).is_err());
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

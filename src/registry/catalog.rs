@@ -1108,25 +1108,9 @@ fn save(file: &std::path::Path, state: &State) -> Result<(), CatalogError> {
         message: e.to_string(),
     };
     let text = serde_json::to_vec_pretty(state).expect("the catalog serializes");
-    let mut tmp = file.to_path_buf().into_os_string();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&text)?;
-        // On disk before it replaces the old file: a crash leaves one or the other whole.
-        f.sync_all()?;
-        std::fs::rename(&tmp, file)?;
-        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        store_err(e)
-    })
+    // Whole, then renamed over the old one, readable by this user only (entries filtered by
+    // visibility are in it).
+    crate::private_file::write_atomically(file, &text).map_err(store_err)
 }
 
 /// Version `version` of `name`, when `visible` shows it: what a caller does not see is

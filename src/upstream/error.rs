@@ -44,6 +44,15 @@ pub enum UpstreamError {
         /// Why.
         reason: String,
     },
+    /// The server has no room for this caller now (its processes for single sessions are
+    /// all taken, or the caller's share of them): nothing of the server's health.
+    #[error("upstream '{server}' is busy: {reason}")]
+    Busy {
+        /// Upstream name.
+        server: Arc<str>,
+        /// Why, and which setting bounds it.
+        reason: String,
+    },
     /// The client cancelled the request.
     #[error("request cancelled")]
     Cancelled,
@@ -71,6 +80,7 @@ impl UpstreamError {
             UpstreamError::Timeout { .. } => code::UPSTREAM_TIMEOUT,
             UpstreamError::Cancelled => code::REQUEST_CANCELLED,
             UpstreamError::NoCredentials { .. } => code::NO_UPSTREAM_CREDENTIALS,
+            UpstreamError::Busy { .. } => code::TOO_BUSY,
             _ => code::UPSTREAM_UNAVAILABLE,
         }
     }

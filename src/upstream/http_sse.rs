@@ -296,7 +296,9 @@ async fn post_messages(
         let (code, message) = match &refused {
             Refused::Credentials(e) => (e.code(), e.to_string()),
             Refused::Other { why, said, .. } => {
-                tracing::warn!(server = %server.name, said = %said, path = %endpoint.path(), "POST to the server's message URL: {why}");
+                if let Some(more) = server.failure_logged() {
+                    tracing::warn!(server = %server.name, said = %said, "POST to the server's message URL: {why}{more}");
+                }
                 (
                     code::INTERNAL_ERROR,
                     format!("upstream {} refused the message: {why}", server.name),

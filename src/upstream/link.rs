@@ -471,8 +471,11 @@ impl Link {
                 timeout: self.server.config.connect_timeout,
             }),
         };
-        // A caller without credentials says nothing of the server's health.
-        if !matches!(result, Err(UpstreamError::NoCredentials { .. })) {
+        // A caller without credentials, or without room, says nothing of the server's health.
+        if !matches!(
+            result,
+            Err(UpstreamError::NoCredentials { .. } | UpstreamError::Busy { .. })
+        ) {
             self.server
                 .metrics
                 .set_upstream_up(self.server.label, result.is_ok());
@@ -730,11 +733,14 @@ impl Link {
                                 .take(),
                         );
                         let slot = o.shared.private_slot(self.principal.as_ref()).ok_or_else(|| {
-                            server.unavailable(format!(
-                                "the server already runs {} processes for single sessions, or this principal's sessions {} (orchestrator.max_private_processes; a quarter of it per principal)",
-                                o.shared.max_private(),
-                                o.shared.principal_share()
-                            ))
+                            UpstreamError::Busy {
+                                server: server.name.clone(),
+                                reason: format!(
+                                    "it already runs {} processes for single sessions, or this principal's sessions {} (orchestrator.max_private_processes, orchestrator.max_private_processes_per_principal); retry once a session ends",
+                                    o.shared.max_private(),
+                                    o.shared.principal_share()
+                                ),
+                            }
                         })?;
                         *self.private_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(slot);
                         let stream = endpoint

@@ -35,12 +35,17 @@ use crate::orchestrator::{Sharing, StdioEndpoint};
 pub const MAX_MEMBER_SUBSCRIPTIONS: usize = 256;
 /// Most resources the sessions of one shared connection may subscribe to, all together.
 pub const MAX_SHARED_SUBSCRIPTIONS: usize = 4096;
+/// Most subscriptions one principal's sessions may hold on a shared connection together: a
+/// quarter of what all may, so that one caller's sessions cannot take every one.
+pub const MAX_PRINCIPAL_SUBSCRIPTIONS: usize = MAX_SHARED_SUBSCRIPTIONS / 4;
 
 /// Sessions by membership number, and resource subscriptions by URI.
 #[derive(Default)]
 struct Members {
     sessions: HashMap<u64, Joined>,
     subscriptions: HashMap<String, HashSet<u64>>,
+    /// Subscriptions held by each principal's sessions (authenticated ones).
+    by_principal: HashMap<Arc<str>, usize>,
 }
 
 /// A session in a shared connection.
@@ -48,6 +53,8 @@ struct Joined {
     inbox: Inbox,
     /// How many URIs of `Members::subscriptions` hold it.
     subscribed: usize,
+    /// Its session's principal (`None`: unauthenticated, or another replica's relay).
+    principal: Option<Arc<str>>,
 }
 
 /// What a session's (un)subscription means for the upstream.
@@ -72,6 +79,11 @@ pub enum TooManySubscriptions {
         "the sessions sharing this server already subscribe to {MAX_SHARED_SUBSCRIPTIONS} resources of it, as many as they may together; retry once some unsubscribe"
     )]
     Shared,
+    /// The principal's sessions hold [`MAX_PRINCIPAL_SUBSCRIPTIONS`] already.
+    #[error(
+        "this principal's sessions already subscribe to {MAX_PRINCIPAL_SUBSCRIPTIONS} resources of the server, as many as one principal may; unsubscribe some first"
+    )]
+    Principal,
 }
 
 impl TooManySubscriptions {
@@ -80,7 +92,7 @@ impl TooManySubscriptions {
     pub fn code(&self) -> i64 {
         match self {
             TooManySubscriptions::Session => code::INVALID_PARAMS,
-            TooManySubscriptions::Shared => code::TOO_BUSY,
+            TooManySubscriptions::Shared | TooManySubscriptions::Principal => code::TOO_BUSY,
         }
     }
 }
@@ -116,6 +128,7 @@ impl Member {
         let Members {
             sessions,
             subscriptions,
+            by_principal,
         } = &mut *m;
         let Some(joined) = sessions.get_mut(&self.id) else {
             return Ok(Subscription::Local);
@@ -127,10 +140,20 @@ impl Member {
         if joined.subscribed >= MAX_MEMBER_SUBSCRIPTIONS {
             return Err(TooManySubscriptions::Session);
         }
+        if let Some(p) = &joined.principal
+            && by_principal
+                .get(p)
+                .is_some_and(|n| *n >= MAX_PRINCIPAL_SUBSCRIPTIONS)
+        {
+            return Err(TooManySubscriptions::Principal);
+        }
         if subscribers.is_none() && subscriptions.len() >= MAX_SHARED_SUBSCRIPTIONS {
             return Err(TooManySubscriptions::Shared);
         }
         joined.subscribed += 1;
+        if let Some(p) = &joined.principal {
+            *by_principal.entry(p.clone()).or_default() += 1;
+        }
         let subscribers = subscriptions.entry(uri.to_owned()).or_default();
         let first = subscribers.is_empty();
         subscribers.insert(self.id);
@@ -161,6 +184,9 @@ impl Members {
         }
         if let Some(joined) = self.sessions.get_mut(&id) {
             joined.subscribed -= 1;
+            if let Some(p) = &joined.principal {
+                forget(&mut self.by_principal, p, 1);
+            }
         }
         if subscribers.is_empty() {
             self.subscriptions.remove(uri);
@@ -175,7 +201,14 @@ impl Drop for Member {
     fn drop(&mut self) {
         if let Some(a) = self.members.upgrade() {
             let mut m = lock(&a);
-            m.sessions.remove(&self.id);
+            if let Some(Joined {
+                principal: Some(p),
+                subscribed,
+                ..
+            }) = m.sessions.remove(&self.id)
+            {
+                forget(&mut m.by_principal, &p, subscribed);
+            }
             // The upstream keeps a subscription nobody holds until it restarts; updates for it
             // reach no one (there is no connection here to unsubscribe on, and it is harmless).
             m.subscriptions.retain(|_, subscribers| {
@@ -188,6 +221,16 @@ impl Drop for Member {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes `n` off `principal`'s count of subscriptions, and the count with its last one.
+fn forget(by_principal: &mut HashMap<Arc<str>, usize>, principal: &Arc<str>, n: usize) {
+    if let Some(held) = by_principal.get_mut(principal) {
+        *held = held.saturating_sub(n);
+        if *held == 0 {
+            by_principal.remove(principal);
+        }
+    }
 }
 
 /// What the gateway tells a shared server about itself: it relays sampling and elicitation to
@@ -264,14 +307,15 @@ impl SharedConnection {
         Ok((conn, result))
     }
 
-    /// Adds a session to the members (who hear unrelated notifications).
-    pub fn join(&self, inbox: Inbox) -> Member {
+    /// Adds a session of `principal` to the members (who hear unrelated notifications).
+    pub fn join(&self, inbox: Inbox, principal: Option<&Arc<str>>) -> Member {
         let id = self.next_member.fetch_add(1, Ordering::Relaxed);
         lock(&self.members).sessions.insert(
             id,
             Joined {
                 inbox,
                 subscribed: 0,
+                principal: principal.cloned(),
             },
         );
         Member {
@@ -292,9 +336,6 @@ impl SharedConnection {
         }
     }
 }
-
-/// The part of `orchestrator.max_private_processes` one principal may hold: a quarter.
-const PRINCIPAL_SHARE: usize = 4;
 
 /// A slot for one single-session process: one of the server's, and one of its principal's
 /// share (authenticated sessions).
@@ -339,9 +380,10 @@ pub struct SharedServer {
     /// Processes for single sessions still allowed (`orchestrator.max_private_processes`).
     private: Arc<tokio::sync::Semaphore>,
     max_private: usize,
-    /// What each principal may take of them ([`PRINCIPAL_SHARE`]): one caller's sessions
-    /// cannot hold every slot and leave the server unreachable to everyone else.
+    /// What each principal holds of them, up to `per_principal`: one caller's sessions cannot
+    /// hold every slot and leave the server unreachable to everyone else.
     private_by_principal: Arc<DashMap<Arc<str>, Arc<tokio::sync::Semaphore>>>,
+    per_principal: usize,
     /// Set when the server is removed: single-session processes stop at their next use.
     closed: std::sync::atomic::AtomicBool,
     /// Bumped when the server is defined anew: older private processes stop at their next use.
@@ -349,14 +391,16 @@ pub struct SharedServer {
 }
 
 impl SharedServer {
-    /// A server allowing `max_private` processes for single sessions.
-    pub fn new(max_private: usize) -> Self {
+    /// A server allowing `max_private` processes for single sessions, `per_principal` of them
+    /// to one principal's sessions.
+    pub fn new(max_private: usize, per_principal: usize) -> Self {
         SharedServer {
             everyone: Arc::default(),
             by_principal: DashMap::new(),
             private: Arc::new(tokio::sync::Semaphore::new(max_private)),
             max_private,
             private_by_principal: Arc::default(),
+            per_principal,
             closed: std::sync::atomic::AtomicBool::new(false),
             definition: AtomicU64::new(0),
         }
@@ -394,7 +438,7 @@ impl SharedServer {
 
     /// What one principal may hold of the processes for single sessions.
     pub fn principal_share(&self) -> usize {
-        (self.max_private / PRINCIPAL_SHARE).max(1)
+        self.per_principal
     }
 
     /// A slot for one more single-session process of a session of `principal`, if the cap
@@ -455,9 +499,9 @@ impl SharedServer {
         match (sharing, principal) {
             (Sharing::PerPrincipal, Some(principal)) => {
                 let entry = self.by_principal.entry(principal.clone()).or_default();
-                (entry.join(inbox), entry.clone())
+                (entry.join(inbox, Some(principal)), entry.clone())
             }
-            _ => (self.everyone.join(inbox), self.everyone.clone()),
+            _ => (self.everyone.join(inbox, principal), self.everyone.clone()),
         }
     }
 
@@ -708,14 +752,20 @@ mod tests {
     fn unattributed_notifications_reach_only_who_may_see_them() {
         let shared = SharedConnection::default();
         let (a, b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
-        let ma = shared.join(Inbox {
-            recipient: a.clone(),
-            index: 0,
-        });
-        let _mb = shared.join(Inbox {
-            recipient: b.clone(),
-            index: 0,
-        });
+        let ma = shared.join(
+            Inbox {
+                recipient: a.clone(),
+                index: 0,
+            },
+            None,
+        );
+        let _mb = shared.join(
+            Inbox {
+                recipient: b.clone(),
+                index: 0,
+            },
+            None,
+        );
         let owner = AllMembers {
             members: shared.members.clone(),
             conn: Mutex::new(Weak::new()),
@@ -769,10 +819,52 @@ mod tests {
     }
 
     fn member(shared: &SharedConnection) -> Member {
-        shared.join(Inbox {
-            recipient: Arc::new(Recorder::default()),
-            index: 0,
-        })
+        member_of(shared, None)
+    }
+
+    fn member_of(shared: &SharedConnection, principal: Option<&str>) -> Member {
+        shared.join(
+            Inbox {
+                recipient: Arc::new(Recorder::default()),
+                index: 0,
+            },
+            principal.map(Arc::from).as_ref(),
+        )
+    }
+
+    /// One principal's sessions hold at most a quarter of a shared connection's
+    /// subscriptions: another principal still subscribes; leaving gives them back.
+    #[test]
+    fn one_principals_subscriptions_leave_the_others_room() {
+        let shared = SharedConnection::default();
+        let uri = |who: usize, n: usize| format!("file:///{who}/{n}");
+        let mut greedy = Vec::new();
+        let mut held = 0;
+        'fill: for who in 0..16 {
+            let m = member_of(&shared, Some("greedy"));
+            for n in 0..MAX_MEMBER_SUBSCRIPTIONS {
+                match m.subscribe(&uri(who, n), true) {
+                    Ok(_) => held += 1,
+                    Err(e) => {
+                        assert_eq!(e, TooManySubscriptions::Principal);
+                        greedy.push(m);
+                        break 'fill;
+                    }
+                }
+            }
+            greedy.push(m);
+        }
+        assert_eq!(held, MAX_PRINCIPAL_SUBSCRIPTIONS);
+        let other = member_of(&shared, Some("other"));
+        assert_eq!(
+            other.subscribe(&uri(99, 0), true),
+            Ok(Subscription::Forward)
+        );
+        // Greedy's sessions leave: their subscriptions no longer count against it.
+        greedy.clear();
+        let again = member_of(&shared, Some("greedy"));
+        assert_eq!(again.subscribe(&uri(0, 0), true), Ok(Subscription::Forward));
+        assert_eq!(lock(&shared.members).by_principal.get("greedy"), Some(&1));
     }
 
     /// One session cannot grow the map kept for the shared server without bound, nor all of

@@ -590,7 +590,9 @@ async fn pin_check(pinning: &Pinning, session: &Arc<Session>, index: usize) -> R
                 // The server's words stay in the log (they reach the client in a refusal,
                 // unscreened by the result plugins).
                 Outcome::Error(e) => {
-                    tracing::warn!(upstream = %server.name, "tools/list for the pin check failed: {}", crate::upstream::server_text(&e));
+                    if let Some(more) = server.failure_logged() {
+                        tracing::warn!(upstream = %server.name, "tools/list for the pin check failed: {}{more}", crate::upstream::server_text(&e));
+                    }
                     return Err(format!(
                         "its tools/list answered error {}",
                         jsonrpc::error_code(&e).unwrap_or(0)
@@ -605,7 +607,9 @@ async fn pin_check(pinning: &Pinning, session: &Arc<Session>, index: usize) -> R
                 next: Option<String>,
             }
             let p: Page<'_> = serde_json::from_slice(&page).map_err(|e| {
-                tracing::warn!(upstream = %server.name, "tools/list for the pin check is malformed: {e}");
+                if let Some(more) = server.failure_logged() {
+                    tracing::warn!(upstream = %server.name, "tools/list for the pin check is malformed: {e}{more}");
+                }
                 "its tools/list result is malformed".to_owned()
             })?;
             for tool in p.tools {
