@@ -554,9 +554,11 @@ impl Event {
         out.push(b'}');
     }
 
-    /// Whether only the operator's side makes it (no client can cause it in volume).
+    /// Whether only the operator's side makes it (no client can cause it in volume): an
+    /// admin change or an approval by an authenticated admin (a refused admin request has
+    /// no principal, nor does an approval on first sight, which servers' lists cause).
     fn operators(&self) -> bool {
-        matches!(self.kind, "admin" | "approval")
+        matches!(self.kind, "admin" | "approval") && self.principal.is_some()
     }
 
     /// Where its line is kept: decisions about identified callers in their own view too.
@@ -969,13 +971,22 @@ impl Blocks {
 /// Opens the trail's file to append to, readable by this user only (a file an older version
 /// made too): records name principals, tools and resources.
 fn trail_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::MetadataExt as _;
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
         .open(path)?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    // One an older version made readable by everyone is made unreadable to others, if it
+    // is ours (what a group may do with it is left as an operator may have set it).
+    let meta = file.metadata()?;
+    if meta.mode() & 0o007 != 0
+        && meta.uid() == nix::unistd::geteuid().as_raw()
+        && let Err(e) = file.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o770))
+    {
+        tracing::warn!(path = %path.display(), "cannot make the audit trail private: {e}");
+    }
     Ok(file)
 }
 

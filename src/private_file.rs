@@ -35,6 +35,17 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     written
 }
 
+/// Takes away what others (not the owner, not its group) may do with `path`, if this user
+/// owns it: a file an older version wrote readable by everyone.
+pub fn keep_from_others(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.is_file() && meta.mode() & 0o007 != 0 && meta.uid() == nix::unistd::geteuid().as_raw() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(meta.mode() & 0o770))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,6 +65,11 @@ mod tests {
             1,
             "no temporary file left"
         );
+        // One written readable by everyone before is kept from others, its group's bits kept.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        keep_from_others(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

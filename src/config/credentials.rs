@@ -157,6 +157,9 @@ impl TokenExchangeConfig {
         }
         // Without the newline of the file a variable may have been read from.
         .map(|secret| secret.trim().to_owned());
+        if client_secret.as_deref() == Some("") {
+            return Err((at("client_secret"), "must not be empty".into()));
+        }
         Ok(TokenExchangeConfig {
             token_endpoint,
             client_id: raw.client_id,

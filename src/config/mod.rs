@@ -984,7 +984,13 @@ fn from_yaml_text<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Confi
         // Which setting it is, by the keys that lead to its line (never a value).
         let path = e
             .location()
-            .and_then(|at| setting_path(text, at.line().checked_sub(1)? as usize))
+            .and_then(|at| {
+                setting_path(
+                    text,
+                    at.line().checked_sub(1)? as usize,
+                    at.column() as usize,
+                )
+            })
             .filter(|path| !path.is_empty());
         ConfigError::Syntax(match path {
             Some(path) => format!("{e} (in {})", path.join(".")),
@@ -993,29 +999,32 @@ fn from_yaml_text<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Confi
     })
 }
 
-/// The keys leading to line `at` of `text`: the block keys above it at lower indentation
-/// (lines that are `key:` alone), then the first key of the line itself. Only what can only
-/// be a key is taken: a line with a value (`token: s3cret`) gives its key, never its value.
-fn setting_path(text: &str, at: usize) -> Option<Vec<&str>> {
+/// The keys leading to column `column` (from 1) of line `at` of `text`: the block keys above
+/// it at lower indentation (lines that are `key:` alone, a comment aside), then the line's
+/// last key before that column (its first, if none is). Only what can only be a key is
+/// taken: a line with a value (`token: s3cret`) gives its key, never its value.
+fn setting_path(text: &str, at: usize, column: usize) -> Option<Vec<&str>> {
     let lines: Vec<&str> = text.lines().collect();
     let line = *lines.get(at)?;
     let indent = |l: &str| l.len() - l.trim_start_matches([' ', '-']).len();
     let mut path = Vec::new();
-    if let Some(first) = keys_on_line(line).first() {
-        path.push(*first);
+    let keys = keys_on_line(line);
+    let before = keys.iter().rev().find(|(start, _)| start + 1 < column);
+    if let Some((_, key)) = before.or(keys.first()) {
+        path.push(*key);
     }
     let mut within = indent(line);
     for above in lines[..at].iter().rev() {
         if within == 0 {
             break;
         }
-        let trimmed = above.trim_start_matches([' ', '-']).trim_end();
+        let trimmed = above.trim_start_matches([' ', '-']);
+        let trimmed = trimmed.split(" #").next().unwrap_or_default().trim_end();
         if trimmed.is_empty() || trimmed.starts_with('#') || indent(above) >= within {
             continue;
         }
         within = indent(above);
-        let keys = keys_on_line(above);
-        if let [key] = keys[..]
+        if let [(_, key)] = keys_on_line(above)[..]
             && trimmed == format!("{key}:")
         {
             path.push(key);
@@ -1025,11 +1034,14 @@ fn setting_path(text: &str, at: usize) -> Option<Vec<&str>> {
     Some(path)
 }
 
-/// The mapping keys written on one line of YAML (`name: value`, `{ a: 1, b: 2 }`), outside
-/// quotes: names made of letters, digits, `_`, `-` and `.`.
-fn keys_on_line(line: &str) -> Vec<&str> {
+/// The mapping keys written on one line of YAML, with where each starts: names made of
+/// letters, digits, `_`, `-` and `.` in key position (the line's start, after `- `, `{` or
+/// `,`) followed by `: ` (or `:` at the end), outside quotes and comments. What follows a
+/// key's colon is a value, never taken for a key (`token: ab12: cd34` has one key).
+fn keys_on_line(line: &str) -> Vec<(usize, &str)> {
     let mut keys = Vec::new();
     let mut quote = None;
+    let mut at_key = true;
     let mut start = None;
     for (i, c) in line.char_indices() {
         match (quote, c) {
@@ -1037,20 +1049,25 @@ fn keys_on_line(line: &str) -> Vec<&str> {
             (Some(_), _) => {}
             (None, '"' | '\'') => {
                 quote = Some(c);
-                start = None;
+                (start, at_key) = (None, false);
             }
-            (None, '#') => break,
+            (None, '#') if start.is_none() => break,
+            (None, '{' | ',' | '[') => (start, at_key) = (None, true),
+            (None, ' ' | '\t' | '-') if start.is_none() => {}
             (None, c) if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') => {
-                start.get_or_insert(i);
+                if start.is_none() && at_key {
+                    start = Some(i);
+                }
+                at_key &= start.is_some();
             }
             (None, ':') => {
                 let followed = line[i + 1..].chars().next().is_none_or(char::is_whitespace);
                 if let (Some(s), true) = (start, followed) {
-                    keys.push(&line[s..i]);
+                    keys.push((s, &line[s..i]));
                 }
-                start = None;
+                (start, at_key) = (None, false);
             }
-            (None, _) => start = None,
+            (None, _) => (start, at_key) = (None, false),
         }
     }
     keys
@@ -2081,26 +2098,35 @@ mod tests {
 
     #[test]
     fn the_keys_of_a_line_are_read_without_its_values() {
-        assert_eq!(keys_on_line("  token: s3cret"), ["token"]);
+        let keys = |line| -> Vec<&str> { keys_on_line(line).into_iter().map(|(_, k)| k).collect() };
+        assert_eq!(keys("  token: s3cret"), ["token"]);
+        assert_eq!(keys("  token: ab12: cd34"), ["token"]);
+        assert_eq!(keys("  token: s3cret:"), ["token"]);
         assert_eq!(
-            keys_on_line("runtime: { pinned_connections: sometimes }"),
+            keys("runtime: { pinned_connections: sometimes }"),
             ["runtime", "pinned_connections"]
         );
-        assert_eq!(
-            keys_on_line("- { url: \"http://a: b\", x: 'c: d' }"),
-            ["url", "x"]
-        );
-        assert_eq!(keys_on_line("  url: http://host:80/x # note: y"), ["url"]);
-        assert!(keys_on_line("  - plain").is_empty());
+        assert_eq!(keys("- { url: \"http://a: b\", x: 'c: d' }"), ["url", "x"]);
+        assert_eq!(keys("  url: http://host:80/x # note: y"), ["url"]);
+        assert_eq!(keys("  x-mcp-header: a"), ["x-mcp-header"]);
+        assert!(keys("  - plain").is_empty());
     }
 
     #[test]
     fn a_setting_is_named_by_its_keys_not_its_values() {
-        let text = "auth:\n  tokens:\n    - principal: ops\n      token: ab12: cd34\n    - token: s3cret:\n";
-        assert_eq!(setting_path(text, 3).unwrap(), ["auth", "tokens", "token"]);
-        assert_eq!(setting_path(text, 4).unwrap(), ["auth", "tokens", "token"]);
-        assert_eq!(setting_path(text, 0).unwrap(), ["auth"]);
-        assert!(setting_path(text, 9).is_none());
+        let text = "auth:  # who\n  tokens:\n    - principal: ops\n      token: ab12: cd34\n    - token: s3cret:\nruntime: { workers: 2, pinned: x }\n";
+        assert_eq!(
+            setting_path(text, 3, 18).unwrap(),
+            ["auth", "tokens", "token"]
+        );
+        assert_eq!(
+            setting_path(text, 4, 9).unwrap(),
+            ["auth", "tokens", "token"]
+        );
+        assert_eq!(setting_path(text, 0, 1).unwrap(), ["auth"]);
+        assert_eq!(setting_path(text, 5, 34).unwrap(), ["pinned"]);
+        assert_eq!(setting_path(text, 5, 22).unwrap(), ["workers"]);
+        assert!(setting_path(text, 9, 1).is_none());
     }
 
     #[test]
@@ -2324,7 +2350,7 @@ mod tests {
         let c = Config::from_yaml(&format!("{UP}runtime: {{ pinned_connections: false }}"));
         assert!(!c.unwrap().pinned_connections);
         let e = err(&format!("{UP}runtime: {{ pinned_connections: sometimes }}"));
-        assert!(e.contains("runtime") && e.contains("column 32"), "{e}");
+        assert!(e.contains("pinned_connections"), "{e}");
     }
 
     #[test]

@@ -181,7 +181,8 @@ fn absolute(p: &Path) -> PathBuf {
 
 /// Creates `dir` readable and writable by this user only, and refuses an existing one that
 /// is a link, is another user's, or others may write to: what wasmtime finds there it runs
-/// as native code.
+/// as native code. (The directories above it are the operator's choice: a sticky `/tmp` or a
+/// pod's own volume keeps others from moving it aside.)
 fn make_private_dir(dir: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
@@ -195,29 +196,12 @@ fn make_private_dir(dir: &Path) -> std::io::Result<()> {
         if !meta.is_dir() {
             return refused("not a directory (a link is not followed)".into());
         }
-        let me = nix::unistd::geteuid().as_raw();
-        if meta.uid() != me {
+        if meta.uid() != nix::unistd::geteuid().as_raw() {
             return refused(format!("owned by user {}, not this one", meta.uid()));
         }
         let mode = meta.permissions().mode();
         if mode & 0o022 != 0 {
             return refused(format!("writable by others (mode {:o})", mode & 0o777));
-        }
-        // Nor may anyone else move it aside and put another in its place: every directory
-        // above it is root's or this user's, and others may not write to it (unless sticky,
-        // as /tmp is, where only an entry's owner may rename it).
-        for above in dir.ancestors().skip(1) {
-            let Ok(meta) = std::fs::metadata(above) else {
-                continue;
-            };
-            let mode = meta.permissions().mode();
-            let sticky = mode & 0o1000 != 0;
-            if (meta.uid() != 0 && meta.uid() != me) || (mode & 0o022 != 0 && !sticky) {
-                return refused(format!(
-                    "{} above it is another user's or writable by others",
-                    above.display()
-                ));
-            }
         }
         Ok(())
     }
@@ -283,7 +267,6 @@ mod tests {
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(make_private_dir(&open).is_err());
-        assert!(make_private_dir(&open.join("below")).is_err());
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -542,6 +542,10 @@ impl Catalog {
         };
         match std::fs::read(&file) {
             Ok(bytes) => {
+                // Written by an older version readable by everyone: kept from others now.
+                if let Err(e) = crate::private_file::keep_from_others(&file) {
+                    tracing::warn!(path = %file.display(), "cannot keep the catalog from other users: {e}");
+                }
                 let mut state: State = serde_json::from_slice(&bytes).map_err(|e| store_err(&e))?;
                 // A file written before labels were the operator's kept them in the
                 // documents, where a publisher may have written them: they are dropped (the
@@ -1697,7 +1701,13 @@ mod tests {
         let c = Catalog::open(file.clone(), &[doc("io.github.a/seed", "1.0.0")]).unwrap();
         c.publish(doc("io.github.a/b", "1.0.0")).await.unwrap();
         drop(c);
+        // Readable by this user only, and kept from others when an older version wrote it so.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |f: &std::path::Path| std::fs::metadata(f).unwrap().permissions().mode();
+        assert_eq!(mode(&file) & 0o077, 0, "{:o}", mode(&file));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
         let again = Catalog::open(file.clone(), &[]).unwrap();
+        assert_eq!(mode(&file) & 0o007, 0, "{:o}", mode(&file));
         assert!(again.version("io.github.a/b", "1.0.0", false).is_ok());
         assert!(again.version("io.github.a/seed", "latest", false).is_ok());
         drop(again);

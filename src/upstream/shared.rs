@@ -35,8 +35,9 @@ use crate::orchestrator::{Sharing, StdioEndpoint};
 pub const MAX_MEMBER_SUBSCRIPTIONS: usize = 256;
 /// Most resources the sessions of one shared connection may subscribe to, all together.
 pub const MAX_SHARED_SUBSCRIPTIONS: usize = 4096;
-/// Most subscriptions one principal's sessions may hold on a shared connection together: a
-/// quarter of what all may, so that one caller's sessions cannot take every one.
+/// Most resources one principal's sessions may subscribe to on a shared connection together
+/// (each counted once, however many of its sessions hold it): a quarter of what all may, so
+/// that one caller's sessions cannot take every one.
 pub const MAX_PRINCIPAL_SUBSCRIPTIONS: usize = MAX_SHARED_SUBSCRIPTIONS / 4;
 
 /// Sessions by membership number, and resource subscriptions by URI.
@@ -44,7 +45,7 @@ pub const MAX_PRINCIPAL_SUBSCRIPTIONS: usize = MAX_SHARED_SUBSCRIPTIONS / 4;
 struct Members {
     sessions: HashMap<u64, Joined>,
     subscriptions: HashMap<String, HashSet<u64>>,
-    /// Subscriptions held by each principal's sessions (authenticated ones).
+    /// Resources each principal's sessions subscribe to (authenticated ones).
     by_principal: HashMap<Arc<str>, usize>,
 }
 
@@ -130,17 +131,20 @@ impl Member {
             subscriptions,
             by_principal,
         } = &mut *m;
-        let Some(joined) = sessions.get_mut(&self.id) else {
+        let Some(principal) = sessions.get(&self.id).map(|j| j.principal.clone()) else {
             return Ok(Subscription::Local);
         };
         let subscribers = subscriptions.get(uri);
         if subscribers.is_some_and(|s| s.contains(&self.id)) {
             return Ok(Subscription::Local);
         }
+        // A resource another session of the principal holds is not one more of its own.
+        let principal = principal.filter(|p| !subscribers.is_some_and(|s| holds(sessions, s, p)));
+        let joined = sessions.get_mut(&self.id).expect("looked up above");
         if joined.subscribed >= MAX_MEMBER_SUBSCRIPTIONS {
             return Err(TooManySubscriptions::Session);
         }
-        if let Some(p) = &joined.principal
+        if let Some(p) = &principal
             && by_principal
                 .get(p)
                 .is_some_and(|n| *n >= MAX_PRINCIPAL_SUBSCRIPTIONS)
@@ -151,8 +155,8 @@ impl Member {
             return Err(TooManySubscriptions::Shared);
         }
         joined.subscribed += 1;
-        if let Some(p) = &joined.principal {
-            *by_principal.entry(p.clone()).or_default() += 1;
+        if let Some(p) = principal {
+            *by_principal.entry(p).or_default() += 1;
         }
         let subscribers = subscriptions.entry(uri.to_owned()).or_default();
         let first = subscribers.is_empty();
@@ -184,8 +188,11 @@ impl Members {
         }
         if let Some(joined) = self.sessions.get_mut(&id) {
             joined.subscribed -= 1;
-            if let Some(p) = &joined.principal {
-                forget(&mut self.by_principal, p, 1);
+            // The principal's count goes down with its last session holding the resource.
+            if let Some(p) = joined.principal.clone()
+                && !holds(&self.sessions, subscribers, &p)
+            {
+                forget(&mut self.by_principal, &p, 1);
             }
         }
         if subscribers.is_empty() {
@@ -201,26 +208,35 @@ impl Drop for Member {
     fn drop(&mut self) {
         if let Some(a) = self.members.upgrade() {
             let mut m = lock(&a);
-            if let Some(Joined {
-                principal: Some(p),
-                subscribed,
-                ..
-            }) = m.sessions.remove(&self.id)
-            {
-                forget(&mut m.by_principal, &p, subscribed);
-            }
             // The upstream keeps a subscription nobody holds until it restarts; updates for it
             // reach no one (there is no connection here to unsubscribe on, and it is harmless).
-            m.subscriptions.retain(|_, subscribers| {
-                subscribers.remove(&self.id);
-                !subscribers.is_empty()
-            });
+            let held: Vec<String> = m
+                .subscriptions
+                .iter()
+                .filter(|(_, s)| s.contains(&self.id))
+                .map(|(uri, _)| uri.clone())
+                .collect();
+            for uri in held {
+                m.leave(self.id, &uri);
+            }
+            m.sessions.remove(&self.id);
         }
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether any of `subscribers` is a session of `principal`.
+fn holds(
+    sessions: &HashMap<u64, Joined>,
+    subscribers: &HashSet<u64>,
+    principal: &Arc<str>,
+) -> bool {
+    subscribers
+        .iter()
+        .any(|id| sessions.get(id).and_then(|j| j.principal.as_ref()) == Some(principal))
 }
 
 /// Takes `n` off `principal`'s count of subscriptions, and the count with its last one.
@@ -499,7 +515,8 @@ impl SharedServer {
         match (sharing, principal) {
             (Sharing::PerPrincipal, Some(principal)) => {
                 let entry = self.by_principal.entry(principal.clone()).or_default();
-                (entry.join(inbox, Some(principal)), entry.clone())
+                // Its own connection: the principal may use all of it.
+                (entry.join(inbox, None), entry.clone())
             }
             _ => (self.everyone.join(inbox, principal), self.everyone.clone()),
         }
@@ -855,6 +872,12 @@ mod tests {
             greedy.push(m);
         }
         assert_eq!(held, MAX_PRINCIPAL_SUBSCRIPTIONS);
+        // At its cap, one more session of it may still watch what its others watch: the
+        // resource is counted once.
+        let more = member_of(&shared, Some("greedy"));
+        assert_eq!(more.subscribe(&uri(0, 0), true), Ok(Subscription::Local));
+        assert_eq!(more.subscribe(&uri(0, 1), false), Ok(Subscription::Local));
+        drop(more);
         let other = member_of(&shared, Some("other"));
         assert_eq!(
             other.subscribe(&uri(99, 0), true),

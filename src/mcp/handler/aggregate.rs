@@ -546,14 +546,30 @@ pub(super) async fn pins_allow(
     session: &Arc<Session>,
     index: usize,
     local: &str,
-) -> Result<Option<u64>, String> {
+) -> Result<Option<u64>, PinRefusal> {
     let pins = &pinning.pins;
     let server = &session.topology().servers[index];
+    // A server that cannot be reached now (or has no room for this caller) fails the call as
+    // such: it is not a tool the pins refuse.
+    if let Err(e) = session.connect(index).await {
+        return Err(PinRefusal::Upstream(e));
+    }
     match pin_check(pinning, session, index).await {
-        Ok(generation) => pins.check(&server.name, local).map(|()| Some(generation)),
-        Err(why) if pins.blocks() => Err(why),
+        Ok(generation) => pins
+            .check(&server.name, local)
+            .map(|()| Some(generation))
+            .map_err(PinRefusal::Denied),
+        Err(why) if pins.blocks() => Err(PinRefusal::Denied(why)),
         Err(_) => Ok(None),
     }
+}
+
+/// Why a call is not sent after its pin check.
+pub(super) enum PinRefusal {
+    /// The pins refuse it (a changed or unapproved tool, or a list that cannot be checked).
+    Denied(String),
+    /// The server cannot be reached for it.
+    Upstream(crate::upstream::UpstreamError),
 }
 
 /// Most pages of a tool list read to check it against the pins.

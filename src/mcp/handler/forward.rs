@@ -515,7 +515,10 @@ pub(super) async fn forward(
                 .await
                 {
                     Ok(generation) => opts.on_connection = generation,
-                    Err(why) => break Err((why, p.local.clone(), p.pinning.audit.clone())),
+                    Err(super::aggregate::PinRefusal::Denied(why)) => {
+                        break Err((why, p.local.clone(), p.pinning.audit.clone()));
+                    }
+                    Err(super::aggregate::PinRefusal::Upstream(e)) => break Ok(Err(e)),
                 }
                 if let (Some(record), Some(event)) = (&mut audited, p.event.take()) {
                     record.event = Some(event);
