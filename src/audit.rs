@@ -640,6 +640,16 @@ impl Writer {
         let (out, written): (Box<dyn Write + Send>, u64) = match &s.file {
             Some(path) => {
                 let f = trail_file(path)?;
+                // The files moved aside by an older version too.
+                for n in 1..=s.keep {
+                    let aside = PathBuf::from(format!("{}.{n}", path.display()));
+                    match crate::private_file::keep_from_others(&aside) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            tracing::warn!(path = %aside.display(), "cannot keep the audit trail from other users: {e}");
+                        }
+                        _ => {}
+                    }
+                }
                 let len = f.metadata()?.len();
                 (
                     Box::new(std::io::BufWriter::with_capacity(FILE_BUFFER, f)),
@@ -968,8 +978,9 @@ impl Blocks {
     }
 }
 
-/// Opens the trail's file to append to, readable by this user only (a file an older version
-/// made too): records name principals, tools and resources.
+/// Opens the trail's file to append to, created readable by this user only, and kept from
+/// others (not its group) when an older version made it readable by everyone: records name
+/// principals, tools and resources.
 fn trail_file(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::MetadataExt as _;
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};

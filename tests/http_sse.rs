@@ -98,6 +98,17 @@ fn initialize(id: u64) -> Value {
         "protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
 }
 
+/// An anonymous client's stream, its session initialized.
+async fn initialized_stream(gw: &TestGateway) -> (Client, Stream) {
+    let c = gw.client();
+    let mut stream = Stream::open(&c, &base(gw)).await;
+    assert_eq!(post(&c, &stream.endpoint, initialize(1)).await.status, 202);
+    assert_eq!(stream.message().await["id"], 1);
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert_eq!(post(&c, &stream.endpoint, initialized).await.status, 202);
+    (c, stream)
+}
+
 fn base(gw: &TestGateway) -> String {
     format!("http://{}", gw.addr)
 }
@@ -240,12 +251,7 @@ async fn the_front_can_be_turned_off() {
 #[tokio::test]
 async fn requests_waiting_on_an_unread_stream_are_bounded() {
     let gw = TestGateway::start("", &[example("a", &[], "")]).await;
-    let c = gw.client();
-    let mut stream = Stream::open(&c, &base(&gw)).await;
-    assert_eq!(post(&c, &stream.endpoint, initialize(1)).await.status, 202);
-    assert_eq!(stream.message().await["id"], 1);
-    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-    assert_eq!(post(&c, &stream.endpoint, initialized).await.status, 202);
+    let (c, mut stream) = initialized_stream(&gw).await;
     let slow = |id: u64| {
         json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
                "params": {"name": "slow", "arguments": {"seconds": 2}}})
@@ -280,12 +286,7 @@ async fn requests_waiting_on_an_unread_stream_are_bounded() {
 #[tokio::test]
 async fn answers_waiting_on_an_unread_stream_hold_bounded_bytes() {
     let gw = TestGateway::start("", &[example("a", &[], "")]).await;
-    let c = gw.client();
-    let mut stream = Stream::open(&c, &base(&gw)).await;
-    assert_eq!(post(&c, &stream.endpoint, initialize(1)).await.status, 202);
-    assert_eq!(stream.message().await["id"], 1);
-    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-    assert_eq!(post(&c, &stream.endpoint, initialized).await.status, 202);
+    let (c, mut stream) = initialized_stream(&gw).await;
     let session = gw.gateway().sessions.iter().next().unwrap().clone();
     let text = "x".repeat(512 * 1024);
     let calls = 80;

@@ -425,3 +425,50 @@ async fn a_changed_tool_is_refused_on_every_front_and_under_every_name() {
     gw.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A call whose server cannot be reached for its pin check fails as the server's failure
+/// (-32010, not a tool the pins refuse), and the trail records it as a failed call.
+#[tokio::test]
+async fn a_call_to_a_server_down_at_its_pin_check_is_a_failed_call() {
+    let dir = dir().join("down");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let audit = dir.join("audit.jsonl");
+    let gw = TestGateway::start(
+        &format!(
+            "pinning: {{file: {:?}}}\naudit: {{file: {audit:?}}}",
+            dir.join("pins.json")
+        ),
+        &[format!(
+            "  - name: a\n    protocol: sessions\n    connect_timeout: 2s\n    http: {{ url: \"http://127.0.0.1:{port}/mcp\" }}\n"
+        )],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let r = c
+        .call(
+            2,
+            "tools/call",
+            json!({"name": "a__echo", "arguments": {"text": "x"}}),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], json!(-32010), "{r}");
+    support::eventually("the failed call in the trail", || async {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                v["kind"] == "call" && v["outcome"] == "failed" && v["name"] == "a__echo"
+            })
+    })
+    .await;
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

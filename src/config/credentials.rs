@@ -158,7 +158,11 @@ impl TokenExchangeConfig {
         // Without the newline of the file a variable may have been read from.
         .map(|secret| secret.trim().to_owned());
         if client_secret.as_deref() == Some("") {
-            return Err((at("client_secret"), "must not be empty".into()));
+            let field = match raw.client_secret_env {
+                Some(_) => "client_secret_env",
+                None => "client_secret",
+            };
+            return Err((at(field), "must not be empty".into()));
         }
         Ok(TokenExchangeConfig {
             token_endpoint,

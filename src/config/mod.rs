@@ -1009,7 +1009,7 @@ fn setting_path(text: &str, at: usize, column: usize) -> Option<Vec<&str>> {
     let indent = |l: &str| l.len() - l.trim_start_matches([' ', '-']).len();
     let mut path = Vec::new();
     let keys = keys_on_line(line);
-    let before = keys.iter().rev().find(|(start, _)| start + 1 < column);
+    let before = keys.iter().rev().find(|(start, _)| *start < column);
     if let Some((_, key)) = before.or(keys.first()) {
         path.push(*key);
     }
@@ -1034,40 +1034,53 @@ fn setting_path(text: &str, at: usize, column: usize) -> Option<Vec<&str>> {
     Some(path)
 }
 
-/// The mapping keys written on one line of YAML, with where each starts: names made of
-/// letters, digits, `_`, `-` and `.` in key position (the line's start, after `- `, `{` or
-/// `,`) followed by `: ` (or `:` at the end), outside quotes and comments. What follows a
-/// key's colon is a value, never taken for a key (`token: ab12: cd34` has one key).
+/// The mapping keys written on one line of YAML, with the character column each starts at
+/// (from 0): names made of letters, digits, `_`, `-` and `.` in key position (the line's
+/// start, after `- `, or after `{` or `,` within a flow mapping) followed by `: ` (or `:` at
+/// the end), outside quotes and comments. What follows a key's colon is a value, never taken
+/// for a key (`token: ab12: cd34` and `token: ab,cd: x` have one key).
 fn keys_on_line(line: &str) -> Vec<(usize, &str)> {
     let mut keys = Vec::new();
     let mut quote = None;
+    // Whether a key may start here (the line's start, or after `{` or `,` in a flow mapping).
     let mut at_key = true;
-    let mut start = None;
-    for (i, c) in line.char_indices() {
+    // Open flow collections, and whether the innermost is a mapping.
+    let mut flows: Vec<bool> = Vec::new();
+    // The word being read: where it starts, and whether it is in key position.
+    let mut word: Option<(usize, usize, bool)> = None;
+    for (column, (i, c)) in line.char_indices().enumerate() {
         match (quote, c) {
             (Some(q), c) if c == q => quote = None,
             (Some(_), _) => {}
             (None, '"' | '\'') => {
                 quote = Some(c);
-                (start, at_key) = (None, false);
+                (word, at_key) = (None, false);
             }
-            (None, '#') if start.is_none() => break,
-            (None, '{' | ',' | '[') => (start, at_key) = (None, true),
-            (None, ' ' | '\t' | '-') if start.is_none() => {}
+            (None, '#') if word.is_none() => break,
+            // A flow collection opens only where a value starts, not inside a word.
+            (None, '{' | '[') if word.is_none() => {
+                flows.push(c == '{');
+                at_key = c == '{';
+            }
+            (None, '}' | ']') if word.is_none() || !flows.is_empty() => {
+                flows.pop();
+                (word, at_key) = (None, false);
+            }
+            (None, ',') if flows.last() == Some(&true) => (word, at_key) = (None, true),
+            (None, ' ' | '\t' | '-') if word.is_none() => {}
             (None, c) if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') => {
-                if start.is_none() && at_key {
-                    start = Some(i);
+                if word.is_none() {
+                    word = Some((column, i, at_key));
                 }
-                at_key &= start.is_some();
             }
             (None, ':') => {
                 let followed = line[i + 1..].chars().next().is_none_or(char::is_whitespace);
-                if let (Some(s), true) = (start, followed) {
-                    keys.push((s, &line[s..i]));
+                if let (Some((column, s, true)), true) = (word, followed) {
+                    keys.push((column, &line[s..i]));
                 }
-                (start, at_key) = (None, false);
+                (word, at_key) = (None, false);
             }
-            (None, _) => (start, at_key) = (None, false),
+            (None, _) => (word, at_key) = (None, false),
         }
     }
     keys
@@ -2102,6 +2115,9 @@ mod tests {
         assert_eq!(keys("  token: s3cret"), ["token"]);
         assert_eq!(keys("  token: ab12: cd34"), ["token"]);
         assert_eq!(keys("  token: s3cret:"), ["token"]);
+        assert_eq!(keys("  token: s3cr,3t: x"), ["token"]);
+        assert_eq!(keys("  token: ab{cd: x"), ["token"]);
+        assert_eq!(keys("- [a, b: c]"), Vec::<&str>::new());
         assert_eq!(
             keys("runtime: { pinned_connections: sometimes }"),
             ["runtime", "pinned_connections"]
@@ -2126,6 +2142,8 @@ mod tests {
         assert_eq!(setting_path(text, 0, 1).unwrap(), ["auth"]);
         assert_eq!(setting_path(text, 5, 34).unwrap(), ["pinned"]);
         assert_eq!(setting_path(text, 5, 22).unwrap(), ["workers"]);
+        // An error on a key itself (unknown, given twice) names that key.
+        assert_eq!(setting_path(text, 5, 24).unwrap(), ["pinned"]);
         assert!(setting_path(text, 9, 1).is_none());
     }
 

@@ -181,8 +181,7 @@ fn absolute(p: &Path) -> PathBuf {
 
 /// Creates `dir` readable and writable by this user only, and refuses an existing one that
 /// is a link, is another user's, or others may write to: what wasmtime finds there it runs
-/// as native code. (The directories above it are the operator's choice: a sticky `/tmp` or a
-/// pod's own volume keeps others from moving it aside.)
+/// as native code; and one below a directory of another user, who could replace it.
 fn make_private_dir(dir: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
@@ -202,6 +201,25 @@ fn make_private_dir(dir: &Path) -> std::io::Result<()> {
         let mode = meta.permissions().mode();
         if mode & 0o022 != 0 {
             return refused(format!("writable by others (mode {:o})", mode & 0o777));
+        }
+        // Nor may another user move it aside and put another in its place: no directory
+        // above it is another user's (root's are the system's; one writable by everyone and
+        // not sticky, as a pod's emptyDir, is said, not refused).
+        for above in dir.ancestors().skip(1) {
+            let Ok(meta) = std::fs::metadata(above) else {
+                continue;
+            };
+            if meta.uid() != 0 && meta.uid() != nix::unistd::geteuid().as_raw() {
+                return refused(format!(
+                    "{} above it is user {}'s",
+                    above.display(),
+                    meta.uid()
+                ));
+            }
+            let mode = meta.permissions().mode();
+            if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+                tracing::warn!(dir = %above.display(), "a directory above the plugin cache is writable by everyone and not sticky: whoever may write there could replace the cache");
+            }
         }
         Ok(())
     }
@@ -267,6 +285,14 @@ mod tests {
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(make_private_dir(&open).is_err());
+        // Below another user's directory (who could move it aside): refused. Only root can
+        // give a directory away; run otherwise, this part is skipped.
+        let theirs = base.join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        let given = nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(12345)), None);
+        if given.is_ok() {
+            assert!(make_private_dir(&theirs.join("wasm")).is_err());
+        }
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -47,6 +47,9 @@ struct Members {
     subscriptions: HashMap<String, HashSet<u64>>,
     /// Resources each principal's sessions subscribe to (authenticated ones).
     by_principal: HashMap<Arc<str>, usize>,
+    /// For each resource, how many of each principal's sessions hold it (so that the counts
+    /// above move only with a principal's first and last session on it, at no scan).
+    holders: HashMap<(Arc<str>, String), usize>,
 }
 
 /// A session in a shared connection.
@@ -130,6 +133,7 @@ impl Member {
             sessions,
             subscriptions,
             by_principal,
+            holders,
         } = &mut *m;
         let Some(principal) = sessions.get(&self.id).map(|j| j.principal.clone()) else {
             return Ok(Subscription::Local);
@@ -139,12 +143,13 @@ impl Member {
             return Ok(Subscription::Local);
         }
         // A resource another session of the principal holds is not one more of its own.
-        let principal = principal.filter(|p| !subscribers.is_some_and(|s| holds(sessions, s, p)));
+        let held = principal.as_ref().map(|p| (p.clone(), uri.to_owned()));
+        let new_to_it = held.as_ref().is_some_and(|key| !holders.contains_key(key));
         let joined = sessions.get_mut(&self.id).expect("looked up above");
         if joined.subscribed >= MAX_MEMBER_SUBSCRIPTIONS {
             return Err(TooManySubscriptions::Session);
         }
-        if let Some(p) = &principal
+        if let Some(p) = principal.as_ref().filter(|_| new_to_it)
             && by_principal
                 .get(p)
                 .is_some_and(|n| *n >= MAX_PRINCIPAL_SUBSCRIPTIONS)
@@ -155,8 +160,11 @@ impl Member {
             return Err(TooManySubscriptions::Shared);
         }
         joined.subscribed += 1;
-        if let Some(p) = principal {
-            *by_principal.entry(p).or_default() += 1;
+        if let Some(key) = held {
+            if new_to_it {
+                *by_principal.entry(key.0.clone()).or_default() += 1;
+            }
+            *holders.entry(key).or_default() += 1;
         }
         let subscribers = subscriptions.entry(uri.to_owned()).or_default();
         let first = subscribers.is_empty();
@@ -189,10 +197,15 @@ impl Members {
         if let Some(joined) = self.sessions.get_mut(&id) {
             joined.subscribed -= 1;
             // The principal's count goes down with its last session holding the resource.
-            if let Some(p) = joined.principal.clone()
-                && !holds(&self.sessions, subscribers, &p)
-            {
-                forget(&mut self.by_principal, &p, 1);
+            if let Some(p) = joined.principal.clone() {
+                let key = (p, uri.to_owned());
+                if let Some(n) = self.holders.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.holders.remove(&key);
+                        forget(&mut self.by_principal, &key.0, 1);
+                    }
+                }
             }
         }
         if subscribers.is_empty() {
@@ -226,17 +239,6 @@ impl Drop for Member {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Whether any of `subscribers` is a session of `principal`.
-fn holds(
-    sessions: &HashMap<u64, Joined>,
-    subscribers: &HashSet<u64>,
-    principal: &Arc<str>,
-) -> bool {
-    subscribers
-        .iter()
-        .any(|id| sessions.get(id).and_then(|j| j.principal.as_ref()) == Some(principal))
 }
 
 /// Takes `n` off `principal`'s count of subscriptions, and the count with its last one.
@@ -888,6 +890,8 @@ mod tests {
         let again = member_of(&shared, Some("greedy"));
         assert_eq!(again.subscribe(&uri(0, 0), true), Ok(Subscription::Forward));
         assert_eq!(lock(&shared.members).by_principal.get("greedy"), Some(&1));
+        // Nothing else is kept of what left: other's resource and greedy's new one.
+        assert_eq!(lock(&shared.members).holders.len(), 2);
     }
 
     /// One session cannot grow the map kept for the shared server without bound, nor all of

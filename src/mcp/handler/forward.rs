@@ -518,7 +518,14 @@ pub(super) async fn forward(
                     Err(super::aggregate::PinRefusal::Denied(why)) => {
                         break Err((why, p.local.clone(), p.pinning.audit.clone()));
                     }
-                    Err(super::aggregate::PinRefusal::Upstream(e)) => break Ok(Err(e)),
+                    Err(super::aggregate::PinRefusal::Upstream(e)) => {
+                        // A call that failed: recorded as one (its record was kept back
+                        // until the pins allowed it).
+                        if let (Some(record), Some(event)) = (&mut audited, p.event.take()) {
+                            record.event = Some(event);
+                        }
+                        break Ok(Err(e));
+                    }
                 }
                 if let (Some(record), Some(event)) = (&mut audited, p.event.take()) {
                     record.event = Some(event);
