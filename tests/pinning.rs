@@ -18,6 +18,19 @@ fn dir() -> std::path::PathBuf {
     d
 }
 
+/// An empty directory of this test's own under [`dir`], and a port nothing listens on yet.
+fn fresh(name: &str) -> (std::path::PathBuf, u16) {
+    let dir = dir().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    (dir, port)
+}
+
 async fn gateway(dir: &std::path::Path, echo_description: Option<&str>) -> TestGateway {
     let top = format!(
         "admin: {{tokens: [{{principal: ops, token: {ADMIN}}}]}}
@@ -235,14 +248,7 @@ async fn a_pins_file_that_is_not_one_stops_the_start() {
 /// before it is sent there, not sent unchecked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_meets_a_restarted_http_server_is_checked_again_before_it_is_sent() {
-    let dir = dir().join("restarted");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (dir, port) = fresh("restarted");
     let spawn = |description: &str| {
         tokio::process::Command::new(support::BIN)
             .args(["example-server", "--name", "a", "--echo-description"])
@@ -430,14 +436,7 @@ async fn a_changed_tool_is_refused_on_every_front_and_under_every_name() {
 /// (-32010, not a tool the pins refuse), and the trail records it as a failed call.
 #[tokio::test]
 async fn a_call_to_a_server_down_at_its_pin_check_is_a_failed_call() {
-    let dir = dir().join("down");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (dir, port) = fresh("down");
     let audit = dir.join("audit.jsonl");
     let gw = TestGateway::start(
         &format!(
