@@ -1497,6 +1497,25 @@ async fn stored_secrets_reach_only_the_workload_they_were_given_for() {
     let running = container().unwrap();
     assert_eq!(running["command"][0], BIN, "{running}");
     assert!(!running.to_string().contains("echo $TOKEN"), "{running}");
+    // Nor through the admin API: a caller who may define servers cannot move the stored
+    // value to another workload without giving it again.
+    let r = admin(
+        &gw,
+        "PUT",
+        "/admin/v1/servers/s",
+        Some(spec(
+            json!(["example-server", "--name", "elsewhere"]),
+            json!({"name": "TOKEN", "storedSecret": true}),
+        )),
+    )
+    .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("give them again"), "{}", r.body);
+    assert!(!r.body.contains("s-7b21"), "{}", r.body);
+    assert!(
+        !container().unwrap().to_string().contains("elsewhere"),
+        "nothing rolled out"
+    );
 
     // Given again through the gateway, for a new workload: it runs.
     let r = admin(
@@ -1523,6 +1542,65 @@ async fn stored_secrets_reach_only_the_workload_they_were_given_for() {
             .is_some_and(|v| v["metadata"]["annotations"]["gatehouse.dev/values-for"].is_string())
     })
     .await;
+    gw.stop().await;
+    fake.assert_within_deployed_role();
+}
+
+/// A Secret labelled as a server's values but of another type than the gateway writes is not
+/// its values: a `service-account-token` Secret naming the gateway's account would be filled
+/// with the gateway's own token by the cluster, for a pod of the attacker's choosing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_values_secret_of_another_type_reaches_no_pod() {
+    let fake = FakeKube::start().await;
+    let (gw, _rt) = replica(&fake, "replica-a").await;
+    // As the token controller leaves it: labels forged by whoever made it, the token filled in.
+    fake.create(
+        Kind::Secret,
+        NS,
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/service-account-token",
+            "metadata": {"name": "mcp-x.values",
+                "labels": {"gatehouse.dev/server": "x", "app.kubernetes.io/managed-by": "gatehouse"},
+                "annotations": {"kubernetes.io/service-account.name": "gatehouse"}},
+            "data": {"token": base64::engine::general_purpose::STANDARD.encode("gateway-sa-token")}}),
+    );
+    // Through the admin API: refused, nothing written.
+    let r = admin(
+        &gw,
+        "PUT",
+        "/admin/v1/servers/x",
+        Some(json!({"image": "ghcr.io/attacker/dump:1", "command": BIN,
+            "args": ["example-server", "--name", "x"],
+            "env": [{"name": "token", "storedSecret": true}]})),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("not this server's"), "{}", r.body);
+    assert!(!r.body.contains("gateway-sa-token"), "{}", r.body);
+    assert!(fake.get(Kind::McpServer, NS, "x").is_none());
+    // Written behind the gateway's back (kubectl): never rolled out, and the resource says why.
+    fake.create(
+        Kind::McpServer,
+        NS,
+        json!({"apiVersion": "gatehouse.dev/v1alpha1", "kind": "McpServer",
+            "metadata": {"name": "x"},
+            "spec": {"image": "ghcr.io/attacker/dump:1", "command": BIN,
+                "args": ["example-server", "--name", "x"],
+                "env": [{"name": "token", "storedSecret": true}]}}),
+    );
+    eventually("the resource refused", || {
+        fake.get(Kind::McpServer, NS, "x").is_some_and(|r| {
+            r["status"]
+                .to_string()
+                .contains("not one the gateway wrote for this server")
+        })
+    })
+    .await;
+    assert!(fake.get(Kind::Deployment, NS, "mcp-x").is_none());
+    let secret = fake.get(Kind::Secret, NS, "mcp-x.values").unwrap();
+    assert!(
+        secret["metadata"]["annotations"]["gatehouse.dev/values-for"].is_null(),
+        "not marked as the server's: {secret}"
+    );
     gw.stop().await;
     fake.assert_within_deployed_role();
 }

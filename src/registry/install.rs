@@ -273,6 +273,18 @@ pub fn plan(
             .as_str()
             .map(|v| substitute(v, &known))
             .or_else(|| arg["default"].as_str().map(str::to_string));
+        // Kubernetes expands `$(NAME)` in a container's arguments from its environment, where
+        // the secrets are: such an argument would put one on the command line.
+        if [value.as_deref(), arg["name"].as_str()]
+            .into_iter()
+            .flatten()
+            .any(|v| v.contains("$("))
+        {
+            return Err(refuse(
+                apath,
+                "contains \"$(\", which Kubernetes expands from the server's environment (its secrets among it) into the command line",
+            ));
+        }
         match (arg["type"].as_str(), value) {
             (Some("named"), Some(v)) => {
                 args.push(arg["name"].as_str().unwrap_or_default().to_string());
@@ -1219,6 +1231,33 @@ mod tests {
         assert_eq!(def.spec.command, None);
         assert_eq!(def.spec.args, ["example-server"]);
         assert_eq!(def.name, "example-server");
+    }
+
+    /// An argument Kubernetes would expand from the environment (`$(API_KEY)`) is refused,
+    /// whether the document writes it as the value, the default or the name, or an installer's
+    /// value brings it.
+    #[test]
+    fn arguments_that_kubernetes_expands_are_refused() {
+        let runners = Runners::of(&crate::config::RegistryConfig::default());
+        for arg in [
+            json!({"type": "positional", "value": "$(API_KEY)"}),
+            json!({"type": "positional", "default": "--key=$(API_KEY)"}),
+            json!({"type": "named", "name": "--k$(API_KEY)", "value": "x"}),
+            json!({"type": "positional", "value": "{PORT}"}),
+        ] {
+            let mut doc = with_http(everything());
+            doc["packages"][1]["packageArguments"] = json!([arg]);
+            let mut request = Request::default();
+            request.package = Some(1);
+            request.values.insert("API_KEY".into(), "k-123".into());
+            request.values.insert("PORT".into(), "$(API_KEY)".into());
+            let e = plan(&doc, &request, &runners).unwrap_err().to_string();
+            assert!(
+                e.contains("packageArguments[0]") && e.contains("$("),
+                "{arg}: {e}"
+            );
+            assert!(!e.contains("k-123"), "{e}");
+        }
     }
 
     #[test]

@@ -549,10 +549,21 @@ impl Drop for KubeRuntime {
     }
 }
 
+/// Whether `secret` is server `name`'s values Secret as the gateway writes it: labelled for
+/// that server and of type `Opaque`. Anyone who may create Secrets can forge the labels; the
+/// type keeps out what a cluster controller fills in (a `service-account-token` Secret gets
+/// the token of the account it names, the gateway's own among them).
+fn is_values_of(secret: &Secret, name: &str) -> bool {
+    secret.labels().get(labels::SERVER).map(String::as_str) == Some(name)
+        && secret.labels().get(labels::MANAGED_BY).map(String::as_str) == Some(labels::MANAGER)
+        // The API server defaults an unset type to `Opaque`.
+        && secret.type_.as_deref().is_none_or(|t| t == "Opaque")
+}
+
 impl KubeRuntime {
     /// The values Secret of server `name`, if there is one and it is that server's (labelled
-    /// so by the gateway): a Secret of that name made by anyone else is never read, written
-    /// over or deleted.
+    /// so by the gateway, of the type it writes): a Secret of that name made by anyone else
+    /// is never read, written over or deleted.
     async fn own_values(&self, name: &str) -> Result<Option<Secret>> {
         let api: Api<Secret> = Api::namespaced(self.inner.client.clone(), &self.inner.ns);
         let secret_name = values_secret_name(name);
@@ -561,12 +572,7 @@ impl KubeRuntime {
         })?;
         match found {
             None => Ok(None),
-            Some(s) if s.labels().get(labels::SERVER).map(String::as_str) == Some(name)
-                && s.labels().get(labels::MANAGED_BY).map(String::as_str)
-                    == Some(labels::MANAGER) =>
-            {
-                Ok(Some(s))
-            }
+            Some(s) if is_values_of(&s, name) => Ok(Some(s)),
             Some(_) => Err(SpecError {
                 field: "env".into(),
                 message: format!(
@@ -614,6 +620,22 @@ impl KubeRuntime {
                     }
                     .into());
                 }
+            }
+            // Kept values go only to the workload they were given for, as an edit of the
+            // resource behind the gateway's back finds (`values_given_for`): whoever may
+            // redefine a server but not read Secrets cannot have another image or command
+            // run with them.
+            let runs = spec.workload_digest();
+            if spec.remote.is_none()
+                && let Some(given_for) = old
+                    .as_ref()
+                    .and_then(|s| s.annotations().get(VALUES_FOR_ANNOTATION))
+                && *given_for != runs
+            {
+                return Err(OrchestratorError::Conflict(format!(
+                    "{} holds secrets given for another image, command, arguments, environment or egress than this definition: give them again (secretValue)",
+                    values_secret_name(name)
+                )));
             }
             for k in kept {
                 let value = old
@@ -1586,6 +1608,12 @@ impl Inner {
                 "waiting for {secret_name}, which holds its stored secrets"
             )));
         };
+        if !is_values_of(&secret, name) {
+            return Err(OrchestratorError::Conflict(format!(
+                "the Secret {secret_name} is not one the gateway wrote for this server (type {}): remove it, then give the stored secrets again (secretValue) through the gateway",
+                secret.type_.as_deref().unwrap_or("Opaque")
+            )));
+        }
         let runs = spec.workload_digest();
         match secret.annotations().get(VALUES_FOR_ANNOTATION) {
             Some(given_for) if *given_for == runs => Ok(()),
@@ -2071,8 +2099,7 @@ impl Inner {
     /// server's (made by the gateway for it).
     fn stored_value(&self, name: &str, key: &str) -> Option<String> {
         let secret = self.secrets.get(name, &values_secret_name(name))?;
-        let ours = secret.labels().get(labels::SERVER).map(String::as_str) == Some(name)
-            && secret.labels().get(labels::MANAGED_BY).map(String::as_str) == Some(labels::MANAGER);
+        let ours = is_values_of(&secret, name);
         if key.starts_with("header.")
             && !self
                 .valid(name)

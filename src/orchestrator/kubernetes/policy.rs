@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::orchestrator::egress::{
-    EgressPreset, EgressSpec, contains, parse_cidr, private_overlap,
+    EgressPreset, EgressSpec, contains, overlaps, parse_cidr, private_overlap, unmapped,
 };
 use crate::orchestrator::spec::{ResolvedServer, SpecError};
 
@@ -141,14 +141,12 @@ impl PodPolicy {
     }
 
     /// Refuses a `cidr` rule that reaches private, cluster or metadata addresses the operator
-    /// did not allow: a definition (an `McpServer`, the admin API) must not open the way to the
-    /// cloud's credentials or the cluster's insides.
+    /// did not allow, or the cluster's own public ones (`egress_except`): a definition (an
+    /// `McpServer`, the admin API) must not open the way to the cloud's credentials or the
+    /// cluster's insides.
     fn admit_egress(&self, egress: &EgressSpec) -> Result<(), SpecError> {
         for (i, rule) in egress.allow.iter().enumerate() {
             let Some(range) = rule.cidr.as_deref().and_then(|c| parse_cidr(c).ok()) else {
-                continue;
-            };
-            let Some(private) = private_overlap(range) else {
                 continue;
             };
             let allowed = self
@@ -156,8 +154,10 @@ impl PodPolicy {
                 .iter()
                 .filter_map(|a| parse_cidr(a).ok())
                 .any(|a| contains(a, range));
-            if !allowed {
-                let cidr = rule.cidr.as_deref().unwrap_or_default();
+            let cidr = rule.cidr.as_deref().unwrap_or_default();
+            if let Some(private) = private_overlap(range)
+                && !allowed
+            {
                 return Err(SpecError {
                     field: format!("egress.allow[{i}].cidr"),
                     message: format!(
@@ -167,6 +167,22 @@ impl PodPolicy {
                         } else {
                             self.egress_private_cidrs.join(", ")
                         }
+                    ),
+                });
+            }
+            // The cluster's own public addresses (its API server, nodes, load balancers) are
+            // held back from every server pod, and the `ipBlock` a rule becomes carries no
+            // exceptions: a rule reaching any of them is refused, as a remote there is.
+            if !allowed
+                && let Some(own) = self
+                    .egress_except
+                    .iter()
+                    .find(|e| parse_cidr(e).is_ok_and(|e| overlaps(e, unmapped(range))))
+            {
+                return Err(SpecError {
+                    field: format!("egress.allow[{i}].cidr"),
+                    message: format!(
+                        "{cidr} reaches {own}, one of the cluster's own addresses the operator excepts from public egress (GATEHOUSE_ORCHESTRATOR_EGRESS_EXCEPT)"
                     ),
                 });
             }
@@ -422,6 +438,38 @@ mod tests {
         // An operator's IPv4 range does not open its mapped form either.
         p.egress_private_cidrs = vec!["10.0.0.0/8".into()];
         assert!(p.admit(&s).is_err());
+    }
+
+    /// A `cidr` rule reaching the cluster's own public addresses is refused: the `ipBlock` it
+    /// becomes would let the pod reach them, which no server pod may.
+    #[test]
+    fn an_egress_rule_reaching_the_clusters_own_addresses_is_refused() {
+        let mut p = PodPolicy::default();
+        p.egress_except = vec!["203.0.113.10/32".into()];
+        let with = |cidr: &str| {
+            let mut s = server("name: a\nimage: x");
+            s.spec.egress = Some(EgressSpec {
+                preset: EgressPreset::None,
+                allow: vec![crate::orchestrator::egress::EgressRule {
+                    cidr: Some(cidr.into()),
+                    ..Default::default()
+                }],
+            });
+            s
+        };
+        for cidr in [
+            "203.0.113.10/32",
+            "203.0.113.0/24",
+            "203.0.0.0/8",
+            "::ffff:203.0.113.0/120",
+        ] {
+            let e = p.admit(&with(cidr)).unwrap_err();
+            assert_eq!(e.field, "egress.allow[0].cidr", "{cidr}: {e}");
+            assert!(e.message.contains("EGRESS_EXCEPT"), "{cidr}: {e}");
+        }
+        // Beside them, a public range is the definition's to open.
+        assert!(p.admit(&with("203.0.113.11/32")).is_ok());
+        assert!(p.admit(&with("198.51.100.0/24")).is_ok());
     }
 
     #[test]
