@@ -21,17 +21,25 @@ async fn gateway(plugins: &str, multi: bool) -> (TestGateway, Client, String) {
 
 const KEY: &str = "sk-live-0123456789abcdefghij";
 
-fn redact() -> String {
+/// Redaction in one chain, with `selects` (`tools: [...], `) before its plugins.
+fn redact_in(selects: &str) -> String {
     format!(
-        "plugins:\n  modules:\n    - {{ name: redact, path: {:?} }}\n  chains:\n    - {{ name: all, plugins: [redact] }}",
+        "plugins:\n  modules:\n    - {{ name: redact, path: {:?} }}\n  chains:\n    - {{ name: all, {selects}plugins: [redact] }}",
         wasm("redact")
     )
 }
 
 #[tokio::test]
 async fn log_lines_and_errors_are_redacted_like_results() {
-    for multi in [false, true] {
-        let (gw, c, prefix) = gateway(&redact(), multi).await;
+    // A chain selecting tools judges a server's log line too: the line may be about any of
+    // them, and a result put in a log line must not walk around it.
+    for (selects, multi, selects_fail) in [
+        ("", false, true),
+        ("", true, true),
+        ("tools: [\"*\"], ", false, true),
+        ("tools: [\"nothing-listed\"], ", true, false),
+    ] {
+        let (gw, c, prefix) = gateway(&redact_in(selects), multi).await;
         // A log line the server sends during the call.
         let r = c
             .post(
@@ -48,7 +56,11 @@ async fn log_lines_and_errors_are_redacted_like_results() {
         let data = log["params"]["data"].as_str().unwrap();
         assert!(!data.contains(KEY), "multi={multi}: {data}");
         assert!(data.starts_with("key "), "multi={multi}: {data}");
-        // An error message.
+        if !selects_fail {
+            gw.stop().await;
+            continue;
+        }
+        // An error message (a result of the tool the chain selects).
         let r = c
             .call(
                 2,

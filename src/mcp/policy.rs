@@ -207,11 +207,25 @@ impl Policy {
 
     /// Runs the on-response chain: `Ok(Some(new))` when a plugin rewrote the result.
     pub async fn on_response(&self, result: &Bytes) -> Result<Option<Bytes>, Denied> {
-        match self
+        let decision = self
             .set
             .on_response(&self.ctx(), &JsonText::from_utf8(result))
-            .await
-        {
+            .await;
+        self.judged(decision)
+    }
+
+    /// Runs the on-response chains over a server's own message (its params), whatever tools
+    /// they select: see [`crate::plugins::PluginSet::on_server_message`].
+    pub async fn on_server_message(&self, params: &Bytes) -> Result<Option<Bytes>, Denied> {
+        let decision = self
+            .set
+            .on_server_message(&self.ctx(), &JsonText::from_utf8(params))
+            .await;
+        self.judged(decision)
+    }
+
+    fn judged(&self, decision: Decision) -> Result<Option<Bytes>, Denied> {
+        match decision {
             Decision::Allow => Ok(None),
             Decision::Rewrite(new) => Ok(Some(Bytes::from(new))),
             Decision::Deny(d) => {
@@ -223,8 +237,8 @@ impl Policy {
 }
 
 /// Runs what servers send to a client (log lines, progress, sampling and elicitation requests)
-/// through the result chains, as the method it is: a redaction that applies to results applies
-/// to a log line too. A denied message is dropped (and audited); a rewrite replaces its params.
+/// through the result chains, as the method it is and whatever tools a chain selects (it may
+/// be about any of them): a redaction that applies to results applies to a log line too. A denied message is dropped (and audited); a rewrite replaces its params.
 /// And the client's answers to those requests through the request chains, as what goes to a
 /// server: a denied answer reaches the server as an error (and is audited).
 pub struct PluginMessagePolicy {
@@ -273,7 +287,7 @@ impl MessagePolicy for PluginMessagePolicy {
                 return Some(msg);
             };
             let params = params.unwrap_or_else(|| Bytes::from_static(b"{}"));
-            match policy.on_response(&params).await {
+            match policy.on_server_message(&params).await {
                 Ok(None) => Some(msg),
                 Ok(Some(new)) => {
                     if !new.trim_ascii_start().starts_with(b"{")

@@ -208,6 +208,15 @@ fn denial_code(code: i32) -> i64 {
     }
 }
 
+/// What a payload concerns, as the chains' `tools` selectors see it.
+#[derive(Clone, Copy)]
+enum Concerns {
+    /// The context's own target (`name`): chains selecting tools judge it by that name.
+    Target,
+    /// Some call of the server, which one unknown: every chain for the method judges it.
+    AnyCall,
+}
+
 /// Whether the caller applies a chain's rewrite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rewrites {
@@ -444,8 +453,31 @@ impl PluginSet {
 
     /// Runs the on-response chain over a JSON-RPC result.
     pub async fn on_response(&self, ctx: &CallContext<'_>, result: &JsonText) -> Decision {
-        self.run_chain(Hook::Response, ctx, result, Mode::Async, Rewrites::Applied)
-            .await
+        self.run_chain(
+            Hook::Response,
+            ctx,
+            result,
+            Mode::Async,
+            Rewrites::Applied,
+            Concerns::Target,
+        )
+        .await
+    }
+
+    /// Runs the on-response chains over what a server sends a client of its own accord (a log
+    /// line, progress, a question) as method `ctx.method`: it may concern any call of the
+    /// server, so the chains that select tools judge it too, whatever tools they select (a
+    /// redaction scoped to tools must not be walked around by putting a result in a log line).
+    pub async fn on_server_message(&self, ctx: &CallContext<'_>, params: &JsonText) -> Decision {
+        self.run_chain(
+            Hook::Response,
+            ctx,
+            params,
+            Mode::Async,
+            Rewrites::Applied,
+            Concerns::AnyCall,
+        )
+        .await
     }
 
     /// [`Self::on_response`], blocking the calling thread (not for runtime workers).
@@ -460,6 +492,7 @@ impl PluginSet {
             &result.into(),
             Mode::Blocking,
             Rewrites::Applied,
+            Concerns::Target,
         ))
     }
 
@@ -498,8 +531,15 @@ impl PluginSet {
         if let Some(denied) = self.check_visible(ctx, listed, mode).await {
             return Decision::Deny(denied);
         }
-        self.run_chain(Hook::Request, ctx, arguments, mode, rewrites)
-            .await
+        self.run_chain(
+            Hook::Request,
+            ctx,
+            arguments,
+            mode,
+            rewrites,
+            Concerns::Target,
+        )
+        .await
     }
 
     async fn visible(
@@ -697,6 +737,7 @@ impl PluginSet {
         payload: &JsonText,
         mode: Mode,
         rewrites: Rewrites,
+        concerns: Concerns,
     ) -> Decision {
         if self.is_empty() {
             return Decision::Allow;
@@ -705,7 +746,11 @@ impl PluginSet {
         let mut input = Cow::Borrowed(payload);
         let mut rewritten: Option<String> = None;
         let mut seen = Seen::default();
-        for chain in self.chains.iter().filter(|c| c.matches_call(ctx)) {
+        let selected = |c: &&Chain| match concerns {
+            Concerns::Target => c.matches_call(ctx),
+            Concerns::AnyCall => c.matches_request(ctx),
+        };
+        for chain in self.chains.iter().filter(selected) {
             for &i in &chain.plugins {
                 let plugin = &self.plugins[i];
                 let implements = match hook {
