@@ -22,8 +22,8 @@ pub struct ListPage {
     /// The first item listed under each name.
     by_name: HashMap<Box<str>, usize>,
     next_cursor: Option<String>,
-    /// Each item's description and labels, read when first asked for.
-    described: Vec<OnceLock<Described>>,
+    /// Each item's description and labels, read when first asked for (`None`: unreadable).
+    described: Vec<OnceLock<Option<Described>>>,
 }
 
 /// What a list filter judges an item by besides its name: its description, and labels from
@@ -37,15 +37,71 @@ pub struct Described {
     pub labels: Vec<String>,
 }
 
+/// The members of a listed item that clients, the pins and the gateway read.
+const ITEM_MEMBERS: [&str; 12] = [
+    "name",
+    "title",
+    "description",
+    "inputSchema",
+    "outputSchema",
+    "annotations",
+    "arguments",
+    "uri",
+    "uriTemplate",
+    "mimeType",
+    "icons",
+    "_meta",
+];
+
+/// Why clients could read listed item `raw` otherwise than the gateway: a key a lenient
+/// decoder reads as one of its members without being it (`Name`, `DESCRIPTION`,
+/// `inputschema\u0000`), a key that is no text, or a member given twice (clients read the
+/// last, a plugin could be shown the first or none). Such an item could show a client another
+/// name or description than the gateway prefixed, pinned and judged. `None` for an item with
+/// none.
+pub fn misread_member(raw: &str) -> Option<String> {
+    let mut found = None;
+    // One bit per member of `ITEM_MEMBERS` seen.
+    let mut seen = 0u16;
+    let _ = crate::json_scan::members(raw, crate::json_scan::MAX_DEPTH, |key, _| {
+        if found.is_some() {
+            return;
+        }
+        let Ok(k) = crate::json_scan::unquote(key) else {
+            found = Some(format!("its key {key} is no text"));
+            return;
+        };
+        match crate::mcp::lookalike::read_as(&k, &ITEM_MEMBERS) {
+            Some(member) if member == k => {
+                let bit = 1 << ITEM_MEMBERS.iter().position(|m| *m == member).unwrap_or(0);
+                if seen & bit != 0 {
+                    found = Some(format!("its member {member} is given twice"));
+                }
+                seen |= bit;
+            }
+            Some(member) => {
+                found = Some(format!(
+                    "its key {:?} is read as {member} by lenient clients",
+                    crate::mcp::lookalike::shown(&k)
+                ));
+            }
+            None => {}
+        }
+    });
+    found
+}
+
 impl Described {
-    fn read(item: &str) -> Described {
-        Described::read_listed(item, "").1
+    fn read(item: &str) -> Option<Described> {
+        Described::read_listed(item, "").map(|(_, d)| d)
     }
 
     /// Reads an item of a `key` page (`tools`, `resources`, ...): the name it is listed under
-    /// (a URI for resources) and its description and labels (unreadable: none of them).
-    pub fn read_listed(item: &str, key: &str) -> (Option<String>, Described) {
-        #[derive(Deserialize, Default)]
+    /// (a URI for resources) and its description and labels. `None` for an item that cannot be
+    /// read so (a member of another type, or any [`misread_member`]): what a client would
+    /// show of it is not known, so a list filter cannot judge it.
+    pub fn read_listed(item: &str, key: &str) -> Option<(Option<String>, Described)> {
+        #[derive(Deserialize)]
         struct Item<'a> {
             name: Option<String>,
             uri: Option<String>,
@@ -53,12 +109,16 @@ impl Described {
             uri_template: Option<String>,
             description: Option<String>,
             // Read as text: a server's annotations are never a value tree of its choosing.
-            #[serde(borrow, default)]
-            annotations: BTreeMap<Cow<'a, str>, &'a RawValue>,
+            #[serde(borrow)]
+            annotations: Option<BTreeMap<Cow<'a, str>, &'a RawValue>>,
             #[serde(borrow, rename = "_meta")]
             meta: Option<BTreeMap<Cow<'a, str>, &'a RawValue>>,
         }
-        let it: Item<'_> = serde_json::from_str(item).unwrap_or_default();
+        if misread_member(item).is_some() {
+            return None;
+        }
+        let it: Item<'_> = serde_json::from_str(item).ok()?;
+        let annotations = it.annotations.unwrap_or_default();
         let mut labels: Vec<String> = [
             ("destructiveHint", "destructive"),
             ("readOnlyHint", "read-only"),
@@ -66,7 +126,7 @@ impl Described {
             ("openWorldHint", "open-world"),
         ]
         .iter()
-        .filter(|(hint, _)| it.annotations.get(*hint).is_some_and(|v| v.get() == "true"))
+        .filter(|(hint, _)| annotations.get(*hint).is_some_and(|v| v.get() == "true"))
         .map(|(_, label)| (*label).to_owned())
         .collect();
         if let Some(extra) = it
@@ -86,7 +146,7 @@ impl Described {
             description: it.description,
             labels,
         };
-        (name, described)
+        Some((name, described))
     }
 }
 
@@ -179,14 +239,17 @@ impl ListPage {
         self.by_name.get(name).map(|i| self.text(&self.items[*i].1))
     }
 
-    /// The description and labels of item `i` (in [`Self::items`]' order).
-    pub fn described(&self, i: usize) -> &Described {
-        self.described[i].get_or_init(|| Described::read(self.text(&self.items[i].1)))
+    /// The description and labels of item `i` (in [`Self::items`]' order); `None` when it
+    /// cannot be read as clients would read it (see [`Described::read_listed`]).
+    pub fn described(&self, i: usize) -> Option<&Described> {
+        self.described[i]
+            .get_or_init(|| Described::read(self.text(&self.items[i].1)))
+            .as_ref()
     }
 
-    /// The description and labels of the first item listed under `name`.
+    /// The description and labels of the first item listed under `name`, if it can be read.
     pub fn find_described(&self, name: &str) -> Option<&Described> {
-        self.by_name.get(name).map(|&i| self.described(i))
+        self.by_name.get(name).and_then(|&i| self.described(i))
     }
 
     /// Each item's name and text, in order.
@@ -208,6 +271,49 @@ impl ListPage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn items_clients_would_read_otherwise_are_not_read() {
+        for (item, why) in [
+            (r#"{"name":"a","Name":"b"}"#, Some("read as name")),
+            (
+                r#"{"name":"a","description":"x","description":"y"}"#,
+                Some("description is given twice"),
+            ),
+            (
+                r#"{"name":"a","inputSchema":{},"inputSchema":{"type":"object"}}"#,
+                Some("inputSchema is given twice"),
+            ),
+            (
+                r#"{"name":"a","descriptio\u006e":"x","description":"y"}"#,
+                Some("description is given twice"),
+            ),
+            (r#"{"name":"a","other":1,"other":2}"#, None),
+            (r#"{"name":"a","description":"x","annotations":null}"#, None),
+        ] {
+            let found = misread_member(item);
+            assert_eq!(found.is_some(), why.is_some(), "{item}: {found:?}");
+            if let (Some(found), Some(why)) = (&found, why) {
+                assert!(found.contains(why), "{item}: {found}");
+            }
+            assert_eq!(
+                Described::read_listed(item, "tools").is_none(),
+                why.is_some(),
+                "{item}"
+            );
+        }
+        // A member of another type than clients expect: not read either.
+        assert!(Described::read_listed(r#"{"name":"a","description":5}"#, "tools").is_none());
+        let (name, d) = Described::read_listed(
+            r#"{"name":"a","annotations":{"readOnlyHint":true}}"#,
+            "tools",
+        )
+        .unwrap();
+        assert_eq!(
+            (name.as_deref(), d.labels.as_slice()),
+            (Some("a"), &["read-only".to_owned()][..])
+        );
+    }
 
     #[test]
     fn items_are_found_by_the_name_they_are_listed_under() {

@@ -393,18 +393,22 @@ pub async fn visible(
         "resources/list" => (EntryKind::Resource, "resources"),
         _ => (EntryKind::ResourceTemplate, "resourceTemplates"),
     };
-    let entries: Vec<ListEntry> = items
+    // An item that cannot be read as clients read it is hidden, unjudged: the plugins would
+    // judge another description or labels than the client shows.
+    let read: Vec<Option<ListEntry>> = items
         .iter()
         .map(|i| {
-            let (name, described) = Described::read_listed(i.get(), key);
-            ListEntry {
+            let (name, described) = Described::read_listed(i.get(), key)?;
+            Some(ListEntry {
                 kind,
                 name: name.unwrap_or_default(),
                 description: described.description,
                 labels: described.labels,
-            }
+            })
         })
         .collect();
+    let readable: Vec<bool> = read.iter().map(Option::is_some).collect();
+    let entries: Vec<ListEntry> = read.into_iter().flatten().collect();
     let ctx = CallContext {
         method: list_method,
         server,
@@ -415,7 +419,15 @@ pub async fn visible(
         groups: &caller.claims.groups,
         scopes: &caller.claims.scopes,
     };
-    set.filter_list(&ctx, &entries).await
+    let judged = set.filter_list(&ctx, &entries).await?;
+    if entries.len() == readable.len() {
+        return Ok(judged);
+    }
+    let mut judged = judged.into_iter();
+    Ok(readable
+        .into_iter()
+        .map(|read| read && judged.next().unwrap_or(false))
+        .collect())
 }
 
 /// Most pages of a server's list read to find how it lists a call's target.
@@ -509,8 +521,11 @@ async fn matching_templates(
         "resourceTemplates",
         |page| {
             for (i, (template, _)) in page.items().enumerate() {
-                if template_matches(template, uri) {
-                    let described = page.described(i);
+                // A template that cannot be read is not judged by: the resource is then
+                // judged by the others, or is not listed (refused).
+                if template_matches(template, uri)
+                    && let Some(described) = page.described(i)
+                {
                     found.push(entry(EntryKind::ResourceTemplate, template, described));
                 }
             }

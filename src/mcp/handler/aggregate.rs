@@ -352,8 +352,8 @@ pub(super) async fn merge_page(
     let pins = sv.pins.filter(|_| kind.key == "tools");
     for (i, item) in list.into_iter().enumerate() {
         let raw = item.get();
-        if let Some(key) = lookalike_member(raw) {
-            tracing::debug!(server = %server.name, "a listed item left out: its key {key:?} is read as another by lenient clients");
+        if let Some(why) = crate::mcp::list_page::misread_member(raw) {
+            tracing::debug!(server = %server.name, "a listed item left out: {why}");
             continue;
         }
         // Every definition seen is checked against its pin; a flagged one is not shown.
@@ -441,44 +441,6 @@ enum ProfileItem {
     AsIs,
     /// A tool renamed or with fields overridden, re-encoded.
     Rewritten(Vec<u8>),
-}
-
-/// The members of a listed item that clients, the pins and the gateway read.
-const ITEM_MEMBERS: [&str; 12] = [
-    "name",
-    "title",
-    "description",
-    "inputSchema",
-    "outputSchema",
-    "annotations",
-    "arguments",
-    "uri",
-    "uriTemplate",
-    "mimeType",
-    "icons",
-    "_meta",
-];
-
-/// A key of listed item `raw` that a lenient client decoder reads as one of its members
-/// without being it (`Name`, `DESCRIPTION`, `inputschema\u0000`), or one that is no text: such
-/// an item could show a client another name or description than the gateway prefixed,
-/// pinned and judged. `None` for an item with none.
-fn lookalike_member(raw: &str) -> Option<String> {
-    let mut found = None;
-    let _ = crate::json_scan::members(raw, crate::json_scan::MAX_DEPTH, |key, _| {
-        if found.is_some() {
-            return;
-        }
-        match crate::json_scan::unquote(key) {
-            Ok(k) => {
-                if crate::mcp::lookalike::read_as(&k, &ITEM_MEMBERS).is_some_and(|m| m != k) {
-                    found = Some(crate::mcp::lookalike::shown(&k).to_owned());
-                }
-            }
-            Err(_) => found = Some(key.to_owned()),
-        }
-    });
-    found
 }
 
 fn profile_item(
