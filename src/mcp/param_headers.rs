@@ -23,12 +23,20 @@ const MAX_MARKED_TOOLS: usize = 4096;
 pub const UNFINISHED_LIST_KEPT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Most marked arguments of one tool kept (each is a header on every call of it).
 const MAX_MARKS_PER_TOOL: usize = 32;
+/// Longest tool or argument name whose marks are kept: a server's names are not the gateway's
+/// to hold at any length.
+const MAX_KEPT_NAME: usize = 256;
+/// Most bytes of names one server's marks hold, for each session that reaches it: past it,
+/// further tools' marks are not kept.
+const MAX_KEPT_BYTES: usize = 256 * 1024;
 
 /// Which arguments of one upstream's tools are mirrored in headers: tool → (argument, header
 /// suffix). Tools without marked arguments are absent.
 #[derive(Debug, Default)]
 pub struct ToolHeaders {
     by_tool: HashMap<String, Vec<(String, String)>>,
+    /// Bytes of the names held in `by_tool`.
+    bytes: usize,
 }
 
 impl ToolHeaders {
@@ -72,6 +80,9 @@ impl ToolHeaders {
             else {
                 continue;
             };
+            if name.len() > MAX_KEPT_NAME {
+                continue;
+            }
             let Ok(Schema {
                 properties: Some(properties),
             }) = serde_json::from_str::<Schema>(schema.get())
@@ -90,6 +101,7 @@ impl ToolHeaders {
                 };
                 let valid = !header.is_empty()
                     && header.len() <= MAX_NAME
+                    && arg.len() <= MAX_KEPT_NAME
                     && header
                         .bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-');
@@ -102,10 +114,19 @@ impl ToolHeaders {
             if read.is_ok() && !marked.is_empty() {
                 // Bounded whatever a server lists: past the bounds, a tool's marks are not
                 // kept (its calls are sent without them, and such a server may refuse them).
-                if self.by_tool.len() >= MAX_MARKED_TOOLS && !self.by_tool.contains_key(&name) {
+                marked.truncate(MAX_MARKS_PER_TOOL);
+                let size = |name: &str, marked: &[(String, String)]| {
+                    name.len() + marked.iter().map(|(a, h)| a.len() + h.len()).sum::<usize>()
+                };
+                let replaced = self.by_tool.get(&name).map(|old| size(&name, old));
+                let added = size(&name, &marked);
+                let kept = self.bytes - replaced.unwrap_or(0);
+                if (self.by_tool.len() >= MAX_MARKED_TOOLS && replaced.is_none())
+                    || kept + added > MAX_KEPT_BYTES
+                {
                     continue;
                 }
-                marked.truncate(MAX_MARKS_PER_TOOL);
+                self.bytes = kept + added;
                 self.by_tool.insert(name, marked);
             }
         }
@@ -388,5 +409,36 @@ mod tests {
         assert!(h.of(&format!("t{}", MAX_MARKED_TOOLS)).is_empty());
         // A tool already kept is still learned anew, its marks cut to the bound.
         assert_eq!(h.of("t0").len(), MAX_MARKS_PER_TOOL);
+
+        // Long names: a tool's or an argument's past the bound is not kept, and what the
+        // names hold in all is bounded whatever their number.
+        let long = "n".repeat(MAX_KEPT_NAME - 8);
+        let too_long = "x".repeat(MAX_KEPT_NAME + 1);
+        let named = |tool: String, arg: &str| {
+            json!({"name": tool, "inputSchema": {"type": "object", "properties": {
+                arg: {"type": "string", "x-mcp-header": "H"}}}})
+        };
+        // The names too long first: kept out by their length, not by what came before.
+        let tools: Vec<_> = [
+            named(too_long.clone(), "a"),
+            named("short".into(), &too_long),
+        ]
+        .into_iter()
+        .chain((0..MAX_MARKED_TOOLS).map(|i| named(format!("{i}{long}"), &long)))
+        .collect();
+        let mut h = ToolHeaders::default();
+        h.learn(json!({"tools": tools}).to_string().as_bytes())
+            .unwrap();
+        assert!(h.bytes <= MAX_KEPT_BYTES, "{}", h.bytes);
+        let held: usize = h
+            .by_tool
+            .iter()
+            .map(|(t, m)| t.len() + m.iter().map(|(a, x)| a.len() + x.len()).sum::<usize>())
+            .sum();
+        assert_eq!(held, h.bytes);
+        assert!(h.by_tool.len() < MAX_MARKED_TOOLS, "{}", h.by_tool.len());
+        assert!(h.of(&format!("0{long}")).len() == 1, "the first are kept");
+        assert!(h.of(&too_long).is_empty());
+        assert!(h.of("short").is_empty());
     }
 }
