@@ -432,6 +432,40 @@ async fn a_changed_tool_is_refused_on_every_front_and_under_every_name() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A server that answers each page of its tool list just within the call deadline, and never
+/// ends it, holds a call's pin check for one deadline, not one a page.
+#[tokio::test]
+async fn a_list_paged_slowly_holds_a_pin_check_for_one_deadline() {
+    let (dir, _) = fresh("slow");
+    let slow = support::sh_server(
+        "slow",
+        r#"{"tools":{}}"#,
+        &[(
+            "tools/list",
+            r#"sleep 0.3; printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[],"nextCursor":"more"}}\n' "$id""#,
+        )],
+    ) + "    call_timeout: 1s\n";
+    let gw = TestGateway::start(
+        &format!("pinning: {{file: {:?}}}", dir.join("pins.json")),
+        &[slow],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let started = std::time::Instant::now();
+    let r = c
+        .call(1, "tools/call", json!({"name": "any", "arguments": {}}))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(r["error"]["code"], json!(-32040), "{r}");
+    let said = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(said.contains("took longer than 1s"), "{said}");
+    // 50 pages of 0.3 s took 15 s before.
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A call whose server cannot be reached for its pin check fails as the server's failure
 /// (-32010, not a tool the pins refuse), and the trail records it as a failed call.
 #[tokio::test]

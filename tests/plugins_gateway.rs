@@ -226,6 +226,38 @@ async fn a_tool_listed_with_a_member_twice_is_not_judged_and_not_shown() {
     gw.stop().await;
 }
 
+/// A server that answers each page of its list just within the call deadline, and never ends
+/// it, holds a call judged by its list for one deadline, not one a page.
+#[tokio::test]
+async fn a_list_paged_slowly_holds_a_judged_call_for_one_deadline() {
+    let slow = support::sh_server(
+        "slow",
+        r#"{"tools":{}}"#,
+        &[(
+            "tools/list",
+            r#"sleep 0.3; printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[],"nextCursor":"more"}}\n' "$id""#,
+        )],
+    ) + "    call_timeout: 1s\n";
+    let cfg = format!(
+        "plugins:\n  modules:\n    - name: lists\n      path: {:?}\n      config: {{ rules: [ {{ deny: [\"other\"] }} ] }}\n  chains:\n    - {{ name: all, plugins: [lists] }}",
+        wasm("list_filter")
+    );
+    let gw = TestGateway::start(&cfg, &[slow]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    let started = std::time::Instant::now();
+    let r = c
+        .call(1, "tools/call", json!({"name": "ghost", "arguments": {}}))
+        .await;
+    let took = started.elapsed();
+    let (code, msg) = err(&r);
+    assert_eq!(code, -32011, "{r}");
+    assert!(msg.contains("did not answer within 1s"), "{msg}");
+    // 50 pages of 0.3 s took 15 s before.
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    gw.stop().await;
+}
+
 /// A tool hidden by a label (its server's `destructiveHint`, or `_meta["gatehouse/labels"]`)
 /// cannot be called either, on a second page of the list too; and a tool shown because of a
 /// label (an allow rule) can be called. The call is judged by the entry the listing shows.

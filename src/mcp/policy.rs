@@ -447,6 +447,31 @@ async fn walk_list(
     let Some(link) = session.links().get(index) else {
         return Ok(());
     };
+    // The whole walk within one call's deadline: a server that answers each page just in time
+    // must not hold the call (and its session's room) for a deadline a page.
+    let server = &session.topology().servers[index];
+    let timeout = server.config.call_timeout;
+    tokio::time::timeout(
+        timeout,
+        walk_pages(session, index, link, method, key, &mut each),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(UpstreamError::Timeout {
+            server: server.name.clone(),
+            timeout,
+        })
+    })
+}
+
+async fn walk_pages(
+    session: &Session,
+    index: usize,
+    link: &crate::upstream::Link,
+    method: &'static str,
+    key: &str,
+    each: &mut impl FnMut(&ListPage) -> bool,
+) -> Result<(), UpstreamError> {
     let mut cursor: Option<String> = None;
     for _ in 0..MAX_TARGET_PAGES {
         let page = match &cursor {

@@ -607,6 +607,13 @@ async fn pin_check(pinning: &Pinning, session: &Arc<Session>, index: usize) -> R
         }
         Err(format!("more than {MAX_PIN_PAGES} pages"))
     };
+    // The whole list within one call's deadline, not a deadline a page.
+    let timeout = server.config.call_timeout;
+    let read = async {
+        tokio::time::timeout(timeout, read)
+            .await
+            .unwrap_or_else(|_| Err(format!("it took longer than {timeout:?}")))
+    };
     session.pin_check(index, read).await.map_err(|e| {
         format!(
             "the tool list of server {} could not be read to check its definitions: {e}",
