@@ -587,33 +587,52 @@ impl Recipient for AllMembers {
                 }
             }
             Kind::Notification { method, params } => {
-                let members: Vec<Inbox> = {
+                // What every member gets is the notice alone, rebuilt once: each member copies
+                // what it is handed, and a server padding its notices with megabytes must not
+                // cost the gateway that much for every session it serves.
+                let (members, notice): (Vec<Inbox>, Option<Bytes>) = {
                     let m = lock(&self.members);
                     match &**method {
                         "notifications/tools/list_changed"
                         | "notifications/prompts/list_changed"
-                        | "notifications/resources/list_changed" => {
-                            m.sessions.values().map(|j| j.inbox.clone()).collect()
-                        }
+                        | "notifications/resources/list_changed" => (
+                            m.sessions.values().map(|j| j.inbox.clone()).collect(),
+                            Some(jsonrpc::notification(method, None)),
+                        ),
                         "notifications/resources/updated" => {
                             let uri = params.as_deref().and_then(super::uri_of);
-                            uri.and_then(|u| m.subscriptions.get(&u))
+                            let members = uri
+                                .as_ref()
+                                .and_then(|u| m.subscriptions.get(u))
                                 .map(|ids| {
                                     ids.iter()
                                         .filter_map(|id| m.sessions.get(id))
                                         .map(|j| j.inbox.clone())
                                         .collect()
                                 })
-                                .unwrap_or_default()
+                                .unwrap_or_default();
+                            let notice = uri.map(|u| {
+                                let mut p = b"{\"uri\":".to_vec();
+                                crate::json_string::put(&mut p, &u);
+                                p.push(b'}');
+                                jsonrpc::notification(method, Some(&p))
+                            });
+                            (members, notice)
                         }
                         _ => {
                             tracing::debug!(%method, "dropped a notification of a shared server that no call explains");
-                            Vec::new()
+                            (Vec::new(), None)
                         }
                     }
                 };
+                let Some(notice) = notice.filter(|_| !members.is_empty()) else {
+                    return;
+                };
+                let Ok(notice) = jsonrpc::parse(notice) else {
+                    return;
+                };
                 for m in members {
-                    m.deliver(route.clone(), msg.clone());
+                    m.deliver(route.clone(), notice.clone());
                 }
             }
             Kind::Response { .. } => {}
@@ -766,7 +785,8 @@ mod tests {
     }
 
     /// The shared connection's owner: list changes reach everyone, resource updates only the
-    /// subscribers of that URI, log lines no one.
+    /// subscribers of that URI, log lines no one; each as the notice alone (whatever else a
+    /// server puts in it, every member would copy).
     #[test]
     fn unattributed_notifications_reach_only_who_may_see_them() {
         let shared = SharedConnection::default();
@@ -796,9 +816,15 @@ mod tests {
                 "notifications/message",
                 r#"{"level":"info","data":"secret of a"}"#,
             ),
-            ("notifications/resources/updated", r#"{"uri":"file:///a"}"#),
+            (
+                "notifications/resources/updated",
+                r#"{"padding":"xxxxxxxx","uri":"file:///a"}"#,
+            ),
             ("notifications/resources/updated", r#"{"uri":"file:///b"}"#),
-            ("notifications/prompts/list_changed", "{}"),
+            (
+                "notifications/prompts/list_changed",
+                r#"{"padding":"xxxxxxxx"}"#,
+            ),
         ] {
             owner.deliver(0, Route::related(None), notification(method, params));
         }
@@ -817,7 +843,7 @@ mod tests {
                 ),
                 (
                     "notifications/prompts/list_changed".to_owned(),
-                    "{}".to_owned()
+                    String::new()
                 )
             ]
         );
@@ -825,7 +851,7 @@ mod tests {
             methods(&b),
             [(
                 "notifications/prompts/list_changed".to_owned(),
-                "{}".to_owned()
+                String::new()
             )]
         );
         // The last subscriber leaving unsubscribes upstream; a member leaving drops the rest.
