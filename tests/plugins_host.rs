@@ -921,6 +921,32 @@ chains: [ { plugins: [trap, policy] } ]
     assert_eq!(metrics["trap"].faults_trap, 2);
 }
 
+/// A request can be made large enough for a plugin's memory limit or slow enough for its
+/// deadline: such a fault refuses the call even through a plugin that fails open, which
+/// would otherwise let any such request walk around it.
+#[test]
+fn fail_open_does_not_skip_what_a_request_can_cause() {
+    let set = load(
+        r#"
+modules:
+  - { name: loop, path: "{dir}/fault_loop.wasm", deadline: 50ms, fail_open: true }
+  - { name: hog, path: "{dir}/fault_oom.wasm", memory_limit: 16MiB, deadline: 5s, fail_open: true }
+chains:
+  - { servers: [loop], plugins: [loop] }
+  - { servers: [hog], plugins: [hog] }
+"#,
+    )
+    .unwrap();
+    for (server, kind) in [("loop", FaultKind::Deadline), ("hog", FaultKind::Memory)] {
+        let d = denied(set.on_request_blocking(&ctx(server, "trigger"), "{}"));
+        assert_eq!(d.fault, Some(kind), "{server}: {d:?}");
+        assert_eq!(d.code, PLUGIN_FAILED, "{server}");
+    }
+    let metrics: std::collections::HashMap<_, _> = set.metrics().into_iter().collect();
+    assert_eq!(metrics["loop"].fail_open_skips, 0);
+    assert_eq!(metrics["hog"].fail_open_skips, 0);
+}
+
 #[test]
 fn slow_init_is_bounded() {
     // Every init is slow: loading fails with a clear error.

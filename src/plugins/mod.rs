@@ -840,10 +840,18 @@ impl PluginSet {
         }
     }
 
-    /// Counts and logs a fault; the denial, unless the plugin is fail-open.
+    /// Counts and logs a fault; the denial, unless the plugin is fail-open and the fault is
+    /// not one a request can cause at will: a payload large enough for the plugin's memory
+    /// limit or slow enough for its deadline, like a flood that takes every instance, is any
+    /// client's (or server's) to send, and skipping the plugin then would let it walk around it.
     fn fault(&self, plugin: &LoadedPlugin, fault: Fault) -> Option<Denied> {
         plugin.metrics.fault(fault.kind());
-        if plugin.cfg.fail_open && !matches!(fault, Fault::SessionDeleted | Fault::Busy) {
+        if plugin.cfg.fail_open
+            && !matches!(
+                fault,
+                Fault::SessionDeleted | Fault::Busy | Fault::Deadline(_) | Fault::Memory { .. }
+            )
+        {
             plugin
                 .metrics
                 .fail_open_skips
