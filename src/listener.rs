@@ -759,10 +759,18 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
         "/readyz" => text(StatusCode::OK, "ready\n"),
         // On loopback, a page whose name was rebound to 127.0.0.1 could read what the metrics
         // name (servers, plugins, counts): its Host is checked as `/mcp`'s is. Off loopback a
-        // scraper names the pod's address, which `mcp.allowed_hosts` need not list.
+        // scraper names the pod's address, which `mcp.allowed_hosts` need not list: it shows
+        // an admin token granting `metrics:read` instead (unless the operator made them public).
         "/metrics"
             if gw.config.listen.ip().is_loopback()
                 && let Some(refused) = operator_refusal(gw, &req) =>
+        {
+            refused
+        }
+        "/metrics"
+            if !gw.config.listen.ip().is_loopback()
+                && !gw.config.public_metrics
+                && let Some(refused) = metrics_refusal(gw, &req).await =>
         {
             refused
         }
@@ -791,6 +799,42 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
             r
         }
         path => not_found(path),
+    }
+}
+
+/// Refuses a `/metrics` request off loopback that shows no admin token granting
+/// `metrics:read`: what the metrics name (every server and plugin, the pins' state) is for
+/// operators, not for anyone who can reach the port.
+async fn metrics_refusal(
+    gw: &Gateway,
+    req: &Request<hyper::body::Incoming>,
+) -> Option<Response<Body>> {
+    let refused = |status: StatusCode, why: &str| {
+        let mut r = text(status, format!("{why}\n"));
+        if status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        Some(r)
+    };
+    if gw.config.admin_tokens.is_empty() {
+        return refused(
+            StatusCode::NOT_FOUND,
+            "off loopback, /metrics is served to admin tokens granting metrics:read (admin.tokens), or to anyone with admin.public_metrics: true",
+        );
+    }
+    match gw.admin_auth.authenticate(req.headers(), None, None).await {
+        Ok(Some(identity)) if identity.grant.lacking(["metrics:read"]).is_empty() => None,
+        Ok(Some(_)) => refused(
+            StatusCode::FORBIDDEN,
+            "this admin token does not grant metrics:read",
+        ),
+        _ => refused(
+            StatusCode::UNAUTHORIZED,
+            "/metrics needs an admin token granting metrics:read",
+        ),
     }
 }
 

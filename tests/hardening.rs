@@ -972,3 +972,56 @@ async fn what_waits_for_a_client_that_does_not_read_is_bounded_in_bytes() {
     let _ = std::fs::remove_file(&done);
     gw.stop().await;
 }
+
+/// Off loopback, `/metrics` (every server and plugin by name, the pins' state) is served only
+/// to admin tokens granting `metrics:read`, or to anyone where the operator made it public;
+/// a client's token is no admin token.
+#[tokio::test]
+async fn off_loopback_the_metrics_are_for_admin_tokens_granting_them() {
+    let start = |admin: &str| {
+        let yaml = format!(
+            "listen: 0.0.0.0:0\nauth: {{tokens: [{{principal: app, token: client-token-0123456789}}]}}\n{admin}\nupstreams:\n{}",
+            example("a", &[], "")
+        );
+        async move {
+            let config = gatehouse::Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}"));
+            gatehouse::start(config).await.expect("gateway starts")
+        }
+    };
+    let local = |gw: &gatehouse::Running| {
+        std::net::SocketAddr::from(([127, 0, 0, 1], gw.listening.local_addr.port()))
+    };
+    let gw = start(
+        "admin: {tokens: [{principal: ops, token: ops-token-0123456789}, {principal: prom, token: prom-token-0123456789, scopes: [metrics:read]}, {principal: auditor, token: audit-token-0123456789, scopes: [audit]}]}",
+    )
+    .await;
+    let addr = local(&gw);
+    for (token, status) in [
+        (None, 401),
+        (Some("client-token-0123456789"), 401),
+        (Some("audit-token-0123456789"), 403),
+        (Some("prom-token-0123456789"), 200),
+        (Some("ops-token-0123456789"), 200),
+    ] {
+        let r = support::admin_request(addr, token, "GET", "/metrics", None).await;
+        assert_eq!(r.status, status, "{token:?}: {}", r.body);
+        assert_eq!(
+            r.body.contains("gatehouse_sessions_active"),
+            status == 200,
+            "{token:?}: {}",
+            r.body
+        );
+    }
+    gw.shutdown().await;
+    // No admin tokens: not served off loopback, unless the operator made the metrics public.
+    let gw = start("").await;
+    let r = support::admin_request(local(&gw), None, "GET", "/metrics", None).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.body.contains("admin.public_metrics"), "{}", r.body);
+    gw.shutdown().await;
+    let gw = start("admin: {public_metrics: true}").await;
+    let r = support::admin_request(local(&gw), None, "GET", "/metrics", None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("gatehouse_sessions_active"), "{}", r.body);
+    gw.shutdown().await;
+}

@@ -337,6 +337,10 @@ pub struct RawAdmin {
     /// Bearer tokens accepted by the admin API (separate from client tokens).
     #[serde(default)]
     pub tokens: Vec<RawAdminToken>,
+    /// Serve `/metrics` off loopback to anyone (default: only to admin tokens granting
+    /// `metrics:read`; the metrics name every server, plugin and their counts).
+    #[serde(default)]
+    pub public_metrics: bool,
 }
 
 /// A raw admin API token: a [`RawToken`] and what it may do.
@@ -377,6 +381,8 @@ pub const ADMIN_SCOPES: &[&str] = &[
     "pins",
     "pins:read",
     "pins:write",
+    "metrics",
+    "metrics:read",
 ];
 
 /// An admin API token.
@@ -830,6 +836,8 @@ pub struct Config {
     pub orchestrator: OrchestratorSettings,
     /// Admin API bearer tokens; none means the admin API is off.
     pub admin_tokens: Vec<AdminToken>,
+    /// Whether `/metrics` is served off loopback without an admin token.
+    pub public_metrics: bool,
     /// The audit trail, if on.
     pub audit: Option<AuditSettings>,
     /// Profiles served at `/mcp/{name}`.
@@ -1193,6 +1201,7 @@ impl RawConfig {
         };
         let pinned_connections = self.runtime.pinned_connections.unwrap_or(true);
         let tokens = bearer_tokens("auth.tokens", self.auth.tokens)?;
+        let public_metrics = self.admin.public_metrics;
         let admin_tokens = admin_tokens(self.admin.tokens)?;
         // A client holding a token the admin API also takes would open it; a principal named
         // in both lists would share the registry filter's decisions and the audit trail's name.
@@ -1673,6 +1682,7 @@ impl RawConfig {
             servers,
             orchestrator,
             admin_tokens,
+            public_metrics,
             audit: self.audit.map(audit_settings).transpose()?,
             listen,
             tokens,
