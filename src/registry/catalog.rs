@@ -190,12 +190,8 @@ impl Version {
         }
         take_our_meta(&mut self.server);
         check_labels(&self.labels)?;
-        if self
-            .status_message
-            .as_ref()
-            .is_some_and(|m| m.chars().count() > 500)
-        {
-            return Err(refuse("$.statusMessage", "at most 500 characters"));
+        if let Some(m) = &self.status_message {
+            status_message(m, "$.statusMessage")?;
         }
         for (field, t) in [
             ("publishedAt", &self.published_at),
@@ -813,14 +809,8 @@ impl Catalog {
                             })
                         })
                         .transpose()?;
-                    if let Some(m) = facts.as_ref().and_then(|f| f.status_message.as_ref())
-                        && m.chars().count() > 500
-                    {
-                        return Err(refuse(
-                            format!("$[{i}]._meta.{OFFICIAL_META}.statusMessage"),
-                            "at most 500 characters",
-                        )
-                        .into());
+                    if let Some(m) = facts.as_ref().and_then(|f| f.status_message.as_ref()) {
+                        status_message(m, &format!("$[{i}]._meta.{OFFICIAL_META}.statusMessage"))?;
                     }
                     (o.remove("server").unwrap_or_default(), facts)
                 }
@@ -926,10 +916,8 @@ impl Catalog {
         message: Option<String>,
         visible: &Visible,
     ) -> Result<(), CatalogError> {
-        if let Some(m) = &message
-            && m.chars().count() > 500
-        {
-            return Err(refuse("$.statusMessage", "at most 500 characters").into());
+        if let Some(m) = &message {
+            status_message(m, "$.statusMessage")?;
         }
         self.change(|state| {
             let v = find(state, name, version, visible)?;
@@ -1144,6 +1132,29 @@ fn required<'a>(obj: &'a Value, key: &str, path: &str) -> Result<&'a str, Docume
     string(obj, key, path)?.ok_or_else(|| refuse(format!("{path}.{key}"), "is required"))
 }
 
+/// Refuses control characters in text people read (the console, the CLI's terminal): an
+/// escape sequence there could rewrite what a terminal shows or reach its clipboard.
+fn plain_text(s: &str, path: &str) -> Result<(), DocumentError> {
+    match s.chars().find(|c| c.is_control()) {
+        Some(c) => Err(refuse(
+            path,
+            format!(
+                "must not contain control characters (has U+{:04X})",
+                c as u32
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks a version's status message: at most 500 characters, none of them control ones.
+fn status_message(m: &str, path: &str) -> Result<(), DocumentError> {
+    if m.chars().count() > 500 {
+        return Err(refuse(path, "at most 500 characters"));
+    }
+    plain_text(m, path)
+}
+
 fn length(s: &str, min: usize, max: usize, path: &str) -> Result<(), DocumentError> {
     let n = s.chars().count();
     if n < min || n > max {
@@ -1293,12 +1304,16 @@ pub fn validate(doc: &Value) -> Result<(), DocumentError> {
             format!("{name:?} must match ^[a-zA-Z0-9.-]+/[a-zA-Z0-9._-]+$"),
         ));
     }
-    length(required(doc, "description", "$")?, 1, 100, "$.description")?;
+    let description = required(doc, "description", "$")?;
+    length(description, 1, 100, "$.description")?;
+    plain_text(description, "$.description")?;
     if let Some(title) = string(doc, "title", "$")? {
         length(title, 1, 100, "$.title")?;
+        plain_text(title, "$.title")?;
     }
     let version = required(doc, "version", "$")?;
     length(version, 1, 255, "$.version")?;
+    plain_text(version, "$.version")?;
     if version == "latest"
         || version.starts_with(['^', '~', '>', '<', '='])
         || version.contains(['*', ' '])
@@ -1480,6 +1495,16 @@ mod tests {
             ),
             (Box::new(|d| d["version"] = json!("^1.2.0")), "$.version"),
             (Box::new(|d| d["version"] = json!("latest")), "$.version"),
+            // Control characters would reach a terminal (`registry upgrade` prints versions).
+            (
+                Box::new(|d| d["version"] = json!("1.0.1\u{1b}]52;c;aGk=\u{7}")),
+                "$.version",
+            ),
+            (
+                Box::new(|d| d["description"] = json!("fine\u{1b}[2Jgone")),
+                "$.description",
+            ),
+            (Box::new(|d| d["title"] = json!("a\rb")), "$.title"),
             (
                 Box::new(|d| d["$schema"] = json!("https://example.com/other.json")),
                 "$.$schema",
