@@ -781,26 +781,29 @@ plugins:
         r.body
     );
 
-    // An installer who cannot see it cannot install it; one who can, can.
-    let install = |token: &'static str| async move {
+    // An installer who cannot see it cannot install it, and is told as of an entry that is
+    // not there (neither that it exists nor its latest version); one who can, can.
+    let install = |token: &'static str, entry: &'static str| async move {
         admin_request(
             addr,
             Some(token),
             "POST",
             "/admin/v1/registry/install",
-            Some(json!({"entry": fetch})),
+            Some(json!({"entry": entry})),
         )
         .await
     };
-    let denied = install("intern-token-0123456789").await;
-    assert_eq!(denied.status, 403, "{}", denied.body);
-    assert!(
-        denied.body.contains("hidden from intern"),
-        "{}",
-        denied.body
+    let denied = install("intern-token-0123456789", fetch).await;
+    let absent = "io.github.nobody/server-absent";
+    let missing = install("intern-token-0123456789", absent).await;
+    assert_eq!(denied.status, 404, "{}", denied.body);
+    assert_eq!(
+        denied.body.replace(fetch, "X"),
+        missing.body.replace(absent, "X"),
+        "a hidden entry answers as an absent one"
     );
     assert!(runtime.list().await.is_empty(), "nothing installed");
-    let allowed = install(ADMIN).await;
+    let allowed = install(ADMIN, fetch).await;
     assert_eq!(allowed.status, 201, "{}", allowed.body);
     running.shutdown().await;
 }
@@ -981,7 +984,7 @@ plugins:
         .await
     };
     let denied = install(INTERN).await;
-    assert_eq!(denied.status, 403, "{}", denied.body);
+    assert_eq!(denied.status, 404, "as an absent entry: {}", denied.body);
     assert!(runtime.list().await.is_empty(), "nothing installed");
 
     // The admin who sees it labels it (and reads it back); then the intern sees it too.

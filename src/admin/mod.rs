@@ -77,8 +77,6 @@ enum AdminError {
     RegistryOff,
     #[error("a server named {0:?} runs already: uninstall it, or install under another name")]
     Installed(String),
-    #[error("{0}")]
-    Hidden(String),
     #[error(
         "{0:?} was changed since its values were given: its McpServer no longer runs what its stored values were given for, so no upgrade carries them; give them again (PUT the server with secretValue, or uninstall and install it again)"
     )]
@@ -122,7 +120,6 @@ impl AdminError {
             AdminError::Configured(_)
             | AdminError::Installed(_)
             | AdminError::ValuesGivenForAnother(_) => StatusCode::CONFLICT,
-            AdminError::Hidden(_) => StatusCode::FORBIDDEN,
             AdminError::Filter => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::Orchestrator(e) => match e {
                 OrchestratorError::NotFound(_) | OrchestratorError::Removed(_) => {
@@ -758,27 +755,6 @@ async fn install(
     put(gw, runtime, &def.name, def.spec, who, true).await
 }
 
-/// Refuses a version (`server`, a document of entry `entry`) the registry's filters hide
-/// from the admin principal `who`.
-async fn visible_to(
-    gw: &Gateway,
-    catalog: &crate::registry::Catalog,
-    who: &str,
-    entry: &str,
-    server: &serde_json::Value,
-) -> Result<(), AdminError> {
-    let version = server["version"].as_str().unwrap_or_default();
-    if !visible_to_admin(gw, catalog, who)
-        .await?
-        .shows(entry, version)
-    {
-        return Err(AdminError::Hidden(format!(
-            "{entry} {version} is hidden from {who} by the registry's filters: it cannot be installed"
-        )));
-    }
-    Ok(())
-}
-
 /// The catalog entries the registry's filters show the admin principal `who`.
 async fn visible_to_admin(
     gw: &Gateway,
@@ -808,9 +784,12 @@ async fn installable(
     entry: &str,
     version: Option<&str>,
 ) -> Result<serde_json::Value, AdminError> {
-    let (server, meta) = catalog.version(entry, version.unwrap_or("latest"), false)?;
-    // Hidden before anything else is said of it.
-    visible_to(gw, catalog, who, entry, &server).await?;
+    // As the admin sees the catalog: `latest` is the latest it sees, and a version or entry
+    // the filters hide from it is absent, as on the registry API (neither its number nor
+    // that it exists is told).
+    let visible = visible_to_admin(gw, catalog, who).await?;
+    let (server, meta) =
+        catalog.version_seen(entry, version.unwrap_or("latest"), false, &visible)?;
     let official = &meta[crate::registry::catalog::OFFICIAL_META];
     if official["status"] == "deprecated" {
         return Err(AdminError::Invalid(format!(
