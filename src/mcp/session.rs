@@ -1210,7 +1210,7 @@ impl Session {
                     .as_deref()
                     .and_then(|caps| undeclared(caps, &method, params.as_deref()))
                 {
-                    tracing::info!(session = %self.log_id(), upstream = %self.topology.servers[index].name, %method, "refused a server request the client declared no capability for");
+                    tracing::info!(session = %self.log_id(), upstream = %self.topology.servers[index].name, ?method, "refused a server request the client declared no capability for");
                     let error = jsonrpc::error_object(
                         code::METHOD_NOT_FOUND,
                         &format!(
@@ -1322,7 +1322,7 @@ impl Session {
                     frame
                 };
                 if !self.push(&route, frame, topic) {
-                    tracing::debug!(session = %self.log_id(), %method, "dropped a notification: no client stream open");
+                    tracing::debug!(session = %self.log_id(), ?method, "dropped a notification: no client stream open");
                 }
             }
             Kind::Response { .. } => {}

@@ -93,13 +93,20 @@ const MAX_SAID: usize = 1024;
 /// says cannot begin a log line of its own (a text log line ends at a line break).
 pub fn server_text(bytes: &[u8]) -> Box<str> {
     let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_SAID)]);
-    let text = text.trim();
-    if !text.contains(char::is_control) {
+    one_line(text.trim()).into()
+}
+
+/// `text` with its control characters (a carriage return, an escape) and line separators
+/// written as escapes: a server's words make one line of the log, which cannot pass for
+/// another of the gateway's lines.
+pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    let odd = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+    if !text.contains(odd) {
         return text.into();
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if c.is_control() {
+        if odd(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -121,5 +128,14 @@ mod tests {
         assert!(text.starts_with("bad gateway\\r\\n2026"), "{text}");
         assert_eq!(&*server_text(b" plain words \n"), "plain words");
         assert_eq!(server_text(&[b'a'; 5000]).len(), MAX_SAID);
+        // A stderr line keeps its length; a line separator is escaped too.
+        let line = format!("{}\u{2028}INFO forged\rx", "a".repeat(5000));
+        let one = one_line(&line);
+        assert!(!one.contains(['\r', '\u{2028}']), "{one}");
+        assert!(one.ends_with("\\u{2028}INFO forged\\rx"), "{one}");
+        assert!(matches!(
+            one_line("plain"),
+            std::borrow::Cow::Borrowed("plain")
+        ));
     }
 }

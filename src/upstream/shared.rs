@@ -620,7 +620,10 @@ impl Recipient for AllMembers {
                             (members, notice)
                         }
                         _ => {
-                            tracing::debug!(%method, "dropped a notification of a shared server that no call explains");
+                            tracing::debug!(
+                                ?method,
+                                "dropped a notification of a shared server that no call explains"
+                            );
                             (Vec::new(), None)
                         }
                     }

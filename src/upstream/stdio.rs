@@ -117,6 +117,7 @@ impl Connection {
                 }
                 logged += 1;
                 let text = String::from_utf8_lossy(line.trim_ascii_end());
+                let text = super::error::one_line(&text);
                 let more = if cut { " [line cut]" } else { "" };
                 tracing::info!(server = %name, "stderr: {text}{more}");
             }
