@@ -641,6 +641,50 @@ async fn a_server_that_never_takes_a_notification_holds_nobody() {
     assert_eq!(c.tool_text(3, "other__echo", json!({})).await, "s0");
 }
 
+/// A client's `notifications/roots/list_changed` reaches each server as the notice alone:
+/// no plugin judges a client's notifications, so nothing else it carries may go upstream.
+#[tokio::test]
+async fn a_clients_roots_notice_reaches_servers_as_the_notice_alone() {
+    let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let heard = told.clone();
+    let url = support::serve(move |_, body| {
+        let msg: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let method = msg["method"].as_str().unwrap_or_default();
+        if method == "notifications/roots/list_changed" {
+            heard.lock().unwrap().push(msg.to_string());
+        }
+        msg.get("id")?;
+        let result = match method {
+            "initialize" => json!({"protocolVersion":"2025-11-25","capabilities":{"tools":{}},
+                "serverInfo":{"name":"roots","version":"1"}}),
+            "tools/list" => json!({"tools": [{"name": "t", "inputSchema": {"type": "object"}}]}),
+            _ => json!({"content": [{"type": "text", "text": "ok"}]}),
+        };
+        Some((200, json!({"jsonrpc":"2.0","id":msg["id"],"result":result})))
+    })
+    .await;
+    let gw = TestGateway::start(
+        "",
+        &[format!(
+            "  - name: u\n    protocol: sessions\n    http: {{ url: {url:?} }}\n"
+        )],
+    )
+    .await;
+    let mut c = gw.client();
+    c.initialize(json!({"roots":{"listChanged":true}})).await;
+    assert_eq!(c.tool_text(1, "t", json!({})).await, "ok");
+    let note = json!({"jsonrpc":"2.0","method":"notifications/roots/list_changed",
+        "params":{"smuggled":"SECRET","_meta":{"x":"SECRET"}}});
+    assert_eq!(c.post(note.to_string()).await.status, 202);
+    eventually("the notice upstream", || async {
+        !told.lock().unwrap().is_empty()
+    })
+    .await;
+    let got = told.lock().unwrap().clone();
+    assert!(got.iter().all(|m| !m.contains("SECRET")), "{got:?}");
+    gw.stop().await;
+}
+
 /// What a server says about a failure outside a JSON-RPC answer to the client's request (a
 /// failed `initialize`, an HTTP error body, an error to a merged list) has not been through
 /// the result plugins: it stays in the gateway's log, and the client hears the gateway's words.

@@ -1146,17 +1146,16 @@ pub(crate) async fn on_notification(session: &Arc<Session>, method: &str, params
             }
         }
         "notifications/roots/list_changed" => {
+            // The notice alone: whatever else a client puts in it would reach every server
+            // past the plugins, which judge no notification of a client's.
             // Side by side: each within its own deadline, none waits on another.
             futures_util::future::join_all(
-                session
-                    .links()
-                    .iter()
-                    .map(|link| link.notify(method, params)),
+                session.links().iter().map(|link| link.notify(method, None)),
             )
             .await;
         }
         other => {
-            tracing::debug!(session = %session.log_id(), method = other, "ignored client notification")
+            tracing::debug!(session = %session.log_id(), method = ?other, "ignored client notification")
         }
     }
 }
