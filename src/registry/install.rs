@@ -1247,8 +1247,10 @@ mod tests {
         ] {
             let mut doc = with_http(everything());
             doc["packages"][1]["packageArguments"] = json!([arg]);
-            let mut request = Request::default();
-            request.package = Some(1);
+            let mut request = Request {
+                package: Some(1),
+                ..Request::default()
+            };
             request.values.insert("API_KEY".into(), "k-123".into());
             request.values.insert("PORT".into(), "$(API_KEY)".into());
             let e = plan(&doc, &request, &runners).unwrap_err().to_string();

@@ -444,8 +444,10 @@ mod tests {
     /// becomes would let the pod reach them, which no server pod may.
     #[test]
     fn an_egress_rule_reaching_the_clusters_own_addresses_is_refused() {
-        let mut p = PodPolicy::default();
-        p.egress_except = vec!["203.0.113.10/32".into()];
+        let p = PodPolicy {
+            egress_except: vec!["203.0.113.10/32".into()],
+            ..PodPolicy::default()
+        };
         let with = |cidr: &str| {
             let mut s = server("name: a\nimage: x");
             s.spec.egress = Some(EgressSpec {
