@@ -770,7 +770,7 @@ async fn dispatch(gw: &Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
         "/metrics"
             if !gw.config.listen.ip().is_loopback()
                 && !gw.config.public_metrics
-                && let Some(refused) = metrics_refusal(gw, &req).await =>
+                && let Some(refused) = Box::pin(metrics_refusal(gw, &req)).await =>
         {
             refused
         }
