@@ -346,6 +346,7 @@ async fn handle(
             Method::PUT => {
                 let spec = spec_of(gw, req).await?;
                 let _serial = gw.admin_changes.lock().await;
+                kept_for_this_workload(&*runtime, name, &spec).await?;
                 put(gw, &*runtime, name, spec, who, false).await
             }
             Method::DELETE => {
@@ -915,6 +916,49 @@ async fn values_given_for(
         return Err(AdminError::ValuesGivenForAnother(name.to_owned()));
     }
     Ok(())
+}
+
+/// Refuses a definition of server `name` that keeps stored values (a `storedSecret` given no
+/// `secretValue` now) for another workload than they were given for: a caller who may define
+/// servers but not read Secrets cannot have another image or command run with them, as an
+/// edit of the resource behind the gateway's back cannot. (An upgrade checks the values
+/// against the definition it upgrades, and runs what the registry says the entry runs.)
+async fn kept_for_this_workload(
+    runtime: &dyn Runtime,
+    name: &str,
+    spec: &McpServerSpec,
+) -> Result<(), AdminError> {
+    use crate::orchestrator::kubernetes::VALUES_FOR_ANNOTATION;
+    use k8s_openapi::api::core::v1::Secret;
+    let (bare, values) = spec.clone().without_secret_values();
+    // A remote's kept values are bound to its origin by the backend.
+    let keeps = bare.remote.is_none()
+        && bare
+            .stored_secret_names()
+            .iter()
+            .any(|k| !values.contains_key(k));
+    let Some((client, namespace)) = runtime.cluster().filter(|_| keeps) else {
+        return Ok(());
+    };
+    let secret_name = crate::orchestrator::spec::values_secret_name(name);
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(client, &namespace);
+    let secret = secrets
+        .get_opt(&secret_name)
+        .await
+        .map_err(|e| OrchestratorError::kube(format!("read the stored secrets of {name}"), e))?;
+    let given_for = secret
+        .as_ref()
+        .and_then(|s| s.metadata.annotations.as_ref())
+        .and_then(|a| a.get(VALUES_FOR_ANNOTATION));
+    match given_for {
+        Some(given_for) if *given_for != bare.workload_digest() => {
+            Err(OrchestratorError::Conflict(format!(
+                "{secret_name} holds secrets given for another image, command, arguments, environment or egress than this definition: give them again (secretValue)"
+            ))
+            .into())
+        }
+        _ => Ok(()),
+    }
 }
 
 async fn spec_of(

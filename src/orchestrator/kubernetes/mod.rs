@@ -621,22 +621,6 @@ impl KubeRuntime {
                     .into());
                 }
             }
-            // Kept values go only to the workload they were given for, as an edit of the
-            // resource behind the gateway's back finds (`values_given_for`): whoever may
-            // redefine a server but not read Secrets cannot have another image or command
-            // run with them.
-            let runs = spec.workload_digest();
-            if spec.remote.is_none()
-                && let Some(given_for) = old
-                    .as_ref()
-                    .and_then(|s| s.annotations().get(VALUES_FOR_ANNOTATION))
-                && *given_for != runs
-            {
-                return Err(OrchestratorError::Conflict(format!(
-                    "{} holds secrets given for another image, command, arguments, environment or egress than this definition: give them again (secretValue)",
-                    values_secret_name(name)
-                )));
-            }
             for k in kept {
                 let value = old
                     .as_ref()
