@@ -870,7 +870,7 @@ async fn post(
     if let Kind::Request { id, method, params } = &msg.kind
         && let Err(e) = authorize(gw, identity, profile, method, params.as_deref())
     {
-        tracing::debug!(%method, "refused MCP request: {e}");
+        tracing::debug!(?method, "refused MCP request: {e}");
         audit_refusal(
             gw,
             identity.map(|i| (i.principal.clone(), &**method)),

@@ -26,9 +26,11 @@ const MAX_MARKS_PER_TOOL: usize = 32;
 /// Longest tool or argument name whose marks are kept: a server's names are not the gateway's
 /// to hold at any length.
 const MAX_KEPT_NAME: usize = 256;
-/// Most bytes of names one server's marks hold, for each session that reaches it: past it,
-/// further tools' marks are not kept.
+/// Most bytes one server's marks hold, for each session that reaches it (names, and
+/// [`KEPT_OVERHEAD`] for each tool and mark): past it, further tools' marks are not kept.
 const MAX_KEPT_BYTES: usize = 256 * 1024;
+/// What a kept tool or mark costs besides its names (the map's entry, the strings' heads).
+const KEPT_OVERHEAD: usize = 64;
 
 /// Which arguments of one upstream's tools are mirrored in headers: tool → (argument, header
 /// suffix). Tools without marked arguments are absent.
@@ -106,17 +108,27 @@ impl ToolHeaders {
                         .bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-');
                 if valid {
-                    // The last of a property given twice, as a map would keep it.
-                    marked.retain(|(a, _)| *a != arg);
-                    marked.push((arg, header.to_ascii_lowercase()));
+                    // The last of a property given twice, as a map would keep it; past the
+                    // bound, no more are looked at (a schema of a million marked properties
+                    // costs a pass, not a million searches of a growing list).
+                    let header = header.to_ascii_lowercase();
+                    if let Some(kept) = marked.iter_mut().find(|(a, _)| *a == arg) {
+                        kept.1 = header;
+                    } else if marked.len() < MAX_MARKS_PER_TOOL {
+                        marked.push((arg, header));
+                    }
                 }
             });
             if read.is_ok() && !marked.is_empty() {
                 // Bounded whatever a server lists: past the bounds, a tool's marks are not
                 // kept (its calls are sent without them, and such a server may refuse them).
-                marked.truncate(MAX_MARKS_PER_TOOL);
                 let size = |name: &str, marked: &[(String, String)]| {
-                    name.len() + marked.iter().map(|(a, h)| a.len() + h.len()).sum::<usize>()
+                    KEPT_OVERHEAD
+                        + name.len()
+                        + marked
+                            .iter()
+                            .map(|(a, h)| KEPT_OVERHEAD + a.len() + h.len())
+                            .sum::<usize>()
                 };
                 let replaced = self.by_tool.get(&name).map(|old| size(&name, old));
                 let added = size(&name, &marked);
@@ -398,17 +410,26 @@ mod tests {
                 .collect();
             json!({"type": "object", "properties": props})
         };
-        let tools: Vec<_> = (0..MAX_MARKED_TOOLS + 10)
+        // A tool already kept is still learned anew, its marks cut to the bound.
+        let tools: Vec<_> = (0..10)
             .map(|i| json!({"name": format!("t{i}"), "inputSchema": marked(1)}))
             .chain([json!({"name": "t0", "inputSchema": marked(MAX_MARKS_PER_TOOL + 8)})])
             .collect();
         let mut h = ToolHeaders::default();
         h.learn(json!({"tools": tools}).to_string().as_bytes())
             .unwrap();
-        assert_eq!(h.by_tool.len(), MAX_MARKED_TOOLS);
-        assert!(h.of(&format!("t{}", MAX_MARKED_TOOLS)).is_empty());
-        // A tool already kept is still learned anew, its marks cut to the bound.
         assert_eq!(h.of("t0").len(), MAX_MARKS_PER_TOOL);
+        assert_eq!(h.of("t0")[0], ("a0".to_owned(), "h0".to_owned()));
+        // Many tools: the first are kept, within both bounds.
+        let tools: Vec<_> = (0..MAX_MARKED_TOOLS + 10)
+            .map(|i| json!({"name": format!("t{i}"), "inputSchema": marked(1)}))
+            .collect();
+        let mut h = ToolHeaders::default();
+        h.learn(json!({"tools": tools}).to_string().as_bytes())
+            .unwrap();
+        assert!(h.by_tool.len() <= MAX_MARKED_TOOLS && h.bytes <= MAX_KEPT_BYTES);
+        assert_eq!(h.of("t0").len(), 1);
+        assert!(h.of(&format!("t{}", MAX_MARKED_TOOLS)).is_empty());
 
         // Long names: a tool's or an argument's past the bound is not kept, and what the
         // names hold in all is bounded whatever their number.
@@ -433,7 +454,13 @@ mod tests {
         let held: usize = h
             .by_tool
             .iter()
-            .map(|(t, m)| t.len() + m.iter().map(|(a, x)| a.len() + x.len()).sum::<usize>())
+            .map(|(t, m)| {
+                KEPT_OVERHEAD
+                    + t.len()
+                    + m.iter()
+                        .map(|(a, x)| KEPT_OVERHEAD + a.len() + x.len())
+                        .sum::<usize>()
+            })
             .sum();
         assert_eq!(held, h.bytes);
         assert!(h.by_tool.len() < MAX_MARKED_TOOLS, "{}", h.by_tool.len());

@@ -87,29 +87,22 @@ impl Policy {
         let Some(name) = self.name.clone() else {
             return Ok(());
         };
-        for kind in kinds {
-            if let Some(entry) = listed_target(session, index, *kind, &name).await? {
-                self.target = Target::Listed(vec![entry]);
-                return Ok(());
-            }
+        // Every list read within one call's deadline, not one a page or one a list: a server
+        // answering each page just in time must not hold the call (and its session's room)
+        // for many deadlines.
+        let server = &session.topology().servers[index];
+        let timeout = server.config.call_timeout;
+        self.target = tokio::time::timeout(timeout, read_target(session, index, kinds, &name))
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::Timeout {
+                    server: server.name.clone(),
+                    timeout,
+                })
+            })?;
+        if matches!(self.target, Target::Unlisted) {
+            tracing::debug!(server = %self.server, target = %name, "not in its server's lists: refused while a plugin filters listings");
         }
-        if kinds.contains(&EntryKind::Resource) {
-            let templates = matching_templates(session, index, &name).await?;
-            if !templates.is_empty() {
-                let instance = ListEntry {
-                    kind: EntryKind::Resource,
-                    name: name.clone(),
-                    description: templates.iter().find_map(|t| t.description.clone()),
-                    labels: templates.iter().flat_map(|t| t.labels.clone()).collect(),
-                };
-                let mut entries = vec![instance];
-                entries.extend(templates);
-                self.target = Target::Listed(entries);
-                return Ok(());
-            }
-        }
-        tracing::debug!(server = %self.server, target = %name, "not in its server's lists: refused while a plugin filters listings");
-        self.target = Target::Unlisted;
         Ok(())
     }
 
@@ -293,7 +286,10 @@ impl MessagePolicy for PluginMessagePolicy {
                     if !new.trim_ascii_start().starts_with(b"{")
                         || serde_json::from_slice::<&RawValue>(&new).is_err()
                     {
-                        tracing::warn!(%method, "a plugin rewrote a server message into something that is not a JSON object; dropped it");
+                        tracing::warn!(
+                            ?method,
+                            "a plugin rewrote a server message into something that is not a JSON object; dropped it"
+                        );
                         return None;
                     }
                     let frame = match &msg.kind {
@@ -303,7 +299,7 @@ impl MessagePolicy for PluginMessagePolicy {
                     jsonrpc::parse(frame).ok()
                 }
                 Err(d) => {
-                    tracing::debug!(%method, "a plugin withheld a server message: {d}");
+                    tracing::debug!(?method, "a plugin withheld a server message: {d}");
                     None
                 }
             }
@@ -430,6 +426,35 @@ pub async fn visible(
         .collect())
 }
 
+/// How upstream `index` lists `name`: see [`Policy::learn_target`].
+async fn read_target(
+    session: &Session,
+    index: usize,
+    kinds: &[EntryKind],
+    name: &str,
+) -> Result<Target, UpstreamError> {
+    for kind in kinds {
+        if let Some(entry) = listed_target(session, index, *kind, name).await? {
+            return Ok(Target::Listed(vec![entry]));
+        }
+    }
+    if kinds.contains(&EntryKind::Resource) {
+        let templates = matching_templates(session, index, name).await?;
+        if !templates.is_empty() {
+            let instance = ListEntry {
+                kind: EntryKind::Resource,
+                name: name.to_owned(),
+                description: templates.iter().find_map(|t| t.description.clone()),
+                labels: templates.iter().flat_map(|t| t.labels.clone()).collect(),
+            };
+            let mut entries = vec![instance];
+            entries.extend(templates);
+            return Ok(Target::Listed(entries));
+        }
+    }
+    Ok(Target::Unlisted)
+}
+
 /// Most pages of a server's list read to find how it lists a call's target.
 const MAX_TARGET_PAGES: usize = 50;
 
@@ -447,31 +472,6 @@ async fn walk_list(
     let Some(link) = session.links().get(index) else {
         return Ok(());
     };
-    // The whole walk within one call's deadline: a server that answers each page just in time
-    // must not hold the call (and its session's room) for a deadline a page.
-    let server = &session.topology().servers[index];
-    let timeout = server.config.call_timeout;
-    tokio::time::timeout(
-        timeout,
-        walk_pages(session, index, link, method, key, &mut each),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(UpstreamError::Timeout {
-            server: server.name.clone(),
-            timeout,
-        })
-    })
-}
-
-async fn walk_pages(
-    session: &Session,
-    index: usize,
-    link: &crate::upstream::Link,
-    method: &'static str,
-    key: &str,
-    each: &mut impl FnMut(&ListPage) -> bool,
-) -> Result<(), UpstreamError> {
     let mut cursor: Option<String> = None;
     for _ in 0..MAX_TARGET_PAGES {
         let page = match &cursor {

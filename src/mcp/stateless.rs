@@ -766,7 +766,7 @@ pub(crate) async fn post(
     } = match checked {
         Ok(r) => r,
         Err(refusal) => {
-            tracing::debug!(%method, "refused a stateless request: {refusal}");
+            tracing::debug!(?method, "refused a stateless request: {refusal}");
             return json_response(refusal.status(), refusal.frame(&id));
         }
     };
@@ -908,7 +908,7 @@ pub(crate) async fn post(
         && let Err(refusal) =
             check_param_headers(&session, &mirrored, &round, params.as_deref()).await
     {
-        tracing::debug!(method = %round.method, "refused a stateless request: {refusal}");
+        tracing::debug!(method = ?round.method, "refused a stateless request: {refusal}");
         return json_response(refusal.status(), refusal.frame(&id));
     }
     if round.method == "subscriptions/listen" {
@@ -1164,7 +1164,7 @@ impl Round {
     }
 
     fn call_stream_stalled(&self) {
-        tracing::info!(method = %self.method, "ended a call's stream whose client took nothing while messages waited");
+        tracing::info!(method = ?self.method, "ended a call's stream whose client took nothing while messages waited");
         self.gw.metrics.stream_stalled("call");
     }
 

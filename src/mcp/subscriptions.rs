@@ -358,7 +358,10 @@ impl Subscriptions {
         // Under the lock: whether a topic waits and queueing it are one step.
         for l in lock(&self.listeners).iter_mut() {
             if l.filter.wants(method, uri) && !l.send(topic.clone(), method, params) {
-                tracing::debug!(%method, "a listen stream missed a notification: its queue is full");
+                tracing::debug!(
+                    ?method,
+                    "a listen stream missed a notification: its queue is full"
+                );
             }
         }
     }

@@ -598,7 +598,7 @@ pub(super) async fn forward(
                 if !matches!(e, UpstreamError::Cancelled)
                     && let Some(more) = server.failure_logged()
                 {
-                    tracing::warn!(upstream = %server.name, method = %method, said = e.said(), "call failed: {e}{more}");
+                    tracing::warn!(upstream = %server.name, method = ?method, said = e.said(), "call failed: {e}{more}");
                 }
                 (
                     jsonrpc::error_response(Some(&id), e.code(), &e.to_string()),
