@@ -1777,19 +1777,31 @@ fn a_plugins_denial_reason_is_bounded_and_one_line() {
 fn a_rewrite_larger_than_the_gateway_takes_fails_the_plugin() {
     let over = gatehouse::plugins::MAX_REWRITE_BYTES + 1;
     let set = load(&format!(
-        "modules:\n  - {{ name: bloat, path: \"{{dir}}/fault_trap.wasm\", memory_limit: 256MiB, deadline: 10s, config: {{ rewrite_bytes: {over} }} }}\n  - {{ name: fits, path: \"{{dir}}/fault_trap.wasm\", memory_limit: 256MiB, deadline: 10s, config: {{ rewrite_bytes: 1048576 }} }}\nchains:\n  - {{ servers: [big], plugins: [bloat] }}\n  - {{ servers: [small], plugins: [fits] }}"
+        "modules:\n  - {{ name: bloat, path: \"{{dir}}/fault_trap.wasm\", memory_limit: 256MiB, deadline: 10s, config: {{ rewrite_bytes: {over} }} }}\n  - {{ name: lenient, path: \"{{dir}}/fault_trap.wasm\", memory_limit: 256MiB, deadline: 10s, fail_open: true, config: {{ rewrite_bytes: {over} }} }}\n  - {{ name: fits, path: \"{{dir}}/fault_trap.wasm\", memory_limit: 256MiB, deadline: 10s, config: {{ rewrite_bytes: 1048576 }} }}\nchains:\n  - {{ servers: [big], plugins: [bloat] }}\n  - {{ servers: [open], plugins: [lenient] }}\n  - {{ servers: [small], plugins: [fits] }}"
     ))
     .unwrap();
-    for d in [
-        denied(set.on_request_blocking(&ctx("big", "rewrite"), r#"{"a":1}"#)),
-        denied(set.on_response_blocking(&ctx("big", "rewrite"), "{}")),
+    // Even through a plugin that fails open: a payload can make a rewrite grow (a redaction
+    // lengthens what it masks), so skipping the plugin would let such a payload walk past it.
+    for (d, plugin) in [
+        (
+            denied(set.on_request_blocking(&ctx("big", "rewrite"), r#"{"a":1}"#)),
+            "bloat",
+        ),
+        (
+            denied(set.on_response_blocking(&ctx("big", "rewrite"), "{}")),
+            "bloat",
+        ),
+        (
+            denied(set.on_response_blocking(&ctx("open", "rewrite"), "{}")),
+            "lenient",
+        ),
     ] {
         assert_eq!(d.code, PLUGIN_FAILED, "{d:?}");
         assert_eq!(d.fault, Some(FaultKind::Malformed));
-        assert_eq!(&*d.plugin, "bloat");
+        assert_eq!(&*d.plugin, plugin);
         assert!(
             d.message.contains(&format!(
-                "rewrite of {over} bytes is larger than the gateway takes"
+                "returned a rewrite of {over} bytes, larger than the gateway takes"
             )),
             "{}",
             d.message

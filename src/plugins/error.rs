@@ -107,6 +107,11 @@ pub enum Fault {
     /// A state operation could not be run (the replica that keeps the state is unreachable).
     #[error("could not use its state: {0}")]
     State(String),
+    /// The guest's rewrite is larger than the gateway takes ([`super::MAX_REWRITE_BYTES`]): a
+    /// payload can make it so at will (a redaction lengthens what it masks), so it refuses the
+    /// call even where the plugin fails open. Counted as [`FaultKind::Malformed`].
+    #[error("returned a rewrite of {0} bytes, larger than the gateway takes ({max} bytes)", max = super::MAX_REWRITE_BYTES)]
+    Oversized(usize),
     /// A state operation was refused because the session was deleted (on another replica): the
     /// client's doing, not an outage, so it refuses the call even where the plugin fails open.
     #[error("cannot go on: the session was deleted")]
@@ -120,7 +125,7 @@ impl Fault {
             Fault::Deadline(_) => FaultKind::Deadline,
             Fault::Memory { .. } => FaultKind::Memory,
             Fault::Trap(_) => FaultKind::Trap,
-            Fault::Malformed(_) => FaultKind::Malformed,
+            Fault::Malformed(_) | Fault::Oversized(_) => FaultKind::Malformed,
             Fault::InitRejected(_) => FaultKind::Init,
             Fault::Unavailable(_) | Fault::Busy | Fault::State(_) | Fault::SessionDeleted => {
                 FaultKind::Unavailable

@@ -772,10 +772,7 @@ impl PluginSet {
                     HookAnswer::Decision(bindings::Decision::Rewrite(json))
                         if json.len() > MAX_REWRITE_BYTES =>
                     {
-                        Err(Fault::Malformed(format!(
-                            "rewrite of {} bytes is larger than the gateway takes ({MAX_REWRITE_BYTES} bytes)",
-                            json.len()
-                        )))
+                        Err(Fault::Oversized(json.len()))
                     }
                     HookAnswer::Decision(bindings::Decision::Rewrite(json)) => {
                         match serde_json::from_str::<&serde_json::value::RawValue>(&json) {
@@ -849,7 +846,11 @@ impl PluginSet {
         if plugin.cfg.fail_open
             && !matches!(
                 fault,
-                Fault::SessionDeleted | Fault::Busy | Fault::Deadline(_) | Fault::Memory { .. }
+                Fault::SessionDeleted
+                    | Fault::Busy
+                    | Fault::Deadline(_)
+                    | Fault::Memory { .. }
+                    | Fault::Oversized(_)
             )
         {
             plugin
