@@ -38,6 +38,11 @@ async fn log_lines_and_errors_are_redacted_like_results() {
         ("", true, true),
         ("tools: [\"*\"], ", false, true),
         ("tools: [\"nothing-listed\"], ", true, false),
+        (
+            "methods: [\"tools/call\"], tools: [\"fs_*\"], ",
+            false,
+            false,
+        ),
     ] {
         let (gw, c, prefix) = gateway(&redact_in(selects), multi).await;
         // A log line the server sends during the call.

@@ -230,8 +230,9 @@ impl Policy {
 }
 
 /// Runs what servers send to a client (log lines, progress, sampling and elicitation requests)
-/// through the result chains, as the method it is and whatever tools a chain selects (it may
-/// be about any of them): a redaction that applies to results applies to a log line too. A denied message is dropped (and audited); a rewrite replaces its params.
+/// through the result chains of its server, as the method it is and whatever methods and tools
+/// a chain selects (it may belong to any call): a redaction that applies to results applies to
+/// a log line too. A denied message is dropped (and audited); a rewrite replaces its params.
 /// And the client's answers to those requests through the request chains, as what goes to a
 /// server: a denied answer reaches the server as an error (and is audited).
 pub struct PluginMessagePolicy {

@@ -92,6 +92,13 @@ impl Chain {
     pub(crate) fn matches_call(&self, ctx: &CallContext<'_>) -> bool {
         self.matches_request(ctx) && self.tools.matches(ctx.name)
     }
+
+    /// Whether the chain judges what its server says of its own accord (a log line, progress,
+    /// a question): it may belong to any call of the server, whatever the chain's `methods`
+    /// and `tools` select, so only the server and the profile decide.
+    pub(crate) fn matches_server_message(&self, ctx: &CallContext<'_>) -> bool {
+        self.servers.matches(Some(ctx.server)) && self.profiles.matches(ctx.profile)
+    }
 }
 
 #[cfg(test)]

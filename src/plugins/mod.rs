@@ -213,7 +213,7 @@ fn denial_code(code: i32) -> i64 {
 enum Concerns {
     /// The context's own target (`name`): chains selecting tools judge it by that name.
     Target,
-    /// Some call of the server, which one unknown: every chain for the method judges it.
+    /// Some call of the server, which one unknown: every chain for the server judges it.
     AnyCall,
 }
 
@@ -465,9 +465,10 @@ impl PluginSet {
     }
 
     /// Runs the on-response chains over what a server sends a client of its own accord (a log
-    /// line, progress, a question) as method `ctx.method`: it may concern any call of the
-    /// server, so the chains that select tools judge it too, whatever tools they select (a
-    /// redaction scoped to tools must not be walked around by putting a result in a log line).
+    /// line, progress, a question) as method `ctx.method`: it may belong to any call of the
+    /// server, so every chain for the server and profile judges it, whatever methods and
+    /// tools it selects (a redaction of `tools/call` results must not be walked around by
+    /// putting a result in a log line).
     pub async fn on_server_message(&self, ctx: &CallContext<'_>, params: &JsonText) -> Decision {
         self.run_chain(
             Hook::Response,
@@ -748,7 +749,7 @@ impl PluginSet {
         let mut seen = Seen::default();
         let selected = |c: &&Chain| match concerns {
             Concerns::Target => c.matches_call(ctx),
-            Concerns::AnyCall => c.matches_request(ctx),
+            Concerns::AnyCall => c.matches_server_message(ctx),
         };
         for chain in self.chains.iter().filter(selected) {
             for &i in &chain.plugins {
