@@ -243,6 +243,9 @@ pub fn plan(
         if secret {
             secrets.push(name.to_string());
         } else {
+            // Kubernetes expands `$(NAME)` in a variable's value from those before it: a
+            // plain one would carry a secret's value where it is logged or sent.
+            no_expansion(&value).map_err(|m| refuse(format!("values.{name}"), m))?;
             known.insert(name.to_string(), value.clone());
         }
         env.push(EnvVarSpec {
@@ -275,15 +278,11 @@ pub fn plan(
             .or_else(|| arg["default"].as_str().map(str::to_string));
         // Kubernetes expands `$(NAME)` in a container's arguments from its environment, where
         // the secrets are: such an argument would put one on the command line.
-        if [value.as_deref(), arg["name"].as_str()]
+        for v in [value.as_deref(), arg["name"].as_str()]
             .into_iter()
             .flatten()
-            .any(|v| v.contains("$("))
         {
-            return Err(refuse(
-                apath,
-                "contains \"$(\", which Kubernetes expands from the server's environment (its secrets among it) into the command line",
-            ));
+            no_expansion(v).map_err(|m| refuse(&apath, m))?;
         }
         match (arg["type"].as_str(), value) {
             (Some("named"), Some(v)) => {
@@ -1051,6 +1050,17 @@ fn runs_package(spec: &McpServerSpec, pkg: &Value) -> bool {
 }
 
 /// Refuses a template that would put a secret variable's value in the open.
+/// Refuses text Kubernetes would expand from the server's environment (`$(NAME)`), its
+/// secrets among it, in an argument or a variable's value.
+fn no_expansion(value: &str) -> Result<(), String> {
+    match value.contains("$(") {
+        true => Err(
+            "contains \"$(\", which Kubernetes expands from the server's environment (its secrets among it)".into(),
+        ),
+        false => Ok(()),
+    }
+}
+
 fn no_secret_in(template: Option<&str>, secrets: &[String]) -> Result<(), String> {
     let Some(template) = template else {
         return Ok(());
@@ -1239,25 +1249,59 @@ mod tests {
     #[test]
     fn arguments_that_kubernetes_expands_are_refused() {
         let runners = Runners::of(&crate::config::RegistryConfig::default());
-        for arg in [
-            json!({"type": "positional", "value": "$(API_KEY)"}),
-            json!({"type": "positional", "default": "--key=$(API_KEY)"}),
-            json!({"type": "named", "name": "--k$(API_KEY)", "value": "x"}),
-            json!({"type": "positional", "value": "{PORT}"}),
-        ] {
+        // (the package's arguments, a plain variable's default, the installer's PORT, where)
+        let cases = [
+            (
+                json!([{"type": "positional", "value": "$(API_KEY)"}]),
+                None,
+                None,
+                "packageArguments[0]",
+            ),
+            (
+                json!([{"type": "positional", "default": "--key=$(API_KEY)"}]),
+                None,
+                None,
+                "packageArguments[0]",
+            ),
+            (
+                json!([{"type": "named", "name": "--k$(API_KEY)", "value": "x"}]),
+                None,
+                None,
+                "packageArguments[0]",
+            ),
+            // A plain variable's value is expanded too (from the variables before it).
+            (
+                json!([]),
+                Some("http://$(API_KEY)@proxy.example"),
+                None,
+                "values.UPSTREAM_URL",
+            ),
+            (
+                json!([{"type": "positional", "value": "{PORT}"}]),
+                None,
+                Some("$(API_KEY)"),
+                "values.PORT",
+            ),
+        ];
+        for (args, proxy, port, at) in cases {
             let mut doc = with_http(everything());
-            doc["packages"][1]["packageArguments"] = json!([arg]);
+            doc["packages"][1]["packageArguments"] = args.clone();
+            if let Some(proxy) = proxy {
+                doc["packages"][1]["environmentVariables"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"name": "UPSTREAM_URL", "default": proxy}));
+            }
             let mut request = Request {
                 package: Some(1),
                 ..Request::default()
             };
             request.values.insert("API_KEY".into(), "k-123".into());
-            request.values.insert("PORT".into(), "$(API_KEY)".into());
+            if let Some(port) = port {
+                request.values.insert("PORT".into(), port.into());
+            }
             let e = plan(&doc, &request, &runners).unwrap_err().to_string();
-            assert!(
-                e.contains("packageArguments[0]") && e.contains("$("),
-                "{arg}: {e}"
-            );
+            assert!(e.contains(at) && e.contains("$("), "{args} {proxy:?}: {e}");
             assert!(!e.contains("k-123"), "{e}");
         }
     }
