@@ -1331,7 +1331,7 @@ servers:
     assert_eq!(
         r.json()["scopes"],
         json!([
-            "servers", "sessions", "audit", "plugins", "registry", "pins"
+            "servers", "sessions", "audit", "plugins", "registry", "pins", "metrics"
         ])
     );
     // The viewer reads...
