@@ -1601,6 +1601,37 @@ async fn a_forged_values_secret_of_another_type_reaches_no_pod() {
         secret["metadata"]["annotations"]["gatehouse.dev/values-for"].is_null(),
         "not marked as the server's: {secret}"
     );
+
+    // Swapped in after a rollout: the running workload is removed (its pods would read the
+    // forged Secret when they next start).
+    let r = admin(
+        &gw,
+        "PUT",
+        "/admin/v1/servers/y",
+        Some(json!({"image": "ghcr.io/gatehouse/example:1", "command": BIN,
+            "args": ["example-server", "--name", "y"],
+            "env": [{"name": "token", "secretValue": "y-secret"}]})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    eventually("y rolled out", || {
+        fake.get(Kind::Deployment, NS, "mcp-y").is_some()
+    })
+    .await;
+    fake.delete(Kind::Secret, NS, "mcp-y.values");
+    fake.create(
+        Kind::Secret,
+        NS,
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/service-account-token",
+            "metadata": {"name": "mcp-y.values",
+                "labels": {"gatehouse.dev/server": "y", "app.kubernetes.io/managed-by": "gatehouse"},
+                "annotations": {"kubernetes.io/service-account.name": "gatehouse"}},
+            "data": {"token": base64::engine::general_purpose::STANDARD.encode("gateway-sa-token")}}),
+    );
+    eventually("the workload removed", || {
+        fake.get(Kind::Deployment, NS, "mcp-y").is_none()
+    })
+    .await;
     gw.stop().await;
     fake.assert_within_deployed_role();
 }

@@ -1593,6 +1593,10 @@ impl Inner {
             )));
         };
         if !is_values_of(&secret, name) {
+            // Replaced behind the gateway's back after a rollout: the pods already running
+            // would read it when they next start (a restart, a wake). None runs with it.
+            self.delete_if_present(&self.deployments, name, &object_name(name))
+                .await?;
             return Err(OrchestratorError::Conflict(format!(
                 "the Secret {secret_name} is not one the gateway wrote for this server (type {}): remove it, then give the stored secrets again (secretValue) through the gateway",
                 secret.type_.as_deref().unwrap_or("Opaque")
