@@ -1608,9 +1608,11 @@ async fn a_forged_values_secret_of_another_type_reaches_no_pod() {
         &gw,
         "PUT",
         "/admin/v1/servers/y",
-        Some(json!({"image": "ghcr.io/gatehouse/example:1", "command": BIN,
+        Some(
+            json!({"image": "ghcr.io/gatehouse/example:1", "command": BIN,
             "args": ["example-server", "--name", "y"],
-            "env": [{"name": "token", "secretValue": "y-secret"}]})),
+            "env": [{"name": "token", "secretValue": "y-secret"}]}),
+        ),
     )
     .await;
     assert_eq!(r.status, 201, "{}", r.body);

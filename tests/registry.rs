@@ -1981,3 +1981,70 @@ plugins:
     }
     gw.stop().await;
 }
+
+/// An upgrade goes to the latest version its admin sees, which may be older than what runs (a
+/// newer one hidden from it): it never goes back unless a version is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_never_goes_back_to_an_older_version_unasked() {
+    const INTERN: &str = "intern-token-0123456789";
+    let config = gatehouse::Config::from_yaml(&format!(
+        "listen: 127.0.0.1:0
+admin: {{tokens: [{{principal: ops, token: {ADMIN}}}, {{principal: intern, token: {INTERN}}}]}}
+plugins:
+  modules:
+    - name: lists
+      path: {:?}
+      config: {{rules: [{{principals: [intern], kinds: [server], allow_labels: [\"approved=yes\"]}}]}}
+  chains:
+    - {{name: registry, methods: [registry/list], plugins: [lists]}}
+",
+        support::wasm("list_filter")
+    ))
+    .unwrap();
+    let (running, _runtime) = with_local_runtime(config).await;
+    let addr = running.listening.local_addr;
+    let doc = |v: &str| {
+        json!({"name": "io.example/two", "description": "two versions", "version": v,
+            "packages": [{"registryType": "pypi", "identifier": "two-server", "version": v,
+                "transport": {"type": "stdio"}}]})
+    };
+    let r = admin_request(
+        addr,
+        Some(ADMIN),
+        "POST",
+        "/admin/v1/registry/servers",
+        Some(json!([doc("1.0.0"), doc("2.0.0")])),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = admin_request(
+        addr,
+        Some(ADMIN),
+        "PUT",
+        "/admin/v1/registry/servers/io.example%2Ftwo/versions/1.0.0/labels",
+        Some(json!({"labels": {"approved": "yes"}})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = admin_request(
+        addr,
+        Some(ADMIN),
+        "POST",
+        "/admin/v1/registry/install",
+        Some(json!({"entry": "io.example/two"})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    // The intern sees 1.0.0 only: its upgrade is refused, not a downgrade.
+    let r = admin_request(
+        addr,
+        Some(INTERN),
+        "POST",
+        "/admin/v1/registry/upgrade",
+        Some(json!({"name": "two"})),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("older than 2.0.0"), "{}", r.body);
+    running.shutdown().await;
+}

@@ -856,6 +856,21 @@ async fn upgrade(
         )));
     };
     let server = installable(gw, &catalog, who, &source.entry, ask.version.as_deref()).await?;
+    // `latest` is the latest this admin sees, which may be older than what runs (a newer
+    // version hidden from it): an upgrade never goes back unless a version is named.
+    let target = server["version"].as_str().unwrap_or_default();
+    if ask.version.is_none()
+        && let (Ok(to), Ok(from)) = (
+            semver::Version::parse(target),
+            semver::Version::parse(&source.version),
+        )
+        && to < from
+    {
+        return Err(AdminError::Invalid(format!(
+            "the latest version of {} you see is {target}, older than {} which {:?} runs: name the version to go back to it",
+            source.entry, source.version, ask.name
+        )));
+    }
     let old = catalog
         .version(&source.entry, &source.version, true)
         .ok()
