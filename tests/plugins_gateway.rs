@@ -226,6 +226,65 @@ async fn a_tool_listed_with_a_member_twice_is_not_judged_and_not_shown() {
     gw.stop().await;
 }
 
+/// Arguments with two keys a lenient server reads as one (`text` and `TEXT`, or one given
+/// twice, at any depth) are refused while plugins judge calls: a rule on `text` would judge
+/// one value and a server that matches keys without regard to case might act on the other.
+#[tokio::test]
+async fn arguments_with_keys_read_as_one_are_refused_while_plugins_judge() {
+    let cfg = format!(
+        "plugins:\n  modules:\n    - name: policy\n      path: {:?}\n      config: {{ rules: [ {{ tool: echo, argument: text, operator: startsWith, value: \"/etc\", action: block, reason: \"no /etc\" }} ] }}\n  chains:\n    - {{ name: all, plugins: [policy] }}",
+        wasm("tool_policy")
+    );
+    let gw = TestGateway::start(&cfg, &[example("a", &[], "")]).await;
+    let mut c = gw.client();
+    c.initialize(json!({})).await;
+    for (id, arguments) in [
+        (1, json!({"text": "/tmp/x", "TEXT": "/etc/shadow"})),
+        (2, json!({"text": "/tmp/x", "text\u{0}": "/etc/shadow"})),
+        (
+            3,
+            json!({"text": "/tmp/x", "opts": [{"mode": "r", "MODE": "w"}]}),
+        ),
+    ] {
+        let r = c
+            .call(
+                id,
+                "tools/call",
+                json!({"name": "echo", "arguments": arguments}),
+            )
+            .await;
+        let (code, msg) = err(&r);
+        assert_eq!(code, -32602, "{r}");
+        assert!(msg.contains("read as one key"), "{msg}");
+    }
+    // Given twice exactly (a JSON text, since a map cannot hold it).
+    let r = c
+        .post(
+            r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"echo","arguments":{"text":"/tmp","text":"/etc/shadow"}}}"#
+                .to_owned(),
+        )
+        .await;
+    assert!(
+        r.body.contains("-32602") && r.body.contains("read as one key"),
+        "{}",
+        r.body
+    );
+    // One spelling is judged as it comes.
+    assert_eq!(
+        c.tool_text(5, "echo", json!({"text": "/tmp/x"})).await,
+        "/tmp/x"
+    );
+    let r = c
+        .call(
+            6,
+            "tools/call",
+            json!({"name": "echo", "arguments": {"text": "/etc/x"}}),
+        )
+        .await;
+    assert_eq!(err(&r).0, -32030, "{r}");
+    gw.stop().await;
+}
+
 /// A server that answers each page of its list just within the call deadline, and never ends
 /// it, holds a call judged by its list for one deadline, not one a page.
 #[tokio::test]

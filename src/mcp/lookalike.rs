@@ -27,6 +27,80 @@ pub(crate) fn read_as<'o>(key: &str, owned: &[&'o str]) -> Option<&'o str> {
     })
 }
 
+/// `key` as such a decoder matches it: trailing NULs cut, the long s and the Kelvin sign
+/// folded, ASCII in lower case.
+fn folded_key(key: &str) -> String {
+    key.trim_end_matches('\0')
+        .chars()
+        .map(|c| match c {
+            '\u{17F}' => 's',
+            '\u{212A}' => 'k',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
+}
+
+/// Two keys of one object, at any depth of JSON value `value`, that a lenient decoder reads as
+/// one (`path` and `PATH`, or `path` given twice): which one a server acts on, and which one a
+/// plugin judged, could differ. `Err` for text that is not JSON.
+pub(crate) fn keys_read_as_one(value: &str) -> Result<Option<(String, String)>, serde_json::Error> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    /// Walks a value, keeping the first pair of keys found read as one.
+    struct Walk<'f>(&'f mut Option<(String, String)>);
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen: std::collections::HashMap<String, String> =
+                std::collections::HashMap::new();
+            while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+                map.next_value_seed(Walk(&mut *self.0))?;
+                if self.0.is_none()
+                    && let Some(first) = seen.insert(folded_key(&key), key.clone().into_owned())
+                {
+                    *self.0 = Some((first, key.into_owned()));
+                }
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(Walk(&mut *self.0))?.is_some() {}
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
+    let mut found = None;
+    let mut de = serde_json::Deserializer::from_str(value);
+    Walk(&mut found).deserialize(&mut de)?;
+    de.end()?;
+    Ok(found)
+}
+
 /// A tool or prompt name as a lenient server may look it up: cut at a NUL, trimmed, in lower
 /// case. What selects names for a check (a scope rule, a plugin chain) matches this too, so
 /// that `FS_read`, `fs_read ` or `fs_read\0` is checked as `fs_read` is.
@@ -114,6 +188,33 @@ mod tests {
         ] {
             assert_eq!(read_as(key, &OWNED), want, "{key:?}");
         }
+    }
+
+    #[test]
+    fn keys_a_lenient_decoder_reads_as_one_are_found_at_any_depth() {
+        use super::keys_read_as_one;
+        let found = |json: &str| keys_read_as_one(json).unwrap();
+        assert_eq!(found(r#"{"path":"/tmp","other":1}"#), None);
+        assert_eq!(
+            found(r#"{"path":"/tmp","PATH":"/etc/shadow"}"#),
+            Some(("path".into(), "PATH".into()))
+        );
+        assert_eq!(
+            found(r#"{"a":[{"x":{"pa\u017fh":1,"pash":2}}]}"#),
+            Some(("paſh".into(), "pash".into()))
+        );
+        assert_eq!(
+            found(r#"{"path":1,"path":2}"#),
+            Some(("path".into(), "path".into()))
+        );
+        assert_eq!(
+            found(r#"{"path\u0000":1,"path":2}"#).map(|p| p.1),
+            Some("path".into())
+        );
+        // The same key in two objects is no ambiguity.
+        assert_eq!(found(r#"{"a":{"k":1},"b":{"k":2}}"#), None);
+        assert_eq!(found("[1,\"x\",null,true,-2.5]"), None);
+        assert!(keys_read_as_one("{").is_err());
     }
 
     #[test]

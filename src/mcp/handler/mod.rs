@@ -517,6 +517,20 @@ pub async fn request(
             }
             let mut rewritten = None;
             if let Some(p) = &policy {
+                // Two keys a lenient server reads as one: the plugins would judge one value and
+                // the server might act on the other.
+                if let Ok(Some((first, second))) =
+                    crate::mcp::lookalike::keys_read_as_one(call.arguments())
+                {
+                    return invalid_params(
+                        &id,
+                        &format!(
+                            "params.arguments has the keys {:?} and {:?} in one object, which lenient servers read as one key: the gateway's policy cannot tell which one a server would act on",
+                            crate::mcp::lookalike::shown(&first),
+                            crate::mcp::lookalike::shown(&second)
+                        ),
+                    );
+                }
                 match on_request(sv, p, &JsonText::within(&params, call.arguments())).await {
                     Decision::Allow => {}
                     Decision::Deny(d) => return denied(&id, &d),
