@@ -1634,6 +1634,40 @@ async fn a_forged_values_secret_of_another_type_reaches_no_pod() {
         fake.get(Kind::Deployment, NS, "mcp-y").is_none()
     })
     .await;
+    // Nor when the forged one carries none of the gateway's labels (the gateway watches only
+    // its own, but the pods refer to the Secret by name).
+    let r = admin(
+        &gw,
+        "PUT",
+        "/admin/v1/servers/z",
+        Some(
+            json!({"image": "ghcr.io/gatehouse/example:1", "command": BIN,
+            "args": ["example-server", "--name", "z"],
+            "env": [{"name": "token", "secretValue": "z-secret"}]}),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    eventually("z rolled out", || {
+        fake.get(Kind::Deployment, NS, "mcp-z").is_some()
+    })
+    .await;
+    fake.delete(Kind::Secret, NS, "mcp-z.values");
+    fake.create(
+        Kind::Secret,
+        NS,
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/service-account-token",
+            "metadata": {"name": "mcp-z.values",
+                "annotations": {"kubernetes.io/service-account.name": "gatehouse"}},
+            "data": {"token": base64::engine::general_purpose::STANDARD.encode("gateway-sa-token")}}),
+    );
+    // A restart reconciles the server anew.
+    let r = admin(&gw, "POST", "/admin/v1/servers/z/restart", None).await;
+    assert!(r.status < 500, "{}", r.body);
+    eventually("the workload removed", || {
+        fake.get(Kind::Deployment, NS, "mcp-z").is_none()
+    })
+    .await;
     gw.stop().await;
     fake.assert_within_deployed_role();
 }

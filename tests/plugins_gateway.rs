@@ -269,6 +269,19 @@ async fn arguments_with_keys_read_as_one_are_refused_while_plugins_judge() {
         "{}",
         r.body
     );
+    // Arguments whose keys cannot be read (a lone surrogate elsewhere) are not judged on a
+    // guess: refused too.
+    let r = c
+        .post(
+            r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{"text":"/tmp","TEXT":"/etc/shadow","z":"\ud800"}}}"#
+                .to_owned(),
+        )
+        .await;
+    assert!(
+        r.body.contains("-32602") && r.body.contains("cannot be read"),
+        "{}",
+        r.body
+    );
     // One spelling is judged as it comes.
     assert_eq!(
         c.tool_text(5, "echo", json!({"text": "/tmp/x"})).await,

@@ -2045,6 +2045,6 @@ plugins:
     )
     .await;
     assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.body.contains("older than 2.0.0"), "{}", r.body);
+    assert!(r.body.contains("not newer than 2.0.0"), "{}", r.body);
     running.shutdown().await;
 }

@@ -859,15 +859,22 @@ async fn upgrade(
     // `latest` is the latest this admin sees, which may be older than what runs (a newer
     // version hidden from it): an upgrade never goes back unless a version is named.
     let target = server["version"].as_str().unwrap_or_default();
-    if ask.version.is_none()
-        && let (Ok(to), Ok(from)) = (
-            semver::Version::parse(target),
-            semver::Version::parse(&source.version),
-        )
-        && to < from
-    {
+    let older = match (
+        semver::Version::parse(target),
+        semver::Version::parse(&source.version),
+    ) {
+        (Ok(to), Ok(from)) => to < from,
+        // Not both semantic versions: only the catalog's own latest is surely no older.
+        _ => {
+            target != source.version
+                && catalog
+                    .version(&source.entry, "latest", false)
+                    .map_or(true, |(latest, _)| latest["version"] != target)
+        }
+    };
+    if ask.version.is_none() && older {
         return Err(AdminError::Invalid(format!(
-            "the latest version of {} you see is {target}, older than {} which {:?} runs: name the version to go back to it",
+            "the latest version of {} you see is {target}, not newer than {} which {:?} runs: name the version to go to it",
             source.entry, source.version, ask.name
         )));
     }
@@ -943,7 +950,7 @@ async fn kept_for_this_workload(
     name: &str,
     spec: &McpServerSpec,
 ) -> Result<(), AdminError> {
-    use crate::orchestrator::kubernetes::VALUES_FOR_ANNOTATION;
+    use crate::orchestrator::kubernetes::{VALUES_ENTRY_ANNOTATION, VALUES_FOR_ANNOTATION};
     use k8s_openapi::api::core::v1::Secret;
     let (bare, values) = spec.clone().without_secret_values();
     // A remote's kept values are bound to its origin by the backend.
@@ -961,19 +968,28 @@ async fn kept_for_this_workload(
         .get_opt(&secret_name)
         .await
         .map_err(|e| OrchestratorError::kube(format!("read the stored secrets of {name}"), e))?;
-    let given_for = secret
-        .as_ref()
-        .and_then(|s| s.metadata.annotations.as_ref())
-        .and_then(|a| a.get(VALUES_FOR_ANNOTATION));
-    match given_for {
-        Some(given_for) if *given_for != bare.workload_digest() => {
-            Err(OrchestratorError::Conflict(format!(
-                "{secret_name} holds secrets given for another image, command, arguments, environment or egress than this definition: give them again (secretValue)"
-            ))
-            .into())
-        }
-        _ => Ok(()),
+    // No Secret of the server's: the backend says why no value is kept (none given, or a
+    // Secret of that name someone else made). One of its own without a mark vouches for
+    // nothing.
+    let Some(secret) = secret.filter(|s| crate::orchestrator::kubernetes::is_values_of(s, name))
+    else {
+        return Ok(());
+    };
+    let annotations = secret.metadata.annotations.unwrap_or_default();
+    let again = |what: &str| {
+        Err(OrchestratorError::Conflict(format!(
+            "{secret_name} holds secrets given for another {what} than this definition: give them again (secretValue)"
+        ))
+        .into())
+    };
+    if annotations.get(VALUES_FOR_ANNOTATION) != Some(&bare.workload_digest()) {
+        return again("image, command, arguments, environment or egress");
     }
+    // The entry chooses what a later upgrade runs with them.
+    if annotations.get(VALUES_ENTRY_ANNOTATION) != bare.registry.as_ref().map(|r| &r.entry) {
+        return again("registry entry");
+    }
+    Ok(())
 }
 
 async fn spec_of(

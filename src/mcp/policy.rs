@@ -101,7 +101,7 @@ impl Policy {
                 })
             })?;
         if matches!(self.target, Target::Unlisted) {
-            tracing::debug!(server = %self.server, target = %name, "not in its server's lists: refused while a plugin filters listings");
+            tracing::debug!(server = %self.server, target = ?name, "not in its server's lists: refused while a plugin filters listings");
         }
         Ok(())
     }

@@ -519,17 +519,26 @@ pub async fn request(
             if let Some(p) = &policy {
                 // Two keys a lenient server reads as one: the plugins would judge one value and
                 // the server might act on the other.
-                if let Ok(Some((first, second))) =
-                    crate::mcp::lookalike::keys_read_as_one(call.arguments())
-                {
-                    return invalid_params(
-                        &id,
-                        &format!(
-                            "params.arguments has the keys {:?} and {:?} in one object, which lenient servers read as one key: the gateway's policy cannot tell which one a server would act on",
-                            crate::mcp::lookalike::shown(&first),
-                            crate::mcp::lookalike::shown(&second)
-                        ),
-                    );
+                match crate::mcp::lookalike::keys_read_as_one(call.arguments()) {
+                    Ok(None) => {}
+                    Ok(Some((first, second))) => {
+                        return invalid_params(
+                            &id,
+                            &format!(
+                                "params.arguments has the keys {:?} and {:?} in one object, which lenient servers read as one key: the gateway's policy cannot tell which one a server would act on",
+                                crate::mcp::lookalike::shown(&first),
+                                crate::mcp::lookalike::shown(&second)
+                            ),
+                        );
+                    }
+                    // Arguments its keys cannot be read from (a lone surrogate, a number past
+                    // what a double holds) are not judged on a guess: refused.
+                    Err(e) => {
+                        return invalid_params(
+                            &id,
+                            &format!("params.arguments cannot be read to be judged: {e}"),
+                        );
+                    }
                 }
                 match on_request(sv, p, &JsonText::within(&params, call.arguments())).await {
                     Decision::Allow => {}

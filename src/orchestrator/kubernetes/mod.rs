@@ -553,7 +553,7 @@ impl Drop for KubeRuntime {
 /// that server and of type `Opaque`. Anyone who may create Secrets can forge the labels; the
 /// type keeps out what a cluster controller fills in (a `service-account-token` Secret gets
 /// the token of the account it names, the gateway's own among them).
-fn is_values_of(secret: &Secret, name: &str) -> bool {
+pub fn is_values_of(secret: &Secret, name: &str) -> bool {
     secret.labels().get(labels::SERVER).map(String::as_str) == Some(name)
         && secret.labels().get(labels::MANAGED_BY).map(String::as_str) == Some(labels::MANAGER)
         // The API server defaults an unset type to `Opaque`.
@@ -1588,6 +1588,23 @@ impl Inner {
         // None yet (an install writes it just after the resource): nothing is rolled out, or
         // a pod of a definition edited meanwhile would wait for values given for another.
         let Some(secret) = self.secrets.get(name, &secret_name) else {
+            // Not among the Secrets labelled as the gateway's: none yet, or one of that name
+            // someone else made, which the pods (referring to it by name) would read when
+            // they next start. Such a one stops what runs.
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+            // (One of the gateway's that the watch has not shown yet is waited for.)
+            if api
+                .get_opt(&secret_name)
+                .await
+                .map_err(|e| OrchestratorError::kube(format!("read {secret_name}"), e))?
+                .is_some_and(|found| !is_values_of(&found, name))
+            {
+                self.delete_if_present(&self.deployments, name, &object_name(name))
+                    .await?;
+                return Err(OrchestratorError::Conflict(format!(
+                    "the Secret {secret_name} is not one the gateway wrote for this server: remove it, then give the stored secrets again (secretValue) through the gateway"
+                )));
+            }
             return Err(OrchestratorError::Conflict(format!(
                 "waiting for {secret_name}, which holds its stored secrets"
             )));
