@@ -437,14 +437,7 @@ async fn a_changed_tool_is_refused_on_every_front_and_under_every_name() {
 #[tokio::test]
 async fn a_list_paged_slowly_holds_a_pin_check_for_one_deadline() {
     let (dir, _) = fresh("slow");
-    let slow = support::sh_server(
-        "slow",
-        r#"{"tools":{}}"#,
-        &[(
-            "tools/list",
-            r#"sleep 0.3; printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[],"nextCursor":"more"}}\n' "$id""#,
-        )],
-    ) + "    call_timeout: 1s\n";
+    let slow = support::slow_pager("slow");
     let gw = TestGateway::start(
         &format!("pinning: {{file: {:?}}}", dir.join("pins.json")),
         &[slow],

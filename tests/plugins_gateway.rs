@@ -302,14 +302,7 @@ async fn arguments_with_keys_read_as_one_are_refused_while_plugins_judge() {
 /// it, holds a call judged by its list for one deadline, not one a page.
 #[tokio::test]
 async fn a_list_paged_slowly_holds_a_judged_call_for_one_deadline() {
-    let slow = support::sh_server(
-        "slow",
-        r#"{"tools":{}}"#,
-        &[(
-            "tools/list",
-            r#"sleep 0.3; printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[],"nextCursor":"more"}}\n' "$id""#,
-        )],
-    ) + "    call_timeout: 1s\n";
+    let slow = support::slow_pager("slow");
     let cfg = format!(
         "plugins:\n  modules:\n    - name: lists\n      path: {:?}\n      config: {{ rules: [ {{ deny: [\"other\"] }} ] }}\n  chains:\n    - {{ name: all, plugins: [lists] }}",
         wasm("list_filter")

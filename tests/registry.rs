@@ -870,21 +870,7 @@ plugins:
 /// can, and what it approves is then the other's to change too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_cannot_change_or_read_back_a_version_hidden_from_it() {
-    const INTERN: &str = "intern-token-0123456789";
-    let config = gatehouse::Config::from_yaml(&format!(
-        "listen: 127.0.0.1:0
-admin: {{tokens: [{{principal: ops, token: {ADMIN}}}, {{principal: intern, token: {INTERN}}}]}}
-plugins:
-  modules:
-    - name: lists
-      path: {:?}
-      config: {{rules: [{{principals: [intern], kinds: [server], allow_labels: [\"approved=yes\"]}}]}}
-  chains:
-    - {{name: registry, methods: [registry/list], plugins: [lists]}}
-",
-        support::wasm("list_filter")
-    ))
-    .unwrap();
+    let config = intern_sees_approved_only();
     let (running, runtime) = with_local_runtime(config).await;
     let addr = running.listening.local_addr;
     let doc = json!({"name": "io.example/unvetted", "description": "not approved yet",
@@ -1986,21 +1972,7 @@ plugins:
 /// newer one hidden from it): it never goes back unless a version is named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_never_goes_back_to_an_older_version_unasked() {
-    const INTERN: &str = "intern-token-0123456789";
-    let config = gatehouse::Config::from_yaml(&format!(
-        "listen: 127.0.0.1:0
-admin: {{tokens: [{{principal: ops, token: {ADMIN}}}, {{principal: intern, token: {INTERN}}}]}}
-plugins:
-  modules:
-    - name: lists
-      path: {:?}
-      config: {{rules: [{{principals: [intern], kinds: [server], allow_labels: [\"approved=yes\"]}}]}}
-  chains:
-    - {{name: registry, methods: [registry/list], plugins: [lists]}}
-",
-        support::wasm("list_filter")
-    ))
-    .unwrap();
+    let config = intern_sees_approved_only();
     let (running, _runtime) = with_local_runtime(config).await;
     let addr = running.listening.local_addr;
     let doc = |v: &str| {
@@ -2047,4 +2019,26 @@ plugins:
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("not newer than 2.0.0"), "{}", r.body);
     running.shutdown().await;
+}
+
+/// The intern's admin token, which sees only catalog versions labelled `approved=yes`.
+const INTERN: &str = "intern-token-0123456789";
+
+/// A gateway whose admin `ops` sees the whole catalog and `intern` ([`INTERN`]) only versions
+/// labelled `approved=yes` (a real `list_filter` component).
+fn intern_sees_approved_only() -> gatehouse::Config {
+    gatehouse::Config::from_yaml(&format!(
+        "listen: 127.0.0.1:0
+admin: {{tokens: [{{principal: ops, token: {ADMIN}}}, {{principal: intern, token: {INTERN}}}]}}
+plugins:
+  modules:
+    - name: lists
+      path: {:?}
+      config: {{rules: [{{principals: [intern], kinds: [server], allow_labels: [\"approved=yes\"]}}]}}
+  chains:
+    - {{name: registry, methods: [registry/list], plugins: [lists]}}
+",
+        support::wasm("list_filter")
+    ))
+    .unwrap()
 }

@@ -904,20 +904,11 @@ async fn values_given_for(
     current: &McpServerSpec,
 ) -> Result<(), AdminError> {
     use crate::orchestrator::kubernetes::{VALUES_ENTRY_ANNOTATION, VALUES_FOR_ANNOTATION};
-    use k8s_openapi::api::core::v1::Secret;
     // Nothing stored, nothing carried (plain values are in the resource for all to read).
-    if current.stored_secret_names().is_empty() {
+    if current.stored_secret_names().is_empty() || runtime.cluster().is_none() {
         return Ok(());
     }
-    let Some((client, namespace)) = runtime.cluster() else {
-        return Ok(());
-    };
-    let secret_name = crate::orchestrator::spec::values_secret_name(name);
-    let secrets: kube::Api<Secret> = kube::Api::namespaced(client, &namespace);
-    let secret = secrets
-        .get_opt(&secret_name)
-        .await
-        .map_err(|e| OrchestratorError::kube(format!("read the stored secrets of {name}"), e))?;
+    let secret = values_secret(runtime, name).await?;
     // No mark (nor Secret) vouches for nothing: the values are given again.
     let given_for = secret
         .as_ref()
@@ -940,6 +931,24 @@ async fn values_given_for(
     Ok(())
 }
 
+/// Server `name`'s values Secret as the cluster holds it now (`None` without a cluster, where
+/// the values are this process's own, or without such a Secret).
+async fn values_secret(
+    runtime: &dyn Runtime,
+    name: &str,
+) -> Result<Option<k8s_openapi::api::core::v1::Secret>, AdminError> {
+    let Some((client, namespace)) = runtime.cluster() else {
+        return Ok(None);
+    };
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client, &namespace);
+    let secret_name = crate::orchestrator::spec::values_secret_name(name);
+    Ok(secrets
+        .get_opt(&secret_name)
+        .await
+        .map_err(|e| OrchestratorError::kube(format!("read the stored secrets of {name}"), e))?)
+}
+
 /// Refuses a definition of server `name` that keeps stored values (a `storedSecret` given no
 /// `secretValue` now) for another workload than they were given for: a caller who may define
 /// servers but not read Secrets cannot have another image or command run with them, as an
@@ -951,7 +960,6 @@ async fn kept_for_this_workload(
     spec: &McpServerSpec,
 ) -> Result<(), AdminError> {
     use crate::orchestrator::kubernetes::{VALUES_ENTRY_ANNOTATION, VALUES_FOR_ANNOTATION};
-    use k8s_openapi::api::core::v1::Secret;
     let (bare, values) = spec.clone().without_secret_values();
     // A remote's kept values are bound to its origin by the backend.
     let keeps = bare.remote.is_none()
@@ -959,15 +967,11 @@ async fn kept_for_this_workload(
             .stored_secret_names()
             .iter()
             .any(|k| !values.contains_key(k));
-    let Some((client, namespace)) = runtime.cluster().filter(|_| keeps) else {
+    if !keeps {
         return Ok(());
-    };
+    }
+    let secret = values_secret(runtime, name).await?;
     let secret_name = crate::orchestrator::spec::values_secret_name(name);
-    let secrets: kube::Api<Secret> = kube::Api::namespaced(client, &namespace);
-    let secret = secrets
-        .get_opt(&secret_name)
-        .await
-        .map_err(|e| OrchestratorError::kube(format!("read the stored secrets of {name}"), e))?;
     // No Secret of the server's: the backend says why no value is kept (none given, or a
     // Secret of that name someone else made). One of its own without a mark vouches for
     // nothing.

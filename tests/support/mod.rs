@@ -84,6 +84,20 @@ pub fn sh_server(name: &str, capabilities: &str, answers: &[(&str, &str)]) -> St
     )
 }
 
+/// A stdio upstream `name` (`call_timeout: 1s`) that answers each page of its tool list in
+/// 0.3 s, empty, with another `nextCursor`: a list that never ends, each page in time.
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn slow_pager(name: &str) -> String {
+    sh_server(
+        name,
+        r#"{"tools":{}}"#,
+        &[(
+            "tools/list",
+            r#"sleep 0.3; printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[],"nextCursor":"more"}}\n' "$id""#,
+        )],
+    ) + "    call_timeout: 1s\n"
+}
+
 /// The `plugins` YAML of a gateway whose plugin `answers` (tool-policy) refuses clients'
 /// answers to servers' `method` requests whose `argument` holds `SECRET` ("no secrets to
 /// servers"); `more_modules` and `more_chains` are YAML list items added to each list.
