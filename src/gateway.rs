@@ -239,6 +239,8 @@ pub struct Gateway {
     pub tracer: Option<Arc<crate::trace::Tracer>>,
     /// The room client request bodies share (`mcp.max_bodies_bytes`), and each caller's part.
     pub bodies: crate::body_room::BodyRoom,
+    /// The room answers share while their clients take them (`mcp.max_answers_bytes`).
+    pub answers: Arc<crate::mcp::queued_bytes::AnswerRoom>,
     epoch: Instant,
 }
 
@@ -296,6 +298,7 @@ impl Gateway {
             .and_then(|o| o.document(LISTINGS_DOCUMENT, "listings"))
             .map(crate::upstream::orchestrated::SharedListings::start);
         let gw = Gateway {
+            answers: crate::mcp::queued_bytes::AnswerRoom::new(config.mcp.max_answers_bytes),
             tracer,
             audit: Arc::new(audit),
             pins,
@@ -921,6 +924,7 @@ impl Gateway {
                 self.plugins.clone(),
                 self.audit.clone(),
             )),
+            &self.answers,
         );
         if let Some(issued) = issued {
             let max_age = self.config.mcp.session_max_age.as_millis() as u64;
@@ -1005,6 +1009,7 @@ impl Gateway {
                     self.plugins.clone(),
                     self.audit.clone(),
                 )),
+                &self.answers,
             )
         };
         use dashmap::mapref::entry::Entry;

@@ -1025,3 +1025,141 @@ async fn off_loopback_the_metrics_are_for_admin_tokens_granting_them() {
     assert!(r.body.contains("gatehouse_sessions_active"), "{}", r.body);
     gw.shutdown().await;
 }
+
+/// A request for one of the `big` server's 8 MB answers: its JSON body and its headers
+/// (after the content type), for a session's client or (`None`) a 2026-07-28 one.
+fn big_request(id: u64, tool: &str, session: Option<&str>) -> (String, Vec<(String, String)>) {
+    let mut params = json!({"name": format!("big__{tool}"), "arguments": {}});
+    let mut headers = vec![(
+        "accept".into(),
+        "application/json, text/event-stream".into(),
+    )];
+    match session {
+        Some(s) => {
+            headers.push(("mcp-protocol-version".into(), "2025-11-25".into()));
+            headers.push(("mcp-session-id".into(), s.into()));
+        }
+        None => {
+            params["_meta"] = json!({
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {},
+                "io.modelcontextprotocol/clientInfo": {"name": "test", "version": "1"},
+            });
+            headers.push(("mcp-protocol-version".into(), "2026-07-28".into()));
+            headers.push(("mcp-method".into(), "tools/call".into()));
+            headers.push(("mcp-name".into(), format!("big__{tool}")));
+        }
+    }
+    let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":params});
+    (body.to_string(), headers)
+}
+
+/// Answers their clients do not take stay with the gateway (hyper holds an answer until its
+/// last byte is written): together they hold at most `mcp.max_answers_bytes`. Past it an
+/// answer is dropped for a short error that names the bound and says the request ran; small
+/// answers still go, and the room comes back when the clients holding it leave. For session
+/// and 2026-07-28 clients alike, and for a stateless answer that came after a server message
+/// (`chatty` logs first) as for one that came alone.
+#[tokio::test]
+async fn answers_their_clients_do_not_take_hold_at_most_their_room() {
+    use tokio::io::AsyncWriteExt as _;
+    const ANSWER: usize = 8_000_000;
+    let answer = format!(
+        r#"printf '{{"jsonrpc":"2.0","id":%s,"result":{{"content":[{{"type":"text","text":"' "$id"; head -c {ANSWER} /dev/zero | tr '\0' a; printf '"}}]}}}}\n'"#
+    );
+    let big = sh_server(
+        "big",
+        r#"{"tools":{},"logging":{}}"#,
+        &[
+            (
+                "tools/list",
+                r#"printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[{"name":"big","inputSchema":{"type":"object"}},{"name":"chatty","inputSchema":{"type":"object"}}]}}\n' "$id""#,
+            ),
+            (
+                "tools/call",
+                &format!(
+                    r#"case "$line" in *chatty*) printf '{{"jsonrpc":"2.0","method":"notifications/message","params":{{"level":"info","data":"first"}}}}\n';; esac; {answer}"#
+                ),
+            ),
+        ],
+    );
+    for (era, stuck_tool, sessions) in [("sessions", "big", true), ("2026-07-28", "chatty", false)]
+    {
+        // Room for two such answers, not three.
+        let gw = TestGateway::start(
+            "mcp:\n  max_answers_bytes: 20000000\n",
+            &[big.clone(), example("ex", &[], "")],
+        )
+        .await;
+        let mut c = gw.client();
+        c.initialize(json!({})).await;
+        let session = c.session.clone().filter(|_| sessions);
+        // A 2026-07-28 client has no session id to send.
+        let stateless = gw.client();
+        let post = |(body, headers): (String, Vec<(String, String)>)| {
+            let c = if sessions { &c } else { &stateless };
+            let mut req = c
+                .request("POST", Bytes::new())
+                .header("content-type", "application/json");
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            c.send(req.body(Full::new(Bytes::from(body))).unwrap())
+        };
+        let room = gw.gateway().answers.clone();
+        // Two clients that ask and never read, through sockets that take almost nothing.
+        let mut stuck = Vec::new();
+        for id in [100, 101] {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            let mut conn = socket.connect(gw.addr).await.unwrap();
+            let (body, headers) = big_request(id, stuck_tool, session.as_deref());
+            let mut head = format!(
+                "POST /mcp HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\n",
+                gw.addr,
+                body.len()
+            );
+            for (k, v) in headers {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+            conn.write_all(format!("{head}\r\n{body}").as_bytes())
+                .await
+                .unwrap();
+            stuck.push(conn);
+        }
+        support::eventually("both unread answers counted", || {
+            let held = room.held();
+            async move { held >= 2 * ANSWER }
+        })
+        .await;
+        // A third finds no room.
+        let refused = post(big_request(7, "big", session.as_deref())).await.json();
+        assert_eq!(refused["error"]["code"], -32012, "{era}: {refused}");
+        assert_eq!(refused["id"], 7, "{era}: {refused}");
+        let message = refused["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("mcp.max_answers_bytes") && message.contains("the request ran"),
+            "{era}: {message}"
+        );
+        // Small answers are not counted: they still go.
+        assert_eq!(
+            c.tool_text(8, "ex__echo", json!({"text": "small"})).await,
+            "small"
+        );
+        // The clients that held the room leave: it comes back.
+        drop(stuck);
+        support::eventually("the room given back", || {
+            let held = room.held();
+            async move { held == 0 }
+        })
+        .await;
+        let answer = post(big_request(9, "big", session.as_deref())).await.json();
+        let text = answer["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default();
+        assert_eq!(text.len(), ANSWER, "{era}");
+        assert_eq!(room.held(), 0, "{era}: an answer taken is given back");
+        gw.stop().await;
+    }
+}

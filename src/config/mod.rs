@@ -564,6 +564,10 @@ pub struct RawMcp {
     /// Most bytes of request bodies read at once, all callers together.
     #[serde(default)]
     pub max_bodies_bytes: Option<usize>,
+    /// Most bytes of answers on their way to clients that have not taken them yet, all
+    /// callers together.
+    #[serde(default)]
+    pub max_answers_bytes: Option<usize>,
     /// Time allowed to receive request headers.
     #[serde(default, with = "humantime_serde")]
     pub header_timeout: Option<Duration>,
@@ -897,6 +901,9 @@ pub struct McpSettings {
     /// Bytes of request bodies being read at once, all callers together (a caller's many
     /// slow bodies over HTTP/2 streams would otherwise each hold up to `max_body_bytes`).
     pub max_bodies_bytes: usize,
+    /// Bytes of answers written to clients that have not taken them yet, all callers
+    /// together (an answer may be 64 MiB, and a client that does not read leaves it here).
+    pub max_answers_bytes: usize,
     /// Header read deadline.
     pub header_timeout: Duration,
     /// Body read deadline.
@@ -1304,6 +1311,13 @@ impl RawConfig {
                 format!("must be between mcp.max_body_bytes ({max_body_bytes}) and 4 GiB"),
             ));
         }
+        let max_answers_bytes = m.max_answers_bytes.unwrap_or(1 << 30);
+        if !(1 << 20..=1 << 40).contains(&max_answers_bytes) {
+            return Err(field_err(
+                "mcp.max_answers_bytes",
+                "must be between 1 MiB and 1 TiB",
+            ));
+        }
         for (i, o) in m.allowed_origins.iter().enumerate() {
             if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
                 return Err(field_err(
@@ -1345,6 +1359,7 @@ impl RawConfig {
                 .collect(),
             max_body_bytes,
             max_bodies_bytes,
+            max_answers_bytes,
             header_timeout: positive(
                 "mcp.header_timeout",
                 m.header_timeout,
@@ -2184,6 +2199,10 @@ mod tests {
             (
                 "plugins: { watch_interval: 2h }\n",
                 "plugins.watch_interval",
+            ),
+            (
+                "mcp: { max_answers_bytes: 1000 }\n",
+                "mcp.max_answers_bytes",
             ),
         ] {
             let e = Config::from_yaml(&format!("{ONE_UPSTREAM}{yaml}"))

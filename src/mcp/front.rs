@@ -964,7 +964,9 @@ async fn post(
                 span.record_answer(frame);
             }
             match reply {
-                Reply::Json(frame) => Ok(json_response(StatusCode::OK, frame)),
+                Reply::Json(frame) => {
+                    Ok(json_response(StatusCode::OK, session.bounded_answer(frame)))
+                }
                 Reply::Refused(status, frame) => Ok(json_response(status, frame)),
                 Reply::Stream(rx) => {
                     // Numbered and recorded, so that a broken connection is resumed (with

@@ -497,7 +497,7 @@ pub fn response(id: &[u8], outcome: &Outcome) -> Bytes {
         Outcome::Result(r) => (b",\"result\":", r),
         Outcome::Error(e) => (b",\"error\":", e),
     };
-    const HEAD: &[u8] = b"{\"jsonrpc\":\"2.0\",\"id\":";
+    const HEAD: &[u8] = RESPONSE_HEAD;
     // Exactly the frame's length: one byte short, and a 64 KiB result is copied again.
     let mut b = BytesMut::with_capacity(HEAD.len() + id.len() + key.len() + raw.len() + 1);
     b.put_slice(HEAD);
@@ -507,6 +507,18 @@ pub fn response(id: &[u8], outcome: &Outcome) -> Bytes {
     b.put_u8(b'}');
     b.freeze()
 }
+
+/// The raw id of a response framed by [`response`], whatever its size, without reading the
+/// rest of it.
+pub fn framed_id(frame: &[u8]) -> Option<&[u8]> {
+    let rest = frame.strip_prefix(RESPONSE_HEAD)?;
+    let mut ids = serde_json::Deserializer::from_slice(rest);
+    let id = <&RawValue as serde::Deserialize>::deserialize(&mut ids).ok()?;
+    Some(id.get().as_bytes())
+}
+
+/// How [`response`] starts a frame.
+const RESPONSE_HEAD: &[u8] = b"{\"jsonrpc\":\"2.0\",\"id\":";
 
 /// Encodes a JSON-RPC error object.
 pub fn error_object(code: i64, message: &str) -> Bytes {
@@ -551,6 +563,26 @@ pub fn id_as_u64(id: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_framed_answers_id_is_read_whatever_follows_it() {
+        let result = Outcome::Result(Bytes::from_static(b"{\"x\":1}"));
+        for id in [&b"7"[..], b"\"a,\\\"result\\\":\"", b"null", b"-1.5e3"] {
+            let frame = response(id, &result);
+            assert_eq!(
+                framed_id(&frame),
+                Some(id),
+                "{}",
+                String::from_utf8_lossy(&frame)
+            );
+        }
+        // Only what `response` framed: another shape is not guessed at.
+        assert_eq!(
+            framed_id(b"{\"id\":1,\"jsonrpc\":\"2.0\",\"result\":{}}"),
+            None
+        );
+        assert_eq!(framed_id(b"{\"jsonrpc\":\"2.0\",\"id\":"), None);
+    }
 
     fn p(s: &str) -> Result<Message, ParseError> {
         parse(Bytes::copy_from_slice(s.as_bytes()))

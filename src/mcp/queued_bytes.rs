@@ -5,9 +5,14 @@
 //! queues hold hundreds of megabytes. One principal's sessions together hold at most an eighth
 //! of what all may, so that one caller's unread streams leave every other caller room. Small
 //! frames go uncounted: their queues' message bounds keep them small.
+//!
+//! Answers written as plain JSON (up to 64 MiB each) have a budget of their own
+//! ([`AnswerBytes`], `mcp.max_answers_bytes`): hyper holds one until its last byte is written,
+//! so a client that asks on many connections and reads nothing would otherwise hold that
+//! many.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 
@@ -26,10 +31,14 @@ const ALL_SESSIONS_BYTES: usize = 256 << 20;
 const PRINCIPAL_SHARE: usize = 8;
 
 /// What every session's queues hold.
-static ALL_SESSIONS: AtomicUsize = AtomicUsize::new(0);
+static ALL_SESSIONS: LazyLock<Arc<AtomicUsize>> = LazyLock::new(Arc::default);
 
 /// What each principal's sessions' queues hold.
 static PRINCIPALS: PrincipalCounts = PrincipalCounts::new();
+
+/// The largest answer a server may give (64 MiB, framed again under its client's id): what a
+/// session and a principal may always hold, unless all may hold less.
+const LARGEST_ANSWER: usize = (64 << 20) + (64 << 10);
 
 /// What one session's queues hold.
 #[derive(Default)]
@@ -59,18 +68,29 @@ impl QueuedBytes {
         &self,
         frame: Bytes,
         session: usize,
-        (every, all): (&'static AtomicUsize, usize),
+        (every, all): (&Arc<AtomicUsize>, usize),
     ) -> Option<Bytes> {
+        self.admit_bounded(frame, session, all / PRINCIPAL_SHARE, (every, all))
+            .ok()
+    }
+
+    /// Counts `frame` unless that takes the session past `session`, its principal past
+    /// `principal` or everyone past `all`; given back when it does.
+    fn admit_bounded(
+        &self,
+        frame: Bytes,
+        session: usize,
+        principal: usize,
+        (every, all): (&Arc<AtomicUsize>, usize),
+    ) -> Result<Bytes, Bytes> {
         let len = frame.len();
         if len < COUNTED_FROM {
-            return Some(frame);
+            return Ok(frame);
         }
         let counters = [
             Some((&*self.held, session)),
-            self.principal
-                .as_deref()
-                .map(|p| (p, all / PRINCIPAL_SHARE)),
-            Some((every, all)),
+            self.principal.as_deref().map(|p| (p, principal)),
+            Some((&**every, all)),
         ];
         for (i, (counter, limit)) in counters
             .iter()
@@ -82,20 +102,89 @@ impl QueuedBytes {
                 for (taken, _) in counters[..i].iter().flatten() {
                     taken.fetch_sub(len, Ordering::Relaxed);
                 }
-                return None;
+                return Err(frame);
             }
         }
-        Some(Bytes::from_owner(Counted {
+        Ok(Bytes::from_owner(Counted {
             frame,
             held: self.held.clone(),
             principal: self.principal.clone(),
-            every,
+            every: every.clone(),
         }))
     }
 
     /// Bytes the session's queues hold of counted frames now.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// The room one gateway's answers share on their way to clients that have not taken them
+/// yet (`mcp.max_answers_bytes`; apart from the queues'), and what each principal holds of it.
+pub struct AnswerRoom {
+    all: usize,
+    held: Arc<AtomicUsize>,
+    principals: PrincipalCounts,
+}
+
+impl AnswerRoom {
+    /// A room of `all` bytes.
+    pub fn new(all: usize) -> Arc<AnswerRoom> {
+        Arc::new(AnswerRoom {
+            all,
+            held: Arc::default(),
+            principals: PrincipalCounts::new(),
+        })
+    }
+
+    /// What one session, and one principal's sessions, may hold: an eighth of all and at
+    /// least one largest answer (all of it, when that is less).
+    pub fn share(&self) -> usize {
+        (self.all / PRINCIPAL_SHARE)
+            .max(LARGEST_ANSWER)
+            .min(self.all)
+    }
+
+    /// Bytes all answers hold now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// What one session's answers hold of their [`AnswerRoom`].
+pub struct AnswerBytes {
+    room: Arc<AnswerRoom>,
+    held: QueuedBytes,
+}
+
+impl AnswerBytes {
+    /// The answers of a session of `principal`.
+    pub fn of(room: &Arc<AnswerRoom>, principal: Option<&Arc<str>>) -> AnswerBytes {
+        AnswerBytes {
+            room: room.clone(),
+            held: QueuedBytes {
+                held: Arc::default(),
+                principal: principal.map(|p| room.principals.of(p)),
+            },
+        }
+    }
+
+    /// `answer`, counted until its client has taken it (every copy of it gone), or given back
+    /// when there is no room for it in the session's share, its principal's or the room.
+    pub fn admit(&self, answer: Bytes) -> Result<Bytes, Bytes> {
+        let share = self.room.share();
+        self.held
+            .admit_bounded(answer, share, share, (&self.room.held, self.room.all))
+    }
+
+    /// What the session, and its principal's sessions, may hold.
+    pub fn share(&self) -> usize {
+        self.room.share()
+    }
+
+    /// Bytes the session's answers hold now.
+    pub fn held(&self) -> usize {
+        self.held.held()
     }
 }
 
@@ -113,7 +202,7 @@ struct Counted {
     frame: Bytes,
     held: Arc<AtomicUsize>,
     principal: Option<Arc<AtomicUsize>>,
-    every: &'static AtomicUsize,
+    every: Arc<AtomicUsize>,
 }
 
 impl AsRef<[u8]> for Counted {
@@ -137,7 +226,7 @@ impl Drop for Counted {
 mod tests {
     use super::*;
 
-    static UNBOUNDED: AtomicUsize = AtomicUsize::new(0);
+    static UNBOUNDED: LazyLock<Arc<AtomicUsize>> = LazyLock::new(Arc::default);
 
     #[test]
     fn frames_are_counted_until_their_last_copy_goes_and_refused_past_the_bound() {
@@ -179,11 +268,53 @@ mod tests {
         drop(second);
     }
 
+    /// Answers have a room of their own (`mcp.max_answers_bytes`): a session may hold an
+    /// eighth of it, and at least one largest answer, never more than all; a refused answer
+    /// is given back whole, and the queues' room is not touched.
+    #[test]
+    fn answers_have_a_room_of_their_own() {
+        let principal: Arc<str> = Arc::from("alice");
+        let room = AnswerRoom::new(2 << 20);
+        let answers = AnswerBytes::of(&room, Some(&principal));
+        let queues = QueuedBytes::of(Some(&principal));
+        let answer = Bytes::from(vec![b'x'; 1 << 20]);
+        let first = answers.admit(answer.clone()).unwrap();
+        let second = answers.admit(answer.clone()).unwrap();
+        assert_eq!((answers.held(), room.held()), (2 << 20, 2 << 20));
+        let refused = answers.admit(answer.clone()).unwrap_err();
+        assert_eq!(refused, answer);
+        assert_eq!(room.held(), 2 << 20, "a refused answer is not counted");
+        assert_eq!(queues.held(), 0);
+        assert!(queues.admit(answer.clone()).is_some());
+        drop(first);
+        assert!(answers.admit(answer.clone()).is_ok());
+        drop(second);
+        assert_eq!(room.held(), 0);
+        // A room of 1 GiB: a session's share is 128 MiB, and another principal has its own.
+        let room = AnswerRoom::new(1 << 30);
+        let greedy = AnswerBytes::of(&room, Some(&principal));
+        let other = AnswerBytes::of(&room, Some(&Arc::from("bob")));
+        let large = Bytes::from(vec![b'y'; 100 << 20]);
+        let kept = greedy.admit(large.clone()).unwrap();
+        assert!(greedy.admit(large.clone()).is_err());
+        assert!(
+            AnswerBytes::of(&room, Some(&principal))
+                .admit(large.clone())
+                .is_err()
+        );
+        let others = other.admit(large).unwrap();
+        drop((kept, others));
+        assert_eq!(room.held(), 0);
+        // One smaller than the largest answer: a session may hold all of it.
+        assert_eq!(AnswerRoom::new(1 << 20).share(), 1 << 20);
+        assert_eq!(AnswerRoom::new(256 << 20).share(), LARGEST_ANSWER);
+    }
+
     /// One principal's sessions hold at most their share of what all may; another principal's
     /// session still has room, and what a refusal had taken is given back.
     #[test]
     fn one_principals_sessions_leave_the_others_room() {
-        static EVERY: AtomicUsize = AtomicUsize::new(0);
+        let every = Arc::new(AtomicUsize::new(0));
         // (Names no other test gives: the principals' counts are the process's.)
         let (greedy, other): (Arc<str>, Arc<str>) = (
             Arc::from("queued-bytes-test-greedy"),
@@ -191,7 +322,7 @@ mod tests {
         );
         let frame = Bytes::from(vec![b'x'; 10_000]);
         // All may hold 80,000: a principal 10,000, each session 50,000.
-        let (session, all) = (50_000, (&EVERY, 80_000));
+        let (session, all) = (50_000, (&every, 80_000));
         let a = QueuedBytes::of(Some(&greedy));
         let b = QueuedBytes::of(Some(&greedy));
         let kept = a.admit_within(frame.clone(), session, all).unwrap();

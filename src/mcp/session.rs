@@ -200,11 +200,13 @@ pub struct Session {
     /// One reading of each server's tool list at a time (concurrent calls wait for it, not
     /// ask again).
     tool_headers_reading: Box<[tokio::sync::Mutex<()>]>,
-    /// Paces the log lines for server messages dropped (the policy stage is behind, or the
-    /// queues are full).
+    /// Paces the log lines for server messages and answers dropped (the policy stage is behind,
+    /// or the queues or the answers' room are full).
     dropped_logs: crate::log_rate::LogRate,
     /// Bytes its queues hold of what servers said that its clients have not read.
     queued: crate::mcp::queued_bytes::QueuedBytes,
+    /// Bytes its answers hold on their way to clients that have not taken them yet.
+    answers: crate::mcp::queued_bytes::AnswerBytes,
     weak: Weak<Session>,
 }
 
@@ -282,6 +284,7 @@ impl Session {
         upstream: UpstreamInit,
         epoch: Instant,
         policy: Option<Arc<dyn MessagePolicy>>,
+        answers: &Arc<crate::mcp::queued_bytes::AnswerRoom>,
     ) -> Arc<Session> {
         let UpstreamInit {
             params: init_params,
@@ -355,6 +358,7 @@ impl Session {
                     .collect(),
                 dropped_logs: crate::log_rate::LogRate::new(5),
                 queued: crate::mcp::queued_bytes::QueuedBytes::of(principal.as_ref()),
+                answers: crate::mcp::queued_bytes::AnswerBytes::of(answers, principal.as_ref()),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
                 resource_walk: crate::mcp::resource_walk::ResourceWalks::new(servers.len()),
@@ -882,6 +886,33 @@ impl Session {
     /// with what the session's queues hold; `None` when there is no room for it.
     pub fn admit_queued(&self, frame: Bytes) -> Option<Bytes> {
         self.queued.admit(frame)
+    }
+
+    /// `frame` (the answer to a request, written next to its client), counted with what the
+    /// session's answers hold until the client has taken it. Past what the gateway's room for
+    /// them (`mcp.max_answers_bytes`) leaves the session, the client is told instead (-32012):
+    /// the request ran, but its answer is not kept for a client that may never read it.
+    pub fn bounded_answer(&self, frame: Bytes) -> Bytes {
+        let frame = match self.answers.admit(frame) {
+            Ok(frame) => return frame,
+            Err(frame) => frame,
+        };
+        if let Some(n) = self.dropped_logs.admit() {
+            let more = crate::log_rate::held_back(n);
+            tracing::warn!(
+                session = %self.log_id(),
+                bytes = frame.len(),
+                "dropped an answer: no room for it in mcp.max_answers_bytes{more}"
+            );
+        }
+        let message = format!(
+            "the request ran, but its answer ({} bytes) was dropped: the gateway keeps at most \
+             mcp.max_answers_bytes of answers their clients have not taken yet, and this \
+             caller at most {} of it",
+            frame.len(),
+            self.answers.share(),
+        );
+        jsonrpc::error_response(jsonrpc::framed_id(&frame), code::TOO_BUSY, &message)
     }
 
     /// Whether the session has ended.

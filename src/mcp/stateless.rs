@@ -938,6 +938,7 @@ pub(crate) async fn post(
             if let Some(span) = span {
                 span.record_answer(&frame);
             }
+            let frame = session.bounded_answer(frame);
             json_response(status_of(&frame, &round.id), frame)
         }
         Reply::Refused(status, frame) => json_response(status, frame),
@@ -1063,12 +1064,16 @@ impl Round {
             };
             match self.step(&session, frame).await {
                 Step::Skip => {}
-                Step::Answer(frame) => return json_response(status_of(&frame, &self.id), frame),
+                Step::Answer(frame) => {
+                    let frame = session.bounded_answer(frame);
+                    return json_response(status_of(&frame, &self.id), frame);
+                }
                 Step::Missing(frame) => return json_response(StatusCode::BAD_REQUEST, frame),
                 Step::Ask(asked) => {
                     let asked = self.gather(&session, &mut stream, asked).await;
+                    let held = session.clone();
                     let frame = self.park(session, stream, asked, busy, None);
-                    return json_response(StatusCode::OK, frame);
+                    return json_response(StatusCode::OK, held.bounded_answer(frame));
                 }
                 Step::Event(first) => {
                     let (tx, out) = mpsc::channel::<Bytes>(64);
