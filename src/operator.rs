@@ -256,7 +256,7 @@ impl Api {
                 .or(answer.body["detail"].as_str())
                 .map(str::to_owned)
                 .unwrap_or_else(|| answer.text.trim().to_owned());
-            bail!("{method} {path}: {}: {said}", answer.status);
+            bail!("{method} {path}: {}: {}", answer.status, printable(&said));
         }
         Ok(answer)
     }
@@ -275,10 +275,28 @@ fn segment(s: &str) -> String {
 }
 
 fn print_json(v: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
-    );
+    println!("{}", json_text(v));
+}
+
+/// `v` as pretty JSON with every control character escaped: serde escapes those below U+0020
+/// only, and a server's text could carry DEL or a C1 control (U+009B starts a terminal
+/// command as ESC [ does) to the operator's terminal. Outside strings the text has none.
+fn json_text(v: &Value) -> String {
+    use std::fmt::Write as _;
+    let text = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+    let bad = |c: char| c.is_control() && c != '\n';
+    if !text.chars().any(bad) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if bad(c) {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Prints rows as aligned columns under `headers`.
@@ -366,13 +384,14 @@ fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 
 fn phase_of(server: &Value) -> String {
     let status = &server["status"];
-    match status["phase"].as_str() {
+    let phase = match status["phase"].as_str() {
         Some(p) => match status["reason"].as_str() {
             Some(r) => format!("{p} ({r})"),
             None => p.to_owned(),
         },
         None => "?".into(),
-    }
+    };
+    printable(&phase).into_owned()
 }
 
 /// Runs a `servers` command.
@@ -472,7 +491,7 @@ fn report(target: &Target, body: &Value, human: &str) {
     if target.json {
         print_json(body);
     } else {
-        println!("{human}");
+        println!("{}", printable(human));
     }
 }
 
@@ -675,16 +694,22 @@ async fn converge(
                 .as_str()
                 .unwrap_or_default();
             let sep = if message.is_empty() { "" } else { ": " };
-            println!("{name}: {phase}{sep}{message} ({:.0?})", started.elapsed());
+            println!(
+                "{name}: {phase}{sep}{} ({:.0?})",
+                printable(message),
+                started.elapsed()
+            );
         }
         said = phase;
         match answer.body["status"]["phase"].as_str() {
             Some("ready") => return Ok(answer.body),
             Some("failed") => bail!(
                 "{name} failed: {}",
-                answer.body["status"]["message"]
-                    .as_str()
-                    .unwrap_or("no reason given")
+                printable(
+                    answer.body["status"]["message"]
+                        .as_str()
+                        .unwrap_or("no reason given")
+                )
             ),
             _ => {}
         }
@@ -725,5 +750,18 @@ mod tests {
         assert_eq!(printable("plain\ttext\n"), "plain\ttext\n");
         assert_eq!(printable("\u{1b}]0;pwned\u{7}hi\r"), "?]0;pwned?hi?");
         assert_eq!(printable("\u{9b}31m"), "?31m", "C1 controls too");
+        // JSON output escapes them, and still reads as the same value.
+        let v = serde_json::json!({"message": "\u{9b}31m\u{7f}\u{1b}]52;c;x\u{7}", "n": [1, 2]});
+        let text = json_text(&v);
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text}");
+        assert!(
+            text.contains("\\u009b31m\\u007f\\u001b]52;c;x\\u0007"),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), v);
+        assert_eq!(
+            json_text(&serde_json::json!({"a": "b"})),
+            "{\n  \"a\": \"b\"\n}"
+        );
     }
 }
