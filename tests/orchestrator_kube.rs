@@ -2271,6 +2271,94 @@ async fn a_lease_naming_a_follower_it_did_not_write_does_not_make_it_lead() {
     b.shutdown().await;
 }
 
+/// A writer of the Lease who empties it (naming the holder as the one that gave it up, with a
+/// forged signature) or shortens its duration does not make a follower lead while the holder
+/// still does: two leaders would both attach to a stdio pod and read each other's answers.
+/// A holder that gives the lease up itself still hands it over at once.
+#[tokio::test]
+async fn a_lease_emptied_or_shortened_by_another_writer_never_makes_two_leaders() {
+    let fake = FakeKube::start().await;
+    let replica = |id: &str, port: u16| {
+        let lease = LeaseSettings {
+            lease_duration: Duration::from_secs(3),
+            renew_every: Duration::from_millis(900),
+            retry_every: Duration::from_millis(50),
+            ..LeaseSettings::new("gatehouse-orchestrator", id)
+        };
+        let rt = KubeRuntime::start_with_client(
+            fake.client(NS),
+            NS.into(),
+            Some(lease),
+            KubeOptions {
+                relay_listen: Some("127.0.0.1:0".parse().unwrap()),
+                ..options()
+            },
+        );
+        rt.relay().unwrap().serving(([127, 0, 0, 1], port).into());
+        rt
+    };
+    let a = replica("replica-a", 1111);
+    eventually("a leads", Duration::from_secs(10), || {
+        a.is_leader().then_some(())
+    })
+    .await;
+    let b = replica("replica-b", 2222);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!b.is_leader());
+    let never_two = |what: &'static str| {
+        let (a, b) = (&a, &b);
+        async move {
+            // Longer than the holder takes to renew, and than the lease lasts.
+            let until = Instant::now() + Duration::from_secs(4);
+            while Instant::now() < until {
+                assert!(!(a.is_leader() && b.is_leader()), "{what}: two leaders");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    for (what, patch) in [
+        (
+            "emptied",
+            json!({"metadata": {"annotations": {
+                "gatehouse.dev/released-by": "replica-a",
+                "gatehouse.dev/release-signature": "AAAA"}},
+                "spec": {"holderIdentity": null}}),
+        ),
+        ("shortened", json!({"spec": {"leaseDurationSeconds": 0}})),
+    ] {
+        // Just after a renewal, when the holder looks again latest.
+        let rv = fake.get(Kind::Lease, NS, "gatehouse-orchestrator").unwrap()["metadata"]
+            ["resourceVersion"]
+            .clone();
+        eventually("a renewal", Duration::from_secs(5), || {
+            let now = fake.get(Kind::Lease, NS, "gatehouse-orchestrator")?;
+            (now["metadata"]["resourceVersion"] != rv).then_some(())
+        })
+        .await;
+        fake.patch(Kind::Lease, NS, "gatehouse-orchestrator", patch);
+        never_two(what).await;
+        eventually("one leads", Duration::from_secs(10), || {
+            (a.is_leader() || b.is_leader()).then_some(())
+        })
+        .await;
+    }
+    // Given up by its holder: the other takes over well within a lease duration.
+    let (leader, follower) = if a.is_leader() { (a, b) } else { (b, a) };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = Instant::now();
+    leader.shutdown().await;
+    eventually("the follower leads", Duration::from_secs(10), || {
+        follower.is_leader().then_some(())
+    })
+    .await;
+    assert!(
+        stopped.elapsed() < Duration::from_millis(1500),
+        "taken over after {:?}",
+        stopped.elapsed()
+    );
+    follower.shutdown().await;
+}
+
 /// Creates a well-behaved McpServer `name` and waits until the runtime runs it: the watch
 /// has then delivered every change made before.
 async fn take_up_sentinel(fake: &FakeKube, rt: &KubeRuntime, name: &str) {

@@ -19,6 +19,13 @@
 //! A holder that gives the lease up leaves its signed relay in it and says who it was
 //! ([`RELEASED_BY_ANNOTATION`]): the replica that takes the lease next learns whom to take the
 //! leader's state from ([`Handover`]), whether the lease was given up or taken once expired.
+//!
+//! A lease is free before it expires only when its holder gave it up: the release is signed
+//! ([`RELEASE_SIGNATURE_ANNOTATION`]) for that holder and the time it took the lease, and a
+//! follower takes it at once only if it saw that very holding. A writer of the Lease who
+//! empties it, or shortens its duration (never taken below this replica's own), would
+//! otherwise have a follower lead while the holder still does until its next round: two
+//! replicas attached to one stdio pod, each reading the other's answers.
 
 use std::time::{Duration, Instant};
 
@@ -38,6 +45,9 @@ pub const RELAY_SIGNATURE_ANNOTATION: &str = "gatehouse.dev/relay-signature";
 /// Annotation of a Lease given up: the identity of the holder that gave it up (its relay
 /// annotations stay, signed for that identity).
 pub const RELEASED_BY_ANNOTATION: &str = "gatehouse.dev/released-by";
+/// Annotation of a Lease given up: HMAC-SHA256 (the replicas' lease key) of the holder that
+/// gave it up and when it had taken it (`acquireTime`).
+pub const RELEASE_SIGNATURE_ANNOTATION: &str = "gatehouse.dev/release-signature";
 
 /// HMAC-SHA256 keyed by the replicas' lease key ([`ReplicaKey::lease_key`]) over the holder
 /// and its relay's address.
@@ -67,6 +77,20 @@ fn relay_signed(key: &[u8], holder: &str, url: &str, signature: &str) -> bool {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(signature)
         .is_ok_and(|tag| relay_mac(key, holder, url).verify_slice(&tag).is_ok())
+}
+
+/// What a release signs: its holder and when it took the lease (a relay's address never
+/// starts with `released `, so no relay signature reads as a release's).
+fn release_terms(acquired: &str) -> String {
+    format!("released {acquired}")
+}
+
+/// When `spec`'s holder took the lease, as text (empty when the lease does not say).
+fn acquired(spec: &LeaseSpec) -> String {
+    spec.acquire_time
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default()
 }
 
 /// Settings of the election.
@@ -127,6 +151,9 @@ pub struct Elector {
     /// still has it is ours (renewals that failed for a while do not make it another's), one
     /// that names us with another was written by someone else.
     wrote: Option<String>,
+    /// The holding we last followed: its holder and when it took the lease. Only its release
+    /// frees the lease before it expires.
+    followed: Option<(String, String)>,
 }
 
 impl Elector {
@@ -143,6 +170,7 @@ impl Elector {
             handover: watch::Sender::new(Handover::Nobody),
             attempted: None,
             wrote: None,
+            followed: None,
         }
     }
 
@@ -167,6 +195,7 @@ impl Elector {
     fn annotate(&self, meta: &mut ObjectMeta) {
         let annotations = meta.annotations.get_or_insert_with(Default::default);
         annotations.remove(RELEASED_BY_ANNOTATION);
+        annotations.remove(RELEASE_SIGNATURE_ANNOTATION);
         let url = self.advertise.borrow().clone();
         let key = self.key.borrow().clone();
         match url.zip(key) {
@@ -202,6 +231,29 @@ impl Elector {
             );
             None
         }
+    }
+
+    /// Whether `lease` (empty) was given up by the holder we last followed, in the holding we
+    /// saw: its release signed for that holder and that time of taking.
+    fn given_up(&self, lease: &Lease, spec: &LeaseSpec) -> bool {
+        let (Some((holder, since)), Some(annotations), Some(key)) = (
+            &self.followed,
+            lease.metadata.annotations.as_ref(),
+            self.key.borrow().clone(),
+        ) else {
+            return false;
+        };
+        let (Some(by), Some(signature)) = (
+            annotations.get(RELEASED_BY_ANNOTATION),
+            annotations.get(RELEASE_SIGNATURE_ANNOTATION),
+        ) else {
+            return false;
+        };
+        by == holder
+            && acquired(spec) == *since
+            && key
+                .lease_keys()
+                .any(|k| relay_signed(k, by, &release_terms(since), signature))
     }
 
     fn publish_holder_relay(&self, relay: Option<String>) {
@@ -279,11 +331,13 @@ impl Elector {
         }
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        // Never shorter than ours: a writer of the Lease could shorten it to take it now.
         let duration = spec
             .lease_duration_seconds
             .map_or(self.settings.lease_duration, |s| {
                 Duration::from_secs(u64::try_from(s).unwrap_or(0))
-            });
+            })
+            .max(self.settings.lease_duration);
         let expired = self
             .seen
             .as_ref()
@@ -303,7 +357,17 @@ impl Elector {
                 .then(|| self.signed_relay(&lease, holder))
                 .flatten();
             self.publish_holder_relay(relay);
+            if !named {
+                self.followed = Some((holder.clone(), acquired(&spec)));
+            }
             // Another holds it: no attempt of ours took it.
+            self.attempted = None;
+            return Ok(Round::Following);
+        }
+        // Emptied before it expired, by other than the holder we followed giving it up: held
+        // still, as far as we know, until it expires. (A leader finding its lease emptied
+        // takes it back.)
+        if !leading && !expired && holder.is_none() && !self.given_up(&lease, &spec) {
             self.attempted = None;
             return Ok(Round::Following);
         }
@@ -414,7 +478,13 @@ impl Elector {
 
     /// Gives the lease up if we hold it, so another replica takes over at once (and takes the
     /// leader's state from us: our relay stays in the lease, and who we were).
-    pub async fn release(api: &Api<Lease>, settings: &LeaseSettings) -> Result<(), kube::Error> {
+    /// The release is signed with `key` (the replicas'), so that a follower that saw our
+    /// holding takes the lease at once; without one it waits for the lease to expire.
+    pub async fn release(
+        api: &Api<Lease>,
+        settings: &LeaseSettings,
+        key: Option<&ReplicaKey>,
+    ) -> Result<(), kube::Error> {
         let Some(mut lease) = api.get_opt(&settings.name).await? else {
             return Ok(());
         };
@@ -425,11 +495,19 @@ impl Elector {
         spec.holder_identity = None;
         spec.renew_time = Some(Self::now());
         spec.lease_duration_seconds = Some(1);
-        lease
+        let terms = release_terms(&acquired(spec));
+        let annotations = lease
             .metadata
             .annotations
-            .get_or_insert_with(Default::default)
-            .insert(RELEASED_BY_ANNOTATION.into(), settings.identity.clone());
+            .get_or_insert_with(Default::default);
+        annotations.insert(RELEASED_BY_ANNOTATION.into(), settings.identity.clone());
+        match key {
+            Some(key) => annotations.insert(
+                RELEASE_SIGNATURE_ANNOTATION.into(),
+                relay_signature(key.lease_key(), &settings.identity, &terms),
+            ),
+            None => annotations.remove(RELEASE_SIGNATURE_ANNOTATION),
+        };
         match api
             .replace(&settings.name, &PostParams::default(), &lease)
             .await

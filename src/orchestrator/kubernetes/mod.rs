@@ -1096,9 +1096,9 @@ impl KubeRuntime {
             self.leading.send_replace(false);
             // Bounded: a gateway stopping during a partition must still stop (the lease then
             // expires on its own).
-            match tokio::time::timeout(settings.lease_duration, Elector::release(api, settings))
-                .await
-            {
+            let key = self.inner.relay_key.borrow().clone();
+            let release = Elector::release(api, settings, key.as_deref());
+            match tokio::time::timeout(settings.lease_duration, release).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!("releasing the lease: {e}"),
                 Err(_) => tracing::warn!("releasing the lease: no answer in time"),
