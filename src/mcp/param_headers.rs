@@ -188,14 +188,19 @@ pub fn check<'a>(
     header: impl Fn(&str) -> Option<Option<String>> + 'a,
 ) -> Result<(), String> {
     let values = match arguments {
-        Some(a) => marked_values(marked, a)
-            .map_err(|e| format!("params.arguments must be an object: {e}"))?,
+        Some(a) => checked_values(marked, a)?,
         None => vec![None; marked.len()],
     };
     for ((arg, suffix), value) in marked.iter().zip(values) {
         let expected = match value.map(mirrored_text) {
             None | Some(Some(None)) => None,
             Some(Some(Some(text))) => Some(text),
+            // Not mirrored: a header sent for it says something the body does not.
+            Some(None) if header(suffix).is_some() => {
+                return Err(format!(
+                    "the Mcp-Param-{suffix} header is sent but argument {arg:?} is an array or object (only strings, numbers and booleans are mirrored)"
+                ));
+            }
             Some(None) => continue,
         };
         match (expected, header(suffix)) {
@@ -228,6 +233,43 @@ pub fn check<'a>(
         }
     }
     Ok(())
+}
+
+/// The values of the `marked` arguments, as [`marked_values`] reads them, refusing arguments a
+/// lenient server could read otherwise than the headers were checked against: a marked
+/// argument given twice, or a key such a server reads as one (`REGION` for `region`: Go's
+/// `encoding/json` matches keys without case).
+fn checked_values<'a>(
+    marked: &[(String, String)],
+    arguments: &'a RawValue,
+) -> Result<Vec<Option<&'a RawValue>>, String> {
+    let names: smallvec::SmallVec<[&str; 8]> = marked.iter().map(|(a, _)| a.as_str()).collect();
+    let mut found = vec![None; marked.len()];
+    let mut refused = None;
+    each_member(arguments, |key, value| {
+        if refused.is_some() {
+            return;
+        }
+        match marked.iter().position(|(arg, _)| *arg == key) {
+            Some(i) if found[i].is_some() => {
+                refused = Some(format!("params.arguments gives {key:?} twice"));
+            }
+            Some(i) => found[i] = Some(value),
+            None => {
+                if let Some(arg) = crate::mcp::lookalike::read_as(&key, &names) {
+                    refused = Some(format!(
+                        "params.arguments has the key {:?}, which lenient servers read as the argument {arg:?} its Mcp-Param header mirrors",
+                        crate::mcp::lookalike::shown(&key)
+                    ));
+                }
+            }
+        }
+    })
+    .map_err(|e| format!("params.arguments must be an object: {e}"))?;
+    match refused {
+        Some(why) => Err(why),
+        None => Ok(found),
+    }
 }
 
 /// A JSON number as sign, significant digits and exponent: equal for equal values however
@@ -395,6 +437,52 @@ mod tests {
                 .unwrap_err()
                 .contains("is not")
         );
+        // What a lenient server could read otherwise than the headers were checked against.
+        for (body, sent, why) in [
+            (
+                r#"{"REGION":"eu","n":3}"#,
+                &[("n", Some("3"))][..],
+                "lenient servers read as the argument \"region\"",
+            ),
+            (
+                r#"{"region":"us","Region":"eu","n":3}"#,
+                &[("region", Some("us")), ("n", Some("3"))][..],
+                "\"Region\"",
+            ),
+            (
+                r#"{"region":"us","n":3,"n":4}"#,
+                &[("region", Some("us")), ("n", Some("4"))][..],
+                "gives \"n\" twice",
+            ),
+            (
+                r#"{"region\u0000":"eu","n":3}"#,
+                &[("n", Some("3"))][..],
+                "lenient servers read",
+            ),
+            (
+                r#"{"region":"us","n":3,"obj":["eu"]}"#,
+                &[
+                    ("region", Some("us")),
+                    ("n", Some("3")),
+                    ("obj", Some("eu")),
+                ][..],
+                "array or object",
+            ),
+        ] {
+            let args = RawValue::from_string(body.into()).unwrap();
+            let sent: Vec<(&str, Option<&str>)> = sent.to_vec();
+            let header = |s: &str| {
+                sent.iter()
+                    .find(|(k, _)| *k == s)
+                    .map(|(_, v)| v.map(str::to_owned))
+            };
+            let e = check(h.of("routed"), Some(&args), header).unwrap_err();
+            assert!(e.contains(why), "{body}: {e}");
+        }
+        // Keys no marked argument folds to pass as they are.
+        let other = RawValue::from_string(r#"{"region":"us","n":3,"Note":"x"}"#.into()).unwrap();
+        let sent = &[("region", Some("us")), ("n", Some("3"))];
+        assert!(check(h.of("routed"), Some(&other), headers(sent)).is_ok());
     }
 
     #[test]
