@@ -33,6 +33,8 @@ pub enum Body {
         frames: mpsc::Receiver<Bytes>,
         /// The watch on a long-lived stream's reader.
         uptake: Option<Arc<Uptake>>,
+        /// Where its events count while the connection holds them.
+        room: Option<Arc<dyn ChunkRoom>>,
     },
     /// Server-Sent Events already encoded (numbered, for resumption).
     Events {
@@ -40,7 +42,33 @@ pub enum Body {
         events: mpsc::Receiver<Bytes>,
         /// The watch on the stream's reader.
         uptake: Option<Arc<Uptake>>,
+        /// Where its events count while the connection holds them.
+        room: Option<Arc<dyn ChunkRoom>>,
     },
+}
+
+/// Where a stream's events count while the connection holds them (hyper keeps an event until
+/// its last byte is written: a client that reads nothing leaves it with the gateway). `Err`
+/// gives an event back when there is no room for it, and the stream ends before it.
+pub trait ChunkRoom: Send + Sync + std::fmt::Debug {
+    /// `event`, counted until every copy of it is gone, or given back.
+    fn admit(&self, event: Bytes) -> Result<Bytes, Bytes>;
+}
+
+/// `response`, its stream's events counted in `room` (a body of one buffer is left as it is).
+pub fn with_room(mut response: Response<Body>, room: Arc<dyn ChunkRoom>) -> Response<Body> {
+    if let Body::Sse { room: r, .. } | Body::Events { room: r, .. } = response.body_mut() {
+        *r = Some(room);
+    }
+    response
+}
+
+/// `polled`, its event counted in `room`: past the room the stream ends there.
+fn counted(polled: Poll<Option<Bytes>>, room: &Option<Arc<dyn ChunkRoom>>) -> Poll<Option<Bytes>> {
+    match (polled, room) {
+        (Poll::Ready(Some(event)), Some(room)) => Poll::Ready(room.admit(event).ok()),
+        (polled, _) => polled,
+    }
 }
 
 impl Drop for Body {
@@ -81,6 +109,7 @@ impl http_body::Body for Body {
                 prelude,
                 frames,
                 uptake,
+                room,
             } => {
                 if uptake.as_ref().is_some_and(|u| u.is_ended()) {
                     return Poll::Ready(None);
@@ -97,16 +126,21 @@ impl http_body::Body for Body {
                         })
                     }),
                 };
+                let polled = counted(polled, room);
                 if let Some(u) = uptake {
                     u.saw(&polled);
                 }
                 polled.map(|o| o.map(|event| Ok(Frame::data(event))))
             }
-            Body::Events { events, uptake } => {
+            Body::Events {
+                events,
+                uptake,
+                room,
+            } => {
                 if uptake.as_ref().is_some_and(|u| u.is_ended()) {
                     return Poll::Ready(None);
                 }
-                let polled = events.poll_recv(cx);
+                let polled = counted(events.poll_recv(cx), room);
                 if let Some(u) = uptake {
                     u.saw(&polled);
                 }
@@ -234,6 +268,7 @@ fn sse(
         prelude,
         frames,
         uptake,
+        room: None,
     });
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -407,7 +442,11 @@ pub(crate) fn watched_events_response(
 }
 
 fn events_body(events: mpsc::Receiver<Bytes>, uptake: Option<Arc<Uptake>>) -> Response<Body> {
-    let mut r = response(Body::Events { events, uptake });
+    let mut r = response(Body::Events {
+        events,
+        uptake,
+        room: None,
+    });
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     r.headers_mut()

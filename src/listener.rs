@@ -1195,6 +1195,7 @@ mod tests {
         let stream = InFlight::start(&activity, H1).follow(&Body::Events {
             events: rx,
             uptake: None,
+            room: None,
         });
         assert_eq!(in_flight(&activity), 1);
         drop(stream);

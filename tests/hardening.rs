@@ -1027,8 +1027,14 @@ async fn off_loopback_the_metrics_are_for_admin_tokens_granting_them() {
 }
 
 /// A request for one of the `big` server's 8 MB answers: its JSON body and its headers
-/// (after the content type), for a session's client or (`None`) a 2026-07-28 one.
-fn big_request(id: u64, tool: &str, session: Option<&str>) -> (String, Vec<(String, String)>) {
+/// (after the content type), for a session's client or (`None`) a 2026-07-28 one (`loud`:
+/// one that asks for log lines, so that its answer streams after the server's).
+fn big_request(
+    id: u64,
+    tool: &str,
+    session: Option<&str>,
+    loud: bool,
+) -> (String, Vec<(String, String)>) {
     let mut params = json!({"name": format!("big__{tool}"), "arguments": {}});
     let mut headers = vec![(
         "accept".into(),
@@ -1045,6 +1051,9 @@ fn big_request(id: u64, tool: &str, session: Option<&str>) -> (String, Vec<(Stri
                 "io.modelcontextprotocol/clientCapabilities": {},
                 "io.modelcontextprotocol/clientInfo": {"name": "test", "version": "1"},
             });
+            if loud {
+                params["_meta"]["io.modelcontextprotocol/logLevel"] = json!("debug");
+            }
             headers.push(("mcp-protocol-version".into(), "2026-07-28".into()));
             headers.push(("mcp-method".into(), "tools/call".into()));
             headers.push(("mcp-name".into(), format!("big__{tool}")));
@@ -1058,8 +1067,9 @@ fn big_request(id: u64, tool: &str, session: Option<&str>) -> (String, Vec<(Stri
 /// last byte is written): together they hold at most `mcp.max_answers_bytes`. Past it an
 /// answer is dropped for a short error that names the bound and says the request ran; small
 /// answers still go, and the room comes back when the clients holding it leave. For session
-/// and 2026-07-28 clients alike, and for a stateless answer that came after a server message
-/// (`chatty` logs first) as for one that came alone.
+/// and 2026-07-28 clients alike, for an answer that came after a server message (`chatty`
+/// logs first) as for one that came alone, and for answers streamed (SSE) as for plain ones:
+/// past the room a stream ends before its event.
 #[tokio::test]
 async fn answers_their_clients_do_not_take_hold_at_most_their_room() {
     use tokio::io::AsyncWriteExt as _;
@@ -1083,8 +1093,12 @@ async fn answers_their_clients_do_not_take_hold_at_most_their_room() {
             ),
         ],
     );
-    for (era, stuck_tool, sessions) in [("sessions", "big", true), ("2026-07-28", "chatty", false)]
-    {
+    for (era, stuck_tool, sessions, loud) in [
+        ("sessions", "big", true, false),
+        ("sessions, streamed", "chatty", true, false),
+        ("2026-07-28", "chatty", false, false),
+        ("2026-07-28, streamed", "chatty", false, true),
+    ] {
         // Room for two such answers, not three.
         let gw = TestGateway::start(
             "mcp:\n  max_answers_bytes: 20000000\n",
@@ -1113,7 +1127,7 @@ async fn answers_their_clients_do_not_take_hold_at_most_their_room() {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
             socket.set_recv_buffer_size(4096).unwrap();
             let mut conn = socket.connect(gw.addr).await.unwrap();
-            let (body, headers) = big_request(id, stuck_tool, session.as_deref());
+            let (body, headers) = big_request(id, stuck_tool, session.as_deref(), loud);
             let mut head = format!(
                 "POST /mcp HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
                  content-length: {}\r\n",
@@ -1134,7 +1148,9 @@ async fn answers_their_clients_do_not_take_hold_at_most_their_room() {
         })
         .await;
         // A third finds no room.
-        let refused = post(big_request(7, "big", session.as_deref())).await.json();
+        let refused = post(big_request(7, "big", session.as_deref(), false))
+            .await
+            .json();
         assert_eq!(refused["error"]["code"], -32012, "{era}: {refused}");
         assert_eq!(refused["id"], 7, "{era}: {refused}");
         let message = refused["error"]["message"].as_str().unwrap();
@@ -1154,7 +1170,9 @@ async fn answers_their_clients_do_not_take_hold_at_most_their_room() {
             async move { held == 0 }
         })
         .await;
-        let answer = post(big_request(9, "big", session.as_deref())).await.json();
+        let answer = post(big_request(9, "big", session.as_deref(), false))
+            .await
+            .json();
         let text = answer["result"]["content"][0]["text"]
             .as_str()
             .unwrap_or_default();

@@ -973,16 +973,17 @@ async fn post(
                     // `Last-Event-ID`) rather than the call lost; revisions before ids get the
                     // stream as it comes.
                     if session.protocol_version < "2025-03-26" {
-                        return Ok(unrecorded_stream(gw, rx));
+                        return Ok(session.counted_stream(unrecorded_stream(gw, rx)));
                     }
                     let prime = session.protocol_version >= "2025-11-25";
                     // Past what a session may keep, the stream is sent as it comes.
-                    Ok(match session.streams.open(rx, prime, reader_watch(gw)) {
+                    let response = match session.streams.open(rx, prime, reader_watch(gw)) {
                         Ok((events, uptake)) => {
                             crate::body::watched_events_response(events, uptake)
                         }
                         Err(rx) => unrecorded_stream(gw, rx),
-                    })
+                    };
+                    Ok(session.counted_stream(response))
                 }
             }
         }
@@ -1179,13 +1180,15 @@ async fn get(
             .to_str()
             .map_err(|_| crate::mcp::resume::ResumeError::Malformed("(not text)".into()))?;
         let (events, uptake) = session.streams.resume(last, reader_watch(gw))?;
-        return Ok(crate::body::watched_events_response(events, uptake));
+        let response = crate::body::watched_events_response(events, uptake);
+        return Ok(session.counted_stream(response));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let Some(stream) = session.open_listen_stream(tx.clone().into()) else {
         return Err(FrontError::StreamOpen);
     };
     let (response, uptake) = crate::body::watched_sse_response(None, rx);
+    let response = session.counted_stream(response);
     watch_get_stream(gw, session, stream, tx, uptake);
     Ok(response)
 }

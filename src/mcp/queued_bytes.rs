@@ -188,6 +188,22 @@ impl AnswerBytes {
     }
 }
 
+/// A session's streams count their events where its answers do: a streamed answer is held
+/// as a plain one is.
+impl crate::body::ChunkRoom for AnswerBytes {
+    fn admit(&self, event: Bytes) -> Result<Bytes, Bytes> {
+        AnswerBytes::admit(self, event)
+    }
+}
+
+impl std::fmt::Debug for AnswerBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnswerBytes")
+            .field("held", &self.held())
+            .finish()
+    }
+}
+
 /// Adds `len` to `counter` unless that takes it past `limit`.
 fn reserve(counter: &AtomicUsize, len: usize, limit: usize) -> bool {
     counter

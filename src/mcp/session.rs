@@ -206,7 +206,7 @@ pub struct Session {
     /// Bytes its queues hold of what servers said that its clients have not read.
     queued: crate::mcp::queued_bytes::QueuedBytes,
     /// Bytes its answers hold on their way to clients that have not taken them yet.
-    answers: crate::mcp::queued_bytes::AnswerBytes,
+    answers: Arc<crate::mcp::queued_bytes::AnswerBytes>,
     weak: Weak<Session>,
 }
 
@@ -358,7 +358,10 @@ impl Session {
                     .collect(),
                 dropped_logs: crate::log_rate::LogRate::new(5),
                 queued: crate::mcp::queued_bytes::QueuedBytes::of(principal.as_ref()),
-                answers: crate::mcp::queued_bytes::AnswerBytes::of(answers, principal.as_ref()),
+                answers: Arc::new(crate::mcp::queued_bytes::AnswerBytes::of(
+                    answers,
+                    principal.as_ref(),
+                )),
                 epoch,
                 last_active_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
                 resource_walk: crate::mcp::resource_walk::ResourceWalks::new(servers.len()),
@@ -913,6 +916,15 @@ impl Session {
             self.answers.share(),
         );
         jsonrpc::error_response(jsonrpc::framed_id(&frame), code::TOO_BUSY, &message)
+    }
+
+    /// `response` (one of the session's streams), its events counted where its answers are:
+    /// past the room, the stream ends before the event (a resumable one is resumed later).
+    pub fn counted_stream(
+        &self,
+        response: http::Response<crate::body::Body>,
+    ) -> http::Response<crate::body::Body> {
+        crate::body::with_room(response, self.answers.clone())
     }
 
     /// Whether the session has ended.

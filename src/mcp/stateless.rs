@@ -1071,13 +1071,15 @@ impl Round {
                 Step::Missing(frame) => return json_response(StatusCode::BAD_REQUEST, frame),
                 Step::Ask(asked) => {
                     let asked = self.gather(&session, &mut stream, asked).await;
-                    let held = session.clone();
+                    // Not counted as an answer: its questions are, in the session's queues,
+                    // and refusing it would leave the call parked with nobody to resume it.
                     let frame = self.park(session, stream, asked, busy, None);
-                    return json_response(StatusCode::OK, held.bounded_answer(frame));
+                    return json_response(StatusCode::OK, frame);
                 }
                 Step::Event(first) => {
                     let (tx, out) = mpsc::channel::<Bytes>(64);
                     let (response, uptake) = watched_sse_response(None, out);
+                    let response = session.counted_stream(response);
                     let feed = Feed { tx, uptake };
                     tokio::spawn(self.relay(session, busy, stream, feed, first));
                     return response;
@@ -1589,7 +1591,8 @@ async fn listen(
     let every = gw.config.mcp.sse_keepalive;
     let stall = gw.config.mcp.stalled_stream_timeout;
     let metrics = gw.metrics.clone();
-    let (mut resp, uptake) = crate::body::watched_sse_response(None, rx);
+    let (resp, uptake) = crate::body::watched_sse_response(None, rx);
+    let mut resp = session.counted_stream(resp);
     tokio::spawn(async move {
         // A client that leaves its queue full (it stopped reading) loses the stream.
         let keep_alive = async {
