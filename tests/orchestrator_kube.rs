@@ -2278,25 +2278,7 @@ async fn a_lease_naming_a_follower_it_did_not_write_does_not_make_it_lead() {
 #[tokio::test]
 async fn a_lease_emptied_or_shortened_by_another_writer_never_makes_two_leaders() {
     let fake = FakeKube::start().await;
-    let replica = |id: &str, port: u16| {
-        let lease = LeaseSettings {
-            lease_duration: Duration::from_secs(3),
-            renew_every: Duration::from_millis(900),
-            retry_every: Duration::from_millis(50),
-            ..LeaseSettings::new("gatehouse-orchestrator", id)
-        };
-        let rt = KubeRuntime::start_with_client(
-            fake.client(NS),
-            NS.into(),
-            Some(lease),
-            KubeOptions {
-                relay_listen: Some("127.0.0.1:0".parse().unwrap()),
-                ..options()
-            },
-        );
-        rt.relay().unwrap().serving(([127, 0, 0, 1], port).into());
-        rt
-    };
+    let replica = |id: &str, port: u16| elected(&fake, id, port);
     let a = replica("replica-a", 1111);
     eventually("a leads", Duration::from_secs(10), || {
         a.is_leader().then_some(())
@@ -2326,15 +2308,7 @@ async fn a_lease_emptied_or_shortened_by_another_writer_never_makes_two_leaders(
         ),
         ("shortened", json!({"spec": {"leaseDurationSeconds": 0}})),
     ] {
-        // Just after a renewal, when the holder looks again latest.
-        let rv = fake.get(Kind::Lease, NS, "gatehouse-orchestrator").unwrap()["metadata"]
-            ["resourceVersion"]
-            .clone();
-        eventually("a renewal", Duration::from_secs(5), || {
-            let now = fake.get(Kind::Lease, NS, "gatehouse-orchestrator")?;
-            (now["metadata"]["resourceVersion"] != rv).then_some(())
-        })
-        .await;
+        just_renewed(&fake).await;
         fake.patch(Kind::Lease, NS, "gatehouse-orchestrator", patch);
         never_two(what).await;
         eventually("one leads", Duration::from_secs(10), || {
@@ -2357,6 +2331,96 @@ async fn a_lease_emptied_or_shortened_by_another_writer_never_makes_two_leaders(
         stopped.elapsed()
     );
     follower.shutdown().await;
+}
+
+/// A replica in a leader election with a 3 s lease renewed every 900 ms, looking every 50 ms,
+/// whose relay says it listens at `port`.
+fn elected(fake: &FakeKube, id: &str, port: u16) -> KubeRuntime {
+    let lease = LeaseSettings {
+        lease_duration: Duration::from_secs(3),
+        renew_every: Duration::from_millis(900),
+        retry_every: Duration::from_millis(50),
+        ..LeaseSettings::new("gatehouse-orchestrator", id)
+    };
+    let rt = KubeRuntime::start_with_client(
+        fake.client(NS),
+        NS.into(),
+        Some(lease),
+        KubeOptions {
+            relay_listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..options()
+        },
+    );
+    rt.relay().unwrap().serving(([127, 0, 0, 1], port).into());
+    rt
+}
+
+/// Waits for the holder's next renewal: its next look at the lease is then furthest away.
+async fn just_renewed(fake: &FakeKube) {
+    let rv =
+        fake.get(Kind::Lease, NS, "gatehouse-orchestrator").unwrap()["metadata"]["resourceVersion"]
+            .clone();
+    eventually("a renewal", Duration::from_secs(5), || {
+        let now = fake.get(Kind::Lease, NS, "gatehouse-orchestrator")?;
+        (now["metadata"]["resourceVersion"] != rv).then_some(())
+    })
+    .await;
+}
+
+/// A release its holder signed, written again later over a holding forged to match it (its
+/// holder and time of taking), frees nothing: the follower saw that holding at a later version
+/// than the release gave up, so the lease is not taken while its real holder leads.
+#[tokio::test]
+async fn an_old_release_written_again_does_not_free_the_lease() {
+    let fake = FakeKube::start().await;
+    let a = elected(&fake, "replica-a", 1111);
+    eventually("a leads", Duration::from_secs(10), || {
+        a.is_leader().then_some(())
+    })
+    .await;
+    // Given up with nobody to take it: the release stays in the lease for anyone to copy.
+    a.shutdown().await;
+    let released = fake.get(Kind::Lease, NS, "gatehouse-orchestrator").unwrap();
+    let annotations = released["metadata"]["annotations"].clone();
+    assert!(
+        annotations["gatehouse.dev/release-signature"].is_string(),
+        "{released}"
+    );
+    let acquired = released["spec"]["acquireTime"].clone();
+    let b = elected(&fake, "replica-b", 2222);
+    eventually("b leads", Duration::from_secs(10), || {
+        b.is_leader().then_some(())
+    })
+    .await;
+    let c = elected(&fake, "replica-c", 3333);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!c.is_leader());
+    just_renewed(&fake).await;
+    // The old holding forged, for c to follow, then the old release over it.
+    fake.patch(
+        Kind::Lease,
+        NS,
+        "gatehouse-orchestrator",
+        json!({"spec": {"holderIdentity": "replica-a", "acquireTime": acquired}}),
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    fake.patch(
+        Kind::Lease,
+        NS,
+        "gatehouse-orchestrator",
+        json!({"metadata": {"annotations": annotations}, "spec": {"holderIdentity": null}}),
+    );
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert!(!(b.is_leader() && c.is_leader()), "two leaders");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eventually("one leads", Duration::from_secs(10), || {
+        (b.is_leader() || c.is_leader()).then_some(())
+    })
+    .await;
+    b.shutdown().await;
+    c.shutdown().await;
 }
 
 /// Creates a well-behaved McpServer `name` and waits until the runtime runs it: the watch

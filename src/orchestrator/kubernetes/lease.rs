@@ -21,8 +21,10 @@
 //! leader's state from ([`Handover`]), whether the lease was given up or taken once expired.
 //!
 //! A lease is free before it expires only when its holder gave it up: the release is signed
-//! ([`RELEASE_SIGNATURE_ANNOTATION`]) for that holder and the time it took the lease, and a
-//! follower takes it at once only if it saw that very holding. A writer of the Lease who
+//! ([`RELEASE_SIGNATURE_ANNOTATION`]) for that holder, the time it took the lease and the
+//! version of the lease it gave up, and a follower takes it at once only if it saw that very
+//! holding, at that version or an earlier one (an old release, written again over a holding
+//! forged after it, is older than what the follower saw). A writer of the Lease who
 //! empties it, or shortens its duration (never taken below this replica's own), would
 //! otherwise have a follower lead while the holder still does until its next round: two
 //! replicas attached to one stdio pod, each reading the other's answers.
@@ -46,8 +48,11 @@ pub const RELAY_SIGNATURE_ANNOTATION: &str = "gatehouse.dev/relay-signature";
 /// annotations stay, signed for that identity).
 pub const RELEASED_BY_ANNOTATION: &str = "gatehouse.dev/released-by";
 /// Annotation of a Lease given up: HMAC-SHA256 (the replicas' lease key) of the holder that
-/// gave it up and when it had taken it (`acquireTime`).
+/// gave it up, when it had taken it (`acquireTime`) and the version it gave up
+/// ([`RELEASED_FROM_ANNOTATION`]).
 pub const RELEASE_SIGNATURE_ANNOTATION: &str = "gatehouse.dev/release-signature";
+/// Annotation of a Lease given up: the resourceVersion its holder read and gave up.
+pub const RELEASED_FROM_ANNOTATION: &str = "gatehouse.dev/released-from";
 
 /// HMAC-SHA256 keyed by the replicas' lease key ([`ReplicaKey::lease_key`]) over the holder
 /// and its relay's address.
@@ -79,10 +84,19 @@ fn relay_signed(key: &[u8], holder: &str, url: &str, signature: &str) -> bool {
         .is_ok_and(|tag| relay_mac(key, holder, url).verify_slice(&tag).is_ok())
 }
 
-/// What a release signs: its holder and when it took the lease (a relay's address never
-/// starts with `released `, so no relay signature reads as a release's).
-fn release_terms(acquired: &str) -> String {
-    format!("released {acquired}")
+/// What a release signs beside its holder: when it took the lease and the version it gave up
+/// (a relay's address never starts with `released `, so no relay signature reads as one).
+fn release_terms(acquired: &str, version: &str) -> String {
+    format!("released {acquired} at {version}")
+}
+
+/// Whether resourceVersion `released` is `seen` or later. Kubernetes' versions are etcd
+/// revisions, which only grow; any that is not a number must be `seen` itself.
+fn not_before(released: &str, seen: &str) -> bool {
+    match (released.parse::<u64>(), seen.parse::<u64>()) {
+        (Ok(r), Ok(s)) => r >= s,
+        _ => released == seen,
+    }
 }
 
 /// When `spec`'s holder took the lease, as text (empty when the lease does not say).
@@ -151,9 +165,9 @@ pub struct Elector {
     /// still has it is ours (renewals that failed for a while do not make it another's), one
     /// that names us with another was written by someone else.
     wrote: Option<String>,
-    /// The holding we last followed: its holder and when it took the lease. Only its release
-    /// frees the lease before it expires.
-    followed: Option<(String, String)>,
+    /// The holding we last followed: its holder, when it took the lease, and the version we
+    /// saw it at. Only its release frees the lease before it expires.
+    followed: Option<(String, String, String)>,
 }
 
 impl Elector {
@@ -196,6 +210,7 @@ impl Elector {
         let annotations = meta.annotations.get_or_insert_with(Default::default);
         annotations.remove(RELEASED_BY_ANNOTATION);
         annotations.remove(RELEASE_SIGNATURE_ANNOTATION);
+        annotations.remove(RELEASED_FROM_ANNOTATION);
         let url = self.advertise.borrow().clone();
         let key = self.key.borrow().clone();
         match url.zip(key) {
@@ -234,26 +249,29 @@ impl Elector {
     }
 
     /// Whether `lease` (empty) was given up by the holder we last followed, in the holding we
-    /// saw: its release signed for that holder and that time of taking.
+    /// saw: its release signed for that holder, that time of taking, and a version no older
+    /// than the one we saw it at.
     fn given_up(&self, lease: &Lease, spec: &LeaseSpec) -> bool {
-        let (Some((holder, since)), Some(annotations), Some(key)) = (
+        let (Some((holder, since, seen)), Some(annotations), Some(key)) = (
             &self.followed,
             lease.metadata.annotations.as_ref(),
             self.key.borrow().clone(),
         ) else {
             return false;
         };
-        let (Some(by), Some(signature)) = (
+        let (Some(by), Some(from), Some(signature)) = (
             annotations.get(RELEASED_BY_ANNOTATION),
+            annotations.get(RELEASED_FROM_ANNOTATION),
             annotations.get(RELEASE_SIGNATURE_ANNOTATION),
         ) else {
             return false;
         };
         by == holder
             && acquired(spec) == *since
+            && not_before(from, seen)
             && key
                 .lease_keys()
-                .any(|k| relay_signed(k, by, &release_terms(since), signature))
+                .any(|k| relay_signed(k, by, &release_terms(since, from), signature))
     }
 
     fn publish_holder_relay(&self, relay: Option<String>) {
@@ -358,7 +376,7 @@ impl Elector {
                 .flatten();
             self.publish_holder_relay(relay);
             if !named {
-                self.followed = Some((holder.clone(), acquired(&spec)));
+                self.followed = Some((holder.clone(), acquired(&spec), rv.clone()));
             }
             // Another holds it: no attempt of ours took it.
             self.attempted = None;
@@ -495,12 +513,14 @@ impl Elector {
         spec.holder_identity = None;
         spec.renew_time = Some(Self::now());
         spec.lease_duration_seconds = Some(1);
-        let terms = release_terms(&acquired(spec));
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
+        let terms = release_terms(&acquired(spec), &version);
         let annotations = lease
             .metadata
             .annotations
             .get_or_insert_with(Default::default);
         annotations.insert(RELEASED_BY_ANNOTATION.into(), settings.identity.clone());
+        annotations.insert(RELEASED_FROM_ANNOTATION.into(), version);
         match key {
             Some(key) => annotations.insert(
                 RELEASE_SIGNATURE_ANNOTATION.into(),
