@@ -1,5 +1,6 @@
 //! Keys a lenient JSON decoder reads as another. Go's `encoding/json` matches object keys
-//! without regard to case (`Name`, `ARGUMENTS`), folds U+017F to `s` and U+212A to `k`, and one
+//! without regard to case (`Name`, `ARGUMENTS`, and beyond ASCII `REGIÓN` for `región`), folds
+//! U+017F to `s` and U+212A to `k`, and one
 //! SDK took `name\u0000` for `name`. Where the gateway forwards a client's bytes as sent, such a
 //! key beside the one the gateway read would have a server act on a value the gateway never
 //! routed, checked or audited.
@@ -12,32 +13,47 @@ pub(crate) struct Key<'a>(#[serde(borrow)] pub std::borrow::Cow<'a, str>);
 /// The key of `owned` that `key` is read as by such a decoder, if any; an exact match counts
 /// too. No allocation: a client may send many keys.
 pub(crate) fn read_as<'o>(key: &str, owned: &[&'o str]) -> Option<&'o str> {
-    let fold = |c: char| match c {
-        '\u{17F}' => 's',  // ſ, long s
-        '\u{212A}' => 'k', // K, Kelvin sign
-        c => c.to_ascii_lowercase(),
-    };
     let key = key.trim_end_matches('\0');
     owned.iter().copied().find(|owned| {
         let mut chars = key.chars();
         owned
             .chars()
-            .all(|o| chars.next().map(fold) == Some(o.to_ascii_lowercase()))
+            .all(|o| chars.next().map(fold) == Some(fold(o)))
             && chars.next().is_none()
     })
 }
 
-/// `key` as such a decoder matches it: trailing NULs cut, the long s and the Kelvin sign
-/// folded, ASCII in lower case.
+/// `c` as a case-insensitive decoder compares it (Go's simple case folding): lower case where
+/// that is one character, and the other members of the few larger case orbits (the long s,
+/// final sigma, the Greek symbol forms, the micro sign) taken to their letter.
+fn fold(c: char) -> char {
+    match c {
+        c if c.is_ascii() => c.to_ascii_lowercase(),
+        '\u{17F}' => 's',
+        '\u{B5}' => '\u{3BC}',
+        '\u{3C2}' => '\u{3C3}',
+        '\u{3D0}' => '\u{3B2}',
+        '\u{3D1}' => '\u{3B8}',
+        '\u{3D5}' => '\u{3C6}',
+        '\u{3D6}' => '\u{3C0}',
+        '\u{3F0}' => '\u{3BA}',
+        '\u{3F1}' => '\u{3C1}',
+        '\u{3F5}' => '\u{3B5}',
+        '\u{1E9B}' => '\u{1E61}',
+        '\u{1FBE}' => '\u{3B9}',
+        c => {
+            let mut lower = c.to_lowercase();
+            match (lower.next(), lower.next()) {
+                (Some(one), None) => one,
+                _ => c,
+            }
+        }
+    }
+}
+
+/// `key` as such a decoder matches it: trailing NULs cut, every character folded.
 fn folded_key(key: &str) -> String {
-    key.trim_end_matches('\0')
-        .chars()
-        .map(|c| match c {
-            '\u{17F}' => 's',
-            '\u{212A}' => 'k',
-            c => c.to_ascii_lowercase(),
-        })
-        .collect()
+    key.trim_end_matches('\0').chars().map(fold).collect()
 }
 
 /// Two keys of one object, at any depth of JSON value `value`, that a lenient decoder reads as
@@ -188,6 +204,28 @@ mod tests {
         ] {
             assert_eq!(read_as(key, &OWNED), want, "{key:?}");
         }
+        // Beyond ASCII, as Go folds a name that is not ASCII itself.
+        const GREEK: [&str; 2] = ["región", "σοφία"];
+        for (key, want) in [
+            ("REGIÓN", Some("región")),
+            ("Región", Some("región")),
+            ("ΣΟΦΊΑ", Some("σοφία")),
+            ("σοφία", Some("σοφία")),
+            ("regiõn", None),
+            ("İregión", None),
+        ] {
+            assert_eq!(read_as(key, &GREEK), want, "{key:?}");
+        }
+        assert_eq!(
+            read_as("\u{3C2}", &["\u{3A3}"]),
+            Some("\u{3A3}"),
+            "final sigma"
+        );
+        assert_eq!(
+            read_as("\u{B5}", &["\u{39C}"]),
+            Some("\u{39C}"),
+            "micro sign"
+        );
     }
 
     #[test]
