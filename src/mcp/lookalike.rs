@@ -40,7 +40,16 @@ fn fold(c: char) -> char {
         '\u{3F1}' => '\u{3C1}',
         '\u{3F5}' => '\u{3B5}',
         '\u{1E9B}' => '\u{1E61}',
-        '\u{1FBE}' => '\u{3B9}',
+        '\u{1FBE}' | '\u{345}' => '\u{3B9}',
+        // The Cyrillic small letters' rounded and tall forms.
+        '\u{1C80}' => '\u{432}',
+        '\u{1C81}' => '\u{434}',
+        '\u{1C82}' => '\u{43E}',
+        '\u{1C83}' => '\u{441}',
+        '\u{1C84}' | '\u{1C85}' => '\u{442}',
+        '\u{1C86}' => '\u{44A}',
+        '\u{1C87}' => '\u{463}',
+        '\u{1C88}' => '\u{A64B}',
         c => {
             let mut lower = c.to_lowercase();
             match (lower.next(), lower.next()) {
@@ -225,6 +234,16 @@ mod tests {
             read_as("\u{B5}", &["\u{39C}"]),
             Some("\u{39C}"),
             "micro sign"
+        );
+        assert_eq!(
+            read_as("г\u{1C82}род", &["город"]),
+            Some("город"),
+            "rounded o"
+        );
+        assert_eq!(
+            read_as("\u{345}", &["\u{399}"]),
+            Some("\u{399}"),
+            "ypogegrammeni"
         );
     }
 
