@@ -2115,6 +2115,7 @@ async fn failed_reconciles_back_off_and_then_converge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_learns_whom_it_took_the_lease_from_by_its_signed_relay() {
     let fake = FakeKube::start().await;
+    // (No relay listens in this test: where it would is all that is handed on.)
     let replica = |id: &str, port: u16| {
         let lease = LeaseSettings {
             lease_duration: Duration::from_secs(2),
@@ -2122,18 +2123,7 @@ async fn a_new_leader_learns_whom_it_took_the_lease_from_by_its_signed_relay() {
             retry_every: Duration::from_millis(100),
             ..LeaseSettings::new("gatehouse-orchestrator", id)
         };
-        let rt = KubeRuntime::start_with_client(
-            fake.client(NS),
-            NS.into(),
-            Some(lease),
-            KubeOptions {
-                relay_listen: Some("127.0.0.1:0".parse().unwrap()),
-                ..options()
-            },
-        );
-        // (No relay listens in this test: where it would is all that is handed on.)
-        rt.relay().unwrap().serving(([127, 0, 0, 1], port).into());
-        rt
+        elected_with(&fake, lease, port)
     };
     let leads = |rt: &KubeRuntime| rt.is_leader().then_some(());
     let handover = |rt: &KubeRuntime| rt.relay().unwrap().handover().borrow().clone();
@@ -2342,6 +2332,11 @@ fn elected(fake: &FakeKube, id: &str, port: u16) -> KubeRuntime {
         retry_every: Duration::from_millis(50),
         ..LeaseSettings::new("gatehouse-orchestrator", id)
     };
+    elected_with(fake, lease, port)
+}
+
+/// A replica in the leader election `lease` describes, whose relay says it listens at `port`.
+fn elected_with(fake: &FakeKube, lease: LeaseSettings, port: u16) -> KubeRuntime {
     let rt = KubeRuntime::start_with_client(
         fake.client(NS),
         NS.into(),
