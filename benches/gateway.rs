@@ -253,9 +253,16 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Starts the example server over HTTP, dual-era: sessions, and 2026-07-28 requests served
+/// statelessly (the direct baseline of each).
 fn start_upstream(port: u16) -> (Proc, String) {
     let mut child = Command::new(BIN)
-        .args(["example-server", "--http", &format!("127.0.0.1:{port}")])
+        .args([
+            "example-server",
+            "--stateless",
+            "--http",
+            &format!("127.0.0.1:{port}"),
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .expect("upstream starts");
@@ -472,12 +479,9 @@ impl Workload {
         Bytes::from(v.to_string())
     }
 
-    /// The workload of the direct baseline (the upstream speaks 2025-11-25 only).
+    /// The workload of the direct baseline: the same request, sent to the upstream itself.
     fn baseline(self) -> Workload {
-        match self {
-            Workload::CallStateless => Workload::CallSmall,
-            w => w,
-        }
+        self
     }
 }
 
@@ -774,7 +778,13 @@ async fn bench() {
     };
     let (_upstream, upstream_url) = start_upstream(upstream_port);
     println!("upstream: {upstream_url}");
-    let http_upstream =
+    // The upstream speaks both eras; `protocol: sessions` keeps these gateways on upstream
+    // sessions whatever their clients speak, and `modern_upstream` lets a gateway probe it
+    // and speak 2026-07-28 to it.
+    let http_upstream = |name: &str| {
+        format!("  - name: {name}\n    protocol: sessions\n    http: {{ url: {upstream_url:?} }}\n")
+    };
+    let modern_upstream =
         |name: &str| format!("  - name: {name}\n    http: {{ url: {upstream_url:?} }}\n");
     if let Some(yaml) = &a.compare {
         let clients = a.clients.iter().copied().max().unwrap_or(1);
@@ -865,6 +875,18 @@ async fn bench() {
                 None,
                 http_upstream("ex"),
                 Workload::CallStateless,
+            ),
+            (
+                "gateway→http 2026",
+                None,
+                modern_upstream("ex"),
+                Workload::CallStateless,
+            ),
+            (
+                "gateway→http 2026",
+                None,
+                modern_upstream("ex"),
+                Workload::CallSmall,
             ),
             (
                 "gateway→stdio",
@@ -978,14 +1000,23 @@ async fn bench() {
     all_eras.insert(1, Workload::CallStateless);
     let calls = vec![Workload::CallSmall, Workload::Call64k];
 
+    let (gw_modern, gw_modern_url) = start_gateway(&modern_upstream("ex"));
     let mut configs = vec![
-        Target::new("direct", &upstream_url, None, "echo", &all),
+        Target::new("direct", &upstream_url, None, "echo", &all_eras),
         Target::new(
             "gateway→http",
             &gw_http_url,
             Some(&gw_http),
             "echo",
             &all_eras,
+        ),
+        // The same upstream spoken to in 2026-07-28, whatever the client speaks.
+        Target::new(
+            "gateway→http 2026",
+            &gw_modern_url,
+            Some(&gw_modern),
+            "echo",
+            &[Workload::CallStateless, Workload::CallSmall],
         ),
         Target::new(
             "gateway→stdio",
@@ -1057,6 +1088,18 @@ async fn bench() {
             Workload::CallStateless,
         ),
         (
+            "gateway→http 2026",
+            modern_upstream("ex"),
+            "echo",
+            Workload::CallStateless,
+        ),
+        (
+            "gateway→http 2026",
+            modern_upstream("ex"),
+            "echo",
+            Workload::CallSmall,
+        ),
+        (
             "gateway→stdio",
             stdio_upstream.clone(),
             "echo",
@@ -1076,7 +1119,15 @@ async fn bench() {
     let auth_costs = auth_costs(&http_upstream("ex")).await;
 
     eprintln!("measuring memory with {} sessions…", a.sessions);
-    drop((gw_http, gw_stdio, gw_20, with_plugins, with_reused, floors));
+    drop((
+        gw_http,
+        gw_modern,
+        gw_stdio,
+        gw_20,
+        with_plugins,
+        with_reused,
+        floors,
+    ));
     let (gw_mem, gw_mem_url) = start_gateway(&http_upstream("ex"));
     let (idle_kib, loaded_kib, per_session) =
         session_memory(&gw_mem, &gw_mem_url, a.sessions).await;

@@ -27,9 +27,12 @@ pub struct Options {
     pub echo_description: Option<String>,
     /// Instructions in place of the usual ones.
     pub instructions: Option<String>,
+    /// Over HTTP, also serve 2026-07-28 requests statelessly (a dual-era server).
+    pub stateless: bool,
 }
 
-/// Serves MCP Streamable HTTP (JSON responses, sessions) on `addr` until the process ends.
+/// Serves MCP Streamable HTTP (JSON responses, sessions; with [`Options::stateless`] also
+/// 2026-07-28 requests) on `addr` until the process ends.
 ///
 /// Prints `LISTENING http://ADDR/mcp` on stdout once bound. Tools that talk back to the client
 /// mid-call (`sample`, progress) need stdio.
@@ -78,8 +81,8 @@ pub async fn run_http(opts: Options, addr: std::net::SocketAddr) -> std::io::Res
                     if *req.method() != Method::POST {
                         return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, Vec::new()));
                     }
-                    let body = req
-                        .into_body()
+                    let (head, body) = req.into_parts();
+                    let body = body
                         .collect()
                         .await
                         .map(|c| c.to_bytes())
@@ -87,6 +90,13 @@ pub async fn run_http(opts: Options, addr: std::net::SocketAddr) -> std::io::Res
                     let Ok(msg) = serde_json::from_slice::<Value>(&body) else {
                         return Ok(reply(StatusCode::BAD_REQUEST, b"{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32700,\"message\":\"parse error\"}}".to_vec()));
                     };
+                    if opts.stateless
+                        && session.is_none()
+                        && let Some((status, answer)) = stateless(&msg, &head.headers, opts).await
+                    {
+                        let body = answer.map(|a| serde_json::to_vec(&a).unwrap_or_default());
+                        return Ok(reply(status, body.unwrap_or_default()));
+                    }
                     let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
                     let Some(id) = msg.get("id").filter(|_| !method.is_empty()) else {
                         return Ok(reply(StatusCode::ACCEPTED, Vec::new()));
@@ -132,6 +142,122 @@ pub async fn run_http(opts: Options, addr: std::net::SocketAddr) -> std::io::Res
         });
     }
 }
+
+/// Answers a 2026-07-28 request (one whose `_meta` names a revision, or `server/discover`):
+/// the HTTP status and the answer (none for a notification). `None` for an earlier revision's.
+async fn stateless(
+    msg: &Value,
+    headers: &http::HeaderMap,
+    opts: &Options,
+) -> Option<(http::StatusCode, Option<Value>)> {
+    use crate::mcp::revision::{STATELESS, envelope};
+    use http::StatusCode;
+    let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
+    let meta = msg.pointer("/params/_meta");
+    let version = meta.and_then(|m| m.get(envelope::VERSION));
+    if version.is_none() && method != "server/discover" {
+        return None;
+    }
+    let Some(id) = msg.get("id") else {
+        return Some((StatusCode::ACCEPTED, None));
+    };
+    let error = |status, code: i64, message: String, data: Option<Value>| {
+        let mut e = json!({"code": code, "message": message});
+        if let Some(d) = data {
+            e["data"] = d;
+        }
+        Some((status, Some(json!({"jsonrpc":"2.0","id":id,"error":e}))))
+    };
+    let Some(version) = version.and_then(Value::as_str) else {
+        let message = format!(
+            "params._meta[{:?}] must name the revision",
+            envelope::VERSION
+        );
+        return error(StatusCode::BAD_REQUEST, -32602, message, None);
+    };
+    if version != STATELESS {
+        let data = json!({"supported": [STATELESS], "requested": version});
+        let message = format!("unsupported protocol version {version:?}");
+        return error(StatusCode::BAD_REQUEST, -32022, message, Some(data));
+    }
+    if !meta
+        .and_then(|m| m.get(envelope::CAPABILITIES))
+        .is_some_and(Value::is_object)
+    {
+        let message = format!(
+            "params._meta[{:?}] must be an object",
+            envelope::CAPABILITIES
+        );
+        return error(StatusCode::BAD_REQUEST, -32602, message, None);
+    }
+    // The headers mirror the body; a value that is not plain text arrives base64-encoded.
+    let header = |name: &str| {
+        let v = headers.get(name)?.to_str().ok()?;
+        match v
+            .strip_prefix("=?base64?")
+            .and_then(|v| v.strip_suffix("?="))
+        {
+            Some(b64) => {
+                use base64::Engine as _;
+                let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+                String::from_utf8(raw).ok()
+            }
+            None => Some(v.to_owned()),
+        }
+    };
+    let named = match method {
+        "tools/call" | "prompts/get" => msg.pointer("/params/name"),
+        "resources/read" => msg.pointer("/params/uri"),
+        _ => None,
+    };
+    let mismatch = [
+        ("mcp-protocol-version", Some(version)),
+        ("mcp-method", Some(method)),
+        ("mcp-name", named.map(|n| n.as_str().unwrap_or_default())),
+    ]
+    .into_iter()
+    .find(|(name, body)| body.is_some_and(|b| header(name).as_deref() != Some(b)));
+    if let Some((name, _)) = mismatch {
+        let message = format!("header {name} is missing or does not match the body");
+        return error(StatusCode::BAD_REQUEST, -32020, message, None);
+    }
+    let params = msg.get("params").cloned().unwrap_or(Value::Null);
+    let result = match method {
+        "server/discover" => Ok(json!({
+            "supportedVersions": [STATELESS],
+            "capabilities": {"tools": {}, "prompts": {}, "resources": {}},
+            "_meta": {"io.modelcontextprotocol/serverInfo": {"name": "gatehouse-example", "version": env!("CARGO_PKG_VERSION")}},
+            "instructions": opts.instructions.as_deref().unwrap_or(INSTRUCTIONS),
+            "ttlMs": 60_000,
+            "cacheScope": "public"
+        })),
+        // What only sessions had (the handshake, ping, the session's log level, subscriptions).
+        "initialize"
+        | "ping"
+        | "logging/setLevel"
+        | "resources/subscribe"
+        | "resources/unsubscribe" => Err((-32601, format!("method not found: {method}"))),
+        _ => {
+            // No client stream: a tool that would ask the client something fails instead.
+            let (out, _) = mpsc::channel(1);
+            handle(method, &params, &out, &Pending::default(), opts).await
+        }
+    };
+    match result {
+        Ok(mut result) => {
+            result["resultType"] = json!("complete");
+            Some((
+                StatusCode::OK,
+                Some(json!({"jsonrpc":"2.0","id":id,"result":result})),
+            ))
+        }
+        Err((-32601, message)) => error(StatusCode::NOT_FOUND, -32601, message, None),
+        Err((code, message)) => error(StatusCode::OK, code, message, None),
+    }
+}
+
+/// What the server tells clients about itself when not told otherwise.
+const INSTRUCTIONS: &str = "Example server shipped with Gatehouse: try the echo and add tools.";
 
 /// Serves MCP on stdin/stdout until stdin closes.
 pub async fn run(opts: Options) -> std::io::Result<()> {
@@ -276,7 +402,7 @@ async fn handle(
                 "protocolVersion": version,
                 "capabilities": {"tools": {"listChanged": true}, "prompts": {}, "resources": {"subscribe": true}, "logging": {}},
                 "serverInfo": {"name": "gatehouse-example", "version": env!("CARGO_PKG_VERSION")},
-                "instructions": opts.instructions.as_deref().unwrap_or("Example server shipped with Gatehouse: try the echo and add tools.")
+                "instructions": opts.instructions.as_deref().unwrap_or(INSTRUCTIONS)
             }))
         }
         "ping" | "logging/setLevel" => Ok(json!({})),

@@ -57,6 +57,9 @@ enum Command {
         /// Give these instructions (a server that changes them, for tests).
         #[arg(long)]
         instructions: Option<String>,
+        /// With --http, also serve 2026-07-28 requests statelessly (a dual-era server).
+        #[arg(long, requires = "http")]
+        stateless: bool,
     },
     /// Servers a running gateway's orchestrator runs (its admin API).
     Servers {
@@ -127,6 +130,7 @@ fn main() -> anyhow::Result<()> {
             http,
             echo_description,
             instructions,
+            stateless,
         } => {
             let opts = gatehouse::example_server::Options {
                 name,
@@ -134,6 +138,7 @@ fn main() -> anyhow::Result<()> {
                 page_size,
                 echo_description,
                 instructions,
+                stateless,
             };
             match http {
                 Some(addr) => {

@@ -1614,3 +1614,136 @@ async fn hidden_sessions_count_in_the_gateways_session_cap() {
     assert_eq!(r.status, 503, "{}", r.body);
     gw.stop().await;
 }
+
+/// Starts `gatehouse example-server --http --stateless` on a free port: its URL.
+async fn dual_era_example() -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(support::BIN)
+        .args(["example-server", "--stateless", "--http", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    tokio::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    let url = line.trim().strip_prefix("LISTENING ").unwrap().to_owned();
+    (child, url)
+}
+
+/// The example server with `--stateless` is a dual-era server: it answers 2026-07-28 requests
+/// without a session, refuses what the revision refuses with the revision's statuses and
+/// codes, still serves sessions, and a gateway that probes it serves both kinds of client
+/// from it.
+#[tokio::test]
+async fn the_example_server_serves_both_eras_with_stateless() {
+    let (_server, url) = dual_era_example().await;
+    let direct = Client::new(url.clone());
+    let discover = stateless(&direct, 1, "server/discover", json!({}), json!({})).await;
+    assert_eq!(discover.status, 200, "{}", discover.body);
+    let r = &discover.json()["result"];
+    assert_eq!(r["resultType"], "complete");
+    assert_eq!(r["supportedVersions"], json!(["2026-07-28"]));
+    assert_eq!(
+        r["_meta"]["io.modelcontextprotocol/serverInfo"]["name"],
+        "gatehouse-example"
+    );
+    let echo = json!({"name": "echo", "arguments": {"text": "hi"}});
+    let call = stateless(&direct, 2, "tools/call", echo.clone(), json!({})).await;
+    assert_eq!(call.status, 200, "{}", call.body);
+    assert!(call.headers.get("mcp-session-id").is_none());
+    assert_eq!(call.response()["result"]["resultType"], "complete");
+    assert_eq!(call.response()["result"]["content"][0]["text"], "hi");
+
+    let mut with_meta = echo.clone();
+    with_meta["_meta"] = meta(json!({}));
+    let encoded = send(
+        &direct,
+        3,
+        "tools/call",
+        with_meta.clone(),
+        &[("mcp-name", "=?base64?ZWNobw==?=")],
+    )
+    .await;
+    assert_eq!(
+        encoded.status, 200,
+        "a base64 header is decoded: {}",
+        encoded.body
+    );
+    let mismatch = send(
+        &direct,
+        4,
+        "tools/call",
+        with_meta.clone(),
+        &[("mcp-name", "add")],
+    )
+    .await;
+    assert_eq!(
+        (mismatch.status, mismatch.error_code()),
+        (400, -32020),
+        "{}",
+        mismatch.body
+    );
+    assert!(mismatch.body.contains("mcp-name"), "{}", mismatch.body);
+    let mut old = with_meta.clone();
+    old["_meta"]["io.modelcontextprotocol/protocolVersion"] = json!("2099-01-01");
+    let unsupported = send(
+        &direct,
+        5,
+        "tools/call",
+        old,
+        &[("mcp-protocol-version", "2099-01-01")],
+    )
+    .await;
+    assert_eq!(
+        (unsupported.status, unsupported.error_code()),
+        (400, -32022)
+    );
+    let data = &unsupported.json()["error"]["data"];
+    assert_eq!(data["supported"], json!(["2026-07-28"]));
+    assert_eq!(data["requested"], "2099-01-01");
+    let mut bare = with_meta.clone();
+    bare["_meta"]
+        .as_object_mut()
+        .unwrap()
+        .remove("io.modelcontextprotocol/clientCapabilities");
+    let no_caps = send(&direct, 6, "tools/call", bare, &[]).await;
+    assert_eq!((no_caps.status, no_caps.error_code()), (400, -32602));
+    assert!(
+        no_caps.body.contains("clientCapabilities"),
+        "{}",
+        no_caps.body
+    );
+    let ping = stateless(&direct, 7, "ping", json!({}), json!({})).await;
+    assert_eq!(
+        (ping.status, ping.error_code()),
+        (404, -32601),
+        "{}",
+        ping.body
+    );
+    let mut legacy = Client::new(url.clone());
+    legacy.initialize(json!({})).await;
+    assert_eq!(
+        legacy.tool_text(8, "echo", json!({"text": "old"})).await,
+        "old"
+    );
+
+    let gw = TestGateway::start(
+        "",
+        &[format!("  - name: ex\n    http: {{ url: {url:?} }}\n")],
+    )
+    .await;
+    let call = stateless(&gw.client(), 9, "tools/call", echo, json!({})).await;
+    assert_eq!(call.status, 200, "{}", call.body);
+    assert_eq!(call.response()["result"]["content"][0]["text"], "hi");
+    assert_eq!(call.response()["result"]["resultType"], "complete");
+    let mut session = gw.client();
+    session.initialize(json!({})).await;
+    assert_eq!(
+        session.tool_text(10, "echo", json!({"text": "s"})).await,
+        "s"
+    );
+    gw.stop().await;
+}

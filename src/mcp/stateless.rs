@@ -70,6 +70,55 @@ fn may_name_owned(result: &[u8]) -> bool {
     })
 }
 
+/// The members of the result object `text` but those the gateway owns ([`OWNED_MEMBERS`]),
+/// written after its `{` (`"key":value,…}`), in one walk that keeps the rest as written. A
+/// key a lenient client reads as an owned member is refused (written after the gateway's own,
+/// such a client would read it instead), and so is a `resultType` other than `complete` (an
+/// `input_required` reaches this only from a server that cannot mean it).
+fn without_owned_members(text: &[u8]) -> Result<Vec<u8>, String> {
+    let not_object = || "the upstream's result is not a JSON object".to_owned();
+    let text = std::str::from_utf8(text).map_err(|_| not_object())?;
+    let mut out = Vec::with_capacity(text.len());
+    let mut refused = None;
+    json_scan::members(text, json_scan::MAX_DEPTH, |raw_key, value| {
+        if refused.is_some() {
+            return;
+        }
+        let Ok(key) = json_scan::unquote(raw_key) else {
+            refused = Some(not_object());
+            return;
+        };
+        match lookalike::read_as(&key, &OWNED_MEMBERS) {
+            Some(owned) if owned != key => {
+                refused = Some(format!(
+                    "the upstream's result has a key {:?} that lenient clients read as {owned}",
+                    lookalike::shown(&key)
+                ));
+            }
+            Some("resultType") if value != r#""complete""# => {
+                refused = Some(format!(
+                    "the upstream's result claims resultType {value}, which a server of its revision cannot mean"
+                ));
+            }
+            Some(_) => {}
+            None => {
+                if !out.is_empty() {
+                    out.push(b',');
+                }
+                out.extend_from_slice(raw_key.as_bytes());
+                out.push(b':');
+                out.extend_from_slice(value.as_bytes());
+            }
+        }
+    })
+    .map_err(|_| not_object())?;
+    if let Some(why) = refused {
+        return Err(why);
+    }
+    out.push(b'}');
+    Ok(out)
+}
+
 /// How long to wait for more questions after a server's first one, to ask them in one round.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 /// Questions asked in one round at most.
@@ -1816,36 +1865,9 @@ impl Completion {
         };
         let could = may_name_owned(result);
         let rest = if could {
-            type Object<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
-            let mut fields: Object<'_> = serde_json::from_slice(text)
-                .map_err(|_| "the upstream's result is not a JSON object".to_owned())?;
-            // Written after the gateway's own: a lenient client would read this one instead.
-            if let Some((key, owned)) = fields.keys().find_map(|k| {
-                crate::mcp::lookalike::read_as(k, &OWNED_MEMBERS)
-                    .filter(|owned| owned != k)
-                    .map(|owned| (k, owned))
-            }) {
-                return Err(format!(
-                    "the upstream's result has a key {:?} that lenient clients read as {owned}",
-                    crate::mcp::lookalike::shown(key)
-                ));
-            }
-            if let Some(kind) = fields.remove("resultType")
-                && kind.get() != r#""complete""#
-            {
-                return Err(format!(
-                    "the upstream's result claims resultType {}, which a server of its revision cannot mean",
-                    kind.get()
-                ));
-            }
-            fields.remove("ttlMs");
-            fields.remove("cacheScope");
-            let encoded = serde_json::to_string(&fields).map_err(|e| e.to_string())?;
-            let mut encoded = encoded.into_bytes();
-            encoded.remove(0);
-            std::borrow::Cow::Owned(encoded)
+            Cow::Owned(without_owned_members(text)?)
         } else {
-            std::borrow::Cow::Borrowed(
+            Cow::Borrowed(
                 text.strip_prefix(b"{")
                     .ok_or_else(|| "the upstream's result is not a JSON object".to_owned())?,
             )
@@ -2017,6 +2039,8 @@ mod tests {
         for claims in [
             r#"{"resultType":"input_required","inputRequests":{}}"#,
             r#"{"\u0072esultType":"input_required"}"#,
+            r#"{"resultType":"input_required","resultType":"complete"}"#,
+            r#"{"resultType":"complete","ResultType":"input_required"}"#,
             "[1]",
             "7",
         ] {

@@ -13,7 +13,9 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use smallvec::SmallVec;
 
+use crate::json_scan;
 use crate::mcp::jsonrpc;
 use crate::mcp::lookalike;
 use crate::mcp::param_headers::ToolHeaders;
@@ -91,8 +93,9 @@ pub(crate) struct Prepared {
     /// The client speaks 2026-07-28 itself (its own envelope came with the request): it answers
     /// `input_required` results itself.
     pub client_driven: bool,
-    /// `params.arguments` of a tool call (what `Mcp-Param-*` headers mirror).
-    pub arguments: Option<Box<RawValue>>,
+    /// Where `params.arguments` of a tool call is in `params` (what `Mcp-Param-*` headers
+    /// mirror): read only when the tool marks arguments.
+    pub arguments: Option<std::ops::Range<usize>>,
 }
 
 /// Puts `envelope` (members of `_meta`) in a request's params, in place of any envelope
@@ -106,6 +109,102 @@ pub(crate) fn prepare(
     client_driven: bool,
 ) -> Result<Prepared, String> {
     let bytes = params.unwrap_or(b"{}");
+    let not_object = || "params must be an object".to_owned();
+    let text = std::str::from_utf8(bytes).map_err(|_| not_object())?;
+    // One walk over the top level, keeping slices of what stays.
+    let mut members: SmallVec<[(Cow<'_, str>, &str, &str); 8]> = SmallVec::new();
+    let mut undecodable = false;
+    json_scan::members(
+        text,
+        json_scan::MAX_DEPTH,
+        |raw_key, value| match json_scan::unquote(raw_key) {
+            Ok(key) => members.push((key, raw_key, value)),
+            Err(_) => undecodable = true,
+        },
+    )
+    .map_err(|_| not_object())?;
+    let twice = members
+        .iter()
+        .enumerate()
+        .any(|(i, (k, ..))| members[..i].iter().any(|(other, ..)| other == k));
+    if undecodable || twice {
+        // Which of two members counts is the decoder's choice: the one serde keeps, as before.
+        return prepare_decoded(method, bytes, envelope, client_driven);
+    }
+    // A retry's members go unless the client runs its own round trips; keys a lenient server
+    // reads as them go always (they would carry answers no policy judged, or override the
+    // state the gateway put back).
+    let keeps_retry = client_driven && may_ask(method);
+    members.retain(|(key, ..)| {
+        match lookalike::read_as(key, &["requestState", "inputResponses"]) {
+            Some(owned) => keeps_retry && owned == &**key,
+            None => true,
+        }
+    });
+    let mut out = String::with_capacity(bytes.len() + envelope.len() + 12);
+    out.push_str(r#"{"_meta":{"#);
+    out.push_str(envelope);
+    let mut meta_empty = envelope.is_empty();
+    if let Some((.., meta)) = members.iter().find(|(k, ..)| k == "_meta") {
+        let mut bad = false;
+        json_scan::members(
+            meta,
+            json_scan::MAX_DEPTH,
+            |raw_key, value| match json_scan::unquote(raw_key) {
+                Ok(key) if is_envelope_key(&key) => {}
+                Ok(_) => {
+                    if !std::mem::replace(&mut meta_empty, false) {
+                        out.push(',');
+                    }
+                    out.push_str(raw_key);
+                    out.push(':');
+                    out.push_str(value);
+                }
+                Err(_) => bad = true,
+            },
+        )
+        .map_err(|_| "params._meta must be an object".to_owned())?;
+        if bad {
+            return Err("params._meta must be an object".to_owned());
+        }
+    }
+    out.push('}');
+    let target_key = match method {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        _ => None,
+    };
+    let mut target = None;
+    let mut arguments = None;
+    for (key, raw_key, value) in members.iter().filter(|(k, ..)| k != "_meta") {
+        if target_key == Some(&**key) && value.starts_with('"') {
+            target = json_scan::unquote(value).ok().map(Cow::into_owned);
+        }
+        out.push(',');
+        out.push_str(raw_key);
+        out.push(':');
+        if method == "tools/call" && key == "arguments" {
+            arguments = Some(out.len()..out.len() + value.len());
+        }
+        out.push_str(value);
+    }
+    out.push('}');
+    Ok(Prepared {
+        params: Bytes::from(out),
+        target,
+        client_driven,
+        arguments,
+    })
+}
+
+/// [`prepare`] for params with a key given twice (or one that does not decode): read into a
+/// map, as a decoder reads them, and written again.
+fn prepare_decoded(
+    method: &str,
+    bytes: &[u8],
+    envelope: &str,
+    client_driven: bool,
+) -> Result<Prepared, String> {
     let mut fields: Object<'_> =
         serde_json::from_slice(bytes).map_err(|_| "params must be an object".to_owned())?;
     let meta: Object<'_> = match fields.get("_meta") {
@@ -144,12 +243,16 @@ pub(crate) fn prepare(
     let target = key
         .and_then(|k| fields.get(k))
         .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
-    let arguments = if method == "tools/call" {
-        fields.get("arguments").map(|raw| (*raw).to_owned())
-    } else {
-        None
-    };
     let params = Bytes::from(serde_json::to_vec(&fields).map_err(|e| e.to_string())?);
+    // Where the arguments are in what was written: found by reading it back.
+    let arguments = (method == "tools/call")
+        .then(|| serde_json::from_slice::<Object<'_>>(&params).ok())
+        .flatten()
+        .and_then(|written| written.get("arguments").map(|raw| raw.get()))
+        .map(|raw| {
+            let at = raw.as_ptr() as usize - params.as_ptr() as usize;
+            at..at + raw.len()
+        });
     Ok(Prepared {
         params,
         target,
@@ -398,6 +501,9 @@ pub(crate) fn mirrored_headers(
     }
     if let (Some(marks), Some(tool), Some(args)) = (marks, &prepared.target, &prepared.arguments)
         && let marked = marks.of(tool)
+        && !marked.is_empty()
+        && let Some(args) = prepared.params.get(args.clone())
+        && let Ok(args) = serde_json::from_slice::<&RawValue>(args)
         && let Ok(values) = crate::mcp::param_headers::marked_values(marked, args)
     {
         for ((_, suffix), value) in marked.iter().zip(values) {
@@ -488,6 +594,34 @@ mod tests {
         let listed = br#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"},"requestState":"s"}"#;
         let p = prepare("tools/list", Some(listed), "", true).unwrap();
         assert!(parse(&p.params).get("requestState").is_none());
+    }
+
+    #[test]
+    fn params_are_read_as_a_decoder_reads_them() {
+        // A key given twice: the value a decoder keeps (the last), written once.
+        let twice = br#"{"name":"a","arguments":{"x":1},"name":"t","arguments":{"region":"eu"}}"#;
+        let p = prepare("tools/call", Some(twice), r#""k":1"#, false).unwrap();
+        let v = parse(&p.params);
+        assert_eq!(v["name"], "t");
+        assert_eq!(p.target.as_deref(), Some("t"));
+        let args = p.arguments.clone().unwrap();
+        assert_eq!(&p.params[args], br#"{"region":"eu"}"#);
+        // Escaped keys and values are read decoded and passed as written.
+        let escaped = br#"{"n\u0061me":"\u0074","arguments":{"a":[1]},"_meta":{"io.modelcontextprotocol\/protocolVersion":"x","pro\u0067ressToken":7}}"#;
+        let p = prepare("tools/call", Some(escaped), r#""k":1"#, false).unwrap();
+        assert_eq!(p.target.as_deref(), Some("t"));
+        assert_eq!(&p.params[p.arguments.clone().unwrap()], br#"{"a":[1]}"#);
+        let v = parse(&p.params);
+        assert_eq!(v["_meta"], json!({"k": 1, "progressToken": 7}));
+        assert_eq!(v["arguments"], json!({"a": [1]}));
+        for bad in [
+            &br#"{"_meta":null}"#[..],
+            br#"{"_meta":[]}"#,
+            br#"{"a":1"#,
+            b"\xff",
+        ] {
+            assert!(prepare("tools/call", Some(bad), "", false).is_err());
+        }
     }
 
     #[test]
