@@ -14,13 +14,24 @@ pub(crate) struct Key<'a>(#[serde(borrow)] pub std::borrow::Cow<'a, str>);
 /// too. No allocation: a client may send many keys.
 pub(crate) fn read_as<'o>(key: &str, owned: &[&'o str]) -> Option<&'o str> {
     let key = key.trim_end_matches('\0');
+    // Most keys are ASCII: each of their characters folds to its ASCII lower case.
+    let ascii = key.is_ascii();
     owned.iter().copied().find(|owned| {
-        let mut chars = key.chars();
-        owned
-            .chars()
-            .all(|o| chars.next().map(fold) == Some(fold(o)))
-            && chars.next().is_none()
+        if ascii && owned.is_ascii() {
+            owned.eq_ignore_ascii_case(key)
+        } else {
+            folds_alike(key, owned)
+        }
     })
+}
+
+/// Whether `key` and `owned` are alike character by character once folded.
+fn folds_alike(key: &str, owned: &str) -> bool {
+    let mut chars = key.chars();
+    owned
+        .chars()
+        .all(|o| chars.next().map(fold) == Some(fold(o)))
+        && chars.next().is_none()
 }
 
 /// `c` as a case-insensitive decoder compares it (Go's simple case folding): lower case where

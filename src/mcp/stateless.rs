@@ -46,28 +46,46 @@ static ERROR_MEMBER: Needle = Needle::new("\"error\"");
 /// The members of a result the gateway owns.
 const OWNED_MEMBERS: [&str; 3] = ["resultType", "ttlMs", "cacheScope"];
 
-/// Whether `result` may name a member the gateway owns: a string that reads as one of
-/// [`OWNED_MEMBERS`] to a lenient decoder (`ResultType`, `TTLMS`, with a long s), or any escape.
-/// One pass over its quotes: every key starts after one.
-fn may_name_owned(result: &[u8]) -> bool {
+/// How many strings of `result` may name a member the gateway owns, up to two: strings that
+/// read as one of [`OWNED_MEMBERS`] to a lenient decoder (`ResultType`, `TTLMS`, with a long
+/// s); any escape counts as two. One pass over its quotes: every key starts after one.
+fn owned_names(result: &[u8]) -> usize {
     if memchr::memchr(b'\\', result).is_some() {
-        return true;
+        return 2;
     }
-    memchr::memchr_iter(b'"', result).any(|at| {
-        let rest = &result[at + 1..];
-        // Most strings are told apart by their first letter and length (5 to 11 bytes, a long
-        // s taking two): only the rest are read.
-        if !rest
-            .first()
-            .is_some_and(|b| matches!(b.to_ascii_lowercase(), b'r' | b't' | b'c'))
-        {
-            return false;
-        }
-        let end = rest.iter().take(12).position(|b| *b == b'"');
-        end.filter(|end| *end >= 5)
-            .and_then(|end| std::str::from_utf8(&rest[..end]).ok())
-            .is_some_and(|token| crate::mcp::lookalike::read_as(token, &OWNED_MEMBERS).is_some())
-    })
+    memchr::memchr_iter(b'"', result)
+        .filter(|&at| {
+            let rest = &result[at + 1..];
+            // Most strings are told apart by their first letter and length (5 to 11 bytes, a
+            // long s taking two): only the rest are read.
+            if !rest
+                .first()
+                .is_some_and(|b| matches!(b.to_ascii_lowercase(), b'r' | b't' | b'c'))
+            {
+                return false;
+            }
+            let end = rest.iter().take(12).position(|b| *b == b'"');
+            end.filter(|end| *end >= 5)
+                .and_then(|end| std::str::from_utf8(&rest[..end]).ok())
+                .is_some_and(|token| {
+                    crate::mcp::lookalike::read_as(token, &OWNED_MEMBERS).is_some()
+                })
+        })
+        .take(2)
+        .count()
+}
+
+/// Whether the result object `text` already says it is complete, as the gateway would, and
+/// names nothing else the gateway owns: its last member is `"resultType":"complete"` and no
+/// other string reads as an owned member (a 2026-07-28 server's usual result). With no
+/// escapes, a quote always opens or closes a string, so that last member is the object's own.
+fn says_complete_alone(text: &[u8]) -> bool {
+    const LAST: &[u8] = br#""resultType":"complete"}"#;
+    let text = text.trim_ascii_end();
+    text.len() > LAST.len()
+        && text.ends_with(LAST)
+        && matches!(text[text.len() - LAST.len() - 1], b',' | b'{')
+        && owned_names(text) == 1
 }
 
 /// The members of the result object `text` but those the gateway owns ([`OWNED_MEMBERS`]),
@@ -1806,6 +1824,9 @@ impl Completion {
         // The gateway encoded the frame itself (`jsonrpc::response`): a result under this very
         // id is found without parsing the frame again.
         if let Some(result) = own_result(&frame, id) {
+            if !self.cache_hints && says_complete_alone(result) {
+                return frame;
+            }
             return match self.result(result, id) {
                 Ok(framed) => framed,
                 Err(why) => jsonrpc::error_response(Some(id), code::INTERNAL_ERROR, &why),
@@ -1863,7 +1884,7 @@ impl Completion {
         } else {
             r#""resultType":"complete""#
         };
-        let could = may_name_owned(result);
+        let could = owned_names(result) > 0;
         let rest = if could {
             Cow::Owned(without_owned_members(text)?)
         } else {
@@ -2065,6 +2086,41 @@ mod tests {
             list(r#"{"tools":[],"ttlMs":5000,"cacheScope":"public","cacheScope":"public"}"#)
                 .as_deref(),
             Ok(r#"{"resultType":"complete","ttlMs":0,"cacheScope":"private","tools":[]}"#)
+        );
+        // A result that says it is complete last, and names nothing else the gateway owns,
+        // passes as the server framed it; any other goes the whole way.
+        let framed = |result: &str| {
+            jsonrpc::response(b"1", &Outcome::Result(Bytes::from(result.to_owned())))
+        };
+        let alone = framed(r#"{"content":[],"resultType":"complete"} "#);
+        let passed = Completion::of("tools/call").frame(alone.clone(), b"1");
+        assert_eq!(passed.as_ptr(), alone.as_ptr());
+        for (result, completed) in [
+            (
+                r#"{"content":[{"text":"resultType"}],"resultType":"complete"}"#,
+                r#"{"resultType":"complete","content":[{"text":"resultType"}]}"#,
+            ),
+            (
+                r#"{"ttlMs":1,"resultType":"complete"}"#,
+                r#"{"resultType":"complete"}"#,
+            ),
+            (
+                r#"{"resultType":"complete"}"#,
+                r#"{"resultType":"complete"}"#,
+            ),
+            (r#"{"a":"resultType":"complete"}"#, ""),
+        ] {
+            let out = Completion::of("tools/call").frame(framed(result), b"1");
+            if completed.is_empty() {
+                assert!(out.windows(5).any(|w| w == b"error"), "{result}");
+            } else {
+                assert_eq!(unframed(&out), completed, "{result}");
+            }
+        }
+        let listed = framed(r#"{"tools":[],"resultType":"complete"}"#);
+        assert_eq!(
+            unframed(&Completion::of("tools/list").frame(listed, b"1")),
+            r#"{"resultType":"complete","ttlMs":0,"cacheScope":"private","tools":[]}"#
         );
         // A whole frame: the id is kept, an error passes as it is.
         let frame = Completion::of("tools/list").frame(

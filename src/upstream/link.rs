@@ -1082,13 +1082,10 @@ impl Link {
         // session's.
         let own;
         let (envelope, client_driven) = match &opts.client_envelope {
-            // UTF-8: the front took it out of a `str`.
-            Some(client) => {
-                own = String::from_utf8_lossy(client);
-                (&*own, true)
-            }
+            // UTF-8: the front took it out of a `str` (checked again: one pass, no copy).
+            Some(client) => (std::str::from_utf8(client).unwrap_or_default(), true),
             None => {
-                own = self.envelope().into();
+                own = self.envelope();
                 (&*own, false)
             }
         };

@@ -88,8 +88,9 @@ pub(crate) fn speaks_stateless(result: &[u8]) -> bool {
 pub(crate) struct Prepared {
     /// The params with the envelope in `_meta`.
     pub params: Bytes,
-    /// `params.name` (tools/call, prompts/get) or `params.uri` (resources/read).
-    pub target: Option<String>,
+    /// Where the JSON string `params.name` (tools/call, prompts/get) or `params.uri`
+    /// (resources/read) is in `params`, quotes included: see [`Prepared::target`].
+    target: Option<std::ops::Range<usize>>,
     /// The client speaks 2026-07-28 itself (its own envelope came with the request): it answers
     /// `input_required` results itself.
     pub client_driven: bool,
@@ -177,14 +178,15 @@ pub(crate) fn prepare(
     let mut target = None;
     let mut arguments = None;
     for (key, raw_key, value) in members.iter().filter(|(k, ..)| k != "_meta") {
-        if target_key == Some(&**key) && value.starts_with('"') {
-            target = json_scan::unquote(value).ok().map(Cow::into_owned);
-        }
         out.push(',');
         out.push_str(raw_key);
         out.push(':');
+        let span = out.len()..out.len() + value.len();
+        if target_key == Some(&**key) && value.starts_with('"') {
+            target = Some(span.clone());
+        }
         if method == "tools/call" && key == "arguments" {
-            arguments = Some(out.len()..out.len() + value.len());
+            arguments = Some(span);
         }
         out.push_str(value);
     }
@@ -240,19 +242,21 @@ fn prepare_decoded(
         "resources/read" => Some("uri"),
         _ => None,
     };
-    let target = key
-        .and_then(|k| fields.get(k))
-        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
     let params = Bytes::from(serde_json::to_vec(&fields).map_err(|e| e.to_string())?);
-    // Where the arguments are in what was written: found by reading it back.
-    let arguments = (method == "tools/call")
-        .then(|| serde_json::from_slice::<Object<'_>>(&params).ok())
-        .flatten()
-        .and_then(|written| written.get("arguments").map(|raw| raw.get()))
-        .map(|raw| {
-            let at = raw.as_ptr() as usize - params.as_ptr() as usize;
-            at..at + raw.len()
-        });
+    // Where the target and the arguments are in what was written: found by reading it back.
+    let written: Object<'_> = serde_json::from_slice(&params).map_err(|e| e.to_string())?;
+    let span = |name: &str| {
+        written.get(name).map(|raw| {
+            let at = raw.get().as_ptr() as usize - params.as_ptr() as usize;
+            at..at + raw.get().len()
+        })
+    };
+    let target = key.and_then(span).filter(|at| params[at.start] == b'"');
+    let arguments = if method == "tools/call" {
+        span("arguments")
+    } else {
+        None
+    };
     Ok(Prepared {
         params,
         target,
@@ -262,6 +266,12 @@ fn prepare_decoded(
 }
 
 impl Prepared {
+    /// `params.name` (tools/call, prompts/get) or `params.uri` (resources/read), when a string.
+    pub(crate) fn target(&self) -> Option<Cow<'_, str>> {
+        let raw = std::str::from_utf8(self.params.get(self.target.clone()?)?).ok()?;
+        json_scan::unquote(raw).ok()
+    }
+
     /// The params of the retry that answers a round: these answers, and the server's state.
     pub(crate) fn retry(&self, answers: &[(String, Bytes)], state: Option<&str>) -> Bytes {
         let mut fields: Object<'_> =
@@ -492,14 +502,30 @@ pub(crate) fn mirrored_headers(
     prepared: &Prepared,
     marks: Option<&ToolHeaders>,
 ) -> Vec<(HeaderName, HeaderValue)> {
+    const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
+    const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
     let mut out = Vec::with_capacity(2);
-    if let Ok(v) = HeaderValue::from_str(method) {
-        out.push((HeaderName::from_static("mcp-method"), v));
+    // The revision's methods are static text: a header of them copies nothing.
+    let method_value = METHODS
+        .iter()
+        .find(|m| **m == method)
+        .map(|m| HeaderValue::from_static(m))
+        .or_else(|| HeaderValue::from_str(method).ok());
+    if let Some(v) = method_value {
+        out.push((MCP_METHOD, v));
     }
-    if let Some(target) = &prepared.target {
-        out.push((HeaderName::from_static("mcp-name"), header_value(target)));
+    let target = prepared.target();
+    if let Some(target) = &target {
+        // A plain name is the params' own bytes: shared, not copied.
+        let shared = match target {
+            Cow::Borrowed(text) if is_plain_header(text) => {
+                HeaderValue::from_maybe_shared(prepared.params.slice_ref(text.as_bytes())).ok()
+            }
+            _ => None,
+        };
+        out.push((MCP_NAME, shared.unwrap_or_else(|| header_value(target))));
     }
-    if let (Some(marks), Some(tool), Some(args)) = (marks, &prepared.target, &prepared.arguments)
+    if let (Some(marks), Some(tool), Some(args)) = (marks, &target, &prepared.arguments)
         && let marked = marks.of(tool)
         && !marked.is_empty()
         && let Some(args) = prepared.params.get(args.clone())
@@ -518,15 +544,35 @@ pub(crate) fn mirrored_headers(
     out
 }
 
-/// A mirrored value as a header: plain when it is visible ASCII without edge spaces, else
-/// `=?base64?…?=` (what the revision prescribes for anything else).
-fn header_value(text: &str) -> HeaderValue {
-    let plain = !text.is_empty()
+/// The methods of 2026-07-28 requests the gateway sends upstream.
+const METHODS: [&str; 9] = [
+    "tools/call",
+    "tools/list",
+    "prompts/get",
+    "prompts/list",
+    "resources/read",
+    "resources/list",
+    "resources/templates/list",
+    "completion/complete",
+    "server/discover",
+];
+
+/// Whether a mirrored value goes in a header as it is: visible ASCII without edge spaces, not
+/// starting as an encoded value does.
+fn is_plain_header(text: &str) -> bool {
+    !text.is_empty()
         && text.bytes().all(|b| (0x20..0x7f).contains(&b))
         && !text.starts_with(' ')
         && !text.ends_with(' ')
-        && !text.starts_with("=?");
-    if plain && let Ok(v) = HeaderValue::from_str(text) {
+        && !text.starts_with("=?")
+}
+
+/// A mirrored value as a header: plain when it is visible ASCII without edge spaces, else
+/// `=?base64?…?=` (what the revision prescribes for anything else).
+fn header_value(text: &str) -> HeaderValue {
+    if is_plain_header(text)
+        && let Ok(v) = HeaderValue::from_str(text)
+    {
         return v;
     }
     let encoded = base64::engine::general_purpose::STANDARD.encode(text.as_bytes());
@@ -559,7 +605,7 @@ mod tests {
         )
         .unwrap();
         assert!(!p.client_driven);
-        assert_eq!(p.target.as_deref(), Some("t"));
+        assert_eq!(p.target().as_deref(), Some("t"));
         let v = parse(&p.params);
         let meta = &v["_meta"];
         assert_eq!(meta[VERSION_KEY], "2026-07-28");
@@ -603,13 +649,13 @@ mod tests {
         let p = prepare("tools/call", Some(twice), r#""k":1"#, false).unwrap();
         let v = parse(&p.params);
         assert_eq!(v["name"], "t");
-        assert_eq!(p.target.as_deref(), Some("t"));
+        assert_eq!(p.target().as_deref(), Some("t"));
         let args = p.arguments.clone().unwrap();
         assert_eq!(&p.params[args], br#"{"region":"eu"}"#);
         // Escaped keys and values are read decoded and passed as written.
         let escaped = br#"{"n\u0061me":"\u0074","arguments":{"a":[1]},"_meta":{"io.modelcontextprotocol\/protocolVersion":"x","pro\u0067ressToken":7}}"#;
         let p = prepare("tools/call", Some(escaped), r#""k":1"#, false).unwrap();
-        assert_eq!(p.target.as_deref(), Some("t"));
+        assert_eq!(p.target().as_deref(), Some("t"));
         assert_eq!(&p.params[p.arguments.clone().unwrap()], br#"{"a":[1]}"#);
         let v = parse(&p.params);
         assert_eq!(v["_meta"], json!({"k": 1, "progressToken": 7}));
