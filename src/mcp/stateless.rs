@@ -53,26 +53,53 @@ fn owned_names(result: &[u8]) -> usize {
     if memchr::memchr(b'\\', result).is_some() {
         return 2;
     }
-    memchr::memchr_iter(b'"', result)
-        .filter(|&at| {
-            let rest = &result[at + 1..];
-            // Most strings are told apart by their first letter and length (5 to 11 bytes, a
-            // long s taking two): only the rest are read.
-            if !rest
-                .first()
-                .is_some_and(|b| matches!(b.to_ascii_lowercase(), b'r' | b't' | b'c'))
-            {
-                return false;
+    let may_own = |&at: &usize| {
+        let rest = &result[at + 1..];
+        // Most strings are told apart by their first letter and length (5 to 11 bytes, a long
+        // s taking two): only the rest are read.
+        if !rest
+            .first()
+            .is_some_and(|b| matches!(b.to_ascii_lowercase(), b'r' | b't' | b'c'))
+        {
+            return false;
+        }
+        let Some(token) = rest
+            .iter()
+            .take(12)
+            .position(|b| *b == b'"')
+            .filter(|end| *end >= 5)
+            .map(|end| &rest[..end])
+        else {
+            return false;
+        };
+        // An ASCII token (no NUL: it would be escaped) folds to its ASCII lower case.
+        if token.is_ascii() {
+            return OWNED_MEMBERS
+                .iter()
+                .any(|owned| owned.as_bytes().eq_ignore_ascii_case(token));
+        }
+        std::str::from_utf8(token)
+            .is_ok_and(|token| crate::mcp::lookalike::read_as(token, &OWNED_MEMBERS).is_some())
+    };
+    // A short result's quotes are dense: a plain loop over its bytes costs less than a vector
+    // search set up again for each of them.
+    if result.len() <= 1024 {
+        let mut found = 0;
+        for (at, &b) in result.iter().enumerate() {
+            if b == b'"' && may_own(&at) {
+                found += 1;
+                if found == 2 {
+                    break;
+                }
             }
-            let end = rest.iter().take(12).position(|b| *b == b'"');
-            end.filter(|end| *end >= 5)
-                .and_then(|end| std::str::from_utf8(&rest[..end]).ok())
-                .is_some_and(|token| {
-                    crate::mcp::lookalike::read_as(token, &OWNED_MEMBERS).is_some()
-                })
-        })
-        .take(2)
-        .count()
+        }
+        found
+    } else {
+        memchr::memchr_iter(b'"', result)
+            .filter(may_own)
+            .take(2)
+            .count()
+    }
 }
 
 /// Whether the result object `text` already says it is complete, as the gateway would, and
@@ -336,6 +363,8 @@ pub(crate) struct Read {
     pub envelope: Bytes,
     /// The params without the envelope.
     pub params: Bytes,
+    /// Where in `params` the front wrote `_meta` and found the target.
+    pub left: crate::upstream::ParamsLeft,
 }
 
 fn severity(level: &str) -> Option<u8> {
@@ -557,6 +586,7 @@ pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal
     if let Some(problem) = problem {
         return Err(refused(&problem));
     }
+    let retry_members = top.state.is_some() || top.responses.is_some();
     let (meta, name, uri, state, responses) = (
         top.meta.flatten(),
         top.name.flatten(),
@@ -573,7 +603,20 @@ pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal
     let mut stripped = Vec::with_capacity(bytes.len());
     stripped.extend_from_slice(&bytes[..start]);
     let envelope = read_meta(meta_raw, &mut stripped)?;
+    let meta_end = stripped.len();
     stripped.extend_from_slice(&bytes[end..]);
+    // Where the target string is in the params written: what followed `_meta` moved with it.
+    let target_at = match method {
+        "tools/call" | "prompts/get" => name,
+        "resources/read" => uri,
+        _ => None,
+    }
+    .filter(|raw| raw.starts_with('"'))
+    .map(|raw| {
+        let at = raw.as_ptr() as usize - text.as_ptr() as usize;
+        let at = if at >= end { at - end + meta_end } else { at };
+        at..at + raw.len()
+    });
     fn string<'a>(raw: &'a str, what: impl Fn() -> String) -> Result<Cow<'a, str>, Refusal> {
         let not_string = || Refusal::Meta(format!("{} must be a string", what()));
         if !raw.starts_with('"') {
@@ -640,6 +683,8 @@ pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal
                 .map_err(|_| Refusal::Meta("params.inputResponses must be an object".into()))?;
         }
     }
+    // The call runs on the copy: it keeps the client's body (and its room) alive.
+    let params = crate::body_room::derived(stripped, bytes);
     Ok(Read {
         meta: RequestMeta {
             version,
@@ -655,8 +700,13 @@ pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal
         } else {
             crate::body_room::derived(envelope_members(meta_raw), bytes)
         },
-        // The call runs on the copy: it keeps the client's body (and its room) alive.
-        params: crate::body_room::derived(stripped, bytes),
+        left: crate::upstream::ParamsLeft {
+            params: params.clone(),
+            meta: start..meta_end,
+            target: target_at,
+            retry_members,
+        },
+        params,
     })
 }
 
@@ -830,6 +880,7 @@ pub(crate) async fn post(
         retry,
         envelope,
         params,
+        left,
     } = match checked {
         Ok(r) => r,
         Err(refusal) => {
@@ -992,9 +1043,13 @@ pub(crate) async fn post(
     if let Some(span) = &mut span {
         span.attr("mcp.protocol.version", revision::STATELESS);
     }
+    let client_envelope = crate::upstream::ClientEnvelope {
+        members: envelope,
+        left: Some(left),
+    };
     let awaiting = crate::upstream::AwaitingClient::default();
     let services = crate::mcp::handler::Services {
-        envelope: Some(&envelope),
+        envelope: Some(&client_envelope),
         trace: span.as_deref(),
         awaiting: Some(&awaiting),
         ..gw.services()
@@ -2038,6 +2093,59 @@ mod tests {
             .and_then(|t| t.strip_suffix('}'))
             .unwrap_or_else(|| panic!("not a response under id 1: {text}"))
             .to_owned()
+    }
+
+    /// The params a 2026 client's call leaves at the front get the envelope back in place, and
+    /// a server gets what a full read of them would have given it.
+    #[test]
+    fn the_params_left_take_the_envelope_back_as_a_full_read_would() {
+        let v = r#""io.modelcontextprotocol/protocolVersion":"2026-07-28""#;
+        let c = r#""io.modelcontextprotocol/clientCapabilities":{"sampling":{}}"#;
+        for (method, params) in [
+            (
+                "tools/call",
+                format!(
+                    r#"{{"name":"t","_meta":{{{v},"progressToken":3,{c}}},"arguments":{{"a":"x"}}}}"#
+                ),
+            ),
+            (
+                "tools/call",
+                format!(r#"{{"_meta":{{{v},{c}}},"arguments":{{}},"name":"t\u00e9"}}"#),
+            ),
+            (
+                "resources/read",
+                format!(r#"{{"uri":"file:///x","_meta":{{{c},{v}}}}}"#),
+            ),
+            (
+                "tools/call",
+                format!(r#"{{ "name" : "t" , "_meta" : {{ {v} , {c} }} , "arguments" : {{}} }}"#),
+            ),
+            (
+                "tools/list",
+                format!(r#"{{"cursor":"2","_meta":{{{v},{c}}}}}"#),
+            ),
+            (
+                "tools/call",
+                format!(
+                    r#"{{"name":"t","_meta":{{{v},{c}}},"requestState":"s","inputResponses":{{}}}}"#
+                ),
+            ),
+        ] {
+            let r = read(Some(params.as_bytes()), method).unwrap();
+            let envelope = std::str::from_utf8(&r.envelope).unwrap();
+            let prepare = |left| {
+                crate::upstream::prepare(method, Some(&r.params), envelope, true, left).unwrap()
+            };
+            let (fast, full) = (prepare(Some(&r.left)), prepare(None));
+            let value = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+            assert_eq!(value(&fast.params), value(&full.params), "{params}");
+            assert_eq!(fast.target(), full.target(), "{params}");
+            // Put back in place: everything before `_meta`'s value is as the front left it.
+            assert!(
+                fast.params.starts_with(&r.params[..r.left.meta.start]),
+                "{params}"
+            );
+        }
     }
 
     #[test]

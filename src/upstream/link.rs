@@ -1081,15 +1081,19 @@ impl Link {
         // A 2026 client's own envelope (the front took it out of the params), else the
         // session's.
         let own;
-        let (envelope, client_driven) = match &opts.client_envelope {
+        let (envelope, client_driven, left) = match &opts.client_envelope {
             // UTF-8: the front took it out of a `str` (checked again: one pass, no copy).
-            Some(client) => (std::str::from_utf8(client).unwrap_or_default(), true),
+            Some(client) => (
+                std::str::from_utf8(&client.members).unwrap_or_default(),
+                true,
+                client.left.as_ref(),
+            ),
             None => {
                 own = self.envelope();
-                (&*own, false)
+                (&*own, false, None)
             }
         };
-        let prepared = match stateless::prepare(method, params, envelope, client_driven) {
+        let prepared = match stateless::prepare(method, params, envelope, client_driven, left) {
             Ok(p) => p,
             Err(e) => {
                 return Ok(Outcome::Error(jsonrpc::error_object(

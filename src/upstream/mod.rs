@@ -33,6 +33,9 @@ pub(crate) use params::uri_of;
 use params::{progress_token_of, with_progress_token};
 use pending::CancelOnDrop;
 pub(crate) use pending::Pending;
+#[cfg(test)]
+pub(crate) use stateless::prepare;
+pub use stateless::{ClientEnvelope, ParamsLeft};
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -291,7 +294,7 @@ pub struct CallOpts {
     /// The caller is a 2026-07-28 client, checked at the stateless front, with this envelope
     /// (`_meta` members): a 2026-07-28 server is sent it and the call's retry members as they
     /// are, and `input_required` comes back.
-    pub client_envelope: Option<Bytes>,
+    pub client_envelope: Option<stateless::ClientEnvelope>,
     /// The call's span as `traceparent` (and `tracestate`) headers, when traced (HTTP only;
     /// `_meta` carries them for every transport).
     pub traceparent: Option<crate::trace::TraceHeaders>,

@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -94,9 +95,32 @@ pub(crate) struct Prepared {
     /// The client speaks 2026-07-28 itself (its own envelope came with the request): it answers
     /// `input_required` results itself.
     pub client_driven: bool,
-    /// Where `params.arguments` of a tool call is in `params` (what `Mcp-Param-*` headers
-    /// mirror): read only when the tool marks arguments.
-    pub arguments: Option<std::ops::Range<usize>>,
+}
+
+/// A 2026-07-28 client's envelope, as the stateless front took it out of the client's params.
+#[derive(Clone)]
+pub struct ClientEnvelope {
+    /// The envelope's members of `_meta` (`"key":value,…`, UTF-8).
+    pub members: Bytes,
+    /// What the front left of the params, when it knows.
+    pub left: Option<ParamsLeft>,
+}
+
+/// The params the stateless front left once it took the envelope out, and where in them it
+/// wrote `_meta` and found the target. A call that reaches a 2026-07-28 server with these
+/// very params (no plugin, prefix or trace changed them) has the envelope put back in
+/// place, without the params being read again.
+#[derive(Clone)]
+pub struct ParamsLeft {
+    /// The params.
+    pub params: Bytes,
+    /// `_meta`'s value as the front wrote it: `{…}`, no envelope key in it.
+    pub meta: Range<usize>,
+    /// The target's JSON string, quotes included.
+    pub target: Option<Range<usize>>,
+    /// Whether the params name `requestState` or `inputResponses` (the front refused any key
+    /// only like them, and any given twice).
+    pub retry_members: bool,
 }
 
 /// Puts `envelope` (members of `_meta`) in a request's params, in place of any envelope
@@ -108,8 +132,17 @@ pub(crate) fn prepare(
     params: Option<&[u8]>,
     envelope: &str,
     client_driven: bool,
+    left: Option<&ParamsLeft>,
 ) -> Result<Prepared, String> {
     let bytes = params.unwrap_or(b"{}");
+    if let Some(left) = left
+        && bytes.as_ptr() == left.params.as_ptr()
+        && bytes.len() == left.params.len()
+        && (!left.retry_members || (client_driven && may_ask(method)))
+        && let Some(prepared) = put_back(left, envelope, client_driven)
+    {
+        return Ok(prepared);
+    }
     let not_object = || "params must be an object".to_owned();
     let text = std::str::from_utf8(bytes).map_err(|_| not_object())?;
     // One walk over the top level, keeping slices of what stays.
@@ -176,17 +209,12 @@ pub(crate) fn prepare(
         _ => None,
     };
     let mut target = None;
-    let mut arguments = None;
     for (key, raw_key, value) in members.iter().filter(|(k, ..)| k != "_meta") {
         out.push(',');
         out.push_str(raw_key);
         out.push(':');
-        let span = out.len()..out.len() + value.len();
         if target_key == Some(&**key) && value.starts_with('"') {
-            target = Some(span.clone());
-        }
-        if method == "tools/call" && key == "arguments" {
-            arguments = Some(span);
+            target = Some(out.len()..out.len() + value.len());
         }
         out.push_str(value);
     }
@@ -195,7 +223,40 @@ pub(crate) fn prepare(
         params: Bytes::from(out),
         target,
         client_driven,
-        arguments,
+    })
+}
+
+/// The front's params with `envelope` put back at the start of `_meta`'s value, the rest as
+/// it was: `None` if `_meta` is not where the front said.
+fn put_back(left: &ParamsLeft, envelope: &str, client_driven: bool) -> Option<Prepared> {
+    let bytes = &left.params[..];
+    let kept = bytes
+        .get(left.meta.clone())?
+        .strip_prefix(b"{")?
+        .strip_suffix(b"}")?;
+    let mut out = Vec::with_capacity(bytes.len() + envelope.len() + 1);
+    out.extend_from_slice(&bytes[..left.meta.start]);
+    out.push(b'{');
+    out.extend_from_slice(envelope.as_bytes());
+    if !kept.is_empty() && !envelope.is_empty() {
+        out.push(b',');
+    }
+    out.extend_from_slice(kept);
+    out.push(b'}');
+    let meta_end = out.len();
+    out.extend_from_slice(&bytes[left.meta.end..]);
+    // The target is outside `_meta`: after it, it moved by what `_meta` grew.
+    let target = left.target.clone().map(|at| {
+        if at.start >= left.meta.end {
+            at.start - left.meta.end + meta_end..at.end - left.meta.end + meta_end
+        } else {
+            at
+        }
+    });
+    Some(Prepared {
+        params: Bytes::from(out),
+        target,
+        client_driven,
     })
 }
 
@@ -243,7 +304,7 @@ fn prepare_decoded(
         _ => None,
     };
     let params = Bytes::from(serde_json::to_vec(&fields).map_err(|e| e.to_string())?);
-    // Where the target and the arguments are in what was written: found by reading it back.
+    // Where the target is in what was written: found by reading it back.
     let written: Object<'_> = serde_json::from_slice(&params).map_err(|e| e.to_string())?;
     let span = |name: &str| {
         written.get(name).map(|raw| {
@@ -252,20 +313,27 @@ fn prepare_decoded(
         })
     };
     let target = key.and_then(span).filter(|at| params[at.start] == b'"');
-    let arguments = if method == "tools/call" {
-        span("arguments")
-    } else {
-        None
-    };
     Ok(Prepared {
         params,
         target,
         client_driven,
-        arguments,
     })
 }
 
 impl Prepared {
+    /// `params.arguments`, read only when asked for (a tool that marks arguments).
+    fn arguments(&self) -> Option<&RawValue> {
+        let text = std::str::from_utf8(&self.params).ok()?;
+        let mut found = None;
+        json_scan::members(text, json_scan::MAX_DEPTH, |key, value| {
+            if json_scan::unquote(key).is_ok_and(|k| k == "arguments") {
+                found = Some(value);
+            }
+        })
+        .ok()?;
+        serde_json::from_str(found?).ok()
+    }
+
     /// `params.name` (tools/call, prompts/get) or `params.uri` (resources/read), when a string.
     pub(crate) fn target(&self) -> Option<Cow<'_, str>> {
         let raw = std::str::from_utf8(self.params.get(self.target.clone()?)?).ok()?;
@@ -525,11 +593,10 @@ pub(crate) fn mirrored_headers(
         };
         out.push((MCP_NAME, shared.unwrap_or_else(|| header_value(target))));
     }
-    if let (Some(marks), Some(tool), Some(args)) = (marks, &target, &prepared.arguments)
+    if let (Some(marks), Some(tool)) = (marks, &target)
         && let marked = marks.of(tool)
         && !marked.is_empty()
-        && let Some(args) = prepared.params.get(args.clone())
-        && let Ok(args) = serde_json::from_slice::<&RawValue>(args)
+        && let Some(args) = prepared.arguments()
         && let Ok(values) = crate::mcp::param_headers::marked_values(marked, args)
     {
         for ((_, suffix), value) in marked.iter().zip(values) {
@@ -601,8 +668,7 @@ mod tests {
             "tools/call",
             Some(br#"{"name":"t","arguments":{"a":1},"_meta":{"progressToken":7,"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{"sampling":{}},"io.modelcontextprotocol/related-task":{"taskId":"x"}},"requestState":"x","inputResponses":{}}"#),
             &env,
-            false,
-        )
+            false, None)
         .unwrap();
         assert!(!p.client_driven);
         assert_eq!(p.target().as_deref(), Some("t"));
@@ -623,7 +689,7 @@ mod tests {
     fn a_2026_clients_own_envelope_and_retry_pass_unchanged() {
         let raw = br#"{"name":"t","_meta":{"progressToken":1},"inputResponses":{"k":{}}}"#;
         let client = r#""io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{"roots":{}}"#;
-        let p = prepare("tools/call", Some(raw), client, true).unwrap();
+        let p = prepare("tools/call", Some(raw), client, true, None).unwrap();
         assert!(p.client_driven);
         let v = parse(&p.params);
         assert_eq!(v["_meta"][CAPABILITIES_KEY], json!({"roots": {}}));
@@ -635,10 +701,10 @@ mod tests {
         ));
         assert_eq!(retry["requestState"], "s");
         assert_eq!(retry["inputResponses"], json!({"k2": {"a": 1}}));
-        assert!(prepare("tools/call", Some(b"[1]"), "", true).is_err());
+        assert!(prepare("tools/call", Some(b"[1]"), "", true, None).is_err());
         // Only requests that may ask carry a retry's members, even a 2026 client's.
         let listed = br#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"},"requestState":"s"}"#;
-        let p = prepare("tools/list", Some(listed), "", true).unwrap();
+        let p = prepare("tools/list", Some(listed), "", true, None).unwrap();
         assert!(parse(&p.params).get("requestState").is_none());
     }
 
@@ -646,17 +712,16 @@ mod tests {
     fn params_are_read_as_a_decoder_reads_them() {
         // A key given twice: the value a decoder keeps (the last), written once.
         let twice = br#"{"name":"a","arguments":{"x":1},"name":"t","arguments":{"region":"eu"}}"#;
-        let p = prepare("tools/call", Some(twice), r#""k":1"#, false).unwrap();
+        let p = prepare("tools/call", Some(twice), r#""k":1"#, false, None).unwrap();
         let v = parse(&p.params);
         assert_eq!(v["name"], "t");
         assert_eq!(p.target().as_deref(), Some("t"));
-        let args = p.arguments.clone().unwrap();
-        assert_eq!(&p.params[args], br#"{"region":"eu"}"#);
+        assert_eq!(p.arguments().unwrap().get(), r#"{"region":"eu"}"#);
         // Escaped keys and values are read decoded and passed as written.
         let escaped = br#"{"n\u0061me":"\u0074","arguments":{"a":[1]},"_meta":{"io.modelcontextprotocol\/protocolVersion":"x","pro\u0067ressToken":7}}"#;
-        let p = prepare("tools/call", Some(escaped), r#""k":1"#, false).unwrap();
+        let p = prepare("tools/call", Some(escaped), r#""k":1"#, false, None).unwrap();
         assert_eq!(p.target().as_deref(), Some("t"));
-        assert_eq!(&p.params[p.arguments.clone().unwrap()], br#"{"a":[1]}"#);
+        assert_eq!(p.arguments().unwrap().get(), r#"{"a":[1]}"#);
         let v = parse(&p.params);
         assert_eq!(v["_meta"], json!({"k": 1, "progressToken": 7}));
         assert_eq!(v["arguments"], json!({"a": [1]}));
@@ -666,7 +731,7 @@ mod tests {
             br#"{"a":1"#,
             b"\xff",
         ] {
-            assert!(prepare("tools/call", Some(bad), "", false).is_err());
+            assert!(prepare("tools/call", Some(bad), "", false, None).is_err());
         }
     }
 
@@ -678,7 +743,7 @@ mod tests {
             ("tools/call", false),
             ("tools/list", true),
         ] {
-            let p = prepare(method, Some(raw), "", client_driven).unwrap();
+            let p = prepare(method, Some(raw), "", client_driven, None).unwrap();
             let v = parse(&p.params);
             let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| &**k).collect();
             let kept = client_driven && method == "tools/call";
@@ -793,6 +858,7 @@ mod tests {
             Some(br#"{"name":"t","arguments":{"region":"eu","n":3}}"#),
             "",
             false,
+            None,
         )
         .unwrap();
         let mut h: Vec<(String, String)> = mirrored_headers("tools/call", &p, Some(&marks))

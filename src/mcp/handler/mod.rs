@@ -167,7 +167,7 @@ pub struct Services<'a> {
     pub pins: Option<&'a Arc<crate::pins::Pins>>,
     /// A 2026-07-28 client's envelope (the `_meta` members the stateless front took out of
     /// its params): what a 2026-07-28 server is sent on its behalf.
-    pub envelope: Option<&'a Bytes>,
+    pub envelope: Option<&'a crate::upstream::ClientEnvelope>,
     /// The request's span, when it is traced.
     pub trace: Option<&'a crate::trace::Span>,
     /// The mark a stateless call's upstream call is given while it waits for its client.
