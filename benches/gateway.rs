@@ -1,8 +1,10 @@
 //! Gateway benchmark: the cost of Gatehouse against a direct connection, measured in one run.
 //!
-//! Starts on loopback a fast upstream of our own (`gatehouse example-server`, Streamable HTTP and
-//! stdio), gateways in front of it, and a load generator; then measures each configuration in
-//! alternating rounds so drift on this noisy machine hits all of them alike.
+//! Starts on loopback a fast upstream of our own (`gatehouse example-server`, Streamable HTTP,
+//! dual-era, and stdio), gateways in front of it, and a load generator; then measures each
+//! configuration in alternating rounds so drift on this noisy machine hits all of them alike.
+//! Each workload is compared with the same requests sent to the upstream directly (a stateless
+//! call with a stateless call).
 //!
 //! ```text
 //! cargo bench --bench gateway -- [--duration-ms 2000] [--rounds 3] [--clients 1,64]
