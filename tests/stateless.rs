@@ -1747,3 +1747,82 @@ async fn the_example_server_serves_both_eras_with_stateless() {
     );
     gw.stop().await;
 }
+
+/// What a lenient server could read otherwise than the gateway did is refused before it is
+/// sent to a 2026-07-28 server: from a 2026 client, arguments given twice or beside a key a
+/// case-insensitive decoder reads as them; from a session client, a key read as one the gateway
+/// writes there, or a `_meta` key given twice or read as the envelope's. The server serves on.
+#[tokio::test]
+async fn what_a_lenient_server_would_read_otherwise_never_reaches_a_2026_server() {
+    let (_server, url) = dual_era_example().await;
+    let gw = TestGateway::start(
+        "",
+        &[format!("  - name: ex\n    http: {{ url: {url:?} }}\n")],
+    )
+    .await;
+    let c = gw.client();
+    let meta = meta(json!({})).to_string();
+    for (id, params, why) in [
+        (
+            1,
+            format!(
+                r#"{{"name":"echo","arguments":{{"text":"a"}},"arguments":{{"text":"b"}},"_meta":{meta}}}"#
+            ),
+            r#""arguments" is given twice"#,
+        ),
+        (
+            2,
+            format!(
+                r#"{{"name":"echo","arguments":{{"text":"a"}},"ARGUMENTS":{{"text":"b"}},"_meta":{meta}}}"#
+            ),
+            r#""ARGUMENTS" is too like arguments"#,
+        ),
+    ] {
+        let body =
+            format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{params}}}"#);
+        let req = c
+            .request("POST", Bytes::new())
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "echo")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let r = c.send(req).await;
+        assert_eq!((r.status, r.error_code()), (400, -32602), "{}", r.body);
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(why), "{message}");
+    }
+    let mut s = gw.client();
+    s.initialize(json!({})).await;
+    for (id, params, why) in [
+        (
+            3,
+            r#"{"name":"echo","arguments":{"text":"a"},"NAME":"whoami"}"#,
+            r#""NAME" is too like params.name"#,
+        ),
+        (
+            4,
+            r#"{"name":"echo","arguments":{"text":"a"},"_meta":{"traceparent":"a","traceparent":"b"}}"#,
+            "is given twice",
+        ),
+        (
+            5,
+            r#"{"name":"echo","arguments":{"text":"a"},"_meta":{"io.modelcontextprotocol/protocolversion":"x"}}"#,
+            "is too like params._meta",
+        ),
+    ] {
+        let r = s
+            .post(format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{params}}}"#
+            ))
+            .await;
+        let resp = r.response();
+        assert_eq!(resp["error"]["code"], -32602, "{params}: {resp}");
+        let message = resp["error"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{message}");
+    }
+    assert_eq!(s.tool_text(6, "echo", json!({"text": "ok"})).await, "ok");
+    gw.stop().await;
+}

@@ -524,7 +524,16 @@ fn server_asked(session: &Session, method: &str, target: Option<&str>) -> Option
 }
 
 /// The members of a stateless request's params that the gateway reads.
-const READ_KEYS: [&str; 5] = ["_meta", "name", "uri", "requestState", "inputResponses"];
+/// The members a lenient server must read as the gateway did: those the gateway reads, and the
+/// arguments that `Mcp-Param-*` headers mirror.
+const LOOKALIKE_KEYS: [&str; 6] = [
+    "_meta",
+    "name",
+    "uri",
+    "requestState",
+    "inputResponses",
+    "arguments",
+];
 
 /// Reads and checks the params of a stateless request of `method`: the top level as borrowed
 /// members (a key given twice is refused: which one counts would be a guess), then `_meta` in
@@ -549,6 +558,9 @@ pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal
     let text = std::str::from_utf8(bytes).map_err(|e| refused(&e))?;
     let mut top = Top::default();
     let mut problem: Option<String> = None;
+    // Every other key, to refuse one given twice: a server may read either (the arguments
+    // its headers mirror, say).
+    let mut others: smallvec::SmallVec<[Cow<'_, str>; 4]> = smallvec::SmallVec::new();
     json_scan::members(text, json_scan::MAX_DEPTH, |raw_key, value| {
         let key = match json_scan::unquote(raw_key) {
             Ok(key) => key,
@@ -566,7 +578,9 @@ pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal
             // A key a lenient server reads as one of these would carry a value past what the
             // gateway read (answers no policy judged, a state of the client's choosing).
             other => {
-                if let Some(owned) = lookalike::read_as(other, &READ_KEYS) {
+                if let Some(owned) = lookalike::read_as(other, &LOOKALIKE_KEYS)
+                    && owned != other
+                {
                     problem.get_or_insert_with(|| {
                         format!(
                             "{:?} is too like {owned}: servers differ on which they read",
@@ -574,6 +588,7 @@ pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal
                         )
                     });
                 }
+                others.push(key);
                 return;
             }
         };
@@ -583,6 +598,21 @@ pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal
         *slot = Some((value != "null").then_some(value));
     })
     .map_err(|e| refused(&e))?;
+    if problem.is_none() {
+        // Few keys in the common case: compared pairwise; many: sorted.
+        let twice = if others.len() <= 16 {
+            others
+                .iter()
+                .enumerate()
+                .find_map(|(i, k)| others[..i].contains(k).then(|| k.clone()))
+        } else {
+            others.sort_unstable();
+            others
+                .windows(2)
+                .find_map(|w| (w[0] == w[1]).then(|| w[0].clone()))
+        };
+        problem = twice.map(|key| format!("{:?} is given twice", lookalike::shown(&key)));
+    }
     if let Some(problem) = problem {
         return Err(refused(&problem));
     }

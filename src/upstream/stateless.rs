@@ -33,6 +33,9 @@ fn is_envelope_key(key: &str) -> bool {
     ENVELOPE_KEYS.contains(&key)
 }
 
+/// The members of params the gateway writes for a 2026-07-28 server or mirrors in its headers.
+const WRITTEN_KEYS: [&str; 4] = ["_meta", "name", "uri", "arguments"];
+
 /// Methods whose results may ask for input, so whose retries carry answers.
 pub(crate) fn may_ask(method: &str) -> bool {
     matches!(method, "tools/call" | "prompts/get" | "resources/read")
@@ -161,6 +164,18 @@ pub(crate) fn prepare(
         .iter()
         .enumerate()
         .any(|(i, (k, ..))| members[..i].iter().any(|(other, ..)| other == k));
+    // Written in the client's order, a key a lenient server reads as one the gateway wrote or
+    // mirrors could come after it and be the one read.
+    if let Some((key, owned)) = members.iter().find_map(|(key, ..)| {
+        lookalike::read_as(key, &WRITTEN_KEYS)
+            .filter(|owned| owned != key)
+            .map(|owned| (key, owned))
+    }) {
+        return Err(format!(
+            "params.{:?} is too like params.{owned}: servers differ on which they read",
+            lookalike::shown(key)
+        ));
+    }
     if undecodable || twice {
         // Which of two members counts is the decoder's choice: the one serde keeps, as before.
         return prepare_decoded(method, bytes, envelope, client_driven);
@@ -181,18 +196,20 @@ pub(crate) fn prepare(
     let mut meta_empty = envelope.is_empty();
     if let Some((.., meta)) = members.iter().find(|(k, ..)| k == "_meta") {
         let mut bad = false;
+        let mut kept_keys: SmallVec<[Cow<'_, str>; 4]> = SmallVec::new();
         json_scan::members(
             meta,
             json_scan::MAX_DEPTH,
             |raw_key, value| match json_scan::unquote(raw_key) {
                 Ok(key) if is_envelope_key(&key) => {}
-                Ok(_) => {
+                Ok(key) => {
                     if !std::mem::replace(&mut meta_empty, false) {
                         out.push(',');
                     }
                     out.push_str(raw_key);
                     out.push(':');
                     out.push_str(value);
+                    kept_keys.push(key);
                 }
                 Err(_) => bad = true,
             },
@@ -200,6 +217,31 @@ pub(crate) fn prepare(
         .map_err(|_| "params._meta must be an object".to_owned())?;
         if bad {
             return Err("params._meta must be an object".to_owned());
+        }
+        // After the gateway's envelope, a key a lenient server reads as one of its keys, or a
+        // key given twice, would be the one read.
+        for (i, key) in kept_keys.iter().enumerate() {
+            if let Some(owned) = lookalike::read_as(key, &ENVELOPE_KEYS) {
+                return Err(format!(
+                    "params._meta[{:?}] is too like params._meta[{owned:?}]: servers differ on which they read",
+                    lookalike::shown(key)
+                ));
+            }
+            if kept_keys.len() <= 16 && kept_keys[..i].contains(key) {
+                return Err(format!(
+                    "params._meta[{:?}] is given twice",
+                    lookalike::shown(key)
+                ));
+            }
+        }
+        if kept_keys.len() > 16 {
+            kept_keys.sort_unstable();
+            if let Some(w) = kept_keys.windows(2).find(|w| w[0] == w[1]) {
+                return Err(format!(
+                    "params._meta[{:?}] is given twice",
+                    lookalike::shown(&w[0])
+                ));
+            }
         }
     }
     out.push('}');
@@ -730,6 +772,12 @@ mod tests {
             br#"{"_meta":[]}"#,
             br#"{"a":1"#,
             b"\xff",
+            // Written after the gateway's own, a server reading the last would read these.
+            br#"{"_META":{"io.modelcontextprotocol/protocolVersion":"forged"}}"#,
+            br#"{"name":"a","NAME":"b"}"#,
+            br#"{"arguments":{},"Arguments":{}}"#,
+            br#"{"_meta":{"x":1,"x":2}}"#,
+            br#"{"_meta":{"io.modelcontextprotocol/protocolversion":"forged"}}"#,
         ] {
             assert!(prepare("tools/call", Some(bad), "", false, None).is_err());
         }
