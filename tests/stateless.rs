@@ -25,6 +25,22 @@ fn meta(capabilities: Value) -> Value {
 /// `Mcp-Name` header, taken from params when `None`. `headers` override or add headers.
 async fn send(c: &Client, id: u64, method: &str, params: Value, headers: &[(&str, &str)]) -> Resp {
     let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+    let name = params
+        .get("name")
+        .or(params.get("uri"))
+        .and_then(Value::as_str);
+    send_text(c, method, name, body, headers).await
+}
+
+/// Sends the request `body` as written, with the headers a 2026-07-28 client mirrors it in
+/// (`name` as `Mcp-Name`); `headers` override or add headers.
+async fn send_text(
+    c: &Client,
+    method: &str,
+    name: Option<&str>,
+    body: String,
+    headers: &[(&str, &str)],
+) -> Resp {
     let mut req = c
         .request("POST", Bytes::new())
         .header("content-type", "application/json")
@@ -33,11 +49,7 @@ async fn send(c: &Client, id: u64, method: &str, params: Value, headers: &[(&str
         ("mcp-protocol-version", "2026-07-28".to_owned()),
         ("mcp-method", method.to_owned()),
     ];
-    if let Some(n) = params
-        .get("name")
-        .or(params.get("uri"))
-        .and_then(Value::as_str)
-    {
+    if let Some(n) = name {
         mirrored.push(("mcp-name", n.to_owned()));
     }
     for (k, v) in mirrored {
@@ -1615,6 +1627,15 @@ async fn hidden_sessions_count_in_the_gateways_session_cap() {
     gw.stop().await;
 }
 
+/// A gateway in front of the HTTP server at `url`, probing which revision it speaks.
+async fn in_front_of(url: &str) -> TestGateway {
+    TestGateway::start(
+        "",
+        &[format!("  - name: ex\n    http: {{ url: {url:?} }}\n")],
+    )
+    .await
+}
+
 /// Starts `gatehouse example-server --http --stateless` on a free port: its URL.
 async fn dual_era_example() -> (tokio::process::Child, String) {
     use tokio::io::AsyncBufReadExt;
@@ -1730,11 +1751,7 @@ async fn the_example_server_serves_both_eras_with_stateless() {
         "old"
     );
 
-    let gw = TestGateway::start(
-        "",
-        &[format!("  - name: ex\n    http: {{ url: {url:?} }}\n")],
-    )
-    .await;
+    let gw = in_front_of(&url).await;
     let call = stateless(&gw.client(), 9, "tools/call", echo, json!({})).await;
     assert_eq!(call.status, 200, "{}", call.body);
     assert_eq!(call.response()["result"]["content"][0]["text"], "hi");
@@ -1755,11 +1772,7 @@ async fn the_example_server_serves_both_eras_with_stateless() {
 #[tokio::test]
 async fn what_a_lenient_server_would_read_otherwise_never_reaches_a_2026_server() {
     let (_server, url) = dual_era_example().await;
-    let gw = TestGateway::start(
-        "",
-        &[format!("  - name: ex\n    http: {{ url: {url:?} }}\n")],
-    )
-    .await;
+    let gw = in_front_of(&url).await;
     let c = gw.client();
     let meta = meta(json!({})).to_string();
     for (id, params, why) in [
@@ -1780,16 +1793,7 @@ async fn what_a_lenient_server_would_read_otherwise_never_reaches_a_2026_server(
     ] {
         let body =
             format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{params}}}"#);
-        let req = c
-            .request("POST", Bytes::new())
-            .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream")
-            .header("mcp-protocol-version", "2026-07-28")
-            .header("mcp-method", "tools/call")
-            .header("mcp-name", "echo")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
-        let r = c.send(req).await;
+        let r = send_text(&c, "tools/call", Some("echo"), body, &[]).await;
         assert_eq!((r.status, r.error_code()), (400, -32602), "{}", r.body);
         let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
         assert!(message.contains(why), "{message}");
