@@ -160,10 +160,17 @@ pub(crate) fn prepare(
         },
     )
     .map_err(|_| not_object())?;
-    let twice = members
-        .iter()
-        .enumerate()
-        .any(|(i, (k, ..))| members[..i].iter().any(|(other, ..)| other == k));
+    // Few keys in the common case: compared pairwise; many: sorted.
+    let twice = if members.len() <= 16 {
+        members
+            .iter()
+            .enumerate()
+            .any(|(i, (k, ..))| members[..i].iter().any(|(other, ..)| other == k))
+    } else {
+        let mut keys: Vec<&str> = members.iter().map(|(k, ..)| &**k).collect();
+        keys.sort_unstable();
+        keys.windows(2).any(|w| w[0] == w[1])
+    };
     // Written in the client's order, a key a lenient server reads as one the gateway wrote or
     // mirrors could come after it and be the one read.
     if let Some((key, owned)) = members.iter().find_map(|(key, ..)| {
@@ -327,6 +334,17 @@ fn prepare_decoded(
             None => true,
         },
     );
+    // After the gateway's envelope, a key a lenient server reads as one of its keys would be
+    // the one read.
+    if let Some(key) = meta
+        .keys()
+        .find(|k| !is_envelope_key(k) && lookalike::read_as(k, &ENVELOPE_KEYS).is_some())
+    {
+        return Err(format!(
+            "params._meta[{:?}] is too like an envelope key: servers differ on which they read",
+            lookalike::shown(key)
+        ));
+    }
     let mut out = String::from("{");
     out.push_str(envelope);
     for (k, v) in meta.iter().filter(|(k, _)| !is_envelope_key(k)) {
@@ -778,6 +796,8 @@ mod tests {
             br#"{"arguments":{},"Arguments":{}}"#,
             br#"{"_meta":{"x":1,"x":2}}"#,
             br#"{"_meta":{"io.modelcontextprotocol/protocolversion":"forged"}}"#,
+            // A key given twice takes the decoder's way, which refuses the same.
+            br#"{"x":1,"x":2,"_meta":{"io.modelcontextprotocol/protocolversion":"forged"}}"#,
         ] {
             assert!(prepare("tools/call", Some(bad), "", false, None).is_err());
         }
