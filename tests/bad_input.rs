@@ -387,14 +387,7 @@ async fn a_call_naming_its_tool_twice_is_refused_and_odd_but_valid_params_pass_a
             "is too like params.arguments",
         ),
     ] {
-        let r = healthy
-            .post(format!(
-                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{params}}}"#
-            ))
-            .await;
-        let resp = r.response();
-        assert_eq!(resp["error"]["code"], -32602, "{params}: {resp}");
-        let message = resp["error"]["message"].as_str().unwrap();
+        let message = healthy.invalid_params(id, "tools/call", params).await;
         assert!(message.contains(why), "{message}");
     }
     // Params as an array are not an object.

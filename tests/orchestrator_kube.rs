@@ -2243,20 +2243,8 @@ async fn a_lease_naming_a_follower_it_did_not_write_does_not_make_it_lead() {
         "gatehouse-orchestrator",
         json!({"spec": {"holderIdentity": "replica-b"}}),
     );
-    // Until the lease so written expires (2 s) and after: never both.
-    let until = Instant::now() + Duration::from_secs(4);
-    while Instant::now() < until {
-        assert!(
-            !(a.is_leader() && b.is_leader()),
-            "two replicas lead at once"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // One of them leads again once the written lease has expired.
-    eventually("one leads", Duration::from_secs(10), || {
-        (a.is_leader() || b.is_leader()).then_some(())
-    })
-    .await;
+    // Until the lease so written expires (2 s) and after: never both; then one leads again.
+    never_two_then_one(&a, &b).await;
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -2321,6 +2309,23 @@ async fn a_lease_emptied_or_shortened_by_another_writer_never_makes_two_leaders(
         stopped.elapsed()
     );
     follower.shutdown().await;
+}
+
+/// For 4 s (longer than the tests' leases last) `x` and `y` never lead at once; then one of
+/// them leads.
+async fn never_two_then_one(x: &KubeRuntime, y: &KubeRuntime) {
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert!(
+            !(x.is_leader() && y.is_leader()),
+            "two replicas lead at once"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eventually("one leads", Duration::from_secs(10), || {
+        (x.is_leader() || y.is_leader()).then_some(())
+    })
+    .await;
 }
 
 /// A replica in a leader election with a 3 s lease renewed every 900 ms, looking every 50 ms,
@@ -2405,15 +2410,7 @@ async fn an_old_release_written_again_does_not_free_the_lease() {
         "gatehouse-orchestrator",
         json!({"metadata": {"annotations": annotations}, "spec": {"holderIdentity": null}}),
     );
-    let until = Instant::now() + Duration::from_secs(4);
-    while Instant::now() < until {
-        assert!(!(b.is_leader() && c.is_leader()), "two leaders");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    eventually("one leads", Duration::from_secs(10), || {
-        (b.is_leader() || c.is_leader()).then_some(())
-    })
-    .await;
+    never_two_then_one(&b, &c).await;
     b.shutdown().await;
     c.shutdown().await;
 }

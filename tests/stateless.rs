@@ -1817,14 +1817,7 @@ async fn what_a_lenient_server_would_read_otherwise_never_reaches_a_2026_server(
             "is too like params._meta",
         ),
     ] {
-        let r = s
-            .post(format!(
-                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{params}}}"#
-            ))
-            .await;
-        let resp = r.response();
-        assert_eq!(resp["error"]["code"], -32602, "{params}: {resp}");
-        let message = resp["error"]["message"].as_str().unwrap();
+        let message = s.invalid_params(id, "tools/call", params).await;
         assert!(message.contains(why), "{message}");
     }
     assert_eq!(s.tool_text(6, "echo", json!({"text": "ok"})).await, "ok");

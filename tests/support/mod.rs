@@ -351,6 +351,19 @@ impl Client {
         resp
     }
 
+    /// Sends request `id` of `method` with `params` as written (JSON text) and returns the
+    /// message of the invalid-params error (-32602) it must be refused with.
+    pub async fn invalid_params(&self, id: u64, method: &str, params: &str) -> String {
+        let r = self
+            .post(format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"{method}","params":{params}}}"#
+            ))
+            .await;
+        let resp = r.response();
+        assert_eq!(resp["error"]["code"], -32602, "{params}: {resp}");
+        resp["error"]["message"].as_str().unwrap().to_owned()
+    }
+
     /// Calls a tool and returns the text of its first content item.
     pub async fn tool_text(&self, id: u64, name: &str, args: Value) -> String {
         let r = self
