@@ -86,6 +86,20 @@ pub fn unquote(string: &str) -> Result<Cow<'_, str>, serde_json::Error> {
     }
 }
 
+/// The first of `keys` (decoded member names) that is given twice, reordering `keys` to find
+/// it: compared pairwise when there are few, as in most objects, and sorted when there are
+/// many, so that an object of crafted keys costs n log n rather than n².
+pub fn repeated_key<K: Ord>(keys: &mut [K]) -> Option<&K> {
+    if keys.len() <= 16 {
+        (1..keys.len())
+            .find(|&i| keys[..i].contains(&keys[i]))
+            .map(|i| &keys[i])
+    } else {
+        keys.sort_unstable();
+        keys.windows(2).find(|w| w[0] == w[1]).map(|w| &w[0])
+    }
+}
+
 fn syntax(offset: usize, expected: &'static str) -> ScanError {
     ScanError::Syntax { offset, expected }
 }
@@ -530,6 +544,26 @@ mod tests {
                 matches!(collect(text, 64), Err(ScanError::Syntax { .. })),
                 "{text:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_key_given_twice_is_found_among_few_keys_and_many() {
+        for n in [0, 1, 2, 16, 17, 5000] {
+            let mut keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+            assert_eq!(repeated_key(&mut keys), None, "{n} distinct keys");
+            if n > 0 {
+                // The repeat at either end of the object.
+                for at in [0, n] {
+                    let mut keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+                    keys.insert(at, format!("k{}", n / 2));
+                    assert_eq!(
+                        repeated_key(&mut keys).map(String::as_str),
+                        Some(&*format!("k{}", n / 2)),
+                        "{n} keys, repeat at {at}"
+                    );
+                }
+            }
         }
     }
 }

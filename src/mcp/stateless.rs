@@ -484,20 +484,10 @@ fn read_meta<'a>(meta: &'a str, kept: &mut Vec<u8>) -> Result<Envelope<'a>, Refu
         return Err(not_object());
     }
     kept.push(b'}');
-    // Few keys in the common case: compared pairwise; many: sorted.
-    let twice = if keys.len() <= 16 {
-        keys.iter()
-            .enumerate()
-            .find_map(|(i, k)| keys[..i].contains(k).then(|| k.clone()))
-    } else {
-        keys.sort_unstable();
-        keys.windows(2)
-            .find_map(|w| (w[0] == w[1]).then(|| w[0].clone()))
-    };
-    match (twice, too_like) {
+    match (json_scan::repeated_key(&mut keys), too_like) {
         (Some(key), _) => Err(Refusal::Meta(format!(
             "params._meta[{:?}] is given twice",
-            lookalike::shown(&key)
+            lookalike::shown(key)
         ))),
         (None, Some(why)) => Err(Refusal::Meta(why)),
         (None, None) => Ok(envelope),
@@ -599,19 +589,8 @@ pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal
     })
     .map_err(|e| refused(&e))?;
     if problem.is_none() {
-        // Few keys in the common case: compared pairwise; many: sorted.
-        let twice = if others.len() <= 16 {
-            others
-                .iter()
-                .enumerate()
-                .find_map(|(i, k)| others[..i].contains(k).then(|| k.clone()))
-        } else {
-            others.sort_unstable();
-            others
-                .windows(2)
-                .find_map(|w| (w[0] == w[1]).then(|| w[0].clone()))
-        };
-        problem = twice.map(|key| format!("{:?} is given twice", lookalike::shown(&key)));
+        problem = json_scan::repeated_key(&mut others)
+            .map(|key| format!("{:?} is given twice", lookalike::shown(key)));
     }
     if let Some(problem) = problem {
         return Err(refused(&problem));

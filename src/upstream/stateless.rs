@@ -160,16 +160,9 @@ pub(crate) fn prepare(
         },
     )
     .map_err(|_| not_object())?;
-    // Few keys in the common case: compared pairwise; many: sorted.
-    let twice = if members.len() <= 16 {
-        members
-            .iter()
-            .enumerate()
-            .any(|(i, (k, ..))| members[..i].iter().any(|(other, ..)| other == k))
-    } else {
-        let mut keys: Vec<&str> = members.iter().map(|(k, ..)| &**k).collect();
-        keys.sort_unstable();
-        keys.windows(2).any(|w| w[0] == w[1])
+    let twice = {
+        let mut keys: SmallVec<[&str; 8]> = members.iter().map(|(k, ..)| &**k).collect();
+        json_scan::repeated_key(&mut keys).is_some()
     };
     // Written in the client's order, a key a lenient server reads as one the gateway wrote or
     // mirrors could come after it and be the one read.
@@ -227,28 +220,20 @@ pub(crate) fn prepare(
         }
         // After the gateway's envelope, a key a lenient server reads as one of its keys, or a
         // key given twice, would be the one read.
-        for (i, key) in kept_keys.iter().enumerate() {
-            if let Some(owned) = lookalike::read_as(key, &ENVELOPE_KEYS) {
-                return Err(format!(
-                    "params._meta[{:?}] is too like params._meta[{owned:?}]: servers differ on which they read",
-                    lookalike::shown(key)
-                ));
-            }
-            if kept_keys.len() <= 16 && kept_keys[..i].contains(key) {
-                return Err(format!(
-                    "params._meta[{:?}] is given twice",
-                    lookalike::shown(key)
-                ));
-            }
+        if let Some((key, owned)) = kept_keys
+            .iter()
+            .find_map(|key| lookalike::read_as(key, &ENVELOPE_KEYS).map(|owned| (key, owned)))
+        {
+            return Err(format!(
+                "params._meta[{:?}] is too like params._meta[{owned:?}]: servers differ on which they read",
+                lookalike::shown(key)
+            ));
         }
-        if kept_keys.len() > 16 {
-            kept_keys.sort_unstable();
-            if let Some(w) = kept_keys.windows(2).find(|w| w[0] == w[1]) {
-                return Err(format!(
-                    "params._meta[{:?}] is given twice",
-                    lookalike::shown(&w[0])
-                ));
-            }
+        if let Some(key) = json_scan::repeated_key(&mut kept_keys) {
+            return Err(format!(
+                "params._meta[{:?}] is given twice",
+                lookalike::shown(key)
+            ));
         }
     }
     out.push('}');
