@@ -34,47 +34,79 @@ pub enum ScanError {
 pub fn members<'a>(
     text: &'a str,
     max_depth: usize,
+    each: impl FnMut(&'a str, &'a str),
+) -> Result<(), ScanError> {
+    members_and_inner(text, max_depth, |_| false, each, |_, _| {})
+}
+
+/// [`members`], and in the same pass the members of each member's value that is an object
+/// and whose key (as written) `descend` accepts: `inner(key, value)` for each of them, before
+/// `each` for the member holding them. A caller that reads two levels walks the text once.
+pub fn members_and_inner<'a>(
+    text: &'a str,
+    max_depth: usize,
+    descend: impl Fn(&'a str) -> bool,
     mut each: impl FnMut(&'a str, &'a str),
+    mut inner: impl FnMut(&'a str, &'a str),
 ) -> Result<(), ScanError> {
     assert!(
         max_depth <= MAX_DEPTH,
         "one bit per level of nesting, in a u128"
     );
     let bytes = text.as_bytes();
-    let mut at = whitespace(bytes, 0);
+    let at = whitespace(bytes, 0);
     if bytes.get(at) != Some(&b'{') {
         return Err(syntax(at, "'{' opening an object"));
     }
     if max_depth == 0 {
         return Err(ScanError::TooDeep(max_depth));
     }
-    at = whitespace(bytes, at + 1);
-    if bytes.get(at) == Some(&b'}') {
-        at += 1;
-    } else {
-        loop {
-            let key_start = at;
-            let key_end = member_name(bytes, at)?;
-            let value_start = after_colon(bytes, key_end)?;
-            at = value_end(bytes, value_start, max_depth - 1, max_depth)?;
-            // Each boundary is at an ASCII byte, so both slices are `str` boundaries.
-            each(&text[key_start..key_end], &text[value_start..at]);
-            at = whitespace(bytes, at);
-            match bytes.get(at) {
-                Some(b',') => at = whitespace(bytes, at + 1),
-                Some(b'}') => {
-                    at += 1;
-                    break;
-                }
-                _ => return Err(syntax(at, "',' or '}' after a member")),
-            }
-        }
-    }
-    at = whitespace(bytes, at);
+    let at = object(text, at + 1, |key, value_start| {
+        // An inner object is level 2: with less room, `value_end` says it is too deep.
+        let end = if max_depth >= 2 && bytes.get(value_start) == Some(&b'{') && descend(key) {
+            object(text, value_start + 1, |inner_key, inner_start| {
+                let end = value_end(bytes, inner_start, max_depth - 2, max_depth)?;
+                inner(inner_key, &text[inner_start..end]);
+                Ok(end)
+            })?
+        } else {
+            value_end(bytes, value_start, max_depth - 1, max_depth)?
+        };
+        // Each boundary is at an ASCII byte, so both slices are `str` boundaries.
+        each(key, &text[value_start..end]);
+        Ok(end)
+    })?;
+    let at = whitespace(bytes, at);
     if at != bytes.len() {
         return Err(syntax(at, "the end of the text after the object"));
     }
     Ok(())
+}
+
+/// The members of the object whose `{` is just before `at`: `member(key, value_start)` walks
+/// each value and says where it ends. The index just past the object's `}`.
+#[inline(always)]
+fn object<'a>(
+    text: &'a str,
+    at: usize,
+    mut member: impl FnMut(&'a str, usize) -> Result<usize, ScanError>,
+) -> Result<usize, ScanError> {
+    let bytes = text.as_bytes();
+    let mut at = whitespace(bytes, at);
+    if bytes.get(at) == Some(&b'}') {
+        return Ok(at + 1);
+    }
+    loop {
+        let key_start = at;
+        let key_end = member_name(bytes, at)?;
+        let value_start = after_colon(bytes, key_end)?;
+        at = whitespace(bytes, member(&text[key_start..key_end], value_start)?);
+        match bytes.get(at) {
+            Some(b',') => at = whitespace(bytes, at + 1),
+            Some(b'}') => return Ok(at + 1),
+            _ => return Err(syntax(at, "',' or '}' after a member")),
+        }
+    }
 }
 
 /// The text of a JSON string as [`members`] hands it out (quotes included): borrowed unless
@@ -293,6 +325,35 @@ pub fn is_plain(text: &[u8]) -> bool {
     plain_run(text, 0) == text.len()
 }
 
+/// Calls `each(index)` for every `"` in `text`, in order, until it returns `false`; the
+/// quotes of a word are found together: for short texts, where a vector search's set-up
+/// would cost more than the search.
+#[inline(always)]
+pub fn each_quote(text: &[u8], mut each: impl FnMut(usize) -> bool) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const LOW: u64 = 0x7F7F_7F7F_7F7F_7F7F;
+    let words = text.chunks_exact(8);
+    let tail = text.len() - words.remainder().len();
+    for (i, word) in words.enumerate() {
+        let q =
+            u64::from_le_bytes(word.try_into().expect("eight bytes")) ^ (ONES * u64::from(b'"'));
+        // Exact for every byte, unlike the borrow in `word_end`: `(q & LOW) + LOW` sets a
+        // byte's high bit unless its low seven bits are zero, and `| q` unless it is.
+        let mut quotes = !((q & LOW).wrapping_add(LOW) | q) & !LOW;
+        while quotes != 0 {
+            if !each(i * 8 + (quotes.trailing_zeros() / 8) as usize) {
+                return;
+            }
+            quotes &= quotes - 1;
+        }
+    }
+    for (i, _) in text[tail..].iter().enumerate().filter(|(_, b)| **b == b'"') {
+        if !each(tail + i) {
+            return;
+        }
+    }
+}
+
 /// The first index from `at` of a byte that ends a run of plain string content: `"`, `\` or
 /// a control character (or the text's length).
 #[inline]
@@ -381,6 +442,58 @@ mod tests {
         let mut out = Vec::new();
         members(text, depth, |k, v| out.push((k, v)))?;
         Ok(out)
+    }
+
+    /// [`members_and_inner`], descending into every member, says what [`members`] says of
+    /// `text`, and hands out as inner members what [`members`] finds in each object value.
+    fn inner_walk_agrees(text: &str, depth: usize) {
+        let mut outer = Vec::new();
+        let mut inner = Vec::new();
+        let walked = members_and_inner(
+            text,
+            depth,
+            |_| true,
+            |k, v| outer.push((k, v)),
+            |k, v| inner.push((k, v)),
+        );
+        assert_eq!(walked, members(text, depth, |_, _| {}), "{text:?}");
+        if walked.is_err() {
+            return;
+        }
+        assert_eq!(outer, collect(text, depth).unwrap(), "{text:?}");
+        let mut want = Vec::new();
+        for (_, value) in outer.iter().filter(|(_, v)| v.starts_with('{')) {
+            members(value, depth - 1, |k, v| want.push((k, v))).unwrap();
+        }
+        assert_eq!(inner, want, "{text:?}");
+    }
+
+    #[test]
+    fn an_inner_walk_reads_two_levels_as_two_walks_would() {
+        for text in [
+            r#"{"_meta":{"a":1,"b":{"c":[2]}},"name":"x","args":{}}"#,
+            r#"{"a":{"b":{"c":{}}}}"#,
+            r#"{"a":{"b":1}, "c":{"d":2} }"#,
+            r#"{"a":{"b":1,}}"#,
+            r#"{"a":{"b":1}"#,
+            r#"{"a":{"b" 1}}"#,
+            r#"{"a":{"b":1}}x"#,
+        ] {
+            for depth in 1..5 {
+                inner_walk_agrees(text, depth);
+            }
+        }
+        // Only the keys asked for are walked into, as written.
+        let mut inner = Vec::new();
+        members_and_inner(
+            r#"{"_meta":{"a":1},"\u005fmeta":{"b":2},"c":{"d":3}}"#,
+            8,
+            |k| k == "\"_meta\"",
+            |_, _| {},
+            |k, v| inner.push((k, v)),
+        )
+        .unwrap();
+        assert_eq!(inner, [("\"a\"", "1")]);
     }
 
     /// Whether `serde_json` takes `text` as one JSON value.
@@ -484,6 +597,7 @@ mod tests {
             r#"{"a":{1:2}}"#,
         ];
         for text in cases {
+            inner_walk_agrees(text, 64);
             assert_eq!(
                 collect(text, 64).is_ok(),
                 serde_accepts(text),
@@ -562,6 +676,34 @@ mod tests {
                         Some(&*format!("k{}", n / 2)),
                         "{n} keys, repeat at {at}"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_quote_is_found_and_nothing_else() {
+        // Every byte value before and after a quote, at every offset in a word and the tail:
+        // a borrow between bytes would mark one that is not a quote.
+        for len in [0, 1, 7, 8, 9, 16, 23, 40] {
+            for at in 0..len {
+                for other in 0..=255u8 {
+                    let mut text = vec![other; len];
+                    text[at] = b'"';
+                    let want: Vec<usize> = (0..len).filter(|&i| text[i] == b'"').collect();
+                    let mut found = Vec::new();
+                    each_quote(&text, |q| {
+                        found.push(q);
+                        true
+                    });
+                    assert_eq!(found, want, "{len} {at} {other}");
+                    // Stopped, it looks no further.
+                    let mut first = Vec::new();
+                    each_quote(&text, |q| {
+                        first.push(q);
+                        false
+                    });
+                    assert_eq!(first, want[..want.len().min(1)], "{len} {at} {other}");
                 }
             }
         }

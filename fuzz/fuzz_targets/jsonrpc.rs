@@ -46,6 +46,26 @@ fn scan_agrees_with_serde(data: &[u8]) {
     if scanned == Err(ScanError::TooDeep(100)) {
         return;
     }
+    // Walking into every object member says the same, and finds what walking each finds.
+    let mut outer = Vec::new();
+    let mut inner = Vec::new();
+    let walked = json_scan::members_and_inner(
+        text,
+        100,
+        |_| true,
+        |key, value| outer.push((key, value)),
+        |key, value| inner.push((key, value)),
+    );
+    assert_eq!(walked, scanned);
+    if walked.is_ok() {
+        assert_eq!(outer, ours);
+        let mut want = Vec::new();
+        for (_, value) in ours.iter().filter(|(_, v)| v.starts_with('{')) {
+            json_scan::members(value, 99, |key, value| want.push((key, value)))
+                .expect("a member's value is an object within the bound");
+        }
+        assert_eq!(inner, want);
+    }
     let theirs = serde_members(text);
     // Names are not decoded by the scanner; serde_json refuses one that is no text (a lone
     // surrogate), which the envelope parser refuses too.

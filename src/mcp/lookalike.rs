@@ -14,15 +14,20 @@ pub(crate) struct Key<'a>(#[serde(borrow)] pub std::borrow::Cow<'a, str>);
 /// too. No allocation: a client may send many keys.
 pub(crate) fn read_as<'o>(key: &str, owned: &[&'o str]) -> Option<&'o str> {
     let key = key.trim_end_matches('\0');
-    // Most keys are ASCII: each of their characters folds to its ASCII lower case.
-    let ascii = key.is_ascii();
-    owned.iter().copied().find(|owned| {
-        if ascii && owned.is_ascii() {
-            owned.eq_ignore_ascii_case(key)
-        } else {
-            folds_alike(key, owned)
-        }
-    })
+    // Most keys are ASCII: each of their characters folds to its ASCII lower case, so an owned
+    // key of the same length matches byte for byte, ignoring case; a longer one only through
+    // characters of more than one byte that fold to ASCII (the long s, the Kelvin sign).
+    if key.is_ascii() {
+        return owned
+            .iter()
+            .copied()
+            .find(|owned| match owned.len().cmp(&key.len()) {
+                std::cmp::Ordering::Equal => owned.eq_ignore_ascii_case(key),
+                std::cmp::Ordering::Greater => !owned.is_ascii() && folds_alike(key, owned),
+                std::cmp::Ordering::Less => false,
+            });
+    }
+    owned.iter().copied().find(|owned| folds_alike(key, owned))
 }
 
 /// Whether `key` and `owned` are alike character by character once folded.
@@ -256,6 +261,37 @@ mod tests {
             Some("\u{399}"),
             "ypogegrammeni"
         );
+    }
+
+    #[test]
+    fn read_as_agrees_with_comparing_folded_keys() {
+        use super::folded_key;
+        // Keys and owned keys of every kind: ASCII, characters that fold to ASCII, others, of
+        // equal and unequal lengths in bytes.
+        const WORDS: [&str; 16] = [
+            "task",
+            "TASK",
+            "ta\u{17F}k",
+            "\u{212A}ey",
+            "key",
+            "KEY",
+            "ke",
+            "keys",
+            "ta\u{17F}\u{17F}",
+            "tass",
+            "r\u{E9}gion",
+            "R\u{C9}GION",
+            "regio",
+            "\u{3A3}\u{3A3}",
+            "\u{3C2}\u{3C3}",
+            "task\0",
+        ];
+        for key in WORDS {
+            for owned in WORDS.iter().filter(|o| !o.ends_with('\0')) {
+                let want = (folded_key(key) == folded_key(owned)).then_some(*owned);
+                assert_eq!(read_as(key, &[owned]), want, "{key:?} as {owned:?}");
+            }
+        }
     }
 
     #[test]

@@ -53,53 +53,64 @@ fn owned_names(result: &[u8]) -> usize {
     if memchr::memchr(b'\\', result).is_some() {
         return 2;
     }
-    let may_own = |&at: &usize| {
-        let rest = &result[at + 1..];
-        // Most strings are told apart by their first letter and length (5 to 11 bytes, a long
-        // s taking two): only the rest are read.
-        if !rest
-            .first()
-            .is_some_and(|b| matches!(b.to_ascii_lowercase(), b'r' | b't' | b'c'))
-        {
-            return false;
-        }
-        let Some(token) = rest
-            .iter()
-            .take(12)
-            .position(|b| *b == b'"')
-            .filter(|end| *end >= 5)
-            .map(|end| &rest[..end])
-        else {
-            return false;
-        };
-        // An ASCII token (no NUL: it would be escaped) folds to its ASCII lower case.
-        if token.is_ascii() {
-            return OWNED_MEMBERS
-                .iter()
-                .any(|owned| owned.as_bytes().eq_ignore_ascii_case(token));
-        }
-        std::str::from_utf8(token)
-            .is_ok_and(|token| crate::mcp::lookalike::read_as(token, &OWNED_MEMBERS).is_some())
+    // Most strings are told apart by their first letter (`| 0x20` lowers exactly the ASCII
+    // letters that could start an owned member): only the rest are read.
+    let may_own = |at: usize| {
+        result
+            .get(at + 1)
+            .is_some_and(|b| matches!(b | 0x20, b'r' | b't' | b'c'))
+            && names_owned(&result[at + 1..])
     };
-    // A short result's quotes are dense: a plain loop over its bytes costs less than a vector
+    let mut found = 0;
+    // A short result's quotes are dense: found a word at a time, rather than by a vector
     // search set up again for each of them.
     if result.len() <= 1024 {
-        let mut found = 0;
-        for (at, &b) in result.iter().enumerate() {
-            if b == b'"' && may_own(&at) {
-                found += 1;
-                if found == 2 {
-                    break;
-                }
-            }
-        }
-        found
+        json_scan::each_quote(result, |at| {
+            found += usize::from(may_own(at));
+            found < 2
+        });
     } else {
-        memchr::memchr_iter(b'"', result)
-            .filter(may_own)
+        found = memchr::memchr_iter(b'"', result)
+            .filter(|&at| may_own(at))
             .take(2)
-            .count()
+            .count();
     }
+    found
+}
+
+/// Whether the string whose text starts `rest` (just past its opening quote, on a letter
+/// that starts an owned member) may read as an owned member.
+#[inline(never)]
+fn names_owned(rest: &[u8]) -> bool {
+    // Where the bytes that could be such a string are ASCII, only the member its first letter
+    // starts can match, as it is spelled, ignoring case, and closed by a quote.
+    let window = &rest[..rest.len().min(12)];
+    if window.is_ascii() {
+        let first = rest[0] | 0x20;
+        let Some(owned) = OWNED_MEMBERS.iter().find(|o| o.as_bytes()[0] == first) else {
+            return false;
+        };
+        return rest.get(owned.len()) == Some(&b'"')
+            && rest[..owned.len()].eq_ignore_ascii_case(owned.as_bytes());
+    }
+    // Else strings 5 to 11 bytes long (a long s taking two), alike once folded.
+    let Some(token) = rest
+        .iter()
+        .take(12)
+        .position(|b| *b == b'"')
+        .filter(|end| *end >= 5)
+        .map(|end| &rest[..end])
+    else {
+        return false;
+    };
+    // An ASCII token (no NUL: it would be escaped) folds to its ASCII lower case.
+    if token.is_ascii() {
+        return OWNED_MEMBERS
+            .iter()
+            .any(|owned| owned.as_bytes().eq_ignore_ascii_case(token));
+    }
+    std::str::from_utf8(token)
+        .is_ok_and(|token| crate::mcp::lookalike::read_as(token, &OWNED_MEMBERS).is_some())
 }
 
 /// Whether the result object `text` already says it is complete, as the gateway would, and
@@ -429,10 +440,17 @@ const READ_BY_GATEWAY: [&str; 5] = [
     PROGRESS_KEY,
 ];
 
-/// Reads `_meta` (the JSON text `meta`) in one pass, in the order its members came: the
-/// envelope's values, the envelope's members (`"key":value,…`), and the members that stay,
-/// written as an object onto `kept` (the params being rebuilt without the envelope).
-fn read_meta<'a>(meta: &'a str, kept: &mut Vec<u8>) -> Result<Envelope<'a>, Refusal> {
+/// The members of `_meta`, as [`json_scan::members`] hands them out: most requests carry four
+/// or fewer.
+type MetaMembers<'a> = smallvec::SmallVec<[(&'a str, &'a str); 4]>;
+
+/// Reads the members of `_meta` in the order they came: the envelope's values, and the
+/// members that stay, written as an object onto `kept` (the params being rebuilt without the
+/// envelope).
+fn read_meta<'a>(
+    members: &[(&'a str, &'a str)],
+    kept: &mut Vec<u8>,
+) -> Result<Envelope<'a>, Refusal> {
     let not_object = || Refusal::Meta("params._meta must be an object".into());
     let mut envelope = Envelope {
         alone: true,
@@ -445,10 +463,10 @@ fn read_meta<'a>(meta: &'a str, kept: &mut Vec<u8>) -> Result<Envelope<'a>, Refu
     let mut undecodable = false;
     kept.push(b'{');
     let opened = kept.len();
-    json_scan::members(meta, json_scan::MAX_DEPTH, |raw_key, value| {
+    for &(raw_key, value) in members {
         let Ok(key) = json_scan::unquote(raw_key) else {
             undecodable = true;
-            return;
+            continue;
         };
         let slot = match &*key {
             VERSION_KEY => Some(&mut envelope.version),
@@ -478,8 +496,7 @@ fn read_meta<'a>(meta: &'a str, kept: &mut Vec<u8>) -> Result<Envelope<'a>, Refu
             put_member(kept, &key, matches!(key, Cow::Borrowed(_)), value);
         }
         keys.push(key);
-    })
-    .map_err(|_| not_object())?;
+    }
     if undecodable {
         return Err(not_object());
     }
@@ -551,42 +568,53 @@ pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal
     // Every other key, to refuse one given twice: a server may read either (the arguments
     // its headers mirror, say).
     let mut others: smallvec::SmallVec<[Cow<'_, str>; 4]> = smallvec::SmallVec::new();
-    json_scan::members(text, json_scan::MAX_DEPTH, |raw_key, value| {
-        let key = match json_scan::unquote(raw_key) {
-            Ok(key) => key,
-            Err(e) => {
-                problem.get_or_insert_with(|| e.to_string());
-                return;
-            }
-        };
-        let slot = match &*key {
-            "_meta" => &mut top.meta,
-            "name" => &mut top.name,
-            "uri" => &mut top.uri,
-            "requestState" => &mut top.state,
-            "inputResponses" => &mut top.responses,
-            // A key a lenient server reads as one of these would carry a value past what the
-            // gateway read (answers no policy judged, a state of the client's choosing).
-            other => {
-                if let Some(owned) = lookalike::read_as(other, &LOOKALIKE_KEYS)
-                    && owned != other
-                {
-                    problem.get_or_insert_with(|| {
-                        format!(
-                            "{:?} is too like {owned}: servers differ on which they read",
-                            lookalike::shown(other)
-                        )
-                    });
+    // `_meta`'s members, read in the same walk when its key is written plainly.
+    let mut meta_members = MetaMembers::new();
+    let mut meta_walked = false;
+    let plain_meta = |raw_key: &str| raw_key == "\"_meta\"";
+    json_scan::members_and_inner(
+        text,
+        json_scan::MAX_DEPTH,
+        plain_meta,
+        |raw_key, value| {
+            meta_walked |= plain_meta(raw_key) && value.starts_with('{');
+            let key = match json_scan::unquote(raw_key) {
+                Ok(key) => key,
+                Err(e) => {
+                    problem.get_or_insert_with(|| e.to_string());
+                    return;
                 }
-                others.push(key);
-                return;
+            };
+            let slot = match &*key {
+                "_meta" => &mut top.meta,
+                "name" => &mut top.name,
+                "uri" => &mut top.uri,
+                "requestState" => &mut top.state,
+                "inputResponses" => &mut top.responses,
+                // A key a lenient server reads as one of these would carry a value past what the
+                // gateway read (answers no policy judged, a state of the client's choosing).
+                other => {
+                    if let Some(owned) = lookalike::read_as(other, &LOOKALIKE_KEYS)
+                        && owned != other
+                    {
+                        problem.get_or_insert_with(|| {
+                            format!(
+                                "{:?} is too like {owned}: servers differ on which they read",
+                                lookalike::shown(other)
+                            )
+                        });
+                    }
+                    others.push(key);
+                    return;
+                }
+            };
+            if slot.is_some() {
+                problem.get_or_insert_with(|| format!("{key} is given twice"));
             }
-        };
-        if slot.is_some() {
-            problem.get_or_insert_with(|| format!("{key} is given twice"));
-        }
-        *slot = Some((value != "null").then_some(value));
-    })
+            *slot = Some((value != "null").then_some(value));
+        },
+        |raw_key, value| meta_members.push((raw_key, value)),
+    )
     .map_err(|e| refused(&e))?;
     if problem.is_none() {
         problem = json_scan::repeated_key(&mut others)
@@ -609,9 +637,17 @@ pub(crate) fn read(params: Option<&Bytes>, method: &str) -> Result<Read, Refusal
     // what comes after. `meta_raw` is a slice of `text`.
     let start = meta_raw.as_ptr() as usize - text.as_ptr() as usize;
     let end = start + meta_raw.len();
+    if !meta_walked {
+        // Not an object, or named with an escape: walked on its own.
+        meta_members.clear();
+        json_scan::members(meta_raw, json_scan::MAX_DEPTH, |k, v| {
+            meta_members.push((k, v))
+        })
+        .map_err(|_| Refusal::Meta("params._meta must be an object".into()))?;
+    }
     let mut stripped = Vec::with_capacity(bytes.len());
     stripped.extend_from_slice(&bytes[..start]);
-    let envelope = read_meta(meta_raw, &mut stripped)?;
+    let envelope = read_meta(&meta_members, &mut stripped)?;
     let meta_end = stripped.len();
     stripped.extend_from_slice(&bytes[end..]);
     // Where the target string is in the params written: what followed `_meta` moved with it.
@@ -2028,6 +2064,23 @@ mod tests {
             assert!(matches!(meta(bad), Err(Refusal::Meta(_))), "{bad}");
         }
         assert!(matches!(read(None, "tools/list"), Err(Refusal::Meta(_))));
+        // `_meta` named with an escape is read as `_meta` (walked apart from the params), and
+        // one that is no object is refused, whatever its key looks like.
+        let escaped = ok.replace(r#"{"_meta""#, r#"{"\u005fmeta""#);
+        assert_eq!(meta(&escaped).unwrap(), meta(ok).unwrap());
+        for key in ["_meta", r"\u005fmeta"] {
+            for value in ["[]", "\"x\"", "1", "true"] {
+                let bad = format!(r#"{{"{key}":{value}}}"#);
+                assert!(
+                    matches!(meta(&bad), Err(Refusal::Meta(ref why)) if why.contains("_meta must be an object")),
+                    "{bad}: {:?}",
+                    meta(&bad).err()
+                );
+            }
+        }
+        // Keys of `_meta` that do not decode are refused.
+        let undecodable = ok.replace(r#""io.modelcontextprotocol/logLevel""#, r#""\ud800""#);
+        assert!(matches!(meta(&undecodable), Err(Refusal::Meta(_))));
     }
 
     const META: &str = r#""_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}"#;
@@ -2155,6 +2208,66 @@ mod tests {
                 "{params}"
             );
         }
+    }
+
+    #[test]
+    fn owned_names_are_the_strings_that_read_as_owned_members() {
+        /// The strings of `value`, keys and values, at any depth, read as owned: at most two.
+        fn reading_as_owned(value: &serde_json::Value) -> usize {
+            let owned = |s: &str| usize::from(lookalike::read_as(s, &OWNED_MEMBERS).is_some());
+            match value {
+                serde_json::Value::String(s) => owned(s),
+                serde_json::Value::Array(a) => a.iter().map(reading_as_owned).sum(),
+                serde_json::Value::Object(o) => {
+                    o.iter().map(|(k, v)| owned(k) + reading_as_owned(v)).sum()
+                }
+                _ => 0,
+            }
+        }
+        let names = [
+            "resultType",
+            "RESULTTYPE",
+            "re\u{17F}ultType",
+            "ttlMs",
+            "TtLm\u{17F}",
+            "cacheScope",
+            "cacheScopes",
+            "TTLMS",
+            "CacheScope",
+            "ttlMs\u{e9}",
+            "c\u{e9}cheScope",
+            "r\u{e9}sultType",
+            "result",
+            "type",
+            "content",
+            "text",
+            "ttl",
+            "cache",
+            "r",
+            "t",
+            "c",
+        ];
+        // Every name as a key and a value, after padding that moves it through a word and
+        // past the length where a vector search takes over.
+        for pad in (0..9).chain([1000, 1020, 1100]) {
+            for name in names {
+                for other in names {
+                    let result = serde_json::json!({
+                        "content": [{"type": "text", "text": "x".repeat(pad)}],
+                        name: other,
+                    })
+                    .to_string();
+                    let value: serde_json::Value = serde_json::from_str(&result).unwrap();
+                    assert_eq!(
+                        owned_names(result.as_bytes()),
+                        reading_as_owned(&value).min(2),
+                        "{result}"
+                    );
+                }
+            }
+        }
+        // Any escape counts as two: what it hides is not read here.
+        assert_eq!(owned_names(br#"{"a":"\n"}"#), 2);
     }
 
     #[test]

@@ -873,8 +873,10 @@ impl Link {
         let on_connection = opts.on_connection;
         self.still_on(on_connection)?;
         if conn.is_stateless() {
-            // Boxed: held inline, its future would make every call's as large.
-            return Box::pin(self.call_stateless(&conn, method, params, opts)).await;
+            // Boxed: held inline, its future would make every call's as large. Built in its
+            // box: moved there, its KiB are copied on every call.
+            return crate::boxed::in_place(|| self.call_stateless(&conn, method, params, opts))
+                .await;
         }
         // A 2026 client's envelope and retry members mean nothing to earlier revisions.
         let legacy;
