@@ -13,7 +13,8 @@ pub(crate) struct Key<'a>(#[serde(borrow)] pub std::borrow::Cow<'a, str>);
 /// The key of `owned` that `key` is read as by such a decoder, if any; an exact match counts
 /// too. No allocation: a client may send many keys.
 pub(crate) fn read_as<'o>(key: &str, owned: &[&'o str]) -> Option<&'o str> {
-    let key = key.trim_end_matches('\0');
+    // NUL is one byte: a byte search finds where trailing ones start.
+    let key = &key[..key.bytes().rposition(|b| b != 0).map_or(0, |last| last + 1)];
     // Most keys are ASCII: each of their characters folds to its ASCII lower case, so an owned
     // key of the same length matches byte for byte, ignoring case; a longer one only through
     // characters of more than one byte that fold to ASCII (the long s, the Kelvin sign).
