@@ -1823,3 +1823,77 @@ async fn what_a_lenient_server_would_read_otherwise_never_reaches_a_2026_server(
     assert_eq!(s.tool_text(6, "echo", json!({"text": "ok"})).await, "ok");
     gw.stop().await;
 }
+
+/// A call to a 2026-07-28 server has one deadline, questions and all: past it the call fails
+/// with the timeout's code, naming the deadline, and the next call goes through; and a
+/// stateless client that leaves mid-call ends the call upstream.
+#[tokio::test]
+async fn a_2026_servers_call_keeps_its_deadline_and_ends_with_its_stream() {
+    use tokio::io::AsyncWriteExt;
+    let (_server, url) = dual_era_example().await;
+    let gw = TestGateway::start(
+        "",
+        &[format!(
+            "  - name: ex\n    call_timeout: 1s\n    http: {{ url: {url:?} }}\n"
+        )],
+    )
+    .await;
+    let c = gw.client();
+    let slow = json!({"name": "slow", "arguments": {"seconds": 0.05, "steps": 1, "hold": 30}});
+    let started = std::time::Instant::now();
+    let r = stateless(&c, 1, "tools/call", slow.clone(), json!({})).await;
+    assert_eq!(
+        r.response()["error"]["code"],
+        gatehouse::mcp::jsonrpc::code::UPSTREAM_TIMEOUT,
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("1s"), "names the deadline: {}", r.body);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    let echo = json!({"name": "echo", "arguments": {"text": "after"}});
+    let r = stateless(&c, 2, "tools/call", echo, json!({})).await;
+    assert_eq!(
+        r.response()["result"]["content"][0]["text"],
+        "after",
+        "{}",
+        r.body
+    );
+
+    // Within the deadline, a client leaving ends the call.
+    let gw_long = TestGateway::start(
+        "",
+        &[format!(
+            "  - name: ex\n    call_timeout: 60s\n    http: {{ url: {url:?} }}\n"
+        )],
+    )
+    .await;
+    let hidden = gw_long
+        .gateway()
+        .stateless_session(None, None, None)
+        .unwrap();
+    let mut params = slow;
+    params["_meta"] = meta(json!({}));
+    params["_meta"]["progressToken"] = json!("p1");
+    let body =
+        json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": params}).to_string();
+    let mut conn = tokio::net::TcpStream::connect(gw_long.addr).await.unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: slow\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    // This server answers when done, with no stream before: the client leaves mid-call.
+    support::eventually("the call to be under way", || {
+        let n = hidden.inflight();
+        async move { n == 1 }
+    })
+    .await;
+    drop(conn);
+    support::eventually("the call to end with its stream", || {
+        let n = hidden.inflight();
+        async move { n == 0 }
+    })
+    .await;
+    gw_long.stop().await;
+    gw.stop().await;
+}

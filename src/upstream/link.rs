@@ -1110,7 +1110,9 @@ impl Link {
         let progress_token = opts.progress_token.take();
         let traceparent = opts.traceparent.take();
         let opts_checked = opts.on_connection.is_some();
-        let rounds = async {
+        // Pinned where it is built: moved into a deadline's future, the rounds' KiB would be
+        // copied on every call.
+        let rounds = std::pin::pin!(async {
             let mut params = prepared.params.clone();
             // The client's answers the retry's params were copied from: slices of its
             // response bodies, kept so that those hold their room while the copy lives.
@@ -1196,14 +1198,16 @@ impl Link {
                 params = prepared.retry(&answers, asked.state.as_deref());
                 _answered = answers;
             }
-        };
+        });
         // One deadline for the whole call, questions and all, as for a server of an earlier
-        // revision that waits on its client within the call.
+        // revision that waits on its client within the call. An answer ready in time wins.
         let result = tokio::select! {
-            r = tokio::time::timeout(timeout, rounds) => r.unwrap_or(Err(UpstreamError::Timeout {
+            biased;
+            r = rounds => r,
+            _ = tokio::time::sleep(timeout) => Err(UpstreamError::Timeout {
                 server: self.server.name.clone(),
                 timeout,
-            })),
+            }),
             _ = cancelled(cancel) => Err(UpstreamError::Cancelled),
         };
         if let Err(UpstreamError::Unavailable { .. }) = &result {
