@@ -1551,20 +1551,11 @@ async fn an_abandoned_questions_answer_reaches_the_server_unjudged() {
 /// message.
 #[tokio::test]
 async fn closing_a_calls_stream_ends_the_call() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let gw = with_test_tools("").await;
     let hidden = gw.gateway().stateless_session(None, None, None).unwrap();
-    let mut params = json!({"name": "slow", "arguments": {"seconds": 0.1, "steps": 1, "hold": 60}});
-    params["_meta"] = meta(json!({}));
-    params["_meta"]["progressToken"] = json!("p1");
-    let body =
-        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}).to_string();
-    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let head = format!(
-        "POST /mcp HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: slow\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
+    let slow = json!({"name": "slow", "arguments": {"seconds": 0.1, "steps": 1, "hold": 60}});
+    let mut conn = call_on_a_connection(&gw, 1, slow).await;
     let mut seen = Vec::new();
     while !String::from_utf8_lossy(&seen).contains("notifications/progress") {
         let mut buf = [0u8; 4096];
@@ -1583,6 +1574,29 @@ async fn closing_a_calls_stream_ends_the_call() {
     })
     .await;
     gw.stop().await;
+}
+
+/// Sends a stateless `tools/call` with `params` (the tool's name and arguments; the envelope
+/// and a progress token are added) on a connection of its own to `gw`: the connection, to read
+/// the answer from or to drop mid-call.
+async fn call_on_a_connection(
+    gw: &TestGateway,
+    id: u64,
+    mut params: Value,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let name = params["name"].as_str().unwrap().to_owned();
+    params["_meta"] = meta(json!({}));
+    params["_meta"]["progressToken"] = json!("p1");
+    let body =
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params}).to_string();
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: {name}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn
 }
 
 /// Hidden sessions count in `mcp.max_sessions`: each holds links to every server, as a
@@ -1627,11 +1641,14 @@ async fn hidden_sessions_count_in_the_gateways_session_cap() {
     gw.stop().await;
 }
 
-/// A gateway in front of the HTTP server at `url`, probing which revision it speaks.
-async fn in_front_of(url: &str) -> TestGateway {
+/// A gateway in front of the HTTP server at `url` (with `settings`, lines of its entry),
+/// probing which revision it speaks.
+async fn in_front_of(url: &str, settings: &str) -> TestGateway {
     TestGateway::start(
         "",
-        &[format!("  - name: ex\n    http: {{ url: {url:?} }}\n")],
+        &[format!(
+            "  - name: ex\n{settings}    http: {{ url: {url:?} }}\n"
+        )],
     )
     .await
 }
@@ -1751,7 +1768,7 @@ async fn the_example_server_serves_both_eras_with_stateless() {
         "old"
     );
 
-    let gw = in_front_of(&url).await;
+    let gw = in_front_of(&url, "").await;
     let call = stateless(&gw.client(), 9, "tools/call", echo, json!({})).await;
     assert_eq!(call.status, 200, "{}", call.body);
     assert_eq!(call.response()["result"]["content"][0]["text"], "hi");
@@ -1772,7 +1789,7 @@ async fn the_example_server_serves_both_eras_with_stateless() {
 #[tokio::test]
 async fn what_a_lenient_server_would_read_otherwise_never_reaches_a_2026_server() {
     let (_server, url) = dual_era_example().await;
-    let gw = in_front_of(&url).await;
+    let gw = in_front_of(&url, "").await;
     let c = gw.client();
     let meta = meta(json!({})).to_string();
     for (id, params, why) in [
@@ -1829,15 +1846,8 @@ async fn what_a_lenient_server_would_read_otherwise_never_reaches_a_2026_server(
 /// stateless client that leaves mid-call ends the call upstream.
 #[tokio::test]
 async fn a_2026_servers_call_keeps_its_deadline_and_ends_with_its_stream() {
-    use tokio::io::AsyncWriteExt;
     let (_server, url) = dual_era_example().await;
-    let gw = TestGateway::start(
-        "",
-        &[format!(
-            "  - name: ex\n    call_timeout: 1s\n    http: {{ url: {url:?} }}\n"
-        )],
-    )
-    .await;
+    let gw = in_front_of(&url, "    call_timeout: 1s\n").await;
     let c = gw.client();
     let slow = json!({"name": "slow", "arguments": {"seconds": 0.05, "steps": 1, "hold": 30}});
     let started = std::time::Instant::now();
@@ -1860,28 +1870,12 @@ async fn a_2026_servers_call_keeps_its_deadline_and_ends_with_its_stream() {
     );
 
     // Within the deadline, a client leaving ends the call.
-    let gw_long = TestGateway::start(
-        "",
-        &[format!(
-            "  - name: ex\n    call_timeout: 60s\n    http: {{ url: {url:?} }}\n"
-        )],
-    )
-    .await;
+    let gw_long = in_front_of(&url, "    call_timeout: 60s\n").await;
     let hidden = gw_long
         .gateway()
         .stateless_session(None, None, None)
         .unwrap();
-    let mut params = slow;
-    params["_meta"] = meta(json!({}));
-    params["_meta"]["progressToken"] = json!("p1");
-    let body =
-        json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": params}).to_string();
-    let mut conn = tokio::net::TcpStream::connect(gw_long.addr).await.unwrap();
-    let head = format!(
-        "POST /mcp HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nmcp-protocol-version: 2026-07-28\r\nmcp-method: tools/call\r\nmcp-name: slow\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
+    let conn = call_on_a_connection(&gw_long, 3, slow).await;
     // This server answers when done, with no stream before: the client leaves mid-call.
     support::eventually("the call to be under way", || {
         let n = hidden.inflight();
