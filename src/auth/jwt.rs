@@ -206,8 +206,38 @@ struct Cached {
     token: Box<str>,
     audience: Box<str>,
     verified: Verified,
-    exp: u64,
-    cached: Instant,
+    /// When it was cached (Unix seconds): a clock set back past it makes the entry stale.
+    since: u64,
+    /// The last second it may be used in: its `exp` with the leeway, or [`CACHE_FOR`] after it
+    /// was cached, whichever is first.
+    until: u64,
+}
+
+impl Cached {
+    /// Cached at `since` (Unix seconds): entries keep wall-clock times, so that a hit reads
+    /// the clock once.
+    fn new(
+        token: &str,
+        audience: &str,
+        verified: Verified,
+        (exp, leeway): (u64, u64),
+        since: u64,
+    ) -> Cached {
+        Cached {
+            token: token.into(),
+            audience: audience.into(),
+            verified,
+            since,
+            until: exp
+                .saturating_add(leeway)
+                .min(since.saturating_add(CACHE_FOR.as_secs() - 1)),
+        }
+    }
+
+    /// Whether it may be used at `now` (Unix seconds).
+    fn is_fresh(&self, now: u64) -> bool {
+        (self.since..=self.until).contains(&now)
+    }
 }
 
 /// Whether text shows `c` as nothing, reorders around it, or breaks a line at it: Unicode
@@ -288,13 +318,11 @@ impl Verifier {
         // Keyed by audience too: a token verified for one endpoint says nothing of another.
         let key = std::hash::BuildHasher::hash_one(&self.cache_keys, (audience, token));
         let now = unix_now();
-        let fresh =
-            |e: &Cached| now <= e.exp.saturating_add(self.leeway) && e.cached.elapsed() < CACHE_FOR;
         if let Some(hit) = self.cache.get(&key)
             && &*hit.token == token
             && &*hit.audience == audience
         {
-            if fresh(&hit) {
+            if hit.is_fresh(now) {
                 return Ok(hit.verified.clone());
             }
             drop(hit);
@@ -306,20 +334,20 @@ impl Verifier {
             return Ok(verified);
         }
         if self.cache.len() >= MAX_CACHED {
-            self.cache.retain(|_, e| fresh(e));
+            self.cache.retain(|_, e| e.is_fresh(now));
             if self.cache.len() >= MAX_CACHED {
                 self.cache.clear();
             }
         }
         self.cache.insert(
             key,
-            Cached {
-                token: token.into(),
-                audience: audience.into(),
-                verified: verified.clone(),
-                exp,
-                cached: Instant::now(),
-            },
+            Cached::new(
+                token,
+                audience,
+                verified.clone(),
+                (exp, self.leeway),
+                unix_now(),
+            ),
         );
         Ok(verified)
     }
@@ -665,4 +693,40 @@ fn unverified_issuer(token: &str) -> Option<String> {
         iss: Option<String>,
     }
     serde_json::from_slice::<Iss>(&bytes).ok()?.iss
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verified() -> Verified {
+        Verified {
+            principal: Arc::from("alice"),
+            scopes: Arc::default(),
+            claims: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn a_cached_token_serves_until_its_exp_or_the_cache_period_and_not_after_the_clock_goes_back() {
+        let (leeway, now) = (30, 1_800_000_000);
+        let cached = |exp| Cached::new("t", "a", verified(), (exp, leeway), now);
+        // Expiring within the cache period: served through its leeway, not a second after.
+        let soon = cached(now + 100);
+        assert!(soon.is_fresh(now));
+        assert!(soon.is_fresh(now + 100 + leeway));
+        assert!(!soon.is_fresh(now + 100 + leeway + 1));
+        // Expiring long after: served for the cache period only.
+        let late = cached(now + 86_400);
+        let period = CACHE_FOR.as_secs();
+        assert!(late.is_fresh(now + period - 2));
+        assert!(!late.is_fresh(now + period));
+        // A clock set back past when it was cached: verified again.
+        assert!(!late.is_fresh(now - 1));
+        // An exp in the past (within the leeway when verified) or at the end of time.
+        let past = cached(now - leeway);
+        assert!(past.is_fresh(now) && !past.is_fresh(now + 1));
+        let never = cached(u64::MAX);
+        assert!(never.is_fresh(now + period - 2) && !never.is_fresh(now + period));
+    }
 }

@@ -318,10 +318,14 @@ impl Auth {
             }
             (Some(_), Some(_)) => return Err(AuthError::Invalid),
         };
-        let (scheme, token) = value.split_once(' ').ok_or(AuthError::Missing)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(AuthError::Missing);
-        }
+        // The scheme, then one space: a plain comparison (the usual case), else a search.
+        let token = match value.get(..7) {
+            Some(head) if head.eq_ignore_ascii_case("bearer ") => &value[7..],
+            _ => match value.split_once(' ') {
+                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token,
+                _ => return Err(AuthError::Missing),
+            },
+        };
         let token = token.trim();
         if let Some((principal, grant)) = self.tokens.principal(token) {
             return Ok(Some(Identity {
@@ -518,6 +522,42 @@ mod tests {
         for (x, y) in &other {
             assert!(!Claims::same_grants(Some(x), Some(y)), "{x:?} {y:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_scheme_is_bearer_in_any_case_followed_by_a_space() {
+        let auth = Auth::new_static(&[("s3cret-token-000000".into(), Arc::from("alice"))]);
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(AUTHORIZATION, value.parse().unwrap());
+            h
+        };
+        for ok in [
+            "Bearer s3cret-token-000000",
+            "bearer s3cret-token-000000",
+            "BEARER   s3cret-token-000000 ",
+            "bEaReR s3cret-token-000000\t",
+        ] {
+            let id = auth.authenticate(&with(ok), None, None).await;
+            assert_eq!(id.unwrap().unwrap().principal.as_ref(), "alice", "{ok:?}");
+        }
+        for missing in [
+            "Bearer\ts3cret-token-000000",
+            "Bearers3cret-token-000000",
+            "Basic s3cret-token-000000",
+            "Bearerx s3cret-token-000000",
+            "Bearer",
+            "s3cret-token-000000",
+        ] {
+            let id = auth.authenticate(&with(missing), None, None).await;
+            assert_eq!(id, Err(AuthError::Missing), "{missing:?}");
+        }
+        // Bytes past ASCII (obs-text), which HTTP lets through.
+        let mut h = HeaderMap::new();
+        let value = HeaderValue::from_bytes(b"Bearer s3cret-token-000000\xff").unwrap();
+        h.insert(AUTHORIZATION, value);
+        let id = auth.authenticate(&h, None, None).await;
+        assert_eq!(id, Err(AuthError::Invalid));
     }
 
     #[tokio::test]
