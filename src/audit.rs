@@ -34,13 +34,16 @@ const SPARE_BYTES: usize = 1 << 20;
 /// --only-auth`: at 1 ms the writer's wake-ups cost the gateway 1.18–1.26 × the CPU per call
 /// of no trail under load, at 10 ms 1.06–1.09 ×.
 const GATHER: Duration = Duration::from_millis(10);
-/// The file's write buffer: a system call per this many bytes of records (about 200).
-const FILE_BUFFER: usize = 64 * 1024;
+/// Bytes of one block lines are made in: they reach the file a block (about 140 records) or
+/// a batch at a time, and the view of every record holds them there, uncopied.
+const BLOCK: usize = 64 * 1024;
+/// Bytes the chain's members add to a record's object, at most (`seq`, `prev`, `time`).
+const LINK_BYTES: usize = 160;
 /// Written lines kept in memory for the admin API (the console's recent activity), per
 /// kind of view, at most.
 pub const RECENT: usize = 500;
 /// Bytes of lines kept in memory per view, at most (the view of every record holds them in
-/// [`Blocks`]: up to two blocks more).
+/// the blocks they were made in: up to two blocks more).
 const RECENT_BYTES: usize = 1 << 20;
 
 /// The last lines written, in two views: every record (checkpoints aside), and the decisions
@@ -96,16 +99,16 @@ enum Keep {
 /// files over.
 pub const MAX_TEXT: usize = 512;
 
-/// Cuts `s` to [`MAX_TEXT`] bytes (at a character boundary), marking the cut.
-fn cut(s: &mut String) {
-    if s.len() > MAX_TEXT {
-        let mut end = MAX_TEXT;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-        s.push('…');
+/// `s` cut to [`MAX_TEXT`] bytes (at a character boundary), the cut marked.
+fn cut(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= MAX_TEXT {
+        return s.into();
     }
+    let mut end = MAX_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end]).into()
 }
 
 /// Records of unauthenticated refusals written per second, at most.
@@ -146,71 +149,80 @@ impl Limiter {
 /// The chain's anchor when there is no earlier line.
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// A session in a record: held by its id (a reference count, not a copy), shown only by its
-/// [`log_prefix`], in the trail and in debug output alike.
-#[derive(Clone)]
-pub struct SessionName(Arc<str>);
+/// A session in a record: shown only by its [`log_prefix`], in the trail and in debug output
+/// alike.
+#[derive(Clone, Copy)]
+pub struct SessionName<'a>(&'a str);
 
-impl SessionName {
+impl<'a> SessionName<'a> {
     /// The session with this id.
-    pub fn new(id: Arc<str>) -> SessionName {
+    pub fn new(id: &'a str) -> SessionName<'a> {
         SessionName(id)
     }
 }
 
-impl std::fmt::Debug for SessionName {
+impl std::fmt::Debug for SessionName<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(log_prefix(&self.0))
+        f.write_str(log_prefix(self.0))
     }
 }
 
-impl Serialize for SessionName {
+impl Serialize for SessionName<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(log_prefix(&self.0))
+        s.serialize_str(log_prefix(self.0))
     }
 }
+
+/// Characters of a session id that logs and the trail show.
+const SHOWN_OF_SESSION: usize = 12;
 
 /// The part of a session id that logs and the trail show: enough to tell sessions apart, too
 /// little to take one over.
 pub fn log_prefix(id: &str) -> &str {
-    let end = id.char_indices().nth(12).map_or(id.len(), |(i, _)| i);
+    // Ids the gateway makes are ASCII: their first characters are their first bytes.
+    if let Some(head) = id.as_bytes().get(..SHOWN_OF_SESSION)
+        && head.is_ascii()
+    {
+        return &id[..SHOWN_OF_SESSION];
+    }
+    let end = id
+        .char_indices()
+        .nth(SHOWN_OF_SESSION)
+        .map_or(id.len(), |(i, _)| i);
     &id[..end]
 }
 
-/// Text of a record that is most often one of a few fixed words (a method, an outcome): those
-/// cost no allocation on the request path, nor a free on the writer's thread.
-pub type Text = std::borrow::Cow<'static, str>;
-
-/// One audited event.
+/// One audited event, as a view of what it names: it is serialized as it is recorded, so it
+/// holds no copy, nor a reference count, of anything.
 #[derive(Debug, Default, Serialize)]
-pub struct Event {
+pub struct Event<'a> {
     /// `call`, `denial`, `admin`, `approval`, `tool_change`, or the trail's own (`gap`, `checkpoint`, `restart`, `suppressed`).
     pub kind: &'static str,
     /// Who.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub principal: Option<Arc<str>>,
+    pub principal: Option<&'a str>,
     /// The session (its log prefix, never the whole id).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub session: Option<SessionName>,
+    pub session: Option<SessionName<'a>>,
     /// The profile (`/mcp/{profile}`) the call came through.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub profile: Option<Arc<str>>,
+    pub profile: Option<&'a str>,
     /// The upstream server.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub server: Option<Arc<str>>,
+    pub server: Option<&'a str>,
     /// The JSON-RPC method.
-    pub method: Text,
+    pub method: &'a str,
     /// The tool or prompt (as the server knows it) or the resource URI.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
+    pub name: Option<&'a str>,
     /// `allowed` or `denied`.
     pub decision: &'static str,
     /// The plugin that decided a denial.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub by: Option<Arc<str>>,
+    pub by: Option<&'a str>,
     /// What a denial said, or how a call ended (`ok`, `error`, `failed`, `denied`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<Text>,
+    pub outcome: Option<&'a str>,
     /// How long the call took.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<u64>,
@@ -428,7 +440,7 @@ impl Audit {
     /// Queues a record of something anyone can cause without credentials (a refused token):
     /// at most [`UNAUTHENTICATED_PER_SECOND`] a second, the rest counted in one `suppressed`
     /// record, so that a flood cannot rotate the trail's history away.
-    pub fn record_unauthenticated(&self, event: Event) {
+    pub fn record_unauthenticated(&self, event: Event<'_>) {
         if !self.is_on() {
             return;
         }
@@ -437,14 +449,13 @@ impl Audit {
             .map_or(0, |d| d.as_secs());
         let (admit, suppressed) = self.unauthenticated.admit(now);
         if suppressed > 0 {
+            let told = format!("{suppressed} more such refusals in the second before");
             self.record(Event {
                 kind: "suppressed",
-                method: event.method.clone(),
+                method: event.method,
                 decision: "denied",
-                by: event.by.clone(),
-                outcome: Some(
-                    format!("{suppressed} more such refusals in the second before").into(),
-                ),
+                by: event.by,
+                outcome: Some(&told),
                 ..Default::default()
             });
         }
@@ -455,21 +466,10 @@ impl Audit {
 
     /// Queues a record; never waits. Methods, names and outcomes longer than [`MAX_TEXT`] are
     /// cut (a client names the method of a call passed through to its one server).
-    pub fn record(&self, mut event: Event) {
+    pub fn record(&self, event: Event<'_>) {
         let Some(queue) = &self.queue else {
             return;
         };
-        if let Some(n) = &mut event.name {
-            cut(n);
-        }
-        for text in [Some(&mut event.method), event.outcome.as_mut()]
-            .into_iter()
-            .flatten()
-        {
-            if text.len() > MAX_TEXT {
-                cut(text.to_mut());
-            }
-        }
         // Serialized here, outside the queue's lock, into this thread's own buffer (a record
         // costs no allocation).
         thread_local! {
@@ -494,8 +494,9 @@ impl Audit {
     }
 }
 
-impl Event {
-    /// The record's JSON object, byte for byte what its `Serialize` writes, without
+impl Event<'_> {
+    /// The record's JSON object, byte for byte what its `Serialize` writes (once its method,
+    /// name and outcome are [`cut`]), without
     /// escaping, byte by byte, the member names the gateway fixed or text that needs none
     /// (most of a record; this runs on the request path for every call).
     fn write_json(&self, out: &mut Vec<u8>) {
@@ -506,9 +507,6 @@ impl Event {
         fn number(out: &mut Vec<u8>, name: &str, value: u64) {
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
-        }
-        fn s(v: &Option<Arc<str>>) -> Option<&str> {
-            v.as_deref()
         }
         // Every field named: one added to `Event` fails to compile here until it is written.
         let Event {
@@ -526,16 +524,18 @@ impl Event {
             request_bytes,
             response_bytes,
         } = self;
+        let (method, name, outcome) = (cut(method), name.map(cut), outcome.map(cut));
+        out.reserve(256);
         text(out, "{\"kind\":", kind);
         for (key, value) in [
-            (",\"principal\":", s(principal)),
-            (",\"session\":", session.as_ref().map(|n| log_prefix(&n.0))),
-            (",\"profile\":", s(profile)),
-            (",\"server\":", s(server)),
-            (",\"method\":", Some(&**method)),
+            (",\"principal\":", *principal),
+            (",\"session\":", session.map(|n| log_prefix(n.0))),
+            (",\"profile\":", *profile),
+            (",\"server\":", *server),
+            (",\"method\":", Some(&*method)),
             (",\"name\":", name.as_deref()),
             (",\"decision\":", Some(*decision)),
-            (",\"by\":", s(by)),
+            (",\"by\":", *by),
             (",\"outcome\":", outcome.as_deref()),
         ] {
             if let Some(value) = value {
@@ -589,16 +589,38 @@ struct Writer {
     signing: bool,
     /// Records that could not be written, to be told in the next `gap`.
     pending_loss: u64,
-    /// The line being written (reused: a line costs no allocation).
-    line: Vec<u8>,
+    /// Lines made and not yet handed to `out`, one after another, in the block the next line
+    /// is made in too.
+    batch: bytes::BytesMut,
+    /// The lines of `batch`, in order.
+    lines: Vec<Line>,
+    /// The chain's end (`seq`, `prev`) before `batch`'s first line: where the chain goes on
+    /// from when the batch cannot be written.
+    batch_from: (u64, String),
     /// The time of the line being written, as text.
     stamp: Stamp,
-    /// Where the copies of written lines that the view of every record holds are made.
-    kept: Blocks,
     /// Where written lines are also shipped (OTLP logs), once the gateway started shipping.
     shipping: Arc<OnceLock<Shipping>>,
     /// The last lines written, for the admin API.
     recent: Recent,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// A line of a batch, until it is written.
+struct Line {
+    /// Where it ends in the batch (after its newline).
+    end: usize,
+    keep: Keep,
+    seq: u64,
+    /// Its hash: the next line's `prev`.
+    hash: [u8; 32],
+    /// When it was made (nanoseconds since the Unix epoch).
+    time_ns: u64,
 }
 
 /// The way to the OTLP exporter of the trail.
@@ -651,10 +673,7 @@ impl Writer {
                     }
                 }
                 let len = f.metadata()?.len();
-                (
-                    Box::new(std::io::BufWriter::with_capacity(FILE_BUFFER, f)),
-                    len,
-                )
+                (Box::new(f), len)
             }
             None => (Box::new(std::io::stdout()), 0),
         };
@@ -672,9 +691,10 @@ impl Writer {
             since_checkpoint: 0,
             signing: false,
             pending_loss: 0,
-            line: Vec::with_capacity(1024),
+            batch: bytes::BytesMut::new(),
+            lines: Vec::new(),
+            batch_from: (0, String::new()),
             stamp: Stamp::default(),
-            kept: Blocks::default(),
             shipping,
             recent,
         })
@@ -752,7 +772,7 @@ impl Writer {
             }
             // Each batch reaches the file as it ends: a crash loses at most the batch being
             // written, not a buffer's worth of records the views and the collector showed.
-            let _ = self.out.flush();
+            self.flush();
             if closing {
                 break;
             }
@@ -801,7 +821,7 @@ impl Writer {
     /// A signed checkpoint over the chain so far, if anything was written since the last one.
     fn checkpoint_if_new(&mut self) {
         if self.since_checkpoint == 0 {
-            let _ = self.out.flush();
+            self.flush();
             return;
         }
         self.since_checkpoint = 0;
@@ -822,7 +842,7 @@ impl Writer {
         }
         self.write_kept(m, Keep::Nowhere);
         self.signing = false;
-        let _ = self.out.flush();
+        self.flush();
     }
 
     fn write(&mut self, fields: Map<String, Value>) {
@@ -836,9 +856,10 @@ impl Writer {
     }
 
     /// Writes one record: `object` is its JSON object, to which the chain's members are added
-    /// (at its end: the record is serialized once, straight from its fields).
+    /// (at its end: the record is serialized once, straight from its fields). The line is made
+    /// in the batch and reaches the file with it.
     fn write_object(&mut self, object: &[u8], keep: Keep) {
-        use std::io::Write as _;
+        use bytes::BufMut as _;
         let Some(seq) = self.seq.checked_add(1) else {
             tracing::error!("the audit trail's sequence is exhausted: nothing more is written");
             return;
@@ -846,59 +867,47 @@ impl Writer {
         let Some((b'}', members)) = object.split_last() else {
             return;
         };
-        let line = &mut self.line;
-        line.clear();
-        line.extend_from_slice(members);
-        if line.len() > 1 {
-            line.push(b',');
+        let need = members.len() + LINK_BYTES;
+        if self.batch.capacity() - self.batch.len() < need {
+            // The block is full: what it holds goes out, and the next line starts a new one
+            // (the lines the views hold keep the old one alive, not copied).
+            self.flush();
+            self.batch.reserve(need.max(BLOCK));
+        }
+        if self.lines.is_empty() {
+            self.batch_from.0 = self.seq;
+            self.batch_from.1.clone_from(&self.prev);
         }
         let now = SystemTime::now();
-        line.extend_from_slice(b"\"seq\":");
-        line.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
-        line.extend_from_slice(b",\"prev\":\"");
-        line.extend_from_slice(self.prev.as_bytes());
-        line.extend_from_slice(b"\",\"time\":\"");
-        line.extend_from_slice(self.stamp.of(now).as_bytes());
-        line.extend_from_slice(b"\"}");
-        let hash = ring::digest::digest(&ring::digest::SHA256, line);
-        line.push(b'\n');
-        // The chain moves on only with a line written: a failed write is a loss (the next
-        // record says so), not a break that would look like tampering.
-        if let Err(e) = self.out.write_all(line) {
-            tracing::error!("cannot write the audit trail: {e}");
-            self.pending_loss += 1;
-            return;
+        let start = self.batch.len();
+        let line = &mut self.batch;
+        line.put_slice(members);
+        if members.len() > 1 {
+            line.put_u8(b',');
         }
+        line.put_slice(b"\"seq\":");
+        line.put_slice(itoa::Buffer::new().format(seq).as_bytes());
+        line.put_slice(b",\"prev\":\"");
+        line.put_slice(self.prev.as_bytes());
+        line.put_slice(b"\",\"time\":\"");
+        line.put_slice(self.stamp.of(now).as_bytes());
+        line.put_slice(b"\"}");
+        let hash = ring::digest::digest(&ring::digest::SHA256, &line[start..]);
+        line.put_u8(b'\n');
+        let end = line.len();
         self.seq = seq;
         self.prev.clear();
         hex_into(&mut self.prev, hash.as_ref());
-        self.written += line.len() as u64;
-        let line = &line[..line.len() - 1];
-        if !matches!(keep, Keep::Nowhere) {
-            let written = self.kept.copy(line);
-            let mut kept = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-            if matches!(keep, Keep::AllAndDecisions) {
-                // A copy of its own: a decision may be kept long after the lines around it,
-                // and must not hold their block in memory.
-                kept.decisions.push(Bytes::copy_from_slice(line));
-            }
-            kept.all.push(written);
-        }
-        if let Some(ship) = self.shipping.get() {
-            let shipped = Shipped {
-                // A copy of its own too: lines wait for the collector in any order of
-                // release, and must not each hold a block.
-                line: Bytes::copy_from_slice(line),
-                seq,
-                time_ns: now
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as u64),
-            };
-            // Never waits: a collector that falls behind loses lines (counted), not the trail.
-            if ship.lines.try_send(shipped).is_err() {
-                ship.dropped.inc();
-            }
-        }
+        self.written += (end - start) as u64;
+        self.lines.push(Line {
+            end,
+            keep,
+            seq,
+            hash: hash.as_ref().try_into().expect("SHA-256 is 32 bytes"),
+            time_ns: now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+        });
         if self.written >= self.max_bytes {
             if self.signing {
                 self.rotate();
@@ -911,13 +920,91 @@ impl Writer {
         }
     }
 
+    /// Hands the batch to the file, then to the views and the collector. The chain moves on
+    /// only with lines written: lines a failed write did not take are a loss (the next record
+    /// says so), and the chain goes on from the last line the file took, not from lines it
+    /// does not have (which would look like tampering).
+    fn flush(&mut self) {
+        if self.lines.is_empty() {
+            return;
+        }
+        let batch = self.batch.split().freeze();
+        let mut taken = 0;
+        let failed = loop {
+            if taken == batch.len() {
+                break None;
+            }
+            match self.out.write(&batch[taken..]) {
+                Ok(0) => break Some(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+                Ok(n) => taken += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Some(e),
+            }
+        };
+        let failed = failed.or_else(|| self.out.flush().err());
+        let whole = self.lines.partition_point(|l| l.end <= taken);
+        let mut start = 0;
+        {
+            let mut kept = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            for l in &self.lines[..whole] {
+                let line = batch.slice(start..l.end - 1);
+                start = l.end;
+                if matches!(l.keep, Keep::Nowhere) {
+                    continue;
+                }
+                if matches!(l.keep, Keep::AllAndDecisions) {
+                    // A copy of its own: a decision may be kept long after the lines around
+                    // it, and must not hold their block in memory.
+                    kept.decisions.push(Bytes::copy_from_slice(&line));
+                }
+                kept.all.push(line);
+            }
+        }
+        if let Some(ship) = self.shipping.get() {
+            let mut start = 0;
+            for l in &self.lines[..whole] {
+                let shipped = Shipped {
+                    // A copy of its own too: lines wait for the collector in any order of
+                    // release, and must not each hold a block.
+                    line: Bytes::copy_from_slice(&batch[start..l.end - 1]),
+                    seq: l.seq,
+                    time_ns: l.time_ns,
+                };
+                start = l.end;
+                // Never waits: a collector that falls behind loses lines (counted), not the
+                // trail.
+                if ship.lines.try_send(shipped).is_err() {
+                    ship.dropped.inc();
+                }
+            }
+        }
+        if let Some(e) = failed {
+            tracing::error!("cannot write the audit trail: {e}");
+            let lost = &self.lines[whole..];
+            self.pending_loss += lost.len() as u64;
+            self.written -= (batch.len() - taken) as u64;
+            match whole.checked_sub(1).map(|i| &self.lines[i]) {
+                Some(last) => {
+                    self.seq = last.seq;
+                    self.prev.clear();
+                    hex_into(&mut self.prev, &last.hash);
+                }
+                None => {
+                    self.seq = self.batch_from.0;
+                    self.prev.clone_from(&self.batch_from.1);
+                }
+            }
+        }
+        self.lines.clear();
+    }
+
     /// Moves the file aside (`.1`, `.2`, … up to `keep`) and goes on in a new one; the chain
     /// goes on across files.
     fn rotate(&mut self) {
         let Some(path) = self.path.clone() else {
             return;
         };
-        let _ = self.out.flush();
+        self.flush();
         let aside = |n: usize| PathBuf::from(format!("{}.{n}", path.display()));
         for n in (1..self.keep).rev() {
             let _ = std::fs::rename(aside(n), aside(n + 1));
@@ -925,7 +1012,7 @@ impl Writer {
         let _ = std::fs::rename(&path, aside(1));
         match trail_file(&path) {
             Ok(f) => {
-                self.out = Box::new(std::io::BufWriter::with_capacity(FILE_BUFFER, f));
+                self.out = Box::new(f);
                 self.written = 0;
             }
             Err(e) => tracing::error!("cannot open a new audit file: {e}"),
@@ -956,25 +1043,6 @@ impl Stamp {
             let _ = write!(self.text, "{}", humantime::format_rfc3339_millis(now));
         }
         &self.text
-    }
-}
-
-/// Bytes of one block of [`Blocks`].
-const BLOCK: usize = 64 * 1024;
-
-/// Copies of lines made into shared blocks, for the view of every record: a line costs no
-/// allocation of its own, and a block is freed once the view holds none of its lines. The view
-/// holds the newest lines, one after another, so at most [`RECENT_BYTES`] and two blocks.
-#[derive(Default)]
-struct Blocks(bytes::BytesMut);
-
-impl Blocks {
-    fn copy(&mut self, line: &[u8]) -> Bytes {
-        if self.0.capacity() - self.0.len() < line.len() {
-            self.0 = bytes::BytesMut::with_capacity(BLOCK.max(line.len()));
-        }
-        self.0.extend_from_slice(line);
-        self.0.split().freeze()
     }
 }
 
@@ -1345,14 +1413,14 @@ mod tests {
         }
     }
 
-    fn call(n: usize) -> Event {
+    fn call(name: &str) -> Event<'_> {
         Event {
             kind: "call",
-            principal: Some(Arc::from("alice")),
-            method: "tools/call".into(),
-            name: Some(format!("tool{n}")),
+            principal: Some("alice"),
+            method: "tools/call",
+            name: Some(name),
             decision: "allowed",
-            outcome: Some("ok".into()),
+            outcome: Some("ok"),
             ..Event::default()
         }
     }
@@ -1368,20 +1436,20 @@ mod tests {
             "\u{7f}del and é, 漢字, \u{2028}",
             "</script>",
         ];
-        let mut events = vec![Event::default(), call(1)];
-        for (i, t) in odd.iter().enumerate() {
-            let arc = |t: &str| Some(Arc::from(t));
+        let longs: Vec<String> = odd.iter().map(|t| format!("{t}{t}{t}{t}{t}")).collect();
+        let mut events = vec![Event::default(), call("tool1")];
+        for (i, (t, long)) in odd.iter().zip(&longs).enumerate() {
             events.push(Event {
                 kind: "denial",
-                principal: arc(t),
-                session: Some(SessionName::new(Arc::from(format!("{t}{t}{t}{t}{t}")))),
-                profile: arc(t),
-                server: arc(t),
-                method: Text::Owned(t.to_string()),
-                name: Some(t.to_string()),
+                principal: Some(t),
+                session: Some(SessionName::new(long)),
+                profile: Some(t),
+                server: Some(t),
+                method: t,
+                name: Some(t),
                 decision: "denied",
-                by: arc(t),
-                outcome: Some(Text::Owned(t.to_string())),
+                by: Some(t),
+                outcome: Some(t),
                 latency_us: Some(u64::MAX >> i),
                 request_bytes: (i % 2 == 0).then_some(i),
                 response_bytes: Some(usize::MAX),
@@ -1397,19 +1465,32 @@ mod tests {
 
     #[test]
     fn a_record_shows_only_its_sessions_prefix_and_cuts_long_text() {
-        let id: Arc<str> = Arc::from("a-whole-session-id-that-is-a-credential");
+        let id = "a-whole-session-id-that-is-a-credential";
+        let (outcome, method) = ("é".repeat(MAX_TEXT), "m".repeat(4 * MAX_TEXT));
         let event = Event {
-            session: Some(SessionName::new(id.clone())),
-            outcome: Some("é".repeat(MAX_TEXT).into()),
+            session: Some(SessionName::new(id)),
+            outcome: Some(&outcome),
             // A client names the method of a call passed through to its one server.
-            method: "m".repeat(4 * MAX_TEXT).into(),
-            ..call(1)
+            method: &method,
+            ..call("tool1")
         };
         let debugged = format!("{event:?}");
         let written = serde_json::to_string(&event).unwrap();
         for shown in [&debugged, &written] {
             assert!(shown.contains("a-whole-sess"), "{shown}");
-            assert!(!shown.contains(&*id), "the whole id leaked: {shown}");
+            assert!(!shown.contains(id), "the whole id leaked: {shown}");
+        }
+        // Twelve characters, whatever their bytes.
+        for id in [
+            "",
+            "short",
+            id,
+            "ééééééééééééé",
+            "abcdefghijké-more",
+            "漢字漢字漢字漢字漢字漢字漢字",
+        ] {
+            let twelve: String = id.chars().take(12).collect();
+            assert_eq!(log_prefix(id), twelve, "{id:?}");
         }
         // Cut on the way into the queue, at a character boundary.
         let audit = Audit {
@@ -1444,7 +1525,7 @@ mod tests {
         let mut w =
             Writer::open(&settings(&file, seed, 100), Arc::default(), Arc::default()).unwrap();
         for n in 0..3 {
-            w.write_event(&call(n));
+            w.write_event(&call(&format!("tool{n}")));
         }
         drop(w);
         // The disk filled in the middle of the next line.
@@ -1457,7 +1538,7 @@ mod tests {
         drop(f);
         let mut w =
             Writer::open(&settings(&file, seed, 100), Arc::default(), Arc::default()).unwrap();
-        w.write_event(&call(3));
+        w.write_event(&call("tool3"));
         w.checkpoint_if_new();
         drop(w);
         let text = std::fs::read_to_string(&file).unwrap();
@@ -1495,7 +1576,7 @@ mod tests {
         let mut w =
             Writer::open(&settings(&file, seed, 3), Arc::default(), Arc::default()).unwrap();
         for n in 0..7 {
-            w.write_event(&call(n));
+            w.write_event(&call(&format!("tool{n}")));
         }
         w.write_gap(2);
         w.checkpoint_if_new();
@@ -1503,7 +1584,7 @@ mod tests {
         // A restart goes on with the same chain.
         let mut w =
             Writer::open(&settings(&file, seed, 3), Arc::default(), Arc::default()).unwrap();
-        w.write_event(&call(99));
+        w.write_event(&call("tool99"));
         w.checkpoint_if_new();
         drop(w);
         let text = std::fs::read_to_string(&file).unwrap();
@@ -1557,7 +1638,7 @@ mod tests {
         let mut w =
             Writer::open(&settings(&file, seed, 2), Arc::default(), Arc::default()).unwrap();
         for n in 0..4 {
-            w.write_event(&call(n));
+            w.write_event(&call(&format!("tool{n}")));
         }
         drop(w);
         let text = std::fs::read_to_string(&file).unwrap();
@@ -1600,7 +1681,7 @@ mod tests {
             Arc::default(),
         )
         .unwrap();
-        w.write_event(&call(1));
+        w.write_event(&call("tool1"));
         drop(w);
         let mut w = Writer::open(
             &settings(&file.with_extension("b"), seed, 100),
@@ -1629,10 +1710,14 @@ mod tests {
 
     #[test]
     fn long_names_are_cut() {
-        let mut s = "é".repeat(600);
-        cut(&mut s);
+        let long = "é".repeat(600);
+        let s = cut(&long);
         assert!(s.len() <= MAX_TEXT + '…'.len_utf8());
         assert!(s.ends_with('…'));
+        assert!(long.starts_with(s.trim_end_matches('…')));
+        // Short text is left as it is, uncopied.
+        let short = "é".repeat(MAX_TEXT / 2);
+        assert!(matches!(cut(&short), std::borrow::Cow::Borrowed(s) if s == short));
     }
 
     #[test]
@@ -1649,19 +1734,19 @@ mod tests {
         // them); an admin change still has room after.
         let calls = QUEUE - QUEUE / 8;
         for n in 0..calls + 2 {
-            audit.record(call(n));
+            audit.record(call(&format!("tool{n}")));
         }
         audit.record(Event {
             kind: "denial",
-            principal: Some(Arc::from("mallory")),
-            method: "tools/call".into(),
+            principal: Some("mallory"),
+            method: "tools/call",
             decision: "denied",
             ..Default::default()
         });
         audit.record(Event {
             kind: "admin",
-            principal: Some(Arc::from("ops")),
-            method: "upstreams/set".into(),
+            principal: Some("ops"),
+            method: "upstreams/set",
             decision: "allowed",
             ..Default::default()
         });
@@ -1717,19 +1802,19 @@ mod tests {
         // A denial of an identified caller, then a flood of calls and anonymous refusals.
         w.write_event(&Event {
             kind: "denial",
-            principal: Some(Arc::from("mallory")),
-            method: "tools/call".into(),
+            principal: Some("mallory"),
+            method: "tools/call",
             decision: "denied",
-            by: Some(Arc::from("policy")),
+            by: Some("policy"),
             ..Default::default()
         });
         for n in 0..RECENT + 7 {
-            w.write_event(&call(n));
+            w.write_event(&call(&format!("tool{n}")));
             w.write_event(&Event {
                 kind: "denial",
-                method: "tools/list".into(),
+                method: "tools/list",
                 decision: "denied",
-                by: Some(Arc::from("auth")),
+                by: Some("auth"),
                 ..Default::default()
             });
         }
@@ -1794,14 +1879,162 @@ mod tests {
     }
 
     #[test]
-    fn kept_copies_are_the_lines_whatever_their_size() {
-        let mut blocks = Blocks::default();
-        let lines: Vec<Vec<u8>> = (0..2_000)
-            .map(|i| vec![b'a' + (i % 26) as u8; if i % 500 == 7 { BLOCK + 10 } else { i % 300 }])
+    fn lines_of_any_size_reach_the_file_and_the_view_as_written() {
+        let dir = std::env::temp_dir().join(format!("gatehouse-audit-b-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.jsonl");
+        let recent = Recent::default();
+        let mut w = Writer::open(
+            &settings(&file, [4u8; 32], 10_000),
+            Arc::default(),
+            recent.clone(),
+        )
+        .unwrap();
+        // Around a block's size and past it, and many small ones between: lines cross from
+        // one block into the next, and a batch is written as a block fills.
+        let sizes: Vec<usize> = (0..600)
+            .map(|i| match i % 200 {
+                7 => BLOCK + 10,
+                8 => BLOCK - LINK_BYTES - 40,
+                _ => i % 300,
+            })
             .collect();
-        let copies: Vec<Bytes> = lines.iter().map(|l| blocks.copy(l)).collect();
-        for (line, copy) in lines.iter().zip(&copies) {
-            assert_eq!(&copy[..], &line[..]);
+        for (i, n) in sizes.iter().enumerate() {
+            let principal = "p".repeat(*n);
+            w.write_event(&Event {
+                principal: Some(&principal),
+                ..call(&format!("tool{i}"))
+            });
+            if i % 50 == 0 {
+                w.flush();
+            }
+        }
+        w.checkpoint_if_new();
+        drop(w);
+        let written = std::fs::read_to_string(&file).unwrap();
+        let checked = verify(&written, Some(&public([4u8; 32]))).unwrap();
+        assert_eq!(checked.records, sizes.len() as u64 + 1);
+        let calls: Vec<&str> = written
+            .lines()
+            .filter(|l| l.contains(r#""kind":"call""#))
+            .collect();
+        for (line, n) in calls.iter().zip(&sizes) {
+            let principal = members(line).unwrap()["principal"].as_str().unwrap().len();
+            assert_eq!(principal, *n);
+        }
+        let audit = Audit {
+            recent,
+            ..Default::default()
+        };
+        let kept: Vec<Bytes> = audit.recent(View::All, usize::MAX);
+        let bytes: usize = kept.iter().map(|l| l.len()).sum();
+        assert!(
+            !kept.is_empty() && bytes <= RECENT_BYTES + 2 * BLOCK,
+            "{bytes}"
+        );
+        for (kept, line) in kept.iter().zip(calls.iter().rev()) {
+            assert_eq!(&kept[..], line.as_bytes());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file that takes `budget` bytes, then fails one write (a full disk), then takes all.
+    struct Flaky {
+        took: Arc<std::sync::Mutex<Vec<u8>>>,
+        budget: Option<usize>,
+    }
+
+    impl Write for Flaky {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = match &mut self.budget {
+                Some(0) => {
+                    self.budget = None;
+                    return Err(std::io::Error::other("no space left"));
+                }
+                Some(left) => {
+                    let n = buf.len().min(*left);
+                    *left -= n;
+                    n
+                }
+                None => buf.len(),
+            };
+            self.took.lock().unwrap().extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_write_loses_its_lines_not_the_chain() {
+        // The write fails at once, or after the file took the batch's first two lines.
+        for lines_taken in [0, 2] {
+            let took = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let recent = Recent::default();
+            let mut w = Writer::open(
+                &AuditSettings {
+                    file: None,
+                    ..settings(Path::new("unused"), [5u8; 32], 10_000)
+                },
+                Arc::default(),
+                recent.clone(),
+            )
+            .unwrap();
+            w.out = Box::new(Flaky {
+                took: took.clone(),
+                budget: None,
+            });
+            for n in 0..3 {
+                w.write_event(&call(&format!("before{n}")));
+            }
+            w.flush();
+            let before = took.lock().unwrap().len();
+            for n in 0..5 {
+                w.write_event(&call(&format!("lost{n}")));
+            }
+            let budget = w.lines[..lines_taken].last().map_or(0, |l| l.end);
+            w.out = Box::new(Flaky {
+                took: took.clone(),
+                budget: Some(budget),
+            });
+            w.flush();
+            assert_eq!(took.lock().unwrap().len(), before + budget);
+            w.write_event(&call("after"));
+            w.checkpoint_if_new();
+            drop(w);
+            let text = String::from_utf8(took.lock().unwrap().clone()).unwrap();
+            let checked = verify(&text, Some(&public([5u8; 32])))
+                .unwrap_or_else(|b| panic!("{b} in\n{text}"));
+            let names: Vec<String> = text
+                .lines()
+                .filter_map(|l| members(l).unwrap().get("name").cloned())
+                .map(|n| n.as_str().unwrap().to_owned())
+                .collect();
+            let mut want: Vec<String> = (0..3).map(|n| format!("before{n}")).collect();
+            want.extend((0..lines_taken).map(|n| format!("lost{n}")));
+            want.push("after".into());
+            assert_eq!(names, want, "{text}");
+            // The loss is told, in the chain, before the next record.
+            let gap = text
+                .lines()
+                .find(|l| l.contains(r#""kind":"gap""#))
+                .unwrap();
+            assert_eq!(members(gap).unwrap()["lost"], 5 - lines_taken as u64);
+            assert_eq!(checked.last_seq, checked.first_seq + checked.records - 1);
+            // The views show only what the file took.
+            let audit = Audit {
+                recent,
+                ..Default::default()
+            };
+            let shown = audit.recent(View::All, usize::MAX);
+            assert!(
+                shown
+                    .iter()
+                    .all(|l| text.contains(std::str::from_utf8(l).unwrap())),
+                "a view shows a line the file lacks"
+            );
         }
     }
 
@@ -1814,7 +2047,7 @@ mod tests {
         s.max_bytes = 2000;
         let mut w = Writer::open(&s, Arc::default(), Arc::default()).unwrap();
         for n in 0..40 {
-            w.write_event(&call(n));
+            w.write_event(&call(&format!("tool{n}")));
         }
         w.checkpoint_if_new();
         drop(w);

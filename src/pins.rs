@@ -846,12 +846,12 @@ impl Pins {
             }
             audit.record(Event {
                 kind,
-                server: Some(server.clone()),
-                method: "tools/list".into(),
-                name: Some(name),
+                server: Some(server),
+                method: "tools/list",
+                name: Some(&name),
                 decision,
-                by: Some(Arc::from("pinning")),
-                outcome: Some(outcome.into()),
+                by: Some("pinning"),
+                outcome: Some(&outcome),
                 ..Default::default()
             });
             metrics.tools_unapproved.set(self.count_flagged() as i64);
@@ -929,18 +929,19 @@ impl Pins {
             });
             pin.clone()
         };
+        let digest = pin
+            .approved
+            .as_ref()
+            .map(|a| format!("digest {}", a.digest));
         audit.record(Event {
             kind: "approval",
-            principal: Some(Arc::from(by)),
-            server: Some(Arc::from(server)),
-            method: "pins/approve".into(),
-            name: Some(tool.to_owned()),
+            principal: Some(by),
+            server: Some(server),
+            method: "pins/approve",
+            name: Some(tool),
             decision: "approved",
-            by: Some(Arc::from("admin")),
-            outcome: pin
-                .approved
-                .as_ref()
-                .map(|a| format!("digest {}", a.digest).into()),
+            by: Some("admin"),
+            outcome: digest.as_deref(),
             ..Default::default()
         });
         metrics.tools_unapproved.set(self.count_flagged() as i64);

@@ -182,11 +182,12 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
         && (change || resp.status() == StatusCode::FORBIDDEN)
     {
         let authenticated = who.is_some();
+        let status = resp.status().as_u16().to_string();
         let event = crate::audit::Event {
             kind: "admin",
-            principal: who.map(|i| i.principal),
-            method: method.into(),
-            name: Some(path),
+            principal: who.as_ref().map(|i| &*i.principal),
+            method: &method,
+            name: Some(&path),
             // Refused for who asked; any other failure (a 404, a bad body) was allowed and
             // failed, as the outcome says.
             decision: if matches!(
@@ -197,7 +198,7 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<hyper::body::Incoming>) -> Res
             } else {
                 "allowed"
             },
-            outcome: Some(resp.status().as_u16().to_string().into()),
+            outcome: Some(&status),
             ..Default::default()
         };
         // Without credentials, anyone can cause these: bounded like refused tokens.

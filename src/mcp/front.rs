@@ -304,16 +304,14 @@ pub(crate) fn audit_refusal(gw: &Gateway, known: Option<(Principal, &str)>, e: &
         principal,
         method,
         decision: "denied",
-        by: Some(Arc::from("auth")),
-        outcome: Some(e.to_owned().into()),
+        by: Some("auth"),
+        outcome: Some(e),
         ..Default::default()
     };
     match known {
-        Some((p, m)) => gw.audit.record(event(Some(p), m.to_owned().into())),
+        Some((p, m)) => gw.audit.record(event(Some(&p), m)),
         // Anyone can cause these: bounded, so a flood cannot rotate the history away.
-        None => gw
-            .audit
-            .record_unauthenticated(event(None, crate::audit::Text::Borrowed(""))),
+        None => gw.audit.record_unauthenticated(event(None, "")),
     }
 }
 

@@ -184,15 +184,15 @@ impl Policy {
         if let Some(audit) = &self.audit {
             audit.record(crate::audit::Event {
                 kind: "denial",
-                principal: self.principal.clone(),
-                session: Some(crate::audit::SessionName::new(self.session_id.clone())),
-                profile: self.profile.clone(),
-                server: Some(self.server.clone()),
-                method: self.method.clone().into(),
-                name: self.name.clone(),
+                principal: self.principal.as_deref(),
+                session: Some(crate::audit::SessionName::new(&self.session_id)),
+                profile: self.profile.as_deref(),
+                server: Some(&self.server),
+                method: &self.method,
+                name: self.name.as_deref(),
                 decision: "denied",
-                by: Some(d.plugin.clone()),
-                outcome: Some(d.message.clone().into()),
+                by: Some(&d.plugin),
+                outcome: Some(&d.message),
                 ..Default::default()
             });
         }

@@ -284,33 +284,63 @@ async fn list_all(sv: Services<'_>, session: &Arc<Session>, kind: super::aggrega
 
 /// A call's audit record: written when the call ends, or as `abandoned` when the call is
 /// dropped first (the client went away, the session ended): the trail never misses a call
-/// that reached an upstream.
-struct CallRecord {
-    audit: Arc<crate::audit::Audit>,
+/// that reached an upstream. It holds views of what the call holds anyway: no copies, and no
+/// reference counts shared with other calls.
+struct CallRecord<'a> {
+    audit: &'a crate::audit::Audit,
+    session: &'a Session,
+    server: &'a str,
+    method: &'a str,
+    /// The name or URI, as read from the params before they went upstream.
+    name: Option<&'a str>,
+    request_bytes: usize,
     started: Instant,
-    event: Option<crate::audit::Event>,
+    /// Whether the record is still to be written (not while the pins hold the call back).
+    pending: bool,
 }
 
-impl CallRecord {
-    fn finish(&mut self, outcome: &'static str, response_bytes: usize) {
-        if let Some(mut e) = self.event.take() {
-            if outcome == "denied" {
-                e.decision = "denied";
-            }
-            e.outcome = Some(outcome.into());
-            e.response_bytes = Some(response_bytes);
-            e.latency_us = Some(self.started.elapsed().as_micros() as u64);
-            self.audit.record(e);
+impl CallRecord<'_> {
+    fn write(
+        &self,
+        decision: &'static str,
+        outcome: &str,
+        response_bytes: Option<usize>,
+        took: Duration,
+    ) {
+        self.audit.record(crate::audit::Event {
+            kind: "call",
+            principal: self.session.principal.as_deref(),
+            session: Some(crate::audit::SessionName::new(&self.session.id)),
+            profile: self.session.profile().map(|p| &*p.name),
+            server: Some(self.server),
+            method: self.method,
+            name: self.name,
+            decision,
+            by: None,
+            outcome: Some(outcome),
+            latency_us: Some(took.as_micros() as u64),
+            request_bytes: Some(self.request_bytes),
+            response_bytes,
+        });
+    }
+
+    /// Writes the record of a call that ended `outcome` after `took`.
+    fn finish(&mut self, outcome: &'static str, response_bytes: usize, took: Duration) {
+        if std::mem::take(&mut self.pending) {
+            let decision = if outcome == "denied" {
+                "denied"
+            } else {
+                "allowed"
+            };
+            self.write(decision, outcome, Some(response_bytes), took);
         }
     }
 }
 
-impl Drop for CallRecord {
+impl Drop for CallRecord<'_> {
     fn drop(&mut self) {
-        if let Some(mut e) = self.event.take() {
-            e.outcome = Some("abandoned".into());
-            e.latency_us = Some(self.started.elapsed().as_micros() as u64);
-            self.audit.record(e);
+        if self.pending {
+            self.write("allowed", "abandoned", None, self.started.elapsed());
         }
     }
 }
@@ -318,7 +348,7 @@ impl Drop for CallRecord {
 /// The tool or prompt name, or the resource URI, of forwarded params: the field the router
 /// routed `method` by (a decoy in another field is not what is recorded). A name given twice,
 /// or beside a key a server may read as it, is not recorded: which one ran is not known.
-fn audit_target(method: &str, params: Option<&[u8]>) -> Option<String> {
+fn audit_target<'a>(method: &str, params: Option<&'a [u8]>) -> Option<Cow<'a, str>> {
     #[derive(serde::Deserialize)]
     struct Target {
         uri: Option<String>,
@@ -327,10 +357,12 @@ fn audit_target(method: &str, params: Option<&[u8]>) -> Option<String> {
         "tools/call" | "prompts/get" => super::call_params::CallParams::read(params)
             .ok()?
             .name()
-            .ok()
-            .map(Cow::into_owned),
+            .ok(),
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
-            serde_json::from_slice::<Target>(params?).ok()?.uri
+            serde_json::from_slice::<Target>(params?)
+                .ok()?
+                .uri
+                .map(Cow::Owned)
         }
         _ => None,
     }
@@ -343,8 +375,6 @@ struct PinnedCall {
     pinning: super::aggregate::Pinning,
     /// The call's options for its one retry, after meeting a new connection.
     again: Option<CallOpts>,
-    /// Its audit record, kept back until the pins allow the call.
-    event: Option<crate::audit::Event>,
 }
 
 /// A client that asked for progress hears that the call waits for a sleeping server to wake
@@ -405,13 +435,17 @@ pub(super) async fn forward(
                     metrics: sv.metrics.clone(),
                 },
                 again: None,
-                event: None,
             })
         }),
         _ => None,
     };
+    // What the audit trail records of the call, taken before the params go upstream: the
+    // name a caller routed by, else read (in the call's future) from the params as given.
+    let audit = sv.audit.is_on().then(|| sv.audit.clone());
+    let routed_by = audit.as_ref().and(target).map(str::to_owned);
+    let request_bytes = params.as_ref().map_or(0, |p| p.len());
     let target = || match target {
-        Some(t) => Some(t.to_owned()),
+        Some(t) => Some(Cow::Borrowed(t)),
         None => audit_target(method, params.as_deref()),
     };
     // Routed by and written into every progress notification while the call runs.
@@ -433,27 +467,6 @@ pub(super) async fn forward(
         Ok(t) => t,
         Err(busy) => return super::too_busy(&id, busy),
     };
-    // What the audit trail records of the call, taken before the params go upstream.
-    let mut audited = sv.audit.is_on().then(|| CallRecord {
-        audit: sv.audit.clone(),
-        started,
-        event: Some(crate::audit::Event {
-            kind: "call",
-            principal: session.principal.clone(),
-            session: Some(crate::audit::SessionName::new(session.id.clone())),
-            profile: session.profile().map(|p| p.name.clone()),
-            server: Some(server.name.clone()),
-            method: if label == method {
-                label.into()
-            } else {
-                method.to_owned().into()
-            },
-            name: target(),
-            decision: "allowed",
-            request_bytes: Some(params.as_ref().map_or(0, |p| p.len())),
-            ..Default::default()
-        }),
-    });
     // Traced: the upstream call is a client span, and the server is told it is the parent
     // (in `_meta` for every transport, and as the `traceparent` header over HTTP).
     let mut upstream_span = sv.trace.map(|s| {
@@ -498,13 +511,25 @@ pub(super) async fn forward(
             awaiting: sv.awaiting.cloned(),
             ..CallOpts::default()
         });
-        // A call the pins refuse, or abandoned while checked, is not recorded as a call.
-        p.event = audited.as_mut().and_then(|r| r.event.take());
     }
     let session2 = session.clone();
     let method = method.to_owned();
     let call = crate::boxed::in_place(|| async move {
-        let _given = given;
+        let read_name = match (&audit, &routed_by) {
+            (Some(_), None) => audit_target(&method, given.as_deref()),
+            _ => None,
+        };
+        let mut audited = audit.as_deref().map(|audit| CallRecord {
+            audit,
+            session: &session2,
+            server: &server.name,
+            method: if label == method { label } else { &method },
+            name: routed_by.as_deref().or(read_name.as_deref()),
+            request_bytes,
+            started,
+            // A call the pins refuse, or abandoned while checked, is not recorded as a call.
+            pending: pinned.is_none(),
+        });
         let mut opts = opts;
         let checked = loop {
             if let Some(p) = &mut pinned {
@@ -521,14 +546,14 @@ pub(super) async fn forward(
                     Err(super::aggregate::PinRefusal::Upstream(e)) => {
                         // A call that failed: recorded as one (its record was kept back
                         // until the pins allowed it).
-                        if let (Some(record), Some(event)) = (&mut audited, p.event.take()) {
-                            record.event = Some(event);
+                        if let Some(record) = &mut audited {
+                            record.pending = true;
                         }
                         break Ok(Err(e));
                     }
                 }
-                if let (Some(record), Some(event)) = (&mut audited, p.event.take()) {
-                    record.event = Some(event);
+                if let Some(record) = &mut audited {
+                    record.pending = true;
                 }
             }
             let result = session2.links()[index]
@@ -538,8 +563,8 @@ pub(super) async fn forward(
                 (Err(UpstreamError::Reconnected { .. }), Some(next)) => {
                     opts = next;
                     // Unsent: kept back again until the pins allow it.
-                    if let (Some(p), Some(record)) = (&mut pinned, &mut audited) {
-                        p.event = record.event.take();
+                    if let Some(record) = &mut audited {
+                        record.pending = false;
                     }
                 }
                 (result, _) => break Ok(result),
@@ -551,7 +576,7 @@ pub(super) async fn forward(
                 drop(inflight);
                 // A denial, not a call (checked again after a reconnection, say).
                 if let Some(record) = &mut audited {
-                    record.event = None;
+                    record.pending = false;
                 }
                 if let Some(span) = &mut upstream_span {
                     span.fail("denied by pinning");
@@ -559,15 +584,15 @@ pub(super) async fn forward(
                 server.requests.record(label, "denied", started.elapsed());
                 audit.record(crate::audit::Event {
                     kind: "denial",
-                    principal: session2.principal.clone(),
-                    session: Some(crate::audit::SessionName::new(session2.id.clone())),
-                    profile: session2.profile().map(|p| p.name.clone()),
-                    server: Some(server.name.clone()),
-                    method: method.into(),
-                    name: Some(local),
+                    principal: session2.principal.as_deref(),
+                    session: Some(crate::audit::SessionName::new(&session2.id)),
+                    profile: session2.profile().map(|p| &*p.name),
+                    server: Some(&server.name),
+                    method: &method,
+                    name: Some(&local),
                     decision: "denied",
-                    by: Some(Arc::from("pinning")),
-                    outcome: Some(why.clone().into()),
+                    by: Some("pinning"),
+                    outcome: Some(&why),
                     ..Default::default()
                 });
                 return jsonrpc::error_response(Some(&id), code::TOOL_NOT_APPROVED, &why);
@@ -606,9 +631,10 @@ pub(super) async fn forward(
                 )
             }
         };
-        server.requests.record(label, outcome, started.elapsed());
+        let took = started.elapsed();
+        server.requests.record(label, outcome, took);
         if let Some(record) = &mut audited {
-            record.finish(outcome, frame.len());
+            record.finish(outcome, frame.len(), took);
         }
         frame
     });
@@ -621,7 +647,9 @@ mod tests {
 
     #[test]
     fn the_trail_records_the_name_routed_by_and_none_when_it_is_in_doubt() {
-        let target = |method, params: &str| audit_target(method, Some(params.as_bytes()));
+        fn target(method: &str, params: &str) -> Option<String> {
+            audit_target(method, Some(params.as_bytes())).map(|n| n.into_owned())
+        }
         assert_eq!(
             target("tools/call", r#"{"arguments":{"name":"decoy"},"name":"t"}"#).as_deref(),
             Some("t")

@@ -237,11 +237,11 @@ fn audit_told(sv: Services<'_>, session: &Session, server: &Arc<str>, method: &s
     if sv.audit.is_on() {
         sv.audit.record(crate::audit::Event {
             kind: "call",
-            principal: session.principal.clone(),
-            session: Some(crate::audit::SessionName::new(session.id.clone())),
-            profile: session.profile().map(|p| p.name.clone()),
-            server: Some(server.clone()),
-            method: method.to_owned().into(),
+            principal: session.principal.as_deref(),
+            session: Some(crate::audit::SessionName::new(&session.id)),
+            profile: session.profile().map(|p| &*p.name),
+            server: Some(server),
+            method,
             decision: "allowed",
             ..Default::default()
         });
