@@ -608,6 +608,53 @@ mod tests {
     }
 
     #[test]
+    fn a_plain_run_ends_at_the_first_quote_backslash_or_control_character() {
+        let ends = |b: u8| b == b'"' || b == b'\\' || b < 0x20;
+        let naive = |text: &[u8], at: usize| {
+            (at..text.len())
+                .find(|&i| ends(text[i]))
+                .unwrap_or(text.len())
+        };
+        // Every byte value, alone or after another that ends a run (whose borrow must not
+        // mark it), at every place in texts of every length the word looks and the tail
+        // take, from every start.
+        for len in 0..=26 {
+            for at in 0..=len {
+                for place in 0..len {
+                    for b in 0..=255u8 {
+                        for lower in [None, Some(b'"'), Some(0u8)] {
+                            let mut text = vec![b'x'; len];
+                            text[place] = b;
+                            if let (Some(l), Some(p)) = (lower, place.checked_sub(1)) {
+                                text[p] = l;
+                            }
+                            assert_eq!(
+                                plain_run(&text, at),
+                                naive(&text, at),
+                                "{text:?} from {at}"
+                            );
+                        }
+                    }
+                }
+                assert_eq!(plain_run(&vec![b'x'; len], at), len);
+            }
+        }
+        for s in [
+            "",
+            "a",
+            "ok",
+            "\"",
+            "call",
+            "tools/call",
+            "allowed",
+            "a\u{1}b",
+            "é漢",
+        ] {
+            assert_eq!(is_plain(s.as_bytes()), !s.bytes().any(ends), "{s:?}");
+        }
+    }
+
+    #[test]
     fn a_control_character_in_a_string_is_found_wherever_it_falls_in_a_word() {
         for at in 0..17 {
             let mut s = "x".repeat(16);
