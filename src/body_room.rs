@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::Principal;
 
@@ -17,27 +16,75 @@ const KEPT_PRINCIPALS: usize = 1024;
 
 /// The room all clients' bodies share, and each principal's share of it.
 pub struct BodyRoom {
-    all: Arc<Semaphore>,
+    all: Arc<Share>,
     /// Per principal. Callers without one (no authentication: nothing tells them apart) have
     /// the whole room together.
-    principals: DashMap<Principal, Arc<Semaphore>, foldhash::fast::RandomState>,
+    principals: DashMap<Principal, Arc<Share>, foldhash::fast::RandomState>,
     /// Principals kept past which the idle ones are next forgotten: twice those left by the
     /// last sweep (at least [`KEPT_PRINCIPALS`]), so that sweeps cost O(1) a new principal.
     sweep_at: AtomicUsize,
     share: usize,
 }
 
-/// Room a body holds, one permit a byte; given back when dropped.
+/// Room a body holds; given back when dropped.
 #[derive(Default)]
 pub struct Room {
-    all: Option<OwnedSemaphorePermit>,
-    own: Option<OwnedSemaphorePermit>,
+    all: Option<Held>,
+    own: Option<Held>,
 }
 
 impl Room {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.all.as_ref().map_or(0, |p| p.num_permits())
+        self.all.as_ref().map_or(0, |h| h.bytes)
+    }
+}
+
+/// Bytes of a room (or of a principal's share of it) that bodies hold, and at most how many.
+/// Taken without waiting and given back with atomics alone: a semaphore's release takes a
+/// lock, which every request paid once for the room and once for its caller's share.
+struct Share {
+    held: AtomicUsize,
+    limit: usize,
+}
+
+impl Share {
+    fn new(limit: usize) -> Arc<Share> {
+        Arc::new(Share {
+            held: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    /// `bytes` more held, if that stays within the limit.
+    fn take(self: &Arc<Share>, bytes: usize) -> Option<Held> {
+        // Counts only: no other memory is handed over with them, so any ordering will do.
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(bytes).filter(|&h| h <= self.limit)
+            })
+            .ok()?;
+        Some(Held {
+            share: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Bytes not held.
+    fn available(&self) -> usize {
+        self.limit.saturating_sub(self.held.load(Ordering::Relaxed))
+    }
+}
+
+/// Bytes held of a [`Share`], given back when dropped.
+struct Held {
+    share: Arc<Share>,
+    bytes: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.share.held.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -55,7 +102,7 @@ impl BodyRoom {
     /// principal.
     pub fn new(total: usize, one_body: usize) -> BodyRoom {
         BodyRoom {
-            all: Arc::new(Semaphore::new(total)),
+            all: Share::new(total),
             principals: DashMap::default(),
             sweep_at: AtomicUsize::new(KEPT_PRINCIPALS),
             share: (total / 4).max(one_body).min(total),
@@ -64,14 +111,14 @@ impl BodyRoom {
 
     /// Bytes no body holds.
     pub fn available(&self) -> usize {
-        self.all.available_permits()
+        self.all.available()
     }
 
     /// Bytes of `principal`'s share no body of its holds.
     pub fn available_to(&self, principal: &Principal) -> usize {
         self.principals
             .get(principal)
-            .map_or(self.share, |s| s.available_permits())
+            .map_or(self.share, |s| s.available())
     }
 
     /// The most one caller's bodies may hold at once.
@@ -87,20 +134,11 @@ impl BodyRoom {
         principal: Option<&Principal>,
         more: usize,
     ) -> Result<(), Full> {
-        let more = u32::try_from(more).map_err(|_| Full::All)?;
         let own = match principal {
-            Some(p) => Some(
-                self.principal(p)
-                    .try_acquire_many_owned(more)
-                    .map_err(|_| Full::Caller)?,
-            ),
+            Some(p) => Some(self.principal(p).take(more).ok_or(Full::Caller)?),
             None => None,
         };
-        let all = self
-            .all
-            .clone()
-            .try_acquire_many_owned(more)
-            .map_err(|_| Full::All)?;
+        let all = self.all.take(more).ok_or(Full::All)?;
         if let Some(own) = own {
             merge(&mut room.own, own);
         }
@@ -108,21 +146,21 @@ impl BodyRoom {
         Ok(())
     }
 
-    fn principal(&self, principal: &Principal) -> Arc<Semaphore> {
+    fn principal(&self, principal: &Principal) -> Arc<Share> {
         if let Some(s) = self.principals.get(principal) {
             return s.clone();
         }
         if self.principals.len() >= self.sweep_at.load(Ordering::Relaxed) {
             // A share nobody's body holds is as good as a new one.
             self.principals
-                .retain(|_, s| s.available_permits() < self.share || Arc::strong_count(s) > 1);
+                .retain(|_, s| s.available() < self.share || Arc::strong_count(s) > 1);
             let left = self.principals.len();
             self.sweep_at
                 .store((2 * left).max(KEPT_PRINCIPALS), Ordering::Relaxed);
         }
         self.principals
             .entry(principal.clone())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.share)))
+            .or_insert_with(|| Share::new(self.share))
             .clone()
     }
 }
@@ -147,9 +185,17 @@ pub fn derived(copy: Vec<u8>, source: &Bytes) -> Bytes {
     })
 }
 
-fn merge(held: &mut Option<OwnedSemaphorePermit>, more: OwnedSemaphorePermit) {
+fn merge(held: &mut Option<Held>, mut more: Held) {
     match held {
-        Some(h) => h.merge(more),
+        Some(h) => {
+            // A body's room grows in the share it started in (a principal's share is kept
+            // while a body holds any of it), as semaphore permits had to.
+            assert!(
+                Arc::ptr_eq(&h.share, &more.share),
+                "a body's room grows within one share"
+            );
+            h.bytes += std::mem::take(&mut more.bytes);
+        }
         None => *held = Some(more),
     }
 }
@@ -219,6 +265,50 @@ mod tests {
             "the next sweep is further off"
         );
         drop(busy);
+    }
+
+    #[test]
+    fn racing_callers_never_hold_more_than_the_room_and_give_all_of_it_back() {
+        let room = Arc::new(BodyRoom::new(10_000, 100));
+        let alice: Principal = "alice".into();
+        let most = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (room, alice, most) = (room.clone(), alice.clone(), most.clone());
+                std::thread::spawn(move || {
+                    let mut held = Vec::new();
+                    for i in 0..20_000usize {
+                        let mut r = Room::default();
+                        let who = (t % 2 == 0).then_some(&alice);
+                        if room.grow(&mut r, who, 1 + (i * 7 + t) % 300).is_ok() {
+                            let _ = room.grow(&mut r, who, i % 50);
+                            held.push(r);
+                        }
+                        let hers = room
+                            .principals
+                            .get(&alice)
+                            .map(|s| s.held.load(Ordering::Relaxed));
+                        assert!(hers.unwrap_or(0) <= room.share(), "alice holds {hers:?}");
+                        most.fetch_max(room.all.held.load(Ordering::Relaxed), Ordering::Relaxed);
+                        if held.len() > 8 {
+                            held.remove(i % held.len());
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(most.load(Ordering::Relaxed) <= 10_000);
+        assert!(
+            most.load(Ordering::Relaxed) > 5_000,
+            "the room was never close to full"
+        );
+        assert_eq!(
+            (room.available(), room.available_to(&alice)),
+            (10_000, room.share())
+        );
     }
 
     #[test]
