@@ -597,6 +597,8 @@ struct Writer {
     /// The chain's end (`seq`, `prev`) before `batch`'s first line: where the chain goes on
     /// from when the batch cannot be written.
     batch_from: (u64, String),
+    /// The rest of a line a failed write took part of: written before anything else.
+    unfinished: Bytes,
     /// The time of the line being written, as text.
     stamp: Stamp,
     /// Where written lines are also shipped (OTLP logs), once the gateway started shipping.
@@ -609,6 +611,20 @@ impl Drop for Writer {
     fn drop(&mut self) {
         self.flush();
     }
+}
+
+/// Writes what of `bytes` `out` takes until it fails: how many bytes it took, and the error.
+fn write_some(out: &mut (dyn Write + Send), bytes: &[u8]) -> (usize, Option<std::io::Error>) {
+    let mut taken = 0;
+    while taken < bytes.len() {
+        match out.write(&bytes[taken..]) {
+            Ok(0) => return (taken, Some(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => taken += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (taken, Some(e)),
+        }
+    }
+    (taken, None)
 }
 
 /// A line of a batch, until it is written.
@@ -694,6 +710,7 @@ impl Writer {
             batch: bytes::BytesMut::new(),
             lines: Vec::new(),
             batch_from: (0, String::new()),
+            unfinished: Bytes::new(),
             stamp: Stamp::default(),
             shipping,
             recent,
@@ -814,8 +831,12 @@ impl Writer {
         let mut m = Map::new();
         m.insert("kind".into(), "gap".into());
         m.insert("lost".into(), lost.into());
-        tracing::warn!(lost, "audit records lost: the queue was full");
+        tracing::warn!(
+            lost,
+            "audit records lost: the queue was full or a write failed"
+        );
         self.write(m);
+        self.since_checkpoint += 1;
     }
 
     /// A signed checkpoint over the chain so far, if anything was written since the last one.
@@ -824,6 +845,9 @@ impl Writer {
             self.flush();
             return;
         }
+        // What it signs is the chain's end once the lines before it are written: a write
+        // that fails moves that end back.
+        self.flush();
         self.since_checkpoint = 0;
         self.signing = true;
         let mut m = Map::new();
@@ -860,10 +884,6 @@ impl Writer {
     /// in the batch and reaches the file with it.
     fn write_object(&mut self, object: &[u8], keep: Keep) {
         use bytes::BufMut as _;
-        let Some(seq) = self.seq.checked_add(1) else {
-            tracing::error!("the audit trail's sequence is exhausted: nothing more is written");
-            return;
-        };
         let Some((b'}', members)) = object.split_last() else {
             return;
         };
@@ -874,6 +894,11 @@ impl Writer {
             self.flush();
             self.batch.reserve(need.max(BLOCK));
         }
+        // After that flush: one that failed moved the chain's end back.
+        let Some(seq) = self.seq.checked_add(1) else {
+            tracing::error!("the audit trail's sequence is exhausted: nothing more is written");
+            return;
+        };
         if self.lines.is_empty() {
             self.batch_from.0 = self.seq;
             self.batch_from.1.clone_from(&self.prev);
@@ -923,24 +948,23 @@ impl Writer {
     /// Hands the batch to the file, then to the views and the collector. The chain moves on
     /// only with lines written: lines a failed write did not take are a loss (the next record
     /// says so), and the chain goes on from the last line the file took, not from lines it
-    /// does not have (which would look like tampering).
+    /// does not have (which would look like tampering). A line the file took only part of is
+    /// finished before anything else is written to it: a torn line mid-file would break the
+    /// chain for good, where a torn last line is set aside at the next start.
     fn flush(&mut self) {
-        if self.lines.is_empty() {
+        if self.lines.is_empty() && self.unfinished.is_empty() {
             return;
         }
         let batch = self.batch.split().freeze();
-        let mut taken = 0;
-        let failed = loop {
-            if taken == batch.len() {
-                break None;
-            }
-            match self.out.write(&batch[taken..]) {
-                Ok(0) => break Some(std::io::Error::from(std::io::ErrorKind::WriteZero)),
-                Ok(n) => taken += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => break Some(e),
-            }
-        };
+        let (mut taken, mut failed) = (0, None);
+        if !self.unfinished.is_empty() {
+            let (rest, error) = write_some(&mut *self.out, &self.unfinished);
+            bytes::Buf::advance(&mut self.unfinished, rest);
+            failed = error;
+        }
+        if failed.is_none() {
+            (taken, failed) = write_some(&mut *self.out, &batch);
+        }
         let failed = failed.or_else(|| self.out.flush().err());
         let whole = self.lines.partition_point(|l| l.end <= taken);
         let mut start = 0;
@@ -978,12 +1002,26 @@ impl Writer {
                 }
             }
         }
-        if let Some(e) = failed {
+        if let Some(e) = failed
+            && !self.lines.is_empty()
+        {
             tracing::error!("cannot write the audit trail: {e}");
-            let lost = &self.lines[whole..];
+            // A line begun is the chain's end, to be finished first; the rest are lost.
+            let mut kept_end = start;
+            let mut ends_chain = whole;
+            if taken > start {
+                kept_end = self.lines[whole].end;
+                ends_chain += 1;
+                self.unfinished = batch.slice(taken..kept_end);
+            }
+            let lost = &self.lines[ends_chain..];
             self.pending_loss += lost.len() as u64;
-            self.written -= (batch.len() - taken) as u64;
-            match whole.checked_sub(1).map(|i| &self.lines[i]) {
+            // A lost checkpoint leaves the lines before it to the next one.
+            if lost.iter().any(|l| matches!(l.keep, Keep::Nowhere)) {
+                self.since_checkpoint += 1;
+            }
+            self.written -= (batch.len() - kept_end) as u64;
+            match ends_chain.checked_sub(1).map(|i| &self.lines[i]) {
                 Some(last) => {
                     self.seq = last.seq;
                     self.prev.clear();
@@ -1969,8 +2007,14 @@ mod tests {
 
     #[test]
     fn a_failed_write_loses_its_lines_not_the_chain() {
-        // The write fails at once, or after the file took the batch's first two lines.
-        for lines_taken in [0, 2] {
+        // The write fails at once, after the file took two lines, or within the third line
+        // (which is then finished before anything else); or while a block fills in the middle
+        // of a batch (the lines after it are made on the chain's end moved back).
+        for (case, (budget_lines, torn_bytes, batch)) in
+            [(0, 0, 5), (2, 0, 5), (2, 10, 5), (0, 0, 400)]
+                .into_iter()
+                .enumerate()
+        {
             let took = Arc::new(std::sync::Mutex::new(Vec::new()));
             let recent = Recent::default();
             let mut w = Writer::open(
@@ -1991,38 +2035,60 @@ mod tests {
             }
             w.flush();
             let before = took.lock().unwrap().len();
-            for n in 0..5 {
-                w.write_event(&call(&format!("lost{n}")));
+            let pad = "p".repeat(300);
+            if batch > 100 {
+                // Fails the flush a full block makes.
+                w.out = Box::new(Flaky {
+                    took: took.clone(),
+                    budget: Some(0),
+                });
             }
-            let budget = w.lines[..lines_taken].last().map_or(0, |l| l.end);
-            w.out = Box::new(Flaky {
-                took: took.clone(),
-                budget: Some(budget),
-            });
-            w.flush();
-            assert_eq!(took.lock().unwrap().len(), before + budget);
+            for n in 0..batch {
+                let name = format!("lost{n}");
+                w.write_event(&Event {
+                    principal: Some(if batch > 100 { &pad } else { "alice" }),
+                    ..call(&name)
+                });
+            }
+            if batch <= 100 {
+                let budget = w.lines[..budget_lines].last().map_or(0, |l| l.end) + torn_bytes;
+                w.out = Box::new(Flaky {
+                    took: took.clone(),
+                    budget: Some(budget),
+                });
+                w.flush();
+                assert_eq!(took.lock().unwrap().len(), before + budget, "case {case}");
+            }
             w.write_event(&call("after"));
             w.checkpoint_if_new();
             drop(w);
             let text = String::from_utf8(took.lock().unwrap().clone()).unwrap();
             let checked = verify(&text, Some(&public([5u8; 32])))
-                .unwrap_or_else(|b| panic!("{b} in\n{text}"));
+                .unwrap_or_else(|b| panic!("case {case}: {b} in\n{text}"));
             let names: Vec<String> = text
                 .lines()
                 .filter_map(|l| members(l).unwrap().get("name").cloned())
                 .map(|n| n.as_str().unwrap().to_owned())
                 .collect();
-            let mut want: Vec<String> = (0..3).map(|n| format!("before{n}")).collect();
-            want.extend((0..lines_taken).map(|n| format!("lost{n}")));
-            want.push("after".into());
-            assert_eq!(names, want, "{text}");
-            // The loss is told, in the chain, before the next record.
+            // The loss is told, in the chain, after what the file took.
             let gap = text
                 .lines()
                 .find(|l| l.contains(r#""kind":"gap""#))
                 .unwrap();
-            assert_eq!(members(gap).unwrap()["lost"], 5 - lines_taken as u64);
+            let lost = members(gap).unwrap()["lost"].as_u64().unwrap();
+            let made = names.iter().filter(|n| n.starts_with("lost")).count();
+            assert_eq!(made as u64 + lost, batch as u64, "case {case}: {text}");
+            assert!(lost > 0, "case {case}");
+            if batch <= 100 {
+                let mut want: Vec<String> = (0..3).map(|n| format!("before{n}")).collect();
+                let finished = budget_lines + usize::from(torn_bytes > 0);
+                want.extend((0..finished).map(|n| format!("lost{n}")));
+                want.push("after".into());
+                assert_eq!(names, want, "case {case}: {text}");
+            }
+            assert_eq!(names.last().map(String::as_str), Some("after"));
             assert_eq!(checked.last_seq, checked.first_seq + checked.records - 1);
+            assert_eq!(checked.unsigned_tail, 0, "case {case}: the end is signed");
             // The views show only what the file took.
             let audit = Audit {
                 recent,
@@ -2033,7 +2099,7 @@ mod tests {
                 shown
                     .iter()
                     .all(|l| text.contains(std::str::from_utf8(l).unwrap())),
-                "a view shows a line the file lacks"
+                "case {case}: a view shows a line the file lacks"
             );
         }
     }
