@@ -1825,18 +1825,25 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn the_recent_lines_are_the_last_written_newest_first_and_bounded() {
-        let dir = std::env::temp_dir().join(format!("gatehouse-audit-m-{}", std::process::id()));
+    /// A writer of a new trail in a directory of its own (named by `tag`), and its views.
+    fn with_views(tag: &str, seed: [u8; 32]) -> (PathBuf, PathBuf, Recent, Writer) {
+        let dir =
+            std::env::temp_dir().join(format!("gatehouse-audit-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("a.jsonl");
         let recent = Recent::default();
-        let mut w = Writer::open(
-            &settings(&file, [2u8; 32], 10_000),
+        let w = Writer::open(
+            &settings(&file, seed, 10_000),
             Arc::default(),
             recent.clone(),
         )
         .unwrap();
+        (dir, file, recent, w)
+    }
+
+    #[test]
+    fn the_recent_lines_are_the_last_written_newest_first_and_bounded() {
+        let (dir, file, recent, mut w) = with_views("m", [2u8; 32]);
         // A denial of an identified caller, then a flood of calls and anonymous refusals.
         w.write_event(&Event {
             kind: "denial",
@@ -1918,16 +1925,7 @@ mod tests {
 
     #[test]
     fn lines_of_any_size_reach_the_file_and_the_view_as_written() {
-        let dir = std::env::temp_dir().join(format!("gatehouse-audit-b-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("a.jsonl");
-        let recent = Recent::default();
-        let mut w = Writer::open(
-            &settings(&file, [4u8; 32], 10_000),
-            Arc::default(),
-            recent.clone(),
-        )
-        .unwrap();
+        let (dir, file, recent, mut w) = with_views("b", [4u8; 32]);
         // Around a block's size and past it, and many small ones between: lines cross from
         // one block into the next, and a batch is written as a block fills.
         let sizes: Vec<usize> = (0..600)
