@@ -950,10 +950,11 @@ impl Writer {
     /// says so), and the chain goes on from the last line the file took, not from lines it
     /// does not have (which would look like tampering). A line the file took only part of is
     /// finished before anything else is written to it: a torn line mid-file would break the
-    /// chain for good, where a torn last line is set aside at the next start.
-    fn flush(&mut self) {
+    /// chain for good, where a torn last line is set aside at the next start. Whether the
+    /// file took everything.
+    fn flush(&mut self) -> bool {
         if self.lines.is_empty() && self.unfinished.is_empty() {
-            return;
+            return true;
         }
         let batch = self.batch.split().freeze();
         let (mut taken, mut failed) = (0, None);
@@ -1002,6 +1003,7 @@ impl Writer {
                 }
             }
         }
+        let took_all = failed.is_none();
         if let Some(e) = failed
             && !self.lines.is_empty()
         {
@@ -1034,6 +1036,7 @@ impl Writer {
             }
         }
         self.lines.clear();
+        took_all
     }
 
     /// Moves the file aside (`.1`, `.2`, … up to `keep`) and goes on in a new one; the chain
@@ -1042,7 +1045,12 @@ impl Writer {
         let Some(path) = self.path.clone() else {
             return;
         };
-        self.flush();
+        // A file moved aside must end as its signed checkpoint left it: when the write fails,
+        // the file stays (the lost checkpoint is made again, and the move tried again, with
+        // the next record).
+        if !self.flush() {
+            return;
+        }
         let aside = |n: usize| PathBuf::from(format!("{}.{n}", path.display()));
         for n in (1..self.keep).rev() {
             let _ = std::fs::rename(aside(n), aside(n + 1));
@@ -1971,6 +1979,74 @@ mod tests {
         for (kept, line) in kept.iter().zip(calls.iter().rev()) {
             assert_eq!(&kept[..], line.as_bytes());
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file whose `fail_at`th write (counted from 1) fails, the others reaching `inner`.
+    struct FailNth {
+        inner: std::fs::File,
+        calls: usize,
+        fail_at: usize,
+    }
+
+    impl Write for FailNth {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.calls += 1;
+            if self.calls == self.fail_at {
+                return Err(std::io::Error::other("no space left"));
+            }
+            self.inner.write(buf)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+    }
+
+    #[test]
+    fn a_file_is_moved_aside_only_once_it_ends_with_its_signed_checkpoint() {
+        let dir = std::env::temp_dir().join(format!("gatehouse-audit-rf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.jsonl");
+        let mut s = settings(&file, [6u8; 32], 1000);
+        s.max_bytes = 2000;
+        let mut w = Writer::open(&s, Arc::default(), Arc::default()).unwrap();
+        // The first flush writes the records that filled the file; the second, the
+        // checkpoint that ends it, fails.
+        w.out = Box::new(FailNth {
+            inner: trail_file(&file).unwrap(),
+            calls: 0,
+            fail_at: 2,
+        });
+        let mut n = 0;
+        // Until the file is full (a move aside would start a new one: at most 100).
+        while w.written < 2000 && n < 100 {
+            w.write_event(&call(&format!("tool{n}")));
+            n += 1;
+        }
+        assert!(!dir.join("a.jsonl.1").exists(), "moved aside unsigned");
+        for _ in 0..3 {
+            w.write_event(&call(&format!("tool{n}")));
+            n += 1;
+        }
+        w.checkpoint_if_new();
+        drop(w);
+        let older = std::fs::read_to_string(dir.join("a.jsonl.1")).unwrap();
+        let newest = std::fs::read_to_string(&file).unwrap();
+        let checked = verify(&older, Some(&public([6u8; 32]))).unwrap();
+        assert_eq!(checked.unsigned_tail, 0, "{older}");
+        let gap = older
+            .lines()
+            .find(|l| l.contains(r#""kind":"gap""#))
+            .unwrap();
+        assert_eq!(members(gap).unwrap()["lost"], 1, "the lost checkpoint");
+        let v_new = verify(&newest, Some(&public([6u8; 32]))).unwrap();
+        assert_eq!(
+            v_new.anchor,
+            sha256_hex(older.lines().last().unwrap().as_bytes())
+        );
+        let calls = |t: &str| t.lines().filter(|l| l.contains(r#""kind":"call""#)).count();
+        assert_eq!(calls(&older) + calls(&newest), n, "every record written");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
