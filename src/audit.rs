@@ -2005,12 +2005,7 @@ mod tests {
 
     #[test]
     fn a_file_is_moved_aside_only_once_it_ends_with_its_signed_checkpoint() {
-        let dir = std::env::temp_dir().join(format!("gatehouse-audit-rf-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("a.jsonl");
-        let mut s = settings(&file, [6u8; 32], 1000);
-        s.max_bytes = 2000;
-        let mut w = Writer::open(&s, Arc::default(), Arc::default()).unwrap();
+        let (dir, file, mut w) = rotating("rf", [6u8; 32]);
         // The first flush writes the records that filled the file; the second, the
         // checkpoint that ends it, fails.
         w.out = Box::new(FailNth {
@@ -2178,14 +2173,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn files_rotate_and_the_chain_goes_on_across_them() {
-        let dir = std::env::temp_dir().join(format!("gatehouse-audit-r-{}", std::process::id()));
+    /// A writer of a new trail in a directory of its own (named by `tag`), whose file is
+    /// moved aside past 2,000 bytes.
+    fn rotating(tag: &str, seed: [u8; 32]) -> (PathBuf, PathBuf, Writer) {
+        let dir =
+            std::env::temp_dir().join(format!("gatehouse-audit-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("a.jsonl");
-        let mut s = settings(&file, [1u8; 32], 1000);
+        let mut s = settings(&file, seed, 1000);
         s.max_bytes = 2000;
-        let mut w = Writer::open(&s, Arc::default(), Arc::default()).unwrap();
+        let w = Writer::open(&s, Arc::default(), Arc::default()).unwrap();
+        (dir, file, w)
+    }
+
+    #[test]
+    fn files_rotate_and_the_chain_goes_on_across_them() {
+        let (dir, file, mut w) = rotating("r", [1u8; 32]);
         for n in 0..40 {
             w.write_event(&call(&format!("tool{n}")));
         }
